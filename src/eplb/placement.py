@@ -1,0 +1,369 @@
+"""The placement record, the cluster topology and the output contract.
+
+Glossary (the words used throughout eplb):
+
+- **logical expert**: one of the model's ``E`` experts in a MoE layer.
+- **physical slot**: one of the ``R`` expert slots in the cluster; a slot holds one
+  *replica* of one logical expert. Slot ``s`` lives on GPU ``s // S`` where
+  ``S = R // P`` is the number of slots per GPU.
+- **redundant experts**: the ``R - E`` replicas beyond the first of every expert.
+- **node**: a group of ``P // N`` consecutive GPUs (fast intra-node links).
+- **expert group**: ``E // G`` consecutive logical experts (group-limited routing).
+- **dead GPU**: a GPU excluded from serving; its slots hold ``-1``.
+
+The contract (DeepSeek's, extended with dead GPUs), all int64 on one device:
+
+- ``phy2log [L, R]``: the logical expert held by each slot, ``-1`` on dead GPUs.
+- ``log2phy [L, E, maxcnt]``: each expert's slot ids ascending, padded with ``-1``.
+- ``logcnt [L, E]``: replicas per expert, every entry >= 1, each row summing to
+  the number of live slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Placement", "PlacementError", "Topology", "build_log2phy"]
+
+
+class PlacementError(ValueError):
+    """A placement breaks the output contract; the message names the violation."""
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where slots live: ``num_replicas`` slots on ``num_gpus`` GPUs in ``num_nodes`` nodes.
+
+    ``num_groups`` is the number of expert groups (1 when the model has none).
+    """
+
+    num_replicas: int
+    num_gpus: int
+    num_nodes: int = 1
+    num_groups: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_replicas", "num_gpus", "num_nodes", "num_groups"):
+            _positive_int(name, getattr(self, name))
+        if self.num_replicas % self.num_gpus:
+            raise ValueError(
+                f"num_replicas ({self.num_replicas}) must be a multiple of num_gpus "
+                f"({self.num_gpus}) so every GPU holds the same number of slots"
+            )
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return self.num_replicas // self.num_gpus
+
+    @property
+    def gpus_per_node(self) -> int:
+        if self.num_gpus % self.num_nodes:
+            raise ValueError(
+                f"num_gpus ({self.num_gpus}) is not a multiple of num_nodes ({self.num_nodes})"
+            )
+        return self.num_gpus // self.num_nodes
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "num_replicas": self.num_replicas,
+            "num_gpus": self.num_gpus,
+            "num_nodes": self.num_nodes,
+            "num_groups": self.num_groups,
+        }
+
+
+def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Invert ``phy2log [L, R]`` (``-1`` = empty slot) into ``(log2phy [L, E, maxcnt], logcnt [L, E])``.
+
+    Vectorized over layers: a stable sort of slots by expert puts each expert's slots in
+    ascending order; a slot's rank inside its expert is its sorted position minus the
+    expert's first position.
+    """
+    num_layers, num_slots = phy2log.shape
+    device = phy2log.device
+    live = phy2log >= 0
+    expert = torch.where(live, phy2log, num_experts)  # dead slots sort last
+    logcnt = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=device)
+    logcnt.scatter_add_(1, expert, torch.ones_like(expert))
+    logcnt = logcnt[:, :num_experts]
+    # stable sort keeps slot ids ascending inside each expert
+    sorted_expert, sorted_slot = torch.sort(expert, dim=1, stable=True)
+    first = torch.cumsum(logcnt, dim=1) - logcnt  # [L, E] first sorted position
+    first = torch.cat([first, first.new_zeros(num_layers, 1)], dim=1)
+    rank = torch.arange(num_slots, device=device) - first.gather(1, sorted_expert)
+    maxcnt = max(int(logcnt.max()), 1) if logcnt.numel() else 1
+    log2phy = torch.full(
+        (num_layers, num_experts + 1, maxcnt), -1, dtype=torch.int64, device=device
+    )
+    keep = sorted_expert < num_experts
+    layer = torch.arange(num_layers, device=device)[:, None].expand_as(sorted_expert)
+    log2phy[layer[keep], sorted_expert[keep], rank[keep]] = sorted_slot[keep]
+    return log2phy[:, :num_experts], logcnt
+
+
+@dataclass(frozen=True, eq=False)
+class Placement:
+    """One expert placement for every layer, plus the topology it was planned for.
+
+    Attributes:
+        phy2log: ``[L, R]`` logical expert per slot, ``-1`` for slots of dead GPUs.
+        log2phy: ``[L, E, maxcnt]`` each expert's slot ids ascending, ``-1`` padded.
+        logcnt: ``[L, E]`` replicas per expert.
+        topology: the cluster shape the placement was planned for.
+        policy: ``"global"`` or ``"hierarchical"`` (hierarchical adds a locality rule).
+        active_gpus: ``[P]`` bool, ``None`` when every GPU is live.
+    """
+
+    phy2log: torch.Tensor
+    log2phy: torch.Tensor
+    logcnt: torch.Tensor
+    topology: Topology
+    policy: str = "global"
+    active_gpus: torch.Tensor | None = field(default=None)
+
+    @classmethod
+    def from_phy2log(
+        cls,
+        phy2log: torch.Tensor,
+        num_experts: int,
+        topology: Topology,
+        policy: str = "global",
+        active_gpus: torch.Tensor | None = None,
+    ) -> Placement:
+        """Build the full record from ``phy2log [L, R]`` (or ``[R]`` for one layer)."""
+        phy2log = torch.as_tensor(phy2log).to(torch.int64)
+        if phy2log.dim() == 1:
+            phy2log = phy2log[None]
+        log2phy, logcnt = build_log2phy(phy2log, num_experts)
+        return cls(phy2log, log2phy, logcnt, topology, policy, active_gpus)
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_layers(self) -> int:
+        return self.phy2log.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.logcnt.shape[1]
+
+    def as_tuple(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(phy2log, log2phy, logcnt)``, DeepSeek's return value."""
+        return self.phy2log, self.log2phy, self.logcnt
+
+    def live_gpus(self) -> torch.Tensor:
+        """``[P]`` bool mask of the GPUs that serve."""
+        if self.active_gpus is None:
+            return torch.ones(self.topology.num_gpus, dtype=torch.bool, device=self.phy2log.device)
+        return self.active_gpus.to(self.phy2log.device, torch.bool)
+
+    # ------------------------------------------------------------------ loads
+    def _weight(self, weight: torch.Tensor) -> torch.Tensor:
+        weight = torch.as_tensor(weight, device=self.phy2log.device)
+        if weight.dim() == 1:
+            weight = weight[None]
+        if weight.shape != (self.num_layers, self.num_experts):
+            raise ValueError(
+                f"weight has shape {tuple(weight.shape)}, the placement needs "
+                f"[{self.num_layers}, {self.num_experts}]"
+            )
+        return weight.to(torch.float64)
+
+    def replica_loads(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[L, R]`` load of every slot: the expert's load split evenly over its replicas."""
+        weight = self._weight(weight)
+        expert = self.phy2log.clamp(min=0)
+        per_replica = weight / self.logcnt.clamp(min=1)
+        loads = per_replica.gather(1, expert)
+        return torch.where(self.phy2log >= 0, loads, torch.zeros_like(loads))
+
+    def gpu_loads(self, weight: torch.Tensor, gpu_speed: torch.Tensor | None = None) -> torch.Tensor:
+        """``[L, P]`` load per GPU (divided by ``gpu_speed [P]`` when given)."""
+        topo = self.topology
+        loads = self.replica_loads(weight).view(self.num_layers, topo.num_gpus, -1).sum(-1)
+        if gpu_speed is not None:
+            loads = loads / torch.as_tensor(gpu_speed, dtype=loads.dtype, device=loads.device)
+        return loads
+
+    def layer_balancedness(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[L]`` mean / max live-GPU load per layer (1.0 for an all-zero layer)."""
+        loads = self.gpu_loads(weight)[:, self.live_gpus()]
+        mean, peak = loads.mean(1), loads.max(1).values
+        return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(mean))
+
+    def balancedness(self, weight: torch.Tensor) -> float:
+        """Σ_layers mean live-GPU load / Σ_layers max live-GPU load (1.0 is perfect)."""
+        loads = self.gpu_loads(weight)[:, self.live_gpus()]
+        peak = float(loads.max(1).values.sum())
+        return float(loads.mean(1).sum()) / peak if peak > 0 else 1.0
+
+    def moved_slots(self, previous: Placement | torch.Tensor) -> torch.Tensor:
+        """``[L]`` number of slots whose expert differs from ``previous`` (weights to move)."""
+        old = previous.phy2log if isinstance(previous, Placement) else torch.as_tensor(previous)
+        old = old.to(self.phy2log.device)
+        if old.shape != self.phy2log.shape:
+            raise ValueError(
+                f"previous phy2log has shape {tuple(old.shape)}, expected {tuple(self.phy2log.shape)}"
+            )
+        return ((self.phy2log != old) & (self.phy2log >= 0)).sum(1)
+
+    def to(self, device: torch.device | str) -> Placement:
+        active = None if self.active_gpus is None else self.active_gpus.to(device)
+        return Placement(
+            self.phy2log.to(device),
+            self.log2phy.to(device),
+            self.logcnt.to(device),
+            self.topology,
+            self.policy,
+            active,
+        )
+
+    # ------------------------------------------------------------- validation
+    def validate(self) -> Placement:
+        """Check the whole output contract; raise :class:`PlacementError` naming the violation.
+
+        Returns ``self`` so calls can be chained.
+        """
+        _validate(self)
+        return self
+
+
+def _fail(message: str) -> None:
+    raise PlacementError(message)
+
+
+def _validate(p: Placement) -> None:
+    topo = p.topology
+    for name in ("phy2log", "log2phy", "logcnt"):
+        t = getattr(p, name)
+        if not isinstance(t, torch.Tensor):
+            _fail(f"{name} is a {type(t).__name__}, expected a torch.Tensor")
+        if t.dtype != torch.int64:
+            _fail(f"{name} has dtype {t.dtype}, expected torch.int64")
+        if t.device != p.phy2log.device:
+            _fail(f"{name} is on {t.device} but phy2log is on {p.phy2log.device}")
+    if p.phy2log.dim() != 2 or p.logcnt.dim() != 2 or p.log2phy.dim() != 3:
+        _fail(
+            "expected phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E]; got shapes "
+            f"{tuple(p.phy2log.shape)}, {tuple(p.log2phy.shape)}, {tuple(p.logcnt.shape)}"
+        )
+    num_layers, num_slots = p.phy2log.shape
+    num_experts = p.logcnt.shape[1]
+    if num_slots != topo.num_replicas:
+        _fail(f"phy2log has {num_slots} slots but the topology has {topo.num_replicas}")
+    if p.logcnt.shape[0] != num_layers or p.log2phy.shape[:2] != (num_layers, num_experts):
+        _fail(
+            f"layer/expert dimensions disagree: phy2log {tuple(p.phy2log.shape)}, "
+            f"log2phy {tuple(p.log2phy.shape)}, logcnt {tuple(p.logcnt.shape)}"
+        )
+    if p.policy not in ("global", "hierarchical"):
+        _fail(f"unknown policy {p.policy!r}")
+
+    live_gpu = p.live_gpus()
+    if live_gpu.shape != (topo.num_gpus,):
+        _fail(f"active_gpus has shape {tuple(live_gpu.shape)}, expected [{topo.num_gpus}]")
+    slots_per_gpu = topo.slots_per_gpu
+    live_slot = live_gpu.repeat_interleave(slots_per_gpu)
+    num_live_slots = int(live_slot.sum())
+
+    bad = (p.phy2log < -1) | (p.phy2log >= num_experts)
+    if bad.any():
+        layer, slot = (int(i) for i in bad.nonzero()[0])
+        _fail(
+            f"layer {layer} slot {slot} holds expert {int(p.phy2log[layer, slot])}, "
+            f"outside [0, {num_experts})"
+        )
+    empty = p.phy2log < 0
+    wrong = empty != ~live_slot[None]
+    if wrong.any():
+        layer, slot = (int(i) for i in wrong.nonzero()[0])
+        state = "empty (-1)" if bool(empty[layer, slot]) else "filled"
+        gpu = slot // slots_per_gpu
+        alive = "live" if bool(live_gpu[gpu]) else "dead"
+        _fail(f"layer {layer} slot {slot} is {state} but its GPU {gpu} is {alive}")
+
+    if (p.logcnt < 1).any():
+        layer, expert = (int(i) for i in (p.logcnt < 1).nonzero()[0])
+        _fail(f"layer {layer} expert {expert} has {int(p.logcnt[layer, expert])} replicas, needs >= 1")
+    row_sum = p.logcnt.sum(1)
+    if (row_sum != num_live_slots).any():
+        layer = int((row_sum != num_live_slots).nonzero()[0])
+        _fail(f"layer {layer}: logcnt sums to {int(row_sum[layer])}, expected {num_live_slots}")
+
+    want_log2phy, want_cnt = build_log2phy(p.phy2log, num_experts)
+    if not torch.equal(want_cnt, p.logcnt):
+        layer, expert = (int(i) for i in (want_cnt != p.logcnt).nonzero()[0])
+        _fail(
+            f"layer {layer} expert {expert}: logcnt says {int(p.logcnt[layer, expert])} replicas "
+            f"but phy2log holds {int(want_cnt[layer, expert])}"
+        )
+    width = want_log2phy.shape[2]
+    have = p.log2phy
+    if have.shape[2] < width or (have[:, :, width:] != -1).any():
+        _fail(
+            f"log2phy has width {have.shape[2]}; it needs {width} columns with -1 beyond the "
+            "replica count"
+        )
+    if not torch.equal(have[:, :, :width], want_log2phy):
+        layer, expert, _ = (int(i) for i in (have[:, :, :width] != want_log2phy).nonzero()[0])
+        _fail(
+            f"layer {layer} expert {expert}: log2phy lists {have[layer, expert].tolist()}, "
+            f"phy2log implies {want_log2phy[layer, expert].tolist()} (ascending, -1 padded)"
+        )
+
+    # anti-affinity: at most ceil(c / live GPUs) replicas of an expert on one GPU
+    num_live_gpus = int(live_gpu.sum())
+    per_gpu = p.phy2log.view(num_layers, topo.num_gpus, slots_per_gpu)
+    cap = (p.logcnt + num_live_gpus - 1) // num_live_gpus  # [L, E]
+    counts = torch.zeros(num_layers, topo.num_gpus, num_experts + 1, dtype=torch.int64,
+                         device=p.phy2log.device)
+    idx = torch.where(per_gpu >= 0, per_gpu, num_experts)
+    counts.scatter_add_(2, idx, torch.ones_like(idx))
+    over = counts[:, :, :num_experts] > cap[:, None, :]
+    if over.any():
+        layer, gpu, expert = (int(i) for i in over.nonzero()[0])
+        _fail(
+            f"anti-affinity: layer {layer} GPU {gpu} holds {int(counts[layer, gpu, expert])} "
+            f"replicas of expert {expert} (it has {int(p.logcnt[layer, expert])} replicas "
+            f"over {num_live_gpus} GPUs)"
+        )
+
+    if p.policy == "hierarchical":
+        _validate_locality(p)
+
+
+def _validate_locality(p: Placement) -> None:
+    """Every replica of a group's experts sits on one node, the group's node."""
+    topo = p.topology
+    num_layers, _ = p.phy2log.shape
+    num_experts = p.num_experts
+    if num_experts % topo.num_groups or topo.num_gpus % topo.num_nodes:
+        _fail(
+            f"hierarchical placement needs experts ({num_experts}) % groups ({topo.num_groups}) "
+            f"== 0 and GPUs ({topo.num_gpus}) % nodes ({topo.num_nodes}) == 0"
+        )
+    group_size = num_experts // topo.num_groups
+    slots_per_node = topo.num_replicas // topo.num_nodes
+    node_of_slot = torch.arange(topo.num_replicas, device=p.phy2log.device) // slots_per_node
+    group = torch.where(p.phy2log >= 0, p.phy2log // group_size, topo.num_groups)
+    # node per (layer, group): min and max over the group's slots must agree
+    big = topo.num_nodes + 1
+    lo = torch.full((num_layers, topo.num_groups + 1), big, dtype=torch.int64, device=group.device)
+    hi = torch.full_like(lo, -1)
+    node = node_of_slot[None].expand_as(group)
+    lo.scatter_reduce_(1, group, node, reduce="amin")
+    hi.scatter_reduce_(1, group, node, reduce="amax")
+    split = (lo[:, :-1] != hi[:, :-1]) & (hi[:, :-1] >= 0)
+    if split.any():
+        layer, g = (int(i) for i in split.nonzero()[0])
+        _fail(
+            f"hierarchical locality: layer {layer} group {g} has replicas on nodes "
+            f"{int(lo[layer, g])}..{int(hi[layer, g])}, expected a single node"
+        )
