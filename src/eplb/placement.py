@@ -226,12 +226,13 @@ class Placement:
         )
 
     # ------------------------------------------------------------- validation
-    def validate(self) -> Placement:
+    def validate(self, *, anti_affinity: bool = True) -> Placement:
         """Check the whole output contract; raise :class:`PlacementError` naming the violation.
 
-        Returns ``self`` so calls can be chained.
+        ``anti_affinity=False`` skips eplb's extra promise that no GPU holds two replicas of
+        one expert (DeepSeek's greedy does not make it). Returns ``self`` for chaining.
         """
-        _validate(self)
+        _validate(self, anti_affinity)
         return self
 
 
@@ -239,7 +240,7 @@ def _fail(message: str) -> None:
     raise PlacementError(message)
 
 
-def _validate(p: Placement) -> None:
+def _validate(p: Placement, anti_affinity: bool) -> None:
     topo = p.topology
     for name in ("phy2log", "log2phy", "logcnt"):
         t = getattr(p, name)
@@ -318,8 +319,21 @@ def _validate(p: Placement) -> None:
             f"phy2log implies {want_log2phy[layer, expert].tolist()} (ascending, -1 padded)"
         )
 
-    # anti-affinity: at most ceil(c / live GPUs) replicas of an expert on one GPU
+    if anti_affinity:
+        _validate_anti_affinity(p, live_gpu)
+    if p.policy == "hierarchical":
+        _validate_locality(p)
+
+
+def _validate_anti_affinity(p: Placement, live_gpu: torch.Tensor) -> None:
+    """At most ceil(c / live GPUs) replicas of an expert on one GPU."""
+    topo = p.topology
+    num_layers, num_experts = p.logcnt.shape
+    slots_per_gpu = topo.slots_per_gpu
+    # GPUs able to hold an expert: all live ones, or its node's under the hierarchical policy
     num_live_gpus = int(live_gpu.sum())
+    if p.policy == "hierarchical" and topo.num_gpus % topo.num_nodes == 0:
+        num_live_gpus = topo.gpus_per_node
     per_gpu = p.phy2log.view(num_layers, topo.num_gpus, slots_per_gpu)
     cap = (p.logcnt + num_live_gpus - 1) // num_live_gpus  # [L, E]
     counts = torch.zeros(num_layers, topo.num_gpus, num_experts + 1, dtype=torch.int64,
@@ -332,11 +346,8 @@ def _validate(p: Placement) -> None:
         _fail(
             f"anti-affinity: layer {layer} GPU {gpu} holds {int(counts[layer, gpu, expert])} "
             f"replicas of expert {expert} (it has {int(p.logcnt[layer, expert])} replicas "
-            f"over {num_live_gpus} GPUs)"
+            f"over {num_live_gpus} GPUs that may hold it)"
         )
-
-    if p.policy == "hierarchical":
-        _validate_locality(p)
 
 
 def _validate_locality(p: Placement) -> None:

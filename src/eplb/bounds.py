@@ -1,0 +1,180 @@
+"""Lower bounds on the max GPU load, and the balancedness ceiling they imply.
+
+Global policy, per layer: every placement has ``max GPU load >= W / P`` (the mean) and
+``>= T_rep``, the smallest achievable largest replica load (Jefferson's optimum, because
+some GPU holds the largest replica). So ``LB = max(W / P, T_rep)``.
+
+Hierarchical policy: a group's replicas stay on its node, so for a given group→node
+assignment every node ``n`` needs ``max(W_n / (P/N), T_rep(n))`` and the layer needs the
+worst node. Minimising over assignments gives the exact hierarchical bound; it is
+enumerated when the number of assignments is small (8 groups on 4 nodes: 105) and
+relaxed otherwise.
+
+The balancedness ceiling is ``Σ_l mean_l / Σ_l LB_l`` (1.0 = no placement can do better
+than perfect balance).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from eplb.inputs import as_weight
+from eplb.replication import max_replica_load
+
+__all__ = [
+    "MAX_ENUMERATED_ASSIGNMENTS",
+    "balancedness_ceiling",
+    "group_partitions",
+    "hierarchical_node_bounds",
+    "layer_ceiling",
+    "layer_lower_bound",
+]
+
+#: group→node assignments are enumerated exactly up to this many, else relaxed/greedy
+MAX_ENUMERATED_ASSIGNMENTS = 20_000
+
+
+def _num_partitions(num_groups: int, num_nodes: int) -> int:
+    size = num_groups // num_nodes
+    return math.factorial(num_groups) // (math.factorial(size) ** num_nodes * math.factorial(num_nodes))
+
+
+@lru_cache(maxsize=32)
+def _partitions(num_groups: int, num_nodes: int) -> tuple[tuple[int, ...], ...]:
+    size = num_groups // num_nodes
+    out: list[tuple[int, ...]] = []
+    node_of = [-1] * num_groups
+    fill = [0] * num_nodes
+
+    def place(group: int, used_nodes: int) -> None:
+        if group == num_groups:
+            out.append(tuple(node_of))
+            return
+        # nodes are interchangeable: a group may open at most one new node
+        for node in range(min(used_nodes + 1, num_nodes)):
+            if fill[node] < size:
+                node_of[group] = node
+                fill[node] += 1
+                place(group + 1, max(used_nodes, node + 1))
+                fill[node] -= 1
+        node_of[group] = -1
+
+    place(0, 0)
+    return tuple(out)
+
+
+def group_partitions(num_groups: int, num_nodes: int, device: torch.device | str = "cpu"
+                     ) -> torch.Tensor | None:
+    """``[A, G]`` node of every group for each assignment of ``G/N`` groups per node, up
+    to relabelling the nodes; ``None`` when there are more than
+    :data:`MAX_ENUMERATED_ASSIGNMENTS`."""
+    if num_groups % num_nodes:
+        raise ValueError(f"num_groups ({num_groups}) must be a multiple of num_nodes ({num_nodes})")
+    if _num_partitions(num_groups, num_nodes) > MAX_ENUMERATED_ASSIGNMENTS:
+        return None
+    return torch.tensor(_partitions(num_groups, num_nodes), dtype=torch.int64, device=device)
+
+
+def hierarchical_node_bounds(
+    weight: torch.Tensor, assignment: torch.Tensor, num_replicas: int, num_gpus: int,
+    num_nodes: int, num_groups: int,
+) -> torch.Tensor:
+    """Per-layer bound for each assignment.
+
+    Args:
+        weight: ``[L, E]`` float loads.
+        assignment: ``[A, G]`` node of every group.
+
+    Returns:
+        ``[L, A]`` the max over nodes of ``max(W_n / (P/N), T_rep(n))``.
+    """
+    num_layers, num_experts = weight.shape
+    group_size = num_experts // num_groups
+    per_node = num_groups // num_nodes
+    group_w = weight.view(num_layers, num_groups, group_size)
+    # distinct node contents: sorted tuples of groups
+    blocks: dict[tuple[int, ...], int] = {}
+    block_of = torch.empty(assignment.shape[0], num_nodes, dtype=torch.int64)
+    for a, row in enumerate(assignment.tolist()):
+        for node in range(num_nodes):
+            members = tuple(g for g in range(num_groups) if row[g] == node)
+            block_of[a, node] = blocks.setdefault(members, len(blocks))
+    members = torch.tensor(list(blocks), dtype=torch.int64, device=weight.device)  # [B, G/N]
+    block_w = group_w[:, members].reshape(num_layers * len(blocks), per_node * group_size)
+    node_cap = num_gpus // num_nodes
+    t_rep = max_replica_load(block_w, num_replicas // num_nodes)
+    mean = block_w.sum(1) / node_cap
+    block_bound = torch.maximum(mean, t_rep).view(num_layers, len(blocks))
+    return block_bound[:, block_of.to(weight.device)].amax(2)
+
+
+def _relaxed_hierarchical_bound(weight: torch.Tensor, num_gpus: int, num_nodes: int,
+                                num_groups: int) -> torch.Tensor:
+    """A valid (not tight) bound when assignments are too many to enumerate: the node
+    holding the heaviest group carries at least it plus the lightest other groups."""
+    num_layers, num_experts = weight.shape
+    per_node = num_groups // num_nodes
+    group_load = weight.view(num_layers, num_groups, -1).sum(2).sort(1).values
+    heaviest_node = group_load[:, -1] + group_load[:, : per_node - 1].sum(1)
+    return heaviest_node / (num_gpus // num_nodes)
+
+
+def layer_lower_bound(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    policy: str = "global",
+    active_gpus: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[L]`` lower bound on the max GPU load of any placement, float64.
+
+    ``weight [L, E]`` (or ``[E]``). With ``active_gpus [P]`` only live GPUs (and their
+    slots) count. ``policy="hierarchical"`` adds the group→node constraint.
+    """
+    w, _ = as_weight(weight)
+    w = w.to(torch.float64)
+    live = num_gpus if active_gpus is None else int(torch.as_tensor(active_gpus).sum())
+    if live < 1:
+        raise ValueError("no live GPU: active_gpus is all False")
+    slots = num_replicas // num_gpus
+    live_slots = live * slots
+    mean = w.sum(1) / live
+    global_bound = torch.maximum(mean, max_replica_load(w, live_slots)) \
+        if live_slots >= w.shape[1] else mean
+    if policy != "hierarchical":
+        return global_bound
+    if active_gpus is not None and live != num_gpus:
+        raise ValueError("the hierarchical bound is defined for a full cluster only (no dead GPUs)")
+    assignment = group_partitions(num_groups, num_nodes, w.device)
+    if assignment is None:
+        return torch.maximum(global_bound, _relaxed_hierarchical_bound(w, num_gpus, num_nodes,
+                                                                       num_groups))
+    bounds = hierarchical_node_bounds(w, assignment, num_replicas, num_gpus, num_nodes, num_groups)
+    return torch.maximum(global_bound, bounds.amin(1))
+
+
+def layer_ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int = 1,
+                  num_groups: int = 1, policy: str = "global",
+                  active_gpus: torch.Tensor | None = None) -> torch.Tensor:
+    """``[L]`` best possible per-layer balancedness: mean live-GPU load / lower bound."""
+    w, _ = as_weight(weight)
+    bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
+    live = num_gpus if active_gpus is None else int(torch.as_tensor(active_gpus).sum())
+    mean = w.to(torch.float64).sum(1) / live
+    return torch.where(bound > 0, mean / bound.clamp(min=1e-300), torch.ones_like(mean))
+
+
+def balancedness_ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int,
+                         num_nodes: int = 1, num_groups: int = 1, policy: str = "global",
+                         active_gpus: torch.Tensor | None = None) -> float:
+    """Σ_l mean_l / Σ_l LB_l: no placement's balancedness can exceed it."""
+    w, _ = as_weight(weight)
+    bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
+    live = num_gpus if active_gpus is None else int(torch.as_tensor(active_gpus).sum())
+    total = float(bound.sum())
+    return float(w.to(torch.float64).sum() / live) / total if total > 0 else 1.0

@@ -1,0 +1,407 @@
+"""Packing: replicas onto GPUs, exactly ``S = R / P`` slots per GPU, batched over rows.
+
+A *row* is one independent packing problem: a layer, a (layer, node) pair, or a
+randomised candidate of either. The packing state of a batch is one tensor
+
+    state: [2, S, rows, P] — ``state[0, k, b, g]`` is the load of the k-th replica on GPU g
+    of row b and ``state[1, k, b, g]`` its logical expert id (exact in floating point).
+
+Keeping load and expert id in one tensor halves the gathers on the hot path, and putting
+the slot axis outermost makes every reduction over slots a vectorized elementwise loop.
+GPUs are interchangeable while packing, so the refinement permutes GPUs freely.
+
+Steps:
+
+1. :func:`construct` — balanced largest differencing (BLDM, Karmarkar–Karp for equal
+   cardinalities): items sorted heaviest first form ``S`` rounds of ``P``; repeatedly the two
+   partial solutions with the largest spread are merged, heaviest subset of one with the
+   lightest of the other. ``"lpt"`` (round-based LPT) is the cheaper alternative.
+2. :func:`repair_conflicts` — anti-affinity: move a second replica of an expert off a GPU
+   by the cheapest legal swap (rare: only replicas that straddle two rounds can collide).
+3. :func:`refine` — the vectorized all-pairs swap search. GPUs are paired (k-th heaviest
+   with a light partner); for every pair and every item pair ``(i in u, j in v)`` the
+   change in Σ load² of a swap is ``2·δ·(L_v − L_u + δ)`` with ``δ = w_i − w_j``. The best
+   improving legal swap of every pair is applied at once, up to ``P/2`` swaps per row per
+   step. The pairing rotates across steps so heavy GPUs meet many light ones; memory is
+   ``[S, S, rows, P/2]`` instead of the ``[rows, P, P, S, S]`` of the full search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "PackingOptions",
+    "construct",
+    "gpu_loads",
+    "make_items",
+    "max_load",
+    "pack",
+    "refine",
+    "repair_conflicts",
+    "round_robin",
+    "to_slots",
+]
+
+LOAD, EXPERT = 0, 1
+_CONSTRUCTIONS = ("bldm", "lpt")
+_REFINEMENTS = ("pairs", "max", "none")
+
+
+@dataclass(frozen=True)
+class PackingOptions:
+    """Knobs of the packing search.
+
+    Attributes:
+        num_candidates: randomised starts per row (the first is deterministic).
+        refine_steps: most swap steps; the search stops earlier once no swap improves.
+        construction: ``"bldm"`` (balanced largest differencing) or ``"lpt"`` (round-based LPT).
+        refine: ``"pairs"`` (all item pairs of paired GPUs, L2 objective), ``"max"`` (swaps
+            between the heaviest GPU and every other one only) or ``"none"``.
+        noise: relative perturbation of expert loads that orders randomised starts.
+    """
+
+    num_candidates: int = 2
+    refine_steps: int = 32
+    construction: str = "bldm"
+    refine: str = "pairs"
+    noise: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_candidates", 1), ("refine_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.construction not in _CONSTRUCTIONS:
+            raise ValueError(f"construction must be one of {_CONSTRUCTIONS}, got {self.construction!r}")
+        if self.refine not in _REFINEMENTS:
+            raise ValueError(f"refine must be one of {_REFINEMENTS}, got {self.refine!r}")
+        if not 0 <= self.noise < 1:
+            raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
+
+
+def gpu_loads(state: torch.Tensor) -> torch.Tensor:
+    """``[rows, P]`` load per GPU of a packing state."""
+    return state[LOAD].sum(0)
+
+
+def max_load(state: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` largest GPU load per row."""
+    return gpu_loads(state).amax(1)
+
+
+def to_slots(state: torch.Tensor) -> torch.Tensor:
+    """``[rows, P·S]`` logical expert per physical slot (GPU-major, slots of a GPU adjacent)."""
+    _, slots, rows, num_gpus = state.shape
+    return state[EXPERT].permute(1, 2, 0).reshape(rows, num_gpus * slots).long()
+
+
+def _deal(items: torch.Tensor, gpu: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """``[2, S, rows, P]`` state from ``items [2, rows, R]`` where item ``r·P + k`` goes to
+    slot ``r`` of GPU ``gpu[row, r·P + k]``."""
+    _, rows, num_items = items.shape
+    slots = num_items // num_gpus
+    by_round = items.view(2, rows, slots, num_gpus).transpose(1, 2)  # [2, S, rows, P]
+    index = gpu.view(rows, slots, num_gpus).transpose(0, 1)  # [S, rows, P]
+    return torch.empty_like(by_round).scatter_(3, index.expand(2, -1, -1, -1), by_round)
+
+
+def round_robin(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Item ``n`` → GPU ``n mod P``: anti-affine by construction when replicas are adjacent.
+
+    ``items [2, rows, R]`` → state ``[2, S, rows, P]``.
+    """
+    _, rows, num_items = items.shape
+    slots = num_items // num_gpus
+    return items.view(2, rows, slots, num_gpus).transpose(1, 2).contiguous()
+
+
+def _construct_lpt(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    _, rows, num_items = items.shape
+    loads = items.new_zeros(rows, num_gpus)
+    gpu = torch.empty(rows, num_items, dtype=torch.int64, device=items.device)
+    for start in range(0, num_items, num_gpus):
+        lightest_first = loads.argsort(dim=1)
+        gpu[:, start : start + num_gpus] = lightest_first
+        loads.scatter_add_(1, lightest_first, items[LOAD, :, start : start + num_gpus])
+    return _deal(items, gpu, num_gpus)
+
+
+def _construct_bldm(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Balanced largest differencing over the ``S`` rounds (partial solutions)."""
+    _, rows, num_items = items.shape
+    slots = num_items // num_gpus
+    device = items.device
+    parts = items[LOAD].reshape(rows, slots, num_gpus).clone()  # part r = round r
+    alive = torch.ones(rows, slots, dtype=torch.bool, device=device)
+    ar = torch.arange(rows, device=device)
+    merges = []
+    for _ in range(slots - 1):
+        spread = parts.amax(2) - parts.amin(2)
+        spread = torch.where(alive, spread, spread.new_tensor(-1.0))
+        a, b = spread.topk(2, dim=1).indices.unbind(1)
+        heavy_first = parts[ar, a].argsort(1, descending=True)
+        light_first = parts[ar, b].argsort(1)
+        merged = parts[ar, a].gather(1, heavy_first) + parts[ar, b].gather(1, light_first)
+        parts[ar, a] = merged
+        alive[ar, b] = False
+        merges.append((a, b, heavy_first, light_first))
+    # back-substitute: the surviving part's column t is GPU t
+    label = torch.empty(rows, slots, num_gpus, dtype=torch.int64, device=device)
+    root = alive.to(torch.int8).argmax(1)
+    label[ar, root] = torch.arange(num_gpus, device=device).expand(rows, -1)
+    for a, b, heavy_first, light_first in reversed(merges):
+        gpu_of_col = label[ar, a]
+        label[ar, a] = torch.empty_like(gpu_of_col).scatter_(1, heavy_first, gpu_of_col)
+        label[ar, b] = torch.empty_like(gpu_of_col).scatter_(1, light_first, gpu_of_col)
+    return _deal(items, label.view(rows, num_items), num_gpus)
+
+
+def construct(items: torch.Tensor, num_gpus: int, method: str = "bldm") -> torch.Tensor:
+    """Initial packing of ``items [2, rows, R]`` (sorted heaviest first) → ``[2, S, rows, P]``."""
+    if method == "lpt":
+        return _construct_lpt(items, num_gpus)
+    return _construct_bldm(items, num_gpus)
+
+
+def _conflicts(state: torch.Tensor) -> torch.Tensor:
+    """``[S, rows, P]`` True for a replica whose expert appears in an earlier slot of its GPU."""
+    ids = state[EXPERT]
+    slots = ids.shape[0]
+    same = ids[:, None] == ids[None, :]  # [S, S, rows, P]
+    earlier = torch.ones(slots, slots, dtype=torch.bool, device=ids.device).tril(-1)
+    return (same & earlier[:, :, None, None]).any(1)
+
+
+def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = None) -> torch.Tensor:
+    """Remove anti-affinity conflicts by the cheapest legal swaps; returns the repaired state.
+
+    Each pass moves one conflicting replica per row to the GPU slot whose swap raises
+    Σ load² least, never creating a new conflict. Rows still in conflict after ``P·S``
+    passes (none in practice) are dealt round-robin, which is always anti-affine.
+
+    ``allow_shared [rows]`` marks rows that contain an expert with more replicas than GPUs:
+    there duplicates cannot all be avoided and only round-robin spreading is applied.
+    """
+    _, slots, rows, num_gpus = state.shape
+    conflict = _conflicts(state)
+    bad = conflict.flatten(0).view(slots, rows, num_gpus).any(0).any(1)
+    if allow_shared is not None:
+        bad &= ~allow_shared
+    if not bool(bad.any()):
+        return _spread_shared(state, allow_shared)
+    rows_bad = bad.nonzero()[:, 0]
+    sub = state[:, :, rows_bad].clone()
+    n = sub.shape[2]
+    ar = torch.arange(n, device=state.device)
+    inf = float("inf")
+    for _ in range(num_gpus * slots):
+        conflict = _conflicts(sub)  # [S, n, P]
+        flat = conflict.permute(1, 2, 0).reshape(n, -1)  # [n, P·S], GPU-major
+        todo = flat.any(1)
+        if not bool(todo.any()):
+            break
+        pos = flat.to(torch.int8).argmax(1)
+        u, i = pos // slots, pos % slots
+        w_i = sub[LOAD, i, ar, u]
+        e_i = sub[EXPERT, i, ar, u]
+        ids = sub[EXPERT]  # [S, n, P]
+        loads = gpu_loads(sub)  # [n, P]
+        e_on_gpu = (ids == e_i[None, :, None]).any(0)  # [n, P] GPUs already holding e_i
+        on_u = ids[:, ar, u]  # [S, n] experts on u
+        j_on_u = (ids[:, None] == on_u[None, :, :, None]).any(1)  # [S, n, P] item's expert on u
+        legal = ~e_on_gpu[None] & ~j_on_u
+        legal[:, ar, u] = False
+        delta = w_i[None, :, None] - sub[LOAD]
+        cost = delta * (loads[None] - loads[ar, u][None, :, None] + delta)
+        cost = torch.where(legal, cost, cost.new_tensor(inf))
+        best = cost.permute(1, 2, 0).reshape(n, -1).argmin(1)
+        ok = todo & torch.isfinite(cost.permute(1, 2, 0).reshape(n, -1)[ar, best])
+        if not bool(ok.any()):
+            break
+        v, j = best // slots, best % slots
+        r, u, i, v, j = ar[ok], u[ok], i[ok], v[ok], j[ok]
+        item_i = sub[:, i, r, u].clone()
+        sub[:, i, r, u] = sub[:, j, r, v]
+        sub[:, j, r, v] = item_i
+    stuck = _conflicts(sub).any(0).any(1)
+    if bool(stuck.any()):
+        sub[:, :, stuck] = _round_robin_state(sub[:, :, stuck])
+    state = state.clone()
+    state[:, :, rows_bad] = sub
+    return _spread_shared(state, allow_shared)
+
+
+def _round_robin_state(state: torch.Tensor) -> torch.Tensor:
+    """Re-deal a state's items round-robin, heaviest first, replicas of an expert adjacent."""
+    _, slots, rows, num_gpus = state.shape
+    items = state.permute(0, 2, 1, 3).reshape(2, rows, -1)
+    # sort by (load desc, expert) so replicas of one expert stay adjacent
+    by_expert = items[EXPERT].argsort(dim=1, stable=True)
+    items = items.gather(2, by_expert.expand(2, -1, -1))
+    by_load = items[LOAD].argsort(dim=1, descending=True, stable=True)
+    items = items.gather(2, by_load.expand(2, -1, -1))
+    return round_robin(items, num_gpus)
+
+
+def _spread_shared(state: torch.Tensor, allow_shared: torch.Tensor | None) -> torch.Tensor:
+    if allow_shared is None or not bool(allow_shared.any()):
+        return state
+    state = state.clone()
+    state[:, :, allow_shared] = _round_robin_state(state[:, :, allow_shared])
+    return state
+
+
+def refine(state: torch.Tensor, steps: int, mode: str = "pairs") -> torch.Tensor:
+    """Swap refinement (see the module docstring). Returns the refined state.
+
+    The returned state's GPU order is arbitrary (GPUs are interchangeable). A swap is
+    legal only if neither GPU already holds a replica of the expert it receives, so an
+    anti-affine state stays anti-affine.
+    """
+    if mode == "none" or steps == 0:
+        return state
+    if mode == "max":
+        return _refine_max(state, steps)
+    _, slots, rows, num_gpus = state.shape
+    half = num_gpus // 2
+    if half == 0:
+        return state
+    inf = float("inf")
+    tol = 1e-7  # loads are normalised to a mean replica load of 1
+    expand = (2, slots, rows, num_gpus)
+    for step in range(steps):
+        loads = gpu_loads(state)
+        order = loads.argsort(dim=1)
+        light = order[:, :half]
+        if step % 2:  # rotate the light partners so every heavy GPU meets many light ones
+            light = light.roll(shifts=(step // 2) % half + 1, dims=1)
+        perm = torch.cat([order[:, num_gpus - half :].flip(1), light, order[:, half : num_gpus - half]], 1)
+        state = state.gather(3, perm.expand(expand))
+        loads = loads.gather(1, perm)
+        heavy, light_side = state[..., :half], state[..., half : 2 * half]  # [2, S, rows, H]
+        gap = loads[:, :half] - loads[:, half : 2 * half]  # [rows, H]
+        # an exact zero in the product marks an expert present on the other GPU
+        ids_diff = heavy[EXPERT][:, None] - light_side[EXPERT][None, :]  # [S, S, rows, H]
+        on_light = ids_diff.prod(1) == 0  # heavy item's expert already on the light GPU
+        on_heavy = ids_diff.prod(0) == 0
+        w_heavy = heavy[LOAD].masked_fill(on_light, -inf)
+        w_light = light_side[LOAD].masked_fill(on_heavy, inf)
+        delta = w_heavy[:, None] - w_light[None, :]  # [S, S, rows, H]
+        gain = delta * (gap - delta)  # −½ the change in Σ load²; −inf when illegal
+        best_per_i = gain.amax(1)  # [S, rows, H]
+        i = best_per_i.argmax(0)  # [rows, H]
+        best = best_per_i.gather(0, i[None])[0]
+        apply = best > tol
+        if not bool(apply.any()):
+            break
+        row_delta = w_heavy.gather(0, i[None]) - w_light  # [S, rows, H]
+        j = (row_delta * (gap - row_delta)).argmax(0)
+        i_idx = i[None, None].expand(2, 1, -1, -1)
+        j_idx = j[None, None].expand(2, 1, -1, -1)
+        take_i = heavy.gather(1, i_idx)
+        take_j = light_side.gather(1, j_idx)
+        keep = ~apply
+        heavy.scatter_(1, i_idx, torch.where(keep, take_i, take_j))
+        light_side.scatter_(1, j_idx, torch.where(keep, take_j, take_i))
+    return state
+
+
+def _refine_max(state: torch.Tensor, steps: int) -> torch.Tensor:
+    """Ablation: one swap per row per step, between the heaviest GPU and any other GPU,
+    chosen to lower the pair's larger load the most."""
+    _, slots, rows, num_gpus = state.shape
+    ar = torch.arange(rows, device=state.device)
+    inf = float("inf")
+    for _ in range(steps):
+        loads = gpu_loads(state)
+        u = loads.argmax(1)
+        top = state[:, :, ar, u]  # [2, S, rows]
+        ids_diff = top[EXPERT][:, None, :, None] - state[EXPERT][None]  # [S, S, rows, P]
+        w_top = top[LOAD][:, :, None].masked_fill((ids_diff.prod(1) == 0), inf)
+        w_other = state[LOAD].masked_fill(ids_diff.prod(0) == 0, -inf)
+        delta = w_top[:, None] - w_other[None]  # [S, S, rows, P]
+        lu = loads[ar, u][:, None]
+        new_peak = torch.maximum(lu - delta, loads + delta)
+        new_peak = torch.where(delta > 0, new_peak, new_peak.new_tensor(inf))
+        new_peak[:, :, ar, u] = inf
+        flat = new_peak.permute(2, 3, 0, 1).reshape(rows, -1)  # [rows, P·S·S]
+        best, arg = flat.min(1)
+        apply = best < lu[:, 0] * (1 - 1e-9)
+        if not bool(apply.any()):
+            break
+        v = arg // (slots * slots)
+        i = (arg // slots) % slots
+        j = arg % slots
+        r, u, v, i, j = ar[apply], u[apply], v[apply], i[apply], j[apply]
+        item = state[:, i, r, u].clone()
+        state[:, i, r, u] = state[:, j, r, v]
+        state[:, j, r, v] = item
+    return state
+
+
+def make_items(item_load: torch.Tensor, item_expert: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[2, rows, R]`` packing items: loads normalised to a mean of 1 per row, and experts.
+
+    Normalising makes swap tolerances scale free and keeps float32 exact enough; expert
+    ids are exact in float32 up to 2**24.
+    """
+    scale = item_load.mean(1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.stack([item_load / scale, item_expert.to(item_load.dtype)]).to(dtype)
+
+
+def pack(
+    items: torch.Tensor,
+    num_gpus: int,
+    options: PackingOptions,
+    allow_shared: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pack the items of ``rows`` problems, keeping the best of several candidates.
+
+    Args:
+        items: ``[2, rows, R]`` from :func:`make_items`, heaviest first, replicas of an
+            expert adjacent.
+        num_gpus: ``P``; ``R`` must be a multiple of it.
+        allow_shared: ``[rows]`` rows where some expert has more replicas than GPUs.
+        generator: CPU generator for the randomised candidates.
+
+    Returns:
+        ``state [2, S, rows, P]`` of the candidate with the smallest max GPU load per row.
+    """
+    _, rows, num_items = items.shape
+    cands = options.num_candidates
+    if cands > 1:
+        # candidate 0 keeps the exact order; the others sort by perturbed loads, perturbed
+        # per expert so that an expert's replicas stay adjacent
+        noise = torch.rand(cands - 1, rows, num_items, generator=generator, dtype=items.dtype)
+        first = _first_replica(items[EXPERT])
+        noise = noise.to(items.device).gather(2, first.expand(cands - 1, -1, -1))
+        key = items[LOAD] * (1 + options.noise * (2 * noise - 1))
+        order = key.argsort(dim=2, descending=True, stable=True)  # [C-1, rows, R]
+        shuffled = items[:, None].expand(-1, cands - 1, -1, -1).gather(3, order.expand(2, -1, -1, -1))
+        items = torch.cat([items[:, None], shuffled], 1).view(2, cands * rows, num_items)
+        if allow_shared is not None:
+            allow_shared = allow_shared.repeat(cands)
+    state = construct(items, num_gpus, options.construction)
+    state = repair_conflicts(state, allow_shared)
+    state = refine(state, options.refine_steps, options.refine)
+    if cands > 1:
+        _, slots, _, _ = state.shape
+        peak = max_load(state).view(cands, rows)
+        best = peak.argmin(0)
+        state = state.view(2, slots, cands, rows, num_gpus)[:, :, best, torch.arange(rows, device=best.device)]
+    return state
+
+
+def _first_replica(item_expert: torch.Tensor) -> torch.Tensor:
+    """``[rows, R]`` index of the first item of the same expert (items of one expert adjacent)."""
+    rows, num_items = item_expert.shape
+    start = torch.ones(rows, num_items, dtype=torch.bool, device=item_expert.device)
+    start[:, 1:] = item_expert[:, 1:] != item_expert[:, :-1]
+    idx = torch.arange(num_items, device=item_expert.device).expand(rows, -1)
+    return torch.where(start, idx, torch.zeros_like(idx)).cummax(1).values

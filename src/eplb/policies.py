@@ -1,0 +1,170 @@
+"""Placement policies: global and hierarchical, behind one interface and a registry.
+
+- :class:`GlobalPolicy` packs all replicas onto all GPUs.
+- :class:`HierarchicalPolicy` (DeepSeek's): expert groups → nodes first (exactly, by
+  enumerating assignments when there are few), then replicate and pack inside every node,
+  batched over layers × nodes. Every replica of a group's experts stays on its node.
+
+Both reduce to :func:`plan_rows`, which solves a batch of independent global problems:
+a portfolio of replica allocations, each scored by a cheap packing, then the best one
+packed with randomised starts and swap refinement.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from eplb.bounds import group_partitions, hierarchical_node_bounds
+from eplb.packing import PackingOptions, construct, make_items, max_load, pack, to_slots
+from eplb.placement import Topology
+from eplb.replication import DEFAULT_SHIFTS, expand_replicas, replica_counts
+
+__all__ = [
+    "POLICIES",
+    "GlobalPolicy",
+    "HierarchicalPolicy",
+    "PlacementPolicy",
+    "PlanOptions",
+    "plan_rows",
+]
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Everything that tunes a plan; the defaults are fast and near-optimal.
+
+    Attributes:
+        packing: the packing search (candidates, refinement steps, construction).
+        shifts: divisor shifts ``δ`` of the replication portfolio (``w / (c + δ)``).
+        hamilton: also try largest-remainder replication.
+    """
+
+    packing: PackingOptions = field(default_factory=PackingOptions)
+    shifts: tuple[float, ...] = DEFAULT_SHIFTS
+    hamilton: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.shifts and not self.hamilton:
+            raise ValueError("the replication portfolio is empty: give shifts or hamilton=True")
+        for shift in self.shifts:
+            if not -1 < float(shift) <= 0:
+                raise ValueError(f"divisor shifts must lie in (-1, 0], got {shift!r}")
+
+    @property
+    def rules(self) -> tuple[float | str, ...]:
+        return tuple(float(s) for s in self.shifts) + (("hamilton",) if self.hamilton else ())
+
+
+def plan_rows(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    options: PlanOptions,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Solve ``rows`` independent global problems.
+
+    Args:
+        weight: ``[rows, E]`` non-negative loads.
+        num_replicas: ``R >= E`` slots per row, a multiple of ``num_gpus``.
+
+    Returns:
+        ``[rows, R]`` logical expert per slot; slot ``s`` is on GPU ``s // (R / P)``.
+    """
+    rows, num_experts = weight.shape
+    # an all-zero row (a dense layer in a dump) is planned as uniform: replicas spread evenly
+    zero = weight.sum(1, keepdim=True) <= 0
+    weight = torch.where(zero, torch.ones_like(weight), weight)
+    counts = replica_counts(weight, num_replicas, options.rules)  # [K, rows, E]
+    num_rules = counts.shape[0]
+    if num_rules > 1:
+        # score every allocation by a cheap packing, keep the best per row (first on ties)
+        load, expert = expand_replicas(weight.repeat(num_rules, 1), counts.view(-1, num_experts))
+        peak = max_load(construct(make_items(load, expert), num_gpus, options.packing.construction))
+        best = peak.view(num_rules, rows).argmin(0)
+        counts = counts[best, torch.arange(rows, device=weight.device)]
+    else:
+        counts = counts[0]
+    load, expert = expand_replicas(weight, counts)
+    allow_shared = counts.amax(1) > num_gpus
+    state = pack(make_items(load, expert), num_gpus, options.packing, allow_shared, generator)
+    return to_slots(state)
+
+
+class PlacementPolicy(ABC):
+    """A way to place replicas; subclasses register in :data:`POLICIES` by ``name``."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def place(self, weight: torch.Tensor, topology: Topology, options: PlanOptions,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """``weight [L, E]`` → ``phy2log [L, R]``."""
+
+
+class GlobalPolicy(PlacementPolicy):
+    """All replicas onto all GPUs."""
+
+    name = "global"
+
+    def place(self, weight: torch.Tensor, topology: Topology, options: PlanOptions,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        return plan_rows(weight, topology.num_replicas, topology.num_gpus, options, generator)
+
+
+class HierarchicalPolicy(PlacementPolicy):
+    """Groups → nodes, then replicate and pack within every node."""
+
+    name = "hierarchical"
+
+    def place(self, weight: torch.Tensor, topology: Topology, options: PlanOptions,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        num_layers, num_experts = weight.shape
+        nodes, groups = topology.num_nodes, topology.num_groups
+        group_size = num_experts // groups
+        node_of_group = self.assign_groups(weight, topology, options, generator)  # [L, G]
+        groups_by_node = node_of_group.argsort(dim=1, stable=True).view(num_layers, nodes, -1)
+        offsets = torch.arange(group_size, device=weight.device)
+        node_experts = (groups_by_node[..., None] * group_size + offsets).view(num_layers * nodes, -1)
+        node_weight = weight.view(num_layers, num_experts)[
+            torch.arange(num_layers, device=weight.device).repeat_interleave(nodes)[:, None],
+            node_experts,
+        ]
+        local = plan_rows(node_weight, topology.num_replicas // nodes,
+                          topology.num_gpus // nodes, options, generator)
+        return node_experts.gather(1, local).view(num_layers, topology.num_replicas)
+
+    @staticmethod
+    def assign_groups(weight: torch.Tensor, topology: Topology, options: PlanOptions,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """``[L, G]`` node of every expert group.
+
+        Exact when the assignments can be enumerated: the one with the smallest
+        hierarchical lower bound (see :mod:`eplb.bounds`). Otherwise a balanced packing
+        of group loads onto nodes.
+        """
+        num_layers, num_experts = weight.shape
+        nodes, groups = topology.num_nodes, topology.num_groups
+        assignment = group_partitions(groups, nodes, weight.device)
+        if assignment is not None:
+            bounds = hierarchical_node_bounds(weight.to(torch.float64), assignment,
+                                              topology.num_replicas, topology.num_gpus, nodes, groups)
+            return assignment[bounds.argmin(1)]
+        group_load = weight.view(num_layers, groups, -1).sum(2)
+        order = group_load.argsort(dim=1, descending=True, stable=True)
+        items = make_items(group_load.gather(1, order), order)
+        state = pack(items, nodes, options.packing, generator=generator)
+        slots = to_slots(state)  # [L, G] group per (node, slot)
+        node_of_slot = torch.arange(groups, device=weight.device) // (groups // nodes)
+        return torch.empty_like(slots).scatter_(1, slots, node_of_slot.expand(num_layers, -1))
+
+
+#: name → policy class; ``auto`` is resolved by :func:`eplb.api.plan`
+POLICIES: dict[str, type[PlacementPolicy]] = {
+    GlobalPolicy.name: GlobalPolicy,
+    HierarchicalPolicy.name: HierarchicalPolicy,
+}

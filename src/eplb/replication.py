@@ -1,0 +1,142 @@
+"""Replication: how many replicas each logical expert gets.
+
+All functions work on a batch of rows (``rows`` = layers, or layers × nodes) at once.
+
+Every allocation here is a *priority rule*: the step that takes expert ``e`` from ``c`` to
+``c + 1`` replicas has a priority ``f(w_e, c)`` that falls as ``c`` grows. Starting every
+expert at one replica and granting the ``R - E`` highest-priority steps gives the rule's
+allocation in one ``topk``, with no sequential loop:
+
+- divisor rules ``w / (c + δ)``: ``δ = 0`` is Jefferson/D'Hondt (DeepSeek's rule, it
+  minimises the largest replica load); ``δ < 0`` favours cold experts less and hot experts
+  more, which helps when few slots per GPU make large replicas hard to pack;
+- largest remainder (Hamilton) ``w·R/W − c``.
+
+A portfolio of rules is scored later by the packed max GPU load, per layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "DEFAULT_SHIFTS",
+    "allocation_portfolio",
+    "expand_replicas",
+    "max_replica_load",
+    "replica_counts",
+]
+
+#: divisor shifts δ of the default portfolio (w / (c + δ)); 0 is Jefferson/D'Hondt
+DEFAULT_SHIFTS: tuple[float, ...] = (0.0, -0.25, -0.5, -0.75)
+
+# cap on the [rows, experts, steps] priority tensor before chunking over rows
+_MAX_PRIORITY_ELEMENTS = 1 << 24
+
+
+def _max_steps(weight: torch.Tensor, num_extra: int) -> int:
+    """Most extra replicas any one expert can get under a divisor rule with δ ∈ (−1, 0].
+
+    With ``λ`` the last granted priority, ``extras_e <= w_e / λ − δ`` and ``λ >= W / R``,
+    so ``extras_e <= w_e·R / W + 1``.
+    """
+    total = weight.sum(-1)
+    share = weight.max(-1).values / total.clamp(min=torch.finfo(weight.dtype).tiny)
+    num_replicas = num_extra + weight.shape[-1]
+    steps = int(math.ceil(float(share.max()) * num_replicas)) + 2
+    return max(1, min(num_extra, steps))
+
+
+def replica_counts(
+    weight: torch.Tensor, num_replicas: int, rules: tuple[float | str, ...] = (0.0,)
+) -> torch.Tensor:
+    """Replica counts for each rule: ``weight [rows, E]`` → ``counts [len(rules), rows, E]``.
+
+    A rule is a divisor shift ``δ`` (float, priority ``w / (c + δ)``) or ``"hamilton"``.
+    Every count is >= 1 and each row sums to ``num_replicas``. Rows must not be all zero.
+    """
+    rows, num_experts = weight.shape
+    num_extra = num_replicas - num_experts
+    ones = torch.ones(len(rules), rows, num_experts, dtype=torch.int64, device=weight.device)
+    if num_extra == 0:
+        return ones
+    # only the num_extra heaviest experts can win an extra replica: each of them outranks
+    # every lighter expert's first step under every rule
+    num_hot = min(num_experts, num_extra)
+    hot_load, hot_expert = weight.topk(num_hot, dim=1)  # [rows, K]
+    steps = _max_steps(weight, num_extra)
+    chunk = max(1, _MAX_PRIORITY_ELEMENTS // max(1, len(rules) * num_hot * steps))
+    if chunk < rows:
+        return torch.cat(
+            [replica_counts(weight[i : i + chunk], num_replicas, rules) for i in range(0, rows, chunk)],
+            dim=1,
+        )
+    c = torch.arange(1, steps + 1, dtype=weight.dtype, device=weight.device)  # current count
+    w = hot_load[:, :, None]
+    priorities = []
+    for rule in rules:
+        if rule == "hamilton":
+            quota = w * (num_replicas / weight.sum(-1))[:, None, None]
+            priorities.append(quota - c)
+        else:
+            priorities.append(w / (c + float(rule)))
+    priority = torch.stack(priorities).view(len(rules), rows, num_hot * steps)
+    granted = priority.topk(num_extra, dim=-1, sorted=False).indices // steps  # hot rank
+    granted = hot_expert.expand(len(rules), -1, -1).gather(2, granted)
+    return ones.scatter_add_(2, granted, torch.ones_like(granted))
+
+
+def allocation_portfolio(
+    weight: torch.Tensor, num_replicas: int, shifts: tuple[float, ...] = DEFAULT_SHIFTS,
+    hamilton: bool = True,
+) -> torch.Tensor:
+    """The default portfolio of allocations: ``[K, rows, E]`` counts."""
+    rules: tuple[float | str, ...] = tuple(shifts) + (("hamilton",) if hamilton else ())
+    return replica_counts(weight, num_replicas, rules)
+
+
+def max_replica_load(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
+    """``[rows]`` the smallest achievable largest replica load (Jefferson's optimum).
+
+    Granting the ``R − E`` largest quotients ``w_e / c`` leaves the next one as the largest
+    replica: the ``(R − E + 1)``-th largest quotient overall.
+    """
+    rows, num_experts = weight.shape
+    num_extra = num_replicas - num_experts
+    if num_extra == 0:
+        return weight.max(-1).values
+    steps = _max_steps(weight, num_extra) + 1
+    chunk = max(1, _MAX_PRIORITY_ELEMENTS // max(1, num_experts * steps))
+    if chunk < rows:
+        return torch.cat(
+            [max_replica_load(weight[i : i + chunk], num_replicas) for i in range(0, rows, chunk)]
+        )
+    c = torch.arange(1, steps + 1, dtype=weight.dtype, device=weight.device)
+    quotients = (weight[:, :, None] / c).view(rows, -1)
+    return quotients.topk(num_extra + 1, dim=-1).values[:, -1]
+
+
+def expand_replicas(
+    weight: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn counts into replica items sorted heaviest first.
+
+    Args:
+        weight: ``[rows, E]`` expert loads.
+        counts: ``[rows, E]`` replicas per expert, each row summing to ``R``.
+
+    Returns:
+        ``(item_load [rows, R], item_expert [rows, R])``; an expert's replicas are adjacent.
+    """
+    rows, num_experts = weight.shape
+    num_replicas = int(counts[0].sum())
+    per_replica = weight / counts
+    order = per_replica.argsort(dim=-1, descending=True, stable=True)
+    cum = counts.gather(1, order).cumsum(1)
+    position = torch.arange(num_replicas, device=weight.device).expand(rows, -1).contiguous()
+    rank = torch.searchsorted(cum, position, right=True)
+    item_expert = order.gather(1, rank)
+    item_load = per_replica.gather(1, item_expert)
+    return item_load, item_expert
