@@ -22,7 +22,7 @@ _POLICY_NAMES = ("auto", *POLICIES)
 
 
 def resolve_policy(policy: str, topology: Topology, num_experts: int,
-                   has_dead_gpus: bool = False) -> str:
+                   has_dead_gpus: bool = False, has_speeds: bool = False) -> str:
     """The concrete policy for ``policy`` ("auto", "global" or "hierarchical").
 
     ``auto`` works as in DeepSeek: hierarchical when ``num_groups > 1`` and groups divide
@@ -46,6 +46,8 @@ def resolve_policy(policy: str, topology: Topology, num_experts: int,
         problems.append(f"num_gpus ({topology.num_gpus}) is not a multiple of num_nodes ({nodes})")
     if has_dead_gpus:
         problems.append("some GPUs are dead (active_gpus), so nodes are no longer alike")
+    if has_speeds:
+        problems.append("GPU speeds differ (gpu_speed), so nodes are no longer alike")
     if not problems:
         return "hierarchical"
     reason = "; ".join(problems)
@@ -88,7 +90,7 @@ def plan(
     active_gpus: torch.Tensor | None = None,
     gpu_speed: torch.Tensor | None = None,
     previous: Placement | torch.Tensor | None = None,
-    max_moves: int | None = None,
+    max_moves: int | torch.Tensor | None = None,
     skip_threshold: float | None = None,
 ) -> Placement:
     """Plan an expert placement.
@@ -108,7 +110,8 @@ def plan(
         gpu_speed: ``[P]`` relative speeds; the plan minimises the max of load / speed.
         previous: the placement in force (``Placement`` or ``phy2log [L, R]``); the new
             plan keeps as many of its slots as pays (incremental rebalancing).
-        max_moves: with ``previous``, most slots allowed to change in total.
+        max_moves: with ``previous``, most slots allowed to change: an int (in total,
+            shared among layers by their predicted gain) or one int per layer.
         skip_threshold: with ``previous``, leave a layer untouched when re-planning it
             would raise its balancedness by less than this (e.g. ``0.01``).
 
@@ -134,7 +137,8 @@ def plan(
     speed = None
     if gpu_speed is not None:
         speed = check_gpu_vector(gpu_speed, num_gpus, "gpu_speed", torch.float64, w.device)
-    chosen = resolve_policy(policy, topology, num_experts, has_dead_gpus=live is not None)
+    chosen = resolve_policy(policy, topology, num_experts, has_dead_gpus=live is not None,
+                            has_speeds=speed is not None)
     generator = torch.Generator().manual_seed(seed)
 
     return plan_placement(

@@ -34,6 +34,7 @@ import torch
 
 __all__ = [
     "PackingOptions",
+    "Tracking",
     "construct",
     "gpu_loads",
     "make_items",
@@ -130,33 +131,39 @@ def _construct_lpt(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
 
 
 def _construct_bldm(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Balanced largest differencing over the ``S`` rounds (partial solutions)."""
+    """Balanced largest differencing over the ``S`` rounds (partial solutions).
+
+    Every partial solution is kept sorted ascending. A merge pairs the heaviest subset of
+    one with the lightest of the other and re-sorts; the sort orders are replayed
+    backwards at the end to tell which GPU every round's column ends on.
+    """
     _, rows, num_items = items.shape
     slots = num_items // num_gpus
     device = items.device
-    parts = items[LOAD].reshape(rows, slots, num_gpus).clone()  # part r = round r
-    alive = torch.ones(rows, slots, dtype=torch.bool, device=device)
-    ar = torch.arange(rows, device=device)
+    # rounds are sorted heaviest first; ascending position p is column P-1-p
+    parts = items[LOAD].reshape(rows, slots, num_gpus).flip(2)
+    dead = torch.zeros(rows, slots, dtype=items.dtype, device=device)
+    reverse = torch.arange(num_gpus - 1, -1, -1, device=device)
     merges = []
     for _ in range(slots - 1):
-        spread = parts.amax(2) - parts.amin(2)
-        spread = torch.where(alive, spread, spread.new_tensor(-1.0))
-        a, b = spread.topk(2, dim=1).indices.unbind(1)
-        heavy_first = parts[ar, a].argsort(1, descending=True)
-        light_first = parts[ar, b].argsort(1)
-        merged = parts[ar, a].gather(1, heavy_first) + parts[ar, b].gather(1, light_first)
-        parts[ar, a] = merged
-        alive[ar, b] = False
-        merges.append((a, b, heavy_first, light_first))
-    # back-substitute: the surviving part's column t is GPU t
-    label = torch.empty(rows, slots, num_gpus, dtype=torch.int64, device=device)
-    root = alive.to(torch.int8).argmax(1)
-    label[ar, root] = torch.arange(num_gpus, device=device).expand(rows, -1)
-    for a, b, heavy_first, light_first in reversed(merges):
-        gpu_of_col = label[ar, a]
-        label[ar, a] = torch.empty_like(gpu_of_col).scatter_(1, heavy_first, gpu_of_col)
-        label[ar, b] = torch.empty_like(gpu_of_col).scatter_(1, light_first, gpu_of_col)
-    return _deal(items, label.view(rows, num_items), num_gpus)
+        spread = parts[:, :, -1] - parts[:, :, 0] - dead
+        pair = spread.topk(2, dim=1).indices  # [rows, 2] the two widest partial solutions
+        both = parts.gather(1, pair[:, :, None].expand(-1, -1, num_gpus))  # [rows, 2, P]
+        merged, order = (both[:, 0].index_select(1, reverse) + both[:, 1]).sort(dim=1)
+        parts = parts.scatter(1, pair[:, :1, None].expand(-1, -1, num_gpus), merged[:, None])
+        dead = dead.scatter(1, pair[:, 1:], float("inf"))
+        merges.append((pair, order))
+    # back-substitute: position p of the surviving partial solution is GPU p
+    label = torch.zeros(rows, slots, num_gpus, dtype=torch.int64, device=device)
+    root = dead.min(1).indices[:, None, None].expand(-1, 1, num_gpus)
+    label.scatter_(1, root, torch.arange(num_gpus, device=device).expand(rows, 1, -1).contiguous())
+    for pair, order in reversed(merges):
+        gpu = label.gather(1, pair[:, :1, None].expand(-1, -1, num_gpus))[:, 0]  # [rows, P]
+        from_heavy = torch.empty_like(gpu).scatter_(1, reverse[order], gpu)
+        from_light = torch.empty_like(gpu).scatter_(1, order, gpu)
+        label.scatter_(1, pair[:, :, None].expand(-1, -1, num_gpus),
+                       torch.stack([from_heavy, from_light], 1))
+    return _deal(items, label.flip(2).reshape(rows, num_items), num_gpus)
 
 
 def construct(items: torch.Tensor, num_gpus: int, method: str = "bldm") -> torch.Tensor:
@@ -170,9 +177,9 @@ def _conflicts(state: torch.Tensor) -> torch.Tensor:
     """``[S, rows, P]`` True for a replica whose expert appears in an earlier slot of its GPU."""
     ids = state[EXPERT]
     slots = ids.shape[0]
-    same = ids[:, None] == ids[None, :]  # [S, S, rows, P]
     earlier = torch.ones(slots, slots, dtype=torch.bool, device=ids.device).tril(-1)
-    return (same & earlier[:, :, None, None]).any(1)
+    diff = torch.where(earlier[:, :, None, None], ids[:, None] - ids[None, :], 1.0)
+    return diff.prod(1) == 0  # an exact zero factor marks an equal expert id
 
 
 def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = None) -> torch.Tensor:
@@ -203,7 +210,7 @@ def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = No
         todo = flat.any(1)
         if not bool(todo.any()):
             break
-        pos = flat.to(torch.int8).argmax(1)
+        pos = flat.to(torch.int8).max(1).indices
         u, i = pos // slots, pos % slots
         w_i = sub[LOAD, i, ar, u]
         e_i = sub[EXPERT, i, ar, u]
@@ -217,8 +224,8 @@ def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = No
         delta = w_i[None, :, None] - sub[LOAD]
         cost = delta * (loads[None] - loads[ar, u][None, :, None] + delta)
         cost = torch.where(legal, cost, cost.new_tensor(inf))
-        best = cost.permute(1, 2, 0).reshape(n, -1).argmin(1)
-        ok = todo & torch.isfinite(cost.permute(1, 2, 0).reshape(n, -1)[ar, best])
+        best_cost, best = cost.permute(1, 2, 0).reshape(n, -1).min(1)
+        ok = todo & torch.isfinite(best_cost)
         if not bool(ok.any()):
             break
         v, j = best // slots, best % slots
@@ -254,59 +261,132 @@ def _spread_shared(state: torch.Tensor, allow_shared: torch.Tensor | None) -> to
     return state
 
 
-def refine(state: torch.Tensor, steps: int, mode: str = "pairs") -> torch.Tensor:
+def _pairings(num_gpus: int, steps: int, device: torch.device) -> list[torch.Tensor]:
+    """Column orders of a load-sorted state for each step: heavy half (heaviest first)
+    followed by its light partners, then the middle GPU when ``P`` is odd.
+
+    Odd steps rotate the light partners so that every heavy GPU meets many light ones.
+    """
+    half = num_gpus // 2
+    heavy = torch.arange(num_gpus - 1, num_gpus - half - 1, -1)
+    light = torch.arange(half)
+    middle = torch.arange(half, num_gpus - half)
+    out = []
+    for step in range(steps):
+        partners = light.roll((step // 2) % half + 1) if step % 2 else light
+        out.append(torch.cat([heavy, partners, middle]).to(device))
+    return out
+
+
+@dataclass
+class Tracking:
+    """Extra state for refinements whose GPUs are not interchangeable.
+
+    Attributes:
+        gpu: ``[rows, P]`` float, the original index of every GPU (permuted along).
+        speed: ``[rows, P]`` relative GPU speeds, or ``None`` for equal GPUs; the
+            refinement then minimises Σ load² / speed.
+        origin: ``[S, rows, P]`` expert each slot held before planning, or ``None``;
+            with it every swap is charged the slots it changes.
+        budget: ``[rows]`` slots each row may still change (needs ``origin``).
+    """
+
+    gpu: torch.Tensor
+    speed: torch.Tensor | None = None
+    origin: torch.Tensor | None = None
+    budget: torch.Tensor | None = None
+
+
+def _moves(ids: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
+    return (ids != origin).sum((0, 2))
+
+
+def refine(state: torch.Tensor, steps: int, mode: str = "pairs", tol: float = 1e-6,
+           track: Tracking | None = None) -> torch.Tensor:
     """Swap refinement (see the module docstring). Returns the refined state.
 
-    The returned state's GPU order is arbitrary (GPUs are interchangeable). A swap is
-    legal only if neither GPU already holds a replica of the expert it receives, so an
-    anti-affine state stays anti-affine.
+    The returned state's GPU order is arbitrary unless ``track`` is given, in which case
+    ``track.gpu`` is permuted along (and updated in place of the object's field). A swap
+    is legal only if neither GPU already holds a replica of the expert it receives, so an
+    anti-affine state stays anti-affine. ``tol`` is the least Σ load² improvement that
+    counts, relative to a mean replica load of 1.
     """
     if mode == "none" or steps == 0:
         return state
     if mode == "max":
+        if track is not None:
+            raise ValueError("refine='max' does not support GPU tracking (speeds, incremental)")
         return _refine_max(state, steps)
     _, slots, rows, num_gpus = state.shape
     half = num_gpus // 2
     if half == 0:
         return state
     inf = float("inf")
-    tol = 1e-7  # loads are normalised to a mean replica load of 1
     expand = (2, slots, rows, num_gpus)
+    pairings = _pairings(num_gpus, min(steps, 2 * half), state.device)
+    speed = None if track is None else track.speed
+    origin = None if track is None else track.origin
+    spent = None if origin is None else _moves(state[EXPERT], origin)
+    idle = 0
     for step in range(steps):
-        loads = gpu_loads(state)
-        order = loads.argsort(dim=1)
-        light = order[:, :half]
-        if step % 2:  # rotate the light partners so every heavy GPU meets many light ones
-            light = light.roll(shifts=(step // 2) % half + 1, dims=1)
-        perm = torch.cat([order[:, num_gpus - half :].flip(1), light, order[:, half : num_gpus - half]], 1)
+        loads = state[LOAD].sum(0)  # [rows, P]
+        pressure = loads if speed is None else loads / speed
+        perm = pressure.argsort(dim=1).index_select(1, pairings[step % len(pairings)])
         state = state.gather(3, perm.expand(expand))
-        loads = loads.gather(1, perm)
-        heavy, light_side = state[..., :half], state[..., half : 2 * half]  # [2, S, rows, H]
-        gap = loads[:, :half] - loads[:, half : 2 * half]  # [rows, H]
-        # an exact zero in the product marks an expert present on the other GPU
-        ids_diff = heavy[EXPERT][:, None] - light_side[EXPERT][None, :]  # [S, S, rows, H]
-        on_light = ids_diff.prod(1) == 0  # heavy item's expert already on the light GPU
-        on_heavy = ids_diff.prod(0) == 0
-        w_heavy = heavy[LOAD].masked_fill(on_light, -inf)
-        w_light = light_side[LOAD].masked_fill(on_heavy, inf)
+        pressure = pressure.gather(1, perm)
+        gap = pressure[:, :half] - pressure[:, half : 2 * half]  # [rows, H]
+        if track is not None:
+            track.gpu = track.gpu.gather(1, perm)
+            if speed is not None:
+                speed = speed.gather(1, perm)
+                track.speed = speed
+                # Σ L²/s: a swap of δ gains δ·(gap − δ·h) with h = (1/s_u + 1/s_v) / 2
+                h = (1 / speed[:, :half] + 1 / speed[:, half : 2 * half]) / 2
+                gap = gap / h
+            if origin is not None:
+                origin = origin.gather(2, perm[None].expand(slots, -1, -1))
+        heavy, light = state[..., :half], state[..., half : 2 * half]  # [2, S, rows, H]
+        # an exact zero in the product marks an expert already on the other GPU
+        ids_diff = heavy[EXPERT][:, None] - light[EXPERT][None, :]  # [S, S, rows, H]
+        w_heavy = heavy[LOAD].masked_fill(ids_diff.prod(1) == 0, -inf)
+        w_light = light[LOAD].masked_fill(ids_diff.prod(0) == 0, inf)
         delta = w_heavy[:, None] - w_light[None, :]  # [S, S, rows, H]
-        gain = delta * (gap - delta)  # −½ the change in Σ load²; −inf when illegal
-        best_per_i = gain.amax(1)  # [S, rows, H]
-        i = best_per_i.argmax(0)  # [rows, H]
-        best = best_per_i.gather(0, i[None])[0]
+        gain = delta * (gap - delta)  # −½ the change in Σ load² (scaled); −inf when illegal
+        best, i = gain.amax(1).max(0)  # [rows, H]; max() is much faster than argmax() here
         apply = best > tol
+        if origin is not None:
+            apply, spent = _within_budget(apply, i, heavy, light, origin, best, spent, track, half)
         if not bool(apply.any()):
-            break
+            idle += 1
+            if idle >= 2:  # also tried the rotated partners: converged
+                break
+            continue
+        idle = 0
         row_delta = w_heavy.gather(0, i[None]) - w_light  # [S, rows, H]
-        j = (row_delta * (gap - row_delta)).argmax(0)
+        j = (row_delta * (gap - row_delta)).max(0).indices
         i_idx = i[None, None].expand(2, 1, -1, -1)
         j_idx = j[None, None].expand(2, 1, -1, -1)
         take_i = heavy.gather(1, i_idx)
-        take_j = light_side.gather(1, j_idx)
-        keep = ~apply
-        heavy.scatter_(1, i_idx, torch.where(keep, take_i, take_j))
-        light_side.scatter_(1, j_idx, torch.where(keep, take_j, take_i))
+        take_j = light.gather(1, j_idx)
+        heavy.scatter_(1, i_idx, torch.where(apply, take_j, take_i))
+        light.scatter_(1, j_idx, torch.where(apply, take_i, take_j))
+    if track is not None and origin is not None:
+        track.origin = origin
     return state
+
+
+def _within_budget(apply: torch.Tensor, i: torch.Tensor, heavy: torch.Tensor, light: torch.Tensor,
+                   origin: torch.Tensor, best: torch.Tensor, spent: torch.Tensor,
+                   track: Tracking, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep the swaps a row can afford, heaviest pairs first; returns (apply, new spent).
+
+    A swap can change 0–2 slots relative to ``origin`` (moving an expert back home is
+    free). The charge is taken at its worst, 2 per swap, which keeps the check cheap.
+    """
+    del i, heavy, light, origin, best
+    charge = 2 * apply.to(torch.int64).cumsum(1)
+    apply = apply & (spent[:, None] + charge <= track.budget[:, None])
+    return apply, spent + 2 * apply.sum(1)
 
 
 def _refine_max(state: torch.Tensor, steps: int) -> torch.Tensor:
@@ -393,7 +473,7 @@ def pack(
     if cands > 1:
         _, slots, _, _ = state.shape
         peak = max_load(state).view(cands, rows)
-        best = peak.argmin(0)
+        best = peak.min(0).indices
         state = state.view(2, slots, cands, rows, num_gpus)[:, :, best, torch.arange(rows, device=best.device)]
     return state
 

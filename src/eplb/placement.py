@@ -100,12 +100,11 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     first = torch.cat([first, first.new_zeros(num_layers, 1)], dim=1)
     rank = torch.arange(num_slots, device=device) - first.gather(1, sorted_expert)
     maxcnt = max(int(logcnt.max()), 1) if logcnt.numel() else 1
-    log2phy = torch.full(
-        (num_layers, num_experts + 1, maxcnt), -1, dtype=torch.int64, device=device
-    )
-    keep = sorted_expert < num_experts
-    layer = torch.arange(num_layers, device=device)[:, None].expand_as(sorted_expert)
-    log2phy[layer[keep], sorted_expert[keep], rank[keep]] = sorted_slot[keep]
+    # one scatter into a flat [L, (E + 1) * maxcnt] table; dead slots land in the spare row
+    flat = torch.full((num_layers, (num_experts + 1) * maxcnt), -1, dtype=torch.int64, device=device)
+    target = sorted_expert * maxcnt + rank.clamp(max=maxcnt - 1)
+    flat.scatter_(1, target, sorted_slot)
+    log2phy = flat.view(num_layers, num_experts + 1, maxcnt)
     return log2phy[:, :num_experts], logcnt
 
 

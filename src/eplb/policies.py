@@ -85,7 +85,7 @@ def plan_rows(
         # score every allocation by a cheap packing, keep the best per row (first on ties)
         load, expert = expand_replicas(weight.repeat(num_rules, 1), counts.view(-1, num_experts))
         peak = max_load(construct(make_items(load, expert), num_gpus, options.packing.construction))
-        best = peak.view(num_rules, rows).argmin(0)
+        best = peak.view(num_rules, rows).min(0).indices
         counts = counts[best, torch.arange(rows, device=weight.device)]
     else:
         counts = counts[0]
@@ -153,7 +153,7 @@ class HierarchicalPolicy(PlacementPolicy):
         if assignment is not None:
             bounds = hierarchical_node_bounds(weight.to(torch.float64), assignment,
                                               topology.num_replicas, topology.num_gpus, nodes, groups)
-            return assignment[bounds.argmin(1)]
+            return assignment[bounds.min(1).indices]
         group_load = weight.view(num_layers, groups, -1).sum(2)
         order = group_load.argsort(dim=1, descending=True, stable=True)
         items = make_items(group_load.gather(1, order), order)

@@ -134,9 +134,9 @@ def expand_replicas(
     num_replicas = int(counts[0].sum())
     per_replica = weight / counts
     order = per_replica.argsort(dim=-1, descending=True, stable=True)
-    cum = counts.gather(1, order).cumsum(1)
-    position = torch.arange(num_replicas, device=weight.device).expand(rows, -1).contiguous()
-    rank = torch.searchsorted(cum, position, right=True)
-    item_expert = order.gather(1, rank)
+    # every row sums to R, so the flat repetition reshapes to [rows, R]
+    repeats = counts.gather(1, order).flatten()
+    item_expert = order.flatten().repeat_interleave(repeats, output_size=rows * num_replicas)
+    item_expert = item_expert.view(rows, num_replicas)
     item_load = per_replica.gather(1, item_expert)
     return item_load, item_expert

@@ -1,0 +1,152 @@
+"""Next-window balancedness (the ADRS protocol) for every estimator x planner.
+
+Protocol: windows of 100 steps; plan on window i (with the estimator's view of the history
+up to the end of window i), score the plan on the summed counts of window i + 1. The oracle
+plans window i + 1 on itself with the same planner. Figures are means over the scored
+windows, then over traces.
+
+Data:
+1. synthetic: ``eplb.workloads.generate_trace`` DeepSeek-V3 (58 x 256), drift presets
+   (``config``: slow drift + request churn; ``domain-shift``; ``prefill-decode``), at
+   R=288, P=32, one node, no groups (global placement);
+2. real: the ESFT per-token top-6 routing of DeepSeek-V2-Lite (26 x 64), read from
+   ``../shared/data/real/esft_deepseek_v2_lite_routing`` (skipped visibly when absent).
+   A step is ``--tokens-per-step`` consecutive tokens (default 4), so a window is 400 tokens;
+   each of the 4 tasks is one trace (~2050 steps, ~20 windows), at R=80, P=16.
+
+Usage:
+    .venv/bin/python benchmarks/bench_next_window.py [--steps 2000] [--seeds 1]
+        [--skip-synthetic] [--skip-real] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eplb.simulate import simulate
+
+REPO = Path(__file__).resolve().parents[1]
+ESFT = REPO.parent / "shared/data/real/esft_deepseek_v2_lite_routing/esft_topk_ids.npz"
+ESTIMATORS = ["sum", "ema:50", "ema:100", "ema:200", "robust:0.5", "robust:1", "multi:4",
+              "multi:4:2", "multi:3:3", "multi:6:6"]
+PLANNERS = ["greedy", "eplb"]
+
+
+def esft_traces(tokens_per_step: int) -> dict[str, torch.Tensor]:
+    """Per-task per-step counts ``[T, 26, 64]`` from the ESFT token-order top-6 ids."""
+    if not ESFT.exists():
+        print(f"SKIP real data: {ESFT} not found", file=sys.stderr)
+        return {}
+    data = np.load(ESFT)
+    out = {}
+    for task in ("intent", "law", "summary", "translation"):
+        ids = data[f"{task}_topk_ids"].astype(np.int64)  # [tokens, 26, 6]
+        steps = ids.shape[0] // tokens_per_step
+        ids = ids[: steps * tokens_per_step].reshape(steps, tokens_per_step, 26, 6)
+        ids = torch.from_numpy(ids).permute(0, 2, 1, 3).reshape(steps, 26, -1)  # [T, 26, k]
+        counts = torch.zeros(steps, 26, 64, dtype=torch.float32)
+        counts.scatter_add_(2, ids, torch.ones_like(ids, dtype=torch.float32))
+        out[f"esft-{task}"] = counts
+    return out
+
+
+def synthetic_traces(steps: int, seeds: int) -> dict[str, torch.Tensor]:
+    try:
+        from eplb.workloads import generate_trace
+    except ImportError:
+        print("SKIP synthetic data: eplb.workloads not available", file=sys.stderr)
+        return {}
+    out = {}
+    for regime in ("config", "domain-shift", "prefill-decode"):
+        for seed in range(seeds):
+            trace = generate_trace("deepseek-v3", steps=steps, seed=seed, regime=regime)
+            out[f"dsv3-{regime}-s{seed}"] = trace.counts.to(torch.float32)
+    return out
+
+
+def run(traces: dict[str, torch.Tensor], topo: dict[str, int], planners: list[str]) -> list[dict]:
+    rows = []
+    for name, counts in traces.items():
+        for planner in planners:
+            oracle = None
+            for spec in ESTIMATORS:
+                res = simulate(counts, planner, cadence="adrs", estimator=spec,
+                               oracle=oracle is None, **topo)
+                s = res.summary()
+                if oracle is None:
+                    oracle = s["oracle_balancedness"]
+                rows.append({"trace": name, "planner": planner, "estimator": spec,
+                             "next_window": s["window_balancedness"], "oracle": oracle,
+                             "plan_ms": s["plan_ms_median"]})
+                print(f"{name:28s} {planner:7s} {spec:11s} next={s['window_balancedness']:.4f} "
+                      f"oracle={oracle:.4f} plan={s['plan_ms_median']:.1f} ms", flush=True)
+    return rows
+
+
+def table(rows: list[dict], data: str) -> str:
+    keys = sorted({(r["planner"], r["estimator"]) for r in rows},
+                  key=lambda k: (PLANNERS.index(k[0]), ESTIMATORS.index(k[1])))
+    lines = ["| data | planner | estimator | next-window balancedness | oracle | plan ms |",
+             "|---|---|---|---|---|---|"]
+    best = None
+    for planner, spec in keys:
+        sel = [r for r in rows if r["planner"] == planner and r["estimator"] == spec]
+        nxt = statistics.mean(r["next_window"] for r in sel)
+        orc = statistics.mean(r["oracle"] for r in sel)
+        ms = statistics.median(r["plan_ms"] for r in sel)
+        lines.append(f"| {data} | {planner} | {spec} | {nxt:.4f} | {orc:.4f} | {ms:.1f} |")
+        if best is None or nxt > best[0]:
+            best = (nxt, planner, spec, orc)
+    base = statistics.mean(r["next_window"] for r in rows
+                           if r["planner"] == "greedy" and r["estimator"] == "sum")
+    oracle_greedy = statistics.mean(r["oracle"] for r in rows
+                                    if r["planner"] == "greedy" and r["estimator"] == "sum")
+    assert best is not None
+    lines.append("")
+    lines.append(f"{data}: best = {best[1]} + {best[2]}: {best[0]:.4f}; window-sum + greedy: "
+                 f"{base:.4f}; margin {best[0] - base:+.4f}; oracle ceiling ({best[1]}) "
+                 f"{best[3]:.4f}, (greedy) {oracle_greedy:.4f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--tokens-per-step", type=int, default=4)
+    parser.add_argument("--skip-synthetic", action="store_true")
+    parser.add_argument("--skip-real", action="store_true")
+    parser.add_argument("--planners", default=",".join(PLANNERS))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    planners = args.planners.split(",")
+    out = {}
+    if not args.skip_real:
+        real = esft_traces(args.tokens_per_step)
+        if real:
+            out["esft (R=80, P=16)"] = run(real, {"num_replicas": 80, "num_gpus": 16}, planners)
+    if not args.skip_synthetic:
+        synth = synthetic_traces(args.steps, args.seeds)
+        if synth:
+            out["deepseek-v3 synthetic (R=288, P=32)"] = run(
+                synth, {"num_replicas": 288, "num_gpus": 32}, planners)
+    for data, rows in out.items():
+        print()
+        print(table(rows, data))
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""The ``eplb`` command: plan, evaluate, benchmark, simulate and demo expert placement.
+
+Exit codes: 0 success, 2 a usage or input mistake (bad option, missing or malformed file,
+impossible topology, existing output without ``--force``), 1 a failure while running.
+Errors print one ``eplb: error: ...`` line; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, CliError
+
+__all__ = ["build_parser", "main"]
+
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
+                  replicas: int | None = None, gpus: int | None = None) -> None:
+    g = p.add_argument_group("topology")
+    g.add_argument("-r", "--replicas", type=int, required=required, default=replicas,
+                   metavar="R", help="physical expert slots in the cluster (a multiple of --gpus)")
+    g.add_argument("-g", "--gpus", type=int, required=required, default=gpus, metavar="P",
+                   help="number of GPUs (expert-parallel ranks)")
+    g.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
+    g.add_argument("--groups", type=int, default=1, metavar="G",
+                   help="expert groups for group-limited routing (default 1)")
+    g.add_argument("--policy", choices=["auto", "global", "hierarchical"], default="auto",
+                   help="auto = hierarchical when nodes > 1 and groups %% nodes == 0, "
+                        "else global (default auto)")
+    g.add_argument("--seed", type=int, default=0, help="planner seed (default 0)")
+
+
+def _sub(sub, name: str, help_: str, epilog: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_, description=help_, epilog=epilog, formatter_class=_RAW)
+    # SUPPRESS: a subcommand's default must not reset a top-level --debug
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show tracebacks on errors")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from eplb import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="eplb",
+        description="Plan where Mixture-of-Experts experts live on GPUs "
+                    "(a fast, near-optimal drop-in for DeepSeek's EPLB).",
+        epilog="examples:\n  eplb demo\n"
+               "  eplb plan loads.json --replicas 288 --gpus 32 -o placement.json\n"
+               "  eplb eval --placement placement.json loads.json\n"
+               "  eplb bench --report bench-report/\n\n"
+               "Run 'eplb COMMAND --help' for a command's options.",
+        formatter_class=_RAW,
+    )
+    parser.add_argument("--version", action="version", version=f"eplb {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    # ---------------------------------------------------------------- demo
+    p = _sub(sub, "demo", "Plan a built-in DeepSeek-V3-shaped workload and write a report.",
+             "example:\n  eplb demo                      # report in ./eplb-demo-report/\n"
+             "  eplb demo --out /tmp/demo --force\n\n"
+             "Generates a synthetic DeepSeek-V3 load trace (58 MoE layers × 256 experts), plans\n"
+             "it for 288 slots on 32 GPUs (global, and hierarchical with 4 nodes / 8 groups),\n"
+             "compares no rebalancing, DeepSeek's reference greedy, eplb and the ceiling, and\n"
+             "writes report.md, report.html and PNG pictures. Existing report files are not\n"
+             "overwritten unless --force is given.")
+    p.add_argument("--out", default="eplb-demo-report", metavar="DIR",
+                   help="report directory (default ./eplb-demo-report)")
+    p.add_argument("--force", action="store_true", help="overwrite existing report files")
+    p.add_argument("--steps", type=int, default=None, metavar="T",
+                   help="trace length in steps (default: the preset's demo length)")
+    p.add_argument("--quick", action="store_true",
+                   help="a smaller model shape for a fast smoke test")
+    p.add_argument("--no-report", action="store_true", help="print the table only")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--seed", type=int, default=0, help="workload and planner seed (default 0)")
+    p.set_defaults(func="bench:cmd_demo")
+
+    # ---------------------------------------------------------------- plan
+    p = _sub(sub, "plan", "Plan a placement from a loads file and write it for an engine.",
+             "examples:\n"
+             "  eplb plan stats.json -r 288 -g 32 -o placement.json\n"
+             "  eplb plan stats.json -r 288 -g 32 --nodes 4 --groups 8 -o lb.yaml   # TRT-LLM\n"
+             "  eplb plan stats.json -r 288 -g 32 -o init.json --emit sglang\n"
+             "  eplb plan new.json -r 288 -g 32 --previous old.json --max-moves 40 -o next.json\n\n"
+             "--emit is inferred from OUT: .yaml/.yml -> trtllm, .pt -> pt, *.sglang.json or\n"
+             "*.sglang.pt -> sglang, anything else -> json. SGLang output must be asked for\n"
+             "(--emit sglang or a .sglang.json name) because a plain .json is eplb's own format.\n"
+             "A trace [T, L, E] is summed over its T steps before planning.")
+    p.add_argument("loads", metavar="LOADS", help="loads file (any format eplb reads)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="placement file to write")
+    p.add_argument("--emit", choices=["json", "sglang", "trtllm", "pt"], default=None,
+                   help="output format (default: inferred from OUT)")
+    p.add_argument("--format", default=None, metavar="FMT",
+                   help="input format (default: detected from the file)")
+    p.add_argument("--first-layer", type=int, default=None, metavar="K",
+                   help="model layer index of the first row (e.g. 3 for DeepSeek-V3); default: "
+                        "the ids stored in the loads file, else 0")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    _add_topology(p)
+    o = p.add_argument_group("online rebalancing")
+    o.add_argument("--previous", metavar="OLD", help="the placement in service now (a file)")
+    o.add_argument("--max-moves", type=int, metavar="N",
+                   help="move at most N slots per layer relative to --previous")
+    o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
+    o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
+                   help="relative GPU speeds: comma list of P numbers, or a file with them")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func="commands:cmd_plan")
+
+    # ---------------------------------------------------------------- eval
+    p = _sub(sub, "eval", "Score a placement file on a loads file.",
+             "example:\n  eplb eval --placement placement.json stats.json\n"
+             "  eplb eval --placement placement.json stats.json --json\n\n"
+             "Reports each layer's balancedness (mean / max GPU load, 1.0 = perfect) before\n"
+             "(no rebalancing: expert e on GPU e*P//E, one copy) and after, the ceiling, and\n"
+             "the worst GPU's load relative to the mean.")
+    p.add_argument("loads", metavar="LOADS", help="loads file")
+    p.add_argument("--placement", required=True, metavar="FILE", help="placement file")
+    p.add_argument("--format", default=None, metavar="FMT", help="input format of LOADS")
+    p.add_argument("--summary", action="store_true", help="skip the per-layer table")
+    p.add_argument("-g", "--gpus", type=int, default=None, metavar="P",
+                   help="GPUs, for engine files that do not record it (SGLang JSON)")
+    p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (engine files)")
+    p.add_argument("--groups", type=int, default=1, metavar="G", help="groups (engine files)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func="commands:cmd_eval")
+
+    # ---------------------------------------------------------------- bench
+    p = _sub(sub, "bench", "Compare eplb, DeepSeek's greedy, no rebalancing and the ceiling.",
+             "examples:\n  eplb bench                          # built-in scenarios\n"
+             "  eplb bench stats.json -r 288 -g 32  # plus your own loads\n"
+             "  eplb bench --report bench-report/ --json > bench.json\n\n"
+             "Built-in scenarios are generated (eplb.workloads): deepseek-v3 at 288 slots / 32\n"
+             "GPUs (global and hierarchical 4 nodes / 8 groups), kimi-k2 and qwen3-235b.\n"
+             "Files use --replicas/--gpus (default: 32 GPUs, or E if fewer experts, and one\n"
+             "redundant slot per GPU). Plan times are medians of --repeats runs.")
+    p.add_argument("loads", nargs="*", metavar="LOADS", help="extra loads files to benchmark")
+    p.add_argument("--no-builtin", action="store_true", help="skip the built-in scenarios")
+    p.add_argument("--format", default=None, metavar="FMT", help="input format of LOADS")
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats (default 3)")
+    p.add_argument("--report", metavar="DIR", help="also write a report with pictures into DIR")
+    p.add_argument("--force", action="store_true", help="overwrite existing report files")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    _add_topology(p, required=False)
+    p.set_defaults(func="bench:cmd_bench")
+
+    # ---------------------------------------------------------------- simulate
+    p = _sub(sub, "simulate", "Replay a load trace with periodic rebalancing.",
+             "examples:\n  eplb simulate trace.pt --window 100 --interval 100 -r 288 -g 32\n"
+             "  eplb simulate trace.pt --window 100 --interval 100 -r 288 -g 32 \\\n"
+             "      --incremental --estimator ema:3 --max-moves 32 --report sim/\n\n"
+             "Each rebalance plans on the last --window steps; the placement is then scored\n"
+             "on the following steps until the next rebalance (--interval steps later).\n"
+             "--protocol adrs: sum --window steps per window, plan on window i, score on i+1.")
+    p.add_argument("trace", metavar="TRACE", help="load trace [T, L, E] (any format eplb reads)")
+    p.add_argument("--format", default=None, metavar="FMT", help="input format of TRACE")
+    p.add_argument("--window", type=int, required=True, metavar="W", help="steps per window")
+    p.add_argument("--interval", type=int, default=None, metavar="I",
+                   help="steps between rebalances (default: --window)")
+    p.add_argument("--planner", choices=["eplb", "greedy", "none"], default="eplb")
+    p.add_argument("--compare", action="store_true",
+                   help="also run the other planners and show them side by side")
+    p.add_argument("--protocol", choices=["adrs"], default=None,
+                   help="a named benchmark protocol")
+    p.add_argument("--incremental", action="store_true",
+                   help="rebalance incrementally from the placement in service")
+    p.add_argument("--estimator", default=None, metavar="SPEC",
+                   help="load estimator, e.g. ema:3 (half-life in windows), last, mean:4")
+    p.add_argument("--max-moves", type=int, default=None, metavar="N",
+                   help="slots moved per layer per rebalance (with --incremental)")
+    _add_topology(p, required=False, replicas=None, gpus=None)
+    p.add_argument("--report", metavar="DIR", help="write a report with pictures into DIR")
+    p.add_argument("--force", action="store_true", help="overwrite existing report files")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func="sim:cmd_simulate")
+
+    # ---------------------------------------------------------------- generate
+    p = _sub(sub, "generate", "Write a synthetic load trace shaped like a real model.",
+             "examples:\n  eplb generate --preset deepseek-v3 --steps 1000 -o trace.pt\n"
+             "  eplb generate --preset qwen3-235b --steps 200 -o trace.json --format load_history\n"
+             "  eplb generate --list\n\n"
+             "The output format follows --format, else the extension (.pt -> a [T, L, E] tensor\n"
+             "dict, .json -> vLLM/ADRS load_history).")
+    p.add_argument("--preset", default="deepseek-v3", help="model preset (see --list)")
+    p.add_argument("--steps", type=int, default=1000, metavar="T", help="steps (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", metavar="FILE", help="trace file to write")
+    p.add_argument("--format", default=None, metavar="FMT", help="trace format to write")
+    p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
+    p.add_argument("--list", action="store_true", help="list the presets and exit")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.set_defaults(func="sim:cmd_generate")
+    return parser
+
+
+def _run(func_ref: str, args: argparse.Namespace) -> int:
+    import importlib
+
+    module, name = func_ref.split(":")
+    func = getattr(importlib.import_module(f"eplb.cli.{module}"), name)
+    return int(func(args) or 0)
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split()) or "unknown error"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``eplb`` command with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version or a usage error: argparse already printed
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _run(args.func, args)
+    except CliError as exc:
+        if args.debug:
+            raise
+        print(f"eplb: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("eplb: interrupted", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+        if args.debug:
+            raise
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        text = exc.strerror or str(exc)
+        print(f"eplb: error: {_one_line(text)}{where}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, TypeError) as exc:  # bad input: FormatError, PlacementError, topology
+        if args.debug:
+            raise
+        print(f"eplb: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a failure while running, not the user's input
+        if args.debug:
+            raise
+        print(f"eplb: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
+              "traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Shared plumbing for the ``eplb`` commands: errors, output, input parsing, metrics.
+
+Exit codes: 0 success; 2 a mistake the user can fix in the command line or its input files
+(missing or malformed file, impossible topology, existing output without ``--force``);
+1 a failure while running (internal error, a file that cannot be written).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class CliError(Exception):
+    """A problem reported as one ``eplb: error: ...`` line; ``code`` is the exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ------------------------------------------------------------------------- output
+
+
+def is_tty(stream=None) -> bool:
+    stream = stream or sys.stdout
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def fmt(value: object, digits: int = 4) -> str:
+    """Format a table cell: floats with ``digits`` decimals, ``None`` as ``n/a``."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A rich table on a terminal, plain aligned columns otherwise (pipes, files, tests)."""
+    cells = [[fmt(c) for c in row] for row in rows]
+    if is_tty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for i, h in enumerate(headers):
+            table.add_column(h, justify="left" if i == 0 else "right")
+        for row in cells:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w)
+                     for i, (h, w) in enumerate(zip(headers, widths, strict=True)))
+    print(title)
+    print(line)
+    print("-" * len(line))
+    for row in cells:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(row, widths, strict=True))))
+    print()
+
+
+def print_json(payload: object) -> None:
+    json.dump(payload, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def info(message: str) -> None:
+    """Progress chatter for humans; goes to stderr so stdout stays parseable."""
+    print(message, file=sys.stderr)
+
+
+@contextmanager
+def progress(description: str, total: int, enabled: bool = True):
+    """A rich progress bar on stderr when it is a terminal; a no-op ``advance`` otherwise."""
+    if not (enabled and is_tty(sys.stderr)):
+        yield lambda n=1: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+                   "{task.total}"), TimeElapsedColumn(), console=Console(stderr=True),
+                   transient=True)
+    with bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n=1: bar.advance(task, n)
+
+
+# ------------------------------------------------------------------------- inputs
+
+
+def existing_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CliError(f"{what} {str(path)!r} not found")
+    return path
+
+
+def check_output(path: str | Path, force: bool) -> Path:
+    path = Path(path)
+    if path.exists() and not force:
+        raise CliError(f"{path} already exists; pass --force to overwrite it")
+    if path.parent != Path() and not path.parent.exists():
+        raise CliError(f"directory {str(path.parent)!r} for the output does not exist")
+    return path
+
+
+def load_weight(path: str | Path, fmt_name: str | None = None, *, progress_bar: bool = False):
+    """Read a loads file with :func:`eplb.formats.read_loads`.
+
+    Returns ``(weight [L, E] float64, trace)``; a trace ``[T, L, E]`` is summed over T.
+    """
+    from eplb.formats import read_loads
+
+    path = existing_file(path, "loads file")
+    trace = read_loads(path, format=fmt_name, progress=progress_bar)
+    counts = torch.as_tensor(trace.counts, dtype=torch.float64)
+    weight = counts.sum(0) if counts.dim() == 3 else counts
+    return weight, trace
+
+
+def check_topology(num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,
+                   num_experts: int) -> None:
+    """Reject impossible cluster shapes up front, with the option names in the message."""
+    for name, value in (("--replicas", num_replicas), ("--gpus", num_gpus),
+                        ("--nodes", num_nodes), ("--groups", num_groups)):
+        if value < 1:
+            raise CliError(f"{name} must be >= 1, got {value}")
+    if num_replicas % num_gpus:
+        raise CliError(f"--replicas ({num_replicas}) must be a multiple of --gpus ({num_gpus})")
+    if num_gpus % num_nodes:
+        raise CliError(f"--gpus ({num_gpus}) must be a multiple of --nodes ({num_nodes})")
+    if num_replicas < num_experts:
+        raise CliError(f"--replicas ({num_replicas}) must be >= the number of experts "
+                       f"({num_experts}): every expert needs a slot")
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise CliError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
+
+
+def active_gpus_from(dead: str | None, num_gpus: int) -> torch.Tensor | None:
+    """``--dead-gpus 3,17`` -> ``[P]`` bool mask with those GPUs False (``None`` if not given)."""
+    if not dead:
+        return None
+    ids = parse_int_list(dead, "--dead-gpus")
+    bad = [g for g in ids if not 0 <= g < num_gpus]
+    if bad:
+        raise CliError(f"--dead-gpus: GPU {bad[0]} is outside 0..{num_gpus - 1}")
+    mask = torch.ones(num_gpus, dtype=torch.bool)
+    mask[ids] = False
+    if not bool(mask.any()):
+        raise CliError("--dead-gpus marks every GPU dead")
+    return mask
+
+
+def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
+    """``--gpu-speed``: a comma list (``1,1,0.5,...``) or a file (JSON list or plain numbers)."""
+    if not spec:
+        return None
+    path = Path(spec)
+    if path.exists():
+        text = path.read_text(encoding="utf-8")
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError:
+            values = text.replace(",", " ").split()
+    else:
+        values = spec.split(",")
+    try:
+        speed = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    except (TypeError, ValueError):
+        raise CliError(f"--gpu-speed: expected {num_gpus} numbers, got {spec!r}") from None
+    if speed.numel() != num_gpus:
+        raise CliError(f"--gpu-speed has {speed.numel()} values, expected one per GPU ({num_gpus})")
+    if bool((speed <= 0).any()) or not bool(torch.isfinite(speed).all()):
+        raise CliError("--gpu-speed values must be finite and > 0")
+    return speed
+
+
+# ------------------------------------------------------------------------ metrics
+
+
+def static_gpu_loads(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """``[L, P]`` per-GPU load without rebalancing: expert ``e`` on GPU ``e * P // E``, one copy.
+
+    This is what an engine does with EPLB off: contiguous experts, no redundant replicas.
+    """
+    num_layers, num_experts = weight.shape
+    gpu = torch.arange(num_experts) * num_gpus // num_experts
+    loads = torch.zeros(num_layers, num_gpus, dtype=torch.float64)
+    return loads.index_add_(1, gpu, weight.to(torch.float64))
+
+
+def layer_balance(
+    gpu_loads: torch.Tensor, live: torch.Tensor | None = None, speed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float, float]:
+    """Balancedness of per-GPU loads ``[L, P]``.
+
+    Returns ``(per-layer [L], overall, worst max/mean)``. With ``speed [P]`` a GPU's time is
+    load / speed and the ideal is the total load over the live GPUs' total speed, so the
+    figure is still "ideal time / actual time" (1.0 = perfect).
+    """
+    loads = gpu_loads.to(torch.float64)
+    if live is not None:
+        loads = loads[:, live]
+        speed = None if speed is None else speed[live]
+    if speed is None:
+        ideal = loads.mean(1)
+        peak = loads.max(1).values
+    else:
+        ideal = loads.sum(1) / speed.sum()
+        peak = (loads / speed).max(1).values
+    per_layer = torch.where(peak > 0, ideal / peak.clamp(min=1e-300), torch.ones_like(ideal))
+    total = float(ideal.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
+    worst = float((peak / ideal.clamp(min=1e-300))[ideal > 0].max()) if bool((ideal > 0).any()) \
+        else 1.0
+    return per_layer, total, worst
+
+
+@dataclass
+class Ceiling:
+    per_layer: torch.Tensor | None
+    overall: float | None
+    note: str = ""
+
+    @property
+    def worst(self) -> float | None:
+        """The worst layer's best-possible max/mean (1 / the smallest per-layer ceiling)."""
+        if self.per_layer is None or not self.per_layer.numel():
+            return None
+        return 1 / float(self.per_layer.min())
+
+
+def ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int,
+            num_groups: int, policy: str, *, dead: bool = False, speed: bool = False) -> Ceiling:
+    """The physical limit from :mod:`eplb.bounds` (``n/a`` when it does not apply/exist)."""
+    if dead or speed:
+        return Ceiling(None, None, "ceiling not computed with dead GPUs or GPU speeds")
+    try:
+        from eplb.bounds import balancedness_ceiling, layer_ceiling
+    except ImportError:
+        return Ceiling(None, None, "eplb.bounds not available")
+    args = (weight, num_replicas, num_gpus, num_nodes, num_groups)
+    per_layer = torch.as_tensor(layer_ceiling(*args, policy=policy), dtype=torch.float64)
+    return Ceiling(per_layer, float(balancedness_ceiling(*args, policy=policy)))
+
+
+def resolved_policy(policy: str, num_nodes: int, num_groups: int, num_experts: int) -> str:
+    """What ``policy="auto"`` means, for labelling and for the ceiling: DeepSeek's rule."""
+    if policy != "auto":
+        return policy
+    hier = num_nodes > 1 and num_groups % num_nodes == 0 and num_experts % num_groups == 0
+    return "hierarchical" if hier else "global"
+
+
+def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[object, float]:
+    """Run ``fn`` ``repeats`` times; return the last result and the median seconds."""
+    times, result = [], None
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return result, statistics.median(times)
+
+
+def plan_greedy(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int,
+                num_groups: int, policy: str = "auto"):
+    """DeepSeek's reference greedy from :mod:`eplb.baselines`, as a Placement."""
+    from eplb.baselines import plan_greedy as _plan_greedy
+
+    return _plan_greedy(weight, num_replicas, num_gpus, num_nodes, num_groups, policy=policy)

@@ -1,0 +1,231 @@
+"""``eplb bench`` and ``eplb demo``: planners side by side, with a report."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from eplb.cli._common import (
+    CliError,
+    check_topology,
+    info,
+    load_weight,
+    print_json,
+    print_table,
+    progress,
+)
+from eplb.cli._compare import HEADERS, Comparison, add_to_report, compare, describe
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A built-in benchmark case: a generated preset and a cluster shape."""
+
+    name: str
+    preset: str
+    replicas: int
+    gpus: int
+    nodes: int = 1
+    groups: int = 1
+    policy: str = "global"
+
+
+# DeepSeek-V3 as deployed in DeepSeek's and SGLang's EP32 setups (256 + 32 redundant
+# experts); kimi-k2 (384 experts, no groups) and qwen3-235b (128 experts, no groups) with
+# one redundant slot per GPU.
+BUILTIN = (
+    Scenario("deepseek-v3 global", "deepseek-v3", 288, 32),
+    Scenario("deepseek-v3 hierarchical", "deepseek-v3", 288, 32, 4, 8, "hierarchical"),
+    Scenario("kimi-k2 global", "kimi-k2", 416, 32),
+    Scenario("qwen3-235b global", "qwen3-235b", 160, 32),
+)
+BENCH_STEPS = 100
+
+
+def generated_trace(preset: str, steps: int, seed: int):
+    """A synthetic :class:`~eplb.formats.LoadTrace` from :mod:`eplb.workloads`."""
+    from eplb.workloads import PRESETS, generate_trace
+
+    if preset not in PRESETS:
+        raise CliError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    return generate_trace(preset=preset, steps=steps, seed=seed)
+
+
+def default_shape(num_experts: int, gpus: int | None, replicas: int | None) -> tuple[int, int]:
+    """``(R, P)`` for a file without ``--replicas/--gpus``: 32 GPUs (or E if fewer) and one
+    redundant slot per GPU."""
+    gpus = gpus or min(32, num_experts)
+    replicas = replicas or (-(-num_experts // gpus) + 1) * gpus
+    return replicas, gpus
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise CliError("--repeats must be >= 1")
+    if args.no_builtin and not args.loads:
+        raise CliError("nothing to benchmark: give LOADS files or drop --no-builtin")
+    report = _prepare_report(args.report, args.force, "eplb benchmark")
+    jobs = [] if args.no_builtin else list(BUILTIN)
+    jobs += list(args.loads)
+    comparisons: list[Comparison] = []
+    with progress("benchmarking", len(jobs), enabled=not args.json) as advance:
+        for job in jobs:
+            if isinstance(job, Scenario):
+                trace = generated_trace(job.preset, BENCH_STEPS, args.seed)
+                weight = trace.total()
+                c = compare(job.name, weight, job.replicas, job.gpus, job.nodes, job.groups,
+                            policy=job.policy, seed=args.seed, repeats=args.repeats,
+                            layer_ids=trace.layer_ids)
+            else:
+                weight, trace = load_weight(job, args.format)
+                keep = weight.sum(1) > 0  # dense layers (all zero) say nothing about balance
+                weight = weight[keep]
+                ids = [i for i, k in zip(trace.layer_ids, keep.tolist(), strict=True) if k]
+                replicas, gpus = default_shape(weight.shape[1], args.gpus, args.replicas)
+                check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1])
+                c = compare(Path(job).name, weight, replicas, gpus, args.nodes, args.groups,
+                            policy=args.policy, seed=args.seed, repeats=args.repeats,
+                            layer_ids=ids)
+            comparisons.append(c)
+            advance()
+    written = []
+    if report is not None:
+        report.text("Balancedness = Σ_layers mean GPU load / Σ_layers max GPU load (1.0 is "
+                    "perfect; MoE time scales as 1 / balancedness). 'no rebalancing' puts expert "
+                    "e on GPU e·P/E with no redundant copies. Plan times are medians of "
+                    f"{args.repeats} runs on this machine.")
+        for i, c in enumerate(comparisons):
+            add_to_report(report, c, f"s{i}")
+        written = report.write(args.report, force=args.force)
+    if args.json:
+        print_json({"scenarios": [c.as_dict() for c in comparisons],
+                    "report": [str(p) for p in written]})
+        return 0
+    for c in comparisons:
+        print_table(describe(c), HEADERS, c.rows())
+    if written:
+        _say_written(written)
+    return 0
+
+
+def _prepare_report(directory: str | None, force: bool, title: str):
+    if directory is None:
+        return None
+    from eplb.report import Report
+
+    report = Report(title)
+    if not force:  # fail before the work, not after
+        for name in report.planned_files():
+            if (Path(directory) / name).exists():
+                raise CliError(f"{Path(directory) / name} already exists; pass --force to "
+                               "overwrite it or choose another directory")
+    return report
+
+
+def _say_written(written: list[Path]) -> None:
+    from eplb.report import INSTALL_HINT, matplotlib_available
+
+    print(f"report: {written[0]} (+ {written[1].name}, {len(written) - 2} pictures)")
+    if not matplotlib_available():
+        print(f"pictures skipped: matplotlib is not installed ({INSTALL_HINT})")
+
+
+# ---------------------------------------------------------------------------- demo
+
+DEMO_STEPS = 200
+QUICK_LAYERS = 6
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    report = None if args.no_report else _prepare_report(args.out, args.force,
+                                                        "eplb demo: DeepSeek-V3-shaped workload")
+    steps = args.steps or (20 if args.quick else DEMO_STEPS)
+    if steps < 2:
+        raise CliError("--steps must be >= 2")
+    info(f"generating a DeepSeek-V3-shaped trace ({steps} steps) ...")
+    trace = generated_trace("deepseek-v3", steps, args.seed)
+    if args.quick:
+        trace = trace.select_layers(trace.layer_ids[:QUICK_LAYERS])
+    weight = trace.total()
+    repeats = 1  # the demo shows one (cold) planning run; `eplb bench` reports medians
+    jobs = [s for s in BUILTIN if s.preset == "deepseek-v3"]
+    comparisons = []
+    with progress("planning", len(jobs), enabled=not args.json) as advance:
+        for job in jobs:
+            comparisons.append(compare(job.name, weight, job.replicas, job.gpus, job.nodes,
+                                       job.groups, policy=job.policy, seed=args.seed,
+                                       repeats=repeats, layer_ids=trace.layer_ids))
+            advance()
+    simulation = _demo_simulation(trace, args.seed, quick=args.quick)
+
+    written: list[Path] = []
+    if report is not None:
+        report.text(
+            f"A synthetic DeepSeek-V3-shaped load trace ({trace.num_layers} MoE layers × "
+            f"{trace.num_experts} experts, {steps} steps, seed {args.seed}) summed over time and "
+            "planned for 288 expert slots on 32 GPUs. Balancedness = Σ mean GPU load / Σ max "
+            "GPU load (1.0 is perfect; MoE time scales as 1 / balancedness). 'no rebalancing' "
+            "puts expert e on GPU e·P/E with no redundant copies; 'reference greedy' is "
+            "DeepSeek's EPLB; the ceiling is the best any placement can reach."
+        )
+        for i, c in enumerate(comparisons):
+            add_to_report(report, c, f"demo{i}")
+        if simulation is not None:
+            _add_simulation(report, simulation)
+        report.code("reproduce: eplb demo" + (f" --seed {args.seed}" if args.seed else "")
+                    + (" --quick" if args.quick else ""))
+        written = report.write(args.out, force=args.force)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        print_json({"scenarios": [c.as_dict() for c in comparisons],
+                    "simulation": simulation, "report": [str(p) for p in written],
+                    "seconds": elapsed})
+        return 0
+    for c in comparisons:
+        print_table(describe(c), HEADERS, c.rows())
+    if simulation is not None:
+        print_table(
+            f"online: plan on window i, score on window i+1 ({simulation['windows']} windows "
+            f"of {simulation['window']} steps)",
+            ["planner", "mean balancedness"],
+            [[k, float(torch.tensor(v).mean())] for k, v in simulation["series"].items()],
+        )
+    if written:
+        _say_written(written)
+    print(f"done in {elapsed:.1f} s")
+    return 0
+
+
+def _demo_simulation(trace, seed: int, *, quick: bool) -> dict | None:
+    """Plan on window i, score on window i+1 (the ADRS protocol) for each planner."""
+    from eplb.cli.sim import replay_windows
+
+    window = max(1, trace.num_steps // (4 if quick else 8))
+    return replay_windows(trace, window, 288, 32, seed=seed)
+
+
+def _add_simulation(report, sim: dict) -> None:
+    from eplb.report import plot_balancedness_over_time
+
+    report.heading("Online: planning on the last window, serving the next")
+    report.text(
+        f"The trace is cut into {sim['windows']} windows of {sim['window']} steps. Each planner "
+        "plans on window i and is scored on window i+1's loads, as a live system would be: "
+        "the loads drift, so no plan is perfect on the next window."
+    )
+    report.table(["planner", "mean balancedness"],
+                 [[k, f"{float(torch.tensor(v).mean()):.4f}"] for k, v in sim["series"].items()])
+    series = {k: torch.tensor(v) for k, v in sim["series"].items()}
+    report.figure(
+        "online_over_time.png",
+        "Balancedness of each planner on the next window's loads, window by window.",
+        lambda path: plot_balancedness_over_time(
+            series, path, x=list(range(1, sim["windows"])),
+            xlabel=f"scored window (each {sim['window']} steps; planned on the window before)",
+            title="Balancedness over time (plan on window i, score on window i+1)"),
+    )

@@ -1,0 +1,240 @@
+"""``eplb simulate`` and ``eplb generate``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from eplb.cli._common import (
+    CliError,
+    check_output,
+    check_topology,
+    existing_file,
+    info,
+    print_json,
+    print_table,
+    progress,
+)
+
+PLANNER_LABEL = {"none": "no rebalancing", "greedy": "reference greedy", "eplb": "eplb"}
+
+
+def run_simulation(trace, planner: str, *, replicas: int, gpus: int, nodes: int = 1,
+                   groups: int = 1, window: int, interval: int, score_window: int | None = None,
+                   estimator: str | None = None, incremental: bool = False,
+                   max_moves: int | None = None, policy: str = "auto", seed: int = 0,
+                   oracle: bool = True):
+    """One :func:`eplb.simulate.simulate` replay with a custom cadence."""
+    from eplb.simulate import Cadence, simulate
+
+    options = {}
+    if planner == "eplb":
+        options = {"policy": policy, "seed": seed}
+    return simulate(
+        trace, planner, num_replicas=replicas, num_gpus=gpus, num_nodes=nodes,
+        num_groups=groups, cadence=Cadence(window, interval, score_window),
+        estimator=estimator or "sum", incremental=incremental, max_moves=max_moves,
+        oracle=oracle, **options,
+    )
+
+
+def replay_windows(trace, window: int, replicas: int, gpus: int, *, seed: int = 0) -> dict:
+    """The ADRS protocol for the demo: plan on window ``i``, score on window ``i + 1``.
+
+    Returns ``{"window", "windows", "series": {label: [balancedness per scored window]}}``.
+    """
+    series = {}
+    num_windows = trace.num_steps // window
+    for planner in ("none", "greedy", "eplb"):
+        result = run_simulation(trace, planner, replicas=replicas, gpus=gpus, window=window,
+                                interval=window, score_window=window, seed=seed, oracle=False)
+        bal = result.window_balancedness[result.planned]
+        series[PLANNER_LABEL[planner]] = [float(x) for x in bal]
+    return {"window": window, "windows": num_windows, "series": series}
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from eplb.cli.bench import _prepare_report, _say_written, default_shape
+    from eplb.formats import read_loads
+
+    if args.window < 1:
+        raise CliError("--window must be >= 1")
+    interval = args.interval or args.window
+    score_window = args.window if args.protocol == "adrs" else None
+    if args.protocol == "adrs":
+        interval = args.window  # plan on window i, score on window i + 1
+    if (args.incremental or args.max_moves is not None) and args.planner != "eplb":
+        raise CliError("--incremental and --max-moves need --planner eplb")
+    if args.max_moves is not None and not args.incremental:
+        raise CliError("--max-moves needs --incremental")
+    report = _prepare_report(args.report, args.force, "eplb simulation")
+    trace = read_loads(existing_file(args.trace, "trace file"), format=args.format)
+    replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
+    check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts)
+    if trace.num_steps < 2 * args.window:
+        raise CliError(f"{args.trace} has {trace.num_steps} steps; the simulation needs at "
+                       f"least two windows (2 × --window {args.window})")
+    planners = [args.planner]
+    if args.compare:
+        planners += [p for p in ("none", "greedy", "eplb") if p != args.planner]
+    results = []
+    with progress("simulating", len(planners), enabled=not args.json) as advance:
+        for planner in planners:
+            own = planner == args.planner
+            results.append(run_simulation(
+                trace, planner, replicas=replicas, gpus=gpus, nodes=args.nodes,
+                groups=args.groups, window=args.window, interval=interval,
+                score_window=score_window, estimator=args.estimator if own else None,
+                incremental=args.incremental and own, max_moves=args.max_moves if own else None,
+                policy=args.policy, seed=args.seed))
+            advance()
+
+    written: list[Path] = []
+    if report is not None:
+        _simulation_report(report, args, results, trace)
+        written = report.write(args.report, force=args.force)
+    if args.json:
+        print_json({"trace": str(args.trace), "runs": [r.to_dict() for r in results],
+                    "report": [str(p) for p in written]})
+        return 0
+    cad = results[0].cadence
+    headers = ["planner", "window bal", "step bal", "oracle", "rebalances", "moved/rebal",
+               "plan ms"]
+    rows = []
+    for r in results:
+        s = r.summary()
+        label = PLANNER_LABEL.get(r.planner, r.planner)
+        if r.incremental:
+            label += " (incremental)"
+        rows.append([label, s["window_balancedness"], s["step_balancedness"],
+                     s["oracle_balancedness"], s["rebalances"],
+                     None if s["moved_slots_per_rebalance"] is None
+                     else f"{s['moved_slots_per_rebalance']:.0f}",
+                     None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
+    print_table(
+        f"{args.trace}: {trace.num_steps} steps, {trace.num_layers} layers × {trace.num_experts} "
+        f"experts on {replicas} slots / {gpus} GPUs; plan on {cad.window} steps every "
+        f"{cad.interval}, scored in windows of {cad.scoring}",
+        headers, rows)
+    if written:
+        _say_written(written)
+    return 0
+
+
+def _simulation_report(report, args, results, trace) -> None:
+    from eplb.report import plot_balancedness_over_time
+
+    cad = results[0].cadence
+    report.text(
+        f"Trace {args.trace}: {trace.num_steps} steps, {trace.num_layers} layers × "
+        f"{trace.num_experts} experts. Every {cad.interval} steps the planner plans on the "
+        f"last {cad.window} steps; balancedness is scored on windows of {cad.scoring} steps "
+        "with the placement in force. 'oracle' plans on the scored window itself (a "
+        "clairvoyant upper reference)."
+    )
+    rows = []
+    for r in results:
+        s = r.summary()
+        rows.append([PLANNER_LABEL.get(r.planner, r.planner),
+                     f"{s['window_balancedness']:.4f}" if s["window_balancedness"] else "n/a",
+                     f"{s['oracle_balancedness']:.4f}" if s["oracle_balancedness"] else "n/a",
+                     s["rebalances"]])
+    report.table(["planner", "mean window balancedness", "oracle", "rebalances"], rows)
+    series = {PLANNER_LABEL.get(r.planner, r.planner): r.window_balancedness for r in results}
+    first = results[0]
+    if first.oracle_balancedness is not None:
+        series[f"oracle ({PLANNER_LABEL.get(first.planner, first.planner)} on the scored "
+               "window)"] = first.oracle_balancedness
+    xs = first.window_starts.tolist()
+    rebal = first.rebalance_steps.tolist()
+    report.figure(
+        "simulation_over_time.png",
+        "Balancedness of each scoring window under the placement in force; grey lines mark "
+        "rebalances.",
+        lambda path: plot_balancedness_over_time(
+            series, path, x=xs, rebalance_at=rebal,
+            xlabel=f"step (start of each {cad.scoring}-step scoring window)",
+            title="Balancedness over time in the simulator"),
+    )
+
+
+# ------------------------------------------------------------------------ generate
+
+TRACE_FORMAT_BY_SUFFIX = {".pt": "pt", ".json": "vllm-history", ".npz": "npz"}
+
+
+def write_trace(trace, path: Path, fmt: str | None, force: bool) -> str:
+    """Write ``trace.counts [T, L, E]`` with :mod:`eplb.formats`' trace writer when it has one.
+
+    Returns the format written.
+    """
+    import eplb.formats as formats
+
+    fmt = fmt or TRACE_FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    if fmt is None:
+        raise CliError(f"cannot tell the trace format from {path.name!r}; use .pt, .json or "
+                       ".npz, or pass --format")
+    writer = getattr(formats, "write_trace", None) or getattr(formats, "write_loads", None)
+    if writer is not None:
+        writer(trace, path, format=fmt, force=force)
+        return fmt
+    # fallback writers (eplb.formats has no trace writer): one plain [T, L, E] array, which
+    # read_loads reads back; the model layer ids are not stored in these formats
+    counts = trace.counts
+    if bool((counts == counts.round()).all()):
+        counts = counts.to(torch.int64)
+    if fmt == "pt":
+        torch.save(counts, path)
+    elif fmt == "npz":
+        import numpy as np
+
+        np.savez(path, counts=counts.numpy())
+    elif fmt == "vllm-history":
+        import json
+
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump({"load_history": [{"logical_expert_load": step.tolist()}
+                                        for step in counts.round().to(torch.int64)]}, handle)
+    else:
+        raise CliError(f"cannot write traces as {fmt!r}; choose pt, npz or vllm-history")
+    return fmt
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from eplb.cli.bench import generated_trace
+    from eplb.workloads import PRESETS
+
+    if args.list:
+        rows = []
+        for name, shape in PRESETS.items():
+            rows.append([name, getattr(shape, "num_layers", "?"),
+                         getattr(shape, "num_experts", "?"), getattr(shape, "num_groups", "?"),
+                         getattr(shape, "top_k", "?")])
+        if args.json:
+            print_json({"presets": [dict(zip(["name", "layers", "experts", "groups", "top_k"],
+                                             r, strict=True)) for r in rows]})
+        else:
+            print_table("presets", ["preset", "layers", "experts", "groups", "top-k"], rows)
+        return 0
+    if not args.output:
+        raise CliError("generate needs -o FILE (or --list)")
+    if args.steps < 1:
+        raise CliError("--steps must be >= 1")
+    out = check_output(args.output, args.force)
+    if args.preset not in PRESETS:
+        raise CliError(f"unknown preset {args.preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    if not args.json:
+        info(f"generating {args.steps} steps of {args.preset} ...")
+    trace = generated_trace(args.preset, args.steps, args.seed)
+    fmt = write_trace(trace, out, args.format, args.force)
+    summary = {"output": str(out), "format": fmt, "preset": args.preset, "steps": trace.num_steps,
+               "layers": trace.num_layers, "experts": trace.num_experts, "seed": args.seed,
+               "layer_ids": list(trace.layer_ids)}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"wrote {out} ({fmt}): {trace.num_steps} steps × {trace.num_layers} layers × "
+              f"{trace.num_experts} experts")
+    return 0

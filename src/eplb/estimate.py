@@ -1,0 +1,429 @@
+"""Load estimators: turn the recent per-step history into the weight to plan the *next* window on.
+
+Engines plan on the plain sum of the last ``W`` recorded steps and then serve the next
+``I`` steps with that plan, so what matters is how well the estimate predicts the loads
+still to come. Every estimator here takes the recent history ``[T, L, E]`` (oldest step
+first) and the recording window ``W`` and returns an :class:`Estimate` whose ``weight``
+is in *window-sum units* (for a history whose steps are all equal it equals the sum of
+``W`` steps), so any estimator can stand in for the engines' window sum.
+
+Estimators (spec strings for :func:`make_estimator`):
+
+- ``"sum"`` (:class:`WindowSum`): the sum of the last ``W`` steps, exactly what vLLM and
+  SGLang plan on.
+- ``"ema:H"`` (:class:`ExponentialAverage`): recency-weighted mean of the last
+  ``max(W, 5 H)`` steps, step age ``a`` weighted ``0.5 ** (a / H)`` (half-life ``H``
+  steps), rescaled to ``W`` steps.
+- ``"robust:Z[:N]"`` (:class:`RobustMean`): split the last ``W`` steps into ``N``
+  sub-windows (default 4), per expert ``mean + Z * std`` of the sub-window rates. Experts
+  whose load fluctuates get headroom (more replicas); ``Z = 0`` is the window sum.
+- ``"multi:K[:M]"`` (:class:`MultiWindow`): plan against several recent windows at once.
+  The last ``M`` recording windows (default 1) are split into ``K`` scenario windows
+  ``[K, L, E]``; the estimate also carries candidate weights ``[C, L, E]`` (the last
+  window's sum, the mean over the scenarios, an EMA and mean + 1 std). A planner plans every
+  candidate and :func:`select_per_layer` keeps, per layer, the candidate plan with the
+  lowest *expected normalized max GPU load* over the scenarios (each scenario equally
+  likely; a layer's time is set by its most loaded GPU). Its plain ``weight`` is the
+  scenario mean, for planners that cannot use scenarios.
+
+Nothing here plans: the planner is applied by :mod:`eplb.online` and :mod:`eplb.simulate`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from eplb.placement import Placement
+
+__all__ = [
+    "ESTIMATORS",
+    "Estimate",
+    "Estimator",
+    "ExponentialAverage",
+    "MultiWindow",
+    "RobustMean",
+    "WindowSum",
+    "as_history",
+    "expected_max",
+    "make_estimator",
+    "select_per_layer",
+    "sum_steps",
+]
+
+
+def as_history(history: object, name: str = "history") -> torch.Tensor:
+    """Validate per-step counts and return them as a float ``[T, L, E]`` tensor.
+
+    Accepts a tensor/array ``[T, L, E]`` or ``[L, E]`` (one step), or an object with a
+    ``counts`` attribute (``eplb.formats.LoadTrace``). Float32/float64 input keeps its
+    dtype (long traces are large; no copy is made); integer input becomes float32 when
+    every count is below 2**24 (exact), else float64. Sums are taken in float64 downstream.
+    Raises on NaN/inf, negative counts, a wrong number of dimensions or an empty history.
+    """
+    counts = getattr(history, "counts", history)
+    if isinstance(counts, np.ndarray):
+        if counts.dtype.kind not in "biuf":
+            raise TypeError(f"{name} has numpy dtype {counts.dtype}; expected real or integer")
+        counts = torch.from_numpy(np.ascontiguousarray(counts))
+    elif isinstance(counts, (list, tuple)):
+        counts = torch.as_tensor(np.asarray(counts, dtype=np.float64))
+    if not isinstance(counts, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a tensor, array or LoadTrace of per-step counts [T, L, E]; "
+            f"got {type(history).__name__}"
+        )
+    if counts.is_complex():
+        raise TypeError(f"{name} has complex dtype {counts.dtype}")
+    if counts.dim() == 2:
+        counts = counts[None]
+    if counts.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape [steps, layers, experts] (or [layers, experts] for one "
+            f"step); got {counts.dim()} dimensions {tuple(counts.shape)}"
+        )
+    if 0 in counts.shape:
+        raise ValueError(f"{name} is empty: shape {tuple(counts.shape)}")
+    if counts.dtype == torch.bool:
+        counts = counts.to(torch.float32)
+    elif not counts.is_floating_point():
+        exact = int(counts.max()) < 2**24
+        counts = counts.to(torch.float32 if exact else torch.float64)
+    elif counts.dtype not in (torch.float32, torch.float64):
+        counts = counts.to(torch.float32)
+    # two cheap reductions instead of an elementwise isfinite: NaN/inf propagate into the sum
+    total = counts.sum()
+    if not bool(torch.isfinite(total)) or float(counts.min()) < 0:
+        bad = ~torch.isfinite(counts) | (counts < 0)
+        if bool(bad.any()):
+            t, layer, expert = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"{name}[{t}, {layer}, {expert}] is {float(counts[t, layer, expert])}; counts "
+                "must be finite and >= 0"
+            )
+    return counts
+
+
+@dataclass(frozen=True, eq=False)
+class Estimate:
+    """What an estimator returns.
+
+    Attributes:
+        weight: ``[L, E]`` float64, the load to plan on (window-sum units).
+        scenarios: ``[K, L, E]`` plausible next windows to evaluate plans on, or ``None``.
+        candidates: ``[C, L, E]`` weights worth planning on (``weight`` first), or ``None``.
+    """
+
+    weight: torch.Tensor
+    scenarios: torch.Tensor | None = None
+    candidates: torch.Tensor | None = None
+
+
+class Estimator(ABC):
+    """Turns per-step history ``[T, L, E]`` into the weight ``[L, E]`` to plan on."""
+
+    name: ClassVar[str]
+
+    def lookback(self, window: int) -> int:
+        """Steps of history this estimator reads when the recording window is ``window``."""
+        return window
+
+    @abstractmethod
+    def estimate(self, history: object, window: int | None = None) -> Estimate:
+        """Estimate from ``history [T, L, E]`` (oldest first).
+
+        ``window`` defaults to ``T`` and is capped at ``T``; the weight is in units of a
+        ``window``-step sum.
+        """
+
+    def __call__(self, history: object, window: int | None = None) -> torch.Tensor:
+        """Shortcut for ``estimate(history, window).weight`` (``[L, E]`` float64)."""
+        return self.estimate(history, window).weight
+
+    @property
+    def spec(self) -> str:
+        """The spec string :func:`make_estimator` turns back into this estimator."""
+        return self.name
+
+
+def _window(history: torch.Tensor, window: int | None) -> int:
+    if window is None:
+        return history.shape[0]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive integer number of steps, got {window!r}")
+    # a history shorter than the window (right after start-up) is all there is
+    return min(window, history.shape[0])
+
+
+def sum_steps(counts: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``[L, E]`` float64 sum over the steps of ``counts [T, L, E]``.
+
+    Float32 input is summed in float32 blocks of ``block`` steps (exact for integer
+    counts below 2**16 per step) and the blocks in float64: converting a whole window
+    to float64 first costs ~30x more on a CPU.
+    """
+    if counts.dtype == torch.float64:
+        return counts.sum(0)
+    total = torch.zeros(counts.shape[1:], dtype=torch.float64, device=counts.device)
+    for start in range(0, counts.shape[0], block):
+        total += counts[start:start + block].sum(0)
+    return total
+
+
+def _rates(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[K, L, E]`` float64 mean load per step of each chunk ``[t_k, L, E]``."""
+    return torch.stack([sum_steps(c) / c.shape[0] for c in chunks])
+
+
+@dataclass(frozen=True)
+class WindowSum(Estimator):
+    """Sum of the last ``window`` steps (what vLLM and SGLang plan on)."""
+
+    name: ClassVar[str] = "sum"
+
+    def estimate(self, history: object, window: int | None = None) -> Estimate:
+        counts = as_history(history)
+        w = _window(counts, window)
+        return Estimate(sum_steps(counts[-w:]))
+
+
+@dataclass(frozen=True)
+class ExponentialAverage(Estimator):
+    """Recency-weighted mean of recent steps, rescaled to ``window`` steps.
+
+    Step age ``a`` (0 = newest) has weight ``0.5 ** (a / half_life)`` over the last
+    ``max(window, 5 * half_life)`` steps (:meth:`lookback`; older steps would weigh < 3%);
+    the weighted mean per step is multiplied by ``window``, so a constant history gives
+    the window sum. A half-life longer than the window reaches back past it (the
+    Rebalancer keeps that much history).
+    """
+
+    half_life: float = 100.0
+    name: ClassVar[str] = "ema"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.half_life, (int, float)) and math.isfinite(self.half_life)
+                and self.half_life > 0):
+            raise ValueError(f"ema half-life must be a finite number > 0, got {self.half_life!r}")
+
+    @property
+    def spec(self) -> str:
+        return f"ema:{self.half_life:g}"
+
+    def lookback(self, window: int) -> int:
+        # five half-lives (older steps weigh < 3%), at least the window
+        return max(window, math.ceil(5 * self.half_life))
+
+    def weights(self, num_steps: int) -> torch.Tensor:
+        """``[num_steps]`` float64 step weights, oldest first, summing to ``num_steps``."""
+        age = torch.arange(num_steps - 1, -1, -1, dtype=torch.float64)
+        weight = torch.pow(0.5, age / self.half_life)
+        return weight * (num_steps / weight.sum())
+
+    def estimate(self, history: object, window: int | None = None) -> Estimate:
+        counts = as_history(history)
+        w = _window(counts, window)
+        recent = counts[-self.lookback(w):]
+        step_weight = self.weights(recent.shape[0]).to(recent.dtype)
+        # weighted mean per step (one matrix-vector product), in units of `w` steps
+        mean = torch.tensordot(step_weight, recent, dims=1).double() / recent.shape[0]
+        return Estimate(mean * w)
+
+
+@dataclass(frozen=True)
+class RobustMean(Estimator):
+    """``mean + z * std`` over ``num_chunks`` sub-windows of the last ``window`` steps.
+
+    Sub-window rates (load per step) are compared per expert; the result is rescaled to
+    ``window`` steps and clamped at 0. The std uses Bessel's correction (0 for one chunk).
+    """
+
+    z: float = 1.0
+    num_chunks: int = 4
+    name: ClassVar[str] = "robust"
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.z, (int, float)) and math.isfinite(self.z)):
+            raise ValueError(f"robust z must be a finite number, got {self.z!r}")
+        if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or \
+                self.num_chunks < 1:
+            raise ValueError(f"robust sub-window count must be an integer >= 1, "
+                             f"got {self.num_chunks!r}")
+
+    @property
+    def spec(self) -> str:
+        return f"robust:{self.z:g}:{self.num_chunks}"
+
+    def estimate(self, history: object, window: int | None = None) -> Estimate:
+        counts = as_history(history)
+        w = _window(counts, window)
+        recent = counts[-w:]
+        chunks = torch.tensor_split(recent, min(self.num_chunks, recent.shape[0]))
+        rates = _rates(chunks)
+        spread = rates.std(0, correction=1) if rates.shape[0] > 1 else torch.zeros_like(rates[0])
+        return Estimate(((rates.mean(0) + self.z * spread) * w).clamp(min=0))
+
+
+@dataclass(frozen=True)
+class MultiWindow(Estimator):
+    """Scenarios from several recent windows, plus candidate weights to choose among per layer.
+
+    The last ``num_spans * window`` steps are split into ``num_windows`` scenario windows,
+    each rescaled to ``window`` steps: ``scenarios [K, L, E]``. Candidate weights
+    ``[C, L, E]``: the scenario mean (also ``weight``), the last window's sum (the engine's
+    estimate), an EMA with half-life ``window / 4`` and the scenarios' mean + 1 std. Plan
+    each candidate and keep, per layer, the one minimising the expected normalized max
+    over the scenarios (:func:`select_per_layer`).
+    """
+
+    num_windows: int = 4
+    num_spans: int = 1
+    reduce: str = "mean"
+    name: ClassVar[str] = "multi"
+
+    def __post_init__(self) -> None:
+        for field_name in ("num_windows", "num_spans"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"multi {field_name} must be an integer >= 1, got {value!r}")
+        if self.reduce not in ("mean", "max"):
+            raise ValueError(f"multi reduce must be 'mean' or 'max', got {self.reduce!r}")
+
+    @property
+    def spec(self) -> str:
+        return f"multi:{self.num_windows}:{self.num_spans}"
+
+    def lookback(self, window: int) -> int:
+        return window * self.num_spans
+
+    def estimate(self, history: object, window: int | None = None) -> Estimate:
+        counts = as_history(history)
+        w = _window(counts, window)
+        recent = counts[-w * self.num_spans:]
+        chunks = torch.tensor_split(recent, min(self.num_windows, recent.shape[0]))
+        scenarios = _rates(chunks) * w  # [K, L, E], each in units of one window
+        mean = scenarios.mean(0)
+        spread = scenarios.std(0, correction=1) if len(chunks) > 1 else torch.zeros_like(mean)
+        span = recent.shape[0]
+        candidates = torch.stack([
+            mean,
+            sum_steps(counts[-w:]),
+            ExponentialAverage(max(span / 4, 1.0)).estimate(recent, w).weight,
+            mean + 0.5 * spread,
+        ])
+        return Estimate(mean, scenarios, candidates)
+
+
+ESTIMATORS: dict[str, type[Estimator]] = {
+    "sum": WindowSum,
+    "ema": ExponentialAverage,
+    "robust": RobustMean,
+    "multi": MultiWindow,
+}
+
+_ACCEPTED = "'sum', 'ema:HALF_LIFE', 'robust:Z[:SUBWINDOWS]', 'multi:K[:WINDOWS]'"
+
+
+def _number(spec: str, text: str, kind: Callable[[str], float | int]) -> float | int:
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(
+            f"estimator spec {spec!r}: {text!r} is not a valid {kind.__name__}; accepted specs: "
+            f"{_ACCEPTED}"
+        ) from None
+
+
+def make_estimator(spec: str | Estimator) -> Estimator:
+    """Build an estimator from a spec string (an :class:`Estimator` passes through).
+
+    Accepted: ``"sum"``, ``"ema:HALF_LIFE"`` (steps), ``"robust:Z"`` or
+    ``"robust:Z:SUBWINDOWS"``, ``"multi:K"`` or ``"multi:K:WINDOWS"``. Raises ``ValueError``
+    naming the accepted specs otherwise.
+    """
+    if isinstance(spec, Estimator):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(
+            f"estimator must be a spec string or an Estimator, got {type(spec).__name__}"
+        )
+    name, *args = spec.strip().split(":")
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {spec!r}; accepted specs: {_ACCEPTED}")
+    limits = {"sum": (0, 0), "ema": (1, 1), "robust": (1, 2), "multi": (1, 2)}
+    low, high = limits[name]
+    if not low <= len(args) <= high:
+        raise ValueError(f"estimator spec {spec!r} has {len(args)} arguments; accepted specs: "
+                         f"{_ACCEPTED}")
+    if name == "sum":
+        return WindowSum()
+    if name == "ema":
+        return ExponentialAverage(float(_number(spec, args[0], float)))
+    if name == "robust":
+        chunks = int(_number(spec, args[1], int)) if len(args) > 1 else 4
+        return RobustMean(float(_number(spec, args[0], float)), chunks)
+    spans = int(_number(spec, args[1], int)) if len(args) > 1 else 1
+    return MultiWindow(int(_number(spec, args[0], int)), spans)
+
+
+# --------------------------------------------------------------- scenario selection
+def expected_max(
+    placement: Placement, scenarios: torch.Tensor, reduce: str = "mean"
+) -> torch.Tensor:
+    """``[L]`` expected normalized max GPU load of ``placement`` over ``scenarios [K, L, E]``.
+
+    Per scenario and layer: max live-GPU load / mean live-GPU load (1 is perfect; an
+    all-zero layer counts as 1). ``reduce`` = ``"mean"`` averages over scenarios (each
+    equally likely), ``"max"`` takes the worst.
+    """
+    live = placement.live_gpus()
+    ratios = []
+    for scenario in scenarios:
+        loads = placement.gpu_loads(scenario)[:, live]
+        mean, peak = loads.mean(1), loads.max(1).values
+        ratios.append(torch.where(mean > 0, peak / mean.clamp(min=1e-300), torch.ones_like(mean)))
+    stacked = torch.stack(ratios)
+    return stacked.mean(0) if reduce == "mean" else stacked.max(0).values
+
+
+def select_per_layer(
+    candidates: Sequence[Placement], scenarios: torch.Tensor, reduce: str = "mean"
+) -> Placement:
+    """Per layer, keep the candidate plan with the lowest :func:`expected_max` over ``scenarios``.
+
+    Args:
+        candidates: placements of the same shape, topology, policy and dead GPUs.
+        scenarios: ``[K, L, E]`` loads to evaluate every candidate on.
+        reduce: ``"mean"`` (expected max) or ``"max"`` (worst case).
+
+    Returns:
+        A placement whose layer ``l`` is layer ``l`` of the winning candidate (ties go to the
+        earliest candidate). Each layer of a valid placement is valid on its own, so the
+        result is valid whenever the candidates are.
+    """
+    if not candidates:
+        raise ValueError("select_per_layer needs at least one candidate placement")
+    first = candidates[0]
+    for i, cand in enumerate(candidates):
+        if cand.phy2log.shape != first.phy2log.shape or cand.topology != first.topology:
+            raise ValueError(
+                f"candidate {i} has phy2log {tuple(cand.phy2log.shape)} on {cand.topology}; "
+                f"candidate 0 has {tuple(first.phy2log.shape)} on {first.topology}"
+            )
+    if len(candidates) == 1:
+        return first
+    scores = torch.stack([expected_max(c, scenarios, reduce) for c in candidates])  # [C, L]
+    best = scores.argmin(0)  # first minimum on ties
+    phy2log = torch.stack([c.phy2log for c in candidates])  # [C, L, R]
+    layers = torch.arange(first.num_layers, device=best.device)
+    chosen = phy2log[best, layers]
+    policies = {c.policy for c in candidates}
+    policy = first.policy if len(policies) == 1 else "global"
+    return Placement.from_phy2log(chosen, first.num_experts, first.topology, policy,
+                                  first.active_gpus)

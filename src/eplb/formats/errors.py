@@ -1,0 +1,19 @@
+"""The one error type of :mod:`eplb.formats`."""
+
+from __future__ import annotations
+
+from os import PathLike
+
+__all__ = ["FormatError"]
+
+
+class FormatError(ValueError):
+    """A file is malformed or of an unknown kind.
+
+    The message names the file, what was expected and what was found. ``path`` keeps
+    the offending file for callers that want to report it themselves.
+    """
+
+    def __init__(self, path: str | PathLike[str], message: str) -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {message}")

@@ -1,0 +1,198 @@
+"""Streaming reader for vLLM-recorded load history (the ADRS benchmark format).
+
+The file is ``{"load_history": [{"logical_expert_load": [[E numbers] x L]}, ...], ...}``,
+one entry per step, and reaches hundreds of MB. Python's ``json.load`` would build a
+list of lists of boxed numbers for the whole file (~30 bytes per number); here the
+file is read in chunks and each entry is decoded on its own (``raw_decode``) and
+copied straight into a preallocated float64 buffer, so the only large allocation is
+the result itself. Untouched pages of an over-sized buffer cost no resident memory,
+so the step-count estimate can be generous without ever copying the result.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import re
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from eplb.formats._files import byte_progress
+from eplb.formats.errors import FormatError
+
+__all__ = ["read_vllm_history"]
+
+_CHUNK = 8 << 20
+_WS = re.compile(r"[ \t\r\n]*")
+
+
+class _JsonStream:
+    """Incremental JSON tokenizer over a file: whitespace, single chars and whole values."""
+
+    def __init__(self, handle: IO[bytes], path: Path, advance: Any) -> None:
+        self.handle = handle
+        self.path = path
+        self.advance = advance
+        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.json = json.JSONDecoder()
+        self.buf = ""
+        self.pos = 0
+        self.offset = 0  # characters dropped from the front of buf so far
+        self.eof = False
+
+    def fill(self) -> None:
+        """Read more; grow the read with the pending text so huge values stay linear."""
+        size = max(_CHUNK, len(self.buf) - self.pos)
+        data = self.handle.read(size)
+        self.advance(len(data))
+        if not data:
+            self.eof = True
+        try:
+            text = self.decoder.decode(data, final=not data)
+        except UnicodeDecodeError as exc:
+            raise FormatError(self.path, f"is not UTF-8 text: {exc}") from None
+        self.offset += self.pos
+        self.buf = self.buf[self.pos :] + text
+        self.pos = 0
+
+    def peek(self) -> str:
+        """The next non-blank character ('' at the end of the file)."""
+        while True:
+            self.pos = _WS.match(self.buf, self.pos).end()
+            if self.pos < len(self.buf) or self.eof:
+                return self.buf[self.pos : self.pos + 1]
+            self.fill()
+
+    def expect(self, chars: str, where: str) -> str:
+        found = self.peek()
+        if not found or found not in chars:
+            shown = repr(found) if found else "the end of the file"
+            raise FormatError(
+                self.path,
+                f"malformed JSON at character {self.offset + self.pos}: expected "
+                f"{' or '.join(repr(c) for c in chars)} {where}, found {shown}",
+            )
+        self.pos += 1
+        return found
+
+    def value(self, where: str) -> Any:
+        """Decode one whole JSON value, reading more of the file while it is cut off."""
+        while True:
+            self.peek()
+            try:
+                obj, end = self.json.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as exc:
+                if not self.eof:
+                    self.fill()
+                    continue
+                raise FormatError(
+                    self.path,
+                    f"malformed JSON {where} at character {self.offset + exc.pos}: {exc.msg}",
+                ) from None
+            if end == len(self.buf) and not self.eof:  # a number may continue in the next chunk
+                self.fill()
+                continue
+            self.pos = end
+            return obj
+
+
+def read_vllm_history(path: Path, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
+    """Stream ``path`` into ``(counts [T, L, E] float64, meta)``.
+
+    ``meta`` holds the other top-level keys of the file when they are small scalars.
+    Peak memory is the result plus a few chunks of text (see the module docstring).
+    """
+    size = path.stat().st_size
+    meta: dict[str, Any] = {}
+    out: np.ndarray | None = None
+    num_steps = 0
+    seen_history = False
+    with open(path, "rb") as handle, byte_progress(progress, size, f"reading {path.name}") as adv:
+        stream = _JsonStream(handle, path, adv)
+        stream.expect("{", "at the start of a vLLM load-history file")
+        if stream.peek() == "}":
+            stream.pos += 1
+        else:
+            while True:
+                key = stream.value("(an object key)")
+                if not isinstance(key, str):
+                    raise FormatError(
+                        path, f"expected a string key at the top level, found {key!r}"
+                    )
+                stream.expect(":", f"after key {key!r}")
+                if key == "load_history":
+                    seen_history = True
+                    out, num_steps = _read_entries(stream, path, size)
+                else:
+                    other = stream.value(f"in the value of {key!r}")
+                    if isinstance(other, (int, float, str, bool)) or other is None:
+                        meta[key] = other
+                if stream.expect(",}", "between top-level entries") == "}":
+                    break
+        if stream.peek():
+            raise FormatError(
+                path,
+                "unexpected text after the closing brace at character "
+                f"{stream.offset + stream.pos}",
+            )
+    if not seen_history:
+        raise FormatError(path, "expected a top-level 'load_history' list, found none")
+    if out is None or num_steps == 0:
+        raise FormatError(path, "'load_history' is empty: expected at least one step")
+    return out[:num_steps], meta
+
+
+def _read_entries(stream: _JsonStream, path: Path, size: int) -> tuple[np.ndarray | None, int]:
+    stream.expect("[", "to open 'load_history'")
+    if stream.peek() == "]":
+        stream.pos += 1
+        return None, 0
+    out: np.ndarray | None = None
+    step = 0
+    while True:
+        start = stream.offset + stream.pos
+        entry = stream.value(f"in load_history[{step}]")
+        load = entry.get("logical_expert_load") if isinstance(entry, dict) else entry
+        if load is None:
+            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise FormatError(
+                path, f"load_history[{step}] has no 'logical_expert_load' (found keys {found})"
+            )
+        try:
+            arr = np.asarray(load, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise FormatError(
+                path,
+                f"load_history[{step}].logical_expert_load is not a rectangular [layers][experts] "
+                f"array of numbers: {exc}",
+            ) from None
+        if arr.ndim == 1:
+            arr = arr[None]
+        if out is None:
+            if arr.ndim != 2 or arr.size == 0:
+                raise FormatError(
+                    path,
+                    f"load_history[0].logical_expert_load has shape {arr.shape}; expected "
+                    "[layers][experts]",
+                )
+            per_entry = max(stream.offset + stream.pos - start, 1)
+            capacity = int(size / per_entry * 1.25) + 4  # unused pages are never touched
+            out = np.empty((capacity, *arr.shape), dtype=np.float64)
+        elif arr.shape != out.shape[1:]:
+            raise FormatError(
+                path,
+                f"load_history[{step}].logical_expert_load has shape {arr.shape}, but step 0 has "
+                f"{out.shape[1:]}",
+            )
+        if not np.isfinite(arr).all() or (arr < 0).any():
+            raise FormatError(path, f"load_history[{step}] holds a negative, NaN or infinite load")
+        if step == out.shape[0]:
+            grown = np.empty((int(step * 1.5) + 4, *out.shape[1:]), dtype=np.float64)
+            grown[:step] = out
+            out = grown
+        out[step] = arr
+        step += 1
+        if stream.expect(",]", f"after load_history[{step - 1}]") == "]":
+            return out, step

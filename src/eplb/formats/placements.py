@@ -1,0 +1,470 @@
+"""Placement files: eplb's own JSON and .pt, SGLang's ``--init-expert-location`` JSON and
+TensorRT-LLM's load-balancer YAML. ``write_placement`` writes them, ``read_placement``
+reads every one of them back.
+
+Engine constraints honoured here (read from the engines' sources):
+
+- SGLang passes the file's dict to ``ExpertLocationMetadata.init_by_mapping(**data)``,
+  so its JSON must hold the single key ``physical_to_logical_map`` ``[L][R]`` covering
+  **all** the model's layers. No topology fits in it: reading it back needs ``num_gpus=``.
+- TensorRT-LLM's ``MoeLoadBalancerConfig`` takes ``num_slots``, ``layer_updates_per_iter``
+  (0 = static placement) and ``initial_global_assignments {layer: [num_slots ints]}``
+  keyed by the model's own layer index; ``num_slots % ep_size == 0``. eplb adds a YAML
+  comment line with the topology, which TensorRT-LLM ignores and ``read_placement`` uses.
+- Neither engine can express an empty slot, so placements with dead GPUs (``-1`` slots)
+  are refused for ``"sglang"``/``"trtllm"``; eplb's JSON/.pt keep them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from eplb.formats._files import atomic_write, check_writable
+from eplb.formats.detect import _load_pt, sniff_container
+from eplb.formats.errors import FormatError
+from eplb.placement import Placement, PlacementError, Topology
+
+__all__ = ["EMITS", "PLACEMENT_FORMAT", "read_placement", "read_placement_meta", "write_placement"]
+
+#: Placement formats ``write_placement`` can emit.
+EMITS: tuple[str, ...] = ("json", "pt", "sglang", "trtllm")
+#: Tag in eplb's own placement files, and its version.
+PLACEMENT_FORMAT = "eplb.placement"
+PLACEMENT_FORMAT_VERSION = 1
+
+_TRT_COMMENT = re.compile(r"^#\s*eplb-topology:\s*(\{.*\})\s*$", re.M)
+
+
+def _eplb_version() -> str:
+    import eplb
+
+    return getattr(eplb, "__version__", "unknown")
+
+
+# ------------------------------------------------------------------------------ writing
+def write_placement(
+    placement: Placement,
+    path: str | PathLike[str],
+    emit: str = "json",
+    *,
+    weight: Any = None,
+    layer_ids: Sequence[int] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``placement`` to ``path`` in the ``emit`` format; return the path.
+
+    Args:
+        placement: the plan; it must pass ``validate(anti_affinity=False)``.
+        emit: ``"json"`` (eplb's own: phy2log, topology, policy, active GPUs, layer ids,
+            per-layer balancedness and ceiling when ``weight`` is given, versions),
+            ``"pt"`` (the same as a ``torch.save`` dict of tensors, load with
+            ``weights_only=True``), ``"sglang"`` (``--init-expert-location`` JSON) or
+            ``"trtllm"`` (load-balancer YAML).
+        weight: ``[L, E]`` loads (or a :class:`~eplb.formats.LoadTrace`, summed over steps)
+            to record balancedness (json/pt only).
+        layer_ids: ``[L]`` the model layer of each placement row (default ``0..L-1``).
+            ``"trtllm"`` keys its assignments by them. ``"sglang"`` needs a row for every
+            model layer ``0..max(layer_ids)``: rows not in ``layer_ids`` (dense layers)
+            get SGLang's own trivial map ``slot % E``, which the engine accepts and never
+            uses for routing. To control those rows, plan all layers (all-zero loads for
+            dense ones) and leave ``layer_ids`` out.
+        force: overwrite an existing file (otherwise ``FileExistsError``).
+
+    Raises:
+        ValueError: unknown ``emit``, bad ``layer_ids``, an invalid placement, or dead
+            GPUs for an engine format.
+        FileExistsError: ``path`` exists and ``force`` is false.
+    """
+    path = Path(path)
+    if emit not in EMITS:
+        raise ValueError(f"unknown emit {emit!r}; expected one of {', '.join(EMITS)}")
+    if not isinstance(placement, Placement):
+        raise TypeError(f"placement must be an eplb.Placement, got {type(placement).__name__}")
+    placement = placement.to("cpu")
+    placement.validate(anti_affinity=False)
+    ids = _layer_ids(layer_ids, placement.num_layers)
+    check_writable(path, force)
+    if emit in ("sglang", "trtllm") and bool((placement.phy2log < 0).any()):
+        dead = (~placement.live_gpus()).nonzero().flatten().tolist()
+        raise ValueError(
+            f"{emit} cannot express empty slots, but GPUs {dead} are dead (their slots hold -1). "
+            "Plan for the live GPUs only (a smaller topology) before emitting an engine "
+            "format, or use emit='json'/'pt' which keep dead GPUs"
+        )
+    if emit == "sglang":
+        doc = {"physical_to_logical_map": _sglang_rows(placement, ids)}
+        atomic_write(path, lambda f: _dump_json_rows(doc, f), "w")
+    elif emit == "trtllm":
+        text = _trtllm_text(placement, ids, layer_ids is not None)
+        atomic_write(path, lambda f: f.write(text), "w")
+    else:
+        record = _eplb_record(placement, ids if layer_ids is not None else None, weight)
+        if emit == "json":
+            atomic_write(path, lambda f: _dump_json_rows(record, f), "w")
+        else:
+            tensors = dict(record)
+            tensors["phy2log"] = placement.phy2log.clone()
+            if placement.active_gpus is not None:
+                tensors["active_gpus"] = placement.active_gpus.to(torch.bool).clone()
+            for name in ("layer_balancedness", "layer_ceiling"):
+                if tensors.get(name) is not None:
+                    tensors[name] = torch.tensor(tensors[name], dtype=torch.float64)
+            atomic_write(path, lambda f: torch.save(tensors, f), "wb")
+    return path
+
+
+def _layer_ids(layer_ids: Sequence[int] | None, num_layers: int) -> list[int]:
+    if layer_ids is None:
+        return list(range(num_layers))
+    ids = [int(i) for i in layer_ids]
+    if len(ids) != num_layers:
+        raise ValueError(f"layer_ids has {len(ids)} entries; the placement has {num_layers} layers")
+    if len(set(ids)) != len(ids) or min(ids) < 0:
+        raise ValueError(f"layer_ids must be distinct non-negative layer indices, got {ids}")
+    return ids
+
+
+def _dump_json_rows(doc: dict[str, Any], handle: Any) -> None:
+    """JSON with one line per placement row: diff-friendly and still compact."""
+    parts = []
+    for k, v in doc.items():
+        if isinstance(v, list) and v and isinstance(v[0], list):
+            rows = ",\n    ".join(json.dumps(row, separators=(",", ":")) for row in v)
+            parts.append(f"  {json.dumps(k)}: [\n    {rows}\n  ]")
+        else:
+            parts.append(f"  {json.dumps(k)}: {json.dumps(v)}")
+    handle.write("{\n" + ",\n".join(parts) + "\n}\n")
+
+
+def _sglang_rows(placement: Placement, ids: list[int]) -> list[list[int]]:
+    num_rows = max(ids) + 1
+    slots = torch.arange(placement.topology.num_replicas)
+    full = (slots % placement.num_experts).repeat(num_rows, 1)  # SGLang's init_trivial
+    full[torch.tensor(ids)] = placement.phy2log
+    return full.tolist()
+
+
+def _topology_comment(placement: Placement, ids: list[int] | None) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        **placement.topology.as_dict(),
+        "policy": placement.policy,
+        "num_experts": placement.num_experts,
+    }
+    if ids is not None:
+        info["layer_ids"] = ids
+    return info
+
+
+def _trtllm_text(placement: Placement, ids: list[int], ids_given: bool) -> str:
+    import yaml
+
+    rows = placement.phy2log.tolist()
+    doc = {
+        "num_slots": placement.topology.num_replicas,
+        "layer_updates_per_iter": 0,
+        "initial_global_assignments": {lid: row for lid, row in zip(ids, rows, strict=True)},
+    }
+    info = json.dumps(_topology_comment(placement, None), separators=(",", ":"))
+    header = (
+        f"# TensorRT-LLM MoE load-balancer config written by eplb {_eplb_version()} "
+        f"(static placement, ep_size={placement.topology.num_gpus})\n"
+        f"# eplb-topology: {info}\n"
+    )
+    return header + yaml.safe_dump(doc, default_flow_style=None, sort_keys=False, width=1 << 16)
+
+
+def _as_weight_matrix(weight: Any, placement: Placement) -> torch.Tensor:
+    from eplb.formats.trace import LoadTrace
+    from eplb.inputs import as_weight
+
+    if isinstance(weight, LoadTrace):
+        weight = weight.total()
+    w, _ = as_weight(weight)
+    w = w.to(torch.float64).cpu()
+    if w.shape != (placement.num_layers, placement.num_experts):
+        raise ValueError(
+            f"weight has shape {tuple(w.shape)}; the placement needs "
+            f"[{placement.num_layers}, {placement.num_experts}]"
+        )
+    return w
+
+
+def _ceiling(w: torch.Tensor, placement: Placement) -> tuple[list[float], float] | None:
+    """Per-layer and overall balancedness ceiling from :mod:`eplb.bounds`, if it is available."""
+    try:
+        from eplb.bounds import balancedness_ceiling, layer_ceiling
+    except ImportError:
+        return None
+    topo = placement.topology
+    args: dict[str, Any] = {
+        **topo.as_dict(),
+        "policy": placement.policy,
+    }
+    if placement.active_gpus is not None and not bool(placement.active_gpus.all()):
+        args["active_gpus"] = placement.active_gpus.to(torch.bool)
+    per_layer = torch.as_tensor(layer_ceiling(w, **args)).flatten()
+    overall = float(balancedness_ceiling(w, **args))
+    return [float(x) for x in per_layer], overall
+
+
+def _eplb_record(placement: Placement, ids: list[int] | None, weight: Any) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "format": PLACEMENT_FORMAT,
+        "format_version": PLACEMENT_FORMAT_VERSION,
+        "eplb_version": _eplb_version(),
+        "topology": placement.topology.as_dict(),
+        "policy": placement.policy,
+        "num_layers": placement.num_layers,
+        "num_experts": placement.num_experts,
+        "layer_ids": ids,
+        "active_gpus": None
+        if placement.active_gpus is None
+        else [bool(x) for x in placement.active_gpus.tolist()],
+        "balancedness": None,
+        "layer_balancedness": None,
+        "ceiling": None,
+        "layer_ceiling": None,
+    }
+    if weight is not None:
+        w = _as_weight_matrix(weight, placement)
+        record["balancedness"] = placement.balancedness(w)
+        record["layer_balancedness"] = [float(x) for x in placement.layer_balancedness(w)]
+        ceiling = _ceiling(w, placement)
+        if ceiling is not None:
+            record["layer_ceiling"], record["ceiling"] = ceiling
+    record["phy2log"] = placement.phy2log.tolist()
+    return record
+
+
+# ------------------------------------------------------------------------------ reading
+def read_placement(
+    path: str | PathLike[str],
+    *,
+    num_gpus: int | None = None,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    num_experts: int | None = None,
+    policy: str | None = None,
+) -> Placement:
+    """Read a placement written by :func:`write_placement` (any emit) or by hand for an engine.
+
+    eplb's JSON/.pt carry their topology. TensorRT-LLM YAML written by eplb carries it in
+    a comment; a plain engine file (SGLang JSON, foreign YAML) needs ``num_gpus=`` (and
+    ``num_nodes``/``num_groups`` for hierarchical checks). ``num_experts`` defaults to the
+    largest expert id + 1 (every expert holds a slot). ``policy`` defaults to the
+    file's, else ``"global"``. The result is validated (``anti_affinity=False``).
+
+    Raises:
+        FormatError: malformed file, unknown content, or a placement that breaks the
+            contract (the message names the file and the violation).
+        ValueError: ``num_gpus`` is needed and missing.
+    """
+    placement, _meta = read_placement_meta(
+        path,
+        num_gpus=num_gpus,
+        num_nodes=num_nodes,
+        num_groups=num_groups,
+        num_experts=num_experts,
+        policy=policy,
+    )
+    return placement
+
+
+def read_placement_meta(
+    path: str | PathLike[str],
+    *,
+    num_gpus: int | None = None,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    num_experts: int | None = None,
+    policy: str | None = None,
+) -> tuple[Placement, dict[str, Any]]:
+    """Like :func:`read_placement`, plus the file's metadata: ``format`` (the emit name),
+    ``layer_ids`` (``None`` when the file does not say) and, for eplb files, the recorded
+    balancedness and versions."""
+    path = Path(path)
+    kind = sniff_container(path)
+    if kind == "json":
+        doc = _load_json_doc(path)
+    elif kind in ("pt-zip", "pt-pickle"):
+        doc = _load_pt(path)
+    elif kind == "yaml":
+        return _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy)
+    elif kind == "dir":
+        raise FormatError(path, "is a folder; expected a placement file")
+    else:
+        raise FormatError(
+            path,
+            f"expected a placement (eplb .json/.pt, SGLang .json, TensorRT-LLM .yaml), found "
+            f"{kind} content",
+        )
+    if not isinstance(doc, dict):
+        raise FormatError(path, f"expected a JSON object / dict, found {type(doc).__name__}")
+    if doc.get("format") == PLACEMENT_FORMAT:
+        return _read_eplb(path, doc, kind, policy)
+    if "physical_to_logical_map" in doc:
+        rows = _int_rows(path, doc["physical_to_logical_map"], "physical_to_logical_map")
+        topo = _topology(path, rows.shape[1], num_gpus, num_nodes, num_groups, "SGLang")
+        placement = _build(path, rows, num_experts, topo, policy or "global", None)
+        return placement, {"format": "sglang", "layer_ids": None}
+    if "initial_global_assignments" in doc or "moe_config" in doc:
+        return _read_trtllm_doc(path, doc, "", num_gpus, num_nodes, num_groups, num_experts, policy)
+    if "logical_count" in doc or "load_history" in doc:
+        raise FormatError(
+            path, "holds load statistics, not a placement; use eplb.formats.read_loads"
+        )
+    raise FormatError(
+        path,
+        f"expected a placement ('format': '{PLACEMENT_FORMAT}', 'physical_to_logical_map' or "
+        f"'initial_global_assignments'), found keys {sorted(map(str, doc))}",
+    )
+
+
+def _load_json_doc(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(path, f"malformed JSON: {exc}") from None
+
+
+def _int_rows(path: Path, value: Any, what: str) -> torch.Tensor:
+    try:
+        rows = torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise FormatError(
+            path, f"{what} is not a rectangular [layers][slots] table: {exc}"
+        ) from None
+    if rows.dim() != 2 or rows.numel() == 0 or rows.is_floating_point() or rows.dtype == torch.bool:
+        raise FormatError(
+            path, f"{what} must be integer [layers][slots]; found {rows.dtype} {tuple(rows.shape)}"
+        )
+    return rows.to(torch.int64)
+
+
+def _topology(
+    path: Path, num_slots: int, num_gpus: int | None, num_nodes: int, num_groups: int, engine: str
+) -> Topology:
+    if num_gpus is None:
+        raise ValueError(
+            f"{path}: a {engine} placement does not record the number of GPUs; pass num_gpus= "
+            f"(the EP size; {num_slots} slots must divide evenly)"
+        )
+    try:
+        return Topology(num_slots, num_gpus, num_nodes, num_groups)
+    except ValueError as exc:
+        raise FormatError(path, f"does not fit the given topology: {exc}") from None
+
+
+def _build(
+    path: Path,
+    rows: torch.Tensor,
+    num_experts: int | None,
+    topo: Topology,
+    policy: str,
+    active: torch.Tensor | None,
+) -> Placement:
+    if num_experts is None:
+        num_experts = int(rows.max()) + 1
+    try:
+        placement = Placement.from_phy2log(rows, num_experts, topo, policy, active)
+        placement.validate(anti_affinity=False)
+    except (PlacementError, ValueError) as exc:
+        raise FormatError(path, f"invalid placement: {exc}") from None
+    return placement
+
+
+def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
+    version = doc.get("format_version")
+    if not isinstance(version, int) or version > PLACEMENT_FORMAT_VERSION:
+        raise FormatError(
+            path,
+            f"eplb placement format_version {version!r} is not supported (this eplb reads up to "
+            f"{PLACEMENT_FORMAT_VERSION}); upgrade eplb",
+        )
+    for name in ("topology", "num_experts", "phy2log"):
+        if name not in doc:
+            raise FormatError(path, f"eplb placement lacks the field {name!r}")
+    try:
+        topo = Topology(**doc["topology"])
+    except (TypeError, ValueError) as exc:
+        raise FormatError(path, f"bad topology {doc['topology']!r}: {exc}") from None
+    rows = _int_rows(path, doc["phy2log"], "phy2log")
+    active = doc.get("active_gpus")
+    if active is not None:
+        active = torch.as_tensor(active).to(torch.bool)
+    placement = _build(
+        path, rows, int(doc["num_experts"]), topo, policy or doc.get("policy", "global"), active
+    )
+    meta = {k: v for k, v in doc.items() if k not in ("phy2log", "active_gpus")}
+    meta["format"] = "json" if kind == "json" else "pt"
+    for k, v in meta.items():
+        if isinstance(v, torch.Tensor):
+            meta[k] = v.tolist()
+    return placement, meta
+
+
+def _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy):
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise FormatError(path, f"malformed YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise FormatError(path, f"expected a YAML mapping, found {type(doc).__name__}")
+    return _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_experts, policy)
+
+
+def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_experts, policy):
+    # a full LLM-API config nests the balancer under moe_config.load_balancer
+    if "initial_global_assignments" not in doc and isinstance(doc.get("moe_config"), dict):
+        doc = doc["moe_config"].get("load_balancer") or {}
+    assignments = doc.get("initial_global_assignments") if isinstance(doc, dict) else None
+    if not isinstance(assignments, dict) or not assignments:
+        raise FormatError(
+            path, "expected TensorRT-LLM 'initial_global_assignments: {layer: [slots]}', found none"
+        )
+    try:
+        ids = sorted(int(k) for k in assignments)
+        rows_by_id = {int(k): v for k, v in assignments.items()}
+    except (TypeError, ValueError):
+        raise FormatError(
+            path,
+            f"initial_global_assignments keys must be layer indices, found {list(assignments)[:5]}",
+        ) from None
+    num_slots = doc.get("num_slots")
+    lengths = {len(v) if isinstance(v, list) else -1 for v in rows_by_id.values()}
+    if len(lengths) != 1 or -1 in lengths:
+        raise FormatError(
+            path, f"initial_global_assignments rows must be lists of one length, found {lengths}"
+        )
+    width = lengths.pop()
+    if num_slots is not None and num_slots != width:
+        raise FormatError(
+            path, f"num_slots is {num_slots} but the assignment lists have {width} entries"
+        )
+    rows = _int_rows(path, [rows_by_id[i] for i in ids], "initial_global_assignments")
+    info: dict[str, Any] = {}
+    match = _TRT_COMMENT.search(text)
+    if match:
+        try:
+            info = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            info = {}
+    if num_gpus is None and "num_gpus" in info:
+        num_gpus = int(info["num_gpus"])
+        num_nodes = int(info.get("num_nodes", num_nodes))
+        num_groups = int(info.get("num_groups", num_groups))
+    if num_experts is None and "num_experts" in info:
+        num_experts = int(info["num_experts"])
+    topo = _topology(path, width, num_gpus, num_nodes, num_groups, "TensorRT-LLM")
+    placement = _build(path, rows, num_experts, topo, policy or info.get("policy", "global"), None)
+    return placement, {"format": "trtllm", "layer_ids": ids}

@@ -1,0 +1,471 @@
+"""``read_loads``: every engine's load statistics into one :class:`LoadTrace`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Sequence
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplb.formats._files import import_safetensors_torch
+from eplb.formats.detect import (
+    FORMATS,
+    TOPK_KEY_PATTERN,
+    _load_pt,
+    detect_format,
+    sniff_container,
+)
+from eplb.formats.errors import FormatError
+from eplb.formats.history import read_vllm_history
+from eplb.formats.routing import topk_to_counts
+from eplb.formats.trace import LoadTrace, first_bad_load
+
+__all__ = ["read_loads"]
+
+_CONTAINERS = {
+    "npy": ("npy",),
+    "npz": ("npz",),
+    "pt": ("pt-zip", "pt-pickle"),
+    "safetensors": ("safetensors",),
+    "json": ("json",),
+    "csv": ("csv", "unknown"),
+}
+_RANK_FILE = re.compile(r"^rank(\d+)\.safetensors$")
+_ITER_LAYER = re.compile(r"^(\d+)_(\d+)$")
+_LAYER_HEADERS = {"layer", "layer_id", "layer_idx", "layer_index", "layers"}
+
+
+def read_loads(
+    path: str | PathLike[str],
+    format: str | None = None,
+    progress: bool = False,
+    *,
+    key: str | None = None,
+    tokens_per_step: int | None = None,
+    num_experts: int | None = None,
+    layer_ids: Sequence[int] | None = None,
+) -> LoadTrace:
+    """Read expert-load statistics of any supported engine into a :class:`LoadTrace`.
+
+    The format is detected from the content (:func:`detect_format`); ``format=`` (one of
+    :data:`FORMATS`) forces it. Supported:
+
+    - ``"sglang"``: SGLang's recorder dump (``.pt`` dict with ``logical_count`` int
+      ``[buffer, L, E]`` or ``[L, E]``) or ``--init-expert-location`` JSON
+      ``{"logical_count": [L][E] or [T][L][E]}``. Rows are the model's layers (dense
+      layers are all-zero rows); see :meth:`LoadTrace.drop_empty_layers`.
+    - ``"sglang-per-pass"``: SGLang ``per_pass``/``per_token`` dump ``{"records": [...],
+      "last_physical_to_logical_map": [L, R]}``: each record's ``global_physical_count``
+      ``[L, R]`` is mapped to logical experts through the map; one step per
+      ``forward_pass_id``. A folder of such dumps (one per rank) is summed over ranks.
+    - ``"trtllm"``: TensorRT-LLM statistics folder (``meta_info.json`` +
+      ``rank{r}.safetensors`` with ``"{iter}_{layer}"`` -> ``[E]`` counts), summed over
+      ranks; one step per iteration, ``layer_ids`` = the layer indices found. A single
+      ``rank{r}.safetensors`` file reads that rank alone.
+    - ``"vllm-history"``: ``{"load_history": [{"logical_expert_load": [L][E]}, ...]}``,
+      streamed (memory ~ the result; ``progress=True`` shows a bar on stderr).
+    - ``"topk"``: per-token top-k ids ``[tokens, L, k]`` (npz/pt/safetensors/npy; arrays
+      whose key matches ``topk``/``selected_experts``/... are auto-detected). By default
+      each id array is one step (a whole batch); ``tokens_per_step=n`` cuts each array
+      into windows of ``n`` tokens (the last one may be shorter). ``num_experts``
+      defaults to the largest id + 1.
+    - plain tensors ``[L, E]`` or ``[T, L, E]``: ``"pt"``, ``"npy"``, ``"npz"``,
+      ``"safetensors"``, ``"json"`` (nested lists), ``"csv"`` (one row per layer, optional
+      header; a first header cell ``layer`` makes the first column the layer ids).
+
+    Args:
+        key: which array of a multi-array container (npz, dict .pt, safetensors) to read.
+        layer_ids: override the layer ids of the rows (e.g. ``range(3, 61)``).
+
+    Raises:
+        FormatError: the file is malformed, of an unknown kind, or not load statistics;
+            the message names the file, what was expected and what was found.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if format is None:
+        fmt = detect_format(path)
+    elif format in FORMATS:
+        fmt = format
+    else:
+        raise ValueError(f"unknown load format {format!r}; expected one of {', '.join(FORMATS)}")
+
+    if fmt == "vllm-history":
+        _require_container(path, fmt, ("json",))
+        counts_np, meta = read_vllm_history(path, progress)
+        trace = LoadTrace(torch.from_numpy(counts_np), None, str(path), fmt, meta)
+    elif fmt == "sglang":
+        trace = _read_sglang(path)
+    elif fmt == "sglang-per-pass":
+        trace = _read_sglang_per_pass(path, num_experts)
+    elif fmt == "trtllm":
+        trace = _read_trtllm(path)
+    elif fmt == "topk":
+        segments = _topk_segments(path, key)
+        counts, meta = topk_to_counts(segments, path, num_experts, tokens_per_step)
+        trace = LoadTrace(counts, None, str(path), fmt, meta)
+    else:
+        _require_container(path, fmt, _CONTAINERS[fmt])
+        counts, found_ids, meta = _read_plain(path, fmt, key)
+        trace = LoadTrace(counts, found_ids, str(path), fmt, meta)
+
+    if layer_ids is not None:
+        ids = [int(i) for i in layer_ids]
+        if len(ids) != trace.num_layers:
+            raise ValueError(
+                f"layer_ids has {len(ids)} entries but {path} holds {trace.num_layers} layers"
+            )
+        trace = LoadTrace(trace.counts, ids, trace.source, trace.format, trace.meta)
+    return trace
+
+
+# --------------------------------------------------------------------------- helpers
+def _require_container(path: Path, fmt: str, kinds: tuple[str, ...]) -> None:
+    kind = sniff_container(path)
+    if kind not in kinds:
+        raise FormatError(path, f"format {fmt!r} expects a {kinds[0]} file, found {kind} content")
+
+
+def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
+    """A number array (tensor, ndarray, nested list) as a tensor, or a FormatError."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise FormatError(path, f"{what} has dtype {value.dtype}; expected numbers")
+        return torch.from_numpy(np.ascontiguousarray(value))
+    try:
+        return torch.from_numpy(np.asarray(value, dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        raise FormatError(
+            path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
+        ) from None
+
+
+def _as_counts(value: Any, path: Path, what: str) -> torch.Tensor:
+    """``[E]``, ``[L, E]`` or ``[T, L, E]`` numbers -> checked ``[T, L, E]`` float64."""
+    tensor = _to_tensor(value, path, what)
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise FormatError(path, f"{what} has dtype {tensor.dtype}; expected real numbers")
+    if tensor.dim() not in (1, 2, 3) or tensor.numel() == 0:
+        raise FormatError(
+            path,
+            f"{what} has shape {tuple(tensor.shape)}; expected [layers, experts] or "
+            "[steps, layers, experts]",
+        )
+    while tensor.dim() < 3:
+        tensor = tensor[None]
+    tensor = tensor.to(torch.float64)
+    idx = first_bad_load(tensor)
+    if idx is not None:
+        raise FormatError(
+            path, f"{what}{list(idx)} is {float(tensor[idx])}; loads must be finite and >= 0"
+        )
+    return tensor
+
+
+# ---------------------------------------------------------------------------- SGLang
+def _read_sglang(path: Path) -> LoadTrace:
+    kind = sniff_container(path)
+    if kind == "json":
+        obj = _load_json(path)
+    elif kind in ("pt-zip", "pt-pickle"):
+        obj = _load_pt(path)
+    else:
+        raise FormatError(
+            path, f"format 'sglang' expects a .json or .pt file, found {kind} content"
+        )
+    if not isinstance(obj, dict) or "logical_count" not in obj:
+        found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise FormatError(path, f"expected a dict with key 'logical_count', found {found}")
+    counts = _as_counts(obj["logical_count"], path, "logical_count")
+    meta = {k: v for k, v in obj.items() if k != "logical_count" and _is_scalar(v)}
+    # the recorder's circular buffer keeps all-zero rows for steps it never filled
+    meta["empty_steps"] = int((counts.sum((1, 2)) == 0).sum())
+    return LoadTrace(counts, None, str(path), "sglang", meta)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float, str, bool))
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise FormatError(path, f"malformed JSON: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"is not UTF-8 text: {exc}") from None
+
+
+def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
+    files = sorted(path.glob("expert_distribution_recorder_*.pt")) if path.is_dir() else [path]
+    if not files:
+        raise FormatError(path, "expected expert_distribution_recorder_*.pt dumps, found none")
+    passes: dict[int, torch.Tensor] = {}
+    ranks: list[int] = []
+    for file in files:
+        obj = _load_pt(file)
+        if (
+            not isinstance(obj, dict)
+            or "records" not in obj
+            or ("last_physical_to_logical_map" not in obj)
+        ):
+            found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+            raise FormatError(
+                file,
+                "expected an SGLang per-pass dump {'records': [...], "
+                f"'last_physical_to_logical_map': [L, R]}}, found {found}",
+            )
+        phys_map = _to_tensor(
+            obj["last_physical_to_logical_map"], file, "last_physical_to_logical_map"
+        )
+        if phys_map.dim() != 2 or phys_map.is_floating_point() or phys_map.numel() == 0:
+            raise FormatError(
+                file,
+                f"last_physical_to_logical_map must be an integer [layers, slots] array, found "
+                f"{phys_map.dtype} {tuple(phys_map.shape)}",
+            )
+        phys_map = phys_map.to(torch.int64)
+        num_e = int(phys_map.max()) + 1 if num_experts is None else num_experts
+        if int(phys_map.min()) < 0 or int(phys_map.max()) >= num_e:
+            raise FormatError(file, f"last_physical_to_logical_map holds ids outside [0, {num_e})")
+        records = obj["records"]
+        if not isinstance(records, list):
+            raise FormatError(file, f"'records' must be a list, found {type(records).__name__}")
+        for i, record in enumerate(records):
+            if not isinstance(record, dict) or "global_physical_count" not in record:
+                raise FormatError(file, f"records[{i}] has no 'global_physical_count'")
+            phys = _to_tensor(
+                record["global_physical_count"], file, f"records[{i}].global_physical_count"
+            )
+            if phys.shape != phys_map.shape:
+                raise FormatError(
+                    file,
+                    f"records[{i}].global_physical_count has shape {tuple(phys.shape)}; expected "
+                    f"{tuple(phys_map.shape)} like last_physical_to_logical_map",
+                )
+            logical = torch.zeros(phys_map.shape[0], num_e, dtype=torch.float64)
+            logical.scatter_add_(1, phys_map, phys.to(torch.float64))
+            pass_id = int(record.get("forward_pass_id", i))
+            passes[pass_id] = passes[pass_id] + logical if pass_id in passes else logical
+            if "rank" in record and int(record["rank"]) not in ranks:
+                ranks.append(int(record["rank"]))
+    if not passes:
+        raise FormatError(path, "the dump holds no records (no forward pass was recorded)")
+    ids = sorted(passes)
+    shapes = {passes[i].shape for i in ids}
+    if len(shapes) > 1:
+        raise FormatError(path, f"the dumps disagree on [layers, experts]: {sorted(shapes)}")
+    counts = _as_counts(torch.stack([passes[i] for i in ids]), path, "logical counts")
+    meta = {
+        "forward_pass_ids": ids,
+        "ranks": sorted(ranks),
+        "files": [f.name for f in files],
+        "note": "slots mapped with SGLang's *last* physical_to_logical_map; passes recorded "
+        "before a rebalance are mapped approximately",
+    }
+    return LoadTrace(counts, None, str(path), "sglang-per-pass", meta)
+
+
+# ------------------------------------------------------------------------ TensorRT-LLM
+def _read_trtllm(path: Path) -> LoadTrace:
+    st = import_safetensors_torch()
+    meta: dict[str, Any] = {}
+    if path.is_dir():
+        info_path = path / "meta_info.json"
+        if not info_path.is_file():
+            raise FormatError(path, "expected a TensorRT-LLM statistics folder with meta_info.json")
+        info = _load_json(info_path)
+        if not isinstance(info, dict) or not isinstance(info.get("num_experts"), int):
+            raise FormatError(
+                info_path,
+                f"expected {{'num_experts': E, 'num_experts_per_token': k}}, found {info!r}",
+            )
+        meta.update({k: v for k, v in info.items() if _is_scalar(v)})
+        files = sorted(
+            (int(m.group(1)), p) for p in path.iterdir() if (m := _RANK_FILE.match(p.name))
+        )
+        if not files:
+            raise FormatError(
+                path, "expected rank{r}.safetensors files next to meta_info.json, found none"
+            )
+    else:
+        m = _RANK_FILE.match(path.name)
+        files = [(int(m.group(1)) if m else 0, path)]
+    num_experts = meta.get("num_experts")
+    total: dict[tuple[int, int], torch.Tensor] = {}
+    for _rank, file in files:
+        try:
+            tensors = st.load_file(str(file))
+        except Exception as exc:  # safetensors raises its own error types
+            raise FormatError(file, f"not a readable safetensors file: {exc}") from None
+        for name, data in tensors.items():
+            m = _ITER_LAYER.match(name)
+            if m is None:
+                raise FormatError(file, f"expected keys '{{iter}}_{{layer}}', found {name!r}")
+            if data.dim() != 1 or data.is_floating_point():
+                raise FormatError(
+                    file,
+                    f"{name!r} must be an integer [experts] vector, found {data.dtype} "
+                    f"{tuple(data.shape)}",
+                )
+            if num_experts is None:
+                num_experts = data.shape[0]
+            if data.shape[0] != num_experts:
+                raise FormatError(
+                    file, f"{name!r} has {data.shape[0]} experts; expected {num_experts}"
+                )
+            key = (int(m.group(1)), int(m.group(2)))
+            total[key] = (
+                total[key] + data.to(torch.float64) if key in total else data.to(torch.float64)
+            )
+    if not total:
+        raise FormatError(path, "the statistics hold no '{iter}_{layer}' entries")
+    iters = sorted({i for i, _ in total})
+    layers = sorted({layer for _, layer in total})
+    missing = [(i, layer) for i in iters for layer in layers if (i, layer) not in total]
+    if missing:
+        raise FormatError(
+            path, f"{len(missing)} (iteration, layer) entries are missing, e.g. {missing[:3]}"
+        )
+    counts = torch.stack([torch.stack([total[(i, layer)] for layer in layers]) for i in iters])
+    meta.update({"iterations": iters, "ranks": [r for r, _ in files]})
+    return LoadTrace(_as_counts(counts, path, "counts"), layers, str(path), "trtllm", meta)
+
+
+# --------------------------------------------------------------------------- top-k ids
+def _topk_segments(path: Path, key: str | None) -> list[tuple[str, torch.Tensor]]:
+    arrays = _named_arrays(path)
+    if key is not None:
+        if key not in arrays:
+            raise FormatError(path, f"has no array {key!r}; it holds {sorted(arrays)}")
+        return [(key, arrays[key])]
+    if len(arrays) == 1:
+        return list(arrays.items())
+    chosen = [(k, v) for k, v in arrays.items() if TOPK_KEY_PATTERN.search(k)]
+    if not chosen:
+        raise FormatError(
+            path,
+            f"expected top-k id arrays (keys like '*topk_ids'), found {sorted(arrays)}; pass key=",
+        )
+    return chosen
+
+
+def _named_arrays(path: Path) -> dict[str, torch.Tensor]:
+    """Every array of an npz / npy / .pt / safetensors container, by name, in file order."""
+    kind = sniff_container(path)
+    if kind == "npz":
+        with np.load(path) as archive:
+            return {k: _to_tensor(archive[k], path, k) for k in archive.files}
+    if kind == "npy":
+        return {path.stem: _to_tensor(np.load(path), path, path.name)}
+    if kind == "safetensors":
+        st = import_safetensors_torch()
+        try:
+            return dict(st.load_file(str(path)))
+        except Exception as exc:  # safetensors raises its own error types
+            raise FormatError(path, f"not a readable safetensors file: {exc}") from None
+    if kind in ("pt-zip", "pt-pickle"):
+        obj = _load_pt(path)
+        if isinstance(obj, dict):
+            return {
+                str(k): _to_tensor(v, path, str(k))
+                for k, v in obj.items()
+                if isinstance(v, (torch.Tensor, np.ndarray, list))
+            }
+        return {path.stem: _to_tensor(obj, path, path.name)}
+    raise FormatError(
+        path, f"expected an array container (.npz, .npy, .pt, .safetensors), found {kind} content"
+    )
+
+
+# ---------------------------------------------------------------------- plain tensors
+def _pick(arrays: dict[str, Any], path: Path, key: str | None) -> tuple[str, Any]:
+    if key is not None:
+        if key not in arrays:
+            raise FormatError(path, f"has no array {key!r}; it holds {sorted(arrays)}")
+        return key, arrays[key]
+    if len(arrays) == 1:
+        return next(iter(arrays.items()))
+    raise FormatError(
+        path,
+        f"holds {len(arrays)} arrays {sorted(arrays)}; expected one [L, E] or [T, L, E] "
+        "array, pass key= to choose",
+    )
+
+
+def _read_plain(
+    path: Path, fmt: str, key: str | None
+) -> tuple[torch.Tensor, list[int] | None, dict[str, Any]]:
+    if fmt == "csv":
+        counts, ids = _read_csv(path)
+        return counts, ids, {}
+    if fmt == "json":
+        obj = _load_json(path)
+        if isinstance(obj, dict):
+            name, value = _pick(obj, path, key)
+            return _as_counts(value, path, name), None, {"key": name}
+        return _as_counts(obj, path, "the JSON array"), None, {}
+    arrays = _named_arrays(path)
+    if key is None and set(arrays) == {"counts", "layer_ids"}:  # written by write_loads
+        ids = [int(i) for i in arrays["layer_ids"].flatten().tolist()]
+        return _as_counts(arrays["counts"], path, "counts"), ids, {"key": "counts"}
+    name, value = _pick(arrays, path, key)
+    return _as_counts(value, path, name), None, {"key": name}
+
+
+def _read_csv(path: Path) -> tuple[torch.Tensor, list[int] | None]:
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = [
+                [cell.strip() for cell in row]
+                for row in csv.reader(handle)
+                if row and any(c.strip() for c in row) and not row[0].lstrip().startswith("#")
+            ]
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"is not UTF-8 text: {exc}") from None
+    if not rows:
+        raise FormatError(path, "expected CSV rows of expert loads (one row per layer), found none")
+    header = None
+    if not all(_is_number(c) for c in rows[0]):
+        header, rows = rows[0], rows[1:]
+    layer_col = header is not None and header[0].lower() in _LAYER_HEADERS
+    if not rows:
+        raise FormatError(path, "has a header but no data rows")
+    width = len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise FormatError(
+                path,
+                f"CSV row {i + 1 + (header is not None)} has {len(row)} cells; expected {width}",
+            )
+        for j, cell in enumerate(row):
+            if not _is_number(cell):
+                raise FormatError(
+                    path,
+                    f"CSV row {i + 1 + (header is not None)} column {j + 1} is {cell!r}; "
+                    "expected a number",
+                )
+    values = np.array([[float(c) for c in row] for row in rows], dtype=np.float64)
+    ids = None
+    if layer_col:
+        ids = [int(v) for v in values[:, 0]]
+        values = values[:, 1:]
+    return _as_counts(values, path, "the CSV table"), ids
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True

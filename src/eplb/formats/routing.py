@@ -1,0 +1,96 @@
+"""Per-token routing traces (top-k expert ids) to per-step expert counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from eplb.formats.errors import FormatError
+
+__all__ = ["topk_to_counts"]
+
+
+def topk_to_counts(
+    segments: list[tuple[str, torch.Tensor]],
+    path: Path,
+    num_experts: int | None = None,
+    tokens_per_step: int | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Count top-k ids into ``(counts [T, L, E] float64, meta)``.
+
+    Args:
+        segments: ``(name, ids [tokens, L, k])`` arrays in order (e.g. one per batch or
+            task); ids ``< 0`` are padding and are not counted.
+        num_experts: ``E``; inferred as the largest id + 1 when ``None``.
+        tokens_per_step: window size. ``None`` makes every segment one step (a whole
+            batch is what one engine iteration sees); otherwise each segment is cut into
+            windows of that many consecutive tokens, the last window possibly shorter.
+            Windows never straddle two segments.
+
+    ``meta`` records ``segments`` (name, first step, steps), ``step_tokens`` [T] and ``top_k``.
+    """
+    if tokens_per_step is not None and (
+        isinstance(tokens_per_step, bool)
+        or not isinstance(tokens_per_step, int)
+        or tokens_per_step < 1
+    ):
+        raise ValueError(
+            f"tokens_per_step must be a positive integer or None, got {tokens_per_step!r}"
+        )
+    if not segments:
+        raise FormatError(path, "expected at least one top-k id array, found none")
+    shape = None
+    largest = -1
+    for name, ids in segments:
+        if ids.dim() != 3 or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise FormatError(
+                path,
+                f"top-k ids {name!r} must be an integer array [tokens, layers, k]; found "
+                f"{ids.dtype} with shape {tuple(ids.shape)}",
+            )
+        if shape is None:
+            shape = ids.shape[1:]
+        elif ids.shape[1:] != shape:
+            raise FormatError(
+                path,
+                f"top-k ids {name!r} has [layers, k] = {tuple(ids.shape[1:])}, but "
+                f"{segments[0][0]!r} has {tuple(shape)}",
+            )
+        if ids.numel():
+            largest = max(largest, int(ids.max()))
+    num_layers, top_k = shape
+    if num_experts is None:
+        if largest < 0:
+            raise FormatError(path, "top-k ids hold no expert id (all padding); pass num_experts=")
+        num_experts = largest + 1
+    elif largest >= num_experts:
+        raise FormatError(path, f"top-k ids reach expert {largest}, but num_experts={num_experts}")
+
+    steps: list[torch.Tensor] = []
+    step_tokens: list[int] = []
+    seg_meta = []
+    for name, ids in segments:
+        tokens = ids.shape[0]
+        window = tokens if tokens_per_step is None else tokens_per_step
+        num_windows = max(-(-tokens // max(window, 1)), 1)
+        seg_meta.append({"name": name, "first_step": len(step_tokens), "steps": num_windows})
+        for w in range(num_windows):
+            step_tokens.append(min(window, tokens - w * window) if tokens else 0)
+        # one bincount per segment: flat index (window, layer, expert)
+        ids64 = ids.to(torch.int64)
+        live = ids64 >= 0
+        win = (torch.arange(tokens) // max(window, 1))[:, None, None]
+        layer = torch.arange(num_layers)[None, :, None]
+        flat = (win * num_layers + layer) * num_experts + ids64.clamp(min=0)
+        counts = torch.bincount(flat[live], minlength=num_windows * num_layers * num_experts).view(
+            num_windows, num_layers, num_experts
+        )
+        steps.append(counts.to(torch.float64))
+    meta = {
+        "top_k": int(top_k),
+        "segments": seg_meta,
+        "step_tokens": step_tokens,
+        "tokens_per_step": tokens_per_step,
+    }
+    return torch.cat(steps), meta

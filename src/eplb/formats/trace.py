@@ -1,0 +1,133 @@
+"""``LoadTrace``: expert loads over time, the common result of every load reader."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+__all__ = ["LoadTrace", "first_bad_load"]
+
+
+def first_bad_load(loads: torch.Tensor) -> tuple[int, ...] | None:
+    """Index of the first NaN, infinite or negative entry of ``loads``, or ``None``.
+
+    The common all-good case costs one min/max pass and no temporary: ``torch.isfinite``
+    on float64 would allocate a copy as large as a multi-GB trace.
+    """
+    if loads.numel() == 0:
+        return None
+    lo, hi = torch.aminmax(loads)
+    lo, hi = float(lo), float(hi)  # NaN propagates through min/max
+    if math.isfinite(lo) and math.isfinite(hi) and lo >= 0:
+        return None
+    bad = ~torch.isfinite(loads) | (loads < 0)
+    return tuple(int(i) for i in bad.nonzero()[0])
+
+
+@dataclass(frozen=True)
+class LoadTrace:
+    """Routed-token counts per step, layer and expert.
+
+    Attributes:
+        counts: ``[T, L, E]`` float64 loads; ``T`` steps (recording windows, iterations,
+            or token windows), ``L`` MoE layers, ``E`` logical experts.
+        layer_ids: ``[L]`` the model's own layer index of each row (e.g. DeepSeek-V3's
+            MoE layers are 3..60). Defaults to ``range(L)``.
+        source: where the trace came from (a path, or a generator description).
+        format: the format name it was read from (one of :data:`eplb.formats.FORMATS`,
+            or e.g. ``"synthetic"``).
+        meta: format-specific extras (top-k, rank count, iteration ids, ...).
+    """
+
+    counts: torch.Tensor
+    layer_ids: list[int] | None = None
+    source: str = ""
+    format: str = "tensor"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        counts = torch.as_tensor(self.counts)
+        if counts.dim() != 3:
+            raise ValueError(
+                f"LoadTrace.counts must have shape [steps, layers, experts]; got "
+                f"{tuple(counts.shape)}"
+            )
+        if counts.is_complex() or counts.dtype == torch.bool:
+            raise TypeError(f"LoadTrace.counts has dtype {counts.dtype}; expected real numbers")
+        counts = counts.to(torch.float64)
+        bad = first_bad_load(counts)
+        if bad is not None:
+            raise ValueError(
+                f"LoadTrace.counts{list(bad)} is {float(counts[bad])}; "
+                "loads must be finite and >= 0"
+            )
+        num_layers = counts.shape[1]
+        ids = (
+            list(range(num_layers)) if self.layer_ids is None else [int(i) for i in self.layer_ids]
+        )
+        if len(ids) != num_layers:
+            raise ValueError(
+                f"LoadTrace.layer_ids has {len(ids)} entries but counts has {num_layers} layers"
+            )
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"LoadTrace.layer_ids has duplicates: {ids}")
+        object.__setattr__(self, "counts", counts)
+        object.__setattr__(self, "layer_ids", ids)
+        object.__setattr__(self, "meta", dict(self.meta))
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_steps(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.counts.shape[2]
+
+    # ------------------------------------------------------------- reductions
+    def total(self) -> torch.Tensor:
+        """``[L, E]`` loads summed over all steps (what a one-shot planner wants)."""
+        return self.counts.sum(0)
+
+    def windows(self, steps_per_window: int) -> LoadTrace:
+        """Sum consecutive steps into windows of ``steps_per_window`` (the last may be shorter).
+
+        This is the ADRS protocol's "sum 100 steps per window".
+        """
+        if (
+            isinstance(steps_per_window, bool)
+            or not isinstance(steps_per_window, int)
+            or (steps_per_window < 1)
+        ):
+            raise ValueError(
+                f"steps_per_window must be a positive integer, got {steps_per_window!r}"
+            )
+        num_windows = -(-self.num_steps // steps_per_window)
+        window = torch.arange(self.num_steps, device=self.counts.device) // steps_per_window
+        out = self.counts.new_zeros(num_windows, self.num_layers, self.num_experts)
+        out.index_add_(0, window, self.counts)
+        meta = {**self.meta, "steps_per_window": steps_per_window}
+        return replace(self, counts=out, meta=meta)
+
+    def select_layers(self, layer_ids: Sequence[int]) -> LoadTrace:
+        """Keep the rows of the given model layer ids, in the given order."""
+        where = {lid: row for row, lid in enumerate(self.layer_ids)}
+        missing = [lid for lid in layer_ids if lid not in where]
+        if missing:
+            raise ValueError(f"layer ids {missing} are not in this trace (it has {self.layer_ids})")
+        rows = torch.tensor([where[lid] for lid in layer_ids], dtype=torch.int64)
+        return replace(self, counts=self.counts[:, rows], layer_ids=list(layer_ids))
+
+    def drop_empty_layers(self) -> LoadTrace:
+        """Drop layers with no load in any step (e.g. DeepSeek's dense layers 0-2 in SGLang)."""
+        keep = self.counts.sum((0, 2)) > 0
+        ids = [lid for lid, k in zip(self.layer_ids, keep.tolist(), strict=True) if k]
+        return replace(self, counts=self.counts[:, keep], layer_ids=ids)

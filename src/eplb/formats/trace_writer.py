@@ -1,0 +1,65 @@
+"""``write_loads``: save a :class:`LoadTrace` so that :func:`read_loads` reads it back."""
+
+from __future__ import annotations
+
+import json
+from os import PathLike
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplb.formats._files import atomic_write, check_writable
+from eplb.formats.trace import LoadTrace
+
+__all__ = ["TRACE_EMITS", "write_loads"]
+
+#: Formats ``write_loads`` can write (each is a ``read_loads`` format).
+TRACE_EMITS: tuple[str, ...] = ("pt", "npz", "vllm-history", "sglang")
+
+
+def write_loads(
+    trace: LoadTrace, path: str | PathLike[str], format: str = "pt", *, force: bool = False
+) -> Path:
+    """Write ``trace.counts [T, L, E]`` to ``path``; return the path.
+
+    ``"pt"`` / ``"npz"`` keep ``counts`` and ``layer_ids`` (``read_loads`` restores both);
+    ``"vllm-history"`` (ADRS JSON, written step by step) and ``"sglang"``
+    (``{"logical_count": [T][L][E]}``) are the engines' own layouts and drop the layer ids.
+    Integer-valued counts are stored as integers. Refuses to overwrite unless ``force``.
+    """
+    path = Path(path)
+    if format not in TRACE_EMITS:
+        raise ValueError(f"cannot write loads as {format!r}; expected one of {TRACE_EMITS}")
+    if not isinstance(trace, LoadTrace):
+        raise TypeError(f"trace must be an eplb.formats.LoadTrace, got {type(trace).__name__}")
+    check_writable(path, force)
+    counts = trace.counts.cpu()
+    whole = counts.numel() == 0 or float(counts.max()) < 2**53
+    if whole and bool((counts == counts.round()).all()):
+        counts = counts.to(torch.int64)
+    layer_ids = torch.tensor(trace.layer_ids, dtype=torch.int64)
+    if format == "pt":
+        payload = {"counts": counts, "layer_ids": layer_ids}
+        atomic_write(path, lambda f: torch.save(payload, f), "wb")
+    elif format == "npz":
+        atomic_write(
+            path, lambda f: np.savez(f, counts=counts.numpy(), layer_ids=layer_ids.numpy()), "wb"
+        )
+    elif format == "sglang":
+        doc = {"logical_count": counts.tolist()}
+        atomic_write(path, lambda f: json.dump(doc, f), "w")
+    else:
+        atomic_write(path, lambda f: _write_history(counts, f), "w")
+    return path
+
+
+def _write_history(counts: torch.Tensor, handle: Any) -> None:
+    """One step at a time, so a long trace never exists as one Python list."""
+    handle.write('{"load_history": [')
+    for t in range(counts.shape[0]):
+        if t:
+            handle.write(", ")
+        handle.write(json.dumps({"logical_expert_load": counts[t].tolist()}))
+    handle.write("]}\n")

@@ -1,0 +1,347 @@
+"""Online rebalancing: a stateful :class:`Rebalancer` fed step by step, as an engine would.
+
+An engine records per-step expert counts ``[L, E]``; every ``interval`` steps it plans on
+the last ``window`` recorded steps and switches to the new placement (vLLM: window 1000,
+interval 3000; SGLang: 1000 / 1000). :class:`Rebalancer` reproduces that cadence with any
+estimator (:mod:`eplb.estimate`) and any planner:
+
+- ``"eplb"``: :func:`eplb.plan` (with ``previous=`` the placement in force when
+  ``incremental=True``, plus ``max_moves`` / ``skip_threshold``);
+- ``"greedy"``: DeepSeek's reference greedy (:func:`eplb.baselines.plan_greedy`);
+- ``"none"``: never rebalance: the static :func:`trivial_placement`;
+- any callable ``(weight [L, E], previous: Placement | None) -> Placement``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from eplb.estimate import Estimate, Estimator, as_history, make_estimator, select_per_layer
+from eplb.placement import Placement, Topology
+
+__all__ = [
+    "PLANNERS",
+    "PlannerFn",
+    "RebalanceEvent",
+    "Rebalancer",
+    "make_planner",
+    "plan_estimate",
+    "trivial_placement",
+]
+
+PlannerFn = Callable[[torch.Tensor, "Placement | None"], Placement]
+PLANNERS = ("eplb", "greedy", "none")
+
+
+def trivial_placement(
+    num_experts: int,
+    num_layers: int,
+    topology: Topology,
+    active_gpus: object = None,
+) -> Placement:
+    """The static placement engines start from: live slot ``i`` holds expert ``i % E``.
+
+    This is SGLang's ``init_trivial`` layout: the first ``E`` slots hold experts
+    ``0..E-1`` contiguously and the ``R - E`` redundant slots replicate experts
+    ``0, 1, ...`` again. Slots of dead GPUs (``active_gpus`` False) hold ``-1``.
+    Raises ``ValueError`` when there are fewer live slots than experts.
+    """
+    slots = topology.slots_per_gpu
+    if active_gpus is None:
+        live_slot = torch.ones(topology.num_replicas, dtype=torch.bool)
+        active = None
+    else:
+        active = torch.as_tensor(active_gpus, dtype=torch.bool)
+        if active.shape != (topology.num_gpus,):
+            raise ValueError(f"active_gpus must have shape [{topology.num_gpus}], got "
+                             f"{tuple(active.shape)}")
+        live_slot = active.repeat_interleave(slots)
+    num_live = int(live_slot.sum())
+    if num_live < num_experts:
+        raise ValueError(
+            f"{num_live} live slots cannot hold {num_experts} experts (num_replicas="
+            f"{topology.num_replicas}, active GPUs {num_live // slots}/{topology.num_gpus})"
+        )
+    row = torch.full((topology.num_replicas,), -1, dtype=torch.int64)
+    row[live_slot] = torch.arange(num_live) % num_experts
+    return Placement.from_phy2log(row.repeat(num_layers, 1), num_experts, topology, "global",
+                                  active)
+
+
+def make_planner(
+    planner: str | PlannerFn,
+    topology: Topology,
+    *,
+    incremental: bool = False,
+    max_moves: int | None = None,
+    skip_threshold: float | None = None,
+    active_gpus: object = None,
+    **plan_options: Any,
+) -> PlannerFn:
+    """Resolve ``planner`` into a function ``(weight [L, E], previous) -> Placement``.
+
+    ``incremental`` (``"eplb"`` only) forwards ``previous``, ``max_moves`` and
+    ``skip_threshold`` to :func:`eplb.plan`; otherwise planning starts from scratch.
+    A callable is returned unchanged (it receives ``previous`` and decides itself).
+    """
+    if callable(planner):
+        return planner
+    if planner not in PLANNERS:
+        raise ValueError(f"unknown planner {planner!r}; accepted: {', '.join(PLANNERS)} or a "
+                         "callable (weight [L, E], previous) -> Placement")
+    topo = topology
+    if planner != "eplb" and (incremental or max_moves is not None or skip_threshold is not None):
+        raise ValueError(f"incremental/max_moves/skip_threshold need planner 'eplb', got "
+                         f"{planner!r}")
+    if planner == "eplb":
+        from eplb.api import plan
+
+        def eplb_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
+            extra: dict[str, Any] = {}
+            if incremental and previous is not None:
+                extra = {"previous": previous, "max_moves": max_moves,
+                         "skip_threshold": skip_threshold}
+            return plan(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,
+                        topo.num_groups, active_gpus=active_gpus, **plan_options, **extra)
+
+        return eplb_planner
+    if active_gpus is not None:
+        raise ValueError(f"planner {planner!r} does not support active_gpus; use 'eplb'")
+    if planner == "greedy":
+        from eplb.baselines import plan_greedy
+
+        def greedy_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
+            return plan_greedy(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,
+                               topo.num_groups, **plan_options)
+
+        return greedy_planner
+
+    def static_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
+        return trivial_placement(weight.shape[-1], weight.shape[0], topo)
+
+    return static_planner
+
+
+def _tile(previous: Placement | None, copies: int) -> Placement | None:
+    if previous is None or copies == 1:
+        return previous
+    return Placement.from_phy2log(previous.phy2log.repeat(copies, 1), previous.num_experts,
+                                  previous.topology, previous.policy, previous.active_gpus)
+
+
+def plan_estimate(
+    estimate: Estimate,
+    planner: PlannerFn,
+    previous: Placement | None = None,
+    *,
+    keep: Placement | None = None,
+    batch: bool = True,
+    reduce: str = "mean",
+) -> Placement:
+    """Plan on an :class:`~eplb.estimate.Estimate`.
+
+    Without scenarios this is ``planner(estimate.weight, previous)``. With scenarios every
+    candidate weight is planned (one planner call on the candidates stacked as
+    ``[C * L, E]`` when ``batch`` and there is no ``previous``; planners treat layers
+    independently), ``keep`` (the placement in force; keeping a layer costs no moves)
+    joins the candidates, and :func:`~eplb.estimate.select_per_layer` keeps the best per
+    layer.
+    """
+    if estimate.scenarios is None or estimate.candidates is None:
+        return planner(estimate.weight, previous)
+    cands = estimate.candidates
+    num_cands, num_layers, num_experts = cands.shape
+    if batch and previous is None:
+        stacked = planner(cands.reshape(num_cands * num_layers, num_experts), None)
+        rows = stacked.phy2log.view(num_cands, num_layers, -1)
+        plans = [Placement.from_phy2log(r, num_experts, stacked.topology, stacked.policy,
+                                        stacked.active_gpus) for r in rows]
+    else:
+        plans = [planner(c, previous) for c in cands]
+    if keep is not None:
+        plans.append(keep)
+    return select_per_layer(plans, estimate.scenarios, reduce)
+
+
+@dataclass(frozen=True, eq=False)
+class RebalanceEvent:
+    """One rebalance: at ``step`` (steps recorded so far) the plan took ``plan_seconds``.
+
+    ``moved_slots [L]``: slots whose expert changed versus the placement before (all
+    zero when there was none before or nothing changed).
+    """
+
+    step: int
+    plan_seconds: float
+    moved_slots: torch.Tensor
+    changed: bool
+
+
+class Rebalancer:
+    """Record per-step counts and rebalance on the engine's cadence.
+
+    Args:
+        num_replicas, num_gpus, num_nodes, num_groups: the cluster (see :class:`Topology`).
+        window: recording window ``W``: plans use the last ``W`` steps.
+        interval: rebalance every ``I`` recorded steps (after steps ``I, 2I, ...``).
+        estimator: spec string or :class:`~eplb.estimate.Estimator` (default ``"sum"``).
+        planner: ``"eplb"``, ``"greedy"``, ``"none"`` or a callable ``(weight, previous)``
+            (a callable always receives the placement in force, ``None`` before the first).
+        incremental: pass the placement in force to :func:`eplb.plan` (``previous=``) with
+            ``max_moves`` and ``skip_threshold``.
+        active_gpus: ``[P]`` bool of live GPUs (``"eplb"`` planner only).
+        initial: the placement in force before the first rebalance (default ``None``:
+            ``placement`` is ``None`` until then).
+        plan_options: extra keyword arguments for the planner (e.g. ``policy``, ``seed``).
+
+    The history is a ring buffer holding the last ``max(window, estimator.lookback(window))``
+    steps (``window`` for every estimator except ``multi:K:M``), stored as float32
+    (per-step counts are integers; sums are taken in float64).
+    """
+
+    def __init__(
+        self,
+        num_replicas: int,
+        num_gpus: int,
+        num_nodes: int = 1,
+        num_groups: int = 1,
+        *,
+        window: int = 1000,
+        interval: int = 3000,
+        estimator: str | Estimator = "sum",
+        planner: str | PlannerFn = "eplb",
+        incremental: bool = False,
+        max_moves: int | None = None,
+        skip_threshold: float | None = None,
+        active_gpus: object = None,
+        initial: Placement | None = None,
+        **plan_options: Any,
+    ) -> None:
+        self.topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+        for name, value in (("window", window), ("interval", interval)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer number of steps, "
+                                 f"got {value!r}")
+        self.window = window
+        self.interval = interval
+        self.estimator = make_estimator(estimator)
+        self.planner_name = planner if isinstance(planner, str) else getattr(
+            planner, "__name__", "callable")
+        self.planner = make_planner(planner, self.topology, incremental=incremental,
+                                    max_moves=max_moves, skip_threshold=skip_threshold,
+                                    active_gpus=active_gpus, **plan_options)
+        self.incremental = incremental
+        # a user's callable always sees the placement in force; built-ins only when incremental
+        self._pass_previous = incremental or callable(planner)
+        self.capacity = max(window, self.estimator.lookback(window))
+        if initial is not None and initial.topology != self.topology:
+            raise ValueError(f"initial placement is for {initial.topology}, the rebalancer "
+                             f"for {self.topology}")
+        self._placement = initial
+        self._buffer: torch.Tensor | None = None  # [capacity, L, E] float32 ring
+        self._next = 0  # ring write position
+        self.steps = 0  # steps recorded so far
+        self.events: list[RebalanceEvent] = []
+
+    # ------------------------------------------------------------------ state
+    @property
+    def placement(self) -> Placement | None:
+        """The placement in force (``None`` before the first rebalance without ``initial``)."""
+        return self._placement
+
+    @property
+    def history(self) -> torch.Tensor:
+        """``[T, L, E]`` float32 copy of the buffered steps, oldest first (``T <= capacity``)."""
+        if self._buffer is None:
+            raise ValueError("no steps recorded yet")
+        filled = min(self.steps, self.capacity)
+        if filled < self.capacity:
+            return self._buffer[:filled].clone()
+        return torch.roll(self._buffer, -self._next, dims=0)
+
+    # ------------------------------------------------------------------ input
+    def _append(self, counts: torch.Tensor) -> None:
+        """Write ``counts [t, L, E]`` (``t <= capacity``) into the ring (allocated by record)."""
+        buffer = self._buffer
+        if buffer is None:
+            raise RuntimeError("ring buffer not allocated; call record()")
+        t = counts.shape[0]
+        end = self._next + t
+        if end <= self.capacity:
+            buffer[self._next:end] = counts
+        else:
+            head = self.capacity - self._next
+            buffer[self._next:] = counts[:head]
+            buffer[: t - head] = counts[head:]
+        self._next = end % self.capacity
+        self.steps += t
+
+    def record(self, counts: object) -> Placement | None:
+        """Record one step ``[L, E]`` or several ``[T, L, E]``; rebalance when due.
+
+        Rebalances after every ``interval``-th recorded step, also inside a multi-step
+        chunk (the steps after a rebalance point are recorded after it). Returns the new
+        placement when a rebalance changed it (the last one, for a chunk), else ``None``.
+        """
+        steps = as_history(counts, "counts")
+        if self._buffer is None:
+            _, num_layers, num_experts = steps.shape
+            self._buffer = torch.zeros(self.capacity, num_layers, num_experts,
+                                       dtype=torch.float32)
+        elif steps.shape[1:] != self._buffer.shape[1:]:
+            raise ValueError(
+                f"counts have layers x experts {tuple(steps.shape[1:])}, earlier steps had "
+                f"{tuple(self._buffer.shape[1:])}"
+            )
+        result = None
+        start = 0
+        total = steps.shape[0]
+        while start < total:
+            until_due = self.interval - self.steps % self.interval
+            take = min(until_due, total - start)
+            chunk = steps[start:start + take]
+            start += take
+            # only the last `capacity` steps of a long chunk can matter
+            self._append_tail(chunk)
+            if self.steps % self.interval == 0:
+                new = self.rebalance_now()
+                result = new if new is not None else result
+        return result
+
+    def _append_tail(self, chunk: torch.Tensor) -> None:
+        skipped = max(chunk.shape[0] - self.capacity, 0)
+        if skipped:
+            self.steps += skipped
+            chunk = chunk[skipped:]
+        self._append(chunk.to(torch.float32))
+
+    # ------------------------------------------------------------------ planning
+    def estimate(self) -> Estimate:
+        """The estimator's output on the current history."""
+        return self.estimator.estimate(self.history, min(self.window, self.steps))
+
+    def rebalance_now(self) -> Placement | None:
+        """Plan on the current history now; return the new placement if it changed."""
+        estimate = self.estimate()
+        previous = self._placement
+        start = time.perf_counter()
+        new = plan_estimate(estimate, self.planner, previous if self._pass_previous else None,
+                            keep=previous)
+        seconds = time.perf_counter() - start
+        if new.topology != self.topology or new.num_experts != estimate.weight.shape[1]:
+            raise ValueError(f"planner returned a placement for {new.topology} with "
+                             f"{new.num_experts} experts; expected {self.topology}")
+        if previous is None:
+            moved = torch.zeros(new.num_layers, dtype=torch.int64)
+            changed = True
+        else:
+            moved = new.moved_slots(previous).cpu()
+            changed = bool(moved.any())
+        self.events.append(RebalanceEvent(self.steps, seconds, moved, changed))
+        self._placement = new
+        return new if changed else None

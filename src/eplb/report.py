@@ -1,0 +1,375 @@
+"""Pictures and a Markdown/HTML report for ``eplb demo``, ``eplb bench`` and ``eplb simulate``.
+
+matplotlib is an optional extra (``pip install 'eplb[plot]'``). It is imported lazily with
+the non-interactive Agg backend; without it :class:`Report` still writes the text report and
+says how to get the pictures.
+
+Loads in pictures are *normalised to the layer mean*: a GPU at 1.0 carries exactly its fair
+share; the slowest GPU of a layer sets that layer's time.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "INSTALL_HINT",
+    "Report",
+    "matplotlib_available",
+    "plot_balancedness_over_time",
+    "plot_gpu_heatmaps",
+    "plot_layer_balancedness",
+]
+
+INSTALL_HINT = "pip install 'eplb[plot]'"
+
+# a fixed palette so one planner has one colour in every picture
+_COLOURS = {
+    "no rebalancing": "#7f7f7f",
+    "greedy": "#ff7f0e",
+    "reference greedy": "#ff7f0e",
+    "eplb": "#1f77b4",
+    "ceiling": "#2ca02c",
+}
+
+
+def matplotlib_available() -> bool:
+    """True when matplotlib can be imported (the ``plot`` extra is installed)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _as_2d(loads: torch.Tensor) -> torch.Tensor:
+    loads = torch.as_tensor(loads, dtype=torch.float64).cpu()
+    return loads[None] if loads.dim() == 1 else loads
+
+
+def normalised_loads(gpu_loads: torch.Tensor) -> torch.Tensor:
+    """``[L, P]`` per-GPU loads divided by each layer's mean (1.0 = perfectly balanced).
+
+    Layers with no load come out as all 1.0.
+    """
+    loads = _as_2d(gpu_loads)
+    mean = loads.mean(1, keepdim=True)
+    return torch.where(mean > 0, loads / mean.clamp(min=1e-300), torch.ones_like(loads))
+
+
+def _layer_ticks(ax, layer_ids: Sequence[int] | None, num_layers: int, axis: str = "y") -> None:
+    """Label at most ~12 layer ticks with the model's own layer numbers."""
+    ids = list(layer_ids) if layer_ids is not None else list(range(num_layers))
+    step = max(1, -(-num_layers // 12))
+    pos = list(range(0, num_layers, step))
+    labels = [str(ids[i]) for i in pos]
+    if axis == "y":
+        ax.set_yticks(pos, labels)
+    else:
+        ax.set_xticks(pos, labels)
+
+
+def plot_gpu_heatmaps(
+    panels: Sequence[tuple[str, torch.Tensor]],
+    path: str | Path,
+    *,
+    layer_ids: Sequence[int] | None = None,
+    title: str = "Per-GPU load, normalised to the layer mean",
+    dead_gpus: Sequence[int] = (),
+) -> Path:
+    """Side-by-side heatmaps of per-GPU load, one panel per placement, one colour scale.
+
+    Args:
+        panels: ``(label, gpu_loads [L, P])`` pairs, e.g. before and after planning.
+        path: where to write the PNG.
+        layer_ids: the model's layer number of each row (for the y axis).
+        dead_gpus: GPU columns to grey out (they carry no load).
+
+    Colours: white is 1.0 (fair share), red is overloaded, blue is underloaded; the
+    colourbar is shared so panels compare directly. Each panel's subtitle states its
+    worst GPU (max/mean) and balancedness.
+    """
+    plt = _pyplot()
+    from matplotlib.colors import TwoSlopeNorm
+
+    norm_panels = []
+    for label, loads in panels:
+        loads = _as_2d(loads)
+        live = torch.ones(loads.shape[1], dtype=torch.bool)
+        live[list(dead_gpus)] = False
+        mean = loads[:, live].mean(1, keepdim=True)
+        norm = torch.where(mean > 0, loads / mean.clamp(min=1e-300), torch.ones_like(loads))
+        peak = loads[:, live].max(1).values
+        bal = float(mean.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
+        norm_panels.append((label, norm, live, bal))
+    vmax = max(float(n[:, live].max()) for _, n, live, _ in norm_panels)
+    # cap the scale at 2x the mean so deviations near 1.0 stay visible; hotter GPUs saturate
+    extend = "max" if vmax > 2.0 else "neither"
+    vmax = min(max(vmax, 1.05), 2.0)
+    num_layers, num_gpus = norm_panels[0][1].shape
+    width = min(6.0, 2.0 + num_gpus * 0.12)
+    height = min(9.0, 2.4 + num_layers * 0.09)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(width * len(panels) + 1.2, height), squeeze=False,
+        constrained_layout=True,
+    )
+    colour_norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
+    import matplotlib
+
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#bbbbbb")  # grey = dead GPU
+    image = None
+    for ax, (label, norm, live, bal) in zip(axes[0], norm_panels, strict=True):
+        data = norm.numpy().copy()
+        data[:, ~live.numpy()] = float("nan")  # dead GPUs show as grey
+        image = ax.imshow(
+            data, aspect="auto", cmap=cmap, norm=colour_norm, interpolation="nearest"
+        )
+        worst = float(norm[:, live].max())
+        ax.set_title(f"{label}\nworst GPU {worst:.2f}× mean, balancedness {bal:.4f}", fontsize=10)
+        ax.set_xlabel("GPU index")
+        ax.set_ylabel("MoE layer")
+        _layer_ticks(ax, layer_ids, num_layers)
+    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, extend=extend)
+    bar.set_label("GPU load / layer mean load  (1.0 = fair share"
+                  + (", ≥ 2 shown darkest)" if extend == "max" else ")"))
+    fig.suptitle(title, fontsize=12)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_balancedness(
+    series: Mapping[str, torch.Tensor],
+    path: str | Path,
+    *,
+    ceiling: torch.Tensor | None = None,
+    layer_ids: Sequence[int] | None = None,
+    title: str = "Balancedness per layer",
+) -> Path:
+    """Line plot of balancedness (mean / max GPU load, 1.0 = perfect) per layer.
+
+    Args:
+        series: planner label -> ``[L]`` balancedness per layer.
+        ceiling: ``[L]`` the best any placement can reach on each layer (dashed line).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), constrained_layout=True)
+    num_layers = 0
+    for label, values in series.items():
+        values = torch.as_tensor(values, dtype=torch.float64).cpu()
+        num_layers = values.numel()
+        total = float(values.mean())
+        ax.plot(
+            range(num_layers), values.numpy(), marker="o", markersize=3, linewidth=1.2,
+            label=f"{label} (layer average {total:.4f})", color=_COLOURS.get(label),
+        )
+    if ceiling is not None:
+        ceiling = torch.as_tensor(ceiling, dtype=torch.float64).cpu()
+        num_layers = ceiling.numel()
+        ax.plot(
+            range(num_layers), ceiling.numpy(), linestyle="--", linewidth=1.5,
+            color=_COLOURS["ceiling"], label="ceiling (best possible)",
+        )
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("balancedness = mean / max GPU load")
+    ax.set_ylim(top=1.005)
+    ax.grid(alpha=0.3)
+    _layer_ticks(ax, layer_ids, num_layers, axis="x")
+    ax.set_title(f"{title}\n(higher is better; MoE time scales as 1 / balancedness)", fontsize=11)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9,
+              frameon=False)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_balancedness_over_time(
+    series: Mapping[str, Sequence[float] | torch.Tensor],
+    path: str | Path,
+    *,
+    x: Sequence[float] | None = None,
+    xlabel: str = "window (scored on the next window's loads)",
+    rebalance_at: Sequence[float] = (),
+    title: str = "Balancedness over time",
+) -> Path:
+    """Balancedness of each planner over simulated time.
+
+    Args:
+        series: label -> ``[T]`` balancedness per scoring window.
+        x: the time of each point (window index or step); defaults to ``0..T-1``.
+        rebalance_at: times at which a rebalance happened (thin vertical ticks).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 4.8), constrained_layout=True)
+    for label, values in series.items():
+        values = torch.as_tensor(values, dtype=torch.float64).cpu()
+        xs = list(x) if x is not None else list(range(values.numel()))
+        ax.plot(
+            xs, values.numpy(), linewidth=1.3, marker="." if values.numel() < 80 else None,
+            label=f"{label} (average {float(values.mean()):.4f})", color=_COLOURS.get(label),
+        )
+    for i, t in enumerate(rebalance_at):
+        ax.axvline(t, color="#999999", linewidth=0.5, alpha=0.5,
+                   label="rebalance" if i == 0 else None)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("balancedness = mean / max GPU load")
+    ax.set_ylim(top=1.005)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{title}\n(higher is better; 1.0 = every GPU equally loaded)", fontsize=11)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9,
+              frameon=False)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- report
+
+
+@dataclass
+class _Block:
+    kind: str  # "heading" | "text" | "table" | "figure" | "code"
+    payload: object
+
+
+@dataclass
+class Report:
+    """A small report builder: headings, paragraphs, tables and figures.
+
+    Figures are drawn by callables only when matplotlib is available, so a report can be
+    assembled unconditionally. ``write(directory)`` writes ``report.md``, ``report.html``
+    and the PNGs, refusing to overwrite existing files unless ``force=True``.
+    """
+
+    title: str
+    blocks: list[_Block] = field(default_factory=list)
+    _figures: list[tuple[str, object]] = field(default_factory=list)
+
+    def heading(self, text: str) -> None:
+        self.blocks.append(_Block("heading", text))
+
+    def text(self, text: str) -> None:
+        self.blocks.append(_Block("text", text))
+
+    def code(self, text: str) -> None:
+        self.blocks.append(_Block("code", text))
+
+    def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+        self.blocks.append(_Block("table", (list(headers), [list(r) for r in rows])))
+
+    def figure(self, filename: str, caption: str, draw) -> None:
+        """Add a picture; ``draw(path)`` writes the PNG at ``path`` when matplotlib exists."""
+        self.blocks.append(_Block("figure", (filename, caption)))
+        self._figures.append((filename, draw))
+
+    def planned_files(self) -> list[str]:
+        names = ["report.md", "report.html"]
+        if matplotlib_available():
+            names += [name for name, _ in self._figures]
+        return names
+
+    def write(self, directory: str | Path, *, force: bool = False) -> list[Path]:
+        """Write the report into ``directory`` (created if needed); return the files written.
+
+        Raises ``FileExistsError`` naming the first file that exists when ``force`` is false.
+        """
+        directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise FileExistsError(f"{directory} exists and is not a directory")
+        if not force:
+            for name in self.planned_files():
+                if (directory / name).exists():
+                    raise FileExistsError(
+                        f"{directory / name} already exists; pass --force to overwrite it "
+                        "or choose another directory"
+                    )
+        directory.mkdir(parents=True, exist_ok=True)
+        have_plots = matplotlib_available()
+        written: list[Path] = []
+        if have_plots:
+            for name, draw in self._figures:
+                draw(directory / name)
+                written.append(directory / name)
+        md = self._markdown(have_plots)
+        (directory / "report.md").write_text(md, encoding="utf-8")
+        (directory / "report.html").write_text(self._html(have_plots), encoding="utf-8")
+        return [directory / "report.md", directory / "report.html", *written]
+
+    # -------------------------------------------------------------- renderers
+    def _markdown(self, have_plots: bool) -> str:
+        out = [f"# {self.title}", ""]
+        if not have_plots and self._figures:
+            out += [f"> Pictures were skipped: matplotlib is not installed. Run `{INSTALL_HINT}`"
+                    " and rerun the command to get them.", ""]
+        for block in self.blocks:
+            if block.kind == "heading":
+                out += [f"## {block.payload}", ""]
+            elif block.kind == "text":
+                out += [str(block.payload), ""]
+            elif block.kind == "code":
+                out += ["```", str(block.payload), "```", ""]
+            elif block.kind == "table":
+                headers, rows = block.payload
+                out.append("| " + " | ".join(headers) + " |")
+                out.append("|" + "|".join("---" for _ in headers) + "|")
+                out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+                out.append("")
+            elif block.kind == "figure" and have_plots:
+                name, caption = block.payload
+                out += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+        return "\n".join(out)
+
+    def _html(self, have_plots: bool) -> str:
+        esc = html.escape
+        out = [
+            "<!doctype html><html><head><meta charset='utf-8'>",
+            f"<title>{esc(self.title)}</title>",
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;"
+            "padding:0 1em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+            "padding:3px 8px;text-align:right}th{background:#f0f0f0}img{max-width:100%}"
+            "pre{background:#f6f6f6;padding:8px}</style></head><body>",
+            f"<h1>{esc(self.title)}</h1>",
+        ]
+        if not have_plots and self._figures:
+            out.append(f"<p><em>Pictures were skipped: matplotlib is not installed. Run "
+                       f"<code>{esc(INSTALL_HINT)}</code> and rerun the command.</em></p>")
+        for block in self.blocks:
+            if block.kind == "heading":
+                out.append(f"<h2>{esc(str(block.payload))}</h2>")
+            elif block.kind == "text":
+                out.append(f"<p>{esc(str(block.payload))}</p>")
+            elif block.kind == "code":
+                out.append(f"<pre>{esc(str(block.payload))}</pre>")
+            elif block.kind == "table":
+                headers, rows = block.payload
+                out.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers)
+                           + "</tr>")
+                out += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>"
+                        for row in rows]
+                out.append("</table>")
+            elif block.kind == "figure" and have_plots:
+                name, caption = block.payload
+                out.append(f"<figure><img src='{esc(name)}' alt='{esc(caption)}'>"
+                           f"<figcaption>{esc(caption)}</figcaption></figure>")
+        out.append("</body></html>")
+        return "\n".join(out)

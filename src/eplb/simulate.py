@@ -1,0 +1,392 @@
+"""Replay a load trace under an engine's rebalancing cadence and score every step.
+
+The simulator feeds a trace of per-step counts ``[T, L, E]`` to an
+:class:`eplb.online.Rebalancer` in the chunks between rebalance points, and scores each
+step with the placement in force at that step:
+
+- **per-step balancedness**: ``Σ_l mean / Σ_l max`` GPU load of that step's counts;
+- **per-window balancedness**: the same for the counts summed over consecutive scoring
+  windows of ``score_window`` steps (GPU loads are linear in the counts, so windows
+  spanning a plan switch are scored exactly);
+- **oracle ceiling per window**: balancedness of the plan the same planner makes from the
+  scored window itself (from scratch): what a clairvoyant engine would get;
+- **per rebalance**: planning seconds, slots whose expert changed
+  (:meth:`Placement.moved_slots`) and the bytes that moves (``expert_bytes`` per slot).
+
+Cadences (:data:`CADENCES`): ``"vllm"`` (window 1000, interval 3000), ``"sglang"``
+(1000 / 1000) and ``"adrs"`` (the ADRS benchmark: 100-step windows, plan on window ``i``,
+score on window ``i + 1``; that is window = interval = score window = 100). Until the
+first rebalance every planner runs under the static :func:`eplb.online.trivial_placement`
+(SGLang's ``init_trivial``: live slot ``i`` holds expert ``i % E``); those windows are
+reported but left out of the summary.
+
+Per-step scoring is one batched matrix product per plan tenure: with
+``M[l, e, p] = (replicas of e on GPU p) / logcnt[l, e]`` the GPU loads of all steps are
+``counts [T, L, E] @ M [L, E, P]``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from eplb.estimate import Estimator, as_history, make_estimator
+from eplb.online import PlannerFn, Rebalancer, make_planner, trivial_placement
+from eplb.placement import Placement, Topology
+
+__all__ = [
+    "CADENCES",
+    "DEEPSEEK_V3_EXPERT_BYTES",
+    "Cadence",
+    "SimulationResult",
+    "gpu_load_matrix",
+    "simulate",
+    "step_balancedness",
+]
+
+#: One DeepSeek-V3 routed expert in fp8: gate, up and down projections, each
+#: 7168 x 2048 one-byte weights (block-scale factors, ~10 kB, are left out).
+DEEPSEEK_V3_EXPERT_BYTES = 3 * 7168 * 2048 * 1
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """Rebalance every ``interval`` steps on the last ``window`` steps; score windows of
+    ``score_window`` steps (default: ``interval``)."""
+
+    window: int
+    interval: int
+    score_window: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("window", "interval", "score_window"):
+            value = getattr(self, name)
+            if value is None and name == "score_window":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"cadence {name} must be a positive integer, got {value!r}")
+
+    @property
+    def scoring(self) -> int:
+        return self.score_window or self.interval
+
+
+CADENCES: dict[str, Cadence] = {
+    "vllm": Cadence(1000, 3000),
+    "sglang": Cadence(1000, 1000),
+    "adrs": Cadence(100, 100, 100),
+}
+
+
+def gpu_load_matrix(placement: Placement) -> torch.Tensor:
+    """``[L, E, P]`` float64: share of expert ``e``'s load that lands on GPU ``p``."""
+    topo = placement.topology
+    num_layers, num_experts = placement.logcnt.shape
+    phy2log = placement.phy2log
+    live = phy2log >= 0
+    gpu = (torch.arange(topo.num_replicas, device=phy2log.device) // topo.slots_per_gpu)
+    share = 1.0 / placement.logcnt.clamp(min=1).to(torch.float64)  # [L, E]
+    layer = torch.arange(num_layers, device=phy2log.device)[:, None].expand_as(phy2log)
+    expert = phy2log.clamp(min=0)
+    values = torch.where(live, share.gather(1, expert), torch.zeros((), dtype=torch.float64))
+    matrix = torch.zeros(num_layers * num_experts * topo.num_gpus, dtype=torch.float64,
+                         device=phy2log.device)
+    flat = (layer * num_experts + expert) * topo.num_gpus + gpu[None]
+    matrix.index_add_(0, flat.reshape(-1), values.reshape(-1))
+    return matrix.view(num_layers, num_experts, topo.num_gpus)
+
+
+def _gpu_loads(counts: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``counts [T, L, E]`` x ``matrix [L, E, P]`` -> ``[T, L, P]`` (one batched matmul)."""
+    out = torch.bmm(counts.transpose(0, 1).to(dtype), matrix.to(dtype))  # [L, T, P]
+    return out.transpose(0, 1)
+
+
+def _balancedness(loads: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``loads [..., L, P]`` -> ``[...]`` Σ_l mean / Σ_l max over live GPUs (1 when all zero)."""
+    loads = loads[..., live]
+    mean = loads.mean(-1).sum(-1)
+    peak = loads.max(-1).values.sum(-1)
+    return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(peak))
+
+
+def step_balancedness(counts: object, placement: Placement, *, chunk: int = 1024) -> torch.Tensor:
+    """``[T]`` float64 balancedness of every step of ``counts [T, L, E]`` under ``placement``."""
+    steps = as_history(counts, "counts")
+    if steps.shape[1:] != placement.logcnt.shape:
+        raise ValueError(f"counts have layers x experts {tuple(steps.shape[1:])}, the placement "
+                         f"has {tuple(placement.logcnt.shape)}")
+    matrix = gpu_load_matrix(placement)
+    live = placement.live_gpus()
+    parts = [
+        _balancedness(_gpu_loads(steps[a:a + chunk], matrix, torch.float32).double(), live)
+        for a in range(0, steps.shape[0], chunk)
+    ]
+    return torch.cat(parts)
+
+
+@dataclass(frozen=True, eq=False)
+class SimulationResult:
+    """Everything one replay measured.
+
+    Attributes:
+        planner, estimator: what planned (names / spec strings).
+        topology: the cluster.
+        cadence: window, interval and scoring window in steps.
+        incremental: whether plans started from the placement in force.
+        step_balancedness: ``[T]`` per step, under the placement in force at that step.
+        window_starts: ``[n]`` first step of each full scoring window.
+        window_balancedness: ``[n]`` balancedness of each window's summed counts.
+        oracle_balancedness: ``[n]`` same planner, planned on the scored window itself
+            (``None`` when the oracle was not run).
+        planned: ``[n]`` bool, the window starts at or after the first rebalance (the
+            summary averages over these).
+        rebalance_steps: ``[k]`` step at which each rebalance's plan took over.
+        plan_seconds: ``[k]`` wall time of each plan (estimate + planner).
+        moved_slots: ``[k, L]`` slots whose expert changed at each rebalance.
+        expert_bytes: bytes of one expert's weights (for ``moved_bytes``).
+    """
+
+    planner: str
+    estimator: str
+    topology: Topology
+    cadence: Cadence
+    incremental: bool
+    step_balancedness: torch.Tensor
+    window_starts: torch.Tensor
+    window_balancedness: torch.Tensor
+    oracle_balancedness: torch.Tensor | None
+    planned: torch.Tensor
+    rebalance_steps: torch.Tensor
+    plan_seconds: torch.Tensor
+    moved_slots: torch.Tensor
+    expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return self.step_balancedness.shape[0]
+
+    @property
+    def moved_bytes(self) -> torch.Tensor:
+        """``[k]`` int64 bytes of expert weights copied at each rebalance."""
+        return self.moved_slots.sum(1) * self.expert_bytes
+
+    def summary(self) -> dict[str, Any]:
+        """Scalar figures over the planned windows / steps after the first rebalance."""
+        planned = self.planned
+        first = int(self.rebalance_steps[0]) if self.rebalance_steps.numel() else self.num_steps
+        steps_after = self.step_balancedness[first:]
+        out: dict[str, Any] = {
+            "planner": self.planner,
+            "estimator": self.estimator,
+            "incremental": self.incremental,
+            "steps": self.num_steps,
+            "windows_scored": int(planned.sum()),
+            "window_balancedness": _mean(self.window_balancedness[planned]),
+            "step_balancedness": _mean(steps_after),
+            "oracle_balancedness": (None if self.oracle_balancedness is None
+                                    else _mean(self.oracle_balancedness[planned])),
+            "rebalances": int(self.rebalance_steps.numel()),
+            "moved_slots_per_rebalance": _mean(self.moved_slots.sum(1).double()),
+            "moved_fraction": (_mean(self.moved_slots.sum(1).double())
+                               / (self.moved_slots.shape[1] * self.topology.num_replicas)
+                               if self.moved_slots.numel() else None),
+            "moved_gb_per_rebalance": _mean(self.moved_bytes.double() / 1e9),
+            "plan_ms_median": (statistics.median(self.plan_seconds.tolist()) * 1e3
+                               if self.plan_seconds.numel() else None),
+        }
+        if out["oracle_balancedness"] is not None and out["window_balancedness"] is not None:
+            out["gap_to_oracle"] = out["oracle_balancedness"] - out["window_balancedness"]
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: the summary plus every per-step / per-window / per-rebalance list."""
+        return {
+            "summary": self.summary(),
+            "topology": self.topology.as_dict(),
+            "cadence": {"window": self.cadence.window, "interval": self.cadence.interval,
+                        "score_window": self.cadence.scoring},
+            "expert_bytes": self.expert_bytes,
+            "step_balancedness": self.step_balancedness.tolist(),
+            "windows": {
+                "start": self.window_starts.tolist(),
+                "balancedness": self.window_balancedness.tolist(),
+                "oracle": (None if self.oracle_balancedness is None
+                           else self.oracle_balancedness.tolist()),
+                "planned": self.planned.tolist(),
+            },
+            "rebalances": {
+                "step": self.rebalance_steps.tolist(),
+                "plan_seconds": self.plan_seconds.tolist(),
+                "moved_slots": self.moved_slots.sum(1).tolist(),
+                "moved_bytes": self.moved_bytes.tolist(),
+            },
+            "meta": dict(self.meta),
+        }
+
+    def format_summary(self) -> str:
+        """One line per summary figure, for printing."""
+        lines = []
+        for key, value in self.summary().items():
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            lines.append(f"{key:>26}: {text}")
+        return "\n".join(lines)
+
+
+def _mean(values: torch.Tensor) -> float | None:
+    return float(values.double().mean()) if values.numel() else None
+
+
+def _oracle(
+    window_counts: torch.Tensor,
+    planner: PlannerFn,
+    builtin: bool,
+) -> torch.Tensor:
+    """``[n]`` balancedness of ``planner(window_counts[i])`` on ``window_counts[i] [L, E]``."""
+    num_windows, num_layers, num_experts = window_counts.shape
+    if num_windows == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    if builtin:
+        # built-in planners treat layers independently: plan every window in one call
+        stacked = planner(window_counts.reshape(-1, num_experts), None)
+        flat = window_counts.reshape(-1, num_experts)
+        loads = stacked.gpu_loads(flat)[:, stacked.live_gpus()]
+        loads = loads.view(num_windows, num_layers, -1)
+        mean = loads.mean(-1).sum(-1)
+        peak = loads.max(-1).values.sum(-1)
+        return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(peak))
+    return torch.tensor([planner(w, None).balancedness(w) for w in window_counts],
+                        dtype=torch.float64)
+
+
+def simulate(
+    trace: object,
+    planner: str | PlannerFn = "eplb",
+    *,
+    num_replicas: int,
+    num_gpus: int,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    cadence: str | Cadence = "vllm",
+    window: int | None = None,
+    interval: int | None = None,
+    score_window: int | None = None,
+    estimator: str | Estimator = "sum",
+    incremental: bool = False,
+    max_moves: int | None = None,
+    skip_threshold: float | None = None,
+    active_gpus: object = None,
+    initial: Placement | None = None,
+    oracle: bool = True,
+    expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES,
+    **plan_options: Any,
+) -> SimulationResult:
+    """Replay ``trace`` under a rebalancing cadence and score it.
+
+    Args:
+        trace: ``eplb.formats.LoadTrace`` or per-step counts ``[T, L, E]``.
+        planner: ``"eplb"``, ``"greedy"``, ``"none"`` or a callable
+            ``(weight [L, E], previous: Placement | None) -> Placement``.
+        num_replicas, num_gpus, num_nodes, num_groups: the cluster.
+        cadence: ``"vllm"``, ``"sglang"``, ``"adrs"`` or a :class:`Cadence`;
+            ``window`` / ``interval`` / ``score_window`` override its fields.
+        estimator: spec or :class:`~eplb.estimate.Estimator` (default the window sum).
+        incremental, max_moves, skip_threshold: forwarded to :func:`eplb.plan` (planner
+            ``"eplb"``) through :class:`~eplb.online.Rebalancer`.
+        active_gpus: ``[P]`` bool of live GPUs (planner ``"eplb"`` only).
+        initial: placement before the first rebalance (default: the trivial placement).
+        oracle: also plan every scoring window on itself (one extra planner call).
+        expert_bytes: bytes per expert copy (default DeepSeek-V3 fp8, 44 MB).
+        plan_options: extra keyword arguments for the planner.
+
+    Returns:
+        A :class:`SimulationResult`. Raises ``ValueError`` on a bad trace, cadence or
+        topology, ``TypeError`` on a trace of the wrong type.
+    """
+    counts = as_history(trace, "trace")
+    num_steps, num_layers, num_experts = counts.shape
+    base = CADENCES.get(cadence) if isinstance(cadence, str) else cadence
+    if not isinstance(base, Cadence):
+        raise ValueError(f"unknown cadence {cadence!r}; accepted: {', '.join(CADENCES)} or a "
+                         "Cadence(window, interval, score_window)")
+    cad = Cadence(
+        base.window if window is None else window,
+        base.interval if interval is None else interval,
+        base.score_window if score_window is None else score_window,
+    )
+    if isinstance(expert_bytes, bool) or not isinstance(expert_bytes, int) or expert_bytes < 0:
+        raise ValueError(f"expert_bytes must be an integer >= 0, got {expert_bytes!r}")
+    topo = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+    if initial is None:
+        initial = trivial_placement(num_experts, num_layers, topo, active_gpus)
+    elif initial.logcnt.shape != (num_layers, num_experts):
+        raise ValueError(f"initial placement has layers x experts {tuple(initial.logcnt.shape)}, "
+                         f"the trace {(num_layers, num_experts)}")
+    est = make_estimator(estimator)
+    rebalancer = Rebalancer(
+        num_replicas, num_gpus, num_nodes, num_groups, window=cad.window,
+        interval=cad.interval, estimator=est, planner=planner, incremental=incremental,
+        max_moves=max_moves, skip_threshold=skip_threshold, active_gpus=active_gpus,
+        initial=initial, **plan_options,
+    )
+
+    score = cad.scoring
+    num_windows = num_steps // score
+    window_loads = torch.zeros(num_windows, num_layers, num_gpus, dtype=torch.float64)
+    step_bal = torch.empty(num_steps, dtype=torch.float64)
+    boundaries = [*range(cad.interval, num_steps, cad.interval), num_steps]
+    start = 0
+    placement = rebalancer.placement
+    for end in boundaries:
+        if placement is None:  # a planner that returned nothing usable cannot happen here
+            raise RuntimeError("no placement in force")
+        matrix = gpu_load_matrix(placement)
+        live = placement.live_gpus()
+        for a in range(start, end, 1024):
+            b = min(a + 1024, end)
+            loads = _gpu_loads(counts[a:b], matrix, torch.float32).double()  # [t, L, P]
+            step_bal[a:b] = _balancedness(loads, live)
+            win = torch.arange(a, b) // score
+            keep = win < num_windows
+            window_loads.index_add_(0, win[keep], loads[keep])
+        if end < num_steps:
+            rebalancer.record(counts[start:end])
+            placement = rebalancer.placement
+        start = end
+
+    live = (initial.live_gpus() if placement is None else placement.live_gpus())
+    window_bal = _balancedness(window_loads, live) if num_windows else torch.zeros(0)
+    window_starts = torch.arange(num_windows, dtype=torch.int64) * score
+    events = rebalancer.events
+    first = events[0].step if events else num_steps
+    planned = window_starts >= first
+    oracle_bal = None
+    if oracle:
+        wsum = counts[: num_windows * score].view(num_windows, score, num_layers,
+                                                  num_experts).sum(1)
+        plan_fn = make_planner(planner, topo, active_gpus=active_gpus, **plan_options)
+        oracle_bal = _oracle(wsum, plan_fn, builtin=isinstance(planner, str))
+    name = planner if isinstance(planner, str) else getattr(planner, "__name__", "callable")
+    return SimulationResult(
+        planner=name,
+        estimator=est.spec,
+        topology=topo,
+        cadence=cad,
+        incremental=incremental,
+        step_balancedness=step_bal,
+        window_starts=window_starts,
+        window_balancedness=window_bal,
+        oracle_balancedness=oracle_bal,
+        planned=planned,
+        rebalance_steps=torch.tensor([e.step for e in events], dtype=torch.int64),
+        plan_seconds=torch.tensor([e.plan_seconds for e in events], dtype=torch.float64),
+        moved_slots=(torch.stack([e.moved_slots for e in events]) if events
+                     else torch.zeros(0, num_layers, dtype=torch.int64)),
+        expert_bytes=expert_bytes,
+        meta={"source": getattr(trace, "source", None), "trace_steps": num_steps},
+    )

@@ -1,0 +1,363 @@
+"""The ``eplb`` command, run in-process through ``eplb.cli.main`` and once as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eplb.cli import main
+
+COMMANDS = ["demo", "plan", "eval", "bench", "simulate", "generate"]
+L, E, R, P = 4, 16, 20, 4
+
+
+@pytest.fixture
+def loads(tmp_path: Path) -> Path:
+    """A small skewed ``[L, E]`` loads file (.npy)."""
+    gen = np.random.default_rng(0)
+    w = np.exp(gen.normal(0, 1, size=(L, E))) * 100
+    path = tmp_path / "loads.npy"
+    np.save(path, w)
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(err: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("eplb: error: ")
+    assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------ framework
+
+
+def test_version(capsys) -> None:
+    import eplb
+
+    code, out, _ = run(capsys, "--version")
+    assert code == 0
+    assert eplb.__version__ in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_every_command_has_an_example(capsys, command: str) -> None:
+    code, out, _ = run(capsys, command, "--help")
+    assert code == 0
+    assert f"eplb {command}" in out
+    assert "example" in out
+
+
+def test_no_command_is_a_usage_error(capsys) -> None:
+    code, _, err = run(capsys)
+    assert code == 2
+    assert "COMMAND" in err
+
+
+def test_unknown_option_is_a_usage_error(capsys, loads: Path) -> None:
+    code, _, err = run(capsys, "plan", str(loads), "--bogus")
+    assert code == 2
+    assert "required" in err
+    code, _, err = run(capsys, "plan", str(loads), "-r", "20", "-g", "4", "-o", "x", "--bogus")
+    assert code == 2
+    assert "unrecognized arguments" in err
+
+
+# ------------------------------------------------------------------------ plan
+
+
+def test_plan_writes_a_valid_placement_and_prints_a_summary(capsys, tmp_path, loads) -> None:
+    from eplb.formats import read_placement
+
+    out_file = tmp_path / "p.json"
+    code, out, _ = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                       str(out_file))
+    assert code == 0, out
+    assert "balancedness" in out and "no rebalancing" in out
+    placement = read_placement(out_file)
+    placement.validate()
+    assert placement.phy2log.shape == (L, R)
+
+
+def test_plan_json_summary(capsys, tmp_path, loads) -> None:
+    out_file = tmp_path / "p.json"
+    code, out, _ = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                       str(out_file), "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["emit"] == "json"
+    assert summary["topology"]["num_replicas"] == R
+    # planning with redundant slots beats one contiguous copy per expert on skewed loads
+    assert summary["balancedness_after"] > summary["balancedness_before"]
+    assert 0 < summary["balancedness_after"] <= 1
+
+
+@pytest.mark.parametrize(("name", "emit"), [("p.yaml", "trtllm"), ("p.pt", "pt"),
+                                             ("p.sglang.json", "sglang"), ("p.json", "json")])
+def test_plan_infers_emit_from_the_output_name(capsys, tmp_path, loads, name, emit) -> None:
+    from eplb.formats import read_placement
+
+    out_file = tmp_path / name
+    code, out, _ = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                       str(out_file), "--json")
+    assert code == 0
+    assert json.loads(out)["emit"] == emit
+    back = read_placement(out_file, num_gpus=P)  # SGLang files do not record the GPU count
+    assert back.phy2log.shape[1] == R
+
+
+def test_plan_first_layer_keys_trtllm_yaml(capsys, tmp_path, loads) -> None:
+    import yaml
+
+    out_file = tmp_path / "lb.yaml"
+    code, _, _ = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                     str(out_file), "--first-layer", "3")
+    assert code == 0
+    doc = yaml.safe_load(out_file.read_text())
+    assert sorted(doc["initial_global_assignments"]) == [3, 4, 5, 6]
+
+
+def test_plan_refuses_to_overwrite_without_force(capsys, tmp_path, loads) -> None:
+    out_file = tmp_path / "p.json"
+    out_file.write_text("keep me")
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                       str(out_file))
+    assert code == 2
+    assert_one_line_error(err)
+    assert "--force" in err
+    assert out_file.read_text() == "keep me"
+    code, _, _ = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                     str(out_file), "--force")
+    assert code == 0
+    assert out_file.read_text() != "keep me"
+
+
+def test_plan_missing_loads_file(capsys, tmp_path) -> None:
+    code, _, err = run(capsys, "plan", str(tmp_path / "nope.json"), "-r", "20", "-g", "4",
+                       "-o", str(tmp_path / "p.json"))
+    assert code == 2
+    assert_one_line_error(err)
+    assert "nope.json" in err and "not found" in err
+
+
+@pytest.mark.parametrize(("replicas", "gpus", "word"), [(21, 4, "multiple"), (8, 4, "experts")])
+def test_plan_impossible_topology(capsys, tmp_path, loads, replicas, gpus, word) -> None:
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(replicas), "-g", str(gpus), "-o",
+                       str(tmp_path / "p.json"))
+    assert code == 2
+    assert_one_line_error(err)
+    assert word in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_plan_unreadable_loads_file(capsys, tmp_path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    code, _, err = run(capsys, "plan", str(bad), "-r", "20", "-g", "4", "-o",
+                       str(tmp_path / "p.json"))
+    assert code == 2
+    assert_one_line_error(err)
+
+
+def test_plan_bad_dead_gpu_list(capsys, tmp_path, loads) -> None:
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                       str(tmp_path / "p.json"), "--dead-gpus", "9")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "--dead-gpus" in err
+
+
+def test_plan_max_moves_needs_previous(capsys, tmp_path, loads) -> None:
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                       str(tmp_path / "p.json"), "--max-moves", "2")
+    assert code == 2
+    assert_one_line_error(err)
+
+
+# ------------------------------------------------------------------------ eval
+
+
+def _plan(capsys, tmp_path: Path, loads: Path) -> Path:
+    out_file = tmp_path / "p.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(out_file))[0] == 0
+    return out_file
+
+
+def test_eval_reports_per_layer_and_summary(capsys, tmp_path, loads) -> None:
+    placement = _plan(capsys, tmp_path, loads)
+    code, out, _ = run(capsys, "eval", "--placement", str(placement), str(loads))
+    assert code == 0
+    assert "per layer" in out and "this placement (after)" in out
+    code, out, _ = run(capsys, "eval", "--placement", str(placement), str(loads), "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert len(result["layers"]) == L
+    w = torch.from_numpy(np.load(loads))
+    from eplb.formats import read_placement
+
+    expected = read_placement(placement).balancedness(w)
+    assert result["balancedness_after"] == pytest.approx(expected)
+    for row in result["layers"]:
+        assert row["max_over_mean_after"] == pytest.approx(1 / row["balancedness_after"])
+
+
+def test_eval_shape_mismatch(capsys, tmp_path, loads) -> None:
+    placement = _plan(capsys, tmp_path, loads)
+    other = tmp_path / "other.npy"
+    np.save(other, np.ones((L + 1, E)))
+    code, _, err = run(capsys, "eval", "--placement", str(placement), str(other))
+    assert code == 2
+    assert_one_line_error(err)
+
+
+def test_eval_missing_placement(capsys, tmp_path, loads) -> None:
+    code, _, err = run(capsys, "eval", "--placement", str(tmp_path / "x.json"), str(loads))
+    assert code == 2
+    assert_one_line_error(err)
+
+
+# ------------------------------------------------------------------------ bench
+
+
+def test_bench_on_a_file_with_report(capsys, tmp_path, loads) -> None:
+    report = tmp_path / "rep"
+    code, out, _ = run(capsys, "bench", str(loads), "--no-builtin", "-r", str(R), "-g", str(P),
+                       "--repeats", "1", "--json", "--report", str(report))
+    assert code == 0
+    result = json.loads(out)
+    (scenario,) = result["scenarios"]
+    names = [r["planner"] for r in scenario["results"]]
+    assert names == ["no rebalancing", "reference greedy", "eplb"]
+    for r in scenario["results"]:
+        assert 0 < r["balancedness"] <= 1
+    assert (report / "report.md").exists() and (report / "report.html").exists()
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert pngs == ["s0_heatmap.png", "s0_layers.png"]
+    # a second run refuses to overwrite the report
+    code, _, err = run(capsys, "bench", str(loads), "--no-builtin", "-r", str(R), "-g", str(P),
+                       "--report", str(report))
+    assert code == 2
+    assert_one_line_error(err)
+
+
+def test_bench_table_output(capsys, loads) -> None:
+    code, out, _ = run(capsys, "bench", str(loads), "--no-builtin", "--repeats", "1")
+    assert code == 0
+    assert "reference greedy" in out and "ceiling" in out
+
+
+def test_bench_nothing_to_do(capsys) -> None:
+    code, _, err = run(capsys, "bench", "--no-builtin")
+    assert code == 2
+    assert_one_line_error(err)
+
+
+# ------------------------------------------------------------------------ generate / simulate
+
+
+@pytest.fixture
+def trace_file(capsys, tmp_path) -> Path:
+    path = tmp_path / "trace.pt"
+    code, out, _ = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "40", "-o",
+                       str(path), "--json")
+    assert code == 0, out
+    assert json.loads(out)["steps"] == 40
+    return path
+
+
+def test_generate_round_trips_through_read_loads(trace_file) -> None:
+    from eplb.formats import read_loads
+
+    trace = read_loads(trace_file)
+    assert tuple(trace.counts.shape) == (40, 32, 8)
+
+
+def test_generate_list_and_errors(capsys, tmp_path) -> None:
+    code, out, _ = run(capsys, "generate", "--list")
+    assert code == 0 and "deepseek-v3" in out
+    code, _, err = run(capsys, "generate", "--preset", "nope", "-o", str(tmp_path / "t.pt"))
+    assert code == 2
+    assert_one_line_error(err)
+
+
+def test_simulate_json_and_report(capsys, tmp_path, trace_file) -> None:
+    report = tmp_path / "sim"
+    code, out, _ = run(capsys, "simulate", str(trace_file), "--window", "10", "--interval", "10",
+                       "-r", "16", "-g", "8", "--compare", "--json", "--report", str(report))
+    assert code == 0
+    runs = json.loads(out)["runs"]
+    assert [r["summary"]["planner"] for r in runs] == ["eplb", "none", "greedy"]
+    assert (report / "simulation_over_time.png").exists()
+
+
+def test_simulate_incremental_table(capsys, trace_file) -> None:
+    code, out, _ = run(capsys, "simulate", str(trace_file), "--window", "10", "-r", "16", "-g",
+                       "8", "--incremental", "--estimator", "ema:5", "--max-moves", "4")
+    assert code == 0
+    assert "incremental" in out
+
+
+def test_simulate_too_short_trace(capsys, trace_file) -> None:
+    code, _, err = run(capsys, "simulate", str(trace_file), "--window", "30", "-r", "16", "-g", "8")
+    assert code == 2
+    assert_one_line_error(err)
+
+
+# ------------------------------------------------------------------------ demo
+
+
+def test_demo_quick(capsys, tmp_path) -> None:
+    code, out, _ = run(capsys, "demo", "--quick", "--out", str(tmp_path / "d"), "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert [s["policy"] for s in result["scenarios"]] == ["global", "hierarchical"]
+    assert (tmp_path / "d" / "report.md").exists()
+    code, _, err = run(capsys, "demo", "--quick", "--out", str(tmp_path / "d"))
+    assert code == 2
+    assert_one_line_error(err)
+
+
+def test_demo_full_default(capsys, tmp_path, monkeypatch) -> None:
+    """The real ``eplb demo`` with its defaults (writes ./eplb-demo-report)."""
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "demo")
+    assert code == 0
+    assert "deepseek-v3 global" in out and "deepseek-v3 hierarchical" in out
+    written = sorted(p.name for p in (tmp_path / "eplb-demo-report").iterdir())
+    assert "report.md" in written and "report.html" in written
+    assert sum(name.endswith(".png") for name in written) == 5
+
+
+# ------------------------------------------------------------------------ subprocess
+
+
+def _eplb_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "eplb"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "eplb"]
+
+
+def test_subprocess_entry_point_and_module(tmp_path, loads) -> None:
+    done = subprocess.run([sys.executable, "-m", "eplb", "--version"], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 0 and "eplb" in done.stdout
+    done = subprocess.run([*_eplb_cmd(), "plan", str(tmp_path / "missing.json"), "-r", "20",
+                           "-g", "4", "-o", str(tmp_path / "p.json")],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert_one_line_error(done.stderr)
+    done = subprocess.run([*_eplb_cmd(), "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                           str(tmp_path / "p.json"), "--json"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["layers"] == L

@@ -1,0 +1,187 @@
+"""eplb placements for SGLang 0.5.23, parsed by SGLang's own released code.
+
+The tests import the real ``sglang/srt/eplb/expert_location.py`` of the sglang==0.5.23
+wheel fetched by ``scripts/fetch_engines.py`` and run the very function SGLang runs at
+start-up for ``--init-expert-location`` (``compute_initial_expert_location_metadata``)
+on files eplb wrote. ``eplb.integrations._engines.sglang_sources`` documents the stub
+modules (runtime settings, model loader, elastic EP off). DeepSeek-V3's
+``get_model_config_for_expert_location`` is executed from the real
+``sglang/srt/models/deepseek_v2.py``. Without the cache the tests skip visibly.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import eplb
+from eplb import Placement, Topology
+from eplb.api import resolve_policy
+from eplb.cli import main as cli_main
+from eplb.integrations._engines import extract_function, sglang_sources
+
+formats = pytest.importorskip("eplb.formats", reason="eplb.formats (placement writer) missing")
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
+NUM_LAYERS, NUM_EXPERTS, REPLICAS, GPUS, NODES, GROUPS = 61, 256, 288, 32, 4, 8
+MOE_IDS = list(range(3, 61))  # DeepSeek-V3: layers 0-2 are dense
+METHOD = "get_model_config_for_expert_location"
+
+
+def real_counts(name: str = "prefill_in4096.json") -> torch.Tensor:
+    """``[61, 256]`` int64 counts as SGLang dumped them (dense rows 0-2 are zero)."""
+    path = REAL / name
+    if not path.is_file():
+        pytest.skip(f"real DeepSeek-V3 loads not found at {path}")
+    return torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.int64)
+
+
+def _deepseek_model_class(root: Path, expert_location: types.ModuleType) -> type:
+    """A model class whose ``get_model_config_for_expert_location`` is SGLang's own code."""
+    path = root / "sglang/srt/models/deepseek_v2.py"
+    tree = ast.parse(path.read_text())
+    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
+        for node in cls.body:
+            if isinstance(node, ast.FunctionDef) and node.name == METHOD:
+                node.decorator_list = []  # re-wrapped as a classmethod below
+                namespace = {
+                    "ModelConfigForExpertLocation": expert_location.ModelConfigForExpertLocation
+                }
+                exec(compile(ast.Module([node], []), str(path), "exec"), namespace)
+                method = classmethod(namespace[node.name])
+                return type(cls.name, (), {node.name: method})
+    raise LookupError(f"{path}: no get_model_config_for_expert_location")
+
+
+@pytest.fixture
+def sglang(sglang_root):
+    """SGLang's expert-location code with DeepSeek-V3 on 32 GPUs x 4 nodes, 32 redundant."""
+    settings = types.SimpleNamespace(
+        device=types.SimpleNamespace(device="cpu"),
+        exec=types.SimpleNamespace(moe=types.SimpleNamespace(
+            init_expert_location="trivial",
+            ep_num_redundant_experts=REPLICAS - NUM_EXPERTS,
+            ep_dispatch_algorithm="dynamic",
+            moe_a2a_backend="none",
+            eplb_algorithm="auto",
+            ep_join_mode="none",
+        )),
+        parallel=types.SimpleNamespace(
+            ep_size=GPUS, nnodes=NODES, tp_size=GPUS, elastic_ep_initial_size=None,
+            ep_join_rank_offset=0,
+        ),
+    )
+    with sglang_sources(sglang_root, settings) as ns:
+        model_class = _deepseek_model_class(sglang_root, ns.expert_location)
+        hf_config = types.SimpleNamespace(
+            num_hidden_layers=NUM_LAYERS, n_routed_experts=NUM_EXPERTS, n_group=GROUPS
+        )
+        ns.model_config = types.SimpleNamespace(hf_config=hf_config, model_class=model_class)
+        yield ns
+
+
+def sglang_start(sglang, init_expert_location: str, moe_ep_rank: int = 0):
+    """What an SGLang rank computes at start-up from ``--init-expert-location``."""
+    sglang.settings.exec.moe.init_expert_location = init_expert_location
+    return sglang.expert_location.compute_initial_expert_location_metadata(
+        sglang.model_config, moe_ep_rank=moe_ep_rank
+    )
+
+
+def check_sglang_view(meta, placement: Placement, layer_ids: list[int]) -> None:
+    """SGLang's metadata must hold exactly our placement on the MoE layers."""
+    assert meta.physical_to_logical_map.shape == (NUM_LAYERS, REPLICAS)
+    assert meta.ep_size == GPUS and meta.num_local_physical_experts == REPLICAS // GPUS
+    ids = torch.tensor(layer_ids)
+    assert torch.equal(meta.physical_to_logical_map_cpu[ids].long(), placement.phy2log)
+    # without an all-to-all backend SGLang keeps every replica as a dispatch candidate
+    l2p = meta.logical_to_all_physical_map_cpu[ids].long()
+    width = placement.log2phy.shape[-1]
+    assert torch.equal(l2p[..., :width], placement.log2phy)
+    assert bool((l2p[..., width:] == -1).all())
+    assert torch.equal(meta.logical_to_all_physical_map_num_valid[ids].long(), placement.logcnt)
+
+
+def test_sglang_parses_our_json_file_into_our_placement(sglang, tmp_path):
+    w = real_counts()[MOE_IDS]
+    placement = eplb.plan(w, REPLICAS, GPUS, NODES, GROUPS)
+    placement.validate()
+    path = formats.write_placement(placement, tmp_path / "init.json", emit="sglang",
+                                   layer_ids=MOE_IDS)
+    meta = sglang_start(sglang, str(path))
+    check_sglang_view(meta, placement, MOE_IDS)
+    # the dense layers SGLang still needs a row for get its own trivial map
+    trivial = torch.arange(REPLICAS) % NUM_EXPERTS
+    for layer in range(3):
+        assert torch.equal(meta.physical_to_logical_map_cpu[layer].long(), trivial)
+
+
+def test_sglang_accepts_the_placement_as_an_inline_json_string(sglang, tmp_path):
+    w = real_counts("decode_in1000out1000.json")[MOE_IDS]
+    placement = eplb.plan(w, REPLICAS, GPUS, NODES, GROUPS, policy="global")
+    path = formats.write_placement(placement, tmp_path / "p.json", emit="sglang", layer_ids=MOE_IDS)
+    meta = sglang_start(sglang, path.read_text())  # --init-expert-location '<json>'
+    check_sglang_view(meta, placement, MOE_IDS)
+
+
+def test_static_dispatch_of_every_rank_picks_a_replica_of_the_right_expert(sglang, tmp_path):
+    # DeepEP deployments: SGLang builds a per-rank dispatch table from our map
+    sglang.settings.exec.moe.moe_a2a_backend = "deepep"
+    sglang.settings.exec.moe.ep_dispatch_algorithm = "static"
+    w = real_counts("decode_in2000out100.json")[MOE_IDS]
+    placement = eplb.plan(w, REPLICAS, GPUS, NODES, GROUPS)
+    path = formats.write_placement(placement, tmp_path / "p.json", emit="sglang", layer_ids=MOE_IDS)
+    for rank in (0, GPUS - 1):
+        meta = sglang_start(sglang, str(path), moe_ep_rank=rank)
+        dispatch = meta.logical_to_rank_dispatch_physical_map[MOE_IDS].long()  # [58, 256]
+        assert torch.equal(placement.phy2log.gather(1, dispatch),
+                           torch.arange(NUM_EXPERTS).expand_as(dispatch))
+
+
+def test_round_trip_recorder_dump_plan_launch(sglang, tmp_path):
+    """SGLang recorder dump -> ``eplb plan --emit sglang`` -> SGLang start-up."""
+    first = sglang_start(sglang, "trivial")  # the server in service before rebalancing
+    # per-slot counts as the recorder buffers them: [buffer, layers, slots], int32
+    load = real_counts("prefill_in2048.json").double()
+    per_slot = load.gather(1, first.physical_to_logical_map_cpu.long())
+    per_slot = per_slot / first.logical_to_all_physical_map_num_valid.double().gather(
+        1, first.physical_to_logical_map_cpu.long())
+    buffer = torch.stack([per_slot * f for f in (0.5, 1.0, 1.5)]).round().to(torch.int32)
+    # SGLang's own conversion to logical counts, then the dict its _dump_to_file saves
+    to_logical = extract_function(
+        sglang.root / "sglang/srt/eplb/expert_distribution.py",
+        "_convert_global_physical_count_to_logical_count", {"torch": torch},
+    )
+    logical = to_logical(buffer, NUM_LAYERS, NUM_EXPERTS, first.physical_to_logical_map)
+    dump = tmp_path / "expert_distribution_recorder_1700000000.0.pt"
+    torch.save({"rank": 0, "logical_count": logical,
+                "average_utilization_rate_over_window": None}, dump)
+
+    out = tmp_path / "init.sglang.json"
+    code = cli_main(["plan", str(dump), "-r", str(REPLICAS), "-g", str(GPUS),
+                     "--nodes", str(NODES), "--groups", str(GROUPS),
+                     "-o", str(out), "--emit", "sglang"])
+    assert code == 0, "eplb plan failed"
+    meta = sglang_start(sglang, str(out))
+    # what SGLang now serves is a valid plan for the dumped loads
+    trace = formats.read_loads(dump)
+    weight = trace.counts.sum(0)[MOE_IDS]
+    topo = Topology(REPLICAS, GPUS, NODES, GROUPS)
+    served = Placement.from_phy2log(meta.physical_to_logical_map_cpu[MOE_IDS].long(), NUM_EXPERTS,
+                                    topo, resolve_policy("auto", topo, NUM_EXPERTS))
+    served.validate()
+    assert served.balancedness(weight) > Placement.from_phy2log(
+        first.physical_to_logical_map_cpu[MOE_IDS].long(), NUM_EXPERTS,
+        Topology(REPLICAS, GPUS, NODES, GROUPS)).balancedness(weight)
+
+
+def test_documented_sglang_flags_exist(sglang_root):
+    text = (sglang_root / "sglang/srt/arg_groups/fields/exec_.py").read_text()
+    for field in ("init_expert_location", "enable_eplb", "ep_num_redundant_experts",
+                  "eplb_rebalance_num_iterations", "expert_distribution_recorder_mode"):
+        assert f"    {field}:" in text  # becomes --{field.replace('_', '-')}

@@ -1,0 +1,180 @@
+"""eplb's TensorRT-LLM load-balancer YAML against TensorRT-LLM's own constraints.
+
+TensorRT-LLM is not testable from its wheel here: PyPI's ``tensorrt_llm`` is a stub sdist
+that downloads the real (multi-GB, CUDA-only) wheel from NVIDIA's own index at install
+time. So :class:`MoeLoadBalancerConfigMirror` restates, check for check, the code that
+consumes the YAML, read from TensorRT-LLM's public sources:
+
+- ``tensorrt_llm/llmapi/llm_args.py``, ``TorchLlmArgs.validate_load_balancer``: a string
+  ``moe_config.load_balancer`` is a path; the file is read with ``yaml.safe_load`` and
+  passed as ``MoeLoadBalancerConfig(**doc)``.
+- same file, ``class MoeLoadBalancerConfig`` (pydantic; fields ``num_slots: Optional[int]``,
+  ``initial_global_assignments: Optional[Dict[int, List[int]]]``,
+  ``layer_updates_per_iter: int = 0``): ``setup(ep_rank, ep_size)`` raises unless
+  ``num_slots`` is set and ``num_slots % ep_size == 0``; ``slot_start = ep_rank *
+  num_slots // ep_size``; ``get_layer_initial_global_assignments(layer_idx)`` raises
+  ``KeyError`` for a missing layer and ``ValueError`` unless ``len == num_slots``.
+- ``tensorrt_llm/_torch/modules/fused_moe/interface.py`` (MoE module set-up with a load
+  balancer): asserts the assignment is a ``list``, ``num_slots >= num_experts`` and
+  ``set(assignment) == set(range(num_experts))``; it asks for the layer's own
+  ``layer_idx`` (DeepSeek-V3's MoE layers are 3..60).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import eplb
+from eplb.api import resolve_policy
+from eplb.cli import main as cli_main
+
+formats = pytest.importorskip("eplb.formats", reason="eplb.formats (placement writer) missing")
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
+NUM_EXPERTS, REPLICAS, GPUS, NODES, GROUPS = 256, 288, 32, 4, 8
+MOE_IDS = list(range(3, 61))
+
+
+class MoeLoadBalancerConfigMirror:
+    """The checks TensorRT-LLM runs on a load-balancer config (see the module docstring)."""
+
+    FIELDS = ("num_slots", "initial_global_assignments", "layer_updates_per_iter")
+
+    def __init__(self, **doc):
+        unknown = set(doc) - set(self.FIELDS)
+        if unknown:  # pydantic model: unknown keyword arguments are rejected
+            raise TypeError(f"unexpected fields {sorted(unknown)}")
+        self.num_slots = doc.get("num_slots")
+        self.initial_global_assignments = doc.get("initial_global_assignments")
+        self.layer_updates_per_iter = doc.get("layer_updates_per_iter", 0)
+        if self.num_slots is not None and not isinstance(self.num_slots, int):
+            raise TypeError("num_slots must be an int")
+        if not isinstance(self.layer_updates_per_iter, int):
+            raise TypeError("layer_updates_per_iter must be an int")
+        if self.initial_global_assignments is not None:
+            if not isinstance(self.initial_global_assignments, dict):
+                raise TypeError("initial_global_assignments must be a dict")
+            for key, row in self.initial_global_assignments.items():
+                if not isinstance(key, int) or not isinstance(row, list):
+                    raise TypeError("initial_global_assignments must map int -> list[int]")
+                if not all(isinstance(v, int) for v in row):
+                    raise TypeError(f"layer {key}: assignments must be ints")
+
+    def setup(self, ep_rank: int, ep_size: int) -> None:
+        self.ep_rank, self.ep_size = ep_rank, ep_size
+        if self.num_slots is None:
+            raise ValueError("`num_slots` cannot be None when calling setup().")
+        if self.num_slots % ep_size != 0:
+            raise ValueError(f"`num_slots` ({self.num_slots}) must be divisible by `ep_size`")
+
+    @property
+    def slot_start(self) -> int:
+        return self.ep_rank * (self.num_slots // self.ep_size)
+
+    def get_layer_initial_global_assignments(self, layer_idx: int) -> list[int] | None:
+        if self.initial_global_assignments is None:
+            return None
+        if layer_idx not in self.initial_global_assignments:
+            raise KeyError(f"layer_idx {layer_idx} not found in `initial_global_assignments`.")
+        row = self.initial_global_assignments[layer_idx]
+        if len(row) != self.num_slots:
+            raise ValueError(f"Assignment length ({len(row)}) does not match `num_slots`")
+        return row
+
+    def moe_layer_init(self, layer_idx: int, num_experts: int) -> list[int]:
+        """The MoE module's own checks on its layer's assignment."""
+        row = self.get_layer_initial_global_assignments(layer_idx)
+        assert isinstance(row, list)
+        if not (len(row) == self.num_slots and self.num_slots >= num_experts
+                and set(row) == set(range(num_experts))):
+            raise AssertionError(f"layer {layer_idx}: assignment rejected by the MoE module")
+        return row
+
+
+def trtllm_loads(path: Path, ep_size: int, moe_layers: list[int], num_experts: int):
+    """Load ``path`` exactly as TensorRT-LLM does and run every check for every rank."""
+    with open(path) as handle:
+        doc = yaml.safe_load(handle)
+    config = MoeLoadBalancerConfigMirror(**doc)
+    rows = {}
+    for rank in range(ep_size):
+        config.setup(ep_rank=rank, ep_size=ep_size)
+        for layer in moe_layers:
+            rows[layer] = config.moe_layer_init(layer, num_experts)
+    return config, rows
+
+
+def real_loads(name: str = "prefill_in1024.json") -> torch.Tensor:
+    path = REAL / name
+    if not path.is_file():
+        pytest.skip(f"real DeepSeek-V3 loads not found at {path}")
+    return torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.int64)[MOE_IDS]
+
+
+@pytest.mark.parametrize("policy", ["auto", "global"])
+def test_our_yaml_satisfies_moe_load_balancer_config(tmp_path, policy):
+    placement = eplb.plan(real_loads(), REPLICAS, GPUS, NODES, GROUPS, policy=policy)
+    placement.validate()
+    path = formats.write_placement(placement, tmp_path / "lb.yaml", emit="trtllm",
+                                   layer_ids=MOE_IDS)
+    config, rows = trtllm_loads(path, GPUS, MOE_IDS, NUM_EXPERTS)
+    assert config.num_slots == REPLICAS and config.layer_updates_per_iter == 0
+    # TensorRT-LLM's rank r serves slots [r*S, (r+1)*S): the same slot order as eplb
+    assert torch.equal(torch.tensor([rows[i] for i in MOE_IDS]), placement.phy2log)
+
+
+def test_mirror_rejects_what_tensorrt_llm_rejects(tmp_path):
+    placement = eplb.plan(real_loads()[:2], REPLICAS, GPUS)
+    good = {"num_slots": REPLICAS, "layer_updates_per_iter": 0,
+            "initial_global_assignments": dict(
+                zip([3, 4], placement.phy2log.tolist(), strict=True))}
+    trtllm_loads(_dump(tmp_path / "ok.yaml", good), GPUS, [3, 4], NUM_EXPERTS)
+    bad = [
+        ({**good, "comment": "x"}, TypeError),  # unknown field
+        ({**good, "num_slots": 290}, ValueError),  # not divisible by ep_size 32
+        ({**good, "initial_global_assignments": {3: good["initial_global_assignments"][3]}},
+         KeyError),  # layer 4 missing
+        ({**good, "initial_global_assignments": {3: [0] * REPLICAS, 4: [0] * REPLICAS}},
+         AssertionError),  # experts without a slot
+    ]
+    for i, (doc, error) in enumerate(bad):
+        with pytest.raises(error):
+            trtllm_loads(_dump(tmp_path / f"bad{i}.yaml", doc), GPUS, [3, 4], NUM_EXPERTS)
+
+
+def _dump(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_round_trip_stats_folder_plan_yaml(tmp_path):
+    """TensorRT-LLM statistics folder -> ``eplb plan ... -o lb.yaml`` -> TensorRT-LLM checks."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    loads = real_loads("decode_in500out1500.json")
+    stats = tmp_path / "expert_statistic"
+    stats.mkdir()
+    (stats / "meta_info.json").write_text(
+        json.dumps({"num_experts": NUM_EXPERTS, "num_experts_per_token": 8})
+    )
+    # 4 ranks x 3 iterations, keys "{iter}_{layer}" -> int64 [E]; ranks sum to the load
+    share = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    for rank in range(4):
+        tensors = {
+            f"{it}_{layer}": (loads[row] * share[rank] / 3).round().to(torch.int64)
+            for it in range(3) for row, layer in enumerate(MOE_IDS)
+        }
+        safetensors_torch.save_file(tensors, str(stats / f"rank{rank}.safetensors"))
+    out = tmp_path / "lb.yaml"
+    assert cli_main(["plan", str(stats), "-r", str(REPLICAS), "-g", str(GPUS),
+                     "--nodes", str(NODES), "--groups", str(GROUPS), "-o", str(out)]) == 0
+    config, rows = trtllm_loads(out, GPUS, MOE_IDS, NUM_EXPERTS)
+    assert sorted(config.initial_global_assignments) == MOE_IDS
+    topo = eplb.Topology(REPLICAS, GPUS, NODES, GROUPS)
+    served = eplb.Placement.from_phy2log(torch.tensor([rows[i] for i in MOE_IDS]), NUM_EXPERTS,
+                                         topo, resolve_policy("auto", topo, NUM_EXPERTS))
+    served.validate()

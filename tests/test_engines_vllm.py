@@ -1,0 +1,300 @@
+"""eplb as vLLM 0.33's EPLB policy, checked against vLLM's released code.
+
+The cache tests import the real files of the vllm==0.33.0 wheel fetched by
+``scripts/fetch_engines.py`` (``vllm/distributed/eplb/policy/*.py``, ``vllm/plugins``,
+``compute_logical_maps`` from ``eplb_state.py``); ``eplb.integrations._engines.vllm_sources``
+documents the few stub modules it puts in ``sys.modules`` for the package shells whose
+real ``__init__`` would start the engine. Without the cache those tests skip visibly.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import inspect
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import get_args
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import eplb
+from eplb import Placement, Topology
+from eplb.api import resolve_policy
+from eplb.integrations import vllm as plugin
+from eplb.integrations._engines import vllm_sources
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
+MOE_ROWS = slice(3, 61)  # DeepSeek-V3: rows 0-2 are dense layers
+
+
+def real_loads(name: str = "decode_in1000out1000.json") -> torch.Tensor:
+    """``[58, 256]`` int64 routed-token counts of DeepSeek-V3's MoE layers."""
+    path = REAL / name
+    if not path.is_file():
+        pytest.skip(f"real DeepSeek-V3 loads not found at {path}")
+    counts = json.loads(path.read_text())["logical_count"]
+    return torch.tensor(counts, dtype=torch.int64)[MOE_ROWS]
+
+
+@pytest.fixture(autouse=True)
+def _planner_did_not_fall_back(caplog):
+    """The plugin falls back to vLLM's policy on a planner error; here that must not hide one."""
+    yield
+    errors = [r for r in caplog.get_records("call")
+              if r.name == plugin.logger.name and r.levelno >= logging.ERROR]
+    assert not errors, f"eplb's planner failed and the plugin fell back: {errors[0].getMessage()}"
+
+
+@pytest.fixture
+def vllm(vllm_root, monkeypatch):
+    """vLLM's real policy package and plugin loader, fresh for every test."""
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    monkeypatch.delenv(plugin.ENV_VAR, raising=False)
+    monkeypatch.delenv(plugin.OPTIONS_ENV_VAR, raising=False)
+    with vllm_sources(vllm_root) as ns:
+        yield ns
+
+
+class Spy:
+    """Records the keyword arguments the plugin passes to eplb.rebalance_experts."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[dict] = []
+        real = eplb.rebalance_experts
+
+        def spy(*args, **kwargs):
+            self.calls.append(kwargs)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(eplb, "rebalance_experts", spy)
+
+
+def check_with_vllm_maps(
+    vllm, phy2log: torch.Tensor, weight: torch.Tensor, topo: Topology, anti_affinity: bool = True
+) -> Placement:
+    """Feed ``phy2log`` to vLLM's own ``compute_logical_maps`` and check what it derives."""
+    assert phy2log.dtype == torch.int64 and phy2log.device.type == "cpu"
+    num_layers, num_experts = weight.shape
+    assert phy2log.shape == (num_layers, topo.num_replicas)
+    log2phy, logcnt = vllm.compute_logical_maps(phy2log, num_experts)
+    assert bool((logcnt >= 1).all()), "vLLM would find an expert with no replica"
+    assert torch.equal(logcnt.sum(1), torch.full((num_layers,), topo.num_replicas))
+    # label it with the policy eplb (and vLLM) pick for this topology, so validate()
+    # checks hierarchical locality and counts only the GPUs an expert may live on
+    policy = resolve_policy("auto", topo, num_experts)
+    ours = Placement.from_phy2log(phy2log, num_experts, topo, policy)
+    ours.validate(anti_affinity=anti_affinity)
+    assert torch.equal(logcnt, ours.logcnt)
+    width = log2phy.shape[-1]
+    assert torch.equal(log2phy, ours.log2phy[..., :width])
+    assert bool((ours.log2phy[..., width:] == -1).all())
+    return ours
+
+
+# -- register(): the opt-in switch -----------------------------------------------------------
+
+
+def test_entry_point_is_declared_for_vllm_general_plugins():
+    points = importlib.metadata.entry_points(group="vllm.general_plugins")
+    assert {p.name: p.value for p in points}.get("eplb") == "eplb.integrations.vllm:register"
+
+
+def test_register_without_vllm_is_a_noop(monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm...` fail
+    assert plugin.register() is False
+
+
+def test_register_without_env_var_leaves_vllm_alone(vllm):
+    before = dict(vllm.EPLB_POLICIES)
+    assert plugin.register() is False
+    assert vllm.EPLB_POLICIES == before == {"default": vllm.DefaultEplbPolicy}
+
+
+@pytest.mark.parametrize(
+    "env", [{plugin.ENV_VAR: "bogus"}, {plugin.ENV_VAR: "eplb", plugin.OPTIONS_ENV_VAR: "{"},
+            {plugin.ENV_VAR: "eplb", plugin.OPTIONS_ENV_VAR: '{"not_an_option": 1}'},
+            {plugin.ENV_VAR: "eplb", plugin.OPTIONS_ENV_VAR: "[1, 2]"}]
+)
+def test_register_with_bad_settings_logs_and_changes_nothing(vllm, monkeypatch, caplog, env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert plugin.register() is False
+    assert {"default": vllm.DefaultEplbPolicy} == vllm.EPLB_POLICIES
+    assert "eplb" in caplog.text
+
+
+def test_vllm_plugin_loader_installs_eplb_as_every_configurable_policy(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    vllm.plugins.load_general_plugins()  # vLLM's own loader, as every vLLM process runs it
+    cls = vllm.EPLB_POLICIES["eplb"]
+    assert issubclass(cls, vllm.AbstractEplbPolicy) and issubclass(cls, plugin.EplbPolicy)
+    # vLLM looks the class up as EPLB_POLICIES[eplb_config.policy]; 0.33 allows only
+    # the names of EPLBPolicyOption, so each of them must now give eplb.
+    assert get_args(vllm.EPLBPolicyOption) == ("default",)
+    for name in get_args(vllm.EPLBPolicyOption):
+        assert vllm.EPLB_POLICIES[name] is cls
+
+
+def test_register_only_mode_keeps_vllm_default(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "register")
+    assert plugin.register() is True
+    assert vllm.EPLB_POLICIES["default"] is vllm.DefaultEplbPolicy
+    assert issubclass(vllm.EPLB_POLICIES["eplb"], vllm.AbstractEplbPolicy)
+
+
+def test_vllm_plugins_allowlist_must_name_eplb(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setattr(sys.modules["vllm.envs"], "VLLM_PLUGINS", ["some_other_plugin"])
+    vllm.plugins.load_general_plugins()
+    assert {"default": vllm.DefaultEplbPolicy} == vllm.EPLB_POLICIES
+
+
+def test_options_env_var_reaches_the_planner(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, '{"seed": 7, "policy": "global"}')
+    assert plugin.register() is True
+    spy = Spy(monkeypatch)
+    weight = real_loads()[:4]
+    vllm.EPLB_POLICIES["default"].rebalance_experts(weight, 288, 8, 4, 32)
+    assert spy.calls[-1]["seed"] == 7 and spy.calls[-1]["policy"] == "global"
+
+
+# -- the policy interface --------------------------------------------------------------------
+
+
+def test_policy_implements_vllm_abstract_interface(vllm):
+    cls = plugin.vllm_policy_class()
+    assert issubclass(cls, vllm.AbstractEplbPolicy)
+    assert not inspect.isabstract(cls)
+    cls()  # instantiable: no abstract method left
+    assert isinstance(inspect.getattr_static(cls, "rebalance_experts"), classmethod)
+    theirs = inspect.signature(vllm.AbstractEplbPolicy.rebalance_experts)
+    ours = inspect.signature(cls.rebalance_experts)
+    assert [(p.name, p.kind, p.default) for p in ours.parameters.values()] == [
+        (p.name, p.kind, p.default) for p in theirs.parameters.values()
+    ]
+    assert plugin.vllm_policy_class() is cls  # cached: repeated registration is stable
+
+
+@pytest.mark.parametrize(("groups", "nodes"), [(8, 4), (1, 1)], ids=["hierarchical", "global"])
+def test_plan_through_vllm_registry_passes_vllm_consumers(vllm, monkeypatch, groups, nodes):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    vllm.plugins.load_general_plugins()
+    policy = vllm.EPLB_POLICIES["default"]
+    weight = real_loads()
+    topo = Topology(288, 32, nodes, groups)
+    # as vLLM's EplbState.rearrange calls it: positional, CPU tensors, old map last
+    phy2log = policy.rebalance_experts(weight, 288, groups, nodes, 32, None)
+    ours = check_with_vllm_maps(vllm, phy2log, weight, topo)
+
+    theirs_map = vllm.DefaultEplbPolicy.rebalance_experts(weight, 288, groups, nodes, 32, None)
+    # DeepSeek's greedy may put two replicas of one expert on one GPU
+    theirs = check_with_vllm_maps(vllm, theirs_map, weight, topo, anti_affinity=False)
+    # a drop-in must not balance (materially) worse than the policy it replaces
+    assert ours.balancedness(weight) >= theirs.balancedness(weight) - 2e-3
+
+
+def test_incremental_plan_gets_vllms_current_map(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    plugin.register()
+    policy = vllm.EPLB_POLICIES["default"]
+    spy = Spy(monkeypatch)
+    first, second = real_loads("prefill_in4096.json"), real_loads("decode_in2000out100.json")
+    old = policy.rebalance_experts(first, 288, 8, 4, 32)
+    new = policy.rebalance_experts(second, 288, 8, 4, 32, old.clone())
+    assert torch.equal(spy.calls[-1]["old_phy2log"], old)
+    check_with_vllm_maps(vllm, new, second, Topology(288, 32, 4, 8))
+
+
+def test_old_map_of_other_shape_or_with_empty_slots_is_not_used(monkeypatch):
+    spy = Spy(monkeypatch)
+    weight = torch.rand(3, 16)
+    old = eplb.rebalance_experts(weight, 24, 1, 1, 4)[0]
+    plugin.EplbPolicy.rebalance_experts(weight, 32, 1, 1, 4, old)  # elastic EP: R changed
+    assert spy.calls[-1]["old_phy2log"] is None
+    holes = old.clone()
+    holes[:, :6] = -1  # vLLM marks slots of GPUs being added with -1
+    plugin.EplbPolicy.rebalance_experts(weight, 24, 1, 1, 4, holes)
+    assert spy.calls[-1]["old_phy2log"] is None
+
+
+def test_profile_run_with_zero_loads(vllm):
+    # vLLM runs one rearrangement during its memory-profiling run, on empty load windows
+    weight = torch.zeros(58, 256, dtype=torch.int64)
+    phy2log = plugin.vllm_policy_class().rebalance_experts(weight, 288, 8, 4, 32)
+    check_with_vllm_maps(vllm, phy2log, weight.double(), Topology(288, 32, 4, 8))
+
+
+def test_planner_error_falls_back_to_vllm_default(vllm, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(eplb, "rebalance_experts", broken)
+    weight = real_loads()[:6]
+    got = plugin.vllm_policy_class().rebalance_experts(weight, 288, 8, 4, 32)
+    want = vllm.DefaultEplbPolicy.rebalance_experts(weight, 288, 8, 4, 32)
+    assert torch.equal(got, want)
+    assert "planner bug" in caplog.text
+    caplog.clear()  # the fall-back was the point here
+
+
+def test_planner_error_without_vllm_is_raised(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(eplb, "rebalance_experts", broken)
+    with pytest.raises(RuntimeError, match="planner bug"):
+        plugin.EplbPolicy.rebalance_experts(torch.rand(2, 8), 8, 1, 1, 2)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    layers=st.integers(1, 4),
+    groups_per_node=st.integers(1, 2),
+    nodes=st.sampled_from([1, 2]),
+    experts_per_group=st.integers(1, 4),
+    gpus_per_node=st.integers(1, 4),
+    extra_per_gpu=st.integers(0, 2),
+    seed=st.integers(0, 2**16),
+)
+def test_any_shape_through_registry_is_consumable_by_vllm(
+    vllm, monkeypatch, layers, groups_per_node, nodes, experts_per_group, gpus_per_node,
+    extra_per_gpu, seed,
+):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    plugin.register()
+    groups = groups_per_node * nodes
+    experts = groups * experts_per_group
+    gpus = gpus_per_node * nodes
+    replicas = -(-experts // gpus) * gpus + extra_per_gpu * gpus  # >= E, multiple of P
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randint(0, 1000, (layers, experts), generator=gen)
+    phy2log = vllm.EPLB_POLICIES["default"].rebalance_experts(weight, replicas, groups, nodes, gpus)
+    check_with_vllm_maps(vllm, phy2log, weight, Topology(replicas, gpus, nodes, groups))
+
+
+# -- the launch command documented in the README ---------------------------------------------
+
+
+def test_documented_vllm_flags_and_config_fields_exist(vllm_root):
+    args = (vllm_root / "vllm/engine/arg_utils.py").read_text()
+    for flag in ("--enable-eplb", "--eplb-config", "--enable-expert-parallel"):
+        assert f'"{flag}"' in args
+    tree = ast.parse((vllm_root / "vllm/config/parallel.py").read_text())
+    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "EPLBConfig")
+    fields = {n.target.id for n in config.body if isinstance(n, ast.AnnAssign)}
+    documented = {"window_size", "step_interval", "num_redundant_experts", "policy", "use_async"}
+    assert documented <= fields

@@ -1,0 +1,808 @@
+"""eplb.formats: reading every engine's load statistics, writing/reading every placement format."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import eplb
+from eplb.formats import (
+    EMITS,
+    FORMATS,
+    FormatError,
+    LoadTrace,
+    detect_format,
+    read_loads,
+    read_placement,
+    read_placement_meta,
+    write_loads,
+    write_placement,
+)
+
+REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+L, E, T = 3, 8, 4
+
+
+def counts_tle(seed: int = 0, steps: int = T) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1000, (steps, L, E), generator=g).to(torch.int64)
+
+
+# ----------------------------------------------------------------------- writers of inputs
+def write_sglang_pt(path: Path, counts: torch.Tensor) -> Path:
+    torch.save(
+        {
+            "rank": 0,
+            "logical_count": counts.to(torch.int32),
+            "average_utilization_rate_over_window": None,
+        },
+        path,
+    )
+    return path
+
+
+def write_per_pass(path: Path, counts: torch.Tensor, rank: int = 0, first_pass: int = 0) -> Path:
+    """An SGLang per-pass dump whose physical slots map back to ``counts`` [T, L, E]."""
+    num_slots = E + 4
+    phys_map = torch.arange(num_slots).repeat(L, 1) % E  # experts 0..3 have two slots
+    records = []
+    for t in range(counts.shape[0]):
+        phys = torch.zeros(L, num_slots, dtype=torch.int32)
+        for s in range(num_slots):
+            e = s % E
+            share = counts[t, :, e] // 2 if e < 4 else counts[t, :, e]
+            extra = counts[t, :, e] - share if (e < 4 and s >= E) else 0
+            phys[:, s] = (share if s < E or e >= 4 else extra).to(torch.int32)
+        records.append(
+            {
+                "forward_pass_id": first_pass + t,
+                "rank": rank,
+                "gatherer_key": "primary",
+                "global_physical_count": phys,
+            }
+        )
+    torch.save({"records": records, "last_physical_to_logical_map": phys_map}, path)
+    return path
+
+
+def write_trtllm(folder: Path, counts: torch.Tensor, layers=(3, 4, 5), ranks=2) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(
+        json.dumps({"num_experts": E, "num_experts_per_token": 2})
+    )
+    share = counts // ranks
+    for r in range(ranks):
+        part = share if r < ranks - 1 else counts - share * (ranks - 1)
+        tensors = {
+            f"{10 + t}_{layer}": part[t, i].to(torch.int64).contiguous()
+            for t in range(counts.shape[0])
+            for i, layer in enumerate(layers)
+        }
+        save_file(tensors, str(folder / f"rank{r}.safetensors"))
+    return folder
+
+
+def write_history(path: Path, counts: torch.Tensor, extra: bool = True) -> Path:
+    doc = {
+        "load_history": [
+            {"logical_expert_load": c.tolist(), "step": i} for i, c in enumerate(counts)
+        ]
+    }
+    if extra:
+        doc = {"model": "synthetic", **doc, "window": 100}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def topk_ids(tokens: int = 50, k: int = 2, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.stack(
+        [torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(L)]) for _ in range(tokens)]
+    ).to(torch.int8)
+
+
+def bincount_ids(ids: torch.Tensor) -> torch.Tensor:
+    ids = ids.to(torch.int64)
+    return torch.stack(
+        [
+            torch.bincount(ids[:, layer][ids[:, layer] >= 0].flatten(), minlength=E)
+            for layer in range(ids.shape[1])
+        ]
+    ).to(torch.float64)
+
+
+# ------------------------------------------------------------------------ detection + reads
+def test_formats_constant_lists_every_reader():
+    assert set(FORMATS) >= {
+        "sglang",
+        "sglang-per-pass",
+        "trtllm",
+        "vllm-history",
+        "topk",
+        "npy",
+        "npz",
+        "pt",
+        "safetensors",
+        "json",
+        "csv",
+    }
+
+
+def test_sglang_pt_dump(tmp_path):
+    c = counts_tle()
+    path = write_sglang_pt(tmp_path / "expert_distribution_recorder_1.pt", c)
+    assert detect_format(path) == "sglang"
+    trace = read_loads(path)
+    assert trace.format == "sglang"
+    assert trace.counts.dtype == torch.float64
+    assert torch.equal(trace.counts, c.double())
+    assert trace.layer_ids == list(range(L))
+    assert trace.meta["rank"] == 0
+
+
+@pytest.mark.parametrize("shape", ["LE", "TLE"])
+def test_sglang_json(tmp_path, shape):
+    c = counts_tle()
+    value = c[0] if shape == "LE" else c
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"logical_count": value.tolist()}))
+    assert detect_format(path) == "sglang"
+    trace = read_loads(path)
+    want = value.double() if shape == "TLE" else value.double()[None]
+    assert torch.equal(trace.counts, want)
+
+
+def test_sglang_per_pass_maps_slots_to_logical_experts(tmp_path):
+    c = counts_tle()
+    path = write_per_pass(tmp_path / "dump.pt", c)
+    assert detect_format(path) == "sglang-per-pass"
+    trace = read_loads(path)
+    assert torch.equal(trace.counts, c.double())
+    assert trace.meta["forward_pass_ids"] == list(range(T))
+
+
+def test_sglang_per_pass_folder_sums_ranks(tmp_path):
+    c0, c1 = counts_tle(0), counts_tle(1)
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    write_per_pass(folder / "expert_distribution_recorder_1.0_0.pt", c0, rank=0)
+    write_per_pass(folder / "expert_distribution_recorder_1.0_1.pt", c1, rank=1)
+    assert detect_format(folder) == "sglang-per-pass"
+    trace = read_loads(folder)
+    assert torch.equal(trace.counts, (c0 + c1).double())
+    assert trace.meta["ranks"] == [0, 1]
+
+
+def test_trtllm_folder_sums_ranks(tmp_path):
+    c = counts_tle()
+    folder = write_trtllm(tmp_path / "stats", c)
+    assert detect_format(folder) == "trtllm"
+    trace = read_loads(folder)
+    assert torch.equal(trace.counts, c.double())
+    assert trace.layer_ids == [3, 4, 5]
+    assert trace.meta["iterations"] == [10, 11, 12, 13]
+    assert trace.meta["num_experts_per_token"] == 2
+    single = read_loads(folder / "rank0.safetensors")
+    assert single.format == "trtllm" and single.counts.shape == (T, L, E)
+
+
+def test_vllm_history_streams_with_tiny_chunks(tmp_path, monkeypatch):
+    import eplb.formats.history as history
+
+    c = counts_tle(steps=7)
+    path = write_history(tmp_path / "hist.json", c)
+    assert detect_format(path) == "vllm-history"
+    want = read_loads(path)
+    assert torch.equal(want.counts, c.double())
+    assert want.meta == {"model": "synthetic", "window": 100}
+    for chunk in (1, 3, 17, 64):  # entry and number boundaries split across chunks
+        monkeypatch.setattr(history, "_CHUNK", chunk)
+        assert torch.equal(read_loads(path).counts, c.double())
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    data=st.lists(
+        st.lists(
+            st.lists(st.floats(0, 1e6, allow_nan=False), min_size=2, max_size=2),
+            min_size=2,
+            max_size=2,
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    chunk=st.integers(1, 40),
+    spaces=st.booleans(),
+)
+def test_vllm_history_matches_json_load(tmp_path, monkeypatch, data, chunk, spaces):
+    import eplb.formats.history as history
+
+    path = tmp_path / "h.json"
+    doc = {"load_history": [{"logical_expert_load": d} for d in data]}
+    path.write_text(json.dumps(doc, indent=2 if spaces else None))
+    monkeypatch.setattr(history, "_CHUNK", chunk)
+    trace = read_loads(path, format="vllm-history")
+    assert torch.equal(trace.counts, torch.tensor(data, dtype=torch.float64))
+
+
+def test_vllm_history_progress_bar(tmp_path, capsys):
+    path = write_history(tmp_path / "hist.json", counts_tle())
+    trace = read_loads(path, progress=True)
+    assert trace.num_steps == T
+    assert "hist.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("container", ["npz", "pt", "npy", "safetensors"])
+def test_topk_trace_counts(tmp_path, container):
+    ids = topk_ids()
+    if container == "npz":
+        path = tmp_path / "r.npz"
+        np.savez(path, batch_topk_ids=ids.numpy(), batch_seq_lens=np.array([20, 30]))
+    elif container == "pt":
+        path = tmp_path / "r.pt"
+        torch.save({"topk_ids": ids}, path)
+    elif container == "safetensors":
+        from safetensors.torch import save_file
+
+        path = tmp_path / "r.safetensors"
+        save_file({"topk_ids": ids}, str(path))
+    else:
+        path = tmp_path / "r.npy"
+        np.save(path, ids.numpy())
+    fmt = None if container != "npy" else "topk"  # a bare int array is counts unless told
+    if fmt is None:
+        assert detect_format(path) == "topk"
+    trace = read_loads(path, format=fmt, num_experts=E)
+    assert trace.format == "topk"
+    assert trace.num_steps == 1
+    assert torch.equal(trace.counts[0], bincount_ids(ids))
+    assert trace.meta["top_k"] == 2
+
+
+def test_topk_windows_and_segments(tmp_path):
+    a, b = topk_ids(50, seed=1), topk_ids(23, seed=2)
+    a[0, 0, 0] = -1  # padding is not counted
+    path = tmp_path / "r.npz"
+    np.savez(path, a_topk_ids=a.numpy(), b_topk_ids=b.numpy())
+    whole = read_loads(path, num_experts=E)
+    assert whole.num_steps == 2  # one step per array by default
+    assert torch.equal(whole.counts[0], bincount_ids(a))
+    win = read_loads(path, tokens_per_step=20, num_experts=E)
+    assert win.meta["step_tokens"] == [20, 20, 10, 20, 3]
+    assert [s["steps"] for s in win.meta["segments"]] == [3, 2]
+    assert torch.equal(win.counts[:3].sum(0), bincount_ids(a))
+    assert torch.equal(win.counts[1], bincount_ids(a[20:40]))
+    only_b = read_loads(path, key="b_topk_ids", num_experts=E)
+    assert torch.equal(only_b.counts[0], bincount_ids(b))
+
+
+@pytest.mark.parametrize(
+    ("container", "rank"),
+    [
+        (c, r)
+        for c in ("pt", "npy", "npz", "safetensors", "json", "csv")
+        for r in (2, 3)
+        if (c, r) != ("csv", 3)
+    ],  # csv holds one [L, E] table
+)
+def test_plain_tensors(tmp_path, container, rank):
+    c = counts_tle().double()
+    value = c if rank == 3 else c[0]
+    path = tmp_path / f"w.{container}"
+    if container == "pt":
+        torch.save(value, path)
+    elif container == "npy":
+        np.save(path, value.numpy())
+    elif container == "npz":
+        np.savez(path, weight=value.numpy())
+    elif container == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file({"weight": value.contiguous()}, str(path))
+    elif container == "json":
+        path.write_text(json.dumps(value.tolist()))
+    else:
+        path.write_text("\n".join(",".join(str(x) for x in row) for row in value.tolist()))
+    assert detect_format(path) == container
+    trace = read_loads(path)
+    assert trace.format == container
+    assert torch.equal(trace.counts, value if rank == 3 else value[None])
+
+
+def test_csv_with_header_and_layer_column(tmp_path):
+    path = tmp_path / "w.csv"
+    path.write_text("layer,e0,e1,e2\n3,1,2,3\n4,4,5,6\n")
+    trace = read_loads(path)
+    assert trace.layer_ids == [3, 4]
+    assert trace.counts.tolist() == [[[1, 2, 3], [4, 5, 6]]]
+    path2 = tmp_path / "w2.csv"
+    path2.write_text("e0,e1\n1,2\n")
+    assert read_loads(path2).counts.tolist() == [[[1, 2]]]
+
+
+def test_layer_ids_override_and_trace_helpers(tmp_path):
+    c = counts_tle()
+    c[:, 0] = 0
+    path = write_sglang_pt(tmp_path / "d.pt", c)
+    trace = read_loads(path, layer_ids=[0, 3, 4])
+    assert trace.layer_ids == [0, 3, 4]
+    moe = trace.drop_empty_layers()
+    assert moe.layer_ids == [3, 4] and moe.counts.shape == (T, 2, E)
+    assert torch.equal(trace.windows(3).counts[0], c[:3].double().sum(0))
+    assert trace.windows(3).num_steps == 2
+    assert torch.equal(trace.total(), c.double().sum(0))
+    assert trace.select_layers([4, 3]).layer_ids == [4, 3]
+    with pytest.raises(ValueError, match="layer_ids has 2 entries"):
+        read_loads(path, layer_ids=[1, 2])
+    with pytest.raises(ValueError, match="unknown load format"):
+        read_loads(path, format="bogus")
+
+
+def test_load_trace_validates():
+    with pytest.raises(ValueError, match="steps, layers, experts"):
+        LoadTrace(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="finite"):
+        LoadTrace(torch.tensor([[[1.0, float("nan")]]]))
+    with pytest.raises(ValueError, match="finite"):
+        LoadTrace(torch.tensor([[[1.0, -2.0]]]))
+    with pytest.raises(ValueError, match="layer_ids"):
+        LoadTrace(torch.zeros(1, 2, 3), [0])
+    assert LoadTrace(torch.ones(1, 2, 3, dtype=torch.int32)).counts.dtype == torch.float64
+
+
+def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
+    folder = write_trtllm(tmp_path / "stats", counts_tle())
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    with pytest.raises(ImportError, match=r"pip install eplb\[safetensors\]"):
+        read_loads(folder)
+
+
+# -------------------------------------------------------------------------- malformed input
+def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
+    """(path, forced format, text the FormatError must contain)."""
+    cases = []
+
+    def add(name: str, content: bytes | str, fmt: str | None, expect: str) -> None:
+        path = tmp / name
+        if isinstance(content, str):
+            path.write_text(content)
+        else:
+            path.write_bytes(content)
+        cases.append((path, fmt, expect))
+
+    add("garbage.bin", b"\x01\x02\x03 not anything", None, "unrecognised content")
+    add("empty.json", b"", None, "unrecognised")
+    add(
+        "trunc_hist.json",
+        '{"load_history": [{"logical_expert_load": [[1, 2], [3',
+        None,
+        "malformed JSON",
+    )
+    add(
+        "ragged_hist.json",
+        json.dumps({"load_history": [{"logical_expert_load": [[1, 2], [3]]}]}),
+        None,
+        "rectangular",
+    )
+    add(
+        "shape_hist.json",
+        json.dumps(
+            {
+                "load_history": [
+                    {"logical_expert_load": [[1, 2]]},
+                    {"logical_expert_load": [[1, 2, 3]]},
+                ]
+            }
+        ),
+        None,
+        "but step 0 has",
+    )
+    add(
+        "nokey_hist.json",
+        json.dumps({"load_history": [{"loads": [[1]]}]}),
+        None,
+        "no 'logical_expert_load'",
+    )
+    add("empty_hist.json", json.dumps({"load_history": []}), None, "is empty")
+    add(
+        "neg_hist.json",
+        json.dumps({"load_history": [{"logical_expert_load": [[1, -2]]}]}),
+        None,
+        "negative",
+    )
+    add("tail_hist.json", '{"load_history": [[[1, 2]]]} trailing', None, "after the closing")
+    add("sglang_ragged.json", json.dumps({"logical_count": [[1, 2], [3]]}), None, "rectangular")
+    add("sglang_neg.json", json.dumps({"logical_count": [[1, -2]]}), None, ">= 0")
+    add("sglang_4d.json", json.dumps({"logical_count": [[[[1]]]]}), None, "expected [layers")
+    add("bad.json", '{"logical_count": [[1, 2]', None, "malformed JSON")
+    add("dict.json", json.dumps({"a": [[1]], "b": [[2]]}), None, "pass key=")
+    add("placement.json", json.dumps({"physical_to_logical_map": [[0, 1]]}), None, "read_placement")
+    add("ragged.csv", "1,2,3\n4,5\n", None, "has 2 cells")
+    add("word.csv", "1,2\n3,x\n", None, "expected a number")
+    add("notpt.pt", b"\x80\x04garbage", None, "torch")
+    add(
+        "badsafe.safetensors",
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
+        None,
+        "safetensors",
+    )
+    add("lb.yaml", "num_slots: 4\ninitial_global_assignments: {}\n", None, "YAML")
+    add("hist_as_sglang.json", json.dumps({"load_history": []}), "sglang", "'logical_count'")
+    add("json_as_npz.json", json.dumps([[1, 2]]), "npz", "expects a npz file")
+
+    np.save(tmp / "four_d.npy", np.zeros((1, 1, 1, 2)))
+    cases.append((tmp / "four_d.npy", None, "expected [layers"))
+    np.save(tmp / "nan.npy", np.array([[1.0, np.nan]]))
+    cases.append((tmp / "nan.npy", None, "finite"))
+    np.savez(tmp / "float_topk.npz", x_topk_ids=np.zeros((2, 1, 2)))
+    cases.append((tmp / "float_topk.npz", "topk", "integer array"))
+    np.savez(tmp / "big_topk.npz", x_topk_ids=np.full((2, 1, 2), 9, dtype=np.int8))
+    cases.append((tmp / "big_topk.npz", "topk", "num_experts=4"))
+    torch.save(
+        {
+            "records": [{"global_physical_count": torch.zeros(2, 3)}],
+            "last_physical_to_logical_map": torch.zeros(2, 4, dtype=torch.int64),
+        },
+        tmp / "perpass.pt",
+    )
+    cases.append((tmp / "perpass.pt", None, "expected (2, 4)"))
+    torch.save(
+        {
+            "records": [{"forward_pass_id": 0}],
+            "last_physical_to_logical_map": torch.zeros(2, 4, dtype=torch.int64),
+        },
+        tmp / "perpass2.pt",
+    )
+    cases.append((tmp / "perpass2.pt", None, "no 'global_physical_count'"))
+    torch.save({"something": torch.zeros(2)}, tmp / "other.pt")
+    cases.append((tmp / "other.pt", "sglang", "'logical_count'"))
+
+    from safetensors.torch import save_file
+
+    folder = tmp / "trt_badkey"
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(json.dumps({"num_experts": 2}))
+    save_file({"weights": torch.zeros(2, dtype=torch.int64)}, str(folder / "rank0.safetensors"))
+    cases.append((folder, None, "'{iter}_{layer}'"))
+    folder = tmp / "trt_missing"
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(json.dumps({"num_experts": 2}))
+    save_file(
+        {"0_3": torch.zeros(2, dtype=torch.int64), "1_4": torch.zeros(2, dtype=torch.int64)},
+        str(folder / "rank0.safetensors"),
+    )
+    cases.append((folder, None, "missing"))
+    folder = tmp / "trt_meta"
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(json.dumps({"experts": 2}))
+    cases.append((folder, None, "num_experts"))
+    folder = tmp / "trt_width"
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(json.dumps({"num_experts": 3}))
+    save_file({"0_3": torch.zeros(2, dtype=torch.int64)}, str(folder / "rank0.safetensors"))
+    cases.append((folder, None, "expected 3"))
+    (tmp / "emptydir").mkdir()
+    cases.append((tmp / "emptydir", None, "found neither"))
+    return cases
+
+
+def test_malformed_files_raise_format_error_naming_the_file(tmp_path):
+    cases = _malformed_cases(tmp_path)
+    assert len(cases) > 30
+    for path, fmt, expect in cases:
+        with pytest.raises(FormatError) as info:
+            read_loads(path, format=fmt, num_experts=4 if "topk" in path.name else None)
+        message = str(info.value)
+        assert str(path) in message or path.name in message, message
+        assert expect in message, (path.name, message)
+        assert isinstance(info.value, ValueError)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError):
+        read_loads("/nonexistent/loads.json")
+
+
+# --------------------------------------------------------------------------- placements
+def make_placement(seed: int, layers: int, experts: int, gpus: int, slots_per_gpu: int):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.rand(layers, experts, generator=g) ** 3 * 1000
+    return eplb.plan(w, gpus * slots_per_gpu, gpus), w
+
+
+def with_dead_gpu(placement, dead: int):
+    """The same plan with GPU ``dead`` appended as dead (its slots -1)."""
+    topo = placement.topology
+    s = topo.slots_per_gpu
+    rows = placement.phy2log
+    rows = torch.cat(
+        [rows[:, : dead * s], torch.full((rows.shape[0], s), -1), rows[:, dead * s :]], 1
+    )
+    active = torch.ones(topo.num_gpus + 1, dtype=torch.bool)
+    active[dead] = False
+    new_topo = eplb.Topology(topo.num_replicas + s, topo.num_gpus + 1)
+    return eplb.Placement.from_phy2log(rows, placement.num_experts, new_topo, active_gpus=active)
+
+
+def read_back(path: Path, emit: str, placement):
+    kwargs = {"num_gpus": placement.topology.num_gpus} if emit == "sglang" else {}
+    return read_placement(path, **kwargs)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    seed=st.integers(0, 10_000),
+    layers=st.integers(1, 4),
+    experts=st.sampled_from([4, 8, 16]),
+    gpus=st.sampled_from([1, 2, 4]),
+    extra=st.integers(0, 3),
+)
+def test_round_trip_every_emit(tmp_path_factory, seed, layers, experts, gpus, extra):
+    slots_per_gpu = -(-experts // gpus) + extra
+    placement, w = make_placement(seed, layers, experts, gpus, slots_per_gpu)
+    placement.validate()
+    folder = tmp_path_factory.mktemp("rt")
+    for emit in EMITS:
+        path = write_placement(placement, folder / f"p_{emit}", emit, weight=w)
+        back = read_back(path, emit, placement)
+        back.validate()
+        assert torch.equal(back.phy2log, placement.phy2log), emit
+        assert torch.equal(back.logcnt, placement.logcnt)
+        assert back.topology == placement.topology, emit
+        assert back.policy == placement.policy
+
+
+def test_eplb_json_contents(tmp_path):
+    placement, w = make_placement(0, 3, 8, 4, 3)
+    path = write_placement(placement, tmp_path / "p.json", weight=w, layer_ids=[3, 4, 5])
+    doc = json.loads(path.read_text())
+    assert doc["format"] == "eplb.placement" and doc["format_version"] == 1
+    assert doc["eplb_version"] == eplb.__version__
+    assert doc["topology"] == placement.topology.as_dict()
+    assert doc["layer_ids"] == [3, 4, 5]
+    assert doc["phy2log"] == placement.phy2log.tolist()
+    assert doc["balancedness"] == pytest.approx(placement.balancedness(w))
+    assert doc["layer_balancedness"] == pytest.approx(placement.layer_balancedness(w).tolist())
+    if importlib.util.find_spec("eplb.bounds") is None:
+        assert doc["ceiling"] is None
+    else:
+        assert len(doc["layer_ceiling"]) == 3
+        assert doc["balancedness"] <= doc["ceiling"] + 1e-9
+    _, meta = read_placement_meta(path)
+    assert meta["layer_ids"] == [3, 4, 5] and meta["format"] == "json"
+    with pytest.raises(FormatError, match="read_placement"):
+        read_loads(path)
+    # the .pt form holds tensors and loads with weights_only=True
+    pt = write_placement(placement, tmp_path / "p.pt", "pt", weight=w)
+    obj = torch.load(pt, weights_only=True)
+    assert torch.equal(obj["phy2log"], placement.phy2log)
+    assert obj["format"] == "eplb.placement"
+
+
+def test_dead_gpus_round_trip_in_eplb_formats_and_are_refused_by_engines(tmp_path):
+    base, _ = make_placement(1, 2, 8, 3, 4)
+    placement = with_dead_gpu(base, 1)
+    placement.validate()
+    for emit in ("json", "pt"):
+        back = read_placement(write_placement(placement, tmp_path / f"d.{emit}", emit))
+        back.validate()
+        assert torch.equal(back.phy2log, placement.phy2log)
+        assert back.active_gpus.tolist() == [True, False, True, True]
+    for emit in ("sglang", "trtllm"):
+        with pytest.raises(ValueError, match=r"cannot express empty slots.*GPUs \[1\]"):
+            write_placement(placement, tmp_path / f"d.{emit}", emit)
+        assert not (tmp_path / f"d.{emit}").exists()
+
+
+def test_sglang_file_is_engine_loadable(tmp_path):
+    placement, _ = make_placement(2, 3, 8, 4, 3)
+    path = write_placement(placement, tmp_path / "init.json", "sglang", layer_ids=[3, 4, 5])
+    doc = json.loads(path.read_text())
+    # SGLang calls init_by_mapping(**doc): the only key allowed
+    assert list(doc) == ["physical_to_logical_map"]
+    rows = torch.tensor(doc["physical_to_logical_map"])
+    assert rows.shape == (6, 12)
+    assert torch.equal(rows[3:], placement.phy2log)
+    assert torch.equal(rows[0], torch.arange(12) % 8)  # dense rows: SGLang's trivial map
+    full = read_placement(path, num_gpus=4)
+    full.validate()
+    with pytest.raises(ValueError, match="num_gpus="):
+        read_placement(path)
+    with pytest.raises(FormatError, match="multiple of num_gpus"):
+        read_placement(path, num_gpus=5)
+
+
+def test_trtllm_yaml_constraints(tmp_path):
+    placement, _ = make_placement(3, 3, 8, 4, 3)
+    path = write_placement(placement, tmp_path / "lb.yaml", "trtllm", layer_ids=[3, 4, 5])
+    doc = yaml.safe_load(path.read_text())
+    assert doc["num_slots"] == 12 and doc["layer_updates_per_iter"] == 0
+    assert list(doc["initial_global_assignments"]) == [3, 4, 5]
+    assert all(len(v) == doc["num_slots"] for v in doc["initial_global_assignments"].values())
+    assert doc["num_slots"] % placement.topology.num_gpus == 0
+    back, meta = read_placement_meta(path)
+    assert meta["layer_ids"] == [3, 4, 5]
+    assert torch.equal(back.phy2log, placement.phy2log)
+    # a foreign YAML (no eplb comment), nested in a full LLM-API config, needs num_gpus
+    foreign = tmp_path / "config.yaml"
+    foreign.write_text(yaml.safe_dump({"moe_config": {"load_balancer": doc}}))
+    with pytest.raises(ValueError, match="num_gpus="):
+        read_placement(foreign)
+    assert torch.equal(read_placement(foreign, num_gpus=4).phy2log, placement.phy2log)
+
+
+def test_overwrite_refused_without_force(tmp_path):
+    placement, _ = make_placement(4, 2, 8, 2, 5)
+    for emit in EMITS:
+        path = tmp_path / f"out.{emit}"
+        path.write_bytes(b"precious")
+        with pytest.raises(FileExistsError, match="force") as info:
+            write_placement(placement, path, emit)
+        assert str(path) in str(info.value)
+        assert path.read_bytes() == b"precious"
+        write_placement(placement, path, emit, force=True)
+        assert path.read_bytes() != b"precious"
+        assert torch.equal(read_back(path, emit, placement).phy2log, placement.phy2log)
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_write_placement_rejects_bad_arguments(tmp_path):
+    placement, w = make_placement(5, 2, 8, 2, 5)
+    with pytest.raises(ValueError, match="unknown emit"):
+        write_placement(placement, tmp_path / "x", "yaml")
+    with pytest.raises(ValueError, match="layer_ids has 3 entries"):
+        write_placement(placement, tmp_path / "x", layer_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match="weight has shape"):
+        write_placement(placement, tmp_path / "x", weight=w[:1])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_placement(placement, tmp_path / "nodir" / "x.json")
+    with pytest.raises(TypeError):
+        write_placement(placement.phy2log, tmp_path / "x")
+
+
+def test_read_placement_malformed(tmp_path):
+    cases = {
+        "loads.json": (json.dumps({"logical_count": [[1, 2]]}), "read_loads"),
+        "keys.json": (json.dumps({"foo": 1}), "expected a placement"),
+        "bad.json": ("{", "malformed JSON"),
+        "float.json": (json.dumps({"physical_to_logical_map": [[0.5, 1.0]]}), "integer"),
+        "missing_expert.json": (
+            json.dumps(
+                {
+                    "format": "eplb.placement",
+                    "format_version": 1,
+                    "num_experts": 3,
+                    "topology": {"num_replicas": 2, "num_gpus": 1, "num_nodes": 1, "num_groups": 1},
+                    "phy2log": [[0, 1]],
+                }
+            ),
+            "invalid placement",
+        ),
+        "future.json": (
+            json.dumps({"format": "eplb.placement", "format_version": 99}),
+            "format_version",
+        ),
+        "lb.yaml": ("num_slots: 3\ninitial_global_assignments:\n  3: [0, 1]\n", "num_slots is 3"),
+        "junk.bin": ("\x01\x02", "expected a placement"),
+    }
+    for name, (text, expect) in cases.items():
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(FormatError, match=expect) as info:
+            read_placement(path, num_gpus=1)
+        assert str(path) in str(info.value)
+
+
+# ---------------------------------------------------------------------------- real data
+def _real(folder: str) -> Path:
+    path = REAL / folder
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} is absent (read-only shared data not mounted)")
+    return path
+
+
+def test_real_sglang_statistics_load():
+    files = sorted(_real("sglang_deepseek_ep_statistics").glob("*.json"))
+    assert len(files) == 12
+    for path in files:
+        trace = read_loads(path)
+        assert trace.format == "sglang"
+        assert trace.counts.shape == (1, 61, 256)
+        moe = trace.drop_empty_layers()
+        assert moe.layer_ids == list(range(3, 61))
+        assert bool((moe.counts > 0).any(2).all())
+
+
+def test_real_sglang_statistics_plan_and_emit(tmp_path):
+    path = _real("sglang_deepseek_ep_statistics") / "prefill_in4096.json"
+    moe = read_loads(path).drop_empty_layers()
+    placement = eplb.plan(moe.total(), 288, 32)
+    out = write_placement(placement, tmp_path / "init.json", "sglang", layer_ids=moe.layer_ids)
+    assert torch.tensor(json.loads(out.read_text())["physical_to_logical_map"]).shape == (61, 288)
+    lb = write_placement(placement, tmp_path / "lb.yaml", "trtllm", layer_ids=moe.layer_ids)
+    assert min(yaml.safe_load(lb.read_text())["initial_global_assignments"]) == 3
+
+
+def test_real_routing_traces_load():
+    esft = _real("esft_deepseek_v2_lite_routing") / "esft_topk_ids.npz"
+    trace = read_loads(esft)
+    assert trace.format == "topk" and trace.counts.shape == (4, 26, 64)
+    assert trace.counts[0].sum() == 8222 * 26 * 6  # every token picks 6 experts per layer
+    law = read_loads(esft, key="law_topk_ids", tokens_per_step=1024)
+    assert law.num_steps == 9 and law.counts.sum() == 8327 * 26 * 6
+    qwen_dir = _real("qwen3_30b_a3b_sharegpt_prefill_vllm")
+    qwen = read_loads(qwen_dir / "qwen3_30b_sharegpt_prefill_topk_ids.npz")
+    assert qwen.counts.shape == (3, 48, 128)
+    assert qwen.meta["step_tokens"] == [1960, 2050, 2080]
+
+
+def test_hierarchical_topology_survives_round_trips(tmp_path):
+    topo = eplb.Topology(num_replicas=8, num_gpus=4, num_nodes=2, num_groups=2)
+    rows = torch.tensor([[0, 1, 1, 0, 2, 3, 3, 2], [0, 1, 0, 1, 3, 2, 2, 3]])
+    placement = eplb.Placement.from_phy2log(rows, 4, topo, policy="hierarchical")
+    placement.validate()
+    for emit in EMITS:
+        path = write_placement(placement, tmp_path / f"h_{emit}", emit)
+        if emit == "sglang":
+            back = read_placement(
+                path, num_gpus=4, num_nodes=2, num_groups=2, policy="hierarchical"
+            )
+        else:
+            back = read_placement(path)
+        back.validate()
+        assert back.topology == topo and back.policy == "hierarchical", emit
+        assert torch.equal(back.phy2log, rows)
+
+
+def test_ceiling_recorded_through_eplb_bounds(tmp_path, monkeypatch):
+    import types
+
+    calls = []
+
+    def layer_ceiling(
+        weight, num_replicas, num_gpus, num_nodes=1, num_groups=1, policy="global", active_gpus=None
+    ):
+        live = None if active_gpus is None else active_gpus.tolist()
+        calls.append((num_replicas, num_gpus, num_nodes, num_groups, policy, live))
+        return torch.full((weight.shape[0],), 0.99, dtype=torch.float64)
+
+    fake = types.ModuleType("eplb.bounds")
+    fake.layer_ceiling = layer_ceiling
+    fake.balancedness_ceiling = lambda weight, **kw: 0.98
+    monkeypatch.setitem(sys.modules, "eplb.bounds", fake)
+    placement, w = make_placement(6, 2, 8, 2, 5)
+    doc = json.loads(write_placement(placement, tmp_path / "p.json", weight=w).read_text())
+    assert doc["layer_ceiling"] == [0.99, 0.99] and doc["ceiling"] == 0.98
+    assert calls == [(10, 2, 1, 1, "global", None)]
+    dead = with_dead_gpu(placement, 0)
+    write_placement(dead, tmp_path / "d.json", weight=w)
+    assert calls[-1] == (15, 3, 1, 1, "global", [False, True, True])
+
+
+@pytest.mark.parametrize("fmt", ["pt", "npz", "vllm-history", "sglang"])
+def test_write_loads_round_trip(tmp_path, fmt):
+    trace = LoadTrace(counts_tle().double(), [3, 5, 7], "test", "synthetic")
+    path = write_loads(trace, tmp_path / "trace.out", format=fmt)
+    back = read_loads(path)
+    assert back.format == fmt
+    assert torch.equal(back.counts, trace.counts)
+    if fmt in ("pt", "npz"):
+        assert back.layer_ids == [3, 5, 7]
+    with pytest.raises(FileExistsError, match="force"):
+        write_loads(trace, path, format=fmt)
+    write_loads(trace, path, format=fmt, force=True)

@@ -1,0 +1,89 @@
+"""Pictures and the Markdown/HTML report (eplb.report)."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import pytest
+import torch
+
+import eplb.report as report_mod
+from eplb.report import (
+    INSTALL_HINT,
+    Report,
+    normalised_loads,
+    plot_balancedness_over_time,
+    plot_gpu_heatmaps,
+    plot_layer_balancedness,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _loads(seed: int = 0, layers: int = 5, gpus: int = 8) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(layers, gpus, generator=gen, dtype=torch.float64) * 10
+
+
+def test_normalised_loads_have_unit_layer_mean() -> None:
+    loads = _loads()
+    loads[2] = 0  # an empty layer counts as perfectly balanced
+    norm = normalised_loads(loads)
+    assert torch.allclose(norm.mean(1), torch.ones(5, dtype=torch.float64))
+    assert torch.equal(norm[2], torch.ones(8, dtype=torch.float64))
+
+
+def _is_png(path: Path) -> bool:
+    return path.exists() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_pictures_are_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    before, after = _loads(0), torch.ones(5, 8, dtype=torch.float64)
+    assert _is_png(plot_gpu_heatmaps([("before", before), ("after", after)],
+                                     tmp_path / "h.png", layer_ids=[3, 4, 5, 6, 7],
+                                     dead_gpus=[1]))
+    assert _is_png(plot_layer_balancedness({"eplb": torch.full((5,), 0.99)}, tmp_path / "l.png",
+                                           ceiling=torch.ones(5)))
+    assert _is_png(plot_balancedness_over_time({"eplb": [0.9, 0.95, 0.97]}, tmp_path / "t.png",
+                                               rebalance_at=[1]))
+
+
+def _sample_report() -> Report:
+    rep = Report("title <x>")
+    rep.heading("section")
+    rep.text("some text & more")
+    rep.table(["a", "b"], [[1, 0.5]])
+    rep.figure("pic.png", "a caption", lambda path: plot_balancedness_over_time(
+        {"eplb": [0.9, 0.95]}, path))
+    return rep
+
+
+def test_report_writes_markdown_html_and_pictures(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    written = _sample_report().write(tmp_path / "r")
+    names = sorted(p.name for p in written)
+    assert names == ["pic.png", "report.html", "report.md"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| a | b |" in md and "![a caption](pic.png)" in md
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "title &lt;x&gt;" in page and "<img src='pic.png'" in page
+    assert _is_png(tmp_path / "r" / "pic.png")
+
+
+def test_report_refuses_to_overwrite(tmp_path: Path) -> None:
+    _sample_report().write(tmp_path)
+    with pytest.raises(FileExistsError, match="--force"):
+        _sample_report().write(tmp_path)
+    _sample_report().write(tmp_path, force=True)
+
+
+def test_report_without_matplotlib_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(report_mod, "matplotlib_available", lambda: False)
+    written = _sample_report().write(tmp_path)
+    assert sorted(p.name for p in written) == ["report.html", "report.md"]
+    assert not list(tmp_path.glob("*.png"))
+    md = (tmp_path / "report.md").read_text()
+    assert INSTALL_HINT in md and "pic.png" not in md
+    assert html.escape(INSTALL_HINT) in (tmp_path / "report.html").read_text()
