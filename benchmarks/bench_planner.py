@@ -133,9 +133,11 @@ def section_speed(repeats: int) -> None:
 
 
 ABLATIONS = {
-    "no refinement": PackingOptions(refine="none"),
-    "max-GPU-only swaps (64 steps)": PackingOptions(refine="max", refine_steps=64),
-    "all-pairs L2 swaps (default)": PackingOptions(),
+    "no refinement": PackingOptions(pair_steps=0, max_steps=0),
+    "max-GPU-only swaps (18 steps)": PackingOptions(pair_steps=0, max_steps=18),
+    "all-pairs L2 swaps only (18 steps)": PackingOptions(pair_steps=18, max_steps=0),
+    "L2 (6) then max-GPU polish (12): default": PackingOptions(),
+    "L2 (16) then max-GPU polish (32)": PackingOptions(pair_steps=16, max_steps=32),
 }
 
 
@@ -148,7 +150,7 @@ def section_ablation(repeats: int) -> None:
     print("|---|---|---|---|---|")
     for name, w in cases:
         slots = 2 if name.endswith("S=2") else 9
-        gpus = 32 if slots == 9 else 128
+        gpus = 32 if slots == 9 else 144
         replicas = slots * gpus
         for label, packing in ABLATIONS.items():
             opts = PlanOptions(packing=packing)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from eplb.estimate import (
     ESTIMATORS,
+    AdaptiveAverage,
     Estimator,
     ExponentialAverage,
     MultiWindow,
@@ -128,6 +129,9 @@ def test_multi_sub_windows_rescale_to_window_units() -> None:
         ("robust:0.5:8", RobustMean(0.5, 8)),
         ("multi:4", MultiWindow(4, 1)),
         ("multi:3:2", MultiWindow(3, 2)),
+        ("auto", AdaptiveAverage()),
+        ("auto:2", AdaptiveAverage(memory=2)),
+        ("auto:2:5", AdaptiveAverage(memory=2, folds=5)),
     ],
 )
 def test_make_estimator_parses_and_round_trips(spec: str, expected: Estimator) -> None:
@@ -180,7 +184,7 @@ def test_window_must_be_positive() -> None:
     steps=st.integers(1, 12),
     window=st.integers(1, 12),
     seed=st.integers(0, 1000),
-    spec=st.sampled_from(["sum", "ema:3", "robust:1", "multi:3", "multi:2:2"]),
+    spec=st.sampled_from(["sum", "ema:3", "robust:1", "multi:3", "multi:2:2", "auto:2"]),
 )
 def test_estimates_are_finite_nonnegative_and_shaped(steps: int, window: int, seed: int,
                                                      spec: str) -> None:
@@ -222,3 +226,27 @@ def test_select_per_layer_rejects_mismatched_candidates() -> None:
         select_per_layer([a, b], torch.ones(1, 1, 4))
     with pytest.raises(ValueError, match="at least one"):
         select_per_layer([], torch.ones(1, 1, 4))
+
+
+# ------------------------------------------------------------------ adaptive
+def test_auto_picks_short_memory_for_a_trend_and_long_memory_for_noise() -> None:
+    w, steps = 20, 140
+    t = torch.arange(steps, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    trend = torch.stack([t + 1, steps - t, torch.full_like(t, 50.0)], dim=1)  # [T, 3]
+    noise = torch.poisson(torch.full((steps, 3), 5.0, dtype=torch.float64), generator=g)
+    h = torch.stack([trend, noise], dim=1)  # [T, 2 layers, 3 experts]
+    est = make_estimator("auto")
+    assert est == AdaptiveAverage()
+    got = est(h, w)
+    short = ExponentialAverage(0.25 * w)(h[-4 * w:], w)
+    long = ExponentialAverage(2.0 * w)(h[-4 * w:], w)
+    assert torch.allclose(got[0], short[0])  # drifting layer: the shortest half-life
+    assert torch.allclose(got[1], long[1])  # stationary noisy layer: the longest
+    assert est.lookback(w) == 7 * w
+
+
+def test_auto_with_one_window_is_the_sum() -> None:
+    h = _history(steps=6)
+    assert torch.allclose(make_estimator("auto:2")(h, 6), h.sum(0))
+    assert make_estimator("auto:2:1").spec == "auto:2:1"

@@ -67,11 +67,12 @@ def _options(options: PlanOptions | None, num_candidates: int | None, refine_ste
     if num_candidates is None and refine_steps is None:
         return options
     p = options.packing
-    packing = PackingOptions(
-        num_candidates=p.num_candidates if num_candidates is None else num_candidates,
-        refine_steps=p.refine_steps if refine_steps is None else refine_steps,
-        construction=p.construction, refine=p.refine, noise=p.noise,
-    )
+    kwargs = {"num_candidates": p.num_candidates if num_candidates is None else num_candidates,
+              "construction": p.construction, "noise": p.noise}
+    if refine_steps is None:
+        packing = PackingOptions(pair_steps=p.pair_steps, max_steps=p.max_steps, **kwargs)
+    else:
+        packing = PackingOptions.with_budget(refine_steps, **kwargs)
     return PlanOptions(packing=packing, shifts=options.shifts, hamilton=options.hamilton)
 
 
@@ -103,8 +104,9 @@ def plan(
         num_groups: ``G`` expert groups (hierarchical policy).
         policy: ``"auto"`` (DeepSeek's rule), ``"global"`` or ``"hierarchical"``.
         seed: seed of the randomised packing starts; same input and seed → same output.
-        num_candidates: randomised packing starts per layer (default 2).
-        refine_steps: most swap-refinement steps (default 32).
+        num_candidates: randomised packing starts per layer (default 1).
+        refine_steps: most swap-refinement steps in total (default 18: 6 all-pairs L2
+            steps, then 12 heaviest-GPU polish steps); both stop early when converged.
         options: full :class:`PlanOptions` (replication portfolio, packing search).
         active_gpus: ``[P]`` bool; dead GPUs' slots get ``-1`` and hold nothing.
         gpu_speed: ``[P]`` relative speeds; the plan minimises the max of load / speed.

@@ -48,7 +48,6 @@ __all__ = [
 
 LOAD, EXPERT = 0, 1
 _CONSTRUCTIONS = ("bldm", "lpt")
-_REFINEMENTS = ("pairs", "max", "none")
 
 
 @dataclass(frozen=True)
@@ -57,30 +56,39 @@ class PackingOptions:
 
     Attributes:
         num_candidates: randomised starts per row (the first is deterministic).
-        refine_steps: most swap steps; the search stops earlier once no swap improves.
-        construction: ``"bldm"`` (balanced largest differencing) or ``"lpt"`` (round-based LPT).
-        refine: ``"pairs"`` (all item pairs of paired GPUs, L2 objective), ``"max"`` (swaps
-            between the heaviest GPU and every other one only) or ``"none"``.
+        pair_steps: steps of the all-pairs L2 swap search over paired GPUs (smooths
+            every GPU, up to ``P/2`` swaps per row per step).
+        max_steps: steps of the heaviest-GPU polish (one swap per row per step between
+            the heaviest GPU and its best partner, aimed at the max load).
+        construction: ``"bldm"`` (balanced largest differencing) or ``"lpt"``.
         noise: relative perturbation of expert loads that orders randomised starts.
+
+    Both searches stop early once no swap improves.
     """
 
-    num_candidates: int = 2
-    refine_steps: int = 32
+    num_candidates: int = 1
+    pair_steps: int = 6
+    max_steps: int = 12
     construction: str = "bldm"
-    refine: str = "pairs"
     noise: float = 0.05
 
     def __post_init__(self) -> None:
-        for name, low in (("num_candidates", 1), ("refine_steps", 0)):
+        for name, low in (("num_candidates", 1), ("pair_steps", 0), ("max_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.construction not in _CONSTRUCTIONS:
             raise ValueError(f"construction must be one of {_CONSTRUCTIONS}, got {self.construction!r}")
-        if self.refine not in _REFINEMENTS:
-            raise ValueError(f"refine must be one of {_REFINEMENTS}, got {self.refine!r}")
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
+
+    @classmethod
+    def with_budget(cls, refine_steps: int, **kwargs: object) -> PackingOptions:
+        """Split a total swap-step budget: about a third L2 pair steps, the rest polish."""
+        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+            raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
+        pair = (refine_steps + 2) // 3
+        return cls(pair_steps=pair, max_steps=refine_steps - pair, **kwargs)  # type: ignore[arg-type]
 
 
 def gpu_loads(state: torch.Tensor) -> torch.Tensor:
@@ -183,62 +191,37 @@ def _conflicts(state: torch.Tensor) -> torch.Tensor:
 
 
 def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = None) -> torch.Tensor:
-    """Remove anti-affinity conflicts by the cheapest legal swaps; returns the repaired state.
+    """Remove anti-affinity conflicts: each pass moves one conflicting replica per row to
+    the slot whose swap gives the smallest new peak, never creating a new conflict.
 
-    Each pass moves one conflicting replica per row to the GPU slot whose swap raises
-    Σ load² least, never creating a new conflict. Rows still in conflict after ``P·S``
-    passes (none in practice) are dealt round-robin, which is always anti-affine.
-
-    ``allow_shared [rows]`` marks rows that contain an expert with more replicas than GPUs:
-    there duplicates cannot all be avoided and only round-robin spreading is applied.
+    Rows still in conflict after ``P·S`` passes (none in practice) are re-dealt
+    round-robin, which is always anti-affine. ``allow_shared [rows]`` marks rows holding an
+    expert with more replicas than GPUs: they are spread round-robin instead.
     """
     _, slots, rows, num_gpus = state.shape
-    conflict = _conflicts(state)
-    bad = conflict.flatten(0).view(slots, rows, num_gpus).any(0).any(1)
-    if allow_shared is not None:
-        bad &= ~allow_shared
-    if not bool(bad.any()):
-        return _spread_shared(state, allow_shared)
-    rows_bad = bad.nonzero()[:, 0]
-    sub = state[:, :, rows_bad].clone()
-    n = sub.shape[2]
-    ar = torch.arange(n, device=state.device)
-    inf = float("inf")
+    if allow_shared is not None and bool(allow_shared.any()):
+        state = state.clone()
+        state[:, :, allow_shared] = _round_robin_state(state[:, :, allow_shared])
     for _ in range(num_gpus * slots):
-        conflict = _conflicts(sub)  # [S, n, P]
-        flat = conflict.permute(1, 2, 0).reshape(n, -1)  # [n, P·S], GPU-major
-        todo = flat.any(1)
+        conflict = _conflicts(state)  # [S, rows, P]
+        if allow_shared is not None:
+            conflict &= ~allow_shared[None, :, None]
+        on_gpu = conflict.any(0)  # [rows, P]
+        todo = on_gpu.any(1)
         if not bool(todo.any()):
+            return state
+        u = on_gpu.to(torch.int8).max(1).indices
+        movable = conflict.gather(2, u[None, :, None].expand(slots, -1, 1))[:, :, 0]  # [S, rows]
+        state, moved = _swap_from(state, u, movable, todo, must_move=True)
+        if not bool(moved.any()):
             break
-        pos = flat.to(torch.int8).max(1).indices
-        u, i = pos // slots, pos % slots
-        w_i = sub[LOAD, i, ar, u]
-        e_i = sub[EXPERT, i, ar, u]
-        ids = sub[EXPERT]  # [S, n, P]
-        loads = gpu_loads(sub)  # [n, P]
-        e_on_gpu = (ids == e_i[None, :, None]).any(0)  # [n, P] GPUs already holding e_i
-        on_u = ids[:, ar, u]  # [S, n] experts on u
-        j_on_u = (ids[:, None] == on_u[None, :, :, None]).any(1)  # [S, n, P] item's expert on u
-        legal = ~e_on_gpu[None] & ~j_on_u
-        legal[:, ar, u] = False
-        delta = w_i[None, :, None] - sub[LOAD]
-        cost = delta * (loads[None] - loads[ar, u][None, :, None] + delta)
-        cost = torch.where(legal, cost, cost.new_tensor(inf))
-        best_cost, best = cost.permute(1, 2, 0).reshape(n, -1).min(1)
-        ok = todo & torch.isfinite(best_cost)
-        if not bool(ok.any()):
-            break
-        v, j = best // slots, best % slots
-        r, u, i, v, j = ar[ok], u[ok], i[ok], v[ok], j[ok]
-        item_i = sub[:, i, r, u].clone()
-        sub[:, i, r, u] = sub[:, j, r, v]
-        sub[:, j, r, v] = item_i
-    stuck = _conflicts(sub).any(0).any(1)
+    stuck = _conflicts(state).any(0).any(1)
+    if allow_shared is not None:
+        stuck &= ~allow_shared
     if bool(stuck.any()):
-        sub[:, :, stuck] = _round_robin_state(sub[:, :, stuck])
-    state = state.clone()
-    state[:, :, rows_bad] = sub
-    return _spread_shared(state, allow_shared)
+        state = state.clone()
+        state[:, :, stuck] = _round_robin_state(state[:, :, stuck])
+    return state
 
 
 def _round_robin_state(state: torch.Tensor) -> torch.Tensor:
@@ -251,14 +234,6 @@ def _round_robin_state(state: torch.Tensor) -> torch.Tensor:
     by_load = items[LOAD].argsort(dim=1, descending=True, stable=True)
     items = items.gather(2, by_load.expand(2, -1, -1))
     return round_robin(items, num_gpus)
-
-
-def _spread_shared(state: torch.Tensor, allow_shared: torch.Tensor | None) -> torch.Tensor:
-    if allow_shared is None or not bool(allow_shared.any()):
-        return state
-    state = state.clone()
-    state[:, :, allow_shared] = _round_robin_state(state[:, :, allow_shared])
-    return state
 
 
 def _pairings(num_gpus: int, steps: int, device: torch.device) -> list[torch.Tensor]:
@@ -389,36 +364,68 @@ def _within_budget(apply: torch.Tensor, i: torch.Tensor, heavy: torch.Tensor, li
     return apply, spent + 2 * apply.sum(1)
 
 
-def _refine_max(state: torch.Tensor, steps: int) -> torch.Tensor:
-    """Ablation: one swap per row per step, between the heaviest GPU and any other GPU,
-    chosen to lower the pair's larger load the most."""
+def _swap_from(state: torch.Tensor, u: torch.Tensor, movable: torch.Tensor, todo: torch.Tensor,
+               must_move: bool = False, partners: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One legal swap per row between GPU ``u [rows]`` and its best partner.
+
+    ``movable [S, rows]`` marks the items of ``u`` that may leave. Partners are the
+    ``partners`` lightest GPUs (all when ``None``). The best swap gives the smallest new
+    peak ``max(L_u − δ, L_v + δ)``; it is applied where ``todo [rows]`` and either
+    ``must_move`` or the peak falls. Returns ``(state, moved [rows])``.
+    """
     _, slots, rows, num_gpus = state.shape
-    ar = torch.arange(rows, device=state.device)
     inf = float("inf")
+    loads = state[LOAD].sum(0)  # [rows, P]
+    if partners is None or partners >= num_gpus:
+        cand = state
+        cand_gpu = None
+        cand_loads = loads
+    else:
+        cand_gpu = loads.topk(partners, dim=1, largest=False).indices  # [rows, K]
+        cand = state.gather(3, cand_gpu[None, None].expand(2, slots, -1, -1))
+        cand_loads = loads.gather(1, cand_gpu)
+    index_u = u[None, None, :, None].expand(2, slots, rows, 1)
+    top = state.gather(3, index_u)[..., 0]  # [2, S, rows]
+    load_u = loads.gather(1, u[:, None])  # [rows, 1]
+    ids_diff = top[EXPERT][:, None, :, None] - cand[EXPERT][None]  # [S_u, S_v, rows, K]
+    # blocked: u's item is already on v (this also blocks v = u), or v's item is on u
+    w_top = top[LOAD][:, :, None].masked_fill((ids_diff.prod(1) == 0) | ~movable[:, :, None], inf)
+    w_other = cand[LOAD].masked_fill(ids_diff.prod(0) == 0, -inf)
+    delta = w_top[:, None] - w_other[None]  # [S, S, rows, K]
+    # max(L_u − δ, L_v + δ) = (L_u + L_v)/2 + |δ − (L_u − L_v)/2|
+    excess = (delta - (load_u - cand_loads) / 2).abs() + cand_loads / 2  # + L_u/2 per row
+    best_v_val, k = excess.amin((0, 1)).min(1)  # [rows]
+    at_v = excess.gather(3, k[None, None, :, None].expand(slots, slots, rows, 1))
+    pos = at_v.view(slots * slots, rows).min(0).indices  # [rows]
+    i, j = pos // slots, pos % slots
+    v = k if cand_gpu is None else cand_gpu.gather(1, k[:, None])[:, 0]
+    new_peak = best_v_val + load_u[:, 0] / 2
+    ok = todo & torch.isfinite(best_v_val)
+    if not must_move:
+        ok &= new_peak < load_u[:, 0] * (1 - 1e-7)
+    if not bool(ok.any()):
+        return state, ok
+    r = ok.nonzero()[:, 0]
+    u, v, i, j = u[r], v[r], i[r], j[r]
+    item = state[:, i, r, u]
+    state[:, i, r, u] = state[:, j, r, v]
+    state[:, j, r, v] = item
+    return state, ok
+
+
+def _refine_max(state: torch.Tensor, steps: int) -> torch.Tensor:
+    """Heaviest-GPU polish: per row and step, one swap between the heaviest GPU and the
+    partner that lowers the pair's larger load the most."""
+    _, slots, rows, _ = state.shape
+    movable = torch.ones(slots, rows, dtype=torch.bool, device=state.device)
+    todo = torch.ones(rows, dtype=torch.bool, device=state.device)
     for _ in range(steps):
-        loads = gpu_loads(state)
-        u = loads.argmax(1)
-        top = state[:, :, ar, u]  # [2, S, rows]
-        ids_diff = top[EXPERT][:, None, :, None] - state[EXPERT][None]  # [S, S, rows, P]
-        w_top = top[LOAD][:, :, None].masked_fill((ids_diff.prod(1) == 0), inf)
-        w_other = state[LOAD].masked_fill(ids_diff.prod(0) == 0, -inf)
-        delta = w_top[:, None] - w_other[None]  # [S, S, rows, P]
-        lu = loads[ar, u][:, None]
-        new_peak = torch.maximum(lu - delta, loads + delta)
-        new_peak = torch.where(delta > 0, new_peak, new_peak.new_tensor(inf))
-        new_peak[:, :, ar, u] = inf
-        flat = new_peak.permute(2, 3, 0, 1).reshape(rows, -1)  # [rows, P·S·S]
-        best, arg = flat.min(1)
-        apply = best < lu[:, 0] * (1 - 1e-9)
-        if not bool(apply.any()):
+        u = state[LOAD].sum(0).max(1).indices
+        state, moved = _swap_from(state, u, movable, todo)
+        if not bool(moved.any()):
             break
-        v = arg // (slots * slots)
-        i = (arg // slots) % slots
-        j = arg % slots
-        r, u, v, i, j = ar[apply], u[apply], v[apply], i[apply], j[apply]
-        item = state[:, i, r, u].clone()
-        state[:, i, r, u] = state[:, j, r, v]
-        state[:, j, r, v] = item
+        todo = moved  # a row whose heaviest GPU cannot improve is done
     return state
 
 
@@ -440,6 +447,7 @@ def pack(
     options: PackingOptions,
     allow_shared: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pack the items of ``rows`` problems, keeping the best of several candidates.
 
@@ -449,6 +457,7 @@ def pack(
         num_gpus: ``P``; ``R`` must be a multiple of it.
         allow_shared: ``[rows]`` rows where some expert has more replicas than GPUs.
         generator: CPU generator for the randomised candidates.
+        start: ``[2, S, rows, P]`` an already constructed state of the unperturbed items.
 
     Returns:
         ``state [2, S, rows, P]`` of the candidate with the smallest max GPU load per row.
@@ -467,9 +476,14 @@ def pack(
         items = torch.cat([items[:, None], shuffled], 1).view(2, cands * rows, num_items)
         if allow_shared is not None:
             allow_shared = allow_shared.repeat(cands)
-    state = construct(items, num_gpus, options.construction)
+    if start is not None:
+        rest = construct(items[:, rows:], num_gpus, options.construction) if cands > 1 else None
+        state = start if rest is None else torch.cat([start, rest], 2)
+    else:
+        state = construct(items, num_gpus, options.construction)
     state = repair_conflicts(state, allow_shared)
-    state = refine(state, options.refine_steps, options.refine)
+    state = refine(state, options.pair_steps, "pairs")
+    state = refine(state, options.max_steps, "max")
     if cands > 1:
         _, slots, _, _ = state.shape
         peak = max_load(state).view(cands, rows)

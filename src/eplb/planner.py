@@ -85,7 +85,7 @@ def refine_placement(
         origin_grid = origin_grid.gather(1, gpu[:, :, None].expand(-1, -1, slots))
         track.origin = origin_grid.permute(2, 0, 1).to(torch.float32)
         track.budget = budget
-    steps = max(options.packing.refine_steps, 2 * slots)
+    steps = max(options.packing.pair_steps + options.packing.max_steps, 2 * slots)
     state = refine(state, steps, "pairs", track=track)
     # put every bin back on its GPU
     back = track.gpu.long().argsort(dim=1)

@@ -41,11 +41,15 @@ class PlanOptions:
         packing: the packing search (candidates, refinement steps, construction).
         shifts: divisor shifts ``δ`` of the replication portfolio (``w / (c + δ)``).
         hamilton: also try largest-remainder replication.
+        portfolio_threshold: the portfolio is scored only in layers whose largest
+            Jefferson replica exceeds this fraction of the mean GPU load (elsewhere every
+            allocation packs alike).
     """
 
     packing: PackingOptions = field(default_factory=PackingOptions)
     shifts: tuple[float, ...] = DEFAULT_SHIFTS
     hamilton: bool = True
+    portfolio_threshold: float = 0.25
 
     def __post_init__(self) -> None:
         if not self.shifts and not self.hamilton:
@@ -79,19 +83,34 @@ def plan_rows(
     # an all-zero row (a dense layer in a dump) is planned as uniform: replicas spread evenly
     zero = weight.sum(1, keepdim=True) <= 0
     weight = torch.where(zero, torch.ones_like(weight), weight)
-    counts = replica_counts(weight, num_replicas, options.rules)  # [K, rows, E]
-    num_rules = counts.shape[0]
-    if num_rules > 1:
-        # score every allocation by a cheap packing, keep the best per row (first on ties)
-        load, expert = expand_replicas(weight.repeat(num_rules, 1), counts.view(-1, num_experts))
-        peak = max_load(construct(make_items(load, expert), num_gpus, options.packing.construction))
-        best = peak.view(num_rules, rows).min(0).indices
-        counts = counts[best, torch.arange(rows, device=weight.device)]
-    else:
-        counts = counts[0]
-    load, expert = expand_replicas(weight, counts)
+    rules = options.rules
+    counts = replica_counts(weight, num_replicas, rules[:1])[0]  # [rows, E]
+    # the portfolio only matters where replicas are coarse next to a GPU's mean load;
+    # elsewhere every allocation packs alike and the first rule's (Jefferson's) is kept
+    extra = torch.empty(0, dtype=torch.int64)
+    if len(rules) > 1:
+        largest = (weight / counts).amax(1)
+        extra = (largest > options.portfolio_threshold * weight.sum(1) / num_gpus).nonzero()[:, 0]
+    weight_all = weight
+    if len(extra):
+        # rows × the first rule, then the coarse rows × every other rule
+        others = replica_counts(weight[extra], num_replicas, rules[1:])
+        counts = torch.cat([counts, others.reshape(-1, num_experts)])
+        weight_all = torch.cat([weight, weight[extra].repeat(len(rules) - 1, 1)])
+    load, expert = expand_replicas(weight_all, counts)
+    items = make_items(load, expert)  # [2, rows', R]
+    start = construct(items, num_gpus, options.packing.construction)
+    if len(extra):
+        # keep, per coarse row, the allocation whose constructed packing has the smallest peak
+        peak = max_load(start)
+        candidates = torch.cat([peak[extra][None], peak[rows:].view(len(rules) - 1, -1)])
+        best = candidates.min(0).indices  # first on ties: Jefferson
+        choice = torch.where(best == 0, extra, rows + (best - 1) * len(extra) + torch.arange(
+            len(extra), device=weight.device))
+        pick = torch.arange(rows, device=weight.device).index_put((extra,), choice)
+        items, start, counts = items[:, pick], start[:, :, pick], counts[pick]
     allow_shared = counts.amax(1) > num_gpus
-    state = pack(make_items(load, expert), num_gpus, options.packing, allow_shared, generator)
+    state = pack(items, num_gpus, options.packing, allow_shared, generator, start=start)
     return to_slots(state)
 
 

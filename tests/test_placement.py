@@ -1,0 +1,320 @@
+"""The placement record: the output contract, checked independently of ``Placement.validate``,
+and ``validate`` itself on hand-made broken placements.
+
+``assert_contract`` is the independent checker the other planner test files import.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import eplb
+from eplb import Placement, PlacementError, Topology
+
+
+def assert_contract(
+    placement: Placement,
+    *,
+    device: torch.device | str | None = None,
+    anti_affinity: bool = True,
+) -> None:
+    """Check the whole output contract with plain numpy loops (not with ``validate``).
+
+    - int64 ``phy2log [L, R]``, ``log2phy [L, E, maxcnt]``, ``logcnt [L, E]`` on ``device``;
+    - dead GPUs' slots hold -1, live slots hold an expert in ``[0, E)``;
+    - ``logcnt`` counts ``phy2log``, every entry >= 1, rows sum to the live slots;
+    - ``log2phy`` lists each expert's slots ascending, then -1;
+    - anti-affinity: at most ``ceil(c / H)`` replicas of an expert per GPU, ``H`` the GPUs
+      that may hold it (live GPUs; the node's GPUs under the hierarchical policy);
+    - hierarchical: every replica of a group's experts on one node.
+    """
+    topo = placement.topology
+    phy2log, log2phy, logcnt = placement.as_tuple()
+    for name, t in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
+        assert isinstance(t, torch.Tensor), name
+        assert t.dtype == torch.int64, f"{name} dtype {t.dtype}"
+        if device is not None:
+            assert t.device.type == torch.device(device).type, f"{name} on {t.device}"
+    assert phy2log.dim() == 2 and log2phy.dim() == 3 and logcnt.dim() == 2
+    num_layers, num_slots = phy2log.shape
+    num_experts = logcnt.shape[1]
+    assert num_slots == topo.num_replicas
+    assert logcnt.shape[0] == num_layers
+    assert log2phy.shape[:2] == (num_layers, num_experts)
+    slots_per_gpu = num_slots // topo.num_gpus
+    assert placement.policy in ("global", "hierarchical")
+
+    p2l = phy2log.cpu().numpy()
+    l2p = log2phy.cpu().numpy()
+    cnt = logcnt.cpu().numpy()
+    if placement.active_gpus is None:
+        live = np.ones(topo.num_gpus, dtype=bool)
+    else:
+        live = placement.active_gpus.cpu().numpy().astype(bool)
+    live_slot = np.repeat(live, slots_per_gpu)
+    num_live_slots = int(live_slot.sum())
+    if placement.policy == "hierarchical":
+        holders = topo.num_gpus // topo.num_nodes
+    else:
+        holders = int(live.sum())
+
+    for layer in range(num_layers):
+        row = p2l[layer]
+        assert (row[~live_slot] == -1).all(), f"layer {layer}: dead GPU slot not -1"
+        assert ((row[live_slot] >= 0) & (row[live_slot] < num_experts)).all(), (
+            f"layer {layer}: live slot out of range: {row.tolist()}"
+        )
+        counts = np.bincount(row[live_slot], minlength=num_experts)
+        assert (counts == cnt[layer]).all(), f"layer {layer}: logcnt {cnt[layer]} vs {counts}"
+        assert (cnt[layer] >= 1).all(), f"layer {layer}: an expert has no replica"
+        assert cnt[layer].sum() == num_live_slots
+        for expert in range(num_experts):
+            slots = np.nonzero(row == expert)[0]
+            listed = l2p[layer, expert]
+            assert (listed[: len(slots)] == slots).all(), (
+                f"layer {layer} expert {expert}: log2phy {listed.tolist()} vs slots {slots}"
+            )
+            assert (listed[len(slots):] == -1).all()
+            gpus = slots // slots_per_gpu
+            assert live[gpus].all()
+            if anti_affinity and len(gpus):
+                cap = math.ceil(len(slots) / holders)
+                assert np.bincount(gpus).max() <= cap, (
+                    f"layer {layer} expert {expert}: {np.bincount(gpus).max()} replicas on one "
+                    f"GPU, {len(slots)} replicas over {holders} GPUs"
+                )
+        if placement.policy == "hierarchical":
+            group_size = num_experts // topo.num_groups
+            slots_per_node = num_slots // topo.num_nodes
+            for group in range(topo.num_groups):
+                mine = np.nonzero((row >= 0) & (row // group_size == group))[0]
+                assert len(set((mine // slots_per_node).tolist())) == 1, (
+                    f"layer {layer} group {group} spans nodes {set(mine // slots_per_node)}"
+                )
+
+
+# --------------------------------------------------------------------------- fixtures
+# R = 8 slots, P = 4 GPUs (2 slots each), N = 2 nodes (GPUs 0-1, 2-3), G = 2 groups of 2
+TOPO = Topology(num_replicas=8, num_gpus=4, num_nodes=2, num_groups=2)
+GOOD = [[0, 1, 1, 0, 2, 3, 3, 2], [1, 0, 0, 1, 3, 2, 2, 3]]
+
+
+def good(policy: str = "hierarchical") -> Placement:
+    return Placement.from_phy2log(torch.tensor(GOOD), 4, TOPO, policy)
+
+
+def replace(p: Placement, **fields) -> Placement:
+    values = {
+        "phy2log": p.phy2log, "log2phy": p.log2phy, "logcnt": p.logcnt,
+        "topology": p.topology, "policy": p.policy, "active_gpus": p.active_gpus,
+    }
+    values.update(fields)
+    return Placement(**values)
+
+
+# --------------------------------------------------------------------------- valid records
+def test_hand_made_placement_is_valid_under_both_policies():
+    for policy in ("global", "hierarchical"):
+        p = good(policy)
+        assert p.validate() is p
+        assert_contract(p)
+        assert p.logcnt.tolist() == [[2, 2, 2, 2]] * 2
+        assert p.log2phy[0].tolist() == [[0, 3], [1, 2], [4, 7], [5, 6]]
+
+
+def test_from_phy2log_accepts_one_layer_and_dead_gpus():
+    topo = Topology(6, 3)
+    active = torch.tensor([True, False, True])
+    p = Placement.from_phy2log(torch.tensor([0, 1, -1, -1, 2, 0]), 3, topo, active_gpus=active)
+    p.validate()
+    assert_contract(p)
+    assert p.phy2log.shape == (1, 6)
+    assert p.logcnt.tolist() == [[2, 1, 1]]
+    assert p.log2phy.tolist() == [[[0, 5], [1, -1], [4, -1]]]
+
+
+def test_topology_properties_and_errors():
+    topo = Topology(288, 32, 4, 8)
+    assert topo.slots_per_gpu == 9
+    assert topo.gpus_per_node == 8
+    assert topo.as_dict() == {"num_replicas": 288, "num_gpus": 32, "num_nodes": 4, "num_groups": 8}
+    with pytest.raises(ValueError, match="multiple of num_gpus"):
+        Topology(10, 4)
+    with pytest.raises(ValueError, match="num_gpus must be a positive integer"):
+        Topology(8, 0)
+    with pytest.raises(ValueError, match="num_nodes"):
+        _ = Topology(12, 3, 2).gpus_per_node
+
+
+def test_loads_and_balancedness():
+    p = good("global")
+    w = torch.tensor([[4.0, 2.0, 2.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # layer 0: slots carry 2,1,1,2,1,0,0,1 → GPUs 3,3,1,1 ; layer 1: every slot 0.5 → GPUs 1
+    assert p.replica_loads(w)[0].tolist() == [2, 1, 1, 2, 1, 0, 0, 1]
+    assert p.gpu_loads(w).tolist() == [[3, 3, 1, 1], [1, 1, 1, 1]]
+    assert p.layer_balancedness(w).tolist() == pytest.approx([2 / 3, 1.0])
+    assert p.balancedness(w) == pytest.approx((2 + 1) / (3 + 1))
+    speed = torch.tensor([1.0, 3.0, 1.0, 1.0])
+    assert p.gpu_loads(w, speed)[0].tolist() == pytest.approx([3, 1, 1, 1])
+    zero = torch.zeros(2, 4)
+    assert p.balancedness(zero) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        p.gpu_loads(torch.ones(3, 4))
+
+
+def test_moved_slots_and_device_move():
+    p = good("global")
+    q = Placement.from_phy2log(torch.tensor([[0, 1, 1, 0, 2, 3, 2, 3], GOOD[1]]), 4, TOPO)
+    assert q.moved_slots(p).tolist() == [2, 0]
+    assert q.moved_slots(p.phy2log).tolist() == [2, 0]
+    with pytest.raises(ValueError, match="shape"):
+        q.moved_slots(p.phy2log[:1])
+    moved = p.to("cpu")
+    assert torch.equal(moved.phy2log, p.phy2log) and moved.policy == p.policy
+
+
+# --------------------------------------------------------------------------- broken records
+def test_validate_rejects_wrong_dtype():
+    p = good()
+    with pytest.raises(PlacementError, match="phy2log has dtype torch.int32"):
+        replace(p, phy2log=p.phy2log.to(torch.int32)).validate()
+    with pytest.raises(PlacementError, match="logcnt has dtype torch.float32"):
+        replace(p, logcnt=p.logcnt.float()).validate()
+    with pytest.raises(PlacementError, match="log2phy is a list"):
+        replace(p, log2phy=p.log2phy.tolist()).validate()
+
+
+def test_placement_error_is_a_value_error():
+    assert issubclass(PlacementError, ValueError)
+    assert eplb.PlacementError is PlacementError
+
+
+def test_validate_rejects_inconsistent_logcnt():
+    p = good()
+    logcnt = p.logcnt.clone()
+    logcnt[1, 0] += 1
+    logcnt[1, 1] -= 1  # still sums to R
+    with pytest.raises(PlacementError, match="layer 1 expert 0: logcnt says 3 replicas but phy2log holds 2"):
+        replace(p, logcnt=logcnt).validate()
+    logcnt = p.logcnt.clone()
+    logcnt[0, 2] += 1
+    with pytest.raises(PlacementError, match="layer 0: logcnt sums to 9, expected 8"):
+        replace(p, logcnt=logcnt).validate()
+
+
+def test_validate_rejects_log2phy_not_ascending():
+    p = good()
+    log2phy = p.log2phy.clone()
+    log2phy[0, 2] = log2phy[0, 2].flip(0)  # [7, 4]
+    with pytest.raises(PlacementError, match=r"layer 0 expert 2: log2phy lists \[7, 4\]"):
+        replace(p, log2phy=log2phy).validate()
+
+
+def test_validate_rejects_bad_log2phy_padding():
+    p = good()
+    padded = torch.cat([p.log2phy, torch.full((2, 4, 1), 5, dtype=torch.int64)], dim=2)
+    with pytest.raises(PlacementError, match="-1 beyond the replica count"):
+        replace(p, log2phy=padded).validate()
+    ok = torch.cat([p.log2phy, torch.full((2, 4, 1), -1, dtype=torch.int64)], dim=2)
+    replace(p, log2phy=ok).validate()  # extra -1 columns are fine
+
+
+def test_validate_rejects_expert_out_of_range():
+    p2l = torch.tensor(GOOD)
+    p2l[1, 5] = 4  # only experts 0..3 exist
+    p = Placement.from_phy2log(p2l, 4, TOPO, "global")
+    with pytest.raises(PlacementError, match=r"layer 1 slot 5 holds expert 4, outside \[0, 4\)"):
+        p.validate()
+    p2l[1, 5] = -3
+    p = replace(good("global"), phy2log=p2l)
+    with pytest.raises(PlacementError, match=r"layer 1 slot 5 holds expert -3"):
+        p.validate()
+
+
+def test_validate_rejects_wrong_slot_count():
+    p = good()
+    with pytest.raises(PlacementError, match="phy2log has 8 slots but the topology has 12"):
+        replace(p, topology=Topology(12, 4, 2, 2)).validate()
+
+
+def test_validate_rejects_two_replicas_on_one_gpu():
+    # expert 0's two replicas both on GPU 0 (slots 0, 1), expert 1's both on GPU 1
+    p = Placement.from_phy2log(torch.tensor([[0, 0, 1, 1, 2, 3, 2, 3]]), 4, TOPO, "global")
+    with pytest.raises(PlacementError, match="anti-affinity: layer 0 GPU 0 holds 2 replicas of expert 0"):
+        p.validate()
+    p.validate(anti_affinity=False)  # everything else is fine
+    # more replicas than GPUs may share: 5 replicas on 4 GPUs → 2 on one GPU is allowed
+    topo = Topology(8, 4)
+    ok = Placement.from_phy2log(torch.tensor([[0, 0, 0, 1, 0, 2, 0, 3]]), 4, topo)
+    ok.validate()
+    assert_contract(ok)
+    # ... but never 3: with 3 slots per GPU, 5 replicas over 4 GPUs allow ceil(5/4) = 2 per GPU
+    bad = Placement.from_phy2log(
+        torch.tensor([[0, 0, 0, 0, 1, 2, 0, 3, 1, 2, 3, 1]]), 4, Topology(12, 4))
+    bad.validate(anti_affinity=False)
+    with pytest.raises(PlacementError, match="anti-affinity: layer 0 GPU 0 holds 3 replicas of expert 0"):
+        bad.validate()
+
+
+def test_validate_hierarchical_anti_affinity_counts_the_node_gpus():
+    # 3 replicas of expert 0 inside node 0 (2 GPUs): 2 on one GPU is the best possible
+    p = Placement.from_phy2log(torch.tensor([[0, 0, 1, 0, 2, 3, 2, 3]]), 4, TOPO, "hierarchical")
+    p.validate()
+    assert_contract(p)
+
+
+def test_validate_rejects_group_split_across_nodes():
+    # group 0 = experts {0, 1}: expert 1 also sits on node 1 (slot 4)
+    p = Placement.from_phy2log(torch.tensor([[0, 1, 2, 0, 1, 3, 3, 2]]), 4, TOPO, "hierarchical")
+    with pytest.raises(PlacementError, match="hierarchical locality: layer 0 group 0 has replicas on nodes 0..1"):
+        p.validate()
+    # the same slots are a valid global placement
+    Placement.from_phy2log(p.phy2log, 4, TOPO, "global").validate()
+
+
+def test_validate_rejects_empty_slot_on_live_gpu_and_filled_slot_on_dead_gpu():
+    p2l = torch.tensor([[0, 1, 1, 0, 2, 3, 3, -1]])
+    p = Placement.from_phy2log(p2l, 4, TOPO, "global")
+    with pytest.raises(PlacementError, match=r"layer 0 slot 7 is empty \(-1\) but its GPU 3 is live"):
+        p.validate()
+    dead = torch.tensor([True, True, True, False])
+    p = Placement.from_phy2log(torch.tensor([[0, 1, 2, 0, 3, 1, 2, 3]]), 4, TOPO, "global", dead)
+    with pytest.raises(PlacementError, match="layer 0 slot 6 is filled but its GPU 3 is dead"):
+        p.validate()
+    p = Placement.from_phy2log(torch.tensor([[0, 1, 2, 0, 3, 1, -1, -1]]), 4, TOPO, "global", dead)
+    p.validate()
+    assert_contract(p)
+
+
+def test_validate_rejects_expert_without_replica():
+    p = Placement.from_phy2log(torch.tensor([[0, 1, 1, 0, 2, 0, 2, 1]]), 4, TOPO, "global")
+    with pytest.raises(PlacementError, match="layer 0 expert 3 has 0 replicas, needs >= 1"):
+        p.validate()
+
+
+def test_validate_rejects_bad_policy_and_active_gpus_shape():
+    p = good()
+    with pytest.raises(PlacementError, match="unknown policy 'mixed'"):
+        replace(p, policy="mixed").validate()
+    with pytest.raises(PlacementError, match=r"active_gpus has shape \(3,\), expected \[4\]"):
+        replace(p, active_gpus=torch.ones(3, dtype=torch.bool)).validate()
+
+
+def test_assert_contract_itself_catches_violations():
+    """The independent checker must fail where validate fails (it is not vacuous)."""
+    split = Placement.from_phy2log(torch.tensor([[0, 1, 2, 0, 1, 3, 3, 2]]), 4, TOPO, "hierarchical")
+    with pytest.raises(AssertionError, match="spans nodes"):
+        assert_contract(split)
+    shared = Placement.from_phy2log(torch.tensor([[0, 0, 1, 1, 2, 3, 2, 3]]), 4, TOPO, "global")
+    with pytest.raises(AssertionError, match="replicas on one GPU"):
+        assert_contract(shared)
+    assert_contract(shared, anti_affinity=False)
+    p = good()
+    log2phy = p.log2phy.clone()
+    log2phy[0, 2] = log2phy[0, 2].flip(0)
+    with pytest.raises(AssertionError, match="log2phy"):
+        assert_contract(replace(p, log2phy=log2phy))

@@ -1,0 +1,430 @@
+"""The planner through its public API: ``eplb.plan`` and ``eplb.rebalance_experts``.
+
+Output contract, policy selection, input errors, all-zero layers, determinism, dead GPUs,
+GPU speeds, CUDA, and quality floors against DeepSeek's greedy on fixed seeded inputs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from test_placement import assert_contract
+
+import eplb
+from eplb.baselines import plan_greedy
+from eplb.bounds import balancedness_ceiling
+
+
+def lognormal(layers: int, experts: int, sigma: float, seed: int,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.exp(torch.randn(layers, experts, generator=g, dtype=torch.float64) * sigma).to(dtype)
+
+
+W = lognormal(4, 32, 0.8, seed=0)
+
+
+# --------------------------------------------------------------------------- contract
+@pytest.mark.parametrize(
+    ("shape", "replicas", "gpus", "nodes", "groups", "policy"),
+    [
+        ((4, 32), 40, 8, 1, 1, "global"),
+        ((4, 32), 48, 8, 2, 4, "hierarchical"),
+        ((3, 16), 16, 4, 1, 1, "global"),  # no redundant slot
+        ((2, 12), 36, 6, 3, 3, "hierarchical"),
+        ((5, 7), 21, 3, 1, 1, "global"),  # E does not divide anything
+        ((2, 3), 30, 10, 1, 1, "global"),  # many more replicas than experts (c > P)
+    ],
+)
+def test_plan_output_contract(shape, replicas, gpus, nodes, groups, policy):
+    w = lognormal(*shape, 0.9, seed=sum(shape))
+    p = eplb.plan(w, replicas, gpus, nodes, groups)
+    assert p.policy == policy
+    assert p.topology == eplb.Topology(replicas, gpus, nodes, groups)
+    assert p.phy2log.shape == (shape[0], replicas)
+    assert p.logcnt.shape == shape
+    assert p.log2phy.shape == (*shape, int(p.logcnt.max()))
+    assert p.active_gpus is None
+    p.validate()
+    assert_contract(p, device="cpu")
+    assert (p.logcnt.sum(1) == replicas).all()
+
+
+def test_rebalance_experts_matches_plan():
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(W, 48, 4, 2, 8, seed=3)
+    p = eplb.plan(W, 48, 8, 2, 4, seed=3)
+    assert torch.equal(phy2log, p.phy2log)
+    assert torch.equal(log2phy, p.log2phy)
+    assert torch.equal(logcnt, p.logcnt)
+    for t in (phy2log, log2phy, logcnt):
+        assert t.dtype == torch.int64
+
+
+def test_rebalance_experts_one_layer_tensor_drops_layer_dim():
+    w = W[1].clone()
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(w, 40, 1, 1, 8)
+    assert phy2log.shape == (40,)
+    assert logcnt.shape == (32,)
+    assert log2phy.shape == (32, int(logcnt.max()))
+    full = eplb.plan(w[None], 40, 8)
+    assert torch.equal(phy2log, full.phy2log[0])
+    assert torch.equal(log2phy, full.log2phy[0])
+    assert torch.equal(logcnt, full.logcnt[0])
+    # plan always keeps the layer dimension
+    assert eplb.plan(w, 40, 8).phy2log.shape == (1, 40)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "list"])
+def test_rebalance_experts_one_layer_array_drops_layer_dim(kind):
+    """A 1-D numpy array or list is one layer too, like a 1-D tensor (and like the greedy's
+    ``rebalance_experts_greedy``)."""
+    w = W[1].numpy() if kind == "numpy" else W[1].tolist()
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(w, 40, 1, 1, 8)
+    assert phy2log.shape == (40,)
+    assert logcnt.shape == (32,)
+
+
+@pytest.mark.parametrize("kind", ["numpy", "list", "float32", "float16", "int32", "int64"])
+def test_input_kinds_give_valid_plans(kind):
+    counts = torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(1))
+    w = {
+        "numpy": counts.numpy().astype(np.float64),
+        "list": counts.tolist(),
+        "float32": counts.float(),
+        "float16": counts.half(),
+        "int32": counts.int(),
+        "int64": counts,
+    }[kind]
+    p = eplb.plan(w, 24, 4)
+    p.validate()
+    assert_contract(p, device="cpu")
+    if kind in ("numpy", "list", "int32", "int64"):
+        # the same float64 loads whatever the container: the same plan
+        ref = eplb.plan(counts.double(), 24, 4)
+        assert torch.equal(p.phy2log, ref.phy2log)
+
+
+def test_slot_to_gpu_convention():
+    """Slot s lives on GPU s // (R / P): a dead GPU's block of slots is the one emptied."""
+    active = torch.ones(8, dtype=torch.bool)
+    active[5] = False
+    p = eplb.plan(W, 40, 8, active_gpus=active)
+    assert (p.phy2log[:, 25:30] == -1).all()
+    assert (p.phy2log[:, :25] >= 0).all() and (p.phy2log[:, 30:] >= 0).all()
+    loads = p.replica_loads(W).view(4, 8, 5).sum(2)
+    assert torch.allclose(p.gpu_loads(W), loads)
+
+
+# --------------------------------------------------------------------------- policy selection
+@pytest.mark.parametrize(
+    ("experts", "gpus", "nodes", "groups", "expected"),
+    [
+        (16, 8, 2, 4, "hierarchical"),
+        (16, 8, 4, 4, "hierarchical"),
+        (16, 8, 1, 4, "global"),  # one node
+        (16, 8, 2, 1, "global"),  # one group
+        (12, 8, 4, 6, "global"),  # groups % nodes != 0
+        (16, 8, 4, 2, "global"),  # fewer groups than nodes
+    ],
+)
+def test_auto_policy(experts, gpus, nodes, groups, expected):
+    w = lognormal(2, experts, 0.7, seed=experts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # auto resolves without warning here
+        p = eplb.plan(w, gpus * (experts // gpus + 2), gpus, nodes, groups)
+    assert p.policy == expected
+    p.validate()
+    assert_contract(p)
+
+
+def test_forced_policies():
+    w = lognormal(2, 16, 0.7, seed=4)
+    assert eplb.plan(w, 24, 8, 2, 4, policy="global").policy == "global"
+    p = eplb.plan(w, 24, 8, 2, 4, policy="hierarchical")
+    assert p.policy == "hierarchical"
+    assert_contract(p)
+    # a single node is a legal (trivial) hierarchy
+    assert eplb.plan(w, 24, 8, 1, 4, policy="hierarchical").validate().policy == "hierarchical"
+
+
+@pytest.mark.parametrize(
+    ("experts", "replicas", "gpus", "nodes", "groups", "named"),
+    [
+        (18, 24, 8, 2, 4, r"num_experts \(18\) is not a multiple of num_groups \(4\)"),
+        (16, 24, 6, 4, 4, r"num_gpus \(6\) is not a multiple of num_nodes \(4\)"),
+        (18, 24, 8, 2, 3, r"num_groups \(3\) is not a multiple of num_nodes \(2\)"),
+    ],
+)
+def test_forced_hierarchical_impossible(experts, replicas, gpus, nodes, groups, named):
+    w = lognormal(2, experts, 0.7, seed=5)
+    with pytest.raises(ValueError, match=named):
+        eplb.plan(w, replicas, gpus, nodes, groups, policy="hierarchical")
+
+
+def test_auto_falls_back_to_global_with_warning():
+    w = lognormal(2, 16, 0.7, seed=6)
+    # groups divide over nodes, GPUs do not
+    with pytest.warns(RuntimeWarning, match=r"num_gpus \(6\) is not a multiple of num_nodes \(4\)"):
+        p = eplb.plan(w, 24, 6, 4, 4)
+    assert p.policy == "global"
+    assert_contract(p)
+    # experts do not divide into groups
+    with pytest.warns(RuntimeWarning, match=r"num_experts \(18\)"):
+        p = eplb.plan(lognormal(2, 18, 0.7, seed=6), 24, 8, 2, 4)
+    assert p.policy == "global"
+    assert_contract(p)
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="unknown policy 'greedy'"):
+        eplb.plan(W, 40, 8, policy="greedy")
+
+
+# --------------------------------------------------------------------------- input errors
+@pytest.mark.parametrize(
+    ("value", "where"),
+    [(float("nan"), r"weight\[2, 7\] is nan"), (float("inf"), r"weight\[2, 7\] is inf"),
+     (-1.0, r"weight\[2, 7\] is -1.0")],
+)
+def test_bad_load_values_name_layer_and_expert(value, where):
+    w = W.clone()
+    w[2, 7] = value
+    with pytest.raises(ValueError, match=where):
+        eplb.plan(w, 40, 8)
+    with pytest.raises(ValueError, match=where):
+        eplb.rebalance_experts(w, 40, 1, 1, 8)
+
+
+def test_negative_integer_load():
+    w = torch.ones(2, 8, dtype=torch.int64)
+    w[1, 3] = -5
+    with pytest.raises(ValueError, match=r"weight\[1, 3\].*>= 0"):
+        eplb.plan(w, 8, 2)
+
+
+@pytest.mark.parametrize("w", [torch.tensor(3.0), torch.ones(2, 3, 8)])
+def test_wrong_number_of_dims(w):
+    with pytest.raises(ValueError, match=f"got {w.dim()} dimensions"):
+        eplb.plan(w, 8, 2)
+
+
+@pytest.mark.parametrize("w", ["loads", {"logical_count": [1, 2]}, None, 3.5])
+def test_non_tensor_input(w):
+    with pytest.raises(TypeError, match=r"torch\.Tensor, numpy\.ndarray or a nested list"):
+        eplb.plan(w, 8, 2)
+    with pytest.raises(TypeError, match=type(w).__name__):
+        eplb.rebalance_experts(w, 8, 1, 1, 2)
+
+
+def test_ragged_list():
+    with pytest.raises(TypeError, match="rectangular"):
+        eplb.plan([[1, 2], [3]], 4, 2)
+
+
+def test_too_few_replicas():
+    with pytest.raises(ValueError, match=r"num_replicas \(24\) must be at least the number of experts \(32\)"):
+        eplb.plan(W, 24, 8)
+
+
+def test_replicas_not_multiple_of_gpus():
+    with pytest.raises(ValueError, match=r"num_replicas \(42\) must be a multiple of num_gpus \(8\)"):
+        eplb.plan(W, 42, 8)
+
+
+@pytest.mark.parametrize("bad", [0, -4, 2.5, True])
+def test_bad_topology_numbers(bad):
+    with pytest.raises(ValueError, match="positive integer"):
+        eplb.plan(W, 40, bad)
+
+
+@pytest.mark.parametrize("active", [torch.ones(7, dtype=torch.bool), torch.ones(2, 8, dtype=torch.bool),
+                                    [True] * 9])
+def test_bad_active_gpus_shape(active):
+    with pytest.raises(ValueError, match=r"active_gpus must have shape \[8\]"):
+        eplb.plan(W, 40, 8, active_gpus=active)
+
+
+@pytest.mark.parametrize(("speed", "named"), [
+    ([1.0] * 7 + [0.0], r"gpu_speed\[7\] is 0.0"),
+    ([1.0, -2.0] + [1.0] * 6, r"gpu_speed\[1\] is -2.0"),
+    ([1.0] * 7 + [float("nan")], r"gpu_speed\[7\] is nan"),
+    ([1.0] * 4, r"gpu_speed must have shape \[8\]"),
+])
+def test_bad_gpu_speed(speed, named):
+    with pytest.raises(ValueError, match=named):
+        eplb.plan(W, 40, 8, gpu_speed=torch.tensor(speed))
+
+
+def test_bad_seed_type():
+    with pytest.raises(TypeError, match="seed must be an int"):
+        eplb.plan(W, 40, 8, seed="1")
+
+
+def test_previous_with_wrong_shape():
+    with pytest.raises(ValueError, match=r"previous placement has shape \(4, 32\), expected \[4, 40\]"):
+        eplb.plan(W, 40, 8, previous=torch.zeros(4, 32, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"shape \(3, 40\)"):
+        eplb.rebalance_experts(W, 40, 1, 1, 8, old_phy2log=torch.zeros(3, 40, dtype=torch.int64))
+
+
+# --------------------------------------------------------------------------- all-zero layers
+@pytest.mark.parametrize(
+    ("experts", "replicas", "gpus", "nodes", "groups"),
+    [(5, 12, 3, 1, 1), (8, 16, 4, 2, 4), (32, 40, 8, 1, 1), (16, 48, 8, 2, 4), (3, 30, 10, 1, 1)],
+)
+def test_all_zero_layer_is_even(experts, replicas, gpus, nodes, groups):
+    w = lognormal(3, experts, 0.8, seed=experts)
+    w[1] = 0
+    p = eplb.plan(w, replicas, gpus, nodes, groups)
+    assert_contract(p)
+    cnt = p.logcnt[1]
+    assert int(cnt.max() - cnt.min()) <= 1, cnt.tolist()
+    # the zero layer's GPU loads under uniform traffic are as even as the counts allow
+    uniform = torch.ones(3, experts)
+    loads = p.gpu_loads(uniform)[1]
+    assert float(loads.max()) <= float(uniform[1].sum()) / gpus * 1.5 + 1e-9
+    all_zero = eplb.plan(torch.zeros(2, experts), replicas, gpus, nodes, groups)
+    assert_contract(all_zero)
+    assert int((all_zero.logcnt.amax(1) - all_zero.logcnt.amin(1)).max()) <= 1
+    assert all_zero.balancedness(torch.zeros(2, experts)) == 1.0
+
+
+# --------------------------------------------------------------------------- determinism
+@pytest.mark.parametrize(("nodes", "groups"), [(1, 1), (2, 4)])
+def test_same_seed_same_output(nodes, groups):
+    a = eplb.plan(W, 48, 8, nodes, groups, seed=11)
+    b = eplb.plan(W.clone(), 48, 8, nodes, groups, seed=11)
+    for x, y in zip(a.as_tuple(), b.as_tuple()):
+        assert torch.equal(x, y)
+    for seed in (0, 1, 12345):
+        p = eplb.plan(W, 48, 8, nodes, groups, seed=seed, num_candidates=4)
+        assert_contract(p)
+
+
+def test_search_options_give_valid_plans():
+    for candidates, steps in ((1, 0), (1, 1), (8, 64)):
+        p = eplb.plan(W, 48, 8, 2, 4, num_candidates=candidates, refine_steps=steps)
+        assert_contract(p)
+    with pytest.raises(ValueError, match="num_candidates"):
+        eplb.plan(W, 48, 8, num_candidates=0)
+
+
+# --------------------------------------------------------------------------- dead GPUs
+def test_dead_gpus():
+    active = torch.tensor([True, True, False, True, True, True, False, True])
+    p = eplb.plan(W, 48, 8, active_gpus=active, policy="global")
+    p.validate()
+    assert_contract(p)
+    assert torch.equal(p.active_gpus.cpu(), active)
+    dead_slots = torch.cat([torch.arange(12, 18), torch.arange(36, 42)])
+    assert (p.phy2log[:, dead_slots] == -1).all()
+    assert (p.log2phy[..., None] != dead_slots).all()  # no expert lists a dead slot
+    assert (p.logcnt >= 1).all() and (p.logcnt.sum(1) == 36).all()
+    # balancedness over live GPUs only
+    loads = p.gpu_loads(W)[:, active]
+    assert p.balancedness(W) == pytest.approx(float(loads.mean(1).sum() / loads.max(1).values.sum()))
+    assert p.balancedness(W) > 0.9
+
+
+def test_dead_gpus_with_hierarchical_topology():
+    active = torch.ones(8, dtype=torch.bool)
+    active[0] = False
+    with pytest.warns(RuntimeWarning, match="dead"):
+        p = eplb.plan(W, 48, 8, 2, 4, active_gpus=active)
+    assert p.policy == "global"
+    assert_contract(p)
+    with pytest.raises(ValueError, match="dead"):
+        eplb.plan(W, 48, 8, 2, 4, active_gpus=active, policy="hierarchical")
+
+
+def test_all_gpus_alive_is_the_plain_plan():
+    p = eplb.plan(W, 40, 8, active_gpus=torch.ones(8, dtype=torch.bool))
+    assert torch.equal(p.phy2log, eplb.plan(W, 40, 8).phy2log)
+    assert_contract(p)
+
+
+def test_too_few_live_slots():
+    active = torch.tensor([True, False, False, False, False, False, True, True])
+    with pytest.raises(ValueError, match=r"only 3 of 8 GPUs are live: 15 slots cannot hold 32 experts"):
+        eplb.plan(W, 40, 8, active_gpus=active)
+
+
+def test_dead_gpus_with_just_enough_slots():
+    active = torch.tensor([False, True, True, True])
+    w = lognormal(3, 12, 1.0, seed=8)
+    p = eplb.plan(w, 16, 4, active_gpus=active)  # 12 live slots for 12 experts
+    assert_contract(p)
+    assert (p.logcnt == 1).all()
+
+
+# --------------------------------------------------------------------------- GPU speeds
+@pytest.mark.parametrize(("layers", "experts", "gpus", "slots", "seed"),
+                         [(4, 32, 8, 5, 0), (4, 64, 16, 4, 1), (3, 16, 4, 6, 2)])
+def test_gpu_speed_no_worse_than_equal_speed_plan(layers, experts, gpus, slots, seed):
+    w = lognormal(layers, experts, 0.7, seed=seed)
+    speed = torch.ones(gpus, dtype=torch.float64)
+    speed[::2] = 2.0
+    fast = eplb.plan(w, slots * gpus, gpus, gpu_speed=speed)
+    fast.validate()
+    assert_contract(fast)
+    plain = eplb.plan(w, slots * gpus, gpus)
+    ours = fast.gpu_loads(w, speed).amax(1)
+    theirs = plain.gpu_loads(w, speed).amax(1)
+    assert (ours <= theirs * (1 + 1e-9)).all(), (ours.tolist(), theirs.tolist())
+    assert float(ours.sum()) < float(theirs.sum())  # 2x speeds must be exploited
+
+
+def test_gpu_speed_with_dead_gpus_and_zero_layer():
+    w = lognormal(3, 16, 0.7, seed=9)
+    w[0] = 0
+    speed = torch.tensor([1.0, 2.0, 1.0, 2.0, 1.5, 1.0])
+    active = torch.tensor([True, True, True, False, True, True])
+    p = eplb.plan(w, 24, 6, gpu_speed=speed, active_gpus=active)
+    assert_contract(p)
+
+
+# --------------------------------------------------------------------------- CUDA
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize(("nodes", "groups"), [(1, 1), (2, 4)])
+def test_cuda_plan(nodes, groups):
+    w = W.cuda()
+    p = eplb.plan(w, 48, 8, nodes, groups)
+    for t in p.as_tuple():
+        assert t.is_cuda and t.dtype == torch.int64
+    p.validate()
+    assert_contract(p, device="cuda")
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(w[0], 48, groups, nodes, 8)
+    assert phy2log.is_cuda and phy2log.shape == (48,)
+    active = torch.ones(8, dtype=torch.bool, device="cuda")
+    active[3] = False
+    assert_contract(eplb.plan(w, 48, 8, active_gpus=active), device="cuda")
+
+
+# --------------------------------------------------------------------------- quality floors
+QUALITY_CASES = [
+    # layers, experts, gpus, slots per GPU, sigma, seed
+    pytest.param(8, 64, 8, 9, 0.8, 0, id="8x64-P8-S9"),
+    pytest.param(4, 128, 32, 5, 0.6, 1, id="4x128-P32-S5"),
+    pytest.param(8, 24, 16, 2, 1.1, 0, id="8x24-P16-S2"),  # few slots per GPU
+    pytest.param(8, 64, 16, 4, 1.1, 2, id="8x64-P16-S4-no-redundancy"),  # R == E
+]
+
+
+@pytest.mark.parametrize(("layers", "experts", "gpus", "slots", "sigma", "seed"), QUALITY_CASES)
+@pytest.mark.parametrize("policy", ["global", "hierarchical"])
+def test_quality_not_below_greedy(layers, experts, gpus, slots, sigma, seed, policy):
+    w = lognormal(layers, experts, sigma, seed)
+    replicas = slots * gpus
+    ours = eplb.plan(w, replicas, gpus, 4, 8, policy=policy)
+    assert ours.policy == policy
+    assert_contract(ours)
+    greedy = plan_greedy(w, replicas, gpus, 4, 8, policy=policy)
+    ceiling = balancedness_ceiling(w, replicas, gpus, 4, 8, policy=policy)
+    b_ours, b_greedy = ours.balancedness(w), greedy.balancedness(w)
+    assert b_ours <= ceiling + 1e-9
+    assert b_ours >= b_greedy - 1e-12, f"eplb {b_ours:.5f} < greedy {b_greedy:.5f}"
+    if slots >= 5:
+        assert b_ours >= 0.99 * ceiling, f"eplb {b_ours:.5f}, ceiling {ceiling:.5f}"
