@@ -36,7 +36,7 @@ from eplb.simulate import simulate
 REPO = Path(__file__).resolve().parents[1]
 ESFT = REPO.parent / "shared/data/real/esft_deepseek_v2_lite_routing/esft_topk_ids.npz"
 ESTIMATORS = ["sum", "ema:50", "ema:100", "ema:200", "robust:0.5", "robust:1", "multi:4",
-              "multi:4:2", "multi:3:3", "multi:6:6"]
+              "multi:4:2", "multi:3:3", "multi:6:6", "auto"]
 PLANNERS = ["greedy", "eplb"]
 
 

@@ -230,3 +230,21 @@ def test_bad_traces() -> None:
     wrong = trivial_placement(E + 1, L, Topology(R, P))
     with pytest.raises(ValueError, match="initial placement"):
         simulate(_trace(10), "none", num_replicas=R, num_gpus=P, initial=wrong)
+
+
+def test_dead_gpus_hold_nothing_and_are_not_scored() -> None:
+    alive = [True, True, False, True]
+    counts = _trace(300)
+    res = simulate(counts, "eplb", num_replicas=R, num_gpus=P, cadence="adrs", active_gpus=alive)
+    initial = trivial_placement(E, L, Topology(R, P), active_gpus=alive).validate()
+    want = torch.tensor([initial.balancedness(c) for c in counts[:100]], dtype=torch.float64)
+    assert torch.allclose(res.step_balancedness[:100], want, rtol=1e-5)
+    from eplb.online import Rebalancer
+
+    reb = Rebalancer(R, P, window=100, interval=100, active_gpus=alive)
+    reb.record(counts[:100])
+    assert reb.placement is not None
+    reb.placement.validate()
+    assert (reb.placement.phy2log[:, 6:9] == -1).all()
+    with pytest.raises(ValueError, match="active_gpus"):
+        simulate(counts, "greedy", num_replicas=R, num_gpus=P, active_gpus=alive)

@@ -122,7 +122,7 @@ def plan(
     """
     w, _ = as_weight(weight)
     topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
-    num_layers, num_experts = w.shape
+    _num_layers, num_experts = w.shape
     if num_replicas < num_experts:
         raise ValueError(
             f"num_replicas ({num_replicas}) must be at least the number of experts ({num_experts}): "

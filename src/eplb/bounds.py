@@ -115,7 +115,7 @@ def _relaxed_hierarchical_bound(weight: torch.Tensor, num_gpus: int, num_nodes: 
                                 num_groups: int) -> torch.Tensor:
     """A valid (not tight) bound when assignments are too many to enumerate: the node
     holding the heaviest group carries at least it plus the lightest other groups."""
-    num_layers, num_experts = weight.shape
+    num_layers, _num_experts = weight.shape
     per_node = num_groups // num_nodes
     group_load = weight.view(num_layers, num_groups, -1).sum(2).sort(1).values
     heaviest_node = group_load[:, -1] + group_load[:, : per_node - 1].sum(1)

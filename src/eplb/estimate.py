@@ -400,7 +400,10 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "auto": AdaptiveAverage,
 }
 
-_ACCEPTED = "'sum', 'ema:HALF_LIFE', 'robust:Z[:SUBWINDOWS]', 'multi:K[:WINDOWS]', 'auto[:MEMORY[:FOLDS]]'"
+_ACCEPTED = (
+    "'sum', 'ema:HALF_LIFE', 'robust:Z[:SUBWINDOWS]', 'multi:K[:WINDOWS]', "
+    "'auto[:MEMORY[:FOLDS]]'"
+)
 
 
 def _number(spec: str, text: str, kind: Callable[[str], float | int]) -> float | int:
@@ -418,7 +421,8 @@ def make_estimator(spec: str | Estimator) -> Estimator:
 
     Accepted: ``"sum"``, ``"ema:HALF_LIFE"`` (steps), ``"robust:Z"`` or
     ``"robust:Z:SUBWINDOWS"``, ``"multi:K"`` or ``"multi:K:WINDOWS"``, ``"auto"``,
-    ``"auto:MEMORY"`` or ``"auto:MEMORY:FOLDS"`` (windows). Raises ``ValueError`` naming the accepted specs otherwise.
+    ``"auto:MEMORY"`` or ``"auto:MEMORY:FOLDS"`` (windows). Raises ``ValueError`` naming
+    the accepted specs otherwise.
     """
     if isinstance(spec, Estimator):
         return spec

@@ -153,7 +153,7 @@ def align_to_previous(new: torch.Tensor, old: torch.Tensor, num_gpus: int) -> to
         common = (a[:, None, :, None] == b[None, :, None, :]) & (a[:, None, :, None] >= 0)
         overlap = common.any(3).sum(2)  # [P_new, P_old]
         rows_idx, cols_idx = linear_sum_assignment(overlap, maximize=True)
-        for g_new, g_old in zip(rows_idx, cols_idx):
+        for g_new, g_old in zip(rows_idx, cols_idx, strict=False):
             out[layer, g_old] = _align_slots(a[g_new], b[g_old])
     return torch.from_numpy(out.reshape(num_layers, num_slots)).to(new.device)
 

@@ -185,9 +185,12 @@ def _conflicts(state: torch.Tensor) -> torch.Tensor:
     """``[S, rows, P]`` True for a replica whose expert appears in an earlier slot of its GPU."""
     ids = state[EXPERT]
     slots = ids.shape[0]
-    earlier = torch.ones(slots, slots, dtype=torch.bool, device=ids.device).tril(-1)
-    diff = torch.where(earlier[:, :, None, None], ids[:, None] - ids[None, :], 1.0)
-    return diff.prod(1) == 0  # an exact zero factor marks an equal expert id
+    earlier = torch.ones(slots, slots, dtype=ids.dtype, device=ids.device).tril(-1)[:, :, None, None]
+    # factor k,j is sign(id_k − id_j) for earlier slots j < k and 1 elsewhere; a zero marks
+    # an equal expert id, and ±1 factors can never overflow
+    diff = (ids[:, None] - ids[None, :]).clamp_(-1, 1)
+    diff.mul_(earlier).add_(1 - earlier)
+    return diff.prod(1) == 0
 
 
 def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = None) -> torch.Tensor:
@@ -198,10 +201,11 @@ def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = No
     round-robin, which is always anti-affine. ``allow_shared [rows]`` marks rows holding an
     expert with more replicas than GPUs: they are spread round-robin instead.
     """
-    _, slots, rows, num_gpus = state.shape
+    _, slots, _rows, num_gpus = state.shape
     if allow_shared is not None and bool(allow_shared.any()):
         state = state.clone()
         state[:, :, allow_shared] = _round_robin_state(state[:, :, allow_shared])
+    buffers: dict[str, torch.Tensor] = {}
     for _ in range(num_gpus * slots):
         conflict = _conflicts(state)  # [S, rows, P]
         if allow_shared is not None:
@@ -212,7 +216,7 @@ def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = No
             return state
         u = on_gpu.to(torch.int8).max(1).indices
         movable = conflict.gather(2, u[None, :, None].expand(slots, -1, 1))[:, :, 0]  # [S, rows]
-        state, moved = _swap_from(state, u, movable, todo, must_move=True)
+        state, moved = _swap_from(state, u, movable, todo, must_move=True, buffers=buffers)
         if not bool(moved.any()):
             break
     stuck = _conflicts(state).any(0).any(1)
@@ -226,7 +230,7 @@ def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = No
 
 def _round_robin_state(state: torch.Tensor) -> torch.Tensor:
     """Re-deal a state's items round-robin, heaviest first, replicas of an expert adjacent."""
-    _, slots, rows, num_gpus = state.shape
+    _, _slots, rows, num_gpus = state.shape
     items = state.permute(0, 2, 1, 3).reshape(2, rows, -1)
     # sort by (load desc, expert) so replicas of one expert stay adjacent
     by_expert = items[EXPERT].argsort(dim=1, stable=True)
@@ -302,6 +306,8 @@ def refine(state: torch.Tensor, steps: int, mode: str = "pairs", tol: float = 1e
     speed = None if track is None else track.speed
     origin = None if track is None else track.origin
     spent = None if origin is None else _moves(state[EXPERT], origin)
+    buffers: dict[str, torch.Tensor] = {}
+    big = (slots, slots, rows, half)
     idle = 0
     for step in range(steps):
         loads = state[LOAD].sum(0)  # [rows, P]
@@ -321,12 +327,15 @@ def refine(state: torch.Tensor, steps: int, mode: str = "pairs", tol: float = 1e
             if origin is not None:
                 origin = origin.gather(2, perm[None].expand(slots, -1, -1))
         heavy, light = state[..., :half], state[..., half : 2 * half]  # [2, S, rows, H]
-        # an exact zero in the product marks an expert already on the other GPU
-        ids_diff = heavy[EXPERT][:, None] - light[EXPERT][None, :]  # [S, S, rows, H]
+        # an exact zero in the product of sign(id differences) [S, S, rows, H] marks an
+        # expert already on the other GPU
+        ids_diff = torch.sub(heavy[EXPERT][:, None], light[EXPERT][None, :],
+                             out=_scratch(buffers, "ids", big, state)).clamp_(-1, 1)
         w_heavy = heavy[LOAD].masked_fill(ids_diff.prod(1) == 0, -inf)
         w_light = light[LOAD].masked_fill(ids_diff.prod(0) == 0, inf)
-        delta = w_heavy[:, None] - w_light[None, :]  # [S, S, rows, H]
-        gain = delta * (gap - delta)  # −½ the change in Σ load² (scaled); −inf when illegal
+        delta = torch.sub(w_heavy[:, None], w_light[None, :], out=_scratch(buffers, "delta", big, state))
+        # gain = δ·(gap − δ): −½ the change in Σ load² (scaled); −inf when illegal
+        gain = torch.sub(gap, delta, out=_scratch(buffers, "gain", big, state)).mul_(delta)
         best, i = gain.amax(1).max(0)  # [rows, H]; max() is much faster than argmax() here
         apply = best > tol
         if origin is not None:
@@ -364,8 +373,18 @@ def _within_budget(apply: torch.Tensor, i: torch.Tensor, heavy: torch.Tensor, li
     return apply, spent + 2 * apply.sum(1)
 
 
+def _scratch(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
+             like: torch.Tensor) -> torch.Tensor:
+    """A reusable scratch tensor: fresh big temporaries cost page faults on every step."""
+    buf = buffers.get(name)
+    if buf is None or buf.shape != shape:
+        buf = buffers[name] = like.new_empty(shape)
+    return buf
+
+
 def _swap_from(state: torch.Tensor, u: torch.Tensor, movable: torch.Tensor, todo: torch.Tensor,
-               must_move: bool = False, partners: int | None = None
+               must_move: bool = False, partners: int | None = None,
+               buffers: dict[str, torch.Tensor] | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One legal swap per row between GPU ``u [rows]`` and its best partner.
 
@@ -388,13 +407,16 @@ def _swap_from(state: torch.Tensor, u: torch.Tensor, movable: torch.Tensor, todo
     index_u = u[None, None, :, None].expand(2, slots, rows, 1)
     top = state.gather(3, index_u)[..., 0]  # [2, S, rows]
     load_u = loads.gather(1, u[:, None])  # [rows, 1]
-    ids_diff = top[EXPERT][:, None, :, None] - cand[EXPERT][None]  # [S_u, S_v, rows, K]
+    buffers = {} if buffers is None else buffers
+    shape = (slots, slots, rows, cand.shape[3])
+    ids_diff = torch.sub(top[EXPERT][:, None, :, None], cand[EXPERT][None],
+                         out=_scratch(buffers, "ids", shape, state)).clamp_(-1, 1)
     # blocked: u's item is already on v (this also blocks v = u), or v's item is on u
     w_top = top[LOAD][:, :, None].masked_fill((ids_diff.prod(1) == 0) | ~movable[:, :, None], inf)
     w_other = cand[LOAD].masked_fill(ids_diff.prod(0) == 0, -inf)
-    delta = w_top[:, None] - w_other[None]  # [S, S, rows, K]
-    # max(L_u − δ, L_v + δ) = (L_u + L_v)/2 + |δ − (L_u − L_v)/2|
-    excess = (delta - (load_u - cand_loads) / 2).abs() + cand_loads / 2  # + L_u/2 per row
+    # max(L_u − δ, L_v + δ) = (L_u + L_v)/2 + |δ − (L_u − L_v)/2|; in place: one big buffer
+    excess = torch.sub(w_top[:, None], w_other[None], out=_scratch(buffers, "delta", shape, state))
+    excess.sub_((load_u - cand_loads) / 2).abs_().add_(cand_loads / 2)  # + L_u/2 per row
     best_v_val, k = excess.amin((0, 1)).min(1)  # [rows]
     at_v = excess.gather(3, k[None, None, :, None].expand(slots, slots, rows, 1))
     pos = at_v.view(slots * slots, rows).min(0).indices  # [rows]
@@ -420,9 +442,10 @@ def _refine_max(state: torch.Tensor, steps: int) -> torch.Tensor:
     _, slots, rows, _ = state.shape
     movable = torch.ones(slots, rows, dtype=torch.bool, device=state.device)
     todo = torch.ones(rows, dtype=torch.bool, device=state.device)
+    buffers: dict[str, torch.Tensor] = {}
     for _ in range(steps):
         u = state[LOAD].sum(0).max(1).indices
-        state, moved = _swap_from(state, u, movable, todo)
+        state, moved = _swap_from(state, u, movable, todo, buffers=buffers)
         if not bool(moved.any()):
             break
         todo = moved  # a row whose heaviest GPU cannot improve is done

@@ -49,7 +49,7 @@ class PlanOptions:
     packing: PackingOptions = field(default_factory=PackingOptions)
     shifts: tuple[float, ...] = DEFAULT_SHIFTS
     hamilton: bool = True
-    portfolio_threshold: float = 0.25
+    portfolio_threshold: float = 1 / 3
 
     def __post_init__(self) -> None:
         if not self.shifts and not self.hamilton:
@@ -166,7 +166,7 @@ class HierarchicalPolicy(PlacementPolicy):
         hierarchical lower bound (see :mod:`eplb.bounds`). Otherwise a balanced packing
         of group loads onto nodes.
         """
-        num_layers, num_experts = weight.shape
+        num_layers, _num_experts = weight.shape
         nodes, groups = topology.num_nodes, topology.num_groups
         assignment = group_partitions(groups, nodes, weight.device)
         if assignment is not None:

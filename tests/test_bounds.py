@@ -1,0 +1,219 @@
+"""Lower bounds and the balancedness ceiling (``eplb.bounds``).
+
+A bound is only useful if it is valid: no placement — eplb's or DeepSeek's greedy — may
+beat it. The exact parts (Jefferson's optimum, the group→node enumeration) are checked
+against brute force.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import eplb
+from eplb.baselines import plan_greedy
+from eplb.bounds import (
+    balancedness_ceiling,
+    group_partitions,
+    layer_ceiling,
+    layer_lower_bound,
+)
+from eplb.replication import max_replica_load
+
+REL = 1e-9  # float64 round-off between bound and measured loads
+
+
+def jefferson_brute(w: list[float], replicas: int) -> float:
+    """The largest replica load after giving each extra replica to the largest w / c."""
+    counts = [1] * len(w)
+    for _ in range(replicas - len(w)):
+        e = max(range(len(w)), key=lambda i: w[i] / counts[i])
+        counts[e] += 1
+    return max(wi / c for wi, c in zip(w, counts))
+
+
+def min_max_replica_exhaustive(w: list[float], replicas: int) -> float:
+    """min over every allocation (c_e >= 1, sum = R) of max_e w_e / c_e."""
+    best = float("inf")
+    extra = replicas - len(w)
+    for split in itertools.product(range(extra + 1), repeat=len(w)):
+        if sum(split) == extra:
+            best = min(best, max(wi / (1 + s) for wi, s in zip(w, split)))
+    return best
+
+
+# --------------------------------------------------------------------------- exact parts
+def test_group_partitions_8_on_4():
+    parts = group_partitions(8, 4)
+    assert parts.shape == (105, 8)
+    assert parts.dtype == torch.int64
+    for row in parts.tolist():
+        assert sorted(np.bincount(row, minlength=4).tolist()) == [2, 2, 2, 2]
+    # all distinct up to relabelling nodes: the set of node contents differs per row
+    contents = {frozenset(frozenset(g for g in range(8) if row[g] == n) for n in range(4))
+                for row in parts.tolist()}
+    assert len(contents) == 105
+
+
+@pytest.mark.parametrize(("groups", "nodes", "count"),
+                         [(4, 2, 3), (6, 3, 15), (8, 2, 35), (6, 2, 10), (4, 4, 1), (5, 1, 1)])
+def test_group_partitions_counts(groups, nodes, count):
+    parts = group_partitions(groups, nodes)
+    assert parts.shape == (count, groups)
+    for row in parts.tolist():
+        assert np.bincount(row, minlength=nodes).tolist() == [groups // nodes] * nodes
+
+
+def test_group_partitions_too_many_or_invalid():
+    assert group_partitions(32, 4) is None  # far too many to enumerate
+    with pytest.raises(ValueError, match=r"num_groups \(6\) must be a multiple of num_nodes \(4\)"):
+        group_partitions(6, 4)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1000, allow_nan=False), min_size=1, max_size=6),
+       st.integers(0, 8))
+def test_max_replica_load_is_jefferson(w, extra):
+    replicas = len(w) + extra
+    got = float(max_replica_load(torch.tensor([w], dtype=torch.float64), replicas)[0])
+    assert got == pytest.approx(jefferson_brute(w, replicas), rel=1e-12, abs=1e-12)
+    if len(w) <= 4 and extra <= 5:
+        assert got == pytest.approx(min_max_replica_exhaustive(w, replicas), rel=1e-12, abs=1e-12)
+
+
+def test_max_replica_load_batched_rows():
+    g = torch.Generator().manual_seed(0)
+    w = torch.exp(torch.randn(20, 30, generator=g, dtype=torch.float64))
+    got = max_replica_load(w, 47)
+    want = [jefferson_brute(row, 47) for row in w.tolist()]
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+
+
+def hierarchical_bound_brute(w: list[float], replicas: int, gpus: int, nodes: int,
+                             groups: int) -> float:
+    """min over every group→node assignment (G/N groups per node) of the worst node's
+    max(W_n / (P/N), T_rep(n)), by itertools."""
+    size = len(w) // groups
+    per_node = groups // nodes
+    best = float("inf")
+    for perm in itertools.permutations(range(groups)):
+        worst = 0.0
+        for n in range(nodes):
+            mine = [e for g in perm[n * per_node:(n + 1) * per_node]
+                    for e in range(g * size, (g + 1) * size)]
+            load = [w[e] for e in mine]
+            worst = max(worst, sum(load) / (gpus // nodes),
+                        jefferson_brute(load, replicas // nodes))
+        best = min(best, worst)
+    return best
+
+
+@pytest.mark.parametrize(("experts", "replicas", "gpus", "nodes", "groups"),
+                         [(8, 16, 4, 2, 4), (12, 24, 6, 3, 6), (8, 12, 4, 2, 4), (16, 32, 8, 4, 8)])
+def test_hierarchical_bound_is_exact_enumeration(experts, replicas, gpus, nodes, groups):
+    g = torch.Generator().manual_seed(experts + groups)
+    w = torch.exp(torch.randn(3, experts, generator=g, dtype=torch.float64) * 1.2)
+    got = layer_lower_bound(w, replicas, gpus, nodes, groups, policy="hierarchical")
+    glob = layer_lower_bound(w, replicas, gpus)
+    for layer, row in enumerate(w.tolist()):
+        want = max(float(glob[layer]), hierarchical_bound_brute(row, replicas, gpus, nodes, groups))
+        assert float(got[layer]) == pytest.approx(want, rel=1e-12)
+
+
+def test_bound_simple_values():
+    uniform = torch.ones(1, 16)
+    assert layer_lower_bound(uniform, 32, 8).tolist() == [2.0]
+    hot = torch.tensor([[9.0, 1.0, 1.0, 1.0]])
+    assert layer_lower_bound(hot, 4, 2).tolist() == [9.0]  # R == E: the hot expert's GPU
+    assert layer_lower_bound(hot, 8, 2).tolist() == [6.0]  # mean 12 / 2
+    assert layer_ceiling(hot, 4, 2).tolist() == pytest.approx([6.0 / 9.0])
+    assert balancedness_ceiling(torch.zeros(2, 4), 8, 2) == 1.0
+    one_layer = layer_lower_bound(torch.tensor([9.0, 1.0, 1.0, 1.0]), 4, 2)
+    assert one_layer.shape == (1,) and one_layer.dtype == torch.float64
+
+
+def test_bound_rejects_bad_input():
+    with pytest.raises(ValueError, match="finite"):
+        layer_lower_bound(torch.tensor([[1.0, float("nan")]]), 2, 1)
+    with pytest.raises(ValueError, match="no live GPU"):
+        layer_lower_bound(torch.ones(1, 4), 4, 2, active_gpus=torch.zeros(2, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------- validity
+@st.composite
+def bound_problems(draw):
+    gpus = draw(st.sampled_from([2, 4, 6, 8, 12]))
+    slots = draw(st.integers(1, 5))
+    nodes = draw(st.sampled_from([n for n in (1, 2, 3, 4) if gpus % n == 0]))
+    groups = nodes * draw(st.integers(1, min(3, gpus * slots // nodes)))  # G <= R
+    size = draw(st.integers(1, max(1, (gpus * slots) // groups)))
+    experts = groups * size
+    layers = draw(st.integers(1, 4))
+    sigma = draw(st.floats(0.0, 2.0))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    w = torch.exp(torch.randn(layers, experts, generator=g, dtype=torch.float64) * sigma)
+    if draw(st.booleans()):
+        w = torch.round(w * 10)  # integer counts, zeros and ties included
+    return w, gpus * slots, gpus, nodes, groups
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bound_problems())
+def test_bound_below_every_placement(problem):
+    w, replicas, gpus, nodes, groups = problem
+    policies = ["global"] + (["hierarchical"] if groups > 1 and nodes > 1 else [])
+    for policy in policies:
+        bound = layer_lower_bound(w, replicas, gpus, nodes, groups, policy=policy)
+        ceiling = balancedness_ceiling(w, replicas, gpus, nodes, groups, policy=policy)
+        per_layer = layer_ceiling(w, replicas, gpus, nodes, groups, policy=policy)
+        assert bound.dtype == torch.float64 and bound.shape == (w.shape[0],)
+        assert (bound >= w.sum(1) / gpus * (1 - REL)).all()
+        assert (per_layer <= 1 + REL).all() and ceiling <= 1 + REL
+        placements = [
+            eplb.plan(w, replicas, gpus, nodes, groups, policy=policy),
+            plan_greedy(w, replicas, gpus, nodes, groups, policy=policy),
+        ]
+        if policy == "global":
+            # the hierarchical placements are global placements too
+            placements.append(plan_greedy(w, replicas, gpus, nodes, groups))
+        for p in placements:
+            peak = p.gpu_loads(w).amax(1)
+            assert (bound <= peak * (1 + REL) + 1e-12).all(), (policy, bound, peak)
+            assert p.balancedness(w) <= ceiling * (1 + REL)
+            assert (p.layer_balancedness(w) <= per_layer * (1 + REL) + 1e-12).all()
+
+
+@pytest.mark.parametrize("groups", [16, 32])
+def test_relaxed_hierarchical_bound_is_valid(groups):
+    """Too many group→node assignments to enumerate: the relaxed bound still holds."""
+    g = torch.Generator().manual_seed(groups)
+    w = torch.exp(torch.randn(4, 64, generator=g, dtype=torch.float64) * 1.5)
+    bound = layer_lower_bound(w, 96, 16, 4, groups, policy="hierarchical")
+    assert (bound >= layer_lower_bound(w, 96, 16)).all()
+    for p in (eplb.plan(w, 96, 16, 4, groups, policy="hierarchical"),
+              plan_greedy(w, 96, 16, 4, groups, policy="hierarchical")):
+        assert (bound <= p.gpu_loads(w).amax(1) * (1 + REL)).all()
+        assert p.balancedness(w) <= balancedness_ceiling(w, 96, 16, 4, groups,
+                                                         policy="hierarchical") * (1 + REL)
+
+
+def test_bound_with_dead_gpus():
+    g = torch.Generator().manual_seed(3)
+    w = torch.exp(torch.randn(5, 24, generator=g, dtype=torch.float64))
+    active = torch.tensor([True, False, True, True, True, False, True, True])
+    bound = layer_lower_bound(w, 40, 8, active_gpus=active)
+    assert (bound >= w.sum(1) / 6 * (1 - REL)).all()  # the mean over 6 live GPUs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        p = eplb.plan(w, 40, 8, active_gpus=active)
+    assert (bound <= p.gpu_loads(w)[:, active].amax(1) * (1 + REL)).all()
+    assert p.balancedness(w) <= balancedness_ceiling(w, 40, 8, active_gpus=active) * (1 + REL)
+    with pytest.raises(ValueError, match="full cluster"):
+        layer_lower_bound(w, 40, 8, 2, 4, policy="hierarchical", active_gpus=active)

@@ -1,0 +1,100 @@
+"""Quality on the real DeepSeek-V3/R1 routed-token counts (SGLang's EP statistics).
+
+The data is read from ``../shared/data/real`` next to the repository (never copied into it);
+the tests skip, saying why, when it is absent. R = 288 slots on P = 32 GPUs, as DeepSeek
+deploys; hierarchical with G = 8 groups on N = 4 nodes.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from test_placement import assert_contract
+
+import eplb
+from eplb.baselines import plan_greedy
+from eplb.bounds import balancedness_ceiling
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
+FILES = sorted(DATA.glob("*.json"))
+MISSING = f"real DeepSeek EP statistics not found at {DATA} (read-only data, not in the repository)"
+WORKLOADS = [pytest.param(f.stem, id=f.stem) for f in FILES] or [
+    pytest.param(None, marks=pytest.mark.skip(reason=MISSING), id="no-data")]
+
+REPLICAS, GPUS = 288, 32
+TOPOLOGY = {"global": (1, 1), "hierarchical": (4, 8)}  # (nodes, groups)
+FIRST_MOE, LAYERS, EXPERTS = 3, 61, 256
+
+
+@lru_cache(maxsize=None)
+def counts(name: str) -> torch.Tensor:
+    """``[61, 256]`` float64 routed-token counts; rows 0-2 are dense layers (all zero)."""
+    with open(DATA / f"{name}.json") as f:
+        data = json.load(f)
+    if "logical_count" not in data:
+        raise KeyError(f"{name}.json has no 'logical_count' key")
+    w = torch.tensor(data["logical_count"], dtype=torch.float64)
+    assert w.shape == (LAYERS, EXPERTS), w.shape
+    return w
+
+
+@lru_cache(maxsize=None)
+def planned(name: str, policy: str) -> eplb.Placement:
+    nodes, groups = TOPOLOGY[policy]
+    return eplb.plan(counts(name)[FIRST_MOE:], REPLICAS, GPUS, nodes, groups, policy=policy)
+
+
+def greedy(name: str, policy: str) -> float:
+    nodes, groups = TOPOLOGY[policy]
+    w = counts(name)[FIRST_MOE:]
+    return plan_greedy(w, REPLICAS, GPUS, nodes, groups, policy=policy).balancedness(w)
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_global_reaches_0_9995(name):
+    w = counts(name)[FIRST_MOE:]
+    assert (w.sum(1) > 0).all()  # the MoE rows carry traffic
+    p = planned(name, "global")
+    assert p.policy == "global"
+    p.validate()
+    assert_contract(p)
+    bal = p.balancedness(w)
+    assert bal >= 0.9995, f"{name}: global balancedness {bal:.5f}"
+    assert bal >= greedy(name, "global")
+    assert bal <= balancedness_ceiling(w, REPLICAS, GPUS) + 1e-9
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_hierarchical_at_the_ceiling(name):
+    w = counts(name)[FIRST_MOE:]
+    p = planned(name, "hierarchical")
+    assert p.policy == "hierarchical"
+    p.validate()
+    assert_contract(p)
+    bal = p.balancedness(w)
+    ceiling = balancedness_ceiling(w, REPLICAS, GPUS, 4, 8, policy="hierarchical")
+    assert bal <= ceiling + 1e-9
+    assert ceiling - bal <= 1e-3, f"{name}: hierarchical {bal:.5f}, ceiling {ceiling:.5f}"
+    assert bal >= greedy(name, "hierarchical")
+
+
+@pytest.mark.parametrize("name", WORKLOADS[:2])
+def test_full_dump_with_dense_rows(name):
+    """The whole 61-row dump, dense all-zero rows 0-2 included, plans validly (auto policy:
+    hierarchical for G=8, N=4)."""
+    w = counts(name)
+    assert (w[:FIRST_MOE] == 0).all()
+    p = eplb.plan(w, REPLICAS, GPUS, 4, 8)
+    assert p.policy == "hierarchical"
+    p.validate()
+    assert_contract(p)
+    zero_rows = p.logcnt[:FIRST_MOE]
+    assert int((zero_rows.amax(1) - zero_rows.amin(1)).max()) <= 1  # spread evenly
+    # the MoE rows are planned as well as on their own
+    moe = w[FIRST_MOE:]
+    sub = eplb.Placement.from_phy2log(p.phy2log[FIRST_MOE:], EXPERTS, p.topology, p.policy)
+    assert sub.balancedness(moe) >= planned(name, "hierarchical").balancedness(moe) - 1e-3
