@@ -77,13 +77,17 @@ def section_real(repeats: int) -> None:
             ref = plan_greedy(w, 288, 32, nodes, groups, policy=policy).balancedness(w)
             ceil = balancedness_ceiling(w, 288, 32, nodes, groups, policy)
             summary[policy].append((ref, ours, ceil))
-            print(f"| {name} | {policy} | {ref:.4f} | {ours:.5f} | {ceil:.5f} | {ceil - ours:.5f} |")
+            print(
+                f"| {name} | {policy} | {ref:.4f} | {ours:.5f} | {ceil:.5f} | {ceil - ours:.5f} |"
+            )
     print()
     for policy, rows in summary.items():
         ref, ours, ceil = zip(*rows)
         gaps = [c - o for _, o, c in rows]
-        print(f"- {policy}: eplb {min(ours):.5f}–{max(ours):.5f}, greedy {min(ref):.4f}–{max(ref):.4f}, "
-              f"ceiling {min(ceil):.4f}–{max(ceil):.4f}, largest gap to ceiling {max(gaps):.5f}")
+        print(
+            f"- {policy}: eplb {min(ours):.5f}–{max(ours):.5f}, greedy {min(ref):.4f}–{max(ref):.4f}, "
+            f"ceiling {min(ceil):.4f}–{max(ceil):.4f}, largest gap to ceiling {max(gaps):.5f}"
+        )
 
 
 SHAPES = [(58, 256), (61, 384), (94, 128)]
@@ -113,8 +117,10 @@ def section_synthetic(repeats: int) -> None:
         ceil = balancedness_ceiling(w, replicas, gpus)
         if slots >= 5:
             worst_s5 = max(worst_s5, (ceil - ours) / ceil)
-        print(f"| {layers}×{experts} | {slots} | {gpus} | {replicas} | {ref:.4f} | {ours:.4f} | "
-              f"{ceil:.4f} | {ceil - ours:.4f} | {'yes' if ours >= ref else 'NO'} |")
+        print(
+            f"| {layers}×{experts} | {slots} | {gpus} | {replicas} | {ref:.4f} | {ours:.4f} | "
+            f"{ceil:.4f} | {ceil - ours:.4f} | {'yes' if ours >= ref else 'NO'} |"
+        )
     print(f"\n- largest relative gap to the ceiling where S ≥ 5: {100 * worst_s5:.3f}%")
 
 
@@ -126,8 +132,9 @@ def section_speed(repeats: int) -> None:
     print("| policy | eplb ms | greedy ms | greedy / eplb |")
     print("|---|---|---|---|")
     for policy, (nodes, groups) in TOPOLOGIES.items():
-        ours = median_ms(lambda: eplb.rebalance_experts(w, 288, groups, nodes, 32, policy=policy),
-                         repeats)
+        ours = median_ms(
+            lambda: eplb.rebalance_experts(w, 288, groups, nodes, 32, policy=policy), repeats
+        )
         ref = median_ms(lambda: plan_greedy(w, 288, 32, nodes, groups, policy=policy), repeats)
         print(f"| {policy} | {ours:.2f} | {ref:.2f} | {ref / ours:.1f}× |")
 
@@ -155,13 +162,21 @@ def section_ablation(repeats: int) -> None:
         for label, packing in ABLATIONS.items():
             opts = PlanOptions(packing=packing)
             bal = eplb.plan(w, replicas, gpus, options=opts).balancedness(w)
-            ms = median_ms(lambda opts=opts, w=w, r=replicas, g=gpus: eplb.plan(w, r, g, options=opts),
-                           max(3, repeats // 3))
+            ms = median_ms(
+                lambda opts=opts, w=w, r=replicas, g=gpus: eplb.plan(w, r, g, options=opts),
+                max(3, repeats // 3),
+            )
             print(f"| {name} | {replicas}/{gpus} | {label} | {bal:.5f} | {ms:.1f} |")
 
 
-SCALE = [(58, 256, 288, 32), (61, 384, 512, 64), (94, 128, 512, 128), (100, 512, 1024, 256),
-         (100, 1024, 2048, 512), (100, 1024, 2048, 1024)]
+SCALE = [
+    (58, 256, 288, 32),
+    (61, 384, 512, 64),
+    (94, 128, 512, 128),
+    (100, 512, 1024, 256),
+    (100, 1024, 2048, 512),
+    (100, 1024, 2048, 1024),
+]
 
 _SCALE_CHILD = """
 import resource, statistics, sys, time, torch
@@ -186,17 +201,35 @@ def section_scale(repeats: int) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for layers, experts, replicas, gpus in SCALE:
         out = subprocess.run(
-            [sys.executable, "-c", _SCALE_CHILD, str(layers), str(experts), str(replicas), str(gpus),
-             str(max(3, repeats // 3))], capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-c",
+                _SCALE_CHILD,
+                str(layers),
+                str(experts),
+                str(replicas),
+                str(gpus),
+                str(max(3, repeats // 3)),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.split()
         ms, mib, bal = float(out[0]), float(out[1]), float(out[2])
         lr = layers * replicas
-        print(f"| {layers}×{experts} | {replicas} | {gpus} | {lr} | {ms:.1f} | {1000 * ms / lr:.3f} | "
-              f"{mib:.0f} | {bal:.4f} |")
+        print(
+            f"| {layers}×{experts} | {replicas} | {gpus} | {lr} | {ms:.1f} | {1000 * ms / lr:.3f} | "
+            f"{mib:.0f} | {bal:.4f} |"
+        )
 
 
-SECTIONS = {"real": section_real, "synthetic": section_synthetic, "speed": section_speed,
-            "ablation": section_ablation, "scale": section_scale}
+SECTIONS = {
+    "real": section_real,
+    "synthetic": section_synthetic,
+    "speed": section_speed,
+    "ablation": section_ablation,
+    "scale": section_scale,
+}
 
 
 def main() -> None:
@@ -205,9 +238,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"# bench_planner — {time.strftime('%Y-%m-%d')}, {platform.machine()} "
-          f"{platform.processor() or ''}, torch {torch.__version__}, 1 thread, "
-          f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
+    print(
+        f"# bench_planner — {time.strftime('%Y-%m-%d')}, {platform.machine()} "
+        f"{platform.processor() or ''}, torch {torch.__version__}, 1 thread, "
+        f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
+    )
     for name in args.sections or SECTIONS:
         SECTIONS[name](args.repeats)
 

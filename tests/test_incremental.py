@@ -79,7 +79,7 @@ def test_zero_budget_and_skip_threshold_keep_the_placement(policy, nodes, groups
     old = old_plan(policy, nodes, groups)
     for kwargs in ({"max_moves": 0}, {"skip_threshold": 1.0}, {"max_moves": [0] * L}):
         new = eplb.plan(W1, R, P, nodes, groups, policy=policy, previous=old, **kwargs)
-        for got, want in zip(new.as_tuple(), old.as_tuple()):
+        for got, want in zip(new.as_tuple(), old.as_tuple(), strict=True):
             assert torch.equal(got, want), kwargs
         assert new.policy == policy
         assert int(new.moved_slots(old).sum()) == 0
@@ -148,6 +148,19 @@ def test_gpu_dies_under_hierarchical_topology():
     with pytest.warns(RuntimeWarning, match="dead"):
         new = eplb.plan(W1, R, P, 2, 4, previous=old, active_gpus=active)
     assert new.policy == "global"
+    new.validate()
+    assert_contract(new)
+
+
+def test_gpu_dies_after_a_hierarchical_plan_with_no_budget():
+    """The old plan may stack two replicas of an expert on one GPU of its node (legal under
+    the hierarchical rule); after a GPU dies the plan is global, where that is not legal."""
+    w0, w1 = drifted(0, 2, 4, 0.0)
+    old = eplb.plan(w0, 8, 4, 2, 4)
+    assert old.policy == "hierarchical"
+    active = torch.tensor([False, True, True, True])
+    with pytest.warns(RuntimeWarning, match="dead"):
+        new = eplb.plan(w1, 8, 4, 2, 4, previous=old, max_moves=0, active_gpus=active)
     new.validate()
     assert_contract(new)
 

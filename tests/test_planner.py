@@ -21,7 +21,8 @@ from eplb.bounds import balancedness_ceiling
 def lognormal(layers: int, experts: int, sigma: float, seed: int,
               dtype: torch.dtype = torch.float64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.exp(torch.randn(layers, experts, generator=g, dtype=torch.float64) * sigma).to(dtype)
+    w = torch.exp(torch.randn(layers, experts, generator=g, dtype=torch.float64) * sigma)
+    return w.to(dtype)
 
 
 W = lognormal(4, 32, 0.8, seed=0)
@@ -75,6 +76,8 @@ def test_rebalance_experts_one_layer_tensor_drops_layer_dim():
     assert torch.equal(logcnt, full.logcnt[0])
     # plan always keeps the layer dimension
     assert eplb.plan(w, 40, 8).phy2log.shape == (1, 40)
+    assert eplb.plan(w.numpy(), 40, 8).logcnt.shape == (1, 32)
+    assert eplb.plan(w.tolist(), 40, 8).log2phy.shape[:2] == (1, 32)
 
 
 @pytest.mark.parametrize("kind", ["numpy", "list"])
@@ -82,7 +85,7 @@ def test_rebalance_experts_one_layer_array_drops_layer_dim(kind):
     """A 1-D numpy array or list is one layer too, like a 1-D tensor (and like the greedy's
     ``rebalance_experts_greedy``)."""
     w = W[1].numpy() if kind == "numpy" else W[1].tolist()
-    phy2log, log2phy, logcnt = eplb.rebalance_experts(w, 40, 1, 1, 8)
+    phy2log, _log2phy, logcnt = eplb.rebalance_experts(w, 40, 1, 1, 8)
     assert phy2log.shape == (40,)
     assert logcnt.shape == (32,)
 
@@ -225,12 +228,14 @@ def test_ragged_list():
 
 
 def test_too_few_replicas():
-    with pytest.raises(ValueError, match=r"num_replicas \(24\) must be at least the number of experts \(32\)"):
+    msg = r"num_replicas \(24\) must be at least the number of experts \(32\)"
+    with pytest.raises(ValueError, match=msg):
         eplb.plan(W, 24, 8)
 
 
 def test_replicas_not_multiple_of_gpus():
-    with pytest.raises(ValueError, match=r"num_replicas \(42\) must be a multiple of num_gpus \(8\)"):
+    msg = r"num_replicas \(42\) must be a multiple of num_gpus \(8\)"
+    with pytest.raises(ValueError, match=msg):
         eplb.plan(W, 42, 8)
 
 
@@ -240,8 +245,8 @@ def test_bad_topology_numbers(bad):
         eplb.plan(W, 40, bad)
 
 
-@pytest.mark.parametrize("active", [torch.ones(7, dtype=torch.bool), torch.ones(2, 8, dtype=torch.bool),
-                                    [True] * 9])
+@pytest.mark.parametrize("active", [torch.ones(7, dtype=torch.bool),
+                                    torch.ones(2, 8, dtype=torch.bool), [True] * 9])
 def test_bad_active_gpus_shape(active):
     with pytest.raises(ValueError, match=r"active_gpus must have shape \[8\]"):
         eplb.plan(W, 40, 8, active_gpus=active)
@@ -264,7 +269,8 @@ def test_bad_seed_type():
 
 
 def test_previous_with_wrong_shape():
-    with pytest.raises(ValueError, match=r"previous placement has shape \(4, 32\), expected \[4, 40\]"):
+    msg = r"previous placement has shape \(4, 32\), expected \[4, 40\]"
+    with pytest.raises(ValueError, match=msg):
         eplb.plan(W, 40, 8, previous=torch.zeros(4, 32, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"shape \(3, 40\)"):
         eplb.rebalance_experts(W, 40, 1, 1, 8, old_phy2log=torch.zeros(3, 40, dtype=torch.int64))
@@ -273,7 +279,8 @@ def test_previous_with_wrong_shape():
 # --------------------------------------------------------------------------- all-zero layers
 @pytest.mark.parametrize(
     ("experts", "replicas", "gpus", "nodes", "groups"),
-    [(5, 12, 3, 1, 1), (8, 16, 4, 2, 4), (32, 40, 8, 1, 1), (16, 48, 8, 2, 4), (3, 30, 10, 1, 1)],
+    [(5, 12, 3, 1, 1), (8, 16, 4, 2, 4), (32, 40, 8, 1, 1), (16, 48, 8, 2, 4), (3, 30, 10, 1, 1),
+     (8, 64, 8, 2, 4)],  # 8 slots per expert
 )
 def test_all_zero_layer_is_even(experts, replicas, gpus, nodes, groups):
     w = lognormal(3, experts, 0.8, seed=experts)
@@ -297,7 +304,7 @@ def test_all_zero_layer_is_even(experts, replicas, gpus, nodes, groups):
 def test_same_seed_same_output(nodes, groups):
     a = eplb.plan(W, 48, 8, nodes, groups, seed=11)
     b = eplb.plan(W.clone(), 48, 8, nodes, groups, seed=11)
-    for x, y in zip(a.as_tuple(), b.as_tuple()):
+    for x, y in zip(a.as_tuple(), b.as_tuple(), strict=True):
         assert torch.equal(x, y)
     for seed in (0, 1, 12345):
         p = eplb.plan(W, 48, 8, nodes, groups, seed=seed, num_candidates=4)
@@ -325,7 +332,8 @@ def test_dead_gpus():
     assert (p.logcnt >= 1).all() and (p.logcnt.sum(1) == 36).all()
     # balancedness over live GPUs only
     loads = p.gpu_loads(W)[:, active]
-    assert p.balancedness(W) == pytest.approx(float(loads.mean(1).sum() / loads.max(1).values.sum()))
+    want = float(loads.mean(1).sum() / loads.max(1).values.sum())
+    assert p.balancedness(W) == pytest.approx(want)
     assert p.balancedness(W) > 0.9
 
 
@@ -348,7 +356,8 @@ def test_all_gpus_alive_is_the_plain_plan():
 
 def test_too_few_live_slots():
     active = torch.tensor([True, False, False, False, False, False, True, True])
-    with pytest.raises(ValueError, match=r"only 3 of 8 GPUs are live: 15 slots cannot hold 32 experts"):
+    msg = r"only 3 of 8 GPUs are live: 15 slots cannot hold 32 experts"
+    with pytest.raises(ValueError, match=msg):
         eplb.plan(W, 40, 8, active_gpus=active)
 
 
@@ -377,6 +386,16 @@ def test_gpu_speed_no_worse_than_equal_speed_plan(layers, experts, gpus, slots, 
     assert float(ours.sum()) < float(theirs.sum())  # 2x speeds must be exploited
 
 
+def test_gpu_speed_with_hierarchical_topology():
+    speed = torch.tensor([2.0, 1.0] * 4)
+    with pytest.warns(RuntimeWarning, match="gpu_speed"):
+        p = eplb.plan(W, 48, 8, 2, 4, gpu_speed=speed)
+    assert p.policy == "global"
+    assert_contract(p)
+    with pytest.raises(ValueError, match="gpu_speed"):
+        eplb.plan(W, 48, 8, 2, 4, gpu_speed=speed, policy="hierarchical")
+
+
 def test_gpu_speed_with_dead_gpus_and_zero_layer():
     w = lognormal(3, 16, 0.7, seed=9)
     w[0] = 0
@@ -396,7 +415,7 @@ def test_cuda_plan(nodes, groups):
         assert t.is_cuda and t.dtype == torch.int64
     p.validate()
     assert_contract(p, device="cuda")
-    phy2log, log2phy, logcnt = eplb.rebalance_experts(w[0], 48, groups, nodes, 8)
+    phy2log, _log2phy, _logcnt = eplb.rebalance_experts(w[0], 48, groups, nodes, 8)
     assert phy2log.is_cuda and phy2log.shape == (48,)
     active = torch.ones(8, dtype=torch.bool, device="cuda")
     active[3] = False
@@ -425,6 +444,13 @@ def test_quality_not_below_greedy(layers, experts, gpus, slots, sigma, seed, pol
     ceiling = balancedness_ceiling(w, replicas, gpus, 4, 8, policy=policy)
     b_ours, b_greedy = ours.balancedness(w), greedy.balancedness(w)
     assert b_ours <= ceiling + 1e-9
-    assert b_ours >= b_greedy - 1e-12, f"eplb {b_ours:.5f} < greedy {b_greedy:.5f}"
+    try:
+        greedy.validate()
+        slack = 1e-12
+    except eplb.PlacementError:
+        # the greedy stacked two replicas of an expert on one GPU, which eplb's contract
+        # forbids; with 2 slots per GPU that can buy it a sliver of balance
+        slack = 1e-3
+    assert b_ours >= b_greedy - slack, f"eplb {b_ours:.5f} < greedy {b_greedy:.5f}"
     if slots >= 5:
         assert b_ours >= 0.99 * ceiling, f"eplb {b_ours:.5f}, ceiling {ceiling:.5f}"

@@ -15,7 +15,7 @@ from test_placement import assert_contract
 
 import eplb
 
-SETTINGS = settings(max_examples=60, deadline=None,
+SETTINGS = settings(max_examples=50, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
@@ -33,7 +33,8 @@ def problems(draw, allow_dead: bool = False):
     layers = draw(st.integers(1, 6))
     nodes = draw(st.sampled_from(divisors(gpus)))
     groups = draw(st.sampled_from(divisors(experts)))
-    kind = draw(st.sampled_from(["lognormal", "zeros", "ties", "huge", "integers", "sparse", "mixed"]))
+    kind = draw(st.sampled_from(
+        ["lognormal", "zeros", "ties", "huge", "integers", "sparse", "mixed"]))
     dtype = draw(st.sampled_from(["float16", "float32", "float64", "int32", "int64"]))
     if kind == "huge" and dtype not in ("float32", "float64"):
         dtype = "float64"  # 1e30 only fits these
@@ -78,8 +79,9 @@ def problems(draw, allow_dead: bool = False):
 
 
 def expected_policy(prob) -> str:
-    nodes, groups, gpus = prob["nodes"], prob["groups"], prob["gpus"]
-    if groups > 1 and nodes > 1 and groups % nodes == 0 and prob["active"] is None:
+    nodes, groups = prob["nodes"], prob["groups"]
+    all_live = prob["active"] is None or bool(prob["active"].all())
+    if groups > 1 and nodes > 1 and groups % nodes == 0 and all_live:
         return "hierarchical"  # groups divide experts and nodes divide GPUs by construction
     return "global"
 
@@ -117,7 +119,7 @@ def test_forced_policy_is_valid(prob, policy):
         p.validate()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(allow_dead=True))
 def test_plan_with_dead_gpus_is_valid(prob):
     with warnings.catch_warnings():
@@ -132,7 +134,7 @@ def test_plan_with_dead_gpus_is_valid(prob):
     assert (p.logcnt.sum(1) == live_slots).all()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_rebalance_experts_contract(prob):
     w = torch.from_numpy(prob["float64"])
@@ -148,23 +150,23 @@ def test_rebalance_experts_contract(prob):
                       seed=prob["seed"])
     assert one[0].shape == (prob["replicas"],)
     assert one[2].shape == (w.shape[1],)
-    for got, want in zip(one, alone.as_tuple()):
+    for got, want in zip(one, alone.as_tuple(), strict=True):
         assert torch.equal(got, want[0])
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
 def test_deterministic(prob):
     args = (prob["weight"], prob["replicas"], prob["gpus"], prob["nodes"], prob["groups"])
     a = eplb.plan(*args, seed=prob["seed"])
     b = eplb.plan(*args, seed=prob["seed"])
-    for x, y in zip(a.as_tuple(), b.as_tuple()):
+    for x, y in zip(a.as_tuple(), b.as_tuple(), strict=True):
         assert torch.equal(x, y)
     other = eplb.plan(*args, seed=prob["seed"] + 1)
     assert_contract(other)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(), st.floats(0.25, 4.0))
 def test_gpu_speed_is_valid(prob, fast):
     gpus = prob["gpus"]

@@ -8,7 +8,7 @@ deploys; hierarchical with G = 8 groups on N = 4 nodes.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -30,7 +30,7 @@ TOPOLOGY = {"global": (1, 1), "hierarchical": (4, 8)}  # (nodes, groups)
 FIRST_MOE, LAYERS, EXPERTS = 3, 61, 256
 
 
-@lru_cache(maxsize=None)
+@cache
 def counts(name: str) -> torch.Tensor:
     """``[61, 256]`` float64 routed-token counts; rows 0-2 are dense layers (all zero)."""
     with open(DATA / f"{name}.json") as f:
@@ -42,7 +42,7 @@ def counts(name: str) -> torch.Tensor:
     return w
 
 
-@lru_cache(maxsize=None)
+@cache
 def planned(name: str, policy: str) -> eplb.Placement:
     nodes, groups = TOPOLOGY[policy]
     return eplb.plan(counts(name)[FIRST_MOE:], REPLICAS, GPUS, nodes, groups, policy=policy)

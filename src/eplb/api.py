@@ -21,8 +21,13 @@ __all__ = ["PlanOptions", "plan", "rebalance_experts", "resolve_policy"]
 _POLICY_NAMES = ("auto", *POLICIES)
 
 
-def resolve_policy(policy: str, topology: Topology, num_experts: int,
-                   has_dead_gpus: bool = False, has_speeds: bool = False) -> str:
+def resolve_policy(
+    policy: str,
+    topology: Topology,
+    num_experts: int,
+    has_dead_gpus: bool = False,
+    has_speeds: bool = False,
+) -> str:
     """The concrete policy for ``policy`` ("auto", "global" or "hierarchical").
 
     ``auto`` works as in DeepSeek: hierarchical when ``num_groups > 1`` and groups divide
@@ -53,13 +58,17 @@ def resolve_policy(policy: str, topology: Topology, num_experts: int,
     reason = "; ".join(problems)
     if policy == "hierarchical":
         raise ValueError(f"hierarchical placement is impossible: {reason}")
-    warnings.warn(f"eplb: planning globally because hierarchical placement is impossible: {reason}",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(
+        f"eplb: planning globally because hierarchical placement is impossible: {reason}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
     return "global"
 
 
-def _options(options: PlanOptions | None, num_candidates: int | None, refine_steps: int | None
-             ) -> PlanOptions:
+def _options(
+    options: PlanOptions | None, num_candidates: int | None, refine_steps: int | None
+) -> PlanOptions:
     if options is None:
         options = PlanOptions()
     elif not isinstance(options, PlanOptions):
@@ -67,8 +76,11 @@ def _options(options: PlanOptions | None, num_candidates: int | None, refine_ste
     if num_candidates is None and refine_steps is None:
         return options
     p = options.packing
-    kwargs = {"num_candidates": p.num_candidates if num_candidates is None else num_candidates,
-              "construction": p.construction, "noise": p.noise}
+    kwargs = {
+        "num_candidates": p.num_candidates if num_candidates is None else num_candidates,
+        "construction": p.construction,
+        "noise": p.noise,
+    }
     if refine_steps is None:
         packing = PackingOptions(pair_steps=p.pair_steps, max_steps=p.max_steps, **kwargs)
     else:
@@ -113,7 +125,9 @@ def plan(
         previous: the placement in force (``Placement`` or ``phy2log [L, R]``); the new
             plan keeps as many of its slots as pays (incremental rebalancing).
         max_moves: with ``previous``, most slots allowed to change: an int (in total,
-            shared among layers by their predicted gain) or one int per layer.
+            shared among layers by their predicted gain) or one int per layer. Moves the
+            new call makes unavoidable are made outside the budget: re-homing replicas of
+            dead GPUs, and un-stacking replicas the contract no longer allows.
         skip_threshold: with ``previous``, leave a layer untouched when re-planning it
             would raise its balancedness by less than this (e.g. ``0.01``).
 
@@ -139,13 +153,21 @@ def plan(
     speed = None
     if gpu_speed is not None:
         speed = check_gpu_vector(gpu_speed, num_gpus, "gpu_speed", torch.float64, w.device)
-    chosen = resolve_policy(policy, topology, num_experts, has_dead_gpus=live is not None,
-                            has_speeds=speed is not None)
+    chosen = resolve_policy(
+        policy, topology, num_experts, has_dead_gpus=live is not None, has_speeds=speed is not None
+    )
     generator = torch.Generator().manual_seed(seed)
 
     return plan_placement(
-        w, topology, chosen, opts, generator,
-        active_gpus=live, gpu_speed=speed, previous=previous, max_moves=max_moves,
+        w,
+        topology,
+        chosen,
+        opts,
+        generator,
+        active_gpus=live,
+        gpu_speed=speed,
+        previous=previous,
+        max_moves=max_moves,
         skip_threshold=skip_threshold,
     )
 
@@ -174,9 +196,18 @@ def rebalance_experts(
         ``(phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E])``, int64, on the weight's
         device (without the layer dimension for a one-layer ``[E]`` tensor).
     """
-    placement = plan(weight, num_replicas, num_gpus, num_nodes, num_groups, policy=policy,
-                     seed=seed, previous=old_phy2log, **kwargs)
+    placement = plan(
+        weight,
+        num_replicas,
+        num_gpus,
+        num_nodes,
+        num_groups,
+        policy=policy,
+        seed=seed,
+        previous=old_phy2log,
+        **kwargs,
+    )
     phy2log, log2phy, logcnt = placement.as_tuple()
-    if isinstance(weight, torch.Tensor) and weight.dim() == 1:  # one layer in, one layer out
+    if as_weight(weight)[1]:  # one layer in, one layer out
         return phy2log[0], log2phy[0], logcnt[0]
     return phy2log, log2phy, logcnt

@@ -39,7 +39,9 @@ MAX_ENUMERATED_ASSIGNMENTS = 20_000
 
 def _num_partitions(num_groups: int, num_nodes: int) -> int:
     size = num_groups // num_nodes
-    return math.factorial(num_groups) // (math.factorial(size) ** num_nodes * math.factorial(num_nodes))
+    return math.factorial(num_groups) // (
+        math.factorial(size) ** num_nodes * math.factorial(num_nodes)
+    )
 
 
 @lru_cache(maxsize=32)
@@ -66,8 +68,9 @@ def _partitions(num_groups: int, num_nodes: int) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
-def group_partitions(num_groups: int, num_nodes: int, device: torch.device | str = "cpu"
-                     ) -> torch.Tensor | None:
+def group_partitions(
+    num_groups: int, num_nodes: int, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
     """``[A, G]`` node of every group for each assignment of ``G/N`` groups per node, up
     to relabelling the nodes; ``None`` when there are more than
     :data:`MAX_ENUMERATED_ASSIGNMENTS`."""
@@ -79,8 +82,12 @@ def group_partitions(num_groups: int, num_nodes: int, device: torch.device | str
 
 
 def hierarchical_node_bounds(
-    weight: torch.Tensor, assignment: torch.Tensor, num_replicas: int, num_gpus: int,
-    num_nodes: int, num_groups: int,
+    weight: torch.Tensor,
+    assignment: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    num_nodes: int,
+    num_groups: int,
 ) -> torch.Tensor:
     """Per-layer bound for each assignment.
 
@@ -95,24 +102,34 @@ def hierarchical_node_bounds(
     group_size = num_experts // num_groups
     per_node = num_groups // num_nodes
     group_w = weight.view(num_layers, num_groups, group_size)
-    # distinct node contents: sorted tuples of groups
-    blocks: dict[tuple[int, ...], int] = {}
-    block_of = torch.empty(assignment.shape[0], num_nodes, dtype=torch.int64)
-    for a, row in enumerate(assignment.tolist()):
-        for node in range(num_nodes):
-            members = tuple(g for g in range(num_groups) if row[g] == node)
-            block_of[a, node] = blocks.setdefault(members, len(blocks))
-    members = torch.tensor(list(blocks), dtype=torch.int64, device=weight.device)  # [B, G/N]
+    blocks, block_of = _blocks(tuple(map(tuple, assignment.tolist())), num_nodes, num_groups)
+    members = torch.tensor(blocks, dtype=torch.int64, device=weight.device)  # [B, G/N]
     block_w = group_w[:, members].reshape(num_layers * len(blocks), per_node * group_size)
     node_cap = num_gpus // num_nodes
     t_rep = max_replica_load(block_w, num_replicas // num_nodes)
     mean = block_w.sum(1) / node_cap
     block_bound = torch.maximum(mean, t_rep).view(num_layers, len(blocks))
-    return block_bound[:, block_of.to(weight.device)].amax(2)
+    block_of = torch.tensor(block_of, dtype=torch.int64, device=weight.device)
+    return block_bound[:, block_of].amax(2)
 
 
-def _relaxed_hierarchical_bound(weight: torch.Tensor, num_gpus: int, num_nodes: int,
-                                num_groups: int) -> torch.Tensor:
+@lru_cache(maxsize=32)
+def _blocks(assignment: tuple[tuple[int, ...], ...], num_nodes: int, num_groups: int
+            ) -> tuple[list[tuple[int, ...]], list[list[int]]]:
+    """Distinct node contents (sorted group tuples) and, per assignment and node, its index."""
+    blocks: dict[tuple[int, ...], int] = {}
+    block_of = []
+    for row in assignment:
+        block_of.append([
+            blocks.setdefault(tuple(g for g in range(num_groups) if row[g] == node), len(blocks))
+            for node in range(num_nodes)
+        ])
+    return list(blocks), block_of
+
+
+def _relaxed_hierarchical_bound(
+    weight: torch.Tensor, num_gpus: int, num_nodes: int, num_groups: int
+) -> torch.Tensor:
     """A valid (not tight) bound when assignments are too many to enumerate: the node
     holding the heaviest group carries at least it plus the lightest other groups."""
     num_layers, _num_experts = weight.shape
@@ -144,23 +161,31 @@ def layer_lower_bound(
     slots = num_replicas // num_gpus
     live_slots = live * slots
     mean = w.sum(1) / live
-    global_bound = torch.maximum(mean, max_replica_load(w, live_slots)) \
-        if live_slots >= w.shape[1] else mean
+    global_bound = (
+        torch.maximum(mean, max_replica_load(w, live_slots)) if live_slots >= w.shape[1] else mean
+    )
     if policy != "hierarchical":
         return global_bound
     if active_gpus is not None and live != num_gpus:
         raise ValueError("the hierarchical bound is defined for a full cluster only (no dead GPUs)")
     assignment = group_partitions(num_groups, num_nodes, w.device)
     if assignment is None:
-        return torch.maximum(global_bound, _relaxed_hierarchical_bound(w, num_gpus, num_nodes,
-                                                                       num_groups))
+        return torch.maximum(
+            global_bound, _relaxed_hierarchical_bound(w, num_gpus, num_nodes, num_groups)
+        )
     bounds = hierarchical_node_bounds(w, assignment, num_replicas, num_gpus, num_nodes, num_groups)
     return torch.maximum(global_bound, bounds.amin(1))
 
 
-def layer_ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int = 1,
-                  num_groups: int = 1, policy: str = "global",
-                  active_gpus: torch.Tensor | None = None) -> torch.Tensor:
+def layer_ceiling(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    policy: str = "global",
+    active_gpus: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``[L]`` best possible per-layer balancedness: mean live-GPU load / lower bound."""
     w, _ = as_weight(weight)
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
@@ -169,9 +194,15 @@ def layer_ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_no
     return torch.where(bound > 0, mean / bound.clamp(min=1e-300), torch.ones_like(mean))
 
 
-def balancedness_ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int,
-                         num_nodes: int = 1, num_groups: int = 1, policy: str = "global",
-                         active_gpus: torch.Tensor | None = None) -> float:
+def balancedness_ceiling(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    policy: str = "global",
+    active_gpus: torch.Tensor | None = None,
+) -> float:
     """Σ_l mean_l / Σ_l LB_l: no placement's balancedness can exceed it."""
     w, _ = as_weight(weight)
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)

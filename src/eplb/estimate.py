@@ -20,12 +20,12 @@ Estimators (spec strings for :func:`make_estimator`):
 - ``"multi:K[:M]"`` (:class:`MultiWindow`): plan against several recent windows at once.
   The last ``M`` recording windows (default 1) are split into ``K`` scenario windows
   ``[K, L, E]``; the estimate also carries candidate weights ``[C, L, E]`` (the last
-  window's sum, the mean over the scenarios, an EMA and mean + 1 std). A planner plans every
+  window's sum, the mean over the scenarios, an EMA with half-life span / 4 and
+  mean + 0.5 std). A planner plans every
   candidate and :func:`select_per_layer` keeps, per layer, the candidate plan with the
   lowest *expected normalized max GPU load* over the scenarios (each scenario equally
   likely; a layer's time is set by its most loaded GPU). Its plain ``weight`` is the
   scenario mean, for planners that cannot use scenarios.
-
 - ``"auto[:M[:F]]"`` (:class:`AdaptiveAverage`): per layer, the window sum or an EMA
   (half-life ``W/4 .. 2W`` over the last ``M`` windows, default 4), whichever best forecast
   each of the last ``F`` windows (default 3) from the steps before it (rolling-origin
@@ -283,7 +283,7 @@ class MultiWindow(Estimator):
     The last ``num_spans * window`` steps are split into ``num_windows`` scenario windows,
     each rescaled to ``window`` steps: ``scenarios [K, L, E]``. Candidate weights
     ``[C, L, E]``: the scenario mean (also ``weight``), the last window's sum (the engine's
-    estimate), an EMA with half-life ``window / 4`` and the scenarios' mean + 1 std. Plan
+    estimate), an EMA with half-life span / 4 and the scenarios' mean + 0.5 std. Plan
     each candidate and keep, per layer, the one minimising the expected normalized max
     over the scenarios (:func:`select_per_layer`).
     """

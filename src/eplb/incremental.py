@@ -34,14 +34,21 @@ __all__ = ["align_to_previous", "plan_incremental"]
 _QUALITY_TIE = 1e-4
 
 
-def _previous_phy2log(previous: Placement | torch.Tensor, topology: Topology, num_layers: int,
-                      num_experts: int, device: torch.device) -> torch.Tensor:
+def _previous_phy2log(
+    previous: Placement | torch.Tensor,
+    topology: Topology,
+    num_layers: int,
+    num_experts: int,
+    device: torch.device,
+) -> torch.Tensor:
     old = previous.phy2log if isinstance(previous, Placement) else previous
     if not isinstance(old, torch.Tensor):
         try:
             old = torch.as_tensor(np.asarray(old))
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"previous must be a Placement or a phy2log tensor [L, R]: {exc}") from None
+            raise TypeError(
+                f"previous must be a Placement or a phy2log tensor [L, R]: {exc}"
+            ) from None
     if old.dim() == 1:
         old = old[None]
     if old.shape != (num_layers, topology.num_replicas):
@@ -57,8 +64,9 @@ def _previous_phy2log(previous: Placement | torch.Tensor, topology: Topology, nu
     return old
 
 
-def _layer_budget(max_moves: int | torch.Tensor | None, gain: torch.Tensor, num_slots: int
-                  ) -> torch.Tensor:
+def _layer_budget(
+    max_moves: int | torch.Tensor | None, gain: torch.Tensor, num_slots: int
+) -> torch.Tensor:
     """``[L]`` slots each layer may change: all, a per-layer list, or a total split by gain."""
     num_layers = gain.shape[0]
     if max_moves is None:
@@ -89,12 +97,19 @@ def _gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> to
 
 def _counts(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
     idx = torch.where(phy2log >= 0, phy2log, num_experts)
-    counts = torch.zeros(phy2log.shape[0], num_experts + 1, dtype=torch.int64, device=phy2log.device)
+    counts = torch.zeros(
+        phy2log.shape[0], num_experts + 1, dtype=torch.int64, device=phy2log.device
+    )
     return counts.scatter_add_(1, idx, torch.ones_like(idx))[:, :num_experts]
 
 
-def _transfers(weight: torch.Tensor, phy2log: torch.Tensor, live_slot: torch.Tensor,
-               budget: torch.Tensor, num_gpus: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _transfers(
+    weight: torch.Tensor,
+    phy2log: torch.Tensor,
+    live_slot: torch.Tensor,
+    budget: torch.Tensor,
+    num_gpus: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill empty live slots, re-home experts with no live replica, then move replicas
     while that lowers the largest replica load. Returns (phy2log, budget left)."""
     num_layers, num_slots = phy2log.shape
@@ -134,28 +149,43 @@ def _transfers(weight: torch.Tensor, phy2log: torch.Tensor, live_slot: torch.Ten
     return phy2log, budget.clamp(min=0)
 
 
-def align_to_previous(new: torch.Tensor, old: torch.Tensor, num_gpus: int) -> torch.Tensor:
+def align_to_previous(new: torch.Tensor, old: torch.Tensor, num_gpus: int,
+                      gpus_per_node: int | None = None) -> torch.Tensor:
     """Relabel the GPUs of ``new [L, R]`` to match ``old [L, R]`` as well as possible.
 
     GPUs are matched by an assignment problem maximising common replicas (SciPy's
     ``linear_sum_assignment``), then each GPU's slots are ordered so that an expert kept
-    on a GPU stays in the slot it had. Returns the relabelled ``[L, R]``.
+    on a GPU stays in the slot it had. With ``gpus_per_node`` whole nodes are matched
+    first and GPUs only inside matched nodes, so a hierarchical plan stays hierarchical.
+    Returns the relabelled ``[L, R]``.
     """
     from scipy.optimize import linear_sum_assignment
 
     num_layers, num_slots = new.shape
     slots = num_slots // num_gpus
-    new_np = new.cpu().numpy().reshape(num_layers, num_gpus, slots)
-    old_np = old.cpu().numpy().reshape(num_layers, num_gpus, slots)
+    per_node = num_gpus if gpus_per_node is None else gpus_per_node
+    nodes = num_gpus // per_node
+    new_np = new.cpu().numpy().reshape(num_layers, nodes, per_node, slots)
+    old_np = old.cpu().numpy().reshape(num_layers, nodes, per_node, slots)
     out = np.empty_like(new_np)
     for layer in range(num_layers):
-        a, b = new_np[layer], old_np[layer]
-        common = (a[:, None, :, None] == b[None, :, None, :]) & (a[:, None, :, None] >= 0)
-        overlap = common.any(3).sum(2)  # [P_new, P_old]
-        rows_idx, cols_idx = linear_sum_assignment(overlap, maximize=True)
-        for g_new, g_old in zip(rows_idx, cols_idx, strict=False):
-            out[layer, g_old] = _align_slots(a[g_new], b[g_old])
+        a, b = new_np[layer], old_np[layer]  # [N, P/N, S]
+        if nodes > 1:
+            node_overlap = _overlap(a.reshape(nodes, -1), b.reshape(nodes, -1))
+            node_new, node_old = linear_sum_assignment(node_overlap, maximize=True)
+        else:
+            node_new, node_old = np.zeros(1, dtype=int), np.zeros(1, dtype=int)
+        for n_new, n_old in zip(node_new, node_old, strict=True):
+            gpu_new, gpu_old = linear_sum_assignment(_overlap(a[n_new], b[n_old]), maximize=True)
+            for g_new, g_old in zip(gpu_new, gpu_old, strict=True):
+                out[layer, n_old, g_old] = _align_slots(a[n_new, g_new], b[n_old, g_old])
     return torch.from_numpy(out.reshape(num_layers, num_slots)).to(new.device)
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``[G_a, G_b]`` replicas in common between the GPUs (rows of experts) of a and b."""
+    common = (a[:, None, :, None] == b[None, :, None, :]) & (a[:, None, :, None] >= 0)
+    return common.any(3).sum(2)
 
 
 def _align_slots(items: np.ndarray, old: np.ndarray) -> np.ndarray:
@@ -191,8 +221,11 @@ def plan_incremental(
     num_layers, num_experts = weight.shape
     device = weight.device
     old = _previous_phy2log(previous, topology, num_layers, num_experts, device)
-    live = torch.ones(topology.num_gpus, dtype=torch.bool, device=device) \
-        if active_gpus is None else active_gpus
+    live = (
+        torch.ones(topology.num_gpus, dtype=torch.bool, device=device)
+        if active_gpus is None
+        else active_gpus
+    )
     live_slot = live.repeat_interleave(topology.slots_per_gpu)
     if int(live_slot.sum()) < num_experts:
         raise ValueError(
@@ -207,47 +240,68 @@ def plan_incremental(
     zero = weight.sum(1, keepdim=True) <= 0
     w = torch.where(zero, torch.ones_like(weight), weight).to(torch.float64)
     current = _balancedness(w, start, live, topology.num_gpus)
-    ceiling = layer_ceiling(w, topology.num_replicas, topology.num_gpus, topology.num_nodes,
-                            topology.num_groups, policy, None if active_gpus is None else live)
+    ceiling = layer_ceiling(
+        w,
+        topology.num_replicas,
+        topology.num_gpus,
+        topology.num_nodes,
+        topology.num_groups,
+        policy,
+        None if active_gpus is None else live,
+    )
     gain = (ceiling - current).clamp(min=0)
     budget = _layer_budget(max_moves, gain, topology.num_replicas)
     if skip_threshold is not None:
         budget = torch.where(gain < skip_threshold, torch.zeros_like(budget), budget)
 
-    warm, left = _transfers(w, start, live_slot, budget, topology.num_gpus)
-    warm = refine_placement(w, warm, live, options, origin=start, budget=left)
     if policy == "hierarchical":
-        # swaps may cross nodes: keep the warm layer only where locality still holds
+        # swaps stay inside each node (rows = layers × nodes); replica counts only change
+        # through the relabelled fresh plan, which keeps groups on their nodes
+        nodes = topology.num_nodes
+        rows_w = w.repeat_interleave(nodes, 0)
+        rows_start = start.view(num_layers * nodes, -1)
+        rows_budget = (budget // nodes).repeat_interleave(nodes)
+        warm = refine_placement(rows_w, rows_start, live[: topology.gpus_per_node], options,
+                                origin=rows_start, budget=rows_budget).view(num_layers, -1)
         warm = torch.where(_local(warm, topology, num_experts)[:, None], warm, start)
+    else:
+        warm, left = _transfers(w, start, live_slot, budget, topology.num_gpus)
+        warm = refine_placement(w, warm, live, options, origin=start, budget=left)
 
     candidates = [warm]
     if active_gpus is None:
         fresh = POLICIES[policy]().place(w, topology, options, generator)
     else:
         fresh = plan_live_global(w, topology, options, generator, live)
-    candidates.append(align_to_previous(fresh, start, topology.num_gpus))
+    per_node = topology.gpus_per_node if policy == "hierarchical" else None
+    candidates.append(align_to_previous(fresh, start, topology.num_gpus, per_node))
 
     # per layer: the best balancedness within budget, fewer moves on near ties
     best = start
-    best_bal = torch.where(_complete(start, live_slot, num_experts), current, -1.0)
+    cap_gpus = topology.gpus_per_node if policy == "hierarchical" else int(live.sum())
+    valid_start = _complete(start, live_slot, num_experts) & _anti_affine(start, live, cap_gpus)
+    best_bal = torch.where(valid_start, current, -1.0)
     best_moves = torch.zeros(num_layers, dtype=torch.int64, device=device)
     for cand in candidates:
         moves = ((cand != old) & live_slot).sum(1)
         bal = _balancedness(w, cand, live, topology.num_gpus)
         mandatory = ((start < 0) & live_slot).sum(1) + _missing(start, num_experts)
         affordable = moves <= budget + 2 * mandatory
-        better = affordable & ((bal > best_bal + _QUALITY_TIE)
-                               | ((bal >= best_bal - _QUALITY_TIE) & (moves < best_moves)))
-        better |= best_bal < 0  # the old placement is incomplete (dead GPU): must change
-        better &= _complete(cand, live_slot, num_experts)
+        better = affordable & (
+            (bal > best_bal + _QUALITY_TIE)
+            | ((bal >= best_bal - _QUALITY_TIE) & (moves < best_moves))
+        )
+        better |= best_bal < 0  # the old placement is invalid (dead GPU, stacking): must change
+        better &= _complete(cand, live_slot, num_experts) & _anti_affine(cand, live, cap_gpus)
         best = torch.where(better[:, None], cand, best)
         best_bal = torch.where(better, bal, best_bal)
         best_moves = torch.where(better, moves, best_moves)
     return Placement.from_phy2log(best, num_experts, topology, policy, active_gpus)
 
 
-def _balancedness(weight: torch.Tensor, phy2log: torch.Tensor, live: torch.Tensor,
-                  num_gpus: int) -> torch.Tensor:
+def _balancedness(
+    weight: torch.Tensor, phy2log: torch.Tensor, live: torch.Tensor, num_gpus: int
+) -> torch.Tensor:
     loads = _gpu_loads(weight, phy2log, num_gpus)[:, live]
     peak = loads.amax(1)
     return torch.where(peak > 0, loads.mean(1) / peak.clamp(min=1e-300), torch.ones_like(peak))
@@ -265,11 +319,30 @@ def _local(phy2log: torch.Tensor, topology: Topology, num_experts: int) -> torch
     """``[L]`` True where every group's replicas sit on one node."""
     group = phy2log.clamp(min=0) // (num_experts // topology.num_groups)
     node = torch.arange(topology.num_replicas, device=phy2log.device) // (
-        topology.num_replicas // topology.num_nodes)
+        topology.num_replicas // topology.num_nodes
+    )
     node = node.expand_as(group)
-    lo = torch.full((phy2log.shape[0], topology.num_groups), topology.num_nodes,
-                    dtype=torch.int64, device=phy2log.device)
+    lo = torch.full(
+        (phy2log.shape[0], topology.num_groups),
+        topology.num_nodes,
+        dtype=torch.int64,
+        device=phy2log.device,
+    )
     hi = torch.full_like(lo, -1)
     lo = lo.scatter_reduce(1, group, node, reduce="amin")
     hi = hi.scatter_reduce(1, group, node, reduce="amax")
     return ((lo == hi) | (hi < 0)).all(1)
+
+
+def _anti_affine(phy2log: torch.Tensor, live: torch.Tensor, cap_gpus: int) -> torch.Tensor:
+    """``[L]`` True where no GPU holds two replicas of an expert, except experts with more
+    replicas than the ``cap_gpus`` GPUs that may hold them."""
+    num_layers, _ = phy2log.shape
+    num_gpus = live.shape[0]
+    grid = phy2log.view(num_layers, num_gpus, -1).sort(dim=2).values
+    dup = (grid[..., 1:] == grid[..., :-1]) & (grid[..., 1:] >= 0)  # [L, P, S-1]
+    if not bool(dup.any()):
+        return torch.ones(num_layers, dtype=torch.bool, device=phy2log.device)
+    counts = _counts(phy2log, int(phy2log.max()) + 1)
+    crowded = counts.gather(1, grid[..., 1:].clamp(min=0).reshape(num_layers, -1)) > cap_gpus
+    return ~(dup & ~crowded.view_as(dup)).flatten(1).any(1)

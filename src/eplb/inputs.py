@@ -27,18 +27,24 @@ def as_weight(weight: object, name: str = "weight") -> tuple[torch.Tensor, bool]
         tensor = weight
     elif isinstance(weight, np.ndarray):
         if weight.dtype.kind not in "biuf":
-            raise TypeError(f"{name} has numpy dtype {weight.dtype}; expected a real or integer dtype")
+            raise TypeError(
+                f"{name} has numpy dtype {weight.dtype}; expected a real or integer dtype"
+            )
         tensor = torch.from_numpy(np.ascontiguousarray(weight))
     elif isinstance(weight, Sequence) and not isinstance(weight, (str, bytes)):
         try:
             tensor = torch.as_tensor(np.asarray(weight, dtype=np.float64))
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"{name} is a list that is not a rectangular array of numbers: {exc}") from None
+            raise TypeError(
+                f"{name} is a list that is not a rectangular array of numbers: {exc}"
+            ) from None
     else:
         raise TypeError(f"{name} must be a {ACCEPTED_WEIGHT_TYPES}; got {type(weight).__name__}")
 
     if tensor.is_complex():
-        raise TypeError(f"{name} has complex dtype {tensor.dtype}; expected a real or integer dtype")
+        raise TypeError(
+            f"{name} has complex dtype {tensor.dtype}; expected a real or integer dtype"
+        )
     if tensor.dtype == torch.bool:
         tensor = tensor.to(torch.int64)
     one_layer = tensor.dim() == 1
@@ -80,7 +86,9 @@ def check_gpu_vector(
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} must be a sequence of {num_gpus} values: {exc}") from None
     if tensor.shape != (num_gpus,):
-        raise ValueError(f"{name} must have shape [{num_gpus}] (one per GPU); got {tuple(tensor.shape)}")
+        raise ValueError(
+            f"{name} must have shape [{num_gpus}] (one per GPU); got {tuple(tensor.shape)}"
+        )
     tensor = tensor.to(dtype)
     if dtype.is_floating_point:
         bad = ~torch.isfinite(tensor) | (tensor <= 0)

@@ -78,7 +78,9 @@ class PackingOptions:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.construction not in _CONSTRUCTIONS:
-            raise ValueError(f"construction must be one of {_CONSTRUCTIONS}, got {self.construction!r}")
+            raise ValueError(
+                f"construction must be one of {_CONSTRUCTIONS}, got {self.construction!r}"
+            )
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
 
@@ -169,8 +171,9 @@ def _construct_bldm(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
         gpu = label.gather(1, pair[:, :1, None].expand(-1, -1, num_gpus))[:, 0]  # [rows, P]
         from_heavy = torch.empty_like(gpu).scatter_(1, reverse[order], gpu)
         from_light = torch.empty_like(gpu).scatter_(1, order, gpu)
-        label.scatter_(1, pair[:, :, None].expand(-1, -1, num_gpus),
-                       torch.stack([from_heavy, from_light], 1))
+        label.scatter_(
+            1, pair[:, :, None].expand(-1, -1, num_gpus), torch.stack([from_heavy, from_light], 1)
+        )
     return _deal(items, label.flip(2).reshape(rows, num_items), num_gpus)
 
 
@@ -185,7 +188,9 @@ def _conflicts(state: torch.Tensor) -> torch.Tensor:
     """``[S, rows, P]`` True for a replica whose expert appears in an earlier slot of its GPU."""
     ids = state[EXPERT]
     slots = ids.shape[0]
-    earlier = torch.ones(slots, slots, dtype=ids.dtype, device=ids.device).tril(-1)[:, :, None, None]
+    earlier = torch.ones(slots, slots, dtype=ids.dtype, device=ids.device).tril(-1)[
+        :, :, None, None
+    ]
     # factor k,j is sign(id_k − id_j) for earlier slots j < k and 1 elsewhere; a zero marks
     # an equal expert id, and ±1 factors can never overflow
     diff = (ids[:, None] - ids[None, :]).clamp_(-1, 1)
@@ -280,8 +285,13 @@ def _moves(ids: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     return (ids != origin).sum((0, 2))
 
 
-def refine(state: torch.Tensor, steps: int, mode: str = "pairs", tol: float = 1e-6,
-           track: Tracking | None = None) -> torch.Tensor:
+def refine(
+    state: torch.Tensor,
+    steps: int,
+    mode: str = "pairs",
+    tol: float = 1e-6,
+    track: Tracking | None = None,
+) -> torch.Tensor:
     """Swap refinement (see the module docstring). Returns the refined state.
 
     The returned state's GPU order is arbitrary unless ``track`` is given, in which case
@@ -329,11 +339,14 @@ def refine(state: torch.Tensor, steps: int, mode: str = "pairs", tol: float = 1e
         heavy, light = state[..., :half], state[..., half : 2 * half]  # [2, S, rows, H]
         # an exact zero in the product of sign(id differences) [S, S, rows, H] marks an
         # expert already on the other GPU
-        ids_diff = torch.sub(heavy[EXPERT][:, None], light[EXPERT][None, :],
-                             out=_scratch(buffers, "ids", big, state)).clamp_(-1, 1)
+        ids_diff = torch.sub(
+            heavy[EXPERT][:, None], light[EXPERT][None, :], out=_scratch(buffers, "ids", big, state)
+        ).clamp_(-1, 1)
         w_heavy = heavy[LOAD].masked_fill(ids_diff.prod(1) == 0, -inf)
         w_light = light[LOAD].masked_fill(ids_diff.prod(0) == 0, inf)
-        delta = torch.sub(w_heavy[:, None], w_light[None, :], out=_scratch(buffers, "delta", big, state))
+        delta = torch.sub(
+            w_heavy[:, None], w_light[None, :], out=_scratch(buffers, "delta", big, state)
+        )
         # gain = δ·(gap − δ): −½ the change in Σ load² (scaled); −inf when illegal
         gain = torch.sub(gap, delta, out=_scratch(buffers, "gain", big, state)).mul_(delta)
         best, i = gain.amax(1).max(0)  # [rows, H]; max() is much faster than argmax() here
@@ -359,9 +372,17 @@ def refine(state: torch.Tensor, steps: int, mode: str = "pairs", tol: float = 1e
     return state
 
 
-def _within_budget(apply: torch.Tensor, i: torch.Tensor, heavy: torch.Tensor, light: torch.Tensor,
-                   origin: torch.Tensor, best: torch.Tensor, spent: torch.Tensor,
-                   track: Tracking, half: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _within_budget(
+    apply: torch.Tensor,
+    i: torch.Tensor,
+    heavy: torch.Tensor,
+    light: torch.Tensor,
+    origin: torch.Tensor,
+    best: torch.Tensor,
+    spent: torch.Tensor,
+    track: Tracking,
+    half: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the swaps a row can afford, heaviest pairs first; returns (apply, new spent).
 
     A swap can change 0–2 slots relative to ``origin`` (moving an expert back home is
@@ -373,8 +394,9 @@ def _within_budget(apply: torch.Tensor, i: torch.Tensor, heavy: torch.Tensor, li
     return apply, spent + 2 * apply.sum(1)
 
 
-def _scratch(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...],
-             like: torch.Tensor) -> torch.Tensor:
+def _scratch(
+    buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], like: torch.Tensor
+) -> torch.Tensor:
     """A reusable scratch tensor: fresh big temporaries cost page faults on every step."""
     buf = buffers.get(name)
     if buf is None or buf.shape != shape:
@@ -382,10 +404,15 @@ def _scratch(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...]
     return buf
 
 
-def _swap_from(state: torch.Tensor, u: torch.Tensor, movable: torch.Tensor, todo: torch.Tensor,
-               must_move: bool = False, partners: int | None = None,
-               buffers: dict[str, torch.Tensor] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _swap_from(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    movable: torch.Tensor,
+    todo: torch.Tensor,
+    must_move: bool = False,
+    partners: int | None = None,
+    buffers: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One legal swap per row between GPU ``u [rows]`` and its best partner.
 
     ``movable [S, rows]`` marks the items of ``u`` that may leave. Partners are the
@@ -409,8 +436,11 @@ def _swap_from(state: torch.Tensor, u: torch.Tensor, movable: torch.Tensor, todo
     load_u = loads.gather(1, u[:, None])  # [rows, 1]
     buffers = {} if buffers is None else buffers
     shape = (slots, slots, rows, cand.shape[3])
-    ids_diff = torch.sub(top[EXPERT][:, None, :, None], cand[EXPERT][None],
-                         out=_scratch(buffers, "ids", shape, state)).clamp_(-1, 1)
+    ids_diff = torch.sub(
+        top[EXPERT][:, None, :, None],
+        cand[EXPERT][None],
+        out=_scratch(buffers, "ids", shape, state),
+    ).clamp_(-1, 1)
     # blocked: u's item is already on v (this also blocks v = u), or v's item is on u
     w_top = top[LOAD][:, :, None].masked_fill((ids_diff.prod(1) == 0) | ~movable[:, :, None], inf)
     w_other = cand[LOAD].masked_fill(ids_diff.prod(0) == 0, -inf)
@@ -452,8 +482,9 @@ def _refine_max(state: torch.Tensor, steps: int) -> torch.Tensor:
     return state
 
 
-def make_items(item_load: torch.Tensor, item_expert: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def make_items(
+    item_load: torch.Tensor, item_expert: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """``[2, rows, R]`` packing items: loads normalised to a mean of 1 per row, and experts.
 
     Normalising makes swap tolerances scale free and keeps float32 exact enough; expert
@@ -495,7 +526,9 @@ def pack(
         noise = noise.to(items.device).gather(2, first.expand(cands - 1, -1, -1))
         key = items[LOAD] * (1 + options.noise * (2 * noise - 1))
         order = key.argsort(dim=2, descending=True, stable=True)  # [C-1, rows, R]
-        shuffled = items[:, None].expand(-1, cands - 1, -1, -1).gather(3, order.expand(2, -1, -1, -1))
+        shuffled = (
+            items[:, None].expand(-1, cands - 1, -1, -1).gather(3, order.expand(2, -1, -1, -1))
+        )
         items = torch.cat([items[:, None], shuffled], 1).view(2, cands * rows, num_items)
         if allow_shared is not None:
             allow_shared = allow_shared.repeat(cands)
@@ -511,7 +544,9 @@ def pack(
         _, slots, _, _ = state.shape
         peak = max_load(state).view(cands, rows)
         best = peak.min(0).indices
-        state = state.view(2, slots, cands, rows, num_gpus)[:, :, best, torch.arange(rows, device=best.device)]
+        state = state.view(2, slots, cands, rows, num_gpus)[
+            :, :, best, torch.arange(rows, device=best.device)
+        ]
     return state
 
 

@@ -101,7 +101,9 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     rank = torch.arange(num_slots, device=device) - first.gather(1, sorted_expert)
     maxcnt = max(int(logcnt.max()), 1) if logcnt.numel() else 1
     # one scatter into a flat [L, (E + 1) * maxcnt] table; dead slots land in the spare row
-    flat = torch.full((num_layers, (num_experts + 1) * maxcnt), -1, dtype=torch.int64, device=device)
+    flat = torch.full(
+        (num_layers, (num_experts + 1) * maxcnt), -1, dtype=torch.int64, device=device
+    )
     target = sorted_expert * maxcnt + rank.clamp(max=maxcnt - 1)
     flat.scatter_(1, target, sorted_slot)
     log2phy = flat.view(num_layers, num_experts + 1, maxcnt)
@@ -183,7 +185,9 @@ class Placement:
         loads = per_replica.gather(1, expert)
         return torch.where(self.phy2log >= 0, loads, torch.zeros_like(loads))
 
-    def gpu_loads(self, weight: torch.Tensor, gpu_speed: torch.Tensor | None = None) -> torch.Tensor:
+    def gpu_loads(
+        self, weight: torch.Tensor, gpu_speed: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """``[L, P]`` load per GPU (divided by ``gpu_speed [P]`` when given)."""
         topo = self.topology
         loads = self.replica_loads(weight).view(self.num_layers, topo.num_gpus, -1).sum(-1)
@@ -291,7 +295,9 @@ def _validate(p: Placement, anti_affinity: bool) -> None:
 
     if (p.logcnt < 1).any():
         layer, expert = (int(i) for i in (p.logcnt < 1).nonzero()[0])
-        _fail(f"layer {layer} expert {expert} has {int(p.logcnt[layer, expert])} replicas, needs >= 1")
+        _fail(
+            f"layer {layer} expert {expert} has {int(p.logcnt[layer, expert])} replicas, needs >= 1"
+        )
     row_sum = p.logcnt.sum(1)
     if (row_sum != num_live_slots).any():
         layer = int((row_sum != num_live_slots).nonzero()[0])
@@ -335,8 +341,9 @@ def _validate_anti_affinity(p: Placement, live_gpu: torch.Tensor) -> None:
         num_live_gpus = topo.gpus_per_node
     per_gpu = p.phy2log.view(num_layers, topo.num_gpus, slots_per_gpu)
     cap = (p.logcnt + num_live_gpus - 1) // num_live_gpus  # [L, E]
-    counts = torch.zeros(num_layers, topo.num_gpus, num_experts + 1, dtype=torch.int64,
-                         device=p.phy2log.device)
+    counts = torch.zeros(
+        num_layers, topo.num_gpus, num_experts + 1, dtype=torch.int64, device=p.phy2log.device
+    )
     idx = torch.where(per_gpu >= 0, per_gpu, num_experts)
     counts.scatter_add_(2, idx, torch.ones_like(idx))
     over = counts[:, :, :num_experts] > cap[:, None, :]

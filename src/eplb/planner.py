@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import torch
 
-from eplb.packing import EXPERT, Tracking, refine
+from eplb.packing import EXPERT, Tracking, refine, repair_conflicts
 from eplb.placement import Placement, Topology
 from eplb.policies import POLICIES, PlanOptions, plan_rows
 
 __all__ = ["plan_live_global", "plan_placement", "refine_placement"]
 
 
-def plan_live_global(weight: torch.Tensor, topology: Topology, options: PlanOptions,
-                     generator: torch.Generator, live: torch.Tensor) -> torch.Tensor:
+def plan_live_global(
+    weight: torch.Tensor,
+    topology: Topology,
+    options: PlanOptions,
+    generator: torch.Generator,
+    live: torch.Tensor,
+) -> torch.Tensor:
     """Global plan over the live GPUs only; dead GPUs' slots get ``-1``. → ``[L, R]``."""
     num_layers, num_experts = weight.shape
     slots = topology.slots_per_gpu
@@ -28,8 +33,9 @@ def plan_live_global(weight: torch.Tensor, topology: Topology, options: PlanOpti
             f"{num_experts} experts (each needs at least one replica on a live GPU)"
         )
     planned = plan_rows(weight, live_slots, num_live, options, generator)
-    phy2log = torch.full((num_layers, topology.num_replicas), -1, dtype=torch.int64,
-                         device=weight.device)
+    phy2log = torch.full(
+        (num_layers, topology.num_replicas), -1, dtype=torch.int64, device=weight.device
+    )
     phy2log[:, live.repeat_interleave(slots)] = planned
     return phy2log
 
@@ -63,13 +69,21 @@ def refine_placement(
     num_live = len(live_ids)
     idx = torch.where(phy2log >= 0, phy2log, 0)
     counts = torch.zeros_like(weight, dtype=torch.int64).scatter_add_(
-        1, idx, (phy2log >= 0).to(torch.int64))
+        1, idx, (phy2log >= 0).to(torch.int64)
+    )
     per = weight / counts.clamp(min=1)
     scale = weight.sum(1, keepdim=True) / max(1, num_live * slots)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     grid = phy2log.view(num_layers, num_gpus, slots)[:, live_ids]  # [L, P_live, S]
-    load = per.gather(1, grid.reshape(num_layers, -1).clamp(min=0)).view_as(grid) / scale[:, :, None]
-    state = torch.stack([load, grid.to(load.dtype)]).permute(0, 3, 1, 2).to(torch.float32).contiguous()
+    load = (
+        per.gather(1, grid.reshape(num_layers, -1).clamp(min=0)).view_as(grid) / scale[:, :, None]
+    )
+    state = (
+        torch.stack([load, grid.to(load.dtype)]).permute(0, 3, 1, 2).to(torch.float32).contiguous()
+    )
+    # an inherited placement may stack replicas of an expert on one GPU: repair first
+    # (moves the budget cannot refuse); swaps never create new conflicts
+    state = repair_conflicts(state, counts.amax(1) > num_live)
     gpu = torch.arange(num_live, device=phy2log.device).expand(num_layers, -1)
     speed_live = None
     if speed is not None:
@@ -115,9 +129,17 @@ def plan_placement(
             raise ValueError("gpu_speed cannot be combined with previous (incremental planning)")
         from eplb.incremental import plan_incremental
 
-        return plan_incremental(weight, topology, policy, options, generator, previous,
-                                active_gpus=active_gpus, max_moves=max_moves,
-                                skip_threshold=skip_threshold)
+        return plan_incremental(
+            weight,
+            topology,
+            policy,
+            options,
+            generator,
+            previous,
+            active_gpus=active_gpus,
+            max_moves=max_moves,
+            skip_threshold=skip_threshold,
+        )
     if max_moves is not None or skip_threshold is not None:
         raise ValueError("max_moves and skip_threshold need the previous placement (previous=...)")
     if active_gpus is not None:
@@ -125,8 +147,11 @@ def plan_placement(
     else:
         phy2log = POLICIES[policy]().place(weight, topology, options, generator)
     if gpu_speed is not None:
-        live = active_gpus if active_gpus is not None else torch.ones(
-            topology.num_gpus, dtype=torch.bool, device=weight.device)
+        live = (
+            active_gpus
+            if active_gpus is not None
+            else torch.ones(topology.num_gpus, dtype=torch.bool, device=weight.device)
+        )
         zero = weight.sum(1, keepdim=True) <= 0
         w = torch.where(zero, torch.ones_like(weight), weight)
         phy2log = refine_placement(w, phy2log, live, options, speed=gpu_speed)

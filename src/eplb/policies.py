@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 
 from eplb.bounds import group_partitions, hierarchical_node_bounds
-from eplb.packing import PackingOptions, construct, make_items, max_load, pack, to_slots
+from eplb.packing import PackingOptions, make_items, max_load, pack, to_slots
 from eplb.placement import Topology
 from eplb.replication import DEFAULT_SHIFTS, expand_replicas, replica_counts
 
@@ -98,19 +98,21 @@ def plan_rows(
         counts = torch.cat([counts, others.reshape(-1, num_experts)])
         weight_all = torch.cat([weight, weight[extra].repeat(len(rules) - 1, 1)])
     load, expert = expand_replicas(weight_all, counts)
-    items = make_items(load, expert)  # [2, rows', R]
-    start = construct(items, num_gpus, options.packing.construction)
+    items = make_items(load, expert)  # [2, rows', R]; rows of one layer share a scale
+    allow_shared = counts.amax(1) > num_gpus
+    state = pack(items, num_gpus, options.packing, allow_shared, generator)
     if len(extra):
-        # keep, per coarse row, the allocation whose constructed packing has the smallest peak
-        peak = max_load(start)
+        # keep, per coarse row, the allocation whose refined packing has the smallest peak
+        peak = max_load(state)
         candidates = torch.cat([peak[extra][None], peak[rows:].view(len(rules) - 1, -1)])
         best = candidates.min(0).indices  # first on ties: Jefferson
-        choice = torch.where(best == 0, extra, rows + (best - 1) * len(extra) + torch.arange(
-            len(extra), device=weight.device))
+        choice = torch.where(
+            best == 0,
+            extra,
+            rows + (best - 1) * len(extra) + torch.arange(len(extra), device=weight.device),
+        )
         pick = torch.arange(rows, device=weight.device).index_put((extra,), choice)
-        items, start, counts = items[:, pick], start[:, :, pick], counts[pick]
-    allow_shared = counts.amax(1) > num_gpus
-    state = pack(items, num_gpus, options.packing, allow_shared, generator, start=start)
+        state = state[:, :, pick]
     return to_slots(state)
 
 
@@ -120,8 +122,13 @@ class PlacementPolicy(ABC):
     name: ClassVar[str]
 
     @abstractmethod
-    def place(self, weight: torch.Tensor, topology: Topology, options: PlanOptions,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+    def place(
+        self,
+        weight: torch.Tensor,
+        topology: Topology,
+        options: PlanOptions,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """``weight [L, E]`` → ``phy2log [L, R]``."""
 
 
@@ -130,48 +137,105 @@ class GlobalPolicy(PlacementPolicy):
 
     name = "global"
 
-    def place(self, weight: torch.Tensor, topology: Topology, options: PlanOptions,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+    def place(
+        self,
+        weight: torch.Tensor,
+        topology: Topology,
+        options: PlanOptions,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         return plan_rows(weight, topology.num_replicas, topology.num_gpus, options, generator)
 
 
 class HierarchicalPolicy(PlacementPolicy):
-    """Groups → nodes, then replicate and pack within every node."""
+    """Groups → nodes, then replicate and pack within every node.
+
+    Two group→node assignments compete per layer: the one with the smallest hierarchical
+    lower bound, and DeepSeek's balanced packing of group loads (heaviest group to the
+    lightest node with room). They usually agree; where they differ both are packed and
+    the layer keeps the one with the smaller max GPU load.
+    """
 
     name = "hierarchical"
 
-    def place(self, weight: torch.Tensor, topology: Topology, options: PlanOptions,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+    def place(
+        self,
+        weight: torch.Tensor,
+        topology: Topology,
+        options: PlanOptions,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        num_layers = weight.shape[0]
+        by_bound = self.assign_groups(weight, topology, options, generator)  # [L, G]
+        by_load = self.balanced_groups(weight, topology)
+        differ = ~_same_partition(by_bound, by_load)  # [L]
+        if not bool(differ.any()):
+            return self.place_groups(weight, by_bound, topology, options, generator)
+        rows = differ.nonzero()[:, 0]
+        both = self.place_groups(
+            torch.cat([weight, weight[rows]]),
+            torch.cat([by_bound, by_load[rows]]),
+            topology,
+            options,
+            generator,
+        )
+        first, second = both[:num_layers], both[num_layers:]
+        peak = _max_gpu_load(torch.cat([weight, weight[rows]]), both, topology.num_gpus)
+        take = peak[num_layers:] < peak[rows]
+        first[rows[take]] = second[take]
+        return first
+
+    @staticmethod
+    def place_groups(
+        weight: torch.Tensor,
+        node_of_group: torch.Tensor,
+        topology: Topology,
+        options: PlanOptions,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Plan every node given ``node_of_group [L, G]`` → ``phy2log [L, R]``."""
         num_layers, num_experts = weight.shape
         nodes, groups = topology.num_nodes, topology.num_groups
         group_size = num_experts // groups
-        node_of_group = self.assign_groups(weight, topology, options, generator)  # [L, G]
         groups_by_node = node_of_group.argsort(dim=1, stable=True).view(num_layers, nodes, -1)
         offsets = torch.arange(group_size, device=weight.device)
-        node_experts = (groups_by_node[..., None] * group_size + offsets).view(num_layers * nodes, -1)
-        node_weight = weight.view(num_layers, num_experts)[
-            torch.arange(num_layers, device=weight.device).repeat_interleave(nodes)[:, None],
-            node_experts,
-        ]
-        local = plan_rows(node_weight, topology.num_replicas // nodes,
-                          topology.num_gpus // nodes, options, generator)
+        node_experts = (groups_by_node[..., None] * group_size + offsets).view(
+            num_layers * nodes, -1
+        )
+        node_weight = weight.repeat_interleave(nodes, 0).gather(1, node_experts)
+        local = plan_rows(
+            node_weight,
+            topology.num_replicas // nodes,
+            topology.num_gpus // nodes,
+            options,
+            generator,
+        )
         return node_experts.gather(1, local).view(num_layers, topology.num_replicas)
 
     @staticmethod
-    def assign_groups(weight: torch.Tensor, topology: Topology, options: PlanOptions,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """``[L, G]`` node of every expert group.
+    def assign_groups(
+        weight: torch.Tensor,
+        topology: Topology,
+        options: PlanOptions,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``[L, G]`` node of every expert group with the smallest lower bound.
 
-        Exact when the assignments can be enumerated: the one with the smallest
-        hierarchical lower bound (see :mod:`eplb.bounds`). Otherwise a balanced packing
-        of group loads onto nodes.
+        Exact when the assignments can be enumerated (see :mod:`eplb.bounds`); otherwise a
+        balanced packing of group loads onto nodes with swap refinement.
         """
         num_layers, _num_experts = weight.shape
         nodes, groups = topology.num_nodes, topology.num_groups
         assignment = group_partitions(groups, nodes, weight.device)
         if assignment is not None:
-            bounds = hierarchical_node_bounds(weight.to(torch.float64), assignment,
-                                              topology.num_replicas, topology.num_gpus, nodes, groups)
+            bounds = hierarchical_node_bounds(
+                weight.to(torch.float64),
+                assignment,
+                topology.num_replicas,
+                topology.num_gpus,
+                nodes,
+                groups,
+            )
             return assignment[bounds.min(1).indices]
         group_load = weight.view(num_layers, groups, -1).sum(2)
         order = group_load.argsort(dim=1, descending=True, stable=True)
@@ -180,6 +244,40 @@ class HierarchicalPolicy(PlacementPolicy):
         slots = to_slots(state)  # [L, G] group per (node, slot)
         node_of_slot = torch.arange(groups, device=weight.device) // (groups // nodes)
         return torch.empty_like(slots).scatter_(1, slots, node_of_slot.expand(num_layers, -1))
+
+    @staticmethod
+    def balanced_groups(weight: torch.Tensor, topology: Topology) -> torch.Tensor:
+        """``[L, G]`` DeepSeek's group assignment: heaviest group first, each to the lightest
+        node that still has room for ``G/N`` groups."""
+        num_layers = weight.shape[0]
+        nodes, groups = topology.num_nodes, topology.num_groups
+        per_node = groups // nodes
+        group_load = weight.view(num_layers, groups, -1).sum(2)
+        order = group_load.argsort(dim=1, descending=True, stable=True)
+        node_load = group_load.new_zeros(num_layers, nodes)
+        filled = torch.zeros(num_layers, nodes, dtype=torch.int64, device=weight.device)
+        node_of_group = torch.empty(num_layers, groups, dtype=torch.int64, device=weight.device)
+        for k in range(groups):
+            g = order[:, k : k + 1]
+            node = torch.where(filled < per_node, node_load, float("inf")).min(1, keepdim=True)
+            node_of_group.scatter_(1, g, node.indices)
+            node_load.scatter_add_(1, node.indices, group_load.gather(1, g))
+            filled.scatter_add_(1, node.indices, torch.ones_like(node.indices))
+        return node_of_group
+
+
+def _same_partition(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[L]`` True where two node labellings ``[L, G]`` group the groups the same way."""
+    return ((a[:, :, None] == a[:, None, :]) == (b[:, :, None] == b[:, None, :])).flatten(1).all(1)
+
+
+def _max_gpu_load(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """``[L]`` max GPU load of ``phy2log [L, R]`` under ``weight [L, E]`` (no dead slots)."""
+    counts = torch.zeros_like(weight).scatter_add_(
+        1, phy2log, torch.ones_like(phy2log, dtype=weight.dtype)
+    )
+    loads = (weight / counts.clamp(min=1)).gather(1, phy2log)
+    return loads.view(phy2log.shape[0], num_gpus, -1).sum(2).amax(1)
 
 
 #: name → policy class; ``auto`` is resolved by :func:`eplb.api.plan`

@@ -43,7 +43,8 @@ def _max_steps(weight: torch.Tensor, num_extra: int) -> int:
     so ``extras_e <= w_e·R / W + 1``.
     """
     total = weight.sum(-1)
-    share = weight.max(-1).values / total.clamp(min=torch.finfo(weight.dtype).tiny)
+    # an all-zero row may give every step to one expert: count it as fully concentrated
+    share = torch.where(total > 0, weight.max(-1).values / total.clamp(min=torch.finfo(weight.dtype).tiny), 1.0)
     num_replicas = num_extra + weight.shape[-1]
     steps = math.ceil(float(share.max()) * num_replicas) + 2
     return max(1, min(num_extra, steps))
@@ -70,7 +71,10 @@ def replica_counts(
     chunk = max(1, _MAX_PRIORITY_ELEMENTS // max(1, len(rules) * num_hot * steps))
     if chunk < rows:
         return torch.cat(
-            [replica_counts(weight[i : i + chunk], num_replicas, rules) for i in range(0, rows, chunk)],
+            [
+                replica_counts(weight[i : i + chunk], num_replicas, rules)
+                for i in range(0, rows, chunk)
+            ],
             dim=1,
         )
     c = torch.arange(1, steps + 1, dtype=weight.dtype, device=weight.device)  # current count
@@ -89,7 +93,9 @@ def replica_counts(
 
 
 def allocation_portfolio(
-    weight: torch.Tensor, num_replicas: int, shifts: tuple[float, ...] = DEFAULT_SHIFTS,
+    weight: torch.Tensor,
+    num_replicas: int,
+    shifts: tuple[float, ...] = DEFAULT_SHIFTS,
     hamilton: bool = True,
 ) -> torch.Tensor:
     """The default portfolio of allocations: ``[K, rows, E]`` counts."""
@@ -101,20 +107,22 @@ def max_replica_load(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
     """``[rows]`` the smallest achievable largest replica load (Jefferson's optimum).
 
     Granting the ``R − E`` largest quotients ``w_e / c`` leaves the next one as the largest
-    replica: the ``(R − E + 1)``-th largest quotient overall.
+    replica: the ``(R − E + 1)``-th largest quotient overall. Only the ``R − E + 1``
+    heaviest experts can hold it, since each of them has a first quotient at least as large.
     """
     rows, num_experts = weight.shape
     num_extra = num_replicas - num_experts
     if num_extra == 0:
         return weight.max(-1).values
+    hot = weight.topk(min(num_experts, num_extra + 1), dim=1).values  # [rows, K]
     steps = _max_steps(weight, num_extra) + 1
-    chunk = max(1, _MAX_PRIORITY_ELEMENTS // max(1, num_experts * steps))
+    chunk = max(1, _MAX_PRIORITY_ELEMENTS // max(1, hot.shape[1] * steps))
     if chunk < rows:
         return torch.cat(
             [max_replica_load(weight[i : i + chunk], num_replicas) for i in range(0, rows, chunk)]
         )
     c = torch.arange(1, steps + 1, dtype=weight.dtype, device=weight.device)
-    quotients = (weight[:, :, None] / c).view(rows, -1)
+    quotients = (hot[:, :, None] / c).view(rows, -1)
     return quotients.topk(num_extra + 1, dim=-1).values[:, -1]
 
 

@@ -1,0 +1,71 @@
+"""CPU vs GPU: the same planner on CPU and CUDA tensors, with validity checks.
+
+Runs only where ``torch.cuda.is_available()``; otherwise it says so and exits 0.
+For each shape it plans on CPU (one thread) and on the GPU, checks that the GPU result
+is on the GPU and passes ``validate()``, and prints balancedness and median times.
+
+Usage: ``python benchmarks/bench_gpu.py [--repeats N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import eplb
+from eplb.workloads import generate_loads
+
+SHAPES = [  # layers, experts, replicas, gpus, nodes, groups
+    (58, 256, 288, 32, 1, 1),
+    (58, 256, 288, 32, 4, 8),
+    (61, 384, 512, 64, 1, 1),
+    (100, 1024, 2048, 256, 1, 1),
+    (100, 1024, 2048, 1024, 1, 1),
+]
+
+
+def timed(fn, repeats: int, sync: bool) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("SKIPPED: no CUDA device (torch.cuda.is_available() is False)")
+        return
+    torch.set_num_threads(1)
+    print(f"# bench_gpu — {time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, "
+          f"torch {torch.__version__}\n")
+    print("| L×E | R | P | policy | CPU ms | GPU ms | CPU bal | GPU bal | GPU valid |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for layers, experts, replicas, gpus, nodes, groups in SHAPES:
+        w = generate_loads(num_layers=layers, num_experts=experts, seed=0)
+        wg = w.cuda()
+        cpu = eplb.plan(w, replicas, gpus, nodes, groups)
+        gpu = eplb.plan(wg, replicas, gpus, nodes, groups)
+        valid = gpu.phy2log.is_cuda and gpu.log2phy.is_cuda and gpu.logcnt.is_cuda
+        gpu.validate()
+        cpu_ms = timed(lambda w=w: eplb.plan(w, replicas, gpus, nodes, groups), args.repeats, False)
+        gpu_ms = timed(lambda w=wg: eplb.plan(w, replicas, gpus, nodes, groups), args.repeats, True)
+        print(f"| {layers}×{experts} | {replicas} | {gpus} | {cpu.policy} | {cpu_ms:.1f} | "
+              f"{gpu_ms:.1f} | {cpu.balancedness(w):.5f} | {gpu.balancedness(wg):.5f} | "
+              f"{'yes' if valid else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Online rebalancing figures: incremental moves vs balancedness, and failed GPUs.
+
+Sections (all by default):
+
+- ``incremental``: a drifting trace from the generator's deepseek-v3 preset replayed at
+  vLLM's cadence (window 1000, interval 3000; R=288, P=32). From-scratch re-planning vs
+  incremental planning under a range of move budgets: slots moved per rebalance, the
+  balancedness of the traffic that follows each plan, and the planner's own time. The
+  rows form the Pareto curve of moves vs balancedness.
+- ``dead``: 1, 2 and 4 of 32 GPUs dead on the real DeepSeek-V3 loads: balancedness over
+  the live GPUs against the ceiling for the live set; every expert still served.
+
+Usage: ``python benchmarks/bench_online.py [incremental dead] [--steps N] [--seed S]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import eplb
+from eplb.bounds import balancedness_ceiling
+from eplb.simulate import simulate
+from eplb.workloads import generate_trace
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO.parent / "shared" / "data" / "real" / "sglang_deepseek_ep_statistics"
+R, P = 288, 32
+
+
+def section_incremental(steps: int, seed: int) -> None:
+    trace = generate_trace("deepseek-v3", steps=steps, seed=seed)
+    slots_total = trace.num_layers * R
+    print(
+        f"\n## Incremental rebalancing: generated deepseek-v3 drift trace, {steps} steps, "
+        f"vLLM cadence (window 1000, interval 3000), R={R}, P={P}\n"
+    )
+    print(
+        "Balancedness is measured on the traffic after each plan took over (the next "
+        "windows), averaged over the scored windows; moves are slots whose expert changed, "
+        f"out of {slots_total} per rebalance.\n"
+    )
+    print(
+        "| planner | move budget per rebalance | moved slots / rebalance | moved % | "
+        "next-window balancedness | vs from scratch | plan ms (median) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    runs = [
+        ("greedy (reference), from scratch", dict(planner="greedy")),
+        ("eplb, from scratch", dict(planner="eplb")),
+    ]
+    for frac in (0.0, 0.02, 0.05, 0.10, 0.15, 0.25):
+        budget = int(frac * slots_total)
+        runs.append(
+            (
+                f"eplb incremental, {100 * frac:.0f}%",
+                dict(planner="eplb", incremental=True, max_moves=budget),
+            )
+        )
+    runs.append(("eplb incremental, no budget", dict(planner="eplb", incremental=True)))
+    scratch = None
+    for label, kwargs in runs:
+        result = simulate(trace, num_replicas=R, num_gpus=P, cadence="vllm", oracle=False, **kwargs)
+        s = result.summary()
+        bal = s["window_balancedness"]
+        if label == "eplb, from scratch":
+            scratch = bal
+        budget = kwargs.get("max_moves")
+        rel = "" if scratch is None else f"{100 * (bal - scratch) / scratch:+.2f}%"
+        print(
+            f"| {label} | {'–' if budget is None else budget} | "
+            f"{s['moved_slots_per_rebalance']:.0f} | {100 * s['moved_fraction']:.1f}% | "
+            f"{bal:.4f} | {rel} | {s['plan_ms_median']:.0f} |"
+        )
+
+
+def section_dead(steps: int, seed: int) -> None:
+    del steps, seed
+    if not REAL.is_dir():
+        print(f"\nSKIPPED dead-GPU section: real data not found at {REAL}")
+        return
+    print("\n## Failed GPUs on the real DeepSeek-V3 loads (R=288, P=32, global)\n")
+    print(
+        "| dead GPUs | workloads | balancedness (live) min–max | live ceiling min | "
+        "worst ratio to ceiling | all experts served | plan ms (median) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    files = sorted(REAL.glob("*.json"))
+    gen = torch.Generator().manual_seed(0)
+    note = ""
+    for dead in (1, 2, 4):
+        bals, ceils, ratios, times, served = [], [], [], [], True
+        for path in files:
+            w = torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.float64)[3:]
+            live = torch.ones(P, dtype=torch.bool)
+            live[torch.randperm(P, generator=gen)[:dead]] = False
+            if (P - dead) * (R // P) >= w.shape[1]:
+                start = time.perf_counter()
+                placement = eplb.plan(w, R, P, active_gpus=live)
+                ceil = balancedness_ceiling(w, R, P, active_gpus=live)
+            else:
+                # the survivors' 9 slots each cannot hold every expert (eplb.plan raises a
+                # clear error); elastic re-plan: each survivor hosts ceil(E / live) slots
+                try:
+                    eplb.plan(w, R, P, active_gpus=live)
+                    raise AssertionError("expected a ValueError for too few live slots")
+                except ValueError as exc:
+                    note = str(exc)
+                slots = -(-w.shape[1] // (P - dead))
+                start = time.perf_counter()
+                placement = eplb.plan(w, slots * (P - dead), P - dead)
+                ceil = balancedness_ceiling(w, slots * (P - dead), P - dead)
+            times.append(time.perf_counter() - start)
+            placement.validate()
+            served &= bool((placement.logcnt >= 1).all())
+            bal = placement.balancedness(w)
+            bals.append(bal)
+            ceils.append(ceil)
+            ratios.append(bal / ceil)
+        times.sort()
+        if (P - dead) * (R // P) < 256:
+            print(
+                f"| {dead} of {P}: 9 slots × {P - dead} live GPUs < 256 experts, so `eplb.plan` "
+                f'raises: "{note}". Elastic re-plan on the {P - dead} survivors with '
+                f"{-(-256 // (P - dead))} slots each: | | | | | | |"
+            )
+        print(
+            f"| {dead} of {P} | {len(files)} | {min(bals):.5f}–{max(bals):.5f} | {min(ceils):.5f} | "
+            f"{min(ratios):.5f} | {'yes' if served else 'NO'} | {1000 * times[len(times) // 2]:.1f} |"
+        )
+
+
+SECTIONS = {"incremental": section_incremental, "dead": section_dead}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sections", nargs="*", help=f"some of {list(SECTIONS)} (default: all)")
+    parser.add_argument("--steps", type=int, default=12000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(
+        f"# bench_online — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, 1 thread, "
+        f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
+    )
+    for name in args.sections or SECTIONS:
+        SECTIONS[name](args.steps, args.seed)
+
+
+if __name__ == "__main__":
+    main()
