@@ -88,6 +88,7 @@ def hierarchical_node_bounds(
     num_gpus: int,
     num_nodes: int,
     num_groups: int,
+    per_node: bool = False,
 ) -> torch.Tensor:
     """Per-layer bound for each assignment.
 
@@ -96,34 +97,41 @@ def hierarchical_node_bounds(
         assignment: ``[A, G]`` node of every group.
 
     Returns:
-        ``[L, A]`` the max over nodes of ``max(W_n / (P/N), T_rep(n))``.
+        ``[L, A]`` the max over nodes of ``max(W_n / (P/N), T_rep(n))``, or the per-node
+        values ``[L, A, N]`` with ``per_node=True``.
     """
     num_layers, num_experts = weight.shape
     group_size = num_experts // num_groups
-    per_node = num_groups // num_nodes
+    groups_per_node = num_groups // num_nodes
     group_w = weight.view(num_layers, num_groups, group_size)
     blocks, block_of = _blocks(tuple(map(tuple, assignment.tolist())), num_nodes, num_groups)
     members = torch.tensor(blocks, dtype=torch.int64, device=weight.device)  # [B, G/N]
-    block_w = group_w[:, members].reshape(num_layers * len(blocks), per_node * group_size)
+    block_w = group_w[:, members].reshape(num_layers * len(blocks), groups_per_node * group_size)
     node_cap = num_gpus // num_nodes
     t_rep = max_replica_load(block_w, num_replicas // num_nodes)
     mean = block_w.sum(1) / node_cap
     block_bound = torch.maximum(mean, t_rep).view(num_layers, len(blocks))
     block_of = torch.tensor(block_of, dtype=torch.int64, device=weight.device)
-    return block_bound[:, block_of].amax(2)
+    per_node_bound = block_bound[:, block_of]  # [L, A, N]
+    return per_node_bound if per_node else per_node_bound.amax(2)
 
 
 @lru_cache(maxsize=32)
-def _blocks(assignment: tuple[tuple[int, ...], ...], num_nodes: int, num_groups: int
-            ) -> tuple[list[tuple[int, ...]], list[list[int]]]:
+def _blocks(
+    assignment: tuple[tuple[int, ...], ...], num_nodes: int, num_groups: int
+) -> tuple[list[tuple[int, ...]], list[list[int]]]:
     """Distinct node contents (sorted group tuples) and, per assignment and node, its index."""
     blocks: dict[tuple[int, ...], int] = {}
     block_of = []
     for row in assignment:
-        block_of.append([
-            blocks.setdefault(tuple(g for g in range(num_groups) if row[g] == node), len(blocks))
-            for node in range(num_nodes)
-        ])
+        block_of.append(
+            [
+                blocks.setdefault(
+                    tuple(g for g in range(num_groups) if row[g] == node), len(blocks)
+                )
+                for node in range(num_nodes)
+            ]
+        )
     return list(blocks), block_of
 
 

@@ -67,8 +67,8 @@ class PackingOptions:
     """
 
     num_candidates: int = 1
-    pair_steps: int = 6
-    max_steps: int = 12
+    pair_steps: int = 4
+    max_steps: int = 8
     construction: str = "bldm"
     noise: float = 0.05
 
@@ -221,7 +221,10 @@ def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = No
             return state
         u = on_gpu.to(torch.int8).max(1).indices
         movable = conflict.gather(2, u[None, :, None].expand(slots, -1, 1))[:, :, 0]  # [S, rows]
-        state, moved = _swap_from(state, u, movable, todo, must_move=True, buffers=buffers)
+        loads = state[LOAD].sum(0)
+        state, moved = _swap_from(
+            state, u, loads, todo, movable=movable, must_move=True, buffers=buffers
+        )
         if not bool(moved.any()):
             break
     stuck = _conflicts(state).any(0).any(1)
@@ -407,55 +410,46 @@ def _scratch(
 def _swap_from(
     state: torch.Tensor,
     u: torch.Tensor,
-    movable: torch.Tensor,
+    loads: torch.Tensor,
     todo: torch.Tensor,
+    movable: torch.Tensor | None = None,
     must_move: bool = False,
-    partners: int | None = None,
     buffers: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One legal swap per row between GPU ``u [rows]`` and its best partner.
 
-    ``movable [S, rows]`` marks the items of ``u`` that may leave. Partners are the
-    ``partners`` lightest GPUs (all when ``None``). The best swap gives the smallest new
-    peak ``max(L_u − δ, L_v + δ)``; it is applied where ``todo [rows]`` and either
-    ``must_move`` or the peak falls. Returns ``(state, moved [rows])``.
+    ``loads [rows, P]`` are the GPU loads; ``movable [S, rows]`` marks the items of ``u``
+    that may leave (all when ``None``). The best swap gives the smallest new peak
+    ``max(L_u − δ, L_v + δ)``; it is applied where ``todo [rows]`` and either ``must_move``
+    or the peak falls. Returns ``(state, moved [rows])``.
     """
     _, slots, rows, num_gpus = state.shape
     inf = float("inf")
-    loads = state[LOAD].sum(0)  # [rows, P]
-    if partners is None or partners >= num_gpus:
-        cand = state
-        cand_gpu = None
-        cand_loads = loads
-    else:
-        cand_gpu = loads.topk(partners, dim=1, largest=False).indices  # [rows, K]
-        cand = state.gather(3, cand_gpu[None, None].expand(2, slots, -1, -1))
-        cand_loads = loads.gather(1, cand_gpu)
-    index_u = u[None, None, :, None].expand(2, slots, rows, 1)
-    top = state.gather(3, index_u)[..., 0]  # [2, S, rows]
-    load_u = loads.gather(1, u[:, None])  # [rows, 1]
     buffers = {} if buffers is None else buffers
-    shape = (slots, slots, rows, cand.shape[3])
+    shape = (slots, slots, rows, num_gpus)
+    top = state.gather(3, u[None, None, :, None].expand(2, slots, rows, 1))[..., 0]  # [2, S, rows]
+    load_u = loads.gather(1, u[:, None])  # [rows, 1]
+    # sign(id differences) [S_u, S_v, rows, P]: an exact zero in a product marks an equal id
     ids_diff = torch.sub(
         top[EXPERT][:, None, :, None],
-        cand[EXPERT][None],
+        state[EXPERT][None],
         out=_scratch(buffers, "ids", shape, state),
     ).clamp_(-1, 1)
     # blocked: u's item is already on v (this also blocks v = u), or v's item is on u
-    w_top = top[LOAD][:, :, None].masked_fill((ids_diff.prod(1) == 0) | ~movable[:, :, None], inf)
-    w_other = cand[LOAD].masked_fill(ids_diff.prod(0) == 0, -inf)
-    # max(L_u − δ, L_v + δ) = (L_u + L_v)/2 + |δ − (L_u − L_v)/2|; in place: one big buffer
-    excess = torch.sub(w_top[:, None], w_other[None], out=_scratch(buffers, "delta", shape, state))
-    excess.sub_((load_u - cand_loads) / 2).abs_().add_(cand_loads / 2)  # + L_u/2 per row
-    best_v_val, k = excess.amin((0, 1)).min(1)  # [rows]
-    at_v = excess.gather(3, k[None, None, :, None].expand(slots, slots, rows, 1))
-    pos = at_v.view(slots * slots, rows).min(0).indices  # [rows]
+    blocked_top = ids_diff.prod(1) == 0
+    if movable is not None:
+        blocked_top |= ~movable[:, :, None]
+    w_top = top[LOAD][:, :, None].masked_fill(blocked_top, inf)
+    w_other = state[LOAD].masked_fill(ids_diff.prod(0) == 0, -inf)
+    delta = torch.sub(w_top[:, None], w_other[None], out=_scratch(buffers, "delta", shape, state))
+    # the pair's new peak max(L_u − δ, L_v + δ), built in the two scratch buffers
+    peak = torch.sub(load_u, delta, out=_scratch(buffers, "peak", shape, state))
+    peak = torch.maximum(peak, delta.add_(loads), out=peak)
+    best, v = peak.amin((0, 1)).min(1)  # [rows]
+    pos = peak.gather(3, v[None, None, :, None].expand(slots, slots, rows, 1)).view(-1, rows)
+    pos = pos.min(0).indices
     i, j = pos // slots, pos % slots
-    v = k if cand_gpu is None else cand_gpu.gather(1, k[:, None])[:, 0]
-    new_peak = best_v_val + load_u[:, 0] / 2
-    ok = todo & torch.isfinite(best_v_val)
-    if not must_move:
-        ok &= new_peak < load_u[:, 0] * (1 - 1e-7)
+    ok = todo & (torch.isfinite(best) if must_move else best < load_u[:, 0] * (1 - 1e-7))
     if not bool(ok.any()):
         return state, ok
     r = ok.nonzero()[:, 0]
@@ -469,13 +463,13 @@ def _swap_from(
 def _refine_max(state: torch.Tensor, steps: int) -> torch.Tensor:
     """Heaviest-GPU polish: per row and step, one swap between the heaviest GPU and the
     partner that lowers the pair's larger load the most."""
-    _, slots, rows, _ = state.shape
-    movable = torch.ones(slots, rows, dtype=torch.bool, device=state.device)
+    rows = state.shape[2]
     todo = torch.ones(rows, dtype=torch.bool, device=state.device)
     buffers: dict[str, torch.Tensor] = {}
     for _ in range(steps):
-        u = state[LOAD].sum(0).max(1).indices
-        state, moved = _swap_from(state, u, movable, todo, buffers=buffers)
+        loads = state[LOAD].sum(0)
+        u = loads.max(1).indices
+        state, moved = _swap_from(state, u, loads, todo, buffers=buffers)
         if not bool(moved.any()):
             break
         todo = moved  # a row whose heaviest GPU cannot improve is done

@@ -166,22 +166,29 @@ class HierarchicalPolicy(PlacementPolicy):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         num_layers = weight.shape[0]
-        by_bound = self.assign_groups(weight, topology, options, generator)  # [L, G]
+        nodes, groups = topology.num_nodes, topology.num_groups
         by_load = self.balanced_groups(weight, topology)
-        differ = ~_same_partition(by_bound, by_load)  # [L]
+        partitions = group_partitions(groups, nodes, weight.device)
+        if partitions is None:
+            by_bound = self.assign_groups(weight, topology, options, generator)
+            load_bound = None
+        else:
+            by_bound, bounds = _best_partition(weight, partitions, topology)
+            load_bound = bounds.gather(1, _partition_index(by_load, partitions)[:, None])[:, 0]
+        first = self.place_groups(weight, by_bound, topology, options, generator)
+        # the balanced assignment can only win where the first plan's peak exceeds its bound
+        differ = ~_same_partition(by_bound, by_load)
+        if load_bound is not None:
+            peak = _max_gpu_load(weight, first, topology.num_gpus)
+            # ... by more than packing slack: 0.1% over the balanced assignment's bound
+            differ &= peak > load_bound.to(peak.dtype) * (1 + 1e-3)
         if not bool(differ.any()):
-            return self.place_groups(weight, by_bound, topology, options, generator)
+            return first
         rows = differ.nonzero()[:, 0]
-        both = self.place_groups(
-            torch.cat([weight, weight[rows]]),
-            torch.cat([by_bound, by_load[rows]]),
-            topology,
-            options,
-            generator,
+        second = self.place_groups(weight[rows], by_load[rows], topology, options, generator)
+        take = _max_gpu_load(weight[rows], second, topology.num_gpus) < _max_gpu_load(
+            weight[rows], first[rows], topology.num_gpus
         )
-        first, second = both[:num_layers], both[num_layers:]
-        peak = _max_gpu_load(torch.cat([weight, weight[rows]]), both, topology.num_gpus)
-        take = peak[num_layers:] < peak[rows]
         first[rows[take]] = second[take]
         return first
 
@@ -228,15 +235,7 @@ class HierarchicalPolicy(PlacementPolicy):
         nodes, groups = topology.num_nodes, topology.num_groups
         assignment = group_partitions(groups, nodes, weight.device)
         if assignment is not None:
-            bounds = hierarchical_node_bounds(
-                weight.to(torch.float64),
-                assignment,
-                topology.num_replicas,
-                topology.num_gpus,
-                nodes,
-                groups,
-            )
-            return assignment[bounds.min(1).indices]
+            return _best_partition(weight, assignment, topology)[0]
         group_load = weight.view(num_layers, groups, -1).sum(2)
         order = group_load.argsort(dim=1, descending=True, stable=True)
         items = make_items(group_load.gather(1, order), order)
@@ -264,6 +263,44 @@ class HierarchicalPolicy(PlacementPolicy):
             node_load.scatter_add_(1, node.indices, group_load.gather(1, g))
             filled.scatter_add_(1, node.indices, torch.ones_like(node.indices))
         return node_of_group
+
+
+def _best_partition(
+    weight: torch.Tensor, partitions: torch.Tensor, topology: Topology
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group→node assignment with the smallest hierarchical bound per layer; ties (common:
+    the heaviest node often fixes the bound) go to the most even nodes (least Σ bound²).
+
+    Returns ``(node_of_group [L, G], bounds [L, A])``.
+    """
+    per_node = hierarchical_node_bounds(
+        weight.to(torch.float64),
+        partitions,
+        topology.num_replicas,
+        topology.num_gpus,
+        topology.num_nodes,
+        topology.num_groups,
+        per_node=True,
+    )  # [L, A, N]
+    bounds = per_node.amax(2)
+    tied = bounds <= bounds.amin(1, keepdim=True) * (1 + 1e-12)
+    evenness = torch.where(tied, per_node.square().sum(2), float("inf"))
+    return partitions[evenness.min(1).indices], bounds
+
+
+def _partition_index(node_of_group: torch.Tensor, partitions: torch.Tensor) -> torch.Tensor:
+    """``[L]`` row of ``partitions [A, G]`` (canonical labellings) equal to each labelling."""
+    # canonical: nodes numbered in order of their first group
+    first_group = torch.full_like(node_of_group, node_of_group.shape[1])
+    first_group.scatter_reduce_(
+        1,
+        node_of_group,
+        torch.arange(node_of_group.shape[1], device=node_of_group.device).expand_as(node_of_group),
+        reduce="amin",
+    )
+    rank = first_group.argsort(dim=1).argsort(dim=1)  # node → canonical label
+    canonical = rank.gather(1, node_of_group)
+    return (canonical[:, None, :] == partitions[None]).all(2).to(torch.int8).max(1).indices
 
 
 def _same_partition(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
