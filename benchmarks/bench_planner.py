@@ -191,14 +191,17 @@ after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 times = []
 for _ in range(repeats):
     t = time.perf_counter(); eplb.plan(w, R, P); times.append(time.perf_counter() - t)
-print(statistics.median(times) * 1000, (after - before) / 1024, p.balancedness(w))
+from eplb.bounds import balancedness_ceiling
+ceiling = balancedness_ceiling(w, R, P)
+print(statistics.median(times) * 1000, (after - before) / 1024, p.balancedness(w), ceiling)
 """
 
 
 def section_scale(repeats: int) -> None:
     print("\n## Scale: time and extra peak memory (global policy, one thread)\n")
-    print("| L×E | R | P | L·R | ms (median) | ms per 1k L·R | extra peak MiB | balancedness |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| L×E | R | P | L·R | ms (median) | ms per 1k L·R | extra peak MiB | balancedness | "
+          "ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for layers, experts, replicas, gpus in SCALE:
         out = subprocess.run(
             [
@@ -215,11 +218,11 @@ def section_scale(repeats: int) -> None:
             text=True,
             check=True,
         ).stdout.split()
-        ms, mib, bal = float(out[0]), float(out[1]), float(out[2])
+        ms, mib, bal, ceil = (float(x) for x in out[:4])
         lr = layers * replicas
         print(
             f"| {layers}×{experts} | {replicas} | {gpus} | {lr} | {ms:.1f} | {1000 * ms / lr:.3f} | "
-            f"{mib:.0f} | {bal:.4f} |"
+            f"{mib:.0f} | {bal:.4f} | {ceil:.4f} |"
         )
 
 

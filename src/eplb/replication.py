@@ -34,6 +34,8 @@ DEFAULT_SHIFTS: tuple[float, ...] = (0.0, -0.25, -0.5, -0.75)
 
 # cap on the [rows, experts, steps] priority tensor before chunking over rows
 _MAX_PRIORITY_ELEMENTS = 1 << 24
+# past this many candidate steps per row, bisect the grant level instead of a topk
+_MAX_TOPK_CANDIDATES = 4096
 
 
 def _max_steps(weight: torch.Tensor, num_extra: int) -> int:
@@ -44,7 +46,9 @@ def _max_steps(weight: torch.Tensor, num_extra: int) -> int:
     """
     total = weight.sum(-1)
     # an all-zero row may give every step to one expert: count it as fully concentrated
-    share = torch.where(total > 0, weight.max(-1).values / total.clamp(min=torch.finfo(weight.dtype).tiny), 1.0)
+    share = torch.where(
+        total > 0, weight.max(-1).values / total.clamp(min=torch.finfo(weight.dtype).tiny), 1.0
+    )
     num_replicas = num_extra + weight.shape[-1]
     steps = math.ceil(float(share.max()) * num_replicas) + 2
     return max(1, min(num_extra, steps))
@@ -66,8 +70,10 @@ def replica_counts(
     # only the num_extra heaviest experts can win an extra replica: each of them outranks
     # every lighter expert's first step under every rule
     num_hot = min(num_experts, num_extra)
-    hot_load, hot_expert = weight.topk(num_hot, dim=1)  # [rows, K]
     steps = _max_steps(weight, num_extra)
+    if num_hot * steps > _MAX_TOPK_CANDIDATES:
+        return torch.stack([_counts_by_threshold(weight, num_replicas, rule) for rule in rules])
+    hot_load, hot_expert = weight.topk(num_hot, dim=1)  # [rows, K]
     chunk = max(1, _MAX_PRIORITY_ELEMENTS // max(1, len(rules) * num_hot * steps))
     if chunk < rows:
         return torch.cat(
@@ -90,6 +96,61 @@ def replica_counts(
     granted = priority.topk(num_extra, dim=-1, sorted=False).indices // steps  # hot rank
     granted = hot_expert.expand(len(rules), -1, -1).gather(2, granted)
     return ones.scatter_add_(2, granted, torch.ones_like(granted))
+
+
+def _steps_granted(
+    weight: torch.Tensor, num_replicas: int, rule: float | str, level: torch.Tensor
+) -> torch.Tensor:
+    """``[rows, E]`` extra replicas each expert gets when every step of priority >= ``level
+    [rows, 1]`` is granted: the priority of step ``c → c + 1`` falls with ``c``, so it is
+    ``max(0, floor(g))`` with ``g = w / λ − δ`` (divisor) or ``q − t`` (Hamilton)."""
+    if rule == "hamilton":
+        quota = weight * (num_replicas / weight.sum(1, keepdim=True))
+        grant = quota - level
+    else:
+        grant = weight / level - float(rule)
+    return grant.floor_().clamp_(min=0)
+
+
+def _counts_by_threshold(
+    weight: torch.Tensor, num_replicas: int, rule: float | str
+) -> torch.Tensor:
+    """Counts of one rule without the [rows, E, steps] priority table: bisect the level of
+    the last granted step, then hand the few steps left at the boundary to the highest
+    next priorities (``topk``), exactly as the greedy rule would."""
+    rows, num_experts = weight.shape
+    num_extra = num_replicas - num_experts
+    w = weight.to(torch.float64)
+    # invariant: level lo grants too many steps, level hi does not
+    if rule == "hamilton":
+        hi = (w * (num_replicas / w.sum(1, keepdim=True))).amax(1, keepdim=True) + 1
+        lo = torch.full_like(hi, -float(num_extra + 1))
+        for _ in range(64):
+            mid = (lo + hi) / 2
+            over = _steps_granted(w, num_replicas, rule, mid).sum(1, keepdim=True) > num_extra
+            lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+    else:
+        hi = 2 * w.amax(1, keepdim=True) / (1 + float(rule))
+        lo = hi * 1e-15
+        for _ in range(64):  # geometric bisection: λ spans many orders of magnitude
+            mid = (lo * hi).sqrt()
+            over = _steps_granted(w, num_replicas, rule, mid).sum(1, keepdim=True) > num_extra
+            lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+    extra = _steps_granted(w, num_replicas, rule, hi)  # never more than num_extra
+    left = num_extra - extra.sum(1).long()  # [rows], steps tied at the boundary
+    k = int(left.max())
+    counts = (extra + 1).long()
+    if k > 0:
+        c = counts.to(w.dtype)
+        nxt = (
+            w * (num_replicas / w.sum(1, keepdim=True)) - c
+            if rule == "hamilton"
+            else w / (c + float(rule))
+        )
+        top = nxt.topk(k, dim=1).indices
+        take = torch.arange(k, device=w.device) < left[:, None]
+        counts.scatter_add_(1, top, take.long())
+    return counts
 
 
 def allocation_portfolio(
