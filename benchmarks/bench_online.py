@@ -62,9 +62,15 @@ def section_incremental(steps: int, seed: int) -> None:
             )
         )
     runs.append(("eplb incremental, no budget", dict(planner="eplb", incremental=True)))
+    # every run starts from the same good plan of the first 1000 steps, as a deployment that
+    # has been rebalancing for a while would
+    initial = eplb.plan(trace.counts[:1000].sum(0), R, P)
     scratch = None
     for label, kwargs in runs:
-        result = simulate(trace, num_replicas=R, num_gpus=P, cadence="vllm", oracle=False, **kwargs)
+        result = simulate(
+            trace, num_replicas=R, num_gpus=P, cadence="vllm", oracle=False, initial=initial,
+            **kwargs,
+        )
         s = result.summary()
         bal = s["window_balancedness"]
         if label == "eplb, from scratch":

@@ -139,11 +139,12 @@ def section_speed(repeats: int) -> None:
         print(f"| {policy} | {ours:.2f} | {ref:.2f} | {ref / ours:.1f}× |")
 
 
+_DEFAULT = PackingOptions()
 ABLATIONS = {
     "no refinement": PackingOptions(pair_steps=0, max_steps=0),
-    "max-GPU-only swaps (18 steps)": PackingOptions(pair_steps=0, max_steps=18),
-    "all-pairs L2 swaps only (18 steps)": PackingOptions(pair_steps=18, max_steps=0),
-    "L2 (6) then max-GPU polish (12): default": PackingOptions(),
+    "max-GPU-only swaps (12 steps)": PackingOptions(pair_steps=0, max_steps=12),
+    "all-pairs L2 swaps only (12 steps)": PackingOptions(pair_steps=12, max_steps=0),
+    f"L2 ({_DEFAULT.pair_steps}) then max-GPU polish ({_DEFAULT.max_steps}): default": _DEFAULT,
     "L2 (16) then max-GPU polish (32)": PackingOptions(pair_steps=16, max_steps=32),
 }
 

@@ -1,8 +1,25 @@
-"""eplb: expert placement planning for Mixture-of-Experts expert-parallel inference."""
+"""eplb: expert placement planning for Mixture-of-Experts expert-parallel inference.
+
+The public entry points are :func:`plan` (returns a :class:`Placement`) and the drop-in
+:func:`rebalance_experts` (DeepSeek's signature and return value). Online rebalancing
+lives in :mod:`eplb.online`, engine formats in :mod:`eplb.formats`, engine plugins in
+:mod:`eplb.integrations`.
+"""
 
 from eplb.api import plan, rebalance_experts
+from eplb.packing import PackingOptions
 from eplb.placement import Placement, PlacementError, Topology
+from eplb.policies import PlanOptions
 
 __version__ = "0.1.0"
 
-__all__ = ["Placement", "PlacementError", "Topology", "__version__", "plan", "rebalance_experts"]
+__all__ = [
+    "PackingOptions",
+    "Placement",
+    "PlacementError",
+    "PlanOptions",
+    "Topology",
+    "__version__",
+    "plan",
+    "rebalance_experts",
+]

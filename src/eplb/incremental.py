@@ -265,8 +265,20 @@ def plan_incremental(
                                 origin=rows_start, budget=rows_budget).view(num_layers, -1)
         warm = torch.where(_local(warm, topology, num_experts)[:, None], warm, start)
     else:
-        warm, left = _transfers(w, start, live_slot, budget, topology.num_gpus)
-        warm = refine_placement(w, warm, live, options, origin=start, budget=left)
+        # replica transfers may take half the budget; swaps get the rest (the refinement
+        # charges every slot that differs from the old placement, transfers included)
+        warm, _ = _transfers(w, start, live_slot, budget // 2, topology.num_gpus)
+        warm = refine_placement(w, warm, live, options, origin=start, budget=budget)
+        if isinstance(max_moves, int) and not isinstance(max_moves, bool):
+            # a total budget: hand what converged layers left over to the layers that ran
+            # out, in proportion to their gain, and refine those once more
+            used = ((warm != start) & live_slot).sum(1)
+            spare = int(budget.sum() - used.sum())
+            hungry = (used >= budget - 1) & (gain > 0) & (budget > 0)
+            if spare > 1 and bool(hungry.any()):
+                share = torch.where(hungry, gain, torch.zeros_like(gain))
+                more = torch.floor(share / share.sum() * spare).to(torch.int64)
+                warm = refine_placement(w, warm, live, options, origin=start, budget=used + more)
 
     candidates = [warm]
     if active_gpus is None:

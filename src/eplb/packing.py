@@ -306,9 +306,9 @@ def refine(
     if mode == "none" or steps == 0:
         return state
     if mode == "max":
-        if track is not None:
-            raise ValueError("refine='max' does not support GPU tracking (speeds, incremental)")
-        return _refine_max(state, steps)
+        if track is not None and track.speed is not None:
+            raise ValueError("refine='max' does not support GPU speeds")
+        return _refine_max(state, steps, track)
     _, slots, rows, num_gpus = state.shape
     half = num_gpus // 2
     if half == 0:
@@ -354,16 +354,16 @@ def refine(
         gain = torch.sub(gap, delta, out=_scratch(buffers, "gain", big, state)).mul_(delta)
         best, i = gain.amax(1).max(0)  # [rows, H]; max() is much faster than argmax() here
         apply = best > tol
+        row_delta = w_heavy.gather(0, i[None]) - w_light  # [S, rows, H]
+        j = (row_delta * (gap - row_delta)).max(0).indices
         if origin is not None:
-            apply, spent = _within_budget(apply, i, heavy, light, origin, best, spent, track, half)
+            apply, spent = _within_budget(apply, i, j, heavy, light, origin, spent, track.budget)
         if not bool(apply.any()):
             idle += 1
             if idle >= 2:  # also tried the rotated partners: converged
                 break
             continue
         idle = 0
-        row_delta = w_heavy.gather(0, i[None]) - w_light  # [S, rows, H]
-        j = (row_delta * (gap - row_delta)).max(0).indices
         i_idx = i[None, None].expand(2, 1, -1, -1)
         j_idx = j[None, None].expand(2, 1, -1, -1)
         take_i = heavy.gather(1, i_idx)
@@ -378,23 +378,27 @@ def refine(
 def _within_budget(
     apply: torch.Tensor,
     i: torch.Tensor,
+    j: torch.Tensor,
     heavy: torch.Tensor,
     light: torch.Tensor,
     origin: torch.Tensor,
-    best: torch.Tensor,
     spent: torch.Tensor,
-    track: Tracking,
-    half: int,
+    budget: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the swaps a row can afford, heaviest pairs first; returns (apply, new spent).
 
-    A swap can change 0–2 slots relative to ``origin`` (moving an expert back home is
-    free). The charge is taken at its worst, 2 per swap, which keeps the check cheap.
+    A swap changes 0–2 slots relative to ``origin [S, rows, P]`` (moving an expert back
+    home refunds one): the charge is exact, ``after − before`` per swapped slot pair.
     """
-    del i, heavy, light, origin, best
-    charge = 2 * apply.to(torch.int64).cumsum(1)
-    apply = apply & (spent[:, None] + charge <= track.budget[:, None])
-    return apply, spent + 2 * apply.sum(1)
+    half = i.shape[1]
+    e_i = heavy[EXPERT].gather(0, i[None])[0]
+    e_j = light[EXPERT].gather(0, j[None])[0]
+    o_i = origin[:, :, :half].gather(0, i[None])[0]
+    o_j = origin[:, :, half : 2 * half].gather(0, j[None])[0]
+    charge = (e_j != o_i).long() + (e_i != o_j).long() - (e_i != o_i).long() - (e_j != o_j).long()
+    charge = charge * apply
+    apply = apply & (spent[:, None] + charge.cumsum(1) <= budget[:, None])
+    return apply, spent + (charge * apply).sum(1)
 
 
 def _scratch(
@@ -460,15 +464,20 @@ def _swap_from(
     return state, ok
 
 
-def _refine_max(state: torch.Tensor, steps: int) -> torch.Tensor:
+def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) -> torch.Tensor:
     """Heaviest-GPU polish: per row and step, one swap between the heaviest GPU and the
-    partner that lowers the pair's larger load the most."""
+    partner that lowers the pair's larger load the most. GPUs keep their positions, so
+    ``track`` (origin and budget) needs no permuting; a row stops when a swap might
+    overrun its budget."""
     rows = state.shape[2]
     todo = torch.ones(rows, dtype=torch.bool, device=state.device)
     buffers: dict[str, torch.Tensor] = {}
+    budgeted = track is not None and track.origin is not None and track.budget is not None
     for _ in range(steps):
         loads = state[LOAD].sum(0)
         u = loads.max(1).indices
+        if budgeted:
+            todo &= _moves(state[EXPERT], track.origin) + 2 <= track.budget
         state, moved = _swap_from(state, u, loads, todo, buffers=buffers)
         if not bool(moved.any()):
             break

@@ -101,6 +101,8 @@ def refine_placement(
         track.budget = budget
     steps = max(options.packing.pair_steps + options.packing.max_steps, 2 * slots)
     state = refine(state, steps, "pairs", track=track)
+    if speed is None:  # the polish keeps GPUs in place; it does not weigh speeds
+        state = refine(state, options.packing.max_steps, "max", track=track)
     # put every bin back on its GPU
     back = track.gpu.long().argsort(dim=1)
     state = state.gather(3, back.expand(2, slots, -1, -1))
