@@ -49,8 +49,10 @@ def main() -> None:
         print("SKIPPED: no CUDA device (torch.cuda.is_available() is False)")
         return
     torch.set_num_threads(1)
-    print(f"# bench_gpu — {time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, "
-          f"torch {torch.__version__}\n")
+    print(
+        f"# bench_gpu — {time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, "
+        f"torch {torch.__version__}\n"
+    )
     print("| L×E | R | P | policy | CPU ms | GPU ms | CPU bal | GPU bal | GPU valid |")
     print("|---|---|---|---|---|---|---|---|---|")
     for layers, experts, replicas, gpus, nodes, groups in SHAPES:
@@ -60,11 +62,14 @@ def main() -> None:
         gpu = eplb.plan(wg, replicas, gpus, nodes, groups)
         valid = gpu.phy2log.is_cuda and gpu.log2phy.is_cuda and gpu.logcnt.is_cuda
         gpu.validate()
-        cpu_ms = timed(lambda w=w: eplb.plan(w, replicas, gpus, nodes, groups), args.repeats, False)
-        gpu_ms = timed(lambda w=wg: eplb.plan(w, replicas, gpus, nodes, groups), args.repeats, True)
-        print(f"| {layers}×{experts} | {replicas} | {gpus} | {cpu.policy} | {cpu_ms:.1f} | "
-              f"{gpu_ms:.1f} | {cpu.balancedness(w):.5f} | {gpu.balancedness(wg):.5f} | "
-              f"{'yes' if valid else 'NO'} |")
+        shape = (replicas, gpus, nodes, groups)
+        cpu_ms = timed(lambda w=w, s=shape: eplb.plan(w, *s), args.repeats, False)
+        gpu_ms = timed(lambda w=wg, s=shape: eplb.plan(w, *s), args.repeats, True)
+        print(
+            f"| {layers}×{experts} | {replicas} | {gpus} | {cpu.policy} | {cpu_ms:.1f} | "
+            f"{gpu_ms:.1f} | {cpu.balancedness(w):.5f} | {gpu.balancedness(wg):.5f} | "
+            f"{'yes' if valid else 'NO'} |"
+        )
 
 
 if __name__ == "__main__":

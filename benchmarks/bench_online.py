@@ -68,7 +68,12 @@ def section_incremental(steps: int, seed: int) -> None:
     scratch = None
     for label, kwargs in runs:
         result = simulate(
-            trace, num_replicas=R, num_gpus=P, cadence="vllm", oracle=False, initial=initial,
+            trace,
+            num_replicas=R,
+            num_gpus=P,
+            cadence="vllm",
+            oracle=False,
+            initial=initial,
             **kwargs,
         )
         s = result.summary()
@@ -135,8 +140,9 @@ def section_dead(steps: int, seed: int) -> None:
                 f"{-(-256 // (P - dead))} slots each: | | | | | | |"
             )
         print(
-            f"| {dead} of {P} | {len(files)} | {min(bals):.5f}–{max(bals):.5f} | {min(ceils):.5f} | "
-            f"{min(ratios):.5f} | {'yes' if served else 'NO'} | {1000 * times[len(times) // 2]:.1f} |"
+            f"| {dead} of {P} | {len(files)} | {min(bals):.5f}–{max(bals):.5f} | "
+            f"{min(ceils):.5f} | {min(ratios):.5f} | {'yes' if served else 'NO'} | "
+            f"{1000 * times[len(times) // 2]:.1f} |"
         )
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -82,11 +81,12 @@ def section_real(repeats: int) -> None:
             )
     print()
     for policy, rows in summary.items():
-        ref, ours, ceil = zip(*rows)
+        ref, ours, ceil = zip(*rows, strict=True)
         gaps = [c - o for _, o, c in rows]
         print(
-            f"- {policy}: eplb {min(ours):.5f}–{max(ours):.5f}, greedy {min(ref):.4f}–{max(ref):.4f}, "
-            f"ceiling {min(ceil):.4f}–{max(ceil):.4f}, largest gap to ceiling {max(gaps):.5f}"
+            f"- {policy}: eplb {min(ours):.5f}–{max(ours):.5f}, "
+            f"greedy {min(ref):.4f}–{max(ref):.4f}, ceiling {min(ceil):.4f}–{max(ceil):.4f}, "
+            f"largest gap to ceiling {max(gaps):.5f}"
         )
 
 
@@ -133,9 +133,12 @@ def section_speed(repeats: int) -> None:
     print("|---|---|---|---|")
     for policy, (nodes, groups) in TOPOLOGIES.items():
         ours = median_ms(
-            lambda: eplb.rebalance_experts(w, 288, groups, nodes, 32, policy=policy), repeats
+            lambda n=nodes, g=groups, p=policy: eplb.rebalance_experts(w, 288, g, n, 32, policy=p),
+            repeats,
         )
-        ref = median_ms(lambda: plan_greedy(w, 288, 32, nodes, groups, policy=policy), repeats)
+        ref = median_ms(
+            lambda n=nodes, g=groups, p=policy: plan_greedy(w, 288, 32, n, g, policy=p), repeats
+        )
         print(f"| {policy} | {ours:.2f} | {ref:.2f} | {ref / ours:.1f}× |")
 
 
@@ -200,8 +203,10 @@ print(statistics.median(times) * 1000, (after - before) / 1024, p.balancedness(w
 
 def section_scale(repeats: int) -> None:
     print("\n## Scale: time and extra peak memory (global policy, one thread)\n")
-    print("| L×E | R | P | L·R | ms (median) | ms per 1k L·R | extra peak MiB | balancedness | "
-          "ceiling |")
+    print(
+        "| L×E | R | P | L·R | ms (median) | ms per 1k L·R | extra peak MiB | balancedness | "
+        "ceiling |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for layers, experts, replicas, gpus in SCALE:
         out = subprocess.run(
@@ -222,8 +227,8 @@ def section_scale(repeats: int) -> None:
         ms, mib, bal, ceil = (float(x) for x in out[:4])
         lr = layers * replicas
         print(
-            f"| {layers}×{experts} | {replicas} | {gpus} | {lr} | {ms:.1f} | {1000 * ms / lr:.3f} | "
-            f"{mib:.0f} | {bal:.4f} | {ceil:.4f} |"
+            f"| {layers}×{experts} | {replicas} | {gpus} | {lr} | {ms:.1f} | "
+            f"{1000 * ms / lr:.3f} | {mib:.0f} | {bal:.4f} | {ceil:.4f} |"
         )
 
 

@@ -139,8 +139,8 @@ def plan(
     _num_layers, num_experts = w.shape
     if num_replicas < num_experts:
         raise ValueError(
-            f"num_replicas ({num_replicas}) must be at least the number of experts ({num_experts}): "
-            "every expert needs a slot"
+            f"num_replicas ({num_replicas}) must be at least the number of experts "
+            f"({num_experts}): every expert needs a slot"
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")

@@ -149,8 +149,9 @@ def _transfers(
     return phy2log, budget.clamp(min=0)
 
 
-def align_to_previous(new: torch.Tensor, old: torch.Tensor, num_gpus: int,
-                      gpus_per_node: int | None = None) -> torch.Tensor:
+def align_to_previous(
+    new: torch.Tensor, old: torch.Tensor, num_gpus: int, gpus_per_node: int | None = None
+) -> torch.Tensor:
     """Relabel the GPUs of ``new [L, R]`` to match ``old [L, R]`` as well as possible.
 
     GPUs are matched by an assignment problem maximising common replicas (SciPy's
@@ -261,8 +262,14 @@ def plan_incremental(
         rows_w = w.repeat_interleave(nodes, 0)
         rows_start = start.view(num_layers * nodes, -1)
         rows_budget = (budget // nodes).repeat_interleave(nodes)
-        warm = refine_placement(rows_w, rows_start, live[: topology.gpus_per_node], options,
-                                origin=rows_start, budget=rows_budget).view(num_layers, -1)
+        warm = refine_placement(
+            rows_w,
+            rows_start,
+            live[: topology.gpus_per_node],
+            options,
+            origin=rows_start,
+            budget=rows_budget,
+        ).view(num_layers, -1)
         warm = torch.where(_local(warm, topology, num_experts)[:, None], warm, start)
     else:
         # replica transfers may take half the budget; swaps get the rest (the refinement

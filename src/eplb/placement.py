@@ -81,7 +81,7 @@ class Topology:
 
 
 def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Invert ``phy2log [L, R]`` (``-1`` = empty slot) into ``(log2phy [L, E, maxcnt], logcnt [L, E])``.
+    """Invert ``phy2log [L, R]`` (-1 = empty) into ``log2phy [L, E, maxcnt]``, ``logcnt [L, E]``.
 
     Vectorized over layers: a stable sort of slots by expert puts each expert's slots in
     ascending order; a slot's rank inside its expert is its sorted position minus the
@@ -213,7 +213,8 @@ class Placement:
         old = old.to(self.phy2log.device)
         if old.shape != self.phy2log.shape:
             raise ValueError(
-                f"previous phy2log has shape {tuple(old.shape)}, expected {tuple(self.phy2log.shape)}"
+                f"previous phy2log has shape {tuple(old.shape)}, "
+                f"expected {tuple(self.phy2log.shape)}"
             )
         return ((self.phy2log != old) & (self.phy2log >= 0)).sum(1)
 

@@ -165,7 +165,6 @@ class HierarchicalPolicy(PlacementPolicy):
         options: PlanOptions,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        num_layers = weight.shape[0]
         nodes, groups = topology.num_nodes, topology.num_groups
         by_load = self.balanced_groups(weight, topology)
         partitions = group_partitions(groups, nodes, weight.device)

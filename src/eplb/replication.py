@@ -118,7 +118,7 @@ def _counts_by_threshold(
     """Counts of one rule without the [rows, E, steps] priority table: bisect the level of
     the last granted step, then hand the few steps left at the boundary to the highest
     next priorities (``topk``), exactly as the greedy rule would."""
-    rows, num_experts = weight.shape
+    num_experts = weight.shape[1]
     num_extra = num_replicas - num_experts
     w = weight.to(torch.float64)
     # invariant: level lo grants too many steps, level hi does not
