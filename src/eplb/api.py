@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -85,7 +86,7 @@ def _options(
         packing = PackingOptions(pair_steps=p.pair_steps, max_steps=p.max_steps, **kwargs)
     else:
         packing = PackingOptions.with_budget(refine_steps, **kwargs)
-    return PlanOptions(packing=packing, shifts=options.shifts, hamilton=options.hamilton)
+    return dataclasses.replace(options, packing=packing)
 
 
 def plan(

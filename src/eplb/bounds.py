@@ -147,6 +147,10 @@ def _relaxed_hierarchical_bound(
     return heaviest_node / (num_gpus // num_nodes)
 
 
+def _num_live(num_gpus: int, active_gpus: torch.Tensor | None) -> int:
+    return num_gpus if active_gpus is None else int(torch.as_tensor(active_gpus).sum())
+
+
 def layer_lower_bound(
     weight: torch.Tensor,
     num_replicas: int,
@@ -163,7 +167,7 @@ def layer_lower_bound(
     """
     w, _ = as_weight(weight)
     w = w.to(torch.float64)
-    live = num_gpus if active_gpus is None else int(torch.as_tensor(active_gpus).sum())
+    live = _num_live(num_gpus, active_gpus)
     if live < 1:
         raise ValueError("no live GPU: active_gpus is all False")
     slots = num_replicas // num_gpus
@@ -197,7 +201,7 @@ def layer_ceiling(
     """``[L]`` best possible per-layer balancedness: mean live-GPU load / lower bound."""
     w, _ = as_weight(weight)
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
-    live = num_gpus if active_gpus is None else int(torch.as_tensor(active_gpus).sum())
+    live = _num_live(num_gpus, active_gpus)
     mean = w.to(torch.float64).sum(1) / live
     return torch.where(bound > 0, mean / bound.clamp(min=1e-300), torch.ones_like(mean))
 
@@ -214,6 +218,6 @@ def balancedness_ceiling(
     """Σ_l mean_l / Σ_l LB_l: no placement's balancedness can exceed it."""
     w, _ = as_weight(weight)
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
-    live = num_gpus if active_gpus is None else int(torch.as_tensor(active_gpus).sum())
+    live = _num_live(num_gpus, active_gpus)
     total = float(bound.sum())
     return float(w.to(torch.float64).sum() / live) / total if total > 0 else 1.0
