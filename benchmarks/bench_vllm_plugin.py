@@ -11,7 +11,7 @@ evenly over its replicas (``eplb.Placement.balancedness``). Time: median of ``--
 calls after ``--warmup`` calls, ``torch.set_num_threads(1)``.
 
     python benchmarks/bench_vllm_plugin.py                       # print the markdown
-    python benchmarks/bench_vllm_plugin.py --out benchmarks/results/engines.md
+    python benchmarks/bench_vllm_plugin.py --out engines.md   (quoted in BENCHMARKS.md)
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Real data is read from ``<repo>/../shared/data/real`` (never copied into the rep
 Each real part is skipped, visibly, when its folder is absent.
 
 Usage: ``.venv/bin/python benchmarks/bench_workloads.py [--steps 1000] [--repeats 3]``
-Prints a markdown report (paste into benchmarks/results/workloads.md).
+Prints a markdown report (quoted in BENCHMARKS.md).
 """
 
 from __future__ import annotations
