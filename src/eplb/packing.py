@@ -202,37 +202,42 @@ def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = No
     """Remove anti-affinity conflicts: each pass moves one conflicting replica per row to
     the slot whose swap gives the smallest new peak, never creating a new conflict.
 
-    Rows still in conflict after ``P·S`` passes (none in practice) are re-dealt
-    round-robin, which is always anti-affine. ``allow_shared [rows]`` marks rows holding an
-    expert with more replicas than GPUs: they are spread round-robin instead.
+    Only rows in conflict are worked on (usually a minority). Rows still in conflict after
+    ``P·S`` passes (none in practice) are re-dealt round-robin, which is always
+    anti-affine. ``allow_shared [rows]`` marks rows holding an expert with more replicas
+    than GPUs: they are spread round-robin instead.
     """
     _, slots, _rows, num_gpus = state.shape
     if allow_shared is not None and bool(allow_shared.any()):
         state = state.clone()
         state[:, :, allow_shared] = _round_robin_state(state[:, :, allow_shared])
+    bad = _conflicts(state).any(0).any(1)
+    if allow_shared is not None:
+        bad &= ~allow_shared
+    if not bool(bad.any()):
+        return state
+    rows = bad.nonzero()[:, 0]
+    sub = state[:, :, rows]  # a copy: fix it, then write it back
     buffers: dict[str, torch.Tensor] = {}
     for _ in range(num_gpus * slots):
-        conflict = _conflicts(state)  # [S, rows, P]
-        if allow_shared is not None:
-            conflict &= ~allow_shared[None, :, None]
-        on_gpu = conflict.any(0)  # [rows, P]
+        conflict = _conflicts(sub)  # [S, n, P]
+        on_gpu = conflict.any(0)  # [n, P]
         todo = on_gpu.any(1)
         if not bool(todo.any()):
-            return state
+            break
         u = on_gpu.to(torch.int8).max(1).indices
-        movable = conflict.gather(2, u[None, :, None].expand(slots, -1, 1))[:, :, 0]  # [S, rows]
-        loads = state[LOAD].sum(0)
-        state, moved = _swap_from(
-            state, u, loads, todo, movable=movable, must_move=True, buffers=buffers
+        movable = conflict.gather(2, u[None, :, None].expand(slots, -1, 1))[:, :, 0]  # [S, n]
+        loads = sub[LOAD].sum(0)
+        sub, moved = _swap_from(
+            sub, u, loads, todo, movable=movable, must_move=True, buffers=buffers
         )
         if not bool(moved.any()):
             break
-    stuck = _conflicts(state).any(0).any(1)
-    if allow_shared is not None:
-        stuck &= ~allow_shared
+    stuck = _conflicts(sub).any(0).any(1)
     if bool(stuck.any()):
-        state = state.clone()
-        state[:, :, stuck] = _round_robin_state(state[:, :, stuck])
+        sub[:, :, stuck] = _round_robin_state(sub[:, :, stuck])
+    state = state.clone()
+    state[:, :, rows] = sub
     return state
 
 
