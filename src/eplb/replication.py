@@ -23,7 +23,6 @@ import torch
 
 __all__ = [
     "DEFAULT_SHIFTS",
-    "allocation_portfolio",
     "expand_replicas",
     "max_replica_load",
     "replica_counts",
@@ -151,17 +150,6 @@ def _counts_by_threshold(
         take = torch.arange(k, device=w.device) < left[:, None]
         counts.scatter_add_(1, top, take.long())
     return counts
-
-
-def allocation_portfolio(
-    weight: torch.Tensor,
-    num_replicas: int,
-    shifts: tuple[float, ...] = DEFAULT_SHIFTS,
-    hamilton: bool = True,
-) -> torch.Tensor:
-    """The default portfolio of allocations: ``[K, rows, E]`` counts."""
-    rules: tuple[float | str, ...] = tuple(shifts) + (("hamilton",) if hamilton else ())
-    return replica_counts(weight, num_replicas, rules)
 
 
 def max_replica_load(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
