@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from eplb.bounds import layer_ceiling
-from eplb.placement import Placement, Topology
+from eplb.placement import Placement, Topology, expert_counts, slot_gpu_loads
 from eplb.planner import plan_live_global, refine_placement
 from eplb.policies import POLICIES, PlanOptions
 
@@ -88,21 +88,6 @@ def _layer_budget(
     return budget.to(torch.int64)
 
 
-def _gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    counts = _counts(phy2log, weight.shape[1])
-    per = weight / counts.clamp(min=1)
-    loads = torch.where(phy2log >= 0, per.gather(1, phy2log.clamp(min=0)), 0.0)
-    return loads.view(phy2log.shape[0], num_gpus, -1).sum(2)
-
-
-def _counts(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
-    idx = torch.where(phy2log >= 0, phy2log, num_experts)
-    counts = torch.zeros(
-        phy2log.shape[0], num_experts + 1, dtype=torch.int64, device=phy2log.device
-    )
-    return counts.scatter_add_(1, idx, torch.ones_like(idx))[:, :num_experts]
-
-
 def _transfers(
     weight: torch.Tensor,
     phy2log: torch.Tensor,
@@ -120,7 +105,7 @@ def _transfers(
     rows = torch.arange(num_layers, device=phy2log.device)
     slot_gpu = torch.arange(num_slots, device=phy2log.device) // slots
     for _ in range(num_slots):
-        counts = _counts(phy2log, num_experts)
+        counts = expert_counts(phy2log, num_experts)
         per = torch.where(counts > 0, weight / counts.clamp(min=1), float("inf"))
         receiver = per.max(1).indices  # largest per-replica load; inf = no replica at all
         holder = (phy2log == receiver[:, None]).view(num_layers, num_gpus, slots).any(2)
@@ -136,7 +121,7 @@ def _transfers(
             break
         # target slot: a hole if any, else a donor replica on a GPU without the receiver,
         # on the lightest such GPU
-        loads = _gpu_loads(weight, phy2log, num_gpus)[:, slot_gpu]  # [L, R]
+        loads = slot_gpu_loads(weight, phy2log, num_gpus)[:, slot_gpu]  # [L, R]
         from_donor = (phy2log == donor[:, None]) & ~blocked & live_slot
         candidate = torch.where(hole.any(1, keepdim=True), hole, from_donor)
         score = torch.where(candidate, loads, float("inf"))
@@ -321,13 +306,13 @@ def plan_incremental(
 def _balancedness(
     weight: torch.Tensor, phy2log: torch.Tensor, live: torch.Tensor, num_gpus: int
 ) -> torch.Tensor:
-    loads = _gpu_loads(weight, phy2log, num_gpus)[:, live]
+    loads = slot_gpu_loads(weight, phy2log, num_gpus)[:, live]
     peak = loads.amax(1)
     return torch.where(peak > 0, loads.mean(1) / peak.clamp(min=1e-300), torch.ones_like(peak))
 
 
 def _missing(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return (_counts(phy2log, num_experts) == 0).sum(1)
+    return (expert_counts(phy2log, num_experts) == 0).sum(1)
 
 
 def _complete(phy2log: torch.Tensor, live_slot: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -362,6 +347,6 @@ def _anti_affine(phy2log: torch.Tensor, live: torch.Tensor, cap_gpus: int) -> to
     dup = (grid[..., 1:] == grid[..., :-1]) & (grid[..., 1:] >= 0)  # [L, P, S-1]
     if not bool(dup.any()):
         return torch.ones(num_layers, dtype=torch.bool, device=phy2log.device)
-    counts = _counts(phy2log, int(phy2log.max()) + 1)
+    counts = expert_counts(phy2log, int(phy2log.max()) + 1)
     crowded = counts.gather(1, grid[..., 1:].clamp(min=0).reshape(num_layers, -1)) > cap_gpus
     return ~(dup & ~crowded.view_as(dup)).flatten(1).any(1)

@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Placement", "PlacementError", "Topology", "build_log2phy"]
+__all__ = [
+    "Placement",
+    "PlacementError",
+    "Topology",
+    "build_log2phy",
+    "expert_counts",
+    "slot_gpu_loads",
+]
 
 
 class PlacementError(ValueError):
@@ -78,6 +85,24 @@ class Topology:
             "num_nodes": self.num_nodes,
             "num_groups": self.num_groups,
         }
+
+
+def expert_counts(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[L, E]`` replicas of every expert in ``phy2log [L, R]`` (``-1`` slots ignored)."""
+    idx = torch.where(phy2log >= 0, phy2log, num_experts)
+    counts = torch.zeros(
+        phy2log.shape[0], num_experts + 1, dtype=torch.int64, device=phy2log.device
+    )
+    return counts.scatter_add_(1, idx, torch.ones_like(idx))[:, :num_experts]
+
+
+def slot_gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """``[L, P]`` GPU loads of ``phy2log [L, R]`` under ``weight [L, E]``: each expert's load
+    split evenly over its replicas; ``-1`` slots carry nothing."""
+    per_replica = weight / expert_counts(phy2log, weight.shape[1]).clamp(min=1)
+    loads = per_replica.gather(1, phy2log.clamp(min=0))
+    loads = torch.where(phy2log >= 0, loads, torch.zeros_like(loads))
+    return loads.view(phy2log.shape[0], num_gpus, -1).sum(2)
 
 
 def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:

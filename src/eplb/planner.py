@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from eplb.packing import EXPERT, Tracking, refine, repair_conflicts
-from eplb.placement import Placement, Topology
+from eplb.placement import Placement, Topology, expert_counts
 from eplb.policies import POLICIES, PlanOptions, plan_rows
 
 __all__ = ["plan_live_global", "plan_placement", "refine_placement"]
@@ -67,10 +67,7 @@ def refine_placement(
     slots = num_slots // num_gpus
     live_ids = live.nonzero()[:, 0]
     num_live = len(live_ids)
-    idx = torch.where(phy2log >= 0, phy2log, 0)
-    counts = torch.zeros_like(weight, dtype=torch.int64).scatter_add_(
-        1, idx, (phy2log >= 0).to(torch.int64)
-    )
+    counts = expert_counts(phy2log, weight.shape[1])
     per = weight / counts.clamp(min=1)
     scale = weight.sum(1, keepdim=True) / max(1, num_live * slots)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))

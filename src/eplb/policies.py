@@ -20,7 +20,7 @@ import torch
 
 from eplb.bounds import group_partitions, hierarchical_node_bounds
 from eplb.packing import PackingOptions, make_items, max_load, pack, to_slots
-from eplb.placement import Topology
+from eplb.placement import Topology, slot_gpu_loads
 from eplb.replication import DEFAULT_SHIFTS, expand_replicas, replica_counts
 
 __all__ = [
@@ -178,16 +178,15 @@ class HierarchicalPolicy(PlacementPolicy):
         # the balanced assignment can only win where the first plan's peak exceeds its bound
         differ = ~_same_partition(by_bound, by_load)
         if load_bound is not None:
-            peak = _max_gpu_load(weight, first, topology.num_gpus)
+            peak = slot_gpu_loads(weight, first, topology.num_gpus).amax(1)
             # ... by more than packing slack: 0.1% over the balanced assignment's bound
             differ &= peak > load_bound.to(peak.dtype) * (1 + 1e-3)
         if not bool(differ.any()):
             return first
         rows = differ.nonzero()[:, 0]
         second = self.place_groups(weight[rows], by_load[rows], topology, options, generator)
-        take = _max_gpu_load(weight[rows], second, topology.num_gpus) < _max_gpu_load(
-            weight[rows], first[rows], topology.num_gpus
-        )
+        peak_second = slot_gpu_loads(weight[rows], second, topology.num_gpus).amax(1)
+        take = peak_second < slot_gpu_loads(weight[rows], first[rows], topology.num_gpus).amax(1)
         first[rows[take]] = second[take]
         return first
 
@@ -305,15 +304,6 @@ def _partition_index(node_of_group: torch.Tensor, partitions: torch.Tensor) -> t
 def _same_partition(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[L]`` True where two node labellings ``[L, G]`` group the groups the same way."""
     return ((a[:, :, None] == a[:, None, :]) == (b[:, :, None] == b[:, None, :])).flatten(1).all(1)
-
-
-def _max_gpu_load(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """``[L]`` max GPU load of ``phy2log [L, R]`` under ``weight [L, E]`` (no dead slots)."""
-    counts = torch.zeros_like(weight).scatter_add_(
-        1, phy2log, torch.ones_like(phy2log, dtype=weight.dtype)
-    )
-    loads = (weight / counts.clamp(min=1)).gather(1, phy2log)
-    return loads.view(phy2log.shape[0], num_gpus, -1).sum(2).amax(1)
 
 
 #: name → policy class; ``auto`` is resolved by :func:`eplb.api.plan`
