@@ -250,17 +250,18 @@ class Ceiling:
 
 
 def ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int,
-            num_groups: int, policy: str, *, dead: bool = False, speed: bool = False) -> Ceiling:
-    """The physical limit from :mod:`eplb.bounds` (``n/a`` when it does not apply/exist)."""
-    if dead or speed:
-        return Ceiling(None, None, "ceiling not computed with dead GPUs or GPU speeds")
-    try:
-        from eplb.bounds import balancedness_ceiling, layer_ceiling
-    except ImportError:
-        return Ceiling(None, None, "eplb.bounds not available")
+            num_groups: int, policy: str, *, active: torch.Tensor | None = None,
+            speed: bool = False) -> Ceiling:
+    """The physical limit from :mod:`eplb.bounds` over the live GPUs ``active [P]`` (``n/a``
+    with GPU speeds, where the bound does not apply)."""
+    if speed:
+        return Ceiling(None, None, "ceiling not computed with GPU speeds")
+    from eplb.bounds import balancedness_ceiling, layer_ceiling
+
     args = (weight, num_replicas, num_gpus, num_nodes, num_groups)
-    per_layer = torch.as_tensor(layer_ceiling(*args, policy=policy), dtype=torch.float64)
-    return Ceiling(per_layer, float(balancedness_ceiling(*args, policy=policy)))
+    kwargs = {"policy": policy, "active_gpus": active}
+    per_layer = torch.as_tensor(layer_ceiling(*args, **kwargs), dtype=torch.float64)
+    return Ceiling(per_layer, float(balancedness_ceiling(*args, **kwargs)))
 
 
 def resolved_policy(policy: str, num_nodes: int, num_groups: int, num_experts: int) -> str:

@@ -82,7 +82,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _, after, after_worst = layer_balance(placement.gpu_loads(weight), live, speed)
     policy = placement.policy
     ceil = ceiling(weight, args.replicas, args.gpus, args.nodes, args.groups, policy,
-                   dead=active is not None, speed=speed is not None)
+                   active=placement.active_gpus, speed=speed is not None)
     moved = None
     if previous is not None:
         moved = placement.moved_slots(previous)
@@ -142,7 +142,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     after_loads = placement.gpu_loads(weight)
     after_layer, after, after_worst = layer_balance(after_loads, live)
     ceil = ceiling(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
-                   placement.policy, dead=placement.active_gpus is not None)
+                   placement.policy, active=placement.active_gpus)
     static = static_gpu_loads(weight, topo.num_gpus)
     mean_b = static.mean(1).clamp(min=1e-300)
     mean_a = after_loads[:, live].mean(1).clamp(min=1e-300)
