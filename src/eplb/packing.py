@@ -29,6 +29,7 @@ Steps:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
@@ -253,7 +254,8 @@ def _round_robin_state(state: torch.Tensor) -> torch.Tensor:
     return round_robin(items, num_gpus)
 
 
-def _pairings(num_gpus: int, steps: int, device: torch.device) -> list[torch.Tensor]:
+@lru_cache(maxsize=64)
+def _pairings(num_gpus: int, steps: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Column orders of a load-sorted state for each step: heavy half (heaviest first)
     followed by its light partners, then the middle GPU when ``P`` is odd.
 
@@ -267,7 +269,7 @@ def _pairings(num_gpus: int, steps: int, device: torch.device) -> list[torch.Ten
     for step in range(steps):
         partners = light.roll((step // 2) % half + 1) if step % 2 else light
         out.append(torch.cat([heavy, partners, middle]).to(device))
-    return out
+    return tuple(out)  # cached: the same orders serve every call of that shape
 
 
 @dataclass

@@ -147,10 +147,21 @@ def plot_gpu_heatmaps(
     bar.set_label("GPU load / layer mean load  (1.0 = fair share"
                   + (", ≥ 2 shown darkest)" if extend == "max" else ")"))
     fig.suptitle(title, fontsize=12)
+    return _save(fig, path)
+
+
+def _save(fig: object, path: str | Path) -> Path:
+    """Write a figure as PNG and free it."""
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
+
+
+def _save_with_legend(fig: object, ax: object, path: str | Path) -> Path:
+    """Legend under the axes (never over the curves), then :func:`_save`."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9, frameon=False)
+    return _save(fig, path)
 
 
 def plot_layer_balancedness(
@@ -191,12 +202,7 @@ def plot_layer_balancedness(
     ax.grid(alpha=0.3)
     _layer_ticks(ax, layer_ids, num_layers, axis="x")
     ax.set_title(f"{title}\n(higher is better; MoE time scales as 1 / balancedness)", fontsize=11)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9,
-              frameon=False)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_with_legend(fig, ax, path)
 
 
 def plot_balancedness_over_time(
@@ -235,12 +241,7 @@ def plot_balancedness_over_time(
     ax.set_ylim(top=1.005)
     ax.grid(alpha=0.3)
     ax.set_title(f"{title}\n(higher is better; 1.0 = every GPU equally loaded)", fontsize=11)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9,
-              frameon=False)
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_with_legend(fig, ax, path)
 
 
 # ---------------------------------------------------------------------------- report
