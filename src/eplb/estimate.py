@@ -226,9 +226,9 @@ class ExponentialAverage(Estimator):
         # five half-lives (older steps weigh < 3%), at least the window
         return max(window, math.ceil(5 * self.half_life))
 
-    def weights(self, num_steps: int) -> torch.Tensor:
+    def weights(self, num_steps: int, device: torch.device | None = None) -> torch.Tensor:
         """``[num_steps]`` float64 step weights, oldest first, summing to ``num_steps``."""
-        age = torch.arange(num_steps - 1, -1, -1, dtype=torch.float64)
+        age = torch.arange(num_steps - 1, -1, -1, dtype=torch.float64, device=device)
         weight = torch.pow(0.5, age / self.half_life)
         return weight * (num_steps / weight.sum())
 
@@ -236,7 +236,7 @@ class ExponentialAverage(Estimator):
         counts = as_history(history)
         w = _window(counts, window)
         recent = counts[-self.lookback(w):]
-        step_weight = self.weights(recent.shape[0]).to(recent.dtype)
+        step_weight = self.weights(recent.shape[0], recent.device).to(recent.dtype)
         # weighted mean per step (one matrix-vector product), in units of `w` steps
         mean = torch.tensordot(step_weight, recent, dims=1).double() / recent.shape[0]
         return Estimate(mean * w)
@@ -375,7 +375,7 @@ class AdaptiveAverage(Estimator):
         def shares(x: torch.Tensor) -> torch.Tensor:
             return x / x.sum(-1, keepdim=True).clamp(min=1e-300)
 
-        error = torch.zeros(now.shape[:2], dtype=torch.float64)  # [C, L]
+        error = torch.zeros(now.shape[:2], dtype=torch.float64, device=now.device)  # [C, L]
         tested = 0
         for fold in range(1, self.folds + 1):
             end = counts.shape[0] - (fold - 1) * w  # forecast steps [end - w, end)
@@ -388,7 +388,7 @@ class AdaptiveAverage(Estimator):
         if tested == 0:
             return Estimate(now[0])
         best = error.argmin(0)  # ties: the window sum first
-        layers = torch.arange(counts.shape[1])
+        layers = torch.arange(counts.shape[1], device=best.device)
         return Estimate(now[best, layers])
 
 
@@ -499,6 +499,9 @@ def select_per_layer(
             )
     if len(candidates) == 1:
         return first
+    # the placement in force may sit on another device than fresh plans (CPU vs CUDA)
+    device = first.phy2log.device
+    candidates = [c if c.phy2log.device == device else c.to(device) for c in candidates]
     scores = torch.stack([expected_max(c, scenarios, reduce) for c in candidates])  # [C, L]
     best = scores.argmin(0)  # first minimum on ties
     phy2log = torch.stack([c.phy2log for c in candidates])  # [C, L, R]

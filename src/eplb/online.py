@@ -43,13 +43,15 @@ def trivial_placement(
     num_layers: int,
     topology: Topology,
     active_gpus: object = None,
+    device: torch.device | str | None = None,
 ) -> Placement:
     """The static placement engines start from: live slot ``i`` holds expert ``i % E``.
 
     This is SGLang's ``init_trivial`` layout: the first ``E`` slots hold experts
     ``0..E-1`` contiguously and the ``R - E`` redundant slots replicate experts
-    ``0, 1, ...`` again. Slots of dead GPUs (``active_gpus`` False) hold ``-1``.
-    Raises ``ValueError`` when there are fewer live slots than experts.
+    ``0, 1, ...`` again. Slots of dead GPUs (``active_gpus`` False) hold ``-1``. The
+    tensors are made on ``device`` (default CPU). Raises ``ValueError`` when there are
+    fewer live slots than experts.
     """
     slots = topology.slots_per_gpu
     if active_gpus is None:
@@ -69,8 +71,10 @@ def trivial_placement(
         )
     row = torch.full((topology.num_replicas,), -1, dtype=torch.int64)
     row[live_slot] = torch.arange(num_live) % num_experts
-    return Placement.from_phy2log(row.repeat(num_layers, 1), num_experts, topology, "global",
-                                  active)
+    if active is not None:
+        active = active.to(device)
+    return Placement.from_phy2log(row.repeat(num_layers, 1).to(device), num_experts, topology,
+                                  "global", active)
 
 
 def make_planner(
@@ -122,7 +126,7 @@ def make_planner(
         return greedy_planner
 
     def static_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
-        return trivial_placement(weight.shape[-1], weight.shape[0], topo)
+        return trivial_placement(weight.shape[-1], weight.shape[0], topo, device=weight.device)
 
     return static_planner
 
@@ -291,8 +295,9 @@ class Rebalancer:
         steps = as_history(counts, "counts")
         if self._buffer is None:
             _, num_layers, num_experts = steps.shape
+            # the ring lives where the counts do: an engine's CUDA counts never leave the GPU
             self._buffer = torch.zeros(self.capacity, num_layers, num_experts,
-                                       dtype=torch.float32)
+                                       dtype=torch.float32, device=steps.device)
         elif steps.shape[1:] != self._buffer.shape[1:]:
             raise ValueError(
                 f"counts have layers x experts {tuple(steps.shape[1:])}, earlier steps had "
