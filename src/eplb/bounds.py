@@ -22,7 +22,7 @@ from functools import lru_cache
 import torch
 
 from eplb.inputs import as_weight
-from eplb.replication import max_replica_load
+from eplb.replication import replica_bound
 
 __all__ = [
     "MAX_ENUMERATED_ASSIGNMENTS",
@@ -108,9 +108,9 @@ def hierarchical_node_bounds(
     members = torch.tensor(blocks, dtype=torch.int64, device=weight.device)  # [B, G/N]
     block_w = group_w[:, members].reshape(num_layers * len(blocks), groups_per_node * group_size)
     node_cap = num_gpus // num_nodes
-    t_rep = max_replica_load(block_w, num_replicas // num_nodes)
     mean = block_w.sum(1) / node_cap
-    block_bound = torch.maximum(mean, t_rep).view(num_layers, len(blocks))
+    block_bound = replica_bound(block_w, num_replicas // num_nodes, mean)
+    block_bound = block_bound.view(num_layers, len(blocks))
     block_of = torch.tensor(block_of, dtype=torch.int64, device=weight.device)
     per_node_bound = block_bound[:, block_of]  # [L, A, N]
     return per_node_bound if per_node else per_node_bound.amax(2)
@@ -173,9 +173,7 @@ def layer_lower_bound(
     slots = num_replicas // num_gpus
     live_slots = live * slots
     mean = w.sum(1) / live
-    global_bound = (
-        torch.maximum(mean, max_replica_load(w, live_slots)) if live_slots >= w.shape[1] else mean
-    )
+    global_bound = replica_bound(w, live_slots, mean) if live_slots >= w.shape[1] else mean
     if policy != "hierarchical":
         return global_bound
     if active_gpus is not None and live != num_gpus:

@@ -320,7 +320,6 @@ def refine(
     half = num_gpus // 2
     if half == 0:
         return state
-    inf = float("inf")
     expand = (2, slots, rows, num_gpus)
     pairings = _pairings(num_gpus, min(steps, 2 * half), state.device)
     speed = None if track is None else track.speed
@@ -347,22 +346,21 @@ def refine(
             if origin is not None:
                 origin = origin.gather(2, perm[None].expand(slots, -1, -1))
         heavy, light = state[..., :half], state[..., half : 2 * half]  # [2, S, rows, H]
-        # an exact zero in the product of sign(id differences) [S, S, rows, H] marks an
-        # expert already on the other GPU
-        ids_diff = torch.sub(
-            heavy[EXPERT][:, None], light[EXPERT][None, :], out=_scratch(buffers, "ids", big, state)
-        ).clamp_(-1, 1)
-        w_heavy = heavy[LOAD].masked_fill(ids_diff.prod(1) == 0, -inf)
-        w_light = light[LOAD].masked_fill(ids_diff.prod(0) == 0, inf)
-        delta = torch.sub(
-            w_heavy[:, None], w_light[None, :], out=_scratch(buffers, "delta", big, state)
-        )
-        # gain = δ·(gap − δ): −½ the change in Σ load² (scaled); −inf when illegal
-        gain = torch.sub(gap, delta, out=_scratch(buffers, "gain", big, state)).mul_(delta)
-        best, i = gain.amax(1).max(0)  # [rows, H]; max() is much faster than argmax() here
-        apply = best > tol
-        row_delta = w_heavy.gather(0, i[None]) - w_light  # [S, rows, H]
-        j = (row_delta * (gap - row_delta)).max(0).indices
+        # Σ load² falls by 2·δ·(gap − δ) = 2·((gap/2)² − (δ − gap/2)²): the best swap of a
+        # pair has δ = w_i − w_j closest to gap/2; |δ − gap/2| = |target_i − w_j|
+        half_gap = gap.mul_(0.5)
+        target = heavy[LOAD] - half_gap  # [S, rows, H]
+        off = torch.sub(
+            target[:, None], light[LOAD][None], out=_scratch(buffers, "off", big, state)
+        ).abs_()  # [S_i, S_j, rows, H]
+        best, i = off.amin(1).min(0)  # [rows, H]; amin then min: far cheaper than argmin
+        j = (target.gather(0, i[None]) - light[LOAD]).abs_().min(0).indices
+        apply = best.square_() < half_gap.square() - tol
+        # legality of the chosen swap only (conflicts are rare): the expert each GPU
+        # receives must not be on it already
+        e_i = heavy[EXPERT].gather(0, i[None])
+        e_j = light[EXPERT].gather(0, j[None])
+        apply &= ~((light[EXPERT] == e_i).any(0) | (heavy[EXPERT] == e_j).any(0))
         if origin is not None:
             apply, spent = _within_budget(apply, i, j, heavy, light, origin, spent, track.budget)
         if not bool(apply.any()):
@@ -476,19 +474,51 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
     partner that lowers the pair's larger load the most. GPUs keep their positions, so
     ``track`` (origin and budget) needs no permuting; a row stops when a swap might
     overrun its budget."""
-    rows = state.shape[2]
-    todo = torch.ones(rows, dtype=torch.bool, device=state.device)
+    _, slots, rows, num_gpus = state.shape
+    device = state.device
+    todo = torch.ones(rows, dtype=torch.bool, device=device)
     buffers: dict[str, torch.Tensor] = {}
     budgeted = track is not None and track.origin is not None and track.budget is not None
+    big = (slots, slots, rows, num_gpus)
     for _ in range(steps):
-        loads = state[LOAD].sum(0)
-        u = loads.max(1).indices
+        loads = state[LOAD].sum(0)  # [rows, P]
+        load_u, u = loads.max(1)
         if budgeted:
             todo &= _moves(state[EXPERT], track.origin) + 2 <= track.budget
-        state, moved = _swap_from(state, u, loads, todo, buffers=buffers)
-        if not bool(moved.any()):
+        top = state.gather(3, u[None, None, :, None].expand(2, slots, rows, 1))[..., 0]
+        # after swapping δ = w_i − w_j the pair's larger load is (L_u + L_v)/2 + |δ − gap/2|
+        half_gap = torch.sub(load_u[:, None], loads).mul_(0.5)  # [rows, P]
+        target = top[LOAD][:, :, None] - half_gap  # [S, rows, P]
+        off = torch.sub(
+            target[:, None], state[LOAD][None], out=_scratch(buffers, "off", big, state)
+        ).abs_()  # [S_i, S_j, rows, P]
+        peak = off.amin((0, 1)).add_(loads).add_(half_gap)  # [rows, P]
+        best, v = peak.min(1)
+        on_v = state.gather(3, v[None, None, :, None].expand(2, slots, rows, 1))[..., 0]
+        target_v = target.gather(2, v[None, :, None].expand(slots, rows, 1))[..., 0]  # [S, rows]
+        pos = (target_v[:, None] - on_v[LOAD][None]).abs_().view(slots * slots, rows)
+        pos = pos.min(0).indices
+        i, j = pos // slots, pos % slots
+        ok = todo & (best < load_u * (1 - 1e-7))
+        # legality of the chosen swap only; rows whose best swap is illegal (rare) take
+        # the best legal one from the masked search
+        e_i = top[EXPERT].gather(0, i[None])
+        e_j = on_v[EXPERT].gather(0, j[None])
+        illegal = ok & ((on_v[EXPERT] == e_i).any(0) | (top[EXPERT] == e_j).any(0))
+        ok &= ~illegal
+        if bool(illegal.any()):
+            state, rescued = _swap_from(state, u, loads, illegal, buffers=buffers)
+            ok_or_rescued = ok | rescued
+        else:
+            ok_or_rescued = ok
+        if not bool(ok_or_rescued.any()):
             break
-        todo = moved  # a row whose heaviest GPU cannot improve is done
+        r = ok.nonzero()[:, 0]
+        i, j, u, v = i[r], j[r], u[r], v[r]
+        item = state[:, i, r, u]
+        state[:, i, r, u] = state[:, j, r, v]
+        state[:, j, r, v] = item
+        todo = ok_or_rescued  # a row whose heaviest GPU cannot improve is done
     return state
 
 
@@ -512,6 +542,7 @@ def pack(
     allow_shared: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     start: torch.Tensor | None = None,
+    floor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pack the items of ``rows`` problems, keeping the best of several candidates.
 
@@ -522,6 +553,9 @@ def pack(
         allow_shared: ``[rows]`` rows where some expert has more replicas than GPUs.
         generator: CPU generator for the randomised candidates.
         start: ``[2, S, rows, P]`` an already constructed state of the unperturbed items.
+        floor: ``[rows]`` a max GPU load (in item units) that is good enough, e.g. a lower
+            bound the row's layer cannot beat anyway: rows packed at or below it are not
+            refined.
 
     Returns:
         ``state [2, S, rows, P]`` of the candidate with the smallest max GPU load per row.
@@ -542,14 +576,25 @@ def pack(
         items = torch.cat([items[:, None], shuffled], 1).view(2, cands * rows, num_items)
         if allow_shared is not None:
             allow_shared = allow_shared.repeat(cands)
+        if floor is not None:
+            floor = floor.repeat(cands)
     if start is not None:
         rest = construct(items[:, rows:], num_gpus, options.construction) if cands > 1 else None
         state = start if rest is None else torch.cat([start, rest], 2)
     else:
         state = construct(items, num_gpus, options.construction)
     state = repair_conflicts(state, allow_shared)
-    state = refine(state, options.pair_steps, "pairs")
-    state = refine(state, options.max_steps, "max")
+    open_rows = None
+    if floor is not None:
+        above = max_load(state) > floor * (1 + 1e-6)
+        if not bool(above.all()):
+            open_rows = above.nonzero()[:, 0]
+    if open_rows is None:
+        state = refine(state, options.pair_steps, "pairs")
+        state = refine(state, options.max_steps, "max")
+    elif len(open_rows):
+        sub = refine(state[:, :, open_rows], options.pair_steps, "pairs")
+        state[:, :, open_rows] = refine(sub, options.max_steps, "max")
     if cands > 1:
         _, slots, _, _ = state.shape
         peak = max_load(state).view(cands, rows)

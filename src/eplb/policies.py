@@ -69,12 +69,16 @@ def plan_rows(
     num_gpus: int,
     options: PlanOptions,
     generator: torch.Generator | None = None,
+    floor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Solve ``rows`` independent global problems.
 
     Args:
         weight: ``[rows, E]`` non-negative loads.
         num_replicas: ``R >= E`` slots per row, a multiple of ``num_gpus``.
+        floor: ``[rows]`` max GPU load that needs no improving (e.g. the bound of the
+            row's layer when rows are nodes of one layer): rows packed at or below it
+            skip the swap search.
 
     Returns:
         ``[rows, R]`` logical expert per slot; slot ``s`` is on GPU ``s // (R / P)``.
@@ -92,15 +96,20 @@ def plan_rows(
         largest = (weight / counts).amax(1)
         extra = (largest > options.portfolio_threshold * weight.sum(1) / num_gpus).nonzero()[:, 0]
     weight_all = weight
+    if floor is not None:
+        # in item units: make_items scales every row to a mean replica load of 1
+        floor = torch.where(zero[:, 0], 0.0, floor * num_replicas / weight.sum(1))
     if len(extra):
         # rows × the first rule, then the coarse rows × every other rule
         others = replica_counts(weight[extra], num_replicas, rules[1:])
         counts = torch.cat([counts, others.reshape(-1, num_experts)])
         weight_all = torch.cat([weight, weight[extra].repeat(len(rules) - 1, 1)])
+        if floor is not None:
+            floor = torch.cat([floor, floor[extra].repeat(len(rules) - 1)])
     load, expert = expand_replicas(weight_all, counts)
     items = make_items(load, expert)  # [2, rows', R]; rows of one layer share a scale
     allow_shared = counts.amax(1) > num_gpus
-    state = pack(items, num_gpus, options.packing, allow_shared, generator)
+    state = pack(items, num_gpus, options.packing, allow_shared, generator, floor=floor)
     if len(extra):
         # keep, per coarse row, the allocation whose refined packing has the smallest peak
         peak = max_load(state)
@@ -170,11 +179,14 @@ class HierarchicalPolicy(PlacementPolicy):
         partitions = group_partitions(groups, nodes, weight.device)
         if partitions is None:
             by_bound = self.assign_groups(weight, topology, options, generator)
-            load_bound = None
+            load_bound = layer_bound = None
         else:
             by_bound, bounds = _best_partition(weight, partitions, topology)
             load_bound = bounds.gather(1, _partition_index(by_load, partitions)[:, None])[:, 0]
-        first = self.place_groups(weight, by_bound, topology, options, generator)
+            # no node needs a max GPU load below the layer's bound: most nodes are lighter
+            # than the heaviest and skip the swap search
+            layer_bound = bounds.amin(1).to(weight.dtype)
+        first = self.place_groups(weight, by_bound, topology, options, generator, layer_bound)
         # the balanced assignment can only win where the first plan's peak exceeds its bound
         differ = ~_same_partition(by_bound, by_load)
         if load_bound is not None:
@@ -184,7 +196,14 @@ class HierarchicalPolicy(PlacementPolicy):
         if not bool(differ.any()):
             return first
         rows = differ.nonzero()[:, 0]
-        second = self.place_groups(weight[rows], by_load[rows], topology, options, generator)
+        second = self.place_groups(
+            weight[rows],
+            by_load[rows],
+            topology,
+            options,
+            generator,
+            None if layer_bound is None else layer_bound[rows],
+        )
         peak_second = slot_gpu_loads(weight[rows], second, topology.num_gpus).amax(1)
         take = peak_second < slot_gpu_loads(weight[rows], first[rows], topology.num_gpus).amax(1)
         first[rows[take]] = second[take]
@@ -197,8 +216,13 @@ class HierarchicalPolicy(PlacementPolicy):
         topology: Topology,
         options: PlanOptions,
         generator: torch.Generator | None = None,
+        floor: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Plan every node given ``node_of_group [L, G]`` → ``phy2log [L, R]``."""
+        """Plan every node given ``node_of_group [L, G]`` → ``phy2log [L, R]``.
+
+        ``floor [L]``: a max GPU load each layer cannot beat anyway (its bound); nodes
+        packed at or below it are not refined.
+        """
         num_layers, num_experts = weight.shape
         nodes, groups = topology.num_nodes, topology.num_groups
         group_size = num_experts // groups
@@ -214,6 +238,7 @@ class HierarchicalPolicy(PlacementPolicy):
             topology.num_gpus // nodes,
             options,
             generator,
+            None if floor is None else floor.repeat_interleave(nodes),
         )
         return node_experts.gather(1, local).view(num_layers, topology.num_replicas)
 

@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_SHIFTS",
     "expand_replicas",
     "max_replica_load",
+    "replica_bound",
     "replica_counts",
 ]
 
@@ -173,6 +174,26 @@ def max_replica_load(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
     c = torch.arange(1, steps + 1, dtype=weight.dtype, device=weight.device)
     quotients = (hot[:, :, None] / c).view(rows, -1)
     return quotients.topk(num_extra + 1, dim=-1).values[:, -1]
+
+
+def replica_bound(weight: torch.Tensor, num_replicas: int, floor: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` ``max(floor, T_rep)`` with ``T_rep`` from :func:`max_replica_load`.
+
+    ``T_rep`` is computed only where it can exceed ``floor [rows]`` (usually the mean GPU
+    load): the proportional allocation ``c_e = 1 + floor(extra·w_e / W)`` is feasible, so
+    its largest replica bounds ``T_rep`` from above, and most rows need nothing more.
+    """
+    num_experts = weight.shape[1]
+    extra = num_replicas - num_experts
+    total = weight.sum(1, keepdim=True).clamp(min=torch.finfo(weight.dtype).tiny)
+    proportional = (weight / total).mul_(extra).floor_().add_(1)
+    upper = (weight / proportional).amax(1)
+    out = torch.maximum(floor, upper)
+    unsure = upper > floor
+    if bool(unsure.any()):
+        rows = unsure.nonzero()[:, 0]
+        out[rows] = torch.maximum(floor[rows], max_replica_load(weight[rows], num_replicas))
+    return out
 
 
 def expand_replicas(
