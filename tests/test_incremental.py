@@ -97,12 +97,20 @@ def test_skip_threshold_only_touches_layers_that_gain_enough():
 
 
 @pytest.mark.parametrize(("policy", "nodes", "groups"), TOPOLOGIES)
-def test_same_weight_moves_little(policy, nodes, groups):
+def test_same_weight_moves_only_for_a_gain(policy, nodes, groups):
+    # re-planning the same weight may only move a layer when that layer gains (the warm
+    # start runs a further local search and sometimes finds one); with a skip threshold
+    # above such gains nothing moves at all
     old = old_plan(policy, nodes, groups)
     new = eplb.plan(W0, R, P, nodes, groups, policy=policy, previous=old)
     assert_contract(new)
-    assert int(new.moved_slots(old).sum()) <= 0.05 * L * R
+    moved = new.moved_slots(old)
+    gain = new.layer_balancedness(W0) - old.layer_balancedness(W0)
+    assert bool((gain[moved > 0] > 1e-4).all()), (moved, gain)
+    assert bool((gain >= -1e-12).all())
     assert new.balancedness(W0) >= old.balancedness(W0) - 1e-9
+    same = eplb.plan(W0, R, P, nodes, groups, policy=policy, previous=old, skip_threshold=0.01)
+    assert int(same.moved_slots(old).sum()) == 0
 
 
 def test_previous_as_placement_tensor_or_old_phy2log_agree():

@@ -188,15 +188,10 @@ def construct(items: torch.Tensor, num_gpus: int, method: str = "bldm") -> torch
 def _conflicts(state: torch.Tensor) -> torch.Tensor:
     """``[S, rows, P]`` True for a replica whose expert appears in an earlier slot of its GPU."""
     ids = state[EXPERT]
-    slots = ids.shape[0]
-    earlier = torch.ones(slots, slots, dtype=ids.dtype, device=ids.device).tril(-1)[
-        :, :, None, None
-    ]
-    # factor k,j is sign(id_k − id_j) for earlier slots j < k and 1 elsewhere; a zero marks
-    # an equal expert id, and ±1 factors can never overflow
-    diff = (ids[:, None] - ids[None, :]).clamp_(-1, 1)
-    diff.mul_(earlier).add_(1 - earlier)
-    return diff.prod(1) == 0
+    out = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    for offset in range(1, ids.shape[0]):  # S − 1 shifted compares: cheaper than [S, S, ...]
+        out[offset:] |= ids[offset:] == ids[:-offset]
+    return out
 
 
 def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = None) -> torch.Tensor:
@@ -212,16 +207,17 @@ def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = No
     if allow_shared is not None and bool(allow_shared.any()):
         state = state.clone()
         state[:, :, allow_shared] = _round_robin_state(state[:, :, allow_shared])
-    bad = _conflicts(state).any(0).any(1)
+    conflict = _conflicts(state)
+    bad = conflict.any(0).any(1)
     if allow_shared is not None:
         bad &= ~allow_shared
     if not bool(bad.any()):
         return state
     rows = bad.nonzero()[:, 0]
     sub = state[:, :, rows]  # a copy: fix it, then write it back
+    conflict = conflict[:, rows]  # [S, n, P]
     buffers: dict[str, torch.Tensor] = {}
     for _ in range(num_gpus * slots):
-        conflict = _conflicts(sub)  # [S, n, P]
         on_gpu = conflict.any(0)  # [n, P]
         todo = on_gpu.any(1)
         if not bool(todo.any()):
@@ -232,9 +228,10 @@ def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = No
         sub, moved = _swap_from(
             sub, u, loads, todo, movable=movable, must_move=True, buffers=buffers
         )
+        conflict = _conflicts(sub)
         if not bool(moved.any()):
             break
-    stuck = _conflicts(sub).any(0).any(1)
+    stuck = conflict.any(0).any(1)
     if bool(stuck.any()):
         sub[:, :, stuck] = _round_robin_state(sub[:, :, stuck])
     state = state.clone()
@@ -356,11 +353,15 @@ def refine(
         best, i = off.amin(1).min(0)  # [rows, H]; amin then min: far cheaper than argmin
         j = (target.gather(0, i[None]) - light[LOAD]).abs_().min(0).indices
         apply = best.square_() < half_gap.square() - tol
+        i_idx = i[None, None].expand(2, 1, -1, -1)
+        j_idx = j[None, None].expand(2, 1, -1, -1)
+        take_i = heavy.gather(1, i_idx)  # [2, 1, rows, H] the chosen items
+        take_j = light.gather(1, j_idx)
         # legality of the chosen swap only (conflicts are rare): the expert each GPU
         # receives must not be on it already
-        e_i = heavy[EXPERT].gather(0, i[None])
-        e_j = light[EXPERT].gather(0, j[None])
-        apply &= ~((light[EXPERT] == e_i).any(0) | (heavy[EXPERT] == e_j).any(0))
+        apply &= ~(
+            (light[EXPERT] == take_i[EXPERT]).any(0) | (heavy[EXPERT] == take_j[EXPERT]).any(0)
+        )
         if origin is not None:
             apply, spent = _within_budget(apply, i, j, heavy, light, origin, spent, track.budget)
         if not bool(apply.any()):
@@ -369,10 +370,6 @@ def refine(
                 break
             continue
         idle = 0
-        i_idx = i[None, None].expand(2, 1, -1, -1)
-        j_idx = j[None, None].expand(2, 1, -1, -1)
-        take_i = heavy.gather(1, i_idx)
-        take_j = light.gather(1, j_idx)
         heavy.scatter_(1, i_idx, torch.where(apply, take_j, take_i))
         light.scatter_(1, j_idx, torch.where(apply, take_i, take_j))
     if track is not None and origin is not None:

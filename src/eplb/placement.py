@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eplb.ordering import argsort_rows
+
 __all__ = [
     "Placement",
     "PlacementError",
@@ -120,7 +122,8 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     logcnt.scatter_add_(1, expert, torch.ones_like(expert))
     logcnt = logcnt[:, :num_experts]
     # stable sort keeps slot ids ascending inside each expert
-    sorted_expert, sorted_slot = torch.sort(expert, dim=1, stable=True)
+    sorted_slot = argsort_rows(expert)
+    sorted_expert = expert.gather(1, sorted_slot)
     first = torch.cumsum(logcnt, dim=1) - logcnt  # [L, E] first sorted position
     first = torch.cat([first, first.new_zeros(num_layers, 1)], dim=1)
     rank = torch.arange(num_slots, device=device) - first.gather(1, sorted_expert)

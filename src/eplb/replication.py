@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from eplb.ordering import argsort_rows
+
 __all__ = [
     "DEFAULT_SHIFTS",
     "expand_replicas",
@@ -185,8 +187,9 @@ def replica_bound(weight: torch.Tensor, num_replicas: int, floor: torch.Tensor) 
     """
     num_experts = weight.shape[1]
     extra = num_replicas - num_experts
-    total = weight.sum(1, keepdim=True).clamp(min=torch.finfo(weight.dtype).tiny)
-    proportional = (weight / total).mul_(extra).floor_().add_(1)
+    total = weight.sum(1, keepdim=True)
+    per_load = torch.where(total > 0, extra / total, 0.0)  # all-zero rows: one replica each
+    proportional = (weight * per_load).floor_().add_(1)
     upper = (weight / proportional).amax(1)
     out = torch.maximum(floor, upper)
     unsure = upper > floor
@@ -211,7 +214,7 @@ def expand_replicas(
     rows, _num_experts = weight.shape
     num_replicas = int(counts[0].sum())
     per_replica = weight / counts
-    order = per_replica.argsort(dim=-1, descending=True, stable=True)
+    order = argsort_rows(per_replica, descending=True)
     # mark where each expert's run of replicas starts; a running count of the marks is
     # the rank of the expert owning every item (cheaper than repeat_interleave here)
     start = counts.gather(1, order).cumsum(1)[:, :-1]
