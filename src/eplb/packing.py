@@ -20,10 +20,13 @@ Steps:
    by the cheapest legal swap (rare: only replicas that straddle two rounds can collide).
 3. :func:`refine` — the vectorized all-pairs swap search. GPUs are paired (k-th heaviest
    with a light partner); for every pair and every item pair ``(i in u, j in v)`` the
-   change in Σ load² of a swap is ``2·δ·(L_v − L_u + δ)`` with ``δ = w_i − w_j``. The best
-   improving legal swap of every pair is applied at once, up to ``P/2`` swaps per row per
-   step. The pairing rotates across steps so heavy GPUs meet many light ones; memory is
-   ``[S, S, rows, P/2]`` instead of the ``[rows, P, P, S, S]`` of the full search.
+   change in Σ load² of a swap is ``2·δ·(L_v − L_u + δ)`` with ``δ = w_i − w_j``, so the
+   best swap is the one whose ``δ`` is closest to half the gap (the same swap gives the
+   pair's smallest new peak). The best swap of every pair is applied at once when it
+   improves and is legal, up to ``P/2`` swaps per row per step. The pairing rotates across
+   steps so heavy GPUs meet many light ones; memory is ``[S, S, rows, P/2]`` instead of the
+   ``[rows, P, P, S, S]`` of the full search. The heaviest-GPU polish that follows uses the
+   same criterion against every partner.
 """
 
 from __future__ import annotations
@@ -577,7 +580,8 @@ def pack(
             floor = floor.repeat(cands)
     if start is not None:
         rest = construct(items[:, rows:], num_gpus, options.construction) if cands > 1 else None
-        state = start if rest is None else torch.cat([start, rest], 2)
+        # a copy: refinement writes in place, and start is the caller's
+        state = start.clone() if rest is None else torch.cat([start, rest], 2)
     else:
         state = construct(items, num_gpus, options.construction)
     state = repair_conflicts(state, allow_shared)
