@@ -24,7 +24,7 @@ from eplb.bounds import (
     layer_ceiling,
     layer_lower_bound,
 )
-from eplb.replication import max_replica_load
+from eplb.replication import max_replica_load, replica_bound
 
 REL = 1e-9  # float64 round-off between bound and measured loads
 
@@ -88,6 +88,27 @@ def test_max_replica_load_is_jefferson(w, extra):
     assert got == pytest.approx(jefferson_brute(w, replicas), rel=1e-12, abs=1e-12)
     if len(w) <= 4 and extra <= 5:
         assert got == pytest.approx(min_max_replica_exhaustive(w, replicas), rel=1e-12, abs=1e-12)
+
+
+@given(
+    st.lists(
+        st.lists(st.floats(0, 1000, allow_nan=False), min_size=6, max_size=6),
+        min_size=1,
+        max_size=5,
+    ),
+    st.integers(0, 12),
+    st.lists(st.floats(0, 2, allow_nan=False), min_size=5, max_size=5),
+)
+@example([[0.0] * 6], 3, [0.0] * 5)
+@example([[5.0, 0, 0, 0, 0, 1]], 6, [1.0] * 5)
+def test_replica_bound_is_max_of_floor_and_jefferson(rows, extra, scale):
+    """The shortcuts (floor >= W/extra, proportional fit) never change the value."""
+    w = torch.tensor(rows, dtype=torch.float64)
+    replicas = w.shape[1] + extra
+    floor = w.sum(1) / 3 * torch.tensor(scale[: len(rows)], dtype=torch.float64)
+    got = replica_bound(w, replicas, floor)
+    want = torch.maximum(floor, max_replica_load(w, replicas))
+    assert got.tolist() == pytest.approx(want.tolist(), rel=1e-12, abs=1e-12)
 
 
 def test_max_replica_load_batched_rows():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+import numpy as np
 import torch
 
 from eplb.inputs import as_weight, check_gpu_vector
@@ -209,6 +210,6 @@ def rebalance_experts(
         **kwargs,
     )
     phy2log, log2phy, logcnt = placement.as_tuple()
-    if as_weight(weight)[1]:  # one layer in, one layer out
+    if np.ndim(weight) == 1:  # one layer in, one layer out (already validated by plan)
         return phy2log[0], log2phy[0], logcnt[0]
     return phy2log, log2phy, logcnt

@@ -26,7 +26,9 @@ from eplb.replication import replica_bound
 
 __all__ = [
     "MAX_ENUMERATED_ASSIGNMENTS",
+    "assignment_node_bounds",
     "balancedness_ceiling",
+    "enumerated_node_bounds",
     "group_partitions",
     "hierarchical_node_bounds",
     "layer_ceiling",
@@ -76,9 +78,61 @@ def group_partitions(
     :data:`MAX_ENUMERATED_ASSIGNMENTS`."""
     if num_groups % num_nodes:
         raise ValueError(f"num_groups ({num_groups}) must be a multiple of num_nodes ({num_nodes})")
+    tables = _partition_tables(num_groups, num_nodes)
+    return None if tables is None else tables[0].to(device, copy=True)
+
+
+@lru_cache(maxsize=32)
+def _partition_tables(
+    num_groups: int, num_nodes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Cached CPU tables of the enumerated assignments: ``(partitions [A, G], members
+    [B, G/N] the groups of every distinct node content, block_of [A, N])``; ``None`` when
+    there are too many assignments. Read-only: shared by every call."""
     if _num_partitions(num_groups, num_nodes) > MAX_ENUMERATED_ASSIGNMENTS:
         return None
-    return torch.tensor(_partitions(num_groups, num_nodes), dtype=torch.int64, device=device)
+    partitions = _partitions(num_groups, num_nodes)
+    blocks, block_of = _blocks(partitions, num_nodes, num_groups)
+    return (
+        torch.tensor(partitions, dtype=torch.int64),
+        torch.tensor(blocks, dtype=torch.int64),
+        torch.tensor(block_of, dtype=torch.int64),
+    )
+
+
+def enumerated_node_bounds(
+    weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Bounds of every enumerated assignment, from the cached tables.
+
+    Returns ``(partitions [A, G], per_node [L, A, N])`` with ``per_node`` the bound
+    ``max(W_n / (P/N), T_rep(n))`` of every node, or ``None`` when the assignments are
+    too many to enumerate. ``partitions`` is shared: do not modify it.
+    """
+    tables = _partition_tables(num_groups, num_nodes)
+    if tables is None:
+        return None
+    partitions, members, block_of = (t.to(weight.device) for t in tables)
+    per_block = _block_bounds(weight, members, num_replicas, num_gpus, num_nodes, num_groups)
+    per_node = per_block.index_select(1, block_of.view(-1))
+    return partitions, per_node.view(weight.shape[0], *block_of.shape)
+
+
+def _block_bounds(
+    weight: torch.Tensor,
+    members: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    num_nodes: int,
+    num_groups: int,
+) -> torch.Tensor:
+    """``[L, B]`` bound of a node holding the groups ``members [B, G/N]``."""
+    num_layers, num_experts = weight.shape
+    group_w = weight.view(num_layers, num_groups, num_experts // num_groups)
+    block_w = group_w.index_select(1, members.view(-1))  # [L, B·G/N, E/G]
+    block_w = block_w.view(num_layers * members.shape[0], -1)
+    mean = block_w.sum(1) / (num_gpus // num_nodes)
+    return replica_bound(block_w, num_replicas // num_nodes, mean).view(num_layers, -1)
 
 
 def hierarchical_node_bounds(
@@ -100,20 +154,32 @@ def hierarchical_node_bounds(
         ``[L, A]`` the max over nodes of ``max(W_n / (P/N), T_rep(n))``, or the per-node
         values ``[L, A, N]`` with ``per_node=True``.
     """
-    num_layers, num_experts = weight.shape
-    group_size = num_experts // num_groups
-    groups_per_node = num_groups // num_nodes
-    group_w = weight.view(num_layers, num_groups, group_size)
     blocks, block_of = _blocks(tuple(map(tuple, assignment.tolist())), num_nodes, num_groups)
     members = torch.tensor(blocks, dtype=torch.int64, device=weight.device)  # [B, G/N]
-    block_w = group_w[:, members].reshape(num_layers * len(blocks), groups_per_node * group_size)
-    node_cap = num_gpus // num_nodes
-    mean = block_w.sum(1) / node_cap
-    block_bound = replica_bound(block_w, num_replicas // num_nodes, mean)
-    block_bound = block_bound.view(num_layers, len(blocks))
+    block_bound = _block_bounds(weight, members, num_replicas, num_gpus, num_nodes, num_groups)
     block_of = torch.tensor(block_of, dtype=torch.int64, device=weight.device)
     per_node_bound = block_bound[:, block_of]  # [L, A, N]
     return per_node_bound if per_node else per_node_bound.amax(2)
+
+
+def assignment_node_bounds(
+    weight: torch.Tensor,
+    node_of_group: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    num_nodes: int,
+    num_groups: int,
+) -> torch.Tensor:
+    """``[L, N]`` bound of every node under one assignment per layer, ``node_of_group
+    [L, G]`` (``G/N`` groups on every node)."""
+    num_layers, num_experts = weight.shape
+    group_size = num_experts // num_groups
+    groups_by_node = node_of_group.argsort(dim=1, stable=True)  # [L, G], node-major
+    group_w = weight.view(num_layers, num_groups, group_size)
+    node_w = group_w.gather(1, groups_by_node[:, :, None].expand(-1, -1, group_size))
+    node_w = node_w.view(num_layers * num_nodes, -1)
+    mean = node_w.sum(1) / (num_gpus // num_nodes)
+    return replica_bound(node_w, num_replicas // num_nodes, mean).view(num_layers, num_nodes)
 
 
 @lru_cache(maxsize=32)
@@ -178,13 +244,14 @@ def layer_lower_bound(
         return global_bound
     if active_gpus is not None and live != num_gpus:
         raise ValueError("the hierarchical bound is defined for a full cluster only (no dead GPUs)")
-    assignment = group_partitions(num_groups, num_nodes, w.device)
-    if assignment is None:
+    if num_groups % num_nodes:
+        raise ValueError(f"num_groups ({num_groups}) must be a multiple of num_nodes ({num_nodes})")
+    enumerated = enumerated_node_bounds(w, num_replicas, num_gpus, num_nodes, num_groups)
+    if enumerated is None:
         return torch.maximum(
             global_bound, _relaxed_hierarchical_bound(w, num_gpus, num_nodes, num_groups)
         )
-    bounds = hierarchical_node_bounds(w, assignment, num_replicas, num_gpus, num_nodes, num_groups)
-    return torch.maximum(global_bound, bounds.amin(1))
+    return torch.maximum(global_bound, enumerated[1].amax(2).amin(1))
 
 
 def layer_ceiling(

@@ -36,6 +36,8 @@ from functools import lru_cache
 
 import torch
 
+from eplb.ordering import sort_rows
+
 __all__ = [
     "PackingOptions",
     "Tracking",
@@ -157,27 +159,27 @@ def _construct_bldm(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
     # rounds are sorted heaviest first; ascending position p is column P-1-p
     parts = items[LOAD].reshape(rows, slots, num_gpus).flip(2)
     dead = torch.zeros(rows, slots, dtype=items.dtype, device=device)
-    reverse = torch.arange(num_gpus - 1, -1, -1, device=device)
     merges = []
     for _ in range(slots - 1):
         spread = parts[:, :, -1] - parts[:, :, 0] - dead
         pair = spread.topk(2, dim=1).indices  # [rows, 2] the two widest partial solutions
         both = parts.gather(1, pair[:, :, None].expand(-1, -1, num_gpus))  # [rows, 2, P]
-        merged, order = (both[:, 0].index_select(1, reverse) + both[:, 1]).sort(dim=1)
-        parts = parts.scatter(1, pair[:, :1, None].expand(-1, -1, num_gpus), merged[:, None])
-        dead = dead.scatter(1, pair[:, 1:], float("inf"))
+        merged, order = sort_rows(both[:, 0].flip(1).add_(both[:, 1]))
+        parts.scatter_(1, pair[:, :1, None].expand(-1, -1, num_gpus), merged[:, None])
+        dead.scatter_(1, pair[:, 1:], float("inf"))
         merges.append((pair, order))
-    # back-substitute: position p of the surviving partial solution is GPU p
-    label = torch.zeros(rows, slots, num_gpus, dtype=torch.int64, device=device)
-    root = dead.min(1).indices[:, None, None].expand(-1, 1, num_gpus)
+    # back-substitute: position p of the surviving partial solution is GPU p; a merge put
+    # unsorted index k = order[p] there, taken from position P-1-k of the heavy part and
+    # position k of the light one
+    label = torch.empty(rows, slots, num_gpus, dtype=torch.int64, device=device)
+    root = dead.argmin(1)[:, None, None].expand(-1, 1, num_gpus)
     label.scatter_(1, root, torch.arange(num_gpus, device=device).expand(rows, 1, -1).contiguous())
     for pair, order in reversed(merges):
-        gpu = label.gather(1, pair[:, :1, None].expand(-1, -1, num_gpus))[:, 0]  # [rows, P]
-        from_heavy = torch.empty_like(gpu).scatter_(1, reverse[order], gpu)
-        from_light = torch.empty_like(gpu).scatter_(1, order, gpu)
-        label.scatter_(
-            1, pair[:, :, None].expand(-1, -1, num_gpus), torch.stack([from_heavy, from_light], 1)
-        )
+        index = pair[:, :, None].expand(-1, -1, num_gpus)
+        gpu = label.gather(1, index[:, :1])  # [rows, 1, P]
+        position = torch.stack([(num_gpus - 1) - order, order], 1)
+        moved = torch.empty_like(position).scatter_(2, position, gpu.expand(-1, 2, -1))
+        label.scatter_(1, index, moved)
     return _deal(items, label.flip(2).reshape(rows, num_items), num_gpus)
 
 
@@ -507,8 +509,11 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
         illegal = ok & ((on_v[EXPERT] == e_i).any(0) | (top[EXPERT] == e_j).any(0))
         ok &= ~illegal
         if bool(illegal.any()):
-            state, rescued = _swap_from(state, u, loads, illegal, buffers=buffers)
-            ok_or_rescued = ok | rescued
+            # few rows: search them alone
+            stuck = illegal.nonzero()[:, 0]
+            sub, rescued = _swap_from(state[:, :, stuck], u[stuck], loads[stuck], illegal[stuck])
+            state[:, :, stuck] = sub
+            ok_or_rescued = ok.index_put((stuck,), rescued)
         else:
             ok_or_rescued = ok
         if not bool(ok_or_rescued.any()):

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 import torch
 
-from eplb.bounds import group_partitions, hierarchical_node_bounds
+from eplb.bounds import assignment_node_bounds, enumerated_node_bounds
 from eplb.packing import PackingOptions, make_items, max_load, pack, to_slots
 from eplb.placement import Topology, slot_gpu_loads
 from eplb.replication import DEFAULT_SHIFTS, expand_replicas, replica_counts
@@ -174,15 +174,21 @@ class HierarchicalPolicy(PlacementPolicy):
         options: PlanOptions,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        nodes, groups = topology.num_nodes, topology.num_groups
         by_load = self.balanced_groups(weight, topology)
-        partitions = group_partitions(groups, nodes, weight.device)
-        if partitions is None:
+        best = _best_partition(weight, topology)
+        if best is None:
             by_bound = self.assign_groups(weight, topology, options, generator)
             load_bound = layer_bound = None
         else:
-            by_bound, bounds = _best_partition(weight, partitions, topology)
-            load_bound = bounds.gather(1, _partition_index(by_load, partitions)[:, None])[:, 0]
+            by_bound, bounds = best
+            load_bound = assignment_node_bounds(
+                weight.to(torch.float64),
+                by_load,
+                topology.num_replicas,
+                topology.num_gpus,
+                topology.num_nodes,
+                topology.num_groups,
+            ).amax(1)
             # no node needs a max GPU load below the layer's bound: most nodes are lighter
             # than the heaviest and skip the swap search
             layer_bound = bounds.amin(1).to(weight.dtype)
@@ -256,9 +262,9 @@ class HierarchicalPolicy(PlacementPolicy):
         """
         num_layers, _num_experts = weight.shape
         nodes, groups = topology.num_nodes, topology.num_groups
-        assignment = group_partitions(groups, nodes, weight.device)
-        if assignment is not None:
-            return _best_partition(weight, assignment, topology)[0]
+        best = _best_partition(weight, topology)
+        if best is not None:
+            return best[0]
         group_load = weight.view(num_layers, groups, -1).sum(2)
         order = group_load.argsort(dim=1, descending=True, stable=True)
         items = make_items(group_load.gather(1, order), order)
@@ -289,41 +295,28 @@ class HierarchicalPolicy(PlacementPolicy):
 
 
 def _best_partition(
-    weight: torch.Tensor, partitions: torch.Tensor, topology: Topology
-) -> tuple[torch.Tensor, torch.Tensor]:
+    weight: torch.Tensor, topology: Topology
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The group→node assignment with the smallest hierarchical bound per layer; ties (common:
     the heaviest node often fixes the bound) go to the most even nodes (least Σ bound²).
 
-    Returns ``(node_of_group [L, G], bounds [L, A])``.
+    Returns ``(node_of_group [L, G], bounds [L, A])``, or ``None`` when the assignments
+    are too many to enumerate.
     """
-    per_node = hierarchical_node_bounds(
+    enumerated = enumerated_node_bounds(
         weight.to(torch.float64),
-        partitions,
         topology.num_replicas,
         topology.num_gpus,
         topology.num_nodes,
         topology.num_groups,
-        per_node=True,
-    )  # [L, A, N]
+    )
+    if enumerated is None:
+        return None
+    partitions, per_node = enumerated  # [A, G], [L, A, N]
     bounds = per_node.amax(2)
     tied = bounds <= bounds.amin(1, keepdim=True) * (1 + 1e-12)
     evenness = torch.where(tied, per_node.square().sum(2), float("inf"))
-    return partitions[evenness.min(1).indices], bounds
-
-
-def _partition_index(node_of_group: torch.Tensor, partitions: torch.Tensor) -> torch.Tensor:
-    """``[L]`` row of ``partitions [A, G]`` (canonical labellings) equal to each labelling."""
-    # canonical: nodes numbered in order of their first group
-    first_group = torch.full_like(node_of_group, node_of_group.shape[1])
-    first_group.scatter_reduce_(
-        1,
-        node_of_group,
-        torch.arange(node_of_group.shape[1], device=node_of_group.device).expand_as(node_of_group),
-        reduce="amin",
-    )
-    rank = first_group.argsort(dim=1).argsort(dim=1)  # node → canonical label
-    canonical = rank.gather(1, node_of_group)
-    return (canonical[:, None, :] == partitions[None]).all(2).to(torch.int8).max(1).indices
+    return partitions[evenness.argmin(1)], bounds
 
 
 def _same_partition(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

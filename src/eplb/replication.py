@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from eplb.ordering import argsort_rows
+from eplb.ordering import argsort_rows, top_indices
 
 __all__ = [
     "DEFAULT_SHIFTS",
@@ -75,7 +75,8 @@ def replica_counts(
     steps = _max_steps(weight, num_extra)
     if num_hot * steps > _MAX_TOPK_CANDIDATES:
         return torch.stack([_counts_by_threshold(weight, num_replicas, rule) for rule in rules])
-    hot_load, hot_expert = weight.topk(num_hot, dim=1)  # [rows, K]
+    hot_expert = top_indices(weight, num_hot)  # [rows, K], any order
+    hot_load = weight.gather(1, hot_expert)
     chunk = max(1, _MAX_PRIORITY_ELEMENTS // max(1, len(rules) * num_hot * steps))
     if chunk < rows:
         return torch.cat(
@@ -95,7 +96,7 @@ def replica_counts(
         else:
             priorities.append(w / (c + float(rule)))
     priority = torch.stack(priorities).view(len(rules), rows, num_hot * steps)
-    granted = priority.topk(num_extra, dim=-1, sorted=False).indices // steps  # hot rank
+    granted = top_indices(priority, num_extra) // steps  # hot rank
     granted = hot_expert.expand(len(rules), -1, -1).gather(2, granted)
     return ones.scatter_add_(2, granted, torch.ones_like(granted))
 
@@ -182,20 +183,28 @@ def replica_bound(weight: torch.Tensor, num_replicas: int, floor: torch.Tensor) 
     """``[rows]`` ``max(floor, T_rep)`` with ``T_rep`` from :func:`max_replica_load`.
 
     ``T_rep`` is computed only where it can exceed ``floor [rows]`` (usually the mean GPU
-    load): the proportional allocation ``c_e = 1 + floor(extra·w_e / W)`` is feasible, so
-    its largest replica bounds ``T_rep`` from above, and most rows need nothing more.
+    load). The proportional allocation ``c_e = 1 + floor(extra·w_e / W)`` is feasible and
+    its replicas are all lighter than ``W / extra``, so rows with ``floor >= W / extra``
+    (every row when ``R − E >= P`` and ``floor`` is the mean) need nothing; of the rest,
+    only rows where some proportional replica exceeds ``floor`` need the exact value.
     """
     num_experts = weight.shape[1]
     extra = num_replicas - num_experts
+    out = floor.clone()
+    # equality counts as done: T_rep < W / extra strictly (float round-off: ~1e-16)
+    maybe = floor * extra < weight.sum(1)
+    if not bool(maybe.any()):
+        return out
+    rows = maybe.nonzero()[:, 0]
+    weight, floor = weight[rows], floor[rows]
     total = weight.sum(1, keepdim=True)
     per_load = torch.where(total > 0, extra / total, 0.0)  # all-zero rows: one replica each
     proportional = (weight * per_load).floor_().add_(1)
-    upper = (weight / proportional).amax(1)
-    out = torch.maximum(floor, upper)
-    unsure = upper > floor
+    unsure = (weight > proportional.mul_(floor[:, None])).any(1)
     if bool(unsure.any()):
-        rows = unsure.nonzero()[:, 0]
-        out[rows] = torch.maximum(floor[rows], max_replica_load(weight[rows], num_replicas))
+        rows, floor = rows[unsure], floor[unsure]
+        exact = max_replica_load(weight[unsure], num_replicas)
+        out[rows] = torch.maximum(floor, exact.to(floor.dtype))
     return out
 
 
