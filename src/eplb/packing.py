@@ -34,9 +34,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+import numpy as np
 import torch
-
-from eplb.ordering import sort_rows
 
 __all__ = [
     "PackingOptions",
@@ -147,40 +146,59 @@ def _construct_lpt(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
 
 
 def _construct_bldm(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Balanced largest differencing over the ``S`` rounds (partial solutions).
+    """Balanced largest differencing over the ``S`` rounds; see :func:`_bldm_gpus`."""
+    load = items[LOAD].to(torch.float32).cpu().numpy()
+    gpu = torch.from_numpy(_bldm_gpus(load, num_gpus)).to(items.device)
+    return _deal(items, gpu, num_gpus)
 
-    Every partial solution is kept sorted ascending. A merge pairs the heaviest subset of
+
+def _bldm_gpus(load: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[rows, R]`` GPU of every item under balanced largest differencing.
+
+    ``load [rows, R]`` (float32, each row heaviest first) forms ``S`` rounds of ``P``.
+    Every partial solution is kept sorted ascending; a merge pairs the heaviest subset of
     one with the lightest of the other and re-sorts; the sort orders are replayed
     backwards at the end to tell which GPU every round's column ends on.
+
+    It runs in NumPy on the host for every device: it is ``S − 1`` dependent steps on
+    small arrays, where NumPy's per-call cost is a fraction of torch's (and of a kernel
+    launch), and its SIMD sort of packed ``value << 16 | position`` keys is exact and stable.
     """
-    _, rows, num_items = items.shape
+    rows, num_items = load.shape
     slots = num_items // num_gpus
-    device = items.device
     # rounds are sorted heaviest first; ascending position p is column P-1-p
-    parts = items[LOAD].reshape(rows, slots, num_gpus).flip(2)
-    dead = torch.zeros(rows, slots, dtype=items.dtype, device=device)
+    parts = np.ascontiguousarray(load.reshape(rows, slots, num_gpus)[:, :, ::-1])
+    flat_parts = parts.reshape(rows * slots, num_gpus)  # a view: row-major (row, round)
+    dead = np.zeros((rows, slots), np.float32)
+    first_round = np.arange(rows) * slots  # flat index of every row's round 0
+    position = np.arange(num_gpus, dtype=np.int64)
     merges = []
     for _ in range(slots - 1):
-        spread = parts[:, :, -1] - parts[:, :, 0] - dead
-        pair = spread.topk(2, dim=1).indices  # [rows, 2] the two widest partial solutions
-        both = parts.gather(1, pair[:, :, None].expand(-1, -1, num_gpus))  # [rows, 2, P]
-        merged, order = sort_rows(both[:, 0].flip(1).add_(both[:, 1]))
-        parts.scatter_(1, pair[:, :1, None].expand(-1, -1, num_gpus), merged[:, None])
-        dead.scatter_(1, pair[:, 1:], float("inf"))
-        merges.append((pair, order))
-    # back-substitute: position p of the surviving partial solution is GPU p; a merge put
-    # unsorted index k = order[p] there, taken from position P-1-k of the heavy part and
-    # position k of the light one
-    label = torch.empty(rows, slots, num_gpus, dtype=torch.int64, device=device)
-    root = dead.argmin(1)[:, None, None].expand(-1, 1, num_gpus)
-    label.scatter_(1, root, torch.arange(num_gpus, device=device).expand(rows, 1, -1).contiguous())
-    for pair, order in reversed(merges):
-        index = pair[:, :, None].expand(-1, -1, num_gpus)
-        gpu = label.gather(1, index[:, :1])  # [rows, 1, P]
-        position = torch.stack([(num_gpus - 1) - order, order], 1)
-        moved = torch.empty_like(position).scatter_(2, position, gpu.expand(-1, 2, -1))
-        label.scatter_(1, index, moved)
-    return _deal(items, label.flip(2).reshape(rows, num_items), num_gpus)
+        spread = parts[:, :, -1] - parts[:, :, 0] - dead  # dead parts: -inf
+        widest = spread.argmax(1)
+        spread.ravel()[first_round + widest] = -np.inf
+        heavy, light = first_round + widest, first_round + spread.argmax(1)
+        merged = flat_parts[heavy][:, ::-1] + flat_parts[light]
+        # non-negative float32 bit patterns order like the values
+        packed = (merged.view(np.int32).astype(np.int64) << 16) | position
+        packed.sort(axis=1)
+        flat_parts[heavy] = (packed >> 16).astype(np.int32).view(np.float32)
+        dead.ravel()[light] = np.inf
+        merges.append((heavy, light, packed & 0xFFFF))
+    # back-substitute: position p of the surviving part is GPU p; a merge put unsorted
+    # index k = order[p] there, taken from position P-1-k of the heavy part and k of the light
+    label = np.empty((rows * slots, num_gpus), np.int64)
+    label[first_round + dead.argmin(1)] = position
+    offset = np.arange(rows)[:, None] * num_gpus
+    for heavy, light, order in reversed(merges):
+        gpu = label[heavy]
+        from_light = np.empty_like(gpu)
+        from_light.ravel()[offset + order] = gpu
+        from_heavy = np.empty_like(gpu)
+        from_heavy.ravel()[offset + (num_gpus - 1) - order] = gpu
+        label[heavy], label[light] = from_heavy, from_light
+    gpu_of_item = label.reshape(rows, slots, num_gpus)[:, :, ::-1].reshape(rows, num_items)
+    return np.ascontiguousarray(gpu_of_item)
 
 
 def construct(items: torch.Tensor, num_gpus: int, method: str = "bldm") -> torch.Tensor:
@@ -230,12 +248,14 @@ def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = No
         u = on_gpu.to(torch.int8).max(1).indices
         movable = conflict.gather(2, u[None, :, None].expand(slots, -1, 1))[:, :, 0]  # [S, n]
         loads = sub[LOAD].sum(0)
-        sub, moved = _swap_from(
+        sub, moved, slot = _swap_from(
             sub, u, loads, todo, movable=movable, must_move=True, buffers=buffers
         )
-        conflict = _conflicts(sub)
         if not bool(moved.any()):
             break
+        # a legal swap clears exactly the moved replica's conflict and creates none
+        r = moved.nonzero()[:, 0]
+        conflict[slot[r], r, u[r]] = False
     stuck = conflict.any(0).any(1)
     if bool(stuck.any()):
         sub[:, :, stuck] = _round_robin_state(sub[:, :, stuck])
@@ -426,13 +446,14 @@ def _swap_from(
     movable: torch.Tensor | None = None,
     must_move: bool = False,
     buffers: dict[str, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One legal swap per row between GPU ``u [rows]`` and its best partner.
 
     ``loads [rows, P]`` are the GPU loads; ``movable [S, rows]`` marks the items of ``u``
     that may leave (all when ``None``). The best swap gives the smallest new peak
     ``max(L_u − δ, L_v + δ)``; it is applied where ``todo [rows]`` and either ``must_move``
-    or the peak falls. Returns ``(state, moved [rows])``.
+    or the peak falls. Returns ``(state, moved [rows], slot [rows])`` with ``slot`` the
+    slot of ``u`` whose replica left (meaningful where ``moved``).
     """
     _, slots, rows, num_gpus = state.shape
     inf = float("inf")
@@ -462,13 +483,14 @@ def _swap_from(
     i, j = pos // slots, pos % slots
     ok = todo & (torch.isfinite(best) if must_move else best < load_u[:, 0] * (1 - 1e-7))
     if not bool(ok.any()):
-        return state, ok
+        return state, ok, i
+    slot = i
     r = ok.nonzero()[:, 0]
     u, v, i, j = u[r], v[r], i[r], j[r]
     item = state[:, i, r, u]
     state[:, i, r, u] = state[:, j, r, v]
     state[:, j, r, v] = item
-    return state, ok
+    return state, ok, slot
 
 
 def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) -> torch.Tensor:
@@ -511,7 +533,9 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
         if bool(illegal.any()):
             # few rows: search them alone
             stuck = illegal.nonzero()[:, 0]
-            sub, rescued = _swap_from(state[:, :, stuck], u[stuck], loads[stuck], illegal[stuck])
+            sub, rescued, _ = _swap_from(
+                state[:, :, stuck], u[stuck], loads[stuck], illegal[stuck]
+            )
             state[:, :, stuck] = sub
             ok_or_rescued = ok.index_put((stuck,), rescued)
         else:

@@ -178,30 +178,33 @@ class HierarchicalPolicy(PlacementPolicy):
         best = _best_partition(weight, topology)
         if best is None:
             by_bound = self.assign_groups(weight, topology, options, generator)
-            load_bound = layer_bound = None
+            layer_bound = None
         else:
             by_bound, bounds = best
+            # no node needs a max GPU load below the layer's bound: most nodes are lighter
+            # than the heaviest and skip the swap search
+            layer_bound = bounds.amin(1).to(weight.dtype)
+        first = self.place_groups(weight, by_bound, topology, options, generator, layer_bound)
+        differ = ~_same_partition(by_bound, by_load)
+        if not bool(differ.any()):
+            return first
+        rows = differ.nonzero()[:, 0]
+        peak_first = slot_gpu_loads(weight[rows], first[rows], topology.num_gpus).amax(1)
+        if best is not None:
+            # the balanced assignment can only win where the first plan's peak exceeds its
+            # bound by more than packing slack (0.1%)
             load_bound = assignment_node_bounds(
-                weight.to(torch.float64),
-                by_load,
+                weight[rows].to(torch.float64),
+                by_load[rows],
                 topology.num_replicas,
                 topology.num_gpus,
                 topology.num_nodes,
                 topology.num_groups,
             ).amax(1)
-            # no node needs a max GPU load below the layer's bound: most nodes are lighter
-            # than the heaviest and skip the swap search
-            layer_bound = bounds.amin(1).to(weight.dtype)
-        first = self.place_groups(weight, by_bound, topology, options, generator, layer_bound)
-        # the balanced assignment can only win where the first plan's peak exceeds its bound
-        differ = ~_same_partition(by_bound, by_load)
-        if load_bound is not None:
-            peak = slot_gpu_loads(weight, first, topology.num_gpus).amax(1)
-            # ... by more than packing slack: 0.1% over the balanced assignment's bound
-            differ &= peak > load_bound.to(peak.dtype) * (1 + 1e-3)
-        if not bool(differ.any()):
-            return first
-        rows = differ.nonzero()[:, 0]
+            worth = peak_first > load_bound.to(peak_first.dtype) * (1 + 1e-3)
+            if not bool(worth.any()):
+                return first
+            rows, peak_first = rows[worth], peak_first[worth]
         second = self.place_groups(
             weight[rows],
             by_load[rows],
@@ -210,8 +213,7 @@ class HierarchicalPolicy(PlacementPolicy):
             generator,
             None if layer_bound is None else layer_bound[rows],
         )
-        peak_second = slot_gpu_loads(weight[rows], second, topology.num_gpus).amax(1)
-        take = peak_second < slot_gpu_loads(weight[rows], first[rows], topology.num_gpus).amax(1)
+        take = slot_gpu_loads(weight[rows], second, topology.num_gpus).amax(1) < peak_first
         first[rows[take]] = second[take]
         return first
 
