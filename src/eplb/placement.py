@@ -23,9 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
-
-from eplb.ordering import argsort_rows
 
 __all__ = [
     "Placement",
@@ -110,32 +109,43 @@ def slot_gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -
 def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert ``phy2log [L, R]`` (-1 = empty) into ``log2phy [L, E, maxcnt]``, ``logcnt [L, E]``.
 
-    Vectorized over layers: a stable sort of slots by expert puts each expert's slots in
-    ascending order; a slot's rank inside its expert is its sorted position minus the
-    expert's first position.
+    A stable sort of slots by expert puts each expert's slots in ascending order; a slot's
+    rank inside its expert is its sorted position minus the expert's first position. It
+    runs in NumPy on the host for every device (a dozen small array calls, each a
+    fraction of a torch call's cost) and returns tensors on ``phy2log``'s device.
     """
     num_layers, num_slots = phy2log.shape
-    device = phy2log.device
-    live = phy2log >= 0
-    expert = torch.where(live, phy2log, num_experts)  # dead slots sort last
-    logcnt = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=device)
-    logcnt.scatter_add_(1, expert, torch.ones_like(expert))
-    logcnt = logcnt[:, :num_experts]
-    # stable sort keeps slot ids ascending inside each expert
-    sorted_slot = argsort_rows(expert)
-    sorted_expert = expert.gather(1, sorted_slot)
-    first = torch.cumsum(logcnt, dim=1) - logcnt  # [L, E] first sorted position
-    first = torch.cat([first, first.new_zeros(num_layers, 1)], dim=1)
-    rank = torch.arange(num_slots, device=device) - first.gather(1, sorted_expert)
-    maxcnt = max(int(logcnt.max()), 1) if logcnt.numel() else 1
-    # one scatter into a flat [L, (E + 1) * maxcnt] table; dead slots land in the spare row
-    flat = torch.full(
-        (num_layers, (num_experts + 1) * maxcnt), -1, dtype=torch.int64, device=device
-    )
-    target = sorted_expert * maxcnt + rank.clamp(max=maxcnt - 1)
-    flat.scatter_(1, target, sorted_slot)
-    log2phy = flat.view(num_layers, num_experts + 1, maxcnt)
-    return log2phy[:, :num_experts], logcnt
+    expert = phy2log.cpu().numpy().astype(np.int64)
+    # empty slots (dead GPUs) go to a spare expert E, sorted last and dropped at the end;
+    # so do ids out of range, which validate() reports
+    empty = (expert < 0) | (expert >= num_experts)
+    has_empty = bool(empty.any())
+    width = num_experts + 1 if has_empty else num_experts
+    if has_empty:
+        expert[empty] = num_experts
+    row = np.arange(num_layers, dtype=np.int64)[:, None]
+    flat_expert = row * width + expert  # [L, R] index into a flat [L · width] table
+    counts = np.bincount(flat_expert.ravel(), minlength=num_layers * width)
+    if num_slots <= 1 << 16:
+        # sort (expert, slot) pairs packed in one int64: exact and stable
+        packed = (flat_expert << 16) | np.arange(num_slots, dtype=np.int64)
+        packed.sort(axis=1)
+        sorted_expert, sorted_slot = packed >> 16, packed & 0xFFFF
+    else:
+        sorted_slot = np.argsort(expert, axis=1, kind="stable")
+        sorted_expert = np.take_along_axis(flat_expert, sorted_slot, 1)
+    # rank = position in the flattened sort − the expert's first position there
+    first = np.cumsum(counts) - counts
+    rank = (row * num_slots + np.arange(num_slots)) - first[sorted_expert]
+    counts = counts.reshape(num_layers, width)
+    maxcnt = max(int(counts[:, :num_experts].max()), 1) if counts.size else 1
+    if has_empty:
+        rank = np.minimum(rank, maxcnt - 1)  # the spare expert may hold more
+    table = np.full((num_layers, width, maxcnt), -1, dtype=np.int64)
+    table.ravel()[(sorted_expert * maxcnt + rank).ravel()] = sorted_slot.ravel()
+    log2phy = torch.from_numpy(table)[:, :num_experts]
+    logcnt = torch.from_numpy(counts)[:, :num_experts]
+    return log2phy.to(phy2log.device), logcnt.to(phy2log.device)
 
 
 @dataclass(frozen=True, eq=False)

@@ -48,9 +48,8 @@ def _max_steps(weight: torch.Tensor, num_extra: int) -> int:
     """
     total = weight.sum(-1)
     # an all-zero row may give every step to one expert: count it as fully concentrated
-    share = torch.where(
-        total > 0, weight.max(-1).values / total.clamp(min=torch.finfo(weight.dtype).tiny), 1.0
-    )
+    # (no clamp on total: a subnormal total would understate the share)
+    share = torch.where(total > 0, weight.max(-1).values / torch.where(total > 0, total, 1), 1.0)
     num_replicas = num_extra + weight.shape[-1]
     steps = math.ceil(float(share.max()) * num_replicas) + 2
     return max(1, min(num_extra, steps))
