@@ -37,6 +37,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from eplb.ordering import argsort_rows
+
 __all__ = [
     "PackingOptions",
     "Tracking",
@@ -353,7 +355,7 @@ def refine(
     for step in range(steps):
         loads = state[LOAD].sum(0)  # [rows, P]
         pressure = loads if speed is None else loads / speed
-        perm = pressure.argsort(dim=1).index_select(1, pairings[step % len(pairings)])
+        perm = argsort_rows(pressure).index_select(1, pairings[step % len(pairings)])
         state = state.gather(3, perm.expand(expand))
         pressure = pressure.gather(1, perm)
         gap = pressure[:, :half] - pressure[:, half : 2 * half]  # [rows, H]
@@ -511,16 +513,15 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
             todo &= _moves(state[EXPERT], track.origin) + 2 <= track.budget
         top = state.gather(3, u[None, None, :, None].expand(2, slots, rows, 1))[..., 0]
         # after swapping δ = w_i − w_j the pair's larger load is (L_u + L_v)/2 + |δ − gap/2|
-        half_gap = torch.sub(load_u[:, None], loads).mul_(0.5)  # [rows, P]
-        target = top[LOAD][:, :, None] - half_gap  # [S, rows, P]
+        mid = torch.add(loads, load_u[:, None]).mul_(0.5)  # [rows, P]
+        target = top[LOAD][:, :, None] - load_u[:, None] + mid  # w_i − gap/2: [S, rows, P]
         off = torch.sub(
             target[:, None], state[LOAD][None], out=_scratch(buffers, "off", big, state)
         ).abs_()  # [S_i, S_j, rows, P]
-        peak = off.amin((0, 1)).add_(loads).add_(half_gap)  # [rows, P]
-        best, v = peak.min(1)
-        on_v = state.gather(3, v[None, None, :, None].expand(2, slots, rows, 1))[..., 0]
-        target_v = target.gather(2, v[None, :, None].expand(slots, rows, 1))[..., 0]  # [S, rows]
-        pos = (target_v[:, None] - on_v[LOAD][None]).abs_().view(slots * slots, rows)
+        best, v = off.amin((0, 1)).add_(mid).min(1)  # [rows]: the partner with the least peak
+        v_idx = v[None, None, :, None]
+        on_v = state.gather(3, v_idx.expand(2, slots, rows, 1))[..., 0]
+        pos = off.gather(3, v_idx.expand(slots, slots, rows, 1)).view(slots * slots, rows)
         pos = pos.min(0).indices
         i, j = pos // slots, pos % slots
         ok = todo & (best < load_u * (1 - 1e-7))

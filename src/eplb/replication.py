@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from eplb.ordering import argsort_rows, top_indices
+from eplb.ordering import argsort_rows
 
 __all__ = [
     "DEFAULT_SHIFTS",
@@ -40,16 +41,17 @@ _MAX_PRIORITY_ELEMENTS = 1 << 24
 _MAX_TOPK_CANDIDATES = 4096
 
 
-def _max_steps(weight: torch.Tensor, num_extra: int) -> int:
+def _max_steps(weight: np.ndarray, num_extra: int) -> int:
     """Most extra replicas any one expert can get under a divisor rule with δ ∈ (−1, 0].
 
     With ``λ`` the last granted priority, ``extras_e <= w_e / λ − δ`` and ``λ >= W / R``,
-    so ``extras_e <= w_e·R / W + 1``.
+    so ``extras_e <= w_e·R / W + 1``. ``weight [rows, E]`` is a host array.
     """
     total = weight.sum(-1)
     # an all-zero row may give every step to one expert: count it as fully concentrated
     # (no clamp on total: a subnormal total would understate the share)
-    share = torch.where(total > 0, weight.max(-1).values / torch.where(total > 0, total, 1), 1.0)
+    positive = total > 0
+    share = np.where(positive, weight.max(-1) / np.where(positive, total, 1), 1.0)
     num_replicas = num_extra + weight.shape[-1]
     steps = math.ceil(float(share.max()) * num_replicas) + 2
     return max(1, min(num_extra, steps))
@@ -62,42 +64,58 @@ def replica_counts(
 
     A rule is a divisor shift ``δ`` (float, priority ``w / (c + δ)``) or ``"hamilton"``.
     Every count is >= 1 and each row sums to ``num_replicas``. Rows must not be all zero.
+
+    The selection runs in NumPy on the host (introselect is several times faster than
+    torch's CPU top-k here, and the arrays are small); large tables fall back to bisecting
+    the grant level on the weight's device.
     """
     rows, num_experts = weight.shape
     num_extra = num_replicas - num_experts
-    ones = torch.ones(len(rules), rows, num_experts, dtype=torch.int64, device=weight.device)
     if num_extra == 0:
-        return ones
+        return torch.ones(len(rules), rows, num_experts, dtype=torch.int64, device=weight.device)
+    w = weight.detach().to(torch.float64).cpu().numpy()
     # only the num_extra heaviest experts can win an extra replica: each of them outranks
     # every lighter expert's first step under every rule
     num_hot = min(num_experts, num_extra)
-    steps = _max_steps(weight, num_extra)
+    steps = _max_steps(w, num_extra)
     if num_hot * steps > _MAX_TOPK_CANDIDATES:
         return torch.stack([_counts_by_threshold(weight, num_replicas, rule) for rule in rules])
-    hot_expert = top_indices(weight, num_hot)  # [rows, K], any order
-    hot_load = weight.gather(1, hot_expert)
     chunk = max(1, _MAX_PRIORITY_ELEMENTS // max(1, len(rules) * num_hot * steps))
-    if chunk < rows:
-        return torch.cat(
-            [
-                replica_counts(weight[i : i + chunk], num_replicas, rules)
-                for i in range(0, rows, chunk)
-            ],
-            dim=1,
-        )
-    c = torch.arange(1, steps + 1, dtype=weight.dtype, device=weight.device)  # current count
-    w = hot_load[:, :, None]
+    counts = np.concatenate(
+        [
+            _counts_by_table(w[i : i + chunk], num_replicas, rules, num_hot, steps)
+            for i in range(0, rows, chunk)
+        ],
+        axis=1,
+    )
+    return torch.from_numpy(counts).to(weight.device)
+
+
+def _counts_by_table(
+    w: np.ndarray, num_replicas: int, rules: tuple[float | str, ...], num_hot: int, steps: int
+) -> np.ndarray:
+    """``[len(rules), rows, E]`` counts: grant the ``R − E`` highest priorities of the hot
+    experts' ``[rows, K, steps]`` table (every priority falls with the count)."""
+    rows, num_experts = w.shape
+    num_extra = num_replicas - num_experts
+    row = np.arange(rows)[:, None]
+    hot_expert = np.argpartition(w, num_experts - num_hot, axis=1)[:, num_experts - num_hot :]
+    hot_load = w[row, hot_expert][:, :, None]  # [rows, K, 1]
+    c = np.arange(1, steps + 1, dtype=np.float64)  # current count
     priorities = []
     for rule in rules:
         if rule == "hamilton":
-            quota = w * (num_replicas / weight.sum(-1))[:, None, None]
+            quota = hot_load * (num_replicas / w.sum(1))[:, None, None]
             priorities.append(quota - c)
         else:
-            priorities.append(w / (c + float(rule)))
-    priority = torch.stack(priorities).view(len(rules), rows, num_hot * steps)
-    granted = top_indices(priority, num_extra) // steps  # hot rank
-    granted = hot_expert.expand(len(rules), -1, -1).gather(2, granted)
-    return ones.scatter_add_(2, granted, torch.ones_like(granted))
+            priorities.append(hot_load / (c + float(rule)))
+    table = np.stack(priorities).reshape(len(rules), rows, num_hot * steps)
+    size = num_hot * steps
+    granted = np.argpartition(table, size - num_extra, axis=2)[:, :, size - num_extra :] // steps
+    expert = hot_expert[row, granted]  # [rules, rows, R − E]
+    flat = (np.arange(len(rules) * rows).reshape(len(rules), rows, 1) * num_experts + expert)
+    extra = np.bincount(flat.ravel(), minlength=len(rules) * rows * num_experts)
+    return extra.reshape(len(rules), rows, num_experts) + 1
 
 
 def _steps_granted(
@@ -167,7 +185,7 @@ def max_replica_load(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
     if num_extra == 0:
         return weight.max(-1).values
     hot = weight.topk(min(num_experts, num_extra + 1), dim=1).values  # [rows, K]
-    steps = _max_steps(weight, num_extra) + 1
+    steps = _max_steps(weight.detach().cpu().numpy(), num_extra) + 1
     chunk = max(1, _MAX_PRIORITY_ELEMENTS // max(1, hot.shape[1] * steps))
     if chunk < rows:
         return torch.cat(
