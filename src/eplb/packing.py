@@ -147,11 +147,106 @@ def _construct_lpt(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
     return _deal(items, gpu, num_gpus)
 
 
-def _construct_bldm(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
-    """Balanced largest differencing over the ``S`` rounds; see :func:`_bldm_gpus`."""
-    load = items[LOAD].to(torch.float32).cpu().numpy()
-    gpu = torch.from_numpy(_bldm_gpus(load, num_gpus)).to(items.device)
-    return _deal(items, gpu, num_gpus)
+def _construct_bldm(items: torch.Tensor, num_gpus: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced largest differencing over the ``S`` rounds; see :func:`_bldm_gpus`.
+
+    The rounds are first rearranged so that an expert's replicas share one round where
+    they can (:func:`_whole_runs`): only replicas split over two rounds can meet on one
+    GPU, so this avoids most anti-affinity conflicts, and the few left are located
+    exactly (:func:`_split_clashes`). Returns ``(state, rows that may hold a conflict)``.
+    """
+    host = items.to(torch.float32).cpu().numpy()
+    load, expert = host[LOAD], host[EXPERT].astype(np.int64)
+    order = _whole_runs(expert, num_gpus)
+    if order is not None:
+        flat = (np.arange(len(order))[:, None] * order.shape[1] + order).ravel()
+        load = load.ravel()[flat].reshape(order.shape)
+        expert = expert.ravel()[flat].reshape(order.shape)
+        items = items.gather(2, torch.from_numpy(order).to(items.device).expand(2, -1, -1))
+    gpu = _bldm_gpus(load, num_gpus)
+    suspects = torch.from_numpy(_split_clashes(expert, gpu, num_gpus)).to(items.device)
+    return _deal(items, torch.from_numpy(gpu).to(items.device), num_gpus), suspects
+
+
+def _split_clashes(expert: np.ndarray, gpu: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Rows where replicas of a run split by a round boundary share a GPU.
+
+    Within a round every item gets its own GPU, and a run of at most ``P`` replicas spans
+    at most two rounds, so these are all the anti-affinity conflicts of a dealing (runs
+    longer than ``P`` belong to rows that are spread round-robin anyway).
+    """
+    slots = expert.shape[1] // num_gpus
+    boundary = np.arange(1, slots) * num_gpus
+    row, cut = (expert[:, boundary - 1] == expert[:, boundary]).nonzero()
+    if not len(row):
+        return np.zeros(0, np.int64)
+    cut = boundary[cut][:, None]
+    run = expert[row, cut[:, 0]][:, None]
+    back = cut - 1 - np.arange(num_gpus)  # the round before the boundary, nearest first
+    ahead = cut + np.arange(num_gpus)
+    rows = row[:, None]
+    same = (
+        (expert[rows, back] == run)[:, :, None]
+        & (expert[rows, ahead] == run)[:, None, :]
+        & (gpu[rows, back][:, :, None] == gpu[rows, ahead][:, None, :])
+    )
+    return np.unique(row[same.any((1, 2))])
+
+
+def _whole_runs(expert: np.ndarray, num_gpus: int) -> np.ndarray | None:
+    """``[rows, R]`` item order that moves every run of one expert's replicas split by a
+    round boundary into a single round, or ``None`` when no run is split.
+
+    ``expert [rows, R]``: items heaviest first, an expert's replicas adjacent, rounds of
+    ``P``. A run with ``a`` items before boundary ``bP`` and ``b`` after swaps places with
+    the neighbouring whole runs of equal or lighter (pull, ``b <= a``: the ``b`` items
+    before it) or heavier-or-equal (push: the ``a`` items after it) load, so every round
+    stays sorted heaviest first. Runs longer than a round, and splits whose neighbours
+    would be cut, are left to :func:`repair_conflicts`.
+    """
+    rows, num_items = expert.shape
+    slots = num_items // num_gpus
+    if slots < 2:
+        return None
+    boundary = np.arange(1, slots) * num_gpus  # [S − 1]
+    row, cut = (expert[:, boundary - 1] == expert[:, boundary]).nonzero()
+    if not len(row):
+        return None
+    cut = boundary[cut]  # [K] one entry per split run, ordered by (row, boundary)
+    run = expert[row, cut]
+    step = np.arange(num_gpus)
+    # run lengths before (a) and after (b) the boundary, within one round each
+    back = expert[row[:, None], cut[:, None] - 1 - step] != run[:, None]
+    ahead = expert[row[:, None], cut[:, None] + step] != run[:, None]
+    before = np.where(back.any(1), back.argmax(1), num_gpus)
+    after = np.where(ahead.any(1), ahead.argmax(1), num_gpus)
+    fits = before + after <= num_gpus
+    # a move is possible only if the displaced neighbours are whole runs
+    first = np.maximum(cut - before - after, 0)
+    last = np.minimum(cut + after + before - 1, num_items - 1)
+    can_pull = (first == 0) | (expert[row, first] != expert[row, np.maximum(first - 1, 0)])
+    can_push = (last == num_items - 1) | (
+        expert[row, last] != expert[row, np.minimum(last + 1, num_items - 1)]
+    )
+    pull = can_pull & ((after <= before) | ~can_push)  # move the shorter part if free to
+    start = np.where(pull, cut - before - after, cut - before)
+    length = np.where(pull, before + 2 * after, 2 * before + after)
+    shift = np.where(pull, after, before + after)  # rotate the segment left by this
+    active = fits & (can_pull | can_push)
+    # segments around neighbouring boundaries may overlap when rounds are short
+    active[1:] &= ~(
+        active[:-1] & (row[1:] == row[:-1]) & (start[1:] < start[:-1] + length[:-1])
+    )
+    if not active.any():
+        return None
+    row, start, length, shift = row[active], start[active], length[active], shift[active]
+    offset = np.arange(2 * num_gpus)
+    inside = offset < length[:, None]
+    target = (start[:, None] + offset)[inside]
+    source = (start[:, None] + (offset + shift[:, None]) % length[:, None])[inside]
+    order = np.broadcast_to(np.arange(num_items), (rows, num_items)).copy()
+    order[np.broadcast_to(row[:, None], inside.shape)[inside], target] = source
+    return order
 
 
 def _bldm_gpus(load: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -205,8 +300,16 @@ def _bldm_gpus(load: np.ndarray, num_gpus: int) -> np.ndarray:
 
 def construct(items: torch.Tensor, num_gpus: int, method: str = "bldm") -> torch.Tensor:
     """Initial packing of ``items [2, rows, R]`` (sorted heaviest first) → ``[2, S, rows, P]``."""
+    return _construct(items, num_gpus, method)[0]
+
+
+def _construct(
+    items: torch.Tensor, num_gpus: int, method: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(state, suspects)``: ``suspects [n]`` rows that may break anti-affinity, or
+    ``None`` when any row may."""
     if method == "lpt":
-        return _construct_lpt(items, num_gpus)
+        return _construct_lpt(items, num_gpus), None
     return _construct_bldm(items, num_gpus)
 
 
@@ -219,28 +322,39 @@ def _conflicts(state: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def repair_conflicts(state: torch.Tensor, allow_shared: torch.Tensor | None = None) -> torch.Tensor:
+def repair_conflicts(
+    state: torch.Tensor,
+    allow_shared: torch.Tensor | None = None,
+    suspects: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Remove anti-affinity conflicts: each pass moves one conflicting replica per row to
     the slot whose swap gives the smallest new peak, never creating a new conflict.
 
     Only rows in conflict are worked on (usually a minority). Rows still in conflict after
     ``P·S`` passes (none in practice) are re-dealt round-robin, which is always
     anti-affine. ``allow_shared [rows]`` marks rows holding an expert with more replicas
-    than GPUs: they are spread round-robin instead.
+    than GPUs: they are spread round-robin instead. ``suspects [n]``, when given, are
+    the only rows that may be in conflict (the others are not scanned).
     """
     _, slots, _rows, num_gpus = state.shape
     if allow_shared is not None and bool(allow_shared.any()):
         state = state.clone()
         state[:, :, allow_shared] = _round_robin_state(state[:, :, allow_shared])
-    conflict = _conflicts(state)
+    if suspects is None:
+        suspects = torch.arange(state.shape[2], device=state.device)
+        conflict = _conflicts(state)
+    elif len(suspects):
+        conflict = _conflicts(state[:, :, suspects])
+    else:
+        return state
     bad = conflict.any(0).any(1)
     if allow_shared is not None:
-        bad &= ~allow_shared
+        bad &= ~allow_shared[suspects]
     if not bool(bad.any()):
         return state
-    rows = bad.nonzero()[:, 0]
+    rows = suspects[bad]
     sub = state[:, :, rows]  # a copy: fix it, then write it back
-    conflict = conflict[:, rows]  # [S, n, P]
+    conflict = conflict[:, bad]  # [S, n, P]
     buffers: dict[str, torch.Tensor] = {}
     for _ in range(num_gpus * slots):
         on_gpu = conflict.any(0)  # [n, P]
@@ -608,13 +722,14 @@ def pack(
             allow_shared = allow_shared.repeat(cands)
         if floor is not None:
             floor = floor.repeat(cands)
+    suspects = None  # the caller's start state: scan every row for conflicts
     if start is not None:
         rest = construct(items[:, rows:], num_gpus, options.construction) if cands > 1 else None
         # a copy: refinement writes in place, and start is the caller's
         state = start.clone() if rest is None else torch.cat([start, rest], 2)
     else:
-        state = construct(items, num_gpus, options.construction)
-    state = repair_conflicts(state, allow_shared)
+        state, suspects = _construct(items, num_gpus, options.construction)
+    state = repair_conflicts(state, allow_shared, suspects)
     open_rows = None
     if floor is not None:
         above = max_load(state) > floor * (1 + 1e-6)
