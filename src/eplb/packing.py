@@ -164,12 +164,56 @@ def _construct_bldm(items: torch.Tensor, num_gpus: int) -> tuple[torch.Tensor, t
         expert = expert.ravel()[flat].reshape(order.shape)
         items = items.gather(2, torch.from_numpy(order).to(items.device).expand(2, -1, -1))
     gpu = _bldm_gpus(load, num_gpus)
-    suspects = torch.from_numpy(_split_clashes(expert, gpu, num_gpus)).to(items.device)
-    return _deal(items, torch.from_numpy(gpu).to(items.device), num_gpus), suspects
+    suspects = _settle_clashes(expert, gpu, num_gpus)
+    state = _deal(items, torch.from_numpy(gpu).to(items.device), num_gpus)
+    return state, torch.from_numpy(suspects).to(items.device)
 
 
-def _split_clashes(expert: np.ndarray, gpu: np.ndarray, num_gpus: int) -> np.ndarray:
-    """Rows where replicas of a run split by a round boundary share a GPU.
+def _settle_clashes(
+    expert: np.ndarray, gpu: np.ndarray, num_gpus: int, passes: int = 4
+) -> np.ndarray:
+    """Separate replicas that :func:`_split_clashes` finds on one GPU, in place: each pass
+    swaps the GPU of one clashing replica per row with the nearest item of its round (the
+    closest load) for which the swap is legal (neither GPU already holds the expert it
+    receives, so no new clash appears). Returns the rows still clashing (rare)."""
+    num_items = expert.shape[1]
+    slots = num_items // num_gpus
+    step = np.arange(1, num_gpus)
+    offsets = np.stack([step, -step], 1).ravel()  # nearest first: +1, −1, +2, −2, ...
+    for _ in range(passes if num_gpus > 1 else 0):
+        row, item = _split_clashes(expert, gpu, num_gpus)
+        if not len(row):
+            break
+        n = np.arange(len(row))[:, None]
+        # experts on every GPU of the clashing rows: [n, P, S] (one replica per round)
+        grid = np.empty((len(row), num_gpus, slots), np.int64)
+        grid[n, gpu[row], np.arange(num_items) // num_gpus] = expert[row]
+        other = item[:, None] + offsets
+        start = (item - item % num_gpus)[:, None]
+        inside = (other >= start) & (other < start + num_gpus)
+        other = np.clip(other, 0, num_items - 1)
+        e_item, g_item = expert[row, item], gpu[row, item]
+        e_other, g_other = expert[row[:, None], other], gpu[row[:, None], other]
+        legal = (
+            inside
+            & (e_other != e_item[:, None])
+            & ~(grid[n, g_item[:, None]] == e_other[:, :, None]).any(2)
+            & ~(grid[n, g_other] == e_item[:, None, None]).any(2)
+        )
+        pick = legal.argmax(1)
+        ok = legal[n[:, 0], pick]
+        row, item, other = row[ok], item[ok], other[ok, pick[ok]]
+        gpu[row, item], gpu[row, other] = gpu[row, other], gpu[row, item]
+        if not ok.all():
+            break
+    return np.unique(_split_clashes(expert, gpu, num_gpus)[0])
+
+
+def _split_clashes(
+    expert: np.ndarray, gpu: np.ndarray, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, items)``: the rows where replicas of a run split by a round boundary share
+    a GPU, and in each the later replica of its first such pair.
 
     Within a round every item gets its own GPU, and a run of at most ``P`` replicas spans
     at most two rounds, so these are all the anti-affinity conflicts of a dealing (runs
@@ -178,8 +222,9 @@ def _split_clashes(expert: np.ndarray, gpu: np.ndarray, num_gpus: int) -> np.nda
     slots = expert.shape[1] // num_gpus
     boundary = np.arange(1, slots) * num_gpus
     row, cut = (expert[:, boundary - 1] == expert[:, boundary]).nonzero()
+    none = np.zeros(0, np.int64)
     if not len(row):
-        return np.zeros(0, np.int64)
+        return none, none
     cut = boundary[cut][:, None]
     run = expert[row, cut[:, 0]][:, None]
     back = cut - 1 - np.arange(num_gpus)  # the round before the boundary, nearest first
@@ -190,7 +235,13 @@ def _split_clashes(expert: np.ndarray, gpu: np.ndarray, num_gpus: int) -> np.nda
         & (expert[rows, ahead] == run)[:, None, :]
         & (gpu[rows, back][:, :, None] == gpu[rows, ahead][:, None, :])
     )
-    return np.unique(row[same.any((1, 2))])
+    clash = same.any(1)  # [K, P] replicas after the boundary that meet one before it
+    hit = clash.any(1)
+    if not hit.any():
+        return none, none
+    row, ahead, clash = row[hit], ahead[hit], clash[hit]
+    first = np.unique(row, return_index=True)[1]  # splits are ordered by row
+    return row[first], ahead[first, clash[first].argmax(1)]
 
 
 def _whole_runs(expert: np.ndarray, num_gpus: int) -> np.ndarray | None:
