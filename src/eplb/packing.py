@@ -40,6 +40,7 @@ import torch
 from eplb.ordering import argsort_rows
 
 __all__ = [
+    "AUTO_PAIR_STEPS",
     "PackingOptions",
     "Tracking",
     "construct",
@@ -54,6 +55,8 @@ __all__ = [
 ]
 
 LOAD, EXPERT = 0, 1
+#: all-pairs L2 steps of the default search, where they pay (see PackingOptions)
+AUTO_PAIR_STEPS = 2
 _CONSTRUCTIONS = ("bldm", "lpt")
 
 
@@ -64,7 +67,10 @@ class PackingOptions:
     Attributes:
         num_candidates: randomised starts per row (the first is deterministic).
         pair_steps: steps of the all-pairs L2 swap search over paired GPUs (smooths
-            every GPU, up to ``P/2`` swaps per row per step).
+            every GPU, up to ``P/2`` swaps per row per step). ``None`` (default):
+            :data:`AUTO_PAIR_STEPS` where the heavy half of the GPUs (``P/2``)
+            outnumbers the polish steps, else none, since the polish then reaches every
+            heavy GPU by itself (measured: the pair steps change nothing there).
         max_steps: steps of the heaviest-GPU polish (one swap per row per step between
             the heaviest GPU and its best partner, aimed at the max load).
         construction: ``"bldm"`` (balanced largest differencing) or ``"lpt"``.
@@ -74,7 +80,7 @@ class PackingOptions:
     """
 
     num_candidates: int = 1
-    pair_steps: int = 4
+    pair_steps: int | None = None
     max_steps: int = 8
     construction: str = "bldm"
     noise: float = 0.05
@@ -82,6 +88,8 @@ class PackingOptions:
     def __post_init__(self) -> None:
         for name, low in (("num_candidates", 1), ("pair_steps", 0), ("max_steps", 0)):
             value = getattr(self, name)
+            if name == "pair_steps" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.construction not in _CONSTRUCTIONS:
@@ -90,6 +98,12 @@ class PackingOptions:
             )
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
+
+    def pair_steps_for(self, num_gpus: int) -> int:
+        """The all-pairs steps used for rows of ``num_gpus`` GPUs."""
+        if self.pair_steps is not None:
+            return self.pair_steps
+        return AUTO_PAIR_STEPS if num_gpus // 2 > self.max_steps else 0
 
     @classmethod
     def with_budget(cls, refine_steps: int, **kwargs: object) -> PackingOptions:
@@ -787,10 +801,10 @@ def pack(
         if not bool(above.all()):
             open_rows = above.nonzero()[:, 0]
     if open_rows is None:
-        state = refine(state, options.pair_steps, "pairs")
+        state = refine(state, options.pair_steps_for(num_gpus), "pairs")
         state = refine(state, options.max_steps, "max")
     elif len(open_rows):
-        sub = refine(state[:, :, open_rows], options.pair_steps, "pairs")
+        sub = refine(state[:, :, open_rows], options.pair_steps_for(num_gpus), "pairs")
         state[:, :, open_rows] = refine(sub, options.max_steps, "max")
     if cands > 1:
         _, slots, _, _ = state.shape

@@ -96,7 +96,8 @@ def refine_placement(
         origin_grid = origin_grid.gather(1, gpu[:, :, None].expand(-1, -1, slots))
         track.origin = origin_grid.permute(2, 0, 1).to(torch.float32)
         track.budget = budget
-    steps = max(options.packing.pair_steps + options.packing.max_steps, 2 * slots)
+    packing = options.packing
+    steps = max(packing.pair_steps_for(num_live) + packing.max_steps, 2 * slots)
     state = refine(state, steps, "pairs", track=track)
     if speed is None:  # the polish keeps GPUs in place; it does not weigh speeds
         state = refine(state, options.packing.max_steps, "max", track=track)
