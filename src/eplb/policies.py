@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from eplb.bounds import assignment_node_bounds, enumerated_node_bounds
@@ -279,21 +280,26 @@ class HierarchicalPolicy(PlacementPolicy):
     def balanced_groups(weight: torch.Tensor, topology: Topology) -> torch.Tensor:
         """``[L, G]`` DeepSeek's group assignment: heaviest group first, each to the lightest
         node that still has room for ``G/N`` groups."""
+        # G dependent steps on [L, N] arrays: NumPy on the host costs a fraction of torch
         num_layers = weight.shape[0]
         nodes, groups = topology.num_nodes, topology.num_groups
         per_node = groups // nodes
-        group_load = weight.view(num_layers, groups, -1).sum(2)
-        order = group_load.argsort(dim=1, descending=True, stable=True)
-        node_load = group_load.new_zeros(num_layers, nodes)
-        filled = torch.zeros(num_layers, nodes, dtype=torch.int64, device=weight.device)
-        node_of_group = torch.empty(num_layers, groups, dtype=torch.int64, device=weight.device)
+        group_load = weight.view(num_layers, groups, -1).sum(2).to(torch.float64).cpu().numpy()
+        order = np.argsort(-group_load, axis=1, kind="stable")  # heaviest first
+        sorted_load = np.take_along_axis(group_load, order, 1)
+        room = np.zeros((num_layers, nodes))  # node load; +inf once full
+        filled = np.zeros((num_layers, nodes), np.int64)
+        node_of_rank = np.empty((num_layers, groups), np.int64)
+        layer = np.arange(num_layers)
         for k in range(groups):
-            g = order[:, k : k + 1]
-            node = torch.where(filled < per_node, node_load, float("inf")).min(1, keepdim=True)
-            node_of_group.scatter_(1, g, node.indices)
-            node_load.scatter_add_(1, node.indices, group_load.gather(1, g))
-            filled.scatter_add_(1, node.indices, torch.ones_like(node.indices))
-        return node_of_group
+            node = room.argmin(1)  # first on ties, as DeepSeek's
+            node_of_rank[:, k] = node
+            room[layer, node] += sorted_load[:, k]
+            filled[layer, node] += 1
+            room[filled >= per_node] = np.inf
+        node_of_group = np.empty_like(node_of_rank)
+        np.put_along_axis(node_of_group, order, node_of_rank, 1)
+        return torch.from_numpy(node_of_group).to(weight.device)
 
 
 def _best_partition(
