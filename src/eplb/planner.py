@@ -97,10 +97,11 @@ def refine_placement(
         track.origin = origin_grid.permute(2, 0, 1).to(torch.float32)
         track.budget = budget
     packing = options.packing
-    steps = max(packing.pair_steps_for(num_live) + packing.max_steps, 2 * slots)
+    polish = packing.max_steps_for(num_live)
+    steps = max(packing.pair_steps_for(num_live) + polish, 2 * slots)
     state = refine(state, steps, "pairs", track=track)
     if speed is None:  # the polish keeps GPUs in place; it does not weigh speeds
-        state = refine(state, options.packing.max_steps, "max", track=track)
+        state = refine(state, polish, "max", track=track)
     # put every bin back on its GPU
     back = track.gpu.long().argsort(dim=1)
     state = state.gather(3, back.expand(2, slots, -1, -1))
