@@ -676,13 +676,36 @@ def _swap_from(
     ok = todo & (torch.isfinite(best) if must_move else best < load_u[:, 0] * (1 - 1e-7))
     if not bool(ok.any()):
         return state, ok, i
-    slot = i
-    r = ok.nonzero()[:, 0]
-    u, v, i, j = u[r], v[r], i[r], j[r]
-    item = state[:, i, r, u]
-    state[:, i, r, u] = state[:, j, r, v]
-    state[:, j, r, v] = item
-    return state, ok, slot
+    _swap_items(state, i, u, j, v, ok)
+    return state, ok, i
+
+
+def _swap_items(
+    state: torch.Tensor,
+    i: torch.Tensor,
+    u: torch.Tensor,
+    j: torch.Tensor,
+    v: torch.Tensor,
+    ok: torch.Tensor,
+) -> None:
+    """In place, per row where ``ok``: swap slot ``i`` of GPU ``u`` with slot ``j`` of GPU
+    ``v`` (all ``[rows]``). Rows not ``ok`` swap an item with itself: on a contiguous
+    state that is two flat copies, with no compaction."""
+    _, _slots, rows, num_gpus = state.shape
+    if not state.is_contiguous():  # a view of a larger state: index it directly
+        r = ok.nonzero()[:, 0]
+        i, u, j, v = i[r], u[r], j[r], v[r]
+        item = state[:, i, r, u]
+        state[:, i, r, u] = state[:, j, r, v]
+        state[:, j, r, v] = item
+        return
+    row = torch.arange(rows, device=state.device) * num_gpus
+    here = i * (rows * num_gpus) + row + u
+    there = torch.where(ok, j * (rows * num_gpus) + row + v, here)
+    flat = state.view(2, -1)
+    mine, theirs = flat.index_select(1, here), flat.index_select(1, there)
+    flat.index_copy_(1, here, theirs)
+    flat.index_copy_(1, there, mine)
 
 
 def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) -> torch.Tensor:
@@ -733,11 +756,7 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
             ok_or_rescued = ok
         if not bool(ok_or_rescued.any()):
             break
-        r = ok.nonzero()[:, 0]
-        i, j, u, v = i[r], j[r], u[r], v[r]
-        item = state[:, i, r, u]
-        state[:, i, r, u] = state[:, j, r, v]
-        state[:, j, r, v] = item
+        _swap_items(state, i, u, j, v, ok)
         todo = ok_or_rescued  # a row whose heaviest GPU cannot improve is done
     return state
 
