@@ -214,6 +214,28 @@ def test_wrong_number_of_dims(w):
         eplb.plan(w, 8, 2)
 
 
+@pytest.mark.parametrize(
+    ("w", "missing"), [(torch.zeros(0, 8), "no layers"), (torch.zeros(3, 0), "no experts")]
+)
+def test_empty_loads(w, missing):
+    with pytest.raises(ValueError, match=missing):
+        eplb.plan(w, 8, 2)
+
+
+@pytest.mark.parametrize("w", [float("nan"), float("inf"), -float("inf"), -1.0])
+def test_bad_value_in_float32_and_float64(w):
+    for dtype in (torch.float32, torch.float64):
+        loads = torch.ones(3, 8, dtype=dtype)
+        loads[2, 5] = w
+        with pytest.raises(ValueError, match=r"weight\[2, 5\]"):
+            eplb.plan(loads, 8, 2)
+
+
+def test_loads_whose_sum_overflows_are_accepted():
+    loads = torch.full((2, 8), 3e38, dtype=torch.float32)  # float32 sum is inf, values finite
+    eplb.plan(loads, 8, 2).validate()
+
+
 @pytest.mark.parametrize("w", ["loads", {"logical_count": [1, 2]}, None, 3.5])
 def test_non_tensor_input(w):
     with pytest.raises(TypeError, match=r"torch\.Tensor, numpy\.ndarray or a nested list"):

@@ -6,6 +6,7 @@ nothing here asserts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -57,23 +58,29 @@ def as_weight(weight: object, name: str = "weight") -> tuple[torch.Tensor, bool]
         )
     if tensor.shape[1] == 0:
         raise ValueError(f"{name} has no experts (shape {tuple(tensor.shape)})")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name} has no layers (shape {tuple(tensor.shape)})")
 
     if tensor.is_floating_point():
         tensor = tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    else:
+        tensor = tensor.to(torch.float64)
+    # one reduction pair and one sync for valid input: NaN makes the minimum NaN, ±inf
+    # makes it -inf or the sum inf; only then (or on a float overflow of the sum) search
+    lowest, total = torch.stack([tensor.amin(), tensor.sum()]).tolist()
+    if not (lowest >= 0 and math.isfinite(total)):
         finite = torch.isfinite(tensor)
         if not bool(finite.all()):
             layer, expert = (int(i) for i in (~finite).nonzero()[0])
             raise ValueError(
                 f"{name}[{layer}, {expert}] is {float(tensor[layer, expert])}; loads must be finite"
             )
-    else:
-        tensor = tensor.to(torch.float64)
-    negative = tensor < 0
-    if bool(negative.any()):
-        layer, expert = (int(i) for i in negative.nonzero()[0])
-        raise ValueError(
-            f"{name}[{layer}, {expert}] is {float(tensor[layer, expert])}; loads must be >= 0"
-        )
+        negative = tensor < 0
+        if bool(negative.any()):
+            layer, expert = (int(i) for i in negative.nonzero()[0])
+            raise ValueError(
+                f"{name}[{layer}, {expert}] is {float(tensor[layer, expert])}; loads must be >= 0"
+            )
     return tensor, one_layer
 
 
