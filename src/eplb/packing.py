@@ -205,10 +205,10 @@ def _settle_clashes(
     slots = num_items // num_gpus
     step = np.arange(1, num_gpus)
     offsets = np.stack([step, -step], 1).ravel()  # nearest first: +1, −1, +2, −2, ...
+    row, item = _split_clashes(expert, gpu, num_gpus)
     for _ in range(passes if num_gpus > 1 else 0):
-        row, item = _split_clashes(expert, gpu, num_gpus)
         if not len(row):
-            break
+            return row
         n = np.arange(len(row))[:, None]
         # experts on every GPU of the clashing rows: [n, P, S] (one replica per round)
         grid = np.empty((len(row), num_gpus, slots), np.int64)
@@ -229,9 +229,11 @@ def _settle_clashes(
         ok = legal[n[:, 0], pick]
         row, item, other = row[ok], item[ok], other[ok, pick[ok]]
         gpu[row, item], gpu[row, other] = gpu[row, other], gpu[row, item]
-        if not ok.all():
+        stuck = not ok.all()
+        row, item = _split_clashes(expert, gpu, num_gpus)
+        if stuck:
             break
-    return np.unique(_split_clashes(expert, gpu, num_gpus)[0])
+    return row  # one entry per row
 
 
 def _split_clashes(
@@ -711,6 +713,12 @@ def _swap_items(
     flat.index_copy_(1, there, mine)
 
 
+def _infinite_where(flag: torch.Tensor) -> torch.Tensor:
+    """float32 ``inf`` where ``flag`` (uint8) is set, else 0: a penalty to add (adding a
+    broadcast penalty is cheaper than masking with a broadcast boolean)."""
+    return torch.zeros(flag.shape, device=flag.device).masked_fill_(flag.bool(), float("inf"))
+
+
 def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) -> torch.Tensor:
     """Heaviest-GPU polish: per row and step, one swap between the heaviest GPU and the
     partner that lowers the pair's larger load the most. GPUs keep their positions, so
@@ -722,6 +730,7 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
     buffers: dict[str, torch.Tensor] = {}
     budgeted = track is not None and track.origin is not None and track.budget is not None
     big = (slots, slots, rows, num_gpus)
+    masked = False
     for _ in range(steps):
         loads = state[LOAD].sum(0)  # [rows, P]
         load_u, u = loads.max(1)
@@ -734,6 +743,12 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
         off = torch.sub(
             target[:, None], state[LOAD][None], out=_scratch(buffers, "off", big, state)
         ).abs_()  # [S_i, S_j, rows, P]
+        if masked:
+            # same[i, j, b, v]: u's item i and v's item j hold one expert; i may not go
+            # to a GPU holding its expert, nor j come to u (this also rules out v = u)
+            same = torch.eq(top[EXPERT][:, None, :, None], state[EXPERT][None])
+            same = same.view(torch.uint8)  # amax over a middle dim: far cheaper than any
+            off.add_(_infinite_where(same.amax(1))[:, None]).add_(_infinite_where(same.amax(0)))
         best, v = off.amin((0, 1)).add_(mid).min(1)  # [rows]: the partner with the least peak
         v_idx = v[None, None, :, None]
         on_v = state.gather(3, v_idx.expand(2, slots, rows, 1))[..., 0]
@@ -741,13 +756,21 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
         pos = pos.min(0).indices
         i, j = pos // slots, pos % slots
         ok = todo & (best < load_u * (1 - 1e-7))
-        # legality of the chosen swap only; rows whose best swap is illegal (rare) take
-        # the best legal one from the masked search
+        if masked:  # every finite choice is legal
+            if not bool(ok.any()):
+                break
+            _swap_items(state, i, u, j, v, ok)
+            todo = ok
+            continue
+        # legality of the chosen swap only; rows whose best swap is illegal take the best
+        # legal one from a search of their own, and later steps search legal swaps only
+        # (cheaper once illegal best swaps are common, as in few-GPU node rows)
         e_i = top[EXPERT].gather(0, i[None])
         e_j = on_v[EXPERT].gather(0, j[None])
         illegal = ok & ((on_v[EXPERT] == e_i).any(0) | (top[EXPERT] == e_j).any(0))
         ok &= ~illegal
         if bool(illegal.any()):
+            masked = True
             # few rows: search them alone
             stuck = illegal.nonzero()[:, 0]
             sub, rescued, _ = _swap_from(
