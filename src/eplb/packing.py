@@ -713,6 +713,11 @@ def _swap_items(
     flat.index_copy_(1, there, mine)
 
 
+# largest [S, S, rows, P] search worth masking for legality every step (a few passes over
+# it cost about one per-row rescue at this size)
+_MAX_MASKED_SEARCH = 1 << 16
+
+
 def _infinite_where(flag: torch.Tensor) -> torch.Tensor:
     """float32 ``inf`` where ``flag`` (uint8) is set, else 0: a penalty to add (adding a
     broadcast penalty is cheaper than masking with a broadcast boolean)."""
@@ -763,14 +768,15 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
             todo = ok
             continue
         # legality of the chosen swap only; rows whose best swap is illegal take the best
-        # legal one from a search of their own, and later steps search legal swaps only
-        # (cheaper once illegal best swaps are common, as in few-GPU node rows)
+        # legal one from a search of their own, and on small states later steps search
+        # legal swaps only (illegal best swaps are common in few-GPU node rows, and the
+        # masked search costs less than a rescue there)
         e_i = top[EXPERT].gather(0, i[None])
         e_j = on_v[EXPERT].gather(0, j[None])
         illegal = ok & ((on_v[EXPERT] == e_i).any(0) | (top[EXPERT] == e_j).any(0))
         ok &= ~illegal
         if bool(illegal.any()):
-            masked = True
+            masked = off.numel() <= _MAX_MASKED_SEARCH
             # few rows: search them alone
             stuck = illegal.nonzero()[:, 0]
             sub, rescued, _ = _swap_from(
