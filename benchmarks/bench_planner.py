@@ -147,7 +147,10 @@ ABLATIONS = {
     "no refinement": PackingOptions(pair_steps=0, max_steps=0),
     "max-GPU-only swaps (12 steps)": PackingOptions(pair_steps=0, max_steps=12),
     "all-pairs L2 swaps only (12 steps)": PackingOptions(pair_steps=12, max_steps=0),
-    f"L2 ({_DEFAULT.pair_steps}) then max-GPU polish ({_DEFAULT.max_steps}): default": _DEFAULT,
+    (
+        f"L2 ({_DEFAULT.pair_steps_for(32)}) then max-GPU polish "
+        f"({_DEFAULT.max_steps_for(32)}): default at P=32"
+    ): _DEFAULT,
     "L2 (16) then max-GPU polish (32)": PackingOptions(pair_steps=16, max_steps=32),
 }
 
