@@ -257,9 +257,13 @@ def _split_clashes(
     back = cut - 1 - np.arange(num_gpus)  # the round before the boundary, nearest first
     ahead = cut + np.arange(num_gpus)
     rows = row[:, None]
+    in_back, in_ahead = expert[rows, back] == run, expert[rows, ahead] == run  # [K, P]
+    # runs are contiguous: compare only as far as the longest part reaches, [K, w, w]
+    width = int(max(in_back.sum(1).max(), in_ahead.sum(1).max()))
+    back, ahead = back[:, :width], ahead[:, :width]
     same = (
-        (expert[rows, back] == run)[:, :, None]
-        & (expert[rows, ahead] == run)[:, None, :]
+        in_back[:, :width, None]
+        & in_ahead[:, None, :width]
         & (gpu[rows, back][:, :, None] == gpu[rows, ahead][:, None, :])
     )
     clash = same.any(1)  # [K, P] replicas after the boundary that meet one before it
