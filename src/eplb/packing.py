@@ -203,8 +203,10 @@ def _settle_clashes(
     receives, so no new clash appears). Returns the rows still clashing (rare)."""
     num_items = expert.shape[1]
     slots = num_items // num_gpus
-    step = np.arange(1, num_gpus)
-    offsets = np.stack([step, -step], 1).ravel()  # nearest first: +1, −1, +2, −2, ...
+    # the nearest items of the round first: +1, −1, +2, −2, ... (a window: farther ones
+    # would move more load, and what is left goes to the torch repair)
+    step = np.arange(1, min(num_gpus, _SETTLE_REACH + 1))
+    offsets = np.stack([step, -step], 1).ravel()
     row, item = _split_clashes(expert, gpu, num_gpus)
     for _ in range(passes if num_gpus > 1 else 0):
         if not len(row):
@@ -234,6 +236,10 @@ def _settle_clashes(
         if stuck:
             break
     return row  # one entry per row
+
+
+# how far (in items of the round) _settle_clashes looks for a swap partner
+_SETTLE_REACH = 16
 
 
 def _split_clashes(
