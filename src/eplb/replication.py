@@ -235,17 +235,18 @@ def expand_replicas(
         counts: ``[rows, E]`` replicas per expert, each row summing to ``R``.
 
     Returns:
-        ``(item_load [rows, R], item_expert [rows, R])``; an expert's replicas are adjacent.
+        ``(item_load [rows, R], item_expert [rows, R])`` on the weight's device; an
+        expert's replicas are adjacent. Runs in NumPy on the host (one sort, one repeat).
     """
-    rows, _num_experts = weight.shape
-    num_replicas = int(counts[0].sum())
-    per_replica = weight / counts
-    order = argsort_rows(per_replica, descending=True)
-    # mark where each expert's run of replicas starts; a running count of the marks is
-    # the rank of the expert owning every item (cheaper than repeat_interleave here)
-    start = counts.gather(1, order).cumsum(1)[:, :-1]
-    marks = torch.zeros(rows, num_replicas, dtype=torch.int64, device=weight.device)
-    marks.scatter_add_(1, start, torch.ones_like(start))
-    item_expert = order.gather(1, marks.cumsum_(1))
-    item_load = per_replica.gather(1, item_expert)
-    return item_load, item_expert
+    rows, num_experts = weight.shape
+    w = weight.detach().cpu().numpy()
+    c = counts.detach().cpu().numpy()
+    per_replica = (w / c).astype(w.dtype)
+    order = argsort_rows(torch.from_numpy(per_replica), descending=True).numpy()
+    # every expert's replicas, heaviest expert first, as flat [rows · E] indices
+    flat = (order + np.arange(rows)[:, None] * num_experts).ravel()
+    item = np.repeat(flat, c.ravel()[flat])
+    item_load = per_replica.ravel()[item].reshape(rows, -1)
+    item_expert = (item % num_experts).reshape(rows, -1)
+    device = weight.device
+    return torch.from_numpy(item_load).to(device), torch.from_numpy(item_expert).to(device)
