@@ -723,8 +723,9 @@ def _swap_items(
     flat.index_copy_(1, there, mine)
 
 
-# largest [S, S, rows, P] search worth masking for legality every step (a few passes over
-# it cost about one per-row rescue at this size)
+# largest [S, S, rows, P] search worth masking for legality in every step: a few passes
+# over it cost about one per-row rescue at this size (node rows: 43k; DeepSeek-V3 global
+# rows: 150k, where illegal best swaps are rare)
 _MAX_MASKED_SEARCH = 1 << 16
 
 
@@ -745,7 +746,9 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
     buffers: dict[str, torch.Tensor] = {}
     budgeted = track is not None and track.origin is not None and track.budget is not None
     big = (slots, slots, rows, num_gpus)
-    masked = False
+    # small states search legal swaps only from the start (illegal best swaps are
+    # common there); large ones check the chosen swap and rescue the rare illegal rows
+    masked = slots * slots * rows * num_gpus <= _MAX_MASKED_SEARCH
     for _ in range(steps):
         loads = state[LOAD].sum(0)  # [rows, P]
         load_u, u = loads.max(1)
@@ -777,16 +780,13 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
             _swap_items(state, i, u, j, v, ok)
             todo = ok
             continue
-        # legality of the chosen swap only; rows whose best swap is illegal take the best
-        # legal one from a search of their own, and on small states later steps search
-        # legal swaps only (illegal best swaps are common in few-GPU node rows, and the
-        # masked search costs less than a rescue there)
+        # legality of the chosen swap only; rows whose best swap is illegal (rare on
+        # large states) take the best legal one from a search of their own
         e_i = top[EXPERT].gather(0, i[None])
         e_j = on_v[EXPERT].gather(0, j[None])
         illegal = ok & ((on_v[EXPERT] == e_i).any(0) | (top[EXPERT] == e_j).any(0))
         ok &= ~illegal
         if bool(illegal.any()):
-            masked = off.numel() <= _MAX_MASKED_SEARCH
             # few rows: search them alone
             stuck = illegal.nonzero()[:, 0]
             sub, rescued, _ = _swap_from(
