@@ -114,8 +114,8 @@ def test_automatic_step_counts():
     default = PackingOptions()
     assert default.max_steps_for(32) == AUTO_MAX_STEPS
     assert default.pair_steps_for(32) == AUTO_PAIR_STEPS  # 16 heavy GPUs > 8 polish steps
-    assert default.max_steps_for(8) == 6 and default.pair_steps_for(8) == 0  # node rows
-    assert default.max_steps_for(2) == 3
+    assert default.max_steps_for(8) == 4 and default.pair_steps_for(8) == 0  # node rows
+    assert default.max_steps_for(2) == 4 and default.max_steps_for(1) == 4
     forced = PackingOptions(pair_steps=5, max_steps=1)
     assert forced.pair_steps_for(8) == 5 and forced.max_steps_for(1024) == 1
     with pytest.raises(ValueError, match="pair_steps"):

@@ -120,10 +120,10 @@ def plan(
         seed: seed of the randomised packing starts; same input and seed → same output.
         num_candidates: randomised packing starts per layer (default 1).
         refine_steps: most swap-refinement steps in total, a third of them all-pairs L2
-            steps (default: 8 heaviest-GPU polish steps, ``P/2 + 2`` for packing problems
-            of fewer GPUs, after 2 all-pairs steps where ``P/2`` exceeds the polish
-            steps: 10 steps for the DeepSeek-V3 shape, 6 for its 8-GPU nodes); both stop
-            early when converged.
+            steps (default: 8 heaviest-GPU polish steps, ``max(4, P/2)`` for problems of
+            fewer GPUs, after 2 all-pairs steps where ``P/2`` exceeds the polish steps:
+            10 steps for the DeepSeek-V3 shape, 4 for its 8-GPU nodes); both stop early
+            when converged.
         options: full :class:`PlanOptions` (replication portfolio, packing search).
         active_gpus: ``[P]`` bool; dead GPUs' slots get ``-1`` and hold nothing.
         gpu_speed: ``[P]`` relative speeds; the plan minimises the max of load / speed.

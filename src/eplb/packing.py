@@ -75,9 +75,9 @@ class PackingOptions:
             heavy GPU by itself (measured: the pair steps change nothing there).
         max_steps: steps of the heaviest-GPU polish (one swap per row per step between
             the heaviest GPU and its best partner, aimed at the max load). ``None``
-            (default): :data:`AUTO_MAX_STEPS`, or ``P/2 + 2`` for fewer GPUs, about one
-            step per GPU above the mean (measured on 8-GPU node rows: steps past the
-            sixth improve one row in 60).
+            (default): :data:`AUTO_MAX_STEPS`, or ``max(4, P/2)`` for fewer GPUs, about one
+            step per GPU above the mean (measured on the DeepSeek-V3 8-GPU node rows:
+            steps past the fourth close the hierarchical gap by 0.00004 at most).
         construction: ``"bldm"`` (balanced largest differencing) or ``"lpt"``.
         noise: relative perturbation of expert loads that orders randomised starts.
 
@@ -108,7 +108,7 @@ class PackingOptions:
         """The polish steps used for rows of ``num_gpus`` GPUs."""
         if self.max_steps is not None:
             return self.max_steps
-        return min(AUTO_MAX_STEPS, num_gpus // 2 + 2)
+        return min(AUTO_MAX_STEPS, max(4, num_gpus // 2))
 
     def pair_steps_for(self, num_gpus: int) -> int:
         """The all-pairs steps used for rows of ``num_gpus`` GPUs."""
