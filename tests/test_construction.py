@@ -114,6 +114,8 @@ def test_automatic_step_counts():
     default = PackingOptions()
     assert default.max_steps_for(32) == AUTO_MAX_STEPS
     assert default.pair_steps_for(32) == AUTO_PAIR_STEPS  # 16 heavy GPUs > 8 polish steps
+    assert default.pair_steps_for(128) == 3 * AUTO_PAIR_STEPS
+    assert default.pair_steps_for(16) == 0
     assert default.max_steps_for(8) == 4 and default.pair_steps_for(8) == 0  # node rows
     assert default.max_steps_for(2) == 4 and default.max_steps_for(1) == 4
     forced = PackingOptions(pair_steps=5, max_steps=1)

@@ -31,6 +31,7 @@ Steps:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -70,9 +71,9 @@ class PackingOptions:
         num_candidates: randomised starts per row (the first is deterministic).
         pair_steps: steps of the all-pairs L2 swap search over paired GPUs (smooths
             every GPU, up to ``P/2`` swaps per row per step). ``None`` (default):
-            :data:`AUTO_PAIR_STEPS` where the heavy half of the GPUs (``P/2``)
-            outnumbers the polish steps, else none, since the polish then reaches every
-            heavy GPU by itself (measured: the pair steps change nothing there).
+            :data:`AUTO_PAIR_STEPS` per doubling of the heavy half of the GPUs (``P/2``)
+            over the polish steps (2 at P = 32, 6 at P = 128), and none where the polish
+            reaches every heavy GPU by itself (measured: they change nothing there).
         max_steps: steps of the heaviest-GPU polish (one swap per row per step between
             the heaviest GPU and its best partner, aimed at the max load). ``None``
             (default): :data:`AUTO_MAX_STEPS`, or ``max(4, P/2)`` for fewer GPUs, about one
@@ -114,7 +115,11 @@ class PackingOptions:
         """The all-pairs steps used for rows of ``num_gpus`` GPUs."""
         if self.pair_steps is not None:
             return self.pair_steps
-        return AUTO_PAIR_STEPS if num_gpus // 2 > self.max_steps_for(num_gpus) else 0
+        heavy_per_polish_step = num_gpus / (2 * max(1, self.max_steps_for(num_gpus)))
+        if heavy_per_polish_step <= 1:
+            return 0
+        # more GPUs than the polish can visit: 2 steps per doubling (2 at P = 32, 6 at 128)
+        return AUTO_PAIR_STEPS * math.ceil(math.log2(heavy_per_polish_step))
 
     @classmethod
     def with_budget(cls, refine_steps: int, **kwargs: object) -> PackingOptions:
