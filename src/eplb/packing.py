@@ -700,6 +700,12 @@ def _swap_from(
     return state, ok, i
 
 
+@lru_cache(maxsize=64)
+def _row_offsets(rows: int, num_gpus: int, device: torch.device) -> torch.Tensor:
+    """``[rows]`` flat offset of every row's first GPU (cached: read-only)."""
+    return torch.arange(rows, device=device) * num_gpus
+
+
 def _swap_items(
     state: torch.Tensor,
     i: torch.Tensor,
@@ -719,9 +725,10 @@ def _swap_items(
         state[:, i, r, u] = state[:, j, r, v]
         state[:, j, r, v] = item
         return
-    row = torch.arange(rows, device=state.device) * num_gpus
-    here = i * (rows * num_gpus) + row + u
-    there = torch.where(ok, j * (rows * num_gpus) + row + v, here)
+    row = _row_offsets(rows, num_gpus, state.device)
+    stride = rows * num_gpus  # between slots
+    here = torch.add(row, i, alpha=stride).add_(u)
+    there = torch.where(ok, torch.add(row, j, alpha=stride).add_(v), here)
     flat = state.view(2, -1)
     mine, theirs = flat.index_select(1, here), flat.index_select(1, there)
     flat.index_copy_(1, here, theirs)
