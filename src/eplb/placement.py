@@ -141,11 +141,14 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     maxcnt = max(int(counts[:, :num_experts].max()), 1) if counts.size else 1
     if has_empty:
         rank = np.minimum(rank, maxcnt - 1)  # the spare expert may hold more
-    table = np.full((num_layers, width, maxcnt), -1, dtype=np.int64)
-    table.ravel()[(sorted_expert * maxcnt + rank).ravel()] = sorted_slot.ravel()
-    log2phy = torch.from_numpy(table)[:, :num_experts]
-    logcnt = torch.from_numpy(counts)[:, :num_experts]
-    return log2phy.to(phy2log.device), logcnt.to(phy2log.device)
+    # the table itself (L·E·maxcnt, large when one expert has many replicas) is filled on
+    # the output device; only the [L, R] indices cross from the host
+    device = phy2log.device
+    table = torch.full((num_layers, width, maxcnt), -1, dtype=torch.int64, device=device)
+    target = torch.from_numpy((sorted_expert * maxcnt + rank).ravel()).to(device)
+    table.view(-1)[target] = torch.from_numpy(sorted_slot.ravel()).to(device)
+    logcnt = torch.from_numpy(counts)[:, :num_experts].to(device)
+    return table[:, :num_experts], logcnt
 
 
 @dataclass(frozen=True, eq=False)
