@@ -761,29 +761,33 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
     # small states search legal swaps only from the start (illegal best swaps are
     # common there); large ones check the chosen swap and rescue the rare illegal rows
     masked = slots * slots * rows * num_gpus <= _MAX_MASKED_SEARCH
+    # views made once (swaps write in place): GPU columns are fetched by flat index
+    state = state.contiguous()
+    columns = state.view(2 * slots, rows * num_gpus)
+    load, expert = state[LOAD], state[EXPERT]
+    row = _row_offsets(rows, num_gpus, device)
+    off = _scratch(buffers, "off", big, state)
+    off_columns = off.view(slots * slots, rows * num_gpus)
     for _ in range(steps):
-        loads = state[LOAD].sum(0)  # [rows, P]
+        loads = load.sum(0)  # [rows, P]
         load_u, u = loads.max(1)
         if budgeted:
-            todo &= _moves(state[EXPERT], track.origin) + 2 <= track.budget
-        top = state.gather(3, u[None, None, :, None].expand(2, slots, rows, 1))[..., 0]
+            todo &= _moves(expert, track.origin) + 2 <= track.budget
+        top_load, top_expert = columns.index_select(1, row + u).view(2, slots, rows)
         # after swapping δ = w_i − w_j the pair's larger load is (L_u + L_v)/2 + |δ − gap/2|
         mid = torch.add(loads, load_u[:, None]).mul_(0.5)  # [rows, P]
-        target = top[LOAD][:, :, None] - load_u[:, None] + mid  # w_i − gap/2: [S, rows, P]
-        off = torch.sub(
-            target[:, None], state[LOAD][None], out=_scratch(buffers, "off", big, state)
-        ).abs_()  # [S_i, S_j, rows, P]
+        target = (top_load - load_u)[:, :, None] + mid  # w_i − gap/2: [S, rows, P]
+        torch.sub(target[:, None], load[None], out=off).abs_()  # [S_i, S_j, rows, P]
         if masked:
             # same[i, j, b, v]: u's item i and v's item j hold one expert; i may not go
             # to a GPU holding its expert, nor j come to u (this also rules out v = u)
-            same = torch.eq(top[EXPERT][:, None, :, None], state[EXPERT][None])
+            same = torch.eq(top_expert[:, None, :, None], expert[None])
             same = same.view(torch.uint8)  # amax over a middle dim: far cheaper than any
             off.add_(_infinite_where(same.amax(1))[:, None]).add_(_infinite_where(same.amax(0)))
         best, v = off.amin((0, 1)).add_(mid).min(1)  # [rows]: the partner with the least peak
-        v_idx = v[None, None, :, None]
-        on_v = state.gather(3, v_idx.expand(2, slots, rows, 1))[..., 0]
-        pos = off.gather(3, v_idx.expand(slots, slots, rows, 1)).view(slots * slots, rows)
-        pos = pos.min(0).indices
+        column_v = row + v
+        on_v_expert = columns.index_select(1, column_v).view(2, slots, rows)[EXPERT]
+        pos = off_columns.index_select(1, column_v).min(0).indices  # [rows] over S·S
         i, j = pos // slots, pos % slots
         ok = todo & (best < load_u * (1 - 1e-7))
         if masked:  # every finite choice is legal
@@ -794,9 +798,9 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
             continue
         # legality of the chosen swap only; rows whose best swap is illegal (rare on
         # large states) take the best legal one from a search of their own
-        e_i = top[EXPERT].gather(0, i[None])
-        e_j = on_v[EXPERT].gather(0, j[None])
-        illegal = ok & ((on_v[EXPERT] == e_i).any(0) | (top[EXPERT] == e_j).any(0))
+        e_i = top_expert.gather(0, i[None])
+        e_j = on_v_expert.gather(0, j[None])
+        illegal = ok & ((on_v_expert == e_i).any(0) | (top_expert == e_j).any(0))
         ok &= ~illegal
         if bool(illegal.any()):
             # few rows: search them alone
