@@ -212,7 +212,7 @@ def _settle_clashes(
     # would move more load, and what is left goes to the torch repair)
     step = np.arange(1, min(num_gpus, _SETTLE_REACH + 1))
     offsets = np.stack([step, -step], 1).ravel()
-    row, item = _split_clashes(expert, gpu, num_gpus)
+    row, item, single = _split_clashes(expert, gpu, num_gpus)
     for _ in range(passes if num_gpus > 1 else 0):
         if not len(row):
             return row
@@ -236,8 +236,10 @@ def _settle_clashes(
         ok = legal[n[:, 0], pick]
         row, item, other = row[ok], item[ok], other[ok, pick[ok]]
         gpu[row, item], gpu[row, other] = gpu[row, other], gpu[row, item]
+        if ok.all() and single:  # a legal swap creates no clash: nothing is left
+            return row[:0]
         stuck = not ok.all()
-        row, item = _split_clashes(expert, gpu, num_gpus)
+        row, item, single = _split_clashes(expert, gpu, num_gpus)
         if stuck:
             break
     return row  # one entry per row
@@ -249,9 +251,10 @@ _SETTLE_REACH = 16
 
 def _split_clashes(
     expert: np.ndarray, gpu: np.ndarray, num_gpus: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(rows, items)``: the rows where replicas of a run split by a round boundary share
-    a GPU, and in each the later replica of its first such pair.
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``(rows, items, single)``: the rows where replicas of a run split by a round
+    boundary share a GPU, in each the later replica of its first such pair, and whether
+    that is the only clashing replica of every row.
 
     Within a round every item gets its own GPU, and a run of at most ``P`` replicas spans
     at most two rounds, so these are all the anti-affinity conflicts of a dealing (runs
@@ -262,7 +265,7 @@ def _split_clashes(
     row, cut = (expert[:, boundary - 1] == expert[:, boundary]).nonzero()
     none = np.zeros(0, np.int64)
     if not len(row):
-        return none, none
+        return none, none, True
     cut = boundary[cut][:, None]
     run = expert[row, cut[:, 0]][:, None]
     back = cut - 1 - np.arange(num_gpus)  # the round before the boundary, nearest first
@@ -280,10 +283,10 @@ def _split_clashes(
     clash = same.any(1)  # [K, P] replicas after the boundary that meet one before it
     hit = clash.any(1)
     if not hit.any():
-        return none, none
+        return none, none, True
     row, ahead, clash = row[hit], ahead[hit], clash[hit]
     first = np.unique(row, return_index=True)[1]  # splits are ordered by row
-    return row[first], ahead[first, clash[first].argmax(1)]
+    return row[first], ahead[first, clash[first].argmax(1)], int(clash.sum()) == len(first)
 
 
 def _whole_runs(expert: np.ndarray, num_gpus: int) -> np.ndarray | None:

@@ -241,12 +241,12 @@ def expand_replicas(
     rows, num_experts = weight.shape
     w = weight.detach().cpu().numpy()
     c = counts.detach().cpu().numpy()
-    per_replica = (w / c).astype(w.dtype)
+    per_replica = (w / c).astype(w.dtype, copy=False)
     order = argsort_rows(torch.from_numpy(per_replica), descending=True).numpy()
     # every expert's replicas, heaviest expert first, as flat [rows · E] indices
     flat = (order + np.arange(rows)[:, None] * num_experts).ravel()
-    item = np.repeat(flat, c.ravel()[flat])
-    item_load = per_replica.ravel()[item].reshape(rows, -1)
-    item_expert = (item % num_experts).reshape(rows, -1)
+    times = c.ravel()[flat]
+    item_load = np.repeat(per_replica.ravel()[flat], times).reshape(rows, -1)
+    item_expert = np.repeat(order.ravel(), times).reshape(rows, -1)
     device = weight.device
     return torch.from_numpy(item_load).to(device), torch.from_numpy(item_expert).to(device)
