@@ -1,4 +1,4 @@
-"""``eplb.ordering``: the NumPy fast paths give torch's stable order and top-k sets."""
+"""``eplb.ordering.argsort_rows``: the NumPy fast path gives torch's stable order."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from eplb.ordering import argsort_rows, sort_rows, top_indices
+from eplb.ordering import argsort_rows
 
 
 def reference(keys: torch.Tensor, descending: bool) -> torch.Tensor:
@@ -47,40 +47,3 @@ def test_integers_match_torch_stable_sort(values, descending):
 def test_long_rows_fall_back_to_torch():
     keys = torch.randint(0, 3, (2, (1 << 16) + 5))
     assert torch.equal(argsort_rows(keys), reference(keys, False))
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    values=arrays(
-        "float32",
-        st.tuples(st.integers(1, 6), st.integers(1, 300)),
-        elements=st.sampled_from([0.0, 1.0, 2.5, 1e-30, 3e30]) | st.floats(0, 1e6, width=32),
-    )
-)
-def test_sort_rows_matches_torch_stable_sort(values):
-    keys = torch.from_numpy(values)
-    ordered, order = sort_rows(keys)
-    expected = torch.sort(keys, dim=1, stable=True)
-    assert ordered.dtype == keys.dtype
-    assert torch.equal(order, expected.indices)
-    assert torch.equal(ordered, expected.values)
-
-
-@settings(max_examples=60, deadline=None)
-@given(
-    values=arrays(
-        "float64",
-        st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 200)),
-        elements=st.sampled_from([0.0, 1.0, 2.5]) | st.floats(0, 1e6),
-    ),
-    data=st.data(),
-)
-def test_top_indices_selects_the_largest(values, data):
-    keys = torch.from_numpy(values)
-    k = data.draw(st.integers(1, keys.shape[-1]))
-    picked = top_indices(keys, k)
-    assert picked.shape == (*keys.shape[:-1], k)
-    # distinct positions, and their values are the k largest (as a multiset)
-    assert (picked.sort(-1).values.diff(dim=-1) > 0).all()
-    chosen = keys.gather(-1, picked).sort(-1).values
-    assert torch.equal(chosen, keys.topk(k, dim=-1).values.sort(-1).values)

@@ -1,12 +1,13 @@
-"""Row-wise orderings (sorts and top-k), fast on CPU.
+"""Row-wise stable orderings, fast on CPU.
 
-Torch's CPU sort and top-k cost 20–40 ns per element on rows of a few hundred, unless the
-branch predictor has already seen the same data (microbenchmarks that re-sort one tensor
-flatter them 3×). NumPy's SIMD sort of int64 and its introselect are 2–4× faster there.
+Torch's CPU sort costs 20–40 ns per element on rows of a few hundred, unless the branch
+predictor has already seen the same data (microbenchmarks that re-sort one tensor flatter
+it 3×). NumPy's SIMD sort of int64 is 2–4× faster there.
 On CPU every key is packed with its position into one unique int64
 (``key << 16 | position``), so any sort algorithm returns the stable order, and the
 positions are read back from the low bits. Other devices, and rows longer than 2**16,
-use torch. Both give the same order (top-k sets may differ on ties).
+use torch. Both give the same order. (For rows of a few dozen, the conversions cost more
+than they save: there torch's own argsort is the faster one.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["argsort_rows", "sort_rows", "top_indices"]
+__all__ = ["argsort_rows"]
 
 _POSITION_BITS = 16
 _POSITION_MASK = (1 << _POSITION_BITS) - 1
@@ -49,26 +50,3 @@ def argsort_rows(keys: torch.Tensor, descending: bool = False) -> torch.Tensor:
     packed = (bits << _POSITION_BITS) | np.arange(keys.shape[1], dtype=np.int64)
     packed.sort(axis=1)
     return torch.from_numpy(packed & _POSITION_MASK)
-
-
-def sort_rows(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sorted [rows, n], order [rows, n])``: non-negative float32 ``values`` sorted
-    ascending along dim 1, stably (``sorted = values.gather(1, order)``)."""
-    if not _use_numpy(values):
-        return torch.sort(values, dim=1, stable=True)
-    packed = (_packed_bits(values) << _POSITION_BITS) | np.arange(values.shape[1], dtype=np.int64)
-    packed.sort(axis=1)
-    order = torch.from_numpy(packed & _POSITION_MASK)
-    # the high bits are the float32 bit patterns: decode instead of gathering
-    ordered = torch.from_numpy((packed >> _POSITION_BITS).astype(np.int32)).view(torch.float32)
-    return ordered.to(values.dtype), order
-
-
-def top_indices(values: torch.Tensor, k: int) -> torch.Tensor:
-    """``[..., k]`` indices of the ``k`` largest entries along the last dim, in no
-    particular order (ties broken arbitrarily but deterministically)."""
-    n = values.shape[-1]
-    if values.device.type != "cpu" or k >= n:
-        return values.topk(k, dim=-1, sorted=False).indices
-    part = np.argpartition(values.numpy(), n - k, axis=-1)[..., n - k :]
-    return torch.from_numpy(np.ascontiguousarray(part))

@@ -38,8 +38,6 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from eplb.ordering import argsort_rows
-
 __all__ = [
     "AUTO_MAX_STEPS",
     "AUTO_PAIR_STEPS",
@@ -566,7 +564,7 @@ def refine(
     for step in range(steps):
         loads = state[LOAD].sum(0)  # [rows, P]
         pressure = loads if speed is None else loads / speed
-        perm = argsort_rows(pressure).index_select(1, pairings[step % len(pairings)])
+        perm = pressure.argsort(dim=1).index_select(1, pairings[step % len(pairings)])
         # permute every row's GPUs: one flat index_select (cheaper than a 4-D gather)
         flat = (perm + row_offset).view(-1)
         state = state.reshape(2 * slots, -1).index_select(1, flat).view(expand)
