@@ -5,7 +5,7 @@ All functions work on a batch of rows (``rows`` = layers, or layers × nodes) at
 Every allocation here is a *priority rule*: the step that takes expert ``e`` from ``c`` to
 ``c + 1`` replicas has a priority ``f(w_e, c)`` that falls as ``c`` grows. Starting every
 expert at one replica and granting the ``R - E`` highest-priority steps gives the rule's
-allocation in one ``topk``, with no sequential loop:
+allocation in one top-k selection, with no sequential loop:
 
 - divisor rules ``w / (c + δ)``: ``δ = 0`` is Jefferson/D'Hondt (DeepSeek's rule, it
   minimises the largest replica load); ``δ < 0`` favours cold experts less and hot experts
