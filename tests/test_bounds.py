@@ -20,7 +20,9 @@ import eplb
 from eplb.baselines import plan_greedy
 from eplb.bounds import (
     balancedness_ceiling,
+    enumerated_node_bounds,
     group_partitions,
+    hierarchical_node_bounds,
     layer_ceiling,
     layer_lower_bound,
 )
@@ -263,3 +265,12 @@ def test_bound_with_dead_gpus():
     assert p.balancedness(w) <= balancedness_ceiling(w, 40, 8, active_gpus=active) * (1 + REL)
     with pytest.raises(ValueError, match="full cluster"):
         layer_lower_bound(w, 40, 8, 2, 4, policy="hierarchical", active_gpus=active)
+
+
+def test_node_bounds_of_any_assignment_match_the_cached_enumeration():
+    g = torch.Generator().manual_seed(3)
+    w = torch.exp(torch.randn(5, 64, generator=g, dtype=torch.float64))
+    partitions, per_node = enumerated_node_bounds(w, 72, 8, 4, 8)
+    assert torch.equal(partitions, group_partitions(8, 4))
+    general = hierarchical_node_bounds(w, group_partitions(8, 4), 72, 8, 4, 8, per_node=True)
+    assert torch.allclose(general, per_node, rtol=1e-12, atol=0)

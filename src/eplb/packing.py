@@ -716,16 +716,10 @@ def _swap_items(
     ok: torch.Tensor,
 ) -> None:
     """In place, per row where ``ok``: swap slot ``i`` of GPU ``u`` with slot ``j`` of GPU
-    ``v`` (all ``[rows]``). Rows not ``ok`` swap an item with itself: on a contiguous
-    state that is two flat copies, with no compaction."""
+    ``v`` (all ``[rows]``). Rows not ``ok`` swap an item with itself: two flat copies,
+    no compaction. ``state`` must be contiguous (the polish makes it so; the rescue and
+    repair work on indexed copies)."""
     _, _slots, rows, num_gpus = state.shape
-    if not state.is_contiguous():  # a view of a larger state: index it directly
-        r = ok.nonzero()[:, 0]
-        i, u, j, v = i[r], u[r], j[r], v[r]
-        item = state[:, i, r, u]
-        state[:, i, r, u] = state[:, j, r, v]
-        state[:, j, r, v] = item
-        return
     row = _row_offsets(rows, num_gpus, state.device)
     stride = rows * num_gpus  # between slots
     here = torch.add(row, i, alpha=stride).add_(u)
