@@ -15,9 +15,14 @@ Steps:
 1. :func:`construct` — balanced largest differencing (BLDM, Karmarkar–Karp for equal
    cardinalities): items sorted heaviest first form ``S`` rounds of ``P``; repeatedly the two
    partial solutions with the largest spread are merged, heaviest subset of one with the
-   lightest of the other. ``"lpt"`` (round-based LPT) is the cheaper alternative.
+   lightest of the other. Only replicas of an expert split over two rounds can meet on one
+   GPU, so runs are first moved into one round where possible and the few clashes left are
+   settled by the nearest legal swap in their round. This step is a chain of small
+   dependent array operations and runs in NumPy on the host for every device.
+   ``"lpt"`` (round-based LPT, in torch) is the cheaper alternative.
 2. :func:`repair_conflicts` — anti-affinity: move a second replica of an expert off a GPU
-   by the cheapest legal swap (rare: only replicas that straddle two rounds can collide).
+   by the cheapest legal swap, on the rows the construction could not settle (none on the
+   real loads) or on any row of a state the caller built.
 3. :func:`refine` — the vectorized all-pairs swap search. GPUs are paired (k-th heaviest
    with a light partner); for every pair and every item pair ``(i in u, j in v)`` the
    change in Σ load² of a swap is ``2·δ·(L_v − L_u + δ)`` with ``δ = w_i − w_j``, so the
@@ -26,7 +31,8 @@ Steps:
    improves and is legal, up to ``P/2`` swaps per row per step. The pairing rotates across
    steps so heavy GPUs meet many light ones; memory is ``[S, S, rows, P/2]`` instead of the
    ``[rows, P, P, S, S]`` of the full search. The heaviest-GPU polish that follows uses the
-   same criterion against every partner.
+   same criterion against every partner. Step counts are automatic per problem size
+   (:class:`PackingOptions`).
 """
 
 from __future__ import annotations
