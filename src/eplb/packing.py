@@ -186,8 +186,9 @@ def _construct_bldm(items: torch.Tensor, num_gpus: int) -> tuple[torch.Tensor, t
 
     The rounds are first rearranged so that an expert's replicas share one round where
     they can (:func:`_whole_runs`): only replicas split over two rounds can meet on one
-    GPU, so this avoids most anti-affinity conflicts, and the few left are located
-    exactly (:func:`_split_clashes`). Returns ``(state, rows that may hold a conflict)``.
+    GPU, so this avoids most anti-affinity conflicts, and the few left are settled by a
+    legal same-round swap (:func:`_settle_clashes`). Returns ``(state, rows still in
+    conflict)``, usually none, for :func:`repair_conflicts`.
     """
     host = items.to(torch.float32).cpu().numpy()
     load, expert = host[LOAD], host[EXPERT].astype(np.int64)
@@ -565,7 +566,7 @@ def refine(
     spent = None if origin is None else _moves(state[EXPERT], origin)
     buffers: dict[str, torch.Tensor] = {}
     big = (slots, slots, rows, half)
-    row_offset = torch.arange(rows, device=state.device)[:, None] * num_gpus
+    row_offset = _row_offsets(rows, num_gpus, state.device)[:, None]
     idle = 0
     for step in range(steps):
         loads = state[LOAD].sum(0)  # [rows, P]
