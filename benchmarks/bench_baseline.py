@@ -1,4 +1,4 @@
-"""Balancedness and speed of eplb.baselines (DeepSeek's greedy EPLB) on the real DeepSeek-V3 loads.
+"""Balancedness and speed of eplb.core.baselines (DeepSeek's greedy EPLB) on the real DeepSeek-V3 loads.
 
 Usage:
     .venv/bin/python benchmarks/bench_baseline.py [--repeats 9] [--original DIR]
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from eplb.baselines import plan_greedy
-from eplb.placement import Placement, Topology
+from eplb.core.baselines import plan_greedy
+from eplb.core.placement import Placement, Topology
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
 R, P, G, N = 288, 32, 8, 4

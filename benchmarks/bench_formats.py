@@ -66,13 +66,13 @@ print(out.stdout.strip(), kib)
 def make_history(path: Path, target_mb: float, seed: int = 0) -> int:
     """Write a vLLM load-history JSON of about ``target_mb`` MB; return the step count.
 
-    Loads follow eplb.workloads when it is available, else a log-normal skew with
+    Loads follow eplb.tools.generator when it is available, else a log-normal skew with
     per-step Poisson noise (integer token counts, like vLLM's recorder).
     """
     rng = np.random.default_rng(seed)
     target = int(target_mb * 1e6)
     try:
-        from eplb.workloads import generate_trace
+        from eplb.tools.generator import generate_trace
 
         base = generate_trace("deepseek-v3", steps=64, seed=seed).counts.numpy()
         base = base / base.sum(-1, keepdims=True)

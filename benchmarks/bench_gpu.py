@@ -16,7 +16,7 @@ import time
 import torch
 
 import eplb
-from eplb.workloads import generate_loads
+from eplb.tools.generator import generate_loads
 
 SHAPES = [  # layers, experts, replicas, gpus, nodes, groups
     (58, 256, 288, 32, 1, 1),

@@ -6,7 +6,7 @@ plans window i + 1 on itself with the same planner. Figures are means over the s
 windows, then over traces.
 
 Data:
-1. synthetic: ``eplb.workloads.generate_trace`` DeepSeek-V3 (58 x 256), drift presets
+1. synthetic: ``eplb.tools.generator.generate_trace`` DeepSeek-V3 (58 x 256), drift presets
    (``config``: slow drift + request churn; ``domain-shift``; ``prefill-decode``), at
    R=288, P=32, one node, no groups (global placement);
 2. real: the ESFT per-token top-6 routing of DeepSeek-V2-Lite (26 x 64), read from
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eplb.simulate import simulate
+from eplb.tools.simulate import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 ESFT = REPO.parent / "shared/data/real/esft_deepseek_v2_lite_routing/esft_topk_ids.npz"
@@ -60,9 +60,9 @@ def esft_traces(tokens_per_step: int) -> dict[str, torch.Tensor]:
 
 def synthetic_traces(steps: int, seeds: int) -> dict[str, torch.Tensor]:
     try:
-        from eplb.workloads import generate_trace
+        from eplb.tools.generator import generate_trace
     except ImportError:
-        print("SKIP synthetic data: eplb.workloads not available", file=sys.stderr)
+        print("SKIP synthetic data: eplb.tools.generator not available", file=sys.stderr)
         return {}
     out = {}
     for regime in ("config", "domain-shift", "prefill-decode"):

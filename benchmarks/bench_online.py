@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 import eplb
-from eplb.bounds import balancedness_ceiling
-from eplb.simulate import simulate
-from eplb.workloads import generate_trace
+from eplb.core.bounds import balancedness_ceiling
+from eplb.tools.simulate import simulate
+from eplb.tools.generator import generate_trace
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real" / "sglang_deepseek_ep_statistics"

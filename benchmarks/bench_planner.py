@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 
 import eplb
-from eplb.baselines import plan_greedy
-from eplb.bounds import balancedness_ceiling
-from eplb.packing import PackingOptions
-from eplb.policies import PlanOptions
-from eplb.workloads import generate_loads
+from eplb.core.baselines import plan_greedy
+from eplb.core.bounds import balancedness_ceiling
+from eplb.core.packing import PackingOptions
+from eplb.core.policies import PlanOptions
+from eplb.tools.generator import generate_loads
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real" / "sglang_deepseek_ep_statistics"
@@ -189,7 +189,7 @@ _SCALE_CHILD = """
 import resource, statistics, sys, time, torch
 torch.set_num_threads(1)
 import eplb
-from eplb.workloads import generate_loads
+from eplb.tools.generator import generate_loads
 L, E, R, P, repeats = map(int, sys.argv[1:6])
 w = generate_loads(num_layers=L, num_experts=E, seed=0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -198,7 +198,7 @@ after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 times = []
 for _ in range(repeats):
     t = time.perf_counter(); eplb.plan(w, R, P); times.append(time.perf_counter() - t)
-from eplb.bounds import balancedness_ceiling
+from eplb.core.bounds import balancedness_ceiling
 ceiling = balancedness_ceiling(w, R, P)
 print(statistics.median(times) * 1000, (after - before) / 1024, p.balancedness(w), ceiling)
 """

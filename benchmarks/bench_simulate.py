@@ -1,7 +1,7 @@
 """Replay a drifting DeepSeek-V3 trace under vLLM's cadence: balance and weights moved.
 
 vLLM's defaults: record 1000 steps, rebalance every 3000 steps. The trace is
-``eplb.workloads.generate_trace("deepseek-v3", steps, regime=...)`` (58 MoE layers x 256
+``eplb.tools.generator.generate_trace("deepseek-v3", steps, regime=...)`` (58 MoE layers x 256
 experts, 4096 tokens x top-8 per step), at R=288 slots on P=32 GPUs (one node, no groups:
 global placement). Planners: eplb from scratch, eplb incremental (``previous=`` the plan in
 force), DeepSeek's greedy, and none (the static trivial placement). Every rebalance's
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from eplb.simulate import Cadence, simulate
+from eplb.tools.simulate import Cadence, simulate
 
 TOPO = {"num_replicas": 288, "num_gpus": 32}
 PLANNERS = {
@@ -49,7 +49,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     cadence = Cadence(args.window, args.interval)
-    from eplb.workloads import generate_trace
+    from eplb.tools.generator import generate_trace
 
     t0 = time.perf_counter()
     trace = generate_trace("deepseek-v3", steps=args.steps, seed=args.seed, regime=args.regime)

@@ -1,4 +1,4 @@
-"""Tests for eplb.baselines: DeepSeek's greedy EPLB, vectorized across layers.
+"""Tests for eplb.core.baselines: DeepSeek's greedy EPLB, vectorized across layers.
 
 The oracle is a sequential pure-Python, per-layer implementation written from the
 algorithm's description (below), run on integer-valued loads so that float32 group sums
@@ -17,13 +17,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.baselines import (
+from eplb.core.baselines import (
     balanced_packing,
     plan_greedy,
     rebalance_experts_greedy,
     replicate_experts,
 )
-from eplb.placement import Placement, Topology
+from eplb.core.placement import Placement, Topology
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
 

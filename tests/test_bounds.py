@@ -1,4 +1,4 @@
-"""Lower bounds and the balancedness ceiling (``eplb.bounds``).
+"""Lower bounds and the balancedness ceiling (``eplb.core.bounds``).
 
 A bound is only useful if it is valid: no placement — eplb's or DeepSeek's greedy — may
 beat it. The exact parts (Jefferson's optimum, the group→node enumeration) are checked
@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import eplb
-from eplb.baselines import plan_greedy
-from eplb.bounds import (
+from eplb.core.baselines import plan_greedy
+from eplb.core.bounds import (
     balancedness_ceiling,
     enumerated_node_bounds,
     group_partitions,
@@ -26,7 +26,7 @@ from eplb.bounds import (
     layer_ceiling,
     layer_lower_bound,
 )
-from eplb.replication import max_replica_load, replica_bound
+from eplb.core.replication import max_replica_load, replica_bound
 
 REL = 1e-9  # float64 round-off between bound and measured loads
 

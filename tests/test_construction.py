@@ -1,4 +1,4 @@
-"""Construction and its anti-affinity bookkeeping (``eplb.packing``).
+"""Construction and its anti-affinity bookkeeping (``eplb.core.packing``).
 
 The construction deals rounds of ``P`` items, rearranges split runs of one expert's
 replicas into one round, settles the clashes left, and tells the repair which rows may
@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.packing import (
+from eplb.core.packing.refine import (
     AUTO_MAX_STEPS,
     AUTO_PAIR_STEPS,
     EXPERT,
@@ -26,8 +26,8 @@ from eplb.packing import (
     make_items,
     repair_conflicts,
 )
-from eplb.placement import build_log2phy
-from eplb.replication import expand_replicas, replica_counts
+from eplb.core.placement import build_log2phy
+from eplb.core.replication import expand_replicas, replica_counts
 
 
 @st.composite

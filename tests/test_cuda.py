@@ -9,7 +9,7 @@ from test_placement import assert_contract
 
 import eplb
 from eplb import Topology
-from eplb.baselines import plan_greedy, rebalance_experts_greedy
+from eplb.core.baselines import plan_greedy, rebalance_experts_greedy
 from eplb.online import Rebalancer, trivial_placement
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb.estimate import (
+from eplb.online.estimate import (
     ESTIMATORS,
     AdaptiveAverage,
     Estimator,
@@ -23,7 +23,7 @@ from eplb.estimate import (
     make_estimator,
     select_per_layer,
 )
-from eplb.placement import Placement, Topology
+from eplb.core.placement import Placement, Topology
 
 
 def _history(steps: int = 12, layers: int = 3, experts: int = 8, seed: int = 0) -> torch.Tensor:

@@ -578,7 +578,7 @@ def test_eplb_json_contents(tmp_path):
     assert doc["phy2log"] == placement.phy2log.tolist()
     assert doc["balancedness"] == pytest.approx(placement.balancedness(w))
     assert doc["layer_balancedness"] == pytest.approx(placement.layer_balancedness(w).tolist())
-    if importlib.util.find_spec("eplb.bounds") is None:
+    if importlib.util.find_spec("eplb.core.bounds") is None:
         assert doc["ceiling"] is None
     else:
         assert len(doc["layer_ceiling"]) == 3
@@ -781,10 +781,10 @@ def test_ceiling_recorded_through_eplb_bounds(tmp_path, monkeypatch):
         calls.append((num_replicas, num_gpus, num_nodes, num_groups, policy, live))
         return torch.full((weight.shape[0],), 0.99, dtype=torch.float64)
 
-    fake = types.ModuleType("eplb.bounds")
+    fake = types.ModuleType("eplb.core.bounds")
     fake.layer_ceiling = layer_ceiling
     fake.balancedness_ceiling = lambda weight, **kw: 0.98
-    monkeypatch.setitem(sys.modules, "eplb.bounds", fake)
+    monkeypatch.setitem(sys.modules, "eplb.core.bounds", fake)
     placement, w = make_placement(6, 2, 8, 2, 5)
     doc = json.loads(write_placement(placement, tmp_path / "p.json", weight=w).read_text())
     assert doc["layer_ceiling"] == [0.99, 0.99] and doc["ceiling"] == 0.98

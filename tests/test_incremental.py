@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from test_placement import assert_contract
 
 import eplb
-from eplb.baselines import plan_greedy
+from eplb.core.baselines import plan_greedy
 
 L, E, P, S = 6, 32, 8, 5
 R = P * S

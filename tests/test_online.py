@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import eplb.api
 from eplb.online import Rebalancer, make_planner, plan_estimate, trivial_placement
-from eplb.placement import Placement, Topology
+from eplb.core.placement import Placement, Topology
 
 L, E, R, P = 2, 8, 12, 4
 
@@ -136,7 +136,7 @@ def test_incremental_passes_previous_and_limits_to_plan(monkeypatch) -> None:
 
 
 def test_plan_estimate_with_scenarios_keeps_valid_layers() -> None:
-    from eplb.estimate import make_estimator
+    from eplb.online.estimate import make_estimator
 
     topo = Topology(R, P)
     planner = make_planner("eplb", topo)

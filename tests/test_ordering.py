@@ -1,4 +1,4 @@
-"""``eplb.ordering.argsort_rows``: the NumPy fast path gives torch's stable order."""
+"""``eplb.core.ordering.argsort_rows``: the NumPy fast path gives torch's stable order."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from eplb.ordering import argsort_rows
+from eplb.core.ordering import argsort_rows
 
 
 def reference(keys: torch.Tensor, descending: bool) -> torch.Tensor:

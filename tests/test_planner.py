@@ -14,8 +14,8 @@ import torch
 from test_placement import assert_contract
 
 import eplb
-from eplb.baselines import plan_greedy
-from eplb.bounds import balancedness_ceiling
+from eplb.core.baselines import plan_greedy
+from eplb.core.bounds import balancedness_ceiling
 
 
 def lognormal(layers: int, experts: int, sigma: float, seed: int,

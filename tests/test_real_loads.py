@@ -16,8 +16,8 @@ import torch
 from test_placement import assert_contract
 
 import eplb
-from eplb.baselines import plan_greedy
-from eplb.bounds import balancedness_ceiling
+from eplb.core.baselines import plan_greedy
+from eplb.core.bounds import balancedness_ceiling
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
 FILES = sorted(DATA.glob("*.json"))

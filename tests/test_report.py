@@ -1,4 +1,4 @@
-"""Pictures and the Markdown/HTML report (eplb.report)."""
+"""Pictures and the Markdown/HTML report (eplb.tools.report)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import eplb.report as report_mod
-from eplb.report import (
+import eplb.tools.report as report_mod
+from eplb.tools.report import (
     INSTALL_HINT,
     Report,
     normalised_loads,

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from eplb.online import trivial_placement
-from eplb.placement import Placement, Topology
-from eplb.simulate import (
+from eplb.core.placement import Placement, Topology
+from eplb.tools.simulate import (
     CADENCES,
     DEEPSEEK_V3_EXPERT_BYTES,
     Cadence,
@@ -174,7 +174,7 @@ def test_estimators_and_incremental_run_through_the_simulator() -> None:
 
 
 def test_incremental_eplb_runs_through_the_simulator() -> None:
-    pytest.importorskip("eplb.incremental", reason="eplb.plan(previous=...) not landed yet")
+    pytest.importorskip("eplb.online.incremental", reason="eplb.plan(previous=...) not landed yet")
     counts = _trace(400)
     inc = simulate(counts, "eplb", num_replicas=R, num_gpus=P, cadence="adrs", incremental=True,
                    oracle=False)

@@ -1,4 +1,4 @@
-"""Tests for eplb.workloads: presets, determinism, calibration against SKEW_STATS targets."""
+"""Tests for eplb.tools.generator: presets, determinism, calibration against SKEW_STATS targets."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb import workloads as wl
-from eplb.workloads import (
+from eplb.tools.generator import model as wl
+from eplb.tools.generator import (
     PRESETS,
     TARGETS,
     ModelShape,

@@ -7,9 +7,9 @@ lives in :mod:`eplb.online`, engine formats in :mod:`eplb.formats`, engine plugi
 """
 
 from eplb.api import plan, rebalance_experts
-from eplb.packing import PackingOptions
-from eplb.placement import Placement, PlacementError, Topology
-from eplb.policies import PlanOptions
+from eplb.core.packing import PackingOptions
+from eplb.core.placement import Placement, PlacementError, Topology
+from eplb.core.policies import PlanOptions
 
 __version__ = "0.1.0"
 

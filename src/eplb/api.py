@@ -12,11 +12,11 @@ import warnings
 import numpy as np
 import torch
 
-from eplb.inputs import as_weight, check_gpu_vector
-from eplb.packing import PackingOptions
-from eplb.placement import Placement, Topology
-from eplb.planner import plan_placement
-from eplb.policies import POLICIES, PlanOptions
+from eplb.core.inputs import as_weight, check_gpu_vector
+from eplb.core.packing import PackingOptions
+from eplb.core.placement import Placement, Topology
+from eplb.core.planner import plan_placement
+from eplb.core.policies import POLICIES, PlanOptions
 
 __all__ = ["PlanOptions", "plan", "rebalance_experts", "resolve_policy"]
 

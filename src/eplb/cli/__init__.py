@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
              "examples:\n  eplb bench                          # built-in scenarios\n"
              "  eplb bench stats.json -r 288 -g 32  # plus your own loads\n"
              "  eplb bench --report bench-report/ --json > bench.json\n\n"
-             "Built-in scenarios are generated (eplb.workloads): deepseek-v3 at 288 slots / 32\n"
+             "Built-in scenarios are generated (eplb.tools.generator): deepseek-v3 at 288 slots / 32\n"
              "GPUs (global and hierarchical 4 nodes / 8 groups), kimi-k2 and qwen3-235b.\n"
              "Files use --replicas/--gpus (default: 32 GPUs, or E if fewer experts, and one\n"
              "redundant slot per GPU). Plan times are medians of --repeats runs.")

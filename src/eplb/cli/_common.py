@@ -252,11 +252,11 @@ class Ceiling:
 def ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int,
             num_groups: int, policy: str, *, active: torch.Tensor | None = None,
             speed: bool = False) -> Ceiling:
-    """The physical limit from :mod:`eplb.bounds` over the live GPUs ``active [P]`` (``n/a``
+    """The physical limit from :mod:`eplb.core.bounds` over the live GPUs ``active [P]`` (``n/a``
     with GPU speeds, where the bound does not apply)."""
     if speed:
         return Ceiling(None, None, "ceiling not computed with GPU speeds")
-    from eplb.bounds import balancedness_ceiling, layer_ceiling
+    from eplb.core.bounds import balancedness_ceiling, layer_ceiling
 
     args = (weight, num_replicas, num_gpus, num_nodes, num_groups)
     kwargs = {"policy": policy, "active_gpus": active}
@@ -284,7 +284,7 @@ def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[object, float]:
 
 def plan_greedy(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int,
                 num_groups: int, policy: str = "auto"):
-    """DeepSeek's reference greedy from :mod:`eplb.baselines`, as a Placement."""
-    from eplb.baselines import plan_greedy as _plan_greedy
+    """DeepSeek's reference greedy from :mod:`eplb.core.baselines`, as a Placement."""
+    from eplb.core.baselines import plan_greedy as _plan_greedy
 
     return _plan_greedy(weight, num_replicas, num_gpus, num_nodes, num_groups, policy=policy)

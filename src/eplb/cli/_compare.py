@@ -139,8 +139,8 @@ def describe(c: Comparison) -> str:
 
 
 def add_to_report(report, c: Comparison, stem: str) -> None:
-    """Append a scenario's table and pictures to an :class:`eplb.report.Report`."""
-    from eplb.report import plot_gpu_heatmaps, plot_layer_balancedness
+    """Append a scenario's table and pictures to an :class:`eplb.tools.report.Report`."""
+    from eplb.tools.report import plot_gpu_heatmaps, plot_layer_balancedness
 
     report.heading(describe(c))
     report.table(["planner", "balancedness", "worst layer max/mean", "plan time (ms)"],

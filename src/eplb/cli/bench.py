@@ -47,8 +47,8 @@ BENCH_STEPS = 100
 
 
 def generated_trace(preset: str, steps: int, seed: int):
-    """A synthetic :class:`~eplb.formats.LoadTrace` from :mod:`eplb.workloads`."""
-    from eplb.workloads import PRESETS, generate_trace
+    """A synthetic :class:`~eplb.formats.LoadTrace` from :mod:`eplb.tools.generator`."""
+    from eplb.tools.generator import PRESETS, generate_trace
 
     if preset not in PRESETS:
         raise CliError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
@@ -115,7 +115,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _prepare_report(directory: str | None, force: bool, title: str):
     if directory is None:
         return None
-    from eplb.report import Report
+    from eplb.tools.report import Report
 
     report = Report(title)
     if not force:  # fail before the work, not after
@@ -127,7 +127,7 @@ def _prepare_report(directory: str | None, force: bool, title: str):
 
 
 def _say_written(written: list[Path]) -> None:
-    from eplb.report import INSTALL_HINT, matplotlib_available
+    from eplb.tools.report import INSTALL_HINT, matplotlib_available
 
     print(f"report: {written[0]} (+ {written[1].name}, {len(written) - 2} pictures)")
     if not matplotlib_available():
@@ -210,7 +210,7 @@ def _demo_simulation(trace, seed: int, *, quick: bool) -> dict | None:
 
 
 def _add_simulation(report, sim: dict) -> None:
-    from eplb.report import plot_balancedness_over_time
+    from eplb.tools.report import plot_balancedness_over_time
 
     report.heading("Online: planning on the last window, serving the next")
     report.text(

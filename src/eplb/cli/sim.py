@@ -26,8 +26,8 @@ def run_simulation(trace, planner: str, *, replicas: int, gpus: int, nodes: int 
                    estimator: str | None = None, incremental: bool = False,
                    max_moves: int | None = None, policy: str = "auto", seed: int = 0,
                    oracle: bool = True):
-    """One :func:`eplb.simulate.simulate` replay with a custom cadence."""
-    from eplb.simulate import Cadence, simulate
+    """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence."""
+    from eplb.tools.simulate import Cadence, simulate
 
     options = {}
     if planner == "eplb":
@@ -124,7 +124,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _simulation_report(report, args, results, trace) -> None:
-    from eplb.report import plot_balancedness_over_time
+    from eplb.tools.report import plot_balancedness_over_time
 
     cad = results[0].cadence
     report.text(
@@ -204,7 +204,7 @@ def write_trace(trace, path: Path, fmt: str | None, force: bool) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from eplb.cli.bench import generated_trace
-    from eplb.workloads import PRESETS
+    from eplb.tools.generator import PRESETS
 
     if args.list:
         rows = []

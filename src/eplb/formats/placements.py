@@ -29,7 +29,7 @@ import torch
 from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
 from eplb.formats.errors import FormatError
-from eplb.placement import Placement, PlacementError, Topology
+from eplb.core.placement import Placement, PlacementError, Topology
 
 __all__ = ["EMITS", "PLACEMENT_FORMAT", "read_placement", "read_placement_meta", "write_placement"]
 
@@ -181,8 +181,8 @@ def _trtllm_text(placement: Placement, ids: list[int], ids_given: bool) -> str:
 
 
 def _as_weight_matrix(weight: Any, placement: Placement) -> torch.Tensor:
-    from eplb.formats.trace import LoadTrace
-    from eplb.inputs import as_weight
+    from eplb.core.trace import LoadTrace
+    from eplb.core.inputs import as_weight
 
     if isinstance(weight, LoadTrace):
         weight = weight.total()
@@ -197,9 +197,9 @@ def _as_weight_matrix(weight: Any, placement: Placement) -> torch.Tensor:
 
 
 def _ceiling(w: torch.Tensor, placement: Placement) -> tuple[list[float], float] | None:
-    """Per-layer and overall balancedness ceiling from :mod:`eplb.bounds`, if it is available."""
+    """Per-layer and overall balancedness ceiling from :mod:`eplb.core.bounds`, if it is available."""
     try:
-        from eplb.bounds import balancedness_ceiling, layer_ceiling
+        from eplb.core.bounds import balancedness_ceiling, layer_ceiling
     except ImportError:
         return None
     topo = placement.topology

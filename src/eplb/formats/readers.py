@@ -24,7 +24,7 @@ from eplb.formats.detect import (
 from eplb.formats.errors import FormatError
 from eplb.formats.history import read_vllm_history
 from eplb.formats.routing import topk_to_counts
-from eplb.formats.trace import LoadTrace, first_bad_load
+from eplb.core.trace import LoadTrace, first_bad_load
 
 __all__ = ["read_loads"]
 

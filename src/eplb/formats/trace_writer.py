@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from eplb.formats._files import atomic_write, check_writable
-from eplb.formats.trace import LoadTrace
+from eplb.core.trace import LoadTrace
 
 __all__ = ["TRACE_EMITS", "write_loads"]
 

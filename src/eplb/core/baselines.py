@@ -40,8 +40,8 @@ import math
 
 import torch
 
-from eplb.inputs import as_weight
-from eplb.placement import Placement, Topology
+from eplb.core.inputs import as_weight
+from eplb.core.placement import Placement, Topology
 
 __all__ = [
     "balanced_packing",
@@ -234,7 +234,7 @@ def plan_greedy(
     *,
     policy: str = "auto",
 ) -> Placement:
-    """Plan with DeepSeek's greedy EPLB and return a :class:`~eplb.placement.Placement`.
+    """Plan with DeepSeek's greedy EPLB and return a :class:`~eplb.core.placement.Placement`.
 
     Args:
         weight: ``[L, E]`` or ``[E]`` loads (tensor, array or nested list), any device.

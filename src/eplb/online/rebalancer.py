@@ -3,11 +3,11 @@
 An engine records per-step expert counts ``[L, E]``; every ``interval`` steps it plans on
 the last ``window`` recorded steps and switches to the new placement (vLLM: window 1000,
 interval 3000; SGLang: 1000 / 1000). :class:`Rebalancer` reproduces that cadence with any
-estimator (:mod:`eplb.estimate`) and any planner:
+estimator (:mod:`eplb.online.estimate`) and any planner:
 
 - ``"eplb"``: :func:`eplb.plan` (with ``previous=`` the placement in force when
   ``incremental=True``, plus ``max_moves`` / ``skip_threshold``);
-- ``"greedy"``: DeepSeek's reference greedy (:func:`eplb.baselines.plan_greedy`);
+- ``"greedy"``: DeepSeek's reference greedy (:func:`eplb.core.baselines.plan_greedy`);
 - ``"none"``: never rebalance: the static :func:`trivial_placement`;
 - any callable ``(weight [L, E], previous: Placement | None) -> Placement``.
 """
@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from eplb.estimate import Estimate, Estimator, as_history, make_estimator, select_per_layer
-from eplb.placement import Placement, Topology
+from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator, select_per_layer
+from eplb.core.placement import Placement, Topology
 
 __all__ = [
     "PLANNERS",
@@ -117,7 +117,7 @@ def make_planner(
     if active_gpus is not None:
         raise ValueError(f"planner {planner!r} does not support active_gpus; use 'eplb'")
     if planner == "greedy":
-        from eplb.baselines import plan_greedy
+        from eplb.core.baselines import plan_greedy
 
         def greedy_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
             return plan_greedy(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,
@@ -147,13 +147,13 @@ def plan_estimate(
     batch: bool = True,
     reduce: str = "mean",
 ) -> Placement:
-    """Plan on an :class:`~eplb.estimate.Estimate`.
+    """Plan on an :class:`~eplb.online.estimate.Estimate`.
 
     Without scenarios this is ``planner(estimate.weight, previous)``. With scenarios every
     candidate weight is planned (one planner call on the candidates stacked as
     ``[C * L, E]`` when ``batch`` and there is no ``previous``; planners treat layers
     independently), ``keep`` (the placement in force; keeping a layer costs no moves)
-    joins the candidates, and :func:`~eplb.estimate.select_per_layer` keeps the best per
+    joins the candidates, and :func:`~eplb.online.estimate.select_per_layer` keeps the best per
     layer.
     """
     if estimate.scenarios is None or estimate.candidates is None:
@@ -193,7 +193,7 @@ class Rebalancer:
         num_replicas, num_gpus, num_nodes, num_groups: the cluster (see :class:`Topology`).
         window: recording window ``W``: plans use the last ``W`` steps.
         interval: rebalance every ``I`` recorded steps (after steps ``I, 2I, ...``).
-        estimator: spec string or :class:`~eplb.estimate.Estimator` (default ``"sum"``).
+        estimator: spec string or :class:`~eplb.online.estimate.Estimator` (default ``"sum"``).
         planner: ``"eplb"``, ``"greedy"``, ``"none"`` or a callable ``(weight, previous)``
             (a callable always receives the placement in force, ``None`` before the first).
         incremental: pass the placement in force to :func:`eplb.plan` (``previous=``) with

@@ -21,8 +21,8 @@ from functools import lru_cache
 
 import torch
 
-from eplb.inputs import as_weight
-from eplb.replication import replica_bound
+from eplb.core.inputs import as_weight
+from eplb.core.replication import replica_bound
 
 __all__ = [
     "MAX_ENUMERATED_ASSIGNMENTS",

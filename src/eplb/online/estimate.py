@@ -31,7 +31,7 @@ Estimators (spec strings for :func:`make_estimator`):
   each of the last ``F`` windows (default 3) from the steps before it (rolling-origin
   time-series cross-validation on expert shares).
 
-Nothing here plans: the planner is applied by :mod:`eplb.online` and :mod:`eplb.simulate`.
+Nothing here plans: the planner is applied by :mod:`eplb.online` and :mod:`eplb.tools.simulate`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from eplb.placement import Placement
+from eplb.core.placement import Placement
 
 __all__ = [
     "ESTIMATORS",

@@ -23,10 +23,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from eplb.bounds import layer_ceiling
-from eplb.placement import Placement, Topology, expert_counts, slot_gpu_loads
-from eplb.planner import plan_live_global, refine_placement
-from eplb.policies import POLICIES, PlanOptions
+from eplb.core.bounds import layer_ceiling
+from eplb.core.placement import Placement, Topology, expert_counts, slot_gpu_loads
+from eplb.core.planner import plan_live_global, refine_placement
+from eplb.core.policies import POLICIES, PlanOptions
 
 __all__ = ["align_to_previous", "plan_incremental"]
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from eplb.packing import EXPERT, Tracking, refine, repair_conflicts
-from eplb.placement import Placement, Topology, expert_counts
-from eplb.policies import POLICIES, PlanOptions, plan_rows
+from eplb.core.packing import EXPERT, Tracking, refine, repair_conflicts
+from eplb.core.placement import Placement, Topology, expert_counts
+from eplb.core.policies import POLICIES, PlanOptions, plan_rows
 
 __all__ = ["plan_live_global", "plan_placement", "refine_placement"]
 
@@ -128,7 +128,7 @@ def plan_placement(
     if previous is not None:
         if gpu_speed is not None:
             raise ValueError("gpu_speed cannot be combined with previous (incremental planning)")
-        from eplb.incremental import plan_incremental
+        from eplb.online.incremental import plan_incremental
 
         return plan_incremental(
             weight,

@@ -65,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
-    from eplb.formats.trace import LoadTrace
+    from eplb.core.trace import LoadTrace
 
 __all__ = [
     "BURSTY_CONFIG",
@@ -820,7 +820,7 @@ def generate_trace(
         "sigma": model.sigma.tolist(),
         "spike_layers": torch.nonzero(model.spike_layer).squeeze(1).tolist(),
     }
-    source = f"eplb.workloads.generate_trace({shape.name!r}, steps={steps}, seed={seed})"
+    source = f"eplb.tools.workloads.generate_trace({shape.name!r}, steps={steps}, seed={seed})"
     return _load_trace(counts, shape.layer_ids, source, meta)
 
 
@@ -828,7 +828,7 @@ def _load_trace(counts: torch.Tensor, layer_ids: list[int], source: str, meta: d
     try:
         from eplb.formats import LoadTrace
     except ImportError:  # the package __init__ may not re-export it yet
-        from eplb.formats.trace import LoadTrace
+        from eplb.core.trace import LoadTrace
     return LoadTrace(counts=counts, layer_ids=layer_ids, source=source, format="generated",
                      meta=meta)
 

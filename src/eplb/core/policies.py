@@ -19,10 +19,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from eplb.bounds import assignment_node_bounds, enumerated_node_bounds
-from eplb.packing import PackingOptions, make_items, max_load, pack, to_slots
-from eplb.placement import Topology, slot_gpu_loads
-from eplb.replication import DEFAULT_SHIFTS, expand_replicas, replica_counts
+from eplb.core.bounds import assignment_node_bounds, enumerated_node_bounds
+from eplb.core.packing import PackingOptions, make_items, max_load, pack, to_slots
+from eplb.core.placement import Topology, slot_gpu_loads
+from eplb.core.replication import DEFAULT_SHIFTS, expand_replicas, replica_counts
 
 __all__ = [
     "POLICIES",
@@ -260,7 +260,7 @@ class HierarchicalPolicy(PlacementPolicy):
     ) -> torch.Tensor:
         """``[L, G]`` node of every expert group with the smallest lower bound.
 
-        Exact when the assignments can be enumerated (see :mod:`eplb.bounds`); otherwise a
+        Exact when the assignments can be enumerated (see :mod:`eplb.core.bounds`); otherwise a
         balanced packing of group loads onto nodes with swap refinement.
         """
         num_layers, _num_experts = weight.shape

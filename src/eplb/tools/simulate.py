@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from eplb.estimate import Estimator, as_history, make_estimator
+from eplb.online.estimate import Estimator, as_history, make_estimator
 from eplb.online import PlannerFn, Rebalancer, make_planner, trivial_placement
-from eplb.placement import Placement, Topology
+from eplb.core.placement import Placement, Topology
 
 __all__ = [
     "CADENCES",
@@ -295,7 +295,7 @@ def simulate(
         num_replicas, num_gpus, num_nodes, num_groups: the cluster.
         cadence: ``"vllm"``, ``"sglang"``, ``"adrs"`` or a :class:`Cadence`;
             ``window`` / ``interval`` / ``score_window`` override its fields.
-        estimator: spec or :class:`~eplb.estimate.Estimator` (default the window sum).
+        estimator: spec or :class:`~eplb.online.estimate.Estimator` (default the window sum).
         incremental, max_moves, skip_threshold: forwarded to :func:`eplb.plan` (planner
             ``"eplb"``) through :class:`~eplb.online.Rebalancer`.
         active_gpus: ``[P]`` bool of live GPUs (planner ``"eplb"`` only).

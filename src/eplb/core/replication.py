@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from eplb.ordering import argsort_rows
+from eplb.core.ordering import argsort_rows
 
 __all__ = [
     "DEFAULT_SHIFTS",

@@ -1,0 +1,1 @@
+from eplb.tools.generator.model import *  # noqa: F403
