@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from eplb import Placement, Topology
 from eplb.core.baselines import plan_greedy
-from eplb.core.placement import Placement, Topology
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
 R, P, G, N = 288, 32, 8, 4

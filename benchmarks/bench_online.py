@@ -24,8 +24,8 @@ import torch
 
 import eplb
 from eplb.core.bounds import balancedness_ceiling
-from eplb.tools.simulate import simulate
 from eplb.tools.generator import generate_trace
+from eplb.tools.simulate import simulate
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real" / "sglang_deepseek_ep_statistics"

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 import eplb
+from eplb import PlanOptions
 from eplb.core.baselines import plan_greedy
 from eplb.core.bounds import balancedness_ceiling
 from eplb.core.packing import PackingOptions
-from eplb.core.policies import PlanOptions
 from eplb.tools.generator import generate_loads
 
 REPO = Path(__file__).resolve().parents[1]

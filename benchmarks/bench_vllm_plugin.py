@@ -32,7 +32,7 @@ import torch
 
 import eplb
 from eplb import Placement, Topology
-from eplb.api import resolve_policy
+from eplb.core.policies import resolve_policy
 from eplb.integrations import vllm as plugin
 from eplb.integrations._engines import FETCH_HINT, engine_root, vllm_sources
 

@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eplb.tools.generator import TARGETS, generate_loads, generate_trace, rank_correlation, skew_stats
+from eplb.tools.generator import (
+    TARGETS,
+    generate_loads,
+    generate_trace,
+    rank_correlation,
+    skew_stats,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "data" / "real"

@@ -17,13 +17,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eplb import Placement, Topology
 from eplb.core.baselines import (
     balanced_packing,
     plan_greedy,
     rebalance_experts_greedy,
     replicate_experts,
 )
-from eplb.core.placement import Placement, Topology
 
 REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
 

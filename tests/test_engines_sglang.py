@@ -21,8 +21,8 @@ import torch
 
 import eplb
 from eplb import Placement, Topology
-from eplb.api import resolve_policy
 from eplb.cli import main as cli_main
+from eplb.core.policies import resolve_policy
 from eplb.integrations._engines import extract_function, sglang_sources
 
 formats = pytest.importorskip("eplb.formats", reason="eplb.formats (placement writer) missing")

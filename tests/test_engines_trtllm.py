@@ -30,8 +30,8 @@ import torch
 import yaml
 
 import eplb
-from eplb.api import resolve_policy
 from eplb.cli import main as cli_main
+from eplb.core.policies import resolve_policy
 
 formats = pytest.importorskip("eplb.formats", reason="eplb.formats (placement writer) missing")
 

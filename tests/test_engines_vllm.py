@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import eplb
 from eplb import Placement, Topology
-from eplb.api import resolve_policy
+from eplb.core.policies import resolve_policy
 from eplb.integrations import vllm as plugin
 from eplb.integrations._engines import vllm_sources
 

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eplb import Placement, Topology
 from eplb.online.estimate import (
     ESTIMATORS,
     AdaptiveAverage,
@@ -23,7 +24,6 @@ from eplb.online.estimate import (
     make_estimator,
     select_per_layer,
 )
-from eplb.core.placement import Placement, Topology
 
 
 def _history(steps: int = 12, layers: int = 3, experts: int = 8, seed: int = 0) -> torch.Tensor:

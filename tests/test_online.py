@@ -7,9 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import eplb.api
+from eplb import Placement, Topology
 from eplb.online import Rebalancer, make_planner, plan_estimate, trivial_placement
-from eplb.core.placement import Placement, Topology
 
 L, E, R, P = 2, 8, 12, 4
 
@@ -114,16 +113,21 @@ def test_rebalance_now_uses_history_so_far() -> None:
 
 
 def test_incremental_passes_previous_and_limits_to_plan(monkeypatch) -> None:
+    import eplb.online.rebalancer as rebalancer
+
     seen: list[dict] = []
-    real_plan = eplb.api.plan
+    real_fresh, real_incremental = rebalancer.plan_fresh, rebalancer.plan_incremental
 
-    def spy(weight, *args, **kwargs):
-        seen.append(kwargs)
-        kwargs = {k: v for k, v in kwargs.items()
-                  if k not in ("previous", "max_moves", "skip_threshold")}
-        return real_plan(weight, *args, **kwargs)
+    def fresh(request):
+        seen.append({"seed": request.seed})
+        return real_fresh(request)
 
-    monkeypatch.setattr(eplb.api, "plan", spy)
+    def incremental(request, previous, **kwargs):
+        seen.append({"seed": request.seed, "previous": previous, **kwargs})
+        return real_incremental(request, previous, **kwargs)
+
+    monkeypatch.setattr(rebalancer, "plan_fresh", fresh)
+    monkeypatch.setattr(rebalancer, "plan_incremental", incremental)
     reb = Rebalancer(R, P, window=4, interval=4, planner="eplb", incremental=True,
                      max_moves=3, skip_threshold=0.01, seed=7)
     reb.record(_steps(4))

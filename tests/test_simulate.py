@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from eplb import Placement, Topology
+from eplb.core.trace import LoadTrace
 from eplb.online import trivial_placement
-from eplb.core.placement import Placement, Topology
 from eplb.tools.simulate import (
     CADENCES,
     DEEPSEEK_V3_EXPERT_BYTES,
@@ -193,13 +194,8 @@ def test_result_serialises_and_summarises() -> None:
     assert "window_balancedness" in res.format_summary()
 
 
-def test_load_trace_like_input_is_accepted() -> None:
-    class Trace:  # duck-typed eplb.formats.LoadTrace
-        def __init__(self, counts: torch.Tensor) -> None:
-            self.counts = counts
-            self.source = "test"
-
-    res = simulate(Trace(_trace(30)), "none", num_replicas=R, num_gpus=P,
+def test_load_trace_input_is_accepted() -> None:
+    res = simulate(LoadTrace(_trace(30), source="test"), "none", num_replicas=R, num_gpus=P,
                    cadence=Cadence(10, 10), oracle=False)
     assert res.meta["source"] == "test"
 

@@ -7,9 +7,9 @@ lives in :mod:`eplb.online`, engine formats in :mod:`eplb.formats`, engine plugi
 """
 
 from eplb.api import plan, rebalance_experts
-from eplb.core.packing import PackingOptions
-from eplb.core.placement import Placement, PlacementError, Topology
-from eplb.core.policies import PlanOptions
+from eplb.core.options import PackingOptions, PlanOptions
+from eplb.core.placement import Placement, PlacementError
+from eplb.core.topology import Topology
 
 __version__ = "0.1.0"
 

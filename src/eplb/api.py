@@ -6,88 +6,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
-
 import numpy as np
 import torch
 
-from eplb.core.inputs import as_weight, check_gpu_vector
-from eplb.core.packing import PackingOptions
-from eplb.core.placement import Placement, Topology
-from eplb.core.planner import plan_placement
-from eplb.core.policies import POLICIES, PlanOptions
-
-__all__ = ["PlanOptions", "plan", "rebalance_experts", "resolve_policy"]
-
-_POLICY_NAMES = ("auto", *POLICIES)
-
-
-def resolve_policy(
-    policy: str,
-    topology: Topology,
-    num_experts: int,
-    has_dead_gpus: bool = False,
-    has_speeds: bool = False,
-) -> str:
-    """The concrete policy for ``policy`` ("auto", "global" or "hierarchical").
-
-    ``auto`` works as in DeepSeek: hierarchical when ``num_groups > 1`` and groups divide
-    evenly over nodes, else global. When hierarchical cannot apply (GPUs or experts do
-    not divide, or GPUs are dead) ``auto`` warns and plans globally, and a forced
-    ``"hierarchical"`` raises ``ValueError`` naming the reason.
-    """
-    if policy not in _POLICY_NAMES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(_POLICY_NAMES)}")
-    if policy == "global":
-        return "global"
-    nodes, groups = topology.num_nodes, topology.num_groups
-    if policy == "auto" and (groups <= 1 or nodes <= 1 or groups % nodes):
-        return "global"
-    problems = []
-    if num_experts % groups:
-        problems.append(f"num_experts ({num_experts}) is not a multiple of num_groups ({groups})")
-    if groups % nodes:
-        problems.append(f"num_groups ({groups}) is not a multiple of num_nodes ({nodes})")
-    if topology.num_gpus % nodes:
-        problems.append(f"num_gpus ({topology.num_gpus}) is not a multiple of num_nodes ({nodes})")
-    if has_dead_gpus:
-        problems.append("some GPUs are dead (active_gpus), so nodes are no longer alike")
-    if has_speeds:
-        problems.append("GPU speeds differ (gpu_speed), so nodes are no longer alike")
-    if not problems:
-        return "hierarchical"
-    reason = "; ".join(problems)
-    if policy == "hierarchical":
-        raise ValueError(f"hierarchical placement is impossible: {reason}")
-    warnings.warn(
-        f"eplb: planning globally because hierarchical placement is impossible: {reason}",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-    return "global"
-
-
-def _options(
-    options: PlanOptions | None, num_candidates: int | None, refine_steps: int | None
-) -> PlanOptions:
-    if options is None:
-        options = PlanOptions()
-    elif not isinstance(options, PlanOptions):
-        raise TypeError(f"options must be an eplb.PlanOptions, got {type(options).__name__}")
-    if num_candidates is None and refine_steps is None:
-        return options
-    p = options.packing
-    kwargs = {
-        "num_candidates": p.num_candidates if num_candidates is None else num_candidates,
-        "construction": p.construction,
-        "noise": p.noise,
-    }
-    if refine_steps is None:
-        packing = PackingOptions(pair_steps=p.pair_steps, max_steps=p.max_steps, **kwargs)
-    else:
-        packing = PackingOptions.with_budget(refine_steps, **kwargs)
-    return dataclasses.replace(options, packing=packing)
+from eplb.core.options import PlanOptions
+from eplb.core.placement import Placement
+from eplb.core.planner import make_request, plan_fresh
+from eplb.online.incremental import plan_incremental
 
 
 def plan(
@@ -139,42 +64,29 @@ def plan(
     Returns:
         A validated :class:`Placement` on the weight's device.
     """
-    w, _ = as_weight(weight)
-    topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
-    _num_layers, num_experts = w.shape
-    if num_replicas < num_experts:
-        raise ValueError(
-            f"num_replicas ({num_replicas}) must be at least the number of experts "
-            f"({num_experts}): every expert needs a slot"
+    request = make_request(
+        weight,
+        num_replicas,
+        num_gpus,
+        num_nodes,
+        num_groups,
+        policy=policy,
+        seed=seed,
+        num_candidates=num_candidates,
+        refine_steps=refine_steps,
+        options=options,
+        active_gpus=active_gpus,
+        gpu_speed=gpu_speed,
+    )
+    if previous is not None:
+        if request.gpu_speed is not None:
+            raise ValueError("gpu_speed cannot be combined with previous (incremental planning)")
+        return plan_incremental(
+            request, previous, max_moves=max_moves, skip_threshold=skip_threshold
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    opts = _options(options, num_candidates, refine_steps)
-    live = None
-    if active_gpus is not None:
-        live = check_gpu_vector(active_gpus, num_gpus, "active_gpus", torch.bool, w.device)
-        if bool(live.all()):
-            live = None
-    speed = None
-    if gpu_speed is not None:
-        speed = check_gpu_vector(gpu_speed, num_gpus, "gpu_speed", torch.float64, w.device)
-    chosen = resolve_policy(
-        policy, topology, num_experts, has_dead_gpus=live is not None, has_speeds=speed is not None
-    )
-    generator = torch.Generator().manual_seed(seed)
-
-    return plan_placement(
-        w,
-        topology,
-        chosen,
-        opts,
-        generator,
-        active_gpus=live,
-        gpu_speed=speed,
-        previous=previous,
-        max_moves=max_moves,
-        skip_threshold=skip_threshold,
-    )
+    if max_moves is not None or skip_threshold is not None:
+        raise ValueError("max_moves and skip_threshold need the previous placement (previous=...)")
+    return plan_fresh(request)
 
 
 def rebalance_experts(

@@ -41,7 +41,9 @@ import math
 import torch
 
 from eplb.core.inputs import as_weight
-from eplb.core.placement import Placement, Topology
+from eplb.core.placement import Placement
+from eplb.core.policies import resolve_policy
+from eplb.core.topology import Topology
 
 __all__ = [
     "balanced_packing",
@@ -50,9 +52,6 @@ __all__ = [
     "rebalance_experts_hierarchical",
     "replicate_experts",
 ]
-
-_POLICIES = ("auto", "global", "hierarchical")
-
 
 def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (Jefferson) replication of every row, all rows at once.
@@ -194,37 +193,6 @@ def _float32_loads(weight: torch.Tensor) -> torch.Tensor:
     return weight.to(torch.float32)
 
 
-def _check_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _resolve_policy(policy: str, num_experts: int, topo: Topology) -> str:
-    if policy not in _POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(_POLICIES)}; got {policy!r}")
-    if topo.num_replicas < num_experts:
-        raise ValueError(
-            f"num_replicas ({topo.num_replicas}) must be >= the number of experts ({num_experts})"
-        )
-    topo.gpus_per_node  # noqa: B018  (raises when num_gpus % num_nodes != 0)
-    if policy == "auto":
-        # DeepSeek's test, exactly
-        policy = "hierarchical" if topo.num_groups % topo.num_nodes == 0 else "global"
-    if policy == "hierarchical":
-        if topo.num_groups % topo.num_nodes:
-            raise ValueError(
-                f"hierarchical policy needs num_groups ({topo.num_groups}) to be a multiple "
-                f"of num_nodes ({topo.num_nodes})"
-            )
-        if num_experts % topo.num_groups:
-            raise ValueError(
-                f"hierarchical policy needs the number of experts ({num_experts}) to be a "
-                f"multiple of num_groups ({topo.num_groups})"
-            )
-    return policy
-
-
 def plan_greedy(
     weight: object,
     num_replicas: int,
@@ -252,21 +220,21 @@ def plan_greedy(
         Two replicas of one expert may share a GPU (validate with ``anti_affinity=False``).
     """
     w, _ = as_weight(weight)
-    for name, value in (
-        ("num_replicas", num_replicas),
-        ("num_gpus", num_gpus),
-        ("num_nodes", num_nodes),
-        ("num_groups", num_groups),
-    ):
-        _check_int(name, value)
     topo = Topology(num_replicas, num_gpus, num_nodes, num_groups)
     num_experts = w.shape[1]
-    resolved = _resolve_policy(policy, num_experts, topo)
+    if topo.num_replicas < num_experts:
+        raise ValueError(
+            f"num_replicas ({topo.num_replicas}) must be >= the number of experts ({num_experts})"
+        )
+    topo.gpus_per_node  # noqa: B018  (raises when num_gpus % num_nodes != 0)
+    resolved = resolve_policy(policy, topo, num_experts, rule="deepseek")
     w32 = _float32_loads(w)
     if resolved == "hierarchical":
-        phy2log = rebalance_experts_hierarchical(w32, num_replicas, num_groups, num_nodes, num_gpus)
+        phy2log = rebalance_experts_hierarchical(
+            w32, topo.num_replicas, topo.num_groups, topo.num_nodes, topo.num_gpus
+        )
     else:
-        phy2log = rebalance_experts_hierarchical(w32, num_replicas, 1, 1, num_gpus)
+        phy2log = rebalance_experts_hierarchical(w32, topo.num_replicas, 1, 1, topo.num_gpus)
     return Placement.from_phy2log(phy2log, num_experts, topo, resolved)
 
 

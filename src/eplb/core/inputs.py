@@ -1,5 +1,7 @@
-"""Checks on what users pass in: load tensors and topology arguments.
+"""Checks on what users pass in: load tensors, per-step counts and per-GPU vectors.
 
+This is the one place where loads are validated; every public entry point that takes
+loads goes through :func:`as_weight` (``[L, E]``) or :func:`as_counts` (``[T, L, E]``).
 Every problem raises ``TypeError`` or ``ValueError`` with a message that names it;
 nothing here asserts.
 """
@@ -12,42 +14,76 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["ACCEPTED_WEIGHT_TYPES", "as_weight", "check_gpu_vector"]
-
 ACCEPTED_WEIGHT_TYPES = "torch.Tensor, numpy.ndarray or a nested list of numbers"
+
+
+def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
+    """``value`` as a dense real (or integer) tensor on its own device; bools become int64."""
+    if isinstance(value, torch.Tensor):
+        tensor = value
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf":
+            raise TypeError(f"{name} has numpy dtype {value.dtype}; expected a real or integer dtype")
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        try:
+            tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise TypeError(
+                f"{name} is a list that is not a rectangular array of numbers: {exc}"
+            ) from None
+    else:
+        raise TypeError(f"{name} must be {what}; got {type(value).__name__}")
+    if tensor.is_meta:
+        raise TypeError(f"{name} is a meta tensor: it has a shape but no values to plan on")
+    if tensor.layout != torch.strided:
+        # sparse loads are legal input; the planner works on dense [L, E] rows
+        tensor = tensor.to_dense()
+    if tensor.is_complex():
+        raise TypeError(f"{name} has complex dtype {tensor.dtype}; expected a real or integer dtype")
+    if tensor.dtype == torch.bool:
+        tensor = tensor.to(torch.int64)
+    return tensor.detach()
+
+
+def first_bad_load(loads: torch.Tensor) -> tuple[int, ...] | None:
+    """Index of the first NaN, infinite or negative entry of ``loads``, or ``None``.
+
+    The common all-good case costs one min/max pass and one host sync, and no temporary
+    (``torch.isfinite`` on a multi-GB float64 trace would copy it).
+    """
+    if loads.numel() == 0:
+        return None
+    lo, hi = (float(x) for x in torch.aminmax(loads))  # NaN propagates through min/max
+    if math.isfinite(lo) and math.isfinite(hi) and lo >= 0:
+        return None
+    bad = ~torch.isfinite(loads) | (loads < 0)
+    return tuple(int(i) for i in bad.nonzero()[0])
+
+
+def _check_loads(tensor: torch.Tensor, name: str) -> None:
+    bad = first_bad_load(tensor)
+    if bad is not None:
+        index = ", ".join(str(i) for i in bad)
+        raise ValueError(f"{name}[{index}] is {float(tensor[bad])}; loads must be finite and >= 0")
+
+
+def _float(tensor: torch.Tensor) -> torch.Tensor:
+    """float64 for integer and float64 input (exact counts), float32 otherwise."""
+    if tensor.is_floating_point() and tensor.dtype != torch.float64:
+        return tensor.to(torch.float32)
+    return tensor.to(torch.float64)
 
 
 def as_weight(weight: object, name: str = "weight") -> tuple[torch.Tensor, bool]:
     """Validate a load tensor and return ``(weight [L, E] float, was_one_layer)``.
 
-    Accepts ``[L, E]`` or ``[E]`` (one layer), any real or integer dtype, CPU or CUDA.
-    The result is float64 for integer/float64 input and float32 otherwise, on the
-    input's device. Raises on NaN, inf, negative loads, wrong rank or a non-tensor.
+    Accepts ``[L, E]`` or ``[E]`` (one layer), any real or integer dtype, dense or sparse,
+    CPU or CUDA. The result is float64 for integer/float64 input and float32 otherwise,
+    on the input's device. Raises on NaN, inf, negative loads, wrong rank, no data (meta
+    tensors) or a non-tensor.
     """
-    if isinstance(weight, torch.Tensor):
-        tensor = weight
-    elif isinstance(weight, np.ndarray):
-        if weight.dtype.kind not in "biuf":
-            raise TypeError(
-                f"{name} has numpy dtype {weight.dtype}; expected a real or integer dtype"
-            )
-        tensor = torch.from_numpy(np.ascontiguousarray(weight))
-    elif isinstance(weight, Sequence) and not isinstance(weight, (str, bytes)):
-        try:
-            tensor = torch.as_tensor(np.asarray(weight, dtype=np.float64))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"{name} is a list that is not a rectangular array of numbers: {exc}"
-            ) from None
-    else:
-        raise TypeError(f"{name} must be a {ACCEPTED_WEIGHT_TYPES}; got {type(weight).__name__}")
-
-    if tensor.is_complex():
-        raise TypeError(
-            f"{name} has complex dtype {tensor.dtype}; expected a real or integer dtype"
-        )
-    if tensor.dtype == torch.bool:
-        tensor = tensor.to(torch.int64)
+    tensor = _real_tensor(weight, name, f"a {ACCEPTED_WEIGHT_TYPES}")
     one_layer = tensor.dim() == 1
     if one_layer:
         tensor = tensor[None]
@@ -60,46 +96,114 @@ def as_weight(weight: object, name: str = "weight") -> tuple[torch.Tensor, bool]
         raise ValueError(f"{name} has no experts (shape {tuple(tensor.shape)})")
     if tensor.shape[0] == 0:
         raise ValueError(f"{name} has no layers (shape {tuple(tensor.shape)})")
-
-    if tensor.is_floating_point():
-        tensor = tensor.to(torch.float64 if tensor.dtype == torch.float64 else torch.float32)
-    else:
-        tensor = tensor.to(torch.float64)
+    tensor = _float(tensor)
     # one reduction pair and one sync for valid input: NaN makes the minimum NaN, ±inf
     # makes it -inf or the sum inf; only then (or on a float overflow of the sum) search
     lowest, total = torch.stack([tensor.amin(), tensor.sum()]).tolist()
     if not (lowest >= 0 and math.isfinite(total)):
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            layer, expert = (int(i) for i in (~finite).nonzero()[0])
-            raise ValueError(
-                f"{name}[{layer}, {expert}] is {float(tensor[layer, expert])}; loads must be finite"
-            )
-        negative = tensor < 0
-        if bool(negative.any()):
-            layer, expert = (int(i) for i in negative.nonzero()[0])
-            raise ValueError(
-                f"{name}[{layer}, {expert}] is {float(tensor[layer, expert])}; loads must be >= 0"
-            )
+        _check_loads(tensor, name)
     return tensor, one_layer
 
 
-def check_gpu_vector(
-    values: object, num_gpus: int, name: str, dtype: torch.dtype, device: torch.device
+def as_counts(
+    counts: object,
+    name: str = "counts",
+    *,
+    compact: bool = False,
+    what: str = "a tensor, array or nested list of counts [T, L, E]",
 ) -> torch.Tensor:
-    """Validate a per-GPU vector (``active_gpus`` or ``gpu_speed``) of length ``num_gpus``."""
+    """Validate per-step counts and return them as a float ``[T, L, E]`` tensor.
+
+    Accepts a tensor, array or nested list ``[T, L, E]``, or ``[L, E]`` for one step.
+    The result is float64, or with ``compact`` (long traces are large) float32 when that
+    is exact: float32 input, and integer input whose every count is below 2**24; float64
+    input is never narrowed. Raises on NaN/inf, negative counts, a wrong number of
+    dimensions or an empty history; ``what`` describes the accepted types in the message.
+    """
+    tensor = _real_tensor(counts, name, what)
+    if tensor.dim() == 2:
+        tensor = tensor[None]
+    if tensor.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape [steps, layers, experts] (or [layers, experts] for one "
+            f"step); got {tensor.dim()} dimensions {tuple(tensor.shape)}"
+        )
+    if 0 in tensor.shape:
+        raise ValueError(f"{name} is empty: shape {tuple(tensor.shape)}")
+    if not compact:
+        tensor = tensor.to(torch.float64)
+    elif not tensor.is_floating_point():
+        exact = int(tensor.max()) < 2**24
+        tensor = tensor.to(torch.float32 if exact else torch.float64)
+    elif tensor.dtype not in (torch.float32, torch.float64):
+        tensor = tensor.to(torch.float32)
+    _check_loads(tensor, name)
+    return tensor
+
+
+def as_live_mask(active_gpus: object, num_gpus: int, device: torch.device) -> torch.Tensor:
+    """``[P]`` bool live-GPU mask from a boolean mask of length ``num_gpus``.
+
+    Only booleans are accepted: a list of integers is ambiguous (``[0, 1, 2, 3]`` could
+    be GPU ids or a 0/1 mask), so it is refused with a message saying how to build a mask.
+    """
     try:
-        tensor = torch.as_tensor(values, device=device)
+        tensor = torch.as_tensor(active_gpus, device=device)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} must be a sequence of {num_gpus} values: {exc}") from None
+        raise TypeError(f"active_gpus must be a boolean mask of {num_gpus} values: {exc}") from None
+    if tensor.dtype != torch.bool:
+        raise TypeError(
+            f"active_gpus must be a boolean mask with one entry per GPU (True = live); got "
+            f"dtype {tensor.dtype}. To mark GPUs dead by id, build the mask: "
+            f"live = torch.ones({num_gpus}, dtype=torch.bool); live[dead_ids] = False"
+        )
     if tensor.shape != (num_gpus,):
         raise ValueError(
-            f"{name} must have shape [{num_gpus}] (one per GPU); got {tuple(tensor.shape)}"
+            f"active_gpus must have shape [{num_gpus}] (one per GPU); got {tuple(tensor.shape)}"
         )
-    tensor = tensor.to(dtype)
-    if dtype.is_floating_point:
-        bad = ~torch.isfinite(tensor) | (tensor <= 0)
-        if bool(bad.any()):
-            gpu = int(bad.nonzero()[0])
-            raise ValueError(f"{name}[{gpu}] is {float(tensor[gpu])}; must be finite and > 0")
+    if not bool(tensor.any()):
+        raise ValueError("active_gpus marks every GPU dead; at least one must be live")
     return tensor
+
+
+def as_gpu_speed(gpu_speed: object, num_gpus: int, device: torch.device) -> torch.Tensor:
+    """``[P]`` float64 relative GPU speeds, each finite and > 0."""
+    try:
+        tensor = torch.as_tensor(gpu_speed, device=device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"gpu_speed must be a sequence of {num_gpus} numbers: {exc}") from None
+    if tensor.shape != (num_gpus,):
+        raise ValueError(
+            f"gpu_speed must have shape [{num_gpus}] (one per GPU); got {tuple(tensor.shape)}"
+        )
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"gpu_speed has dtype {tensor.dtype}; expected real numbers")
+    tensor = tensor.to(torch.float64)
+    bad = ~torch.isfinite(tensor) | (tensor <= 0)
+    if bool(bad.any()):
+        gpu = int(bad.nonzero()[0])
+        raise ValueError(f"gpu_speed[{gpu}] is {float(tensor[gpu])}; must be finite and > 0")
+    return tensor
+
+
+def uniform_where_empty(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [rows, E]`` with every all-zero row replaced by ones.
+
+    A row with no load (a dense layer in a real dump, or a node whose experts saw no
+    tokens) has every placement equally balanced; planning it as uniform spreads its
+    replicas evenly instead of leaving ties to chance.
+    """
+    empty = weight.sum(1, keepdim=True) <= 0
+    return torch.where(empty, torch.ones_like(weight), weight)
+
+
+def scale_rows_to_unit(weight: torch.Tensor) -> torch.Tensor:
+    """``weight [rows, E]`` (no all-zero row) with each row scaled by a power of two so
+    its largest entry lies in ``[1, 2)``.
+
+    Multiplying by a power of two is exact in floating point, so every ratio, comparison
+    and sum the planner forms changes by the same exact factor and no decision changes;
+    but loads of 1e37 (float32) or 1e305 (float64) no longer overflow when summed.
+    """
+    _, exponent = torch.frexp(weight.amax(1, keepdim=True))
+    return torch.ldexp(weight, 1 - exponent)

@@ -1,15 +1,5 @@
-"""The placement record, the cluster topology and the output contract.
-
-Glossary (the words used throughout eplb):
-
-- **logical expert**: one of the model's ``E`` experts in a MoE layer.
-- **physical slot**: one of the ``R`` expert slots in the cluster; a slot holds one
-  *replica* of one logical expert. Slot ``s`` lives on GPU ``s // S`` where
-  ``S = R // P`` is the number of slots per GPU.
-- **redundant experts**: the ``R - E`` replicas beyond the first of every expert.
-- **node**: a group of ``P // N`` consecutive GPUs (fast intra-node links).
-- **expert group**: ``E // G`` consecutive logical experts (group-limited routing).
-- **dead GPU**: a GPU excluded from serving; its slots hold ``-1``.
+"""The placement record and the output contract (see :mod:`eplb.core.topology` for the
+words used).
 
 The contract (DeepSeek's, extended with dead GPUs), all int64 on one device:
 
@@ -17,75 +7,26 @@ The contract (DeepSeek's, extended with dead GPUs), all int64 on one device:
 - ``log2phy [L, E, maxcnt]``: each expert's slot ids ascending, padded with ``-1``.
 - ``logcnt [L, E]``: replicas per expert, every entry >= 1, each row summing to
   the number of live slots.
+
+eplb adds two promises that :meth:`Placement.validate` checks too: no GPU holds two
+replicas of one expert unless the expert has more replicas than GPUs that may hold it
+(*anti-affinity*), and under the hierarchical policy every replica of a group's experts
+sits on the group's node (*locality*).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-__all__ = [
-    "Placement",
-    "PlacementError",
-    "Topology",
-    "build_log2phy",
-    "expert_counts",
-    "slot_gpu_loads",
-]
+from eplb.core.topology import Topology
 
 
 class PlacementError(ValueError):
     """A placement breaks the output contract; the message names the violation."""
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Where slots live: ``num_replicas`` slots on ``num_gpus`` GPUs in ``num_nodes`` nodes.
-
-    ``num_groups`` is the number of expert groups (1 when the model has none).
-    """
-
-    num_replicas: int
-    num_gpus: int
-    num_nodes: int = 1
-    num_groups: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("num_replicas", "num_gpus", "num_nodes", "num_groups"):
-            _positive_int(name, getattr(self, name))
-        if self.num_replicas % self.num_gpus:
-            raise ValueError(
-                f"num_replicas ({self.num_replicas}) must be a multiple of num_gpus "
-                f"({self.num_gpus}) so every GPU holds the same number of slots"
-            )
-
-    @property
-    def slots_per_gpu(self) -> int:
-        return self.num_replicas // self.num_gpus
-
-    @property
-    def gpus_per_node(self) -> int:
-        if self.num_gpus % self.num_nodes:
-            raise ValueError(
-                f"num_gpus ({self.num_gpus}) is not a multiple of num_nodes ({self.num_nodes})"
-            )
-        return self.num_gpus // self.num_nodes
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "num_replicas": self.num_replicas,
-            "num_gpus": self.num_gpus,
-            "num_nodes": self.num_nodes,
-            "num_groups": self.num_groups,
-        }
 
 
 def expert_counts(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -216,7 +157,13 @@ class Placement:
                 f"weight has shape {tuple(weight.shape)}, the placement needs "
                 f"[{self.num_layers}, {self.num_experts}]"
             )
-        return weight.to(torch.float64)
+        weight = weight.to(torch.float64)
+        # one power-of-two rescale (exact: ratios and balancedness are unchanged) keeps
+        # sums of huge loads (1e305) finite
+        peak = float(weight.max()) if weight.numel() else 0.0
+        if peak > 2.0**900 or 0 < peak < 2.0**-900:
+            weight = weight * 2.0 ** (-math.frexp(peak)[1])
+        return weight
 
     def replica_loads(self, weight: torch.Tensor) -> torch.Tensor:
         """``[L, R]`` load of every slot: the expert's load split evenly over its replicas."""
@@ -285,7 +232,15 @@ def _fail(message: str) -> None:
     raise PlacementError(message)
 
 
-def _validate(p: Placement, anti_affinity: bool) -> None:
+def validate_planned(p: Placement) -> Placement:
+    """:meth:`Placement.validate` for a placement the planner just built with
+    :meth:`Placement.from_phy2log`: ``log2phy`` and ``logcnt`` were derived from
+    ``phy2log`` there, so only ``phy2log`` itself is checked (O(L·R))."""
+    _validate(p, anti_affinity=True, tables=False)
+    return p
+
+
+def _validate(p: Placement, anti_affinity: bool, tables: bool = True) -> None:
     topo = p.topology
     for name in ("phy2log", "log2phy", "logcnt"):
         t = getattr(p, name)
@@ -345,6 +300,16 @@ def _validate(p: Placement, anti_affinity: bool) -> None:
         layer = int((row_sum != num_live_slots).nonzero()[0])
         _fail(f"layer {layer}: logcnt sums to {int(row_sum[layer])}, expected {num_live_slots}")
 
+    if tables:
+        _validate_tables(p, num_experts)
+    if anti_affinity:
+        _validate_anti_affinity(p, live_gpu)
+    if p.policy == "hierarchical":
+        _validate_locality(p)
+
+
+def _validate_tables(p: Placement, num_experts: int) -> None:
+    """``log2phy`` and ``logcnt`` are exactly what ``phy2log`` implies."""
     want_log2phy, want_cnt = build_log2phy(p.phy2log, num_experts)
     if not torch.equal(want_cnt, p.logcnt):
         layer, expert = (int(i) for i in (want_cnt != p.logcnt).nonzero()[0])
@@ -366,35 +331,42 @@ def _validate(p: Placement, anti_affinity: bool) -> None:
             f"phy2log implies {want_log2phy[layer, expert].tolist()} (ascending, -1 padded)"
         )
 
-    if anti_affinity:
-        _validate_anti_affinity(p, live_gpu)
-    if p.policy == "hierarchical":
-        _validate_locality(p)
-
 
 def _validate_anti_affinity(p: Placement, live_gpu: torch.Tensor) -> None:
-    """At most ceil(c / live GPUs) replicas of an expert on one GPU."""
+    """At most ceil(c / G) replicas of an expert on one GPU, with G the GPUs that may hold
+    it (the live ones, or its node's under the hierarchical policy).
+
+    O(L·R) time and memory: each GPU's slots are sorted by expert, so copies of an expert
+    on one GPU are adjacent; a copy's rank in its run is its position minus the run start.
+    """
     topo = p.topology
-    num_layers, num_experts = p.logcnt.shape
-    slots_per_gpu = topo.slots_per_gpu
-    # GPUs able to hold an expert: all live ones, or its node's under the hierarchical policy
-    num_live_gpus = int(live_gpu.sum())
+    num_layers = p.logcnt.shape[0]
+    slots = topo.slots_per_gpu
+    able = int(live_gpu.sum())
     if p.policy == "hierarchical" and topo.num_gpus % topo.num_nodes == 0:
-        num_live_gpus = topo.gpus_per_node
-    per_gpu = p.phy2log.view(num_layers, topo.num_gpus, slots_per_gpu)
-    cap = (p.logcnt + num_live_gpus - 1) // num_live_gpus  # [L, E]
-    counts = torch.zeros(
-        num_layers, topo.num_gpus, num_experts + 1, dtype=torch.int64, device=p.phy2log.device
-    )
-    idx = torch.where(per_gpu >= 0, per_gpu, num_experts)
-    counts.scatter_add_(2, idx, torch.ones_like(idx))
-    over = counts[:, :, :num_experts] > cap[:, None, :]
-    if over.any():
-        layer, gpu, expert = (int(i) for i in over.nonzero()[0])
+        able = topo.gpus_per_node
+    if slots < 2:
+        return
+    grid = p.phy2log.view(num_layers, topo.num_gpus, slots).sort(dim=2).values
+    same = (grid[..., 1:] == grid[..., :-1]) & (grid[..., 1:] >= 0)  # [L, P, S-1]
+    if not bool(same.any()):
+        return
+    # run rank of every slot: 1 + number of equal neighbours before it in the sorted row
+    position = torch.arange(slots, device=grid.device).expand_as(grid)
+    starts = torch.ones_like(grid, dtype=torch.bool)
+    starts[..., 1:] = ~same
+    run_start = torch.where(starts, position, torch.zeros_like(position)).cummax(2).values
+    copies = position - run_start + 1  # [L, P, S]
+    cap = (p.logcnt + able - 1) // able  # [L, E]
+    allowed = cap.gather(1, grid.clamp(min=0).view(num_layers, -1)).view_as(grid)
+    over = (copies > allowed) & (grid >= 0)
+    if bool(over.any()):
+        layer, gpu, slot = (int(i) for i in over.nonzero()[0])
+        expert = int(grid[layer, gpu, slot])
+        held = int((grid[layer, gpu] == expert).sum())
         _fail(
-            f"anti-affinity: layer {layer} GPU {gpu} holds {int(counts[layer, gpu, expert])} "
-            f"replicas of expert {expert} (it has {int(p.logcnt[layer, expert])} replicas "
-            f"over {num_live_gpus} GPUs that may hold it)"
+            f"anti-affinity: layer {layer} GPU {gpu} holds {held} replicas of expert {expert} "
+            f"(it has {int(p.logcnt[layer, expert])} replicas over {able} GPUs that may hold it)"
         )
 
 

@@ -1,159 +1,147 @@
-"""Planning orchestration: from-scratch plans, dead GPUs, GPU speeds, incremental plans.
+"""The planning pipeline's two ends: :func:`make_request` (every argument check) and
+:func:`plan_fresh` (the one entry for a plan from scratch).
 
-:func:`plan_placement` is what :func:`eplb.plan` runs after validating its arguments.
-It never imports I/O or the CLI.
+The pipeline, top to bottom::
+
+    make_request            inputs, topology, policy resolution → PlanRequest
+    plan_fresh              dead GPUs → global plan over the live ones; else the policy
+      policy.place            (policies/) groups → nodes, then rows of global problems
+        plan_rows             replication portfolio → packing, per row
+      refine_assignment       GPU speeds: swaps that weigh each GPU's speed
+    Placement.validate      the whole contract, before anything is returned
+
+Incremental planning (:mod:`eplb.online.incremental`) calls :func:`plan_fresh` for its
+fresh candidate and :func:`eplb.core.packing.refine_assignment` for its warm start.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from eplb.core.packing import EXPERT, Tracking, refine, repair_conflicts
-from eplb.core.placement import Placement, Topology, expert_counts
-from eplb.core.policies import POLICIES, PlanOptions, plan_rows
+from eplb.core.inputs import (
+    as_gpu_speed,
+    as_live_mask,
+    as_weight,
+    scale_rows_to_unit,
+    uniform_where_empty,
+)
+from eplb.core.options import PackingOptions, PlanOptions
+from eplb.core.packing import refine_assignment
+from eplb.core.placement import Placement, validate_planned
+from eplb.core.policies import POLICIES, plan_rows, resolve_policy
+from eplb.core.request import PlanRequest
+from eplb.core.topology import Topology
 
-__all__ = ["plan_live_global", "plan_placement", "refine_placement"]
+
+def _options(
+    options: PlanOptions | None, num_candidates: int | None, refine_steps: int | None
+) -> PlanOptions:
+    """``options`` with the two shortcut knobs folded in."""
+    if options is None:
+        options = PlanOptions()
+    elif not isinstance(options, PlanOptions):
+        raise TypeError(f"options must be an eplb.PlanOptions, got {type(options).__name__}")
+    if num_candidates is None and refine_steps is None:
+        return options
+    p = options.packing
+    kwargs = {
+        "num_candidates": p.num_candidates if num_candidates is None else num_candidates,
+        "construction": p.construction,
+        "noise": p.noise,
+    }
+    if refine_steps is None:
+        packing = PackingOptions(pair_steps=p.pair_steps, max_steps=p.max_steps, **kwargs)
+    else:
+        packing = PackingOptions.with_budget(refine_steps, **kwargs)
+    return dataclasses.replace(options, packing=packing)
 
 
-def plan_live_global(
-    weight: torch.Tensor,
-    topology: Topology,
-    options: PlanOptions,
-    generator: torch.Generator,
-    live: torch.Tensor,
-) -> torch.Tensor:
+def make_request(
+    weight: object,
+    num_replicas: int,
+    num_gpus: int,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    *,
+    policy: str = "auto",
+    seed: int = 0,
+    num_candidates: int | None = None,
+    refine_steps: int | None = None,
+    options: PlanOptions | None = None,
+    active_gpus: object = None,
+    gpu_speed: object = None,
+    stacklevel: int = 4,
+) -> PlanRequest:
+    """Check every planning argument and build the :class:`PlanRequest` (see
+    :func:`eplb.plan` for the arguments). Raises ``TypeError``/``ValueError`` naming the
+    problem; ``stacklevel`` points policy warnings at the user's call."""
+    w, _ = as_weight(weight)
+    topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+    num_experts = w.shape[1]
+    if topology.num_replicas < num_experts:
+        raise ValueError(
+            f"num_replicas ({topology.num_replicas}) must be at least the number of experts "
+            f"({num_experts}): every expert needs a slot"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    opts = _options(options, num_candidates, refine_steps)
+    live = None
+    if active_gpus is not None:
+        live = as_live_mask(active_gpus, topology.num_gpus, w.device)
+        num_live_slots = int(live.sum()) * topology.slots_per_gpu
+        if num_live_slots < num_experts:
+            raise ValueError(
+                f"only {int(live.sum())} of {topology.num_gpus} GPUs are live: {num_live_slots} "
+                f"slots cannot hold {num_experts} experts (each needs a replica on a live GPU)"
+            )
+        if bool(live.all()):
+            live = None
+    speed = None if gpu_speed is None else as_gpu_speed(gpu_speed, topology.num_gpus, w.device)
+    chosen = resolve_policy(
+        policy,
+        topology,
+        num_experts,
+        has_dead_gpus=live is not None,
+        has_speeds=speed is not None,
+        stacklevel=stacklevel,
+    )
+    planning = scale_rows_to_unit(uniform_where_empty(w))
+    return PlanRequest(planning, topology, chosen, opts, seed, live, speed)
+
+
+def _plan_live(request: PlanRequest) -> torch.Tensor:
     """Global plan over the live GPUs only; dead GPUs' slots get ``-1``. → ``[L, R]``."""
-    num_layers, num_experts = weight.shape
+    topology, live = request.topology, request.live
     slots = topology.slots_per_gpu
     num_live = int(live.sum())
-    live_slots = num_live * slots
-    if live_slots < num_experts:
-        raise ValueError(
-            f"only {num_live} of {topology.num_gpus} GPUs are live: {live_slots} slots cannot hold "
-            f"{num_experts} experts (each needs at least one replica on a live GPU)"
-        )
-    planned = plan_rows(weight, live_slots, num_live, options, generator)
+    planned = plan_rows(
+        request.weight, num_live * slots, num_live, request.options, request.generator()
+    )
     phy2log = torch.full(
-        (num_layers, topology.num_replicas), -1, dtype=torch.int64, device=weight.device
+        (request.num_layers, topology.num_replicas), -1, dtype=torch.int64, device=live.device
     )
     phy2log[:, live.repeat_interleave(slots)] = planned
     return phy2log
 
 
-def refine_placement(
-    weight: torch.Tensor,
-    phy2log: torch.Tensor,
-    live: torch.Tensor,
-    options: PlanOptions,
-    *,
-    speed: torch.Tensor | None = None,
-    origin: torch.Tensor | None = None,
-    budget: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Swap refinement of a placement whose GPUs keep their identity.
-
-    Args:
-        weight: ``[L, E]`` loads; phy2log: ``[L, R]`` (``-1`` on dead GPUs).
-        live: ``[P]`` bool live GPUs; only their slots are touched.
-        speed: ``[P]`` GPU speeds: minimise Σ load² / speed (heaviest bins start on the
-            fastest GPUs).
-        origin: ``[L, R]`` placement to charge moves against, with ``budget [L]`` slots.
-
-    Returns:
-        ``[L, R]`` refined placement.
-    """
-    num_layers, num_slots = phy2log.shape
-    num_gpus = live.shape[0]
-    slots = num_slots // num_gpus
-    live_ids = live.nonzero()[:, 0]
-    num_live = len(live_ids)
-    counts = expert_counts(phy2log, weight.shape[1])
-    per = weight / counts.clamp(min=1)
-    scale = weight.sum(1, keepdim=True) / max(1, num_live * slots)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    grid = phy2log.view(num_layers, num_gpus, slots)[:, live_ids]  # [L, P_live, S]
-    load = (
-        per.gather(1, grid.reshape(num_layers, -1).clamp(min=0)).view_as(grid) / scale[:, :, None]
-    )
-    state = (
-        torch.stack([load, grid.to(load.dtype)]).permute(0, 3, 1, 2).to(torch.float32).contiguous()
-    )
-    # an inherited placement may stack replicas of an expert on one GPU: repair first
-    # (moves the budget cannot refuse); swaps never create new conflicts
-    state = repair_conflicts(state, counts.amax(1) > num_live)
-    gpu = torch.arange(num_live, device=phy2log.device).expand(num_layers, -1)
-    speed_live = None
-    if speed is not None:
-        speed_live = speed[live_ids].to(torch.float32).expand(num_layers, -1).contiguous()
-        # rearrangement: the heaviest bin goes to the fastest GPU
-        bins = state[0].sum(0).argsort(dim=1, descending=True)
-        fastest = speed_live.argsort(dim=1, descending=True)
-        gpu = torch.empty_like(bins).scatter_(1, bins, fastest)  # gpu of each bin
-        speed_live = speed_live.gather(1, gpu)
-    track = Tracking(gpu=gpu.to(torch.float32).contiguous(), speed=speed_live)
-    if origin is not None:
-        origin_grid = origin.view(num_layers, num_gpus, slots)[:, live_ids]
-        origin_grid = origin_grid.gather(1, gpu[:, :, None].expand(-1, -1, slots))
-        track.origin = origin_grid.permute(2, 0, 1).to(torch.float32)
-        track.budget = budget
-    packing = options.packing
-    polish = packing.max_steps_for(num_live)
-    steps = max(packing.pair_steps_for(num_live) + polish, 2 * slots)
-    state = refine(state, steps, "pairs", track=track)
-    if speed is None:  # the polish keeps GPUs in place; it does not weigh speeds
-        state = refine(state, polish, "max", track=track)
-    # put every bin back on its GPU
-    back = track.gpu.long().argsort(dim=1)
-    state = state.gather(3, back.expand(2, slots, -1, -1))
-    result = phy2log.clone().view(num_layers, num_gpus, slots)
-    result[:, live_ids] = state[EXPERT].permute(1, 2, 0).long()
-    return result.view(num_layers, num_slots)
-
-
-def plan_placement(
-    weight: torch.Tensor,
-    topology: Topology,
-    policy: str,
-    options: PlanOptions,
-    generator: torch.Generator,
-    *,
-    active_gpus: torch.Tensor | None = None,
-    gpu_speed: torch.Tensor | None = None,
-    previous: Placement | torch.Tensor | None = None,
-    max_moves: int | torch.Tensor | None = None,
-    skip_threshold: float | None = None,
-) -> Placement:
-    """Plan ``weight [L, E]`` (validated float) on ``topology`` with a resolved policy."""
-    num_experts = weight.shape[1]
-    if previous is not None:
-        if gpu_speed is not None:
-            raise ValueError("gpu_speed cannot be combined with previous (incremental planning)")
-        from eplb.online.incremental import plan_incremental
-
-        return plan_incremental(
-            weight,
-            topology,
-            policy,
-            options,
-            generator,
-            previous,
-            active_gpus=active_gpus,
-            max_moves=max_moves,
-            skip_threshold=skip_threshold,
-        )
-    if max_moves is not None or skip_threshold is not None:
-        raise ValueError("max_moves and skip_threshold need the previous placement (previous=...)")
-    if active_gpus is not None:
-        phy2log = plan_live_global(weight, topology, options, generator, active_gpus)
+def plan_fresh(request: PlanRequest) -> Placement:
+    """Plan ``request`` from scratch; returns a validated :class:`Placement`."""
+    if request.active_gpus is not None:
+        phy2log = _plan_live(request)
     else:
-        phy2log = POLICIES[policy]().place(weight, topology, options, generator)
-    if gpu_speed is not None:
-        live = (
-            active_gpus
-            if active_gpus is not None
-            else torch.ones(topology.num_gpus, dtype=torch.bool, device=weight.device)
+        phy2log = POLICIES[request.policy]().place(request)
+    if request.gpu_speed is not None:
+        phy2log = refine_assignment(
+            request.weight,
+            phy2log,
+            request.live,
+            request.options.packing,
+            speed=request.gpu_speed,
         )
-        zero = weight.sum(1, keepdim=True) <= 0
-        w = torch.where(zero, torch.ones_like(weight), weight)
-        phy2log = refine_placement(w, phy2log, live, options, speed=gpu_speed)
-    return Placement.from_phy2log(phy2log, num_experts, topology, policy, active_gpus)
+    placement = Placement.from_phy2log(
+        phy2log, request.num_experts, request.topology, request.policy, request.active_gpus
+    )
+    return validate_planned(placement)

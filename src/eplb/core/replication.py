@@ -25,15 +25,11 @@ import torch
 from eplb.core.ordering import argsort_rows
 
 __all__ = [
-    "DEFAULT_SHIFTS",
     "expand_replicas",
     "max_replica_load",
     "replica_bound",
     "replica_counts",
 ]
-
-#: divisor shifts δ of the default portfolio (w / (c + δ)); 0 is Jefferson/D'Hondt
-DEFAULT_SHIFTS: tuple[float, ...] = (0.0, -0.25, -0.5, -0.75)
 
 # cap on the [rows, experts, steps] priority tensor before chunking over rows
 _MAX_PRIORITY_ELEMENTS = 1 << 24

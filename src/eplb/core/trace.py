@@ -2,30 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-__all__ = ["LoadTrace", "first_bad_load"]
-
-
-def first_bad_load(loads: torch.Tensor) -> tuple[int, ...] | None:
-    """Index of the first NaN, infinite or negative entry of ``loads``, or ``None``.
-
-    The common all-good case costs one min/max pass and no temporary: ``torch.isfinite``
-    on float64 would allocate a copy as large as a multi-GB trace.
-    """
-    if loads.numel() == 0:
-        return None
-    lo, hi = torch.aminmax(loads)
-    lo, hi = float(lo), float(hi)  # NaN propagates through min/max
-    if math.isfinite(lo) and math.isfinite(hi) and lo >= 0:
-        return None
-    bad = ~torch.isfinite(loads) | (loads < 0)
-    return tuple(int(i) for i in bad.nonzero()[0])
+from eplb.core.inputs import as_counts
 
 
 @dataclass(frozen=True)
@@ -50,21 +33,12 @@ class LoadTrace:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        counts = torch.as_tensor(self.counts)
-        if counts.dim() != 3:
+        if getattr(self.counts, "ndim", 3) != 3:
             raise ValueError(
                 f"LoadTrace.counts must have shape [steps, layers, experts]; got "
-                f"{tuple(counts.shape)}"
+                f"{tuple(self.counts.shape)}"
             )
-        if counts.is_complex() or counts.dtype == torch.bool:
-            raise TypeError(f"LoadTrace.counts has dtype {counts.dtype}; expected real numbers")
-        counts = counts.to(torch.float64)
-        bad = first_bad_load(counts)
-        if bad is not None:
-            raise ValueError(
-                f"LoadTrace.counts{list(bad)} is {float(counts[bad])}; "
-                "loads must be finite and >= 0"
-            )
+        counts = as_counts(self.counts, "LoadTrace.counts")
         num_layers = counts.shape[1]
         ids = (
             list(range(num_layers)) if self.layer_ids is None else [int(i) for i in self.layer_ids]

@@ -8,11 +8,11 @@
 - Problems with a file raise :class:`FormatError` (a ``ValueError``) naming the file.
 """
 
+from eplb.core.trace import LoadTrace
 from eplb.formats.detect import FORMATS, detect_format
 from eplb.formats.errors import FormatError
 from eplb.formats.placements import EMITS, read_placement, read_placement_meta, write_placement
 from eplb.formats.readers import read_loads
-from eplb.core.trace import LoadTrace
 from eplb.formats.trace_writer import TRACE_EMITS, write_loads
 
 __all__ = [

@@ -26,10 +26,11 @@ from typing import Any
 
 import torch
 
+from eplb.core.placement import Placement, PlacementError
+from eplb.core.topology import Topology
 from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
 from eplb.formats.errors import FormatError
-from eplb.core.placement import Placement, PlacementError, Topology
 
 __all__ = ["EMITS", "PLACEMENT_FORMAT", "read_placement", "read_placement_meta", "write_placement"]
 
@@ -181,8 +182,8 @@ def _trtllm_text(placement: Placement, ids: list[int], ids_given: bool) -> str:
 
 
 def _as_weight_matrix(weight: Any, placement: Placement) -> torch.Tensor:
-    from eplb.core.trace import LoadTrace
     from eplb.core.inputs import as_weight
+    from eplb.core.trace import LoadTrace
 
     if isinstance(weight, LoadTrace):
         weight = weight.total()

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.core.inputs import first_bad_load
+from eplb.core.trace import LoadTrace
 from eplb.formats._files import import_safetensors_torch
 from eplb.formats.detect import (
     FORMATS,
@@ -24,7 +26,6 @@ from eplb.formats.detect import (
 from eplb.formats.errors import FormatError
 from eplb.formats.history import read_vllm_history
 from eplb.formats.routing import topk_to_counts
-from eplb.core.trace import LoadTrace, first_bad_load
 
 __all__ = ["read_loads"]
 

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.formats._files import atomic_write, check_writable
 from eplb.core.trace import LoadTrace
+from eplb.formats._files import atomic_write, check_writable
 
 __all__ = ["TRACE_EMITS", "write_loads"]
 

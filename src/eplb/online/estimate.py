@@ -42,10 +42,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 
+from eplb.core.inputs import as_counts
 from eplb.core.placement import Placement
+from eplb.core.trace import LoadTrace
 
 __all__ = [
     "ESTIMATORS",
@@ -65,55 +66,13 @@ __all__ = [
 
 
 def as_history(history: object, name: str = "history") -> torch.Tensor:
-    """Validate per-step counts and return them as a float ``[T, L, E]`` tensor.
-
-    Accepts a tensor/array ``[T, L, E]`` or ``[L, E]`` (one step), or an object with a
-    ``counts`` attribute (``eplb.formats.LoadTrace``). Float32/float64 input keeps its
-    dtype (long traces are large; no copy is made); integer input becomes float32 when
-    every count is below 2**24 (exact), else float64. Sums are taken in float64 downstream.
-    Raises on NaN/inf, negative counts, a wrong number of dimensions or an empty history.
-    """
-    counts = getattr(history, "counts", history)
-    if isinstance(counts, np.ndarray):
-        if counts.dtype.kind not in "biuf":
-            raise TypeError(f"{name} has numpy dtype {counts.dtype}; expected real or integer")
-        counts = torch.from_numpy(np.ascontiguousarray(counts))
-    elif isinstance(counts, (list, tuple)):
-        counts = torch.as_tensor(np.asarray(counts, dtype=np.float64))
-    if not isinstance(counts, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a tensor, array or LoadTrace of per-step counts [T, L, E]; "
-            f"got {type(history).__name__}"
-        )
-    if counts.is_complex():
-        raise TypeError(f"{name} has complex dtype {counts.dtype}")
-    if counts.dim() == 2:
-        counts = counts[None]
-    if counts.dim() != 3:
-        raise ValueError(
-            f"{name} must have shape [steps, layers, experts] (or [layers, experts] for one "
-            f"step); got {counts.dim()} dimensions {tuple(counts.shape)}"
-        )
-    if 0 in counts.shape:
-        raise ValueError(f"{name} is empty: shape {tuple(counts.shape)}")
-    if counts.dtype == torch.bool:
-        counts = counts.to(torch.float32)
-    elif not counts.is_floating_point():
-        exact = int(counts.max()) < 2**24
-        counts = counts.to(torch.float32 if exact else torch.float64)
-    elif counts.dtype not in (torch.float32, torch.float64):
-        counts = counts.to(torch.float32)
-    # two cheap reductions instead of an elementwise isfinite: NaN/inf propagate into the sum
-    total = counts.sum()
-    if not bool(torch.isfinite(total)) or float(counts.min()) < 0:
-        bad = ~torch.isfinite(counts) | (counts < 0)
-        if bool(bad.any()):
-            t, layer, expert = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(
-                f"{name}[{t}, {layer}, {expert}] is {float(counts[t, layer, expert])}; counts "
-                "must be finite and >= 0"
-            )
-    return counts
+    """Per-step counts ``[T, L, E]`` from a :class:`~eplb.core.trace.LoadTrace`, a tensor,
+    an array or a nested list (``[L, E]`` is one step), validated by
+    :func:`eplb.core.inputs.as_counts`. Float32 when exact (long traces are large; no copy
+    of float input is made); sums are taken in float64 downstream."""
+    counts = history.counts if isinstance(history, LoadTrace) else history
+    what = "a LoadTrace, or a tensor, array or nested list of counts [T, L, E]"
+    return as_counts(counts, name, compact=True, what=what)
 
 
 @dataclass(frozen=True, eq=False)

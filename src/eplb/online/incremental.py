@@ -20,15 +20,17 @@ A layer whose predicted gain (its ceiling minus its current balancedness) is bel
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
 from eplb.core.bounds import layer_ceiling
-from eplb.core.placement import Placement, Topology, expert_counts, slot_gpu_loads
-from eplb.core.planner import plan_live_global, refine_placement
-from eplb.core.policies import POLICIES, PlanOptions
-
-__all__ = ["align_to_previous", "plan_incremental"]
+from eplb.core.packing import refine_assignment
+from eplb.core.placement import Placement, expert_counts, slot_gpu_loads, validate_planned
+from eplb.core.planner import plan_fresh
+from eplb.core.request import PlanRequest
+from eplb.core.topology import Topology
 
 # a candidate must beat the fewer-moves one by this much balancedness to win
 _QUALITY_TIE = 1e-4
@@ -192,39 +194,31 @@ def _align_slots(items: np.ndarray, old: np.ndarray) -> np.ndarray:
 
 
 def plan_incremental(
-    weight: torch.Tensor,
-    topology: Topology,
-    policy: str,
-    options: PlanOptions,
-    generator: torch.Generator,
+    request: PlanRequest,
     previous: Placement | torch.Tensor,
     *,
-    active_gpus: torch.Tensor | None = None,
     max_moves: int | torch.Tensor | None = None,
     skip_threshold: float | None = None,
 ) -> Placement:
-    """Re-plan ``weight [L, E]`` starting from ``previous``; see the module docstring."""
-    num_layers, num_experts = weight.shape
-    device = weight.device
+    """Re-plan ``request`` starting from ``previous``; see the module docstring.
+
+    Returns a validated :class:`Placement`.
+    """
+    # float64 throughout: balancedness ties between candidates are compared to 1e-4
+    request = dataclasses.replace(request, weight=request.weight.to(torch.float64))
+    w, topology, policy = request.weight, request.topology, request.policy
+    options = request.options.packing
+    active_gpus = request.active_gpus
+    num_layers, num_experts = w.shape
+    device = w.device
     old = _previous_phy2log(previous, topology, num_layers, num_experts, device)
-    live = (
-        torch.ones(topology.num_gpus, dtype=torch.bool, device=device)
-        if active_gpus is None
-        else active_gpus
-    )
+    live = request.live
     live_slot = live.repeat_interleave(topology.slots_per_gpu)
-    if int(live_slot.sum()) < num_experts:
-        raise ValueError(
-            f"only {int(live.sum())} of {topology.num_gpus} GPUs are live: "
-            f"{int(live_slot.sum())} slots cannot hold {num_experts} experts"
-        )
     if skip_threshold is not None and not skip_threshold >= 0:
         raise ValueError(f"skip_threshold must be >= 0, got {skip_threshold!r}")
     # the old placement restricted to live GPUs: slots of dead GPUs are lost
     start = torch.where(live_slot, old, torch.full_like(old, -1))
 
-    zero = weight.sum(1, keepdim=True) <= 0
-    w = torch.where(zero, torch.ones_like(weight), weight).to(torch.float64)
     current = _balancedness(w, start, live, topology.num_gpus)
     ceiling = layer_ceiling(
         w,
@@ -247,7 +241,7 @@ def plan_incremental(
         rows_w = w.repeat_interleave(nodes, 0)
         rows_start = start.view(num_layers * nodes, -1)
         rows_budget = (budget // nodes).repeat_interleave(nodes)
-        warm = refine_placement(
+        warm = refine_assignment(
             rows_w,
             rows_start,
             live[: topology.gpus_per_node],
@@ -260,7 +254,7 @@ def plan_incremental(
         # replica transfers may take half the budget; swaps get the rest (the refinement
         # charges every slot that differs from the old placement, transfers included)
         warm, _ = _transfers(w, start, live_slot, budget // 2, topology.num_gpus)
-        warm = refine_placement(w, warm, live, options, origin=start, budget=budget)
+        warm = refine_assignment(w, warm, live, options, origin=start, budget=budget)
         if isinstance(max_moves, int) and not isinstance(max_moves, bool):
             # a total budget: hand what converged layers left over to the layers that ran
             # out, in proportion to their gain, and refine those once more
@@ -270,13 +264,10 @@ def plan_incremental(
             if spare > 1 and bool(hungry.any()):
                 share = torch.where(hungry, gain, torch.zeros_like(gain))
                 more = torch.floor(share / share.sum() * spare).to(torch.int64)
-                warm = refine_placement(w, warm, live, options, origin=start, budget=used + more)
+                warm = refine_assignment(w, warm, live, options, origin=start, budget=used + more)
 
     candidates = [warm]
-    if active_gpus is None:
-        fresh = POLICIES[policy]().place(w, topology, options, generator)
-    else:
-        fresh = plan_live_global(w, topology, options, generator, live)
+    fresh = plan_fresh(request).phy2log
     per_node = topology.gpus_per_node if policy == "hierarchical" else None
     candidates.append(align_to_previous(fresh, start, topology.num_gpus, per_node))
 
@@ -300,7 +291,8 @@ def plan_incremental(
         best = torch.where(better[:, None], cand, best)
         best_bal = torch.where(better, bal, best_bal)
         best_moves = torch.where(better, moves, best_moves)
-    return Placement.from_phy2log(best, num_experts, topology, policy, active_gpus)
+    placement = Placement.from_phy2log(best, num_experts, topology, policy, active_gpus)
+    return validate_planned(placement)
 
 
 def _balancedness(

@@ -5,7 +5,7 @@ the last ``window`` recorded steps and switches to the new placement (vLLM: wind
 interval 3000; SGLang: 1000 / 1000). :class:`Rebalancer` reproduces that cadence with any
 estimator (:mod:`eplb.online.estimate`) and any planner:
 
-- ``"eplb"``: :func:`eplb.plan` (with ``previous=`` the placement in force when
+- ``"eplb"``: eplb's planner, as :func:`eplb.plan` runs it (with ``previous=`` the placement in force when
   ``incremental=True``, plus ``max_moves`` / ``skip_threshold``);
 - ``"greedy"``: DeepSeek's reference greedy (:func:`eplb.core.baselines.plan_greedy`);
 - ``"none"``: never rebalance: the static :func:`trivial_placement`;
@@ -21,8 +21,12 @@ from typing import Any
 
 import torch
 
+from eplb.core.baselines import plan_greedy
+from eplb.core.placement import Placement
+from eplb.core.planner import make_request, plan_fresh
+from eplb.core.topology import Topology
 from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator, select_per_layer
-from eplb.core.placement import Placement, Topology
+from eplb.online.incremental import plan_incremental
 
 __all__ = [
     "PLANNERS",
@@ -103,21 +107,19 @@ def make_planner(
         raise ValueError(f"incremental/max_moves/skip_threshold need planner 'eplb', got "
                          f"{planner!r}")
     if planner == "eplb":
-        from eplb.api import plan
 
         def eplb_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
-            extra: dict[str, Any] = {}
+            request = make_request(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,
+                                   topo.num_groups, active_gpus=active_gpus, **plan_options)
             if incremental and previous is not None:
-                extra = {"previous": previous, "max_moves": max_moves,
-                         "skip_threshold": skip_threshold}
-            return plan(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,
-                        topo.num_groups, active_gpus=active_gpus, **plan_options, **extra)
+                return plan_incremental(request, previous, max_moves=max_moves,
+                                        skip_threshold=skip_threshold)
+            return plan_fresh(request)
 
         return eplb_planner
     if active_gpus is not None:
         raise ValueError(f"planner {planner!r} does not support active_gpus; use 'eplb'")
     if planner == "greedy":
-        from eplb.core.baselines import plan_greedy
 
         def greedy_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
             return plan_greedy(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,

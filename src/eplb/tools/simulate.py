@@ -34,9 +34,11 @@ from typing import Any
 
 import torch
 
-from eplb.online.estimate import Estimator, as_history, make_estimator
+from eplb.core.placement import Placement
+from eplb.core.trace import LoadTrace
+from eplb.core.topology import Topology
 from eplb.online import PlannerFn, Rebalancer, make_planner, trivial_placement
-from eplb.core.placement import Placement, Topology
+from eplb.online.estimate import Estimator, as_history, make_estimator
 
 __all__ = [
     "CADENCES",
@@ -388,5 +390,6 @@ def simulate(
         moved_slots=(torch.stack([e.moved_slots for e in events]) if events
                      else torch.zeros(0, num_layers, dtype=torch.int64)),
         expert_bytes=expert_bytes,
-        meta={"source": getattr(trace, "source", None), "trace_steps": num_steps},
+        meta={"source": trace.source if isinstance(trace, LoadTrace) else None,
+              "trace_steps": num_steps},
     )

@@ -1,2 +1,174 @@
-from eplb.core.packing.refine import *  # noqa: F403  (temporary: split below)
-from eplb.core.packing.refine import EXPERT, LOAD, PackingOptions, Tracking  # noqa: F401
+"""Packing: replicas onto GPUs, exactly ``S = R / P`` slots per GPU, batched over rows.
+
+Two entry points:
+
+- :func:`pack`: items (replicas with loads) → a packing state, for fresh plans:
+  construction (:mod:`.construct`), anti-affinity repair (:mod:`.repair`), then swap
+  refinement (:mod:`.refine`), keeping the best of several randomised candidates.
+- :func:`refine_assignment`: a placement whose GPUs keep their identity (an old plan, a
+  plan on GPUs of different speeds) → the same placement improved by swaps, optionally
+  under a move budget against an origin.
+
+The state layout every step shares is described in :mod:`.state`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from eplb.core.options import PackingOptions
+from eplb.core.packing.construct import construct, construct_with_suspects
+from eplb.core.packing.refine import Tracking, refine
+from eplb.core.packing.repair import repair_conflicts
+from eplb.core.packing.state import EXPERT, LOAD, make_items, max_load, to_slots
+from eplb.core.placement import expert_counts
+
+__all__ = ["PackingOptions", "construct", "make_items", "max_load", "pack", "refine_assignment",
+           "to_slots"]
+
+
+def pack(
+    items: torch.Tensor,
+    num_gpus: int,
+    options: PackingOptions,
+    allow_shared: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    floor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pack the items of ``rows`` problems, keeping the best of several candidates.
+
+    Args:
+        items: ``[2, rows, R]`` from :func:`make_items`, heaviest first, replicas of an
+            expert adjacent.
+        num_gpus: ``P``; ``R`` must be a multiple of it.
+        allow_shared: ``[rows]`` rows where some expert has more replicas than GPUs.
+        generator: CPU generator for the randomised candidates.
+        floor: ``[rows]`` a max GPU load (in item units) that is good enough, e.g. a lower
+            bound the row's layer cannot beat anyway: rows packed at or below it are not
+            refined.
+
+    Returns:
+        ``state [2, S, rows, P]`` of the candidate with the smallest max GPU load per row.
+    """
+    _, rows, num_items = items.shape
+    cands = options.num_candidates
+    if cands > 1:
+        # candidate 0 keeps the exact order; the others sort by perturbed loads, perturbed
+        # per expert so that an expert's replicas stay adjacent
+        noise = torch.rand(cands - 1, rows, num_items, generator=generator, dtype=items.dtype)
+        first = first_replica(items[EXPERT])
+        noise = noise.to(items.device).gather(2, first.expand(cands - 1, -1, -1))
+        key = items[LOAD] * (1 + options.noise * (2 * noise - 1))
+        order = key.argsort(dim=2, descending=True, stable=True)  # [C-1, rows, R]
+        shuffled = (
+            items[:, None].expand(-1, cands - 1, -1, -1).gather(3, order.expand(2, -1, -1, -1))
+        )
+        items = torch.cat([items[:, None], shuffled], 1).view(2, cands * rows, num_items)
+        if allow_shared is not None:
+            allow_shared = allow_shared.repeat(cands)
+        if floor is not None:
+            floor = floor.repeat(cands)
+    state, suspects = construct_with_suspects(items, num_gpus, options.construction)
+    state = repair_conflicts(state, allow_shared, suspects)
+    open_rows = None
+    if floor is not None:
+        above = max_load(state) > floor * (1 + 1e-6)
+        if not bool(above.all()):
+            open_rows = above.nonzero()[:, 0]
+    if open_rows is None:
+        state = refine(state, options.pair_steps_for(num_gpus), "pairs")
+        state = refine(state, options.max_steps_for(num_gpus), "max")
+    elif len(open_rows):
+        sub = refine(state[:, :, open_rows], options.pair_steps_for(num_gpus), "pairs")
+        state[:, :, open_rows] = refine(sub, options.max_steps_for(num_gpus), "max")
+    if cands > 1:
+        _, slots, _, _ = state.shape
+        peak = max_load(state).view(cands, rows)
+        best = peak.min(0).indices
+        state = state.view(2, slots, cands, rows, num_gpus)[
+            :, :, best, torch.arange(rows, device=best.device)
+        ]
+    return state
+
+
+def first_replica(item_expert: torch.Tensor) -> torch.Tensor:
+    """``[rows, R]`` index of the first item of the same expert (items of one expert adjacent)."""
+    rows, num_items = item_expert.shape
+    start = torch.ones(rows, num_items, dtype=torch.bool, device=item_expert.device)
+    start[:, 1:] = item_expert[:, 1:] != item_expert[:, :-1]
+    idx = torch.arange(num_items, device=item_expert.device).expand(rows, -1)
+    return torch.where(start, idx, torch.zeros_like(idx)).cummax(1).values
+
+
+def refine_assignment(
+    weight: torch.Tensor,
+    phy2log: torch.Tensor,
+    live: torch.Tensor,
+    options: PackingOptions,
+    *,
+    speed: torch.Tensor | None = None,
+    origin: torch.Tensor | None = None,
+    budget: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Swap refinement of a placement whose GPUs keep their identity.
+
+    Replica counts are kept (swaps exchange two slots); an inherited placement that
+    stacks replicas of an expert on one GPU is repaired first, whatever the budget.
+
+    Args:
+        weight: ``[L, E]`` loads, no all-zero row (the planner normalises those).
+        phy2log: ``[L, R]`` the placement (``-1`` on dead GPUs).
+        live: ``[P]`` bool live GPUs; only their slots are touched.
+        options: the packing search (its polish and pair step counts are used).
+        speed: ``[P]`` GPU speeds: minimise Σ load² / speed (heaviest bins start on the
+            fastest GPUs).
+        origin: ``[L, R]`` placement to charge moves against, with ``budget [L]`` slots.
+
+    Returns:
+        ``[L, R]`` refined placement.
+    """
+    num_layers, num_slots = phy2log.shape
+    num_gpus = live.shape[0]
+    slots = num_slots // num_gpus
+    live_ids = live.nonzero()[:, 0]
+    num_live = len(live_ids)
+    counts = expert_counts(phy2log, weight.shape[1])
+    per = weight / counts.clamp(min=1)
+    scale = weight.sum(1, keepdim=True) / max(1, num_live * slots)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    grid = phy2log.view(num_layers, num_gpus, slots)[:, live_ids]  # [L, P_live, S]
+    load = (
+        per.gather(1, grid.reshape(num_layers, -1).clamp(min=0)).view_as(grid) / scale[:, :, None]
+    )
+    state = (
+        torch.stack([load, grid.to(load.dtype)]).permute(0, 3, 1, 2).to(torch.float32).contiguous()
+    )
+    # an inherited placement may stack replicas of an expert on one GPU: repair first
+    # (moves the budget cannot refuse); swaps never create new conflicts
+    state = repair_conflicts(state, counts.amax(1) > num_live)
+    gpu = torch.arange(num_live, device=phy2log.device).expand(num_layers, -1)
+    speed_live = None
+    if speed is not None:
+        speed_live = speed[live_ids].to(torch.float32).expand(num_layers, -1).contiguous()
+        # rearrangement: the heaviest bin goes to the fastest GPU
+        bins = state[LOAD].sum(0).argsort(dim=1, descending=True)
+        fastest = speed_live.argsort(dim=1, descending=True)
+        gpu = torch.empty_like(bins).scatter_(1, bins, fastest)  # gpu of each bin
+        speed_live = speed_live.gather(1, gpu)
+    track = Tracking(gpu=gpu.to(torch.float32).contiguous(), speed=speed_live)
+    if origin is not None:
+        origin_grid = origin.view(num_layers, num_gpus, slots)[:, live_ids]
+        origin_grid = origin_grid.gather(1, gpu[:, :, None].expand(-1, -1, slots))
+        track.origin = origin_grid.permute(2, 0, 1).to(torch.float32)
+        track.budget = budget
+    polish = options.max_steps_for(num_live)
+    steps = max(options.pair_steps_for(num_live) + polish, 2 * slots)
+    state = refine(state, steps, "pairs", track=track)
+    if speed is None:  # the polish keeps GPUs in place; it does not weigh speeds
+        state = refine(state, polish, "max", track=track)
+    # put every bin back on its GPU
+    back = track.gpu.long().argsort(dim=1)
+    state = state.gather(3, back.expand(2, slots, -1, -1))
+    result = phy2log.clone().view(num_layers, num_gpus, slots)
+    result[:, live_ids] = state[EXPERT].permute(1, 2, 0).long()
+    return result.view(num_layers, num_slots)

@@ -1,160 +1,23 @@
-"""Placement policies: global and hierarchical, behind one interface and a registry.
+"""The hierarchical policy (DeepSeek's): expert groups → nodes, then each node alone.
 
-- :class:`GlobalPolicy` packs all replicas onto all GPUs.
-- :class:`HierarchicalPolicy` (DeepSeek's): expert groups → nodes first (exactly, by
-  enumerating assignments when there are few), then replicate and pack inside every node,
-  batched over layers × nodes. Every replica of a group's experts stays on its node.
-
-Both reduce to :func:`plan_rows`, which solves a batch of independent global problems:
-a portfolio of replica allocations, each scored by a cheap packing, then the best one
-packed with randomised starts and swap refinement.
+Groups go to nodes first (exactly, by enumerating assignments when there are few: 105 for
+8 groups on 4 nodes), then every node replicates and packs its own experts, batched over
+layers × nodes. Every replica of a group's experts stays on the group's node, which keeps
+group-limited routing's traffic inside one node.
 """
 
 from __future__ import annotations
-
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 import numpy as np
 import torch
 
 from eplb.core.bounds import assignment_node_bounds, enumerated_node_bounds
-from eplb.core.packing import PackingOptions, make_items, max_load, pack, to_slots
-from eplb.core.placement import Topology, slot_gpu_loads
-from eplb.core.replication import DEFAULT_SHIFTS, expand_replicas, replica_counts
-
-__all__ = [
-    "POLICIES",
-    "GlobalPolicy",
-    "HierarchicalPolicy",
-    "PlacementPolicy",
-    "PlanOptions",
-    "plan_rows",
-]
-
-
-@dataclass(frozen=True)
-class PlanOptions:
-    """Everything that tunes a plan; the defaults are fast and near-optimal.
-
-    Attributes:
-        packing: the packing search (candidates, refinement steps, construction).
-        shifts: divisor shifts ``δ`` of the replication portfolio (``w / (c + δ)``).
-        hamilton: also try largest-remainder replication.
-        portfolio_threshold: the portfolio is scored only in layers whose largest
-            Jefferson replica exceeds this fraction of the mean GPU load (elsewhere every
-            allocation packs alike).
-    """
-
-    packing: PackingOptions = field(default_factory=PackingOptions)
-    shifts: tuple[float, ...] = DEFAULT_SHIFTS
-    hamilton: bool = True
-    portfolio_threshold: float = 1 / 3
-
-    def __post_init__(self) -> None:
-        if not self.shifts and not self.hamilton:
-            raise ValueError("the replication portfolio is empty: give shifts or hamilton=True")
-        for shift in self.shifts:
-            if not -1 < float(shift) <= 0:
-                raise ValueError(f"divisor shifts must lie in (-1, 0], got {shift!r}")
-
-    @property
-    def rules(self) -> tuple[float | str, ...]:
-        return tuple(float(s) for s in self.shifts) + (("hamilton",) if self.hamilton else ())
-
-
-def plan_rows(
-    weight: torch.Tensor,
-    num_replicas: int,
-    num_gpus: int,
-    options: PlanOptions,
-    generator: torch.Generator | None = None,
-    floor: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Solve ``rows`` independent global problems.
-
-    Args:
-        weight: ``[rows, E]`` non-negative loads.
-        num_replicas: ``R >= E`` slots per row, a multiple of ``num_gpus``.
-        floor: ``[rows]`` max GPU load that needs no improving (e.g. the bound of the
-            row's layer when rows are nodes of one layer): rows packed at or below it
-            skip the swap search.
-
-    Returns:
-        ``[rows, R]`` logical expert per slot; slot ``s`` is on GPU ``s // (R / P)``.
-    """
-    rows, num_experts = weight.shape
-    # an all-zero row (a dense layer in a dump) is planned as uniform: replicas spread evenly
-    zero = weight.sum(1, keepdim=True) <= 0
-    weight = torch.where(zero, torch.ones_like(weight), weight)
-    rules = options.rules
-    counts = replica_counts(weight, num_replicas, rules[:1])[0]  # [rows, E]
-    # the portfolio only matters where replicas are coarse next to a GPU's mean load;
-    # elsewhere every allocation packs alike and the first rule's (Jefferson's) is kept
-    extra = torch.empty(0, dtype=torch.int64)
-    if len(rules) > 1:
-        largest = (weight / counts).amax(1)
-        extra = (largest > options.portfolio_threshold * weight.sum(1) / num_gpus).nonzero()[:, 0]
-    weight_all = weight
-    if floor is not None:
-        # in item units: make_items scales every row to a mean replica load of 1
-        floor = torch.where(zero[:, 0], 0.0, floor * num_replicas / weight.sum(1))
-    if len(extra):
-        # rows × the first rule, then the coarse rows × every other rule
-        others = replica_counts(weight[extra], num_replicas, rules[1:])
-        counts = torch.cat([counts, others.reshape(-1, num_experts)])
-        weight_all = torch.cat([weight, weight[extra].repeat(len(rules) - 1, 1)])
-        if floor is not None:
-            floor = torch.cat([floor, floor[extra].repeat(len(rules) - 1)])
-    load, expert = expand_replicas(weight_all, counts)
-    items = make_items(load, expert)  # [2, rows', R]; rows of one layer share a scale
-    allow_shared = counts.amax(1) > num_gpus
-    state = pack(items, num_gpus, options.packing, allow_shared, generator, floor=floor)
-    if len(extra):
-        # keep, per coarse row, the allocation whose refined packing has the smallest peak
-        peak = max_load(state)
-        candidates = torch.cat([peak[extra][None], peak[rows:].view(len(rules) - 1, -1)])
-        best = candidates.min(0).indices  # first on ties: Jefferson
-        choice = torch.where(
-            best == 0,
-            extra,
-            rows + (best - 1) * len(extra) + torch.arange(len(extra), device=weight.device),
-        )
-        pick = torch.arange(rows, device=weight.device).index_put((extra,), choice)
-        state = state[:, :, pick]
-    return to_slots(state)
-
-
-class PlacementPolicy(ABC):
-    """A way to place replicas; subclasses register in :data:`POLICIES` by ``name``."""
-
-    name: ClassVar[str]
-
-    @abstractmethod
-    def place(
-        self,
-        weight: torch.Tensor,
-        topology: Topology,
-        options: PlanOptions,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """``weight [L, E]`` → ``phy2log [L, R]``."""
-
-
-class GlobalPolicy(PlacementPolicy):
-    """All replicas onto all GPUs."""
-
-    name = "global"
-
-    def place(
-        self,
-        weight: torch.Tensor,
-        topology: Topology,
-        options: PlanOptions,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        return plan_rows(weight, topology.num_replicas, topology.num_gpus, options, generator)
+from eplb.core.options import PlanOptions
+from eplb.core.packing import make_items, pack, to_slots
+from eplb.core.placement import slot_gpu_loads
+from eplb.core.policies.base import PlacementPolicy, plan_rows
+from eplb.core.request import PlanRequest
+from eplb.core.topology import Topology
 
 
 class HierarchicalPolicy(PlacementPolicy):
@@ -168,13 +31,9 @@ class HierarchicalPolicy(PlacementPolicy):
 
     name = "hierarchical"
 
-    def place(
-        self,
-        weight: torch.Tensor,
-        topology: Topology,
-        options: PlanOptions,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def place(self, request: PlanRequest) -> torch.Tensor:
+        weight, topology, options = request.weight, request.topology, request.options
+        generator = request.generator()
         by_load = self.balanced_groups(weight, topology)
         best = _best_partition(weight, topology)
         if best is None:
@@ -330,10 +189,3 @@ def _best_partition(
 def _same_partition(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[L]`` True where two node labellings ``[L, G]`` group the groups the same way."""
     return ((a[:, :, None] == a[:, None, :]) == (b[:, :, None] == b[:, None, :])).flatten(1).all(1)
-
-
-#: name → policy class; ``auto`` is resolved by :func:`eplb.api.plan`
-POLICIES: dict[str, type[PlacementPolicy]] = {
-    GlobalPolicy.name: GlobalPolicy,
-    HierarchicalPolicy.name: HierarchicalPolicy,
-}

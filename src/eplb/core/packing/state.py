@@ -1,0 +1,166 @@
+"""The packing state and the primitives every packing step shares.
+
+A batch of packing problems (*rows*: a layer, a (layer, node) pair, or a randomised
+candidate of either) is one tensor::
+
+    state: [2, S, rows, P] — ``state[LOAD, k, b, g]`` is the load of the k-th replica on
+    GPU g of row b and ``state[EXPERT, k, b, g]`` its logical expert id (exact in
+    floating point up to 2**24).
+
+Keeping load and expert id in one tensor halves the gathers on the hot path, and putting
+the slot axis outermost makes every reduction over slots a vectorized elementwise loop.
+GPUs are interchangeable while packing, so the searches permute GPUs freely.
+
+*Items* are the replicas before packing: ``[2, rows, R]`` (loads normalised to a mean of
+1 per row, and expert ids), heaviest first with an expert's replicas adjacent.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+LOAD, EXPERT = 0, 1
+
+
+def gpu_loads(state: torch.Tensor) -> torch.Tensor:
+    """``[rows, P]`` load per GPU of a packing state."""
+    return state[LOAD].sum(0)
+
+
+def max_load(state: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` largest GPU load per row."""
+    return gpu_loads(state).amax(1)
+
+
+def to_slots(state: torch.Tensor) -> torch.Tensor:
+    """``[rows, P·S]`` logical expert per physical slot (GPU-major, slots of a GPU adjacent)."""
+    _, slots, rows, num_gpus = state.shape
+    return state[EXPERT].permute(1, 2, 0).reshape(rows, num_gpus * slots).long()
+
+
+def deal(items: torch.Tensor, gpu: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """``[2, S, rows, P]`` state from ``items [2, rows, R]`` where item ``r·P + k`` goes to
+    slot ``r`` of GPU ``gpu[row, r·P + k]``."""
+    _, rows, num_items = items.shape
+    slots = num_items // num_gpus
+    by_round = items.view(2, rows, slots, num_gpus).transpose(1, 2)  # [2, S, rows, P]
+    index = gpu.view(rows, slots, num_gpus).transpose(0, 1)  # [S, rows, P]
+    return torch.empty_like(by_round).scatter_(3, index.expand(2, -1, -1, -1), by_round)
+
+
+def round_robin(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """Item ``n`` → GPU ``n mod P``: anti-affine by construction when replicas are adjacent.
+
+    ``items [2, rows, R]`` → state ``[2, S, rows, P]``.
+    """
+    _, rows, num_items = items.shape
+    slots = num_items // num_gpus
+    return items.view(2, rows, slots, num_gpus).transpose(1, 2).contiguous()
+
+
+def make_items(
+    item_load: torch.Tensor, item_expert: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """``[2, rows, R]`` packing items: loads normalised to a mean of 1 per row, and experts.
+
+    Normalising makes swap tolerances scale free and keeps float32 exact enough; expert
+    ids are exact in float32 up to 2**24.
+    """
+    scale = item_load.mean(1, keepdim=True)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.stack([item_load / scale, item_expert.to(item_load.dtype)]).to(dtype)
+
+
+def scratch(
+    buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], like: torch.Tensor
+) -> torch.Tensor:
+    """A reusable scratch tensor: fresh big temporaries cost page faults on every step."""
+    buf = buffers.get(name)
+    if buf is None or buf.shape != shape:
+        buf = buffers[name] = like.new_empty(shape)
+    return buf
+
+
+def swap_from(
+    state: torch.Tensor,
+    u: torch.Tensor,
+    loads: torch.Tensor,
+    todo: torch.Tensor,
+    movable: torch.Tensor | None = None,
+    must_move: bool = False,
+    buffers: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One legal swap per row between GPU ``u [rows]`` and its best partner.
+
+    ``loads [rows, P]`` are the GPU loads; ``movable [S, rows]`` marks the items of ``u``
+    that may leave (all when ``None``). The best swap gives the smallest new peak
+    ``max(L_u − δ, L_v + δ)``; it is applied where ``todo [rows]`` and either ``must_move``
+    or the peak falls. Returns ``(state, moved [rows], slot [rows])`` with ``slot`` the
+    slot of ``u`` whose replica left (meaningful where ``moved``).
+    """
+    _, slots, rows, num_gpus = state.shape
+    inf = float("inf")
+    buffers = {} if buffers is None else buffers
+    shape = (slots, slots, rows, num_gpus)
+    top = state.gather(3, u[None, None, :, None].expand(2, slots, rows, 1))[..., 0]  # [2, S, rows]
+    load_u = loads.gather(1, u[:, None])  # [rows, 1]
+    # sign(id differences) [S_u, S_v, rows, P]: an exact zero in a product marks an equal id
+    ids_diff = torch.sub(
+        top[EXPERT][:, None, :, None],
+        state[EXPERT][None],
+        out=scratch(buffers, "ids", shape, state),
+    ).clamp_(-1, 1)
+    # blocked: u's item is already on v (this also blocks v = u), or v's item is on u
+    blocked_top = ids_diff.prod(1) == 0
+    if movable is not None:
+        blocked_top |= ~movable[:, :, None]
+    w_top = top[LOAD][:, :, None].masked_fill(blocked_top, inf)
+    w_other = state[LOAD].masked_fill(ids_diff.prod(0) == 0, -inf)
+    delta = torch.sub(w_top[:, None], w_other[None], out=scratch(buffers, "delta", shape, state))
+    # the pair's new peak max(L_u − δ, L_v + δ), built in the two scratch buffers
+    peak = torch.sub(load_u, delta, out=scratch(buffers, "peak", shape, state))
+    peak = torch.maximum(peak, delta.add_(loads), out=peak)
+    best, v = peak.amin((0, 1)).min(1)  # [rows]
+    pos = peak.gather(3, v[None, None, :, None].expand(slots, slots, rows, 1)).view(-1, rows)
+    pos = pos.min(0).indices
+    i, j = pos // slots, pos % slots
+    ok = todo & (torch.isfinite(best) if must_move else best < load_u[:, 0] * (1 - 1e-7))
+    if not bool(ok.any()):
+        return state, ok, i
+    swap_items(state, i, u, j, v, ok)
+    return state, ok, i
+
+
+@lru_cache(maxsize=64)
+def row_offsets(rows: int, num_gpus: int, device: torch.device) -> torch.Tensor:
+    """``[rows]`` flat offset of every row's first GPU (cached: read-only)."""
+    return torch.arange(rows, device=device) * num_gpus
+
+
+def swap_items(
+    state: torch.Tensor,
+    i: torch.Tensor,
+    u: torch.Tensor,
+    j: torch.Tensor,
+    v: torch.Tensor,
+    ok: torch.Tensor,
+) -> None:
+    """In place, per row where ``ok``: swap slot ``i`` of GPU ``u`` with slot ``j`` of GPU
+    ``v`` (all ``[rows]``). Rows not ``ok`` swap an item with itself: two flat copies,
+    no compaction. ``state`` must be contiguous (the polish makes it so; the rescue and
+    repair work on indexed copies)."""
+    _, _slots, rows, num_gpus = state.shape
+    row = row_offsets(rows, num_gpus, state.device)
+    stride = rows * num_gpus  # between slots
+    here = torch.add(row, i, alpha=stride).add_(u)
+    there = torch.where(ok, torch.add(row, j, alpha=stride).add_(v), here)
+    flat = state.view(2, -1)
+    mine, theirs = flat.index_select(1, here), flat.index_select(1, there)
+    flat.index_copy_(1, here, theirs)
+    flat.index_copy_(1, there, mine)
+
+
+# largest [S, S, rows, P] search worth masking for legality in every step: a few passes
+# over it cost about one per-row rescue at this size (node rows: 43k; DeepSeek-V3 global

@@ -1,0 +1,95 @@
+"""Placement policies behind one interface, a registry, and the one policy resolver.
+
+- ``"global"`` (:class:`GlobalPolicy`): all replicas onto all GPUs.
+- ``"hierarchical"`` (:class:`HierarchicalPolicy`, DeepSeek's): groups → nodes, then
+  replicate and pack inside every node; every replica of a group stays on its node.
+
+:func:`resolve_policy` turns ``"auto"`` into one of them. It is the only resolver: the
+planner, the reference greedy (``rule="deepseek"``) and the CLI all call it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from eplb.core.policies.base import PlacementPolicy, plan_rows
+from eplb.core.policies.global_policy import GlobalPolicy
+from eplb.core.policies.hierarchical import HierarchicalPolicy
+from eplb.core.topology import Topology
+
+__all__ = [
+    "POLICIES",
+    "POLICY_NAMES",
+    "GlobalPolicy",
+    "HierarchicalPolicy",
+    "PlacementPolicy",
+    "plan_rows",
+    "resolve_policy",
+]
+
+#: name → policy class
+POLICIES: dict[str, type[PlacementPolicy]] = {
+    GlobalPolicy.name: GlobalPolicy,
+    HierarchicalPolicy.name: HierarchicalPolicy,
+}
+
+#: what ``policy=`` accepts
+POLICY_NAMES: tuple[str, ...] = ("auto", *POLICIES)
+
+
+def resolve_policy(
+    policy: str,
+    topology: Topology,
+    num_experts: int,
+    *,
+    has_dead_gpus: bool = False,
+    has_speeds: bool = False,
+    rule: str = "eplb",
+    stacklevel: int = 3,
+) -> str:
+    """The concrete policy for ``policy`` (``"auto"`` or a key of :data:`POLICIES`).
+
+    ``rule="eplb"``: ``auto`` is hierarchical when ``num_groups > 1``, ``num_nodes > 1``
+    and groups divide evenly over nodes, else global. When hierarchical cannot apply (GPUs
+    or experts do not divide, or GPUs are dead or of different speeds) ``auto`` warns and
+    plans globally, and a forced ``"hierarchical"`` raises ``ValueError`` naming the reason.
+
+    ``rule="deepseek"``: DeepSeek's exact test, for the reference greedy: ``auto`` is
+    hierarchical whenever ``num_groups % num_nodes == 0`` (also with one node or one group,
+    where the hierarchical routine runs trivially), else global, without a warning.
+
+    ``stacklevel`` points the warning at the user's call (callers add their own frames).
+    """
+    if policy not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+    if policy not in ("auto", "hierarchical"):
+        return policy
+    nodes, groups = topology.num_nodes, topology.num_groups
+    if policy == "auto":
+        if rule == "deepseek":
+            if groups % nodes:
+                return "global"
+        elif groups <= 1 or nodes <= 1 or groups % nodes:
+            return "global"
+    problems = []
+    if num_experts % groups:
+        problems.append(f"num_experts ({num_experts}) is not a multiple of num_groups ({groups})")
+    if groups % nodes:
+        problems.append(f"num_groups ({groups}) is not a multiple of num_nodes ({nodes})")
+    if topology.num_gpus % nodes:
+        problems.append(f"num_gpus ({topology.num_gpus}) is not a multiple of num_nodes ({nodes})")
+    if has_dead_gpus:
+        problems.append("some GPUs are dead (active_gpus), so nodes are no longer alike")
+    if has_speeds:
+        problems.append("GPU speeds differ (gpu_speed), so nodes are no longer alike")
+    if not problems:
+        return "hierarchical"
+    reason = "; ".join(problems)
+    if policy == "hierarchical" or rule == "deepseek":
+        raise ValueError(f"hierarchical placement is impossible: {reason}")
+    warnings.warn(
+        f"eplb: planning globally because hierarchical placement is impossible: {reason}",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+    return "global"

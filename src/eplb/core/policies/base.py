@@ -1,0 +1,96 @@
+"""The policy interface, and the step every policy is built from.
+
+:class:`PlacementPolicy` is the interface (register a subclass in
+:data:`eplb.core.policies.POLICIES` to add one). :func:`plan_rows` solves a batch of
+independent global problems ("rows": layers, or layers × nodes): a portfolio of replica
+allocations (:mod:`eplb.core.replication`), each scored by a cheap packing, then the best
+one packed with randomised starts and swap refinement (:mod:`eplb.core.packing`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+
+from eplb.core.inputs import uniform_where_empty
+from eplb.core.options import PlanOptions
+from eplb.core.packing import make_items, max_load, pack, to_slots
+from eplb.core.replication import expand_replicas, replica_counts
+from eplb.core.request import PlanRequest
+
+
+def plan_rows(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    options: PlanOptions,
+    generator: torch.Generator | None = None,
+    floor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Solve ``rows`` independent global problems.
+
+    Args:
+        weight: ``[rows, E]`` non-negative loads.
+        num_replicas: ``R >= E`` slots per row, a multiple of ``num_gpus``.
+        floor: ``[rows]`` max GPU load that needs no improving (e.g. the bound of the
+            row's layer when rows are nodes of one layer): rows packed at or below it
+            skip the swap search.
+
+    Returns:
+        ``[rows, R]`` logical expert per slot; slot ``s`` is on GPU ``s // (R / P)``.
+    """
+    rows, num_experts = weight.shape
+    zero = weight.sum(1, keepdim=True) <= 0  # e.g. a node whose experts saw no tokens
+    weight = uniform_where_empty(weight)
+    rules = options.rules
+    counts = replica_counts(weight, num_replicas, rules[:1])[0]  # [rows, E]
+    # the portfolio only matters where replicas are coarse next to a GPU's mean load;
+    # elsewhere every allocation packs alike and the first rule's (Jefferson's) is kept
+    extra = torch.empty(0, dtype=torch.int64)
+    if len(rules) > 1:
+        largest = (weight / counts).amax(1)
+        extra = (largest > options.portfolio_threshold * weight.sum(1) / num_gpus).nonzero()[:, 0]
+    weight_all = weight
+    if floor is not None:
+        # in item units: make_items scales every row to a mean replica load of 1
+        floor = torch.where(zero[:, 0], 0.0, floor * num_replicas / weight.sum(1))
+    if len(extra):
+        # rows × the first rule, then the coarse rows × every other rule
+        others = replica_counts(weight[extra], num_replicas, rules[1:])
+        counts = torch.cat([counts, others.reshape(-1, num_experts)])
+        weight_all = torch.cat([weight, weight[extra].repeat(len(rules) - 1, 1)])
+        if floor is not None:
+            floor = torch.cat([floor, floor[extra].repeat(len(rules) - 1)])
+    load, expert = expand_replicas(weight_all, counts)
+    items = make_items(load, expert)  # [2, rows', R]; rows of one layer share a scale
+    allow_shared = counts.amax(1) > num_gpus
+    state = pack(items, num_gpus, options.packing, allow_shared, generator, floor=floor)
+    if len(extra):
+        # keep, per coarse row, the allocation whose refined packing has the smallest peak
+        peak = max_load(state)
+        candidates = torch.cat([peak[extra][None], peak[rows:].view(len(rules) - 1, -1)])
+        best = candidates.min(0).indices  # first on ties: Jefferson
+        choice = torch.where(
+            best == 0,
+            extra,
+            rows + (best - 1) * len(extra) + torch.arange(len(extra), device=weight.device),
+        )
+        pick = torch.arange(rows, device=weight.device).index_put((extra,), choice)
+        state = state[:, :, pick]
+    return to_slots(state)
+
+
+class PlacementPolicy(ABC):
+    """A way to place replicas; subclasses register in :data:`POLICIES` by ``name``."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def place(self, request: PlanRequest) -> torch.Tensor:
+        """``request.weight [L, E]`` on every GPU of ``request.topology`` → ``phy2log [L, R]``.
+
+        Dead GPUs are handled by the planner (it plans globally over the live ones), so a
+        policy sees a full cluster. The result need not be validated: the planner does.
+        """

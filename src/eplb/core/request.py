@@ -1,0 +1,61 @@
+"""``PlanRequest``: one planning problem, validated, as every planning step receives it.
+
+:func:`eplb.core.planner.make_request` builds it from user arguments (every check lives
+there); policies, packing and the incremental planner only read it. It replaces the loose
+``(weight, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus, ...)``
+tuple that used to travel through every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from eplb.core.options import PlanOptions
+from eplb.core.topology import Topology
+
+
+@dataclass(frozen=True, eq=False)
+class PlanRequest:
+    """A validated planning problem.
+
+    Attributes:
+        weight: ``[L, E]`` planning loads, float32 or float64, on the caller's device.
+            Every row carries load (a layer with none is planned as uniform) and is scaled
+            by a power of two so that its largest entry lies in ``[1, 2)``: exact, so no
+            decision changes, and no sum over- or underflows.
+        topology: the cluster shape.
+        policy: a resolved policy name (a key of :data:`eplb.core.policies.POLICIES`).
+        options: every knob of the search.
+        seed: seed of the randomised packing starts.
+        active_gpus: ``[P]`` bool live GPUs, or ``None`` when every GPU is live.
+        gpu_speed: ``[P]`` float64 relative speeds, or ``None`` for equal GPUs.
+    """
+
+    weight: torch.Tensor
+    topology: Topology
+    policy: str
+    options: PlanOptions
+    seed: int = 0
+    active_gpus: torch.Tensor | None = None
+    gpu_speed: torch.Tensor | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def live(self) -> torch.Tensor:
+        """``[P]`` bool live-GPU mask (all True when every GPU is live)."""
+        if self.active_gpus is None:
+            return torch.ones(self.topology.num_gpus, dtype=torch.bool, device=self.weight.device)
+        return self.active_gpus
+
+    def generator(self) -> torch.Generator:
+        """A fresh CPU generator seeded with :attr:`seed`: the same request plans alike."""
+        return torch.Generator().manual_seed(self.seed)

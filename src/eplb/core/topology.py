@@ -1,0 +1,77 @@
+"""The cluster's shape, and the words eplb uses for it.
+
+Glossary (used throughout eplb):
+
+- **logical expert**: one of the model's ``E`` experts in a MoE layer.
+- **physical slot**: one of the ``R`` expert slots in the cluster; a slot holds one
+  *replica* of one logical expert. Slot ``s`` lives on GPU ``s // S`` where
+  ``S = R // P`` is the number of slots per GPU.
+- **redundant experts**: the ``R - E`` replicas beyond the first of every expert.
+- **node**: a group of ``P // N`` consecutive GPUs (fast intra-node links).
+- **expert group**: ``E // G`` consecutive logical experts (group-limited routing).
+- **dead GPU**: a GPU excluded from serving; its slots hold ``-1``.
+- **row**: one independent packing problem inside a batch: a layer, a (layer, node)
+  pair, or a randomised candidate of either.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+
+def positive_int(name: str, value: object) -> int:
+    """``value`` as a Python int if it is a positive integer of any integer type
+    (``int``, ``numpy.int64``, a 0-d integer tensor); else ``ValueError`` naming it."""
+    if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        number = operator.index(value)  # ints and integer scalars, never floats
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {number}")
+    return number
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Where slots live: ``num_replicas`` slots on ``num_gpus`` GPUs in ``num_nodes`` nodes.
+
+    ``num_groups`` is the number of expert groups (1 when the model has none). Integer
+    scalars of any type (e.g. ``numpy.int64``) are accepted and stored as ``int``.
+    """
+
+    num_replicas: int
+    num_gpus: int
+    num_nodes: int = 1
+    num_groups: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("num_replicas", "num_gpus", "num_nodes", "num_groups"):
+            object.__setattr__(self, name, positive_int(name, getattr(self, name)))
+        if self.num_replicas % self.num_gpus:
+            raise ValueError(
+                f"num_replicas ({self.num_replicas}) must be a multiple of num_gpus "
+                f"({self.num_gpus}) so every GPU holds the same number of slots"
+            )
+
+    @property
+    def slots_per_gpu(self) -> int:
+        return self.num_replicas // self.num_gpus
+
+    @property
+    def gpus_per_node(self) -> int:
+        if self.num_gpus % self.num_nodes:
+            raise ValueError(
+                f"num_gpus ({self.num_gpus}) is not a multiple of num_nodes ({self.num_nodes})"
+            )
+        return self.num_gpus // self.num_nodes
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "num_replicas": self.num_replicas,
+            "num_gpus": self.num_gpus,
+            "num_nodes": self.num_nodes,
+            "num_groups": self.num_groups,
+        }
