@@ -1,4 +1,5 @@
-"""Balancedness and speed of eplb.core.baselines (DeepSeek's greedy EPLB) on the real DeepSeek-V3 loads.
+"""Balancedness and speed of eplb.core.baselines (DeepSeek's greedy EPLB) on the real
+DeepSeek-V3 loads.
 
 Usage:
     .venv/bin/python benchmarks/bench_baseline.py [--repeats 9] [--original DIR]

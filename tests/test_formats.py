@@ -769,29 +769,18 @@ def test_hierarchical_topology_survives_round_trips(tmp_path):
         assert torch.equal(back.phy2log, rows)
 
 
-def test_ceiling_recorded_through_eplb_bounds(tmp_path, monkeypatch):
-    import types
+def test_recorded_ceiling_is_the_bound_for_the_placements_own_topology(tmp_path):
+    from eplb.core.bounds import balancedness_ceiling, layer_ceiling
 
-    calls = []
-
-    def layer_ceiling(
-        weight, num_replicas, num_gpus, num_nodes=1, num_groups=1, policy="global", active_gpus=None
-    ):
-        live = None if active_gpus is None else active_gpus.tolist()
-        calls.append((num_replicas, num_gpus, num_nodes, num_groups, policy, live))
-        return torch.full((weight.shape[0],), 0.99, dtype=torch.float64)
-
-    fake = types.ModuleType("eplb.core.bounds")
-    fake.layer_ceiling = layer_ceiling
-    fake.balancedness_ceiling = lambda weight, **kw: 0.98
-    monkeypatch.setitem(sys.modules, "eplb.core.bounds", fake)
     placement, w = make_placement(6, 2, 8, 2, 5)
     doc = json.loads(write_placement(placement, tmp_path / "p.json", weight=w).read_text())
-    assert doc["layer_ceiling"] == [0.99, 0.99] and doc["ceiling"] == 0.98
-    assert calls == [(10, 2, 1, 1, "global", None)]
+    assert doc["ceiling"] == pytest.approx(balancedness_ceiling(w, 10, 2))
+    assert doc["layer_ceiling"] == pytest.approx(layer_ceiling(w, 10, 2).tolist())
     dead = with_dead_gpu(placement, 0)
-    write_placement(dead, tmp_path / "d.json", weight=w)
-    assert calls[-1] == (15, 3, 1, 1, "global", [False, True, True])
+    doc = json.loads(write_placement(dead, tmp_path / "d.json", weight=w).read_text())
+    live = torch.tensor([False, True, True])
+    assert doc["ceiling"] == pytest.approx(balancedness_ceiling(w, 15, 3, active_gpus=live))
+    assert doc["balancedness"] <= doc["ceiling"] + 1e-12
 
 
 @pytest.mark.parametrize("fmt", ["pt", "npz", "vllm-history", "sglang"])

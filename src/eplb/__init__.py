@@ -6,12 +6,11 @@ lives in :mod:`eplb.online`, engine formats in :mod:`eplb.formats`, engine plugi
 :mod:`eplb.integrations`.
 """
 
+from eplb._version import __version__
 from eplb.api import plan, rebalance_experts
 from eplb.core.options import PackingOptions, PlanOptions
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology
-
-__version__ = "0.1.0"
 
 __all__ = [
     "PackingOptions",

@@ -11,6 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from eplb._version import __version__
 from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, CliError
 
 __all__ = ["build_parser", "main"]
@@ -43,7 +44,6 @@ def _sub(sub, name: str, help_: str, epilog: str) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from eplb import __version__
 
     parser = argparse.ArgumentParser(
         prog="eplb",
@@ -136,8 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
              "examples:\n  eplb bench                          # built-in scenarios\n"
              "  eplb bench stats.json -r 288 -g 32  # plus your own loads\n"
              "  eplb bench --report bench-report/ --json > bench.json\n\n"
-             "Built-in scenarios are generated (eplb.tools.generator): deepseek-v3 at 288 slots / 32\n"
-             "GPUs (global and hierarchical 4 nodes / 8 groups), kimi-k2 and qwen3-235b.\n"
+             "Built-in scenarios are generated (eplb.tools.generator): deepseek-v3 at 288\n"
+             "slots / 32 GPUs (global and hierarchical 4 nodes / 8 groups), kimi-k2 and\n"
+             "qwen3-235b.\n"
              "Files use --replicas/--gpus (default: 32 GPUs, or E if fewer experts, and one\n"
              "redundant slot per GPU). Plan times are medians of --repeats runs.")
     p.add_argument("loads", nargs="*", metavar="LOADS", help="extra loads files to benchmark")

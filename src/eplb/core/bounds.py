@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Any
 
 import torch
 
 from eplb.core.inputs import as_weight
+from eplb.core.placement import Placement
 from eplb.core.replication import replica_bound
 
 __all__ = [
@@ -286,3 +288,31 @@ def balancedness_ceiling(
     live = _num_live(num_gpus, active_gpus)
     total = float(bound.sum())
     return float(w.to(torch.float64).sum() / live) / total if total > 0 else 1.0
+
+
+def placement_scores(placement: Placement, weight: object) -> dict[str, Any]:
+    """How good ``placement`` is under ``weight [L, E]`` and how good it could be.
+
+    Returns ``balancedness`` and ``ceiling`` (floats), ``layer_balancedness`` and
+    ``layer_ceiling`` (lists of ``L`` floats), for the placement's own topology, policy
+    and live GPUs. Raises ``ValueError`` when ``weight`` does not match the placement.
+    """
+    w, _ = as_weight(weight)
+    w = w.to(torch.float64).cpu()
+    if w.shape != (placement.num_layers, placement.num_experts):
+        raise ValueError(
+            f"weight has shape {tuple(w.shape)}; the placement needs "
+            f"[{placement.num_layers}, {placement.num_experts}]"
+        )
+    placement = placement.to("cpu")
+    topo = placement.topology
+    active = placement.active_gpus
+    if active is not None and bool(active.all()):
+        active = None
+    args = (topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups, placement.policy)
+    return {
+        "balancedness": placement.balancedness(w),
+        "layer_balancedness": [float(x) for x in placement.layer_balancedness(w)],
+        "ceiling": balancedness_ceiling(w, *args, active),
+        "layer_ceiling": [float(x) for x in layer_ceiling(w, *args, active)],
+    }

@@ -23,7 +23,9 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
         tensor = value
     elif isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
-            raise TypeError(f"{name} has numpy dtype {value.dtype}; expected a real or integer dtype")
+            raise TypeError(
+                f"{name} has numpy dtype {value.dtype}; expected a real or integer dtype"
+            )
         tensor = torch.from_numpy(np.ascontiguousarray(value))
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         try:
@@ -40,7 +42,9 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
         # sparse loads are legal input; the planner works on dense [L, E] rows
         tensor = tensor.to_dense()
     if tensor.is_complex():
-        raise TypeError(f"{name} has complex dtype {tensor.dtype}; expected a real or integer dtype")
+        raise TypeError(
+            f"{name} has complex dtype {tensor.dtype}; expected a real or integer dtype"
+        )
     if tensor.dtype == torch.bool:
         tensor = tensor.to(torch.int64)
     return tensor.detach()

@@ -26,8 +26,11 @@ from typing import Any
 
 import torch
 
+from eplb._version import __version__
+from eplb.core.bounds import placement_scores
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology
+from eplb.core.trace import LoadTrace
 from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
 from eplb.formats.errors import FormatError
@@ -42,11 +45,6 @@ PLACEMENT_FORMAT_VERSION = 1
 
 _TRT_COMMENT = re.compile(r"^#\s*eplb-topology:\s*(\{.*\})\s*$", re.M)
 
-
-def _eplb_version() -> str:
-    import eplb
-
-    return getattr(eplb, "__version__", "unknown")
 
 
 # ------------------------------------------------------------------------------ writing
@@ -174,52 +172,18 @@ def _trtllm_text(placement: Placement, ids: list[int], ids_given: bool) -> str:
     }
     info = json.dumps(_topology_comment(placement, None), separators=(",", ":"))
     header = (
-        f"# TensorRT-LLM MoE load-balancer config written by eplb {_eplb_version()} "
+        f"# TensorRT-LLM MoE load-balancer config written by eplb {__version__} "
         f"(static placement, ep_size={placement.topology.num_gpus})\n"
         f"# eplb-topology: {info}\n"
     )
     return header + yaml.safe_dump(doc, default_flow_style=None, sort_keys=False, width=1 << 16)
 
 
-def _as_weight_matrix(weight: Any, placement: Placement) -> torch.Tensor:
-    from eplb.core.inputs import as_weight
-    from eplb.core.trace import LoadTrace
-
-    if isinstance(weight, LoadTrace):
-        weight = weight.total()
-    w, _ = as_weight(weight)
-    w = w.to(torch.float64).cpu()
-    if w.shape != (placement.num_layers, placement.num_experts):
-        raise ValueError(
-            f"weight has shape {tuple(w.shape)}; the placement needs "
-            f"[{placement.num_layers}, {placement.num_experts}]"
-        )
-    return w
-
-
-def _ceiling(w: torch.Tensor, placement: Placement) -> tuple[list[float], float] | None:
-    """Per-layer and overall balancedness ceiling from :mod:`eplb.core.bounds`, if it is available."""
-    try:
-        from eplb.core.bounds import balancedness_ceiling, layer_ceiling
-    except ImportError:
-        return None
-    topo = placement.topology
-    args: dict[str, Any] = {
-        **topo.as_dict(),
-        "policy": placement.policy,
-    }
-    if placement.active_gpus is not None and not bool(placement.active_gpus.all()):
-        args["active_gpus"] = placement.active_gpus.to(torch.bool)
-    per_layer = torch.as_tensor(layer_ceiling(w, **args)).flatten()
-    overall = float(balancedness_ceiling(w, **args))
-    return [float(x) for x in per_layer], overall
-
-
 def _eplb_record(placement: Placement, ids: list[int] | None, weight: Any) -> dict[str, Any]:
     record: dict[str, Any] = {
         "format": PLACEMENT_FORMAT,
         "format_version": PLACEMENT_FORMAT_VERSION,
-        "eplb_version": _eplb_version(),
+        "eplb_version": __version__,
         "topology": placement.topology.as_dict(),
         "policy": placement.policy,
         "num_layers": placement.num_layers,
@@ -234,12 +198,9 @@ def _eplb_record(placement: Placement, ids: list[int] | None, weight: Any) -> di
         "layer_ceiling": None,
     }
     if weight is not None:
-        w = _as_weight_matrix(weight, placement)
-        record["balancedness"] = placement.balancedness(w)
-        record["layer_balancedness"] = [float(x) for x in placement.layer_balancedness(w)]
-        ceiling = _ceiling(w, placement)
-        if ceiling is not None:
-            record["layer_ceiling"], record["ceiling"] = ceiling
+        if isinstance(weight, LoadTrace):
+            weight = weight.total()
+        record.update(placement_scores(placement, weight))
     record["phy2log"] = placement.phy2log.tolist()
     return record
 

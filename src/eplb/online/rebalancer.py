@@ -5,8 +5,8 @@ the last ``window`` recorded steps and switches to the new placement (vLLM: wind
 interval 3000; SGLang: 1000 / 1000). :class:`Rebalancer` reproduces that cadence with any
 estimator (:mod:`eplb.online.estimate`) and any planner:
 
-- ``"eplb"``: eplb's planner, as :func:`eplb.plan` runs it (with ``previous=`` the placement in force when
-  ``incremental=True``, plus ``max_moves`` / ``skip_threshold``);
+- ``"eplb"``: eplb's planner, as :func:`eplb.plan` runs it (with ``previous=`` the
+  placement in force when ``incremental=True``, plus ``max_moves`` / ``skip_threshold``);
 - ``"greedy"``: DeepSeek's reference greedy (:func:`eplb.core.baselines.plan_greedy`);
 - ``"none"``: never rebalance: the static :func:`trivial_placement`;
 - any callable ``(weight [L, E], previous: Placement | None) -> Placement``.

@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from eplb.core.placement import Placement
-from eplb.core.trace import LoadTrace
 from eplb.core.topology import Topology
+from eplb.core.trace import LoadTrace
 from eplb.online import PlannerFn, Rebalancer, make_planner, trivial_placement
 from eplb.online.estimate import Estimator, as_history, make_estimator
 
