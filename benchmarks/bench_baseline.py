@@ -24,11 +24,12 @@ import time
 from pathlib import Path
 
 import torch
+from _harness import DEEPSEEK_DIR as DATA
+from _harness import start
 
 from eplb import Placement, Topology
 from eplb.core.baselines import plan_greedy
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
 R, P, G, N = 288, 32, 8, 4
 
 
@@ -55,7 +56,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--original", help="directory holding DeepSeek's eplb.py (optional)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    print(start("bench_baseline"))
     files = sorted(DATA.glob("*.json")) if DATA.is_dir() else []
     if not files:
         print(f"real loads not found under {DATA}; nothing to measure", file=sys.stderr)

@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import ESFT_FILE as ESFT
+from _harness import start as header
 
 from eplb.tools.simulate import simulate
 
-REPO = Path(__file__).resolve().parents[1]
-ESFT = REPO.parent / "shared/data/real/esft_deepseek_v2_lite_routing/esft_topk_ids.npz"
 ESTIMATORS = ["sum", "ema:50", "ema:100", "ema:200", "robust:0.5", "robust:1", "multi:4",
               "multi:4:2", "multi:3:3", "multi:6:6", "auto"]
 PLANNERS = ["greedy", "eplb"]
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--planners", default=",".join(PLANNERS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    print(header("bench_next_window"))
     start = time.perf_counter()
     planners = args.planners.split(",")
     out = {}

@@ -18,17 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from _harness import DEEPSEEK_DIR as REAL
+from _harness import start
 
 import eplb
 from eplb.core.bounds import balancedness_ceiling
 from eplb.tools.generator import generate_trace
 from eplb.tools.simulate import simulate
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "data" / "real" / "sglang_deepseek_ep_statistics"
 R, P = 288, 32
 
 
@@ -155,11 +154,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    print(
-        f"# bench_online — {time.strftime('%Y-%m-%d')}, torch {torch.__version__}, 1 thread, "
-        f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
-    )
+    print(start("bench_online"))
     for name in args.sections or SECTIONS:
         SECTIONS[name](args.steps, args.seed)
 

@@ -17,15 +17,10 @@ Usage: ``python benchmarks/bench_planner.py [real synthetic speed ablation scale
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import torch
+from _harness import deepseek_loads, median_ms, start
 
 import eplb
 from eplb import PlanOptions
@@ -34,29 +29,7 @@ from eplb.core.bounds import balancedness_ceiling
 from eplb.core.packing import PackingOptions
 from eplb.tools.generator import generate_loads
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "data" / "real" / "sglang_deepseek_ep_statistics"
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
-def real_loads() -> dict[str, torch.Tensor]:
-    if not REAL.is_dir():
-        print(f"SKIPPED: real data not found at {REAL}")
-        return {}
-    out = {}
-    for path in sorted(REAL.glob("*.json")):
-        counts = json.loads(path.read_text())["logical_count"]
-        out[path.stem] = torch.tensor(counts, dtype=torch.float64)[3:]  # MoE layers 3..60
-    return out
+real_loads = deepseek_loads
 
 
 TOPOLOGIES = {"global": (1, 1), "hierarchical": (4, 8)}  # policy: (nodes, groups)
@@ -249,12 +222,7 @@ def main() -> None:
     parser.add_argument("sections", nargs="*", help=f"some of {list(SECTIONS)} (default: all)")
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    print(
-        f"# bench_planner — {time.strftime('%Y-%m-%d')}, {platform.machine()} "
-        f"{platform.processor() or ''}, torch {torch.__version__}, 1 thread, "
-        f"load average {' '.join(Path('/proc/loadavg').read_text().split()[:3])}"
-    )
+    print(start("bench_planner"))
     for name in args.sections or SECTIONS:
         SECTIONS[name](args.repeats)
 

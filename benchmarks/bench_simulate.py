@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 import torch
+from _harness import start
 
+from eplb.tools.generator import generate_trace
 from eplb.tools.simulate import Cadence, simulate
 
 TOPO = {"num_replicas": 288, "num_gpus": 32}
@@ -47,9 +49,8 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=3000)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    print(start("bench_simulate"))
     cadence = Cadence(args.window, args.interval)
-    from eplb.tools.generator import generate_trace
 
     t0 = time.perf_counter()
     trace = generate_trace("deepseek-v3", steps=args.steps, seed=args.seed, regime=args.regime)

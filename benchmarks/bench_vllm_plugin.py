@@ -23,12 +23,13 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _harness import DEEPSEEK_DIR as REAL
+from _harness import git_state
 
 import eplb
 from eplb import Placement, Topology
@@ -36,8 +37,6 @@ from eplb.core.policies import resolve_policy
 from eplb.integrations import vllm as plugin
 from eplb.integrations._engines import FETCH_HINT, engine_root, vllm_sources
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared/data/real/sglang_deepseek_ep_statistics"
 MOE_ROWS = slice(3, 61)
 REPLICAS, GPUS, EXPERTS = 288, 32, 256
 TOPOLOGIES = {"hierarchical (G=8, N=4)": (8, 4), "global (G=1, N=1)": (1, 1)}
@@ -93,16 +92,6 @@ def holds_anti_affinity(placement: Placement) -> bool:
     except ValueError:
         return False
     return True
-
-
-def git_state() -> str:
-    def run(*args):
-        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return done.stdout.strip()
-
-    head = run("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = [line[3:] for line in run("status", "--porcelain", "--", "src").splitlines()]
-    return f"HEAD {head}" + (f" + uncommitted changes in {len(dirty)} src path(s)" if dirty else "")
 
 
 def main(argv=None) -> int:

@@ -16,10 +16,12 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _harness import DEEPSEEK_DIR as SGLANG
+from _harness import ESFT_FILE as ESFT
+from _harness import start
 
 from eplb.tools.generator import (
     TARGETS,
@@ -28,11 +30,6 @@ from eplb.tools.generator import (
     rank_correlation,
     skew_stats,
 )
-
-REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "data" / "real"
-SGLANG = REAL / "sglang_deepseek_ep_statistics"
-ESFT = REAL / "esft_deepseek_v2_lite_routing" / "esft_topk_ids.npz"
 
 
 def fmt(x: float | None, nd: int = 2) -> str:
@@ -90,7 +87,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    print(start("bench_workloads"))
 
     # ---------------------------------------------------------------- generated
     t_trace, trace = timed(lambda: generate_trace("deepseek-v3", args.steps, seed=args.seed),

@@ -1,12 +1,30 @@
-"""Shared pytest fixtures."""
+"""Shared pytest configuration and fixtures.
+
+Helpers that test modules import directly (the independent contract checker, the real
+data location) are in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from helpers import MISSING_REAL, REAL_DATA
+from hypothesis import settings
 
 from eplb.integrations._engines import FETCH_HINT, engine_root
+
+# planner calls are cheap but the CI machine is shared: no per-example deadline
+settings.register_profile("eplb", deadline=None)
+settings.load_profile("eplb")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """``../shared/data/real`` (or ``$EPLB_REAL_DATA``); the test skips visibly without it."""
+    if not REAL_DATA.is_dir():
+        pytest.skip(MISSING_REAL)
+    return REAL_DATA
 
 
 def _engine(name: str) -> Path:

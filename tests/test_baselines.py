@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEEPSEEK_DIR as REAL
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +25,6 @@ from eplb.core.baselines import (
     rebalance_experts_greedy,
     replicate_experts,
 )
-
-REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
 
 # ----------------------------------------------------------------- reference
 f32 = np.float32

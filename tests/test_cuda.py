@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_placement import assert_contract
+from helpers import assert_contract
 
 import eplb
 from eplb import Topology

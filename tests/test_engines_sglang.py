@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEEPSEEK_DIR as REAL
 
 import eplb
 from eplb import Placement, Topology
@@ -27,7 +28,6 @@ from eplb.integrations._engines import extract_function, sglang_sources
 
 formats = pytest.importorskip("eplb.formats", reason="eplb.formats (placement writer) missing")
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
 NUM_LAYERS, NUM_EXPERTS, REPLICAS, GPUS, NODES, GROUPS = 61, 256, 288, 32, 4, 8
 MOE_IDS = list(range(3, 61))  # DeepSeek-V3: layers 0-2 are dense
 METHOD = "get_model_config_for_expert_location"

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import DEEPSEEK_DIR as REAL
 
 import eplb
 from eplb.cli import main as cli_main
@@ -35,7 +36,6 @@ from eplb.core.policies import resolve_policy
 
 formats = pytest.importorskip("eplb.formats", reason="eplb.formats (placement writer) missing")
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
 NUM_EXPERTS, REPLICAS, GPUS, NODES, GROUPS = 256, 288, 32, 4, 8
 MOE_IDS = list(range(3, 61))
 

@@ -15,11 +15,11 @@ import inspect
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import get_args
 
 import pytest
 import torch
+from helpers import DEEPSEEK_DIR as REAL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -29,7 +29,6 @@ from eplb.core.policies import resolve_policy
 from eplb.integrations import vllm as plugin
 from eplb.integrations._engines import vllm_sources
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
 MOE_ROWS = slice(3, 61)  # DeepSeek-V3: rows 0-2 are dense layers
 
 
@@ -66,13 +65,13 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.calls: list[dict] = []
-        real = eplb.rebalance_experts
+        real = plugin.rebalance_experts
 
         def spy(*args, **kwargs):
             self.calls.append(kwargs)
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(eplb, "rebalance_experts", spy)
+        monkeypatch.setattr(plugin, "rebalance_experts", spy)
 
 
 def check_with_vllm_maps(
@@ -238,7 +237,7 @@ def test_planner_error_falls_back_to_vllm_default(vllm, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("planner bug")
 
-    monkeypatch.setattr(eplb, "rebalance_experts", broken)
+    monkeypatch.setattr(plugin, "rebalance_experts", broken)
     weight = real_loads()[:6]
     got = plugin.vllm_policy_class().rebalance_experts(weight, 288, 8, 4, 32)
     want = vllm.DefaultEplbPolicy.rebalance_experts(weight, 288, 8, 4, 32)
@@ -253,7 +252,7 @@ def test_planner_error_without_vllm_is_raised(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("planner bug")
 
-    monkeypatch.setattr(eplb, "rebalance_experts", broken)
+    monkeypatch.setattr(plugin, "rebalance_experts", broken)
     with pytest.raises(RuntimeError, match="planner bug"):
         plugin.EplbPolicy.rebalance_experts(torch.rand(2, 8), 8, 1, 1, 2)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REAL_DATA as REAL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +29,6 @@ from eplb.formats import (
     write_placement,
 )
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
 L, E, T = 3, 8, 4
 
 

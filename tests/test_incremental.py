@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_contract
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from test_placement import assert_contract
 
 import eplb
 from eplb.core.baselines import plan_greedy

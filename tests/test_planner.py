@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_placement import assert_contract
+from helpers import assert_contract
 
 import eplb
 from eplb.core.baselines import plan_greedy

@@ -9,9 +9,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import assert_contract
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_placement import assert_contract
 
 import eplb
 

@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
-from test_placement import assert_contract
+from helpers import DEEPSEEK_DIR, DEEPSEEK_FILES, MISSING_REAL, assert_contract
 
 import eplb
 from eplb.core.baselines import plan_greedy
 from eplb.core.bounds import balancedness_ceiling
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared/data/real/sglang_deepseek_ep_statistics"
-FILES = sorted(DATA.glob("*.json"))
-MISSING = f"real DeepSeek EP statistics not found at {DATA} (read-only data, not in the repository)"
+DATA, FILES, MISSING = DEEPSEEK_DIR, DEEPSEEK_FILES, MISSING_REAL
 WORKLOADS = [pytest.param(f.stem, id=f.stem) for f in FILES] or [
     pytest.param(None, marks=pytest.mark.skip(reason=MISSING), id="no-data")]
 

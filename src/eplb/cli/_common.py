@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from eplb.tools.generator import PRESETS, generate_trace
+from eplb.tools.report import INSTALL_HINT, Report, matplotlib_available
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
@@ -288,3 +291,37 @@ def plan_greedy(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_node
     from eplb.core.baselines import plan_greedy as _plan_greedy
 
     return _plan_greedy(weight, num_replicas, num_gpus, num_nodes, num_groups, policy=policy)
+
+
+# ---------------------------------------------------------------- reports and generated loads
+def generated_trace(preset: str, steps: int, seed: int):
+    """A synthetic :class:`~eplb.formats.LoadTrace` from :mod:`eplb.tools.generator`."""
+    if preset not in PRESETS:
+        raise CliError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    return generate_trace(preset=preset, steps=steps, seed=seed)
+
+
+def default_shape(num_experts: int, gpus: int | None, replicas: int | None) -> tuple[int, int]:
+    """``(R, P)`` for a file without ``--replicas/--gpus``: 32 GPUs (or E if fewer) and one
+    redundant slot per GPU."""
+    gpus = gpus or min(32, num_experts)
+    replicas = replicas or (-(-num_experts // gpus) + 1) * gpus
+    return replicas, gpus
+
+
+def prepare_report(directory: str | None, force: bool, title: str):
+    if directory is None:
+        return None
+    report = Report(title)
+    if not force:  # fail before the work, not after
+        for name in report.planned_files():
+            if (Path(directory) / name).exists():
+                raise CliError(f"{Path(directory) / name} already exists; pass --force to "
+                               "overwrite it or choose another directory")
+    return report
+
+
+def say_written(written: list[Path]) -> None:
+    print(f"report: {written[0]} (+ {written[1].name}, {len(written) - 2} pictures)")
+    if not matplotlib_available():
+        print(f"pictures skipped: matplotlib is not installed ({INSTALL_HINT})")

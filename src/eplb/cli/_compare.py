@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eplb.api import plan
 from eplb.cli._common import (
     Ceiling,
     ceiling,
@@ -99,7 +100,6 @@ def compare(
     Planning time is the median of ``repeats`` runs (the first run is included, so a cold
     start counts when ``repeats`` is 1).
     """
-    import eplb
 
     weight = torch.as_tensor(weight, dtype=torch.float64)
     num_layers, num_experts = weight.shape
@@ -115,7 +115,7 @@ def compare(
         loads = greedy.gpu_loads(weight)
         per, total, worst = layer_balance(loads)
         results.append(PlannerResult(GREEDY, total, worst, secs, per, loads))
-    placement, secs = timed(lambda: eplb.plan(weight, num_replicas, num_gpus, num_nodes, num_groups,
+    placement, secs = timed(lambda: plan(weight, num_replicas, num_gpus, num_nodes, num_groups,
                                               policy=policy, seed=seed), repeats)
     placement.validate()
     loads = placement.gpu_loads(weight)

@@ -12,13 +12,18 @@ import torch
 from eplb.cli._common import (
     CliError,
     check_topology,
+    default_shape,
+    generated_trace,
     info,
     load_weight,
+    prepare_report,
     print_json,
     print_table,
     progress,
+    say_written,
 )
 from eplb.cli._compare import HEADERS, Comparison, add_to_report, compare, describe
+from eplb.cli.sim import replay_windows
 
 
 @dataclass(frozen=True)
@@ -46,29 +51,12 @@ BUILTIN = (
 BENCH_STEPS = 100
 
 
-def generated_trace(preset: str, steps: int, seed: int):
-    """A synthetic :class:`~eplb.formats.LoadTrace` from :mod:`eplb.tools.generator`."""
-    from eplb.tools.generator import PRESETS, generate_trace
-
-    if preset not in PRESETS:
-        raise CliError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
-    return generate_trace(preset=preset, steps=steps, seed=seed)
-
-
-def default_shape(num_experts: int, gpus: int | None, replicas: int | None) -> tuple[int, int]:
-    """``(R, P)`` for a file without ``--replicas/--gpus``: 32 GPUs (or E if fewer) and one
-    redundant slot per GPU."""
-    gpus = gpus or min(32, num_experts)
-    replicas = replicas or (-(-num_experts // gpus) + 1) * gpus
-    return replicas, gpus
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise CliError("--repeats must be >= 1")
     if args.no_builtin and not args.loads:
         raise CliError("nothing to benchmark: give LOADS files or drop --no-builtin")
-    report = _prepare_report(args.report, args.force, "eplb benchmark")
+    report = prepare_report(args.report, args.force, "eplb benchmark")
     jobs = [] if args.no_builtin else list(BUILTIN)
     jobs += list(args.loads)
     comparisons: list[Comparison] = []
@@ -108,30 +96,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for c in comparisons:
         print_table(describe(c), HEADERS, c.rows())
     if written:
-        _say_written(written)
+        say_written(written)
     return 0
-
-
-def _prepare_report(directory: str | None, force: bool, title: str):
-    if directory is None:
-        return None
-    from eplb.tools.report import Report
-
-    report = Report(title)
-    if not force:  # fail before the work, not after
-        for name in report.planned_files():
-            if (Path(directory) / name).exists():
-                raise CliError(f"{Path(directory) / name} already exists; pass --force to "
-                               "overwrite it or choose another directory")
-    return report
-
-
-def _say_written(written: list[Path]) -> None:
-    from eplb.tools.report import INSTALL_HINT, matplotlib_available
-
-    print(f"report: {written[0]} (+ {written[1].name}, {len(written) - 2} pictures)")
-    if not matplotlib_available():
-        print(f"pictures skipped: matplotlib is not installed ({INSTALL_HINT})")
 
 
 # ---------------------------------------------------------------------------- demo
@@ -142,7 +108,7 @@ QUICK_LAYERS = 6
 
 def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    report = None if args.no_report else _prepare_report(args.out, args.force,
+    report = None if args.no_report else prepare_report(args.out, args.force,
                                                         "eplb demo: DeepSeek-V3-shaped workload")
     steps = args.steps or (20 if args.quick else DEMO_STEPS)
     if steps < 2:
@@ -196,14 +162,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
             [[k, float(torch.tensor(v).mean())] for k, v in simulation["series"].items()],
         )
     if written:
-        _say_written(written)
+        say_written(written)
     print(f"done in {elapsed:.1f} s")
     return 0
 
 
 def _demo_simulation(trace, seed: int, *, quick: bool) -> dict | None:
     """Plan on window i, score on window i+1 (the ADRS protocol) for each planner."""
-    from eplb.cli.sim import replay_windows
 
     window = max(1, trace.num_steps // (4 if quick else 8))
     return replay_windows(trace, window, 288, 32, seed=seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from eplb.api import plan
 from eplb.cli._common import (
     CliError,
     active_gpus_from,
@@ -42,7 +43,6 @@ def _layer_ids(trace, first_layer: int | None, num_layers: int) -> list[int]:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    import eplb
     from eplb.formats import read_placement, write_placement
 
     out = check_output(args.output, args.force)
@@ -70,7 +70,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise CliError("--max-moves needs --previous (the placement in service)")
         options["max_moves"] = args.max_moves
 
-    placement, seconds = timed(lambda: eplb.plan(
+    placement, seconds = timed(lambda: plan(
         weight, args.replicas, args.gpus, args.nodes, args.groups, policy=args.policy,
         seed=args.seed, **options))
     placement.validate()

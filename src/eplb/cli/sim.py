@@ -11,11 +11,15 @@ from eplb.cli._common import (
     CliError,
     check_output,
     check_topology,
+    default_shape,
     existing_file,
+    generated_trace,
     info,
+    prepare_report,
     print_json,
     print_table,
     progress,
+    say_written,
 )
 
 PLANNER_LABEL = {"none": "no rebalancing", "greedy": "reference greedy", "eplb": "eplb"}
@@ -56,7 +60,6 @@ def replay_windows(trace, window: int, replicas: int, gpus: int, *, seed: int = 
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from eplb.cli.bench import _prepare_report, _say_written, default_shape
     from eplb.formats import read_loads
 
     if args.window < 1:
@@ -69,7 +72,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise CliError("--incremental and --max-moves need --planner eplb")
     if args.max_moves is not None and not args.incremental:
         raise CliError("--max-moves needs --incremental")
-    report = _prepare_report(args.report, args.force, "eplb simulation")
+    report = prepare_report(args.report, args.force, "eplb simulation")
     trace = read_loads(existing_file(args.trace, "trace file"), format=args.format)
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts)
@@ -119,7 +122,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{cad.interval}, scored in windows of {cad.scoring}",
         headers, rows)
     if written:
-        _say_written(written)
+        say_written(written)
     return 0
 
 
@@ -203,7 +206,6 @@ def write_trace(trace, path: Path, fmt: str | None, force: bool) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from eplb.cli.bench import generated_trace
     from eplb.tools.generator import PRESETS
 
     if args.list:

@@ -1,1 +1,45 @@
-"""The core planner."""
+"""The core planner: one planning problem in, one validated placement out.
+
+Layers inside, bottom to top (each imports only those below it):
+``topology`` → ``placement`` → ``inputs`` → ``trace`` → ``options`` → ``request`` →
+``ordering`` → ``replication`` → ``packing/`` → ``bounds`` → ``policies/`` → ``planner``
+→ ``baselines``.
+
+Public here on purpose (the rest is internal and may change):
+"""
+
+from eplb.core.baselines import plan_greedy, rebalance_experts_greedy
+from eplb.core.bounds import (
+    balancedness_ceiling,
+    layer_ceiling,
+    layer_lower_bound,
+    placement_scores,
+)
+from eplb.core.options import PackingOptions, PlanOptions
+from eplb.core.placement import Placement, PlacementError
+from eplb.core.planner import make_request, plan_fresh
+from eplb.core.policies import POLICIES, PlacementPolicy, resolve_policy
+from eplb.core.request import PlanRequest
+from eplb.core.topology import Topology
+from eplb.core.trace import LoadTrace
+
+__all__ = [
+    "POLICIES",
+    "LoadTrace",
+    "PackingOptions",
+    "Placement",
+    "PlacementError",
+    "PlacementPolicy",
+    "PlanOptions",
+    "PlanRequest",
+    "Topology",
+    "balancedness_ceiling",
+    "layer_ceiling",
+    "layer_lower_bound",
+    "make_request",
+    "placement_scores",
+    "plan_fresh",
+    "plan_greedy",
+    "rebalance_experts_greedy",
+    "resolve_policy",
+]

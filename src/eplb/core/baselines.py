@@ -45,13 +45,6 @@ from eplb.core.placement import Placement
 from eplb.core.policies import resolve_policy
 from eplb.core.topology import Topology
 
-__all__ = [
-    "balanced_packing",
-    "plan_greedy",
-    "rebalance_experts_greedy",
-    "rebalance_experts_hierarchical",
-    "replicate_experts",
-]
 
 def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (Jefferson) replication of every row, all rows at once.

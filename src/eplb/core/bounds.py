@@ -26,17 +26,6 @@ from eplb.core.inputs import as_weight
 from eplb.core.placement import Placement
 from eplb.core.replication import replica_bound
 
-__all__ = [
-    "MAX_ENUMERATED_ASSIGNMENTS",
-    "assignment_node_bounds",
-    "balancedness_ceiling",
-    "enumerated_node_bounds",
-    "group_partitions",
-    "hierarchical_node_bounds",
-    "layer_ceiling",
-    "layer_lower_bound",
-]
-
 #: group→node assignments are enumerated exactly up to this many, else relaxed/greedy
 MAX_ENUMERATED_ASSIGNMENTS = 20_000
 

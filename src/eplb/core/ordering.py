@@ -15,8 +15,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["argsort_rows"]
-
 _POSITION_BITS = 16
 _POSITION_MASK = (1 << _POSITION_BITS) - 1
 

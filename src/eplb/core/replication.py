@@ -24,13 +24,6 @@ import torch
 
 from eplb.core.ordering import argsort_rows
 
-__all__ = [
-    "expand_replicas",
-    "max_replica_load",
-    "replica_bound",
-    "replica_counts",
-]
-
 # cap on the [rows, experts, steps] priority tensor before chunking over rows
 _MAX_PRIORITY_ELEMENTS = 1 << 24
 # past this many candidate steps per row, bisect the grant level instead of a topk

@@ -10,8 +10,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-__all__ = ["atomic_write", "byte_progress", "check_writable", "import_safetensors_torch"]
-
 
 def import_safetensors_torch() -> ModuleType:
     """``safetensors.torch``, or an ``ImportError`` that says how to install it."""

@@ -16,8 +16,6 @@ from pathlib import Path
 
 from eplb.formats.errors import FormatError
 
-__all__ = ["FORMATS", "TOPK_KEY_PATTERN", "detect_format", "sniff_container"]
-
 #: Load formats :func:`eplb.formats.read_loads` accepts as ``format=``.
 FORMATS: tuple[str, ...] = (
     "sglang",  # SGLang recorder dump / --init-expert-location: {"logical_count": [T?][L][E]}

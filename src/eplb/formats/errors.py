@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["FormatError"]
-
 
 class FormatError(ValueError):
     """A file is malformed or of an unknown kind.

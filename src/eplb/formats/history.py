@@ -22,8 +22,6 @@ import numpy as np
 from eplb.formats._files import byte_progress
 from eplb.formats.errors import FormatError
 
-__all__ = ["read_vllm_history"]
-
 _CHUNK = 8 << 20
 _WS = re.compile(r"[ \t\r\n]*")
 

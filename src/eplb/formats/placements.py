@@ -35,8 +35,6 @@ from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
 from eplb.formats.errors import FormatError
 
-__all__ = ["EMITS", "PLACEMENT_FORMAT", "read_placement", "read_placement_meta", "write_placement"]
-
 #: Placement formats ``write_placement`` can emit.
 EMITS: tuple[str, ...] = ("json", "pt", "sglang", "trtllm")
 #: Tag in eplb's own placement files, and its version.

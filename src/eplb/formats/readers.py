@@ -27,8 +27,6 @@ from eplb.formats.errors import FormatError
 from eplb.formats.history import read_vllm_history
 from eplb.formats.routing import topk_to_counts
 
-__all__ = ["read_loads"]
-
 _CONTAINERS = {
     "npy": ("npy",),
     "npz": ("npz",),

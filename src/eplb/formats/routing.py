@@ -8,8 +8,6 @@ import torch
 
 from eplb.formats.errors import FormatError
 
-__all__ = ["topk_to_counts"]
-
 
 def topk_to_counts(
     segments: list[tuple[str, torch.Tensor]],

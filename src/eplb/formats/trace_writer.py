@@ -13,8 +13,6 @@ import torch
 from eplb.core.trace import LoadTrace
 from eplb.formats._files import atomic_write, check_writable
 
-__all__ = ["TRACE_EMITS", "write_loads"]
-
 #: Formats ``write_loads`` can write (each is a ``read_loads`` format).
 TRACE_EMITS: tuple[str, ...] = ("pt", "npz", "vllm-history", "sglang")
 

@@ -37,6 +37,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from eplb.api import rebalance_experts
+
 __all__ = [
     "ENV_VAR",
     "OPTIONS_ENV_VAR",
@@ -89,11 +91,9 @@ class EplbPolicy:
         shape matches. If the planner fails, vLLM's default policy answers instead and
         the error is logged, so a planner bug never stops serving.
         """
-        import eplb
-
         old = _usable_old_map(old_global_expert_indices, weight, num_replicas)
         try:
-            phy2log, _, _ = eplb.rebalance_experts(
+            phy2log, _, _ = rebalance_experts(
                 weight, num_replicas, num_groups, num_nodes, num_ranks,
                 old_phy2log=old, **cls.options,
             )

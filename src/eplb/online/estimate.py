@@ -48,22 +48,6 @@ from eplb.core.inputs import as_counts
 from eplb.core.placement import Placement
 from eplb.core.trace import LoadTrace
 
-__all__ = [
-    "ESTIMATORS",
-    "AdaptiveAverage",
-    "Estimate",
-    "Estimator",
-    "ExponentialAverage",
-    "MultiWindow",
-    "RobustMean",
-    "WindowSum",
-    "as_history",
-    "expected_max",
-    "make_estimator",
-    "select_per_layer",
-    "sum_steps",
-]
-
 
 def as_history(history: object, name: str = "history") -> torch.Tensor:
     """Per-step counts ``[T, L, E]`` from a :class:`~eplb.core.trace.LoadTrace`, a tensor,

@@ -28,16 +28,6 @@ from eplb.core.topology import Topology
 from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator, select_per_layer
 from eplb.online.incremental import plan_incremental
 
-__all__ = [
-    "PLANNERS",
-    "PlannerFn",
-    "RebalanceEvent",
-    "Rebalancer",
-    "make_planner",
-    "plan_estimate",
-    "trivial_placement",
-]
-
 PlannerFn = Callable[[torch.Tensor, "Placement | None"], Placement]
 PLANNERS = ("eplb", "greedy", "none")
 

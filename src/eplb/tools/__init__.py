@@ -1,1 +1,19 @@
-"""Tools."""
+"""Tools around the planner: the synthetic load generator (:mod:`.generator`), the replay
+simulator (:mod:`.simulate`) and the report pictures (:mod:`.report`, needs
+``eplb[plot]``).
+
+Public here on purpose (the rest is internal and may change):
+"""
+
+from eplb.tools.generator import generate_loads, generate_trace
+from eplb.tools.simulate import CADENCES, Cadence, SimulationResult, simulate, step_balancedness
+
+__all__ = [
+    "CADENCES",
+    "Cadence",
+    "SimulationResult",
+    "generate_loads",
+    "generate_trace",
+    "simulate",
+    "step_balancedness",
+]

@@ -17,15 +17,6 @@ from pathlib import Path
 
 import torch
 
-__all__ = [
-    "INSTALL_HINT",
-    "Report",
-    "matplotlib_available",
-    "plot_balancedness_over_time",
-    "plot_gpu_heatmaps",
-    "plot_layer_balancedness",
-]
-
 INSTALL_HINT = "pip install 'eplb[plot]'"
 
 # a fixed palette so one planner has one colour in every picture

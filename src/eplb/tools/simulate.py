@@ -40,16 +40,6 @@ from eplb.core.trace import LoadTrace
 from eplb.online import PlannerFn, Rebalancer, make_planner, trivial_placement
 from eplb.online.estimate import Estimator, as_history, make_estimator
 
-__all__ = [
-    "CADENCES",
-    "DEEPSEEK_V3_EXPERT_BYTES",
-    "Cadence",
-    "SimulationResult",
-    "gpu_load_matrix",
-    "simulate",
-    "step_balancedness",
-]
-
 #: One DeepSeek-V3 routed expert in fp8: gate, up and down projections, each
 #: 7168 x 2048 one-byte weights (block-scale factors, ~10 kB, are left out).
 DEEPSEEK_V3_EXPERT_BYTES = 3 * 7168 * 2048 * 1

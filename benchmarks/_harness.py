@@ -1,0 +1,89 @@
+"""The small harness every benchmark script shares.
+
+- :func:`start`: one torch thread (this machine is shared; medians of one thread compare
+  best) and a header line naming the script, date, machine, torch, load average and git
+  state, so a quoted table says where it came from;
+- :func:`median_ms`: the median of repeated calls after a warm-up;
+- :data:`REAL_DATA` and :func:`deepseek_loads`: the real expert loads, read from
+  ``../shared/data/real`` (or ``$EPLB_REAL_DATA``), never copied into the repository;
+  a section that needs them says SKIPPED when they are absent;
+- :func:`markdown_table`: the tables BENCHMARKS.md quotes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("EPLB_REAL_DATA") or REPO.parent / "shared" / "data" / "real")
+DEEPSEEK_DIR = REAL_DATA / "sglang_deepseek_ep_statistics"
+ESFT_FILE = REAL_DATA / "esft_deepseek_v2_lite_routing" / "esft_topk_ids.npz"
+
+
+def git_state() -> str:
+    """``HEAD <rev>`` plus a note when ``src/`` has uncommitted changes."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return done.stdout.strip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--", "src").splitlines()
+    return f"HEAD {head}" + (f" + uncommitted changes in {len(dirty)} src path(s)" if dirty else "")
+
+
+def load_average() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def start(name: str) -> str:
+    """One torch thread; returns the header line for the script's output."""
+    torch.set_num_threads(1)
+    date = datetime.date.today().isoformat()
+    return (
+        f"# {name} — {date}, {platform.machine()} {platform.processor()}, torch "
+        f"{torch.__version__}, 1 thread, load average {load_average()}, {git_state()}"
+    )
+
+
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in ms over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - begin)
+    return 1000 * statistics.median(times)
+
+
+def deepseek_loads(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """The 12 real DeepSeek-V3/R1 workloads as ``{name: [58, 256]}`` (MoE rows 3..60), or
+    ``{}`` after printing a SKIPPED line when the data are absent."""
+    if not DEEPSEEK_DIR.is_dir():
+        print(f"SKIPPED: real DeepSeek-V3 loads not found at {DEEPSEEK_DIR}")
+        return {}
+    return {
+        path.stem: torch.tensor(json.loads(path.read_text())["logical_count"], dtype=dtype)[3:]
+        for path in sorted(DEEPSEEK_DIR.glob("*.json"))
+    }
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

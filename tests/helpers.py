@@ -1,0 +1,115 @@
+"""Helpers shared by the test modules: the independent contract checker and where the
+real expert-load data lives.
+
+Test modules import them (``from helpers import assert_contract``); fixtures built on
+them are in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eplb import Placement
+
+#: Real expert-load data (read-only, never copied into the repository): ``$EPLB_REAL_DATA``
+#: or ``../shared/data/real`` next to the repository. Tests that need it skip visibly.
+REAL_DATA = Path(
+    os.environ.get("EPLB_REAL_DATA")
+    or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real"
+)
+#: The 12 SGLang DeepSeek-V3/R1 workloads (``{"logical_count": [61][256]}``, MoE rows 3..60).
+DEEPSEEK_DIR = REAL_DATA / "sglang_deepseek_ep_statistics"
+DEEPSEEK_FILES = sorted(DEEPSEEK_DIR.glob("*.json")) if DEEPSEEK_DIR.is_dir() else []
+MISSING_REAL = f"real expert-load data not found at {REAL_DATA} (read-only, not in the repository)"
+
+
+def deepseek_loads(path: Path) -> torch.Tensor:
+    """``[58, 256]`` float64 MoE-layer loads of one real DeepSeek-V3 workload file."""
+    return torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.float64)[3:]
+
+
+def assert_contract(
+    placement: Placement,
+    *,
+    device: torch.device | str | None = None,
+    anti_affinity: bool = True,
+) -> None:
+    """Check the whole output contract with plain numpy loops (not with ``validate``).
+
+    - int64 ``phy2log [L, R]``, ``log2phy [L, E, maxcnt]``, ``logcnt [L, E]`` on ``device``;
+    - dead GPUs' slots hold -1, live slots hold an expert in ``[0, E)``;
+    - ``logcnt`` counts ``phy2log``, every entry >= 1, rows sum to the live slots;
+    - ``log2phy`` lists each expert's slots ascending, then -1;
+    - anti-affinity: at most ``ceil(c / H)`` replicas of an expert per GPU, ``H`` the GPUs
+      that may hold it (live GPUs; the node's GPUs under the hierarchical policy);
+    - hierarchical: every replica of a group's experts on one node.
+    """
+    topo = placement.topology
+    phy2log, log2phy, logcnt = placement.as_tuple()
+    for name, t in (("phy2log", phy2log), ("log2phy", log2phy), ("logcnt", logcnt)):
+        assert isinstance(t, torch.Tensor), name
+        assert t.dtype == torch.int64, f"{name} dtype {t.dtype}"
+        if device is not None:
+            assert t.device.type == torch.device(device).type, f"{name} on {t.device}"
+    assert phy2log.dim() == 2 and log2phy.dim() == 3 and logcnt.dim() == 2
+    num_layers, num_slots = phy2log.shape
+    num_experts = logcnt.shape[1]
+    assert num_slots == topo.num_replicas
+    assert logcnt.shape[0] == num_layers
+    assert log2phy.shape[:2] == (num_layers, num_experts)
+    slots_per_gpu = num_slots // topo.num_gpus
+    assert placement.policy in ("global", "hierarchical")
+
+    p2l = phy2log.cpu().numpy()
+    l2p = log2phy.cpu().numpy()
+    cnt = logcnt.cpu().numpy()
+    if placement.active_gpus is None:
+        live = np.ones(topo.num_gpus, dtype=bool)
+    else:
+        live = placement.active_gpus.cpu().numpy().astype(bool)
+    live_slot = np.repeat(live, slots_per_gpu)
+    num_live_slots = int(live_slot.sum())
+    if placement.policy == "hierarchical":
+        holders = topo.num_gpus // topo.num_nodes
+    else:
+        holders = int(live.sum())
+
+    for layer in range(num_layers):
+        row = p2l[layer]
+        assert (row[~live_slot] == -1).all(), f"layer {layer}: dead GPU slot not -1"
+        assert ((row[live_slot] >= 0) & (row[live_slot] < num_experts)).all(), (
+            f"layer {layer}: live slot out of range: {row.tolist()}"
+        )
+        counts = np.bincount(row[live_slot], minlength=num_experts)
+        assert (counts == cnt[layer]).all(), f"layer {layer}: logcnt {cnt[layer]} vs {counts}"
+        assert (cnt[layer] >= 1).all(), f"layer {layer}: an expert has no replica"
+        assert cnt[layer].sum() == num_live_slots
+        for expert in range(num_experts):
+            slots = np.nonzero(row == expert)[0]
+            listed = l2p[layer, expert]
+            assert (listed[: len(slots)] == slots).all(), (
+                f"layer {layer} expert {expert}: log2phy {listed.tolist()} vs slots {slots}"
+            )
+            assert (listed[len(slots):] == -1).all()
+            gpus = slots // slots_per_gpu
+            assert live[gpus].all()
+            if anti_affinity and len(gpus):
+                cap = math.ceil(len(slots) / holders)
+                assert np.bincount(gpus).max() <= cap, (
+                    f"layer {layer} expert {expert}: {np.bincount(gpus).max()} replicas on one "
+                    f"GPU, {len(slots)} replicas over {holders} GPUs"
+                )
+        if placement.policy == "hierarchical":
+            group_size = num_experts // topo.num_groups
+            slots_per_node = num_slots // topo.num_nodes
+            for group in range(topo.num_groups):
+                mine = np.nonzero((row >= 0) & (row // group_size == group))[0]
+                assert len(set((mine // slots_per_node).tolist())) == 1, (
+                    f"layer {layer} group {group} spans nodes {set(mine // slots_per_node)}"
+                )

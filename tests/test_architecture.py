@@ -1,0 +1,121 @@
+"""The layering ARCHITECTURE.md promises: dependencies point only down, with no circles.
+
+Every ``import`` in ``src/eplb`` is read (function-level ones too, so a climbing import
+cannot hide inside a function) and checked against the layer order.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+# bottom to top; a module may import its own layer or any layer below
+LAYERS = (
+    ("eplb._version",),
+    ("eplb.core",),
+    ("eplb.online",),
+    ("eplb.api",),
+    ("eplb.formats",),
+    ("eplb.tools",),
+    ("eplb.integrations",),
+    ("eplb.cli", "eplb.__main__"),
+    ("eplb",),  # the package __init__: the public API, imports from anything below
+)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(SRC).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _layer(module: str) -> int:
+    best = None
+    for rank, prefixes in enumerate(LAYERS):
+        for prefix in prefixes:
+            matches = module == prefix or module.startswith(prefix + ".")
+            if matches and (best is None or len(prefix) > best[1]):
+                best = (rank, len(prefix))
+    assert best is not None, module
+    return best[0]
+
+
+def _imports(path: Path, module: str) -> list[tuple[str, int]]:
+    """``(imported eplb module, line)`` for every import in ``path``."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out += [(alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            out.append((name, node.lineno))
+            # "from eplb.core import placement" imports a submodule
+            out += [(f"{name}.{alias.name}", node.lineno) for alias in node.names]
+    return [(name, line) for name, line in out if name == "eplb" or name.startswith("eplb.")]
+
+
+MODULES = {_module_name(p): p for p in sorted((SRC / "eplb").rglob("*.py"))}
+
+
+def _resolve(name: str) -> str | None:
+    """The eplb module an import refers to (a name imported from a module maps to it)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_point_down(module: str) -> None:
+    own = _layer(module)
+    climbing = []
+    for name, line in _imports(MODULES[module], module):
+        target = _resolve(name)
+        if target is not None and _layer(target) > own:
+            climbing.append(f"line {line}: imports {target}")
+    assert not climbing, f"{module} imports a higher layer: {climbing}"
+
+
+def test_no_import_cycles() -> None:
+    graph = {
+        module: {
+            t for name, _ in _imports(path, module) if (t := _resolve(name)) and t != module
+        }
+        for module, path in MODULES.items()
+    }
+    # a package __init__ re-exports its children; edges from it are not dependencies of
+    # the children, so cycles through an __init__ are not real
+    packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node] - packages):
+            if state.get(nxt) == 1:
+                cycle = [*stack[stack.index(nxt) :], nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state and module not in packages:
+            visit(module)
+
+
+def test_modules_stay_readable() -> None:
+    """Files under ~600 lines: a module that grows past that holds more than one idea."""
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 620}
+    assert not long, f"split these modules: {long}"
