@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from eplb.core import balancedness_ceiling, layer_ceiling
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import INSTALL_HINT, Report, matplotlib_available
 
@@ -259,20 +260,10 @@ def ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: i
     with GPU speeds, where the bound does not apply)."""
     if speed:
         return Ceiling(None, None, "ceiling not computed with GPU speeds")
-    from eplb.core.bounds import balancedness_ceiling, layer_ceiling
-
     args = (weight, num_replicas, num_gpus, num_nodes, num_groups)
     kwargs = {"policy": policy, "active_gpus": active}
     per_layer = torch.as_tensor(layer_ceiling(*args, **kwargs), dtype=torch.float64)
     return Ceiling(per_layer, float(balancedness_ceiling(*args, **kwargs)))
-
-
-def resolved_policy(policy: str, num_nodes: int, num_groups: int, num_experts: int) -> str:
-    """What ``policy="auto"`` means, for labelling and for the ceiling: DeepSeek's rule."""
-    if policy != "auto":
-        return policy
-    hier = num_nodes > 1 and num_groups % num_nodes == 0 and num_experts % num_groups == 0
-    return "hierarchical" if hier else "global"
 
 
 def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[object, float]:
@@ -283,14 +274,6 @@ def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[object, float]:
         result = fn()
         times.append(time.perf_counter() - start)
     return result, statistics.median(times)
-
-
-def plan_greedy(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int,
-                num_groups: int, policy: str = "auto"):
-    """DeepSeek's reference greedy from :mod:`eplb.core.baselines`, as a Placement."""
-    from eplb.core.baselines import plan_greedy as _plan_greedy
-
-    return _plan_greedy(weight, num_replicas, num_gpus, num_nodes, num_groups, policy=policy)
 
 
 # ---------------------------------------------------------------- reports and generated loads

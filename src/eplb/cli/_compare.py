@@ -11,11 +11,10 @@ from eplb.cli._common import (
     Ceiling,
     ceiling,
     layer_balance,
-    plan_greedy,
-    resolved_policy,
     static_gpu_loads,
     timed,
 )
+from eplb.core import Topology, plan_greedy, resolve_policy
 
 NONE, GREEDY, EPLB = "no rebalancing", "reference greedy", "eplb"
 
@@ -103,14 +102,17 @@ def compare(
 
     weight = torch.as_tensor(weight, dtype=torch.float64)
     num_layers, num_experts = weight.shape
-    policy = resolved_policy(policy, num_nodes, num_groups, num_experts)
+    # the one resolver, as the planner will apply it (it warns once when "auto" cannot
+    # be hierarchical); both planners then run the resolved policy
+    policy = resolve_policy(policy, Topology(num_replicas, num_gpus, num_nodes, num_groups),
+                            num_experts, stacklevel=2)
     results = []
     static = static_gpu_loads(weight, num_gpus)
     per, total, worst = layer_balance(static)
     results.append(PlannerResult(NONE, total, worst, None, per, static))
     if include_greedy:
         greedy, secs = timed(lambda: plan_greedy(weight, num_replicas, num_gpus, num_nodes,
-                                                 num_groups, policy), repeats)
+                                                 num_groups, policy=policy), repeats)
         greedy.validate(anti_affinity=False)
         loads = greedy.gpu_loads(weight)
         per, total, worst = layer_balance(loads)
