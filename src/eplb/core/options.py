@@ -88,6 +88,52 @@ class PackingOptions:
 
 
 @dataclass(frozen=True)
+class IncrementalOptions:
+    """How incremental planning (``previous=``) decides what to move.
+
+    Every candidate is scored by a risk-adjusted *next-window* max GPU load: each GPU's
+    load plus ``z`` standard deviations of the change a drift of log-std ``drift`` per
+    expert brings (``z`` the expected largest of ``P`` standard normals). In-sample
+    balance is not the criterion: past the noise drift adds, an in-sample gain does not
+    survive to the next window, but its weight transfers are paid.
+
+    Attributes:
+        drift: log-std of one expert's load change between two rebalances. The default
+            0.2 sits between what the real traces show (see BENCHMARKS.md, "Incremental
+            planning"): consecutive windows of real DeepSeek-V3/ESFT traffic correlate at
+            0.9–0.99. A larger value makes eplb move less.
+        move_price: without a budget (``max_moves=None``) a layer takes the candidate
+            with the best expected next-window balancedness minus ``move_price`` × the
+            fraction of its slots that change. The default 0.005 is where a rebalance
+            breaks even at vLLM's defaults: moving all of a DeepSeek-V3 layer's slots on
+            32 GPUs sends 288 × 44 MB / 32 ≈ 0.4 GB into each GPU, ≈ 8 ms at 50 GB/s,
+            while 0.005 of balancedness saves ≈ 0.5 % of the layer's MoE time over the
+            3000 steps until the next rebalance (≈ 10 ms at 0.6 ms per layer-step).
+            Raise it for slower links or shorter intervals.
+        quota: slots (as a fraction of a layer's slots) each step of the warm-start
+            refinement may change: the spacing of the candidates between few and many
+            moves.
+        steps: warm-start refinement steps: candidates reach about
+            ``(steps + 1) · quota`` of the slots beyond the replica transfers.
+    """
+
+    drift: float = 0.2
+    move_price: float = 0.005
+    quota: float = 1 / 32
+    steps: int = 8
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.drift, (int, float)) and 0 <= self.drift <= 2):
+            raise ValueError(f"drift must be a number in [0, 2], got {self.drift!r}")
+        if not (isinstance(self.move_price, (int, float)) and 0 <= self.move_price < 1):
+            raise ValueError(f"move_price must be a number in [0, 1), got {self.move_price!r}")
+        if not (isinstance(self.quota, (int, float)) and 0 < self.quota <= 1):
+            raise ValueError(f"quota must be a fraction in (0, 1], got {self.quota!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+
+
+@dataclass(frozen=True)
 class PlanOptions:
     """Everything that tunes a plan; the defaults are fast and near-optimal.
 
@@ -98,12 +144,14 @@ class PlanOptions:
         portfolio_threshold: the portfolio is scored only in layers whose largest
             Jefferson replica exceeds this fraction of the mean GPU load (elsewhere every
             allocation packs alike).
+        incremental: how plans from a placement in force decide what to move.
     """
 
     packing: PackingOptions = field(default_factory=PackingOptions)
     shifts: tuple[float, ...] = DEFAULT_SHIFTS
     hamilton: bool = True
     portfolio_threshold: float = 1 / 3
+    incremental: IncrementalOptions = field(default_factory=IncrementalOptions)
 
     def __post_init__(self) -> None:
         if not self.shifts and not self.hamilton:

@@ -1,48 +1,52 @@
-"""Incremental planning: move few expert weights when rebalancing a running deployment.
+"""Incremental planning: rebalance a running deployment by moving few expert weights.
 
-Re-planning from scratch rewrites almost every slot, and every rewritten slot is one
-expert's weights crossing NVLink or the network while traffic runs. Here the new plan is
-built in two ways and the better one is kept per layer:
+Every changed slot is one expert's weights crossing NVLink or the network while traffic
+runs (a DeepSeek-V3 expert is 44 MB in FP8), and re-planning from scratch changes
+almost every slot. Here the new plan starts from the placement in force:
 
-1. **Warm start** from the placement in force, with a per-layer slot budget:
-   - *replica transfers* (one slot each): a replica of the expert that loses least moves
-     to the expert with the largest per-replica load, only while that lowers the largest
-     replica (Jefferson's rule applied as exchanges); slots on dead GPUs and experts with
-     no live replica are served first, whatever the budget;
-   - *swaps* (two slots each): the vectorized swap refinement from the old placement,
-     charged against the budget, heaviest GPU pairs first.
-2. **From scratch, relabelled**: a fresh plan whose GPUs are matched to the old ones by an
-   assignment problem (most common replicas), with slots aligned inside each GPU.
-
-A layer whose predicted gain (its ceiling minus its current balancedness) is below
-``skip_threshold`` is left untouched.
+1. **Forced moves** make the old placement valid for the new call, whatever the budget:
+   slots of dead GPUs are emptied; every expert gets a live replica and every live slot
+   an expert (a GPU that is live again is filled); replicas stacked on one GPU are
+   spread; under the hierarchical policy a layer whose groups straddle nodes (vLLM's
+   initial map ``slot i → expert i % E`` does) is replaced by a fresh hierarchical plan
+   relabelled onto the old GPUs.
+2. **A ladder of warm starts**: for slot budgets of ``1/128 … 1/2`` of the slots
+   (:class:`~eplb.core.options.IncrementalOptions`), replica transfers toward
+   Jefferson's counts (best first) and then swaps from the heaviest GPUs, batched over
+   layers × budgets in one refinement. Under the hierarchical policy only the nodes
+   whose busiest GPU is near the layer's busiest get a budget: moves elsewhere cannot
+   lower the layer's time.
+3. **A choice per layer by the expected next-window peak**: each candidate's max GPU
+   load averaged over fixed perturbations of the loads (the drift a rebalance interval
+   brings). Without a budget, a layer takes the cheapest candidate within
+   ``tolerance`` of the best: moves that only pay in-sample are not made. With
+   ``max_moves`` (slots in total over all layers) the budget goes to the layers where a
+   moved slot buys the most expected gain; a list gives one budget per layer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import torch
 
-from eplb.core.bounds import layer_ceiling
-from eplb.core.packing import refine_assignment
-from eplb.core.placement import Placement, expert_counts, slot_gpu_loads, validate_planned
+from eplb.core.bounds import enumerated_node_bounds
+from eplb.core.options import IncrementalOptions
+from eplb.core.packing import repair_assignment
+from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import plan_fresh
 from eplb.core.request import PlanRequest
-from eplb.core.topology import Topology
+from eplb.online import moves
+from eplb.online.align import align_to_previous
 
-# a candidate must beat the fewer-moves one by this much balancedness to win
-_QUALITY_TIE = 1e-4
+# a node whose busiest GPU is this close to the layer's busiest can set the layer's time
+_CRITICAL_NODE = 0.98
 
 
-def _previous_phy2log(
-    previous: Placement | torch.Tensor,
-    topology: Topology,
-    num_layers: int,
-    num_experts: int,
-    device: torch.device,
-) -> torch.Tensor:
+def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
+    """The placement in force as a validated ``[L, R]`` int64 host array."""
     old = previous.phy2log if isinstance(previous, Placement) else previous
     if not isinstance(old, torch.Tensor):
         try:
@@ -53,144 +57,205 @@ def _previous_phy2log(
             ) from None
     if old.dim() == 1:
         old = old[None]
-    if old.shape != (num_layers, topology.num_replicas):
+    expected = (request.num_layers, request.topology.num_replicas)
+    if tuple(old.shape) != expected:
         raise ValueError(
-            f"previous placement has shape {tuple(old.shape)}, expected "
-            f"[{num_layers}, {topology.num_replicas}] (layers, slots) to match the weight"
+            f"previous placement has shape {tuple(old.shape)}, expected [{expected[0]}, "
+            f"{expected[1]}] (layers, slots) to match the weight"
         )
-    if old.is_floating_point() or old.dtype == torch.bool:
+    if old.is_floating_point() or old.dtype == torch.bool or old.is_complex():
         raise TypeError(f"previous phy2log must hold integers, got {old.dtype}")
-    old = old.to(device=device, dtype=torch.int64)
-    if bool(((old < -1) | (old >= num_experts)).any()):
-        raise ValueError(f"previous placement holds expert ids outside [-1, {num_experts})")
+    old = old.detach().cpu().to(torch.int64).numpy()
+    if ((old < -1) | (old >= request.num_experts)).any():
+        raise ValueError(
+            f"previous placement holds expert ids outside [-1, {request.num_experts})"
+        )
     return old
 
 
-def _layer_budget(
-    max_moves: int | torch.Tensor | None, gain: torch.Tensor, num_slots: int
-) -> torch.Tensor:
-    """``[L]`` slots each layer may change: all, a per-layer list, or a total split by gain."""
-    num_layers = gain.shape[0]
-    if max_moves is None:
-        return torch.full((num_layers,), num_slots, dtype=torch.int64, device=gain.device)
-    if isinstance(max_moves, int) and not isinstance(max_moves, bool):
-        if max_moves < 0:
-            raise ValueError(f"max_moves must be >= 0, got {max_moves}")
-        share = gain.clamp(min=0)
-        total = float(share.sum())
-        if total <= 0:
-            return torch.zeros(num_layers, dtype=torch.int64, device=gain.device)
-        return torch.floor(share / total * max_moves).to(torch.int64)
-    budget = torch.as_tensor(max_moves, device=gain.device)
-    if budget.shape != (num_layers,) or budget.is_floating_point() or bool((budget < 0).any()):
-        raise ValueError(
-            f"max_moves must be a non-negative int (total) or {num_layers} non-negative ints "
-            f"(per layer); got {max_moves!r}"
+def _group_nodes(phy2log: np.ndarray, request: PlanRequest) -> tuple[np.ndarray, np.ndarray]:
+    """``(node_of_group [L, G], local [L])``: each group's node, and whether every layer
+    keeps every group on one node with ``G / N`` groups per node."""
+    topo = request.topology
+    rows = phy2log.shape[0]
+    group_size = request.num_experts // topo.num_groups
+    node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // topo.num_nodes)
+    group = np.where(phy2log >= 0, phy2log // group_size, topo.num_groups)
+    lo = np.full((rows, topo.num_groups + 1), topo.num_nodes)
+    hi = np.full((rows, topo.num_groups + 1), -1)
+    np.minimum.at(lo, (np.arange(rows)[:, None], group), node_of_slot[None])
+    np.maximum.at(hi, (np.arange(rows)[:, None], group), node_of_slot[None])
+    lo, hi = lo[:, :-1], hi[:, :-1]
+    per_node = np.stack([(lo == n).sum(1) for n in range(topo.num_nodes)], 1)
+    local = ((lo == hi) & (hi >= 0)).all(1) & (per_node == topo.num_groups // topo.num_nodes).all(1)
+    return lo, local
+
+
+def _forced(request: PlanRequest, old: np.ndarray) -> np.ndarray:
+    """The old placement made valid for this call with as few changes as possible."""
+    topo = request.topology
+    weight = request.weight.detach().cpu().to(torch.float64).numpy()
+    live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
+    base = old.copy()
+    if request.policy == "hierarchical":
+        start = np.where(live_slot[None], old, -1)
+        _, local = _group_nodes(start, request)
+        redo = np.nonzero(~local)[0]
+        if len(redo):
+            sub = dataclasses.replace(request, weight=request.weight[torch.from_numpy(redo)])
+            fresh = plan_fresh(sub).phy2log.cpu()
+            aligned = align_to_previous(fresh, torch.from_numpy(start[redo]), topo.num_gpus,
+                                        topo.gpus_per_node)
+            base[redo] = aligned.numpy()
+        keep = np.nonzero(local)[0]
+        if len(keep):
+            base[keep] = _per_node(weight[keep], start[keep], request, _fill_rows)
+    else:
+        base = moves.fill_and_cover(weight, old, live_slot, topo.num_gpus)
+    # replicas stacked on one GPU: spread them (a refinement with no budget only repairs)
+    live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
+    bad = np.nonzero(moves.stacked(np.where(live_slot[None], base, -1), topo.num_gpus))[0]
+    if len(bad):
+        spread = repair_assignment(
+            torch.from_numpy(weight[bad]), torch.from_numpy(base[bad]), request.live.cpu()
         )
-    return budget.to(torch.int64)
+        base[bad] = spread.numpy()
+    return base
 
 
-def _transfers(
-    weight: torch.Tensor,
-    phy2log: torch.Tensor,
-    live_slot: torch.Tensor,
-    budget: torch.Tensor,
-    num_gpus: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fill empty live slots, re-home experts with no live replica, then move replicas
-    while that lowers the largest replica load. Returns (phy2log, budget left)."""
-    num_layers, num_slots = phy2log.shape
-    num_experts = weight.shape[1]
-    slots = num_slots // num_gpus
-    phy2log = phy2log.clone()
-    budget = budget.clone()
-    rows = torch.arange(num_layers, device=phy2log.device)
-    slot_gpu = torch.arange(num_slots, device=phy2log.device) // slots
-    for _ in range(num_slots):
-        counts = expert_counts(phy2log, num_experts)
-        per = torch.where(counts > 0, weight / counts.clamp(min=1), float("inf"))
-        receiver = per.max(1).indices  # largest per-replica load; inf = no replica at all
-        holder = (phy2log == receiver[:, None]).view(num_layers, num_gpus, slots).any(2)
-        blocked = holder[:, slot_gpu]  # [L, R] slot's GPU already holds the receiver
-        hole = live_slot & (phy2log < 0) & ~blocked
-        # donor: the expert whose replica matters least, w / (c − 1) over c >= 2
-        loss = torch.where(counts >= 2, weight / (counts - 1).clamp(min=1), float("inf"))
-        donor = loss.min(1).indices
-        gain_ok = per[rows, receiver] > loss[rows, donor] * (1 + 1e-9)
-        mandatory = hole.any(1) | torch.isinf(per[rows, receiver])
-        go = mandatory | (gain_ok & (budget > 0))
-        if not bool(go.any()):
-            break
-        # target slot: a hole if any, else a donor replica on a GPU without the receiver,
-        # on the lightest such GPU
-        loads = slot_gpu_loads(weight, phy2log, num_gpus)[:, slot_gpu]  # [L, R]
-        from_donor = (phy2log == donor[:, None]) & ~blocked & live_slot
-        candidate = torch.where(hole.any(1, keepdim=True), hole, from_donor)
-        score = torch.where(candidate, loads, float("inf"))
-        best_score, target = score.min(1)
-        go &= torch.isfinite(best_score)
-        if not bool(go.any()):
-            break
-        phy2log[rows[go], target[go]] = receiver[go]
-        budget -= (go & ~mandatory).to(torch.int64)
-    return phy2log, budget.clamp(min=0)
+def _fill_rows(weight: np.ndarray, rows: np.ndarray, num_gpus: int) -> np.ndarray:
+    live_slot = np.ones(rows.shape[1], bool)
+    return moves.fill_and_cover(weight, rows, live_slot, num_gpus)
 
 
-def align_to_previous(
-    new: torch.Tensor, old: torch.Tensor, num_gpus: int, gpus_per_node: int | None = None
-) -> torch.Tensor:
-    """Relabel the GPUs of ``new [L, R]`` to match ``old [L, R]`` as well as possible.
+def _node_rows(
+    weight: np.ndarray, phy2log: np.ndarray, request: PlanRequest
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split hierarchical layers into node rows with local expert ids.
 
-    GPUs are matched by an assignment problem maximising common replicas (SciPy's
-    ``linear_sum_assignment``), then each GPU's slots are ordered so that an expert kept
-    on a GPU stays in the slot it had. With ``gpus_per_node`` whole nodes are matched
-    first and GPUs only inside matched nodes, so a hierarchical plan stays hierarchical.
-    Returns the relabelled ``[L, R]``.
+    Returns ``(node_weight [L·N, E/N], node_phy2log [L·N, R/N], node_experts [L·N, E/N])``
+    where ``node_experts`` maps local ids back to logical experts.
     """
-    from scipy.optimize import linear_sum_assignment
-
-    num_layers, num_slots = new.shape
-    slots = num_slots // num_gpus
-    per_node = num_gpus if gpus_per_node is None else gpus_per_node
-    nodes = num_gpus // per_node
-    new_np = new.cpu().numpy().reshape(num_layers, nodes, per_node, slots)
-    old_np = old.cpu().numpy().reshape(num_layers, nodes, per_node, slots)
-    out = np.empty_like(new_np)
-    for layer in range(num_layers):
-        a, b = new_np[layer], old_np[layer]  # [N, P/N, S]
-        if nodes > 1:
-            node_overlap = _overlap(a.reshape(nodes, -1), b.reshape(nodes, -1))
-            node_new, node_old = linear_sum_assignment(node_overlap, maximize=True)
-        else:
-            node_new, node_old = np.zeros(1, dtype=int), np.zeros(1, dtype=int)
-        for n_new, n_old in zip(node_new, node_old, strict=True):
-            gpu_new, gpu_old = linear_sum_assignment(_overlap(a[n_new], b[n_old]), maximize=True)
-            for g_new, g_old in zip(gpu_new, gpu_old, strict=True):
-                out[layer, n_old, g_old] = _align_slots(a[n_new, g_new], b[n_old, g_old])
-    return torch.from_numpy(out.reshape(num_layers, num_slots)).to(new.device)
+    topo = request.topology
+    layers, num_experts = weight.shape
+    nodes, groups = topo.num_nodes, topo.num_groups
+    group_size = num_experts // groups
+    node_of_group, _ = _group_nodes(phy2log, request)
+    groups_by_node = np.argsort(node_of_group, 1, kind="stable").reshape(layers, nodes, -1)
+    experts = (groups_by_node[..., None] * group_size + np.arange(group_size)).reshape(
+        layers * nodes, -1
+    )
+    node_weight = np.take_along_axis(np.repeat(weight, nodes, 0), experts, 1)
+    local_id = np.full((layers * nodes, num_experts), -1)
+    np.put_along_axis(local_id, experts, np.arange(experts.shape[1])[None], 1)
+    rows = phy2log.reshape(layers * nodes, -1)
+    node_phy2log = np.where(rows >= 0, np.take_along_axis(local_id, np.maximum(rows, 0), 1), -1)
+    return node_weight, node_phy2log, experts
 
 
-def _overlap(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``[G_a, G_b]`` replicas in common between the GPUs (rows of experts) of a and b."""
-    common = (a[:, None, :, None] == b[None, :, None, :]) & (a[:, None, :, None] >= 0)
-    return common.any(3).sum(2)
+def _per_node(weight, phy2log, request, fn):
+    """Apply ``fn(node_weight, node_phy2log, gpus_per_node)`` to every node row."""
+    node_weight, node_phy2log, experts = _node_rows(weight, phy2log, request)
+    done = fn(node_weight, node_phy2log, request.topology.gpus_per_node)
+    out = np.where(done >= 0, np.take_along_axis(experts, np.maximum(done, 0), 1), -1)
+    return out.reshape(phy2log.shape)
 
 
-def _align_slots(items: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """Order ``items`` so each expert also in ``old`` keeps its old slot."""
-    result = np.full_like(old, -2)
-    rest = []
-    used = np.zeros(len(old), dtype=bool)
-    for expert in items:
-        spots = np.nonzero((old == expert) & ~used & (result == -2))[0]
-        if len(spots):
-            result[spots[0]] = expert
-            used[spots[0]] = True
-        else:
-            rest.append(expert)
-    free = np.nonzero(result == -2)[0]
-    result[free] = rest
-    return result
+def _refine_rows(
+    weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray
+) -> np.ndarray:
+    """``[C, L, R]`` warm-start candidates of ``base`` (candidate 0 is ``base``) with a
+    per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``)."""
+    topo = request.topology
+    packing = request.options.packing
+    steps = request.options.incremental.steps
+    if request.policy != "hierarchical":
+        if request.active_gpus is None:
+            return moves.warm_ladder(weight, base, topo.num_gpus, quota, steps, packing)
+        # dead GPUs: refine the live GPUs' slots only
+        live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
+        num_live = int(request.live.sum())
+        inner = moves.warm_ladder(weight, base[:, live_slot], num_live, quota, steps, packing)
+        out = np.repeat(base[None], inner.shape[0], 0)
+        out[:, :, live_slot] = inner
+        return out
+    # hierarchical: node rows; only critical nodes (busiest GPU near the layer's) move
+    layers, nodes = base.shape[0], topo.num_nodes
+    node_weight, node_phy2log, experts = _node_rows(weight, base, request)
+    per_gpu = topo.gpus_per_node
+    node_peak = moves.gpu_loads_of(node_weight, node_phy2log, per_gpu).max(1).reshape(layers, nodes)
+    critical = node_peak >= _CRITICAL_NODE * node_peak.max(1, keepdims=True)  # [L, N]
+    node_quota = np.where(critical, quota[:, None] // nodes, 0).reshape(-1)
+    done = moves.warm_ladder(node_weight, node_phy2log, per_gpu, node_quota, steps, packing)
+    out = np.where(done >= 0, np.take_along_axis(experts[None], np.maximum(done, 0), 2), -1)
+    return out.reshape(done.shape[0], layers, -1)
+
+
+def _choose(
+    peak: np.ndarray,
+    cost: np.ndarray,
+    slots: int,
+    max_moves: object,
+    skip_threshold: float | None,
+    options: IncrementalOptions,
+) -> np.ndarray:
+    """``[L]`` candidate index per layer from expected peaks and costs ``[C, L]``
+    (candidate 0 is the forced base, cost 0)."""
+    layers = peak.shape[1]
+    balance = 1.0 / peak  # expected next-window balancedness of each candidate
+    if max_moves is None:
+        value = balance - options.move_price * cost / slots
+        pick = np.argmax(value, 0)  # first on ties: fewer moves
+    elif isinstance(max_moves, (int, np.integer)) and not isinstance(max_moves, bool):
+        if max_moves < 0:
+            raise ValueError(f"max_moves must be >= 0 (slots in total), got {max_moves}")
+        pick = _knapsack(balance, cost, int(max_moves))
+    else:
+        budget = np.asarray(max_moves)
+        if budget.shape != (layers,) or budget.dtype.kind not in "iu" or (budget < 0).any():
+            raise ValueError(
+                f"max_moves must be a non-negative int (slots in total) or {layers} "
+                f"non-negative ints (slots per layer); got {max_moves!r}"
+            )
+        affordable = cost <= budget[None]
+        pick = np.argmax(np.where(affordable, balance, -np.inf), 0)
+    if skip_threshold is not None:
+        gain = balance[pick, np.arange(layers)] - balance[0]
+        pick = np.where(gain < skip_threshold, 0, pick)
+    return pick
+
+
+def _knapsack(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
+    """Spend ``budget`` slots where they buy the most expected balancedness: per layer the
+    upper convex hull of (cost, balance), then the steepest hull steps first."""
+    layers = balance.shape[1]
+    pick = np.zeros(layers, np.int64)
+    steps = []  # (gain per slot, layer, from, to)
+    for layer in range(layers):
+        order = np.lexsort((-balance[:, layer], cost[:, layer]))
+        hull = [0]
+        bal, cst = balance[:, layer], cost[:, layer]
+
+        def slope(a: int, b: int) -> float:
+            return (bal[b] - bal[a]) / (cst[b] - cst[a])  # noqa: B023 (used in this loop)
+
+        for c in order:
+            if cst[c] <= cst[hull[-1]] or bal[c] <= bal[hull[-1]]:
+                continue
+            while len(hull) >= 2 and slope(hull[-1], c) >= slope(hull[-2], hull[-1]):
+                hull.pop()
+            hull.append(int(c))
+        steps += [(slope(a, b), layer, a, b) for a, b in itertools.pairwise(hull)]
+    spent = 0
+    for _gain, layer, a, b in sorted(steps, key=lambda s: (-s[0], s[1])):
+        if pick[layer] != a:
+            continue  # an earlier step of this layer was unaffordable
+        extra = cost[b, layer] - cost[a, layer]
+        if spent + extra > budget:
+            continue
+        pick[layer] = b
+        spent += extra
+    return pick
 
 
 def plan_incremental(
@@ -200,145 +265,103 @@ def plan_incremental(
     max_moves: int | torch.Tensor | None = None,
     skip_threshold: float | None = None,
 ) -> Placement:
-    """Re-plan ``request`` starting from ``previous``; see the module docstring.
+    """Re-plan ``request`` from the placement in force ``previous`` (``[L, R]`` or a
+    :class:`Placement`); see the module docstring. Returns a validated placement.
 
-    Returns a validated :class:`Placement`.
+    ``max_moves``: ``None`` (decide by expected next-window gain), an int (slots in total
+    over all layers, beyond forced moves) or ``[L]`` ints (per layer).
+    ``skip_threshold``: leave a layer as it is (after forced moves) when its expected
+    next-window balancedness would rise by less than this.
     """
-    # float64 throughout: balancedness ties between candidates are compared to 1e-4
-    request = dataclasses.replace(request, weight=request.weight.to(torch.float64))
-    w, topology, policy = request.weight, request.topology, request.policy
-    options = request.options.packing
-    active_gpus = request.active_gpus
-    num_layers, num_experts = w.shape
-    device = w.device
-    old = _previous_phy2log(previous, topology, num_layers, num_experts, device)
-    live = request.live
-    live_slot = live.repeat_interleave(topology.slots_per_gpu)
     if skip_threshold is not None and not skip_threshold >= 0:
         raise ValueError(f"skip_threshold must be >= 0, got {skip_threshold!r}")
-    # the old placement restricted to live GPUs: slots of dead GPUs are lost
-    start = torch.where(live_slot, old, torch.full_like(old, -1))
-
-    current = _balancedness(w, start, live, topology.num_gpus)
-    ceiling = layer_ceiling(
-        w,
-        topology.num_replicas,
-        topology.num_gpus,
-        topology.num_nodes,
-        topology.num_groups,
-        policy,
-        None if active_gpus is None else live,
+    if isinstance(max_moves, torch.Tensor):
+        max_moves = max_moves.detach().cpu().numpy()
+    if isinstance(max_moves, (list, tuple)):
+        max_moves = np.asarray(max_moves)
+    options = request.options.incremental
+    topo = request.topology
+    old = _previous_phy2log(previous, request)
+    weight = request.weight.detach().cpu().to(torch.float64).numpy()
+    base = _forced(request, old)
+    quota = max(2, round(options.quota * topo.num_replicas))
+    candidates = _refine_rows(weight, base, request, np.full(request.num_layers, quota))
+    live_gpus = request.live.cpu().numpy()
+    num_live = int(live_gpus.sum())
+    peak = moves.expected_peak(weight, _live_only(candidates, live_gpus, topo), num_live,
+                               options.drift)
+    # a fresh plan, relabelled onto the old GPUs, for the layers the warm path cannot
+    # serve: still improving at its last step, or (hierarchical) a better group→node split
+    balance = 1.0 / peak
+    need = balance[-1] - balance[max(0, len(balance) - 3)] > options.move_price / 10
+    if request.policy == "hierarchical":
+        need |= _better_split(request, base)
+    if need.any():
+        fresh = _fresh_aligned(request, base, np.nonzero(need)[0])
+        extra = np.where(need[:, None], fresh, base)[None]
+        extra_peak = moves.expected_peak(weight, _live_only(extra, live_gpus, topo), num_live,
+                                         options.drift)
+        candidates = np.concatenate([candidates, extra])
+        peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
+    cost = (candidates != base[None]).sum(2)
+    # never worse than the placement in force on the window at hand: a candidate whose
+    # in-sample peak exceeds the base's is not taken, whatever its expected next window
+    now = moves.expected_peak(weight, _live_only(candidates, live_gpus, topo), num_live, 0.0,
+                              draws=1)
+    peak = np.where(now <= now[0][None] * (1 + 1e-12), peak, np.inf)
+    pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options)
+    best = candidates[pick, np.arange(request.num_layers)]
+    phy2log = torch.from_numpy(best).to(request.weight.device)
+    placement = Placement.from_phy2log(
+        phy2log, request.num_experts, topo, request.policy, request.active_gpus
     )
-    gain = (ceiling - current).clamp(min=0)
-    budget = _layer_budget(max_moves, gain, topology.num_replicas)
-    if skip_threshold is not None:
-        budget = torch.where(gain < skip_threshold, torch.zeros_like(budget), budget)
-
-    if policy == "hierarchical":
-        # swaps stay inside each node (rows = layers × nodes); replica counts only change
-        # through the relabelled fresh plan, which keeps groups on their nodes
-        nodes = topology.num_nodes
-        rows_w = w.repeat_interleave(nodes, 0)
-        rows_start = start.view(num_layers * nodes, -1)
-        rows_budget = (budget // nodes).repeat_interleave(nodes)
-        warm = refine_assignment(
-            rows_w,
-            rows_start,
-            live[: topology.gpus_per_node],
-            options,
-            origin=rows_start,
-            budget=rows_budget,
-        ).view(num_layers, -1)
-        warm = torch.where(_local(warm, topology, num_experts)[:, None], warm, start)
-    else:
-        # replica transfers may take half the budget; swaps get the rest (the refinement
-        # charges every slot that differs from the old placement, transfers included)
-        warm, _ = _transfers(w, start, live_slot, budget // 2, topology.num_gpus)
-        warm = refine_assignment(w, warm, live, options, origin=start, budget=budget)
-        if isinstance(max_moves, int) and not isinstance(max_moves, bool):
-            # a total budget: hand what converged layers left over to the layers that ran
-            # out, in proportion to their gain, and refine those once more
-            used = ((warm != start) & live_slot).sum(1)
-            spare = int(budget.sum() - used.sum())
-            hungry = (used >= budget - 1) & (gain > 0) & (budget > 0)
-            if spare > 1 and bool(hungry.any()):
-                share = torch.where(hungry, gain, torch.zeros_like(gain))
-                more = torch.floor(share / share.sum() * spare).to(torch.int64)
-                warm = refine_assignment(w, warm, live, options, origin=start, budget=used + more)
-
-    candidates = [warm]
-    fresh = plan_fresh(request).phy2log
-    per_node = topology.gpus_per_node if policy == "hierarchical" else None
-    candidates.append(align_to_previous(fresh, start, topology.num_gpus, per_node))
-
-    # per layer: the best balancedness within budget, fewer moves on near ties
-    best = start
-    cap_gpus = topology.gpus_per_node if policy == "hierarchical" else int(live.sum())
-    valid_start = _complete(start, live_slot, num_experts) & _anti_affine(start, live, cap_gpus)
-    best_bal = torch.where(valid_start, current, -1.0)
-    best_moves = torch.zeros(num_layers, dtype=torch.int64, device=device)
-    for cand in candidates:
-        moves = ((cand != old) & live_slot).sum(1)
-        bal = _balancedness(w, cand, live, topology.num_gpus)
-        mandatory = ((start < 0) & live_slot).sum(1) + _missing(start, num_experts)
-        affordable = moves <= budget + 2 * mandatory
-        better = affordable & (
-            (bal > best_bal + _QUALITY_TIE)
-            | ((bal >= best_bal - _QUALITY_TIE) & (moves < best_moves))
-        )
-        better |= best_bal < 0  # the old placement is invalid (dead GPU, stacking): must change
-        better &= _complete(cand, live_slot, num_experts) & _anti_affine(cand, live, cap_gpus)
-        best = torch.where(better[:, None], cand, best)
-        best_bal = torch.where(better, bal, best_bal)
-        best_moves = torch.where(better, moves, best_moves)
-    placement = Placement.from_phy2log(best, num_experts, topology, policy, active_gpus)
     return validate_planned(placement)
 
 
-def _balancedness(
-    weight: torch.Tensor, phy2log: torch.Tensor, live: torch.Tensor, num_gpus: int
-) -> torch.Tensor:
-    loads = slot_gpu_loads(weight, phy2log, num_gpus)[:, live]
-    peak = loads.amax(1)
-    return torch.where(peak > 0, loads.mean(1) / peak.clamp(min=1e-300), torch.ones_like(peak))
+def _fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -> np.ndarray:
+    """``[L, R]``: fresh plans of ``layers`` relabelled onto ``base``'s GPUs (other rows:
+    undefined)."""
+    topo = request.topology
+    sub = dataclasses.replace(request, weight=request.weight[torch.from_numpy(layers)])
+    fresh = plan_fresh(sub).phy2log.cpu()
+    out = base.copy()
+    if request.active_gpus is not None:  # align the live GPUs only
+        live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
+        old_live = torch.from_numpy(base[layers][:, live_slot])
+        aligned = align_to_previous(fresh[:, live_slot], old_live, int(request.live.sum()))
+        rows = out[layers]
+        rows[:, live_slot] = aligned.numpy()
+        out[layers] = rows
+        return out
+    per_node = topo.gpus_per_node if request.policy == "hierarchical" else None
+    out[layers] = align_to_previous(fresh, torch.from_numpy(base[layers]), topo.num_gpus,
+                                    per_node).numpy()
+    return out
 
 
-def _missing(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return (expert_counts(phy2log, num_experts) == 0).sum(1)
+def _better_split(request: PlanRequest, base: np.ndarray) -> np.ndarray:
+    """``[L]`` True where another group→node split has a lower bound than ``base``'s by
+    more than the tolerance (in balancedness)."""
+    topo = request.topology
+    enumerated = enumerated_node_bounds(request.weight.cpu().to(torch.float64), topo.num_replicas,
+                                        topo.num_gpus, topo.num_nodes, topo.num_groups)
+    if enumerated is None:
+        return np.zeros(base.shape[0], bool)
+    partitions, per_node = enumerated
+    bounds = per_node.amax(2).numpy()  # [L, A]
+    node_of_group, _ = _group_nodes(base, request)
+    # canonical labels: nodes numbered in order of first appearance, as the table's
+    first = np.stack([np.argmax(node_of_group == n, 1) for n in range(topo.num_nodes)], 1)
+    rank = np.argsort(np.argsort(first, 1), 1)  # [L, N] canonical label of each node
+    canonical = np.take_along_axis(rank, node_of_group, 1)
+    current = np.argmax((canonical[:, None] == partitions.numpy()[None]).all(2), 1)
+    mean = request.weight.cpu().to(torch.float64).sum(1).numpy() / topo.num_gpus
+    now = mean / bounds[np.arange(len(current)), current]
+    best = mean / bounds.min(1)
+    return best - now > request.options.incremental.move_price / 10
 
 
-def _complete(phy2log: torch.Tensor, live_slot: torch.Tensor, num_experts: int) -> torch.Tensor:
-    return (((phy2log >= 0) | ~live_slot).all(1)) & (_missing(phy2log, num_experts) == 0)
-
-
-def _local(phy2log: torch.Tensor, topology: Topology, num_experts: int) -> torch.Tensor:
-    """``[L]`` True where every group's replicas sit on one node."""
-    group = phy2log.clamp(min=0) // (num_experts // topology.num_groups)
-    node = torch.arange(topology.num_replicas, device=phy2log.device) // (
-        topology.num_replicas // topology.num_nodes
-    )
-    node = node.expand_as(group)
-    lo = torch.full(
-        (phy2log.shape[0], topology.num_groups),
-        topology.num_nodes,
-        dtype=torch.int64,
-        device=phy2log.device,
-    )
-    hi = torch.full_like(lo, -1)
-    lo = lo.scatter_reduce(1, group, node, reduce="amin")
-    hi = hi.scatter_reduce(1, group, node, reduce="amax")
-    return ((lo == hi) | (hi < 0)).all(1)
-
-
-def _anti_affine(phy2log: torch.Tensor, live: torch.Tensor, cap_gpus: int) -> torch.Tensor:
-    """``[L]`` True where no GPU holds two replicas of an expert, except experts with more
-    replicas than the ``cap_gpus`` GPUs that may hold them."""
-    num_layers, _ = phy2log.shape
-    num_gpus = live.shape[0]
-    grid = phy2log.view(num_layers, num_gpus, -1).sort(dim=2).values
-    dup = (grid[..., 1:] == grid[..., :-1]) & (grid[..., 1:] >= 0)  # [L, P, S-1]
-    if not bool(dup.any()):
-        return torch.ones(num_layers, dtype=torch.bool, device=phy2log.device)
-    counts = expert_counts(phy2log, int(phy2log.max()) + 1)
-    crowded = counts.gather(1, grid[..., 1:].clamp(min=0).reshape(num_layers, -1)) > cap_gpus
-    return ~(dup & ~crowded.view_as(dup)).flatten(1).any(1)
+def _live_only(candidates: np.ndarray, live_gpus: np.ndarray, topo) -> np.ndarray:
+    if live_gpus.all():
+        return candidates
+    return candidates[..., live_gpus.repeat(topo.slots_per_gpu)]

@@ -23,8 +23,17 @@ from eplb.core.packing.repair import repair_conflicts
 from eplb.core.packing.state import EXPERT, LOAD, make_items, max_load, to_slots
 from eplb.core.placement import expert_counts
 
-__all__ = ["PackingOptions", "construct", "make_items", "max_load", "pack", "refine_assignment",
-           "to_slots"]
+__all__ = [
+    "PackingOptions",
+    "construct",
+    "make_items",
+    "max_load",
+    "pack",
+    "refine_assignment",
+    "refine_path",
+    "repair_assignment",
+    "to_slots",
+]
 
 
 def pack(
@@ -100,6 +109,65 @@ def first_replica(item_expert: torch.Tensor) -> torch.Tensor:
     return torch.where(start, idx, torch.zeros_like(idx)).cummax(1).values
 
 
+def _assignment_state(
+    weight: torch.Tensor, phy2log: torch.Tensor, live: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(state [2, S, L, P_live], live_ids)`` of a placement, loads in units of the row's
+    mean slot load, stacked replicas already spread (moves no budget can refuse)."""
+    num_layers, num_slots = phy2log.shape
+    num_gpus = live.shape[0]
+    slots = num_slots // num_gpus
+    live_ids = live.nonzero()[:, 0]
+    num_live = len(live_ids)
+    counts = expert_counts(phy2log, weight.shape[1])
+    per = weight / counts.clamp(min=1)
+    scale = weight.sum(1, keepdim=True) / max(1, num_live * slots)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    grid = phy2log.view(num_layers, num_gpus, slots)[:, live_ids]  # [L, P_live, S]
+    load = (
+        per.gather(1, grid.reshape(num_layers, -1).clamp(min=0)).view_as(grid) / scale[:, :, None]
+    )
+    state = (
+        torch.stack([load, grid.to(load.dtype)]).permute(0, 3, 1, 2).to(torch.float32).contiguous()
+    )
+    return repair_conflicts(state, counts.amax(1) > num_live), live_ids
+
+
+def _to_slots(
+    state: torch.Tensor, gpu: torch.Tensor, phy2log: torch.Tensor, live_ids: torch.Tensor
+) -> torch.Tensor:
+    """``[L, R]``: ``phy2log`` with the live GPUs' slots read from a refined ``state``
+    whose column ``k`` is GPU ``live_ids[gpu[:, k]]``."""
+    num_layers, num_slots = phy2log.shape
+    slots = state.shape[1]
+    back = gpu.long().argsort(dim=1)
+    state = state.gather(3, back.expand(2, slots, -1, -1))
+    result = phy2log.clone().view(num_layers, -1, slots)
+    result[:, live_ids] = state[EXPERT].permute(1, 2, 0).long()
+    return result.view(num_layers, num_slots)
+
+
+def _origin_grid(
+    origin: torch.Tensor, live_ids: torch.Tensor, gpu: torch.Tensor, slots: int
+) -> torch.Tensor:
+    """``[S, L, P_live]`` float32 expert ids of ``origin [L, R]`` in the state's GPU order."""
+    num_layers = origin.shape[0]
+    grid = origin.view(num_layers, -1, slots)[:, live_ids]
+    grid = grid.gather(1, gpu.long()[:, :, None].expand(-1, -1, slots))
+    return grid.permute(2, 0, 1).to(torch.float32)
+
+
+def repair_assignment(
+    weight: torch.Tensor, phy2log: torch.Tensor, live: torch.Tensor
+) -> torch.Tensor:
+    """``phy2log [L, R]`` with replicas stacked on one GPU spread by the cheapest legal
+    swaps (:func:`~eplb.core.packing.repair.repair_conflicts`), nothing else changed."""
+    num_layers = phy2log.shape[0]
+    state, live_ids = _assignment_state(weight, phy2log, live)
+    gpu = torch.arange(len(live_ids), device=phy2log.device).expand(num_layers, -1)
+    return _to_slots(state, gpu, phy2log, live_ids)
+
+
 def refine_assignment(
     weight: torch.Tensor,
     phy2log: torch.Tensor,
@@ -128,24 +196,9 @@ def refine_assignment(
         ``[L, R]`` refined placement.
     """
     num_layers, num_slots = phy2log.shape
-    num_gpus = live.shape[0]
-    slots = num_slots // num_gpus
-    live_ids = live.nonzero()[:, 0]
+    slots = num_slots // live.shape[0]
+    state, live_ids = _assignment_state(weight, phy2log, live)
     num_live = len(live_ids)
-    counts = expert_counts(phy2log, weight.shape[1])
-    per = weight / counts.clamp(min=1)
-    scale = weight.sum(1, keepdim=True) / max(1, num_live * slots)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    grid = phy2log.view(num_layers, num_gpus, slots)[:, live_ids]  # [L, P_live, S]
-    load = (
-        per.gather(1, grid.reshape(num_layers, -1).clamp(min=0)).view_as(grid) / scale[:, :, None]
-    )
-    state = (
-        torch.stack([load, grid.to(load.dtype)]).permute(0, 3, 1, 2).to(torch.float32).contiguous()
-    )
-    # an inherited placement may stack replicas of an expert on one GPU: repair first
-    # (moves the budget cannot refuse); swaps never create new conflicts
-    state = repair_conflicts(state, counts.amax(1) > num_live)
     gpu = torch.arange(num_live, device=phy2log.device).expand(num_layers, -1)
     speed_live = None
     if speed is not None:
@@ -157,18 +210,65 @@ def refine_assignment(
         speed_live = speed_live.gather(1, gpu)
     track = Tracking(gpu=gpu.to(torch.float32).contiguous(), speed=speed_live)
     if origin is not None:
-        origin_grid = origin.view(num_layers, num_gpus, slots)[:, live_ids]
-        origin_grid = origin_grid.gather(1, gpu[:, :, None].expand(-1, -1, slots))
-        track.origin = origin_grid.permute(2, 0, 1).to(torch.float32)
+        track.origin = _origin_grid(origin, live_ids, gpu, slots)
         track.budget = budget
     polish = options.max_steps_for(num_live)
     steps = max(options.pair_steps_for(num_live) + polish, 2 * slots)
     state = refine(state, steps, "pairs", track=track)
     if speed is None:  # the polish keeps GPUs in place; it does not weigh speeds
         state = refine(state, polish, "max", track=track)
-    # put every bin back on its GPU
-    back = track.gpu.long().argsort(dim=1)
-    state = state.gather(3, back.expand(2, slots, -1, -1))
-    result = phy2log.clone().view(num_layers, num_gpus, slots)
-    result[:, live_ids] = state[EXPERT].permute(1, 2, 0).long()
-    return result.view(num_layers, num_slots)
+    return _to_slots(state, track.gpu, phy2log, live_ids)
+
+
+def refine_path(
+    weight: torch.Tensor,
+    phy2log: torch.Tensor,
+    num_gpus: int,
+    options: PackingOptions,
+    *,
+    origin: torch.Tensor,
+    quota: torch.Tensor,
+    steps: int,
+) -> torch.Tensor:
+    """The placements a budgeted refinement passes through, for choosing how far to go.
+
+    Starting from ``phy2log [L, R]`` on ``num_gpus`` live GPUs (stacked replicas are
+    spread first), step ``k`` of the all-pairs search may change up to ``k · quota [L]``
+    more slots than the start did (counted against ``origin [L, R]``), heaviest GPU pairs
+    first. Rows with a zero quota only have stacked replicas spread.
+
+    Returns:
+        ``[steps, L, R]``: the placement after each step (a search that converged early
+        repeats its last placement).
+    """
+    num_layers, num_slots = phy2log.shape
+    slots = num_slots // num_gpus
+    live = torch.ones(num_gpus, dtype=torch.bool, device=phy2log.device)
+    state, live_ids = _assignment_state(weight, phy2log, live)
+    gpu = torch.arange(num_gpus, device=phy2log.device).expand(num_layers, -1)
+    track = Tracking(gpu=gpu.to(torch.float32).contiguous())
+    track.origin = _origin_grid(origin, live_ids, gpu, slots)
+    quota = quota.to(torch.int64)
+    track.budget = (state[EXPERT] != track.origin).sum((0, 2)) + quota
+    states: list[torch.Tensor] = []
+    gpus: list[torch.Tensor] = []
+
+    def record(current: torch.Tensor) -> None:
+        states.append(current[EXPERT].clone())  # expert ids are all a snapshot needs
+        gpus.append(track.gpu)  # replaced, never written in place
+        track.budget = track.budget + quota  # the next step may spend one quota more
+
+    track.on_step = record
+    refine(state, steps, "pairs", track=track)
+    if not states:  # nothing to search (one GPU): the start, spread
+        record(state)
+    while len(states) < steps:  # converged early: the rest of the path stands still
+        states.append(states[-1])
+        gpus.append(gpus[-1])
+    # all snapshots back onto their GPUs at once: [K, S, L, P] → [K, L, R]
+    experts = torch.stack(states[:steps])
+    back = torch.stack(gpus[:steps]).long().argsort(dim=2)  # [K, L, P]
+    experts = experts.gather(3, back[:, None].expand(-1, slots, -1, -1))
+    result = phy2log.repeat(steps, 1, 1).view(steps, num_layers, num_gpus, slots)
+    result[:, :, live_ids] = experts.permute(0, 2, 3, 1).long()
+    return result.view(steps, num_layers, num_slots)

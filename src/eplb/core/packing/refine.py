@@ -18,6 +18,7 @@ interchangeable (their identity, speeds, a move budget against an old placement)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -54,13 +55,17 @@ class Tracking:
             refinement then minimises Σ load² / speed.
         origin: ``[S, rows, P]`` expert each slot held before planning, or ``None``;
             with it every swap is charged the slots it changes.
-        budget: ``[rows]`` slots each row may still change (needs ``origin``).
+        budget: ``[rows]`` slots each row may change in total (needs ``origin``); the
+            refinement reads it every step, so ``on_step`` may raise it.
+        on_step: called with the state after every step of the pairs search (GPUs in
+            ``gpu``'s order, ``origin`` permuted alike): e.g. to record snapshots.
     """
 
     gpu: torch.Tensor
     speed: torch.Tensor | None = None
     origin: torch.Tensor | None = None
     budget: torch.Tensor | None = None
+    on_step: Callable[[torch.Tensor], None] | None = None
 
 
 def _moves(ids: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
@@ -142,14 +147,19 @@ def refine(
         )
         if origin is not None:
             apply, spent = _within_budget(apply, i, j, heavy, light, origin, spent, track.budget)
+            track.origin = origin  # permuted along with the state
         if not bool(apply.any()):
             idle += 1
+            if track is not None and track.on_step is not None:
+                track.on_step(state)
             if idle >= 2:  # also tried the rotated partners: converged
                 break
             continue
         idle = 0
         heavy.scatter_(1, i_idx, torch.where(apply, take_j, take_i))
         light.scatter_(1, j_idx, torch.where(apply, take_i, take_j))
+        if track is not None and track.on_step is not None:
+            track.on_step(state)
     if track is not None and origin is not None:
         track.origin = origin
     return state

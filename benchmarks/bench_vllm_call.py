@@ -1,0 +1,160 @@
+"""eplb on vLLM's real rebalance call vs vLLM 0.33's own DefaultEplbPolicy.
+
+vLLM calls its policy on every EP rank with the current map and int32 loads::
+
+    rebalance_experts(load_window.cpu(), R, num_groups, num_nodes, P, phy2log.cpu())
+
+The first rebalance passes vLLM's initial map (slot i → expert i % E). This script
+replays that call on drifting real DeepSeek-V3 loads, for both planners in one process:
+vLLM's default through vLLM's released code, eplb through its plugin class as vLLM's
+plugin loader registers it (``VLLM_EPLB_POLICY=eplb``), with eplb's default options
+(and, as a second eplb row, an explicit ``max_moves`` of 20 % of the slots).
+
+Protocol, per real workload (MoE rows 3..60, R=288, P=32; global G=1, N=1 and
+hierarchical G=8, N=4): window 0 is the real load; window t+1 = round(window t ×
+exp(drift·Z)) per expert (Z standard normal, fixed seed). Rebalance t plans on window t
+from the planner's own previous map (the initial map at t=0) and is scored in-sample
+(window t) and next-window (t+1). Reported separately: the first call (from the
+initial map) and the steady state (t ≥ 1).
+
+- time: median per call, one thread (ratios in the same run are what to compare);
+- balancedness: Σ mean GPU load / Σ max GPU load, even split over replicas (vLLM's rule);
+- moved: slots whose expert changed (vLLM preserves slot positions inside a GPU, so
+  this is what its weight shuffle transfers), and the bytes at 44 MB per DeepSeek-V3
+  expert (3 × 7168 × 2048 FP8 parameters) with the time at 50 GB/s.
+
+    python benchmarks/bench_vllm_call.py [--files N] [--steps T] [--drift 0.15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from _harness import deepseek_loads, markdown_table, start
+
+from eplb import Placement, Topology
+from eplb.integrations import vllm as plugin
+from eplb.integrations._engines import FETCH_HINT, engine_root, vllm_sources
+
+R, P, E = 288, 32, 256
+EXPERT_BYTES = 3 * 7168 * 2048  # FP8 DeepSeek-V3 routed expert
+LINK_BYTES_PER_S = 50e9
+TOPOLOGIES = {"global (G=1, N=1)": (1, 1), "hierarchical (G=8, N=4)": (8, 4)}
+
+
+def drift_chain(weight: torch.Tensor, steps: int, drift: float, seed: int) -> list[torch.Tensor]:
+    """``steps + 1`` int32 windows: the real one, then each times exp(drift·Z) per expert."""
+    gen = torch.Generator().manual_seed(seed)
+    out = [weight.to(torch.int32)]
+    current = weight.to(torch.float64)
+    for _ in range(steps):
+        noise = torch.randn(current.shape, generator=gen, dtype=torch.float64)
+        current = torch.round(current * torch.exp(drift * noise))
+        out.append(current.to(torch.int32))
+    return out
+
+
+def balancedness(phy2log: torch.Tensor, weight: torch.Tensor, topo: Topology) -> float:
+    return Placement.from_phy2log(phy2log, E, topo).balancedness(weight)
+
+
+def run(policy, windows, groups, nodes, repeats) -> list[dict]:
+    """Replay the rebalances of one workload; one record per rebalance."""
+    topo = Topology(R, P, nodes, groups)
+    old = torch.arange(R).remainder(E).repeat(windows[0].shape[0], 1)  # vLLM's initial map
+    records = []
+    for t in range(len(windows) - 1):
+        times = []
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            new = policy.rebalance_experts(windows[t], R, groups, nodes, P, old.clone())
+            times.append(time.perf_counter() - begin)
+        moved = int((new != old).sum())
+        records.append({
+            "t": t, "ms": 1e3 * statistics.median(times), "moved": moved,
+            "moved_frac": moved / new.numel(),
+            "in": balancedness(new, windows[t], topo),
+            "next": balancedness(new, windows[t + 1], topo),
+        })
+        old = new
+    return records
+
+
+def summarise(records: list[dict]) -> dict:
+    return {
+        "ms": statistics.median(r["ms"] for r in records),
+        "in": float(np.mean([r["in"] for r in records])),
+        "next": float(np.mean([r["next"] for r in records])),
+        "moved_frac": float(np.mean([r["moved_frac"] for r in records])),
+        "moved": float(np.mean([r["moved"] for r in records])),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=12, help="how many real workloads")
+    parser.add_argument("--steps", type=int, default=4, help="rebalances per workload")
+    parser.add_argument("--drift", type=float, default=0.15)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per rebalance")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(start("bench_vllm_call"))
+    root = engine_root("vllm")
+    if root is None:
+        sys.exit(f"vLLM 0.33.0: {FETCH_HINT}")
+    loads = dict(list(deepseek_loads(torch.int64).items())[: args.files])
+    if not loads:
+        return 0
+    os.environ[plugin.ENV_VAR] = "eplb"
+    with vllm_sources(root) as vllm:
+        vllm.plugins.load_general_plugins()  # vLLM's own loader runs our entry point
+        ours = vllm.EPLB_POLICIES["default"]
+        if not issubclass(ours, plugin.EplbPolicy):
+            sys.exit("the eplb plugin did not register through vLLM's plugin loader")
+
+        class Budget20(ours):  # eplb with an explicit budget of 20 % of all slots
+            options = {"max_moves": int(0.2 * R * 58)}
+
+        planners = {"vLLM 0.33 default": vllm.DefaultEplbPolicy, "eplb (defaults)": ours,
+                    "eplb, max_moves 20 %": Budget20}
+        rows = []
+        for topo_name, (groups, nodes) in TOPOLOGIES.items():
+            results: dict[str, dict[str, list]] = {name: {"first": [], "steady": []}
+                                                  for name in planners}
+            for i, weight in enumerate(loads.values()):
+                windows = drift_chain(weight, args.steps, args.drift, args.seed + i)
+                for name, policy in planners.items():
+                    for record in run(policy, windows, groups, nodes, args.repeats):
+                        results[name]["first" if record["t"] == 0 else "steady"].append(record)
+            base = {phase: summarise(results["vLLM 0.33 default"][phase])
+                    for phase in ("first", "steady")}
+            for name in planners:
+                for phase in ("first", "steady"):
+                    s = summarise(results[name][phase])
+                    gb = s["moved"] * EXPERT_BYTES / 1e9
+                    rows.append([
+                        topo_name, phase, name, f"{s['ms']:.1f}",
+                        f"{s['ms'] / base[phase]['ms']:.2f}", f"{s['in']:.4f}",
+                        f"{s['next']:.4f}", f"{s['next'] - base[phase]['next']:+.4f}",
+                        f"{100 * s['moved_frac']:.1f} %",
+                        f"{s['moved_frac'] / max(base[phase]['moved_frac'], 1e-12):.2f}",
+                        f"{gb:.1f} GB / {gb * 1e9 / LINK_BYTES_PER_S:.2f} s",
+                    ])
+    print(f"\n{len(loads)} workloads × {args.steps} rebalances, drift {args.drift}, "
+          f"{args.repeats} timed calls each\n")
+    print(markdown_table(
+        ["topology", "call", "planner", "ms", "× vLLM time", "in-sample", "next window",
+         "next − vLLM", "slots moved", "× vLLM moves", "bytes moved (44 MB/expert) / at 50 GB/s"],
+        rows,
+    ))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,285 @@
+"""The building blocks of incremental planning: forced repairs, replica transfers, the
+warm-start ladder, and the expected next-window score.
+
+Everything here works on *rows* (layers, or (layer, node) pairs under the hierarchical
+policy) of a placement ``phy2log [B, R]`` with loads ``weight [B, E]``, on the host
+(NumPy for the short dependent loops, torch for the batched refinement).
+
+Scores are exact: loads are turned into integers before they are summed (see
+:func:`expected_peak`), so every rank, thread count and instruction set ranks the
+candidates alike.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from statistics import NormalDist
+
+import numpy as np
+import torch
+
+from eplb.core.options import PackingOptions
+from eplb.core.packing import refine_path
+from eplb.core.replication import replica_counts
+
+
+def counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[B, E]`` replicas of every expert in ``phy2log [B, R]`` (``-1`` ignored)."""
+    rows = phy2log.shape[0]
+    flat = np.where(phy2log >= 0, phy2log + num_experts * np.arange(rows)[:, None], -1)
+    flat = flat[flat >= 0]
+    return np.bincount(flat, minlength=rows * num_experts).reshape(rows, num_experts)
+
+
+def gpu_loads_of(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[B, P]`` GPU loads, each expert's load split evenly over its replicas."""
+    counts = counts_of(phy2log, weight.shape[1])
+    per = weight / np.maximum(counts, 1)
+    loads = np.take_along_axis(per, np.maximum(phy2log, 0), 1) * (phy2log >= 0)
+    return loads.reshape(phy2log.shape[0], num_gpus, -1).sum(2)
+
+
+def _holds(phy2log: np.ndarray, expert: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[B, P]`` True where the GPU holds a replica of ``expert [B]``."""
+    return (phy2log == expert[:, None]).reshape(phy2log.shape[0], num_gpus, -1).any(2)
+
+
+def fill_and_cover(
+    weight: np.ndarray, phy2log: np.ndarray, live_slot: np.ndarray, num_gpus: int
+) -> np.ndarray:
+    """Forced moves: every live slot holds an expert and every expert has a replica.
+
+    Empty live slots (a GPU that is live again) take, one at a time, the expert with the
+    largest per-replica load that their GPU does not hold (uncovered experts first); an
+    uncovered expert with no empty slot left replaces a replica of the expert that loses
+    least by it (``w / (c − 1)`` smallest). Slots of dead GPUs are emptied first.
+    Returns the repaired ``[B, R]`` (a copy).
+    """
+    out = np.where(live_slot[None], phy2log, -1)
+    rows, num_slots = out.shape
+    num_experts = weight.shape[1]
+    slots = num_slots // num_gpus
+    rowix = np.arange(rows)
+    for _ in range(num_slots + num_experts):
+        counts = counts_of(out, num_experts)
+        hole = (out < 0) & live_slot[None]
+        has_hole = hole.any(1)
+        uncovered = counts == 0
+        need = has_hole | uncovered.any(1)
+        if not need.any():
+            return out
+        per = np.where(uncovered, np.inf, weight / np.maximum(counts, 1))
+        # with a hole: the first empty slot; its GPU must not hold the receiver
+        slot = np.argmax(hole, 1)
+        gpu = slot // slots
+        grid = out.reshape(rows, num_gpus, slots)[rowix, gpu]  # [B, S]
+        on_gpu = np.zeros((rows, num_experts + 1), bool)
+        on_gpu[rowix[:, None], np.where(grid >= 0, grid, num_experts)] = True
+        receiver = np.argmax(np.where(on_gpu[:, :num_experts], -1.0, per), 1)
+        # without a hole: the heaviest uncovered expert takes a donor's slot
+        uncovered_load = np.where(uncovered, weight, -1.0)
+        missing = np.argmax(uncovered_load, 1)
+        loss = np.where(counts >= 2, weight / np.maximum(counts - 1, 1), np.inf)
+        donor = np.argmin(loss, 1)
+        donor_slot = np.argmax(out == donor[:, None], 1)
+        use_hole = has_hole
+        target = np.where(use_hole, slot, donor_slot)
+        expert = np.where(use_hole, receiver, missing)
+        out[rowix[need], target[need]] = expert[need]
+    raise RuntimeError("eplb: could not fill the live slots (internal error)")
+
+
+def transfer_order(
+    weight: np.ndarray, phy2log: np.ndarray, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The replica transfers that turn each row's replica counts into Jefferson's, best
+    first: ``(donor [B, T], receiver [B, T], count [B])`` with ``-1`` padding.
+
+    Transfer ``t`` moves one replica from ``donor[:, t]`` to ``receiver[:, t]``. Receiver
+    units are ordered by the per-replica load they relieve (``w / c`` before the new
+    replica), donors by what losing one costs (``w / (c − 1)``), so a prefix of the list
+    is the best partial reallocation of its length. Vectorized over all rows: the units
+    of every row are laid out flat and sorted once.
+    """
+    rows, num_slots = phy2log.shape
+    num_experts = weight.shape[1]
+    counts = counts_of(phy2log, num_experts)
+    want = replica_counts(torch.from_numpy(weight), num_slots, (0.0,))[0].numpy()
+    gain = want - counts
+    count = np.maximum(gain, 0).sum(1)
+    width = int(count.max(initial=0))
+    donor = np.full((rows, width), -1, np.int64)
+    receiver = np.full((rows, width), -1, np.int64)
+    if width == 0:
+        return donor, receiver, count
+
+    def units(amount: np.ndarray, key_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat ``(row, expert, rank in row)`` of ``amount [B, E]`` units, best first."""
+        row, expert = np.nonzero(amount > 0)
+        reps = amount[row, expert]
+        row, expert = np.repeat(row, reps), np.repeat(expert, reps)
+        # j-th unit of its expert: position minus the expert's first position
+        first = np.cumsum(reps) - reps
+        j = np.arange(len(row)) - np.repeat(first, reps)
+        order = np.lexsort((expert, key_of(row, expert, j), row))
+        row, expert = row[order], expert[order]
+        start = np.searchsorted(row, np.arange(rows))
+        return row, expert, np.arange(len(row)) - start[row]
+
+    r_row, r_exp, r_rank = units(
+        gain, lambda b, e, j: -weight[b, e] / (counts[b, e] + j)
+    )
+    d_row, d_exp, d_rank = units(
+        -gain, lambda b, e, j: weight[b, e] / np.maximum(counts[b, e] - j - 1, 1)
+    )
+    receiver[r_row, r_rank] = r_exp
+    donor[d_row, d_rank] = d_exp
+    return donor, receiver, count
+
+
+def apply_transfers(
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    donor: np.ndarray,
+    receiver: np.ndarray,
+    upto: np.ndarray,
+    num_gpus: int,
+) -> np.ndarray:
+    """``phy2log [B, R]`` after the first ``upto [B]`` transfers of each row.
+
+    Transfers go one at a time (all rows at once): each rewrites the donor's replica on
+    the lightest GPU that does not hold the receiver yet (the receiver is the hotter
+    expert), and that GPU's load is updated before the next transfer. Returns a copy.
+    """
+    out = phy2log.copy()
+    rows, num_slots = out.shape
+    num_experts = weight.shape[1]
+    slots = num_slots // num_gpus
+    rowix = np.arange(rows)
+    counts = counts_of(out, num_experts).astype(np.float64)
+    loads = gpu_loads_of(weight, out, num_gpus)  # [B, P], updated per transfer
+    slot_gpu = np.arange(num_slots) // slots
+    for t in range(int(upto.max(initial=0))):
+        go = (t < upto) & (donor[:, t] >= 0)
+        if not go.any():
+            break
+        d, r = np.maximum(donor[:, t], 0), np.maximum(receiver[:, t], 0)
+        blocked = _holds(out, r, num_gpus)  # [B, P]: the GPU holds the receiver already
+        key = np.where(blocked, np.inf, loads)[:, slot_gpu]  # [B, R]
+        key = np.where(out == d[:, None], key, np.nan)
+        # every donor replica on a GPU holding the receiver: any donor slot (the
+        # anti-affinity repair spreads it next)
+        fallback = np.argmax(out == d[:, None], 1)
+        finite = np.isfinite(key).any(1)
+        target = np.where(finite, np.argmin(np.where(np.isnan(key), np.inf, key), 1), fallback)
+        gpu = slot_gpu[target]
+        delta = weight[rowix, r] / (counts[rowix, r] + 1) - weight[rowix, d] / counts[rowix, d]
+        loads[rowix[go], gpu[go]] += delta[go]
+        counts[rowix[go], d[go]] -= 1
+        counts[rowix[go], r[go]] += 1
+        out[rowix[go], target[go]] = r[go]
+    return out
+
+
+def warm_ladder(
+    weight: np.ndarray,
+    base: np.ndarray,
+    num_gpus: int,
+    quota: np.ndarray,
+    steps: int,
+    options: PackingOptions,
+) -> np.ndarray:
+    """Warm-start candidates of every row, from few moves to many.
+
+    Candidate 0 is the base placement. Candidate ``k`` applies the replica transfers
+    toward Jefferson's counts (best first) and ``k`` steps of the all-pairs swap search,
+    each step allowed ``quota [B]`` more changed slots, heaviest GPU pairs first. (The
+    heaviest-GPU polish is left out: its in-sample gains do not survive to the next
+    window.) Rows with a zero quota keep the base.
+
+    Args:
+        weight: ``[B, E]`` row loads (no all-zero row), float64.
+        base: ``[B, R]`` valid placements of the rows (every slot filled).
+
+    Returns:
+        ``[steps + 1, B, R]`` candidates, the base first.
+    """
+    donor, receiver, count = transfer_order(weight, base, num_gpus)
+    count = np.where(quota > 0, count, 0)
+    start = apply_transfers(weight, base, donor, receiver, count, num_gpus)
+    path = refine_path(
+        torch.from_numpy(weight),
+        torch.from_numpy(start),
+        num_gpus,
+        options,
+        origin=torch.from_numpy(base),
+        quota=torch.from_numpy(quota),
+        steps=steps,
+    ).numpy()
+    return np.concatenate([base[None], path])
+
+
+def expected_peak(
+    weight: np.ndarray, candidates: np.ndarray, num_gpus: int, drift: float, draws: int = 16
+) -> np.ndarray:
+    """``[C, B]`` expected next-window max GPU load of every candidate ``[C, B, R]``
+    (``-1`` slots carry nothing), relative to the row's mean GPU load.
+
+    Under a drift of log-std ``drift`` per expert, GPU ``g``'s next load has mean ``L_g``
+    and standard deviation ``s_g = d · sqrt(Σ_i x_i²)`` over its replicas' loads ``x_i``
+    (``d² = exp(drift²) − 1``). The expected max over GPUs, taken as independent normals,
+    is averaged over ``draws`` fixed stratified draws per GPU (the same for every
+    candidate, so candidates are compared on common numbers): it counts how many GPUs sit
+    near the top, so balancing below the noise stops paying, as it does in reality.
+
+    Exact arithmetic: per-replica loads are rounded to integers (2**20 units for the
+    row's largest expert) before they are summed, so every sum and square sum is of
+    integers under 2**53 and independent of summation order; the rest is element-wise
+    IEEE arithmetic (correctly rounded, hence identical on every machine) and a mean
+    taken in a fixed order.
+    """
+    cands, rows, _ = candidates.shape
+    num_experts = weight.shape[1]
+    scale = 2.0**20 / np.maximum(weight.max(1, keepdims=True), 1e-300)  # [B, 1]
+    units = np.round(weight * scale)  # [B, E] integers
+    flat = candidates.reshape(cands * rows, -1)
+    counts = counts_of(flat, num_experts).reshape(cands, rows, num_experts)
+    per = np.floor(units[None] / np.maximum(counts, 1))  # [C, B, E] integers
+    load = np.take_along_axis(per, np.maximum(candidates, 0), 2)
+    if (candidates < 0).any():
+        load *= candidates >= 0
+    grid = load.reshape(cands, rows, num_gpus, -1)
+    gpu, square = grid[..., 0].copy(), grid[..., 0] ** 2
+    for s in range(1, grid.shape[3]):  # explicit adds: exact integers, in a fixed order
+        gpu += grid[..., s]
+        square += grid[..., s] ** 2
+    spread = np.sqrt(np.expm1(drift * drift)) * np.sqrt(square)  # [C, B, P]
+    z = _normal_draws(draws, num_gpus)[:, None, None]  # [D, 1, 1, P]
+    peaks = (gpu[None] + spread[None] * z).max(3)  # [D, C, B]
+    peak = peaks[0].copy()
+    for d in range(1, draws):  # a fixed order of additions on every machine
+        peak += peaks[d]
+    mean = units.sum(1)[None] / num_gpus  # [1, B]: what every candidate spreads
+    return peak / draws / np.maximum(mean, 1e-300)
+
+
+@lru_cache(maxsize=32)
+def _normal_draws(draws: int, num_gpus: int) -> np.ndarray:
+    """``[D, P]`` standard normal draws, stratified per GPU (each column holds the ``D``
+    quantiles ``(k + 1/2) / D`` in a fixed shuffled order) and rounded to 2**-20, so the
+    numbers are the same on every machine."""
+    quantiles = np.array([NormalDist().inv_cdf((k + 0.5) / draws) for k in range(draws)])
+    rng = np.random.default_rng(0x5EED)
+    z = np.stack([rng.permutation(quantiles) for _ in range(num_gpus)], 1)
+    return np.round(z * 2.0**20) / 2.0**20
+
+
+def _blom(n: int) -> float:
+    """Expected largest of ``n`` standard normals, by Blom's plotting position."""
+    return NormalDist().inv_cdf((n - 0.375) / (n + 0.25)) if n > 1 else 0.0
+
+
+def stacked(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[B]`` True where some GPU holds two replicas of one expert."""
+    grid = np.sort(phy2log.reshape(phy2log.shape[0], num_gpus, -1), 2)
+    return ((grid[..., 1:] == grid[..., :-1]) & (grid[..., 1:] >= 0)).any((1, 2))
