@@ -38,6 +38,21 @@ _COLOURS = {
 }
 
 
+# distinct colours for labels outside the fixed palette (e.g. "oracle ..."), in order
+_EXTRA_COLOURS = ("#9467bd", "#d62728", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#000000")
+
+
+def series_colours(labels: Sequence[str]) -> dict[str, str]:
+    """A colour per label: the fixed palette for known planners, and for any other label
+    (e.g. an oracle curve) a colour no other label of this picture uses."""
+    out = {label: _COLOURS[label] for label in labels if label in _COLOURS}
+    spare = [c for c in _EXTRA_COLOURS if c not in out.values()]
+    for label in labels:
+        if label not in out:
+            out[label] = spare.pop(0) if spare else "#333333"
+    return out
+
+
 def matplotlib_available() -> bool:
     """True when matplotlib can be imported (the ``plot`` extra is installed)."""
     try:
@@ -99,12 +114,13 @@ def plot_gpu_heatmaps(
         layer_ids: the model's layer number of each row (for the y axis).
         dead_gpus: GPU columns to grey out (they carry no load).
 
-    Colours: white is 1.0 (fair share), red is overloaded, blue is underloaded; the
-    colourbar is shared so panels compare directly. Each panel's subtitle states its
-    worst GPU (max/mean) and balancedness.
+    Colours: white is 1.0 (fair share), red is overloaded, blue is underloaded, on one
+    shared symmetric-log colour scale (:func:`heatmap_norm`) so that panels compare
+    directly *and* a near-perfect plan (deviations of 0.1 %) is not drawn blank next to
+    an unbalanced one (deviations of 100 %). Each panel's subtitle states its worst GPU
+    (max/mean) and balancedness.
     """
     plt = _pyplot()
-    from matplotlib.colors import TwoSlopeNorm
 
     norm_panels = []
     for label, loads in panels:
@@ -116,10 +132,7 @@ def plot_gpu_heatmaps(
         peak = loads[:, live].max(1).values
         bal = float(mean.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
         norm_panels.append((label, norm, live, bal))
-    vmax = max(float(n[:, live].max()) for _, n, live, _ in norm_panels)
-    # cap the scale at 2x the mean so deviations near 1.0 stay visible; hotter GPUs saturate
-    extend = "max" if vmax > 2.0 else "neither"
-    vmax = min(max(vmax, 1.05), 2.0)
+    colour_norm, ticks = heatmap_norm([n[:, live] for _, n, live, _ in norm_panels])
     num_layers, num_gpus = norm_panels[0][1].shape
     width = min(6.0, 2.0 + num_gpus * 0.12)
     height = min(9.0, 2.4 + num_layers * 0.09)
@@ -127,27 +140,51 @@ def plot_gpu_heatmaps(
         1, len(panels), figsize=(width * len(panels) + 1.2, height), squeeze=False,
         constrained_layout=True,
     )
-    colour_norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
     import matplotlib
 
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#bbbbbb")  # grey = dead GPU
     image = None
     for ax, (label, norm, live, bal) in zip(axes[0], norm_panels, strict=True):
-        data = norm.numpy().copy()
+        data = (norm - 1.0).numpy().copy()  # deviation from the fair share
         data[:, ~live.numpy()] = float("nan")  # dead GPUs show as grey
         image = ax.imshow(
             data, aspect="auto", cmap=cmap, norm=colour_norm, interpolation="nearest"
         )
         worst = float(norm[:, live].max())
-        ax.set_title(f"{label}\nworst GPU {worst:.2f}× mean, balancedness {bal:.4f}", fontsize=10)
+        ax.set_title(f"{label}\nworst GPU {worst:.3f}× mean, balancedness {bal:.4f}", fontsize=10)
         ax.set_xlabel("GPU index")
         ax.set_ylabel("MoE layer")
         _layer_ticks(ax, layer_ids, num_layers)
-    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, extend=extend)
-    bar.set_label("GPU load / layer mean load  (1.0 = fair share"
-                  + (", ≥ 2 shown darkest)" if extend == "max" else ")"))
+    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, ticks=ticks)
+    bar.ax.set_yticklabels([f"{1 + t:.4g}" for t in ticks])
+    bar.set_label("GPU load / layer mean load (1.0 = fair share; symmetric-log scale, so "
+                  "0.1 % and 50 % deviations both show)")
     fig.suptitle(title, fontsize=12)
     return _save(fig, path)
+
+
+def heatmap_norm(panels: Sequence[torch.Tensor]) -> tuple[object, list[float]]:
+    """Colour scale for ``load / mean - 1`` of every panel ``[L, P]`` (live GPUs).
+
+    A symmetric-log norm around 0: linear within ``±t`` and logarithmic beyond, where ``t``
+    is half the typical deviation (90th percentile of ``|load / mean - 1|``) of the *best*
+    panel, so its structure shows; the range reaches the largest deviation of any panel
+    (at most 1, i.e. twice the mean; hotter GPUs saturate). Returns ``(norm, ticks)``.
+    """
+    from matplotlib.colors import SymLogNorm
+
+    typical, largest = [], 1e-3
+    for panel in panels:
+        dev = (torch.as_tensor(panel, dtype=torch.float64) - 1.0).abs().flatten()
+        if dev.numel():
+            typical.append(float(torch.quantile(dev, 0.9)))
+            largest = max(largest, float(dev.max()))
+    linthresh = min(max(min(typical, default=0.01) / 2, 1e-4), 0.05)
+    span = min(max(largest, 2 * linthresh), 1.0)
+    norm = SymLogNorm(linthresh=linthresh, linscale=0.5, vmin=-span, vmax=span, base=10)
+    steps = [t for t in (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0) if t <= span]
+    ticks = sorted({0.0, *steps, *(-t for t in steps)})
+    return norm, ticks
 
 
 def _save(fig: object, path: str | Path) -> Path:
@@ -164,6 +201,35 @@ def _save_with_legend(fig: object, ax: object, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def layer_panels(
+    series: Mapping[str, torch.Tensor], ceiling: torch.Tensor | None = None
+) -> list[tuple[list[str], tuple[float, float]]]:
+    """Which series each per-layer panel shows, and its y range, fitted to the data.
+
+    One panel with every series; when the lowest series (e.g. "no rebalancing" at 0.4)
+    would squash the others (e.g. 0.993 vs 0.9997) into a line, a second panel zooms on
+    the rest. Ranges pad the data by 5 % of their span.
+    """
+    def fit(values: list[torch.Tensor]) -> tuple[float, float]:
+        lo = min(float(v.min()) for v in values)
+        hi = max(float(v.max()) for v in values)
+        pad = max((hi - lo) * 0.05, 1e-4)
+        return lo - pad, hi + pad
+
+    data = {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in series.items()}
+    extra = [] if ceiling is None else [torch.as_tensor(ceiling, dtype=torch.float64).cpu()]
+    labels = list(data)
+    panels = [(labels, fit([*data.values(), *extra]))]
+    if len(labels) >= 2:
+        lowest = min(labels, key=lambda k: float(data[k].mean()))
+        rest = [k for k in labels if k != lowest]
+        full = panels[0][1]
+        zoom = fit([*(data[k] for k in rest), *extra])
+        if (full[1] - full[0]) > 4 * (zoom[1] - zoom[0]):
+            panels.append((rest, zoom))
+    return panels
+
+
 def plot_layer_balancedness(
     series: Mapping[str, torch.Tensor],
     path: str | Path,
@@ -177,32 +243,43 @@ def plot_layer_balancedness(
     Args:
         series: planner label -> ``[L]`` balancedness per layer.
         ceiling: ``[L]`` the best any placement can reach on each layer (dashed line).
+
+    The y axes fit the data (:func:`layer_panels`): a second panel zooms on the planners
+    when a far lower baseline would hide their differences.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8.5, 4.8), constrained_layout=True)
+    panels = layer_panels(series, ceiling)
+    colours = series_colours(list(series))
+    fig, axes = plt.subplots(1, len(panels), figsize=(8.5 if len(panels) == 1 else 13, 4.8),
+                             constrained_layout=True, squeeze=False)
     num_layers = 0
-    for label, values in series.items():
-        values = torch.as_tensor(values, dtype=torch.float64).cpu()
-        num_layers = values.numel()
-        total = float(values.mean())
-        ax.plot(
-            range(num_layers), values.numpy(), marker="o", markersize=3, linewidth=1.2,
-            label=f"{label} (layer average {total:.4f})", color=_COLOURS.get(label),
-        )
-    if ceiling is not None:
-        ceiling = torch.as_tensor(ceiling, dtype=torch.float64).cpu()
-        num_layers = ceiling.numel()
-        ax.plot(
-            range(num_layers), ceiling.numpy(), linestyle="--", linewidth=1.5,
-            color=_COLOURS["ceiling"], label="ceiling (best possible)",
-        )
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("balancedness = mean / max GPU load")
-    ax.set_ylim(top=1.005)
-    ax.grid(alpha=0.3)
-    _layer_ticks(ax, layer_ids, num_layers, axis="x")
-    ax.set_title(f"{title}\n(higher is better; MoE time scales as 1 / balancedness)", fontsize=11)
-    return _save_with_legend(fig, ax, path)
+    for i, (ax, (labels, (lo, hi))) in enumerate(zip(axes[0], panels, strict=True)):
+        for label in labels:
+            values = torch.as_tensor(series[label], dtype=torch.float64).cpu()
+            num_layers = values.numel()
+            ax.plot(
+                range(num_layers), values.numpy(), marker="o", markersize=3, linewidth=1.2,
+                label=f"{label} (layer average {float(values.mean()):.4f})",
+                color=colours[label],
+            )
+        if ceiling is not None:
+            ceil = torch.as_tensor(ceiling, dtype=torch.float64).cpu()
+            num_layers = ceil.numel()
+            ax.plot(
+                range(num_layers), ceil.numpy(), linestyle="--", linewidth=1.5,
+                color=_COLOURS["ceiling"], label="ceiling (best possible)",
+            )
+        ax.set_xlabel("MoE layer")
+        ax.set_ylabel("balancedness = mean / max GPU load")
+        ax.set_ylim(lo, hi)
+        ax.grid(alpha=0.3)
+        _layer_ticks(ax, layer_ids, num_layers, axis="x")
+        if i:
+            ax.set_title("zoom on the planners", fontsize=10)
+    legend_ax = axes[0][0]
+    fig.suptitle(f"{title}\n(higher is better; MoE time scales as 1 / balancedness)",
+                 fontsize=11)
+    return _save_with_legend(fig, legend_ax, path)
 
 
 def plot_balancedness_over_time(
@@ -213,6 +290,8 @@ def plot_balancedness_over_time(
     xlabel: str = "window (scored on the next window's loads)",
     rebalance_at: Sequence[float] = (),
     title: str = "Balancedness over time",
+    averages: Mapping[str, float | None] | None = None,
+    average_label: str = "average",
 ) -> Path:
     """Balancedness of each planner over simulated time.
 
@@ -220,15 +299,25 @@ def plot_balancedness_over_time(
         series: label -> ``[T]`` balancedness per scoring window.
         x: the time of each point (window index or step); defaults to ``0..T-1``.
         rebalance_at: times at which a rebalance happened (thin vertical ticks).
+        averages: the figure to show in each label's legend entry (e.g. the same mean a
+            report's table gives); default the mean of the plotted values.
+        average_label: what that figure is called in the legend.
+
+    Every label gets its own colour (:func:`series_colours`); labels starting with
+    "oracle" are dashed.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.8), constrained_layout=True)
+    colours = series_colours(list(series))
     for label, values in series.items():
         values = torch.as_tensor(values, dtype=torch.float64).cpu()
         xs = list(x) if x is not None else list(range(values.numel()))
+        average = (averages or {}).get(label)
+        average = float(values.mean()) if average is None else average
         ax.plot(
             xs, values.numpy(), linewidth=1.3, marker="." if values.numel() < 80 else None,
-            label=f"{label} (average {float(values.mean()):.4f})", color=_COLOURS.get(label),
+            label=f"{label} ({average_label} {average:.4f})", color=colours[label],
+            linestyle="--" if label.startswith("oracle") else "-",
         )
     for i, t in enumerate(rebalance_at):
         ax.axvline(t, color="#999999", linewidth=0.5, alpha=0.5,

@@ -11,10 +11,10 @@ from eplb.cli._common import (
     ceiling,
     layer_balance,
     plan_greedy,
-    resolved_policy,
     static_gpu_loads,
     timed,
 )
+from eplb.cli._inputs import cli_policy
 
 NONE, GREEDY, EPLB = "no rebalancing", "reference greedy", "eplb"
 
@@ -103,7 +103,7 @@ def compare(
 
     weight = torch.as_tensor(weight, dtype=torch.float64)
     num_layers, num_experts = weight.shape
-    policy = resolved_policy(policy, num_nodes, num_groups, num_experts)
+    policy = cli_policy(policy, num_replicas, num_gpus, num_nodes, num_groups, num_experts)
     results = []
     static = static_gpu_loads(weight, num_gpus)
     per, total, worst = layer_balance(static)

@@ -13,12 +13,12 @@ from eplb.cli._common import (
     CliError,
     check_topology,
     info,
-    load_weight,
     print_json,
     print_table,
     progress,
 )
 from eplb.cli._compare import HEADERS, Comparison, add_to_report, compare, describe
+from eplb.cli._inputs import read_trace
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             policy=job.policy, seed=args.seed, repeats=args.repeats,
                             layer_ids=trace.layer_ids)
             else:
-                weight, trace = load_weight(job, args.format)
+                trace = read_trace(job, args)
+                weight = trace.total()
                 keep = weight.sum(1) > 0  # dense layers (all zero) say nothing about balance
                 weight = weight[keep]
                 ids = [i for i, k in zip(trace.layer_ids, keep.tolist(), strict=True) if k]
