@@ -277,7 +277,7 @@ def test_topk_windows_and_segments(tmp_path):
     a[0, 0, 0] = -1  # padding is not counted
     path = tmp_path / "r.npz"
     np.savez(path, a_topk_ids=a.numpy(), b_topk_ids=b.numpy())
-    with pytest.raises(FormatError, match="2 top-k id arrays.*--key"):
+    with pytest.raises(FormatError, match=r"2 top-k id arrays.*--key"):
         read_loads(path, num_experts=E)  # never mixed silently
     both = ["a_topk_ids", "b_topk_ids"]
     whole = read_loads(path, num_experts=E, key=both)

@@ -8,6 +8,7 @@ Errors print one ``eplb: error: ...`` line; ``--debug`` shows the traceback inst
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -262,6 +263,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("eplb: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `eplb ... --json | head`: the reader left; stop quietly
+        import os
+
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
             PermissionError) as exc:
         if args.debug:

@@ -62,6 +62,13 @@ def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads:
                 f"--num-model-layers {args.num_model_layers} is too small: the rows are model "
                 f"layers {layer_ids[0]}..{layer_ids[-1]}"
             )
+        if (not trace.meta.get("model_layer_ids") and args.first_layer is None
+                and args.num_model_layers != len(layer_ids)):
+            raise CliError(
+                f"{loads} holds {len(layer_ids)} rows for a model of {args.num_model_layers} "
+                "layers; say which model layer the first row is with --first-layer K (3 for "
+                "DeepSeek-V3's MoE layers)"
+            )
         return args.num_model_layers
     if trace.meta.get("model_layer_ids") or args.first_layer is not None:
         return max(layer_ids) + 1

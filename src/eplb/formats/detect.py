@@ -233,10 +233,17 @@ def _load_pt(path: Path) -> object:
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's text advises weights_only=False, i.e. running the file's code: keep only
+        # the unpickler's own reason
+        text = str(exc)
+        reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text \
+            else text
+        reason = " ".join(reason.split("Check the documentation")[0].split())
         raise FormatError(
             path,
-            "torch.load(weights_only=True) refused it (it holds objects other than tensors, "
-            f"numbers, strings, lists and dicts): {str(exc).splitlines()[0]}",
+            "not a readable torch file: the safe loader (torch.load with weights_only=True) "
+            "refused it, as it holds something other than tensors, numbers, strings, lists "
+            f"and dicts, or is damaged ({reason or 'no reason given'})",
         ) from None
     except RecursionError:
         raise FormatError(path, "not a readable torch file: nested too deeply") from None
