@@ -222,12 +222,31 @@ def _safetensors_keys(path: Path) -> list[str]:
     return [k for k in header if k != "__metadata__"]
 
 
+#: The first torch whose ``torch.load(weights_only=True)`` is a security boundary.
+SAFE_TORCH_LOAD = (2, 10)
+
+
+def _torch_version() -> tuple[int, int]:
+    import torch
+
+    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 def _load_pt(path: Path) -> object:
     import pickle
 
     import torch
 
     require_regular_file(path)
+    if _torch_version() < SAFE_TORCH_LOAD:
+        raise FormatError(
+            path,
+            f"refusing to torch.load it with torch {torch.__version__}: before torch "
+            f"{'.'.join(map(str, SAFE_TORCH_LOAD))} weights_only=True does not stop a crafted "
+            "file from running code (CVE-2025-32434, CVE-2026-24747); upgrade torch (eplb "
+            "requires >= 2.10), or give the data as .npy/.npz/.safetensors/.json",
+        )
     try:
         with warnings.catch_warnings():  # torch warns about the protocol of garbage files
             warnings.simplefilter("ignore", UserWarning)
