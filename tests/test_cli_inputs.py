@@ -280,3 +280,41 @@ def test_format_error_is_a_value_error_naming_the_file(tmp_path) -> None:
     path.write_bytes(b"\x93NUMPY\x01\x00garbage")
     with pytest.raises(FormatError, match=r"x\.npy"):
         read_loads(path)
+
+
+def test_key_on_a_single_array_format_is_refused(capsys, tmp_path) -> None:
+    path = tmp_path / "dump.json"
+    path.write_text(json.dumps({"logical_count": [[1, 2, 3, 4] * 4] * 2}))
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "foo"))
+    assert_user_error(code, err, "--key", "'sglang'")
+
+
+def test_pt_files_are_refused_on_a_torch_whose_safe_load_is_unsafe(capsys, tmp_path,
+                                                                   monkeypatch) -> None:
+    path = tmp_path / "loads.pt"
+    torch.save(torch.ones(2, E), path)
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "loads.pt", "torch 2.5.1", "CVE-2025-32434")
+    monkeypatch.setattr(torch, "__version__", "2.10.0+cpu")
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert code == 0, err
+
+
+def test_the_declared_torch_floor_is_the_safe_one() -> None:
+    import tomllib
+
+    from eplb.formats.detect import SAFE_TORCH_LOAD
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_dep,) = [d for d in deps if d.startswith("torch")]
+    floor = tuple(int(x) for x in torch_dep.split(">=")[1].split(".")[:2])
+    assert floor >= SAFE_TORCH_LOAD == (2, 10)
+
+
+def test_an_output_that_cannot_be_created_names_the_output(capsys, tmp_path) -> None:
+    np.save(tmp_path / "l.npy", np.ones((2, E)))
+    code, _, err = run(capsys, *plan_args(tmp_path / "l.npy", tmp_path, "-o", "/proc/x.json"))
+    assert_user_error(code, err, "/proc/x.json")
+    assert ".tmp" not in err

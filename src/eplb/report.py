@@ -188,9 +188,14 @@ def heatmap_norm(panels: Sequence[torch.Tensor]) -> tuple[object, list[float]]:
 
 def _save(fig: object, path: str | Path) -> Path:
     """Write a figure as PNG and free it."""
+    from eplb.formats._files import atomic_write
+
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    try:  # complete or absent, with the umask's permissions, like every eplb output
+        atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"), "wb",
+                     force=True)
+    finally:
+        _pyplot().close(fig)
     return path
 
 
@@ -404,9 +409,12 @@ class Report:
             for name, draw in self._figures:
                 draw(directory / name)
                 written.append(directory / name)
-        md = self._markdown(have_plots)
-        (directory / "report.md").write_text(md, encoding="utf-8")
-        (directory / "report.html").write_text(self._html(have_plots), encoding="utf-8")
+        from eplb.formats._files import atomic_write
+
+        for name, text in (("report.md", self._markdown(have_plots)),
+                           ("report.html", self._html(have_plots))):
+            atomic_write(directory / name, lambda handle, text=text: handle.write(text), "w",
+                         force=force)
         return [directory / "report.md", directory / "report.html", *written]
 
     # -------------------------------------------------------------- renderers

@@ -238,10 +238,13 @@ def atomic_write(
             info = os.stat(path, follow_symlinks=False)
             if stat.S_ISREG(info.st_mode):
                 keep_mode = stat.S_IMODE(info.st_mode)
-    fd = _open_unnamed(directory)
-    tmp: Path | None = None  # the named temporary file, once there is one
-    if fd is None:
-        fd, tmp = _open_named(directory, path.name)
+    try:
+        fd = _open_unnamed(directory)
+        tmp: Path | None = None  # the named temporary file, once there is one
+        if fd is None:
+            fd, tmp = _open_named(directory, path.name)
+    except OSError as exc:  # name the output, not a temporary file the user never asked for
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from None
     try:
         kwargs = {} if "b" in mode else {"encoding": "utf-8"}
         with os.fdopen(fd, mode, **kwargs) as handle:

@@ -113,6 +113,11 @@ def read_loads(
             f"tokens_per_step (CLI: --tokens-per-step) cuts top-k routing traces into steps; "
             f"{path} is {fmt!r} load statistics, which are already counted per step"
         )
+    if keys is not None and fmt not in ("topk", "npz", "pt", "safetensors", "json"):
+        raise ValueError(
+            f"key (CLI: --key) picks an array of a multi-array file; {path} is {fmt!r} load "
+            "statistics, which hold one"
+        )
     if num_experts is not None and fmt not in ("topk", "sglang-per-pass"):
         raise ValueError(
             f"num_experts (CLI: --num-experts) applies to top-k routing traces and SGLang "
