@@ -56,21 +56,31 @@ def test_heatmap_picture_is_written_with_the_new_scale(tmp_path) -> None:
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_layer_chart_zooms_on_the_planners() -> None:
+def test_layer_chart_separates_the_planners() -> None:
     layers = 10
     series = {
         "no rebalancing": torch.linspace(0.3, 0.5, layers),
         "reference greedy": torch.linspace(0.990, 0.994, layers),
         "eplb": torch.linspace(0.9995, 0.9999, layers),
     }
-    panels = layer_panels(series, torch.ones(layers))
+    # without a ceiling: a zoom on the planners' values
+    panels = layer_panels(series)
     assert len(panels) == 2
-    labels, (lo, hi) = panels[1]
-    assert "no rebalancing" not in labels
-    assert 0.985 < lo < 0.990 and 1.0 <= hi < 1.002
-    full_lo, _ = panels[0][1]
-    assert full_lo < 0.3
-    # no far baseline: one panel, its axis still fitted to the data
+    labels, (lo, hi), kind = panels[1]
+    assert kind == "value" and "no rebalancing" not in labels
+    assert 0.985 < lo < 0.990 and 0.9999 < hi < 1.001
+    assert panels[0][1][0] < 0.3
+    # with a ceiling: their distance below it, from 0 to the largest gap
+    panels = layer_panels(series, torch.ones(layers))
+    labels, (lo, hi), kind = panels[1]
+    assert kind == "gap" and "no rebalancing" not in labels
+    assert lo == 0.0 and 0.010 < hi < 0.0106
+    # planners that swing across layers (hierarchical): the gap still separates them
+    swing = torch.linspace(0.6, 0.98, layers)
+    panels = layer_panels({"no rebalancing": swing - 0.3, "reference greedy": swing - 0.004,
+                           "eplb": swing - 0.0004}, swing)
+    assert panels[1][2] == "gap" and panels[1][1][1] < 0.005
+    # two close planners and no baseline or ceiling: one panel, fitted
     (only,) = layer_panels({"eplb": torch.full((3,), 0.999), "greedy": torch.full((3,), 0.99)})
     assert only[1][0] > 0.98
 
@@ -85,7 +95,7 @@ def test_layer_chart_draws_two_fitted_panels(tmp_path, monkeypatch) -> None:
     axes = figures[0].axes
     assert len(axes) == 2
     lo, hi = axes[1].get_ylim()
-    assert lo > 0.99 and hi < 1.01
+    assert lo == 0.0 and hi < 0.001
 
 
 def test_every_curve_has_its_own_colour() -> None:

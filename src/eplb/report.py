@@ -210,32 +210,38 @@ def _save_with_legend(fig: object, ax: object, path: str | Path, title: str | No
 
 def layer_panels(
     series: Mapping[str, torch.Tensor], ceiling: torch.Tensor | None = None
-) -> list[tuple[list[str], tuple[float, float]]]:
-    """Which series each per-layer panel shows, and its y range, fitted to the data.
+) -> list[tuple[list[str], tuple[float, float], str]]:
+    """The per-layer chart's panels: ``(labels, y range, kind)``, ranges fitted to the data.
 
-    One panel with every series; when the lowest series (e.g. "no rebalancing" at 0.4)
-    would squash the others (e.g. 0.993 vs 0.9997) into a line, a second panel zooms on
-    the rest. Ranges pad the data by 5 % of their span.
+    The first panel (kind ``"value"``) shows every series and the ceiling. When a far
+    lower series (e.g. "no rebalancing" at 0.4) squashes the planners (0.993 vs 0.9997)
+    into one line, a second panel shows the others: with a ceiling, as their distance
+    below it per layer (kind ``"gap"``, which also separates planners whose values swing
+    from 0.6 to 1.0 across layers); without, zoomed on their values (kind ``"value"``).
+    Ranges pad the data by 5 % of their span.
     """
-    def fit(values: list[torch.Tensor]) -> tuple[float, float]:
+    def fit(values: list[torch.Tensor], floor: float | None = None) -> tuple[float, float]:
         lo = min(float(v.min()) for v in values)
         hi = max(float(v.max()) for v in values)
         pad = max((hi - lo) * 0.05, 1e-4)
-        return lo - pad, hi + pad
+        return (lo - pad if floor is None else floor), hi + pad
 
     data = {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in series.items()}
-    extra = [] if ceiling is None else [torch.as_tensor(ceiling, dtype=torch.float64).cpu()]
+    ceil = None if ceiling is None else torch.as_tensor(ceiling, dtype=torch.float64).cpu()
     labels = list(data)
-    panels = [(labels, fit([*data.values(), *extra]))]
-    if len(labels) >= 2:
-        lowest = min(labels, key=lambda k: float(data[k].mean()))
-        rest = [k for k in labels if k != lowest]
+    panels = [(labels, fit([*data.values(), *([] if ceil is None else [ceil])]), "value")]
+    lowest = min(labels, key=lambda k: float(data[k].mean())) if len(labels) >= 2 else None
+    rest = [k for k in labels if k != lowest]
+    if ceil is not None and rest:
+        gaps = [(ceil - data[k]).clamp(min=0) for k in rest]
+        panels.append((rest, fit(gaps, floor=0.0), "gap"))
+    elif lowest is not None:
         full = panels[0][1]
-        zoom = fit([*(data[k] for k in rest), *extra])
+        zoom = fit([data[k] for k in rest])
         # zoom only when the baseline stretches the axis far beyond the planners' spread
         # (at least 0.01: planners 0.99 vs 0.999 already read well on one axis)
         if (full[1] - full[0]) > 4 * max(zoom[1] - zoom[0], 0.01):
-            panels.append((rest, zoom))
+            panels.append((rest, zoom, "value"))
     return panels
 
 
@@ -253,42 +259,47 @@ def plot_layer_balancedness(
         series: planner label -> ``[L]`` balancedness per layer.
         ceiling: ``[L]`` the best any placement can reach on each layer (dashed line).
 
-    The y axes fit the data (:func:`layer_panels`): a second panel zooms on the planners
-    when a far lower baseline would hide their differences.
+    The y axes fit the data (:func:`layer_panels`): next to the values, a second panel
+    shows how far below the ceiling each planner stays per layer (or, without a
+    ceiling, zooms on the planners when a far lower baseline would hide them).
     """
     plt = _pyplot()
     panels = layer_panels(series, ceiling)
     colours = series_colours(list(series))
+    ceil = None if ceiling is None else torch.as_tensor(ceiling, dtype=torch.float64).cpu()
     fig, axes = plt.subplots(1, len(panels), figsize=(8.5 if len(panels) == 1 else 13, 4.8),
                              constrained_layout=True, squeeze=False)
     num_layers = 0
-    for i, (ax, (labels, (lo, hi))) in enumerate(zip(axes[0], panels, strict=True)):
+    for i, (ax, (labels, (lo, hi), kind)) in enumerate(zip(axes[0], panels, strict=True)):
         for label in labels:
             values = torch.as_tensor(series[label], dtype=torch.float64).cpu()
             num_layers = values.numel()
+            shown = (ceil - values).clamp(min=0) if kind == "gap" else values
             ax.plot(
-                range(num_layers), values.numpy(), marker="o", markersize=3, linewidth=1.2,
-                label=f"{label} (layer average {float(values.mean()):.4f})",
+                range(num_layers), shown.numpy(), marker="o", markersize=3, linewidth=1.2,
+                label=None if i else f"{label} (layer average {float(values.mean()):.4f})",
                 color=colours[label],
             )
-        if ceiling is not None:
-            ceil = torch.as_tensor(ceiling, dtype=torch.float64).cpu()
+        if ceil is not None and kind == "value":
             num_layers = ceil.numel()
             ax.plot(
                 range(num_layers), ceil.numpy(), linestyle="--", linewidth=1.5,
-                color=_COLOURS["ceiling"], label="ceiling (best possible)",
+                color=_COLOURS["ceiling"], label=None if i else "ceiling (best possible)",
             )
         ax.set_xlabel("MoE layer")
-        ax.set_ylabel("balancedness = mean / max GPU load")
+        if kind == "gap":
+            ax.set_ylabel("ceiling − balancedness (0 = at the bound)")
+            ax.set_title("distance below the ceiling (lower is better)", fontsize=10)
+        else:
+            ax.set_ylabel("balancedness = mean / max GPU load")
+            if i:
+                ax.set_title("zoom on the planners", fontsize=10)
         ax.set_ylim(lo, hi)
         ax.grid(alpha=0.3)
         _layer_ticks(ax, layer_ids, num_layers, axis="x")
-        if i:
-            ax.set_title("zoom on the planners", fontsize=10)
-    legend_ax = axes[0][0]
     fig.suptitle(f"{title}\n(higher is better; MoE time scales as 1 / balancedness)",
                  fontsize=11)
-    return _save_with_legend(fig, legend_ax, path)
+    return _save_with_legend(fig, axes[0][0], path)
 
 
 def plot_balancedness_over_time(
