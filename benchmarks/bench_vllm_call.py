@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
             sys.exit("the eplb plugin did not register through vLLM's plugin loader")
 
         class Budget20(ours):  # eplb with an explicit budget of 20 % of all slots
-            options = {"max_moves": int(0.2 * R * 58)}
+            options: ClassVar[dict] = {"max_moves": int(0.2 * R * 58)}
 
         planners = {"vLLM 0.33 default": vllm.DefaultEplbPolicy, "eplb (defaults)": ours,
                     "eplb, max_moves 20 %": Budget20}

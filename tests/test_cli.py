@@ -109,8 +109,10 @@ def test_plan_infers_emit_from_the_output_name(capsys, tmp_path, loads, name, em
     from eplb.formats import read_placement
 
     out_file = tmp_path / name
+    # a plain .npy does not name its model layers: SGLang's row count must be given
+    extra = ["--num-model-layers", str(L)] if emit == "sglang" else []
     code, out, _ = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
-                       str(out_file), "--json")
+                       str(out_file), "--json", *extra)
     assert code == 0
     assert json.loads(out)["emit"] == emit
     back = read_placement(out_file, num_gpus=P)  # SGLang files do not record the GPU count

@@ -205,7 +205,7 @@ def test_vllm_history_streams_with_tiny_chunks(tmp_path, monkeypatch):
     assert detect_format(path) == "vllm-history"
     want = read_loads(path)
     assert torch.equal(want.counts, c.double())
-    assert want.meta == {"model": "synthetic", "window": 100}
+    assert want.meta == {"model": "synthetic", "window": 100, "model_layer_ids": False}
     for chunk in (1, 3, 17, 64):  # entry and number boundaries split across chunks
         monkeypatch.setattr(history, "_CHUNK", chunk)
         assert torch.equal(read_loads(path).counts, c.double())
@@ -277,10 +277,13 @@ def test_topk_windows_and_segments(tmp_path):
     a[0, 0, 0] = -1  # padding is not counted
     path = tmp_path / "r.npz"
     np.savez(path, a_topk_ids=a.numpy(), b_topk_ids=b.numpy())
-    whole = read_loads(path, num_experts=E)
+    with pytest.raises(FormatError, match=r"2 top-k id arrays.*--key"):
+        read_loads(path, num_experts=E)  # never mixed silently
+    both = ["a_topk_ids", "b_topk_ids"]
+    whole = read_loads(path, num_experts=E, key=both)
     assert whole.num_steps == 2  # one step per array by default
     assert torch.equal(whole.counts[0], bincount_ids(a))
-    win = read_loads(path, tokens_per_step=20, num_experts=E)
+    win = read_loads(path, tokens_per_step=20, num_experts=E, key=both)
     assert win.meta["step_tokens"] == [20, 20, 10, 20, 3]
     assert [s["steps"] for s in win.meta["segments"]] == [3, 2]
     assert torch.equal(win.counts[:3].sum(0), bincount_ids(a))
@@ -428,7 +431,7 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
     add("sglang_neg.json", json.dumps({"logical_count": [[1, -2]]}), None, ">= 0")
     add("sglang_4d.json", json.dumps({"logical_count": [[[[1]]]]}), None, "expected [layers")
     add("bad.json", '{"logical_count": [[1, 2]', None, "malformed JSON")
-    add("dict.json", json.dumps({"a": [[1]], "b": [[2]]}), None, "pass key=")
+    add("dict.json", json.dumps({"a": [[1]], "b": [[2]]}), None, "--key")
     add("placement.json", json.dumps({"physical_to_logical_map": [[0, 1]]}), None, "read_placement")
     add("ragged.csv", "1,2,3\n4,5\n", None, "has 2 cells")
     add("word.csv", "1,2\n3,x\n", None, "expected a number")
@@ -450,7 +453,7 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
     np.savez(tmp / "float_topk.npz", x_topk_ids=np.zeros((2, 1, 2)))
     cases.append((tmp / "float_topk.npz", "topk", "integer array"))
     np.savez(tmp / "big_topk.npz", x_topk_ids=np.full((2, 1, 2), 9, dtype=np.int8))
-    cases.append((tmp / "big_topk.npz", "topk", "num_experts=4"))
+    cases.append((tmp / "big_topk.npz", "topk", "expert count is 4"))
     torch.save(
         {
             "records": [{"global_physical_count": torch.zeros(2, 3)}],
@@ -537,6 +540,11 @@ def with_dead_gpu(placement, dead: int):
     return eplb.Placement.from_phy2log(rows, placement.num_experts, new_topo, active_gpus=active)
 
 
+def _suffix(emit: str) -> str:
+    """A file name suffix the format's readers (and engines) accept."""
+    return {"sglang": "json", "trtllm": "yaml"}.get(emit, emit)
+
+
 def read_back(path: Path, emit: str, placement):
     kwargs = {"num_gpus": placement.topology.num_gpus} if emit == "sglang" else {}
     return read_placement(path, **kwargs)
@@ -558,7 +566,7 @@ def test_round_trip_every_emit(tmp_path_factory, seed, layers, experts, gpus, ex
     placement.validate()
     folder = tmp_path_factory.mktemp("rt")
     for emit in EMITS:
-        path = write_placement(placement, folder / f"p_{emit}", emit, weight=w)
+        path = write_placement(placement, folder / f"p_{emit}.{_suffix(emit)}", emit, weight=w)
         back = read_back(path, emit, placement)
         back.validate()
         assert torch.equal(back.phy2log, placement.phy2log), emit
@@ -649,7 +657,7 @@ def test_trtllm_yaml_constraints(tmp_path):
 def test_overwrite_refused_without_force(tmp_path):
     placement, _ = make_placement(4, 2, 8, 2, 5)
     for emit in EMITS:
-        path = tmp_path / f"out.{emit}"
+        path = tmp_path / f"out_{emit}.{_suffix(emit)}"
         path.write_bytes(b"precious")
         with pytest.raises(FileExistsError, match="force") as info:
             write_placement(placement, path, emit)
@@ -740,13 +748,15 @@ def test_real_sglang_statistics_plan_and_emit(tmp_path):
 
 def test_real_routing_traces_load():
     esft = _real("esft_deepseek_v2_lite_routing") / "esft_topk_ids.npz"
-    trace = read_loads(esft)
+    tasks = ["intent_topk_ids", "law_topk_ids", "summary_topk_ids", "translation_topk_ids"]
+    trace = read_loads(esft, key=tasks)
     assert trace.format == "topk" and trace.counts.shape == (4, 26, 64)
     assert trace.counts[0].sum() == 8222 * 26 * 6  # every token picks 6 experts per layer
     law = read_loads(esft, key="law_topk_ids", tokens_per_step=1024)
     assert law.num_steps == 9 and law.counts.sum() == 8327 * 26 * 6
     qwen_dir = _real("qwen3_30b_a3b_sharegpt_prefill_vllm")
-    qwen = read_loads(qwen_dir / "qwen3_30b_sharegpt_prefill_topk_ids.npz")
+    batches = ["ep_states_topk_ids", "token_distri_8_topk_ids", "token_distri_16_topk_ids"]
+    qwen = read_loads(qwen_dir / "qwen3_30b_sharegpt_prefill_topk_ids.npz", key=batches)
     assert qwen.counts.shape == (3, 48, 128)
     assert qwen.meta["step_tokens"] == [1960, 2050, 2080]
 
@@ -757,7 +767,7 @@ def test_hierarchical_topology_survives_round_trips(tmp_path):
     placement = eplb.Placement.from_phy2log(rows, 4, topo, policy="hierarchical")
     placement.validate()
     for emit in EMITS:
-        path = write_placement(placement, tmp_path / f"h_{emit}", emit)
+        path = write_placement(placement, tmp_path / f"h_{emit}.{_suffix(emit)}", emit)
         if emit == "sglang":
             back = read_placement(
                 path, num_gpus=4, num_nodes=2, num_groups=2, policy="hierarchical"

@@ -8,11 +8,14 @@ Errors print one ``eplb: error: ...`` line; ``--debug`` shows the traceback inst
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
 from collections.abc import Sequence
 
 from eplb._version import __version__
 from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, CliError
+from eplb.cli._inputs import add_input_options, warn
 
 __all__ = ["build_parser", "main"]
 
@@ -87,26 +90,35 @@ def build_parser() -> argparse.ArgumentParser:
              "  eplb plan stats.json -r 288 -g 32 -o placement.json\n"
              "  eplb plan stats.json -r 288 -g 32 --nodes 4 --groups 8 -o lb.yaml   # TRT-LLM\n"
              "  eplb plan stats.json -r 288 -g 32 -o init.json --emit sglang\n"
-             "  eplb plan new.json -r 288 -g 32 --previous old.json --max-moves 40 -o next.json\n\n"
+             "  eplb plan new.json -r 288 -g 32 --previous old.json --max-moves 40 -o next.json\n"
+             "  eplb plan dumps/expert_distribution_recorder_*.pt -r 288 -g 32 -o p.sglang.pt\n\n"
              "--emit is inferred from OUT: .yaml/.yml -> trtllm, .pt -> pt, *.sglang.json or\n"
              "*.sglang.pt -> sglang, anything else -> json. SGLang output must be asked for\n"
-             "(--emit sglang or a .sglang.json name) because a plain .json is eplb's own format.\n"
-             "A trace [T, L, E] is summed over its T steps before planning.")
-    p.add_argument("loads", metavar="LOADS", help="loads file (any format eplb reads)")
+             "(--emit sglang or a .sglang.json name) because a plain .json is eplb's own format;\n"
+             "SGLang parses a .json OUT as JSON and torch.loads a .pt OUT; eplb writes each so.\n"
+             "SGLang needs a row for every model layer: the count comes from the loads' own layer\n"
+             "ids (SGLang dumps, TensorRT-LLM statistics, eplb traces) or --num-model-layers.\n"
+             "A trace [T, L, E] is summed over its T steps before planning; several LOADS files\n"
+             "(e.g. SGLang dumps) are steps one after another. A folder of SGLang dumps works too.")
+    p.add_argument("loads", metavar="LOADS", nargs="+",
+                   help="loads file(s) or folder (any format eplb reads)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="placement file to write")
     p.add_argument("--emit", choices=["json", "sglang", "trtllm", "pt"], default=None,
                    help="output format (default: inferred from OUT)")
-    p.add_argument("--format", default=None, metavar="FMT",
-                   help="input format (default: detected from the file)")
+    add_input_options(p)
     p.add_argument("--first-layer", type=int, default=None, metavar="K",
-                   help="model layer index of the first row (e.g. 3 for DeepSeek-V3); default: "
-                        "the ids stored in the loads file, else 0")
+                   help="model layer index of the first row (e.g. 3 for DeepSeek-V3), for loads "
+                        "files that do not name their layers; default: the ids stored in the "
+                        "loads file, else 0")
+    p.add_argument("--num-model-layers", type=int, default=None, metavar="N",
+                   help="SGLang output: the model's layer count (61 for DeepSeek-V3); rows of "
+                        "dense layers get SGLang's trivial map (default: from the layer ids)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     _add_topology(p)
     o = p.add_argument_group("online rebalancing")
     o.add_argument("--previous", metavar="OLD", help="the placement in service now (a file)")
     o.add_argument("--max-moves", type=int, metavar="N",
-                   help="move at most N slots per layer relative to --previous")
+                   help="move at most N slots in total (over all layers) relative to --previous")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")
@@ -116,18 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     # ---------------------------------------------------------------- eval
     p = _sub(sub, "eval", "Score a placement file on a loads file.",
              "example:\n  eplb eval --placement placement.json stats.json\n"
-             "  eplb eval --placement placement.json stats.json --json\n\n"
+             "  eplb eval --placement placement.json stats.json --json\n"
+             "  eplb eval --placement init.sglang.json stats.json -g 32 --nodes 4 --groups 8\n\n"
              "Reports each layer's balancedness (mean / max GPU load, 1.0 = perfect) before\n"
              "(no rebalancing: expert e on GPU e*P//E, one copy) and after, the ceiling, and\n"
              "the worst GPU's load relative to the mean.")
     p.add_argument("loads", metavar="LOADS", help="loads file")
     p.add_argument("--placement", required=True, metavar="FILE", help="placement file")
-    p.add_argument("--format", default=None, metavar="FMT", help="input format of LOADS")
+    add_input_options(p)
     p.add_argument("--summary", action="store_true", help="skip the per-layer table")
     p.add_argument("-g", "--gpus", type=int, default=None, metavar="P",
                    help="GPUs, for engine files that do not record it (SGLang JSON)")
     p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (engine files)")
     p.add_argument("--groups", type=int, default=1, metavar="G", help="groups (engine files)")
+    p.add_argument("--policy", choices=["auto", "global", "hierarchical"], default="auto",
+                   help="engine files, which do not record it: auto = hierarchical when the "
+                        "cluster allows it and the placement keeps every group on one node")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func="commands:cmd_eval")
 
@@ -143,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
              "redundant slot per GPU). Plan times are medians of --repeats runs.")
     p.add_argument("loads", nargs="*", metavar="LOADS", help="extra loads files to benchmark")
     p.add_argument("--no-builtin", action="store_true", help="skip the built-in scenarios")
-    p.add_argument("--format", default=None, metavar="FMT", help="input format of LOADS")
+    add_input_options(p)
     p.add_argument("--repeats", type=int, default=3, help="timing repeats (default 3)")
     p.add_argument("--report", metavar="DIR", help="also write a report with pictures into DIR")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")
@@ -155,12 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "simulate", "Replay a load trace with periodic rebalancing.",
              "examples:\n  eplb simulate trace.pt --window 100 --interval 100 -r 288 -g 32\n"
              "  eplb simulate trace.pt --window 100 --interval 100 -r 288 -g 32 \\\n"
-             "      --incremental --estimator ema:3 --max-moves 32 --report sim/\n\n"
+             "      --incremental --estimator ema:50 --max-moves 2500 --report sim/\n"
+             "  eplb simulate routing.npz --key law_topk_ids --tokens-per-step 256 --window 4 \\\n"
+             "      -r 80 -g 16\n\n"
              "Each rebalance plans on the last --window steps; the placement is then scored\n"
              "on the following steps until the next rebalance (--interval steps later).\n"
              "--protocol adrs: sum --window steps per window, plan on window i, score on i+1.")
     p.add_argument("trace", metavar="TRACE", help="load trace [T, L, E] (any format eplb reads)")
-    p.add_argument("--format", default=None, metavar="FMT", help="input format of TRACE")
+    add_input_options(p, "TRACE")
     p.add_argument("--window", type=int, required=True, metavar="W", help="steps per window")
     p.add_argument("--interval", type=int, default=None, metavar="I",
                    help="steps between rebalances (default: --window)")
@@ -172,9 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--incremental", action="store_true",
                    help="rebalance incrementally from the placement in service")
     p.add_argument("--estimator", default=None, metavar="SPEC",
-                   help="load estimator, e.g. ema:3 (half-life in windows), last, mean:4")
+                   help="load estimator: sum (default, what the engines do), ema:H (half-life "
+                        "H steps), robust:Z, multi:K, auto")
     p.add_argument("--max-moves", type=int, default=None, metavar="N",
-                   help="slots moved per layer per rebalance (with --incremental)")
+                   help="slots moved per rebalance, in total over all layers (with "
+                        "--incremental)")
     _add_topology(p, required=False, replicas=None, gpus=None)
     p.add_argument("--report", metavar="DIR", help="write a report with pictures into DIR")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")
@@ -187,15 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
              "  eplb generate --preset qwen3-235b --steps 200 -o trace.json --format load_history\n"
              "  eplb generate --list\n\n"
              "The output format follows --format, else the extension (.pt -> a [T, L, E] tensor\n"
-             "dict, .json -> vLLM/ADRS load_history).")
+             "dict with the model layer ids, .npz -> the same as numpy arrays, .json -> vLLM/ADRS\n"
+             "load_history). --format sglang writes SGLang's {\"logical_count\": [T][L][E]} JSON.")
     p.add_argument("--preset", default="deepseek-v3", help="model preset (see --list)")
     p.add_argument("--steps", type=int, default=1000, metavar="T", help="steps (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", metavar="FILE", help="trace file to write")
-    p.add_argument("--format", default=None, metavar="FMT", help="trace format to write")
+    p.add_argument("--format", default=None, metavar="FMT",
+                   choices=["pt", "npz", "load_history", "vllm-history", "sglang"],
+                   help="trace format to write: pt, npz, load_history (= vllm-history), sglang")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     p.set_defaults(func="sim:cmd_generate")
     return parser
 
@@ -206,6 +230,11 @@ def _run(func_ref: str, args: argparse.Namespace) -> int:
     module, name = func_ref.split(":")
     func = getattr(importlib.import_module(f"eplb.cli.{module}"), name)
     return int(func(args) or 0)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+
+    warn(str(message))
 
 
 def _one_line(message: object) -> str:
@@ -223,7 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return _run(args.func, args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one "eplb: warning:" line, no source line
+            return _run(args.func, args)
     except CliError as exc:
         if args.debug:
             raise
@@ -232,7 +263,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("eplb: interrupted", file=sys.stderr)
         return 130
-    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError) as exc:
+    except BrokenPipeError:  # e.g. `eplb ... --json | head`: the reader left; stop quietly
+        import os
+
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+            PermissionError) as exc:
         if args.debug:
             raise
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""

@@ -8,6 +8,7 @@ Exit codes: 0 success; 2 a mistake the user can fix in the command line or its i
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from eplb.core import balancedness_ceiling, layer_ceiling
+from eplb.formats._files import require_regular_file
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import INSTALL_HINT, Report, matplotlib_available
 
@@ -115,26 +117,16 @@ def existing_file(path: str | Path, what: str) -> Path:
 
 
 def check_output(path: str | Path, force: bool) -> Path:
+    """Fail before the work when OUT exists (a dangling symlink counts) or has no folder.
+
+    The writers re-check when they publish, so a file that appears meanwhile is kept.
+    """
     path = Path(path)
-    if path.exists() and not force:
+    if os.path.lexists(path) and not force:
         raise CliError(f"{path} already exists; pass --force to overwrite it")
     if path.parent != Path() and not path.parent.exists():
         raise CliError(f"directory {str(path.parent)!r} for the output does not exist")
     return path
-
-
-def load_weight(path: str | Path, fmt_name: str | None = None, *, progress_bar: bool = False):
-    """Read a loads file with :func:`eplb.formats.read_loads`.
-
-    Returns ``(weight [L, E] float64, trace)``; a trace ``[T, L, E]`` is summed over T.
-    """
-    from eplb.formats import read_loads
-
-    path = existing_file(path, "loads file")
-    trace = read_loads(path, format=fmt_name, progress=progress_bar)
-    counts = torch.as_tensor(trace.counts, dtype=torch.float64)
-    weight = counts.sum(0) if counts.dim() == 3 else counts
-    return weight, trace
 
 
 def check_topology(num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,
@@ -181,16 +173,21 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
         return None
     path = Path(spec)
     if path.exists():
-        text = path.read_text(encoding="utf-8")
+
+        require_regular_file(path, "--gpu-speed file")  # a FIFO would block forever
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise CliError(f"--gpu-speed file {path} is not UTF-8 text") from None
         try:
             values = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, deep nesting, huge ints
             values = text.replace(",", " ").split()
     else:
         values = spec.split(",")
     try:
         speed = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise CliError(f"--gpu-speed: expected {num_gpus} numbers, got {spec!r}") from None
     if speed.numel() != num_gpus:
         raise CliError(f"--gpu-speed has {speed.numel()} values, expected one per GPU ({num_gpus})")

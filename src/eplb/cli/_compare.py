@@ -14,7 +14,9 @@ from eplb.cli._common import (
     static_gpu_loads,
     timed,
 )
-from eplb.core import Topology, plan_greedy, resolve_policy
+from eplb.cli._inputs import cli_policy
+from eplb.core import plan_greedy
+from eplb.tools.report import plot_gpu_heatmaps, plot_layer_balancedness
 
 NONE, GREEDY, EPLB = "no rebalancing", "reference greedy", "eplb"
 
@@ -102,10 +104,7 @@ def compare(
 
     weight = torch.as_tensor(weight, dtype=torch.float64)
     num_layers, num_experts = weight.shape
-    # the one resolver, as the planner will apply it (it warns once when "auto" cannot
-    # be hierarchical); both planners then run the resolved policy
-    policy = resolve_policy(policy, Topology(num_replicas, num_gpus, num_nodes, num_groups),
-                            num_experts, stacklevel=2)
+    policy = cli_policy(policy, num_replicas, num_gpus, num_nodes, num_groups, num_experts)
     results = []
     static = static_gpu_loads(weight, num_gpus)
     per, total, worst = layer_balance(static)
@@ -142,7 +141,6 @@ def describe(c: Comparison) -> str:
 
 def add_to_report(report, c: Comparison, stem: str) -> None:
     """Append a scenario's table and pictures to an :class:`eplb.tools.report.Report`."""
-    from eplb.tools.report import plot_gpu_heatmaps, plot_layer_balancedness
 
     report.heading(describe(c))
     report.table(["planner", "balancedness", "worst layer max/mean", "plan time (ms)"],

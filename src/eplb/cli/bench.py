@@ -15,7 +15,6 @@ from eplb.cli._common import (
     default_shape,
     generated_trace,
     info,
-    load_weight,
     prepare_report,
     print_json,
     print_table,
@@ -23,7 +22,9 @@ from eplb.cli._common import (
     say_written,
 )
 from eplb.cli._compare import HEADERS, Comparison, add_to_report, compare, describe
+from eplb.cli._inputs import read_trace
 from eplb.cli.sim import replay_windows
+from eplb.tools.report import plot_balancedness_over_time
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             policy=job.policy, seed=args.seed, repeats=args.repeats,
                             layer_ids=trace.layer_ids)
             else:
-                weight, trace = load_weight(job, args.format)
+                trace = read_trace(job, args)
+                weight = trace.total()
                 keep = weight.sum(1) > 0  # dense layers (all zero) say nothing about balance
                 weight = weight[keep]
                 ids = [i for i, k in zip(trace.layer_ids, keep.tolist(), strict=True) if k]
@@ -175,7 +177,6 @@ def _demo_simulation(trace, seed: int, *, quick: bool) -> dict | None:
 
 
 def _add_simulation(report, sim: dict) -> None:
-    from eplb.tools.report import plot_balancedness_over_time
 
     report.heading("Online: planning on the last window, serving the next")
     report.text(

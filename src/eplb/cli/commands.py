@@ -16,12 +16,14 @@ from eplb.cli._common import (
     gpu_speed_from,
     info,
     layer_balance,
-    load_weight,
     print_json,
     print_table,
     static_gpu_loads,
     timed,
 )
+from eplb.cli._inputs import cli_policy, read_trace, warn
+from eplb.core.placement import Placement, PlacementError
+from eplb.formats import read_placement, read_placement_meta, write_placement
 
 EMIT_BY_SUFFIX = {".yaml": "trtllm", ".yml": "trtllm", ".pt": "pt", ".json": "json"}
 
@@ -36,21 +38,71 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
     return EMIT_BY_SUFFIX.get(Path(name).suffix, "json")
 
 
-def _layer_ids(trace, first_layer: int | None, num_layers: int) -> list[int]:
+def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
+    """The model layer of every row: the file's own ids win; ``--first-layer`` names them
+    for files that only have row numbers, and must agree with a file that names them."""
+    ids = list(trace.layer_ids)
+    if trace.meta.get("model_layer_ids"):
+        if first_layer is not None and first_layer != ids[0]:
+            raise CliError(
+                f"--first-layer {first_layer} contradicts {loads}, whose rows are model layers "
+                f"{ids[0]}..{ids[-1]} (an SGLang dump has a row for every layer, dense ones "
+                f"all zero); drop --first-layer"
+            )
+        return ids
     if first_layer is not None:
-        return list(range(first_layer, first_layer + num_layers))
-    return list(trace.layer_ids)
+        if first_layer < 0:
+            raise CliError(f"--first-layer must be >= 0, got {first_layer}")
+        return list(range(first_layer, first_layer + len(ids)))
+    return ids
+
+
+def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads: str) -> int:
+    """The model's layer count for an SGLang file (one row per model layer), or an error."""
+    if args.num_model_layers is not None:
+        if args.num_model_layers <= max(layer_ids):
+            raise CliError(
+                f"--num-model-layers {args.num_model_layers} is too small: the rows are model "
+                f"layers {layer_ids[0]}..{layer_ids[-1]}"
+            )
+        if (not trace.meta.get("model_layer_ids") and args.first_layer is None
+                and args.num_model_layers != len(layer_ids)):
+            raise CliError(
+                f"{loads} holds {len(layer_ids)} rows for a model of {args.num_model_layers} "
+                "layers; say which model layer the first row is with --first-layer K (3 for "
+                "DeepSeek-V3's MoE layers)"
+            )
+        return args.num_model_layers
+    if trace.meta.get("model_layer_ids") or args.first_layer is not None:
+        return max(layer_ids) + 1
+    raise CliError(
+        f"SGLang needs a row for every model layer, but {loads} holds {len(layer_ids)} rows "
+        "without model layer ids; give the model's layer count with --num-model-layers N "
+        "(61 for DeepSeek-V3) and the first row's layer with --first-layer K (3 for "
+        "DeepSeek-V3's MoE layers)"
+    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from eplb.formats import read_placement, write_placement
 
     out = check_output(args.output, args.force)
     emit = infer_emit(args.emit, out)
-    weight, trace = load_weight(args.loads, args.format)
+    if emit == "sglang" and out.suffix.lower() not in (".json", ".pt"):
+        raise CliError(f"SGLang reads --init-expert-location from a .json or .pt file; name OUT "
+                       f"*.sglang.json or *.sglang.pt, not {out.name!r}")
+    if args.num_model_layers is not None and emit != "sglang":
+        raise CliError("--num-model-layers applies to SGLang output only")
+    loads = " ".join(args.loads)
+    trace = read_trace(args.loads, args)
+    weight = trace.total()
     num_layers, num_experts = weight.shape
     check_topology(args.replicas, args.gpus, args.nodes, args.groups, num_experts)
-    layer_ids = _layer_ids(trace, args.first_layer, num_layers)
+    layer_ids = _layer_ids(trace, args.first_layer, loads)
+    model_layers = _sglang_layers(trace, layer_ids, args, loads) if emit == "sglang" else None
+    if emit == "trtllm" and not trace.meta.get("model_layer_ids") and args.first_layer is None:
+        warn(f"{loads} does not name its model layers, so the TensorRT-LLM keys are rows "
+             f"{layer_ids[0]}..{layer_ids[-1]}; pass --first-layer K when the first row is "
+             "model layer K (3 for DeepSeek-V3)")
 
     active = active_gpus_from(args.dead_gpus, args.gpus)
     speed = gpu_speed_from(args.gpu_speed, args.gpus)
@@ -70,12 +122,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise CliError("--max-moves needs --previous (the placement in service)")
         options["max_moves"] = args.max_moves
 
+    policy = cli_policy(args.policy, args.replicas, args.gpus, args.nodes, args.groups,
+                        num_experts, dead=active is not None and not bool(active.all()),
+                        speeds=speed is not None)
     placement, seconds = timed(lambda: plan(
-        weight, args.replicas, args.gpus, args.nodes, args.groups, policy=args.policy,
+        weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
         seed=args.seed, **options))
     placement.validate()
     write_placement(placement, out, emit=emit, weight=weight, layer_ids=layer_ids,
-                    force=args.force)
+                    num_model_layers=model_layers, force=args.force)
 
     live = placement.live_gpus()
     _, before, before_worst = layer_balance(static_gpu_loads(weight, args.gpus))
@@ -92,6 +147,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "layers": num_layers,
         "experts": num_experts,
         "layer_ids": layer_ids,
+        "model_layers": model_layers,
         "topology": placement.topology.as_dict(),
         "policy": policy,
         "plan_seconds": seconds,
@@ -121,16 +177,48 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"moved {int(moved.sum())} slots in total, at most {int(moved.max())} in one layer")
     if ceil.note and ceil.overall is None:
         print(f"({ceil.note})")
-    print(f"planned in {seconds * 1e3:.1f} ms; wrote {out} ({emit})")
+    written = f"{emit}, {model_layers} model layers" if model_layers is not None else emit
+    print(f"planned in {seconds * 1e3:.1f} ms; wrote {out} ({written})")
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from eplb.formats import read_placement
+def _eval_policy(placement, meta: dict, args: argparse.Namespace):
+    """The placement to score, with the policy it satisfies.
 
-    placement = read_placement(existing_file(args.placement, "placement file"),
-                               num_gpus=args.gpus, num_nodes=args.nodes, num_groups=args.groups)
-    weight, trace = load_weight(args.loads, args.format)
+    eplb's files record their policy. Engine files (SGLang JSON, foreign YAML) do not:
+    ``--policy auto`` resolves the cluster's policy as ``eplb plan`` would and, when that
+    is hierarchical, keeps it if the placement really holds every expert group on one
+    node (then the hierarchical ceiling is the right yardstick), else scores it as global.
+    """
+
+    if meta.get("policy") is not None:
+        return placement
+    topo = placement.topology
+    policy = cli_policy(args.policy, topo.num_replicas, topo.num_gpus, topo.num_nodes,
+                        topo.num_groups, placement.num_experts)
+    if policy == "global":
+        return placement
+    hier = Placement.from_phy2log(placement.phy2log, placement.num_experts, topo, "hierarchical",
+                                  placement.active_gpus)
+    try:
+        hier.validate(anti_affinity=False)
+    except PlacementError as exc:
+        if args.policy == "hierarchical":
+            raise CliError(f"{args.placement} is not hierarchical: {exc}") from None
+        warn(f"{args.placement} spreads expert groups over several nodes, so it is scored as a "
+             "global placement (against the global ceiling)")
+        return placement
+    return hier
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+
+    placement, meta = read_placement_meta(
+        existing_file(args.placement, "placement file"), num_gpus=args.gpus,
+        num_nodes=args.nodes, num_groups=args.groups)
+    placement = _eval_policy(placement, meta, args)
+    trace = read_trace(args.loads, args)
+    weight = trace.total()
     if weight.shape != (placement.num_layers, placement.num_experts):
         raise CliError(
             f"loads {args.loads} have {weight.shape[0]} layers × {weight.shape[1]} experts but "

@@ -3,24 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
-
-import torch
 
 from eplb.cli._common import (
     CliError,
     check_output,
     check_topology,
     default_shape,
-    existing_file,
-    generated_trace,
     info,
+    is_tty,
     prepare_report,
     print_json,
     print_table,
     progress,
     say_written,
 )
+from eplb.cli._inputs import read_trace
+from eplb.formats import write_loads
+from eplb.tools.generator import PRESETS, generate_trace
+from eplb.tools.report import plot_balancedness_over_time
+from eplb.tools.simulate import Cadence, simulate
 
 PLANNER_LABEL = {"none": "no rebalancing", "greedy": "reference greedy", "eplb": "eplb"}
 
@@ -31,7 +36,6 @@ def run_simulation(trace, planner: str, *, replicas: int, gpus: int, nodes: int 
                    max_moves: int | None = None, policy: str = "auto", seed: int = 0,
                    oracle: bool = True):
     """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence."""
-    from eplb.tools.simulate import Cadence, simulate
 
     options = {}
     if planner == "eplb":
@@ -60,8 +64,6 @@ def replay_windows(trace, window: int, replicas: int, gpus: int, *, seed: int = 
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from eplb.formats import read_loads
-
     if args.window < 1:
         raise CliError("--window must be >= 1")
     interval = args.interval or args.window
@@ -73,7 +75,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.max_moves is not None and not args.incremental:
         raise CliError("--max-moves needs --incremental")
     report = prepare_report(args.report, args.force, "eplb simulation")
-    trace = read_loads(existing_file(args.trace, "trace file"), format=args.format)
+    trace = read_trace(args.trace, args)
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts)
     if trace.num_steps < 2 * args.window:
@@ -127,7 +129,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _simulation_report(report, args, results, trace) -> None:
-    from eplb.tools.report import plot_balancedness_over_time
 
     cad = results[0].cadence
     report.text(
@@ -138,26 +139,33 @@ def _simulation_report(report, args, results, trace) -> None:
         "clairvoyant upper reference)."
     )
     rows = []
+    averages: dict[str, float | None] = {}
     for r in results:
         s = r.summary()
-        rows.append([PLANNER_LABEL.get(r.planner, r.planner),
+        label = PLANNER_LABEL.get(r.planner, r.planner)
+        averages[label] = s["window_balancedness"]
+        rows.append([label,
                      f"{s['window_balancedness']:.4f}" if s["window_balancedness"] else "n/a",
                      f"{s['oracle_balancedness']:.4f}" if s["oracle_balancedness"] else "n/a",
                      s["rebalances"]])
-    report.table(["planner", "mean window balancedness", "oracle", "rebalances"], rows)
+    report.table(["planner", "mean window balancedness after the first rebalance", "oracle",
+                  "rebalances"], rows)
     series = {PLANNER_LABEL.get(r.planner, r.planner): r.window_balancedness for r in results}
     first = results[0]
     if first.oracle_balancedness is not None:
-        series[f"oracle ({PLANNER_LABEL.get(first.planner, first.planner)} on the scored "
-               "window)"] = first.oracle_balancedness
+        label = f"oracle ({PLANNER_LABEL.get(first.planner, first.planner)} on the scored window)"
+        series[label] = first.oracle_balancedness
+        averages[label] = first.summary()["oracle_balancedness"]
     xs = first.window_starts.tolist()
     rebal = first.rebalance_steps.tolist()
     report.figure(
         "simulation_over_time.png",
         "Balancedness of each scoring window under the placement in force; grey lines mark "
-        "rebalances.",
+        "rebalances. The legend's figures are the table's: means over the windows from the "
+        "first rebalance on.",
         lambda path: plot_balancedness_over_time(
-            series, path, x=xs, rebalance_at=rebal,
+            series, path, x=xs, rebalance_at=rebal, averages=averages,
+            average_label="mean after the first rebalance",
             xlabel=f"step (start of each {cad.scoring}-step scoring window)",
             title="Balancedness over time in the simulator"),
     )
@@ -166,48 +174,55 @@ def _simulation_report(report, args, results, trace) -> None:
 # ------------------------------------------------------------------------ generate
 
 TRACE_FORMAT_BY_SUFFIX = {".pt": "pt", ".json": "vllm-history", ".npz": "npz"}
+TRACE_FORMAT_ALIASES = {"load_history": "vllm-history"}
 
 
-def write_trace(trace, path: Path, fmt: str | None, force: bool) -> str:
-    """Write ``trace.counts [T, L, E]`` with :mod:`eplb.formats`' trace writer when it has one.
-
-    Returns the format written.
-    """
-    import eplb.formats as formats
-
-    fmt = fmt or TRACE_FORMAT_BY_SUFFIX.get(path.suffix.lower())
+def trace_format(path: Path, fmt: str | None) -> str:
+    """The format ``generate`` writes: ``--format`` (aliases allowed), else from the name."""
+    if fmt is not None:
+        return TRACE_FORMAT_ALIASES.get(fmt, fmt)
+    fmt = TRACE_FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
         raise CliError(f"cannot tell the trace format from {path.name!r}; use .pt, .json or "
                        ".npz, or pass --format")
-    writer = getattr(formats, "write_trace", None) or getattr(formats, "write_loads", None)
-    if writer is not None:
-        writer(trace, path, format=fmt, force=force)
-        return fmt
-    # fallback writers (eplb.formats has no trace writer): one plain [T, L, E] array, which
-    # read_loads reads back; the model layer ids are not stored in these formats
-    counts = trace.counts
-    if bool((counts == counts.round()).all()):
-        counts = counts.to(torch.int64)
-    if fmt == "pt":
-        torch.save(counts, path)
-    elif fmt == "npz":
-        import numpy as np
-
-        np.savez(path, counts=counts.numpy())
-    elif fmt == "vllm-history":
-        import json
-
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump({"load_history": [{"logical_expert_load": step.tolist()}
-                                        for step in counts.round().to(torch.int64)]}, handle)
-    else:
-        raise CliError(f"cannot write traces as {fmt!r}; choose pt, npz or vllm-history")
     return fmt
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from eplb.tools.generator import PRESETS
+@contextmanager
+def step_progress(description: str, total: int, enabled: bool):
+    """``update(done, total)`` for a long loop: a rich bar on a terminal; elsewhere (logs,
+    CI) a line on stderr at most every 5 s, so a long run is never silent."""
+    if not enabled:
+        yield lambda done, total: None
+        return
+    if is_tty(sys.stderr):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        with bar:
+            task = bar.add_task(description, total=total)
+            yield lambda done, total: bar.update(task, completed=done)
+        return
+    last = [time.monotonic()]
+
+    def update(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 5.0 and done < total:
+            last[0] = now
+            info(f"{description}: {done}/{total} steps ({100 * done // total}%)")
+
+    yield update
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     if args.list:
         rows = []
         for name, shape in PRESETS.items():
@@ -227,10 +242,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = check_output(args.output, args.force)
     if args.preset not in PRESETS:
         raise CliError(f"unknown preset {args.preset!r}; choose from {', '.join(sorted(PRESETS))}")
-    if not args.json:
+    fmt = trace_format(out, args.format)  # before the work, not after
+    chatty = not (args.json or args.quiet)
+    if chatty:
         info(f"generating {args.steps} steps of {args.preset} ...")
-    trace = generated_trace(args.preset, args.steps, args.seed)
-    fmt = write_trace(trace, out, args.format, args.force)
+    with step_progress(f"generating {args.preset}", args.steps, chatty) as update:
+        trace = generate_trace(args.preset, args.steps, seed=args.seed, progress=update)
+    write_loads(trace, out, format=fmt, force=args.force)
     summary = {"output": str(out), "format": fmt, "preset": args.preset, "steps": trace.num_steps,
                "layers": trace.num_layers, "experts": trace.num_experts, "seed": args.seed,
                "layer_ids": list(trace.layer_ids)}

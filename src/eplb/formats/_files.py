@@ -1,14 +1,42 @@
-"""Small file helpers shared by the readers and writers: optional imports, progress, safe writes."""
+"""Small file helpers shared by the readers and writers: optional imports, progress, safe
+reads and safe writes.
+
+Writes (:func:`atomic_write`) follow what a user expects of ``open(path, "w")`` and more:
+
+- **Permissions**: a new file gets ``0o666 & ~umask``, like ``open()``, so an engine
+  running as another user can read the placement when the umask allows it. A file
+  replaced with ``force`` keeps its permission bits, as ``> file`` in a shell does: a
+  user who made ``placement.json`` group-readable for the serving account (or private)
+  keeps that choice across re-plans.
+- **No half-written files**: the content goes to an unnamed (``O_TMPFILE``) or hidden
+  temporary file in the same folder, is flushed and ``fsync``-ed, and only then gets its
+  name; the folder is ``fsync``-ed after. A writer killed at any point leaves either no
+  file or the complete one (an unnamed temporary file vanishes with the process).
+- **No silent overwrite**: without ``force`` the name is published with ``link()``,
+  which fails when *anything* already has the name (a file, a dangling symlink, or a
+  concurrent writer that got there first). Of two concurrent writers exactly one wins;
+  the other gets ``FileExistsError``. With ``force`` the name is replaced atomically by
+  ``rename()`` (a symlink at the name is replaced, its target left alone).
+
+Reads (:func:`require_regular_file`) refuse FIFOs, sockets and devices up front (opening
+a FIFO blocks forever) and turn permission problems into a clear ``PermissionError``.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+# errors that mean "this file system cannot do that", not "the name is taken"
+_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS,
+                errno.EMLINK, errno.EISDIR, errno.EXDEV}
 
 
 def import_safetensors_torch() -> ModuleType:
@@ -23,12 +51,19 @@ def import_safetensors_torch() -> ModuleType:
     return st
 
 
+def _exists_message(path: Path) -> str:
+    return f"{path} already exists; pass force=True (CLI: --force) to overwrite it"
+
+
 def check_writable(path: Path, force: bool) -> None:
-    """Refuse to overwrite ``path`` unless ``force``; check its folder exists."""
-    if path.exists() and not force:
-        raise FileExistsError(
-            f"{path} already exists; pass force=True (CLI: --force) to overwrite it"
-        )
+    """Refuse to overwrite ``path`` unless ``force``; check its folder exists.
+
+    This is the early check (fail before the work); :func:`atomic_write` re-checks at
+    the moment of publishing, so a file that appears in between is not overwritten.
+    A dangling symlink counts as existing.
+    """
+    if os.path.lexists(path) and not force:
+        raise FileExistsError(_exists_message(path))
     if path.is_dir():
         raise IsADirectoryError(
             f"{path} is a directory; give a file name to write the placement to"
@@ -37,24 +72,207 @@ def check_writable(path: Path, force: bool) -> None:
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], mode: str = "w") -> None:
-    """Write through a temporary file in the same folder, then rename over ``path``.
+def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
+    """``os.stat(path)`` of a readable regular file, else a clear error.
 
-    ``mode`` is ``"w"`` (text, UTF-8) or ``"wb"``. A crash half-way never leaves a
-    truncated placement behind.
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: it is a FIFO, socket or device (reading one can block forever).
+        PermissionError: the current user may not read it.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except PermissionError:
+        raise PermissionError(f"{what} {path}: permission denied (cannot reach the file)") \
+            from None
+    if stat.S_ISDIR(info.st_mode):
+        return info
+    if not stat.S_ISREG(info.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(info.st_mode)
+                else "a socket" if stat.S_ISSOCK(info.st_mode)
+                else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+                else "not a regular file")
+        from eplb.formats.errors import FormatError
+
+        raise FormatError(path, f"is {kind}; eplb reads regular files and folders only")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{what} {path}: permission denied (the file is not readable "
+                              "by this user)")
+    return info
+
+
+# ------------------------------------------------------------------------------ writing
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename/link in ``directory`` durable; silently skipped where unsupported."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _open_unnamed(directory: Path) -> int | None:
+    """An ``O_TMPFILE`` descriptor in ``directory`` (mode ``0o666 & ~umask``), or ``None``."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(directory, flag | os.O_RDWR, 0o666)
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED or exc.errno == errno.ENOENT:
+            return None
+        raise
+
+
+def _open_named(directory: Path, name: str) -> tuple[int, Path]:
+    """A new hidden temporary file next to the output, mode ``0o666 & ~umask``."""
+    for _ in range(100):
+        tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file in {directory}")
+
+
+def _link(src: str | Path, dst: Path) -> None:
+    """``linkat(src, dst, AT_SYMLINK_FOLLOW)``: a ``/proc/self/fd/N`` source names the open
+    file itself (plain ``link()`` would try to link the magic symlink and fail)."""
+    root = os.open("/", os.O_RDONLY)
+    try:  # a src_dir_fd makes CPython call linkat() with the follow flag
+        os.link(src, dst, src_dir_fd=root, follow_symlinks=True)
+    finally:
+        os.close(root)
+
+
+def _temp_name(directory: Path, name: str) -> Path:
+    return directory / f".{name}.{secrets.token_hex(6)}.tmp"
+
+
+def _name_unnamed(fd: int, directory: Path, name: str) -> Path:
+    """Give the unnamed file ``fd`` a fresh hidden name in ``directory``."""
+    for _ in range(100):
+        tmp = _temp_name(directory, name)
+        try:
+            _link(f"/proc/self/fd/{fd}", tmp)
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary name in {directory}")
+
+
+def _publish_exclusive(src: str | Path, path: Path) -> bool:
+    """Give ``src`` the name ``path``, failing if anything has that name already.
+
+    Returns ``False`` when the file system cannot link (the caller then reserves the name
+    with :func:`_reserve_and_replace`).
+    """
+    try:
+        _link(src, path)
+        return True
+    except FileExistsError:
+        raise FileExistsError(_exists_message(path)) from None
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            return False
+        raise
+
+
+def _reserve_and_replace(tmp: Path, path: Path) -> None:
+    """Without hard links: reserve the name exclusively, then fill it by an atomic rename
+    (a concurrent writer still fails on the reservation)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        raise FileExistsError(_exists_message(path)) from None
+    os.replace(tmp, path)
+
+
+def _copy_to_named(fd: int, directory: Path, name: str, file_mode: int) -> Path:
+    """Copy the unnamed file ``fd`` into a named temporary file (no linkat on this system)."""
+    out, tmp = _open_named(directory, name)
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while chunk := os.read(fd, 1 << 20):
+            os.write(out, chunk)
+        os.fchmod(out, file_mode)
+        os.fsync(out)
+    except BaseException:
+        os.close(out)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(out)
+    return tmp
+
+
+def atomic_write(
+    path: Path, write: Callable[[Any], None], mode: str = "w", *, force: bool = False
+) -> None:
+    """Write ``path`` through ``write(handle)`` safely (see the module docstring).
+
+    ``mode`` is ``"w"`` (text, UTF-8) or ``"wb"``. Without ``force`` an existing name
+    (including a dangling symlink, or a file a concurrent writer published first)
+    raises ``FileExistsError`` and nothing is changed.
+    """
+    path = Path(path)
+    directory = path.parent
+    keep_mode = None
+    if force:
+        with contextlib.suppress(OSError):
+            info = os.stat(path, follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode):
+                keep_mode = stat.S_IMODE(info.st_mode)
+    try:
+        fd = _open_unnamed(directory)
+        tmp: Path | None = None  # the named temporary file, once there is one
+        if fd is None:
+            fd, tmp = _open_named(directory, path.name)
+    except OSError as exc:  # name the output, not a temporary file the user never asked for
+        raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from None
     try:
         kwargs = {} if "b" in mode else {"encoding": "utf-8"}
         with os.fdopen(fd, mode, **kwargs) as handle:
             write(handle)
-        os.replace(tmp, path)
+            handle.flush()
+            if keep_mode is not None:
+                os.fchmod(handle.fileno(), keep_mode)
+            os.fsync(handle.fileno())
+            if tmp is None:  # unnamed: publish straight from the descriptor when possible
+                src = f"/proc/self/fd/{handle.fileno()}"
+                if not force and _publish_exclusive(src, path):
+                    _fsync_dir(directory)
+                    return
+                try:
+                    tmp = _name_unnamed(handle.fileno(), directory, path.name)
+                except OSError as exc:
+                    if exc.errno not in _UNSUPPORTED:
+                        raise
+                    file_mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+                    tmp = _copy_to_named(handle.fileno(), directory, path.name, file_mode)
+        if force:
+            os.replace(tmp, path)
+        elif _publish_exclusive(tmp, path):
+            os.unlink(tmp)  # the content lives on under its published name
+        else:
+            _reserve_and_replace(tmp, path)
+        tmp = None
+        _fsync_dir(directory)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         raise
 
 
+# ---------------------------------------------------------------------------- progress
 @contextlib.contextmanager
 def byte_progress(enabled: bool, total: int, description: str) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(num_bytes)``; with ``enabled`` a rich progress bar on stderr tracks it."""

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 import warnings
 import zipfile
 from os import PathLike
 from pathlib import Path
 
+from eplb.formats._files import require_regular_file
 from eplb.formats.errors import FormatError
 
 #: Load formats :func:`eplb.formats.read_loads` accepts as ``format=``.
@@ -40,19 +42,23 @@ _TRTLLM_KEY = re.compile(r"^\d+_\d+$")
 
 def sniff_container(path: str | PathLike[str]) -> str:
     """The container kind of ``path``: ``"dir"``, ``"npz"``, ``"pt-zip"``, ``"pt-pickle"``,
-    ``"npy"``, ``"safetensors"``, ``"json"``, ``"csv"``, ``"yaml"`` or ``"unknown"``."""
+    ``"npy"``, ``"safetensors"``, ``"json"``, ``"csv"``, ``"yaml"``, ``"text"`` (other
+    text) or ``"unknown"``.
+
+    FIFOs, sockets and devices are refused (reading one may block forever), and so is a
+    file this user cannot read (``PermissionError``).
+    """
     path = Path(path)
-    if path.is_dir():
+    info = require_regular_file(path)
+    if stat.S_ISDIR(info.st_mode):
         return "dir"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
     with open(path, "rb") as handle:
         head = handle.read(4096)
     if head.startswith(b"PK\x03\x04"):
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except zipfile.BadZipFile:
+        except (zipfile.BadZipFile, OSError, EOFError):
             return "unknown"
         if any(n.endswith("data.pkl") for n in names):
             return "pt-zip"
@@ -61,12 +67,14 @@ def sniff_container(path: str | PathLike[str]) -> str:
         return "unknown"
     if head.startswith(b"\x93NUMPY"):
         return "npy"
-    if head[:1] == b"\x80":  # pickle protocol marker: torch's legacy (non-zip) format
-        return "pt-pickle"
+    # safetensors before pickle: its first byte is the low byte of the header length,
+    # which may well be 0x80, the pickle marker
     if len(head) >= 9 and head[8:9] == b"{":
         header_len = int.from_bytes(head[:8], "little")
-        if 2 <= header_len < (100 << 20):
+        if 2 <= header_len < (100 << 20) and header_len + 8 <= info.st_size:
             return "safetensors"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pt-pickle"  # pickle protocol 2-5: torch's legacy (non-zip) format
     text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
     if text[:1] in (b"{", b"["):
         return "json"
@@ -75,15 +83,33 @@ def sniff_container(path: str | PathLike[str]) -> str:
     try:
         sample = text.decode("utf-8")
     except UnicodeDecodeError:
-        return "unknown"
-    first = sample.splitlines()[0] if sample.splitlines() else ""
+        # the 4096-byte head may end inside a multi-byte character
+        try:
+            sample = text[:-4].decode("utf-8") if len(text) > 8 else ""
+        except UnicodeDecodeError:
+            return "unknown"
+    lines = sample.splitlines()
+    first = lines[0] if lines else ""
     if re.match(r"^[\w\s.\-+,\"']*,[\w\s.\-+,\"']*$", first) and "," in first:
         return "csv"
-    if re.match(r"^\s*(#.*|[\w\-]+\s*:.*)$", first):
+    if _looks_like_yaml(lines):
         return "yaml"
     if re.match(r"^[\d.eE+\-\s]+$", first):
         return "csv"  # a single column of numbers
-    return "unknown"
+    return "text"
+
+
+def _looks_like_yaml(lines: list[str]) -> bool:
+    """A YAML mapping: its first line that is no comment reads ``key: value``.
+
+    A Markdown file (``# Title`` then prose) is not YAML, although YAML would read its
+    title as a comment.
+    """
+    for line in lines:
+        if not line.strip() or line.lstrip().startswith("#") or line.strip() == "---":
+            continue
+        return re.match(r"^[\w\-]+\s*:(\s|$)", line) is not None
+    return False
 
 
 def _json_top_key(path: Path) -> str | None:
@@ -109,8 +135,12 @@ def detect_format(path: str | PathLike[str]) -> str:
     if kind == "dir":
         if (path / "meta_info.json").is_file():
             return "trtllm"
-        if list(path.glob("expert_distribution_recorder_*.pt")):
-            return "sglang-per-pass"
+        dumps = sorted(path.glob("expert_distribution_recorder_*.pt"))
+        if dumps:
+            # stat-mode dumps hold logical_count; per_pass / per_token dumps hold records
+            first = _load_pt(dumps[0])
+            return "sglang" if isinstance(first, dict) and "logical_count" in first \
+                else "sglang-per-pass"
         raise FormatError(
             path,
             "expected a TensorRT-LLM statistics folder (meta_info.json + rank*.safetensors) or "
@@ -128,12 +158,12 @@ def detect_format(path: str | PathLike[str]) -> str:
     if kind in ("pt-zip", "pt-pickle"):
         return _pt_format(path, _load_pt(path))
     if kind == "npz":
-        import numpy as np
+        from eplb.formats._npy import npz_headers
 
-        with np.load(path) as archive:
-            topk = [k for k in archive.files if TOPK_KEY_PATTERN.search(k)]
-            if topk and all(archive[k].dtype.kind in "iu" for k in topk):
-                return "topk"
+        headers = npz_headers(path)
+        topk = [k for k in headers if TOPK_KEY_PATTERN.search(k)]
+        if topk and all(headers[k][1].kind in "iu" for k in topk):
+            return "topk"
         return "npz"
     if kind == "safetensors":
         st = _safetensors_keys(path)
@@ -145,25 +175,34 @@ def detect_format(path: str | PathLike[str]) -> str:
     if kind in ("npy", "csv"):
         return kind
     if kind == "yaml":
+        head = path.read_bytes()[:_HEAD_BYTES]
+        if re.search(rb"^\s*(initial_global_assignments|num_slots|moe_config)\s*:", head, re.M):
+            raise _placement_error(path, "a TensorRT-LLM load-balancer YAML")
         raise FormatError(
             path,
-            "this looks like YAML (a TensorRT-LLM placement?); load statistics are expected "
-            "as .pt, .npy, .npz, .safetensors, .json, .csv or a TensorRT-LLM statistics folder. "
-            "Use eplb.formats.read_placement for placements",
+            "is YAML text, not load statistics; expected .pt, .npy, .npz, .safetensors, "
+            ".json, .csv or a TensorRT-LLM statistics folder",
         )
+    found = ""
+    if kind == "text":
+        with open(path, "rb") as handle:
+            first = handle.read(200).decode("utf-8", "replace").strip().splitlines()
+        found = f" (text starting {first[0][:60]!r})" if first else " (blank text)"
     raise FormatError(
         path,
-        "unrecognised content: expected load statistics (SGLang .pt/.json dump, TensorRT-LLM "
-        "statistics folder, vLLM load_history JSON, top-k routing trace, or a plain "
-        "[L, E] / [T, L, E] tensor in .pt/.npy/.npz/.safetensors/.json/.csv)",
+        f"unrecognised content{found}: expected load statistics (SGLang .pt/.json dump, "
+        "TensorRT-LLM statistics folder, vLLM load_history JSON, top-k routing trace, or a "
+        "plain [L, E] / [T, L, E] tensor in .pt/.npy/.npz/.safetensors/.json/.csv)",
     )
 
 
-def _placement_error(path: Path) -> FormatError:
+def _placement_error(
+    path: Path, what: str = "a placement ('physical_to_logical_map')"
+) -> FormatError:
     return FormatError(
         path,
-        "holds a placement ('physical_to_logical_map'), not load statistics; use "
-        "eplb.formats.read_placement",
+        f"holds {what}, not load statistics; give placements to `eplb eval --placement` or "
+        "`eplb plan --previous` (Python: eplb.formats.read_placement)",
     )
 
 
@@ -174,9 +213,22 @@ def _safetensors_keys(path: Path) -> list[str]:
             header = json.loads(handle.read(header_len))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise FormatError(path, f"safetensors header is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise FormatError(path, "safetensors header is nested too deeply") from None
     if not isinstance(header, dict):
         raise FormatError(path, "safetensors header is not a JSON object")
     return [k for k in header if k != "__metadata__"]
+
+
+#: The first torch whose ``torch.load(weights_only=True)`` is a security boundary.
+SAFE_TORCH_LOAD = (2, 10)
+
+
+def _torch_version() -> tuple[int, int]:
+    import torch
+
+    match = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
 
 
 def _load_pt(path: Path) -> object:
@@ -184,18 +236,39 @@ def _load_pt(path: Path) -> object:
 
     import torch
 
+    require_regular_file(path)
+    if _torch_version() < SAFE_TORCH_LOAD:
+        raise FormatError(
+            path,
+            f"refusing to torch.load it with torch {torch.__version__}: before torch "
+            f"{'.'.join(map(str, SAFE_TORCH_LOAD))} weights_only=True does not stop a crafted "
+            "file from running code (CVE-2025-32434, CVE-2026-24747); upgrade torch (eplb "
+            "requires >= 2.10), or give the data as .npy/.npz/.safetensors/.json",
+        )
     try:
         with warnings.catch_warnings():  # torch warns about the protocol of garbage files
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's text advises weights_only=False, i.e. running the file's code: keep only
+        # the unpickler's own reason
+        text = str(exc)
+        reason = text.split("WeightsUnpickler error:", 1)[1] if "WeightsUnpickler error:" in text \
+            else text
+        reason = " ".join(reason.split("Check the documentation")[0].split())
         raise FormatError(
             path,
-            "torch.load(weights_only=True) refused it (it holds objects other than tensors, "
-            f"numbers, strings, lists and dicts): {str(exc).splitlines()[0]}",
+            "not a readable torch file: the safe loader (torch.load with weights_only=True) "
+            "refused it, as it holds something other than tensors, numbers, strings, lists "
+            f"and dicts, or is damaged ({reason or 'no reason given'})",
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise FormatError(path, f"not a readable torch file: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise FormatError(path, "not a readable torch file: nested too deeply") from None
+    except PermissionError:
+        raise
+    except Exception as exc:  # torch.load raises many types on damaged files; all mean this
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise FormatError(path, f"not a readable torch file: {first}") from None
 
 
 def _pt_format(path: Path, obj: object) -> str:

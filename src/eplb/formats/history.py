@@ -20,7 +20,7 @@ from typing import IO, Any
 import numpy as np
 
 from eplb.formats._files import byte_progress
-from eplb.formats.errors import FormatError
+from eplb.formats.errors import FormatError, json_value_error
 
 _CHUNK = 8 << 20
 _WS = re.compile(r"[ \t\r\n]*")
@@ -81,6 +81,8 @@ class _JsonStream:
             self.peek()
             try:
                 obj, end = self.json.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise FormatError(self.path, f"JSON {where} is nested too deeply") from None
             except json.JSONDecodeError as exc:
                 if not self.eof:
                     self.fill()
@@ -89,6 +91,8 @@ class _JsonStream:
                     self.path,
                     f"malformed JSON {where} at character {self.offset + exc.pos}: {exc.msg}",
                 ) from None
+            except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+                raise FormatError(self.path, f"{where}: {json_value_error(exc)}") from None
             if end == len(self.buf) and not self.eof:  # a number may continue in the next chunk
                 self.fill()
                 continue
@@ -160,6 +164,12 @@ def _read_entries(stream: _JsonStream, path: Path, size: int) -> tuple[np.ndarra
             )
         try:
             arr = np.asarray(load, dtype=np.float64)
+        except OverflowError:
+            raise FormatError(
+                path, f"load_history[{step}] holds a number too large for a float64 load"
+            ) from None
+        except RecursionError:
+            raise FormatError(path, f"load_history[{step}] is nested too deeply") from None
         except (TypeError, ValueError) as exc:
             raise FormatError(
                 path,

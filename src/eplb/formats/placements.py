@@ -33,7 +33,7 @@ from eplb.core.topology import Topology
 from eplb.core.trace import LoadTrace
 from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
-from eplb.formats.errors import FormatError
+from eplb.formats.errors import FormatError, json_value_error
 
 #: Placement formats ``write_placement`` can emit.
 EMITS: tuple[str, ...] = ("json", "pt", "sglang", "trtllm")
@@ -53,6 +53,7 @@ def write_placement(
     *,
     weight: Any = None,
     layer_ids: Sequence[int] | None = None,
+    num_model_layers: int | None = None,
     force: bool = False,
 ) -> Path:
     """Write ``placement`` to ``path`` in the ``emit`` format; return the path.
@@ -62,8 +63,11 @@ def write_placement(
         emit: ``"json"`` (eplb's own: phy2log, topology, policy, active GPUs, layer ids,
             per-layer balancedness and ceiling when ``weight`` is given, versions),
             ``"pt"`` (the same as a ``torch.save`` dict of tensors, load with
-            ``weights_only=True``), ``"sglang"`` (``--init-expert-location`` JSON) or
-            ``"trtllm"`` (load-balancer YAML).
+            ``weights_only=True``), ``"sglang"`` (``--init-expert-location``: SGLang parses
+            a path ending ``.json`` as JSON and ``torch.load``s one ending ``.pt``, so the
+            file is ``{"physical_to_logical_map": [L][R]}`` as JSON, or as a ``torch.save``
+            dict holding an int64 tensor; other names are refused, SGLang would read them
+            as inline JSON text) or ``"trtllm"`` (load-balancer YAML).
         weight: ``[L, E]`` loads (or a :class:`~eplb.formats.LoadTrace`, summed over steps)
             to record balancedness (json/pt only).
         layer_ids: ``[L]`` the model layer of each placement row (default ``0..L-1``).
@@ -72,6 +76,10 @@ def write_placement(
             get SGLang's own trivial map ``slot % E``, which the engine accepts and never
             uses for routing. To control those rows, plan all layers (all-zero loads for
             dense ones) and leave ``layer_ids`` out.
+        num_model_layers: ``"sglang"`` only: rows in the file, the model's layer count
+            (e.g. 61 for DeepSeek-V3, whose MoE layers are 3..60). SGLang fails at start-up
+            on a file with fewer rows than the model has layers. Default
+            ``max(layer_ids) + 1``.
         force: overwrite an existing file (otherwise ``FileExistsError``).
 
     Raises:
@@ -87,24 +95,41 @@ def write_placement(
     placement = placement.to("cpu")
     placement.validate(anti_affinity=False)
     ids = _layer_ids(layer_ids, placement.num_layers)
-    check_writable(path, force)
     if emit in ("sglang", "trtllm") and bool((placement.phy2log < 0).any()):
         dead = (~placement.live_gpus()).nonzero().flatten().tolist()
         raise ValueError(
             f"{emit} cannot express empty slots, but GPUs {dead} are dead (their slots hold -1). "
             "Plan for the live GPUs only (a smaller topology) before emitting an engine "
-            "format, or use emit='json'/'pt' which keep dead GPUs"
+            "format, or write eplb's own format, which keeps dead GPUs (emit='json'/'pt'; "
+            "CLI: --emit json/pt or an OUT ending .json/.pt)"
         )
     if emit == "sglang":
-        doc = {"physical_to_logical_map": _sglang_rows(placement, ids)}
-        atomic_write(path, lambda f: _dump_json_rows(doc, f), "w")
+        num_rows = _sglang_num_rows(ids, num_model_layers)
+        suffix = path.suffix.lower()
+        if suffix not in (".json", ".pt"):
+            raise ValueError(
+                f"SGLang reads --init-expert-location as JSON from a path ending .json and with "
+                f"torch.load from one ending .pt, and parses anything else as inline JSON text; "
+                f"name the output *.json or *.pt, not {path.name!r}"
+            )
+    elif num_model_layers is not None:
+        raise ValueError("num_model_layers (CLI: --num-model-layers) applies to emit='sglang' only")
+    check_writable(path, force)
+    if emit == "sglang":
+        rows = _sglang_rows(placement, ids, num_rows)
+        if path.suffix.lower() == ".pt":
+            payload = {"physical_to_logical_map": rows}
+            atomic_write(path, lambda f: torch.save(payload, f), "wb", force=force)
+        else:
+            doc = {"physical_to_logical_map": rows.tolist()}
+            atomic_write(path, lambda f: _dump_json_rows(doc, f), "w", force=force)
     elif emit == "trtllm":
         text = _trtllm_text(placement, ids, layer_ids is not None)
-        atomic_write(path, lambda f: f.write(text), "w")
+        atomic_write(path, lambda f: f.write(text), "w", force=force)
     else:
         record = _eplb_record(placement, ids if layer_ids is not None else None, weight)
         if emit == "json":
-            atomic_write(path, lambda f: _dump_json_rows(record, f), "w")
+            atomic_write(path, lambda f: _dump_json_rows(record, f), "w", force=force)
         else:
             tensors = dict(record)
             tensors["phy2log"] = placement.phy2log.clone()
@@ -113,7 +138,7 @@ def write_placement(
             for name in ("layer_balancedness", "layer_ceiling"):
                 if tensors.get(name) is not None:
                     tensors[name] = torch.tensor(tensors[name], dtype=torch.float64)
-            atomic_write(path, lambda f: torch.save(tensors, f), "wb")
+            atomic_write(path, lambda f: torch.save(tensors, f), "wb", force=force)
     return path
 
 
@@ -140,12 +165,31 @@ def _dump_json_rows(doc: dict[str, Any], handle: Any) -> None:
     handle.write("{\n" + ",\n".join(parts) + "\n}\n")
 
 
-def _sglang_rows(placement: Placement, ids: list[int]) -> list[list[int]]:
-    num_rows = max(ids) + 1
+def _sglang_num_rows(ids: list[int], num_model_layers: int | None) -> int:
+    """Rows of an SGLang file: the model's layer count, which must cover every layer id."""
+    if num_model_layers is None:
+        return max(ids) + 1
+    if (isinstance(num_model_layers, bool) or not isinstance(num_model_layers, int)
+            or num_model_layers < 1):
+        raise ValueError(
+            f"num_model_layers (CLI: --num-model-layers) must be a positive integer, got "
+            f"{num_model_layers!r}"
+        )
+    if max(ids) >= num_model_layers:
+        raise ValueError(
+            f"the placement's rows are model layers {ids[0]}..{ids[-1]}, but the model has only "
+            f"{num_model_layers} layers (num_model_layers / --num-model-layers); check the "
+            "layer ids (layer_ids / --first-layer)"
+        )
+    return num_model_layers
+
+
+def _sglang_rows(placement: Placement, ids: list[int], num_rows: int) -> torch.Tensor:
+    """``[num_rows, R]`` int64: the plan on its layers, SGLang's trivial map elsewhere."""
     slots = torch.arange(placement.topology.num_replicas)
     full = (slots % placement.num_experts).repeat(num_rows, 1)  # SGLang's init_trivial
     full[torch.tensor(ids)] = placement.phy2log
-    return full.tolist()
+    return full
 
 
 def _topology_comment(placement: Placement, ids: list[int] | None) -> dict[str, Any]:
@@ -248,7 +292,8 @@ def read_placement_meta(
     policy: str | None = None,
 ) -> tuple[Placement, dict[str, Any]]:
     """Like :func:`read_placement`, plus the file's metadata: ``format`` (the emit name),
-    ``layer_ids`` (``None`` when the file does not say) and, for eplb files, the recorded
+    ``layer_ids`` (``None`` when the file does not say), ``policy`` (``None`` when the file
+    does not record one, as in SGLang files) and, for eplb files, the recorded
     balancedness and versions."""
     path = Path(path)
     kind = sniff_container(path)
@@ -274,12 +319,14 @@ def read_placement_meta(
         rows = _int_rows(path, doc["physical_to_logical_map"], "physical_to_logical_map")
         topo = _topology(path, rows.shape[1], num_gpus, num_nodes, num_groups, "SGLang")
         placement = _build(path, rows, num_experts, topo, policy or "global", None)
-        return placement, {"format": "sglang", "layer_ids": None}
+        return placement, {"format": "sglang", "layer_ids": None, "policy": None}
     if "initial_global_assignments" in doc or "moe_config" in doc:
         return _read_trtllm_doc(path, doc, "", num_gpus, num_nodes, num_groups, num_experts, policy)
     if "logical_count" in doc or "load_history" in doc:
         raise FormatError(
-            path, "holds load statistics, not a placement; use eplb.formats.read_loads"
+            path,
+            "holds load statistics, not a placement; give it as LOADS (Python: "
+            "eplb.formats.read_loads)",
         )
     raise FormatError(
         path,
@@ -291,14 +338,20 @@ def read_placement_meta(
 def _load_json_doc(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(path, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise FormatError(path, "JSON nested too deeply to be a placement") from None
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"is not UTF-8 text: {exc}") from None
+    except ValueError as exc:  # JSONDecodeError, > 4300-digit ints
+        raise FormatError(path, json_value_error(exc)) from None
 
 
 def _int_rows(path: Path, value: Any, what: str) -> torch.Tensor:
     try:
         rows = torch.as_tensor(value)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except RecursionError:
+        raise FormatError(path, f"{what} is nested too deeply") from None
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise FormatError(
             path, f"{what} is not a rectangular [layers][slots] table: {exc}"
         ) from None
@@ -314,8 +367,8 @@ def _topology(
 ) -> Topology:
     if num_gpus is None:
         raise ValueError(
-            f"{path}: a {engine} placement does not record the number of GPUs; pass num_gpus= "
-            f"(the EP size; {num_slots} slots must divide evenly)"
+            f"{path}: a {engine} placement does not record the number of GPUs; give the EP "
+            f"size with num_gpus= (CLI: -g/--gpus; {num_slots} slots must divide evenly)"
         )
     try:
         return Topology(num_slots, num_gpus, num_nodes, num_groups)
@@ -374,11 +427,16 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
 def _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy):
     import yaml
 
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"is not UTF-8 text: {exc}") from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise FormatError(path, f"malformed YAML: {exc}") from None
+    except RecursionError:
+        raise FormatError(path, "YAML nested too deeply to be a placement") from None
     if not isinstance(doc, dict):
         raise FormatError(path, f"expected a YAML mapping, found {type(doc).__name__}")
     return _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_experts, policy)
@@ -428,4 +486,4 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
         num_experts = int(info["num_experts"])
     topo = _topology(path, width, num_gpus, num_nodes, num_groups, "TensorRT-LLM")
     placement = _build(path, rows, num_experts, topo, policy or info.get("policy", "global"), None)
-    return placement, {"format": "trtllm", "layer_ids": ids}
+    return placement, {"format": "trtllm", "layer_ids": ids, "policy": info.get("policy")}

@@ -15,7 +15,8 @@ import torch
 
 from eplb.core.inputs import first_bad_load
 from eplb.core.trace import LoadTrace
-from eplb.formats._files import import_safetensors_torch
+from eplb.formats._files import import_safetensors_torch, require_regular_file
+from eplb.formats._npy import load_npy, load_npz, npz_headers
 from eplb.formats.detect import (
     FORMATS,
     TOPK_KEY_PATTERN,
@@ -23,7 +24,7 @@ from eplb.formats.detect import (
     detect_format,
     sniff_container,
 )
-from eplb.formats.errors import FormatError
+from eplb.formats.errors import FormatError, json_value_error
 from eplb.formats.history import read_vllm_history
 from eplb.formats.routing import topk_to_counts
 
@@ -45,7 +46,7 @@ def read_loads(
     format: str | None = None,
     progress: bool = False,
     *,
-    key: str | None = None,
+    key: str | Sequence[str] | None = None,
     tokens_per_step: int | None = None,
     num_experts: int | None = None,
     layer_ids: Sequence[int] | None = None,
@@ -70,16 +71,24 @@ def read_loads(
     - ``"vllm-history"``: ``{"load_history": [{"logical_expert_load": [L][E]}, ...]}``,
       streamed (memory ~ the result; ``progress=True`` shows a bar on stderr).
     - ``"topk"``: per-token top-k ids ``[tokens, L, k]`` (npz/pt/safetensors/npy; arrays
-      whose key matches ``topk``/``selected_experts``/... are auto-detected). By default
-      each id array is one step (a whole batch); ``tokens_per_step=n`` cuts each array
-      into windows of ``n`` tokens (the last one may be shorter). ``num_experts``
-      defaults to the largest id + 1.
+      whose key matches ``topk``/``selected_experts``/... are auto-detected; a file with
+      several such arrays, e.g. one per task or batch, needs ``key=`` to choose: one name,
+      or a list read one after another, never a silent mix). By default each id array is
+      one step (a whole batch); ``tokens_per_step=n`` cuts each array into windows of
+      ``n`` tokens (the last one may be shorter). ``num_experts`` defaults to the largest
+      id + 1; ids must be below 65536.
     - plain tensors ``[L, E]`` or ``[T, L, E]``: ``"pt"``, ``"npy"``, ``"npz"``,
       ``"safetensors"``, ``"json"`` (nested lists), ``"csv"`` (one row per layer, optional
       header; a first header cell ``layer`` makes the first column the layer ids).
 
+    ``meta["model_layer_ids"]`` is ``True`` when the layer ids come from the file itself
+    (SGLang dumps, whose rows are every model layer; TensorRT-LLM statistics; files
+    written by :func:`write_loads`; CSV with a ``layer`` column) and so name the model's
+    own layers, ``False`` when they are just row numbers ``0..L-1``.
+
     Args:
-        key: which array of a multi-array container (npz, dict .pt, safetensors) to read.
+        key: which array of a multi-array container (npz, dict .pt, safetensors) to read;
+            for top-k traces also a list of arrays, read one after another.
         layer_ids: override the layer ids of the rows (e.g. ``range(3, 61)``).
 
     Raises:
@@ -87,14 +96,32 @@ def read_loads(
             the message names the file, what was expected and what was found.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+    require_regular_file(path, "loads file")
+    keys = _keys(key)
     if format is None:
         fmt = detect_format(path)
     elif format in FORMATS:
         fmt = format
     else:
-        raise ValueError(f"unknown load format {format!r}; expected one of {', '.join(FORMATS)}")
+        raise ValueError(
+            f"unknown load format {format!r} (format= / --format); expected one of "
+            f"{', '.join(FORMATS)}"
+        )
+    if tokens_per_step is not None and fmt != "topk":
+        raise ValueError(
+            f"tokens_per_step (CLI: --tokens-per-step) cuts top-k routing traces into steps; "
+            f"{path} is {fmt!r} load statistics, which are already counted per step"
+        )
+    if keys is not None and fmt not in ("topk", "npz", "pt", "safetensors", "json"):
+        raise ValueError(
+            f"key (CLI: --key) picks an array of a multi-array file; {path} is {fmt!r} load "
+            "statistics, which hold one"
+        )
+    if num_experts is not None and fmt not in ("topk", "sglang-per-pass"):
+        raise ValueError(
+            f"num_experts (CLI: --num-experts) applies to top-k routing traces and SGLang "
+            f"per-pass dumps; {path} is {fmt!r}, whose expert count is its width"
+        )
 
     if fmt == "vllm-history":
         _require_container(path, fmt, ("json",))
@@ -107,13 +134,21 @@ def read_loads(
     elif fmt == "trtllm":
         trace = _read_trtllm(path)
     elif fmt == "topk":
-        segments = _topk_segments(path, key)
+        segments = _topk_segments(path, keys)
         counts, meta = topk_to_counts(segments, path, num_experts, tokens_per_step)
         trace = LoadTrace(counts, None, str(path), fmt, meta)
     else:
         _require_container(path, fmt, _CONTAINERS[fmt])
-        counts, found_ids, meta = _read_plain(path, fmt, key)
+        if keys is not None and len(keys) > 1:
+            raise ValueError(
+                f"key names one array of a plain tensor file, got {len(keys)}: {keys}"
+            )
+        counts, found_ids, meta = _read_plain(path, fmt, None if keys is None else keys[0])
+        meta["model_layer_ids"] = found_ids is not None
         trace = LoadTrace(counts, found_ids, str(path), fmt, meta)
+    if fmt in ("sglang", "sglang-per-pass", "trtllm"):
+        trace.meta["model_layer_ids"] = True
+    trace.meta.setdefault("model_layer_ids", False)
 
     if layer_ids is not None:
         ids = [int(i) for i in layer_ids]
@@ -121,8 +156,18 @@ def read_loads(
             raise ValueError(
                 f"layer_ids has {len(ids)} entries but {path} holds {trace.num_layers} layers"
             )
-        trace = LoadTrace(trace.counts, ids, trace.source, trace.format, trace.meta)
+        meta = {**trace.meta, "model_layer_ids": True}
+        trace = LoadTrace(trace.counts, ids, trace.source, trace.format, meta)
     return trace
+
+
+def _keys(key: str | Sequence[str] | None) -> list[str] | None:
+    if key is None:
+        return None
+    keys = [key] if isinstance(key, str) else list(key)
+    if not keys or not all(isinstance(k, str) and k for k in keys):
+        raise ValueError(f"key must be an array name or a list of them, got {key!r}")
+    return keys
 
 
 # --------------------------------------------------------------------------- helpers
@@ -142,6 +187,12 @@ def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(value))
     try:
         return torch.from_numpy(np.asarray(value, dtype=np.float64))
+    except OverflowError:
+        raise FormatError(
+            path, f"{what} holds a number too large for a float64 load (over 1.8e308)"
+        ) from None
+    except RecursionError:
+        raise FormatError(path, f"{what} is nested too deeply") from None
     except (TypeError, ValueError) as exc:
         raise FormatError(
             path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
@@ -173,6 +224,8 @@ def _as_counts(value: Any, path: Path, what: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------- SGLang
 def _read_sglang(path: Path) -> LoadTrace:
     kind = sniff_container(path)
+    if kind == "dir":
+        return _read_sglang_folder(path)
     if kind == "json":
         obj = _load_json(path)
     elif kind in ("pt-zip", "pt-pickle"):
@@ -191,11 +244,36 @@ def _read_sglang(path: Path) -> LoadTrace:
     return LoadTrace(counts, None, str(path), "sglang", meta)
 
 
+def _read_sglang_folder(path: Path) -> LoadTrace:
+    """A folder of stat-mode dumps ``expert_distribution_recorder_{time}.pt``: their steps
+    one after another, oldest dump first (rank 0 writes one per dump request)."""
+    files = sorted(path.glob("expert_distribution_recorder_*.pt"), key=_dump_time)
+    if not files:
+        raise FormatError(path, "expected expert_distribution_recorder_*.pt dumps, found none")
+    traces = [_read_sglang(f) for f in files]
+    shapes = {t.counts.shape[1:] for t in traces}
+    if len(shapes) > 1:
+        raise FormatError(path, f"the dumps disagree on [layers, experts]: {sorted(shapes)}")
+    counts = torch.cat([t.counts for t in traces])
+    meta = {"files": [f.name for f in files],
+            "empty_steps": sum(t.meta.get("empty_steps", 0) for t in traces)}
+    return LoadTrace(counts, None, str(path), "sglang", meta)
+
+
+def _dump_time(file: Path) -> tuple[float, str]:
+    match = re.match(r"expert_distribution_recorder_([0-9.]+?)(?:_\d+)?\.pt$", file.name)
+    try:
+        return (float(match.group(1)) if match else float("inf"), file.name)
+    except ValueError:
+        return float("inf"), file.name
+
+
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (int, float, str, bool))
 
 
 def _load_json(path: Path) -> Any:
+    require_regular_file(path)
     try:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
@@ -203,6 +281,10 @@ def _load_json(path: Path) -> Any:
         raise FormatError(path, f"malformed JSON: {exc}") from None
     except UnicodeDecodeError as exc:
         raise FormatError(path, f"is not UTF-8 text: {exc}") from None
+    except RecursionError:
+        raise FormatError(path, "JSON nested too deeply to be load statistics") from None
+    except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
+        raise FormatError(path, json_value_error(exc)) from None
 
 
 def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
@@ -303,6 +385,7 @@ def _read_trtllm(path: Path) -> LoadTrace:
     num_experts = meta.get("num_experts")
     total: dict[tuple[int, int], torch.Tensor] = {}
     for _rank, file in files:
+        require_regular_file(file)
         try:
             tensors = st.load_file(str(file))
         except Exception as exc:  # safetensors raises its own error types
@@ -342,63 +425,87 @@ def _read_trtllm(path: Path) -> LoadTrace:
 
 
 # --------------------------------------------------------------------------- top-k ids
-def _topk_segments(path: Path, key: str | None) -> list[tuple[str, torch.Tensor]]:
-    arrays = _named_arrays(path)
-    if key is not None:
-        if key not in arrays:
-            raise FormatError(path, f"has no array {key!r}; it holds {sorted(arrays)}")
-        return [(key, arrays[key])]
+def _topk_segments(path: Path, keys: list[str] | None) -> list[tuple[str, torch.Tensor]]:
+    arrays = _named_arrays(path, keys)
+    if keys is not None:
+        return [(k, arrays[k]) for k in keys]
     if len(arrays) == 1:
         return list(arrays.items())
     chosen = [(k, v) for k, v in arrays.items() if TOPK_KEY_PATTERN.search(k)]
     if not chosen:
         raise FormatError(
             path,
-            f"expected top-k id arrays (keys like '*topk_ids'), found {sorted(arrays)}; pass key=",
+            f"expected top-k id arrays (keys like '*topk_ids'), found {sorted(arrays)}; choose "
+            "one with key= (CLI: --key NAME)",
+        )
+    if len(chosen) > 1:
+        names = [k for k, _ in chosen]
+        raise FormatError(
+            path,
+            f"holds {len(chosen)} top-k id arrays {names} (e.g. one per task or batch); choose "
+            "one with key= (CLI: --key NAME), or several to read them one after another "
+            "(CLI: --key A,B)",
         )
     return chosen
 
 
-def _named_arrays(path: Path) -> dict[str, torch.Tensor]:
-    """Every array of an npz / npy / .pt / safetensors container, by name, in file order."""
+def _named_arrays(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Arrays of an npz / npy / .pt / safetensors container by name, in file order: all of
+    them, or only ``keys`` (each must exist)."""
     kind = sniff_container(path)
     if kind == "npz":
-        with np.load(path) as archive:
-            return {k: _to_tensor(archive[k], path, k) for k in archive.files}
+        names = list(npz_headers(path))
+        _check_keys(path, keys, names)
+        loaded = load_npz(path, keys)
+        return {k: _to_tensor(v, path, k) for k, v in loaded.items()}
     if kind == "npy":
-        return {path.stem: _to_tensor(np.load(path), path, path.name)}
+        _check_keys(path, keys, [path.stem])
+        return {path.stem: _to_tensor(load_npy(path), path, path.name)}
     if kind == "safetensors":
         st = import_safetensors_torch()
         try:
-            return dict(st.load_file(str(path)))
+            tensors = dict(st.load_file(str(path)))
         except Exception as exc:  # safetensors raises its own error types
             raise FormatError(path, f"not a readable safetensors file: {exc}") from None
-    if kind in ("pt-zip", "pt-pickle"):
+    elif kind in ("pt-zip", "pt-pickle"):
         obj = _load_pt(path)
         if isinstance(obj, dict):
-            return {
+            tensors = {
                 str(k): _to_tensor(v, path, str(k))
                 for k, v in obj.items()
                 if isinstance(v, (torch.Tensor, np.ndarray, list))
             }
-        return {path.stem: _to_tensor(obj, path, path.name)}
-    raise FormatError(
-        path, f"expected an array container (.npz, .npy, .pt, .safetensors), found {kind} content"
-    )
+        else:
+            tensors = {path.stem: _to_tensor(obj, path, path.name)}
+    else:
+        raise FormatError(
+            path,
+            f"expected an array container (.npz, .npy, .pt, .safetensors), found {kind} content",
+        )
+    _check_keys(path, keys, list(tensors))
+    return tensors if keys is None else {k: tensors[k] for k in keys}
+
+
+def _check_keys(path: Path, keys: list[str] | None, names: list[str]) -> None:
+    missing = [k for k in keys or () if k not in names]
+    if missing:
+        raise FormatError(path, f"has no array {missing[0]!r} (key / --key); it holds {names}")
 
 
 # ---------------------------------------------------------------------- plain tensors
 def _pick(arrays: dict[str, Any], path: Path, key: str | None) -> tuple[str, Any]:
     if key is not None:
         if key not in arrays:
-            raise FormatError(path, f"has no array {key!r}; it holds {sorted(arrays)}")
+            raise FormatError(
+                path, f"has no array {key!r} (key / --key); it holds {sorted(arrays)}"
+            )
         return key, arrays[key]
     if len(arrays) == 1:
         return next(iter(arrays.items()))
     raise FormatError(
         path,
         f"holds {len(arrays)} arrays {sorted(arrays)}; expected one [L, E] or [T, L, E] "
-        "array, pass key= to choose",
+        "array: choose one with key= (CLI: --key NAME)",
     )
 
 
@@ -414,7 +521,7 @@ def _read_plain(
             name, value = _pick(obj, path, key)
             return _as_counts(value, path, name), None, {"key": name}
         return _as_counts(obj, path, "the JSON array"), None, {}
-    arrays = _named_arrays(path)
+    arrays = _named_arrays(path, None if key is None else [key])
     if key is None and set(arrays) == {"counts", "layer_ids"}:  # written by write_loads
         ids = [int(i) for i in arrays["layer_ids"].flatten().tolist()]
         return _as_counts(arrays["counts"], path, "counts"), ids, {"key": "counts"}
@@ -423,6 +530,7 @@ def _read_plain(
 
 
 def _read_csv(path: Path) -> tuple[torch.Tensor, list[int] | None]:
+    require_regular_file(path)
     try:
         with open(path, encoding="utf-8", newline="") as handle:
             rows = [
@@ -432,6 +540,8 @@ def _read_csv(path: Path) -> tuple[torch.Tensor, list[int] | None]:
             ]
     except UnicodeDecodeError as exc:
         raise FormatError(path, f"is not UTF-8 text: {exc}") from None
+    except csv.Error as exc:
+        raise FormatError(path, f"malformed CSV: {exc}") from None
     if not rows:
         raise FormatError(path, "expected CSV rows of expert loads (one row per layer), found none")
     header = None

@@ -8,6 +8,13 @@ import torch
 
 from eplb.formats.errors import FormatError
 
+#: Expert ids at or above this are refused: no MoE model has this many experts, and a
+#: stray huge id (a corrupt file, or a token id array) would make the per-expert count
+#: tensor absurdly large.
+MAX_EXPERTS = 1 << 16
+#: At most this many counts (8 GiB as float64) from one top-k file.
+MAX_COUNT_CELLS = 1 << 30
+
 
 def topk_to_counts(
     segments: list[tuple[str, torch.Tensor]],
@@ -34,7 +41,8 @@ def topk_to_counts(
         or tokens_per_step < 1
     ):
         raise ValueError(
-            f"tokens_per_step must be a positive integer or None, got {tokens_per_step!r}"
+            "tokens_per_step (CLI: --tokens-per-step) must be a positive integer or None, got "
+            f"{tokens_per_step!r}"
         )
     if not segments:
         raise FormatError(path, "expected at least one top-k id array, found none")
@@ -57,13 +65,42 @@ def topk_to_counts(
             )
         if ids.numel():
             largest = max(largest, int(ids.max()))
+            if largest >= MAX_EXPERTS:
+                raise FormatError(
+                    path,
+                    f"top-k ids {name!r} hold expert id {largest}; expert ids must be below "
+                    f"{MAX_EXPERTS} (is this really an array of expert ids?)",
+                )
     num_layers, top_k = shape
     if num_experts is None:
         if largest < 0:
-            raise FormatError(path, "top-k ids hold no expert id (all padding); pass num_experts=")
+            raise FormatError(
+                path,
+                "top-k ids hold no expert id (all padding); give the expert count with "
+                "num_experts= (CLI: --num-experts)",
+            )
         num_experts = largest + 1
+    elif (isinstance(num_experts, bool) or not isinstance(num_experts, int)
+          or not 1 <= num_experts <= MAX_EXPERTS):
+        raise ValueError(f"num_experts must be an integer in 1..{MAX_EXPERTS}, got {num_experts!r}")
     elif largest >= num_experts:
-        raise FormatError(path, f"top-k ids reach expert {largest}, but num_experts={num_experts}")
+        raise FormatError(
+            path,
+            f"top-k ids reach expert {largest}, but the expert count is {num_experts} "
+            "(num_experts= / --num-experts)",
+        )
+    total_steps = sum(
+        max(-(-ids.shape[0] // (tokens_per_step or max(ids.shape[0], 1))), 1)
+        for _, ids in segments
+    )
+    cells = total_steps * num_layers * num_experts
+    if cells > MAX_COUNT_CELLS:
+        raise FormatError(
+            path,
+            f"counting these ids would make {total_steps} steps x {num_layers} layers x "
+            f"{num_experts} experts = {cells:,} float64 counts ({cells * 8 / 2**30:.1f} GiB); "
+            "use a larger tokens_per_step (CLI: --tokens-per-step)",
+        )
 
     steps: list[torch.Tensor] = []
     step_tokens: list[int] = []

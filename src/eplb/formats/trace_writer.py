@@ -40,16 +40,17 @@ def write_loads(
     layer_ids = torch.tensor(trace.layer_ids, dtype=torch.int64)
     if format == "pt":
         payload = {"counts": counts, "layer_ids": layer_ids}
-        atomic_write(path, lambda f: torch.save(payload, f), "wb")
+        atomic_write(path, lambda f: torch.save(payload, f), "wb", force=force)
     elif format == "npz":
         atomic_write(
-            path, lambda f: np.savez(f, counts=counts.numpy(), layer_ids=layer_ids.numpy()), "wb"
+            path, lambda f: np.savez(f, counts=counts.numpy(), layer_ids=layer_ids.numpy()), "wb",
+            force=force,
         )
     elif format == "sglang":
         doc = {"logical_count": counts.tolist()}
-        atomic_write(path, lambda f: json.dump(doc, f), "w")
+        atomic_write(path, lambda f: json.dump(doc, f), "w", force=force)
     else:
-        atomic_write(path, lambda f: _write_history(counts, f), "w")
+        atomic_write(path, lambda f: _write_history(counts, f), "w", force=force)
     return path
 
 

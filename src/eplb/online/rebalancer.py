@@ -14,6 +14,7 @@ estimator (:mod:`eplb.online.estimate`) and any planner:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -198,6 +199,15 @@ class Rebalancer:
     The history is a ring buffer holding the last ``max(window, estimator.lookback(window))``
     steps (``window`` for every estimator except ``multi:K:M``), stored as float32
     (per-step counts are integers; sums are taken in float64).
+
+    **Threads.** :meth:`record`, :meth:`rebalance_now` and the ``placement``/``history``
+    views are serialised by one re-entrant lock, so engine threads may call ``record``
+    concurrently: every step is counted once and rebalances happen exactly after steps
+    ``I, 2I, ...`` (a thread that triggers a rebalance holds the lock while planning;
+    the others wait). **Failures.** A call to ``record`` or ``rebalance_now`` that
+    raises (e.g. the planner fails on the second rebalance of a chunk) leaves the
+    rebalancer exactly as before the call: no step of the chunk is recorded, and no
+    rebalance event or placement of it is kept.
     """
 
     def __init__(
@@ -243,22 +253,25 @@ class Rebalancer:
         self._next = 0  # ring write position
         self.steps = 0  # steps recorded so far
         self.events: list[RebalanceEvent] = []
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ state
     @property
     def placement(self) -> Placement | None:
         """The placement in force (``None`` before the first rebalance without ``initial``)."""
-        return self._placement
+        with self._lock:
+            return self._placement
 
     @property
     def history(self) -> torch.Tensor:
         """``[T, L, E]`` float32 copy of the buffered steps, oldest first (``T <= capacity``)."""
-        if self._buffer is None:
-            raise ValueError("no steps recorded yet")
-        filled = min(self.steps, self.capacity)
-        if filled < self.capacity:
-            return self._buffer[:filled].clone()
-        return torch.roll(self._buffer, -self._next, dims=0)
+        with self._lock:
+            if self._buffer is None:
+                raise ValueError("no steps recorded yet")
+            filled = min(self.steps, self.capacity)
+            if filled < self.capacity:
+                return self._buffer[:filled].clone()
+            return torch.roll(self._buffer, -self._next, dims=0)
 
     # ------------------------------------------------------------------ input
     def _append(self, counts: torch.Tensor) -> None:
@@ -283,8 +296,38 @@ class Rebalancer:
         Rebalances after every ``interval``-th recorded step, also inside a multi-step
         chunk (the steps after a rebalance point are recorded after it). Returns the new
         placement when a rebalance changed it (the last one, for a chunk), else ``None``.
+        Thread-safe; all or nothing when it raises (see the class docstring).
         """
         steps = as_history(counts, "counts")
+        with self._lock:
+            saved = self._snapshot(steps.shape[0])
+            try:
+                return self._record(steps)
+            except BaseException:
+                self._restore(saved)
+                raise
+
+    def _snapshot(self, num_steps: int) -> tuple:
+        """What :meth:`_record` of ``num_steps`` steps may change: the counters, the events,
+        the placement and the ring rows it will overwrite (a copy of at most the chunk)."""
+        rows = None
+        if self._buffer is not None:
+            touched = min(num_steps, self.capacity)
+            index = (self._next + torch.arange(touched, device=self._buffer.device)) \
+                % self.capacity
+            rows = (index, self._buffer[index].clone())
+        return (self._buffer is None, rows, self._next, self.steps, len(self.events),
+                self._placement)
+
+    def _restore(self, saved: tuple) -> None:
+        was_empty, rows, self._next, self.steps, num_events, self._placement = saved
+        if was_empty:
+            self._buffer = None
+        elif rows is not None and self._buffer is not None:
+            self._buffer[rows[0]] = rows[1]
+        del self.events[num_events:]
+
+    def _record(self, steps: torch.Tensor) -> Placement | None:
         if self._buffer is None:
             _, num_layers, num_experts = steps.shape
             # the ring lives where the counts do: an engine's CUDA counts never leave the GPU
@@ -306,7 +349,7 @@ class Rebalancer:
             # only the last `capacity` steps of a long chunk can matter
             self._append_tail(chunk)
             if self.steps % self.interval == 0:
-                new = self.rebalance_now()
+                new = self._rebalance()
                 result = new if new is not None else result
         return result
 
@@ -320,10 +363,17 @@ class Rebalancer:
     # ------------------------------------------------------------------ planning
     def estimate(self) -> Estimate:
         """The estimator's output on the current history."""
-        return self.estimator.estimate(self.history, min(self.window, self.steps))
+        with self._lock:
+            return self.estimator.estimate(self.history, min(self.window, self.steps))
 
     def rebalance_now(self) -> Placement | None:
-        """Plan on the current history now; return the new placement if it changed."""
+        """Plan on the current history now; return the new placement if it changed.
+
+        Thread-safe; when planning raises, nothing changes."""
+        with self._lock:
+            return self._rebalance()
+
+    def _rebalance(self) -> Placement | None:
         estimate = self.estimate()
         previous = self._placement
         start = time.perf_counter()

@@ -29,6 +29,21 @@ _COLOURS = {
 }
 
 
+# distinct colours for labels outside the fixed palette (e.g. "oracle ..."), in order
+_EXTRA_COLOURS = ("#9467bd", "#d62728", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#000000")
+
+
+def series_colours(labels: Sequence[str]) -> dict[str, str]:
+    """A colour per label: the fixed palette for known planners, and for any other label
+    (e.g. an oracle curve) a colour no other label of this picture uses."""
+    out = {label: _COLOURS[label] for label in labels if label in _COLOURS}
+    spare = [c for c in _EXTRA_COLOURS if c not in out.values()]
+    for label in labels:
+        if label not in out:
+            out[label] = spare.pop(0) if spare else "#333333"
+    return out
+
+
 def matplotlib_available() -> bool:
     """True when matplotlib can be imported (the ``plot`` extra is installed)."""
     try:
@@ -90,12 +105,13 @@ def plot_gpu_heatmaps(
         layer_ids: the model's layer number of each row (for the y axis).
         dead_gpus: GPU columns to grey out (they carry no load).
 
-    Colours: white is 1.0 (fair share), red is overloaded, blue is underloaded; the
-    colourbar is shared so panels compare directly. Each panel's subtitle states its
-    worst GPU (max/mean) and balancedness.
+    Colours: white is 1.0 (fair share), red is overloaded, blue is underloaded, on one
+    shared symmetric-log colour scale (:func:`heatmap_norm`) so that panels compare
+    directly *and* a near-perfect plan (deviations of 0.1 %) is not drawn blank next to
+    an unbalanced one (deviations of 100 %). Each panel's subtitle states its worst GPU
+    (max/mean) and balancedness.
     """
     plt = _pyplot()
-    from matplotlib.colors import TwoSlopeNorm
 
     norm_panels = []
     for label, loads in panels:
@@ -107,10 +123,7 @@ def plot_gpu_heatmaps(
         peak = loads[:, live].max(1).values
         bal = float(mean.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
         norm_panels.append((label, norm, live, bal))
-    vmax = max(float(n[:, live].max()) for _, n, live, _ in norm_panels)
-    # cap the scale at 2x the mean so deviations near 1.0 stay visible; hotter GPUs saturate
-    extend = "max" if vmax > 2.0 else "neither"
-    vmax = min(max(vmax, 1.05), 2.0)
+    colour_norm, ticks = heatmap_norm([n[:, live] for _, n, live, _ in norm_panels])
     num_layers, num_gpus = norm_panels[0][1].shape
     width = min(6.0, 2.0 + num_gpus * 0.12)
     height = min(9.0, 2.4 + num_layers * 0.09)
@@ -118,41 +131,109 @@ def plot_gpu_heatmaps(
         1, len(panels), figsize=(width * len(panels) + 1.2, height), squeeze=False,
         constrained_layout=True,
     )
-    colour_norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
     import matplotlib
 
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#bbbbbb")  # grey = dead GPU
     image = None
     for ax, (label, norm, live, bal) in zip(axes[0], norm_panels, strict=True):
-        data = norm.numpy().copy()
+        data = (norm - 1.0).numpy().copy()  # deviation from the fair share
         data[:, ~live.numpy()] = float("nan")  # dead GPUs show as grey
         image = ax.imshow(
             data, aspect="auto", cmap=cmap, norm=colour_norm, interpolation="nearest"
         )
         worst = float(norm[:, live].max())
-        ax.set_title(f"{label}\nworst GPU {worst:.2f}× mean, balancedness {bal:.4f}", fontsize=10)
+        ax.set_title(f"{label}\nworst GPU {worst:.4f}× mean, balancedness {bal:.4f}", fontsize=10)
         ax.set_xlabel("GPU index")
         ax.set_ylabel("MoE layer")
         _layer_ticks(ax, layer_ids, num_layers)
-    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, extend=extend)
-    bar.set_label("GPU load / layer mean load  (1.0 = fair share"
-                  + (", ≥ 2 shown darkest)" if extend == "max" else ")"))
+    bar = fig.colorbar(image, ax=axes[0].tolist(), shrink=0.9, ticks=ticks)
+    bar.ax.set_yticklabels([f"{1 + t:.4g}" for t in ticks])
+    bar.set_label("load / layer mean (log scale)")
     fig.suptitle(title, fontsize=12)
     return _save(fig, path)
 
 
+def heatmap_norm(panels: Sequence[torch.Tensor]) -> tuple[object, list[float]]:
+    """Colour scale for ``load / mean - 1`` of every panel ``[L, P]`` (live GPUs).
+
+    A symmetric-log norm around 0: linear within ``±t`` and logarithmic beyond, where ``t``
+    is half the typical deviation (90th percentile of ``|load / mean - 1|``) of the *best*
+    panel, so its structure shows; the range reaches the largest deviation of any panel
+    (at most 1, i.e. twice the mean; hotter GPUs saturate). Returns ``(norm, ticks)``.
+    """
+    from matplotlib.colors import SymLogNorm
+
+    typical, largest = [], 1e-3
+    for panel in panels:
+        dev = (torch.as_tensor(panel, dtype=torch.float64) - 1.0).abs().flatten()
+        if dev.numel():
+            typical.append(float(torch.quantile(dev, 0.9)))
+            largest = max(largest, float(dev.max()))
+    linthresh = min(max(min(typical, default=0.01) / 2, 1e-4), 0.05)
+    span = min(max(largest, 2 * linthresh), 1.0)
+    norm = SymLogNorm(linthresh=linthresh, linscale=0.5, vmin=-span, vmax=span, base=10)
+    steps = [t for t in (0.001, 0.01, 0.1, 1.0) if linthresh <= t <= span] or [span]
+    ticks = sorted({0.0, *steps, *(-t for t in steps)})
+    return norm, ticks
+
+
 def _save(fig: object, path: str | Path) -> Path:
     """Write a figure as PNG and free it."""
+    from eplb.formats._files import atomic_write
+
     path = Path(path)
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
+    try:  # complete or absent, with the umask's permissions, like every eplb output
+        atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"), "wb",
+                     force=True)
+    finally:
+        _pyplot().close(fig)
     return path
 
 
-def _save_with_legend(fig: object, ax: object, path: str | Path) -> Path:
+def _save_with_legend(fig: object, ax: object, path: str | Path, title: str | None = None) -> Path:
     """Legend under the axes (never over the curves), then :func:`_save`."""
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=9, frameon=False)
+    labels = ax.get_legend_handles_labels()[1]
+    ncol = 1 if max((len(t) for t in labels), default=0) > 45 else 2
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=ncol, fontsize=9,
+              frameon=False, title=title, title_fontsize=9)
     return _save(fig, path)
+
+
+def layer_panels(
+    series: Mapping[str, torch.Tensor], ceiling: torch.Tensor | None = None
+) -> list[tuple[list[str], tuple[float, float], str]]:
+    """The per-layer chart's panels: ``(labels, y range, kind)``, ranges fitted to the data.
+
+    The first panel (kind ``"value"``) shows every series and the ceiling. When a far
+    lower series (e.g. "no rebalancing" at 0.4) squashes the planners (0.993 vs 0.9997)
+    into one line, a second panel shows the others: with a ceiling, as their distance
+    below it per layer (kind ``"gap"``, which also separates planners whose values swing
+    from 0.6 to 1.0 across layers); without, zoomed on their values (kind ``"value"``).
+    Ranges pad the data by 5 % of their span.
+    """
+    def fit(values: list[torch.Tensor], floor: float | None = None) -> tuple[float, float]:
+        lo = min(float(v.min()) for v in values)
+        hi = max(float(v.max()) for v in values)
+        pad = max((hi - lo) * 0.05, 1e-4)
+        return (lo - pad if floor is None else floor), hi + pad
+
+    data = {k: torch.as_tensor(v, dtype=torch.float64).cpu() for k, v in series.items()}
+    ceil = None if ceiling is None else torch.as_tensor(ceiling, dtype=torch.float64).cpu()
+    labels = list(data)
+    panels = [(labels, fit([*data.values(), *([] if ceil is None else [ceil])]), "value")]
+    lowest = min(labels, key=lambda k: float(data[k].mean())) if len(labels) >= 2 else None
+    rest = [k for k in labels if k != lowest]
+    if ceil is not None and rest:
+        gaps = [(ceil - data[k]).clamp(min=0) for k in rest]
+        panels.append((rest, fit(gaps, floor=0.0), "gap"))
+    elif lowest is not None:
+        full = panels[0][1]
+        zoom = fit([data[k] for k in rest])
+        # zoom only when the baseline stretches the axis far beyond the planners' spread
+        # (at least 0.01: planners 0.99 vs 0.999 already read well on one axis)
+        if (full[1] - full[0]) > 4 * max(zoom[1] - zoom[0], 0.01):
+            panels.append((rest, zoom, "value"))
+    return panels
 
 
 def plot_layer_balancedness(
@@ -168,32 +249,48 @@ def plot_layer_balancedness(
     Args:
         series: planner label -> ``[L]`` balancedness per layer.
         ceiling: ``[L]`` the best any placement can reach on each layer (dashed line).
+
+    The y axes fit the data (:func:`layer_panels`): next to the values, a second panel
+    shows how far below the ceiling each planner stays per layer (or, without a
+    ceiling, zooms on the planners when a far lower baseline would hide them).
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8.5, 4.8), constrained_layout=True)
+    panels = layer_panels(series, ceiling)
+    colours = series_colours(list(series))
+    ceil = None if ceiling is None else torch.as_tensor(ceiling, dtype=torch.float64).cpu()
+    fig, axes = plt.subplots(1, len(panels), figsize=(8.5 if len(panels) == 1 else 13, 4.8),
+                             constrained_layout=True, squeeze=False)
     num_layers = 0
-    for label, values in series.items():
-        values = torch.as_tensor(values, dtype=torch.float64).cpu()
-        num_layers = values.numel()
-        total = float(values.mean())
-        ax.plot(
-            range(num_layers), values.numpy(), marker="o", markersize=3, linewidth=1.2,
-            label=f"{label} (layer average {total:.4f})", color=_COLOURS.get(label),
-        )
-    if ceiling is not None:
-        ceiling = torch.as_tensor(ceiling, dtype=torch.float64).cpu()
-        num_layers = ceiling.numel()
-        ax.plot(
-            range(num_layers), ceiling.numpy(), linestyle="--", linewidth=1.5,
-            color=_COLOURS["ceiling"], label="ceiling (best possible)",
-        )
-    ax.set_xlabel("MoE layer")
-    ax.set_ylabel("balancedness = mean / max GPU load")
-    ax.set_ylim(top=1.005)
-    ax.grid(alpha=0.3)
-    _layer_ticks(ax, layer_ids, num_layers, axis="x")
-    ax.set_title(f"{title}\n(higher is better; MoE time scales as 1 / balancedness)", fontsize=11)
-    return _save_with_legend(fig, ax, path)
+    for i, (ax, (labels, (lo, hi), kind)) in enumerate(zip(axes[0], panels, strict=True)):
+        for label in labels:
+            values = torch.as_tensor(series[label], dtype=torch.float64).cpu()
+            num_layers = values.numel()
+            shown = (ceil - values).clamp(min=0) if kind == "gap" else values
+            ax.plot(
+                range(num_layers), shown.numpy(), marker="o", markersize=3, linewidth=1.2,
+                label=None if i else f"{label} (layer average {float(values.mean()):.4f})",
+                color=colours[label],
+            )
+        if ceil is not None and kind == "value":
+            num_layers = ceil.numel()
+            ax.plot(
+                range(num_layers), ceil.numpy(), linestyle="--", linewidth=1.5,
+                color=_COLOURS["ceiling"], label=None if i else "ceiling (best possible)",
+            )
+        ax.set_xlabel("MoE layer")
+        if kind == "gap":
+            ax.set_ylabel("ceiling − balancedness (0 = at the bound)")
+            ax.set_title("distance below the ceiling (lower is better)", fontsize=10)
+        else:
+            ax.set_ylabel("balancedness = mean / max GPU load")
+            if i:
+                ax.set_title("zoom on the planners", fontsize=10)
+        ax.set_ylim(lo, hi)
+        ax.grid(alpha=0.3)
+        _layer_ticks(ax, layer_ids, num_layers, axis="x")
+    fig.suptitle(f"{title}\n(higher is better; MoE time scales as 1 / balancedness)",
+                 fontsize=11)
+    return _save_with_legend(fig, axes[0][0], path)
 
 
 def plot_balancedness_over_time(
@@ -204,6 +301,8 @@ def plot_balancedness_over_time(
     xlabel: str = "window (scored on the next window's loads)",
     rebalance_at: Sequence[float] = (),
     title: str = "Balancedness over time",
+    averages: Mapping[str, float | None] | None = None,
+    average_label: str = "average",
 ) -> Path:
     """Balancedness of each planner over simulated time.
 
@@ -211,15 +310,25 @@ def plot_balancedness_over_time(
         series: label -> ``[T]`` balancedness per scoring window.
         x: the time of each point (window index or step); defaults to ``0..T-1``.
         rebalance_at: times at which a rebalance happened (thin vertical ticks).
+        averages: the figure to show in each label's legend entry (e.g. the same mean a
+            report's table gives); default the mean of the plotted values.
+        average_label: what that figure is called in the legend.
+
+    Every label gets its own colour (:func:`series_colours`); labels starting with
+    "oracle" are dashed.
     """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.5, 4.8), constrained_layout=True)
+    colours = series_colours(list(series))
     for label, values in series.items():
         values = torch.as_tensor(values, dtype=torch.float64).cpu()
         xs = list(x) if x is not None else list(range(values.numel()))
+        average = (averages or {}).get(label)
+        average = float(values.mean()) if average is None else average
         ax.plot(
             xs, values.numpy(), linewidth=1.3, marker="." if values.numel() < 80 else None,
-            label=f"{label} (average {float(values.mean()):.4f})", color=_COLOURS.get(label),
+            label=f"{label}: {average:.4f}", color=colours[label],
+            linestyle="--" if label.startswith("oracle") else "-",
         )
     for i, t in enumerate(rebalance_at):
         ax.axvline(t, color="#999999", linewidth=0.5, alpha=0.5,
@@ -232,7 +341,7 @@ def plot_balancedness_over_time(
     ax.set_ylim(top=1.005)
     ax.grid(alpha=0.3)
     ax.set_title(f"{title}\n(higher is better; 1.0 = every GPU equally loaded)", fontsize=11)
-    return _save_with_legend(fig, ax, path)
+    return _save_with_legend(fig, ax, path, title=f"balancedness, {average_label}")
 
 
 # ---------------------------------------------------------------------------- report
@@ -302,9 +411,12 @@ class Report:
             for name, draw in self._figures:
                 draw(directory / name)
                 written.append(directory / name)
-        md = self._markdown(have_plots)
-        (directory / "report.md").write_text(md, encoding="utf-8")
-        (directory / "report.html").write_text(self._html(have_plots), encoding="utf-8")
+        from eplb.formats._files import atomic_write
+
+        for name, text in (("report.md", self._markdown(have_plots)),
+                           ("report.html", self._html(have_plots))):
+            atomic_write(directory / name, lambda handle, text=text: handle.write(text), "w",
+                         force=force)
         return [directory / "report.md", directory / "report.html", *written]
 
     # -------------------------------------------------------------- renderers

@@ -171,7 +171,8 @@ class SimulationResult:
     def summary(self) -> dict[str, Any]:
         """Scalar figures over the planned windows / steps after the first rebalance."""
         planned = self.planned
-        first = int(self.rebalance_steps[0]) if self.rebalance_steps.numel() else self.num_steps
+        # the first rebalance point, the same for every planner ("none" never plans there)
+        first = min(self.cadence.interval, self.num_steps)
         steps_after = self.step_balancedness[first:]
         out: dict[str, Any] = {
             "planner": self.planner,
@@ -346,7 +347,7 @@ def simulate(
             win = torch.arange(a, b) // score
             keep = win < num_windows
             window_loads.index_add_(0, win[keep], loads[keep])
-        if end < num_steps:
+        if end < num_steps and planner != "none":  # "none" never rebalances
             rebalancer.record(counts[start:end])
             placement = rebalancer.placement
         start = end
@@ -355,8 +356,8 @@ def simulate(
     window_bal = _balancedness(window_loads, live) if num_windows else torch.zeros(0)
     window_starts = torch.arange(num_windows, dtype=torch.int64) * score
     events = rebalancer.events
-    first = events[0].step if events else num_steps
-    planned = window_starts >= first
+    # windows from the first rebalance point on, for every planner alike
+    planned = window_starts >= min(cad.interval, num_steps)
     oracle_bal = None
     if oracle:
         wsum = counts[: num_windows * score].view(num_windows, score, num_layers,

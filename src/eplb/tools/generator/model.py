@@ -57,7 +57,7 @@ Everything is vectorised over layers and experts with torch; steps are processed
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -408,6 +408,7 @@ def generate_trace(
     num_experts: int | None = None,
     top_k: int | None = None,
     sigma: float | tuple[float, float] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LoadTrace:
     """Sample a per-step routed-token trace.
 
@@ -426,6 +427,8 @@ def generate_trace(
         regime_period: steps per regime segment for the named schedules (default ``steps // 4``).
         num_layers, num_experts, top_k, sigma: shape / skew overrides as in
             :func:`generate_loads`.
+        progress: called as ``progress(steps_done, steps)`` after each chunk of steps (for
+            a progress bar; long traces take tens of seconds). It does not change the trace.
 
     Returns:
         :class:`eplb.formats.LoadTrace` with ``counts [T, L, E]`` float64 non-negative integers,
@@ -499,6 +502,8 @@ def generate_trace(
         probs = _cap_shares(pop * mix, cap)
         probs = probs / probs.sum(-1, keepdim=True)
         counts[c0:c1] = _multinomial(total, probs, gen)
+        if progress is not None:
+            progress(c1, steps)
 
     meta = {
         "preset": shape.name,

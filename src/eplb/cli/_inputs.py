@@ -1,0 +1,131 @@
+"""Reading options shared by the commands, and the CLI's view of policy resolution.
+
+- :func:`add_input_options` adds ``--format``, ``--key``, ``--tokens-per-step`` and
+  ``--num-experts`` to a command that reads loads; :func:`read_trace` reads one or
+  several files with them (several files are steps one after another).
+- :func:`cli_policy` asks :func:`eplb.core.resolve_policy` what a policy means for the
+  given cluster and reports, with the flags' names, when the user's ``--nodes`` /
+  ``--groups`` cannot be honoured.
+- :func:`warn` prints one ``eplb: warning: ...`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from eplb.cli._common import CliError
+from eplb.core import LoadTrace, Topology, resolve_policy
+from eplb.formats import read_loads
+
+
+def warn(message: str) -> None:
+    """One ``eplb: warning: ...`` line on stderr (even with ``--json``: stdout stays clean)."""
+    text = " ".join(str(message).split())
+    if text.startswith("eplb: "):
+        text = text[len("eplb: "):]
+    print(f"eplb: warning: {text}", file=sys.stderr)
+
+
+def add_input_options(p: argparse.ArgumentParser, what: str = "LOADS") -> None:
+    """``--format``, ``--key``, ``--tokens-per-step``, ``--num-experts`` for reading ``what``."""
+    g = p.add_argument_group("reading " + what)
+    g.add_argument("--format", default=None, metavar="FMT",
+                   help=f"input format of {what} (default: detected from the content)")
+    g.add_argument("--key", default=None, metavar="NAME[,NAME...]",
+                   help="which array of a multi-array file (.npz, .pt dict, .safetensors) to "
+                        "read; for top-k routing files with one array per task or batch, "
+                        "several names are read one after another")
+    g.add_argument("--tokens-per-step", type=int, default=None, metavar="N",
+                   help="top-k routing traces: cut each array of token ids into steps of N "
+                        "tokens (default: one step per array)")
+    g.add_argument("--num-experts", type=int, default=None, metavar="E",
+                   help="top-k routing traces and SGLang per-pass dumps: the number of experts "
+                        "(default: the largest expert id + 1)")
+
+
+def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress: bool = False):
+    """Read ``paths`` with the reading options in ``args``; several files are concatenated
+    along their steps (they must agree on layers, experts and layer ids)."""
+    names = [paths] if isinstance(paths, str) else list(paths)
+    if getattr(args, "tokens_per_step", None) is not None and args.tokens_per_step < 1:
+        raise CliError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
+    if getattr(args, "num_experts", None) is not None and args.num_experts < 1:
+        raise CliError(f"--num-experts must be >= 1, got {args.num_experts}")
+    key = getattr(args, "key", None)
+    keys = None if key is None else [k.strip() for k in key.split(",") if k.strip()]
+    traces = []
+    for name in names:
+        path = Path(name)
+        if not path.exists() and not path.is_symlink():
+            raise CliError(f"loads file {name!r} not found")
+        traces.append(read_loads(
+            path, format=getattr(args, "format", None), progress=progress,
+            key=None if keys is None else (keys[0] if len(keys) == 1 else keys),
+            tokens_per_step=getattr(args, "tokens_per_step", None),
+            num_experts=getattr(args, "num_experts", None)))
+    if len(traces) == 1:
+        return traces[0]
+    first = traces[0]
+    for name, trace in zip(names[1:], traces[1:], strict=True):
+        if trace.counts.shape[1:] != first.counts.shape[1:]:
+            raise CliError(
+                f"{name} holds {trace.num_layers} layers × {trace.num_experts} experts but "
+                f"{names[0]} holds {first.num_layers} × {first.num_experts}; several LOADS files "
+                "must describe the same model"
+            )
+        if trace.layer_ids != first.layer_ids:
+            raise CliError(f"{name} and {names[0]} name different model layers")
+    meta = {**first.meta, "files": names}
+    return LoadTrace(torch.cat([t.counts for t in traces]), first.layer_ids,
+                     ", ".join(names), first.format, meta)
+
+
+def _hierarchy_problems(num_experts: int, num_gpus: int, num_nodes: int, num_groups: int,
+                        dead: bool, speeds: bool) -> list[str]:
+    """Why hierarchical placement cannot apply, in the CLI's words (empty: it can)."""
+    problems = []
+    if num_groups <= 1:
+        problems.append("it needs --groups > 1")
+    elif num_groups % num_nodes:
+        problems.append(f"--groups ({num_groups}) is not a multiple of --nodes ({num_nodes})")
+    if num_groups > 1 and num_experts % num_groups:
+        problems.append(f"the {num_experts} experts do not divide into --groups ({num_groups})")
+    if num_gpus % num_nodes:
+        problems.append(f"--gpus ({num_gpus}) is not a multiple of --nodes ({num_nodes})")
+    if dead:
+        problems.append("--dead-gpus leaves the nodes unlike")
+    if speeds:
+        problems.append("--gpu-speed makes the nodes unlike")
+    return problems
+
+
+def cli_policy(policy: str, num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,
+               num_experts: int, *, dead: bool = False, speeds: bool = False) -> str:
+    """The concrete policy ``eplb.plan`` will use, from :func:`eplb.core.resolve_policy`.
+
+    ``"hierarchical"`` that cannot apply is a :class:`CliError`; ``"auto"`` that falls back
+    to global although the user asked for several nodes and groups prints a warning.
+    """
+    try:
+        topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    problems = _hierarchy_problems(num_experts, num_gpus, num_nodes, num_groups, dead, speeds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # reported below, in the flags' names
+        try:
+            chosen = resolve_policy(policy, topology, num_experts, has_dead_gpus=dead,
+                                    has_speeds=speeds)
+        except ValueError:
+            raise CliError("--policy hierarchical is impossible: " + "; ".join(problems)) \
+                from None
+    if policy == "auto" and chosen == "global" and num_nodes > 1 and num_groups > 1:
+        warn("planning globally, because hierarchical placement is impossible: "
+             + "; ".join(problems or ["see --policy"]))
+    return chosen

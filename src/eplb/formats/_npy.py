@@ -1,0 +1,85 @@
+"""Checked reading of ``.npy`` / ``.npz`` files.
+
+``numpy.load`` trusts the array header: a header that claims shape ``(10**7, 10**7)``
+makes it allocate the whole array before finding the data missing (a ``MemoryError``
+after asking for terabytes), and an object array fails with a message that names no
+file. Here every header is read first and checked against the bytes that really follow
+it, and object dtypes are refused by name, before any array is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from pathlib import Path
+from typing import IO
+
+import numpy as np
+
+from eplb.formats.errors import FormatError
+
+_MAX_HEADER = 1 << 16
+
+
+def _header(
+    handle: IO[bytes], path: Path, name: str, size: int
+) -> tuple[tuple[int, ...], np.dtype]:
+    """Read one array header from ``handle`` (``size`` bytes in all) and check it."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(handle)
+        reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _fortran, dtype = reader(handle, max_header_size=_MAX_HEADER)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+        raise FormatError(path, f"{name}: not a valid .npy array header: {exc}") from None
+    if dtype.hasobject:
+        raise FormatError(
+            path,
+            f"{name} holds Python objects (dtype {dtype}); eplb reads numeric arrays only "
+            "(loading object arrays could run code)",
+        )
+    claimed = math.prod(shape) * dtype.itemsize
+    available = size - handle.tell()
+    if claimed > available:
+        raise FormatError(
+            path,
+            f"{name}: the header claims shape {tuple(shape)} of {dtype} ({claimed:,} bytes) but "
+            f"only {available:,} bytes follow; the file is truncated or corrupt",
+        )
+    return tuple(shape), dtype
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` array, its header checked first (see the module docstring)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        _header(handle, path, "the array", size)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise FormatError(path, f"not a readable .npy file: {exc}") from None
+
+
+def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{array name: (shape, dtype)}`` of an ``.npz`` archive, every header checked."""
+    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                with archive.open(info) as member:
+                    out[name] = _header(member, path, repr(name), info.file_size)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+        raise FormatError(path, f"not a readable .npz archive: {exc}") from None
+    return out
+
+
+def load_npz(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Arrays of an ``.npz`` archive by name (all, or ``names``), headers checked first."""
+    headers = npz_headers(path)
+    wanted = list(headers) if names is None else names
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {k: archive[k] for k in wanted}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise FormatError(path, f"not a readable .npz archive: {exc}") from None

@@ -1,0 +1,262 @@
+"""Written files: permissions, overwrite guard, concurrent writers, killed writers.
+
+Every case is what a user meets: ``eplb plan -o`` (and the writers behind it) run under
+a umask, over an existing file, next to a dangling symlink, twice at once, or killed.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eplb
+import eplb.formats._files as files
+from eplb.cli import main
+from eplb.formats import LoadTrace, read_loads, read_placement, write_loads, write_placement
+
+L, E, R, P = 4, 16, 20, 4
+
+
+@pytest.fixture
+def loads(tmp_path: Path) -> Path:
+    gen = np.random.default_rng(0)
+    path = tmp_path / "loads.npy"
+    np.save(path, np.exp(gen.normal(0, 1, size=(L, E))) * 100)
+    return path
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, restoring it after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def plan(capsys, loads: Path, out: Path, *extra: str) -> tuple[int, str]:
+    code = main(["plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(out), *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077, 0o002])
+@pytest.mark.parametrize("name", ["p.json", "p.pt", "lb.yaml", "init.sglang.json",
+                                  "init.sglang.pt"])
+def test_outputs_follow_the_umask(capsys, tmp_path, loads, umask, mask, name) -> None:
+    umask(mask)
+    out = tmp_path / name
+    extra = ["--num-model-layers", str(L)] if "sglang" in name else []
+    code, err = plan(capsys, loads, out, *extra)
+    assert code == 0, err
+    assert mode(out) == 0o666 & ~mask  # what open() would give
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_trace_writers_follow_the_umask(tmp_path, umask) -> None:
+    umask(0o027)
+    trace = LoadTrace(torch.rand(2, 3, 8))
+    for fmt, name in (("pt", "t.pt"), ("npz", "t.npz"), ("vllm-history", "t.json")):
+        assert mode(write_loads(trace, tmp_path / name, fmt)) == 0o640
+
+
+@pytest.mark.parametrize("existing", [0o644, 0o640, 0o600, 0o664])
+def test_force_keeps_the_mode_of_the_file_it_replaces(capsys, tmp_path, loads, umask,
+                                                       existing) -> None:
+    # like `> file` in a shell: the user's choice of who may read the placement survives
+    umask(0o077)
+    out = tmp_path / "placement.json"
+    out.write_text("old")
+    os.chmod(out, existing)
+    code, err = plan(capsys, loads, out, "--force")
+    assert code == 0, err
+    assert mode(out) == existing
+    assert read_placement(out).phy2log.shape == (L, R)
+
+
+def test_existing_output_is_refused_without_force(capsys, tmp_path, loads) -> None:
+    out = tmp_path / "placement.json"
+    out.write_text("precious")
+    code, err = plan(capsys, loads, out)
+    assert code == 2 and "--force" in err and "Traceback" not in err
+    assert out.read_text() == "precious"
+
+
+def test_dangling_symlink_is_not_replaced_without_force(capsys, tmp_path, loads) -> None:
+    out = tmp_path / "placement.json"
+    target = tmp_path / "elsewhere.json"
+    out.symlink_to(target)
+    code, err = plan(capsys, loads, out)
+    assert code == 2 and "already exists" in err
+    assert out.is_symlink() and not target.exists()
+    # with --force the link itself is replaced by the file; its target is never written
+    code, err = plan(capsys, loads, out, "--force")
+    assert code == 0, err
+    assert not out.is_symlink() and not target.exists()
+    assert read_placement(out).phy2log.shape == (L, R)
+
+
+def test_a_file_that_appears_after_the_early_check_is_not_overwritten(tmp_path) -> None:
+    # the early check passed; another writer publishes first: link-or-fail refuses
+    path = tmp_path / "p.json"
+
+    def write(handle) -> None:
+        path.write_text("the other writer")
+        handle.write("mine")
+
+    with pytest.raises(FileExistsError, match="already exists"):
+        files.atomic_write(path, write)
+    assert path.read_text() == "the other writer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def _racer(path: str, barrier, index: int) -> None:
+    """Child process: write ``path`` without force, both children past their checks.
+
+    Exit status 0: published; 3: refused because the other writer published first.
+    """
+    def write(handle) -> None:
+        handle.write(f"writer {index}\n" * 1000)
+        barrier.wait(timeout=30)  # both have passed the early check and written everything
+
+    try:
+        files.check_writable(Path(path), force=False)
+        files.atomic_write(Path(path), write)
+    except FileExistsError:
+        os._exit(3)
+    os._exit(0)
+
+
+def test_two_concurrent_writers_cannot_both_succeed(tmp_path) -> None:
+    ctx = multiprocessing.get_context("fork")  # the children need no fresh interpreter
+    for trial in range(5):
+        path = tmp_path / f"p{trial}.json"
+        barrier = ctx.Barrier(2)
+        procs = [ctx.Process(target=_racer, args=(str(path), barrier, i)) for i in range(2)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+        codes = [proc.exitcode for proc in procs]
+        assert sorted(codes) == [0, 3]
+        winner = codes.index(0)
+        assert path.read_text() == f"writer {winner}\n" * 1000  # complete, one writer's
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_two_concurrent_eplb_plan_runs_one_wins(tmp_path, loads) -> None:
+    out = tmp_path / "same.json"
+    cmd = [sys.executable, "-m", "eplb", "plan", str(loads), "-r", str(R), "-g", str(P),
+           "-o", str(out)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    done = [p.communicate(timeout=120) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], done
+    loser_err = next(err for p, (_, err) in zip(procs, done, strict=True) if p.returncode)
+    assert "already exists" in loser_err and "Traceback" not in loser_err
+    assert read_placement(out).phy2log.shape == (L, R)
+
+
+_SLOW_WRITER = """
+import importlib.util, sys, time
+# the writer module alone (stdlib only), without importing torch through the package
+spec = importlib.util.spec_from_file_location("files", sys.argv[3])
+files = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(files)
+def write(handle):
+    print("writing", flush=True)
+    for i in range(100000):
+        handle.write('{"step": %d, "payload": "%s"}\\n' % (i, "x" * 200))
+        if i % 2000 == 0:
+            handle.flush()
+            time.sleep(0.01)
+    handle.write("END\\n")
+files.atomic_write(__import__("pathlib").Path(sys.argv[1]), write, force=sys.argv[2] == "1")
+"""
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_killed_writer_leaves_no_truncated_file(tmp_path, force) -> None:
+    for delay in (0.0, 0.1, 0.3):
+        out = tmp_path / f"out_{delay}.json"
+        if force:
+            out.write_text("old complete file\n")
+        proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(out),
+                                 "1" if force else "0", files.__file__],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "writing\n"  # the write has begun
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        assert proc.returncode == -signal.SIGKILL  # killed mid-write, not finished
+        if out.exists():
+            text = out.read_text()
+            assert text == "old complete file\n" or text.endswith("END\n")
+        # an unnamed (O_TMPFILE) temporary file vanishes with the process
+        if files._open_unnamed(tmp_path) is not None:
+            leftovers = [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+            assert leftovers == []
+
+
+@pytest.mark.parametrize("no_tmpfile", [False, True])
+@pytest.mark.parametrize("no_links", [False, True])
+def test_fallbacks_keep_every_guarantee(tmp_path, monkeypatch, umask, no_tmpfile,
+                                        no_links) -> None:
+    """File systems without O_TMPFILE and/or hard links (e.g. some network mounts)."""
+    if no_tmpfile:
+        monkeypatch.setattr(files, "_open_unnamed", lambda directory: None)
+    if no_links:
+        def refuse(src, dst):
+            raise OSError(errno.EPERM, "Operation not permitted")
+        monkeypatch.setattr(files, "_link", refuse)
+    umask(0o027)
+    path = tmp_path / "p.json"
+    files.atomic_write(path, lambda h: h.write("one"))
+    assert path.read_text() == "one" and mode(path) == 0o640
+    with pytest.raises(FileExistsError):
+        files.atomic_write(path, lambda h: h.write("two"))
+    assert path.read_text() == "one"
+    os.chmod(path, 0o604)
+    files.atomic_write(path, lambda h: h.write("three"), force=True)
+    assert path.read_text() == "three" and mode(path) == 0o604
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_a_failing_writer_leaves_nothing(tmp_path) -> None:
+    path = tmp_path / "p.json"
+
+    def write(handle) -> None:
+        handle.write("half")
+        raise RuntimeError("serialisation failed")
+
+    with pytest.raises(RuntimeError):
+        files.atomic_write(path, write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_api_writers_refuse_to_overwrite_and_publish_complete_files(tmp_path) -> None:
+    placement = eplb.plan(torch.rand(3, 8) * 10, 12, 4)
+    path = write_placement(placement, tmp_path / "a.json")
+    with pytest.raises(FileExistsError, match="force"):
+        write_placement(placement, path)
+    trace = LoadTrace(torch.rand(2, 3, 8))
+    t = write_loads(trace, tmp_path / "t.npz")
+    with pytest.raises(FileExistsError, match="force"):
+        write_loads(trace, t)
+    assert torch.equal(read_loads(t).counts, trace.counts)

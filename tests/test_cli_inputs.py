@@ -1,0 +1,320 @@
+"""Inputs a user or an attacker hands the ``eplb`` command.
+
+Every bad file is one ``eplb: error:`` line naming it, exit status 2, no traceback and
+no hang (each case runs under a thread timeout). Real multi-array routing files (ESFT,
+Qwen3) are read from ``../shared/data/real`` when present.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import REAL_DATA
+
+from eplb.cli import main
+from eplb.formats import FormatError, read_loads
+from eplb.formats.detect import sniff_container
+
+REAL = REAL_DATA
+E = 16
+
+
+def run(capsys, *argv: str, timeout: float = 60) -> tuple[int, str, str]:
+    """``main(argv)`` in a thread, so a hang fails the test instead of blocking it."""
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.setdefault("code", main(list(argv))),
+                              daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"eplb {' '.join(argv)} hung"
+    out, err = capsys.readouterr()
+    return result["code"], out, err
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("eplb: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def plan_args(path: Path, tmp_path: Path, *extra: str) -> list[str]:
+    return ["plan", str(path), "-r", "20", "-g", "4", "-o", str(tmp_path / "out.json"), *extra]
+
+
+# ----------------------------------------------------------------- hostile files
+def _hostile(tmp: Path) -> list[tuple[str, str]]:
+    """``(file name, words the error must contain)``; the files are written into ``tmp``."""
+    cases = []
+
+    def add(name: str, content: str | bytes, needle: str) -> None:
+        path = tmp / name
+        (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
+        cases.append((name, needle))
+
+    add("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply")
+    add("deep_sglang.json", '{"logical_count": ' + "[" * 50_000 + "]" * 50_000 + "}",
+        "nested too deeply")
+    add("deep_hist.json", '{"load_history": [' + "[" * 50_000 + "]" * 50_000 + "]}",
+        "nested too deeply")
+    add("big.json", '{"logical_count": [[1, 1' + "0" * 400 + "]]}", "too large")
+    add("bignum_hist.json",
+        '{"load_history": [{"logical_expert_load": [[1, 1' + "0" * 400 + "]]}]}", "too large")
+    add("digits.json", "[[1, 1" + "0" * 5000 + "]]", "4300 digits")
+    add("inf.json", '{"logical_count": [[1, 1e400]]}', "finite")
+    add("SOURCE.md", "# Where this data comes from\n\nReal router decisions, token by token.\n",
+        "unrecognised content (text starting '# Where")
+    add("notes.txt", "some: thing\nmore text\n", "YAML text, not load statistics")
+    # a .npy whose header claims 240 GB
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((2, 3)))
+    header["shape"] = (9_999_999_999, 3)
+    with open(tmp / "lying.npy", "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        handle.write(np.zeros(6).tobytes())
+    cases.append(("lying.npy", "header claims shape (9999999999, 3)"))
+    np.save(tmp / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases.append(("objects.npy", "Python objects"))
+    np.savez(tmp / "objects.npz", loads=np.array([{"a": 1}], dtype=object))
+    cases.append(("objects.npz", "'loads' holds Python objects"))
+    torch.save({"x_topk_ids": torch.full((4, 2, 2), 2**31, dtype=torch.int64)}, tmp / "id.pt")
+    cases.append(("id.pt", "expert id 2147483648"))
+    add("garbage.pt", b"\x80\x02garbage that is no pickle", "not a readable torch file")
+    return cases
+
+
+def test_hostile_files_are_clear_errors(capsys, tmp_path) -> None:
+    for name, needle in _hostile(tmp_path):
+        code, _, err = run(capsys, *plan_args(tmp_path / name, tmp_path))
+        assert_user_error(code, err, name, needle)
+        assert not (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("command", ["plan", "eval-loads", "eval-placement", "previous",
+                                     "gpu-speed", "simulate", "bench"])
+def test_a_fifo_is_refused_not_read(capsys, tmp_path, command) -> None:
+    fifo = tmp_path / "stats.json"
+    os.mkfifo(fifo)
+    good = tmp_path / "good.npy"
+    np.save(good, np.ones((2, E)))
+    placement = tmp_path / "p.json"
+    code, _, err = run(capsys, *plan_args(good, tmp_path, "-o", str(placement)))
+    assert code == 0, err
+    argv = {
+        "plan": plan_args(fifo, tmp_path),
+        "eval-loads": ["eval", "--placement", str(placement), str(fifo)],
+        "eval-placement": ["eval", "--placement", str(fifo), str(good)],
+        "previous": plan_args(good, tmp_path, "--previous", str(fifo)),
+        "gpu-speed": plan_args(good, tmp_path, "--gpu-speed", str(fifo)),
+        "simulate": ["simulate", str(fifo), "--window", "1", "-r", "20", "-g", "4"],
+        "bench": ["bench", "--no-builtin", str(fifo)],
+    }[command]
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, "FIFO")
+
+
+def test_a_device_is_refused(capsys, tmp_path) -> None:
+    code, _, err = run(capsys, *plan_args(Path("/dev/zero"), tmp_path))
+    assert_user_error(code, err, "/dev/zero", "device")
+
+
+def test_an_unreadable_file_is_a_usage_error(capsys, tmp_path, monkeypatch) -> None:
+    path = tmp_path / "secret.npy"
+    np.save(path, np.ones((2, E)))
+    os.chmod(path, 0)
+    if os.geteuid() == 0:  # root reads anything: make the kernel's refusal happen here
+        real_open = builtins.open
+
+        def refusing_open(file, *args, **kwargs):
+            if Path(str(file)) == path:
+                raise PermissionError(13, "Permission denied", str(file))
+            return real_open(file, *args, **kwargs)
+
+        monkeypatch.setattr(builtins, "open", refusing_open)
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "ermission denied", "secret.npy")
+
+
+def _safetensors_with_length_byte(tmp: Path, low_byte: int) -> Path:
+    """A TensorRT-LLM rank file whose 8-byte header length starts with ``low_byte``."""
+    st = pytest.importorskip("safetensors.torch")
+    tensors = {f"{it}_{layer}": torch.arange(E, dtype=torch.int64) + it
+               for it in range(2) for layer in (3, 4)}
+    for pad in range(400):
+        path = tmp / "rank0.safetensors"
+        st.save_file(tensors, str(path), metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == low_byte:
+            return path
+    pytest.fail("could not produce the header length")
+
+
+def test_safetensors_whose_header_length_byte_is_0x80_is_not_a_pickle(capsys, tmp_path) -> None:
+    path = _safetensors_with_length_byte(tmp_path, 0x80)
+    assert sniff_container(path) == "safetensors"
+    trace = read_loads(path)
+    assert trace.format == "trtllm" and trace.layer_ids == [3, 4]
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert code == 0, err
+
+
+def test_the_data_folders_source_md_is_not_called_a_placement(capsys, tmp_path) -> None:
+    path = REAL / "esft_deepseek_v2_lite_routing" / "SOURCE.md"
+    if not path.is_file():
+        pytest.skip(f"real data not found at {path}")
+    code, _, err = run(capsys, "plan", str(path), "-r", "80", "-g", "16", "-o",
+                       str(tmp_path / "out.json"))
+    assert_user_error(code, err, "SOURCE.md", "unrecognised content")
+    assert "TensorRT-LLM" not in err.split("expected")[0]
+
+
+def test_a_trtllm_yaml_given_as_loads_is_named_a_placement(capsys, tmp_path) -> None:
+    path = tmp_path / "lb.yaml"
+    path.write_text("num_slots: 4\nlayer_updates_per_iter: 0\ninitial_global_assignments: {}\n")
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "TensorRT-LLM load-balancer YAML", "--placement")
+
+
+# ------------------------------------------------------------- top-k routing files
+def _two_tasks(tmp: Path) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(0, E, (300, 3, 2), generator=gen, dtype=torch.int64)
+    b = torch.randint(0, E, (200, 3, 2), generator=gen, dtype=torch.int64)
+    path = tmp / "routing.npz"
+    np.savez(path, law_topk_ids=a.numpy().astype(np.int8), code_topk_ids=b.numpy().astype(
+        np.int8), law_seq_lens=np.array([100, 200], dtype=np.int32))
+    return path
+
+
+def test_several_topk_arrays_need_key_never_a_silent_mix(capsys, tmp_path) -> None:
+    path = _two_tasks(tmp_path)
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "2 top-k id arrays", "--key")
+    assert "CLI: --key" in err
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "law_topk_ids", "--json"))
+    assert code == 0, err
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "nope", "--force"))
+    assert_user_error(code, err, "no array 'nope'", "--key")
+
+
+def test_key_with_several_arrays_reads_them_one_after_another(tmp_path) -> None:
+    path = _two_tasks(tmp_path)
+    both = read_loads(path, key=["law_topk_ids", "code_topk_ids"], tokens_per_step=100)
+    assert both.num_steps == 3 + 2
+    assert [s["name"] for s in both.meta["segments"]] == ["law_topk_ids", "code_topk_ids"]
+
+
+def test_simulate_cuts_a_token_trace_into_steps(capsys, tmp_path) -> None:
+    path = _two_tasks(tmp_path)
+    code, out, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
+                         "--tokens-per-step", "25", "--window", "2", "-r", "20", "-g", "4",
+                         "--json")
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    assert runs[0]["summary"]["steps"] == 12  # 300 tokens / 25 per step
+    code, _, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
+                       "--tokens-per-step", "0", "--window", "2", "-r", "20", "-g", "4")
+    assert_user_error(code, err, "--tokens-per-step")
+
+
+def test_tokens_per_step_on_counts_is_refused_naming_the_flag(capsys, tmp_path) -> None:
+    path = tmp_path / "counts.npy"
+    np.save(path, np.ones((3, E)))
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--tokens-per-step", "8"))
+    assert_user_error(code, err, "--tokens-per-step", "top-k")
+
+
+def test_all_padding_ids_ask_for_num_experts_by_flag(capsys, tmp_path) -> None:
+    path = tmp_path / "pad.npz"
+    np.savez(path, x_topk_ids=np.full((4, 2, 2), -1, dtype=np.int64))
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "--num-experts")
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--num-experts", "16"))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "--placement", "{p}", "{loads}"], "--gpus"),  # an SGLang file without -g
+    (["plan", "{loads}", "-r", "24", "-g", "4", "--dead-gpus", "1", "-o", "{out}.sglang.json",
+      "--num-model-layers", "2"], "--emit json"),
+])
+def test_messages_name_the_flag_not_a_python_keyword(capsys, tmp_path, argv, flag) -> None:
+    loads = tmp_path / "loads.npy"
+    np.save(loads, np.ones((2, E)) + np.arange(E))
+    sglang = tmp_path / "p.sglang.json"
+    code, _, err = run(capsys, *plan_args(loads, tmp_path, "-o", str(sglang), "--force",
+                                          "--num-model-layers", "2"))
+    assert code == 0, err
+    argv = [a.format(p=sglang, loads=loads, out=tmp_path / "x") for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, flag)
+
+
+def test_real_multi_array_routing_files(capsys, tmp_path) -> None:
+    esft = REAL / "esft_deepseek_v2_lite_routing" / "esft_topk_ids.npz"
+    qwen = REAL / "qwen3_30b_a3b_sharegpt_prefill_vllm" / "qwen3_30b_sharegpt_prefill_topk_ids.npz"
+    if not (esft.is_file() and qwen.is_file()):
+        pytest.skip(f"real routing files not found under {REAL}")
+    code, _, err = run(capsys, "plan", str(esft), "-r", "80", "-g", "16", "-o",
+                       str(tmp_path / "e.json"))
+    assert_user_error(code, err, "4 top-k id arrays", "intent_topk_ids", "--key")
+    code, _, err = run(capsys, "plan", str(esft), "--key", "law_topk_ids", "-r", "80", "-g",
+                       "16", "-o", str(tmp_path / "e.json"))
+    assert code == 0, err
+    code, _, err = run(capsys, "plan", str(qwen), "-r", "160", "-g", "16", "-o",
+                       str(tmp_path / "q.json"))
+    assert_user_error(code, err, "3 top-k id arrays", "--key")
+    law = read_loads(esft, key="law_topk_ids", tokens_per_step=1024)
+    assert law.num_steps == 9 and law.counts.sum() == 8327 * 26 * 6
+
+
+def test_format_error_is_a_value_error_naming_the_file(tmp_path) -> None:
+    path = tmp_path / "x.npy"
+    path.write_bytes(b"\x93NUMPY\x01\x00garbage")
+    with pytest.raises(FormatError, match=r"x\.npy"):
+        read_loads(path)
+
+
+def test_key_on_a_single_array_format_is_refused(capsys, tmp_path) -> None:
+    path = tmp_path / "dump.json"
+    path.write_text(json.dumps({"logical_count": [[1, 2, 3, 4] * 4] * 2}))
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "foo"))
+    assert_user_error(code, err, "--key", "'sglang'")
+
+
+def test_pt_files_are_refused_on_a_torch_whose_safe_load_is_unsafe(capsys, tmp_path,
+                                                                   monkeypatch) -> None:
+    path = tmp_path / "loads.pt"
+    torch.save(torch.ones(2, E), path)
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "loads.pt", "torch 2.5.1", "CVE-2025-32434")
+    monkeypatch.setattr(torch, "__version__", "2.10.0+cpu")
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert code == 0, err
+
+
+def test_the_declared_torch_floor_is_the_safe_one() -> None:
+    import tomllib
+
+    from eplb.formats.detect import SAFE_TORCH_LOAD
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch_dep,) = [d for d in deps if d.startswith("torch")]
+    floor = tuple(int(x) for x in torch_dep.split(">=")[1].split(".")[:2])
+    assert floor >= SAFE_TORCH_LOAD == (2, 10)
+
+
+def test_an_output_that_cannot_be_created_names_the_output(capsys, tmp_path) -> None:
+    np.save(tmp_path / "l.npy", np.ones((2, E)))
+    code, _, err = run(capsys, *plan_args(tmp_path / "l.npy", tmp_path, "-o", "/proc/x.json"))
+    assert_user_error(code, err, "/proc/x.json")
+    assert ".tmp" not in err

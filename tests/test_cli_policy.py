@@ -1,0 +1,124 @@
+"""Which policy the command line plans and scores with, and what it tells the user.
+
+``eplb eval`` on an engine file (no recorded policy) must call a plan hierarchical when it
+is, and score it against the hierarchical ceiling; ``--nodes``/``--groups`` that cannot be
+honoured are a one-line warning, as the README promises.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import eplb
+from eplb.cli import main
+from eplb.core.bounds import balancedness_ceiling
+from eplb.formats import write_placement
+
+L, E, R, P, N, G = 3, 32, 48, 8, 4, 8
+
+
+@pytest.fixture
+def loads(tmp_path: Path) -> Path:
+    """Skewed loads whose hot groups make the hierarchical ceiling clearly < 1."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand(L, E, generator=gen, dtype=torch.float64) * 10
+    w[:, :4] *= 40  # group 0 is hot: its node cannot shed the load
+    path = tmp_path / "loads.npy"
+    np.save(path, w.numpy())
+    return path
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def warnings_in(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("eplb: warning: ")]
+
+
+def test_eval_labels_an_sglang_file_hierarchical_with_its_ceiling(capsys, tmp_path,
+                                                                   loads) -> None:
+    w = torch.from_numpy(np.load(loads))
+    placement = eplb.plan(w, R, P, N, G)
+    assert placement.policy == "hierarchical"
+    path = write_placement(placement, tmp_path / "p.sglang.json", "sglang")
+    code, out, err = run(capsys, "eval", "--placement", str(path), str(loads), "-g", str(P),
+                         "--nodes", str(N), "--groups", str(G), "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["policy"] == "hierarchical"
+    hier = balancedness_ceiling(w, R, P, N, G, policy="hierarchical")
+    assert hier < 0.95  # the case the ceiling must not hide
+    assert result["balancedness_ceiling"] == pytest.approx(hier)
+    assert result["balancedness_after"] <= result["balancedness_ceiling"] + 1e-9
+    assert warnings_in(err) == []
+    code, out, _ = run(capsys, "eval", "--placement", str(path), str(loads), "-g", str(P),
+                       "--nodes", str(N), "--groups", str(G), "--summary")
+    assert "(hierarchical)" in out and "(global)" not in out
+
+
+def test_eval_scores_a_group_spreading_plan_as_global_and_says_so(capsys, tmp_path,
+                                                                   loads) -> None:
+    w = torch.from_numpy(np.load(loads))
+    placement = eplb.plan(w, R, P, policy="global")
+    path = write_placement(placement, tmp_path / "g.sglang.json", "sglang")
+    code, out, err = run(capsys, "eval", "--placement", str(path), str(loads), "-g", str(P),
+                         "--nodes", str(N), "--groups", str(G), "--json")
+    assert code == 0, err
+    assert json.loads(out)["policy"] == "global"
+    assert len(warnings_in(err)) == 1 and "several nodes" in warnings_in(err)[0]
+    code, _, err = run(capsys, "eval", "--placement", str(path), str(loads), "-g", str(P),
+                       "--nodes", str(N), "--groups", str(G), "--policy", "hierarchical")
+    assert code == 2 and "is not hierarchical" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["plan", "eval"])
+def test_groups_that_do_not_divide_over_nodes_warn(capsys, tmp_path, loads, command) -> None:
+    w = torch.from_numpy(np.load(loads))
+    path = write_placement(eplb.plan(w, R, P, N, G), tmp_path / "p.sglang.json", "sglang")
+    if command == "plan":
+        argv = ["plan", str(loads), "-r", str(R), "-g", str(P), "--nodes", "4", "--groups", "7",
+                "-o", str(tmp_path / "out.json"), "--json"]
+    else:
+        argv = ["eval", "--placement", str(path), str(loads), "-g", str(P), "--nodes", "4",
+                "--groups", "7", "--json"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert json.loads(out)["policy"] == "global"
+    warned = warnings_in(err)
+    assert len(warned) == 1, err
+    assert "planning globally" in warned[0] and "--groups (7)" in warned[0]
+    assert "--nodes (4)" in warned[0] and "Traceback" not in err
+
+
+def test_forced_hierarchical_that_cannot_apply_names_the_flags(capsys, tmp_path, loads) -> None:
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes", "4",
+                       "--groups", "7", "--policy", "hierarchical", "-o",
+                       str(tmp_path / "out.json"))
+    assert code == 2
+    assert err.startswith("eplb: error: --policy hierarchical is impossible") and "--groups" in err
+
+
+def test_dead_gpus_with_nodes_and_groups_warn_once(capsys, tmp_path, loads) -> None:
+    code, out, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes",
+                         str(N), "--groups", str(G), "--dead-gpus", "3", "-o",
+                         str(tmp_path / "out.json"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["policy"] == "global"
+    warned = warnings_in(err)
+    assert len(warned) == 1 and "--dead-gpus" in warned[0]
+    assert "RuntimeWarning" not in err and ".py:" not in err  # no Python warning format
+
+
+def test_bench_labels_follow_the_same_resolution(capsys, loads) -> None:
+    code, out, err = run(capsys, "bench", "--no-builtin", str(loads), "-r", str(R), "-g", str(P),
+                         "--nodes", str(N), "--groups", str(G), "--repeats", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["scenarios"][0]["policy"] == "hierarchical"

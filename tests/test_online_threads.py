@@ -1,0 +1,142 @@
+"""``eplb.online.Rebalancer`` under engine threads, and when its planner fails."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import eplb
+from eplb.online import Rebalancer
+
+L, E, R, P = 2, 8, 12, 4
+
+
+def step(i: int) -> torch.Tensor:
+    """``[L, E]`` counts that identify step ``i`` (every entry is ``i + 1``)."""
+    return torch.full((L, E), float(i + 1))
+
+
+def slow_eplb(weight: torch.Tensor, previous):
+    time.sleep(0.002)  # planning takes a while: other threads pile up on record()
+    return eplb.plan(weight, R, P)
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_eight_threads_recording_at_once(trial: int) -> None:
+    interval, window, per_thread, threads = 7, 10, 40, 8
+    rb = Rebalancer(R, P, window=window, interval=interval, planner=slow_eplb)
+    barrier = threading.Barrier(threads)
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        barrier.wait()
+        try:
+            for k in range(per_thread):
+                rb.record(step(t * per_thread + k))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
+    for th in pool:
+        th.start()
+    for th in pool:
+        th.join(60)
+    assert not errors
+    total = threads * per_thread
+    assert rb.steps == total
+    # a rebalance after exactly every interval-th step: none missed, none doubled
+    assert [e.step for e in rb.events] == list(range(interval, total + 1, interval))
+    # the ring holds the last `window` recorded steps, each once, none torn
+    history = rb.history
+    assert history.shape == (window, L, E)
+    ids = history[:, 0, 0].tolist()
+    assert len(set(ids)) == window
+    assert all(bool((row == row[0, 0]).all()) for row in history)
+    rb.placement.validate()
+
+
+def test_readers_see_a_consistent_state_while_others_record() -> None:
+    rb = Rebalancer(R, P, window=5, interval=3, planner=slow_eplb)
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def recorder() -> None:
+        for i in range(60):
+            rb.record(step(i))
+        stop.set()
+
+    def reader() -> None:
+        while not stop.is_set():
+            if rb.steps:
+                history = rb.history
+                seen.append(history.shape[0])
+                assert all(bool((row == row[0, 0]).all()) for row in history)
+
+    threads = [threading.Thread(target=recorder), threading.Thread(target=reader)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert rb.steps == 60 and all(1 <= n <= 5 for n in seen)
+
+
+class FailOn:
+    """A planner that fails on its ``n``-th call (1-based) and plans with eplb otherwise."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self, weight: torch.Tensor, previous):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("planner failed")
+        return eplb.plan(weight * (1 + self.calls), R, P)
+
+
+def state(rb: Rebalancer) -> tuple:
+    history = rb.history if rb.steps else None
+    placement = None if rb.placement is None else rb.placement.phy2log.clone()
+    return rb.steps, [e.step for e in rb.events], placement, history
+
+
+def assert_same(a: tuple, b: tuple) -> None:
+    assert a[0] == b[0] and a[1] == b[1]
+    for x, y in zip(a[2:], b[2:], strict=True):
+        assert (x is None and y is None) or torch.equal(x, y)
+
+
+@pytest.mark.parametrize("fail_on", [1, 2, 3])
+def test_a_planner_failure_mid_chunk_changes_nothing(fail_on: int) -> None:
+    rb = Rebalancer(R, P, window=4, interval=3, planner=FailOn(fail_on + 1))
+    for i in range(3):  # one rebalance (planner call 1) before the failing chunk
+        rb.record(step(i))
+    before = state(rb)
+    chunk = torch.stack([step(100 + i) for i in range(10)])  # rebalance points at 6, 9, 12
+    with pytest.raises(RuntimeError, match="planner failed"):
+        rb.record(chunk)
+    assert_same(state(rb), before)
+    rb.record(chunk)  # the planner works again: the whole chunk goes in
+    assert rb.steps == 13 and [e.step for e in rb.events] == [3, 6, 9, 12]
+
+
+def test_a_failure_on_the_very_first_record_leaves_an_empty_rebalancer() -> None:
+    rb = Rebalancer(R, P, window=4, interval=2, planner=FailOn(1))
+    with pytest.raises(RuntimeError):
+        rb.record(torch.stack([step(0), step(1), step(2)]))
+    assert rb.steps == 0 and rb.events == [] and rb.placement is None
+    with pytest.raises(ValueError, match="no steps"):
+        rb.history  # noqa: B018
+    rb.record(torch.stack([step(0), step(1), step(2)]))
+    assert rb.steps == 3 and [e.step for e in rb.events] == [2]
+
+
+def test_a_long_chunk_that_wraps_the_ring_is_restored_exactly() -> None:
+    rb = Rebalancer(R, P, window=4, interval=5, planner=FailOn(2))
+    rb.record(torch.stack([step(i) for i in range(5)]))  # fills and wraps; rebalance 1
+    before = state(rb)
+    with pytest.raises(RuntimeError):
+        rb.record(torch.stack([step(10 + i) for i in range(9)]))  # wraps twice, fails at 10
+    assert_same(state(rb), before)
