@@ -120,7 +120,7 @@ class IncrementalOptions:
     drift: float = 0.2
     move_price: float = 0.005
     quota: float = 1 / 32
-    steps: int = 8
+    steps: int = 6
 
     def __post_init__(self) -> None:
         if not (isinstance(self.drift, (int, float)) and 0 <= self.drift <= 2):

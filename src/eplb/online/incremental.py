@@ -185,7 +185,7 @@ def _refine_rows(
     per_gpu = topo.gpus_per_node
     node_peak = moves.gpu_loads_of(node_weight, node_phy2log, per_gpu).max(1).reshape(layers, nodes)
     critical = node_peak >= _CRITICAL_NODE * node_peak.max(1, keepdims=True)  # [L, N]
-    node_quota = np.where(critical, quota[:, None] // nodes, 0).reshape(-1)
+    node_quota = np.where(critical, quota[:, None], 0).reshape(-1)
     done = moves.warm_ladder(node_weight, node_phy2log, per_gpu, node_quota, steps, packing)
     out = np.where(done >= 0, np.take_along_axis(experts[None], np.maximum(done, 0), 2), -1)
     return out.reshape(done.shape[0], layers, -1)
@@ -293,7 +293,7 @@ def plan_incremental(
     # a fresh plan, relabelled onto the old GPUs, for the layers the warm path cannot
     # serve: still improving at its last step, or (hierarchical) a better group→node split
     balance = 1.0 / peak
-    need = balance[-1] - balance[max(0, len(balance) - 3)] > options.move_price / 10
+    need = balance[-1] - balance[max(0, len(balance) - 3)] > options.move_price / 2
     if request.policy == "hierarchical":
         need |= _better_split(request, base)
     if need.any():
