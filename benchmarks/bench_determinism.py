@@ -24,28 +24,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "_determinism_worker.py"
-# NumPy's own SIMD dispatch: without AVX512 (and without AVX2 as well)
-NUMPY_FEATURES = {
-    "numpy-native": "",
-    "numpy-no-avx512": "AVX512F AVX512CD AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR",
-}
+sys.path.insert(0, str(WORKER.parent))
+from _determinism_worker import NUMPY_LEVELS, supported_capabilities  # noqa: E402
 
-
-def supported_capabilities() -> list[str]:
-    """ATEN_CPU_CAPABILITY values this CPU runs (from /proc/cpuinfo flags)."""
-    flags = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags |= set(line.split(":", 1)[1].split())
-    except OSError:
-        return ["default"]
-    caps = ["default"]
-    if "avx2" in flags:
-        caps.append("avx2")
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
-        caps.append("avx512")
-    return caps
+sys.path.pop(0)
 
 
 def run_worker(cases: list[str], threads: int, capability: str, numpy_off: str) -> dict:
@@ -77,20 +59,24 @@ def main() -> int:
     cases = [c for c in args.cases.split(",") if c] or listed
     threads = [int(t) for t in args.threads.split(",")]
     caps = args.capabilities.split(",")
-    numpy_settings = NUMPY_FEATURES if args.numpy else {"numpy-native": ""}
+    numpy_settings = NUMPY_LEVELS if args.numpy else {"numpy-native": ""}
 
     seen: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     start = time.perf_counter()
+    # ATen capability x threads x call order; NumPy's dispatch (independent of ATen)
+    # varied once, at the best capability and one thread
+    settings = [(cap, t, "numpy-native", order)
+                for cap in caps for t in threads for order in ("forward", "reversed")]
+    settings += [(caps[-1], 1, level, "forward") for level in numpy_settings
+                 if level != "numpy-native"]
     runs = 0
-    for cap in caps:
-        for t in threads:
-            for np_name, np_off in numpy_settings.items():
-                for order, seq in (("forward", cases), ("reversed", cases[::-1])):
-                    got = run_worker(seq, t, cap, np_off)
-                    runs += 1
-                    label = f"{got['capability']}/{t}t/{np_name}/{order}"
-                    for name, digest in got["hashes"].items():
-                        seen[name][digest].append(label)
+    for cap, t, level, order in settings:
+        seq = cases if order == "forward" else cases[::-1]
+        got = run_worker(seq, t, cap, numpy_settings[level])
+        runs += 1
+        label = f"{got['capability']}/{t}t/{level}/{order}"
+        for name, digest in got["hashes"].items():
+            seen[name][digest].append(label)
     if args.alone:
         for name in cases:
             got = run_worker([name], 1, caps[-1], "")

@@ -161,6 +161,32 @@ def _synthetic_cases() -> dict[str, Callable]:
     return cases
 
 
+def supported_capabilities() -> list[str]:
+    """``ATEN_CPU_CAPABILITY`` values this CPU can run (from /proc/cpuinfo flags)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags |= set(line.split(":", 1)[1].split())
+    except OSError:
+        return ["default"]
+    caps = ["default"]
+    if "avx2" in flags:
+        caps.append("avx2")
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        caps.append("avx512")
+    return caps
+
+
+#: NumPy's own SIMD dispatch levels (NumPy 2.4 feature groups; X86_V3 ~ AVX2, X86_V4 ~
+#: AVX512): value of NPY_DISABLE_CPU_FEATURES
+NUMPY_LEVELS = {
+    "numpy-native": "",
+    "numpy-x86v3": "X86_V4 AVX512_ICL AVX512_SPR",
+    "numpy-baseline": "X86_V3 X86_V4 AVX512_ICL AVX512_SPR",
+}
+
+
 def all_cases() -> dict[str, Callable]:
     """Every case by name (real-* need the real loads)."""
     return {**_real_cases(), **_synthetic_cases()}

@@ -144,6 +144,7 @@ def install_vllm(root: Path, topology: dict[str, int]) -> types.SimpleNamespace:
     ns = types.SimpleNamespace(ep=ep)
     for name in ("envs", "logger", "plugins"):
         setattr(ns, name, importlib.import_module(f"vllm.{name}"))
+    ns.logger._configure_vllm_root_logger()  # as every vLLM process does at start
     for name in ("policy", "rebalance_execute", "eplb_communicator", "migration_scheduler",
                  "async_worker", "eplb_state"):
         setattr(ns, name, importlib.import_module(f"vllm.distributed.eplb.{name}"))

@@ -93,6 +93,7 @@ ENGINES: dict[str, EngineSpec] = {
             "sglang/srt/plugins/",  # load_plugins, HookRegistry
             "sglang/srt/environ.py",  # envs (SGLANG_PLUGINS), read by plugins and eplb_manager
             "sglang/launch_server.py",  # the entry point the launcher runs
+            "sglang/srt/managers/scheduler.py",  # run_scheduler_process loads the plugins
             "sglang-0.5.23.dist-info/METADATA",
         ),
     ),
