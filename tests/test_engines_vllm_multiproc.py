@@ -71,6 +71,10 @@ def ranks(vllm_root, tmp_path_factory) -> list[dict]:
 
 def test_vllm_plugin_loader_made_eplb_the_policy_on_every_rank(ranks):
     assert all(r["policy_is_eplb"] for r in ranks)
+    for r, report in enumerate(ranks):
+        # through vLLM's configured logging: the switch line, then the rank line
+        assert "eplb 0.1.0 active" in report["log"] or "active: vLLM EPLB policy" in report["log"]
+        assert f"EP rank {r} of {WORLD} plans with eplb" in report["log"]
 
 
 @pytest.mark.parametrize("policy", ["global", "hier"])

@@ -149,6 +149,13 @@ class PlanAgreement:
                 f"or a different vLLM policy) or failed before planning. ({exc})"
             ) from None
 
+    def _get_all(self, keys: list[str]) -> list[bytes]:
+        """Values of ``keys`` in one round trip where the store supports it."""
+        try:
+            return list(self.store.multi_get(keys))
+        except (AttributeError, NotImplementedError, RuntimeError):
+            return [self.store.get(k) for k in keys]
+
     def _present(self, key: str) -> bool:
         try:
             return bool(self.store.check([key]))
@@ -180,7 +187,7 @@ class PlanAgreement:
         self.store.set(self._key(round_, _STATUS, self.rank), json.dumps(status))
         keys = [self._key(round_, _STATUS, r) for r in range(self.world_size)]
         self._wait(keys, "the plan status", round_)
-        statuses = [json.loads(self.store.get(k)) for k in keys]
+        statuses = [json.loads(raw) for raw in self._get_all(keys)]
         self._forget(round_ - 2)
 
         out = Outcome(plan=None, unanimous=False)

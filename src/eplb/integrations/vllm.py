@@ -130,6 +130,9 @@ class EplbPolicy:
         import eplb
 
         planner = {k: v for k, v in cls.options.items() if k in PLANNER_OPTIONS}
+        # plan on the host whatever the input's device: the CPU path is the one measured
+        # bit-identical across ranks (tests/test_determinism.py)
+        weight = weight.detach().to("cpu")
         old = _usable_old_map(old_global_expert_indices, weight, num_replicas)
         plan, error = None, None
         try:
