@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -127,3 +128,69 @@ def test_plan_encoding_round_trips_and_digests_tell_plans_apart(layers, slots, s
     other[0, 0] += 1
     assert plan_digest(other) != plan_digest(p)
     assert plan_digest(p.reshape(1, -1)) != plan_digest(p) or layers == 1
+
+
+# -- the vLLM plugin's use of it ---------------------------------------------------------------
+
+
+def _plugin_ranks(monkeypatch, world: int):
+    """Route the plugin's agreement to per-thread ranks over one HashStore."""
+    from eplb.integrations import vllm as plugin
+
+    store, local = dist.HashStore(), threading.local()
+    agreements = [PlanAgreement(store, r, world, "eplb/plugin", timeout_s=5) for r in range(world)]
+    monkeypatch.setattr(plugin, "_agreement_for", lambda options: agreements[local.rank])
+
+    def call_as(rank, fn, *args):
+        local.rank = rank
+        return fn(*args)
+
+    return call_as
+
+
+def test_plugin_ranks_that_all_fail_fall_back_to_vllms_default_alike(vllm_root, monkeypatch,
+                                                                      caplog):
+    import eplb
+    from eplb.integrations import vllm as plugin
+    from eplb.integrations._engines import vllm_sources
+
+    def broken(*args, **kwargs):
+        raise ValueError("input eplb cannot plan")
+
+    monkeypatch.setattr(eplb, "rebalance_experts", broken)
+    call_as = _plugin_ranks(monkeypatch, WORLD)
+    weight = torch.randint(0, 1000, (3, 16), dtype=torch.int32)
+    with vllm_sources(vllm_root) as vllm, ThreadPoolExecutor(WORLD) as pool:
+        futures = [pool.submit(call_as, r, plugin.EplbPolicy.rebalance_experts,
+                               weight, 24, 4, 1, 4) for r in range(WORLD)]
+        got = [f.result() for f in futures]
+        want = vllm.DefaultEplbPolicy.rebalance_experts(weight, 24, 4, 1, 4)
+    assert all(torch.equal(g, want) for g in got)
+    assert "no EP rank could plan" in caplog.text
+
+
+def test_plugin_rank_failing_alone_takes_the_others_plan(monkeypatch, caplog):
+    import eplb
+    from eplb.integrations import vllm as plugin
+
+    real = eplb.rebalance_experts
+    call_as = _plugin_ranks(monkeypatch, WORLD)
+    failing = threading.local()
+
+    def flaky(*args, **kwargs):
+        if getattr(failing, "yes", False):
+            raise MemoryError("this rank only")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eplb, "rebalance_experts", flaky)
+
+    def rank_call(rank, weight):
+        failing.yes = rank == 1
+        return plugin.EplbPolicy.rebalance_experts(weight, 24, 4, 1, 4)
+
+    weight = torch.randint(0, 1000, (3, 16), dtype=torch.int32)
+    with ThreadPoolExecutor(WORLD) as pool:
+        got = [f.result() for f in [pool.submit(call_as, r, rank_call, r, weight)
+                                    for r in range(WORLD)]]
+    assert all(torch.equal(g, got[0]) for g in got)
+    assert "rank 1 failed (MemoryError: this rank only)" in caplog.text
