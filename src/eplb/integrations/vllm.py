@@ -148,15 +148,15 @@ class EplbPolicy:
         if agreement is not None:
             outcome = agreement.agree(plan, error, tag=_tag(cls.options))
             if outcome.plan is not None:
-                if not outcome.unanimous:
-                    level = logging.ERROR if outcome.source is not None else logging.WARNING
-                    logger.log(
-                        level,
+                if outcome.source is not None:  # a failure or a divergence, repaired
+                    logger.error(
                         "eplb: EP ranks disagreed at rebalance %d (%s); every rank uses "
-                        "rank %s's plan",
-                        agreement.round - 1, outcome.describe(), outcome.source,
-                        exc_info=error,
+                        "rank %d's plan", agreement.round - 1, outcome.describe(),
+                        outcome.source, exc_info=error,
                     )
+                elif not outcome.unanimous:  # same plan, different eplb versions or options
+                    logger.warning("eplb: EP ranks run different eplb settings (%s); their "
+                                   "plans agree", outcome.describe())
                 return outcome.plan
             logger.error("eplb: no EP rank could plan (%s)", outcome.describe())
         if plan is not None:
