@@ -3,7 +3,7 @@
 Both policies run from vLLM's released code path: the vllm==0.33.0 policy package
 (``scripts/fetch_engines.py`` caches it), our class taken from vLLM's ``EPLB_POLICIES``
 after vLLM's own plugin loader ran ``eplb.integrations.vllm:register`` with
-``EPLB_VLLM_POLICY=eplb``. Each is called as vLLM calls it: int64 CPU loads
+``VLLM_EPLB_POLICY=eplb``. Each is called as vLLM calls it: int64 CPU loads
 ``[58 MoE layers, 256]``, ``(weight, 288, num_groups, num_nodes, 32, None)``.
 
 Balancedness = Σ_layers mean GPU load / Σ_layers max GPU load, each expert's load split
@@ -172,7 +172,7 @@ def render(rows, summary, args) -> str:
         "- Data: the 12 real DeepSeek-V3 loads of `sglang_deepseek_ep_statistics` (MoE rows 3..60, "
         "int64 `[58, 256]`), R=288 slots on P=32 GPUs, called as vLLM calls the policy "
         "(`rebalance_experts(w, 288, G, N, 32, None)`, our class taken from vLLM's `EPLB_POLICIES` "
-        "after vLLM's plugin loader ran with `EPLB_VLLM_POLICY=eplb`).",
+        f"after vLLM's plugin loader ran with `{plugin.ENV_VAR}=eplb`).",
         "- Balancedness = Σ_layers mean GPU load / Σ_layers max GPU load (replica load = expert "
         f"load / replicas). Time = median of {args.repeats} calls after {args.warmup} warm-up "
         "calls, "

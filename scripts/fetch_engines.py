@@ -97,7 +97,7 @@ def _extract(spec: EngineSpec, wheel: Path, dest: Path) -> list[str]:
 def fetch(spec: EngineSpec, cache: Path, *, force: bool = False, keep_wheel: bool = False) -> str:
     """Make ``cache/<name>-<version>`` hold the extracted files; returns a status word."""
     root = cache / spec.folder
-    if (root / MARKER).is_file() and not force:
+    if not force and _engines.engine_root(spec.name, cache) is not None:
         return "cached"
     cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.engines or list(ENGINES):
         spec = ENGINES[name]
         if args.list:
-            state = "present" if (cache / spec.folder / MARKER).is_file() else "missing"
+            state = "present" if _engines.engine_root(name, cache) is not None else "missing"
             print(f"{spec.folder}: {state} ({cache / spec.folder})")
             continue
         try:

@@ -54,8 +54,9 @@ def _planner_did_not_fall_back(caplog):
 def vllm(vllm_root, monkeypatch):
     """vLLM's real policy package and plugin loader, fresh for every test."""
     monkeypatch.delenv("VLLM_PLUGINS", raising=False)
-    monkeypatch.delenv(plugin.ENV_VAR, raising=False)
-    monkeypatch.delenv(plugin.OPTIONS_ENV_VAR, raising=False)
+    for name in (plugin.ENV_VAR, plugin.OPTIONS_ENV_VAR, plugin.LEGACY_ENV_VAR,
+                 plugin.LEGACY_OPTIONS_ENV_VAR):
+        monkeypatch.delenv(name, raising=False)
     with vllm_sources(vllm_root) as ns:
         yield ns
 

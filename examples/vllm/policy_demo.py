@@ -4,7 +4,7 @@
 
 vLLM calls ``policy.rebalance_experts(weight, num_replicas, num_groups, num_nodes,
 num_ranks, old_global_expert_indices)`` on CPU tensors and expects ``phy2log
-[layers, num_replicas]`` (int64). With vLLM installed and ``EPLB_VLLM_POLICY=eplb`` the
+[layers, num_replicas]`` (int64). With vLLM installed and ``VLLM_EPLB_POLICY=eplb`` the
 same class is what ``EPLB_POLICIES["default"]`` holds.
 """
 

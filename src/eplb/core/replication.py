@@ -80,6 +80,26 @@ def replica_counts(
     return torch.from_numpy(counts).to(weight.device)
 
 
+def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """``[..., k]`` indices of the ``k`` largest entries along the last axis, ascending;
+    ties at the k-th value go to the lowest indices.
+
+    ``np.argpartition`` would be faster, but which of several tied entries it returns
+    depends on NumPy's SIMD dispatch (measured: AVX2 and AVX-512 machines disagree), and
+    every EP rank must plan alike. The k-th value itself is the same everywhere, so it is
+    taken by ``np.partition`` and the tie is settled by position.
+    """
+    n = values.shape[-1]
+    if k >= n:
+        return np.broadcast_to(np.arange(n), values.shape).copy()
+    kth = np.partition(values, n - k, axis=-1)[..., n - k : n - k + 1]
+    above = values > kth
+    tied = values == kth
+    need = k - above.sum(-1, keepdims=True)
+    chosen = above | (tied & (np.cumsum(tied, -1) <= need))
+    return np.nonzero(chosen)[-1].reshape(*values.shape[:-1], k)
+
+
 def _counts_by_table(
     w: np.ndarray, num_replicas: int, rules: tuple[float | str, ...], num_hot: int, steps: int
 ) -> np.ndarray:
@@ -88,7 +108,7 @@ def _counts_by_table(
     rows, num_experts = w.shape
     num_extra = num_replicas - num_experts
     row = np.arange(rows)[:, None]
-    hot_expert = np.argpartition(w, num_experts - num_hot, axis=1)[:, num_experts - num_hot :]
+    hot_expert = _top_indices(w, num_hot)
     hot_load = w[row, hot_expert][:, :, None]  # [rows, K, 1]
     c = np.arange(1, steps + 1, dtype=np.float64)  # current count
     priorities = []
@@ -100,7 +120,7 @@ def _counts_by_table(
             priorities.append(hot_load / (c + float(rule)))
     table = np.stack(priorities).reshape(len(rules), rows, num_hot * steps)
     size = num_hot * steps
-    granted = np.argpartition(table, size - num_extra, axis=2)[:, :, size - num_extra :] // steps
+    granted = _top_indices(table, num_extra) // steps
     expert = hot_expert[row, granted]  # [rules, rows, R − E]
     flat = (np.arange(len(rules) * rows).reshape(len(rules), rows, 1) * num_experts + expert)
     extra = np.bincount(flat.ravel(), minlength=len(rules) * rows * num_experts)

@@ -70,6 +70,15 @@ ENGINES: dict[str, EngineSpec] = {
             "vllm/config/parallel.py",  # EPLBConfig and EPLBPolicyOption
             "vllm/plugins/__init__.py",  # load_general_plugins (entry-point loader)
             "vllm/engine/arg_utils.py",  # CLI flag names (--enable-eplb, --eplb-config)
+            # the plugin's switch, log line and rank agreement (tests/test_engines_vllm_*.py)
+            "vllm/envs.py",  # environment_variables, VLLM_RAY_EXTRA_ENV_VARS_TO_COPY
+            "vllm/logger.py",  # the "vllm" logger hierarchy and its handler
+            "vllm/logging_utils/",  # formatters logger.py configures
+            "vllm/ray/ray_env.py",  # get_env_vars_to_copy (Ray DP engine cores)
+            "vllm/v1/engine/utils.py",  # CoreEngineActorManager copies that env to actors
+            "vllm/v1/executor/ray_env_utils.py",  # Ray executor workers: driver env
+            "vllm/platforms/interface.py",  # validate_environ: unknown VLLM_* variables
+            "vllm/distributed/parallel_state.py",  # get_ep_group, GroupCoordinator fields
             "vllm-0.33.0.dist-info/METADATA",
         ),
     ),
@@ -80,6 +89,11 @@ ENGINES: dict[str, EngineSpec] = {
             "sglang/srt/eplb/",  # expert_location.py parses --init-expert-location
             "sglang/srt/arg_groups/fields/exec_.py",  # server-arg fields (flag names)
             "sglang/srt/models/deepseek_v2.py",  # get_model_config_for_expert_location
+            # runtime rebalancing through SGLang's plugin framework (eplb.integrations.sglang)
+            "sglang/srt/plugins/",  # load_plugins, HookRegistry
+            "sglang/srt/environ.py",  # envs (SGLANG_PLUGINS), read by plugins and eplb_manager
+            "sglang/launch_server.py",  # the entry point the launcher runs
+            "sglang/srt/managers/scheduler.py",  # run_scheduler_process loads the plugins
             "sglang-0.5.23.dist-info/METADATA",
         ),
     ),
@@ -103,7 +117,13 @@ def engine_root(name: str, cache: Path | None = None) -> Path | None:
         info = json.loads(marker.read_text())
     except (OSError, ValueError):
         return None
-    return root if info.get("version") == spec.version else None
+    if info.get("version") != spec.version:
+        return None
+    # a cache fetched for an older file table lacks files: fetch again
+    files = info.get("files", [])
+    if not all(any(f == m or f.startswith(m) for f in files) for m in spec.members):
+        return None
+    return root
 
 
 def extract_function(path: Path, name: str, namespace: dict[str, Any]) -> Any:

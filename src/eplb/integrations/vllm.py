@@ -11,21 +11,40 @@ vLLM 0.33 accepts only ``policy: "default"`` (``EPLBPolicyOption = Literal["defa
 in ``vllm/config/parallel.py``, and async EPLB insists on it), so the plugin swaps the
 class registered as ``"default"``: no vLLM edit and no config change.
 
-How it is switched on: installing eplb declares the entry point
-``vllm.general_plugins: eplb = eplb.integrations.vllm:register``, which vLLM calls in
-every process (API server, engine core, workers). :func:`register` acts only when the
-environment variable ``EPLB_VLLM_POLICY`` asks it to:
+**The switch.** Installing eplb declares the entry point ``vllm.general_plugins: eplb =
+eplb.integrations.vllm:register``, which vLLM calls in every process (API server, engine
+cores, workers). :func:`register` acts only when ``VLLM_EPLB_POLICY`` asks it to:
 
-- ``EPLB_VLLM_POLICY=eplb``: add :class:`EplbPolicy` as ``"eplb"`` and make it the
+- ``VLLM_EPLB_POLICY=eplb``: add :class:`EplbPolicy` as ``"eplb"`` and make it the
   ``"default"`` policy, so ``--enable-eplb`` uses eplb.
-- ``EPLB_VLLM_POLICY=register``: only add it as ``"eplb"`` (for vLLM versions whose
+- ``VLLM_EPLB_POLICY=register``: only add it as ``"eplb"`` (for vLLM versions whose
   config accepts ``{"policy": "eplb"}``; 0.33 rejects that name).
 - unset, empty, ``0``, ``off``: do nothing (vLLM keeps its own policy).
 
-``EPLB_VLLM_OPTIONS`` may hold a JSON object of planner options passed to
-:func:`eplb.rebalance_experts`, e.g. ``{"policy": "global", "max_moves": 64}``; allowed
-keys are in :data:`PLANNER_OPTIONS`. ``register`` never raises: when vLLM is missing or
-a setting is bad it logs why and leaves vLLM untouched.
+The name starts with ``VLLM_`` on purpose: with ``--data-parallel-backend ray`` vLLM
+copies to its engine-core actors only registered variables and those with a prefix such
+as ``VLLM_``/``NCCL_`` (``vllm/ray/ray_env.py``), so a ``VLLM_`` switch set where vLLM
+is launched reaches every node. :func:`register` also registers both names in
+``vllm.envs.environment_variables`` so vLLM does not report them as unknown. The older
+names ``EPLB_VLLM_POLICY``/``EPLB_VLLM_OPTIONS`` still work on one node; across Ray
+nodes they need ``VLLM_RAY_EXTRA_ENV_VARS_TO_COPY=EPLB_VLLM_POLICY,EPLB_VLLM_OPTIONS``.
+
+``VLLM_EPLB_OPTIONS`` may hold a JSON object: planner options passed to
+:func:`eplb.rebalance_experts` (:data:`PLANNER_OPTIONS`, e.g. ``{"max_moves": 64}``) and
+``agree_timeout_s`` (:data:`PLUGIN_OPTIONS`). ``register`` never raises: when vLLM is
+missing or a setting is bad it logs why and leaves vLLM untouched. Every process where
+it acts logs one INFO line through vLLM's own logging (logger ``vllm.plugins.eplb``):
+eplb's version, the switch and the options.
+
+**One plan on every rank.** vLLM runs the policy on every EP rank and broadcasts
+nothing. After planning, the ranks of vLLM's EP group agree through the
+``torch.distributed`` store (:mod:`eplb.integrations.agreement`): unanimous plans are
+used as they are; if a rank failed or diverged, every rank adopts the plan of the lowest
+rank that succeeded, and says so at ERROR; if every rank failed, every rank falls back to
+vLLM's default policy on the same input. A rank that never publishes (one that does not
+run eplb: a half-switched cluster) makes the others raise :class:`AgreementError` after
+``agree_timeout_s`` (default 120) instead of moving weights on mismatched plans.
+``agree_timeout_s: 0`` turns the agreement off.
 """
 
 from __future__ import annotations
@@ -33,31 +52,46 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from typing import Any, ClassVar
 
 import torch
 
+from eplb._version import __version__
 from eplb.api import rebalance_experts
+from eplb.integrations.agreement import AgreementError, PlanAgreement
 
 __all__ = [
     "ENV_VAR",
+    "LEGACY_ENV_VAR",
+    "LEGACY_OPTIONS_ENV_VAR",
+    "LOGGER_NAME",
     "OPTIONS_ENV_VAR",
     "PLANNER_OPTIONS",
+    "PLUGIN_OPTIONS",
     "POLICY_NAME",
+    "AgreementError",
     "EplbPolicy",
     "options_from_env",
     "register",
     "vllm_policy_class",
 ]
 
-logger = logging.getLogger(__name__)
+#: a child of vLLM's own "vllm" logger, so vLLM's handler and level apply to it
+LOGGER_NAME = "vllm.plugins.eplb"
+logger = logging.getLogger(LOGGER_NAME)
 
-ENV_VAR = "EPLB_VLLM_POLICY"
-OPTIONS_ENV_VAR = "EPLB_VLLM_OPTIONS"
+ENV_VAR = "VLLM_EPLB_POLICY"
+OPTIONS_ENV_VAR = "VLLM_EPLB_OPTIONS"
+LEGACY_ENV_VAR = "EPLB_VLLM_POLICY"  # not copied to Ray nodes by default
+LEGACY_OPTIONS_ENV_VAR = "EPLB_VLLM_OPTIONS"
 POLICY_NAME = "eplb"
 PLANNER_OPTIONS = frozenset(
     {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold"}
 )
+#: options the plugin itself consumes (not passed to the planner)
+PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
+DEFAULT_AGREE_TIMEOUT_S = 120.0
 _OFF = frozenset({"", "0", "off", "false", "no", "none"})
 _REPLACE_DEFAULT = frozenset({"eplb", "1", "on", "true", "yes", "default"})
 _REGISTER_ONLY = frozenset({"register", "add"})
@@ -68,7 +102,8 @@ class EplbPolicy:
 
     Duck-compatible with vLLM's ``AbstractEplbPolicy``; :func:`vllm_policy_class`
     returns the subclass of vLLM's own abstract class that :func:`register` installs.
-    ``options`` are extra keyword options for the planner (see :data:`PLANNER_OPTIONS`).
+    ``options`` are planner options (:data:`PLANNER_OPTIONS`) and plugin options
+    (:data:`PLUGIN_OPTIONS`).
     """
 
     options: ClassVar[dict[str, Any]] = {}
@@ -85,34 +120,63 @@ class EplbPolicy:
     ) -> torch.Tensor:
         """Plan a placement; returns ``phy2log [layers, num_replicas]`` int64 on the CPU.
 
-        ``weight: [layers, experts]`` loads (any real dtype, vLLM passes its load
+        ``weight: [layers, experts]`` loads (any real dtype; vLLM passes its int32 load
         window on the CPU); ``old_global_expert_indices: [layers, num_replicas]`` the
-        current ``phy2log``, used for incremental planning (fewer expert moves) when its
-        shape matches. If the planner fails, vLLM's default policy answers instead and
-        the error is logged, so a planner bug never stops serving.
+        current ``phy2log``, used for incremental planning when its shape matches. Inside
+        a vLLM deployment the EP ranks then agree on one plan (module docstring). If no
+        rank could plan, vLLM's default policy answers instead and the error is logged.
+
+        Raises:
+            AgreementError: some EP rank never published its plan (it does not run eplb).
         """
+        planner = {k: v for k, v in cls.options.items() if k in PLANNER_OPTIONS}
+        # plan on the host whatever the input's device: the CPU path is the one measured
+        # bit-identical across ranks (tests/test_determinism.py)
+        weight = weight.detach().to("cpu")
         old = _usable_old_map(old_global_expert_indices, weight, num_replicas)
+        plan, error = None, None
         try:
             phy2log, _, _ = rebalance_experts(
                 weight, num_replicas, num_groups, num_nodes, num_ranks,
-                old_phy2log=old, **cls.options,
+                old_phy2log=old, **planner,
             )
-            phy2log = phy2log.to(device="cpu", dtype=torch.int64).contiguous()
-            _check_phy2log(phy2log, weight.shape, num_replicas)
-        except Exception:
-            fallback = _vllm_default_policy()
-            if fallback is None:
-                raise
-            logger.exception(
-                "eplb failed to plan (weight %s, replicas=%d, groups=%d, nodes=%d, ranks=%d); "
-                "using vLLM's default policy for this rebalance",
-                tuple(weight.shape), num_replicas, num_groups, num_nodes, num_ranks,
-            )
-            return fallback.rebalance_experts(
-                weight, num_replicas, num_groups, num_nodes, num_ranks,
-                old_global_expert_indices,
-            )
-        return phy2log
+            plan = phy2log.to(device="cpu", dtype=torch.int64).contiguous()
+            _check_phy2log(plan, weight.shape, num_replicas)
+        except Exception as exc:  # MemoryError too: the ranks must learn of it
+            plan, error = None, exc
+        agreement = _agreement_for(cls.options)
+        if agreement is not None:
+            outcome = agreement.agree(plan, error, tag=_tag(cls.options))
+            if outcome.plan is not None:
+                if outcome.source is not None:  # a failure or a divergence, repaired
+                    logger.error(
+                        "eplb: EP ranks disagreed at rebalance %d (%s); every rank uses "
+                        "rank %d's plan", agreement.round - 1, outcome.describe(),
+                        outcome.source, exc_info=error,
+                    )
+                elif not outcome.unanimous:  # same plan, different eplb versions or options
+                    logger.warning("eplb: EP ranks run different eplb settings (%s); their "
+                                   "plans agree", outcome.describe())
+                return outcome.plan
+            logger.error("eplb: no EP rank could plan (%s)", outcome.describe())
+        if plan is not None:
+            return plan
+        return _fall_back(error, weight, num_replicas, num_groups, num_nodes, num_ranks,
+                          old_global_expert_indices)
+
+
+def _fall_back(error: BaseException | None, weight: torch.Tensor, *args: Any) -> torch.Tensor:
+    """vLLM's default policy on the same input (the same answer on every rank)."""
+    fallback = _vllm_default_policy()
+    if fallback is None:
+        assert error is not None
+        raise error
+    logger.error(
+        "eplb failed to plan (weight %s, replicas=%d, groups=%d, nodes=%d, ranks=%d); "
+        "using vLLM's default policy for this rebalance",
+        tuple(weight.shape), *args[:4], exc_info=error,
+    )
+    return fallback.rebalance_experts(weight, *args)
 
 
 def _usable_old_map(
@@ -154,6 +218,84 @@ def _vllm_default_policy() -> Any:
     return DefaultEplbPolicy
 
 
+# -- the rank agreement inside vLLM ----------------------------------------------------------
+
+# one agreement per vLLM group coordinator (its round counter); the group is kept so
+# its id is never reused while the entry lives
+_AGREEMENTS: dict[int, tuple[Any, PlanAgreement]] = {}
+_AGREEMENTS_LOCK = threading.Lock()
+
+
+def _agreement_for(options: dict[str, Any]) -> PlanAgreement | None:
+    """The agreement of this process's vLLM EP group, or None outside a multi-rank run."""
+    timeout = float(options.get("agree_timeout_s", DEFAULT_AGREE_TIMEOUT_S))
+    if timeout <= 0:
+        return None
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        from vllm.distributed.parallel_state import get_ep_group
+
+        group = get_ep_group()
+    except Exception:  # not inside a vLLM worker (tests, offline use)
+        return None
+    if group.world_size <= 1:
+        return None
+    with _AGREEMENTS_LOCK:
+        entry = _AGREEMENTS.get(id(group))
+        if entry is not None and entry[0] is group:
+            entry[1].timeout_s = timeout  # the calling class's options decide
+            return entry[1]
+        store = _group_store(group)
+        if store is None:
+            logger.warning("eplb: no torch.distributed store reachable; EP ranks cannot "
+                           "check that their plans agree")
+            return None
+        namespace = f"eplb/vllm/{group.unique_name}/{_ranks_key(group.ranks)}"
+        agreement = PlanAgreement(store, group.rank_in_group, group.world_size, namespace,
+                                  timeout)
+        _AGREEMENTS[id(group)] = (group, agreement)
+        logger.info("eplb: EP rank %d of %d plans with eplb %s; plans are agreed through "
+                    "the torch.distributed store (timeout %.0f s)",
+                    group.rank_in_group, group.world_size, _version(), timeout)
+        return agreement
+
+
+def _group_store(group: Any) -> Any:
+    """The store all ranks of ``group`` share: an elastic (stateless) group's own store,
+    else the default process group's."""
+    stateless = getattr(group, "tcp_store_group", None)
+    if stateless is not None and getattr(stateless, "store", None) is not None:
+        return stateless.store
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:
+        return None
+
+
+def _ranks_key(ranks: list[int]) -> str:
+    text = ",".join(str(int(r)) for r in ranks)
+    if len(text) <= 64:
+        return text
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _version() -> str:
+    return __version__
+
+
+def _tag(options: dict[str, Any]) -> str:
+    return f"eplb {_version()} {json.dumps(options, sort_keys=True)}"
+
+
+# -- registration ----------------------------------------------------------------------------
+
 # Keyed by vLLM's abstract class object itself (not its id) so a re-imported vLLM never
 # receives a subclass of a stale base.
 _CLASS_CACHE: dict[tuple[type, str], type] = {}
@@ -182,44 +324,79 @@ def vllm_policy_class(options: dict[str, Any] | None = None) -> type:
 
 
 def _check_options(options: dict[str, Any], source: str) -> None:
-    unknown = sorted(set(options) - PLANNER_OPTIONS)
+    allowed = PLANNER_OPTIONS | PLUGIN_OPTIONS
+    unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(
-            f"{source}: unknown planner option(s) {unknown}; allowed: {sorted(PLANNER_OPTIONS)}"
+            f"{source}: unknown option(s) {unknown}; allowed: {sorted(allowed)}"
         )
+    timeout = options.get("agree_timeout_s", DEFAULT_AGREE_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
+        raise ValueError(f"{source}: agree_timeout_s must be a number >= 0, got {timeout!r}")
+
+
+def _setting(environ: Any, name: str, legacy: str) -> tuple[str, str]:
+    """``(variable name, value)`` of a setting given under its name or its legacy name.
+
+    Raises ``ValueError`` when both are set to different values.
+    """
+    new, old = environ.get(name), environ.get(legacy)
+    if new is not None and old is not None and new.strip() != old.strip():
+        raise ValueError(f"{name}={new!r} and {legacy}={old!r} disagree; set only {name}")
+    if new is not None:
+        return name, new
+    if old is not None:
+        return legacy, old
+    return name, ""
 
 
 def options_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Planner options from ``$EPLB_VLLM_OPTIONS`` (a JSON object), ``{}`` when unset."""
+    """Options from ``$VLLM_EPLB_OPTIONS`` (or ``$EPLB_VLLM_OPTIONS``), ``{}`` when unset."""
     env = os.environ if environ is None else environ
-    raw = env.get(OPTIONS_ENV_VAR, "").strip()
+    name, raw = _setting(env, OPTIONS_ENV_VAR, LEGACY_OPTIONS_ENV_VAR)
+    raw = raw.strip()
     if not raw:
         return {}
     try:
         options = json.loads(raw)
     except ValueError as exc:
-        raise ValueError(f"{OPTIONS_ENV_VAR} is not valid JSON ({exc}): {raw!r}") from None
+        raise ValueError(f"{name} is not valid JSON ({exc}): {raw!r}") from None
     if not isinstance(options, dict):
-        raise ValueError(f"{OPTIONS_ENV_VAR} must be a JSON object, got {raw!r}")
-    _check_options(options, source=OPTIONS_ENV_VAR)
+        raise ValueError(f"{name} must be a JSON object, got {raw!r}")
+    _check_options(options, source=name)
     return options
+
+
+def _declare_env_vars() -> None:
+    """Add the switch names to ``vllm.envs.environment_variables``: vLLM's start-up check
+    then does not call them unknown, and Ray copies them as registered variables."""
+    try:
+        import vllm.envs as vllm_envs
+
+        known = vllm_envs.environment_variables
+    except Exception:
+        return
+    for name in (ENV_VAR, OPTIONS_ENV_VAR):
+        if name not in known:
+            known[name] = lambda name=name: os.environ.get(name)
 
 
 def register() -> bool:
     """vLLM ``general_plugins`` hook: install eplb as vLLM's EPLB policy when asked.
 
     Returns True when ``EPLB_POLICIES`` was changed. Never raises; see the module
-    docstring for ``EPLB_VLLM_POLICY`` and ``EPLB_VLLM_OPTIONS``.
+    docstring for ``VLLM_EPLB_POLICY`` and ``VLLM_EPLB_OPTIONS``.
     """
     try:
-        mode = os.environ.get(ENV_VAR, "").strip().lower()
+        _declare_env_vars()
+        name, raw = _setting(os.environ, ENV_VAR, LEGACY_ENV_VAR)
+        mode = raw.strip().lower()
         if mode in _OFF:
             return False
         if mode not in _REPLACE_DEFAULT | _REGISTER_ONLY:
             logger.warning(
                 "eplb: ignoring %s=%r; use 'eplb' (replace vLLM's default policy), "
-                "'register' (add policy 'eplb' only) or unset it",
-                ENV_VAR, os.environ.get(ENV_VAR),
+                "'register' (add policy 'eplb' only) or unset it", name, raw,
             )
             return False
         options = options_from_env()
@@ -227,17 +404,21 @@ def register() -> bool:
             from vllm.distributed.eplb import policy as vllm_policy
         except Exception as exc:
             logger.warning("eplb: %s is set but vLLM's EPLB policies cannot be imported (%s)",
-                           ENV_VAR, exc)
+                           name, exc)
             return False
         cls = vllm_policy_class(options)
         vllm_policy.EPLB_POLICIES[POLICY_NAME] = cls
         if mode in _REPLACE_DEFAULT:
             vllm_policy.EPLB_POLICIES["default"] = cls
         logger.info(
-            "eplb: registered vLLM EPLB policy %r%s (options %s)",
-            POLICY_NAME, " and made it the 'default' policy" if mode in _REPLACE_DEFAULT else "",
-            options,
+            "eplb %s active: vLLM EPLB policy %s (%s=%s; options %s)",
+            _version(),
+            "'default' and 'eplb' run eplb" if mode in _REPLACE_DEFAULT else "'eplb' added",
+            name, raw.strip(), json.dumps(options, sort_keys=True),
         )
+        if name == LEGACY_ENV_VAR:
+            logger.warning("eplb: %s is the old switch name; Ray does not copy it to other "
+                           "nodes. Use %s.", LEGACY_ENV_VAR, ENV_VAR)
         return True
     except Exception as exc:  # a plugin must never take vLLM down
         logger.warning("eplb: vLLM plugin not registered: %s", exc)

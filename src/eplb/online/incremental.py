@@ -108,24 +108,27 @@ def _forced(request: PlanRequest, old: np.ndarray) -> np.ndarray:
                                         topo.gpus_per_node)
             base[redo] = aligned.numpy()
         keep = np.nonzero(local)[0]
-        if len(keep):
-            base[keep] = _per_node(weight[keep], start[keep], request, _fill_rows)
-    else:
-        base = moves.fill_and_cover(weight, old, live_slot, topo.num_gpus)
-    # replicas stacked on one GPU: spread them (a refinement with no budget only repairs)
-    live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
-    bad = np.nonzero(moves.stacked(np.where(live_slot[None], base, -1), topo.num_gpus))[0]
+        if len(keep):  # inside each node: fill, cover, spread (locality stays)
+            base[keep] = _per_node(weight[keep], start[keep], request, _fill_and_spread)
+        return base
+    return _fill_and_spread(weight, old, topo.num_gpus, request.live.cpu().numpy())
+
+
+def _fill_and_spread(
+    weight: np.ndarray, rows: np.ndarray, num_gpus: int, live: np.ndarray | None = None
+) -> np.ndarray:
+    """Forced moves of a batch of global problems ``rows [B, R]``: every live slot filled,
+    every expert covered, replicas stacked on one GPU spread over the live GPUs."""
+    live = np.ones(num_gpus, bool) if live is None else live
+    live_slot = live.repeat(rows.shape[1] // num_gpus)
+    out = moves.fill_and_cover(weight, rows, live_slot, num_gpus)
+    bad = np.nonzero(moves.stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
     if len(bad):
         spread = repair_assignment(
-            torch.from_numpy(weight[bad]), torch.from_numpy(base[bad]), request.live.cpu()
+            torch.from_numpy(weight[bad]), torch.from_numpy(out[bad]), torch.from_numpy(live)
         )
-        base[bad] = spread.numpy()
-    return base
-
-
-def _fill_rows(weight: np.ndarray, rows: np.ndarray, num_gpus: int) -> np.ndarray:
-    live_slot = np.ones(rows.shape[1], bool)
-    return moves.fill_and_cover(weight, rows, live_slot, num_gpus)
+        out[bad] = spread.numpy()
+    return out
 
 
 def _node_rows(

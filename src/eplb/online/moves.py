@@ -49,11 +49,12 @@ def fill_and_cover(
 ) -> np.ndarray:
     """Forced moves: every live slot holds an expert and every expert has a replica.
 
-    Empty live slots (a GPU that is live again) take, one at a time, the expert with the
-    largest per-replica load that their GPU does not hold (uncovered experts first); an
-    uncovered expert with no empty slot left replaces a replica of the expert that loses
-    least by it (``w / (c − 1)`` smallest). Slots of dead GPUs are emptied first.
-    Returns the repaired ``[B, R]`` (a copy).
+    Empty live slots (a GPU that is live again) take, one at a time, an expert their GPU
+    does not hold: an uncovered one first, else the one whose new replica load is
+    closest to what brings the GPU to the mean load over its remaining empty slots (so a
+    revived GPU is neither idle nor the new hot spot). An uncovered expert with no empty
+    slot left replaces a replica of the expert that loses least by it (``w / (c − 1)``
+    smallest). Slots of dead GPUs are emptied first. Returns the repaired ``[B, R]``.
     """
     out = np.where(live_slot[None], phy2log, -1)
     rows, num_slots = out.shape
@@ -68,14 +69,20 @@ def fill_and_cover(
         need = has_hole | uncovered.any(1)
         if not need.any():
             return out
-        per = np.where(uncovered, np.inf, weight / np.maximum(counts, 1))
         # with a hole: the first empty slot; its GPU must not hold the receiver
         slot = np.argmax(hole, 1)
         gpu = slot // slots
         grid = out.reshape(rows, num_gpus, slots)[rowix, gpu]  # [B, S]
         on_gpu = np.zeros((rows, num_experts + 1), bool)
         on_gpu[rowix[:, None], np.where(grid >= 0, grid, num_experts)] = True
-        receiver = np.argmax(np.where(on_gpu[:, :num_experts], -1.0, per), 1)
+        live_gpus = max(1, int(live_slot.sum()) // slots)
+        gpu_load = gpu_loads_of(weight, out, num_gpus)[rowix, gpu]  # [B]
+        holes_left = (grid < 0).sum(1)
+        want = (weight.sum(1) / live_gpus - gpu_load) / np.maximum(holes_left, 1)  # [B]
+        new_load = weight / (counts + 1)  # [B, E] the receiver's replicas after it
+        miss = np.abs(new_load - want[:, None])
+        miss = np.where(uncovered, -1.0, miss)  # uncovered experts first
+        receiver = np.argmin(np.where(on_gpu[:, :num_experts], np.inf, miss), 1)
         # without a hole: the heaviest uncovered expert takes a donor's slot
         uncovered_load = np.where(uncovered, weight, -1.0)
         missing = np.argmax(uncovered_load, 1)
@@ -127,7 +134,7 @@ def transfer_order(
         return row, expert, np.arange(len(row)) - start[row]
 
     r_row, r_exp, r_rank = units(
-        gain, lambda b, e, j: -weight[b, e] / (counts[b, e] + j)
+        gain, lambda b, e, j: -weight[b, e] / np.maximum(counts[b, e] + j, 1)
     )
     d_row, d_exp, d_rank = units(
         -gain, lambda b, e, j: weight[b, e] / np.maximum(counts[b, e] - j - 1, 1)
@@ -280,6 +287,23 @@ def _blom(n: int) -> float:
 
 
 def stacked(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``[B]`` True where some GPU holds two replicas of one expert."""
-    grid = np.sort(phy2log.reshape(phy2log.shape[0], num_gpus, -1), 2)
-    return ((grid[..., 1:] == grid[..., :-1]) & (grid[..., 1:] >= 0)).any((1, 2))
+    """``[B]`` True where some GPU holds more replicas of an expert than it must: more than
+    ``ceil(c / G)`` of an expert with ``c`` replicas over the ``G`` GPUs that hold any
+    (``-1`` slots and their GPUs are left out)."""
+    rows = phy2log.shape[0]
+    grid = np.sort(phy2log.reshape(rows, num_gpus, -1), 2)
+    same = (grid[..., 1:] == grid[..., :-1]) & (grid[..., 1:] >= 0)
+    if not same.any():
+        return np.zeros(rows, bool)
+    live_gpus = (grid >= 0).any(2).sum(1)  # [B]
+    counts = counts_of(phy2log, int(phy2log.max()) + 1)
+    # copies of each slot's expert on its GPU: run lengths of the sorted GPU rows
+    slots = grid.shape[2]
+    position = np.broadcast_to(np.arange(slots), grid.shape)
+    starts = np.ones(grid.shape, bool)
+    starts[..., 1:] = ~same
+    run_start = np.maximum.accumulate(np.where(starts, position, 0), axis=2)
+    copies = position - run_start + 1
+    cap = -(-counts // np.maximum(live_gpus, 1)[:, None])  # [B, E]
+    allowed = np.take_along_axis(cap, np.maximum(grid, 0).reshape(rows, -1), 1).reshape(grid.shape)
+    return ((copies > allowed) & (grid >= 0)).any((1, 2))

@@ -1,0 +1,230 @@
+"""One plan for every rank: a rank agreement over a ``torch.distributed`` key-value store.
+
+vLLM calls its EPLB policy on every expert-parallel rank independently and broadcasts
+nothing: each rank then moves weights according to *its own* plan, so ranks holding
+different plans exchange the wrong experts (silently wrong outputs) or wait forever on
+transfers their peers never post. Plans are bit-identical across ranks when every rank
+runs the same eplb on the same input (see ``tests/test_determinism.py``), but that
+cannot hold when one rank fails alone (``MemoryError``, a broken install) or when ranks
+run different code (a node without the switch, another eplb version or options).
+
+:class:`PlanAgreement` closes that gap after every rank planned:
+
+1. every rank publishes ``{ok, digest of its plan, tag (version + options), error}``
+   under ``<namespace>/<round>/status/<rank>`` in the store;
+2. it waits for all ``world_size`` statuses (at most ``timeout_s``); a rank that never
+   publishes (it runs another policy, or crashed) makes every waiting rank raise
+   :class:`AgreementError` naming it, instead of shuffling weights on mismatched plans;
+3. every rank reads the same statuses and so takes the same decision:
+   - all ok with one digest: each rank keeps its own plan (the normal case, no copy);
+   - otherwise the lowest rank that planned successfully publishes its plan and every
+     rank adopts it (a rank-local failure or a divergence is logged and repaired);
+   - no rank succeeded: :attr:`Outcome.plan` is ``None`` and the caller takes its
+     fallback, the same one on every rank.
+
+A store (not a collective on one of the engine's process groups) carries this so that
+it never interleaves with the engine's own collectives on those groups, and waits have a
+timeout. Rounds are counted per :class:`PlanAgreement`: every rank of the group must
+call :meth:`PlanAgreement.agree` once per rebalance, as vLLM calls the policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["AgreementError", "Outcome", "PlanAgreement", "plan_digest"]
+
+_STATUS, _PLAN = "status", "plan"
+
+
+class AgreementError(RuntimeError):
+    """The ranks could not agree on one plan (a rank never published its status)."""
+
+
+def plan_digest(plan: torch.Tensor) -> str:
+    """Short SHA-256 of ``plan [L, R]`` (shape and int64 values): equal iff bit-identical."""
+    data = plan.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
+    digest = hashlib.sha256(f"{tuple(data.shape)}".encode())
+    digest.update(data.astype("<i8", copy=False).tobytes())
+    return digest.hexdigest()[:24]
+
+
+def _encode_plan(plan: torch.Tensor) -> bytes:
+    data = plan.detach().to(device="cpu", dtype=torch.int64).contiguous().numpy()
+    header = ",".join(str(n) for n in data.shape).encode() + b"\n"
+    return header + data.astype("<i8", copy=False).tobytes()
+
+
+def _decode_plan(raw: bytes) -> torch.Tensor:
+    header, _, body = raw.partition(b"\n")
+    shape = tuple(int(n) for n in header.decode().split(","))
+    return torch.from_numpy(np.frombuffer(body, dtype="<i8").reshape(shape).astype(np.int64))
+
+
+def _ranges(ranks: list[int]) -> str:
+    """``[0, 1, 2, 5]`` → ``"0-2,5"``."""
+    out, start = [], None
+    for i, r in enumerate(ranks):
+        if start is None:
+            start = r
+        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
+            out.append(f"{start}" if start == r else f"{start}-{r}")
+            start = None
+    return ",".join(out)
+
+
+@dataclass
+class Outcome:
+    """What the ranks agreed on in one round.
+
+    Attributes:
+        plan: the plan every rank must use, or ``None`` when no rank produced one.
+        unanimous: every rank succeeded with the same plan (and the same tag).
+        source: the rank whose plan was adopted when not unanimous, else ``None``.
+        digests: ``digest → ranks`` of the successful ranks.
+        failed: ``rank → error text`` of the ranks that failed to plan.
+        tags: ``tag → ranks`` (eplb version and options of each rank).
+    """
+
+    plan: torch.Tensor | None
+    unanimous: bool
+    source: int | None = None
+    digests: dict[str, list[int]] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    tags: dict[str, list[int]] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """One line for the log: who planned what."""
+        parts = [f"plan {d[:12]} on ranks {_ranges(r)}" for d, r in self.digests.items()]
+        parts += [f"rank {r} failed ({e})" for r, e in sorted(self.failed.items())]
+        if len(self.tags) > 1:
+            parts += [f"ranks {_ranges(r)} run {t}" for t, r in self.tags.items()]
+        return "; ".join(parts)
+
+
+class PlanAgreement:
+    """Agree on one plan per round among ``world_size`` ranks sharing ``store``.
+
+    Args:
+        store: a ``torch.distributed.Store`` every rank of the group reaches (vLLM's
+            default store, a ``TCPStore``, a ``FileStore``, a ``HashStore`` in tests).
+        rank: this rank's index in the group, ``0 <= rank < world_size``.
+        world_size: ranks in the group; each must call :meth:`agree` every round.
+        namespace: key prefix unique to the group (several groups may share a store).
+        timeout_s: longest wait for the other ranks' statuses and the adopted plan.
+    """
+
+    def __init__(
+        self, store: Any, rank: int, world_size: int, namespace: str, timeout_s: float = 120.0
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        self.store, self.rank, self.world_size = store, rank, world_size
+        self.namespace, self.timeout_s = namespace.rstrip("/"), float(timeout_s)
+        self.round = 0
+
+    def _key(self, round_: int, kind: str, rank: int | None = None) -> str:
+        tail = "" if rank is None else f"/{rank}"
+        return f"{self.namespace}/{round_}/{kind}{tail}"
+
+    def _wait(self, keys: list[str], what: str, round_: int) -> None:
+        try:
+            self.store.wait(keys, timedelta(seconds=self.timeout_s))
+        except Exception as exc:  # the store's timeout error type varies by store and version
+            missing = [k.rsplit("/", 1)[-1] for k in keys if not self._present(k)]
+            raise AgreementError(
+                f"eplb: rank {self.rank} waited {self.timeout_s:.0f} s for {what} of rebalance "
+                f"{round_} ({self.namespace}) and got none from rank(s) {', '.join(missing)}: "
+                "those ranks do not run eplb's policy (switch unset there, eplb not installed, "
+                f"or a different vLLM policy) or failed before planning. ({exc})"
+            ) from None
+
+    def _get_all(self, keys: list[str]) -> list[bytes]:
+        """Values of ``keys`` in one round trip where the store supports it."""
+        try:
+            return list(self.store.multi_get(keys))
+        except (AttributeError, NotImplementedError, RuntimeError):
+            return [self.store.get(k) for k in keys]
+
+    def _present(self, key: str) -> bool:
+        try:
+            return bool(self.store.check([key]))
+        except Exception:
+            return False
+
+    def agree(
+        self, plan: torch.Tensor | None, error: BaseException | None = None, tag: str = ""
+    ) -> Outcome:
+        """Publish this rank's result, wait for all, return what every rank must use.
+
+        Args:
+            plan: this rank's ``[L, R]`` plan, or ``None`` when planning failed.
+            error: the failure (only its text is shared).
+            tag: what this rank runs (e.g. eplb version and options); a tag that differs
+                between ranks is reported in the outcome.
+
+        Raises:
+            AgreementError: a rank did not publish within ``timeout_s``.
+        """
+        round_ = self.round
+        self.round += 1
+        status = {
+            "ok": plan is not None,
+            "digest": None if plan is None else plan_digest(plan),
+            "tag": tag,
+            "error": None if plan is not None else f"{type(error).__name__}: {error}"[:300],
+        }
+        self.store.set(self._key(round_, _STATUS, self.rank), json.dumps(status))
+        keys = [self._key(round_, _STATUS, r) for r in range(self.world_size)]
+        self._wait(keys, "the plan status", round_)
+        statuses = [json.loads(raw) for raw in self._get_all(keys)]
+        self._forget(round_ - 2)
+
+        out = Outcome(plan=None, unanimous=False)
+        for r, s in enumerate(statuses):
+            out.tags.setdefault(s["tag"], []).append(r)
+            if s["ok"]:
+                out.digests.setdefault(s["digest"], []).append(r)
+            else:
+                out.failed[r] = s["error"] or "unknown error"
+        if not out.digests:
+            return out  # nobody planned: every rank takes the caller's fallback
+        if len(out.digests) == 1 and not out.failed:
+            out.plan, out.unanimous = plan, len(out.tags) == 1
+            return out
+        # a failure or a divergence: everyone adopts the lowest successful rank's plan
+        out.source = min(r for ranks in out.digests.values() for r in ranks)
+        plan_key = self._key(round_, _PLAN)
+        if self.rank == out.source:
+            assert plan is not None
+            self.store.set(plan_key, _encode_plan(plan))
+            out.plan = plan
+            return out
+        self._wait([plan_key], f"rank {out.source}'s plan", round_)
+        adopted = _decode_plan(self.store.get(plan_key))
+        if plan_digest(adopted) != statuses[out.source]["digest"]:
+            raise AgreementError(f"eplb: rank {out.source}'s published plan is corrupt")
+        out.plan = adopted
+        return out
+
+    def _forget(self, round_: int) -> None:
+        """Delete this rank's keys of an old round: every rank has read them, because
+        every rank published in a later round only after reading that one."""
+        if round_ < 0:
+            return
+        for key in (self._key(round_, _STATUS, self.rank), self._key(round_, _PLAN)):
+            if key.endswith(_PLAN) and self.rank != 0:
+                continue  # only one rank deletes the shared plan key (absent is fine)
+            # stores without delete_key keep a few small keys
+            with contextlib.suppress(Exception):
+                self.store.delete_key(key)

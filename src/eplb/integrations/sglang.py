@@ -1,0 +1,261 @@
+"""SGLang plugin and launcher: SGLang's runtime rebalancing (``--enable-eplb``) plans with eplb.
+
+SGLang 0.5.23 re-plans every ``--eplb-rebalance-num-iterations`` forward passes on every
+rank: ``EPLBManager.rebalance`` → ``ExpertLocationMetadata.init_by_eplb`` →
+``sglang.srt.eplb.eplb_algorithms.rebalance_experts(tokens_per_expert [T, L, E] on the
+GPU, num_physical_experts, num_local_physical_experts, num_groups (None for models
+without expert groups), num_nodes, algorithm)``, where ``algorithm`` is a member of its
+closed ``EplbAlgorithm`` enum (``--eplb-algorithm``, ``auto`` → ``deepseek`` or
+``deepseek_hierarchical``). There is no policy registry, but SGLang has general plugins:
+entry points of group ``sglang.srt.plugins`` that ``load_plugins()`` runs in every process
+(the launcher, every scheduler process that hosts a model runner, the DP controller),
+with a ``HookRegistry`` that wraps functions by dotted path.
+
+Installing eplb declares ``sglang.srt.plugins: eplb = eplb.integrations.sglang:register``.
+With ``SGLANG_EPLB_POLICY=eplb`` in the environment, :func:`register` wraps
+``eplb_algorithms.rebalance_experts`` (an AROUND hook): SGLang's call then returns
+eplb's plan, computed as :func:`eplb_rebalance` describes. Unset, it does nothing.
+
+The launcher sets the switch for you and starts SGLang's own server::
+
+    python -m eplb.integrations.sglang --model-path ... --enable-eplb ...
+    python -m eplb.integrations.sglang --eplb-options '{"max_moves": 2000}' <launch_server args>
+
+(every node of a multi-node deployment runs it, as it would run ``sglang.launch_server``).
+``SGLANG_EPLB_OPTIONS`` holds planner options as JSON (:data:`PLANNER_OPTIONS`).
+SGLang's ``--use-ray`` scheduler actors do not run ``load_plugins`` in 0.5.23, so that
+mode keeps SGLang's own algorithm.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import torch
+
+from eplb._version import __version__
+from eplb.api import rebalance_experts
+
+__all__ = [
+    "ENV_VAR",
+    "HOOK_TARGET",
+    "OPTIONS_ENV_VAR",
+    "PLANNER_OPTIONS",
+    "eplb_rebalance",
+    "main",
+    "options_from_env",
+    "register",
+]
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "SGLANG_EPLB_POLICY"
+OPTIONS_ENV_VAR = "SGLANG_EPLB_OPTIONS"
+HOOK_TARGET = "sglang.srt.eplb.eplb_algorithms.rebalance_experts"
+PLUGIN_GROUP = "sglang.srt.plugins"
+PLANNER_OPTIONS = frozenset(
+    {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold",
+     "incremental"}
+)
+_ON = frozenset({"eplb", "1", "on", "true", "yes"})
+_OFF = frozenset({"", "0", "off", "false", "no", "none"})
+_ANNOUNCED = False
+
+
+def options_from_env(environ: Any = None) -> dict[str, Any]:
+    """Options from ``$SGLANG_EPLB_OPTIONS`` (a JSON object), ``{}`` when unset."""
+    env = os.environ if environ is None else environ
+    raw = env.get(OPTIONS_ENV_VAR, "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{OPTIONS_ENV_VAR} is not valid JSON ({exc}): {raw!r}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{OPTIONS_ENV_VAR} must be a JSON object, got {raw!r}")
+    unknown = sorted(set(options) - PLANNER_OPTIONS)
+    if unknown:
+        raise ValueError(f"{OPTIONS_ENV_VAR}: unknown option(s) {unknown}; "
+                         f"allowed: {sorted(PLANNER_OPTIONS)}")
+    return options
+
+
+def eplb_rebalance(
+    tokens_per_expert: torch.Tensor,
+    num_physical_experts: int,
+    num_local_physical_experts: int,
+    num_groups: int | None,
+    num_nodes: int,
+    hierarchical: bool,
+    options: dict[str, Any] | None = None,
+    old_phy2log: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """eplb's answer to SGLang's ``rebalance_experts`` call.
+
+    Args:
+        tokens_per_expert: ``[T, L, E]`` (or ``[L, E]``) token counts, any device; summed
+            over ``T`` as SGLang's ``deepseek`` algorithm does.
+        num_physical_experts: ``R`` slots; ``num_local_physical_experts``: slots per GPU.
+        num_groups: expert groups, ``None`` for models without groups.
+        num_nodes: nodes (1 when SGLang asks for a flat topology).
+        hierarchical: the algorithm SGLang chose is a ``*_hierarchical`` one.
+        options: planner options (:data:`PLANNER_OPTIONS`); ``incremental: false``
+            ignores ``old_phy2log``.
+        old_phy2log: ``[L, R]`` placement in force, for fewer moved experts.
+
+    Returns:
+        ``(phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E])`` int64 on the CPU
+        (SGLang moves them to its device). The loads are summed and planned on the CPU in
+        integer-valued float64, so every rank computes the same plan.
+    """
+    options = dict(options or {})
+    incremental = bool(options.pop("incremental", True))
+    weight = tokens_per_expert.detach()
+    if weight.dim() == 3:
+        weight = weight.sum(0)  # integer counts: an exact sum on any device
+    weight = weight.to("cpu")
+    weight = weight.to(torch.float64 if weight.is_floating_point() else torch.int64)
+    num_gpus = num_physical_experts // num_local_physical_experts
+    groups = 1 if num_groups is None else int(num_groups)
+    policy = options.pop("policy", None)
+    if policy is None:
+        policy = "hierarchical" if hierarchical else "global"
+    if policy == "hierarchical" and (groups <= 1 or groups % num_nodes or num_nodes <= 1):
+        logger.warning("eplb: SGLang asked for hierarchical balancing but num_groups=%s, "
+                       "num_nodes=%d do not allow it; planning globally", num_groups, num_nodes)
+        policy = "global"
+    old = None
+    if incremental and old_phy2log is not None:
+        old = old_phy2log.detach().to("cpu", torch.int64)
+        if tuple(old.shape) != (weight.shape[0], num_physical_experts) or bool(
+            ((old < 0) | (old >= weight.shape[1])).any()
+        ):
+            old = None
+    return rebalance_experts(
+        weight, num_physical_experts, groups, num_nodes, num_gpus,
+        policy=policy, old_phy2log=old, **options,
+    )
+
+
+def _current_map() -> torch.Tensor | None:
+    """SGLang's placement in force, if its runtime holds one."""
+    try:
+        from sglang.srt.eplb.expert_location import get_global_expert_location_metadata
+
+        metadata = get_global_expert_location_metadata()
+    except Exception:
+        return None
+    return None if metadata is None else metadata.physical_to_logical_map_cpu
+
+
+def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
+    """AROUND hook on SGLang's ``eplb_algorithms.rebalance_experts``."""
+    global _ANNOUNCED
+    names = ("tokens_per_expert", "num_physical_experts", "num_local_physical_experts",
+             "num_groups", "num_nodes", "algorithm")
+    call = dict(zip(names, args, strict=False)) | kwargs
+    algorithm = call["algorithm"]
+    name = getattr(algorithm, "name", str(algorithm))
+    if name.startswith("elasticity_aware"):
+        # SGLang's elastic EP reads its active ranks from its own state: keep its algorithm
+        return original(*args, **kwargs)
+    options = options_from_env()
+    if not _ANNOUNCED:  # here SGLang's logging is configured; at plugin load it is not yet
+        _ANNOUNCED = True
+        logger.info("eplb %s plans SGLang's expert rebalancing (SGLang algorithm %s, "
+                    "options %s)", _version(), name, json.dumps(options, sort_keys=True))
+    return eplb_rebalance(
+        call["tokens_per_expert"], call["num_physical_experts"],
+        call["num_local_physical_experts"], call["num_groups"], call["num_nodes"],
+        hierarchical=name.endswith("_hierarchical"), options=options,
+        old_phy2log=_current_map(),
+    )
+
+
+_hook._eplb_hook = True  # type: ignore[attr-defined]
+
+
+def _version() -> str:
+    return __version__
+
+
+def register() -> bool:
+    """SGLang ``sglang.srt.plugins`` hook: route SGLang's rebalancing to eplb when
+    ``SGLANG_EPLB_POLICY=eplb``. Returns True when the hook was registered; never raises."""
+    try:
+        mode = os.environ.get(ENV_VAR, "").strip().lower()
+        if mode in _OFF:
+            return False
+        if mode not in _ON:
+            logger.warning("eplb: ignoring %s=%r; use 'eplb' or unset it", ENV_VAR,
+                           os.environ.get(ENV_VAR))
+            return False
+        options_from_env()  # refuse bad options now, not at the first rebalance
+        from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+        if any(getattr(h, "_eplb_hook", False) for _, h, _ in HookRegistry._hooks[HOOK_TARGET]):
+            return True  # already registered in this process
+        HookRegistry.register(HOOK_TARGET, _hook, HookType.AROUND)
+        logger.info("eplb %s: SGLang's EPLB algorithm will be eplb (%s=%s)", _version(),
+                    ENV_VAR, mode)
+        return True
+    except Exception as exc:  # a plugin must never take SGLang down
+        logger.warning("eplb: SGLang plugin not registered: %s", exc)
+        return False
+
+
+def _plugin_declared() -> str | None:
+    """Why SGLang's processes would not load eplb's plugin, or None when they will."""
+    from importlib.metadata import entry_points
+
+    points = {p.name: p.value for p in entry_points(group=PLUGIN_GROUP)}
+    if points.get("eplb") != f"{__name__}:register":
+        return ("eplb is not installed as a package, so SGLang's scheduler processes "
+                "cannot load its plugin: pip install /path/to/eplb (or pip install -e .)")
+    allowed = os.environ.get("SGLANG_PLUGINS", "").strip()
+    if allowed and "eplb" not in {x.strip() for x in allowed.split(",")}:
+        return f"SGLANG_PLUGINS={allowed!r} does not name 'eplb'"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m eplb.integrations.sglang [--eplb-options JSON] <launch_server args>``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] in (["-h"], ["--help"]) or not args:
+        print(__doc__)
+        return 0
+    if args[0] == "--eplb-options":
+        if len(args) < 2:
+            print("eplb: --eplb-options needs a JSON object", file=sys.stderr)
+            return 2
+        os.environ[OPTIONS_ENV_VAR] = args[1]
+        args = args[2:]
+    try:
+        options = options_from_env()
+    except ValueError as exc:
+        print(f"eplb: {exc}", file=sys.stderr)
+        return 2
+    problem = _plugin_declared()
+    if problem is not None:
+        print(f"eplb: {problem}", file=sys.stderr)
+        return 2
+    if "--enable-eplb" not in args:
+        print("eplb: note: without --enable-eplb SGLang never rebalances at runtime",
+              file=sys.stderr)
+    os.environ[ENV_VAR] = "eplb"  # inherited by every process SGLang starts
+    print(f"eplb {_version()}: SGLang's EPLB rebalancing plans with eplb "
+          f"(options {json.dumps(options, sort_keys=True)})", file=sys.stderr)
+    import runpy
+
+    sys.argv = ["sglang.launch_server", *args]
+    runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The rank agreement: every rank ends with one plan, or every rank learns who is missing."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eplb.integrations.agreement import (
+    AgreementError,
+    PlanAgreement,
+    _decode_plan,
+    _encode_plan,
+    plan_digest,
+)
+
+WORLD = 4
+
+
+def plan(seed: int) -> torch.Tensor:
+    return torch.randperm(24, generator=torch.Generator().manual_seed(seed)).view(2, 12) % 10
+
+
+def run_round(agreements, plans, errors=None, tags=None):
+    """One round on every rank at once (threads); returns the outcomes in rank order."""
+    errors = errors or [None] * len(agreements)
+    tags = tags or [""] * len(agreements)
+    with ThreadPoolExecutor(len(agreements)) as pool:
+        futures = [pool.submit(a.agree, p, e, t)
+                   for a, p, e, t in zip(agreements, plans, errors, tags, strict=True)]
+        return [f.result() for f in futures]
+
+
+@pytest.fixture
+def group():
+    store = dist.HashStore()
+    return store, [PlanAgreement(store, r, WORLD, "eplb/test", timeout_s=5) for r in range(WORLD)]
+
+
+def test_unanimous_ranks_keep_their_own_plan_and_publish_no_copy(group):
+    store, agreements = group
+    plans = [plan(1) for _ in range(WORLD)]
+    outcomes = run_round(agreements, plans)
+    for p, o in zip(plans, outcomes, strict=True):
+        assert o.unanimous and o.source is None and o.plan is p
+    assert not store.check(["eplb/test/0/plan"])
+
+
+def test_a_failed_rank_adopts_the_lowest_successful_ranks_plan(group):
+    _, agreements = group
+    plans = [None, plan(1), plan(1), plan(1)]
+    errors = [MemoryError("rank 0 out of memory"), None, None, None]
+    outcomes = run_round(agreements, plans, errors)
+    for o in outcomes:
+        assert not o.unanimous and o.source == 1
+        assert torch.equal(o.plan, plan(1))
+        assert o.failed == {0: "MemoryError: rank 0 out of memory"}
+    assert "rank 0 failed (MemoryError" in outcomes[2].describe()
+
+
+def test_divergent_plans_resolve_to_rank_zero(group):
+    _, agreements = group
+    plans = [plan(1), plan(2), plan(1), plan(3)]
+    outcomes = run_round(agreements, plans)
+    for o in outcomes:
+        assert o.source == 0 and torch.equal(o.plan, plan(1))
+        assert sorted(map(sorted, o.digests.values())) == [[0, 2], [1], [3]]
+    assert "on ranks 0,2" in outcomes[0].describe()
+
+
+def test_no_rank_succeeds_means_no_plan_on_every_rank(group):
+    _, agreements = group
+    outcomes = run_round(agreements, [None] * WORLD, [ValueError("bad input")] * WORLD)
+    assert all(o.plan is None and len(o.failed) == WORLD for o in outcomes)
+
+
+def test_different_tags_with_equal_plans_are_reported_not_repaired(group):
+    _, agreements = group
+    outcomes = run_round(agreements, [plan(1)] * WORLD, tags=["eplb 0.1", "eplb 0.1",
+                                                             "eplb 0.2", "eplb 0.1"])
+    for o in outcomes:
+        assert not o.unanimous and o.source is None and torch.equal(o.plan, plan(1))
+    assert "ranks 2 run eplb 0.2" in outcomes[0].describe()
+
+
+def test_a_rank_that_never_publishes_is_named_after_the_timeout():
+    store = dist.HashStore()
+    agreements = [PlanAgreement(store, r, WORLD, "eplb/t", timeout_s=0.3) for r in range(3)]
+    with pytest.raises(AgreementError, match=r"got none from rank\(s\) 3"):
+        run_round(agreements, [plan(1)] * 3)
+
+
+def test_rounds_stay_in_step_and_old_keys_are_deleted(group):
+    store, agreements = group
+    for i in range(6):
+        plans = [plan(i)] * WORLD
+        if i % 2:
+            plans = [None, plan(i), plan(i), plan(i)]  # forces a published plan
+        outcomes = run_round(agreements, plans, [ValueError("x")] + [None] * 3)
+        assert all(torch.equal(o.plan, plan(i)) for o in outcomes)
+    assert all(a.round == 6 for a in agreements)
+    # rounds 0..3 were forgotten; rounds 4 and 5 remain (statuses and one plan)
+    assert store.num_keys() <= 2 * WORLD + 1
+
+
+def test_bad_arguments():
+    store = dist.HashStore()
+    with pytest.raises(ValueError, match="rank 4 outside"):
+        PlanAgreement(store, 4, 4, "x")
+    with pytest.raises(ValueError, match="timeout_s"):
+        PlanAgreement(store, 0, 4, "x", timeout_s=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(layers=st.integers(1, 5), slots=st.integers(1, 40), seed=st.integers(0, 2**16))
+def test_plan_encoding_round_trips_and_digests_tell_plans_apart(layers, slots, seed):
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randint(-1, 300, (layers, slots), generator=gen)
+    back = _decode_plan(_encode_plan(p))
+    assert back.dtype == torch.int64 and torch.equal(back, p)
+    assert plan_digest(back) == plan_digest(p.to(torch.int32))  # dtype-independent
+    other = p.clone()
+    other[0, 0] += 1
+    assert plan_digest(other) != plan_digest(p)
+    assert plan_digest(p.reshape(1, -1)) != plan_digest(p) or layers == 1
+
+
+# -- the vLLM plugin's use of it ---------------------------------------------------------------
+
+
+def _plugin_ranks(monkeypatch, world: int):
+    """Route the plugin's agreement to per-thread ranks over one HashStore."""
+    from eplb.integrations import vllm as plugin
+
+    store, local = dist.HashStore(), threading.local()
+    agreements = [PlanAgreement(store, r, world, "eplb/plugin", timeout_s=5) for r in range(world)]
+    monkeypatch.setattr(plugin, "_agreement_for", lambda options: agreements[local.rank])
+
+    def call_as(rank, fn, *args):
+        local.rank = rank
+        return fn(*args)
+
+    return call_as
+
+
+def test_plugin_ranks_that_all_fail_fall_back_to_vllms_default_alike(vllm_root, monkeypatch,
+                                                                      caplog):
+    from eplb.integrations import vllm as plugin
+    from eplb.integrations._engines import vllm_sources
+
+    def broken(*args, **kwargs):
+        raise ValueError("input eplb cannot plan")
+
+    monkeypatch.setattr(plugin, "rebalance_experts", broken)
+    call_as = _plugin_ranks(monkeypatch, WORLD)
+    weight = torch.randint(0, 1000, (3, 16), dtype=torch.int32)
+    with vllm_sources(vllm_root) as vllm, ThreadPoolExecutor(WORLD) as pool:
+        futures = [pool.submit(call_as, r, plugin.EplbPolicy.rebalance_experts,
+                               weight, 24, 4, 1, 4) for r in range(WORLD)]
+        got = [f.result() for f in futures]
+        want = vllm.DefaultEplbPolicy.rebalance_experts(weight, 24, 4, 1, 4)
+    assert all(torch.equal(g, want) for g in got)
+    assert "no EP rank could plan" in caplog.text
+
+
+def test_plugin_rank_failing_alone_takes_the_others_plan(monkeypatch, caplog):
+    import eplb
+    from eplb.integrations import vllm as plugin
+
+    real = eplb.rebalance_experts
+    call_as = _plugin_ranks(monkeypatch, WORLD)
+    failing = threading.local()
+
+    def flaky(*args, **kwargs):
+        if getattr(failing, "yes", False):
+            raise MemoryError("this rank only")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plugin, "rebalance_experts", flaky)
+
+    def rank_call(rank, weight):
+        failing.yes = rank == 1
+        return plugin.EplbPolicy.rebalance_experts(weight, 24, 4, 1, 4)
+
+    weight = torch.randint(0, 1000, (3, 16), dtype=torch.int32)
+    with ThreadPoolExecutor(WORLD) as pool:
+        got = [f.result() for f in [pool.submit(call_as, r, rank_call, r, weight)
+                                    for r in range(WORLD)]]
+    assert all(torch.equal(g, got[0]) for g in got)
+    assert "rank 1 failed (MemoryError: this rank only)" in caplog.text

@@ -1,0 +1,97 @@
+"""Identical input → bit-identical plan, whatever differs between the ranks' processes.
+
+vLLM and SGLang run the planner on every rank and broadcast nothing, so the plan must not
+depend on per-process settings. Each check runs ``tests/_determinism_worker.py`` in fresh
+interpreters (the settings must be in place before torch is imported) and compares the
+SHA-256 of every case's ``phy2log``. The cases call eplb as vLLM does (int32 loads, with
+vLLM's initial map, with eplb's previous plan, with a move budget) on real DeepSeek-V3
+loads and on synthetic ones (integer, float, all-zero, all-equal).
+
+- torch threads 1/2/4, ``ATEN_CPU_CAPABILITY`` default/avx2/avx512 (those this CPU
+  runs) and the order of earlier calls: must match (they do).
+- NumPy's SIMD dispatch (``NPY_DISABLE_CPU_FEATURES``; a node without AVX2/AVX512 runs
+  NumPy's baseline code): must match. It did not while the replication selected with
+  ``np.argpartition``, whose choice among ties depends on the dispatch (found by
+  ``benchmarks/bench_determinism.py``); it now settles ties by position.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).resolve().parent / "_determinism_worker.py"
+sys.path.insert(0, str(WORKER.parent))
+from _determinism_worker import NUMPY_LEVELS, supported_capabilities  # noqa: E402
+
+sys.path.pop(0)
+
+CASES = [
+    "real-hier-decode1000-initial",  # vLLM's first rebalance: slot i -> expert i % E
+    "real-global-prefill4096-drift",  # a later rebalance from eplb's own plan
+    "syn-v3-int-hier-fresh",
+    "syn-v3-zeros-global-fresh",  # vLLM's profile run: an all-zero window
+    "syn-small-float-hier-drift",
+    "syn-odd-ties-global-drift",
+]
+# the real-load cases read ../shared/data/real (or $EPLB_REAL_DATA); without it they
+# hash as "missing" alike everywhere and the synthetic cases still count
+
+
+def run(threads: int, capability: str, order: list[str], numpy_off: str = "") -> dict:
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability, OMP_NUM_THREADS=str(threads))
+    env.pop("NPY_DISABLE_CPU_FEATURES", None)
+    if numpy_off:
+        env["NPY_DISABLE_CPU_FEATURES"] = numpy_off
+    out = subprocess.run(
+        [sys.executable, str(WORKER), "--threads", str(threads), "--cases", ",".join(order)],
+        env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _settings() -> dict[str, tuple[int, str, list[str], str]]:
+    """name → (threads, ATEN_CPU_CAPABILITY, cases in order, NPY_DISABLE_CPU_FEATURES)."""
+    caps = supported_capabilities()
+    best, worst, middle = caps[-1], caps[0], caps[len(caps) // 2]
+    return {
+        "reference": (1, best, CASES, ""),
+        f"{best}, 4 threads, reversed order": (4, best, CASES[::-1], ""),
+        f"{worst}, 2 threads": (2, worst, CASES, ""),
+        f"{middle}, one case alone in a fresh process": (1, middle, CASES[1:2], ""),
+        "numpy baseline": (1, best, NUMPY_CASES, NUMPY_LEVELS["numpy-baseline"]),
+    }
+
+
+NUMPY_CASES = ["syn-v3-zeros-global-fresh", "syn-v3-int-hier-fresh", "syn-odd-ties-global-drift"]
+
+
+@pytest.fixture(scope="module")
+def plans() -> dict[str, dict]:
+    """Every setting's hashes; processes run two at a time (their start-up dominates)."""
+    settings = _settings()
+    with ThreadPoolExecutor(2) as pool:
+        results = pool.map(lambda args: run(*args), settings.values())
+        return dict(zip(settings, results, strict=True))
+
+
+@pytest.mark.parametrize("setting", list(_settings())[1:4])
+def test_plans_do_not_depend_on_threads_instruction_set_or_call_order(plans, setting):
+    threads, capability, _, _ = _settings()[setting]
+    got, want = plans[setting], plans["reference"]
+    assert got["capability"] == capability.upper() and got["threads"] == threads
+    differ = {c: (want["hashes"][c], h) for c, h in got["hashes"].items()
+              if h != want["hashes"][c]}
+    assert not differ, f"{setting}: plans differ from the reference: {differ}"
+
+
+def test_plans_do_not_depend_on_numpys_simd_dispatch(plans):
+    got, want = plans["numpy baseline"], plans["reference"]
+    differ = {c: h for c, h in got["hashes"].items() if h != want["hashes"][c]}
+    assert not differ, f"NumPy baseline dispatch: plans differ: {sorted(differ)}"

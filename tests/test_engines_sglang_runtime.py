@@ -1,0 +1,318 @@
+"""SGLang's runtime rebalancing (``--enable-eplb``) plans with eplb, through SGLang's code.
+
+Runs SGLang 0.5.23's released files from the engine cache (``scripts/fetch_engines.py``):
+its plugin loader ``sglang.srt.plugins.load_plugins`` (which finds eplb's installed entry
+point) and ``HookRegistry``, ``sglang.srt.environ``, and the rebalancing chain
+``EPLBManager.rebalance`` → ``ExpertLocationMetadata.init_by_eplb`` →
+``eplb_algorithms.compute_algorithm`` / ``rebalance_experts`` →
+``update_expert_location_with_recovery``, all real.
+
+Stubs (modules whose real file starts the server stack or needs a GPU): package shells
+``sglang``, ``sglang.srt``; ``sglang.srt.runtime_context`` (the server settings below);
+``sglang.srt.elastic_ep.elastic_ep`` (elastic EP off); ``sglang.srt.model_loader``
+(the model class); ``sglang.srt.eplb.expert_distribution`` (a recorder returning given
+counts); ``sglang.srt.eplb.expert_location_updater`` (only the class name: the updater
+instance is a recorder of what SGLang asks it to install); and
+``sglang.srt.model_executor.model_runner_components.moe_ep_setup`` (LP dispatch only).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import logging
+import sys
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import DEEPSEEK_DIR as REAL
+
+import eplb
+from eplb import Placement, Topology
+from eplb.integrations import sglang as plugin
+from eplb.integrations._engines import _isolated_modules, _package
+
+
+class Recorder:
+    """The expert-distribution recorder EPLBManager dumps: returns ``counts``."""
+
+    recording = True
+
+    def __init__(self) -> None:
+        self.counts: torch.Tensor | None = None
+
+    def start_record(self) -> None:
+        self.recording = True
+
+    def dump_record(self, output_mode: str) -> dict:
+        assert output_mode == "object"
+        return {"logical_count": self.counts, "average_utilization_rate_over_window": None}
+
+
+class Updater:
+    """Stands for SGLang's ExpertLocationUpdater: records the metadata to install."""
+
+    def __init__(self) -> None:
+        self.installed: list = []
+
+    def update(self, weights, metadata, *, update_layer_ids, nnodes, rank, use_flat_topology):
+        self.installed.append((metadata, list(update_layer_ids), nnodes, use_flat_topology))
+        return []  # no expert is missing: nothing to load from disk
+
+
+def _model_class(num_layers: int, num_experts: int, num_groups: int | None, el) -> type:
+    def get_model_config_for_expert_location(cls, hf_config):
+        return el.ModelConfigForExpertLocation(num_layers, num_experts, num_groups)
+
+    return type("MoEModel", (), {"get_model_config_for_expert_location":
+                                 classmethod(get_model_config_for_expert_location)})
+
+
+@contextmanager
+def sglang_runtime(root: Path, settings: types.SimpleNamespace) -> Iterator[types.SimpleNamespace]:
+    with _isolated_modules("sglang"):
+        pkg = root / "sglang"
+        sys.modules["sglang"] = _package("sglang", pkg)
+        sys.modules["sglang.srt"] = _package("sglang.srt", pkg / "srt")
+        runtime = types.ModuleType("sglang.srt.runtime_context")
+        runtime.get_device = lambda: settings.device
+        runtime.get_exec = lambda: settings.exec
+        runtime.get_parallel = lambda: settings.parallel
+        runtime.get_resources = lambda: settings.resources
+        runtime.get_model = lambda: settings.model
+        sys.modules["sglang.srt.runtime_context"] = runtime
+        sys.modules["sglang.srt.elastic_ep"] = _package("sglang.srt.elastic_ep", None)
+        elastic = types.ModuleType("sglang.srt.elastic_ep.elastic_ep")
+        elastic.ElasticEPStateManager = types.SimpleNamespace(
+            instance=lambda: None, healthy_rank_state=lambda: None)
+        elastic.elastic_expanded_world_enabled = lambda: False
+        sys.modules["sglang.srt.elastic_ep.elastic_ep"] = elastic
+        loader = types.ModuleType("sglang.srt.model_loader")
+        loader.get_model_architecture = lambda model_config: (model_config.model_class, None)
+        sys.modules["sglang.srt.model_loader"] = loader
+        distribution = types.ModuleType("sglang.srt.eplb.expert_distribution")
+        distribution.get_global_expert_distribution_recorder = (
+            lambda: settings.resources.expert_distribution_recorder)
+        sys.modules["sglang.srt.eplb.expert_distribution"] = distribution
+        updater = types.ModuleType("sglang.srt.eplb.expert_location_updater")
+        updater.ExpertLocationUpdater = Updater
+        sys.modules["sglang.srt.eplb.expert_location_updater"] = updater
+        for name in ("sglang.srt.model_executor",
+                     "sglang.srt.model_executor.model_runner_components"):
+            sys.modules[name] = _package(name, None)
+        setup = types.ModuleType(
+            "sglang.srt.model_executor.model_runner_components.moe_ep_setup")
+        setup.init_lplb_solvers = lambda model_config: None
+        sys.modules[setup.__name__] = setup
+
+        ns = types.SimpleNamespace(settings=settings)
+        ns.plugins = importlib.import_module("sglang.srt.plugins")
+        ns.algorithms = importlib.import_module("sglang.srt.eplb.eplb_algorithms")
+        ns.expert_location = importlib.import_module("sglang.srt.eplb.expert_location")
+        ns.manager = importlib.import_module("sglang.srt.eplb.eplb_manager")
+        yield ns
+
+
+def make_settings(*, nnodes: int, ep_size: int, redundant: int, algorithm: str = "auto"):
+    moe = types.SimpleNamespace(
+        init_expert_location="trivial", ep_num_redundant_experts=redundant,
+        ep_dispatch_algorithm="dynamic", moe_a2a_backend="none", eplb_algorithm=algorithm,
+        ep_join_mode="none", eplb_rebalance_layers_per_chunk=None,
+        eplb_rebalance_num_iterations=1000, expert_distribution_recorder_buffer_size=1000,
+        eplb_min_rebalancing_utilization_threshold=1.0)
+    return types.SimpleNamespace(
+        device=types.SimpleNamespace(device="cpu"),
+        exec=types.SimpleNamespace(moe=moe),
+        parallel=types.SimpleNamespace(ep_size=ep_size, nnodes=nnodes, tp_size=ep_size,
+                                       tp_rank=0, elastic_ep_initial_size=None,
+                                       ep_join_rank_offset=0),
+        resources=types.SimpleNamespace(expert_distribution_recorder=Recorder(),
+                                        expert_location_metadata=None),
+        model=types.SimpleNamespace(model_path="unused", load_format="auto"),
+    )
+
+
+def rebalance(sg, model_config, counts: torch.Tensor, num_layers: int) -> Updater:
+    """One ``EPLBManager.rebalance()`` of SGLang on ``counts [T, L, E]``."""
+    sg.settings.resources.expert_distribution_recorder.counts = counts
+    updater = Updater()
+    model = types.SimpleNamespace(routed_experts_weights_of_layer={i: None
+                                                                   for i in range(num_layers)})
+    manager = sg.manager.EPLBManager(
+        model_config=model_config, get_model=lambda: model,
+        get_expert_location_updater=lambda: updater, get_expert_backup_client=lambda: None,
+        get_weight_updater=lambda: types.SimpleNamespace(update_weights_from_disk=None))
+    for _ in manager.rebalance():  # a generator: yields between layer chunks
+        pass
+    assert len(updater.installed) == 1
+    return updater
+
+
+def deepseek_counts() -> torch.Tensor:
+    path = REAL / "prefill_in4096.json"
+    if not path.is_file():
+        pytest.skip(f"real DeepSeek-V3 loads not found at {path}")
+    counts = torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.int32)
+    return torch.stack([counts // 2, counts - counts // 2])  # [T=2, 61, 256] as dumped
+
+
+@pytest.fixture
+def switch(monkeypatch):
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    monkeypatch.delenv(plugin.OPTIONS_ENV_VAR, raising=False)
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setattr(plugin, "_ANNOUNCED", False)
+
+
+def test_sglang_loads_eplb_and_its_deepseek_rebalance_runs_eplb(sglang_root, switch, caplog):
+    caplog.set_level(logging.INFO)
+    settings = make_settings(nnodes=4, ep_size=32, redundant=32)
+    with sglang_runtime(sglang_root, settings) as sg:
+        sg.plugins.load_plugins()  # SGLang's own loader: finds eplb's entry point
+        assert getattr(sg.algorithms.rebalance_experts, "__wrapped__", None) is not None
+        model_config = types.SimpleNamespace(
+            hf_config=None, model_class=_model_class(61, 256, 8, sg.expert_location))
+        counts = deepseek_counts()
+        updater = rebalance(sg, model_config, counts, 61)
+        metadata, layers, nnodes, flat = updater.installed[0]
+        assert layers == list(range(61)) and nnodes == 4 and not flat
+        got = metadata.physical_to_logical_map
+        # SGLang chose deepseek_hierarchical (auto, 8 groups on 4 nodes): eplb's plan
+        want = eplb.rebalance_experts(counts.sum(0).long(), 288, 8, 4, 32,
+                                      policy="hierarchical")[0]
+        assert torch.equal(got, want)
+        placement = Placement.from_phy2log(got, 256, Topology(288, 32, 4, 8), "hierarchical")
+        placement.validate()  # includes: every group's replicas on one node
+        # and it is not what SGLang's own algorithm gives
+        theirs = sg.algorithms.rebalance_experts.__wrapped__(
+            tokens_per_expert=counts, num_physical_experts=288, num_local_physical_experts=9,
+            num_groups=8, num_nodes=4, algorithm=sg.algorithms.EplbAlgorithm.deepseek_hierarchical)
+        assert not torch.equal(theirs[0], got)
+        ours_bal = placement.balancedness(counts.sum(0).double())
+        theirs_bal = Placement.from_phy2log(theirs[0], 256, Topology(288, 32, 4, 8),
+                                            "hierarchical").balancedness(counts.sum(0).double())
+        assert ours_bal >= theirs_bal, (ours_bal, theirs_bal)
+    assert "eplb" in caplog.text and "plans SGLang's expert rebalancing" in caplog.text
+
+
+@pytest.mark.parametrize("algorithm", ["auto", "deepseek_vec", "deepseek_hierarchical"])
+def test_models_without_expert_groups(sglang_root, switch, algorithm):
+    """``num_groups`` is None (e.g. Qwen3 MoE): SGLang picks a global algorithm; eplb plans
+    globally, also when asked for a hierarchical one (SGLang's own would fail)."""
+    settings = make_settings(nnodes=2, ep_size=8, redundant=16, algorithm=algorithm)
+    with sglang_runtime(sglang_root, settings) as sg:
+        sg.plugins.load_plugins()
+        model_config = types.SimpleNamespace(
+            hf_config=None, model_class=_model_class(4, 48, None, sg.expert_location))
+        gen = torch.Generator().manual_seed(3)
+        counts = (torch.rand(3, 4, 48, generator=gen) ** 3 * 900).to(torch.int32)
+        updater = rebalance(sg, model_config, counts, 4)
+        got = updater.installed[0][0].physical_to_logical_map
+        want = eplb.rebalance_experts(counts.sum(0).long(), 64, 1, 2, 8, policy="global")[0]
+        assert torch.equal(got, want)
+        Placement.from_phy2log(got, 48, Topology(64, 8, 2, 1), "global").validate()
+
+
+def test_the_next_rebalance_starts_from_the_placement_in_force(sglang_root, switch, monkeypatch):
+    settings = make_settings(nnodes=1, ep_size=8, redundant=16)
+    calls = []
+    real = eplb.rebalance_experts
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("old_phy2log"))
+        return real(*args, **kwargs)
+
+    from eplb.integrations import sglang as sglang_plugin
+
+    monkeypatch.setattr(sglang_plugin, "rebalance_experts", spy)
+    with sglang_runtime(sglang_root, settings) as sg:
+        sg.plugins.load_plugins()
+        model_config = types.SimpleNamespace(
+            hf_config=None, model_class=_model_class(4, 48, None, sg.expert_location))
+        gen = torch.Generator().manual_seed(4)
+        counts = (torch.rand(2, 4, 48, generator=gen) ** 3 * 900).to(torch.int32)
+        first = rebalance(sg, model_config, counts, 4).installed[0][0]
+        sg.expert_location.set_global_expert_location_metadata(first)  # what SGLang installs
+        drifted = (counts.double() * (1 + 0.2 * torch.rand(counts.shape, generator=gen))).int()
+        second = rebalance(sg, model_config, drifted, 4).installed[0][0]
+    assert calls[0] is None and torch.equal(calls[1], first.physical_to_logical_map_cpu)
+    assert second.physical_to_logical_map.shape == first.physical_to_logical_map.shape
+
+
+def test_switch_off_keeps_sglangs_algorithm(sglang_root, monkeypatch):
+    monkeypatch.delenv(plugin.ENV_VAR, raising=False)
+    settings = make_settings(nnodes=1, ep_size=8, redundant=16)
+    with sglang_runtime(sglang_root, settings) as sg:
+        original = sg.algorithms.rebalance_experts
+        sg.plugins.load_plugins()
+        assert sg.algorithms.rebalance_experts is original
+
+
+def test_elastic_algorithm_stays_sglangs(switch):
+    algorithm = types.SimpleNamespace(name="elasticity_aware_hierarchical")
+    seen = []
+
+    def original(**kwargs):
+        seen.append(kwargs)
+        return "sglang's answer"
+
+    got = plugin._hook(original, tokens_per_expert=torch.ones(1, 2, 4),
+                       num_physical_experts=8, num_local_physical_experts=2, num_groups=2,
+                       num_nodes=2, algorithm=algorithm)
+    assert got == "sglang's answer" and len(seen) == 1
+
+
+def test_sglang_runs_its_plugins_in_the_launcher_and_every_scheduler(sglang_root):
+    def calls_in(path: Path, function: str | None) -> set[str]:
+        tree = ast.parse(path.read_text())
+        scope = tree if function is None else next(
+            n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == function)
+        return {n.func.id for n in ast.walk(scope)
+                if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+
+    assert "load_plugins" in calls_in(sglang_root / "sglang/launch_server.py", None)
+    scheduler = sglang_root / "sglang/srt/managers/scheduler.py"
+    assert "load_plugins" in calls_in(scheduler, "run_scheduler_process")
+
+
+# -- the launcher ------------------------------------------------------------------------------
+
+
+def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
+    monkeypatch.delenv(plugin.ENV_VAR, raising=False)
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    ran = {}
+
+    def run_module(name, run_name, alter_sys):
+        ran.update(name=name, run_name=run_name, argv=list(sys.argv),
+                   switch=plugin.os.environ.get(plugin.ENV_VAR),
+                   options=plugin.os.environ.get(plugin.OPTIONS_ENV_VAR))
+
+    monkeypatch.setattr("runpy.run_module", run_module)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    args = ["--eplb-options", '{"max_moves": 100}', "--model-path", "m", "--enable-eplb"]
+    assert plugin.main(args) == 0
+    assert ran == {"name": "sglang.launch_server", "run_name": "__main__",
+                   "argv": ["sglang.launch_server", "--model-path", "m", "--enable-eplb"],
+                   "switch": "eplb", "options": '{"max_moves": 100}'}
+    assert "plans with eplb" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("env", "args", "message"), [
+    ({"SGLANG_PLUGINS": "other"}, ["--enable-eplb"], "does not name 'eplb'"),
+    ({}, ["--eplb-options", "[1]", "--enable-eplb"], "must be a JSON object"),
+    ({}, ["--eplb-options", '{"bogus": 1}', "--enable-eplb"], "unknown option"),
+])
+def test_launcher_refuses_what_would_not_work(monkeypatch, capsys, env, args, message):
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    monkeypatch.delenv(plugin.OPTIONS_ENV_VAR, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("runpy.run_module", lambda *a, **k: pytest.fail("server started"))
+    assert plugin.main(args) == 2
+    assert message in capsys.readouterr().err

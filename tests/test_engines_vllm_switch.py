@@ -1,0 +1,208 @@
+"""The switch reaches every vLLM process, and each says so in vLLM's own log.
+
+Checked against vLLM 0.33's released files (fetched by ``scripts/fetch_engines.py``):
+``vllm/envs.py``, ``vllm/logger.py`` + ``vllm/logging_utils/``, ``vllm/plugins``,
+``vllm/ray/ray_env.py`` (what Ray data-parallel engine cores receive),
+``vllm/v1/executor/ray_env_utils.py`` (what Ray executor workers receive),
+``vllm/v1/engine/utils.py`` and ``Platform.validate_environ`` from
+``vllm/platforms/interface.py``, all real. Stubs: the package shells ``vllm``,
+``vllm.config``, ``vllm.distributed``, ``vllm.ray``, ``vllm.v1``, ``vllm.v1.executor``
+(their real ``__init__`` start the engine) and ``vllm.config.parallel`` holding only
+``EPLBPolicyOption`` from the real file.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import io
+import logging
+import os
+import sys
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from eplb import __version__
+from eplb.integrations import vllm as plugin
+from eplb.integrations._engines import _extract_assignment, _isolated_modules, _package
+
+SWITCHES = (plugin.ENV_VAR, plugin.OPTIONS_ENV_VAR, plugin.LEGACY_ENV_VAR,
+            plugin.LEGACY_OPTIONS_ENV_VAR, "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", "VLLM_PLUGINS")
+
+
+@contextmanager
+def _saved_logging() -> Iterator[None]:
+    """vLLM's logging config sets the "vllm" logger's handler and propagate=False and a
+    record factory: put everything back so later tests' caplog still sees records."""
+    vllm_logger = logging.getLogger("vllm")
+    saved = (vllm_logger.handlers[:], vllm_logger.level, vllm_logger.propagate,
+             logging.getLogRecordFactory())
+    try:
+        yield
+    finally:
+        vllm_logger.handlers[:] = saved[0]
+        vllm_logger.setLevel(saved[1])
+        vllm_logger.propagate = saved[2]
+        logging.setLogRecordFactory(saved[3])
+
+
+@contextmanager
+def real_vllm(root: Path) -> Iterator[types.SimpleNamespace]:
+    """vLLM's real envs, logger (configured as a vLLM process configures it), plugin
+    loader, policy registry and Ray environment helpers, imported from ``root``."""
+    with _isolated_modules("vllm"), _saved_logging():
+        pkg = root / "vllm"
+        for name, path in (("vllm", pkg), ("vllm.config", pkg / "config"),
+                           ("vllm.distributed", pkg / "distributed"), ("vllm.ray", pkg / "ray"),
+                           ("vllm.v1", pkg / "v1"), ("vllm.v1.executor", pkg / "v1/executor")):
+            sys.modules[name] = _package(name, path)
+        parallel = types.ModuleType("vllm.config.parallel")
+        parallel.EPLBPolicyOption = _extract_assignment(
+            pkg / "config" / "parallel.py", "EPLBPolicyOption", {"Literal": Literal})
+        sys.modules["vllm.config.parallel"] = parallel
+        envs = importlib.import_module("vllm.envs")
+        logger_mod = importlib.import_module("vllm.logger")
+        logger_mod._configure_vllm_root_logger()  # as every vLLM process does at start
+        handler = logging.getLogger("vllm").handlers[0]
+        stream = io.StringIO()
+        handler.setStream(stream)
+        yield types.SimpleNamespace(
+            envs=envs,
+            log=stream,
+            plugins=importlib.import_module("vllm.plugins"),
+            policy=importlib.import_module("vllm.distributed.eplb.policy"),
+            ray_env=importlib.import_module("vllm.ray.ray_env"),
+            ray_env_utils=importlib.import_module("vllm.v1.executor.ray_env_utils"),
+            validate_environ=_validate_environ(pkg / "platforms" / "interface.py"),
+        )
+
+
+def _validate_environ(path: Path):
+    """``Platform.validate_environ`` from the real file, as a plain function."""
+    tree = ast.parse(path.read_text())
+    platform = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Platform")
+    method = next(n for n in platform.body
+                  if isinstance(n, ast.FunctionDef) and n.name == "validate_environ")
+    method.decorator_list = []
+    namespace = {"os": os, "logger": logging.getLogger("vllm.platforms.interface")}
+    exec(compile(ast.Module([method], []), str(path), "exec"), namespace)
+    return lambda hard_fail: namespace["validate_environ"](None, hard_fail)
+
+
+@pytest.fixture
+def vllm(vllm_root, monkeypatch):
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    with real_vllm(vllm_root) as ns:
+        yield ns
+
+
+# -- the switch reaches every rank ----------------------------------------------------------
+
+
+def test_ray_engine_cores_get_the_vllm_prefixed_switch_but_not_the_old_name(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, '{"max_moves": 64}')
+    monkeypatch.setenv(plugin.LEGACY_ENV_VAR, "eplb")
+    copied = vllm.ray_env.get_env_vars_to_copy(destination="DPMoEEngineCoreActor")
+    assert {plugin.ENV_VAR, plugin.OPTIONS_ENV_VAR} <= copied
+    assert plugin.LEGACY_ENV_VAR not in copied  # why the old name breaks Ray DP clusters
+    # the documented escape hatch for the old name
+    monkeypatch.setenv("VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", plugin.LEGACY_ENV_VAR)
+    assert plugin.LEGACY_ENV_VAR in vllm.ray_env.get_env_vars_to_copy()
+
+
+def test_ray_engine_core_actors_are_started_with_exactly_that_environment(vllm_root):
+    """``CoreEngineActorManager`` builds its actors' ``RuntimeEnv`` from
+    ``get_env_vars_to_copy`` (read from the real source, which needs Ray to run)."""
+    tree = ast.parse((vllm_root / "vllm/v1/engine/utils.py").read_text())
+    manager = next(n for n in tree.body
+                   if isinstance(n, ast.ClassDef) and n.name == "CoreEngineActorManager")
+    init = next(n for n in manager.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    calls = {n.func.id for n in ast.walk(init)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert {"get_env_vars_to_copy", "RuntimeEnv"} <= calls
+
+
+def test_ray_executor_workers_get_the_whole_driver_environment(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv(plugin.LEGACY_ENV_VAR, "eplb")
+    env = vllm.ray_env_utils.get_driver_env_vars(worker_specific_vars=set())
+    assert env[plugin.ENV_VAR] == env[plugin.LEGACY_ENV_VAR] == "eplb"
+
+
+def test_vllm_does_not_call_the_switch_unknown_once_the_plugin_loaded(vllm, monkeypatch, caplog):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    vllm.validate_environ(hard_fail=False)
+    assert f"Unknown vLLM environment variable detected: {plugin.ENV_VAR}" in caplog.text
+    caplog.clear()
+    vllm.plugins.load_general_plugins()  # EngineArgs runs this before validate_environ
+    vllm.validate_environ(hard_fail=True)  # --fail-on-environ-validation passes too
+    assert "Unknown vLLM environment variable" not in caplog.text
+    assert vllm.envs.VLLM_EPLB_POLICY == "eplb"
+
+
+# -- one visible line per process -------------------------------------------------------------
+
+
+def test_each_process_logs_one_line_through_vllms_handler(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, '{"max_moves": 64}')
+    vllm.plugins.load_general_plugins()
+    assert issubclass(vllm.policy.EPLB_POLICIES["default"], plugin.EplbPolicy)
+    lines = [line for line in vllm.log.getvalue().splitlines() if "eplb" in line]
+    assert len(lines) == 1, vllm.log.getvalue()
+    line = lines[0]
+    assert f"eplb {__version__} active" in line and "INFO" in line
+    assert f"{plugin.ENV_VAR}=eplb" in line and '"max_moves": 64' in line
+    assert plugin.logger.name.startswith("vllm.")
+
+
+def test_nothing_is_logged_when_the_switch_is_off(vllm):
+    vllm.plugins.load_general_plugins()
+    assert "eplb" not in vllm.log.getvalue()
+    assert {"default": vllm.policy.DefaultEplbPolicy} == vllm.policy.EPLB_POLICIES
+
+
+def test_old_switch_name_still_works_and_warns_about_ray(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.LEGACY_ENV_VAR, "eplb")
+    assert plugin.register() is True
+    log = vllm.log.getvalue()
+    assert "active" in log and "Ray does not copy it" in log and "WARNING" in log
+
+
+def test_conflicting_switch_names_change_nothing_and_say_why(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv(plugin.LEGACY_ENV_VAR, "off")
+    assert plugin.register() is False
+    assert {"default": vllm.policy.DefaultEplbPolicy} == vllm.policy.EPLB_POLICIES
+    assert "disagree" in vllm.log.getvalue()
+
+
+def test_options_name_both_planner_and_plugin_options():
+    env = {plugin.OPTIONS_ENV_VAR: '{"max_moves": 5, "agree_timeout_s": 30}'}
+    assert plugin.options_from_env(env) == {"max_moves": 5, "agree_timeout_s": 30}
+    with pytest.raises(ValueError, match="agree_timeout_s"):
+        plugin.options_from_env({plugin.OPTIONS_ENV_VAR: '{"agree_timeout_s": -1}'})
+    with pytest.raises(ValueError, match="unknown option"):
+        plugin.options_from_env({plugin.LEGACY_OPTIONS_ENV_VAR: '{"nope": 1}'})
+
+
+def test_the_agreement_uses_vllms_ep_group_fields(vllm_root):
+    """The plugin reads ``get_ep_group()`` and its ``ranks``, ``rank_in_group``,
+    ``world_size`` and ``unique_name``: they exist in vLLM 0.33's ``GroupCoordinator``."""
+    tree = ast.parse((vllm_root / "vllm/distributed/parallel_state.py").read_text())
+    functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+    assert "get_ep_group" in functions
+    coordinator = next(n for n in tree.body
+                       if isinstance(n, ast.ClassDef) and n.name == "GroupCoordinator")
+    assigned = {t.attr for n in ast.walk(coordinator) if isinstance(n, (ast.Assign,
+                ast.AnnAssign)) for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                if isinstance(t, ast.Attribute)}
+    assert {"ranks", "rank_in_group", "world_size", "unique_name"} <= assigned | {
+        n.name for n in coordinator.body if isinstance(n, ast.FunctionDef)}
