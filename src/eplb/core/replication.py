@@ -119,7 +119,6 @@ def _counts_by_table(
         else:
             priorities.append(hot_load / (c + float(rule)))
     table = np.stack(priorities).reshape(len(rules), rows, num_hot * steps)
-    size = num_hot * steps
     granted = _top_indices(table, num_extra) // steps
     expert = hot_expert[row, granted]  # [rules, rows, R − E]
     flat = (np.arange(len(rules) * rows).reshape(len(rules), rows, 1) * num_experts + expert)

@@ -1,0 +1,76 @@
+"""Arguments of the public API as users pass them (issue 11, items 6 and 9): integer
+scalars of any type, boolean masks only, sparse and meta tensors, and loads of any scale."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import eplb
+
+G = torch.Generator().manual_seed(0)
+W = (torch.rand(8, 64, generator=G) ** 3 * 1000).float()
+
+
+def test_integer_scalars_of_any_type():
+    want = eplb.plan(W, 96, 16).phy2log
+    for r, p in ((np.int64(96), np.int64(16)), (np.int32(96), torch.tensor(16))):
+        assert torch.equal(eplb.plan(W, r, p).phy2log, want)
+    assert eplb.Topology(np.int64(96), np.int16(16)).num_gpus == 16
+
+
+@pytest.mark.parametrize("bad", [1.0, np.float64(16), True, "16", 0, -3])
+def test_non_integers_are_refused_by_name(bad):
+    with pytest.raises(ValueError, match="num_gpus must be a positive integer"):
+        eplb.plan(W, 96, bad)
+
+
+@pytest.mark.parametrize("ids", [[0, 1, 2, 3], torch.tensor([1, 1, 0, 1] * 4), np.arange(16)])
+def test_active_gpus_must_be_a_boolean_mask(ids):
+    """A list of ids ([0, 1, 2, 3]) used to be read as a mask that kills GPU 0."""
+    with pytest.raises(TypeError, match=r"boolean mask.*live\[dead_ids\] = False"):
+        eplb.plan(W, 96, 16, active_gpus=ids)
+
+
+def test_boolean_masks_of_every_kind_work():
+    mask = [True] * 16
+    mask[3] = False
+    for given in (mask, np.array(mask), torch.tensor(mask)):
+        p = eplb.plan(W, 96, 16, active_gpus=given)
+        assert (p.phy2log[:, 18:24] == -1).all()
+    with pytest.raises(ValueError, match="every GPU dead"):
+        eplb.plan(W, 96, 16, active_gpus=[False] * 16)
+
+
+def test_sparse_loads_plan_like_dense_ones():
+    assert torch.equal(eplb.plan(W.to_sparse(), 96, 16).phy2log, eplb.plan(W, 96, 16).phy2log)
+
+
+def test_meta_tensors_are_refused_clearly():
+    with pytest.raises(TypeError, match="meta tensor"):
+        eplb.plan(torch.empty(8, 64, device="meta"), 96, 16)
+
+
+@pytest.mark.parametrize("scale", [3e35, 1e-30])
+def test_loads_of_any_scale_plan_alike(scale):
+    """Rows are scaled by a power of two (exact): 1e35 in float32 no longer plans worse."""
+    assert torch.equal(eplb.plan(W * scale, 96, 16).phy2log, eplb.plan(W, 96, 16).phy2log)
+
+
+def test_balancedness_of_huge_loads_is_finite():
+    w = W.double() * 1e305
+    p = eplb.plan(w, 96, 16)
+    assert p.balancedness(w) == pytest.approx(eplb.plan(W.double(), 96, 16).balancedness(W))
+    assert torch.isfinite(p.layer_balancedness(w)).all()
+
+
+def test_validate_finds_stacking_in_one_pass():
+    p = eplb.plan(W, 96, 16)
+    broken = p.phy2log.clone()
+    broken[2, [0, 1]] = broken[2, [1, 0]]  # still valid: the same GPU
+    eplb.Placement.from_phy2log(broken, 64, p.topology).validate()
+    e = int(broken[5, 0])
+    broken[5, 1] = e  # two replicas of e on GPU 0 (and one of another expert gone)
+    with pytest.raises(eplb.PlacementError):
+        eplb.Placement.from_phy2log(broken, 64, p.topology).validate()
