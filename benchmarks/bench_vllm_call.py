@@ -104,6 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--drift", type=float, default=0.15)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per rebalance")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--topology", choices=["all", "global", "hierarchical"], default="all")
     args = parser.parse_args(argv)
     print(start("bench_vllm_call"))
     root = engine_root("vllm")
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
                     "eplb, max_moves 20 %": Budget20}
         rows = []
         for topo_name, (groups, nodes) in TOPOLOGIES.items():
+            if args.topology != "all" and not topo_name.startswith(args.topology):
+                continue
             results: dict[str, dict[str, list]] = {name: {"first": [], "steady": []}
                                                   for name in planners}
             for i, weight in enumerate(loads.values()):

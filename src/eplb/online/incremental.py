@@ -296,12 +296,13 @@ def plan_incremental(
     # a fresh plan, relabelled onto the old GPUs, for the layers the warm path cannot
     # serve: still improving at its last step, or (hierarchical) a better group→node split
     balance = 1.0 / peak
-    need = balance[-1] - balance[max(0, len(balance) - 3)] > options.move_price / 2
+    # (hierarchical: node rows refine only their own GPUs, so a fresh plan helps sooner)
+    unsaturated = options.move_price / (10 if request.policy == "hierarchical" else 2)
+    need = balance[-1] - balance[max(0, len(balance) - 3)] > unsaturated
     if request.policy == "hierarchical":
         need |= _better_split(request, base)
     if need.any():
-        fresh = _fresh_aligned(request, base, np.nonzero(need)[0])
-        extra = np.where(need[:, None], fresh, base)[None]
+        extra = _fresh_aligned(request, base, np.nonzero(need)[0], candidates[-1])
         extra_peak = moves.expected_peak(weight, _live_only(extra, live_gpus, topo), num_live,
                                          options.drift)
         candidates = np.concatenate([candidates, extra])
@@ -321,9 +322,12 @@ def plan_incremental(
     return validate_planned(placement)
 
 
-def _fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -> np.ndarray:
-    """``[L, R]``: fresh plans of ``layers`` relabelled onto ``base``'s GPUs (other rows:
-    undefined)."""
+def _fresh_aligned(
+    request: PlanRequest, base: np.ndarray, layers: np.ndarray, warm: np.ndarray
+) -> np.ndarray:
+    """``[C, L, R]`` fresh plans of ``layers`` relabelled onto ``base``'s GPUs (other rows:
+    ``base``). Hierarchical: also the fresh plan with the nodes that keep their groups
+    taken from ``warm [L, R]`` (only the regrouped nodes re-planned)."""
     topo = request.topology
     sub = dataclasses.replace(request, weight=request.weight[torch.from_numpy(layers)])
     fresh = plan_fresh(sub).phy2log.cpu()
@@ -335,11 +339,23 @@ def _fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -
         rows = out[layers]
         rows[:, live_slot] = aligned.numpy()
         out[layers] = rows
-        return out
+        return out[None]
     per_node = topo.gpus_per_node if request.policy == "hierarchical" else None
-    out[layers] = align_to_previous(fresh, torch.from_numpy(base[layers]), topo.num_gpus,
-                                    per_node).numpy()
-    return out
+    aligned = align_to_previous(fresh, torch.from_numpy(base[layers]), topo.num_gpus,
+                                per_node).numpy()
+    out[layers] = aligned
+    if per_node is None:
+        return out[None]
+    # a node that keeps its groups can keep its warm-start packing: only the nodes whose
+    # groups change are re-planned
+    new_nodes, _ = _group_nodes(aligned, request)
+    old_nodes, _ = _group_nodes(base[layers], request)
+    nodes = topo.num_nodes
+    same = np.stack([((new_nodes == n) == (old_nodes == n)).all(1) for n in range(nodes)], 1)
+    keep = np.repeat(same, topo.num_replicas // nodes, 1)  # [n, R]
+    hybrid = base.copy()
+    hybrid[layers] = np.where(keep, warm[layers], aligned)
+    return np.stack([out, hybrid])
 
 
 def _better_split(request: PlanRequest, base: np.ndarray) -> np.ndarray:
