@@ -3,6 +3,9 @@
 Runs only where ``torch.cuda.is_available()``; otherwise it says so and exits 0.
 For each shape it plans on CPU (one thread) and on the GPU, checks that the GPU result
 is on the GPU and passes ``validate()``, and prints balancedness and median times.
+The GPU is timed three ways (issue 14): automatic (the device path for problems of at
+least ``eplb.core.device_path.DEVICE_PATH_MIN_ITEMS`` items), every step on the host
+(``FORCE="host"``), and construction and expansion on the device (``FORCE="device"``).
 
 Usage: ``python benchmarks/bench_gpu.py [--repeats N]``
 """
@@ -16,12 +19,16 @@ import time
 import torch
 
 import eplb
+import eplb.core.device_path as device_path
 from eplb.tools.generator import generate_loads
 
 SHAPES = [  # layers, experts, replicas, gpus, nodes, groups
     (58, 256, 288, 32, 1, 1),
     (58, 256, 288, 32, 4, 8),
+    (58, 256, 288, 96, 1, 1),
+    (58, 256, 288, 144, 1, 1),
     (61, 384, 512, 64, 1, 1),
+    (61, 384, 768, 256, 1, 1),
     (100, 1024, 2048, 256, 1, 1),
     (100, 1024, 2048, 1024, 1, 1),
 ]
@@ -53,21 +60,32 @@ def main() -> None:
         f"# bench_gpu — {time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, "
         f"torch {torch.__version__}\n"
     )
-    print("| L×E | R | P | policy | CPU ms | GPU ms | CPU bal | GPU bal | GPU valid |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| L×E | R | P | policy | CPU ms | GPU ms (auto) | GPU ms, host steps | "
+        "GPU ms, device steps | CPU bal | GPU bal host / device | GPU valid |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for layers, experts, replicas, gpus, nodes, groups in SHAPES:
         w = generate_loads(num_layers=layers, num_experts=experts, seed=0)
         wg = w.cuda()
-        cpu = eplb.plan(w, replicas, gpus, nodes, groups)
-        gpu = eplb.plan(wg, replicas, gpus, nodes, groups)
-        valid = gpu.phy2log.is_cuda and gpu.log2phy.is_cuda and gpu.logcnt.is_cuda
-        gpu.validate()
         shape = (replicas, gpus, nodes, groups)
+        cpu = eplb.plan(w, *shape)
         cpu_ms = timed(lambda w=w, s=shape: eplb.plan(w, *s), args.repeats, False)
-        gpu_ms = timed(lambda w=wg, s=shape: eplb.plan(w, *s), args.repeats, True)
+        gpu_ms, bal, valid = {}, {}, True
+        for force in (None, "host", "device"):
+            device_path.FORCE = force
+            try:
+                gpu = eplb.plan(wg, *shape)
+                gpu.validate()
+                valid &= gpu.phy2log.is_cuda and gpu.log2phy.is_cuda and gpu.logcnt.is_cuda
+                bal[force] = gpu.balancedness(wg)
+                gpu_ms[force] = timed(lambda w=wg, s=shape: eplb.plan(w, *s), args.repeats, True)
+            finally:
+                device_path.FORCE = None
         print(
             f"| {layers}×{experts} | {replicas} | {gpus} | {cpu.policy} | {cpu_ms:.1f} | "
-            f"{gpu_ms:.1f} | {cpu.balancedness(w):.5f} | {gpu.balancedness(wg):.5f} | "
+            f"{gpu_ms[None]:.1f} | {gpu_ms['host']:.1f} | {gpu_ms['device']:.1f} | "
+            f"{cpu.balancedness(w):.5f} | {bal['host']:.5f} / {bal['device']:.5f} | "
             f"{'yes' if valid else 'NO'} |"
         )
 

@@ -22,6 +22,7 @@ import math
 import numpy as np
 import torch
 
+from eplb.core.device_path import expand_replicas_torch, use_device_path
 from eplb.core.ordering import argsort_rows
 
 # cap on the [rows, experts, steps] priority tensor before chunking over rows
@@ -247,6 +248,9 @@ def expand_replicas(
         expert's replicas are adjacent. Runs in NumPy on the host (one sort, one repeat).
     """
     rows, num_experts = weight.shape
+    # large problems on an accelerator expand on the device
+    if use_device_path(weight, rows * num_experts):
+        return expand_replicas_torch(weight, counts)
     w = weight.detach().cpu().numpy()
     c = counts.detach().cpu().numpy()
     per_replica = (w / c).astype(w.dtype, copy=False)

@@ -84,12 +84,15 @@ def pack(
         above = max_load(state) > floor * (1 + 1e-6)
         if not bool(above.all()):
             open_rows = above.nonzero()[:, 0]
+    slots = num_items // num_gpus
+    pair_steps = options.pair_steps_for(num_gpus, slots)
+    max_steps = options.max_steps_for(num_gpus, slots)
     if open_rows is None:
-        state = refine(state, options.pair_steps_for(num_gpus), "pairs")
-        state = refine(state, options.max_steps_for(num_gpus), "max")
+        state = refine(state, pair_steps, "pairs")
+        state = refine(state, max_steps, "max")
     elif len(open_rows):
-        sub = refine(state[:, :, open_rows], options.pair_steps_for(num_gpus), "pairs")
-        state[:, :, open_rows] = refine(sub, options.max_steps_for(num_gpus), "max")
+        sub = refine(state[:, :, open_rows], pair_steps, "pairs")
+        state[:, :, open_rows] = refine(sub, max_steps, "max")
     if cands > 1:
         _, slots, _, _ = state.shape
         peak = max_load(state).view(cands, rows)

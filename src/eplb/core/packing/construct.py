@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from eplb.core.device_path import bldm_gpus_torch, use_device_path
 from eplb.core.packing.state import EXPERT, LOAD, deal
 
 
@@ -29,7 +30,9 @@ def _construct_lpt(items: torch.Tensor, num_gpus: int) -> torch.Tensor:
     return deal(items, gpu, num_gpus)
 
 
-def _construct_bldm(items: torch.Tensor, num_gpus: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _construct_bldm(
+    items: torch.Tensor, num_gpus: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Balanced largest differencing over the ``S`` rounds; see :func:`_bldm_gpus`.
 
     The rounds are first rearranged so that an expert's replicas share one round where
@@ -38,6 +41,10 @@ def _construct_bldm(items: torch.Tensor, num_gpus: int) -> tuple[torch.Tensor, t
     legal same-round swap (:func:`_settle_clashes`). Returns ``(state, rows still in
     conflict)``, usually none, for :func:`repair_conflicts`.
     """
+    # large problems on an accelerator construct on the device (no anti-affinity pre-pass
+    # there: every row goes through repair_conflicts)
+    if use_device_path(items, items.shape[1] * items.shape[2]):
+        return deal(items, bldm_gpus_torch(items[LOAD], num_gpus), num_gpus), None
     host = items.to(torch.float32).cpu().numpy()
     load, expert = host[LOAD], host[EXPERT].astype(np.int64)
     order = _whole_runs(expert, num_gpus)

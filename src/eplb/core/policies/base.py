@@ -14,11 +14,13 @@ from typing import ClassVar
 
 import torch
 
+from eplb.core.count_bounds import rank_allocations
 from eplb.core.inputs import uniform_where_empty
-from eplb.core.options import PlanOptions
+from eplb.core.options import FEW_SLOTS, PlanOptions
 from eplb.core.packing import make_items, max_load, pack, to_slots
 from eplb.core.replication import expand_replicas, replica_counts
 from eplb.core.request import PlanRequest
+from eplb.core.small_slots import plan_one_slot, plan_two_slots
 
 
 def plan_rows(
@@ -44,6 +46,11 @@ def plan_rows(
     rows, num_experts = weight.shape
     zero = weight.sum(1, keepdim=True) <= 0  # e.g. a node whose experts saw no tokens
     weight = uniform_where_empty(weight)
+    # one or two slots per GPU have dedicated planners
+    if num_replicas == num_gpus:
+        return plan_one_slot(weight, num_replicas)
+    if num_replicas == 2 * num_gpus:
+        return plan_two_slots(weight, num_replicas, options.packing.two_slot_iterations())
     rules = options.rules
     counts = replica_counts(weight, num_replicas, rules[:1])[0]  # [rows, E]
     # the portfolio only matters where replicas are coarse next to a GPU's mean load;
@@ -64,13 +71,31 @@ def plan_rows(
         if floor is not None:
             floor = torch.cat([floor, floor[extra].repeat(len(rules) - 1)])
     load, expert = expand_replicas(weight_all, counts)
+    num_alloc = len(rules)
+    # pack only the allocations with the smallest packing bound per row
+    keep = options.packed_allocations
+    if keep is None and num_replicas <= FEW_SLOTS * num_gpus:
+        keep = 1
+    if len(extra) and keep is not None:
+        device = weight.device
+        others = torch.arange((num_alloc - 1) * len(extra), device=device)
+        groups = torch.cat([extra[None], rows + others.view(num_alloc - 1, -1)])
+        groups = rank_allocations(load, num_gpus, groups, keep)
+        num_alloc = groups.shape[0]
+        used = torch.arange(rows, device=device).index_put((extra,), groups[0])
+        used = torch.cat([used, groups[1:].reshape(-1)])
+        load, expert, counts = load[used], expert[used], counts[used]
+        if floor is not None:
+            floor = floor[used]
+        if num_alloc == 1:
+            extra = extra[:0]  # one allocation left per row: nothing to choose after packing
     items = make_items(load, expert)  # [2, rows', R]; rows of one layer share a scale
     allow_shared = counts.amax(1) > num_gpus
     state = pack(items, num_gpus, options.packing, allow_shared, generator, floor=floor)
     if len(extra):
         # keep, per coarse row, the allocation whose refined packing has the smallest peak
         peak = max_load(state)
-        candidates = torch.cat([peak[extra][None], peak[rows:].view(len(rules) - 1, -1)])
+        candidates = torch.cat([peak[extra][None], peak[rows:].view(num_alloc - 1, -1)])
         best = candidates.min(0).indices  # first on ties: Jefferson
         choice = torch.where(
             best == 0,

@@ -1,0 +1,290 @@
+"""eplb vs the engines' own planners, side by side, over many deployment shapes.
+
+Planners, all in this process, one thread, global policy (``G = N = 1``):
+
+- **eplb**: ``eplb.rebalance_experts(w, R, 1, 1, P)`` with default options.
+- **greedy**: vLLM 0.33 ``DefaultEplbPolicy.rebalance_experts(w, R, 1, 1, P, None)``
+  (DeepSeek's greedy), imported from the released wheel (``scripts/fetch_engines.py``).
+- **vec**: SGLang 0.5.23 ``eplb_algorithms/deepseek_vec.py`` ``rebalance_experts(
+  w[None], R, R // P, None, 1, enable_hierarchical=False)``, the released file executed
+  unchanged (it imports only torch).
+
+Shapes: ``S = R / P`` slots per GPU in {1, 2, 3, 4, 5, 9, 17}, ``P`` in {8, ..., 256}
+(plus the issue's 144 and 96), models DeepSeek-V3 (58×256), Kimi-K2-like (61×384),
+Qwen3-235B-like (94×128) and gpt-oss-like (36×32). DeepSeek-V3 shapes use the real
+SGLang dumps (``../shared/data/real/sglang_deepseek_ep_statistics``, MoE rows 3..60);
+the others (and DeepSeek-V3 when the real files are absent) use
+``eplb.tools.generator.generate_loads`` presets.
+
+Columns: the ceiling (``eplb.core.balancedness_ceiling``); for ``S <= 2`` the reference
+``eplb.core.small_slots.best_two_slot_max_load``: the exact optimum for ``S = 1``, and for
+``S = 2`` the best known (a long count search from five starts: an upper bound on the
+optimum, not a proof); each planner's balancedness (Σ mean / Σ max GPU load, loads split
+evenly over replicas; the worst input of the shape); eplb's worst ratio to the reference
+(``ref``: that column where ``S <= 2``, else the ceiling); and the median time per call on
+the first input, calls interleaved across planners.
+
+    python benchmarks/bench_shapes.py                 # every shape, markdown on stdout
+    python benchmarks/bench_shapes.py --only 58x256   # shapes whose label contains this
+    python benchmarks/bench_shapes.py --repeats 9 --inputs 3
+    python benchmarks/bench_shapes.py --gap           # what the S=3 gap is made of
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import eplb
+from eplb.core.bounds import balancedness_ceiling
+from eplb.core.placement import slot_gpu_loads
+from eplb.core.small_slots import best_two_slot_max_load
+from eplb.integrations._engines import FETCH_HINT, engine_root, vllm_sources
+from eplb.tools.generator import generate_loads
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO.parent / "shared/data/real/sglang_deepseek_ep_statistics"
+REAL_FILES = ("prefill_in4096", "decode_in1000out1000", "prefill_in1024", "decode_in2000out100")
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    layers: int
+    experts: int
+    preset: str
+
+
+MODELS = {
+    "dsv3": Model("DeepSeek-V3", 58, 256, "deepseek-v3"),
+    "kimi": Model("Kimi-K2-like", 61, 384, "kimi-k2"),
+    "qwen": Model("Qwen3-235B-like", 94, 128, "qwen3-235b"),
+    "gptoss": Model("gpt-oss-like", 36, 32, "gpt-oss-120b"),
+}
+
+# (model, S, P): R = S·P >= E; R = E (no redundancy) only where nothing else fits
+SHAPES: list[tuple[str, int, int]] = [
+    ("dsv3", 2, 144), ("dsv3", 2, 256), ("dsv3", 3, 96), ("dsv3", 3, 128),
+    ("dsv3", 4, 128), ("dsv3", 5, 64), ("dsv3", 9, 32), ("dsv3", 9, 64),
+    ("dsv3", 17, 16), ("dsv3", 17, 32),
+    ("kimi", 2, 256), ("kimi", 3, 256), ("kimi", 4, 128), ("kimi", 5, 128),
+    ("kimi", 9, 64), ("kimi", 17, 32),
+    ("qwen", 1, 256), ("qwen", 2, 128), ("qwen", 3, 64), ("qwen", 4, 64),
+    ("qwen", 5, 32), ("qwen", 9, 16), ("qwen", 9, 32), ("qwen", 17, 8), ("qwen", 17, 16),
+    ("gptoss", 1, 64), ("gptoss", 2, 32), ("gptoss", 2, 64), ("gptoss", 3, 16),
+    ("gptoss", 4, 16), ("gptoss", 5, 8), ("gptoss", 9, 8), ("gptoss", 17, 8),
+]
+
+
+def model_loads(key: str, count: int) -> tuple[list[torch.Tensor], str]:
+    """``count`` float64 ``[L, E]`` inputs for a model, and where they come from."""
+    model = MODELS[key]
+    if key == "dsv3":
+        files = [REAL / f"{name}.json" for name in REAL_FILES[:count]]
+        if all(f.is_file() for f in files):
+            loads = [
+                torch.tensor(json.loads(f.read_text())["logical_count"], dtype=torch.float64)[3:]
+                for f in files
+            ]
+            return loads, "real"
+    loads = [
+        generate_loads(
+            model.preset, seed=seed, num_layers=model.layers, num_experts=model.experts
+        )
+        for seed in range(count)
+    ]
+    return loads, "synthetic"
+
+
+def load_sglang_vec():
+    """SGLang 0.5.23's released ``deepseek_vec`` module (imports only torch)."""
+    root = engine_root("sglang")
+    if root is None:
+        sys.exit(f"SGLang 0.5.23: {FETCH_HINT}")
+    path = root / "sglang/srt/eplb/eplb_algorithms/deepseek_vec.py"
+    spec = importlib.util.spec_from_file_location("_sglang_deepseek_vec", path)
+    if spec is None or spec.loader is None:
+        sys.exit(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def balancedness(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> float:
+    loads = slot_gpu_loads(weight, phy2log.long(), num_gpus)
+    return float(loads.mean(1).sum() / loads.amax(1).sum())
+
+
+def exact_balancedness(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> float:
+    """Σ mean / Σ reference max GPU load for ``S <= 2``: the exact optimum for ``S = 1``,
+    the best known (a long count search) for ``S = 2``."""
+    best = best_two_slot_max_load(weight, num_replicas, num_gpus)
+    return float(weight.sum() / num_gpus / best.sum())
+
+
+def gap_analysis(replicas: int = 288, gpus: int = 96) -> None:
+    """What the gap to the ceiling is made of at ``S = R / P`` (default: the issue's
+    58×256, R = 288, P = 96), per real load file: replication or packing search.
+
+    For every file: the ceiling; the packing bound (:mod:`eplb.core.count_bounds`) of the
+    allocation the default plan chose (no packing of those counts can beat it) and the
+    smallest such bound over the portfolio's allocations; the default plan; the plan with
+    ``num_candidates=64, refine_steps=64``; and whether both plans chose the same counts.
+    """
+    from eplb.core.count_bounds import packing_bound
+    from eplb.core.replication import expand_replicas, replica_counts
+
+    loads, source = model_loads("dsv3", len(REAL_FILES))
+    print(f"\n## Gap analysis: 58×256, R={replicas}, P={gpus} ({source} loads)\n")
+    print(
+        "| input | ceiling | bound of default's counts | best bound over portfolio | "
+        "default | 64 cand. × 64 steps | same counts |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    rules = (0.0, -0.25, -0.5, -0.75, "hamilton")
+    for name, w in zip(REAL_FILES, loads, strict=False):
+        mean = float(w.sum() / gpus)
+        ceil = balancedness_ceiling(w, replicas, gpus)
+        plain = eplb.plan(w, replicas, gpus)
+        heavy = eplb.plan(w, replicas, gpus, num_candidates=64, refine_steps=64)
+
+        def bound_of(counts: torch.Tensor, w: torch.Tensor = w) -> torch.Tensor:
+            load, _ = expand_replicas(w, counts)
+            return torch.from_numpy(packing_bound(load.numpy(), gpus))
+
+        chosen = bound_of(plain.logcnt)
+        every = torch.stack([bound_of(c) for c in replica_counts(w, replicas, rules)])
+        print(
+            f"| {name} | {ceil:.4f} | {mean / float(chosen.sum()):.4f} | "
+            f"{mean / float(every.amin(0).sum()):.4f} | {plain.balancedness(w):.4f} | "
+            f"{heavy.balancedness(w):.4f} | "
+            f"{int((plain.logcnt == heavy.logcnt).all(1).sum())}/{w.shape[0]} layers |",
+            flush=True,
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per planner")
+    parser.add_argument("--inputs", type=int, default=2, help="load inputs per shape")
+    parser.add_argument("--only", action="append", help="keep shapes whose label has this")
+    parser.add_argument("--no-greedy", action="store_true", help="skip vLLM's greedy")
+    parser.add_argument(
+        "--gap", action="store_true", help="only the S=3 gap analysis (58×256, R=288, P=96)"
+    )
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.gap:
+        gap_analysis()
+        return 0
+
+    vec_module = load_sglang_vec()
+    vllm_root = engine_root("vllm")
+    if vllm_root is None and not args.no_greedy:
+        sys.exit(f"vLLM 0.33.0: {FETCH_HINT}")
+
+    def vec(w: torch.Tensor, r: int, p: int) -> torch.Tensor:
+        return vec_module.rebalance_experts(w[None], r, r // p, None, 1, False)[0]
+
+    def ours(w: torch.Tensor, r: int, p: int) -> torch.Tensor:
+        return eplb.rebalance_experts(w, r, 1, 1, p)[0]
+
+    load_avg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(
+        f"# bench_shapes — {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, torch "
+        f"{torch.__version__}, 1 thread, load average {load_avg}\n\n"
+        f"Balancedness: worst of {args.inputs} inputs per shape; time: median of "
+        f"{args.repeats} interleaved calls on the first input. ref = exact optimum for S = 1, "
+        "best known (long count search) for S = 2, else the ceiling.\n"
+    )
+    print(
+        "| model | L×E | S | P | R | loads | ceiling | S<=2 ref | eplb | greedy | vec | "
+        "eplb/ref | eplb ms | greedy ms | vec ms | eplb / fastest peer |"
+    )
+    print("|" + "---|" * 16)
+    with vllm_sources(vllm_root) if vllm_root else _null() as vllm:
+        planners = {"eplb": ours, "vec": vec}
+        if not args.no_greedy:
+            greedy_cls = vllm.DefaultEplbPolicy
+
+            def greedy(w: torch.Tensor, r: int, p: int) -> torch.Tensor:
+                return greedy_cls.rebalance_experts(w, r, 1, 1, p, None)
+
+            planners["greedy"] = greedy
+        cache: dict[str, tuple[list[torch.Tensor], str]] = {}
+        misses = []
+        for key, slots, gpus in SHAPES:
+            model = MODELS[key]
+            replicas = slots * gpus
+            label = f"{model.layers}x{model.experts} S={slots} P={gpus}"
+            if args.only and not any(o in label or o == key for o in args.only):
+                continue
+            if key not in cache:
+                cache[key] = model_loads(key, args.inputs)
+            loads, source = cache[key]
+            ceil = min(balancedness_ceiling(w, replicas, gpus) for w in loads)
+            exact = None
+            if slots <= 2:
+                exact = [exact_balancedness(w, replicas, gpus) for w in loads]
+            quality: dict[str, list[float]] = {name: [] for name in planners}
+            ratio_ref: list[float] = []
+            for k, w in enumerate(loads):
+                ref = exact[k] if exact else balancedness_ceiling(w, replicas, gpus)
+                for name, fn in planners.items():
+                    b = balancedness(w, fn(w, replicas, gpus), gpus)
+                    quality[name].append(b)
+                    if name == "eplb":
+                        ratio_ref.append(b / ref)
+            times: dict[str, list[float]] = {name: [] for name in planners}
+            w0 = loads[0]
+            for fn in planners.values():  # warm-up
+                fn(w0, replicas, gpus)
+            for _ in range(args.repeats):
+                for name, fn in planners.items():
+                    start = time.perf_counter()
+                    fn(w0, replicas, gpus)
+                    times[name].append(time.perf_counter() - start)
+            ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            fastest = min(v for n, v in ms.items() if n != "eplb")
+            worst = min(ratio_ref)
+            target = 0.999 if slots <= 2 else (0.99 if slots <= 4 else 0.995)
+            speed = ms["eplb"] / fastest
+            if worst < target or speed > 1.0:
+                misses.append((label, worst, target, speed))
+            greedy_b = f"{min(quality['greedy']):.4f}" if "greedy" in quality else "–"
+            greedy_ms = f"{ms['greedy']:.1f}" if "greedy" in ms else "–"
+            exact_s = f"{min(exact):.4f}" if exact else "–"
+            print(
+                f"| {model.name} | {model.layers}×{model.experts} | {slots} | {gpus} | "
+                f"{replicas} | {source} | {ceil:.4f} | {exact_s} | {min(quality['eplb']):.4f} | "
+                f"{greedy_b} | {min(quality['vec']):.4f} | {worst:.4f} | {ms['eplb']:.1f} | "
+                f"{greedy_ms} | {ms['vec']:.1f} | {speed:.2f} |",
+                flush=True,
+            )
+    print("\nMisses (balancedness below target × ref, or slower than the fastest peer):")
+    for label, worst, target, speed in misses:
+        print(f"- {label}: eplb/ref {worst:.4f} (target {target}), time {speed:.2f}× fastest")
+    if not misses:
+        print("- none")
+    return 0
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""The packing lower bound for fixed counts (eplb.core.count_bounds) never exceeds the
+best packing, found by brute force over every way to fill P GPUs with S items each."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eplb.core.count_bounds import packing_bound, rank_allocations
+
+
+def best_packing(x: list[float], gpus: int) -> float:
+    """Smallest max GPU load over every partition of ``x`` into ``gpus`` groups of equal size."""
+    slots = len(x) // gpus
+    best = float("inf")
+
+    def fill(left: list[int], peak: float) -> None:
+        nonlocal best
+        if peak >= best:
+            return
+        if not left:
+            best = peak
+            return
+        first, rest = left[0], left[1:]
+        for others in itertools.combinations(range(len(rest)), slots - 1):
+            group = [first] + [rest[i] for i in others]
+            remaining = [v for i, v in enumerate(rest) if i not in others]
+            fill(remaining, max(peak, sum(x[g] for g in group)))
+
+    fill(list(range(len(x))), 0.0)
+    return best
+
+
+@given(
+    gpus=st.integers(1, 3),
+    slots=st.integers(1, 3),
+    data=st.data(),
+)
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_packing_bound_is_a_lower_bound(gpus, slots, data):
+    n = gpus * slots
+    x = sorted(data.draw(st.lists(st.floats(0, 100), min_size=n, max_size=n)), reverse=True)
+    bound = packing_bound(np.array([x]), gpus)[0]
+    assert bound <= best_packing(x, gpus) + 1e-9
+    assert bound >= sum(x) / gpus - 1e-9  # never below the mean
+
+
+def test_packing_bound_sees_coarse_items():
+    # three GPUs of three slots: the 9-load item needs two partners, at least 1 + 1; the
+    # ceiling's bound max(mean, largest item) is only 9
+    x = np.array([[9.0, 2, 2, 2, 2, 2, 1, 1, 1]])
+    assert packing_bound(x, 3)[0] == pytest.approx(11.0)
+    assert best_packing(list(x[0]), 3) == pytest.approx(11.0)
+
+
+def test_rank_allocations_keeps_the_smallest_bounds_in_portfolio_order_on_ties():
+    items = torch.tensor([[4.0, 1, 1, 0], [3.0, 2, 1, 0], [4.0, 1, 1, 0]])
+    groups = torch.tensor([[0], [1], [2]])  # three candidate allocations of one row
+    kept = rank_allocations(items, 2, groups, 2)
+    assert kept.tolist() == [[1], [0]]  # bound 3 first, then the first of the two ties
