@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# the engines' released sources are loaded by a test helper (never shipped with eplb)
+sys.path.insert(0, str(REPO / "tests"))
 REAL_DATA = Path(os.environ.get("EPLB_REAL_DATA") or REPO.parent / "shared" / "data" / "real")
 DEEPSEEK_DIR = REAL_DATA / "sglang_deepseek_ep_statistics"
 ESFT_FILE = REAL_DATA / "esft_deepseek_v2_lite_routing" / "esft_topk_ids.npz"

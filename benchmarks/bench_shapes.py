@@ -43,12 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from engines import FETCH_HINT, engine_root, vllm_sources
 
 import eplb
 from eplb.core.bounds import balancedness_ceiling
 from eplb.core.placement import slot_gpu_loads
 from eplb.core.small_slots import best_two_slot_max_load
-from eplb.integrations._engines import FETCH_HINT, engine_root, vllm_sources
 from eplb.tools.generator import generate_loads
 
 REPO = Path(__file__).resolve().parents[1]

@@ -38,10 +38,10 @@ from typing import ClassVar
 import numpy as np
 import torch
 from _harness import deepseek_loads, markdown_table, start
+from engines import FETCH_HINT, engine_root, vllm_sources
 
 from eplb import Placement, Topology
 from eplb.integrations import vllm as plugin
-from eplb.integrations._engines import FETCH_HINT, engine_root, vllm_sources
 
 R, P, E = 288, 32, 256
 EXPERT_BYTES = 3 * 7168 * 2048  # FP8 DeepSeek-V3 routed expert

@@ -2,7 +2,7 @@
 """Fetch the released engines' EPLB sources for the engine proof tests.
 
 Runs ``pip download --no-deps`` for the pinned vLLM and SGLang wheels, extracts only
-the pure-Python files the tests need (see ``eplb.integrations._engines.ENGINES``) into
+the pure-Python files the tests need (see ``tests/engines.py``, ``ENGINES``) into
 the cache (``$EPLB_ENGINE_CACHE``, default ``~/.cache/eplb-engines``; never inside the
 repository), then deletes the wheel. Idempotent: an engine already extracted is skipped
 in milliseconds. When the registry cannot be reached it prints a warning and exits 0,
@@ -30,11 +30,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 def _load_engine_table():
-    """Load ``eplb/integrations/_engines.py`` by path: stdlib only, no torch import, and
+    """Load ``tests/engines.py`` by path: stdlib only, no torch import, and
     it works from a bare checkout where the package is not installed."""
     import importlib.util
 
-    path = REPO / "src" / "eplb" / "integrations" / "_engines.py"
+    path = REPO / "tests" / "engines.py"
     spec = importlib.util.spec_from_file_location("_eplb_engines", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look the module up while building

@@ -95,7 +95,7 @@ def install_vllm(root: Path, topology: dict[str, int]) -> types.SimpleNamespace:
     EPLB modules, and return them."""
     from typing import Literal
 
-    from eplb.integrations._engines import _extract_assignment
+    from engines import _extract_assignment
 
     pkg = root / "vllm"
     sys.modules["vllm"] = _package("vllm", pkg)

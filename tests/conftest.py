@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from engines import FETCH_HINT, engine_root
 from helpers import MISSING_REAL, REAL_DATA
 from hypothesis import settings
-
-from eplb.integrations._engines import FETCH_HINT, engine_root
 
 # planner calls are cheap but the CI machine is shared: no per-example deadline
 settings.register_profile("eplb", deadline=None)

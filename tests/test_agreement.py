@@ -150,8 +150,9 @@ def _plugin_ranks(monkeypatch, world: int):
 
 def test_plugin_ranks_that_all_fail_fall_back_to_vllms_default_alike(vllm_root, monkeypatch,
                                                                       caplog):
+    from engines import vllm_sources
+
     from eplb.integrations import vllm as plugin
-    from eplb.integrations._engines import vllm_sources
 
     def broken(*args, **kwargs):
         raise ValueError("input eplb cannot plan")

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from engines import extract_function, sglang_sources
 from helpers import DEEPSEEK_DIR as REAL
 
 import eplb
 from eplb import Placement, Topology
 from eplb.cli import main as cli_main
 from eplb.core.policies import resolve_policy
-from eplb.integrations._engines import extract_function, sglang_sources
 
 formats = pytest.importorskip("eplb.formats", reason="eplb.formats (placement writer) missing")
 

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from engines import _isolated_modules, _package
 from helpers import DEEPSEEK_DIR as REAL
 
 import eplb
 from eplb import Placement, Topology
 from eplb.integrations import sglang as plugin
-from eplb.integrations._engines import _isolated_modules, _package
 
 
 class Recorder:

@@ -19,6 +19,7 @@ from typing import get_args
 
 import pytest
 import torch
+from engines import vllm_sources
 from helpers import DEEPSEEK_DIR as REAL
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -27,7 +28,6 @@ import eplb
 from eplb import Placement, Topology
 from eplb.core.policies import resolve_policy
 from eplb.integrations import vllm as plugin
-from eplb.integrations._engines import vllm_sources
 
 MOE_ROWS = slice(3, 61)  # DeepSeek-V3: rows 0-2 are dense layers
 

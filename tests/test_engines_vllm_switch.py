@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from engines import _extract_assignment, _isolated_modules, _package
 
 from eplb import __version__
 from eplb.integrations import vllm as plugin
-from eplb.integrations._engines import _extract_assignment, _isolated_modules, _package
 
 SWITCHES = (plugin.ENV_VAR, plugin.OPTIONS_ENV_VAR, plugin.LEGACY_ENV_VAR,
             plugin.LEGACY_OPTIONS_ENV_VAR, "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", "VLLM_PLUGINS")

@@ -1,8 +1,9 @@
 """Load the pure-Python EPLB code of the released engines from a local cache.
 
-This module backs the engine proof tests (``tests/test_engines_*.py``) and the plugin
-benchmark. ``scripts/fetch_engines.py`` downloads the released wheels (``pip download
---no-deps``) and extracts only the files listed in :data:`ENGINES` into
+This test helper (not part of the eplb package) backs the engine proof tests
+(``tests/test_engines_*.py``) and the engine benchmarks. ``scripts/fetch_engines.py``
+downloads the released wheels (``pip download --no-deps``) and extracts only the files
+listed in :data:`ENGINES` into
 ``$EPLB_ENGINE_CACHE`` (default ``~/.cache/eplb-engines``); nothing of the engines is
 ever copied into the repository.
 
