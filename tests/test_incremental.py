@@ -336,3 +336,21 @@ def test_old_maps_of_every_origin_give_valid_plans(
                       max_moves=budget, active_gpus=active) if active is not None else None
     if again is not None:
         assert torch.equal(again.phy2log, new.phy2log)  # deterministic
+
+
+@pytest.mark.parametrize(("policy", "nodes", "groups"), TOPOLOGIES)
+def test_move_price_trades_moves_for_expected_balance(policy, nodes, groups):
+    old = old_plan(policy, nodes, groups)
+    kwargs = {"policy": policy, "previous": old}
+    free = eplb.plan(W1, R, P, nodes, groups, move_price=0.0, **kwargs)
+    default = eplb.plan(W1, R, P, nodes, groups, **kwargs)
+    dear = eplb.plan(W1, R, P, nodes, groups, move_price=0.99, **kwargs)
+    moved = [int(p.moved_slots(old).sum()) for p in (free, default, dear)]
+    assert moved[0] >= moved[1] >= moved[2], moved
+    assert moved[2] <= 0.1 * L * R  # a move must buy almost all of a layer's balance
+    for p in (free, default, dear):
+        assert_contract(p)
+    with pytest.raises(ValueError, match="move_price"):
+        eplb.plan(W1, R, P, nodes, groups, move_price=-1.0, **kwargs)
+    with pytest.raises(ValueError, match="drift"):
+        eplb.plan(W1, R, P, nodes, groups, drift=5.0, **kwargs)

@@ -8,11 +8,12 @@ lives in :mod:`eplb.online`, engine formats in :mod:`eplb.formats`, engine plugi
 
 from eplb._version import __version__
 from eplb.api import plan, rebalance_experts
-from eplb.core.options import PackingOptions, PlanOptions
+from eplb.core.options import IncrementalOptions, PackingOptions, PlanOptions
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology
 
 __all__ = [
+    "IncrementalOptions",
     "PackingOptions",
     "Placement",
     "PlacementError",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from eplb.core.options import PlanOptions
+from eplb.core.options import PlanOptions, with_incremental
 from eplb.core.placement import Placement
 from eplb.core.planner import make_request, plan_fresh
 from eplb.online.incremental import plan_incremental
@@ -32,6 +32,8 @@ def plan(
     previous: Placement | torch.Tensor | None = None,
     max_moves: int | torch.Tensor | None = None,
     skip_threshold: float | None = None,
+    move_price: float | None = None,
+    drift: float | None = None,
 ) -> Placement:
     """Plan an expert placement.
 
@@ -59,11 +61,18 @@ def plan(
             new call makes unavoidable are made outside the budget: re-homing replicas of
             dead GPUs, and un-stacking replicas the contract no longer allows.
         skip_threshold: with ``previous``, leave a layer untouched when re-planning it
-            would raise its balancedness by less than this (e.g. ``0.01``).
+            would raise its expected next-window balancedness by less than this.
+        move_price: with ``previous`` and no ``max_moves``: the expected balancedness a
+            layer must gain to move all its slots (default 0.005; see
+            :class:`~eplb.core.options.IncrementalOptions`).
+        drift: with ``previous``: the log-std of an expert's load change between two
+            rebalances that the next-window score assumes (default 0.2).
 
     Returns:
         A validated :class:`Placement` on the weight's device.
     """
+    if move_price is not None or drift is not None:
+        options = with_incremental(options, move_price=move_price, drift=drift)
     request = make_request(
         weight,
         num_replicas,

@@ -15,7 +15,7 @@ from eplb.core.bounds import (
     layer_lower_bound,
     placement_scores,
 )
-from eplb.core.options import PackingOptions, PlanOptions
+from eplb.core.options import IncrementalOptions, PackingOptions, PlanOptions
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh
 from eplb.core.policies import POLICIES, PlacementPolicy, resolve_policy
@@ -25,6 +25,7 @@ from eplb.core.trace import LoadTrace
 
 __all__ = [
     "POLICIES",
+    "IncrementalOptions",
     "LoadTrace",
     "PackingOptions",
     "Placement",

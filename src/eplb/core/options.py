@@ -10,7 +10,7 @@ The defaults are fast and near the bound; each default's reason is written next 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 #: divisor shifts δ of the default replication portfolio (w / (c + δ)); 0 is Jefferson
 DEFAULT_SHIFTS: tuple[float, ...] = (0.0, -0.25, -0.5, -0.75)
@@ -194,3 +194,15 @@ class PlanOptions:
     @property
     def rules(self) -> tuple[float | str, ...]:
         return tuple(float(s) for s in self.shifts) + (("hamilton",) if self.hamilton else ())
+
+
+def with_incremental(options: PlanOptions | None, **changes: float | None) -> PlanOptions:
+    """``options`` (default: :class:`PlanOptions`) with the given
+    :class:`IncrementalOptions` fields replaced; ``None`` values leave a field alone."""
+    base = PlanOptions() if options is None else options
+    if not isinstance(base, PlanOptions):
+        raise TypeError(f"options must be an eplb.PlanOptions, got {type(base).__name__}")
+    given = {name: value for name, value in changes.items() if value is not None}
+    if not given:
+        return base
+    return replace(base, incremental=replace(base.incremental, **given))

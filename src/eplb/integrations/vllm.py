@@ -87,7 +87,8 @@ LEGACY_ENV_VAR = "EPLB_VLLM_POLICY"  # not copied to Ray nodes by default
 LEGACY_OPTIONS_ENV_VAR = "EPLB_VLLM_OPTIONS"
 POLICY_NAME = "eplb"
 PLANNER_OPTIONS = frozenset(
-    {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold"}
+    {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold",
+     "move_price", "drift"}
 )
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})

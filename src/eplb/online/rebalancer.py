@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from eplb.core.baselines import plan_greedy
+from eplb.core.options import with_incremental
 from eplb.core.placement import Placement
 from eplb.core.planner import make_request, plan_fresh
 from eplb.core.topology import Topology
@@ -98,6 +99,11 @@ def make_planner(
         raise ValueError(f"incremental/max_moves/skip_threshold need planner 'eplb', got "
                          f"{planner!r}")
     if planner == "eplb":
+
+        incremental_knobs = {k: plan_options.pop(k, None) for k in ("move_price", "drift")}
+        if any(v is not None for v in incremental_knobs.values()):
+            plan_options["options"] = with_incremental(plan_options.get("options"),
+                                                       **incremental_knobs)
 
         def eplb_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
             request = make_request(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,
