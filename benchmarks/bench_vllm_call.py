@@ -141,20 +141,23 @@ def main(argv=None) -> int:
             for name in planners:
                 for phase in ("first", "steady"):
                     s = summarise(results[name][phase])
-                    gb = s["moved"] * EXPERT_BYTES / 1e9
+                    gb = s["moved"] * EXPERT_BYTES / 1e9  # into the cluster, per rebalance
+                    per_gpu = gb / P  # each GPU receives its share in parallel
                     rows.append([
                         topo_name, phase, name, f"{s['ms']:.1f}",
                         f"{s['ms'] / base[phase]['ms']:.2f}", f"{s['in']:.4f}",
                         f"{s['next']:.4f}", f"{s['next'] - base[phase]['next']:+.4f}",
                         f"{100 * s['moved_frac']:.1f} %",
                         f"{s['moved_frac'] / max(base[phase]['moved_frac'], 1e-12):.2f}",
-                        f"{gb:.1f} GB / {gb * 1e9 / LINK_BYTES_PER_S:.2f} s",
+                        f"{gb:.0f} GB ({per_gpu:.1f} GB per GPU, "
+                        f"{per_gpu * 1e9 / LINK_BYTES_PER_S:.2f} s at 50 GB/s)",
                     ])
     print(f"\n{len(loads)} workloads × {args.steps} rebalances, drift {args.drift}, "
           f"{args.repeats} timed calls each\n")
     print(markdown_table(
         ["topology", "call", "planner", "ms", "× vLLM time", "in-sample", "next window",
-         "next − vLLM", "slots moved", "× vLLM moves", "bytes moved (44 MB/expert) / at 50 GB/s"],
+         "next − vLLM", "slots moved", "× vLLM moves",
+         "weights moved per rebalance (44 MB per expert)"],
         rows,
     ))
     return 0
