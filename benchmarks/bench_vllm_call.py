@@ -8,7 +8,10 @@ The first rebalance passes vLLM's initial map (slot i → expert i % E). This sc
 replays that call on drifting real DeepSeek-V3 loads, for both planners in one process:
 vLLM's default through vLLM's released code, eplb through its plugin class as vLLM's
 plugin loader registers it (``VLLM_EPLB_POLICY=eplb``), with eplb's default options
-(and, as a second eplb row, an explicit ``max_moves`` of 20 % of the slots).
+(and, as a second eplb row, an explicit ``max_moves`` of 20 % of the slots). Newer vLLM
+trees carry a layer-batched variant of the default (``BatchedEplbPolicy``), not in the
+0.33 wheel; as a stand-in for its time, eplb's own layer-batched port of the same greedy
+(``eplb.core.plan_greedy``, identical placements to DeepSeek's) runs alongside.
 
 Protocol, per real workload (MoE rows 3..60, R=288, P=32; global G=1, N=1 and
 hierarchical G=8, N=4): window 0 is the real load; window t+1 = round(window t ×
@@ -41,6 +44,7 @@ from _harness import deepseek_loads, markdown_table, start
 from engines import FETCH_HINT, engine_root, vllm_sources
 
 from eplb import Placement, Topology
+from eplb.core import plan_greedy
 from eplb.integrations import vllm as plugin
 
 R, P, E = 288, 32, 256
@@ -123,8 +127,14 @@ def main(argv=None) -> int:
         class Budget20(ours):  # eplb with an explicit budget of 20 % of all slots
             options: ClassVar[dict] = {"max_moves": int(0.2 * R * 58)}
 
-        planners = {"vLLM 0.33 default": vllm.DefaultEplbPolicy, "eplb (defaults)": ours,
-                    "eplb, max_moves 20 %": Budget20}
+        class BatchedGreedy:  # DeepSeek's greedy vectorized over layers (no old map used)
+            @staticmethod
+            def rebalance_experts(weight, replicas, groups, nodes, ranks, old=None):
+                return plan_greedy(weight, replicas, ranks, nodes, groups).phy2log
+
+        planners = {"vLLM 0.33 default": vllm.DefaultEplbPolicy,
+                    "DeepSeek greedy, layer-batched": BatchedGreedy,
+                    "eplb (defaults)": ours, "eplb, max_moves 20 %": Budget20}
         rows = []
         for topo_name, (groups, nodes) in TOPOLOGIES.items():
             if args.topology != "all" and not topo_name.startswith(args.topology):
