@@ -291,8 +291,8 @@ def plan_incremental(
     candidates = _refine_rows(weight, base, request, np.full(request.num_layers, quota))
     live_gpus = request.live.cpu().numpy()
     num_live = int(live_gpus.sum())
-    peak = moves.expected_peak(weight, _live_only(candidates, live_gpus, topo), num_live,
-                               options.drift)
+    peak, now = moves.expected_peak(weight, _live_only(candidates, live_gpus, topo), num_live,
+                                    options.drift)
     # a fresh plan, relabelled onto the old GPUs, for the layers the warm path cannot
     # serve: still improving at its last step, or (hierarchical) a better group→node split
     balance = 1.0 / peak
@@ -303,15 +303,15 @@ def plan_incremental(
         need |= _better_split(request, base)
     if need.any():
         extra = _fresh_aligned(request, base, np.nonzero(need)[0], candidates[-1])
-        extra_peak = moves.expected_peak(weight, _live_only(extra, live_gpus, topo), num_live,
-                                         options.drift)
+        extra_peak, extra_now = moves.expected_peak(
+            weight, _live_only(extra, live_gpus, topo), num_live, options.drift
+        )
         candidates = np.concatenate([candidates, extra])
         peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
+        now = np.concatenate([now, extra_now])
     cost = (candidates != base[None]).sum(2)
     # never worse than the placement in force on the window at hand: a candidate whose
     # in-sample peak exceeds the base's is not taken, whatever its expected next window
-    now = moves.expected_peak(weight, _live_only(candidates, live_gpus, topo), num_live, 0.0,
-                              draws=1)
     peak = np.where(now <= now[0][None] * (1 + 1e-12), peak, np.inf)
     pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options)
     best = candidates[pick, np.arange(request.num_layers)]

@@ -228,9 +228,10 @@ def warm_ladder(
 
 def expected_peak(
     weight: np.ndarray, candidates: np.ndarray, num_gpus: int, drift: float, draws: int = 16
-) -> np.ndarray:
-    """``[C, B]`` expected next-window max GPU load of every candidate ``[C, B, R]``
-    (``-1`` slots carry nothing), relative to the row's mean GPU load.
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(expected [C, B], now [C, B])``: the expected next-window max GPU load of every
+    candidate ``[C, B, R]`` (``-1`` slots carry nothing), and its max GPU load on the
+    window at hand, both relative to the row's mean GPU load.
 
     Under a drift of log-std ``drift`` per expert, GPU ``g``'s next load has mean ``L_g``
     and standard deviation ``s_g = d · sqrt(Σ_i x_i²)`` over its replicas' loads ``x_i``
@@ -266,8 +267,8 @@ def expected_peak(
     peak = peaks[0].copy()
     for d in range(1, draws):  # a fixed order of additions on every machine
         peak += peaks[d]
-    mean = units.sum(1)[None] / num_gpus  # [1, B]: what every candidate spreads
-    return peak / draws / np.maximum(mean, 1e-300)
+    mean = np.maximum(units.sum(1)[None] / num_gpus, 1e-300)  # [1, B]: what all spread
+    return peak / draws / mean, gpu.max(2) / mean
 
 
 @lru_cache(maxsize=32)
