@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from eplb.core.options import PackingOptions
-from eplb.core.packing import refine_path
+from eplb.core.packing import refine_path, repair_assignment
 from eplb.core.replication import replica_counts
 
 
@@ -151,8 +151,10 @@ def apply_transfers(
     receiver: np.ndarray,
     upto: np.ndarray,
     num_gpus: int,
-) -> np.ndarray:
-    """``phy2log [B, R]`` after the first ``upto [B]`` transfers of each row.
+    record: tuple[float, ...] = (),
+) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
+    """``phy2log [B, R]`` after the first ``upto [B]`` transfers of each row; with
+    ``record`` (fractions of ``upto``) also the placements after those prefixes.
 
     Transfers go one at a time (all rows at once): each rewrites the donor's replica on
     the lightest GPU that does not hold the receiver yet (the receiver is the hotter
@@ -166,7 +168,12 @@ def apply_transfers(
     counts = counts_of(out, num_experts).astype(np.float64)
     loads = gpu_loads_of(weight, out, num_gpus)  # [B, P], updated per transfer
     slot_gpu = np.arange(num_slots) // slots
+    marks = [np.ceil(f * upto).astype(np.int64) for f in record]  # per row
+    snapshots = [out.copy() for _ in record]
     for t in range(int(upto.max(initial=0))):
+        for mark, snap in zip(marks, snapshots, strict=True):
+            at = mark == t  # rows whose prefix ends here
+            snap[at] = out[at]
         go = (t < upto) & (donor[:, t] >= 0)
         if not go.any():
             break
@@ -185,7 +192,12 @@ def apply_transfers(
         counts[rowix[go], d[go]] -= 1
         counts[rowix[go], r[go]] += 1
         out[rowix[go], target[go]] = r[go]
-    return out
+    if not record:
+        return out
+    for mark, snap in zip(marks, snapshots, strict=True):
+        late = mark >= upto  # prefixes as long as the whole list: the final placement
+        snap[late] = out[late]
+    return out, snapshots
 
 
 def warm_ladder(
@@ -209,11 +221,19 @@ def warm_ladder(
         base: ``[B, R]`` valid placements of the rows (every slot filled).
 
     Returns:
-        ``[steps + 1, B, R]`` candidates, the base first.
+        ``[steps + 4, B, R]`` candidates, the base first.
     """
     donor, receiver, count = transfer_order(weight, base, num_gpus)
     count = np.where(quota > 0, count, 0)
-    start = apply_transfers(weight, base, donor, receiver, count, num_gpus)
+    start, prefixes = apply_transfers(
+        weight, base, donor, receiver, count, num_gpus, record=(0.25, 0.5)
+    )
+    # the transfer-only candidates (cheap: one slot each), stacked replicas spread
+    only = np.concatenate([*prefixes, start])
+    live = torch.ones(num_gpus, dtype=torch.bool)
+    only = repair_assignment(
+        torch.from_numpy(np.tile(weight, (3, 1))), torch.from_numpy(only), live
+    ).numpy().reshape(3, *base.shape)
     path = refine_path(
         torch.from_numpy(weight),
         torch.from_numpy(start),
@@ -223,7 +243,7 @@ def warm_ladder(
         quota=torch.from_numpy(quota),
         steps=steps,
     ).numpy()
-    return np.concatenate([base[None], path])
+    return np.concatenate([base[None], only, path])
 
 
 def expected_peak(
