@@ -87,6 +87,9 @@ def inputs(tmp_path_factory) -> Path:
         write_placement(placement, d / name, weight=torch.from_numpy(stats))
     hier = eplb.plan(torch.from_numpy(stats).double(), 288, 32, 4, 8)
     write_placement(hier, d / "init.sglang.json", "sglang")
+    local = eplb.plan(torch.from_numpy(stats).double(), 288, 32, 4, 8, policy="locality",
+                      dispatch="nearest")
+    write_placement(local, d / "local.sglang.json", "sglang")
     gen = torch.Generator().manual_seed(2)
     rates = torch.from_numpy(stats).double().clamp(min=1)[None] / 100
     counts = torch.poisson(rates.expand(320, -1, -1).contiguous(), generator=gen)

@@ -34,6 +34,11 @@ def plan(
     skip_threshold: float | None = None,
     move_price: float | None = None,
     drift: float | None = None,
+    dispatch: str = "even",
+    fair: str = "auto",
+    source: torch.Tensor | None = None,
+    routing: torch.Tensor | None = None,
+    slack: float = 0.03,
 ) -> Placement:
     """Plan an expert placement.
 
@@ -43,7 +48,9 @@ def plan(
         num_gpus: ``P`` GPUs; slot ``s`` lives on GPU ``s // (R / P)``.
         num_nodes: ``N`` nodes (hierarchical policy).
         num_groups: ``G`` expert groups (hierarchical policy).
-        policy: ``"auto"`` (DeepSeek's rule), ``"global"`` or ``"hierarchical"``.
+        policy: ``"auto"`` (DeepSeek's rule), ``"global"``, ``"hierarchical"`` or
+            ``"locality"`` (with ``dispatch="nearest"``: the balance vs cross-node traffic
+            curve, see ``slack``).
         seed: seed of the randomised packing starts; same input and seed → same output.
         num_candidates: randomised packing starts per layer (default 1).
         refine_steps: most swap-refinement steps in total, a third of them all-pairs L2
@@ -67,6 +74,19 @@ def plan(
             :class:`~eplb.core.options.IncrementalOptions`).
         drift: with ``previous``: the log-std of an expert's load change between two
             rebalances that the next-window score assumes (default 0.2).
+        dispatch: how the engine splits an expert's tokens over its replicas:
+            ``"even"`` (vLLM, the default) or ``"nearest"`` (SGLang with an all-to-all
+            backend: same GPU, else same node, else a fixed fair choice). With
+            ``"nearest"`` and ``num_nodes > 1`` the plan minimises the max GPU load as
+            that rule realises it (:mod:`eplb.core.dispatch`).
+        fair: under ``"nearest"``: ``"auto"`` (default), ``"avoid"`` (hot experts on
+            every node, so no token needs the engine's random fair choice) or
+            ``"expect"`` (best in expectation).
+        source: under ``"nearest"``: ``[P]`` where tokens arise (default: evenly).
+        routing: for ``policy="locality"``: ``[T, L, k]`` top-k expert ids of recorded
+            tokens (co-selection statistics; default: estimated from loads and groups).
+        slack: for ``policy="locality"``: node load allowed above the mean; it trades
+            balance (≈ ``1 / (1 + slack)``) against cross-node traffic (default 0.03).
 
     Returns:
         A validated :class:`Placement` on the weight's device.
@@ -86,6 +106,11 @@ def plan(
         options=options,
         active_gpus=active_gpus,
         gpu_speed=gpu_speed,
+        dispatch=dispatch,
+        fair=fair,
+        source=source,
+        routing=routing,
+        slack=slack,
     )
     if previous is not None:
         if request.gpu_speed is not None:

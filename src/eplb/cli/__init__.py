@@ -32,10 +32,36 @@ def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
     g.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     g.add_argument("--groups", type=int, default=1, metavar="G",
                    help="expert groups for group-limited routing (default 1)")
-    g.add_argument("--policy", choices=["auto", "global", "hierarchical"], default="auto",
+    g.add_argument("--policy", choices=["auto", "global", "hierarchical", "locality"],
+                   default="auto",
                    help="auto = hierarchical when nodes > 1 and groups %% nodes == 0, "
-                        "else global (default auto)")
+                        "else global; locality (with --dispatch nearest) trades balance "
+                        "against cross-node traffic, see --slack (default auto)")
     g.add_argument("--seed", type=int, default=0, help="planner seed (default 0)")
+
+
+def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
+    g = p.add_argument_group("engine dispatch (SGLang)")
+    g.add_argument("--dispatch", choices=["even", "nearest"], default="even",
+                   help="how the engine sends an expert's tokens to its replicas: even (vLLM; "
+                        "default) or nearest (SGLang with DeepEP: same GPU, else same node, "
+                        "else a fixed fair choice); nearest plans and scores loads as that "
+                        "rule realises them")
+    g.add_argument("--routing", metavar="FILE",
+                   help="a top-k routing trace [tokens, layers, k]: co-selection statistics "
+                        "for --policy locality" + ("" if planning else
+                        "; with it eval reports remote nodes per token"))
+    g.add_argument("--routing-key", metavar="NAME[,NAME...]",
+                   help="which arrays of a multi-array --routing file to read")
+    if planning:
+        g.add_argument("--fair", choices=["auto", "avoid", "expect"], default="auto",
+                       help="nearest: avoid = hot experts on every node, so no token needs "
+                            "SGLang's random fair choice; expect = best in expectation; "
+                            "auto = avoid unless 5%% worse (default)")
+        g.add_argument("--slack", type=float, default=0.03, metavar="X",
+                       help="locality: node load allowed above the mean node load (0.03: "
+                            "balancedness about 0.97, least cross-node traffic at that "
+                            "balance; larger = less traffic, less balance)")
 
 
 def _sub(sub, name: str, help_: str, epilog: str) -> argparse.ArgumentParser:
@@ -91,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
              "  eplb plan stats.json -r 288 -g 32 --nodes 4 --groups 8 -o lb.yaml   # TRT-LLM\n"
              "  eplb plan stats.json -r 288 -g 32 -o init.json --emit sglang\n"
              "  eplb plan new.json -r 288 -g 32 --previous old.json --max-moves 40 -o next.json\n"
-             "  eplb plan dumps/expert_distribution_recorder_*.pt -r 288 -g 32 -o p.sglang.pt\n\n"
+             "  eplb plan dumps/expert_distribution_recorder_*.pt -r 288 -g 32 -o p.sglang.pt\n"
+             "  eplb plan stats.json -r 288 -g 32 --nodes 4 --groups 8 --policy locality \\\n"
+             "      --dispatch nearest -o local.sglang.json      # SGLang + DeepEP\n\n"
              "--emit is inferred from OUT: .yaml/.yml -> trtllm, .pt -> pt, *.sglang.json or\n"
              "*.sglang.pt -> sglang, anything else -> json. SGLang output must be asked for\n"
              "(--emit sglang or a .sglang.json name) because a plain .json is eplb's own format;\n"
@@ -122,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")
+    _add_dispatch(p, planning=True)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func="commands:cmd_plan")
 
@@ -129,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "eval", "Score a placement file on a loads file.",
              "example:\n  eplb eval --placement placement.json stats.json\n"
              "  eplb eval --placement placement.json stats.json --json\n"
-             "  eplb eval --placement init.sglang.json stats.json -g 32 --nodes 4 --groups 8\n\n"
+             "  eplb eval --placement init.sglang.json stats.json -g 32 --nodes 4 --groups 8\n"
+             "  eplb eval --placement local.sglang.json stats.json -g 32 --nodes 4 --groups 8 \\\n"
+             "      --dispatch nearest\n\n"
              "Reports each layer's balancedness (mean / max GPU load, 1.0 = perfect) before\n"
              "(no rebalancing: expert e on GPU e*P//E, one copy) and after, the ceiling, and\n"
              "the worst GPU's load relative to the mean.")
@@ -144,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["auto", "global", "hierarchical"], default="auto",
                    help="engine files, which do not record it: auto = hierarchical when the "
                         "cluster allows it and the placement keeps every group on one node")
+    _add_dispatch(p, planning=False)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func="commands:cmd_eval")
 

@@ -122,7 +122,9 @@ def cli_policy(policy: str, num_replicas: int, num_gpus: int, num_nodes: int, nu
         try:
             chosen = resolve_policy(policy, topology, num_experts, has_dead_gpus=dead,
                                     has_speeds=speeds)
-        except ValueError:
+        except ValueError as exc:
+            if policy != "hierarchical":
+                raise CliError(str(exc)) from None
             raise CliError("--policy hierarchical is impossible: " + "; ".join(problems)) \
                 from None
     if policy == "auto" and chosen == "global" and num_nodes > 1 and num_groups > 1:

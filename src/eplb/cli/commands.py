@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from eplb.api import plan
 from eplb.cli._common import (
     CliError,
@@ -22,8 +24,9 @@ from eplb.cli._common import (
     timed,
 )
 from eplb.cli._inputs import cli_policy, read_trace, warn
+from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.placement import Placement, PlacementError
-from eplb.formats import read_placement, read_placement_meta, write_placement
+from eplb.formats import read_placement, read_placement_meta, read_routing, write_placement
 
 EMIT_BY_SUFFIX = {".yaml": "trtllm", ".yml": "trtllm", ".pt": "pt", ".json": "json"}
 
@@ -117,6 +120,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                   num_gpus=args.gpus, num_nodes=args.nodes,
                                   num_groups=args.groups)
         options["previous"] = previous
+    options.update(_dispatch_options(args, weight))
     if args.max_moves is not None:
         if previous is None:
             raise CliError("--max-moves needs --previous (the placement in service)")
@@ -134,7 +138,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     live = placement.live_gpus()
     _, before, before_worst = layer_balance(static_gpu_loads(weight, args.gpus))
-    _, after, after_worst = layer_balance(placement.gpu_loads(weight), live, speed)
+    after_loads = placement.gpu_loads(weight)
+    if args.dispatch == "nearest" and args.nodes > 1:  # as SGLang's rule will realise it
+        after_loads = realised_gpu_loads(weight, placement.phy2log, args.gpus, args.nodes,
+                                         active_gpus=placement.active_gpus)
+    _, after, after_worst = layer_balance(after_loads, live, speed)
     policy = placement.policy
     ceil = ceiling(weight, args.replicas, args.gpus, args.nodes, args.groups, policy,
                    active=placement.active_gpus, speed=speed is not None)
@@ -150,6 +158,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "model_layers": model_layers,
         "topology": placement.topology.as_dict(),
         "policy": policy,
+        "dispatch": args.dispatch,
         "plan_seconds": seconds,
         "balancedness_before": before,
         "balancedness_after": after,
@@ -165,7 +174,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     rows = [
         ["no rebalancing (before)", before, before_worst],
-        [f"eplb {policy} (after)", after, after_worst],
+        [f"eplb {policy} (after{', nearest rule' if args.dispatch == 'nearest' else ''})",
+         after, after_worst],
         ["ceiling (best possible)", ceil.overall, ceil.worst],
     ]
     print_table(
@@ -211,6 +221,39 @@ def _eval_policy(placement, meta: dict, args: argparse.Namespace):
     return hier
 
 
+def _routing(args: argparse.Namespace) -> torch.Tensor | None:
+    if args.routing is None:
+        if args.routing_key is not None:
+            raise CliError("--routing-key needs --routing FILE")
+        return None
+    key = None if args.routing_key is None else args.routing_key.split(",")
+    return read_routing(existing_file(args.routing, "routing trace"), key=key)
+
+
+def _dispatch_options(args: argparse.Namespace, weight: torch.Tensor) -> dict:
+    """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``."""
+    nearest_only = {"--fair": args.fair != "auto", "--slack": args.slack != 0.03,
+                    "--routing": args.routing is not None,
+                    "--policy locality": args.policy == "locality"}
+    if args.dispatch != "nearest":
+        given = [flag for flag, on in nearest_only.items() if on]
+        if given:
+            raise CliError(f"{', '.join(given)} describe SGLang's nearest dispatch: add "
+                           "--dispatch nearest")
+        return {}
+    if args.nodes <= 1:
+        warn("--dispatch nearest with one node: every replica is on the token's node, so "
+             "the plan is the even-split one")
+    options = {"dispatch": "nearest", "fair": args.fair, "slack": args.slack}
+    routing = _routing(args)
+    if routing is not None:
+        if routing.shape[1] != weight.shape[0]:
+            raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the loads "
+                           f"{weight.shape[0]}")
+        options["routing"] = routing
+    return options
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
 
     placement, meta = read_placement_meta(
@@ -228,6 +271,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     live = placement.live_gpus()
     before_layer, before, before_worst = layer_balance(static_gpu_loads(weight, topo.num_gpus))
     after_loads = placement.gpu_loads(weight)
+    nearest = None
+    if args.dispatch == "nearest":
+        nearest = _nearest_scores(args, placement, weight)
+        after_loads = nearest.pop("gpu_loads")
     after_layer, after, after_worst = layer_balance(after_loads, live)
     ceil = ceiling(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
                    placement.policy, active=placement.active_gpus)
@@ -257,8 +304,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "balancedness_ceiling": ceil.overall,
         "worst_max_over_mean_before": before_worst,
         "worst_max_over_mean_after": after_worst,
+        "dispatch": args.dispatch,
         "layers": per_layer,
     }
+    if nearest is not None:
+        result.update(nearest)
     if args.json:
         print_json(result)
         return 0
@@ -279,5 +329,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if ceil.note and ceil.overall is None:
         info(f"({ceil.note})")
+    if nearest is not None:
+        rows = [["balancedness, even split (vLLM)", nearest["balancedness_even_split"]],
+                ["balancedness, nearest rule (SGLang)", after]]
+        if "remote_nodes_per_token" in nearest:
+            rows.append(["remote nodes per token (routing trace)",
+                         nearest["remote_nodes_per_token"]])
+        print_table("under SGLang's nearest dispatch (tokens arising evenly on the GPUs)",
+                    ["", "value"], rows)
     return 0
+
+
+def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor) -> dict:
+    """Realised GPU loads under the nearest rule, and remote nodes per token."""
+    topo = placement.topology
+    if topo.num_nodes <= 1:
+        raise CliError("--dispatch nearest needs the node count: give --nodes N (N > 1)")
+    active = placement.active_gpus
+    loads = realised_gpu_loads(weight, placement.phy2log, topo.num_gpus, topo.num_nodes,
+                               active_gpus=active)
+    out = {"gpu_loads": loads,
+           "balancedness_even_split": placement.balancedness(weight)}
+    routing = _routing(args)
+    if routing is not None:
+        if routing.shape[1] != placement.num_layers:
+            raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the "
+                           f"placement {placement.num_layers}")
+        if int(routing.max()) >= placement.num_experts:
+            raise CliError(f"--routing {args.routing} names experts beyond the placement's "
+                           f"{placement.num_experts}")
+        remote = remote_nodes_per_token(placement.phy2log, routing, placement.num_experts,
+                                        topo.num_gpus, topo.num_nodes)
+        out["remote_nodes_per_token"] = float(remote.mean())
+    return out
 

@@ -170,23 +170,51 @@ def as_live_mask(active_gpus: object, num_gpus: int, device: torch.device) -> to
     return tensor
 
 
-def as_gpu_speed(gpu_speed: object, num_gpus: int, device: torch.device) -> torch.Tensor:
-    """``[P]`` float64 relative GPU speeds, each finite and > 0."""
+def as_gpu_speed(
+    gpu_speed: object,
+    num_gpus: int,
+    device: torch.device,
+    *,
+    name: str = "gpu_speed",
+    allow_zero: bool = False,
+) -> torch.Tensor:
+    """``[P]`` float64 per-GPU values (speeds: each finite and > 0; with ``allow_zero``,
+    e.g. token sources: >= 0 and not all zero)."""
     try:
         tensor = torch.as_tensor(gpu_speed, device=device)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"gpu_speed must be a sequence of {num_gpus} numbers: {exc}") from None
+        raise TypeError(f"{name} must be a sequence of {num_gpus} numbers: {exc}") from None
     if tensor.shape != (num_gpus,):
         raise ValueError(
-            f"gpu_speed must have shape [{num_gpus}] (one per GPU); got {tuple(tensor.shape)}"
+            f"{name} must have shape [{num_gpus}] (one per GPU); got {tuple(tensor.shape)}"
         )
     if tensor.is_complex() or tensor.dtype == torch.bool:
-        raise TypeError(f"gpu_speed has dtype {tensor.dtype}; expected real numbers")
+        raise TypeError(f"{name} has dtype {tensor.dtype}; expected real numbers")
     tensor = tensor.to(torch.float64)
-    bad = ~torch.isfinite(tensor) | (tensor <= 0)
+    bad = ~torch.isfinite(tensor) | ((tensor < 0) if allow_zero else (tensor <= 0))
     if bool(bad.any()):
         gpu = int(bad.nonzero()[0])
-        raise ValueError(f"gpu_speed[{gpu}] is {float(tensor[gpu])}; must be finite and > 0")
+        rule = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}[{gpu}] is {float(tensor[gpu])}; must be finite and {rule}")
+    if allow_zero and not bool((tensor > 0).any()):
+        raise ValueError(f"{name} is all zero")
+    return tensor
+
+
+def as_routing(routing: object, num_layers: int, num_experts: int) -> torch.Tensor:
+    """``[T, L, k]`` int64 top-k expert ids of recorded tokens, each in ``[0, E)``."""
+    tensor = torch.as_tensor(routing) if not isinstance(routing, torch.Tensor) else routing
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"routing must hold integer expert ids, got {tensor.dtype}")
+    if tensor.dim() != 3 or tensor.shape[1] != num_layers or 0 in tensor.shape:
+        raise ValueError(
+            f"routing must have shape [tokens, {num_layers} layers, top-k]; got "
+            f"{tuple(tensor.shape)}"
+        )
+    tensor = tensor.detach().cpu().to(torch.int64)
+    lo, hi = (int(x) for x in torch.aminmax(tensor))
+    if lo < 0 or hi >= num_experts:
+        raise ValueError(f"routing holds expert ids in [{lo}, {hi}], outside [0, {num_experts})")
     return tensor
 
 

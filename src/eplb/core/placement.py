@@ -264,7 +264,7 @@ def _validate(p: Placement, anti_affinity: bool, tables: bool = True) -> None:
             f"layer/expert dimensions disagree: phy2log {tuple(p.phy2log.shape)}, "
             f"log2phy {tuple(p.log2phy.shape)}, logcnt {tuple(p.logcnt.shape)}"
         )
-    if p.policy not in ("global", "hierarchical"):
+    if p.policy not in ("global", "hierarchical", "locality"):
         _fail(f"unknown policy {p.policy!r}")
 
     live_gpu = p.live_gpus()

@@ -20,9 +20,12 @@ import dataclasses
 
 import torch
 
+from eplb.core.dispatch import check_dispatch
+from eplb.core.dispatch_plan import FAIR_MODES, plan_nearest_global
 from eplb.core.inputs import (
     as_gpu_speed,
     as_live_mask,
+    as_routing,
     as_weight,
     scale_rows_to_unit,
     uniform_where_empty,
@@ -72,6 +75,11 @@ def make_request(
     options: PlanOptions | None = None,
     active_gpus: object = None,
     gpu_speed: object = None,
+    dispatch: str = "even",
+    fair: str = "auto",
+    source: object = None,
+    routing: object = None,
+    slack: float = 0.03,
     stacklevel: int = 4,
 ) -> PlanRequest:
     """Check every planning argument and build the :class:`PlanRequest` (see
@@ -100,6 +108,25 @@ def make_request(
         if bool(live.all()):
             live = None
     speed = None if gpu_speed is None else as_gpu_speed(gpu_speed, topology.num_gpus, w.device)
+    dispatch = check_dispatch(dispatch)
+    nearest_options = (fair != "auto", source is not None, routing is not None)
+    if dispatch != "nearest" and (any(nearest_options) or policy == "locality"):
+        raise ValueError(
+            "fair, source, routing and the locality policy describe SGLang's nearest "
+            "dispatch: pass dispatch='nearest'"
+        )
+    if fair not in FAIR_MODES:
+        raise ValueError(f"fair must be one of {', '.join(FAIR_MODES)}, got {fair!r}")
+    if dispatch == "nearest" and speed is not None:
+        raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
+    if isinstance(slack, bool) or not isinstance(slack, (int, float)) or not slack >= 0:
+        raise ValueError(f"slack must be a number >= 0, got {slack!r}")
+    src = None
+    if source is not None:
+        src = as_gpu_speed(source, topology.num_gpus, w.device, name="source", allow_zero=True)
+    ids = None
+    if routing is not None:
+        ids = as_routing(routing, w.shape[0], num_experts)
     chosen = resolve_policy(
         policy,
         topology,
@@ -109,7 +136,8 @@ def make_request(
         stacklevel=stacklevel,
     )
     planning = scale_rows_to_unit(uniform_where_empty(w))
-    return PlanRequest(planning, topology, chosen, opts, seed, live, speed)
+    return PlanRequest(planning, topology, chosen, opts, seed, live, speed, dispatch, fair,
+                       src, ids, float(slack))
 
 
 def _plan_live(request: PlanRequest) -> torch.Tensor:
@@ -129,7 +157,19 @@ def _plan_live(request: PlanRequest) -> torch.Tensor:
 
 def plan_fresh(request: PlanRequest) -> Placement:
     """Plan ``request`` from scratch; returns a validated :class:`Placement`."""
-    if request.active_gpus is not None:
+    topology = request.topology
+    if request.dispatch == "nearest" and topology.num_nodes > 1 and request.policy == "global":
+        # the max GPU load as SGLang's nearest rule will realise it, dead GPUs included
+        phy2log = plan_nearest_global(
+            request.weight,
+            topology,
+            request.options,
+            request.generator(),
+            request.active_gpus,
+            request.source,
+            request.fair,
+        )
+    elif request.active_gpus is not None:
         phy2log = _plan_live(request)
     else:
         phy2log = POLICIES[request.policy]().place(request)

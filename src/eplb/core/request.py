@@ -31,6 +31,15 @@ class PlanRequest:
         seed: seed of the randomised packing starts.
         active_gpus: ``[P]`` bool live GPUs, or ``None`` when every GPU is live.
         gpu_speed: ``[P]`` float64 relative speeds, or ``None`` for equal GPUs.
+        dispatch: how the engine sends an expert's tokens to its replicas: ``"even"``
+            (vLLM: a token hash picks a replica) or ``"nearest"`` (SGLang's static rule:
+            same GPU, else same node, else a fixed fair choice; :mod:`eplb.core.dispatch`).
+        fair: under ``"nearest"``: ``"auto"``, ``"avoid"`` or ``"expect"`` (see
+            :func:`eplb.core.dispatch_plan.plan_nearest_global`).
+        source: ``[P]`` where tokens arise under ``"nearest"`` (``None``: evenly).
+        routing: ``[T, L, k]`` top-k expert ids of recorded tokens, for the locality
+            policy's co-selection statistics (``None``: estimated from loads and groups).
+        slack: the locality policy's knob: node load allowed above the mean node load.
     """
 
     weight: torch.Tensor
@@ -40,6 +49,11 @@ class PlanRequest:
     seed: int = 0
     active_gpus: torch.Tensor | None = None
     gpu_speed: torch.Tensor | None = None
+    dispatch: str = "even"
+    fair: str = "auto"
+    source: torch.Tensor | None = None
+    routing: torch.Tensor | None = None
+    slack: float = 0.03
 
     @property
     def num_layers(self) -> int:

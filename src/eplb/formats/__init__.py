@@ -12,7 +12,7 @@ from eplb.core.trace import LoadTrace
 from eplb.formats.detect import FORMATS, detect_format
 from eplb.formats.errors import FormatError
 from eplb.formats.placements import EMITS, read_placement, read_placement_meta, write_placement
-from eplb.formats.readers import read_loads
+from eplb.formats.readers import read_loads, read_routing
 from eplb.formats.trace_writer import TRACE_EMITS, write_loads
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "read_loads",
     "read_placement",
     "read_placement_meta",
+    "read_routing",
     "write_loads",
     "write_placement",
 ]

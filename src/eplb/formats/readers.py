@@ -578,3 +578,29 @@ def _is_number(cell: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def read_routing(
+    path: str | PathLike[str], key: str | Sequence[str] | None = None
+) -> torch.Tensor:
+    """``[T, L, k]`` int64 top-k expert ids of recorded tokens from a routing trace (the
+    arrays of a multi-array file picked by ``key``, one after another along the tokens).
+
+    Raises :class:`FormatError` for a file that holds no integer ``[T, L, k]`` ids.
+    """
+    path = Path(path)
+    require_regular_file(path)
+    keys = [key] if isinstance(key, str) else (list(key) if key is not None else None)
+    segments = _topk_segments(path, keys)
+    parts = []
+    for name, ids in segments:
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 3 or ids.is_floating_point() or ids.dtype == torch.bool:
+            raise FormatError(
+                path, f"array {name!r} has shape {tuple(ids.shape)} and dtype {ids.dtype}; "
+                "a routing trace holds integer top-k ids [tokens, layers, k]"
+            )
+        parts.append(ids.to(torch.int64))
+    if len({tuple(p.shape[1:]) for p in parts}) > 1:
+        raise FormatError(path, "the chosen arrays disagree on [layers, k]")
+    return torch.cat(parts)

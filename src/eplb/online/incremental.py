@@ -40,6 +40,7 @@ from eplb.core.planner import plan_fresh
 from eplb.core.request import PlanRequest
 from eplb.online import moves
 from eplb.online.align import align_to_previous
+from eplb.online.nearest import plan_nearest_incremental
 
 # a node whose busiest GPU is this close to the layer's busiest can set the layer's time
 _CRITICAL_NODE = 0.98
@@ -285,6 +286,8 @@ def plan_incremental(
     options = request.options.incremental
     topo = request.topology
     old = _previous_phy2log(previous, request)
+    if request.dispatch == "nearest" and topo.num_nodes > 1:
+        return _plan_nearest(request, old, max_moves, skip_threshold)
     weight = request.weight.detach().cpu().to(torch.float64).numpy()
     base = _forced(request, old)
     quota = max(2, round(options.quota * topo.num_replicas))
@@ -378,6 +381,60 @@ def _better_split(request: PlanRequest, base: np.ndarray) -> np.ndarray:
     now = mean / bounds[np.arange(len(current)), current]
     best = mean / bounds.min(1)
     return best - now > request.options.incremental.move_price / 10
+
+
+def _plan_nearest(
+    request: PlanRequest, old: np.ndarray, max_moves: object, skip_threshold: float | None
+) -> Placement:
+    """Incremental planning under SGLang's nearest dispatch (:mod:`eplb.online.nearest`).
+
+    The global policy with every GPU live has a budgeted planner; the locality policy and
+    dead GPUs get a fresh dispatch-aware plan relabelled onto the old GPUs (no budget)."""
+    topo = request.topology
+    if skip_threshold is not None:
+        raise ValueError("skip_threshold is not supported with dispatch='nearest'")
+    even = dataclasses.replace(request, dispatch="even", fair="auto", source=None)
+    if request.policy != "global" or request.active_gpus is not None:
+        if max_moves is not None:
+            raise ValueError(
+                "max_moves with dispatch='nearest' is supported for the global policy with "
+                "every GPU live; here eplb re-plans and relabels onto the old GPUs"
+            )
+        fresh = plan_fresh(request).phy2log.cpu()
+        live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
+        out = fresh.clone()
+        aligned = align_to_previous(
+            fresh[:, live_slot], torch.from_numpy(np.where(live_slot[None], old, -1)[:, live_slot]),
+            int(request.live.sum()), topo.gpus_per_node if request.active_gpus is None else None,
+        )
+        out[:, torch.from_numpy(live_slot)] = aligned
+        placement = Placement.from_phy2log(out.to(request.weight.device), request.num_experts,
+                                           topo, request.policy, request.active_gpus)
+        return validate_planned(placement)
+    base = torch.from_numpy(_forced(even, old))
+    budget = None
+    if max_moves is not None:
+        layers = request.num_layers
+        if isinstance(max_moves, (int, np.integer)) and not isinstance(max_moves, bool):
+            if max_moves < 0:
+                raise ValueError(f"max_moves must be >= 0 (slots in total), got {max_moves}")
+            budget = torch.full((layers,), int(max_moves) // layers, dtype=torch.int64)
+        else:
+            budget = torch.as_tensor(np.asarray(max_moves))
+            if budget.shape != (layers,) or budget.is_floating_point() or bool((budget < 0).any()):
+                raise ValueError(
+                    f"max_moves must be a non-negative int (slots in total) or {layers} "
+                    f"non-negative ints (slots per layer); got {max_moves!r}"
+                )
+
+    def warm_even(start: torch.Tensor, layer_budget: torch.Tensor | None) -> torch.Tensor:
+        planned = plan_incremental(even, start, max_moves=layer_budget)
+        return planned.phy2log.cpu()
+
+    out = plan_nearest_incremental(request, base, budget, warm_even)
+    placement = Placement.from_phy2log(out.to(request.weight.device), request.num_experts,
+                                       topo, request.policy, request.active_gpus)
+    return validate_planned(placement)
 
 
 def _live_only(candidates: np.ndarray, live_gpus: np.ndarray, topo) -> np.ndarray:

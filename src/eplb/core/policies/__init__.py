@@ -3,6 +3,9 @@
 - ``"global"`` (:class:`GlobalPolicy`): all replicas onto all GPUs.
 - ``"hierarchical"`` (:class:`HierarchicalPolicy`, DeepSeek's): groups → nodes, then
   replicate and pack inside every node; every replica of a group stays on its node.
+- ``"locality"`` (:class:`LocalityPolicy`, for SGLang's nearest dispatch): hot experts on
+  every node, the others on their group's node unless moving them lowers cross-node
+  traffic within a node-load ``slack``: the curve between the other two.
 
 :func:`resolve_policy` turns ``"auto"`` into one of them. It is the only resolver: the
 planner, the reference greedy (``rule="deepseek"``) and the CLI all call it.
@@ -15,6 +18,7 @@ import warnings
 from eplb.core.policies.base import PlacementPolicy, plan_rows
 from eplb.core.policies.global_policy import GlobalPolicy
 from eplb.core.policies.hierarchical import HierarchicalPolicy
+from eplb.core.policies.locality_policy import LocalityPolicy
 from eplb.core.topology import Topology
 
 __all__ = [
@@ -22,6 +26,7 @@ __all__ = [
     "POLICY_NAMES",
     "GlobalPolicy",
     "HierarchicalPolicy",
+    "LocalityPolicy",
     "PlacementPolicy",
     "plan_rows",
     "resolve_policy",
@@ -31,6 +36,7 @@ __all__ = [
 POLICIES: dict[str, type[PlacementPolicy]] = {
     GlobalPolicy.name: GlobalPolicy,
     HierarchicalPolicy.name: HierarchicalPolicy,
+    LocalityPolicy.name: LocalityPolicy,
 }
 
 #: what ``policy=`` accepts
@@ -62,6 +68,11 @@ def resolve_policy(
     """
     if policy not in POLICY_NAMES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+    if policy == "locality":
+        problems = _locality_problems(topology, num_experts, has_dead_gpus, has_speeds)
+        if problems:
+            raise ValueError("the locality policy is impossible: " + "; ".join(problems))
+        return policy
     if policy not in ("auto", "hierarchical"):
         return policy
     nodes, groups = topology.num_nodes, topology.num_groups
@@ -93,3 +104,23 @@ def resolve_policy(
         stacklevel=stacklevel,
     )
     return "global"
+
+
+def _locality_problems(
+    topology: Topology, num_experts: int, has_dead_gpus: bool, has_speeds: bool
+) -> list[str]:
+    nodes, groups = topology.num_nodes, topology.num_groups
+    problems = []
+    if nodes <= 1:
+        problems.append("it needs num_nodes > 1")
+    if topology.num_gpus % nodes:
+        problems.append(f"num_gpus ({topology.num_gpus}) is not a multiple of num_nodes ({nodes})")
+    if num_experts % groups:
+        problems.append(f"num_experts ({num_experts}) is not a multiple of num_groups ({groups})")
+    if groups > 1 and groups % nodes:
+        problems.append(f"num_groups ({groups}) is not a multiple of num_nodes ({nodes})")
+    if has_dead_gpus:
+        problems.append("dead GPUs are not supported by the locality policy yet")
+    if has_speeds:
+        problems.append("GPU speeds are not supported by the locality policy")
+    return problems

@@ -1,0 +1,392 @@
+"""How an engine sends each token to one replica, and what that does to loads and traffic.
+
+A placement only fixes where replicas live; the engine's dispatch rule decides which
+replica serves a token. Two rules are modelled, both vectorized over layers:
+
+- ``"even"`` (vLLM 0.33; also SGLang 0.5.23 without an all-to-all backend, whose
+  default ``dynamic`` dispatch then picks replica ``token_row mod c`` among all of
+  them): every replica of expert ``e`` carries ``w_e / c_e`` and a token from any GPU
+  reaches each replica with probability ``1 / c_e``. :meth:`eplb.Placement.gpu_loads`
+  scores this rule.
+- ``"nearest"`` (SGLang 0.5.23 with an all-to-all backend such as DeepEP, where
+  ``arg_groups/parallel_hook.py`` makes ``static`` the default once EPLB or an
+  ``--init-expert-location`` is used: the table of
+  ``expert_location.compute_logical_to_rank_dispatch_physical_map``, same-node
+  preference on, i.e. no elastic "scale" join). A token of expert ``e`` that arises on
+  GPU ``r`` goes to
+
+  1. the expert's only replica when ``c_e == 1``;
+  2. else the *first* (lowest slot id) replica on GPU ``r``, if any;
+  3. else the *first* replica on ``r``'s node, if the node holds some but not all of the
+     expert's replicas (SGLang applies the node rule only when it narrows the choice);
+  4. else a "fair choice" among all ``c_e`` replicas.
+
+  The fair choice is SGLang's ``_fair_choices``: the ``k`` ranks left for the expert get
+  ``arr * (k // c) + random.Random(seed).sample(arr, k % c)``, shuffled, with one
+  ``random.Random(42)`` consumed over (layer, expert) in order. It is a *seeded* pseudo-
+  random choice, not a rank rule. This module models it by its expectation: every
+  remaining rank reaches each replica with probability ``1 / c_e``. On SGLang's own
+  planning path all ranks share one stream, so each replica gets the floor or ceiling of
+  its share of the remaining ranks (exact whenever ``c_e`` divides them); on the
+  ``--init-expert-location`` map path every rank draws from its own point of the stream
+  and the realised split can stray far (``eplb.tools.sglang_dispatch``). SGLang's
+  ``dynamic`` dispatch with an all-to-all backend applies the same tiers 1-3 and draws
+  the fair choice per token, so this expectation is its mean load. Tests run SGLang's
+  real function and check tiers 1-3 slot for slot and the fair tier's counts; planners
+  can avoid the fair tier altogether (``eplb.core.dispatch_plan``, ``fair="avoid"``).
+
+Tokens arise on the live GPUs in proportion to ``source [P]`` (default: evenly, as with
+DP attention). Loads are *expected* routed-token counts per GPU ``[L, P]``.
+
+Traffic: DeepEP's normal (prefill) mode sends a token once to every remote node that
+serves one of its experts, so the cost is the expected number of *distinct remote
+nodes per token*. It is computed exactly (under the model) from a per-token trace of
+top-k ids ``[T, L, k]``, or estimated from pairwise co-activation counts ``[L, E, E]``
+when no trace is kept (:func:`remote_nodes_from_coactivation`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+DISPATCH_RULES = ("even", "nearest")
+
+
+def check_dispatch(dispatch: str) -> str:
+    """``dispatch`` if it names a modelled rule, else ``ValueError``."""
+    if dispatch not in DISPATCH_RULES:
+        raise ValueError(f"unknown dispatch {dispatch!r}; choose one of {DISPATCH_RULES}")
+    return dispatch
+
+
+def _check_shape(phy2log: torch.Tensor, num_gpus: int, num_nodes: int) -> tuple[int, int]:
+    if not isinstance(phy2log, torch.Tensor) or phy2log.dim() != 2:
+        raise ValueError("phy2log must be an integer tensor [L, R]")
+    if phy2log.is_floating_point():
+        raise TypeError(f"phy2log must hold integer expert ids, got {phy2log.dtype}")
+    num_slots = phy2log.shape[1]
+    if num_gpus < 1 or num_slots % num_gpus:
+        raise ValueError(f"R = {num_slots} slots do not split over {num_gpus} GPUs")
+    if num_nodes < 1 or num_gpus % num_nodes:
+        raise ValueError(f"{num_gpus} GPUs do not split over {num_nodes} nodes")
+    return num_slots // num_gpus, num_gpus // num_nodes
+
+
+def source_distribution(
+    num_gpus: int,
+    active_gpus: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """``[P]`` float64 share of tokens arising on each GPU, summing to 1.
+
+    ``source`` (non-negative, any scale) is taken as given, zeroed on dead GPUs; the
+    default spreads tokens evenly over the live GPUs (``active_gpus [P]`` bool).
+    """
+    if source is None:
+        src = torch.ones(num_gpus, dtype=torch.float64, device=device)
+    else:
+        src = torch.as_tensor(source, dtype=torch.float64, device=device).flatten()
+        if src.shape != (num_gpus,) or bool((src < 0).any()) or not bool(src.isfinite().all()):
+            raise ValueError(f"source must be {num_gpus} finite non-negative numbers")
+    if active_gpus is not None:
+        live = torch.as_tensor(active_gpus, dtype=torch.bool, device=device).flatten()
+        if live.shape != (num_gpus,):
+            raise ValueError(f"active_gpus must have shape [{num_gpus}]")
+        src = torch.where(live, src, torch.zeros_like(src))
+    total = float(src.sum())
+    if total <= 0:
+        raise ValueError("no tokens arise anywhere: source is zero on every live GPU")
+    return src / total
+
+
+def dispatch_fractions(
+    phy2log: torch.Tensor, num_gpus: int, num_nodes: int = 1, dispatch: str = "nearest"
+) -> torch.Tensor:
+    """``[L, P, R]`` expected share of source GPU ``r``'s tokens of expert ``phy2log[l, s]``
+    that slot ``s`` serves (rows over one expert's slots sum to 1; ``-1`` slots get 0).
+
+    ``dispatch="nearest"`` follows SGLang's tiers (module docstring) with the fair choice
+    in expectation; ``"even"`` gives ``1 / c_e`` everywhere.
+    """
+    check_dispatch(dispatch)
+    slots_per_gpu, gpus_per_node = _check_shape(phy2log, num_gpus, num_nodes)
+    num_layers, num_slots = phy2log.shape
+    device = phy2log.device
+    phy = phy2log.to(torch.int64)
+    width = int(phy.max()) + 2 if phy.numel() else 1  # experts + a sentinel for -1
+    expert = torch.where(phy >= 0, phy, width - 1)  # [L, R]
+    live = (phy >= 0)[:, None, :]  # [L, 1, R]
+    ones = torch.ones_like(expert)
+    count = torch.zeros(num_layers, width, dtype=torch.int64, device=device)
+    count.scatter_add_(1, expert, ones)
+    c = count.gather(1, expert)[:, None, :].to(torch.float64)  # [L, 1, R] replicas of e(s)
+    fair = torch.where(live, 1.0 / c.clamp(min=1), torch.zeros_like(c))
+    if dispatch == "even":
+        return fair.expand(num_layers, num_gpus, num_slots).contiguous()
+
+    slot = torch.arange(num_slots, device=device)
+    gpu_of_slot = slot // slots_per_gpu
+    node_of_slot = gpu_of_slot // gpus_per_node
+    node_of_gpu = torch.arange(num_gpus, device=device) // gpus_per_node
+
+    def tally(unit_of_slot: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replica count and first slot per (layer, unit, expert): ``[L, units, width]``."""
+        index = unit_of_slot[None] * width + expert  # [L, R]
+        cnt = torch.zeros(num_layers, units * width, dtype=torch.int64, device=device)
+        cnt.scatter_add_(1, index, ones)
+        first = torch.full((num_layers, units * width), num_slots, dtype=torch.int64,
+                           device=device)
+        first.scatter_reduce_(1, index, slot.expand(num_layers, -1), reduce="amin")
+        return cnt.view(num_layers, units, width), first.view(num_layers, units, width)
+
+    gpu_cnt, gpu_first = tally(gpu_of_slot, num_gpus)
+    node_cnt, node_first = tally(node_of_slot, num_nodes)
+    # per (layer, source GPU r, slot s): the tier that decides r's tokens of e(s)
+    idx = expert[:, None, :].expand(num_layers, num_gpus, num_slots)
+    on_gpu = gpu_cnt.gather(2, idx) > 0
+    first_gpu = gpu_first.gather(2, idx)
+    node_cnt_r = node_cnt[:, node_of_gpu].gather(2, idx)  # replicas on r's node
+    first_node = node_first[:, node_of_gpu].gather(2, idx)
+    on_node = ~on_gpu & (node_cnt_r > 0) & (node_cnt_r < c) & (c > 1)
+    frac = torch.where(on_gpu, (first_gpu == slot).to(torch.float64), fair)
+    frac = torch.where(on_node, (first_node == slot).to(torch.float64), frac)
+    return torch.where(live, frac, torch.zeros_like(frac))
+
+
+def realised_slot_loads(
+    weight: torch.Tensor,
+    phy2log: torch.Tensor,
+    num_gpus: int,
+    num_nodes: int = 1,
+    dispatch: str = "nearest",
+    source: torch.Tensor | None = None,
+    active_gpus: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[L, R]`` expected tokens each slot serves: ``weight [L, E]`` routed through the rule,
+    tokens arising as :func:`source_distribution` says."""
+    w = torch.as_tensor(weight).to(torch.float64)
+    if w.dim() != 2 or w.shape[0] != phy2log.shape[0]:
+        raise ValueError(f"weight must be [L, E] with L = {phy2log.shape[0]}, got {tuple(w.shape)}")
+    if int(phy2log.max()) >= w.shape[1]:
+        raise ValueError(f"phy2log holds expert ids >= E = {w.shape[1]}")
+    w = w.to(phy2log.device)
+    src = source_distribution(num_gpus, active_gpus, source, phy2log.device)
+    frac = dispatch_fractions(phy2log, num_gpus, num_nodes, dispatch)  # [L, P, R]
+    share = torch.einsum("lpr,p->lr", frac, src)
+    expert_load = w.gather(1, phy2log.clamp(min=0).to(torch.int64))
+    return torch.where(phy2log >= 0, expert_load * share, torch.zeros_like(share))
+
+
+def realised_gpu_loads(
+    weight: torch.Tensor,
+    phy2log: torch.Tensor,
+    num_gpus: int,
+    num_nodes: int = 1,
+    dispatch: str = "nearest",
+    source: torch.Tensor | None = None,
+    active_gpus: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[L, P]`` expected tokens per GPU under the dispatch rule (see
+    :func:`realised_slot_loads`); ``dispatch="even"`` equals ``Placement.gpu_loads``."""
+    loads = realised_slot_loads(weight, phy2log, num_gpus, num_nodes, dispatch, source,
+                                active_gpus)
+    return loads.view(loads.shape[0], num_gpus, -1).sum(2)
+
+
+def layer_balancedness(gpu_loads: torch.Tensor, active_gpus: torch.Tensor | None = None
+                       ) -> torch.Tensor:
+    """``[L]`` mean / max live-GPU load of ``gpu_loads [L, P]`` (1.0 for an empty layer)."""
+    loads = gpu_loads if active_gpus is None else gpu_loads[:, active_gpus.bool()]
+    mean, peak = loads.mean(1), loads.amax(1)
+    return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(mean))
+
+
+def balancedness(gpu_loads: torch.Tensor, active_gpus: torch.Tensor | None = None) -> float:
+    """Σ_l mean live-GPU load / Σ_l max live-GPU load of ``gpu_loads [L, P]`` (1.0 perfect)."""
+    loads = gpu_loads if active_gpus is None else gpu_loads[:, active_gpus.bool()]
+    peak = float(loads.amax(1).sum())
+    return float(loads.mean(1).sum()) / peak if peak > 0 else 1.0
+
+
+def table_gpu_loads(
+    weight: torch.Tensor,
+    table: torch.Tensor,
+    num_gpus: int,
+    num_slots: int,
+    source: torch.Tensor | None = None,
+    active_gpus: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[L, P]`` loads an engine's per-rank dispatch table realises.
+
+    ``table [P, L, E]``: the physical slot source rank ``r`` sends expert ``e`` to (e.g.
+    SGLang's ``logical_to_rank_dispatch_physical_map`` of every rank, stacked).
+    """
+    w = torch.as_tensor(weight).to(torch.float64)
+    ranks, num_layers, num_experts = table.shape
+    if ranks != num_gpus or w.shape != (num_layers, num_experts):
+        raise ValueError(f"table {tuple(table.shape)} does not match weight {tuple(w.shape)}")
+    src = source_distribution(num_gpus, active_gpus, source, w.device)
+    slot_load = torch.zeros(num_layers, num_slots, dtype=torch.float64, device=w.device)
+    part = (src[:, None, None] * w[None]).permute(1, 0, 2).reshape(num_layers, -1)
+    slot_load.scatter_add_(1, table.to(torch.int64).permute(1, 0, 2).reshape(num_layers, -1),
+                           part)
+    return slot_load.view(num_layers, num_gpus, -1).sum(2)
+
+
+def node_hit_probs(
+    phy2log: torch.Tensor,
+    num_experts: int,
+    num_gpus: int,
+    num_nodes: int,
+    dispatch: str = "nearest",
+) -> torch.Tensor:
+    """``[L, P, E, N]`` probability that a token of expert ``e`` from source GPU ``r`` is
+    served on node ``m`` (sums to 1 over ``m`` for every placed expert)."""
+    slots_per_gpu, gpus_per_node = _check_shape(phy2log, num_gpus, num_nodes)
+    num_layers, num_slots = phy2log.shape
+    frac = dispatch_fractions(phy2log, num_gpus, num_nodes, dispatch)  # [L, P, R]
+    node_of_slot = torch.arange(num_slots, device=phy2log.device) // (
+        slots_per_gpu * gpus_per_node)
+    expert = torch.where(phy2log >= 0, phy2log, num_experts).to(torch.int64)
+    index = (expert * num_nodes + node_of_slot)[:, None, :].expand(-1, num_gpus, -1)
+    hits = torch.zeros(num_layers, num_gpus, (num_experts + 1) * num_nodes,
+                       dtype=torch.float64, device=phy2log.device)
+    hits.scatter_add_(2, index, frac)
+    return hits.view(num_layers, num_gpus, num_experts + 1, num_nodes)[:, :, :num_experts]
+
+
+def _check_ids(ids: torch.Tensor, num_layers: int, num_experts: int) -> torch.Tensor:
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 3 or ids.shape[1] != num_layers or ids.is_floating_point():
+        raise ValueError(f"ids must be integer top-k ids [T, {num_layers}, k], "
+                         f"got {ids.dtype} {tuple(ids.shape)}")
+    ids = ids.to(torch.int64)
+    if ids.numel() and (int(ids.max()) >= num_experts or int(ids.min()) < 0):
+        raise ValueError(f"ids must lie in [0, {num_experts})")
+    return ids
+
+
+def remote_nodes_per_token(
+    phy2log: torch.Tensor,
+    ids: torch.Tensor,
+    num_experts: int,
+    num_gpus: int,
+    num_nodes: int,
+    dispatch: str = "nearest",
+    sources: torch.Tensor | None = None,
+    source: torch.Tensor | None = None,
+    active_gpus: torch.Tensor | None = None,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """``[L]`` expected distinct remote nodes a token reaches per MoE layer.
+
+    Args:
+        phy2log: ``[L, R]`` placement; ids: ``[T, L, k]`` top-k expert ids per token.
+        sources: ``[T]`` source GPU of every token; ``None`` averages every token over the
+            source GPUs, weighted by :func:`source_distribution` (``source``,
+            ``active_gpus``).
+        chunk: tokens per step (memory ``chunk · L · k · N`` floats).
+
+    Per token and source GPU ``r`` the count is ``Σ_{m ≠ node(r)} 1 − Π_j (1 − h_jm)``
+    with ``h_jm`` the probability that expert ``j``'s token is served on node ``m``
+    (choices of different experts independent, as the fair choice is).
+    """
+    num_layers = phy2log.shape[0]
+    ids = _check_ids(ids, num_layers, num_experts)
+    hits = node_hit_probs(phy2log, num_experts, num_gpus, num_nodes, dispatch)  # [L,P,E,N]
+    gpus_per_node = num_gpus // num_nodes
+    layer = torch.arange(num_layers, device=phy2log.device)[None, :, None]
+    node_ids = torch.arange(num_nodes, device=phy2log.device)
+    total = torch.zeros(num_layers, dtype=torch.float64, device=phy2log.device)
+    num_tokens = ids.shape[0]
+    if sources is not None:
+        sources = torch.as_tensor(sources, dtype=torch.int64, device=phy2log.device).flatten()
+        if sources.shape != (num_tokens,) or (num_tokens and (
+                int(sources.min()) < 0 or int(sources.max()) >= num_gpus)):
+            raise ValueError(f"sources must be {num_tokens} GPU ids in [0, {num_gpus})")
+        weights = None
+    else:
+        weights = source_distribution(num_gpus, active_gpus, source, phy2log.device)
+    for start in range(0, num_tokens, chunk):
+        part = ids[start:start + chunk].to(phy2log.device)  # [t, L, k]
+        if sources is not None:
+            gpu = sources[start:start + chunk]
+            h = hits[layer, gpu[:, None, None], part]  # [t, L, k, N]
+            reach = 1 - (1 - h).prod(2)  # [t, L, N]
+            remote = (reach * (node_ids != (gpu // gpus_per_node)[:, None])[:, None]).sum(2)
+            total += remote.sum(0)
+            continue
+        for gpu in weights.nonzero()[:, 0].tolist():
+            h = hits[layer, gpu, part]
+            reach = 1 - (1 - h).prod(2)
+            remote = reach.sum(2) - reach[:, :, gpu // gpus_per_node]
+            total += float(weights[gpu]) * remote.sum(0)
+    return total / max(num_tokens, 1)
+
+
+def coactivation(ids: torch.Tensor, num_experts: int, chunk: int = 2048) -> torch.Tensor:
+    """``[L, E, E]`` float64 pair counts of a top-k trace ``ids [T, L, k]``: entry ``(e, f)``
+    counts tokens that chose both (the diagonal counts tokens that chose ``e``)."""
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 3:
+        raise ValueError(f"ids must be [T, L, k], got {tuple(ids.shape)}")
+    ids = _check_ids(ids, ids.shape[1], num_experts)
+    num_tokens, num_layers, _ = ids.shape
+    pairs = torch.zeros(num_layers, num_experts * num_experts, dtype=torch.float64)
+    for start in range(0, num_tokens, chunk):
+        part = ids[start:start + chunk].transpose(0, 1)  # [L, t, k]
+        flat = (part[:, :, :, None] * num_experts + part[:, :, None, :]).flatten(1)
+        pairs.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+    return pairs.view(num_layers, num_experts, num_experts)
+
+
+def _prob_none(mean: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
+    """P(X = 0) of a count with mean ``mean`` and factorial moment ``E[X(X−1)] = pair``.
+
+    Moment-matched Katz family: ``(1 + μδ)^(−1/δ)`` with ``δ = pair/μ² − 1`` (binomial for
+    δ < 0, Poisson as δ → 0, negative binomial for δ > 0: experts that fire together
+    clump). ``|δ|`` is kept >= 1e-6 (the Poisson limit, to 1e-6 relative) and ``1 + μδ``
+    above 0 (a binomial's support); ``μ = 0`` gives 1.
+    """
+    mu = mean.clamp(min=1e-12)
+    delta = pair / (mu * mu) - 1
+    delta = torch.where(delta.abs() < 1e-6, torch.full_like(delta, 1e-6), delta)
+    p0 = torch.exp(-torch.log1p((mu * delta).clamp(min=-1 + 1e-12)) / delta)
+    return p0.clamp(0, 1)
+
+
+def remote_nodes_from_coactivation(
+    phy2log: torch.Tensor,
+    pairs: torch.Tensor,
+    num_tokens: int,
+    num_gpus: int,
+    num_nodes: int,
+    dispatch: str = "nearest",
+    source: torch.Tensor | None = None,
+    active_gpus: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[L]`` estimated distinct remote nodes per token from pair counts ``[L, E, E]``
+    (:func:`coactivation`) of ``num_tokens`` tokens, without a per-token trace.
+
+    For every source GPU and node, the count ``X`` of a token's experts served there has
+    exact mean and second factorial moment from single and pair counts; ``P(X ≥ 1)`` is
+    then estimated by a moment-matched Katz distribution (:func:`_prob_none`). The error
+    against the per-token formula is measured in ``benchmarks/bench_dispatch.py``.
+    """
+    pairs = torch.as_tensor(pairs, dtype=torch.float64, device=phy2log.device)
+    num_layers, num_experts, _ = pairs.shape
+    if num_tokens <= 0:
+        raise ValueError("num_tokens must be positive")
+    hits = node_hit_probs(phy2log, num_experts, num_gpus, num_nodes, dispatch)  # [L,P,E,N]
+    freq = pairs.diagonal(dim1=1, dim2=2) / num_tokens  # [L, E]
+    off = (pairs - torch.diag_embed(pairs.diagonal(dim1=1, dim2=2))) / num_tokens
+    mean = torch.einsum("le,lpen->lpn", freq, hits)
+    flat = hits.permute(0, 2, 1, 3).reshape(num_layers, num_experts, -1)  # [L, E, P·N]
+    pair = (flat * torch.bmm(off, flat)).sum(1).view(num_layers, num_gpus, num_nodes)
+    reach = 1 - _prob_none(mean, pair)  # [L, P, N]
+    gpus_per_node = num_gpus // num_nodes
+    home = torch.arange(num_gpus, device=phy2log.device) // gpus_per_node
+    remote = reach.sum(2) - reach.gather(2, home[None, :, None].expand(num_layers, -1, 1))[..., 0]
+    weights = source_distribution(num_gpus, active_gpus, source, phy2log.device)
+    return remote @ weights

@@ -1,0 +1,60 @@
+"""Incremental planning for SGLang's nearest dispatch (``dispatch="nearest"``).
+
+Two candidates per layer, the lower *realised* max GPU load within the budget wins, and a
+layer neither improves keeps its placement:
+
+1. the fresh dispatch-aware plan (:func:`eplb.core.dispatch_plan.plan_nearest_global`)
+   relabelled onto the old map, whole nodes first (which keeps every expert's node
+   pattern; it moves most slots);
+2. the even-split incremental plan within most of the budget, then
+   :func:`eplb.core.dispatch_plan.repair_node_pairs` with the moves left, so that experts
+   with three or more replicas end on distinct nodes where the budget allows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from eplb.core.dispatch import realised_gpu_loads
+from eplb.core.dispatch_plan import _WARM_SHARE, plan_nearest_global, repair_node_pairs
+from eplb.core.request import PlanRequest
+from eplb.online.align import align_to_previous
+
+
+def plan_nearest_incremental(
+    request: PlanRequest,
+    previous: torch.Tensor,
+    max_moves: torch.Tensor | None,
+    warm_even: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+) -> torch.Tensor:
+    """``phy2log [L, R]`` re-planned for the nearest rule from ``previous [L, R]`` (all GPUs
+    live), with at most ``max_moves [L]`` changed slots per layer (``None``: no limit).
+    ``warm_even(old, budget)`` is the even-split incremental planner."""
+    weight, topology, options = request.weight, request.topology, request.options
+    fair = request.fair
+    gen = request.generator()
+    old = previous.to(torch.int64)
+    gpus, nodes = topology.num_gpus, topology.num_nodes
+    fresh = plan_nearest_global(weight, topology, options, gen, fair=fair)
+    fresh = align_to_previous(fresh, old, gpus, topology.gpus_per_node)
+    # a share of the budget is kept for the repair: moves that fix same-node pairs pay
+    # more under the rule than the last even-split swaps
+    first = None if max_moves is None else (max_moves * _WARM_SHARE).to(torch.int64)
+    warm = warm_even(old, first)
+    left = None if max_moves is None else (max_moves - (warm != old).sum(1)).clamp(min=0)
+    least = 3 if fair == "expect" else min(3, nodes)
+    warm, _ = repair_node_pairs(weight, warm, gpus, nodes, budget=left, min_count=least)
+    peak_fresh = realised_gpu_loads(weight, fresh, gpus, nodes).amax(1)
+    peak_warm = realised_gpu_loads(weight, warm, gpus, nodes).amax(1)
+    moves_fresh = (fresh != old).sum(1)
+    fits = torch.ones_like(moves_fresh, dtype=torch.bool) if max_moves is None else \
+        moves_fresh <= max_moves
+    take = fits & (peak_fresh < peak_warm * (1 - 1e-9))
+    out = torch.where(take[:, None], fresh, warm)
+    # a layer the new plan would not improve keeps its old map (no moves)
+    peak_old = realised_gpu_loads(weight, old, gpus, nodes).amax(1)
+    keep = peak_old <= torch.where(take, peak_fresh, peak_warm)
+    out = torch.where(keep[:, None], old, out)
+    return out

@@ -1,0 +1,65 @@
+"""Picture of the balance vs cross-node traffic trade-off (``benchmarks/bench_dispatch.py``).
+
+matplotlib is optional (``pip install 'eplb[plot]'``), imported lazily with the Agg
+backend as in :mod:`eplb.report`; :func:`plot_tradeoff` raises ``ImportError`` naming the
+extra when it is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+_MARKERS = {"corner": ("*", 220), "engine": ("s", 70), "plan": ("o", 50)}
+
+
+def plot_tradeoff(
+    curves: Mapping[str, Sequence[tuple[float, float, str]]],
+    points: Sequence[tuple[str, float, float, str]],
+    path: str | Path,
+    *,
+    title: str = "Balance vs cross-node traffic",
+) -> Path:
+    """Write a scatter/line picture and return its path.
+
+    Args:
+        curves: label → ``(remote nodes per token, balancedness, knob label)`` points, drawn
+            as a line in order (e.g. the locality policy over its ``slack`` knob).
+        points: ``(label, remote nodes per token, balancedness, kind)`` single plans;
+            ``kind`` is ``"corner"`` (a star: the hierarchical and the dispatch-aware global
+            plans), ``"engine"`` (a square: vLLM's or SGLang's own plan) or ``"plan"``.
+            Points at the same place share one marker and a joined label.
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("the picture needs matplotlib: pip install 'eplb[plot]'") from exc
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 5.2), constrained_layout=True)
+    for label, curve in curves.items():
+        xs = [c[0] for c in curve]
+        ys = [c[1] for c in curve]
+        (line,) = ax.plot(xs, ys, marker="o", markersize=4, linewidth=1.5, label=label)
+        for x, y, knob in curve:
+            ax.annotate(knob, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7,
+                        color=line.get_color())
+    merged: dict[tuple[float, float, str], list[str]] = {}
+    for label, x, y, kind in points:  # identical plans (e.g. one algorithm in two engines)
+        merged.setdefault((round(x, 6), round(y, 6), kind), []).append(label)
+    for (x, y, kind), labels in merged.items():
+        label = " = ".join(labels)
+        marker, size = _MARKERS.get(kind, _MARKERS["plan"])
+        ax.scatter([x], [y], marker=marker, s=size, label=label, zorder=3,
+                   edgecolors="black", linewidths=0.5)
+    ax.set_xlabel("expected distinct remote nodes per token per MoE layer (lower is better)")
+    ax.set_ylabel("expected-load balancedness under the nearest rule (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=11)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # keep points clear
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -1,0 +1,109 @@
+"""``eplb plan`` / ``eplb eval`` with SGLang's nearest dispatch and the locality policy, as a
+user runs them (issue 13, part 5)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from eplb.cli import main
+from eplb.core.dispatch import realised_gpu_loads
+from eplb.formats import read_placement
+
+
+@pytest.fixture()
+def loads(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    w = (torch.exp(torch.randn(4, 64, generator=g, dtype=torch.float64)) * 100).round()
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"logical_count": w.tolist()}))
+    return path, w
+
+
+@pytest.fixture()
+def routing(tmp_path, loads):
+    _, w = loads
+    rng = np.random.default_rng(0)
+    p = (w / w.sum(1, keepdim=True)).numpy()
+    ids = np.stack([np.stack([rng.choice(64, 4, replace=False, p=p[layer])
+                              for layer in range(4)]) for _ in range(300)])
+    path = tmp_path / "trace.npz"
+    np.savez(path, task_topk_ids=ids.astype(np.int32))
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_plan_for_sglangs_nearest_rule_reports_the_realised_balance(tmp_path, capsys, loads):
+    path, w = loads
+    out = tmp_path / "p.json"
+    code, stdout, _ = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                          "--policy", "global", "--dispatch", "nearest", "-o", out, "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    placement = read_placement(out)
+    loads = realised_gpu_loads(w, placement.phy2log, 16, 4)
+    realised = float(loads.mean(1).sum() / loads.amax(1).sum())
+    assert summary["dispatch"] == "nearest"
+    assert summary["balancedness_after"] == pytest.approx(realised)
+
+
+def test_locality_plan_and_eval_with_a_routing_trace(tmp_path, capsys, loads, routing):
+    path, _ = loads
+    out = tmp_path / "local.json"
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8,
+                       "--policy", "locality", "--dispatch", "nearest", "--routing", routing,
+                       "--slack", 0.05, "-o", out)
+    assert code == 0, err
+    assert read_placement(out).policy == "locality"
+    code, stdout, err = run(capsys, "eval", "--placement", out, path, "--dispatch", "nearest",
+                            "--routing", routing, "--json")
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert 0 < result["remote_nodes_per_token"] <= 3
+    assert 0 < result["balancedness_after"] <= 1
+
+
+@pytest.mark.parametrize("extra", [["--fair", "avoid"], ["--slack", "0.1"],
+                                   ["--policy", "locality"]])
+def test_nearest_only_options_need_the_nearest_dispatch(tmp_path, capsys, loads, extra):
+    path, _ = loads
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8,
+                       *extra, "-o", tmp_path / "x.json")
+    assert code == 2
+    assert "--dispatch nearest" in err and "Traceback" not in err
+
+
+def test_locality_needs_several_nodes(tmp_path, capsys, loads):
+    path, _ = loads
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--policy", "locality",
+                       "--dispatch", "nearest", "-o", tmp_path / "x.json")
+    assert code == 2
+    assert "num_nodes > 1" in err
+
+
+def test_eval_nearest_needs_the_node_count(tmp_path, capsys, loads):
+    path, _ = loads
+    out = tmp_path / "g.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "-o", out)[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", out, path, "--dispatch", "nearest")
+    assert code == 2
+    assert "--nodes" in err
+
+
+def test_a_bad_routing_file_is_one_clear_error(tmp_path, capsys, loads):
+    path, _ = loads
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, task_topk_ids=np.zeros((5, 3, 4), np.int32))  # 3 layers, the loads have 4
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8,
+                       "--policy", "locality", "--dispatch", "nearest", "--routing", bad,
+                       "-o", tmp_path / "x.json")
+    assert code == 2
+    assert "layers" in err and "Traceback" not in err
