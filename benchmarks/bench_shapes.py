@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from _harness import DEEPSEEK_DIR as REAL
+from _harness import start as header
 from engines import FETCH_HINT, engine_root, vllm_sources
 
 import eplb
@@ -51,8 +53,6 @@ from eplb.core.placement import slot_gpu_loads
 from eplb.core.small_slots import best_two_slot_max_load
 from eplb.tools.generator import generate_loads
 
-REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared/data/real/sglang_deepseek_ep_statistics"
 REAL_FILES = ("prefill_in4096", "decode_in1000out1000", "prefill_in1024", "decode_in2000out100")
 
 
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "--gap", action="store_true", help="only the S=3 gap analysis (58×256, R=288, P=96)"
     )
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    print(header("bench_shapes"))
     if args.gap:
         gap_analysis()
         return 0

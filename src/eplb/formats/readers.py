@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.core.inputs import first_bad_load
+from eplb.core.inputs import as_counts
 from eplb.core.trace import LoadTrace
 from eplb.formats._files import import_safetensors_torch, require_regular_file
 from eplb.formats._npy import load_npy, load_npz, npz_headers
@@ -200,7 +200,8 @@ def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
 
 
 def _as_counts(value: Any, path: Path, what: str) -> torch.Tensor:
-    """``[E]``, ``[L, E]`` or ``[T, L, E]`` numbers -> checked ``[T, L, E]`` float64."""
+    """``[E]``, ``[L, E]`` or ``[T, L, E]`` numbers -> checked ``[T, L, E]`` float64, by the
+    one load check (:func:`eplb.core.inputs.as_counts`), its errors naming the file."""
     tensor = _to_tensor(value, path, what)
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise FormatError(path, f"{what} has dtype {tensor.dtype}; expected real numbers")
@@ -212,13 +213,10 @@ def _as_counts(value: Any, path: Path, what: str) -> torch.Tensor:
         )
     while tensor.dim() < 3:
         tensor = tensor[None]
-    tensor = tensor.to(torch.float64)
-    idx = first_bad_load(tensor)
-    if idx is not None:
-        raise FormatError(
-            path, f"{what}{list(idx)} is {float(tensor[idx])}; loads must be finite and >= 0"
-        )
-    return tensor
+    try:
+        return as_counts(tensor, what)
+    except (TypeError, ValueError) as exc:
+        raise FormatError(path, str(exc)) from None
 
 
 # ---------------------------------------------------------------------------- SGLang
