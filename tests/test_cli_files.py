@@ -103,11 +103,28 @@ def test_dangling_symlink_is_not_replaced_without_force(capsys, tmp_path, loads)
     code, err = plan(capsys, loads, out)
     assert code == 2 and "already exists" in err
     assert out.is_symlink() and not target.exists()
-    # with --force the link itself is replaced by the file; its target is never written
+    # --force replaces regular files only: a link (or a device, FIFO) is refused
     code, err = plan(capsys, loads, out, "--force")
-    assert code == 0, err
-    assert not out.is_symlink() and not target.exists()
-    assert read_placement(out).phy2log.shape == (L, R)
+    assert code == 2 and "symbolic link" in err
+    assert out.is_symlink() and not target.exists()
+
+
+def test_force_never_replaces_devices_or_fifos(capsys, tmp_path, loads) -> None:
+    import os
+
+    fifo = tmp_path / "pipe.json"
+    os.mkfifo(fifo)
+    code, err = plan(capsys, loads, fifo, "--force")
+    assert code == 2 and "not a regular file" in err
+    assert fifo.exists() and not fifo.is_file()
+
+
+def test_force_drops_setuid_bits(capsys, tmp_path, loads) -> None:
+    out = tmp_path / "placement.json"
+    out.write_text("old")
+    out.chmod(0o4755)
+    assert plan(capsys, loads, out, "--force")[0] == 0
+    assert out.stat().st_mode & 0o7777 == 0o755
 
 
 def test_a_file_that_appears_after_the_early_check_is_not_overwritten(tmp_path) -> None:

@@ -64,12 +64,34 @@ def check_writable(path: Path, force: bool) -> None:
     """
     if os.path.lexists(path) and not force:
         raise FileExistsError(_exists_message(path))
+    if force:
+        _only_regular_files_are_replaced(path)
     if path.is_dir():
         raise IsADirectoryError(
             f"{path} is a directory; give a file name to write the placement to"
         )
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+
+
+def _only_regular_files_are_replaced(path: Path) -> None:
+    """``--force`` replaces a regular file, nothing else: a symlink, device, FIFO or socket
+    at the output name is refused (replacing ``/dev/null`` or a link someone set up on
+    purpose is never what "overwrite" meant)."""
+    try:
+        info = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(info.st_mode):
+        raise FileExistsError(
+            f"{path} is a symbolic link; eplb only replaces regular files, even with "
+            "--force (force=True): write to the link's target or remove the link"
+        )
+    if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+        raise FileExistsError(
+            f"{path} is not a regular file (a device, FIFO or socket); eplb only replaces "
+            "regular files, even with --force (force=True)"
+        )
 
 
 def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
@@ -226,10 +248,13 @@ def atomic_write(
     directory = path.parent
     keep_mode = None
     if force:
+        _only_regular_files_are_replaced(path)
         with contextlib.suppress(OSError):
             info = os.stat(path, follow_symlinks=False)
             if stat.S_ISREG(info.st_mode):
-                keep_mode = stat.S_IMODE(info.st_mode)
+                # the permission bits, never setuid/setgid/sticky: the new file's owner is
+                # whoever writes it
+                keep_mode = stat.S_IMODE(info.st_mode) & 0o777
     try:
         fd = _open_unnamed(directory)
         tmp: Path | None = None  # the named temporary file, once there is one
