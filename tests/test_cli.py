@@ -314,6 +314,12 @@ def test_simulate_too_short_trace(capsys, trace_file) -> None:
     code, _, err = run(capsys, "simulate", str(trace_file), "--window", "30", "-r", "16", "-g", "8")
     assert code == 2
     assert_one_line_error(err)
+    assert "needs at least 60" in err
+    # two windows fit, but nothing is scored after a rebalance at step 30
+    code, _, err = run(capsys, "simulate", str(trace_file), "--window", "10", "--interval", "30",
+                       "-r", "16", "-g", "8")
+    assert code == 2
+    assert "needs at least 60" in err
 
 
 # ------------------------------------------------------------------------ demo

@@ -92,7 +92,7 @@ def inputs(tmp_path_factory) -> Path:
     write_placement(local, d / "local.sglang.json", "sglang")
     gen = torch.Generator().manual_seed(2)
     rates = torch.from_numpy(stats).double().clamp(min=1)[None] / 100
-    counts = torch.poisson(rates.expand(320, -1, -1).contiguous(), generator=gen)
+    counts = torch.poisson(rates.expand(640, -1, -1).contiguous(), generator=gen)
     write_loads(LoadTrace(counts, list(range(LAYERS))), d / "trace.pt")
     ids = {k: torch.randint(0, 64, (3000, 4, 6), generator=gen).to(torch.int8).numpy()
            for k in ("law_topk_ids", "code_topk_ids")}

@@ -215,7 +215,12 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     args = {"num_replicas": R, "num_gpus": P, "cadence": "adrs"} | kwargs
     planner = args.pop("planner", "eplb")
     with pytest.raises(error, match=match):
-        simulate(_trace(20), planner, **args)
+        simulate(_trace(200), planner, **args)
+
+
+def test_a_trace_too_short_to_score_anything_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least 200 steps"):
+        simulate(_trace(150), "eplb", num_replicas=R, num_gpus=P, cadence="adrs")
 
 
 def test_bad_traces() -> None:

@@ -78,9 +78,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     trace = read_trace(args.trace, args)
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts)
-    if trace.num_steps < 2 * args.window:
+    needed = max(2 * args.window, interval + (score_window or interval))
+    if trace.num_steps < needed:
         raise CliError(f"{args.trace} has {trace.num_steps} steps; the simulation needs at "
-                       f"least two windows (2 × --window {args.window})")
+                       f"least {needed}: two windows (2 × --window {args.window}) and one "
+                       f"scored interval after the first rebalance (--interval {interval})")
     planners = [args.planner]
     if args.compare:
         planners += [p for p in ("none", "greedy", "eplb") if p != args.planner]

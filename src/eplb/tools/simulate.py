@@ -328,6 +328,11 @@ def simulate(
         initial=initial, **plan_options,
     )
 
+    if num_steps < cad.interval + cad.scoring:
+        # fewer steps would score nothing after the first rebalance: every figure empty
+        raise ValueError(f"trace has {num_steps} steps; the first rebalance is at step "
+                         f"{cad.interval} and a scoring window is {cad.scoring} steps, so the "
+                         f"simulation needs at least {cad.interval + cad.scoring} steps")
     score = cad.scoring
     num_windows = num_steps // score
     window_loads = torch.zeros(num_windows, num_layers, num_gpus, dtype=torch.float64)
