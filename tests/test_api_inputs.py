@@ -74,3 +74,18 @@ def test_validate_finds_stacking_in_one_pass():
     broken[5, 1] = e  # two replicas of e on GPU 0 (and one of another expert gone)
     with pytest.raises(eplb.PlacementError):
         eplb.Placement.from_phy2log(broken, 64, p.topology).validate()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+@pytest.mark.parametrize("method", ["balancedness", "layer_balancedness", "gpu_loads"])
+def test_scoring_a_placement_refuses_bad_loads(bad, method):
+    placement = eplb.plan(torch.rand(3, 16) + 1, 32, 8)
+    weight = torch.rand(3, 16)
+    weight[1, 5] = bad
+    with pytest.raises(ValueError, match=r"weight\[1, 5\]"):
+        getattr(placement, method)(weight)
+    # every accepted load type scores alike
+    ones = [[1] * 16] * 3
+    want = placement.balancedness(torch.ones(3, 16))
+    assert placement.balancedness(ones) == want
+    assert placement.balancedness(np.ones((3, 16), dtype=np.int32)) == want

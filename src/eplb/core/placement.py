@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from eplb.core.inputs import as_weight
 from eplb.core.topology import Topology
 
 
@@ -149,9 +150,11 @@ class Placement:
 
     # ------------------------------------------------------------------ loads
     def _weight(self, weight: torch.Tensor) -> torch.Tensor:
-        weight = torch.as_tensor(weight, device=self.phy2log.device)
-        if weight.dim() == 1:
-            weight = weight[None]
+        if not isinstance(weight, torch.Tensor | np.ndarray):
+            weight = torch.as_tensor(weight)  # lists of numbers, as the docs' examples use
+        # the loads contract every planner input has: no NaN, inf or negative loads
+        weight, _ = as_weight(weight)
+        weight = weight.to(self.phy2log.device)
         if weight.shape != (self.num_layers, self.num_experts):
             raise ValueError(
                 f"weight has shape {tuple(weight.shape)}, the placement needs "
