@@ -89,3 +89,29 @@ def test_scoring_a_placement_refuses_bad_loads(bad, method):
     want = placement.balancedness(torch.ones(3, 16))
     assert placement.balancedness(ones) == want
     assert placement.balancedness(np.ones((3, 16), dtype=np.int32)) == want
+
+
+def _same(a, b) -> bool:
+    return torch.equal(a.phy2log, b.phy2log)
+
+
+def test_numpy_and_tensor_scalars_work_as_knobs():
+    weight = torch.rand(4, 16, generator=G) * 10
+    before = eplb.plan(weight, 32, 8)
+    after = weight * 1.5 + 1
+
+    def again(**knobs):
+        return eplb.plan(after, 32, 8, previous=before, **knobs)
+
+    assert _same(eplb.plan(weight, 32, 8, seed=np.int64(3)), eplb.plan(weight, 32, 8, seed=3))
+    for knob, value in (("drift", 0.3), ("move_price", 0.01)):
+        want = again(**{knob: value})
+        for same in (np.float32(value), np.float64(value), torch.tensor(value)):
+            assert _same(again(**{knob: same}), want)
+        with pytest.raises(ValueError, match=knob):
+            again(**{knob: True})
+    budget = again(max_moves=5)
+    for same in (np.int64(5), torch.tensor(5), np.array(5)):
+        assert _same(again(max_moves=same), budget)
+    with pytest.raises(ValueError, match="max_moves"):
+        again(max_moves=5.0)

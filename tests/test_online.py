@@ -152,6 +152,28 @@ def test_plan_estimate_with_scenarios_keeps_valid_layers() -> None:
 
 
 # ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"incremental": True, "max_moves": -1}, "max_moves must be a non-negative int"),
+        ({"incremental": True, "max_moves": 2.5}, "max_moves must be a non-negative int"),
+        ({"max_moves": 5}, "pass incremental=True"),
+        ({"skip_threshold": 0.01}, "pass incremental=True"),
+        ({"incremental": True, "skip_threshold": -1.0}, "skip_threshold must be a number"),
+        ({"incremental": "yes"}, "incremental must be True or False"),
+        ({"polcy": "global"}, "does not take polcy"),
+        ({"planner": "greedy", "seed": 1}, "'greedy' does not take seed"),
+        ({"planner": "none", "policy": "global"}, "'none' does not take policy"),
+        ({"move_price": 2.0}, "move_price must be a number in"),
+        ({"active_gpus": [True, False]}, "active_gpus"),
+    ],
+)
+def test_mistakes_surface_at_construction(kwargs: dict, match: str) -> None:
+    """Not at the first rebalance, thousands of steps into serving."""
+    with pytest.raises((ValueError, TypeError), match=match):
+        Rebalancer(R, P, **kwargs)
+
+
 def test_bad_inputs_raise() -> None:
     reb = Rebalancer(R, P, window=4, interval=4, planner="none")
     with pytest.raises(ValueError, match="no steps recorded"):

@@ -10,7 +10,11 @@ The defaults are fast and near the bound; each default's reason is written next 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
 
 #: divisor shifts δ of the default replication portfolio (w / (c + δ)); 0 is Jefferson
 DEFAULT_SHIFTS: tuple[float, ...] = (0.0, -0.25, -0.5, -0.75)
@@ -143,6 +147,17 @@ class IncrementalOptions:
     steps: int = 6
 
     def __post_init__(self) -> None:
+        for name in ("drift", "move_price", "quota"):
+            # NumPy and 0-d torch numbers work like floats (stored as float, so the
+            # record stays hashable and prints plainly); bools and strings do not
+            value = getattr(self, name)
+            if isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0
+            if isinstance(value, numbers.Real | np.floating) or (
+                scalar_tensor and value.dtype.is_floating_point
+            ):
+                object.__setattr__(self, name, float(value))
         if not (isinstance(self.drift, (int, float)) and 0 <= self.drift <= 2):
             raise ValueError(f"drift must be a number in [0, 2], got {self.drift!r}")
         if not (isinstance(self.move_price, (int, float)) and 0 <= self.move_price < 1):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 
 from eplb.core.dispatch import check_dispatch
@@ -93,8 +94,9 @@ def make_request(
             f"num_replicas ({topology.num_replicas}) must be at least the number of experts "
             f"({num_experts}): every expert needs a slot"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    seed = int(seed)
     opts = _options(options, num_candidates, refine_steps)
     live = None
     if active_gpus is not None:

@@ -211,8 +211,6 @@ def _choose(
         value = balance - options.move_price * cost / slots
         pick = np.argmax(value, 0)  # first on ties: fewer moves
     elif isinstance(max_moves, (int, np.integer)) and not isinstance(max_moves, bool):
-        if max_moves < 0:
-            raise ValueError(f"max_moves must be >= 0 (slots in total), got {max_moves}")
         pick = _knapsack(balance, cost, int(max_moves))
     else:
         budget = np.asarray(max_moves)
@@ -262,6 +260,33 @@ def _knapsack(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
     return pick
 
 
+def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray | None:
+    """Check the move-budget knobs before any planning and return ``max_moves`` as
+    ``None``, an int (slots in total) or an ``[L]`` integer array (slots per layer; its
+    length is checked against the layers when planning). Raises ``ValueError``."""
+    if skip_threshold is not None and (
+        isinstance(skip_threshold, bool) or not isinstance(skip_threshold, float | int | np.number)
+        or not skip_threshold >= 0
+    ):
+        raise ValueError(f"skip_threshold must be a number >= 0, got {skip_threshold!r}")
+    if isinstance(max_moves, torch.Tensor):
+        max_moves = max_moves.detach().cpu().numpy()
+    if isinstance(max_moves, (list, tuple)):
+        max_moves = np.asarray(max_moves)
+    if isinstance(max_moves, np.ndarray) and max_moves.ndim == 0:
+        max_moves = max_moves[()]  # a 0-d array or tensor is a total budget
+    total = isinstance(max_moves, int | np.integer) and not isinstance(max_moves, bool)
+    per_layer = (isinstance(max_moves, np.ndarray) and max_moves.ndim == 1
+                 and np.issubdtype(max_moves.dtype, np.integer))
+    if max_moves is None:
+        return None
+    negative = bool((np.asarray(max_moves) < 0).any()) if total or per_layer else False
+    if not (total or per_layer) or negative:
+        raise ValueError(f"max_moves must be a non-negative int (slots in total) or one "
+                         f"non-negative int per layer (slots per layer); got {max_moves!r}")
+    return int(max_moves) if total else max_moves
+
+
 def plan_incremental(
     request: PlanRequest,
     previous: Placement | torch.Tensor,
@@ -277,12 +302,7 @@ def plan_incremental(
     ``skip_threshold``: leave a layer as it is (after forced moves) when its expected
     next-window balancedness would rise by less than this.
     """
-    if skip_threshold is not None and not skip_threshold >= 0:
-        raise ValueError(f"skip_threshold must be >= 0, got {skip_threshold!r}")
-    if isinstance(max_moves, torch.Tensor):
-        max_moves = max_moves.detach().cpu().numpy()
-    if isinstance(max_moves, (list, tuple)):
-        max_moves = np.asarray(max_moves)
+    max_moves = check_budget(max_moves, skip_threshold)
     options = request.options.incremental
     topo = request.topology
     old = _previous_phy2log(previous, request)

@@ -14,6 +14,7 @@ estimator (:mod:`eplb.online.estimate`) and any planner:
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from collections.abc import Callable
@@ -23,12 +24,13 @@ from typing import Any
 import torch
 
 from eplb.core.baselines import plan_greedy
+from eplb.core.inputs import as_live_mask
 from eplb.core.options import with_incremental
 from eplb.core.placement import Placement
 from eplb.core.planner import make_request, plan_fresh
 from eplb.core.topology import Topology
 from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator, select_per_layer
-from eplb.online.incremental import plan_incremental
+from eplb.online.incremental import check_budget, plan_incremental
 
 PlannerFn = Callable[[torch.Tensor, "Placement | None"], Placement]
 PLANNERS = ("eplb", "greedy", "none")
@@ -73,6 +75,22 @@ def trivial_placement(
                                   "global", active)
 
 
+def _check_plan_options(planner: str, plan_options: dict[str, Any]) -> None:
+    """Refuse keyword arguments the built-in ``planner`` does not take, naming them."""
+    takes: dict[str, Callable[..., Any] | None] = {
+        "eplb": make_request, "greedy": plan_greedy, "none": None}
+    accepts = takes[planner]
+    known = [] if accepts is None else [
+        name for name, param in inspect.signature(accepts).parameters.items()
+        if param.kind is param.KEYWORD_ONLY and name != "stacklevel"]
+    if planner == "eplb":
+        known += ["move_price", "drift"]
+    unknown = sorted(set(plan_options) - set(known))
+    if unknown:
+        raise ValueError(f"planner {planner!r} does not take {', '.join(unknown)}; its "
+                         f"options: {', '.join(known) or 'none'}")
+
+
 def make_planner(
     planner: str | PlannerFn,
     topology: Topology,
@@ -98,6 +116,16 @@ def make_planner(
     if planner != "eplb" and (incremental or max_moves is not None or skip_threshold is not None):
         raise ValueError(f"incremental/max_moves/skip_threshold need planner 'eplb', got "
                          f"{planner!r}")
+    # every mistake surfaces here, at construction, not at the first rebalance hours later
+    if not isinstance(incremental, bool):
+        raise ValueError(f"incremental must be True or False, got {incremental!r}")
+    if not incremental and (max_moves is not None or skip_threshold is not None):
+        raise ValueError("max_moves and skip_threshold limit incremental plans; pass "
+                         "incremental=True")
+    max_moves = check_budget(max_moves, skip_threshold)
+    if active_gpus is not None:
+        as_live_mask(active_gpus, topo.num_gpus, torch.device("cpu"))
+    _check_plan_options(planner, plan_options)
     if planner == "eplb":
 
         incremental_knobs = {k: plan_options.pop(k, None) for k in ("move_price", "drift")}
