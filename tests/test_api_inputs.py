@@ -115,3 +115,19 @@ def test_numpy_and_tensor_scalars_work_as_knobs():
         assert _same(again(max_moves=same), budget)
     with pytest.raises(ValueError, match="max_moves"):
         again(max_moves=5.0)
+
+
+def test_absurd_slots_per_gpu_are_refused_before_planning():
+    with pytest.raises(ValueError, match="8192 slots per GPU on 8 GPUs"):
+        eplb.plan(torch.rand(1, 64), 8 * 8192, 8)
+
+
+def test_layers_packed_in_chunks_keep_the_contract(monkeypatch):
+    """Many layers of many slots are packed a few rows at a time (flat memory)."""
+    import eplb.core.packing as packing
+
+    weight = torch.rand(12, 64, generator=G) ** 4 * 100
+    whole = eplb.plan(weight, 256, 8)
+    monkeypatch.setattr(packing, "SWAPS_PER_CHUNK", 4 * 32 * 32 * 3)  # 3 rows per chunk
+    chunked = eplb.plan(weight, 256, 8).validate()
+    assert abs(chunked.balancedness(weight) - whole.balancedness(weight)) < 0.01

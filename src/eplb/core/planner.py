@@ -32,7 +32,7 @@ from eplb.core.inputs import (
     uniform_where_empty,
 )
 from eplb.core.options import PackingOptions, PlanOptions
-from eplb.core.packing import refine_assignment
+from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
 from eplb.core.request import PlanRequest
@@ -93,6 +93,14 @@ def make_request(
         raise ValueError(
             f"num_replicas ({topology.num_replicas}) must be at least the number of experts "
             f"({num_experts}): every expert needs a slot"
+        )
+    slots = topology.slots_per_gpu
+    swaps = max(1, topology.num_gpus // 2) * slots * slots
+    if slots > 2 and swaps > MAX_SWAPS_PER_ROW:
+        raise ValueError(
+            f"{slots} slots per GPU on {topology.num_gpus} GPUs is beyond what eplb plans: "
+            f"the swap search of one layer would score {swaps:.2e} swaps at once (about "
+            f"{swaps * 32 / 2**30:.0f} GiB); at most {MAX_SWAPS_PER_ROW:.2e} (P/2 · S²)"
         )
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")

@@ -36,6 +36,14 @@ __all__ = [
 ]
 
 
+#: the swap searches hold about ``rows · P/2 · S²`` scored swaps at once (measured ≈ 32
+#: bytes each at the peak, CPU, float32); rows are packed in chunks that keep this near
+#: 1 GiB, so a plan's memory stays flat in the number of layers
+SWAPS_PER_CHUNK = 2**25
+#: one row beyond this (≈ 4 GiB at the peak) is refused before planning starts
+MAX_SWAPS_PER_ROW = 2**27
+
+
 def pack(
     items: torch.Tensor,
     num_gpus: int,
@@ -59,6 +67,31 @@ def pack(
     Returns:
         ``state [2, S, rows, P]`` of the candidate with the smallest max GPU load per row.
     """
+    _, rows, num_items = items.shape
+    slots = num_items // num_gpus
+    swaps_per_row = options.num_candidates * max(1, num_gpus // 2) * slots * slots
+    chunk = max(1, SWAPS_PER_CHUNK // swaps_per_row)
+    if rows <= chunk:
+        return _pack_chunk(items, num_gpus, options, allow_shared, generator, floor)
+    parts = []
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        parts.append(_pack_chunk(
+            items[:, part], num_gpus, options,
+            None if allow_shared is None else allow_shared[part], generator,
+            None if floor is None else floor[part]))
+    return torch.cat(parts, dim=2)
+
+
+def _pack_chunk(
+    items: torch.Tensor,
+    num_gpus: int,
+    options: PackingOptions,
+    allow_shared: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    floor: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`pack` on rows that fit one chunk."""
     _, rows, num_items = items.shape
     cands = options.num_candidates
     if cands > 1:
