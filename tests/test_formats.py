@@ -151,6 +151,21 @@ def test_sglang_pt_dump(tmp_path):
     assert trace.meta["rank"] == 0
 
 
+def test_folder_of_sglang_json_dumps(tmp_path):
+    """The form the SGLang team published their DeepSeek statistics in."""
+    first, second = counts_tle(1), counts_tle(2)
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    (folder / "a_decode.json").write_text(json.dumps({"logical_count": first.tolist()}))
+    (folder / "b_prefill.json").write_text(json.dumps({"logical_count": second.tolist()}))
+    assert detect_format(folder) == "sglang"
+    trace = read_loads(folder)
+    assert torch.equal(trace.counts, torch.cat([first, second]).double())
+    (folder / "notes.json").write_text(json.dumps({"comment": "not a dump"}))
+    with pytest.raises(FormatError, match="logical_count"):
+        read_loads(folder)
+
+
 @pytest.mark.parametrize("shape", ["LE", "TLE"])
 def test_sglang_json(tmp_path, shape):
     c = counts_tle()
@@ -498,7 +513,7 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
     save_file({"0_3": torch.zeros(2, dtype=torch.int64)}, str(folder / "rank0.safetensors"))
     cases.append((folder, None, "expected 3"))
     (tmp / "emptydir").mkdir()
-    cases.append((tmp / "emptydir", None, "found neither"))
+    cases.append((tmp / "emptydir", None, "found none of them"))
     return cases
 
 

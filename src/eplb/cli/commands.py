@@ -41,6 +41,17 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
     return EMIT_BY_SUFFIX.get(Path(name).suffix, "json")
 
 
+def _ranges(ids: list[int]) -> str:
+    """``[0, 1, 2, 7]`` -> ``"0..2, 7"``."""
+    spans: list[list[int]] = []
+    for i in ids:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in spans)
+
+
 def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
     """The model layer of every row: the file's own ids win; ``--first-layer`` names them
     for files that only have row numbers, and must agree with a file that names them."""
@@ -106,6 +117,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
         warn(f"{loads} does not name its model layers, so the TensorRT-LLM keys are rows "
              f"{layer_ids[0]}..{layer_ids[-1]}; pass --first-layer K when the first row is "
              "model layer K (3 for DeepSeek-V3)")
+    if emit == "trtllm" and trace.meta.get("model_layer_ids"):
+        totals = weight.sum(1).tolist()
+        idle = [layer for layer, total in zip(layer_ids, totals, strict=True) if total <= 0]
+        if idle:
+            # SGLang dumps carry a row for every model layer; the dense ones are all zero.
+            # Their keys are written as planned (an even placement); say so, not guess
+            warn(f"{loads}: layers {_ranges(idle)} saw no tokens (the dense layers of an "
+                 "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
+                 "if your model's MoE layers start later")
 
     active = active_gpus_from(args.dead_gpus, args.gpus)
     speed = gpu_speed_from(args.gpu_speed, args.gpus)

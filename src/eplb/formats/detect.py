@@ -124,6 +124,15 @@ def _json_top_key(path: Path) -> str | None:
     return None
 
 
+def sglang_json_dumps(folder: Path) -> list[Path]:
+    """The ``{"logical_count": ...}`` JSON files of ``folder``, by name (empty when any
+    JSON file there is something else: a folder is read whole or not at all)."""
+    files = sorted(p for p in folder.glob("*.json") if p.is_file())
+    if files and all(_json_top_key(p) == "logical_count" for p in files):
+        return files
+    return []
+
+
 def detect_format(path: str | PathLike[str]) -> str:
     """Name the load format of ``path`` (one of :data:`FORMATS`) from its content.
 
@@ -141,10 +150,13 @@ def detect_format(path: str | PathLike[str]) -> str:
             first = _load_pt(dumps[0])
             return "sglang" if isinstance(first, dict) and "logical_count" in first \
                 else "sglang-per-pass"
+        if sglang_json_dumps(path):
+            return "sglang"
         raise FormatError(
             path,
-            "expected a TensorRT-LLM statistics folder (meta_info.json + rank*.safetensors) or "
-            "a folder of SGLang expert_distribution_recorder_*.pt dumps; found neither",
+            "expected a TensorRT-LLM statistics folder (meta_info.json + rank*.safetensors), "
+            "a folder of SGLang expert_distribution_recorder_*.pt dumps or of SGLang "
+            '{"logical_count": ...} JSON files; found none of them',
         )
     if kind == "json":
         key = _json_top_key(path)

@@ -22,6 +22,7 @@ from eplb.formats.detect import (
     TOPK_KEY_PATTERN,
     _load_pt,
     detect_format,
+    sglang_json_dumps,
     sniff_container,
 )
 from eplb.formats.errors import FormatError, json_value_error
@@ -243,11 +244,15 @@ def _read_sglang(path: Path) -> LoadTrace:
 
 
 def _read_sglang_folder(path: Path) -> LoadTrace:
-    """A folder of stat-mode dumps ``expert_distribution_recorder_{time}.pt``: their steps
-    one after another, oldest dump first (rank 0 writes one per dump request)."""
+    """A folder of stat-mode dumps ``expert_distribution_recorder_{time}.pt`` (oldest
+    first; rank 0 writes one per dump request) or, failing those, of ``{"logical_count"}``
+    JSON files (by name): their steps one after another."""
     files = sorted(path.glob("expert_distribution_recorder_*.pt"), key=_dump_time)
     if not files:
-        raise FormatError(path, "expected expert_distribution_recorder_*.pt dumps, found none")
+        files = sglang_json_dumps(path)  # e.g. the dumps the SGLang team published
+    if not files:
+        raise FormatError(path, "expected expert_distribution_recorder_*.pt dumps or "
+                          '{"logical_count": ...} JSON files, found none')
     traces = [_read_sglang(f) for f in files]
     shapes = {t.counts.shape[1:] for t in traces}
     if len(shapes) > 1:
