@@ -79,16 +79,19 @@ def _group_nodes(phy2log: np.ndarray, request: PlanRequest) -> tuple[np.ndarray,
     keeps every group on one node with ``G / N`` groups per node."""
     topo = request.topology
     rows = phy2log.shape[0]
-    group_size = request.num_experts // topo.num_groups
-    node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // topo.num_nodes)
-    group = np.where(phy2log >= 0, phy2log // group_size, topo.num_groups)
-    lo = np.full((rows, topo.num_groups + 1), topo.num_nodes)
-    hi = np.full((rows, topo.num_groups + 1), -1)
-    np.minimum.at(lo, (np.arange(rows)[:, None], group), node_of_slot[None])
-    np.maximum.at(hi, (np.arange(rows)[:, None], group), node_of_slot[None])
-    lo, hi = lo[:, :-1], hi[:, :-1]
-    per_node = np.stack([(lo == n).sum(1) for n in range(topo.num_nodes)], 1)
-    local = ((lo == hi) & (hi >= 0)).all(1) & (per_node == topo.num_groups // topo.num_nodes).all(1)
+    nodes, groups = topo.num_nodes, topo.num_groups
+    group_size = request.num_experts // groups
+    node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // nodes)
+    group = np.where(phy2log >= 0, phy2log // group_size, groups)  # empty slots: group G
+    # which nodes hold each group: one bincount over (row, group, node)
+    key = (np.arange(rows)[:, None] * (groups + 1) + group) * nodes + node_of_slot[None]
+    present = np.bincount(key.ravel(), minlength=rows * (groups + 1) * nodes) > 0
+    present = present.reshape(rows, groups + 1, nodes)[:, :groups]  # [L, G, N]
+    held = present.any(2)
+    lo = np.where(held, np.argmax(present, 2), nodes)
+    hi = np.where(held, nodes - 1 - np.argmax(present[..., ::-1], 2), -1)
+    per_node = np.stack([(lo == n).sum(1) for n in range(nodes)], 1)
+    local = ((lo == hi) & (hi >= 0)).all(1) & (per_node == groups // nodes).all(1)
     return lo, local
 
 
@@ -166,20 +169,25 @@ def _per_node(weight, phy2log, request, fn):
 
 
 def _refine_rows(
-    weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray
+    weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
+    budgeted: bool,
 ) -> np.ndarray:
     """``[C, L, R]`` warm-start candidates of ``base`` (candidate 0 is ``base``) with a
-    per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``)."""
+    per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``). ``budgeted``
+    adds the transfer-only candidates, which only a small budget picks: without one,
+    none of them was chosen in 2784 steady-state layer plans (BENCHMARKS.md §3 protocol)."""
     topo = request.topology
     packing = request.options.packing
     steps = request.options.incremental.steps
     if request.policy != "hierarchical":
         if request.active_gpus is None:
-            return moves.warm_ladder(weight, base, topo.num_gpus, quota, steps, packing)
+            return moves.warm_ladder(weight, base, topo.num_gpus, quota, steps, packing,
+                                     budgeted)
         # dead GPUs: refine the live GPUs' slots only
         live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
         num_live = int(request.live.sum())
-        inner = moves.warm_ladder(weight, base[:, live_slot], num_live, quota, steps, packing)
+        inner = moves.warm_ladder(weight, base[:, live_slot], num_live, quota, steps, packing,
+                                  budgeted)
         out = np.repeat(base[None], inner.shape[0], 0)
         out[:, :, live_slot] = inner
         return out
@@ -190,7 +198,12 @@ def _refine_rows(
     node_peak = moves.gpu_loads_of(node_weight, node_phy2log, per_gpu).max(1).reshape(layers, nodes)
     critical = node_peak >= _CRITICAL_NODE * node_peak.max(1, keepdims=True)  # [L, N]
     node_quota = np.where(critical, quota[:, None], 0).reshape(-1)
-    done = moves.warm_ladder(node_weight, node_phy2log, per_gpu, node_quota, steps, packing)
+    # rows are independent: only the node rows with a quota are searched
+    moving = np.nonzero(node_quota > 0)[0]
+    searched = moves.warm_ladder(node_weight[moving], node_phy2log[moving], per_gpu,
+                                 node_quota[moving], steps, packing, budgeted)
+    done = np.repeat(node_phy2log[None], searched.shape[0], 0)
+    done[:, moving] = searched
     out = np.where(done >= 0, np.take_along_axis(experts[None], np.maximum(done, 0), 2), -1)
     return out.reshape(done.shape[0], layers, -1)
 
@@ -311,7 +324,8 @@ def plan_incremental(
     weight = request.weight.detach().cpu().to(torch.float64).numpy()
     base = _forced(request, old)
     quota = max(2, round(options.quota * topo.num_replicas))
-    candidates = _refine_rows(weight, base, request, np.full(request.num_layers, quota))
+    candidates = _refine_rows(weight, base, request, np.full(request.num_layers, quota),
+                              budgeted=max_moves is not None)
     live_gpus = request.live.cpu().numpy()
     num_live = int(live_gpus.sum())
     peak, now = moves.expected_peak(weight, _live_only(candidates, live_gpus, topo), num_live,
@@ -320,7 +334,7 @@ def plan_incremental(
     # serve: still improving at its last step, or (hierarchical) a better group→node split
     balance = 1.0 / peak
     # (hierarchical: node rows refine only their own GPUs, so a fresh plan helps sooner)
-    unsaturated = options.move_price / (10 if request.policy == "hierarchical" else 2)
+    unsaturated = options.move_price / (10 if request.policy == "hierarchical" else 1)
     need = balance[-1] - balance[max(0, len(balance) - 3)] > unsaturated
     if request.policy == "hierarchical":
         need |= _better_split(request, base)

@@ -179,13 +179,14 @@ def apply_transfers(
             break
         d, r = np.maximum(donor[:, t], 0), np.maximum(receiver[:, t], 0)
         blocked = _holds(out, r, num_gpus)  # [B, P]: the GPU holds the receiver already
-        key = np.where(blocked, np.inf, loads)[:, slot_gpu]  # [B, R]
-        key = np.where(out == d[:, None], key, np.nan)
-        # every donor replica on a GPU holding the receiver: any donor slot (the
+        is_donor = out == d[:, None]  # [B, R]
+        key = np.where(is_donor, np.where(blocked, np.inf, loads)[:, slot_gpu], np.inf)
+        target = np.argmin(key, 1)
+        # every donor replica on a GPU holding the receiver: the first donor slot (the
         # anti-affinity repair spreads it next)
-        fallback = np.argmax(out == d[:, None], 1)
-        finite = np.isfinite(key).any(1)
-        target = np.where(finite, np.argmin(np.where(np.isnan(key), np.inf, key), 1), fallback)
+        stuck = np.isinf(key[rowix, target])
+        if stuck.any():
+            target = np.where(stuck, np.argmax(is_donor, 1), target)
         gpu = slot_gpu[target]
         delta = weight[rowix, r] / (counts[rowix, r] + 1) - weight[rowix, d] / counts[rowix, d]
         loads[rowix[go], gpu[go]] += delta[go]
@@ -207,12 +208,15 @@ def warm_ladder(
     quota: np.ndarray,
     steps: int,
     options: PackingOptions,
+    transfers_only: bool = True,
 ) -> np.ndarray:
     """Warm-start candidates of every row, from few moves to many.
 
-    Candidate 0 is the base placement. Candidate ``k`` applies the replica transfers
-    toward Jefferson's counts (best first) and ``k`` steps of the all-pairs swap search,
-    each step allowed ``quota [B]`` more changed slots, heaviest GPU pairs first. (The
+    Candidate 0 is the base placement. With ``transfers_only``, candidates 1–3 apply the
+    first quarter, half and all of the replica transfers toward Jefferson's counts (best
+    first) and nothing else: the cheapest moves, for small budgets. The last ``steps``
+    candidates apply all the transfers and ``k`` steps of the all-pairs swap search, each
+    step allowed ``quota [B]`` more changed slots, heaviest GPU pairs first. (The
     heaviest-GPU polish is left out: its in-sample gains do not survive to the next
     window.) Rows with a zero quota keep the base.
 
@@ -221,19 +225,21 @@ def warm_ladder(
         base: ``[B, R]`` valid placements of the rows (every slot filled).
 
     Returns:
-        ``[steps + 4, B, R]`` candidates, the base first.
+        ``[steps + 4, B, R]`` candidates (``[steps + 1, B, R]`` without
+        ``transfers_only``), the base first.
     """
     donor, receiver, count = transfer_order(weight, base, num_gpus)
     count = np.where(quota > 0, count, 0)
-    start, prefixes = apply_transfers(
-        weight, base, donor, receiver, count, num_gpus, record=(0.25, 0.5)
-    )
-    # the transfer-only candidates (cheap: one slot each), stacked replicas spread
-    only = np.concatenate([*prefixes, start])
-    live = torch.ones(num_gpus, dtype=torch.bool)
-    only = repair_assignment(
-        torch.from_numpy(np.tile(weight, (3, 1))), torch.from_numpy(only), live
-    ).numpy().reshape(3, *base.shape)
+    record = (0.25, 0.5) if transfers_only else ()
+    done = apply_transfers(weight, base, donor, receiver, count, num_gpus, record=record)
+    start, prefixes = done if transfers_only else (done, [])
+    only = np.empty((0, *base.shape), base.dtype)
+    if transfers_only:  # cheap (one slot each); stacked replicas spread
+        only = np.concatenate([*prefixes, start])
+        live = torch.ones(num_gpus, dtype=torch.bool)
+        only = repair_assignment(
+            torch.from_numpy(np.tile(weight, (3, 1))), torch.from_numpy(only), live
+        ).numpy().reshape(3, *base.shape)
     path = refine_path(
         torch.from_numpy(weight),
         torch.from_numpy(start),
@@ -270,25 +276,34 @@ def expected_peak(
     num_experts = weight.shape[1]
     scale = 2.0**20 / np.maximum(weight.max(1, keepdims=True), 1e-300)  # [B, 1]
     units = np.round(weight * scale)  # [B, E] integers
-    flat = candidates.reshape(cands * rows, -1)
-    counts = counts_of(flat, num_experts).reshape(cands, rows, num_experts)
-    per = np.floor(units[None] / np.maximum(counts, 1))  # [C, B, E] integers
-    load = np.take_along_axis(per, np.maximum(candidates, 0), 2)
-    if (candidates < 0).any():
-        load *= candidates >= 0
-    grid = load.reshape(cands, rows, num_gpus, -1)
-    gpu, square = grid[..., 0].copy(), grid[..., 0] ** 2
-    for s in range(1, grid.shape[3]):  # explicit adds: exact integers, in a fixed order
-        gpu += grid[..., s]
-        square += grid[..., s] ** 2
-    spread = np.sqrt(np.expm1(drift * drift)) * np.sqrt(square)  # [C, B, P]
-    z = _normal_draws(draws, num_gpus)[:, None, None]  # [D, 1, 1, P]
-    peaks = (gpu[None] + spread[None] * z).max(3)  # [D, C, B]
+    # The large element-wise steps run in torch on the host (several times faster than
+    # NumPy at these shapes), restricted to operations that are one correctly rounded
+    # IEEE step whatever the instruction set: +, ×, ÷ of two tensors, floor, max.
+    # Square roots stay in NumPy: torch's vectorized sqrt is not correctly rounded.
+    slots = torch.from_numpy(candidates)
+    # flat (candidate, row, expert) index of every slot: one bincount, one gather
+    offset = (torch.arange(cands * rows) * num_experts).view(cands, rows, 1)
+    index = slots.clamp(min=0) + offset  # [C, B, R]
+    empty = slots < 0
+    any_empty = bool(empty.any())
+    filled = index[~empty] if any_empty else index.flatten()
+    counts = torch.bincount(filled, minlength=cands * rows * num_experts)
+    counts = counts.view(cands, rows, num_experts).clamp(min=1).to(torch.float64)
+    per = torch.floor(torch.from_numpy(units) / counts)  # [C, B, E] integers
+    load = per.flatten()[index]
+    if any_empty:
+        load = load * ~empty
+    grid = load.view(cands, rows, num_gpus, -1)
+    # sums of integers below 2**53: exact, so the summation order does not matter
+    gpu, square = grid.sum(3), (grid * grid).sum(3)  # [C, B, P]
+    spread = np.sqrt(np.expm1(drift * drift)) * np.sqrt(square.numpy())
+    z = torch.from_numpy(_normal_draws(draws, num_gpus))[:, None, None]  # [D, 1, 1, P]
+    peaks = (gpu[None] + torch.from_numpy(spread)[None] * z).amax(3).numpy()  # [D, C, B]
     peak = peaks[0].copy()
     for d in range(1, draws):  # a fixed order of additions on every machine
         peak += peaks[d]
     mean = np.maximum(units.sum(1)[None] / num_gpus, 1e-300)  # [1, B]: what all spread
-    return peak / draws / mean, gpu.max(2) / mean
+    return peak / draws / mean, gpu.amax(2).numpy() / mean
 
 
 @lru_cache(maxsize=32)
