@@ -274,3 +274,17 @@ def test_node_bounds_of_any_assignment_match_the_cached_enumeration():
     assert torch.equal(partitions, group_partitions(8, 4))
     general = hierarchical_node_bounds(w, group_partitions(8, 4), 72, 8, 4, 8, per_node=True)
     assert torch.allclose(general, per_node, rtol=1e-12, atol=0)
+
+
+def test_auto_policy_of_the_bounds_is_the_planners():
+    w = torch.rand(3, 64, generator=torch.Generator().manual_seed(5)) ** 4
+    hier = balancedness_ceiling(w, 96, 16, 4, 8, policy="hierarchical")
+    glob = balancedness_ceiling(w, 96, 16, 4, 8, policy="global")
+    assert hier < glob
+    assert balancedness_ceiling(w, 96, 16, 4, 8) == hier  # what eplb.plan(…, 4, 8) plans
+    assert eplb.plan(w, 96, 16, 4, 8).policy == "hierarchical"
+    assert balancedness_ceiling(w, 96, 16, 4, 6) == glob  # groups uneven over nodes: global
+    dead = torch.ones(16, dtype=torch.bool)
+    dead[3] = False
+    assert torch.equal(layer_lower_bound(w, 96, 16, 4, 8, active_gpus=dead),
+                       layer_lower_bound(w, 96, 16, active_gpus=dead))

@@ -369,3 +369,33 @@ def test_subprocess_entry_point_and_module(tmp_path, loads) -> None:
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["layers"] == L
+
+
+def test_plan_says_when_gpus_dead_in_previous_come_back(capsys, tmp_path, loads) -> None:
+    old = tmp_path / "degraded.json"
+    assert run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--dead-gpus", "2",
+               "-o", str(old))[0] == 0
+    code, _, err = run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--previous",
+                       str(old), "-o", str(tmp_path / "back.json"))
+    assert code == 0
+    assert "GPU 2 holds nothing" in err and "--dead-gpus 2" in err
+    code, _, err = run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--previous",
+                       str(old), "--dead-gpus", "2", "-o", str(tmp_path / "still.json"))
+    assert code == 0 and "hold nothing" not in err
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys, tmp_path) -> None:
+    code, _, err = run(capsys, "--debug", "plan", str(tmp_path / "missing.npy"), "-r", "8",
+                       "-g", "2", "-o", str(tmp_path / "p.json"))
+    assert code == 2
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith("eplb: error: ")
+
+
+def test_threads_option(capsys, tmp_path, loads) -> None:
+    code, _, err = run(capsys, "--threads", "0", "plan", str(loads), "-r", str(R), "-g",
+                       str(P), "-o", str(tmp_path / "p.json"))
+    assert code == 2 and "--threads" in err
+    code, _, _ = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--threads", "2",
+                     "-o", str(tmp_path / "p.json"))
+    assert code == 0 and torch.get_num_threads() == 2
+    torch.set_num_threads(1)

@@ -22,6 +22,8 @@ import ast
 import importlib
 import json
 import logging
+import os
+import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -295,6 +297,9 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
 
     monkeypatch.setattr("runpy.run_module", run_module)
     monkeypatch.setattr(sys, "argv", list(sys.argv))
+    shell = types.ModuleType("sglang")  # the launcher first checks that SGLang is installed
+    shell.__spec__ = importlib.machinery.ModuleSpec("sglang", None)
+    monkeypatch.setitem(sys.modules, "sglang", shell)
     args = ["--eplb-options", '{"max_moves": 100}', "--model-path", "m", "--enable-eplb"]
     assert plugin.main(args) == 0
     assert ran == {"name": "sglang.launch_server", "run_name": "__main__",
@@ -310,9 +315,35 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
 ])
 def test_launcher_refuses_what_would_not_work(monkeypatch, capsys, env, args, message):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    shell = types.ModuleType("sglang")
+    shell.__spec__ = importlib.machinery.ModuleSpec("sglang", None)
+    monkeypatch.setitem(sys.modules, "sglang", shell)
     monkeypatch.delenv(plugin.OPTIONS_ENV_VAR, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setattr("runpy.run_module", lambda *a, **k: pytest.fail("server started"))
     assert plugin.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_launcher_as_a_user_runs_it(tmp_path):
+    """``python -m eplb.integrations.sglang`` in a fresh process: with SGLang missing it
+    says so; with an (empty) SGLang package it finds eplb's installed plugin and starts
+    ``sglang.launch_server`` with the switch set."""
+    env = dict(os.environ, PYTHONPATH="")
+    env.pop(plugin.ENV_VAR, None)
+    env.pop("SGLANG_PLUGINS", None)
+    command = [sys.executable, "-m", "eplb.integrations.sglang", "--model-path", "m"]
+    missing = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "SGLang is not installed" in missing.stderr
+    fake = tmp_path / "sglang"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "launch_server.py").write_text(
+        f"import os, sys\nprint('server', sys.argv[1:], os.environ.get({plugin.ENV_VAR!r}))\n")
+    env["PYTHONPATH"] = str(tmp_path)
+    started = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert started.returncode == 0, started.stderr
+    assert "server ['--model-path', 'm'] eplb" in started.stdout
+    assert "without --enable-eplb" in started.stderr

@@ -2,16 +2,22 @@
 
 Exit codes: 0 success, 2 a usage or input mistake (bad option, missing or malformed file,
 impossible topology, existing output without ``--force``), 1 a failure while running.
-Errors print one ``eplb: error: ...`` line; ``--debug`` shows the traceback instead.
+Errors print one ``eplb: error: ...`` line; ``--debug`` shows the traceback first (the
+exit code is the same).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import os
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
+
+import torch
 
 from eplb._version import __version__
 from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, CliError
@@ -69,7 +75,23 @@ def _sub(sub, name: str, help_: str, epilog: str) -> argparse.ArgumentParser:
     # SUPPRESS: a subcommand's default must not reset a top-level --debug
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show tracebacks on errors")
+    p.add_argument("--threads", type=_threads, default=argparse.SUPPRESS, metavar="N",
+                   help=_THREADS_HELP)
     return p
+
+
+_THREADS_HELP = ("torch threads (default 1: eplb's many small operations run fastest on one "
+                 "thread, and its timings are quoted at one)")
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"eplb {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--threads", type=_threads, default=1, metavar="N", help=_THREADS_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     # ---------------------------------------------------------------- demo
@@ -257,8 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(func_ref: str, args: argparse.Namespace) -> int:
-    import importlib
-
+    torch.set_num_threads(args.threads)
     module, name = func_ref.split(":")
     func = getattr(importlib.import_module(f"eplb.cli.{module}"), name)
     return int(func(args) or 0)
@@ -288,39 +310,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.showwarning = _show_warning  # one "eplb: warning:" line, no source line
             return _run(args.func, args)
     except CliError as exc:
-        if args.debug:
-            raise
-        print(f"eplb: error: {_one_line(exc)}", file=sys.stderr)
-        return exc.code
+        return _fail(args, str(exc), exc.code)
     except KeyboardInterrupt:
         print("eplb: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `eplb ... --json | head`: the reader left; stop quietly
-        import os
-
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
             PermissionError) as exc:
-        if args.debug:
-            raise
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-        text = exc.strerror or str(exc)
-        print(f"eplb: error: {_one_line(text)}{where}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, f"{_one_line(exc.strerror or str(exc))}{where}", EXIT_USAGE)
     except (ValueError, TypeError) as exc:  # bad input: FormatError, PlacementError, topology
-        if args.debug:
-            raise
-        print(f"eplb: error: {_one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(args, str(exc), EXIT_USAGE)
     except Exception as exc:  # a failure while running, not the user's input
-        if args.debug:
-            raise
-        print(f"eplb: error: {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the "
-              "traceback)", file=sys.stderr)
-        return EXIT_FAILURE
+        hint = "" if args.debug else " (rerun with --debug for the traceback)"
+        return _fail(args, f"{type(exc).__name__}: {_one_line(exc)}{hint}", EXIT_FAILURE)
 
+
+def _fail(args: argparse.Namespace, message: str, code: int) -> int:
+    """Print the error line (after the traceback with ``--debug``); return the exit code,
+    the same with or without ``--debug``."""
+    if args.debug:
+        traceback.print_exc()
+    print(f"eplb: error: {_one_line(message)}", file=sys.stderr)
+    return code
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -302,6 +302,8 @@ def prepare_report(directory: str | None, force: bool, title: str):
 
 
 def say_written(written: list[Path]) -> None:
-    print(f"report: {written[0]} (+ {written[1].name}, {len(written) - 2} pictures)")
+    pictures = len(written) - 2
+    print(f"report: {written[0]} (+ {written[1].name}, {pictures} "
+          f"picture{'' if pictures == 1 else 's'})")
     if not matplotlib_available():
         print(f"pictures skipped: matplotlib is not installed ({INSTALL_HINT})")

@@ -99,9 +99,9 @@ def _hierarchy_problems(num_experts: int, num_gpus: int, num_nodes: int, num_gro
     if num_gpus % num_nodes:
         problems.append(f"--gpus ({num_gpus}) is not a multiple of --nodes ({num_nodes})")
     if dead:
-        problems.append("--dead-gpus leaves the nodes unlike")
+        problems.append("with --dead-gpus the nodes no longer have the same number of live GPUs")
     if speeds:
-        problems.append("--gpu-speed makes the nodes unlike")
+        problems.append("with --gpu-speed the nodes no longer have the same speed")
     return problems
 
 

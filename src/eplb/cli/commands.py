@@ -97,6 +97,21 @@ def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads:
     )
 
 
+def _warn_revived(previous, active, args: argparse.Namespace) -> None:
+    """Say so when GPUs that hold nothing in ``--previous`` will be filled now."""
+    grid = previous.phy2log.cpu().view(previous.num_layers, args.gpus, -1)
+    empty = (grid < 0).all(2).all(0)  # [P]: dead in the placement in force
+    live = torch.ones_like(empty) if active is None else active.cpu().bool()
+    revived = (empty & live).nonzero()[:, 0].tolist()
+    if revived:
+        ids = ",".join(map(str, revived))
+        many = len(revived) > 1
+        warn(f"GPU{'s' if many else ''} {ids} hold{'' if many else 's'} nothing in "
+             f"{args.previous} (dead then) and {'are' if many else 'is'} live now, so "
+             f"{'their' if many else 'its'} slots will be filled; pass --dead-gpus {ids} to "
+             "keep them out")
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
 
     out = check_output(args.output, args.force)
@@ -140,6 +155,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                   num_gpus=args.gpus, num_nodes=args.nodes,
                                   num_groups=args.groups)
         options["previous"] = previous
+        _warn_revived(previous, active, args)
     options.update(_dispatch_options(args, weight))
     if args.max_moves is not None:
         if previous is None:

@@ -25,6 +25,7 @@ import torch
 from eplb.core.inputs import as_weight
 from eplb.core.placement import Placement
 from eplb.core.replication import replica_bound
+from eplb.core.topology import Topology
 
 #: group→node assignments are enumerated exactly up to this many, else relaxed/greedy
 MAX_ENUMERATED_ASSIGNMENTS = 20_000
@@ -214,17 +215,21 @@ def layer_lower_bound(
     num_gpus: int,
     num_nodes: int = 1,
     num_groups: int = 1,
-    policy: str = "global",
+    policy: str = "auto",
     active_gpus: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[L]`` lower bound on the max GPU load of any placement, float64.
 
     ``weight [L, E]`` (or ``[E]``). With ``active_gpus [P]`` only live GPUs (and their
-    slots) count. ``policy="hierarchical"`` adds the group→node constraint.
+    slots) count. ``policy="hierarchical"`` adds the group→node constraint; ``"auto"``
+    (default) applies it where :func:`eplb.plan`'s ``"auto"`` plans hierarchically
+    (several nodes and groups, groups even over nodes, every GPU live).
     """
     w, _ = as_weight(weight)
     w = w.to(torch.float64)
     live = _num_live(num_gpus, active_gpus)
+    policy = _auto_policy(policy, w.shape[1], num_replicas, num_gpus, num_nodes, num_groups,
+                          live != num_gpus)
     if live < 1:
         raise ValueError("no live GPU: active_gpus is all False")
     slots = num_replicas // num_gpus
@@ -262,16 +267,28 @@ def layer_ceiling(
     return torch.where(bound > 0, mean / bound.clamp(min=1e-300), torch.ones_like(mean))
 
 
+def _auto_policy(policy: str, num_experts: int, num_replicas: int, num_gpus: int,
+                 num_nodes: int, num_groups: int, has_dead_gpus: bool) -> str:
+    """``"auto"`` resolved as the planner resolves it (without its warning)."""
+    if policy != "auto":
+        return policy
+    topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+    hierarchical = topology.grouped and not topology.hierarchy_problems(
+        num_experts, has_dead_gpus=has_dead_gpus)
+    return "hierarchical" if hierarchical else "global"
+
+
 def balancedness_ceiling(
     weight: torch.Tensor,
     num_replicas: int,
     num_gpus: int,
     num_nodes: int = 1,
     num_groups: int = 1,
-    policy: str = "global",
+    policy: str = "auto",
     active_gpus: torch.Tensor | None = None,
 ) -> float:
-    """Σ_l mean_l / Σ_l LB_l: no placement's balancedness can exceed it."""
+    """Σ_l mean_l / Σ_l LB_l: no placement's balancedness can exceed it (``policy`` as in
+    :func:`layer_lower_bound`)."""
     w, _ = as_weight(weight)
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
     live = _num_live(num_gpus, active_gpus)

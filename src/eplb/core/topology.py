@@ -68,6 +68,33 @@ class Topology:
             )
         return self.num_gpus // self.num_nodes
 
+    @property
+    def grouped(self) -> bool:
+        """More than one node and one group, groups spread evenly over nodes: the shape
+        for which ``policy="auto"`` means hierarchical (if :meth:`hierarchy_problems` is
+        empty)."""
+        return self.num_groups > 1 and self.num_nodes > 1 and self.num_groups % self.num_nodes == 0
+
+    def hierarchy_problems(
+        self, num_experts: int, *, has_dead_gpus: bool = False, has_speeds: bool = False
+    ) -> list[str]:
+        """Why the hierarchical policy cannot apply to this cluster (empty: it can)."""
+        problems = []
+        if num_experts % self.num_groups:
+            problems.append(f"num_experts ({num_experts}) is not a multiple of num_groups "
+                            f"({self.num_groups})")
+        if self.num_groups % self.num_nodes:
+            problems.append(f"num_groups ({self.num_groups}) is not a multiple of num_nodes "
+                            f"({self.num_nodes})")
+        if self.num_gpus % self.num_nodes:
+            problems.append(f"num_gpus ({self.num_gpus}) is not a multiple of num_nodes "
+                            f"({self.num_nodes})")
+        if has_dead_gpus:
+            problems.append("some GPUs are dead (active_gpus), so nodes are no longer alike")
+        if has_speeds:
+            problems.append("GPU speeds differ (gpu_speed), so nodes are no longer alike")
+        return problems
+
     def as_dict(self) -> dict[str, int]:
         return {
             "num_replicas": self.num_replicas,

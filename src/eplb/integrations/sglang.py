@@ -29,6 +29,7 @@ mode keeps SGLang's own algorithm.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -214,7 +215,8 @@ def _plugin_declared() -> str | None:
     from importlib.metadata import entry_points
 
     points = {p.name: p.value for p in entry_points(group=PLUGIN_GROUP)}
-    if points.get("eplb") != f"{__name__}:register":
+    # the module's import name, not __name__ (``__main__`` under ``python -m``)
+    if points.get("eplb") != "eplb.integrations.sglang:register":
         return ("eplb is not installed as a package, so SGLang's scheduler processes "
                 "cannot load its plugin: pip install /path/to/eplb (or pip install -e .)")
     allowed = os.environ.get("SGLANG_PLUGINS", "").strip()
@@ -239,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_env()
     except ValueError as exc:
         print(f"eplb: {exc}", file=sys.stderr)
+        return 2
+    if importlib.util.find_spec("sglang") is None:
+        print("eplb: SGLang is not installed in this Python environment (pip install "
+              "sglang, or run this with the Python that serves SGLang)", file=sys.stderr)
         return 2
     problem = _plugin_declared()
     if problem is not None:

@@ -75,24 +75,14 @@ def resolve_policy(
         return policy
     if policy not in ("auto", "hierarchical"):
         return policy
-    nodes, groups = topology.num_nodes, topology.num_groups
     if policy == "auto":
         if rule == "deepseek":
-            if groups % nodes:
+            if topology.num_groups % topology.num_nodes:
                 return "global"
-        elif groups <= 1 or nodes <= 1 or groups % nodes:
+        elif not topology.grouped:
             return "global"
-    problems = []
-    if num_experts % groups:
-        problems.append(f"num_experts ({num_experts}) is not a multiple of num_groups ({groups})")
-    if groups % nodes:
-        problems.append(f"num_groups ({groups}) is not a multiple of num_nodes ({nodes})")
-    if topology.num_gpus % nodes:
-        problems.append(f"num_gpus ({topology.num_gpus}) is not a multiple of num_nodes ({nodes})")
-    if has_dead_gpus:
-        problems.append("some GPUs are dead (active_gpus), so nodes are no longer alike")
-    if has_speeds:
-        problems.append("GPU speeds differ (gpu_speed), so nodes are no longer alike")
+    problems = topology.hierarchy_problems(num_experts, has_dead_gpus=has_dead_gpus,
+                                           has_speeds=has_speeds)
     if not problems:
         return "hierarchical"
     reason = "; ".join(problems)
