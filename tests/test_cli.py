@@ -399,3 +399,32 @@ def test_threads_option(capsys, tmp_path, loads) -> None:
                      "-o", str(tmp_path / "p.json"))
     assert code == 0 and torch.get_num_threads() == 2
     torch.set_num_threads(1)
+
+
+def test_eval_first_layer_scores_moe_rows_of_an_sglang_file(capsys, tmp_path, loads) -> None:
+    out = tmp_path / "p.sglang.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--first-layer", "1",
+               "-o", str(out))[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", str(out), str(loads), "-g", str(P))
+    assert code == 2 and "--first-layer" in err
+    code, text, _ = run(capsys, "eval", "--placement", str(out), str(loads), "-g", str(P),
+                        "--first-layer", "1", "--json")
+    assert code == 0
+    planned = json.loads(run(capsys, "eval", "--placement", str(out), str(loads), "-g",
+                             str(P), "--first-layer", "1", "--json")[1])
+    assert planned["balancedness_after"] == json.loads(text)["balancedness_after"] > 0.9
+    code, _, err = run(capsys, "eval", "--placement", str(out), str(loads), "-g", str(P),
+                       "--first-layer", "2")
+    assert code == 2 and "0..1" in err
+
+
+def test_eval_gpu_speed_scores_time_not_load(capsys, tmp_path, loads) -> None:
+    out = tmp_path / "p.json"
+    speeds = "2,1,1,1"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--gpu-speed", speeds,
+               "-o", str(out))[0] == 0
+    plain = json.loads(run(capsys, "eval", "--placement", str(out), str(loads), "--json")[1])
+    timed = json.loads(run(capsys, "eval", "--placement", str(out), str(loads), "--json",
+                           "--gpu-speed", speeds)[1])
+    assert timed["balancedness_after"] > plain["balancedness_after"]
+    assert timed["balancedness_ceiling"] is None

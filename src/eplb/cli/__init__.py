@@ -198,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["auto", "global", "hierarchical"], default="auto",
                    help="engine files, which do not record it: auto = hierarchical when the "
                         "cluster allows it and the placement keeps every group on one node")
+    p.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
+                   help="relative GPU speeds the placement was planned for (as in plan; "
+                        "placement files do not record them)")
+    p.add_argument("--first-layer", type=int, default=None, metavar="K",
+                   help="the loads' first row is the placement's row K (e.g. an SGLang file "
+                        "with a row for every model layer, scored on MoE-only loads)")
     _add_dispatch(p, planning=False)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func="commands:cmd_eval")

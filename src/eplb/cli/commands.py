@@ -290,6 +290,18 @@ def _dispatch_options(args: argparse.Namespace, weight: torch.Tensor) -> dict:
     return options
 
 
+def _placement_rows(placement: Placement, first: int, count: int,
+                    args: argparse.Namespace) -> Placement:
+    """Rows ``first .. first + count - 1`` of ``placement`` (``--first-layer``)."""
+    if first < 0 or first + count > placement.num_layers:
+        raise CliError(f"--first-layer {first}: the placement {args.placement} has "
+                       f"{placement.num_layers} rows, the loads {count}, so K must lie in "
+                       f"0..{max(placement.num_layers - count, 0)}")
+    rows = placement.phy2log[first:first + count]
+    return Placement.from_phy2log(rows, placement.num_experts, placement.topology,
+                                  placement.policy, placement.active_gpus)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
 
     placement, meta = read_placement_meta(
@@ -298,10 +310,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     placement = _eval_policy(placement, meta, args)
     trace = read_trace(args.loads, args)
     weight = trace.total()
+    if args.first_layer is not None:
+        placement = _placement_rows(placement, args.first_layer, weight.shape[0], args)
     if weight.shape != (placement.num_layers, placement.num_experts):
+        hint = ""
+        if weight.shape[0] < placement.num_layers and weight.shape[1] == placement.num_experts:
+            hint = ("; if the loads are the placement's rows K and on (e.g. the MoE layers of "
+                    "an SGLang file), pass --first-layer K")
         raise CliError(
             f"loads {args.loads} have {weight.shape[0]} layers × {weight.shape[1]} experts but "
-            f"the placement {args.placement} has {placement.num_layers} × {placement.num_experts}"
+            f"the placement {args.placement} has {placement.num_layers} × "
+            f"{placement.num_experts}{hint}"
         )
     topo = placement.topology
     live = placement.live_gpus()
@@ -311,9 +330,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.dispatch == "nearest":
         nearest = _nearest_scores(args, placement, weight)
         after_loads = nearest.pop("gpu_loads")
-    after_layer, after, after_worst = layer_balance(after_loads, live)
+    speed = gpu_speed_from(args.gpu_speed, topo.num_gpus)
+    after_layer, after, after_worst = layer_balance(after_loads, live, speed)
     ceil = ceiling(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
-                   placement.policy, active=placement.active_gpus)
+                   placement.policy, active=placement.active_gpus, speed=speed is not None)
     static = static_gpu_loads(weight, topo.num_gpus)
     mean_b = static.mean(1).clamp(min=1e-300)
     mean_a = after_loads[:, live].mean(1).clamp(min=1e-300)
