@@ -820,3 +820,37 @@ def test_write_loads_round_trip(tmp_path, fmt):
     with pytest.raises(FileExistsError, match="force"):
         write_loads(trace, path, format=fmt)
     write_loads(trace, path, format=fmt, force=True)
+
+
+# ----------------------------------------------------------------- nested JSON and records
+def test_json_records_and_nested_arrays(tmp_path):
+    rows = [[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]
+    doc = {"olmoe/arxiv": {"layers": [0, 7], "counts": rows},  # a record (flat key)
+           "mixtral": {"c4": {"counts": rows}, "raw": {"deep": rows}}}  # nested
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(doc))
+    record = read_loads(path, key="olmoe/arxiv")
+    assert record.layer_ids == [0, 7] and record.counts.shape == (1, 2, 4)
+    assert read_loads(path, key="mixtral/c4").counts.shape == (1, 2, 4)
+    assert torch.equal(read_loads(path, key="mixtral/raw/deep").counts[0],
+                       torch.tensor(rows, dtype=torch.float64))
+    with pytest.raises(FormatError, match=r"holds 3 arrays \(olmoe/arxiv, mixtral/c4, "
+                                          r"mixtral/raw/deep\)"):
+        read_loads(path)
+    with pytest.raises(FormatError, match="'mixtral' is an object, not an array; it holds "
+                                          "mixtral/c4, mixtral/raw/deep"):
+        read_loads(path, key="mixtral")
+    with pytest.raises(FormatError, match="has no array 'mixtral/nope'"):
+        read_loads(path, key="mixtral/nope")
+    doc["olmoe/arxiv"]["layers"] = [0, True]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match="layer ids must be 2 integers"):
+        read_loads(path, key="olmoe/arxiv")
+
+
+def test_real_olmoe_counts_by_key():
+    path = REAL / "olmoe_mixtral_routing_counts" / "expert_counts.json"
+    if not path.exists():
+        pytest.skip(f"real data not present: {path}")
+    trace = read_loads(path, key="olmoe/expert_counts/arxiv")
+    assert trace.counts.shape[1:] == (3, 64) and trace.layer_ids == [0, 7, 15]

@@ -15,6 +15,7 @@ import torch
 
 from eplb.core.inputs import as_counts
 from eplb.core.trace import LoadTrace
+from eplb.formats._arrays import check_keys, pick_array, pick_flat, record_layer_ids
 from eplb.formats._files import import_safetensors_torch, require_regular_file
 from eplb.formats._npy import load_npy, load_npz, npz_headers
 from eplb.formats.detect import (
@@ -458,11 +459,11 @@ def _named_arrays(path: Path, keys: list[str] | None = None) -> dict[str, torch.
     kind = sniff_container(path)
     if kind == "npz":
         names = list(npz_headers(path))
-        _check_keys(path, keys, names)
+        check_keys(path, keys, names)
         loaded = load_npz(path, keys)
         return {k: _to_tensor(v, path, k) for k, v in loaded.items()}
     if kind == "npy":
-        _check_keys(path, keys, [path.stem])
+        check_keys(path, keys, [path.stem])
         return {path.stem: _to_tensor(load_npy(path), path, path.name)}
     if kind == "safetensors":
         st = import_safetensors_torch()
@@ -485,33 +486,11 @@ def _named_arrays(path: Path, keys: list[str] | None = None) -> dict[str, torch.
             path,
             f"expected an array container (.npz, .npy, .pt, .safetensors), found {kind} content",
         )
-    _check_keys(path, keys, list(tensors))
+    check_keys(path, keys, list(tensors))
     return tensors if keys is None else {k: tensors[k] for k in keys}
 
 
-def _check_keys(path: Path, keys: list[str] | None, names: list[str]) -> None:
-    missing = [k for k in keys or () if k not in names]
-    if missing:
-        raise FormatError(path, f"has no array {missing[0]!r} (key / --key); it holds {names}")
-
-
 # ---------------------------------------------------------------------- plain tensors
-def _pick(arrays: dict[str, Any], path: Path, key: str | None) -> tuple[str, Any]:
-    if key is not None:
-        if key not in arrays:
-            raise FormatError(
-                path, f"has no array {key!r} (key / --key); it holds {sorted(arrays)}"
-            )
-        return key, arrays[key]
-    if len(arrays) == 1:
-        return next(iter(arrays.items()))
-    raise FormatError(
-        path,
-        f"holds {len(arrays)} arrays {sorted(arrays)}; expected one [L, E] or [T, L, E] "
-        "array: choose one with key= (CLI: --key NAME)",
-    )
-
-
 def _read_plain(
     path: Path, fmt: str, key: str | None
 ) -> tuple[torch.Tensor, list[int] | None, dict[str, Any]]:
@@ -521,14 +500,15 @@ def _read_plain(
     if fmt == "json":
         obj = _load_json(path)
         if isinstance(obj, dict):
-            name, value = _pick(obj, path, key)
-            return _as_counts(value, path, name), None, {"key": name}
+            name, value, ids = pick_array(obj, path, key)
+            counts = _as_counts(value, path, name)
+            return counts, record_layer_ids(ids, counts.shape[1], path, name), {"key": name}
         return _as_counts(obj, path, "the JSON array"), None, {}
     arrays = _named_arrays(path, None if key is None else [key])
     if key is None and set(arrays) == {"counts", "layer_ids"}:  # written by write_loads
         ids = [int(i) for i in arrays["layer_ids"].flatten().tolist()]
         return _as_counts(arrays["counts"], path, "counts"), ids, {"key": "counts"}
-    name, value = _pick(arrays, path, key)
+    name, value = pick_flat(arrays, path, key)
     return _as_counts(value, path, name), None, {"key": name}
 
 

@@ -1,0 +1,109 @@
+"""Named arrays: choosing one by ``key=`` / ``--key`` in a flat container (``.npz``,
+``.pt``, ``.safetensors``) or in nested JSON objects.
+
+A JSON loads file may hold several arrays at any depth, e.g. one record per model and
+dataset: ``{"olmoe": {"expert_counts": {"arxiv": {"layers": [...], "counts": [[...]]}}}}``.
+An array is named by its path with ``/`` between keys (``olmoe/expert_counts/arxiv``); a
+record with a ``counts`` array (and optionally ``layers`` or ``layer_ids``, the model
+layer of each row) is read as one array with those layer ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from eplb.formats.errors import FormatError
+
+SEPARATOR = "/"
+_MAX_DEPTH = 8  # deeper objects are not searched for arrays
+_SHOWN = 12  # names listed in an error message
+
+
+def _is_record(value: Any) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("counts"), list)
+
+
+def array_names(obj: dict[str, Any]) -> list[str]:
+    """Paths of the arrays (lists) and count records inside ``obj``, outermost first."""
+    names: list[str] = []
+
+    def walk(node: dict[str, Any], prefix: str, depth: int) -> None:
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, list) or _is_record(value):
+                names.append(name)
+            elif isinstance(value, dict) and depth < _MAX_DEPTH:
+                walk(value, name + SEPARATOR, depth + 1)
+
+    walk(obj, "", 0)
+    return names
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_SHOWN])
+    return shown + (f", … ({len(names)} in all)" if len(names) > _SHOWN else "")
+
+
+def pick_array(
+    obj: dict[str, Any], path: Path, key: str | None
+) -> tuple[str, Any, list[Any] | None]:
+    """``(name, array, layer ids or None)`` of the array ``key`` names in ``obj`` (the only
+    one when ``key`` is ``None``). Raises :class:`FormatError` listing the names."""
+    names = array_names(obj)
+    if key is None:
+        if len(names) != 1:
+            raise FormatError(
+                path,
+                f"holds {len(names)} arrays ({_listing(names)}); expected one [L, E] or "
+                f"[T, L, E] array: choose one with key= (CLI: --key NAME, nested names "
+                f"joined by '{SEPARATOR}')",
+            )
+        key = names[0]
+    value: Any = obj
+    for part in key.split(SEPARATOR) if key not in obj else [key]:
+        if not isinstance(value, dict) or part not in value:
+            raise FormatError(path, f"has no array {key!r} (key / --key); it holds "
+                                    f"{_listing(names)}")
+        value = value[part]
+    if _is_record(value):
+        return key, value["counts"], value.get("layer_ids", value.get("layers"))
+    if isinstance(value, dict):
+        inner = [f"{key}{SEPARATOR}{name}" for name in array_names(value)]
+        raise FormatError(path, f"{key!r} is an object, not an array; it holds "
+                                f"{_listing(inner) or 'no arrays'}")
+    return key, value, None
+
+
+def record_layer_ids(ids: Any, rows: int, path: Path, name: str) -> list[int] | None:
+    """The model layer ids of a JSON count record, checked against its ``rows``."""
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or len(ids) != rows or not all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 20 for i in ids
+    ):
+        raise FormatError(path, f"{name}: its layer ids must be {rows} integers in "
+                                f"[0, 2**20), one per row of counts")
+    return ids
+
+
+def check_keys(path: Path, keys: list[str] | None, names: list[str]) -> None:
+    missing = [k for k in keys or () if k not in names]
+    if missing:
+        raise FormatError(path, f"has no array {missing[0]!r} (key / --key); it holds {names}")
+
+
+def pick_flat(arrays: dict[str, Any], path: Path, key: str | None) -> tuple[str, Any]:
+    if key is not None:
+        if key not in arrays:
+            raise FormatError(
+                path, f"has no array {key!r} (key / --key); it holds {sorted(arrays)}"
+            )
+        return key, arrays[key]
+    if len(arrays) == 1:
+        return next(iter(arrays.items()))
+    raise FormatError(
+        path,
+        f"holds {len(arrays)} arrays {sorted(arrays)}; expected one [L, E] or [T, L, E] "
+        "array: choose one with key= (CLI: --key NAME)",
+    )
