@@ -302,6 +302,14 @@ def _placement_rows(placement: Placement, first: int, count: int,
                                   placement.policy, placement.active_gpus)
 
 
+def _max_over_mean(gpu_loads: torch.Tensor) -> torch.Tensor:
+    """``[L]`` worst GPU over the mean GPU load; 1.0 for a layer without load (as its
+    balancedness), not 0."""
+    mean = gpu_loads.mean(1)
+    ratio = gpu_loads.max(1).values / mean.clamp(min=1e-300)
+    return torch.where(mean > 0, ratio, torch.ones_like(ratio))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
 
     placement, meta = read_placement_meta(
@@ -335,10 +343,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ceil = ceiling(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
                    placement.policy, active=placement.active_gpus, speed=speed is not None)
     static = static_gpu_loads(weight, topo.num_gpus)
-    mean_b = static.mean(1).clamp(min=1e-300)
-    mean_a = after_loads[:, live].mean(1).clamp(min=1e-300)
-    ratio_b = (static.max(1).values / mean_b).tolist()
-    ratio_a = (after_loads[:, live].max(1).values / mean_a).tolist()
+    ratio_b = _max_over_mean(static).tolist()
+    ratio_a = _max_over_mean(after_loads[:, live]).tolist()
     per_layer = [
         {
             "layer": lid,
