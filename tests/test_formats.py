@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -17,14 +16,11 @@ from hypothesis import strategies as st
 
 import eplb
 from eplb.formats import (
-    EMITS,
     FORMATS,
     FormatError,
     LoadTrace,
     detect_format,
     read_loads,
-    read_placement,
-    read_placement_meta,
     write_loads,
     write_placement,
 )
@@ -534,203 +530,6 @@ def test_missing_file():
         read_loads("/nonexistent/loads.json")
 
 
-# --------------------------------------------------------------------------- placements
-def make_placement(seed: int, layers: int, experts: int, gpus: int, slots_per_gpu: int):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.rand(layers, experts, generator=g) ** 3 * 1000
-    return eplb.plan(w, gpus * slots_per_gpu, gpus), w
-
-
-def with_dead_gpu(placement, dead: int):
-    """The same plan with GPU ``dead`` appended as dead (its slots -1)."""
-    topo = placement.topology
-    s = topo.slots_per_gpu
-    rows = placement.phy2log
-    rows = torch.cat(
-        [rows[:, : dead * s], torch.full((rows.shape[0], s), -1), rows[:, dead * s :]], 1
-    )
-    active = torch.ones(topo.num_gpus + 1, dtype=torch.bool)
-    active[dead] = False
-    new_topo = eplb.Topology(topo.num_replicas + s, topo.num_gpus + 1)
-    return eplb.Placement.from_phy2log(rows, placement.num_experts, new_topo, active_gpus=active)
-
-
-def _suffix(emit: str) -> str:
-    """A file name suffix the format's readers (and engines) accept."""
-    return {"sglang": "json", "trtllm": "yaml"}.get(emit, emit)
-
-
-def read_back(path: Path, emit: str, placement):
-    kwargs = {"num_gpus": placement.topology.num_gpus} if emit == "sglang" else {}
-    return read_placement(path, **kwargs)
-
-
-@settings(
-    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    seed=st.integers(0, 10_000),
-    layers=st.integers(1, 4),
-    experts=st.sampled_from([4, 8, 16]),
-    gpus=st.sampled_from([1, 2, 4]),
-    extra=st.integers(0, 3),
-)
-def test_round_trip_every_emit(tmp_path_factory, seed, layers, experts, gpus, extra):
-    slots_per_gpu = -(-experts // gpus) + extra
-    placement, w = make_placement(seed, layers, experts, gpus, slots_per_gpu)
-    placement.validate()
-    folder = tmp_path_factory.mktemp("rt")
-    for emit in EMITS:
-        path = write_placement(placement, folder / f"p_{emit}.{_suffix(emit)}", emit, weight=w)
-        back = read_back(path, emit, placement)
-        back.validate()
-        assert torch.equal(back.phy2log, placement.phy2log), emit
-        assert torch.equal(back.logcnt, placement.logcnt)
-        assert back.topology == placement.topology, emit
-        assert back.policy == placement.policy
-
-
-def test_eplb_json_contents(tmp_path):
-    placement, w = make_placement(0, 3, 8, 4, 3)
-    path = write_placement(placement, tmp_path / "p.json", weight=w, layer_ids=[3, 4, 5])
-    doc = json.loads(path.read_text())
-    assert doc["format"] == "eplb.placement" and doc["format_version"] == 1
-    assert doc["eplb_version"] == eplb.__version__
-    assert doc["topology"] == placement.topology.as_dict()
-    assert doc["layer_ids"] == [3, 4, 5]
-    assert doc["phy2log"] == placement.phy2log.tolist()
-    assert doc["balancedness"] == pytest.approx(placement.balancedness(w))
-    assert doc["layer_balancedness"] == pytest.approx(placement.layer_balancedness(w).tolist())
-    if importlib.util.find_spec("eplb.core.bounds") is None:
-        assert doc["ceiling"] is None
-    else:
-        assert len(doc["layer_ceiling"]) == 3
-        assert doc["balancedness"] <= doc["ceiling"] + 1e-9
-    _, meta = read_placement_meta(path)
-    assert meta["layer_ids"] == [3, 4, 5] and meta["format"] == "json"
-    with pytest.raises(FormatError, match="read_placement"):
-        read_loads(path)
-    # the .pt form holds tensors and loads with weights_only=True
-    pt = write_placement(placement, tmp_path / "p.pt", "pt", weight=w)
-    obj = torch.load(pt, weights_only=True)
-    assert torch.equal(obj["phy2log"], placement.phy2log)
-    assert obj["format"] == "eplb.placement"
-
-
-def test_dead_gpus_round_trip_in_eplb_formats_and_are_refused_by_engines(tmp_path):
-    base, _ = make_placement(1, 2, 8, 3, 4)
-    placement = with_dead_gpu(base, 1)
-    placement.validate()
-    for emit in ("json", "pt"):
-        back = read_placement(write_placement(placement, tmp_path / f"d.{emit}", emit))
-        back.validate()
-        assert torch.equal(back.phy2log, placement.phy2log)
-        assert back.active_gpus.tolist() == [True, False, True, True]
-    for emit in ("sglang", "trtllm"):
-        with pytest.raises(ValueError, match=r"cannot express empty slots.*GPUs \[1\]"):
-            write_placement(placement, tmp_path / f"d.{emit}", emit)
-        assert not (tmp_path / f"d.{emit}").exists()
-
-
-def test_sglang_file_is_engine_loadable(tmp_path):
-    placement, _ = make_placement(2, 3, 8, 4, 3)
-    path = write_placement(placement, tmp_path / "init.json", "sglang", layer_ids=[3, 4, 5])
-    doc = json.loads(path.read_text())
-    # SGLang calls init_by_mapping(**doc): the only key allowed
-    assert list(doc) == ["physical_to_logical_map"]
-    rows = torch.tensor(doc["physical_to_logical_map"])
-    assert rows.shape == (6, 12)
-    assert torch.equal(rows[3:], placement.phy2log)
-    assert torch.equal(rows[0], torch.arange(12) % 8)  # dense rows: SGLang's trivial map
-    full = read_placement(path, num_gpus=4)
-    full.validate()
-    with pytest.raises(ValueError, match="num_gpus="):
-        read_placement(path)
-    with pytest.raises(FormatError, match="multiple of num_gpus"):
-        read_placement(path, num_gpus=5)
-
-
-def test_trtllm_yaml_constraints(tmp_path):
-    placement, _ = make_placement(3, 3, 8, 4, 3)
-    path = write_placement(placement, tmp_path / "lb.yaml", "trtllm", layer_ids=[3, 4, 5])
-    doc = yaml.safe_load(path.read_text())
-    assert doc["num_slots"] == 12 and doc["layer_updates_per_iter"] == 0
-    assert list(doc["initial_global_assignments"]) == [3, 4, 5]
-    assert all(len(v) == doc["num_slots"] for v in doc["initial_global_assignments"].values())
-    assert doc["num_slots"] % placement.topology.num_gpus == 0
-    back, meta = read_placement_meta(path)
-    assert meta["layer_ids"] == [3, 4, 5]
-    assert torch.equal(back.phy2log, placement.phy2log)
-    # a foreign YAML (no eplb comment), nested in a full LLM-API config, needs num_gpus
-    foreign = tmp_path / "config.yaml"
-    foreign.write_text(yaml.safe_dump({"moe_config": {"load_balancer": doc}}))
-    with pytest.raises(ValueError, match="num_gpus="):
-        read_placement(foreign)
-    assert torch.equal(read_placement(foreign, num_gpus=4).phy2log, placement.phy2log)
-
-
-def test_overwrite_refused_without_force(tmp_path):
-    placement, _ = make_placement(4, 2, 8, 2, 5)
-    for emit in EMITS:
-        path = tmp_path / f"out_{emit}.{_suffix(emit)}"
-        path.write_bytes(b"precious")
-        with pytest.raises(FileExistsError, match="force") as info:
-            write_placement(placement, path, emit)
-        assert str(path) in str(info.value)
-        assert path.read_bytes() == b"precious"
-        write_placement(placement, path, emit, force=True)
-        assert path.read_bytes() != b"precious"
-        assert torch.equal(read_back(path, emit, placement).phy2log, placement.phy2log)
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-
-
-def test_write_placement_rejects_bad_arguments(tmp_path):
-    placement, w = make_placement(5, 2, 8, 2, 5)
-    with pytest.raises(ValueError, match="unknown emit"):
-        write_placement(placement, tmp_path / "x", "yaml")
-    with pytest.raises(ValueError, match="layer_ids has 3 entries"):
-        write_placement(placement, tmp_path / "x", layer_ids=[1, 2, 3])
-    with pytest.raises(ValueError, match="weight has shape"):
-        write_placement(placement, tmp_path / "x", weight=w[:1])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        write_placement(placement, tmp_path / "nodir" / "x.json")
-    with pytest.raises(TypeError):
-        write_placement(placement.phy2log, tmp_path / "x")
-
-
-def test_read_placement_malformed(tmp_path):
-    cases = {
-        "loads.json": (json.dumps({"logical_count": [[1, 2]]}), "read_loads"),
-        "keys.json": (json.dumps({"foo": 1}), "expected a placement"),
-        "bad.json": ("{", "malformed JSON"),
-        "float.json": (json.dumps({"physical_to_logical_map": [[0.5, 1.0]]}), "integer"),
-        "missing_expert.json": (
-            json.dumps(
-                {
-                    "format": "eplb.placement",
-                    "format_version": 1,
-                    "num_experts": 3,
-                    "topology": {"num_replicas": 2, "num_gpus": 1, "num_nodes": 1, "num_groups": 1},
-                    "phy2log": [[0, 1]],
-                }
-            ),
-            "invalid placement",
-        ),
-        "future.json": (
-            json.dumps({"format": "eplb.placement", "format_version": 99}),
-            "format_version",
-        ),
-        "lb.yaml": ("num_slots: 3\ninitial_global_assignments:\n  3: [0, 1]\n", "num_slots is 3"),
-        "junk.bin": ("\x01\x02", "expected a placement"),
-    }
-    for name, (text, expect) in cases.items():
-        path = tmp_path / name
-        path.write_text(text)
-        with pytest.raises(FormatError, match=expect) as info:
-            read_placement(path, num_gpus=1)
-        assert str(path) in str(info.value)
-
-
 # ---------------------------------------------------------------------------- real data
 def _real(folder: str) -> Path:
     path = REAL / folder
@@ -776,36 +575,6 @@ def test_real_routing_traces_load():
     assert qwen.meta["step_tokens"] == [1960, 2050, 2080]
 
 
-def test_hierarchical_topology_survives_round_trips(tmp_path):
-    topo = eplb.Topology(num_replicas=8, num_gpus=4, num_nodes=2, num_groups=2)
-    rows = torch.tensor([[0, 1, 1, 0, 2, 3, 3, 2], [0, 1, 0, 1, 3, 2, 2, 3]])
-    placement = eplb.Placement.from_phy2log(rows, 4, topo, policy="hierarchical")
-    placement.validate()
-    for emit in EMITS:
-        path = write_placement(placement, tmp_path / f"h_{emit}.{_suffix(emit)}", emit)
-        if emit == "sglang":
-            back = read_placement(
-                path, num_gpus=4, num_nodes=2, num_groups=2, policy="hierarchical"
-            )
-        else:
-            back = read_placement(path)
-        back.validate()
-        assert back.topology == topo and back.policy == "hierarchical", emit
-        assert torch.equal(back.phy2log, rows)
-
-
-def test_recorded_ceiling_is_the_bound_for_the_placements_own_topology(tmp_path):
-    from eplb.core.bounds import balancedness_ceiling, layer_ceiling
-
-    placement, w = make_placement(6, 2, 8, 2, 5)
-    doc = json.loads(write_placement(placement, tmp_path / "p.json", weight=w).read_text())
-    assert doc["ceiling"] == pytest.approx(balancedness_ceiling(w, 10, 2))
-    assert doc["layer_ceiling"] == pytest.approx(layer_ceiling(w, 10, 2).tolist())
-    dead = with_dead_gpu(placement, 0)
-    doc = json.loads(write_placement(dead, tmp_path / "d.json", weight=w).read_text())
-    live = torch.tensor([False, True, True])
-    assert doc["ceiling"] == pytest.approx(balancedness_ceiling(w, 15, 3, active_gpus=live))
-    assert doc["balancedness"] <= doc["ceiling"] + 1e-12
 
 
 @pytest.mark.parametrize("fmt", ["pt", "npz", "vllm-history", "sglang"])
