@@ -27,6 +27,7 @@ initial map) and the steady state (t ≥ 1).
   expert (3 × 7168 × 2048 FP8 parameters) with the time at 50 GB/s.
 
     python benchmarks/bench_vllm_call.py [--files N] [--steps T] [--drift 0.15]
+        [--move-prices 0.01,0.02]
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per rebalance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--topology", choices=["all", "global", "hierarchical"], default="all")
+    parser.add_argument("--move-prices", default="", metavar="X[,X...]",
+                        help="extra eplb rows with these move_price options (the trade-off "
+                             "between slots moved and next-window balance; default 0.005)")
     args = parser.parse_args(argv)
     print(start("bench_vllm_call"))
     root = engine_root("vllm")
@@ -135,6 +139,9 @@ def main(argv=None) -> int:
         planners = {"vLLM 0.33 default": vllm.DefaultEplbPolicy,
                     "DeepSeek greedy, layer-batched": BatchedGreedy,
                     "eplb (defaults)": ours, "eplb, max_moves 20 %": Budget20}
+        for price in filter(None, args.move_prices.split(",")):
+            priced = type(f"Price{price}", (ours,), {"options": {"move_price": float(price)}})
+            planners[f"eplb, move_price {price}"] = priced
         rows = []
         for topo_name, (groups, nodes) in TOPOLOGIES.items():
             if args.topology != "all" and not topo_name.startswith(args.topology):
