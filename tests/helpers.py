@@ -64,7 +64,7 @@ def assert_contract(
     assert logcnt.shape[0] == num_layers
     assert log2phy.shape[:2] == (num_layers, num_experts)
     slots_per_gpu = num_slots // topo.num_gpus
-    assert placement.policy in ("global", "hierarchical")
+    assert placement.policy in ("global", "hierarchical", "locality")
 
     p2l = phy2log.cpu().numpy()
     l2p = log2phy.cpu().numpy()

@@ -177,3 +177,34 @@ def test_gpu_speed_is_valid(prob, fast):
         p = eplb.plan(prob["weight"], prob["replicas"], gpus, prob["nodes"], prob["groups"],
                       seed=prob["seed"], gpu_speed=speed)
     assert_contract(p)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    nodes=st.integers(2, 6),
+    gpus_per_node=st.integers(1, 4),
+    slots=st.integers(1, 5),
+    groups_per_node=st.integers(0, 2),
+    experts_per_group=st.integers(1, 6),
+    skew=st.sampled_from([0.0, 1.0, 3.0]),
+    seed=st.integers(0, 1000),
+)
+def test_locality_plans_keep_the_contract_or_refuse_clearly(
+    nodes, gpus_per_node, slots, groups_per_node, experts_per_group, skew, seed
+):
+    """Every shape: a valid locality plan, or a ValueError that names why."""
+    gpus = nodes * gpus_per_node
+    groups = nodes * groups_per_node if groups_per_node else 1
+    experts = groups * experts_per_group if groups > 1 else experts_per_group * nodes
+    replicas = gpus * slots
+    if replicas < experts:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.exp(skew * torch.randn(2, experts, generator=gen))
+    try:
+        p = eplb.plan(w, replicas, gpus, nodes, groups, policy="locality", dispatch="nearest")
+    except ValueError as exc:
+        assert "locality" in str(exc) or "slots" in str(exc)
+        return
+    p.validate()
+    assert_contract(p)

@@ -326,6 +326,8 @@ def _pack_nodes(
                                      f"{per_node} slots")
             order = np.lexsort((e, -x))  # heaviest first, one expert's replicas adjacent
             load[layer, n], expert[layer, n] = x[order], e[order]
+    if topology.gpus_per_node == 1:  # a node is one GPU: nothing to pack
+        return torch.from_numpy(expert.reshape(num_layers, topology.num_replicas))
     rows = num_layers * nodes
     items = make_items(torch.from_numpy(load.reshape(rows, per_node)),
                        torch.from_numpy(expert.reshape(rows, per_node)))
@@ -388,10 +390,12 @@ def plan_locality(
     single = ~hot
     movable = single & (counts == 1)
     load = torch.where(single, w, torch.zeros_like(w))
-    # start: group split for everything on one node; pairs of cold replicas stay there,
-    # single units fill each node up to its slots
-    base = _start(load, freq, single, np.full((num_layers, nodes), 1 << 30), groups, nodes)
+    # start: the group split; pairs of cold replicas (two slots on one node) go there as
+    # far as every node has room for them beside the hot experts' copies, then single
+    # units fill each node up to its slots
     pinned = single & ~movable
+    free = slots_total // nodes - hot.sum(1, keepdim=True)  # [L, 1] slots beside hot copies
+    base = _start(load, freq, pinned, (free // 2).expand(-1, nodes).numpy(), groups, nodes)
     pinned_slots = torch.zeros(num_layers, nodes, dtype=torch.int64)
     pinned_slots.scatter_add_(1, base.clamp(min=0), torch.where(pinned, counts, 0))
     capacity = slots_total // nodes - hot.sum(1, keepdim=True) - pinned_slots

@@ -96,6 +96,27 @@ def resolve_policy(
     return "global"
 
 
+def _locality_room(topology: Topology, num_experts: int) -> list[str]:
+    """Shapes the locality plan's structure cannot fill: ``k = (R − E) // (N − 1)`` hot
+    experts with a copy on every node, and the ``(R − E) mod (N − 1)`` replicas left as
+    second copies of cold experts on one node (two GPUs of one node, two free slots)."""
+    nodes, replicas = topology.num_nodes, topology.num_replicas
+    extra = replicas - num_experts
+    if nodes <= 1 or topology.num_gpus % nodes or extra <= 0:
+        return []
+    hot, left = divmod(extra, nodes - 1)
+    if hot + left > num_experts:
+        return [f"{replicas} slots exceed what {num_experts} experts can use on {nodes} nodes"]
+    pairs_per_node = (replicas // nodes - hot) // 2
+    if left and (topology.num_gpus // nodes < 2 or left > nodes * pairs_per_node):
+        return [f"the {left} replicas beyond {hot} experts on every node do not fit as second "
+                f"copies on one node (a node has {topology.num_gpus // nodes} GPU(s) and "
+                f"{replicas // nodes - hot} slot(s) beside the copies); choose num_replicas "
+                f"with (num_replicas - num_experts) a multiple of num_nodes - 1, or "
+                f"policy='global' with dispatch='nearest'"]
+    return []
+
+
 def _locality_problems(
     topology: Topology, num_experts: int, has_dead_gpus: bool, has_speeds: bool
 ) -> list[str]:
@@ -109,6 +130,7 @@ def _locality_problems(
         problems.append(f"num_experts ({num_experts}) is not a multiple of num_groups ({groups})")
     if groups > 1 and groups % nodes:
         problems.append(f"num_groups ({groups}) is not a multiple of num_nodes ({nodes})")
+    problems += _locality_room(topology, num_experts)
     if has_dead_gpus:
         problems.append("dead GPUs are not supported by the locality policy yet")
     if has_speeds:
