@@ -347,3 +347,11 @@ def test_launcher_as_a_user_runs_it(tmp_path):
     assert started.returncode == 0, started.stderr
     assert "server ['--model-path', 'm'] eplb" in started.stdout
     assert "without --enable-eplb" in started.stderr
+
+
+@pytest.mark.parametrize("raw", [
+    '{"max_moves": -1}', '{"policy": "bogus"}', '{"incremental": "false"}', '{"drift": 9}',
+])
+def test_sglang_option_values_fail_at_start_up(raw):
+    with pytest.raises(ValueError, match=plugin.OPTIONS_ENV_VAR):
+        plugin.options_from_env({plugin.OPTIONS_ENV_VAR: raw})

@@ -298,3 +298,13 @@ def test_documented_vllm_flags_and_config_fields_exist(vllm_root):
     fields = {n.target.id for n in config.body if isinstance(n, ast.AnnAssign)}
     documented = {"window_size", "step_interval", "num_redundant_experts", "policy", "use_async"}
     assert documented <= fields
+
+
+@pytest.mark.parametrize("raw", [
+    '{"max_moves": -5}', '{"policy": "bogus"}', '{"agree_timeout_s": Infinity}',
+    '{"agree_timeout_s": 1e14}', '{"agree_timeout_s": NaN}', '{"move_price": "x"}',
+])
+def test_option_values_fail_at_start_up(raw):
+    """Read as vLLM's processes read them at plugin registration, before any rebalance."""
+    with pytest.raises(ValueError, match=plugin.OPTIONS_ENV_VAR):
+        plugin.options_from_env({plugin.OPTIONS_ENV_VAR: raw})

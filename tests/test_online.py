@@ -235,3 +235,27 @@ def test_ema_half_life_extends_the_history() -> None:
     reb = Rebalancer(R, P, window=4, interval=100, estimator="ema:3", planner="none")
     assert reb.capacity == 15
     assert Rebalancer(R, P, window=40, interval=100, estimator="ema:3").capacity == 40
+
+
+@pytest.mark.parametrize("option", [
+    {"policy": "bogus"}, {"seed": "x"}, {"dispatch": "bogus"}, {"slack": -1}, {"fair": "zzz"},
+    {"num_candidates": 0}, {"options": "x"}, {"gpu_speed": [0] * 4},
+    {"routing": torch.zeros(3, 4)}, {"move_price": 2.0},
+])
+def test_rebalancer_refuses_bad_option_values_at_construction(option):
+    with pytest.raises((ValueError, TypeError)):
+        Rebalancer(16, 4, window=4, interval=4, **option)
+
+
+def test_rebalancer_refuses_counts_its_history_cannot_hold():
+    rb = Rebalancer(16, 4, window=4, interval=4)
+    huge = torch.ones(2, 8, dtype=torch.float64)
+    huge[0, 0] = 1e39  # finite in float64, inf in the float32 history
+    with pytest.raises(ValueError, match="beyond what the history keeps"):
+        rb.record(huge)
+    assert rb.steps == 0
+    for _ in range(8):  # not wedged: later steps rebalance on schedule
+        rb.record(torch.ones(2, 8))
+    assert rb.steps == 8 and len(rb.events) == 2
+    with pytest.raises(ValueError, match="robust z"):
+        Rebalancer(16, 4, window=4, interval=4, estimator="robust:1e308")

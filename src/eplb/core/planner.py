@@ -17,6 +17,8 @@ fresh candidate and :func:`eplb.core.packing.refine_assignment` for its warm sta
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 import numpy as np
 import torch
@@ -39,7 +41,7 @@ from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
 
 
-def _options(
+def resolve_options(
     options: PlanOptions | None, num_candidates: int | None, refine_steps: int | None
 ) -> PlanOptions:
     """``options`` with the two shortcut knobs folded in."""
@@ -60,6 +62,18 @@ def _options(
     else:
         packing = PackingOptions.with_budget(refine_steps, **kwargs)
     return dataclasses.replace(options, packing=packing)
+
+
+def as_slack(slack: object) -> float:
+    """``slack`` as a finite float >= 0 (Python, NumPy and 0-d tensor numbers), else
+    ``ValueError``."""
+    if isinstance(slack, torch.Tensor) and slack.dim() == 0 and slack.is_floating_point():
+        slack = float(slack)
+    if isinstance(slack, bool) or not isinstance(slack, numbers.Real) or not (
+        math.isfinite(float(slack)) and float(slack) >= 0
+    ):
+        raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
+    return float(slack)
 
 
 def make_request(
@@ -105,7 +119,7 @@ def make_request(
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     seed = int(seed)
-    opts = _options(options, num_candidates, refine_steps)
+    opts = resolve_options(options, num_candidates, refine_steps)
     live = None
     if active_gpus is not None:
         live = as_live_mask(active_gpus, topology.num_gpus, w.device)
@@ -129,8 +143,7 @@ def make_request(
         raise ValueError(f"fair must be one of {', '.join(FAIR_MODES)}, got {fair!r}")
     if dispatch == "nearest" and speed is not None:
         raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
-    if isinstance(slack, bool) or not isinstance(slack, (int, float)) or not slack >= 0:
-        raise ValueError(f"slack must be a number >= 0, got {slack!r}")
+    slack = as_slack(slack)
     src = None
     if source is not None:
         src = as_gpu_speed(source, topology.num_gpus, w.device, name="source", allow_zero=True)
@@ -147,7 +160,7 @@ def make_request(
     )
     planning = scale_rows_to_unit(uniform_where_empty(w))
     return PlanRequest(planning, topology, chosen, opts, seed, live, speed, dispatch, fair,
-                       src, ids, float(slack))
+                       src, ids, slack)
 
 
 def _plan_live(request: PlanRequest) -> torch.Tensor:

@@ -40,6 +40,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
+from eplb.online.settings import check_option_values
 
 __all__ = [
     "ENV_VAR",
@@ -83,6 +84,10 @@ def options_from_env(environ: Any = None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{OPTIONS_ENV_VAR}: unknown option(s) {unknown}; "
                          f"allowed: {sorted(PLANNER_OPTIONS)}")
+    try:  # the values too: a bad one must fail at start-up, not at the first rebalance
+        check_option_values(options)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{OPTIONS_ENV_VAR}: {exc}") from None
     return options
 
 

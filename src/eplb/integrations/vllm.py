@@ -60,6 +60,7 @@ import torch
 from eplb._version import __version__
 from eplb.api import rebalance_experts
 from eplb.integrations.agreement import AgreementError, PlanAgreement
+from eplb.online.settings import check_option_values
 
 __all__ = [
     "ENV_VAR",
@@ -93,6 +94,7 @@ PLANNER_OPTIONS = frozenset(
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
 DEFAULT_AGREE_TIMEOUT_S = 120.0
+MAX_AGREE_TIMEOUT_S = 86400.0  # a day: longer is a typo, and inf/NaN break the wait
 _OFF = frozenset({"", "0", "off", "false", "no", "none"})
 _REPLACE_DEFAULT = frozenset({"eplb", "1", "on", "true", "yes", "default"})
 _REGISTER_ONLY = frozenset({"register", "add"})
@@ -332,8 +334,15 @@ def _check_options(options: dict[str, Any], source: str) -> None:
             f"{source}: unknown option(s) {unknown}; allowed: {sorted(allowed)}"
         )
     timeout = options.get("agree_timeout_s", DEFAULT_AGREE_TIMEOUT_S)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0:
-        raise ValueError(f"{source}: agree_timeout_s must be a number >= 0, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+        0 <= timeout <= MAX_AGREE_TIMEOUT_S
+    ):
+        raise ValueError(f"{source}: agree_timeout_s must be a number of seconds in "
+                         f"[0, {MAX_AGREE_TIMEOUT_S:g}], got {timeout!r}")
+    try:  # the values too: a bad one must fail at start-up, not at the first rebalance
+        check_option_values({k: v for k, v in options.items() if k in PLANNER_OPTIONS})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: {exc}") from None
 
 
 def _setting(environ: Any, name: str, legacy: str) -> tuple[str, str]:

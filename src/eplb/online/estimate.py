@@ -48,6 +48,8 @@ from eplb.core.inputs import as_counts
 from eplb.core.placement import Placement
 from eplb.core.trace import LoadTrace
 
+MAX_ROBUST_Z = 10.0  # standard deviations: beyond it the estimate is the spread alone
+
 
 def as_history(history: object, name: str = "history") -> torch.Tensor:
     """Per-step counts ``[T, L, E]`` from a :class:`~eplb.core.trace.LoadTrace`, a tensor,
@@ -198,8 +200,11 @@ class RobustMean(Estimator):
     name: ClassVar[str] = "robust"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.z, (int, float)) and math.isfinite(self.z)):
-            raise ValueError(f"robust z must be a finite number, got {self.z!r}")
+        if isinstance(self.z, bool) or not (
+            isinstance(self.z, (int, float)) and abs(self.z) <= MAX_ROBUST_Z
+        ):
+            raise ValueError(f"robust z must be a number in [-{MAX_ROBUST_Z:g}, "
+                             f"{MAX_ROBUST_Z:g}] (standard deviations), got {self.z!r}")
         if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or \
                 self.num_chunks < 1:
             raise ValueError(f"robust sub-window count must be an integer >= 1, "

@@ -31,6 +31,7 @@ from eplb.core.planner import make_request, plan_fresh
 from eplb.core.topology import Topology
 from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator, select_per_layer
 from eplb.online.incremental import check_budget, plan_incremental
+from eplb.online.settings import check_option_values
 
 PlannerFn = Callable[[torch.Tensor, "Placement | None"], Placement]
 PLANNERS = ("eplb", "greedy", "none")
@@ -127,6 +128,7 @@ def make_planner(
         as_live_mask(active_gpus, topo.num_gpus, torch.device("cpu"))
     _check_plan_options(planner, plan_options)
     if planner == "eplb":
+        check_option_values(plan_options, topo)
 
         incremental_knobs = {k: plan_options.pop(k, None) for k in ("move_price", "drift")}
         if any(v is not None for v in incremental_knobs.values()):
@@ -333,6 +335,13 @@ class Rebalancer:
         Thread-safe; all or nothing when it raises (see the class docstring).
         """
         steps = as_history(counts, "counts")
+        # the ring is float32: a count it cannot hold (or whose window sum overflows it)
+        # would turn into inf and fail every rebalance after it
+        limit = torch.finfo(torch.float32).max / self.capacity
+        if steps.numel() and float(steps.amax()) > limit:
+            raise ValueError(f"counts hold {float(steps.amax()):.3g}, beyond what the history "
+                             f"keeps ({limit:.3g}: float32 over {self.capacity} steps); "
+                             "scale the counts down")
         with self._lock:
             saved = self._snapshot(steps.shape[0])
             try:
