@@ -428,3 +428,9 @@ def test_eval_gpu_speed_scores_time_not_load(capsys, tmp_path, loads) -> None:
                            "--gpu-speed", speeds)[1])
     assert timed["balancedness_after"] > plain["balancedness_after"]
     assert timed["balancedness_ceiling"] is None
+
+
+def test_first_layer_beyond_any_model_is_refused(capsys, tmp_path, loads) -> None:
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--first-layer",
+                       "100000000", "-o", str(tmp_path / "p.sglang.json"))
+    assert code == 2 and "--first-layer must be a model layer" in err

@@ -391,3 +391,8 @@ def test_tradeoff_picture(tmp_path):
                          [("hierarchical", 2.4, 0.8, "corner"), ("a", 2.6, 0.9, "engine"),
                           ("b", 2.6, 0.9, "engine")], tmp_path / "t.png")
     assert path.stat().st_size > 1000
+
+
+def test_locality_refuses_pair_statistics_beyond_its_limit():
+    with pytest.raises(ValueError, match="co-selection statistics"):
+        eplb.plan(torch.rand(32, 2048), 2304, 64, 8, 8, policy="locality", dispatch="nearest")

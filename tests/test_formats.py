@@ -481,6 +481,22 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
         tmp / "perpass2.pt",
     )
     cases.append((tmp / "perpass2.pt", None, "no 'global_physical_count'"))
+    torch.save(
+        {
+            "records": [{"forward_pass_id": "abc", "global_physical_count": torch.ones(2, 4)}],
+            "last_physical_to_logical_map": torch.zeros(2, 4, dtype=torch.int64),
+        },
+        tmp / "perpass3.pt",
+    )
+    cases.append((tmp / "perpass3.pt", None, "forward_pass_id must be an integer"))
+    torch.save(
+        {
+            "records": [{"forward_pass_id": 0, "global_physical_count": torch.ones(2, 4)}],
+            "last_physical_to_logical_map": torch.full((2, 4), 10**9, dtype=torch.int64),
+        },
+        tmp / "perpass_huge_id.pt",
+    )
+    cases.append((tmp / "perpass_huge_id.pt", None, "ids outside [0, 65536)"))
     torch.save({"something": torch.zeros(2)}, tmp / "other.pt")
     cases.append((tmp / "other.pt", "sglang", "'logical_count'"))
 

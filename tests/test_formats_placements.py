@@ -257,3 +257,13 @@ def test_recorded_ceiling_is_the_bound_for_the_placements_own_topology(tmp_path)
     live = torch.tensor([False, True, True])
     assert doc["ceiling"] == pytest.approx(balancedness_ceiling(w, 15, 3, active_gpus=live))
     assert doc["balancedness"] <= doc["ceiling"] + 1e-12
+
+
+def test_a_placement_file_cannot_ask_for_absurd_expert_counts(tmp_path):
+    placement, _ = make_placement(1, 2, 8, 2, 5)
+    path = write_placement(placement, tmp_path / "p.json")
+    doc = json.loads(path.read_text())
+    doc["num_experts"] = 10**9  # would allocate tens of GiB for log2phy
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match="num_experts 1000000000 is outside"):
+        read_placement(path)

@@ -52,6 +52,9 @@ def _ranges(ids: list[int]) -> str:
     return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in spans)
 
 
+MAX_FIRST_LAYER = 1 << 12  # models have ~100 layers; SGLang files get a row for each below
+
+
 def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
     """The model layer of every row: the file's own ids win; ``--first-layer`` names them
     for files that only have row numbers, and must agree with a file that names them."""
@@ -65,8 +68,9 @@ def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
             )
         return ids
     if first_layer is not None:
-        if first_layer < 0:
-            raise CliError(f"--first-layer must be >= 0, got {first_layer}")
+        if not 0 <= first_layer <= MAX_FIRST_LAYER:
+            raise CliError(f"--first-layer must be a model layer in 0..{MAX_FIRST_LAYER}, got "
+                           f"{first_layer}")
         return list(range(first_layer, first_layer + len(ids)))
     return ids
 

@@ -61,6 +61,9 @@ from eplb.core.topology import Topology
 
 _PENALTY = 100.0  # weight of node-load violation (per unit of mean node load)
 _NODE_PAIR_STEPS, _NODE_MAX_STEPS = 4, 16  # packing search inside nodes (see _pack_nodes)
+#: ``L · (E + 1)²`` pair statistics at most (float32: 256 MiB each; the swap search holds
+#: a few arrays of that order). DeepSeek-V3: 58 · 257² = 3.8e6.
+MAX_PAIR_CELLS = 1 << 26
 _MIN_GAIN = 1e-5  # smallest swap gain taken, in remote nodes per token (~2 in total)
 
 
@@ -366,6 +369,13 @@ def plan_locality(
             node pairs finds no improving swap.
     """
     options = options or PlanOptions()
+    cells = weight.shape[0] * (weight.shape[1] + 1) ** 2
+    if cells > MAX_PAIR_CELLS:
+        raise ValueError(
+            f"the locality policy keeps co-selection statistics of every expert pair in every "
+            f"layer: {weight.shape[0]} × {weight.shape[1]}² = {cells:.2e} cells, beyond its "
+            f"limit of {MAX_PAIR_CELLS:.2e}; plan fewer layers at once, or use "
+            f"policy='global' with dispatch='nearest'")
     if isinstance(slack, bool) or not isinstance(slack, (int, float)) or not slack >= 0:
         raise ValueError(f"slack must be a number >= 0, got {slack!r}")
     num_layers, num_experts = weight.shape

@@ -34,6 +34,7 @@ from eplb.core.trace import LoadTrace
 from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
 from eplb.formats.errors import FormatError, json_value_error
+from eplb.formats.routing import MAX_EXPERTS
 
 #: Placement formats ``write_placement`` can emit.
 EMITS: tuple[str, ...] = ("json", "pt", "sglang", "trtllm")
@@ -386,6 +387,8 @@ def _build(
 ) -> Placement:
     if num_experts is None:
         num_experts = int(rows.max()) + 1
+    if not 0 < num_experts <= MAX_EXPERTS:
+        raise FormatError(path, f"num_experts {num_experts} is outside [1, {MAX_EXPERTS}]")
     try:
         placement = Placement.from_phy2log(rows, num_experts, topo, policy, active)
         placement.validate(anti_affinity=False)

@@ -28,7 +28,7 @@ from eplb.formats.detect import (
 )
 from eplb.formats.errors import FormatError, json_value_error
 from eplb.formats.history import read_vllm_history
-from eplb.formats.routing import topk_to_counts
+from eplb.formats.routing import MAX_EXPERTS, topk_to_counts
 
 _CONTAINERS = {
     "npy": ("npy",),
@@ -321,8 +321,9 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
             )
         phys_map = phys_map.to(torch.int64)
         num_e = int(phys_map.max()) + 1 if num_experts is None else num_experts
-        if int(phys_map.min()) < 0 or int(phys_map.max()) >= num_e:
-            raise FormatError(file, f"last_physical_to_logical_map holds ids outside [0, {num_e})")
+        if int(phys_map.min()) < 0 or int(phys_map.max()) >= min(num_e, MAX_EXPERTS):
+            raise FormatError(file, f"last_physical_to_logical_map holds ids outside "
+                                    f"[0, {min(num_e, MAX_EXPERTS)})")
         records = obj["records"]
         if not isinstance(records, list):
             raise FormatError(file, f"'records' must be a list, found {type(records).__name__}")
@@ -340,10 +341,11 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
                 )
             logical = torch.zeros(phys_map.shape[0], num_e, dtype=torch.float64)
             logical.scatter_add_(1, phys_map, phys.to(torch.float64))
-            pass_id = int(record.get("forward_pass_id", i))
+            pass_id = _int_field(record, "forward_pass_id", i, file)
             passes[pass_id] = passes[pass_id] + logical if pass_id in passes else logical
-            if "rank" in record and int(record["rank"]) not in ranks:
-                ranks.append(int(record["rank"]))
+            rank = _int_field(record, "rank", None, file)
+            if rank is not None and rank not in ranks:
+                ranks.append(rank)
     if not passes:
         raise FormatError(path, "the dump holds no records (no forward pass was recorded)")
     ids = sorted(passes)
@@ -491,6 +493,15 @@ def _named_arrays(path: Path, keys: list[str] | None = None) -> dict[str, torch.
 
 
 # ---------------------------------------------------------------------- plain tensors
+def _int_field(record: dict, name: str, default: int | None, path: Path) -> int | None:
+    """An integer field of an SGLang record (``default`` when absent), else FormatError."""
+    value = record.get(name, default)
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise FormatError(path, f"a record's {name} must be an integer, got {value!r}") from None
+
+
 def _read_plain(
     path: Path, fmt: str, key: str | None
 ) -> tuple[torch.Tensor, list[int] | None, dict[str, Any]]:

@@ -12,8 +12,9 @@ from eplb.formats.errors import FormatError
 #: stray huge id (a corrupt file, or a token id array) would make the per-expert count
 #: tensor absurdly large.
 MAX_EXPERTS = 1 << 16
-#: At most this many counts (8 GiB as float64) from one top-k file.
-MAX_COUNT_CELLS = 1 << 30
+#: At most this many counts (2 GiB as float64) from one top-k file: a small file of ids
+#: cut into one-token steps must not fill the host's memory.
+MAX_COUNT_CELLS = 1 << 28
 
 
 def topk_to_counts(
