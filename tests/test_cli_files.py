@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +278,24 @@ def test_api_writers_refuse_to_overwrite_and_publish_complete_files(tmp_path) ->
     with pytest.raises(FileExistsError, match="force"):
         write_loads(trace, t)
     assert torch.equal(read_loads(t).counts, trace.counts)
+
+
+def test_odd_but_valid_arrays_plan_and_odd_files_fail_clearly(tmp_path, capsys):
+    np.save(tmp_path / "big_endian.npy", np.arange(16, dtype=">f8").reshape(2, 8) + 1)
+    ids = np.random.default_rng(0).integers(0, 8, (16, 2, 2)).astype(np.uint64)
+    np.savez(tmp_path / "uint64.npz", x_topk_ids=ids)
+    for name in ("big_endian.npy", "uint64.npz"):
+        assert main(["plan", str(tmp_path / name), "-r", "16", "-g", "2", "-o",
+                     str(tmp_path / f"{name}.json")]) == 0
+    with warnings.catch_warnings():  # quantized tensors are deprecated in torch
+        warnings.simplefilter("ignore")
+        quantized = torch.quantize_per_tensor(torch.rand(2, 8), 0.1, 0, torch.quint8)
+    torch.save(quantized, tmp_path / "quantized.pt")
+    os.symlink(tmp_path / "loop_b", tmp_path / "loop_a")
+    os.symlink(tmp_path / "loop_a", tmp_path / "loop_b")
+    capsys.readouterr()
+    for name, message in (("quantized.pt", "quantized tensor"), ("loop_a", "symbolic links")):
+        code = main(["plan", str(tmp_path / name), "-r", "16", "-g", "2", "-o",
+                     str(tmp_path / f"{name}.json")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err

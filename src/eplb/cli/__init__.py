@@ -29,7 +29,8 @@ _RAW = argparse.RawDescriptionHelpFormatter
 
 
 def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
-                  replicas: int | None = None, gpus: int | None = None) -> None:
+                  replicas: int | None = None, gpus: int | None = None,
+                  locality: bool = False) -> None:
     g = p.add_argument_group("topology")
     g.add_argument("-r", "--replicas", type=int, required=required, default=replicas,
                    metavar="R", help="physical expert slots in the cluster (a multiple of --gpus)")
@@ -38,11 +39,12 @@ def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
     g.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     g.add_argument("--groups", type=int, default=1, metavar="G",
                    help="expert groups for group-limited routing (default 1)")
-    g.add_argument("--policy", choices=["auto", "global", "hierarchical", "locality"],
-                   default="auto",
+    policies = ["auto", "global", "hierarchical"] + (["locality"] if locality else [])
+    g.add_argument("--policy", choices=policies, default="auto",
                    help="auto = hierarchical when nodes > 1 and groups %% nodes == 0, "
-                        "else global; locality (with --dispatch nearest) trades balance "
-                        "against cross-node traffic, see --slack (default auto)")
+                        "else global" + ("; locality (with --dispatch nearest) trades balance "
+                                         "against cross-node traffic, see --slack"
+                                         if locality else "") + " (default auto)")
     g.add_argument("--seed", type=int, default=0, help="planner seed (default 0)")
 
 
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SGLang output: the model's layer count (61 for DeepSeek-V3); rows of "
                         "dense layers get SGLang's trivial map (default: from the layer ids)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    _add_topology(p)
+    _add_topology(p, locality=True)
     o = p.add_argument_group("online rebalancing")
     o.add_argument("--previous", metavar="OLD", help="the placement in service now (a file)")
     o.add_argument("--max-moves", type=int, metavar="N",

@@ -109,6 +109,8 @@ def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
     except PermissionError:
         raise PermissionError(f"{what} {path}: permission denied (cannot reach the file)") \
             from None
+    except OSError as exc:  # a symlink loop, a name too long, an I/O error
+        raise ValueError(f"{what} {path}: cannot be opened ({exc.strerror or exc})") from None
     if stat.S_ISDIR(info.st_mode):
         return info
     if not stat.S_ISREG(info.st_mode):

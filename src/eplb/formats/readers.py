@@ -182,10 +182,22 @@ def _require_container(path: Path, fmt: str, kinds: tuple[str, ...]) -> None:
 def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
     """A number array (tensor, ndarray, nested list) as a tensor, or a FormatError."""
     if isinstance(value, torch.Tensor):
+        kind = ("quantized" if value.is_quantized else "meta" if value.is_meta
+                else None if value.layout == torch.strided else str(value.layout))
+        if kind is not None:
+            raise FormatError(path, f"{what} is a {kind} tensor; expected a plain tensor of "
+                                    "numbers")
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise FormatError(path, f"{what} has dtype {value.dtype}; expected numbers")
+        if value.dtype.byteorder == ">":  # big-endian files are fine: native order for torch
+            value = value.astype(value.dtype.newbyteorder("="))
+        if value.dtype.kind == "u" and value.dtype.itemsize > 1:
+            # torch supports few operations on wide unsigned types
+            if value.size and int(value.max()) >= 1 << 63:
+                raise FormatError(path, f"{what} holds a value of 2**63 or more")
+            value = value.astype(np.int64)
         return torch.from_numpy(np.ascontiguousarray(value))
     try:
         return torch.from_numpy(np.asarray(value, dtype=np.float64))

@@ -303,7 +303,9 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
     if not (total or per_layer) or negative:
         raise ValueError(f"max_moves must be a non-negative int (slots in total) or one "
                          f"non-negative int per layer (slots per layer); got {max_moves!r}")
-    return int(max_moves) if total else max_moves
+    # a total beyond any slot count means "no limit but the forced moves"; capped so that
+    # per-layer shares fit int64
+    return min(int(max_moves), 1 << 62) if total else max_moves
 
 
 def plan_incremental(
@@ -409,8 +411,10 @@ def _plan_nearest(
 ) -> Placement:
     """Incremental planning under SGLang's nearest dispatch (:mod:`eplb.online.nearest`).
 
-    The global policy with every GPU live has a budgeted planner; the locality policy and
-    dead GPUs get a fresh dispatch-aware plan relabelled onto the old GPUs (no budget)."""
+    The global policy with every GPU live has a budgeted planner; a total ``max_moves``
+    is split evenly over the layers here (not spent where it pays most, as under the even
+    split). The locality policy and dead GPUs get a fresh dispatch-aware plan relabelled
+    onto the old GPUs (no budget)."""
     topo = request.topology
     if skip_threshold is not None:
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")
