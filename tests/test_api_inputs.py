@@ -131,3 +131,16 @@ def test_layers_packed_in_chunks_keep_the_contract(monkeypatch):
     monkeypatch.setattr(packing, "SWAPS_PER_CHUNK", 4 * 32 * 32 * 3)  # 3 rows per chunk
     chunked = eplb.plan(weight, 256, 8).validate()
     assert abs(chunked.balancedness(weight) - whole.balancedness(weight)) < 0.01
+
+
+def test_routing_and_previous_of_the_wrong_kind_are_named():
+    w = torch.rand(2, 8)
+    with pytest.raises(TypeError, match="routing must be integer top-k ids"):
+        eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", routing={"a": 1})
+    meta = torch.empty(3, 2, 2, dtype=torch.long, device="meta")
+    with pytest.raises(TypeError, match="meta"):
+        eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", routing=meta)
+    with pytest.raises(TypeError, match="meta"):
+        eplb.plan(w, 16, 4, previous=torch.empty(2, 16, dtype=torch.long, device="meta"))
+    p = eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", slack=np.float32(0.1))
+    p.validate()

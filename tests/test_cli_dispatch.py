@@ -107,3 +107,32 @@ def test_a_bad_routing_file_is_one_clear_error(tmp_path, capsys, loads):
                        "-o", tmp_path / "x.json")
     assert code == 2
     assert "layers" in err and "Traceback" not in err
+
+
+def test_routing_mistakes_are_named(tmp_path, capsys, loads, routing):
+    path, _ = loads
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "-o", out)[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", out, path, "--routing", routing)
+    assert code == 2 and "add --dispatch nearest" in err
+    ids = np.load(routing)["task_topk_ids"]
+    ids[0, 0, 0] = -1  # a padded token
+    padded = tmp_path / "padded.npz"
+    np.savez(padded, task_topk_ids=ids)
+    code, _, err = run(capsys, "eval", "--placement", out, path, "--dispatch", "nearest",
+                       "--routing", padded)
+    assert code == 2 and "negative expert ids" in err and str(padded) in err
+
+
+def test_dispatch_helpers_check_their_inputs():
+    phy2log = torch.arange(16).remainder(8).view(1, 16)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        realised_gpu_loads(-torch.ones(1, 8), phy2log, 4, 2)
+    with pytest.raises(ValueError, match="integer tensor"):
+        realised_gpu_loads(torch.ones(1, 8), [[0] * 16], 4, 2)
+    from eplb.core.dispatch import remote_nodes_per_token
+
+    with pytest.raises(ValueError, match="chunk"):
+        remote_nodes_per_token(phy2log, torch.zeros(3, 1, 2, dtype=torch.long), 8, 4, 2, chunk=-1)
+    with pytest.raises(ValueError, match="no tokens"):
+        remote_nodes_per_token(phy2log, torch.zeros(0, 1, 2, dtype=torch.long), 8, 4, 2)

@@ -355,3 +355,13 @@ def test_launcher_as_a_user_runs_it(tmp_path):
 def test_sglang_option_values_fail_at_start_up(raw):
     with pytest.raises(ValueError, match=plugin.OPTIONS_ENV_VAR):
         plugin.options_from_env({plugin.OPTIONS_ENV_VAR: raw})
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((16, 0, None, 1, False), "num_local_physical_experts"),
+    ((16, 4, None, 0, False), "num_nodes"),
+    ((12, 5, None, 1, False), "not a multiple"),
+])
+def test_eplb_rebalance_refuses_impossible_calls(args, message):
+    with pytest.raises(ValueError, match=message):
+        plugin.eplb_rebalance(torch.rand(2, 8), *args)

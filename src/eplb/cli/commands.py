@@ -267,7 +267,11 @@ def _routing(args: argparse.Namespace) -> torch.Tensor | None:
             raise CliError("--routing-key needs --routing FILE")
         return None
     key = None if args.routing_key is None else args.routing_key.split(",")
-    return read_routing(existing_file(args.routing, "routing trace"), key=key)
+    routing = read_routing(existing_file(args.routing, "routing trace"), key=key)
+    if routing.numel() and int(routing.min()) < 0:
+        raise CliError(f"--routing {args.routing} holds negative expert ids (-1 padding for "
+                       "tokens routed to fewer experts?); co-selection needs full top-k rows")
+    return routing
 
 
 def _dispatch_options(args: argparse.Namespace, weight: torch.Tensor) -> dict:
@@ -320,6 +324,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         existing_file(args.placement, "placement file"), num_gpus=args.gpus,
         num_nodes=args.nodes, num_groups=args.groups)
     placement = _eval_policy(placement, meta, args)
+    if args.routing is not None and args.dispatch != "nearest":
+        raise CliError("--routing scores cross-node traffic under SGLang's nearest dispatch: "
+                       "add --dispatch nearest (and --nodes N)")
     trace = read_trace(args.loads, args)
     weight = trace.total()
     if args.first_layer is not None:

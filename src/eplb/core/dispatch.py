@@ -49,6 +49,9 @@ from __future__ import annotations
 
 import torch
 
+from eplb.core.inputs import as_weight
+from eplb.core.topology import positive_int
+
 DISPATCH_RULES = ("even", "nearest")
 
 
@@ -64,6 +67,8 @@ def _check_shape(phy2log: torch.Tensor, num_gpus: int, num_nodes: int) -> tuple[
         raise ValueError("phy2log must be an integer tensor [L, R]")
     if phy2log.is_floating_point():
         raise TypeError(f"phy2log must hold integer expert ids, got {phy2log.dtype}")
+    if phy2log.numel() == 0:
+        raise ValueError(f"phy2log is empty (shape {tuple(phy2log.shape)})")
     num_slots = phy2log.shape[1]
     if num_gpus < 1 or num_slots % num_gpus:
         raise ValueError(f"R = {num_slots} slots do not split over {num_gpus} GPUs")
@@ -165,7 +170,8 @@ def realised_slot_loads(
 ) -> torch.Tensor:
     """``[L, R]`` expected tokens each slot serves: ``weight [L, E]`` routed through the rule,
     tokens arising as :func:`source_distribution` says."""
-    w = torch.as_tensor(weight).to(torch.float64)
+    _check_shape(phy2log, num_gpus, num_nodes)
+    w = as_weight(weight)[0].to(torch.float64)  # finite, >= 0, named errors
     if w.dim() != 2 or w.shape[0] != phy2log.shape[0]:
         raise ValueError(f"weight must be [L, E] with L = {phy2log.shape[0]}, got {tuple(w.shape)}")
     if int(phy2log.max()) >= w.shape[1]:
@@ -262,8 +268,11 @@ def _check_ids(ids: torch.Tensor, num_layers: int, num_experts: int) -> torch.Te
         raise ValueError(f"ids must be integer top-k ids [T, {num_layers}, k], "
                          f"got {ids.dtype} {tuple(ids.shape)}")
     ids = ids.to(torch.int64)
-    if ids.numel() and (int(ids.max()) >= num_experts or int(ids.min()) < 0):
-        raise ValueError(f"ids must lie in [0, {num_experts})")
+    if ids.shape[0] == 0 or ids.shape[2] == 0:
+        raise ValueError(f"ids hold no tokens (shape {tuple(ids.shape)})")
+    if int(ids.max()) >= num_experts or int(ids.min()) < 0:
+        raise ValueError(f"ids must lie in [0, {num_experts}) (top-k ids padded with -1 are "
+                         f"not supported), got [{int(ids.min())}, {int(ids.max())}]")
     return ids
 
 
@@ -292,6 +301,8 @@ def remote_nodes_per_token(
     with ``h_jm`` the probability that expert ``j``'s token is served on node ``m``
     (choices of different experts independent, as the fair choice is).
     """
+    _check_shape(phy2log, num_gpus, num_nodes)
+    chunk = positive_int("chunk", chunk)
     num_layers = phy2log.shape[0]
     ids = _check_ids(ids, num_layers, num_experts)
     hits = node_hit_probs(phy2log, num_experts, num_gpus, num_nodes, dispatch)  # [L,P,E,N]

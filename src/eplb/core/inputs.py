@@ -203,7 +203,17 @@ def as_gpu_speed(
 
 def as_routing(routing: object, num_layers: int, num_experts: int) -> torch.Tensor:
     """``[T, L, k]`` int64 top-k expert ids of recorded tokens, each in ``[0, E)``."""
-    tensor = torch.as_tensor(routing) if not isinstance(routing, torch.Tensor) else routing
+    if isinstance(routing, torch.Tensor):
+        tensor = routing
+    else:
+        try:
+            tensor = torch.as_tensor(np.asarray(routing))
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise TypeError(f"routing must be integer top-k ids [T, L, k] (a tensor or "
+                            f"array), got {type(routing).__name__}: {exc}") from None
+    if tensor.is_meta or tensor.layout != torch.strided:
+        raise TypeError(f"routing must be a dense tensor with data, got a "
+                        f"{'meta' if tensor.is_meta else tensor.layout} tensor")
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"routing must hold integer expert ids, got {tensor.dtype}")
     if tensor.dim() != 3 or tensor.shape[1] != num_layers or 0 in tensor.shape:

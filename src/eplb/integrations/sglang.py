@@ -40,6 +40,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
+from eplb.core.topology import positive_int
 from eplb.online.settings import check_option_values
 
 __all__ = [
@@ -120,14 +121,22 @@ def eplb_rebalance(
         integer-valued float64, so every rank computes the same plan.
     """
     options = dict(options or {})
-    incremental = bool(options.pop("incremental", True))
+    check_option_values(options)
+    incremental = options.pop("incremental", True)
     weight = tokens_per_expert.detach()
     if weight.dim() == 3:
         weight = weight.sum(0)  # integer counts: an exact sum on any device
     weight = weight.to("cpu")
     weight = weight.to(torch.float64 if weight.is_floating_point() else torch.int64)
+    for name, value in (("num_physical_experts", num_physical_experts),
+                        ("num_local_physical_experts", num_local_physical_experts),
+                        ("num_nodes", num_nodes)):
+        positive_int(name, value)
+    if num_physical_experts % num_local_physical_experts:
+        raise ValueError(f"num_physical_experts ({num_physical_experts}) is not a multiple of "
+                         f"num_local_physical_experts ({num_local_physical_experts})")
     num_gpus = num_physical_experts // num_local_physical_experts
-    groups = 1 if num_groups is None else int(num_groups)
+    groups = 1 if num_groups is None else positive_int("num_groups", num_groups)
     policy = options.pop("policy", None)
     if policy is None:
         policy = "hierarchical" if hierarchical else "global"

@@ -136,6 +136,8 @@ class EplbPolicy:
         # plan on the host whatever the input's device: the CPU path is the one measured
         # bit-identical across ranks (tests/test_determinism.py)
         weight = weight.detach().to("cpu")
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [layers, experts], got shape {tuple(weight.shape)}")
         old = _usable_old_map(old_global_expert_indices, weight, num_replicas)
         plan, error = None, None
         try:

@@ -62,6 +62,9 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
             raise TypeError(
                 f"previous must be a Placement or a phy2log tensor [L, R]: {exc}"
             ) from None
+    if old.is_meta or old.layout != torch.strided:
+        raise TypeError(f"previous must be a dense tensor with data, got a "
+                        f"{'meta' if old.is_meta else old.layout} tensor")
     if old.dim() == 1:
         old = old[None]
     expected = (request.num_layers, request.topology.num_replicas)
