@@ -144,3 +144,15 @@ def test_routing_and_previous_of_the_wrong_kind_are_named():
         eplb.plan(w, 16, 4, previous=torch.empty(2, 16, dtype=torch.long, device="meta"))
     p = eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", slack=np.float32(0.1))
     p.validate()
+
+
+def test_options_that_would_be_ignored_are_refused():
+    w = torch.rand(2, 16) + 0.1
+    with pytest.raises(ValueError, match="move_price shape incremental plans"):
+        eplb.plan(w, 24, 4, move_price=0.01)
+    with pytest.raises(ValueError, match="routing gives the locality policy"):
+        eplb.plan(w, 24, 4, 2, 2, policy="global", dispatch="nearest",
+                  routing=torch.zeros(5, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="fair and source"):
+        eplb.plan(w, 24, 4, 2, 2, dispatch="nearest", fair="expect")  # auto: hierarchical
+    eplb.plan(w, 24, 4, 2, 2, policy="global", dispatch="nearest", fair="expect").validate()

@@ -118,8 +118,11 @@ def plan(
         return plan_incremental(
             request, previous, max_moves=max_moves, skip_threshold=skip_threshold
         )
-    if max_moves is not None or skip_threshold is not None:
-        raise ValueError("max_moves and skip_threshold need the previous placement (previous=...)")
+    given = [name for name, value in (("max_moves", max_moves), ("skip_threshold",
+             skip_threshold), ("move_price", move_price), ("drift", drift)) if value is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} shape incremental plans: they need the previous "
+                         "placement (previous=...)")
     return plan_fresh(request)
 
 

@@ -158,6 +158,13 @@ def make_request(
         has_speeds=speed is not None,
         stacklevel=stacklevel,
     )
+    if ids is not None and chosen != "locality":
+        raise ValueError(f"routing gives the locality policy its co-selection statistics; the "
+                         f"{chosen} policy does not use it (pass policy='locality')")
+    if dispatch == "nearest" and chosen != "global" and (fair != "auto" or src is not None):
+        raise ValueError(f"fair and source shape the global policy's plan for nearest "
+                         f"dispatch; the {chosen} policy does not use them (pass "
+                         f"policy='global')")
     planning = scale_rows_to_unit(uniform_where_empty(w))
     return PlanRequest(planning, topology, chosen, opts, seed, live, speed, dispatch, fair,
                        src, ids, slack)

@@ -151,6 +151,9 @@ def eplb_rebalance(
             ((old < 0) | (old >= weight.shape[1])).any()
         ):
             old = None
+    if old is None:  # a fresh plan: the move knobs have nothing to act on
+        options = {k: v for k, v in options.items()
+                   if k not in ("max_moves", "skip_threshold", "move_price", "drift")}
     return rebalance_experts(
         weight, num_physical_experts, groups, num_nodes, num_gpus,
         policy=policy, old_phy2log=old, **options,

@@ -91,6 +91,8 @@ PLANNER_OPTIONS = frozenset(
     {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold",
      "move_price", "drift"}
 )
+#: options that only shape incremental plans (dropped when there is no usable old map)
+INCREMENTAL_OPTIONS = frozenset({"max_moves", "skip_threshold", "move_price", "drift"})
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
 DEFAULT_AGREE_TIMEOUT_S = 120.0
@@ -139,6 +141,8 @@ class EplbPolicy:
         if weight.dim() != 2:
             raise ValueError(f"weight must be [layers, experts], got shape {tuple(weight.shape)}")
         old = _usable_old_map(old_global_expert_indices, weight, num_replicas)
+        if old is None:  # a fresh plan: the move knobs have nothing to act on
+            planner = {k: v for k, v in planner.items() if k not in INCREMENTAL_OPTIONS}
         plan, error = None, None
         try:
             phy2log, _, _ = rebalance_experts(
