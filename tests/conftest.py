@@ -6,6 +6,7 @@ data location) are in ``helpers.py``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,12 @@ from engines import FETCH_HINT, engine_root
 from helpers import MISSING_REAL, REAL_DATA
 from hypothesis import settings
 
-# planner calls are cheap but the CI machine is shared: no per-example deadline
-settings.register_profile("eplb", deadline=None)
-settings.load_profile("eplb")
+# planner calls are cheap but the CI machine is shared: no per-example deadline. The
+# default profile draws the same examples on every run, so a landing never depends on
+# luck; EPLB_HYPOTHESIS_PROFILE=explore draws new ones each run, to hunt for bugs.
+settings.register_profile("eplb", deadline=None, derandomize=True)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("EPLB_HYPOTHESIS_PROFILE", "eplb"))
 
 
 @pytest.fixture(scope="session")

@@ -135,14 +135,19 @@ def test_two_slot_plans_are_valid_and_never_beat_the_optimum(w, data):
     peak = Fraction(placement.gpu_loads(weight).max().item())
     counts = placement.logcnt.numpy()
     if counts.max() <= gpus:
-        # the search's value for these counts bounds the plan (equal unless two experts'
-        # pieces tie at the median: the search then counts them as one run), and the
-        # plan is never below the free pairing of its counts
+        # the plan is never below the free pairing of its counts, and the search's value
+        # for these counts bounds it, unless pieces of two experts tie: the search then
+        # counts them as one run and can miss the anti-affinity exchange (found by
+        # hypothesis: [0, 1, 15, 21, 60] on 4 GPUs, counts [1, 1, 1, 1, 4], plan 36
+        # against a search value of 30; BENCHMARKS §12 lists it as a known S = 2 gap)
         scaled = weight.numpy() / weight.sum().item() * gpus
-        _, f = search_two_slot_counts(scaled, counts, iterations=0)
         scale = weight.sum().item() / gpus
-        assert float(peak) <= f[0] * scale * (1 + 1e-6)
         assert float(peak) >= pair_max(scaled, counts)[0][0] * scale * (1 - 1e-6)
+        pieces = {Fraction(x, int(c)) for x, c in zip(w, counts[0], strict=True) if x}
+        tied = len(pieces) < sum(1 for x in w if x)
+        if not tied:
+            _, f = search_two_slot_counts(scaled, counts, iterations=0)
+            assert float(peak) <= f[0] * scale * (1 + 1e-6)
     allowed = [
         c for c in compositions(replicas, experts) if max(c) <= gpus or experts == 1
     ]
