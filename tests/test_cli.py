@@ -434,3 +434,26 @@ def test_first_layer_beyond_any_model_is_refused(capsys, tmp_path, loads) -> Non
     code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--first-layer",
                        "100000000", "-o", str(tmp_path / "p.sglang.json"))
     assert code == 2 and "--first-layer must be a model layer" in err
+
+
+def test_eval_scores_the_loads_own_model_layers(capsys, tmp_path) -> None:
+    """Loads that name non-consecutive model layers, against an SGLang file with a row
+    for every model layer: eval scores rows 0, 2 (not 0, 1)."""
+    rows = (np.random.default_rng(1).random((2, 8)) * 100 + 1).tolist()
+    loads = tmp_path / "counts.json"
+    loads.write_text(json.dumps({"model/task": {"layers": [0, 2], "counts": rows}}))
+    out = tmp_path / "p.sglang.json"
+    assert run(capsys, "plan", str(loads), "--key", "model/task", "-r", "12", "-g", "4",
+               "-o", str(out))[0] == 0
+    code, text, _ = run(capsys, "eval", "--placement", str(out), str(loads), "--key",
+                        "model/task", "-g", "4", "--json")
+    assert code == 0 and json.loads(text)["balancedness_after"] > 0.95
+    code, _, err = run(capsys, "eval", "--placement", str(out), str(loads), "--key",
+                       "model/task", "-g", "4", "--first-layer", "0")
+    assert code == 2 and "consecutive" in err
+
+
+def test_threads_beyond_any_machine_are_refused(capsys, tmp_path, loads) -> None:
+    code, _, err = run(capsys, "--threads", "100000", "plan", str(loads), "-r", str(R), "-g",
+                       str(P), "-o", str(tmp_path / "p.json"))
+    assert code == 2 and "1..256" in err

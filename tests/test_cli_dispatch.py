@@ -136,3 +136,27 @@ def test_dispatch_helpers_check_their_inputs():
         remote_nodes_per_token(phy2log, torch.zeros(3, 1, 2, dtype=torch.long), 8, 4, 2, chunk=-1)
     with pytest.raises(ValueError, match="no tokens"):
         remote_nodes_per_token(phy2log, torch.zeros(0, 1, 2, dtype=torch.long), 8, 4, 2)
+
+
+def test_eval_refuses_what_plan_refuses(tmp_path, capsys, loads, routing):
+    path, _ = loads
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "-o", out)[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", out, path, "--dispatch", "nearest",
+                       "--gpu-speed", ",".join(["1"] * 16))
+    assert code == 2 and "--gpu-speed cannot be combined" in err
+    flat = tmp_path / "flat.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "-o", flat)[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", flat, path, "--dispatch", "nearest",
+                       "--nodes", 4)
+    assert code == 2 and "eplb files record their cluster" in err
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--dispatch",
+                       "nearest", "--slack", "0.5", "-o", tmp_path / "s.json")
+    assert code == 2 and "--policy locality" in err
+    two = tmp_path / "two.npz"
+    ids = np.load(routing)["task_topk_ids"]
+    np.savez(two, a_topk_ids=ids, b_topk_ids=ids)
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--dispatch",
+                       "nearest", "--policy", "locality", "--routing", two, "-o",
+                       tmp_path / "l.json")
+    assert code == 2 and "--routing-key" in err

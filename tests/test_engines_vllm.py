@@ -323,3 +323,8 @@ def test_move_options_do_not_break_a_call_without_an_old_map(vllm, monkeypatch):
     old = torch.arange(288).remainder(256).repeat(4, 1)
     vllm.EPLB_POLICIES["default"].rebalance_experts(weight, 288, 8, 4, 32, old)
     assert spy.calls[-1]["max_moves"] == 100
+
+
+def test_locality_is_refused_at_start_up():
+    with pytest.raises(ValueError, match="vLLM splits tokens evenly"):
+        plugin.options_from_env({plugin.OPTIONS_ENV_VAR: '{"policy": "locality"}'})

@@ -259,3 +259,16 @@ def test_rebalancer_refuses_counts_its_history_cannot_hold():
     assert rb.steps == 8 and len(rb.events) == 2
     with pytest.raises(ValueError, match="robust z"):
         Rebalancer(16, 4, window=4, interval=4, estimator="robust:1e308")
+
+
+def test_rebalancer_refuses_combinations_and_histories_it_cannot_serve():
+    with pytest.raises(ValueError, match="nearest dispatch"):
+        Rebalancer(16, 4, window=4, interval=4, policy="locality")
+    with pytest.raises(ValueError, match="max_moves with dispatch='nearest'"):
+        Rebalancer(32, 8, 2, 4, window=4, interval=4, dispatch="nearest", incremental=True,
+                   max_moves=10)  # auto is hierarchical here
+    with pytest.raises(ValueError, match="ema half-life"):
+        Rebalancer(16, 4, window=4, interval=4, estimator="ema:1e308")
+    rb = Rebalancer(16, 4, window=10**12, interval=4)
+    with pytest.raises(ValueError, match="shorter window"):
+        rb.record(torch.ones(2, 8))

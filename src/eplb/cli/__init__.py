@@ -86,13 +86,16 @@ _THREADS_HELP = ("torch threads (default 1: eplb's many small operations run fas
                  "thread, and its timings are quoted at one)")
 
 
+MAX_THREADS = 256  # torch's OpenMP pool fails (or crashes) far above the cores there are
+
+
 def _threads(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be an integer in 1..{MAX_THREADS}, got {text!r}")
     return value
 
 

@@ -267,7 +267,10 @@ def _routing(args: argparse.Namespace) -> torch.Tensor | None:
             raise CliError("--routing-key needs --routing FILE")
         return None
     key = None if args.routing_key is None else args.routing_key.split(",")
-    routing = read_routing(existing_file(args.routing, "routing trace"), key=key)
+    try:
+        routing = read_routing(existing_file(args.routing, "routing trace"), key=key)
+    except ValueError as exc:  # the readers name the loads' --key; here it is --routing-key
+        raise CliError(str(exc).replace("--key", "--routing-key")) from None
     if routing.numel() and int(routing.min()) < 0:
         raise CliError(f"--routing {args.routing} holds negative expert ids (-1 padding for "
                        "tokens routed to fewer experts?); co-selection needs full top-k rows")
@@ -282,12 +285,15 @@ def _dispatch_options(args: argparse.Namespace, weight: torch.Tensor) -> dict:
     if args.dispatch != "nearest":
         given = [flag for flag, on in nearest_only.items() if on]
         if given:
-            raise CliError(f"{', '.join(given)} describe SGLang's nearest dispatch: add "
+            raise CliError(f"{', '.join(given)} {'describe' if len(given) > 1 else 'describes'} "
+                           "SGLang's nearest dispatch: add "
                            "--dispatch nearest")
         return {}
     if args.nodes <= 1:
         warn("--dispatch nearest with one node: every replica is on the token's node, so "
              "the plan is the even-split one")
+    if args.slack != 0.03 and args.policy != "locality":
+        raise CliError("--slack is the locality policy's knob: add --policy locality")
     options = {"dispatch": "nearest", "fair": args.fair, "slack": args.slack}
     routing = _routing(args)
     if routing is not None:
@@ -305,8 +311,12 @@ def _placement_rows(placement: Placement, first: int, count: int,
         raise CliError(f"--first-layer {first}: the placement {args.placement} has "
                        f"{placement.num_layers} rows, the loads {count}, so K must lie in "
                        f"0..{max(placement.num_layers - count, 0)}")
-    rows = placement.phy2log[first:first + count]
-    return Placement.from_phy2log(rows, placement.num_experts, placement.topology,
+    return _select_rows(placement, list(range(first, first + count)))
+
+
+def _select_rows(placement: Placement, rows: list[int]) -> Placement:
+    picked = placement.phy2log[torch.tensor(rows, dtype=torch.long)]
+    return Placement.from_phy2log(picked, placement.num_experts, placement.topology,
                                   placement.policy, placement.active_gpus)
 
 
@@ -329,8 +339,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        "add --dispatch nearest (and --nodes N)")
     trace = read_trace(args.loads, args)
     weight = trace.total()
+    ids = trace.meta.get("model_layer_ids") and list(trace.layer_ids)
     if args.first_layer is not None:
+        if ids and ids != list(range(ids[0], ids[0] + len(ids))):
+            raise CliError(f"--first-layer K takes consecutive rows, but the loads are model "
+                           f"layers {ids}; leave it out and eval picks those rows")
         placement = _placement_rows(placement, args.first_layer, weight.shape[0], args)
+    elif ids and placement.num_layers > len(ids) and max(ids) < placement.num_layers:
+        # loads that name their model layers, a placement with a row per model layer (an
+        # SGLang file): score the loads' own rows
+        placement = _select_rows(placement, ids)
     if weight.shape != (placement.num_layers, placement.num_experts):
         hint = ""
         if weight.shape[0] < placement.num_layers and weight.shape[1] == placement.num_experts:
@@ -350,6 +368,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         nearest = _nearest_scores(args, placement, weight)
         after_loads = nearest.pop("gpu_loads")
     speed = gpu_speed_from(args.gpu_speed, topo.num_gpus)
+    if speed is not None and args.dispatch == "nearest":
+        raise CliError("--gpu-speed cannot be combined with --dispatch nearest (as in plan)")
     after_layer, after, after_worst = layer_balance(after_loads, live, speed)
     ceil = ceiling(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
                    placement.policy, active=placement.active_gpus, speed=speed is not None)
@@ -417,7 +437,9 @@ def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor) -
     """Realised GPU loads under the nearest rule, and remote nodes per token."""
     topo = placement.topology
     if topo.num_nodes <= 1:
-        raise CliError("--dispatch nearest needs the node count: give --nodes N (N > 1)")
+        raise CliError(f"--dispatch nearest needs several nodes, and {args.placement} is for "
+                       "one: eplb files record their cluster, --nodes N (N > 1) applies to "
+                       "engine files")
     active = placement.active_gpus
     loads = realised_gpu_loads(weight, placement.phy2log, topo.num_gpus, topo.num_nodes,
                                active_gpus=active)

@@ -85,6 +85,10 @@ def options_from_env(environ: Any = None) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{OPTIONS_ENV_VAR}: unknown option(s) {unknown}; "
                          f"allowed: {sorted(PLANNER_OPTIONS)}")
+    if options.get("policy") == "locality":
+        raise ValueError(f"{OPTIONS_ENV_VAR}: policy 'locality' is not served through SGLang's "
+                         "rebalancing hook yet: use 'auto', 'global' or 'hierarchical', or "
+                         "plan a locality placement with `eplb plan` for --init-expert-location")
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
         check_option_values(options)
     except (TypeError, ValueError) as exc:

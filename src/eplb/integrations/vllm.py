@@ -345,6 +345,9 @@ def _check_options(options: dict[str, Any], source: str) -> None:
     ):
         raise ValueError(f"{source}: agree_timeout_s must be a number of seconds in "
                          f"[0, {MAX_AGREE_TIMEOUT_S:g}], got {timeout!r}")
+    if options.get("policy") == "locality":
+        raise ValueError(f"{source}: policy 'locality' plans for SGLang's nearest dispatch; "
+                         "vLLM splits tokens evenly: use 'auto', 'global' or 'hierarchical'")
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
         check_option_values({k: v for k, v in options.items() if k in PLANNER_OPTIONS})
     except (TypeError, ValueError) as exc:

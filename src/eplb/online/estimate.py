@@ -48,6 +48,7 @@ from eplb.core.inputs import as_counts
 from eplb.core.placement import Placement
 from eplb.core.trace import LoadTrace
 
+MAX_HALF_LIFE = 1e9  # steps: longer is a plain sum, and overflows the decay weights
 MAX_ROBUST_Z = 10.0  # standard deviations: beyond it the estimate is the spread alone
 
 
@@ -159,9 +160,11 @@ class ExponentialAverage(Estimator):
     name: ClassVar[str] = "ema"
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.half_life, (int, float)) and math.isfinite(self.half_life)
-                and self.half_life > 0):
-            raise ValueError(f"ema half-life must be a finite number > 0, got {self.half_life!r}")
+        if isinstance(self.half_life, bool) or not (
+            isinstance(self.half_life, (int, float)) and 0 < self.half_life <= MAX_HALF_LIFE
+        ):
+            raise ValueError(f"ema half-life must be a number of steps in (0, "
+                             f"{MAX_HALF_LIFE:g}], got {self.half_life!r}")
 
     @property
     def spec(self) -> str:

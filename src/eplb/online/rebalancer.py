@@ -76,6 +76,10 @@ def trivial_placement(
                                   "global", active)
 
 
+#: the per-step history an engine keeps (float32 ring buffer) at most
+MAX_HISTORY_BYTES = 8 << 30
+
+
 def _check_plan_options(planner: str, plan_options: dict[str, Any]) -> None:
     """Refuse keyword arguments the built-in ``planner`` does not take, naming them."""
     takes: dict[str, Callable[..., Any] | None] = {
@@ -129,6 +133,13 @@ def make_planner(
     _check_plan_options(planner, plan_options)
     if planner == "eplb":
         check_option_values(plan_options, topo)
+        policy = plan_options.get("policy", "auto")
+        concrete = ("hierarchical" if topo.grouped else "global") if policy == "auto" else policy
+        if plan_options.get("dispatch") == "nearest" and max_moves is not None and (
+            concrete != "global" or active_gpus is not None
+        ):
+            raise ValueError("max_moves with dispatch='nearest' needs the global policy with "
+                             "every GPU live (other plans re-plan and relabel, unbudgeted)")
 
         incremental_knobs = {k: plan_options.pop(k, None) for k in ("move_price", "drift")}
         if any(v is not None for v in incremental_knobs.values()):
@@ -373,6 +384,12 @@ class Rebalancer:
     def _record(self, steps: torch.Tensor) -> Placement | None:
         if self._buffer is None:
             _, num_layers, num_experts = steps.shape
+            need = self.capacity * num_layers * num_experts * 4
+            if need > MAX_HISTORY_BYTES:
+                raise ValueError(
+                    f"the history of {self.capacity} steps × {num_layers} layers × "
+                    f"{num_experts} experts would take {need / 2**30:.1f} GiB (float32), "
+                    f"beyond {MAX_HISTORY_BYTES / 2**30:.0f} GiB: use a shorter window")
             # the ring lives where the counts do: an engine's CUDA counts never leave the GPU
             self._buffer = torch.zeros(self.capacity, num_layers, num_experts,
                                        dtype=torch.float32, device=steps.device)

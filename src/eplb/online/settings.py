@@ -42,11 +42,19 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
     IncrementalOptions(**knobs)
     if not isinstance(options.get("incremental", True), bool):
         raise ValueError(f"incremental must be true or false, got {options['incremental']!r}")
-    check_dispatch(options.get("dispatch", "even"))
+    dispatch = check_dispatch(options.get("dispatch", "even"))
     if options.get("fair", "auto") not in FAIR_MODES:
         raise ValueError(f"fair must be one of {', '.join(FAIR_MODES)}, got {options['fair']!r}")
     as_slack(options.get("slack", 0.03))
     routing = options.get("routing")
+    nearest_only = [name for name, given in (
+        ("policy='locality'", policy == "locality"),
+        ("fair", options.get("fair", "auto") != "auto"),
+        ("source", options.get("source") is not None), ("routing", routing is not None))
+        if given]
+    if nearest_only and dispatch != "nearest":
+        raise ValueError(f"{', '.join(nearest_only)} describe SGLang's nearest dispatch: "
+                         "pass dispatch='nearest'")
     if routing is not None:
         try:
             ids = torch.as_tensor(routing)
