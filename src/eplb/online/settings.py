@@ -53,7 +53,8 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
         ("source", options.get("source") is not None), ("routing", routing is not None))
         if given]
     if nearest_only and dispatch != "nearest":
-        raise ValueError(f"{', '.join(nearest_only)} describe SGLang's nearest dispatch: "
+        verb = "describe" if len(nearest_only) > 1 else "describes"
+        raise ValueError(f"{', '.join(nearest_only)} {verb} SGLang's nearest dispatch: "
                          "pass dispatch='nearest'")
     if routing is not None:
         try:
