@@ -194,3 +194,9 @@ def test_plugin_rank_failing_alone_takes_the_others_plan(monkeypatch, caplog):
                                     for r in range(WORLD)]]
     assert all(torch.equal(g, got[0]) for g in got)
     assert "rank 1 failed (MemoryError: this rank only)" in caplog.text
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 0, 1e14, True])
+def test_agreement_timeout_is_a_sane_number_of_seconds(timeout):
+    with pytest.raises(ValueError, match="timeout_s"):
+        PlanAgreement(torch.distributed.HashStore(), 0, 1, "t", timeout_s=timeout)

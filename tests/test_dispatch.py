@@ -396,3 +396,10 @@ def test_tradeoff_picture(tmp_path):
 def test_locality_refuses_pair_statistics_beyond_its_limit():
     with pytest.raises(ValueError, match="co-selection statistics"):
         eplb.plan(torch.rand(32, 2048), 2304, 64, 8, 8, policy="locality", dispatch="nearest")
+
+
+def test_dispatch_helpers_refuse_ids_below_minus_one():
+    phy2log = torch.arange(16).remainder(8).view(1, 16)
+    phy2log[0, 0] = -5
+    with pytest.raises(ValueError, match="-1 marks an empty slot"):
+        realised_gpu_loads(torch.ones(1, 8), phy2log, 4, 2)

@@ -69,6 +69,9 @@ def _check_shape(phy2log: torch.Tensor, num_gpus: int, num_nodes: int) -> tuple[
         raise TypeError(f"phy2log must hold integer expert ids, got {phy2log.dtype}")
     if phy2log.numel() == 0:
         raise ValueError(f"phy2log is empty (shape {tuple(phy2log.shape)})")
+    if int(phy2log.min()) < -1:
+        raise ValueError(f"phy2log holds expert id {int(phy2log.min())}; -1 marks an empty "
+                         "slot, ids start at 0")
     num_slots = phy2log.shape[1]
     if num_gpus < 1 or num_slots % num_gpus:
         raise ValueError(f"R = {num_slots} slots do not split over {num_gpus} GPUs")

@@ -45,6 +45,10 @@ __all__ = ["AgreementError", "Outcome", "PlanAgreement", "plan_digest"]
 _STATUS, _PLAN = "status", "plan"
 
 
+
+#: a day: longer waits are typos, and an infinite one overflows the store's timedelta
+MAX_TIMEOUT_S = 86400.0
+
 class AgreementError(RuntimeError):
     """The ranks could not agree on one plan (a rank never published its status)."""
 
@@ -127,8 +131,11 @@ class PlanAgreement:
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
-        if not timeout_s > 0:
-            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if isinstance(timeout_s, bool) or not (
+            isinstance(timeout_s, (int, float)) and 0 < timeout_s <= MAX_TIMEOUT_S
+        ):
+            raise ValueError(f"timeout_s must be a number of seconds in (0, {MAX_TIMEOUT_S:g}], "
+                             f"got {timeout_s!r}")
         self.store, self.rank, self.world_size = store, rank, world_size
         self.namespace, self.timeout_s = namespace.rstrip("/"), float(timeout_s)
         self.round = 0
