@@ -272,6 +272,8 @@ def _auto_policy(policy: str, num_experts: int, num_replicas: int, num_gpus: int
     """``"auto"`` resolved as the planner resolves it (without its warning)."""
     if policy != "auto":
         return policy
+    if num_nodes <= 1 or num_groups <= 1:
+        return "global"
     topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
     hierarchical = topology.grouped and not topology.hierarchy_problems(
         num_experts, has_dead_gpus=has_dead_gpus)

@@ -201,8 +201,11 @@ def as_gpu_speed(
     return tensor
 
 
-def as_routing(routing: object, num_layers: int, num_experts: int) -> torch.Tensor:
-    """``[T, L, k]`` int64 top-k expert ids of recorded tokens, each in ``[0, E)``."""
+def as_routing(
+    routing: object, num_layers: int | None, num_experts: int | None
+) -> torch.Tensor:
+    """``[T, L, k]`` int64 top-k expert ids of recorded tokens, each in ``[0, E)``
+    (``None``: the layer or expert count is not known yet and not checked)."""
     if isinstance(routing, torch.Tensor):
         tensor = routing
     else:
@@ -216,14 +219,16 @@ def as_routing(routing: object, num_layers: int, num_experts: int) -> torch.Tens
                         f"{'meta' if tensor.is_meta else tensor.layout} tensor")
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"routing must hold integer expert ids, got {tensor.dtype}")
-    if tensor.dim() != 3 or tensor.shape[1] != num_layers or 0 in tensor.shape:
+    layers_ok = num_layers is None or (tensor.dim() == 3 and tensor.shape[1] == num_layers)
+    if tensor.dim() != 3 or not layers_ok or 0 in tensor.shape:
+        layers = "L" if num_layers is None else num_layers
         raise ValueError(
-            f"routing must have shape [tokens, {num_layers} layers, top-k]; got "
+            f"routing must have shape [tokens, {layers} layers, top-k]; got "
             f"{tuple(tensor.shape)}"
         )
     tensor = tensor.detach().cpu().to(torch.int64)
     lo, hi = (int(x) for x in torch.aminmax(tensor))
-    if lo < 0 or hi >= num_experts:
+    if lo < 0 or (num_experts is not None and hi >= num_experts):
         raise ValueError(f"routing holds expert ids in [{lo}, {hi}], outside [0, {num_experts})")
     return tensor
 

@@ -76,6 +76,31 @@ def as_slack(slack: object) -> float:
     return float(slack)
 
 
+def as_seed(seed: object) -> int:
+    """``seed`` as an int (Python or NumPy integers), else ``TypeError``."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return int(seed)
+
+
+def check_dispatch_options(
+    dispatch: str, policy: str, fair: str, has_source: bool, has_routing: bool
+) -> str:
+    """``dispatch`` once it and the options that describe SGLang's nearest dispatch
+    (``fair``, ``source``, ``routing``, the locality policy) agree, else ``ValueError``."""
+    dispatch = check_dispatch(dispatch)
+    if fair not in FAIR_MODES:
+        raise ValueError(f"fair must be one of {', '.join(FAIR_MODES)}, got {fair!r}")
+    nearest_only = [name for name, given in (
+        ("policy='locality'", policy == "locality"), ("fair", fair != "auto"),
+        ("source", has_source), ("routing", has_routing)) if given]
+    if nearest_only and dispatch != "nearest":
+        verb = "describe" if len(nearest_only) > 1 else "describes"
+        raise ValueError(f"{', '.join(nearest_only)} {verb} SGLang's nearest dispatch: "
+                         "pass dispatch='nearest'")
+    return dispatch
+
+
 def make_request(
     weight: object,
     num_replicas: int,
@@ -116,9 +141,7 @@ def make_request(
             f"the swap search of one layer would score {swaps:.2e} swaps at once (about "
             f"{swaps * 32 / 2**30:.0f} GiB); at most {MAX_SWAPS_PER_ROW:.2e} (P/2 · S²)"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    seed = int(seed)
+    seed = as_seed(seed)
     opts = resolve_options(options, num_candidates, refine_steps)
     live = None
     if active_gpus is not None:
@@ -132,15 +155,8 @@ def make_request(
         if bool(live.all()):
             live = None
     speed = None if gpu_speed is None else as_gpu_speed(gpu_speed, topology.num_gpus, w.device)
-    dispatch = check_dispatch(dispatch)
-    nearest_options = (fair != "auto", source is not None, routing is not None)
-    if dispatch != "nearest" and (any(nearest_options) or policy == "locality"):
-        raise ValueError(
-            "fair, source, routing and the locality policy describe SGLang's nearest "
-            "dispatch: pass dispatch='nearest'"
-        )
-    if fair not in FAIR_MODES:
-        raise ValueError(f"fair must be one of {', '.join(FAIR_MODES)}, got {fair!r}")
+    dispatch = check_dispatch_options(dispatch, policy, fair, source is not None,
+                                      routing is not None)
     if dispatch == "nearest" and speed is not None:
         raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
     slack = as_slack(slack)

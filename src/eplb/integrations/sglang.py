@@ -41,7 +41,7 @@ import torch
 from eplb._version import __version__
 from eplb.api import rebalance_experts
 from eplb.core.topology import positive_int
-from eplb.online.settings import check_option_values
+from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
 
 __all__ = [
     "ENV_VAR",
@@ -72,15 +72,7 @@ _ANNOUNCED = False
 def options_from_env(environ: Any = None) -> dict[str, Any]:
     """Options from ``$SGLANG_EPLB_OPTIONS`` (a JSON object), ``{}`` when unset."""
     env = os.environ if environ is None else environ
-    raw = env.get(OPTIONS_ENV_VAR, "").strip()
-    if not raw:
-        return {}
-    try:
-        options = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"{OPTIONS_ENV_VAR} is not valid JSON ({exc}): {raw!r}") from None
-    if not isinstance(options, dict):
-        raise ValueError(f"{OPTIONS_ENV_VAR} must be a JSON object, got {raw!r}")
+    options = options_from_json(OPTIONS_ENV_VAR, env.get(OPTIONS_ENV_VAR, ""))
     unknown = sorted(set(options) - PLANNER_OPTIONS)
     if unknown:
         raise ValueError(f"{OPTIONS_ENV_VAR}: unknown option(s) {unknown}; "
@@ -156,8 +148,7 @@ def eplb_rebalance(
         ):
             old = None
     if old is None:  # a fresh plan: the move knobs have nothing to act on
-        options = {k: v for k, v in options.items()
-                   if k not in ("max_moves", "skip_threshold", "move_price", "drift")}
+        options = {k: v for k, v in options.items() if k not in INCREMENTAL_OPTIONS}
     return rebalance_experts(
         weight, num_physical_experts, groups, num_nodes, num_gpus,
         policy=policy, old_phy2log=old, **options,

@@ -60,7 +60,7 @@ import torch
 from eplb._version import __version__
 from eplb.api import rebalance_experts
 from eplb.integrations.agreement import AgreementError, PlanAgreement
-from eplb.online.settings import check_option_values
+from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
 
 __all__ = [
     "ENV_VAR",
@@ -91,8 +91,6 @@ PLANNER_OPTIONS = frozenset(
     {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold",
      "move_price", "drift"}
 )
-#: options that only shape incremental plans (dropped when there is no usable old map)
-INCREMENTAL_OPTIONS = frozenset({"max_moves", "skip_threshold", "move_price", "drift"})
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
 DEFAULT_AGREE_TIMEOUT_S = 120.0
@@ -373,15 +371,7 @@ def options_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
     """Options from ``$VLLM_EPLB_OPTIONS`` (or ``$EPLB_VLLM_OPTIONS``), ``{}`` when unset."""
     env = os.environ if environ is None else environ
     name, raw = _setting(env, OPTIONS_ENV_VAR, LEGACY_OPTIONS_ENV_VAR)
-    raw = raw.strip()
-    if not raw:
-        return {}
-    try:
-        options = json.loads(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} is not valid JSON ({exc}): {raw!r}") from None
-    if not isinstance(options, dict):
-        raise ValueError(f"{name} must be a JSON object, got {raw!r}")
+    options = options_from_json(name, raw)
     _check_options(options, source=name)
     return options
 

@@ -9,19 +9,37 @@ depend on the loads' shape (the rest is checked by :func:`eplb.plan` as usual).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from eplb.core.dispatch import check_dispatch
-from eplb.core.dispatch_plan import FAIR_MODES
-from eplb.core.inputs import as_gpu_speed, as_live_mask
+from eplb.core.inputs import as_gpu_speed, as_live_mask, as_routing
 from eplb.core.options import IncrementalOptions
-from eplb.core.planner import as_slack, resolve_options
+from eplb.core.planner import as_seed, as_slack, check_dispatch_options, resolve_options
 from eplb.core.policies import POLICY_NAMES
 from eplb.core.topology import Topology
 from eplb.online.incremental import check_budget
+
+#: options that only shape incremental plans (an engine drops them on a call without a
+#: usable old map)
+INCREMENTAL_OPTIONS = frozenset({"max_moves", "skip_threshold", "move_price", "drift"})
+
+
+def options_from_json(name: str, raw: str) -> dict[str, Any]:
+    """The JSON object in setting ``name`` (an environment variable), ``{}`` when blank;
+    ``ValueError`` naming the setting otherwise."""
+    raw = raw.strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} is not valid JSON ({exc}): {raw!r}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{name} must be a JSON object, got {raw!r}")
+    return options
 
 
 def check_option_values(options: Mapping[str, Any], topology: Topology | None = None) -> None:
@@ -32,9 +50,7 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
     policy = options.get("policy", "auto")
     if policy not in POLICY_NAMES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
-    seed = options.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    as_seed(options.get("seed", 0))
     resolve_options(options.get("options"), options.get("num_candidates"),
                     options.get("refine_steps"))
     check_budget(options.get("max_moves"), options.get("skip_threshold"))
@@ -42,30 +58,12 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
     IncrementalOptions(**knobs)
     if not isinstance(options.get("incremental", True), bool):
         raise ValueError(f"incremental must be true or false, got {options['incremental']!r}")
-    dispatch = check_dispatch(options.get("dispatch", "even"))
-    if options.get("fair", "auto") not in FAIR_MODES:
-        raise ValueError(f"fair must be one of {', '.join(FAIR_MODES)}, got {options['fair']!r}")
+    check_dispatch_options(options.get("dispatch", "even"), policy,
+                           options.get("fair", "auto"), options.get("source") is not None,
+                           options.get("routing") is not None)
     as_slack(options.get("slack", 0.03))
-    routing = options.get("routing")
-    nearest_only = [name for name, given in (
-        ("policy='locality'", policy == "locality"),
-        ("fair", options.get("fair", "auto") != "auto"),
-        ("source", options.get("source") is not None), ("routing", routing is not None))
-        if given]
-    if nearest_only and dispatch != "nearest":
-        verb = "describe" if len(nearest_only) > 1 else "describes"
-        raise ValueError(f"{', '.join(nearest_only)} {verb} SGLang's nearest dispatch: "
-                         "pass dispatch='nearest'")
-    if routing is not None:
-        try:
-            ids = torch.as_tensor(routing)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"routing must be top-k ids [T, L, k], got {type(routing).__name__}"
-                             f": {exc}") from None
-        if ids.dim() != 3 or ids.is_floating_point() or ids.is_complex() or \
-                ids.dtype == torch.bool:
-            raise ValueError(f"routing must be integer top-k ids [T, L, k], got shape "
-                             f"{tuple(ids.shape)} of {ids.dtype}")
+    if options.get("routing") is not None:  # the layer and expert counts come later
+        as_routing(options["routing"], None, None)
     if topology is None:
         return
     cpu = torch.device("cpu")
