@@ -342,14 +342,16 @@ def plan_incremental(
     peak, now = moves.expected_peak(weight, _live_only(candidates, live_gpus, topo), num_live,
                                     options.drift)
     # a fresh plan, relabelled onto the old GPUs, for the layers the warm path cannot
-    # serve. Global: the layers whose ladder still gains a move price at its last steps.
+    # serve. Global: the layers whose ladder still gains a move price over its last
+    # 1/16 of the slots (the last step at the default quota; at least one step).
     # Hierarchical: every layer. The ladder refines inside nodes only, and a fresh
     # group→node split, even one with the same bound, is often more even across nodes and
     # holds up better in the next window (measured on the BENCHMARKS.md §3 protocol:
     # +0.003 next-window balancedness for 36 % of the slots moved instead of 20 %; the
     # fresh plan costs about the same for 16 layers as for 58)
     balance = 1.0 / peak
-    need = balance[-1] - balance[max(0, len(balance) - 3)] > options.move_price
+    back = max(1, round(1 / 16 / options.quota))
+    need = balance[-1] - balance[max(0, len(balance) - 1 - back)] > options.move_price
     if request.policy == "hierarchical":
         need[:] = True
     if need.any():

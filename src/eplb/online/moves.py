@@ -31,17 +31,15 @@ def counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     return np.bincount(flat, minlength=rows * num_experts).reshape(rows, num_experts)
 
 
-def gpu_loads_of(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``[B, P]`` GPU loads, each expert's load split evenly over its replicas."""
-    counts = counts_of(phy2log, weight.shape[1])
+def gpu_loads_of(
+    weight: np.ndarray, phy2log: np.ndarray, num_gpus: int, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """``[B, P]`` GPU loads, each expert's load split evenly over its replicas
+    (``counts [B, E]``: the replica counts of ``phy2log``, when the caller has them)."""
+    counts = counts_of(phy2log, weight.shape[1]) if counts is None else counts
     per = weight / np.maximum(counts, 1)
     loads = np.take_along_axis(per, np.maximum(phy2log, 0), 1) * (phy2log >= 0)
     return loads.reshape(phy2log.shape[0], num_gpus, -1).sum(2)
-
-
-def _holds(phy2log: np.ndarray, expert: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``[B, P]`` True where the GPU holds a replica of ``expert [B]``."""
-    return (phy2log == expert[:, None]).reshape(phy2log.shape[0], num_gpus, -1).any(2)
 
 
 def fill_and_cover(
@@ -166,8 +164,8 @@ def apply_transfers(
     slots = num_slots // num_gpus
     rowix = np.arange(rows)
     counts = counts_of(out, num_experts).astype(np.float64)
-    loads = gpu_loads_of(weight, out, num_gpus)  # [B, P], updated per transfer
-    slot_gpu = np.arange(num_slots) // slots
+    loads = gpu_loads_of(weight, out, num_gpus, counts)  # [B, P], updated per transfer
+    grid = out.reshape(rows, num_gpus, slots)  # a view: writes land in out
     marks = [np.ceil(f * upto).astype(np.int64) for f in record]  # per row
     snapshots = [out.copy() for _ in record]
     for t in range(int(upto.max(initial=0))):
@@ -177,22 +175,22 @@ def apply_transfers(
         go = (t < upto) & (donor[:, t] >= 0)
         if not go.any():
             break
-        d, r = np.maximum(donor[:, t], 0), np.maximum(receiver[:, t], 0)
-        blocked = _holds(out, r, num_gpus)  # [B, P]: the GPU holds the receiver already
-        is_donor = out == d[:, None]  # [B, R]
-        key = np.where(is_donor, np.where(blocked, np.inf, loads)[:, slot_gpu], np.inf)
-        target = np.argmin(key, 1)
-        # every donor replica on a GPU holding the receiver: the first donor slot (the
+        b = rowix[go]
+        d, r = donor[b, t], receiver[b, t]
+        # the donor's replica on the lightest GPU that does not hold the receiver yet
+        held = grid[b]  # [n, P, S]
+        holds_donor = (held == d[:, None, None]).any(2)  # [n, P]
+        allowed = holds_donor & ~(held == r[:, None, None]).any(2)
+        gpu = np.argmin(np.where(allowed, loads[b], np.inf), 1)
+        # every donor replica on a GPU holding the receiver: the first donor GPU (the
         # anti-affinity repair spreads it next)
-        stuck = np.isinf(key[rowix, target])
-        if stuck.any():
-            target = np.where(stuck, np.argmax(is_donor, 1), target)
-        gpu = slot_gpu[target]
-        delta = weight[rowix, r] / (counts[rowix, r] + 1) - weight[rowix, d] / counts[rowix, d]
-        loads[rowix[go], gpu[go]] += delta[go]
-        counts[rowix[go], d[go]] -= 1
-        counts[rowix[go], r[go]] += 1
-        out[rowix[go], target[go]] = r[go]
+        stuck = ~allowed[np.arange(len(b)), gpu]
+        gpu = np.where(stuck, np.argmax(holds_donor, 1), gpu)
+        slot = np.argmax(held[np.arange(len(b)), gpu] == d[:, None], 1)
+        loads[b, gpu] += weight[b, r] / (counts[b, r] + 1) - weight[b, d] / counts[b, d]
+        counts[b, d] -= 1
+        counts[b, r] += 1
+        grid[b, gpu, slot] = r
     if not record:
         return out
     for mark, snap in zip(marks, snapshots, strict=True):
@@ -290,7 +288,7 @@ def expected_peak(
     counts = torch.bincount(filled, minlength=cands * rows * num_experts)
     counts = counts.view(cands, rows, num_experts).clamp(min=1).to(torch.float64)
     per = torch.floor(torch.from_numpy(units) / counts)  # [C, B, E] integers
-    load = per.flatten()[index]
+    load = per.view(-1).index_select(0, index.reshape(-1)).view(index.shape)
     if any_empty:
         load = load * ~empty
     grid = load.view(cands, rows, num_gpus, -1)
@@ -298,7 +296,8 @@ def expected_peak(
     gpu, square = grid.sum(3), (grid * grid).sum(3)  # [C, B, P]
     spread = np.sqrt(np.expm1(drift * drift)) * np.sqrt(square.numpy())
     z = torch.from_numpy(_normal_draws(draws, num_gpus))[:, None, None]  # [D, 1, 1, P]
-    peaks = (gpu[None] + torch.from_numpy(spread)[None] * z).amax(3).numpy()  # [D, C, B]
+    noisy = torch.from_numpy(spread)[None] * z  # [D, C, B, P]
+    peaks = noisy.add_(gpu[None]).amax(3).numpy()  # [D, C, B]
     peak = peaks[0].copy()
     for d in range(1, draws):  # a fixed order of additions on every machine
         peak += peaks[d]

@@ -301,10 +301,9 @@ def refine_path(
     while len(states) < steps:  # converged early: the rest of the path stands still
         states.append(states[-1])
         gpus.append(gpus[-1])
-    # all snapshots back onto their GPUs at once: [K, S, L, P] → [K, L, R]
+    # all snapshots back onto their GPUs at once: [K, S, L, P] → [K, L, R]. Every GPU is
+    # live here, so column k of a snapshot goes to GPU gpu[k]: one scatter, no argsort
     experts = torch.stack(states[:steps])
-    back = torch.stack(gpus[:steps]).long().argsort(dim=2)  # [K, L, P]
-    experts = experts.gather(3, back[:, None].expand(-1, slots, -1, -1))
-    result = phy2log.repeat(steps, 1, 1).view(steps, num_layers, num_gpus, slots)
-    result[:, :, live_ids] = experts.permute(0, 2, 3, 1).long()
-    return result.view(steps, num_layers, num_slots)
+    home = torch.stack(gpus[:steps]).long()[:, None].expand(-1, slots, -1, -1)
+    experts = torch.empty_like(experts).scatter_(3, home, experts)
+    return experts.permute(0, 2, 3, 1).long().reshape(steps, num_layers, num_slots)
