@@ -27,7 +27,7 @@ initial map) and the steady state (t ≥ 1).
   expert (3 × 7168 × 2048 FP8 parameters) with the time at 50 GB/s.
 
     python benchmarks/bench_vllm_call.py [--files N] [--steps T] [--drift 0.15]
-        [--move-prices 0.01,0.02]
+        [--move-prices 0.01,0.02] [--synthetic]
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from engines import FETCH_HINT, engine_root, vllm_sources
 from eplb import Placement, Topology
 from eplb.core import plan_greedy
 from eplb.integrations import vllm as plugin
+from eplb.tools.generator import generate_loads
 
 R, P, E = 288, 32, 256
 EXPERT_BYTES = 3 * 7168 * 2048  # FP8 DeepSeek-V3 routed expert
@@ -110,6 +111,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per rebalance")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--topology", choices=["all", "global", "hierarchical"], default="all")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="synthetic DeepSeek-V3 loads (eplb's generator, seeds 100, 101, "
+                             "...) instead of the real files: for choosing settings on data "
+                             "the reported figures do not use")
     parser.add_argument("--move-prices", default="", metavar="X[,X...]",
                         help="extra eplb rows with these move_price options (the trade-off "
                              "between slots moved and next-window balance; default 0.005)")
@@ -118,7 +123,11 @@ def main(argv=None) -> int:
     root = engine_root("vllm")
     if root is None:
         sys.exit(f"vLLM 0.33.0: {FETCH_HINT}")
-    loads = dict(list(deepseek_loads(torch.int64).items())[: args.files])
+    if args.synthetic:
+        loads = {f"synthetic seed {100 + k}": generate_loads("deepseek-v3", seed=100 + k)
+                 .round().to(torch.int64) for k in range(args.files)}
+    else:
+        loads = dict(list(deepseek_loads(torch.int64).items())[: args.files])
     if not loads:
         return 0
     os.environ[plugin.ENV_VAR] = "eplb"

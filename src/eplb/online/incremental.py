@@ -40,16 +40,12 @@ import numpy as np
 import torch
 
 from eplb.core.options import IncrementalOptions
-from eplb.core.packing import repair_assignment
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import plan_fresh
 from eplb.core.request import PlanRequest
-from eplb.online import moves
+from eplb.online import hierarchy, moves
 from eplb.online.align import align_to_previous
 from eplb.online.nearest import plan_nearest_incremental
-
-# a node whose busiest GPU is this close to the layer's busiest can set the layer's time
-_CRITICAL_NODE = 0.98
 
 
 def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
@@ -83,27 +79,6 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
     return old
 
 
-def _group_nodes(phy2log: np.ndarray, request: PlanRequest) -> tuple[np.ndarray, np.ndarray]:
-    """``(node_of_group [L, G], local [L])``: each group's node, and whether every layer
-    keeps every group on one node with ``G / N`` groups per node."""
-    topo = request.topology
-    rows = phy2log.shape[0]
-    nodes, groups = topo.num_nodes, topo.num_groups
-    group_size = request.num_experts // groups
-    node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // nodes)
-    group = np.where(phy2log >= 0, phy2log // group_size, groups)  # empty slots: group G
-    # which nodes hold each group: one bincount over (row, group, node)
-    key = (np.arange(rows)[:, None] * (groups + 1) + group) * nodes + node_of_slot[None]
-    present = np.bincount(key.ravel(), minlength=rows * (groups + 1) * nodes) > 0
-    present = present.reshape(rows, groups + 1, nodes)[:, :groups]  # [L, G, N]
-    held = present.any(2)
-    lo = np.where(held, np.argmax(present, 2), nodes)
-    hi = np.where(held, nodes - 1 - np.argmax(present[..., ::-1], 2), -1)
-    per_node = np.stack([(lo == n).sum(1) for n in range(nodes)], 1)
-    local = ((lo == hi) & (hi >= 0)).all(1) & (per_node == groups // nodes).all(1)
-    return lo, local
-
-
 def _forced(request: PlanRequest, old: np.ndarray) -> np.ndarray:
     """The old placement made valid for this call with as few changes as possible."""
     topo = request.topology
@@ -112,7 +87,7 @@ def _forced(request: PlanRequest, old: np.ndarray) -> np.ndarray:
     base = old.copy()
     if request.policy == "hierarchical":
         start = np.where(live_slot[None], old, -1)
-        _, local = _group_nodes(start, request)
+        _, local = hierarchy.group_nodes(start, request)
         redo = np.nonzero(~local)[0]
         if len(redo):
             sub = dataclasses.replace(request, weight=request.weight[torch.from_numpy(redo)])
@@ -120,101 +95,40 @@ def _forced(request: PlanRequest, old: np.ndarray) -> np.ndarray:
             aligned = align_to_previous(fresh, torch.from_numpy(start[redo]), topo.num_gpus,
                                         topo.gpus_per_node)
             base[redo] = aligned.numpy()
-        keep = np.nonzero(local)[0]
-        if len(keep):  # inside each node: fill, cover, spread (locality stays)
-            base[keep] = _per_node(weight[keep], start[keep], request, _fill_and_spread)
+        # inside each node: fill, cover, spread (locality stays); a layer with every slot
+        # filled, every expert held and no expert twice on a GPU needs none of it
+        whole = (start >= 0).all(1) & (moves.counts_of(start, request.num_experts) > 0).all(1)
+        twice = moves.stacked(start, topo.num_gpus)
+        keep = np.nonzero(local & ~(whole & ~twice))[0]
+        if len(keep):
+            base[keep] = hierarchy.per_node(weight[keep], start[keep], request,
+                                            moves.fill_and_spread)
         return base
-    return _fill_and_spread(weight, old, topo.num_gpus, request.live.cpu().numpy())
-
-
-def _fill_and_spread(
-    weight: np.ndarray, rows: np.ndarray, num_gpus: int, live: np.ndarray | None = None
-) -> np.ndarray:
-    """Forced moves of a batch of global problems ``rows [B, R]``: every live slot filled,
-    every expert covered, replicas stacked on one GPU spread over the live GPUs."""
-    live = np.ones(num_gpus, bool) if live is None else live
-    live_slot = live.repeat(rows.shape[1] // num_gpus)
-    out = moves.fill_and_cover(weight, rows, live_slot, num_gpus)
-    bad = np.nonzero(moves.stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
-    if len(bad):
-        spread = repair_assignment(
-            torch.from_numpy(weight[bad]), torch.from_numpy(out[bad]), torch.from_numpy(live)
-        )
-        out[bad] = spread.numpy()
-    return out
-
-
-def _node_rows(
-    weight: np.ndarray, phy2log: np.ndarray, request: PlanRequest
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split hierarchical layers into node rows with local expert ids.
-
-    Returns ``(node_weight [L·N, E/N], node_phy2log [L·N, R/N], node_experts [L·N, E/N])``
-    where ``node_experts`` maps local ids back to logical experts.
-    """
-    topo = request.topology
-    layers, num_experts = weight.shape
-    nodes, groups = topo.num_nodes, topo.num_groups
-    group_size = num_experts // groups
-    node_of_group, _ = _group_nodes(phy2log, request)
-    groups_by_node = np.argsort(node_of_group, 1, kind="stable").reshape(layers, nodes, -1)
-    experts = (groups_by_node[..., None] * group_size + np.arange(group_size)).reshape(
-        layers * nodes, -1
-    )
-    node_weight = np.take_along_axis(np.repeat(weight, nodes, 0), experts, 1)
-    local_id = np.full((layers * nodes, num_experts), -1)
-    np.put_along_axis(local_id, experts, np.arange(experts.shape[1])[None], 1)
-    rows = phy2log.reshape(layers * nodes, -1)
-    node_phy2log = np.where(rows >= 0, np.take_along_axis(local_id, np.maximum(rows, 0), 1), -1)
-    return node_weight, node_phy2log, experts
-
-
-def _per_node(weight, phy2log, request, fn):
-    """Apply ``fn(node_weight, node_phy2log, gpus_per_node)`` to every node row."""
-    node_weight, node_phy2log, experts = _node_rows(weight, phy2log, request)
-    done = fn(node_weight, node_phy2log, request.topology.gpus_per_node)
-    out = np.where(done >= 0, np.take_along_axis(experts, np.maximum(done, 0), 1), -1)
-    return out.reshape(phy2log.shape)
+    return moves.fill_and_spread(weight, old, topo.num_gpus, request.live.cpu().numpy())
 
 
 def _refine_rows(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
     budgeted: bool,
 ) -> np.ndarray:
-    """``[C, L, R]`` warm-start candidates of ``base`` (candidate 0 is ``base``) with a
-    per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``). ``budgeted``
-    adds the transfer-only candidates, which only a small budget picks: without one,
-    none of them was chosen in 2784 steady-state layer plans (BENCHMARKS.md §3 protocol)."""
+    """``[C, L, R]`` warm-start candidates of global layers ``base`` (candidate 0 is
+    ``base``) with a per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``).
+    ``budgeted`` adds the transfer-only candidates, which only a small budget picks:
+    without one, none of them was chosen in 2784 steady-state layer plans (BENCHMARKS.md
+    §3 protocol)."""
     topo = request.topology
     packing = request.options.packing
     steps = request.options.incremental.steps
-    if request.policy != "hierarchical":
-        if request.active_gpus is None:
-            return moves.warm_ladder(weight, base, topo.num_gpus, quota, steps, packing,
-                                     budgeted)
-        # dead GPUs: refine the live GPUs' slots only
-        live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
-        num_live = int(request.live.sum())
-        inner = moves.warm_ladder(weight, base[:, live_slot], num_live, quota, steps, packing,
-                                  budgeted)
-        out = np.repeat(base[None], inner.shape[0], 0)
-        out[:, :, live_slot] = inner
-        return out
-    # hierarchical: node rows; only critical nodes (busiest GPU near the layer's) move
-    layers, nodes = base.shape[0], topo.num_nodes
-    node_weight, node_phy2log, experts = _node_rows(weight, base, request)
-    per_gpu = topo.gpus_per_node
-    node_peak = moves.gpu_loads_of(node_weight, node_phy2log, per_gpu).max(1).reshape(layers, nodes)
-    critical = node_peak >= _CRITICAL_NODE * node_peak.max(1, keepdims=True)  # [L, N]
-    node_quota = np.where(critical, quota[:, None], 0).reshape(-1)
-    # rows are independent: only the node rows with a quota are searched
-    moving = np.nonzero(node_quota > 0)[0]
-    searched = moves.warm_ladder(node_weight[moving], node_phy2log[moving], per_gpu,
-                                 node_quota[moving], steps, packing, budgeted)
-    done = np.repeat(node_phy2log[None], searched.shape[0], 0)
-    done[:, moving] = searched
-    out = np.where(done >= 0, np.take_along_axis(experts[None], np.maximum(done, 0), 2), -1)
-    return out.reshape(done.shape[0], layers, -1)
+    if request.active_gpus is None:
+        return moves.warm_ladder(weight, base, topo.num_gpus, quota, steps, packing, budgeted)
+    # dead GPUs: refine the live GPUs' slots only
+    live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
+    num_live = int(request.live.sum())
+    inner = moves.warm_ladder(weight, base[:, live_slot], num_live, quota, steps, packing,
+                              budgeted)
+    out = np.repeat(base[None], inner.shape[0], 0)
+    out[:, :, live_slot] = inner
+    return out
 
 
 def _choose(
@@ -335,27 +249,34 @@ def plan_incremental(
     weight = request.weight.detach().cpu().to(torch.float64).numpy()
     base = _forced(request, old)
     quota = max(2, round(options.quota * topo.num_replicas))
-    candidates = _refine_rows(weight, base, request, np.full(request.num_layers, quota),
-                              budgeted=max_moves is not None)
+    layer_quota = np.full(request.num_layers, quota)
     live_gpus = request.live.cpu().numpy()
     num_live = int(live_gpus.sum())
-    peak, now = moves.expected_peak(weight, _live_only(candidates, live_gpus, topo), num_live,
-                                    options.drift)
-    # a fresh plan, relabelled onto the old GPUs, for the layers the warm path cannot
-    # serve. Global: the layers whose ladder still gains a move price over its last
-    # 1/16 of the slots (the last step at the default quota; at least one step).
-    # Hierarchical: every layer. The ladder refines inside nodes only, and a fresh
-    # group→node split, even one with the same bound, is often more even across nodes and
-    # holds up better in the next window (measured on the BENCHMARKS.md §3 protocol:
-    # +0.003 next-window balancedness for 36 % of the slots moved instead of 20 %; the
-    # fresh plan costs about the same for 16 layers as for 58)
-    balance = 1.0 / peak
-    back = max(1, round(1 / 16 / options.quota))
-    need = balance[-1] - balance[max(0, len(balance) - 1 - back)] > options.move_price
+    need = np.zeros(request.num_layers, bool)
     if request.policy == "hierarchical":
-        need[:] = True
+        # node ladders, and warm regroups where the best group→node assignment differs
+        candidates, regrouped = hierarchy.candidates(weight, base, request, layer_quota,
+                                                     max_moves is not None)
+        # the regroup candidates are scored on the regrouped layers only
+        ladder = len(candidates) // 2
+        peak, now = moves.expected_peak(weight, candidates[:ladder], num_live, options.drift)
+        peak, now = np.concatenate([peak, peak]), np.concatenate([now, now])
+        peak[ladder:] = np.inf
+        if regrouped.any():
+            peak[ladder:, regrouped], now[ladder:, regrouped] = moves.expected_peak(
+                weight[regrouped], candidates[ladder:, regrouped], num_live, options.drift)
+    else:
+        candidates = _refine_rows(weight, base, request, layer_quota, max_moves is not None)
+        peak, now = moves.expected_peak(weight, _live_only(candidates, live_gpus, topo),
+                                        num_live, options.drift)
+        # a fresh plan, relabelled onto the old GPUs, for the layers whose ladder still
+        # gains a move price over its last 1/16 of the slots (the last step at the
+        # default quota; at least one step)
+        balance = 1.0 / peak
+        back = max(1, round(1 / 16 / options.quota))
+        need = balance[-1] - balance[max(0, len(balance) - 1 - back)] > options.move_price
     if need.any():
-        extra = _fresh_aligned(request, base, np.nonzero(need)[0], candidates[-1])
+        extra = _fresh_aligned(request, base, np.nonzero(need)[0])
         extra_peak, extra_now = moves.expected_peak(
             weight, _live_only(extra, live_gpus, topo), num_live, options.drift
         )
@@ -375,40 +296,20 @@ def plan_incremental(
     return validate_planned(placement)
 
 
-def _fresh_aligned(
-    request: PlanRequest, base: np.ndarray, layers: np.ndarray, warm: np.ndarray
-) -> np.ndarray:
-    """``[C, L, R]`` fresh plans of ``layers`` relabelled onto ``base``'s GPUs (other rows:
-    ``base``). Hierarchical: also the fresh plan with the nodes that keep their groups
-    taken from ``warm [L, R]`` (only the regrouped nodes re-planned)."""
+def _fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -> np.ndarray:
+    """``[1, L, R]`` fresh plans of ``layers`` relabelled onto ``base``'s GPUs (other rows:
+    ``base``), for the global policy (dead GPUs allowed)."""
     topo = request.topology
     sub = dataclasses.replace(request, weight=request.weight[torch.from_numpy(layers)])
     fresh = plan_fresh(sub).phy2log.cpu()
     out = base.copy()
-    if request.active_gpus is not None:  # align the live GPUs only
-        live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
-        old_live = torch.from_numpy(base[layers][:, live_slot])
-        aligned = align_to_previous(fresh[:, live_slot], old_live, int(request.live.sum()))
-        rows = out[layers]
-        rows[:, live_slot] = aligned.numpy()
-        out[layers] = rows
-        return out[None]
-    per_node = topo.gpus_per_node if request.policy == "hierarchical" else None
-    aligned = align_to_previous(fresh, torch.from_numpy(base[layers]), topo.num_gpus,
-                                per_node).numpy()
-    out[layers] = aligned
-    if per_node is None:
-        return out[None]
-    # a node that keeps its groups can keep its warm-start packing: only the nodes whose
-    # groups change are re-planned
-    new_nodes, _ = _group_nodes(aligned, request)
-    old_nodes, _ = _group_nodes(base[layers], request)
-    nodes = topo.num_nodes
-    same = np.stack([((new_nodes == n) == (old_nodes == n)).all(1) for n in range(nodes)], 1)
-    keep = np.repeat(same, topo.num_replicas // nodes, 1)  # [n, R]
-    hybrid = base.copy()
-    hybrid[layers] = np.where(keep, warm[layers], aligned)
-    return np.stack([out, hybrid])
+    live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
+    old_live = torch.from_numpy(base[layers][:, live_slot])
+    aligned = align_to_previous(fresh[:, live_slot], old_live, int(request.live.sum()))
+    rows = out[layers]
+    rows[:, live_slot] = aligned.numpy()
+    out[layers] = rows
+    return out[None]
 
 
 def _plan_nearest(

@@ -94,6 +94,24 @@ def fill_and_cover(
     raise RuntimeError("eplb: could not fill the live slots (internal error)")
 
 
+def fill_and_spread(
+    weight: np.ndarray, rows: np.ndarray, num_gpus: int, live: np.ndarray | None = None
+) -> np.ndarray:
+    """Forced moves of a batch of global problems ``rows [B, R]``: every live slot filled,
+    every expert covered (:func:`fill_and_cover`), replicas stacked on one GPU spread over
+    the live GPUs (``live [P]``, default all)."""
+    live = np.ones(num_gpus, bool) if live is None else live
+    live_slot = live.repeat(rows.shape[1] // num_gpus)
+    out = fill_and_cover(weight, rows, live_slot, num_gpus)
+    bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
+    if len(bad):
+        spread = repair_assignment(
+            torch.from_numpy(weight[bad]), torch.from_numpy(out[bad]), torch.from_numpy(live)
+        )
+        out[bad] = spread.numpy()
+    return out
+
+
 def transfer_order(
     weight: np.ndarray, phy2log: np.ndarray, num_gpus: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -1,0 +1,256 @@
+"""Incremental planning under the hierarchical policy: node rows and warm regroups.
+
+A hierarchical layer is ``N`` independent node problems once its expert groups are on
+nodes, so the warm-start machinery works on *node rows*: ``(layer, node)`` pairs with
+local expert ids ``[0, E/N)`` and ``R/N`` slots on ``P/N`` GPUs.
+
+Two kinds of candidates come from here:
+
+- **the node ladder** (:func:`node_ladder`): the warm-start ladder inside the nodes that
+  can set the layer's time. A node whose busiest GPU is below the heaviest node's mean
+  GPU load cannot: that node's busiest GPU stays at or above its mean whatever is done
+  inside it. Each step may change ``quota`` of a node row's slots (a fraction of the row,
+  as for a global layer).
+- **warm regroups** (:func:`regroup_ladder`): where the group→node assignment with the
+  smallest bound puts groups on other nodes than the placement in force, the groups that
+  change node move and nothing else at first: their old slots empty, the arriving
+  experts fill them (:func:`eplb.online.moves.fill_and_cover`), then the ladder refines
+  the layer's nodes. A fresh plan of the layer would repack every node, moving most of
+  its slots for the same groups.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from eplb.core.packing import repair_assignment
+from eplb.core.policies import HierarchicalPolicy
+from eplb.core.request import PlanRequest
+from eplb.online import moves
+from eplb.online.align import match_blocks
+
+
+def group_nodes(phy2log: np.ndarray, request: PlanRequest) -> tuple[np.ndarray, np.ndarray]:
+    """``(node_of_group [L, G], local [L])``: each group's (lowest) node, and whether every
+    layer keeps every group on one node with ``G / N`` groups per node."""
+    topo = request.topology
+    rows = phy2log.shape[0]
+    nodes, groups = topo.num_nodes, topo.num_groups
+    group_size = request.num_experts // groups
+    node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // nodes)
+    group = np.where(phy2log >= 0, phy2log // group_size, groups)  # empty slots: group G
+    # which nodes hold each group: one bincount over (row, group, node)
+    key = (np.arange(rows)[:, None] * (groups + 1) + group) * nodes + node_of_slot[None]
+    present = np.bincount(key.ravel(), minlength=rows * (groups + 1) * nodes) > 0
+    present = present.reshape(rows, groups + 1, nodes)[:, :groups]  # [L, G, N]
+    held = present.any(2)
+    lo = np.where(held, np.argmax(present, 2), nodes)
+    hi = np.where(held, nodes - 1 - np.argmax(present[..., ::-1], 2), -1)
+    per_node = np.stack([(lo == n).sum(1) for n in range(nodes)], 1)
+    local = ((lo == hi) & (hi >= 0)).all(1) & (per_node == groups // nodes).all(1)
+    return lo, local
+
+
+def node_rows(
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    request: PlanRequest,
+    node_of_group: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split hierarchical layers into node rows with local expert ids.
+
+    ``node_of_group [L, G]`` (default: where ``phy2log`` holds each group) says which
+    experts each node row owns; a slot holding an expert its node does not own reads -1.
+
+    Returns ``(node_weight [L·N, E/N], node_phy2log [L·N, R/N], node_experts [L·N, E/N])``
+    where ``node_experts`` maps local ids back to logical experts.
+    """
+    topo = request.topology
+    layers, num_experts = weight.shape
+    nodes, groups = topo.num_nodes, topo.num_groups
+    group_size = num_experts // groups
+    if node_of_group is None:
+        node_of_group, _ = group_nodes(phy2log, request)
+    groups_by_node = np.argsort(node_of_group, 1, kind="stable").reshape(layers, nodes, -1)
+    experts = (groups_by_node[..., None] * group_size + np.arange(group_size)).reshape(
+        layers * nodes, -1
+    )
+    node_weight = np.take_along_axis(np.repeat(weight, nodes, 0), experts, 1)
+    local_id = np.full((layers * nodes, num_experts), -1)
+    np.put_along_axis(local_id, experts, np.arange(experts.shape[1])[None], 1)
+    rows = phy2log.reshape(layers * nodes, -1)
+    node_phy2log = np.where(rows >= 0, np.take_along_axis(local_id, np.maximum(rows, 0), 1), -1)
+    return node_weight, node_phy2log, experts
+
+
+def to_layers(done: np.ndarray, experts: np.ndarray, layers: int) -> np.ndarray:
+    """Node rows ``done [..., L·N, R/N]`` (local ids) back to ``[..., L, R]`` expert ids."""
+    out = np.where(done >= 0, np.take_along_axis(
+        np.broadcast_to(experts, (*done.shape[:-2], *experts.shape)), np.maximum(done, 0), -1
+    ), -1)
+    return out.reshape(*done.shape[:-2], layers, -1)
+
+
+def per_node(weight: np.ndarray, phy2log: np.ndarray, request: PlanRequest, fn) -> np.ndarray:
+    """Apply ``fn(node_weight, node_phy2log, gpus_per_node)`` to every node row."""
+    node_weight, node_phy2log, experts = node_rows(weight, phy2log, request)
+    done = fn(node_weight, node_phy2log, request.topology.gpus_per_node)
+    return to_layers(done, experts, phy2log.shape[0])
+
+
+def node_quota(request: PlanRequest, quota: np.ndarray) -> np.ndarray:
+    """``[L]`` slots a node row's ladder step may change: the layer's per-step share of
+    its slots (``quota [L]`` slots of ``R``), taken of the node's ``R / N``; at least 2
+    (one swap)."""
+    share = quota / request.topology.num_nodes
+    return np.where(quota > 0, np.maximum(2, np.round(share)), 0).astype(np.int64)
+
+
+def node_ladder(
+    weight: np.ndarray,
+    base: np.ndarray,
+    request: PlanRequest,
+    quota: np.ndarray,
+    budgeted: bool,
+    node_of_group: np.ndarray | None = None,
+    always: np.ndarray | None = None,
+) -> np.ndarray:
+    """``[C, L, R]`` warm-start candidates of hierarchical layers ``base [L, R]``
+    (candidate 0 is ``base``), refining inside the nodes that can set each layer's time
+    (module docstring) and the node rows flagged in ``always [L, N]``.
+
+    ``quota [L]``: slots per step of the whole layer (0: the layer keeps ``base``);
+    ``node_of_group [L, G]``: the nodes' groups when ``base`` does not show them whole.
+    """
+    topo = request.topology
+    layers, nodes, per_gpu = base.shape[0], topo.num_nodes, topo.gpus_per_node
+    node_weight, node_phy2log, experts = node_rows(weight, base, request, node_of_group)
+    peak = moves.gpu_loads_of(node_weight, node_phy2log, per_gpu).max(1).reshape(layers, nodes)
+    mean = node_weight.sum(1).reshape(layers, nodes) / per_gpu
+    critical = peak > mean.max(1, keepdims=True)  # [L, N]
+    if always is not None:
+        critical |= always
+    row_quota = np.where(critical, node_quota(request, quota)[:, None], 0).reshape(-1)
+    # rows are independent: only the node rows with a quota are searched
+    moving = np.nonzero(row_quota > 0)[0]
+    options = request.options
+    searched = moves.warm_ladder(node_weight[moving], node_phy2log[moving], per_gpu,
+                                 row_quota[moving], options.incremental.steps,
+                                 options.packing, budgeted)
+    done = np.repeat(node_phy2log[None], searched.shape[0], 0)
+    done[:, moving] = searched
+    return to_layers(done, experts, layers)
+
+
+def candidates(
+    weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
+    budgeted: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Warm-start candidates of hierarchical layers ``base [L, R]``: the node ladder of
+    ``base``, then the warm regroup and its node ladder for the layers whose best
+    group→node assignment differs from ``base``'s (module docstring). Both ladders run as
+    one batched search.
+
+    Returns ``(candidates [2K, L, R], regrouped [L])``: the ``K`` ladder candidates
+    (candidate 0 is ``base``), then the ``K`` regroup candidates, which hold ``base`` in
+    the layers that keep their groups.
+    """
+    topo = request.topology
+    layers, nodes = base.shape[0], topo.num_nodes
+    current, _ = group_nodes(base, request)  # [L, G]
+    target = HierarchicalPolicy.assign_groups(
+        torch.from_numpy(weight), topo, request.options, request.generator()
+    ).cpu().numpy()  # [L, G] node labels of the best assignment
+    # relabel each target node onto the current node that keeps most of its groups
+    onehot = np.eye(nodes, dtype=np.float32)
+    kept = np.einsum("lgn,lgm->lnm", onehot[target], onehot[current])  # [L, N_new, N_old]
+    wanted = np.take_along_axis(match_blocks(kept), target, 1)  # [L, G] in current labels
+    rows = np.nonzero((wanted != current).any(1))[0]
+    regrouped = np.zeros(layers, bool)
+    regrouped[rows] = True
+    if not len(rows):
+        ladder = node_ladder(weight, base, request, quota, budgeted, node_of_group=current)
+        return np.concatenate([ladder, np.repeat(base[None], len(ladder), 0)]), regrouped
+    # the regrouped layers' start: departing groups' slots emptied, arrivals filled in
+    sub = base[rows]
+    group_size = request.num_experts // topo.num_groups
+    node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // nodes)
+    group = np.where(sub >= 0, sub // group_size, 0)
+    leaving = np.take_along_axis(wanted[rows], group, 1) != node_of_slot[None]
+    start = np.where(leaving & (sub >= 0), -1, sub)
+    node_weight, node_start, experts = node_rows(weight[rows], start, request, wanted[rows])
+    filled = to_layers(fill_arrivals(node_weight, node_start, topo.gpus_per_node), experts,
+                       len(rows))
+    # one ladder over the base layers and the regrouped ones; nodes whose groups changed
+    # are always searched
+    changed = np.stack([(wanted[rows] == n) != (current[rows] == n) for n in range(nodes)], 2)
+    always = np.zeros((layers + len(rows), nodes), bool)
+    always[layers:] = changed.any(1)
+    ladder = node_ladder(
+        np.concatenate([weight, weight[rows]]), np.concatenate([base, filled]), request,
+        np.concatenate([quota, quota[rows]]), budgeted,
+        node_of_group=np.concatenate([current, wanted[rows]]), always=always,
+    )
+    regroup = np.repeat(base[None], ladder.shape[0], 0)
+    regroup[:, rows] = ladder[:, layers:]
+    return np.concatenate([ladder[:, :layers], regroup]), regrouped
+
+
+def fill_arrivals(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """Fill the empty slots of rows ``phy2log [B, R]`` with the experts no slot holds.
+
+    The uncovered experts share a row's empty slots by Jefferson's rule (one replica
+    each, then the extra ones by ``w / c``). The empty slots are dealt round-robin over
+    the GPUs, lightest GPU first in every round, and the replicas take them heaviest
+    first; replicas that land twice on one GPU are spread by the cheapest swaps. The
+    warm-start ladder refines from there. Rows with no uncovered expert to fill their
+    empty slots with, or fewer empty slots than uncovered experts, get
+    :func:`eplb.online.moves.fill_and_spread`. ``weight [B, E]``. Returns ``[B, R]``.
+    """
+    rows, num_slots = phy2log.shape
+    num_experts = weight.shape[1]
+    slots = num_slots // num_gpus
+    out = phy2log.copy()
+    counts = moves.counts_of(out, num_experts)
+    uncovered = counts == 0  # [B, E]
+    holes = (out < 0).sum(1)
+    arrivals = uncovered.sum(1)
+    fallback = (holes < arrivals) | ((holes > 0) & (arrivals == 0))
+    # replicas of the arrivals: one each, then Jefferson for the rest of the holes
+    given = uncovered.astype(np.int64)
+    rowix = np.arange(rows)
+    for _ in range(int(np.maximum(holes - arrivals, 0).max(initial=0))):
+        more = holes - given.sum(1) > 0
+        if not more.any():
+            break
+        pick = np.argmax(np.where(uncovered, weight / np.maximum(given, 1), -1.0), 1)
+        given[rowix[more], pick[more]] += 1
+    # the arrivals' replicas, heaviest first: [B, K] expert ids (-1 padding)
+    per = np.where(given > 0, weight / np.maximum(given, 1), -np.inf)
+    order = np.argsort(-per, 1, kind="stable")
+    reps = np.take_along_axis(given, order, 1)  # [B, E] replicas in that order
+    width = int(reps.sum(1).max(initial=0))
+    expert = np.full((rows, width), -1)
+    row_of = np.repeat(np.arange(rows), reps.sum(1))
+    ids = np.repeat(order.ravel(), reps.ravel())  # row by row, heaviest first
+    start = np.cumsum(reps.sum(1)) - reps.sum(1)
+    expert[row_of, np.arange(len(ids)) - start[row_of]] = ids
+    # the k-th heaviest replica takes the k-th hole of the round-robin order
+    loads = moves.gpu_loads_of(weight, out, num_gpus, counts)
+    hole = (out < 0).reshape(rows, num_gpus, slots)
+    round_of = np.cumsum(hole, 2) - 1  # [B, P, S] a hole's rank inside its GPU
+    light_rank = np.argsort(np.argsort(loads, 1, kind="stable"), 1)  # [B, P]
+    key = np.where(hole, round_of * num_gpus + light_rank[:, :, None], num_slots * num_gpus)
+    order = np.argsort(key.reshape(rows, -1), 1, kind="stable")[:, :width]  # [B, K] slots
+    take = (expert >= 0) & ~fallback[:, None]
+    out[np.nonzero(take)[0], order[take]] = expert[take]
+    spread = moves.stacked(out, num_gpus) & ~fallback
+    if spread.any():
+        bad = np.nonzero(spread)[0]
+        out[bad] = repair_assignment(torch.from_numpy(weight[bad]), torch.from_numpy(out[bad]),
+                                     torch.ones(num_gpus, dtype=torch.bool)).numpy()
+    if fallback.any():
+        redo = np.nonzero(fallback)[0]
+        out[redo] = moves.fill_and_spread(weight[redo], phy2log[redo], num_gpus)
+    return out
