@@ -221,6 +221,36 @@ def test_vllm_initial_map_under_hierarchical_keeps_locality():
         assert_contract(new)
 
 
+def test_regroup_moves_only_the_groups_that_change_node():
+    """When the loads change which groups should share a node, the plan regroups from
+    the map in force: the two hot groups end on different nodes, the result is
+    hierarchical and valid, and far fewer slots move than a fresh plan would change."""
+    groups, nodes, gpus, slots = 8, 4, 16, 80
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand(4, 64, generator=g, dtype=torch.float64) * 50 + 50
+    before, after = base.clone(), base.clone()
+    before[:, :8] *= 4
+    before[:, 8:16] *= 0.2  # group 1 cold: the greedy pairs it with hot group 0
+    after[:, :16] *= 4  # both hot now: they must part
+    old = eplb.plan(before, slots, gpus, nodes, groups)
+    node_of_slot = torch.arange(slots) // (slots // nodes)
+
+    def node_of(placement, layer, group):
+        return node_of_slot[placement.phy2log[layer] // 8 == group].unique().tolist()
+
+    assert all(node_of(old, layer, 0) == node_of(old, layer, 1) for layer in range(4))
+    new = eplb.plan(after, slots, gpus, nodes, groups, previous=old)
+    assert_contract(new)
+    assert new.policy == "hierarchical"
+    assert all(node_of(new, layer, 0) != node_of(new, layer, 1) for layer in range(4))
+    assert new.balancedness(after) > 1.5 * old.balancedness(after)
+    fresh = eplb.plan(after, slots, gpus, nodes, groups)
+    assert new.balancedness(after) >= 0.97 * fresh.balancedness(after)
+    moved = (new.phy2log != old.phy2log).sum(1)
+    assert (moved <= 0.75 * slots).all()
+    assert moved.sum() < (fresh.phy2log != old.phy2log).sum()
+
+
 def test_migrating_from_the_greedy_placement():
     """DeepSeek's greedy may put two replicas of an expert on one GPU; the incremental
     plan must still honour eplb's contract (anti-affinity included), budget or not."""

@@ -136,15 +136,16 @@ class IncrementalOptions:
             Raise it for slower links or shorter intervals.
         quota: slots (as a fraction of a layer's slots) each step of the warm-start
             refinement may change: the spacing of the candidates between few and many
-            moves.
+            moves. Under the hierarchical policy each node's share (``quota / N`` of
+            the layer's slots).
         steps: warm-start refinement steps: candidates reach about
             ``(steps + 1) · quota`` of the slots beyond the replica transfers. Each step
             is one pass of the swap search over every layer, the largest cost of an
             incremental plan. The defaults (4 steps of 3/64) reach as far as the former 6
             of 1/32 in two steps fewer; chosen on synthetic DeepSeek-V3 loads
-            (``generate_loads``, seeds 100–111), not on the real files the benchmarks
-            report: 0.27× less time, next-window balancedness +0.0012, slots moved
-            19.0 → 19.5 % (BENCHMARKS.md §3).
+            (``benchmarks/bench_incremental_settings.py``), not on the real files the
+            benchmarks report: 0.82× the time, next-window balancedness +0.0012, slots
+            moved 19.0 → 19.5 % (global; BENCHMARKS.md §3).
     """
 
     drift: float = 0.2

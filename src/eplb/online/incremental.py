@@ -15,12 +15,13 @@ almost every slot. Here the new plan starts from the placement in force:
    all-pairs swap search, each allowed ``quota`` more changed slots
    (:class:`~eplb.core.options.IncrementalOptions`), batched over layers in one
    refinement; with a move budget also the transfers alone (the cheapest moves). Under
-   the hierarchical policy only the nodes whose busiest GPU is near the layer's busiest
-   are searched: moves elsewhere cannot lower the layer's time.
-3. **Fresh plans relabelled onto the old GPUs** (:mod:`eplb.online.align`) where the
-   ladder cannot serve: global layers whose ladder still gains a move price at its end;
-   every hierarchical layer, as is and with the nodes that keep their groups taken from
-   the ladder (only the regrouped nodes change).
+   the hierarchical policy the ladder runs inside the nodes that can set the layer's
+   time (:mod:`eplb.online.hierarchy`).
+3. **Bigger changes where the ladder cannot reach.** Global: a fresh plan relabelled
+   onto the old GPUs (:mod:`eplb.online.align`) for the layers whose ladder still gains
+   a move price at its end. Hierarchical: a *warm regroup* for the layers whose best
+   group→node assignment differs from the one in force: only the groups that change
+   node move, then the node ladder refines (:func:`eplb.online.hierarchy.candidates`).
 4. **A choice per layer by the expected next-window peak**
    (:func:`eplb.online.moves.expected_peak`): each candidate's max GPU load under the
    drift a rebalance interval brings. Without a budget, a layer takes the candidate with

@@ -1,0 +1,97 @@
+"""Incremental-planning settings side by side: time, next-window balance, slots moved.
+
+How the :class:`eplb.IncrementalOptions` defaults were chosen, reproducible. The protocol
+is bench_vllm_call's (drifting windows, each rebalance from the planner's previous map,
+the first from vLLM's initial map ``slot i → expert i % E``; steady state = rebalances
+2..T), with ``eplb.plan`` called directly so that any option can vary. By default it
+runs on *synthetic* DeepSeek-V3 loads (``generate_loads``, seeds 100, 101, ...; drift
+seeds from 1000), not the real files the other benchmarks report: settings are chosen
+here and checked there.
+
+Times are medians over every steady call of a setting, the settings interleaved call by
+call so that machine noise falls on all of them alike; one thread.
+
+    python benchmarks/bench_incremental_settings.py [--files 12] [--topology global]
+        [--variants '{"steps": 6, "quota": 0.03125}; {"steps": 4, "quota": 0.046875}']
+        [--real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+import torch
+from _harness import deepseek_loads, markdown_table, start
+from bench_vllm_call import TOPOLOGIES, E, P, R, balancedness, drift_chain
+
+import eplb
+from eplb.core.options import IncrementalOptions, PlanOptions
+from eplb.tools.generator import generate_loads
+
+DEFAULT_VARIANTS = '{"steps": 6, "quota": 0.03125}; {}'
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=3, help="rebalances per workload")
+    parser.add_argument("--drift", type=float, default=0.15)
+    parser.add_argument("--topology", choices=["all", "global", "hierarchical"], default="all")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help="IncrementalOptions fields as JSON objects separated by ';' "
+                             "({} = the defaults)")
+    parser.add_argument("--real", action="store_true",
+                        help="the real DeepSeek-V3 files instead of synthetic loads")
+    args = parser.parse_args(argv)
+    print(start("bench_incremental_settings"))
+    variants = [json.loads(text) for text in args.variants.split(";") if text.strip()]
+    options = [PlanOptions(incremental=IncrementalOptions(**v)) for v in variants]
+    names = [json.dumps(v) if v else "defaults" for v in variants]
+    if args.real:
+        loads = list(deepseek_loads(torch.int64).values())[: args.files]
+        seed = 0
+    else:
+        loads = [generate_loads("deepseek-v3", seed=100 + k).round().to(torch.int64)
+                 for k in range(args.files)]
+        seed = 1000
+    rows = []
+    for topo_name, (groups, nodes) in TOPOLOGIES.items():
+        if args.topology != "all" and not topo_name.startswith(args.topology):
+            continue
+        topo = eplb.Topology(R, P, nodes, groups)
+        times = {name: [] for name in names}
+        scores = {name: [] for name in names}
+        for i, weight in enumerate(loads):
+            windows = drift_chain(weight, args.steps, args.drift, seed + i)
+            old = {name: torch.arange(R).remainder(E).repeat(weight.shape[0], 1)
+                   for name in names}
+            for t in range(args.steps):
+                for name, option in zip(names, options, strict=True):
+                    begin = time.perf_counter()
+                    new = eplb.plan(windows[t], R, P, nodes, groups, previous=old[name],
+                                    options=option).phy2log
+                    elapsed = time.perf_counter() - begin
+                    if t > 0:
+                        times[name].append(elapsed)
+                        scores[name].append((balancedness(new, windows[t + 1], topo),
+                                             float((new != old[name]).float().mean())))
+                    old[name] = new
+        base = statistics.median(times[names[0]])
+        for name in names:
+            ms = statistics.median(times[name])
+            next_window, moved = np.mean(scores[name], 0)
+            rows.append([topo_name, name, f"{1e3 * ms:.1f}", f"{ms / base:.2f}",
+                         f"{next_window:.5f}", f"{100 * moved:.1f} %"])
+    print(f"\n{'real' if args.real else 'synthetic'} loads, {len(loads)} workloads × "
+          f"{args.steps} rebalances (steady state: 2..{args.steps}), drift {args.drift}\n")
+    print(markdown_table(["topology", "incremental options", "ms", "× first row",
+                          "next window", "slots moved"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
