@@ -9,7 +9,9 @@ seeds from 1000), not the real files the other benchmarks report: settings are c
 here and checked there.
 
 Times are medians over every steady call of a setting, the settings interleaved call by
-call so that machine noise falls on all of them alike; one thread.
+call so that machine noise falls on all of them alike; one thread. The last row of each
+topology is a fresh plan of the same windows, timed alongside: the yardstick for
+"incremental planning in no more time than a fresh plan".
 
     python benchmarks/bench_incremental_settings.py [--files 12] [--topology global]
         [--variants '{"steps": 6, "quota": 0.03125}; {"steps": 4, "quota": 0.046875}']
@@ -33,6 +35,7 @@ from eplb.core.options import IncrementalOptions, PlanOptions
 from eplb.tools.generator import generate_loads
 
 DEFAULT_VARIANTS = '{"steps": 6, "quota": 0.03125}; {}'
+FRESH = "fresh plan (no previous map; moves against the first row's map)"
 
 
 def main(argv=None) -> int:
@@ -63,8 +66,8 @@ def main(argv=None) -> int:
         if args.topology != "all" and not topo_name.startswith(args.topology):
             continue
         topo = eplb.Topology(R, P, nodes, groups)
-        times = {name: [] for name in names}
-        scores = {name: [] for name in names}
+        times = {name: [] for name in [*names, FRESH]}
+        scores = {name: [] for name in [*names, FRESH]}
         for i, weight in enumerate(loads):
             windows = drift_chain(weight, args.steps, args.drift, seed + i)
             old = {name: torch.arange(R).remainder(E).repeat(weight.shape[0], 1)
@@ -80,8 +83,16 @@ def main(argv=None) -> int:
                         scores[name].append((balancedness(new, windows[t + 1], topo),
                                              float((new != old[name]).float().mean())))
                     old[name] = new
+                # the yardstick: a fresh plan of the same window (no previous map)
+                begin = time.perf_counter()
+                fresh = eplb.plan(windows[t], R, P, nodes, groups).phy2log
+                elapsed = time.perf_counter() - begin
+                if t > 0:
+                    times[FRESH].append(elapsed)
+                    scores[FRESH].append((balancedness(fresh, windows[t + 1], topo),
+                                          float((fresh != old[names[0]]).float().mean())))
         base = statistics.median(times[names[0]])
-        for name in names:
+        for name in [*names, FRESH]:
             ms = statistics.median(times[name])
             next_window, moved = np.mean(scores[name], 0)
             rows.append([topo_name, name, f"{1e3 * ms:.1f}", f"{ms / base:.2f}",

@@ -144,8 +144,8 @@ class IncrementalOptions:
             incremental plan. The defaults (4 steps of 3/64) reach as far as the former 6
             of 1/32 in two steps fewer; chosen on synthetic DeepSeek-V3 loads
             (``benchmarks/bench_incremental_settings.py``), not on the real files the
-            benchmarks report: 0.82× the time, next-window balancedness +0.0012, slots
-            moved 19.0 → 19.5 % (global; BENCHMARKS.md §3).
+            benchmarks report: 0.7–0.8× the time, next-window balancedness +0.0012,
+            slots moved 19.0 → 19.5 % (global; BENCHMARKS.md §3).
     """
 
     drift: float = 0.2
