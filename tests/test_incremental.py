@@ -328,9 +328,10 @@ ORIGINS = ("eplb", "vllm-initial", "greedy", "random", "dead-now", "revived")
     budget=st.one_of(st.none(), st.integers(0, 30)),
     origin=st.sampled_from(ORIGINS),
     seed=st.integers(0, 2**31 - 1),
+    loads=st.sampled_from(["drifted", "uniform", "zeros"]),
 )
 def test_old_maps_of_every_origin_give_valid_plans(
-    gpus, slots, layers, hierarchical, drift, budget, origin, seed
+    gpus, slots, layers, hierarchical, drift, budget, origin, seed, loads
 ):
     nodes, groups = (2, 4) if hierarchical else (1, 1)
     replicas = gpus * slots
@@ -339,6 +340,8 @@ def test_old_maps_of_every_origin_give_valid_plans(
     experts = (live_slots * 3 // 4) // groups * groups
     assume(experts >= 1)  # every expert needs a live slot
     w0, w1 = drifted(seed % 1000, layers, experts, drift)
+    if loads != "drifted":  # balanced or empty counters: nothing for a search to gain
+        w1 = torch.full_like(w1, 1.0 if loads == "uniform" else 0.0)
     policy = "hierarchical" if hierarchical else "global"
     dead = torch.ones(gpus, dtype=torch.bool)
     dead[seed % gpus] = False
@@ -383,3 +386,51 @@ def test_move_price_trades_moves_for_expected_balance(policy, nodes, groups):
         eplb.plan(W1, R, P, nodes, groups, move_price=-1.0, **kwargs)
     with pytest.raises(ValueError, match="drift"):
         eplb.plan(W1, R, P, nodes, groups, drift=5.0, **kwargs)
+
+
+@pytest.mark.parametrize(("weight", "replicas", "gpus", "nodes", "groups"), [
+    (torch.zeros(2, 64), 80, 16, 2, 8),  # a profile run's empty counters
+    (torch.ones(2, 16), 16, 8, 2, 4),  # perfectly balanced nodes
+    (torch.rand(3, 4, generator=torch.Generator().manual_seed(0)), 8, 2, 2, 2),  # 1 GPU/node
+], ids=["zeros", "balanced", "one-gpu-per-node"])
+def test_hierarchical_with_no_node_to_refine(weight, replicas, gpus, nodes, groups):
+    """No node can lower its layer's time (every node at or below the heaviest node's
+    mean): the plan keeps the forced map instead of searching nothing."""
+    old = eplb.plan(weight, replicas, gpus, nodes, groups)
+    for previous in (old, (torch.arange(replicas) % weight.shape[1]).repeat(len(weight), 1)):
+        new = eplb.plan(weight, replicas, gpus, nodes, groups, previous=previous)
+        assert new.policy == "hierarchical"
+        assert_contract(new)
+
+
+def test_incremental_takes_a_transposed_weight():
+    g = torch.Generator().manual_seed(1)
+    weight = torch.rand(64, 4, generator=g).t()  # not contiguous
+    old = eplb.plan(torch.rand(4, 64, generator=g), 80, 16, 2, 8)
+    for nodes, groups in ((2, 8), (1, 1)):
+        new = eplb.plan(weight, 80, 16, nodes, groups, previous=old)
+        assert torch.equal(new.phy2log, eplb.plan(weight.contiguous(), 80, 16, nodes, groups,
+                                                  previous=old).phy2log)
+
+
+@pytest.mark.parametrize("budget", [None, 3])
+def test_zero_warm_start_steps(budget):
+    options = eplb.PlanOptions(incremental=eplb.IncrementalOptions(steps=0))
+    w0, w1 = drifted()
+    old = eplb.plan(w0, R, P)
+    new = eplb.plan(w1, R, P, previous=old, options=options, max_moves=budget)
+    assert_contract(new)
+
+
+def test_never_worse_than_the_map_in_force_beside_a_huge_expert():
+    """Candidates are screened in integer units (2**20 for a row's heaviest expert), which
+    round the small experts beside a huge one; the exact loads decide at the end."""
+    w = torch.tensor([[0.6215090383806794, 0.02165500318271052, 0.8746323779455377,
+                       0.8540495315269422, 1e6, 0.8024209628659041, 0.1847951614868486,
+                       0.6956239148985941, 0.1550002548656667, 0.6916197559832665,
+                       0.9586338310644203, 0.9849849877499477]], dtype=torch.float64)
+    old = torch.tensor([[11, 10, 0, 1, 2, 10, 0, 3, 4, 7, 6, 8, 4, 9, 6, 5]])
+    forced = eplb.plan(w, 16, 4, 2, 6, previous=old, max_moves=0)
+    new = eplb.plan(w, 16, 4, 2, 6, previous=old, max_moves=10**9)
+    assert_contract(new)
+    assert new.gpu_loads(w).amax() <= forced.gpu_loads(w).amax()

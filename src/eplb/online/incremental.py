@@ -83,7 +83,7 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
 def _forced(request: PlanRequest, old: np.ndarray) -> np.ndarray:
     """The old placement made valid for this call with as few changes as possible."""
     topo = request.topology
-    weight = request.weight.detach().cpu().to(torch.float64).numpy()
+    weight = np.ascontiguousarray(request.weight.detach().cpu().to(torch.float64).numpy())
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     base = old.copy()
     if request.policy == "hierarchical":
@@ -247,7 +247,7 @@ def plan_incremental(
     old = _previous_phy2log(previous, request)
     if request.dispatch == "nearest" and topo.num_nodes > 1:
         return _plan_nearest(request, old, max_moves, skip_threshold)
-    weight = request.weight.detach().cpu().to(torch.float64).numpy()
+    weight = np.ascontiguousarray(request.weight.detach().cpu().to(torch.float64).numpy())
     base = _forced(request, old)
     quota = max(2, round(options.quota * topo.num_replicas))
     layer_quota = np.full(request.num_layers, quota)
@@ -290,6 +290,12 @@ def plan_incremental(
     peak = np.where(now <= now[0][None] * (1 + 1e-12), peak, np.inf)
     pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options)
     best = candidates[pick, np.arange(request.num_layers)]
+    # the guard above compares integer units (2**20 for a row's heaviest expert), which
+    # round small experts beside a huge one: a layer whose exact peak came out above the
+    # placement in force's keeps the latter
+    worse = moves.exact_peak(weight, best, topo.num_gpus) > moves.exact_peak(
+        weight, base, topo.num_gpus)
+    best[worse] = base[worse]
     phy2log = torch.from_numpy(best).to(request.weight.device)
     placement = Placement.from_phy2log(
         phy2log, request.num_experts, topo, request.policy, request.active_gpus

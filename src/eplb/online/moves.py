@@ -42,6 +42,17 @@ def gpu_loads_of(
     return loads.reshape(phy2log.shape[0], num_gpus, -1).sum(2)
 
 
+def exact_peak(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[B]`` max GPU load of every row of ``phy2log [B, R]`` (``-1`` slots carry
+    nothing), summed in one fixed order (each GPU's replica loads ascending, added left
+    to right), so the same bits come out on every machine."""
+    counts = counts_of(phy2log, weight.shape[1])
+    per = weight / np.maximum(counts, 1)
+    loads = np.where(phy2log >= 0, np.take_along_axis(per, np.maximum(phy2log, 0), 1), 0.0)
+    grid = np.sort(loads.reshape(phy2log.shape[0], num_gpus, -1), 2)
+    return np.cumsum(grid, 2)[..., -1].max(1)
+
+
 def fill_and_cover(
     weight: np.ndarray, phy2log: np.ndarray, live_slot: np.ndarray, num_gpus: int
 ) -> np.ndarray:
@@ -244,6 +255,8 @@ def warm_ladder(
         ``[steps + 4, B, R]`` candidates (``[steps + 1, B, R]`` without
         ``transfers_only``), the base first.
     """
+    if base.shape[0] == 0:  # no row to search (e.g. no node can set its layer's time)
+        return np.repeat(base[None], steps + (4 if transfers_only else 1), 0)
     donor, receiver, count = transfer_order(weight, base, num_gpus)
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
@@ -306,7 +319,7 @@ def expected_peak(
     counts = torch.bincount(filled, minlength=cands * rows * num_experts)
     counts = counts.view(cands, rows, num_experts).clamp(min=1).to(torch.float64)
     per = torch.floor(torch.from_numpy(units) / counts)  # [C, B, E] integers
-    load = per.view(-1).index_select(0, index.reshape(-1)).view(index.shape)
+    load = per.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
     if any_empty:
         load = load * ~empty
     grid = load.view(cands, rows, num_gpus, -1)

@@ -278,6 +278,8 @@ def refine_path(
         repeats its last placement).
     """
     num_layers, num_slots = phy2log.shape
+    if steps == 0:
+        return phy2log.new_empty((0, num_layers, num_slots))
     slots = num_slots // num_gpus
     live = torch.ones(num_gpus, dtype=torch.bool, device=phy2log.device)
     state, live_ids = _assignment_state(weight, phy2log, live)
