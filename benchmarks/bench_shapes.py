@@ -28,6 +28,7 @@ the first input, calls interleaved across planners.
     python benchmarks/bench_shapes.py --only 58x256   # shapes whose label contains this
     python benchmarks/bench_shapes.py --repeats 9 --inputs 3
     python benchmarks/bench_shapes.py --gap           # what the S=3 gap is made of
+    python benchmarks/bench_shapes.py --steps-sweep   # S=3-4 polish steps, generated loads
 """
 
 from __future__ import annotations
@@ -131,6 +132,43 @@ def exact_balancedness(weight: torch.Tensor, num_replicas: int, num_gpus: int) -
     return float(weight.sum() / num_gpus / best.sum())
 
 
+def steps_sweep(repeats: int) -> None:
+    """How many polish steps pay where a GPU has 3-4 slots: the S = 3-4 shapes on
+    *generated* loads (seeds 10, 11 for every model, so not the table's inputs), the
+    default against the earlier rule (16 polish steps at 32 GPUs and more), same pair
+    steps. Ratio to the ceiling (worst input), median time on the first input."""
+    print("| shape | polish steps: default | ratio | ms | 16 (earlier rule) | ratio | ms |")
+    print("|---|---|---|---|---|---|---|")
+    for key, slots, gpus in SHAPES:
+        if slots not in (3, 4):
+            continue
+        model = MODELS[key]
+        replicas = slots * gpus
+        loads = [generate_loads(model.preset, seed=seed, num_layers=model.layers,
+                                num_experts=model.experts) for seed in (10, 11)]
+        auto = eplb.PackingOptions()
+        rules = {
+            "default": None,
+            "16": eplb.PlanOptions(packing=eplb.PackingOptions(
+                max_steps=16, pair_steps=auto.pair_steps_for(gpus, slots))),
+        }
+        cells = [f"{model.layers}×{model.experts} S={slots} P={gpus}",
+                 str(auto.max_steps_for(gpus, slots))]
+        times: dict[str, list[float]] = {name: [] for name in rules}
+        for _ in range(repeats):
+            for name, options in rules.items():
+                begin = time.perf_counter()
+                eplb.plan(loads[0], replicas, gpus, options=options)
+                times[name].append(time.perf_counter() - begin)
+        for name, options in rules.items():
+            ratio = min(eplb.plan(w, replicas, gpus, options=options).balancedness(w)
+                        / balancedness_ceiling(w, replicas, gpus) for w in loads)
+            if name != "default":
+                cells.append(name)
+            cells += [f"{ratio:.4f}", f"{1e3 * statistics.median(times[name]):.1f}"]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
 def gap_analysis(replicas: int = 288, gpus: int = 96) -> None:
     """What the gap to the ceiling is made of at ``S = R / P`` (default: the issue's
     58×256, R = 288, P = 96), per real load file: replication or packing search.
@@ -181,10 +219,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--gap", action="store_true", help="only the S=3 gap analysis (58×256, R=288, P=96)"
     )
+    parser.add_argument(
+        "--steps-sweep", action="store_true",
+        help="only the S=3-4 polish-step comparison on generated loads",
+    )
     args = parser.parse_args(argv)
     print(header("bench_shapes"))
     if args.gap:
         gap_analysis()
+        return 0
+    if args.steps_sweep:
+        steps_sweep(args.repeats)
         return 0
 
     vec_module = load_sglang_vec()

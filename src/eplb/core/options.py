@@ -26,6 +26,10 @@ AUTO_MAX_STEPS = 8
 #: packing bound) instead of five, and the saved time buys twice the refinement steps
 FEW_SLOTS = 4
 FEW_SLOT_STEP_FACTOR = 2
+#: the most polish steps the few-slot rule gives (reached at 128 GPUs). Chosen on generated
+#: loads (``benchmarks/bench_shapes.py --steps-sweep``, BENCHMARKS.md §12): +0.0006 to
+#: +0.0021 of the ceiling at S = 3-4 on 96-256 GPUs for 8-22 % more time
+FEW_SLOT_MAX_STEPS = 32
 
 
 def _few_slot_factor(slots: int | None) -> int:
@@ -51,7 +55,9 @@ class PackingOptions:
             step per GPU above the mean (measured on the DeepSeek-V3 8-GPU node rows:
             steps past the fourth close the hierarchical gap by 0.00004 at most).
             Both automatic counts double where a GPU has at most :data:`FEW_SLOTS`
-            slots (coarse replicas; one allocation is packed there instead of five).
+            slots (coarse replicas; one allocation is packed there instead of five),
+            and there the polish gets at least a step per 4 GPUs, up to
+            :data:`FEW_SLOT_MAX_STEPS`.
         construction: ``"bldm"`` (balanced largest differencing) or ``"lpt"``.
         noise: relative perturbation of expert loads that orders randomised starts.
 
@@ -82,7 +88,12 @@ class PackingOptions:
         """The polish steps used for rows of ``num_gpus`` GPUs (``slots`` per GPU)."""
         if self.max_steps is not None:
             return self.max_steps
-        return min(AUTO_MAX_STEPS, max(4, num_gpus // 2)) * _few_slot_factor(slots)
+        steps = min(AUTO_MAX_STEPS, max(4, num_gpus // 2)) * _few_slot_factor(slots)
+        if _few_slot_factor(slots) > 1:
+            # few slots: many GPUs start above the target and the polish lifts one per
+            # step, so it gets a step per 4 GPUs, up to FEW_SLOT_MAX_STEPS
+            steps = max(steps, min(FEW_SLOT_MAX_STEPS, num_gpus // 4))
+        return steps
 
     def pair_steps_for(self, num_gpus: int, slots: int | None = None) -> int:
         """The all-pairs steps used for rows of ``num_gpus`` GPUs (``slots`` per GPU)."""
