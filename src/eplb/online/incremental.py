@@ -293,9 +293,11 @@ def plan_incremental(
     # the guard above compares integer units (2**20 for a row's heaviest expert), which
     # round small experts beside a huge one: a layer whose exact peak came out above the
     # placement in force's keeps the latter
-    worse = moves.exact_peak(weight, best, topo.num_gpus) > moves.exact_peak(
-        weight, base, topo.num_gpus)
-    best[worse] = base[worse]
+    changed = np.nonzero((best != base).any(1))[0]
+    if len(changed):
+        worse = moves.exact_peak(weight[changed], best[changed], topo.num_gpus) > (
+            moves.exact_peak(weight[changed], base[changed], topo.num_gpus))
+        best[changed[worse]] = base[changed[worse]]
     phy2log = torch.from_numpy(best).to(request.weight.device)
     placement = Placement.from_phy2log(
         phy2log, request.num_experts, topo, request.policy, request.active_gpus
