@@ -457,3 +457,29 @@ def test_threads_beyond_any_machine_are_refused(capsys, tmp_path, loads) -> None
     code, _, err = run(capsys, "--threads", "100000", "plan", str(loads), "-r", str(R), "-g",
                        str(P), "-o", str(tmp_path / "p.json"))
     assert code == 2 and "1..256" in err
+
+
+def test_plan_shows_the_placement_in_force_and_refuses_one_from_another_cluster(
+        capsys, tmp_path, loads) -> None:
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "-o", str(old))[0] == 0
+    code, out, _ = run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--previous",
+                       str(old), "-o", str(tmp_path / "new.json"), "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["balancedness_in_force"] > summary["balancedness_before"]
+    code, out, _ = run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--previous",
+                       str(old), "-o", str(tmp_path / "table.json"))
+    assert code == 0 and "in force (--previous)" in out
+    code, _, err = run(capsys, "plan", str(loads), "-r", "24", "-g", "8", "--previous",
+                       str(old), "-o", str(tmp_path / "other.json"))
+    assert code == 2
+    assert "planned for 24 slots on 4 GPUs" in err and "24 on 8" in err
+
+
+def test_slack_at_its_default_value_still_needs_the_locality_policy(capsys, tmp_path,
+                                                                   loads) -> None:
+    for extra in ([], ["--dispatch", "nearest", "--nodes", "2"]):
+        code, _, err = run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--slack",
+                           "0.03", *extra, "-o", str(tmp_path / "p.json"))
+        assert code == 2 and "--slack" in err

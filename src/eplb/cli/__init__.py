@@ -66,8 +66,8 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
                        help="nearest: avoid = hot experts on every node, so no token needs "
                             "SGLang's random fair choice; expect = best in expectation; "
                             "auto = avoid unless 5%% worse (default)")
-        g.add_argument("--slack", type=float, default=0.03, metavar="X",
-                       help="locality: node load allowed above the mean node load (0.03: "
+        g.add_argument("--slack", type=float, default=None, metavar="X",
+                       help="locality: node load allowed above the mean node load (default 0.03: "
                             "balancedness about 0.97, least cross-node traffic at that "
                             "balance; larger = less traffic, less balance)")
 

@@ -158,6 +158,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         previous = read_placement(existing_file(args.previous, "previous placement"),
                                   num_gpus=args.gpus, num_nodes=args.nodes,
                                   num_groups=args.groups)
+        recorded = previous.topology
+        if (recorded.num_gpus, recorded.num_replicas) != (args.gpus, args.replicas):
+            raise CliError(
+                f"--previous {args.previous} was planned for {recorded.num_replicas} slots on "
+                f"{recorded.num_gpus} GPUs; this plan is for {args.replicas} on {args.gpus}. "
+                "Slots would be read as other GPUs': plan without --previous"
+            )
         options["previous"] = previous
         _warn_revived(previous, active, args)
     options.update(_dispatch_options(args, weight))
@@ -186,9 +193,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     policy = placement.policy
     ceil = ceiling(weight, args.replicas, args.gpus, args.nodes, args.groups, policy,
                    active=placement.active_gpus, speed=speed is not None)
-    moved = None
+    moved = in_force = in_force_worst = None
     if previous is not None:
         moved = placement.moved_slots(previous)
+        _, in_force, in_force_worst = layer_balance(previous.gpu_loads(weight),
+                                                    previous.live_gpus(), speed)
     summary = {
         "output": str(out),
         "emit": emit,
@@ -201,6 +210,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "dispatch": args.dispatch,
         "plan_seconds": seconds,
         "balancedness_before": before,
+        "balancedness_in_force": in_force,
         "balancedness_after": after,
         "balancedness_ceiling": ceil.overall,
         "worst_max_over_mean_before": before_worst,
@@ -212,8 +222,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
         return 0
-    rows = [
-        ["no rebalancing (before)", before, before_worst],
+    rows = [["no rebalancing (before)", before, before_worst]]
+    if in_force is not None:
+        rows.append(["in force (--previous)", in_force, in_force_worst])
+    rows += [
         [f"eplb {policy} (after{', nearest rule' if args.dispatch == 'nearest' else ''})",
          after, after_worst],
         ["ceiling (best possible)", ceil.overall, ceil.worst],
@@ -279,7 +291,7 @@ def _routing(args: argparse.Namespace) -> torch.Tensor | None:
 
 def _dispatch_options(args: argparse.Namespace, weight: torch.Tensor) -> dict:
     """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``."""
-    nearest_only = {"--fair": args.fair != "auto", "--slack": args.slack != 0.03,
+    nearest_only = {"--fair": args.fair != "auto", "--slack": args.slack is not None,
                     "--routing": args.routing is not None,
                     "--policy locality": args.policy == "locality"}
     if args.dispatch != "nearest":
@@ -292,9 +304,10 @@ def _dispatch_options(args: argparse.Namespace, weight: torch.Tensor) -> dict:
     if args.nodes <= 1:
         warn("--dispatch nearest with one node: every replica is on the token's node, so "
              "the plan is the even-split one")
-    if args.slack != 0.03 and args.policy != "locality":
+    if args.slack is not None and args.policy != "locality":
         raise CliError("--slack is the locality policy's knob: add --policy locality")
-    options = {"dispatch": "nearest", "fair": args.fair, "slack": args.slack}
+    slack = 0.03 if args.slack is None else args.slack  # the API's default
+    options = {"dispatch": "nearest", "fair": args.fair, "slack": slack}
     routing = _routing(args)
     if routing is not None:
         if routing.shape[1] != weight.shape[0]:
