@@ -139,12 +139,17 @@ class IncrementalOptions:
             0.9–0.99. A larger value makes eplb move less.
         move_price: without a budget (``max_moves=None``) a layer takes the candidate
             with the best expected next-window balancedness minus ``move_price`` × the
-            fraction of its slots that change. The default 0.005 is where a rebalance
-            breaks even at vLLM's defaults: moving all of a DeepSeek-V3 layer's slots on
-            32 GPUs sends 288 × 44 MB / 32 ≈ 0.4 GB into each GPU, ≈ 8 ms at 50 GB/s,
-            while 0.005 of balancedness saves ≈ 0.5 % of the layer's MoE time over the
-            3000 steps until the next rebalance (≈ 10 ms at 0.6 ms per layer-step).
-            Raise it for slower links or shorter intervals.
+            fraction of its slots that change. The default 0.01 is where a rebalance
+            breaks even at vLLM's defaults with the stalls users measure: moving all of a
+            DeepSeek-V3 layer's slots on 32 GPUs sends 288 × 44 MB / 32 ≈ 0.4 GB into
+            each GPU. A full reshuffle (≈ 23 GB into each GPU) stalls 0.65–1.7 s on
+            32×GB200 (reported in vLLM's issues), 14–35 GB/s in effect, so about 21 ms
+            per layer at the middle of that range, while 0.005 of balancedness saves
+            ≈ 0.5 % of the layer's MoE time over the 3000 steps until the next rebalance
+            (≈ 10 ms at 0.6 ms per layer-step): break-even near 0.01 (0.0055–0.0145 over
+            the range; 0.004 at the link's nominal 50 GB/s, the default until
+            2026-12-02). Raise it for slower transfers or shorter intervals, lower it for
+            asynchronous transfers that overlap serving.
         quota: slots (as a fraction of a layer's slots) each step of the warm-start
             refinement may change: the spacing of the candidates between few and many
             moves. Under the hierarchical policy each node's share (``quota / N`` of
@@ -160,7 +165,7 @@ class IncrementalOptions:
     """
 
     drift: float = 0.2
-    move_price: float = 0.005
+    move_price: float = 0.01
     quota: float = 3 / 64
     steps: int = 4
 
