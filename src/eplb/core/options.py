@@ -161,7 +161,8 @@ class IncrementalOptions:
             of 1/32 in two steps fewer; chosen on synthetic DeepSeek-V3 loads
             (``benchmarks/bench_incremental_settings.py``), not on the real files the
             benchmarks report: 0.7–0.8× the time, next-window balancedness +0.0012,
-            slots moved 19.0 → 19.5 % (global; BENCHMARKS.md §3).
+            slots moved 19.0 → 19.5 % (global, both at move_price 0.005; BENCHMARKS.md
+            §3).
     """
 
     drift: float = 0.2
