@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from _harness import start
 
+from eplb import Placement, Topology
 from eplb.tools.generator import generate_trace
 from eplb.tools.simulate import Cadence, simulate
 
@@ -90,14 +91,22 @@ def main() -> None:
             moved = int(res.moved_slots[k].sum())
             lines.append(f"| {name} | {step} | {moved} | {moved * res.expert_bytes / 1e9:.1f} | "
                          f"{res.plan_seconds[k] * 1e3:.1f} | {nxt} | {orc} |")
+        def cell(value: float | None, spec: str) -> str:
+            return "–" if value is None else format(value, spec)
+
         summary.append(
-            f"| {name} | {s['window_balancedness']:.4f} | {s['step_balancedness']:.4f} | "
-            f"{s['oracle_balancedness']:.4f} | {s['moved_slots_per_rebalance']:.0f} | "
-            f"{s['moved_gb_per_rebalance']:.1f} |")
+            f"| {name} | {cell(s['window_balancedness'], '.4f')} | "
+            f"{cell(s['step_balancedness'], '.4f')} | {cell(s['oracle_balancedness'], '.4f')} | "
+            f"{cell(s['moved_slots_per_rebalance'], '.0f')} | "
+            f"{cell(s['moved_gb_per_rebalance'], '.1f')} |")
         print(f"{name}: {s}", flush=True)
-    initial = simulate(counts[:args.interval], "none", cadence=cadence, oracle=False, **TOPO)
+    # the trivial map (slot i -> expert i % E) on the steps before the first rebalance
+    trivial = Placement.from_phy2log(
+        torch.arange(TOPO["num_replicas"]).remainder(counts.shape[2]).repeat(counts.shape[1], 1),
+        counts.shape[2], Topology(TOPO["num_replicas"], TOPO["num_gpus"]))
+    first = trivial.balancedness(counts[: args.interval].sum(0).to(torch.float64))
     print(f"\ninitial trivial placement on steps 0-{args.interval}: window balancedness "
-          f"{initial.window_balancedness[0]:.4f}")
+          f"{first:.4f}")
     print("\n" + "\n".join(lines) + "\n\n" + "\n".join(summary))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

@@ -117,7 +117,7 @@ def main(argv=None) -> int:
                              "the reported figures do not use")
     parser.add_argument("--move-prices", default="", metavar="X[,X...]",
                         help="extra eplb rows with these move_price options (the trade-off "
-                             "between slots moved and next-window balance; default 0.005)")
+                             "between slots moved and next-window balance; default 0.01)")
     args = parser.parse_args(argv)
     print(start("bench_vllm_call"))
     root = engine_root("vllm")

@@ -272,10 +272,16 @@ def plan_incremental(
                                         num_live, options.drift)
         # a fresh plan, relabelled onto the old GPUs, for the layers whose ladder still
         # gains a move price over its last 1/16 of the slots (the last step at the
-        # default quota; at least one step)
+        # default quota; at least one step), and for those where even a perfect balance
+        # in sample, with the drift's excess over it that the ladder's end shows, would
+        # beat the ladder by a move price in expectation (far from vLLM's initial map,
+        # where the ladder's reach runs out, and in the few hard layers of a steady call,
+        # at a fresh plan's fixed cost)
         balance = 1.0 / peak
         back = max(1, round(1 / 16 / options.quota))
         need = balance[-1] - balance[max(0, len(balance) - 1 - back)] > options.move_price
+        best_possible = 1.0 / (1.0 + np.maximum(peak[-1] - now[-1], 0.0))
+        need |= best_possible - balance[-1] > options.move_price
     if need.any():
         extra = _fresh_aligned(request, base, np.nonzero(need)[0])
         extra_peak, extra_now = moves.expected_peak(
