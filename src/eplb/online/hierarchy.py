@@ -7,16 +7,15 @@ local expert ids ``[0, E/N)`` and ``R/N`` slots on ``P/N`` GPUs.
 Two kinds of candidates come from here:
 
 - **the node ladder** (:func:`node_ladder`): the warm-start ladder inside the nodes that
-  can set the layer's time. A node whose busiest GPU is below the heaviest node's mean
-  GPU load cannot: that node's busiest GPU stays at or above its mean whatever is done
-  inside it. Each step may change ``quota`` of a node row's slots (a fraction of the row,
-  as for a global layer).
-- **warm regroups** (:func:`regroup_ladder`): where the group→node assignment with the
+  can set the layer's time. The heaviest node's busiest GPU stays at or above that node's
+  mean GPU load whatever is done inside it, so a node whose busiest GPU is already below
+  that mean cannot. Each step may change a node row's share of the layer's ``quota``.
+- **warm regroups** (:func:`candidates`): where the group→node assignment with the
   smallest bound puts groups on other nodes than the placement in force, the groups that
   change node move and nothing else at first: their old slots empty, the arriving
-  experts fill them (:func:`eplb.online.moves.fill_and_cover`), then the ladder refines
-  the layer's nodes. A fresh plan of the layer would repack every node, moving most of
-  its slots for the same groups.
+  experts are dealt into them (:func:`fill_arrivals`), then the ladder refines the
+  layer's nodes. A fresh plan of the layer would repack every node, moving most of its
+  slots for the same groups.
 """
 
 from __future__ import annotations
