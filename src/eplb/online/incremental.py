@@ -19,7 +19,8 @@ almost every slot. Here the new plan starts from the placement in force:
    time (:mod:`eplb.online.hierarchy`).
 3. **Bigger changes where the ladder cannot reach.** Global: a fresh plan relabelled
    onto the old GPUs (:mod:`eplb.online.align`) for the layers whose ladder still gains
-   a move price at its end. Hierarchical: a *warm regroup* for the layers whose best
+   a move price at its end, or ends far enough from balance that a fresh plan could win
+   a move price in expectation. Hierarchical: a *warm regroup* for the layers whose best
    group→node assignment differs from the one in force: only the groups that change
    node move, then the node ladder refines (:func:`eplb.online.hierarchy.candidates`).
 4. **A choice per layer by the expected next-window peak**
