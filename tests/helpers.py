@@ -113,3 +113,9 @@ def assert_contract(
                 assert len(set((mine // slots_per_node).tolist())) == 1, (
                     f"layer {layer} group {group} spans nodes {set(mine // slots_per_node)}"
                 )
+
+
+def counts_tle(seed: int = 0, steps: int = 4, layers: int = 3, experts: int = 8) -> torch.Tensor:
+    """``[steps, layers, experts]`` int64 random token counts (the format tests' traces)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 1000, (steps, layers, experts), generator=g).to(torch.int64)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from helpers import REAL_DATA as REAL
+from helpers import counts_tle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,12 +26,7 @@ from eplb.formats import (
     write_placement,
 )
 
-L, E, T = 3, 8, 4
-
-
-def counts_tle(seed: int = 0, steps: int = T) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 1000, (steps, L, E), generator=g).to(torch.int64)
+L, E, T = 3, 8, 4  # the shape of counts_tle()
 
 
 # ----------------------------------------------------------------------- writers of inputs

@@ -22,14 +22,6 @@ from eplb.formats import (
     write_placement,
 )
 
-L, E, T = 3, 8, 4
-
-
-def counts_tle(seed: int = 0, steps: int = T) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 1000, (steps, L, E), generator=g).to(torch.int64)
-
-
 
 # --------------------------------------------------------------------------- placements
 def make_placement(seed: int, layers: int, experts: int, gpus: int, slots_per_gpu: int):

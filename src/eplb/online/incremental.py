@@ -81,10 +81,15 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
     return old
 
 
-def _forced(request: PlanRequest, old: np.ndarray) -> np.ndarray:
-    """The old placement made valid for this call with as few changes as possible."""
+def _host_weight(request: PlanRequest) -> np.ndarray:
+    """The request's loads ``[L, E]`` as a contiguous float64 host array."""
+    return np.ascontiguousarray(request.weight.detach().cpu().to(torch.float64).numpy())
+
+
+def _forced(request: PlanRequest, old: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """The old placement made valid for this call with as few changes as possible
+    (``weight [L, E]``: the request's loads on the host, float64)."""
     topo = request.topology
-    weight = np.ascontiguousarray(request.weight.detach().cpu().to(torch.float64).numpy())
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     base = old.copy()
     if request.policy == "hierarchical":
@@ -248,8 +253,8 @@ def plan_incremental(
     old = _previous_phy2log(previous, request)
     if request.dispatch == "nearest" and topo.num_nodes > 1:
         return _plan_nearest(request, old, max_moves, skip_threshold)
-    weight = np.ascontiguousarray(request.weight.detach().cpu().to(torch.float64).numpy())
-    base = _forced(request, old)
+    weight = _host_weight(request)
+    base = _forced(request, old, weight)
     quota = max(2, round(options.quota * topo.num_replicas))
     layer_quota = np.full(request.num_layers, quota)
     live_gpus = request.live.cpu().numpy()
@@ -358,7 +363,8 @@ def _plan_nearest(
         placement = Placement.from_phy2log(out.to(request.weight.device), request.num_experts,
                                            topo, request.policy, request.active_gpus)
         return validate_planned(placement)
-    base = torch.from_numpy(_forced(even, old))
+    weight = _host_weight(request)
+    base = torch.from_numpy(_forced(even, old, weight))
     budget = None
     if max_moves is not None:
         layers = request.num_layers

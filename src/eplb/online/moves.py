@@ -31,25 +31,29 @@ def counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     return np.bincount(flat, minlength=rows * num_experts).reshape(rows, num_experts)
 
 
+def slot_loads_of(
+    weight: np.ndarray, phy2log: np.ndarray, counts: np.ndarray | None = None
+) -> np.ndarray:
+    """``[B, R]`` load of every slot, each expert's load split evenly over its replicas
+    (``-1`` slots carry nothing; ``counts [B, E]``: the replica counts of ``phy2log``,
+    when the caller has them)."""
+    counts = counts_of(phy2log, weight.shape[1]) if counts is None else counts
+    per = weight / np.maximum(counts, 1)
+    return np.take_along_axis(per, np.maximum(phy2log, 0), 1) * (phy2log >= 0)
+
+
 def gpu_loads_of(
     weight: np.ndarray, phy2log: np.ndarray, num_gpus: int, counts: np.ndarray | None = None
 ) -> np.ndarray:
-    """``[B, P]`` GPU loads, each expert's load split evenly over its replicas
-    (``counts [B, E]``: the replica counts of ``phy2log``, when the caller has them)."""
-    counts = counts_of(phy2log, weight.shape[1]) if counts is None else counts
-    per = weight / np.maximum(counts, 1)
-    loads = np.take_along_axis(per, np.maximum(phy2log, 0), 1) * (phy2log >= 0)
-    return loads.reshape(phy2log.shape[0], num_gpus, -1).sum(2)
+    """``[B, P]`` GPU loads of :func:`slot_loads_of`."""
+    return slot_loads_of(weight, phy2log, counts).reshape(phy2log.shape[0], num_gpus, -1).sum(2)
 
 
 def exact_peak(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
-    """``[B]`` max GPU load of every row of ``phy2log [B, R]`` (``-1`` slots carry
-    nothing), summed in one fixed order (each GPU's replica loads ascending, added left
-    to right), so the same bits come out on every machine."""
-    counts = counts_of(phy2log, weight.shape[1])
-    per = weight / np.maximum(counts, 1)
-    loads = np.where(phy2log >= 0, np.take_along_axis(per, np.maximum(phy2log, 0), 1), 0.0)
-    grid = np.sort(loads.reshape(phy2log.shape[0], num_gpus, -1), 2)
+    """``[B]`` max GPU load of every row of ``phy2log [B, R]``, summed in one fixed order
+    (each GPU's replica loads ascending, added left to right), so the same bits come out
+    on every machine."""
+    grid = np.sort(slot_loads_of(weight, phy2log).reshape(phy2log.shape[0], num_gpus, -1), 2)
     return np.cumsum(grid, 2)[..., -1].max(1)
 
 
