@@ -2,18 +2,20 @@
 
 vLLM's defaults: record 1000 steps, rebalance every 3000 steps. The trace is
 ``eplb.tools.generator.generate_trace("deepseek-v3", steps, regime=...)`` (58 MoE layers x 256
-experts, 4096 tokens x top-8 per step), at R=288 slots on P=32 GPUs (one node, no groups:
-global placement). Planners: eplb from scratch, eplb incremental (``previous=`` the plan in
-force), DeepSeek's greedy, and none (the static trivial placement). Every rebalance's
-plan is scored on the following scoring window (3000 steps) against the oracle (the same
-planner on that window). Moved bytes use DeepSeek-V3's fp8 expert size (44 MB).
+experts, 4096 tokens x top-8 per step), at R=288 slots on P=32 GPUs on one node (global
+placement); the call names DeepSeek-V3's 8 expert groups as vLLM's does (``--groups 1``:
+none, the protocol before 2026-12-02). Planners: eplb from scratch, eplb incremental
+(``previous=`` the plan in force), DeepSeek's greedy, and none (the static trivial
+placement). Every rebalance's plan is scored on the following scoring window (3000
+steps) against the oracle (the same planner on that window). Moved bytes use
+DeepSeek-V3's fp8 expert size (44 MB).
 
 Also times the replay itself (scoring every step) for the "none" planner: the median of
 ``--repeats`` runs.
 
 Usage:
     .venv/bin/python benchmarks/bench_simulate.py [--steps 10000] [--regime config]
-        [--repeats 3] [--json out.json]
+        [--repeats 3] [--groups 8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -48,8 +50,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--window", type=int, default=1000)
     parser.add_argument("--interval", type=int, default=3000)
+    parser.add_argument("--groups", type=int, default=8,
+                        help="expert groups the planner is told (vLLM passes the model's "
+                             "n_group: 8 for DeepSeek-V3)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    topo = {**TOPO, "num_groups": args.groups}
     print(start("bench_simulate"))
     cadence = Cadence(args.window, args.interval)
 
@@ -62,13 +68,13 @@ def main() -> None:
     replay = []
     for _ in range(args.repeats):
         t = time.perf_counter()
-        simulate(counts, "none", cadence=cadence, oracle=False, **TOPO)
+        simulate(counts, "none", cadence=cadence, oracle=False, **topo)
         replay.append(time.perf_counter() - t)
     print(f"replay+scoring of {args.steps} steps (planner none): median "
           f"{statistics.median(replay):.2f} s over {args.repeats} runs", flush=True)
 
     out = {"steps": args.steps, "regime": args.regime, "replay_seconds": replay, "rows": {}}
-    slots = counts.shape[1] * TOPO["num_replicas"]
+    slots = counts.shape[1] * topo["num_replicas"]
     lines = [f"| planner | rebalance step | moved slots (of {slots}) | moved GB | plan ms | "
              "next-window balancedness | oracle |", "|---|---|---|---|---|---|---|"]
     summary = ["| planner | mean window balancedness (planned) | mean step balancedness | "
@@ -76,7 +82,7 @@ def main() -> None:
                "|---|---|---|---|---|---|"]
     for name, kwargs in PLANNERS.items():
         try:
-            res = simulate(counts, cadence=cadence, **TOPO, **kwargs)
+            res = simulate(counts, cadence=cadence, **topo, **kwargs)
         except (ImportError, NotImplementedError) as exc:  # incremental planning not there yet
             print(f"SKIP {name}: {type(exc).__name__}: {exc}", flush=True)
             continue
@@ -102,8 +108,9 @@ def main() -> None:
         print(f"{name}: {s}", flush=True)
     # the trivial map (slot i -> expert i % E) on the steps before the first rebalance
     trivial = Placement.from_phy2log(
-        torch.arange(TOPO["num_replicas"]).remainder(counts.shape[2]).repeat(counts.shape[1], 1),
-        counts.shape[2], Topology(TOPO["num_replicas"], TOPO["num_gpus"]))
+        torch.arange(topo["num_replicas"]).remainder(counts.shape[2]).repeat(counts.shape[1], 1),
+        counts.shape[2], Topology(topo["num_replicas"], topo["num_gpus"],
+                                  num_groups=topo["num_groups"]))
     first = trivial.balancedness(counts[: args.interval].sum(0).to(torch.float64))
     print(f"\ninitial trivial placement on steps 0-{args.interval}: window balancedness "
           f"{first:.4f}")

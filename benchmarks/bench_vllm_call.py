@@ -55,13 +55,24 @@ LINK_BYTES_PER_S = 50e9
 TOPOLOGIES = {"global (G=1, N=1)": (1, 1), "hierarchical (G=8, N=4)": (8, 4)}
 
 
-def drift_chain(weight: torch.Tensor, steps: int, drift: float, seed: int) -> list[torch.Tensor]:
-    """``steps + 1`` int32 windows: the real one, then each times exp(drift·Z) per expert."""
+def drift_chain(
+    weight: torch.Tensor, steps: int, drift: float, seed: int, group_share: float = 0.0,
+    groups: int = 8,
+) -> list[torch.Tensor]:
+    """``steps + 1`` int32 windows: the real one, then each times exp(drift·Z) per expert.
+
+    With ``group_share`` ρ > 0, ``Z = sqrt(1 − ρ)·Z_expert + sqrt(ρ)·Z_group``: that share
+    of each expert's log-change is common to its group of ``E / groups`` consecutive
+    experts (DeepSeek-V3's 8 groups of 32). ρ = 0 draws exactly the i.i.d. chain."""
     gen = torch.Generator().manual_seed(seed)
     out = [weight.to(torch.int32)]
     current = weight.to(torch.float64)
     for _ in range(steps):
         noise = torch.randn(current.shape, generator=gen, dtype=torch.float64)
+        if group_share > 0:
+            common = torch.randn(current.shape[0], groups, generator=gen, dtype=torch.float64)
+            noise = ((1 - group_share) ** 0.5 * noise
+                     + group_share**0.5 * common.repeat_interleave(current.shape[1] // groups, 1))
         current = torch.round(current * torch.exp(drift * noise))
         out.append(current.to(torch.int32))
     return out

@@ -434,3 +434,38 @@ def test_never_worse_than_the_map_in_force_beside_a_huge_expert():
     new = eplb.plan(w, 16, 4, 2, 6, previous=old, max_moves=10**9)
     assert_contract(new)
     assert new.gpu_loads(w).amax() <= forced.gpu_loads(w).amax()
+
+
+def _group_crowding(placement: eplb.Placement, groups: int, experts: int) -> int:
+    """Σ over GPUs and groups of (slots of the group's experts on the GPU)²."""
+    grid = placement.phy2log.view(placement.phy2log.shape[0], placement.topology.num_gpus, -1)
+    group = grid // (experts // groups)
+    counts = torch.nn.functional.one_hot(group, groups).sum(2)  # [L, P, G]
+    return int((counts * counts).sum())
+
+
+def test_group_share_spreads_groups_that_drift_together():
+    """With expert groups named, ``group_share`` of the drift is common to a group, so a
+    GPU holding many experts of one group (vLLM's initial map puts consecutive ids, one
+    group, on each GPU) is riskier: the plan spreads groups more. Without groups, or at
+    ``group_share=0``, the groups play no part in a global plan."""
+    layers, experts, groups, gpus, replicas = 4, 64, 8, 8, 80
+    g = torch.Generator().manual_seed(0)
+    weight = torch.exp(torch.randn(layers, experts, generator=g, dtype=torch.float64))
+    old = initial_map(layers, replicas, experts)
+    plans = {share: eplb.plan(weight, replicas, gpus, 1, groups, previous=old,
+                              group_share=share) for share in (0.0, 0.09, 0.9)}
+    for p in plans.values():
+        assert_contract(p)
+    crowding = {share: _group_crowding(p, groups, experts) for share, p in plans.items()}
+    assert crowding[0.9] < crowding[0.0], crowding
+    assert crowding[0.09] <= crowding[0.0], crowding
+    ungrouped = eplb.plan(weight, replicas, gpus, 1, 1, previous=old)
+    assert torch.equal(plans[0.0].phy2log, ungrouped.phy2log)
+    assert torch.equal(ungrouped.phy2log, eplb.plan(weight, replicas, gpus, 1, 1, previous=old,
+                                                    group_share=0.9).phy2log)
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="group_share"):
+            eplb.plan(weight, replicas, gpus, 1, groups, previous=old, group_share=bad)
+    with pytest.raises(ValueError, match="group_share"):
+        eplb.plan(weight, replicas, gpus, 1, groups, group_share=0.5)  # no previous

@@ -34,6 +34,7 @@ def plan(
     skip_threshold: float | None = None,
     move_price: float | None = None,
     drift: float | None = None,
+    group_share: float | None = None,
     dispatch: str = "even",
     fair: str = "auto",
     source: torch.Tensor | None = None,
@@ -74,6 +75,9 @@ def plan(
             :class:`~eplb.core.options.IncrementalOptions`).
         drift: with ``previous``: the log-std of an expert's load change between two
             rebalances that the next-window score assumes (default 0.2).
+        group_share: with ``previous`` and ``num_groups > 1``: the share of that drift
+            an expert has in common with its group (default 0.09, measured on the real
+            DeepSeek-V3 loads; see :class:`~eplb.core.options.IncrementalOptions`).
         dispatch: how the engine splits an expert's tokens over its replicas:
             ``"even"`` (vLLM, the default) or ``"nearest"`` (SGLang with an all-to-all
             backend: same GPU, else same node, else a fixed fair choice). With
@@ -91,8 +95,9 @@ def plan(
     Returns:
         A validated :class:`Placement` on the weight's device.
     """
-    if move_price is not None or drift is not None:
-        options = with_incremental(options, move_price=move_price, drift=drift)
+    if move_price is not None or drift is not None or group_share is not None:
+        options = with_incremental(options, move_price=move_price, drift=drift,
+                                   group_share=group_share)
     request = make_request(
         weight,
         num_replicas,
@@ -119,7 +124,8 @@ def plan(
             request, previous, max_moves=max_moves, skip_threshold=skip_threshold
         )
     given = [name for name, value in (("max_moves", max_moves), ("skip_threshold",
-             skip_threshold), ("move_price", move_price), ("drift", drift)) if value is not None]
+             skip_threshold), ("move_price", move_price), ("drift", drift),
+             ("group_share", group_share)) if value is not None]
     if given:
         raise ValueError(f"{', '.join(given)} shape incremental plans: they need the previous "
                          "placement (previous=...)")

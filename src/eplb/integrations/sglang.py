@@ -62,7 +62,7 @@ HOOK_TARGET = "sglang.srt.eplb.eplb_algorithms.rebalance_experts"
 PLUGIN_GROUP = "sglang.srt.plugins"
 PLANNER_OPTIONS = frozenset(
     {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold",
-     "move_price", "drift", "incremental"}
+     "move_price", "drift", "group_share", "incremental"}
 )
 _ON = frozenset({"eplb", "1", "on", "true", "yes"})
 _OFF = frozenset({"", "0", "off", "false", "no", "none"})

@@ -89,7 +89,7 @@ LEGACY_OPTIONS_ENV_VAR = "EPLB_VLLM_OPTIONS"
 POLICY_NAME = "eplb"
 PLANNER_OPTIONS = frozenset(
     {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold",
-     "move_price", "drift"}
+     "move_price", "drift", "group_share"}
 )
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})

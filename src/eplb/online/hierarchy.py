@@ -134,9 +134,9 @@ def node_ladder(
     # rows are independent: only the node rows with a quota are searched
     moving = np.nonzero(row_quota > 0)[0]
     options = request.options
-    searched = moves.warm_ladder(node_weight[moving], node_phy2log[moving], per_gpu,
-                                 row_quota[moving], options.incremental.steps,
-                                 options.packing, budgeted)
+    searched, _ = moves.warm_ladder(node_weight[moving], node_phy2log[moving], per_gpu,
+                                    row_quota[moving], options.incremental.steps,
+                                    options.packing, budgeted)
     done = np.repeat(node_phy2log[None], searched.shape[0], 0)
     done[:, moving] = searched
     return to_layers(done, experts, layers)

@@ -240,8 +240,9 @@ def warm_ladder(
     steps: int,
     options: PackingOptions,
     transfers_only: bool = True,
-) -> np.ndarray:
-    """Warm-start candidates of every row, from few moves to many.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Warm-start candidates of every row, from few moves to many, and ``[B]`` the
+    replica transfers each row's counts are from Jefferson's.
 
     Candidate 0 is the base placement. With ``transfers_only``, candidates 1–3 apply the
     first quarter, half and all of the replica transfers toward Jefferson's counts (best
@@ -256,11 +257,12 @@ def warm_ladder(
         base: ``[B, R]`` valid placements of the rows (every slot filled).
 
     Returns:
-        ``[steps + 4, B, R]`` candidates (``[steps + 1, B, R]`` without
-        ``transfers_only``), the base first.
+        ``([steps + 4, B, R], [B])``: the candidates (``[steps + 1, B, R]`` without
+        ``transfers_only``), the base first, and the transfers.
     """
     if base.shape[0] == 0:  # no row to search (e.g. no node can set its layer's time)
-        return np.repeat(base[None], steps + (4 if transfers_only else 1), 0)
+        return (np.repeat(base[None], steps + (4 if transfers_only else 1), 0),
+                np.zeros(0, np.int64))
     donor, receiver, count = transfer_order(weight, base, num_gpus)
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
@@ -282,11 +284,17 @@ def warm_ladder(
         quota=torch.from_numpy(quota),
         steps=steps,
     ).numpy()
-    return np.concatenate([base[None], only, path])
+    return np.concatenate([base[None], only, path]), count
 
 
 def expected_peak(
-    weight: np.ndarray, candidates: np.ndarray, num_gpus: int, drift: float, draws: int = 16
+    weight: np.ndarray,
+    candidates: np.ndarray,
+    num_gpus: int,
+    drift: float,
+    draws: int = 16,
+    groups: int = 1,
+    group_share: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(expected [C, B], now [C, B])``: the expected next-window max GPU load of every
     candidate ``[C, B, R]`` (``-1`` slots carry nothing), and its max GPU load on the
@@ -294,7 +302,11 @@ def expected_peak(
 
     Under a drift of log-std ``drift`` per expert, GPU ``g``'s next load has mean ``L_g``
     and standard deviation ``s_g = d · sqrt(Σ_i x_i²)`` over its replicas' loads ``x_i``
-    (``d² = exp(drift²) − 1``). The expected max over GPUs, taken as independent normals,
+    (``d² = exp(drift²) − 1``). With ``groups > 1`` expert groups (ids ``[k·E/G,
+    (k+1)·E/G)``), ``group_share`` of that variance is common to an expert's group:
+    ``s_g² = d² · ((1 − ρ) Σ_i x_i² + ρ Σ_k (Σ_{i in group k} x_i)²)``, so a GPU that
+    holds several experts of one group swings more. The expected max over GPUs, taken as
+    independent normals,
     is averaged over ``draws`` fixed stratified draws per GPU (the same for every
     candidate, so candidates are compared on common numbers): it counts how many GPUs sit
     near the top, so balancing below the noise stops paying, as it does in reality.
@@ -329,7 +341,11 @@ def expected_peak(
     grid = load.view(cands, rows, num_gpus, -1)
     # sums of integers below 2**53: exact, so the summation order does not matter
     gpu, square = grid.sum(3), (grid * grid).sum(3)  # [C, B, P]
-    spread = np.sqrt(np.expm1(drift * drift)) * np.sqrt(square.numpy())
+    variance = square.numpy()
+    if groups > 1 and group_share > 0 and num_experts % groups == 0:
+        together = _group_squares(load, index, num_experts, num_gpus, groups)
+        variance = (1.0 - group_share) * variance + group_share * together
+    spread = np.sqrt(np.expm1(drift * drift)) * np.sqrt(variance)
     z = torch.from_numpy(_normal_draws(draws, num_gpus))[:, None, None]  # [D, 1, 1, P]
     noisy = torch.from_numpy(spread)[None] * z  # [D, C, B, P]
     peaks = noisy.add_(gpu[None]).amax(3).numpy()  # [D, C, B]
@@ -338,6 +354,31 @@ def expected_peak(
         peak += peaks[d]
     mean = np.maximum(units.sum(1)[None] / num_gpus, 1e-300)  # [1, B]: what all spread
     return peak / draws / mean, gpu.amax(2).numpy() / mean
+
+
+def _group_squares(
+    load: torch.Tensor, index: torch.Tensor, num_experts: int, num_gpus: int, groups: int
+) -> np.ndarray:
+    """``[C, B, P]`` Σ over expert groups of (the group's load on the GPU)², from integer
+    slot loads ``load [C, B, R]`` and the slots' flat ``(candidate, row, expert)`` index
+    ``index [C, B, R]`` (``(c·B + b)·E + expert``).
+
+    Every group sum is an integer; so is every square and their sum while the GPU's
+    whole load stays below 2**26 (Σ_k t_k² ≤ (Σ_k t_k)²), where any summation order is
+    exact. Beyond that the squares are added group by group, in a fixed order."""
+    cands, rows, num_slots = load.shape
+    # (c·B + b)·G + group, then the GPU: one bincount into [C, B, G, P] cells
+    gpu_of_slot = torch.arange(num_slots) // (num_slots // num_gpus)
+    cell = (index // (num_experts // groups)) * num_gpus + gpu_of_slot
+    sums = torch.bincount(cell.reshape(-1), weights=load.reshape(-1),
+                          minlength=cands * rows * groups * num_gpus)
+    squares = (sums * sums).view(cands, rows, groups, num_gpus)
+    if float(sums.amax()) * groups < 2.0**26:  # every GPU's load below 2**26
+        return squares.sum(2).numpy()
+    total = squares[:, :, 0].clone()
+    for k in range(1, groups):
+        total += squares[:, :, k]
+    return total.numpy()
 
 
 @lru_cache(maxsize=32)
