@@ -144,7 +144,7 @@ class IncrementalOptions:
             default 0.09 is measured on the real DeepSeek-V3 loads: between the 12
             SGLang workloads, 8.9 % (mean over the 66 pairs; median 8.5 %) of the
             per-expert log-load change is common to the expert's group, against 0.5 %
-            with expert ids shuffled (BENCHMARKS.md §6).
+            with expert ids shuffled (BENCHMARKS.md §3).
         move_price: without a budget (``max_moves=None``) a layer takes the candidate
             with the best expected next-window balancedness minus ``move_price`` × the
             fraction of its slots that change. The default 0.01 is where a rebalance

@@ -298,7 +298,7 @@ def plan_incremental(
         # initial map, a changed workload), where the transfers spend the ladder's reach
         # and its end keeps the old packing. Counts near Jefferson's are the steady
         # state: there the fresh plans a looser rule asked for were taken in 1 layer of
-        # 35, at a fresh plan's fixed cost per call (BENCHMARKS.md §3)
+        # 36, at a fresh plan's fixed cost per call (BENCHMARKS.md §3)
         balance = 1.0 / peak
         back = max(1, round(1 / 16 / options.quota))
         gaining = balance[-1] - balance[max(0, len(balance) - 1 - back)] > options.move_price
