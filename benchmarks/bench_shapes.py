@@ -169,6 +169,35 @@ def steps_sweep(repeats: int) -> None:
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
+def candidates_sweep(repeats: int) -> None:
+    """How many packing starts pay where a GPU has 3-17 slots: every S >= 3 shape on
+    *generated* loads (seeds 10, 11, not the table's inputs) with 1, 2, 4 and 8 starts.
+    Ratio to the ceiling (worst input), median time on the first input."""
+    counts = (1, 2, 4, 8)
+    print("| shape | " + " | ".join(f"{c} start{'s' * (c > 1)}: ratio | ms" for c in counts)
+          + " |")
+    print("|---|" + "---|---|" * len(counts))
+    for key, slots, gpus in SHAPES:
+        if slots < 3:
+            continue
+        model = MODELS[key]
+        replicas = slots * gpus
+        loads = [generate_loads(model.preset, seed=seed, num_layers=model.layers,
+                                num_experts=model.experts) for seed in (10, 11)]
+        times: dict[int, list[float]] = {c: [] for c in counts}
+        for _ in range(repeats):
+            for c in counts:
+                begin = time.perf_counter()
+                eplb.plan(loads[0], replicas, gpus, num_candidates=c)
+                times[c].append(time.perf_counter() - begin)
+        cells = [f"{model.layers}×{model.experts} S={slots} P={gpus}"]
+        for c in counts:
+            ratio = min(eplb.plan(w, replicas, gpus, num_candidates=c).balancedness(w)
+                        / balancedness_ceiling(w, replicas, gpus) for w in loads)
+            cells += [f"{ratio:.4f}", f"{1e3 * statistics.median(times[c]):.1f}"]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
 def gap_analysis(replicas: int = 288, gpus: int = 96) -> None:
     """What the gap to the ceiling is made of at ``S = R / P`` (default: the issue's
     58×256, R = 288, P = 96), per real load file: replication or packing search.
@@ -223,8 +252,15 @@ def main(argv: list[str] | None = None) -> int:
         "--steps-sweep", action="store_true",
         help="only the S=3-4 polish-step comparison on generated loads",
     )
+    parser.add_argument(
+        "--candidates-sweep", action="store_true",
+        help="only the packing-start comparison (S >= 3) on generated loads",
+    )
     args = parser.parse_args(argv)
     print(header("bench_shapes"))
+    if args.candidates_sweep:
+        candidates_sweep(args.repeats)
+        return 0
     if args.gap:
         gap_analysis()
         return 0

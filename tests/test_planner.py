@@ -341,6 +341,24 @@ def test_search_options_give_valid_plans():
         eplb.plan(W, 48, 8, num_candidates=0)
 
 
+def test_three_slots_per_gpu_pack_two_starts_by_default():
+    """Where a GPU has 3 slots the packing tries a second, randomised start unless
+    ``num_candidates`` is given; elsewhere one start. The default never does worse than
+    one start there (the best start per layer is kept)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.rand(6, 36, generator=g, dtype=torch.float64) ** 4 * 1000
+    three = eplb.plan(w, 48, 16)  # S = 3
+    assert torch.equal(three.phy2log, eplb.plan(w, 48, 16, num_candidates=2).phy2log)
+    one = eplb.plan(w, 48, 16, num_candidates=1)
+    assert not torch.equal(three.phy2log, one.phy2log)  # the second start won somewhere
+    assert (three.layer_balancedness(w) >= one.layer_balancedness(w) - 1e-12).all()
+    six = eplb.plan(w, 48, 8)  # S = 6
+    assert torch.equal(six.phy2log, eplb.plan(w, 48, 8, num_candidates=1).phy2log)
+    assert eplb.PackingOptions().candidates_for(3) == 2
+    assert eplb.PackingOptions(num_candidates=1).candidates_for(3) == 1
+    assert eplb.PackingOptions().candidates_for(9) == 1
+
+
 # --------------------------------------------------------------------------- dead GPUs
 def test_dead_gpus():
     active = torch.tensor([True, True, False, True, True, True, False, True])

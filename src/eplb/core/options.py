@@ -30,6 +30,13 @@ FEW_SLOT_STEP_FACTOR = 2
 #: loads (``benchmarks/bench_shapes.py --steps-sweep``, BENCHMARKS.md §12): +0.0006 to
 #: +0.0021 of the ceiling at S = 3-4 on 96-256 GPUs for 8-22 % more time
 FEW_SLOT_MAX_STEPS = 32
+#: at most this many slots per GPU, the packing also tries a second, randomised start
+#: (``num_candidates`` left automatic): with 3 slots the first start's packing decides
+#: much. Chosen on generated loads (seeds 10, 11; BENCHMARKS.md §12): +0.0014 to +0.0058
+#: of the ceiling on the S = 3 shapes for 15-50 % more time; at S = 4, +0.0006 to
+#: +0.0016 for 20-40 % more, not taken (every S = 4 shape was above 0.99 already)
+COARSE_SLOTS = 3
+COARSE_SLOT_CANDIDATES = 2
 
 
 def _few_slot_factor(slots: int | None) -> int:
@@ -43,7 +50,9 @@ class PackingOptions:
     """Knobs of the packing search.
 
     Attributes:
-        num_candidates: randomised starts per row (the first is deterministic).
+        num_candidates: packing starts per row, the first deterministic, the others
+            randomised. ``None`` (default): 1, or :data:`COARSE_SLOT_CANDIDATES` where a
+            GPU has at most :data:`COARSE_SLOTS` slots.
         pair_steps: steps of the all-pairs L2 swap search over paired GPUs (smooths
             every GPU, up to ``P/2`` swaps per row per step). ``None`` (default):
             :data:`AUTO_PAIR_STEPS` per doubling of the heavy half of the GPUs (``P/2``)
@@ -64,7 +73,7 @@ class PackingOptions:
     Both searches stop early once no swap improves.
     """
 
-    num_candidates: int = 1
+    num_candidates: int | None = None
     pair_steps: int | None = None
     max_steps: int | None = None
     construction: str = "bldm"
@@ -73,7 +82,7 @@ class PackingOptions:
     def __post_init__(self) -> None:
         for name, low in (("num_candidates", 1), ("pair_steps", 0), ("max_steps", 0)):
             value = getattr(self, name)
-            if name != "num_candidates" and value is None:
+            if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -83,6 +92,12 @@ class PackingOptions:
             )
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
+
+    def candidates_for(self, slots: int | None = None) -> int:
+        """The packing starts used for rows of ``slots`` per GPU."""
+        if self.num_candidates is not None:
+            return self.num_candidates
+        return COARSE_SLOT_CANDIDATES if slots is not None and slots <= COARSE_SLOTS else 1
 
     def max_steps_for(self, num_gpus: int, slots: int | None = None) -> int:
         """The polish steps used for rows of ``num_gpus`` GPUs (``slots`` per GPU)."""
