@@ -33,8 +33,8 @@ FEW_SLOT_MAX_STEPS = 32
 #: at most this many slots per GPU, the packing also tries a second, randomised start
 #: (``num_candidates`` left automatic): with 3 slots the first start's packing decides
 #: much. Chosen on generated loads (seeds 10, 11; BENCHMARKS.md §12): +0.0014 to +0.0058
-#: of the ceiling on the S = 3 shapes for 15-50 % more time; at S = 4, +0.0006 to
-#: +0.0016 for 20-40 % more, not taken (every S = 4 shape was above 0.99 already)
+#: of the ceiling on the S = 3 shapes for 11-48 % more time; at S = 4, +0.0006 to
+#: +0.0016 for 23-39 % more, not taken (every S = 4 shape was above 0.99 already)
 COARSE_SLOTS = 3
 COARSE_SLOT_CANDIDATES = 2
 
