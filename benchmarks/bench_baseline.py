@@ -33,6 +33,12 @@ from eplb.core.baselines import plan_greedy
 R, P, G, N = 288, 32, 8, 4
 
 
+def _stacked_gpus(placement) -> int:
+    """GPUs (over all layers) holding two replicas of one expert."""
+    grid = placement.phy2log.view(placement.phy2log.shape[0], P, -1).sort(2).values
+    return int((grid[..., 1:] == grid[..., :-1]).any(2).sum())
+
+
 def _median_ms(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -63,7 +69,8 @@ def main() -> int:
         return 1
     original = _load_original(args.original) if args.original else None
 
-    header = "| workload | global | hierarchical | global ms | hier ms |"
+    header = ("| workload | global | hierarchical | global ms | hier ms | GPUs holding an "
+              "expert twice (global, all layers) |")
     if original:
         header += " original global ms | original hier ms | same logcnt & GPU loads |"
     print(header)
@@ -80,7 +87,8 @@ def main() -> int:
         all_h.append(h)
         t_g.append(ms_g)
         t_h.append(ms_h)
-        row = f"| {path.stem} | {g:.4f} | {h:.4f} | {ms_g:.1f} | {ms_h:.1f} |"
+        row = (f"| {path.stem} | {g:.4f} | {h:.4f} | {ms_g:.1f} | {ms_h:.1f} | "
+               f"{_stacked_gpus(glob_p)} of {P * w.shape[0]} |")
         if original:
             same = True
             for ours, (groups, nodes) in ((glob_p, (1, 1)), (hier_p, (G, N))):

@@ -303,6 +303,7 @@ def test_documented_vllm_flags_and_config_fields_exist(vllm_root):
 @pytest.mark.parametrize("raw", [
     '{"max_moves": -5}', '{"policy": "bogus"}', '{"agree_timeout_s": Infinity}',
     '{"agree_timeout_s": 1e14}', '{"agree_timeout_s": NaN}', '{"move_price": "x"}',
+    '{"group_share": 5}',
 ])
 def test_option_values_fail_at_start_up(raw):
     """Read as vLLM's processes read them at plugin registration, before any rebalance."""
@@ -314,15 +315,16 @@ def test_move_options_do_not_break_a_call_without_an_old_map(vllm, monkeypatch):
     """A budget in VLLM_EPLB_OPTIONS applies when vLLM passes its map; a call without one
     plans fresh (no error, no fallback to vLLM's policy)."""
     monkeypatch.setenv(plugin.ENV_VAR, "eplb")
-    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, '{"max_moves": 100, "move_price": 0.01}')
+    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR,
+                       '{"max_moves": 100, "move_price": 0.01, "group_share": 0.2}')
     assert plugin.register() is True
     spy = Spy(monkeypatch)
     weight = real_loads()[:4]
     vllm.EPLB_POLICIES["default"].rebalance_experts(weight, 288, 8, 4, 32)
-    assert "max_moves" not in spy.calls[-1] and "move_price" not in spy.calls[-1]
+    assert not {"max_moves", "move_price", "group_share"} & set(spy.calls[-1])
     old = torch.arange(288).remainder(256).repeat(4, 1)
     vllm.EPLB_POLICIES["default"].rebalance_experts(weight, 288, 8, 4, 32, old)
-    assert spy.calls[-1]["max_moves"] == 100
+    assert spy.calls[-1]["max_moves"] == 100 and spy.calls[-1]["group_share"] == 0.2
 
 
 def test_locality_is_refused_at_start_up():

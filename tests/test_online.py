@@ -240,7 +240,7 @@ def test_ema_half_life_extends_the_history() -> None:
 @pytest.mark.parametrize("option", [
     {"policy": "bogus"}, {"seed": "x"}, {"dispatch": "bogus"}, {"slack": -1}, {"fair": "zzz"},
     {"num_candidates": 0}, {"options": "x"}, {"gpu_speed": [0] * 4},
-    {"routing": torch.zeros(3, 4)}, {"move_price": 2.0},
+    {"routing": torch.zeros(3, 4)}, {"move_price": 2.0}, {"group_share": -0.5},
 ])
 def test_rebalancer_refuses_bad_option_values_at_construction(option):
     with pytest.raises((ValueError, TypeError)):

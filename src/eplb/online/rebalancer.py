@@ -31,7 +31,7 @@ from eplb.core.planner import make_request, plan_fresh
 from eplb.core.topology import Topology
 from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator, select_per_layer
 from eplb.online.incremental import check_budget, plan_incremental
-from eplb.online.settings import check_option_values
+from eplb.online.settings import SCORE_OPTIONS, check_option_values
 
 PlannerFn = Callable[[torch.Tensor, "Placement | None"], Placement]
 PLANNERS = ("eplb", "greedy", "none")
@@ -89,7 +89,7 @@ def _check_plan_options(planner: str, plan_options: dict[str, Any]) -> None:
         name for name, param in inspect.signature(accepts).parameters.items()
         if param.kind is param.KEYWORD_ONLY and name != "stacklevel"]
     if planner == "eplb":
-        known += ["move_price", "drift"]
+        known += list(SCORE_OPTIONS)
     unknown = sorted(set(plan_options) - set(known))
     if unknown:
         raise ValueError(f"planner {planner!r} does not take {', '.join(unknown)}; its "
@@ -141,7 +141,7 @@ def make_planner(
             raise ValueError("max_moves with dispatch='nearest' needs the global policy with "
                              "every GPU live (other plans re-plan and relabel, unbudgeted)")
 
-        incremental_knobs = {k: plan_options.pop(k, None) for k in ("move_price", "drift")}
+        incremental_knobs = {k: plan_options.pop(k, None) for k in SCORE_OPTIONS}
         if any(v is not None for v in incremental_knobs.values()):
             plan_options["options"] = with_incremental(plan_options.get("options"),
                                                        **incremental_knobs)

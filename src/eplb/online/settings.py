@@ -22,9 +22,12 @@ from eplb.core.policies import POLICY_NAMES
 from eplb.core.topology import Topology
 from eplb.online.incremental import check_budget
 
+#: the :class:`~eplb.core.options.IncrementalOptions` fields that are also keyword options
+#: of :func:`eplb.plan` (the next-window score and the price of a move)
+SCORE_OPTIONS = ("move_price", "drift", "group_share")
 #: options that only shape incremental plans (an engine drops them on a call without a
 #: usable old map)
-INCREMENTAL_OPTIONS = frozenset({"max_moves", "skip_threshold", "move_price", "drift"})
+INCREMENTAL_OPTIONS = frozenset({"max_moves", "skip_threshold", *SCORE_OPTIONS})
 
 
 def options_from_json(name: str, raw: str) -> dict[str, Any]:
@@ -44,7 +47,7 @@ def options_from_json(name: str, raw: str) -> dict[str, Any]:
 
 def check_option_values(options: Mapping[str, Any], topology: Topology | None = None) -> None:
     """Check the values of planner options (the keyword arguments of :func:`eplb.plan`,
-    plus ``move_price``, ``drift`` and ``incremental``). With ``topology`` also those whose
+    plus :data:`SCORE_OPTIONS` and ``incremental``). With ``topology`` also those whose
     length is the GPU count (``active_gpus``, ``gpu_speed``, ``source``). Raises
     ``ValueError``/``TypeError`` naming the option."""
     policy = options.get("policy", "auto")
@@ -54,7 +57,7 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
     resolve_options(options.get("options"), options.get("num_candidates"),
                     options.get("refine_steps"))
     check_budget(options.get("max_moves"), options.get("skip_threshold"))
-    knobs = {k: options[k] for k in ("move_price", "drift") if options.get(k) is not None}
+    knobs = {k: options[k] for k in SCORE_OPTIONS if options.get(k) is not None}
     IncrementalOptions(**knobs)
     if not isinstance(options.get("incremental", True), bool):
         raise ValueError(f"incremental must be true or false, got {options['incremental']!r}")
