@@ -288,3 +288,22 @@ def test_auto_policy_of_the_bounds_is_the_planners():
     dead[3] = False
     assert torch.equal(layer_lower_bound(w, 96, 16, 4, 8, active_gpus=dead),
                        layer_lower_bound(w, 96, 16, active_gpus=dead))
+
+
+@pytest.mark.parametrize("value", [1e308, 1e-310, 5e-324])
+def test_scores_of_extreme_loads_are_finite(value, tmp_path):
+    """Sums of loads near float64's ends overflow or vanish; every score is a ratio, so
+    it is computed on the loads rescaled by a power of two (exact), in the API and in
+    the CLI's summary and files (no NaN in the JSON)."""
+    from eplb.cli import main
+
+    weight = torch.full((2, 8), value, dtype=torch.float64)
+    weight[0, 0] = value / 2
+    placement = eplb.plan(weight, 12, 4)
+    scores = [placement.balancedness(weight), balancedness_ceiling(weight, 12, 4),
+              *placement.layer_balancedness(weight).tolist()]
+    assert all(0 < s <= 1 for s in scores), scores
+    np.save(tmp_path / "w.npy", weight.numpy())
+    assert main(["plan", str(tmp_path / "w.npy"), "-r", "12", "-g", "4", "--json",
+                 "-o", str(tmp_path / "p.json")]) == 0
+    assert "NaN" not in (tmp_path / "p.json").read_text()

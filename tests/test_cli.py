@@ -320,6 +320,11 @@ def test_simulate_too_short_trace(capsys, trace_file) -> None:
                        "-r", "16", "-g", "8")
     assert code == 2
     assert "needs at least 60" in err
+    code, _, err = run(capsys, "simulate", str(trace_file), "--window", "10", "--interval", "0",
+                       "-r", "16", "-g", "8")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "--interval must be >= 1" in err
 
 
 # ------------------------------------------------------------------------ demo

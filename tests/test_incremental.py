@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_contract
@@ -469,3 +470,26 @@ def test_group_share_spreads_groups_that_drift_together():
             eplb.plan(weight, replicas, gpus, 1, groups, previous=old, group_share=bad)
     with pytest.raises(ValueError, match="group_share"):
         eplb.plan(weight, replicas, gpus, 1, groups, group_share=0.5)  # no previous
+
+
+def test_a_bad_packing_with_the_right_counts_is_repacked():
+    """An old map with Jefferson's counts but the hot replicas first-fit onto the first
+    GPUs: the warm-start ladder cannot undo it within its reach, so the fresh plan must be
+    offered (and, at a balance of about a third, taken)."""
+    from eplb.core.replication import replica_counts
+
+    experts, gpus, replicas = 256, 32, 288
+    slots = replicas // gpus
+    for seed in (18, 35):
+        w = torch.from_numpy(np.random.default_rng(seed).lognormal(0, 2.0, (1, experts)))
+        counts = replica_counts(w, replicas)[0, 0]
+        pieces = sorted(((float(w[0, e]) / int(counts[e]), e) for e in range(experts)
+                         for _ in range(int(counts[e]))), reverse=True)
+        rows = [[] for _ in range(gpus)]
+        for _, e in pieces:
+            next(r for r in rows if len(r) < slots and e not in r).append(e)
+        old = torch.tensor([[e for r in rows for e in r]])
+        new = eplb.plan(w, replicas, gpus, previous=old)
+        assert_contract(new)
+        fresh = eplb.plan(w, replicas, gpus)
+        assert new.balancedness(w) >= fresh.balancedness(w) - 0.02, seed

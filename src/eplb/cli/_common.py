@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from eplb.core import balancedness_ceiling, layer_ceiling
+from eplb.core.inputs import scale_free
 from eplb.formats._files import require_regular_file
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import INSTALL_HINT, Report, matplotlib_available
@@ -207,7 +208,8 @@ def static_gpu_loads(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
     num_layers, num_experts = weight.shape
     gpu = torch.arange(num_experts) * num_gpus // num_experts
     loads = torch.zeros(num_layers, num_gpus, dtype=torch.float64)
-    return loads.index_add_(1, gpu, weight.to(torch.float64))
+    # rescaled by a power of two where sums could overflow: balancedness is a ratio
+    return loads.index_add_(1, gpu, scale_free(weight))
 
 
 def layer_balance(

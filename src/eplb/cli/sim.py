@@ -66,7 +66,9 @@ def replay_windows(trace, window: int, replicas: int, gpus: int, *, seed: int = 
 def cmd_simulate(args: argparse.Namespace) -> int:
     if args.window < 1:
         raise CliError("--window must be >= 1")
-    interval = args.interval or args.window
+    if args.interval is not None and args.interval < 1:
+        raise CliError("--interval must be >= 1")
+    interval = args.window if args.interval is None else args.interval
     score_window = args.window if args.protocol == "adrs" else None
     if args.protocol == "adrs":
         interval = args.window  # plan on window i, score on window i + 1
@@ -81,8 +83,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     needed = max(2 * args.window, interval + (score_window or interval))
     if trace.num_steps < needed:
         raise CliError(f"{args.trace} has {trace.num_steps} steps; the simulation needs at "
-                       f"least {needed}: two windows (2 × --window {args.window}) and one "
-                       f"scored interval after the first rebalance (--interval {interval})")
+                       f"least {needed}: the first rebalance comes after --interval {interval} "
+                       f"steps and is scored on the {score_window or interval} after it, and "
+                       f"the steps must hold two windows (2 × --window {args.window})")
     planners = [args.planner]
     if args.compare:
         planners += [p for p in ("none", "greedy", "eplb") if p != args.planner]

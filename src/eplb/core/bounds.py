@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from eplb.core.inputs import as_weight
+from eplb.core.inputs import as_weight, scale_free
 from eplb.core.placement import Placement
 from eplb.core.replication import replica_bound
 from eplb.core.topology import Topology
@@ -260,7 +260,7 @@ def layer_ceiling(
     active_gpus: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[L]`` best possible per-layer balancedness: mean live-GPU load / lower bound."""
-    w, _ = as_weight(weight)
+    w = scale_free(as_weight(weight)[0])
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
     live = _num_live(num_gpus, active_gpus)
     mean = w.to(torch.float64).sum(1) / live
@@ -291,7 +291,7 @@ def balancedness_ceiling(
 ) -> float:
     """Σ_l mean_l / Σ_l LB_l: no placement's balancedness can exceed it (``policy`` as in
     :func:`layer_lower_bound`)."""
-    w, _ = as_weight(weight)
+    w = scale_free(as_weight(weight)[0])
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
     live = _num_live(num_gpus, active_gpus)
     total = float(bound.sum())

@@ -79,6 +79,19 @@ def _float(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.float64)
 
 
+def scale_free(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` (float64) times one power of two when its largest load is beyond
+    2**±900, so that sums of huge loads (1e305) stay finite and tiny ones do not vanish;
+    else unchanged. Exact: ratios such as balancedness are unchanged."""
+    weight = weight.to(torch.float64)
+    peak = float(weight.max()) if weight.numel() else 0.0
+    if peak > 2.0**900 or 0 < peak < 2.0**-900:
+        shift = -math.frexp(peak)[1]
+        # two factors: one power of two beyond ±1022 would overflow or be subnormal
+        weight = weight * 2.0 ** (shift // 2) * 2.0 ** (shift - shift // 2)
+    return weight
+
+
 def as_weight(weight: object, name: str = "weight") -> tuple[torch.Tensor, bool]:
     """Validate a load tensor and return ``(weight [L, E] float, was_one_layer)``.
 

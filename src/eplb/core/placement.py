@@ -16,13 +16,12 @@ sits on the group's node (*locality*).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from eplb.core.inputs import as_weight
+from eplb.core.inputs import as_weight, scale_free
 from eplb.core.topology import Topology
 
 
@@ -160,13 +159,9 @@ class Placement:
                 f"weight has shape {tuple(weight.shape)}, the placement needs "
                 f"[{self.num_layers}, {self.num_experts}]"
             )
-        weight = weight.to(torch.float64)
         # one power-of-two rescale (exact: ratios and balancedness are unchanged) keeps
         # sums of huge loads (1e305) finite
-        peak = float(weight.max()) if weight.numel() else 0.0
-        if peak > 2.0**900 or 0 < peak < 2.0**-900:
-            weight = weight * 2.0 ** (-math.frexp(peak)[1])
-        return weight
+        return scale_free(weight)
 
     def replica_loads(self, weight: torch.Tensor) -> torch.Tensor:
         """``[L, R]`` load of every slot: the expert's load split evenly over its replicas."""

@@ -291,18 +291,25 @@ def plan_incremental(
         candidates, transfers = _refine_rows(weight, base, request, layer_quota,
                                              max_moves is not None)
         peak, now = score(weight, _live_only(candidates, live_gpus, topo))
-        # a fresh plan, relabelled onto the old GPUs, for the layers whose ladder still
-        # gains a move price over its last 1/16 of the slots (the last step at the
-        # default quota; at least one step): its reach ran out; and for the layers whose
-        # replica counts are further from Jefferson's than one step's quota (vLLM's
-        # initial map, a changed workload), where the transfers spend the ladder's reach
-        # and its end keeps the old packing. Counts near Jefferson's are the steady
-        # state: there the fresh plans a looser rule asked for were taken in 1 layer of
-        # 36, at a fresh plan's fixed cost per call (BENCHMARKS.md §3)
+        # a fresh plan, relabelled onto the old GPUs, for the layers whose ladder:
+        # - still gains a move price over its last 1/16 of the slots (the last step at
+        #   the default quota; at least one step): its reach ran out;
+        # - starts from replica counts further from Jefferson's than one step's quota
+        #   (vLLM's initial map, a changed workload): the transfers spend its reach and
+        #   its end keeps the old packing;
+        # - ends further from balance in sample than the drift's own excess over it,
+        #   where a perfect balance would beat it by a move price: an old packing the
+        #   ladder cannot undo (e.g. hot replicas stacked on few GPUs, with the right
+        #   counts). Below that excess the noise decides the next window, and that bound
+        #   overstates what a fresh plan gains: in steady state the fresh plans it asked
+        #   for were taken in 1 layer of 36, at a fresh plan's fixed cost per call
+        #   (BENCHMARKS.md §3)
         balance = 1.0 / peak
         back = max(1, round(1 / 16 / options.quota))
         gaining = balance[-1] - balance[max(0, len(balance) - 1 - back)] > options.move_price
-        need = gaining | (transfers > layer_quota)
+        excess = np.maximum(peak[-1] - now[-1], 0.0)  # the drift's, at the ladder's end
+        far = (now[-1] - 1.0 > excess) & (1.0 / (1.0 + excess) - balance[-1] > options.move_price)
+        need = gaining | (transfers > layer_quota) | far
     if need.any():
         extra = _fresh_aligned(request, base, np.nonzero(need)[0])
         extra_peak, extra_now = score(weight, _live_only(extra, live_gpus, topo))
