@@ -493,3 +493,12 @@ def test_a_bad_packing_with_the_right_counts_is_repacked():
         assert_contract(new)
         fresh = eplb.plan(w, replicas, gpus)
         assert new.balancedness(w) >= fresh.balancedness(w) - 0.02, seed
+
+
+def test_unsigned_previous_ids_out_of_range_are_refused():
+    """An unsigned id beyond int64 would wrap to -1 (an empty slot) if converted first."""
+    old = (np.arange(R, dtype=np.uint64) % E).reshape(1, R).repeat(L, 0)
+    assert_contract(eplb.plan(W1, R, P, previous=old.astype(np.uint8)))
+    old[0, 0] = np.iinfo(np.uint64).max
+    with pytest.raises(ValueError, match="expert ids outside"):
+        eplb.plan(W1, R, P, previous=old)

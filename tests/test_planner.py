@@ -494,3 +494,10 @@ def test_quality_not_below_greedy(layers, experts, gpus, slots, sigma, seed, pol
     assert b_ours >= b_greedy - slack, f"eplb {b_ours:.5f} < greedy {b_greedy:.5f}"
     if slots >= 5:
         assert b_ours >= 0.99 * ceiling, f"eplb {b_ours:.5f}, ceiling {ceiling:.5f}"
+
+
+def test_one_gpu_plans_are_contiguous():
+    """Engines view and copy the map; a transposed one cannot be viewed."""
+    phy2log, log2phy, logcnt = eplb.rebalance_experts(torch.rand(2, 16), 32, 1, 1, 1)
+    assert phy2log.is_contiguous() and log2phy.is_contiguous() and logcnt.is_contiguous()
+    assert phy2log.view(-1).numel() == 64

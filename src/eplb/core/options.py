@@ -155,7 +155,8 @@ class IncrementalOptions:
         group_share: the share of that drift an expert has in common with its expert
             group, where the call names groups (``num_groups > 1``; experts
             ``[k·E/G, (k+1)·E/G)`` form group ``k``): a GPU holding several experts of
-            one group swings more than one holding experts of different groups. The
+            one group swings more than one holding experts of different groups (no
+            effect where the groups do not divide the experts, or without groups). The
             default 0.09 is measured on the real DeepSeek-V3 loads: between the 12
             SGLang workloads, 8.9 % (mean over the 66 pairs; median 8.5 %) of the
             per-expert log-load change is common to the expert's group, against 0.5 %

@@ -122,7 +122,8 @@ class Placement:
         active_gpus: torch.Tensor | None = None,
     ) -> Placement:
         """Build the full record from ``phy2log [L, R]`` (or ``[R]`` for one layer)."""
-        phy2log = torch.as_tensor(phy2log).to(torch.int64)
+        # contiguous: engines view and copy the map (a transposed one broke ``.view``)
+        phy2log = torch.as_tensor(phy2log).to(torch.int64).contiguous()
         if phy2log.dim() == 1:
             phy2log = phy2log[None]
         log2phy, logcnt = build_log2phy(phy2log, num_experts)

@@ -75,6 +75,11 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
         )
     if old.is_floating_point() or old.dtype == torch.bool or old.is_complex():
         raise TypeError(f"previous phy2log must hold integers, got {old.dtype}")
+    if not old.dtype.is_signed:  # unsigned ids: compare before int64 could wrap them to -1
+        ids = old.detach().cpu().numpy()
+        if ids.size and int(ids.max()) >= request.num_experts:
+            raise ValueError(f"previous placement holds expert ids outside [-1, "
+                             f"{request.num_experts})")
     old = old.detach().cpu().to(torch.int64).numpy()
     if ((old < -1) | (old >= request.num_experts)).any():
         raise ValueError(

@@ -370,9 +370,19 @@ def _group_squares(
     # (c·B + b)·G + group, then the GPU: one bincount into [C, B, G, P] cells (NumPy:
     # its integer division and weighted bincount are several times faster than torch's)
     gpu_of_slot = np.arange(num_slots) // (num_slots // num_gpus)
-    cell = (index.numpy() // (num_experts // groups)) * num_gpus + gpu_of_slot
-    sums = np.bincount(cell.reshape(-1), weights=load.numpy().reshape(-1),
-                       minlength=cands * rows * groups * num_gpus)
+    cell = ((index.numpy() // (num_experts // groups)) * num_gpus + gpu_of_slot).reshape(-1)
+    weights = load.numpy().reshape(-1)
+    cells = cands * rows * groups * num_gpus
+    if cells > 4 * cell.size:
+        # many groups and GPUs (thousands of each): only the occupied cells, so memory
+        # follows the slots; each (candidate, row, GPU) adds its cells' squares in the
+        # cells' sorted order, the same on every machine
+        occupied, inverse = np.unique(cell, return_inverse=True)
+        sums = np.bincount(inverse, weights=weights)
+        owner = occupied // (groups * num_gpus) * num_gpus + occupied % num_gpus
+        return np.bincount(owner, weights=sums * sums,
+                           minlength=cands * rows * num_gpus).reshape(cands, rows, num_gpus)
+    sums = np.bincount(cell, weights=weights, minlength=cells)
     squares = (sums * sums).reshape(cands, rows, groups, num_gpus)
     if sums.max(initial=0.0) * groups < 2.0**26:  # every GPU's load below 2**26
         return squares.sum(2)
