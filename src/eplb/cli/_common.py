@@ -189,7 +189,9 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
     try:
         speed = torch.tensor([float(v) for v in values], dtype=torch.float64)
     except (TypeError, ValueError, OverflowError):
-        raise CliError(f"--gpu-speed: expected {num_gpus} numbers, got {spec!r}") from None
+        missing = "" if path.exists() else " (and no file of that name exists)"
+        raise CliError(f"--gpu-speed: expected {num_gpus} comma-separated numbers or a file of "
+                       f"them, got {spec!r}{missing}") from None
     if speed.numel() != num_gpus:
         raise CliError(f"--gpu-speed has {speed.numel()} values, expected one per GPU ({num_gpus})")
     if bool((speed <= 0).any()) or not bool(torch.isfinite(speed).all()):
