@@ -148,7 +148,7 @@ def test_routing_and_previous_of_the_wrong_kind_are_named():
 
 def test_options_that_would_be_ignored_are_refused():
     w = torch.rand(2, 16) + 0.1
-    with pytest.raises(ValueError, match="move_price shape incremental plans"):
+    with pytest.raises(ValueError, match="move_price: only for incremental plans"):
         eplb.plan(w, 24, 4, move_price=0.01)
     with pytest.raises(ValueError, match="routing gives the locality policy"):
         eplb.plan(w, 24, 4, 2, 2, policy="global", dispatch="nearest",

@@ -128,7 +128,7 @@ def plan(
              skip_threshold), ("move_price", move_price), ("drift", drift),
              ("group_share", group_share)) if value is not None]
     if given:
-        raise ValueError(f"{', '.join(given)} shape incremental plans: they need the previous "
+        raise ValueError(f"{', '.join(given)}: only for incremental plans, which need the previous "
                          "placement (previous=...)")
     return plan_fresh(request)
 
