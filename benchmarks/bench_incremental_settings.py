@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 from _harness import deepseek_loads, markdown_table, start
-from bench_vllm_call import TOPOLOGIES, E, P, R, balancedness, drift_chain
+from bench_vllm_call import E, P, R, add_drift_options, balancedness, drift_chain, topologies
 
 import eplb
 from eplb.core.options import IncrementalOptions, PlanOptions
@@ -49,12 +49,7 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help="IncrementalOptions fields as JSON objects separated by ';' "
                              "({} = the defaults)")
-    parser.add_argument("--group-drift", type=float, default=0.0, metavar="RHO",
-                        help="share of each expert's drift common to its group of 32 "
-                             "(0: i.i.d. per expert)")
-    parser.add_argument("--global-groups", type=int, default=1, metavar="G",
-                        help="groups the global call names (vLLM passes the model's n_group, "
-                             "8 for DeepSeek-V3, with one node)")
+    add_drift_options(parser)
     parser.add_argument("--real", action="store_true",
                         help="the real DeepSeek-V3 files instead of synthetic loads")
     args = parser.parse_args(argv)
@@ -70,12 +65,7 @@ def main(argv=None) -> int:
                  for k in range(args.files)]
         seed = 1000
     rows = []
-    for topo_name, (groups, nodes) in TOPOLOGIES.items():
-        if args.topology != "all" and not topo_name.startswith(args.topology):
-            continue
-        if nodes == 1 and args.global_groups != groups:
-            groups = args.global_groups
-            topo_name = f"global (G={groups}, N=1)"
+    for topo_name, groups, nodes in topologies(args.topology, args.global_groups):
         topo = eplb.Topology(R, P, nodes, groups)
         times = {name: [] for name in [*names, FRESH]}
         scores = {name: [] for name in [*names, FRESH]}

@@ -55,6 +55,29 @@ LINK_BYTES_PER_S = 50e9
 TOPOLOGIES = {"global (G=1, N=1)": (1, 1), "hierarchical (G=8, N=4)": (8, 4)}
 
 
+def add_drift_options(parser: argparse.ArgumentParser) -> None:
+    """``--group-drift`` and ``--global-groups``, shared with bench_incremental_settings."""
+    parser.add_argument("--group-drift", type=float, default=0.0, metavar="RHO",
+                        help="share of each expert's drift common to its group of 32 "
+                             "(0, the default: i.i.d. per expert, as the issue specifies)")
+    parser.add_argument("--global-groups", type=int, default=1, metavar="G",
+                        help="groups the one-node call names (vLLM passes the model's "
+                             "n_group, 8 for DeepSeek-V3)")
+
+
+def topologies(which: str, global_groups: int) -> list[tuple[str, int, int]]:
+    """``(name, groups, nodes)`` of the topologies ``--topology`` selects, the one-node
+    call naming ``global_groups`` groups."""
+    out = []
+    for name, (groups, nodes) in TOPOLOGIES.items():
+        if which != "all" and not name.startswith(which):
+            continue
+        if nodes == 1 and global_groups != groups:
+            groups, name = global_groups, f"global (G={global_groups}, N=1)"
+        out.append((name, groups, nodes))
+    return out
+
+
 def drift_chain(
     weight: torch.Tensor, steps: int, drift: float, seed: int, group_share: float = 0.0,
     groups: int = 8,
@@ -126,12 +149,7 @@ def main(argv=None) -> int:
                         help="synthetic DeepSeek-V3 loads (eplb's generator, seeds 100, 101, "
                              "...) instead of the real files: for choosing settings on data "
                              "the reported figures do not use")
-    parser.add_argument("--group-drift", type=float, default=0.0, metavar="RHO",
-                        help="share of each expert's drift common to its group of 32 "
-                             "(0, the default: i.i.d. per expert, as the issue specifies)")
-    parser.add_argument("--global-groups", type=int, default=1, metavar="G",
-                        help="groups the one-node call names (vLLM passes the model's "
-                             "n_group, 8 for DeepSeek-V3)")
+    add_drift_options(parser)
     parser.add_argument("--move-prices", default="", metavar="X[,X...]",
                         help="extra eplb rows with these move_price options (the trade-off "
                              "between slots moved and next-window balance; default 0.01)")
@@ -169,12 +187,7 @@ def main(argv=None) -> int:
             priced = type(f"Price{price}", (ours,), {"options": {"move_price": float(price)}})
             planners[f"eplb, move_price {price}"] = priced
         rows = []
-        for topo_name, (groups, nodes) in TOPOLOGIES.items():
-            if args.topology != "all" and not topo_name.startswith(args.topology):
-                continue
-            if nodes == 1 and args.global_groups != groups:
-                groups = args.global_groups
-                topo_name = f"global (G={groups}, N=1)"
+        for topo_name, groups, nodes in topologies(args.topology, args.global_groups):
             results: dict[str, dict[str, list]] = {name: {"first": [], "steady": []}
                                                   for name in planners}
             for i, weight in enumerate(loads.values()):
