@@ -501,3 +501,8 @@ def test_one_gpu_plans_are_contiguous():
     phy2log, log2phy, logcnt = eplb.rebalance_experts(torch.rand(2, 16), 32, 1, 1, 1)
     assert phy2log.is_contiguous() and log2phy.is_contiguous() and logcnt.is_contiguous()
     assert phy2log.view(-1).numel() == 64
+
+
+def test_absurd_candidate_counts_are_refused():
+    with pytest.raises(ValueError, match="num_candidates must be at most"):
+        eplb.plan(W, 48, 8, num_candidates=10**6)

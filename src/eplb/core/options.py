@@ -37,6 +37,10 @@ FEW_SLOT_MAX_STEPS = 32
 #: +0.0016 for 23-39 % more, not taken (every S = 4 shape was above 0.99 already)
 COARSE_SLOTS = 3
 COARSE_SLOT_CANDIDATES = 2
+#: the most packing starts a plan accepts: each start multiplies the packing's work, and
+#: beyond a few they stop paying (8 starts add at most 0.0007 of the ceiling over 4 on
+#: any shape of BENCHMARKS.md §12's sweep); 10**6 ran for minutes before this limit
+MAX_CANDIDATES = 1024
 
 
 def _few_slot_factor(slots: int | None) -> int:
@@ -86,6 +90,9 @@ class PackingOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.num_candidates is not None and self.num_candidates > MAX_CANDIDATES:
+            raise ValueError(f"num_candidates must be at most {MAX_CANDIDATES}, got "
+                             f"{self.num_candidates}")
         if self.construction not in CONSTRUCTIONS:
             raise ValueError(
                 f"construction must be one of {CONSTRUCTIONS}, got {self.construction!r}"
