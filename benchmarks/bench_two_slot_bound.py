@@ -13,7 +13,8 @@ length ``>= L`` (Hall's condition on a threshold graph). With one 0/1 variable p
 (expert, count), at most ``2P`` pieces and those dominance rows, "some counts reach
 ``T``" is an integer program; its LP relaxation, bisected on ``T``, gives a lower bound
 on the optimum's max load (anti-affinity ignored, as in the reference). Where the LP's
-solution at the bound is integral, its counts realise the bound: the exact optimum.
+solution just above the bound is integral, its counts realise that target: the optimum
+is then known to the bisection's tolerance (1e-5), anti-affinity ignored.
 HiGHS (through SciPy) solves each LP (the integer program itself took over ten minutes
 per layer even at 36×32, so it is not used); all counts ``1..min(P, R − E + 1)`` of every
 expert are variables, so the bound is valid but costs seconds per layer (about 1.5 s at
@@ -44,76 +45,84 @@ from eplb.core.placement import slot_gpu_loads
 from eplb.core.small_slots import best_two_slot_max_load, pair_max
 
 
-def _lp(w: np.ndarray, target: float, num_gpus: int, integral: bool = False
-        ) -> tuple[bool, np.ndarray | None]:
-    """Whether the LP relaxation (``integral``: the integer program) reaches ``target``
-    for one layer ``w [E]`` (mean GPU load 1), and its counts where its solution is
-    integral."""
+def _lp(w: np.ndarray, target: float, num_gpus: int) -> tuple[bool, np.ndarray | None]:
+    """Whether the LP relaxation reaches ``target`` for one layer ``w [E]`` (mean GPU
+    load 1), and, where its solution is integral, counts that reach it (``[E]``, summing
+    to ``2P``; anti-affinity ignored)."""
     num_experts = len(w)
     slots = 2 * num_gpus
-    top = min(num_gpus, slots - num_experts + 1)
-    low = np.maximum(1, np.ceil(w / target - 1e-12)).astype(int)  # a piece above T fits nowhere
-    if (low > top).any():
+    top = min(num_gpus, slots - num_experts + 1)  # the most replicas an expert can have
+    fewest = np.maximum(1, np.ceil(w / target - 1e-12)).astype(int)  # a piece above T fits nowhere
+    if (fewest > top).any():
         return False, None
-    expert = np.concatenate([np.full(top - a + 1, i) for i, a in enumerate(low)])
-    count = np.concatenate([np.arange(a, top + 1) for a in low])
+    expert = np.concatenate([np.full(top - a + 1, i) for i, a in enumerate(fewest)])
+    count = np.concatenate([np.arange(a, top + 1) for a in fewest])
     piece = w[expert] / count
     big = piece > target / 2
     length = np.where(big, piece - target / 2, target / 2 - piece)
     levels = np.unique(length[big])[::-1]  # debt lengths, longest first
     n, k = len(expert), len(levels)
-    first = np.searchsorted(-levels, -length, side="left")  # first level the piece reaches
-    reach = first < k
-    signed = np.where(big, count, -count).astype(float)
-    # running sums y_j = y_{j-1} + Σ_{pieces first reaching level j} ±c·x, all y_j <= 0
     rows = [
         sp.csr_matrix((np.ones(n), (expert, np.arange(n))), shape=(num_experts, n + k)),
         sp.csr_matrix((count.astype(float), (np.zeros(n, int), np.arange(n))), shape=(1, n + k)),
-        sp.csr_matrix((np.concatenate([-signed[reach], np.ones(k), -np.ones(k - 1)]),
-                       (np.concatenate([first[reach], np.arange(k), np.arange(1, k)]),
-                        np.concatenate([np.nonzero(reach)[0], n + np.arange(k),
-                                        n + np.arange(k - 1)]))), shape=(k, n + k)),
     ]
-    lower = np.concatenate([np.ones(num_experts), [0.0], np.zeros(k)])
-    upper = np.concatenate([np.ones(num_experts), [float(slots)], np.zeros(k)])
+    if k:
+        # running sums y_j = y_{j-1} + Σ_{pieces first reaching level j} ±c·x, all y_j <= 0
+        first = np.searchsorted(-levels, -length, side="left")  # first level it reaches
+        reach = first < k
+        signed = np.where(big, count, -count).astype(float)
+        rows.append(sp.csr_matrix(
+            (np.concatenate([-signed[reach], np.ones(k), -np.ones(k - 1)]),
+             (np.concatenate([first[reach], np.arange(k), np.arange(1, k)]),
+              np.concatenate([np.nonzero(reach)[0], n + np.arange(k), n + np.arange(k - 1)]))),
+            shape=(k, n + k)))
     result = milp(
-        np.concatenate([count.astype(float), np.zeros(k)]),
-        constraints=LinearConstraint(sp.vstack(rows).tocsr(), lower, upper),
-        integrality=np.concatenate([np.full(n, int(integral)), np.zeros(k)]),
+        np.zeros(n + k),  # feasibility only: the slot total is a constraint row
+        constraints=LinearConstraint(
+            sp.vstack(rows).tocsr(),
+            np.concatenate([np.ones(num_experts), [0.0], np.zeros(k)]),
+            np.concatenate([np.ones(num_experts), [float(slots)], np.zeros(k)])),
+        integrality=np.zeros(n + k),
         bounds=Bounds(np.concatenate([np.zeros(n), np.full(k, -np.inf)]),
                       np.concatenate([np.ones(n), np.zeros(k)])),
     )
-    if result.status != 0 or result.fun > slots + 1e-9:
+    if result.status == 2:
         return False, None
+    if result.status != 0:
+        raise RuntimeError(f"HiGHS did not settle the LP at T={target}: {result.message}")
     x = result.x[:n]
     if np.abs(x - np.round(x)).max() > 1e-6:
         return True, None
     counts = np.zeros(num_experts, int)
     chosen = x > 0.5
     counts[expert[chosen]] = count[chosen]
-    counts[np.argmin(w)] += slots - counts.sum()  # spare slots: more credit only
-    return True, counts
+    # spare slots to the lightest experts (more small pieces only add credit), each
+    # within the cap the LP had
+    for e in np.argsort(w, kind="stable"):
+        counts[e] += min(top - counts[e], slots - counts.sum())
+    return True, counts if counts.sum() == slots else None
 
 
-def lp_bound(w: np.ndarray, num_gpus: int, upper: float, tol: float = 1e-5,
-             integral: bool = False) -> tuple[float, bool]:
-    """``(bound, exact)`` for one layer ``w [E]`` scaled to mean GPU load 1: the LP
-    bound on the optimum's max load (``integral``: the integer program's optimum),
-    bisected below ``upper`` (a reachable max load), and whether integral counts at the
-    bound realise it."""
+def lp_bound(w: np.ndarray, num_gpus: int, upper: float, tol: float = 1e-5
+             ) -> tuple[float, bool]:
+    """``(bound, exact)`` for one layer ``w [E]`` scaled to mean GPU load 1: a lower
+    bound on the optimum's max load (the largest target the LP was found not to reach,
+    bisected between the mean, 1, and ``upper``, a reachable max load), and whether
+    integral counts within ``tol`` above it reach their target (the optimum is then
+    known to ``tol``; anti-affinity ignored)."""
     low = 1.0
-    feasible, counts = _lp(w, upper, num_gpus, integral)
+    feasible, counts = _lp(w, upper, num_gpus)
     if not feasible:
-        return upper, False
+        return low, False
     while upper - low > tol * upper:
         middle = (low + upper) / 2
-        feasible, found = _lp(w, middle, num_gpus, integral)
+        feasible, found = _lp(w, middle, num_gpus)
         if feasible:
             upper, counts = middle, found
         else:
             low = middle
-    exact = counts is not None and pair_max(w[None], counts[None])[0][0] <= upper * (1 + tol)
-    return upper, bool(exact)
+    exact = counts is not None and pair_max(w[None], counts[None])[0][0] <= upper * (1 + 1e-12)
+    return low, bool(exact)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,11 +19,12 @@ almost every slot. Here the new plan starts from the placement in force:
    time (:mod:`eplb.online.hierarchy`).
 3. **Bigger changes where the ladder cannot reach.** Global: a fresh plan relabelled
    onto the old GPUs (:mod:`eplb.online.align`) for the layers whose ladder still gains
-   a move price at its end, or whose replica counts are further from Jefferson's than
-   one ladder step (the transfers spend the ladder's reach). Hierarchical: a *warm
-   regroup* for the layers whose best group→node assignment differs from the one in
-   force: only the groups that change node move, then the node ladder refines
-   (:func:`eplb.online.hierarchy.candidates`).
+   a move price at its end, whose replica counts are further from Jefferson's than one
+   ladder step (the transfers spend the ladder's reach), or whose ladder ends further
+   from balance in sample than the drift's own excess (an old packing it cannot undo).
+   Hierarchical: a *warm regroup* for the layers whose best group→node assignment
+   differs from the one in force: only the groups that change node move, then the node
+   ladder refines (:func:`eplb.online.hierarchy.candidates`).
 4. **A choice per layer by the expected next-window peak**
    (:func:`eplb.online.moves.expected_peak`): each candidate's max GPU load under the
    drift a rebalance interval brings (with expert groups named, part of it common to a
@@ -327,12 +328,11 @@ def plan_incremental(
     peak = np.where(now <= now[0][None] * (1 + 1e-12), peak, np.inf)
     pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options)
     best = candidates[pick, np.arange(request.num_layers)]
-    # the guard above compares integer units (2**20 for a row's heaviest expert), which
-    # round small experts beside a huge one: a layer whose exact peak came out above the
-    # placement in force's keeps the latter. A replica's units are off by less than 1.5
-    # (rounding, then the floor of the split), a GPU's by less than 1.5·S: only layers
-    # whose two unit peaks are closer than that are checked on exact loads
-    units = np.round(weight * (2.0**20 / np.maximum(weight.max(1), 1e-300))[:, None])
+    # the guard above compares integer units (moves.units_of), which round small experts
+    # beside a huge one: a layer whose exact peak came out above the placement in
+    # force's keeps the latter. A GPU's units are off by less than 1.5·S, so only layers
+    # whose two unit peaks are closer than twice that are checked on exact loads
+    units = moves.units_of(weight)
     error = 3.0 * topo.slots_per_gpu * num_live / np.maximum(units.sum(1), 1e-300)
     layer = np.arange(request.num_layers)
     close = now[pick, layer] > now[0] - error

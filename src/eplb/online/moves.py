@@ -287,6 +287,14 @@ def warm_ladder(
     return np.concatenate([base[None], only, path]), count
 
 
+def units_of(weight: np.ndarray) -> np.ndarray:
+    """``[B, E]`` integer units of loads ``weight [B, E]``: 2**20 for each row's heaviest
+    expert, the rest rounded. :func:`expected_peak` scores in these units; a replica's
+    units are off its exact share by less than 1.5 (this rounding, then the floor of the
+    split), a GPU's by less than 1.5 per slot."""
+    return np.round(weight * (2.0**20 / np.maximum(weight.max(1, keepdims=True), 1e-300)))
+
+
 def expected_peak(
     weight: np.ndarray,
     candidates: np.ndarray,
@@ -319,8 +327,7 @@ def expected_peak(
     """
     cands, rows, _ = candidates.shape
     num_experts = weight.shape[1]
-    scale = 2.0**20 / np.maximum(weight.max(1, keepdims=True), 1e-300)  # [B, 1]
-    units = np.round(weight * scale)  # [B, E] integers
+    units = units_of(weight)  # [B, E] integers
     # The large element-wise steps run in torch on the host (several times faster than
     # NumPy at these shapes), restricted to operations that are one correctly rounded
     # IEEE step whatever the instruction set: +, ×, ÷ of two tensors, floor, max.
@@ -343,7 +350,8 @@ def expected_peak(
     gpu, square = grid.sum(3), (grid * grid).sum(3)  # [C, B, P]
     variance = square.numpy()
     if groups > 1 and group_share > 0 and num_experts % groups == 0:
-        together = _group_squares(load, index, num_experts, num_gpus, groups)
+        together = _group_squares(load, index, num_experts, num_gpus, groups,
+                                  exact=float(gpu.max()) < 2.0**26)
         variance = (1.0 - group_share) * variance + group_share * together
     spread = np.sqrt(np.expm1(drift * drift)) * np.sqrt(variance)
     z = torch.from_numpy(_normal_draws(draws, num_gpus))[:, None, None]  # [D, 1, 1, P]
@@ -357,15 +365,17 @@ def expected_peak(
 
 
 def _group_squares(
-    load: torch.Tensor, index: torch.Tensor, num_experts: int, num_gpus: int, groups: int
+    load: torch.Tensor, index: torch.Tensor, num_experts: int, num_gpus: int, groups: int,
+    exact: bool,
 ) -> np.ndarray:
     """``[C, B, P]`` Σ over expert groups of (the group's load on the GPU)², from integer
     slot loads ``load [C, B, R]`` and the slots' flat ``(candidate, row, expert)`` index
     ``index [C, B, R]`` (``(c·B + b)·E + expert``).
 
-    Every group sum is an integer; so is every square and their sum while the GPU's
-    whole load stays below 2**26 (Σ_k t_k² ≤ (Σ_k t_k)²), where any summation order is
-    exact. Beyond that the squares are added group by group, in a fixed order."""
+    Every group sum is an integer; so is every square and their sum while every GPU's
+    whole load stays below 2**26 (``exact``; Σ_k t_k² ≤ (Σ_k t_k)² < 2**52), where any
+    summation order gives the same sum. Beyond that the squares are added group by
+    group, in a fixed order."""
     cands, rows, num_slots = load.shape
     # (c·B + b)·G + group, then the GPU: one bincount into [C, B, G, P] cells (NumPy:
     # its integer division and weighted bincount are several times faster than torch's)
@@ -373,10 +383,11 @@ def _group_squares(
     cell = ((index.numpy() // (num_experts // groups)) * num_gpus + gpu_of_slot).reshape(-1)
     weights = load.numpy().reshape(-1)
     cells = cands * rows * groups * num_gpus
-    if cells > 4 * cell.size:
-        # many groups and GPUs (thousands of each): only the occupied cells, so memory
-        # follows the slots; each (candidate, row, GPU) adds its cells' squares in the
-        # cells' sorted order, the same on every machine
+    if cells > max(4 * cell.size, 1 << 22):
+        # far more (group, GPU) cells than slots, and many (groups and GPUs in the
+        # thousands): only the occupied cells, so memory follows the slots; each
+        # (candidate, row, GPU) adds its cells' squares in their sorted order, the same
+        # on every machine
         occupied, inverse = np.unique(cell, return_inverse=True)
         sums = np.bincount(inverse, weights=weights)
         owner = occupied // (groups * num_gpus) * num_gpus + occupied % num_gpus
@@ -384,7 +395,7 @@ def _group_squares(
                            minlength=cands * rows * num_gpus).reshape(cands, rows, num_gpus)
     sums = np.bincount(cell, weights=weights, minlength=cells)
     squares = (sums * sums).reshape(cands, rows, groups, num_gpus)
-    if sums.max(initial=0.0) * groups < 2.0**26:  # every GPU's load below 2**26
+    if exact:
         return squares.sum(2)
     total = squares[:, :, 0].copy()
     for k in range(1, groups):
