@@ -50,6 +50,9 @@ def main(argv=None) -> int:
                         help="IncrementalOptions fields as JSON objects separated by ';' "
                              "({} = the defaults)")
     add_drift_options(parser)
+    parser.add_argument("--gpus", type=int, default=P,
+                        help=f"GPUs for the {R} slots (default {P}; 144 and 96 give 2 and 3 "
+                             "slots per GPU)")
     parser.add_argument("--real", action="store_true",
                         help="the real DeepSeek-V3 files instead of synthetic loads")
     args = parser.parse_args(argv)
@@ -66,7 +69,8 @@ def main(argv=None) -> int:
         seed = 1000
     rows = []
     for topo_name, groups, nodes in topologies(args.topology, args.global_groups):
-        topo = eplb.Topology(R, P, nodes, groups)
+        gpus = args.gpus
+        topo = eplb.Topology(R, gpus, nodes, groups)
         times = {name: [] for name in [*names, FRESH]}
         scores = {name: [] for name in [*names, FRESH]}
         first = {name: [] for name in [*names, FRESH]}  # rebalance 1, from vLLM's initial map
@@ -77,7 +81,7 @@ def main(argv=None) -> int:
             for t in range(args.steps):
                 for name, option in zip(names, options, strict=True):
                     begin = time.perf_counter()
-                    new = eplb.plan(windows[t], R, P, nodes, groups, previous=old[name],
+                    new = eplb.plan(windows[t], R, gpus, nodes, groups, previous=old[name],
                                     options=option).phy2log
                     elapsed = time.perf_counter() - begin
                     score = (balancedness(new, windows[t + 1], topo),
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
                     old[name] = new
                 # the yardstick: a fresh plan of the same window (no previous map)
                 begin = time.perf_counter()
-                fresh = eplb.plan(windows[t], R, P, nodes, groups).phy2log
+                fresh = eplb.plan(windows[t], R, gpus, nodes, groups).phy2log
                 elapsed = time.perf_counter() - begin
                 score = (balancedness(fresh, windows[t + 1], topo),
                          float((fresh != old[names[0]]).float().mean()))
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
                          f"{next_window:.5f}", f"{100 * moved:.1f} %", f"{first_next:.5f}",
                          f"{100 * first_moved:.1f} %"])
     print(f"\n{'real' if args.real else 'synthetic'} loads, {len(loads)} workloads × "
-          f"{args.steps} rebalances (steady state: 2..{args.steps}), drift {args.drift}, "
+          f"{args.steps} rebalances (steady state: 2..{args.steps}), R={R} on P={args.gpus}, "
+          f"drift {args.drift}, "
           f"group share of the drift {args.group_drift}\n")
     print(markdown_table(["topology", "incremental options", "ms", "× first row",
                           "next window", "slots moved", "first call: next window",
