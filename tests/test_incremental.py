@@ -502,3 +502,34 @@ def test_unsigned_previous_ids_out_of_range_are_refused():
     old[0, 0] = np.iinfo(np.uint64).max
     with pytest.raises(ValueError, match="expert ids outside"):
         eplb.plan(W1, R, P, previous=old)
+
+
+@pytest.mark.parametrize(("experts", "groups", "gpus", "slots", "big"), [
+    (64, 8, 8, 9, False),  # dense, exact sums
+    (64, 8, 2, 128, True),  # dense, GPU loads beyond 2**26 units: group by group
+    (4096, 4096, 512, 8, False),  # more than 4M cells: the occupied ones only
+], ids=["dense", "loop", "sparse"])
+def test_group_term_matches_a_direct_sum(experts, groups, gpus, slots, big):
+    """The group term of the next-window score, Σ_groups (a group's load on a GPU)², on
+    each of its three paths, against a direct sum."""
+    from eplb.online import moves
+
+    rng = np.random.default_rng(0)
+    cands, rows = 2, 2
+    slot_expert = rng.integers(0, experts, (cands, rows, gpus * slots))
+    high = 1 << 20 if big else 1 << 12
+    load = rng.integers(high // 2, high, (cands, rows, gpus * slots)).astype(np.float64)
+    index = slot_expert + (np.arange(cands * rows) * experts).reshape(cands, rows, 1)
+    exact = bool(load.reshape(cands, rows, gpus, slots).sum(3).max() < 2.0**26)
+    assert exact != big
+    got = moves._group_squares(torch.from_numpy(load), torch.from_numpy(index), experts, gpus,
+                               groups, exact)
+    group = slot_expert // (experts // groups)
+    want = np.zeros((cands, rows, gpus))
+    for c, r, g in np.ndindex(cands, rows, gpus):
+        part = slice(g * slots, (g + 1) * slots)
+        sums = np.bincount(group[c, r, part], weights=load[c, r, part], minlength=groups)
+        want[c, r, g] = (sums.astype(object) ** 2).sum()  # exact integers
+    if not big:  # sums of integers below 2**53: equal to the last bit
+        assert np.array_equal(got, want)
+    np.testing.assert_allclose(got, want, rtol=1e-15)
