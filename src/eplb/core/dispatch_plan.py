@@ -141,7 +141,7 @@ def plan_rows_capped(
     flat_counts = counts[: len(use)].reshape(-1, num_experts)
     flat_weight = weight.repeat(len(use), 1)
     load, expert = expand_replicas(flat_weight, flat_counts)
-    state = pack(make_items(load, expert), num_gpus, options.packing.one_start_unless_set(),
+    state = pack(make_items(load, expert), num_gpus, options.packing,
                  flat_counts.amax(1) > num_gpus, generator)
     if len(use) > 1:
         peak = max_load(state).view(len(use), rows)

@@ -341,7 +341,7 @@ def _pack_nodes(
         # prefill_in2048: 0.9916 → 0.9993, in bench_dispatch.py's setting)
         packing = dataclasses.replace(packing, pair_steps=_NODE_PAIR_STEPS,
                                       max_steps=_NODE_MAX_STEPS)
-    state = pack(items, topology.gpus_per_node, packing.one_start_unless_set(), None, generator)
+    state = pack(items, topology.gpus_per_node, packing, None, generator)
     return to_slots(state).view(num_layers, topology.num_replicas)
 
 

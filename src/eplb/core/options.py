@@ -100,14 +100,11 @@ class PackingOptions:
         if not 0 <= self.noise < 1:
             raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
 
-    def one_start_unless_set(self) -> PackingOptions:
-        """These options with ``num_candidates`` 1 where it is automatic: for packings
-        other than the planner's replica packing (groups onto nodes, the locality and
-        nearest-dispatch searches), where the second start was never measured."""
-        return self if self.num_candidates is not None else replace(self, num_candidates=1)
-
     def candidates_for(self, slots: int) -> int:
-        """The packing starts used for rows of ``slots`` per GPU."""
+        """The packing starts of the planner's replica packing for rows of ``slots`` per
+        GPU (the other packings, of groups onto nodes and in the locality and
+        nearest-dispatch searches, take ``num_candidates`` or one start: the second
+        start was measured for the replica packing only)."""
         if self.num_candidates is not None:
             return self.num_candidates
         return COARSE_SLOT_CANDIDATES if slots <= COARSE_SLOTS else 1

@@ -69,7 +69,7 @@ def pack(
     """
     _, rows, num_items = items.shape
     slots = num_items // num_gpus
-    swaps_per_row = options.candidates_for(slots) * max(1, num_gpus // 2) * slots * slots
+    swaps_per_row = (options.num_candidates or 1) * max(1, num_gpus // 2) * slots * slots
     chunk = max(1, SWAPS_PER_CHUNK // swaps_per_row)
     if rows <= chunk:
         return _pack_chunk(items, num_gpus, options, allow_shared, generator, floor)
@@ -93,7 +93,7 @@ def _pack_chunk(
 ) -> torch.Tensor:
     """:func:`pack` on rows that fit one chunk."""
     _, rows, num_items = items.shape
-    cands = options.candidates_for(num_items // num_gpus)
+    cands = options.num_candidates or 1
     if cands > 1:
         # candidate 0 keeps the exact order; the others sort by perturbed loads, perturbed
         # per expert so that an expert's replicas stay adjacent

@@ -10,6 +10,7 @@ one packed with randomised starts and swap refinement (:mod:`eplb.core.packing`)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import ClassVar
 
 import torch
@@ -91,7 +92,11 @@ def plan_rows(
             extra = extra[:0]  # one allocation left per row: nothing to choose after packing
     items = make_items(load, expert)  # [2, rows', R]; rows of one layer share a scale
     allow_shared = counts.amax(1) > num_gpus
-    state = pack(items, num_gpus, options.packing, allow_shared, generator, floor=floor)
+    # the replica packing resolves the automatic number of starts (more where GPUs hold
+    # few slots); pack() itself takes one start unless told
+    packing = replace(options.packing,
+                      num_candidates=options.packing.candidates_for(num_replicas // num_gpus))
+    state = pack(items, num_gpus, packing, allow_shared, generator, floor=floor)
     if len(extra):
         # keep, per coarse row, the allocation whose refined packing has the smallest peak
         peak = max_load(state)

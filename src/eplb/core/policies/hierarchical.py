@@ -130,7 +130,7 @@ class HierarchicalPolicy(PlacementPolicy):
         group_load = weight.view(num_layers, groups, -1).sum(2)
         order = group_load.argsort(dim=1, descending=True, stable=True)
         items = make_items(group_load.gather(1, order), order)
-        state = pack(items, nodes, options.packing.one_start_unless_set(), generator=generator)
+        state = pack(items, nodes, options.packing, generator=generator)
         slots = to_slots(state)  # [L, G] group per (node, slot)
         node_of_slot = torch.arange(groups, device=weight.device) // (groups // nodes)
         return torch.empty_like(slots).scatter_(1, slots, node_of_slot.expand(num_layers, -1))
