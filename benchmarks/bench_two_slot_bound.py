@@ -1,31 +1,39 @@
-"""How far eplb is from the optimum at two slots per GPU: an LP bound on sampled layers.
+"""How far eplb is from the optimum at two slots per GPU: the exact optimum and an LP
+bound on sampled layers.
 
 For ``S = 2`` the best max GPU load for given replica counts is the largest-with-smallest
 pairing of the pieces ``w / c``; the optimum over counts is not known in closed form,
 and ``bench_shapes.py``'s reference (``best_two_slot_max_load``, a long count search) is
-only an upper bound on it. This script brackets the optimum from below.
+only an upper bound on it.
 
-**The bound.** For a target max load ``T`` a piece ``p > T/2`` needs a partner of at most
-``T − p`` ("a debt of length ``p − T/2``"), a piece ``p <= T/2`` can partner any piece up
-to ``T − p`` ("a credit of length ``T/2 − p``"). Pairing is feasible iff, at every length
-``L``, the pieces with debts of length ``>= L`` are no more than those with credits of
-length ``>= L`` (Hall's condition on a threshold graph). With one 0/1 variable per
-(expert, count), at most ``2P`` pieces and those dominance rows, "some counts reach
-``T``" is an integer program; its LP relaxation, bisected on ``T``, gives a lower bound
-on the optimum's max load (anti-affinity ignored, as in the reference). Where the LP's
-solution just above the bound is integral, its counts realise that target: the optimum
-is then known to the bisection's tolerance (1e-5), anti-affinity ignored.
-HiGHS (through SciPy) solves each LP (the integer program itself took over ten minutes
-per layer even at 36×32, so it is not used); all counts ``1..min(P, R − E + 1)`` of every
-expert are variables, so the bound is valid but costs seconds per layer (about 1.5 s at
-``P = 144``, 12 s at ``P = 256``): the script samples layers.
+**Hall's condition.** For a target max load ``T`` a piece ``p > T/2`` needs a partner of
+at most ``T − p`` ("a debt of length ``p − T/2``"), a piece ``p <= T/2`` can partner any
+piece up to ``T − p`` ("a credit of length ``T/2 − p``"). Pairing is feasible iff, at
+every length ``L``, the pieces with debts of length ``>= L`` are no more than those with
+credits of length ``>= L`` (Hall's condition on a threshold graph).
 
-Columns, per shape (layers sampled evenly, ``--layers`` per input, every input):
-eplb's default plan, the reference search and the bound as max GPU load over the mean
-(mean over the sampled layers), eplb / bound and reference / bound (worst layer and
-mean), and the layers where the LP's solution was integral (bound = exact optimum).
+**The exact optimum** (:func:`exact_optimum`). Only the debt lengths matter as levels,
+so a credit expert needs only the smallest count reaching each level, plus spare
+replicas counted at the level it sits at (:func:`_count_options`): a small integer
+program per target, solved by OR-Tools' CP-SAT (``pip install -e '.[bench]'``). Each
+step asks for counts below the best pairing found so far, re-scores what it gets
+exactly, and the last step proves nothing is below (to ``1e-9``; anti-affinity ignored,
+as in the reference). Checked against brute force over every count vector on 540 tiny
+random instances (3–6 experts, P ≤ 6, ties and zero loads among them): equal on all.
+A step can run out of ``--time-limit``; that layer's optimum is then unknown.
 
-    python benchmarks/bench_two_slot_bound.py [--layers 6] [--only 58x256]
+**The LP bound** (:func:`lp_bound`). With one 0/1 variable per (expert, count), at most
+``2P`` pieces and the dominance rows, the LP relaxation bisected on ``T`` (HiGHS through
+SciPy) is a lower bound on the optimum for every layer, known or not; it costs seconds
+per layer (about 1.5 s at ``P = 144``, 12 s at ``P = 256``).
+
+Columns, per shape (layers sampled evenly, ``--layers`` per input, every input): the
+layers whose optimum is known; against it, for eplb's default (and each
+``--iterations`` variant of the S = 2 count search) the ratio of balancedness (mean of
+mean/max over those layers) and the worst layer; the reference's balancedness ratio; and
+eplb over the LP bound on every sampled layer (worst, mean).
+
+    python benchmarks/bench_two_slot_bound.py [--layers 6] [--only 58x256] [--iterations 4]
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 import eplb
 from eplb.core.placement import slot_gpu_loads
-from eplb.core.small_slots import best_two_slot_max_load, pair_max
+from eplb.core.small_slots import best_two_slot_max_load, pair_max, plan_two_slots
 
 
 def _lp(w: np.ndarray, target: float, num_gpus: int) -> tuple[bool, np.ndarray | None]:
@@ -125,16 +133,162 @@ def lp_bound(w: np.ndarray, num_gpus: int, upper: float, tol: float = 1e-5
     return low, bool(exact)
 
 
+class Undecided(RuntimeError):
+    """HiGHS hit its time limit before settling a target."""
+
+
+def _count_options(w: np.ndarray, target: float, num_gpus: int):
+    """The counts worth considering for one layer ``w [E]`` at max load ``target``.
+
+    Every count whose piece is above ``target/2`` (a debt; its length sets a *level*),
+    and for the rest only the smallest count that reaches each level (a credit: a larger
+    count at the same level adds credits only where a spare replica on any expert at that
+    level would, which the dump variables of :func:`_reaches` model). Returns ``None``
+    where some expert cannot fit at all, else ``(top, debt_expert, debt_count,
+    debt_level, credit_expert, credit_count, credit_level, num_levels)``; a level index
+    of ``num_levels`` means "no debt level" (a credit shorter than every debt).
+    """
+    slots = 2 * num_gpus
+    top = min(num_gpus, slots - len(w) + 1)
+    half = target / 2
+    fewest = np.maximum(1, np.ceil(w / target - 1e-12)).astype(int)
+    if (fewest > top).any():
+        return None
+    debt_expert, debt_count = [], []
+    for e, weight in enumerate(w):
+        for count in range(fewest[e], top + 1):
+            if weight / count <= half:
+                break
+            debt_expert.append(e)
+            debt_count.append(count)
+    debt_expert, debt_count = np.array(debt_expert, int), np.array(debt_count, int)
+    debt_length = w[debt_expert] / debt_count - half
+    levels = np.unique(debt_length)[::-1]  # longest first
+    debt_level = np.searchsorted(-levels, -debt_length, side="left")
+    credit_expert, credit_count, credit_level = [], [], []
+    reach = np.concatenate([levels, [0.0]])
+    for e, weight in enumerate(w):
+        first_level: dict[int, int] = {}
+        for j, length in enumerate(reach):
+            if length >= half:
+                continue
+            count = max(1, int(np.ceil(weight / (half - length) - 1e-12)))
+            while count <= top and half - weight / count < length:
+                count += 1  # the ceiling's rounding
+            if count <= top:
+                first_level.setdefault(count, j)  # levels run longest first
+        for count, j in first_level.items():
+            credit_expert.append(e)
+            credit_count.append(count)
+            credit_level.append(j)
+    return (top, debt_expert, debt_count, debt_level, np.array(credit_expert, int),
+            np.array(credit_count, int), np.array(credit_level, int), len(levels))
+
+
+def _reaches(w: np.ndarray, target: float, num_gpus: int, time_limit: float
+             ) -> np.ndarray | None:
+    """Counts ``[E]`` (summing to ``2P``) whose pairing reaches ``target`` for one layer
+    ``w [E]``, or ``None`` where none do (anti-affinity ignored): an integer program
+    over :func:`_count_options` (one choice per expert, spare replicas per level, Hall's
+    condition as running sums over the levels), solved by OR-Tools' CP-SAT (HiGHS took
+    minutes where it takes seconds). Raises :class:`Undecided` at the time limit."""
+    from ortools.sat.python import cp_model  # the benchmark extra; only this needs it
+
+    options = _count_options(w, target, num_gpus)
+    if options is None:
+        return None
+    top, d_exp, d_cnt, d_lev, c_exp, c_cnt, c_lev, k = options
+    num_experts, slots = len(w), 2 * num_gpus
+    model = cp_model.CpModel()
+    chosen_debt = [model.new_bool_var(f"d{i}") for i in range(len(d_exp))]
+    chosen_credit = [model.new_bool_var(f"c{i}") for i in range(len(c_exp))]
+    spare = [model.new_int_var(0, slots, f"s{j}") for j in range(k)]
+    per_expert: list[list] = [[] for _ in range(num_experts)]
+    for e, var in zip(d_exp, chosen_debt, strict=True):
+        per_expert[e].append(var)
+    for e, var in zip(c_exp, chosen_credit, strict=True):
+        per_expert[e].append(var)
+    for choices in per_expert:
+        model.add_exactly_one(choices)
+    model.add(sum(int(c) * v for c, v in zip(d_cnt, chosen_debt, strict=True))
+              + sum(int(c) * v for c, v in zip(c_cnt, chosen_credit, strict=True))
+              + sum(spare) <= slots)
+    enters: list[list] = [[] for _ in range(k)]  # ± pieces first reaching each level
+    room: list[list] = [[] for _ in range(k)]  # how many spares a level's experts can take
+    for level, c, var in zip(d_lev, d_cnt, chosen_debt, strict=True):
+        if level < k:
+            enters[level].append(-int(c) * var)
+    for level, c, var in zip(c_lev, c_cnt, chosen_credit, strict=True):
+        if level < k:
+            enters[level].append(int(c) * var)
+            room[level].append(int(top - c) * var)
+    running = 0
+    for j in range(k):
+        balance = model.new_int_var(0, slots, f"b{j}")  # credits minus debts, >= 0
+        model.add(balance == running + sum(enters[j]) + spare[j])
+        model.add(spare[j] <= sum(room[j]))
+        running = balance
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit
+    solver.parameters.num_workers = 2
+    status = solver.solve(model)
+    if status == cp_model.INFEASIBLE:
+        return None
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise Undecided(f"CP-SAT did not settle T={target}: {solver.status_name(status)}")
+    counts = np.zeros(num_experts, int)
+    for e, c, var in zip(d_exp, d_cnt, chosen_debt, strict=True):
+        if solver.value(var):
+            counts[e] = c
+    left = [solver.value(var) for var in spare]  # a level's spares go to its experts
+    for e, c, level, var in zip(c_exp, c_cnt, c_lev, chosen_credit, strict=True):
+        if solver.value(var):
+            given = min(left[level], top - c) if level < k else 0
+            counts[e] = c + given
+            if level < k:
+                left[level] -= given
+    # spare slots to the lightest experts: more, smaller pieces only add credit
+    for e in np.argsort(w, kind="stable"):
+        counts[e] += min(top - counts[e], slots - counts.sum())
+    return counts
+
+
+def exact_optimum(w: np.ndarray, num_gpus: int, upper: float, time_limit: float
+                  ) -> float | None:
+    """The optimum max load over counts for one layer ``w [E]`` (anti-affinity ignored),
+    to a relative ``1e-9``, or ``None`` where HiGHS runs out of ``time_limit`` seconds on
+    a step. ``upper``: a reachable max load. Each step asks for counts below the best
+    pairing found so far and re-scores what it gets exactly (:func:`pair_max`); the
+    last step proves that nothing is below."""
+    try:
+        while (counts := _reaches(w, upper * (1 - 1e-9), num_gpus, time_limit)) is not None:
+            upper = float(pair_max(w[None], counts[None])[0][0])
+    except Undecided:
+        return None
+    return upper
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6, help="sampled layers per input")
     parser.add_argument("--inputs", type=int, default=2, help="load inputs per shape")
     parser.add_argument("--only", action="append", help="keep shapes whose label has this")
+    parser.add_argument("--time-limit", type=float, default=10.0,
+                        help="seconds HiGHS may spend on one step of the exact optimum")
+    parser.add_argument("--no-lp", action="store_true", help="skip the LP bound")
+    parser.add_argument("--iterations", type=int, action="append",
+                        help="also plan with this many count-search iterations (repeatable)")
     args = parser.parse_args(argv)
     print(start("bench_two_slot_bound"))
-    print("\n| shape | loads | layers | eplb | reference | LP bound | eplb / bound: worst, "
-          "mean | reference / bound: worst, mean | bound exact | s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    variants = [None, *(args.iterations or [])]
+    names = ["eplb" if it is None else f"{it} iterations" for it in variants]
+    print("\nMax GPU load over the mean, sampled layers. Against the optimum: the ratio of "
+          "balancedness (mean of mean/max over the layers whose optimum is known), and the "
+          "worst layer's optimum / max.\n")
+    print("| shape | loads | layers | optimum known | "
+          + " | ".join(f"{name} / optimum: balancedness, worst" for name in names)
+          + " | reference / optimum | eplb / LP bound: worst, mean | s |")
+    print("|---|---|---|---|" + "---|" * len(names) + "---|---|---|")
     for key, slots, gpus in SHAPES:
         model = MODELS[key]
         label = f"{model.layers}x{model.experts} S={slots} P={gpus}"
@@ -145,23 +299,37 @@ def main(argv: list[str] | None = None) -> int:
         loads, source = model_loads(key, args.inputs)
         rows = []
         for weight in loads:
-            plan = eplb.plan(weight, replicas, gpus)
-            peak = slot_gpu_loads(weight, plan.phy2log, gpus).amax(-1)  # [L]
+            # the default through the public API; other iteration counts through the
+            # S = 2 planner that API calls
+            plans = [eplb.plan(weight, replicas, gpus).phy2log if it is None
+                     else plan_two_slots(weight, replicas, iterations=it) for it in variants]
+            peaks = [slot_gpu_loads(weight, plan, gpus).amax(-1) for plan in plans]  # [L]
             reference = best_two_slot_max_load(weight, replicas, gpus)  # [L]
             for layer in np.linspace(0, weight.shape[0] - 1, args.layers).round().astype(int):
                 w = weight[layer].to(torch.float64).numpy()
                 if w.sum() <= 0:
                     continue
                 mean = w.sum() / gpus
-                bound, exact = lp_bound(w / mean, gpus, float(reference[layer]) / mean)
-                rows.append((float(peak[layer]) / mean, float(reference[layer]) / mean,
-                             bound, exact))
-        ours, ref, bound, exact = (np.array(column) for column in zip(*rows, strict=True))
-        print(f"| {label} | {source} | {len(rows)} | {ours.mean():.5f} | {ref.mean():.5f} | "
-              f"{bound.mean():.5f} | {(bound / ours).min():.4f}, {(bound / ours).mean():.4f} | "
-              f"{(bound / ref).min():.4f}, {(bound / ref).mean():.4f} | "
-              f"{int(exact.sum())} of {len(rows)} | {time.perf_counter() - begin:.0f} |",
-              flush=True)
+                upper = float(reference[layer]) / mean
+                optimum = exact_optimum(w / mean, gpus, upper, args.time_limit)
+                bound = np.nan if args.no_lp else lp_bound(w / mean, gpus, upper)[0]
+                rows.append(([float(peak[layer]) / mean for peak in peaks], upper,
+                             np.nan if optimum is None else optimum, bound))
+        ours = np.array([row[0] for row in rows])  # [layers, variants]
+        ref, optimum, bound = (np.array([row[i] for row in rows]) for i in (1, 2, 3))
+        known = ~np.isnan(optimum)
+        cells = []
+        for v in range(len(variants)):
+            peak = ours[known, v]
+            cells.append(f"{np.sum(1 / peak) / np.sum(1 / optimum[known]):.5f}, "
+                         f"{(optimum[known] / peak).min():.4f}" if known.any() else "–")
+        reference_cell = (f"{np.sum(1 / ref[known]) / np.sum(1 / optimum[known]):.5f}"
+                          if known.any() else "–")
+        lp_cell = ("–" if args.no_lp else
+                   f"{(bound / ours[:, 0]).min():.4f}, {(bound / ours[:, 0]).mean():.4f}")
+        print(f"| {label} | {source} | {len(rows)} | {int(known.sum())} of {len(rows)} | "
+              + " | ".join(cells) + f" | {reference_cell} | {lp_cell} | "
+              f"{time.perf_counter() - begin:.0f} |", flush=True)
     return 0
 
 
