@@ -119,6 +119,7 @@ def lp_bound(w: np.ndarray, num_gpus: int, upper: float, tol: float = 1e-5
     integral counts within ``tol`` above it reach their target (the optimum is then
     known to ``tol``; anti-affinity ignored)."""
     low = 1.0
+    upper *= 1 + 1e-9  # a pairing that reaches `upper` exactly can test infeasible by rounding
     feasible, counts = _lp(w, upper, num_gpus)
     if not feasible:
         return low, False
@@ -134,7 +135,7 @@ def lp_bound(w: np.ndarray, num_gpus: int, upper: float, tol: float = 1e-5
 
 
 class Undecided(RuntimeError):
-    """HiGHS hit its time limit before settling a target."""
+    """The solver hit its time limit before settling a target."""
 
 
 def _count_options(w: np.ndarray, target: float, num_gpus: int):
