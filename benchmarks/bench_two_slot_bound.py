@@ -263,7 +263,10 @@ def exact_optimum(w: np.ndarray, num_gpus: int, upper: float, time_limit: float
     last step proves that nothing is below."""
     try:
         while (counts := _reaches(w, upper * (1 - 1e-9), num_gpus, time_limit)) is not None:
-            upper = float(pair_max(w[None], counts[None])[0][0])
+            found = float(pair_max(w[None], counts[None])[0][0])
+            if found >= upper:  # rounding disagreed with the model: no claim either way
+                return None
+            upper = found
     except Undecided:
         return None
     return upper
