@@ -283,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, action="append",
                         help="also plan with this many count-search iterations (repeatable)")
     args = parser.parse_args(argv)
+    try:
+        import ortools  # noqa: F401  (the exact optimum's solver)
+    except ImportError:
+        parser.error("the exact optimum needs OR-Tools: pip install -e '.[bench]'")
     print(start("bench_two_slot_bound"))
     variants = [None, *(args.iterations or [])]
     names = ["eplb" if it is None else f"{it} iterations" for it in variants]
