@@ -53,16 +53,15 @@ from eplb.core.placement import slot_gpu_loads
 from eplb.core.small_slots import best_two_slot_max_load, pair_max, plan_two_slots
 
 
-def _lp(w: np.ndarray, target: float, num_gpus: int) -> tuple[bool, np.ndarray | None]:
+def _lp(w: np.ndarray, target: float, num_gpus: int) -> bool:
     """Whether the LP relaxation reaches ``target`` for one layer ``w [E]`` (mean GPU
-    load 1), and, where its solution is integral, counts that reach it (``[E]``, summing
-    to ``2P``; anti-affinity ignored)."""
+    load 1; anti-affinity ignored)."""
     num_experts = len(w)
     slots = 2 * num_gpus
     top = min(num_gpus, slots - num_experts + 1)  # the most replicas an expert can have
     fewest = np.maximum(1, np.ceil(w / target - 1e-12)).astype(int)  # a piece above T fits nowhere
     if (fewest > top).any():
-        return False, None
+        return False
     expert = np.concatenate([np.full(top - a + 1, i) for i, a in enumerate(fewest)])
     count = np.concatenate([np.arange(a, top + 1) for a in fewest])
     piece = w[expert] / count
@@ -95,43 +94,27 @@ def _lp(w: np.ndarray, target: float, num_gpus: int) -> tuple[bool, np.ndarray |
                       np.concatenate([np.ones(n), np.zeros(k)])),
     )
     if result.status == 2:
-        return False, None
+        return False
     if result.status != 0:
         raise RuntimeError(f"HiGHS did not settle the LP at T={target}: {result.message}")
-    x = result.x[:n]
-    if np.abs(x - np.round(x)).max() > 1e-6:
-        return True, None
-    counts = np.zeros(num_experts, int)
-    chosen = x > 0.5
-    counts[expert[chosen]] = count[chosen]
-    # spare slots to the lightest experts (more small pieces only add credit), each
-    # within the cap the LP had
-    for e in np.argsort(w, kind="stable"):
-        counts[e] += min(top - counts[e], slots - counts.sum())
-    return True, counts if counts.sum() == slots else None
+    return True
 
 
-def lp_bound(w: np.ndarray, num_gpus: int, upper: float, tol: float = 1e-5
-             ) -> tuple[float, bool]:
-    """``(bound, exact)`` for one layer ``w [E]`` scaled to mean GPU load 1: a lower
-    bound on the optimum's max load (the largest target the LP was found not to reach,
-    bisected between the mean, 1, and ``upper``, a reachable max load), and whether
-    integral counts within ``tol`` above it reach their target (the optimum is then
-    known to ``tol``; anti-affinity ignored)."""
+def lp_bound(w: np.ndarray, num_gpus: int, upper: float, tol: float = 1e-5) -> float:
+    """A lower bound on the optimum's max load for one layer ``w [E]`` scaled to mean GPU
+    load 1: the largest target the LP was found not to reach, bisected to ``tol`` between
+    the mean, 1, and ``upper``, a reachable max load (anti-affinity ignored)."""
     low = 1.0
     upper *= 1 + 1e-9  # a pairing that reaches `upper` exactly can test infeasible by rounding
-    feasible, counts = _lp(w, upper, num_gpus)
-    if not feasible:
-        return low, False
+    if not _lp(w, upper, num_gpus):
+        return low
     while upper - low > tol * upper:
         middle = (low + upper) / 2
-        feasible, found = _lp(w, middle, num_gpus)
-        if feasible:
-            upper, counts = middle, found
+        if _lp(w, middle, num_gpus):
+            upper = middle
         else:
             low = middle
-    exact = counts is not None and pair_max(w[None], counts[None])[0][0] <= upper * (1 + 1e-12)
-    return low, bool(exact)
+    return low
 
 
 class Undecided(RuntimeError):
@@ -320,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 mean = w.sum() / gpus
                 upper = float(reference[layer]) / mean
                 optimum = exact_optimum(w / mean, gpus, upper, args.time_limit)
-                bound = np.nan if args.no_lp else lp_bound(w / mean, gpus, upper)[0]
+                bound = np.nan if args.no_lp else lp_bound(w / mean, gpus, upper)
                 rows.append(([float(peak[layer]) / mean for peak in peaks], upper,
                              np.nan if optimum is None else optimum, bound))
         ours = np.array([row[0] for row in rows])  # [layers, variants]
