@@ -20,6 +20,9 @@ Two kinds of candidates come from here:
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -85,10 +88,13 @@ def node_rows(
 
 def to_layers(done: np.ndarray, experts: np.ndarray, layers: int) -> np.ndarray:
     """Node rows ``done [..., L·N, R/N]`` (local ids) back to ``[..., L, R]`` expert ids."""
-    out = np.where(done >= 0, np.take_along_axis(
-        np.broadcast_to(experts, (*done.shape[:-2], *experts.shape)), np.maximum(done, 0), -1
-    ), -1)
-    return out.reshape(*done.shape[:-2], layers, -1)
+    rows, width = experts.shape
+    # one flat gather from the expert table with a -1 column appended to every row:
+    # local id -1 wraps onto it
+    table = np.empty((rows, width + 1), experts.dtype)
+    table[:, :width], table[:, width] = experts, -1
+    flat = done + (done < 0) * (width + 1) + (np.arange(rows) * (width + 1))[:, None]
+    return table.ravel()[flat].reshape(*done.shape[:-2], layers, -1)
 
 
 def per_node(weight: np.ndarray, phy2log: np.ndarray, request: PlanRequest, fn) -> np.ndarray:
@@ -107,25 +113,28 @@ def node_quota(request: PlanRequest, quota: np.ndarray) -> np.ndarray:
 
 
 def node_ladder(
-    weight: np.ndarray,
-    base: np.ndarray,
+    node_weight: np.ndarray,
+    node_start: np.ndarray,
     request: PlanRequest,
     quota: np.ndarray,
     budgeted: bool,
-    node_of_group: np.ndarray | None = None,
     always: np.ndarray | None = None,
-) -> np.ndarray:
-    """``[C, L, R]`` warm-start candidates of hierarchical layers ``base [L, R]``
-    (candidate 0 is ``base``), refining inside the nodes that can set each layer's time
-    (module docstring) and the node rows flagged in ``always [L, N]``.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Warm-start candidates of hierarchical layers given as node rows
+    (:func:`node_rows`: ``node_weight [L·N, E/N]``, ``node_start [L·N, R/N]``), refining
+    inside the nodes that can set each layer's time (module docstring) and the node rows
+    flagged in ``always [L, N]``.
 
-    ``quota [L]``: slots per step of the whole layer (0: the layer keeps ``base``);
-    ``node_of_group [L, G]``: the nodes' groups when ``base`` does not show them whole.
+    ``quota [L]``: slots per step of the whole layer (0: the layer keeps its start).
+
+    Returns ``(done [C, L·N, R/N], moving [M])``: the candidates as node rows (local ids;
+    candidate 0 is the start) and the node rows that were searched (the others hold
+    their start in every candidate).
     """
     topo = request.topology
-    layers, nodes, per_gpu = base.shape[0], topo.num_nodes, topo.gpus_per_node
-    node_weight, node_phy2log, experts = node_rows(weight, base, request, node_of_group)
-    peak = moves.gpu_loads_of(node_weight, node_phy2log, per_gpu).max(1).reshape(layers, nodes)
+    nodes, per_gpu = topo.num_nodes, topo.gpus_per_node
+    layers = node_start.shape[0] // nodes
+    peak = moves.gpu_loads_of(node_weight, node_start, per_gpu).max(1).reshape(layers, nodes)
     mean = node_weight.sum(1).reshape(layers, nodes) / per_gpu
     critical = peak > mean.max(1, keepdims=True)  # [L, N]
     if always is not None:
@@ -134,26 +143,44 @@ def node_ladder(
     # rows are independent: only the node rows with a quota are searched
     moving = np.nonzero(row_quota > 0)[0]
     options = request.options
-    searched, _ = moves.warm_ladder(node_weight[moving], node_phy2log[moving], per_gpu,
+    searched, _ = moves.warm_ladder(node_weight[moving], node_start[moving], per_gpu,
                                     row_quota[moving], options.incremental.steps,
                                     options.packing, budgeted)
-    done = np.repeat(node_phy2log[None], searched.shape[0], 0)
+    done = np.repeat(node_start[None], searched.shape[0], 0)
     done[:, moving] = searched
-    return to_layers(done, experts, layers)
+    return done, moving
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """Candidates of every layer with their scores (see
+    :func:`eplb.online.moves.expected_peak`); candidate 0 is the placement in force.
+
+    Attributes:
+        peak: ``[C, L]`` expected next-window max GPU load over the mean (``inf``: not
+            offered in that layer).
+        now: ``[C, L]`` max GPU load on the window at hand over the mean.
+        cost: ``[C, L]`` slots whose expert differs from candidate 0.
+        take: ``take(pick [L]) → [L, R]``, the placement of candidate ``pick[l]`` in
+            every layer ``l``.
+    """
+
+    peak: np.ndarray
+    now: np.ndarray
+    cost: np.ndarray
+    take: Callable[[np.ndarray], np.ndarray]
 
 
 def candidates(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
     budgeted: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Warm-start candidates of hierarchical layers ``base [L, R]``: the node ladder of
-    ``base``, then the warm regroup and its node ladder for the layers whose best
-    group→node assignment differs from ``base``'s (module docstring). Both ladders run as
-    one batched search.
-
-    Returns ``(candidates [2K, L, R], regrouped [L])``: the ``K`` ladder candidates
-    (candidate 0 is ``base``), then the ``K`` regroup candidates, which hold ``base`` in
-    the layers that keep their groups.
+) -> Scored:
+    """Warm-start candidates of hierarchical layers ``base [L, R]``, scored: the node
+    ladder of ``base`` (``K`` candidates, the first is ``base``), then the warm regroup
+    and its node ladder (``K`` more) for the layers whose best group→node assignment
+    differs from ``base``'s (module docstring; elsewhere not offered). Both ladders run
+    as one batched search, and are scored as node rows (a node row's GPUs are the
+    layer's, so nothing is turned back into layers but the chosen candidates).
     """
     topo = request.topology
     layers, nodes = base.shape[0], topo.num_nodes
@@ -166,34 +193,73 @@ def candidates(
     kept = np.einsum("lgn,lgm->lnm", onehot[target], onehot[current])  # [L, N_new, N_old]
     wanted = np.take_along_axis(match_blocks(kept), target, 1)  # [L, G] in current labels
     rows = np.nonzero((wanted != current).any(1))[0]
-    regrouped = np.zeros(layers, bool)
-    regrouped[rows] = True
-    if not len(rows):
-        ladder = node_ladder(weight, base, request, quota, budgeted, node_of_group=current)
-        return np.concatenate([ladder, np.repeat(base[None], len(ladder), 0)]), regrouped
-    # the regrouped layers' start: departing groups' slots emptied, arrivals filled in
-    sub = base[rows]
-    group_size = request.num_experts // topo.num_groups
-    node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // nodes)
-    group = np.where(sub >= 0, sub // group_size, 0)
-    leaving = np.take_along_axis(wanted[rows], group, 1) != node_of_slot[None]
-    start = np.where(leaving & (sub >= 0), -1, sub)
-    node_weight, node_start, experts = node_rows(weight[rows], start, request, wanted[rows])
-    filled = to_layers(fill_arrivals(node_weight, node_start, topo.gpus_per_node), experts,
-                       len(rows))
-    # one ladder over the base layers and the regrouped ones; nodes whose groups changed
-    # are always searched
-    changed = np.stack([(wanted[rows] == n) != (current[rows] == n) for n in range(nodes)], 2)
-    always = np.zeros((layers + len(rows), nodes), bool)
-    always[layers:] = changed.any(1)
-    ladder = node_ladder(
-        np.concatenate([weight, weight[rows]]), np.concatenate([base, filled]), request,
-        np.concatenate([quota, quota[rows]]), budgeted,
-        node_of_group=np.concatenate([current, wanted[rows]]), always=always,
-    )
-    regroup = np.repeat(base[None], ladder.shape[0], 0)
-    regroup[:, rows] = ladder[:, layers:]
-    return np.concatenate([ladder[:, :layers], regroup]), regrouped
+    node_weight, node_start, experts = node_rows(weight, base, request, current)
+    always = None
+    if len(rows):
+        # the regrouped layers' start: departing groups' slots emptied, arrivals filled in
+        sub = base[rows]
+        group_size = request.num_experts // topo.num_groups
+        node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // nodes)
+        group = np.where(sub >= 0, sub // group_size, 0)
+        leaving = np.take_along_axis(wanted[rows], group, 1) != node_of_slot[None]
+        start = np.where(leaving & (sub >= 0), -1, sub)
+        moved_weight, moved_start, moved_experts = node_rows(weight[rows], start, request,
+                                                             wanted[rows])
+        filled = fill_arrivals(moved_weight, moved_start, topo.gpus_per_node)
+        # one ladder over the base layers and the regrouped ones; nodes whose groups
+        # changed are always searched
+        changed = np.stack([(wanted[rows] == n) != (current[rows] == n) for n in range(nodes)],
+                           2)
+        always = np.zeros((layers + len(rows), nodes), bool)
+        always[layers:] = changed.any(1)
+        node_weight = np.concatenate([node_weight, moved_weight])
+        node_start = np.concatenate([node_start, filled])
+        experts = np.concatenate([experts, moved_experts])
+        quota = np.concatenate([quota, quota[rows]])
+    done, moving = node_ladder(node_weight, node_start, request, quota, budgeted, always)
+    ladder = done.shape[0]
+    # scores: every node row's start once, the searched rows' later candidates
+    options = request.options.incremental
+    units = moves.units_of(weight)  # [L, E]
+    of_layer = np.concatenate([np.arange(layers), rows])  # the layer of each block
+    node_units = np.take_along_axis(units[of_layer.repeat(nodes)], experts, 1)
+    groups = topo.num_groups // nodes
+
+    def moments(unit_rows: np.ndarray, rows_done: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        return moves.gpu_moments(unit_rows, rows_done, topo.gpus_per_node, groups,
+                                 options.group_share)
+
+    gpu, variance = moments(node_units, done[:1])
+    gpu, variance = gpu.repeat(ladder, 1, 1), np.repeat(variance, ladder, 0)
+    if ladder > 1 and len(moving):
+        gpu[1:, moving], variance[1:, moving] = moments(node_units[moving], done[1:, moving])
+    shape = (ladder, len(of_layer), topo.num_gpus)
+    expected, now = moves.peak_of(gpu.view(shape), variance.reshape(shape),
+                                  units.sum(1)[of_layer], options.drift)
+    # layers' candidates: the ladder, then the regroups (base where none is offered)
+    peak = np.full((2 * ladder, layers), np.inf)
+    peak[:ladder] = expected[:, :layers]
+    peak[ladder:, rows] = expected[:, layers:]
+    now_all = np.concatenate([now[:, :layers], now[:, :layers]])
+    now_all[ladder:, rows] = now[:, layers:]
+    in_layers = nodes * layers
+    cost = np.zeros((2 * ladder, layers), np.int64)
+    # the ladder keeps the node rows' labels: local ids compare like expert ids
+    cost[:ladder] = (done[:, :in_layers] != done[:1, :in_layers]).reshape(
+        ladder, layers, -1).sum(2)
+    regrouped = (to_layers(done[:, in_layers:], experts[in_layers:], len(rows)) if len(rows)
+                 else np.empty((ladder, 0, base.shape[1]), base.dtype))
+    cost[ladder:, rows] = (regrouped != base[rows][None]).sum(2)
+
+    def take(pick: np.ndarray) -> np.ndarray:
+        chosen = np.minimum(pick, ladder - 1).repeat(nodes)
+        out = to_layers(done[chosen, np.arange(in_layers)][None], experts[:in_layers],
+                        layers)[0]
+        late = np.nonzero(pick[rows] >= ladder)[0]
+        out[rows[late]] = regrouped[pick[rows[late]] - ladder, late]
+        return out
+
+    return Scored(peak, now_all, cost, take)
 
 
 def fill_arrivals(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:

@@ -275,7 +275,6 @@ def plan_incremental(
     layer_quota = np.where(replanned, 0, quota)
     live_gpus = request.live.cpu().numpy()
     num_live = int(live_gpus.sum())
-    need = np.zeros(request.num_layers, bool)
 
     def score(rows: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return moves.expected_peak(rows, chosen, num_live, options.drift,
@@ -283,16 +282,8 @@ def plan_incremental(
 
     if request.policy == "hierarchical":
         # node ladders, and warm regroups where the best group→node assignment differs
-        candidates, regrouped = hierarchy.candidates(weight, base, request, layer_quota,
-                                                     max_moves is not None)
-        # the regroup candidates are scored on the regrouped layers only
-        ladder = len(candidates) // 2
-        peak, now = score(weight, candidates[:ladder])
-        peak, now = np.concatenate([peak, peak]), np.concatenate([now, now])
-        peak[ladder:] = np.inf
-        if regrouped.any():
-            peak[ladder:, regrouped], now[ladder:, regrouped] = score(
-                weight[regrouped], candidates[ladder:, regrouped])
+        scored = hierarchy.candidates(weight, base, request, layer_quota, max_moves is not None)
+        peak, now, cost, take = scored.peak, scored.now, scored.cost, scored.take
     else:
         candidates, transfers = _refine_rows(weight, base, request, layer_quota,
                                              max_moves is not None)
@@ -320,18 +311,22 @@ def plan_incremental(
         # next window fell 0.009–0.011 below a fresh plan's): every layer is offered one
         coarse = topo.slots_per_gpu <= COARSE_SLOTS
         need = gaining | (transfers > layer_quota) | far | coarse
-    if need.any():
-        extra = _fresh_aligned(request, base, np.nonzero(need)[0])
-        extra_peak, extra_now = score(weight, _live_only(extra, live_gpus, topo))
-        candidates = np.concatenate([candidates, extra])
-        peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
-        now = np.concatenate([now, extra_now])
-    cost = (candidates != base[None]).sum(2)
+        if need.any():
+            extra = _fresh_aligned(request, base, np.nonzero(need)[0])
+            extra_peak, extra_now = score(weight, _live_only(extra, live_gpus, topo))
+            candidates = np.concatenate([candidates, extra])
+            peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
+            now = np.concatenate([now, extra_now])
+        cost = (candidates != base[None]).sum(2)
+
+        def take(pick: np.ndarray) -> np.ndarray:
+            return candidates[pick, np.arange(request.num_layers)]
+
     # never worse than the placement in force on the window at hand: a candidate whose
     # in-sample peak exceeds the base's is not taken, whatever its expected next window
     peak = np.where(now <= now[0][None] * (1 + 1e-12), peak, np.inf)
     pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options)
-    best = candidates[pick, np.arange(request.num_layers)]
+    best = take(pick)
     # the guard above compares integer units (moves.units_of), which round small experts
     # beside a huge one: a layer whose exact peak came out above the placement in
     # force's keeps the latter. A GPU's units are off by less than 1.5·S, so only layers

@@ -325,13 +325,33 @@ def expected_peak(
     IEEE arithmetic (correctly rounded, hence identical on every machine) and a mean
     taken in a fixed order.
     """
-    cands, rows, _ = candidates.shape
-    num_experts = weight.shape[1]
     units = units_of(weight)  # [B, E] integers
+    gpu, variance = gpu_moments(units, candidates, num_gpus, groups, group_share)
+    return peak_of(gpu, variance, units.sum(1), drift, draws)
+
+
+def gpu_moments(
+    units: np.ndarray,
+    candidates: np.ndarray,
+    num_gpus: int,
+    groups: int = 1,
+    group_share: float = 0.0,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``(load [C, B, P], variance [C, B, P])`` of every GPU of the candidates
+    ``[C, B, R]`` (``-1`` slots carry nothing) with integer expert loads ``units [B, E]``
+    (:func:`units_of`): its load and its drift variance up to the factor ``d²``,
+    ``(1 − ρ) Σ_i x_i² + ρ Σ_k (Σ_{i in group k} x_i)²`` (see :func:`expected_peak`).
+
+    A GPU's moments depend on its own slots and the expert's replica count in the row
+    only, so rows may be any split of layers whose experts live in one row each (the
+    node rows of hierarchical layers): the moments come out the same, bit for bit
+    (integer sums; the group squares are added in ascending group order, and other
+    rows' groups only add zeros)."""
+    cands, rows, _ = candidates.shape
+    num_experts = units.shape[1]
     # The large element-wise steps run in torch on the host (several times faster than
     # NumPy at these shapes), restricted to operations that are one correctly rounded
     # IEEE step whatever the instruction set: +, ×, ÷ of two tensors, floor, max.
-    # Square roots stay in NumPy: torch's vectorized sqrt is not correctly rounded.
     slots = torch.from_numpy(candidates)
     # flat (candidate, row, expert) index of every slot: one bincount, one gather
     offset = (torch.arange(cands * rows) * num_experts).view(cands, rows, 1)
@@ -353,6 +373,17 @@ def expected_peak(
         together = _group_squares(load, index, num_experts, num_gpus, groups,
                                   exact=float(gpu.max()) < 2.0**26)
         variance = (1.0 - group_share) * variance + group_share * together
+    return gpu, variance
+
+
+def peak_of(
+    gpu: torch.Tensor, variance: np.ndarray, total: np.ndarray, drift: float, draws: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(expected [C, B], now [C, B])`` from GPU moments ``[C, B, P]``
+    (:func:`gpu_moments`) of rows whose loads total ``total [B]`` units (see
+    :func:`expected_peak`)."""
+    num_gpus = gpu.shape[2]
+    # square roots stay in NumPy: torch's vectorized sqrt is not correctly rounded
     spread = np.sqrt(np.expm1(drift * drift)) * np.sqrt(variance)
     z = torch.from_numpy(_normal_draws(draws, num_gpus))[:, None, None]  # [D, 1, 1, P]
     noisy = torch.from_numpy(spread)[None] * z  # [D, C, B, P]
@@ -360,7 +391,7 @@ def expected_peak(
     peak = peaks[0].copy()
     for d in range(1, draws):  # a fixed order of additions on every machine
         peak += peaks[d]
-    mean = np.maximum(units.sum(1)[None] / num_gpus, 1e-300)  # [1, B]: what all spread
+    mean = np.maximum(total[None] / num_gpus, 1e-300)  # [1, B]: what all spread
     return peak / draws / mean, gpu.amax(2).numpy() / mean
 
 
