@@ -22,7 +22,8 @@ Columns: the ceiling (``eplb.core.balancedness_ceiling``); for ``S <= 2`` the re
 optimum, not a proof); each planner's balancedness (Σ mean / Σ max GPU load, loads split
 evenly over replicas; the worst input of the shape); eplb's worst ratio to the reference
 (``ref``: that column where ``S <= 2``, else the ceiling); and the median time per call on
-the first input, calls interleaved across planners.
+the first input, planners taking turns (each timed call follows an untimed call of the
+same planner, so none pays for another's memory use).
 
     python benchmarks/bench_shapes.py                 # every shape, markdown on stdout
     python benchmarks/bench_shapes.py --only 58x256   # shapes whose label contains this
@@ -284,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         f"# bench_shapes — {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, torch "
         f"{torch.__version__}, 1 thread, load average {load_avg}\n\n"
         f"Balancedness: worst of {args.inputs} inputs per shape; time: median of "
-        f"{args.repeats} interleaved calls on the first input. ref = exact optimum for S = 1, "
+        f"{args.repeats} calls on the first input, each after an untimed one of the same "
+        "planner. ref = exact optimum for S = 1, "
         "best known (long count search) for S = 2, else the ceiling.\n"
     )
     print(
@@ -329,8 +331,14 @@ def main(argv: list[str] | None = None) -> int:
             w0 = loads[0]
             for fn in planners.values():  # warm-up
                 fn(w0, replicas, gpus)
-            for _ in range(args.repeats):
-                for name, fn in planners.items():
+            order = list(planners.items())
+            for repeat in range(args.repeats):
+                # every timed call follows an untimed call of the same planner: a call
+                # made right after another planner's pays for the other's memory habits
+                # (SGLang's large temporaries go back to the system and fault in again),
+                # which in a fixed interleaving favoured whichever planner went first
+                for name, fn in order if repeat % 2 == 0 else order[::-1]:
+                    fn(w0, replicas, gpus)
                     start = time.perf_counter()
                     fn(w0, replicas, gpus)
                     times[name].append(time.perf_counter() - start)
