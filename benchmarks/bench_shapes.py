@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", type=int, default=2, help="load inputs per shape")
     parser.add_argument("--only", action="append", help="keep shapes whose label has this")
     parser.add_argument("--no-greedy", action="store_true", help="skip vLLM's greedy")
+    parser.add_argument("--fixed-order", action="store_true",
+                        help="the earlier timing protocol: one call per planner and repeat, "
+                             "always in the same order (eplb, vec, greedy)")
     parser.add_argument(
         "--gap", action="store_true", help="only the S=3 gap analysis (58×256, R=288, P=96)"
     )
@@ -280,13 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     def ours(w: torch.Tensor, r: int, p: int) -> torch.Tensor:
         return eplb.rebalance_experts(w, r, 1, 1, p)[0]
 
+    protocol = ("in one fixed order" if args.fixed_order
+                else "each after an untimed one of the same planner")
     load_avg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     print(
         f"# bench_shapes — {time.strftime('%Y-%m-%d %H:%M')}, {platform.machine()}, torch "
         f"{torch.__version__}, 1 thread, load average {load_avg}\n\n"
         f"Balancedness: worst of {args.inputs} inputs per shape; time: median of "
-        f"{args.repeats} calls on the first input, each after an untimed one of the same "
-        "planner. ref = exact optimum for S = 1, "
+        f"{args.repeats} calls on the first input, {protocol}. ref = exact optimum for S = 1, "
         "best known (long count search) for S = 2, else the ceiling.\n"
     )
     print(
@@ -337,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                 # made right after another planner's pays for the other's memory habits
                 # (SGLang's large temporaries go back to the system and fault in again),
                 # which in a fixed interleaving favoured whichever planner went first
-                for name, fn in order if repeat % 2 == 0 else order[::-1]:
-                    fn(w0, replicas, gpus)
+                for name, fn in order if repeat % 2 == 0 or args.fixed_order else order[::-1]:
+                    if not args.fixed_order:
+                        fn(w0, replicas, gpus)
                     start = time.perf_counter()
                     fn(w0, replicas, gpus)
                     times[name].append(time.perf_counter() - start)
