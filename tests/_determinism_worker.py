@@ -55,7 +55,7 @@ def _real(name: str):
 def _synthetic(kind: str, layers: int, experts: int, seed: int):
     """``[layers, experts]`` loads. ``int``: int32 lognormal counts (vLLM's dtype);
     ``float``: float32 non-integer loads; ``zeros``: a profile run; ``ties``: every
-    expert equal."""
+    expert equal; ``few``: int32 counts 1–5, so many experts (and their pieces) tie."""
     import numpy as np
     import torch
 
@@ -64,6 +64,8 @@ def _synthetic(kind: str, layers: int, experts: int, seed: int):
         return torch.zeros(layers, experts, dtype=torch.int32)
     if kind == "ties":
         return torch.full((layers, experts), 1000, dtype=torch.int32)
+    if kind == "few":
+        return torch.from_numpy(rng.integers(1, 6, size=(layers, experts)).astype(np.int32))
     raw = rng.lognormal(0.0, 1.2, size=(layers, experts)) * 1000
     if kind == "float":
         return torch.from_numpy(raw.astype(np.float32))
@@ -141,9 +143,10 @@ def _synthetic_cases() -> dict[str, Callable]:
         "v3": (58, 256, 288, 32, HIER),
         "small": (6, 64, 80, 8, (4, 2)),
         "odd": (5, 60, 72, 12, (6, 3)),
+        "two": (8, 64, 128, 64, (4, 2)),  # two slots per GPU: the count search
     }
     for shape_name, (layers, experts, replicas, gpus, hier) in shapes.items():
-        for kind in ("int", "float", "zeros", "ties"):
+        for kind in ("int", "float", "zeros", "ties", "few"):
             for topo_name, topo in (("hier", hier), ("global", (hier[0], 1))):
                 def fresh(kind=kind, layers=layers, experts=experts, replicas=replicas,
                           gpus=gpus, topo=topo):

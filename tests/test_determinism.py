@@ -12,7 +12,9 @@ loads and on synthetic ones (integer, float, all-zero, all-equal).
 - NumPy's SIMD dispatch (``NPY_DISABLE_CPU_FEATURES``; a node without AVX2/AVX512 runs
   NumPy's baseline code): must match. It did not while the replication selected with
   ``np.argpartition``, whose choice among ties depends on the dispatch (found by
-  ``benchmarks/bench_determinism.py``); it now settles ties by position.
+  ``benchmarks/bench_determinism.py``); it now settles ties by position. Nor while the
+  two-slot planner ordered pieces with ``np.argsort``'s default sort and picked donors
+  with ``np.argpartition`` (found 2026-12-02 with counts 1–5 on 64 GPUs × 2 slots).
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ CASES = [
     "syn-v3-zeros-global-fresh",  # vLLM's profile run: an all-zero window
     "syn-small-float-hier-drift",
     "syn-odd-ties-global-drift",
+    "syn-two-few-global-fresh",  # S = 2 with many equal pieces
+    "syn-two-few-hier-drift",
 ]
 # the real-load cases read ../shared/data/real (or $EPLB_REAL_DATA); without it they
 # hash as "missing" alike everywhere and the synthetic cases still count
@@ -69,7 +73,8 @@ def _settings() -> dict[str, tuple[int, str, list[str], str]]:
     }
 
 
-NUMPY_CASES = ["syn-v3-zeros-global-fresh", "syn-v3-int-hier-fresh", "syn-odd-ties-global-drift"]
+NUMPY_CASES = ["syn-v3-zeros-global-fresh", "syn-v3-int-hier-fresh", "syn-odd-ties-global-drift",
+               "syn-two-few-global-fresh", "syn-two-few-hier-drift"]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from eplb.core.device_path import expand_replicas_torch, use_device_path
-from eplb.core.ordering import argsort_rows
+from eplb.core.ordering import argsort_rows, top_indices
 
 # cap on the [rows, experts, steps] priority tensor before chunking over rows
 _MAX_PRIORITY_ELEMENTS = 1 << 24
@@ -81,26 +81,6 @@ def replica_counts(
     return torch.from_numpy(counts).to(weight.device)
 
 
-def _top_indices(values: np.ndarray, k: int) -> np.ndarray:
-    """``[..., k]`` indices of the ``k`` largest entries along the last axis, ascending;
-    ties at the k-th value go to the lowest indices.
-
-    ``np.argpartition`` would be faster, but which of several tied entries it returns
-    depends on NumPy's SIMD dispatch (measured: AVX2 and AVX-512 machines disagree), and
-    every EP rank must plan alike. The k-th value itself is the same everywhere, so it is
-    taken by ``np.partition`` and the tie is settled by position.
-    """
-    n = values.shape[-1]
-    if k >= n:
-        return np.broadcast_to(np.arange(n), values.shape).copy()
-    kth = np.partition(values, n - k, axis=-1)[..., n - k : n - k + 1]
-    above = values > kth
-    tied = values == kth
-    need = k - above.sum(-1, keepdims=True)
-    chosen = above | (tied & (np.cumsum(tied, -1) <= need))
-    return np.nonzero(chosen)[-1].reshape(*values.shape[:-1], k)
-
-
 def _counts_by_table(
     w: np.ndarray, num_replicas: int, rules: tuple[float | str, ...], num_hot: int, steps: int
 ) -> np.ndarray:
@@ -117,7 +97,7 @@ def _counts_by_table(
     rows, num_experts = w.shape
     num_extra = num_replicas - num_experts
     row = np.arange(rows)[:, None]
-    hot_expert = _top_indices(w, num_hot)
+    hot_expert = top_indices(w, num_hot)
     hot_load = w[row, hot_expert]  # [rows, K]
     total = w.sum(1, keepdims=True)
     quota = hot_load * (num_replicas / np.where(total > 0, total, 1.0))
@@ -155,7 +135,7 @@ def _counts_by_table(
                 priorities[k, row_of, column] = hot_load[row_of, owner] / (c + float(rule))
         expert_at = np.zeros((rows, width), np.int64)
         expert_at[row_of, column] = hot_expert[row_of, owner]
-    granted = _top_indices(priorities, num_extra)  # [rules, rows, R − E] columns
+    granted = top_indices(priorities, num_extra)  # [rules, rows, R − E] columns
     expert = np.take_along_axis(np.broadcast_to(expert_at, priorities.shape), granted, 2)
     flat = (np.arange(len(rules) * rows).reshape(len(rules), rows, 1) * num_experts + expert)
     extra = np.bincount(flat.ravel(), minlength=len(rules) * rows * num_experts)

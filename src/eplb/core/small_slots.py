@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from eplb.core.ordering import descending_order, top_indices
 from eplb.core.packing.repair import repair_conflicts
 from eplb.core.packing.state import to_slots
 from eplb.core.replication import expand_replicas, replica_counts
@@ -55,28 +56,39 @@ def _uniform_zero_rows(weight: np.ndarray) -> np.ndarray:
     return np.where(zero, 1.0, weight)
 
 
-def _scan(w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(x [N, R], order [N, E], times [N, E])``: every row's pieces ``w / c`` (``c``
-    copies each) heaviest first, the experts in that order and their counts."""
+def _scan(w: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``x [N, R]``: every row's pieces ``w / c`` (``c`` copies each) heaviest first.
+
+    Only values: which of two equal pieces comes first does not change them, so any
+    sort serves (:func:`_expert_at` and :func:`_pieces` name the experts, the same way
+    on every machine)."""
     rows, num_experts = w.shape
     v = w / c
     order = np.argsort(-v, axis=1)
     flat = (order + np.arange(rows)[:, None] * num_experts).ravel()
-    times = c.ravel()[flat]
-    x = np.repeat(v.ravel()[flat], times).reshape(rows, -1)
-    return x, order, times.reshape(rows, num_experts)
+    return np.repeat(v.ravel()[flat], c.ravel()[flat]).reshape(rows, -1)
 
 
-def _expert_at(order: np.ndarray, times: np.ndarray, pos: np.ndarray) -> np.ndarray:
-    """``[N]`` expert of the piece at 0-based position ``pos [N]`` of a :func:`_scan`."""
-    run = (np.cumsum(times, 1) <= pos[:, None]).sum(1)
-    return order[np.arange(len(order)), run]
+def _expert_at(w: np.ndarray, c: np.ndarray, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """``[N]`` expert of the piece at 0-based position ``pos [N]`` of ``x = _scan(w, c)``,
+    equal pieces taken in expert order (the order :func:`_pieces` lays them out in)."""
+    v = w / c
+    value = x[np.arange(len(x)), pos][:, None]
+    before = np.where(v > value, c, 0).sum(1)  # pieces heavier than the one at pos
+    run = np.cumsum(np.where(v == value, c, 0), axis=1)  # the equal run, by expert id
+    return np.argmax(run > (pos - before)[:, None], axis=1)
 
 
 def _pieces(w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(x, expert)``, both ``[N, R]``: pieces heaviest first and the expert of each."""
-    x, order, times = _scan(w, c)
-    return x, np.repeat(order.ravel(), times.ravel()).reshape(x.shape)
+    """``(x, expert)``, both ``[N, R]``: pieces heaviest first (equal pieces by expert id:
+    the same layout on every machine) and the expert of each."""
+    rows, num_experts = w.shape
+    v = w / c
+    order = descending_order(v)
+    flat = (order + np.arange(rows)[:, None] * num_experts).ravel()
+    times = c.ravel()[flat]
+    x = np.repeat(v.ravel()[flat], times).reshape(rows, -1)
+    return x, np.repeat(order.ravel(), times).reshape(x.shape)
 
 
 def _pair_max_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -135,12 +147,12 @@ def pair_max(w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     The count search and the planner use the anti-affine value instead
     (:func:`_straddle_adjusted`).
     """
-    x, order, times = _scan(w, c)
+    x = _scan(w, c)
     half = x.shape[1] // 2
     pairs = x[:, :half] + x[:, ::-1][:, :half]
     k = pairs.argmax(1)
     F = pairs[np.arange(len(x)), k]
-    return F, _expert_at(order, times, k), _expert_at(order, times, x.shape[1] - 1 - k)
+    return F, _expert_at(w, c, x, k), _expert_at(w, c, x, x.shape[1] - 1 - k)
 
 
 def _partner_of(x: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -186,10 +198,10 @@ def search_two_slot_counts(
     """
     counts = counts.copy()
     rows, num_experts = w.shape
-    x, order, times = _scan(w, counts)
+    x = _scan(w, counts)
     F, k = _pair_max_x(x)
-    top = _expert_at(order, times, k)
-    bottom = _expert_at(order, times, x.shape[1] - 1 - k)
+    top = _expert_at(w, counts, x, k)
+    bottom = _expert_at(w, counts, x, x.shape[1] - 1 - k)
     active = np.arange(rows)
     k_don = min(donors, num_experts)
     for _ in range(iterations):
@@ -201,7 +213,9 @@ def search_two_slot_counts(
         # the pair a donor's grown piece would join: its load estimates the move's cost
         cost = np.where(ca >= 2, grown + _partner_of(x, grown), np.inf)
         if k_don < num_experts:
-            pick = np.argpartition(cost, k_don - 1, axis=1)[:, :k_don]
+            # the k cheapest, ties by expert id (argpartition's choice among ties
+            # depends on NumPy's SIMD dispatch)
+            pick = top_indices(-cost, k_don)
         else:
             pick = np.broadcast_to(np.arange(num_experts), (n, num_experts))
         receivers = np.stack([top[active], bottom[active]], 1)  # [n, 2]
@@ -218,7 +232,8 @@ def search_two_slot_counts(
         # an illegal move (donor with one replica, or donor = receiver) keeps the counts
         cand = np.where(legal[..., None], cand, ca[:, None, None, :]).reshape(-1, num_experts)
         cand_w = np.broadcast_to(wa[:, None, None, :], (n, 2, k_don, num_experts))
-        cx, c_order, c_times = _scan(cand_w.reshape(-1, num_experts), cand)
+        cand_w = cand_w.reshape(-1, num_experts)
+        cx = _scan(cand_w, cand)
         f, fk = _pair_max_x(cx)
         f = np.where(legal.ravel(), f, np.inf).reshape(n, 2 * k_don)
         best = f.argmin(1)
@@ -230,10 +245,9 @@ def search_two_slot_counts(
         counts[rows_better] = cand[chosen]
         F[rows_better] = f[better, best[better]]
         x = cx[chosen]
-        top[rows_better] = _expert_at(c_order[chosen], c_times[chosen], fk[chosen])
-        bottom[rows_better] = _expert_at(
-            c_order[chosen], c_times[chosen], cx.shape[1] - 1 - fk[chosen]
-        )
+        top[rows_better] = _expert_at(cand_w[chosen], cand[chosen], cx[chosen], fk[chosen])
+        bottom[rows_better] = _expert_at(cand_w[chosen], cand[chosen], cx[chosen],
+                                         cx.shape[1] - 1 - fk[chosen])
         active = rows_better
     return counts, F
 
@@ -292,7 +306,7 @@ def plan_two_slots(
         counts = np.ones_like(w, dtype=np.int64)
     else:
         every = replica_counts(torch.from_numpy(w), num_replicas, rules).numpy()
-        scores = np.stack([_pair_max_x(_scan(w, c)[0])[0] for c in every])  # [rules, rows]
+        scores = np.stack([_pair_max_x(_scan(w, c))[0] for c in every])  # [rules, rows]
         counts = every[scores.argmin(0), np.arange(rows)]
         # the search's value of the counts it returns (with 0 iterations: of the start)
         counts, believed = search_two_slot_counts(w, counts, iterations, donors)
