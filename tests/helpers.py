@@ -26,7 +26,8 @@ REAL_DATA = Path(
 #: The 12 SGLang DeepSeek-V3/R1 workloads (``{"logical_count": [61][256]}``, MoE rows 3..60).
 DEEPSEEK_DIR = REAL_DATA / "sglang_deepseek_ep_statistics"
 DEEPSEEK_FILES = sorted(DEEPSEEK_DIR.glob("*.json")) if DEEPSEEK_DIR.is_dir() else []
-MISSING_REAL = f"real expert-load data not found at {REAL_DATA} (read-only, not in the repository)"
+MISSING_REAL = (f"real expert-load data not found at {REAL_DATA} (read-only, not in the "
+                "repository; set EPLB_REAL_DATA to its folder)")
 
 
 def deepseek_loads(path: Path) -> torch.Tensor:

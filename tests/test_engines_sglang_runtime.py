@@ -326,6 +326,15 @@ def test_launcher_refuses_what_would_not_work(monkeypatch, capsys, env, args, me
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("args", "code"), [(["--help"], 0), (["-h"], 0), ([], 2)])
+def test_launcher_help_names_its_options(monkeypatch, capsys, args, code):
+    monkeypatch.setattr("runpy.run_module", lambda *a, **k: pytest.fail("server started"))
+    assert plugin.main(args) == code
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m eplb.integrations.sglang")
+    assert "--eplb-options JSON" in out and "max_moves" in out and "--enable-eplb" in out
+
+
 def test_launcher_as_a_user_runs_it(tmp_path):
     """``python -m eplb.integrations.sglang`` in a fresh process: with SGLang missing it
     says so; with an (empty) SGLang package it finds eplb's installed plugin and starts

@@ -426,6 +426,22 @@ def test_gpu_speed_no_worse_than_equal_speed_plan(layers, experts, gpus, slots, 
     assert float(ours.sum()) < float(theirs.sum())  # 2x speeds must be exploited
 
 
+def test_balancedness_with_gpu_speed_scores_time():
+    """A speed-aware plan scored with its speeds: ideal time / actual time, as the CLI's
+    eval does; equal speeds give the plain figure."""
+    w = lognormal(4, 32, 0.7, seed=3)
+    speed = torch.tensor([2.0, 1.0] * 4, dtype=torch.float64)
+    p = eplb.plan(w, 40, 8, gpu_speed=speed)
+    loads = p.gpu_loads(w).to(torch.float64)
+    ideal = loads.sum(1) / speed.sum()
+    want = float(ideal.sum() / (loads / speed).amax(1).sum())
+    assert p.balancedness(w, gpu_speed=speed) == pytest.approx(want, rel=1e-12)
+    assert p.balancedness(w, gpu_speed=speed) > p.balancedness(w)  # its load is uneven
+    assert p.balancedness(w, gpu_speed=torch.ones(8)) == pytest.approx(p.balancedness(w))
+    with pytest.raises(ValueError, match=r"gpu_speed\[1\]"):
+        p.balancedness(w, gpu_speed=[1.0, 0.0] * 4)
+
+
 def test_gpu_speed_with_hierarchical_topology():
     speed = torch.tensor([2.0, 1.0] * 4)
     with pytest.warns(RuntimeWarning, match="gpu_speed"):

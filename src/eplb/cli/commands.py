@@ -230,9 +230,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
          after, after_worst],
         ["ceiling (best possible)", ceil.overall, ceil.worst],
     ]
+    dead = [] if active is None else (~active).nonzero().flatten().tolist()
+    dead_note = f", GPU{'s' if len(dead) > 1 else ''} {','.join(map(str, dead))} dead" if dead \
+        else ""
     print_table(
         f"{num_layers} layers × {num_experts} experts -> {args.replicas} slots on {args.gpus} "
-        f"GPUs ({policy})",
+        f"GPUs ({policy}{dead_note})",
         ["placement", "balancedness", "worst max/mean"], rows,
     )
     if moved is not None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eplb.core.inputs import as_weight, scale_free
+from eplb.core.inputs import as_gpu_speed, as_weight, scale_free
 from eplb.core.topology import Topology
 
 
@@ -179,7 +179,8 @@ class Placement:
         topo = self.topology
         loads = self.replica_loads(weight).view(self.num_layers, topo.num_gpus, -1).sum(-1)
         if gpu_speed is not None:
-            loads = loads / torch.as_tensor(gpu_speed, dtype=loads.dtype, device=loads.device)
+            speed = as_gpu_speed(gpu_speed, topo.num_gpus, loads.device)
+            loads = loads / speed.to(loads.dtype)
         return loads
 
     def layer_balancedness(self, weight: torch.Tensor) -> torch.Tensor:
@@ -188,11 +189,23 @@ class Placement:
         mean, peak = loads.mean(1), loads.max(1).values
         return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(mean))
 
-    def balancedness(self, weight: torch.Tensor) -> float:
-        """Σ_layers mean live-GPU load / Σ_layers max live-GPU load (1.0 is perfect)."""
-        loads = self.gpu_loads(weight)[:, self.live_gpus()]
-        peak = float(loads.max(1).values.sum())
-        return float(loads.mean(1).sum()) / peak if peak > 0 else 1.0
+    def balancedness(self, weight: torch.Tensor, gpu_speed: torch.Tensor | None = None) -> float:
+        """Σ_layers ideal time / Σ_layers actual time over the live GPUs (1.0 is perfect).
+
+        With equal GPUs that is Σ mean load / Σ max load. With ``gpu_speed [P]`` (as
+        planned with ``eplb.plan(..., gpu_speed=)``) a GPU's time is its load over its
+        speed, and a layer's ideal time its load over the live GPUs' total speed."""
+        live = self.live_gpus()
+        if gpu_speed is None:
+            loads = self.gpu_loads(weight)[:, live]
+            ideal, peak = loads.mean(1), loads.max(1).values
+        else:
+            speed = as_gpu_speed(gpu_speed, self.topology.num_gpus, self.phy2log.device)
+            loads = self.gpu_loads(weight)[:, live]
+            speed = speed[live].to(loads.dtype)
+            ideal, peak = loads.sum(1) / speed.sum(), (loads / speed).max(1).values
+        total = float(peak.sum())
+        return float(ideal.sum()) / total if total > 0 else 1.0
 
     def moved_slots(self, previous: Placement | torch.Tensor) -> torch.Tensor:
         """``[L]`` number of slots whose expert differs from ``previous`` (weights to move)."""

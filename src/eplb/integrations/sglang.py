@@ -237,12 +237,29 @@ def _plugin_declared() -> str | None:
     return None
 
 
+USAGE = """\
+usage: python -m eplb.integrations.sglang [--eplb-options JSON] <sglang.launch_server args>
+
+Starts SGLang's own server (sglang.launch_server) with eplb planning SGLang's runtime
+expert rebalancing (pass --enable-eplb to SGLang, or it never rebalances). Run it on every
+node, as you would run sglang.launch_server.
+
+options:
+  --eplb-options JSON  planner options, e.g. '{"max_moves": 2000}' (also read from
+                       $SGLANG_EPLB_OPTIONS); keys:
+                       """ + ", ".join(sorted(PLANNER_OPTIONS)) + """
+  -h, --help           show this message and exit
+
+Without the launcher: SGLANG_EPLB_POLICY=eplb python -m sglang.launch_server ...
+Not covered: --use-ray (its scheduler actors do not load SGLang's plugins)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m eplb.integrations.sglang [--eplb-options JSON] <launch_server args>``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] in (["-h"], ["--help"]) or not args:
-        print(__doc__)
-        return 0
+        print(USAGE)
+        return 0 if args else 2
     if args[0] == "--eplb-options":
         if len(args) < 2:
             print("eplb: --eplb-options needs a JSON object", file=sys.stderr)
