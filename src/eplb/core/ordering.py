@@ -65,8 +65,13 @@ def top_indices(values: np.ndarray, k: int) -> np.ndarray:
     kth = np.partition(values, n - k, axis=-1)[..., n - k : n - k + 1]
     above = values > kth
     tied = values == kth
-    need = k - above.sum(-1, keepdims=True)
-    chosen = above | (tied & (np.cumsum(tied, -1) <= need))
+    chosen = above | tied
+    # rows with more entries at the k-th value than places left: the lowest positions
+    surplus = np.nonzero(chosen.sum(-1) > k)
+    if len(surplus[0]):
+        tied_rows = tied[surplus]
+        need = k - above[surplus].sum(-1, keepdims=True)
+        chosen[surplus] = above[surplus] | (tied_rows & (np.cumsum(tied_rows, -1) <= need))
     return np.nonzero(chosen)[-1].reshape(*values.shape[:-1], k)
 
 
