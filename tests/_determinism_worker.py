@@ -190,9 +190,27 @@ NUMPY_LEVELS = {
 }
 
 
+def _option_cases() -> dict[str, Callable]:
+    """Non-default incremental options, where the drift's spread factor is computed from
+    ``drift`` at call time (found by the attack pass: NumPy's ``expm1`` differed)."""
+    import torch
+
+    def drift_0434():
+        return _call(torch.tensor([[3, 4, 5, 3, 2, 0, 3, 3]], dtype=torch.int32), 8, (4, 1), 4,
+                     torch.tensor([[2, 0, 5, 7, 1, 3, 6, 4]]),
+                     {"drift": 0.434, "move_price": 0.001})
+
+    def drift_0587():
+        return _call(torch.tensor([[885, 522, 864, 18, 48, 796, 907, 504]], dtype=torch.int32),
+                     12, (1, 1), 4, torch.tensor([[2, 1, 7, 2, 6, 1, 0, 5, 0, 3, 3, 4]]),
+                     {"drift": 0.587, "move_price": 0.0})
+
+    return {"opt-drift-0.434": drift_0434, "opt-drift-0.587": drift_0587}
+
+
 def all_cases() -> dict[str, Callable]:
     """Every case by name (real-* need the real loads)."""
-    return {**_real_cases(), **_synthetic_cases()}
+    return {**_real_cases(), **_synthetic_cases(), **_option_cases()}
 
 
 def main(argv: list[str] | None = None) -> int:
