@@ -156,3 +156,49 @@ def test_options_that_would_be_ignored_are_refused():
     with pytest.raises(ValueError, match="fair and source"):
         eplb.plan(w, 24, 4, 2, 2, dispatch="nearest", fair="expect")  # auto: hierarchical
     eplb.plan(w, 24, 4, 2, 2, policy="global", dispatch="nearest", fair="expect").validate()
+
+
+# --------------------------------------------------- found by the fifth session's attack
+@pytest.mark.parametrize(("gpus", "nodes"), [(6, 4), (8, 16)])
+def test_nearest_dispatch_needs_whole_nodes(gpus, nodes):
+    with pytest.raises(ValueError, match=f"num_gpus \\({gpus}\\) is not a multiple of num_nodes"):
+        eplb.plan(W, 4 * gpus * 4, gpus, nodes, 1, dispatch="nearest")
+
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1, 2**70])
+def test_seed_out_of_range_is_named(seed):
+    with pytest.raises(ValueError, match="seed must be in"):
+        eplb.plan(W, 96, 16, seed=seed)
+
+
+def test_gpu_speed_lists_are_read_in_float64():
+    """A list of speeds is not squeezed through float32 (1e300 became inf, 1e-50 zero)."""
+    for first in (1e300, 1e-50):
+        speeds = [first] + [1.0] * 15
+        p = eplb.plan(W, 96, 16, gpu_speed=speeds)
+        assert p.balancedness(W, gpu_speed=speeds) > 0
+
+
+def test_previous_placement_of_another_shape_is_refused():
+    with pytest.raises(ValueError, match="slots would be read as other GPUs'"):
+        eplb.plan(W, 96, 16, previous=eplb.plan(W, 96, 8))
+    with pytest.raises(ValueError, match="previous placement has 32 experts"):
+        eplb.plan(W, 96, 16, previous=eplb.plan(W[:, :32], 96, 16))
+
+
+def test_nested_quantized_and_extended_precision_loads_are_refused_by_name():
+    nested = torch.nested.nested_tensor([W[0], W[1]])
+    with pytest.raises(TypeError, match="weight is a nested tensor"):
+        eplb.plan(nested, 96, 16)
+    quantized = torch.quantize_per_tensor(W, 1.0, 0, torch.quint8)
+    with pytest.raises(TypeError, match="weight is a quantized tensor"):
+        eplb.plan(quantized, 96, 16)
+    if np.dtype(np.longdouble).itemsize > 8:
+        with pytest.raises(TypeError, match="extended precision"):
+            eplb.plan(W.numpy().astype(np.longdouble), 96, 16)
+
+
+def test_big_endian_arrays_plan_like_native_ones():
+    native = W.double().numpy()
+    want = eplb.plan(native, 96, 16).phy2log
+    assert torch.equal(eplb.plan(native.astype(">f8"), 96, 16).phy2log, want)

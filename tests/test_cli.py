@@ -341,6 +341,17 @@ def test_demo_quick(capsys, tmp_path) -> None:
     assert_one_line_error(err)
 
 
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--steps", "0", "--steps must be >= 2, got 0"),
+    ("--seed", str(2**70), "seed must be in"),
+])
+def test_demo_refuses_bad_numbers_before_writing(capsys, tmp_path, flag, value, message) -> None:
+    code, _, err = run(capsys, "demo", "--quick", "--out", str(tmp_path / "d"), flag, value)
+    assert code == 2 and message in err
+    assert_one_line_error(err)
+    assert flag == "--seed" or not (tmp_path / "d").exists()
+
+
 def test_demo_full_default(capsys, tmp_path, monkeypatch) -> None:
     """The real ``eplb demo`` with its defaults (writes ./eplb-demo-report)."""
     monkeypatch.chdir(tmp_path)

@@ -24,6 +24,7 @@ from eplb.cli._common import (
 from eplb.cli._compare import HEADERS, Comparison, add_to_report, compare, describe
 from eplb.cli._inputs import read_trace
 from eplb.cli.sim import replay_windows
+from eplb.core.inputs import as_seed
 from eplb.tools.report import plot_balancedness_over_time
 
 
@@ -110,11 +111,15 @@ QUICK_LAYERS = 6
 
 def cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
+    steps = args.steps if args.steps is not None else (20 if args.quick else DEMO_STEPS)
+    if steps < 2:
+        raise CliError(f"--steps must be >= 2, got {steps}")
+    try:
+        as_seed(args.seed)
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"--seed: {exc}") from None
     report = None if args.no_report else prepare_report(args.out, args.force,
                                                         "eplb demo: DeepSeek-V3-shaped workload")
-    steps = args.steps or (20 if args.quick else DEMO_STEPS)
-    if steps < 2:
-        raise CliError("--steps must be >= 2")
     info(f"generating a DeepSeek-V3-shaped trace ({steps} steps) ...")
     trace = generated_trace("deepseek-v3", steps, args.seed)
     if args.quick:

@@ -21,12 +21,23 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
     """``value`` as a dense real (or integer) tensor on its own device; bools become int64."""
     if isinstance(value, torch.Tensor):
         tensor = value
+        if tensor.is_nested:
+            raise TypeError(f"{name} is a nested tensor; expected a dense [layers, experts] "
+                            f"tensor (torch.nested.to_padded_tensor makes one)")
+        if tensor.is_quantized:
+            raise TypeError(f"{name} is a quantized tensor ({tensor.dtype}); expected real "
+                            f"loads (tensor.dequantize() gives them)")
     elif isinstance(value, np.ndarray):
         if value.dtype.kind not in "biuf":
             raise TypeError(
                 f"{name} has numpy dtype {value.dtype}; expected a real or integer dtype"
             )
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        if value.dtype.kind == "f" and value.dtype.itemsize > 8:
+            raise TypeError(f"{name} has numpy dtype {value.dtype} (extended precision); "
+                            f"convert it to float64")
+        # torch reads native byte order only: a big-endian array is converted here
+        tensor = torch.from_numpy(np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="),
+                                                                    copy=False)))
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         try:
             tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
@@ -194,7 +205,15 @@ def as_gpu_speed(
     """``[P]`` float64 per-GPU values (speeds: each finite and > 0; with ``allow_zero``,
     e.g. token sources: >= 0 and not all zero)."""
     try:
-        tensor = torch.as_tensor(gpu_speed, device=device)
+        if isinstance(gpu_speed, torch.Tensor):
+            tensor = gpu_speed.to(device)
+        else:
+            # lists and arrays in float64 (torch would read a list as float32: 1e300 as
+            # inf, 1e-50 as 0); bools and complex numbers are refused below
+            array = np.asarray(gpu_speed)
+            if array.dtype.kind in "iuf":
+                array = array.astype(np.float64)
+            tensor = torch.as_tensor(array, device=device)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} must be a sequence of {num_gpus} numbers: {exc}") from None
     if tensor.shape != (num_gpus,):
@@ -267,3 +286,13 @@ def scale_rows_to_unit(weight: torch.Tensor) -> torch.Tensor:
     """
     _, exponent = torch.frexp(weight.amax(1, keepdim=True))
     return torch.ldexp(weight, 1 - exponent)
+
+
+def as_seed(seed: object) -> int:
+    """``seed`` as an int (Python or NumPy integers), else ``TypeError``; outside what
+    torch's generator takes, ``ValueError``."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if not -(2**63) <= int(seed) < 2**64:
+        raise ValueError(f"seed must be in [-2**63, 2**64), got {int(seed)}")
+    return int(seed)

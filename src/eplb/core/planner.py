@@ -20,7 +20,6 @@ import dataclasses
 import math
 import numbers
 
-import numpy as np
 import torch
 
 from eplb.core.dispatch import check_dispatch
@@ -29,6 +28,7 @@ from eplb.core.inputs import (
     as_gpu_speed,
     as_live_mask,
     as_routing,
+    as_seed,
     as_weight,
     scale_rows_to_unit,
     uniform_where_empty,
@@ -74,13 +74,6 @@ def as_slack(slack: object) -> float:
     ):
         raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
     return float(slack)
-
-
-def as_seed(seed: object) -> int:
-    """``seed`` as an int (Python or NumPy integers), else ``TypeError``."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    return int(seed)
 
 
 def check_dispatch_options(
@@ -159,6 +152,8 @@ def make_request(
                                       routing is not None)
     if dispatch == "nearest" and speed is not None:
         raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
+    if dispatch == "nearest" and topology.num_nodes > 1:
+        topology.gpus_per_node  # noqa: B018 - nearest dispatch needs whole nodes: raises
     slack = as_slack(slack)
     src = None
     if source is not None:

@@ -55,6 +55,17 @@ from eplb.online.nearest import plan_nearest_incremental
 
 def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
     """The placement in force as a validated ``[L, R]`` int64 host array."""
+    if isinstance(previous, Placement):
+        topo, theirs = request.topology, previous.topology
+        if (theirs.num_gpus, theirs.num_replicas) != (topo.num_gpus, topo.num_replicas):
+            raise ValueError(
+                f"previous placement is for {theirs.num_replicas} slots on {theirs.num_gpus} "
+                f"GPUs, this call for {topo.num_replicas} on {topo.num_gpus}: its slots would "
+                f"be read as other GPUs' (plan without previous=)"
+            )
+        if previous.num_experts != request.num_experts:
+            raise ValueError(f"previous placement has {previous.num_experts} experts, the "
+                             f"weight {request.num_experts}")
     old = previous.phy2log if isinstance(previous, Placement) else previous
     if not isinstance(old, torch.Tensor):
         try:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from eplb.core.inputs import as_gpu_speed, as_live_mask, as_routing
+from eplb.core.inputs import as_gpu_speed, as_live_mask, as_routing, as_seed
 from eplb.core.options import IncrementalOptions
-from eplb.core.planner import as_seed, as_slack, check_dispatch_options, resolve_options
+from eplb.core.planner import as_slack, check_dispatch_options, resolve_options
 from eplb.core.policies import POLICY_NAMES
 from eplb.core.topology import Topology
 from eplb.online.incremental import check_budget

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from eplb.core.inputs import as_seed
+
 #: latent strength and dimension fitted to the co-activation of the real traces (module
 #: docstring; ``benchmarks/bench_dispatch.py --fit-latent`` re-measures the match)
 LATENT_SCALE = 7.0
@@ -180,7 +182,7 @@ def sample_group_limited(
 ) -> torch.Tensor:
     """``[T, L, k]`` top-k ids of ``num_tokens`` tokens routed like DeepSeek-V3 from
     measured loads ``weight [L, E]`` (:func:`fit_router`, then :meth:`Router.sample`)."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(as_seed(seed))
     router = fit_router(weight, top_k, num_groups, topk_groups, latent_scale=latent_scale,
                         generator=gen)
     return router.sample(num_tokens, gen)

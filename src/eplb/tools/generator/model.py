@@ -63,6 +63,7 @@ from typing import Any
 
 import torch
 
+from eplb.core.inputs import as_seed
 from eplb.core.trace import LoadTrace
 from eplb.tools.generator.presets import (
     _DOMAIN_LATENT_RANK,
@@ -333,7 +334,7 @@ def generate_loads(
         tokens = 1000.0 * cfg.tokens_per_step
     if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or not tokens > 0:
         raise ValueError(f"tokens must be a positive number, got {tokens!r}")
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(as_seed(seed))
     model = _Model(shape, cfg, gen, sigma_override)
     pop = _cap_shares(_softmax(model.log_popularity(model.regime_latent(0), 0)), 1.0 / shape.top_k)
     return pop * (float(tokens) * shape.top_k)
@@ -442,7 +443,7 @@ def generate_trace(
     cfg = _config_for(shape, config, tokens_per_step=tokens_per_step)
     cfg = _regime_config(cfg, regime, steps, regime_period)
     cfg, sigma_override = _apply_sigma(cfg, sigma)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(as_seed(seed))
     model = _Model(shape, cfg, gen, sigma_override)
     L, E, k = shape.num_layers, shape.num_experts, shape.top_k
     S = cfg.requests_per_step
