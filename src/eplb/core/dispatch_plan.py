@@ -219,8 +219,13 @@ def spread_over_nodes(
     noise = torch.rand(max(starts - 1, 0), num_layers, num_live, generator=generator)
     where = torch.cat([first[None], noise.argsort(2).to(device)]).reshape(-1, num_live)
     conflict_all = conflict.repeat(max(starts, 1), 1, 1)
-    where, left = _kl_swaps(conflict_all, where, node_of_pos, num_nodes,
-                            2 * num_gpus if max_steps is None else max_steps)
+    # rows are independent: in chunks of at most _KL_CELLS conflict cells, so memory stays
+    # bounded (a search step holds a few [rows, B, B] temporaries) whatever L and P are
+    chunk = max(1, _KL_CELLS // max(1, num_live * num_live))
+    steps = 2 * num_gpus if max_steps is None else max_steps
+    done = [_kl_swaps(conflict_all[i : i + chunk], where[i : i + chunk], node_of_pos,
+                      num_nodes, steps) for i in range(0, len(where), chunk)]
+    where, left = torch.cat([d[0] for d in done]), torch.cat([d[1] for d in done])
     left = left.view(-1, num_layers)
     best = left.argmin(0)  # first on ties: the packing's own order
     rows = torch.arange(num_layers, device=device)
@@ -229,6 +234,10 @@ def spread_over_nodes(
     target = pos[where]  # [L, B] GPU each bin goes to
     out.scatter_(1, target[:, :, None].expand(-1, -1, slots), bins)
     return out.view(num_layers, num_slots), left[best, rows]
+
+
+#: conflict cells (rows × B × B) one Kernighan-Lin search holds at once
+_KL_CELLS = 1 << 24
 
 
 def _kl_swaps(
