@@ -16,6 +16,11 @@ Two kinds of candidates come from here:
   experts are dealt into them (:func:`fill_arrivals`), then the ladder refines the
   layer's nodes. A fresh plan of the layer would repack every node, moving most of its
   slots for the same groups.
+
+Both are scored here, as node rows (:func:`eplb.online.moves.gpu_moments` of each node
+row's GPUs, then :func:`eplb.online.moves.peak_of` over the layer's): the same numbers
+as scoring whole layers, for a fraction of the work, and only the chosen candidate of
+each layer is turned back into logical expert ids.
 """
 
 from __future__ import annotations
