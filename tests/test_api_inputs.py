@@ -186,6 +186,7 @@ def test_previous_placement_of_another_shape_is_refused():
         eplb.plan(W, 96, 16, previous=eplb.plan(W[:, :32], 96, 16))
 
 
+@pytest.mark.filterwarnings("ignore:.*(nested tensors|quantize).*:UserWarning")
 def test_nested_quantized_and_extended_precision_loads_are_refused_by_name():
     nested = torch.nested.nested_tensor([W[0], W[1]])
     with pytest.raises(TypeError, match="weight is a nested tensor"):
