@@ -214,32 +214,6 @@ def static_gpu_loads(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
     return loads.index_add_(1, gpu, scale_free(weight))
 
 
-def layer_balance(
-    gpu_loads: torch.Tensor, live: torch.Tensor | None = None, speed: torch.Tensor | None = None
-) -> tuple[torch.Tensor, float, float]:
-    """Balancedness of per-GPU loads ``[L, P]``.
-
-    Returns ``(per-layer [L], overall, worst max/mean)``. With ``speed [P]`` a GPU's time is
-    load / speed and the ideal is the total load over the live GPUs' total speed, so the
-    figure is still "ideal time / actual time" (1.0 = perfect).
-    """
-    loads = gpu_loads.to(torch.float64)
-    if live is not None:
-        loads = loads[:, live]
-        speed = None if speed is None else speed[live]
-    if speed is None:
-        ideal = loads.mean(1)
-        peak = loads.max(1).values
-    else:
-        ideal = loads.sum(1) / speed.sum()
-        peak = (loads / speed).max(1).values
-    per_layer = torch.where(peak > 0, ideal / peak.clamp(min=1e-300), torch.ones_like(ideal))
-    total = float(ideal.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
-    worst = float((peak / ideal.clamp(min=1e-300))[ideal > 0].max()) if bool((ideal > 0).any()) \
-        else 1.0
-    return per_layer, total, worst
-
-
 @dataclass
 class Ceiling:
     per_layer: torch.Tensor | None

@@ -10,12 +10,12 @@ from eplb.api import plan
 from eplb.cli._common import (
     Ceiling,
     ceiling,
-    layer_balance,
     static_gpu_loads,
     timed,
 )
 from eplb.cli._inputs import cli_policy
 from eplb.core import plan_greedy
+from eplb.core.placement import load_balance
 from eplb.tools.report import plot_gpu_heatmaps, plot_layer_balancedness
 
 NONE, GREEDY, EPLB = "no rebalancing", "reference greedy", "eplb"
@@ -107,20 +107,20 @@ def compare(
     policy = cli_policy(policy, num_replicas, num_gpus, num_nodes, num_groups, num_experts)
     results = []
     static = static_gpu_loads(weight, num_gpus)
-    per, total, worst = layer_balance(static)
+    per, total, worst = load_balance(static)
     results.append(PlannerResult(NONE, total, worst, None, per, static))
     if include_greedy:
         greedy, secs = timed(lambda: plan_greedy(weight, num_replicas, num_gpus, num_nodes,
                                                  num_groups, policy=policy), repeats)
         greedy.validate(anti_affinity=False)
         loads = greedy.gpu_loads(weight)
-        per, total, worst = layer_balance(loads)
+        per, total, worst = load_balance(loads)
         results.append(PlannerResult(GREEDY, total, worst, secs, per, loads))
     placement, secs = timed(lambda: plan(weight, num_replicas, num_gpus, num_nodes, num_groups,
                                               policy=policy, seed=seed), repeats)
     placement.validate()
     loads = placement.gpu_loads(weight)
-    per, total, worst = layer_balance(loads)
+    per, total, worst = load_balance(loads)
     results.append(PlannerResult(EPLB, total, worst, secs, per, loads))
     shape = {
         "layers": num_layers, "experts": num_experts, "replicas": num_replicas,

@@ -17,7 +17,6 @@ from eplb.cli._common import (
     existing_file,
     gpu_speed_from,
     info,
-    layer_balance,
     print_json,
     print_table,
     static_gpu_loads,
@@ -25,7 +24,7 @@ from eplb.cli._common import (
 )
 from eplb.cli._inputs import cli_policy, read_trace, warn
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
-from eplb.core.placement import Placement, PlacementError
+from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.formats import read_placement, read_placement_meta, read_routing, write_placement
 
 EMIT_BY_SUFFIX = {".yaml": "trtllm", ".yml": "trtllm", ".pt": "pt", ".json": "json"}
@@ -184,19 +183,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     num_model_layers=model_layers, force=args.force)
 
     live = placement.live_gpus()
-    _, before, before_worst = layer_balance(static_gpu_loads(weight, args.gpus))
+    _, before, before_worst = load_balance(static_gpu_loads(weight, args.gpus))
     after_loads = placement.gpu_loads(weight)
     if args.dispatch == "nearest" and args.nodes > 1:  # as SGLang's rule will realise it
         after_loads = realised_gpu_loads(weight, placement.phy2log, args.gpus, args.nodes,
                                          active_gpus=placement.active_gpus)
-    _, after, after_worst = layer_balance(after_loads, live, speed)
+    _, after, after_worst = load_balance(after_loads, live, speed)
     policy = placement.policy
     ceil = ceiling(weight, args.replicas, args.gpus, args.nodes, args.groups, policy,
                    active=placement.active_gpus, speed=speed is not None)
     moved = in_force = in_force_worst = None
     if previous is not None:
         moved = placement.moved_slots(previous)
-        _, in_force, in_force_worst = layer_balance(previous.gpu_loads(weight),
+        _, in_force, in_force_worst = load_balance(previous.gpu_loads(weight),
                                                     previous.live_gpus(), speed)
     summary = {
         "output": str(out),
@@ -377,7 +376,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     topo = placement.topology
     live = placement.live_gpus()
-    before_layer, before, before_worst = layer_balance(static_gpu_loads(weight, topo.num_gpus))
+    before_layer, before, before_worst = load_balance(static_gpu_loads(weight, topo.num_gpus))
     after_loads = placement.gpu_loads(weight)
     nearest = None
     if args.dispatch == "nearest":
@@ -386,7 +385,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     speed = gpu_speed_from(args.gpu_speed, topo.num_gpus)
     if speed is not None and args.dispatch == "nearest":
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest (as in plan)")
-    after_layer, after, after_worst = layer_balance(after_loads, live, speed)
+    after_layer, after, after_worst = load_balance(after_loads, live, speed)
     ceil = ceiling(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
                    placement.policy, active=placement.active_gpus, speed=speed is not None)
     static = static_gpu_loads(weight, topo.num_gpus)

@@ -92,6 +92,33 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     return table[:, :num_experts], logcnt
 
 
+def load_balance(
+    gpu_loads: torch.Tensor, live: torch.Tensor | None = None, speed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float, float]:
+    """Balancedness of per-GPU loads ``[L, P]`` over the ``live [P]`` GPUs.
+
+    Returns ``(per-layer [L], overall, worst max/mean)``. With ``speed [P]`` a GPU's time is
+    load / speed and the ideal is the total load over the live GPUs' total speed, so the
+    figure is still "ideal time / actual time" (1.0 = perfect).
+    """
+    loads = gpu_loads.to(torch.float64)
+    if live is not None:
+        loads = loads[:, live]
+        speed = None if speed is None else speed[live]
+    if speed is None:
+        ideal = loads.mean(1)
+        peak = loads.max(1).values
+    else:
+        speed = speed.to(device=loads.device, dtype=torch.float64)
+        ideal = loads.sum(1) / speed.sum()
+        peak = (loads / speed).max(1).values
+    per_layer = torch.where(peak > 0, ideal / peak.clamp(min=1e-300), torch.ones_like(ideal))
+    total = float(ideal.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
+    worst = float((peak / ideal.clamp(min=1e-300))[ideal > 0].max()) if bool((ideal > 0).any()) \
+        else 1.0
+    return per_layer, total, worst
+
+
 @dataclass(frozen=True, eq=False)
 class Placement:
     """One expert placement for every layer, plus the topology it was planned for.
@@ -194,18 +221,11 @@ class Placement:
 
         With equal GPUs that is Σ mean load / Σ max load. With ``gpu_speed [P]`` (as
         planned with ``eplb.plan(..., gpu_speed=)``) a GPU's time is its load over its
-        speed, and a layer's ideal time its load over the live GPUs' total speed."""
-        live = self.live_gpus()
-        if gpu_speed is None:
-            loads = self.gpu_loads(weight)[:, live]
-            ideal, peak = loads.mean(1), loads.max(1).values
-        else:
-            speed = as_gpu_speed(gpu_speed, self.topology.num_gpus, self.phy2log.device)
-            loads = self.gpu_loads(weight)[:, live]
-            speed = speed[live].to(loads.dtype)
-            ideal, peak = loads.sum(1) / speed.sum(), (loads / speed).max(1).values
-        total = float(peak.sum())
-        return float(ideal.sum()) / total if total > 0 else 1.0
+        speed, and a layer's ideal time its load over the live GPUs' total speed
+        (:func:`load_balance`)."""
+        speed = None if gpu_speed is None else as_gpu_speed(
+            gpu_speed, self.topology.num_gpus, self.phy2log.device)
+        return load_balance(self.gpu_loads(weight), self.live_gpus(), speed)[1]
 
     def moved_slots(self, previous: Placement | torch.Tensor) -> torch.Tensor:
         """``[L]`` number of slots whose expert differs from ``previous`` (weights to move)."""

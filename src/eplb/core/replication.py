@@ -81,6 +81,14 @@ def replica_counts(
     return torch.from_numpy(counts).to(weight.device)
 
 
+def _priority(
+    rule: float | str, load: np.ndarray, quota: np.ndarray, count: np.ndarray
+) -> np.ndarray:
+    """Priority of the step from ``count`` to ``count + 1`` replicas (module docstring):
+    ``w / (c + δ)`` for a divisor rule, ``q − c`` for Hamilton (``q = w·R / W``)."""
+    return quota - count if rule == "hamilton" else load / (count + float(rule))
+
+
 def _counts_by_table(
     w: np.ndarray, num_replicas: int, rules: tuple[float | str, ...], num_hot: int, steps: int
 ) -> np.ndarray:
@@ -109,14 +117,10 @@ def _counts_by_table(
     # gpt-oss shapes, it pays where it is 2× smaller for a portfolio of rules, 4× for one
     if (2 if len(rules) > 1 else 4) * width > num_hot * steps:
         # the caps save little: the full [K, steps] table, made by broadcasting
+        load, share = hot_load[:, :, None], quota[:, :, None]
         c = np.arange(1, steps + 1, dtype=np.float64)  # the count before the step
-        columns = []
-        for rule in rules:
-            if rule == "hamilton":
-                columns.append(quota[:, :, None] - c)
-            else:
-                columns.append(hot_load[:, :, None] / (c + float(rule)))
-        priorities = np.stack(columns).reshape(len(rules), rows, num_hot * steps)
+        priorities = np.stack([_priority(rule, load, share, c) for rule in rules]).reshape(
+            len(rules), rows, num_hot * steps)
         expert_at = np.repeat(hot_expert, steps, 1)
     else:
         # the table's entries, row by row, (hot expert, step) ascending: a ragged
@@ -127,12 +131,10 @@ def _counts_by_table(
         entry = np.arange(len(owner))
         c = (entry - np.repeat(np.cumsum(flat_cap) - flat_cap, flat_cap) + 1).astype(np.float64)
         column = entry - np.repeat(np.cumsum(length) - length, length)
+        load, share = hot_load[row_of, owner], quota[row_of, owner]
         priorities = np.full((len(rules), rows, width), -np.inf)
         for k, rule in enumerate(rules):
-            if rule == "hamilton":
-                priorities[k, row_of, column] = quota[row_of, owner] - c
-            else:
-                priorities[k, row_of, column] = hot_load[row_of, owner] / (c + float(rule))
+            priorities[k, row_of, column] = _priority(rule, load, share, c)
         expert_at = np.zeros((rows, width), np.int64)
         expert_at[row_of, column] = hot_expert[row_of, owner]
     granted = top_indices(priorities, num_extra)  # [rules, rows, R − E] columns
