@@ -27,13 +27,24 @@ A step can run out of ``--time-limit``; that layer's optimum is then unknown.
 SciPy) is a lower bound on the optimum for every layer, known or not; it costs seconds
 per layer (about 1.5 s at ``P = 144``, 12 s at ``P = 256``).
 
+**Wider neighbourhoods** (``--neighbourhood``, a diagnosis, not a planner): eplb's count
+search moves one replica per step, from a few donors to one of the two experts of the pair
+that sets the max. :func:`recount_search` runs steepest descent from the same start (the
+portfolio allocation with the smallest pairing max) over a wider set of moves, each
+scored exactly as eplb's search scores counts: ``critical-D`` (the critical pair's experts
+gain up to ``D`` replicas from any other expert), ``critical-D-both`` (or give them), and
+``all-D`` (any expert from any other). It tells what limits the search: the number of
+steps, or the moves it may make.
+
 Columns, per shape (layers sampled evenly, ``--layers`` per input, every input): the
 layers whose optimum is known; against it, for eplb's default (and each
-``--iterations`` variant of the S = 2 count search) the ratio of balancedness (mean of
-mean/max over those layers) and the worst layer; the reference's balancedness ratio; and
-eplb over the LP bound on every sampled layer (worst, mean).
+``--iterations`` variant of the S = 2 count search, and each ``--neighbourhood``) the
+ratio of balancedness (mean of mean/max over those layers) and the worst layer; the
+reference's balancedness ratio; and eplb over the LP bound on every sampled layer (worst,
+mean).
 
     python benchmarks/bench_two_slot_bound.py [--layers 6] [--only 58x256] [--iterations 4]
+        [--neighbourhood critical-3-both]
 """
 
 from __future__ import annotations
@@ -50,7 +61,17 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 import eplb
 from eplb.core.placement import slot_gpu_loads
-from eplb.core.small_slots import best_two_slot_max_load, pair_max, plan_two_slots
+from eplb.core.replication import replica_counts
+from eplb.core.small_slots import (
+    _expert_at,
+    _pair_max_x,
+    _scan,
+    best_two_slot_max_load,
+    pair_max,
+    plan_two_slots,
+)
+
+NEIGHBOURHOODS = ("critical-1", "critical-3", "critical-3-both", "all-1", "all-2")
 
 
 def _lp(w: np.ndarray, target: float, num_gpus: int) -> bool:
@@ -255,6 +276,60 @@ def exact_optimum(w: np.ndarray, num_gpus: int, upper: float, time_limit: float
     return upper
 
 
+def _scored(w: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(F [K], x [K, 2P], k [K])`` of count vectors ``counts [K, E]`` for one layer
+    ``w [E]``: the value eplb's count search minimises (the pairing max with the
+    straddling expert's self-pairs exchanged away), the sorted pieces, the critical pair."""
+    x = _scan(np.broadcast_to(w, counts.shape), counts)
+    value, k = _pair_max_x(x)
+    return value, x, k
+
+
+def recount_search(w: np.ndarray, counts: np.ndarray, num_gpus: int, name: str,
+                   most: int = 500) -> float:
+    """Steepest descent over replica counts for one layer ``w [E]`` from ``counts [E]``
+    in the neighbourhood ``name`` (module docstring); returns the value it stops at."""
+    parts = name.split("-")
+    everyone, step, both = parts[0] == "all", int(parts[1]), parts[-1] == "both"
+    num_experts = len(w)
+    top = min(num_gpus, 2 * num_gpus - num_experts + 1)
+    value, x, k = _scored(w, counts[None])
+    for _ in range(most):
+        if everyone:
+            receivers = np.arange(num_experts)
+        else:
+            ends = np.stack([k, x.shape[1] - 1 - k])[:, 0]
+            receivers = np.unique([_expert_at(w[None], counts[None], x, ends[i:i + 1])[0]
+                                   for i in range(2)])
+        signs = (1, -1) if both else (1,)
+        moves = [(r, d, s * size) for r in receivers for d in range(num_experts) if d != r
+                 for size in range(1, step + 1) for s in signs]
+        receiver, donor, size = (np.array(column) for column in zip(*moves, strict=True))
+        trial = np.repeat(counts[None], len(moves), 0)
+        rows = np.arange(len(moves))
+        trial[rows, receiver] += size
+        trial[rows, donor] -= size
+        legal = (trial.min(1) >= 1) & (trial.max(1) <= top)
+        if not legal.any():
+            break
+        trial = trial[legal]
+        values, xs, ks = _scored(w, trial)
+        best = int(values.argmin())
+        if not values[best] < value[0] * (1 - 1e-12):
+            break
+        keep = slice(best, best + 1)
+        counts, value, x, k = trial[best], values[keep], xs[keep], ks[keep]
+    return float(value[0])
+
+
+def _portfolio_start(w: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[E]`` the count search's start for one layer ``w [E]``: the default portfolio's
+    allocation with the smallest pairing max."""
+    rules = (0.0, -0.25, -0.5, -0.75, "hamilton")
+    every = replica_counts(torch.from_numpy(w[None]), 2 * num_gpus, rules).numpy()[:, 0]
+    return every[int(np.argmin(_scored(w, every)[0]))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=6, help="sampled layers per input")
@@ -265,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-lp", action="store_true", help="skip the LP bound")
     parser.add_argument("--iterations", type=int, action="append",
                         help="also plan with this many count-search iterations (repeatable)")
+    parser.add_argument("--neighbourhood", action="append", choices=NEIGHBOURHOODS,
+                        help="also run a steepest descent over these moves (repeatable; "
+                             "see the module docstring)")
     args = parser.parse_args(argv)
     try:
         import ortools  # noqa: F401  (the exact optimum's solver)
@@ -273,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     print(start("bench_two_slot_bound"))
     variants = [None, *(args.iterations or [])]
     names = ["eplb" if it is None else f"{it} iterations" for it in variants]
+    names += list(args.neighbourhood or [])
     print("\nMax GPU load over the mean, sampled layers. Against the optimum: the ratio of "
           "balancedness (mean of mean/max over the layers whose optimum is known), and the "
           "worst layer's optimum / max.\n")
@@ -302,15 +381,18 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 mean = w.sum() / gpus
                 upper = float(reference[layer]) / mean
-                optimum = exact_optimum(w / mean, gpus, upper, args.time_limit)
-                bound = np.nan if args.no_lp else lp_bound(w / mean, gpus, upper)
-                rows.append(([float(peak[layer]) / mean for peak in peaks], upper,
+                found = [recount_search(w / mean, _portfolio_start(w / mean, gpus), gpus, name)
+                         for name in args.neighbourhood or ()]
+                reachable = min([upper, *found])  # the solver starts below the best known
+                optimum = exact_optimum(w / mean, gpus, reachable, args.time_limit)
+                bound = np.nan if args.no_lp else lp_bound(w / mean, gpus, reachable)
+                rows.append(([float(peak[layer]) / mean for peak in peaks] + found, upper,
                              np.nan if optimum is None else optimum, bound))
         ours = np.array([row[0] for row in rows])  # [layers, variants]
         ref, optimum, bound = (np.array([row[i] for row in rows]) for i in (1, 2, 3))
         known = ~np.isnan(optimum)
         cells = []
-        for v in range(len(variants)):
+        for v in range(len(names)):
             peak = ours[known, v]
             cells.append(f"{np.sum(1 / peak) / np.sum(1 / optimum[known]):.5f}, "
                          f"{(optimum[known] / peak).min():.4f}" if known.any() else "–")
