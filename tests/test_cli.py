@@ -434,6 +434,25 @@ def test_eval_first_layer_scores_moe_rows_of_an_sglang_file(capsys, tmp_path, lo
     assert code == 2 and "0..1" in err
 
 
+def test_plan_previous_takes_the_loads_rows_of_an_sglang_file(capsys, tmp_path, loads) -> None:
+    # an SGLang file has a row per model layer; loads of the MoE layers are its rows 1..L
+    old = tmp_path / "old.sglang.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--first-layer", "1",
+               "-o", str(old))[0] == 0
+    base = ["plan", str(loads), "-r", str(R), "-g", str(P), "--previous", str(old)]
+    code, _, err = run(capsys, *base, "-o", str(tmp_path / "a.json"))
+    assert code == 2 and "--first-layer K" in err and "Traceback" not in err
+    code, text, err = run(capsys, *base, "--first-layer", "1", "-o", str(tmp_path / "b.json"))
+    assert code == 0, err
+    assert "moved 0 slots" in text  # the same loads: the placement in force stands
+    named = tmp_path / "named.json"  # loads that name their model layers: picked by id
+    named.write_text(json.dumps({"counts": np.load(loads).tolist(),
+                                 "layers": list(range(1, L + 1))}))
+    code, text, err = run(capsys, "plan", str(named), "-r", str(R), "-g", str(P),
+                          "--previous", str(old), "-o", str(tmp_path / "c.json"))
+    assert code == 0 and "moved 0 slots" in text, err
+
+
 def test_eval_gpu_speed_scores_time_not_load(capsys, tmp_path, loads) -> None:
     out = tmp_path / "p.json"
     speeds = "2,1,1,1"

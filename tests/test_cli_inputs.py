@@ -318,3 +318,24 @@ def test_an_output_that_cannot_be_created_names_the_output(capsys, tmp_path) -> 
     code, _, err = run(capsys, *plan_args(tmp_path / "l.npy", tmp_path, "-o", "/proc/x.json"))
     assert_user_error(code, err, "/proc/x.json")
     assert ".tmp" not in err
+
+
+def test_a_json_file_that_is_one_count_record_keeps_its_layer_ids(capsys, tmp_path) -> None:
+    # the README's {"counts": [[...]], "layers": [...]} record, as the whole file
+    rows = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps({"counts": rows, "layers": [3, 4]}))
+    assert read_loads(path).layer_ids == [3, 4]
+    out = tmp_path / "plan.json"
+    code, _, err = run(capsys, "plan", str(path), "-r", "4", "-g", "2", "-o", str(out))
+    assert code == 0, err
+    assert json.loads(out.read_text())["layer_ids"] == [3, 4]
+    path.write_text(json.dumps({"counts": rows, "layer_ids": [3]}))
+    code, _, err = run(capsys, "plan", str(path), "-r", "4", "-g", "2", "-o", str(out),
+                       "--force")
+    assert_user_error(code, err, "layer ids must be 2 integers")
+    # a record beside another array is one of two arrays: the key still chooses
+    path.write_text(json.dumps({"counts": rows, "layers": [3, 4], "other": rows}))
+    code, _, err = run(capsys, "plan", str(path), "-r", "4", "-g", "2", "-o", str(out),
+                       "--force")
+    assert_user_error(code, err, "--key")

@@ -164,6 +164,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 f"{recorded.num_gpus} GPUs; this plan is for {args.replicas} on {args.gpus}. "
                 "Slots would be read as other GPUs': plan without --previous"
             )
+        if previous.num_layers != num_layers:
+            # e.g. an SGLang file (a row per model layer) and loads of the MoE layers: the
+            # loads' own rows, picked as eval picks them
+            previous = _rows_of_loads(previous, trace, weight, args.first_layer,
+                                      f"--previous {args.previous}", f"loads {loads}")
         options["previous"] = previous
         _warn_revived(previous, active, args)
     options.update(_dispatch_options(args, weight))
@@ -319,14 +324,37 @@ def _dispatch_options(args: argparse.Namespace, weight: torch.Tensor) -> dict:
     return options
 
 
-def _placement_rows(placement: Placement, first: int, count: int,
-                    args: argparse.Namespace) -> Placement:
-    """Rows ``first .. first + count - 1`` of ``placement`` (``--first-layer``)."""
-    if first < 0 or first + count > placement.num_layers:
-        raise CliError(f"--first-layer {first}: the placement {args.placement} has "
-                       f"{placement.num_layers} rows, the loads {count}, so K must lie in "
-                       f"0..{max(placement.num_layers - count, 0)}")
-    return _select_rows(placement, list(range(first, first + count)))
+def _rows_of_loads(placement: Placement, trace, weight: torch.Tensor, first_layer: int | None,
+                   what: str, loads: str) -> Placement:
+    """The rows of ``placement`` that the loads' rows are (``eval``, ``plan --previous``).
+
+    ``--first-layer K``: rows ``K ..`` (the loads are the placement's rows from ``K``).
+    Loads that name their model layers, and a placement with a row per model layer (an
+    SGLang file): those rows. Otherwise the whole placement, whose shape must then be the
+    loads'. ``what`` and ``loads`` name the two in messages."""
+    ids = trace.meta.get("model_layer_ids") and list(trace.layer_ids)
+    rows = weight.shape[0]
+    if first_layer is not None:
+        if ids and ids != list(range(ids[0], ids[0] + len(ids))):
+            raise CliError(f"--first-layer K takes consecutive rows, but the loads are model "
+                           f"layers {ids}; leave it out and eplb picks those rows")
+        if first_layer < 0 or first_layer + rows > placement.num_layers:
+            raise CliError(f"--first-layer {first_layer}: {what} has {placement.num_layers} "
+                           f"rows, the loads {rows}, so K must lie in "
+                           f"0..{max(placement.num_layers - rows, 0)}")
+        placement = _select_rows(placement, list(range(first_layer, first_layer + rows)))
+    elif ids and placement.num_layers > len(ids) and max(ids) < placement.num_layers:
+        placement = _select_rows(placement, ids)
+    if weight.shape != (placement.num_layers, placement.num_experts):
+        hint = ""
+        if rows < placement.num_layers and weight.shape[1] == placement.num_experts:
+            hint = ("; if the loads are its rows K and on (e.g. the MoE layers of an SGLang "
+                    "file), pass --first-layer K")
+        raise CliError(
+            f"{loads} have {rows} layers × {weight.shape[1]} experts but {what} has "
+            f"{placement.num_layers} × {placement.num_experts}{hint}"
+        )
+    return placement
 
 
 def _select_rows(placement: Placement, rows: list[int]) -> Placement:
@@ -354,26 +382,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        "add --dispatch nearest (and --nodes N)")
     trace = read_trace(args.loads, args)
     weight = trace.total()
-    ids = trace.meta.get("model_layer_ids") and list(trace.layer_ids)
-    if args.first_layer is not None:
-        if ids and ids != list(range(ids[0], ids[0] + len(ids))):
-            raise CliError(f"--first-layer K takes consecutive rows, but the loads are model "
-                           f"layers {ids}; leave it out and eval picks those rows")
-        placement = _placement_rows(placement, args.first_layer, weight.shape[0], args)
-    elif ids and placement.num_layers > len(ids) and max(ids) < placement.num_layers:
-        # loads that name their model layers, a placement with a row per model layer (an
-        # SGLang file): score the loads' own rows
-        placement = _select_rows(placement, ids)
-    if weight.shape != (placement.num_layers, placement.num_experts):
-        hint = ""
-        if weight.shape[0] < placement.num_layers and weight.shape[1] == placement.num_experts:
-            hint = ("; if the loads are the placement's rows K and on (e.g. the MoE layers of "
-                    "an SGLang file), pass --first-layer K")
-        raise CliError(
-            f"loads {args.loads} have {weight.shape[0]} layers × {weight.shape[1]} experts but "
-            f"the placement {args.placement} has {placement.num_layers} × "
-            f"{placement.num_experts}{hint}"
-        )
+    placement = _rows_of_loads(placement, trace, weight, args.first_layer,
+                               f"the placement {args.placement}", f"loads {args.loads}")
     topo = placement.topology
     live = placement.live_gpus()
     before_layer, before, before_worst = load_balance(static_gpu_loads(weight, topo.num_gpus))

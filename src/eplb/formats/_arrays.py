@@ -20,6 +20,10 @@ _MAX_DEPTH = 8  # deeper objects are not searched for arrays
 _SHOWN = 12  # names listed in an error message
 
 
+#: the fields of a count record (``layers`` and ``layer_ids`` are the same thing)
+_RECORD_FIELDS = {"counts", "layers", "layer_ids"}
+
+
 def _is_record(value: Any) -> bool:
     return isinstance(value, dict) and isinstance(value.get("counts"), list)
 
@@ -50,6 +54,9 @@ def pick_array(
 ) -> tuple[str, Any, list[Any] | None]:
     """``(name, array, layer ids or None)`` of the array ``key`` names in ``obj`` (the only
     one when ``key`` is ``None``). Raises :class:`FormatError` listing the names."""
+    if key is None and _is_record(obj) and set(obj) <= _RECORD_FIELDS:
+        # the whole file is one count record: {"counts": [...], "layers": [...]}
+        return "counts", obj["counts"], obj.get("layer_ids", obj.get("layers"))
     names = array_names(obj)
     if key is None:
         if len(names) != 1:
