@@ -71,7 +71,8 @@ from eplb.core.small_slots import (
     plan_two_slots,
 )
 
-NEIGHBOURHOODS = ("critical-1", "critical-3", "critical-1-both", "critical-3-both", "all-1", "all-2")
+NEIGHBOURHOODS = ("critical-1", "critical-3", "critical-1-both", "critical-3-both", "all-1",
+                  "all-2")
 
 
 def _lp(w: np.ndarray, target: float, num_gpus: int) -> bool:

@@ -453,6 +453,18 @@ def test_plan_previous_takes_the_loads_rows_of_an_sglang_file(capsys, tmp_path, 
     assert code == 0 and "moved 0 slots" in text, err
 
 
+def test_sglang_output_on_several_nodes_names_the_dispatch_rule(capsys, tmp_path, loads) -> None:
+    base = ["plan", str(loads), "-r", str(R), "-g", str(P), "--nodes", "2", "--groups", "4",
+            "--first-layer", "0", "--num-model-layers", str(L)]
+    code, _, err = run(capsys, *base, "-o", str(tmp_path / "a.sglang.json"))
+    assert code == 0 and "plan with --dispatch nearest" in err, err
+    code, _, err = run(capsys, *base, "--policy", "global", "--dispatch", "nearest",
+                       "-o", str(tmp_path / "b.sglang.json"))
+    assert code == 0 and "--dispatch nearest" not in err, err
+    code, _, err = run(capsys, *base[:10], "-o", str(tmp_path / "c.json"))  # not for SGLang
+    assert code == 0 and "--dispatch nearest" not in err, err
+
+
 def test_eval_gpu_speed_scores_time_not_load(capsys, tmp_path, loads) -> None:
     out = tmp_path / "p.json"
     speeds = "2,1,1,1"

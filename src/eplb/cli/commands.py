@@ -145,6 +145,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
                  "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
                  "if your model's MoE layers start later")
 
+    if emit == "sglang" and args.nodes > 1 and args.dispatch != "nearest":
+        warn("SGLang's --ep-dispatch-algorithm static (with DeepEP) sends a token to the "
+             "nearest replica, not evenly over replicas: for it, plan with --dispatch nearest "
+             "(--policy global or locality); this plan is for an even split (SGLang's "
+             "dynamic dispatch)")
     active = active_gpus_from(args.dead_gpus, args.gpus)
     speed = gpu_speed_from(args.gpu_speed, args.gpus)
     options: dict = {}
