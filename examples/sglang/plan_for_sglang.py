@@ -10,14 +10,22 @@ topology below is DeepSeek-V3 at EP32: 288 slots, 32 GPUs, 4 nodes, 8 expert gro
 import sys
 
 import eplb
+from eplb.core.dispatch import realised_gpu_loads
 from eplb.formats import read_loads, write_placement
 
 loads_path, out_path = sys.argv[1], sys.argv[2]
 trace = read_loads(loads_path).drop_empty_layers()  # DeepSeek's dense layers 0-2 are empty
 weight = trace.counts.sum(0)  # [L, E]: sum of the recorded steps
-placement = eplb.plan(weight, 288, 32, num_nodes=4, num_groups=8)
+# SGLang's static dispatch (--ep-dispatch-algorithm static, as with DeepEP) sends a token
+# to the nearest replica: plan for that rule (for its dynamic dispatch, an even split,
+# leave out policy= and dispatch=)
+placement = eplb.plan(weight, 288, 32, num_nodes=4, num_groups=8, policy="global",
+                      dispatch="nearest")
 placement.validate()
 # SGLang wants a row for every model layer: dense layers get its trivial map
 write_placement(placement, out_path, emit="sglang", layer_ids=trace.layer_ids)
-print(f"balancedness {placement.balancedness(weight):.4f}; wrote {out_path}")
-print(f"start SGLang with: --ep-num-redundant-experts 32 --init-expert-location {out_path}")
+served = realised_gpu_loads(weight, placement.phy2log, 32, 4)  # [L, P] as SGLang sends tokens
+balance = float(served.mean(1).sum() / served.amax(1).sum())
+print(f"balancedness under SGLang's static dispatch {balance:.4f}; wrote {out_path}")
+print(f"start SGLang with: --ep-dispatch-algorithm static --ep-num-redundant-experts 32 "
+      f"--init-expert-location {out_path}")

@@ -17,10 +17,13 @@ curl -X POST http://127.0.0.1:30000/dump_expert_distribution_record
 #    -> /tmp/eplb_dump/expert_distribution_recorder_<time>.pt (rank 0 writes it)
 
 # 2. Plan: eplb reads the dump directly; --emit sglang writes --init-expert-location JSON.
+#    SGLang's static dispatch sends a token to the nearest replica: plan for that rule
+#    (with --ep-dispatch-algorithm dynamic, an even split, drop --policy/--dispatch).
 eplb plan /tmp/eplb_dump/expert_distribution_recorder_*.pt \
-  -r 288 -g 32 --nodes 4 --groups 8 --emit sglang -o placement.sglang.json
+  -r 288 -g 32 --nodes 4 --groups 8 --policy global --dispatch nearest \
+  --emit sglang -o placement.sglang.json
 
 # 3. Launch on eplb's placement (slots per GPU = 288 / 32 = 9).
-python -m sglang.launch_server $COMMON \
+python -m sglang.launch_server $COMMON --ep-dispatch-algorithm static \
   --ep-num-redundant-experts 32 \
   --init-expert-location placement.sglang.json
