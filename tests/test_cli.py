@@ -465,6 +465,17 @@ def test_sglang_output_on_several_nodes_names_the_dispatch_rule(capsys, tmp_path
     assert code == 0 and "--dispatch nearest" not in err, err
 
 
+def test_dead_gpus_name_the_live_topology_for_an_engine_and_refuse_repeats(capsys, tmp_path,
+                                                                           loads) -> None:
+    base = ["plan", str(loads), "-r", "24", "-g", str(P), "--first-layer", "0"]
+    code, _, err = run(capsys, *base, "--dead-gpus", "1,1", "-o", str(tmp_path / "a.json"))
+    assert code == 2 and "names GPU 1 twice" in err
+    code, _, err = run(capsys, *base, "--dead-gpus", "1", "-o", str(tmp_path / "b.yaml"))
+    assert code == 2 and "-g 3 -r 18, 6 slots per GPU" in err, err  # 16 experts on 3 GPUs
+    assert run(capsys, "plan", str(loads), "-r", "18", "-g", "3", "-o",
+               str(tmp_path / "b.yaml"))[0] == 0
+
+
 def test_eval_gpu_speed_scores_time_not_load(capsys, tmp_path, loads) -> None:
     out = tmp_path / "p.json"
     speeds = "2,1,1,1"

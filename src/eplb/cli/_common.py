@@ -161,6 +161,9 @@ def active_gpus_from(dead: str | None, num_gpus: int) -> torch.Tensor | None:
     bad = [g for g in ids if not 0 <= g < num_gpus]
     if bad:
         raise CliError(f"--dead-gpus: GPU {bad[0]} is outside 0..{num_gpus - 1}")
+    twice = sorted({g for g in ids if ids.count(g) > 1})
+    if twice:  # a typo for another GPU, most likely: do not guess which
+        raise CliError(f"--dead-gpus names GPU {twice[0]} twice")
     mask = torch.ones(num_gpus, dtype=torch.bool)
     mask[ids] = False
     if not bool(mask.any()):

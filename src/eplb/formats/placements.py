@@ -98,11 +98,16 @@ def write_placement(
     ids = _layer_ids(layer_ids, placement.num_layers)
     if emit in ("sglang", "trtllm") and bool((placement.phy2log < 0).any()):
         dead = (~placement.live_gpus()).nonzero().flatten().tolist()
+        topo = placement.topology
+        live = topo.num_gpus - len(dead)
+        # the smallest slot count per live GPU that still holds every expert
+        slots = max(topo.slots_per_gpu, -(-placement.num_experts // live))
         raise ValueError(
             f"{emit} cannot express empty slots, but GPUs {dead} are dead (their slots hold -1). "
-            "Plan for the live GPUs only (a smaller topology) before emitting an engine "
-            "format, or write eplb's own format, which keeps dead GPUs (emit='json'/'pt'; "
-            "CLI: --emit json/pt or an OUT ending .json/.pt)"
+            f"Plan for the {live} live GPUs only before emitting an engine format (e.g. CLI: "
+            f"-g {live} -r {live * slots}, {slots} slots per GPU) and restart the engine on "
+            "them; or write eplb's own format, which keeps dead GPUs "
+            "(emit='json'/'pt'; CLI: --emit json/pt or an OUT ending .json/.pt)"
         )
     if emit == "sglang":
         num_rows = _sglang_num_rows(ids, num_model_layers)
