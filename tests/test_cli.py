@@ -488,6 +488,22 @@ def test_eval_gpu_speed_scores_time_not_load(capsys, tmp_path, loads) -> None:
     assert timed["balancedness_ceiling"] is None
 
 
+def test_before_is_scored_in_time_too_with_gpu_speeds(capsys, tmp_path, loads) -> None:
+    # "before" and "after" are one measure: ideal time / actual time of each GPU
+    speeds = "2,1,1,1"
+    # no rebalancing: experts in order, E / P per GPU; time = load / speed
+    gpu = torch.from_numpy(np.load(loads)).reshape(L, P, E // P).sum(2)
+    speed = torch.tensor([2.0, 1.0, 1.0, 1.0])
+    expected = float((gpu.sum(1) / speed.sum()).sum() / (gpu / speed).amax(1).sum())
+    out = tmp_path / "p.json"
+    planned = json.loads(run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P),
+                             "--gpu-speed", speeds, "-o", str(out), "--json")[1])
+    scored = json.loads(run(capsys, "eval", "--placement", str(out), str(loads), "--json",
+                            "--gpu-speed", speeds)[1])
+    assert planned["balancedness_before"] == pytest.approx(expected, rel=1e-12)
+    assert scored["balancedness_before"] == pytest.approx(expected, rel=1e-12)
+
+
 def test_first_layer_beyond_any_model_is_refused(capsys, tmp_path, loads) -> None:
     code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--first-layer",
                        "100000000", "-o", str(tmp_path / "p.sglang.json"))

@@ -193,7 +193,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                     num_model_layers=model_layers, force=args.force)
 
     live = placement.live_gpus()
-    _, before, before_worst = load_balance(static_gpu_loads(weight, args.gpus))
+    # no rebalancing, scored as the plan is (in time where GPU speeds are given)
+    _, before, before_worst = load_balance(static_gpu_loads(weight, args.gpus), None, speed)
     after_loads = placement.gpu_loads(weight)
     if args.dispatch == "nearest" and args.nodes > 1:  # as SGLang's rule will realise it
         after_loads = realised_gpu_loads(weight, placement.phy2log, args.gpus, args.nodes,
@@ -391,7 +392,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                f"the placement {args.placement}", f"loads {args.loads}")
     topo = placement.topology
     live = placement.live_gpus()
-    before_layer, before, before_worst = load_balance(static_gpu_loads(weight, topo.num_gpus))
     after_loads = placement.gpu_loads(weight)
     nearest = None
     if args.dispatch == "nearest":
@@ -400,6 +400,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     speed = gpu_speed_from(args.gpu_speed, topo.num_gpus)
     if speed is not None and args.dispatch == "nearest":
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest (as in plan)")
+    # no rebalancing, scored as the placement is (in time where GPU speeds are given)
+    before_layer, before, before_worst = load_balance(static_gpu_loads(weight, topo.num_gpus),
+                                                      None, speed)
     after_layer, after, after_worst = load_balance(after_loads, live, speed)
     ceil = ceiling(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
                    placement.policy, active=placement.active_gpus, speed=speed is not None)
