@@ -285,6 +285,19 @@ def test_generate_round_trips_through_read_loads(trace_file) -> None:
     assert tuple(trace.counts.shape) == (40, 32, 8)
 
 
+@pytest.mark.parametrize("name", ["t.npz", "t.npy", "t.json", "t.sglang"])
+def test_generate_writes_every_trace_format_plan_reads(capsys, tmp_path, trace_file,
+                                                       name) -> None:
+    from eplb.formats import read_loads
+
+    path = tmp_path / name
+    extra = ["--format", "sglang"] if name.endswith(".sglang") else []
+    code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "40", "-o",
+                       str(path), "-q", *extra)
+    assert code == 0, err
+    assert torch.equal(read_loads(path).counts, read_loads(trace_file).counts)
+
+
 def test_generate_list_and_errors(capsys, tmp_path) -> None:
     code, out, _ = run(capsys, "generate", "--list")
     assert code == 0 and "deepseek-v3" in out

@@ -243,7 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
              "Each rebalance plans on the last --window steps; the placement is then scored\n"
              "on the following steps until the next rebalance (--interval steps later).\n"
              "--protocol adrs: sum --window steps per window, plan on window i, score on i+1.")
-    p.add_argument("trace", metavar="TRACE", help="load trace [T, L, E] (any format eplb reads)")
+    p.add_argument("trace", metavar="TRACE",
+                   help="load trace [T, L, E]: one file in any format eplb reads, or a folder "
+                        "of SGLang dumps (steps one after another)")
     add_input_options(p, "TRACE")
     p.add_argument("--window", type=int, required=True, metavar="W", help="steps per window")
     p.add_argument("--interval", type=int, default=None, metavar="I",
@@ -280,8 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", metavar="FILE", help="trace file to write")
     p.add_argument("--format", default=None, metavar="FMT",
-                   choices=["pt", "npz", "load_history", "vllm-history", "sglang"],
-                   help="trace format to write: pt, npz, load_history (= vllm-history), sglang")
+                   choices=["pt", "npz", "npy", "load_history", "vllm-history", "sglang"],
+                   help="trace format to write: pt, npz, npy, load_history (= vllm-history), "
+                        "sglang (default: from FILE's name)")
     p.add_argument("--force", action="store_true", help="overwrite FILE if it exists")
     p.add_argument("--list", action="store_true", help="list the presets and exit")
     p.add_argument("--json", action="store_true", help="print a JSON summary")

@@ -178,7 +178,7 @@ def _simulation_report(report, args, results, trace) -> None:
 
 # ------------------------------------------------------------------------ generate
 
-TRACE_FORMAT_BY_SUFFIX = {".pt": "pt", ".json": "vllm-history", ".npz": "npz"}
+TRACE_FORMAT_BY_SUFFIX = {".pt": "pt", ".json": "vllm-history", ".npz": "npz", ".npy": "npy"}
 TRACE_FORMAT_ALIASES = {"load_history": "vllm-history"}
 
 
@@ -188,8 +188,8 @@ def trace_format(path: Path, fmt: str | None) -> str:
         return TRACE_FORMAT_ALIASES.get(fmt, fmt)
     fmt = TRACE_FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
-        raise CliError(f"cannot tell the trace format from {path.name!r}; use .pt, .json or "
-                       ".npz, or pass --format")
+        raise CliError(f"cannot tell the trace format from {path.name!r}; use .pt, .json, "
+                       ".npz or .npy, or pass --format")
     return fmt
 
 

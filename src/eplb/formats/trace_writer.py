@@ -14,7 +14,7 @@ from eplb.core.trace import LoadTrace
 from eplb.formats._files import atomic_write, check_writable
 
 #: Formats ``write_loads`` can write (each is a ``read_loads`` format).
-TRACE_EMITS: tuple[str, ...] = ("pt", "npz", "vllm-history", "sglang")
+TRACE_EMITS: tuple[str, ...] = ("pt", "npz", "npy", "vllm-history", "sglang")
 
 
 def write_loads(
@@ -23,8 +23,9 @@ def write_loads(
     """Write ``trace.counts [T, L, E]`` to ``path``; return the path.
 
     ``"pt"`` / ``"npz"`` keep ``counts`` and ``layer_ids`` (``read_loads`` restores both);
-    ``"vllm-history"`` (ADRS JSON, written step by step) and ``"sglang"``
-    (``{"logical_count": [T][L][E]}``) are the engines' own layouts and drop the layer ids.
+    ``"npy"`` is the bare ``[T, L, E]`` array; ``"vllm-history"`` (ADRS JSON, written step by
+    step) and ``"sglang"`` (``{"logical_count": [T][L][E]}``) are the engines' own layouts.
+    The last three drop the layer ids.
     Integer-valued counts are stored as integers. Refuses to overwrite unless ``force``.
     """
     path = Path(path)
@@ -46,6 +47,8 @@ def write_loads(
             path, lambda f: np.savez(f, counts=counts.numpy(), layer_ids=layer_ids.numpy()), "wb",
             force=force,
         )
+    elif format == "npy":
+        atomic_write(path, lambda f: np.save(f, counts.numpy()), "wb", force=force)
     elif format == "sglang":
         doc = {"logical_count": counts.tolist()}
         atomic_write(path, lambda f: json.dump(doc, f), "w", force=force)

@@ -8,8 +8,9 @@ step with the placement in force at that step:
 - **per-window balancedness**: the same for the counts summed over consecutive scoring
   windows of ``score_window`` steps (GPU loads are linear in the counts, so windows
   spanning a plan switch are scored exactly);
-- **oracle ceiling per window**: balancedness of the plan the same planner makes from the
-  scored window itself (from scratch): what a clairvoyant engine would get;
+- **oracle per window**: balancedness of the plan the same planner makes from the
+  scored window itself (from scratch): what a clairvoyant engine would get with that
+  planner (not a bound on every planner; :mod:`eplb.core.bounds` gives that);
 - **per rebalance**: planning seconds, slots whose expert changed
   (:meth:`Placement.moved_slots`) and the bytes that moves (``expert_bytes`` per slot).
 
