@@ -10,7 +10,7 @@ topology below is DeepSeek-V3 at EP32: 288 slots, 32 GPUs, 4 nodes, 8 expert gro
 import sys
 
 import eplb
-from eplb.core.dispatch import realised_gpu_loads
+from eplb.core import realised_gpu_loads
 from eplb.formats import read_loads, write_placement
 
 loads_path, out_path = sys.argv[1], sys.argv[2]

@@ -15,6 +15,7 @@ from eplb.core.bounds import (
     layer_lower_bound,
     placement_scores,
 )
+from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.options import IncrementalOptions, PackingOptions, PlanOptions
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh
@@ -41,6 +42,8 @@ __all__ = [
     "placement_scores",
     "plan_fresh",
     "plan_greedy",
+    "realised_gpu_loads",
     "rebalance_experts_greedy",
+    "remote_nodes_per_token",
     "resolve_policy",
 ]

@@ -1,0 +1,93 @@
+"""What the slow options cost: time and peak memory of the calls the README warns about.
+
+- ``dispatch="nearest"`` (global policy, ``fair="avoid"``): its node-labelling search
+  grows about as ``L·P³``; timed at DeepSeek-V3's size and on 512 GPUs;
+- ``eplb.tools.routing.sample_group_limited``: fitting the router to the loads, at
+  DeepSeek-V3's size (1024 tokens).
+
+Each case runs in a fresh interpreter (one torch thread) so that its peak resident memory
+(``ru_maxrss``) is its own; the time is the median of ``--repeats`` calls after one
+warm-up call. Loads: the real DeepSeek-V3 dump ``prefill_in4096`` where present (else
+generated DeepSeek-V3-like loads), generated loads for the large shape.
+
+    python benchmarks/bench_costs.py [--repeats 3] [--skip-large]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+from _harness import DEEPSEEK_DIR, markdown_table, start
+
+CASES = {
+    "nearest-deepseek": "eplb.plan(w, 288, 32, 4, 8, policy='global', dispatch='nearest')",
+    "nearest-512": "eplb.plan(w, 4096, 512, 64, 64, policy='global', dispatch='nearest')",
+    "sample-group-limited": "sample_group_limited(w, 1024)",
+}
+SHAPES = {"nearest-deepseek": (58, 256), "nearest-512": (1, 2048),
+          "sample-group-limited": (58, 256)}
+
+WORKER = """
+import json, resource, statistics, sys, time
+import torch
+torch.set_num_threads(1)
+import eplb
+from eplb.tools.generator import generate_loads
+from eplb.tools.routing import sample_group_limited
+layers, experts, real, repeats = {layers}, {experts}, {real!r}, {repeats}
+if real:
+    counts = json.load(open(real))["logical_count"]
+    w = torch.tensor(counts, dtype=torch.float64)[3:]
+else:
+    w = generate_loads("deepseek-v3", seed=0, num_layers=layers, num_experts=experts)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times = []
+for _ in range(repeats + 1):
+    begin = time.perf_counter()
+    {call}
+    times.append(time.perf_counter() - begin)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"s": statistics.median(times[1:]), "first_s": times[0],
+                   "extra_mib": (peak - base) / 1024, "peak_mib": peak / 1024}}))
+"""
+
+
+def run_case(name: str, repeats: int) -> dict:
+    layers, experts = SHAPES[name]
+    real = DEEPSEEK_DIR / "prefill_in4096.json"
+    use_real = experts == 256 and real.is_file()
+    code = WORKER.format(layers=layers, experts=experts, repeats=repeats,
+                         real=str(real) if use_real else "", call=CASES[name])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["loads"] = "real" if use_real else "synthetic"
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-large", action="store_true", help="leave out the 512-GPU case")
+    args = parser.parse_args(argv)
+    print(start("bench_costs"))
+    rows = []
+    for name in CASES:
+        if args.skip_large and name == "nearest-512":
+            continue
+        result = run_case(name, args.repeats)
+        layers, experts = SHAPES[name]
+        rows.append([name, f"{layers}×{experts}", result["loads"], f"{result['s']:.2f}",
+                     f"{result['s'] / layers:.3f}", f"{result['first_s']:.2f}",
+                     f"{result['extra_mib']:.0f}", f"{result['peak_mib']:.0f}"])
+        print(f"{name}: {result}", file=sys.stderr, flush=True)
+    print(markdown_table(["case", "L×E", "loads", "s (median)", "s per layer",
+                          "first call s", "extra peak MiB", "peak MiB"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
