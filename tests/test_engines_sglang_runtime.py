@@ -312,6 +312,10 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
     ({"SGLANG_PLUGINS": "other"}, ["--enable-eplb"], "does not name 'eplb'"),
     ({}, ["--eplb-options", "[1]", "--enable-eplb"], "must be a JSON object"),
     ({}, ["--eplb-options", '{"bogus": 1}', "--enable-eplb"], "unknown option"),
+    # the flag the user typed is named, not the variable the launcher passes it through
+    ({}, ["--eplb-options", '{"max_moves": "x"}', "--enable-eplb"], "--eplb-options: max_moves"),
+    ({"SGLANG_EPLB_OPTIONS": '{"max_moves": "x"}'}, ["--enable-eplb"],
+     "SGLANG_EPLB_OPTIONS: max_moves"),
 ])
 def test_launcher_refuses_what_would_not_work(monkeypatch, capsys, env, args, message):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)

@@ -78,7 +78,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 ids = [i for i, k in zip(trace.layer_ids, keep.tolist(), strict=True) if k]
                 replicas, gpus = default_shape(weight.shape[1], args.gpus, args.replicas)
                 check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1])
-                c = compare(Path(job).name, weight, replicas, gpus, args.nodes, args.groups,
+                name = Path(job).name
+                dropped = int((~keep).sum())
+                if dropped:  # plan counts them (an even placement); say why the counts differ
+                    name += f" ({dropped} all-zero rows left out)"
+                c = compare(name, weight, replicas, gpus, args.nodes, args.groups,
                             policy=args.policy, seed=args.seed, repeats=args.repeats,
                             layer_ids=ids)
             comparisons.append(c)

@@ -373,7 +373,8 @@ def _topology(
 ) -> Topology:
     if num_gpus is None:
         raise ValueError(
-            f"{path}: a {engine} placement does not record the number of GPUs; give the EP "
+            f"{path}: {'an' if engine.startswith('S') else 'a'} {engine} placement does not "
+            "record the number of GPUs; give the EP "
             f"size with num_gpus= (CLI: -g/--gpus; {num_slots} slots must divide evenly)"
         )
     try:

@@ -72,19 +72,25 @@ _ANNOUNCED = False
 def options_from_env(environ: Any = None) -> dict[str, Any]:
     """Options from ``$SGLANG_EPLB_OPTIONS`` (a JSON object), ``{}`` when unset."""
     env = os.environ if environ is None else environ
-    options = options_from_json(OPTIONS_ENV_VAR, env.get(OPTIONS_ENV_VAR, ""))
+    return _checked_options(env.get(OPTIONS_ENV_VAR, ""), OPTIONS_ENV_VAR)
+
+
+def _checked_options(text: str, source: str) -> dict[str, Any]:
+    """Planner options from JSON ``text``; errors name ``source`` (where the text came from:
+    the environment variable, or the launcher's ``--eplb-options``)."""
+    options = options_from_json(source, text)
     unknown = sorted(set(options) - PLANNER_OPTIONS)
     if unknown:
-        raise ValueError(f"{OPTIONS_ENV_VAR}: unknown option(s) {unknown}; "
+        raise ValueError(f"{source}: unknown option(s) {unknown}; "
                          f"allowed: {sorted(PLANNER_OPTIONS)}")
     if options.get("policy") == "locality":
-        raise ValueError(f"{OPTIONS_ENV_VAR}: policy 'locality' is not served through SGLang's "
+        raise ValueError(f"{source}: policy 'locality' is not served through SGLang's "
                          "rebalancing hook yet: use 'auto', 'global' or 'hierarchical', or "
                          "plan a locality placement with `eplb plan` for --init-expert-location")
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
         check_option_values(options)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{OPTIONS_ENV_VAR}: {exc}") from None
+        raise ValueError(f"{source}: {exc}") from None
     return options
 
 
@@ -260,14 +266,16 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] in (["-h"], ["--help"]) or not args:
         print(USAGE)
         return 0 if args else 2
+    source = OPTIONS_ENV_VAR
     if args[0] == "--eplb-options":
         if len(args) < 2:
             print("eplb: --eplb-options needs a JSON object", file=sys.stderr)
             return 2
-        os.environ[OPTIONS_ENV_VAR] = args[1]
+        os.environ[OPTIONS_ENV_VAR] = args[1]  # SGLang's processes read it from there
+        source = "--eplb-options"
         args = args[2:]
     try:
-        options = options_from_env()
+        options = _checked_options(os.environ.get(OPTIONS_ENV_VAR, ""), source)
     except ValueError as exc:
         print(f"eplb: {exc}", file=sys.stderr)
         return 2
