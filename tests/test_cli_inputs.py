@@ -339,3 +339,39 @@ def test_a_json_file_that_is_one_count_record_keeps_its_layer_ids(capsys, tmp_pa
     code, _, err = run(capsys, "plan", str(path), "-r", "4", "-g", "2", "-o", str(out),
                        "--force")
     assert_user_error(code, err, "--key")
+
+
+def test_sizes_from_one_number_are_bounded_and_named(capsys, tmp_path) -> None:
+    # each of these once sized an allocation of gigabytes from one number in the input
+    rows = [[1, 2, 3, 4], [4, 3, 2, 1]]
+    loads = tmp_path / "w.json"
+    loads.write_text(json.dumps(rows))
+    code, _, err = run(capsys, "plan", str(loads), "-r", "8", "-g", "4", "--first-layer", "3",
+                       "--num-model-layers", "100000000", "-o", str(tmp_path / "x.sglang.json"))
+    assert_user_error(code, err, "--num-model-layers", "1..4096")
+    code, _, err = run(capsys, "plan", str(loads), "-r", "8", "-g", "4", "--first-layer", "4095",
+                       "-o", str(tmp_path / "x.yaml"))
+    assert_user_error(code, err, "--first-layer 4095", "layer 4096")
+    huge = tmp_path / "huge.npz"
+    np.savez(huge, counts=np.array([rows]), layer_ids=np.array([3, 100_000_000]))
+    code, _, err = run(capsys, "plan", str(huge), "-r", "8", "-g", "4",
+                       "-o", str(tmp_path / "o.sglang.json"))
+    assert_user_error(code, err, "huge.npz", "layer id 100000000 is outside 0..4095")
+    code, _, err = run(capsys, "generate", "--preset", "deepseek-v3", "--steps", "200000",
+                       "-o", str(tmp_path / "g.pt"), "-q")
+    assert_user_error(code, err, "22.1 GiB", "fewer steps")
+    assert not (tmp_path / "g.pt").exists()
+
+
+@pytest.mark.parametrize(("name", "write"), [
+    ("ids.npz", lambda p: np.savez(p, counts=np.ones((1, 2, 4)), layer_ids=np.array([3.7, 5.2]))),
+    ("ids.csv", lambda p: p.write_text("layer,a,b\n3.5,1,2\n4,3,4\n")),
+    ("twice.csv", lambda p: p.write_text("layer,a,b\n3,1,2\n3,3,4\n")),
+])
+def test_layer_ids_are_whole_distinct_numbers_never_truncated(capsys, tmp_path, name,
+                                                               write) -> None:
+    path = tmp_path / name
+    write(path)
+    code, _, err = run(capsys, "plan", str(path), "-r", "4", "-g", "2", "-o",
+                       str(tmp_path / "o.json"))
+    assert_user_error(code, err, name, "layer id")

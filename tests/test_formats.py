@@ -355,7 +355,7 @@ def test_layer_ids_override_and_trace_helpers(tmp_path):
     assert trace.windows(3).num_steps == 2
     assert torch.equal(trace.total(), c.double().sum(0))
     assert trace.select_layers([4, 3]).layer_ids == [4, 3]
-    with pytest.raises(ValueError, match="layer_ids has 2 entries"):
+    with pytest.raises(ValueError, match="has 2 layer ids for 3 rows"):
         read_loads(path, layer_ids=[1, 2])
     with pytest.raises(ValueError, match="unknown load format"):
         read_loads(path, format="bogus")

@@ -177,7 +177,7 @@ def test_write_placement_rejects_bad_arguments(tmp_path):
     placement, w = make_placement(5, 2, 8, 2, 5)
     with pytest.raises(ValueError, match="unknown emit"):
         write_placement(placement, tmp_path / "x", "yaml")
-    with pytest.raises(ValueError, match="layer_ids has 3 entries"):
+    with pytest.raises(ValueError, match="layer_ids has 3 layer ids for 2 rows"):
         write_placement(placement, tmp_path / "x", layer_ids=[1, 2, 3])
     with pytest.raises(ValueError, match="weight has shape"):
         write_placement(placement, tmp_path / "x", weight=w[:1])

@@ -25,6 +25,7 @@ from eplb.cli._common import (
 from eplb.cli._inputs import cli_policy, read_trace, warn
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.placement import Placement, PlacementError, load_balance
+from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement, read_placement_meta, read_routing, write_placement
 
 EMIT_BY_SUFFIX = {".yaml": "trtllm", ".yml": "trtllm", ".pt": "pt", ".json": "json"}
@@ -51,7 +52,7 @@ def _ranges(ids: list[int]) -> str:
     return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in spans)
 
 
-MAX_FIRST_LAYER = 1 << 12  # models have ~100 layers; SGLang files get a row for each below
+MAX_FIRST_LAYER = MAX_MODEL_LAYERS - 1  # SGLang files get a row for each layer below
 
 
 def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
@@ -70,6 +71,10 @@ def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
         if not 0 <= first_layer <= MAX_FIRST_LAYER:
             raise CliError(f"--first-layer must be a model layer in 0..{MAX_FIRST_LAYER}, got "
                            f"{first_layer}")
+        if first_layer + len(ids) > MAX_MODEL_LAYERS:
+            raise CliError(f"--first-layer {first_layer}: {loads} has {len(ids)} rows, so its "
+                           f"last would be layer {first_layer + len(ids) - 1}; model layers "
+                           f"are 0..{MAX_MODEL_LAYERS - 1}")
         return list(range(first_layer, first_layer + len(ids)))
     return ids
 

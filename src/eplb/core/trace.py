@@ -10,6 +10,37 @@ import torch
 
 from eplb.core.inputs import as_counts
 
+#: model layer ids lie below this: models have about a hundred layers, and an SGLang file
+#: gets a row for every layer up to the largest id, so a stray huge id must not size it
+MAX_MODEL_LAYERS = 1 << 12
+
+
+def model_layer_ids(values: Sequence[Any] | None, num_rows: int, what: str) -> list[int]:
+    """``values`` (``None``: ``0..num_rows-1``) as ``num_rows`` distinct model layer ids in
+    ``[0, MAX_MODEL_LAYERS)``. Integers only: a float must be whole (``3.0``, not ``3.7``),
+    a bool is refused. Raises ``ValueError`` starting with ``what``."""
+    if values is None:
+        return list(range(num_rows))
+    ids = []
+    for value in values:
+        whole = getattr(value, "is_integer", None)
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or hasattr(value, "__index__")
+            or (whole is not None and whole())
+        ):
+            raise ValueError(f"{what}: layer ids must be integers, got {value!r}")
+        ids.append(int(value))
+    if len(ids) != num_rows:
+        raise ValueError(f"{what} has {len(ids)} layer ids for {num_rows} rows")
+    bad = [i for i in ids if not 0 <= i < MAX_MODEL_LAYERS]
+    if bad:
+        raise ValueError(f"{what}: layer id {bad[0]} is outside 0..{MAX_MODEL_LAYERS - 1} "
+                         "(a model layer index)")
+    if len(set(ids)) != len(ids):
+        twice = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"{what}: layer id {twice[0]} appears twice")
+    return ids
+
 
 @dataclass(frozen=True)
 class LoadTrace:
@@ -40,15 +71,7 @@ class LoadTrace:
             )
         counts = as_counts(self.counts, "LoadTrace.counts")
         num_layers = counts.shape[1]
-        ids = (
-            list(range(num_layers)) if self.layer_ids is None else [int(i) for i in self.layer_ids]
-        )
-        if len(ids) != num_layers:
-            raise ValueError(
-                f"LoadTrace.layer_ids has {len(ids)} entries but counts has {num_layers} layers"
-            )
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"LoadTrace.layer_ids has duplicates: {ids}")
+        ids = model_layer_ids(self.layer_ids, num_layers, "layer_ids")
         object.__setattr__(self, "counts", counts)
         object.__setattr__(self, "layer_ids", ids)
         object.__setattr__(self, "meta", dict(self.meta))

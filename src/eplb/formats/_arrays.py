@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats.errors import FormatError
 
 SEPARATOR = "/"
@@ -87,10 +88,10 @@ def record_layer_ids(ids: Any, rows: int, path: Path, name: str) -> list[int] | 
     if ids is None:
         return None
     if not isinstance(ids, list) or len(ids) != rows or not all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 1 << 20 for i in ids
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_MODEL_LAYERS for i in ids
     ):
         raise FormatError(path, f"{name}: its layer ids must be {rows} integers in "
-                                f"[0, 2**20), one per row of counts")
+                                f"[0, {MAX_MODEL_LAYERS}), one per row of counts")
     return ids
 
 

@@ -30,7 +30,7 @@ from eplb._version import __version__
 from eplb.core.bounds import placement_scores
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology
-from eplb.core.trace import LoadTrace
+from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace, model_layer_ids
 from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
 from eplb.formats.errors import FormatError, json_value_error
@@ -149,14 +149,7 @@ def write_placement(
 
 
 def _layer_ids(layer_ids: Sequence[int] | None, num_layers: int) -> list[int]:
-    if layer_ids is None:
-        return list(range(num_layers))
-    ids = [int(i) for i in layer_ids]
-    if len(ids) != num_layers:
-        raise ValueError(f"layer_ids has {len(ids)} entries; the placement has {num_layers} layers")
-    if len(set(ids)) != len(ids) or min(ids) < 0:
-        raise ValueError(f"layer_ids must be distinct non-negative layer indices, got {ids}")
-    return ids
+    return model_layer_ids(layer_ids, num_layers, "layer_ids")
 
 
 def _dump_json_rows(doc: dict[str, Any], handle: Any) -> None:
@@ -176,10 +169,10 @@ def _sglang_num_rows(ids: list[int], num_model_layers: int | None) -> int:
     if num_model_layers is None:
         return max(ids) + 1
     if (isinstance(num_model_layers, bool) or not isinstance(num_model_layers, int)
-            or num_model_layers < 1):
+            or not 1 <= num_model_layers <= MAX_MODEL_LAYERS):
         raise ValueError(
-            f"num_model_layers (CLI: --num-model-layers) must be a positive integer, got "
-            f"{num_model_layers!r}"
+            f"num_model_layers (CLI: --num-model-layers) must be an integer in "
+            f"1..{MAX_MODEL_LAYERS}, got {num_model_layers!r}"
         )
     if max(ids) >= num_model_layers:
         raise ValueError(

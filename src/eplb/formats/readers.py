@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from eplb.core.inputs import as_counts
-from eplb.core.trace import LoadTrace
+from eplb.core.trace import LoadTrace, model_layer_ids
 from eplb.formats._arrays import check_keys, pick_array, pick_flat, record_layer_ids
 from eplb.formats._files import import_safetensors_torch, require_regular_file
 from eplb.formats._npy import load_npy, load_npz, npz_headers
@@ -147,17 +147,16 @@ def read_loads(
             )
         counts, found_ids, meta = _read_plain(path, fmt, None if keys is None else keys[0])
         meta["model_layer_ids"] = found_ids is not None
-        trace = LoadTrace(counts, found_ids, str(path), fmt, meta)
+        try:  # the file's own layer ids: a bad one is the file's fault, named as such
+            trace = LoadTrace(counts, found_ids, str(path), fmt, meta)
+        except ValueError as exc:
+            raise FormatError(path, str(exc)) from None
     if fmt in ("sglang", "sglang-per-pass", "trtllm"):
         trace.meta["model_layer_ids"] = True
     trace.meta.setdefault("model_layer_ids", False)
 
     if layer_ids is not None:
-        ids = [int(i) for i in layer_ids]
-        if len(ids) != trace.num_layers:
-            raise ValueError(
-                f"layer_ids has {len(ids)} entries but {path} holds {trace.num_layers} layers"
-            )
+        ids = model_layer_ids(layer_ids, trace.num_layers, f"layer_ids for {path}")
         meta = {**trace.meta, "model_layer_ids": True}
         trace = LoadTrace(trace.counts, ids, trace.source, trace.format, meta)
     return trace
@@ -529,7 +528,7 @@ def _read_plain(
         return _as_counts(obj, path, "the JSON array"), None, {}
     arrays = _named_arrays(path, None if key is None else [key])
     if key is None and set(arrays) == {"counts", "layer_ids"}:  # written by write_loads
-        ids = [int(i) for i in arrays["layer_ids"].flatten().tolist()]
+        ids = arrays["layer_ids"].flatten().tolist()  # checked by LoadTrace
         return _as_counts(arrays["counts"], path, "counts"), ids, {"key": "counts"}
     name, value = pick_flat(arrays, path, key)
     return _as_counts(value, path, name), None, {"key": name}
@@ -573,7 +572,7 @@ def _read_csv(path: Path) -> tuple[torch.Tensor, list[int] | None]:
     values = np.array([[float(c) for c in row] for row in rows], dtype=np.float64)
     ids = None
     if layer_col:
-        ids = [int(v) for v in values[:, 0]]
+        ids = values[:, 0].tolist()  # whole numbers, checked by LoadTrace (3.7 is refused)
         values = values[:, 1:]
     return _as_counts(values, path, "the CSV table"), ids
 

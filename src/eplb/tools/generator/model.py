@@ -396,6 +396,11 @@ def _regime_per_step(cfg: WorkloadConfig, steps: int) -> torch.Tensor:
     return regime
 
 
+#: the most counts one generated trace may hold (as the Rebalancer's history): a typo'd
+#: step count must fail with a message, not take the host's memory
+MAX_TRACE_BYTES = 8 << 30
+
+
 def generate_trace(
     preset: str | ModelShape = "deepseek-v3",
     steps: int = 1000,
@@ -446,6 +451,12 @@ def generate_trace(
     gen = torch.Generator().manual_seed(as_seed(seed))
     model = _Model(shape, cfg, gen, sigma_override)
     L, E, k = shape.num_layers, shape.num_experts, shape.top_k
+    need = steps * L * E * 8  # the float64 counts alone
+    if need > MAX_TRACE_BYTES:
+        raise ValueError(
+            f"{steps} steps of {L} layers × {E} experts need {need / 2**30:.1f} GiB of counts, "
+            f"beyond {MAX_TRACE_BYTES >> 30} GiB: generate fewer steps (or several traces)"
+        )
     S = cfg.requests_per_step
     regimes = _regime_per_step(cfg, steps)
 
