@@ -259,3 +259,21 @@ def test_a_placement_file_cannot_ask_for_absurd_expert_counts(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(FormatError, match="num_experts 1000000000 is outside"):
         read_placement(path)
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    (["3", "3.9"], "must be integers, got 3.9"),   # once truncated onto layer 3
+    (["3", "'3'"], "layer id 3 appears twice"),
+    (["3", "true"], "must be integers, got True"),
+    (["3", "-1"], "outside 0..4095"),
+])
+def test_trtllm_keys_that_are_not_one_layer_each_are_refused(tmp_path, keys, message):
+    rows = ["[0, 1, 2, 3, 0, 1, 2, 3]", "[3, 3, 2, 2, 1, 1, 0, 0]"]
+    path = tmp_path / "lb.yaml"
+    path.write_text("num_slots: 8\ninitial_global_assignments:\n"
+                    + "".join(f"  {k}: {r}\n" for k, r in zip(keys, rows, strict=True)))
+    with pytest.raises(FormatError, match=message):
+        read_placement(path, num_gpus=4)
+    path.write_text(f"num_slots: 8\ninitial_global_assignments:\n  '4': {rows[0]}\n"
+                    f"  3: {rows[1]}\n")
+    assert read_placement_meta(path, num_gpus=4)[1]["layer_ids"] == [3, 4]

@@ -453,14 +453,15 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
         raise FormatError(
             path, "expected TensorRT-LLM 'initial_global_assignments: {layer: [slots]}', found none"
         )
+    # keys are layer indices: YAML ints (or digit strings); 3.9 or true must not be read
+    # as a layer, and two keys must not name one layer
+    keys = [int(k) if isinstance(k, str) and k.strip().isdigit() else k for k in assignments]
     try:
-        ids = sorted(int(k) for k in assignments)
-        rows_by_id = {int(k): v for k, v in assignments.items()}
-    except (TypeError, ValueError):
-        raise FormatError(
-            path,
-            f"initial_global_assignments keys must be layer indices, found {list(assignments)[:5]}",
-        ) from None
+        checked = model_layer_ids(keys, len(keys), "initial_global_assignments keys")
+    except ValueError as exc:
+        raise FormatError(path, str(exc)) from None
+    rows_by_id = dict(zip(checked, assignments.values(), strict=True))
+    ids = sorted(checked)
     num_slots = doc.get("num_slots")
     lengths = {len(v) if isinstance(v, list) else -1 for v in rows_by_id.values()}
     if len(lengths) != 1 or -1 in lengths:
