@@ -8,6 +8,7 @@ against brute force.
 from __future__ import annotations
 
 import itertools
+import re
 import warnings
 
 import numpy as np
@@ -189,7 +190,7 @@ def test_bound_of_all_zero_rows(experts, replicas):
 def test_bound_rejects_bad_input():
     with pytest.raises(ValueError, match="finite"):
         layer_lower_bound(torch.tensor([[1.0, float("nan")]]), 2, 1)
-    with pytest.raises(ValueError, match="no live GPU"):
+    with pytest.raises(ValueError, match="every GPU dead"):
         layer_lower_bound(torch.ones(1, 4), 4, 2, active_gpus=torch.zeros(2, dtype=torch.bool))
 
 
@@ -263,7 +264,7 @@ def test_bound_with_dead_gpus():
         p = eplb.plan(w, 40, 8, active_gpus=active)
     assert (bound <= p.gpu_loads(w)[:, active].amax(1) * (1 + REL)).all()
     assert p.balancedness(w) <= balancedness_ceiling(w, 40, 8, active_gpus=active) * (1 + REL)
-    with pytest.raises(ValueError, match="full cluster"):
+    with pytest.raises(ValueError, match="some GPUs are dead"):
         layer_lower_bound(w, 40, 8, 2, 4, policy="hierarchical", active_gpus=active)
 
 
@@ -307,3 +308,22 @@ def test_scores_of_extreme_loads_are_finite(value, tmp_path):
     assert main(["plan", str(tmp_path / "w.npy"), "-r", "12", "-g", "4", "--json",
                  "-o", str(tmp_path / "p.json")]) == 0
     assert "NaN" not in (tmp_path / "p.json").read_text()
+
+
+@pytest.mark.parametrize(("args", "kwargs", "error", "message"), [
+    ((24, 8, 2, 6, "hierarchical"), {}, ValueError, "not a multiple of num_groups"),
+    ((8, 8), {}, ValueError, "cannot hold 16 experts"),
+    ((10, 8), {}, ValueError, "multiple of num_gpus"),
+    ((24, 8, 1, 1, "bogus"), {}, ValueError, "policy must be one of"),
+    ((24, 8, 0), {}, ValueError, "num_nodes must be a positive integer"),
+    ((24, 0), {}, ValueError, "num_gpus must be a positive integer"),
+    ((24, 8, 3), {}, ValueError, "not a multiple of num_nodes"),
+    ((24, 8), {"active_gpus": torch.ones(7, dtype=torch.bool)}, ValueError, "shape [8]"),
+    ((24, 8), {"active_gpus": torch.tensor([3] * 8)}, TypeError, "boolean mask"),
+])
+def test_bounds_check_their_arguments(args, kwargs, error, message):
+    # the bounds once answered numbers for clusters that cannot exist (or crashed)
+    weight = torch.rand(3, 16)
+    for bound in (balancedness_ceiling, layer_ceiling, layer_lower_bound):
+        with pytest.raises(error, match=re.escape(message)):
+            bound(weight, *args, **kwargs)

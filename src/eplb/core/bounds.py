@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from eplb.core.inputs import as_weight, scale_free
+from eplb.core.inputs import as_live_mask, as_weight, scale_free
 from eplb.core.placement import Placement
 from eplb.core.replication import replica_bound
 from eplb.core.topology import Topology
@@ -205,8 +205,32 @@ def _relaxed_hierarchical_bound(
     return heaviest_node / (num_gpus // num_nodes)
 
 
+#: the policies a bound is defined for (``locality`` is bounded as global)
+BOUND_POLICIES = ("auto", "global", "hierarchical", "locality")
+
+
 def _num_live(num_gpus: int, active_gpus: torch.Tensor | None) -> int:
-    return num_gpus if active_gpus is None else int(torch.as_tensor(active_gpus).sum())
+    return num_gpus if active_gpus is None else int(as_live_mask(active_gpus, num_gpus,
+                                                                 torch.device("cpu")).sum())
+
+
+def _check_cluster(num_experts: int, num_replicas: int, num_gpus: int, num_nodes: int,
+                   num_groups: int, policy: str, active_gpus: object) -> int:
+    """The checks :func:`eplb.plan` makes of the same arguments; returns the live GPUs.
+    Raises ``ValueError``/``TypeError`` naming the argument, as planning would."""
+    topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+    topology.gpus_per_node  # noqa: B018 (raises where GPUs do not divide over the nodes)
+    if policy not in BOUND_POLICIES:
+        raise ValueError(f"policy must be one of {BOUND_POLICIES}, got {policy!r}")
+    live = _num_live(num_gpus, active_gpus)
+    if live * topology.slots_per_gpu < num_experts:
+        raise ValueError(f"{live * topology.slots_per_gpu} slots on {live} live GPUs cannot "
+                         f"hold {num_experts} experts (each needs a replica)")
+    if policy == "hierarchical":
+        problems = topology.hierarchy_problems(num_experts, has_dead_gpus=live != num_gpus)
+        if problems:
+            raise ValueError("no hierarchical bound: " + "; ".join(problems))
+    return live
 
 
 def layer_lower_bound(
@@ -227,21 +251,15 @@ def layer_lower_bound(
     """
     w, _ = as_weight(weight)
     w = w.to(torch.float64)
-    live = _num_live(num_gpus, active_gpus)
+    live = _check_cluster(w.shape[1], num_replicas, num_gpus, num_nodes, num_groups, policy,
+                          active_gpus)
     policy = _auto_policy(policy, w.shape[1], num_replicas, num_gpus, num_nodes, num_groups,
                           live != num_gpus)
-    if live < 1:
-        raise ValueError("no live GPU: active_gpus is all False")
-    slots = num_replicas // num_gpus
-    live_slots = live * slots
+    live_slots = live * (num_replicas // num_gpus)
     mean = w.sum(1) / live
-    global_bound = replica_bound(w, live_slots, mean) if live_slots >= w.shape[1] else mean
+    global_bound = replica_bound(w, live_slots, mean)
     if policy != "hierarchical":
         return global_bound
-    if active_gpus is not None and live != num_gpus:
-        raise ValueError("the hierarchical bound is defined for a full cluster only (no dead GPUs)")
-    if num_groups % num_nodes:
-        raise ValueError(f"num_groups ({num_groups}) must be a multiple of num_nodes ({num_nodes})")
     enumerated = enumerated_node_bounds(w, num_replicas, num_gpus, num_nodes, num_groups)
     if enumerated is None:
         return torch.maximum(
