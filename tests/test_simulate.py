@@ -7,9 +7,11 @@ import json
 import pytest
 import torch
 
+import eplb
 from eplb import Placement, Topology
 from eplb.core.trace import LoadTrace
 from eplb.online import trivial_placement
+from eplb.tools import generate_trace
 from eplb.tools.simulate import (
     CADENCES,
     DEEPSEEK_V3_EXPERT_BYTES,
@@ -249,3 +251,23 @@ def test_dead_gpus_hold_nothing_and_are_not_scored() -> None:
     assert (reb.placement.phy2log[:, 6:9] == -1).all()
     with pytest.raises(ValueError, match="active_gpus"):
         simulate(counts, "greedy", num_replicas=R, num_gpus=P, active_gpus=alive)
+
+
+def test_a_planner_that_returns_no_placement_is_named(tiny_trace_for_planners) -> None:
+    trace = tiny_trace_for_planners
+    cases = [
+        (lambda w, prev: "x", TypeError, "must return an eplb.Placement, got str"),
+        (lambda w, prev: eplb.plan(w, 16, 8).phy2log, TypeError, "got Tensor"),
+        (lambda w, prev: eplb.plan(w[:3], 16, 8), ValueError, "placement of 3 layers"),
+    ]
+    for planner, error, message in cases:
+        with pytest.raises(error, match=message):
+            simulate(trace, planner, num_replicas=16, num_gpus=8, cadence="adrs")
+        with pytest.raises(error, match=message):  # the multi-window estimator's path too
+            simulate(trace, planner, num_replicas=16, num_gpus=8, cadence="adrs",
+                     estimator="multi:2")
+
+
+@pytest.fixture(scope="module")
+def tiny_trace_for_planners():
+    return generate_trace("mixtral-8x7b", steps=200)

@@ -197,19 +197,32 @@ def plan_estimate(
     layer.
     """
     if estimate.scenarios is None or estimate.candidates is None:
-        return planner(estimate.weight, previous)
+        return _placement_of(planner(estimate.weight, previous), estimate.weight.shape[0])
     cands = estimate.candidates
     num_cands, num_layers, num_experts = cands.shape
     if batch and previous is None:
-        stacked = planner(cands.reshape(num_cands * num_layers, num_experts), None)
+        stacked = _placement_of(planner(cands.reshape(num_cands * num_layers, num_experts), None),
+                                num_cands * num_layers)
         rows = stacked.phy2log.view(num_cands, num_layers, -1)
         plans = [Placement.from_phy2log(r, num_experts, stacked.topology, stacked.policy,
                                         stacked.active_gpus) for r in rows]
     else:
-        plans = [planner(c, previous) for c in cands]
+        plans = [_placement_of(planner(c, previous), num_layers) for c in cands]
     if keep is not None:
         plans.append(keep)
     return select_per_layer(plans, estimate.scenarios, reduce)
+
+
+def _placement_of(result: object, layers: int) -> Placement:
+    """A planner's result, which must be a :class:`Placement` of ``layers`` layers."""
+    if not isinstance(result, Placement):
+        raise TypeError(f"the planner must return an eplb.Placement, got "
+                        f"{type(result).__name__} (wrap a phy2log tensor with "
+                        "Placement.from_phy2log)")
+    if result.num_layers != layers:
+        raise ValueError(f"the planner returned a placement of {result.num_layers} layers "
+                         f"for loads of {layers}")
+    return result
 
 
 @dataclass(frozen=True, eq=False)
@@ -440,9 +453,12 @@ class Rebalancer:
         new = plan_estimate(estimate, self.planner, previous if self._pass_previous else None,
                             keep=previous)
         seconds = time.perf_counter() - start
-        if new.topology != self.topology or new.num_experts != estimate.weight.shape[1]:
-            raise ValueError(f"planner returned a placement for {new.topology} with "
-                             f"{new.num_experts} experts; expected {self.topology}")
+        layers, experts = estimate.weight.shape
+        if (new.topology != self.topology or new.num_experts != experts
+                or new.num_layers != layers):
+            raise ValueError(f"the planner returned a placement of {new.num_layers} layers × "
+                             f"{new.num_experts} experts for {new.topology}; expected {layers} "
+                             f"× {experts} for {self.topology}")
         if previous is None:
             moved = torch.zeros(new.num_layers, dtype=torch.int64)
             changed = True
