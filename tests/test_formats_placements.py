@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,25 @@ def test_trtllm_keys_that_are_not_one_layer_each_are_refused(tmp_path, keys, mes
     path.write_text(f"num_slots: 8\ninitial_global_assignments:\n  '4': {rows[0]}\n"
                     f"  3: {rows[1]}\n")
     assert read_placement_meta(path, num_gpus=4)[1]["layer_ids"] == [3, 4]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("num_experts", "abc", "num_experts must be an integer, got 'abc'"),
+    ("num_experts", None, "num_experts must be an integer"),
+    ("active_gpus", "yes", "active_gpus must be null or 4 booleans"),
+    ("active_gpus", [1, 1, 1, 1], "active_gpus must be null or 4 booleans"),
+    ("num_layers", 5, "num_layers is 5 but phy2log has 2 rows"),
+    ("layer_ids", [0, 0], "layer id 0 appears twice"),
+    ("layer_ids", [0], "has 1 layer ids for 2 rows"),
+    ("format_version", True, "format_version must be an integer"),
+    ("format_version", -5, "must be a positive integer"),
+])
+def test_eplb_json_metadata_is_checked_field_by_field(tmp_path, field, value, message):
+    placement = eplb.plan(torch.rand(2, 8) + 0.1, 12, 4)
+    path = tmp_path / "p.json"
+    write_placement(placement, path)
+    doc = json.loads(path.read_text())
+    doc[field] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match=re.escape(message)):
+        read_placement(path)

@@ -396,9 +396,24 @@ def _build(
     return placement
 
 
+def _field_int(path: Path, record: dict[str, Any], name: str, default: int | None = None,
+               where: str = "") -> int | None:
+    """Integer field ``name`` of a file's metadata ``record`` (``default`` when absent);
+    anything else is a :class:`FormatError` naming the field."""
+    value = record.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FormatError(path, f"{where}{name} must be an integer, got {value!r}")
+    return value
+
+
 def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
-    version = doc.get("format_version")
-    if not isinstance(version, int) or version > PLACEMENT_FORMAT_VERSION:
+    version = _field_int(path, doc, "format_version")
+    if version is None or version < 1:
+        raise FormatError(path, f"eplb placement format_version must be a positive integer, "
+                                f"got {doc.get('format_version')!r}")
+    if version > PLACEMENT_FORMAT_VERSION:
         raise FormatError(
             path,
             f"eplb placement format_version {version!r} is not supported (this eplb reads up to "
@@ -414,10 +429,25 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
     rows = _int_rows(path, doc["phy2log"], "phy2log")
     active = doc.get("active_gpus")
     if active is not None:
-        active = torch.as_tensor(active).to(torch.bool)
-    placement = _build(
-        path, rows, int(doc["num_experts"]), topo, policy or doc.get("policy", "global"), active
-    )
+        values = active.tolist() if isinstance(active, torch.Tensor) else active
+        if (not isinstance(values, list) or len(values) != topo.num_gpus
+                or not all(isinstance(v, bool) for v in values)):
+            raise FormatError(path, f"active_gpus must be null or {topo.num_gpus} booleans "
+                                    f"(one per GPU), got {str(active)[:80]}")
+        active = torch.tensor(values, dtype=torch.bool)
+    num_layers = _field_int(path, doc, "num_layers", rows.shape[0])
+    if num_layers != rows.shape[0]:
+        raise FormatError(path, f"num_layers is {num_layers} but phy2log has {rows.shape[0]} rows")
+    if doc.get("layer_ids") is not None:
+        try:
+            model_layer_ids(doc["layer_ids"], rows.shape[0], "layer_ids")
+        except ValueError as exc:
+            raise FormatError(path, str(exc)) from None
+    num_experts = _field_int(path, doc, "num_experts")
+    if num_experts is None:  # present (checked above) but null
+        raise FormatError(path, "num_experts must be an integer, got None")
+    placement = _build(path, rows, num_experts, topo, policy or doc.get("policy", "global"),
+                       active)
     meta = {k: v for k, v in doc.items() if k not in ("phy2log", "active_gpus")}
     meta["format"] = "json" if kind == "json" else "pt"
     for k, v in meta.items():
@@ -481,12 +511,13 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
             info = json.loads(match.group(1))
         except json.JSONDecodeError:
             info = {}
+    where = "the eplb-topology comment's "
     if num_gpus is None and "num_gpus" in info:
-        num_gpus = int(info["num_gpus"])
-        num_nodes = int(info.get("num_nodes", num_nodes))
-        num_groups = int(info.get("num_groups", num_groups))
+        num_gpus = _field_int(path, info, "num_gpus", where=where)
+        num_nodes = _field_int(path, info, "num_nodes", num_nodes, where)
+        num_groups = _field_int(path, info, "num_groups", num_groups, where)
     if num_experts is None and "num_experts" in info:
-        num_experts = int(info["num_experts"])
+        num_experts = _field_int(path, info, "num_experts", where=where)
     topo = _topology(path, width, num_gpus, num_nodes, num_groups, "TensorRT-LLM")
     placement = _build(path, rows, num_experts, topo, policy or info.get("policy", "global"), None)
     return placement, {"format": "trtllm", "layer_ids": ids, "policy": info.get("policy")}
