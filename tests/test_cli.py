@@ -570,3 +570,26 @@ def test_slack_at_its_default_value_still_needs_the_locality_policy(capsys, tmp_
         code, _, err = run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--slack",
                            "0.03", *extra, "-o", str(tmp_path / "p.json"))
         assert code == 2 and "--slack" in err
+
+
+def test_eval_refuses_flags_that_contradict_what_the_file_records(capsys, tmp_path,
+                                                                   loads) -> None:
+    # eplb's files (and its TensorRT-LLM YAML) record their cluster and policy; the flags
+    # describe engine files, and were silently ignored (or half applied) for these
+    for name in ("h.json", "h.yaml"):
+        out = tmp_path / name
+        assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes", "2",
+                   "--groups", "4", "--first-layer", "0", "-o", str(out))[0] == 0
+        base = ["eval", "--placement", str(out), str(loads), "--json"]
+        scored = json.loads(run(capsys, *base)[1])
+        assert scored["policy"] == "hierarchical"
+        assert scored["topology"]["num_nodes"] == 2
+        # the same numbers with the flags that agree, refused with those that do not
+        again = json.loads(run(capsys, *base, "-g", str(P), "--nodes", "2")[1])
+        assert again["balancedness_after"] == scored["balancedness_after"]
+        for flags, needle in ((["-g", "2"], "-g 2 contradicts"),
+                              (["--nodes", "1"], "--nodes 1 contradicts"),
+                              (["--groups", "8"], "--groups 8 contradicts"),
+                              (["--policy", "global"], "--policy global contradicts")):
+            code, _, err = run(capsys, *base, *flags)
+            assert code == 2 and needle in err, (name, flags, err)

@@ -149,7 +149,7 @@ def test_eval_refuses_what_plan_refuses(tmp_path, capsys, loads, routing):
     assert run(capsys, "plan", path, "-r", 96, "-g", 16, "-o", flat)[0] == 0
     code, _, err = run(capsys, "eval", "--placement", flat, path, "--dispatch", "nearest",
                        "--nodes", 4)
-    assert code == 2 and "eplb files record their cluster" in err
+    assert code == 2 and "records its cluster (nodes: 1); --nodes 4 contradicts it" in err
     code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--dispatch",
                        "nearest", "--slack", "0.5", "-o", tmp_path / "s.json")
     assert code == 2 and "--policy locality" in err

@@ -198,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", action="store_true", help="skip the per-layer table")
     p.add_argument("-g", "--gpus", type=int, default=None, metavar="P",
                    help="GPUs, for engine files that do not record it (SGLang JSON)")
-    p.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (engine files)")
-    p.add_argument("--groups", type=int, default=1, metavar="G", help="groups (engine files)")
+    p.add_argument("--nodes", type=int, default=None, metavar="N",
+                   help="nodes (engine files; default 1)")
+    p.add_argument("--groups", type=int, default=None, metavar="G",
+                   help="groups (engine files; default 1)")
     p.add_argument("--policy", choices=["auto", "global", "hierarchical"], default="auto",
                    help="engine files, which do not record it: auto = hierarchical when the "
                         "cluster allows it and the placement keeps every group on one node")

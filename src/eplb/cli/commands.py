@@ -382,11 +382,30 @@ def _max_over_mean(gpu_loads: torch.Tensor) -> torch.Tensor:
     return torch.where(mean > 0, ratio, torch.ones_like(ratio))
 
 
+def _check_recorded(meta: dict, args: argparse.Namespace, what: str) -> None:
+    """Refuse flags that contradict the cluster and policy a file records (eplb's files):
+    ``-g``/``--nodes``/``--groups``/``--policy`` describe engine files, which do not."""
+    recorded = meta.get("topology") or {}
+    given = (("-g", "num_gpus", args.gpus), ("--nodes", "num_nodes", args.nodes),
+             ("--groups", "num_groups", args.groups))
+    for flag, key, value in given:
+        if recorded and value is not None and value != recorded.get(key, 1):
+            raise CliError(f"{what} records its cluster ({key.split('_')[1]}: "
+                           f"{recorded.get(key, 1)}); {flag} {value} contradicts it. Leave "
+                           f"{flag} out: it describes engine files, which do not record theirs")
+    if meta.get("policy") is not None and args.policy not in ("auto", meta["policy"]):
+        raise CliError(f"{what} records the {meta['policy']} policy; --policy {args.policy} "
+                       "contradicts it (leave --policy out)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
 
     placement, meta = read_placement_meta(
         existing_file(args.placement, "placement file"), num_gpus=args.gpus,
-        num_nodes=args.nodes, num_groups=args.groups)
+        num_nodes=args.nodes or 1, num_groups=args.groups or 1)
+    _check_recorded(meta, args, args.placement)
+    # from here on, the cluster the placement is on (recorded, or as the flags describe)
+    args.nodes, args.groups = placement.topology.num_nodes, placement.topology.num_groups
     placement = _eval_policy(placement, meta, args)
     if args.routing is not None and args.dispatch != "nearest":
         raise CliError("--routing scores cross-node traffic under SGLang's nearest dispatch: "

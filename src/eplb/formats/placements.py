@@ -292,8 +292,12 @@ def read_placement_meta(
 ) -> tuple[Placement, dict[str, Any]]:
     """Like :func:`read_placement`, plus the file's metadata: ``format`` (the emit name),
     ``layer_ids`` (``None`` when the file does not say), ``policy`` (``None`` when the file
-    does not record one, as in SGLang files) and, for eplb files, the recorded
-    balancedness and versions."""
+    does not record one, as in SGLang files), ``topology`` (only where the file records
+    its cluster: eplb's files, and TensorRT-LLM YAML that eplb wrote) and, for eplb files,
+    the recorded balancedness and versions.
+
+    A file that records its cluster is read on it: ``num_gpus``, ``num_nodes`` and
+    ``num_groups`` describe files that do not."""
     path = Path(path)
     kind = sniff_container(path)
     if kind == "json":
@@ -512,12 +516,19 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
         except json.JSONDecodeError:
             info = {}
     where = "the eplb-topology comment's "
-    if num_gpus is None and "num_gpus" in info:
+    recorded = None
+    if "num_gpus" in info:
+        # the cluster eplb recorded, as for its own files (the arguments describe files
+        # that record none)
         num_gpus = _field_int(path, info, "num_gpus", where=where)
-        num_nodes = _field_int(path, info, "num_nodes", num_nodes, where)
-        num_groups = _field_int(path, info, "num_groups", num_groups, where)
+        num_nodes = _field_int(path, info, "num_nodes", 1, where)
+        num_groups = _field_int(path, info, "num_groups", 1, where)
+        recorded = {"num_gpus": num_gpus, "num_nodes": num_nodes, "num_groups": num_groups}
     if num_experts is None and "num_experts" in info:
         num_experts = _field_int(path, info, "num_experts", where=where)
     topo = _topology(path, width, num_gpus, num_nodes, num_groups, "TensorRT-LLM")
     placement = _build(path, rows, num_experts, topo, policy or info.get("policy", "global"), None)
-    return placement, {"format": "trtllm", "layer_ids": ids, "policy": info.get("policy")}
+    meta = {"format": "trtllm", "layer_ids": ids, "policy": info.get("policy")}
+    if recorded is not None:
+        meta["topology"] = {"num_replicas": width, **recorded}
+    return placement, meta
