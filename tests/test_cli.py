@@ -483,6 +483,9 @@ def test_dead_gpus_name_the_live_topology_for_an_engine_and_refuse_repeats(capsy
     base = ["plan", str(loads), "-r", "24", "-g", str(P), "--first-layer", "0"]
     code, _, err = run(capsys, *base, "--dead-gpus", "1,1", "-o", str(tmp_path / "a.json"))
     assert code == 2 and "names GPU 1 twice" in err
+    for empty in ("", ",,"):  # given, but naming nothing: not silently "none dead"
+        code, _, err = run(capsys, *base, "--dead-gpus", empty, "-o", str(tmp_path / "a.json"))
+        assert code == 2 and "names no GPU" in err
     code, _, err = run(capsys, *base, "--dead-gpus", "1", "-o", str(tmp_path / "b.yaml"))
     assert code == 2 and "-g 3 -r 18, 6 slots per GPU" in err, err  # 16 experts on 3 GPUs
     assert run(capsys, "plan", str(loads), "-r", "18", "-g", "3", "-o",

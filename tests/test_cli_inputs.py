@@ -88,6 +88,11 @@ def _hostile(tmp: Path) -> list[tuple[str, str]]:
     torch.save({"x_topk_ids": torch.full((4, 2, 2), 2**31, dtype=torch.int64)}, tmp / "id.pt")
     cases.append(("id.pt", "expert id 2147483648"))
     add("garbage.pt", b"\x80\x02garbage that is no pickle", "not a readable torch file")
+    # a single number, or flags, are no loads (they were planned as 1 layer x 1 expert)
+    add("scalar.json", "5", "single number")
+    add("flags.json", "[[true, false, true, true]]", "holds booleans")
+    np.save(tmp / "scalar.npy", np.array(5.0))
+    cases.append(("scalar.npy", "single number"))
     return cases
 
 
@@ -375,3 +380,11 @@ def test_layer_ids_are_whole_distinct_numbers_never_truncated(capsys, tmp_path, 
     code, _, err = run(capsys, "plan", str(path), "-r", "4", "-g", "2", "-o",
                        str(tmp_path / "o.json"))
     assert_user_error(code, err, name, "layer id")
+
+
+def test_key_on_one_plain_json_array_is_refused(capsys, tmp_path) -> None:
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps([[1, 2, 3, 4]] * 2))
+    code, _, err = run(capsys, "plan", str(path), "--key", "x", "-r", "4", "-g", "2", "-o",
+                       str(tmp_path / "o.json"))
+    assert_user_error(code, err, "w.json", "picks nothing")

@@ -155,9 +155,11 @@ def parse_int_list(text: str, what: str) -> list[int]:
 
 def active_gpus_from(dead: str | None, num_gpus: int) -> torch.Tensor | None:
     """``--dead-gpus 3,17`` -> ``[P]`` bool mask with those GPUs False (``None`` if not given)."""
-    if not dead:
+    if dead is None:
         return None
-    ids = parse_int_list(dead, "--dead-gpus")
+    ids = parse_int_list(dead, "--dead-gpus") if dead.strip(" ,") else []
+    if not ids:
+        raise CliError("--dead-gpus names no GPU (give ids like 3,17, or leave it out)")
     bad = [g for g in ids if not 0 <= g < num_gpus]
     if bad:
         raise CliError(f"--dead-gpus: GPU {bad[0]} is outside 0..{num_gpus - 1}")

@@ -188,6 +188,9 @@ def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
                                     "numbers")
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
+        if value.ndim == 0:  # (np.ascontiguousarray would make it [1])
+            raise FormatError(path, f"{what} is a single number; expected [layers, experts] "
+                                    "or [steps, layers, experts] loads")
         if value.dtype.kind not in "biuf":
             raise FormatError(path, f"{what} has dtype {value.dtype}; expected numbers")
         if value.dtype.byteorder == ">":  # big-endian files are fine: native order for torch
@@ -199,7 +202,9 @@ def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
             value = value.astype(np.int64)
         return torch.from_numpy(np.ascontiguousarray(value))
     try:
-        return torch.from_numpy(np.asarray(value, dtype=np.float64))
+        array = np.asarray(value)
+        if array.dtype != np.bool_:  # JSON true/false: flags, not counts (refused below)
+            return torch.from_numpy(array.astype(np.float64))
     except OverflowError:
         raise FormatError(
             path, f"{what} holds a number too large for a float64 load (over 1.8e308)"
@@ -210,6 +215,7 @@ def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
         raise FormatError(
             path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
         ) from None
+    raise FormatError(path, f"{what} holds booleans; expected numbers")
 
 
 def _as_counts(value: Any, path: Path, what: str) -> torch.Tensor:
@@ -525,6 +531,9 @@ def _read_plain(
             name, value, ids = pick_array(obj, path, key)
             counts = _as_counts(value, path, name)
             return counts, record_layer_ids(ids, counts.shape[1], path, name), {"key": name}
+        if key is not None:
+            raise FormatError(path, f"is one JSON array, so key {key!r} (--key) picks nothing; "
+                                    "leave it out")
         return _as_counts(obj, path, "the JSON array"), None, {}
     arrays = _named_arrays(path, None if key is None else [key])
     if key is None and set(arrays) == {"counts", "layer_ids"}:  # written by write_loads
@@ -570,6 +579,9 @@ def _read_csv(path: Path) -> tuple[torch.Tensor, list[int] | None]:
                     "expected a number",
                 )
     values = np.array([[float(c) for c in row] for row in rows], dtype=np.float64)
+    if values.size == 1 and header is None:
+        raise FormatError(path, "holds a single number; expected a table of loads (a row per "
+                                "layer, a column per expert)")
     ids = None
     if layer_col:
         ids = values[:, 0].tolist()  # whole numbers, checked by LoadTrace (3.7 is refused)
