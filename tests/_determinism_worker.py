@@ -208,9 +208,32 @@ def _option_cases() -> dict[str, Callable]:
     return {"opt-drift-0.434": drift_0434, "opt-drift-0.587": drift_0587}
 
 
+def _sglang_cases() -> dict[str, Callable]:
+    """SGLang's runtime call under its static dispatch (DeepEP): eplb plans for the nearest
+    replica, fresh and from the placement in force; every rank computes it on its own."""
+    from eplb.integrations.sglang import eplb_rebalance
+
+    def call(weight, old=None):
+        return eplb_rebalance(weight[None], 80, 10, 4, 2, hierarchical=True,
+                              old_phy2log=old, sglang_dispatch="static")[0]
+
+    def fresh():
+        return call(_synthetic("int", 6, 64, 7))
+
+    def drifted():
+        w = _synthetic("int", 6, 64, 7)
+        return call(_drift(w, 4), call(w))
+
+    def few():
+        return call(_synthetic("few", 6, 64, 11))
+
+    return {"sglang-nearest-fresh": fresh, "sglang-nearest-drift": drifted,
+            "sglang-nearest-few": few}
+
+
 def all_cases() -> dict[str, Callable]:
     """Every case by name (real-* need the real loads)."""
-    return {**_real_cases(), **_synthetic_cases(), **_option_cases()}
+    return {**_real_cases(), **_synthetic_cases(), **_option_cases(), **_sglang_cases()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,6 +202,50 @@ def test_sglang_loads_eplb_and_its_deepseek_rebalance_runs_eplb(sglang_root, swi
     assert "eplb" in caplog.text and "plans SGLang's expert rebalancing" in caplog.text
 
 
+def test_under_static_dispatch_eplb_plans_for_the_nearest_replica(sglang_root, switch,
+                                                                  monkeypatch, caplog):
+    # SGLang with an all-to-all backend (DeepEP) dispatches statically: a token goes to the
+    # expert's replica nearest its GPU. eplb's runtime plan is made for that rule
+    from sglang_dispatch import sglang_dispatch_tables
+
+    from eplb.core.dispatch import table_gpu_loads
+
+    caplog.set_level(logging.INFO)
+    settings = make_settings(nnodes=4, ep_size=32, redundant=32)
+    settings.exec.moe.ep_dispatch_algorithm = "static"
+    settings.exec.moe.moe_a2a_backend = "deepep"
+    # SGLang builds rank 0's static table (it asks torch.distributed which rank it is)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *args, **kwargs: 0)
+    counts = deepseek_counts()
+    weight = counts.sum(0).long()[3:]  # the MoE layers (the dense rows carry nothing)
+    with sglang_runtime(sglang_root, settings) as sg:
+        sg.plugins.load_plugins()
+        model_config = types.SimpleNamespace(
+            hf_config=None, model_class=_model_class(61, 256, 8, sg.expert_location))
+        got = rebalance(sg, model_config, counts, 61).installed[0][0].physical_to_logical_map
+    want = eplb.rebalance_experts(counts.sum(0).long(), 288, 8, 4, 32, policy="global",
+                                  dispatch="nearest")[0]
+    assert torch.equal(got, want)
+    hierarchical = eplb.rebalance_experts(counts.sum(0).long(), 288, 8, 4, 32,
+                                          policy="hierarchical")[0]
+
+    def served(phy2log):  # balancedness under SGLang's own runtime dispatch table
+        table = sglang_dispatch_tables(phy2log[3:], 256, 32, 4, path="eplb", root=sglang_root)
+        loads = table_gpu_loads(weight, table, 32, 288)
+        return float(loads.mean(1).sum() / loads.amax(1).sum())
+
+    ours, theirs = served(got), served(hierarchical)
+    assert ours > 0.99 and ours > theirs + 0.1, (ours, theirs)
+    # dispatch "even" in the options keeps the even-split plan (SGLang's algorithm choice)
+    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, '{"dispatch": "even"}')
+    with sglang_runtime(sglang_root, settings) as sg:
+        sg.plugins.load_plugins()
+        model_config = types.SimpleNamespace(
+            hf_config=None, model_class=_model_class(61, 256, 8, sg.expert_location))
+        even = rebalance(sg, model_config, counts, 61).installed[0][0].physical_to_logical_map
+    assert torch.equal(even, hierarchical)
+
+
 @pytest.mark.parametrize("algorithm", ["auto", "deepseek_vec", "deepseek_hierarchical"])
 def test_models_without_expert_groups(sglang_root, switch, algorithm):
     """``num_groups`` is None (e.g. Qwen3 MoE): SGLang picks a global algorithm; eplb plans
@@ -314,6 +358,7 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
     ({}, ["--eplb-options", '{"bogus": 1}', "--enable-eplb"], "unknown option"),
     # the flag the user typed is named, not the variable the launcher passes it through
     ({}, ["--eplb-options", '{"max_moves": "x"}', "--enable-eplb"], "--eplb-options: max_moves"),
+    ({}, ["--eplb-options", '{"dispatch": "x"}', "--enable-eplb"], "dispatch must be one of"),
     ({"SGLANG_EPLB_OPTIONS": '{"max_moves": "x"}'}, ["--enable-eplb"],
      "SGLANG_EPLB_OPTIONS: max_moves"),
 ])
@@ -379,3 +424,22 @@ def test_sglang_option_values_fail_at_start_up(raw):
 def test_eplb_rebalance_refuses_impossible_calls(args, message):
     with pytest.raises(ValueError, match=message):
         plugin.eplb_rebalance(torch.rand(2, 8), *args)
+
+
+def test_options_the_nearest_planner_cannot_honour_are_dropped_not_fatal(caplog):
+    # a failing plan would fail SGLang's rebalance: such options are dropped, visibly
+    weight = torch.randint(1, 1000, (1, 6, 64))
+    old = plugin.eplb_rebalance(weight, 80, 10, 4, 2, hierarchical=True,
+                                sglang_dispatch="static")[0]
+    with caplog.at_level(logging.WARNING):
+        new = plugin.eplb_rebalance(weight, 80, 10, 4, 2, hierarchical=True, old_phy2log=old,
+                                    options={"skip_threshold": 0.01, "policy": "hierarchical",
+                                             "max_moves": 10},
+                                    sglang_dispatch="static")[0]
+    assert "skip_threshold, max_moves not applied" in caplog.text
+    Placement.from_phy2log(new, 64, Topology(80, 8, 2, 4), "hierarchical").validate()
+    # one node: every replica is on the token's node, so the even plan it is
+    assert torch.equal(
+        plugin.eplb_rebalance(weight, 80, 10, 4, 1, hierarchical=False,
+                              sglang_dispatch="static")[0],
+        eplb.rebalance_experts(weight[0], 80, 4, 1, 8, policy="global")[0])

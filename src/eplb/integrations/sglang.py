@@ -22,7 +22,9 @@ The launcher sets the switch for you and starts SGLang's own server::
     python -m eplb.integrations.sglang --eplb-options '{"max_moves": 2000}' <launch_server args>
 
 (every node of a multi-node deployment runs it, as it would run ``sglang.launch_server``).
-``SGLANG_EPLB_OPTIONS`` holds planner options as JSON (:data:`PLANNER_OPTIONS`).
+``SGLANG_EPLB_OPTIONS`` holds planner options as JSON (:data:`PLANNER_OPTIONS`). Under
+SGLang's static dispatch (an all-to-all backend such as DeepEP) on several nodes the plan
+is made for its nearest-replica rule (see :func:`eplb_rebalance`, option ``dispatch``).
 SGLang's ``--use-ray`` scheduler actors do not run ``load_plugins`` in 0.5.23, so that
 mode keeps SGLang's own algorithm.
 """
@@ -62,8 +64,11 @@ HOOK_TARGET = "sglang.srt.eplb.eplb_algorithms.rebalance_experts"
 PLUGIN_GROUP = "sglang.srt.plugins"
 PLANNER_OPTIONS = frozenset(
     {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold",
-     "move_price", "drift", "group_share", "incremental"}
+     "move_price", "drift", "group_share", "incremental", "dispatch"}
 )
+#: ``dispatch`` values: ``auto`` plans for the rule SGLang runs (its ``static`` dispatch on
+#: several nodes sends a token to the nearest replica; otherwise tokens spread evenly)
+DISPATCH_CHOICES = ("auto", "even", "nearest")
 _ON = frozenset({"eplb", "1", "on", "true", "yes"})
 _OFF = frozenset({"", "0", "off", "false", "no", "none"})
 _ANNOUNCED = False
@@ -83,12 +88,15 @@ def _checked_options(text: str, source: str) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {unknown}; "
                          f"allowed: {sorted(PLANNER_OPTIONS)}")
+    if options.get("dispatch", "auto") not in DISPATCH_CHOICES:
+        raise ValueError(f"{source}: dispatch must be one of {DISPATCH_CHOICES}, got "
+                         f"{options['dispatch']!r}")
     if options.get("policy") == "locality":
         raise ValueError(f"{source}: policy 'locality' is not served through SGLang's "
                          "rebalancing hook yet: use 'auto', 'global' or 'hierarchical', or "
                          "plan a locality placement with `eplb plan` for --init-expert-location")
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
-        check_option_values(options)
+        check_option_values({k: v for k, v in options.items() if k != "dispatch"})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: {exc}") from None
     return options
@@ -103,6 +111,7 @@ def eplb_rebalance(
     hierarchical: bool,
     options: dict[str, Any] | None = None,
     old_phy2log: torch.Tensor | None = None,
+    sglang_dispatch: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """eplb's answer to SGLang's ``rebalance_experts`` call.
 
@@ -116,6 +125,12 @@ def eplb_rebalance(
         options: planner options (:data:`PLANNER_OPTIONS`); ``incremental: false``
             ignores ``old_phy2log``.
         old_phy2log: ``[L, R]`` placement in force, for fewer moved experts.
+        sglang_dispatch: SGLang's ``--ep-dispatch-algorithm`` (``None``: unknown). With
+            ``dispatch: auto`` (the default option), ``static`` on several nodes plans for
+            its nearest-replica rule (``dispatch="nearest"``, the global policy unless
+            ``policy`` is set): a hierarchical plan made for an even split scores
+            0.751–0.894 under that rule on the real DeepSeek-V3 loads, a global one
+            planned for it 0.9966–0.9988 (BENCHMARKS.md §14). Otherwise an even split.
 
     Returns:
         ``(phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E])`` int64 on the CPU
@@ -123,6 +138,9 @@ def eplb_rebalance(
         integer-valued float64, so every rank computes the same plan.
     """
     options = dict(options or {})
+    dispatch = options.pop("dispatch", "auto")
+    if dispatch not in DISPATCH_CHOICES:
+        raise ValueError(f"dispatch must be one of {DISPATCH_CHOICES}, got {dispatch!r}")
     check_option_values(options)
     incremental = options.pop("incremental", True)
     weight = tokens_per_expert.detach()
@@ -139,9 +157,13 @@ def eplb_rebalance(
                          f"num_local_physical_experts ({num_local_physical_experts})")
     num_gpus = num_physical_experts // num_local_physical_experts
     groups = 1 if num_groups is None else positive_int("num_groups", num_groups)
+    if dispatch == "auto":
+        dispatch = "nearest" if sglang_dispatch == "static" and num_nodes > 1 else "even"
+    if dispatch == "nearest" and num_nodes <= 1:
+        dispatch = "even"  # one node: every replica is on the token's node
     policy = options.pop("policy", None)
     if policy is None:
-        policy = "hierarchical" if hierarchical else "global"
+        policy = "global" if dispatch == "nearest" or not hierarchical else "hierarchical"
     if policy == "hierarchical" and (groups <= 1 or groups % num_nodes or num_nodes <= 1):
         logger.warning("eplb: SGLang asked for hierarchical balancing but num_groups=%s, "
                        "num_nodes=%d do not allow it; planning globally", num_groups, num_nodes)
@@ -155,10 +177,31 @@ def eplb_rebalance(
             old = None
     if old is None:  # a fresh plan: the move knobs have nothing to act on
         options = {k: v for k, v in options.items() if k not in INCREMENTAL_OPTIONS}
+    if dispatch == "nearest":
+        options["dispatch"] = "nearest"
+        # what eplb's nearest planner cannot honour would fail SGLang's rebalance: drop it
+        dropped = [k for k in ("skip_threshold",) if k in options]
+        if policy != "global" and old is not None:
+            dropped += [k for k in ("max_moves",) if k in options]
+        for key in dropped:
+            options.pop(key)
+        if dropped:
+            logger.warning("eplb: %s not applied when planning for SGLang's nearest dispatch "
+                           "(policy %s)", ", ".join(dropped), policy)
     return rebalance_experts(
         weight, num_physical_experts, groups, num_nodes, num_gpus,
         policy=policy, old_phy2log=old, **options,
     )
+
+
+def _sglang_dispatch() -> str | None:
+    """SGLang's ``--ep-dispatch-algorithm`` in this process (``None`` when unknown)."""
+    try:
+        from sglang.srt.runtime_context import get_exec
+
+        return get_exec().moe.ep_dispatch_algorithm
+    except Exception:
+        return None
 
 
 def _current_map() -> torch.Tensor | None:
@@ -192,7 +235,7 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
         call["tokens_per_expert"], call["num_physical_experts"],
         call["num_local_physical_experts"], call["num_groups"], call["num_nodes"],
         hierarchical=name.endswith("_hierarchical"), options=options,
-        old_phy2log=_current_map(),
+        old_phy2log=_current_map(), sglang_dispatch=_sglang_dispatch(),
     )
 
 
