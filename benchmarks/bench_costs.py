@@ -1,7 +1,9 @@
 """What the slow options cost: time and peak memory of the calls the README warns about.
 
 - ``dispatch="nearest"`` (global policy, ``fair="avoid"``): its node-labelling search
-  grows about as ``L·P³``; timed at DeepSeek-V3's size and on 512 GPUs;
+  grows about as ``L·P³``; timed at DeepSeek-V3's size (from scratch, and from the
+  placement in force on a drifted window, as SGLang's runtime rebalance calls it) and on
+  512 GPUs;
 - ``eplb.tools.routing.sample_group_limited``: fitting the router to the loads, at
   DeepSeek-V3's size (1024 tokens).
 
@@ -24,10 +26,14 @@ from _harness import DEEPSEEK_DIR, markdown_table, start
 
 CASES = {
     "nearest-deepseek": "eplb.plan(w, 288, 32, 4, 8, policy='global', dispatch='nearest')",
+    # SGLang's runtime rebalance: from the placement in force, on the next window's loads
+    "nearest-deepseek-previous": "eplb.plan(w2, 288, 32, 4, 8, policy='global', "
+                                 "dispatch='nearest', previous=p0)",
     "nearest-512": "eplb.plan(w, 4096, 512, 64, 64, policy='global', dispatch='nearest')",
     "sample-group-limited": "sample_group_limited(w, 1024)",
 }
-SHAPES = {"nearest-deepseek": (58, 256), "nearest-512": (1, 2048),
+SHAPES = {"nearest-deepseek": (58, 256), "nearest-deepseek-previous": (58, 256),
+          "nearest-512": (1, 2048),
           "sample-group-limited": (58, 256)}
 
 WORKER = """
@@ -43,6 +49,10 @@ if real:
     w = torch.tensor(counts, dtype=torch.float64)[3:]
 else:
     w = generate_loads("deepseek-v3", seed=0, num_layers=layers, num_experts=experts)
+if "previous" in {name!r}:  # the placement in force, and a drifted next window
+    p0 = eplb.plan(w, 288, 32, 4, 8, policy="global", dispatch="nearest")
+    drift = torch.exp(0.15 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    w2 = (w * drift).round()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 times = []
 for _ in range(repeats + 1):
@@ -59,7 +69,7 @@ def run_case(name: str, repeats: int) -> dict:
     layers, experts = SHAPES[name]
     real = DEEPSEEK_DIR / "prefill_in4096.json"
     use_real = experts == 256 and real.is_file()
-    code = WORKER.format(layers=layers, experts=experts, repeats=repeats,
+    code = WORKER.format(layers=layers, experts=experts, repeats=repeats, name=name,
                          real=str(real) if use_real else "", call=CASES[name])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
