@@ -1,0 +1,70 @@
+"""CSV load tables: one row per layer, one column per expert, an optional header (a first
+header cell ``layer`` makes the first column the layer ids); ``#`` lines are comments."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+
+from eplb.formats._files import require_regular_file
+from eplb.formats.errors import FormatError
+
+_LAYER_HEADERS = {"layer", "layer_id", "layer_idx", "layer_index", "layers"}
+
+
+def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
+    """``(values [L, E] float64, layer ids or None)`` of a CSV load table. The ids are as
+    written (whole numbers are checked where they become layer ids)."""
+    require_regular_file(path)
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = [
+                [cell.strip() for cell in row]
+                for row in csv.reader(handle)
+                if row and any(c.strip() for c in row) and not row[0].lstrip().startswith("#")
+            ]
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, f"is not UTF-8 text: {exc}") from None
+    except csv.Error as exc:
+        raise FormatError(path, f"malformed CSV: {exc}") from None
+    if not rows:
+        raise FormatError(path, "expected CSV rows of expert loads (one row per layer), found none")
+    header = None
+    if not all(_is_number(c) for c in rows[0]):
+        header, rows = rows[0], rows[1:]
+    layer_col = header is not None and header[0].lower() in _LAYER_HEADERS
+    if not rows:
+        raise FormatError(path, "has a header but no data rows")
+    width = len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise FormatError(
+                path,
+                f"CSV row {i + 1 + (header is not None)} has {len(row)} cells; expected {width}",
+            )
+        for j, cell in enumerate(row):
+            if not _is_number(cell):
+                raise FormatError(
+                    path,
+                    f"CSV row {i + 1 + (header is not None)} column {j + 1} is {cell!r}; "
+                    "expected a number",
+                )
+    values = np.array([[float(c) for c in row] for row in rows], dtype=np.float64)
+    if values.size == 1 and header is None:
+        raise FormatError(path, "holds a single number; expected a table of loads (a row per "
+                                "layer, a column per expert)")
+    ids = None
+    if layer_col:
+        ids = values[:, 0].tolist()  # whole numbers, checked by LoadTrace (3.7 is refused)
+        values = values[:, 1:]
+    return values, ids
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
