@@ -227,15 +227,17 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
         # SGLang's elastic EP reads its active ranks from its own state: keep its algorithm
         return original(*args, **kwargs)
     options = options_from_env()
+    sglang_dispatch = _sglang_dispatch()
     if not _ANNOUNCED:  # here SGLang's logging is configured; at plugin load it is not yet
         _ANNOUNCED = True
         logger.info("eplb %s plans SGLang's expert rebalancing (SGLang algorithm %s, "
-                    "options %s)", _version(), name, json.dumps(options, sort_keys=True))
+                    "dispatch %s, options %s)", _version(), name, sglang_dispatch,
+                    json.dumps(options, sort_keys=True))
     return eplb_rebalance(
         call["tokens_per_expert"], call["num_physical_experts"],
         call["num_local_physical_experts"], call["num_groups"], call["num_nodes"],
         hierarchical=name.endswith("_hierarchical"), options=options,
-        old_phy2log=_current_map(), sglang_dispatch=_sglang_dispatch(),
+        old_phy2log=_current_map(), sglang_dispatch=sglang_dispatch,
     )
 
 
