@@ -317,7 +317,7 @@ def test_scores_of_extreme_loads_are_finite(value, tmp_path):
     ((24, 8, 1, 1, "bogus"), {}, ValueError, "policy must be one of"),
     ((24, 8, 0), {}, ValueError, "num_nodes must be a positive integer"),
     ((24, 0), {}, ValueError, "num_gpus must be a positive integer"),
-    ((24, 8, 3), {}, ValueError, "not a multiple of num_nodes"),
+    ((24, 8, 3, 3, "hierarchical"), {}, ValueError, "num_gpus (8) is not a multiple of"),
     ((24, 8), {"active_gpus": torch.ones(7, dtype=torch.bool)}, ValueError, "shape [8]"),
     ((24, 8), {"active_gpus": torch.tensor([3] * 8)}, TypeError, "boolean mask"),
 ])
@@ -327,3 +327,11 @@ def test_bounds_check_their_arguments(args, kwargs, error, message):
     for bound in (balancedness_ceiling, layer_ceiling, layer_lower_bound):
         with pytest.raises(error, match=re.escape(message)):
             bound(weight, *args, **kwargs)
+
+
+def test_a_global_bound_takes_gpus_that_do_not_divide_over_the_nodes():
+    # as eplb.plan does (a regression of the argument checks, found by a review pass)
+    weight = torch.rand(3, 16) + 0.1
+    placement = eplb.plan(weight, 18, 9, 2)
+    assert 0 < balancedness_ceiling(weight, 18, 9, 2) <= 1
+    assert placement.balancedness(weight) <= balancedness_ceiling(weight, 18, 9, 2) + 1e-12

@@ -338,7 +338,7 @@ def test_a_json_file_that_is_one_count_record_keeps_its_layer_ids(capsys, tmp_pa
     path.write_text(json.dumps({"counts": rows, "layer_ids": [3]}))
     code, _, err = run(capsys, "plan", str(path), "-r", "4", "-g", "2", "-o", str(out),
                        "--force")
-    assert_user_error(code, err, "layer ids must be 2 integers")
+    assert_user_error(code, err, "counts has 1 layer ids for 2 rows")
     # a record beside another array is one of two arrays: the key still chooses
     path.write_text(json.dumps({"counts": rows, "layers": [3, 4], "other": rows}))
     code, _, err = run(capsys, "plan", str(path), "-r", "4", "-g", "2", "-o", str(out),
@@ -388,3 +388,13 @@ def test_key_on_one_plain_json_array_is_refused(capsys, tmp_path) -> None:
     code, _, err = run(capsys, "plan", str(path), "--key", "x", "-r", "4", "-g", "2", "-o",
                        str(tmp_path / "o.json"))
     assert_user_error(code, err, "w.json", "picks nothing")
+
+
+def test_key_on_a_one_record_json_file_is_counts_or_nothing(capsys, tmp_path) -> None:
+    # found by a review pass: --key layers planned the ids as loads
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps({"counts": [[1, 2, 3, 4], [4, 3, 2, 1]], "layers": [3, 7]}))
+    assert read_loads(path, key="counts").layer_ids == [3, 7]
+    code, _, err = run(capsys, "plan", str(path), "--key", "layers", "-r", "4", "-g", "2",
+                       "-o", str(tmp_path / "o.json"))
+    assert_user_error(code, err, "one count record", "picks nothing")

@@ -625,7 +625,7 @@ def test_json_records_and_nested_arrays(tmp_path):
         read_loads(path, key="mixtral/nope")
     doc["olmoe/arxiv"]["layers"] = [0, True]
     path.write_text(json.dumps(doc))
-    with pytest.raises(FormatError, match="layer ids must be 2 integers"):
+    with pytest.raises(FormatError, match="olmoe/arxiv: layer ids must be integers, got True"):
         read_loads(path, key="olmoe/arxiv")
 
 

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -267,6 +268,7 @@ def test_a_placement_file_cannot_ask_for_absurd_expert_counts(tmp_path):
     (["3", "'3'"], "layer id 3 appears twice"),
     (["3", "true"], "must be integers, got True"),
     (["3", "-1"], "outside 0..4095"),
+    (["3", "'²'"], "must be integers, got '²'"),  # str.isdigit() took it; int() did not
 ])
 def test_trtllm_keys_that_are_not_one_layer_each_are_refused(tmp_path, keys, message):
     rows = ["[0, 1, 2, 3, 0, 1, 2, 3]", "[3, 3, 2, 2, 1, 1, 0, 0]"]
@@ -300,3 +302,13 @@ def test_eplb_json_metadata_is_checked_field_by_field(tmp_path, field, value, me
     path.write_text(json.dumps(doc))
     with pytest.raises(FormatError, match=re.escape(message)):
         read_placement(path)
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([3.7, 4.2]), [torch.tensor(True), 2],
+                                 np.array([3.5, 4.0])])
+def test_layer_ids_from_tensors_are_not_truncated(tmp_path, ids):
+    # a float tensor's __index__ truncates: 3.7 was written as layer 3
+    placement = eplb.plan(torch.rand(2, 8) + 0.1, 12, 4)
+    with pytest.raises(ValueError, match="layer ids must be integers"):
+        write_placement(placement, tmp_path / "p.sglang.json", emit="sglang", layer_ids=ids)
+    assert not (tmp_path / "p.sglang.json").exists()

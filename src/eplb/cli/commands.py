@@ -390,9 +390,11 @@ def _check_recorded(meta: dict, args: argparse.Namespace, what: str) -> None:
              ("--groups", "num_groups", args.groups))
     for flag, key, value in given:
         if recorded and value is not None and value != recorded.get(key, 1):
+            hint = ("delete its '# eplb-topology:' line to score it on another cluster"
+                    if meta.get("format") == "trtllm" else
+                    f"leave {flag} out, it describes engine files, which record none")
             raise CliError(f"{what} records its cluster ({key.split('_')[1]}: "
-                           f"{recorded.get(key, 1)}); {flag} {value} contradicts it. Leave "
-                           f"{flag} out: it describes engine files, which do not record theirs")
+                           f"{recorded.get(key, 1)}); {flag} {value} contradicts it: {hint}")
     if meta.get("policy") is not None and args.policy not in ("auto", meta["policy"]):
         raise CliError(f"{what} records the {meta['policy']} policy; --policy {args.policy} "
                        "contradicts it (leave --policy out)")

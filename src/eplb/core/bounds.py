@@ -219,7 +219,6 @@ def _check_cluster(num_experts: int, num_replicas: int, num_gpus: int, num_nodes
     """The checks :func:`eplb.plan` makes of the same arguments; returns the live GPUs.
     Raises ``ValueError``/``TypeError`` naming the argument, as planning would."""
     topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
-    topology.gpus_per_node  # noqa: B018 (raises where GPUs do not divide over the nodes)
     if policy not in BOUND_POLICIES:
         raise ValueError(f"policy must be one of {BOUND_POLICIES}, got {policy!r}")
     live = _num_live(num_gpus, active_gpus)

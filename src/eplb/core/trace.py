@@ -21,14 +21,16 @@ def model_layer_ids(values: Sequence[Any] | None, num_rows: int, what: str) -> l
     a bool is refused. Raises ``ValueError`` starting with ``what``."""
     if values is None:
         return list(range(num_rows))
+    if hasattr(values, "tolist"):  # a tensor or array: its elements as Python numbers
+        values = values.tolist()
+        values = values if isinstance(values, list) else [values]
     ids = []
-    for value in values:
-        whole = getattr(value, "is_integer", None)
-        if isinstance(value, bool) or not (
-            isinstance(value, int) or hasattr(value, "__index__")
-            or (whole is not None and whole())
-        ):
-            raise ValueError(f"{what}: layer ids must be integers, got {value!r}")
+    for item in values:
+        # NumPy and 0-d torch scalars as Python numbers (a float tensor's __index__ truncates)
+        value = item.tolist() if hasattr(item, "tolist") else item
+        whole = isinstance(value, float) and value.is_integer()
+        if isinstance(value, bool) or not (isinstance(value, int) or whole):
+            raise ValueError(f"{what}: layer ids must be integers, got {item!r}")
         ids.append(int(value))
     if len(ids) != num_rows:
         raise ValueError(f"{what} has {len(ids)} layer ids for {num_rows} rows")
@@ -37,8 +39,9 @@ def model_layer_ids(values: Sequence[Any] | None, num_rows: int, what: str) -> l
         raise ValueError(f"{what}: layer id {bad[0]} is outside 0..{MAX_MODEL_LAYERS - 1} "
                          "(a model layer index)")
     if len(set(ids)) != len(ids):
-        twice = sorted({i for i in ids if ids.count(i) > 1})
-        raise ValueError(f"{what}: layer id {twice[0]} appears twice")
+        seen: set[int] = set()
+        twice = next(i for i in ids if i in seen or seen.add(i))  # the first repeat
+        raise ValueError(f"{what}: layer id {twice} appears twice")
     return ids
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from eplb.core.trace import MAX_MODEL_LAYERS
+from eplb.core.trace import model_layer_ids
 from eplb.formats.errors import FormatError
 
 SEPARATOR = "/"
@@ -55,8 +55,11 @@ def pick_array(
 ) -> tuple[str, Any, list[Any] | None]:
     """``(name, array, layer ids or None)`` of the array ``key`` names in ``obj`` (the only
     one when ``key`` is ``None``). Raises :class:`FormatError` listing the names."""
-    if key is None and _is_record(obj) and set(obj) <= _RECORD_FIELDS:
+    if _is_record(obj) and set(obj) <= _RECORD_FIELDS:
         # the whole file is one count record: {"counts": [...], "layers": [...]}
+        if key not in (None, "counts"):
+            raise FormatError(path, f"is one count record (counts and their layer ids), so "
+                                    f"key {key!r} (--key) picks nothing; leave it out")
         return "counts", obj["counts"], obj.get("layer_ids", obj.get("layers"))
     names = array_names(obj)
     if key is None:
@@ -84,15 +87,16 @@ def pick_array(
 
 
 def record_layer_ids(ids: Any, rows: int, path: Path, name: str) -> list[int] | None:
-    """The model layer ids of a JSON count record, checked against its ``rows``."""
+    """The model layer ids of a JSON count record, checked against its ``rows`` (the one
+    rule, :func:`eplb.core.trace.model_layer_ids`)."""
     if ids is None:
         return None
-    if not isinstance(ids, list) or len(ids) != rows or not all(
-        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_MODEL_LAYERS for i in ids
-    ):
-        raise FormatError(path, f"{name}: its layer ids must be {rows} integers in "
-                                f"[0, {MAX_MODEL_LAYERS}), one per row of counts")
-    return ids
+    if not isinstance(ids, list):
+        raise FormatError(path, f"{name}: its layer ids must be a list, got {ids!r}")
+    try:
+        return model_layer_ids(ids, rows, name)
+    except ValueError as exc:
+        raise FormatError(path, str(exc)) from None
 
 
 def check_keys(path: Path, keys: list[str] | None, names: list[str]) -> None:

@@ -128,12 +128,14 @@ def read_loads(
         _require_container(path, fmt, ("json",))
         counts_np, meta = read_vllm_history(path, progress)
         trace = LoadTrace(torch.from_numpy(counts_np), None, str(path), fmt, meta)
-    elif fmt == "sglang":
-        trace = _read_sglang(path)
-    elif fmt == "sglang-per-pass":
-        trace = _read_sglang_per_pass(path, num_experts)
-    elif fmt == "trtllm":
-        trace = _read_trtllm(path)
+    elif fmt in ("sglang", "sglang-per-pass", "trtllm"):
+        try:  # these carry the model's own layer ids: a bad one is the file's fault
+            trace = (_read_sglang(path) if fmt == "sglang" else _read_trtllm(path)
+                     if fmt == "trtllm" else _read_sglang_per_pass(path, num_experts))
+        except FormatError:
+            raise
+        except ValueError as exc:
+            raise FormatError(path, str(exc)) from None
     elif fmt == "topk":
         segments = _topk_segments(path, keys)
         counts, meta = topk_to_counts(segments, path, num_experts, tokens_per_step)
@@ -188,8 +190,8 @@ def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
         return value.detach().cpu()
     if isinstance(value, np.ndarray):
         if value.ndim == 0:  # (np.ascontiguousarray would make it [1])
-            raise FormatError(path, f"{what} is a single number; expected [layers, experts] "
-                                    "or [steps, layers, experts] loads")
+            raise FormatError(path, "holds a single number; expected [layers, experts] or "
+                                    "[steps, layers, experts] loads")
         if value.dtype.kind not in "biuf":
             raise FormatError(path, f"{what} has dtype {value.dtype}; expected numbers")
         if value.dtype.byteorder == ">":  # big-endian files are fine: native order for torch

@@ -329,6 +329,7 @@ def generate_loads(
         step 0 of :func:`generate_trace`.
     """
     shape = resolve_shape(preset, num_layers=num_layers, num_experts=num_experts, top_k=top_k)
+    _check_size(1, shape.num_layers, shape.num_experts)
     cfg, sigma_override = _apply_sigma(_config_for(shape, config, spike_prob=spike_prob), sigma)
     if tokens is None:
         tokens = 1000.0 * cfg.tokens_per_step
@@ -401,6 +402,17 @@ def _regime_per_step(cfg: WorkloadConfig, steps: int) -> torch.Tensor:
 MAX_TRACE_BYTES = 8 << 30
 
 
+def _check_size(steps: int, layers: int, experts: int) -> None:
+    """Refuse loads over :data:`MAX_TRACE_BYTES` (float64) before any work."""
+    need = steps * layers * experts * 8  # the float64 counts alone (a few copies are made)
+    if need > MAX_TRACE_BYTES:
+        raise ValueError(
+            f"{steps} steps of {layers} layers × {experts} experts need {need / 2**30:.1f} GiB "
+            f"of counts, beyond {MAX_TRACE_BYTES >> 30} GiB: generate fewer steps, layers or "
+            "experts (or several traces)"
+        )
+
+
 def generate_trace(
     preset: str | ModelShape = "deepseek-v3",
     steps: int = 1000,
@@ -451,12 +463,7 @@ def generate_trace(
     gen = torch.Generator().manual_seed(as_seed(seed))
     model = _Model(shape, cfg, gen, sigma_override)
     L, E, k = shape.num_layers, shape.num_experts, shape.top_k
-    need = steps * L * E * 8  # the float64 counts alone
-    if need > MAX_TRACE_BYTES:
-        raise ValueError(
-            f"{steps} steps of {L} layers × {E} experts need {need / 2**30:.1f} GiB of counts, "
-            f"beyond {MAX_TRACE_BYTES >> 30} GiB: generate fewer steps (or several traces)"
-        )
+    _check_size(steps, L, E)
     S = cfg.requests_per_step
     regimes = _regime_per_step(cfg, steps)
 
