@@ -240,6 +240,28 @@ def _same_node(topo: Topology) -> torch.Tensor:
     return (node[:, None] == node[None, :]).double()
 
 
+def test_an_expert_hotter_than_the_nodes_share_gets_more_than_a_replica_per_node(
+        sglang_root):
+    # found by a review pass: the nearest plans capped the hot expert at a replica per
+    # node (0.25 served under SGLang's table, where the even-split plan served 0.89)
+    from eplb.core.dispatch import table_gpu_loads
+
+    tables = _sglang(sglang_root)
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randint(0, 100, (8, 64), generator=gen)
+    weight[:, 0] += 3000
+
+    def served(phy2log):
+        loads = table_gpu_loads(weight, tables(phy2log, 64, 16, 2, path="eplb"), 16, 128)
+        return float(loads.mean(1).sum() / loads.amax(1).sum())
+
+    nearest = eplb.plan(weight, 128, 16, 2, 1, policy="global", dispatch="nearest")
+    nearest.validate()
+    even = eplb.plan(weight, 128, 16, 2, 1, policy="global").phy2log
+    assert served(nearest.phy2log) >= served(even) > 0.85
+    assert int((nearest.phy2log == 0).sum(1).min()) > 2  # more than a replica per node
+
+
 def test_counts_respect_their_rules():
     w = torch.tensor([[100.0, 50, 10, 1, 1, 1]])
     assert capped_counts(w, 12, 2)[0].tolist() == [[2, 2, 2, 2, 2, 2]]
