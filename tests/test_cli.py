@@ -518,6 +518,10 @@ def test_before_is_scored_in_time_too_with_gpu_speeds(capsys, tmp_path, loads) -
                             "--gpu-speed", speeds)[1])
     assert planned["balancedness_before"] == pytest.approx(expected, rel=1e-12)
     assert scored["balancedness_before"] == pytest.approx(expected, rel=1e-12)
+    for row in scored["layers"]:  # the per-layer worst is in time too
+        for side in ("before", "after"):
+            assert row[f"max_over_mean_{side}"] == pytest.approx(
+                1 / row[f"balancedness_{side}"], rel=1e-12)
 
 
 def test_first_layer_beyond_any_model_is_refused(capsys, tmp_path, loads) -> None:

@@ -374,14 +374,6 @@ def _select_rows(placement: Placement, rows: list[int]) -> Placement:
                                   placement.policy, placement.active_gpus)
 
 
-def _max_over_mean(gpu_loads: torch.Tensor) -> torch.Tensor:
-    """``[L]`` worst GPU over the mean GPU load; 1.0 for a layer without load (as its
-    balancedness), not 0."""
-    mean = gpu_loads.mean(1)
-    ratio = gpu_loads.max(1).values / mean.clamp(min=1e-300)
-    return torch.where(mean > 0, ratio, torch.ones_like(ratio))
-
-
 def _check_recorded(meta: dict, args: argparse.Namespace, what: str) -> None:
     """Refuse flags that contradict the cluster and policy a file records (eplb's files):
     ``-g``/``--nodes``/``--groups``/``--policy`` describe engine files, which do not."""
@@ -432,9 +424,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     after_layer, after, after_worst = load_balance(after_loads, live, speed)
     ceil = ceiling(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
                    placement.policy, active=placement.active_gpus, speed=speed is not None)
-    static = static_gpu_loads(weight, topo.num_gpus)
-    ratio_b = _max_over_mean(static).tolist()
-    ratio_a = _max_over_mean(after_loads[:, live]).tolist()
+    # busiest GPU over the ideal, per layer: by time where GPU speeds are given, as the
+    # overall worst is (1 / the layer's balancedness; 1.0 for a layer without load)
+    ratio_b = (1 / before_layer).tolist()
+    ratio_a = (1 / after_layer).tolist()
     per_layer = [
         {
             "layer": lid,
