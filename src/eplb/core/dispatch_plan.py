@@ -337,13 +337,27 @@ def plan_nearest_global(
         better = peak[rows] > peak_free * (1 + _AUTO_TOLERANCE)
         chosen[rows[better]] = free[better]
         peak[rows[better]] = peak_free[better]
-    # and eplb's even-split plan as it stands: with few experts per GPU the relabelling
-    # for the rule can cost more than it buys (Mixtral's 8 experts on 16 GPUs in 2 nodes:
-    # 0.54 realised for the plans above, 0.70 for the even-split plan)
-    flat = _plan_nearest(weight, topology, options, generator, active_gpus, source, "even")
-    peak_flat = realised_gpu_loads(weight, flat, *args).amax(1)
-    better = peak > peak_flat * (1 + _AUTO_TOLERANCE)
-    return torch.where(better[:, None], flat, chosen)
+    return chosen
+
+
+def keep_better_served(
+    weight: torch.Tensor,
+    planned: torch.Tensor,
+    other: torch.Tensor,
+    topology: Topology,
+    source: torch.Tensor | None = None,
+    active_gpus: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[L, R]``: per layer ``other`` where the nearest rule serves it with a busiest GPU
+    more than 5 % lower than ``planned``'s, else ``planned``. The planner offers eplb's
+    even-split plan this way (``fair="auto"``): with few experts per GPU the relabelling
+    for the rule can cost more than it buys (``benchmarks/bench_nearest_few.py``:
+    Mixtral's 8 experts on 16 GPUs in 2 nodes)."""
+    args = (topology.num_gpus, topology.num_nodes, "nearest", source, active_gpus)
+    peak = realised_gpu_loads(weight, planned, *args).amax(1)
+    peak_other = realised_gpu_loads(weight, other, *args).amax(1)
+    better = peak > peak_other * (1 + _AUTO_TOLERANCE)
+    return torch.where(better[:, None], other, planned)
 
 
 def _plan_nearest(
@@ -355,9 +369,8 @@ def _plan_nearest(
     source: torch.Tensor | None,
     fair: str,
 ) -> torch.Tensor:
-    """:func:`plan_nearest_global` for one of ``"avoid"``, ``"expect"``, ``"uncapped"``
-    (Jefferson's counts, up to a replica per live GPU) and ``"even"`` (those counts and
-    no relabelling for the rule: eplb's even-split plan)."""
+    """:func:`plan_nearest_global` for one of ``"avoid"``, ``"expect"`` and
+    ``"uncapped"`` (Jefferson's counts, up to a replica per live GPU)."""
     num_layers, num_experts = weight.shape
     nodes = topology.num_nodes
     live = active_gpus
@@ -370,7 +383,7 @@ def _plan_nearest(
                          f"the {num_experts} experts")
     live_nodes = int(live.view(nodes, -1).any(1).sum()) if nodes > 1 else 1
     cap = max(live_nodes, -(-num_live * slots // num_experts))
-    if fair in ("uncapped", "even"):
+    if fair == "uncapped":
         cap = num_live
     cover = live_nodes if fair == "avoid" and live_nodes > 1 else 0
     if cover and (num_live * slots - num_experts) > num_experts * (cover - 1):
@@ -380,7 +393,7 @@ def _plan_nearest(
     phy2log = torch.full((num_layers, topology.num_replicas), -1, dtype=torch.int64,
                          device=weight.device)
     phy2log[:, live.repeat_interleave(slots)] = planned
-    if nodes > 1 and fair != "even":
+    if nodes > 1:
         # "avoid": a covering expert (c = live nodes) needs a replica on every node
         least = min(3, cover) if cover else 3
         phy2log, left = spread_over_nodes(phy2log, topology.num_gpus, nodes, num_experts, live,

@@ -23,7 +23,7 @@ import numbers
 import torch
 
 from eplb.core.dispatch import check_dispatch
-from eplb.core.dispatch_plan import FAIR_MODES, plan_nearest_global
+from eplb.core.dispatch_plan import FAIR_MODES, keep_better_served, plan_nearest_global
 from eplb.core.inputs import (
     as_gpu_speed,
     as_live_mask,
@@ -210,6 +210,11 @@ def plan_fresh(request: PlanRequest) -> Placement:
             request.source,
             request.fair,
         )
+        if request.fair == "auto":  # and eplb's even-split plan, where it serves better
+            even = plan_fresh(dataclasses.replace(request, dispatch="even", fair="auto",
+                                                  source=None, routing=None))
+            phy2log = keep_better_served(request.weight, phy2log, even.phy2log, topology,
+                                         request.source, request.active_gpus)
     elif request.active_gpus is not None:
         phy2log = _plan_live(request)
     else:
