@@ -336,7 +336,6 @@ def plan_nearest_global(
         peak_free = realised_gpu_loads(weight[rows], free, *args).amax(1)
         better = peak[rows] > peak_free * (1 + _AUTO_TOLERANCE)
         chosen[rows[better]] = free[better]
-        peak[rows[better]] = peak_free[better]
     return chosen
 
 
