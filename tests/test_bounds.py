@@ -323,7 +323,7 @@ def test_scores_of_extreme_loads_are_finite(value, tmp_path):
 ])
 def test_bounds_check_their_arguments(args, kwargs, error, message):
     # the bounds once answered numbers for clusters that cannot exist (or crashed)
-    weight = torch.rand(3, 16)
+    weight = torch.rand(3, 16, generator=torch.Generator().manual_seed(0))
     for bound in (balancedness_ceiling, layer_ceiling, layer_lower_bound):
         with pytest.raises(error, match=re.escape(message)):
             bound(weight, *args, **kwargs)
@@ -331,7 +331,8 @@ def test_bounds_check_their_arguments(args, kwargs, error, message):
 
 def test_a_global_bound_takes_gpus_that_do_not_divide_over_the_nodes():
     # as eplb.plan does (a regression of the argument checks, found by a review pass)
-    weight = torch.rand(3, 16) + 0.1
+    weight = torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) + 0.1
     placement = eplb.plan(weight, 18, 9, 2)
-    assert 0 < balancedness_ceiling(weight, 18, 9, 2) <= 1
-    assert placement.balancedness(weight) <= balancedness_ceiling(weight, 18, 9, 2) + 1e-12
+    ceiling = balancedness_ceiling(weight, 18, 9, 2)
+    assert 0 < ceiling <= 1 + 1e-12  # (a ratio of float sums: the last bit may round up)
+    assert placement.balancedness(weight) <= ceiling + 1e-12
