@@ -216,12 +216,13 @@ def _better_served(weight: torch.Tensor, nearest: torch.Tensor, even: torch.Tens
     the lower busiest GPU (``weight [L, E]``): the nearest-aware plan gives an expert at
     most a replica per node, and where one expert carries more than the nodes' share an
     even-split plan with many replicas of it serves better (found by a review pass:
-    0.25 against 0.89 on a one-hot layer). The even plan is taken only where the model
-    puts its busiest GPU :data:`EVEN_MARGIN` lower: its edge in the model can rest on the
-    "fair" choices SGLang draws at random, which the model counts at their expectation
-    (on the real ``prefill_in4096`` dump, taking every modelled gain served 0.99649 under
-    SGLang's own table against 0.99659 for the nearest-aware plan alone); the margin also
-    keeps float sums that could differ in the last bits between machines from deciding.
+    0.25 against 0.89 on a one-hot layer; the planner now weighs such plans itself, see
+    :func:`eplb.core.dispatch_plan.keep_better_served`, and this stays as a last guard).
+    The even plan is taken only where the model puts its busiest GPU :data:`EVEN_MARGIN`
+    lower: small modelled gains did not carry over (on the real ``prefill_in4096`` dump,
+    taking every one served 0.99649 under SGLang's own table against 0.99659 for the
+    nearest-aware plan alone), and the margin keeps float sums that could differ in the
+    last bits between machines from deciding.
     Returns ``(phy2log, log2phy, logcnt)``."""
     nodes = topology.num_nodes
     near = realised_gpu_loads(weight, nearest, topology.num_gpus, nodes).amax(1)
