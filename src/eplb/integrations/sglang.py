@@ -42,8 +42,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
-from eplb.core.dispatch import realised_gpu_loads
-from eplb.core.placement import Placement, validate_planned
+from eplb.core.policies import resolve_policy
 from eplb.core.topology import Topology, positive_int
 from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
 
@@ -71,9 +70,6 @@ PLANNER_OPTIONS = frozenset(
 #: ``dispatch`` values: ``auto`` plans for the rule SGLang runs (its ``static`` dispatch on
 #: several nodes sends a token to the nearest replica; otherwise tokens spread evenly)
 DISPATCH_CHOICES = ("auto", "even", "nearest")
-#: under the nearest rule an even-split plan replaces the nearest-aware one in a layer only
-#: where its modelled busiest GPU is this much lower (see :func:`_better_served`)
-EVEN_MARGIN = 0.02
 _ON = frozenset({"eplb", "1", "on", "true", "yes"})
 _OFF = frozenset({"", "0", "off", "false", "no", "none"})
 _ANNOUNCED = False
@@ -135,7 +131,9 @@ def eplb_rebalance(
             its nearest-replica rule (``dispatch="nearest"``, the global policy unless
             ``policy`` is set): a hierarchical plan made for an even split scores
             0.751–0.894 under that rule on the real DeepSeek-V3 loads, a global one
-            planned for it 0.9966–0.9988 (BENCHMARKS.md §14). Otherwise an even split.
+            planned for it 0.9966–0.9988 (BENCHMARKS.md §14); per layer the planner keeps
+            its even-split plan where the rule serves that clearly better (BENCHMARKS.md
+            §16). Otherwise an even split.
 
     Returns:
         ``(phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E])`` int64 on the CPU
@@ -174,10 +172,9 @@ def eplb_rebalance(
     policy = options.pop("policy", None)
     if policy is None:
         policy = "global" if dispatch == "nearest" or not hierarchical else "hierarchical"
-    if policy == "auto":  # as eplb.plan resolves it
-        topology = Topology(num_physical_experts, num_gpus, num_nodes, groups)
-        policy = "hierarchical" if topology.grouped and not topology.hierarchy_problems(
-            weight.shape[-1]) else "global"
+    if policy == "auto":  # resolved once here (the option drop below needs it)
+        policy = resolve_policy(policy, Topology(num_physical_experts, num_gpus, num_nodes,
+                                                 groups), weight.shape[-1])
     if policy == "hierarchical" and (groups <= 1 or groups % num_nodes or num_nodes <= 1):
         logger.warning("eplb: SGLang asked for hierarchical balancing but num_groups=%s, "
                        "num_nodes=%d do not allow it; planning globally", num_groups, num_nodes)
@@ -191,46 +188,19 @@ def eplb_rebalance(
             old = None
     if old is None:  # a fresh plan: the move knobs have nothing to act on
         options = {k: v for k, v in options.items() if k not in INCREMENTAL_OPTIONS}
-    even = rebalance_experts(weight, num_physical_experts, groups, num_nodes, num_gpus,
+    if dispatch == "nearest":
+        options["dispatch"] = "nearest"
+        # what eplb's nearest planner cannot honour would fail SGLang's rebalance: drop it
+        dropped = [k for k in ("skip_threshold",) if k in options]
+        if policy != "global" and old is not None:
+            dropped += [k for k in ("max_moves",) if k in options]
+        for key in dropped:
+            options.pop(key)
+        if dropped:
+            logger.warning("eplb: %s not applied when planning for SGLang's nearest dispatch "
+                           "(policy %s)", ", ".join(dropped), policy)
+    return rebalance_experts(weight, num_physical_experts, groups, num_nodes, num_gpus,
                              policy=policy, old_phy2log=old, **options)
-    if dispatch != "nearest":
-        return even
-    # what eplb's nearest planner cannot honour would fail SGLang's rebalance: drop it
-    dropped = [k for k in ("skip_threshold",) if k in options]
-    if policy != "global" and old is not None:
-        dropped += [k for k in ("max_moves",) if k in options]
-    for key in dropped:
-        options.pop(key)
-    if dropped:
-        logger.warning("eplb: %s not applied when planning for SGLang's nearest dispatch "
-                       "(policy %s)", ", ".join(dropped), policy)
-    nearest = rebalance_experts(weight, num_physical_experts, groups, num_nodes, num_gpus,
-                                policy=policy, old_phy2log=old, dispatch="nearest", **options)
-    return _better_served(weight, nearest[0], even[0], Topology(
-        num_physical_experts, num_gpus, num_nodes, groups), policy)
-
-
-def _better_served(weight: torch.Tensor, nearest: torch.Tensor, even: torch.Tensor,
-                   topology: Topology, policy: str) -> tuple[torch.Tensor, ...]:
-    """Per layer, whichever of the two plans ``[L, R]`` SGLang's nearest rule serves with
-    the lower busiest GPU (``weight [L, E]``): the nearest-aware plan gives an expert at
-    most a replica per node, and where one expert carries more than the nodes' share an
-    even-split plan with many replicas of it serves better (found by a review pass:
-    0.25 against 0.89 on a one-hot layer; the planner now weighs such plans itself, see
-    :func:`eplb.core.dispatch_plan.keep_better_served`, and this stays as a last guard).
-    The even plan is taken only where the model puts its busiest GPU :data:`EVEN_MARGIN`
-    lower: small modelled gains did not carry over (on the real ``prefill_in4096`` dump,
-    taking every one served 0.99649 under SGLang's own table against 0.99659 for the
-    nearest-aware plan alone), and the margin keeps float sums that could differ in the
-    last bits between machines from deciding.
-    Returns ``(phy2log, log2phy, logcnt)``."""
-    nodes = topology.num_nodes
-    near = realised_gpu_loads(weight, nearest, topology.num_gpus, nodes).amax(1)
-    flat = realised_gpu_loads(weight, even, topology.num_gpus, nodes).amax(1)
-    worse = near > flat * (1 + EVEN_MARGIN)
-    chosen = torch.where(worse[:, None], even, nearest)
-    placement = Placement.from_phy2log(chosen, weight.shape[-1], topology, policy)
-    return validate_planned(placement).as_tuple()
 
 
 def _sglang_dispatch() -> str | None:

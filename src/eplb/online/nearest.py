@@ -3,7 +3,8 @@
 Two candidates per layer, the lower *realised* max GPU load within the budget wins, and a
 layer neither improves keeps its placement:
 
-1. the fresh dispatch-aware plan (:func:`eplb.core.dispatch_plan.plan_nearest_global`)
+1. the fresh dispatch-aware plan (:func:`eplb.core.planner.plan_fresh`: the nearest
+   plan, or per layer eplb's even-split plan where the rule serves that better)
    relabelled onto the old map, whole nodes first (which keeps every expert's node
    pattern; it moves most slots);
 2. the even-split incremental plan within most of the budget, then
@@ -13,12 +14,14 @@ layer neither improves keeps its placement:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
 from eplb.core.dispatch import realised_gpu_loads
-from eplb.core.dispatch_plan import _WARM_SHARE, plan_nearest_global, repair_node_pairs
+from eplb.core.dispatch_plan import _WARM_SHARE, repair_node_pairs
+from eplb.core.planner import plan_fresh
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
 
@@ -32,12 +35,12 @@ def plan_nearest_incremental(
     """``phy2log [L, R]`` re-planned for the nearest rule from ``previous [L, R]`` (all GPUs
     live), with at most ``max_moves [L]`` changed slots per layer (``None``: no limit).
     ``warm_even(old, budget)`` is the even-split incremental planner."""
-    weight, topology, options = request.weight, request.topology, request.options
+    weight, topology = request.weight, request.topology
     fair = request.fair
-    gen = request.generator()
     old = previous.to(torch.int64)
     gpus, nodes = topology.num_gpus, topology.num_nodes
-    fresh = plan_nearest_global(weight, topology, options, gen, fair=fair)
+    # tokens arising evenly, as the candidates below are scored
+    fresh = plan_fresh(dataclasses.replace(request, source=None)).phy2log
     fresh = align_to_previous(fresh, old, gpus, topology.gpus_per_node)
     # a share of the budget is kept for the repair: moves that fix same-node pairs pay
     # more under the rule than the last even-split swaps
