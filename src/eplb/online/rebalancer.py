@@ -453,12 +453,11 @@ class Rebalancer:
         new = plan_estimate(estimate, self.planner, previous if self._pass_previous else None,
                             keep=previous)
         seconds = time.perf_counter() - start
-        layers, experts = estimate.weight.shape
-        if (new.topology != self.topology or new.num_experts != experts
-                or new.num_layers != layers):
-            raise ValueError(f"the planner returned a placement of {new.num_layers} layers × "
-                             f"{new.num_experts} experts for {new.topology}; expected {layers} "
-                             f"× {experts} for {self.topology}")
+        # (plan_estimate checked that it is a Placement of the estimate's layers)
+        if new.topology != self.topology or new.num_experts != estimate.weight.shape[1]:
+            raise ValueError(f"the planner returned a placement of {new.num_experts} experts "
+                             f"for {new.topology}; expected {estimate.weight.shape[1]} for "
+                             f"{self.topology}")
         if previous is None:
             moved = torch.zeros(new.num_layers, dtype=torch.int64)
             changed = True
