@@ -124,34 +124,12 @@ def read_loads(
             f"per-pass dumps; {path} is {fmt!r}, whose expert count is its width"
         )
 
-    if fmt == "vllm-history":
-        _require_container(path, fmt, ("json",))
-        counts_np, meta = read_vllm_history(path, progress)
-        trace = LoadTrace(torch.from_numpy(counts_np), None, str(path), fmt, meta)
-    elif fmt in ("sglang", "sglang-per-pass", "trtllm"):
-        try:  # these carry the model's own layer ids: a bad one is the file's fault
-            trace = (_read_sglang(path) if fmt == "sglang" else _read_trtllm(path)
-                     if fmt == "trtllm" else _read_sglang_per_pass(path, num_experts))
-        except FormatError:
-            raise
-        except ValueError as exc:
-            raise FormatError(path, str(exc)) from None
-    elif fmt == "topk":
-        segments = _topk_segments(path, keys)
-        counts, meta = topk_to_counts(segments, path, num_experts, tokens_per_step)
-        trace = LoadTrace(counts, None, str(path), fmt, meta)
-    else:
-        _require_container(path, fmt, _CONTAINERS[fmt])
-        if keys is not None and len(keys) > 1:
-            raise ValueError(
-                f"key names one array of a plain tensor file, got {len(keys)}: {keys}"
-            )
-        counts, found_ids, meta = _read_plain(path, fmt, None if keys is None else keys[0])
-        meta["model_layer_ids"] = found_ids is not None
-        try:  # the file's own layer ids: a bad one is the file's fault, named as such
-            trace = LoadTrace(counts, found_ids, str(path), fmt, meta)
-        except ValueError as exc:
-            raise FormatError(path, str(exc)) from None
+    try:  # a bad value from the file (e.g. its layer ids) is the file's fault, named so
+        trace = _read_format(path, fmt, keys, progress, num_experts, tokens_per_step)
+    except FormatError:
+        raise
+    except ValueError as exc:
+        raise FormatError(path, str(exc)) from None
     if fmt in ("sglang", "sglang-per-pass", "trtllm"):
         trace.meta["model_layer_ids"] = True
     trace.meta.setdefault("model_layer_ids", False)
@@ -161,6 +139,30 @@ def read_loads(
         meta = {**trace.meta, "model_layer_ids": True}
         trace = LoadTrace(trace.counts, ids, trace.source, trace.format, meta)
     return trace
+
+
+def _read_format(path: Path, fmt: str, keys: list[str] | None, progress: bool,
+                 num_experts: int | None, tokens_per_step: int | None) -> LoadTrace:
+    """The :class:`LoadTrace` of ``path`` read as ``fmt`` (see :func:`read_loads`)."""
+    if fmt == "vllm-history":
+        _require_container(path, fmt, ("json",))
+        counts_np, meta = read_vllm_history(path, progress)
+        return LoadTrace(torch.from_numpy(counts_np), None, str(path), fmt, meta)
+    if fmt in ("sglang", "sglang-per-pass", "trtllm"):
+        return (_read_sglang(path) if fmt == "sglang" else _read_trtllm(path)
+                if fmt == "trtllm" else _read_sglang_per_pass(path, num_experts))
+    if fmt == "topk":
+        segments = _topk_segments(path, keys)
+        counts, meta = topk_to_counts(segments, path, num_experts, tokens_per_step)
+        return LoadTrace(counts, None, str(path), fmt, meta)
+    _require_container(path, fmt, _CONTAINERS[fmt])
+    if keys is not None and len(keys) > 1:
+        raise ValueError(
+            f"key names one array of a plain tensor file, got {len(keys)}: {keys}"
+        )
+    counts, found_ids, meta = _read_plain(path, fmt, None if keys is None else keys[0])
+    meta["model_layer_ids"] = found_ids is not None
+    return LoadTrace(counts, found_ids, str(path), fmt, meta)
 
 
 def _keys(key: str | Sequence[str] | None) -> list[str] | None:
