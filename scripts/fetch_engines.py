@@ -97,7 +97,7 @@ def _extract(spec: EngineSpec, wheel: Path, dest: Path) -> list[str]:
 def fetch(spec: EngineSpec, cache: Path, *, force: bool = False, keep_wheel: bool = False) -> str:
     """Make ``cache/<name>-<version>`` hold the extracted files; returns a status word."""
     root = cache / spec.folder
-    if not force and _engines.engine_root(spec.name, cache) is not None:
+    if not force and _engines.fetched_root(spec, cache) is not None:
         return "cached"
     cache.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -1,4 +1,5 @@
-"""One expert-parallel rank of vLLM 0.33's EPLB, on CPU, for ``test_engines_vllm_multiproc``.
+"""One expert-parallel rank of vLLM's EPLB (0.33.0 or 0.34.0), on CPU, for
+``test_engines_vllm_multiproc``.
 
 Run as ``python tests/_vllm_ep_worker.py RANK WORLD WORKDIR [SCENARIOS]``; the test starts
 WORLD of them. They join a gloo process group (``file://WORKDIR/store``), load vLLM's
@@ -29,9 +30,10 @@ else is vLLM's code.
 EPLB algorithm): package shells ``vllm``, ``vllm.distributed``, ``vllm.config`` (with
 ``ModelConfig``/``ParallelConfig`` placeholders used as annotations),
 ``vllm.config.parallel`` (``EPLBPolicyOption`` executed from the real file),
-``vllm.config.utils``; ``vllm.distributed.parallel_state`` (``get_ep_group`` /
-``get_eplb_group`` give a coordinator over the gloo world: ``ranks``, ``rank_in_group``,
-``world_size``, ``unique_name``, ``cpu_group`` = ``device_group`` = WORLD;
+``vllm.config.utils`` (its hash helper under both releases' names);
+``vllm.distributed.parallel_state`` (``get_ep_group`` / ``get_eplb_group`` give a
+coordinator over the gloo world: ``ranks``, ``rank_in_group``, ``world_size``,
+``unique_name``, ``cpu_group`` = ``device_group`` = WORLD;
 ``get_node_count`` gives the scenario's node count); ``vllm.distributed.
 stateless_coordinator``, ``vllm.distributed.utils``, ``vllm.distributed.nixl_utils``
 (no NIXL), ``vllm.distributed.device_communicators.pynccl{,_wrapper}`` (CUDA only),
@@ -106,7 +108,9 @@ def install_vllm(root: Path, topology: dict[str, int]) -> types.SimpleNamespace:
     sys.modules["vllm.config"] = config
     _module("vllm.config.parallel", EPLBPolicyOption=_extract_assignment(
         pkg / "config" / "parallel.py", "EPLBPolicyOption", {"Literal": Literal}))
-    _module("vllm.config.utils", compute_hash_cached=lambda config: config.compute_hash())
+    # the config hash helper: compute_hash_cached in 0.33, renamed hash_config_cached in 0.34
+    _module("vllm.config.utils", compute_hash_cached=lambda config: config.compute_hash(),
+            hash_config_cached=lambda config: config.compute_hash())
 
     ep, eplb_group = Coordinator("ep"), Coordinator("eplb")
     _module(

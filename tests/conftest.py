@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-from engines import FETCH_HINT, engine_root
+from engines import ENGINES, FETCH_HINT, VLLM_RELEASES, engine_root
 from helpers import MISSING_REAL, REAL_DATA
 from hypothesis import settings
 
@@ -37,10 +37,12 @@ def _engine(name: str) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def vllm_root() -> Path:
-    """Extracted vLLM 0.33.0 EPLB sources (``scripts/fetch_engines.py``), else skip."""
-    return _engine("vllm")
+@pytest.fixture(scope="session", params=VLLM_RELEASES,
+                ids=[ENGINES[key].version for key in VLLM_RELEASES])
+def vllm_root(request: pytest.FixtureRequest) -> Path:
+    """Extracted EPLB sources of each tested vLLM release (0.33.0, 0.34.0; fetched by
+    ``scripts/fetch_engines.py``), else skip: every test taking it runs once per release."""
+    return _engine(request.param)
 
 
 @pytest.fixture(scope="session")

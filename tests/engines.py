@@ -31,10 +31,12 @@ from typing import Any
 __all__ = [
     "ENGINES",
     "FETCH_HINT",
+    "VLLM_RELEASES",
     "EngineSpec",
     "engine_cache_dir",
     "engine_root",
     "extract_function",
+    "fetched_root",
     "sglang_sources",
     "vllm_sources",
 ]
@@ -62,27 +64,34 @@ class EngineSpec:
         return any(member == m or (m.endswith("/") and member.startswith(m)) for m in self.members)
 
 
+def _vllm_members(version: str) -> tuple[str, ...]:
+    """The files of a vLLM wheel the tests run (the same list for every tested release)."""
+    return (
+        "vllm/distributed/eplb/",  # policy/, eplb_state.py (compute_logical_maps), ...
+        "vllm/config/parallel.py",  # EPLBConfig and EPLBPolicyOption
+        "vllm/plugins/__init__.py",  # load_general_plugins (entry-point loader)
+        "vllm/engine/arg_utils.py",  # CLI flag names (--enable-eplb, --eplb-config)
+        # the plugin's switch, log line and rank agreement (tests/test_engines_vllm_*.py)
+        "vllm/envs.py",  # environment_variables, VLLM_RAY_EXTRA_ENV_VARS_TO_COPY
+        "vllm/logger.py",  # the "vllm" logger hierarchy and its handler
+        "vllm/logging_utils/",  # formatters logger.py configures
+        "vllm/ray/ray_env.py",  # get_env_vars_to_copy (Ray DP engine cores)
+        "vllm/v1/engine/utils.py",  # CoreEngineActorManager copies that env to actors
+        "vllm/v1/executor/ray_env_utils.py",  # Ray executor workers: driver env
+        "vllm/platforms/interface.py",  # validate_environ: unknown VLLM_* variables
+        "vllm/distributed/parallel_state.py",  # get_ep_group, GroupCoordinator fields
+        "vllm/utils/math_utils.py",  # round_up (0.34's eplb_communicator imports it)
+        f"vllm-{version}.dist-info/METADATA",
+    )
+
+
+# Keys are what engine_root() and the fixtures take. "vllm" stays the release the issues'
+# figures were measured against (0.33.0: the benchmarks run it); every vLLM key in
+# VLLM_RELEASES is tested. DefaultEplbPolicy (policy/default.py) is byte-identical in
+# 0.33.0 and 0.34.0; 0.34.0 changed the weight-moving code around it.
 ENGINES: dict[str, EngineSpec] = {
-    "vllm": EngineSpec(
-        "vllm",
-        "0.33.0",
-        (
-            "vllm/distributed/eplb/",  # policy/, eplb_state.py (compute_logical_maps), ...
-            "vllm/config/parallel.py",  # EPLBConfig and EPLBPolicyOption
-            "vllm/plugins/__init__.py",  # load_general_plugins (entry-point loader)
-            "vllm/engine/arg_utils.py",  # CLI flag names (--enable-eplb, --eplb-config)
-            # the plugin's switch, log line and rank agreement (tests/test_engines_vllm_*.py)
-            "vllm/envs.py",  # environment_variables, VLLM_RAY_EXTRA_ENV_VARS_TO_COPY
-            "vllm/logger.py",  # the "vllm" logger hierarchy and its handler
-            "vllm/logging_utils/",  # formatters logger.py configures
-            "vllm/ray/ray_env.py",  # get_env_vars_to_copy (Ray DP engine cores)
-            "vllm/v1/engine/utils.py",  # CoreEngineActorManager copies that env to actors
-            "vllm/v1/executor/ray_env_utils.py",  # Ray executor workers: driver env
-            "vllm/platforms/interface.py",  # validate_environ: unknown VLLM_* variables
-            "vllm/distributed/parallel_state.py",  # get_ep_group, GroupCoordinator fields
-            "vllm-0.33.0.dist-info/METADATA",
-        ),
-    ),
+    "vllm": EngineSpec("vllm", "0.33.0", _vllm_members("0.33.0")),
+    "vllm-0.34": EngineSpec("vllm", "0.34.0", _vllm_members("0.34.0")),
     "sglang": EngineSpec(
         "sglang",
         "0.5.23",
@@ -101,6 +110,9 @@ ENGINES: dict[str, EngineSpec] = {
 }
 
 
+VLLM_RELEASES = ("vllm", "vllm-0.34")  # the ENGINES keys of every vLLM release tested
+
+
 def engine_cache_dir() -> Path:
     """The cache folder: ``$EPLB_ENGINE_CACHE`` or ``~/.cache/eplb-engines``."""
     env = os.environ.get("EPLB_ENGINE_CACHE")
@@ -108,8 +120,13 @@ def engine_cache_dir() -> Path:
 
 
 def engine_root(name: str, cache: Path | None = None) -> Path | None:
-    """Folder holding the extracted files of engine ``name``, or None when not fetched."""
-    spec = ENGINES[name]
+    """Folder holding the extracted files of engine ``name`` (an :data:`ENGINES` key), or
+    None when not fetched."""
+    return fetched_root(ENGINES[name], cache)
+
+
+def fetched_root(spec: EngineSpec, cache: Path | None = None) -> Path | None:
+    """Folder holding the extracted files of ``spec``'s release, or None when not fetched."""
     root = (cache or engine_cache_dir()) / spec.folder
     marker = root / MARKER
     if not marker.is_file():

@@ -1,6 +1,6 @@
-"""eplb as vLLM 0.33's EPLB policy, checked against vLLM's released code.
+"""eplb as vLLM's EPLB policy (0.33.0 and 0.34.0), checked against vLLM's released code.
 
-The cache tests import the real files of the vllm==0.33.0 wheel fetched by
+The cache tests import the real files of the vllm==0.33.0 and 0.34.0 wheels fetched by
 ``scripts/fetch_engines.py`` (``vllm/distributed/eplb/policy/*.py``, ``vllm/plugins``,
 ``compute_logical_maps`` from ``eplb_state.py``); ``eplb.integrations._engines.vllm_sources``
 documents the few stub modules it puts in ``sys.modules`` for the package shells whose
@@ -137,7 +137,7 @@ def test_vllm_plugin_loader_installs_eplb_as_every_configurable_policy(vllm, mon
     vllm.plugins.load_general_plugins()  # vLLM's own loader, as every vLLM process runs it
     cls = vllm.EPLB_POLICIES["eplb"]
     assert issubclass(cls, vllm.AbstractEplbPolicy) and issubclass(cls, plugin.EplbPolicy)
-    # vLLM looks the class up as EPLB_POLICIES[eplb_config.policy]; 0.33 allows only
+    # vLLM looks the class up as EPLB_POLICIES[eplb_config.policy]; 0.33 and 0.34 allow only
     # the names of EPLBPolicyOption, so each of them must now give eplb.
     assert get_args(vllm.EPLBPolicyOption) == ("default",)
     for name in get_args(vllm.EPLBPolicyOption):

@@ -1,4 +1,4 @@
-"""Four EP ranks on gloo run vLLM 0.33's released EPLB code with eplb as the policy.
+"""Four EP ranks on gloo run vLLM's released EPLB code (0.33.0 and 0.34.0) with eplb as the policy.
 
 Each rank is a process running ``tests/_vllm_ep_worker.py`` (its docstring lists what is
 stubbed: module shells and CUDA/NIXL-only names, nothing of vLLM's EPLB code). They

@@ -1,6 +1,6 @@
 """The switch reaches every vLLM process, and each says so in vLLM's own log.
 
-Checked against vLLM 0.33's released files (fetched by ``scripts/fetch_engines.py``):
+Checked against vLLM's released files (0.33.0 and 0.34.0) (fetched by ``scripts/fetch_engines.py``):
 ``vllm/envs.py``, ``vllm/logger.py`` + ``vllm/logging_utils/``, ``vllm/plugins``,
 ``vllm/ray/ray_env.py`` (what Ray data-parallel engine cores receive),
 ``vllm/v1/executor/ray_env_utils.py`` (what Ray executor workers receive),
@@ -195,7 +195,7 @@ def test_options_name_both_planner_and_plugin_options():
 
 def test_the_agreement_uses_vllms_ep_group_fields(vllm_root):
     """The plugin reads ``get_ep_group()`` and its ``ranks``, ``rank_in_group``,
-    ``world_size`` and ``unique_name``: they exist in vLLM 0.33's ``GroupCoordinator``."""
+    ``world_size`` and ``unique_name``: they exist in each vLLM release's ``GroupCoordinator``."""
     tree = ast.parse((vllm_root / "vllm/distributed/parallel_state.py").read_text())
     functions = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
     assert "get_ep_group" in functions

@@ -1,13 +1,13 @@
 """vLLM plugin: run vLLM's expert-parallel load balancer (EPLB) on eplb's planner.
 
-vLLM (0.33) asks a *policy class* for a new placement every ``step_interval`` steps::
+vLLM (0.33, 0.34) asks a *policy class* for a new placement every ``step_interval`` steps::
 
     policy.rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_ranks,
                              old_global_expert_indices) -> phy2log [layers, num_replicas]
 
 (``vllm/distributed/eplb/policy/abstract.py``), looking the class up in
 ``vllm.distributed.eplb.policy.EPLB_POLICIES`` under ``--eplb-config``'s ``policy``.
-vLLM 0.33 accepts only ``policy: "default"`` (``EPLBPolicyOption = Literal["default"]``
+vLLM 0.33 and 0.34 accept only ``policy: "default"`` (``EPLBPolicyOption = Literal["default"]``
 in ``vllm/config/parallel.py``, and async EPLB insists on it), so the plugin swaps the
 class registered as ``"default"``: no vLLM edit and no config change.
 
@@ -18,7 +18,7 @@ cores, workers). :func:`register` acts only when ``VLLM_EPLB_POLICY`` asks it to
 - ``VLLM_EPLB_POLICY=eplb``: add :class:`EplbPolicy` as ``"eplb"`` and make it the
   ``"default"`` policy, so ``--enable-eplb`` uses eplb.
 - ``VLLM_EPLB_POLICY=register``: only add it as ``"eplb"`` (for vLLM versions whose
-  config accepts ``{"policy": "eplb"}``; 0.33 rejects that name).
+  config accepts ``{"policy": "eplb"}``; 0.33 and 0.34 reject that name).
 - unset, empty, ``0``, ``off``: do nothing (vLLM keeps its own policy).
 
 The name starts with ``VLLM_`` on purpose: with ``--data-parallel-backend ray`` vLLM
