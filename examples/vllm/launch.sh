@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Serve an MoE model with vLLM 0.33 whose EPLB rebalancing is planned by eplb.
+# Serve an MoE model with vLLM (0.33 or 0.34) whose EPLB rebalancing is planned by eplb.
 # eplb's vLLM plugin is an entry point (vllm.general_plugins) that vLLM loads in every
 # process; it only acts when VLLM_EPLB_POLICY is set. No vLLM change, no config change.
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""Call eplb's vLLM policy the way vLLM 0.33 does, with or without vLLM installed.
+"""Call eplb's vLLM policy the way vLLM (0.33, 0.34) does, with or without vLLM installed.
 
     python examples/vllm/policy_demo.py
 
