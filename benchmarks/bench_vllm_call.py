@@ -42,7 +42,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 from _harness import deepseek_loads, markdown_table, start
-from engines import FETCH_HINT, engine_root, vllm_sources
+from engines import ENGINES, FETCH_HINT, VLLM_RELEASES, engine_root, vllm_sources
 
 from eplb import Placement, Topology
 from eplb.core import plan_greedy
@@ -149,15 +149,19 @@ def main(argv=None) -> int:
                         help="synthetic DeepSeek-V3 loads (eplb's generator, seeds 100, 101, "
                              "...) instead of the real files: for choosing settings on data "
                              "the reported figures do not use")
+    releases = {ENGINES[key].version: key for key in VLLM_RELEASES}
+    parser.add_argument("--vllm", choices=sorted(releases), default=ENGINES["vllm"].version,
+                        help="the vLLM release whose DefaultEplbPolicy and plugin loader run "
+                             "(policy/default.py is the same file in 0.33.0 and 0.34.0)")
     add_drift_options(parser)
     parser.add_argument("--move-prices", default="", metavar="X[,X...]",
                         help="extra eplb rows with these move_price options (the trade-off "
                              "between slots moved and next-window balance; default 0.01)")
     args = parser.parse_args(argv)
     print(start("bench_vllm_call"))
-    root = engine_root("vllm")
+    root = engine_root(releases[args.vllm])
     if root is None:
-        sys.exit(f"vLLM 0.33.0: {FETCH_HINT}")
+        sys.exit(f"vLLM {args.vllm}: {FETCH_HINT}")
     if args.synthetic:
         loads = {f"synthetic seed {100 + k}": generate_loads("deepseek-v3", seed=100 + k)
                  .round().to(torch.int64) for k in range(args.files)}
@@ -180,7 +184,8 @@ def main(argv=None) -> int:
             def rebalance_experts(weight, replicas, groups, nodes, ranks, old=None):
                 return plan_greedy(weight, replicas, ranks, nodes, groups).phy2log
 
-        planners = {"vLLM 0.33 default": vllm.DefaultEplbPolicy,
+        vllm_default = f"vLLM {args.vllm.rsplit('.', 1)[0]} default"  # "vLLM 0.33 default"
+        planners = {vllm_default: vllm.DefaultEplbPolicy,
                     "DeepSeek greedy, layer-batched": BatchedGreedy,
                     "eplb (defaults)": ours, "eplb, max_moves 20 %": Budget20}
         for price in filter(None, args.move_prices.split(",")):
@@ -196,7 +201,7 @@ def main(argv=None) -> int:
                 for name, policy in planners.items():
                     for record in run(policy, windows, groups, nodes, args.repeats):
                         results[name]["first" if record["t"] == 0 else "steady"].append(record)
-            base = {phase: summarise(results["vLLM 0.33 default"][phase])
+            base = {phase: summarise(results[vllm_default][phase])
                     for phase in ("first", "steady")}
             for name in planners:
                 for phase in ("first", "steady"):
