@@ -264,7 +264,8 @@ def _real_files() -> list[Path]:
 def test_real_deepseek_v3_loads_reach_published_balancedness(name):
     path = REAL / f"{name}.json"
     if not path.exists():
-        pytest.skip(f"real DeepSeek-V3 loads not found at {path} (../shared/data/real absent)")
+        pytest.skip(f"real DeepSeek-V3 loads not found at {path}"
+                    " (set EPLB_REAL_DATA to the real-data folder)")
     weight = torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.float64)[3:]
     assert weight.shape == (58, 256)
 
@@ -284,5 +285,6 @@ def test_real_deepseek_v3_loads_reach_published_balancedness(name):
 def test_real_files_are_the_expected_set():
     files = _real_files()
     if not files:
-        pytest.skip(f"real DeepSeek-V3 loads not found under {REAL}")
+        pytest.skip(f"real DeepSeek-V3 loads not found under {REAL}"
+                    " (set EPLB_REAL_DATA to the real-data folder)")
     assert {f.stem for f in files} == set(ORIGINAL)

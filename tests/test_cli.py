@@ -444,7 +444,47 @@ def test_eval_first_layer_scores_moe_rows_of_an_sglang_file(capsys, tmp_path, lo
     assert planned["balancedness_after"] == json.loads(text)["balancedness_after"] > 0.9
     code, _, err = run(capsys, "eval", "--placement", str(out), str(loads), "-g", str(P),
                        "--first-layer", "2")
-    assert code == 2 and "0..1" in err
+    assert code == 2 and "no rows for model layers 5" in err and "holds layers 0..4" in err
+
+
+def test_a_yaml_keyed_by_model_layer_is_scored_and_replanned_by_layer(capsys, tmp_path) -> None:
+    """``--first-layer`` means the model layer of the loads' first row in eval as in plan,
+    and a TensorRT-LLM YAML without the dense layers of an SGLang dump still matches it."""
+    gen = np.random.default_rng(3)
+    moe = np.exp(gen.normal(0, 1, size=(L, E))) * 100
+    np.save(tmp_path / "moe.npy", moe)
+    dump = tmp_path / "dump.json"  # SGLang's dump: a row per model layer, dense ones zero
+    dump.write_text(json.dumps({"logical_count": [[0.0] * E] * 3 + moe.round().tolist()}))
+    yaml_moe = tmp_path / "moe.yaml"
+    assert run(capsys, "plan", str(tmp_path / "moe.npy"), "-r", str(R), "-g", str(P),
+               "--first-layer", "3", "-o", str(yaml_moe))[0] == 0
+    code, text, err = run(capsys, "eval", "--placement", str(yaml_moe),
+                          str(tmp_path / "moe.npy"), "--first-layer", "3", "--json")
+    assert code == 0, err
+    scored = json.loads(text)
+    assert [r["layer"] for r in scored["layers"]] == list(range(3, 3 + L))
+    assert scored["balancedness_after"] > 0.9
+    # the whole dump's plan, its dense keys deleted as the warning advises
+    full = tmp_path / "full.yaml"
+    assert run(capsys, "plan", str(dump), "-r", str(R), "-g", str(P), "-o", str(full))[0] == 0
+    trimmed = tmp_path / "trimmed.yaml"
+    trimmed.write_text("".join(line for line in full.read_text().splitlines(keepends=True)
+                               if not line.startswith(("  0:", "  1:", "  2:"))))
+    code, text, err = run(capsys, "eval", "--placement", str(trimmed), str(dump), "--json")
+    assert code == 0, err
+    assert [r["layer"] for r in json.loads(text)["layers"]] == list(range(3, 3 + L))
+    out = tmp_path / "next.yaml"
+    code, _, err = run(capsys, "plan", str(dump), "-r", str(R), "-g", str(P), "--previous",
+                       str(trimmed), "-o", str(out))
+    assert code == 0 and "layers 0..2 saw no tokens" in err and "other layers only" in err
+    keys = [line.split(":")[0].strip() for line in out.read_text().splitlines()
+            if line.startswith("  ") and line.strip()[:1].isdigit()]
+    assert keys == [str(layer) for layer in range(3, 3 + L)]
+    # a layer with load that the placement lacks is an error naming it
+    dump.write_text(json.dumps({"logical_count": [[1.0] * E] + [[0.0] * E] * 2
+                                + moe.round().tolist()}))
+    code, _, err = run(capsys, "eval", "--placement", str(trimmed), str(dump))
+    assert code == 2 and "no rows for model layers 0" in err and "holds layers 3.." in err
 
 
 def test_plan_previous_takes_the_loads_rows_of_an_sglang_file(capsys, tmp_path, loads) -> None:

@@ -173,7 +173,7 @@ def test_safetensors_whose_header_length_byte_is_0x80_is_not_a_pickle(capsys, tm
 def test_the_data_folders_source_md_is_not_called_a_placement(capsys, tmp_path) -> None:
     path = REAL / "esft_deepseek_v2_lite_routing" / "SOURCE.md"
     if not path.is_file():
-        pytest.skip(f"real data not found at {path}")
+        pytest.skip(f"real data not found at {path} (set EPLB_REAL_DATA to the real-data folder)")
     code, _, err = run(capsys, "plan", str(path), "-r", "80", "-g", "16", "-o",
                        str(tmp_path / "out.json"))
     assert_user_error(code, err, "SOURCE.md", "unrecognised content")
@@ -266,7 +266,8 @@ def test_real_multi_array_routing_files(capsys, tmp_path) -> None:
     esft = REAL / "esft_deepseek_v2_lite_routing" / "esft_topk_ids.npz"
     qwen = REAL / "qwen3_30b_a3b_sharegpt_prefill_vllm" / "qwen3_30b_sharegpt_prefill_topk_ids.npz"
     if not (esft.is_file() and qwen.is_file()):
-        pytest.skip(f"real routing files not found under {REAL}")
+        pytest.skip(f"real routing files not found under {REAL}"
+                    " (set EPLB_REAL_DATA to the real-data folder)")
     code, _, err = run(capsys, "plan", str(esft), "-r", "80", "-g", "16", "-o",
                        str(tmp_path / "e.json"))
     assert_user_error(code, err, "4 top-k id arrays", "intent_topk_ids", "--key")

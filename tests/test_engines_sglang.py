@@ -37,7 +37,8 @@ def real_counts(name: str = "prefill_in4096.json") -> torch.Tensor:
     """``[61, 256]`` int64 counts as SGLang dumped them (dense rows 0-2 are zero)."""
     path = REAL / name
     if not path.is_file():
-        pytest.skip(f"real DeepSeek-V3 loads not found at {path}")
+        pytest.skip(f"real DeepSeek-V3 loads not found at {path}"
+                    " (set EPLB_REAL_DATA to the real-data folder)")
     return torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.int64)
 
 

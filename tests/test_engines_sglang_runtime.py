@@ -158,7 +158,8 @@ def rebalance(sg, model_config, counts: torch.Tensor, num_layers: int) -> Update
 def deepseek_counts() -> torch.Tensor:
     path = REAL / "prefill_in4096.json"
     if not path.is_file():
-        pytest.skip(f"real DeepSeek-V3 loads not found at {path}")
+        pytest.skip(f"real DeepSeek-V3 loads not found at {path}"
+                    " (set EPLB_REAL_DATA to the real-data folder)")
     counts = torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.int32)
     return torch.stack([counts // 2, counts - counts // 2])  # [T=2, 61, 256] as dumped
 

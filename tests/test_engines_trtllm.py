@@ -112,7 +112,8 @@ def trtllm_loads(path: Path, ep_size: int, moe_layers: list[int], num_experts: i
 def real_loads(name: str = "prefill_in1024.json") -> torch.Tensor:
     path = REAL / name
     if not path.is_file():
-        pytest.skip(f"real DeepSeek-V3 loads not found at {path}")
+        pytest.skip(f"real DeepSeek-V3 loads not found at {path}"
+                    " (set EPLB_REAL_DATA to the real-data folder)")
     return torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.int64)[MOE_IDS]
 
 

@@ -36,7 +36,8 @@ def real_loads(name: str = "decode_in1000out1000.json") -> torch.Tensor:
     """``[58, 256]`` int64 routed-token counts of DeepSeek-V3's MoE layers."""
     path = REAL / name
     if not path.is_file():
-        pytest.skip(f"real DeepSeek-V3 loads not found at {path}")
+        pytest.skip(f"real DeepSeek-V3 loads not found at {path}"
+                    " (set EPLB_REAL_DATA to the real-data folder)")
     counts = json.loads(path.read_text())["logical_count"]
     return torch.tensor(counts, dtype=torch.int64)[MOE_ROWS]
 

@@ -546,7 +546,8 @@ def test_missing_file():
 def _real(folder: str) -> Path:
     path = REAL / folder
     if not path.is_dir():
-        pytest.skip(f"real data folder {path} is absent (read-only shared data not mounted)")
+        pytest.skip(f"real data folder {path} is absent"
+                    " (set EPLB_REAL_DATA to the real-data folder)")
     return path
 
 
@@ -632,6 +633,6 @@ def test_json_records_and_nested_arrays(tmp_path):
 def test_real_olmoe_counts_by_key():
     path = REAL / "olmoe_mixtral_routing_counts" / "expert_counts.json"
     if not path.exists():
-        pytest.skip(f"real data not present: {path}")
+        pytest.skip(f"real data not present: {path} (set EPLB_REAL_DATA to the real-data folder)")
     trace = read_loads(path, key="olmoe/expert_counts/arxiv")
     assert trace.counts.shape[1:] == (3, 64) and trace.layer_ids == [0, 7, 15]

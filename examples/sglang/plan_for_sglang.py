@@ -8,12 +8,17 @@ topology below is DeepSeek-V3 at EP32: 288 slots, 32 GPUs, 4 nodes, 8 expert gro
 """
 
 import sys
+from pathlib import Path
 
 import eplb
 from eplb.core import realised_gpu_loads
 from eplb.formats import read_loads, write_placement
 
+if len(sys.argv) != 3:
+    sys.exit("usage: python examples/sglang/plan_for_sglang.py LOADS OUT.json")
 loads_path, out_path = sys.argv[1], sys.argv[2]
+if Path(out_path).exists():  # checked before planning; write_placement refuses it too
+    sys.exit(f"{out_path} exists: remove it or name another file")
 trace = read_loads(loads_path).drop_empty_layers()  # DeepSeek's dense layers 0-2 are empty
 weight = trace.counts.sum(0)  # [L, E]: sum of the recorded steps
 # SGLang's static dispatch (--ep-dispatch-algorithm static, as with DeepEP) sends a token

@@ -11,8 +11,10 @@ pip install "$EPLB_SRC"
 
 export VLLM_EPLB_POLICY=eplb          # make vLLM's "default" EPLB policy run eplb
 # VLLM_-prefixed, so Ray data-parallel engine cores on other nodes receive it too.
-# Optional options (JSON), e.g. cap expert moves per rebalance (in total):
-# export VLLM_EPLB_OPTIONS='{"max_moves": 64}'
+# Optional options (JSON). Without them eplb moves only what pays on the next window. To
+# cap the slots moved per rebalance (in total over all MoE layers: about 15 % of
+# DeepSeek-V3's 58 x 288 slots here; a small budget leaves most of the imbalance):
+# export VLLM_EPLB_OPTIONS='{"max_moves": 2500}'
 # If you set VLLM_PLUGINS (an allow-list), it must include "eplb".
 
 # 8 GPUs, expert parallel over DP x TP, 32 redundant expert slots (256 + 32 = 288 = 8 x 36).

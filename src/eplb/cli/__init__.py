@@ -53,12 +53,13 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
     g.add_argument("--dispatch", choices=["even", "nearest"], default="even",
                    help="how the engine sends an expert's tokens to its replicas: even (vLLM; "
                         "default) or nearest (SGLang with DeepEP: same GPU, else same node, "
-                        "else a fixed fair choice); nearest plans and scores loads as that "
-                        "rule realises them")
+                        "else a fixed fair choice); " + (
+                        "nearest plans for the loads as that rule realises them" if planning
+                        else "nearest scores the loads as that rule realises them"))
     g.add_argument("--routing", metavar="FILE",
-                   help="a top-k routing trace [tokens, layers, k]: co-selection statistics "
-                        "for --policy locality" + ("" if planning else
-                        "; with it eval reports remote nodes per token"))
+                   help="a top-k routing trace [tokens, layers, k]: " + (
+                       "co-selection statistics for --policy locality" if planning else
+                       "with --dispatch nearest, eval also reports remote nodes per token"))
     g.add_argument("--routing-key", metavar="NAME[,NAME...]",
                    help="which arrays of a multi-array --routing file to read")
     if planning:
@@ -209,8 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="relative GPU speeds the placement was planned for (as in plan; "
                         "placement files do not record them)")
     p.add_argument("--first-layer", type=int, default=None, metavar="K",
-                   help="the loads' first row is the placement's row K (e.g. an SGLang file "
-                        "with a row for every model layer, scored on MoE-only loads)")
+                   help="model layer of the loads' first row, for loads files that do not "
+                        "name their layers (as in plan; 3 for DeepSeek-V3's MoE rows). Rows "
+                        "are matched by model layer: the ids the placement records (eplb's "
+                        "files, TensorRT-LLM YAML), else its row index (SGLang files)")
     _add_dispatch(p, planning=False)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func="commands:cmd_eval")

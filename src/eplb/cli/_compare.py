@@ -63,7 +63,7 @@ class Comparison:
              None if r.seconds is None else f"{r.seconds * 1e3:.1f}"]
             for r in self.results
         ]
-        rows.append(["ceiling (best possible)", self.ceiling.overall,
+        rows.append(["ceiling (upper bound)", self.ceiling.overall,
                      self.ceiling.worst, None])
         return rows
 

@@ -26,7 +26,7 @@ from eplb.cli._inputs import cli_policy, read_trace, warn
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.trace import MAX_MODEL_LAYERS
-from eplb.formats import read_placement, read_placement_meta, read_routing, write_placement
+from eplb.formats import read_placement_meta, read_routing, write_placement
 
 EMIT_BY_SUFFIX = {".yaml": "trtllm", ".yml": "trtllm", ".pt": "pt", ".json": "json"}
 
@@ -140,15 +140,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         warn(f"{loads} does not name its model layers, so the TensorRT-LLM keys are rows "
              f"{layer_ids[0]}..{layer_ids[-1]}; pass --first-layer K when the first row is "
              "model layer K (3 for DeepSeek-V3)")
-    if emit == "trtllm" and trace.meta.get("model_layer_ids"):
-        totals = weight.sum(1).tolist()
-        idle = [layer for layer, total in zip(layer_ids, totals, strict=True) if total <= 0]
-        if idle:
-            # SGLang dumps carry a row for every model layer; the dense ones are all zero.
-            # Their keys are written as planned (an even placement); say so, not guess
-            warn(f"{loads}: layers {_ranges(idle)} saw no tokens (the dense layers of an "
-                 "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
-                 "if your model's MoE layers start later")
 
     if emit == "sglang" and args.nodes > 1 and args.dispatch != "nearest":
         warn("SGLang's --ep-dispatch-algorithm static (with DeepEP) sends a token to the "
@@ -164,9 +155,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         options["gpu_speed"] = speed
     previous = None
     if args.previous:
-        previous = read_placement(existing_file(args.previous, "previous placement"),
-                                  num_gpus=args.gpus, num_nodes=args.nodes,
-                                  num_groups=args.groups)
+        previous, previous_meta = read_placement_meta(
+            existing_file(args.previous, "previous placement"), num_gpus=args.gpus,
+            num_nodes=args.nodes, num_groups=args.groups)
         recorded = previous.topology
         if (recorded.num_gpus, recorded.num_replicas) != (args.gpus, args.replicas):
             raise CliError(
@@ -174,13 +165,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 f"{recorded.num_gpus} GPUs; this plan is for {args.replicas} on {args.gpus}. "
                 "Slots would be read as other GPUs': plan without --previous"
             )
-        if previous.num_layers != num_layers:
-            # e.g. an SGLang file (a row per model layer) and loads of the MoE layers: the
-            # loads' own rows, picked as eval picks them
-            previous = _rows_of_loads(previous, trace, weight, args.first_layer,
-                                      f"--previous {args.previous}", f"loads {loads}")
+        # e.g. an SGLang file (a row per model layer) and loads of the MoE layers, or a
+        # YAML without the dense layers an SGLang dump has: the rows picked as eval does
+        previous, keep = _rows_of_loads(previous, previous_meta.get("layer_ids"), trace,
+                                        weight, args.first_layer,
+                                        f"--previous {args.previous}", f"loads {loads}")
+        if keep is not None:
+            dropped = sorted(set(range(num_layers)) - set(keep))
+            warn(f"{loads}: layers {_ranges([layer_ids[i] for i in dropped])} saw no tokens "
+                 f"and --previous {args.previous} has no rows for them: planning the other "
+                 "layers only")
+            weight, layer_ids = weight[keep], [layer_ids[i] for i in keep]
+            num_layers = len(keep)
         options["previous"] = previous
         _warn_revived(previous, active, args)
+    if emit == "trtllm" and trace.meta.get("model_layer_ids"):
+        totals = weight.sum(1).tolist()
+        idle = [layer for layer, total in zip(layer_ids, totals, strict=True) if total <= 0]
+        if idle:
+            # SGLang dumps carry a row for every model layer; the dense ones are all zero.
+            # Their keys are written as planned (an even placement); say so, not guess
+            warn(f"{loads}: layers {_ranges(idle)} saw no tokens (the dense layers of an "
+                 "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
+                 "if your model's MoE layers start later")
     options.update(_dispatch_options(args, weight))
     if args.max_moves is not None:
         if previous is None:
@@ -243,7 +250,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     rows += [
         [f"eplb {policy} (after{', nearest rule' if args.dispatch == 'nearest' else ''})",
          after, after_worst],
-        ["ceiling (best possible)", ceil.overall, ceil.worst],
+        ["ceiling (upper bound)", ceil.overall, ceil.worst],
     ]
     dead = [] if active is None else (~active).nonzero().flatten().tolist()
     dead_note = f", GPU{'s' if len(dead) > 1 else ''} {','.join(map(str, dead))} dead" if dead \
@@ -335,37 +342,57 @@ def _dispatch_options(args: argparse.Namespace, weight: torch.Tensor) -> dict:
     return options
 
 
-def _rows_of_loads(placement: Placement, trace, weight: torch.Tensor, first_layer: int | None,
-                   what: str, loads: str) -> Placement:
-    """The rows of ``placement`` that the loads' rows are (``eval``, ``plan --previous``).
+def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
+                   weight: torch.Tensor, first_layer: int | None, what: str,
+                   loads: str) -> tuple[Placement, list[int] | None]:
+    """The rows of ``placement`` that the loads' rows are (``eval``, ``plan --previous``),
+    and the loads' rows to keep (``None``: all).
 
-    ``--first-layer K``: rows ``K ..`` (the loads are the placement's rows from ``K``).
-    Loads that name their model layers, and a placement with a row per model layer (an
-    SGLang file): those rows. Otherwise the whole placement, whose shape must then be the
-    loads'. ``what`` and ``loads`` name the two in messages."""
-    ids = trace.meta.get("model_layer_ids") and list(trace.layer_ids)
+    Rows are matched by model layer where both sides say which layers they are: the loads
+    by their own ids or ``--first-layer K`` (the model layer of their first row, as in
+    ``plan``), the placement by the ids it records (eplb's files, TensorRT-LLM YAML), else
+    by row index (an SGLang file has a row per model layer). Loads rows of layers the
+    placement lacks are dropped when they carry no load (the dense layers of an SGLang
+    dump, against a YAML whose dense keys were deleted); otherwise that is an error.
+    Loads that do not name their layers take the placement's rows in order. ``what`` and
+    ``loads`` name the two in messages."""
     rows = weight.shape[0]
-    if first_layer is not None:
-        if ids and ids != list(range(ids[0], ids[0] + len(ids))):
-            raise CliError(f"--first-layer K takes consecutive rows, but the loads are model "
-                           f"layers {ids}; leave it out and eplb picks those rows")
-        if first_layer < 0 or first_layer + rows > placement.num_layers:
-            raise CliError(f"--first-layer {first_layer}: {what} has {placement.num_layers} "
-                           f"rows, the loads {rows}, so K must lie in "
-                           f"0..{max(placement.num_layers - rows, 0)}")
-        placement = _select_rows(placement, list(range(first_layer, first_layer + rows)))
-    elif ids and placement.num_layers > len(ids) and max(ids) < placement.num_layers:
-        placement = _select_rows(placement, ids)
-    if weight.shape != (placement.num_layers, placement.num_experts):
+    keep = None
+    named = bool(trace.meta.get("model_layer_ids"))
+    if named or first_layer is not None:
+        ids = _layer_ids(trace, first_layer, loads)
+        have = list(placement_ids) if placement_ids else list(range(placement.num_layers))
+        # an engine file without ids and loads that name theirs, with as many rows: in order
+        positional = (placement_ids is None and first_layer is None
+                      and not (placement.num_layers > len(ids) and max(ids) < len(have)))
+        if not positional:
+            row_of = {layer: row for row, layer in enumerate(have)}
+            absent = [i for i, layer in enumerate(ids) if layer not in row_of]
+            if absent:
+                idle = bool((weight[absent] <= 0).all()) and len(absent) < rows
+                if not idle:
+                    hint = (" (--first-layer K is the model layer of the loads' first row)"
+                            if first_layer is not None else "")
+                    raise CliError(
+                        f"{what} has no rows for model layers "
+                        f"{_ranges([ids[i] for i in absent])} of {loads}: it holds layers "
+                        f"{_ranges(sorted(have))}{hint}")
+                dropped = set(absent)
+                keep = [i for i in range(rows) if i not in dropped]
+            picked = [row_of[ids[i]] for i in (range(rows) if keep is None else keep)]
+            if picked != list(range(placement.num_layers)):
+                placement = _select_rows(placement, picked)
+    kept = rows if keep is None else len(keep)
+    if (kept, weight.shape[1]) != (placement.num_layers, placement.num_experts):
         hint = ""
-        if rows < placement.num_layers and weight.shape[1] == placement.num_experts:
-            hint = ("; if the loads are its rows K and on (e.g. the MoE layers of an SGLang "
-                    "file), pass --first-layer K")
+        if kept < placement.num_layers and weight.shape[1] == placement.num_experts:
+            hint = ("; if the loads are its model layers K and on (e.g. the MoE layers of an "
+                    "SGLang file), pass --first-layer K")
         raise CliError(
             f"{loads} have {rows} layers × {weight.shape[1]} experts but {what} has "
             f"{placement.num_layers} × {placement.num_experts}{hint}"
         )
-    return placement
+    return placement, keep
 
 
 def _select_rows(placement: Placement, rows: list[int]) -> Placement:
@@ -406,8 +433,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        "add --dispatch nearest (and --nodes N)")
     trace = read_trace(args.loads, args)
     weight = trace.total()
-    placement = _rows_of_loads(placement, trace, weight, args.first_layer,
-                               f"the placement {args.placement}", f"loads {args.loads}")
+    placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
+                                     args.first_layer, f"the placement {args.placement}",
+                                     f"loads {args.loads}")
+    layer_ids = _layer_ids(trace, args.first_layer, args.loads)
+    if keep is not None:
+        weight, layer_ids = weight[keep], [layer_ids[i] for i in keep]
     topo = placement.topology
     live = placement.live_gpus()
     after_loads = placement.gpu_loads(weight)
@@ -437,7 +468,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "max_over_mean_before": ratio_b[i],
             "max_over_mean_after": ratio_a[i],
         }
-        for i, lid in enumerate(trace.layer_ids)
+        for i, lid in enumerate(layer_ids)
     ]
     result = {
         "placement": str(args.placement),
@@ -470,7 +501,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ["", "balancedness", "worst max/mean"],
         [["no rebalancing (before)", before, before_worst],
          ["this placement (after)", after, after_worst],
-         ["ceiling (best possible)", ceil.overall, ceil.worst]],
+         ["ceiling (upper bound)", ceil.overall, ceil.worst]],
     )
     if ceil.note and ceil.overall is None:
         info(f"({ceil.note})")

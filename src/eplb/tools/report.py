@@ -275,7 +275,7 @@ def plot_layer_balancedness(
             num_layers = ceil.numel()
             ax.plot(
                 range(num_layers), ceil.numpy(), linestyle="--", linewidth=1.5,
-                color=_COLOURS["ceiling"], label=None if i else "ceiling (best possible)",
+                color=_COLOURS["ceiling"], label=None if i else "ceiling (upper bound)",
             )
         ax.set_xlabel("MoE layer")
         if kind == "gap":
