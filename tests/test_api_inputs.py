@@ -122,6 +122,27 @@ def test_absurd_slots_per_gpu_are_refused_before_planning():
         eplb.plan(torch.rand(1, 64), 8 * 8192, 8)
 
 
+@pytest.mark.parametrize(("shape", "replicas", "gpus", "named"), [
+    ((1, 64), 196_611, 65_537, "at most 65536 GPUs"),  # the packing's 16-bit GPU index
+    ((1000, 64), 65_536, 32_768, "at most 3.36e+07 slots over all layers"),
+    ((1, 16), 262_144, 65_536, "about 12 GiB"),  # 16 experts with 16,384 replicas each
+])
+def test_problems_beyond_what_eplb_plans_are_refused_before_allocating(shape, replicas,
+                                                                       gpus, named):
+    with pytest.raises(ValueError, match="beyond what eplb plans") as caught:
+        eplb.plan(torch.rand(*shape), replicas, gpus)
+    assert named in str(caught.value)
+
+
+def test_the_cli_refuses_them_before_reading_a_plan(tmp_path, capsys):
+    from eplb.cli import main
+    torch.save(torch.rand(40, 26, 64), tmp_path / "trace.pt")
+    for argv in (["simulate", str(tmp_path / "trace.pt"), "--window", "10"],
+                 ["bench", "--no-builtin", str(tmp_path / "trace.pt")]):
+        assert main([*argv, "-r", "2000000000", "-g", "1"]) == 2
+        assert "beyond what eplb plans" in capsys.readouterr().err
+
+
 def test_layers_packed_in_chunks_keep_the_contract(monkeypatch):
     """Many layers of many slots are packed a few rows at a time (flat memory)."""
     import eplb.core.packing as packing

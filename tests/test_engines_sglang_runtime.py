@@ -430,6 +430,29 @@ def test_eplb_rebalance_refuses_impossible_calls(args, message):
         plugin.eplb_rebalance(torch.rand(2, 8), *args)
 
 
+@pytest.mark.parametrize(("replicas", "local", "groups", "nodes", "reason"), [
+    (27, 3, 4, 2, "num_gpus (9) is not a multiple of num_nodes (2)"),
+    (24, 3, 6, 2, "num_experts (16) is not a multiple of num_groups (6)"),
+])
+@pytest.mark.parametrize("dispatch", [None, "static"])
+def test_hierarchical_asks_on_shapes_it_cannot_take_are_planned_globally(
+        caplog, replicas, local, groups, nodes, reason, dispatch):
+    # SGLang's rebalance has no fallback: an exception here would fail its rebalance
+    tokens = torch.randint(0, 100, (3, 4, 16), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING):
+        phy2log = plugin.eplb_rebalance(tokens, replicas, local, groups, nodes, True,
+                                        sglang_dispatch=dispatch)[0]
+    gpus = replicas // local
+    if dispatch is None or gpus % nodes:  # else planned globally for the nearest replica
+        assert reason in caplog.text and "planning globally" in caplog.text
+    Placement.from_phy2log(phy2log, 16, Topology(replicas, gpus)).validate()
+
+
+def test_a_per_layer_move_budget_is_refused_at_start_up():
+    with pytest.raises(ValueError, match="max_moves must be one int"):
+        plugin._checked_options('{"max_moves": [1, 2, 3]}', "SGLANG_EPLB_OPTIONS")
+
+
 def test_options_the_nearest_planner_cannot_honour_are_dropped_not_fatal(caplog):
     # a failing plan would fail SGLang's rebalance: such options are dropped, visibly
     weight = torch.randint(1, 1000, (1, 6, 64))

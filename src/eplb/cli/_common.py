@@ -21,6 +21,8 @@ import torch
 
 from eplb.core import balancedness_ceiling, layer_ceiling
 from eplb.core.inputs import scale_free
+from eplb.core.planner import check_plan_size
+from eplb.core.topology import Topology
 from eplb.formats._files import require_regular_file
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import INSTALL_HINT, Report, matplotlib_available
@@ -131,8 +133,10 @@ def check_output(path: str | Path, force: bool) -> Path:
 
 
 def check_topology(num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,
-                   num_experts: int) -> None:
-    """Reject impossible cluster shapes up front, with the option names in the message."""
+                   num_experts: int, num_layers: int | None = None) -> None:
+    """Reject impossible cluster shapes up front, with the option names in the message,
+    and (given ``num_layers``) problems beyond what eplb plans, before anything is
+    allocated for them."""
     for name, value in (("--replicas", num_replicas), ("--gpus", num_gpus),
                         ("--nodes", num_nodes), ("--groups", num_groups)):
         if value < 1:
@@ -144,6 +148,12 @@ def check_topology(num_replicas: int, num_gpus: int, num_nodes: int, num_groups:
     if num_replicas < num_experts:
         raise CliError(f"--replicas ({num_replicas}) must be >= the number of experts "
                        f"({num_experts}): every expert needs a slot")
+    if num_layers is not None:
+        try:
+            # the size does not depend on nodes and groups
+            check_plan_size(num_layers, Topology(num_replicas, num_gpus), num_experts)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
 
 
 def parse_int_list(text: str, what: str) -> list[int]:

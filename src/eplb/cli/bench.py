@@ -77,7 +77,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 weight = weight[keep]
                 ids = [i for i, k in zip(trace.layer_ids, keep.tolist(), strict=True) if k]
                 replicas, gpus = default_shape(weight.shape[1], args.gpus, args.replicas)
-                check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1])
+                check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1],
+                               weight.shape[0])
                 name = Path(job).name
                 dropped = int((~keep).sum())
                 if dropped:  # plan counts them (an even placement); say why the counts differ

@@ -133,7 +133,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     trace = read_trace(args.loads, args)
     weight = trace.total()
     num_layers, num_experts = weight.shape
-    check_topology(args.replicas, args.gpus, args.nodes, args.groups, num_experts)
+    check_topology(args.replicas, args.gpus, args.nodes, args.groups, num_experts,
+                   num_layers)
     layer_ids = _layer_ids(trace, args.first_layer, loads)
     model_layers = _sglang_layers(trace, layer_ids, args, loads) if emit == "sglang" else None
     if emit == "trtllm" and not trace.meta.get("model_layer_ids") and args.first_layer is None:

@@ -79,7 +79,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     report = prepare_report(args.report, args.force, "eplb simulation")
     trace = read_trace(args.trace, args)
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
-    check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts)
+    check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
+                   trace.num_layers)
     needed = max(2 * args.window, interval + (score_window or interval))
     if trace.num_steps < needed:
         raise CliError(f"{args.trace} has {trace.num_steps} steps; the simulation needs at "

@@ -96,6 +96,10 @@ def _checked_options(text: str, source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: policy 'locality' is not served through SGLang's "
                          "rebalancing hook yet: use 'auto', 'global' or 'hierarchical', or "
                          "plan a locality placement with `eplb plan` for --init-expert-location")
+    if isinstance(options.get("max_moves"), list):
+        # its length would be checked only at the first rebalance, which has no fallback
+        raise ValueError(f"{source}: max_moves must be one int (slots in total over all "
+                         "layers) here; per-layer lists are for the Python API")
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
         check_option_values({k: v for k, v in options.items() if k != "dispatch"})
     except (TypeError, ValueError) as exc:
@@ -175,10 +179,17 @@ def eplb_rebalance(
     if policy == "auto":  # resolved once here (the option drop below needs it)
         policy = resolve_policy(policy, Topology(num_physical_experts, num_gpus, num_nodes,
                                                  groups), weight.shape[-1])
-    if policy == "hierarchical" and (groups <= 1 or groups % num_nodes or num_nodes <= 1):
-        logger.warning("eplb: SGLang asked for hierarchical balancing but num_groups=%s, "
-                       "num_nodes=%d do not allow it; planning globally", num_groups, num_nodes)
-        policy = "global"
+    if policy == "hierarchical":
+        # SGLang's rebalance has no fallback: a shape hierarchical placement cannot take
+        # (groups or GPUs that do not divide) is planned globally, as policy "auto" does
+        topology = Topology(num_physical_experts, num_gpus, num_nodes, groups)
+        problems = ([] if topology.grouped and num_nodes > 1 else
+                    [f"num_groups={num_groups}, num_nodes={num_nodes}"])
+        problems = problems or topology.hierarchy_problems(weight.shape[-1])
+        if problems:
+            logger.warning("eplb: SGLang asked for hierarchical balancing but %s; planning "
+                           "globally", "; ".join(problems))
+            policy = "global"
     old = None
     if incremental and old_phy2log is not None:
         old = old_phy2log.detach().to("cpu", torch.int64)
