@@ -448,6 +448,13 @@ def test_hierarchical_asks_on_shapes_it_cannot_take_are_planned_globally(
     Placement.from_phy2log(phy2log, 16, Topology(replicas, gpus)).validate()
 
 
+def test_an_old_map_that_is_not_integer_ids_is_refused():
+    tokens = torch.randint(0, 100, (3, 4, 16), generator=torch.Generator().manual_seed(0))
+    old = plugin.eplb_rebalance(tokens, 24, 3, None, 1, False)[0]
+    with pytest.raises(TypeError, match="integer expert ids"):
+        plugin.eplb_rebalance(tokens, 24, 3, None, 1, False, old_phy2log=old.float() + 0.9)
+
+
 def test_a_per_layer_move_budget_is_refused_at_start_up():
     with pytest.raises(ValueError, match="max_moves must be one int"):
         plugin._checked_options('{"max_moves": [1, 2, 3]}', "SGLANG_EPLB_OPTIONS")

@@ -259,6 +259,21 @@ def test_planner_error_without_vllm_is_raised(monkeypatch):
         plugin.EplbPolicy.rebalance_experts(torch.rand(2, 8), 8, 1, 1, 2)
 
 
+def test_when_vllms_default_fails_too_eplbs_error_is_raised(vllm, caplog):
+    # replicas fewer than experts: eplb names it; vLLM's default fails with a bare assert
+    with pytest.raises(ValueError, match="every expert needs a slot") as caught:
+        plugin.vllm_policy_class().rebalance_experts(torch.rand(2, 16), 8, 1, 1, 8)
+    assert caught.value.__cause__ is not None  # vLLM's own failure, as the context
+    caplog.clear()  # the attempted fall-back is logged; raising was the point here
+
+
+def test_an_old_map_that_is_not_integer_ids_is_refused():
+    weight = torch.rand(3, 16)
+    old = eplb.rebalance_experts(weight, 24, 1, 1, 4)[0]
+    with pytest.raises(TypeError, match="integer expert ids"):
+        plugin.EplbPolicy.rebalance_experts(weight, 24, 1, 1, 4, old.float() + 0.9)
+
+
 @settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -192,6 +192,9 @@ def eplb_rebalance(
             policy = "global"
     old = None
     if incremental and old_phy2log is not None:
+        if (old_phy2log.is_floating_point() or old_phy2log.is_complex()
+                or old_phy2log.dtype == torch.bool):
+            raise TypeError(f"old_phy2log must hold integer expert ids, got {old_phy2log.dtype}")
         old = old_phy2log.detach().to("cpu", torch.int64)
         if tuple(old.shape) != (weight.shape[0], num_physical_experts) or bool(
             ((old < 0) | (old >= weight.shape[1])).any()

@@ -176,14 +176,22 @@ def _fall_back(error: BaseException | None, weight: torch.Tensor, *args: Any) ->
     """vLLM's default policy on the same input (the same answer on every rank)."""
     fallback = _vllm_default_policy()
     if fallback is None:
-        assert error is not None
+        if error is None:
+            raise RuntimeError("eplb: no EP rank could plan, and vLLM's default policy "
+                               "cannot be imported to answer instead")
         raise error
     logger.error(
         "eplb failed to plan (weight %s, replicas=%d, groups=%d, nodes=%d, ranks=%d); "
         "using vLLM's default policy for this rebalance",
         tuple(weight.shape), *args[:4], exc_info=error,
     )
-    return fallback.rebalance_experts(weight, *args)
+    try:
+        return fallback.rebalance_experts(weight, *args)
+    except Exception as fallback_error:
+        if error is None:
+            raise
+        # the caller's mistake is eplb's error (it names it); vLLM's is the context
+        raise error from fallback_error
 
 
 def _usable_old_map(
@@ -194,6 +202,9 @@ def _usable_old_map(
         return None
     if tuple(old.shape) != (weight.shape[0], num_replicas):
         return None
+    if old.is_floating_point() or old.is_complex() or old.dtype == torch.bool:
+        raise TypeError(f"old_global_expert_indices must hold integer expert ids, got "
+                        f"{old.dtype}")
     old = old.to(device="cpu", dtype=torch.int64)
     # vLLM marks slots of GPUs being added with -1; plan from scratch then.
     if bool((old < 0).any()) or bool((old >= weight.shape[1]).any()):
