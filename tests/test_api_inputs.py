@@ -115,6 +115,23 @@ def test_numpy_and_tensor_scalars_work_as_knobs():
         assert _same(again(max_moves=same), budget)
     with pytest.raises(ValueError, match="max_moves"):
         again(max_moves=5.0)
+    # integer 0-d tensors too, and skip_threshold like the others (an attack pass)
+    assert _same(again(drift=torch.tensor(1)), again(drift=1.0))
+    want = again(skip_threshold=0.001)
+    for same in (np.float64(0.001), torch.tensor(0.001, dtype=torch.float64)):
+        assert _same(again(skip_threshold=same), want)
+    with pytest.raises(ValueError, match="skip_threshold"):
+        again(skip_threshold=torch.tensor(True))
+
+
+def test_rebalance_experts_takes_previous_as_plan_calls_it():
+    weight = torch.rand(4, 16, generator=G) * 10
+    old = eplb.plan(weight, 32, 8)
+    got = eplb.rebalance_experts(weight * 2 + 1, 32, 1, 1, 8, previous=old)[0]
+    assert torch.equal(got, eplb.rebalance_experts(weight * 2 + 1, 32, 1, 1, 8,
+                                                   old_phy2log=old.phy2log)[0])
+    with pytest.raises(TypeError, match="once"):
+        eplb.rebalance_experts(weight, 32, 1, 1, 8, previous=old, old_phy2log=old.phy2log)
 
 
 def test_absurd_slots_per_gpu_are_refused_before_planning():

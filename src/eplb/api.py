@@ -151,12 +151,18 @@ def rebalance_experts(
         weight: ``[L, E]`` load statistics (or ``[E]``).
         num_replicas, num_groups, num_nodes, num_gpus: as in DeepSeek's function.
         old_phy2log: ``[L, R]`` placement in force; enables incremental planning.
-        **kwargs: any keyword of :func:`plan`.
+        **kwargs: any other keyword of :func:`plan` (``previous`` is ``old_phy2log``
+            here).
 
     Returns:
         ``(phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E])``, int64, on the weight's
         device (without the layer dimension for a one-layer ``[E]`` tensor).
     """
+    if "previous" in kwargs:
+        if old_phy2log is not None:
+            raise TypeError("rebalance_experts: give the placement in force once, as "
+                            "old_phy2log (previous= is its name in eplb.plan)")
+        old_phy2log = kwargs.pop("previous")
     placement = plan(
         weight,
         num_replicas,

@@ -213,10 +213,9 @@ class IncrementalOptions:
             value = getattr(self, name)
             if isinstance(value, bool):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-            scalar_tensor = isinstance(value, torch.Tensor) and value.dim() == 0
-            if isinstance(value, numbers.Real | np.floating) or (
-                scalar_tensor and value.dtype.is_floating_point
-            ):
+            scalar_tensor = (isinstance(value, torch.Tensor) and value.dim() == 0
+                             and value.dtype != torch.bool and not value.is_complex())
+            if isinstance(value, numbers.Real | np.floating) or scalar_tensor:
                 object.__setattr__(self, name, float(value))
         if not (isinstance(self.drift, (int, float)) and 0 <= self.drift <= 2):
             raise ValueError(f"drift must be a number in [0, 2], got {self.drift!r}")

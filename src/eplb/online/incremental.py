@@ -228,15 +228,27 @@ def _knapsack(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
     return pick
 
 
+def as_threshold(skip_threshold: object) -> float | None:
+    """``skip_threshold`` as a float >= 0 (Python, NumPy and 0-d tensor numbers, as the
+    other knobs take them) or ``None``; else ``ValueError``."""
+    value = skip_threshold
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+            and not value.is_complex()):
+        value = float(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, float | int | np.number) or not (
+        value >= 0
+    ):
+        raise ValueError(f"skip_threshold must be a number >= 0, got {skip_threshold!r}")
+    return float(value)
+
+
 def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray | None:
     """Check the move-budget knobs before any planning and return ``max_moves`` as
     ``None``, an int (slots in total) or an ``[L]`` integer array (slots per layer; its
     length is checked against the layers when planning). Raises ``ValueError``."""
-    if skip_threshold is not None and (
-        isinstance(skip_threshold, bool) or not isinstance(skip_threshold, float | int | np.number)
-        or not skip_threshold >= 0
-    ):
-        raise ValueError(f"skip_threshold must be a number >= 0, got {skip_threshold!r}")
+    as_threshold(skip_threshold)
     if isinstance(max_moves, torch.Tensor):
         max_moves = max_moves.detach().cpu().numpy()
     if isinstance(max_moves, (list, tuple)):
@@ -273,6 +285,7 @@ def plan_incremental(
     next-window balancedness would rise by less than this.
     """
     max_moves = check_budget(max_moves, skip_threshold)
+    skip_threshold = as_threshold(skip_threshold)
     options = request.options.incremental
     topo = request.topology
     old = _previous_phy2log(previous, request)
