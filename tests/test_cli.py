@@ -582,9 +582,12 @@ def test_eval_scores_the_loads_own_model_layers(capsys, tmp_path) -> None:
     code, text, _ = run(capsys, "eval", "--placement", str(out), str(loads), "--key",
                         "model/task", "-g", "4", "--json")
     assert code == 0 and json.loads(text)["balancedness_after"] > 0.95
+    # --first-layer names the loads' first layer, as in plan: 0 agrees, 1 contradicts
+    assert run(capsys, "eval", "--placement", str(out), str(loads), "--key", "model/task",
+               "-g", "4", "--first-layer", "0", "--json")[1] == text
     code, _, err = run(capsys, "eval", "--placement", str(out), str(loads), "--key",
-                       "model/task", "-g", "4", "--first-layer", "0")
-    assert code == 2 and "consecutive" in err
+                       "model/task", "-g", "4", "--first-layer", "1")
+    assert code == 2 and "contradicts" in err
 
 
 def test_threads_beyond_any_machine_are_refused(capsys, tmp_path, loads) -> None:

@@ -299,3 +299,28 @@ def test_odd_but_valid_arrays_plan_and_odd_files_fail_clearly(tmp_path, capsys):
                      str(tmp_path / f"{name}.json")])
         err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_a_link_in_a_report_folder_is_refused_before_the_work(capsys, tmp_path) -> None:
+    trace = tmp_path / "trace.pt"
+    torch.save(torch.rand(40, 4, 16) * 100, trace)
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.html").symlink_to(tmp_path / "nowhere")  # dangling
+    argv = ["simulate", str(trace), "-r", "20", "-g", "4", "--window", "10", "--report",
+            str(report)]
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 2
+    assert "symbolic link" in capsys.readouterr().err
+    assert sorted(p.name for p in report.iterdir()) == ["report.html"]  # nothing written
+
+
+def test_a_folder_of_sglang_dumps_and_other_files_is_refused_by_name(capsys, tmp_path) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "x.json").write_text('{"logical_count": [[1, 2, 3, 4]]}')
+    np.save(folder / "other.npy", np.ones((2, 4)))
+    assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err
+    assert "other files (other.npy)" in err and "folder of such dumps only" in err

@@ -23,7 +23,7 @@ from eplb.core import balancedness_ceiling, layer_ceiling
 from eplb.core.inputs import scale_free
 from eplb.core.planner import check_plan_size
 from eplb.core.topology import Topology
-from eplb.formats._files import require_regular_file
+from eplb.formats._files import check_writable, require_regular_file
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import INSTALL_HINT, Report, matplotlib_available
 
@@ -286,11 +286,16 @@ def prepare_report(directory: str | None, force: bool, title: str):
     if directory is None:
         return None
     report = Report(title)
-    if not force:  # fail before the work, not after
+    if Path(directory).is_dir():  # fail before the work, not after
         for name in report.planned_files():
-            if (Path(directory) / name).exists():
-                raise CliError(f"{Path(directory) / name} already exists; pass --force to "
-                               "overwrite it or choose another directory")
+            path = Path(directory) / name
+            if os.path.lexists(path) and not force:  # a dangling link counts as there
+                raise CliError(f"{path} already exists; pass --force to overwrite it or "
+                               "choose another directory")
+            try:
+                check_writable(path, force)
+            except OSError as exc:
+                raise CliError(str(exc)) from None
     return report
 
 

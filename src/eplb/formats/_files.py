@@ -68,7 +68,7 @@ def check_writable(path: Path, force: bool) -> None:
         _only_regular_files_are_replaced(path)
     if path.is_dir():
         raise IsADirectoryError(
-            f"{path} is a directory; give a file name to write the placement to"
+            f"{path} is a directory; give a file name to write to"
         )
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")

@@ -128,9 +128,17 @@ def sglang_json_dumps(folder: Path) -> list[Path]:
     """The ``{"logical_count": ...}`` JSON files of ``folder``, by name (empty when any
     JSON file there is something else: a folder is read whole or not at all)."""
     files = sorted(p for p in folder.glob("*.json") if p.is_file())
-    if files and all(_json_top_key(p) == "logical_count" for p in files):
+    if files and all(_json_top_key(p) == "logical_count" for p in files) and not _others(
+            folder, files):
         return files
     return []
+
+
+def _others(folder: Path, files: list[Path]) -> list[Path]:
+    """The visible files of ``folder`` beside ``files``."""
+    chosen = set(files)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p not in chosen)
 
 
 def detect_format(path: str | PathLike[str]) -> str:
@@ -152,6 +160,14 @@ def detect_format(path: str | PathLike[str]) -> str:
                 else "sglang-per-pass"
         if sglang_json_dumps(path):
             return "sglang"
+        dumps = sorted(p for p in path.glob("*.json")
+                       if p.is_file() and _json_top_key(p) == "logical_count")
+        others = _others(path, dumps)
+        if dumps and others:  # read whole or not at all: say what else is there
+            names = ", ".join(p.name for p in others[:3]) + (", ..." if len(others) > 3 else "")
+            raise FormatError(path, f"holds SGLang {{\"logical_count\": ...}} JSON files and "
+                                    f"other files ({names}); give one file, or a folder of "
+                                    "such dumps only")
         raise FormatError(
             path,
             "expected a TensorRT-LLM statistics folder (meta_info.json + rank*.safetensors), "

@@ -402,7 +402,9 @@ class Rebalancer:
                 raise ValueError(
                     f"the history of {self.capacity} steps × {num_layers} layers × "
                     f"{num_experts} experts would take {need / 2**30:.1f} GiB (float32), "
-                    f"beyond {MAX_HISTORY_BYTES / 2**30:.0f} GiB: use a shorter window")
+                    f"beyond {MAX_HISTORY_BYTES / 2**30:.0f} GiB: the window and the estimator's "
+                    "history set the steps kept; use a shorter window or an estimator that "
+                    "looks back fewer steps")
             # the ring lives where the counts do: an engine's CUDA counts never leave the GPU
             self._buffer = torch.zeros(self.capacity, num_layers, num_experts,
                                        dtype=torch.float32, device=steps.device)
