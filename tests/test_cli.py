@@ -643,3 +643,15 @@ def test_eval_refuses_flags_that_contradict_what_the_file_records(capsys, tmp_pa
                               (["--policy", "global"], "--policy global contradicts")):
             code, _, err = run(capsys, *base, *flags)
             assert code == 2 and needle in err, (name, flags, err)
+
+
+@pytest.mark.parametrize(("name", "said"), [
+    ("plan.npy", "'.npy' names no placement format"),
+    ("plan", "no suffix"),
+    ("sglang.json", "SGLang does not read"),
+])
+def test_an_output_name_of_no_placement_format_is_warned_about(capsys, tmp_path, loads, name,
+                                                              said) -> None:
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                       str(tmp_path / name))
+    assert code == 0 and said in err and json.loads((tmp_path / name).read_text())

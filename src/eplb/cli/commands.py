@@ -38,7 +38,15 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
     name = Path(output).name.lower()
     if name.endswith((".sglang.json", ".sglang.pt")):
         return "sglang"
-    return EMIT_BY_SUFFIX.get(Path(name).suffix, "json")
+    suffix = Path(name).suffix
+    if suffix not in EMIT_BY_SUFFIX:
+        what = f"'{suffix}' names no placement format" if suffix else "no suffix"
+        warn(f"{Path(output).name}: {what}; writing eplb's JSON (name OUT *.json, *.pt, "
+             "*.yaml or *.sglang.json, or pass --emit)")
+    elif "sglang" in name and suffix == ".json":
+        warn(f"{Path(output).name}: writing eplb's JSON, which SGLang does not read; name "
+             "OUT *.sglang.json (or pass --emit sglang) for SGLang's --init-expert-location")
+    return EMIT_BY_SUFFIX.get(suffix, "json")
 
 
 def _ranges(ids: list[int]) -> str:
