@@ -101,6 +101,32 @@ def drift_chain(
     return out
 
 
+def packing_batched_over_layers(weight: np.ndarray, num_packs: int) -> tuple[np.ndarray, ...]:
+    """DeepSeek's greedy packing (heaviest item to the lightest pack with room, first pack
+    on ties) of every row of ``weight [X, n]`` at once, in NumPy: one step per item for
+    all rows, the items in the order vLLM's ``DefaultEplbPolicy.balanced_packing`` sorts
+    them. Returns ``(pack_index [X, n], rank_in_pack [X, n])``, as vLLM's does."""
+    rows, items = weight.shape
+    per_pack = items // num_packs
+    if per_pack == 1:
+        index = np.tile(np.arange(items, dtype=np.int64), (rows, 1))
+        return index, np.zeros_like(index)
+    order = np.argsort(-weight, axis=-1)  # the sort vLLM's default runs per row
+    row = np.arange(rows)
+    load = np.zeros((rows, num_packs))
+    count = np.zeros((rows, num_packs), np.int64)
+    pack_index = np.empty((rows, items), np.int64)
+    rank_in_pack = np.empty((rows, items), np.int64)
+    for k in range(items):
+        item = order[:, k]
+        pack = np.where(count < per_pack, load, np.inf).argmin(1)
+        pack_index[row, item] = pack
+        rank_in_pack[row, item] = count[row, pack]
+        load[row, pack] += weight[row, item]
+        count[row, pack] += 1
+    return pack_index, rank_in_pack
+
+
 def balancedness(phy2log: torch.Tensor, weight: torch.Tensor, topo: Topology) -> float:
     return Placement.from_phy2log(phy2log, E, topo).balancedness(weight)
 
@@ -184,9 +210,20 @@ def main(argv=None) -> int:
             def rebalance_experts(weight, replicas, groups, nodes, ranks, old=None):
                 return plan_greedy(weight, replicas, ranks, nodes, groups).phy2log
 
+        class BatchedPacking(vllm.DefaultEplbPolicy):
+            """vLLM's own DefaultEplbPolicy (its replication, hierarchy and slot-keeping)
+            with only ``balanced_packing`` batched over layers, as the BatchedEplbPolicy of
+            vLLM's main tree is (not in a released wheel); the batched packing is
+            :func:`packing_batched_over_layers`, written here (the same packs)."""
+
+            @classmethod
+            def balanced_packing(cls, weight, num_packs):
+                return packing_batched_over_layers(weight, num_packs)
+
         vllm_default = f"vLLM {args.vllm.rsplit('.', 1)[0]} default"  # "vLLM 0.33 default"
         planners = {vllm_default: vllm.DefaultEplbPolicy,
                     "DeepSeek greedy, layer-batched": BatchedGreedy,
+                    f"{vllm_default}, packing batched": BatchedPacking,
                     "eplb (defaults)": ours, "eplb, max_moves 20 %": Budget20}
         for price in filter(None, args.move_prices.split(",")):
             priced = type(f"Price{price}", (ours,), {"options": {"move_price": float(price)}})
