@@ -96,16 +96,13 @@ def check_dispatch_options(
 
 MAX_GPUS = 1 << 16  # the packing sorts (value, GPU) pairs packed with a 16-bit GPU index
 MAX_TOTAL_SLOTS = 1 << 25  # L·R: several [L, R] int64 arrays live at once (256 MiB each)
-MAX_CLASH_CELLS = 1 << 31  # bytes of the anti-affinity check of a dealing, at its worst
 
 
 def check_plan_size(num_layers: int, topology: Topology, num_experts: int) -> None:
     """Refuse, before anything is allocated, a problem beyond what eplb plans: more than
-    65,536 GPUs, more than 2**25 slots over all layers (``L·R``), a swap search of one
-    layer beyond ``MAX_SWAPS_PER_ROW`` (``P/2 · S²``, where a GPU has more than 2 slots),
-    or an anti-affinity check of a dealing beyond 2 GiB (``L·(S − 1)`` round boundaries,
-    each comparing up to ``min(P, R − E + 1)`` replicas of an expert pairwise: few experts
-    with thousands of replicas each). Raises ``ValueError`` naming the limit."""
+    65,536 GPUs, more than 2**25 slots over all layers (``L·R``), or a swap search of one
+    layer beyond ``MAX_SWAPS_PER_ROW`` (``P/2 · S²``, where a GPU has more than 2 slots).
+    Raises ``ValueError`` naming the limit."""
     slots, gpus = topology.slots_per_gpu, topology.num_gpus
     beyond = f"{slots} slots per GPU on {gpus} GPUs is beyond what eplb plans"
     if gpus > MAX_GPUS:
@@ -119,14 +116,6 @@ def check_plan_size(num_layers: int, topology: Topology, num_experts: int) -> No
         raise ValueError(
             f"{beyond}: the swap search of one layer would score {swaps:.2e} swaps at once "
             f"(about {swaps * 32 / 2**30:.0f} GiB); at most {MAX_SWAPS_PER_ROW:.2e} (P/2 · S²)"
-        )
-    run = min(gpus, topology.num_replicas - num_experts + 1)
-    cells = num_layers * (slots - 1) * run * run
-    if cells > MAX_CLASH_CELLS:
-        raise ValueError(
-            f"{num_experts} experts on {topology.num_replicas} slots of {gpus} GPUs is beyond "
-            f"what eplb plans: checking the replicas of an expert against each other would "
-            f"take about {cells / 2**30:.0f} GiB; at most 2 GiB (L·(S − 1)·min(P, R − E + 1)²)"
         )
 
 

@@ -132,15 +132,16 @@ def _split_clashes(
     ahead = cut + np.arange(num_gpus)
     rows = row[:, None]
     in_back, in_ahead = expert[rows, back] == run, expert[rows, ahead] == run  # [K, P]
-    # runs are contiguous: compare only as far as the longest part reaches, [K, w, w]
+    # runs are contiguous: look only as far as the longest part reaches
     width = int(max(in_back.sum(1).max(), in_ahead.sum(1).max()))
     back, ahead = back[:, :width], ahead[:, :width]
-    same = (
-        in_back[:, :width, None]
-        & in_ahead[:, None, :width]
-        & (gpu[rows, back][:, :, None] == gpu[rows, ahead][:, None, :])
-    )
-    clash = same.any(1)  # [K, P] replicas after the boundary that meet one before it
+    in_back, in_ahead = in_back[:, :width], in_ahead[:, :width]
+    # a replica after the boundary clashes when its GPU holds one of the run before it:
+    # membership of (split, GPU) codes, linear in memory (a pairwise [K, w, w] compare
+    # took gigabytes where few experts have thousands of replicas each)
+    split = np.arange(len(row))[:, None] * num_gpus
+    before = (split + gpu[rows, back])[in_back]
+    clash = in_ahead & np.isin(split + gpu[rows, ahead], before)  # [K, w]
     hit = clash.any(1)
     if not hit.any():
         return none, none, True
