@@ -1,4 +1,4 @@
-"""eplb on vLLM's real rebalance call vs vLLM 0.33's own DefaultEplbPolicy.
+"""eplb on vLLM's real rebalance call vs vLLM's own DefaultEplbPolicy (0.33.0 or 0.34.0).
 
 vLLM calls its policy on every EP rank with the current map and int32 loads::
 

@@ -444,7 +444,7 @@ def test_eval_first_layer_scores_moe_rows_of_an_sglang_file(capsys, tmp_path, lo
     assert planned["balancedness_after"] == json.loads(text)["balancedness_after"] > 0.9
     code, _, err = run(capsys, "eval", "--placement", str(out), str(loads), "-g", str(P),
                        "--first-layer", "2")
-    assert code == 2 and "no rows for model layers 5" in err and "holds layers 0..4" in err
+    assert code == 2 and "no rows for model layers 5" in err and "model layers 0..4" in err
 
 
 def test_a_yaml_keyed_by_model_layer_is_scored_and_replanned_by_layer(capsys, tmp_path) -> None:
@@ -476,7 +476,7 @@ def test_a_yaml_keyed_by_model_layer_is_scored_and_replanned_by_layer(capsys, tm
     out = tmp_path / "next.yaml"
     code, _, err = run(capsys, "plan", str(dump), "-r", str(R), "-g", str(P), "--previous",
                        str(trimmed), "-o", str(out))
-    assert code == 0 and "layers 0..2 saw no tokens" in err and "other layers only" in err
+    assert code == 0 and "rows 0..2 saw no tokens" in err and "left out" in err
     keys = [line.split(":")[0].strip() for line in out.read_text().splitlines()
             if line.startswith("  ") and line.strip()[:1].isdigit()]
     assert keys == [str(layer) for layer in range(3, 3 + L)]
@@ -655,3 +655,24 @@ def test_an_output_name_of_no_placement_format_is_warned_about(capsys, tmp_path,
     code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
                        str(tmp_path / name))
     assert code == 0 and said in err and json.loads((tmp_path / name).read_text())
+
+
+def test_plans_of_loads_without_layer_ids_pair_with_their_loads_in_order(capsys,
+                                                                         tmp_path) -> None:
+    """Found by a review: a plan of MoE-only rows records no layer ids, so it pairs with
+    the same rows given --first-layer, and with a dump whose dense rows are all zero."""
+    moe = np.exp(np.random.default_rng(4).normal(0, 1, size=(L, E))) * 100
+    np.save(tmp_path / "moe.npy", moe)
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"logical_count": [[0.0] * E] * 3 + moe.round().tolist()}))
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", str(tmp_path / "moe.npy"), "-r", str(R), "-g", str(P), "-o",
+               str(old))[0] == 0
+    assert json.loads(old.read_text()).get("layer_ids") is None
+    code, _, err = run(capsys, "plan", str(tmp_path / "moe.npy"), "--first-layer", "3",
+                         "-r", str(R), "-g", str(P), "--previous", str(old), "-o",
+                         str(tmp_path / "new.json"), "--json")
+    assert code == 0, err
+    code, text, err = run(capsys, "eval", "--placement", str(old), str(dump), "--json")
+    assert code == 0 and "rows 0..2 saw no tokens" in err
+    assert [r["layer"] for r in json.loads(text)["layers"]] == list(range(3, 3 + L))

@@ -324,3 +324,12 @@ def test_a_folder_of_sglang_dumps_and_other_files_is_refused_by_name(capsys, tmp
     assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "p.json")]) == 2
     err = capsys.readouterr().err
     assert "other files (other.npy)" in err and "folder of such dumps only" in err
+
+
+def test_notes_beside_sglang_dumps_do_not_stop_the_folder_being_read(capsys, tmp_path) -> None:
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    for k in range(2):
+        (folder / f"d{k}.json").write_text('{"logical_count": [[1, 2, 3, 4]]}')
+    (folder / "SOURCE.md").write_text("where these came from")
+    assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "p.json")]) == 0

@@ -43,7 +43,7 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
         what = f"'{suffix}' names no placement format" if suffix else "no suffix"
         warn(f"{Path(output).name}: {what}; writing eplb's JSON (name OUT *.json, *.pt, "
              "*.yaml or *.sglang.json, or pass --emit)")
-    elif "sglang" in name and suffix == ".json":
+    elif Path(name).stem.endswith("sglang") and suffix == ".json":  # sglang.json, x-sglang.json
         warn(f"{Path(output).name}: writing eplb's JSON, which SGLang does not read; name "
              "OUT *.sglang.json (or pass --emit sglang) for SGLang's --init-expert-location")
     return EMIT_BY_SUFFIX.get(suffix, "json")
@@ -179,11 +179,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         previous, keep = _rows_of_loads(previous, previous_meta.get("layer_ids"), trace,
                                         weight, args.first_layer,
                                         f"--previous {args.previous}", f"loads {loads}")
-        if keep is not None:
-            dropped = sorted(set(range(num_layers)) - set(keep))
-            warn(f"{loads}: layers {_ranges([layer_ids[i] for i in dropped])} saw no tokens "
-                 f"and --previous {args.previous} has no rows for them: planning the other "
-                 "layers only")
+        if keep is not None:  # said by _rows_of_loads: planning the other layers only
             weight, layer_ids = weight[keep], [layer_ids[i] for i in keep]
             num_layers = len(keep)
         options["previous"] = previous
@@ -210,7 +206,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
         seed=args.seed, **options))
     placement.validate()
-    write_placement(placement, out, emit=emit, weight=weight, layer_ids=layer_ids,
+    # eplb's own files record layer ids only where the loads or --first-layer named them:
+    # a row index is no claim (eval and --previous then pair rows in order)
+    named = bool(trace.meta.get("model_layer_ids")) or args.first_layer is not None
+    write_placement(placement, out, emit=emit, weight=weight,
+                    layer_ids=layer_ids if named or emit in ("trtllm", "sglang") else None,
                     num_model_layers=model_layers, force=args.force)
 
     live = placement.live_gpus()
@@ -360,37 +360,53 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
     Rows are matched by model layer where both sides say which layers they are: the loads
     by their own ids or ``--first-layer K`` (the model layer of their first row, as in
     ``plan``), the placement by the ids it records (eplb's files, TensorRT-LLM YAML), else
-    by row index (an SGLang file has a row per model layer). Loads rows of layers the
-    placement lacks are dropped when they carry no load (the dense layers of an SGLang
-    dump, against a YAML whose dense keys were deleted); otherwise that is an error.
-    Loads that do not name their layers take the placement's rows in order. ``what`` and
+    by row index where it has more rows than the loads (an SGLang file has a row per
+    model layer). Loads rows of layers the placement lacks are left out when they carry no
+    load (the dense layers of an SGLang dump). A placement without ids and with as many
+    rows as the loads (after leaving out their all-zero rows, if that is what it takes)
+    is paired in order; so is one whose ids do not match, with a warning. ``what`` and
     ``loads`` name the two in messages."""
     rows = weight.shape[0]
+    num_rows = placement.num_layers
+    idle = (weight <= 0).all(1)
     keep = None
-    named = bool(trace.meta.get("model_layer_ids"))
-    if named or first_layer is not None:
+    if not (trace.meta.get("model_layer_ids") or first_layer is not None):
+        # loads that do not name their layers: in order (a dump's dense rows left out)
+        if placement_ids is None and rows > num_rows and rows - int(idle.sum()) == num_rows:
+            keep = (~idle).nonzero()[:, 0].tolist()
+    else:
         ids = _layer_ids(trace, first_layer, loads)
-        have = list(placement_ids) if placement_ids else list(range(placement.num_layers))
-        # an engine file without ids and loads that name theirs, with as many rows: in order
-        positional = (placement_ids is None and first_layer is None
-                      and not (placement.num_layers > len(ids) and max(ids) < len(have)))
-        if not positional:
+        if placement_ids is None and num_rows <= rows:
+            # a row index is no claim about layers: as many rows, or as many as the
+            # loads' rows that carry load, pair in order
+            if num_rows < rows and rows - int(idle.sum()) == num_rows:
+                keep = (~idle).nonzero()[:, 0].tolist()
+        else:
+            have = list(placement_ids) if placement_ids is not None else list(range(num_rows))
             row_of = {layer: row for row, layer in enumerate(have)}
             absent = [i for i, layer in enumerate(ids) if layer not in row_of]
-            if absent:
-                idle = bool((weight[absent] <= 0).all()) and len(absent) < rows
-                if not idle:
-                    hint = (" (--first-layer K is the model layer of the loads' first row)"
-                            if first_layer is not None else "")
-                    raise CliError(
-                        f"{what} has no rows for model layers "
-                        f"{_ranges([ids[i] for i in absent])} of {loads}: it holds layers "
-                        f"{_ranges(sorted(have))}{hint}")
-                dropped = set(absent)
-                keep = [i for i in range(rows) if i not in dropped]
-            picked = [row_of[ids[i]] for i in (range(rows) if keep is None else keep)]
-            if picked != list(range(placement.num_layers)):
-                placement = _select_rows(placement, picked)
+            if absent and bool(idle[absent].all()) and len(absent) < rows:
+                keep = [i for i in range(rows) if i not in set(absent)]
+                absent = []
+            if not absent:
+                picked = [row_of[ids[i]] for i in (range(rows) if keep is None else keep)]
+                if picked != list(range(num_rows)):
+                    placement = _select_rows(placement, picked)
+            elif num_rows == rows:
+                warn(f"{what} holds model layers {_ranges(have)} and {loads} layers "
+                     f"{_ranges(ids)}; pairing their rows in order")
+            else:
+                where = (f"it holds layers {_ranges(sorted(have))}" if placement_ids is not None
+                         else f"it records no layer ids, so its rows are read as model layers "
+                         f"0..{num_rows - 1}")
+                hint = (" (--first-layer K is the model layer of the loads' first row)"
+                        if first_layer is not None else "")
+                raise CliError(f"{what} has no rows for model layers "
+                               f"{_ranges([ids[i] for i in absent])} of {loads}: {where}{hint}")
+    if keep is not None:
+        dropped = [i for i in range(rows) if i not in set(keep)]
+        warn(f"{loads}: rows {_ranges(dropped)} saw no tokens and {what} has no rows for "
+             f"them: left out")
     kept = rows if keep is None else len(keep)
     if (kept, weight.shape[1]) != (placement.num_layers, placement.num_experts):
         hint = ""

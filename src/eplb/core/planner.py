@@ -194,9 +194,10 @@ def make_request(
         raise ValueError(f"fair and source shape the global policy's plan for nearest "
                          f"dispatch; the {chosen} policy does not use them (pass "
                          f"policy='global')")
+    idle = w.sum(1) <= 0
     planning = scale_rows_to_unit(uniform_where_empty(w))
     return PlanRequest(planning, topology, chosen, opts, seed, live, speed, dispatch, fair,
-                       src, ids, slack)
+                       src, ids, slack, idle if bool(idle.any()) else None)
 
 
 def _plan_live(request: PlanRequest) -> torch.Tensor:

@@ -40,6 +40,9 @@ class PlanRequest:
         routing: ``[T, L, k]`` top-k expert ids of recorded tokens, for the locality
             policy's co-selection statistics (``None``: estimated from loads and groups).
         slack: the locality policy's knob: node load allowed above the mean node load.
+        idle: ``[L]`` bool rows of ``weight`` that carried no load (planned as uniform
+            loads), or ``None`` when every row did; incremental planning moves nothing
+            in them.
     """
 
     weight: torch.Tensor
@@ -54,6 +57,7 @@ class PlanRequest:
     source: torch.Tensor | None = None
     routing: torch.Tensor | None = None
     slack: float = 0.03
+    idle: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:

@@ -134,11 +134,15 @@ def sglang_json_dumps(folder: Path) -> list[Path]:
     return []
 
 
+# files that could hold loads; notes beside the dumps (SOURCE.md, README) do not count
+_DATA_SUFFIXES = frozenset({".json", ".npy", ".npz", ".pt", ".pth", ".safetensors", ".csv"})
+
+
 def _others(folder: Path, files: list[Path]) -> list[Path]:
-    """The visible files of ``folder`` beside ``files``."""
+    """The files of ``folder`` beside ``files`` that could hold loads too."""
     chosen = set(files)
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p not in chosen)
+                  if p.is_file() and p.suffix.lower() in _DATA_SUFFIXES and p not in chosen)
 
 
 def detect_format(path: str | PathLike[str]) -> str:

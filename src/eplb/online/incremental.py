@@ -349,6 +349,10 @@ def plan_incremental(
     # never worse than the placement in force on the window at hand: a candidate whose
     # in-sample peak exceeds the base's is not taken, whatever its expected next window
     peak = np.where(now <= now[0][None] * (1 + 1e-12), peak, np.inf)
+    if request.idle is not None and len(request.idle) == request.num_layers:
+        # a layer that carried no load (a dense layer of a dump, vLLM's profile run) is
+        # balanced whatever is where: moving its weights would buy nothing
+        peak[1:, request.idle.cpu().numpy()] = np.inf
     pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options)
     best = take(pick)
     # the guard above compares integer units (moves.units_of), which round small experts
