@@ -443,6 +443,8 @@ def _plan_nearest(
         return planned.phy2log.cpu()
 
     out = plan_nearest_incremental(request, base, budget, warm_even)
+    if request.idle is not None and len(request.idle) == request.num_layers:
+        out[request.idle.cpu()] = base[request.idle.cpu()]  # no load: nothing to gain
     placement = Placement.from_phy2log(out.to(request.weight.device), request.num_experts,
                                        topo, request.policy, request.active_gpus)
     return validate_planned(placement)
