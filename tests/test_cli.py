@@ -676,3 +676,25 @@ def test_plans_of_loads_without_layer_ids_pair_with_their_loads_in_order(capsys,
     code, text, err = run(capsys, "eval", "--placement", str(old), str(dump), "--json")
     assert code == 0 and "rows 0..2 saw no tokens" in err
     assert [r["layer"] for r in json.loads(text)["layers"]] == list(range(3, 3 + L))
+
+
+def test_routing_follows_the_layers_planned_when_dense_rows_are_left_out(capsys,
+                                                                          tmp_path) -> None:
+    # found by a review: --previous without the dump's dense rows left the routing trace
+    # with the dump's layer count, refused as a mismatch
+    moe = np.exp(np.random.default_rng(6).normal(0, 1, size=(L, E))) * 100
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"logical_count": [[0.0] * E] * 2 + moe.round().tolist()}))
+    ids = np.random.default_rng(7).integers(0, E, size=(64, L + 2, 2))
+    ids[:, :, 1] = (ids[:, :, 0] + 1) % E  # two distinct experts per token
+    np.savez(tmp_path / "routing.npz", topk=ids)
+    full = tmp_path / "full.yaml"
+    assert run(capsys, "plan", str(dump), "-r", str(R), "-g", str(P), "-o", str(full))[0] == 0
+    trimmed = tmp_path / "trimmed.yaml"
+    trimmed.write_text("".join(line for line in full.read_text().splitlines(keepends=True)
+                               if not line.startswith(("  0:", "  1:"))))
+    code, _, err = run(capsys, "plan", str(dump), "-r", str(R), "-g", str(P), "--nodes", "2",
+                       "--policy", "locality", "--dispatch", "nearest", "--routing",
+                       str(tmp_path / "routing.npz"), "--previous", str(trimmed),
+                       "-o", str(tmp_path / "next.json"))
+    assert code == 0, err

@@ -162,7 +162,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         options["active_gpus"] = active
     if speed is not None:
         options["gpu_speed"] = speed
-    previous = None
+    previous, kept_rows = None, None
     if args.previous:
         previous, previous_meta = read_placement_meta(
             existing_file(args.previous, "previous placement"), num_gpus=args.gpus,
@@ -180,7 +180,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                         weight, args.first_layer,
                                         f"--previous {args.previous}", f"loads {loads}")
         if keep is not None:  # said by _rows_of_loads: planning the other layers only
-            weight, layer_ids = weight[keep], [layer_ids[i] for i in keep]
+            weight, layer_ids, kept_rows = weight[keep], [layer_ids[i] for i in keep], keep
             num_layers = len(keep)
         options["previous"] = previous
         _warn_revived(previous, active, args)
@@ -193,7 +193,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             warn(f"{loads}: layers {_ranges(idle)} saw no tokens (the dense layers of an "
                  "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
                  "if your model's MoE layers start later")
-    options.update(_dispatch_options(args, weight))
+    options.update(_dispatch_options(args, trace.num_layers, kept_rows))
     if args.max_moves is not None:
         if previous is None:
             raise CliError("--max-moves needs --previous (the placement in service)")
@@ -323,8 +323,11 @@ def _routing(args: argparse.Namespace) -> torch.Tensor | None:
     return routing
 
 
-def _dispatch_options(args: argparse.Namespace, weight: torch.Tensor) -> dict:
-    """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``."""
+def _dispatch_options(args: argparse.Namespace, num_rows: int,
+                      rows: list[int] | None = None) -> dict:
+    """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
+    ``num_rows``: the loads file's rows (the routing trace's layers are those);
+    ``rows``: the ones planned, where some were left out."""
     nearest_only = {"--fair": args.fair != "auto", "--slack": args.slack is not None,
                     "--routing": args.routing is not None,
                     "--policy locality": args.policy == "locality"}
@@ -344,10 +347,10 @@ def _dispatch_options(args: argparse.Namespace, weight: torch.Tensor) -> dict:
     options = {"dispatch": "nearest", "fair": args.fair, "slack": slack}
     routing = _routing(args)
     if routing is not None:
-        if routing.shape[1] != weight.shape[0]:
+        if routing.shape[1] != num_rows:
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the loads "
-                           f"{weight.shape[0]}")
-        options["routing"] = routing
+                           f"{num_rows}")
+        options["routing"] = routing if rows is None else routing[:, rows]
     return options
 
 
