@@ -124,6 +124,7 @@ def node_ladder(
     quota: np.ndarray,
     budgeted: bool,
     always: np.ndarray | None = None,
+    alias: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Warm-start candidates of hierarchical layers given as node rows
     (:func:`node_rows`: ``node_weight [L·N, E/N]``, ``node_start [L·N, R/N]``), refining
@@ -131,6 +132,8 @@ def node_ladder(
     flagged in ``always [L, N]``.
 
     ``quota [L]``: slots per step of the whole layer (0: the layer keeps its start).
+    ``alias [L·N]``: for every node row, a row with the same loads, start and quota (its
+    own index where none), searched once for both.
 
     Returns ``(done [C, L·N, R/N], moving [M])``: the candidates as node rows (local ids;
     candidate 0 is the start) and the node rows that were searched (the others hold
@@ -145,14 +148,18 @@ def node_ladder(
     if always is not None:
         critical |= always
     row_quota = np.where(critical, node_quota(request, quota)[:, None], 0).reshape(-1)
-    # rows are independent: only the node rows with a quota are searched
+    # rows are independent: only the node rows with a quota are searched, and a row that
+    # repeats another (``alias``) takes that row's search
     moving = np.nonzero(row_quota > 0)[0]
+    source = moving if alias is None else alias[moving]
+    unique, first, back = np.unique(source, return_index=True, return_inverse=True)
     options = request.options
-    searched, _ = moves.warm_ladder(node_weight[moving], node_start[moving], per_gpu,
-                                    row_quota[moving], options.incremental.steps,
+    # a base row searched only for its regrouped twin takes the twin's quota (equal)
+    searched, _ = moves.warm_ladder(node_weight[unique], node_start[unique], per_gpu,
+                                    row_quota[moving[first]], options.incremental.steps,
                                     options.packing, budgeted)
     done = np.repeat(node_start[None], searched.shape[0], 0)
-    done[:, moving] = searched
+    done[:, moving] = searched[:, back]
     return done, moving
 
 
@@ -221,7 +228,19 @@ def candidates(
         node_start = np.concatenate([node_start, filled])
         experts = np.concatenate([experts, moved_experts])
         quota = np.concatenate([quota, quota[rows]])
-    done, moving = node_ladder(node_weight, node_start, request, quota, budgeted, always)
+    alias = None
+    if len(rows):
+        # a regrouped layer's nodes that keep their groups start as the base layer's do:
+        # searched once (rows are independent, so the candidates are the same)
+        in_base = nodes * layers
+        twin = (rows[:, None] * nodes + np.arange(nodes)).reshape(-1)  # base row of each
+        same = ((node_start[in_base:] == node_start[twin]).all(1)
+                & (node_weight[in_base:] == node_weight[twin]).all(1)
+                & (quota[layers:].repeat(nodes) == quota[rows].repeat(nodes)))
+        alias = np.arange(len(node_start))
+        alias[in_base:] = np.where(same, twin, alias[in_base:])
+    done, moving = node_ladder(node_weight, node_start, request, quota, budgeted, always,
+                               alias)
     ladder = done.shape[0]
     # scores: every node row's start once, the searched rows' later candidates
     options = request.options.incremental
