@@ -295,7 +295,7 @@ def test_bad_previous():
     bad[0, 0] = E
     with pytest.raises(ValueError, match=r"outside \[-1, 32\)"):
         eplb.plan(W1, R, P, previous=bad)
-    with pytest.raises(TypeError, match="integers"):
+    with pytest.raises(TypeError, match="previous phy2log must hold integer expert ids"):
         eplb.plan(W1, R, P, previous=old.phy2log.double())
 
 

@@ -373,41 +373,40 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
     num_rows = placement.num_layers
     idle = (weight <= 0).all(1)
     keep = None
-    if not (trace.meta.get("model_layer_ids") or first_layer is not None):
-        # loads that do not name their layers: in order (a dump's dense rows left out)
+    named = bool(trace.meta.get("model_layer_ids")) or first_layer is not None
+    if not named or (placement_ids is None and num_rows <= rows):
+        # in order: loads that do not name their layers, or a placement whose row index
+        # is no claim about layers; the loads' rows that carry load where that makes the
+        # counts agree (a dump's dense rows left out)
         if placement_ids is None and rows > num_rows and rows - int(idle.sum()) == num_rows:
             keep = (~idle).nonzero()[:, 0].tolist()
     else:
         ids = _layer_ids(trace, first_layer, loads)
-        if placement_ids is None and num_rows <= rows:
-            # a row index is no claim about layers: as many rows, or as many as the
-            # loads' rows that carry load, pair in order
-            if num_rows < rows and rows - int(idle.sum()) == num_rows:
-                keep = (~idle).nonzero()[:, 0].tolist()
+        have = list(placement_ids) if placement_ids is not None else list(range(num_rows))
+        row_of = {layer: row for row, layer in enumerate(have)}
+        absent = [i for i, layer in enumerate(ids) if layer not in row_of]
+        if absent and bool(idle[absent].all()) and len(absent) < rows:
+            left_out = set(absent)
+            keep = [i for i in range(rows) if i not in left_out]
+            absent = []
+        if not absent:
+            picked = [row_of[ids[i]] for i in (range(rows) if keep is None else keep)]
+            if picked != list(range(num_rows)):
+                placement = _select_rows(placement, picked)
+        elif num_rows == rows:
+            warn(f"{what} holds model layers {_ranges(have)} and {loads} layers "
+                 f"{_ranges(ids)}; pairing their rows in order")
         else:
-            have = list(placement_ids) if placement_ids is not None else list(range(num_rows))
-            row_of = {layer: row for row, layer in enumerate(have)}
-            absent = [i for i, layer in enumerate(ids) if layer not in row_of]
-            if absent and bool(idle[absent].all()) and len(absent) < rows:
-                keep = [i for i in range(rows) if i not in set(absent)]
-                absent = []
-            if not absent:
-                picked = [row_of[ids[i]] for i in (range(rows) if keep is None else keep)]
-                if picked != list(range(num_rows)):
-                    placement = _select_rows(placement, picked)
-            elif num_rows == rows:
-                warn(f"{what} holds model layers {_ranges(have)} and {loads} layers "
-                     f"{_ranges(ids)}; pairing their rows in order")
-            else:
-                where = (f"it holds layers {_ranges(sorted(have))}" if placement_ids is not None
-                         else f"it records no layer ids, so its rows are read as model layers "
-                         f"0..{num_rows - 1}")
-                hint = (" (--first-layer K is the model layer of the loads' first row)"
-                        if first_layer is not None else "")
-                raise CliError(f"{what} has no rows for model layers "
-                               f"{_ranges([ids[i] for i in absent])} of {loads}: {where}{hint}")
+            where = (f"it holds layers {_ranges(sorted(have))}" if placement_ids is not None
+                     else f"it records no layer ids, so its rows are read as model layers "
+                     f"0..{num_rows - 1}")
+            hint = (" (--first-layer K is the model layer of the loads' first row)"
+                    if first_layer is not None else "")
+            raise CliError(f"{what} has no rows for model layers "
+                           f"{_ranges([ids[i] for i in absent])} of {loads}: {where}{hint}")
     if keep is not None:
-        dropped = [i for i in range(rows) if i not in set(keep)]
+        kept_set = set(keep)
+        dropped = [i for i in range(rows) if i not in kept_set]
         warn(f"{loads}: rows {_ranges(dropped)} saw no tokens and {what} has no rows for "
              f"them: left out")
     kept = rows if keep is None else len(keep)

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import torch
 
-from eplb.core.inputs import as_weight
+from eplb.core.inputs import as_weight, require_integer_ids
 from eplb.core.topology import positive_int
 
 DISPATCH_RULES = ("even", "nearest")
@@ -65,8 +65,7 @@ def check_dispatch(dispatch: str) -> str:
 def _check_shape(phy2log: torch.Tensor, num_gpus: int, num_nodes: int) -> tuple[int, int]:
     if not isinstance(phy2log, torch.Tensor) or phy2log.dim() != 2:
         raise ValueError("phy2log must be an integer tensor [L, R]")
-    if phy2log.is_floating_point():
-        raise TypeError(f"phy2log must hold integer expert ids, got {phy2log.dtype}")
+    require_integer_ids(phy2log, "phy2log")
     if phy2log.numel() == 0:
         raise ValueError(f"phy2log is empty (shape {tuple(phy2log.shape)})")
     if int(phy2log.min()) < -1:

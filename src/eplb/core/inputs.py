@@ -249,8 +249,7 @@ def as_routing(
     if tensor.is_meta or tensor.layout != torch.strided:
         raise TypeError(f"routing must be a dense tensor with data, got a "
                         f"{'meta' if tensor.is_meta else tensor.layout} tensor")
-    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise TypeError(f"routing must hold integer expert ids, got {tensor.dtype}")
+    require_integer_ids(tensor, "routing")
     layers_ok = num_layers is None or (tensor.dim() == 3 and tensor.shape[1] == num_layers)
     if tensor.dim() != 3 or not layers_ok or 0 in tensor.shape:
         layers = "L" if num_layers is None else num_layers
@@ -265,15 +264,24 @@ def as_routing(
     return tensor
 
 
-def uniform_where_empty(weight: torch.Tensor) -> torch.Tensor:
-    """``weight [rows, E]`` with every all-zero row replaced by ones.
+def require_integer_ids(tensor: torch.Tensor, name: str) -> None:
+    """``TypeError`` naming ``name`` unless ``tensor`` holds integer expert ids (not
+    floating, complex or boolean values, which a cast would silently turn into ids)."""
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer expert ids, got {tensor.dtype}")
+
+
+def uniform_where_empty(weight: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight [rows, E]`` with every all-zero row (``empty [rows]``, computed when not
+    given) replaced by ones.
 
     A row with no load (a dense layer in a real dump, or a node whose experts saw no
     tokens) has every placement equally balanced; planning it as uniform spreads its
     replicas evenly instead of leaving ties to chance.
     """
-    empty = weight.sum(1, keepdim=True) <= 0
-    return torch.where(empty, torch.ones_like(weight), weight)
+    if empty is None:
+        empty = weight.sum(1) <= 0
+    return torch.where(empty[:, None], torch.ones_like(weight), weight)
 
 
 def scale_rows_to_unit(weight: torch.Tensor) -> torch.Tensor:

@@ -195,7 +195,7 @@ def make_request(
                          f"dispatch; the {chosen} policy does not use them (pass "
                          f"policy='global')")
     idle = w.sum(1) <= 0
-    planning = scale_rows_to_unit(uniform_where_empty(w))
+    planning = scale_rows_to_unit(uniform_where_empty(w, idle))
     return PlanRequest(planning, topology, chosen, opts, seed, live, speed, dispatch, fair,
                        src, ids, slack, idle if bool(idle.any()) else None)
 

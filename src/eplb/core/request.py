@@ -8,7 +8,7 @@ tuple that used to travel through every layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -58,6 +58,12 @@ class PlanRequest:
     routing: torch.Tensor | None = None
     slack: float = 0.03
     idle: torch.Tensor | None = None
+
+    def layers(self, index: torch.Tensor) -> PlanRequest:
+        """The same request for the layers ``index`` only (their loads and idle flags)."""
+        idle = None if self.idle is None else self.idle[index]
+        return replace(self, weight=self.weight[index],
+                       idle=idle if idle is not None and bool(idle.any()) else None)
 
     @property
     def num_layers(self) -> int:

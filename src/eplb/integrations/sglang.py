@@ -42,6 +42,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
+from eplb.core.inputs import require_integer_ids
 from eplb.core.policies import resolve_policy
 from eplb.core.topology import Topology, positive_int
 from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
@@ -192,9 +193,7 @@ def eplb_rebalance(
             policy = "global"
     old = None
     if incremental and old_phy2log is not None:
-        if (old_phy2log.is_floating_point() or old_phy2log.is_complex()
-                or old_phy2log.dtype == torch.bool):
-            raise TypeError(f"old_phy2log must hold integer expert ids, got {old_phy2log.dtype}")
+        require_integer_ids(old_phy2log, "old_phy2log")
         old = old_phy2log.detach().to("cpu", torch.int64)
         if tuple(old.shape) != (weight.shape[0], num_physical_experts) or bool(
             ((old < 0) | (old >= weight.shape[1])).any()

@@ -59,6 +59,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
+from eplb.core.inputs import require_integer_ids
 from eplb.integrations.agreement import AgreementError, PlanAgreement
 from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
 
@@ -202,9 +203,7 @@ def _usable_old_map(
         return None
     if tuple(old.shape) != (weight.shape[0], num_replicas):
         return None
-    if old.is_floating_point() or old.is_complex() or old.dtype == torch.bool:
-        raise TypeError(f"old_global_expert_indices must hold integer expert ids, got "
-                        f"{old.dtype}")
+    require_integer_ids(old, "old_global_expert_indices")
     old = old.to(device="cpu", dtype=torch.int64)
     # vLLM marks slots of GPUs being added with -1; plan from scratch then.
     if bool((old < 0).any()) or bool((old >= weight.shape[1]).any()):

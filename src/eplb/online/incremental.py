@@ -44,6 +44,7 @@ import itertools
 import numpy as np
 import torch
 
+from eplb.core.inputs import require_integer_ids
 from eplb.core.options import COARSE_SLOTS, IncrementalOptions
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import plan_fresh
@@ -85,8 +86,7 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
             f"previous placement has shape {tuple(old.shape)}, expected [{expected[0]}, "
             f"{expected[1]}] (layers, slots) to match the weight"
         )
-    if old.is_floating_point() or old.dtype == torch.bool or old.is_complex():
-        raise TypeError(f"previous phy2log must hold integers, got {old.dtype}")
+    require_integer_ids(old, "previous phy2log")
     if not old.dtype.is_signed:  # unsigned ids: compare before int64 could wrap them to -1
         ids = old.detach().cpu().numpy()
         if ids.size and int(ids.max()) >= request.num_experts:
@@ -120,7 +120,7 @@ def _forced(
         _, local = hierarchy.group_nodes(start, request)
         redo = np.nonzero(~local)[0]
         if len(redo):
-            sub = dataclasses.replace(request, weight=request.weight[torch.from_numpy(redo)])
+            sub = request.layers(torch.from_numpy(redo))
             fresh = plan_fresh(sub).phy2log.cpu()
             aligned = align_to_previous(fresh, torch.from_numpy(start[redo]), topo.num_gpus,
                                         topo.gpus_per_node)
@@ -349,7 +349,7 @@ def plan_incremental(
     # never worse than the placement in force on the window at hand: a candidate whose
     # in-sample peak exceeds the base's is not taken, whatever its expected next window
     peak = np.where(now <= now[0][None] * (1 + 1e-12), peak, np.inf)
-    if request.idle is not None and len(request.idle) == request.num_layers:
+    if request.idle is not None:
         # a layer that carried no load (a dense layer of a dump, vLLM's profile run) is
         # balanced whatever is where: moving its weights would buy nothing
         peak[1:, request.idle.cpu().numpy()] = np.inf
@@ -379,7 +379,7 @@ def _fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -
     """``[1, L, R]`` fresh plans of ``layers`` relabelled onto ``base``'s GPUs (other rows:
     ``base``), for the global policy (dead GPUs allowed)."""
     topo = request.topology
-    sub = dataclasses.replace(request, weight=request.weight[torch.from_numpy(layers)])
+    sub = request.layers(torch.from_numpy(layers))
     fresh = plan_fresh(sub).phy2log.cpu()
     out = base.copy()
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
@@ -443,7 +443,7 @@ def _plan_nearest(
         return planned.phy2log.cpu()
 
     out = plan_nearest_incremental(request, base, budget, warm_even)
-    if request.idle is not None and len(request.idle) == request.num_layers:
+    if request.idle is not None:
         out[request.idle.cpu()] = base[request.idle.cpu()]  # no load: nothing to gain
     placement = Placement.from_phy2log(out.to(request.weight.device), request.num_experts,
                                        topo, request.policy, request.active_gpus)

@@ -45,8 +45,8 @@ def plan_rows(
         ``[rows, R]`` logical expert per slot; slot ``s`` is on GPU ``s // (R / P)``.
     """
     rows, num_experts = weight.shape
-    zero = weight.sum(1, keepdim=True) <= 0  # e.g. a node whose experts saw no tokens
-    weight = uniform_where_empty(weight)
+    zero = weight.sum(1) <= 0  # e.g. a node whose experts saw no tokens
+    weight = uniform_where_empty(weight, zero)
     # one or two slots per GPU have dedicated planners
     if num_replicas == num_gpus:
         return plan_one_slot(weight, num_replicas)
@@ -63,7 +63,7 @@ def plan_rows(
     weight_all = weight
     if floor is not None:
         # in item units: make_items scales every row to a mean replica load of 1
-        floor = torch.where(zero[:, 0], 0.0, floor * num_replicas / weight.sum(1))
+        floor = torch.where(zero, 0.0, floor * num_replicas / weight.sum(1))
     if len(extra):
         # rows × the first rule, then the coarse rows × every other rule
         others = replica_counts(weight[extra], num_replicas, rules[1:])
