@@ -50,10 +50,11 @@ def slot_gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -
 def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert ``phy2log [L, R]`` (-1 = empty) into ``log2phy [L, E, maxcnt]``, ``logcnt [L, E]``.
 
-    A stable sort of slots by expert puts each expert's slots in ascending order; a slot's
-    rank inside its expert is its sorted position minus the expert's first position. It
-    runs in NumPy on the host for every device (a dozen small array calls, each a
-    fraction of a torch call's cost) and returns tensors on ``phy2log``'s device.
+    A stable sort of every layer's slots by expert puts each expert's slots in ascending
+    order; a slot's rank inside its expert is its sorted position minus the position where
+    its expert's run starts. It runs in NumPy on the host for every device (a dozen small
+    array calls, each a fraction of a torch call's cost) and returns tensors on
+    ``phy2log``'s device.
     """
     num_layers, num_slots = phy2log.shape
     expert = phy2log.cpu().numpy().astype(np.int64)
@@ -65,30 +66,39 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     if has_empty:
         expert[empty] = num_experts
     row = np.arange(num_layers, dtype=np.int64)[:, None]
-    flat_expert = row * width + expert  # [L, R] index into a flat [L · width] table
-    counts = np.bincount(flat_expert.ravel(), minlength=num_layers * width)
+    counts = np.bincount((row * width + expert).ravel(), minlength=num_layers * width)
+    counts = counts.reshape(num_layers, width)
     if num_slots <= 1 << 16:
         # sort (expert, slot) pairs packed in one int64: exact and stable
-        packed = (flat_expert << 16) | np.arange(num_slots, dtype=np.int64)
+        packed = (expert << 16) | np.arange(num_slots, dtype=np.int64)
         packed.sort(axis=1)
         sorted_expert, sorted_slot = packed >> 16, packed & 0xFFFF
     else:
         sorted_slot = np.argsort(expert, axis=1, kind="stable")
-        sorted_expert = np.take_along_axis(flat_expert, sorted_slot, 1)
-    # rank = position in the flattened sort − the expert's first position there
-    first = np.cumsum(counts) - counts
-    rank = (row * num_slots + np.arange(num_slots)) - first[sorted_expert]
-    counts = counts.reshape(num_layers, width)
+        sorted_expert = np.take_along_axis(expert, sorted_slot, 1)
+    # rank = sorted position − the position where the expert's run starts
+    # (one running max over the flattened rows: every row's first slot starts a run, and
+    # NumPy's accumulate along the last axis of a 2-D array is several times slower)
+    position = np.arange(num_layers * num_slots, dtype=np.int64)
+    starts = np.ones((num_layers, num_slots), bool)
+    starts[:, 1:] = sorted_expert[:, 1:] != sorted_expert[:, :-1]
+    run_start = np.maximum.accumulate(np.where(starts.ravel(), position, 0))
+    rank = (position - run_start).reshape(num_layers, num_slots)
     maxcnt = max(int(counts[:, :num_experts].max()), 1) if counts.size else 1
     if has_empty:
         rank = np.minimum(rank, maxcnt - 1)  # the spare expert may hold more
-    # the table itself (L·E·maxcnt, large when one expert has many replicas) is filled on
-    # the output device; only the [L, R] indices cross from the host
+    target = ((row * width + sorted_expert) * maxcnt + rank).ravel()
     device = phy2log.device
+    logcnt = torch.from_numpy(np.ascontiguousarray(counts[:, :num_experts])).to(device)
+    if device.type == "cpu":
+        table = np.full((num_layers, width, maxcnt), -1, dtype=np.int64)
+        table.reshape(-1)[target] = sorted_slot.ravel()
+        return torch.from_numpy(table)[:, :num_experts], logcnt
+    # on an accelerator the table (L·E·maxcnt, large when one expert has many replicas)
+    # is filled on the device; only the [L, R] indices cross from the host
     table = torch.full((num_layers, width, maxcnt), -1, dtype=torch.int64, device=device)
-    target = torch.from_numpy((sorted_expert * maxcnt + rank).ravel()).to(device)
-    table.view(-1)[target] = torch.from_numpy(sorted_slot.ravel()).to(device)
-    logcnt = torch.from_numpy(counts)[:, :num_experts].to(device)
+    table.view(-1)[torch.from_numpy(target).to(device)] = (
+        torch.from_numpy(sorted_slot.ravel()).to(device))
     return table[:, :num_experts], logcnt
 
 
@@ -302,42 +312,46 @@ def _validate(p: Placement, anti_affinity: bool, tables: bool = True) -> None:
     live_gpu = p.live_gpus()
     if live_gpu.shape != (topo.num_gpus,):
         _fail(f"active_gpus has shape {tuple(live_gpu.shape)}, expected [{topo.num_gpus}]")
+    # the checks run in NumPy on the host for every device: one copy of the [L, R] map,
+    # then array calls a fraction of a torch call's cost (and no device sync per check)
+    ids = p.phy2log.detach().cpu().numpy()
+    logcnt = p.logcnt.detach().cpu().numpy()
+    live = live_gpu.detach().cpu().numpy()
     slots_per_gpu = topo.slots_per_gpu
-    live_slot = live_gpu.repeat_interleave(slots_per_gpu)
+    live_slot = np.repeat(live, slots_per_gpu)
     num_live_slots = int(live_slot.sum())
 
-    bad = (p.phy2log < -1) | (p.phy2log >= num_experts)
+    bad = (ids < -1) | (ids >= num_experts)
     if bad.any():
-        layer, slot = (int(i) for i in bad.nonzero()[0])
+        layer, slot = (int(i) for i in np.argwhere(bad)[0])
         _fail(
-            f"layer {layer} slot {slot} holds expert {int(p.phy2log[layer, slot])}, "
+            f"layer {layer} slot {slot} holds expert {int(ids[layer, slot])}, "
             f"outside [0, {num_experts})"
         )
-    empty = p.phy2log < 0
+    empty = ids < 0
     wrong = empty != ~live_slot[None]
     if wrong.any():
-        layer, slot = (int(i) for i in wrong.nonzero()[0])
+        layer, slot = (int(i) for i in np.argwhere(wrong)[0])
         state = "empty (-1)" if bool(empty[layer, slot]) else "filled"
         gpu = slot // slots_per_gpu
-        alive = "live" if bool(live_gpu[gpu]) else "dead"
+        alive = "live" if bool(live[gpu]) else "dead"
         _fail(f"layer {layer} slot {slot} is {state} but its GPU {gpu} is {alive}")
 
-    if (p.logcnt < 1).any():
-        layer, expert = (int(i) for i in (p.logcnt < 1).nonzero()[0])
-        _fail(
-            f"layer {layer} expert {expert} has {int(p.logcnt[layer, expert])} replicas, needs >= 1"
-        )
-    row_sum = p.logcnt.sum(1)
+    if (logcnt < 1).any():
+        layer, expert = (int(i) for i in np.argwhere(logcnt < 1)[0])
+        _fail(f"layer {layer} expert {expert} has {int(logcnt[layer, expert])} replicas, "
+              "needs >= 1")
+    row_sum = logcnt.sum(1)
     if (row_sum != num_live_slots).any():
-        layer = int((row_sum != num_live_slots).nonzero()[0])
+        layer = int(np.argwhere(row_sum != num_live_slots)[0, 0])
         _fail(f"layer {layer}: logcnt sums to {int(row_sum[layer])}, expected {num_live_slots}")
 
     if tables:
         _validate_tables(p, num_experts)
     if anti_affinity:
-        _validate_anti_affinity(p, live_gpu)
+        _validate_anti_affinity(p, ids, logcnt, int(live.sum()))
     if p.policy == "hierarchical":
-        _validate_locality(p)
+        _validate_locality(p, ids)
 
 
 def _validate_tables(p: Placement, num_experts: int) -> None:
@@ -364,69 +378,72 @@ def _validate_tables(p: Placement, num_experts: int) -> None:
         )
 
 
-def _validate_anti_affinity(p: Placement, live_gpu: torch.Tensor) -> None:
+def _validate_anti_affinity(
+    p: Placement, ids: np.ndarray, logcnt: np.ndarray, num_live: int
+) -> None:
     """At most ceil(c / G) replicas of an expert on one GPU, with G the GPUs that may hold
-    it (the live ones, or its node's under the hierarchical policy).
+    it (the ``num_live`` live ones, or its node's under the hierarchical policy).
+    ``ids [L, R]`` and ``logcnt [L, E]`` are the placement's maps on the host.
 
     O(L·R) time and memory: each GPU's slots are sorted by expert, so copies of an expert
     on one GPU are adjacent; a copy's rank in its run is its position minus the run start.
     """
     topo = p.topology
-    num_layers = p.logcnt.shape[0]
+    num_layers = logcnt.shape[0]
     slots = topo.slots_per_gpu
-    able = int(live_gpu.sum())
+    able = num_live
     if p.policy == "hierarchical" and topo.num_gpus % topo.num_nodes == 0:
         able = topo.gpus_per_node
     if slots < 2:
         return
-    grid = p.phy2log.view(num_layers, topo.num_gpus, slots).sort(dim=2).values
+    grid = np.sort(ids.reshape(num_layers, topo.num_gpus, slots), axis=2)
     same = (grid[..., 1:] == grid[..., :-1]) & (grid[..., 1:] >= 0)  # [L, P, S-1]
-    if not bool(same.any()):
+    if not same.any():
         return
     # run rank of every slot: 1 + number of equal neighbours before it in the sorted row
-    position = torch.arange(slots, device=grid.device).expand_as(grid)
-    starts = torch.ones_like(grid, dtype=torch.bool)
+    position = np.arange(grid.size).reshape(grid.shape)
+    starts = np.ones(grid.shape, bool)
     starts[..., 1:] = ~same
-    run_start = torch.where(starts, position, torch.zeros_like(position)).cummax(2).values
-    copies = position - run_start + 1  # [L, P, S]
-    cap = (p.logcnt + able - 1) // able  # [L, E]
-    allowed = cap.gather(1, grid.clamp(min=0).view(num_layers, -1)).view_as(grid)
-    over = (copies > allowed) & (grid >= 0)
-    if bool(over.any()):
-        layer, gpu, slot = (int(i) for i in over.nonzero()[0])
+    # one running max over the flattened GPUs (every GPU's first slot starts a run)
+    run_start = np.maximum.accumulate(np.where(starts, position, 0).ravel())
+    copies = position - run_start.reshape(grid.shape) + 1  # [L, P, S]
+    cap = (logcnt + able - 1) // able  # [L, E]
+    allowed = np.take_along_axis(cap, np.maximum(grid, 0).reshape(num_layers, -1), 1)
+    over = (copies > allowed.reshape(grid.shape)) & (grid >= 0)
+    if over.any():
+        layer, gpu, slot = (int(i) for i in np.argwhere(over)[0])
         expert = int(grid[layer, gpu, slot])
         held = int((grid[layer, gpu] == expert).sum())
         _fail(
             f"anti-affinity: layer {layer} GPU {gpu} holds {held} replicas of expert {expert} "
-            f"(it has {int(p.logcnt[layer, expert])} replicas over {able} GPUs that may hold it)"
+            f"(it has {int(logcnt[layer, expert])} replicas over {able} GPUs that may hold it)"
         )
 
 
-def _validate_locality(p: Placement) -> None:
-    """Every replica of a group's experts sits on one node, the group's node."""
+def _validate_locality(p: Placement, ids: np.ndarray) -> None:
+    """Every replica of a group's experts sits on one node, the group's node
+    (``ids [L, R]``: the placement's map on the host)."""
     topo = p.topology
-    num_layers, _ = p.phy2log.shape
+    num_layers, _ = ids.shape
     num_experts = p.num_experts
     if num_experts % topo.num_groups or topo.num_gpus % topo.num_nodes:
         _fail(
             f"hierarchical placement needs experts ({num_experts}) % groups ({topo.num_groups}) "
             f"== 0 and GPUs ({topo.num_gpus}) % nodes ({topo.num_nodes}) == 0"
         )
-    group_size = num_experts // topo.num_groups
-    slots_per_node = topo.num_replicas // topo.num_nodes
-    node_of_slot = torch.arange(topo.num_replicas, device=p.phy2log.device) // slots_per_node
-    group = torch.where(p.phy2log >= 0, p.phy2log // group_size, topo.num_groups)
-    # node per (layer, group): min and max over the group's slots must agree
-    big = topo.num_nodes + 1
-    lo = torch.full((num_layers, topo.num_groups + 1), big, dtype=torch.int64, device=group.device)
-    hi = torch.full_like(lo, -1)
-    node = node_of_slot[None].expand_as(group)
-    lo.scatter_reduce_(1, group, node, reduce="amin")
-    hi.scatter_reduce_(1, group, node, reduce="amax")
-    split = (lo[:, :-1] != hi[:, :-1]) & (hi[:, :-1] >= 0)
+    groups, nodes = topo.num_groups, topo.num_nodes
+    group_size = num_experts // groups
+    # slots of a node are contiguous: count, per (layer, group, node), the group's slots
+    node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // nodes)
+    group = np.where(ids >= 0, ids // group_size, groups)  # empty slots: a spare group
+    key = (np.arange(num_layers)[:, None] * (groups + 1) + group) * nodes + node_of_slot
+    present = np.bincount(key.ravel(), minlength=num_layers * (groups + 1) * nodes) > 0
+    present = present.reshape(num_layers, groups + 1, nodes)[:, :groups]
+    split = present.sum(2) > 1  # [L, G]
     if split.any():
-        layer, g = (int(i) for i in split.nonzero()[0])
+        layer, g = (int(i) for i in np.argwhere(split)[0])
+        on = np.nonzero(present[layer, g])[0]
         _fail(
             f"hierarchical locality: layer {layer} group {g} has replicas on nodes "
-            f"{int(lo[layer, g])}..{int(hi[layer, g])}, expected a single node"
+            f"{int(on[0])}..{int(on[-1])}, expected a single node"
         )
