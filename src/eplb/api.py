@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -96,6 +98,58 @@ def plan(
     Returns:
         A validated :class:`Placement` on the weight's device.
     """
+    # the planner is a few hundred small tensor operations: without autograd's
+    # bookkeeping (inference mode) each costs less (7 % of a DeepSeek-V3 plan)
+    with torch.inference_mode():
+        placement = _plan(
+            weight, num_replicas, num_gpus, num_nodes, num_groups, policy=policy, seed=seed,
+            num_candidates=num_candidates, refine_steps=refine_steps, options=options,
+            active_gpus=active_gpus, gpu_speed=gpu_speed, previous=previous,
+            max_moves=max_moves, skip_threshold=skip_threshold, move_price=move_price,
+            drift=drift, group_share=group_share, dispatch=dispatch, fair=fair, source=source,
+            routing=routing, slack=slack,
+        )
+    return _ordinary(placement)
+
+
+def _ordinary(placement: Placement) -> Placement:
+    """``placement`` with tensors the caller may use freely: those made in inference mode
+    cannot be changed in place outside it (an engine writing into the map it was given
+    would raise), so they are copied out (a few hundred KB at most)."""
+    fields = {name: getattr(placement, name).clone()
+              for name in ("phy2log", "log2phy", "logcnt", "active_gpus")
+              if isinstance(getattr(placement, name), torch.Tensor)
+              and getattr(placement, name).is_inference()}
+    return dataclasses.replace(placement, **fields) if fields else placement
+
+
+def _plan(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    num_nodes: int,
+    num_groups: int,
+    *,
+    policy: str,
+    seed: int,
+    num_candidates: int | None,
+    refine_steps: int | None,
+    options: PlanOptions | None,
+    active_gpus: torch.Tensor | None,
+    gpu_speed: torch.Tensor | None,
+    previous: Placement | torch.Tensor | None,
+    max_moves: int | torch.Tensor | None,
+    skip_threshold: float | None,
+    move_price: float | None,
+    drift: float | None,
+    group_share: float | None,
+    dispatch: str,
+    fair: str,
+    source: torch.Tensor | None,
+    routing: torch.Tensor | None,
+    slack: float,
+) -> Placement:
+    """:func:`plan`'s body (inference mode is on)."""
     if move_price is not None or drift is not None or group_share is not None:
         options = with_incremental(options, move_price=move_price, drift=drift,
                                    group_share=group_share)
@@ -117,6 +171,7 @@ def plan(
         source=source,
         routing=routing,
         slack=slack,
+        stacklevel=5,  # resolve_policy, make_request, _plan, plan, the caller
     )
     if previous is not None:
         if request.gpu_speed is not None:
