@@ -167,11 +167,27 @@ def test_forced_hierarchical_impossible(experts, replicas, gpus, nodes, groups, 
         eplb.plan(w, replicas, gpus, nodes, groups, policy="hierarchical")
 
 
+def test_plans_are_ordinary_tensors_the_caller_may_write():
+    # the planner runs in inference mode; what it hands back must not be an inference
+    # tensor (an engine copying into or editing the map in place would raise)
+    fresh = eplb.plan(W, 48, 8, 2, 4)
+    again = eplb.plan(W, 48, 8, 2, 4, previous=fresh.phy2log, max_moves=10)
+    dead = eplb.plan(W, 48, 8, active_gpus=torch.tensor([True] * 7 + [False]))
+    outputs = [*fresh.as_tuple(), *again.as_tuple(), *dead.as_tuple(), dead.active_gpus,
+               *eplb.rebalance_experts(W, 48, 4, 2, 8)]
+    for t in outputs:
+        assert not t.is_inference()
+        t.copy_(t.clone())  # in place, outside inference mode
+    assert_contract(again)
+
+
 def test_auto_falls_back_to_global_with_warning():
     w = lognormal(2, 16, 0.7, seed=6)
     # groups divide over nodes, GPUs do not
-    with pytest.warns(RuntimeWarning, match=r"num_gpus \(6\) is not a multiple of num_nodes \(4\)"):
+    with pytest.warns(RuntimeWarning,
+                      match=r"num_gpus \(6\) is not a multiple of num_nodes \(4\)") as caught:
         p = eplb.plan(w, 24, 6, 4, 4)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     assert p.policy == "global"
     assert_contract(p)
     # experts do not divide into groups
