@@ -308,13 +308,15 @@ def fill_arrivals(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.
     fallback = (holes < arrivals) | ((holes > 0) & (arrivals == 0))
     # replicas of the arrivals: one each, then Jefferson for the rest of the holes
     given = uncovered.astype(np.int64)
-    rowix = np.arange(rows)
-    for _ in range(int(np.maximum(holes - arrivals, 0).max(initial=0))):
-        more = holes - given.sum(1) > 0
-        if not more.any():
-            break
-        pick = np.argmax(np.where(uncovered, weight / np.maximum(given, 1), -1.0), 1)
-        given[rowix[more], pick[more]] += 1
+    # the greedy's priority w / c of every arrival (−1 elsewhere), updated where it grants
+    priority = np.where(uncovered, weight, -1.0)
+    left = holes - arrivals  # [B] replicas still to grant
+    for _ in range(int(np.maximum(left, 0).max(initial=0))):
+        more = np.nonzero(left > 0)[0]
+        pick = np.argmax(priority[more], 1)
+        given[more, pick] += 1
+        priority[more, pick] = weight[more, pick] / given[more, pick]
+        left[more] -= 1
     # the arrivals' replicas, heaviest first: [B, K] expert ids (-1 padding)
     per = np.where(given > 0, weight / np.maximum(given, 1), -np.inf)
     order = np.argsort(-per, 1, kind="stable")
