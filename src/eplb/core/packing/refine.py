@@ -134,7 +134,8 @@ def refine(
             target[:, None], light[LOAD][None], out=scratch(buffers, "off", big, state)
         ).abs_()  # [S_i, S_j, rows, H]
         best, i = off.amin(1).min(0)  # [rows, H]; amin then min: far cheaper than argmin
-        j = (target.gather(0, i[None]) - light[LOAD]).abs_().min(0).indices
+        # the best partner of the chosen item: its row of the search, read back
+        j = off.gather(0, i[None, None].expand(1, slots, -1, -1))[0].min(0).indices
         apply = best.square_() < half_gap.square() - tol
         i_idx = i[None, None].expand(2, 1, -1, -1)
         j_idx = j[None, None].expand(2, 1, -1, -1)
@@ -146,7 +147,8 @@ def refine(
             (light[EXPERT] == take_i[EXPERT]).any(0) | (heavy[EXPERT] == take_j[EXPERT]).any(0)
         )
         if origin is not None:
-            apply, spent = _within_budget(apply, i, j, heavy, light, origin, spent, track.budget)
+            apply, spent = _within_budget(apply, i, j, take_i[EXPERT, 0], take_j[EXPERT, 0],
+                                          origin, spent, track.budget)
             track.origin = origin  # permuted along with the state
         if not bool(apply.any()):
             idle += 1
@@ -169,23 +171,25 @@ def _within_budget(
     apply: torch.Tensor,
     i: torch.Tensor,
     j: torch.Tensor,
-    heavy: torch.Tensor,
-    light: torch.Tensor,
+    e_i: torch.Tensor,
+    e_j: torch.Tensor,
     origin: torch.Tensor,
     spent: torch.Tensor,
     budget: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the swaps a row can afford, heaviest pairs first; returns (apply, new spent).
 
-    A swap changes 0–2 slots relative to ``origin [S, rows, P]`` (moving an expert back
-    home refunds one): the charge is exact, ``after − before`` per swapped slot pair.
+    Pair ``h`` swaps slot ``i`` of its heavy GPU (expert ``e_i``) with slot ``j`` of its
+    light one (``e_j``), all ``[rows, H]``. A swap changes 0–2 slots relative to ``origin
+    [S, rows, P]`` (moving an expert back home refunds one): the charge is exact,
+    ``after − before`` per swapped slot pair.
     """
     half = i.shape[1]
-    e_i = heavy[EXPERT].gather(0, i[None])[0]
-    e_j = light[EXPERT].gather(0, j[None])[0]
     o_i = origin[:, :, :half].gather(0, i[None])[0]
     o_j = origin[:, :, half : 2 * half].gather(0, j[None])[0]
-    charge = (e_j != o_i).long() + (e_i != o_j).long() - (e_i != o_i).long() - (e_j != o_j).long()
+    # [e_i = o_i] + [e_j = o_j] − [e_j = o_i] − [e_i = o_j]: slots at home before, minus after
+    ids, homes = torch.stack([e_i, e_j]), torch.stack([o_i, o_j])
+    charge = (ids == homes).sum(0) - (ids == homes.flip(0)).sum(0)
     charge = charge * apply
     apply = apply & (spent[:, None] + charge.cumsum(1) <= budget[:, None])
     return apply, spent + (charge * apply).sum(1)
