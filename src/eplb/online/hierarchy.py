@@ -185,7 +185,7 @@ class Scored:
 
 def candidates(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
-    budgeted: bool,
+    budgeted: bool, node_of_group: np.ndarray | None = None,
 ) -> Scored:
     """Warm-start candidates of hierarchical layers ``base [L, R]``, scored: the node
     ladder of ``base`` (``K`` candidates, the first is ``base``), then the warm regroup
@@ -193,10 +193,12 @@ def candidates(
     differs from ``base``'s (module docstring; elsewhere not offered). Both ladders run
     as one batched search, and are scored as node rows (a node row's GPUs are the
     layer's, so nothing is turned back into layers but the chosen candidates).
+    ``node_of_group [L, G]``: each group's node in ``base`` (:func:`group_nodes`), when
+    the caller has it.
     """
     topo = request.topology
     layers, nodes = base.shape[0], topo.num_nodes
-    current, _ = group_nodes(base, request)  # [L, G]
+    current = group_nodes(base, request)[0] if node_of_group is None else node_of_group
     target = HierarchicalPolicy.assign_groups(
         torch.from_numpy(weight), topo, request.options, request.generator()
     ).cpu().numpy()  # [L, G] node labels of the best assignment

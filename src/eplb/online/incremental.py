@@ -107,17 +107,19 @@ def _host_weight(request: PlanRequest) -> np.ndarray:
 
 def _forced(
     request: PlanRequest, old: np.ndarray, weight: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The old placement made valid for this call with as few changes as possible
-    (``weight [L, E]``: the request's loads on the host, float64), and ``[L]`` the layers
-    re-planned from scratch (hierarchical layers whose groups straddled nodes)."""
+    (``weight [L, E]``: the request's loads on the host, float64), ``[L]`` the layers
+    re-planned from scratch (hierarchical layers whose groups straddled nodes), and,
+    under the hierarchical policy when nothing was forced, the node of every group of
+    the result (``[L, G]``, :func:`eplb.online.hierarchy.group_nodes`; else ``None``)."""
     topo = request.topology
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     base = old.copy()
     replanned = np.zeros(request.num_layers, bool)
     if request.policy == "hierarchical":
         start = np.where(live_slot[None], old, -1)
-        _, local = hierarchy.group_nodes(start, request)
+        node_of_group, local = hierarchy.group_nodes(start, request)
         redo = np.nonzero(~local)[0]
         if len(redo):
             sub = request.layers(torch.from_numpy(redo))
@@ -134,9 +136,11 @@ def _forced(
         if len(keep):
             base[keep] = hierarchy.per_node(weight[keep], start[keep], request,
                                             moves.fill_and_spread)
-        return base, replanned
+        # the old map itself (every GPU live, nothing changed): its group nodes hold
+        untouched = not len(redo) and not len(keep) and request.active_gpus is None
+        return base, replanned, node_of_group if untouched else None
     return (moves.fill_and_spread(weight, old, topo.num_gpus, request.live.cpu().numpy()),
-            replanned)
+            replanned, None)
 
 
 def _refine_rows(
@@ -292,7 +296,7 @@ def plan_incremental(
     if request.dispatch == "nearest" and topo.num_nodes > 1:
         return _plan_nearest(request, old, max_moves, skip_threshold)
     weight = _host_weight(request)
-    base, replanned = _forced(request, old, weight)
+    base, replanned, node_of_group = _forced(request, old, weight)
     quota = max(2, round(options.quota * topo.num_replicas))
     # a layer re-planned from scratch by the forced moves is searched already: its
     # ladder was taken in 3 layers of 232 on vLLM's first call (BENCHMARKS.md §3)
@@ -306,7 +310,8 @@ def plan_incremental(
 
     if request.policy == "hierarchical":
         # node ladders, and warm regroups where the best group→node assignment differs
-        scored = hierarchy.candidates(weight, base, request, layer_quota, max_moves is not None)
+        scored = hierarchy.candidates(weight, base, request, layer_quota, max_moves is not None,
+                                      node_of_group)
         peak, now, cost, take = scored.peak, scored.now, scored.cost, scored.take
     else:
         candidates, transfers = _refine_rows(weight, base, request, layer_quota,
