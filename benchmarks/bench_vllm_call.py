@@ -8,7 +8,9 @@ The first rebalance passes vLLM's initial map (slot i → expert i % E). This sc
 replays that call on drifting real DeepSeek-V3 loads, for both planners in one process:
 vLLM's default through vLLM's released code, eplb through its plugin class as vLLM's
 plugin loader registers it (``VLLM_EPLB_POLICY=eplb``), with eplb's default options
-(and, as a second eplb row, an explicit ``max_moves`` of 20 % of the slots). Newer vLLM
+(and, as more eplb rows, an explicit ``max_moves`` of 20 % of the slots, and a fresh plan
+through the same plugin with the map in force withheld: what incremental planning costs
+over planning from scratch). Newer vLLM
 trees carry a layer-batched variant of the default (``BatchedEplbPolicy``), not in the
 0.33 wheel; as a stand-in for its time, eplb's own layer-batched port of the same greedy
 (``eplb.core.plan_greedy``, identical placements to DeepSeek's) runs alongside.
@@ -205,6 +207,11 @@ def main(argv=None) -> int:
         class Budget20(ours):  # eplb with an explicit budget of 20 % of all slots
             options: ClassVar[dict] = {"max_moves": int(0.2 * R * 58)}
 
+        class Fresh(ours):  # eplb through the same plugin, the map in force withheld
+            @classmethod
+            def rebalance_experts(cls, weight, replicas, groups, nodes, ranks, old=None):
+                return super().rebalance_experts(weight, replicas, groups, nodes, ranks, None)
+
         class BatchedGreedy:  # DeepSeek's greedy vectorized over layers (no old map used)
             @staticmethod
             def rebalance_experts(weight, replicas, groups, nodes, ranks, old=None):
@@ -224,7 +231,8 @@ def main(argv=None) -> int:
         planners = {vllm_default: vllm.DefaultEplbPolicy,
                     "DeepSeek greedy, layer-batched": BatchedGreedy,
                     f"{vllm_default}, packing batched": BatchedPacking,
-                    "eplb (defaults)": ours, "eplb, max_moves 20 %": Budget20}
+                    "eplb (defaults)": ours, "eplb, max_moves 20 %": Budget20,
+                    "eplb, fresh plan (map withheld)": Fresh}
         for price in filter(None, args.move_prices.split(",")):
             priced = type(f"Price{price}", (ours,), {"options": {"move_price": float(price)}})
             planners[f"eplb, move_price {price}"] = priced

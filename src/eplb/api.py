@@ -115,11 +115,14 @@ def plan(
 def _ordinary(placement: Placement) -> Placement:
     """``placement`` with tensors the caller may use freely: those made in inference mode
     cannot be changed in place outside it (an engine writing into the map it was given
-    would raise), so they are copied out (a few hundred KB at most)."""
-    fields = {name: getattr(placement, name).clone()
-              for name in ("phy2log", "log2phy", "logcnt", "active_gpus")
-              if isinstance(getattr(placement, name), torch.Tensor)
-              and getattr(placement, name).is_inference()}
+    would raise). On the CPU an ordinary tensor takes over the same memory; on a device
+    the tensor is copied."""
+    fields = {}
+    for name in ("phy2log", "log2phy", "logcnt", "active_gpus"):
+        tensor = getattr(placement, name)
+        if isinstance(tensor, torch.Tensor) and tensor.is_inference():
+            on_cpu = tensor.device.type == "cpu"
+            fields[name] = torch.from_numpy(tensor.numpy()) if on_cpu else tensor.clone()
     return dataclasses.replace(placement, **fields) if fields else placement
 
 
