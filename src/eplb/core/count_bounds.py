@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["packing_bound", "rank_allocations"]
+__all__ = ["bound_is_mean", "packing_bound", "rank_allocations"]
 
 
 def packing_bound(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -45,6 +45,20 @@ def packing_bound(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
     shared = 2 * x[:, :num_gpus] + (slots - 2) * x[:, -1:]
     shared[:, 0] = np.inf  # one item cannot share a GPU with itself
     return np.maximum(mean, np.minimum(spread, shared).max(1))
+
+
+def bound_is_mean(item_load: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """``[rows]`` True where :func:`packing_bound` of ``item_load [rows, R]`` is the mean
+    GPU load itself.
+
+    Every allocation of a row has the same total, so its bound is at least that mean: an
+    allocation whose bound equals it has the smallest bound there is, and
+    :func:`rank_allocations` (first on ties) picks it whatever the others' are.
+    """
+    x = item_load.detach().cpu().numpy()
+    # the same arithmetic as packing_bound: it returns exactly this mean where it binds
+    mean = np.asarray(x, dtype=np.float64).sum(1) / num_gpus
+    return torch.from_numpy(packing_bound(x, num_gpus) <= mean).to(item_load.device)
 
 
 def rank_allocations(
