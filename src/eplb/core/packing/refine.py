@@ -24,7 +24,14 @@ from functools import lru_cache
 
 import torch
 
-from eplb.core.packing.state import EXPERT, LOAD, row_offsets, scratch, swap_from, swap_items
+from eplb.core.packing.state import (
+    EXPERT,
+    LOAD,
+    row_offsets,
+    scratch,
+    swap_columns,
+    swap_from,
+)
 
 
 @lru_cache(maxsize=64)
@@ -143,9 +150,8 @@ def refine(
         take_j = light.gather(1, j_idx)
         # legality of the chosen swap only (conflicts are rare): the expert each GPU
         # receives must not be on it already
-        apply &= ~(
-            (light[EXPERT] == take_i[EXPERT]).any(0) | (heavy[EXPERT] == take_j[EXPERT]).any(0)
-        )
+        apply &= ~torch.eq(light[EXPERT], take_i[EXPERT]).logical_or_(
+            torch.eq(heavy[EXPERT], take_j[EXPERT])).any(0)
         if origin is not None:
             apply, spent = _within_budget(apply, i, j, take_i[EXPERT, 0], take_j[EXPERT, 0],
                                           origin, spent, track.budget)
@@ -230,7 +236,8 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
         load_u, u = loads.max(1)
         if budgeted:
             todo &= _moves(expert, track.origin) + 2 <= track.budget
-        top_load, top_expert = columns.index_select(1, row + u).view(2, slots, rows)
+        column_u = row + u
+        top_load, top_expert = columns.index_select(1, column_u).view(2, slots, rows)
         # after swapping δ = w_i − w_j the pair's larger load is (L_u + L_v)/2 + |δ − gap/2|
         mid = torch.add(loads, load_u[:, None]).mul_(0.5)  # [rows, P]
         target = (top_load - load_u)[:, :, None] + mid  # w_i − gap/2: [S, rows, P]
@@ -250,15 +257,16 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
         if masked:  # every finite choice is legal
             if not bool(ok.any()):
                 break
-            swap_items(state, i, u, j, v, ok)
+            swap_columns(state, i, column_u, j, column_v, ok)
             todo = ok
             continue
         # legality of the chosen swap only; rows whose best swap is illegal (rare on
         # large states) take the best legal one from a search of their own
         e_i = top_expert.gather(0, i[None])
         e_j = on_v_expert.gather(0, j[None])
-        illegal = ok & ((on_v_expert == e_i).any(0) | (top_expert == e_j).any(0))
-        ok &= ~illegal
+        clash = torch.eq(on_v_expert, e_i).logical_or_(torch.eq(top_expert, e_j)).any(0)
+        illegal = ok & clash
+        ok &= ~clash
         if bool(illegal.any()):
             # few rows: search them alone
             stuck = illegal.nonzero()[:, 0]
@@ -271,6 +279,6 @@ def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) 
             ok_or_rescued = ok
         if not bool(ok_or_rescued.any()):
             break
-        swap_items(state, i, u, j, v, ok)
+        swap_columns(state, i, column_u, j, column_v, ok)
         todo = ok_or_rescued  # a row whose heaviest GPU cannot improve is done
     return state

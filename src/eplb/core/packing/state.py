@@ -153,9 +153,23 @@ def swap_items(
     repair work on indexed copies)."""
     _, _slots, rows, num_gpus = state.shape
     row = row_offsets(rows, num_gpus, state.device)
+    swap_columns(state, i, row + u, j, row + v, ok)
+
+
+def swap_columns(
+    state: torch.Tensor,
+    i: torch.Tensor,
+    column_u: torch.Tensor,
+    j: torch.Tensor,
+    column_v: torch.Tensor,
+    ok: torch.Tensor,
+) -> None:
+    """:func:`swap_items` with the GPUs given as flat ``(row, GPU)`` columns
+    (``row · P + GPU``, all ``[rows]``), for callers that already hold them."""
+    _, _slots, rows, num_gpus = state.shape
     stride = rows * num_gpus  # between slots
-    here = torch.add(row, i, alpha=stride).add_(u)
-    there = torch.where(ok, torch.add(row, j, alpha=stride).add_(v), here)
+    here = torch.add(column_u, i, alpha=stride)
+    there = torch.where(ok, torch.add(column_v, j, alpha=stride), here)
     flat = state.view(2, -1)
     mine, theirs = flat.index_select(1, here), flat.index_select(1, there)
     flat.index_copy_(1, here, theirs)
