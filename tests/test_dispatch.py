@@ -21,8 +21,10 @@ from eplb.core.dispatch import (
     dispatch_fractions,
     node_hit_probs,
     realised_gpu_loads,
+    realised_slot_loads,
     remote_nodes_from_coactivation,
     remote_nodes_per_token,
+    source_distribution,
     table_gpu_loads,
 )
 from eplb.core.dispatch_plan import (
@@ -78,6 +80,33 @@ def test_realised_loads_sum_to_the_layer_total(case, dispatch, given_source):
     idx = torch.where(p.phy2log >= 0, p.phy2log, p.num_experts)[:, None].expand(-1, gpus, -1)
     per_expert.scatter_add_(2, idx, frac)
     assert torch.allclose(per_expert[..., :-1], torch.ones(()).double())  # one target per token
+
+
+@SETTINGS
+@given(placements(), st.booleans(), st.booleans())
+def test_nearest_loads_are_the_dispatch_fractions_summed_over_sources(case, given_source,
+                                                                      shuffled):
+    # realised_slot_loads sums the rule per slot without the [L, P, R] fractions table;
+    # it must agree with that table weighted by where tokens arise
+    p, w, nodes, live = case
+    gpus = p.topology.num_gpus
+    phy2log = p.phy2log
+    if shuffled:  # not eplb's own layout: replicas of an expert anywhere, in any order
+        g = torch.Generator().manual_seed(int(w.sum()) % 1000)
+        order = torch.stack([torch.randperm(phy2log.shape[1], generator=g)
+                             for _ in range(phy2log.shape[0])])
+        phy2log = phy2log.gather(1, order)
+        live = None if live is None else torch.ones(gpus, dtype=torch.bool)
+        if bool((phy2log < 0).any()):
+            return
+    source = torch.rand(gpus, generator=torch.Generator().manual_seed(3)) + 0.05 \
+        if given_source else None
+    src = source_distribution(gpus, live, source)
+    frac = dispatch_fractions(phy2log, gpus, nodes, "nearest")
+    expected = torch.einsum("lpr,p->lr", frac, src) * w.gather(1, phy2log.clamp(min=0))
+    expected = torch.where(phy2log >= 0, expected, torch.zeros_like(expected))
+    got = realised_slot_loads(w, phy2log, gpus, nodes, "nearest", source, live)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-9)
 
 
 @SETTINGS

@@ -180,10 +180,68 @@ def realised_slot_loads(
         raise ValueError(f"phy2log holds expert ids >= E = {w.shape[1]}")
     w = w.to(phy2log.device)
     src = source_distribution(num_gpus, active_gpus, source, phy2log.device)
-    frac = dispatch_fractions(phy2log, num_gpus, num_nodes, dispatch)  # [L, P, R]
-    share = torch.einsum("lpr,p->lr", frac, src)
+    if dispatch == "nearest":
+        share = _nearest_share(phy2log, src, num_gpus, num_nodes)
+    else:
+        share = torch.einsum("lpr,p->lr", dispatch_fractions(phy2log, num_gpus, num_nodes,
+                                                             dispatch), src)
     expert_load = w.gather(1, phy2log.clamp(min=0).to(torch.int64))
     return torch.where(phy2log >= 0, expert_load * share, torch.zeros_like(share))
+
+
+def _nearest_share(
+    phy2log: torch.Tensor, src: torch.Tensor, num_gpus: int, num_nodes: int
+) -> torch.Tensor:
+    """``[L, R]`` share of its expert's tokens each slot serves under the nearest rule,
+    tokens arising as ``src [P]`` says: :func:`dispatch_fractions` summed over the source
+    GPUs without building its ``[L, P, R]`` table.
+
+    Slot ``s`` of expert ``e`` on GPU ``g`` in node ``n`` (``c`` replicas) receives GPU
+    ``g``'s tokens if it is ``e``'s first slot on ``g``; the tokens of ``n``'s GPUs that
+    hold no ``e`` if it is ``e``'s first slot on ``n`` and ``n`` holds some but not all of
+    ``e``'s replicas; and ``1 / c`` of the tokens of every GPU that holds no ``e`` on a
+    node holding none or all of them.
+    """
+    slots_per_gpu, gpus_per_node = _check_shape(phy2log, num_gpus, num_nodes)
+    num_layers, num_slots = phy2log.shape
+    device = phy2log.device
+    phy = phy2log.to(torch.int64)
+    live = phy >= 0
+    width = int(phy.max()) + 2  # experts + a sentinel for -1
+    expert = torch.where(live, phy, width - 1)  # [L, R]
+    ones = torch.ones_like(expert)
+    count = torch.zeros(num_layers, width, dtype=torch.int64, device=device)
+    count.scatter_add_(1, expert, ones)
+    slot = torch.arange(num_slots, device=device)
+    gpu_of_slot = slot // slots_per_gpu
+    node_of_slot = gpu_of_slot // gpus_per_node
+
+    def first_and_count(unit_of_slot: torch.Tensor, units: int):
+        """Whether each slot is its expert's first on its unit ``[L, R]``, and the
+        replicas per (layer, unit, expert) ``[L, units, width]``."""
+        index = unit_of_slot[None] * width + expert  # [L, R]
+        cnt = torch.zeros(num_layers, units * width, dtype=torch.int64, device=device)
+        cnt.scatter_add_(1, index, ones)
+        first = torch.full((num_layers, units * width), num_slots, dtype=torch.int64,
+                           device=device)
+        first.scatter_reduce_(1, index, slot.expand(num_layers, -1), reduce="amin")
+        return first.gather(1, index) == slot, cnt.view(num_layers, units, width)
+
+    first_on_gpu, gpu_cnt = first_and_count(gpu_of_slot, num_gpus)
+    first_on_node, node_cnt = first_and_count(node_of_slot, num_nodes)
+    # tokens arising on each node's GPUs that hold no replica of e: [L, N, width]
+    holding = (gpu_cnt > 0).to(torch.float64) * src[None, :, None]
+    held = holding.view(num_layers, num_nodes, gpus_per_node, width).sum(2)
+    free = src.view(num_nodes, gpus_per_node).sum(1)[None, :, None] - held
+    partial = (node_cnt > 0) & (node_cnt < count[:, None, :])  # [L, N, width]
+    fair = torch.where(partial, torch.zeros_like(free), free).sum(1)  # [L, width]
+    at_node = (node_of_slot[None] * width + expert).view(num_layers, -1)
+    node_part = torch.where(partial.view(num_layers, -1).gather(1, at_node),
+                            free.view(num_layers, -1).gather(1, at_node), 0.0)
+    share = (src[gpu_of_slot][None] * first_on_gpu
+             + node_part * first_on_node
+             + fair.gather(1, expert) / count.gather(1, expert).to(torch.float64))
+    return torch.where(live, share, torch.zeros_like(share))
 
 
 def realised_gpu_loads(

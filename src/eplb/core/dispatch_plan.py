@@ -247,24 +247,32 @@ def _kl_swaps(
     """Best-swap descent on bin positions: ``conflict [rows, B, B]``, ``where [rows, B]``
     (position of every bin) → ``(where, same-node conflict left [rows])``."""
     rows, num_bins = where.shape
-    index = torch.arange(rows, device=where.device)
     eye = torch.eye(num_nodes, dtype=conflict.dtype, device=conflict.device)
     where = where.clone()
+    full = conflict
+    # rows are independent and a row without an improving swap is done: each step searches
+    # the rows still moving only (most converge within a few steps)
+    active = torch.arange(rows, device=where.device)
     for _ in range(steps):
-        y = node_of_pos[where]  # [rows, B] node of every bin
-        m = torch.bmm(conflict, eye[y])  # [rows, B, N] conflict of bin a with node n
+        place = where[active]
+        y = node_of_pos[place]  # [n, B] node of every bin
+        m = torch.bmm(conflict, eye[y])  # [n, B, N] conflict of bin a with node n
         own = m.gather(2, y[:, :, None])[..., 0]
-        cross = m.gather(2, y[:, None, :].expand(-1, num_bins, -1))  # [rows, a, b] M[a, y_b]
+        cross = m.gather(2, y[:, None, :].expand(-1, num_bins, -1))  # [n, a, b] M[a, y_b]
         gain = cross + cross.transpose(1, 2) - own[:, :, None] - own[:, None, :] - 2 * conflict
         gain = gain.masked_fill(y[:, :, None] == y[:, None, :], 0.0)  # same node: no change
         best, flat = gain.flatten(1).min(1)
         todo = best < -1e-9
         if not bool(todo.any()):
             break
-        a, b = flat // num_bins, flat % num_bins
-        wa, wb = where[index, a], where[index, b]
-        where[index, a] = torch.where(todo, wb, wa)
-        where[index, b] = torch.where(todo, wa, wb)
+        moving = todo.nonzero()[:, 0]
+        a, b = flat[moving] // num_bins, flat[moving] % num_bins
+        row = active[moving]
+        wa, wb = where[row, a], where[row, b]
+        where[row, a], where[row, b] = wb, wa
+        if len(moving) < len(active):
+            active, conflict = row, conflict[moving]
+    conflict = full
     y = node_of_pos[where]
     same = (y[:, :, None] == y[:, None, :]).to(conflict.dtype)
     return where, (conflict * same).sum((1, 2)) / 2
