@@ -253,14 +253,18 @@ def _kl_swaps(
     # rows are independent and a row without an improving swap is done: each step searches
     # the rows still moving only (most converge within a few steps)
     active = torch.arange(rows, device=where.device)
+    twice = 2 * conflict
     for _ in range(steps):
         place = where[active]
         y = node_of_pos[place]  # [n, B] node of every bin
         m = torch.bmm(conflict, eye[y])  # [n, B, N] conflict of bin a with node n
         own = m.gather(2, y[:, :, None])[..., 0]
         cross = m.gather(2, y[:, None, :].expand(-1, num_bins, -1))  # [n, a, b] M[a, y_b]
-        gain = cross + cross.transpose(1, 2) - own[:, :, None] - own[:, None, :] - 2 * conflict
-        gain = gain.masked_fill(y[:, :, None] == y[:, None, :], 0.0)  # same node: no change
+        # M[a, y_b] − M[a, y_a] + M[b, y_a] − M[b, y_b] − 2A[a, b]: counts, so exact in
+        # any order
+        half = cross.sub_(own[:, :, None])
+        gain = half.transpose(1, 2).add(half).sub_(twice)
+        gain.masked_fill_(y[:, :, None] == y[:, None, :], 0.0)  # same node: no change
         best, flat = gain.flatten(1).min(1)
         todo = best < -1e-9
         if not bool(todo.any()):
@@ -271,7 +275,7 @@ def _kl_swaps(
         wa, wb = where[row, a], where[row, b]
         where[row, a], where[row, b] = wb, wa
         if len(moving) < len(active):
-            active, conflict = row, conflict[moving]
+            active, conflict, twice = row, conflict[moving], twice[moving]
     conflict = full
     y = node_of_pos[where]
     same = (y[:, :, None] == y[:, None, :]).to(conflict.dtype)
