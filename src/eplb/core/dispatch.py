@@ -107,6 +107,25 @@ def source_distribution(
     return src / total
 
 
+def _tally(
+    expert: torch.Tensor, unit_of_slot: torch.Tensor, units: int, width: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Replicas and first slot per (layer, unit, expert) of ``expert [L, R]`` (ids below
+    ``width``) with slots grouped into ``units`` by ``unit_of_slot [R]``: ``(count [L,
+    units, width], first [L, units, width], index [L, R])``, ``index`` each slot's flat
+    (unit, expert) cell."""
+    num_layers, num_slots = expert.shape
+    device = expert.device
+    index = unit_of_slot[None] * width + expert  # [L, R]
+    cnt = torch.zeros(num_layers, units * width, dtype=torch.int64, device=device)
+    cnt.scatter_add_(1, index, torch.ones_like(expert))
+    first = torch.full((num_layers, units * width), num_slots, dtype=torch.int64,
+                       device=device)
+    slot = torch.arange(num_slots, device=device)
+    first.scatter_reduce_(1, index, slot.expand(num_layers, -1), reduce="amin")
+    return cnt.view(num_layers, units, width), first.view(num_layers, units, width), index
+
+
 def dispatch_fractions(
     phy2log: torch.Tensor, num_gpus: int, num_nodes: int = 1, dispatch: str = "nearest"
 ) -> torch.Tensor:
@@ -137,18 +156,8 @@ def dispatch_fractions(
     node_of_slot = gpu_of_slot // gpus_per_node
     node_of_gpu = torch.arange(num_gpus, device=device) // gpus_per_node
 
-    def tally(unit_of_slot: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replica count and first slot per (layer, unit, expert): ``[L, units, width]``."""
-        index = unit_of_slot[None] * width + expert  # [L, R]
-        cnt = torch.zeros(num_layers, units * width, dtype=torch.int64, device=device)
-        cnt.scatter_add_(1, index, ones)
-        first = torch.full((num_layers, units * width), num_slots, dtype=torch.int64,
-                           device=device)
-        first.scatter_reduce_(1, index, slot.expand(num_layers, -1), reduce="amin")
-        return cnt.view(num_layers, units, width), first.view(num_layers, units, width)
-
-    gpu_cnt, gpu_first = tally(gpu_of_slot, num_gpus)
-    node_cnt, node_first = tally(node_of_slot, num_nodes)
+    gpu_cnt, gpu_first, _ = _tally(expert, gpu_of_slot, num_gpus, width)
+    node_cnt, node_first, _ = _tally(expert, node_of_slot, num_nodes, width)
     # per (layer, source GPU r, slot s): the tier that decides r's tokens of e(s)
     idx = expert[:, None, :].expand(num_layers, num_gpus, num_slots)
     on_gpu = gpu_cnt.gather(2, idx) > 0
@@ -219,13 +228,8 @@ def _nearest_share(
     def first_and_count(unit_of_slot: torch.Tensor, units: int):
         """Whether each slot is its expert's first on its unit ``[L, R]``, and the
         replicas per (layer, unit, expert) ``[L, units, width]``."""
-        index = unit_of_slot[None] * width + expert  # [L, R]
-        cnt = torch.zeros(num_layers, units * width, dtype=torch.int64, device=device)
-        cnt.scatter_add_(1, index, ones)
-        first = torch.full((num_layers, units * width), num_slots, dtype=torch.int64,
-                           device=device)
-        first.scatter_reduce_(1, index, slot.expand(num_layers, -1), reduce="amin")
-        return first.gather(1, index) == slot, cnt.view(num_layers, units, width)
+        cnt, first, index = _tally(expert, unit_of_slot, units, width)
+        return first.view(num_layers, -1).gather(1, index) == slot, cnt
 
     first_on_gpu, gpu_cnt = first_and_count(gpu_of_slot, num_gpus)
     first_on_node, node_cnt = first_and_count(node_of_slot, num_nodes)
