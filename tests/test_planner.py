@@ -16,6 +16,7 @@ from helpers import assert_contract
 import eplb
 from eplb.core.baselines import plan_greedy
 from eplb.core.bounds import balancedness_ceiling
+from eplb.core.options import DEFAULT_NOISE, FEW_SLOT_NOISE
 
 
 def lognormal(layers: int, experts: int, sigma: float, seed: int,
@@ -358,21 +359,56 @@ def test_search_options_give_valid_plans():
 
 
 def test_three_slots_per_gpu_pack_two_starts_by_default():
-    """Where a GPU has 3 slots the packing tries a second, randomised start unless
-    ``num_candidates`` is given; elsewhere one start. The default never does worse than
-    one start there (the best start per layer is kept)."""
+    """Where a GPU has 3 slots and there are no more GPUs than polish steps the packing
+    tries a second, randomised start unless ``num_candidates`` is given; elsewhere one
+    start. The default never does worse than one start there (the best start per layer
+    is kept)."""
     g = torch.Generator().manual_seed(0)
-    w = torch.rand(6, 36, generator=g, dtype=torch.float64) ** 4 * 1000
-    three = eplb.plan(w, 48, 16)  # S = 3
+    w = (torch.rand(6, 36, generator=g, dtype=torch.float64) + 0.5) * 1000
+    three = eplb.plan(w, 48, 16)  # S = 3, 16 GPUs
     assert torch.equal(three.phy2log, eplb.plan(w, 48, 16, num_candidates=2).phy2log)
     one = eplb.plan(w, 48, 16, num_candidates=1)
     assert not torch.equal(three.phy2log, one.phy2log)  # the second start won somewhere
     assert (three.layer_balancedness(w) >= one.layer_balancedness(w) - 1e-12).all()
     six = eplb.plan(w, 48, 8)  # S = 6
     assert torch.equal(six.phy2log, eplb.plan(w, 48, 8, num_candidates=1).phy2log)
+    wide = torch.rand(3, 256, generator=g, dtype=torch.float64) + 0.5
+    # S = 3 on 96 GPUs, more than the 24 polish steps: one start
+    assert torch.equal(eplb.plan(wide, 288, 96).phy2log,
+                       eplb.plan(wide, 288, 96, num_candidates=1).phy2log)
     assert eplb.PackingOptions().candidates_for(3) == 2
+    assert eplb.PackingOptions().candidates_for(3, 16) == 2
+    assert eplb.PackingOptions().candidates_for(3, 96) == 1
     assert eplb.PackingOptions(num_candidates=1).candidates_for(3) == 1
+    assert eplb.PackingOptions(num_candidates=3).candidates_for(3, 96) == 3
     assert eplb.PackingOptions().candidates_for(9) == 1
+
+
+def test_few_slots_perturb_the_first_start():
+    """Where a GPU has at most 3 slots the replica packing's first start is perturbed too
+    (by FEW_SLOT_NOISE); explicit options win, and other packings keep the exact first
+    start and the default noise."""
+    opts = eplb.PackingOptions()
+    assert opts.perturbs_first(2) and opts.perturbs_first(3) and not opts.perturbs_first(4)
+    assert not opts.perturbs_first()  # not the replica packing
+    assert opts.noise_for(3) == FEW_SLOT_NOISE and opts.noise_for(4) == DEFAULT_NOISE
+    assert opts.noise_for() == DEFAULT_NOISE
+    assert not eplb.PackingOptions(perturb_first=False).perturbs_first(3)
+    assert eplb.PackingOptions(noise=0.2).noise_for(3) == 0.2
+    with pytest.raises(ValueError, match="perturb_first"):
+        eplb.PackingOptions(perturb_first=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="noise"):
+        eplb.PackingOptions(noise=1.5)
+    g = torch.Generator().manual_seed(1)
+    w = (torch.rand(6, 64, generator=g, dtype=torch.float64) + 0.5) * 1000
+    exact = eplb.PlanOptions(packing=eplb.PackingOptions(perturb_first=False))
+    default = eplb.plan(w, 96, 32)  # S = 3 on 32 GPUs
+    assert not torch.equal(default.phy2log, eplb.plan(w, 96, 32, options=exact).phy2log)
+    assert torch.equal(default.phy2log, eplb.plan(w, 96, 32).phy2log)  # seeded
+    # S = 4 and 5: unchanged by the option
+    for replicas in (128, 160):
+        assert torch.equal(eplb.plan(w, replicas, 32).phy2log,
+                           eplb.plan(w, replicas, 32, options=exact).phy2log)
 
 
 # --------------------------------------------------------------------------- dead GPUs

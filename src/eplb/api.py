@@ -55,8 +55,9 @@ def plan(
             ``"locality"`` (with ``dispatch="nearest"``: the balance vs cross-node traffic
             curve, see ``slack``).
         seed: seed of the randomised packing starts; same input and seed → same output.
-        num_candidates: packing starts per layer, all but the first randomised (default:
-            1, 2 where a GPU has at most 3 slots).
+        num_candidates: packing starts per layer, all but the first randomised, the first
+            too where a GPU has at most 3 slots (default: 1, 2 where a GPU has at most 3
+            slots and there are at most as many GPUs as polish steps, e.g. 16).
         refine_steps: most swap-refinement steps in total, a third of them all-pairs L2
             steps (default: 8 heaviest-GPU polish steps, ``max(4, P/2)`` for problems of
             fewer GPUs, after 2 all-pairs steps where ``P/2`` exceeds the polish steps:

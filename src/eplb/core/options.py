@@ -31,12 +31,27 @@ FEW_SLOT_STEP_FACTOR = 2
 #: +0.0021 of the ceiling at S = 3-4 on 96-256 GPUs for 8-22 % more time
 FEW_SLOT_MAX_STEPS = 32
 #: at most this many slots per GPU, the packing also tries a second, randomised start
-#: (``num_candidates`` left automatic): with 3 slots the first start's packing decides
-#: much. Chosen on generated loads (seeds 10, 11; BENCHMARKS.md §12): +0.0014 to +0.0058
-#: of the ceiling on the S = 3 shapes for 11-48 % more time; at S = 4, +0.0006 to
-#: +0.0016 for 23-39 % more, not taken (every S = 4 shape was above 0.99 already)
+#: (``num_candidates`` left automatic) where the polish has a step per GPU: with 3 slots
+#: the start decides much, and with few GPUs the search converges within its steps, so a
+#: second start is the way past its local optimum. With more GPUs than polish steps the
+#: steps, not the starts, are what is short: both starts perturbed (see FEW_SLOT_NOISE),
+#: a second one added +0.0003 to +0.0006 of the packing bound at S = 3 on 64-256 GPUs for
+#: 1.4-2.0× the packing time, and +0.0017 on 16 GPUs for 1.3× (generated loads, seeds
+#: 10-12, worst of three)
 COARSE_SLOTS = 3
 COARSE_SLOT_CANDIDATES = 2
+#: relative noise on expert loads that orders the randomised packing starts
+DEFAULT_NOISE = 0.05
+#: with at most COARSE_SLOTS slots per GPU every start of the replica packing is
+#: perturbed, the first too, by this much: balanced largest differencing of the exactly
+#: sorted items gives every GPU one item of each third of the sort, a start the swap
+#: searches leave at a worse local optimum than a perturbed order's. One start at S = 3
+#: (generated loads, seeds 10-12, worst of three, Σ packing bound / Σ max GPU load):
+#: 58×256 P=96 0.9893 → 0.9954, P=128 0.9944 → 0.9973, 94×128 P=64 0.9939 → 0.9956; 0.05
+#: reached 0.9930 at P=96, better only at P=256 (0.9970 against 0.9961). At S = 4 it
+#: gained 0.0004-0.0017 for 10-16 % more time on shapes already above 0.995 of the
+#: ceiling: not taken there
+FEW_SLOT_NOISE = 0.1
 #: the most packing starts a plan accepts: each start multiplies the packing's work, and
 #: beyond a few they stop paying (8 starts add at most 0.0007 of the ceiling over 4 on
 #: any shape of BENCHMARKS.md §12's sweep); 10**6 ran for minutes before this limit
@@ -54,9 +69,10 @@ class PackingOptions:
     """Knobs of the packing search.
 
     Attributes:
-        num_candidates: packing starts per row, the first deterministic, the others
-            randomised. ``None`` (default): 1, or :data:`COARSE_SLOT_CANDIDATES` where a
-            GPU has at most :data:`COARSE_SLOTS` slots.
+        num_candidates: packing starts per row, the first in the exact order (unless
+            ``perturb_first``), the others randomised. ``None`` (default): 1, or
+            :data:`COARSE_SLOT_CANDIDATES` where a GPU has at most :data:`COARSE_SLOTS`
+            slots and there are no more GPUs than polish steps.
         pair_steps: steps of the all-pairs L2 swap search over paired GPUs (smooths
             every GPU, up to ``P/2`` swaps per row per step). ``None`` (default):
             :data:`AUTO_PAIR_STEPS` per doubling of the heavy half of the GPUs (``P/2``)
@@ -73,6 +89,11 @@ class PackingOptions:
             :data:`FEW_SLOT_MAX_STEPS`.
         construction: ``"bldm"`` (balanced largest differencing) or ``"lpt"``.
         noise: relative perturbation of expert loads that orders randomised starts.
+            ``None`` (default): :data:`DEFAULT_NOISE`, or :data:`FEW_SLOT_NOISE` in the
+            replica packing where a GPU has at most :data:`COARSE_SLOTS` slots.
+        perturb_first: whether the first start is perturbed too (else it keeps the
+            exact order). ``None`` (default): in the replica packing where a GPU has at
+            most :data:`COARSE_SLOTS` slots, nowhere else.
 
     Both searches stop early once no swap improves.
     """
@@ -81,7 +102,8 @@ class PackingOptions:
     pair_steps: int | None = None
     max_steps: int | None = None
     construction: str = "bldm"
-    noise: float = 0.05
+    noise: float | None = None
+    perturb_first: bool | None = None
 
     def __post_init__(self) -> None:
         for name, low in (("num_candidates", 1), ("pair_steps", 0), ("max_steps", 0)):
@@ -97,17 +119,39 @@ class PackingOptions:
             raise ValueError(
                 f"construction must be one of {CONSTRUCTIONS}, got {self.construction!r}"
             )
-        if not 0 <= self.noise < 1:
+        if self.noise is not None and not 0 <= self.noise < 1:
             raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
+        if self.perturb_first is not None and not isinstance(self.perturb_first, bool):
+            raise ValueError(f"perturb_first must be a bool or None, got {self.perturb_first!r}")
 
-    def candidates_for(self, slots: int) -> int:
+    def candidates_for(self, slots: int, num_gpus: int | None = None) -> int:
         """The packing starts of the planner's replica packing for rows of ``slots`` per
-        GPU (the other packings, of groups onto nodes and in the locality and
-        nearest-dispatch searches, take ``num_candidates`` or one start: the second
-        start was measured for the replica packing only)."""
+        GPU on ``num_gpus`` GPUs (``None``: taken as few enough for a second start).
+
+        The other packings, of groups onto nodes and in the locality and nearest-dispatch
+        searches, take ``num_candidates`` or one start: the second start was measured for
+        the replica packing only."""
         if self.num_candidates is not None:
             return self.num_candidates
-        return COARSE_SLOT_CANDIDATES if slots <= COARSE_SLOTS else 1
+        if slots > COARSE_SLOTS:
+            return 1
+        if num_gpus is not None and num_gpus > self.max_steps_for(num_gpus, slots):
+            return 1  # more GPUs than polish steps: see COARSE_SLOT_CANDIDATES
+        return COARSE_SLOT_CANDIDATES
+
+    def noise_for(self, slots: int | None = None) -> float:
+        """The noise of the randomised starts for rows of ``slots`` per GPU (``None``:
+        a packing other than the planner's replica packing)."""
+        if self.noise is not None:
+            return float(self.noise)
+        return FEW_SLOT_NOISE if slots is not None and slots <= COARSE_SLOTS else DEFAULT_NOISE
+
+    def perturbs_first(self, slots: int | None = None) -> bool:
+        """Whether the first start is perturbed too, for rows of ``slots`` per GPU
+        (``None``: a packing other than the planner's replica packing)."""
+        if self.perturb_first is not None:
+            return self.perturb_first
+        return slots is not None and slots <= COARSE_SLOTS
 
     def max_steps_for(self, num_gpus: int, slots: int | None = None) -> int:
         """The polish steps used for rows of ``num_gpus`` GPUs (``slots`` per GPU)."""

@@ -56,6 +56,7 @@ def resolve_options(
         "num_candidates": p.num_candidates if num_candidates is None else num_candidates,
         "construction": p.construction,
         "noise": p.noise,
+        "perturb_first": p.perturb_first,
     }
     if refine_steps is None:
         packing = PackingOptions(pair_steps=p.pair_steps, max_steps=p.max_steps, **kwargs)

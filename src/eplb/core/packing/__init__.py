@@ -94,18 +94,22 @@ def _pack_chunk(
     """:func:`pack` on rows that fit one chunk."""
     _, rows, num_items = items.shape
     cands = options.num_candidates or 1
-    if cands > 1:
-        # candidate 0 keeps the exact order; the others sort by perturbed loads, perturbed
-        # per expert so that an expert's replicas stay adjacent
-        noise = torch.rand(cands - 1, rows, num_items, generator=generator, dtype=items.dtype)
+    # the first start keeps the exact order unless told (few slots per GPU: see
+    # PackingOptions.perturb_first); the others sort by perturbed loads, perturbed per
+    # expert so that an expert's replicas stay adjacent
+    perturbed = cands if options.perturbs_first() else cands - 1
+    if perturbed:
+        noise = torch.rand(perturbed, rows, num_items, generator=generator, dtype=items.dtype)
         first = first_replica(items[EXPERT])
-        noise = noise.to(items.device).gather(2, first.expand(cands - 1, -1, -1))
-        key = items[LOAD] * (1 + options.noise * (2 * noise - 1))
-        order = key.argsort(dim=2, descending=True, stable=True)  # [C-1, rows, R]
+        noise = noise.to(items.device).gather(2, first.expand(perturbed, -1, -1))
+        key = items[LOAD] * (1 + options.noise_for() * (2 * noise - 1))
+        order = key.argsort(dim=2, descending=True, stable=True)  # [C', rows, R]
         shuffled = (
-            items[:, None].expand(-1, cands - 1, -1, -1).gather(3, order.expand(2, -1, -1, -1))
+            items[:, None].expand(-1, perturbed, -1, -1).gather(3, order.expand(2, -1, -1, -1))
         )
-        items = torch.cat([items[:, None], shuffled], 1).view(2, cands * rows, num_items)
+        starts = [shuffled] if perturbed == cands else [items[:, None], shuffled]
+        items = torch.cat(starts, 1).view(2, cands * rows, num_items)
+    if cands > 1:
         if allow_shared is not None:
             allow_shared = allow_shared.repeat(cands)
         if floor is not None:

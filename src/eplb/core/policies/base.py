@@ -100,9 +100,13 @@ def plan_rows(
     items = make_items(load, expert)  # [2, rows', R]; rows of one layer share a scale
     allow_shared = counts.amax(1) > num_gpus
     # the replica packing resolves the automatic number of starts (more where GPUs hold
-    # few slots); pack() itself takes one start unless told
+    # few slots), whether the first start is perturbed too, and how much; pack() itself
+    # takes one exact start unless told
+    slots = num_replicas // num_gpus
     packing = replace(options.packing,
-                      num_candidates=options.packing.candidates_for(num_replicas // num_gpus))
+                      num_candidates=options.packing.candidates_for(slots, num_gpus),
+                      perturb_first=options.packing.perturbs_first(slots),
+                      noise=options.packing.noise_for(slots))
     state = pack(items, num_gpus, packing, allow_shared, generator, floor=floor)
     if len(extra):
         # keep, per coarse row, the allocation whose refined packing has the smallest peak
