@@ -104,6 +104,14 @@ def test_validate_rejects_wrong_dtype():
         replace(p, log2phy=p.log2phy.tolist()).validate()
 
 
+def test_validate_rejects_a_placement_without_data():
+    p = good()
+    meta = replace(p, phy2log=p.phy2log.to("meta"), log2phy=p.log2phy.to("meta"),
+                   logcnt=p.logcnt.to("meta"))
+    with pytest.raises(PlacementError, match="phy2log is a meta tensor"):
+        meta.validate()
+
+
 def test_placement_error_is_a_value_error():
     assert issubclass(PlacementError, ValueError)
     assert eplb.PlacementError is PlacementError

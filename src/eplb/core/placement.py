@@ -292,6 +292,8 @@ def _validate(p: Placement, anti_affinity: bool, tables: bool = True) -> None:
             _fail(f"{name} has dtype {t.dtype}, expected torch.int64")
         if t.device != p.phy2log.device:
             _fail(f"{name} is on {t.device} but phy2log is on {p.phy2log.device}")
+        if t.is_meta:
+            _fail(f"{name} is a meta tensor: it has no data to check")
     if p.phy2log.dim() != 2 or p.logcnt.dim() != 2 or p.log2phy.dim() != 3:
         _fail(
             "expected phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E]; got shapes "
