@@ -55,6 +55,19 @@ def test_plan_for_sglangs_nearest_rule_reports_the_realised_balance(tmp_path, ca
     assert summary["balancedness_after"] == pytest.approx(realised)
 
 
+def test_nearest_dispatch_with_the_auto_policy_warns_where_it_plans_hierarchically(
+    tmp_path, capsys, loads
+):
+    path, _ = loads
+    code, _, stderr = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                          "--groups", 8, "--dispatch", "nearest", "-o", tmp_path / "h.json")
+    assert code == 0 and "--policy global" in stderr and "hierarchically" in stderr
+    code, _, stderr = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                          "--groups", 8, "--policy", "hierarchical", "--dispatch", "nearest",
+                          "-o", tmp_path / "h2.json")
+    assert code == 0 and "hierarchically" not in stderr  # asked for: no warning
+
+
 def test_locality_plan_and_eval_with_a_routing_trace(tmp_path, capsys, loads, routing):
     path, _ = loads
     out = tmp_path / "local.json"

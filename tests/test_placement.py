@@ -53,6 +53,21 @@ def test_from_phy2log_accepts_one_layer_and_dead_gpus():
     assert p.log2phy.tolist() == [[[0, 5], [1, -1], [4, -1]]]
 
 
+def test_from_phy2log_refuses_what_is_not_a_map_of_integer_ids():
+    with pytest.raises(TypeError, match="phy2log must hold integer expert ids"):
+        Placement.from_phy2log(torch.tensor([[0.7, 1.2, 2.9, 3, 0, 1, 2, 3]]), 4, Topology(8, 4))
+    with pytest.raises(TypeError, match=r"topology must be an eplb\.Topology, got tuple"):
+        Placement.from_phy2log(torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), 4, (8, 4))
+
+
+def test_placement_repr_is_one_line():
+    p = Placement.from_phy2log(torch.tensor([0, 1, -1, -1, 2, 0]), 3, Topology(6, 3),
+                               active_gpus=torch.tensor([True, False, True]))
+    text = repr(p)
+    assert "\n" not in text and "layers=1" in text and "dead_gpus=1" in text
+    assert "tensor(" not in text
+
+
 def test_topology_properties_and_errors():
     topo = Topology(288, 32, 4, 8)
     assert topo.slots_per_gpu == 9

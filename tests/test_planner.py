@@ -358,6 +358,19 @@ def test_search_options_give_valid_plans():
         eplb.plan(W, 48, 8, num_candidates=0)
 
 
+def test_nearest_dispatch_with_the_auto_policy_warns_where_it_plans_hierarchically():
+    w = lognormal(3, 32, 1.0, seed=2)
+    with pytest.warns(RuntimeWarning, match="policy='global'") as caught:
+        p = eplb.plan(w, 48, 8, 2, 4, dispatch="nearest")
+    assert p.policy == "hierarchical" and caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eplb.plan(w, 48, 8, 2, 4, policy="hierarchical", dispatch="nearest")
+        eplb.plan(w, 48, 8, 2, 4, policy="global", dispatch="nearest")
+    with pytest.raises(ValueError, match="noise must be a number"):
+        eplb.PackingOptions(noise="x")  # type: ignore[arg-type]
+
+
 def test_float32_loads_keep_their_portfolio_pick():
     # with float32 loads the allocations' means differ by rounding, so the packing-bound
     # pick among them is not always Jefferson's: the planner's shortcut for rows whose

@@ -202,6 +202,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     policy = cli_policy(args.policy, args.replicas, args.gpus, args.nodes, args.groups,
                         num_experts, dead=active is not None and not bool(active.all()),
                         speeds=speed is not None)
+    if options.get("dispatch") == "nearest" and args.policy == "auto" and policy == "hierarchical":
+        warn("--policy auto plans hierarchically (groups on several nodes), which keeps each "
+             "group on one node but balances far worse under --dispatch nearest than "
+             "--policy global (0.75-0.89 against 0.997 on real DeepSeek-V3 loads, "
+             "BENCHMARKS.md §14): pass --policy global for balance, or --policy hierarchical "
+             "to keep the groups together")
     placement, seconds = timed(lambda: plan(
         weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
         seed=args.seed, **options))

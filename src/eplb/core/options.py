@@ -119,8 +119,11 @@ class PackingOptions:
             raise ValueError(
                 f"construction must be one of {CONSTRUCTIONS}, got {self.construction!r}"
             )
-        if self.noise is not None and not 0 <= self.noise < 1:
-            raise ValueError(f"noise must be in [0, 1), got {self.noise!r}")
+        if self.noise is not None and (
+            isinstance(self.noise, bool) or not isinstance(self.noise, numbers.Real)
+            or not 0 <= self.noise < 1
+        ):
+            raise ValueError(f"noise must be a number in [0, 1), got {self.noise!r}")
         if self.perturb_first is not None and not isinstance(self.perturb_first, bool):
             raise ValueError(f"perturb_first must be a bool or None, got {self.perturb_first!r}")
 

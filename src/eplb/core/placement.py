@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eplb.core.inputs import as_gpu_speed, as_weight, scale_free
+from eplb.core.inputs import as_gpu_speed, as_weight, require_integer_ids, scale_free
 from eplb.core.topology import Topology
 
 
@@ -158,13 +158,25 @@ class Placement:
         policy: str = "global",
         active_gpus: torch.Tensor | None = None,
     ) -> Placement:
-        """Build the full record from ``phy2log [L, R]`` (or ``[R]`` for one layer)."""
+        """Build the full record from ``phy2log [L, R]`` (or ``[R]`` for one layer) of
+        integer expert ids; raises ``TypeError`` for anything else."""
+        if not isinstance(topology, Topology):
+            raise TypeError(f"topology must be an eplb.Topology, got {type(topology).__name__}")
+        phy2log = torch.as_tensor(phy2log)
+        require_integer_ids(phy2log, "phy2log")  # a cast would truncate 0.7 to expert 0
         # contiguous: engines view and copy the map (a transposed one broke ``.view``)
-        phy2log = torch.as_tensor(phy2log).to(torch.int64).contiguous()
+        phy2log = phy2log.to(torch.int64).contiguous()
         if phy2log.dim() == 1:
             phy2log = phy2log[None]
         log2phy, logcnt = build_log2phy(phy2log, num_experts)
         return cls(phy2log, log2phy, logcnt, topology, policy, active_gpus)
+
+    def __repr__(self) -> str:  # the maps themselves are pages long
+        dead = "" if self.active_gpus is None else (
+            f", dead_gpus={int((~self.active_gpus.bool()).sum())}")
+        return (f"Placement(policy={self.policy!r}, layers={self.num_layers}, "
+                f"experts={self.num_experts}, {self.topology!r}{dead}, "
+                f"device={self.phy2log.device})")
 
     # ------------------------------------------------------------------ shape
     @property

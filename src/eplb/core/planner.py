@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import warnings
 
 import torch
 
@@ -195,6 +196,18 @@ def make_request(
         raise ValueError(f"fair and source shape the global policy's plan for nearest "
                          f"dispatch; the {chosen} policy does not use them (pass "
                          f"policy='global')")
+    if dispatch == "nearest" and policy == "auto" and chosen == "hierarchical":
+        # auto follows DeepSeek's rule (groups on several nodes → hierarchical), which
+        # balances far worse under the nearest rule than a global plan made for it
+        warnings.warn(
+            "eplb: policy 'auto' chose the hierarchical policy (groups on several nodes); "
+            "under dispatch='nearest' it keeps each group on one node but balances far "
+            "worse than policy='global' (0.75-0.89 against 0.997 on real DeepSeek-V3 loads, "
+            "BENCHMARKS.md §14): pass policy='global' for balance, or "
+            "policy='hierarchical' to keep the groups together",
+            RuntimeWarning,
+            stacklevel=stacklevel - 1,
+        )
     idle = w.sum(1) <= 0
     planning = scale_rows_to_unit(uniform_where_empty(w, idle))
     return PlanRequest(planning, topology, chosen, opts, seed, live, speed, dispatch, fair,
