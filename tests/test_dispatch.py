@@ -434,6 +434,34 @@ def test_nearest_incremental_respects_the_budget():
                 assert torch.equal(new, old)
 
 
+def test_nearest_incremental_without_a_budget_moves_only_what_pays():
+    # an unchanged workload keeps (almost) its whole map; a drifted one is re-planned,
+    # and what moves buys more realised balance than move_price × the share moved
+    rng = np.random.default_rng(7)
+    w = torch.from_numpy(np.exp(rng.normal(0, 1.0, (6, 64))) * 100)
+    old = eplb.plan(w, 96, 16, 4, policy="global", dispatch="nearest").phy2log
+    same = eplb.plan(w, 96, 16, 4, policy="global", dispatch="nearest", previous=old)
+    assert float((same.phy2log != old).float().mean()) < 0.02
+    drifted = w * torch.from_numpy(np.exp(rng.normal(0, 0.3, w.shape)))
+    new = eplb.plan(drifted, 96, 16, 4, policy="global", dispatch="nearest",
+                    previous=old).phy2log
+    share = (new != old).float().mean(1)
+    assert float(share.max()) > 0.1  # the drift is worth re-planning somewhere
+
+    def balance(phy):
+        loads = realised_gpu_loads(drifted, phy, 16, 4)
+        return loads.mean(1) / loads.amax(1)
+
+    gain = balance(new) - balance(old)
+    assert bool((gain >= 0.01 * share - 1e-12).all())  # the default move price, 0.01
+    # a dear move price: only moves that gain that much per share moved are made
+    dear = eplb.plan(drifted, 96, 16, 4, policy="global", dispatch="nearest",
+                     previous=old, move_price=0.5).phy2log
+    dear_share = (dear != old).float().mean(1)
+    assert float(dear_share.mean()) < float(share.mean())
+    assert bool((balance(dear) - balance(old) >= 0.5 * dear_share - 1e-12).all())
+
+
 def test_tradeoff_picture(tmp_path):
     pytest.importorskip("matplotlib")
     from eplb.tools.dispatch_plot import plot_tradeoff

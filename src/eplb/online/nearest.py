@@ -1,7 +1,9 @@
 """Incremental planning for SGLang's nearest dispatch (``dispatch="nearest"``).
 
-Two candidates per layer, the lower *realised* max GPU load within the budget wins, and a
-layer neither improves keeps its placement:
+Two candidates per layer. With a budget, the lower *realised* max GPU load within it
+wins, and a layer neither improves keeps its placement; without one, a layer takes the
+candidate (or keeps its placement) with the best realised balancedness minus
+``move_price`` × the share of its slots that change:
 
 1. the fresh dispatch-aware plan (:func:`eplb.core.planner.plan_fresh`: the nearest
    plan, or per layer eplb's even-split plan where the rule serves that better)
@@ -51,13 +53,28 @@ def plan_nearest_incremental(
     warm, _ = repair_node_pairs(weight, warm, gpus, nodes, budget=left, min_count=least)
     peak_fresh = realised_gpu_loads(weight, fresh, gpus, nodes).amax(1)
     peak_warm = realised_gpu_loads(weight, warm, gpus, nodes).amax(1)
+    peak_old = realised_gpu_loads(weight, old, gpus, nodes).amax(1)
     moves_fresh = (fresh != old).sum(1)
-    fits = torch.ones_like(moves_fresh, dtype=torch.bool) if max_moves is None else \
-        moves_fresh <= max_moves
-    take = fits & (peak_fresh < peak_warm * (1 - 1e-9))
+    if max_moves is None:
+        # no budget: a layer moves only where its realised balancedness gains more than
+        # ``move_price`` × the share of its slots that change (in sample: the rule's
+        # balance falls fast with drift, and the gain of a large move mostly carries to
+        # the next window), so an unchanged workload keeps its map
+        price = request.options.incremental.move_price / old.shape[1]
+        mean = weight.sum(1) / gpus
+
+        def value(peak: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+            return mean / peak.clamp(min=1e-300) - price * moved
+
+        values = torch.stack([value(peak_old, torch.zeros_like(moves_fresh)),
+                              value(peak_warm, (warm != old).sum(1)),
+                              value(peak_fresh, moves_fresh)])
+        pick = values.argmax(0)  # first on ties: the map in force, then the fewer moves
+        return torch.where((pick == 0)[:, None], old,
+                           torch.where((pick == 1)[:, None], warm, fresh))
+    take = (moves_fresh <= max_moves) & (peak_fresh < peak_warm * (1 - 1e-9))
     out = torch.where(take[:, None], fresh, warm)
     # a layer the new plan would not improve keeps its old map (no moves)
-    peak_old = realised_gpu_loads(weight, old, gpus, nodes).amax(1)
     keep = peak_old <= torch.where(take, peak_fresh, peak_warm)
     out = torch.where(keep[:, None], old, out)
     return out
