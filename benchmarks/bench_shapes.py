@@ -30,6 +30,7 @@ same planner, so none pays for another's memory use).
     python benchmarks/bench_shapes.py --repeats 9 --inputs 3
     python benchmarks/bench_shapes.py --gap           # what the S=3 gap is made of
     python benchmarks/bench_shapes.py --steps-sweep   # S=3-4 polish steps, generated loads
+    python benchmarks/bench_shapes.py --portfolio     # what the S>=5 replica portfolio buys
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from engines import FETCH_HINT, engine_root, vllm_sources
 import eplb
 from eplb.core.bounds import balancedness_ceiling
 from eplb.core.placement import slot_gpu_loads
+from eplb.core.replication import replica_counts
 from eplb.core.small_slots import best_two_slot_max_load
 from eplb.tools.generator import generate_loads
 
@@ -240,6 +242,45 @@ def gap_analysis(replicas: int = 288, gpus: int = 96) -> None:
         )
 
 
+def portfolio_sweep() -> None:
+    """What the replica portfolio buys where a GPU has >= 5 slots (there all five
+    allocations of a coarse layer are packed): per layer whose largest Jefferson replica
+    is above 1/3 of the mean GPU load, the balancedness with the portfolio minus without,
+    by that ratio, on generated presets (seeds 30, 31) and lognormal loads (σ = 1-3)."""
+    no_portfolio = eplb.PlanOptions(portfolio_threshold=1e9)
+    gains: dict[tuple[int, str], list[float]] = {}
+    gen = torch.Generator().manual_seed(3)
+
+    def layers(w: torch.Tensor, replicas: int, gpus: int) -> None:
+        w = w.to(torch.float64)
+        counts = replica_counts(w, replicas, (0.0,))[0]
+        ratio = (w / counts).amax(1) / (w.sum(1) / gpus)
+        with_it = eplb.plan(w, replicas, gpus).layer_balancedness(w)
+        without = eplb.plan(w, replicas, gpus, options=no_portfolio).layer_balancedness(w)
+        for r, a, b in zip(ratio.tolist(), with_it.tolist(), without.tolist(), strict=True):
+            if r > 1 / 3:
+                band = "1/3-1/2" if r <= 0.5 else ("1/2-3/4" if r <= 0.75 else "> 3/4")
+                gains.setdefault((replicas // gpus, band), []).append(a - b)
+
+    for slots, gpus in ((5, 64), (6, 48), (9, 32), (9, 16), (17, 16), (5, 32)):
+        for model in MODELS.values():
+            if slots * gpus >= model.experts:
+                for seed in (30, 31):
+                    layers(generate_loads(model.preset, seed=seed, num_layers=model.layers,
+                                          num_experts=model.experts), slots * gpus, gpus)
+        if slots * gpus >= 256:
+            for sigma in (1.0, 1.5, 2.0, 3.0):
+                w = torch.exp(sigma * torch.randn(40, 256, generator=gen, dtype=torch.float64))
+                layers(w, slots * gpus, gpus)
+    print("| S | largest replica / mean GPU load | layers | mean gain | max gain | "
+          "layers gaining > 1e-4 |")
+    print("|---|---|---|---|---|---|")
+    for (slots, band), values in sorted(gains.items()):
+        share = sum(v > 1e-4 for v in values) / len(values)
+        print(f"| {slots} | {band} | {len(values)} | {statistics.mean(values):.5f} | "
+              f"{max(values):.5f} | {share:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per planner")
@@ -260,8 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         "--candidates-sweep", action="store_true",
         help="only the packing-start comparison (S >= 3) on generated loads",
     )
+    parser.add_argument(
+        "--portfolio", action="store_true",
+        help="only what the replica portfolio buys at S >= 5, by the layer's coarseness",
+    )
     args = parser.parse_args(argv)
     print(header("bench_shapes"))
+    if args.portfolio:
+        portfolio_sweep()
+        return 0
     if args.candidates_sweep:
         candidates_sweep(args.repeats)
         return 0
