@@ -125,18 +125,22 @@ def _counts_by_table(
     else:
         # the table's entries, row by row, (hot expert, step) ascending: a ragged
         # [rows, ·] laid out flat, then padded to the longest row with -inf priorities
+        # (flat indices into raveled arrays throughout: one 1-D take or put each, a few
+        # times cheaper than the same 2-D fancy indexing at tens of thousands of entries)
         flat_cap = cap.ravel()
-        owner = np.repeat(np.tile(np.arange(num_hot), rows), flat_cap)  # hot position
-        row_of = np.repeat(np.arange(rows), length)
-        entry = np.arange(len(owner))
+        cell = np.repeat(np.arange(rows * num_hot), flat_cap)  # (row, hot position) of each
+        row_of = cell // num_hot
+        entry = np.arange(len(cell))
         c = (entry - np.repeat(np.cumsum(flat_cap) - flat_cap, flat_cap) + 1).astype(np.float64)
-        column = entry - np.repeat(np.cumsum(length) - length, length)
-        load, share = hot_load[row_of, owner], quota[row_of, owner]
-        priorities = np.full((len(rules), rows, width), -np.inf)
+        slot = row_of * width + entry - np.repeat(np.cumsum(length) - length, length)
+        load, share = hot_load.ravel()[cell], quota.ravel()[cell]
+        priorities = np.full((len(rules), rows * width), -np.inf)
         for k, rule in enumerate(rules):
-            priorities[k, row_of, column] = _priority(rule, load, share, c)
-        expert_at = np.zeros((rows, width), np.int64)
-        expert_at[row_of, column] = hot_expert[row_of, owner]
+            priorities[k, slot] = _priority(rule, load, share, c)
+        priorities = priorities.reshape(len(rules), rows, width)
+        expert_at = np.zeros(rows * width, np.int64)
+        expert_at[slot] = hot_expert.ravel()[cell]
+        expert_at = expert_at.reshape(rows, width)
     granted = top_indices(priorities, num_extra)  # [rules, rows, R − E] columns
     expert = np.take_along_axis(np.broadcast_to(expert_at, priorities.shape), granted, 2)
     flat = (np.arange(len(rules) * rows).reshape(len(rules), rows, 1) * num_experts + expert)
