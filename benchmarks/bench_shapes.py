@@ -246,7 +246,8 @@ def portfolio_sweep() -> None:
     """What the replica portfolio buys where a GPU has >= 5 slots (there all five
     allocations of a coarse layer are packed): per layer whose largest Jefferson replica
     is above 1/3 of the mean GPU load, the balancedness with the portfolio minus without,
-    by that ratio, on generated presets (seeds 30, 31) and lognormal loads (σ = 1-3)."""
+    by that ratio, on generated presets (seeds 30, 31) and lognormal loads (σ = 1-3);
+    then the table's S >= 5 shapes with the portfolio only above half a GPU's mean load."""
     no_portfolio = eplb.PlanOptions(portfolio_threshold=1e9)
     gains: dict[tuple[int, str], list[float]] = {}
     gen = torch.Generator().manual_seed(3)
@@ -279,6 +280,27 @@ def portfolio_sweep() -> None:
         share = sum(v > 1e-4 for v in values) / len(values)
         print(f"| {slots} | {band} | {len(values)} | {statistics.mean(values):.5f} | "
               f"{max(values):.5f} | {share:.2f} |")
+    # the table's S >= 5 shapes with the portfolio only above half a GPU's mean load
+    half = eplb.PlanOptions(portfolio_threshold=0.5)
+    print("\n| shape | loads | worst balancedness, default → threshold 1/2 | "
+          "ms, default → threshold 1/2 |")
+    print("|---|---|---|---|")
+    for key, slots, gpus in SHAPES:
+        if slots < 5:
+            continue
+        model, replicas = MODELS[key], slots * gpus
+        loads, source = model_loads(key, 3)
+        default = min(eplb.plan(w, replicas, gpus).balancedness(w) for w in loads)
+        halved = min(eplb.plan(w, replicas, gpus, options=half).balancedness(w) for w in loads)
+        times: dict[str, list[float]] = {"default": [], "half": []}
+        for _ in range(5):
+            for name, opts in (("default", None), ("half", half)):
+                begin = time.perf_counter()
+                eplb.plan(loads[0], replicas, gpus, options=opts)
+                times[name].append(time.perf_counter() - begin)
+        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        print(f"| {model.layers}x{model.experts} S={slots} P={gpus} | {source} | "
+              f"{default:.4f} → {halved:.4f} | {ms['default']:.1f} → {ms['half']:.1f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
