@@ -107,6 +107,21 @@ def source_distribution(
     return src / total
 
 
+def _slot_experts(
+    phy2log: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    """``(expert [L, R], live [L, R], width, count [L, width])`` of ``phy2log``: every
+    slot's expert with empty (``-1``) slots on a sentinel id ``width − 1``, which slots
+    hold an expert, and the replicas of every id per layer."""
+    phy = phy2log.to(torch.int64)
+    live = phy >= 0
+    width = int(phy.max()) + 2 if phy.numel() else 1  # experts + a sentinel for -1
+    expert = torch.where(live, phy, width - 1)
+    count = torch.zeros(phy.shape[0], width, dtype=torch.int64, device=phy.device)
+    count.scatter_add_(1, expert, torch.ones_like(expert))
+    return expert, live, width, count
+
+
 def _tally(
     expert: torch.Tensor, unit_of_slot: torch.Tensor, units: int, width: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -139,13 +154,8 @@ def dispatch_fractions(
     slots_per_gpu, gpus_per_node = _check_shape(phy2log, num_gpus, num_nodes)
     num_layers, num_slots = phy2log.shape
     device = phy2log.device
-    phy = phy2log.to(torch.int64)
-    width = int(phy.max()) + 2 if phy.numel() else 1  # experts + a sentinel for -1
-    expert = torch.where(phy >= 0, phy, width - 1)  # [L, R]
-    live = (phy >= 0)[:, None, :]  # [L, 1, R]
-    ones = torch.ones_like(expert)
-    count = torch.zeros(num_layers, width, dtype=torch.int64, device=device)
-    count.scatter_add_(1, expert, ones)
+    expert, live, width, count = _slot_experts(phy2log)
+    live = live[:, None, :]  # [L, 1, R]
     c = count.gather(1, expert)[:, None, :].to(torch.float64)  # [L, 1, R] replicas of e(s)
     fair = torch.where(live, 1.0 / c.clamp(min=1), torch.zeros_like(c))
     if dispatch == "even":
@@ -213,15 +223,8 @@ def _nearest_share(
     """
     slots_per_gpu, gpus_per_node = _check_shape(phy2log, num_gpus, num_nodes)
     num_layers, num_slots = phy2log.shape
-    device = phy2log.device
-    phy = phy2log.to(torch.int64)
-    live = phy >= 0
-    width = int(phy.max()) + 2  # experts + a sentinel for -1
-    expert = torch.where(live, phy, width - 1)  # [L, R]
-    ones = torch.ones_like(expert)
-    count = torch.zeros(num_layers, width, dtype=torch.int64, device=device)
-    count.scatter_add_(1, expert, ones)
-    slot = torch.arange(num_slots, device=device)
+    expert, live, width, count = _slot_experts(phy2log)
+    slot = torch.arange(num_slots, device=phy2log.device)
     gpu_of_slot = slot // slots_per_gpu
     node_of_slot = gpu_of_slot // gpus_per_node
 

@@ -249,15 +249,13 @@ def _kl_swaps(
     rows, num_bins = where.shape
     eye = torch.eye(num_nodes, dtype=conflict.dtype, device=conflict.device)
     where = where.clone()
-    full = conflict
     # rows are independent and a row without an improving swap is done: each step searches
     # the rows still moving only (most converge within a few steps)
     active = torch.arange(rows, device=where.device)
-    twice = 2 * conflict
+    searched, twice = conflict, 2 * conflict  # the active rows' conflicts
     for _ in range(steps):
-        place = where[active]
-        y = node_of_pos[place]  # [n, B] node of every bin
-        m = torch.bmm(conflict, eye[y])  # [n, B, N] conflict of bin a with node n
+        y = node_of_pos[where[active]]  # [n, B] node of every bin
+        m = torch.bmm(searched, eye[y])  # [n, B, N] conflict of bin a with node n
         own = m.gather(2, y[:, :, None])[..., 0]
         cross = m.gather(2, y[:, None, :].expand(-1, num_bins, -1))  # [n, a, b] M[a, y_b]
         # M[a, y_b] − M[a, y_a] + M[b, y_a] − M[b, y_b] − 2A[a, b]: counts, so exact in
@@ -275,8 +273,7 @@ def _kl_swaps(
         wa, wb = where[row, a], where[row, b]
         where[row, a], where[row, b] = wb, wa
         if len(moving) < len(active):
-            active, conflict, twice = row, conflict[moving], twice[moving]
-    conflict = full
+            active, searched, twice = row, searched[moving], twice[moving]
     y = node_of_pos[where]
     same = (y[:, :, None] == y[:, None, :]).to(conflict.dtype)
     return where, (conflict * same).sum((1, 2)) / 2

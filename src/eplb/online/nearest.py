@@ -69,7 +69,7 @@ def plan_nearest_incremental(
         values = torch.stack([value(peak_old, torch.zeros_like(moves_fresh)),
                               value(peak_warm, (warm != old).sum(1)),
                               value(peak_fresh, moves_fresh)])
-        pick = values.argmax(0)  # first on ties: the map in force, then the fewer moves
+        pick = values.argmax(0)  # first on ties: the map in force, then the warm start
         return torch.where((pick == 0)[:, None], old,
                            torch.where((pick == 1)[:, None], warm, fresh))
     take = (moves_fresh <= max_moves) & (peak_fresh < peak_warm * (1 - 1e-9))
