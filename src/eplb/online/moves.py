@@ -28,9 +28,10 @@ from eplb.core.replication import replica_counts
 def counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     """``[B, E]`` replicas of every expert in ``phy2log [B, R]`` (``-1`` ignored)."""
     rows = phy2log.shape[0]
-    flat = np.where(phy2log >= 0, phy2log + num_experts * np.arange(rows)[:, None], -1)
-    flat = flat[flat >= 0]
-    return np.bincount(flat, minlength=rows * num_experts).reshape(rows, num_experts)
+    flat = phy2log + num_experts * np.arange(rows)[:, None]
+    if phy2log.size and phy2log.min() < 0:  # empty slots: left out (most calls have none)
+        flat = flat[phy2log >= 0]
+    return np.bincount(flat.ravel(), minlength=rows * num_experts).reshape(rows, num_experts)
 
 
 def slot_loads_of(
@@ -130,7 +131,7 @@ def fill_and_spread(
 
 
 def transfer_order(
-    weight: np.ndarray, phy2log: np.ndarray, num_gpus: int
+    weight: np.ndarray, phy2log: np.ndarray, counts: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The replica transfers that turn each row's replica counts into Jefferson's, best
     first: ``(donor [B, T], receiver [B, T], count [B])`` with ``-1`` padding.
@@ -139,11 +140,10 @@ def transfer_order(
     units are ordered by the per-replica load they relieve (``w / c`` before the new
     replica), donors by what losing one costs (``w / (c − 1)``), so a prefix of the list
     is the best partial reallocation of its length. Vectorized over all rows: the units
-    of every row are laid out flat and sorted once.
+    of every row are laid out flat and sorted once. ``counts [B, E]``: the replica
+    counts of ``phy2log`` (:func:`counts_of`).
     """
     rows, num_slots = phy2log.shape
-    num_experts = weight.shape[1]
-    counts = counts_of(phy2log, num_experts)
     want = replica_counts(torch.from_numpy(weight), num_slots, (0.0,))[0].numpy()
     gain = want - counts
     count = np.maximum(gain, 0).sum(1)
@@ -184,10 +184,12 @@ def apply_transfers(
     receiver: np.ndarray,
     upto: np.ndarray,
     num_gpus: int,
+    counts: np.ndarray,
     record: tuple[float, ...] = (),
 ) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
-    """``phy2log [B, R]`` after the first ``upto [B]`` transfers of each row; with
-    ``record`` (fractions of ``upto``) also the placements after those prefixes.
+    """``phy2log [B, R]`` (replica counts ``counts [B, E]``) after the first ``upto [B]``
+    transfers of each row; with ``record`` (fractions of ``upto``) also the placements
+    after those prefixes.
 
     Transfers go one at a time (all rows at once): each rewrites the donor's replica on
     the lightest GPU that does not hold the receiver yet (the receiver is the hotter
@@ -198,9 +200,13 @@ def apply_transfers(
     num_experts = weight.shape[1]
     slots = num_slots // num_gpus
     rowix = np.arange(rows)
-    counts = counts_of(out, num_experts).astype(np.float64)
+    counts = counts.astype(np.float64)  # a copy, updated per transfer
     loads = gpu_loads_of(weight, out, num_gpus, counts)  # [B, P], updated per transfer
     grid = out.reshape(rows, num_gpus, slots)  # a view: writes land in out
+    # a copy [B, S, P] in a narrow type for the searches: NumPy reduces over a short
+    # last axis slowly, over a middle one fast (3× at S = 9)
+    narrow = np.int16 if num_experts <= np.iinfo(np.int16).max else np.int64
+    ids = np.ascontiguousarray(grid.transpose(0, 2, 1), narrow)
     marks = [np.ceil(f * upto).astype(np.int64) for f in record]  # per row
     snapshots = [out.copy() for _ in record]
     for t in range(int(upto.max(initial=0))):
@@ -213,19 +219,22 @@ def apply_transfers(
         b = rowix[go]
         d, r = donor[b, t], receiver[b, t]
         # the donor's replica on the lightest GPU that does not hold the receiver yet
-        held = grid[b]  # [n, P, S]
-        holds_donor = (held == d[:, None, None]).any(2)  # [n, P]
-        allowed = holds_donor & ~(held == r[:, None, None]).any(2)
+        held = ids[b]  # [n, S, P]
+        is_donor = held == d.astype(narrow)[:, None, None]
+        holds_donor = is_donor.any(1)  # [n, P]
+        allowed = holds_donor & ~(held == r.astype(narrow)[:, None, None]).any(1)
         gpu = np.argmin(np.where(allowed, loads[b], np.inf), 1)
         # every donor replica on a GPU holding the receiver: the first donor GPU (the
         # anti-affinity repair spreads it next)
-        stuck = ~allowed[np.arange(len(b)), gpu]
+        each = np.arange(len(b))
+        stuck = ~allowed[each, gpu]
         gpu = np.where(stuck, np.argmax(holds_donor, 1), gpu)
-        slot = np.argmax(held[np.arange(len(b)), gpu] == d[:, None], 1)
+        slot = np.argmax(is_donor[each, :, gpu], 1)
         loads[b, gpu] += weight[b, r] / (counts[b, r] + 1) - weight[b, d] / counts[b, d]
         counts[b, d] -= 1
         counts[b, r] += 1
         grid[b, gpu, slot] = r
+        ids[b, slot, gpu] = r
     if not record:
         return out
     for mark, snap in zip(marks, snapshots, strict=True):
@@ -265,10 +274,12 @@ def warm_ladder(
     if base.shape[0] == 0:  # no row to search (e.g. no node can set its layer's time)
         return (np.repeat(base[None], steps + (4 if transfers_only else 1), 0),
                 np.zeros(0, np.int64))
-    donor, receiver, count = transfer_order(weight, base, num_gpus)
+    counts = counts_of(base, weight.shape[1])
+    donor, receiver, count = transfer_order(weight, base, counts)
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
-    done = apply_transfers(weight, base, donor, receiver, count, num_gpus, record=record)
+    done = apply_transfers(weight, base, donor, receiver, count, num_gpus, counts,
+                           record=record)
     start, prefixes = done if transfers_only else (done, [])
     only = np.empty((0, *base.shape), base.dtype)
     if transfers_only:  # cheap (one slot each); stacked replicas spread
@@ -357,12 +368,15 @@ def gpu_moments(
     slots = torch.from_numpy(candidates)
     # flat (candidate, row, expert) index of every slot: one bincount, one gather
     offset = (torch.arange(cands * rows) * num_experts).view(cands, rows, 1)
-    index = slots.clamp(min=0) + offset  # [C, B, R]
     empty = slots < 0
     any_empty = bool(empty.any())
+    index = (slots.clamp(min=0) if any_empty else slots) + offset  # [C, B, R]
     filled = index[~empty] if any_empty else index.flatten()
-    counts = torch.bincount(filled, minlength=cands * rows * num_experts)
-    counts = counts.view(cands, rows, num_experts).clamp(min=1).to(torch.float64)
+    counts = np.bincount(filled.numpy(), minlength=cands * rows * num_experts)
+    counts = torch.from_numpy(counts.reshape(cands, rows, num_experts).astype(np.float64))
+    if any_empty:  # empty slots read expert 0's share (then zeroed): it must be finite
+        counts = counts.clamp(min=1)
+    # an expert a candidate does not hold has no replica: its share (x / 0) is never read
     per = torch.floor(torch.from_numpy(units) / counts)  # [C, B, E] integers
     load = per.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
     if any_empty:
@@ -413,7 +427,11 @@ def _group_squares(
     # (c·B + b)·G + group, then the GPU: one bincount into [C, B, G, P] cells (NumPy:
     # its integer division and weighted bincount are several times faster than torch's)
     gpu_of_slot = np.arange(num_slots) // (num_slots // num_gpus)
-    cell = ((index.numpy() // (num_experts // groups)) * num_gpus + gpu_of_slot).reshape(-1)
+    group_size = num_experts // groups
+    flat_group = (index.numpy() >> (group_size.bit_length() - 1)  # a shift: several times
+                  if group_size & (group_size - 1) == 0  # cheaper than NumPy's division
+                  else index.numpy() // group_size)
+    cell = (flat_group * num_gpus + gpu_of_slot).reshape(-1)
     weights = load.numpy().reshape(-1)
     cells = cands * rows * groups * num_gpus
     if cells > max(4 * cell.size, 1 << 22):

@@ -141,8 +141,9 @@ def refine(
             target[:, None], light[LOAD][None], out=scratch(buffers, "off", big, state)
         ).abs_()  # [S_i, S_j, rows, H]
         best, i = off.amin(1).min(0)  # [rows, H]; amin then min: far cheaper than argmin
-        # the best partner of the chosen item: its row of the search, read back
-        j = off.gather(0, i[None, None].expand(1, slots, -1, -1))[0].min(0).indices
+        # the best partner of the chosen item: its row of the search, recomputed (the
+        # same float32 subtraction, so the same values; cheaper than gathering it back)
+        j = (target.gather(0, i[None]) - light[LOAD]).abs_().min(0).indices
         apply = best.square_() < half_gap.square() - tol
         i_idx = i[None, None].expand(2, 1, -1, -1)
         j_idx = j[None, None].expand(2, 1, -1, -1)
