@@ -304,9 +304,12 @@ def plan_incremental(
     live_gpus = request.live.cpu().numpy()
     num_live = int(live_gpus.sum())
 
-    def score(rows: np.ndarray, chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return moves.expected_peak(rows, chosen, num_live, options.drift,
-                                   groups=topo.num_groups, group_share=options.group_share)
+    units = moves.units_of(weight)  # [L, E] integer loads, as every score takes them
+
+    def score(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return moves.expected_peak(weight, chosen, num_live, options.drift,
+                                   groups=topo.num_groups, group_share=options.group_share,
+                                   units=units)
 
     if request.policy == "hierarchical":
         # node ladders, and warm regroups where the best group→node assignment differs
@@ -316,7 +319,7 @@ def plan_incremental(
     else:
         candidates, transfers = _refine_rows(weight, base, request, layer_quota,
                                              max_moves is not None)
-        peak, now = score(weight, _live_only(candidates, live_gpus, topo))
+        peak, now = score(_live_only(candidates, live_gpus, topo))
         # a fresh plan, relabelled onto the old GPUs, for the layers whose ladder:
         # - still gains a move price over its last 1/16 of the slots (the last step at
         #   the default quota; at least one step): its reach ran out;
@@ -342,7 +345,7 @@ def plan_incremental(
         need = gaining | (transfers > layer_quota) | far | coarse
         if need.any():
             extra = _fresh_aligned(request, base, np.nonzero(need)[0])
-            extra_peak, extra_now = score(weight, _live_only(extra, live_gpus, topo))
+            extra_peak, extra_now = score(_live_only(extra, live_gpus, topo))
             candidates = np.concatenate([candidates, extra])
             peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
             now = np.concatenate([now, extra_now])
@@ -364,7 +367,6 @@ def plan_incremental(
     # beside a huge one: a layer whose exact peak came out above the placement in
     # force's keeps the latter. A GPU's units are off by less than 1.5·S, so only layers
     # whose two unit peaks are closer than twice that are checked on exact loads
-    units = moves.units_of(weight)
     error = 3.0 * topo.slots_per_gpu * num_live / np.maximum(units.sum(1), 1e-300)
     layer = np.arange(request.num_layers)
     close = now[pick, layer] > now[0] - error

@@ -316,6 +316,7 @@ def expected_peak(
     draws: int = 16,
     groups: int = 1,
     group_share: float = 0.0,
+    units: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(expected [C, B], now [C, B])``: the expected next-window max GPU load of every
     candidate ``[C, B, R]`` (``-1`` slots carry nothing), and its max GPU load on the
@@ -336,9 +337,9 @@ def expected_peak(
     row's largest expert) before they are summed, so every sum and square sum is of
     integers under 2**53 and independent of summation order; the rest is element-wise
     IEEE arithmetic (correctly rounded, hence identical on every machine) and a mean
-    taken in a fixed order.
+    taken in a fixed order. ``units``: :func:`units_of` ``(weight)``, when the caller has it.
     """
-    units = units_of(weight)  # [B, E] integers
+    units = units_of(weight) if units is None else units  # [B, E] integers
     gpu, variance = gpu_moments(units, candidates, num_gpus, groups, group_share)
     return peak_of(gpu, variance, units.sum(1), drift, draws)
 
