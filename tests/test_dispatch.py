@@ -434,6 +434,70 @@ def test_nearest_incremental_respects_the_budget():
                 assert torch.equal(new, old)
 
 
+def test_nearest_incremental_spends_a_total_budget_where_it_pays():
+    # a total budget is not split evenly over the layers (a share of 1–2 slots per layer
+    # buys no swap): it goes where a moved slot gains most, and a small one still helps
+    rng = np.random.default_rng(11)
+    w = torch.from_numpy(np.exp(rng.normal(0, 1.0, (8, 64))) * 100)
+    old = eplb.plan(w, 96, 16, 4, policy="global", dispatch="nearest").phy2log
+    drifted = w * torch.from_numpy(np.exp(rng.normal(0, 0.3, w.shape)))
+
+    def balance(phy):
+        loads = realised_gpu_loads(drifted, phy, 16, 4)
+        return float(loads.mean(1).sum() / loads.amax(1).sum())
+
+    before, last = balance(old), balance(old)
+    for total in (0, 8, 40, 200):
+        placed = eplb.plan(drifted, 96, 16, 4, policy="global", dispatch="nearest",
+                           previous=old, max_moves=total)
+        placed.validate()
+        moved = int((placed.phy2log != old).sum())
+        assert moved <= total
+        got = balance(placed.phy2log)
+        assert got >= last - 1e-12  # a larger budget never buys less here
+        last = got
+        if total == 0:
+            assert torch.equal(placed.phy2log, old)
+        if total == 8:  # one slot per layer if split evenly: no swap would fit
+            assert moved > 0 and got > before
+
+
+@SETTINGS
+@given(
+    gpus=st.sampled_from([4, 8]),
+    slots=st.integers(2, 4),
+    layers=st.integers(1, 4),
+    origin=st.sampled_from(["eplb", "vllm-initial", "random"]),
+    budget=st.one_of(st.none(), st.integers(0, 40), st.just("per-layer")),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_nearest_incremental_from_old_maps_of_every_origin(gpus, slots, layers, origin,
+                                                             budget, seed):
+    # valid, deterministic, and within a budget (beyond the forced moves, which an
+    # eplb map needs none of)
+    rng = np.random.default_rng(seed)
+    replicas, experts = gpus * slots, gpus * slots * 2 // 3
+    w = torch.from_numpy(np.exp(rng.normal(0, 1.0, (layers, experts))) * 100)
+    if origin == "eplb":
+        old = eplb.plan(w, replicas, gpus, 2, policy="global", dispatch="nearest").phy2log
+    elif origin == "vllm-initial":
+        old = torch.arange(replicas).remainder(experts).repeat(layers, 1)
+    else:
+        old = torch.from_numpy(rng.integers(0, experts, (layers, replicas)))
+    drifted = w * torch.from_numpy(np.exp(rng.normal(0, 0.3, w.shape)))
+    limit = [int(rng.integers(0, 12)) for _ in range(layers)] if budget == "per-layer" else budget
+    kwargs = {"policy": "global", "dispatch": "nearest", "previous": old, "max_moves": limit}
+    new = eplb.plan(drifted, replicas, gpus, 2, **kwargs)
+    new.validate()
+    assert torch.equal(eplb.plan(drifted, replicas, gpus, 2, **kwargs).phy2log, new.phy2log)
+    if origin == "eplb" and limit is not None:
+        moved = (new.phy2log != old).sum(1)
+        if isinstance(limit, list):
+            assert bool((moved <= torch.tensor(limit)).all())
+        else:
+            assert int(moved.sum()) <= limit
+
+
 def test_nearest_incremental_without_a_budget_moves_only_what_pays():
     # an unchanged workload keeps (almost) its whole map; a drifted one is re-planned,
     # and what moves buys more realised balance than move_price × the share moved

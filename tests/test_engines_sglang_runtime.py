@@ -504,7 +504,7 @@ def test_the_nearest_switch_never_serves_worse_and_never_fails_sglangs_call(sgla
     assert torch.equal(
         plugin.eplb_rebalance(odd, 72, 8, None, 2, hierarchical=False, sglang_dispatch="static")[0],
         plugin.eplb_rebalance(odd, 72, 8, None, 2, hierarchical=False)[0])
-    # a move budget keeps the even split, and is honoured (auto resolves to global here)
+    # a move budget is honoured under the nearest rule (auto resolves to global here)
     weight = torch.randint(1, 1000, (1, 6, 64))
     old = plugin.eplb_rebalance(weight, 128, 8, None, 2, hierarchical=False)[0]
     drifted = (weight * (1 + torch.rand(weight.shape))).long()

@@ -39,7 +39,6 @@ almost every slot. Here the new plan starts from the placement in force:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import numpy as np
 import torch
@@ -183,7 +182,7 @@ def _choose(
         value = balance - options.move_price * cost / slots
         pick = np.argmax(value, 0)  # first on ties: fewer moves
     elif isinstance(max_moves, (int, np.integer)) and not isinstance(max_moves, bool):
-        pick = _knapsack(balance, cost, int(max_moves))
+        pick = moves.spend_budget(balance, cost, int(max_moves))
     else:
         budget = np.asarray(max_moves)
         if budget.shape != (layers,) or budget.dtype.kind not in "iu" or (budget < 0).any():
@@ -196,39 +195,6 @@ def _choose(
     if skip_threshold is not None:
         gain = balance[pick, np.arange(layers)] - balance[0]
         pick = np.where(gain < skip_threshold, 0, pick)
-    return pick
-
-
-def _knapsack(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
-    """Spend ``budget`` slots where they buy the most expected balancedness: per layer the
-    upper convex hull of (cost, balance), then the steepest hull steps first."""
-    layers = balance.shape[1]
-    pick = np.zeros(layers, np.int64)
-    steps = []  # (gain per slot, layer, from, to)
-    for layer in range(layers):
-        order = np.lexsort((-balance[:, layer], cost[:, layer]))
-        hull = [0]
-        bal, cst = balance[:, layer], cost[:, layer]
-
-        def slope(a: int, b: int) -> float:
-            return (bal[b] - bal[a]) / (cst[b] - cst[a])  # noqa: B023 (used in this loop)
-
-        for c in order:
-            if cst[c] <= cst[hull[-1]] or bal[c] <= bal[hull[-1]]:
-                continue
-            while len(hull) >= 2 and slope(hull[-1], c) >= slope(hull[-2], hull[-1]):
-                hull.pop()
-            hull.append(int(c))
-        steps += [(slope(a, b), layer, a, b) for a, b in itertools.pairwise(hull)]
-    spent = 0
-    for _gain, layer, a, b in sorted(steps, key=lambda s: (-s[0], s[1])):
-        if pick[layer] != a:
-            continue  # an earlier step of this layer was unaffordable
-        extra = cost[b, layer] - cost[a, layer]
-        if spent + extra > budget:
-            continue
-        pick[layer] = b
-        spent += extra
     return pick
 
 
@@ -403,10 +369,9 @@ def _plan_nearest(
 ) -> Placement:
     """Incremental planning under SGLang's nearest dispatch (:mod:`eplb.online.nearest`).
 
-    The global policy with every GPU live has a budgeted planner; a total ``max_moves``
-    is split evenly over the layers here (not spent where it pays most, as under the even
-    split). The locality policy and dead GPUs get a fresh dispatch-aware plan relabelled
-    onto the old GPUs (no budget)."""
+    The global policy with every GPU live has a budgeted planner (a total ``max_moves``
+    is spent where it buys the most realised balance). The locality policy and dead GPUs
+    get a fresh dispatch-aware plan relabelled onto the old GPUs (no budget)."""
     topo = request.topology
     if skip_threshold is not None:
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")
@@ -436,7 +401,7 @@ def _plan_nearest(
         if isinstance(max_moves, (int, np.integer)) and not isinstance(max_moves, bool):
             if max_moves < 0:
                 raise ValueError(f"max_moves must be >= 0 (slots in total), got {max_moves}")
-            budget = torch.full((layers,), int(max_moves) // layers, dtype=torch.int64)
+            budget = int(max_moves)  # in total: spent where it pays (online/nearest.py)
         else:
             budget = torch.as_tensor(np.asarray(max_moves))
             if budget.shape != (layers,) or budget.is_floating_point() or bool((budget < 0).any()):
@@ -445,7 +410,7 @@ def _plan_nearest(
                     f"non-negative ints (slots per layer); got {max_moves!r}"
                 )
 
-    def warm_even(start: torch.Tensor, layer_budget: torch.Tensor | None) -> torch.Tensor:
+    def warm_even(start: torch.Tensor, layer_budget: torch.Tensor | int | None) -> torch.Tensor:
         planned = plan_incremental(even, start, max_moves=layer_budget)
         return planned.phy2log.cpu()
 

@@ -12,6 +12,7 @@ candidates alike.
 
 from __future__ import annotations
 
+import itertools
 import math
 from decimal import Decimal, localcontext
 from functools import lru_cache
@@ -298,6 +299,56 @@ def warm_ladder(
         steps=steps,
     ).numpy()
     return np.concatenate([base[None], only, path]), count
+
+
+def spend_budget(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
+    """``[L]`` candidate per layer: spend ``budget`` slots in total where they buy the
+    most balancedness. ``balance [C, L]`` and ``cost [C, L]`` (slots changed) of every
+    candidate; candidate 0 costs nothing and is the fallback. Per layer the upper convex
+    hull of (cost, balance), then the steepest hull steps of all layers first, then what
+    is left on the best affordable gains off the hull."""
+    layers = balance.shape[1]
+    pick = np.zeros(layers, np.int64)
+    steps = []  # (gain per slot, layer, from, to)
+    for layer in range(layers):
+        order = np.lexsort((-balance[:, layer], cost[:, layer]))
+        hull = [0]
+        bal, cst = balance[:, layer], cost[:, layer]
+
+        def slope(a: int, b: int) -> float:
+            return (bal[b] - bal[a]) / (cst[b] - cst[a])  # noqa: B023 (used in this loop)
+
+        for c in order:
+            if cst[c] <= cst[hull[-1]] or bal[c] <= bal[hull[-1]]:
+                continue
+            while len(hull) >= 2 and slope(hull[-1], c) >= slope(hull[-2], hull[-1]):
+                hull.pop()
+            hull.append(int(c))
+        steps += [(slope(a, b), layer, a, b) for a, b in itertools.pairwise(hull)]
+    spent = 0
+    for _gain, layer, a, b in sorted(steps, key=lambda s: (-s[0], s[1])):
+        if pick[layer] != a:
+            continue  # an earlier step of this layer was unaffordable
+        extra = cost[b, layer] - cost[a, layer]
+        if spent + extra > budget:
+            continue
+        pick[layer] = b
+        spent += extra
+    # the hull passes over candidates under it: a layer whose next hull step did not fit
+    # may still afford a smaller step off the hull (a small budget, one layer whose only
+    # hull step is a fresh plan). What is left goes to the best gain per slot among every
+    # candidate that fits, one at a time
+    left, each = budget - spent, np.arange(layers)
+    while True:
+        gain = balance - balance[pick, each]
+        extra = cost - cost[pick, each]
+        fits = (gain > 0) & (extra <= left)
+        if not fits.any():
+            return pick
+        rate = np.where(fits, gain / np.maximum(extra, 1), -np.inf)
+        c, layer = np.unravel_index(np.argmax(rate), rate.shape)
+        pick[layer] = c
+        left -= extra[c, layer]
 
 
 def units_of(weight: np.ndarray) -> np.ndarray:

@@ -1,9 +1,12 @@
 """Incremental planning for SGLang's nearest dispatch (``dispatch="nearest"``).
 
-Two candidates per layer. With a budget, the lower *realised* max GPU load within it
-wins, and a layer neither improves keeps its placement; without one, a layer takes the
-candidate (or keeps its placement) with the best realised balancedness minus
-``move_price`` × the share of its slots that change:
+Two candidates per layer. With a budget per layer, the lower *realised* max GPU load
+within it wins, and a layer neither improves keeps its placement; with a budget in total
+over all layers, it goes where a moved slot buys the most realised balancedness (the
+warm start with and without its node repair are both offered, so a small budget still
+buys the best swaps); without one, a layer takes the candidate (or keeps its placement)
+with the best realised balancedness minus ``move_price`` × the share of its slots that
+change:
 
 1. the fresh dispatch-aware plan (:func:`eplb.core.planner.plan_fresh`: the nearest
    plan, or per layer eplb's even-split plan where the rule serves that better)
@@ -26,17 +29,19 @@ from eplb.core.dispatch_plan import _WARM_SHARE, repair_node_pairs
 from eplb.core.planner import plan_fresh
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
+from eplb.online.moves import spend_budget
 
 
 def plan_nearest_incremental(
     request: PlanRequest,
     previous: torch.Tensor,
-    max_moves: torch.Tensor | None,
-    warm_even: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+    max_moves: torch.Tensor | int | None,
+    warm_even: Callable[[torch.Tensor, torch.Tensor | int | None], torch.Tensor],
 ) -> torch.Tensor:
     """``phy2log [L, R]`` re-planned for the nearest rule from ``previous [L, R]`` (all GPUs
-    live), with at most ``max_moves [L]`` changed slots per layer (``None``: no limit).
-    ``warm_even(old, budget)`` is the even-split incremental planner."""
+    live), with at most ``max_moves`` changed slots: ``[L]`` per layer, an int in total
+    over the layers, ``None`` for no limit. ``warm_even(old, budget)`` is the even-split
+    incremental planner (it takes the same three kinds of budget)."""
     weight, topology = request.weight, request.topology
     fair = request.fair
     old = previous.to(torch.int64)
@@ -44,6 +49,8 @@ def plan_nearest_incremental(
     # tokens arising evenly, as the candidates below are scored
     fresh = plan_fresh(dataclasses.replace(request, source=None)).phy2log
     fresh = align_to_previous(fresh, old, gpus, topology.gpus_per_node)
+    if isinstance(max_moves, int):
+        return _within_total(request, old, fresh, max_moves, warm_even)
     # a share of the budget is kept for the repair: moves that fix same-node pairs pay
     # more under the rule than the last even-split swaps
     first = None if max_moves is None else (max_moves * _WARM_SHARE).to(torch.int64)
@@ -78,3 +85,36 @@ def plan_nearest_incremental(
     keep = peak_old <= torch.where(take, peak_fresh, peak_warm)
     out = torch.where(keep[:, None], old, out)
     return out
+
+
+def _within_total(
+    request: PlanRequest,
+    old: torch.Tensor,
+    fresh: torch.Tensor,
+    total: int,
+    warm_even: Callable[[torch.Tensor, torch.Tensor | int | None], torch.Tensor],
+) -> torch.Tensor:
+    """``[L, R]``: the candidates of :func:`plan_nearest_incremental` chosen per layer so
+    that at most ``total`` slots change over all layers, where a moved slot buys the most
+    realised balancedness (:func:`eplb.online.moves.spend_budget`). The even-split warm
+    start spends its share of the total where the even split gains most; the node repair
+    may use what it left in any layer; the warm start without the repair, and on the whole
+    total, are offered too, so a layer the total cannot afford the repair in still gets
+    the swaps, and a total of a few slots per layer still buys some."""
+    weight, topology = request.weight, request.topology
+    gpus, nodes = topology.num_gpus, topology.num_nodes
+    warm = warm_even(old, int(total * _WARM_SHARE))
+    left = max(0, total - int((warm != old).sum()))
+    least = 3 if request.fair == "expect" else min(3, nodes)
+    repaired, _ = repair_node_pairs(weight, warm, gpus, nodes,
+                                    budget=torch.full((old.shape[0],), left), min_count=least)
+    # the warm start on the whole total too: below a few slots per layer its share may
+    # afford no step at all, where the whole total affords one
+    whole = warm_even(old, total)
+    options = torch.stack([old, warm, repaired, whole, fresh])  # [C, L, R]; the old map first
+    peak = torch.stack([realised_gpu_loads(weight, phy, gpus, nodes).amax(1)
+                        for phy in options])
+    balance = (weight.sum(1) / gpus / peak.clamp(min=1e-300)).cpu().numpy()
+    cost = (options != old[None]).sum(2).cpu().numpy()
+    pick = torch.from_numpy(spend_budget(balance, cost, total)).to(old.device)
+    return options[pick, torch.arange(old.shape[0], device=old.device)]
