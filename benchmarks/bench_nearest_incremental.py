@@ -14,7 +14,13 @@ rule (tokens arising evenly) on window 1 (in sample) and window 2 (next window).
   1e-9 tie tolerance);
 - ``unchanged loads``: re-planning window 0 itself from its own plan (drift 0).
 
+With ``--budgets 100,1000,3340`` it adds, per total ``max_moves`` (slots over all
+layers), the nearest planner's re-plan and the even-split planner's (``eplb.plan``
+without ``dispatch``, as SGLang's plugin planned under a budget before 2026-12-03), both
+scored under the nearest rule.
+
     python benchmarks/bench_nearest_incremental.py [--files 6] [--drifts 0.05,0.15]
+        [--budgets 100,1000,3340]
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ def score(weight: torch.Tensor, phy2log: torch.Tensor) -> float:
     return balancedness(realised_gpu_loads(weight, phy2log, P, N))
 
 
-def replan(weight: torch.Tensor, old: torch.Tensor, price: float | None) -> torch.Tensor:
+def replan(weight: torch.Tensor, old: torch.Tensor, price: float | None = None,
+           dispatch: str = "nearest", **budget: int) -> torch.Tensor:
     extra = {} if price is None else {"move_price": price}
-    return eplb.plan(weight, R, P, N, G, policy="global", dispatch="nearest", previous=old,
-                     **extra).phy2log
+    return eplb.plan(weight, R, P, N, G, policy="global", dispatch=dispatch, previous=old,
+                     **extra, **budget).phy2log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=6, help="how many real workloads")
     parser.add_argument("--drifts", default="0.05,0.15", help="log-std of one window's drift")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--budgets", default="",
+                        help="total max_moves values to add rows for, e.g. 100,1000,3340")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(start("bench_nearest_incremental"))
@@ -54,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if not loads:
         return 0
     drifts = [float(d) for d in args.drifts.split(",") if d]
+    budgets = [int(b) for b in args.budgets.split(",") if b]
     cases: dict[str, list[tuple[float, float, float]]] = {}
     for weight in loads:
         old = eplb.plan(weight, R, P, N, G, policy="global", dispatch="nearest").phy2log
@@ -72,6 +82,13 @@ def main(argv: list[str] | None = None) -> int:
                 new = replan(now, old, price)
                 cases.setdefault(f"drift {drift}: {label}", []).append(
                     (float((new != old).float().mean()), score(now, new), score(after, new)))
+            for budget in budgets:
+                for label, dispatch in (("nearest planner", "nearest"),
+                                        ("even-split planner", "even")):
+                    new = replan(now, old, dispatch=dispatch, max_moves=budget)
+                    cases.setdefault(f"drift {drift}: max_moves {budget}, {label}", []).append(
+                        (float((new != old).float().mean()), score(now, new),
+                         score(after, new)))
     rows = []
     for name, values in cases.items():
         moved, inside, nxt = zip(*values, strict=True)
