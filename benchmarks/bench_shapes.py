@@ -100,6 +100,8 @@ def model_loads(key: str, count: int) -> tuple[list[torch.Tensor], str]:
                 for f in files
             ]
             return loads, "real"
+        print(f"(real DeepSeek-V3 loads not found under {REAL}; set EPLB_REAL_DATA to the "
+              f"shared data/real folder: the dsv3 rows use synthetic loads)", flush=True)
     loads = [
         generate_loads(
             model.preset, seed=seed, num_layers=model.layers, num_experts=model.experts
