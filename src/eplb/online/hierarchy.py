@@ -83,12 +83,17 @@ def node_rows(
     experts = (groups_by_node[..., None] * group_size + np.arange(group_size)).reshape(
         layers * nodes, -1
     )
-    node_weight = np.take_along_axis(np.repeat(weight, nodes, 0), experts, 1)
-    local_id = np.full((layers * nodes, num_experts), -1)
-    np.put_along_axis(local_id, experts, np.arange(experts.shape[1])[None], 1)
-    rows = phy2log.reshape(layers * nodes, -1)
-    node_phy2log = np.where(rows >= 0, np.take_along_axis(local_id, np.maximum(rows, 0), 1), -1)
-    return node_weight, node_phy2log, experts
+    # flat 1-D takes and puts (a few times cheaper than the 2-D *_along_axis calls here)
+    count, width = layers * nodes, experts.shape[1]
+    layer_start = (np.arange(layers) * num_experts).repeat(nodes)[:, None]
+    node_weight = np.ravel(weight)[experts + layer_start]
+    # each row's local id of every expert, with a last column -1 that empty slots read
+    local_id = np.full((count, num_experts + 1), -1)
+    local_id.ravel()[(experts + (np.arange(count) * (num_experts + 1))[:, None]).ravel()] = (
+        np.tile(np.arange(width), count))
+    rows = phy2log.reshape(count, -1)
+    held = np.where(rows >= 0, rows, num_experts) + (np.arange(count) * (num_experts + 1))[:, None]
+    return node_weight, local_id.ravel()[held], experts
 
 
 def to_layers(done: np.ndarray, experts: np.ndarray, layers: int) -> np.ndarray:
@@ -135,9 +140,10 @@ def node_ladder(
     ``alias [L·N]``: for every node row, a row with the same loads, start and quota (its
     own index where none), searched once for both.
 
-    Returns ``(done [C, L·N, R/N], moving [M])``: the candidates as node rows (local ids;
-    candidate 0 is the start) and the node rows that were searched (the others hold
-    their start in every candidate).
+    Returns ``(done [C, L·N, R/N], moving [M], twin [M])``: the candidates as node rows
+    (local ids; candidate 0 is the start), the node rows that were searched (the others
+    hold their start in every candidate), and for each of them the first of ``moving``
+    with the same search (its candidates are that row's: score them once).
     """
     topo = request.topology
     nodes, per_gpu = topo.num_nodes, topo.gpus_per_node
@@ -160,7 +166,7 @@ def node_ladder(
                                     options.packing, budgeted)
     done = np.repeat(node_start[None], searched.shape[0], 0)
     done[:, moving] = searched[:, back]
-    return done, moving
+    return done, moving, first[back]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,8 +247,8 @@ def candidates(
                 & (quota[layers:].repeat(nodes) == quota[rows].repeat(nodes)))
         alias = np.arange(len(node_start))
         alias[in_base:] = np.where(same, twin, alias[in_base:])
-    done, moving = node_ladder(node_weight, node_start, request, quota, budgeted, always,
-                               alias)
+    done, moving, twin = node_ladder(node_weight, node_start, request, quota, budgeted,
+                                     always, alias)
     ladder = done.shape[0]
     # scores: every node row's start once, the searched rows' later candidates
     options = request.options.incremental
@@ -258,7 +264,12 @@ def candidates(
     gpu, variance = moments(node_units, done[:1])
     gpu, variance = gpu.repeat(ladder, 1, 1), np.repeat(variance, ladder, 0)
     if ladder > 1 and len(moving):
-        gpu[1:, moving], variance[1:, moving] = moments(node_units[moving], done[1:, moving])
+        # rows that share a search share their moments: each search is scored once (a
+        # row's moments depend on its own slots and loads only, bit for bit)
+        distinct, back = np.unique(twin, return_inverse=True)
+        rows_of = moving[distinct]
+        once_gpu, once_variance = moments(node_units[rows_of], done[1:, rows_of])
+        gpu[1:, moving], variance[1:, moving] = once_gpu[:, back], once_variance[:, back]
     shape = (ladder, len(of_layer), topo.num_gpus)
     expected, now = moves.peak_of(gpu.view(shape), variance.reshape(shape),
                                   units.sum(1)[of_layer], options.drift)
