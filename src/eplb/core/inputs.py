@@ -103,6 +103,31 @@ def scale_free(weight: torch.Tensor) -> torch.Tensor:
     return weight
 
 
+def _host_array(tensor: torch.Tensor) -> np.ndarray | None:
+    """``tensor``'s memory as a NumPy array when it is a plain CPU tensor, else ``None``.
+
+    Small planning problems pay per array call: a NumPy call costs a fraction of a torch
+    call, so the checks and the row scaling read CPU loads through NumPy (same values,
+    same decisions); other devices, and tensors NumPy cannot view (a lazily negated
+    view), keep the torch path.
+    """
+    if tensor.device.type != "cpu" or tensor.is_neg() or tensor.requires_grad:
+        return None
+    return tensor.numpy()
+
+
+def _lowest_and_total(tensor: torch.Tensor) -> tuple[float, float]:
+    """``(min, sum)`` of a float tensor. They decide only whether to search for a bad
+    entry, so a sum that overflows on one path and not the other changes no outcome (the
+    search then finds no bad entry and returns)."""
+    array = _host_array(tensor)
+    if array is None:
+        lowest, total = torch.stack([tensor.amin(), tensor.sum()]).tolist()
+        return lowest, total
+    with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are reported later
+        return float(array.min()), float(array.sum())
+
+
 def as_weight(weight: object, name: str = "weight") -> tuple[torch.Tensor, bool]:
     """Validate a load tensor and return ``(weight [L, E] float, was_one_layer)``.
 
@@ -127,7 +152,7 @@ def as_weight(weight: object, name: str = "weight") -> tuple[torch.Tensor, bool]
     tensor = _float(tensor)
     # one reduction pair and one sync for valid input: NaN makes the minimum NaN, ±inf
     # makes it -inf or the sum inf; only then (or on a float overflow of the sum) search
-    lowest, total = torch.stack([tensor.amin(), tensor.sum()]).tolist()
+    lowest, total = _lowest_and_total(tensor)
     if not (lowest >= 0 and math.isfinite(total)):
         _check_loads(tensor, name)
     return tensor, one_layer
@@ -294,6 +319,34 @@ def scale_rows_to_unit(weight: torch.Tensor) -> torch.Tensor:
     """
     _, exponent = torch.frexp(weight.amax(1, keepdim=True))
     return torch.ldexp(weight, 1 - exponent)
+
+
+def planning_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(planning weight, idle)``: ``weight [rows, E]`` (valid loads, as from
+    :func:`as_weight`) with every all-zero row planned as uniform
+    (:func:`uniform_where_empty`) and every row scaled by a power of two
+    (:func:`scale_rows_to_unit`); ``idle [rows]`` bool marks the all-zero rows, ``None``
+    when there is none.
+
+    On the CPU the same steps run in NumPy (bit for bit: the all-zero test is exact for
+    non-negative loads, ``frexp`` and ``ldexp`` are exact), a few times cheaper than the
+    torch calls at small shapes. Loads with a row whose largest load is below ``2**-998``
+    keep the torch path (that row's scale factor would not be a finite float64).
+    """
+    array = _host_array(weight)
+    if array is not None:
+        with np.errstate(over="ignore"):  # a sum of huge loads may overflow: still > 0
+            idle = array.sum(1) <= 0
+        any_idle = bool(idle.any())
+        if any_idle:
+            array = np.where(idle[:, None], array.dtype.type(1), array)
+        _, exponent = np.frexp(array.max(1, keepdims=True))
+        if int(exponent.min()) > -998:
+            idle_rows = torch.from_numpy(idle) if any_idle else None
+            return torch.from_numpy(np.ldexp(array, 1 - exponent)), idle_rows
+    idle_t = weight.sum(1) <= 0
+    planning = scale_rows_to_unit(uniform_where_empty(weight, idle_t))
+    return planning, idle_t if bool(idle_t.any()) else None
 
 
 def as_seed(seed: object) -> int:

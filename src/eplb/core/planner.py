@@ -17,6 +17,7 @@ fresh candidate and :func:`eplb.core.packing.refine_assignment` for its warm sta
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import warnings
@@ -31,8 +32,7 @@ from eplb.core.inputs import (
     as_routing,
     as_seed,
     as_weight,
-    scale_rows_to_unit,
-    uniform_where_empty,
+    planning_rows,
 )
 from eplb.core.options import PackingOptions, PlanOptions
 from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
@@ -42,12 +42,19 @@ from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
 
 
+@functools.lru_cache(maxsize=1)
+def _default_options() -> PlanOptions:
+    """One shared ``PlanOptions()``: it is frozen, and building it (with its nested
+    options and their checks) is a noticeable part of a small plan's fixed cost."""
+    return PlanOptions()
+
+
 def resolve_options(
     options: PlanOptions | None, num_candidates: int | None, refine_steps: int | None
 ) -> PlanOptions:
     """``options`` with the two shortcut knobs folded in."""
     if options is None:
-        options = PlanOptions()
+        options = _default_options()
     elif not isinstance(options, PlanOptions):
         raise TypeError(f"options must be an eplb.PlanOptions, got {type(options).__name__}")
     if num_candidates is None and refine_steps is None:
@@ -208,10 +215,9 @@ def make_request(
             RuntimeWarning,
             stacklevel=stacklevel - 1,
         )
-    idle = w.sum(1) <= 0
-    planning = scale_rows_to_unit(uniform_where_empty(w, idle))
+    planning, idle = planning_rows(w)
     return PlanRequest(planning, topology, chosen, opts, seed, live, speed, dispatch, fair,
-                       src, ids, slack, idle if bool(idle.any()) else None)
+                       src, ids, slack, idle)
 
 
 def _plan_live(request: PlanRequest) -> torch.Tensor:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from eplb.core.device_path import expand_replicas_torch, use_device_path
-from eplb.core.ordering import argsort_rows, top_indices
+from eplb.core.ordering import argsort_rows, top_indices, top_mask
 
 # cap on the [rows, experts, steps] priority tensor before chunking over rows
 _MAX_PRIORITY_ELEMENTS = 1 << 24
@@ -101,6 +101,13 @@ def _counts_by_table(
     table: where many experts are hot (``R ≈ 2E``) that is a few times fewer entries than
     ``K × steps``. The entries keep the order ``(hot expert, step)``, so ties at the last
     granted priority go to the same steps as in the full table.
+
+    Jefferson's rule alone (``δ = 0``, the first allocation of every plan) grants at most
+    ``floor(w_e·R / W)`` extra replicas: its last granted priority ``τ`` is at least
+    ``W / R`` (every step above ``τ`` is granted, so ``Σ_e ceil(w_e / τ) <= R``). Its table
+    stops one step earlier, ``ceil(w_e·R / W) + 1`` (a margin of at least one step, far
+    beyond rounding): the dropped steps' priorities lie strictly below ``τ``, so neither
+    the grants nor the tie order change, and the table is smaller.
     """
     rows, num_experts = w.shape
     num_extra = num_replicas - num_experts
@@ -110,7 +117,8 @@ def _counts_by_table(
     total = w.sum(1, keepdims=True)
     quota = hot_load * (num_replicas / np.where(total > 0, total, 1.0))
     # an all-zero row may give every step to one expert: no cap there
-    cap = np.where(total > 0, np.minimum(np.ceil(quota) + 2, steps), steps).astype(np.int64)
+    margin = 1 if all(rule == 0.0 for rule in rules) else 2
+    cap = np.where(total > 0, np.minimum(np.ceil(quota) + margin, steps), steps).astype(np.int64)
     length = cap.sum(1)  # [rows] entries of each row's table
     width = int(length.max())
     # ragged layout costs a dozen array calls more: measured on DeepSeek-V3, Qwen3 and
@@ -133,7 +141,9 @@ def _counts_by_table(
         entry = np.arange(len(cell))
         c = (entry - np.repeat(np.cumsum(flat_cap) - flat_cap, flat_cap) + 1).astype(np.float64)
         slot = row_of * width + entry - np.repeat(np.cumsum(length) - length, length)
-        load, share = hot_load.ravel()[cell], quota.ravel()[cell]
+        load = hot_load.ravel()[cell]
+        # only Hamilton's rule reads the quotas (a gather of the whole table saved)
+        share = quota.ravel()[cell] if "hamilton" in rules else quota
         priorities = np.full((len(rules), rows * width), -np.inf)
         for k, rule in enumerate(rules):
             priorities[k, slot] = _priority(rule, load, share, c)
@@ -141,10 +151,11 @@ def _counts_by_table(
         expert_at = np.zeros(rows * width, np.int64)
         expert_at[slot] = hot_expert.ravel()[cell]
         expert_at = expert_at.reshape(rows, width)
-    granted = top_indices(priorities, num_extra)  # [rules, rows, R − E] columns
-    expert = np.take_along_axis(np.broadcast_to(expert_at, priorities.shape), granted, 2)
-    flat = (np.arange(len(rules) * rows).reshape(len(rules), rows, 1) * num_experts + expert)
-    extra = np.bincount(flat.ravel(), minlength=len(rules) * rows * num_experts)
+    # the R − E granted steps of every (rule, row), counted per expert: the mask of the
+    # chosen entries is all that is needed (no column indices, no gather by them)
+    granted = top_mask(priorities, num_extra)  # [rules, rows, width]
+    flat = np.arange(len(rules) * rows).reshape(len(rules), rows, 1) * num_experts + expert_at
+    extra = np.bincount(flat[granted], minlength=len(rules) * rows * num_experts)
     return extra.reshape(len(rules), rows, num_experts) + 1
 
 
@@ -272,14 +283,29 @@ def expand_replicas(
     # large problems on an accelerator expand on the device
     if use_device_path(weight, rows * num_experts):
         return expand_replicas_torch(weight, counts)
-    w = weight.detach().cpu().numpy()
-    c = counts.detach().cpu().numpy()
+    item_load, item_expert = _expand_host(
+        weight.detach().cpu().numpy(), counts.detach().cpu().numpy(), with_loads=True)
+    device = weight.device
+    return torch.from_numpy(item_load).to(device), torch.from_numpy(item_expert).to(device)
+
+
+def replica_experts(weight: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``item_expert [rows, R]`` of :func:`expand_replicas` for host arrays, without the
+    loads (one slot per GPU needs only the experts: a repeat of ``R`` values saved)."""
+    return _expand_host(weight, counts, with_loads=False)[1]
+
+
+def _expand_host(
+    w: np.ndarray, c: np.ndarray, with_loads: bool
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """:func:`expand_replicas` on host arrays: ``(item_load or None, item_expert)``."""
+    rows, num_experts = w.shape
     per_replica = (w / c).astype(w.dtype, copy=False)
     order = argsort_rows(torch.from_numpy(per_replica), descending=True).numpy()
     # every expert's replicas, heaviest expert first, as flat [rows · E] indices
     flat = (order + np.arange(rows)[:, None] * num_experts).ravel()
     times = c.ravel()[flat]
-    item_load = np.repeat(per_replica.ravel()[flat], times).reshape(rows, -1)
-    item_expert = np.repeat(order.ravel(), times).reshape(rows, -1)
-    device = weight.device
-    return torch.from_numpy(item_load).to(device), torch.from_numpy(item_expert).to(device)
+    item_load = None
+    if with_loads:
+        item_load = np.repeat(per_replica.ravel()[flat], times).reshape(rows, -1)
+    return item_load, np.repeat(order.ravel(), times).reshape(rows, -1)

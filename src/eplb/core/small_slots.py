@@ -31,7 +31,7 @@ import torch
 from eplb.core.ordering import descending_order, top_indices
 from eplb.core.packing.repair import repair_conflicts
 from eplb.core.packing.state import to_slots
-from eplb.core.replication import expand_replicas, replica_counts
+from eplb.core.replication import replica_counts, replica_experts
 
 __all__ = [
     "DEFAULT_TWO_SLOT_DONORS",
@@ -272,9 +272,9 @@ def plan_one_slot(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
     replica per GPU cannot break anti-affinity.
     """
     w = _uniform_zero_rows(weight.detach().to(torch.float64).cpu().numpy())
-    counts = torch.from_numpy(_jefferson(w, num_replicas))
-    _, expert = expand_replicas(torch.from_numpy(w), counts)
-    return expert.to(weight.device)
+    # host arrays throughout; the experts in expand_replicas' order, without the loads
+    expert = replica_experts(w, _jefferson(w, num_replicas))
+    return torch.from_numpy(expert).to(weight.device)
 
 
 def two_slot_iterations(num_experts: int, num_replicas: int) -> int:

@@ -139,14 +139,18 @@ def _split_clashes(
     # a replica after the boundary clashes when its GPU holds one of the run before it:
     # membership of (split, GPU) codes, linear in memory (a pairwise [K, w, w] compare
     # took gigabytes where few experts have thousands of replicas each)
+    # (the codes lie in [0, K·P): a flag table answers membership exactly, without the
+    # sorts of np.isin)
     split = np.arange(len(row))[:, None] * num_gpus
-    before = (split + gpu[rows, back])[in_back]
-    clash = in_ahead & np.isin(split + gpu[rows, ahead], before)  # [K, w]
+    held = np.zeros(len(row) * num_gpus, bool)
+    held[(split + gpu[rows, back])[in_back]] = True
+    clash = in_ahead & held[split + gpu[rows, ahead]]  # [K, w]
     hit = clash.any(1)
     if not hit.any():
         return none, none, True
     row, ahead, clash = row[hit], ahead[hit], clash[hit]
-    first = np.unique(row, return_index=True)[1]  # splits are ordered by row
+    # splits are ordered by row: the first split of every row is where the row changes
+    first = np.flatnonzero(np.concatenate(([True], row[1:] != row[:-1])))
     return row[first], ahead[first, clash[first].argmax(1)], int(clash.sum()) == len(first)
 
 

@@ -70,7 +70,13 @@ def make_items(
     """
     scale = item_load.mean(1, keepdim=True)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.stack([item_load / scale, item_expert.to(item_load.dtype)]).to(dtype)
+    # written straight into the result: the quotient is rounded to ``dtype`` once, as a
+    # stack in the loads' dtype and a cast would round it, without the [2, rows, R]
+    # temporary (expert ids are exact in either float type)
+    items = torch.empty((2, *item_load.shape), dtype=dtype, device=item_load.device)
+    torch.div(item_load, scale, out=items[LOAD])
+    items[EXPERT].copy_(item_expert)
+    return items
 
 
 def scratch(

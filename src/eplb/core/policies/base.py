@@ -46,7 +46,8 @@ def plan_rows(
     """
     rows, num_experts = weight.shape
     zero = weight.sum(1) <= 0  # e.g. a node whose experts saw no tokens
-    weight = uniform_where_empty(weight, zero)
+    if bool(zero.any()):  # (a request's layers never are: skip the copy)
+        weight = uniform_where_empty(weight, zero)
     # one or two slots per GPU have dedicated planners
     if num_replicas == num_gpus:
         return plan_one_slot(weight, num_replicas)
