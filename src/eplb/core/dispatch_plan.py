@@ -396,6 +396,8 @@ def _plan_nearest(
     cover = live_nodes if fair == "avoid" and live_nodes > 1 else 0
     if cover and (num_live * slots - num_experts) > num_experts * (cover - 1):
         cover = 0  # more slots than one replica per node of every expert: cap instead
+    if cover and (num_live * slots - num_experts) % (cover - 1) > num_experts:
+        cover = 0  # more leftover replicas than experts (more nodes than experts): cap
     planned = plan_rows_capped(weight, num_live * slots, num_live, cap, options, generator,
                                coverage_nodes=cover)
     phy2log = torch.full((num_layers, topology.num_replicas), -1, dtype=torch.int64,

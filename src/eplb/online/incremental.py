@@ -403,12 +403,15 @@ def _plan_nearest(
                 raise ValueError(f"max_moves must be >= 0 (slots in total), got {max_moves}")
             budget = int(max_moves)  # in total: spent where it pays (online/nearest.py)
         else:
-            budget = torch.as_tensor(np.asarray(max_moves))
-            if budget.shape != (layers,) or budget.is_floating_point() or bool((budget < 0).any()):
+            per_layer = np.asarray(max_moves)
+            if (per_layer.shape != (layers,) or per_layer.dtype.kind not in "iu"
+                    or bool((per_layer < 0).any())):
                 raise ValueError(
                     f"max_moves must be a non-negative int (slots in total) or {layers} "
                     f"non-negative ints (slots per layer); got {max_moves!r}"
                 )
+            # int64 (torch compares no unsigned type wider than 8 bits), capped to fit it
+            budget = torch.tensor([min(int(v), 1 << 62) for v in per_layer], dtype=torch.int64)
 
     def warm_even(start: torch.Tensor, layer_budget: torch.Tensor | int | None) -> torch.Tensor:
         planned = plan_incremental(even, start, max_moves=layer_budget)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from eplb.core.dispatch import realised_gpu_loads
@@ -115,6 +116,10 @@ def _within_total(
     peak = torch.stack([realised_gpu_loads(weight, phy, gpus, nodes).amax(1)
                         for phy in options])
     balance = (weight.sum(1) / gpus / peak.clamp(min=1e-300)).cpu().numpy()
+    if request.idle is not None:
+        # a layer that carried no load is scored on uniform loads, and its moves are undone
+        # by the caller: slots spent on it would be taken from the layers that gain
+        balance[1:, request.idle.cpu().numpy()] = -np.inf
     cost = (options != old[None]).sum(2).cpu().numpy()
     pick = torch.from_numpy(spend_budget(balance, cost, total)).to(old.device)
     return options[pick, torch.arange(old.shape[0], device=old.device)]
