@@ -13,6 +13,7 @@ What the API promises (issue 10, part 0 and 7):
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import numpy as np
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 import eplb
 from eplb.core import plan_greedy
+from eplb.online.moves import spend_budget
 
 L, E, P, S = 6, 32, 8, 5
 R = P * S
@@ -552,3 +554,31 @@ def test_layers_without_load_keep_the_placement_in_force(nodes, groups, dispatch
     new.validate()
     assert torch.equal(new.phy2log[1], old[1])
     assert not torch.equal(new.phy2log[0], old[0])  # a layer with load is still planned
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    candidates=st.integers(1, 4),
+    layers=st.integers(1, 4),
+    budget=st.integers(0, 20),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_a_total_budget_buys_the_most_balance_it_can(candidates, layers, budget, seed):
+    # the choice per layer under a total budget is exact (brute force over every choice),
+    # so a larger budget never buys less; candidates not offered (-inf) are never taken
+    rng = np.random.default_rng(seed)
+    balance = rng.random((candidates, layers))
+    balance[1:][rng.random((candidates - 1, layers)) < 0.2] = -np.inf
+    cost = rng.integers(0, 9, (candidates, layers))
+    cost[0] = 0
+    pick = spend_budget(balance, cost, budget)
+    each = np.arange(layers)
+    assert int(cost[pick, each].sum()) <= budget
+    assert np.isfinite(balance[pick, each]).all()
+    best = max(
+        sum(balance[c, layer] for layer, c in enumerate(choice))
+        for choice in itertools.product(range(candidates), repeat=layers)
+        if sum(cost[c, layer] for layer, c in enumerate(choice)) <= budget
+        and all(np.isfinite(balance[c, layer]) for layer, c in enumerate(choice))
+    )
+    assert balance[pick, each].sum() == pytest.approx(best, abs=1e-12)
