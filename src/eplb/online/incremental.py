@@ -77,12 +77,13 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
     if old.is_meta or old.layout != torch.strided:
         raise TypeError(f"previous must be a dense tensor with data, got a "
                         f"{'meta' if old.is_meta else old.layout} tensor")
+    given_shape = tuple(old.shape)  # as the caller passed it, for the message
     if old.dim() == 1:
         old = old[None]
     expected = (request.num_layers, request.topology.num_replicas)
     if tuple(old.shape) != expected:
         raise ValueError(
-            f"previous placement has shape {tuple(old.shape)}, expected [{expected[0]}, "
+            f"previous placement has shape {given_shape}, expected [{expected[0]}, "
             f"{expected[1]}] (layers, slots) to match the weight"
         )
     require_integer_ids(old, "previous phy2log")
