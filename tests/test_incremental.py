@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import eplb
 from eplb.core import plan_greedy
-from eplb.online.moves import spend_budget
+from eplb.online.budget import spend_budget
 
 L, E, P, S = 6, 32, 8, 5
 R = P * S

@@ -50,6 +50,7 @@ from eplb.core.planner import plan_fresh
 from eplb.core.request import PlanRequest
 from eplb.online import hierarchy, moves
 from eplb.online.align import align_to_previous
+from eplb.online.budget import spend_budget
 from eplb.online.nearest import plan_nearest_incremental
 
 
@@ -183,7 +184,7 @@ def _choose(
         value = balance - options.move_price * cost / slots
         pick = np.argmax(value, 0)  # first on ties: fewer moves
     elif isinstance(max_moves, (int, np.integer)) and not isinstance(max_moves, bool):
-        pick = moves.spend_budget(balance, cost, int(max_moves))
+        pick = spend_budget(balance, cost, int(max_moves))
     else:
         budget = np.asarray(max_moves)
         if budget.shape != (layers,) or budget.dtype.kind not in "iu" or (budget < 0).any():

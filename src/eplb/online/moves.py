@@ -12,7 +12,6 @@ candidates alike.
 
 from __future__ import annotations
 
-import itertools
 import math
 from decimal import Decimal, localcontext
 from functools import lru_cache
@@ -299,94 +298,6 @@ def warm_ladder(
         steps=steps,
     ).numpy()
     return np.concatenate([base[None], only, path]), count
-
-
-#: largest (budget + 1) × candidates × layers table :func:`spend_budget` solves exactly:
-#: at DeepSeek-V3 size (58 layers, 9 candidates) budgets up to ~500 slots, 0.5–1.6 ms
-_EXACT_BUDGET_CELLS = 1 << 18
-
-
-def spend_budget(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
-    """``[L]`` candidate per layer: spend at most ``budget`` slots in total where they buy
-    the most balancedness. ``balance [C, L]`` and ``cost [C, L]`` (slots changed) of every
-    candidate (``-inf``: not offered); candidate 0 costs nothing and is the fallback.
-
-    Small budgets are solved exactly (the largest sum of the layers' balancedness within
-    the budget, by dynamic programming over the slots spent): there a greedy walk of the
-    layers' convex hulls kept 13 % less of the gain, and one more slot could buy less (an
-    attack pass, real DeepSeek-V3 loads). Larger ones take :func:`_hull_walk`, whose
-    shortfall is at most one hull step of one layer, a small share of what a large budget
-    buys, at a fraction of the exact table's cost (3–4 ms at 20 % of DeepSeek-V3's
-    slots, for no better next window: BENCHMARKS §3)."""
-    cap = min(int(budget), int(cost.max(0).sum()))
-    if (cap + 1) * balance.size > _EXACT_BUDGET_CELLS:
-        return _hull_walk(balance, cost, budget)
-    layers = balance.shape[1]
-    spent = np.arange(cap + 1)
-    best = np.zeros(cap + 1)  # best[b]: the layers so far within b slots
-    choice = np.zeros((layers, cap + 1), np.int64)
-    for layer in range(layers):
-        offered = np.nonzero((cost[:, layer] <= cap) & np.isfinite(balance[:, layer]))[0]
-        before = spent[None] - cost[offered, layer][:, None]  # [K, b]: slots left before
-        reach = np.where(before >= 0, best[np.maximum(before, 0)], -np.inf)
-        reach += balance[offered, layer][:, None]
-        top = reach.argmax(0)  # first on ties: the lower candidate (cheaper ones first)
-        best = reach[top, spent]
-        choice[layer] = offered[top]
-    pick = np.zeros(layers, np.int64)
-    left = cap
-    for layer in range(layers - 1, -1, -1):  # back from the whole budget
-        pick[layer] = choice[layer, left]
-        left -= int(cost[pick[layer], layer])
-    return pick
-
-
-def _hull_walk(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
-    """:func:`spend_budget`'s greedy for tables too large to solve exactly: per layer the
-    upper convex hull of (cost, balance), then the steepest hull steps of all layers first,
-    then what is left on the best affordable gains off the hull."""
-    layers = balance.shape[1]
-    pick = np.zeros(layers, np.int64)
-    steps = []  # (gain per slot, layer, from, to)
-    for layer in range(layers):
-        order = np.lexsort((-balance[:, layer], cost[:, layer]))
-        hull = [0]
-        bal, cst = balance[:, layer], cost[:, layer]
-
-        def slope(a: int, b: int) -> float:
-            return (bal[b] - bal[a]) / (cst[b] - cst[a])  # noqa: B023 (used in this loop)
-
-        for c in order:
-            if cst[c] <= cst[hull[-1]] or bal[c] <= bal[hull[-1]]:
-                continue
-            while len(hull) >= 2 and slope(hull[-1], c) >= slope(hull[-2], hull[-1]):
-                hull.pop()
-            hull.append(int(c))
-        steps += [(slope(a, b), layer, a, b) for a, b in itertools.pairwise(hull)]
-    spent = 0
-    for _gain, layer, a, b in sorted(steps, key=lambda s: (-s[0], s[1])):
-        if pick[layer] != a:
-            continue  # an earlier step of this layer was unaffordable
-        extra = cost[b, layer] - cost[a, layer]
-        if spent + extra > budget:
-            continue
-        pick[layer] = b
-        spent += extra
-    # the hull passes over candidates under it: a layer whose next hull step did not fit
-    # may still afford a smaller step off the hull (a small budget, one layer whose only
-    # hull step is a fresh plan). What is left goes to the best gain per slot among every
-    # candidate that fits, one at a time
-    left, each = budget - spent, np.arange(layers)
-    while True:
-        gain = balance - balance[pick, each]
-        extra = cost - cost[pick, each]
-        fits = (gain > 0) & (extra <= left)
-        if not fits.any():
-            return pick
-        rate = np.where(fits, gain / np.maximum(extra, 1), -np.inf)
-        c, layer = np.unravel_index(np.argmax(rate), rate.shape)
-        pick[layer] = c
-        left -= extra[c, layer]
 
 
 def units_of(weight: np.ndarray) -> np.ndarray:

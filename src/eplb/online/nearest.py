@@ -30,7 +30,7 @@ from eplb.core.dispatch_plan import _WARM_SHARE, repair_node_pairs
 from eplb.core.planner import plan_fresh
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
-from eplb.online.moves import spend_budget
+from eplb.online.budget import spend_budget
 
 
 def plan_nearest_incremental(
