@@ -2,8 +2,8 @@
 
 - ``dispatch="nearest"`` (global policy, ``fair="avoid"``): its node-labelling search
   grows about as ``L·P³``; timed at DeepSeek-V3's size (from scratch, and from the
-  placement in force on a drifted window, as SGLang's runtime rebalance calls it) and on
-  512 GPUs;
+  placement in force on a drifted window, as SGLang's runtime rebalance calls it, also
+  with a total move budget) and on 512 GPUs;
 - ``eplb.tools.routing.sample_group_limited``: fitting the router to the loads, at
   DeepSeek-V3's size (1024 tokens).
 
@@ -29,10 +29,14 @@ CASES = {
     # SGLang's runtime rebalance: from the placement in force, on the next window's loads
     "nearest-deepseek-previous": "eplb.plan(w2, 288, 32, 4, 8, policy='global', "
                                  "dispatch='nearest', previous=p0)",
+    # the same with a total move budget (1000 slots of 16,704): its candidates and choice
+    "nearest-deepseek-budget": "eplb.plan(w2, 288, 32, 4, 8, policy='global', "
+                               "dispatch='nearest', previous=p0, max_moves=1000)",
     "nearest-512": "eplb.plan(w, 4096, 512, 64, 64, policy='global', dispatch='nearest')",
     "sample-group-limited": "sample_group_limited(w, 1024)",
 }
 SHAPES = {"nearest-deepseek": (58, 256), "nearest-deepseek-previous": (58, 256),
+          "nearest-deepseek-budget": (58, 256),
           "nearest-512": (1, 2048),
           "sample-group-limited": (58, 256)}
 
@@ -49,7 +53,7 @@ if real:
     w = torch.tensor(counts, dtype=torch.float64)[3:]
 else:
     w = generate_loads("deepseek-v3", seed=0, num_layers=layers, num_experts=experts)
-if "previous" in {name!r}:  # the placement in force, and a drifted next window
+if "previous" in {name!r} or "budget" in {name!r}:  # the map in force, a drifted window
     p0 = eplb.plan(w, 288, 32, 4, 8, policy="global", dispatch="nearest")
     drift = torch.exp(0.15 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
     w2 = (w * drift).round()
