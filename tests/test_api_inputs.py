@@ -3,11 +3,14 @@ scalars of any type, boolean masks only, sparse and meta tensors, and loads of a
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 import eplb
+from eplb import Placement, PlacementError
 
 G = torch.Generator().manual_seed(0)
 W = (torch.rand(8, 64, generator=G) ** 3 * 1000).float()
@@ -246,3 +249,39 @@ def test_big_endian_arrays_plan_like_native_ones():
     native = W.double().numpy()
     want = eplb.plan(native, 96, 16).phy2log
     assert torch.equal(eplb.plan(native.astype(">f8"), 96, 16).phy2log, want)
+
+
+def test_lazy_views_numpy_cannot_read_plan_like_their_values():
+    # negated views and autograd's zero tensors (no storage) take the torch path:
+    # the same plan as the materialised loads, not a RuntimeError from .numpy()
+    w = W.double()
+    lazy = torch._neg_view(torch._neg_view(w))
+    assert torch.equal(eplb.plan(lazy, 96, 16).phy2log, eplb.plan(w, 96, 16).phy2log)
+    for dtype in (torch.float32, torch.float64):
+        zero = torch._efficientzerotensor((8, 64), dtype=dtype)
+        want = eplb.plan(torch.zeros(8, 64, dtype=dtype), 96, 16)
+        assert torch.equal(eplb.plan(zero, 96, 16).phy2log, want.phy2log)
+        assert want.balancedness(zero) == 1.0
+
+
+def test_text_and_masked_loads_are_refused_by_name():
+    # NumPy would parse "1" as a number, and plan a masked array on its masked entries
+    with pytest.raises(TypeError, match="holds text"):
+        eplb.plan([["1", "2", "3", "4"]], 8, 4)
+    with pytest.raises(TypeError, match="masked array"):
+        eplb.plan(np.ma.masked_array([[1.0, 2, 3, 4]], mask=[[0, 1, 0, 0]]), 8, 4)
+    # ints beyond int64 are numbers: planned as float64
+    assert eplb.plan([[10**30, 1, 2, 3]], 8, 4).phy2log.shape == (1, 8)
+
+
+def test_placement_records_refuse_bad_expert_counts_and_mask_types():
+    placed = eplb.plan(W.double(), 96, 16)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_experts must be a positive int"):
+            Placement.from_phy2log(placed.phy2log, bad, placed.topology)
+    listed = dataclasses.replace(placed, active_gpus=[True] * 16)
+    with pytest.raises(PlacementError, match="active_gpus is a list"):
+        listed.validate()
+    # loads as a list of rows (tensors or huge ints) are scored like the tensor
+    rows = [row for row in W.double()]
+    assert placed.balancedness(rows) == placed.balancedness(W.double())

@@ -28,6 +28,9 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
             raise TypeError(f"{name} is a quantized tensor ({tensor.dtype}); expected real "
                             f"loads (tensor.dequantize() gives them)")
     elif isinstance(value, np.ndarray):
+        if isinstance(value, np.ma.MaskedArray):
+            raise TypeError(f"{name} is a masked array: its masked entries would be planned "
+                            f"on; fill them (a.filled(0)) or drop them first")
         if value.dtype.kind not in "biuf":
             raise TypeError(
                 f"{name} has numpy dtype {value.dtype}; expected a real or integer dtype"
@@ -40,6 +43,12 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
                                                                     copy=False)))
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         try:
+            raw = np.asarray(value)
+            # NumPy would parse text ("1") as a number: only numbers are loads (ints too
+            # large for int64 come as objects and convert to float64 below)
+            if raw.dtype.kind in "USV" or (raw.dtype.kind == "O" and any(
+                    isinstance(x, (str, bytes)) for x in raw.ravel())):
+                raise TypeError(f"it holds text ({raw.dtype})")
             tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError, OverflowError) as exc:
             raise TypeError(
@@ -109,9 +118,10 @@ def _host_array(tensor: torch.Tensor) -> np.ndarray | None:
     Small planning problems pay per array call: a NumPy call costs a fraction of a torch
     call, so the checks and the row scaling read CPU loads through NumPy (same values,
     same decisions); other devices, and tensors NumPy cannot view (a lazily negated
-    view), keep the torch path.
+    view, autograd's storage-less zero tensors), keep the torch path.
     """
-    if tensor.device.type != "cpu" or tensor.is_neg() or tensor.requires_grad:
+    if (tensor.device.type != "cpu" or tensor.is_neg() or tensor.requires_grad
+            or tensor._is_zerotensor()):
         return None
     return tensor.numpy()
 

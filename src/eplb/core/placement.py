@@ -166,6 +166,10 @@ class Placement:
         integer expert ids; raises ``TypeError`` for anything else."""
         if not isinstance(topology, Topology):
             raise TypeError(f"topology must be an eplb.Topology, got {type(topology).__name__}")
+        if (isinstance(num_experts, bool) or not isinstance(num_experts, int | np.integer)
+                or num_experts < 1):
+            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+        num_experts = int(num_experts)
         phy2log = torch.as_tensor(phy2log)
         require_integer_ids(phy2log, "phy2log")  # a cast would truncate 0.7 to expert 0
         # contiguous: engines view and copy the map (a transposed one broke ``.view``)
@@ -203,9 +207,8 @@ class Placement:
 
     # ------------------------------------------------------------------ loads
     def _weight(self, weight: torch.Tensor) -> torch.Tensor:
-        if not isinstance(weight, torch.Tensor | np.ndarray):
-            weight = torch.as_tensor(weight)  # lists of numbers, as the docs' examples use
-        # the loads contract every planner input has: no NaN, inf or negative loads
+        # the loads contract every planner input has (lists of numbers, as the docs'
+        # examples use, too): no NaN, inf or negative loads
         weight, _ = as_weight(weight)
         weight = weight.to(self.phy2log.device)
         if weight.shape != (self.num_layers, self.num_experts):
@@ -310,6 +313,9 @@ def _validate(p: Placement, anti_affinity: bool, tables: bool = True) -> None:
             _fail(f"{name} is on {t.device} but phy2log is on {p.phy2log.device}")
         if t.is_meta:
             _fail(f"{name} is a meta tensor: it has no data to check")
+    if p.active_gpus is not None and not isinstance(p.active_gpus, torch.Tensor):
+        _fail(f"active_gpus is a {type(p.active_gpus).__name__}, expected a bool "
+              f"torch.Tensor [{topo.num_gpus}] or None")
     if p.phy2log.dim() != 2 or p.logcnt.dim() != 2 or p.log2phy.dim() != 3:
         _fail(
             "expected phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E]; got shapes "
