@@ -1,7 +1,7 @@
 """The README's Python examples run as written, in order, in one namespace.
 
-The blocks that need a user's own data (a recorded top-k trace, an engine's step loop)
-are run with small stand-ins for exactly those names.
+The block that needs a user's own data (an engine's step loop) is run with a small
+stand-in for exactly that name.
 """
 
 from __future__ import annotations
@@ -22,11 +22,8 @@ def test_readme_python_blocks_run_in_order() -> None:
     blocks = python_blocks()
     assert len(blocks) >= 4
     torch.manual_seed(0)
-    # stand-ins for what only a deployment has: recorded top-k ids and engine steps
-    namespace = {
-        "topk_ids": torch.randint(0, 256, (64, 58, 8)),
-        "engine_steps": lambda: (torch.rand(58, 256) * 100 for _ in range(4)),
-    }
+    # a stand-in for what only a deployment has: the engine's steps
+    namespace = {"engine_steps": lambda: (torch.rand(58, 256) * 100 for _ in range(4))}
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     placement = namespace["p"]
