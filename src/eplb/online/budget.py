@@ -42,7 +42,7 @@ def spend_budget(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarr
         before = spent[None] - cost[offered, layer][:, None]  # [K, b]: slots left before
         reach = np.where(before >= 0, best[np.maximum(before, 0)], -np.inf)
         reach += balance[offered, layer][:, None]
-        top = reach.argmax(0)  # first on ties: the lower candidate (cheaper ones first)
+        top = reach.argmax(0)  # first on ties: the lower index (the map in force first)
         best = reach[top, spent]
         choice[layer] = offered[top]
     pick = np.zeros(layers, np.int64)

@@ -1,12 +1,12 @@
 """Incremental planning for SGLang's nearest dispatch (``dispatch="nearest"``).
 
-Two candidates per layer. With a budget per layer, the lower *realised* max GPU load
-within it wins, and a layer neither improves keeps its placement; with a budget in total
-over all layers, it goes where a moved slot buys the most realised balancedness (the
-warm start with and without its node repair are both offered, so a small budget still
-buys the best swaps); without one, a layer takes the candidate (or keeps its placement)
-with the best realised balancedness minus ``move_price`` × the share of its slots that
-change:
+Two candidates per layer (below). With a budget per layer, the lower *realised* max GPU
+load within it wins, and a layer neither improves keeps its placement; with a budget in
+total over all layers, it goes where a moved slot buys the most realised balancedness
+(:func:`eplb.online.budget.spend_budget`; the warm start before its node repair, and
+the warm start on the whole total, are offered too, so a small budget still buys the
+best swaps); without one, a layer takes the candidate (or keeps its placement) with the
+best realised balancedness minus ``move_price`` × the share of its slots that change:
 
 1. the fresh dispatch-aware plan (:func:`eplb.core.planner.plan_fresh`: the nearest
    plan, or per layer eplb's even-split plan where the rule serves that better)
