@@ -119,6 +119,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         label = PLANNER_LABEL.get(r.planner, r.planner)
         if r.incremental:
             label += " (incremental)"
+        if s.get("estimator") not in (None, "sum"):  # the window sum is the default
+            label += f", {s['estimator']}"
         rows.append([label, s["window_balancedness"], s["step_balancedness"],
                      s["oracle_balancedness"], s["rebalances"],
                      None if s["moved_slots_per_rebalance"] is None
