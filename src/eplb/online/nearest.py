@@ -25,12 +25,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from eplb.core.dispatch import realised_gpu_loads
+from eplb.core.dispatch import realised_gpu_loads, realised_slot_loads
 from eplb.core.dispatch_plan import _WARM_SHARE, repair_node_pairs
 from eplb.core.planner import plan_fresh
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
 from eplb.online.budget import spend_budget
+from eplb.online.moves import peak_of
 
 
 def plan_nearest_incremental(
@@ -64,22 +65,21 @@ def plan_nearest_incremental(
     peak_old = realised_gpu_loads(weight, old, gpus, nodes).amax(1)
     moves_fresh = (fresh != old).sum(1)
     if max_moves is None:
-        # no budget: a layer moves only where its realised balancedness gains more than
-        # ``move_price`` × the share of its slots that change (in sample: the rule's
-        # balance falls fast with drift, and the gain of a large move mostly carries to
-        # the next window), so an unchanged workload keeps its map
-        price = request.options.incremental.move_price / old.shape[1]
+        # no budget: a layer moves only where its balancedness gains more than
+        # ``move_price`` × the share of its slots that change both on the window at hand
+        # (realised under the rule; so an unchanged workload keeps its map) and on the
+        # next window expected under the drift (so moves that only pay in sample are
+        # not made: on six real workloads half the slots moved for an equal next window)
+        options = request.options.incremental
+        price = options.move_price / old.shape[1]
         mean = weight.sum(1) / gpus
-
-        def value(peak: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
-            return mean / peak.clamp(min=1e-300) - price * moved
-
-        values = torch.stack([value(peak_old, torch.zeros_like(moves_fresh)),
-                              value(peak_warm, (warm != old).sum(1)),
-                              value(peak_fresh, moves_fresh)])
+        candidates = torch.stack([old, warm, fresh])  # [C, L, R]
+        in_sample = mean / torch.stack([peak_old, peak_warm, peak_fresh]).clamp(min=1e-300)
+        expected = expected_balance(weight, candidates, gpus, nodes, options.drift)
+        gain = torch.minimum(in_sample - in_sample[:1], expected - expected[:1])
+        values = gain - price * (candidates != old[None]).sum(2)
         pick = values.argmax(0)  # first on ties: the map in force, then the warm start
-        return torch.where((pick == 0)[:, None], old,
-                           torch.where((pick == 1)[:, None], warm, fresh))
+        return candidates[pick, torch.arange(old.shape[0], device=old.device)]
     take = (moves_fresh <= max_moves) & (peak_fresh < peak_warm * (1 - 1e-9))
     out = torch.where(take[:, None], fresh, warm)
     # a layer the new plan would not improve keeps its old map (no moves)
@@ -123,3 +123,22 @@ def _within_total(
     cost = (options != old[None]).sum(2).cpu().numpy()
     pick = torch.from_numpy(spend_budget(balance, cost, total)).to(old.device)
     return options[pick, torch.arange(old.shape[0], device=old.device)]
+
+
+def expected_balance(
+    weight: torch.Tensor, candidates: torch.Tensor, num_gpus: int, num_nodes: int,
+    drift: float,
+) -> torch.Tensor:
+    """``[C, L]`` expected next-window balancedness of the candidates ``[C, L, R]`` under
+    the nearest rule: each slot serves a fixed share of its expert's tokens, so a GPU's
+    load moves with its slots' loads ``x`` (each expert drifting by ``exp(drift·Z)``),
+    and :func:`eplb.online.moves.peak_of` takes the expected max over GPUs of normals with
+    the GPUs' loads and spreads ``d·sqrt(Σ x²)``."""
+    device = weight.device
+    weight, candidates = weight.cpu(), candidates.cpu()  # peak_of runs on the host
+    slot = torch.stack([realised_slot_loads(weight, c, num_gpus, num_nodes)
+                        for c in candidates])
+    grid = slot.view(len(candidates), weight.shape[0], num_gpus, -1)
+    load, square = grid.sum(3), (grid * grid).sum(3)
+    expected, _ = peak_of(load, square.numpy(), weight.sum(1).numpy(), drift)
+    return torch.from_numpy(1.0 / expected).to(device)
