@@ -221,7 +221,9 @@ class IncrementalOptions:
             with expert ids shuffled (BENCHMARKS.md §3).
         move_price: without a budget (``max_moves=None``) a layer takes the candidate
             with the best expected next-window balancedness minus ``move_price`` × the
-            fraction of its slots that change. The default 0.01 is where a rebalance
+            fraction of its slots that change (with ``dispatch="nearest"``: the gain must
+            exceed that price both in sample, as the rule realises it, and on the
+            expected next window). The default 0.01 is where a rebalance
             breaks even at vLLM's defaults with the stalls users measure: moving all of a
             DeepSeek-V3 layer's slots on 32 GPUs sends 288 × 44 MB / 32 ≈ 0.4 GB into
             each GPU. A full reshuffle (≈ 23 GB into each GPU) stalls 0.65–1.7 s on
