@@ -237,6 +237,17 @@ def _plan_live(request: PlanRequest) -> torch.Tensor:
 
 def plan_fresh(request: PlanRequest) -> Placement:
     """Plan ``request`` from scratch; returns a validated :class:`Placement`."""
+    placement = Placement.from_phy2log(
+        fresh_phy2log(request), request.num_experts, request.topology, request.policy,
+        request.active_gpus
+    )
+    return validate_planned(placement)
+
+
+def fresh_phy2log(request: PlanRequest) -> torch.Tensor:
+    """``[L, R]``: the map of :func:`plan_fresh`, before the record is built and checked.
+    For callers that make candidates and validate the placement they return (incremental
+    planning): the record and its check cost about a tenth of a DeepSeek-V3 plan."""
     topology = request.topology
     if request.dispatch == "nearest" and topology.num_nodes > 1 and request.policy == "global":
         # the max GPU load as SGLang's nearest rule will realise it, dead GPUs included
@@ -250,9 +261,9 @@ def plan_fresh(request: PlanRequest) -> Placement:
             request.fair,
         )
         if request.fair == "auto":  # and eplb's even-split plan, where it serves better
-            even = plan_fresh(dataclasses.replace(request, dispatch="even", fair="auto",
-                                                  source=None, routing=None))
-            phy2log = keep_better_served(request.weight, phy2log, even.phy2log, topology,
+            even = fresh_phy2log(dataclasses.replace(request, dispatch="even", fair="auto",
+                                                     source=None, routing=None))
+            phy2log = keep_better_served(request.weight, phy2log, even, topology,
                                          request.source, request.active_gpus)
     elif request.active_gpus is not None:
         phy2log = _plan_live(request)
@@ -266,7 +277,4 @@ def plan_fresh(request: PlanRequest) -> Placement:
             request.options.packing,
             speed=request.gpu_speed,
         )
-    placement = Placement.from_phy2log(
-        phy2log, request.num_experts, request.topology, request.policy, request.active_gpus
-    )
-    return validate_planned(placement)
+    return phy2log

@@ -46,7 +46,7 @@ import torch
 from eplb.core.inputs import require_integer_ids
 from eplb.core.options import COARSE_SLOTS, IncrementalOptions
 from eplb.core.placement import Placement, validate_planned
-from eplb.core.planner import plan_fresh
+from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
 from eplb.online import hierarchy, moves
 from eplb.online.align import align_to_previous
@@ -124,7 +124,7 @@ def _forced(
         redo = np.nonzero(~local)[0]
         if len(redo):
             sub = request.layers(torch.from_numpy(redo))
-            fresh = plan_fresh(sub).phy2log.cpu()
+            fresh = fresh_phy2log(sub).cpu()
             aligned = align_to_previous(fresh, torch.from_numpy(start[redo]), topo.num_gpus,
                                         topo.gpus_per_node)
             base[redo] = aligned.numpy()
@@ -355,7 +355,7 @@ def _fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -
     ``base``), for the global policy (dead GPUs allowed)."""
     topo = request.topology
     sub = request.layers(torch.from_numpy(layers))
-    fresh = plan_fresh(sub).phy2log.cpu()
+    fresh = fresh_phy2log(sub).cpu()
     out = base.copy()
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     old_live = torch.from_numpy(base[layers][:, live_slot])
@@ -384,7 +384,7 @@ def _plan_nearest(
                 "max_moves with dispatch='nearest' is supported for the global policy with "
                 "every GPU live; here eplb re-plans and relabels onto the old GPUs"
             )
-        fresh = plan_fresh(request).phy2log.cpu()
+        fresh = fresh_phy2log(request).cpu()
         live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
         out = fresh.clone()
         aligned = align_to_previous(

@@ -8,7 +8,7 @@ the warm start on the whole total, are offered too, so a small budget still buys
 best swaps); without one, a layer takes the candidate (or keeps its placement) with the
 best realised balancedness minus ``move_price`` × the share of its slots that change:
 
-1. the fresh dispatch-aware plan (:func:`eplb.core.planner.plan_fresh`: the nearest
+1. the fresh dispatch-aware plan (:func:`eplb.core.planner.fresh_phy2log`: the nearest
    plan, or per layer eplb's even-split plan where the rule serves that better)
    relabelled onto the old map, whole nodes first (which keeps every expert's node
    pattern; it moves most slots);
@@ -27,7 +27,7 @@ import torch
 
 from eplb.core.dispatch import realised_gpu_loads, realised_slot_loads
 from eplb.core.dispatch_plan import _WARM_SHARE, repair_node_pairs
-from eplb.core.planner import plan_fresh
+from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
 from eplb.online.budget import spend_budget
@@ -49,7 +49,7 @@ def plan_nearest_incremental(
     old = previous.to(torch.int64)
     gpus, nodes = topology.num_gpus, topology.num_nodes
     # tokens arising evenly, as the candidates below are scored
-    fresh = plan_fresh(dataclasses.replace(request, source=None)).phy2log
+    fresh = fresh_phy2log(dataclasses.replace(request, source=None))
     fresh = align_to_previous(fresh, old, gpus, topology.gpus_per_node)
     if isinstance(max_moves, int):
         return _within_total(request, old, fresh, max_moves, warm_even)
