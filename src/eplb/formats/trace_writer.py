@@ -26,7 +26,9 @@ def write_loads(
     ``"npy"`` is the bare ``[T, L, E]`` array; ``"vllm-history"`` (ADRS JSON, written step by
     step) and ``"sglang"`` (``{"logical_count": [T][L][E]}``) are the engines' own layouts.
     The last three drop the layer ids.
-    Integer-valued counts are stored as integers. Refuses to overwrite unless ``force``.
+    Integer-valued counts are stored as integers: int32 where they fit (half the size of
+    int64: a 6000-step DeepSeek-V3 trace is 0.36 GB, not 0.71), else int64. Refuses to
+    overwrite unless ``force``.
     """
     path = Path(path)
     if format not in TRACE_EMITS:
@@ -37,7 +39,8 @@ def write_loads(
     counts = trace.counts.cpu()
     whole = counts.numel() == 0 or float(counts.max()) < 2**53
     if whole and bool((counts == counts.round()).all()):
-        counts = counts.to(torch.int64)
+        fits = counts.numel() == 0 or float(counts.max()) <= torch.iinfo(torch.int32).max
+        counts = counts.to(torch.int32 if fits else torch.int64)
     layer_ids = torch.tensor(trace.layer_ids, dtype=torch.int64)
     if format == "pt":
         payload = {"counts": counts, "layer_ids": layer_ids}
