@@ -604,6 +604,25 @@ def test_write_loads_round_trip(tmp_path, fmt):
     write_loads(trace, path, format=fmt, force=True)
 
 
+@pytest.mark.parametrize("fmt", ["pt", "npz"])
+def test_write_loads_stores_integer_counts_compactly(tmp_path, fmt):
+    # int32 where the counts fit (half the file), int64 beyond, floats as they are; every
+    # one reads back as the same counts
+    for scale, kind in ((1.0, "int32"), (2.0**40, "int64")):
+        counts = counts_tle().double() * scale
+        path = write_loads(LoadTrace(counts, [3, 5, 7]), tmp_path / f"{kind}.{fmt}",
+                           format=fmt)
+        if fmt == "npz":
+            with np.load(path) as saved:
+                assert saved["counts"].dtype == np.dtype(kind)
+        else:
+            assert str(torch.load(path)["counts"].dtype) == f"torch.{kind}"
+        assert torch.equal(read_loads(path).counts, counts)
+    fractions = LoadTrace(counts_tle().double() / 3, [3, 5, 7])
+    back = read_loads(write_loads(fractions, tmp_path / f"f.{fmt}", format=fmt))
+    assert torch.equal(back.counts, fractions.counts)
+
+
 # ----------------------------------------------------------------- nested JSON and records
 def test_json_records_and_nested_arrays(tmp_path):
     rows = [[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]]
