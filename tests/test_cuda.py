@@ -55,6 +55,19 @@ def test_incremental_on_cuda(nodes, groups):
     assert phy2log.is_cuda and log2phy.is_cuda and logcnt.is_cuda
 
 
+@pytest.mark.parametrize("budget", [None, 12, [2, 2, 2, 2, 2, 2]])
+def test_nearest_incremental_on_cuda(budget):
+    # SGLang's runtime call made through the API with CUDA tensors: the candidates are
+    # built on the host, the placement comes back on the weight's device
+    w0, w1 = loads(seed=1), loads(seed=2)
+    old = eplb.plan(w0, 48, 8, 2, policy="global", dispatch="nearest")
+    new = eplb.plan(w1, 48, 8, 2, policy="global", dispatch="nearest", previous=old,
+                    max_moves=budget)
+    assert_contract(new, device="cuda")
+    if isinstance(budget, int):
+        assert int(new.moved_slots(old).sum()) <= budget
+
+
 def test_dead_gpus_and_speed_on_cuda():
     w = loads()
     active = torch.ones(8, dtype=torch.bool, device="cuda")

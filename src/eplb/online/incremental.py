@@ -419,7 +419,14 @@ def _plan_nearest(
         planned = plan_incremental(even, start, max_moves=layer_budget)
         return planned.phy2log.cpu()
 
-    out = plan_nearest_incremental(request, base, budget, warm_even)
+    # the nearest candidates are built and scored on the host (their maps are host arrays;
+    # SGLang's plugin passes host tensors anyway), the result goes back to the weight's
+    # device
+    host = dataclasses.replace(
+        request, weight=request.weight.cpu(),
+        source=None if request.source is None else request.source.cpu(),
+        idle=None if request.idle is None else request.idle.cpu())
+    out = plan_nearest_incremental(host, base, budget, warm_even)
     if request.idle is not None:
         out[request.idle.cpu()] = base[request.idle.cpu()]  # no load: nothing to gain
     placement = Placement.from_phy2log(out.to(request.weight.device), request.num_experts,
