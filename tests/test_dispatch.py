@@ -521,7 +521,7 @@ def test_nearest_incremental_without_a_budget_moves_only_what_pays():
     assert bool((gain >= 0.01 * share - 1e-12).all())  # the default move price, 0.01
     # and on the next window expected under the default drift (0.2): a move that only
     # pays in sample is not made
-    expected = expected_balance(drifted, torch.stack([old, new]), 16, 4, 0.2)
+    expected, _ = expected_balance(drifted, torch.stack([old, new]), 16, 4, 0.2)
     assert bool((expected[1] - expected[0] >= 0.01 * share - 1e-12).all())
     # a dear move price: only moves that gain that much per share moved are made
     dear = eplb.plan(drifted, 96, 16, 4, policy="global", dispatch="nearest",

@@ -192,6 +192,7 @@ class Scored:
 def candidates(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
     budgeted: bool, node_of_group: np.ndarray | None = None,
+    units: np.ndarray | None = None,
 ) -> Scored:
     """Warm-start candidates of hierarchical layers ``base [L, R]``, scored: the node
     ladder of ``base`` (``K`` candidates, the first is ``base``), then the warm regroup
@@ -199,8 +200,9 @@ def candidates(
     differs from ``base``'s (module docstring; elsewhere not offered). Both ladders run
     as one batched search, and are scored as node rows (a node row's GPUs are the
     layer's, so nothing is turned back into layers but the chosen candidates).
-    ``node_of_group [L, G]``: each group's node in ``base`` (:func:`group_nodes`), when
-    the caller has it.
+    ``node_of_group [L, G]``: each group's node in ``base`` (:func:`group_nodes`), and
+    ``units [L, E]``: the integer loads (:func:`eplb.online.moves.units_of`), when the
+    caller has them.
     """
     topo = request.topology
     layers, nodes = base.shape[0], topo.num_nodes
@@ -252,7 +254,7 @@ def candidates(
     ladder = done.shape[0]
     # scores: every node row's start once, the searched rows' later candidates
     options = request.options.incremental
-    units = moves.units_of(weight)  # [L, E]
+    units = moves.units_of(weight) if units is None else units  # [L, E]
     of_layer = np.concatenate([np.arange(layers), rows])  # the layer of each block
     node_units = np.take_along_axis(units[of_layer.repeat(nodes)], experts, 1)
     groups = topo.num_groups // nodes

@@ -282,7 +282,7 @@ def plan_incremental(
     if request.policy == "hierarchical":
         # node ladders, and warm regroups where the best group→node assignment differs
         scored = hierarchy.candidates(weight, base, request, layer_quota, max_moves is not None,
-                                      node_of_group)
+                                      node_of_group, units)
         peak, now, cost, take = scored.peak, scored.now, scored.cost, scored.take
     else:
         candidates, transfers = _refine_rows(weight, base, request, layer_quota,

@@ -60,10 +60,6 @@ def plan_nearest_incremental(
     left = None if max_moves is None else (max_moves - (warm != old).sum(1)).clamp(min=0)
     least = 3 if fair == "expect" else min(3, nodes)
     warm, _ = repair_node_pairs(weight, warm, gpus, nodes, budget=left, min_count=least)
-    peak_fresh = realised_gpu_loads(weight, fresh, gpus, nodes).amax(1)
-    peak_warm = realised_gpu_loads(weight, warm, gpus, nodes).amax(1)
-    peak_old = realised_gpu_loads(weight, old, gpus, nodes).amax(1)
-    moves_fresh = (fresh != old).sum(1)
     if max_moves is None:
         # no budget: a layer moves only where its balancedness gains more than
         # ``move_price`` × the share of its slots that change both on the window at hand
@@ -74,13 +70,16 @@ def plan_nearest_incremental(
         price = options.move_price / old.shape[1]
         mean = weight.sum(1) / gpus
         candidates = torch.stack([old, warm, fresh])  # [C, L, R]
-        in_sample = mean / torch.stack([peak_old, peak_warm, peak_fresh]).clamp(min=1e-300)
-        expected = expected_balance(weight, candidates, gpus, nodes, options.drift)
+        expected, peak = expected_balance(weight, candidates, gpus, nodes, options.drift)
+        in_sample = mean / peak.clamp(min=1e-300)
         gain = torch.minimum(in_sample - in_sample[:1], expected - expected[:1])
         values = gain - price * (candidates != old[None]).sum(2)
         pick = values.argmax(0)  # first on ties: the map in force, then the warm start
         return candidates[pick, torch.arange(old.shape[0], device=old.device)]
-    take = (moves_fresh <= max_moves) & (peak_fresh < peak_warm * (1 - 1e-9))
+    peak_fresh = realised_gpu_loads(weight, fresh, gpus, nodes).amax(1)
+    peak_warm = realised_gpu_loads(weight, warm, gpus, nodes).amax(1)
+    peak_old = realised_gpu_loads(weight, old, gpus, nodes).amax(1)
+    take = ((fresh != old).sum(1) <= max_moves) & (peak_fresh < peak_warm * (1 - 1e-9))
     out = torch.where(take[:, None], fresh, warm)
     # a layer the new plan would not improve keeps its old map (no moves)
     keep = peak_old <= torch.where(take, peak_fresh, peak_warm)
@@ -128,11 +127,13 @@ def _within_total(
 def expected_balance(
     weight: torch.Tensor, candidates: torch.Tensor, num_gpus: int, num_nodes: int,
     drift: float,
-) -> torch.Tensor:
-    """``[C, L]`` expected next-window balancedness of the candidates ``[C, L, R]`` under
-    the nearest rule: each slot serves a fixed share of its expert's tokens, so a GPU's
-    load moves with its slots' loads ``x`` (each expert drifting by ``exp(drift·Z)``),
-    and :func:`eplb.online.moves.peak_of` takes the expected max over GPUs of normals with
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(expected [C, L], peak [C, L])``: the expected next-window balancedness of the
+    candidates ``[C, L, R]`` under the nearest rule, and their max GPU load on the window
+    at hand as the rule realises it (:func:`eplb.core.dispatch.realised_gpu_loads`).
+    Each slot serves a fixed share of its expert's tokens, so a GPU's load moves with its
+    slots' loads ``x`` (each expert drifting by ``exp(drift·Z)``), and
+    :func:`eplb.online.moves.peak_of` takes the expected max over GPUs of normals with
     the GPUs' loads and spreads ``d·sqrt(Σ x²)``."""
     device = weight.device
     weight, candidates = weight.cpu(), candidates.cpu()  # peak_of runs on the host
@@ -141,4 +142,4 @@ def expected_balance(
     grid = slot.view(len(candidates), weight.shape[0], num_gpus, -1)
     load, square = grid.sum(3), (grid * grid).sum(3)
     expected, _ = peak_of(load, square.numpy(), weight.sum(1).numpy(), drift)
-    return torch.from_numpy(1.0 / expected).to(device)
+    return torch.from_numpy(1.0 / expected).to(device), load.amax(2).to(device)
