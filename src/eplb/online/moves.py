@@ -186,14 +186,20 @@ def apply_transfers(
     num_gpus: int,
     counts: np.ndarray,
     record: tuple[float, ...] = (),
-) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
     """``phy2log [B, R]`` (replica counts ``counts [B, E]``) after the first ``upto [B]``
-    transfers of each row; with ``record`` (fractions of ``upto``) also the placements
-    after those prefixes.
+    transfers of each row, and the placements after the prefixes ``record`` (fractions
+    of ``upto``).
 
     Transfers go one at a time (all rows at once): each rewrites the donor's replica on
     the lightest GPU that does not hold the receiver yet (the receiver is the hotter
-    expert), and that GPU's load is updated before the next transfer. Returns a copy.
+    expert), and that GPU's load is updated before the next transfer.
+
+    Returns:
+        ``(placement [B, R], snapshots, counts [B, E], stuck [B])``: a copy, the prefixes'
+        placements, its replica counts, and the rows where a receiver had to land on a GPU
+        that holds it already (only those can hold an expert twice on a GPU, if ``phy2log``
+        did not).
     """
     out = phy2log.copy()
     rows, num_slots = out.shape
@@ -209,6 +215,7 @@ def apply_transfers(
     ids = np.ascontiguousarray(grid.transpose(0, 2, 1), narrow)
     marks = [np.ceil(f * upto).astype(np.int64) for f in record]  # per row
     snapshots = [out.copy() for _ in record]
+    stuck_rows = np.zeros(rows, bool)
     for t in range(int(upto.max(initial=0))):
         for mark, snap in zip(marks, snapshots, strict=True):
             at = mark == t  # rows whose prefix ends here
@@ -228,6 +235,7 @@ def apply_transfers(
         # anti-affinity repair spreads it next)
         each = np.arange(len(b))
         stuck = ~allowed[each, gpu]
+        stuck_rows[b] |= stuck
         gpu = np.where(stuck, np.argmax(holds_donor, 1), gpu)
         slot = np.argmax(is_donor[each, :, gpu], 1)
         loads[b, gpu] += weight[b, r] / (counts[b, r] + 1) - weight[b, d] / counts[b, d]
@@ -235,12 +243,10 @@ def apply_transfers(
         counts[b, r] += 1
         grid[b, gpu, slot] = r
         ids[b, slot, gpu] = r
-    if not record:
-        return out
     for mark, snap in zip(marks, snapshots, strict=True):
         late = mark >= upto  # prefixes as long as the whole list: the final placement
         snap[late] = out[late]
-    return out, snapshots
+    return out, snapshots, counts.astype(np.int64), stuck_rows
 
 
 def warm_ladder(
@@ -278,9 +284,8 @@ def warm_ladder(
     donor, receiver, count = transfer_order(weight, base, counts)
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
-    done = apply_transfers(weight, base, donor, receiver, count, num_gpus, counts,
-                           record=record)
-    start, prefixes = done if transfers_only else (done, [])
+    start, prefixes, start_counts, stuck = apply_transfers(
+        weight, base, donor, receiver, count, num_gpus, counts, record=record)
     only = np.empty((0, *base.shape), base.dtype)
     if transfers_only:  # cheap (one slot each); stacked replicas spread
         only = np.concatenate([*prefixes, start])
@@ -296,6 +301,10 @@ def warm_ladder(
         origin=torch.from_numpy(base),
         quota=torch.from_numpy(quota),
         steps=steps,
+        # the base holds no expert twice on a GPU beyond its replicas' share (the forced
+        # moves spread them): only rows whose transfers got stuck need the scan
+        counts=torch.from_numpy(start_counts),
+        suspects=torch.from_numpy(np.nonzero(stuck)[0]),
     ).numpy()
     return np.concatenate([base[None], only, path]), count
 
@@ -384,8 +393,11 @@ def gpu_moments(
     if any_empty:
         load = load * ~empty
     grid = load.view(cands, rows, num_gpus, -1)
-    # sums of integers below 2**53: exact, so the summation order does not matter
-    gpu, square = grid.sum(3), (grid * grid).sum(3)  # [C, B, P]
+    # sums of integers below 2**53: exact, so the summation order does not matter, and
+    # a product with a vector of ones (BLAS, every partial sum an integer) is about twice
+    # as fast as a sum over the short slot axis
+    ones = torch.ones(grid.shape[3], dtype=grid.dtype)
+    gpu, square = grid @ ones, (grid * grid) @ ones  # [C, B, P]
     variance = square.numpy()
     if groups > 1 and group_share > 0 and num_experts % groups == 0:
         together = _group_squares(load, index, num_experts, num_gpus, groups,
