@@ -186,7 +186,7 @@ def apply_transfers(
     num_gpus: int,
     counts: np.ndarray,
     record: tuple[float, ...] = (),
-) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """``phy2log [B, R]`` (replica counts ``counts [B, E]``) after the first ``upto [B]``
     transfers of each row, and the placements after the prefixes ``record`` (fractions
     of ``upto``).
@@ -196,10 +196,8 @@ def apply_transfers(
     expert), and that GPU's load is updated before the next transfer.
 
     Returns:
-        ``(placement [B, R], snapshots, counts [B, E], stuck [B])``: a copy, the prefixes'
-        placements, its replica counts, and the rows where a receiver had to land on a GPU
-        that holds it already (only those can hold an expert twice on a GPU, if ``phy2log``
-        did not).
+        ``(placement [B, R], snapshots, counts [B, E])``: a copy, the prefixes'
+        placements, and its replica counts.
     """
     out = phy2log.copy()
     rows, num_slots = out.shape
@@ -215,7 +213,6 @@ def apply_transfers(
     ids = np.ascontiguousarray(grid.transpose(0, 2, 1), narrow)
     marks = [np.ceil(f * upto).astype(np.int64) for f in record]  # per row
     snapshots = [out.copy() for _ in record]
-    stuck_rows = np.zeros(rows, bool)
     for t in range(int(upto.max(initial=0))):
         for mark, snap in zip(marks, snapshots, strict=True):
             at = mark == t  # rows whose prefix ends here
@@ -235,7 +232,6 @@ def apply_transfers(
         # anti-affinity repair spreads it next)
         each = np.arange(len(b))
         stuck = ~allowed[each, gpu]
-        stuck_rows[b] |= stuck
         gpu = np.where(stuck, np.argmax(holds_donor, 1), gpu)
         slot = np.argmax(is_donor[each, :, gpu], 1)
         loads[b, gpu] += weight[b, r] / (counts[b, r] + 1) - weight[b, d] / counts[b, d]
@@ -246,7 +242,7 @@ def apply_transfers(
     for mark, snap in zip(marks, snapshots, strict=True):
         late = mark >= upto  # prefixes as long as the whole list: the final placement
         snap[late] = out[late]
-    return out, snapshots, counts.astype(np.int64), stuck_rows
+    return out, snapshots, counts.astype(np.int64)
 
 
 def warm_ladder(
@@ -284,7 +280,7 @@ def warm_ladder(
     donor, receiver, count = transfer_order(weight, base, counts)
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
-    start, prefixes, start_counts, stuck = apply_transfers(
+    start, prefixes, start_counts = apply_transfers(
         weight, base, donor, receiver, count, num_gpus, counts, record=record)
     only = np.empty((0, *base.shape), base.dtype)
     if transfers_only:  # cheap (one slot each); stacked replicas spread
@@ -301,10 +297,7 @@ def warm_ladder(
         origin=torch.from_numpy(base),
         quota=torch.from_numpy(quota),
         steps=steps,
-        # the base holds no expert twice on a GPU beyond its replicas' share (the forced
-        # moves spread them): only rows whose transfers got stuck need the scan
         counts=torch.from_numpy(start_counts),
-        suspects=torch.from_numpy(np.nonzero(stuck)[0]),
     ).numpy()
     return np.concatenate([base[None], only, path]), count
 

@@ -154,13 +154,10 @@ def _assignment_state(
     phy2log: torch.Tensor,
     live: torch.Tensor,
     counts: torch.Tensor | None = None,
-    suspects: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(state [2, S, L, P_live], live_ids)`` of a placement, loads in units of the row's
     mean slot load, stacked replicas already spread (moves no budget can refuse).
-    ``counts [L, E]``: the placement's replica counts, when the caller has them;
-    ``suspects [n]``: the only rows that may hold an expert twice on a GPU where it has
-    no more replicas than GPUs, when the caller knows (the others are not scanned)."""
+    ``counts [L, E]``: the placement's replica counts, when the caller has them."""
     num_layers, num_slots = phy2log.shape
     num_gpus = live.shape[0]
     slots = num_slots // num_gpus
@@ -178,7 +175,7 @@ def _assignment_state(
     state = (
         torch.stack([load, grid.to(load.dtype)]).permute(0, 3, 1, 2).to(torch.float32).contiguous()
     )
-    return repair_conflicts(state, counts.amax(1) > num_live, suspects), live_ids
+    return repair_conflicts(state, counts.amax(1) > num_live), live_ids
 
 
 def _to_slots(
@@ -278,16 +275,14 @@ def refine_path(
     quota: torch.Tensor,
     steps: int,
     counts: torch.Tensor | None = None,
-    suspects: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The placements a budgeted refinement passes through, for choosing how far to go.
 
     Starting from ``phy2log [L, R]`` on ``num_gpus`` live GPUs (stacked replicas are
     spread first), step ``k`` of the all-pairs search may change up to ``k · quota [L]``
     more slots than the start did (counted against ``origin [L, R]``), heaviest GPU pairs
-    first. Rows with a zero quota only have stacked replicas spread. ``counts [L, E]``
-    (the start's replica counts) and ``suspects [n]`` (the only rows that may hold an
-    expert twice on a GPU): see :func:`_assignment_state`.
+    first. Rows with a zero quota only have stacked replicas spread. ``counts [L, E]``:
+    the start's replica counts, when the caller has them.
 
     Returns:
         ``[steps, L, R]``: the placement after each step (a search that converged early
@@ -298,7 +293,7 @@ def refine_path(
         return phy2log.new_empty((0, num_layers, num_slots))
     slots = num_slots // num_gpus
     live = torch.ones(num_gpus, dtype=torch.bool, device=phy2log.device)
-    state, live_ids = _assignment_state(weight, phy2log, live, counts, suspects)
+    state, live_ids = _assignment_state(weight, phy2log, live, counts)
     gpu = torch.arange(num_gpus, device=phy2log.device).expand(num_layers, -1)
     track = Tracking(gpu=gpu.to(torch.float32).contiguous())
     track.origin = _origin_grid(origin, live_ids, gpu, slots)
