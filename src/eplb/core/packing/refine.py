@@ -24,6 +24,7 @@ from functools import lru_cache
 
 import torch
 
+from eplb.core.packing.polish import MAX_MASKED_SEARCH, host_polish_applies, polish_host
 from eplb.core.packing.state import (
     EXPERT,
     LOAD,
@@ -202,7 +203,6 @@ def _within_budget(
     return apply, spent + (charge * apply).sum(1)
 
 
-_MAX_MASKED_SEARCH = 1 << 16
 _MAX_JOINED_FILL = 1 << 14
 
 
@@ -212,20 +212,31 @@ def _infinite_where(flag: torch.Tensor) -> torch.Tensor:
     return torch.zeros(flag.shape, device=flag.device).masked_fill_(flag.bool(), float("inf"))
 
 
-def _refine_max(state: torch.Tensor, steps: int, track: Tracking | None = None) -> torch.Tensor:
+def _refine_max(
+    state: torch.Tensor, steps: int, track: Tracking | None = None, host: bool | None = None
+) -> torch.Tensor:
     """Heaviest-GPU polish: per row and step, one swap between the heaviest GPU and the
     partner that lowers the pair's larger load the most. GPUs keep their positions, so
     ``track`` (origin and budget) needs no permuting; a row stops when a swap might
-    overrun its budget."""
+    overrun its budget.
+
+    A small CPU state (a masked search) is polished in NumPy (:mod:`.polish`: the same
+    swaps at a fraction of the per-call cost); ``host`` forces one version or the other
+    (the tests compare them)."""
+    budgeted = track is not None and track.origin is not None and track.budget is not None
+    if host is None:
+        host = host_polish_applies(state)
+    if host:
+        return polish_host(state, steps, track.origin if budgeted else None,
+                           track.budget if budgeted else None)
     _, slots, rows, num_gpus = state.shape
     device = state.device
     todo = torch.ones(rows, dtype=torch.bool, device=device)
     buffers: dict[str, torch.Tensor] = {}
-    budgeted = track is not None and track.origin is not None and track.budget is not None
     big = (slots, slots, rows, num_gpus)
     # small states search legal swaps only from the start (illegal best swaps are
     # common there); large ones check the chosen swap and rescue the rare illegal rows
-    masked = slots * slots * rows * num_gpus <= _MAX_MASKED_SEARCH
+    masked = slots * slots * rows * num_gpus <= MAX_MASKED_SEARCH
     # below this size a step is a few dozen calls on a few thousand entries: a full-size
     # boolean fill (same result as adding the two broadcast penalties: inf where either
     # is set, the value itself elsewhere) saves six calls; above it the fill costs more
