@@ -229,6 +229,33 @@ def test_simulate_cuts_a_token_trace_into_steps(capsys, tmp_path) -> None:
     assert_user_error(code, err, "--tokens-per-step")
 
 
+def test_a_mistyped_key_suggests_the_names_it_resembles(capsys, tmp_path) -> None:
+    path = _two_tasks(tmp_path)
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "law"))
+    assert_user_error(code, err, "no array 'law'", "did you mean 'law_topk_ids'")
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"mistral": {"counts": {"arxiv": [[1.0] * E] * 3}}}))
+    code, _, err = run(capsys, *plan_args(nested, tmp_path, "--key",
+                                          "mixtral/counts/arxiv", "--force"))
+    assert_user_error(code, err, "did you mean 'mistral/counts/arxiv'")
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "nope", "--force"))
+    assert "did you mean" not in err
+
+
+def test_a_json_object_of_numbered_keys_is_named_no_array(capsys, tmp_path) -> None:
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps({"scores": {"1": {"0": 0.5, "1": 0.25}}}))
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "holds no array of numbers")
+
+
+def test_simulate_on_an_uncut_token_trace_points_at_tokens_per_step(capsys, tmp_path) -> None:
+    path = _two_tasks(tmp_path)
+    code, _, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
+                       "--window", "2", "-r", "20", "-g", "4")
+    assert_user_error(code, err, "has 1 steps", "--tokens-per-step N", "300 tokens")
+
+
 def test_tokens_per_step_on_counts_is_refused_naming_the_flag(capsys, tmp_path) -> None:
     path = tmp_path / "counts.npy"
     np.save(path, np.ones((3, E)))

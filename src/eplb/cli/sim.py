@@ -86,7 +86,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise CliError(f"{args.trace} has {trace.num_steps} steps; the simulation needs at "
                        f"least {needed}: the first rebalance comes after --interval {interval} "
                        f"steps and is scored on the {score_window or interval} after it, and "
-                       f"the steps must hold two windows (2 × --window {args.window})")
+                       f"the steps must hold two windows (2 × --window {args.window})"
+                       + (f"; a top-k routing trace is one step per array unless "
+                          f"--tokens-per-step N cuts it (it holds "
+                          f"{sum(trace.meta.get('step_tokens', ()))} tokens)"
+                          if trace.format == "topk" and args.tokens_per_step is None else ""))
     planners = [args.planner]
     if args.compare:
         planners += [p for p in ("none", "greedy", "eplb") if p != args.planner]

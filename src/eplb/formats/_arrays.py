@@ -45,6 +45,15 @@ def array_names(obj: dict[str, Any]) -> list[str]:
     return names
 
 
+def _close(key: str, names: list[str]) -> str:
+    """`` did you mean 'x'?`` for a mistyped key, or nothing."""
+    import difflib
+
+    near = [n for n in names if n.startswith(key)][:3] or difflib.get_close_matches(
+        key, names, n=3, cutoff=0.8)
+    return f" did you mean {', '.join(map(repr, near))}?" if near else ""
+
+
 def _listing(names: list[str]) -> str:
     shown = ", ".join(names[:_SHOWN])
     return shown + (f", … ({len(names)} in all)" if len(names) > _SHOWN else "")
@@ -63,6 +72,10 @@ def pick_array(
         return "counts", obj["counts"], obj.get("layer_ids", obj.get("layers"))
     names = array_names(obj)
     if key is None:
+        if not names:
+            raise FormatError(path, "holds no array of numbers (objects keyed by numbers, "
+                                    "such as {\"1\": {\"0\": 0.01}}, are not arrays); "
+                                    "expected one [L, E] or [T, L, E] array")
         if len(names) != 1:
             raise FormatError(
                 path,
@@ -74,8 +87,8 @@ def pick_array(
     value: Any = obj
     for part in key.split(SEPARATOR) if key not in obj else [key]:
         if not isinstance(value, dict) or part not in value:
-            raise FormatError(path, f"has no array {key!r} (key / --key); it holds "
-                                    f"{_listing(names)}")
+            raise FormatError(path, f"has no array {key!r} (key / --key);"
+                                    f"{_close(key, names)} it holds {_listing(names)}")
         value = value[part]
     if _is_record(value):
         return key, value["counts"], value.get("layer_ids", value.get("layers"))
@@ -102,14 +115,16 @@ def record_layer_ids(ids: Any, rows: int, path: Path, name: str) -> list[int] | 
 def check_keys(path: Path, keys: list[str] | None, names: list[str]) -> None:
     missing = [k for k in keys or () if k not in names]
     if missing:
-        raise FormatError(path, f"has no array {missing[0]!r} (key / --key); it holds {names}")
+        raise FormatError(path, f"has no array {missing[0]!r} (key / --key);"
+                                f"{_close(missing[0], names)} it holds {names}")
 
 
 def pick_flat(arrays: dict[str, Any], path: Path, key: str | None) -> tuple[str, Any]:
     if key is not None:
         if key not in arrays:
             raise FormatError(
-                path, f"has no array {key!r} (key / --key); it holds {sorted(arrays)}"
+                path, f"has no array {key!r} (key / --key);{_close(key, sorted(arrays))} "
+                      f"it holds {sorted(arrays)}"
             )
         return key, arrays[key]
     if len(arrays) == 1:
