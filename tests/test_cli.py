@@ -533,8 +533,9 @@ def test_dead_gpus_name_the_live_topology_for_an_engine_and_refuse_repeats(capsy
 
 
 def test_eval_gpu_speed_scores_time_not_load(capsys, tmp_path, loads) -> None:
-    out = tmp_path / "p.json"
     speeds = "2,1,1,1"
+    # an engine file records no speeds: eval scores it as equal GPUs unless told
+    out = tmp_path / "p.yaml"
     assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--gpu-speed", speeds,
                "-o", str(out))[0] == 0
     plain = json.loads(run(capsys, "eval", "--placement", str(out), str(loads), "--json")[1])
@@ -542,6 +543,13 @@ def test_eval_gpu_speed_scores_time_not_load(capsys, tmp_path, loads) -> None:
                            "--gpu-speed", speeds)[1])
     assert timed["balancedness_after"] > plain["balancedness_after"]
     assert timed["balancedness_ceiling"] is None
+    # eplb's own file records them, and eval scores it with them
+    own = tmp_path / "p.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--gpu-speed", speeds,
+               "-o", str(own))[0] == 0
+    recorded = json.loads(run(capsys, "eval", "--placement", str(own), str(loads),
+                              "--json")[1])
+    assert recorded["balancedness_after"] == timed["balancedness_after"]
 
 
 def test_before_is_scored_in_time_too_with_gpu_speeds(capsys, tmp_path, loads) -> None:

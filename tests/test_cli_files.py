@@ -333,3 +333,35 @@ def test_notes_beside_sglang_dumps_do_not_stop_the_folder_being_read(capsys, tmp
         (folder / f"d{k}.json").write_text('{"logical_count": [[1, 2, 3, 4]]}')
     (folder / "SOURCE.md").write_text("where these came from")
     assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "p.json")]) == 0
+
+
+
+def test_a_plan_for_unequal_gpus_records_its_speeds_and_eval_uses_them(tmp_path, capsys):
+    """A plan made with --gpu-speed used to be scored by eval as if every GPU were equal
+    (no warning), and its file recorded that score."""
+    import json
+
+    loads = tmp_path / "loads.json"
+    weight = torch.exp(torch.randn(4, 16, generator=torch.Generator().manual_seed(5)))
+    loads.write_text(json.dumps({"logical_count": weight.tolist()}))
+    speeds = [1.0] * 4 + [2.0] * 4
+    out = tmp_path / "fast.json"
+    assert main(["plan", str(loads), "-r", "24", "-g", "8", "--gpu-speed",
+                 ",".join(map(str, speeds)), "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["gpu_speed"] == speeds
+    timed = read_placement(out).balancedness(weight, gpu_speed=speeds)
+    assert doc["balancedness"] == pytest.approx(timed)
+    assert doc["ceiling"] is None  # the bounds are for equal GPUs
+    capsys.readouterr()
+    assert main(["eval", "--placement", str(out), str(loads), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["balancedness_after"] == pytest.approx(timed)
+    assert main(["eval", "--placement", str(out), str(loads), "--gpu-speed",
+                 ",".join(["1"] * 8)]) == 2
+    assert "records the GPU speeds" in capsys.readouterr().err
+    # a hostile speed field is a clear format error
+    doc["gpu_speed"][0] = -1
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(doc))
+    assert main(["eval", "--placement", str(bad), str(loads)]) == 2
+    assert "gpu_speed must be null or 8 positive" in capsys.readouterr().err

@@ -215,9 +215,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # eplb's own files record layer ids only where the loads or --first-layer named them:
     # a row index is no claim (eval and --previous then pair rows in order)
     named = bool(trace.meta.get("model_layer_ids")) or args.first_layer is not None
+    if speed is not None and emit in ("sglang", "trtllm"):
+        warn(f"the {emit} file cannot record --gpu-speed: eval scores it as equal GPUs unless "
+             "given --gpu-speed again")
     write_placement(placement, out, emit=emit, weight=weight,
                     layer_ids=layer_ids if named or emit in ("trtllm", "sglang") else None,
-                    num_model_layers=model_layers, force=args.force)
+                    num_model_layers=model_layers,
+                    gpu_speed=speed if emit in ("json", "pt") else None, force=args.force)
 
     live = placement.live_gpus()
     # no rebalancing, scored as the plan is (in time where GPU speeds are given)
@@ -452,6 +456,27 @@ def _check_recorded(meta: dict, args: argparse.Namespace, what: str) -> None:
                        "contradicts it (leave --policy out)")
 
 
+def _eval_speed(args: argparse.Namespace, meta: dict, num_gpus: int) -> torch.Tensor | None:
+    """The GPU speeds to score with: ``--gpu-speed``, else those the file records (eplb's
+    files planned with ``--gpu-speed``). A flag that contradicts recorded speeds is
+    refused; one given for a file planned for equal GPUs asks how that plan fares on them."""
+    given = gpu_speed_from(args.gpu_speed, num_gpus)
+    recorded = meta.get("gpu_speed")
+    if recorded is None:
+        return given
+    recorded = torch.tensor(recorded, dtype=torch.float64)
+    if given is not None and not torch.equal(given, recorded):
+        raise CliError(f"{args.placement} records the GPU speeds it was planned for "
+                       f"({_speeds(recorded)}); --gpu-speed {args.gpu_speed} contradicts them "
+                       "(leave --gpu-speed out)")
+    return recorded
+
+
+def _speeds(speed: torch.Tensor) -> str:
+    values = [f"{x:g}" for x in speed.tolist()]
+    return ",".join(values) if len(values) <= 8 else ",".join(values[:8]) + ",..."
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
 
     placement, meta = read_placement_meta(
@@ -479,7 +504,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.dispatch == "nearest":
         nearest = _nearest_scores(args, placement, weight)
         after_loads = nearest.pop("gpu_loads")
-    speed = gpu_speed_from(args.gpu_speed, topo.num_gpus)
+    speed = _eval_speed(args, meta, topo.num_gpus)
     if speed is not None and args.dispatch == "nearest":
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest (as in plan)")
     # no rebalancing, scored as the placement is (in time where GPU speeds are given)

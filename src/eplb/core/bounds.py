@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from eplb.core.inputs import as_live_mask, as_weight, scale_free
-from eplb.core.placement import Placement
+from eplb.core.inputs import as_gpu_speed, as_live_mask, as_weight, scale_free
+from eplb.core.placement import Placement, load_balance
 from eplb.core.replication import replica_bound
 from eplb.core.topology import Topology
 
@@ -315,12 +315,17 @@ def balancedness_ceiling(
     return float(w.to(torch.float64).sum() / live) / total if total > 0 else 1.0
 
 
-def placement_scores(placement: Placement, weight: object) -> dict[str, Any]:
+def placement_scores(
+    placement: Placement, weight: object, gpu_speed: object = None
+) -> dict[str, Any]:
     """How good ``placement`` is under ``weight [L, E]`` and how good it could be.
 
     Returns ``balancedness`` and ``ceiling`` (floats), ``layer_balancedness`` and
     ``layer_ceiling`` (lists of ``L`` floats), for the placement's own topology, policy
-    and live GPUs. Raises ``ValueError`` when ``weight`` does not match the placement.
+    and live GPUs. With ``gpu_speed [P]`` (as planned with ``eplb.plan(..., gpu_speed=)``)
+    the balancedness is in time (:func:`eplb.core.placement.load_balance`) and the
+    ceiling ``None`` (the bounds here are for equal GPUs). Raises ``ValueError`` when
+    ``weight`` does not match the placement.
     """
     w, _ = as_weight(weight)
     w = w.to(torch.float64).cpu()
@@ -334,6 +339,11 @@ def placement_scores(placement: Placement, weight: object) -> dict[str, Any]:
     active = placement.active_gpus
     if active is not None and bool(active.all()):
         active = None
+    if gpu_speed is not None:
+        speed = as_gpu_speed(gpu_speed, topo.num_gpus, w.device)
+        per_layer, overall, _ = load_balance(placement.gpu_loads(w), placement.live_gpus(), speed)
+        return {"balancedness": overall, "layer_balancedness": [float(x) for x in per_layer],
+                "ceiling": None, "layer_ceiling": None}
     args = (topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups, placement.policy)
     return {
         "balancedness": placement.balancedness(w),

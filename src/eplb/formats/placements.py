@@ -18,6 +18,7 @@ Engine constraints honoured here (read from the engines' sources):
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Sequence
 from os import PathLike
@@ -28,6 +29,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.core.bounds import placement_scores
+from eplb.core.inputs import as_gpu_speed
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology
 from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace, model_layer_ids
@@ -55,6 +57,7 @@ def write_placement(
     weight: Any = None,
     layer_ids: Sequence[int] | None = None,
     num_model_layers: int | None = None,
+    gpu_speed: Any = None,
     force: bool = False,
 ) -> Path:
     """Write ``placement`` to ``path`` in the ``emit`` format; return the path.
@@ -81,6 +84,9 @@ def write_placement(
             (e.g. 61 for DeepSeek-V3, whose MoE layers are 3..60). SGLang fails at start-up
             on a file with fewer rows than the model has layers. Default
             ``max(layer_ids) + 1``.
+        gpu_speed: ``[P]`` the GPU speeds the plan was made for (``eplb.plan(...,
+            gpu_speed=)``), json/pt only: recorded, and the recorded balancedness is in
+            time; ``eval`` scores the file with them.
         force: overwrite an existing file (otherwise ``FileExistsError``).
 
     Raises:
@@ -120,6 +126,11 @@ def write_placement(
             )
     elif num_model_layers is not None:
         raise ValueError("num_model_layers (CLI: --num-model-layers) applies to emit='sglang' only")
+    if gpu_speed is not None:
+        if emit not in ("json", "pt"):
+            raise ValueError(f"gpu_speed is recorded in eplb's own files only (emit 'json' or "
+                             f"'pt'); {emit} files have no place for it")
+        gpu_speed = as_gpu_speed(gpu_speed, placement.topology.num_gpus, torch.device("cpu"))
     check_writable(path, force)
     if emit == "sglang":
         rows = _sglang_rows(placement, ids, num_rows)
@@ -133,7 +144,8 @@ def write_placement(
         text = _trtllm_text(placement, ids, layer_ids is not None)
         atomic_write(path, lambda f: f.write(text), "w", force=force)
     else:
-        record = _eplb_record(placement, ids if layer_ids is not None else None, weight)
+        record = _eplb_record(placement, ids if layer_ids is not None else None, weight,
+                              gpu_speed)
         if emit == "json":
             atomic_write(path, lambda f: _dump_json_rows(record, f), "w", force=force)
         else:
@@ -141,6 +153,8 @@ def write_placement(
             tensors["phy2log"] = placement.phy2log.clone()
             if placement.active_gpus is not None:
                 tensors["active_gpus"] = placement.active_gpus.to(torch.bool).clone()
+            if gpu_speed is not None:
+                tensors["gpu_speed"] = gpu_speed.to(torch.float64).clone()
             for name in ("layer_balancedness", "layer_ceiling"):
                 if tensors.get(name) is not None:
                     tensors[name] = torch.tensor(tensors[name], dtype=torch.float64)
@@ -220,7 +234,9 @@ def _trtllm_text(placement: Placement, ids: list[int], ids_given: bool) -> str:
     return header + yaml.safe_dump(doc, default_flow_style=None, sort_keys=False, width=1 << 16)
 
 
-def _eplb_record(placement: Placement, ids: list[int] | None, weight: Any) -> dict[str, Any]:
+def _eplb_record(
+    placement: Placement, ids: list[int] | None, weight: Any, gpu_speed: torch.Tensor | None
+) -> dict[str, Any]:
     record: dict[str, Any] = {
         "format": PLACEMENT_FORMAT,
         "format_version": PLACEMENT_FORMAT_VERSION,
@@ -233,6 +249,7 @@ def _eplb_record(placement: Placement, ids: list[int] | None, weight: Any) -> di
         "active_gpus": None
         if placement.active_gpus is None
         else [bool(x) for x in placement.active_gpus.tolist()],
+        "gpu_speed": None if gpu_speed is None else [float(x) for x in gpu_speed.tolist()],
         "balancedness": None,
         "layer_balancedness": None,
         "ceiling": None,
@@ -241,7 +258,7 @@ def _eplb_record(placement: Placement, ids: list[int] | None, weight: Any) -> di
     if weight is not None:
         if isinstance(weight, LoadTrace):
             weight = weight.total()
-        record.update(placement_scores(placement, weight))
+        record.update(placement_scores(placement, weight, gpu_speed))
     record["phy2log"] = placement.phy2log.tolist()
     return record
 
@@ -439,6 +456,14 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
             raise FormatError(path, f"active_gpus must be null or {topo.num_gpus} booleans "
                                     f"(one per GPU), got {str(active)[:80]}")
         active = torch.tensor(values, dtype=torch.bool)
+    speed = doc.get("gpu_speed")
+    if speed is not None:
+        values = speed.tolist() if isinstance(speed, torch.Tensor) else speed
+        if (not isinstance(values, list) or len(values) != topo.num_gpus
+                or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                           and math.isfinite(v) and v > 0 for v in values)):
+            raise FormatError(path, f"gpu_speed must be null or {topo.num_gpus} positive "
+                                    f"numbers (one per GPU), got {str(speed)[:80]}")
     num_layers = _field_int(path, doc, "num_layers", rows.shape[0])
     if num_layers != rows.shape[0]:
         raise FormatError(path, f"num_layers is {num_layers} but phy2log has {rows.shape[0]} rows")
