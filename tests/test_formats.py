@@ -655,3 +655,12 @@ def test_real_olmoe_counts_by_key():
         pytest.skip(f"real data not present: {path} (set EPLB_REAL_DATA to the real-data folder)")
     trace = read_loads(path, key="olmoe/expert_counts/arxiv")
     assert trace.counts.shape[1:] == (3, 64) and trace.layer_ids == [0, 7, 15]
+
+
+def test_a_trace_prints_its_shape_not_its_numbers():
+    """print() of a generated trace dumped its counts and meta (22 kB for 6000 steps)."""
+    from eplb.tools import generate_trace
+
+    text = repr(generate_trace("deepseek-v3", steps=600))
+    assert text.startswith("LoadTrace(steps=600, layers=58, experts=256, layer_ids=3..60")
+    assert len(text) < 400

@@ -79,6 +79,15 @@ class LoadTrace:
         object.__setattr__(self, "layer_ids", ids)
         object.__setattr__(self, "meta", dict(self.meta))
 
+    def __repr__(self) -> str:
+        # the counts and meta (a generated trace's per-step regimes, its preset) run to
+        # tens of kB: the shape and where it came from are what a reader needs
+        ids = self.layer_ids
+        span = f"{ids[0]}..{ids[-1]}" if ids else "none"
+        return (f"LoadTrace(steps={self.num_steps}, layers={self.num_layers}, "
+                f"experts={self.num_experts}, layer_ids={span}, format={self.format!r}, "
+                f"source={self.source!r}, meta keys={sorted(map(str, self.meta))})")
+
     # ------------------------------------------------------------------ shape
     @property
     def num_steps(self) -> int:
