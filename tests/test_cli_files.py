@@ -365,3 +365,41 @@ def test_a_plan_for_unequal_gpus_records_its_speeds_and_eval_uses_them(tmp_path,
     bad.write_text(json.dumps(doc))
     assert main(["eval", "--placement", str(bad), str(loads)]) == 2
     assert "gpu_speed must be null or 8 positive" in capsys.readouterr().err
+@pytest.mark.parametrize("how", ["same name", "symlink to it", "second of two"])
+def test_force_never_writes_the_placement_over_the_loads_it_read(capsys, tmp_path, loads,
+                                                                 how) -> None:
+    """``-o`` naming the loads file itself (or the file a LOADS symlink points to) is a
+    slip that ``--force`` must not turn into lost data: the command is refused and the
+    loads are left as they were."""
+    before = loads.read_bytes()
+    given = [str(loads)]
+    if how == "symlink to it":
+        link = tmp_path / "link.npy"
+        link.symlink_to(loads)
+        given = [str(link)]
+    elif how == "second of two":
+        other = tmp_path / "other.npy"
+        other.write_bytes(before)
+        given = [str(other), str(loads)]
+    code = main(["plan", *given, "-r", str(R), "-g", str(P), "-o", str(loads), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and "would replace it" in err and str(loads) in err
+    assert loads.read_bytes() == before
+
+
+def test_force_never_writes_the_placement_over_a_gpu_speed_file(capsys, tmp_path,
+                                                                loads) -> None:
+    speeds = tmp_path / "speeds.txt"
+    speeds.write_text(",".join(["1"] * P))
+    code, err = plan(capsys, loads, speeds, "--gpu-speed", str(speeds), "--force")
+    assert code == 2 and "--gpu-speed" in err
+    assert speeds.read_text() == ",".join(["1"] * P)
+
+
+def test_a_replan_in_place_may_replace_the_previous_placement(capsys, tmp_path,
+                                                              loads) -> None:
+    """``--previous p.json -o p.json --force`` is the re-plan in place: allowed."""
+    out = tmp_path / "p.json"
+    assert plan(capsys, loads, out)[0] == 0
+    code, _ = plan(capsys, loads, out, "--previous", str(out), "--force")
+    assert code == 0 and read_placement(out).num_layers == L

@@ -132,6 +132,26 @@ def check_output(path: str | Path, force: bool) -> Path:
     return path
 
 
+def refuse_input_as_output(out: Path, inputs: list[tuple[str, str | None]]) -> None:
+    """Refuse an OUT that names a file the command reads (``inputs``: ``(label, path or
+    None)``), even with ``--force``: the new placement would replace the user's loads
+    (or GPU speeds, or routing trace), and ``--force`` means "replace my old output",
+    not "replace my data". ``--previous`` is not passed here: replacing the placement in
+    force by the next one is what a re-plan in place means."""
+    if not os.path.lexists(out):
+        return
+    for label, given in inputs:
+        if given is None:
+            continue
+        try:
+            same = os.path.isfile(given) and os.path.samefile(out, given)
+        except OSError:
+            continue  # not a file that exists: nothing to lose
+        if same:
+            raise CliError(f"-o {out} is {label} {given}: writing the placement there would "
+                           "replace it (even --force does not); choose another output name")
+
+
 def check_topology(num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,
                    num_experts: int, num_layers: int | None = None) -> None:
     """Reject impossible cluster shapes up front, with the option names in the message,

@@ -19,6 +19,7 @@ from eplb.cli._common import (
     info,
     print_json,
     print_table,
+    refuse_input_as_output,
     static_gpu_loads,
     timed,
 )
@@ -131,6 +132,8 @@ def _warn_revived(previous, active, args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> int:
 
     out = check_output(args.output, args.force)
+    refuse_input_as_output(out, [*(("the loads file", path) for path in args.loads),
+                                 ("--gpu-speed", args.gpu_speed), ("--routing", args.routing)])
     emit = infer_emit(args.emit, out)
     if emit == "sglang" and out.suffix.lower() not in (".json", ".pt"):
         raise CliError(f"SGLang reads --init-expert-location from a .json or .pt file; name OUT "
