@@ -312,3 +312,31 @@ def test_layer_ids_from_tensors_are_not_truncated(tmp_path, ids):
     with pytest.raises(ValueError, match="layer ids must be integers"):
         write_placement(placement, tmp_path / "p.sglang.json", emit="sglang", layer_ids=ids)
     assert not (tmp_path / "p.sglang.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [(True, r"\[0\]\[1\] is true, not an expert id"),
+     ("1", r"\[0\]\[1\] is '1', not an expert id"),
+     (None, r"\[0\]\[1\] is None, not an expert id"),
+     (2**70, r"\[0\]\[1\] is 1180591620717411303424, not an expert id \(beyond int64\)")],
+)
+@pytest.mark.parametrize("emit", ["json", "sglang", "trtllm"])
+def test_a_placement_entry_that_is_not_an_expert_id_is_named(tmp_path, entry, message, emit):
+    """A hand-edited map with a JSON ``true`` (torch read it as expert 1, and the file
+    planned as a valid map), a string or a number beyond int64 (reported as a table that
+    is not rectangular) names the entry."""
+    path = tmp_path / {"json": "p.json", "sglang": "p.sglang.json", "trtllm": "lb.yaml"}[emit]
+    write_placement(eplb.plan(torch.ones(2, 4), 4, 2), path, emit=emit)
+    if emit == "trtllm":
+        doc = yaml.safe_load(path.read_text())
+        first = next(iter(doc["initial_global_assignments"]))
+        doc["initial_global_assignments"][first][1] = entry
+        path.write_text(yaml.safe_dump(doc))
+    else:
+        doc = json.loads(path.read_text())
+        key = "phy2log" if emit == "json" else "physical_to_logical_map"
+        doc[key][0][1] = entry
+        path.write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match=message):
+        read_placement(path, num_gpus=2)

@@ -366,7 +366,29 @@ def _load_json_doc(path: Path) -> Any:
         raise FormatError(path, json_value_error(exc)) from None
 
 
+def _odd_entry(value: Any, what: str) -> str | None:
+    """A message naming the first entry of the table ``value`` (lists of rows) that is not
+    an integer id in int64's range, ``None`` when every entry is one (or ``value`` is not
+    a list of lists: the caller's checks speak then). Torch reads a JSON ``true`` as 1 and
+    reports a string or a 2**70 by an unrelated message."""
+    if not isinstance(value, list) or not all(isinstance(row, list) for row in value):
+        return None
+    for i, row in enumerate(value):
+        for j, entry in enumerate(row):
+            if isinstance(entry, bool):
+                return f"{what}[{i}][{j}] is {str(entry).lower()}, not an expert id"
+            if isinstance(entry, int):
+                if not -(1 << 63) <= entry < (1 << 63):
+                    return f"{what}[{i}][{j}] is {entry}, not an expert id (beyond int64)"
+            elif not isinstance(entry, float):  # floats: refused below, with the dtype
+                return f"{what}[{i}][{j}] is {entry!r}, not an expert id"
+    return None
+
+
 def _int_rows(path: Path, value: Any, what: str) -> torch.Tensor:
+    odd = _odd_entry(value, what)
+    if odd is not None:
+        raise FormatError(path, odd)
     try:
         rows = torch.as_tensor(value)
     except RecursionError:
