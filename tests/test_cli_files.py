@@ -335,7 +335,6 @@ def test_notes_beside_sglang_dumps_do_not_stop_the_folder_being_read(capsys, tmp
     assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "p.json")]) == 0
 
 
-
 def test_a_plan_for_unequal_gpus_records_its_speeds_and_eval_uses_them(tmp_path, capsys):
     """A plan made with --gpu-speed used to be scored by eval as if every GPU were equal
     (no warning), and its file recorded that score."""

@@ -263,6 +263,25 @@ class Ceiling:
         return 1 / float(self.per_layer.min())
 
 
+def eval_gpu_speed(spec: str | None, meta: dict, num_gpus: int, placement: object
+                   ) -> torch.Tensor | None:
+    """The GPU speeds ``eval`` scores with: ``--gpu-speed``, else those the placement file
+    records (eplb's files planned with ``--gpu-speed``). A flag that contradicts recorded
+    speeds is refused; one given for a file planned for equal GPUs asks how that plan
+    fares on them."""
+    given = gpu_speed_from(spec, num_gpus)
+    recorded = meta.get("gpu_speed")
+    if recorded is None:
+        return given
+    recorded = torch.tensor(recorded, dtype=torch.float64)
+    if given is not None and not torch.equal(given, recorded):
+        values = [f"{x:g}" for x in recorded.tolist()]
+        shown = ",".join(values[:8]) + (",..." if len(values) > 8 else "")
+        raise CliError(f"{placement} records the GPU speeds it was planned for ({shown}); "
+                       f"--gpu-speed {spec} contradicts them (leave --gpu-speed out)")
+    return recorded
+
+
 def ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int,
             num_groups: int, policy: str, *, active: torch.Tensor | None = None,
             speed: bool = False) -> Ceiling:

@@ -14,6 +14,7 @@ from eplb.cli._common import (
     ceiling,
     check_output,
     check_topology,
+    eval_gpu_speed,
     existing_file,
     gpu_speed_from,
     info,
@@ -459,27 +460,6 @@ def _check_recorded(meta: dict, args: argparse.Namespace, what: str) -> None:
                        "contradicts it (leave --policy out)")
 
 
-def _eval_speed(args: argparse.Namespace, meta: dict, num_gpus: int) -> torch.Tensor | None:
-    """The GPU speeds to score with: ``--gpu-speed``, else those the file records (eplb's
-    files planned with ``--gpu-speed``). A flag that contradicts recorded speeds is
-    refused; one given for a file planned for equal GPUs asks how that plan fares on them."""
-    given = gpu_speed_from(args.gpu_speed, num_gpus)
-    recorded = meta.get("gpu_speed")
-    if recorded is None:
-        return given
-    recorded = torch.tensor(recorded, dtype=torch.float64)
-    if given is not None and not torch.equal(given, recorded):
-        raise CliError(f"{args.placement} records the GPU speeds it was planned for "
-                       f"({_speeds(recorded)}); --gpu-speed {args.gpu_speed} contradicts them "
-                       "(leave --gpu-speed out)")
-    return recorded
-
-
-def _speeds(speed: torch.Tensor) -> str:
-    values = [f"{x:g}" for x in speed.tolist()]
-    return ",".join(values) if len(values) <= 8 else ",".join(values[:8]) + ",..."
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
 
     placement, meta = read_placement_meta(
@@ -507,7 +487,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.dispatch == "nearest":
         nearest = _nearest_scores(args, placement, weight)
         after_loads = nearest.pop("gpu_loads")
-    speed = _eval_speed(args, meta, topo.num_gpus)
+    speed = eval_gpu_speed(args.gpu_speed, meta, topo.num_gpus, args.placement)
     if speed is not None and args.dispatch == "nearest":
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest (as in plan)")
     # no rebalancing, scored as the placement is (in time where GPU speeds are given)
