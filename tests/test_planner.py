@@ -206,8 +206,9 @@ def test_unknown_policy():
 # --------------------------------------------------------------------------- input errors
 @pytest.mark.parametrize(
     ("value", "where"),
-    [(float("nan"), r"weight\[2, 7\] is nan"), (float("inf"), r"weight\[2, 7\] is inf"),
-     (-1.0, r"weight\[2, 7\] is -1.0")],
+    [(float("nan"), r"weight\[2, 7\] \(layer 2, expert 7\) is nan"),
+     (float("inf"), r"weight\[2, 7\] \(layer 2, expert 7\) is inf"),
+     (-1.0, r"weight\[2, 7\] \(layer 2, expert 7\) is -1.0")],
 )
 def test_bad_load_values_name_layer_and_expert(value, where):
     w = W.clone()

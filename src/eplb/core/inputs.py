@@ -85,11 +85,19 @@ def first_bad_load(loads: torch.Tensor) -> tuple[int, ...] | None:
     return tuple(int(i) for i in bad.nonzero()[0])
 
 
+#: what each index of a load tensor counts, by its number of dimensions
+_LOAD_AXES = {1: ("expert",), 2: ("layer", "expert"), 3: ("step", "layer", "expert")}
+
+
 def _check_loads(tensor: torch.Tensor, name: str) -> None:
     bad = first_bad_load(tensor)
     if bad is not None:
         index = ", ".join(str(i) for i in bad)
-        raise ValueError(f"{name}[{index}] is {float(tensor[bad])}; loads must be finite and >= 0")
+        axes = _LOAD_AXES.get(len(bad))
+        where = "" if axes is None else " (" + ", ".join(
+            f"{axis} {i}" for axis, i in zip(axes, bad, strict=True)) + ")"
+        raise ValueError(f"{name}[{index}]{where} is {float(tensor[bad])}; loads must be "
+                         "finite and >= 0")
 
 
 def _float(tensor: torch.Tensor) -> torch.Tensor:
