@@ -188,6 +188,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             num_layers = len(keep)
         options["previous"] = previous
         _warn_revived(previous, active, args)
+        recorded = previous_meta.get("gpu_speed")
+        if recorded is not None and (speed is None or speed.tolist() != list(recorded)):
+            warn(f"{args.previous} was planned for unequal GPU speeds; this plan is for "
+                 f"{'equal GPUs' if speed is None else 'other speeds'} (pass --gpu-speed as "
+                 "it was to keep planning in time)")
     if emit == "trtllm" and trace.meta.get("model_layer_ids"):
         totals = weight.sum(1).tolist()
         idle = [layer for layer, total in zip(layer_ids, totals, strict=True) if total <= 0]
