@@ -1,0 +1,295 @@
+"""The ``eplb`` command on model layer ids (SGLang files, TensorRT-LLM keys,
+``--first-layer``), the clusters and GPU speeds that files record, and the outputs
+engines read; in-process through ``eplb.cli.main`` as in ``test_cli.py``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_cli import E, L, P, R, run, small_loads_file
+
+
+@pytest.fixture
+def loads(tmp_path):
+    return small_loads_file(tmp_path)
+
+
+def test_eval_first_layer_scores_moe_rows_of_an_sglang_file(capsys, tmp_path, loads) -> None:
+    out = tmp_path / "p.sglang.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--first-layer", "1",
+               "-o", str(out))[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", str(out), str(loads), "-g", str(P))
+    assert code == 2 and "--first-layer" in err
+    code, text, _ = run(capsys, "eval", "--placement", str(out), str(loads), "-g", str(P),
+                        "--first-layer", "1", "--json")
+    assert code == 0
+    planned = json.loads(run(capsys, "eval", "--placement", str(out), str(loads), "-g",
+                             str(P), "--first-layer", "1", "--json")[1])
+    assert planned["balancedness_after"] == json.loads(text)["balancedness_after"] > 0.9
+    code, _, err = run(capsys, "eval", "--placement", str(out), str(loads), "-g", str(P),
+                       "--first-layer", "2")
+    assert code == 2 and "no rows for model layers 5" in err and "model layers 0..4" in err
+
+
+def test_a_yaml_keyed_by_model_layer_is_scored_and_replanned_by_layer(capsys, tmp_path) -> None:
+    """``--first-layer`` means the model layer of the loads' first row in eval as in plan,
+    and a TensorRT-LLM YAML without the dense layers of an SGLang dump still matches it."""
+    gen = np.random.default_rng(3)
+    moe = np.exp(gen.normal(0, 1, size=(L, E))) * 100
+    np.save(tmp_path / "moe.npy", moe)
+    dump = tmp_path / "dump.json"  # SGLang's dump: a row per model layer, dense ones zero
+    dump.write_text(json.dumps({"logical_count": [[0.0] * E] * 3 + moe.round().tolist()}))
+    yaml_moe = tmp_path / "moe.yaml"
+    assert run(capsys, "plan", str(tmp_path / "moe.npy"), "-r", str(R), "-g", str(P),
+               "--first-layer", "3", "-o", str(yaml_moe))[0] == 0
+    code, text, err = run(capsys, "eval", "--placement", str(yaml_moe),
+                          str(tmp_path / "moe.npy"), "--first-layer", "3", "--json")
+    assert code == 0, err
+    scored = json.loads(text)
+    assert [r["layer"] for r in scored["layers"]] == list(range(3, 3 + L))
+    assert scored["balancedness_after"] > 0.9
+    # the whole dump's plan, its dense keys deleted as the warning advises
+    full = tmp_path / "full.yaml"
+    assert run(capsys, "plan", str(dump), "-r", str(R), "-g", str(P), "-o", str(full))[0] == 0
+    trimmed = tmp_path / "trimmed.yaml"
+    trimmed.write_text("".join(line for line in full.read_text().splitlines(keepends=True)
+                               if not line.startswith(("  0:", "  1:", "  2:"))))
+    code, text, err = run(capsys, "eval", "--placement", str(trimmed), str(dump), "--json")
+    assert code == 0, err
+    assert [r["layer"] for r in json.loads(text)["layers"]] == list(range(3, 3 + L))
+    out = tmp_path / "next.yaml"
+    code, _, err = run(capsys, "plan", str(dump), "-r", str(R), "-g", str(P), "--previous",
+                       str(trimmed), "-o", str(out))
+    assert code == 0 and "rows 0..2 saw no tokens" in err and "left out" in err
+    keys = [line.split(":")[0].strip() for line in out.read_text().splitlines()
+            if line.startswith("  ") and line.strip()[:1].isdigit()]
+    assert keys == [str(layer) for layer in range(3, 3 + L)]
+    # a layer with load that the placement lacks is an error naming it
+    dump.write_text(json.dumps({"logical_count": [[1.0] * E] + [[0.0] * E] * 2
+                                + moe.round().tolist()}))
+    code, _, err = run(capsys, "eval", "--placement", str(trimmed), str(dump))
+    assert code == 2 and "no rows for model layers 0" in err and "holds layers 3.." in err
+
+
+def test_plan_previous_takes_the_loads_rows_of_an_sglang_file(capsys, tmp_path, loads) -> None:
+    # an SGLang file has a row per model layer; loads of the MoE layers are its rows 1..L
+    old = tmp_path / "old.sglang.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--first-layer", "1",
+               "-o", str(old))[0] == 0
+    base = ["plan", str(loads), "-r", str(R), "-g", str(P), "--previous", str(old)]
+    code, _, err = run(capsys, *base, "-o", str(tmp_path / "a.json"))
+    assert code == 2 and "--first-layer K" in err and "Traceback" not in err
+    code, text, err = run(capsys, *base, "--first-layer", "1", "-o", str(tmp_path / "b.json"))
+    assert code == 0, err
+    assert "moved 0 slots" in text  # the same loads: the placement in force stands
+    named = tmp_path / "named.json"  # loads that name their model layers: picked by id
+    named.write_text(json.dumps({"counts": np.load(loads).tolist(),
+                                 "layers": list(range(1, L + 1))}))
+    code, text, err = run(capsys, "plan", str(named), "-r", str(R), "-g", str(P),
+                          "--previous", str(old), "-o", str(tmp_path / "c.json"))
+    assert code == 0 and "moved 0 slots" in text, err
+
+
+def test_sglang_output_on_several_nodes_names_the_dispatch_rule(capsys, tmp_path, loads) -> None:
+    base = ["plan", str(loads), "-r", str(R), "-g", str(P), "--nodes", "2", "--groups", "4",
+            "--first-layer", "0", "--num-model-layers", str(L)]
+    code, _, err = run(capsys, *base, "-o", str(tmp_path / "a.sglang.json"))
+    assert code == 0 and "plan with --dispatch nearest" in err, err
+    code, _, err = run(capsys, *base, "--policy", "global", "--dispatch", "nearest",
+                       "-o", str(tmp_path / "b.sglang.json"))
+    assert code == 0 and "--dispatch nearest" not in err, err
+    code, _, err = run(capsys, *base[:10], "-o", str(tmp_path / "c.json"))  # not for SGLang
+    assert code == 0 and "--dispatch nearest" not in err, err
+
+
+def test_dead_gpus_name_the_live_topology_for_an_engine_and_refuse_repeats(capsys, tmp_path,
+                                                                           loads) -> None:
+    base = ["plan", str(loads), "-r", "24", "-g", str(P), "--first-layer", "0"]
+    code, _, err = run(capsys, *base, "--dead-gpus", "1,1", "-o", str(tmp_path / "a.json"))
+    assert code == 2 and "names GPU 1 twice" in err
+    for empty in ("", ",,"):  # given, but naming nothing: not silently "none dead"
+        code, _, err = run(capsys, *base, "--dead-gpus", empty, "-o", str(tmp_path / "a.json"))
+        assert code == 2 and "names no GPU" in err
+    code, _, err = run(capsys, *base, "--dead-gpus", "1", "-o", str(tmp_path / "b.yaml"))
+    assert code == 2 and "-g 3 -r 18, 6 slots per GPU" in err, err  # 16 experts on 3 GPUs
+    assert run(capsys, "plan", str(loads), "-r", "18", "-g", "3", "-o",
+               str(tmp_path / "b.yaml"))[0] == 0
+
+
+def test_eval_gpu_speed_scores_time_not_load(capsys, tmp_path, loads) -> None:
+    speeds = "2,1,1,1"
+    # an engine file records no speeds: eval scores it as equal GPUs unless told
+    out = tmp_path / "p.yaml"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--gpu-speed", speeds,
+               "-o", str(out))[0] == 0
+    plain = json.loads(run(capsys, "eval", "--placement", str(out), str(loads), "--json")[1])
+    timed = json.loads(run(capsys, "eval", "--placement", str(out), str(loads), "--json",
+                           "--gpu-speed", speeds)[1])
+    assert timed["balancedness_after"] > plain["balancedness_after"]
+    assert timed["balancedness_ceiling"] is None
+    # eplb's own file records them, and eval scores it with them
+    own = tmp_path / "p.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--gpu-speed", speeds,
+               "-o", str(own))[0] == 0
+    recorded = json.loads(run(capsys, "eval", "--placement", str(own), str(loads),
+                              "--json")[1])
+    assert recorded["balancedness_after"] == timed["balancedness_after"]
+
+
+def test_before_is_scored_in_time_too_with_gpu_speeds(capsys, tmp_path, loads) -> None:
+    # "before" and "after" are one measure: ideal time / actual time of each GPU
+    speeds = "2,1,1,1"
+    # no rebalancing: experts in order, E / P per GPU; time = load / speed
+    gpu = torch.from_numpy(np.load(loads)).reshape(L, P, E // P).sum(2)
+    speed = torch.tensor([2.0, 1.0, 1.0, 1.0])
+    expected = float((gpu.sum(1) / speed.sum()).sum() / (gpu / speed).amax(1).sum())
+    out = tmp_path / "p.json"
+    planned = json.loads(run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P),
+                             "--gpu-speed", speeds, "-o", str(out), "--json")[1])
+    scored = json.loads(run(capsys, "eval", "--placement", str(out), str(loads), "--json",
+                            "--gpu-speed", speeds)[1])
+    assert planned["balancedness_before"] == pytest.approx(expected, rel=1e-12)
+    assert scored["balancedness_before"] == pytest.approx(expected, rel=1e-12)
+    for row in scored["layers"]:  # the per-layer worst is in time too
+        for side in ("before", "after"):
+            assert row[f"max_over_mean_{side}"] == pytest.approx(
+                1 / row[f"balancedness_{side}"], rel=1e-12)
+
+
+def test_first_layer_beyond_any_model_is_refused(capsys, tmp_path, loads) -> None:
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--first-layer",
+                       "100000000", "-o", str(tmp_path / "p.sglang.json"))
+    assert code == 2 and "--first-layer must be a model layer" in err
+
+
+def test_eval_scores_the_loads_own_model_layers(capsys, tmp_path) -> None:
+    """Loads that name non-consecutive model layers, against an SGLang file with a row
+    for every model layer: eval scores rows 0, 2 (not 0, 1)."""
+    rows = (np.random.default_rng(1).random((2, 8)) * 100 + 1).tolist()
+    loads = tmp_path / "counts.json"
+    loads.write_text(json.dumps({"model/task": {"layers": [0, 2], "counts": rows}}))
+    out = tmp_path / "p.sglang.json"
+    assert run(capsys, "plan", str(loads), "--key", "model/task", "-r", "12", "-g", "4",
+               "-o", str(out))[0] == 0
+    code, text, _ = run(capsys, "eval", "--placement", str(out), str(loads), "--key",
+                        "model/task", "-g", "4", "--json")
+    assert code == 0 and json.loads(text)["balancedness_after"] > 0.95
+    # --first-layer names the loads' first layer, as in plan: 0 agrees, 1 contradicts
+    assert run(capsys, "eval", "--placement", str(out), str(loads), "--key", "model/task",
+               "-g", "4", "--first-layer", "0", "--json")[1] == text
+    code, _, err = run(capsys, "eval", "--placement", str(out), str(loads), "--key",
+                       "model/task", "-g", "4", "--first-layer", "1")
+    assert code == 2 and "contradicts" in err
+
+
+def test_threads_beyond_any_machine_are_refused(capsys, tmp_path, loads) -> None:
+    code, _, err = run(capsys, "--threads", "100000", "plan", str(loads), "-r", str(R), "-g",
+                       str(P), "-o", str(tmp_path / "p.json"))
+    assert code == 2 and "1..256" in err
+
+
+def test_plan_shows_the_placement_in_force_and_refuses_one_from_another_cluster(
+        capsys, tmp_path, loads) -> None:
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "-o", str(old))[0] == 0
+    code, out, _ = run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--previous",
+                       str(old), "-o", str(tmp_path / "new.json"), "--json")
+    assert code == 0
+    summary = json.loads(out)
+    assert summary["balancedness_in_force"] > summary["balancedness_before"]
+    code, out, _ = run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--previous",
+                       str(old), "-o", str(tmp_path / "table.json"))
+    assert code == 0 and "in force (--previous)" in out
+    code, _, err = run(capsys, "plan", str(loads), "-r", "24", "-g", "8", "--previous",
+                       str(old), "-o", str(tmp_path / "other.json"))
+    assert code == 2
+    assert "planned for 24 slots on 4 GPUs" in err and "24 on 8" in err
+
+
+def test_slack_at_its_default_value_still_needs_the_locality_policy(capsys, tmp_path,
+                                                                   loads) -> None:
+    for extra in ([], ["--dispatch", "nearest", "--nodes", "2"]):
+        code, _, err = run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--slack",
+                           "0.03", *extra, "-o", str(tmp_path / "p.json"))
+        assert code == 2 and "--slack" in err
+
+
+def test_eval_refuses_flags_that_contradict_what_the_file_records(capsys, tmp_path,
+                                                                   loads) -> None:
+    # eplb's files (and its TensorRT-LLM YAML) record their cluster and policy; the flags
+    # describe engine files, and were silently ignored (or half applied) for these
+    for name in ("h.json", "h.yaml"):
+        out = tmp_path / name
+        assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes", "2",
+                   "--groups", "4", "--first-layer", "0", "-o", str(out))[0] == 0
+        base = ["eval", "--placement", str(out), str(loads), "--json"]
+        scored = json.loads(run(capsys, *base)[1])
+        assert scored["policy"] == "hierarchical"
+        assert scored["topology"]["num_nodes"] == 2
+        # the same numbers with the flags that agree, refused with those that do not
+        again = json.loads(run(capsys, *base, "-g", str(P), "--nodes", "2")[1])
+        assert again["balancedness_after"] == scored["balancedness_after"]
+        for flags, needle in ((["-g", "2"], "-g 2 contradicts"),
+                              (["--nodes", "1"], "--nodes 1 contradicts"),
+                              (["--groups", "8"], "--groups 8 contradicts"),
+                              (["--policy", "global"], "--policy global contradicts")):
+            code, _, err = run(capsys, *base, *flags)
+            assert code == 2 and needle in err, (name, flags, err)
+
+
+@pytest.mark.parametrize(("name", "said"), [
+    ("plan.npy", "'.npy' names no placement format"),
+    ("plan", "no suffix"),
+    ("sglang.json", "SGLang does not read"),
+])
+def test_an_output_name_of_no_placement_format_is_warned_about(capsys, tmp_path, loads, name,
+                                                              said) -> None:
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
+                       str(tmp_path / name))
+    assert code == 0 and said in err and json.loads((tmp_path / name).read_text())
+
+
+def test_plans_of_loads_without_layer_ids_pair_with_their_loads_in_order(capsys,
+                                                                         tmp_path) -> None:
+    """Found by a review: a plan of MoE-only rows records no layer ids, so it pairs with
+    the same rows given --first-layer, and with a dump whose dense rows are all zero."""
+    moe = np.exp(np.random.default_rng(4).normal(0, 1, size=(L, E))) * 100
+    np.save(tmp_path / "moe.npy", moe)
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"logical_count": [[0.0] * E] * 3 + moe.round().tolist()}))
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", str(tmp_path / "moe.npy"), "-r", str(R), "-g", str(P), "-o",
+               str(old))[0] == 0
+    assert json.loads(old.read_text()).get("layer_ids") is None
+    code, _, err = run(capsys, "plan", str(tmp_path / "moe.npy"), "--first-layer", "3",
+                         "-r", str(R), "-g", str(P), "--previous", str(old), "-o",
+                         str(tmp_path / "new.json"), "--json")
+    assert code == 0, err
+    code, text, err = run(capsys, "eval", "--placement", str(old), str(dump), "--json")
+    assert code == 0 and "rows 0..2 saw no tokens" in err
+    assert [r["layer"] for r in json.loads(text)["layers"]] == list(range(3, 3 + L))
+
+
+def test_routing_follows_the_layers_planned_when_dense_rows_are_left_out(capsys,
+                                                                          tmp_path) -> None:
+    # found by a review: --previous without the dump's dense rows left the routing trace
+    # with the dump's layer count, refused as a mismatch
+    moe = np.exp(np.random.default_rng(6).normal(0, 1, size=(L, E))) * 100
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"logical_count": [[0.0] * E] * 2 + moe.round().tolist()}))
+    ids = np.random.default_rng(7).integers(0, E, size=(64, L + 2, 2))
+    ids[:, :, 1] = (ids[:, :, 0] + 1) % E  # two distinct experts per token
+    np.savez(tmp_path / "routing.npz", topk=ids)
+    full = tmp_path / "full.yaml"
+    assert run(capsys, "plan", str(dump), "-r", str(R), "-g", str(P), "-o", str(full))[0] == 0
+    trimmed = tmp_path / "trimmed.yaml"
+    trimmed.write_text("".join(line for line in full.read_text().splitlines(keepends=True)
+                               if not line.startswith(("  0:", "  1:"))))
+    code, _, err = run(capsys, "plan", str(dump), "-r", str(R), "-g", str(P), "--nodes", "2",
+                       "--policy", "locality", "--dispatch", "nearest", "--routing",
+                       str(tmp_path / "routing.npz"), "--previous", str(trimmed),
+                       "-o", str(tmp_path / "next.json"))
+    assert code == 0, err
