@@ -7,6 +7,7 @@ a umask, over an existing file, next to a dangling symlink, twice at once, or ki
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing
 import os
 import signal
@@ -338,8 +339,6 @@ def test_notes_beside_sglang_dumps_do_not_stop_the_folder_being_read(capsys, tmp
 def test_a_plan_for_unequal_gpus_records_its_speeds_and_eval_uses_them(tmp_path, capsys):
     """A plan made with --gpu-speed used to be scored by eval as if every GPU were equal
     (no warning), and its file recorded that score."""
-    import json
-
     loads = tmp_path / "loads.json"
     weight = torch.exp(torch.randn(4, 16, generator=torch.Generator().manual_seed(5)))
     loads.write_text(json.dumps({"logical_count": weight.tolist()}))

@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import eplb
+import eplb.tools
 from eplb.formats import (
     FORMATS,
     FormatError,
@@ -497,8 +498,6 @@ def test_real_olmoe_counts_by_key():
 
 def test_a_trace_prints_its_shape_not_its_numbers():
     """print() of a generated trace dumped its counts and meta (22 kB for 6000 steps)."""
-    from eplb.tools import generate_trace
-
-    text = repr(generate_trace("deepseek-v3", steps=600))
+    text = repr(eplb.tools.generate_trace("deepseek-v3", steps=600))
     assert text.startswith("LoadTrace(steps=600, layers=58, experts=256, layer_ids=3..60")
     assert len(text) < 400

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 import eplb
 from eplb.core import plan_greedy
 from eplb.online.budget import spend_budget
+from eplb.tools.generator import generate_loads
 
 L, E, P, S = 6, 32, 8, 5
 R = P * S
@@ -591,8 +592,6 @@ def test_hierarchical_rebalances_of_generated_deepseek_loads_keep_the_contract()
     start can hold an expert twice on a GPU before the search, and every plan must still
     keep the contract. (Seed 107 is one where a scan for such replicas limited to the
     rows whose transfers got stuck left one in layer 19.)"""
-    from eplb.tools.generator import generate_loads
-
     replicas, gpus, nodes, groups = 288, 32, 4, 8
     for seed in (106, 107):
         weight = generate_loads("deepseek-v3", seed=seed).round()

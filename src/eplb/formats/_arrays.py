@@ -10,6 +10,7 @@ layer of each row) is read as one array with those layer ids.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +48,6 @@ def array_names(obj: dict[str, Any]) -> list[str]:
 
 def _close(key: str, names: list[str]) -> str:
     """`` did you mean 'x'?`` for a mistyped key, or nothing."""
-    import difflib
-
     near = [n for n in names if n.startswith(key)][:3] or difflib.get_close_matches(
         key, names, n=3, cutoff=0.8)
     return f" did you mean {', '.join(map(repr, near))}?" if near else ""
