@@ -207,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine files, which do not record it: auto = hierarchical when the "
                         "cluster allows it and the placement keeps every group on one node")
     p.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
-                   help="relative GPU speeds the placement was planned for (as in plan; "
-                        "placement files do not record them)")
+                   help="relative GPU speeds the placement was planned for (as in plan); "
+                        "for engine files, which cannot record them: eplb's own files "
+                        "planned with --gpu-speed record them, and eval uses those")
     p.add_argument("--first-layer", type=int, default=None, metavar="K",
                    help="model layer of the loads' first row, for loads files that do not "
                         "name their layers (as in plan; 3 for DeepSeek-V3's MoE rows). Rows "

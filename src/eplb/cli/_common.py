@@ -263,6 +263,18 @@ class Ceiling:
         return 1 / float(self.per_layer.min())
 
 
+def _runs(speeds: torch.Tensor) -> str:
+    """GPU speeds as runs, e.g. ``16×1, 16×2``: a list of 32 values cut after its first
+    few would hide where two lists differ."""
+    runs: list[list] = []
+    for x in speeds.tolist():
+        if runs and runs[-1][1] == x:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, x])
+    return ", ".join(f"{n}×{x:g}" if n > 1 else f"{x:g}" for n, x in runs)
+
+
 def eval_gpu_speed(spec: str | None, meta: dict, num_gpus: int, placement: object
                    ) -> torch.Tensor | None:
     """The GPU speeds ``eval`` scores with: ``--gpu-speed``, else those the placement file
@@ -275,10 +287,11 @@ def eval_gpu_speed(spec: str | None, meta: dict, num_gpus: int, placement: objec
         return given
     recorded = torch.tensor(recorded, dtype=torch.float64)
     if given is not None and not torch.equal(given, recorded):
-        values = [f"{x:g}" for x in recorded.tolist()]
-        shown = ",".join(values[:8]) + (",..." if len(values) > 8 else "")
-        raise CliError(f"{placement} records the GPU speeds it was planned for ({shown}); "
-                       f"--gpu-speed {spec} contradicts them (leave --gpu-speed out)")
+        gpu = int((given != recorded).nonzero()[0, 0])
+        raise CliError(f"{placement} records the GPU speeds it was planned for "
+                       f"({_runs(recorded)}); --gpu-speed gives {_runs(given)}, which differs "
+                       f"first at GPU {gpu} ({given[gpu].item():g} against "
+                       f"{recorded[gpu].item():g}): leave --gpu-speed out")
     return recorded
 
 

@@ -188,6 +188,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             num_layers = len(keep)
         options["previous"] = previous
         _warn_revived(previous, active, args)
+        if (previous_meta.get("topology") and (args.nodes, args.groups) == (1, 1)
+                and (recorded.num_nodes, recorded.num_groups) != (1, 1)):
+            # a file that records several nodes or groups (eplb's, the YAML eplb writes)
+            # re-planned without --nodes/--groups: the plan turns global and spreads every
+            # group over the nodes, with no other sign of it
+            warn(f"{args.previous} was planned for {recorded.num_nodes} node(s) and "
+                 f"{recorded.num_groups} group(s) ({previous.policy}); this plan is for one "
+                 f"node and one group: pass --nodes {recorded.num_nodes} --groups "
+                 f"{recorded.num_groups} to keep planning for its cluster")
         recorded = previous_meta.get("gpu_speed")
         if recorded is not None and (speed is None or speed.tolist() != list(recorded)):
             warn(f"{args.previous} was planned for unequal GPU speeds; this plan is for "
@@ -546,7 +555,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"({placement.policy})",
         ["", "balancedness", "worst max/mean"],
         [["no rebalancing (before)", before, before_worst],
-         ["this placement (after)", after, after_worst],
+         [f"this placement (after{', nearest rule' if nearest is not None else ''})", after,
+          after_worst],
          ["ceiling (upper bound)", ceil.overall, ceil.worst]],
     )
     if ceil.note and ceil.overall is None:

@@ -1,0 +1,74 @@
+"""What ``eplb plan`` / ``eplb eval`` tell a user who slips: messages found unclear or
+missing by a newcomer pass with the real DeepSeek-V3 loads, checked here on small ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eplb.cli import main
+
+
+@pytest.fixture()
+def loads(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    w = (torch.exp(torch.randn(4, 32, generator=g, dtype=torch.float64)) * 100).round()
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"logical_count": w.tolist()}))
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_contradicting_gpu_speeds_are_shown_where_they_differ(tmp_path, capsys, loads):
+    """The refusal used to show the recorded speeds cut after 8 values: for 16 slow GPUs
+    then 16 fast ones it read '(1,1,1,1,1,1,1,1,...)', as if the file agreed with
+    ``--gpu-speed 1,...,1``."""
+    speeds = ",".join(["1"] * 8 + ["2"] * 8)
+    out = tmp_path / "fast.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "--gpu-speed", speeds,
+               "-o", out)[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", out, loads, "--gpu-speed",
+                       ",".join(["1"] * 16))
+    assert code == 2
+    assert "(8×1, 8×2)" in err and "gives 16×1" in err
+    assert "first at GPU 8 (1 against 2)" in err
+
+
+def test_eval_help_says_eplb_files_record_gpu_speeds(capsys):
+    assert main(["eval", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "placement files do not record them" not in text
+    assert "eplb's own files planned with --gpu-speed record them" in text
+
+
+def test_replanning_a_hierarchical_file_without_its_cluster_warns(tmp_path, capsys, loads):
+    """A YAML planned for 4 nodes and 8 groups, re-planned with --previous but without
+    --nodes/--groups, turned global without a word."""
+    old = tmp_path / "lb.yaml"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "--nodes", 4, "--groups", 8,
+               "-o", old)[0] == 0
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--previous", old,
+                       "-o", tmp_path / "next.yaml")
+    assert code == 0
+    assert "planned for 4 node(s) and 8 group(s) (hierarchical)" in err
+    assert "pass --nodes 4 --groups 8" in err
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--nodes", 4, "--groups",
+                       8, "--previous", old, "-o", tmp_path / "same.yaml")
+    assert code == 0 and "node(s)" not in err
+
+
+def test_eval_under_the_nearest_rule_labels_its_after_row(tmp_path, capsys, loads):
+    out = tmp_path / "p.sglang.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", out)[0] == 0
+    code, stdout, _ = run(capsys, "eval", "--placement", out, loads, "-g", 16, "--nodes", 4,
+                          "--dispatch", "nearest", "--summary")
+    assert code == 0 and "this placement (after, nearest rule)" in stdout
+    code, stdout, _ = run(capsys, "eval", "--placement", out, loads, "-g", 16, "--summary")
+    assert code == 0 and "this placement (after) " in stdout
