@@ -72,3 +72,16 @@ def test_eval_under_the_nearest_rule_labels_its_after_row(tmp_path, capsys, load
     assert code == 0 and "this placement (after, nearest rule)" in stdout
     code, stdout, _ = run(capsys, "eval", "--placement", out, loads, "-g", 16, "--summary")
     assert code == 0 and "this placement (after) " in stdout
+
+
+def test_eval_summary_json_leaves_out_the_per_layer_list(tmp_path, capsys, loads):
+    """``--summary`` skips the per-layer table; with ``--json`` it used to keep the
+    per-layer list all the same."""
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", out)[0] == 0
+    code, full, _ = run(capsys, "eval", "--placement", out, loads, "--json")
+    assert code == 0 and len(json.loads(full)["layers"]) == 4
+    code, short, _ = run(capsys, "eval", "--placement", out, loads, "--json", "--summary")
+    summary = json.loads(short)
+    assert code == 0 and "layers" not in summary
+    assert summary["balancedness_after"] == json.loads(full)["balancedness_after"]

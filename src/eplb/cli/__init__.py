@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("loads", metavar="LOADS", help="loads file")
     p.add_argument("--placement", required=True, metavar="FILE", help="placement file")
     add_input_options(p)
-    p.add_argument("--summary", action="store_true", help="skip the per-layer table")
+    p.add_argument("--summary", action="store_true",
+                   help="skip the per-layer table (with --json: the per-layer list)")
     p.add_argument("-g", "--gpus", type=int, default=None, metavar="P",
                    help="GPUs, for engine files that do not record it (SGLang JSON)")
     p.add_argument("--nodes", type=int, default=None, metavar="N",

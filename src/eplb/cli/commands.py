@@ -541,6 +541,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if nearest is not None:
         result.update(nearest)
     if args.json:
+        if args.summary:  # the figures without the per-layer list
+            del result["layers"]
         print_json(result)
         return 0
     if not args.summary:
