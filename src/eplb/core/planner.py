@@ -169,7 +169,8 @@ def make_request(
         num_live_slots = int(live.sum()) * topology.slots_per_gpu
         if num_live_slots < num_experts:
             raise ValueError(
-                f"only {int(live.sum())} of {topology.num_gpus} GPUs are live: {num_live_slots} "
+                f"only {int(live.sum())} of {topology.num_gpus} GPUs "
+                f"{'is' if int(live.sum()) == 1 else 'are'} live: {num_live_slots} "
                 f"slots cannot hold {num_experts} experts (each needs a replica on a live GPU)"
             )
         if bool(live.all()):
