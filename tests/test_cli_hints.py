@@ -85,3 +85,21 @@ def test_eval_summary_json_leaves_out_the_per_layer_list(tmp_path, capsys, loads
     summary = json.loads(short)
     assert code == 0 and "layers" not in summary
     assert summary["balancedness_after"] == json.loads(full)["balancedness_after"]
+
+
+@pytest.mark.parametrize("name", ["lb.yaml", "init.sglang.json"])
+def test_engine_output_with_dead_gpus_is_refused_before_planning(tmp_path, capsys, loads,
+                                                                  name):
+    """An engine file cannot hold dead GPUs' empty slots: refused up front, with no
+    warning about the file it would have been (the TensorRT-LLM layer-key warning used
+    to come first) and nothing written."""
+    rows = json.loads(loads.read_text())["logical_count"]
+    rows[0] = [0] * len(rows[0])  # a dense layer of an SGLang dump: TRT-LLM warns of it
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"logical_count": rows}))
+    out = tmp_path / name
+    code, _, err = run(capsys, "plan", dump, "-r", 48, "-g", 16, "--dead-gpus", "3",
+                       "-o", out)
+    assert code == 2 and not out.exists()
+    assert "warning" not in err
+    assert "GPUs [3] are dead" in err and "-g 15 -r 45" in err

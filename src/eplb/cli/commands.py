@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -24,31 +23,12 @@ from eplb.cli._common import (
     static_gpu_loads,
     timed,
 )
-from eplb.cli._inputs import cli_policy, read_trace, warn
+from eplb.cli._inputs import cli_policy, infer_emit, read_trace, warn
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement_meta, read_routing, write_placement
-
-EMIT_BY_SUFFIX = {".yaml": "trtllm", ".yml": "trtllm", ".pt": "pt", ".json": "json"}
-
-
-def infer_emit(emit: str | None, output: str | Path) -> str:
-    """``--emit`` or, when absent, the format implied by OUT's name (see ``eplb plan --help``)."""
-    if emit:
-        return emit
-    name = Path(output).name.lower()
-    if name.endswith((".sglang.json", ".sglang.pt")):
-        return "sglang"
-    suffix = Path(name).suffix
-    if suffix not in EMIT_BY_SUFFIX:
-        what = f"'{suffix}' names no placement format" if suffix else "no suffix"
-        warn(f"{Path(output).name}: {what}; writing eplb's JSON (name OUT *.json, *.pt, "
-             "*.yaml or *.sglang.json, or pass --emit)")
-    elif Path(name).stem.endswith("sglang") and suffix == ".json":  # sglang.json, x-sglang.json
-        warn(f"{Path(output).name}: writing eplb's JSON, which SGLang does not read; name "
-             "OUT *.sglang.json (or pass --emit sglang) for SGLang's --init-expert-location")
-    return EMIT_BY_SUFFIX.get(suffix, "json")
+from eplb.formats.placements import dead_gpus_message
 
 
 def _ranges(ids: list[int]) -> str:
@@ -147,6 +127,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     num_layers, num_experts = weight.shape
     check_topology(args.replicas, args.gpus, args.nodes, args.groups, num_experts,
                    num_layers)
+    active = active_gpus_from(args.dead_gpus, args.gpus)
+    if emit in ("sglang", "trtllm") and active is not None and not bool(active.all()):
+        # refused before planning (and before any warning about the file it would be)
+        raise CliError(dead_gpus_message(emit, (~active).nonzero().flatten().tolist(),
+                                         args.gpus, args.replicas // args.gpus, num_experts))
     layer_ids = _layer_ids(trace, args.first_layer, loads)
     model_layers = _sglang_layers(trace, layer_ids, args, loads) if emit == "sglang" else None
     if emit == "trtllm" and not trace.meta.get("model_layer_ids") and args.first_layer is None:
@@ -159,7 +144,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
              "nearest replica, not evenly over replicas: for it, plan with --dispatch nearest "
              "(--policy global or locality); this plan is for an even split (SGLang's "
              "dynamic dispatch)")
-    active = active_gpus_from(args.dead_gpus, args.gpus)
     speed = gpu_speed_from(args.gpu_speed, args.gpus)
     options: dict = {}
     if active is not None:

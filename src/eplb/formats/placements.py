@@ -49,6 +49,22 @@ _TRT_COMMENT = re.compile(r"^#\s*eplb-topology:\s*(\{.*\})\s*$", re.M)
 
 
 # ------------------------------------------------------------------------------ writing
+def dead_gpus_message(emit: str, dead: list[int], num_gpus: int, slots_per_gpu: int,
+                      num_experts: int) -> str:
+    """Why engine format ``emit`` cannot take a plan with the GPUs ``dead`` of
+    ``num_gpus`` (their slots hold -1), and the live-only plan to make instead."""
+    live = num_gpus - len(dead)
+    # the smallest slot count per live GPU that still holds every expert
+    slots = max(slots_per_gpu, -(-num_experts // max(live, 1)))
+    return (
+        f"{emit} cannot express empty slots, but GPUs {dead} are dead (their slots hold -1). "
+        f"Plan for the {live} live GPUs only before emitting an engine format (e.g. CLI: "
+        f"-g {live} -r {live * slots}, {slots} slots per GPU) and restart the engine on "
+        "them; or write eplb's own format, which keeps dead GPUs "
+        "(emit='json'/'pt'; CLI: --emit json/pt or an OUT ending .json/.pt)"
+    )
+
+
 def write_placement(
     placement: Placement,
     path: str | PathLike[str],
@@ -105,16 +121,8 @@ def write_placement(
     if emit in ("sglang", "trtllm") and bool((placement.phy2log < 0).any()):
         dead = (~placement.live_gpus()).nonzero().flatten().tolist()
         topo = placement.topology
-        live = topo.num_gpus - len(dead)
-        # the smallest slot count per live GPU that still holds every expert
-        slots = max(topo.slots_per_gpu, -(-placement.num_experts // live))
-        raise ValueError(
-            f"{emit} cannot express empty slots, but GPUs {dead} are dead (their slots hold -1). "
-            f"Plan for the {live} live GPUs only before emitting an engine format (e.g. CLI: "
-            f"-g {live} -r {live * slots}, {slots} slots per GPU) and restart the engine on "
-            "them; or write eplb's own format, which keeps dead GPUs "
-            "(emit='json'/'pt'; CLI: --emit json/pt or an OUT ending .json/.pt)"
-        )
+        raise ValueError(dead_gpus_message(emit, dead, topo.num_gpus, topo.slots_per_gpu,
+                                           placement.num_experts))
     if emit == "sglang":
         num_rows = _sglang_num_rows(ids, num_model_layers)
         suffix = path.suffix.lower()
