@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 
 import numpy as np
 import torch
@@ -115,8 +116,13 @@ def group_pair_surrogate(
 
 def _partitions(num_groups: int, num_nodes: int) -> torch.Tensor | None:
     """``[A, G]`` every split of ``G`` groups into ``N`` nodes of ``G/N`` (up to labels),
-    or ``None`` when there are more than 20 000."""
+    or ``None`` when there are more than 20 000 (counted first: the recursion below
+    cannot stop its loops early, so a large count would run for hours)."""
     per = num_groups // num_nodes
+    count = math.factorial(num_groups) // (math.factorial(per) ** num_nodes
+                                           * math.factorial(num_nodes))
+    if count > 20000:
+        return None
     out: list[list[int]] = []
 
     def rec(label: list[int], free: list[int], node: int) -> None:
