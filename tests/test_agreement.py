@@ -95,6 +95,27 @@ def test_a_rank_that_never_publishes_is_named_after_the_timeout():
         run_round(agreements, [plan(1)] * 3)
 
 
+
+@pytest.mark.parametrize("timeout", [1e-300, 0.0004])
+@pytest.mark.parametrize("kind", ["hash", "file"])
+def test_a_timeout_under_a_millisecond_still_ends_the_wait(tmp_path, kind, timeout):
+    # these stores count whole milliseconds and read 0 ms as "wait forever"
+    store = dist.HashStore() if kind == "hash" else dist.FileStore(str(tmp_path / "store"), 2)
+    agreement = PlanAgreement(store, 0, 2, "eplb/t", timeout_s=timeout)
+    raised: list[BaseException] = []
+
+    def lone_rank() -> None:
+        try:
+            agreement.agree(plan(1))
+        except AgreementError as exc:
+            raised.append(exc)
+
+    waiter = threading.Thread(target=lone_rank, daemon=True)
+    waiter.start()
+    waiter.join(20)
+    assert not waiter.is_alive(), f"a {timeout} s timeout waited forever"
+    assert raised and "got none from rank(s) 1" in str(raised[0])
+
 def test_rounds_stay_in_step_and_old_keys_are_deleted(group):
     store, agreements = group
     for i in range(6):

@@ -145,12 +145,15 @@ class PlanAgreement:
         return f"{self.namespace}/{round_}/{kind}{tail}"
 
     def _wait(self, keys: list[str], what: str, round_: int) -> None:
+        # stores count whole milliseconds, and 0 ms means "no timeout" to a HashStore or
+        # FileStore: a wait shorter than 1 ms would never end
+        wait = timedelta(milliseconds=max(1, round(self.timeout_s * 1000)))
         try:
-            self.store.wait(keys, timedelta(seconds=self.timeout_s))
+            self.store.wait(keys, wait)
         except Exception as exc:  # the store's timeout error type varies by store and version
             missing = [k.rsplit("/", 1)[-1] for k in keys if not self._present(k)]
             raise AgreementError(
-                f"eplb: rank {self.rank} waited {self.timeout_s:.0f} s for {what} of rebalance "
+                f"eplb: rank {self.rank} waited {self.timeout_s:g} s for {what} of rebalance "
                 f"{round_} ({self.namespace}) and got none from rank(s) {', '.join(missing)}: "
                 "those ranks do not run eplb's policy (switch unset there, eplb not installed, "
                 f"or a different vLLM policy) or failed before planning. ({exc})"
