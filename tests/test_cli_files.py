@@ -269,6 +269,36 @@ def test_a_failing_writer_leaves_nothing(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+
+_FULL_DISK = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
+from eplb.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("name", ["t.pt", "t.npz", "t.npy", "t.json", "p.pt", "p.json"])
+def test_a_write_that_runs_out_of_room_names_the_file_and_leaves_the_old_one(tmp_path, name):
+    # torch.save used to say "[enforce fail at inline_container.cc] unexpected pos 832 vs
+    # 726", np.save "2969600 requested and 16352 written", the others no file name
+    out = tmp_path / name
+    out.write_text("old complete file\n")
+    command = (["generate", "--steps", "3", "-q"] if name.startswith("t.") else
+               ["plan", str(_big_loads(tmp_path)), "-r", "512", "-g", "8"])
+    done = subprocess.run([sys.executable, "-c", _FULL_DISK, *command, "-o", str(out),
+                           "--force"], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert f"cannot write {out}: File too large" in done.stderr
+    assert out.read_text() == "old complete file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) in ([name], sorted([name, "big.npy"]))
+
+
+def _big_loads(folder: Path) -> Path:
+    np.save(folder / "big.npy", np.random.default_rng(0).integers(0, 1000, (8, 256)))
+    return folder / "big.npy"
+
 def test_api_writers_refuse_to_overwrite_and_publish_complete_files(tmp_path) -> None:
     placement = eplb.plan(torch.rand(3, 8) * 10, 12, 4)
     path = write_placement(placement, tmp_path / "a.json")

@@ -237,6 +237,39 @@ def _copy_to_named(fd: int, directory: Path, name: str, file_mode: int) -> Path:
     return tmp
 
 
+class _Sink:
+    """The handle ``write`` callbacks get: it remembers the first ``OSError`` of a write.
+
+    ``torch.save`` turns a failed write (a full disk) into an opaque ``RuntimeError``
+    ("unexpected pos ..."), and ``np.save`` on a real file into an ``OSError`` without
+    errno ("N requested and M written"); a handle that is not a real file makes NumPy go
+    through ``write()`` too, and the remembered error is raised instead, naming the file.
+    Everything else is the handle's own.
+    """
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            if self.error is None:
+                self.error = exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
+
+
+def _named(exc: OSError, path: Path) -> OSError:
+    """``exc`` with a message that names ``path`` (the output, not a temporary file)."""
+    if exc.errno is None:
+        return OSError(f"cannot write {path}: {exc}")
+    return type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}")
+
+
 def atomic_write(
     path: Path, write: Callable[[Any], None], mode: str = "w", *, force: bool = False
 ) -> None:
@@ -266,24 +299,38 @@ def atomic_write(
         raise type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}") from None
     try:
         kwargs = {} if "b" in mode else {"encoding": "utf-8"}
-        with os.fdopen(fd, mode, **kwargs) as handle:
-            write(handle)
-            handle.flush()
-            if keep_mode is not None:
-                os.fchmod(handle.fileno(), keep_mode)
-            os.fsync(handle.fileno())
-            if tmp is None:  # unnamed: publish straight from the descriptor when possible
-                src = f"/proc/self/fd/{handle.fileno()}"
-                if not force and _publish_exclusive(src, path):
-                    _fsync_dir(directory)
-                    return
+        failed: OSError | None = None  # a failed write, named (closing retries it)
+        try:
+            with os.fdopen(fd, mode, **kwargs) as handle:
+                sink = _Sink(handle)
                 try:
-                    tmp = _name_unnamed(handle.fileno(), directory, path.name)
-                except OSError as exc:
-                    if exc.errno not in _UNSUPPORTED:
+                    write(sink)
+                    handle.flush()
+                except Exception as exc:
+                    cause = sink.error if sink.error is not None else exc
+                    if not isinstance(cause, OSError):
                         raise
-                    file_mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
-                    tmp = _copy_to_named(handle.fileno(), directory, path.name, file_mode)
+                    failed = _named(cause, path)
+                    raise failed from None
+                if keep_mode is not None:
+                    os.fchmod(handle.fileno(), keep_mode)
+                os.fsync(handle.fileno())
+                if tmp is None:  # unnamed: publish straight from the descriptor when possible
+                    src = f"/proc/self/fd/{handle.fileno()}"
+                    if not force and _publish_exclusive(src, path):
+                        _fsync_dir(directory)
+                        return
+                    try:
+                        tmp = _name_unnamed(handle.fileno(), directory, path.name)
+                    except OSError as exc:
+                        if exc.errno not in _UNSUPPORTED:
+                            raise
+                        file_mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+                        tmp = _copy_to_named(handle.fileno(), directory, path.name, file_mode)
+        except OSError as exc:
+            if failed is not None and exc is not failed:
+                raise failed from None
+            raise
         if force:
             os.replace(tmp, path)
         elif _publish_exclusive(tmp, path):
