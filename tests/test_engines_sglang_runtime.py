@@ -350,6 +350,8 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sglang", shell)
     args = ["--eplb-options", '{"max_moves": 100}', "--model-path", "m", "--enable-eplb"]
     assert plugin.main(args) == 0
+    assert ran["options"] == '{"max_moves": 100}'
+    assert plugin.main(['--eplb-options={"max_moves": 100}', *args[2:]]) == 0
     assert ran == {"name": "sglang.launch_server", "run_name": "__main__",
                    "argv": ["sglang.launch_server", "--model-path", "m", "--enable-eplb"],
                    "switch": "eplb", "options": '{"max_moves": 100}'}
@@ -365,6 +367,10 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
     ({}, ["--eplb-options", '{"dispatch": "x"}', "--enable-eplb"], "dispatch must be one of"),
     ({"SGLANG_EPLB_OPTIONS": '{"max_moves": "x"}'}, ["--enable-eplb"],
      "SGLANG_EPLB_OPTIONS: max_moves"),
+    # the "=" form is read (and checked) too; anywhere but first it would reach SGLang
+    ({}, ['--eplb-options={"max_moves": -1}', "--enable-eplb"], "--eplb-options: max_moves"),
+    ({}, ["--enable-eplb", "--eplb-options", "{}"], "--eplb-options must come first"),
+    ({}, ["--eplb-options", "{}", '--eplb-options={"seed": 1}'], "must come first, once"),
 ])
 def test_launcher_refuses_what_would_not_work(monkeypatch, capsys, env, args, message):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)

@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if args else 2
     source = OPTIONS_ENV_VAR
+    if args[0].startswith("--eplb-options="):
+        args = ["--eplb-options", args[0].partition("=")[2], *args[1:]]
     if args[0] == "--eplb-options":
         if len(args) < 2:
             print("eplb: --eplb-options needs a JSON object", file=sys.stderr)
@@ -341,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[OPTIONS_ENV_VAR] = args[1]  # SGLang's processes read it from there
         source = "--eplb-options"
         args = args[2:]
+    late = [a for a in args if a == "--eplb-options" or a.startswith("--eplb-options=")]
+    if late:  # SGLang would refuse it, after eplb had said which options it plans with
+        print("eplb: --eplb-options must come first, once, before SGLang's arguments",
+              file=sys.stderr)
+        return 2
     try:
         options = _checked_options(os.environ.get(OPTIONS_ENV_VAR, ""), source)
     except ValueError as exc:
