@@ -225,6 +225,13 @@ def test_gpu_speed_lists_are_read_in_float64():
         assert p.balancedness(W, gpu_speed=speeds) > 0
 
 
+def test_gpu_speeds_whose_sum_overflows_are_refused():
+    """Every speed finite but their sum inf: the mean speed, and every score in time, came
+    out 0 (balancedness 0.0) instead of an error."""
+    with pytest.raises(ValueError, match="gpu_speed sums beyond float64's range"):
+        eplb.plan(W, 96, 16, gpu_speed=[1e308] * 16)
+
+
 def test_previous_placement_of_another_shape_is_refused():
     with pytest.raises(ValueError, match="slots would be read as other GPUs'"):
         eplb.plan(W, 96, 16, previous=eplb.plan(W, 96, 8))

@@ -103,3 +103,15 @@ def test_engine_output_with_dead_gpus_is_refused_before_planning(tmp_path, capsy
     assert code == 2 and not out.exists()
     assert "warning" not in err
     assert "GPUs [3] are dead" in err and "-g 15 -r 45" in err
+
+
+def test_huge_table_cells_print_in_significant_digits(tmp_path, capsys, loads):
+    """A GPU 1e300 times slower than the rest made ``eval`` print 300-digit cells."""
+    speeds = ",".join(["1e-300"] + ["1"] * 15)
+    out = tmp_path / "slow.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "--gpu-speed", speeds,
+               "-o", out)[0] == 0
+    code, text, _ = run(capsys, "eval", "--placement", out, loads)
+    assert code == 0
+    numbers = [token for token in text.split() if token[:1].isdigit() and "/" not in token]
+    assert any("e+" in token for token in numbers) and max(map(len, numbers)) < 12

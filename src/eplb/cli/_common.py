@@ -47,11 +47,13 @@ def is_tty(stream=None) -> bool:
 
 
 def fmt(value: object, digits: int = 4) -> str:
-    """Format a table cell: floats with ``digits`` decimals, ``None`` as ``n/a``."""
+    """Format a table cell: floats with ``digits`` decimals (``digits`` significant ones
+    from a million up, where decimals would print every integer digit), ``None`` as
+    ``n/a``."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return f"{value:.{digits}f}"
+        return f"{value:.{digits}g}" if abs(value) >= 1e6 else f"{value:.{digits}f}"
     return str(value)
 
 

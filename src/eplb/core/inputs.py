@@ -273,6 +273,9 @@ def as_gpu_speed(
         raise ValueError(f"{name}[{gpu}] is {float(tensor[gpu])}; must be finite and {rule}")
     if allow_zero and not bool((tensor > 0).any()):
         raise ValueError(f"{name} is all zero")
+    if not bool(torch.isfinite(tensor.sum())):  # e.g. 32 × 1e308: the mean speed is inf
+        raise ValueError(f"{name} sums beyond float64's range (largest {float(tensor.max()):g}); "
+                         "only the ratios matter: give relative values, e.g. 1 and 2")
     return tensor
 
 
