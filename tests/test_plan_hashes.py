@@ -1,0 +1,36 @@
+"""``benchmarks/plan_hashes.py``, the check that a speed change keeps the plans: its
+hashes repeat run to run, and ``--compare`` fails on a group that differs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_hashes.py"
+
+
+def hashes(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), "--only", "fresh,variants", *extra],
+                          capture_output=True, text=True, check=False, cwd=tmp_path)
+
+
+def test_plan_hashes_repeat_and_compare_catches_a_difference(tmp_path):
+    first = tmp_path / "before.json"
+    assert hashes(tmp_path, "--json", str(first)).returncode == 0
+    recorded = json.loads(first.read_text())
+    assert set(recorded) == {"fresh", "variants"}
+    same = hashes(tmp_path, "--compare", str(first))
+    assert same.returncode == 0 and "same plans in every group compared" in same.stdout
+    recorded["variants"] = "0" * 16
+    first.write_text(json.dumps(recorded))
+    differ = hashes(tmp_path, "--compare", str(first))
+    assert differ.returncode == 1
+    assert "DIFFERENT: variants" in differ.stdout and "DIFFERENT: fresh" not in differ.stdout
+
+
+def test_unknown_group_is_named(tmp_path):
+    out = subprocess.run([sys.executable, str(SCRIPT), "--only", "fresh,bogus"],
+                         capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert out.returncode == 2 and "unknown group(s) bogus" in out.stderr
