@@ -120,3 +120,15 @@ def counts_tle(seed: int = 0, steps: int = 4, layers: int = 3, experts: int = 8)
     """``[steps, layers, experts]`` int64 random token counts (the format tests' traces)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 1000, (steps, layers, experts), generator=g).to(torch.int64)
+
+
+def skewed_loads_json(directory: Path, layers: int, experts: int, seed: int
+                      ) -> tuple[Path, torch.Tensor]:
+    """``(path, weight [layers, experts])``: log-normal integer loads written as an SGLang
+    ``{"logical_count": ...}`` file ``stats.json`` in ``directory`` (the CLI tests' input)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.exp(torch.randn(layers, experts, generator=g, dtype=torch.float64))
+              * 100).round()
+    path = directory / "stats.json"
+    path.write_text(json.dumps({"logical_count": weight.tolist()}))
+    return path, weight

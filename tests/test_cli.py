@@ -31,8 +31,9 @@ def loads(tmp_path: Path) -> Path:
     return small_loads_file(tmp_path)
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+def run(capsys, *argv: object) -> tuple[int, str, str]:
+    """``eplb`` with ``argv`` (paths and numbers as text): ``(exit code, stdout, stderr)``."""
+    code = main([str(arg) for arg in argv])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -8,19 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import skewed_loads_json
+from test_cli import run
 
-from eplb.cli import main
 from eplb.core.dispatch import realised_gpu_loads
 from eplb.formats import read_placement
 
 
 @pytest.fixture()
 def loads(tmp_path):
-    g = torch.Generator().manual_seed(3)
-    w = (torch.exp(torch.randn(4, 64, generator=g, dtype=torch.float64)) * 100).round()
-    path = tmp_path / "stats.json"
-    path.write_text(json.dumps({"logical_count": w.tolist()}))
-    return path, w
+    return skewed_loads_json(tmp_path, 4, 64, seed=3)
 
 
 @pytest.fixture()
@@ -33,12 +30,6 @@ def routing(tmp_path, loads):
     path = tmp_path / "trace.npz"
     np.savez(path, task_topk_ids=ids.astype(np.int32))
     return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def test_plan_for_sglangs_nearest_rule_reports_the_realised_balance(tmp_path, capsys, loads):

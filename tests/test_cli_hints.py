@@ -6,24 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
+from helpers import skewed_loads_json
+from test_cli import run
 
 from eplb.cli import main
 
 
 @pytest.fixture()
 def loads(tmp_path):
-    g = torch.Generator().manual_seed(7)
-    w = (torch.exp(torch.randn(4, 32, generator=g, dtype=torch.float64)) * 100).round()
-    path = tmp_path / "stats.json"
-    path.write_text(json.dumps({"logical_count": w.tolist()}))
-    return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return skewed_loads_json(tmp_path, 4, 32, seed=7)[0]
 
 
 def test_contradicting_gpu_speeds_are_shown_where_they_differ(tmp_path, capsys, loads):
