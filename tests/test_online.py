@@ -272,3 +272,46 @@ def test_rebalancer_refuses_combinations_and_histories_it_cannot_serve():
     rb = Rebalancer(16, 4, window=10**12, interval=4)
     with pytest.raises(ValueError, match="shorter window"):
         rb.record(torch.ones(2, 8))
+
+
+# ------------------------------------------------------------------ the placement in force
+@pytest.mark.parametrize("incremental", [False, True])
+@pytest.mark.parametrize("estimator", ["multi:3", "multi:2:2"])
+def test_a_gpu_that_died_is_not_kept_by_the_scenario_choice(estimator: str,
+                                                             incremental: bool) -> None:
+    # the placement in force uses GPU 1, which has died since: keeping any of its layers
+    # would serve from a dead GPU (uniform loads make the old 4-GPU plan look the best)
+    import eplb
+
+    weight = torch.full((L, E), 100.0)
+    live = torch.tensor([True, False, True, True])
+    reb = Rebalancer(R, P, window=2, interval=2, estimator=estimator, incremental=incremental,
+                     initial=eplb.plan(weight, R, P), active_gpus=live)
+    reb.record(weight.repeat(4, 1, 1))
+    placement = reb.placement
+    assert placement is not None
+    placement.validate()
+    assert (placement.phy2log.view(L, P, -1)[:, 1] == -1).all()
+
+
+def test_select_per_layer_refuses_candidates_with_other_dead_gpus_or_experts() -> None:
+    from eplb.online.estimate import select_per_layer
+
+    topo = Topology(4, 2)
+    a = Placement.from_phy2log(torch.tensor([[0, 1, 2, 3]]), 4, topo)
+    dead = Placement.from_phy2log(torch.tensor([[0, 1, -1, -1]]), 2, topo,
+                                  active_gpus=torch.tensor([True, False]))
+    other = Placement.from_phy2log(torch.tensor([[0, 1, 2, 0]]), 3, topo)
+    for cand in (dead, other):
+        with pytest.raises(ValueError, match="candidate 1 has"):
+            select_per_layer([a, cand], torch.ones(1, 1, 4))
+
+
+@pytest.mark.parametrize("shape", [(L, E + 1), (L + 1, E), (L, E - 2)])
+def test_an_initial_placement_of_other_loads_fails_at_the_first_step(
+        shape: tuple[int, int]) -> None:
+    initial = trivial_placement(shape[1], shape[0], Topology(R, P))
+    reb = Rebalancer(R, P, window=4, interval=100, initial=initial)
+    with pytest.raises(ValueError, match="the initial placement has"):
+        reb.record(_steps(1))
+    assert reb.steps == 0 and reb.placement is initial

@@ -448,6 +448,14 @@ def select_per_layer(
                 f"candidate {i} has phy2log {tuple(cand.phy2log.shape)} on {cand.topology}; "
                 f"candidate 0 has {tuple(first.phy2log.shape)} on {first.topology}"
             )
+        # a layer of one candidate under another's dead GPUs would break the contract
+        if cand.num_experts != first.num_experts or not bool(
+                (cand.live_gpus().cpu() == first.live_gpus().cpu()).all()):
+            raise ValueError(
+                f"candidate {i} has {cand.num_experts} experts and live GPUs "
+                f"{cand.live_gpus().cpu().nonzero().flatten().tolist()}; candidate 0 has "
+                f"{first.num_experts} and {first.live_gpus().cpu().nonzero().flatten().tolist()}"
+            )
     if len(candidates) == 1:
         return first
     # the placement in force may sit on another device than fresh plans (CPU vs CUDA)

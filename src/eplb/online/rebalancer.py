@@ -193,8 +193,8 @@ def plan_estimate(
     candidate weight is planned (one planner call on the candidates stacked as
     ``[C * L, E]`` when ``batch`` and there is no ``previous``; planners treat layers
     independently), ``keep`` (the placement in force; keeping a layer costs no moves)
-    joins the candidates, and :func:`~eplb.online.estimate.select_per_layer` keeps the best per
-    layer.
+    joins the candidates when it has their experts and live GPUs, and
+    :func:`~eplb.online.estimate.select_per_layer` keeps the best per layer.
     """
     if estimate.scenarios is None or estimate.candidates is None:
         return _placement_of(planner(estimate.weight, previous), estimate.weight.shape[0])
@@ -208,7 +208,10 @@ def plan_estimate(
                                         stacked.active_gpus) for r in rows]
     else:
         plans = [_placement_of(planner(c, previous), num_layers) for c in cands]
-    if keep is not None:
+    # the placement in force is a candidate only where it could stay: not when a GPU it
+    # uses has died (or one it leaves empty is live again), nor for other experts
+    if keep is not None and keep.num_experts == plans[0].num_experts and bool(
+            (keep.live_gpus().cpu() == plans[0].live_gpus().cpu()).all()):
         plans.append(keep)
     return select_per_layer(plans, estimate.scenarios, reduce)
 
@@ -397,6 +400,13 @@ class Rebalancer:
     def _record(self, steps: torch.Tensor) -> Placement | None:
         if self._buffer is None:
             _, num_layers, num_experts = steps.shape
+            initial = self._placement
+            if initial is not None and (initial.num_layers, initial.num_experts) != (
+                    num_layers, num_experts):
+                # found at the first step, not at the first rebalance (interval steps on)
+                raise ValueError(
+                    f"counts have {num_layers} layers x {num_experts} experts; the initial "
+                    f"placement has {initial.num_layers} layers x {initial.num_experts} experts")
             need = self.capacity * num_layers * num_experts * 4
             if need > MAX_HISTORY_BYTES:
                 raise ValueError(
