@@ -250,3 +250,21 @@ def test_auto_with_one_window_is_the_sum() -> None:
     h = _history(steps=6)
     assert torch.allclose(make_estimator("auto:2")(h, 6), h.sum(0))
     assert make_estimator("auto:2:1").spec == "auto:2:1"
+
+
+# ------------------------------------------------------------------ unsigned counts
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+@pytest.mark.parametrize("spec", ["sum", "ema:3", "robust:1", "multi:2", "auto:1:1"])
+def test_unsigned_counts_estimate_as_their_values(dtype: type, spec: str) -> None:
+    # torch has no max/min for uint16/32/64, which as_history used to call on them
+    h = _history(steps=6)
+    want = make_estimator(spec).estimate(h, 3).weight
+    for counts in (h.numpy().astype(dtype), torch.from_numpy(h.numpy().astype(dtype))):
+        got = make_estimator(spec).estimate(counts, 3).weight
+        # (small counts are summed in float32, as integer counts are)
+        assert torch.allclose(got, want, rtol=1e-6)
+
+
+def test_unsigned_counts_beyond_int64_are_read() -> None:
+    counts = np.full((2, 1, 3), np.iinfo(np.uint64).max, dtype=np.uint64)
+    assert WindowSum().estimate(counts).weight.tolist() == [[2.0**65] * 3]

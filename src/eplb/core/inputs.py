@@ -67,6 +67,12 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
         )
     if tensor.dtype == torch.bool:
         tensor = tensor.to(torch.int64)
+    elif tensor.dtype in (torch.uint16, torch.uint32):
+        # torch has no max/min for these (NumPy arrays of them arrive so): int64 is exact
+        tensor = tensor.to(torch.int64)
+    elif tensor.dtype == torch.uint64:
+        # beyond int64's range: as float64, the planner's own type for integer loads
+        tensor = tensor.to(torch.float64)
     return tensor.detach()
 
 
