@@ -312,3 +312,29 @@ def test_skew_stats_rejects_bad_input() -> None:
         skew_stats(-torch.ones(2, 4))
     with pytest.raises(ValueError, match="shapes differ"):
         rank_correlation(torch.ones(2, 4), torch.ones(2, 5))
+
+
+# ------------------------------------------------------------------ hostile arguments
+@pytest.mark.parametrize("kwargs", [{"sigma": 300.0}, {"sigma": 1e300}, {"sigma": (1e6, 1e6)}])
+def test_a_skew_beyond_float64_is_refused_not_nan(kwargs: dict) -> None:
+    with pytest.raises(ValueError, match="skew is beyond float64"):
+        generate_loads("deepseek-v2-lite", **kwargs)
+    with pytest.raises(ValueError, match="skew is beyond float64"):
+        generate_trace("deepseek-v2-lite", 2, **kwargs)
+
+
+def test_infinite_tokens_are_refused() -> None:
+    with pytest.raises(ValueError, match="tokens must be a finite positive number"):
+        generate_loads("deepseek-v2-lite", tokens=math.inf)
+
+
+def test_the_size_is_checked_before_a_named_regime_lists_its_segments() -> None:
+    # a segment per step of 10**12 steps was a MemoryError (or, at 10**9, minutes of work)
+    with pytest.raises(ValueError, match="GiB of counts"):
+        generate_trace("deepseek-v2-lite", 10**12, regime="prefill-decode", regime_period=1)
+
+
+@pytest.mark.parametrize("regime", [[("a", 1)], [(0, 1, 2)], [1, 2], 5])
+def test_a_malformed_regime_schedule_is_named(regime: object) -> None:
+    with pytest.raises(ValueError, match="regime must be a name or a sequence"):
+        generate_trace("deepseek-v2-lite", 2, regime=regime)

@@ -333,12 +333,24 @@ def generate_loads(
     cfg, sigma_override = _apply_sigma(_config_for(shape, config, spike_prob=spike_prob), sigma)
     if tokens is None:
         tokens = 1000.0 * cfg.tokens_per_step
-    if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or not tokens > 0:
-        raise ValueError(f"tokens must be a positive number, got {tokens!r}")
+    if not isinstance(tokens, (int, float)) or isinstance(tokens, bool) or not (
+            tokens > 0 and math.isfinite(tokens)):
+        raise ValueError(f"tokens must be a finite positive number, got {tokens!r}")
     gen = torch.Generator().manual_seed(as_seed(seed))
     model = _Model(shape, cfg, gen, sigma_override)
     pop = _cap_shares(_softmax(model.log_popularity(model.regime_latent(0), 0)), 1.0 / shape.top_k)
+    _check_finite(pop, cfg, sigma)
     return pop * (float(tokens) * shape.top_k)
+
+
+def _check_finite(probs: torch.Tensor, cfg: WorkloadConfig, sigma: object) -> None:
+    """Refuse popularities that float64 could not represent (skews far beyond any model's)."""
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(
+            f"the workload's skew is beyond float64 (sigma={sigma!r}, sigma_range="
+            f"{cfg.sigma_range}, request_sigma={cfg.request_sigma}): the expert popularities "
+            "come out NaN; real workloads have per-layer sigma 0.4-1.1 (the default "
+            "sigma_range) and work up to sigma ~100")
 
 
 def _apply_sigma(
@@ -386,7 +398,12 @@ def _regime_config(
             f"unknown regime {regime!r}; expected 'stationary', 'prefill-decode', 'domain-shift', "
             f"'config' or a sequence of (start_step, regime_index)"
         )
-    return replace(cfg, regime_schedule=tuple((int(s), int(k)) for s, k in regime))
+    try:
+        schedule = tuple((int(s), int(k)) for s, k in regime)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"regime must be a name or a sequence of (start_step, regime_index) "
+                         f"pairs of ints, got {regime!r} ({exc})") from None
+    return replace(cfg, regime_schedule=schedule)
 
 
 def _regime_per_step(cfg: WorkloadConfig, steps: int) -> torch.Tensor:
@@ -457,6 +474,8 @@ def generate_trace(
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     shape = resolve_shape(preset, num_layers=num_layers, num_experts=num_experts, top_k=top_k)
+    # before any work: a named regime builds a list of its segments' starts
+    _check_size(steps, shape.num_layers, shape.num_experts)
     cfg = _config_for(shape, config, tokens_per_step=tokens_per_step)
     cfg = _regime_config(cfg, regime, steps, regime_period)
     cfg, sigma_override = _apply_sigma(cfg, sigma)
@@ -520,6 +539,7 @@ def generate_trace(
         mix = mix.view(L, C, E).transpose(0, 1).to(torch.float64)
         probs = _cap_shares(pop * mix, cap)
         probs = probs / probs.sum(-1, keepdim=True)
+        _check_finite(probs, cfg, sigma)
         counts[c0:c1] = _multinomial(total, probs, gen)
         if progress is not None:
             progress(c1, steps)
