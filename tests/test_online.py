@@ -315,3 +315,30 @@ def test_an_initial_placement_of_other_loads_fails_at_the_first_step(
     with pytest.raises(ValueError, match="the initial placement has"):
         reb.record(_steps(1))
     assert reb.steps == 0 and reb.placement is initial
+
+
+def test_a_callable_planner_that_leaves_an_expert_unserved_is_refused() -> None:
+    # every slot on expert 0: the other experts' tokens go nowhere, and the replay used to
+    # score the layer as perfectly balanced
+    from eplb import PlacementError
+
+    def one_expert(weight: torch.Tensor, previous: Placement | None) -> Placement:
+        return Placement.from_phy2log(torch.zeros(weight.shape[0], R, dtype=torch.int64),
+                                      weight.shape[1], Topology(R, P))
+
+    reb = Rebalancer(R, P, window=2, interval=2, planner=one_expert)
+    with pytest.raises(PlacementError, match="breaks the contract: layer 0 expert 1"):
+        reb.record(_steps(2))
+    assert reb.steps == 0 and reb.placement is None and not reb.events
+
+
+def test_a_callable_planner_may_stack_replicas_on_a_gpu() -> None:
+    # DeepSeek's greedy does; only eplb's own planner promises anti-affinity
+    def stacked(weight: torch.Tensor, previous: Placement | None) -> Placement:
+        row = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6, 7, 1, 2, 3])
+        return Placement.from_phy2log(row.repeat(weight.shape[0], 1), weight.shape[1],
+                                      Topology(R, P))
+
+    reb = Rebalancer(R, P, window=2, interval=2, planner=stacked)
+    reb.record(_steps(2))
+    assert reb.placement is not None

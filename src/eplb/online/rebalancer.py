@@ -26,7 +26,7 @@ import torch
 from eplb.core.baselines import plan_greedy
 from eplb.core.inputs import as_live_mask
 from eplb.core.options import with_incremental
-from eplb.core.placement import Placement
+from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh
 from eplb.core.topology import Topology
 from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator, select_per_layer
@@ -307,6 +307,7 @@ class Rebalancer:
         self.incremental = incremental
         # a user's callable always sees the placement in force; built-ins only when incremental
         self._pass_previous = incremental or callable(planner)
+        self._user_planner = callable(planner)
         self.capacity = max(window, self.estimator.lookback(window))
         if initial is not None and initial.topology != self.topology:
             raise ValueError(f"initial placement is for {initial.topology}, the rebalancer "
@@ -470,6 +471,14 @@ class Rebalancer:
             raise ValueError(f"the planner returned a placement of {new.num_experts} experts "
                              f"for {new.topology}; expected {estimate.weight.shape[1]} for "
                              f"{self.topology}")
+        if self._user_planner:
+            # a user's map that leaves an expert unserved would score as balanced: refuse it
+            # (replicas sharing a GPU are allowed, as DeepSeek's greedy makes them)
+            try:
+                new.validate(anti_affinity=False)
+            except PlacementError as exc:
+                raise PlacementError(f"the planner returned a placement that breaks the "
+                                     f"contract: {exc}") from None
         if previous is None:
             moved = torch.zeros(new.num_layers, dtype=torch.int64)
             changed = True
