@@ -173,3 +173,24 @@ def test_malformed_files_raise_format_error_naming_the_file(tmp_path):
 def test_missing_file():
     with pytest.raises(FileNotFoundError):
         read_loads("/nonexistent/loads.json")
+
+
+@pytest.mark.parametrize("experts", [True, 0, -4])
+def test_trtllm_meta_info_with_a_bad_expert_count_is_named(tmp_path, experts):
+    # the mismatch was blamed on the rank file: "'0_3' has 4 experts; expected True"
+    from safetensors.torch import save_file
+
+    (tmp_path / "meta_info.json").write_text(json.dumps({"num_experts": experts}))
+    save_file({"0_3": torch.ones(4, dtype=torch.int32)}, str(tmp_path / "rank0.safetensors"))
+    with pytest.raises(FormatError, match=r"meta_info\.json: expected \{'num_experts'"):
+        read_loads(tmp_path)
+
+
+def test_trtllm_rank_entry_that_is_a_folder_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    (tmp_path / "meta_info.json").write_text(json.dumps({"num_experts": 4}))
+    save_file({"0_3": torch.ones(4, dtype=torch.int32)}, str(tmp_path / "rank0.safetensors"))
+    (tmp_path / "rank1.safetensors").mkdir()
+    with pytest.raises(FormatError, match=r"rank1\.safetensors: is a folder"):
+        read_loads(tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -392,7 +393,8 @@ def _read_trtllm(path: Path) -> LoadTrace:
         if not info_path.is_file():
             raise FormatError(path, "expected a TensorRT-LLM statistics folder with meta_info.json")
         info = _load_json(info_path)
-        if not isinstance(info, dict) or not isinstance(info.get("num_experts"), int):
+        experts = info.get("num_experts") if isinstance(info, dict) else None
+        if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
             raise FormatError(
                 info_path,
                 f"expected {{'num_experts': E, 'num_experts_per_token': k}}, found {info!r}",
@@ -411,7 +413,8 @@ def _read_trtllm(path: Path) -> LoadTrace:
     num_experts = meta.get("num_experts")
     total: dict[tuple[int, int], torch.Tensor] = {}
     for _rank, file in files:
-        require_regular_file(file)
+        if stat.S_ISDIR(require_regular_file(file).st_mode):
+            raise FormatError(file, "is a folder; expected a rank's safetensors file")
         try:
             tensors = st.load_file(str(file))
         except Exception as exc:  # safetensors raises its own error types
