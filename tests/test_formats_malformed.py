@@ -27,6 +27,15 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
         cases.append((path, fmt, expect))
 
     add("garbage.bin", b"\x01\x02\x03 not anything", None, "unrecognised content")
+    # quoted numbers and booleans among the loads: NumPy read "1e3" as 1000.0, true as 1
+    add("text_loads.json", json.dumps([[["1e3", 2]]]), None, "holds text where numbers")
+    add("text_sglang.json", json.dumps({"logical_count": [[5, "7"]]}), None,
+        "holds text where numbers")
+    add("text_hist.json", json.dumps({"load_history": [{"logical_expert_load": [["1", 2]]}]}),
+        None, "holds text where numbers")
+    add("bool_hist.json",
+        json.dumps({"load_history": [{"logical_expert_load": [[True, False]]}]}), None,
+        "holds booleans where numbers")
     add("empty.json", b"", None, "unrecognised")
     add(
         "trunc_hist.json",

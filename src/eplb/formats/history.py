@@ -163,7 +163,14 @@ def _read_entries(stream: _JsonStream, path: Path, size: int) -> tuple[np.ndarra
                 path, f"load_history[{step}] has no 'logical_expert_load' (found keys {found})"
             )
         try:
-            arr = np.asarray(load, dtype=np.float64)
+            arr = np.asarray(load)
+            if arr.dtype.kind in "USb":  # NumPy would read "1e3" as 1000.0 and true as 1
+                raise FormatError(path, f"load_history[{step}].logical_expert_load holds "
+                                        f"{'booleans' if arr.dtype.kind == 'b' else 'text'} "
+                                        "where numbers belong; expected numbers")
+            arr = arr.astype(np.float64, copy=False)
+        except FormatError:
+            raise
         except OverflowError:
             raise FormatError(
                 path, f"load_history[{step}] holds a number too large for a float64 load"

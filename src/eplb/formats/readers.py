@@ -207,7 +207,8 @@ def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(value))
     try:
         array = np.asarray(value)
-        if array.dtype != np.bool_:  # JSON true/false: flags, not counts (refused below)
+        if array.dtype != np.bool_ and array.dtype.kind not in "US":
+            # JSON true/false: flags, not counts; text: NumPy would read "1e3" as 1000.0
             return torch.from_numpy(array.astype(np.float64))
     except OverflowError:
         raise FormatError(
@@ -219,6 +220,9 @@ def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
         raise FormatError(
             path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
         ) from None
+    if array.dtype.kind in "US":
+        raise FormatError(path, f"{what} holds text where numbers belong (a quoted number "
+                                'such as "1" is text); expected numbers')
     raise FormatError(path, f"{what} holds booleans; expected numbers")
 
 
