@@ -347,6 +347,17 @@ def test_a_link_in_a_report_folder_is_refused_before_the_work(capsys, tmp_path) 
     assert sorted(p.name for p in report.iterdir()) == ["report.html"]  # nothing written
 
 
+def test_an_empty_report_folder_name_is_refused(capsys, tmp_path, monkeypatch) -> None:
+    """``--report ""`` wrote the report into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    trace = tmp_path / "trace.pt"
+    torch.save(torch.rand(40, 4, 16) * 100, trace)
+    assert main(["simulate", str(trace), "-r", "20", "-g", "4", "--window", "10",
+                 "--report", ""]) == 2
+    assert "--report needs a folder name" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.pt"]
+
+
 def test_a_folder_of_sglang_dumps_and_other_files_is_refused_by_name(capsys, tmp_path) -> None:
     folder = tmp_path / "mixed"
     folder.mkdir()

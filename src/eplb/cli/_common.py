@@ -339,6 +339,8 @@ def default_shape(num_experts: int, gpus: int | None, replicas: int | None) -> t
 def prepare_report(directory: str | None, force: bool, title: str):
     if directory is None:
         return None
+    if not directory.strip():  # Path("") is the current folder: say which folder to use
+        raise CliError("--report needs a folder name (e.g. --report bench-report/)")
     report = Report(title)
     if Path(directory).is_dir():  # fail before the work, not after
         for name in report.planned_files():
