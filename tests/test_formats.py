@@ -205,6 +205,16 @@ def test_trtllm_folder_sums_ranks(tmp_path):
     assert single.format == "trtllm" and single.counts.shape == (T, L, E)
 
 
+def test_trtllm_folder_with_a_rank_gap_warns(tmp_path):
+    """meta_info.json does not record the EP size, so a lost rank file is only visible as a
+    gap: summed without a word, its tokens were silently missing."""
+    folder = write_trtllm(tmp_path / "stats", counts_tle(), ranks=3)
+    (folder / "rank1.safetensors").unlink()
+    with pytest.warns(UserWarning, match=r"no rank1.safetensors between rank0 and rank2"):
+        trace = read_loads(folder)
+    assert trace.meta["ranks"] == [0, 2]
+
+
 def test_vllm_history_streams_with_tiny_chunks(tmp_path, monkeypatch):
     import eplb.formats.history as history
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import stat
+import warnings
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -411,6 +412,15 @@ def _read_trtllm(path: Path) -> LoadTrace:
             raise FormatError(
                 path, "expected rank{r}.safetensors files next to meta_info.json, found none"
             )
+        ranks = [rank for rank, _ in files]
+        if ranks != list(range(ranks[-1] + 1)):
+            # meta_info.json does not record the EP size: a gap is the one sign of a lost
+            # rank, whose tokens the summed loads would silently lack
+            absent = sorted(set(range(ranks[-1] + 1)) - set(ranks))
+            warnings.warn(f"{path}: no rank{absent[0]}.safetensors"
+                          f"{f' (nor {len(absent) - 1} more)' if len(absent) > 1 else ''} "
+                          f"between rank0 and rank{ranks[-1]}; the loads are summed over "
+                          f"the {len(ranks)} rank files there", UserWarning, stacklevel=2)
     else:
         m = _RANK_FILE.match(path.name)
         files = [(int(m.group(1)) if m else 0, path)]
