@@ -271,3 +271,10 @@ def test_a_planner_that_returns_no_placement_is_named(tiny_trace_for_planners) -
 @pytest.fixture(scope="module")
 def tiny_trace_for_planners():
     return generate_trace("mixtral-8x7b", steps=200)
+
+
+def test_oracle_must_be_a_bool() -> None:
+    """``oracle="no"`` was truthy: the oracle ran."""
+    with pytest.raises(ValueError, match="oracle must be True or False"):
+        simulate(_trace(50), "eplb", num_replicas=R, num_gpus=P, cadence=Cadence(5, 10),
+                 oracle="no")

@@ -338,3 +338,10 @@ def test_the_size_is_checked_before_a_named_regime_lists_its_segments() -> None:
 def test_a_malformed_regime_schedule_is_named(regime: object) -> None:
     with pytest.raises(ValueError, match="regime must be a name or a sequence"):
         generate_trace("deepseek-v2-lite", 2, regime=regime)
+
+
+@pytest.mark.parametrize("period", [1.5, True, "3", 0])
+def test_regime_period_must_be_a_positive_integer(period: object) -> None:
+    """``int()`` used to take 1.5 as 1, True as 1 and "3" as 3."""
+    with pytest.raises(ValueError, match="regime_period must be an integer >= 1"):
+        generate_trace("deepseek-v2-lite", 8, regime="prefill-decode", regime_period=period)

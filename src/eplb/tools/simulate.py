@@ -315,6 +315,8 @@ def simulate(
     )
     if isinstance(expert_bytes, bool) or not isinstance(expert_bytes, int) or expert_bytes < 0:
         raise ValueError(f"expert_bytes must be an integer >= 0, got {expert_bytes!r}")
+    if not isinstance(oracle, bool):  # "no" would be true
+        raise ValueError(f"oracle must be True or False, got {oracle!r}")
     topo = Topology(num_replicas, num_gpus, num_nodes, num_groups)
     if initial is None:
         initial = trivial_placement(num_experts, num_layers, topo, active_gpus)
