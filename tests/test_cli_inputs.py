@@ -90,7 +90,8 @@ def _hostile(tmp: Path) -> list[tuple[str, str]]:
     add("garbage.pt", b"\x80\x02garbage that is no pickle", "not a readable torch file")
     # a single number, or flags, are no loads (they were planned as 1 layer x 1 expert)
     add("scalar.json", "5", "single number")
-    add("flags.json", "[[true, false, true, true]]", "holds booleans")
+    add("flags.json", "[[true, false, true, true]]", "the JSON array[0][0] is true, not a load")
+    add("mixed.json", "[[3, 5, true, 7]]", "the JSON array[0][2] is true, not a load")
     np.save(tmp / "scalar.npy", np.array(5.0))
     cases.append(("scalar.npy", "single number"))
     return cases

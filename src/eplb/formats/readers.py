@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.core.inputs import as_counts
 from eplb.core.trace import LoadTrace, model_layer_ids
 from eplb.formats._arrays import check_keys, pick_array, pick_flat, record_layer_ids
+from eplb.formats._counts import as_counts_of, to_tensor
 from eplb.formats._csv import read_csv_table
 from eplb.formats._files import import_safetensors_torch, require_regular_file
 from eplb.formats._npy import load_npy, load_npz, npz_headers
@@ -183,77 +183,14 @@ def _require_container(path: Path, fmt: str, kinds: tuple[str, ...]) -> None:
         raise FormatError(path, f"format {fmt!r} expects a {kinds[0]} file, found {kind} content")
 
 
-def _to_tensor(value: Any, path: Path, what: str) -> torch.Tensor:
-    """A number array (tensor, ndarray, nested list) as a tensor, or a FormatError."""
-    if isinstance(value, torch.Tensor):
-        kind = ("quantized" if value.is_quantized else "meta" if value.is_meta
-                else None if value.layout == torch.strided else str(value.layout))
-        if kind is not None:
-            raise FormatError(path, f"{what} is a {kind} tensor; expected a plain tensor of "
-                                    "numbers")
-        return value.detach().cpu()
-    if isinstance(value, np.ndarray):
-        if value.ndim == 0:  # (np.ascontiguousarray would make it [1])
-            raise FormatError(path, "holds a single number; expected [layers, experts] or "
-                                    "[steps, layers, experts] loads")
-        if value.dtype.kind not in "biuf":
-            raise FormatError(path, f"{what} has dtype {value.dtype}; expected numbers")
-        if value.dtype.byteorder == ">":  # big-endian files are fine: native order for torch
-            value = value.astype(value.dtype.newbyteorder("="))
-        if value.dtype.kind == "u" and value.dtype.itemsize > 1:
-            # torch supports few operations on wide unsigned types
-            if value.size and int(value.max()) >= 1 << 63:
-                raise FormatError(path, f"{what} holds a value of 2**63 or more")
-            value = value.astype(np.int64)
-        return torch.from_numpy(np.ascontiguousarray(value))
-    try:
-        array = np.asarray(value)
-        if array.dtype != np.bool_ and array.dtype.kind not in "US":
-            # JSON true/false: flags, not counts; text: NumPy would read "1e3" as 1000.0
-            return torch.from_numpy(array.astype(np.float64))
-    except OverflowError:
-        raise FormatError(
-            path, f"{what} holds a number too large for a float64 load (over 1.8e308)"
-        ) from None
-    except RecursionError:
-        raise FormatError(path, f"{what} is nested too deeply") from None
-    except (TypeError, ValueError) as exc:
-        raise FormatError(
-            path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
-        ) from None
-    if array.dtype.kind in "US":
-        raise FormatError(path, f"{what} holds text where numbers belong (a quoted number "
-                                'such as "1" is text); expected numbers')
-    raise FormatError(path, f"{what} holds booleans; expected numbers")
-
-
-def _as_counts(value: Any, path: Path, what: str) -> torch.Tensor:
-    """``[E]``, ``[L, E]`` or ``[T, L, E]`` numbers -> checked ``[T, L, E]`` float64, by the
-    one load check (:func:`eplb.core.inputs.as_counts`), its errors naming the file."""
-    tensor = _to_tensor(value, path, what)
-    if tensor.is_complex() or tensor.dtype == torch.bool:
-        raise FormatError(path, f"{what} has dtype {tensor.dtype}; expected real numbers")
-    if tensor.dim() not in (1, 2, 3) or tensor.numel() == 0:
-        raise FormatError(
-            path,
-            f"{what} has shape {tuple(tensor.shape)}; expected [layers, experts] or "
-            "[steps, layers, experts]",
-        )
-    while tensor.dim() < 3:
-        tensor = tensor[None]
-    try:
-        return as_counts(tensor, what)
-    except (TypeError, ValueError) as exc:
-        raise FormatError(path, str(exc)) from None
-
-
 # ---------------------------------------------------------------------------- SGLang
 def _read_sglang(path: Path) -> LoadTrace:
     kind = sniff_container(path)
     if kind == "dir":
         return _read_sglang_folder(path)
+    literals = False
     if kind == "json":
-        obj = _load_json(path)
+        obj, literals = _load_json_literals(path)
     elif kind in ("pt-zip", "pt-pickle"):
         obj = _load_pt(path)
     else:
@@ -263,7 +200,7 @@ def _read_sglang(path: Path) -> LoadTrace:
     if not isinstance(obj, dict) or "logical_count" not in obj:
         found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise FormatError(path, f"expected a dict with key 'logical_count', found {found}")
-    counts = _as_counts(obj["logical_count"], path, "logical_count")
+    counts = as_counts_of(obj["logical_count"], path, "logical_count", literals)
     meta = {k: v for k, v in obj.items() if k != "logical_count" and _is_scalar(v)}
     # the recorder's circular buffer keeps all-zero rows for steps it never filled
     meta["empty_steps"] = int((counts.sum((1, 2)) == 0).sum())
@@ -303,10 +240,17 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _load_json(path: Path) -> Any:
+    return _load_json_literals(path)[0]
+
+
+def _load_json_literals(path: Path) -> tuple[Any, bool]:
+    """``(the parsed JSON, whether its text holds a true or false)``: NumPy reads a
+    ``true`` among numbers as 1, and only a file holding one needs its loads scanned."""
     require_regular_file(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            return json.load(handle)
+            text = handle.read()
+        return json.loads(text), "true" in text or "false" in text
     except json.JSONDecodeError as exc:
         raise FormatError(path, f"malformed JSON: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -336,7 +280,7 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
                 "expected an SGLang per-pass dump {'records': [...], "
                 f"'last_physical_to_logical_map': [L, R]}}, found {found}",
             )
-        phys_map = _to_tensor(
+        phys_map = to_tensor(
             obj["last_physical_to_logical_map"], file, "last_physical_to_logical_map"
         )
         if phys_map.dim() != 2 or phys_map.is_floating_point() or phys_map.numel() == 0:
@@ -356,7 +300,7 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
         for i, record in enumerate(records):
             if not isinstance(record, dict) or "global_physical_count" not in record:
                 raise FormatError(file, f"records[{i}] has no 'global_physical_count'")
-            phys = _to_tensor(
+            phys = to_tensor(
                 record["global_physical_count"], file, f"records[{i}].global_physical_count"
             )
             if phys.shape != phys_map.shape:
@@ -378,7 +322,7 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
     shapes = {passes[i].shape for i in ids}
     if len(shapes) > 1:
         raise FormatError(path, f"the dumps disagree on [layers, experts]: {sorted(shapes)}")
-    counts = _as_counts(torch.stack([passes[i] for i in ids]), path, "logical counts")
+    counts = as_counts_of(torch.stack([passes[i] for i in ids]), path, "logical counts")
     meta = {
         "forward_pass_ids": ids,
         "ranks": sorted(ranks),
@@ -464,7 +408,7 @@ def _read_trtllm(path: Path) -> LoadTrace:
         )
     counts = torch.stack([torch.stack([total[(i, layer)] for layer in layers]) for i in iters])
     meta.update({"iterations": iters, "ranks": [r for r, _ in files]})
-    return LoadTrace(_as_counts(counts, path, "counts"), layers, str(path), "trtllm", meta)
+    return LoadTrace(as_counts_of(counts, path, "counts"), layers, str(path), "trtllm", meta)
 
 
 # --------------------------------------------------------------------------- top-k ids
@@ -500,10 +444,10 @@ def _named_arrays(path: Path, keys: list[str] | None = None) -> dict[str, torch.
         names = list(npz_headers(path))
         check_keys(path, keys, names)
         loaded = load_npz(path, keys)
-        return {k: _to_tensor(v, path, k) for k, v in loaded.items()}
+        return {k: to_tensor(v, path, k) for k, v in loaded.items()}
     if kind == "npy":
         check_keys(path, keys, [path.stem])
-        return {path.stem: _to_tensor(load_npy(path), path, path.name)}
+        return {path.stem: to_tensor(load_npy(path), path, path.name)}
     if kind == "safetensors":
         st = import_safetensors_torch()
         try:
@@ -514,12 +458,12 @@ def _named_arrays(path: Path, keys: list[str] | None = None) -> dict[str, torch.
         obj = _load_pt(path)
         if isinstance(obj, dict):
             tensors = {
-                str(k): _to_tensor(v, path, str(k))
+                str(k): to_tensor(v, path, str(k))
                 for k, v in obj.items()
                 if isinstance(v, (torch.Tensor, np.ndarray, list))
             }
         else:
-            tensors = {path.stem: _to_tensor(obj, path, path.name)}
+            tensors = {path.stem: to_tensor(obj, path, path.name)}
     else:
         raise FormatError(
             path,
@@ -546,26 +490,26 @@ def _read_plain(
         counts, ids = _read_csv(path)
         return counts, ids, {}
     if fmt == "json":
-        obj = _load_json(path)
+        obj, literals = _load_json_literals(path)
         if isinstance(obj, dict):
             name, value, ids = pick_array(obj, path, key)
-            counts = _as_counts(value, path, name)
+            counts = as_counts_of(value, path, name, literals)
             return counts, record_layer_ids(ids, counts.shape[1], path, name), {"key": name}
         if key is not None:
             raise FormatError(path, f"is one JSON array, so key {key!r} (--key) picks nothing; "
                                     "leave it out")
-        return _as_counts(obj, path, "the JSON array"), None, {}
+        return as_counts_of(obj, path, "the JSON array", literals), None, {}
     arrays = _named_arrays(path, None if key is None else [key])
     if key is None and set(arrays) == {"counts", "layer_ids"}:  # written by write_loads
         ids = arrays["layer_ids"].flatten().tolist()  # checked by LoadTrace
-        return _as_counts(arrays["counts"], path, "counts"), ids, {"key": "counts"}
+        return as_counts_of(arrays["counts"], path, "counts"), ids, {"key": "counts"}
     name, value = pick_flat(arrays, path, key)
-    return _as_counts(value, path, name), None, {"key": name}
+    return as_counts_of(value, path, name), None, {"key": name}
 
 
 def _read_csv(path: Path) -> tuple[torch.Tensor, list[float] | None]:
     values, ids = read_csv_table(path)
-    return _as_counts(values, path, "the CSV table"), ids
+    return as_counts_of(values, path, "the CSV table"), ids
 
 
 def read_routing(

@@ -1,0 +1,107 @@
+"""A loads file's array of numbers (a tensor, an ndarray or nested JSON lists) as checked
+``[T, L, E]`` float64 counts, every error naming the file.
+
+Nested lists go through NumPy, which reads text (``"1e3"``) and booleans among numbers
+as numbers; both are refused here. Booleans mixed with numbers survive NumPy's
+conversion, so a JSON file whose text holds a ``true``/``false`` has its loads scanned
+for one (``literals``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from eplb.core.inputs import as_counts
+from eplb.formats.errors import FormatError
+
+
+def _first_bool(value: Any, at: tuple[int, ...] = ()) -> tuple[int, ...] | None:
+    """The index of the first ``True``/``False`` in nested lists ``value``, or ``None``."""
+    if isinstance(value, bool):
+        return at
+    if isinstance(value, list):
+        for i, entry in enumerate(value):
+            found = _first_bool(entry, (*at, i))
+            if found is not None:
+                return found
+    return None
+
+
+def to_tensor(value: Any, path: Path, what: str, literals: bool = False) -> torch.Tensor:
+    """A number array (tensor, ndarray, nested list) as a tensor, or a FormatError.
+    ``literals``: the JSON text held a ``true``/``false`` (scan ``value`` for one)."""
+    if isinstance(value, torch.Tensor):
+        kind = ("quantized" if value.is_quantized else "meta" if value.is_meta
+                else None if value.layout == torch.strided else str(value.layout))
+        if kind is not None:
+            raise FormatError(path, f"{what} is a {kind} tensor; expected a plain tensor of "
+                                    "numbers")
+        return value.detach().cpu()
+    if isinstance(value, np.ndarray):
+        if value.ndim == 0:  # (np.ascontiguousarray would make it [1])
+            raise FormatError(path, "holds a single number; expected [layers, experts] or "
+                                    "[steps, layers, experts] loads")
+        if value.dtype.kind not in "biuf":
+            raise FormatError(path, f"{what} has dtype {value.dtype}; expected numbers")
+        if value.dtype.byteorder == ">":  # big-endian files are fine: native order for torch
+            value = value.astype(value.dtype.newbyteorder("="))
+        if value.dtype.kind == "u" and value.dtype.itemsize > 1:
+            # torch supports few operations on wide unsigned types
+            if value.size and int(value.max()) >= 1 << 63:
+                raise FormatError(path, f"{what} holds a value of 2**63 or more")
+            value = value.astype(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(value))
+    where = _first_bool(value) if literals else None
+    if where is not None:
+        index = "".join(f"[{i}]" for i in where)
+        raise FormatError(path, f"{what}{index} is {str(_at(value, where)).lower()}, not a load")
+    try:
+        array = np.asarray(value)
+        if array.dtype != np.bool_ and array.dtype.kind not in "US":
+            # JSON true/false: flags, not counts; text: NumPy would read "1e3" as 1000.0
+            return torch.from_numpy(array.astype(np.float64))
+    except OverflowError:
+        raise FormatError(
+            path, f"{what} holds a number too large for a float64 load (over 1.8e308)"
+        ) from None
+    except RecursionError:
+        raise FormatError(path, f"{what} is nested too deeply") from None
+    except (TypeError, ValueError) as exc:
+        raise FormatError(
+            path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
+        ) from None
+    if array.dtype.kind in "US":
+        raise FormatError(path, f"{what} holds text where numbers belong (a quoted number "
+                                'such as "1" is text); expected numbers')
+    raise FormatError(path, f"{what} holds booleans; expected numbers")
+
+
+def _at(value: Any, index: tuple[int, ...]) -> Any:
+    for i in index:
+        value = value[i]
+    return value
+
+
+def as_counts_of(value: Any, path: Path, what: str, literals: bool = False
+                 ) -> torch.Tensor:
+    """``[E]``, ``[L, E]`` or ``[T, L, E]`` numbers -> checked ``[T, L, E]`` float64, by the
+    one load check (:func:`eplb.core.inputs.as_counts`), its errors naming the file."""
+    tensor = to_tensor(value, path, what, literals)
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise FormatError(path, f"{what} has dtype {tensor.dtype}; expected real numbers")
+    if tensor.dim() not in (1, 2, 3) or tensor.numel() == 0:
+        raise FormatError(
+            path,
+            f"{what} has shape {tuple(tensor.shape)}; expected [layers, experts] or "
+            "[steps, layers, experts]",
+        )
+    while tensor.dim() < 3:
+        tensor = tensor[None]
+    try:
+        return as_counts(tensor, what)
+    except (TypeError, ValueError) as exc:
+        raise FormatError(path, str(exc)) from None
