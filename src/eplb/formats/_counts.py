@@ -59,25 +59,7 @@ def to_tensor(value: Any, path: Path, what: str, literals: bool = False) -> torc
     if where is not None:
         index = "".join(f"[{i}]" for i in where)
         raise FormatError(path, f"{what}{index} is {str(_at(value, where)).lower()}, not a load")
-    try:
-        array = np.asarray(value)
-        if array.dtype != np.bool_ and array.dtype.kind not in "US":
-            # JSON true/false: flags, not counts; text: NumPy would read "1e3" as 1000.0
-            return torch.from_numpy(array.astype(np.float64))
-    except OverflowError:
-        raise FormatError(
-            path, f"{what} holds a number too large for a float64 load (over 1.8e308)"
-        ) from None
-    except RecursionError:
-        raise FormatError(path, f"{what} is nested too deeply") from None
-    except (TypeError, ValueError) as exc:
-        raise FormatError(
-            path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
-        ) from None
-    if array.dtype.kind in "US":
-        raise FormatError(path, f"{what} holds text where numbers belong (a quoted number "
-                                'such as "1" is text); expected numbers')
-    raise FormatError(path, f"{what} holds booleans; expected numbers")
+    return torch.from_numpy(number_array(value, path, what))
 
 
 def _at(value: Any, index: tuple[int, ...]) -> Any:
@@ -105,3 +87,31 @@ def as_counts_of(value: Any, path: Path, what: str, literals: bool = False
         return as_counts(tensor, what)
     except (TypeError, ValueError) as exc:
         raise FormatError(path, str(exc)) from None
+
+
+def number_array(value: Any, path: Path, what: str) -> np.ndarray:
+    """Nested lists of numbers as a float64 array; text, booleans, ragged rows, numbers
+    beyond float64 and deep nesting are a FormatError naming ``what``."""
+    try:
+        array = np.asarray(value)
+    except RecursionError:
+        raise FormatError(path, f"{what} is nested too deeply") from None
+    except (TypeError, ValueError) as exc:
+        raise FormatError(
+            path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
+        ) from None
+    if array.dtype.kind in "US":  # NumPy would read "1e3" as 1000.0
+        raise FormatError(path, f"{what} holds text where numbers belong (a quoted number "
+                                'such as "1" is text); expected numbers')
+    if array.dtype == np.bool_:  # JSON true/false: flags, not counts
+        raise FormatError(path, f"{what} holds booleans where numbers belong; expected numbers")
+    try:
+        return array.astype(np.float64)
+    except OverflowError:
+        raise FormatError(
+            path, f"{what} holds a number too large for a float64 load (over 1.8e308)"
+        ) from None
+    except (TypeError, ValueError) as exc:  # e.g. None or objects among the numbers
+        raise FormatError(
+            path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
+        ) from None

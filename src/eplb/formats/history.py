@@ -19,6 +19,7 @@ from typing import IO, Any
 
 import numpy as np
 
+from eplb.formats._counts import number_array
 from eplb.formats._files import byte_progress
 from eplb.formats.errors import FormatError, json_value_error
 
@@ -162,27 +163,7 @@ def _read_entries(stream: _JsonStream, path: Path, size: int) -> tuple[np.ndarra
             raise FormatError(
                 path, f"load_history[{step}] has no 'logical_expert_load' (found keys {found})"
             )
-        try:
-            arr = np.asarray(load)
-            if arr.dtype.kind in "USb":  # NumPy would read "1e3" as 1000.0 and true as 1
-                raise FormatError(path, f"load_history[{step}].logical_expert_load holds "
-                                        f"{'booleans' if arr.dtype.kind == 'b' else 'text'} "
-                                        "where numbers belong; expected numbers")
-            arr = arr.astype(np.float64, copy=False)
-        except FormatError:
-            raise
-        except OverflowError:
-            raise FormatError(
-                path, f"load_history[{step}] holds a number too large for a float64 load"
-            ) from None
-        except RecursionError:
-            raise FormatError(path, f"load_history[{step}] is nested too deeply") from None
-        except (TypeError, ValueError) as exc:
-            raise FormatError(
-                path,
-                f"load_history[{step}].logical_expert_load is not a rectangular [layers][experts] "
-                f"array of numbers: {exc}",
-            ) from None
+        arr = number_array(load, path, f"load_history[{step}].logical_expert_load")
         if arr.ndim == 1:
             arr = arr[None]
         if out is None:
