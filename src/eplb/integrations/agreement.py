@@ -44,10 +44,9 @@ __all__ = ["AgreementError", "Outcome", "PlanAgreement", "plan_digest"]
 
 _STATUS, _PLAN = "status", "plan"
 
-
-
 #: a day: longer waits are typos, and an infinite one overflows the store's timedelta
 MAX_TIMEOUT_S = 86400.0
+
 
 class AgreementError(RuntimeError):
     """The ranks could not agree on one plan (a rank never published its status)."""
