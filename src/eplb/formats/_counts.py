@@ -20,10 +20,11 @@ from eplb.formats.errors import FormatError
 
 
 def _first_bool(value: Any, at: tuple[int, ...] = ()) -> tuple[int, ...] | None:
-    """The index of the first ``True``/``False`` in nested lists ``value``, or ``None``."""
+    """The index of the first ``True``/``False`` in nested lists ``value`` (loads are at
+    most 3-D: deeper nesting is left to the shape check), or ``None``."""
     if isinstance(value, bool):
         return at
-    if isinstance(value, list):
+    if isinstance(value, list) and len(at) < 3:
         for i, entry in enumerate(value):
             found = _first_bool(entry, (*at, i))
             if found is not None:
