@@ -47,6 +47,8 @@ when no trace is kept (:func:`remote_nodes_from_coactivation`).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from eplb.core.inputs import as_weight, require_integer_ids
@@ -72,6 +74,9 @@ def _check_shape(phy2log: torch.Tensor, num_gpus: int, num_nodes: int) -> tuple[
         raise ValueError(f"phy2log holds expert id {int(phy2log.min())}; -1 marks an empty "
                          "slot, ids start at 0")
     num_slots = phy2log.shape[1]
+    for name, value in (("num_gpus", num_gpus), ("num_nodes", num_nodes)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     if num_gpus < 1 or num_slots % num_gpus:
         raise ValueError(f"R = {num_slots} slots do not split over {num_gpus} GPUs")
     if num_nodes < 1 or num_gpus % num_nodes:
@@ -104,6 +109,9 @@ def source_distribution(
     total = float(src.sum())
     if total <= 0:
         raise ValueError("no tokens arise anywhere: source is zero on every live GPU")
+    if total == float("inf"):  # e.g. 4 × 1e308: every share would come out 0
+        raise ValueError(f"source sums beyond float64's range (largest {float(src.max()):g}); "
+                         "only the ratios matter: give relative values, e.g. 1 and 2")
     return src / total
 
 
@@ -198,6 +206,7 @@ def realised_slot_loads(
     if int(phy2log.max()) >= w.shape[1]:
         raise ValueError(f"phy2log holds expert ids >= E = {w.shape[1]}")
     w = w.to(phy2log.device)
+    _require_placed(w > 0, phy2log, "has load")
     src = source_distribution(num_gpus, active_gpus, source, phy2log.device)
     if dispatch == "nearest":
         share = _nearest_share(phy2log, src, num_gpus, num_nodes)
@@ -206,6 +215,19 @@ def realised_slot_loads(
                                                              dispatch), src)
     expert_load = w.gather(1, phy2log.clamp(min=0).to(torch.int64))
     return torch.where(phy2log >= 0, expert_load * share, torch.zeros_like(share))
+
+
+def _require_placed(used: torch.Tensor, phy2log: torch.Tensor, what: str) -> None:
+    """``ValueError`` naming the first expert that ``used [L, E]`` marks but that
+    ``phy2log [L, R]`` gives no replica: its tokens would be dropped from every figure."""
+    held = torch.zeros(used.shape, dtype=torch.int64, device=phy2log.device)
+    held.scatter_add_(1, phy2log.clamp(min=0).to(torch.int64), (phy2log >= 0).to(torch.int64))
+    missing = (used.to(phy2log.device) & (held == 0)).nonzero()
+    if len(missing):
+        layer, expert = (int(x) for x in missing[0])
+        raise ValueError(f"expert {expert} of layer {layer} {what} but phy2log gives it no "
+                         f"replica ({len(missing)} such experts): is the placement for these "
+                         f"{'loads' if what == 'has load' else 'tokens'}?")
 
 
 def _nearest_share(
@@ -317,6 +339,9 @@ def node_hit_probs(
     """``[L, P, E, N]`` probability that a token of expert ``e`` from source GPU ``r`` is
     served on node ``m`` (sums to 1 over ``m`` for every placed expert)."""
     slots_per_gpu, gpus_per_node = _check_shape(phy2log, num_gpus, num_nodes)
+    if int(phy2log.max()) >= num_experts:
+        raise ValueError(f"phy2log holds expert id {int(phy2log.max())}, beyond the "
+                         f"{num_experts} experts given (num_experts)")
     num_layers, num_slots = phy2log.shape
     frac = dispatch_fractions(phy2log, num_gpus, num_nodes, dispatch)  # [L, P, R]
     node_of_slot = torch.arange(num_slots, device=phy2log.device) // (
@@ -331,7 +356,8 @@ def node_hit_probs(
 
 def _check_ids(ids: torch.Tensor, num_layers: int, num_experts: int) -> torch.Tensor:
     ids = torch.as_tensor(ids)
-    if ids.dim() != 3 or ids.shape[1] != num_layers or ids.is_floating_point():
+    require_integer_ids(ids, "ids")
+    if ids.dim() != 3 or ids.shape[1] != num_layers:
         raise ValueError(f"ids must be integer top-k ids [T, {num_layers}, k], "
                          f"got {ids.dtype} {tuple(ids.shape)}")
     ids = ids.to(torch.int64)
@@ -372,14 +398,20 @@ def remote_nodes_per_token(
     chunk = positive_int("chunk", chunk)
     num_layers = phy2log.shape[0]
     ids = _check_ids(ids, num_layers, num_experts)
+    chosen = torch.zeros(num_layers, num_experts, dtype=torch.bool)
+    chosen.scatter_(1, ids.transpose(0, 1).reshape(num_layers, -1), True)
     hits = node_hit_probs(phy2log, num_experts, num_gpus, num_nodes, dispatch)  # [L,P,E,N]
+    _require_placed(chosen, phy2log, "is chosen by the trace")
     gpus_per_node = num_gpus // num_nodes
     layer = torch.arange(num_layers, device=phy2log.device)[None, :, None]
     node_ids = torch.arange(num_nodes, device=phy2log.device)
     total = torch.zeros(num_layers, dtype=torch.float64, device=phy2log.device)
     num_tokens = ids.shape[0]
     if sources is not None:
-        sources = torch.as_tensor(sources, dtype=torch.int64, device=phy2log.device).flatten()
+        sources = torch.as_tensor(sources)
+        if sources.is_floating_point() or sources.is_complex() or sources.dtype == torch.bool:
+            raise TypeError(f"sources must hold integer GPU ids, got {sources.dtype}")
+        sources = sources.to(device=phy2log.device, dtype=torch.int64).flatten()
         if sources.shape != (num_tokens,) or (num_tokens and (
                 int(sources.min()) < 0 or int(sources.max()) >= num_gpus)):
             raise ValueError(f"sources must be {num_tokens} GPU ids in [0, {num_gpus})")

@@ -1,0 +1,77 @@
+"""The dispatch model's public helpers (``realised_gpu_loads``, ``remote_nodes_per_token``)
+refuse inputs that would give silently wrong figures or an internal error: a placement
+that does not hold every expert the loads or the trace use, an expert count below the
+map's ids, token sources that overflow, and non-integer sizes or ids (found by the
+fourteenth attack pass)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eplb
+from eplb.core import realised_gpu_loads, remote_nodes_per_token
+
+
+@pytest.fixture(scope="module")
+def case():
+    g = torch.Generator().manual_seed(1)
+    w = torch.rand(2, 8, generator=g, dtype=torch.float64) * 10
+    p = eplb.plan(w, 16, 4, 2, 2, policy="global", dispatch="nearest")
+    ids = torch.randint(0, 8, (20, 2, 2), generator=g)
+    return w, p.phy2log, ids
+
+
+@pytest.mark.parametrize("num_experts", [7, 6])
+def test_an_expert_count_below_the_maps_ids_is_refused(case, num_experts):
+    # 7 dropped expert 7's replicas silently, 6 raised an IndexError from a scatter
+    _, phy2log, ids = case
+    with pytest.raises(ValueError, match=f"expert id 7, beyond the {num_experts} experts"):
+        remote_nodes_per_token(phy2log, ids.clamp(max=num_experts - 1), num_experts, 4, 2)
+
+
+def test_a_trace_choosing_an_expert_the_map_lacks_is_refused(case):
+    # its tokens were counted as reaching no node at all
+    _, phy2log, ids = case
+    lacking = torch.where(phy2log == 0, 1, phy2log)
+    with pytest.raises(ValueError, match="expert 0 of layer 0 is chosen by the trace but"):
+        remote_nodes_per_token(lacking, ids, 8, 4, 2)
+
+
+def test_loads_of_experts_the_map_lacks_are_refused(case):
+    # their load vanished from every GPU (balancedness of the rest)
+    w, phy2log, _ = case
+    lacking = torch.where(phy2log == 0, 1, phy2log)
+    with pytest.raises(ValueError, match="expert 0 of layer 0 has load but phy2log gives"):
+        realised_gpu_loads(w, lacking, 4, 2)
+    with pytest.raises(ValueError, match="expert 8 of layer 0 has load"):
+        realised_gpu_loads(torch.cat([w, w], 1), phy2log, 4, 2)  # loads of another model
+    idle = w.clone()
+    idle[:, 0] = 0  # an expert without load needs no replica
+    loads = realised_gpu_loads(idle, lacking, 4, 2)
+    assert torch.allclose(loads.sum(1), idle.sum(1))
+
+
+def test_token_sources_that_overflow_are_refused(case):
+    # 4 × 1e308 sums to inf: every share came out 0, and so every load
+    w, phy2log, ids = case
+    huge = torch.full((4,), 1e308, dtype=torch.float64)
+    with pytest.raises(ValueError, match="source sums beyond float64's range"):
+        realised_gpu_loads(w, phy2log, 4, 2, source=huge)
+    with pytest.raises(ValueError, match="source sums beyond float64's range"):
+        remote_nodes_per_token(phy2log, ids, 8, 4, 2, source=huge)
+    scaled = realised_gpu_loads(w, phy2log, 4, 2, source=torch.full((4,), 1e300,
+                                                                     dtype=torch.float64))
+    assert torch.allclose(scaled, realised_gpu_loads(w, phy2log, 4, 2))
+
+
+def test_sizes_and_ids_of_the_wrong_kind_are_refused(case):
+    w, phy2log, ids = case
+    with pytest.raises(ValueError, match=r"num_gpus must be an integer, got 4\.0"):
+        remote_nodes_per_token(phy2log, ids, 8, 4.0, 2)  # was a TypeError from torch.zeros
+    with pytest.raises(ValueError, match="num_nodes must be an integer, got True"):
+        realised_gpu_loads(w, phy2log, 4, True)
+    with pytest.raises(TypeError, match=r"ids must hold integer expert ids, got torch\.bool"):
+        remote_nodes_per_token(phy2log, ids > 3, 8, 4, 2)  # read as experts 0 and 1
+    with pytest.raises(TypeError, match="sources must hold integer GPU ids"):
+        remote_nodes_per_token(phy2log, ids, 8, 4, 2, sources=torch.full((20,), 1.7))
