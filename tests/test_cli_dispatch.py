@@ -11,7 +11,7 @@ import torch
 from helpers import skewed_loads_json
 from test_cli import run
 
-from eplb.core.dispatch import realised_gpu_loads
+from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.formats import read_placement
 
 
@@ -164,3 +164,57 @@ def test_eval_refuses_what_plan_refuses(tmp_path, capsys, loads, routing):
                        "nearest", "--policy", "locality", "--routing", two, "-o",
                        tmp_path / "l.json")
     assert code == 2 and "--routing-key" in err
+
+
+def test_eval_with_an_empty_routing_trace_is_one_clear_error(tmp_path, capsys, loads):
+    # plan refused it; eval raised torch's "max(): Expected reduction dim" (attack pass 14)
+    path, _ = loads
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--policy", "global",
+               "--dispatch", "nearest", "-o", out)[0] == 0
+    for name, shape in (("none.npz", (0, 4, 4)), ("zero_k.npz", (300, 4, 0))):
+        empty = tmp_path / name
+        np.savez(empty, task_topk_ids=np.zeros(shape, np.int32))
+        code, _, err = run(capsys, "eval", "--placement", out, path, "--dispatch", "nearest",
+                           "--routing", empty)
+        assert code == 2 and "holds no tokens" in err and str(empty) in err
+        assert "RuntimeError" not in err
+
+
+def test_eval_counts_remote_nodes_from_the_live_gpus_only(tmp_path, capsys, loads, routing):
+    # tokens arise on live GPUs only, as the realised loads beside it say; the figure
+    # counted the dead GPUs' share of tokens too (0.79 against 0.66 on a small case)
+    path, _ = loads
+    out = tmp_path / "dead.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--policy", "global",
+               "--dispatch", "nearest", "--dead-gpus", "0,1,2,5", "-o", out)[0] == 0
+    code, stdout, _ = run(capsys, "eval", "--placement", out, path, "--dispatch", "nearest",
+                          "--routing", routing, "--json", "--summary")
+    assert code == 0
+    placement = read_placement(out)
+    ids = torch.from_numpy(np.load(routing)["task_topk_ids"]).long()
+    remote = remote_nodes_per_token(placement.phy2log, ids, 64, 16, 4,
+                                    active_gpus=placement.active_gpus)
+    everywhere = remote_nodes_per_token(placement.phy2log, ids, 64, 16, 4)
+    assert float(remote.mean()) != pytest.approx(float(everywhere.mean()))
+    assert json.loads(stdout)["remote_nodes_per_token"] == pytest.approx(float(remote.mean()))
+
+
+def test_plan_scores_the_placement_in_force_under_the_nearest_rule_too(tmp_path, capsys,
+                                                                        loads):
+    # "in force" was scored with the even split while "after" used the nearest rule: a
+    # placement kept as it is (--max-moves 0) showed a different balancedness before/after
+    path, w = loads
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8,
+               "--policy", "global", "-o", old)[0] == 0  # for vLLM's even split
+    code, stdout, _ = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups",
+                          8, "--policy", "global", "--dispatch", "nearest", "--previous", old,
+                          "--max-moves", 0, "-o", tmp_path / "same.json", "--json")
+    assert code == 0
+    summary = json.loads(stdout)
+    assert summary["moved_slots_total"] == 0
+    assert summary["balancedness_in_force"] == pytest.approx(summary["balancedness_after"])
+    loads = realised_gpu_loads(w, read_placement(old).phy2log, 16, 4)
+    assert summary["balancedness_in_force"] == pytest.approx(
+        float(loads.mean(1).sum() / loads.amax(1).sum()))

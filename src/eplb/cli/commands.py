@@ -239,8 +239,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     moved = in_force = in_force_worst = None
     if previous is not None:
         moved = placement.moved_slots(previous)
-        _, in_force, in_force_worst = load_balance(previous.gpu_loads(weight),
-                                                    previous.live_gpus(), speed)
+        in_force_loads = previous.gpu_loads(weight)
+        if args.dispatch == "nearest" and args.nodes > 1:  # scored as "after" is
+            in_force_loads = realised_gpu_loads(weight, previous.phy2log, args.gpus,
+                                                args.nodes, active_gpus=previous.active_gpus)
+        _, in_force, in_force_worst = load_balance(in_force_loads, previous.live_gpus(), speed)
     summary = {
         "output": str(out),
         "emit": emit,
@@ -329,7 +332,10 @@ def _routing(args: argparse.Namespace) -> torch.Tensor | None:
         routing = read_routing(existing_file(args.routing, "routing trace"), key=key)
     except ValueError as exc:  # the readers name the loads' --key; here it is --routing-key
         raise CliError(str(exc).replace("--key", "--routing-key")) from None
-    if routing.numel() and int(routing.min()) < 0:
+    if routing.numel() == 0:
+        raise CliError(f"--routing {args.routing} holds no tokens (shape "
+                       f"{tuple(routing.shape)}; a routing trace is [tokens, layers, k])")
+    if int(routing.min()) < 0:
         raise CliError(f"--routing {args.routing} holds negative expert ids (-1 padding for "
                        "tokens routed to fewer experts?); co-selection needs full top-k rows")
     return routing
@@ -579,7 +585,7 @@ def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor) -
             raise CliError(f"--routing {args.routing} names experts beyond the placement's "
                            f"{placement.num_experts}")
         remote = remote_nodes_per_token(placement.phy2log, routing, placement.num_experts,
-                                        topo.num_gpus, topo.num_nodes)
+                                        topo.num_gpus, topo.num_nodes, active_gpus=active)
         out["remote_nodes_per_token"] = float(remote.mean())
     return out
 
