@@ -127,6 +127,27 @@ def test_numpy_and_tensor_scalars_work_as_knobs():
         again(skip_threshold=torch.tensor(True))
 
 
+
+@pytest.mark.parametrize("dispatch", ["even", "nearest"])
+def test_a_per_layer_budget_beyond_int64_means_no_limit_and_bools_are_refused(dispatch):
+    # a total of 10**30 worked, but a list of them was refused as "not non-negative ints"
+    # (NumPy read it as objects or floats); [True, 2] was read as [1, 2] (attack pass 14)
+    weight = torch.rand(2, 8, generator=torch.Generator().manual_seed(0)) * 100
+    vllm = (torch.arange(16) % 8).expand(2, 16).clone()
+
+    def again(max_moves):
+        return eplb.plan(weight, 16, 4, 2, 2, policy="global", dispatch=dispatch,
+                         previous=vllm, max_moves=max_moves)
+
+    unlimited = again([1 << 62, 1 << 62])
+    for huge in ([10**30, 10**30], [2**63, 2**64], [np.uint64(2**64 - 1), 10**19]):
+        assert _same(again(huge), unlimited)
+    assert _same(again([2**63, 0]), again([1 << 62, 0]))
+    with pytest.raises(ValueError, match="max_moves per layer must be ints"):
+        again([True, 2])
+    with pytest.raises(ValueError, match="max_moves"):
+        again([1.0, 2.0])
+
 def test_rebalance_experts_takes_previous_as_plan_calls_it():
     weight = torch.rand(4, 16, generator=G) * 10
     old = eplb.plan(weight, 32, 8)

@@ -224,6 +224,12 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
     if isinstance(max_moves, torch.Tensor):
         max_moves = max_moves.detach().cpu().numpy()
     if isinstance(max_moves, (list, tuple)):
+        if any(isinstance(v, bool | np.bool_) for v in max_moves):
+            raise ValueError(f"max_moves per layer must be ints, got {max_moves!r}")
+        if all(isinstance(v, int | np.integer) and v >= 0 for v in max_moves):
+            # Python ints beyond int64 (no limit in that layer) are capped as a total is;
+            # else NumPy reads the list as floats or objects and it is refused
+            max_moves = [min(int(v), 1 << 62) for v in max_moves]
         max_moves = np.asarray(max_moves)
     if isinstance(max_moves, np.ndarray) and max_moves.ndim == 0:
         max_moves = max_moves[()]  # a 0-d array or tensor is a total budget
