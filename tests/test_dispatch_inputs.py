@@ -75,3 +75,26 @@ def test_sizes_and_ids_of_the_wrong_kind_are_refused(case):
         remote_nodes_per_token(phy2log, ids > 3, 8, 4, 2)  # read as experts 0 and 1
     with pytest.raises(TypeError, match="sources must hold integer GPU ids"):
         remote_nodes_per_token(phy2log, ids, 8, 4, 2, sources=torch.full((20,), 1.7))
+
+
+def test_an_incremental_nearest_plan_refuses_a_source_it_would_ignore(case):
+    # its candidates are built and scored with tokens arising evenly: the plan came out
+    # the same whatever source was given, with or without a budget
+    w, phy2log, _ = case
+    skewed = torch.tensor([8.0, 0.0, 0.0, 1.0])
+    for budget in (None, 5, [2, 2]):
+        with pytest.raises(ValueError, match="source is not used by incremental plans"):
+            eplb.plan(w, 16, 4, 2, 2, policy="global", dispatch="nearest", source=skewed,
+                      previous=phy2log, max_moves=budget)
+    fresh = eplb.plan(w, 16, 4, 2, 2, policy="global", dispatch="nearest", source=skewed)
+    fresh.validate()  # a fresh plan uses it
+    live = torch.tensor([True, True, True, False])  # re-planned and relabelled: used too
+    eplb.plan(w, 16, 4, 2, 2, policy="global", dispatch="nearest", source=skewed,
+              previous=fresh, active_gpus=live).validate()
+    from eplb.online import Rebalancer
+
+    with pytest.raises(ValueError, match="source is not used by incremental plans"):
+        Rebalancer(16, 4, 2, 2, window=1, interval=1, incremental=True, policy="global",
+                   dispatch="nearest", source=skewed)
+    Rebalancer(16, 4, 2, 2, window=1, interval=1, policy="global", dispatch="nearest",
+               source=skewed)  # fresh plans use it

@@ -90,7 +90,8 @@ def plan(
         fair: under ``"nearest"``: ``"auto"`` (default), ``"avoid"`` (hot experts on
             every node, so no token needs the engine's random fair choice) or
             ``"expect"`` (best in expectation).
-        source: under ``"nearest"``: ``[P]`` where tokens arise (default: evenly).
+        source: under ``"nearest"``: ``[P]`` where tokens arise (default: evenly); not
+            with ``previous`` where every GPU is live (those plans assume even sources).
         routing: for ``policy="locality"``: ``[T, L, k]`` top-k expert ids of recorded
             tokens (co-selection statistics; default: estimated from loads and groups).
         slack: for ``policy="locality"``: node load allowed above the mean; it trades

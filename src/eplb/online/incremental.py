@@ -401,6 +401,12 @@ def _plan_nearest(
         placement = Placement.from_phy2log(out.to(request.weight.device), request.num_experts,
                                            topo, request.policy, request.active_gpus)
         return validate_planned(placement)
+    if request.source is not None:
+        # the candidates below are built and scored with tokens arising evenly: a source
+        # given here was silently ignored
+        raise ValueError("source is not used by incremental plans under dispatch='nearest' "
+                         "with the global policy and every GPU live (their candidates assume "
+                         "tokens arising evenly): leave source out, or plan without previous")
     weight = _host_weight(request)
     base = torch.from_numpy(_forced(even, old, weight)[0])
     budget = None

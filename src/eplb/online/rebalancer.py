@@ -140,6 +140,12 @@ def make_planner(
         ):
             raise ValueError("max_moves with dispatch='nearest' needs the global policy with "
                              "every GPU live (other plans re-plan and relabel, unbudgeted)")
+        if (plan_options.get("dispatch") == "nearest" and incremental
+                and plan_options.get("source") is not None and concrete == "global"
+                and active_gpus is None):
+            raise ValueError("source is not used by incremental plans under dispatch='nearest' "
+                             "with the global policy and every GPU live: leave source out, "
+                             "or plan without incremental")
 
         incremental_knobs = {k: plan_options.pop(k, None) for k in SCORE_OPTIONS}
         if any(v is not None for v in incremental_knobs.values()):
