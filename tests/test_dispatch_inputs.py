@@ -98,3 +98,27 @@ def test_an_incremental_nearest_plan_refuses_a_source_it_would_ignore(case):
                    dispatch="nearest", source=skewed)
     Rebalancer(16, 4, 2, 2, window=1, interval=1, policy="global", dispatch="nearest",
                source=skewed)  # fresh plans use it
+
+
+def test_the_group_limited_sampler_refuses_knobs_that_break_it():
+    # latent_scale=nan scored every expert nan (the samples came from two groups only);
+    # latent_dim=0 and fit_tokens=0 divided by zero; float sizes failed inside torch
+    from eplb.tools import sample_group_limited
+    from eplb.tools.routing import fit_router
+
+    w = torch.rand(2, 32, generator=torch.Generator().manual_seed(0)) * 100
+    for scale in (float("nan"), float("inf"), -1.0, True):
+        with pytest.raises(ValueError, match="latent_scale must be a finite number >= 0"):
+            sample_group_limited(w, 8, latent_scale=scale)
+    for knob in ("latent_dim", "fit_tokens", "top_k"):
+        for value in (0, 2.5, True):
+            with pytest.raises(ValueError, match=knob):
+                fit_router(w, **{knob: value})
+    with pytest.raises(ValueError, match="iterations must be an int >= 0"):
+        fit_router(w, iterations=-1)
+    for count in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="num_tokens must be an int >= 0"):
+            sample_group_limited(w, count)
+    assert sample_group_limited(w, 0).shape == (0, 2, 8)
+    assert torch.equal(sample_group_limited(w, torch.tensor(6).numpy()[()]),
+                       sample_group_limited(w, 6))

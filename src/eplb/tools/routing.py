@@ -31,11 +31,14 @@ DeepSeek-V3's own co-activation is not in the data: the fitted strength is borro
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
 
 from eplb.core.inputs import as_seed
+from eplb.core.topology import positive_int
 
 #: latent strength and dimension fitted to the co-activation of the real traces (module
 #: docstring; ``benchmarks/bench_dispatch.py --fit-latent`` re-measures the match)
@@ -94,13 +97,25 @@ class Router:
     def sample(self, num_tokens: int, generator: torch.Generator | None = None,
                chunk: int = 1024) -> torch.Tensor:
         """``[T, L, k]`` int64 top-k expert ids of ``num_tokens`` tokens."""
-        if num_tokens < 0:
-            raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
+        num_tokens = _count("num_tokens", num_tokens)
         parts = [self._choose(self.scores(min(chunk, num_tokens - s), generator))
                  for s in range(0, num_tokens, chunk)]
         if not parts:
             return torch.zeros(0, self.num_layers, self.top_k, dtype=torch.int64)
         return torch.cat(parts)
+
+
+def _count(name: str, value: object) -> int:
+    """``value`` as an int >= 0 (any integer type, not a bool), else ``ValueError``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {number}")
+    return number
 
 
 def _check(weight: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
@@ -144,6 +159,15 @@ def fit_router(
     fresh tokens (rate 1, then falling as ``3 / round``), target = ``top_k · w / Σw``
     (experts with no load are never chosen, as in the data).
     """
+    for name, value in (("top_k", top_k), ("num_groups", num_groups),
+                        ("topk_groups", topk_groups), ("group_top", group_top),
+                        ("latent_dim", latent_dim), ("fit_tokens", fit_tokens)):
+        positive_int(name, value)  # a float or bool failed deep in torch, 0 divided by 0
+    iterations = _count("iterations", iterations)
+    if isinstance(latent_scale, bool) or not isinstance(latent_scale, numbers.Real) or not (
+            math.isfinite(latent_scale) and latent_scale >= 0):
+        # NaN scored every expert NaN: the samples came from a few groups only
+        raise ValueError(f"latent_scale must be a finite number >= 0, got {latent_scale!r}")
     w = _check(weight, top_k, num_groups, topk_groups, group_top)
     num_layers, num_experts = w.shape
     target = top_k * w / w.sum(1, keepdim=True)
