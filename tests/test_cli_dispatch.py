@@ -218,3 +218,20 @@ def test_plan_scores_the_placement_in_force_under_the_nearest_rule_too(tmp_path,
     loads = realised_gpu_loads(w, read_placement(old).phy2log, 16, 4)
     assert summary["balancedness_in_force"] == pytest.approx(
         float(loads.mean(1).sum() / loads.amax(1).sum()))
+
+
+def test_plan_names_the_routing_file_whose_ids_pass_the_loads_experts(tmp_path, capsys,
+                                                                       loads, routing):
+    # eval named the file; plan said only "routing holds expert ids in [0, 64], outside
+    # [0, 64)", with no hint that a routing-trace LOADS file counts its own experts
+    path, _ = loads
+    ids = np.load(routing)["task_topk_ids"]
+    ids[0, 0, 0] = 64
+    wide = tmp_path / "wide.npz"
+    np.savez(wide, task_topk_ids=ids)
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8,
+                       "--policy", "locality", "--dispatch", "nearest", "--routing", wide,
+                       "-o", tmp_path / "x.json")
+    assert code == 2
+    assert f"--routing {wide} names expert 64, beyond the loads' 64 experts" in err
+    assert "--num-experts" in err

@@ -195,7 +195,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             warn(f"{loads}: layers {_ranges(idle)} saw no tokens (the dense layers of an "
                  "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
                  "if your model's MoE layers start later")
-    options.update(_dispatch_options(args, trace.num_layers, kept_rows))
+    options.update(_dispatch_options(args, trace.num_layers, num_experts, kept_rows))
     if args.max_moves is not None:
         if previous is None:
             raise CliError("--max-moves needs --previous (the placement in service)")
@@ -341,10 +341,11 @@ def _routing(args: argparse.Namespace) -> torch.Tensor | None:
     return routing
 
 
-def _dispatch_options(args: argparse.Namespace, num_rows: int,
+def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
                       rows: list[int] | None = None) -> dict:
     """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
     ``num_rows``: the loads file's rows (the routing trace's layers are those);
+    ``num_experts``: the loads' experts (the trace's ids lie below);
     ``rows``: the ones planned, where some were left out."""
     nearest_only = {"--fair": args.fair != "auto", "--slack": args.slack is not None,
                     "--routing": args.routing is not None,
@@ -368,6 +369,10 @@ def _dispatch_options(args: argparse.Namespace, num_rows: int,
         if routing.shape[1] != num_rows:
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the loads "
                            f"{num_rows}")
+        if int(routing.max()) >= num_experts:
+            raise CliError(f"--routing {args.routing} names expert {int(routing.max())}, beyond "
+                           f"the loads' {num_experts} experts (for a routing trace as LOADS, "
+                           "give the model's count with --num-experts E)")
         options["routing"] = routing if rows is None else routing[:, rows]
     return options
 
