@@ -122,3 +122,17 @@ def test_the_group_limited_sampler_refuses_knobs_that_break_it():
     assert sample_group_limited(w, 0).shape == (0, 2, 8)
     assert torch.equal(sample_group_limited(w, torch.tensor(6).numpy()[()]),
                        sample_group_limited(w, 6))
+
+
+def test_a_dead_gpu_that_holds_experts_is_refused(case):
+    # it served tokens whose load the live-GPU figures left out (0.82 "balanced" where
+    # the loads had all GPUs working)
+    w, phy2log, ids = case
+    live = torch.tensor([False, True, True, True])
+    with pytest.raises(ValueError, match=r"GPU 0 is dead .* but phy2log places experts"):
+        realised_gpu_loads(w, phy2log, 4, 2, active_gpus=live)
+    with pytest.raises(ValueError, match="GPU 0 is dead"):
+        remote_nodes_per_token(phy2log, ids, 8, 4, 2, active_gpus=live)
+    planned = eplb.plan(w, 16, 4, 2, 2, policy="global", dispatch="nearest", active_gpus=live)
+    loads = realised_gpu_loads(w, planned.phy2log, 4, 2, active_gpus=live)
+    assert torch.allclose(loads.sum(1), w.sum(1)) and bool((loads[:, 0] == 0).all())

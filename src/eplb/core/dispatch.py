@@ -208,6 +208,7 @@ def realised_slot_loads(
     w = w.to(phy2log.device)
     _require_placed(w > 0, phy2log, "has load")
     src = source_distribution(num_gpus, active_gpus, source, phy2log.device)
+    _require_empty_dead(phy2log, num_gpus, active_gpus)
     if dispatch == "nearest":
         share = _nearest_share(phy2log, src, num_gpus, num_nodes)
     else:
@@ -215,6 +216,19 @@ def realised_slot_loads(
                                                              dispatch), src)
     expert_load = w.gather(1, phy2log.clamp(min=0).to(torch.int64))
     return torch.where(phy2log >= 0, expert_load * share, torch.zeros_like(share))
+
+
+def _require_empty_dead(phy2log: torch.Tensor, num_gpus: int, active_gpus: object) -> None:
+    """``ValueError`` naming the first GPU that ``active_gpus [P]`` marks dead but that holds
+    an expert in ``phy2log``: it would serve tokens whose load no live-GPU figure counts."""
+    if active_gpus is None:
+        return
+    dead = ~torch.as_tensor(active_gpus, dtype=torch.bool, device=phy2log.device).flatten()
+    held = (phy2log >= 0).view(phy2log.shape[0], num_gpus, -1).any(2).any(0)
+    wrong = (held & dead).nonzero()
+    if len(wrong):
+        raise ValueError(f"GPU {int(wrong[0])} is dead (active_gpus) but phy2log places experts "
+                         "on it: dead GPUs' slots hold -1")
 
 
 def _require_placed(used: torch.Tensor, phy2log: torch.Tensor, what: str) -> None:
@@ -418,6 +432,7 @@ def remote_nodes_per_token(
         weights = None
     else:
         weights = source_distribution(num_gpus, active_gpus, source, phy2log.device)
+        _require_empty_dead(phy2log, num_gpus, active_gpus)
     for start in range(0, num_tokens, chunk):
         part = ids[start:start + chunk].to(phy2log.device)  # [t, L, k]
         if sources is not None:
