@@ -235,3 +235,21 @@ def test_plan_names_the_routing_file_whose_ids_pass_the_loads_experts(tmp_path, 
     assert code == 2
     assert f"--routing {wide} names expert 64, beyond the loads' 64 experts" in err
     assert "--num-experts" in err
+
+
+def test_a_routing_file_that_names_an_expert_twice_in_a_row_is_named(tmp_path, capsys, loads,
+                                                                     routing):
+    path, _ = loads
+    ids = np.load(routing)["task_topk_ids"]
+    ids[5, 2, 1] = ids[5, 2, 0]
+    twice = tmp_path / "twice.npz"
+    np.savez(twice, task_topk_ids=ids)
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--policy", "global",
+               "--dispatch", "nearest", "-o", out)[0] == 0
+    for argv in (["plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8, "--policy",
+                  "locality", "--dispatch", "nearest", "-o", tmp_path / "l.json"],
+                 ["eval", "--placement", out, path, "--dispatch", "nearest"]):
+        code, _, err = run(capsys, *argv, "--routing", twice)
+        assert code == 2
+        assert f"--routing {twice}: token 5 names an expert twice in layer 2" in err

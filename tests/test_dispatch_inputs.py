@@ -18,16 +18,17 @@ def case():
     g = torch.Generator().manual_seed(1)
     w = torch.rand(2, 8, generator=g, dtype=torch.float64) * 10
     p = eplb.plan(w, 16, 4, 2, 2, policy="global", dispatch="nearest")
-    ids = torch.randint(0, 8, (20, 2, 2), generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(40)]).view(20, 2, 2)
     return w, p.phy2log, ids
 
 
 @pytest.mark.parametrize("num_experts", [7, 6])
 def test_an_expert_count_below_the_maps_ids_is_refused(case, num_experts):
     # 7 dropped expert 7's replicas silently, 6 raised an IndexError from a scatter
-    _, phy2log, ids = case
+    _, phy2log, _ = case
+    ids = torch.tensor([[[0, 1], [2, 3]], [[4, 5], [1, 0]]])  # below num_experts
     with pytest.raises(ValueError, match=f"expert id 7, beyond the {num_experts} experts"):
-        remote_nodes_per_token(phy2log, ids.clamp(max=num_experts - 1), num_experts, 4, 2)
+        remote_nodes_per_token(phy2log, ids, num_experts, 4, 2)
 
 
 def test_a_trace_choosing_an_expert_the_map_lacks_is_refused(case):
@@ -136,3 +137,18 @@ def test_a_dead_gpu_that_holds_experts_is_refused(case):
     planned = eplb.plan(w, 16, 4, 2, 2, policy="global", dispatch="nearest", active_gpus=live)
     loads = realised_gpu_loads(w, planned.phy2log, 4, 2, active_gpus=live)
     assert torch.allclose(loads.sum(1), w.sum(1)) and bool((loads[:, 0] == 0).all())
+
+
+def test_a_top_k_row_that_names_an_expert_twice_is_refused(case):
+    # a router's top-k never does; the trace counted the expert twice: [3, 3] reached
+    # more remote nodes than [3] although the token goes to expert 3 once
+    w, phy2log, _ = case
+    twice = torch.tensor([[[3, 3], [0, 1]]])
+    with pytest.raises(ValueError, match=r"ids: token 0 names an expert twice in layer 0 "
+                                         r"\(top-k \[3, 3\]\)"):
+        remote_nodes_per_token(phy2log, twice, 8, 4, 2)
+    with pytest.raises(ValueError, match="routing: token 0 names an expert twice"):
+        eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", routing=twice)
+    once = torch.tensor([[[3, 4], [0, 1]]])
+    remote_nodes_per_token(phy2log, once, 8, 4, 2)
+    eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", routing=once).validate()

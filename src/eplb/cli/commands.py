@@ -25,6 +25,7 @@ from eplb.cli._common import (
 )
 from eplb.cli._inputs import cli_policy, infer_emit, read_trace, warn
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
+from eplb.core.inputs import require_distinct_topk
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement_meta, read_routing, write_placement
@@ -341,6 +342,14 @@ def _routing(args: argparse.Namespace) -> torch.Tensor | None:
     return routing
 
 
+def _distinct_rows(routing: torch.Tensor, args: argparse.Namespace) -> None:
+    """:func:`require_distinct_topk` naming the file (after its shape is checked)."""
+    try:
+        require_distinct_topk(routing, f"--routing {args.routing}")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
                       rows: list[int] | None = None) -> dict:
     """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
@@ -373,6 +382,7 @@ def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
             raise CliError(f"--routing {args.routing} names expert {int(routing.max())}, beyond "
                            f"the loads' {num_experts} experts (for a routing trace as LOADS, "
                            "give the model's count with --num-experts E)")
+        _distinct_rows(routing, args)
         options["routing"] = routing if rows is None else routing[:, rows]
     return options
 
@@ -589,6 +599,7 @@ def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor) -
         if int(routing.max()) >= placement.num_experts:
             raise CliError(f"--routing {args.routing} names experts beyond the placement's "
                            f"{placement.num_experts}")
+        _distinct_rows(routing, args)
         remote = remote_nodes_per_token(placement.phy2log, routing, placement.num_experts,
                                         topo.num_gpus, topo.num_nodes, active_gpus=active)
         out["remote_nodes_per_token"] = float(remote.mean())

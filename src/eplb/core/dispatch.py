@@ -51,7 +51,7 @@ import numbers
 
 import torch
 
-from eplb.core.inputs import as_weight, require_integer_ids
+from eplb.core.inputs import as_weight, require_distinct_topk, require_integer_ids
 from eplb.core.topology import positive_int
 
 DISPATCH_RULES = ("even", "nearest")
@@ -380,6 +380,7 @@ def _check_ids(ids: torch.Tensor, num_layers: int, num_experts: int) -> torch.Te
     if int(ids.max()) >= num_experts or int(ids.min()) < 0:
         raise ValueError(f"ids must lie in [0, {num_experts}) (top-k ids padded with -1 are "
                          f"not supported), got [{int(ids.min())}, {int(ids.max())}]")
+    require_distinct_topk(ids, "ids")
     return ids
 
 

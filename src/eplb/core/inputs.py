@@ -316,6 +316,21 @@ def as_routing(
     return tensor
 
 
+def require_distinct_topk(ids: torch.Tensor, name: str) -> None:
+    """``ValueError`` naming the first token of ``ids [T, L, k]`` whose top-k row names
+    an expert twice: a router's top-k never does, and the co-selection and traffic
+    figures would count that expert twice."""
+    if ids.shape[2] < 2:
+        return
+    ordered = ids.sort(2).values
+    twice = (ordered[..., 1:] == ordered[..., :-1]).any(2)  # [T, L]
+    if bool(twice.any()):
+        token, layer = (int(x) for x in twice.nonzero()[0])
+        raise ValueError(f"{name}: token {token} names an expert twice in layer {layer} "
+                         f"(top-k {ids[token, layer].tolist()}); a top-k row holds distinct "
+                         "experts")
+
+
 def require_integer_ids(tensor: torch.Tensor, name: str) -> None:
     """``TypeError`` naming ``name`` unless ``tensor`` holds integer expert ids (not
     floating, complex or boolean values, which a cast would silently turn into ids)."""

@@ -33,6 +33,7 @@ from eplb.core.inputs import (
     as_seed,
     as_weight,
     planning_rows,
+    require_distinct_topk,
 )
 from eplb.core.options import PackingOptions, PlanOptions
 from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
@@ -200,6 +201,8 @@ def make_request(
     if ids is not None and chosen != "locality":
         raise ValueError(f"routing gives the locality policy its co-selection statistics; the "
                          f"{chosen} policy does not use it (pass policy='locality')")
+    if ids is not None:
+        require_distinct_topk(ids, "routing")
     if dispatch == "nearest" and chosen != "global" and (fair != "auto" or src is not None):
         raise ValueError(f"fair and source shape the global policy's plan for nearest "
                          f"dispatch; the {chosen} policy does not use them (pass "
