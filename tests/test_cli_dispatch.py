@@ -253,3 +253,32 @@ def test_a_routing_file_that_names_an_expert_twice_in_a_row_is_named(tmp_path, c
         code, _, err = run(capsys, *argv, "--routing", twice)
         assert code == 2
         assert f"--routing {twice}: token 5 names an expert twice in layer 2" in err
+
+
+def test_eval_pairs_a_routing_trace_with_the_loads_rows_as_plan_does(tmp_path, capsys, loads,
+                                                                      routing):
+    # loads with an idle row 0 the placement lacks: plan --previous took a trace with the
+    # loads' 5 layers, eval refused it ("has 5 layers, the placement 4")
+    _, w = loads
+    counts = torch.cat([torch.zeros(1, 64, dtype=w.dtype), w]).tolist()
+    five = tmp_path / "five.json"
+    five.write_text(json.dumps({"counts": counts, "layers": [0, 1, 2, 3, 4]}))
+    four = tmp_path / "four.json"
+    four.write_text(json.dumps({"counts": w.tolist(), "layers": [1, 2, 3, 4]}))
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", four, "-r", 96, "-g", 16, "--nodes", 4, "--policy", "global",
+               "--dispatch", "nearest", "-o", out)[0] == 0
+    ids = np.load(routing)["task_topk_ids"]
+    trace5 = tmp_path / "t5.npz"
+    np.savez(trace5, task_topk_ids=np.concatenate([ids[:, :1], ids], 1))  # + layer 0
+    scores = []
+    for trace in (routing, trace5):
+        code, stdout, _ = run(capsys, "eval", "--placement", out, five, "--dispatch", "nearest",
+                              "--routing", trace, "--json", "--summary")
+        assert code == 0
+        scores.append(json.loads(stdout)["remote_nodes_per_token"])
+    assert scores[0] > 0 and scores[1] == pytest.approx(scores[0])
+    code, _, _ = run(capsys, "plan", five, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8,
+                     "--policy", "locality", "--dispatch", "nearest", "--previous", out,
+                     "--routing", trace5, "-o", tmp_path / "l.json")
+    assert code == 0

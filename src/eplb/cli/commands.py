@@ -504,7 +504,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     after_loads = placement.gpu_loads(weight)
     nearest = None
     if args.dispatch == "nearest":
-        nearest = _nearest_scores(args, placement, weight)
+        nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep)
         after_loads = nearest.pop("gpu_loads")
     speed = eval_gpu_speed(args.gpu_speed, meta, topo.num_gpus, args.placement)
     if speed is not None and args.dispatch == "nearest":
@@ -579,8 +579,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor) -> dict:
-    """Realised GPU loads under the nearest rule, and remote nodes per token."""
+def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor,
+                    num_rows: int, keep: list[int] | None) -> dict:
+    """Realised GPU loads under the nearest rule, and remote nodes per token. The routing
+    trace has the loads file's ``num_rows`` layers, as in ``plan`` (``keep``: the rows the
+    placement has), or the placement's."""
     topo = placement.topology
     if topo.num_nodes <= 1:
         raise CliError(f"--dispatch nearest needs several nodes, and {args.placement} is for "
@@ -593,9 +596,12 @@ def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor) -
            "balancedness_even_split": placement.balancedness(weight)}
     routing = _routing(args)
     if routing is not None:
+        if keep is not None and routing.shape[1] == num_rows:
+            routing = routing[:, keep]  # the loads' layers, paired as plan pairs them
         if routing.shape[1] != placement.num_layers:
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the "
-                           f"placement {placement.num_layers}")
+                           f"loads {num_rows}"
+                           + (f" (the placement {placement.num_layers})" if keep else ""))
         if int(routing.max()) >= placement.num_experts:
             raise CliError(f"--routing {args.routing} names experts beyond the placement's "
                            f"{placement.num_experts}")
