@@ -153,3 +153,29 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
         warn(f"{Path(output).name}: writing eplb's JSON, which SGLang does not read; name "
              "OUT *.sglang.json (or pass --emit sglang) for SGLang's --init-expert-location")
     return EMIT_BY_SUFFIX.get(suffix, "json")
+
+
+def ranges(ids: list[int]) -> str:
+    """``[0, 1, 2, 7]`` -> ``"0..2, 7"``."""
+    spans: list[list[int]] = []
+    for i in ids:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in spans)
+
+
+def warn_revived(previous, active, args: argparse.Namespace) -> None:
+    """Say so when GPUs that hold nothing in ``--previous`` will be filled now."""
+    grid = previous.phy2log.cpu().view(previous.num_layers, args.gpus, -1)
+    empty = (grid < 0).all(2).all(0)  # [P]: dead in the placement in force
+    live = torch.ones_like(empty) if active is None else active.cpu().bool()
+    revived = (empty & live).nonzero()[:, 0].tolist()
+    if revived:
+        ids = ",".join(map(str, revived))
+        many = len(revived) > 1
+        warn(f"GPU{'s' if many else ''} {ids} hold{'' if many else 's'} nothing in "
+             f"{args.previous} (dead then) and {'are' if many else 'is'} live now, so "
+             f"{'their' if many else 'its'} slots will be filled; pass --dead-gpus {ids} to "
+             "keep them out")

@@ -23,25 +23,13 @@ from eplb.cli._common import (
     static_gpu_loads,
     timed,
 )
-from eplb.cli._inputs import cli_policy, infer_emit, read_trace, warn
+from eplb.cli._inputs import cli_policy, infer_emit, ranges, read_trace, warn, warn_revived
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.inputs import require_distinct_topk
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement_meta, read_routing, write_placement
 from eplb.formats.placements import dead_gpus_message
-
-
-def _ranges(ids: list[int]) -> str:
-    """``[0, 1, 2, 7]`` -> ``"0..2, 7"``."""
-    spans: list[list[int]] = []
-    for i in ids:
-        if spans and i == spans[-1][1] + 1:
-            spans[-1][1] = i
-        else:
-            spans.append([i, i])
-    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in spans)
-
 
 MAX_FIRST_LAYER = MAX_MODEL_LAYERS - 1  # SGLang files get a row for each layer below
 
@@ -94,21 +82,6 @@ def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads:
         "(61 for DeepSeek-V3) and the first row's layer with --first-layer K (3 for "
         "DeepSeek-V3's MoE layers)"
     )
-
-
-def _warn_revived(previous, active, args: argparse.Namespace) -> None:
-    """Say so when GPUs that hold nothing in ``--previous`` will be filled now."""
-    grid = previous.phy2log.cpu().view(previous.num_layers, args.gpus, -1)
-    empty = (grid < 0).all(2).all(0)  # [P]: dead in the placement in force
-    live = torch.ones_like(empty) if active is None else active.cpu().bool()
-    revived = (empty & live).nonzero()[:, 0].tolist()
-    if revived:
-        ids = ",".join(map(str, revived))
-        many = len(revived) > 1
-        warn(f"GPU{'s' if many else ''} {ids} hold{'' if many else 's'} nothing in "
-             f"{args.previous} (dead then) and {'are' if many else 'is'} live now, so "
-             f"{'their' if many else 'its'} slots will be filled; pass --dead-gpus {ids} to "
-             "keep them out")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -172,7 +145,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             weight, layer_ids, kept_rows = weight[keep], [layer_ids[i] for i in keep], keep
             num_layers = len(keep)
         options["previous"] = previous
-        _warn_revived(previous, active, args)
+        warn_revived(previous, active, args)
         if (previous_meta.get("topology") and (args.nodes, args.groups) == (1, 1)
                 and (recorded.num_nodes, recorded.num_groups) != (1, 1)):
             # a file that records several nodes or groups (eplb's, the YAML eplb writes)
@@ -193,7 +166,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if idle:
             # SGLang dumps carry a row for every model layer; the dense ones are all zero.
             # Their keys are written as planned (an even placement); say so, not guess
-            warn(f"{loads}: layers {_ranges(idle)} saw no tokens (the dense layers of an "
+            warn(f"{loads}: layers {ranges(idle)} saw no tokens (the dense layers of an "
                  "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
                  "if your model's MoE layers start later")
     options.update(_dispatch_options(args, trace.num_layers, num_experts, kept_rows))
@@ -427,20 +400,20 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
             if picked != list(range(num_rows)):
                 placement = _select_rows(placement, picked)
         elif num_rows == rows:
-            warn(f"{what} holds model layers {_ranges(have)} and {loads} layers "
-                 f"{_ranges(ids)}; pairing their rows in order")
+            warn(f"{what} holds model layers {ranges(have)} and {loads} layers "
+                 f"{ranges(ids)}; pairing their rows in order")
         else:
-            where = (f"it holds layers {_ranges(sorted(have))}" if placement_ids is not None
+            where = (f"it holds layers {ranges(sorted(have))}" if placement_ids is not None
                      else f"it records no layer ids, so its rows are read as model layers "
                      f"0..{num_rows - 1}")
             hint = (" (--first-layer K is the model layer of the loads' first row)"
                     if first_layer is not None else "")
             raise CliError(f"{what} has no rows for model layers "
-                           f"{_ranges([ids[i] for i in absent])} of {loads}: {where}{hint}")
+                           f"{ranges([ids[i] for i in absent])} of {loads}: {where}{hint}")
     if keep is not None:
         kept_set = set(keep)
         dropped = [i for i in range(rows) if i not in kept_set]
-        warn(f"{loads}: rows {_ranges(dropped)} saw no tokens and {what} has no rows for "
+        warn(f"{loads}: rows {ranges(dropped)} saw no tokens and {what} has no rows for "
              f"them: left out")
     kept = rows if keep is None else len(keep)
     if (kept, weight.shape[1]) != (placement.num_layers, placement.num_experts):
