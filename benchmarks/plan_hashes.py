@@ -21,7 +21,8 @@ in a fixed order, one torch thread:
   DeepSeek-V3 workloads, global and hierarchical (the protocol of
   ``bench_incremental_settings.py``; they caught a bug the real files did not).
 - ``nearest``: plans for the nearest-replica dispatch, fresh then from the map in force,
-  and the GPU loads that dispatch realises (with and without token sources).
+  and the GPU loads that dispatch realises (with and without token sources);
+  ``nearest-dead-gpu``: the same plans with GPU 7 dead.
 - ``shapes``: every ``bench_shapes.py`` shape on 3 inputs (``rebalance_experts``,
   ``eplb.plan`` with its ``log2phy``, and a one-layer call), one hash per shape.
 - ``variants``: gpt-oss-like shapes with a dead GPU, GPU speeds, groups on nodes, the
@@ -154,6 +155,22 @@ def nearest() -> Iterator[tuple[str, Digest]]:
                          realised_gpu_loads(drifted, then.phy2log, gpus, nodes), plan=False)
     yield "nearest", plans
     yield "nearest-realised-loads", realised
+    # a dead GPU: fresh, then from the map in force (the path that relabels within nodes)
+    dead = Digest()
+    for i, weight in enumerate(loads[:3]):
+        for replicas, gpus, nodes, groups in ((288, 32, 4, 8), (320, 64, 8, 8)):
+            live = torch.ones(gpus, dtype=torch.bool)
+            live[7] = False
+            options = {"policy": "global", "dispatch": "nearest", "active_gpus": live}
+            first = eplb.plan(weight, replicas, gpus, nodes, groups, **options)
+            dead.add(first.phy2log)
+            gen = torch.Generator().manual_seed(100 + i)
+            drifted = torch.round(
+                weight * torch.exp(0.15 * torch.randn(weight.shape, generator=gen,
+                                                      dtype=torch.float64)))
+            dead.add(eplb.plan(drifted, replicas, gpus, nodes, groups, previous=first,
+                               **options).phy2log)
+    yield "nearest-dead-gpu", dead
 
 
 def shapes() -> Iterator[tuple[str, Digest]]:
