@@ -152,3 +152,14 @@ def test_a_top_k_row_that_names_an_expert_twice_is_refused(case):
     once = torch.tensor([[[3, 4], [0, 1]]])
     remote_nodes_per_token(phy2log, once, 8, 4, 2)
     eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", routing=once).validate()
+
+
+def test_active_gpus_as_gpu_ids_are_refused_as_the_planner_refuses_them(case):
+    """``[0, 1, 2, 3]`` was read as a 0/1 mask (GPU 0 dead) where ``eplb.plan`` refuses
+    integer masks with the way to build one."""
+    w, phy2log, _ = case
+    with pytest.raises(TypeError, match="active_gpus must be a boolean mask"):
+        realised_gpu_loads(w, phy2log, 4, 2, active_gpus=torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(TypeError, match="active_gpus must be a boolean mask"):
+        realised_gpu_loads(w, phy2log, 4, 2, active_gpus=[1, 1, 1, 1])
+    assert realised_gpu_loads(w, phy2log, 4, 2, active_gpus=[True] * 4).shape == (2, 4)

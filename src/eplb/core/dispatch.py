@@ -51,7 +51,7 @@ import numbers
 
 import torch
 
-from eplb.core.inputs import as_weight, require_distinct_topk, require_integer_ids
+from eplb.core.inputs import as_live_mask, as_weight, require_distinct_topk, require_integer_ids
 from eplb.core.topology import positive_int
 
 DISPATCH_RULES = ("even", "nearest")
@@ -102,9 +102,9 @@ def source_distribution(
         if src.shape != (num_gpus,) or bool((src < 0).any()) or not bool(src.isfinite().all()):
             raise ValueError(f"source must be {num_gpus} finite non-negative numbers")
     if active_gpus is not None:
-        live = torch.as_tensor(active_gpus, dtype=torch.bool, device=device).flatten()
-        if live.shape != (num_gpus,):
-            raise ValueError(f"active_gpus must have shape [{num_gpus}]")
+        # the planner's own check: a boolean mask (GPU ids such as [0, 1, 2, 3] are refused,
+        # not read as a 0/1 mask)
+        live = as_live_mask(active_gpus, num_gpus, torch.device(device))
         src = torch.where(live, src, torch.zeros_like(src))
     total = float(src.sum())
     if total <= 0:
@@ -223,7 +223,7 @@ def _require_empty_dead(phy2log: torch.Tensor, num_gpus: int, active_gpus: objec
     an expert in ``phy2log``: it would serve tokens whose load no live-GPU figure counts."""
     if active_gpus is None:
         return
-    dead = ~torch.as_tensor(active_gpus, dtype=torch.bool, device=phy2log.device).flatten()
+    dead = ~as_live_mask(active_gpus, num_gpus, phy2log.device)
     held = (phy2log >= 0).view(phy2log.shape[0], num_gpus, -1).any(2).any(0)
     wrong = (held & dead).nonzero()
     if len(wrong):
