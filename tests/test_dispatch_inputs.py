@@ -163,3 +163,15 @@ def test_active_gpus_as_gpu_ids_are_refused_as_the_planner_refuses_them(case):
     with pytest.raises(TypeError, match="active_gpus must be a boolean mask"):
         realised_gpu_loads(w, phy2log, 4, 2, active_gpus=[1, 1, 1, 1])
     assert realised_gpu_loads(w, phy2log, 4, 2, active_gpus=[True] * 4).shape == (2, 4)
+
+
+def test_balancedness_helpers_take_a_boolean_mask_only(case):
+    from eplb.core.dispatch import balancedness, layer_balancedness
+
+    w, phy2log, _ = case
+    loads = realised_gpu_loads(w, phy2log, 4, 2)
+    with pytest.raises(TypeError, match="active_gpus must be a boolean mask"):
+        balancedness(loads, torch.tensor([0, 1, 2, 3]))
+    live = torch.tensor([True, True, True, True])
+    assert balancedness(loads, live) == balancedness(loads)
+    assert torch.equal(layer_balancedness(loads, live), layer_balancedness(loads))

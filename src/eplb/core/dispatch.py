@@ -303,17 +303,22 @@ def realised_gpu_loads(
     return loads.view(loads.shape[0], num_gpus, -1).sum(2)
 
 
+def _live(gpu_loads: torch.Tensor, active_gpus: object) -> torch.Tensor:
+    """``[P]`` the live-GPU mask of ``gpu_loads [L, P]``, checked as the planner checks it."""
+    return as_live_mask(active_gpus, gpu_loads.shape[1], gpu_loads.device)
+
+
 def layer_balancedness(gpu_loads: torch.Tensor, active_gpus: torch.Tensor | None = None
                        ) -> torch.Tensor:
     """``[L]`` mean / max live-GPU load of ``gpu_loads [L, P]`` (1.0 for an empty layer)."""
-    loads = gpu_loads if active_gpus is None else gpu_loads[:, active_gpus.bool()]
+    loads = gpu_loads if active_gpus is None else gpu_loads[:, _live(gpu_loads, active_gpus)]
     mean, peak = loads.mean(1), loads.amax(1)
     return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(mean))
 
 
 def balancedness(gpu_loads: torch.Tensor, active_gpus: torch.Tensor | None = None) -> float:
     """Σ_l mean live-GPU load / Σ_l max live-GPU load of ``gpu_loads [L, P]`` (1.0 perfect)."""
-    loads = gpu_loads if active_gpus is None else gpu_loads[:, active_gpus.bool()]
+    loads = gpu_loads if active_gpus is None else gpu_loads[:, _live(gpu_loads, active_gpus)]
     peak = float(loads.amax(1).sum())
     return float(loads.mean(1).sum()) / peak if peak > 0 else 1.0
 
