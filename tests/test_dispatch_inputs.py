@@ -11,6 +11,7 @@ import torch
 
 import eplb
 from eplb.core import realised_gpu_loads, remote_nodes_per_token
+from eplb.core.dispatch import balancedness, layer_balancedness
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +167,6 @@ def test_active_gpus_as_gpu_ids_are_refused_as_the_planner_refuses_them(case):
 
 
 def test_balancedness_helpers_take_a_boolean_mask_only(case):
-    from eplb.core.dispatch import balancedness, layer_balancedness
-
     w, phy2log, _ = case
     loads = realised_gpu_loads(w, phy2log, 4, 2)
     with pytest.raises(TypeError, match="active_gpus must be a boolean mask"):
