@@ -326,8 +326,8 @@ def plan_nearest_global(
     avoid = _plan_nearest(weight, topology, options, generator, active_gpus, source, "avoid")
     expect = _plan_nearest(weight, topology, options, generator, active_gpus, source, "expect")
     args = (topology.num_gpus, topology.num_nodes, "nearest", source, active_gpus)
-    peak_avoid = realised_gpu_loads(weight, avoid, *args).amax(1)
-    peak_expect = realised_gpu_loads(weight, expect, *args).amax(1)
+    peak_avoid = realised_gpu_loads(weight, avoid, *args, check=False).amax(1)
+    peak_expect = realised_gpu_loads(weight, expect, *args, check=False).amax(1)
     worse = peak_avoid > peak_expect * (1 + _AUTO_TOLERANCE)
     chosen = torch.where(worse[:, None], expect, avoid)
     peak = torch.where(worse, peak_expect, peak_avoid)
@@ -342,7 +342,7 @@ def plan_nearest_global(
         rows = hot.nonzero()[:, 0]
         free = _plan_nearest(weight[rows], topology, options, generator, active_gpus,
                              source, "uncapped")
-        peak_free = realised_gpu_loads(weight[rows], free, *args).amax(1)
+        peak_free = realised_gpu_loads(weight[rows], free, *args, check=False).amax(1)
         better = peak[rows] > peak_free * (1 + _AUTO_TOLERANCE)
         chosen[rows[better]] = free[better]
     return chosen
@@ -362,8 +362,8 @@ def keep_better_served(
     for the rule can cost more than it buys (``benchmarks/bench_nearest_few.py``:
     Mixtral's 8 experts on 16 GPUs in 2 nodes)."""
     args = (topology.num_gpus, topology.num_nodes, "nearest", source, active_gpus)
-    peak = realised_gpu_loads(weight, planned, *args).amax(1)
-    peak_other = realised_gpu_loads(weight, other, *args).amax(1)
+    peak = realised_gpu_loads(weight, planned, *args, check=False).amax(1)
+    peak_other = realised_gpu_loads(weight, other, *args, check=False).amax(1)
     better = peak > peak_other * (1 + _AUTO_TOLERANCE)
     return torch.where(better[:, None], other, planned)
 
@@ -538,7 +538,8 @@ def polish_realised(
     per_node = num_gpus // num_nodes
     if live is None:
         live = torch.ones(num_gpus, dtype=torch.bool, device=device)
-    x = realised_slot_loads(weight, phy2log, num_gpus, num_nodes, "nearest", source, live)
+    x = realised_slot_loads(weight, phy2log, num_gpus, num_nodes, "nearest", source, live,
+                            check=False)
     out = phy2log.clone()
     rows = torch.arange(num_layers, device=device)
     slot = torch.arange(num_slots, device=device)

@@ -76,9 +76,9 @@ def plan_nearest_incremental(
         values = gain - price * (candidates != old[None]).sum(2)
         pick = values.argmax(0)  # first on ties: the map in force, then the warm start
         return candidates[pick, torch.arange(old.shape[0], device=old.device)]
-    peak_fresh = realised_gpu_loads(weight, fresh, gpus, nodes).amax(1)
-    peak_warm = realised_gpu_loads(weight, warm, gpus, nodes).amax(1)
-    peak_old = realised_gpu_loads(weight, old, gpus, nodes).amax(1)
+    peak_fresh = realised_gpu_loads(weight, fresh, gpus, nodes, check=False).amax(1)
+    peak_warm = realised_gpu_loads(weight, warm, gpus, nodes, check=False).amax(1)
+    peak_old = realised_gpu_loads(weight, old, gpus, nodes, check=False).amax(1)
     take = ((fresh != old).sum(1) <= max_moves) & (peak_fresh < peak_warm * (1 - 1e-9))
     out = torch.where(take[:, None], fresh, warm)
     # a layer the new plan would not improve keeps its old map (no moves)
@@ -112,7 +112,7 @@ def _within_total(
     # afford no step at all, where the whole total affords one
     whole = warm_even(old, total)
     options = torch.stack([old, warm, repaired, whole, fresh])  # [C, L, R]; the old map first
-    peak = torch.stack([realised_gpu_loads(weight, phy, gpus, nodes).amax(1)
+    peak = torch.stack([realised_gpu_loads(weight, phy, gpus, nodes, check=False).amax(1)
                         for phy in options])
     balance = (weight.sum(1) / gpus / peak.clamp(min=1e-300)).cpu().numpy()
     if request.idle is not None:
@@ -137,7 +137,7 @@ def expected_balance(
     the GPUs' loads and spreads ``d·sqrt(Σ x²)``."""
     device = weight.device
     weight, candidates = weight.cpu(), candidates.cpu()  # peak_of runs on the host
-    slot = torch.stack([realised_slot_loads(weight, c, num_gpus, num_nodes)
+    slot = torch.stack([realised_slot_loads(weight, c, num_gpus, num_nodes, check=False)
                         for c in candidates])
     grid = slot.view(len(candidates), weight.shape[0], num_gpus, -1)
     load, square = grid.sum(3), (grid * grid).sum(3)
