@@ -424,6 +424,13 @@ def expected_max(
     return stacked.mean(0) if reduce == "mean" else stacked.max(0).values
 
 
+def interchangeable(a: Placement, b: Placement) -> bool:
+    """Whether layers of ``a`` and ``b`` may be mixed: the same experts and the same live
+    GPUs (shapes and topology are :func:`select_per_layer`'s first check)."""
+    return a.num_experts == b.num_experts and bool(
+        (a.live_gpus().cpu() == b.live_gpus().cpu()).all())
+
+
 def select_per_layer(
     candidates: Sequence[Placement], scenarios: torch.Tensor, reduce: str = "mean"
 ) -> Placement:
@@ -449,8 +456,7 @@ def select_per_layer(
                 f"candidate 0 has {tuple(first.phy2log.shape)} on {first.topology}"
             )
         # a layer of one candidate under another's dead GPUs would break the contract
-        if cand.num_experts != first.num_experts or not bool(
-                (cand.live_gpus().cpu() == first.live_gpus().cpu()).all()):
+        if not interchangeable(cand, first):
             raise ValueError(
                 f"candidate {i} has {cand.num_experts} experts and live GPUs "
                 f"{cand.live_gpus().cpu().nonzero().flatten().tolist()}; candidate 0 has "

@@ -29,7 +29,14 @@ from eplb.core.options import with_incremental
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh
 from eplb.core.topology import Topology
-from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator, select_per_layer
+from eplb.online.estimate import (
+    Estimate,
+    Estimator,
+    as_history,
+    interchangeable,
+    make_estimator,
+    select_per_layer,
+)
 from eplb.online.incremental import check_budget, plan_incremental
 from eplb.online.settings import SCORE_OPTIONS, check_option_values
 
@@ -216,8 +223,7 @@ def plan_estimate(
         plans = [_placement_of(planner(c, previous), num_layers) for c in cands]
     # the placement in force is a candidate only where it could stay: not when a GPU it
     # uses has died (or one it leaves empty is live again), nor for other experts
-    if keep is not None and keep.num_experts == plans[0].num_experts and bool(
-            (keep.live_gpus().cpu() == plans[0].live_gpus().cpu()).all()):
+    if keep is not None and interchangeable(keep, plans[0]):
         plans.append(keep)
     return select_per_layer(plans, estimate.scenarios, reduce)
 
@@ -312,8 +318,8 @@ class Rebalancer:
                                     active_gpus=active_gpus, **plan_options)
         self.incremental = incremental
         # a user's callable always sees the placement in force; built-ins only when incremental
-        self._pass_previous = incremental or callable(planner)
         self._user_planner = callable(planner)
+        self._pass_previous = incremental or self._user_planner
         self.capacity = max(window, self.estimator.lookback(window))
         if initial is not None and initial.topology != self.topology:
             raise ValueError(f"initial placement is for {initial.topology}, the rebalancer "
