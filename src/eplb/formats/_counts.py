@@ -95,24 +95,21 @@ def number_array(value: Any, path: Path, what: str) -> np.ndarray:
     beyond float64 and deep nesting are a FormatError naming ``what``."""
     try:
         array = np.asarray(value)
-    except RecursionError:
-        raise FormatError(path, f"{what} is nested too deeply") from None
-    except (TypeError, ValueError) as exc:
-        raise FormatError(
-            path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
-        ) from None
-    if array.dtype.kind in "US":  # NumPy would read "1e3" as 1000.0
-        raise FormatError(path, f"{what} holds text where numbers belong (a quoted number "
-                                'such as "1" is text); expected numbers')
-    if array.dtype == np.bool_:  # JSON true/false: flags, not counts
-        raise FormatError(path, f"{what} holds booleans where numbers belong; expected numbers")
-    try:
-        return array.astype(np.float64)
+        # NumPy would read "1e3" as 1000.0 and true as 1: those are refused below
+        numbers = None if array.dtype.kind in "USb" else array.astype(np.float64)
     except OverflowError:
         raise FormatError(
             path, f"{what} holds a number too large for a float64 load (over 1.8e308)"
         ) from None
-    except (TypeError, ValueError) as exc:  # e.g. None or objects among the numbers
+    except RecursionError:
+        raise FormatError(path, f"{what} is nested too deeply") from None
+    except (TypeError, ValueError) as exc:  # ragged rows, None or objects among the numbers
         raise FormatError(
             path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
         ) from None
+    if numbers is None and array.dtype.kind == "b":  # JSON true/false: flags, not counts
+        raise FormatError(path, f"{what} holds booleans where numbers belong; expected numbers")
+    if numbers is None:
+        raise FormatError(path, f"{what} holds text where numbers belong (a quoted number "
+                                'such as "1" is text); expected numbers')
+    return numbers
