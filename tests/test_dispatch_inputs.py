@@ -116,10 +116,10 @@ def test_the_group_limited_sampler_refuses_knobs_that_break_it():
         for value in (0, 2.5, True):
             with pytest.raises(ValueError, match=knob):
                 fit_router(w, **{knob: value})
-    with pytest.raises(ValueError, match="iterations must be an int >= 0"):
+    with pytest.raises(ValueError, match="iterations must be an integer >= 0"):
         fit_router(w, iterations=-1)
     for count in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="num_tokens must be an int >= 0"):
+        with pytest.raises(ValueError, match="num_tokens must be an integer >= 0"):
             sample_group_limited(w, count)
     assert sample_group_limited(w, 0).shape == (0, 2, 8)
     assert torch.equal(sample_group_limited(w, torch.tensor(6).numpy()[()]),

@@ -23,14 +23,24 @@ from dataclasses import dataclass
 def positive_int(name: str, value: object) -> int:
     """``value`` as a Python int if it is a positive integer of any integer type
     (``int``, ``numpy.int64``, a 0-d integer tensor); else ``ValueError`` naming it."""
+    return _int_at_least(name, value, 1, "a positive integer")
+
+
+def non_negative_int(name: str, value: object) -> int:
+    """``value`` as a Python int if it is an integer >= 0 of any integer type (as
+    :func:`positive_int`); else ``ValueError`` naming it."""
+    return _int_at_least(name, value, 0, "an integer >= 0")
+
+
+def _int_at_least(name: str, value: object, minimum: int, what: str) -> int:
     if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
     try:
         number = operator.index(value)  # ints and integer scalars, never floats
     except TypeError:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {number}")
+        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be {what}, got {number}")
     return number
 
 

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from dataclasses import dataclass
 
 import torch
 
 from eplb.core.inputs import as_seed
-from eplb.core.topology import positive_int
+from eplb.core.topology import non_negative_int, positive_int
 
 #: latent strength and dimension fitted to the co-activation of the real traces (module
 #: docstring; ``benchmarks/bench_dispatch.py --fit-latent`` re-measures the match)
@@ -97,25 +96,12 @@ class Router:
     def sample(self, num_tokens: int, generator: torch.Generator | None = None,
                chunk: int = 1024) -> torch.Tensor:
         """``[T, L, k]`` int64 top-k expert ids of ``num_tokens`` tokens."""
-        num_tokens = _count("num_tokens", num_tokens)
+        num_tokens = non_negative_int("num_tokens", num_tokens)
         parts = [self._choose(self.scores(min(chunk, num_tokens - s), generator))
                  for s in range(0, num_tokens, chunk)]
         if not parts:
             return torch.zeros(0, self.num_layers, self.top_k, dtype=torch.int64)
         return torch.cat(parts)
-
-
-def _count(name: str, value: object) -> int:
-    """``value`` as an int >= 0 (any integer type, not a bool), else ``ValueError``."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        number = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}") from None
-    if number < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {number}")
-    return number
 
 
 def _check(weight: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
@@ -163,7 +149,7 @@ def fit_router(
                         ("topk_groups", topk_groups), ("group_top", group_top),
                         ("latent_dim", latent_dim), ("fit_tokens", fit_tokens)):
         positive_int(name, value)  # a float or bool failed deep in torch, 0 divided by 0
-    iterations = _count("iterations", iterations)
+    iterations = non_negative_int("iterations", iterations)
     if isinstance(latent_scale, bool) or not isinstance(latent_scale, numbers.Real) or not (
             math.isfinite(latent_scale) and latent_scale >= 0):
         # NaN scored every expert NaN: the samples came from a few groups only

@@ -57,7 +57,6 @@ Everything is vectorised over layers and experts with torch; steps are processed
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -65,6 +64,7 @@ from typing import Any
 import torch
 
 from eplb.core.inputs import as_seed
+from eplb.core.topology import positive_int
 from eplb.core.trace import LoadTrace
 from eplb.tools.generator.presets import (
     _DOMAIN_LATENT_RANK,
@@ -377,11 +377,8 @@ def _regime_config(
     if regime is None or regime == "config":
         return cfg
     if isinstance(regime, str):
-        if period is not None and (isinstance(period, bool)
-                                   or not isinstance(period, numbers.Integral) or period < 1):
-            # int() would take 1.5 as 1, True as 1 and "3" as 3
-            raise ValueError(f"regime_period must be an integer >= 1, got {period!r}")
-        period = max(1, steps // 4) if period is None else int(period)
+        # int() would take 1.5 as 1, True as 1 and "3" as 3
+        period = max(1, steps // 4) if period is None else positive_int("regime_period", period)
         starts = list(range(0, steps, period))
         if regime == "stationary":
             return replace(cfg, regime_correlations=(), regime_schedule=())
