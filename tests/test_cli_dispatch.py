@@ -282,3 +282,15 @@ def test_eval_pairs_a_routing_trace_with_the_loads_rows_as_plan_does(tmp_path, c
                      "--policy", "locality", "--dispatch", "nearest", "--previous", out,
                      "--routing", trace5, "-o", tmp_path / "l.json")
     assert code == 0
+
+
+def test_a_nearest_dispatch_plan_written_for_tensorrt_llm_warns(tmp_path, capsys, loads):
+    # TensorRT-LLM deals an expert's tokens round-robin over its replicas (an even split)
+    path, _ = loads
+    code, _, stderr = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                          "--policy", "global", "--dispatch", "nearest", "--first-layer", 0,
+                          "-o", tmp_path / "lb.yaml")
+    assert code == 0 and "round-robin" in stderr and "--dispatch even" in stderr
+    code, _, stderr = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                          "--first-layer", 0, "-o", tmp_path / "even.yaml")
+    assert code == 0 and "round-robin" not in stderr

@@ -118,6 +118,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
              "nearest replica, not evenly over replicas: for it, plan with --dispatch nearest "
              "(--policy global or locality); this plan is for an even split (SGLang's "
              "dynamic dispatch)")
+    if emit == "trtllm" and args.dispatch == "nearest":
+        # moeComputeRouteKernel deals an expert's tokens round-robin over its replicas
+        warn("TensorRT-LLM splits an expert's tokens round-robin over its replicas, not to "
+             "the nearest one: this plan is for SGLang's nearest dispatch; for TensorRT-LLM "
+             "plan with the default --dispatch even")
     speed = gpu_speed_from(args.gpu_speed, args.gpus)
     options: dict = {}
     if active is not None:
