@@ -32,7 +32,7 @@ from test_engines_sglang import (
 )
 
 from eplb.cli import main
-from eplb.formats import read_placement, read_placement_meta
+from eplb.formats import read_placement, read_placement_meta, write_placement
 
 TOPO = ["-r", str(REPLICAS), "-g", str(GPUS), "--nodes", str(NODES), "--groups", str(GROUPS)]
 
@@ -128,6 +128,27 @@ def test_sglang_output_names_sglang_reads(tmp_path, capsys) -> None:
     code, err = plan(capsys, str(dump), *TOPO, "-o", str(tmp_path / "init.txt"),
                      "--emit", "sglang")
     one_error_line(code, err, ".json or .pt")
+
+
+@pytest.mark.parametrize("name", ["init.sglang.JSON", "INIT.SGLANG.PT", "init.Json"])
+def test_an_upper_case_suffix_sglang_would_not_read_is_refused(sglang, tmp_path, capsys,  # noqa: F811
+                                                               name) -> None:
+    dump = stat_dump(tmp_path / "expert_distribution_recorder_1700000000.0.pt", real_counts())
+    good = tmp_path / "init.sglang.json"
+    assert plan(capsys, str(dump), *TOPO, "-o", str(good))[0] == 0
+    # SGLang tests the name with str.endswith: any other case is parsed as inline JSON
+    odd = tmp_path / ("copy_" + name)
+    odd.write_bytes(good.read_bytes())
+    with pytest.raises(json.JSONDecodeError):
+        sglang_start(sglang, str(odd))
+    out = tmp_path / name
+    code, err = plan(capsys, str(dump), *TOPO, "-o", str(out), "--emit", "sglang")
+    one_error_line(code, err, "lower case", repr(name))
+    assert not out.exists()
+    placement = read_placement(good, num_gpus=GPUS)
+    with pytest.raises(ValueError, match="lower case"):
+        write_placement(placement, out, emit="sglang")
+    assert not out.exists()
 
 
 def test_several_dumps_and_a_folder_of_stat_dumps(sglang, tmp_path, capsys) -> None:  # noqa: F811

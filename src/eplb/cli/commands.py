@@ -90,9 +90,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     refuse_input_as_output(out, [*(("the loads file", path) for path in args.loads),
                                  ("--gpu-speed", args.gpu_speed), ("--routing", args.routing)])
     emit = infer_emit(args.emit, out)
-    if emit == "sglang" and out.suffix.lower() not in (".json", ".pt"):
-        raise CliError(f"SGLang reads --init-expert-location from a .json or .pt file; name OUT "
-                       f"*.sglang.json or *.sglang.pt, not {out.name!r}")
+    if emit == "sglang" and out.suffix not in (".json", ".pt"):  # SGLang's test is case-sensitive
+        raise CliError(f"SGLang reads --init-expert-location from a .json or .pt file (lower "
+                       f"case); name OUT *.sglang.json or *.sglang.pt, not {out.name!r}")
     if args.num_model_layers is not None and emit != "sglang":
         raise CliError("--num-model-layers applies to SGLang output only")
     loads = " ".join(args.loads)

@@ -125,12 +125,13 @@ def write_placement(
                                            placement.num_experts))
     if emit == "sglang":
         num_rows = _sglang_num_rows(ids, num_model_layers)
-        suffix = path.suffix.lower()
-        if suffix not in (".json", ".pt"):
+        # SGLang's test is str.endswith, case-sensitive: it parses "init.JSON" as inline
+        # JSON text and fails at start-up on every rank
+        if path.suffix not in (".json", ".pt"):
             raise ValueError(
                 f"SGLang reads --init-expert-location as JSON from a path ending .json and with "
-                f"torch.load from one ending .pt, and parses anything else as inline JSON text; "
-                f"name the output *.json or *.pt, not {path.name!r}"
+                f"torch.load from one ending .pt (lower case), and parses anything else as "
+                f"inline JSON text; name the output *.json or *.pt, not {path.name!r}"
             )
     elif num_model_layers is not None:
         raise ValueError("num_model_layers (CLI: --num-model-layers) applies to emit='sglang' only")
@@ -142,7 +143,7 @@ def write_placement(
     check_writable(path, force)
     if emit == "sglang":
         rows = _sglang_rows(placement, ids, num_rows)
-        if path.suffix.lower() == ".pt":
+        if path.suffix == ".pt":
             payload = {"physical_to_logical_map": rows}
             atomic_write(path, lambda f: torch.save(payload, f), "wb", force=force)
         else:
