@@ -96,6 +96,38 @@ def test_a_rank_that_never_publishes_is_named_after_the_timeout():
 
 
 
+class _DiesBeforeItsPlan:
+    """The store as seen by a rank that stops between publishing its status and its plan."""
+
+    def __init__(self, store) -> None:
+        self._store = store
+
+    def set(self, key: str, value) -> None:
+        if key.endswith("/plan"):
+            raise RuntimeError("the rank was killed here")
+        self._store.set(key, value)
+
+    def __getattr__(self, name: str):
+        return getattr(self._store, name)
+
+
+def test_a_source_rank_that_dies_before_its_plan_is_named_as_such():
+    store = dist.HashStore()
+    agreements = [PlanAgreement(_DiesBeforeItsPlan(store) if r == 0 else store, r, 2, "eplb/t",
+                                timeout_s=0.3) for r in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        source = pool.submit(agreements[0].agree, plan(1))
+        waiting = pool.submit(agreements[1].agree, None, MemoryError("rank 1 only"))
+        with pytest.raises(RuntimeError, match="killed"):
+            source.result()
+        with pytest.raises(AgreementError) as info:
+            waiting.result()
+    message = str(info.value)
+    # rank 0 ran eplb and planned: not "rank(s) plan ... do not run eplb's policy"
+    assert "rank 0 reported a plan and never published it" in message
+    assert "do not run eplb" not in message and "rank(s) plan" not in message
+
+
 @pytest.mark.parametrize("timeout", [1e-300, 0.0004])
 @pytest.mark.parametrize("kind", ["hash", "file"])
 def test_a_timeout_under_a_millisecond_still_ends_the_wait(tmp_path, kind, timeout):

@@ -143,19 +143,29 @@ class PlanAgreement:
         tail = "" if rank is None else f"/{rank}"
         return f"{self.namespace}/{round_}/{kind}{tail}"
 
-    def _wait(self, keys: list[str], what: str, round_: int) -> None:
+    def _wait(self, keys: list[str], what: str, round_: int, source: int | None = None) -> None:
+        """Wait for ``keys``: the statuses of all ranks, or (``source`` set) the plan that
+        rank ``source`` must publish after reporting success."""
         # stores count whole milliseconds, and 0 ms means "no timeout" to a HashStore or
         # FileStore: a wait shorter than 1 ms would never end
         wait = timedelta(milliseconds=max(1, round(self.timeout_s * 1000)))
         try:
             self.store.wait(keys, wait)
         except Exception as exc:  # the store's timeout error type varies by store and version
+            head = (f"eplb: rank {self.rank} waited {self.timeout_s:g} s for {what} of "
+                    f"rebalance {round_} ({self.namespace})")
+            if source is not None:
+                # that rank did run eplb (it published its status): it died or lost the
+                # store between its status and its plan, so the usual hint would mislead
+                raise AgreementError(
+                    f"{head}, but rank {source} reported a plan and never published it: it "
+                    f"stopped (crashed or lost the store) after planning. ({exc})"
+                ) from None
             missing = [k.rsplit("/", 1)[-1] for k in keys if not self._present(k)]
             raise AgreementError(
-                f"eplb: rank {self.rank} waited {self.timeout_s:g} s for {what} of rebalance "
-                f"{round_} ({self.namespace}) and got none from rank(s) {', '.join(missing)}: "
-                "those ranks do not run eplb's policy (switch unset there, eplb not installed, "
-                f"or a different vLLM policy) or failed before planning. ({exc})"
+                f"{head} and got none from rank(s) {', '.join(missing)}: those ranks do not "
+                "run eplb's policy (switch unset there, eplb not installed, or a different "
+                f"vLLM policy) or failed before planning. ({exc})"
             ) from None
 
     def _get_all(self, keys: list[str]) -> list[bytes]:
@@ -219,7 +229,7 @@ class PlanAgreement:
             self.store.set(plan_key, _encode_plan(plan))
             out.plan = plan
             return out
-        self._wait([plan_key], f"rank {out.source}'s plan", round_)
+        self._wait([plan_key], f"rank {out.source}'s plan", round_, source=out.source)
         adopted = _decode_plan(self.store.get(plan_key))
         if plan_digest(adopted) != statuses[out.source]["digest"]:
             raise AgreementError(f"eplb: rank {out.source}'s published plan is corrupt")
