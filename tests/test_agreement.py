@@ -249,6 +249,33 @@ def test_plugin_rank_failing_alone_takes_the_others_plan(monkeypatch, caplog):
     assert "rank 1 failed (MemoryError: this rank only)" in caplog.text
 
 
+def test_plugin_ranks_asked_for_other_shapes_all_raise_instead_of_adopting(monkeypatch):
+    from eplb.integrations import vllm as plugin
+
+    call_as = _plugin_ranks(monkeypatch, WORLD)
+    weight = torch.randint(0, 1000, (3, 16), dtype=torch.int32)
+    replicas = [24, 24, 28, 24]  # rank 2 has other slots: rank 0's plan cannot be its answer
+    with ThreadPoolExecutor(WORLD) as pool:
+        futures = [pool.submit(call_as, r, plugin.EplbPolicy.rebalance_experts,
+                               weight, replicas[r], 4, 1, 4) for r in range(WORLD)]
+        for future in futures:
+            with pytest.raises(AgreementError, match="asked to plan different things") as info:
+                future.result()
+            assert "ranks 0-1,3: loads [3, 16], 24 slots" in str(info.value)
+            assert "ranks 2: loads [3, 16], 28 slots" in str(info.value)
+
+
+def test_ranks_with_other_questions_raise_alike_even_when_one_failed(group):
+    _, agreements = group
+    questions = ["a", "a", "b", "a"]
+    with ThreadPoolExecutor(WORLD) as pool:
+        futures = [pool.submit(a.agree, None if r == 0 else plan(1), ValueError("x"), "",
+                               questions[r]) for r, a in enumerate(agreements)]
+        for future in futures:
+            with pytest.raises(AgreementError, match="ranks 0-1,3: a; ranks 2: b"):
+                future.result()
+
+
 @pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 0, 1e14, True])
 def test_agreement_timeout_is_a_sane_number_of_seconds(timeout):
     with pytest.raises(ValueError, match="timeout_s"):

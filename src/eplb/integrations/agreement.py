@@ -10,12 +10,15 @@ run different code (a node without the switch, another eplb version or options).
 
 :class:`PlanAgreement` closes that gap after every rank planned:
 
-1. every rank publishes ``{ok, digest of its plan, tag (version + options), error}``
+1. every rank publishes ``{ok, digest of its plan, tag (version + options), error,
+   question}`` (the question: what the caller was asked to plan, e.g. its shapes)
    under ``<namespace>/<round>/status/<rank>`` in the store;
 2. it waits for all ``world_size`` statuses (at most ``timeout_s``); a rank that never
    publishes (it runs another policy, or crashed) makes every waiting rank raise
    :class:`AgreementError` naming it, instead of shuffling weights on mismatched plans;
 3. every rank reads the same statuses and so takes the same decision:
+   - ranks asked different questions (other layer or slot counts): no plan can answer
+     them all, so every rank raises :class:`AgreementError` naming them;
    - all ok with one digest: each rank keeps its own plan (the normal case, no copy);
    - otherwise the lowest rank that planned successfully publishes its plan and every
      rank adopts it (a rank-local failure or a divergence is logged and repaired);
@@ -182,7 +185,8 @@ class PlanAgreement:
             return False
 
     def agree(
-        self, plan: torch.Tensor | None, error: BaseException | None = None, tag: str = ""
+        self, plan: torch.Tensor | None, error: BaseException | None = None, tag: str = "",
+        question: str = "",
     ) -> Outcome:
         """Publish this rank's result, wait for all, return what every rank must use.
 
@@ -191,9 +195,13 @@ class PlanAgreement:
             error: the failure (only its text is shared).
             tag: what this rank runs (e.g. eplb version and options); a tag that differs
                 between ranks is reported in the outcome.
+            question: what this rank was asked to plan (e.g. the shapes of its input); a
+                plan adopted from another rank must answer it, so ranks whose questions
+                differ cannot agree.
 
         Raises:
-            AgreementError: a rank did not publish within ``timeout_s``.
+            AgreementError: a rank did not publish within ``timeout_s``, or the ranks
+                were asked different questions (every rank raises it).
         """
         round_ = self.round
         self.round += 1
@@ -202,12 +210,26 @@ class PlanAgreement:
             "digest": None if plan is None else plan_digest(plan),
             "tag": tag,
             "error": None if plan is not None else f"{type(error).__name__}: {error}"[:300],
+            "question": question,
         }
         self.store.set(self._key(round_, _STATUS, self.rank), json.dumps(status))
         keys = [self._key(round_, _STATUS, r) for r in range(self.world_size)]
         self._wait(keys, "the plan status", round_)
         statuses = [json.loads(raw) for raw in self._get_all(keys)]
         self._forget(round_ - 2)
+        questions: dict[str, list[int]] = {}
+        for r, s in enumerate(statuses):
+            questions.setdefault(s.get("question", ""), []).append(r)
+        if len(questions) > 1:
+            # adopting one rank's plan would hand the others a plan of the wrong shape; every
+            # rank read the same statuses, so every rank raises here, none moves weights
+            asked = "; ".join(f"ranks {_ranges(r)}: {q or 'not said'}"
+                              for q, r in questions.items())
+            raise AgreementError(
+                f"eplb: the ranks of {self.namespace} were asked to plan different things at "
+                f"rebalance {round_} ({asked}); no one plan fits them all: the engine's ranks "
+                "disagree on the model or its expert slots"
+            )
 
         out = Outcome(plan=None, unanimous=False)
         for r, s in enumerate(statuses):

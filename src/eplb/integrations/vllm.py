@@ -131,7 +131,9 @@ class EplbPolicy:
         rank could plan, vLLM's default policy answers instead and the error is logged.
 
         Raises:
-            AgreementError: some EP rank never published its plan (it does not run eplb).
+            AgreementError: some EP rank never published its plan (it does not run eplb),
+                or the EP ranks were called with other loads shapes, slots or GPU counts
+                (every rank raises it: no one plan fits them all).
         """
         planner = {k: v for k, v in cls.options.items() if k in PLANNER_OPTIONS}
         # plan on the host whatever the input's device: the CPU path is the one measured
@@ -154,7 +156,9 @@ class EplbPolicy:
             plan, error = None, exc
         agreement = _agreement_for(cls.options)
         if agreement is not None:
-            outcome = agreement.agree(plan, error, tag=_tag(cls.options))
+            # what an adopted plan must fit (groups and nodes only shape its quality)
+            question = f"loads {list(weight.shape)}, {num_replicas} slots on {num_ranks} GPUs"
+            outcome = agreement.agree(plan, error, tag=_tag(cls.options), question=question)
             if outcome.plan is not None:
                 if outcome.source is not None:  # a failure or a divergence, repaired
                     logger.error(
