@@ -176,6 +176,25 @@ def test_old_switch_name_still_works_and_warns_about_ray(vllm, monkeypatch):
     assert "active" in log and "Ray does not copy it" in log and "WARNING" in log
 
 
+@pytest.mark.parametrize("switch", [plugin.ENV_VAR, plugin.LEGACY_ENV_VAR])
+def test_old_options_name_warns_that_ray_does_not_copy_it(vllm, monkeypatch, switch):
+    monkeypatch.setenv(switch, "eplb")
+    monkeypatch.setenv(plugin.LEGACY_OPTIONS_ENV_VAR, '{"max_moves": 64}')
+    copied = vllm.ray_env.get_env_vars_to_copy(destination="DPMoEEngineCoreActor")
+    assert plugin.LEGACY_OPTIONS_ENV_VAR not in copied  # other nodes plan without them
+    assert plugin.register() is True
+    warnings = [line for line in vllm.log.getvalue().splitlines() if "WARNING" in line]
+    assert any(plugin.LEGACY_OPTIONS_ENV_VAR in line and "Ray does not copy it" in line
+               and plugin.OPTIONS_ENV_VAR in line for line in warnings), warnings
+
+
+def test_the_new_options_name_gives_no_ray_warning(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, '{"max_moves": 64}')
+    assert plugin.register() is True
+    assert "WARNING" not in vllm.log.getvalue()
+
+
 def test_conflicting_switch_names_change_nothing_and_say_why(vllm, monkeypatch):
     monkeypatch.setenv(plugin.ENV_VAR, "eplb")
     monkeypatch.setenv(plugin.LEGACY_ENV_VAR, "off")

@@ -442,6 +442,13 @@ def register() -> bool:
         if name == LEGACY_ENV_VAR:
             logger.warning("eplb: %s is the old switch name; Ray does not copy it to other "
                            "nodes. Use %s.", LEGACY_ENV_VAR, ENV_VAR)
+        options_name, options_raw = _setting(os.environ, OPTIONS_ENV_VAR, LEGACY_OPTIONS_ENV_VAR)
+        if options_name == LEGACY_OPTIONS_ENV_VAR and options_raw.strip():
+            # with the new switch the plugin reaches every Ray node but these options do
+            # not: ranks there would plan with other options, every rebalance repaired
+            logger.warning("eplb: %s is the old options name; Ray does not copy it to other "
+                           "nodes, whose ranks would plan without these options. Use %s.",
+                           LEGACY_OPTIONS_ENV_VAR, OPTIONS_ENV_VAR)
         return True
     except Exception as exc:  # a plugin must never take vLLM down
         logger.warning("eplb: vLLM plugin not registered: %s", exc)
