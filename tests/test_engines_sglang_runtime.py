@@ -419,7 +419,7 @@ def test_launcher_as_a_user_runs_it(tmp_path):
 
 @pytest.mark.parametrize("raw", [
     '{"max_moves": -1}', '{"policy": "bogus"}', '{"incremental": "false"}', '{"drift": 9}',
-    '{"group_share": 5}',
+    '{"group_share": 5}', '{"max_moves": 0, "max_moves": 500}',
 ])
 def test_sglang_option_values_fail_at_start_up(raw):
     with pytest.raises(ValueError, match=plugin.OPTIONS_ENV_VAR):

@@ -319,7 +319,7 @@ def test_documented_vllm_flags_and_config_fields_exist(vllm_root):
 @pytest.mark.parametrize("raw", [
     '{"max_moves": -5}', '{"policy": "bogus"}', '{"agree_timeout_s": Infinity}',
     '{"agree_timeout_s": 1e14}', '{"agree_timeout_s": NaN}', '{"move_price": "x"}',
-    '{"group_share": 5}',
+    '{"group_share": 5}', '{"max_moves": 0, "max_moves": 500}',
 ])
 def test_option_values_fail_at_start_up(raw):
     """Read as vLLM's processes read them at plugin registration, before any rebalance."""
