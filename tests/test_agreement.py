@@ -280,3 +280,15 @@ def test_ranks_with_other_questions_raise_alike_even_when_one_failed(group):
 def test_agreement_timeout_is_a_sane_number_of_seconds(timeout):
     with pytest.raises(ValueError, match="timeout_s"):
         PlanAgreement(torch.distributed.HashStore(), 0, 1, "t", timeout_s=timeout)
+
+
+def test_a_rank_that_does_not_say_its_question_is_named_as_another_eplb(group):
+    # an older eplb publishes no question: the versions differ, not the model
+    _, agreements = group
+    questions = ["a", "", "a", "a"]
+    with ThreadPoolExecutor(WORLD) as pool:
+        futures = [pool.submit(a.agree, plan(1), None, "", questions[r])
+                   for r, a in enumerate(agreements)]
+        for future in futures:
+            with pytest.raises(AgreementError, match="older version"):
+                future.result()

@@ -225,10 +225,14 @@ class PlanAgreement:
             # rank read the same statuses, so every rank raises here, none moves weights
             asked = "; ".join(f"ranks {_ranges(r)}: {q or 'not said'}"
                               for q, r in questions.items())
+            # a rank of an eplb older than the question says nothing: then the versions
+            # differ, which is the thing to fix
+            cause = ("some ranks run an eplb that does not say (an older version: install "
+                     "one eplb on every node)" if "" in questions else
+                     "the engine's ranks disagree on the model or its expert slots")
             raise AgreementError(
                 f"eplb: the ranks of {self.namespace} were asked to plan different things at "
-                f"rebalance {round_} ({asked}); no one plan fits them all: the engine's ranks "
-                "disagree on the model or its expert slots"
+                f"rebalance {round_} ({asked}); no one plan fits them all: {cause}"
             )
 
         out = Outcome(plan=None, unanimous=False)
