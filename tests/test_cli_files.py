@@ -121,6 +121,24 @@ def test_force_never_replaces_devices_or_fifos(capsys, tmp_path, loads) -> None:
     assert fifo.exists() and not fifo.is_file()
 
 
+def test_a_folder_as_output_is_named_as_one_without_suggesting_force(capsys, tmp_path,
+                                                                   loads) -> None:
+    # "already exists; pass --force" sent the user to a second error: --force cannot
+    # replace a folder either
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for extra in ((), ("--force",)):
+        code, err = plan(capsys, loads, folder, *extra)
+        assert code == 2 and "is a directory" in err and "--force" not in err
+    assert main(["generate", "--preset", "mixtral-8x7b", "--steps", "4", "-q", "--format",
+                 "npy", "-o", str(folder)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    placement = eplb.plan(np.load(loads), R, P)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        write_placement(placement, folder)
+    assert list(folder.iterdir()) == []
+
+
 def test_force_drops_setuid_bits(capsys, tmp_path, loads) -> None:
     out = tmp_path / "placement.json"
     out.write_text("old")

@@ -127,6 +127,8 @@ def check_output(path: str | Path, force: bool) -> Path:
     The writers re-check when they publish, so a file that appears meanwhile is kept.
     """
     path = Path(path)
+    if path.is_dir():  # first: --force cannot replace a folder, so do not suggest it
+        raise CliError(f"{path} is a directory; give a file name to write to")
     if os.path.lexists(path) and not force:
         raise CliError(f"{path} already exists; pass --force to overwrite it")
     if path.parent != Path() and not path.parent.exists():

@@ -62,14 +62,12 @@ def check_writable(path: Path, force: bool) -> None:
     the moment of publishing, so a file that appears in between is not overwritten.
     A dangling symlink counts as existing.
     """
+    if path.is_dir():  # first: --force cannot replace a folder, so do not suggest it
+        raise IsADirectoryError(f"{path} is a directory; give a file name to write to")
     if os.path.lexists(path) and not force:
         raise FileExistsError(_exists_message(path))
     if force:
         _only_regular_files_are_replaced(path)
-    if path.is_dir():
-        raise IsADirectoryError(
-            f"{path} is a directory; give a file name to write to"
-        )
     if not path.parent.is_dir():
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
 
