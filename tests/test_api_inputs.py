@@ -225,6 +225,19 @@ def test_options_that_would_be_ignored_are_refused():
     eplb.plan(w, 24, 4, 2, 2, policy="global", dispatch="nearest", fair="expect").validate()
 
 
+def test_a_slack_the_policy_does_not_use_is_refused():
+    # found by the twelfth-session newcomer pass: slack=0.5 without the locality policy
+    # was dropped without a word (the CLI's --slack was already refused there)
+    w = torch.rand(2, 16) + 0.1
+    for kwargs in ({}, {"dispatch": "nearest", "policy": "global"}):
+        with pytest.raises(ValueError, match="slack is the locality policy's knob"):
+            eplb.plan(w, 24, 4, 2, 2, slack=0.5, **kwargs)
+    from eplb.online import Rebalancer
+    with pytest.raises(ValueError, match="slack is the locality policy's knob"):
+        Rebalancer(24, 4, window=2, slack=0.5)
+    eplb.plan(w, 24, 4, 2, 2, policy="locality", dispatch="nearest", slack=0.5).validate()
+
+
 # --------------------------------------------------- found by the fifth session's attack
 @pytest.mark.parametrize(("gpus", "nodes"), [(6, 4), (8, 16)])
 def test_nearest_dispatch_needs_whole_nodes(gpus, nodes):

@@ -41,7 +41,7 @@ def plan(
     fair: str = "auto",
     source: torch.Tensor | None = None,
     routing: torch.Tensor | None = None,
-    slack: float = 0.03,
+    slack: float | None = None,
 ) -> Placement:
     """Plan an expert placement.
 
@@ -94,8 +94,9 @@ def plan(
             with ``previous`` where every GPU is live (those plans assume even sources).
         routing: for ``policy="locality"``: ``[T, L, k]`` top-k expert ids of recorded
             tokens (co-selection statistics; default: estimated from loads and groups).
-        slack: for ``policy="locality"``: node load allowed above the mean; it trades
-            balance (≈ ``1 / (1 + slack)``) against cross-node traffic (default 0.03).
+        slack: for ``policy="locality"`` only (another policy refuses it): node load
+            allowed above the mean; it trades balance (≈ ``1 / (1 + slack)``) against
+            cross-node traffic (default 0.03).
 
     Returns:
         A validated :class:`Placement` on the weight's device.
@@ -152,7 +153,7 @@ def _plan(
     fair: str,
     source: torch.Tensor | None,
     routing: torch.Tensor | None,
-    slack: float,
+    slack: float | None,
 ) -> Placement:
     """:func:`plan`'s body (inference mode is on)."""
     if move_price is not None or drift is not None or group_share is not None:

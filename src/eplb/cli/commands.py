@@ -349,8 +349,9 @@ def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
              "the plan is the even-split one")
     if args.slack is not None and args.policy != "locality":
         raise CliError("--slack is the locality policy's knob: add --policy locality")
-    slack = 0.03 if args.slack is None else args.slack  # the API's default
-    options = {"dispatch": "nearest", "fair": args.fair, "slack": slack}
+    options = {"dispatch": "nearest", "fair": args.fair}
+    if args.slack is not None:  # the API refuses a slack outside the locality policy
+        options["slack"] = args.slack
     routing = _routing(args)
     if routing is not None:
         if routing.shape[1] != num_rows:

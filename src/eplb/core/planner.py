@@ -39,7 +39,7 @@ from eplb.core.options import PackingOptions, PlanOptions
 from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
-from eplb.core.request import PlanRequest
+from eplb.core.request import DEFAULT_SLACK, PlanRequest
 from eplb.core.topology import Topology
 
 
@@ -87,11 +87,19 @@ def as_slack(slack: object) -> float:
 
 
 def check_dispatch_options(
-    dispatch: str, policy: str, fair: str, has_source: bool, has_routing: bool
+    dispatch: str, policy: str, fair: str, has_source: bool, has_routing: bool,
+    has_slack: bool = False,
 ) -> str:
     """``dispatch`` once it and the options that describe SGLang's nearest dispatch
-    (``fair``, ``source``, ``routing``, the locality policy) agree, else ``ValueError``."""
+    (``fair``, ``source``, ``routing``, the locality policy and its ``slack``) agree, else
+    ``ValueError``."""
     dispatch = check_dispatch(dispatch)
+    if has_slack and policy != "locality":
+        # only the locality policy reads it: a slack given to another policy would be
+        # dropped without a word, and the caller would think balance had been traded
+        raise ValueError(f"slack is the locality policy's knob (node load allowed above the "
+                         f"mean); policy {policy!r} does not use it: pass policy='locality' "
+                         "(with dispatch='nearest'), or leave slack out")
     if fair not in FAIR_MODES:
         raise ValueError(f"fair must be one of {', '.join(FAIR_MODES)}, got {fair!r}")
     nearest_only = [name for name, given in (
@@ -147,7 +155,7 @@ def make_request(
     fair: str = "auto",
     source: object = None,
     routing: object = None,
-    slack: float = 0.03,
+    slack: float | None = None,
     stacklevel: int = 4,
 ) -> PlanRequest:
     """Check every planning argument and build the :class:`PlanRequest` (see
@@ -178,12 +186,12 @@ def make_request(
             live = None
     speed = None if gpu_speed is None else as_gpu_speed(gpu_speed, topology.num_gpus, w.device)
     dispatch = check_dispatch_options(dispatch, policy, fair, source is not None,
-                                      routing is not None)
+                                      routing is not None, slack is not None)
     if dispatch == "nearest" and speed is not None:
         raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
     if dispatch == "nearest" and topology.num_nodes > 1:
         topology.gpus_per_node  # noqa: B018 - nearest dispatch needs whole nodes: raises
-    slack = as_slack(slack)
+    slack = DEFAULT_SLACK if slack is None else as_slack(slack)
     src = None
     if source is not None:
         src = as_gpu_speed(source, topology.num_gpus, w.device, name="source", allow_zero=True)

@@ -15,6 +15,10 @@ import torch
 from eplb.core.options import PlanOptions
 from eplb.core.topology import Topology
 
+#: the locality policy's node-load slack when the caller gives none (balancedness about
+#: ``1 / 1.03``; BENCHMARKS §14 has the curve)
+DEFAULT_SLACK = 0.03
+
 
 @dataclass(frozen=True, eq=False)
 class PlanRequest:
@@ -56,7 +60,7 @@ class PlanRequest:
     fair: str = "auto"
     source: torch.Tensor | None = None
     routing: torch.Tensor | None = None
-    slack: float = 0.03
+    slack: float = DEFAULT_SLACK
     idle: torch.Tensor | None = None
 
     def layers(self, index: torch.Tensor) -> PlanRequest:

@@ -80,8 +80,10 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
         raise ValueError(f"incremental must be true or false, got {options['incremental']!r}")
     check_dispatch_options(options.get("dispatch", "even"), policy,
                            options.get("fair", "auto"), options.get("source") is not None,
-                           options.get("routing") is not None)
-    as_slack(options.get("slack", 0.03))
+                           options.get("routing") is not None,
+                           options.get("slack") is not None)
+    if options.get("slack") is not None:
+        as_slack(options["slack"])
     if options.get("routing") is not None:  # the layer and expert counts come later
         as_routing(options["routing"], None, None)
     if topology is None:
