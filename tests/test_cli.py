@@ -328,6 +328,17 @@ def test_simulate_incremental_table(capsys, trace_file) -> None:
     assert "incremental" in out
 
 
+def test_simulate_table_says_what_its_columns_mean(capsys, trace_file) -> None:
+    # found by the twelfth-session newcomer pass: 'window bal', 'step bal', 'oracle' and
+    # 'moved/rebal' were printed with no word on which counts or what was moved
+    code, out, _ = run(capsys, "simulate", str(trace_file), "--window", "10", "-r", "16",
+                       "-g", "8")
+    assert code == 0
+    assert "1.0 is perfect" in out and "not a bound" in out
+    # the mixtral-8x7b trace: 32 layers × 16 slots
+    assert "slots whose expert changed per rebalance, of 512 (32 layers × 16 slots)" in out
+
+
 def test_simulate_too_short_trace(capsys, trace_file) -> None:
     code, _, err = run(capsys, "simulate", str(trace_file), "--window", "30", "-r", "16", "-g", "8")
     assert code == 2

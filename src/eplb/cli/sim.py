@@ -135,6 +135,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"experts on {replicas} slots / {gpus} GPUs; plan on {cad.window} steps every "
         f"{cad.interval}, scored in windows of {cad.scoring}",
         headers, rows)
+    # the short headers need their meaning: which figure counts, and what 'moved' counts
+    print("window bal / step bal: mean balancedness (Σ mean / Σ max GPU load, 1.0 is "
+          "perfect)\n  of the scoring windows / of single steps, from the first rebalance on;\n"
+          "oracle: the same planner given the scored window itself (foresight, not a bound);\n"
+          "moved/rebal: slots whose expert changed per rebalance, of "
+          f"{trace.num_layers * replicas} ({trace.num_layers} layers × {replicas} slots)")
     if written:
         say_written(written)
     return 0
@@ -147,8 +153,8 @@ def _simulation_report(report, args, results, trace) -> None:
         f"Trace {args.trace}: {trace.num_steps} steps, {trace.num_layers} layers × "
         f"{trace.num_experts} experts. Every {cad.interval} steps the planner plans on the "
         f"last {cad.window} steps; balancedness is scored on windows of {cad.scoring} steps "
-        "with the placement in force. 'oracle' plans on the scored window itself (a "
-        "clairvoyant upper reference)."
+        "with the placement in force. 'oracle' plans on the scored window itself (what "
+        "foresight would buy this planner, not a bound)."
     )
     rows = []
     averages: dict[str, float | None] = {}
