@@ -192,6 +192,14 @@ def test_plan_max_moves_needs_previous(capsys, tmp_path, loads) -> None:
     assert_one_line_error(err)
 
 
+@pytest.mark.parametrize("command", ["plan", "simulate"])
+def test_negative_max_moves_is_refused_by_its_flag(capsys, tmp_path, loads, command) -> None:
+    extra = ["-o", str(tmp_path / "p.json")] if command == "plan" else ["--incremental"]
+    code, _, err = run(capsys, command, str(loads), "-r", str(R), "-g", str(P), *extra,
+                       "--max-moves", "-1")
+    assert code == 2 and "--max-moves" in err and "max_moves" not in err
+
+
 # ------------------------------------------------------------------------ eval
 
 

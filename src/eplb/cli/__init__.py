@@ -100,6 +100,17 @@ def _threads(text: str) -> int:
     return value
 
 
+def _slots(text: str) -> int:
+    """A slot count >= 0 (``--max-moves``): refused by flag, not by the API's keyword."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (slots), got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
@@ -174,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_topology(p, locality=True)
     o = p.add_argument_group("online rebalancing")
     o.add_argument("--previous", metavar="OLD", help="the placement in service now (a file)")
-    o.add_argument("--max-moves", type=int, metavar="N",
+    o.add_argument("--max-moves", type=_slots, metavar="N",
                    help="move at most N slots in total (over all layers) relative to --previous")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
@@ -267,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", default=None, metavar="SPEC",
                    help="load estimator: sum (default, what the engines do), ema:H (half-life "
                         "H steps), robust:Z, multi:K, auto")
-    p.add_argument("--max-moves", type=int, default=None, metavar="N",
+    p.add_argument("--max-moves", type=_slots, default=None, metavar="N",
                    help="slots moved per rebalance, in total over all layers (with "
                         "--incremental)")
     _add_topology(p, required=False, replicas=None, gpus=None)
