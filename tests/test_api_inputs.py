@@ -11,6 +11,9 @@ import torch
 
 import eplb
 from eplb import Placement, PlacementError
+from eplb.core import balancedness_ceiling
+from eplb.online import MultiWindow, Rebalancer
+from eplb.tools import generate_trace
 
 G = torch.Generator().manual_seed(0)
 W = (torch.rand(8, 64, generator=G) ** 3 * 1000).float()
@@ -326,3 +329,37 @@ def test_placement_records_refuse_bad_expert_counts_and_mask_types():
     # loads as a list of rows (tensors or huge ints) are scored like the tensor
     rows = [row for row in W.double()]
     assert placed.balancedness(rows) == placed.balancedness(W.double())
+
+
+_NOT_NAMES = [np.arange(3), np.array([]), np.array(["global", "x"])]
+
+
+@pytest.mark.parametrize("value", _NOT_NAMES, ids=["ints", "empty", "names"])
+@pytest.mark.parametrize("call", [
+    lambda v: eplb.plan(W, 96, 16, 2, policy=v),
+    lambda v: eplb.plan(W, 96, 16, 2, policy=v, dispatch="nearest"),
+    lambda v: eplb.plan(W, 96, 16, 2, dispatch=v),
+    lambda v: eplb.plan(W, 96, 16, 2, dispatch="nearest", fair=v),
+    lambda v: eplb.PackingOptions(construction=v),
+    lambda v: eplb.Placement.from_phy2log(eplb.plan(W, 96, 16).phy2log, 64,
+                                          eplb.Topology(96, 16), policy=v).validate(),
+    lambda v: balancedness_ceiling(W, 96, 16, policy=v),
+    lambda v: Rebalancer(96, 16, planner=v),
+    lambda v: MultiWindow(reduce=v),
+], ids=["policy", "policy-nearest", "dispatch", "fair", "construction", "validate", "bounds",
+        "planner", "reduce"])
+def test_option_names_given_as_arrays_are_refused_by_name(call, value):
+    """``array in names`` compares element-wise: an array where an option name belongs
+    raised NumPy's "truth value of an array is ambiguous", naming nothing (found by the
+    twelfth-session fuzz pass)."""
+    with pytest.raises(ValueError, match=r"policy|dispatch|fair|construction|planner|reduce"):
+        call(value)
+
+
+def test_a_regime_schedule_may_be_an_array_of_pairs():
+    """``regime == "config"`` on an array of (start, regime) pairs raised NumPy's
+    truth-value error; a list of the same pairs worked."""
+    pairs = [(0, 0), (10, 0)]
+    want = generate_trace("mixtral-8x7b", steps=20, regime=pairs).counts
+    assert torch.equal(generate_trace("mixtral-8x7b", steps=20, regime=np.array(pairs)).counts,
+                       want)

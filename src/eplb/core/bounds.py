@@ -25,7 +25,7 @@ import torch
 from eplb.core.inputs import as_gpu_speed, as_live_mask, as_weight, scale_free
 from eplb.core.placement import Placement, load_balance
 from eplb.core.replication import replica_bound
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, is_name
 
 #: group→node assignments are enumerated exactly up to this many, else relaxed/greedy
 MAX_ENUMERATED_ASSIGNMENTS = 20_000
@@ -219,7 +219,7 @@ def _check_cluster(num_experts: int, num_replicas: int, num_gpus: int, num_nodes
     """The checks :func:`eplb.plan` makes of the same arguments; returns the live GPUs.
     Raises ``ValueError``/``TypeError`` naming the argument, as planning would."""
     topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
-    if policy not in BOUND_POLICIES:
+    if not is_name(policy, BOUND_POLICIES):
         raise ValueError(f"policy must be one of {BOUND_POLICIES}, got {policy!r}")
     live = _num_live(num_gpus, active_gpus)
     if live * topology.slots_per_gpu < num_experts:

@@ -52,14 +52,14 @@ import numbers
 import torch
 
 from eplb.core.inputs import as_live_mask, as_weight, require_distinct_topk, require_integer_ids
-from eplb.core.topology import positive_int
+from eplb.core.topology import is_name, positive_int
 
 DISPATCH_RULES = ("even", "nearest")
 
 
 def check_dispatch(dispatch: str) -> str:
     """``dispatch`` if it names a modelled rule, else ``ValueError``."""
-    if dispatch not in DISPATCH_RULES:
+    if not is_name(dispatch, DISPATCH_RULES):
         raise ValueError(f"unknown dispatch {dispatch!r}; choose one of {DISPATCH_RULES}")
     return dispatch
 

@@ -46,7 +46,7 @@ from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, max_load, pack, to_slots
 from eplb.core.placement import expert_counts
 from eplb.core.replication import expand_replicas, replica_counts
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, is_name
 
 
 def capped_counts(
@@ -317,7 +317,7 @@ def plan_nearest_global(
     (with :func:`repair_node_pairs` for what it leaves), and with dead GPUs or a given
     source :func:`polish_realised`.
     """
-    if fair not in FAIR_MODES:
+    if not is_name(fair, FAIR_MODES):
         raise ValueError(f"fair must be one of {FAIR_MODES}, got {fair!r}")
     if generator is None:  # the relabelling's random starts: same input → same plan
         generator = torch.Generator().manual_seed(0)

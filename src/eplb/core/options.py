@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from eplb.core.topology import is_name
+
 #: divisor shifts δ of the default replication portfolio (w / (c + δ)); 0 is Jefferson
 DEFAULT_SHIFTS: tuple[float, ...] = (0.0, -0.25, -0.5, -0.75)
 
@@ -115,7 +117,7 @@ class PackingOptions:
         if self.num_candidates is not None and self.num_candidates > MAX_CANDIDATES:
             raise ValueError(f"num_candidates must be at most {MAX_CANDIDATES}, got "
                              f"{self.num_candidates}")
-        if self.construction not in CONSTRUCTIONS:
+        if not is_name(self.construction, CONSTRUCTIONS):
             raise ValueError(
                 f"construction must be one of {CONSTRUCTIONS}, got {self.construction!r}"
             )

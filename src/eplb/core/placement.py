@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from eplb.core.inputs import as_gpu_speed, as_weight, require_integer_ids, scale_free
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, is_name
 
 
 class PlacementError(ValueError):
@@ -330,7 +330,7 @@ def _validate(p: Placement, anti_affinity: bool, tables: bool = True) -> None:
             f"layer/expert dimensions disagree: phy2log {tuple(p.phy2log.shape)}, "
             f"log2phy {tuple(p.log2phy.shape)}, logcnt {tuple(p.logcnt.shape)}"
         )
-    if p.policy not in ("global", "hierarchical", "locality"):
+    if not is_name(p.policy, ("global", "hierarchical", "locality")):
         _fail(f"unknown policy {p.policy!r}")
 
     if p.active_gpus is None:  # every GPU live: no mask to check or copy

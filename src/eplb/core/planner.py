@@ -40,7 +40,7 @@ from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
 from eplb.core.request import DEFAULT_SLACK, PlanRequest
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, is_name
 
 
 @functools.lru_cache(maxsize=1)
@@ -94,16 +94,16 @@ def check_dispatch_options(
     (``fair``, ``source``, ``routing``, the locality policy and its ``slack``) agree, else
     ``ValueError``."""
     dispatch = check_dispatch(dispatch)
-    if has_slack and policy != "locality":
+    if has_slack and not is_name(policy, ("locality",)):
         # only the locality policy reads it: a slack given to another policy would be
         # dropped without a word, and the caller would think balance had been traded
         raise ValueError(f"slack is the locality policy's knob (node load allowed above the "
                          f"mean); policy {policy!r} does not use it: pass policy='locality' "
                          "(with dispatch='nearest'), or leave slack out")
-    if fair not in FAIR_MODES:
+    if not is_name(fair, FAIR_MODES):
         raise ValueError(f"fair must be one of {', '.join(FAIR_MODES)}, got {fair!r}")
     nearest_only = [name for name, given in (
-        ("policy='locality'", policy == "locality"), ("fair", fair != "auto"),
+        ("policy='locality'", is_name(policy, ("locality",))), ("fair", fair != "auto"),
         ("source", has_source), ("routing", has_routing)) if given]
     if nearest_only and dispatch != "nearest":
         verb = "describe" if len(nearest_only) > 1 else "describes"

@@ -17,6 +17,7 @@ Glossary (used throughout eplb):
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -42,6 +43,15 @@ def _int_at_least(name: str, value: object, minimum: int, what: str) -> int:
     if number < minimum:
         raise ValueError(f"{name} must be {what}, got {number}")
     return number
+
+
+def is_name(value: object, names: Sequence[str]) -> bool:
+    """Whether ``value`` is one of the option names ``names`` (``policy="global"``).
+
+    Only a ``str`` can be: ``value in names`` compares a NumPy array element-wise, so an
+    array passed by mistake raised NumPy's "truth value of an array is ambiguous" instead
+    of the caller's error naming the option (found by the twelfth-session fuzz pass)."""
+    return isinstance(value, str) and value in names
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from eplb._version import __version__
 from eplb.core.bounds import placement_scores
 from eplb.core.inputs import as_gpu_speed
 from eplb.core.placement import Placement, PlacementError
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, is_name
 from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace, model_layer_ids
 from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
@@ -111,7 +111,7 @@ def write_placement(
         FileExistsError: ``path`` exists and ``force`` is false.
     """
     path = Path(path)
-    if emit not in EMITS:
+    if not is_name(emit, EMITS):
         raise ValueError(f"unknown emit {emit!r}; expected one of {', '.join(EMITS)}")
     if not isinstance(placement, Placement):
         raise TypeError(f"placement must be an eplb.Placement, got {type(placement).__name__}")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.core.topology import is_name
 from eplb.core.trace import LoadTrace
 from eplb.formats._files import atomic_write, check_writable
 
@@ -31,7 +32,7 @@ def write_loads(
     overwrite unless ``force``.
     """
     path = Path(path)
-    if format not in TRACE_EMITS:
+    if not is_name(format, TRACE_EMITS):
         raise ValueError(f"cannot write loads as {format!r}; expected one of {TRACE_EMITS}")
     if not isinstance(trace, LoadTrace):
         raise TypeError(f"trace must be an eplb.formats.LoadTrace, got {type(trace).__name__}")

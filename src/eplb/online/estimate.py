@@ -46,6 +46,7 @@ import torch
 
 from eplb.core.inputs import as_counts
 from eplb.core.placement import Placement
+from eplb.core.topology import is_name
 from eplb.core.trace import LoadTrace
 
 MAX_HALF_LIFE = 1e9  # steps: longer is a plain sum, and overflows the decay weights
@@ -249,7 +250,7 @@ class MultiWindow(Estimator):
             value = getattr(self, field_name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"multi {field_name} must be an integer >= 1, got {value!r}")
-        if self.reduce not in ("mean", "max"):
+        if not is_name(self.reduce, ("mean", "max")):
             raise ValueError(f"multi reduce must be 'mean' or 'max', got {self.reduce!r}")
 
     @property

@@ -28,7 +28,7 @@ from eplb.core.inputs import as_live_mask
 from eplb.core.options import with_incremental
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, is_name
 from eplb.online.estimate import (
     Estimate,
     Estimator,
@@ -121,7 +121,7 @@ def make_planner(
     """
     if callable(planner):
         return planner
-    if planner not in PLANNERS:
+    if not is_name(planner, PLANNERS):
         raise ValueError(f"unknown planner {planner!r}; accepted: {', '.join(PLANNERS)} or a "
                          "callable (weight [L, E], previous) -> Placement")
     topo = topology

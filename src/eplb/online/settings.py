@@ -19,7 +19,7 @@ from eplb.core.inputs import as_gpu_speed, as_live_mask, as_routing, as_seed
 from eplb.core.options import IncrementalOptions
 from eplb.core.planner import as_slack, check_dispatch_options, resolve_options
 from eplb.core.policies import POLICY_NAMES
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, is_name
 from eplb.online.incremental import check_budget
 
 #: the :class:`~eplb.core.options.IncrementalOptions` fields that are also keyword options
@@ -68,7 +68,7 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
     length is the GPU count (``active_gpus``, ``gpu_speed``, ``source``). Raises
     ``ValueError``/``TypeError`` naming the option."""
     policy = options.get("policy", "auto")
-    if policy not in POLICY_NAMES:
+    if not is_name(policy, POLICY_NAMES):
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
     as_seed(options.get("seed", 0))
     resolve_options(options.get("options"), options.get("num_candidates"),

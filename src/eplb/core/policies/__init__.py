@@ -19,7 +19,7 @@ from eplb.core.policies.base import PlacementPolicy, plan_rows
 from eplb.core.policies.global_policy import GlobalPolicy
 from eplb.core.policies.hierarchical import HierarchicalPolicy
 from eplb.core.policies.locality_policy import LocalityPolicy
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, is_name
 
 __all__ = [
     "POLICIES",
@@ -66,7 +66,7 @@ def resolve_policy(
 
     ``stacklevel`` points the warning at the user's call (callers add their own frames).
     """
-    if policy not in POLICY_NAMES:
+    if not is_name(policy, POLICY_NAMES):
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
     if policy == "locality":
         problems = _locality_problems(topology, num_experts, has_dead_gpus, has_speeds)

@@ -374,9 +374,11 @@ def _regime_config(
     period: int | None,
 ) -> WorkloadConfig:
     """Resolve the ``regime`` shortcut of :func:`generate_trace` into config fields."""
-    if regime is None or regime == "config":
+    if regime is None:
         return cfg
-    if isinstance(regime, str):
+    if isinstance(regime, str):  # not ``regime == "config"`` first: an array of pairs
+        if regime == "config":   # would compare element-wise and raise NumPy's error
+            return cfg
         # int() would take 1.5 as 1, True as 1 and "3" as 3
         period = max(1, steps // 4) if period is None else positive_int("regime_period", period)
         starts = list(range(0, steps, period))
