@@ -228,6 +228,17 @@ def test_select_per_layer_rejects_mismatched_candidates() -> None:
         select_per_layer([], torch.ones(1, 1, 4))
 
 
+@pytest.mark.parametrize("reduce", ["Mean", "avg", "", None])
+def test_an_unknown_reduce_is_refused(reduce: object) -> None:
+    """Any word but "mean" meant "max" (the worst case), silently (found by the
+    twelfth-session fuzz pass)."""
+    a = _placement([[0, 1, 2, 3]], 4, Topology(4, 2))
+    with pytest.raises(ValueError, match="reduce must be 'mean' or 'max'"):
+        expected_max(a, torch.ones(1, 1, 4), reduce)
+    with pytest.raises(ValueError, match="reduce must be 'mean' or 'max'"):
+        select_per_layer([a], torch.ones(1, 1, 4), reduce)
+
+
 # ------------------------------------------------------------------ adaptive
 def test_auto_picks_short_memory_for_a_trend_and_long_memory_for_noise() -> None:
     w, steps = 20, 140

@@ -413,8 +413,9 @@ def expected_max(
 
     Per scenario and layer: max live-GPU load / mean live-GPU load (1 is perfect; an
     all-zero layer counts as 1). ``reduce`` = ``"mean"`` averages over scenarios (each
-    equally likely), ``"max"`` takes the worst.
+    equally likely), ``"max"`` takes the worst; anything else is a ``ValueError``.
     """
+    _check_reduce(reduce)
     live = placement.live_gpus()
     ratios = []
     for scenario in scenarios:
@@ -423,6 +424,12 @@ def expected_max(
         ratios.append(torch.where(mean > 0, peak / mean.clamp(min=1e-300), torch.ones_like(mean)))
     stacked = torch.stack(ratios)
     return stacked.mean(0) if reduce == "mean" else stacked.max(0).values
+
+
+def _check_reduce(reduce: object) -> None:
+    # any other word used to mean "max" ("Mean" and "avg" too): a silent worst case
+    if not is_name(reduce, ("mean", "max")):
+        raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
 
 
 def interchangeable(a: Placement, b: Placement) -> bool:
@@ -447,6 +454,7 @@ def select_per_layer(
         earliest candidate). Each layer of a valid placement is valid on its own, so the
         result is valid whenever the candidates are.
     """
+    _check_reduce(reduce)  # also where one candidate leaves nothing to score
     if not candidates:
         raise ValueError("select_per_layer needs at least one candidate placement")
     first = candidates[0]
