@@ -11,7 +11,7 @@ import torch
 
 import eplb
 from eplb import Placement, PlacementError
-from eplb.core import balancedness_ceiling
+from eplb.core import balancedness_ceiling, realised_gpu_loads
 from eplb.online import MultiWindow, Rebalancer
 from eplb.tools import generate_trace
 
@@ -69,6 +69,23 @@ def test_balancedness_of_huge_loads_is_finite():
     p = eplb.plan(w, 96, 16)
     assert p.balancedness(w) == pytest.approx(eplb.plan(W.double(), 96, 16).balancedness(W))
     assert torch.isfinite(p.layer_balancedness(w)).all()
+
+
+@pytest.mark.parametrize("scale", [1e-301, 1e290])
+def test_gpu_loads_are_in_the_units_of_the_loads(scale):
+    """Loads beyond 2**±900 came back multiplied by a power of two (1e-301 loads as about
+    0.1), unlike realised_gpu_loads(dispatch="even"), which the docs say equals them
+    (found by the twelfth-session fuzz pass); balancedness keeps its exact rescale."""
+    w = W.double() * scale
+    p = eplb.plan(w, 96, 16)
+    want = p.replica_loads(W.double()).view(8, 16, 6).sum(2) * scale
+    assert torch.allclose(p.gpu_loads(w), want, rtol=1e-12, atol=0)
+    assert torch.allclose(p.replica_loads(w), p.replica_loads(W.double()) * scale, rtol=1e-12,
+                          atol=0)
+    assert torch.allclose(realised_gpu_loads(w, p.phy2log, 16, dispatch="even"), p.gpu_loads(w),
+                          rtol=1e-12, atol=0)
+    assert p.balancedness(w) == pytest.approx(p.balancedness(W))
+    assert torch.allclose(p.layer_balancedness(w), p.layer_balancedness(W))
 
 
 def test_validate_finds_stacking_in_one_pass():

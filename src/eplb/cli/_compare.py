@@ -113,13 +113,13 @@ def compare(
         greedy, secs = timed(lambda: plan_greedy(weight, num_replicas, num_gpus, num_nodes,
                                                  num_groups, policy=policy), repeats)
         greedy.validate(anti_affinity=False)
-        loads = greedy.gpu_loads(weight)
+        loads = greedy.scaled_gpu_loads(weight)
         per, total, worst = load_balance(loads)
         results.append(PlannerResult(GREEDY, total, worst, secs, per, loads))
     placement, secs = timed(lambda: plan(weight, num_replicas, num_gpus, num_nodes, num_groups,
                                               policy=policy, seed=seed), repeats)
     placement.validate()
-    loads = placement.gpu_loads(weight)
+    loads = placement.scaled_gpu_loads(weight)
     per, total, worst = load_balance(loads)
     results.append(PlannerResult(EPLB, total, worst, secs, per, loads))
     shape = {

@@ -207,7 +207,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     live = placement.live_gpus()
     # no rebalancing, scored as the plan is (in time where GPU speeds are given)
     _, before, before_worst = load_balance(static_gpu_loads(weight, args.gpus), None, speed)
-    after_loads = placement.gpu_loads(weight)
+    after_loads = placement.scaled_gpu_loads(weight)
     if args.dispatch == "nearest" and args.nodes > 1:  # as SGLang's rule will realise it
         after_loads = realised_gpu_loads(weight, placement.phy2log, args.gpus, args.nodes,
                                          active_gpus=placement.active_gpus)
@@ -218,7 +218,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     moved = in_force = in_force_worst = None
     if previous is not None:
         moved = placement.moved_slots(previous)
-        in_force_loads = previous.gpu_loads(weight)
+        in_force_loads = previous.scaled_gpu_loads(weight)
         if args.dispatch == "nearest" and args.nodes > 1:  # scored as "after" is
             in_force_loads = realised_gpu_loads(weight, previous.phy2log, args.gpus,
                                                 args.nodes, active_gpus=previous.active_gpus)
@@ -480,7 +480,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         weight, layer_ids = weight[keep], [layer_ids[i] for i in keep]
     topo = placement.topology
     live = placement.live_gpus()
-    after_loads = placement.gpu_loads(weight)
+    after_loads = placement.scaled_gpu_loads(weight)
     nearest = None
     if args.dispatch == "nearest":
         nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep)

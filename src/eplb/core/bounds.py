@@ -341,7 +341,8 @@ def placement_scores(
         active = None
     if gpu_speed is not None:
         speed = as_gpu_speed(gpu_speed, topo.num_gpus, w.device)
-        per_layer, overall, _ = load_balance(placement.gpu_loads(w), placement.live_gpus(), speed)
+        per_layer, overall, _ = load_balance(placement.scaled_gpu_loads(w), placement.live_gpus(),
+                                             speed)
         return {"balancedness": overall, "layer_balancedness": [float(x) for x in per_layer],
                 "ceiling": None, "layer_ceiling": None}
     args = (topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups, placement.policy)

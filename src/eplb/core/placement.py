@@ -216,32 +216,50 @@ class Placement:
                 f"weight has shape {tuple(weight.shape)}, the placement needs "
                 f"[{self.num_layers}, {self.num_experts}]"
             )
-        # one power-of-two rescale (exact: ratios and balancedness are unchanged) keeps
-        # sums of huge loads (1e305) finite
-        return scale_free(weight)
+        return weight.to(torch.float64)
 
-    def replica_loads(self, weight: torch.Tensor) -> torch.Tensor:
-        """``[L, R]`` load of every slot: the expert's load split evenly over its replicas."""
-        weight = self._weight(weight)
+    def _replica_loads(self, weight: torch.Tensor) -> torch.Tensor:
+        """:meth:`replica_loads` of a checked float64 ``weight [L, E]``."""
         expert = self.phy2log.clamp(min=0)
         per_replica = weight / self.logcnt.clamp(min=1)
         loads = per_replica.gather(1, expert)
         return torch.where(self.phy2log >= 0, loads, torch.zeros_like(loads))
 
-    def gpu_loads(
-        self, weight: torch.Tensor, gpu_speed: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``[L, P]`` load per GPU (divided by ``gpu_speed [P]`` when given)."""
+    def _gpu_loads(self, weight: torch.Tensor, gpu_speed: object = None) -> torch.Tensor:
         topo = self.topology
-        loads = self.replica_loads(weight).view(self.num_layers, topo.num_gpus, -1).sum(-1)
+        loads = self._replica_loads(weight).view(self.num_layers, topo.num_gpus, -1).sum(-1)
         if gpu_speed is not None:
             speed = as_gpu_speed(gpu_speed, topo.num_gpus, loads.device)
             loads = loads / speed.to(loads.dtype)
         return loads
 
+    def replica_loads(self, weight: torch.Tensor) -> torch.Tensor:
+        """``[L, R]`` load of every slot: the expert's load split evenly over its replicas,
+        float64, in the units of ``weight``."""
+        return self._replica_loads(self._weight(weight))
+
+    def gpu_loads(
+        self, weight: torch.Tensor, gpu_speed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[L, P]`` load per GPU, float64, in the units of ``weight`` (divided by
+        ``gpu_speed [P]`` when given); for ratios of them see :meth:`scaled_gpu_loads`."""
+        return self._gpu_loads(self._weight(weight), gpu_speed)
+
+    def scaled_gpu_loads(
+        self, weight: torch.Tensor, gpu_speed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:meth:`gpu_loads` times one power of two where ``weight``'s largest load is
+        beyond ``2**±900`` (:func:`~eplb.core.inputs.scale_free`): exact, so every ratio
+        of them (balancedness, max / mean) is unchanged, and finite where loads near
+        float64's ends would sum to inf or vanish below the ``1e-300`` the ratios clamp
+        to. For ratios only: :meth:`gpu_loads` gives the loads themselves (it returned
+        these scaled values until the twelfth-session fuzz pass found 1e-301 loads
+        reported as 0.1)."""
+        return self._gpu_loads(scale_free(self._weight(weight)), gpu_speed)
+
     def layer_balancedness(self, weight: torch.Tensor) -> torch.Tensor:
         """``[L]`` mean / max live-GPU load per layer (1.0 for an all-zero layer)."""
-        loads = self.gpu_loads(weight)[:, self.live_gpus()]
+        loads = self.scaled_gpu_loads(weight)[:, self.live_gpus()]
         mean, peak = loads.mean(1), loads.max(1).values
         return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(mean))
 
@@ -254,7 +272,7 @@ class Placement:
         (:func:`load_balance`)."""
         speed = None if gpu_speed is None else as_gpu_speed(
             gpu_speed, self.topology.num_gpus, self.phy2log.device)
-        return load_balance(self.gpu_loads(weight), self.live_gpus(), speed)[1]
+        return load_balance(self.scaled_gpu_loads(weight), self.live_gpus(), speed)[1]
 
     def moved_slots(self, previous: Placement | torch.Tensor) -> torch.Tensor:
         """``[L]`` number of slots whose expert differs from ``previous`` (weights to move)."""

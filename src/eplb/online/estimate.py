@@ -419,7 +419,7 @@ def expected_max(
     live = placement.live_gpus()
     ratios = []
     for scenario in scenarios:
-        loads = placement.gpu_loads(scenario)[:, live]
+        loads = placement.scaled_gpu_loads(scenario)[:, live]
         mean, peak = loads.mean(1), loads.max(1).values
         ratios.append(torch.where(mean > 0, peak / mean.clamp(min=1e-300), torch.ones_like(mean)))
     stacked = torch.stack(ratios)

@@ -249,7 +249,7 @@ def _oracle(
         # built-in planners treat layers independently: plan every window in one call
         stacked = planner(window_counts.reshape(-1, num_experts), None)
         flat = window_counts.reshape(-1, num_experts)
-        loads = stacked.gpu_loads(flat)[:, stacked.live_gpus()]
+        loads = stacked.scaled_gpu_loads(flat)[:, stacked.live_gpus()]
         loads = loads.view(num_windows, num_layers, -1)
         mean = loads.mean(-1).sum(-1)
         peak = loads.max(-1).values.sum(-1)
