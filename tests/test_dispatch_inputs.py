@@ -126,6 +126,16 @@ def test_the_group_limited_sampler_refuses_knobs_that_break_it():
                        sample_group_limited(w, 6))
 
 
+def test_the_group_limited_sampler_refuses_a_sample_beyond_memory_before_work():
+    """10**20 tokens took the host's memory chunk by chunk (24 GB before the fuzz pass of
+    the twelfth session killed it) instead of failing with a message."""
+    from eplb.tools import sample_group_limited
+
+    w = torch.rand(2, 32, generator=torch.Generator().manual_seed(0)) * 100
+    with pytest.raises(ValueError, match="GiB of ids"):
+        sample_group_limited(w, 10**20)
+
+
 def test_a_dead_gpu_that_holds_experts_is_refused(case):
     # it served tokens whose load the live-GPU figures left out (0.82 "balanced" where
     # the loads had all GPUs working)

@@ -38,6 +38,7 @@ import torch
 
 from eplb.core.inputs import as_seed
 from eplb.core.topology import non_negative_int, positive_int
+from eplb.tools.generator.model import MAX_TRACE_BYTES
 
 #: latent strength and dimension fitted to the co-activation of the real traces (module
 #: docstring; ``benchmarks/bench_dispatch.py --fit-latent`` re-measures the match)
@@ -97,6 +98,14 @@ class Router:
                chunk: int = 1024) -> torch.Tensor:
         """``[T, L, k]`` int64 top-k expert ids of ``num_tokens`` tokens."""
         num_tokens = non_negative_int("num_tokens", num_tokens)
+        # before any work: the parts are kept until the end, so a typo'd count (10**20)
+        # took the host's memory chunk by chunk instead of failing with a message
+        need = num_tokens * self.num_layers * self.top_k * 8
+        if need > MAX_TRACE_BYTES:
+            raise ValueError(
+                f"{num_tokens} tokens of {self.num_layers} layers × top-{self.top_k} need "
+                f"{need / 2**30:.1f} GiB of ids, beyond {MAX_TRACE_BYTES >> 30} GiB: sample "
+                "fewer tokens (or several batches)")
         parts = [self._choose(self.scores(min(chunk, num_tokens - s), generator))
                  for s in range(0, num_tokens, chunk)]
         if not parts:
