@@ -380,3 +380,31 @@ def test_a_regime_schedule_may_be_an_array_of_pairs():
     want = generate_trace("mixtral-8x7b", steps=20, regime=pairs).counts
     assert torch.equal(generate_trace("mixtral-8x7b", steps=20, regime=np.array(pairs)).counts,
                        want)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"packing": None}, TypeError, "packing must be an eplb.PackingOptions"),
+    ({"packing": {"num_candidates": 2}}, TypeError, "packing must be an eplb.PackingOptions"),
+    ({"incremental": 3}, TypeError, "incremental must be an eplb.IncrementalOptions"),
+    ({"hamilton": "no"}, ValueError, "hamilton must be True or False"),
+    ({"portfolio_threshold": float("nan")}, ValueError, "portfolio_threshold must be a number"),
+    ({"portfolio_threshold": "high"}, ValueError, "portfolio_threshold must be a number"),
+    ({"shifts": "0"}, ValueError, "shifts must be a tuple of numbers"),
+    ({"shifts": torch.zeros(2, 2)}, ValueError, "shifts must be a tuple of numbers"),
+])
+def test_plan_options_of_the_wrong_kind_are_named(kwargs, error, match):
+    """A wrong record failed deep in planning with an AttributeError ('NoneType' object has
+    no attribute 'candidates_for'); hamilton='no' and a NaN threshold were taken (found by
+    the twelfth-session fuzz pass)."""
+    with pytest.raises(error, match=match):
+        eplb.plan(W, 96, 16, options=eplb.PlanOptions(**kwargs))
+
+
+def test_an_array_of_shifts_plans_like_the_tuple():
+    """Two or more shifts as a tensor raised torch's "Boolean value of Tensor with more
+    than one value is ambiguous"."""
+    want = eplb.plan(W, 96, 16, options=eplb.PlanOptions(shifts=(0.0, -0.5))).phy2log
+    for shifts in (torch.tensor([0.0, -0.5]), np.array([0.0, -0.5]), [0, -0.5]):
+        options = eplb.PlanOptions(shifts=shifts)
+        assert options.shifts == (0.0, -0.5)
+        assert torch.equal(eplb.plan(W, 96, 16, options=options).phy2log, want)

@@ -310,6 +310,25 @@ class PlanOptions:
     incremental: IncrementalOptions = field(default_factory=IncrementalOptions)
 
     def __post_init__(self) -> None:
+        # the records and flags are read deep inside planning: a wrong type failed there
+        # with an AttributeError naming no option (found by the twelfth-session fuzz pass)
+        for name, kind in (("packing", PackingOptions), ("incremental", IncrementalOptions)):
+            if not isinstance(getattr(self, name), kind):
+                raise TypeError(f"{name} must be an eplb.{kind.__name__}, got "
+                                f"{type(getattr(self, name)).__name__}")
+        if not isinstance(self.hamilton, bool | np.bool_):  # "no" would be true
+            raise ValueError(f"hamilton must be True or False, got {self.hamilton!r}")
+        threshold = self.portfolio_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or (
+                math.isnan(threshold)):
+            raise ValueError(f"portfolio_threshold must be a number, got {threshold!r}")
+        shifts = self.shifts
+        if isinstance(shifts, np.ndarray | torch.Tensor) and shifts.ndim == 1:
+            shifts = shifts.tolist()  # an array of shifts: its numbers, one by one
+        if not isinstance(shifts, tuple | list) or any(
+                isinstance(x, bool) or not isinstance(x, numbers.Real) for x in shifts):
+            raise ValueError(f"shifts must be a tuple of numbers in (-1, 0], got {shifts!r}")
+        object.__setattr__(self, "shifts", tuple(float(x) for x in shifts))
         if not self.shifts and not self.hamilton:
             raise ValueError("the replication portfolio is empty: give shifts or hamilton=True")
         for shift in self.shifts:
