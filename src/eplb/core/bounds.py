@@ -214,11 +214,18 @@ def _num_live(num_gpus: int, active_gpus: torch.Tensor | None) -> int:
                                                                  torch.device("cpu")).sum())
 
 
+_MAX_BOUND_SLOTS = 1 << 53
+
+
 def _check_cluster(num_experts: int, num_replicas: int, num_gpus: int, num_nodes: int,
                    num_groups: int, policy: str, active_gpus: object) -> int:
     """The checks :func:`eplb.plan` makes of the same arguments; returns the live GPUs.
     Raises ``ValueError``/``TypeError`` naming the argument, as planning would."""
     topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+    if topology.num_replicas > _MAX_BOUND_SLOTS:
+        # the bounds count replicas in torch integers and float64: exact only below this
+        raise ValueError(f"num_replicas={topology.num_replicas} is beyond what the bounds "
+                         f"compute (at most 2**53)")
     if not is_name(policy, BOUND_POLICIES):
         raise ValueError(f"policy must be one of {BOUND_POLICIES}, got {policy!r}")
     live = _num_live(num_gpus, active_gpus)

@@ -384,6 +384,9 @@ def node_hit_probs(
 
 
 def _check_ids(ids: torch.Tensor, num_layers: int, num_experts: int) -> torch.Tensor:
+    if ids is None or not hasattr(ids, "__len__"):
+        raise TypeError(f"ids must be integer top-k ids [T, {num_layers}, k] (a tensor or "
+                        f"array), got {type(ids).__name__}")
     ids = torch.as_tensor(ids)
     require_integer_ids(ids, "ids")
     if ids.dim() != 3 or ids.shape[1] != num_layers:
@@ -426,6 +429,7 @@ def remote_nodes_per_token(
     """
     _check_shape(phy2log, num_gpus, num_nodes)
     chunk = positive_int("chunk", chunk)
+    num_experts = positive_int("num_experts", num_experts)
     num_layers = phy2log.shape[0]
     ids = _check_ids(ids, num_layers, num_experts)
     chosen = torch.zeros(num_layers, num_experts, dtype=torch.bool)
@@ -438,6 +442,9 @@ def remote_nodes_per_token(
     total = torch.zeros(num_layers, dtype=torch.float64, device=phy2log.device)
     num_tokens = ids.shape[0]
     if sources is not None:
+        if not hasattr(sources, "__len__"):  # e.g. a Placement passed by mistake
+            raise TypeError(f"sources must be the [T] source GPU ids of the tokens, got "
+                            f"{type(sources).__name__}")
         sources = torch.as_tensor(sources)
         if sources.is_floating_point() or sources.is_complex() or sources.dtype == torch.bool:
             raise TypeError(f"sources must hold integer GPU ids, got {sources.dtype}")

@@ -38,6 +38,9 @@ def expert_counts(phy2log: torch.Tensor, num_experts: int) -> torch.Tensor:
     return counts.scatter_add_(1, idx, torch.ones_like(idx))[:, :num_experts]
 
 
+_MAX_EXPERTS = (1 << 31) - 1
+
+
 def slot_gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """``[L, P]`` GPU loads of ``phy2log [L, R]`` under ``weight [L, E]``: each expert's load
     split evenly over its replicas; ``-1`` slots carry nothing."""
@@ -170,6 +173,12 @@ class Placement:
                 or num_experts < 1):
             raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
         num_experts = int(num_experts)
+        if num_experts > _MAX_EXPERTS:
+            # the engines hold expert ids in int32, and log2phy has a row per expert
+            raise ValueError(f"num_experts={num_experts} is beyond what a placement holds "
+                             f"(at most 2**31 - 1 experts)")
+        if phy2log is None:
+            raise TypeError("phy2log must be a [L, R] tensor of expert ids, got None")
         phy2log = torch.as_tensor(phy2log)
         require_integer_ids(phy2log, "phy2log")  # a cast would truncate 0.7 to expert 0
         # contiguous: engines view and copy the map (a transposed one broke ``.view``)
@@ -276,6 +285,8 @@ class Placement:
 
     def moved_slots(self, previous: Placement | torch.Tensor) -> torch.Tensor:
         """``[L]`` number of slots whose expert differs from ``previous`` (weights to move)."""
+        if previous is None:
+            raise TypeError("previous must be a Placement or a [L, R] phy2log, got None")
         old = previous.phy2log if isinstance(previous, Placement) else torch.as_tensor(previous)
         old = old.to(self.phy2log.device)
         if old.shape != self.phy2log.shape:

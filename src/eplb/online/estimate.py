@@ -416,6 +416,8 @@ def expected_max(
     equally likely), ``"max"`` takes the worst; anything else is a ``ValueError``.
     """
     _check_reduce(reduce)
+    if len(scenarios) == 0:
+        raise ValueError("expected_max needs at least one scenario ([K, L, E] with K >= 1)")
     live = placement.live_gpus()
     ratios = []
     for scenario in scenarios:

@@ -28,7 +28,7 @@ from eplb.core.inputs import as_live_mask
 from eplb.core.options import with_incremental
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh
-from eplb.core.topology import Topology, is_name
+from eplb.core.topology import Topology, is_name, non_negative_int, positive_int
 from eplb.online.estimate import (
     Estimate,
     Estimator,
@@ -59,6 +59,10 @@ def trivial_placement(
     tensors are made on ``device`` (default CPU). Raises ``ValueError`` when there are
     fewer live slots than experts.
     """
+    if not isinstance(topology, Topology):
+        raise TypeError(f"topology must be an eplb.Topology, got {type(topology).__name__}")
+    num_experts = positive_int("num_experts", num_experts)
+    num_layers = non_negative_int("num_layers", num_layers)
     slots = topology.slots_per_gpu
     if active_gpus is None:
         live_slot = torch.ones(topology.num_replicas, dtype=torch.bool)
@@ -321,6 +325,9 @@ class Rebalancer:
         self._user_planner = callable(planner)
         self._pass_previous = incremental or self._user_planner
         self.capacity = max(window, self.estimator.lookback(window))
+        if initial is not None and not isinstance(initial, Placement):
+            raise TypeError(f"initial must be an eplb.Placement (the placement in force) or "
+                            f"None, got {type(initial).__name__}")
         if initial is not None and initial.topology != self.topology:
             raise ValueError(f"initial placement is for {initial.topology}, the rebalancer "
                              f"for {self.topology}")

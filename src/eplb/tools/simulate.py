@@ -320,6 +320,9 @@ def simulate(
     topo = Topology(num_replicas, num_gpus, num_nodes, num_groups)
     if initial is None:
         initial = trivial_placement(num_experts, num_layers, topo, active_gpus)
+    elif not isinstance(initial, Placement):
+        raise TypeError(f"initial must be an eplb.Placement or None, got "
+                        f"{type(initial).__name__}")
     elif initial.logcnt.shape != (num_layers, num_experts):
         raise ValueError(f"initial placement has layers x experts {tuple(initial.logcnt.shape)}, "
                          f"the trace {(num_layers, num_experts)}")

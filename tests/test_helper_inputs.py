@@ -1,0 +1,75 @@
+"""Secondary public helpers refuse arguments of the wrong kind with errors that name them
+(found by the twelfth session's fuzz pass: these raised AttributeError, torch's 'ambiguous'
+RuntimeError, ZeroDivisionError or OverflowError)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import eplb
+from eplb import Placement, Topology
+from eplb.core.bounds import layer_lower_bound
+from eplb.core.dispatch import remote_nodes_per_token
+from eplb.online.estimate import expected_max
+from eplb.online.rebalancer import Rebalancer, trivial_placement
+from eplb.tools.simulate import simulate
+
+W = torch.rand(2, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.1
+
+
+@pytest.fixture()
+def placement() -> Placement:
+    return eplb.plan(W, 16, 4, 2)
+
+
+def test_trivial_placement_checks_its_counts():
+    topo = Topology(16, 4)
+    with pytest.raises(ValueError, match="num_experts must be a positive integer"):
+        trivial_placement(0, 2, topo)
+    with pytest.raises(ValueError, match="num_layers must be an integer >= 0"):
+        trivial_placement(8, -1, topo)
+    with pytest.raises(ValueError, match="num_experts"):
+        trivial_placement(8.0, 2, topo)
+    with pytest.raises(TypeError, match=r"topology must be an eplb\.Topology"):
+        trivial_placement(8, 2, (16, 4))
+    assert trivial_placement(8, 2, topo).phy2log.shape == (2, 16)
+
+
+def test_an_initial_placement_must_be_a_placement(placement):
+    with pytest.raises(TypeError, match=r"initial must be an eplb\.Placement"):
+        Rebalancer(16, 4, initial=1.5)
+    with pytest.raises(TypeError, match=r"initial must be an eplb\.Placement"):
+        simulate(torch.rand(4, 2, 8), num_replicas=16, num_gpus=4, initial=placement.phy2log)
+
+
+def test_expected_max_needs_a_scenario(placement):
+    with pytest.raises(ValueError, match="at least one scenario"):
+        expected_max(placement, torch.empty(0, 2, 8))
+    with pytest.raises(ValueError, match="at least one scenario"):
+        expected_max(placement, [])
+
+
+def test_placement_maps_of_none_and_huge_expert_counts_are_named(placement):
+    with pytest.raises(TypeError, match="phy2log must be"):
+        Placement.from_phy2log(None, 8, placement.topology)
+    with pytest.raises(TypeError, match="previous must be"):
+        placement.moved_slots(None)
+    with pytest.raises(ValueError, match=r"num_experts=.* beyond"):
+        Placement.from_phy2log(placement.phy2log, 10**20, placement.topology)
+
+
+def test_remote_nodes_per_token_names_bad_arguments(placement):
+    ids = torch.tensor([[[0, 1], [2, 3]]])  # one token, 2 layers, top-2
+    with pytest.raises(ValueError, match="num_experts must be a positive integer"):
+        remote_nodes_per_token(placement.phy2log, ids, torch.tensor([1, 2]), 4, 2)
+    with pytest.raises(TypeError, match="ids must be integer top-k ids"):
+        remote_nodes_per_token(placement.phy2log, None, 8, 4, 2)
+    with pytest.raises(TypeError, match="sources must be the"):
+        remote_nodes_per_token(placement.phy2log, ids, 8, 4, 2, sources=placement)
+    assert remote_nodes_per_token(placement.phy2log, ids, 8, 4, 2).shape == (2,)
+
+
+def test_bounds_refuse_slot_counts_beyond_exact_arithmetic():
+    with pytest.raises(ValueError, match="beyond what the bounds compute"):
+        layer_lower_bound(W, 10**20, 4)
