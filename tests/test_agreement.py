@@ -292,3 +292,45 @@ def test_a_rank_that_does_not_say_its_question_is_named_as_another_eplb(group):
         for future in futures:
             with pytest.raises(AgreementError, match="older version"):
                 future.result()
+
+
+def _fake_vllm_groups(monkeypatch, groups):
+    """The plugin's view of vLLM: torch.distributed initialised and ``get_ep_group()``
+    returning ``groups[rank]`` for the calling thread's rank."""
+    import sys
+    import types
+
+    local = threading.local()
+    module = types.ModuleType("vllm.distributed.parallel_state")
+    module.get_ep_group = lambda: groups[local.rank]
+    monkeypatch.setitem(sys.modules, "vllm.distributed.parallel_state", module)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    return local
+
+
+def test_an_elastic_ep_group_agrees_across_processes_that_number_it_differently(monkeypatch):
+    # after an elastic scale-up the running processes build their second "ep" group
+    # (unique_name ep:1) and the new ones their first (ep:0), on the group's own store
+    from types import SimpleNamespace
+
+    from eplb.integrations import vllm as plugin
+
+    store = dist.HashStore()
+    groups = [SimpleNamespace(unique_name="ep:1" if r < 2 else "ep:0", ranks=list(range(WORLD)),
+                              rank_in_group=r, world_size=WORLD,
+                              tcp_store_group=SimpleNamespace(store=store))
+              for r in range(WORLD)]
+    local = _fake_vllm_groups(monkeypatch, groups)
+
+    def agree_as(rank):
+        local.rank = rank
+        return plugin._agreement_for({"agree_timeout_s": 5}).agree(plan(1), None, "t")
+
+    with ThreadPoolExecutor(WORLD) as pool:
+        outcomes = list(pool.map(agree_as, range(WORLD)))
+    assert all(o.unanimous for o in outcomes)
+    # groups on the default store stay apart by their name
+    named = SimpleNamespace(unique_name="ep:0", ranks=[0, 1], tcp_store_group=None)
+    assert plugin._namespace(named) != plugin._namespace(
+        SimpleNamespace(unique_name="eplb:0", ranks=[0, 1], tcp_store_group=None))

@@ -274,8 +274,7 @@ def _agreement_for(options: dict[str, Any]) -> PlanAgreement | None:
             logger.warning("eplb: no torch.distributed store reachable; EP ranks cannot "
                            "check that their plans agree")
             return None
-        namespace = f"eplb/vllm/{group.unique_name}/{_ranks_key(group.ranks)}"
-        agreement = PlanAgreement(store, group.rank_in_group, group.world_size, namespace,
+        agreement = PlanAgreement(store, group.rank_in_group, group.world_size, _namespace(group),
                                   timeout)
         _AGREEMENTS[id(group)] = (group, agreement)
         logger.info("eplb: EP rank %d of %d plans with eplb %s; plans are agreed through "
@@ -284,12 +283,34 @@ def _agreement_for(options: dict[str, Any]) -> PlanAgreement | None:
         return agreement
 
 
+def _namespace(group: Any) -> str:
+    """The agreement's key prefix for ``group``: the same on every rank of the group, and
+    apart from other groups that share its store.
+
+    A group on the default store is named by its ``unique_name`` (``ep:0``: every process
+    creates its groups in the same order at start-up) and its ranks. An elastic
+    (stateless) group has a store of its own, so its ranks suffice, and ``unique_name``
+    must be left out: vLLM numbers it per process (``_get_unique_name``), and after an
+    elastic scale-up the processes that were running build their second ``ep`` group
+    (``ep:1``, ``create_standby_groups``) while the ones just started build their first
+    (``ep:0``); with the name in the key they would wait for each other's plans in vain
+    (read from vLLM 0.34's ``stateless_coordinator.py`` and ``elastic_ep/``)."""
+    if _stateless_store(group) is not None:
+        return f"eplb/vllm/stateless/{_ranks_key(group.ranks)}"
+    return f"eplb/vllm/{group.unique_name}/{_ranks_key(group.ranks)}"
+
+
+def _stateless_store(group: Any) -> Any:
+    stateless = getattr(group, "tcp_store_group", None)
+    return None if stateless is None else getattr(stateless, "store", None)
+
+
 def _group_store(group: Any) -> Any:
     """The store all ranks of ``group`` share: an elastic (stateless) group's own store,
     else the default process group's."""
-    stateless = getattr(group, "tcp_store_group", None)
-    if stateless is not None and getattr(stateless, "store", None) is not None:
-        return stateless.store
+    store = _stateless_store(group)
+    if store is not None:
+        return store
     try:
         from torch.distributed.distributed_c10d import _get_default_store
 
