@@ -232,7 +232,9 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
         raise CliError(f"--gpu-speed: expected {num_gpus} comma-separated numbers or a file of "
                        f"them, got {spec!r}{missing}") from None
     if speed.numel() != num_gpus:
-        raise CliError(f"--gpu-speed has {speed.numel()} values, expected one per GPU ({num_gpus})")
+        count = speed.numel()
+        raise CliError(f"--gpu-speed has {count} value{'' if count == 1 else 's'}, expected one "
+                       f"per GPU ({num_gpus})")
     if bool((speed <= 0).any()) or not bool(torch.isfinite(speed).all()):
         raise CliError("--gpu-speed values must be finite and > 0")
     return speed
