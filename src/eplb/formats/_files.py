@@ -39,6 +39,12 @@ _UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errn
                 errno.EMLINK, errno.EISDIR, errno.EXDEV}
 
 
+#: how to get the optional safetensors package. eplb is on no package index, so
+#: ``pip install 'eplb[safetensors]'`` would fail there (or fetch another project's "eplb"):
+#: name the [safetensors] extra's own requirement (pyproject.toml; tests check it)
+SAFETENSORS_HINT = "pip install 'safetensors>=0.4'"
+
+
 def import_safetensors_torch() -> ModuleType:
     """``safetensors.torch``, or an ``ImportError`` that says how to install it."""
     try:
@@ -46,7 +52,7 @@ def import_safetensors_torch() -> ModuleType:
     except ImportError as exc:  # optional dependency
         raise ImportError(
             "reading or writing .safetensors files needs the optional 'safetensors' package: "
-            "pip install eplb[safetensors]"
+            + SAFETENSORS_HINT
         ) from exc
     return st
 

@@ -1,6 +1,6 @@
 """Picture of the balance vs cross-node traffic trade-off (``benchmarks/bench_dispatch.py``).
 
-matplotlib is optional (``pip install 'eplb[plot]'``), imported lazily with the Agg
+matplotlib is optional (:data:`eplb.tools.report.INSTALL_HINT`), imported lazily with the Agg
 backend as in :mod:`eplb.report`; :func:`plot_tradeoff` raises ``ImportError`` naming the
 extra when it is missing.
 """
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from eplb.tools.report import INSTALL_HINT
 
 _MARKERS = {"corner": ("*", 220), "engine": ("s", 70), "plan": ("o", 50)}
 
@@ -33,7 +35,7 @@ def plot_tradeoff(
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the picture needs matplotlib: pip install 'eplb[plot]'") from exc
+        raise ImportError(f"the picture needs matplotlib: {INSTALL_HINT}") from exc
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 

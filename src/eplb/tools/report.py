@@ -1,6 +1,6 @@
 """Pictures and a Markdown/HTML report for ``eplb demo``, ``eplb bench`` and ``eplb simulate``.
 
-matplotlib is an optional extra (``pip install 'eplb[plot]'``). It is imported lazily with
+matplotlib is an optional extra (:data:`INSTALL_HINT`). It is imported lazily with
 the non-interactive Agg backend; without it :class:`Report` still writes the text report and
 says how to get the pictures.
 
@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
-INSTALL_HINT = "pip install 'eplb[plot]'"
+#: eplb is on no package index, so ``pip install 'eplb[plot]'`` would fail there (or fetch
+#: another project's "eplb"): name the [plot] extra's own requirement (pyproject.toml)
+INSTALL_HINT = "pip install 'matplotlib>=3.6'"
 
 # a fixed palette so one planner has one colour in every picture
 _COLOURS = {
