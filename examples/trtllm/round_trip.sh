@@ -16,7 +16,9 @@ trtllm-serve "$MODEL" --backend pytorch --tp_size 32 --ep_size 32 \
 # ...send representative traffic past iteration 200, then stop the server.
 unset EXPERT_STATISTIC_ITER_RANGE
 
-# 2. Plan: eplb reads the statistics folder; a .yaml output means --emit trtllm.
+# 2. Plan: eplb reads the statistics folder (its rank*.safetensors files need the optional
+#    safetensors package: pip install "/path/to/eplb[safetensors]"); a .yaml output means
+#    --emit trtllm.
 #    Keys of initial_global_assignments are the model's own MoE layer ids (3..60).
 eplb plan "$EXPERT_STATISTIC_PATH" -r 288 -g 32 --nodes 4 --groups 8 -o moe_load_balancer.yaml
 
