@@ -19,4 +19,6 @@ python -m eplb.integrations.sglang --eplb-options '{"max_moves": 2000}' \
   --enable-eplb --eplb-rebalance-num-iterations 1000
 
 # Each scheduler process logs "eplb 0.1.0 plans SGLang's expert rebalancing" at its
-# first rebalance.
+# first rebalance. Every node must run this same command (same eplb, same options): SGLang
+# plans on every rank with no agreement between them, so a node started with plain
+# sglang.launch_server would move experts by another map, and nothing would say so.
