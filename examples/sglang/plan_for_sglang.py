@@ -19,6 +19,9 @@ if len(sys.argv) != 3:
 loads_path, out_path = sys.argv[1], sys.argv[2]
 if Path(out_path).exists():  # checked before planning; write_placement refuses it too
     sys.exit(f"{out_path} exists: remove it or name another file")
+if not out_path.endswith((".json", ".pt")):  # SGLang parses any other name as inline JSON
+    sys.exit(f"{out_path}: SGLang reads --init-expert-location from a file named *.json "
+             "(JSON) or *.pt (torch.load); name the output so")
 trace = read_loads(loads_path).drop_empty_layers()  # DeepSeek's dense layers 0-2 are empty
 weight = trace.counts.sum(0)  # [L, E]: sum of the recorded steps
 # SGLang's static dispatch (--ep-dispatch-algorithm static, as with DeepEP) sends a token
