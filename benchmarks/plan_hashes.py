@@ -5,6 +5,7 @@ alters plans needs its quality measured again. Run this before and after:
 
     python benchmarks/plan_hashes.py --json before.json       # on the code before
     python benchmarks/plan_hashes.py --compare before.json    # after: exit 1 if any differs
+                                                              # (2 if the inputs differ)
     python benchmarks/plan_hashes.py --only incremental,nearest
 
 Each group is one SHA-256 (first 16 hex digits) over the ``phy2log`` maps of its plans,
@@ -46,7 +47,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from _harness import deepseek_loads, start
+from _harness import DEEPSEEK_DIR, deepseek_loads, start
 from bench_shapes import MODELS, SHAPES, model_loads
 from bench_vllm_call import E, R, drift_chain
 
@@ -82,6 +83,10 @@ class Digest:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()[:16]
+
+
+#: the key of the --json file that records which inputs the run saw
+INPUTS = "inputs"
 
 
 def real_loads(count: int, dtype: torch.dtype) -> list[torch.Tensor]:
@@ -229,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown group(s) {', '.join(unknown)}; choose from {', '.join(GROUPS)}")
     before = json.loads(Path(args.compare).read_text()) if args.compare else None
     print(start("plan_hashes"))
-    hashes: dict[str, str] = {}
+    # which inputs the groups saw: without the real files several groups plan on other
+    # loads, and a comparison across that would report changed plans of unchanged code
+    inputs = (f"{len(list(DEEPSEEK_DIR.glob('*.json')))} real DeepSeek-V3 workloads"
+              if DEEPSEEK_DIR.is_dir() else "no real DeepSeek-V3 workloads")
+    hashes: dict[str, str] = {INPUTS: inputs}
     for group in chosen:
         begin = time.perf_counter()
         for label, digest in GROUPS[group]():
@@ -240,14 +249,19 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps(hashes, indent=1) + "\n")
     if before is None:
         return 0
-    differ = [label for label in hashes if label in before and before[label] != hashes[label]]
-    missing = [label for label in hashes if label not in before]
+    if before.get(INPUTS, inputs) != inputs:
+        print(f"INPUTS DIFFER: {args.compare} was made with {before[INPUTS]}, this run has "
+              f"{inputs} (set EPLB_REAL_DATA alike): the plans cannot be compared")
+        return 2
+    labels = [label for label in hashes if label != INPUTS]
+    differ = [label for label in labels if label in before and before[label] != hashes[label]]
+    missing = [label for label in labels if label not in before]
     for label in differ:
         print(f"DIFFERENT: {label}: {before[label]} before, {hashes[label]} now")
     if missing:
         print(f"not in {args.compare}: {', '.join(missing)}")
     print("same plans in every group compared" if not differ else
-          f"{len(differ)} of {len(hashes) - len(missing)} groups differ")
+          f"{len(differ)} of {len(labels) - len(missing)} groups differ")
     return 1 if differ else 0
 
 

@@ -20,7 +20,7 @@ def test_plan_hashes_repeat_and_compare_catches_a_difference(tmp_path):
     first = tmp_path / "before.json"
     assert hashes(tmp_path, "--json", str(first)).returncode == 0
     recorded = json.loads(first.read_text())
-    assert set(recorded) == {"fresh", "variants"}
+    assert set(recorded) == {"inputs", "fresh", "variants"}
     same = hashes(tmp_path, "--compare", str(first))
     assert same.returncode == 0 and "same plans in every group compared" in same.stdout
     recorded["variants"] = "0" * 16
@@ -34,3 +34,11 @@ def test_unknown_group_is_named(tmp_path):
     out = subprocess.run([sys.executable, str(SCRIPT), "--only", "fresh,bogus"],
                          capture_output=True, text=True, check=False, cwd=tmp_path)
     assert out.returncode == 2 and "unknown group(s) bogus" in out.stderr
+
+
+def test_a_comparison_across_other_inputs_is_refused(tmp_path):
+    # a baseline made without the real files is not compared with a run that has them
+    first = tmp_path / "before.json"
+    first.write_text(json.dumps({"inputs": "no such inputs", "fresh": "0" * 16}))
+    out = hashes(tmp_path, "--compare", str(first))
+    assert out.returncode == 2 and "INPUTS DIFFER" in out.stdout
