@@ -464,3 +464,24 @@ def test_a_replan_in_place_may_replace_the_previous_placement(capsys, tmp_path,
     assert plan(capsys, loads, out)[0] == 0
     code, _ = plan(capsys, loads, out, "--previous", str(out), "--force")
     assert code == 0 and read_placement(out).num_layers == L
+
+
+@pytest.mark.parametrize("stem", ["a" * 245, "é" * 124])
+@pytest.mark.parametrize("no_tmpfile", [False, True])
+def test_a_long_but_allowed_output_name_is_written_and_replaced(capsys, tmp_path, loads,
+                                                                monkeypatch, stem,
+                                                                no_tmpfile) -> None:
+    """Found by the twelfth-session hostile-files pass: the hidden temporary name
+    (``.{name}.{random}.tmp``) is 18 bytes longer than OUT, so a 250-byte OUT (allowed)
+    failed with ENAMETOOLONG naming the temporary file, under --force (and always where
+    O_TMPFILE is missing)."""
+    if no_tmpfile:
+        monkeypatch.setattr(files, "_open_unnamed", lambda directory: None)
+    out = tmp_path / f"{stem}.json"
+    assert len(os.fsencode(out.name)) <= 255
+    code, err = plan(capsys, loads, out)
+    assert code == 0, err
+    code, err = plan(capsys, loads, out, "--seed", "3", "--force")
+    assert code == 0, err
+    assert read_placement(out).num_layers == L
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["loads.npy", out.name])

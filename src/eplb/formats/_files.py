@@ -162,7 +162,7 @@ def _open_unnamed(directory: Path) -> int | None:
 def _open_named(directory: Path, name: str) -> tuple[int, Path]:
     """A new hidden temporary file next to the output, mode ``0o666 & ~umask``."""
     for _ in range(100):
-        tmp = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+        tmp = _temp_name(directory, name)
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
         except FileExistsError:
@@ -181,7 +181,23 @@ def _link(src: str | Path, dst: Path) -> None:
 
 
 def _temp_name(directory: Path, name: str) -> Path:
-    return directory / f".{name}.{secrets.token_hex(6)}.tmp"
+    """A fresh hidden name ``.{name}.{random}.tmp`` beside the output, ``name`` cut so the
+    whole stays within the file system's limit on one name (255 bytes): an output name
+    that is itself allowed, e.g. 245 characters, must not fail on its temporary name."""
+    suffix = f".{secrets.token_hex(6)}.tmp"
+    room = _name_max(directory) - 1 - len(suffix)
+    name = name[:max(room, 0)]
+    while len(os.fsencode(name)) > room:  # a multi-byte character takes more room
+        name = name[:-1]
+    return directory / f".{name}{suffix}"
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name ``directory`` takes, in bytes (255 where it cannot be asked)."""
+    try:
+        return int(os.pathconf(directory, "PC_NAME_MAX"))
+    except (OSError, ValueError, TypeError):
+        return 255
 
 
 def _name_unnamed(fd: int, directory: Path, name: str) -> Path:
