@@ -203,3 +203,72 @@ def test_trtllm_rank_entry_that_is_a_folder_is_named(tmp_path):
     (tmp_path / "rank1.safetensors").mkdir()
     with pytest.raises(FormatError, match=r"rank1\.safetensors: is a folder"):
         read_loads(tmp_path)
+
+
+# ------------------------------------------------------------- files that expand when read
+def _laughs(levels: int = 9):
+    """Nine references to a list of nine numbers, nested ``levels`` deep: 9**levels numbers
+    held as ``levels`` shared lists."""
+    node: list = list(range(9))
+    for _ in range(levels - 1):
+        node = [node] * 9
+    return node
+
+
+_YAML_LAUGHS = "".join(
+    [f"l0: &l0 [{', '.join(map(str, range(9)))}]\n"]
+    + [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n" for i in range(1, 9)]
+)
+
+
+@pytest.mark.parametrize("case", ["loads .pt", "placement .pt", "stride-0 tensor",
+                                  "yaml num_slots", "yaml row", "yaml self"])
+def test_files_that_expand_far_beyond_their_size_are_refused_by_the_cli(tmp_path, capsys,
+                                                                        case) -> None:
+    """Found by the twelfth-session hostile-files pass: a pickle reference or a YAML
+    alias names one list many times, so a 1.5 KB file held 9**9 numbers once expanded;
+    converting them (or printing them in an error) took more than the host's memory
+    (a traceback with MemoryError under a 4 GB limit). A tensor of stride 0 did the
+    same. They are refused in a second, naming the file."""
+    from eplb.cli import main
+
+    loads = tmp_path / "loads.npy"
+    np.save(loads, np.arange(64.0).reshape(4, 16))
+    path = tmp_path / ("bomb.pt" if "pt" in case or "tensor" in case else "bomb.yaml")
+    if case == "loads .pt":
+        torch.save({"logical_count": _laughs()}, path)
+    elif case == "placement .pt":
+        torch.save({"physical_to_logical_map": _laughs()}, path)
+    elif case == "stride-0 tensor":
+        big = torch.ones(1, dtype=torch.int32).as_strided((400, 61, 65536), (0, 0, 0))
+        torch.save({"logical_count": big}, path)
+    elif case == "yaml num_slots":
+        path.write_text(_YAML_LAUGHS + "num_slots: *l8\ninitial_global_assignments:\n"
+                        "  0: [0, 1, 2, 3]\n")
+    elif case == "yaml row":
+        path.write_text(_YAML_LAUGHS + "initial_global_assignments:\n  0: [*l8, 1]\n")
+    else:
+        path.write_text("a: &a [1, *a]\ninitial_global_assignments:\n  0: *a\n")
+    assert path.stat().st_size < 4096
+    if case == "loads .pt" or case == "stride-0 tensor":
+        argv = ["plan", str(path), "-r", "32", "-g", "8", "-o", str(tmp_path / "p.json")]
+    else:
+        argv = ["eval", "--placement", str(path), str(loads), "-g", "8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eplb: error: {path}: ") and err.count("\n") == 1
+    assert "contains itself" in err if case == "yaml self" else "more than 1,048,576" in err
+    assert len(err) < 600
+
+
+def test_shared_parts_within_the_file_size_are_read(tmp_path) -> None:
+    """A pickle or YAML that repeats one row for every layer is a fine, small file."""
+    from eplb.formats import read_placement
+
+    row = list(range(16)) * 2
+    torch.save({"logical_count": [[list(range(16))] * 4] * 3}, tmp_path / "l.pt")
+    assert read_loads(tmp_path / "l.pt").counts.shape == (3, 4, 16)
+    (tmp_path / "p.yaml").write_text(
+        f"row: &r {row}\nnum_slots: 32\ninitial_global_assignments:\n"
+        + "".join(f"  {i}: *r\n" for i in range(4)))
+    assert read_placement(tmp_path / "p.yaml", num_gpus=8).num_layers == 4

@@ -15,6 +15,7 @@ import zipfile
 from os import PathLike
 from pathlib import Path
 
+from eplb.formats._expand import check_expansion
 from eplb.formats._files import require_regular_file
 from eplb.formats.errors import FormatError
 
@@ -280,7 +281,7 @@ def _load_pt(path: Path) -> object:
     try:
         with warnings.catch_warnings():  # torch warns about the protocol of garbage files
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's text advises weights_only=False, i.e. running the file's code: keep only
         # the unpickler's own reason
@@ -301,6 +302,9 @@ def _load_pt(path: Path) -> object:
     except Exception as exc:  # torch.load raises many types on damaged files; all mean this
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise FormatError(path, f"not a readable torch file: {first}") from None
+    # pickle references and stride-0 tensors: a tiny file must not expand to gigabytes
+    check_expansion(obj, path)
+    return obj
 
 
 def _pt_format(path: Path, obj: object) -> str:

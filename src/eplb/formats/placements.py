@@ -33,6 +33,7 @@ from eplb.core.inputs import as_gpu_speed
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology, is_name
 from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace, model_layer_ids
+from eplb.formats._expand import check_expansion
 from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
 from eplb.formats.errors import FormatError, json_value_error
@@ -529,6 +530,7 @@ def _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy
         raise FormatError(path, f"malformed YAML: {exc}") from None
     except RecursionError:
         raise FormatError(path, "YAML nested too deeply to be a placement") from None
+    check_expansion(doc, path)  # aliases: a 1.5 KB "billion laughs" file took all memory
     if not isinstance(doc, dict):
         raise FormatError(path, f"expected a YAML mapping, found {type(doc).__name__}")
     return _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_experts, policy)
