@@ -340,3 +340,43 @@ def test_a_placement_entry_that_is_not_an_expert_id_is_named(tmp_path, entry, me
         path.write_text(json.dumps(doc))
     with pytest.raises(FormatError, match=message):
         read_placement(path, num_gpus=2)
+
+
+_MILLION = list(range(10**6))
+
+
+@pytest.mark.parametrize("field", ["phy2log entry", "num_experts", "topology", "meta_info",
+                                   "layer ids"])
+def test_a_huge_wrong_value_is_quoted_short_in_the_error(tmp_path, capsys, field) -> None:
+    """Found by the twelfth-session hostile-files pass: a field holding a million-entry
+    list where a number belongs was quoted whole, one ``eplb: error:`` line of 7.9 MB."""
+    from eplb.cli import main
+
+    loads = tmp_path / "loads.npy"
+    np.save(loads, np.arange(64.0).reshape(4, 16))
+    out = tmp_path / "p.json"
+    assert main(["plan", str(loads), "-r", "32", "-g", "8", "-o", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    bad = tmp_path / "bad.json"
+    argv = ["eval", "--placement", str(bad), str(loads)]
+    if field == "phy2log entry":
+        doc["phy2log"][0][0] = _MILLION
+    elif field == "num_experts":
+        doc["num_experts"] = _MILLION
+    elif field == "topology":
+        doc["topology"]["num_gpus"] = _MILLION
+    elif field == "meta_info":
+        bad.mkdir()
+        (bad / "meta_info.json").write_text(json.dumps({"num_experts": _MILLION}))
+        argv = ["plan", str(bad), "-r", "32", "-g", "8", "-o", str(tmp_path / "q.json")]
+    else:
+        doc = {"counts": [[1, 2]], "layers": [_MILLION]}
+        argv = ["plan", str(bad), "-r", "2", "-g", "1", "-o", str(tmp_path / "q.json")]
+    if field != "meta_info":
+        bad.write_text(json.dumps(doc))
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eplb: error: ") and "[0, 1, 2, 3, 4, 5, ...]" in err
+    assert len(err) < 400
+

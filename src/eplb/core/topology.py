@@ -17,6 +17,7 @@ Glossary (used throughout eplb):
 from __future__ import annotations
 
 import operator
+import reprlib  # a wrong value may be a huge list: quote it short
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,11 +36,11 @@ def non_negative_int(name: str, value: object) -> int:
 
 def _int_at_least(name: str, value: object, minimum: int, what: str) -> int:
     if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
-        raise ValueError(f"{name} must be {what}, got {value!r}")
+        raise ValueError(f"{name} must be {what}, got {reprlib.repr(value)}")
     try:
         number = operator.index(value)  # ints and integer scalars, never floats
     except TypeError:
-        raise ValueError(f"{name} must be {what}, got {value!r}") from None
+        raise ValueError(f"{name} must be {what}, got {reprlib.repr(value)}") from None
     if number < minimum:
         raise ValueError(f"{name} must be {what}, got {number}")
     return number

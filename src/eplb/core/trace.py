@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import reprlib  # a wrong value from a file may be a huge list: quote it short
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,14 +31,14 @@ def model_layer_ids(values: Sequence[Any] | None, num_rows: int, what: str) -> l
         value = item.tolist() if hasattr(item, "tolist") else item
         whole = isinstance(value, float) and value.is_integer()
         if isinstance(value, bool) or not (isinstance(value, int) or whole):
-            raise ValueError(f"{what}: layer ids must be integers, got {item!r}")
+            raise ValueError(f"{what}: layer ids must be integers, got {reprlib.repr(item)}")
         ids.append(int(value))
     if len(ids) != num_rows:
         raise ValueError(f"{what} has {len(ids)} layer ids for {num_rows} rows")
     bad = [i for i in ids if not 0 <= i < MAX_MODEL_LAYERS]
     if bad:
-        raise ValueError(f"{what}: layer id {bad[0]} is outside 0..{MAX_MODEL_LAYERS - 1} "
-                         "(a model layer index)")
+        raise ValueError(f"{what}: layer id {reprlib.repr(bad[0])} is outside "
+                         f"0..{MAX_MODEL_LAYERS - 1} (a model layer index)")
     if len(set(ids)) != len(ids):
         seen: set[int] = set()
         twice = next(i for i in ids if i in seen or seen.add(i))  # the first repeat

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from eplb.core.trace import model_layer_ids
-from eplb.formats.errors import FormatError
+from eplb.formats.errors import FormatError, shown
 
 SEPARATOR = "/"
 _MAX_DEPTH = 8  # deeper objects are not searched for arrays
@@ -104,7 +104,7 @@ def record_layer_ids(ids: Any, rows: int, path: Path, name: str) -> list[int] | 
     if ids is None:
         return None
     if not isinstance(ids, list):
-        raise FormatError(path, f"{name}: its layer ids must be a list, got {ids!r}")
+        raise FormatError(path, f"{name}: its layer ids must be a list, got {shown(ids)}")
     try:
         return model_layer_ids(ids, rows, name)
     except ValueError as exc:

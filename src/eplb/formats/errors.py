@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import reprlib
 from os import PathLike
+from typing import Any
 
 
 class FormatError(ValueError):
@@ -23,3 +25,23 @@ def json_value_error(exc: ValueError) -> str:
     if "digits" in text and "integer" in text:  # CPython's int-from-string length limit
         return "holds an integer literal of more than 4300 digits, which no load or id needs"
     return f"malformed JSON: {text}"
+
+
+def _short_repr() -> reprlib.Repr:
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 3, 6, 6, 6
+    short.maxstring = short.maxother = short.maxlong = 60
+    return short
+
+
+_SHORT = _short_repr()
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` cut to a line's length, for a value read from a file that an error
+    message quotes: a wrong field may hold a million-entry list, which printed whole
+    made one ``eplb: error:`` line of megabytes."""
+    try:
+        return _SHORT.repr(value)
+    except ValueError:  # an integer beyond Python's 4300-digit conversion limit
+        return "an integer of more than 4300 digits"

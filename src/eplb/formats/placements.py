@@ -36,7 +36,7 @@ from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace, model_layer_ids
 from eplb.formats._expand import check_expansion
 from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
-from eplb.formats.errors import FormatError, json_value_error
+from eplb.formats.errors import FormatError, json_value_error, shown
 from eplb.formats.routing import MAX_EXPERTS
 
 #: Placement formats ``write_placement`` can emit.
@@ -389,9 +389,9 @@ def _odd_entry(value: Any, what: str) -> str | None:
                 return f"{what}[{i}][{j}] is {str(entry).lower()}, not an expert id"
             if isinstance(entry, int):
                 if not -(1 << 63) <= entry < (1 << 63):
-                    return f"{what}[{i}][{j}] is {entry}, not an expert id (beyond int64)"
+                    return f"{what}[{i}][{j}] is {shown(entry)}, not an expert id (beyond int64)"
             elif not isinstance(entry, float):  # floats: refused below, with the dtype
-                return f"{what}[{i}][{j}] is {entry!r}, not an expert id"
+                return f"{what}[{i}][{j}] is {shown(entry)}, not an expert id"
     return None
 
 
@@ -457,7 +457,7 @@ def _field_int(path: Path, record: dict[str, Any], name: str, default: int | Non
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise FormatError(path, f"{where}{name} must be an integer, got {value!r}")
+        raise FormatError(path, f"{where}{name} must be an integer, got {shown(value)}")
     return value
 
 
@@ -465,7 +465,7 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
     version = _field_int(path, doc, "format_version")
     if version is None or version < 1:
         raise FormatError(path, f"eplb placement format_version must be a positive integer, "
-                                f"got {doc.get('format_version')!r}")
+                                f"got {shown(doc.get('format_version'))}")
     if version > PLACEMENT_FORMAT_VERSION:
         raise FormatError(
             path,
@@ -478,7 +478,7 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
     try:
         topo = Topology(**doc["topology"])
     except (TypeError, ValueError) as exc:
-        raise FormatError(path, f"bad topology {doc['topology']!r}: {exc}") from None
+        raise FormatError(path, f"bad topology {shown(doc['topology'])}: {exc}") from None
     rows = _int_rows(path, doc["phy2log"], "phy2log")
     active = doc.get("active_gpus")
     if active is not None:
@@ -563,7 +563,7 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
     width = lengths.pop()
     if num_slots is not None and num_slots != width:
         raise FormatError(
-            path, f"num_slots is {num_slots} but the assignment lists have {width} entries"
+            path, f"num_slots is {shown(num_slots)} but the assignment lists have {width} entries"
         )
     rows = _int_rows(path, [rows_by_id[i] for i in ids], "initial_global_assignments")
     info: dict[str, Any] = {}

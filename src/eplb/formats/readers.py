@@ -28,7 +28,7 @@ from eplb.formats.detect import (
     sglang_json_dumps,
     sniff_container,
 )
-from eplb.formats.errors import FormatError, json_value_error
+from eplb.formats.errors import FormatError, json_value_error, shown
 from eplb.formats.history import read_vllm_history
 from eplb.formats.routing import MAX_EXPERTS, topk_to_counts
 
@@ -346,7 +346,7 @@ def _read_trtllm(path: Path) -> LoadTrace:
         if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
             raise FormatError(
                 info_path,
-                f"expected {{'num_experts': E, 'num_experts_per_token': k}}, found {info!r}",
+                f"expected {{'num_experts': E, 'num_experts_per_token': k}}, found {shown(info)}",
             )
         meta.update({k: v for k, v in info.items() if _is_scalar(v)})
         files = sorted(
@@ -480,7 +480,8 @@ def _int_field(record: dict, name: str, default: int | None, path: Path) -> int 
     try:
         return None if value is None else int(value)
     except (TypeError, ValueError, OverflowError):
-        raise FormatError(path, f"a record's {name} must be an integer, got {value!r}") from None
+        raise FormatError(path, f"a record's {name} must be an integer, got {shown(value)}"
+                          ) from None
 
 
 def _read_plain(
