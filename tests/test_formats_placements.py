@@ -380,3 +380,12 @@ def test_a_huge_wrong_value_is_quoted_short_in_the_error(tmp_path, capsys, field
     assert err.startswith("eplb: error: ") and "[0, 1, 2, 3, 4, 5, ...]" in err
     assert len(err) < 400
 
+
+def test_a_yaml_integer_beyond_pythons_digit_limit_names_the_file(tmp_path) -> None:
+    """Found by the twelfth-session hostile-files pass: PyYAML raised Python's own
+    ValueError ("use sys.set_int_max_str_digits()"), naming no file."""
+    path = tmp_path / "lb.yaml"
+    path.write_text("num_slots: 2\ninitial_global_assignments:\n  0: [" + "9" * 5000 + ", 1]\n")
+    with pytest.raises(FormatError, match=r"lb\.yaml: .*more than 4300 digits") as info:
+        read_placement(path, num_gpus=1)
+    assert "set_int_max_str_digits" not in str(info.value)

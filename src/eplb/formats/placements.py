@@ -528,6 +528,9 @@ def _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise FormatError(path, f"malformed YAML: {exc}") from None
+    except ValueError as exc:  # an integer of more than 4300 digits (Python's limit)
+        raise FormatError(path, json_value_error(exc).replace("malformed JSON", "malformed YAML")
+                          ) from None
     except RecursionError:
         raise FormatError(path, "YAML nested too deeply to be a placement") from None
     check_expansion(doc, path)  # aliases: a 1.5 KB "billion laughs" file took all memory
