@@ -485,3 +485,13 @@ def test_a_long_but_allowed_output_name_is_written_and_replaced(capsys, tmp_path
     assert code == 0, err
     assert read_placement(out).num_layers == L
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["loads.npy", out.name])
+
+
+def test_an_output_under_a_file_says_the_file_is_no_folder(capsys, tmp_path, loads) -> None:
+    """Found by the twelfth-session hostile-files pass: ``-o loads.npy/p.json`` said
+    "folder loads.npy does not exist" (API: the same), though it exists, as a file."""
+    code, err = plan(capsys, loads, loads / "p.json")
+    assert code == 2 and "is not a directory" in err and "does not exist" not in err
+    with pytest.raises(FileNotFoundError, match="is not a folder"):
+        write_loads(read_loads(loads), loads / "t.pt")
+    assert np.load(loads).shape == (L, E)

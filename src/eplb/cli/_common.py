@@ -131,8 +131,9 @@ def check_output(path: str | Path, force: bool) -> Path:
         raise CliError(f"{path} is a directory; give a file name to write to")
     if os.path.lexists(path) and not force:
         raise CliError(f"{path} already exists; pass --force to overwrite it")
-    if path.parent != Path() and not path.parent.exists():
-        raise CliError(f"directory {str(path.parent)!r} for the output does not exist")
+    if path.parent != Path() and not path.parent.is_dir():
+        what = "is not a directory" if path.parent.exists() else "does not exist"
+        raise CliError(f"directory {str(path.parent)!r} for the output {what}")
     return path
 
 

@@ -75,7 +75,9 @@ def check_writable(path: Path, force: bool) -> None:
     if force:
         _only_regular_files_are_replaced(path)
     if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} does not exist")
+        # a parent that is a file: "does not exist" would send the user looking for it
+        what = "is not a folder" if path.parent.exists() else "does not exist"
+        raise FileNotFoundError(f"cannot write {path}: folder {path.parent} {what}")
 
 
 def _only_regular_files_are_replaced(path: Path) -> None:
