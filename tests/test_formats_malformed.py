@@ -36,7 +36,8 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
     add("bool_hist.json",
         json.dumps({"load_history": [{"logical_expert_load": [[True, False]]}]}), None,
         "holds booleans where numbers")
-    add("empty.json", b"", None, "unrecognised")
+    add("empty.json", b"", None, "is empty")
+    add("empty.pt", b"", None, "is empty")
     add(
         "trunc_hist.json",
         '{"load_history": [{"logical_expert_load": [[1, 2], [3',

@@ -217,6 +217,8 @@ def detect_format(path: str | PathLike[str]) -> str:
             ".json, .csv or a TensorRT-LLM statistics folder",
         )
     found = ""
+    if path.is_file() and path.stat().st_size == 0:
+        raise FormatError(path, "is empty: expected load statistics")
     if kind == "text":
         with open(path, "rb") as handle:
             first = handle.read(200).decode("utf-8", "replace").strip().splitlines()
