@@ -14,6 +14,8 @@ import difflib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from eplb.core.trace import model_layer_ids
 from eplb.formats.errors import FormatError, shown
 
@@ -22,12 +24,18 @@ _MAX_DEPTH = 8  # deeper objects are not searched for arrays
 _SHOWN = 12  # names listed in an error message
 
 
-#: the fields of a count record (``layers`` and ``layer_ids`` are the same thing)
-_RECORD_FIELDS = {"counts", "layers", "layer_ids"}
+#: the fields of a count record that hold its layer ids (the same thing)
+ID_FIELDS = ("layers", "layer_ids")
+_RECORD_FIELDS = {"counts", *ID_FIELDS}
+
+
+#: what a parsed JSON array is: a list, or the float64 ``ndarray`` of a streamed array of
+#: arrays (``formats._json``)
+_ARRAYS = (list, np.ndarray)
 
 
 def _is_record(value: Any) -> bool:
-    return isinstance(value, dict) and isinstance(value.get("counts"), list)
+    return isinstance(value, dict) and isinstance(value.get("counts"), _ARRAYS)
 
 
 def array_names(obj: dict[str, Any]) -> list[str]:
@@ -37,7 +45,7 @@ def array_names(obj: dict[str, Any]) -> list[str]:
     def walk(node: dict[str, Any], prefix: str, depth: int) -> None:
         for key, value in node.items():
             name = f"{prefix}{key}"
-            if isinstance(value, list) or _is_record(value):
+            if isinstance(value, _ARRAYS) or _is_record(value):
                 names.append(name)
             elif isinstance(value, dict) and depth < _MAX_DEPTH:
                 walk(value, name + SEPARATOR, depth + 1)

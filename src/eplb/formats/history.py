@@ -27,7 +27,11 @@ _CHUNK = 8 << 20
 _WS = re.compile(r"[ \t\r\n]*")
 
 
-class _JsonStream:
+class ValueTooLong(FormatError):
+    """A JSON value is longer than the reader allows (:meth:`JsonStream.value`)."""
+
+
+class JsonStream:
     """Incremental JSON tokenizer over a file: whitespace, single chars and whole values."""
 
     def __init__(self, handle: IO[bytes], path: Path, advance: Any) -> None:
@@ -76,8 +80,9 @@ class _JsonStream:
         self.pos += 1
         return found
 
-    def value(self, where: str) -> Any:
-        """Decode one whole JSON value, reading more of the file while it is cut off."""
+    def value(self, where: str, max_chars: int | None = None) -> Any:
+        """Decode one whole JSON value, reading more of the file while it is cut off (a
+        FormatError once more than ``max_chars`` characters of it are pending)."""
         while True:
             self.peek()
             try:
@@ -86,7 +91,7 @@ class _JsonStream:
                 raise FormatError(self.path, f"JSON {where} is nested too deeply") from None
             except json.JSONDecodeError as exc:
                 if not self.eof:
-                    self.fill()
+                    self._more(where, max_chars)
                     continue
                 raise FormatError(
                     self.path,
@@ -95,10 +100,16 @@ class _JsonStream:
             except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
                 raise FormatError(self.path, f"{where}: {json_value_error(exc)}") from None
             if end == len(self.buf) and not self.eof:  # a number may continue in the next chunk
-                self.fill()
+                self._more(where, max_chars)
                 continue
             self.pos = end
             return obj
+
+    def _more(self, where: str, max_chars: int | None) -> None:
+        """Read more for a value cut off at the end of the text read so far."""
+        if max_chars is not None and len(self.buf) - self.pos > max_chars:
+            raise ValueTooLong(self.path, f"JSON {where} is longer than {max_chars:,} characters")
+        self.fill()
 
 
 def read_vllm_history(path: Path, progress: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
@@ -113,7 +124,7 @@ def read_vllm_history(path: Path, progress: bool = False) -> tuple[np.ndarray, d
     num_steps = 0
     seen_history = False
     with open(path, "rb") as handle, byte_progress(progress, size, f"reading {path.name}") as adv:
-        stream = _JsonStream(handle, path, adv)
+        stream = JsonStream(handle, path, adv)
         stream.expect("{", "at the start of a vLLM load-history file")
         if stream.peek() == "}":
             stream.pos += 1
@@ -147,7 +158,7 @@ def read_vllm_history(path: Path, progress: bool = False) -> tuple[np.ndarray, d
     return out[:num_steps], meta
 
 
-def _read_entries(stream: _JsonStream, path: Path, size: int) -> tuple[np.ndarray | None, int]:
+def _read_entries(stream: JsonStream, path: Path, size: int) -> tuple[np.ndarray | None, int]:
     stream.expect("[", "to open 'load_history'")
     if stream.peek() == "]":
         stream.pos += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import stat
 import warnings
@@ -19,6 +18,7 @@ from eplb.formats._arrays import check_keys, pick_array, pick_flat, record_layer
 from eplb.formats._counts import as_counts_of, to_tensor
 from eplb.formats._csv import read_csv_table
 from eplb.formats._files import import_safetensors_torch, require_regular_file
+from eplb.formats._json import load_json_literals
 from eplb.formats._npy import load_npy, load_npz, npz_headers
 from eplb.formats.detect import (
     FORMATS,
@@ -28,7 +28,7 @@ from eplb.formats.detect import (
     sglang_json_dumps,
     sniff_container,
 )
-from eplb.formats.errors import FormatError, json_value_error, shown
+from eplb.formats.errors import FormatError, shown
 from eplb.formats.history import read_vllm_history
 from eplb.formats.routing import MAX_EXPERTS, topk_to_counts
 
@@ -190,7 +190,7 @@ def _read_sglang(path: Path) -> LoadTrace:
         return _read_sglang_folder(path)
     literals = False
     if kind == "json":
-        obj, literals = _load_json_literals(path)
+        obj, literals = load_json_literals(path)
     elif kind in ("pt-zip", "pt-pickle"):
         obj = _load_pt(path)
     else:
@@ -240,25 +240,7 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _load_json(path: Path) -> Any:
-    return _load_json_literals(path)[0]
-
-
-def _load_json_literals(path: Path) -> tuple[Any, bool]:
-    """``(the parsed JSON, whether its text holds a true or false)``: NumPy reads a
-    ``true`` among numbers as 1, and only a file holding one needs its loads scanned."""
-    require_regular_file(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        return json.loads(text), "true" in text or "false" in text
-    except json.JSONDecodeError as exc:
-        raise FormatError(path, f"malformed JSON: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise FormatError(path, f"is not UTF-8 text: {exc}") from None
-    except RecursionError:
-        raise FormatError(path, "JSON nested too deeply to be load statistics") from None
-    except ValueError as exc:  # e.g. an integer literal of more than 4300 digits
-        raise FormatError(path, json_value_error(exc)) from None
+    return load_json_literals(path)[0]
 
 
 def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
@@ -491,7 +473,7 @@ def _read_plain(
         counts, ids = _read_csv(path)
         return counts, ids, {}
     if fmt == "json":
-        obj, literals = _load_json_literals(path)
+        obj, literals = load_json_literals(path)
         if isinstance(obj, dict):
             name, value, ids = pick_array(obj, path, key)
             counts = as_counts_of(value, path, name, literals)
