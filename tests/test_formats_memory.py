@@ -1,16 +1,19 @@
 """Load files whose numbers would take far more memory than the file: large JSON (a
-dozen times its text as Python objects) is streamed, or refused naming the limit,
-before the memory is taken."""
+dozen times its text as Python objects) and compressed ``.npz`` members (zip bombs) are
+streamed or refused naming the limit, before the memory is taken."""
 
 from __future__ import annotations
 
 import json
 import tracemalloc
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from eplb.formats import FormatError, read_loads
+from eplb.cli import main
+from eplb.formats import FormatError, detect_format, read_loads, read_routing
 
 LIMIT = "33,554,432"  # the planner's most slots over all layers, as the errors print it
 
@@ -57,3 +60,47 @@ def test_huge_json_with_bad_content_is_refused_naming_the_limit(tmp_path) -> Non
     with pytest.raises(FormatError, match=rf"huge\.json: holds up to 33,554,434 numbers, "
                                           rf"more than the {LIMIT} eplb reads"):
         read_loads(path)
+
+
+def _bomb(path: Path, name: str, shape: tuple[int, ...], compressed: bool = True) -> Path:
+    """An ``.npz`` of int8 zeros (``shape``), its member deflated or stored."""
+    save = np.savez_compressed if compressed else np.savez
+    save(path, **{name: np.zeros(shape, dtype=np.int8)})
+    return path
+
+
+def test_compressed_npz_member_beyond_the_limit_is_refused(tmp_path) -> None:
+    path = _bomb(tmp_path / "bomb.npz", "counts", (2, 64, (1 << 18) + 1))
+    assert path.stat().st_size < (1 << 20)  # ~32 KB inflating to 32 MB (as float64, 268)
+    with pytest.raises(FormatError, match=rf"bomb\.npz: 'counts' is compressed and declares "
+                                          rf"shape \(2, 64, 262145\) .*more than the {LIMIT}"):
+        read_loads(path)
+
+
+def test_compressed_topk_trace_beyond_the_limit_is_refused(tmp_path) -> None:
+    path = _bomb(tmp_path / "ids.npz", "topk_ids", ((1 << 22) + 1, 4, 2))
+    with pytest.raises(FormatError, match=rf"'topk_ids' is compressed .*{LIMIT}"):
+        read_routing(path)
+
+
+def test_cli_names_the_bomb_its_member_and_the_limit(tmp_path, capsys) -> None:
+    path = _bomb(tmp_path / "bomb.npz", "loads", (2, 64, (1 << 18) + 1))
+    code = main(["plan", str(path), "-r", "64", "-g", "8", "-o", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"eplb: error: {path}: 'loads' is compressed" in err and LIMIT in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_large_stored_npz_member_is_not_refused(tmp_path) -> None:
+    # a stored member's bytes are in the file (eplb's write_loads stores them): long
+    # traces there are allowed; a compressed member at the limit is too
+    stored = _bomb(tmp_path / "stored.npz", "counts", (2, 64, (1 << 18) + 1), compressed=False)
+    with zipfile.ZipFile(stored) as archive:
+        assert archive.getinfo("counts.npy").compress_type == zipfile.ZIP_STORED
+    assert detect_format(stored) == "npz"
+    small = _bomb(tmp_path / "small.npz", "counts", (2, 64, 1 << 18))
+    assert detect_format(small) == "npz"
+    rows = np.arange(3 * 4 * 8, dtype=np.int64).reshape(3, 4, 8)
+    np.savez_compressed(tmp_path / "ok.npz", counts=rows)
+    assert np.array_equal(read_loads(tmp_path / "ok.npz").counts.numpy(), rows)
