@@ -9,7 +9,10 @@ it, and object dtypes are refused by name, before any array is allocated.
 A compressed ``.npz`` member (``numpy.savez_compressed``) is bounded by no bytes of the
 file: 3 MB of deflated zeros inflate to 3.4 GB, which took 14 s before the plan's size
 check refused it. Its header declares the inflated size, so a compressed member that
-declares more than :data:`MAX_UNPACKED_VALUES` numbers is refused before it is inflated.
+declares more than :data:`MAX_UNPACKED_VALUES` numbers *and* more than
+:data:`MAX_INFLATION` times its compressed bytes is refused before it is inflated (real
+loads and top-k ids deflate a few times; a long routing trace saved compressed stays
+readable).
 Stored members (``numpy.savez``, eplb's ``write_loads``) and ``.npy`` files hold their
 bytes in the file, so a long trace there still loads.
 """
@@ -27,13 +30,15 @@ from eplb.formats._expand import MAX_UNPACKED_VALUES
 from eplb.formats.errors import FormatError
 
 _MAX_HEADER = 1 << 16
+#: how many times its compressed bytes a large compressed member may inflate to
+MAX_INFLATION = 100
 
 
 def _header(
-    handle: IO[bytes], path: Path, name: str, size: int, compressed: bool = False
+    handle: IO[bytes], path: Path, name: str, size: int, compressed_size: int | None = None
 ) -> tuple[tuple[int, ...], np.dtype]:
-    """Read one array header from ``handle`` (``size`` bytes in all, inflated from fewer
-    when ``compressed``) and check it."""
+    """Read one array header from ``handle`` (``size`` bytes in all, inflated from
+    ``compressed_size`` bytes when the member is compressed) and check it."""
     fmt = np.lib.format
     try:
         version = fmt.read_magic(handle)
@@ -48,16 +53,17 @@ def _header(
             "(loading object arrays could run code)",
         )
     values = math.prod(shape)
-    if compressed and values > MAX_UNPACKED_VALUES:
+    claimed = values * dtype.itemsize
+    if (compressed_size is not None and values > MAX_UNPACKED_VALUES
+            and claimed > MAX_INFLATION * max(compressed_size, 1)):
         raise FormatError(
             path,
             f"{name} is compressed and declares shape {tuple(shape)} of {dtype} "
-            f"({values:,} numbers), more than the {MAX_UNPACKED_VALUES:,} eplb inflates from "
-            "a compressed member (the most slots it plans over all layers; a compressed "
-            "member can inflate a thousandfold); save it uncompressed (numpy.savez, "
-            "eplb's write_loads) or as .npy",
+            f"({values:,} numbers, {claimed:,} bytes from {compressed_size:,}): beyond "
+            f"{MAX_UNPACKED_VALUES:,} numbers eplb inflates a compressed member at most "
+            f"{MAX_INFLATION} times (a crafted one inflates a thousandfold); save it "
+            "uncompressed (numpy.savez, eplb's write_loads) or as .npy",
         )
-    claimed = values * dtype.itemsize
     available = size - handle.tell()
     if claimed > available:
         raise FormatError(
@@ -87,8 +93,9 @@ def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
             for info in archive.infolist():
                 name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
                 with archive.open(info) as member:
-                    out[name] = _header(member, path, repr(name), info.file_size,
-                                        info.compress_type != zipfile.ZIP_STORED)
+                    packed = (None if info.compress_type == zipfile.ZIP_STORED
+                              else info.compress_size)
+                    out[name] = _header(member, path, repr(name), info.file_size, packed)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
         raise FormatError(path, f"not a readable .npz archive: {exc}") from None
     return out
