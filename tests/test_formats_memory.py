@@ -1,5 +1,6 @@
 """Load files whose numbers would take far more memory than the file: large JSON (a
-dozen times its text as Python objects) and compressed ``.npz`` members (zip bombs) are
+dozen times its text as Python objects) and compressed ``.npz`` members or torch entries
+(zip bombs) are
 streamed or refused naming the limit, before the memory is taken."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from eplb.cli import main
 from eplb.formats import FormatError, detect_format, read_loads, read_routing
@@ -114,3 +116,17 @@ def test_a_large_compressed_member_that_deflates_little_is_read(tmp_path) -> Non
     path = tmp_path / "long.npz"
     np.savez_compressed(path, counts=ids)
     assert detect_format(path) == "npz"
+
+
+def test_a_torch_file_whose_entries_inflate_a_thousandfold_is_refused(tmp_path) -> None:
+    # torch.save stores its entries; torch.load inflates compressed ones all the same
+    plain = tmp_path / "plain.pt"
+    torch.save({"logical_count": torch.zeros(40, 58, 256, dtype=torch.int32)}, plain)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert bomb.stat().st_size < 10_000
+    with pytest.raises(FormatError, match=r"bomb\.pt: entry .* inflates from .* at most 100"):
+        read_loads(bomb)
+    assert read_loads(plain).counts.shape == (40, 58, 256)

@@ -15,8 +15,9 @@ import zipfile
 from os import PathLike
 from pathlib import Path
 
-from eplb.formats._expand import check_expansion
+from eplb.formats._expand import MIN_BUDGET, check_expansion
 from eplb.formats._files import require_regular_file
+from eplb.formats._npy import MAX_INFLATION
 from eplb.formats.errors import FormatError
 
 #: Load formats :func:`eplb.formats.read_loads` accepts as ``format=``.
@@ -280,6 +281,7 @@ def _load_pt(path: Path) -> object:
             "file from running code (CVE-2025-32434, CVE-2026-24747); upgrade torch (eplb "
             "requires >= 2.10), or give the data as .npy/.npz/.safetensors/.json",
         )
+    _refuse_inflating_entries(path)
     try:
         with warnings.catch_warnings():  # torch warns about the protocol of garbage files
             warnings.simplefilter("ignore", UserWarning)
@@ -307,6 +309,28 @@ def _load_pt(path: Path) -> object:
     # pickle references and stride-0 tensors: a tiny file must not expand to gigabytes
     check_expansion(obj, path)
     return obj
+
+
+def _refuse_inflating_entries(path: Path) -> None:
+    """A torch zip file whose entries inflate far beyond their bytes (a zip bomb): refused
+    before ``torch.load`` inflates them. ``torch.save`` stores entries uncompressed, but
+    ``torch.load`` inflates compressed ones too (a re-zipped 4 MB file of 4.8 KB loaded)."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError):
+        return  # torch.load names the damage
+    for entry in entries:
+        if (entry.compress_type != zipfile.ZIP_STORED and entry.file_size > MIN_BUDGET
+                and entry.file_size > MAX_INFLATION * max(entry.compress_size, 1)):
+            raise FormatError(path, f"entry {entry.filename!r} inflates from "
+                                    f"{entry.compress_size:,} to {entry.file_size:,} bytes; eplb "
+                                    f"inflates at most {MAX_INFLATION} times (torch.save "
+                                    "writes no compressed entries)")
 
 
 def _pt_format(path: Path, obj: object) -> str:
