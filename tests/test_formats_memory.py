@@ -1,7 +1,6 @@
 """Load files whose numbers would take far more memory than the file: large JSON (a
 dozen times its text as Python objects) and compressed ``.npz`` members or torch entries
-(zip bombs) are
-streamed or refused naming the limit, before the memory is taken."""
+(zip bombs) are streamed or refused naming the limit, before the memory is taken."""
 
 from __future__ import annotations
 
