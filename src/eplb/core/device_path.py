@@ -95,7 +95,7 @@ def bldm_gpus_torch(load: torch.Tensor, num_gpus: int) -> torch.Tensor:
     # rounds heaviest first; flip so that position p of a part is ascending
     parts = load.to(torch.float32).reshape(rows, slots, num_gpus).flip(2).contiguous()
     flat_parts = parts.view(rows * slots, num_gpus)
-    dead = torch.zeros(rows, slots, device=device)
+    dead = torch.zeros(rows, slots, dtype=torch.float32, device=device)  # not the default dtype
     first_round = torch.arange(rows, device=device) * slots
     position = torch.arange(num_gpus, device=device)
     row = torch.arange(rows, device=device)

@@ -216,7 +216,10 @@ def spread_over_nodes(
     node_of_pos = pos // gpus_per_node  # [B]
     # rows = starts × layers: start 0 keeps the packing's order, the others are random
     first = torch.arange(num_live, device=device).expand(num_layers, -1)
-    noise = torch.rand(max(starts - 1, 0), num_layers, num_live, generator=generator)
+    # float32 on the host whatever torch's default dtype: a thread or engine that set
+    # torch.set_default_dtype (float64, bfloat16) would otherwise draw other numbers
+    noise = torch.rand(max(starts - 1, 0), num_layers, num_live, generator=generator,
+                       dtype=torch.float32, device="cpu")
     where = torch.cat([first[None], noise.argsort(2).to(device)]).reshape(-1, num_live)
     conflict_all = conflict.repeat(max(starts, 1), 1, 1)
     # rows are independent: in chunks of at most _KL_CELLS conflict cells, so memory stays

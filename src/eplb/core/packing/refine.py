@@ -209,7 +209,9 @@ _MAX_JOINED_FILL = 1 << 14
 def _infinite_where(flag: torch.Tensor) -> torch.Tensor:
     """float32 ``inf`` where ``flag`` (uint8) is set, else 0: a penalty to add (adding a
     broadcast penalty is cheaper than masking with a broadcast boolean)."""
-    return torch.zeros(flag.shape, device=flag.device).masked_fill_(flag.bool(), float("inf"))
+    # float32 named: torch's default dtype is the process's (an engine may change it)
+    return torch.zeros(flag.shape, dtype=torch.float32, device=flag.device).masked_fill_(
+        flag.bool(), float("inf"))
 
 
 def _refine_max(
