@@ -39,3 +39,23 @@ def test_nearest_plans_do_not_depend_on_torchs_default_dtype(default_dtype, dtyp
                         fair="avoid").phy2log
         default_dtype(torch.float32)
         assert torch.equal(got, want), (layers, experts, replicas, gpus, nodes, seed)
+
+
+def test_reading_pt_files_from_threads_leaves_the_warning_filters_as_they_were(tmp_path):
+    # each .pt load hid torch's protocol warning with warnings.catch_warnings, which saves
+    # and restores the process-wide filter list: loads in several threads restored each
+    # other's copies and left "ignore UserWarning" behind for the whole process
+    import warnings
+    from concurrent.futures import ThreadPoolExecutor
+
+    from eplb.formats import read_loads
+
+    paths = []
+    for i in range(8):
+        paths.append(tmp_path / f"loads{i}.pt")
+        torch.save({"logical_count": torch.randint(0, 100, (3, 16))}, paths[-1])
+    before = list(warnings.filters)
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(20):
+            list(pool.map(read_loads, paths * 4))
+    assert warnings.filters == before

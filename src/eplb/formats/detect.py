@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import stat
+import threading
 import warnings
 import zipfile
 from os import PathLike
@@ -39,6 +40,11 @@ FORMATS: tuple[str, ...] = (
 TOPK_KEY_PATTERN = re.compile(r"topk|top_k|selected_experts|expert_ids|routed_experts", re.I)
 
 _HEAD_BYTES = 1 << 20
+# warnings.catch_warnings saves and restores the process-wide filter list: two threads
+# loading .pt files at once restored each other's copies, and an ``ignore UserWarning``
+# filter outlived both (every UserWarning of the process silenced). One load at a time
+# inside the filter keeps the saves and restores nested.
+_QUIET_LOAD = threading.Lock()
 _TRTLLM_KEY = re.compile(r"^\d+_\d+$")
 
 
@@ -283,7 +289,7 @@ def _load_pt(path: Path) -> object:
         )
     _refuse_inflating_entries(path)
     try:
-        with warnings.catch_warnings():  # torch warns about the protocol of garbage files
+        with _QUIET_LOAD, warnings.catch_warnings():  # torch warns about garbage files' protocol
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
