@@ -334,3 +334,30 @@ def test_an_elastic_ep_group_agrees_across_processes_that_number_it_differently(
     named = SimpleNamespace(unique_name="ep:0", ranks=[0, 1], tcp_store_group=None)
     assert plugin._namespace(named) != plugin._namespace(
         SimpleNamespace(unique_name="eplb:0", ranks=[0, 1], tcp_store_group=None))
+
+
+def test_the_plugin_plans_and_reports_with_one_snapshot_of_its_options(monkeypatch):
+    # the options a rank planned with are the ones its agreement tag reports, even if the
+    # class's dict changes while the call runs
+    import eplb
+    from eplb.integrations import vllm as plugin
+
+    real, tags = eplb.rebalance_experts, []
+
+    def planning(*args, **kwargs):
+        plugin.EplbPolicy.options["seed"] = 7  # changed mid-call
+        return real(*args, **kwargs)
+
+    from eplb.integrations.agreement import Outcome
+
+    class Recorder:
+        def agree(self, plan, error, tag, question):
+            tags.append(tag)
+            return Outcome(plan=plan, unanimous=True)
+
+    monkeypatch.setattr(plugin.EplbPolicy, "options", {"seed": 3})
+    monkeypatch.setattr(plugin, "rebalance_experts", planning)
+    monkeypatch.setattr(plugin, "_agreement_for", lambda options: Recorder())
+    weight = torch.randint(0, 1000, (3, 16), dtype=torch.int32)
+    plugin.EplbPolicy.rebalance_experts(weight, 24, 4, 1, 4)
+    assert tags and '"seed": 3' in tags[0]

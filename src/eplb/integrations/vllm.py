@@ -135,7 +135,10 @@ class EplbPolicy:
                 or the EP ranks were called with other loads shapes, slots or GPU counts
                 (every rank raises it: no one plan fits them all).
         """
-        planner = {k: v for k, v in cls.options.items() if k in PLANNER_OPTIONS}
+        # one snapshot: the plan, the agreement and the tag it reports must use the same
+        # options even if the class's dict is changed while this call runs
+        options = dict(cls.options)
+        planner = {k: v for k, v in options.items() if k in PLANNER_OPTIONS}
         # plan on the host whatever the input's device: the CPU path is the one measured
         # bit-identical across ranks (tests/test_determinism.py)
         weight = weight.detach().to("cpu")
@@ -154,11 +157,11 @@ class EplbPolicy:
             _check_phy2log(plan, weight.shape, num_replicas)
         except Exception as exc:  # MemoryError too: the ranks must learn of it
             plan, error = None, exc
-        agreement = _agreement_for(cls.options)
+        agreement = _agreement_for(options)
         if agreement is not None:
             # what an adopted plan must fit (groups and nodes only shape its quality)
             question = f"loads {list(weight.shape)}, {num_replicas} slots on {num_ranks} GPUs"
-            outcome = agreement.agree(plan, error, tag=_tag(cls.options), question=question)
+            outcome = agreement.agree(plan, error, tag=_tag(options), question=question)
             if outcome.plan is not None:
                 if outcome.source is not None:  # a failure or a divergence, repaired
                     logger.error(
