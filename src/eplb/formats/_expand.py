@@ -35,6 +35,18 @@ MIN_BUDGET = 1 << 20
 #: loads ``[L, E]`` beyond it could not be planned anyway, as ``E <= R``.
 MAX_UNPACKED_VALUES = MAX_TOTAL_SLOTS
 
+#: How many times its compressed bytes a large compressed part (an ``.npz`` member, a
+#: torch zip entry) may inflate to: real loads and top-k ids deflate a few times, a
+#: crafted one (zeros) a thousandfold.
+MAX_INFLATION = 100
+
+
+def inflates_too_far(inflated_bytes: int, compressed_bytes: int) -> bool:
+    """Whether a compressed part of ``compressed_bytes`` inflating to ``inflated_bytes``
+    passes :data:`MAX_INFLATION` (each reader sets its own size below which it lets any
+    part through)."""
+    return inflated_bytes > MAX_INFLATION * max(compressed_bytes, 1)
+
 
 _CONTAINERS = (dict, list, tuple)
 

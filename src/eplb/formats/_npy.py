@@ -26,12 +26,10 @@ from typing import IO
 
 import numpy as np
 
-from eplb.formats._expand import MAX_UNPACKED_VALUES
+from eplb.formats._expand import MAX_INFLATION, MAX_UNPACKED_VALUES, inflates_too_far
 from eplb.formats.errors import FormatError
 
 _MAX_HEADER = 1 << 16
-#: how many times its compressed bytes a large compressed member may inflate to
-MAX_INFLATION = 100
 
 
 def _header(
@@ -55,7 +53,7 @@ def _header(
     values = math.prod(shape)
     claimed = values * dtype.itemsize
     if (compressed_size is not None and values > MAX_UNPACKED_VALUES
-            and claimed > MAX_INFLATION * max(compressed_size, 1)):
+            and inflates_too_far(claimed, compressed_size)):
         raise FormatError(
             path,
             f"{name} is compressed and declares shape {tuple(shape)} of {dtype} "

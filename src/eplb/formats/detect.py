@@ -16,9 +16,8 @@ import zipfile
 from os import PathLike
 from pathlib import Path
 
-from eplb.formats._expand import MIN_BUDGET, check_expansion
+from eplb.formats._expand import MAX_INFLATION, MIN_BUDGET, check_expansion, inflates_too_far
 from eplb.formats._files import require_regular_file
-from eplb.formats._npy import MAX_INFLATION
 from eplb.formats.errors import FormatError
 
 #: Load formats :func:`eplb.formats.read_loads` accepts as ``format=``.
@@ -332,7 +331,7 @@ def _refuse_inflating_entries(path: Path) -> None:
         return  # torch.load names the damage
     for entry in entries:
         if (entry.compress_type != zipfile.ZIP_STORED and entry.file_size > MIN_BUDGET
-                and entry.file_size > MAX_INFLATION * max(entry.compress_size, 1)):
+                and inflates_too_far(entry.file_size, entry.compress_size)):
             raise FormatError(path, f"entry {entry.filename!r} inflates from "
                                     f"{entry.compress_size:,} to {entry.file_size:,} bytes; eplb "
                                     f"inflates at most {MAX_INFLATION} times (torch.save "
