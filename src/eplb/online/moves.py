@@ -485,11 +485,6 @@ def _normal_draws(draws: int, num_gpus: int) -> np.ndarray:
     return np.round(z * 2.0**20) / 2.0**20
 
 
-def _blom(n: int) -> float:
-    """Expected largest of ``n`` standard normals, by Blom's plotting position."""
-    return NormalDist().inv_cdf((n - 0.375) / (n + 0.25)) if n > 1 else 0.0
-
-
 def stacked(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[B]`` True where some GPU holds more replicas of an expert than it must: more than
     ``ceil(c / G)`` of an expert with ``c`` replicas over the ``G`` GPUs that hold any

@@ -188,13 +188,6 @@ def make_planner(
     return static_planner
 
 
-def _tile(previous: Placement | None, copies: int) -> Placement | None:
-    if previous is None or copies == 1:
-        return previous
-    return Placement.from_phy2log(previous.phy2log.repeat(copies, 1), previous.num_experts,
-                                  previous.topology, previous.policy, previous.active_gpus)
-
-
 def plan_estimate(
     estimate: Estimate,
     planner: PlannerFn,
