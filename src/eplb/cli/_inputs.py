@@ -155,17 +155,6 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
     return EMIT_BY_SUFFIX.get(suffix, "json")
 
 
-def ranges(ids: list[int]) -> str:
-    """``[0, 1, 2, 7]`` -> ``"0..2, 7"``."""
-    spans: list[list[int]] = []
-    for i in ids:
-        if spans and i == spans[-1][1] + 1:
-            spans[-1][1] = i
-        else:
-            spans.append([i, i])
-    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in spans)
-
-
 def warn_revived(previous, active, args: argparse.Namespace) -> None:
     """Say so when GPUs that hold nothing in ``--previous`` will be filled now."""
     grid = previous.phy2log.cpu().view(previous.num_layers, args.gpus, -1)

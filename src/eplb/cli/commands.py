@@ -23,9 +23,10 @@ from eplb.cli._common import (
     static_gpu_loads,
     timed,
 )
-from eplb.cli._inputs import cli_policy, infer_emit, ranges, read_trace, warn, warn_revived
+from eplb.cli._inputs import cli_policy, infer_emit, read_trace, warn, warn_revived
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.inputs import require_distinct_topk
+from eplb.core.messages import integer_runs
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement_meta, read_routing, write_placement
@@ -171,7 +172,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if idle:
             # SGLang dumps carry a row for every model layer; the dense ones are all zero.
             # Their keys are written as planned (an even placement); say so, not guess
-            warn(f"{loads}: layers {ranges(idle)} saw no tokens (the dense layers of an "
+            warn(f"{loads}: layers {integer_runs(idle)} saw no tokens (the dense layers of an "
                  "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
                  "if your model's MoE layers start later")
     options.update(_dispatch_options(args, trace.num_layers, num_experts, kept_rows))
@@ -406,20 +407,20 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
             if picked != list(range(num_rows)):
                 placement = _select_rows(placement, picked)
         elif num_rows == rows:
-            warn(f"{what} holds model layers {ranges(have)} and {loads} layers "
-                 f"{ranges(ids)}; pairing their rows in order")
+            warn(f"{what} holds model layers {integer_runs(have)} and {loads} layers "
+                 f"{integer_runs(ids)}; pairing their rows in order")
         else:
-            where = (f"it holds layers {ranges(sorted(have))}" if placement_ids is not None
+            where = (f"it holds layers {integer_runs(sorted(have))}" if placement_ids is not None
                      else f"it records no layer ids, so its rows are read as model layers "
                      f"0..{num_rows - 1}")
             hint = (" (--first-layer K is the model layer of the loads' first row)"
                     if first_layer is not None else "")
             raise CliError(f"{what} has no rows for model layers "
-                           f"{ranges([ids[i] for i in absent])} of {loads}: {where}{hint}")
+                           f"{integer_runs([ids[i] for i in absent])} of {loads}: {where}{hint}")
     if keep is not None:
         kept_set = set(keep)
         dropped = [i for i in range(rows) if i not in kept_set]
-        warn(f"{loads}: rows {ranges(dropped)} saw no tokens and {what} has no rows for "
+        warn(f"{loads}: rows {integer_runs(dropped)} saw no tokens and {what} has no rows for "
              f"them: left out")
     kept = rows if keep is None else len(keep)
     if (kept, weight.shape[1]) != (placement.num_layers, placement.num_experts):

@@ -43,6 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.core.messages import integer_runs
+
 __all__ = ["AgreementError", "Outcome", "PlanAgreement", "plan_digest"]
 
 _STATUS, _PLAN = "status", "plan"
@@ -76,15 +78,8 @@ def _decode_plan(raw: bytes) -> torch.Tensor:
 
 
 def _ranges(ranks: list[int]) -> str:
-    """``[0, 1, 2, 5]`` → ``"0-2,5"``."""
-    out, start = [], None
-    for i, r in enumerate(ranks):
-        if start is None:
-            start = r
-        if i + 1 == len(ranks) or ranks[i + 1] != r + 1:
-            out.append(f"{start}" if start == r else f"{start}-{r}")
-            start = None
-    return ",".join(out)
+    """``[0, 1, 2, 5]`` → ``"0-2,5"`` (compact: one rank list per plan in a message)."""
+    return integer_runs(ranks, dash="-", sep=",")
 
 
 @dataclass
