@@ -34,6 +34,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from eplb.formats.errors import FormatError
+
 # errors that mean "this file system cannot do that", not "the name is taken"
 _UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS,
                 errno.EMLINK, errno.EISDIR, errno.EXDEV}
@@ -124,8 +126,6 @@ def require_regular_file(path: Path, what: str = "input") -> os.stat_result:
                 else "a socket" if stat.S_ISSOCK(info.st_mode)
                 else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
                 else "not a regular file")
-        from eplb.formats.errors import FormatError
-
         raise FormatError(path, f"is {kind}; eplb reads regular files and folders only")
     if not os.access(path, os.R_OK):
         raise PermissionError(f"{what} {path}: permission denied (the file is not readable "

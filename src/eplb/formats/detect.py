@@ -18,6 +18,7 @@ from pathlib import Path
 
 from eplb.formats._expand import MAX_INFLATION, MIN_BUDGET, check_expansion, inflates_too_far
 from eplb.formats._files import require_regular_file
+from eplb.formats._npy import npz_headers
 from eplb.formats.errors import FormatError
 
 #: Load formats :func:`eplb.formats.read_loads` accepts as ``format=``.
@@ -197,8 +198,6 @@ def detect_format(path: str | PathLike[str]) -> str:
     if kind in ("pt-zip", "pt-pickle"):
         return _pt_format(path, _load_pt(path))
     if kind == "npz":
-        from eplb.formats._npy import npz_headers
-
         headers = npz_headers(path)
         topk = [k for k in headers if TOPK_KEY_PATTERN.search(k)]
         if topk and all(headers[k][1].kind in "iu" for k in topk):

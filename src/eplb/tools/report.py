@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from eplb.formats._files import atomic_write
+
 #: eplb is on no package index, so ``pip install 'eplb[plot]'`` would fail there (or fetch
 #: another project's "eplb"): name the [plot] extra's own requirement (pyproject.toml)
 INSTALL_HINT = "pip install 'matplotlib>=3.6'"
@@ -181,8 +183,6 @@ def heatmap_norm(panels: Sequence[torch.Tensor]) -> tuple[object, list[float]]:
 
 def _save(fig: object, path: str | Path) -> Path:
     """Write a figure as PNG and free it."""
-    from eplb.formats._files import atomic_write
-
     path = Path(path)
     try:  # complete or absent, with the umask's permissions, like every eplb output
         atomic_write(path, lambda handle: fig.savefig(handle, dpi=110, format="png"), "wb",
@@ -413,8 +413,6 @@ class Report:
             for name, draw in self._figures:
                 draw(directory / name)
                 written.append(directory / name)
-        from eplb.formats._files import atomic_write
-
         for name, text in (("report.md", self._markdown(have_plots)),
                            ("report.html", self._html(have_plots))):
             atomic_write(directory / name, lambda handle, text=text: handle.write(text), "w",
