@@ -58,9 +58,13 @@ def _imports(path: Path, module: str) -> list[tuple[str, int]]:
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
-            out.append((name, node.lineno))
-            # "from eplb.core import placement" imports a submodule
-            out += [(f"{name}.{alias.name}", node.lineno) for alias in node.names]
+            # "from eplb.core import placement" imports a submodule, not the package's
+            # own code: only the submodule is a dependency (the package __init__ runs
+            # first either way); a name defined in the package's __init__ is one on it
+            subs = [f"{name}.{alias.name}" for alias in node.names]
+            if not all(sub in MODULES for sub in subs):
+                out.append((name, node.lineno))
+            out += [(sub, node.lineno) for sub in subs]
     return [(name, line) for name, line in out if name == "eplb" or name.startswith("eplb.")]
 
 
@@ -92,16 +96,16 @@ def test_no_import_cycles() -> None:
         }
         for module, path in MODULES.items()
     }
-    # a package __init__ re-exports its children; edges from it are not dependencies of
-    # the children, so cycles through an __init__ are not real
-    packages = {m for m, p in MODULES.items() if p.name == "__init__.py"}
+    # package __init__s count: some hold code (core.packing, core.policies), and a module
+    # importing a name from its own package's __init__ while that __init__ imports the
+    # module is a real cycle ("from pkg import submodule" is no edge to pkg, see _imports)
     state: dict[str, int] = {}
     stack: list[str] = []
 
     def visit(node: str) -> None:
         state[node] = 1
         stack.append(node)
-        for nxt in sorted(graph[node] - packages):
+        for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
                 cycle = [*stack[stack.index(nxt) :], nxt]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
@@ -111,8 +115,59 @@ def test_no_import_cycles() -> None:
         state[node] = 2
 
     for module in sorted(graph):
-        if module not in state and module not in packages:
+        if module not in state:
             visit(module)
+
+
+def _function_level_imports(path: Path, module: str) -> list[tuple[str, int]]:
+    """``(eplb module, line)`` for every eplb import inside a function body."""
+    inner = {
+        node.lineno
+        for func in ast.walk(ast.parse(path.read_text()))
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(func)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    }
+    return [(name, line) for name, line in _imports(path, module) if line in inner]
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_eplb_imports_at_module_level(module: str) -> None:
+    """An eplb import inside a function hides a dependency (or dodges a cycle); optional
+    third-party packages (matplotlib, the engines) are the only lazy imports."""
+    lazy = _function_level_imports(MODULES[module], module)
+    assert not lazy, f"{module} imports eplb modules inside functions: {lazy}"
+
+
+#: eplb.core's own layers, bottom to top, as core/__init__.py states them
+CORE_ORDER = (
+    "topology", "inputs", "placement", "trace", "options", "request", "ordering",
+    "device_path", "replication", "packing", "small_slots", "count_bounds", "bounds",
+    "dispatch", "dispatch_plan", "locality", "policies", "planner", "baselines", "messages",
+)
+
+
+def test_core_modules_point_down() -> None:
+    """Inside core each module imports only those before it in ``CORE_ORDER``."""
+    def part(module: str) -> str | None:
+        parts = module.split(".")
+        return parts[2] if len(parts) > 2 and parts[:2] == ["eplb", "core"] else None
+
+    climbing, unknown = [], []
+    for module, path in MODULES.items():
+        own = part(module)
+        if own is None:
+            continue
+        if own not in CORE_ORDER:
+            unknown.append(module)
+            continue
+        for name, line in _imports(path, module):
+            target = _resolve(name)
+            dep = part(target) if target else None
+            if dep and dep != own and CORE_ORDER.index(dep) > CORE_ORDER.index(own):
+                climbing.append(f"{module} line {line}: imports {target}")
+    assert not unknown, f"place these in CORE_ORDER and core/__init__.py: {unknown}"
+    assert not climbing, f"core modules import a later core module: {climbing}"
 
 
 def test_modules_stay_readable() -> None:
