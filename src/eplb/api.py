@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -204,7 +205,7 @@ def rebalance_experts(
     policy: str = "auto",
     seed: int = 0,
     old_phy2log: torch.Tensor | None = None,
-    **kwargs,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drop-in for DeepSeek's ``eplb.rebalance_experts``.
 

@@ -12,14 +12,15 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
-from eplb.core import balancedness_ceiling, layer_ceiling
+from eplb.core import LoadTrace, balancedness_ceiling, layer_ceiling
 from eplb.core.inputs import scale_free
 from eplb.core.planner import check_plan_size
 from eplb.core.topology import Topology
@@ -41,7 +42,7 @@ class CliError(Exception):
 # ------------------------------------------------------------------------- output
 
 
-def is_tty(stream=None) -> bool:
+def is_tty(stream: TextIO | None = None) -> bool:
     stream = stream or sys.stdout
     return bool(getattr(stream, "isatty", lambda: False)())
 
@@ -95,7 +96,8 @@ def info(message: str) -> None:
 
 
 @contextmanager
-def progress(description: str, total: int, enabled: bool = True):
+def progress(description: str, total: int, enabled: bool = True
+             ) -> Iterator[Callable[..., object]]:
     """A rich progress bar on stderr when it is a terminal; a no-op ``advance`` otherwise."""
     if not (enabled and is_tty(sys.stderr)):
         yield lambda n=1: None
@@ -326,7 +328,7 @@ def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[object, float]:
 
 
 # ---------------------------------------------------------------- reports and generated loads
-def generated_trace(preset: str, steps: int, seed: int):
+def generated_trace(preset: str, steps: int, seed: int) -> LoadTrace:
     """A synthetic :class:`~eplb.formats.LoadTrace` from :mod:`eplb.tools.generator`."""
     if preset not in PRESETS:
         raise CliError(f"unknown preset {preset!r}; choose from {', '.join(sorted(PRESETS))}")
@@ -341,7 +343,9 @@ def default_shape(num_experts: int, gpus: int | None, replicas: int | None) -> t
     return replicas, gpus
 
 
-def prepare_report(directory: str | None, force: bool, title: str):
+def prepare_report(directory: str | None, force: bool, title: str) -> Report | None:
+    """A :class:`Report` for ``--report DIR`` (``None`` without one), refused before any
+    work when a file it would write exists without ``force`` or cannot be written."""
     if directory is None:
         return None
     if not directory.strip():  # Path("") is the current folder: say which folder to use

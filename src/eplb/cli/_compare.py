@@ -16,7 +16,7 @@ from eplb.cli._common import (
 from eplb.cli._inputs import cli_policy
 from eplb.core import plan_greedy
 from eplb.core.placement import load_balance
-from eplb.tools.report import plot_gpu_heatmaps, plot_layer_balancedness
+from eplb.tools.report import Report, plot_gpu_heatmaps, plot_layer_balancedness
 
 NONE, GREEDY, EPLB = "no rebalancing", "reference greedy", "eplb"
 
@@ -139,7 +139,7 @@ def describe(c: Comparison) -> str:
     return text + f", {s['policy']} policy"
 
 
-def add_to_report(report, c: Comparison, stem: str) -> None:
+def add_to_report(report: Report, c: Comparison, stem: str) -> None:
     """Append a scenario's table and pictures to an :class:`eplb.tools.report.Report`."""
 
     report.heading(describe(c))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from eplb.cli._common import CliError
-from eplb.core import LoadTrace, Topology, resolve_policy
+from eplb.core import LoadTrace, Placement, Topology, resolve_policy
 from eplb.formats import read_loads
 
 
@@ -50,7 +50,8 @@ def add_input_options(p: argparse.ArgumentParser, what: str = "LOADS") -> None:
                         "(default: the largest expert id + 1)")
 
 
-def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress: bool = False):
+def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress: bool = False
+               ) -> LoadTrace:
     """Read ``paths`` with the reading options in ``args``; several files are concatenated
     along their steps (they must agree on layers, experts and layer ids)."""
     names = [paths] if isinstance(paths, str) else list(paths)
@@ -155,8 +156,10 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
     return EMIT_BY_SUFFIX.get(suffix, "json")
 
 
-def warn_revived(previous, active, args: argparse.Namespace) -> None:
-    """Say so when GPUs that hold nothing in ``--previous`` will be filled now."""
+def warn_revived(previous: Placement, active: torch.Tensor | None,
+                 args: argparse.Namespace) -> None:
+    """Say so when GPUs that hold nothing in ``--previous`` will be filled now (``active
+    [P]``: the live GPUs, ``None`` for all)."""
     grid = previous.phy2log.cpu().view(previous.num_layers, args.gpus, -1)
     empty = (grid < 0).all(2).all(0)  # [P]: dead in the placement in force
     live = torch.ones_like(empty) if active is None else active.cpu().bool()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,19 +23,20 @@ from eplb.cli._common import (
     say_written,
 )
 from eplb.cli._inputs import read_trace
+from eplb.core import LoadTrace
 from eplb.formats import write_loads
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import plot_balancedness_over_time
-from eplb.tools.simulate import Cadence, simulate
+from eplb.tools.simulate import Cadence, SimulationResult, simulate
 
 PLANNER_LABEL = {"none": "no rebalancing", "greedy": "reference greedy", "eplb": "eplb"}
 
 
-def run_simulation(trace, planner: str, *, replicas: int, gpus: int, nodes: int = 1,
+def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, nodes: int = 1,
                    groups: int = 1, window: int, interval: int, score_window: int | None = None,
                    estimator: str | None = None, incremental: bool = False,
                    max_moves: int | None = None, policy: str = "auto", seed: int = 0,
-                   oracle: bool = True):
+                   oracle: bool = True) -> SimulationResult:
     """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence."""
 
     options = {}
@@ -48,7 +50,8 @@ def run_simulation(trace, planner: str, *, replicas: int, gpus: int, nodes: int 
     )
 
 
-def replay_windows(trace, window: int, replicas: int, gpus: int, *, seed: int = 0) -> dict:
+def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
+                   seed: int = 0) -> dict:
     """The ADRS protocol for the demo: plan on window ``i``, score on window ``i + 1``.
 
     Returns ``{"window", "windows", "series": {label: [balancedness per scored window]}}``.
@@ -207,7 +210,8 @@ def trace_format(path: Path, fmt: str | None) -> str:
 
 
 @contextmanager
-def step_progress(description: str, total: int, enabled: bool):
+def step_progress(description: str, total: int, enabled: bool
+                  ) -> Iterator[Callable[[int, int], None]]:
     """``update(done, total)`` for a long loop: a rich bar on a terminal; elsewhere (logs,
     CI) a line on stderr at most every 5 s, so a long run is never silent."""
     if not enabled:

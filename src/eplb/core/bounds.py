@@ -314,7 +314,8 @@ def balancedness_ceiling(
     active_gpus: torch.Tensor | None = None,
 ) -> float:
     """Σ_l mean_l / Σ_l LB_l: no placement's balancedness can exceed it (``policy`` as in
-    :func:`layer_lower_bound`)."""
+    :func:`layer_lower_bound`). ``weight [L, E]`` (or ``[E]``), ``active_gpus [P]`` the
+    live GPUs (``None``: all)."""
     w = scale_free(as_weight(weight)[0])
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
     live = _num_live(num_gpus, active_gpus)

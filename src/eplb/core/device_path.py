@@ -47,8 +47,9 @@ FORCE: str | None = None
 
 
 def use_device_path(tensor: torch.Tensor, num_items: int) -> bool:
-    """True when ``tensor`` lives off the CPU and the problem has ``num_items >=``
-    :data:`DEVICE_PATH_MIN_ITEMS` items (rows × replicas), or when :data:`FORCE` says so."""
+    """True when ``tensor`` (any shape: only its device counts) lives off the CPU and the
+    problem has ``num_items >=`` :data:`DEVICE_PATH_MIN_ITEMS` items (rows × replicas), or
+    when :data:`FORCE` says so."""
     if FORCE is not None:
         return FORCE == "device"
     return tensor.device.type != "cpu" and num_items >= DEVICE_PATH_MIN_ITEMS

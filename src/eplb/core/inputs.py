@@ -77,7 +77,8 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
 
 
 def first_bad_load(loads: torch.Tensor) -> tuple[int, ...] | None:
-    """Index of the first NaN, infinite or negative entry of ``loads``, or ``None``.
+    """Index of the first NaN, infinite or negative entry of ``loads`` (any shape), or
+    ``None``.
 
     The common all-good case costs one min/max pass and one host sync, and no temporary
     (``torch.isfinite`` on a multi-GB float64 trace would copy it).
@@ -114,7 +115,7 @@ def _float(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def scale_free(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` (float64) times one power of two when its largest load is beyond
+    """``weight`` (any shape, float64) times one power of two when its largest load is beyond
     2**±900, so that sums of huge loads (1e305) stay finite and tiny ones do not vanish;
     else unchanged. Exact: ratios such as balancedness are unchanged."""
     weight = weight.to(torch.float64)
@@ -332,7 +333,7 @@ def require_distinct_topk(ids: torch.Tensor, name: str) -> None:
 
 
 def require_integer_ids(tensor: torch.Tensor, name: str) -> None:
-    """``TypeError`` naming ``name`` unless ``tensor`` holds integer expert ids (not
+    """``TypeError`` naming ``name`` unless ``tensor`` (any shape) holds integer expert ids (not
     floating, complex or boolean values, which a cast would silently turn into ids)."""
     if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer expert ids, got {tensor.dtype}")

@@ -76,9 +76,9 @@ def top_indices(values: np.ndarray, k: int) -> np.ndarray:
 
 
 def top_mask(values: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the entries :func:`top_indices` returns (``k`` per row along the
-    last axis; ties at the k-th value to the lowest indices), for callers that only
-    count or sum what was chosen."""
+    """Boolean mask, shaped like ``values [..., n]``, of the entries :func:`top_indices`
+    returns (``k`` per row along the last axis; ties at the k-th value to the lowest
+    indices), for callers that only count or sum what was chosen."""
     n = values.shape[-1]
     if k >= n:
         return np.ones(values.shape, bool)

@@ -257,7 +257,8 @@ class Placement:
     def scaled_gpu_loads(
         self, weight: torch.Tensor, gpu_speed: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """:meth:`gpu_loads` times one power of two where ``weight``'s largest load is
+        """:meth:`gpu_loads` (``[L, P]`` from ``weight [L, E]``, ``gpu_speed [P]``) times one
+        power of two where ``weight``'s largest load is
         beyond ``2**±900`` (:func:`~eplb.core.inputs.scale_free`): exact, so every ratio
         of them (balancedness, max / mean) is unchanged, and finite where loads near
         float64's ends would sum to inf or vanish below the ``1e-300`` the ratios clamp

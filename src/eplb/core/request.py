@@ -64,7 +64,8 @@ class PlanRequest:
     idle: torch.Tensor | None = None
 
     def layers(self, index: torch.Tensor) -> PlanRequest:
-        """The same request for the layers ``index`` only (their loads and idle flags)."""
+        """The same request for the layers ``index`` only (``[k]`` row indices; their loads
+        and idle flags)."""
         idle = None if self.idle is None else self.idle[index]
         return replace(self, weight=self.weight[index],
                        idle=idle if idle is not None and bool(idle.any()) else None)

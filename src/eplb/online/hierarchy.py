@@ -107,8 +107,15 @@ def to_layers(done: np.ndarray, experts: np.ndarray, layers: int) -> np.ndarray:
     return table.ravel()[flat].reshape(*done.shape[:-2], layers, -1)
 
 
-def per_node(weight: np.ndarray, phy2log: np.ndarray, request: PlanRequest, fn) -> np.ndarray:
-    """Apply ``fn(node_weight, node_phy2log, gpus_per_node)`` to every node row."""
+def per_node(
+    weight: np.ndarray,
+    phy2log: np.ndarray,
+    request: PlanRequest,
+    fn: Callable[[np.ndarray, np.ndarray, int], np.ndarray],
+) -> np.ndarray:
+    """Apply ``fn(node_weight [L·N, E/N], node_phy2log [L·N, R/N], gpus_per_node)``, which
+    returns ``[..., L·N, R/N]`` local ids, to every node row of ``weight [L, E]`` and
+    ``phy2log [L, R]``; returns ``[..., L, R]`` expert ids."""
     node_weight, node_phy2log, experts = node_rows(weight, phy2log, request)
     done = fn(node_weight, node_phy2log, request.topology.gpus_per_node)
     return to_layers(done, experts, phy2log.shape[0])

@@ -11,7 +11,7 @@ share; the slowest GPU of a layer sets that layer's time.
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -204,7 +204,8 @@ def _save_with_legend(fig: object, ax: object, path: str | Path, title: str | No
 def layer_panels(
     series: Mapping[str, torch.Tensor], ceiling: torch.Tensor | None = None
 ) -> list[tuple[list[str], tuple[float, float], str]]:
-    """The per-layer chart's panels: ``(labels, y range, kind)``, ranges fitted to the data.
+    """The per-layer chart's panels: ``(labels, y range, kind)``, ranges fitted to the data
+    (``series``: label → ``[L]`` balancedness per layer; ``ceiling [L]``).
 
     The first panel (kind ``"value"``) shows every series and the ceiling. When a far
     lower series (e.g. "no rebalancing" at 0.4) squashes the planners (0.993 vs 0.9997)
@@ -380,7 +381,7 @@ class Report:
     def table(self, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
         self.blocks.append(_Block("table", (list(headers), [list(r) for r in rows])))
 
-    def figure(self, filename: str, caption: str, draw) -> None:
+    def figure(self, filename: str, caption: str, draw: Callable[[Path], object]) -> None:
         """Add a picture; ``draw(path)`` writes the PNG at ``path`` when matplotlib exists."""
         self.blocks.append(_Block("figure", (filename, caption)))
         self._figures.append((filename, draw))

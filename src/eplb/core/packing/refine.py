@@ -87,7 +87,8 @@ def refine(
     tol: float = 1e-6,
     track: Tracking | None = None,
 ) -> torch.Tensor:
-    """Swap refinement (see the module docstring). Returns the refined state.
+    """Swap refinement (see the module docstring) of ``state [2, S, rows, P]`` (loads and
+    expert ids, :mod:`eplb.core.packing.state`). Returns the refined state.
 
     The returned state's GPU order is arbitrary unless ``track`` is given, in which case
     ``track.gpu`` is permuted along (and updated in place of the object's field). A swap

@@ -82,7 +82,8 @@ def make_items(
 def scratch(
     buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], like: torch.Tensor
 ) -> torch.Tensor:
-    """A reusable scratch tensor: fresh big temporaries cost page faults on every step."""
+    """A reusable scratch tensor ``buffers[name]`` of ``shape`` with ``like``'s dtype and
+    device: fresh big temporaries cost page faults on every step."""
     buf = buffers.get(name)
     if buf is None or buf.shape != shape:
         buf = buffers[name] = like.new_empty(shape)
