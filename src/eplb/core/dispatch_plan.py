@@ -288,7 +288,6 @@ FAIR_MODES = ("auto", "avoid", "expect")
 #: several percent (prefill_in2048: 0.9992 modelled, 0.9387 realised; with a 1% tolerance
 #: three layers switched and the plan fell from 0.9971 to 0.9932 realised)
 _AUTO_TOLERANCE = 0.05
-_WARM_SHARE = 0.85  # of an incremental budget, the part the even-split warm start may use
 
 
 def plan_nearest_global(

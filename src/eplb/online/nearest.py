@@ -26,12 +26,15 @@ import numpy as np
 import torch
 
 from eplb.core.dispatch import realised_gpu_loads, realised_slot_loads
-from eplb.core.dispatch_plan import _WARM_SHARE, repair_node_pairs
+from eplb.core.dispatch_plan import repair_node_pairs
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
 from eplb.online.budget import spend_budget
 from eplb.online.moves import peak_of
+
+#: of an incremental budget, the part the even-split warm start may use
+WARM_SHARE = 0.85
 
 
 def plan_nearest_incremental(
@@ -55,7 +58,7 @@ def plan_nearest_incremental(
         return _within_total(request, old, fresh, max_moves, warm_even)
     # a share of the budget is kept for the repair: moves that fix same-node pairs pay
     # more under the rule than the last even-split swaps
-    first = None if max_moves is None else (max_moves * _WARM_SHARE).to(torch.int64)
+    first = None if max_moves is None else (max_moves * WARM_SHARE).to(torch.int64)
     warm = warm_even(old, first)
     left = None if max_moves is None else (max_moves - (warm != old).sum(1)).clamp(min=0)
     least = 3 if fair == "expect" else min(3, nodes)
@@ -103,7 +106,7 @@ def _within_total(
     the swaps, and a total of a few slots per layer still buys some."""
     weight, topology = request.weight, request.topology
     gpus, nodes = topology.num_gpus, topology.num_nodes
-    warm = warm_even(old, int(total * _WARM_SHARE))
+    warm = warm_even(old, int(total * WARM_SHARE))
     left = max(0, total - int((warm != old).sum()))
     least = 3 if request.fair == "expect" else min(3, nodes)
     repaired, _ = repair_node_pairs(weight, warm, gpus, nodes,
