@@ -64,21 +64,7 @@ def plan_nearest_incremental(
     least = 3 if fair == "expect" else min(3, nodes)
     warm, _ = repair_node_pairs(weight, warm, gpus, nodes, budget=left, min_count=least)
     if max_moves is None:
-        # no budget: a layer moves only where its balancedness gains more than
-        # ``move_price`` × the share of its slots that change both on the window at hand
-        # (realised under the rule; so an unchanged workload keeps its map) and on the
-        # next window expected under the drift (so moves that only pay in sample are
-        # not made: on six real workloads half the slots moved for an equal next window)
-        options = request.options.incremental
-        price = options.move_price / old.shape[1]
-        mean = weight.sum(1) / gpus
-        candidates = torch.stack([old, warm, fresh])  # [C, L, R]
-        expected, peak = expected_balance(weight, candidates, gpus, nodes, options.drift)
-        in_sample = mean / peak.clamp(min=1e-300)
-        gain = torch.minimum(in_sample - in_sample[:1], expected - expected[:1])
-        values = gain - price * (candidates != old[None]).sum(2)
-        pick = values.argmax(0)  # first on ties: the map in force, then the warm start
-        return candidates[pick, torch.arange(old.shape[0], device=old.device)]
+        return choose_paying(request, torch.stack([old, warm, fresh]))
     peak_fresh = realised_gpu_loads(weight, fresh, gpus, nodes, check=False).amax(1)
     peak_warm = realised_gpu_loads(weight, warm, gpus, nodes, check=False).amax(1)
     peak_old = realised_gpu_loads(weight, old, gpus, nodes, check=False).amax(1)
@@ -88,6 +74,30 @@ def plan_nearest_incremental(
     keep = peak_old <= torch.where(take, peak_fresh, peak_warm)
     out = torch.where(keep[:, None], old, out)
     return out
+
+
+def choose_paying(request: PlanRequest, candidates: torch.Tensor) -> torch.Tensor:
+    """``[L, R]``: per layer, the candidate of ``candidates [C, L, R]`` (candidate 0 the
+    map in force, made valid for the call) that pays best under the nearest rule.
+
+    Without a budget a layer moves only where its balancedness gains more than
+    ``move_price`` × the share of its slots that change both on the window at hand
+    (realised under the rule; so an unchanged workload keeps its map) and on the next
+    window expected under the drift (so moves that only pay in sample are not made: on
+    six real workloads half the slots moved for an equal next window). Tokens arise on
+    the live GPUs only."""
+    weight, topology = request.weight, request.topology
+    old = candidates[0]
+    options = request.options.incremental
+    price = options.move_price / old.shape[1]
+    mean = weight.sum(1) / int(request.live.sum())
+    expected, peak = expected_balance(weight, candidates, topology.num_gpus,
+                                      topology.num_nodes, options.drift, request.active_gpus)
+    in_sample = mean / peak.clamp(min=1e-300)
+    gain = torch.minimum(in_sample - in_sample[:1], expected - expected[:1])
+    values = gain - price * (candidates != old[None]).sum(2)
+    pick = values.argmax(0)  # first on ties: the map in force, then the warm start
+    return candidates[pick, torch.arange(old.shape[0], device=old.device)]
 
 
 def _within_total(
@@ -129,18 +139,21 @@ def _within_total(
 
 def expected_balance(
     weight: torch.Tensor, candidates: torch.Tensor, num_gpus: int, num_nodes: int,
-    drift: float,
+    drift: float, active_gpus: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(expected [C, L], peak [C, L])``: the expected next-window balancedness of the
     candidates ``[C, L, R]`` under the nearest rule, and their max GPU load on the window
-    at hand as the rule realises it (:func:`eplb.core.dispatch.realised_gpu_loads`).
+    at hand as the rule realises it (:func:`eplb.core.dispatch.realised_gpu_loads`; with
+    ``active_gpus [P]`` tokens arise on the live GPUs only).
     Each slot serves a fixed share of its expert's tokens, so a GPU's load moves with its
     slots' loads ``x`` (each expert drifting by ``exp(drift·Z)``), and
     :func:`eplb.online.moves.peak_of` takes the expected max over GPUs of normals with
     the GPUs' loads and spreads ``d·sqrt(Σ x²)``."""
     device = weight.device
     weight, candidates = weight.cpu(), candidates.cpu()  # peak_of runs on the host
-    slot = torch.stack([realised_slot_loads(weight, c, num_gpus, num_nodes, check=False)
+    live = None if active_gpus is None else active_gpus.cpu()
+    slot = torch.stack([realised_slot_loads(weight, c, num_gpus, num_nodes,
+                                            active_gpus=live, check=False)
                         for c in candidates])
     grid = slot.view(len(candidates), weight.shape[0], num_gpus, -1)
     load, square = grid.sum(3), (grid * grid).sum(3)
