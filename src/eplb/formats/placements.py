@@ -285,8 +285,8 @@ def read_placement(
 ) -> Placement:
     """Read a placement written by :func:`write_placement` (any emit) or by hand for an engine.
 
-    eplb's JSON/.pt carry their topology (it wins over the arguments). TensorRT-LLM YAML
-    written by eplb carries it in a comment (explicit arguments win); a plain engine file
+    eplb's JSON/.pt carry their topology, and TensorRT-LLM YAML written by eplb carries it
+    in a comment: a recorded cluster wins over the arguments. A plain engine file
     (SGLang JSON, foreign YAML) needs ``num_gpus=`` (and
     ``num_nodes``/``num_groups`` for hierarchical checks). ``num_experts`` defaults to the
     largest expert id + 1 (every expert holds a slot). ``policy`` defaults to the
