@@ -342,3 +342,24 @@ def test_a_callable_planner_may_stack_replicas_on_a_gpu() -> None:
     reb = Rebalancer(R, P, window=2, interval=2, planner=stacked)
     reb.record(_steps(2))
     assert reb.placement is not None
+
+
+@pytest.mark.parametrize("limit", [{"max_moves": 0}, {"skip_threshold": 1.0}])
+def test_a_rebalance_that_only_empties_a_dead_gpu_is_reported_as_a_change(limit: dict) -> None:
+    # every expert has replicas on several GPUs, so a GPU's death forces no weight to
+    # move: the new map still differs (its slots are emptied), and the engine must get it
+    import eplb
+
+    weight = torch.full((3, 8), 100.0)  # 3 layers × 8 experts: 4 replicas each
+    before = eplb.plan(weight, 32, 8)
+    live = torch.ones(8, dtype=torch.bool)
+    live[0] = False
+    reb = Rebalancer(32, 8, window=2, interval=2, incremental=True, initial=before,
+                     active_gpus=live, **limit)
+    new = reb.record(weight.repeat(2, 1, 1))
+    assert new is not None and new is reb.placement
+    new.validate()
+    assert (new.phy2log.view(3, 8, 4)[:, 0] == -1).all()
+    event = reb.events[-1]
+    assert event.changed
+    assert int(event.moved_slots.sum()) == 0  # no weights moved, yet the map changed

@@ -242,7 +242,9 @@ class RebalanceEvent:
     """One rebalance: at ``step`` (steps recorded so far) the plan took ``plan_seconds``.
 
     ``moved_slots [L]``: slots whose expert changed versus the placement before (all
-    zero when there was none before or nothing changed).
+    zero when there was none before or nothing changed). ``changed``: the map differs
+    from the one before (or there was none), also when no weights move: a slot of a
+    GPU that died since is emptied, and the engine must stop sending tokens there.
     """
 
     step: int
@@ -496,7 +498,9 @@ class Rebalancer:
             changed = True
         else:
             moved = new.moved_slots(previous).cpu()
-            changed = bool(moved.any())
+            # emptying a dead GPU's slots moves no weights but changes the map in force
+            changed = bool(moved.any()) or not torch.equal(
+                new.phy2log, previous.phy2log.to(new.phy2log.device))
         self.events.append(RebalanceEvent(self.steps, seconds, moved, changed))
         self._placement = new
         return new if changed else None
