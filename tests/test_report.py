@@ -79,6 +79,30 @@ def test_report_refuses_to_overwrite(tmp_path: Path) -> None:
     _sample_report().write(tmp_path, force=True)
 
 
+def test_a_report_that_loses_the_race_for_a_folder_changes_none_of_its_files(
+        tmp_path: Path) -> None:
+    # two runs write a report into one new folder: both pass the check that it is free,
+    # then the other run publishes first (here: while this one draws its picture). This
+    # one must fail without --force and leave the winner's picture as it was, not
+    # replace it (README: outputs are never overwritten without --force, not even by two
+    # runs at once)
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "r"
+
+    def draw_after_the_winner(path: Path) -> None:
+        _sample_report().write(out)  # the winner publishes its whole report meanwhile
+        plot_balancedness_over_time({"greedy": [0.5, 0.6, 0.7]}, path)
+
+    loser = Report("the other run")
+    loser.figure("pic.png", "its own picture", draw_after_the_winner)
+    with pytest.raises(FileExistsError, match=r"pic\.png"):
+        loser.write(out)
+    reference = tmp_path / "alone"
+    _sample_report().write(reference)
+    assert (out / "pic.png").read_bytes() == (reference / "pic.png").read_bytes()
+    assert "title &lt;x&gt;" in (out / "report.html").read_text()
+
+
 def test_report_without_matplotlib_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(report_mod, "matplotlib_available", lambda: False)
     written = _sample_report().write(tmp_path)

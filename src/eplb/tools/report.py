@@ -11,6 +11,7 @@ share; the slowest GPU of a layer sets that layer's time.
 from __future__ import annotations
 
 import html
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,9 +412,16 @@ class Report:
         have_plots = matplotlib_available()
         written: list[Path] = []
         if have_plots:
-            for name, draw in self._figures:
-                draw(directory / name)
-                written.append(directory / name)
+            # each picture is drawn aside and published like the text files, so that without
+            # ``force`` a run that loses a race for the folder fails at its first file
+            # instead of replacing the winner's pictures with its own
+            with tempfile.TemporaryDirectory(prefix="eplb-report-") as scratch:
+                for name, draw in self._figures:
+                    draw(Path(scratch) / name)
+                    data = (Path(scratch) / name).read_bytes()
+                    atomic_write(directory / name, lambda handle, data=data: handle.write(data),
+                                 "wb", force=force)
+                    written.append(directory / name)
         for name, text in (("report.md", self._markdown(have_plots)),
                            ("report.html", self._html(have_plots))):
             atomic_write(directory / name, lambda handle, text=text: handle.write(text), "w",
