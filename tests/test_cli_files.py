@@ -365,6 +365,32 @@ def test_a_link_in_a_report_folder_is_refused_before_the_work(capsys, tmp_path) 
     assert sorted(p.name for p in report.iterdir()) == ["report.html"]  # nothing written
 
 
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+@pytest.mark.parametrize("where", ["file", "file/sub"])
+def test_a_report_folder_that_cannot_be_made_is_refused_before_the_work(
+        command, where, capsys, tmp_path, monkeypatch) -> None:
+    # "--report X" where X (or a folder above it) is a file was found only when the report
+    # was written, after the whole simulation or benchmark had run
+    import eplb.cli.bench
+    import eplb.cli.sim
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work ran before --report was checked")
+
+    monkeypatch.setattr(eplb.cli.sim, "simulate", no_work)
+    monkeypatch.setattr(eplb.cli.bench, "compare", no_work)
+    trace = tmp_path / "trace.pt"
+    torch.save(torch.rand(40, 4, 16) * 100, trace)
+    (tmp_path / "file").write_text("not a folder")
+    argv = ([command, str(trace), "-r", "20", "-g", "4"]
+            + (["--window", "10"] if command == "simulate" else ["--no-builtin"])
+            + ["--report", str(tmp_path / where)])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'file'} exists and is not a directory" in err, err
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
 def test_an_empty_report_folder_name_is_refused(capsys, tmp_path, monkeypatch) -> None:
     """``--report ""`` wrote the report into the current folder."""
     monkeypatch.chdir(tmp_path)

@@ -351,6 +351,12 @@ def prepare_report(directory: str | None, force: bool, title: str) -> Report | N
     if not directory.strip():  # Path("") is the current folder: say which folder to use
         raise CliError("--report needs a folder name (e.g. --report bench-report/)")
     report = Report(title)
+    # a folder that cannot be made is found now, not after a long run has done its work
+    existing = Path(directory)
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if os.path.lexists(existing) and not existing.is_dir():
+        raise CliError(f"report folder {directory}: {existing} exists and is not a directory")
     if Path(directory).is_dir():  # fail before the work, not after
         for name in report.planned_files():
             path = Path(directory) / name
