@@ -452,3 +452,17 @@ def test_threads_option(capsys, tmp_path, loads) -> None:
                      "-o", str(tmp_path / "p.json"))
     assert code == 0 and torch.get_num_threads() == 2
     torch.set_num_threads(1)
+
+
+def test_simulate_warns_when_nodes_and_groups_cannot_be_used(capsys, trace_file) -> None:
+    # plan and bench warn that --nodes/--groups are dropped; simulate planned globally silently
+    code, _, err = run(capsys, "simulate", str(trace_file), "--window", "10", "-r", "16", "-g",
+                       "8", "--nodes", "2", "--groups", "3")
+    assert code == 0
+    assert "eplb: warning: planning globally" in err and "--groups (3)" in err, err
+    code, _, err = run(capsys, "simulate", str(trace_file), "--window", "10", "-r", "16", "-g",
+                       "8", "--nodes", "2", "--groups", "3", "--policy", "hierarchical")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "--policy hierarchical is impossible: --groups (3)" in err
+

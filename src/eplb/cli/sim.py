@@ -22,7 +22,7 @@ from eplb.cli._common import (
     progress,
     say_written,
 )
-from eplb.cli._inputs import read_trace
+from eplb.cli._inputs import cli_policy, read_trace
 from eplb.core import LoadTrace
 from eplb.formats import write_loads
 from eplb.tools.generator import PRESETS, generate_trace
@@ -84,6 +84,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
                    trace.num_layers)
+    # --policy hierarchical that cannot apply is an error naming the flags, and --nodes /
+    # --groups that auto cannot use get plan's and bench's warning
+    cli_policy(args.policy, replicas, gpus, args.nodes, args.groups, trace.num_experts)
     needed = max(2 * args.window, interval + (score_window or interval))
     if trace.num_steps < needed:
         raise CliError(f"{args.trace} has {trace.num_steps} steps; the simulation needs at "
