@@ -466,3 +466,27 @@ def test_simulate_warns_when_nodes_and_groups_cannot_be_used(capsys, trace_file)
     assert_one_line_error(err)
     assert "--policy hierarchical is impossible: --groups (3)" in err
 
+
+def test_simulate_holds_the_reference_greedy_to_a_forced_policy(capsys, tmp_path) -> None:
+    # --policy was passed to eplb only: `--compare --policy global` set eplb's global plans
+    # beside the greedy's hierarchical ones
+    from eplb.tools import simulate
+
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.exp(torch.randn(40, 4, 16, generator=gen) * 1.5).mul(100).round()
+    path = tmp_path / "trace.pt"
+    torch.save(counts, path)
+    shape = {"num_replicas": 20, "num_gpus": 4, "num_nodes": 2, "num_groups": 4,
+             "cadence": "adrs", "window": 10, "interval": 10, "score_window": 10}
+    expected = {policy: simulate(counts, "greedy", policy=policy, **shape).summary()
+                for policy in ("global", "hierarchical")}
+    assert expected["global"]["window_balancedness"] != \
+        expected["hierarchical"]["window_balancedness"]
+    for policy in ("global", "hierarchical"):
+        code, out, err = run(capsys, "simulate", path, "--window", 10, "-r", 20, "-g", 4,
+                             "--nodes", 2, "--groups", 4, "--policy", policy, "--compare",
+                             "--json")
+        assert code == 0, err
+        greedy = next(r for r in json.loads(out)["runs"] if r["summary"]["planner"] == "greedy")
+        assert greedy["summary"]["window_balancedness"] == \
+            expected[policy]["window_balancedness"], policy

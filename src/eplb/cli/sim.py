@@ -42,6 +42,9 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
     options = {}
     if planner == "eplb":
         options = {"policy": policy, "seed": seed}
+    elif planner == "greedy" and policy != "auto":
+        # a forced policy holds for the reference too (its "auto" is DeepSeek's own rule)
+        options = {"policy": policy}
     return simulate(
         trace, planner, num_replicas=replicas, num_gpus=gpus, num_nodes=nodes,
         num_groups=groups, cadence=Cadence(window, interval, score_window),
