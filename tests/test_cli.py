@@ -490,3 +490,16 @@ def test_simulate_holds_the_reference_greedy_to_a_forced_policy(capsys, tmp_path
         greedy = next(r for r in json.loads(out)["runs"] if r["summary"]["planner"] == "greedy")
         assert greedy["summary"]["window_balancedness"] == \
             expected[policy]["window_balancedness"], policy
+
+
+def test_simulate_refuses_an_interval_the_adrs_protocol_would_ignore(capsys, trace_file) -> None:
+    # --protocol adrs replaced --interval by --window without a word
+    code, _, err = run(capsys, "simulate", str(trace_file), "--window", "10", "--interval", "5",
+                       "--protocol", "adrs", "-r", "16", "-g", "8")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "--interval 5 cannot apply" in err
+    code, out, _ = run(capsys, "simulate", str(trace_file), "--window", "10", "--interval", "10",
+                       "--protocol", "adrs", "-r", "16", "-g", "8", "--json")
+    assert code == 0
+    assert json.loads(out)["runs"][0]["rebalances"]["step"] == [10, 20, 30]

@@ -77,6 +77,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     interval = args.window if args.interval is None else args.interval
     score_window = args.window if args.protocol == "adrs" else None
     if args.protocol == "adrs":
+        if args.interval is not None and args.interval != args.window:
+            raise CliError(f"--protocol adrs rebalances every --window steps (plan on window "
+                           f"i, score on window i + 1): --interval {args.interval} cannot apply "
+                           f"with --window {args.window}; leave --interval out")
         interval = args.window  # plan on window i, score on window i + 1
     if (args.incremental or args.max_moves is not None) and args.planner != "eplb":
         raise CliError("--incremental and --max-moves need --planner eplb")
