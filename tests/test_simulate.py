@@ -278,3 +278,27 @@ def test_oracle_must_be_a_bool() -> None:
     with pytest.raises(ValueError, match="oracle must be True or False"):
         simulate(_trace(50), "eplb", num_replicas=R, num_gpus=P, cadence=Cadence(5, 10),
                  oracle="no")
+
+
+@pytest.mark.parametrize("direction", ["died", "came back"])
+def test_windows_before_the_first_rebalance_are_scored_on_the_initial_live_gpus(
+        direction: str) -> None:
+    # every window was scored on the live GPUs of the last plan: a window under an initial
+    # placement that still used a GPU that has died (or left empty one that is live again)
+    # was scored without that GPU's load (or with an empty GPU counted in the mean)
+    from eplb.online import Rebalancer
+
+    counts = _trace(300)
+    alive = torch.tensor([True, True, False, True])
+    initial, live = ((eplb.plan(counts[:100].sum(0), R, P), alive) if direction == "died"
+                     else (eplb.plan(counts[:100].sum(0), R, P, active_gpus=alive), None))
+    res = simulate(counts, "eplb", num_replicas=R, num_gpus=P, cadence="adrs",
+                   initial=initial, active_gpus=live)
+    assert not res.planned[0] and res.planned[1]
+    expected = initial.balancedness(counts[:100].sum(0))
+    assert float(res.window_balancedness[0]) == pytest.approx(expected, rel=1e-6)
+    # the windows after the first rebalance are scored on the rebalancer's live GPUs
+    first = Rebalancer(R, P, window=100, interval=100, initial=initial, active_gpus=live)
+    first.record(counts[:100])
+    assert float(res.window_balancedness[1]) == pytest.approx(
+        first.placement.balancedness(counts[100:200].sum(0)), rel=1e-6)

@@ -342,6 +342,9 @@ def simulate(
     score = cad.scoring
     num_windows = num_steps // score
     window_loads = torch.zeros(num_windows, num_layers, num_gpus, dtype=torch.float64)
+    # the GPUs live in some plan of each window: the initial placement's live set may
+    # differ from the rebalancer's (a GPU that died or came back before the replay)
+    window_live = torch.zeros(num_windows, num_gpus, dtype=torch.bool)
     step_bal = torch.empty(num_steps, dtype=torch.float64)
     boundaries = [*range(cad.interval, num_steps, cad.interval), num_steps]
     start = 0
@@ -358,13 +361,16 @@ def simulate(
             win = torch.arange(a, b) // score
             keep = win < num_windows
             window_loads.index_add_(0, win[keep], loads[keep])
+            window_live[win[keep]] |= live
         if end < num_steps and planner != "none":  # "none" never rebalances
             rebalancer.record(counts[start:end])
             placement = rebalancer.placement
         start = end
 
-    live = (initial.live_gpus() if placement is None else placement.live_gpus())
-    window_bal = _balancedness(window_loads, live) if num_windows else torch.zeros(0)
+    window_bal = torch.zeros(num_windows, dtype=torch.float64)
+    for live in torch.unique(window_live, dim=0):  # one or two live sets, not one per window
+        rows = (window_live == live).all(1)
+        window_bal[rows] = _balancedness(window_loads[rows], live)
     window_starts = torch.arange(num_windows, dtype=torch.int64) * score
     events = rebalancer.events
     # windows from the first rebalance point on, for every planner alike
