@@ -363,3 +363,23 @@ def test_a_rebalance_that_only_empties_a_dead_gpu_is_reported_as_a_change(limit:
     event = reb.events[-1]
     assert event.changed
     assert int(event.moved_slots.sum()) == 0  # no weights moved, yet the map changed
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), budget=st.integers(1, 40),
+       estimator=st.sampled_from(["multi:3", "multi:2:3"]))
+def test_a_total_move_budget_holds_for_a_multi_window_estimate(seed: int, budget: int,
+                                                              estimator: str) -> None:
+    # multi:K plans every candidate window within max_moves, then keeps the best plan per
+    # layer: the mix of layers from several plans moved up to twice the budget
+    import eplb
+
+    gen = torch.Generator().manual_seed(seed)
+    drift = torch.exp(torch.randn(9, 1, 16, generator=gen).cumsum(0) * 0.5)
+    counts = (drift * torch.exp(torch.randn(9, 4, 16, generator=gen)) * 50).round()
+    initial = eplb.plan(counts[:3].sum(0), 24, 8)
+    reb = Rebalancer(24, 8, window=3, interval=3, estimator=estimator, incremental=True,
+                     max_moves=budget, initial=initial)
+    reb.record(counts)
+    reb.placement.validate()
+    assert max(int(e.moved_slots.sum()) for e in reb.events) <= budget

@@ -33,6 +33,7 @@ from eplb.online.estimate import (
     Estimate,
     Estimator,
     as_history,
+    expected_max,
     interchangeable,
     make_estimator,
     select_per_layer,
@@ -196,6 +197,7 @@ def plan_estimate(
     keep: Placement | None = None,
     batch: bool = True,
     reduce: str = "mean",
+    total_budget: bool = False,
 ) -> Placement:
     """Plan on an :class:`~eplb.online.estimate.Estimate`.
 
@@ -205,6 +207,11 @@ def plan_estimate(
     independently), ``keep`` (the placement in force; keeping a layer costs no moves)
     joins the candidates when it has their experts and live GPUs, and
     :func:`~eplb.online.estimate.select_per_layer` keeps the best per layer.
+
+    ``total_budget``: the planner caps each plan's moves from ``previous`` by a total over
+    all layers (``max_moves`` as an int). A per-layer choice among such plans may move more
+    than any one of them, so where it moves more than the plan on ``estimate.weight`` the
+    layers whose extra moves buy the least go back to that plan's, until it moves no more.
     """
     if estimate.scenarios is None or estimate.candidates is None:
         return _placement_of(planner(estimate.weight, previous), estimate.weight.shape[0])
@@ -222,7 +229,36 @@ def plan_estimate(
     # uses has died (or one it leaves empty is live again), nor for other experts
     if keep is not None and interchangeable(keep, plans[0]):
         plans.append(keep)
-    return select_per_layer(plans, estimate.scenarios, reduce)
+    chosen = select_per_layer(plans, estimate.scenarios, reduce)
+    if total_budget and previous is not None:
+        chosen = _within_moves(chosen, plans[0], previous, estimate.scenarios, reduce)
+    return chosen
+
+
+def _within_moves(chosen: Placement, first: Placement, previous: Placement,
+                  scenarios: torch.Tensor, reduce: str) -> Placement:
+    """``chosen`` with layers of ``first`` put back, cheapest gain per extra move first,
+    until it moves no more slots from ``previous`` than ``first`` does (which kept the
+    budget)."""
+    moves = chosen.moved_slots(previous).cpu()
+    allowed = first.moved_slots(previous).cpu()
+    excess = int(moves.sum() - allowed.sum())
+    if excess <= 0:
+        return chosen
+    gain = (expected_max(first, scenarios, reduce) - expected_max(chosen, scenarios, reduce))
+    extra = moves - allowed
+    layers = (extra > 0).nonzero().flatten()
+    # the least expected gain per extra slot first; ties by layer
+    order = sorted(layers.tolist(), key=lambda layer: (float(gain[layer]) / int(extra[layer]),
+                                                        layer))
+    phy2log = chosen.phy2log.clone()
+    for layer in order:
+        if excess <= 0:
+            break
+        phy2log[layer] = first.phy2log[layer].to(phy2log.device)
+        excess -= int(extra[layer])
+    return Placement.from_phy2log(phy2log, chosen.num_experts, chosen.topology, chosen.policy,
+                                  chosen.active_gpus)
 
 
 def _placement_of(result: object, layers: int) -> Placement:
@@ -316,6 +352,9 @@ class Rebalancer:
                                     max_moves=max_moves, skip_threshold=skip_threshold,
                                     active_gpus=active_gpus, **plan_options)
         self.incremental = incremental
+        # a total move budget must hold for the per-layer mix of a multi-window estimate too
+        self._total_budget = incremental and isinstance(
+            check_budget(max_moves, skip_threshold), int)
         # a user's callable always sees the placement in force; built-ins only when incremental
         self._user_planner = callable(planner)
         self._pass_previous = incremental or self._user_planner
@@ -478,7 +517,7 @@ class Rebalancer:
         previous = self._placement
         start = time.perf_counter()
         new = plan_estimate(estimate, self.planner, previous if self._pass_previous else None,
-                            keep=previous)
+                            keep=previous, total_budget=self._total_budget)
         seconds = time.perf_counter() - start
         # (plan_estimate checked that it is a Placement of the estimate's layers)
         if new.topology != self.topology or new.num_experts != estimate.weight.shape[1]:
