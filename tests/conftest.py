@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from engines import ENGINES, FETCH_HINT, VLLM_RELEASES, engine_root
 from helpers import MISSING_REAL, REAL_DATA
 from hypothesis import settings
@@ -20,6 +21,12 @@ from hypothesis import settings
 settings.register_profile("eplb", deadline=None, derandomize=True)
 settings.register_profile("explore", deadline=None)
 settings.load_profile(os.environ.get("EPLB_HYPOTHESIS_PROFILE", "eplb"))
+
+# one torch thread, as eplb's CLI and benchmarks run: its many small operations are
+# fastest there, and on a shared 2-core machine torch's default thread count made
+# single tensor reductions take milliseconds under contention (a hypothesis test took 8 s
+# instead of 1 s). Thread counts are tested in subprocesses (test_determinism.py)
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
