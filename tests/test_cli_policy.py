@@ -122,3 +122,25 @@ def test_bench_labels_follow_the_same_resolution(capsys, loads) -> None:
                          "--nodes", str(N), "--groups", str(G), "--repeats", "1", "--json")
     assert code == 0, err
     assert json.loads(out)["scenarios"][0]["policy"] == "hierarchical"
+
+
+def test_eval_of_an_sglang_file_with_dense_rows_keeps_its_hierarchical_policy(
+        capsys, tmp_path, loads) -> None:
+    """An SGLang file has a row per model layer; the dense layers' rows are SGLang's
+    trivial map, which spreads groups over nodes. Only the rows the loads are scored on
+    say whether the plan is hierarchical."""
+    out = tmp_path / "p.sglang.json"
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes",
+                       str(N), "--groups", str(G), "--first-layer", "3", "--num-model-layers",
+                       str(L + 3), "-o", str(out), "--json")
+    assert code == 0, err
+    cluster = ["-g", str(P), "--nodes", str(N), "--groups", str(G), "--first-layer", "3"]
+    code, text, err = run(capsys, "eval", "--placement", str(out), str(loads), *cluster,
+                          "--json", "--summary")
+    assert code == 0, err
+    assert json.loads(text)["policy"] == "hierarchical"
+    assert warnings_in(err) == []
+    code, text, err = run(capsys, "eval", "--placement", str(out), str(loads), *cluster,
+                          "--policy", "hierarchical", "--json", "--summary")
+    assert code == 0, err
+    assert json.loads(text)["policy"] == "hierarchical"

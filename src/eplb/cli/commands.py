@@ -467,7 +467,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_recorded(meta, args, args.placement)
     # from here on, the cluster the placement is on (recorded, or as the flags describe)
     args.nodes, args.groups = placement.topology.num_nodes, placement.topology.num_groups
-    placement = _eval_policy(placement, meta, args)
     if args.routing is not None and args.dispatch != "nearest":
         raise CliError("--routing scores cross-node traffic under SGLang's nearest dispatch: "
                        "add --dispatch nearest (and --nodes N)")
@@ -476,6 +475,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
                                      args.first_layer, f"the placement {args.placement}",
                                      f"loads {args.loads}")
+    # the policy of the rows scored: an SGLang file's dense layers hold SGLang's trivial
+    # map, which spreads every group over the nodes whatever the plan of the MoE rows
+    placement = _eval_policy(placement, meta, args)
     layer_ids = _layer_ids(trace, args.first_layer, args.loads)
     if keep is not None:
         weight, layer_ids = weight[keep], [layer_ids[i] for i in keep]
