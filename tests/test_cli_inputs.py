@@ -427,3 +427,24 @@ def test_key_on_a_one_record_json_file_is_counts_or_nothing(capsys, tmp_path) ->
     code, _, err = run(capsys, "plan", str(path), "--key", "layers", "-r", "4", "-g", "2",
                        "-o", str(tmp_path / "o.json"))
     assert_user_error(code, err, "one count record", "picks nothing")
+
+
+@pytest.mark.parametrize("where", ["output", "loads", "placement", "report", "trace"])
+def test_a_name_too_long_is_a_usage_error(capsys, tmp_path, where) -> None:
+    """A name longer than the file system allows is the user's to fix (exit 2, one line),
+    not a failure while running with a hint at --debug."""
+    loads = tmp_path / "loads.npy"
+    np.save(loads, np.arange(1, 2 * E + 1, dtype=np.float64).reshape(2, E))
+    long = str(tmp_path / ("x" * 300 + ".json"))
+    argv = {
+        "output": ["plan", str(loads), "-r", str(E), "-g", "4", "-o", long],
+        "loads": ["plan", long, "-r", str(E), "-g", "4", "-o", str(tmp_path / "p.json")],
+        "placement": ["eval", "--placement", long, str(loads)],
+        "report": ["bench", "--no-builtin", str(loads), "--repeats", "1", "--report", long],
+        "trace": ["generate", "--preset", "mixtral-8x7b", "--steps", "2", "-o", long, "-q"],
+    }[where]
+    code, _, err = run(capsys, *argv)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eplb: error: ") and "too long" in lines[0]
+    assert "--debug" not in err and "OSError" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -356,9 +357,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args, f"{_one_line(exc.strerror or str(exc))}{where}", EXIT_USAGE)
     except (ValueError, TypeError) as exc:  # bad input: FormatError, PlacementError, topology
         return _fail(args, str(exc), EXIT_USAGE)
+    except OSError as exc:
+        if exc.errno not in _BAD_NAME:  # a full disk, an I/O error: a failure while running
+            return _fail_running(args, exc)
+        # a name the file system refuses (too long, a symlink loop): the user's to fix
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        return _fail(args, f"{_one_line(exc.strerror or str(exc))}{where}", EXIT_USAGE)
     except Exception as exc:  # a failure while running, not the user's input
-        hint = "" if args.debug else " (rerun with --debug for the traceback)"
-        return _fail(args, f"{type(exc).__name__}: {_one_line(exc)}{hint}", EXIT_FAILURE)
+        return _fail_running(args, exc)
+
+
+_BAD_NAME = {errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _fail_running(args: argparse.Namespace, exc: BaseException) -> int:
+    """A failure while running (exit 1), with a hint at ``--debug``."""
+    hint = "" if args.debug else " (rerun with --debug for the traceback)"
+    return _fail(args, f"{type(exc).__name__}: {_one_line(exc)}{hint}", EXIT_FAILURE)
 
 
 def _fail(args: argparse.Namespace, message: str, code: int) -> int:
