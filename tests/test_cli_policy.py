@@ -144,3 +144,20 @@ def test_eval_of_an_sglang_file_with_dense_rows_keeps_its_hierarchical_policy(
                           "--policy", "hierarchical", "--json", "--summary")
     assert code == 0, err
     assert json.loads(text)["policy"] == "hierarchical"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--nodes", "0"], "--nodes must be >= 1, got 0"),
+    (["--groups", "0"], "--groups must be >= 1, got 0"),
+    (["--nodes", "3"], f"--gpus ({P}) must be a multiple of --nodes (3)"),
+])
+def test_eval_refuses_a_cluster_that_cannot_exist(capsys, tmp_path, loads, flags,
+                                                  message) -> None:
+    """As plan does: --nodes/--groups 0 is not 'leave it out', and GPUs that do not split
+    over the nodes are no cluster to score on."""
+    w = torch.from_numpy(np.load(loads))
+    path = write_placement(eplb.plan(w, R, P), tmp_path / "p.sglang.json", "sglang")
+    code, out, err = run(capsys, "eval", "--placement", str(path), str(loads), "-g", str(P),
+                         *flags)
+    assert code == 2 and out == ""
+    assert err.strip() == f"eplb: error: {message}"

@@ -159,6 +159,17 @@ def refuse_input_as_output(out: Path, inputs: list[tuple[str, str | None]]) -> N
                            "replace it (even --force does not); choose another output name")
 
 
+def check_cluster_flags(*, gpus: int | None, nodes: int | None,
+                        groups: int | None = None) -> None:
+    """``eval``'s -g/--nodes/--groups, each optional: >= 1 when given (0 is no "leave it
+    out"), and GPUs that split over the nodes (a cluster that can exist, as in plan)."""
+    for flag, value in (("--gpus", gpus), ("--nodes", nodes), ("--groups", groups)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} must be >= 1, got {value}")
+    if gpus is not None and nodes is not None and gpus % nodes:
+        raise CliError(f"--gpus ({gpus}) must be a multiple of --nodes ({nodes})")
+
+
 def check_topology(num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,
                    num_experts: int, num_layers: int | None = None) -> None:
     """Reject impossible cluster shapes up front, with the option names in the message,

@@ -11,6 +11,7 @@ from eplb.cli._common import (
     CliError,
     active_gpus_from,
     ceiling,
+    check_cluster_flags,
     check_output,
     check_topology,
     eval_gpu_speed,
@@ -461,10 +462,12 @@ def _check_recorded(meta: dict, args: argparse.Namespace, what: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
+    check_cluster_flags(gpus=args.gpus, nodes=args.nodes, groups=args.groups)
     placement, meta = read_placement_meta(
         existing_file(args.placement, "placement file"), num_gpus=args.gpus,
         num_nodes=args.nodes or 1, num_groups=args.groups or 1)
     _check_recorded(meta, args, args.placement)
+    check_cluster_flags(gpus=placement.topology.num_gpus, nodes=placement.topology.num_nodes)
     # from here on, the cluster the placement is on (recorded, or as the flags describe)
     args.nodes, args.groups = placement.topology.num_nodes, placement.topology.num_groups
     if args.routing is not None and args.dispatch != "nearest":
