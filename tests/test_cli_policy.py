@@ -161,3 +161,24 @@ def test_eval_refuses_a_cluster_that_cannot_exist(capsys, tmp_path, loads, flags
                          *flags)
     assert code == 2 and out == ""
     assert err.strip() == f"eplb: error: {message}"
+
+
+@pytest.mark.parametrize(("groups", "said"), [
+    ("3", "--groups (3) is not a multiple of --nodes (2)"),
+    ("6", f"the {E} experts do not divide into --groups (6)"),
+])
+def test_simulate_warns_once_by_flag_like_plan(capsys, tmp_path, groups, said) -> None:
+    """--nodes/--groups that hierarchical placement cannot honour: one warning in the
+    flags' words (not silence, not the API's words once per planner call)."""
+    trace = tmp_path / "trace.npy"
+    gen = np.random.default_rng(0)
+    np.save(trace, np.exp(gen.normal(0, 1, size=(8, L, E))) * 100)
+    code, _, err = run(capsys, "simulate", str(trace), "--window", "2", "-r", str(R), "-g",
+                       str(P), "--nodes", "2", "--groups", groups, "--json")
+    assert code == 0, err
+    warned = warnings_in(err)
+    assert len(warned) == 1, err
+    assert "planning globally" in warned[0] and said in warned[0]
+    code, _, err = run(capsys, "simulate", str(trace), "--window", "2", "-r", str(R), "-g",
+                       str(P), "--nodes", "2", "--groups", groups, "--policy", "hierarchical")
+    assert code == 2 and err.startswith("eplb: error: --policy hierarchical is impossible")

@@ -91,9 +91,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
                    trace.num_layers)
-    # --policy hierarchical that cannot apply is an error naming the flags, and --nodes /
-    # --groups that auto cannot use get plan's and bench's warning
-    cli_policy(args.policy, replicas, gpus, args.nodes, args.groups, trace.num_experts)
+    # as plan and bench: --nodes/--groups that cannot be honoured warn once, by flag
+    policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
+                        trace.num_experts)
     needed = max(2 * args.window, interval + (score_window or interval))
     if trace.num_steps < needed:
         raise CliError(f"{args.trace} has {trace.num_steps} steps; the simulation needs at "
@@ -116,7 +116,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 groups=args.groups, window=args.window, interval=interval,
                 score_window=score_window, estimator=args.estimator if own else None,
                 incremental=args.incremental and own, max_moves=args.max_moves if own else None,
-                policy=args.policy, seed=args.seed))
+                policy=policy, seed=args.seed))
             advance()
 
     written: list[Path] = []
