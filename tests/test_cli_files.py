@@ -521,3 +521,39 @@ def test_an_output_under_a_file_says_the_file_is_no_folder(capsys, tmp_path, loa
     with pytest.raises(FileNotFoundError, match="is not a folder"):
         write_loads(read_loads(loads), loads / "t.pt")
     assert np.load(loads).shape == (L, E)
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
+@pytest.mark.parametrize("command", ["bench", "simulate", "demo"])
+def test_a_report_folder_that_cannot_be_written_is_refused_before_the_work(
+        capsys, tmp_path, monkeypatch, command, case) -> None:
+    """A report folder that is a file, lies under one, or is not writable failed only in
+    Report.write, after the whole benchmark, simulation or demo had run."""
+    import eplb.cli._common as common
+    import eplb.cli.bench as bench
+    import eplb.cli.sim as sim
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work ran before the report folder was checked")
+
+    monkeypatch.setattr(bench, "compare", no_work)
+    monkeypatch.setattr(bench, "generated_trace", no_work)
+    monkeypatch.setattr(sim, "run_simulation", no_work)
+    trace = tmp_path / "trace.pt"
+    torch.save(torch.rand(40, 4, 16) * 100, trace)
+    folder = {"a file": trace, "under a file": trace / "report",
+              "read-only": tmp_path / "ro" / "report"}[case]
+    if case == "read-only":
+        (tmp_path / "ro").mkdir()
+        real_access = os.access
+        monkeypatch.setattr(common.os, "access", lambda path, mode: (
+            False if Path(path) == tmp_path / "ro" else real_access(path, mode)))
+    argv = {"bench": ["bench", "--no-builtin", str(trace), "--report", str(folder)],
+            "simulate": ["simulate", str(trace), "-r", "20", "-g", "4", "--window", "10",
+                         "--report", str(folder)],
+            "demo": ["demo", "--quick", "--out", str(folder)]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eplb: error: ") and len(err.strip().splitlines()) == 1, err
+    assert {"a file": "is not a directory", "under a file": "is not a directory",
+            "read-only": "permission denied"}[case] in err

@@ -368,6 +368,9 @@ def prepare_report(directory: str | None, force: bool, title: str) -> Report | N
         existing = existing.parent
     if os.path.lexists(existing) and not existing.is_dir():
         raise CliError(f"report folder {directory}: {existing} exists and is not a directory")
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise CliError(f"cannot write the report into {directory}: {existing}: permission "
+                       "denied")
     if Path(directory).is_dir():  # fail before the work, not after
         for name in report.planned_files():
             path = Path(directory) / name
