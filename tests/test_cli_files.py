@@ -557,3 +557,28 @@ def test_a_report_folder_that_cannot_be_written_is_refused_before_the_work(
     assert err.startswith("eplb: error: ") and len(err.strip().splitlines()) == 1, err
     assert {"a file": "is not a directory", "under a file": "is not a directory",
             "read-only": "permission denied"}[case] in err
+
+
+@pytest.mark.parametrize("command", ["plan", "generate"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(
+        capsys, tmp_path, loads, monkeypatch, command) -> None:
+    import eplb.cli._common as common
+    import eplb.cli.commands as commands
+    import eplb.cli.sim as sim
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work ran before the output folder was checked")
+
+    monkeypatch.setattr(commands, "read_trace", no_work)
+    monkeypatch.setattr(sim, "generate_trace", no_work)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(common.os, "access", lambda path, mode: (
+        False if Path(path) == locked else real_access(path, mode)))
+    out = locked / ("p.json" if command == "plan" else "t.pt")
+    argv = (["plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(out)]
+            if command == "plan" else ["generate", "--steps", "2", "-o", str(out), "-q"])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"eplb: error: cannot write {out}: permission denied in '{locked}'"

@@ -136,6 +136,8 @@ def check_output(path: str | Path, force: bool) -> Path:
     if path.parent != Path() and not path.parent.is_dir():
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise CliError(f"directory {str(path.parent)!r} for the output {what}")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # fail before the work, not after
+        raise CliError(f"cannot write {path}: permission denied in {str(path.parent)!r}")
     return path
 
 
