@@ -106,3 +106,23 @@ def test_huge_table_cells_print_in_significant_digits(tmp_path, capsys, loads):
     assert code == 0
     numbers = [token for token in text.split() if token[:1].isdigit() and "/" not in token]
     assert any("e+" in token for token in numbers) and max(map(len, numbers)) < 12
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    """--help is where a user looks for defaults: generate --seed had no help at all,
+    simulate --planner none, and generate --preset and eval --policy hid theirs."""
+    import argparse
+
+    from eplb.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions
+               if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS:
+                continue
+            quiet = action.default in (None, False, argparse.SUPPRESS)
+            if not action.help or (not quiet and "default" not in action.help):
+                missing.append(f"{name} {action.option_strings[-1]}")
+    assert missing == []

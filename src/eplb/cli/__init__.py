@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="report directory (default ./eplb-demo-report)")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")
     p.add_argument("--steps", type=int, default=None, metavar="T",
-                   help="trace length in steps (default: the preset's demo length)")
+                   help="trace length in steps (default 200; 20 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller model shape for a fast smoke test")
     p.add_argument("--no-report", action="store_true", help="print the table only")
@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="groups (engine files; default 1)")
     p.add_argument("--policy", choices=["auto", "global", "hierarchical"], default="auto",
                    help="engine files, which do not record it: auto = hierarchical when the "
-                        "cluster allows it and the placement keeps every group on one node")
+                        "cluster allows it and the placement keeps every group on one node "
+                        "(default auto)")
     p.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds the placement was planned for (as in plan); "
                         "for engine files, which cannot record them: eplb's own files "
@@ -269,7 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, required=True, metavar="W", help="steps per window")
     p.add_argument("--interval", type=int, default=None, metavar="I",
                    help="steps between rebalances (default: --window)")
-    p.add_argument("--planner", choices=["eplb", "greedy", "none"], default="eplb")
+    p.add_argument("--planner", choices=["eplb", "greedy", "none"], default="eplb",
+                   help="who rebalances: eplb, greedy (DeepSeek's reference) or none (no "
+                        "rebalancing) (default eplb)")
     p.add_argument("--compare", action="store_true",
                    help="also run the other planners and show them side by side")
     p.add_argument("--protocol", choices=["adrs"], default=None,
@@ -296,9 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
              "The output format follows --format, else the extension (.pt -> a [T, L, E] tensor\n"
              "dict with the model layer ids, .npz -> the same as numpy arrays, .json -> vLLM/ADRS\n"
              "load_history). --format sglang writes SGLang's {\"logical_count\": [T][L][E]} JSON.")
-    p.add_argument("--preset", default="deepseek-v3", help="model preset (see --list)")
+    p.add_argument("--preset", default="deepseek-v3",
+                   help="model preset (see --list; default deepseek-v3)")
     p.add_argument("--steps", type=int, default=1000, metavar="T", help="steps (default 1000)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     p.add_argument("-o", "--output", metavar="FILE", help="trace file to write")
     p.add_argument("--format", default=None, metavar="FMT",
                    choices=["pt", "npz", "npy", "load_history", "vllm-history", "sglang"],
