@@ -582,3 +582,20 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"eplb: error: cannot write {out}: permission denied in '{locked}'"
+
+
+@pytest.mark.parametrize("command", ["plan", "generate"])
+@pytest.mark.parametrize("name", ["-", ""])
+def test_dash_or_nothing_as_output_is_refused_not_a_file(capsys, tmp_path, loads, monkeypatch,
+                                                         command, name) -> None:
+    """``-o -`` wrote a file named '-' (with a 'no suffix' warning) where the user meant
+    stdout; ``-o ''`` was called '. is a directory'."""
+    monkeypatch.chdir(tmp_path)
+    argv = (["plan", str(loads), "-r", str(R), "-g", str(P), "-o", name]
+            if command == "plan" else ["generate", "--steps", "2", "-o", name, "-q"])
+    before = sorted(tmp_path.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eplb: error: ") and "-o" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(tmp_path.iterdir()) == before

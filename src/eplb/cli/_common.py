@@ -128,6 +128,11 @@ def check_output(path: str | Path, force: bool) -> Path:
 
     The writers re-check when they publish, so a file that appears meanwhile is kept.
     """
+    if str(path) == "-":  # the usual spelling of stdout: never a file named '-' by surprise
+        raise CliError("-o -: eplb writes files, not stdout (--json prints the summary); give "
+                       "a file name (./- for a file named '-')")
+    if not str(path).strip():
+        raise CliError("-o needs a file name")
     path = Path(path)
     if path.is_dir():  # first: --force cannot replace a folder, so do not suggest it
         raise CliError(f"{path} is a directory; give a file name to write to")
