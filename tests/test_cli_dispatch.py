@@ -294,3 +294,22 @@ def test_a_nearest_dispatch_plan_written_for_tensorrt_llm_warns(tmp_path, capsys
     code, _, stderr = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
                           "--first-layer", 0, "-o", tmp_path / "even.yaml")
     assert code == 0 and "round-robin" not in stderr
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    (["--fair", "expect"], "--fair shapes the global policy's plan"),
+    (["--fair", "avoid", "--policy", "locality"], "this plan is locality: add --policy global"),
+    (["--routing", "{routing}"], "this plan is hierarchical: add --policy locality"),
+    (["--routing", "{routing}", "--policy", "global"], "this plan is global"),
+])
+def test_nearest_options_of_another_policy_are_refused_by_flag(tmp_path, capsys, loads,
+                                                               routing, extra, said):
+    """--fair needs the global policy and --routing the locality policy; the refusal
+    named the API's keywords (policy='global'), after a warning about --policy auto."""
+    path, _ = loads
+    argv = [str(routing) if a == "{routing}" else a for a in extra]
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8,
+                       "--dispatch", "nearest", *argv, "-o", tmp_path / "x.json")
+    assert code == 2
+    assert err.startswith("eplb: error: ") and len(err.strip().splitlines()) == 1, err
+    assert said in err and "policy='" not in err

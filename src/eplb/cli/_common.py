@@ -7,6 +7,7 @@ Exit codes: 0 success; 2 a mistake the user can fix in the command line or its i
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -175,6 +176,18 @@ def check_cluster_flags(*, gpus: int | None, nodes: int | None,
             raise CliError(f"{flag} must be >= 1, got {value}")
     if gpus is not None and nodes is not None and gpus % nodes:
         raise CliError(f"--gpus ({gpus}) must be a multiple of --nodes ({nodes})")
+
+
+def check_nearest_flags(args: argparse.Namespace, policy: str) -> None:
+    """Under ``--dispatch nearest``: ``--fair`` shapes a global plan and ``--routing``
+    feeds the locality policy; refuse either for another ``policy`` by flag (the API's
+    refusal names its keywords)."""
+    if args.fair != "auto" and policy != "global":
+        raise CliError(f"--fair shapes the global policy's plan for nearest dispatch; this "
+                       f"plan is {policy}: add --policy global, or drop --fair")
+    if args.routing is not None and policy != "locality":
+        raise CliError(f"--routing gives the locality policy its co-selection statistics; "
+                       f"this plan is {policy}: add --policy locality, or drop --routing")
 
 
 def check_topology(num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,

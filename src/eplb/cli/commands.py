@@ -12,6 +12,7 @@ from eplb.cli._common import (
     active_gpus_from,
     ceiling,
     check_cluster_flags,
+    check_nearest_flags,
     check_output,
     check_topology,
     eval_gpu_speed,
@@ -185,6 +186,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     policy = cli_policy(args.policy, args.replicas, args.gpus, args.nodes, args.groups,
                         num_experts, dead=active is not None and not bool(active.all()),
                         speeds=speed is not None)
+    if options.get("dispatch") == "nearest":  # refused by the API in its keywords' names
+        check_nearest_flags(args, policy)
     if options.get("dispatch") == "nearest" and args.policy == "auto" and policy == "hierarchical":
         warn("--policy auto plans hierarchically (groups on several nodes), which keeps each "
              "group on one node but balances far worse under --dispatch nearest than "
