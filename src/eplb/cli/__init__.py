@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "files, TensorRT-LLM YAML), else its row index (SGLang files)")
     _add_dispatch(p, planning=False)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func="commands:cmd_eval")
+    p.set_defaults(func="evaluate:cmd_eval")
 
     # ---------------------------------------------------------------- bench
     p = _sub(sub, "bench", "Compare eplb, DeepSeek's greedy, no rebalancing and the ceiling.",

@@ -1,0 +1,209 @@
+"""``eplb eval``: score a placement file on a loads file (the row and dispatch helpers
+are :mod:`eplb.cli.commands`', shared with ``eplb plan``)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from eplb.cli._common import (
+    CliError,
+    ceiling,
+    check_cluster_flags,
+    eval_gpu_speed,
+    existing_file,
+    info,
+    print_json,
+    print_table,
+    static_gpu_loads,
+)
+from eplb.cli._inputs import cli_policy, read_trace, warn
+from eplb.cli.commands import _distinct_rows, _layer_ids, _routing, _rows_of_loads
+from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
+from eplb.core.placement import Placement, PlacementError, load_balance
+from eplb.formats import read_placement_meta
+
+
+def _eval_policy(placement, meta: dict, args: argparse.Namespace):
+    """The placement to score, with the policy it satisfies.
+
+    eplb's files record their policy. Engine files (SGLang JSON, foreign YAML) do not:
+    ``--policy auto`` resolves the cluster's policy as ``eplb plan`` would and, when that
+    is hierarchical, keeps it if the placement really holds every expert group on one
+    node (then the hierarchical ceiling is the right yardstick), else scores it as global.
+    """
+
+    if meta.get("policy") is not None:
+        return placement
+    topo = placement.topology
+    policy = cli_policy(args.policy, topo.num_replicas, topo.num_gpus, topo.num_nodes,
+                        topo.num_groups, placement.num_experts)
+    if policy == "global":
+        return placement
+    hier = Placement.from_phy2log(placement.phy2log, placement.num_experts, topo, "hierarchical",
+                                  placement.active_gpus)
+    try:
+        hier.validate(anti_affinity=False)
+    except PlacementError as exc:
+        if args.policy == "hierarchical":
+            raise CliError(f"{args.placement} is not hierarchical: {exc}") from None
+        warn(f"{args.placement} spreads expert groups over several nodes, so it is scored as a "
+             "global placement (against the global ceiling)")
+        return placement
+    return hier
+
+
+def _check_recorded(meta: dict, args: argparse.Namespace, what: str) -> None:
+    """Refuse flags that contradict the cluster and policy a file records (eplb's files):
+    ``-g``/``--nodes``/``--groups``/``--policy`` describe engine files, which do not."""
+    recorded = meta.get("topology") or {}
+    given = (("-g", "num_gpus", args.gpus), ("--nodes", "num_nodes", args.nodes),
+             ("--groups", "num_groups", args.groups))
+    for flag, key, value in given:
+        if recorded and value is not None and value != recorded.get(key, 1):
+            hint = ("delete its '# eplb-topology:' line to score it on another cluster"
+                    if meta.get("format") == "trtllm" else
+                    f"leave {flag} out, it describes engine files, which record none")
+            raise CliError(f"{what} records its cluster ({key.split('_')[1]}: "
+                           f"{recorded.get(key, 1)}); {flag} {value} contradicts it: {hint}")
+    if meta.get("policy") is not None and args.policy not in ("auto", meta["policy"]):
+        raise CliError(f"{what} records the {meta['policy']} policy; --policy {args.policy} "
+                       "contradicts it (leave --policy out)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+
+    check_cluster_flags(gpus=args.gpus, nodes=args.nodes, groups=args.groups)
+    placement, meta = read_placement_meta(
+        existing_file(args.placement, "placement file"), num_gpus=args.gpus,
+        num_nodes=args.nodes or 1, num_groups=args.groups or 1)
+    _check_recorded(meta, args, args.placement)
+    check_cluster_flags(gpus=placement.topology.num_gpus, nodes=placement.topology.num_nodes)
+    # from here on, the cluster the placement is on (recorded, or as the flags describe)
+    args.nodes, args.groups = placement.topology.num_nodes, placement.topology.num_groups
+    if args.routing is not None and args.dispatch != "nearest":
+        raise CliError("--routing scores cross-node traffic under SGLang's nearest dispatch: "
+                       "add --dispatch nearest (and --nodes N)")
+    trace = read_trace(args.loads, args)
+    weight = trace.total()
+    placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
+                                     args.first_layer, f"the placement {args.placement}",
+                                     f"loads {args.loads}")
+    # the policy of the rows scored: an SGLang file's dense layers hold SGLang's trivial
+    # map, which spreads every group over the nodes whatever the plan of the MoE rows
+    placement = _eval_policy(placement, meta, args)
+    layer_ids = _layer_ids(trace, args.first_layer, args.loads)
+    if keep is not None:
+        weight, layer_ids = weight[keep], [layer_ids[i] for i in keep]
+    topo = placement.topology
+    live = placement.live_gpus()
+    after_loads = placement.scaled_gpu_loads(weight)
+    nearest = None
+    if args.dispatch == "nearest":
+        nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep)
+        after_loads = nearest.pop("gpu_loads")
+    speed = eval_gpu_speed(args.gpu_speed, meta, topo.num_gpus, args.placement)
+    if speed is not None and args.dispatch == "nearest":
+        raise CliError("--gpu-speed cannot be combined with --dispatch nearest (as in plan)")
+    # no rebalancing, scored as the placement is (in time where GPU speeds are given)
+    before_layer, before, before_worst = load_balance(static_gpu_loads(weight, topo.num_gpus),
+                                                      None, speed)
+    after_layer, after, after_worst = load_balance(after_loads, live, speed)
+    ceil = ceiling(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
+                   placement.policy, active=placement.active_gpus, speed=speed is not None)
+    # busiest GPU over the ideal, per layer: by time where GPU speeds are given, as the
+    # overall worst is (1 / the layer's balancedness; 1.0 for a layer without load)
+    ratio_b = (1 / before_layer).tolist()
+    ratio_a = (1 / after_layer).tolist()
+    per_layer = [
+        {
+            "layer": lid,
+            "balancedness_before": float(before_layer[i]),
+            "balancedness_after": float(after_layer[i]),
+            "ceiling": None if ceil.per_layer is None else float(ceil.per_layer[i]),
+            "max_over_mean_before": ratio_b[i],
+            "max_over_mean_after": ratio_a[i],
+        }
+        for i, lid in enumerate(layer_ids)
+    ]
+    result = {
+        "placement": str(args.placement),
+        "loads": str(args.loads),
+        "topology": topo.as_dict(),
+        "policy": placement.policy,
+        "balancedness_before": before,
+        "balancedness_after": after,
+        "balancedness_ceiling": ceil.overall,
+        "worst_max_over_mean_before": before_worst,
+        "worst_max_over_mean_after": after_worst,
+        "dispatch": args.dispatch,
+        "layers": per_layer,
+    }
+    if nearest is not None:
+        result.update(nearest)
+    if args.json:
+        if args.summary:  # the figures without the per-layer list
+            del result["layers"]
+        print_json(result)
+        return 0
+    if not args.summary:
+        print_table(
+            "per layer (balancedness = mean / max GPU load; max/mean = worst GPU vs mean)",
+            ["layer", "bal before", "bal after", "ceiling", "max/mean before", "max/mean after"],
+            [[r["layer"], r["balancedness_before"], r["balancedness_after"], r["ceiling"],
+              r["max_over_mean_before"], r["max_over_mean_after"]] for r in per_layer],
+        )
+    print_table(
+        f"{args.placement} on {args.loads}: {topo.num_replicas} slots on {topo.num_gpus} GPUs "
+        f"({placement.policy})",
+        ["", "balancedness", "worst max/mean"],
+        [["no rebalancing (before)", before, before_worst],
+         [f"this placement (after{', nearest rule' if nearest is not None else ''})", after,
+          after_worst],
+         ["ceiling (upper bound)", ceil.overall, ceil.worst]],
+    )
+    if ceil.note and ceil.overall is None:
+        info(f"({ceil.note})")
+    if nearest is not None:
+        rows = [["balancedness, even split (vLLM)", nearest["balancedness_even_split"]],
+                ["balancedness, nearest rule (SGLang)", after]]
+        if "remote_nodes_per_token" in nearest:
+            rows.append(["remote nodes per token (routing trace)",
+                         nearest["remote_nodes_per_token"]])
+        print_table("under SGLang's nearest dispatch (tokens arising evenly on the GPUs)",
+                    ["", "value"], rows)
+    return 0
+
+
+def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor,
+                    num_rows: int, keep: list[int] | None) -> dict:
+    """Realised GPU loads under the nearest rule, and remote nodes per token. The routing
+    trace has the loads file's ``num_rows`` layers, as in ``plan`` (``keep``: the rows the
+    placement has), or the placement's."""
+    topo = placement.topology
+    if topo.num_nodes <= 1:
+        raise CliError(f"--dispatch nearest needs several nodes, and {args.placement} is for "
+                       "one: eplb files record their cluster, --nodes N (N > 1) applies to "
+                       "engine files")
+    active = placement.active_gpus
+    loads = realised_gpu_loads(weight, placement.phy2log, topo.num_gpus, topo.num_nodes,
+                               active_gpus=active)
+    out = {"gpu_loads": loads,
+           "balancedness_even_split": placement.balancedness(weight)}
+    routing = _routing(args)
+    if routing is not None:
+        if keep is not None and routing.shape[1] == num_rows:
+            routing = routing[:, keep]  # the loads' layers, paired as plan pairs them
+        if routing.shape[1] != placement.num_layers:
+            raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the "
+                           f"loads {num_rows}"
+                           + (f" (the placement {placement.num_layers})" if keep else ""))
+        if int(routing.max()) >= placement.num_experts:
+            raise CliError(f"--routing {args.routing} names experts beyond the placement's "
+                           f"{placement.num_experts}")
+        _distinct_rows(routing, args)
+        remote = remote_nodes_per_token(placement.phy2log, routing, placement.num_experts,
+                                        topo.num_gpus, topo.num_nodes, active_gpus=active)
+        out["remote_nodes_per_token"] = float(remote.mean())
+    return out
