@@ -18,9 +18,9 @@ Two kinds of candidates come from here:
   slots for the same groups.
 
 Both are scored here, as node rows (:func:`eplb.online.moves.gpu_moments` of each node
-row's GPUs, then :func:`eplb.online.moves.peak_of` over the layer's): the same numbers
-as scoring whole layers, for a fraction of the work, and only the chosen candidate of
-each layer is turned back into logical expert ids.
+row's GPUs, :func:`eplb.online.moves.draw_maxima` of each node row, then the max over
+the layer's node rows): the same numbers as scoring whole layers, for a fraction of the
+work, and only the chosen candidate of each layer is turned back into logical expert ids.
 """
 
 from __future__ import annotations
@@ -270,18 +270,30 @@ def candidates(
         return moves.gpu_moments(unit_rows, rows_done, topo.gpus_per_node, groups,
                                  options.group_share)
 
-    gpu, variance = moments(node_units, done[:1])
-    gpu, variance = gpu.repeat(ladder, 1, 1), np.repeat(variance, ladder, 0)
+    # each node row's max GPU load per draw (and now), then the max over the layer's
+    # node rows (maxima are exact: the same numbers as over the layer's GPUs at once).
+    # Every row's start is scored once, a search's later candidates once for the rows
+    # that share it (a row's moments depend on its own slots and loads only)
+    per_gpu, blocks = topo.gpus_per_node, len(of_layer)
+    z = torch.from_numpy(moves.normal_draws(moves.DRAWS, topo.num_gpus)).view(
+        moves.DRAWS, 1, 1, nodes, per_gpu)  # node n's GPUs draw columns n·P/N + k
+    gpu, variance = moments(node_units, done[:1])  # [1, B·N, P/N]
+    shape = (1, blocks, nodes, per_gpu)
+    row_peak = moves.draw_maxima(gpu.view(shape), variance.reshape(shape), options.drift, z)
+    row_peak = np.repeat(row_peak.reshape(moves.DRAWS, 1, -1), ladder, 1)  # [D, K, B·N]
+    row_now = np.repeat(gpu.amax(2).numpy(), ladder, 0)  # [K, B·N]
     if ladder > 1 and len(moving):
-        # rows that share a search share their moments: each search is scored once (a
-        # row's moments depend on its own slots and loads only, bit for bit)
         distinct, back = np.unique(twin, return_inverse=True)
         rows_of = moving[distinct]
-        once_gpu, once_variance = moments(node_units[rows_of], done[1:, rows_of])
-        gpu[1:, moving], variance[1:, moving] = once_gpu[:, back], once_variance[:, back]
-    shape = (ladder, len(of_layer), topo.num_gpus)
-    expected, now = moves.peak_of(gpu.view(shape), variance.reshape(shape),
-                                  units.sum(1)[of_layer], options.drift)
+        gpu, variance = moments(node_units[rows_of], done[1:, rows_of])  # [K − 1, M, P/N]
+        own = z.view(moves.DRAWS, 1, nodes, per_gpu)[:, :, rows_of % nodes]  # [D, 1, M, P/N]
+        row_peak[:, 1:, moving] = moves.draw_maxima(gpu, variance, options.drift, own)[:, :, back]
+        row_now[1:, moving] = gpu.amax(2).numpy()[:, back]
+    mean = np.maximum(units.sum(1)[of_layer] / topo.num_gpus, 1e-300)  # [B]
+    # (torch's max over a short last axis is several times faster than NumPy's)
+    layer_peak = torch.from_numpy(row_peak).view(moves.DRAWS, ladder, blocks, nodes).amax(3)
+    expected = moves.mean_of_draws(layer_peak.numpy()) / mean
+    now = torch.from_numpy(row_now).view(ladder, blocks, nodes).amax(2).numpy() / mean
     # layers' candidates: the ladder, then the regroups (base where none is offered)
     peak = np.full((2 * ladder, layers), np.inf)
     peak[:ladder] = expected[:, :layers]

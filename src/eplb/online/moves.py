@@ -24,6 +24,9 @@ from eplb.core.options import PackingOptions
 from eplb.core.packing import refine_path, repair_assignment
 from eplb.core.replication import replica_counts
 
+#: fixed stratified normal draws per GPU behind every expected next-window peak
+DRAWS = 16
+
 
 def counts_of(phy2log: np.ndarray, num_experts: int) -> np.ndarray:
     """``[B, E]`` replicas of every expert in ``phy2log [B, R]`` (``-1`` ignored)."""
@@ -315,7 +318,7 @@ def expected_peak(
     candidates: np.ndarray,
     num_gpus: int,
     drift: float,
-    draws: int = 16,
+    draws: int = DRAWS,
     groups: int = 1,
     group_share: float = 0.0,
     units: np.ndarray | None = None,
@@ -400,22 +403,37 @@ def gpu_moments(
 
 
 def peak_of(
-    gpu: torch.Tensor, variance: np.ndarray, total: np.ndarray, drift: float, draws: int = 16
+    gpu: torch.Tensor, variance: np.ndarray, total: np.ndarray, drift: float, draws: int = DRAWS
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(expected [C, B], now [C, B])`` from GPU moments ``[C, B, P]``
     (:func:`gpu_moments`) of rows whose loads total ``total [B]`` units (see
     :func:`expected_peak`)."""
     num_gpus = gpu.shape[2]
+    z = torch.from_numpy(normal_draws(draws, num_gpus))[:, None, None]  # [D, 1, 1, P]
+    mean = np.maximum(total[None] / num_gpus, 1e-300)  # [1, B]: what all spread
+    return mean_of_draws(draw_maxima(gpu, variance, drift, z)) / mean, gpu.amax(2).numpy() / mean
+
+
+def draw_maxima(
+    gpu: torch.Tensor, variance: np.ndarray, drift: float, z: torch.Tensor
+) -> np.ndarray:
+    """``[D, C, B]`` every row's max GPU load under each of the ``D`` draws ``z`` (which
+    broadcast against ``[D, C, B, P]``), from GPU moments ``[C, B, P]``
+    (:func:`gpu_moments`). A max is exact, so the max over a layer's GPUs may be taken
+    per node row first and then over the layer's node rows: the same numbers."""
     # square roots stay in NumPy: torch's vectorized sqrt is not correctly rounded
     spread = _drift_factor(drift) * np.sqrt(variance)
-    z = torch.from_numpy(_normal_draws(draws, num_gpus))[:, None, None]  # [D, 1, 1, P]
     noisy = torch.from_numpy(spread)[None] * z  # [D, C, B, P]
-    peaks = noisy.add_(gpu[None]).amax(3).numpy()  # [D, C, B]
+    return noisy.add_(gpu[None]).amax(-1).numpy()
+
+
+def mean_of_draws(peaks: np.ndarray) -> np.ndarray:
+    """``[...]`` the mean of :func:`draw_maxima` ``[D, ...]`` over the draws, added in a
+    fixed order (the same bits on every machine)."""
     peak = peaks[0].copy()
-    for d in range(1, draws):  # a fixed order of additions on every machine
+    for d in range(1, peaks.shape[0]):
         peak += peaks[d]
-    mean = np.maximum(total[None] / num_gpus, 1e-300)  # [1, B]: what all spread
-    return peak / draws / mean, gpu.amax(2).numpy() / mean
+    return peak / peaks.shape[0]
 
 
 def _group_squares(
@@ -475,7 +493,7 @@ def _drift_factor(drift: float) -> float:
 
 
 @lru_cache(maxsize=32)
-def _normal_draws(draws: int, num_gpus: int) -> np.ndarray:
+def normal_draws(draws: int, num_gpus: int) -> np.ndarray:
     """``[D, P]`` standard normal draws, stratified per GPU (each column holds the ``D``
     quantiles ``(k + 1/2) / D`` in a fixed shuffled order) and rounded to 2**-20, so the
     numbers are the same on every machine."""
