@@ -235,6 +235,8 @@ def candidates(
         moved_weight, moved_start, moved_experts = node_rows(weight[rows], start, request,
                                                              wanted[rows])
         filled = fill_arrivals(moved_weight, moved_start, topo.gpus_per_node)
+        # the slots whose group left (base's expert is no local id of the new node row)
+        gone = ((start < 0) & (sub >= 0)).reshape(len(rows) * nodes, -1)
         # one ladder over the base layers and the regrouped ones; nodes whose groups
         # changed are always searched
         changed = np.stack([(wanted[rows] == n) != (current[rows] == n) for n in range(nodes)],
@@ -305,17 +307,25 @@ def candidates(
     # the ladder keeps the node rows' labels: local ids compare like expert ids
     cost[:ladder] = (done[:, :in_layers] != done[:1, :in_layers]).reshape(
         ladder, layers, -1).sum(2)
-    regrouped = (to_layers(done[:, in_layers:], experts[in_layers:], len(rows)) if len(rows)
-                 else np.empty((ladder, 0, base.shape[1]), base.dtype))
-    cost[ladder:, rows] = (regrouped != base[rows][None]).sum(2)
+    if len(rows):
+        # the regroups compare in their own local ids too: base's slots read as them
+        # (``moved_start``) differ from a candidate's exactly where the expert ids do,
+        # but for a slot whose group left that the candidate leaves empty
+        moved = done[:, in_layers:]
+        differ = (moved != moved_start[None]) | ((moved < 0) & gone[None])
+        cost[ladder:, rows] = differ.reshape(ladder, len(rows), -1).sum(2)
 
     def take(pick: np.ndarray) -> np.ndarray:
-        chosen = np.minimum(pick, ladder - 1).repeat(nodes)
-        out = to_layers(done[chosen, np.arange(in_layers)][None], experts[:in_layers],
-                        layers)[0]
+        # every layer's node rows in its chosen candidate: its own block's, or its
+        # regroup's block's; one turn back into expert ids for all of them
+        step = np.minimum(pick, ladder - 1)
+        block = np.arange(layers)
         late = np.nonzero(pick[rows] >= ladder)[0]
-        out[rows[late]] = regrouped[pick[rows[late]] - ladder, late]
-        return out
+        step[rows[late]] = pick[rows[late]] - ladder
+        block[rows[late]] = layers + late
+        node_row = (block[:, None] * nodes + np.arange(nodes)).reshape(-1)
+        return to_layers(done[step.repeat(nodes), node_row][None], experts[node_row],
+                         layers)[0]
 
     return Scored(peak, now_all, cost, take)
 
