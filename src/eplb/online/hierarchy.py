@@ -147,10 +147,11 @@ def node_ladder(
     ``alias [L·N]``: for every node row, a row with the same loads, start and quota (its
     own index where none), searched once for both.
 
-    Returns ``(done [C, L·N, R/N], moving [M], twin [M])``: the candidates as node rows
-    (local ids; candidate 0 is the start), the node rows that were searched (the others
-    hold their start in every candidate), and for each of them the first of ``moving``
-    with the same search (its candidates are that row's: score them once).
+    Returns ``(done [C, L·N, R/N], moving [M], twin [M], counts [M, E/N])``: the
+    candidates as node rows (local ids; candidate 0 is the start), the node rows that
+    were searched (the others hold their start in every candidate), for each of them the
+    first of ``moving`` with the same search (its candidates are that row's: score them
+    once), and its replica counts in the swap steps (the last ``steps`` candidates).
     """
     topo = request.topology
     nodes, per_gpu = topo.num_nodes, topo.gpus_per_node
@@ -168,12 +169,13 @@ def node_ladder(
     unique, first, back = np.unique(source, return_index=True, return_inverse=True)
     options = request.options
     # a base row searched only for its regrouped twin takes the twin's quota (equal)
-    searched, _ = moves.warm_ladder(node_weight[unique], node_start[unique], per_gpu,
-                                    row_quota[moving[first]], options.incremental.steps,
-                                    options.packing, budgeted)
+    searched, _, counts = moves.warm_ladder(node_weight[unique], node_start[unique], per_gpu,
+                                            row_quota[moving[first]],
+                                            options.incremental.steps, options.packing,
+                                            budgeted)
     done = np.repeat(node_start[None], searched.shape[0], 0)
     done[:, moving] = searched[:, back]
-    return done, moving, first[back]
+    return done, moving, first[back], counts[back]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,8 +260,8 @@ def candidates(
                 & (quota[layers:].repeat(nodes) == quota[rows].repeat(nodes)))
         alias = np.arange(len(node_start))
         alias[in_base:] = np.where(same, twin, alias[in_base:])
-    done, moving, twin = node_ladder(node_weight, node_start, request, quota, budgeted,
-                                     always, alias)
+    done, moving, twin, counts = node_ladder(node_weight, node_start, request, quota,
+                                             budgeted, always, alias)
     ladder = done.shape[0]
     # scores: every node row's start once, the searched rows' later candidates
     options = request.options.incremental
@@ -268,9 +270,10 @@ def candidates(
     node_units = np.take_along_axis(units[of_layer.repeat(nodes)], experts, 1)
     groups = topo.num_groups // nodes
 
-    def moments(unit_rows: np.ndarray, rows_done: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def moments(unit_rows: np.ndarray, rows_done: np.ndarray,
+                shared: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
         return moves.gpu_moments(unit_rows, rows_done, topo.gpus_per_node, groups,
-                                 options.group_share)
+                                 options.group_share, shared)
 
     # each node row's max GPU load per draw (and now), then the max over the layer's
     # node rows (maxima are exact: the same numbers as over the layer's GPUs at once).
@@ -287,7 +290,10 @@ def candidates(
     if ladder > 1 and len(moving):
         distinct, back = np.unique(twin, return_inverse=True)
         rows_of = moving[distinct]
-        gpu, variance = moments(node_units[rows_of], done[1:, rows_of])  # [K − 1, M, P/N]
+        # without a budget every later candidate is a swap step: one set of replica
+        # counts per row (with one, the transfer-only candidates have their own)
+        shared = None if budgeted else counts[distinct]
+        gpu, variance = moments(node_units[rows_of], done[1:, rows_of], shared)  # [K − 1, M, P/N]
         own = z.view(moves.DRAWS, 1, nodes, per_gpu)[:, :, rows_of % nodes]  # [D, 1, M, P/N]
         row_peak[:, 1:, moving] = moves.draw_maxima(gpu, variance, options.drift, own)[:, :, back]
         row_now[1:, moving] = gpu.amax(2).numpy()[:, back]

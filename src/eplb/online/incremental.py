@@ -157,12 +157,13 @@ def _refine_rows(
     packing = request.options.packing
     steps = request.options.incremental.steps
     if request.active_gpus is None:
-        return moves.warm_ladder(weight, base, topo.num_gpus, quota, steps, packing, budgeted)
+        return moves.warm_ladder(weight, base, topo.num_gpus, quota, steps, packing,
+                                 budgeted)[:2]
     # dead GPUs: refine the live GPUs' slots only
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     num_live = int(request.live.sum())
-    inner, transfers = moves.warm_ladder(weight, base[:, live_slot], num_live, quota, steps,
-                                         packing, budgeted)
+    inner, transfers, _ = moves.warm_ladder(weight, base[:, live_slot], num_live, quota,
+                                            steps, packing, budgeted)
     out = np.repeat(base[None], inner.shape[0], 0)
     out[:, :, live_slot] = inner
     return out, transfers

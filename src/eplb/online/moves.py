@@ -256,9 +256,10 @@ def warm_ladder(
     steps: int,
     options: PackingOptions,
     transfers_only: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Warm-start candidates of every row, from few moves to many, and ``[B]`` the
-    replica transfers each row's counts are from Jefferson's.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Warm-start candidates of every row, from few moves to many, ``[B]`` the replica
+    transfers each row's counts are from Jefferson's, and ``[B, E]`` the replica counts
+    of the last ``steps`` candidates (swaps keep them: the same in every step).
 
     Candidate 0 is the base placement. With ``transfers_only``, candidates 1–3 apply the
     first quarter, half and all of the replica transfers toward Jefferson's counts (best
@@ -273,12 +274,13 @@ def warm_ladder(
         base: ``[B, R]`` valid placements of the rows (every slot filled).
 
     Returns:
-        ``([steps + 4, B, R], [B])``: the candidates (``[steps + 1, B, R]`` without
-        ``transfers_only``), the base first, and the transfers.
+        ``([steps + 4, B, R], [B], [B, E])``: the candidates (``[steps + 1, B, R]``
+        without ``transfers_only``), the base first; the transfers; the swap steps'
+        replica counts.
     """
     if base.shape[0] == 0:  # no row to search (e.g. no node can set its layer's time)
         return (np.repeat(base[None], steps + (4 if transfers_only else 1), 0),
-                np.zeros(0, np.int64))
+                np.zeros(0, np.int64), np.zeros((0, weight.shape[1]), np.int64))
     counts = counts_of(base, weight.shape[1])
     donor, receiver, count = transfer_order(weight, base, counts)
     count = np.where(quota > 0, count, 0)
@@ -302,7 +304,7 @@ def warm_ladder(
         steps=steps,
         counts=torch.from_numpy(start_counts),
     ).numpy()
-    return np.concatenate([base[None], only, path]), count
+    return np.concatenate([base[None], only, path]), count, start_counts
 
 
 def units_of(weight: np.ndarray) -> np.ndarray:
@@ -355,6 +357,7 @@ def gpu_moments(
     num_gpus: int,
     groups: int = 1,
     group_share: float = 0.0,
+    counts: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """``(load [C, B, P], variance [C, B, P])`` of every GPU of the candidates
     ``[C, B, R]`` (``-1`` slots carry nothing) with integer expert loads ``units [B, E]``
@@ -365,7 +368,9 @@ def gpu_moments(
     only, so rows may be any split of layers whose experts live in one row each (the
     node rows of hierarchical layers): the moments come out the same, bit for bit
     (integer sums; the group squares are added in ascending group order, and other
-    rows' groups only add zeros)."""
+    rows' groups only add zeros). ``counts [B, E]``: the replica counts every candidate
+    of a row shares, when the caller knows them (a swap search's steps: see
+    :func:`warm_ladder`); else they are counted."""
     cands, rows, _ = candidates.shape
     num_experts = units.shape[1]
     # The large element-wise steps run in torch on the host (several times faster than
@@ -378,13 +383,19 @@ def gpu_moments(
     any_empty = bool(candidates.size) and int(candidates.min()) < 0
     empty = slots < 0 if any_empty else None
     index = (slots.clamp(min=0) if any_empty else slots) + offset  # [C, B, R]
-    filled = index[~empty] if any_empty else index.flatten()
-    counts = np.bincount(filled.numpy(), minlength=cands * rows * num_experts)
-    counts = torch.from_numpy(counts.reshape(cands, rows, num_experts).astype(np.float64))
+    if counts is None:
+        filled = index[~empty] if any_empty else index.flatten()
+        counts = np.bincount(filled.numpy(), minlength=cands * rows * num_experts)
+        counts = counts.reshape(cands, rows, num_experts)
+    else:
+        counts = counts[None]
+    counts = torch.from_numpy(counts.astype(np.float64))  # [C or 1, B, E]
     if any_empty:  # empty slots read expert 0's share (then zeroed): it must be finite
         counts = counts.clamp(min=1)
     # an expert a candidate does not hold has no replica: its share (x / 0) is never read
-    per = torch.floor(torch.from_numpy(units) / counts)  # [C, B, E] integers
+    per = torch.floor(torch.from_numpy(units) / counts)  # [C or 1, B, E] integers
+    if per.shape[0] != cands:  # shared counts: every candidate reads its row's shares
+        per = per.expand(cands, rows, num_experts)
     load = per.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
     if any_empty:
         load = load * ~empty
