@@ -267,7 +267,8 @@ def candidates(
     options = request.options.incremental
     units = moves.units_of(weight) if units is None else units  # [L, E]
     of_layer = np.concatenate([np.arange(layers), rows])  # the layer of each block
-    node_units = np.take_along_axis(units[of_layer.repeat(nodes)], experts, 1)
+    # one flat take (no [B·N, E] copy of the layers' units first)
+    node_units = np.ravel(units)[experts + (of_layer * units.shape[1]).repeat(nodes)[:, None]]
     groups = topo.num_groups // nodes
 
     def moments(unit_rows: np.ndarray, rows_done: np.ndarray,
