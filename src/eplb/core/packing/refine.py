@@ -296,12 +296,14 @@ def _refine_max(
         ok &= ~clash
         if bool(illegal.any()):
             # few rows: search them alone
+            # (index_select and index_copy_: advanced indexing costs several times more)
             stuck = illegal.nonzero()[:, 0]
             sub, rescued, _ = swap_from(
-                state[:, :, stuck], u[stuck], loads[stuck], illegal[stuck]
+                state.index_select(2, stuck), u.index_select(0, stuck),
+                loads.index_select(0, stuck), illegal.index_select(0, stuck)
             )
-            state[:, :, stuck] = sub
-            ok_or_rescued = ok.index_put((stuck,), rescued)
+            state.index_copy_(2, stuck, sub)
+            ok_or_rescued = ok.index_copy(0, stuck, rescued)
         else:
             ok_or_rescued = ok
         if not bool(ok_or_rescued.any()):

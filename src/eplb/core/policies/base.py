@@ -79,10 +79,13 @@ def plan_rows(
         # in item units: make_items scales every row to a mean replica load of 1
         floor = torch.where(zero, 0.0, floor * num_replicas / weight.sum(1))
     if len(extra):
-        # rows × the first rule, then the coarse rows × every other rule
-        others = replica_counts(weight[extra], num_replicas, rules[1:])
+        # rows × the first rule, then the coarse rows × every other rule (index_select and
+        # a broadcast copy: advanced indexing and ``repeat`` cost several times more here)
+        coarse = weight.index_select(0, extra)
+        others = replica_counts(coarse, num_replicas, rules[1:])
         counts = torch.cat([counts, others.reshape(-1, num_experts)])
-        weight_all = torch.cat([weight, weight[extra].repeat(len(rules) - 1, 1)])
+        weight_all = torch.cat(
+            [weight, coarse.expand(len(rules) - 1, -1, -1).reshape(-1, num_experts)])
         if floor is not None:
             floor = torch.cat([floor, floor[extra].repeat(len(rules) - 1)])
     load, expert = expand_replicas(weight_all, counts)
@@ -114,7 +117,8 @@ def plan_rows(
     if len(extra):
         # keep, per coarse row, the allocation whose refined packing has the smallest peak
         peak = max_load(state)
-        candidates = torch.cat([peak[extra][None], peak[rows:].view(num_alloc - 1, -1)])
+        candidates = torch.cat(
+            [peak.index_select(0, extra)[None], peak[rows:].view(num_alloc - 1, -1)])
         best = candidates.min(0).indices  # first on ties: Jefferson
         choice = torch.where(
             best == 0,
@@ -122,7 +126,7 @@ def plan_rows(
             rows + (best - 1) * len(extra) + torch.arange(len(extra), device=weight.device),
         )
         pick = torch.arange(rows, device=weight.device).index_put((extra,), choice)
-        state = state[:, :, pick]
+        state = state.index_select(2, pick)
     return to_slots(state)
 
 
