@@ -154,27 +154,37 @@ def _assignment_state(
     phy2log: torch.Tensor,
     live: torch.Tensor,
     counts: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    all_live: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(state [2, S, L, P_live], live_ids)`` of a placement, loads in units of the row's
     mean slot load, stacked replicas already spread (moves no budget can refuse).
-    ``counts [L, E]``: the placement's replica counts, when the caller has them."""
+    ``counts [L, E]``: the placement's replica counts, when the caller has them.
+    ``all_live``: the caller knows every GPU of ``live`` is live; the state's columns
+    are then the GPUs themselves and ``live_ids`` is ``None`` (no index built, no copy)."""
     num_layers, num_slots = phy2log.shape
     num_gpus = live.shape[0]
     slots = num_slots // num_gpus
-    live_ids = live.nonzero()[:, 0]
-    num_live = len(live_ids)
+    grid = phy2log.view(num_layers, num_gpus, slots)  # [L, P_live, S]
+    if all_live:
+        live_ids, num_live = None, num_gpus
+    else:
+        live_ids = live.nonzero()[:, 0]
+        num_live = len(live_ids)
+        grid = grid[:, live_ids]
     if counts is None:
         counts = expert_counts(phy2log, weight.shape[1])
     per = weight / counts.clamp(min=1)
     scale = weight.sum(1, keepdim=True) / max(1, num_live * slots)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    grid = phy2log.view(num_layers, num_gpus, slots)[:, live_ids]  # [L, P_live, S]
     load = (
         per.gather(1, grid.reshape(num_layers, -1).clamp(min=0)).view_as(grid) / scale[:, :, None]
     )
-    state = (
-        torch.stack([load, grid.to(load.dtype)]).permute(0, 3, 1, 2).to(torch.float32).contiguous()
-    )
+    # written into the float32 state: the same roundings as stacking in float64 and
+    # casting (ids are exact in both), without the float64 [2, L, P, S] temporaries
+    state = torch.empty((2, slots, num_layers, num_live), dtype=torch.float32,
+                        device=phy2log.device)
+    state[LOAD].copy_(load.permute(2, 0, 1))
+    state[EXPERT].copy_(grid.permute(2, 0, 1))
     return repair_conflicts(state, counts.amax(1) > num_live), live_ids
 
 
@@ -293,10 +303,11 @@ def refine_path(
         return phy2log.new_empty((0, num_layers, num_slots))
     slots = num_slots // num_gpus
     live = torch.ones(num_gpus, dtype=torch.bool, device=phy2log.device)
-    state, live_ids = _assignment_state(weight, phy2log, live, counts)
+    state, _ = _assignment_state(weight, phy2log, live, counts, all_live=True)
     gpu = torch.arange(num_gpus, device=phy2log.device).expand(num_layers, -1)
     track = Tracking(gpu=gpu.to(torch.float32).contiguous())
-    track.origin = _origin_grid(origin, live_ids, gpu, slots)
+    # every GPU in its own column: the origin's grid needs no selecting nor reordering
+    track.origin = origin.view(num_layers, num_gpus, slots).permute(2, 0, 1).to(torch.float32)
     quota = quota.to(torch.int64)
     track.budget = (state[EXPERT] != track.origin).sum((0, 2)) + quota
     states: list[torch.Tensor] = []

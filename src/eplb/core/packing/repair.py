@@ -39,21 +39,23 @@ def repair_conflicts(
     if allow_shared is not None and bool(allow_shared.any()):
         state = state.clone()
         state[:, :, allow_shared] = _round_robin_state(state[:, :, allow_shared])
+    # rows are taken by index_select and written back by index_copy: torch's advanced
+    # indexing costs several times more per call at these sizes
     if suspects is None:
-        suspects = torch.arange(state.shape[2], device=state.device)
         conflict = _conflicts(state)
     elif len(suspects):
-        conflict = _conflicts(state[:, :, suspects])
+        conflict = _conflicts(state.index_select(2, suspects))
     else:
         return state
     bad = conflict.any(0).any(1)
     if allow_shared is not None:
-        bad &= ~allow_shared[suspects]
+        bad &= ~(allow_shared if suspects is None else allow_shared.index_select(0, suspects))
     if not bool(bad.any()):
         return state
-    rows = suspects[bad]
-    sub = state[:, :, rows]  # a copy: fix it, then write it back
-    conflict = conflict[:, bad]  # [S, n, P]
+    bad = bad.nonzero()[:, 0]
+    rows = bad if suspects is None else suspects.index_select(0, bad)
+    sub = state.index_select(2, rows)  # a copy: fix it, then write it back
+    conflict = conflict.index_select(1, bad)  # [S, n, P]
     buffers: dict[str, torch.Tensor] = {}
     for _ in range(num_gpus * slots):
         on_gpu = conflict.any(0)  # [n, P]
@@ -74,9 +76,7 @@ def repair_conflicts(
     stuck = conflict.any(0).any(1)
     if bool(stuck.any()):
         sub[:, :, stuck] = _round_robin_state(sub[:, :, stuck])
-    state = state.clone()
-    state[:, :, rows] = sub
-    return state
+    return state.index_copy(2, rows, sub)
 
 
 def _round_robin_state(state: torch.Tensor) -> torch.Tensor:
