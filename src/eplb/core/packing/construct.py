@@ -245,16 +245,14 @@ def _bldm_gpus(load: np.ndarray, num_gpus: int) -> np.ndarray:
         merges.append((heavy, light, packed & 0xFFFF))
     # back-substitute: position p of the surviving part is GPU p; a merge put unsorted
     # index k = order[p] there, taken from position P-1-k of the heavy part and k of the light
+    # (so the heavy part's labels are the light part's reversed: one scatter per merge)
     label = np.empty((rows * slots, num_gpus), np.int64)
     label[first_round + dead.argmin(1)] = position
     offset = np.arange(rows)[:, None] * num_gpus
     for heavy, light, order in reversed(merges):
-        gpu = label[heavy]
-        from_light = np.empty_like(gpu)
-        from_light.ravel()[offset + order] = gpu
-        from_heavy = np.empty_like(gpu)
-        from_heavy.ravel()[offset + (num_gpus - 1) - order] = gpu
-        label[heavy], label[light] = from_heavy, from_light
+        from_light = np.empty((len(heavy), num_gpus), np.int64)
+        from_light.ravel()[offset + order] = label[heavy]
+        label[heavy], label[light] = from_light[:, ::-1], from_light
     gpu_of_item = label.reshape(rows, slots, num_gpus)[:, :, ::-1].reshape(rows, num_items)
     return np.ascontiguousarray(gpu_of_item)
 

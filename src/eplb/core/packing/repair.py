@@ -37,8 +37,8 @@ def repair_conflicts(
     """
     _, slots, _rows, num_gpus = state.shape
     if allow_shared is not None and bool(allow_shared.any()):
-        state = state.clone()
-        state[:, :, allow_shared] = _round_robin_state(state[:, :, allow_shared])
+        shared = allow_shared.nonzero()[:, 0]
+        state = state.index_copy(2, shared, _round_robin_state(state.index_select(2, shared)))
     # rows are taken by index_select and written back by index_copy: torch's advanced
     # indexing costs several times more per call at these sizes
     if suspects is None:
