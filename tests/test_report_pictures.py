@@ -181,3 +181,24 @@ def test_generate_checks_the_format_before_the_work(capsys, tmp_path) -> None:
         assert code == 0, fmt
         assert (tmp_path / name).exists()
     assert Path(tmp_path / "h.json").read_text().startswith('{"load_history"')
+
+
+def test_report_picture_name_taken_by_a_folder_is_named_before_any_file_changes(
+        capsys, tmp_path) -> None:
+    # `--report DIR --force` where a picture's name is a folder: the error named a hidden
+    # temporary file (".simulation_over_time.png.<hex>.tmp"), after report files were written
+    trace = tmp_path / "trace.pt"
+    assert main(["generate", "--preset", "mixtral-8x7b", "--steps", "40", "-o", str(trace),
+                 "-q"]) == 0
+    out = tmp_path / "sim"
+    (out / "simulation_over_time.png").mkdir(parents=True)
+    (out / "report.md").write_text("mine")
+    capsys.readouterr()
+    code = main(["simulate", str(trace), "--window", "10", "-r", "12", "-g", "4",
+                 "--report", str(out), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{out / 'simulation_over_time.png'} is a directory" in err, err
+    assert ".tmp" not in err and "Traceback" not in err
+    assert (out / "report.md").read_text() == "mine"  # nothing was replaced
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "simulation_over_time.png"]

@@ -306,6 +306,8 @@ def atomic_write(
     keep_mode = None
     if force:
         _only_regular_files_are_replaced(path)
+        if path.is_dir():  # else os.replace fails naming its temporary file
+            raise IsADirectoryError(f"{path} is a directory; give a file name to write to")
         with contextlib.suppress(OSError):
             info = os.stat(path, follow_symlinks=False)
             if stat.S_ISREG(info.st_mode):

@@ -401,13 +401,15 @@ class Report:
         directory = Path(directory)
         if directory.exists() and not directory.is_dir():
             raise FileExistsError(f"{directory} exists and is not a directory")
-        if not force:
-            for name in self.planned_files():
-                if (directory / name).exists():
-                    raise FileExistsError(
-                        f"{directory / name} already exists; pass --force to overwrite it "
-                        "or choose another directory"
-                    )
+        for name in self.planned_files():
+            if (directory / name).is_dir():  # found before any file is replaced
+                raise IsADirectoryError(f"{directory / name} is a directory; the report "
+                                        "cannot replace it (even with --force)")
+            if not force and (directory / name).exists():
+                raise FileExistsError(
+                    f"{directory / name} already exists; pass --force to overwrite it "
+                    "or choose another directory"
+                )
         directory.mkdir(parents=True, exist_ok=True)
         have_plots = matplotlib_available()
         written: list[Path] = []
