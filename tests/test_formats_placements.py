@@ -389,3 +389,22 @@ def test_a_yaml_integer_beyond_pythons_digit_limit_names_the_file(tmp_path) -> N
     with pytest.raises(FormatError, match=r"lb\.yaml: .*more than 4300 digits") as info:
         read_placement(path, num_gpus=1)
     assert "set_int_max_str_digits" not in str(info.value)
+
+
+@pytest.mark.parametrize("topology", ["x", [288, 32], {"num_gpus": 8},
+                                      {"num_replicas": 32, "num_gpus": 8, "gpus": 8}])
+def test_a_topology_that_is_not_eplbs_mapping_is_named_without_python_internals(
+        tmp_path, topology) -> None:
+    """Found by the newbie/attacker pass: a topology that was not a mapping of eplb's keys
+    reported Python's call error ("Topology() argument after ** must be a mapping, not
+    str", "got an unexpected keyword argument")."""
+    placement = eplb.plan(torch.arange(64.0).reshape(4, 16), 32, 8)
+    path = tmp_path / "p.json"
+    write_placement(placement, path)
+    doc = json.loads(path.read_text())
+    doc["topology"] = topology
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match=r"p\.json: bad topology .*expected a mapping of "
+                       r"num_replicas, num_gpus, num_nodes, num_groups") as info:
+        read_placement(path)
+    assert "argument" not in str(info.value)

@@ -475,6 +475,10 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
     for name in ("topology", "num_experts", "phy2log"):
         if name not in doc:
             raise FormatError(path, f"eplb placement lacks the field {name!r}")
+    keys, given = ("num_replicas", "num_gpus", "num_nodes", "num_groups"), doc["topology"]
+    if not (isinstance(given, dict) and set(keys[:2]) <= set(given) <= set(keys)):
+        raise FormatError(path, f"bad topology {shown(given)}: expected a mapping of "
+                                f"{', '.join(keys)} (the last two optional)")
     try:
         topo = Topology(**doc["topology"])
     except (TypeError, ValueError) as exc:
