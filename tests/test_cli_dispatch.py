@@ -313,3 +313,24 @@ def test_nearest_options_of_another_policy_are_refused_by_flag(tmp_path, capsys,
     assert code == 2
     assert err.startswith("eplb: error: ") and len(err.strip().splitlines()) == 1, err
     assert said in err and "policy='" not in err
+
+
+@pytest.mark.parametrize(("extra", "said"), [
+    (["--policy", "global", "--dead-gpus", "3"], "with --dead-gpus eplb re-plans"),
+    (["--policy", "locality"], "with the locality policy eplb re-plans"),
+])
+def test_a_move_budget_the_nearest_rule_cannot_keep_is_refused_by_flag(tmp_path, capsys, loads,
+                                                                       extra, said):
+    """Found by the newbie/attacker pass: --max-moves under --dispatch nearest with dead
+    GPUs (or the locality policy) was refused in the API's words ("max_moves with
+    dispatch='nearest' is supported ...")."""
+    path, _ = loads
+    prev = tmp_path / "prev.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8,
+               "--dispatch", "nearest", "--policy", "global", "-o", prev)[0] == 0
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8,
+                       "--dispatch", "nearest", *extra, "--previous", prev,
+                       "--max-moves", 10, "-o", tmp_path / "x.json")
+    assert code == 2
+    assert err.startswith("eplb: error: ") and len(err.strip().splitlines()) == 1, err
+    assert said in err and "--max-moves" in err and "max_moves" not in err, err

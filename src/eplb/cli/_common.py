@@ -178,10 +178,15 @@ def check_cluster_flags(*, gpus: int | None, nodes: int | None,
         raise CliError(f"--gpus ({gpus}) must be a multiple of --nodes ({nodes})")
 
 
-def check_nearest_flags(args: argparse.Namespace, policy: str) -> None:
-    """Under ``--dispatch nearest``: ``--fair`` shapes a global plan and ``--routing``
-    feeds the locality policy; refuse either for another ``policy`` by flag (the API's
-    refusal names its keywords)."""
+def check_nearest_flags(args: argparse.Namespace, policy: str, dead: bool = False) -> None:
+    """Under ``--dispatch nearest``: ``--fair`` shapes a global plan, ``--routing``
+    feeds the locality policy and ``--max-moves`` budgets the global policy with every GPU
+    live; refuse each elsewhere by flag (the API's refusal names its keywords)."""
+    if getattr(args, "max_moves", None) is not None and (policy != "global" or dead):
+        where = f"the {policy} policy" if policy != "global" else "--dead-gpus"
+        raise CliError(f"--max-moves under --dispatch nearest budgets the global policy with "
+                       f"every GPU live; with {where} eplb re-plans and relabels onto the "
+                       "old GPUs (no budget): drop --max-moves")
     if args.fair != "auto" and policy != "global":
         raise CliError(f"--fair shapes the global policy's plan for nearest dispatch; this "
                        f"plan is {policy}: add --policy global, or drop --fair")

@@ -181,11 +181,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             raise CliError("--max-moves needs --previous (the placement in service)")
         options["max_moves"] = args.max_moves
 
+    dead = active is not None and not bool(active.all())
     policy = cli_policy(args.policy, args.replicas, args.gpus, args.nodes, args.groups,
-                        num_experts, dead=active is not None and not bool(active.all()),
-                        speeds=speed is not None)
+                        num_experts, dead=dead, speeds=speed is not None)
     if options.get("dispatch") == "nearest":  # refused by the API in its keywords' names
-        check_nearest_flags(args, policy)
+        check_nearest_flags(args, policy, dead)
     if options.get("dispatch") == "nearest" and args.policy == "auto" and policy == "hierarchical":
         warn("--policy auto plans hierarchically (groups on several nodes), which keeps each "
              "group on one node but balances far worse under --dispatch nearest than "
