@@ -288,7 +288,10 @@ def test_an_expert_hotter_than_the_nodes_share_gets_more_than_a_replica_per_node
     nearest = eplb.plan(weight, 128, 16, 2, 1, policy="global", dispatch="nearest")
     nearest.validate()
     even = eplb.plan(weight, 128, 16, 2, 1, policy="global").phy2log
-    assert served(nearest.phy2log) >= served(even) > 0.85
+    # (before replica counts were capped at a replica per GPU, the even-split plan served
+    # 0.89 here and the nearest plan 0.934; capped, the even-split plan serves 0.941 and
+    # the nearest plan 0.931: it keeps its own layers within keep_better_served's 5 %)
+    assert served(nearest.phy2log) > 0.92 and served(even) > 0.92
     assert int((nearest.phy2log == 0).sum(1).min()) > 2  # more than a replica per node
 
 

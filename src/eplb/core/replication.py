@@ -81,6 +81,42 @@ def replica_counts(
     return torch.from_numpy(counts).to(weight.device)
 
 
+def cap_counts(weight: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Tensor:
+    """``counts [..., rows, E]`` with no expert above ``cap`` replicas (the GPUs of a row).
+
+    An expert with ``c > P`` replicas on ``P`` GPUs must put two on one GPU, which then
+    carries at least ``2·w / c`` of it, more than the ``w / P`` it carries with one
+    replica per GPU whenever ``c < 2P`` (and never less): the replicas beyond ``P`` only
+    make a hot spot. Divisor rules grant them to an expert carrying more than about
+    ``1 / S`` of a row's load, e.g. one expert taking nearly all tokens (288 slots on 32
+    GPUs: 0.516 of the ideal balance with 33 replicas, 1.0 with 32). Such counts are cut
+    to ``cap`` and the freed replicas granted one at a time by Jefferson's priority
+    ``w / c`` (ties: the lower expert id) to experts still below it. Rows where ``cap · E``
+    cannot hold the slots keep their counts (the packing then shares GPUs).
+    ``weight [rows, E]``. Returns ``counts`` itself when nothing is above the cap.
+    """
+    num_experts = counts.shape[-1]
+    flat = counts.reshape(-1, num_experts)
+    over = (flat.amax(1) > cap) & (cap * num_experts >= flat.sum(1))
+    if not bool(over.any()):
+        return counts
+    rows = weight.shape[0]
+    which = over.nonzero()[:, 0]
+    w = weight.detach().to(torch.float64).cpu().numpy()[(which % rows).numpy()]
+    c = flat[which].cpu().numpy().astype(np.int64)
+    freed = np.maximum(c - cap, 0).sum(1)
+    c = np.minimum(c, cap)
+    for _ in range(int(freed.max())):
+        go = np.nonzero(freed > 0)[0]
+        priority = np.where(c[go] < cap, w[go] / c[go], -np.inf)
+        pick = np.argmax(priority, 1)  # first on ties: deterministic
+        c[go, pick] += 1
+        freed[go] -= 1
+    out = flat.clone()
+    out[which] = torch.from_numpy(c).to(out.device, out.dtype)
+    return out.reshape(counts.shape)
+
+
 def _priority(
     rule: float | str, load: np.ndarray, quota: np.ndarray, count: np.ndarray
 ) -> np.ndarray:

@@ -31,7 +31,7 @@ import torch
 from eplb.core.ordering import descending_order, top_indices
 from eplb.core.packing.repair import repair_conflicts
 from eplb.core.packing.state import to_slots
-from eplb.core.replication import replica_counts, replica_experts
+from eplb.core.replication import cap_counts, replica_counts, replica_experts
 
 __all__ = [
     "DEFAULT_TWO_SLOT_DONORS",
@@ -207,6 +207,7 @@ def search_two_slot_counts(
     """
     counts = counts.copy()
     rows, num_experts = w.shape
+    num_gpus = int(counts[0].sum()) // 2 if rows else 1
     x = _scan(w, counts)
     F, k = _pair_max_x(x)
     top = _expert_at(w, counts, x, k)
@@ -238,6 +239,8 @@ def search_two_slot_counts(
         cand[i_n, i_r, i_k, donor] -= 1
         cand[i_n, i_r, i_k, recv] += 1
         legal = (np.take_along_axis(ca, pick, 1)[:, None, :] >= 2) & (donor != recv)
+        # a receiver already on every GPU would stack its next replica on one of them
+        legal &= np.take_along_axis(ca, receivers, 1)[:, :, None] < num_gpus
         # an illegal move (donor with one replica, or donor = receiver) keeps the counts
         cand = np.where(legal[..., None], cand, ca[:, None, None, :]).reshape(-1, num_experts)
         cand_w = np.broadcast_to(wa[:, None, None, :], (n, 2, k_don, num_experts))
@@ -316,7 +319,8 @@ def plan_two_slots(
     if num_replicas == num_experts:
         counts = np.ones_like(w, dtype=np.int64)
     else:
-        every = replica_counts(torch.from_numpy(w), num_replicas, rules).numpy()
+        every = cap_counts(torch.from_numpy(w), replica_counts(torch.from_numpy(w), num_replicas,
+                                                         rules), num_gpus).numpy()
         scores = np.stack([_pair_max_x(_scan(w, c))[0] for c in every])  # [rules, rows]
         counts = every[scores.argmin(0), np.arange(rows)]
         # the search's value of the counts it returns (with 0 iterations: of the start)

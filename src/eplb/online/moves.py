@@ -22,7 +22,7 @@ import torch
 
 from eplb.core.options import PackingOptions
 from eplb.core.packing import refine_path, repair_assignment
-from eplb.core.replication import replica_counts
+from eplb.core.replication import cap_counts, replica_counts
 
 #: fixed stratified normal draws per GPU behind every expected next-window peak
 DRAWS = 16
@@ -134,9 +134,10 @@ def fill_and_spread(
 
 
 def transfer_order(
-    weight: np.ndarray, phy2log: np.ndarray, counts: np.ndarray
+    weight: np.ndarray, phy2log: np.ndarray, counts: np.ndarray, num_gpus: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The replica transfers that turn each row's replica counts into Jefferson's, best
+    """The replica transfers that turn each row's replica counts into Jefferson's (none
+    above one replica per GPU of the ``num_gpus``, as fresh plans count them), best
     first: ``(donor [B, T], receiver [B, T], count [B])`` with ``-1`` padding.
 
     Transfer ``t`` moves one replica from ``donor[:, t]`` to ``receiver[:, t]``. Receiver
@@ -147,7 +148,8 @@ def transfer_order(
     counts of ``phy2log`` (:func:`counts_of`).
     """
     rows, num_slots = phy2log.shape
-    want = replica_counts(torch.from_numpy(weight), num_slots, (0.0,))[0].numpy()
+    host = torch.from_numpy(weight)
+    want = cap_counts(host, replica_counts(host, num_slots, (0.0,))[0], num_gpus).numpy()
     gain = want - counts
     count = np.maximum(gain, 0).sum(1)
     width = int(count.max(initial=0))
@@ -282,7 +284,7 @@ def warm_ladder(
         return (np.repeat(base[None], steps + (4 if transfers_only else 1), 0),
                 np.zeros(0, np.int64), np.zeros((0, weight.shape[1]), np.int64))
     counts = counts_of(base, weight.shape[1])
-    donor, receiver, count = transfer_order(weight, base, counts)
+    donor, receiver, count = transfer_order(weight, base, counts, num_gpus)
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
     start, prefixes, start_counts = apply_transfers(

@@ -19,7 +19,7 @@ from eplb.core.count_bounds import bound_is_mean, rank_allocations
 from eplb.core.inputs import uniform_where_empty
 from eplb.core.options import FEW_SLOTS, PlanOptions
 from eplb.core.packing import make_items, max_load, pack, to_slots
-from eplb.core.replication import expand_replicas, replica_counts
+from eplb.core.replication import cap_counts, expand_replicas, replica_counts
 from eplb.core.request import PlanRequest
 from eplb.core.small_slots import plan_one_slot, plan_two_slots
 
@@ -54,7 +54,8 @@ def plan_rows(
     if num_replicas == 2 * num_gpus:
         return plan_two_slots(weight, num_replicas, options.packing.two_slot_iterations())
     rules = options.rules
-    counts = replica_counts(weight, num_replicas, rules[:1])[0]  # [rows, E]
+    # [rows, E]; no expert above one replica per GPU (cap_counts: more only stack)
+    counts = cap_counts(weight, replica_counts(weight, num_replicas, rules[:1])[0], num_gpus)
     # the portfolio only matters where replicas are coarse next to a GPU's mean load;
     # elsewhere every allocation packs alike and the first rule's (Jefferson's) is kept
     extra = torch.empty(0, dtype=torch.int64)
@@ -82,7 +83,7 @@ def plan_rows(
         # rows × the first rule, then the coarse rows × every other rule (index_select and
         # a broadcast copy: advanced indexing and ``repeat`` cost several times more here)
         coarse = weight.index_select(0, extra)
-        others = replica_counts(coarse, num_replicas, rules[1:])
+        others = cap_counts(coarse, replica_counts(coarse, num_replicas, rules[1:]), num_gpus)
         counts = torch.cat([counts, others.reshape(-1, num_experts)])
         weight_all = torch.cat(
             [weight, coarse.expand(len(rules) - 1, -1, -1).reshape(-1, num_experts)])
