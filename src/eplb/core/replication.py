@@ -106,12 +106,17 @@ def cap_counts(weight: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Te
     c = flat[which].cpu().numpy().astype(np.int64)
     freed = np.maximum(c - cap, 0).sum(1)
     c = np.minimum(c, cap)
-    for _ in range(int(freed.max())):
-        go = np.nonzero(freed > 0)[0]
-        priority = np.where(c[go] < cap, w[go] / c[go], -np.inf)
-        pick = np.argmax(priority, 1)  # first on ties: deterministic
-        c[go, pick] += 1
-        freed[go] -= 1
+    # the grants one at a time (largest w / c, ties to the lower expert) are the largest
+    # entries of the table of further steps w / (c + j), c + j < cap, taken in a stable
+    # descending sort of (expert, j): each expert's steps fall with j, so the sort meets
+    # them in the order the one-at-a-time greedy grants them
+    # (no expert takes more than a row's freed replicas: steps beyond that never win)
+    steps = min(cap, int(freed.max()))
+    count = c[:, :, None] + np.arange(steps)  # [n, E, steps] the count before each step
+    priority = np.where(count < cap, w[:, :, None] / np.maximum(count, 1), -np.inf)
+    order = np.argsort(-priority.reshape(len(c), -1), axis=1, kind="stable")
+    granted = np.arange(order.shape[1]) < freed[:, None]  # the first `freed` of each row
+    np.add.at(c, (np.nonzero(granted)[0], order[granted] // steps), 1)
     out = flat.clone()
     out[which] = torch.from_numpy(c).to(out.device, out.dtype)
     return out.reshape(counts.shape)
