@@ -37,6 +37,7 @@ from eplb.core.inputs import (
 )
 from eplb.core.options import PackingOptions, PlanOptions
 from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
+from eplb.core.packing.speed_start import keep_faster, speed_greedy
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
 from eplb.core.request import DEFAULT_SLACK, PlanRequest
@@ -282,11 +283,14 @@ def fresh_phy2log(request: PlanRequest) -> torch.Tensor:
     else:
         phy2log = POLICIES[request.policy]().place(request)
     if request.gpu_speed is not None:
-        phy2log = refine_assignment(
+        # the plan above packs for equal GPUs; swaps from it and from a speed-aware greedy
+        # packing of the same replicas, the better kept per layer (packing/speed_start.py)
+        speed, live, packing = request.gpu_speed, request.live, request.options.packing
+        start = speed_greedy(request.weight, phy2log, live, speed)
+        phy2log = keep_faster(
             request.weight,
-            phy2log,
-            request.live,
-            request.options.packing,
-            speed=request.gpu_speed,
+            refine_assignment(request.weight, phy2log, live, packing, speed=speed),
+            refine_assignment(request.weight, start, live, packing, speed=speed),
+            speed,
         )
     return phy2log
