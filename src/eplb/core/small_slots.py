@@ -177,6 +177,36 @@ def _partner_of(x: np.ndarray, values: np.ndarray) -> np.ndarray:
     return np.take_along_axis(x, mirror, 1)
 
 
+def _receivers(w: np.ndarray, c: np.ndarray, x: np.ndarray, k: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """``(top [N], bottom [N])``: the experts the count search grows, from the pieces
+    ``x = _scan(w, c)`` and the top index ``k [N]`` of the largest plain pair.
+
+    Normally the two experts of that pair. Where it is a self-pair of the expert whose run
+    straddles the median, both would be that one expert and the search would stall, while
+    the max is set by the exchanged pairs (:func:`_straddle_adjusted`, ``x_low + v`` and
+    ``v + x_high``): their partners, at ``low`` and ``high``, are grown instead (found by a
+    brute force over tiny instances: ``w = [7, 0, 8]`` on 2 GPUs stopped at 11 where one
+    move reaches the optimum 8)."""
+    num = x.shape[1]
+    top = _expert_at(w, c, x, k)
+    bottom = _expert_at(w, c, x, num - 1 - k)
+    rows = np.nonzero(top == bottom)[0]
+    if len(rows):
+        half = num // 2
+        xs = x[rows]
+        v = xs[:, half - 1][:, None]
+        start = (xs > v).sum(1)
+        end = (xs >= v).sum(1) - 1
+        n_self = half - np.maximum(start, num - 1 - end)
+        donors = np.minimum(start, num - 1 - end)
+        low = np.clip(donors - n_self, 0, num - 1)
+        high = np.clip(num - donors, 0, num - 1)
+        top[rows] = _expert_at(w[rows], c[rows], xs, low)
+        bottom[rows] = _expert_at(w[rows], c[rows], xs, high)
+    return top, bottom
+
+
 def search_two_slot_counts(
     w: np.ndarray,
     counts: np.ndarray,
@@ -210,8 +240,7 @@ def search_two_slot_counts(
     num_gpus = int(counts[0].sum()) // 2 if rows else 1
     x = _scan(w, counts)
     F, k = _pair_max_x(x)
-    top = _expert_at(w, counts, x, k)
-    bottom = _expert_at(w, counts, x, x.shape[1] - 1 - k)
+    top, bottom = _receivers(w, counts, x, k)
     active = np.arange(rows)
     k_don = min(donors, num_experts)
     for _ in range(iterations):
@@ -257,9 +286,8 @@ def search_two_slot_counts(
         counts[rows_better] = cand[chosen]
         F[rows_better] = f[better, best[better]]
         x = cx[chosen]
-        top[rows_better] = _expert_at(cand_w[chosen], cand[chosen], cx[chosen], fk[chosen])
-        bottom[rows_better] = _expert_at(cand_w[chosen], cand[chosen], cx[chosen],
-                                         cx.shape[1] - 1 - fk[chosen])
+        top[rows_better], bottom[rows_better] = _receivers(cand_w[chosen], cand[chosen],
+                                                           cx[chosen], fk[chosen])
         active = rows_better
     return counts, F
 
