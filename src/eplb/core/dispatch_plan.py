@@ -45,7 +45,7 @@ from eplb.core.dispatch import realised_gpu_loads, realised_slot_loads
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, max_load, pack, to_slots
 from eplb.core.placement import expert_counts
-from eplb.core.replication import expand_replicas, replica_counts
+from eplb.core.replication import cap_counts, expand_replicas, replica_counts
 from eplb.core.topology import Topology, is_name
 
 
@@ -54,9 +54,9 @@ def capped_counts(
 ) -> torch.Tensor:
     """``[len(rules), rows, E]`` replica counts of eplb's rules, none above ``cap``.
 
-    Counts above ``cap`` are cut to it; the freed replicas go, one at a time in Jefferson's
-    order (largest ``w / c`` first, ``c`` the current count), to experts still below the
-    cap. Raises ``ValueError`` if ``cap · E < R``.
+    Counts above ``cap`` are cut to it and the freed replicas granted by Jefferson's
+    priority (:func:`eplb.core.replication.cap_counts`, which the even-split planner uses
+    with one replica per GPU as the cap). Raises ``ValueError`` if ``cap · E < R``.
     """
     num_experts = weight.shape[1]
     if cap * num_experts < num_replicas:
@@ -64,22 +64,7 @@ def capped_counts(
             f"{num_replicas} slots cannot hold at most {cap} replicas of each of "
             f"{num_experts} experts"
         )
-    counts = replica_counts(weight, num_replicas, rules)  # [K, rows, E]
-    freed = (counts - cap).clamp(min=0).sum(2)  # [K, rows]
-    if not bool((freed > 0).any()):
-        return counts
-    counts = counts.clamp(max=cap)
-    most = int(freed.max())
-    # priority of the j-th further replica of e: w / (c + j), valid while c + j < cap;
-    # it falls with j, so the top entries of the table are a valid greedy order
-    step = torch.arange(cap, device=weight.device, dtype=torch.int64)
-    nxt = counts[..., None] + step  # [K, rows, E, cap]
-    prio = weight.to(torch.float64)[None, :, :, None] / nxt.clamp(min=1)
-    prio = torch.where(nxt < cap, prio, torch.full_like(prio, -1.0))
-    top = prio.flatten(2).topk(most, dim=2).indices // cap  # [K, rows, most] expert ids
-    take = torch.arange(most, device=weight.device) < freed[..., None]
-    add = torch.zeros_like(counts).scatter_add_(2, top, take.to(counts.dtype))
-    return counts + add
+    return cap_counts(weight, replica_counts(weight, num_replicas, rules), cap)
 
 
 def coverage_counts(weight: torch.Tensor, num_replicas: int, num_nodes: int) -> torch.Tensor:

@@ -96,6 +96,8 @@ def cap_counts(weight: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Te
     ``weight [rows, E]``. Returns ``counts`` itself when nothing is above the cap.
     """
     num_experts = counts.shape[-1]
+    if not counts.numel() or int(counts.max()) <= cap:  # the common case: one reduction
+        return counts
     flat = counts.reshape(-1, num_experts)
     over = (flat.amax(1) > cap) & (cap * num_experts >= flat.sum(1))
     if not bool(over.any()):

@@ -347,8 +347,8 @@ def plan_two_slots(
     if num_replicas == num_experts:
         counts = np.ones_like(w, dtype=np.int64)
     else:
-        every = cap_counts(torch.from_numpy(w), replica_counts(torch.from_numpy(w), num_replicas,
-                                                         rules), num_gpus).numpy()
+        host = torch.from_numpy(w)
+        every = cap_counts(host, replica_counts(host, num_replicas, rules), num_gpus).numpy()
         scores = np.stack([_pair_max_x(_scan(w, c))[0] for c in every])  # [rules, rows]
         counts = every[scores.argmin(0), np.arange(rows)]
         # the search's value of the counts it returns (with 0 iterations: of the start)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from eplb.core.ordering import descending_order
-from eplb.core.placement import expert_counts
+from eplb.core.placement import expert_counts, slot_gpu_loads
 
 
 def speed_greedy(
@@ -68,16 +68,12 @@ def keep_faster(
     weight: torch.Tensor, first: torch.Tensor, second: torch.Tensor, speed: torch.Tensor
 ) -> torch.Tensor:
     """``[L, R]``: per layer, ``second`` where its max ``load / speed`` is smaller than
-    ``first``'s, else ``first`` (float64 sums of the exact per-replica loads)."""
-    num_gpus = speed.shape[0]
+    ``first``'s, else ``first`` (float64 GPU loads, :func:`eplb.core.placement.
+    slot_gpu_loads`)."""
+    w, sp = weight.detach().to(torch.float64), speed.detach().to(torch.float64).cpu()
 
-    def peak(phy2log: torch.Tensor) -> np.ndarray:
-        ph = phy2log.cpu().numpy()
-        w = weight.detach().to(torch.float64).cpu().numpy()
-        counts = expert_counts(phy2log, w.shape[1]).cpu().numpy()
-        per = np.take_along_axis(w / np.maximum(counts, 1), np.maximum(ph, 0), 1)
-        per = np.where(ph >= 0, per, 0.0).reshape(len(ph), num_gpus, -1).sum(2)
-        return (per / speed.detach().to(torch.float64).cpu().numpy()).max(1)
+    def peak(phy2log: torch.Tensor) -> torch.Tensor:
+        return (slot_gpu_loads(w, phy2log, speed.shape[0]).cpu() / sp).amax(1)
 
-    better = torch.from_numpy(peak(second) < peak(first) * (1 - 1e-12)).to(first.device)
+    better = (peak(second) < peak(first) * (1 - 1e-12)).to(first.device)
     return torch.where(better[:, None], second, first)
