@@ -311,6 +311,26 @@ def test_generate_writes_every_trace_format_plan_reads(capsys, tmp_path, trace_f
     assert torch.equal(read_loads(path).counts, read_loads(trace_file).counts)
 
 
+def test_generate_sglang_keeps_model_layers(capsys, tmp_path) -> None:
+    # DeepSeek-V3's MoE layers are 3..60; an SGLang dump's rows are model layers, so the
+    # file has a row for every layer (dense ones zero), as SGLang's recorder writes it:
+    # written as rows 0..57 they were planned and keyed as layers 0..57, and a YAML from
+    # it named the wrong layers
+    pt, dump, yaml_out = tmp_path / "t.pt", tmp_path / "t.json", tmp_path / "lb.yaml"
+    for path, extra in ((pt, []), (dump, ["--format", "sglang"])):
+        code, _, err = run(capsys, "generate", "--steps", "2", "-o", path, "-q", *extra)
+        assert code == 0, err
+    from eplb.formats import read_loads
+
+    trace, back = read_loads(pt), read_loads(dump)
+    assert trace.layer_ids == list(range(3, 61)) and back.layer_ids == list(range(61))
+    assert torch.equal(back.counts[:, 3:], trace.counts) and back.counts[:, :3].eq(0).all()
+    code, _, err = run(capsys, "plan", dump, "-r", 288, "-g", 32, "-o", yaml_out)
+    assert code == 0, err
+    assert "layers 0..2 saw no tokens" in err
+    assert "\n  60: [" in yaml_out.read_text()
+
+
 def test_generate_list_and_errors(capsys, tmp_path) -> None:
     code, out, _ = run(capsys, "generate", "--list")
     assert code == 0 and "deepseek-v3" in out

@@ -25,8 +25,11 @@ def write_loads(
 
     ``"pt"`` / ``"npz"`` keep ``counts`` and ``layer_ids`` (``read_loads`` restores both);
     ``"npy"`` is the bare ``[T, L, E]`` array; ``"vllm-history"`` (ADRS JSON, written step by
-    step) and ``"sglang"`` (``{"logical_count": [T][L][E]}``) are the engines' own layouts.
-    The last three drop the layer ids.
+    step) and ``"sglang"`` (``{"logical_count": [T][M][E]}``) are the engines' own layouts.
+    ``"npy"`` and ``"vllm-history"`` drop the layer ids. ``"sglang"`` keeps them as SGLang's
+    recorder does: a row for every model layer ``0..M-1`` (``M`` = the largest id + 1), all
+    zero for layers the trace lacks (dense ones), since ``read_loads`` takes an SGLang
+    dump's row index as its model layer.
     Integer-valued counts are stored as integers: int32 where they fit (half the size of
     int64: a 6000-step DeepSeek-V3 trace is 0.36 GB, not 0.71), else int64. Refuses to
     overwrite unless ``force``.
@@ -54,7 +57,11 @@ def write_loads(
     elif format == "npy":
         atomic_write(path, lambda f: np.save(f, counts.numpy()), "wb", force=force)
     elif format == "sglang":
-        doc = {"logical_count": counts.tolist()}
+        # rows are model layers in SGLang's dumps: a trace of layers 3..60 written as rows
+        # 0..57 would be read back (and planned, keyed and matched) as layers 0..57
+        rows = counts.new_zeros(counts.shape[0], int(layer_ids.max()) + 1, counts.shape[2])
+        rows[:, layer_ids] = counts
+        doc = {"logical_count": rows.tolist()}
         atomic_write(path, lambda f: json.dump(doc, f), "w", force=force)
     else:
         atomic_write(path, lambda f: _write_history(counts, f), "w", force=force)
