@@ -461,6 +461,21 @@ def test_an_old_map_that_is_not_integer_ids_is_refused():
         plugin.eplb_rebalance(tokens, 24, 3, None, 1, False, old_phy2log=old.float() + 0.9)
 
 
+def test_step_counts_are_checked_before_they_are_summed():
+    # SGLang's [T, L, E] counts are summed over T: a negative count of one step vanished
+    # into a positive sum, and counts whose sum passes int64's range wrapped to negative
+    # loads that the check then blamed on SGLang's call
+    tokens = torch.randint(0, 100, (3, 4, 16), generator=torch.Generator().manual_seed(0))
+    tokens[0, 1, 2], tokens[1, 1, 2] = -50, 90
+    with pytest.raises(ValueError, match=r"tokens_per_expert\[0, 1, 2\] \(step 0, layer 1, "):
+        plugin.eplb_rebalance(tokens, 24, 3, None, 1, False)
+    huge = torch.full((3, 4, 16), 2**62)
+    huge[:, :, 0] = 3 * 2**61  # expert 0 carries 1.5× the others' load
+    phy2log, _, logcnt = plugin.eplb_rebalance(huge, 24, 3, None, 1, False)
+    Placement.from_phy2log(phy2log, 16, Topology(24, 8)).validate()
+    assert bool((logcnt[:, 0] == logcnt.max(1).values).all())
+
+
 def test_a_per_layer_move_budget_is_refused_at_start_up():
     with pytest.raises(ValueError, match="max_moves must be one int"):
         plugin._checked_options('{"max_moves": [1, 2, 3]}', "SGLANG_EPLB_OPTIONS")

@@ -96,7 +96,9 @@ def first_bad_load(loads: torch.Tensor) -> tuple[int, ...] | None:
 _LOAD_AXES = {1: ("expert",), 2: ("layer", "expert"), 3: ("step", "layer", "expert")}
 
 
-def _check_loads(tensor: torch.Tensor, name: str) -> None:
+def check_loads(tensor: torch.Tensor, name: str) -> None:
+    """``ValueError`` naming the first NaN, infinite or negative entry of ``tensor`` (any
+    shape; ``name[i, j]`` with its step, layer and expert where it has those axes)."""
     bad = first_bad_load(tensor)
     if bad is not None:
         index = ", ".join(str(i) for i in bad)
@@ -179,7 +181,7 @@ def as_weight(weight: object, name: str = "weight") -> tuple[torch.Tensor, bool]
     # makes it -inf or the sum inf; only then (or on a float overflow of the sum) search
     lowest, total = _lowest_and_total(tensor)
     if not (lowest >= 0 and math.isfinite(total)):
-        _check_loads(tensor, name)
+        check_loads(tensor, name)
     return tensor, one_layer
 
 
@@ -215,7 +217,7 @@ def as_counts(
         tensor = tensor.to(torch.float32 if exact else torch.float64)
     elif tensor.dtype not in (torch.float32, torch.float64):
         tensor = tensor.to(torch.float32)
-    _check_loads(tensor, name)
+    check_loads(tensor, name)
     return tensor
 
 

@@ -42,7 +42,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
-from eplb.core.inputs import require_integer_ids
+from eplb.core.inputs import check_loads, require_integer_ids
 from eplb.core.policies import resolve_policy
 from eplb.core.topology import Topology, positive_int
 from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
@@ -153,7 +153,7 @@ def eplb_rebalance(
     incremental = options.pop("incremental", True)
     weight = tokens_per_expert.detach()
     if weight.dim() == 3:
-        weight = weight.sum(0)  # integer counts: an exact sum on any device
+        weight = _sum_steps(weight)
     weight = weight.to("cpu")
     weight = weight.to(torch.float64 if weight.is_floating_point() else torch.int64)
     for name, value in (("num_physical_experts", num_physical_experts),
@@ -214,6 +214,23 @@ def eplb_rebalance(
                            "(policy %s)", ", ".join(dropped), policy)
     return rebalance_experts(weight, num_physical_experts, groups, num_nodes, num_gpus,
                              policy=policy, old_phy2log=old, **options)
+
+
+def _sum_steps(counts: torch.Tensor) -> torch.Tensor:
+    """``counts [T, L, E]`` summed over ``T``: for integer counts an exact sum on any device.
+
+    The steps are checked first: a negative count in one step would vanish into a
+    positive sum, and integer counts whose sum passes int64's range would wrap to negative
+    loads that the loads check then blamed on SGLang's call. Such counts are summed in
+    float64 instead (the same rounding on every rank).
+    """
+    if counts.dtype == torch.bool:  # as 0/1 counts, like every other loads input
+        return counts.sum(0)
+    check_loads(counts, "tokens_per_expert")
+    if (not counts.is_floating_point() and counts.numel()
+            and int(counts.max()) * counts.shape[0] > torch.iinfo(torch.int64).max):
+        return counts.to(torch.float64).sum(0)
+    return counts.sum(0)
 
 
 def _sglang_dispatch() -> str | None:
