@@ -36,6 +36,17 @@ def test_trivial_placement_checks_its_counts():
     assert trivial_placement(8, 2, topo).phy2log.shape == (2, 16)
 
 
+@pytest.mark.parametrize("active", [[0, 1, 2, 3], [0.5] * 4, [1, 1, 0, 1]])
+def test_trivial_placement_takes_a_boolean_mask_only(active):
+    # as every planner: GPU ids (or 0.5) cast to bool were read as a mask, GPU 0 dead
+    with pytest.raises(TypeError, match="boolean mask"):
+        trivial_placement(8, 2, Topology(16, 4), active_gpus=active)
+    with pytest.raises(ValueError, match="every GPU dead"):
+        trivial_placement(8, 2, Topology(16, 4), active_gpus=[False] * 4)
+    live = trivial_placement(8, 2, Topology(16, 4), active_gpus=torch.tensor([True, False] * 2))
+    assert live.active_gpus.tolist() == [True, False, True, False]
+
+
 def test_an_initial_placement_must_be_a_placement(placement):
     with pytest.raises(TypeError, match=r"initial must be an eplb\.Placement"):
         Rebalancer(16, 4, initial=1.5)

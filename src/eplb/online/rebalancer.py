@@ -69,10 +69,9 @@ def trivial_placement(
         live_slot = torch.ones(topology.num_replicas, dtype=torch.bool)
         active = None
     else:
-        active = torch.as_tensor(active_gpus, dtype=torch.bool)
-        if active.shape != (topology.num_gpus,):
-            raise ValueError(f"active_gpus must have shape [{topology.num_gpus}], got "
-                             f"{tuple(active.shape)}")
+        # the check every planner applies: a cast to bool read GPU ids [0, 1, 2, 3] as a
+        # mask with GPU 0 dead, and 0.5 as live
+        active = as_live_mask(active_gpus, topology.num_gpus, torch.device("cpu"))
         live_slot = active.repeat_interleave(slots)
     num_live = int(live_slot.sum())
     if num_live < num_experts:
