@@ -126,6 +126,20 @@ def test_the_group_limited_sampler_refuses_knobs_that_break_it():
                        sample_group_limited(w, 6))
 
 
+def test_the_group_limited_sampler_names_the_layers_without_load():
+    """A real SGLang dump has all-zero rows for DeepSeek-V3's dense layers 0..2: the
+    refusal named no layer and said nothing of what to pass instead."""
+    from eplb.tools import sample_group_limited
+
+    w = torch.rand(6, 32, generator=torch.Generator().manual_seed(0)) * 100
+    w[:3] = 0
+    w[5] = 0
+    message = r"layers 0\.\.2, 5 of the weight carry no load.*weight\[3:\]"
+    with pytest.raises(ValueError, match=message):
+        sample_group_limited(w, 8)
+    assert sample_group_limited(w[3:5], 8).shape == (8, 2, 8)
+
+
 def test_the_group_limited_sampler_refuses_a_sample_beyond_memory_before_work():
     """10**20 tokens took the host's memory chunk by chunk (24 GB before the fuzz pass of
     the twelfth session killed it) instead of failing with a message."""

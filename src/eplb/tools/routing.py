@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from eplb.core.inputs import as_seed
+from eplb.core.messages import integer_runs
 from eplb.core.topology import non_negative_int, positive_int
 from eplb.tools.generator.model import MAX_TRACE_BYTES
 
@@ -128,8 +129,14 @@ def _check(weight: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
         raise ValueError(f"group_top must be in [1, {group_size}], got {group_top}")
     if not 1 <= top_k <= topk_groups * group_size:
         raise ValueError(f"top_k = {top_k} does not fit in {topk_groups} groups of {group_size}")
-    if bool((w.sum(1) <= 0).any()):
-        raise ValueError("every layer needs some load to fit a router")
+    idle = (w.sum(1) <= 0).nonzero().flatten().tolist()
+    if idle:
+        # a real SGLang dump has all-zero rows for the dense layers (0..2 of DeepSeek-V3):
+        # no router reproduces "no tokens", so name them and say what to pass instead
+        raise ValueError(
+            f"layer{'s' if len(idle) > 1 else ''} {integer_runs(idle)} of the weight carry no "
+            f"load, and a router cannot be fitted to them: pass the MoE layers' rows only "
+            f"(e.g. weight[3:] for a DeepSeek-V3 dump, whose layers 0..2 are dense)")
     return w
 
 
