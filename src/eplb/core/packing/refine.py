@@ -32,6 +32,7 @@ from eplb.core.packing.state import (
     scratch,
     swap_columns,
     swap_from,
+    swap_slots,
 )
 
 
@@ -249,6 +250,7 @@ def _refine_max(
     # views made once (swaps write in place): GPU columns are fetched by flat index
     state = state.contiguous()
     columns = state.view(2 * slots, rows * num_gpus)
+    flat, stride = state.view(2, -1), rows * num_gpus  # slot k of column c: k · stride + c
     load, expert = state[LOAD], state[EXPERT]
     row = row_offsets(rows, num_gpus, device)
     off = scratch(buffers, "off", big, state)
@@ -287,13 +289,20 @@ def _refine_max(
             todo = ok
             continue
         on_v_expert = columns.index_select(1, column_v).view(2, slots, rows)[EXPERT]
+        # the chosen items' flat slot positions and (load, expert) [2, rows]: read once,
+        # for the legality check and the swap
+        here = torch.add(column_u, i, alpha=stride)
+        there = torch.add(column_v, j, alpha=stride)
+        mine, theirs = flat.index_select(1, here), flat.index_select(1, there)
         # legality of the chosen swap only; rows whose best swap is illegal (rare on
         # large states) take the best legal one from a search of their own
-        e_i = top_expert.gather(0, i[None])
-        e_j = on_v_expert.gather(0, j[None])
-        clash = torch.eq(on_v_expert, e_i).logical_or_(torch.eq(top_expert, e_j)).any(0)
+        clash = torch.eq(on_v_expert, mine[EXPERT]).logical_or_(
+            torch.eq(top_expert, theirs[EXPERT])).any(0)
         illegal = ok & clash
-        ok &= ~clash
+        ok ^= illegal  # ok & ~clash
+        # the legal swaps first: they touch none of the illegal rows' columns, which the
+        # rescue below reads
+        swap_slots(flat, here, torch.where(ok, there, here), mine, theirs)
         if bool(illegal.any()):
             # few rows: search them alone
             # (index_select and index_copy_: advanced indexing costs several times more)
@@ -303,11 +312,8 @@ def _refine_max(
                 loads.index_select(0, stuck), illegal.index_select(0, stuck)
             )
             state.index_copy_(2, stuck, sub)
-            ok_or_rescued = ok.index_copy(0, stuck, rescued)
-        else:
-            ok_or_rescued = ok
-        if not bool(ok_or_rescued.any()):
+            ok = ok.index_copy(0, stuck, rescued)
+        if not bool(ok.any()):
             break
-        swap_columns(state, i, column_u, j, column_v, ok)
-        todo = ok_or_rescued  # a row whose heaviest GPU cannot improve is done
+        todo = ok  # a row whose heaviest GPU cannot improve is done
     return state

@@ -178,7 +178,20 @@ def swap_columns(
     here = torch.add(column_u, i, alpha=stride)
     there = torch.where(ok, torch.add(column_v, j, alpha=stride), here)
     flat = state.view(2, -1)
-    mine, theirs = flat.index_select(1, here), flat.index_select(1, there)
+    swap_slots(flat, here, there, flat.index_select(1, here), flat.index_select(1, there))
+
+
+def swap_slots(
+    flat: torch.Tensor,
+    here: torch.Tensor,
+    there: torch.Tensor,
+    mine: torch.Tensor,
+    theirs: torch.Tensor,
+) -> None:
+    """In place on ``flat [2, S·rows·P]`` (a contiguous state's view): the items at flat
+    slot positions ``here`` and ``there [rows]`` trade places, given their (load, expert)
+    ``mine`` and ``theirs [2, rows]`` as read before. A row with ``there = here`` keeps
+    its item (written twice, ``mine`` last)."""
     flat.index_copy_(1, here, theirs)
     flat.index_copy_(1, there, mine)
 
