@@ -231,18 +231,23 @@ def _bldm_gpus(load: np.ndarray, num_gpus: int) -> np.ndarray:
     first_round = np.arange(rows) * slots  # flat index of every row's round 0
     position = np.arange(num_gpus, dtype=np.int64)
     merges = []
+    part_bits = flat_parts.view(np.int32)  # the same memory, as float32 bit patterns
     for _ in range(slots - 1):
-        spread = parts[:, :, -1] - parts[:, :, 0] - dead  # dead parts: -inf
-        widest = spread.argmax(1)
-        spread.ravel()[first_round + widest] = -np.inf
-        heavy, light = first_round + widest, first_round + spread.argmax(1)
+        spread = parts[:, :, -1] - parts[:, :, 0]
+        spread -= dead  # dead parts: -inf
+        heavy = first_round + spread.argmax(1)
+        spread.ravel()[heavy] = -np.inf
+        light = first_round + spread.argmax(1)
         merged = flat_parts[heavy][:, ::-1] + flat_parts[light]
-        # non-negative float32 bit patterns order like the values
-        packed = (merged.view(np.int32).astype(np.int64) << 16) | position
+        # non-negative float32 bit patterns order like the values (widened, then shifted,
+        # in one call; in-place steps after it: fewer calls and temporaries per merge)
+        packed = np.left_shift(merged.view(np.int32), 16, dtype=np.int64)
+        packed |= position
         packed.sort(axis=1)
-        flat_parts[heavy] = (packed >> 16).astype(np.int32).view(np.float32)
+        part_bits[heavy] = packed >> 16  # the sorted sums' bit patterns, back in place
         dead.ravel()[light] = np.inf
-        merges.append((heavy, light, packed & 0xFFFF))
+        packed &= 0xFFFF
+        merges.append((heavy, light, packed))
     # back-substitute: position p of the surviving part is GPU p; a merge put unsorted
     # index k = order[p] there, taken from position P-1-k of the heavy part and k of the light
     # (so the heavy part's labels are the light part's reversed: one scatter per merge)
