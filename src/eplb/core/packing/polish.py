@@ -78,7 +78,8 @@ def polish_host(
     loads_t = torch.empty((rows, num_gpus), dtype=state.dtype)
     loads_full = loads_t.numpy()
     load_t = state[LOAD]
-    open_rows = np.arange(rows)
+    open_rows = row = np.arange(rows)
+    first_column = open_rows * num_gpus
     buffer = np.empty((slots, slots, rows, num_gpus), np.float32)
     for _ in range(steps):
         torch.sum(load_t, 0, out=loads_t)
@@ -90,10 +91,12 @@ def polish_host(
             break
         whole = n == rows  # no gathers while every row is open
         loads = loads_full if whole else loads_full[open_rows]  # [n, P]
-        row = np.arange(n)
+        if len(row) != n:  # rows only leave: rebuilt only when some did
+            row = np.arange(n)
+            first_column = open_rows * num_gpus  # flat (row, GPU) column of every GPU 0
         u = loads.argmax(1)  # the first of equal maxima, as torch's max
         load_u = loads[row, u]
-        column_u = open_rows * num_gpus + u  # flat (row, GPU) columns
+        column_u = first_column + u
         top_load = load.reshape(slots, stride)[:, column_u]  # [S, n]
         top_expert = expert_columns[:, column_u]
         # after swapping δ = w_i − w_j the pair's larger load is (L_u + L_v)/2 + |δ − gap/2|
@@ -122,13 +125,13 @@ def polish_host(
         v = peak.argmin(1)
         best = peak[row, v]
         pos = off[:, :, row, v].reshape(slots * slots, n).argmin(0)  # first over (i, j)
-        i, j = pos // slots, pos % slots
+        i, j = np.divmod(pos, slots)
         ok = best < load_u * _IMPROVES
-        column_v = open_rows * num_gpus + v
         if not ok.any():
             break
-        here = column_u[ok] + i[ok] * stride
-        there = column_v[ok] + j[ok] * stride
+        # the swapped slots' flat positions, of every open row, then of the moving ones
+        here = (column_u + i * stride)[ok]
+        there = (first_column + v + j * stride)[ok]
         mine = flat[:, here]
         flat[:, here] = flat[:, there]
         flat[:, there] = mine
