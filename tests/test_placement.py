@@ -6,6 +6,7 @@ and ``validate`` itself on hand-made broken placements.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_contract
@@ -263,3 +264,21 @@ def test_assert_contract_itself_catches_violations():
     log2phy[0, 2] = log2phy[0, 2].flip(0)
     with pytest.raises(AssertionError, match="log2phy"):
         assert_contract(replace(p, log2phy=log2phy))
+
+
+@pytest.mark.parametrize("experts", [5, 200, 256, 300])
+def test_log2phy_of_long_rows_matches_a_plain_inversion(experts):
+    # rows of 128+ slots and at most 256 expert ids (255 with a dead GPU's -1) take the
+    # 8-bit radix sort in build_log2phy; the others the packed sort
+    from eplb.core.placement import build_log2phy
+
+    rng = np.random.default_rng(experts)
+    phy2log = torch.from_numpy(rng.integers(0, experts, (6, 320)))
+    phy2log[2, :40] = -1  # dead slots
+    log2phy, logcnt = build_log2phy(phy2log, experts)
+    for layer in range(6):
+        for e in range(experts):
+            slots = np.flatnonzero(phy2log[layer].numpy() == e).tolist()
+            assert logcnt[layer, e] == len(slots)
+            row = log2phy[layer, e].tolist()
+            assert row == slots + [-1] * (log2phy.shape[2] - len(slots))
