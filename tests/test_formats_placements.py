@@ -108,6 +108,26 @@ def test_eplb_json_contents(tmp_path):
     assert obj["format"] == "eplb.placement"
 
 
+def test_the_file_name_picks_the_format_unless_emit_does(tmp_path):
+    """write_placement(p, "lb.yaml") wrote eplb's JSON into a .yaml file (the CLI picks the
+    format from OUT's name, the API took JSON whatever the name): TensorRT-LLM then
+    failed on it. Now the name decides, as on the command line, and emit= still wins."""
+    placement, _ = make_placement(1, 2, 8, 4, 3)
+    yaml_path = write_placement(placement, tmp_path / "lb.yaml")
+    assert yaml_path.read_text().startswith("# TensorRT-LLM")
+    assert yaml.safe_load(yaml_path.read_text())["num_slots"] == 12
+    pt_path = write_placement(placement, tmp_path / "plan.pt")
+    assert torch.equal(torch.load(pt_path, weights_only=True)["phy2log"], placement.phy2log)
+    sglang = write_placement(placement, tmp_path / "init.SGLANG.json")
+    assert json.loads(sglang.read_text()).keys() == {"physical_to_logical_map"}
+    other = write_placement(placement, tmp_path / "plan.txt")
+    assert json.loads(other.read_text())["format"] == "eplb.placement"
+    forced = write_placement(placement, tmp_path / "lb2.yaml", emit="json")
+    assert json.loads(forced.read_text())["format"] == "eplb.placement"
+    for path in (yaml_path, pt_path, other):
+        assert torch.equal(read_placement(path).phy2log, placement.phy2log)
+
+
 def test_dead_gpus_round_trip_in_eplb_formats_and_are_refused_by_engines(tmp_path):
     base, _ = make_placement(1, 2, 8, 3, 4)
     placement = with_dead_gpu(base, 1)

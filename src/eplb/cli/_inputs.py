@@ -21,7 +21,7 @@ import torch
 
 from eplb.cli._common import CliError
 from eplb.core import LoadTrace, Placement, Topology, resolve_policy
-from eplb.formats import read_loads
+from eplb.formats import emit_for, read_loads
 
 
 def warn(message: str) -> None:
@@ -135,25 +135,22 @@ def cli_policy(policy: str, num_replicas: int, num_gpus: int, num_nodes: int, nu
     return chosen
 
 
-EMIT_BY_SUFFIX = {".yaml": "trtllm", ".yml": "trtllm", ".pt": "pt", ".json": "json"}
-
-
 def infer_emit(emit: str | None, output: str | Path) -> str:
     """``--emit`` or, when absent, the format implied by OUT's name (see ``eplb plan --help``)."""
     if emit:
         return emit
-    name = Path(output).name.lower()
-    if name.endswith((".sglang.json", ".sglang.pt")):
-        return "sglang"
-    suffix = Path(name).suffix
-    if suffix not in EMIT_BY_SUFFIX:
+    implied = emit_for(output)
+    name = Path(Path(output).name.lower())
+    suffix = name.suffix
+    if implied is None:
         what = f"'{suffix}' names no placement format" if suffix else "no suffix"
         warn(f"{Path(output).name}: {what}; writing eplb's JSON (name OUT *.json, *.pt, "
              "*.yaml or *.sglang.json, or pass --emit)")
-    elif Path(name).stem.endswith("sglang") and suffix == ".json":  # sglang.json, x-sglang.json
+    elif implied == "json" and name.stem.endswith("sglang"):
+        # sglang.json, x-sglang.json: not the *.sglang.json SGLang's files are named
         warn(f"{Path(output).name}: writing eplb's JSON, which SGLang does not read; name "
              "OUT *.sglang.json (or pass --emit sglang) for SGLang's --init-expert-location")
-    return EMIT_BY_SUFFIX.get(suffix, "json")
+    return implied or "json"
 
 
 def warn_revived(previous: Placement, active: torch.Tensor | None,

@@ -30,7 +30,7 @@ from eplb.core.messages import integer_runs
 from eplb.core.placement import Placement, load_balance
 from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement_meta, read_routing, write_placement
-from eplb.formats.placements import dead_gpus_message
+from eplb.formats.placement_writer import dead_gpus_message
 
 MAX_FIRST_LAYER = MAX_MODEL_LAYERS - 1  # SGLang files get a row for each layer below
 

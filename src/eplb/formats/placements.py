@@ -1,6 +1,6 @@
 """Placement files: eplb's own JSON and .pt, SGLang's ``--init-expert-location`` JSON and
-TensorRT-LLM's load-balancer YAML. ``write_placement`` writes them, ``read_placement``
-reads every one of them back.
+TensorRT-LLM's load-balancer YAML. :mod:`eplb.formats.placement_writer` writes them,
+``read_placement`` here reads every one of them back.
 
 Engine constraints honoured here (read from the engines' sources):
 
@@ -20,257 +20,26 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from eplb._version import __version__
-from eplb.core.bounds import placement_scores
-from eplb.core.inputs import as_gpu_speed
 from eplb.core.placement import Placement, PlacementError
-from eplb.core.topology import Topology, is_name
-from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace, model_layer_ids
+from eplb.core.topology import Topology
+from eplb.core.trace import model_layer_ids
 from eplb.formats._expand import check_expansion
-from eplb.formats._files import atomic_write, check_writable
 from eplb.formats.detect import _load_pt, sniff_container
 from eplb.formats.errors import FormatError, json_value_error, shown
 from eplb.formats.routing import MAX_EXPERTS
 
-#: Placement formats ``write_placement`` can emit.
-EMITS: tuple[str, ...] = ("json", "pt", "sglang", "trtllm")
 #: Tag in eplb's own placement files, and its version.
 PLACEMENT_FORMAT = "eplb.placement"
 PLACEMENT_FORMAT_VERSION = 1
 
 _TRT_COMMENT = re.compile(r"^#\s*eplb-topology:\s*(\{.*\})\s*$", re.M)
 
-
-
-# ------------------------------------------------------------------------------ writing
-def dead_gpus_message(emit: str, dead: list[int], num_gpus: int, slots_per_gpu: int,
-                      num_experts: int) -> str:
-    """Why engine format ``emit`` cannot take a plan with the GPUs ``dead`` of
-    ``num_gpus`` (their slots hold -1), and the live-only plan to make instead."""
-    live = num_gpus - len(dead)
-    # the smallest slot count per live GPU that still holds every expert
-    slots = max(slots_per_gpu, -(-num_experts // max(live, 1)))
-    return (
-        f"{emit} cannot express empty slots, but GPUs {dead} are dead (their slots hold -1). "
-        f"Plan for the {live} live GPUs only before emitting an engine format (e.g. CLI: "
-        f"-g {live} -r {live * slots}, {slots} slots per GPU) and restart the engine on "
-        "them; or write eplb's own format, which keeps dead GPUs "
-        "(emit='json'/'pt'; CLI: --emit json/pt or an OUT ending .json/.pt)"
-    )
-
-
-def write_placement(
-    placement: Placement,
-    path: str | PathLike[str],
-    emit: str = "json",
-    *,
-    weight: Any = None,
-    layer_ids: Sequence[int] | None = None,
-    num_model_layers: int | None = None,
-    gpu_speed: Any = None,
-    force: bool = False,
-) -> Path:
-    """Write ``placement`` to ``path`` in the ``emit`` format; return the path.
-
-    Args:
-        placement: the plan; it must pass ``validate(anti_affinity=False)``.
-        emit: ``"json"`` (eplb's own: phy2log, topology, policy, active GPUs, layer ids,
-            per-layer balancedness and ceiling when ``weight`` is given, versions),
-            ``"pt"`` (the same as a ``torch.save`` dict of tensors, load with
-            ``weights_only=True``), ``"sglang"`` (``--init-expert-location``: SGLang parses
-            a path ending ``.json`` as JSON and ``torch.load``s one ending ``.pt``, so the
-            file is ``{"physical_to_logical_map": [L][R]}`` as JSON, or as a ``torch.save``
-            dict holding an int64 tensor; other names are refused, SGLang would read them
-            as inline JSON text) or ``"trtllm"`` (load-balancer YAML).
-        weight: ``[L, E]`` loads (or a :class:`~eplb.formats.LoadTrace`, summed over steps)
-            to record balancedness (json/pt only).
-        layer_ids: ``[L]`` the model layer of each placement row (default ``0..L-1``).
-            ``"trtllm"`` keys its assignments by them. ``"sglang"`` needs a row for every
-            model layer ``0..max(layer_ids)``: rows not in ``layer_ids`` (dense layers)
-            get SGLang's own trivial map ``slot % E``, which the engine accepts and never
-            uses for routing. To control those rows, plan all layers (all-zero loads for
-            dense ones) and leave ``layer_ids`` out.
-        num_model_layers: ``"sglang"`` only: rows in the file, the model's layer count
-            (e.g. 61 for DeepSeek-V3, whose MoE layers are 3..60). SGLang fails at start-up
-            on a file with fewer rows than the model has layers. Default
-            ``max(layer_ids) + 1``.
-        gpu_speed: ``[P]`` the GPU speeds the plan was made for (``eplb.plan(...,
-            gpu_speed=)``), json/pt only: recorded, and the recorded balancedness is in
-            time; ``eval`` scores the file with them.
-        force: overwrite an existing file (otherwise ``FileExistsError``).
-
-    Raises:
-        ValueError: unknown ``emit``, bad ``layer_ids``, an invalid placement, or dead
-            GPUs for an engine format.
-        FileExistsError: ``path`` exists and ``force`` is false.
-    """
-    path = Path(path)
-    if not is_name(emit, EMITS):
-        raise ValueError(f"unknown emit {emit!r}; expected one of {', '.join(EMITS)}")
-    if not isinstance(placement, Placement):
-        raise TypeError(f"placement must be an eplb.Placement, got {type(placement).__name__}")
-    placement = placement.to("cpu")
-    placement.validate(anti_affinity=False)
-    ids = _layer_ids(layer_ids, placement.num_layers)
-    if emit in ("sglang", "trtllm") and bool((placement.phy2log < 0).any()):
-        dead = (~placement.live_gpus()).nonzero().flatten().tolist()
-        topo = placement.topology
-        raise ValueError(dead_gpus_message(emit, dead, topo.num_gpus, topo.slots_per_gpu,
-                                           placement.num_experts))
-    if emit == "sglang":
-        num_rows = _sglang_num_rows(ids, num_model_layers)
-        # SGLang's test is str.endswith, case-sensitive: it parses "init.JSON" as inline
-        # JSON text and fails at start-up on every rank
-        if path.suffix not in (".json", ".pt"):
-            raise ValueError(
-                f"SGLang reads --init-expert-location as JSON from a path ending .json and with "
-                f"torch.load from one ending .pt (lower case), and parses anything else as "
-                f"inline JSON text; name the output *.json or *.pt, not {path.name!r}"
-            )
-    elif num_model_layers is not None:
-        raise ValueError("num_model_layers (CLI: --num-model-layers) applies to emit='sglang' only")
-    if gpu_speed is not None:
-        if emit not in ("json", "pt"):
-            raise ValueError(f"gpu_speed is recorded in eplb's own files only (emit 'json' or "
-                             f"'pt'); {emit} files have no place for it")
-        gpu_speed = as_gpu_speed(gpu_speed, placement.topology.num_gpus, torch.device("cpu"))
-    check_writable(path, force)
-    if emit == "sglang":
-        rows = _sglang_rows(placement, ids, num_rows)
-        if path.suffix == ".pt":
-            payload = {"physical_to_logical_map": rows}
-            atomic_write(path, lambda f: torch.save(payload, f), "wb", force=force)
-        else:
-            doc = {"physical_to_logical_map": rows.tolist()}
-            atomic_write(path, lambda f: _dump_json_rows(doc, f), "w", force=force)
-    elif emit == "trtllm":
-        text = _trtllm_text(placement, ids, layer_ids is not None)
-        atomic_write(path, lambda f: f.write(text), "w", force=force)
-    else:
-        record = _eplb_record(placement, ids if layer_ids is not None else None, weight,
-                              gpu_speed)
-        if emit == "json":
-            atomic_write(path, lambda f: _dump_json_rows(record, f), "w", force=force)
-        else:
-            tensors = dict(record)
-            tensors["phy2log"] = placement.phy2log.clone()
-            if placement.active_gpus is not None:
-                tensors["active_gpus"] = placement.active_gpus.to(torch.bool).clone()
-            if gpu_speed is not None:
-                tensors["gpu_speed"] = gpu_speed.to(torch.float64).clone()
-            for name in ("layer_balancedness", "layer_ceiling"):
-                if tensors.get(name) is not None:
-                    tensors[name] = torch.tensor(tensors[name], dtype=torch.float64)
-            atomic_write(path, lambda f: torch.save(tensors, f), "wb", force=force)
-    return path
-
-
-def _layer_ids(layer_ids: Sequence[int] | None, num_layers: int) -> list[int]:
-    return model_layer_ids(layer_ids, num_layers, "layer_ids")
-
-
-def _dump_json_rows(doc: dict[str, Any], handle: Any) -> None:
-    """JSON with one line per placement row: diff-friendly and still compact."""
-    parts = []
-    for k, v in doc.items():
-        if isinstance(v, list) and v and isinstance(v[0], list):
-            rows = ",\n    ".join(json.dumps(row, separators=(",", ":")) for row in v)
-            parts.append(f"  {json.dumps(k)}: [\n    {rows}\n  ]")
-        else:
-            parts.append(f"  {json.dumps(k)}: {json.dumps(v)}")
-    handle.write("{\n" + ",\n".join(parts) + "\n}\n")
-
-
-def _sglang_num_rows(ids: list[int], num_model_layers: int | None) -> int:
-    """Rows of an SGLang file: the model's layer count, which must cover every layer id."""
-    if num_model_layers is None:
-        return max(ids) + 1
-    if (isinstance(num_model_layers, bool) or not isinstance(num_model_layers, int)
-            or not 1 <= num_model_layers <= MAX_MODEL_LAYERS):
-        raise ValueError(
-            f"num_model_layers (CLI: --num-model-layers) must be an integer in "
-            f"1..{MAX_MODEL_LAYERS}, got {num_model_layers!r}"
-        )
-    if max(ids) >= num_model_layers:
-        raise ValueError(
-            f"the placement's rows are model layers {ids[0]}..{ids[-1]}, but the model has only "
-            f"{num_model_layers} layers (num_model_layers / --num-model-layers); check the "
-            "layer ids (layer_ids / --first-layer)"
-        )
-    return num_model_layers
-
-
-def _sglang_rows(placement: Placement, ids: list[int], num_rows: int) -> torch.Tensor:
-    """``[num_rows, R]`` int64: the plan on its layers, SGLang's trivial map elsewhere."""
-    slots = torch.arange(placement.topology.num_replicas)
-    full = (slots % placement.num_experts).repeat(num_rows, 1)  # SGLang's init_trivial
-    full[torch.tensor(ids)] = placement.phy2log
-    return full
-
-
-def _topology_comment(placement: Placement, ids: list[int] | None) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        **placement.topology.as_dict(),
-        "policy": placement.policy,
-        "num_experts": placement.num_experts,
-    }
-    if ids is not None:
-        info["layer_ids"] = ids
-    return info
-
-
-def _trtllm_text(placement: Placement, ids: list[int], ids_given: bool) -> str:
-    import yaml
-
-    rows = placement.phy2log.tolist()
-    doc = {
-        "num_slots": placement.topology.num_replicas,
-        "layer_updates_per_iter": 0,
-        "initial_global_assignments": {lid: row for lid, row in zip(ids, rows, strict=True)},
-    }
-    info = json.dumps(_topology_comment(placement, None), separators=(",", ":"))
-    header = (
-        f"# TensorRT-LLM MoE load-balancer config written by eplb {__version__} "
-        f"(static placement, ep_size={placement.topology.num_gpus})\n"
-        f"# eplb-topology: {info}\n"
-    )
-    return header + yaml.safe_dump(doc, default_flow_style=None, sort_keys=False, width=1 << 16)
-
-
-def _eplb_record(
-    placement: Placement, ids: list[int] | None, weight: Any, gpu_speed: torch.Tensor | None
-) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "format": PLACEMENT_FORMAT,
-        "format_version": PLACEMENT_FORMAT_VERSION,
-        "eplb_version": __version__,
-        "topology": placement.topology.as_dict(),
-        "policy": placement.policy,
-        "num_layers": placement.num_layers,
-        "num_experts": placement.num_experts,
-        "layer_ids": ids,
-        "active_gpus": None
-        if placement.active_gpus is None
-        else [bool(x) for x in placement.active_gpus.tolist()],
-        "gpu_speed": None if gpu_speed is None else [float(x) for x in gpu_speed.tolist()],
-        "balancedness": None,
-        "layer_balancedness": None,
-        "ceiling": None,
-        "layer_ceiling": None,
-    }
-    if weight is not None:
-        if isinstance(weight, LoadTrace):
-            weight = weight.total()
-        record.update(placement_scores(placement, weight, gpu_speed))
-    record["phy2log"] = placement.phy2log.tolist()
-    return record
 
 
 # ------------------------------------------------------------------------------ reading
