@@ -293,3 +293,29 @@ def test_routing_follows_the_layers_planned_when_dense_rows_are_left_out(capsys,
                        str(tmp_path / "routing.npz"), "--previous", str(trimmed),
                        "-o", str(tmp_path / "next.json"))
     assert code == 0, err
+
+
+def test_first_layer_that_contradicts_the_placement_layers_is_refused(capsys, tmp_path,
+                                                                      loads) -> None:
+    """Found by an attacker pass: ``--first-layer K`` against a placement that records
+    other model layers paired the rows in order with a warning; as in ``plan`` (where K
+    contradicting the loads' own ids is refused) the contradiction is refused, in eval
+    and plan --previous alike, naming both layer ranges."""
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--first-layer", "3",
+               "-o", str(old))[0] == 0
+    assert json.loads(old.read_text())["layer_ids"] == list(range(3, 3 + L))
+    last = 3 + L - 1
+    for k in ("0", "5"):
+        code, _, err = run(capsys, "eval", "--placement", str(old), str(loads),
+                           "--first-layer", k)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"--first-layer {k} puts" in err and f"holds model layers 3..{last}" in err
+        assert "pass --first-layer 3" in err and "Traceback" not in err
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--previous",
+                       str(old), "--first-layer", "0", "-o", str(tmp_path / "new.json"))
+    assert code == 2 and "--previous" in err and f"holds model layers 3..{last}" in err
+    # the K that agrees scores, and so does leaving it out (rows paired in order)
+    assert run(capsys, "eval", "--placement", str(old), str(loads), "--first-layer", "3")[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", str(old), str(loads))
+    assert code == 0 and "warning" not in err

@@ -353,8 +353,10 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
     model layer). Loads rows of layers the placement lacks are left out when they carry no
     load (the dense layers of an SGLang dump). A placement without ids and with as many
     rows as the loads (after leaving out their all-zero rows, if that is what it takes)
-    is paired in order; so is one whose ids do not match, with a warning. ``what`` and
-    ``loads`` name the two in messages."""
+    is paired in order; so is one whose ids do not match the loads' own ids, with a
+    warning, but ids that ``--first-layer K`` gives the loads are the user's claim and a
+    placement whose ids contradict them is refused. ``what`` and ``loads`` name the two
+    in messages."""
     rows = weight.shape[0]
     num_rows = placement.num_layers
     idle = (weight <= 0).all(1)
@@ -379,6 +381,16 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
             picked = [row_of[ids[i]] for i in (range(rows) if keep is None else keep)]
             if picked != list(range(num_rows)):
                 placement = _select_rows(placement, picked)
+        elif num_rows == rows and first_layer is not None:
+            # --first-layer is the user's word on the loads' layers, as in plan: one the
+            # placement's recorded layers contradict is refused, not paired in order
+            consecutive = list(range(have[0], have[0] + num_rows))
+            hint = (f"pass --first-layer {have[0]} if the loads' first row is model layer "
+                    f"{have[0]}, or drop --first-layer to pair the rows in order"
+                    if have == consecutive else "drop --first-layer to pair the rows in order")
+            raise CliError(f"--first-layer {first_layer} puts {loads} on model layers "
+                           f"{integer_runs(ids)}, but {what} holds model layers "
+                           f"{integer_runs(have)}: {hint}")
         elif num_rows == rows:
             warn(f"{what} holds model layers {integer_runs(have)} and {loads} layers "
                  f"{integer_runs(ids)}; pairing their rows in order")
