@@ -408,3 +408,36 @@ def test_an_array_of_shifts_plans_like_the_tuple():
         options = eplb.PlanOptions(shifts=shifts)
         assert options.shifts == (0.0, -0.5)
         assert torch.equal(eplb.plan(W, 96, 16, options=options).phy2log, want)
+
+
+def test_nodes_that_do_not_divide_the_gpus_are_planned_as_one_node_with_a_warning(
+        tmp_path, capsys):
+    """Found by an attacker pass: ``num_nodes=3`` on 8 GPUs (one group) was planned
+    silently and recorded as 3 nodes, a cluster the CLI refuses (a file written from it
+    could not be scored). Engines pass such shapes (vLLM resets ``num_nodes`` to 1, SGLang
+    passes its node count), so the API warns and plans one node; what needs whole nodes
+    still raises."""
+    from eplb.cli import main
+    from eplb.formats import write_placement
+
+    message = r"num_gpus \(16\) is not a multiple of num_nodes \(3\).*one node"
+    with pytest.warns(RuntimeWarning, match=message) as caught:
+        placement = eplb.plan(W, 96, 16, num_nodes=3)
+    assert caught[0].filename == __file__  # the warning points at the caller's line
+    assert placement.topology.num_nodes == 1 and placement.policy == "global"
+    assert torch.equal(placement.phy2log, eplb.plan(W, 96, 16).phy2log)
+    with pytest.warns(RuntimeWarning, match=message):
+        phy2log = eplb.rebalance_experts(W, 96, 1, 3, 16)[0]
+    assert torch.equal(phy2log, placement.phy2log)
+    for kwargs in ({"policy": "locality", "dispatch": "nearest"}, {"dispatch": "nearest"},
+                   {"policy": "hierarchical"}):
+        with pytest.raises(ValueError, match=r"num_gpus \(16\) is not a multiple"):
+            eplb.plan(W, 96, 16, 3, 1, **kwargs)
+    # the placement is one the CLI reads and scores; the CLI refuses the cluster itself
+    write_placement(placement, tmp_path / "p.json")
+    np.save(tmp_path / "loads.npy", W.numpy())
+    assert main(["eval", "--placement", str(tmp_path / "p.json"),
+                 str(tmp_path / "loads.npy"), "--summary"]) == 0
+    assert main(["plan", str(tmp_path / "loads.npy"), "-r", "96", "-g", "16", "--nodes", "3",
+                 "-o", str(tmp_path / "q.json")]) == 2
+    assert "must be a multiple of --nodes" in capsys.readouterr().err

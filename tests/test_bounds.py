@@ -330,9 +330,11 @@ def test_bounds_check_their_arguments(args, kwargs, error, message):
 
 
 def test_a_global_bound_takes_gpus_that_do_not_divide_over_the_nodes():
-    # as eplb.plan does (a regression of the argument checks, found by a review pass)
+    # as eplb.plan does (a regression of the argument checks, found by a review pass),
+    # which plans such a cluster as one node and says so
     weight = torch.rand(3, 16, generator=torch.Generator().manual_seed(0)) + 0.1
-    placement = eplb.plan(weight, 18, 9, 2)
+    with pytest.warns(RuntimeWarning, match=r"num_gpus \(9\) is not a multiple"):
+        placement = eplb.plan(weight, 18, 9, 2)
     ceiling = balancedness_ceiling(weight, 18, 9, 2)
     assert 0 < ceiling <= 1 + 1e-12  # (a ratio of float sums: the last bit may round up)
     assert placement.balancedness(weight) <= ceiling + 1e-12

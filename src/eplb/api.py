@@ -50,7 +50,10 @@ def plan(
         weight: ``[L, E]`` (or ``[E]``) expert loads, any real/integer dtype, CPU or CUDA.
         num_replicas: ``R`` physical slots, ``R >= E`` and a multiple of ``num_gpus``.
         num_gpus: ``P`` GPUs; slot ``s`` lives on GPU ``s // (R / P)``.
-        num_nodes: ``N`` nodes (hierarchical policy).
+        num_nodes: ``N`` nodes (hierarchical policy). One that does not divide
+            ``num_gpus`` is planned (and recorded) as one node with a ``RuntimeWarning``,
+            as vLLM does; a forced hierarchical or locality policy or ``"nearest"``
+            dispatch raises (the CLI refuses such a cluster).
         num_groups: ``G`` expert groups (hierarchical policy).
         policy: ``"auto"`` (DeepSeek's rule), ``"global"``, ``"hierarchical"`` or
             ``"locality"`` (with ``dispatch="nearest"``: the balance vs cross-node traffic

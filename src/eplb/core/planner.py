@@ -192,6 +192,9 @@ def make_request(
         raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
     if dispatch == "nearest" and topology.num_nodes > 1:
         topology.gpus_per_node  # noqa: B018 - nearest dispatch needs whole nodes: raises
+    if topology.num_gpus % topology.num_nodes and not is_name(policy, ("hierarchical",
+                                                                       "locality")):
+        topology = _one_node(topology, stacklevel)  # frames: as resolve_policy's
     slack = DEFAULT_SLACK if slack is None else as_slack(slack)
     src = None
     if source is not None:
@@ -231,6 +234,27 @@ def make_request(
     planning, idle = planning_rows(w)
     return PlanRequest(planning, topology, chosen, opts, seed, live, speed, dispatch, fair,
                        src, ids, slack, idle)
+
+
+def _one_node(topology: Topology, stacklevel: int) -> Topology:
+    """``topology`` as one node, with a warning, for GPUs that do not divide over its nodes.
+
+    Nodes of unequal size are not modelled, so only a global plan (which ignores nodes)
+    fits such a cluster. The engines take the shape: vLLM resets ``num_nodes`` to 1 with a
+    warning before its policy runs, and SGLang passes its node count unchecked and plans
+    globally unless asked for hierarchical balancing, which eplb's hook then plans
+    globally too. Refusing would fail their rebalance, so the API warns and plans (and
+    records) one node; the CLI, where the shape is a typo in ``-g``/``--nodes``, refuses
+    it. A forced hierarchical or locality policy, or nearest dispatch (checked before),
+    still raise: they need whole nodes."""
+    warnings.warn(
+        f"eplb: num_gpus ({topology.num_gpus}) is not a multiple of num_nodes "
+        f"({topology.num_nodes}), so nodes cannot hold equal shares of the GPUs: planned "
+        "globally as one node (num_nodes=1, as vLLM does for such a cluster)",
+        RuntimeWarning,
+        stacklevel=stacklevel,
+    )
+    return dataclasses.replace(topology, num_nodes=1)
 
 
 def _plan_live(request: PlanRequest) -> torch.Tensor:
