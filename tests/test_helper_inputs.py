@@ -9,6 +9,7 @@ import torch
 
 import eplb
 from eplb import Placement, Topology
+from eplb.core.baselines import plan_greedy, rebalance_experts_greedy
 from eplb.core.bounds import layer_lower_bound
 from eplb.core.dispatch import remote_nodes_per_token
 from eplb.online.estimate import expected_max
@@ -84,3 +85,18 @@ def test_remote_nodes_per_token_names_bad_arguments(placement):
 def test_bounds_refuse_slot_counts_beyond_exact_arithmetic():
     with pytest.raises(ValueError, match="beyond what the bounds compute"):
         layer_lower_bound(W, 10**20, 4)
+
+
+@pytest.mark.parametrize(("call", "named"), [
+    (lambda: trivial_placement(16, 2**40, Topology(32, 8)), "1099511627776 layers × 32"),
+    (lambda: trivial_placement(16, 2, Topology(2**40, 8)), f"2 layers × {2**40} slots"),
+    (lambda: plan_greedy(torch.rand(2, 16), 2**40, 8), f"2 layers × {2**40} slots"),
+    (lambda: rebalance_experts_greedy(torch.rand(2, 16), 2**40, 1, 1, 8), "2 layers"),
+], ids=["trivial-layers", "trivial-slots", "plan_greedy", "rebalance_experts_greedy"])
+def test_helpers_that_build_a_placement_of_a_shape_refuse_absurd_ones(call, named):
+    # found by an attacker pass: these failed in torch's allocator ("can't allocate
+    # memory: you tried to allocate 281474976710656 bytes"); the planners' size limit
+    # (L·R slots over all layers) now refuses them first, naming the limit
+    with pytest.raises(ValueError, match="beyond what eplb plans") as caught:
+        call()
+    assert named in str(caught.value) and "slots over all layers" in str(caught.value)

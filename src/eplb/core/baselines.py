@@ -43,7 +43,7 @@ import torch
 from eplb.core.inputs import as_weight
 from eplb.core.placement import Placement
 from eplb.core.policies import resolve_policy
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, check_total_slots
 
 
 def replicate_experts(weight: torch.Tensor, num_phy: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,6 +220,7 @@ def plan_greedy(
             f"num_replicas ({topo.num_replicas}) must be >= the number of experts ({num_experts})"
         )
     topo.gpus_per_node  # noqa: B018  (raises when num_gpus % num_nodes != 0)
+    check_total_slots(w.shape[0], topo)  # eplb's planners' limit, before any allocation
     resolved = resolve_policy(policy, topo, num_experts, rule="deepseek")
     w32 = _float32_loads(w)
     if resolved == "hierarchical":

@@ -41,7 +41,7 @@ from eplb.core.packing.speed_start import keep_faster, speed_greedy
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
 from eplb.core.request import DEFAULT_SLACK, PlanRequest
-from eplb.core.topology import Topology, is_name
+from eplb.core.topology import Topology, check_total_slots, is_name
 
 
 @functools.lru_cache(maxsize=1)
@@ -114,7 +114,6 @@ def check_dispatch_options(
 
 
 MAX_GPUS = 1 << 16  # the packing sorts (value, GPU) pairs packed with a 16-bit GPU index
-MAX_TOTAL_SLOTS = 1 << 25  # L·R: several [L, R] int64 arrays live at once (256 MiB each)
 
 
 def check_plan_size(num_layers: int, topology: Topology, num_experts: int) -> None:
@@ -126,10 +125,7 @@ def check_plan_size(num_layers: int, topology: Topology, num_experts: int) -> No
     beyond = f"{slots} slots per GPU on {gpus} GPUs is beyond what eplb plans"
     if gpus > MAX_GPUS:
         raise ValueError(f"{beyond}: at most {MAX_GPUS} GPUs")
-    total = num_layers * topology.num_replicas
-    if total > MAX_TOTAL_SLOTS:
-        raise ValueError(f"{num_layers} layers × {topology.num_replicas} slots is beyond what "
-                         f"eplb plans: at most {MAX_TOTAL_SLOTS:.2e} slots over all layers")
+    check_total_slots(num_layers, topology)
     swaps = max(1, gpus // 2) * slots * slots
     if slots > 2 and swaps > MAX_SWAPS_PER_ROW:
         raise ValueError(

@@ -55,6 +55,22 @@ def is_name(value: object, names: Sequence[str]) -> bool:
     return isinstance(value, str) and value in names
 
 
+#: ``L·R``, the most slots over all layers eplb plans or builds a placement of: several
+#: ``[L, R]`` int64 arrays live at once (256 MiB each)
+MAX_TOTAL_SLOTS = 1 << 25
+
+
+def check_total_slots(num_layers: int, topology: Topology) -> None:
+    """Refuse ``num_layers`` layers of ``topology``'s slots beyond :data:`MAX_TOTAL_SLOTS`,
+    before anything is allocated: the planners and the helpers that build a placement
+    from a shape alone (``trivial_placement``) would otherwise fail in the allocator, or
+    take the host's memory. Raises ``ValueError`` naming the limit."""
+    total = num_layers * topology.num_replicas
+    if total > MAX_TOTAL_SLOTS:
+        raise ValueError(f"{num_layers} layers × {topology.num_replicas} slots is beyond what "
+                         f"eplb plans: at most {MAX_TOTAL_SLOTS:.2e} slots over all layers")
+
+
 @dataclass(frozen=True)
 class Topology:
     """Where slots live: ``num_replicas`` slots on ``num_gpus`` GPUs in ``num_nodes`` nodes.

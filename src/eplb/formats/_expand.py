@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.core.planner import MAX_TOTAL_SLOTS
+from eplb.core.topology import MAX_TOTAL_SLOTS
 from eplb.formats.errors import FormatError
 
 #: Entries allowed whatever the file's size (beyond it, at most one per byte of the file).
@@ -31,7 +31,7 @@ MIN_BUDGET = 1 << 20
 #: The most numbers eplb unpacks from a part of a loads file whose memory its size does
 #: not bound: a compressed ``.npz`` member (zeros deflate ~1000-fold) or JSON text turned
 #: into Python objects (~30 bytes a number, a dozen times the text). It is the planner's
-#: own limit (``L·R`` slots over all layers, ``core.planner.check_plan_size``): a step of
+#: own limit (``L·R`` slots over all layers, ``core.topology.check_total_slots``): a step of
 #: loads ``[L, E]`` beyond it could not be planned anyway, as ``E <= R``.
 MAX_UNPACKED_VALUES = MAX_TOTAL_SLOTS
 

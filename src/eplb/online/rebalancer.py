@@ -28,7 +28,13 @@ from eplb.core.inputs import as_live_mask
 from eplb.core.options import with_incremental
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh
-from eplb.core.topology import Topology, is_name, non_negative_int, positive_int
+from eplb.core.topology import (
+    Topology,
+    check_total_slots,
+    is_name,
+    non_negative_int,
+    positive_int,
+)
 from eplb.online.estimate import (
     Estimate,
     Estimator,
@@ -58,12 +64,15 @@ def trivial_placement(
     ``0..E-1`` contiguously and the ``R - E`` redundant slots replicate experts
     ``0, 1, ...`` again. Slots of dead GPUs (``active_gpus`` False) hold ``-1``. The
     tensors are made on ``device`` (default CPU). Raises ``ValueError`` when there are
-    fewer live slots than experts.
+    fewer live slots than experts, or more slots over all layers than eplb plans.
     """
     if not isinstance(topology, Topology):
         raise TypeError(f"topology must be an eplb.Topology, got {type(topology).__name__}")
     num_experts = positive_int("num_experts", num_experts)
     num_layers = non_negative_int("num_layers", num_layers)
+    # the planners' limit, before the [L, R] map exists: 2**40 layers failed in the
+    # allocator, and a large enough shape short of that takes the host's memory
+    check_total_slots(num_layers, topology)
     slots = topology.slots_per_gpu
     if active_gpus is None:
         live_slot = torch.ones(topology.num_replicas, dtype=torch.bool)
