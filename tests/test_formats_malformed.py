@@ -206,6 +206,46 @@ def test_trtllm_rank_entry_that_is_a_folder_is_named(tmp_path):
         read_loads(tmp_path)
 
 
+@pytest.mark.parametrize("fmt", ["trtllm", "sglang-per-pass"])
+def test_a_forced_format_given_another_kind_of_file_names_both(tmp_path, capsys, fmt):
+    """Found by an attacker pass: --format trtllm on a .npy said "header too large" (the
+    safetensors parser), --format sglang-per-pass on JSON "Unsupported operand 123" (the
+    unpickler). The error names the file, the format asked for, what the file holds and
+    what it reads as."""
+    from safetensors.torch import save_file
+
+    from eplb.cli import main
+
+    np.save(tmp_path / "loads.npy", np.ones((4, 16)))
+    (tmp_path / "dump.json").write_text(json.dumps({"logical_count": [[[1] * 16] * 4]}))
+    torch.save(torch.ones(3, 4, 16), tmp_path / "trace.pt")
+    save_file({"loads": torch.ones(4, 16)}, str(tmp_path / "plain.safetensors"))
+    (tmp_path / "folder").mkdir()
+    np.save(tmp_path / "folder" / "loads.npy", np.ones((4, 16)))
+    found = {"loads.npy": ("npy content", "'npy'"), "dump.json": ("json content", "'sglang'"),
+             "trace.pt": ("pt-zip content" if fmt == "trtllm" else "found a Tensor", "'pt'"),
+             "plain.safetensors": ("key 'loads'" if fmt == "trtllm" else "safetensors content",
+                                   "'safetensors'"),
+             "folder": ("a folder without", None)}
+    for name, (holds, reads_as) in found.items():
+        with pytest.raises(FormatError) as info:
+            read_loads(tmp_path / name, format=fmt)
+        message = str(info.value)
+        assert message.startswith(str(tmp_path / name)), message
+        assert f"format {fmt!r} expects" in message and holds in message, message
+        assert reads_as is None or f"reads as {reads_as} load statistics" in message, message
+        assert "header too" not in message and "operand" not in message
+    # a placement given as loads says so; the CLI puts it on one line, exit code 2
+    assert main(["plan", str(tmp_path / "loads.npy"), "-r", "32", "-g", "8", "-o",
+                 str(tmp_path / "p.json")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--placement", str(tmp_path / "p.json"), str(tmp_path / "p.json"),
+                 "--format", fmt]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert f"format {fmt!r} expects" in err and "holds a placement" in err
+
+
 # ------------------------------------------------------------- files that expand when read
 def _laughs(levels: int = 9):
     """Nine references to a list of nine numbers, nested ``levels`` deep: 9**levels numbers

@@ -177,10 +177,31 @@ def _keys(key: str | Sequence[str] | None) -> list[str] | None:
 
 
 # --------------------------------------------------------------------------- helpers
-def _require_container(path: Path, fmt: str, kinds: tuple[str, ...]) -> None:
+def _require_container(path: Path, fmt: str, kinds: tuple[str, ...],
+                       expected: str | None = None) -> None:
+    """Refuse ``path`` unless its container is one of ``kinds`` (``expected``: the words
+    for them in the error; default ``a {kinds[0]} file``)."""
     kind = sniff_container(path)
     if kind not in kinds:
-        raise FormatError(path, f"format {fmt!r} expects a {kinds[0]} file, found {kind} content")
+        raise _wrong_kind(path, fmt, expected or f"a {kinds[0]} file", f"{kind} content")
+
+
+def _wrong_kind(path: Path, fmt: str, expected: str, kind: str) -> FormatError:
+    """The error for a file given as ``fmt`` (format= / --format) that is another kind of
+    file (``kind``: what it holds, e.g. ``"npy content"``): the format asked for, what it
+    expects, what the file holds, and what it reads as. Without this, a forced
+    ``trtllm`` or ``sglang-per-pass`` surfaced the deserialiser's own words ("header too
+    large", "Unsupported operand 147")."""
+    try:
+        detected = detect_format(path)
+        hint = (f"; it reads as {detected!r} load statistics: leave format= (--format) out"
+                if detected != fmt else "")
+    except FormatError as exc:  # a placement, say: detection names it
+        said = str(exc).removeprefix(f"{exc.path}: ")
+        hint = f"; it {said}" if said.startswith("holds ") else ""
+    except (OSError, RuntimeError, ValueError):
+        hint = ""
+    return FormatError(path, f"format {fmt!r} expects {expected}, found {kind}{hint}")
 
 
 # ---------------------------------------------------------------------------- SGLang
@@ -246,22 +267,24 @@ def _load_json(path: Path) -> Any:
 def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
     files = sorted(path.glob("expert_distribution_recorder_*.pt")) if path.is_dir() else [path]
     if not files:
-        raise FormatError(path, "expected expert_distribution_recorder_*.pt dumps, found none")
+        raise _wrong_kind(path, "sglang-per-pass", "expert_distribution_recorder_*.pt dumps",
+                          "a folder without any")
     passes: dict[int, torch.Tensor] = {}
     ranks: list[int] = []
     for file in files:
+        _require_container(file, "sglang-per-pass", ("pt-zip", "pt-pickle"),
+                           "an SGLang expert_distribution_recorder_*.pt dump (or a folder "
+                           "of them)")
         obj = _load_pt(file)
         if (
             not isinstance(obj, dict)
             or "records" not in obj
             or ("last_physical_to_logical_map" not in obj)
         ):
-            found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
-            raise FormatError(
-                file,
-                "expected an SGLang per-pass dump {'records': [...], "
-                f"'last_physical_to_logical_map': [L, R]}}, found {found}",
-            )
+            found = (f"keys {shown(sorted(map(str, obj)))}" if isinstance(obj, dict)
+                     else f"a {type(obj).__name__}")
+            raise _wrong_kind(file, "sglang-per-pass", "an SGLang per-pass dump {'records': "
+                              "[...], 'last_physical_to_logical_map': [L, R]}", found)
         phys_map = to_tensor(
             obj["last_physical_to_logical_map"], file, "last_physical_to_logical_map"
         )
@@ -322,7 +345,8 @@ def _read_trtllm(path: Path) -> LoadTrace:
     if path.is_dir():
         info_path = path / "meta_info.json"
         if not info_path.is_file():
-            raise FormatError(path, "expected a TensorRT-LLM statistics folder with meta_info.json")
+            raise _wrong_kind(path, "trtllm", "a TensorRT-LLM statistics folder (meta_info.json "
+                              "+ rank{r}.safetensors)", "a folder without meta_info.json")
         info = _load_json(info_path)
         experts = info.get("num_experts") if isinstance(info, dict) else None
         if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
@@ -355,6 +379,9 @@ def _read_trtllm(path: Path) -> LoadTrace:
     for _rank, file in files:
         if stat.S_ISDIR(require_regular_file(file).st_mode):
             raise FormatError(file, "is a folder; expected a rank's safetensors file")
+        _require_container(file, "trtllm", ("safetensors",),
+                           "a TensorRT-LLM statistics folder (meta_info.json + "
+                           "rank{r}.safetensors) or one rank's .safetensors file")
         try:
             tensors = st.load_file(str(file))
         except Exception as exc:  # safetensors raises its own error types
@@ -362,7 +389,8 @@ def _read_trtllm(path: Path) -> LoadTrace:
         for name, data in tensors.items():
             m = _ITER_LAYER.match(name)
             if m is None:
-                raise FormatError(file, f"expected keys '{{iter}}_{{layer}}', found {name!r}")
+                raise _wrong_kind(file, "trtllm", "TensorRT-LLM statistics, keys "
+                                  "'{iter}_{layer}'", f"key {shown(name)}")
             if data.dim() != 1 or data.is_floating_point():
                 raise FormatError(
                     file,
