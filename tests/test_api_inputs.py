@@ -441,3 +441,29 @@ def test_nodes_that_do_not_divide_the_gpus_are_planned_as_one_node_with_a_warnin
     assert main(["plan", str(tmp_path / "loads.npy"), "-r", "96", "-g", "16", "--nodes", "3",
                  "-o", str(tmp_path / "q.json")]) == 2
     assert "must be a multiple of --nodes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("raw", [bytes, bytearray])
+def test_raw_bytes_are_no_numbers_whichever_their_type(raw):
+    """Found by an attacker pass: ``bytes`` was refused as loads, ``bytearray`` planned
+    on as its byte values (a list of ``bytearray`` rows too). Both are refused, as loads,
+    counts, per-GPU values, routing and the placement in force; a ``memoryview`` carries
+    its element type and stays accepted."""
+    data = raw(range(1, 17))
+    for value in (data, [data, data], [[1.0] * 16, data]):
+        with pytest.raises(TypeError, match=f"weight (is|holds) {raw.__name__}: raw bytes"):
+            eplb.plan(value, 16, 4)
+    with pytest.raises(TypeError, match=f"counts holds {raw.__name__}"):
+        Rebalancer(16, 4, window=2).record([data, data])
+    with pytest.raises(TypeError, match=f"gpu_speed is {raw.__name__}"):
+        eplb.plan(W[:, :16], 16, 4, gpu_speed=raw([1] * 4))
+    with pytest.raises(TypeError, match=f"source is {raw.__name__}"):
+        eplb.plan(W[:, :16], 16, 4, 2, dispatch="nearest", source=raw([1] * 4))
+    with pytest.raises(TypeError, match=f"previous holds {raw.__name__}"):
+        eplb.plan(W[:2, :16], 16, 4, previous=[raw(range(16))] * 2)
+    with pytest.raises(TypeError, match=f"routing holds {raw.__name__}"):
+        eplb.plan(W[:1, :16], 16, 4, 2, policy="locality", dispatch="nearest",
+                  routing=[[raw([0, 1])]] * 4)
+    typed = memoryview(np.arange(1.0, 17.0))
+    assert torch.equal(eplb.plan(typed, 16, 4).phy2log,
+                       eplb.plan(np.arange(1.0, 17.0), 16, 4).phy2log)

@@ -16,6 +16,35 @@ import torch
 
 ACCEPTED_WEIGHT_TYPES = "torch.Tensor, numpy.ndarray or a nested list of numbers"
 
+#: raw bytes, which Python and NumPy read as sequences of small ints: no numbers eplb
+#: takes (``bytes`` was refused as loads while a ``bytearray`` was planned on as its byte
+#: values). A ``memoryview`` is not one: it carries its element type, which NumPy reads.
+_BYTE_STRINGS = (bytes, bytearray)
+
+
+def refuse_byte_strings(value: object, name: str) -> None:
+    """Raise ``TypeError`` when ``value`` is ``bytes``/``bytearray``, or a nested list
+    holding one (as a row at any depth). Only the lists are visited, never the numbers
+    in them: a row whose first entry is a number is a row of numbers (NumPy refuses a
+    ragged one)."""
+    found = type(value) if isinstance(value, _BYTE_STRINGS) else None
+    stack = [value] if found is None and isinstance(value, (list, tuple)) else []
+    while stack and found is None:
+        seq = stack.pop()
+        if not seq or not isinstance(seq[0], (*_BYTE_STRINGS, list, tuple)):
+            continue
+        for item in seq:
+            if isinstance(item, _BYTE_STRINGS):
+                found = type(item)
+                break
+            if isinstance(item, (list, tuple)):
+                stack.append(item)
+    if found is not None:
+        where = "is" if isinstance(value, _BYTE_STRINGS) else "holds"
+        raise TypeError(f"{name} {where} {found.__name__}: raw bytes, not numbers; pass a "
+                        "tensor, array or list of numbers (numpy.frombuffer(data, dtype) "
+                        "reads a binary buffer)")
+
 
 def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
     """``value`` as a dense real (or integer) tensor on its own device; bools become int64."""
@@ -41,7 +70,8 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
         # torch reads native byte order only: a big-endian array is converted here
         tensor = torch.from_numpy(np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="),
                                                                     copy=False)))
-    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+    elif isinstance(value, Sequence) and not isinstance(value, str):
+        refuse_byte_strings(value, name)
         try:
             raw = np.asarray(value)
             # NumPy would parse text ("1") as a number: only numbers are loads (ints too
@@ -256,6 +286,7 @@ def as_gpu_speed(
 ) -> torch.Tensor:
     """``[P]`` float64 per-GPU values (speeds: each finite and > 0; with ``allow_zero``,
     e.g. token sources: >= 0 and not all zero)."""
+    refuse_byte_strings(gpu_speed, name)
     try:
         if isinstance(gpu_speed, torch.Tensor):
             tensor = gpu_speed.to(device)
@@ -296,6 +327,7 @@ def as_routing(
     if isinstance(routing, torch.Tensor):
         tensor = routing
     else:
+        refuse_byte_strings(routing, "routing")
         try:
             tensor = torch.as_tensor(np.asarray(routing))
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
