@@ -523,3 +523,22 @@ def test_simulate_refuses_an_interval_the_adrs_protocol_would_ignore(capsys, tra
                        "--protocol", "adrs", "-r", "16", "-g", "8", "--json")
     assert code == 0
     assert json.loads(out)["runs"][0]["rebalances"]["step"] == [10, 20, 30]
+
+
+def test_simulate_refuses_planner_flags_with_planner_none(capsys, trace_file) -> None:
+    """Found by an attacker pass: --planner none dropped --estimator without a word (as
+    it did --policy); as --incremental with another planner, they are refused."""
+    base = ["simulate", str(trace_file), "--window", "10", "-r", "16", "-g", "8",
+            "--planner", "none"]
+    for extra, named in ((["--estimator", "ema:5"], "--estimator shapes"),
+                         (["--estimator", "ema:5", "--compare"], "--estimator shapes"),
+                         (["--policy", "global"], "--policy shapes"),
+                         (["--estimator", "ema:5", "--policy", "global"],
+                          "--estimator and --policy shape")):
+        code, _, err = run(capsys, *base, *extra)
+        assert code == 2, extra
+        assert_one_line_error(err)
+        assert named in err and "--planner none never plans" in err
+    # what the other runs use stays: --policy with --compare, --estimator with a planner
+    assert run(capsys, *base, "--policy", "global", "--compare", "--json")[0] == 0
+    assert run(capsys, *base[:-1], "greedy", "--estimator", "ema:5", "--json")[0] == 0

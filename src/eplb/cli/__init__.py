@@ -280,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--incremental", action="store_true",
                    help="rebalance incrementally from the placement in service")
     p.add_argument("--estimator", default=None, metavar="SPEC",
-                   help="load estimator: sum (default, what the engines do), ema:H (half-life "
-                        "H steps), robust:Z, multi:K, auto")
+                   help="load estimator of the --planner run (not none): sum (default, what "
+                        "the engines do), ema:H (half-life H steps), robust:Z, multi:K, auto")
     p.add_argument("--max-moves", type=_slots, default=None, metavar="N",
                    help="slots moved per rebalance, in total over all layers (with "
                         "--incremental)")

@@ -86,6 +86,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         raise CliError("--incremental and --max-moves need --planner eplb")
     if args.max_moves is not None and not args.incremental:
         raise CliError("--max-moves needs --incremental")
+    if args.planner == "none":
+        # as --incremental: a flag no run would use is refused, not dropped without a word
+        # (the estimator is the chosen planner's alone, even with --compare; a policy
+        # holds for the planners --compare adds)
+        unused = [flag for flag, given in (
+            ("--estimator", args.estimator is not None),
+            ("--policy", args.policy != "auto" and not args.compare)) if given]
+        if unused:
+            raise CliError(f"{' and '.join(unused)} shape{'s' if len(unused) == 1 else ''} "
+                           "what a planner plans on, and --planner none never plans: give "
+                           f"--planner eplb (or greedy), or leave {' and '.join(unused)} out")
     report = prepare_report(args.report, args.force, "eplb simulation")
     trace = read_trace(args.trace, args)
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
