@@ -319,3 +319,25 @@ def test_first_layer_that_contradicts_the_placement_layers_is_refused(capsys, tm
     assert run(capsys, "eval", "--placement", str(old), str(loads), "--first-layer", "3")[0] == 0
     code, _, err = run(capsys, "eval", "--placement", str(old), str(loads))
     assert code == 0 and "warning" not in err
+
+
+def test_a_plan_of_bare_rows_from_a_placement_with_layer_ids_records_them(capsys,
+                                                                          tmp_path) -> None:
+    """Found by a newcomer pass: `plan d.npy --previous p.json` paired the bare rows with
+    p.json's model layers 3.. in order, then recorded no layer ids, so the new file no
+    longer said which layers it holds."""
+    moe = np.exp(np.random.default_rng(5).normal(0, 1, size=(L, E))) * 100
+    np.save(tmp_path / "moe.npy", moe)
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    assert run(capsys, "plan", str(tmp_path / "moe.npy"), "--first-layer", "3", "-r", str(R),
+               "-g", str(P), "-o", str(old))[0] == 0
+    assert json.loads(old.read_text())["layer_ids"] == list(range(3, 3 + L))
+    code, _, err = run(capsys, "plan", str(tmp_path / "moe.npy"), "-r", str(R), "-g", str(P),
+                       "--previous", str(old), "-o", str(new))
+    assert code == 0, err
+    assert json.loads(new.read_text())["layer_ids"] == list(range(3, 3 + L))
+    # the ids carry on through further rounds
+    again = tmp_path / "again.json"
+    assert run(capsys, "plan", str(tmp_path / "moe.npy"), "-r", str(R), "-g", str(P),
+               "--previous", str(new), "-o", str(again))[0] == 0
+    assert json.loads(again.read_text())["layer_ids"] == list(range(3, 3 + L))

@@ -130,7 +130,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         options["active_gpus"] = active
     if speed is not None:
         options["gpu_speed"] = speed
-    previous, kept_rows = None, None
+    previous, kept_rows, inherited_ids = None, None, False
     if args.previous:
         previous, previous_meta = read_placement_meta(
             existing_file(args.previous, "previous placement"), num_gpus=args.gpus,
@@ -150,6 +150,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if keep is not None:  # said by _rows_of_loads: planning the other layers only
             weight, layer_ids, kept_rows = weight[keep], [layer_ids[i] for i in keep], keep
             num_layers = len(keep)
+        recorded_ids = previous_meta.get("layer_ids")
+        if (not trace.meta.get("model_layer_ids") and args.first_layer is None
+                and keep is None and recorded_ids and len(recorded_ids) == num_layers
+                and emit in ("json", "pt")):
+            # bare rows paired in order with a placement that names its layers: the plan's
+            # rows are those layers (its file recorded none, and the next --previous or
+            # eval then paired by row index only)
+            layer_ids, inherited_ids = list(recorded_ids), True
         options["previous"] = previous
         warn_revived(previous, active, args)
         if (previous_meta.get("topology") and (args.nodes, args.groups) == (1, 1)
@@ -198,7 +206,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     placement.validate()
     # eplb's own files record layer ids only where the loads or --first-layer named them:
     # a row index is no claim (eval and --previous then pair rows in order)
-    named = bool(trace.meta.get("model_layer_ids")) or args.first_layer is not None
+    named = (bool(trace.meta.get("model_layer_ids")) or args.first_layer is not None
+             or inherited_ids)
     if speed is not None and emit in ("sglang", "trtllm"):
         warn(f"the {emit} file cannot record --gpu-speed: eval scores it as equal GPUs unless "
              "given --gpu-speed again")
