@@ -126,3 +126,13 @@ def test_every_option_with_a_default_says_it_in_its_help():
             if not action.help or (not quiet and "default" not in action.help):
                 missing.append(f"{name} {action.option_strings[-1]}")
     assert missing == []
+
+
+def test_a_gpu_speed_folder_is_named_as_such(tmp_path, capsys, loads):
+    """Found by a newcomer pass: `--gpu-speed DIR` answered 'Is a directory: spd'."""
+    (tmp_path / "spd").mkdir()
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--gpu-speed",
+                       tmp_path / "spd", "-o", tmp_path / "x.json")
+    assert code == 2
+    assert "--gpu-speed" in err and "a folder; expected 16 comma-separated numbers" in err
+    assert not (tmp_path / "x.json").exists()

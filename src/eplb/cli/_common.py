@@ -254,6 +254,9 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
     if path.exists():
 
         require_regular_file(path, "--gpu-speed file")  # a FIFO would block forever
+        if path.is_dir():  # (folders pass that check: load statistics may be one)
+            raise CliError(f"--gpu-speed {spec}: a folder; expected {num_gpus} comma-separated "
+                           "numbers or a file of them")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
