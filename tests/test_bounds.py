@@ -338,3 +338,15 @@ def test_a_global_bound_takes_gpus_that_do_not_divide_over_the_nodes():
     ceiling = balancedness_ceiling(weight, 18, 9, 2)
     assert 0 < ceiling <= 1 + 1e-12  # (a ratio of float sums: the last bit may round up)
     assert placement.balancedness(weight) <= ceiling + 1e-12
+
+
+def test_placement_scores_names_a_bare_tensor_as_the_wrong_type():
+    """A phy2log tensor where a Placement belongs raised AttributeError from deep inside
+    (found by a newcomer pass)."""
+    from eplb.core.bounds import placement_scores
+
+    w = torch.rand(2, 8) * 10 + 1
+    placement = eplb.plan(w, 12, 4)
+    assert placement_scores(placement, w)["balancedness"] > 0
+    with pytest.raises(TypeError, match=r"placement must be an eplb\.Placement.*Tensor"):
+        placement_scores(placement.phy2log, w)

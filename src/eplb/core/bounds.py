@@ -333,8 +333,12 @@ def placement_scores(
     and live GPUs. With ``gpu_speed [P]`` (as planned with ``eplb.plan(..., gpu_speed=)``)
     the balancedness is in time (:func:`eplb.core.placement.load_balance`) and the
     ceiling ``None`` (the bounds here are for equal GPUs). Raises ``ValueError`` when
-    ``weight`` does not match the placement.
+    ``weight`` does not match the placement, ``TypeError`` when ``placement`` is no
+    :class:`~eplb.core.placement.Placement` (e.g. a bare phy2log tensor).
     """
+    if not isinstance(placement, Placement):
+        raise TypeError(f"placement must be an eplb.Placement (e.g. Placement.from_phy2log), "
+                        f"got {type(placement).__name__}")
     w, _ = as_weight(weight)
     w = w.to(torch.float64).cpu()
     if w.shape != (placement.num_layers, placement.num_experts):
