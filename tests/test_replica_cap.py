@@ -118,3 +118,22 @@ def test_a_slot_per_expert_on_every_gpu_balances_perfectly(loads, gpus, slots):
     assert_contract(placement)
     loads_live = placement.gpu_loads(weight)[:, 1:]
     assert torch.allclose(loads_live, loads_live.mean(1, keepdim=True), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64])
+def test_a_slot_per_expert_on_every_gpu_balances_equal_loads_too(dtype):
+    """A layer whose experts carry equal loads is a real layer (not only the planner's
+    stand-in for an idle one): with ``S >= E`` it is balanced perfectly too. It kept the
+    packing's even counts, 10/9/9 replicas of [5, 5, 5] on 4 GPUs of 7 slots, and a GPU
+    carried 3.78 where the mean (and the ceiling) is 3.75."""
+    weight = torch.tensor([[5, 5, 5], [0, 0, 0], [9, 1, 2]], dtype=dtype)
+    live = torch.tensor([True, False, True, True, True])
+    for placement, gpus in ((eplb.plan(weight, 28, 4), slice(None)),
+                            (eplb.plan(weight, 35, 5, active_gpus=live), live)):
+        assert_contract(placement)
+        loads = placement.gpu_loads(weight)[:, gpus]
+        assert torch.allclose(loads, loads.mean(1, keepdim=True), rtol=1e-12)
+        assert placement.balancedness(weight) == pytest.approx(1.0, abs=1e-12)
+        # the idle layer is still spread evenly (its counts differ by at most one)
+        idle_counts = placement.logcnt[1]
+        assert int(idle_counts.max() - idle_counts.min()) <= 1
