@@ -186,3 +186,21 @@ def test_documented_sglang_flags_exist(sglang_root):
     for field in ("init_expert_location", "enable_eplb", "ep_num_redundant_experts",
                   "eplb_rebalance_num_iterations", "expert_distribution_recorder_mode"):
         assert f"    {field}:" in text  # becomes --{field.replace('_', '-')}
+
+
+@pytest.mark.parametrize("hierarchical", [False, True])
+def test_sglang_hook_plans_gpus_that_do_not_divide_over_nodes_without_a_python_warning(
+        hierarchical):
+    """SGLang passes its node count unchecked: 6 GPUs on 4 nodes is planned globally as
+    one node, as SGLang itself does, without eplb.plan's RuntimeWarning for API callers
+    (a warning raised inside the engine's rebalance, which fails it under ``-W error``:
+    SGLang has no fallback)."""
+    import warnings
+
+    from eplb.integrations.sglang import eplb_rebalance
+
+    counts = torch.randint(0, 100, (3, 2, 8), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        phy2log, _, _ = eplb_rebalance(counts, 12, 2, 2, 4, hierarchical=hierarchical)
+    assert torch.equal(phy2log, eplb.plan(counts.sum(0), 12, 6).phy2log)

@@ -240,10 +240,11 @@ def _one_node(topology: Topology, stacklevel: int) -> Topology:
     fits such a cluster. The engines take the shape: vLLM resets ``num_nodes`` to 1 with a
     warning before its policy runs, and SGLang passes its node count unchecked and plans
     globally unless asked for hierarchical balancing, which eplb's hook then plans
-    globally too. Refusing would fail their rebalance, so the API warns and plans (and
-    records) one node; the CLI, where the shape is a typo in ``-g``/``--nodes``, refuses
-    it. A forced hierarchical or locality policy, or nearest dispatch (checked before),
-    still raise: they need whole nodes."""
+    globally too (as one node itself: a warning inside the engine would be noise, or
+    fail its rebalance under ``-W error``). Refusing would fail their rebalance, so the
+    API warns and plans (and records) one node; the CLI, where the shape is a typo in
+    ``-g``/``--nodes``, refuses it. A forced hierarchical or locality policy, or nearest
+    dispatch (checked before), still raise: they need whole nodes."""
     warnings.warn(
         f"eplb: num_gpus ({topology.num_gpus}) is not a multiple of num_nodes "
         f"({topology.num_nodes}), so nodes cannot hold equal shares of the GPUs: planned "

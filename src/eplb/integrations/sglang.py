@@ -212,6 +212,11 @@ def eplb_rebalance(
         if dropped:
             logger.warning("eplb: %s not applied when planning for SGLang's nearest dispatch "
                            "(policy %s)", ", ".join(dropped), policy)
+    if num_gpus % num_nodes and policy == "global":
+        # nodes of unequal size: a global plan ignores them, so plan one node here, as
+        # SGLang does. Passed on, eplb.plan's RuntimeWarning for an API caller's shape
+        # would surface in the engine (and fail its rebalance under -W error)
+        num_nodes = 1
     return rebalance_experts(weight, num_physical_experts, groups, num_nodes, num_gpus,
                              policy=policy, old_phy2log=old, **options)
 
