@@ -128,6 +128,24 @@ def test_the_file_name_picks_the_format_unless_emit_does(tmp_path):
         assert torch.equal(read_placement(path).phy2log, placement.phy2log)
 
 
+def test_a_refusal_of_the_format_the_name_implies_says_the_name_chose_it(tmp_path):
+    """A caller who passed no emit= learns that the file's name picked the format its
+    arguments do not fit, and how to pick another: write_placement(p, "lb.yaml",
+    gpu_speed=s) wrote eplb's JSON before names implied formats; now it is refused, and
+    "trtllm files have no place for it" named a format the caller never asked for."""
+    placement, _ = make_placement(1, 2, 8, 4, 3)
+    with pytest.raises(ValueError, match=r"'lb\.yaml' implies emit='trtllm'; pass emit="):
+        write_placement(placement, tmp_path / "lb.yaml", gpu_speed=[1.0, 1.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match=r"'x\.npz' implies emit='json'"):
+        write_placement(placement, tmp_path / "x.npz", num_model_layers=3)
+    dead = with_dead_gpu(placement, 1)
+    with pytest.raises(ValueError, match=r"'x\.sglang\.json' implies emit='sglang'"):
+        write_placement(dead, tmp_path / "x.sglang.json")
+    with pytest.raises(ValueError, match=r"have no place for it$"):  # emit= given: no note
+        write_placement(placement, tmp_path / "lb.yaml", "trtllm", gpu_speed=[1.0] * 4)
+    write_placement(placement, tmp_path / "lb.yaml", "json", gpu_speed=[1.0, 1.0, 1.0, 2.0])
+
+
 def test_dead_gpus_round_trip_in_eplb_formats_and_are_refused_by_engines(tmp_path):
     base, _ = make_placement(1, 2, 8, 3, 4)
     placement = with_dead_gpu(base, 1)

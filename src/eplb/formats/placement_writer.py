@@ -107,8 +107,10 @@ def write_placement(
         FileExistsError: ``path`` exists and ``force`` is false.
     """
     path = Path(path)
+    named_by = ""  # where the name chose the format, messages about it say so
     if emit is None:
         emit = emit_for(path) or "json"
+        named_by = f" ({path.name!r} implies emit={emit!r}; pass emit= for another format)"
     if not is_name(emit, EMITS):
         raise ValueError(f"unknown emit {emit!r}; expected one of {', '.join(EMITS)}")
     if not isinstance(placement, Placement):
@@ -120,7 +122,7 @@ def write_placement(
         dead = (~placement.live_gpus()).nonzero().flatten().tolist()
         topo = placement.topology
         raise ValueError(dead_gpus_message(emit, dead, topo.num_gpus, topo.slots_per_gpu,
-                                           placement.num_experts))
+                                           placement.num_experts) + named_by)
     if emit == "sglang":
         num_rows = _sglang_num_rows(ids, num_model_layers)
         # SGLang's test is str.endswith, case-sensitive: it parses "init.JSON" as inline
@@ -132,11 +134,12 @@ def write_placement(
                 f"inline JSON text; name the output *.json or *.pt, not {path.name!r}"
             )
     elif num_model_layers is not None:
-        raise ValueError("num_model_layers (CLI: --num-model-layers) applies to emit='sglang' only")
+        raise ValueError(f"num_model_layers (CLI: --num-model-layers) applies to emit='sglang' "
+                         f"only, not {emit!r}{named_by}")
     if gpu_speed is not None:
         if emit not in ("json", "pt"):
             raise ValueError(f"gpu_speed is recorded in eplb's own files only (emit 'json' or "
-                             f"'pt'); {emit} files have no place for it")
+                             f"'pt'); {emit} files have no place for it{named_by}")
         gpu_speed = as_gpu_speed(gpu_speed, placement.topology.num_gpus, torch.device("cpu"))
     check_writable(path, force)
     if emit == "sglang":
