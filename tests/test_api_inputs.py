@@ -464,6 +464,8 @@ def test_raw_bytes_are_no_numbers_whichever_their_type(raw):
     with pytest.raises(TypeError, match=f"routing holds {raw.__name__}"):
         eplb.plan(W[:1, :16], 16, 4, 2, policy="locality", dispatch="nearest",
                   routing=[[raw([0, 1])]] * 4)
+    with pytest.raises(TypeError, match=f"active_gpus is {raw.__name__}: raw bytes"):
+        eplb.plan(W[:, :16], 16, 4, active_gpus=raw([1] * 4))
     typed = memoryview(np.arange(1.0, 17.0))
     assert torch.equal(eplb.plan(typed, 16, 4).phy2log,
                        eplb.plan(np.arange(1.0, 17.0), 16, 4).phy2log)

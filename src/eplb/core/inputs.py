@@ -257,6 +257,7 @@ def as_live_mask(active_gpus: object, num_gpus: int, device: torch.device) -> to
     Only booleans are accepted: a list of integers is ambiguous (``[0, 1, 2, 3]`` could
     be GPU ids or a 0/1 mask), so it is refused with a message saying how to build a mask.
     """
+    refuse_byte_strings(active_gpus, "active_gpus")  # as every other input: raw bytes
     try:
         tensor = torch.as_tensor(active_gpus, device=device)
     except (TypeError, ValueError, RuntimeError) as exc:
