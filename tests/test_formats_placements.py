@@ -126,6 +126,9 @@ def test_the_file_name_picks_the_format_unless_emit_does(tmp_path):
     assert json.loads(forced.read_text())["format"] == "eplb.placement"
     for path in (yaml_path, pt_path, other):
         assert torch.equal(read_placement(path).phy2log, placement.phy2log)
+    # loads to record where the name picked a format without a place for them: said
+    with pytest.warns(UserWarning, match="cannot record balancedness.*'lb3.yaml' implies"):
+        write_placement(placement, tmp_path / "lb3.yaml", weight=torch.rand(2, 8))
 
 
 def test_a_refusal_of_the_format_the_name_implies_says_the_name_chose_it(tmp_path):

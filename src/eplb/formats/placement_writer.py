@@ -10,6 +10,7 @@ The format is ``emit``'s, or, left out, the one the file's name implies
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -118,6 +119,11 @@ def write_placement(
     placement = placement.to("cpu")
     placement.validate(anti_affinity=False)
     ids = _layer_ids(layer_ids, placement.num_layers)
+    if named_by and weight is not None and emit in ("sglang", "trtllm"):
+        # the caller asked for the balancedness record the name's format has no place for
+        # (an explicit engine emit= says the caller knows: the CLI passes both)
+        warnings.warn(f"{emit} files cannot record balancedness: weight= is not written"
+                      f"{named_by}", UserWarning, stacklevel=2)
     if emit in ("sglang", "trtllm") and bool((placement.phy2log < 0).any()):
         dead = (~placement.live_gpus()).nonzero().flatten().tolist()
         topo = placement.topology
