@@ -137,3 +137,19 @@ def test_a_slot_per_expert_on_every_gpu_balances_equal_loads_too(dtype):
         # the idle layer is still spread evenly (its counts differ by at most one)
         idle_counts = placement.logcnt[1]
         assert int(idle_counts.max() - idle_counts.min()) <= 1
+
+
+def test_hierarchical_node_rows_of_equal_loads_are_balanced_perfectly_too():
+    """Found by a review: node rows took any row of equal loads for an idle layer's
+    stand-in, so a real layer of equal loads kept the even counts (10, 9, 9 replicas of
+    [5, 5, 5] on a node of 4 GPUs with 7 slots each) and peaked at 3.78, not the 3.75
+    every GPU can carry."""
+    weight = torch.tensor([[5.0] * 6, [0.0] * 6, [9, 1, 2, 3, 4, 4]])
+    placement = eplb.plan(weight, 56, 8, 2, 2, policy="hierarchical")
+    assert_contract(placement)
+    assert placement.policy == "hierarchical"
+    # every node's GPUs carry its mean (the groups decide the nodes' loads: 12 and 11)
+    loads = placement.gpu_loads(weight)[[0, 2]].view(2, 2, 4)  # [layer, node, GPU]
+    assert torch.allclose(loads, loads.mean(2, keepdim=True), rtol=1e-12)
+    idle_counts = placement.logcnt[1]  # the idle layer: spread evenly
+    assert int(idle_counts.max() - idle_counts.min()) <= 1

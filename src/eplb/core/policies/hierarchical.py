@@ -15,7 +15,7 @@ from eplb.core.bounds import assignment_node_bounds, enumerated_node_bounds
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, pack, to_slots
 from eplb.core.placement import slot_gpu_loads
-from eplb.core.policies.base import PlacementPolicy, plan_rows
+from eplb.core.policies.base import PlacementPolicy, idle_rows, plan_rows
 from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
 
@@ -44,7 +44,9 @@ class HierarchicalPolicy(PlacementPolicy):
             # no node needs a max GPU load below the layer's bound: most nodes are lighter
             # than the heaviest and skip the swap search
             layer_bound = bounds.amin(1).to(weight.dtype)
-        first = self.place_groups(weight, by_bound, topology, options, generator, layer_bound)
+        idle = idle_rows(request)
+        first = self.place_groups(weight, by_bound, topology, options, generator, layer_bound,
+                                  idle)
         differ = ~_same_partition(by_bound, by_load)
         if not bool(differ.any()):
             return first
@@ -72,6 +74,7 @@ class HierarchicalPolicy(PlacementPolicy):
             options,
             generator,
             None if layer_bound is None else layer_bound[rows],
+            idle[rows],
         )
         take = slot_gpu_loads(weight[rows], second, topology.num_gpus).amax(1) < peak_first
         first[rows[take]] = second[take]
@@ -85,11 +88,14 @@ class HierarchicalPolicy(PlacementPolicy):
         options: PlanOptions,
         generator: torch.Generator | None = None,
         floor: torch.Tensor | None = None,
+        idle: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Plan every node given ``node_of_group [L, G]`` → ``phy2log [L, R]``.
 
         ``floor [L]``: a max GPU load each layer cannot beat anyway (its bound); nodes
-        packed at or below it are not refined.
+        packed at or below it are not refined. ``idle [L]``: the layers that carried no
+        load (:func:`~eplb.core.policies.base.idle_rows`); ``None``: a node row of equal
+        loads is taken for one.
         """
         num_layers, num_experts = weight.shape
         nodes, groups = topology.num_nodes, topology.num_groups
@@ -107,6 +113,7 @@ class HierarchicalPolicy(PlacementPolicy):
             options,
             generator,
             None if floor is None else floor.repeat_interleave(nodes),
+            idle=None if idle is None else idle.repeat_interleave(nodes),
         )
         return node_experts.gather(1, local).view(num_layers, topology.num_replicas)
 
