@@ -461,6 +461,18 @@ def test_write_loads_round_trip(tmp_path, fmt):
     write_loads(trace, path, format=fmt, force=True)
 
 
+def test_write_loads_sglang_streams_the_rows_of_layers_the_trace_lacks(tmp_path):
+    """A row per model layer up to the largest id: a trace of two layers, one of them
+    layer 2000, is 2001 rows (zeros between), written step by step rather than as a
+    padded [T, 2001, E] array and its Python lists (found by a review pass)."""
+    counts = torch.arange(2 * 2 * 4, dtype=torch.float64).view(2, 2, 4)
+    trace = LoadTrace(counts, [0, 2000], "test", "synthetic")
+    back = read_loads(write_loads(trace, tmp_path / "far.json", format="sglang"))
+    assert back.counts.shape == (2, 2001, 4) and back.layer_ids == list(range(2001))
+    assert torch.equal(back.counts[:, [0, 2000]], counts)
+    assert back.counts[:, 1:2000].eq(0).all()
+
+
 @pytest.mark.parametrize("fmt", ["pt", "npz"])
 def test_write_loads_stores_integer_counts_compactly(tmp_path, fmt):
     # int32 where the counts fit (half the file), int64 beyond, floats as they are; every

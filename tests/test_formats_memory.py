@@ -129,3 +129,22 @@ def test_a_torch_file_whose_entries_inflate_a_thousandfold_is_refused(tmp_path) 
     with pytest.raises(FormatError, match=r"bomb\.pt: entry .* inflates from .* at most 100"):
         read_loads(bomb)
     assert read_loads(plain).counts.shape == (40, 58, 256)
+
+
+def test_writing_an_sglang_trace_streams_it(tmp_path) -> None:
+    """write_loads(format="sglang") built the whole [T, M, E] trace as Python lists (a
+    dozen times its numbers' size), more again with the zero rows of the layers a trace
+    lacks: it now writes one step at a time, so Python holds about one step."""
+    from eplb.formats import LoadTrace, write_loads
+
+    counts = torch.from_numpy(_counts(40).astype(np.float64))
+    trace = LoadTrace(counts, list(range(3, 61)), "test", "synthetic")
+    tracemalloc.start()
+    try:
+        path = write_loads(trace, tmp_path / "dump.json", format="sglang")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 58 * 256 * 8 * 4  # a few steps' worth, not the 40 steps' lists
+    back = read_loads(path)
+    assert torch.equal(back.counts[:, 3:], counts) and back.counts[:, :3].eq(0).all()

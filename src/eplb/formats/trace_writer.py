@@ -57,12 +57,8 @@ def write_loads(
     elif format == "npy":
         atomic_write(path, lambda f: np.save(f, counts.numpy()), "wb", force=force)
     elif format == "sglang":
-        # rows are model layers in SGLang's dumps: a trace of layers 3..60 written as rows
-        # 0..57 would be read back (and planned, keyed and matched) as layers 0..57
-        rows = counts.new_zeros(counts.shape[0], int(layer_ids.max()) + 1, counts.shape[2])
-        rows[:, layer_ids] = counts
-        doc = {"logical_count": rows.tolist()}
-        atomic_write(path, lambda f: json.dump(doc, f), "w", force=force)
+        atomic_write(path, lambda f: _write_sglang(counts, trace.layer_ids, f), "w",
+                     force=force)
     else:
         atomic_write(path, lambda f: _write_history(counts, f), "w", force=force)
     return path
@@ -76,3 +72,23 @@ def _write_history(counts: torch.Tensor, handle: Any) -> None:
             handle.write(", ")
         handle.write(json.dumps({"logical_expert_load": counts[t].tolist()}))
     handle.write("]}\n")
+
+
+def _write_sglang(counts: torch.Tensor, layer_ids: list[int], handle: Any) -> None:
+    """``{"logical_count": [T][M][E]}`` of ``counts [T, L, E]``, one step at a time.
+
+    Rows are model layers in SGLang's dumps: a trace of layers 3..60 written as rows 0..57
+    would be read back (and planned, keyed and matched) as layers 0..57, so every model
+    layer ``0..max(layer_ids)`` gets a row, all zero where the trace has none. Streamed:
+    neither the padded ``[T, M, E]`` array nor the whole trace as Python lists is built
+    (a stray high layer id would have multiplied both by up to ``M / L``)."""
+    row_of = {layer: i for i, layer in enumerate(layer_ids)}
+    zero = json.dumps(counts.new_zeros(counts.shape[2]).tolist())
+    handle.write('{"logical_count": [')
+    for t in range(counts.shape[0]):
+        step = counts[t].tolist()
+        rows = (json.dumps(step[row_of[m]]) if m in row_of else zero
+                for m in range(max(layer_ids) + 1))
+        handle.write((", " if t else "") + "[" + ", ".join(rows) + "]")
+    handle.write("]}\n")
+
