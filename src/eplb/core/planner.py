@@ -40,7 +40,6 @@ from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
 from eplb.core.packing.speed_start import keep_faster, speed_greedy
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
-from eplb.core.policies.base import idle_rows
 from eplb.core.request import DEFAULT_SLACK, PlanRequest
 from eplb.core.topology import Topology, check_total_slots, is_name
 
@@ -262,7 +261,7 @@ def _plan_live(request: PlanRequest) -> torch.Tensor:
     num_live = int(live.sum())
     planned = plan_rows(
         request.weight, num_live * slots, num_live, request.options, request.generator(),
-        idle=idle_rows(request),
+        idle=request.idle,
     )
     phy2log = torch.full(
         (request.num_layers, topology.num_replicas), -1, dtype=torch.int64, device=live.device

@@ -42,8 +42,8 @@ def plan_rows(
             row's layer when rows are nodes of one layer): rows packed at or below it
             skip the swap search.
         idle: ``[rows]`` bool, the rows that carried no load (a request's idle layers,
-            planned as uniform loads, :func:`idle_rows`): their replicas are spread
-            evenly. ``None``: every row of equal loads is taken for one.
+            planned as uniform loads, ``PlanRequest.idle``): their replicas are spread
+            evenly, as those of all-zero rows are. ``None``: no such rows.
 
     Returns:
         ``[rows, R]`` logical expert per slot; slot ``s`` is on GPU ``s // (R / P)``.
@@ -58,15 +58,14 @@ def plan_rows(
         # without load evenly; perfect balance needs counts that are multiples of P).
         # Rows of real equal loads are not idle: [5, 5, 5] on 4 GPUs of 7 slots was
         # packed at 3.78 with the even counts 10/9/9, where the mean is 3.75
-        even = zero | ((weight == weight[:, :1]).all(1) if idle is None
-                       else idle.to(zero.device))
+        even = zero if idle is None else zero | idle.to(zero.device)
         if not bool(even.all()):
             out = _every_expert_on_every_gpu(weight, num_replicas, num_gpus)
             if bool(even.any()):
                 rows_even = even.nonzero()[:, 0]
                 out[rows_even] = plan_rows(
                     weight[rows_even], num_replicas, num_gpus, options, generator,
-                    None if floor is None else floor[rows_even])
+                    None if floor is None else floor[rows_even], idle=even[rows_even])
             return out
     # one or two slots per GPU have dedicated planners
     if num_replicas == num_gpus:
@@ -149,13 +148,6 @@ def plan_rows(
         pick = torch.arange(rows, device=weight.device).index_put((extra,), choice)
         state = state.index_select(2, pick)
     return to_slots(state)
-
-
-def idle_rows(request: PlanRequest) -> torch.Tensor:
-    """``[L]`` bool: ``request``'s layers that carried no load (``plan_rows(idle=)``)."""
-    if request.idle is not None:
-        return request.idle
-    return torch.zeros(request.num_layers, dtype=torch.bool)
 
 
 def _every_expert_on_every_gpu(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from eplb.core.policies.base import PlacementPolicy, idle_rows, plan_rows
+from eplb.core.policies.base import PlacementPolicy, plan_rows
 from eplb.core.request import PlanRequest
 
 
@@ -21,5 +21,5 @@ class GlobalPolicy(PlacementPolicy):
             topology.num_gpus,
             request.options,
             request.generator(),
-            idle=idle_rows(request),
+            idle=request.idle,
         )

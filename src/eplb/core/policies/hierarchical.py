@@ -15,7 +15,7 @@ from eplb.core.bounds import assignment_node_bounds, enumerated_node_bounds
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, pack, to_slots
 from eplb.core.placement import slot_gpu_loads
-from eplb.core.policies.base import PlacementPolicy, idle_rows, plan_rows
+from eplb.core.policies.base import PlacementPolicy, plan_rows
 from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
 
@@ -44,7 +44,7 @@ class HierarchicalPolicy(PlacementPolicy):
             # no node needs a max GPU load below the layer's bound: most nodes are lighter
             # than the heaviest and skip the swap search
             layer_bound = bounds.amin(1).to(weight.dtype)
-        idle = idle_rows(request)
+        idle = request.idle
         first = self.place_groups(weight, by_bound, topology, options, generator, layer_bound,
                                   idle)
         differ = ~_same_partition(by_bound, by_load)
@@ -74,7 +74,7 @@ class HierarchicalPolicy(PlacementPolicy):
             options,
             generator,
             None if layer_bound is None else layer_bound[rows],
-            idle[rows],
+            None if idle is None else idle[rows],
         )
         take = slot_gpu_loads(weight[rows], second, topology.num_gpus).amax(1) < peak_first
         first[rows[take]] = second[take]
@@ -94,8 +94,7 @@ class HierarchicalPolicy(PlacementPolicy):
 
         ``floor [L]``: a max GPU load each layer cannot beat anyway (its bound); nodes
         packed at or below it are not refined. ``idle [L]``: the layers that carried no
-        load (:func:`~eplb.core.policies.base.idle_rows`); ``None``: a node row of equal
-        loads is taken for one.
+        load (``PlanRequest.idle``; ``None``: none); their node rows are spread evenly.
         """
         num_layers, num_experts = weight.shape
         nodes, groups = topology.num_nodes, topology.num_groups
