@@ -339,14 +339,17 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
 
 
 # ------------------------------------------------------------------------ TensorRT-LLM
+#: what format "trtllm" reads, in the errors for another kind of file
+_TRTLLM_FOLDER = "a TensorRT-LLM statistics folder (meta_info.json + rank{r}.safetensors)"
+
+
 def _read_trtllm(path: Path) -> LoadTrace:
     st = import_safetensors_torch()
     meta: dict[str, Any] = {}
     if path.is_dir():
         info_path = path / "meta_info.json"
         if not info_path.is_file():
-            raise _wrong_kind(path, "trtllm", "a TensorRT-LLM statistics folder (meta_info.json "
-                              "+ rank{r}.safetensors)", "a folder without meta_info.json")
+            raise _wrong_kind(path, "trtllm", _TRTLLM_FOLDER, "a folder without meta_info.json")
         info = _load_json(info_path)
         experts = info.get("num_experts") if isinstance(info, dict) else None
         if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
@@ -380,8 +383,7 @@ def _read_trtllm(path: Path) -> LoadTrace:
         if stat.S_ISDIR(require_regular_file(file).st_mode):
             raise FormatError(file, "is a folder; expected a rank's safetensors file")
         _require_container(file, "trtllm", ("safetensors",),
-                           "a TensorRT-LLM statistics folder (meta_info.json + "
-                           "rank{r}.safetensors) or one rank's .safetensors file")
+                           f"{_TRTLLM_FOLDER} or one rank's .safetensors file")
         try:
             tensors = st.load_file(str(file))
         except Exception as exc:  # safetensors raises its own error types

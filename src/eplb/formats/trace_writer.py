@@ -83,12 +83,13 @@ def _write_sglang(counts: torch.Tensor, layer_ids: list[int], handle: Any) -> No
     neither the padded ``[T, M, E]`` array nor the whole trace as Python lists is built
     (a stray high layer id would have multiplied both by up to ``M / L``)."""
     row_of = {layer: i for i, layer in enumerate(layer_ids)}
+    model_layers = range(max(layer_ids) + 1)
     zero = json.dumps(counts.new_zeros(counts.shape[2]).tolist())
     handle.write('{"logical_count": [')
     for t in range(counts.shape[0]):
         step = counts[t].tolist()
         rows = (json.dumps(step[row_of[m]]) if m in row_of else zero
-                for m in range(max(layer_ids) + 1))
+                for m in model_layers)
         handle.write((", " if t else "") + "[" + ", ".join(rows) + "]")
     handle.write("]}\n")
 
