@@ -45,12 +45,28 @@ import torch
 
 from eplb.core.messages import integer_runs
 
-__all__ = ["AgreementError", "Outcome", "PlanAgreement", "plan_digest"]
+__all__ = ["DEFAULT_TIMEOUT_S", "AgreementError", "Outcome", "PlanAgreement",
+           "check_timeout_option", "plan_digest"]
 
 _STATUS, _PLAN = "status", "plan"
 
 #: a day: longer waits are typos, and an infinite one overflows the store's timedelta
 MAX_TIMEOUT_S = 86400.0
+#: the engine plugins' wait for the other ranks' plans (option ``agree_timeout_s``)
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def check_timeout_option(options: dict[str, Any], source: str) -> float:
+    """The plugins' ``agree_timeout_s`` option of ``options`` (default
+    :data:`DEFAULT_TIMEOUT_S`; 0 turns the agreement off) as a float; ``ValueError``
+    naming ``source`` (where the options came from) for anything else."""
+    timeout = options.get("agree_timeout_s", DEFAULT_TIMEOUT_S)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
+        0 <= timeout <= MAX_TIMEOUT_S
+    ):
+        raise ValueError(f"{source}: agree_timeout_s must be a number of seconds in "
+                         f"[0, {MAX_TIMEOUT_S:g}], got {timeout!r}")
+    return float(timeout)
 
 
 class AgreementError(RuntimeError):

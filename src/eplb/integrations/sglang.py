@@ -27,6 +27,19 @@ SGLang's static dispatch (an all-to-all backend such as DeepEP) on several nodes
 is made for its nearest-replica rule (see :func:`eplb_rebalance`, option ``dispatch``).
 SGLang's ``--use-ray`` scheduler actors do not run ``load_plugins`` in 0.5.23, so that
 mode keeps SGLang's own algorithm.
+
+**One plan on every rank.** SGLang computes the plan on every rank and broadcasts
+nothing. At a runtime rebalance (a placement is in force) the ranks of the
+``torch.distributed`` world then agree through its store, as vLLM's EP ranks do
+(:mod:`eplb.integrations.agreement`): unanimous plans are kept; a rank that failed alone
+(``MemoryError``) or diverged takes the lowest successful rank's plan; if no rank could
+plan, SGLang's own algorithm answers on every rank; a rank that never publishes (a node
+started without the switch: a half-switched cluster) makes the others raise
+:class:`~eplb.integrations.agreement.AgreementError` after ``agree_timeout_s`` (default
+120; 0 turns the agreement off) instead of exchanging weights by mismatched maps.
+Start-up placements (``--init-expert-location`` with counts) are not agreed: processes
+compute them at different moments (a scale-up joiner alone, draft workers not at all),
+each from the same file.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import json
 import logging
 import os
 import sys
+import threading
 from typing import Any
 
 import torch
@@ -43,8 +57,10 @@ import torch
 from eplb._version import __version__
 from eplb.api import rebalance_experts
 from eplb.core.inputs import check_loads, require_integer_ids
+from eplb.core.placement import build_log2phy
 from eplb.core.policies import resolve_policy
 from eplb.core.topology import Topology, positive_int
+from eplb.integrations.agreement import PlanAgreement, check_timeout_option
 from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
 
 __all__ = [
@@ -52,6 +68,7 @@ __all__ = [
     "HOOK_TARGET",
     "OPTIONS_ENV_VAR",
     "PLANNER_OPTIONS",
+    "PLUGIN_OPTIONS",
     "eplb_rebalance",
     "main",
     "options_from_env",
@@ -68,6 +85,8 @@ PLANNER_OPTIONS = frozenset(
     {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold",
      "move_price", "drift", "group_share", "incremental", "dispatch"}
 )
+#: options the plugin itself consumes (not passed to the planner)
+PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
 #: ``dispatch`` values: ``auto`` plans for the rule SGLang runs (its ``static`` dispatch on
 #: several nodes sends a token to the nearest replica; otherwise tokens spread evenly)
 DISPATCH_CHOICES = ("auto", "even", "nearest")
@@ -86,10 +105,11 @@ def _checked_options(text: str, source: str) -> dict[str, Any]:
     """Planner options from JSON ``text``; errors name ``source`` (where the text came from:
     the environment variable, or the launcher's ``--eplb-options``)."""
     options = options_from_json(source, text)
-    unknown = sorted(set(options) - PLANNER_OPTIONS)
+    allowed = PLANNER_OPTIONS | PLUGIN_OPTIONS
+    unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"{source}: unknown option(s) {unknown}; "
-                         f"allowed: {sorted(PLANNER_OPTIONS)}")
+        raise ValueError(f"{source}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+    check_timeout_option(options, source)
     if options.get("dispatch", "auto") not in DISPATCH_CHOICES:
         raise ValueError(f"{source}: dispatch must be one of {DISPATCH_CHOICES}, got "
                          f"{options['dispatch']!r}")
@@ -102,7 +122,8 @@ def _checked_options(text: str, source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: max_moves must be one int (slots in total over all "
                          "layers) here; per-layer lists are for the Python API")
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
-        check_option_values({k: v for k, v in options.items() if k != "dispatch"})
+        check_option_values({k: v for k, v in options.items()
+                             if k in PLANNER_OPTIONS and k != "dispatch"})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: {exc}") from None
     return options
@@ -271,18 +292,104 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
         # SGLang's elastic EP reads its active ranks from its own state: keep its algorithm
         return original(*args, **kwargs)
     options = options_from_env()
+    timeout = check_timeout_option(options, OPTIONS_ENV_VAR)
+    planner = {k: v for k, v in options.items() if k in PLANNER_OPTIONS}
     sglang_dispatch = _sglang_dispatch()
     if not _ANNOUNCED:  # here SGLang's logging is configured; at plugin load it is not yet
         _ANNOUNCED = True
         logger.info("eplb %s plans SGLang's expert rebalancing (SGLang algorithm %s, "
                     "dispatch %s, options %s)", _version(), name, sglang_dispatch,
                     json.dumps(options, sort_keys=True))
-    return eplb_rebalance(
-        call["tokens_per_expert"], call["num_physical_experts"],
-        call["num_local_physical_experts"], call["num_groups"], call["num_nodes"],
-        hierarchical=name.endswith("_hierarchical"), options=options,
-        old_phy2log=_current_map(), sglang_dispatch=sglang_dispatch,
-    )
+    tokens = call["tokens_per_expert"]
+    old = _current_map()
+    # a runtime rebalance (a map in force) runs on every rank of the world at once, right
+    # after SGLang's all-reduce of the counts: there the ranks agree (module docstring)
+    agreement = None if old is None else _world_agreement(timeout)
+
+    def plan() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return eplb_rebalance(
+            tokens, call["num_physical_experts"], call["num_local_physical_experts"],
+            call["num_groups"], call["num_nodes"], hierarchical=name.endswith("_hierarchical"),
+            options=planner, old_phy2log=old, sglang_dispatch=sglang_dispatch,
+        )
+
+    if agreement is None:
+        return plan()
+    result, error = None, None
+    try:
+        result = plan()
+    except Exception as exc:  # MemoryError too: the other ranks must learn of it
+        error = exc
+    # what an adopted plan must fit: SGLang's shapes (the other arguments shape quality)
+    question = (f"loads {list(tokens.shape[-2:])}, {call['num_physical_experts']} slots, "
+                f"{call['num_local_physical_experts']} per GPU")
+    tag = f"eplb {_version()} {json.dumps(planner, sort_keys=True)} dispatch {sglang_dispatch}"
+    outcome = agreement.agree(None if result is None else result[0], error, tag=tag,
+                              question=question)
+    if outcome.plan is None:
+        logger.error("eplb: no rank could plan this rebalance (%s); SGLang's algorithm %s "
+                     "answers it on every rank", outcome.describe(), name, exc_info=error)
+        return original(*args, **kwargs)
+    if outcome.source is None and result is not None:
+        if not outcome.unanimous:  # same plan, different eplb versions or options
+            logger.warning("eplb: ranks run different eplb settings (%s); their plans agree",
+                           outcome.describe())
+        return result
+    logger.error("eplb: ranks disagreed at rebalance %d (%s); every rank uses rank %d's "
+                 "plan", agreement.round - 1, outcome.describe(), outcome.source,
+                 exc_info=error)
+    phy2log = outcome.plan.to(torch.int64)
+    log2phy, logcnt = build_log2phy(phy2log, tokens.shape[-1])
+    return phy2log, log2phy, logcnt
+
+
+# one agreement per torch.distributed world (its round counter); the default group is kept
+# so that its id is never reused while the entry lives
+_WORLD: list[tuple[Any, PlanAgreement]] = []
+_WORLD_LOCK = threading.Lock()
+
+
+def _world_agreement(timeout: float) -> PlanAgreement | None:
+    """The agreement among this process's ``torch.distributed`` world (every rank runs
+    SGLang's rebalance at once), or ``None``: agreement off (``timeout`` 0), no
+    multi-rank world, or after an elastic scale-up (then rank 0 alone plans and SGLang
+    broadcasts its map)."""
+    if timeout <= 0:
+        return None
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world <= 1 or _after_elastic_scale():
+            return None
+        from torch.distributed.distributed_c10d import _get_default_group, _get_default_store
+
+        group, store = _get_default_group(), _get_default_store()
+    except Exception:  # not inside an SGLang rank (tests, offline use)
+        return None
+    with _WORLD_LOCK:
+        if _WORLD and _WORLD[0][0] is group:
+            _WORLD[0][1].timeout_s = timeout
+            return _WORLD[0][1]
+        agreement = PlanAgreement(store, rank, world, f"eplb/sglang/world{world}", timeout)
+        _WORLD[:] = [(group, agreement)]
+        logger.info("eplb: rank %d of %d plans with eplb %s; plans are agreed through the "
+                    "torch.distributed store (timeout %.0f s)", rank, world, _version(),
+                    timeout)
+        return agreement
+
+
+def _after_elastic_scale() -> bool:
+    """SGLang's elastic EP has scaled: its rebalance then plans on rank 0 only."""
+    try:
+        from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
+
+        state = ElasticEPStateManager.instance()
+    except Exception:
+        return False
+    return state is not None and bool(getattr(state, "has_scaled", False))
 
 
 _hook._eplb_hook = True  # type: ignore[attr-defined]
@@ -342,7 +449,7 @@ node, as you would run sglang.launch_server.
 options:
   --eplb-options JSON  planner options, e.g. '{"max_moves": 2000}' (also read from
                        $SGLANG_EPLB_OPTIONS); keys:
-                       """ + ", ".join(sorted(PLANNER_OPTIONS)) + """
+                       """ + ", ".join(sorted(PLANNER_OPTIONS | PLUGIN_OPTIONS)) + """
   -h, --help           show this message and exit
 
 Without the launcher: SGLANG_EPLB_POLICY=eplb python -m sglang.launch_server ...

@@ -60,7 +60,12 @@ import torch
 from eplb._version import __version__
 from eplb.api import rebalance_experts
 from eplb.core.inputs import require_integer_ids
-from eplb.integrations.agreement import AgreementError, PlanAgreement
+from eplb.integrations.agreement import (
+    DEFAULT_TIMEOUT_S,
+    AgreementError,
+    PlanAgreement,
+    check_timeout_option,
+)
 from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
 
 __all__ = [
@@ -94,8 +99,7 @@ PLANNER_OPTIONS = frozenset(
 )
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
-DEFAULT_AGREE_TIMEOUT_S = 120.0
-MAX_AGREE_TIMEOUT_S = 86400.0  # a day: longer is a typo, and inf/NaN break the wait
+DEFAULT_AGREE_TIMEOUT_S = DEFAULT_TIMEOUT_S
 _OFF = frozenset({"", "0", "off", "false", "no", "none"})
 _REPLACE_DEFAULT = frozenset({"eplb", "1", "on", "true", "yes", "default"})
 _REGISTER_ONLY = frozenset({"register", "add"})
@@ -375,12 +379,7 @@ def _check_options(options: dict[str, Any], source: str) -> None:
         raise ValueError(
             f"{source}: unknown option(s) {unknown}; allowed: {sorted(allowed)}"
         )
-    timeout = options.get("agree_timeout_s", DEFAULT_AGREE_TIMEOUT_S)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-        0 <= timeout <= MAX_AGREE_TIMEOUT_S
-    ):
-        raise ValueError(f"{source}: agree_timeout_s must be a number of seconds in "
-                         f"[0, {MAX_AGREE_TIMEOUT_S:g}], got {timeout!r}")
+    check_timeout_option(options, source)
     if options.get("policy") == "locality":
         raise ValueError(f"{source}: policy 'locality' plans for SGLang's nearest dispatch; "
                          "vLLM splits tokens evenly: use 'auto', 'global' or 'hierarchical'")
