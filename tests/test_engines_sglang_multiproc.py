@@ -121,3 +121,35 @@ def test_agree_timeout_is_checked_at_start_up(value):
     text = json.dumps({"agree_timeout_s": value})
     with pytest.raises(ValueError, match="agree_timeout_s must be a number of seconds"):
         plugin.options_from_env({plugin.OPTIONS_ENV_VAR: text})
+
+
+def test_no_agreement_under_elastic_ep_nor_without_a_world(monkeypatch):
+    """Under SGLang's elastic EP not every rank of the world plans (rank 0 alone after a
+    scale-up, no dead rank after a fault): waiting for them would fail the rebalance."""
+    import types
+
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    from eplb.integrations import sglang as plugin
+
+    assert plugin._world_agreement(120.0) is None  # no torch.distributed world here
+    monkeypatch.setattr(plugin, "_WORLD", [])
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(dist, "get_rank", lambda: 2)
+    group = object()
+    monkeypatch.setattr(distributed_c10d, "_get_default_group", lambda: group)
+    monkeypatch.setattr(distributed_c10d, "_get_default_store", lambda: dist.HashStore())
+    state = types.SimpleNamespace(value=None)
+    elastic = types.ModuleType("sglang.srt.elastic_ep.elastic_ep")
+    elastic.ElasticEPStateManager = types.SimpleNamespace(instance=lambda: state.value)
+    for name in ("sglang", "sglang.srt", "sglang.srt.elastic_ep"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, elastic.__name__, elastic)
+    agreement = plugin._world_agreement(30.0)
+    assert (agreement.rank, agreement.world_size, agreement.timeout_s) == (2, 4, 30.0)
+    assert plugin._world_agreement(60.0) is agreement and agreement.timeout_s == 60.0
+    assert plugin._world_agreement(0.0) is None  # turned off
+    state.value = types.SimpleNamespace(has_scaled=False)  # elastic EP on
+    assert plugin._world_agreement(30.0) is None

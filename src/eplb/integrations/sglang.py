@@ -39,7 +39,9 @@ started without the switch: a half-switched cluster) makes the others raise
 120; 0 turns the agreement off) instead of exchanging weights by mismatched maps.
 Start-up placements (``--init-expert-location`` with counts) are not agreed: processes
 compute them at different moments (a scale-up joiner alone, draft workers not at all),
-each from the same file.
+each from the same file. Nor are rebalances under SGLang's elastic EP: after a scale-up
+rank 0 alone plans and SGLang broadcasts its map, after a rank fault the dead ranks
+never plan.
 """
 
 from __future__ import annotations
@@ -352,8 +354,7 @@ _WORLD_LOCK = threading.Lock()
 def _world_agreement(timeout: float) -> PlanAgreement | None:
     """The agreement among this process's ``torch.distributed`` world (every rank runs
     SGLang's rebalance at once), or ``None``: agreement off (``timeout`` 0), no
-    multi-rank world, or after an elastic scale-up (then rank 0 alone plans and SGLang
-    broadcasts its map)."""
+    multi-rank world, or SGLang's elastic EP on (:func:`_elastic_ep`)."""
     if timeout <= 0:
         return None
     try:
@@ -362,7 +363,7 @@ def _world_agreement(timeout: float) -> PlanAgreement | None:
         if not (dist.is_available() and dist.is_initialized()):
             return None
         world, rank = dist.get_world_size(), dist.get_rank()
-        if world <= 1 or _after_elastic_scale():
+        if world <= 1 or _elastic_ep():
             return None
         from torch.distributed.distributed_c10d import _get_default_group, _get_default_store
 
@@ -381,15 +382,16 @@ def _world_agreement(timeout: float) -> PlanAgreement | None:
         return agreement
 
 
-def _after_elastic_scale() -> bool:
-    """SGLang's elastic EP has scaled: its rebalance then plans on rank 0 only."""
+def _elastic_ep() -> bool:
+    """SGLang's elastic EP is on in this process. Its rebalances do not run on every rank
+    of the world at once: after a scale-up rank 0 alone plans (SGLang broadcasts its map),
+    and after a rank fault the dead ranks never plan."""
     try:
         from sglang.srt.elastic_ep.elastic_ep import ElasticEPStateManager
 
-        state = ElasticEPStateManager.instance()
+        return ElasticEPStateManager.instance() is not None
     except Exception:
         return False
-    return state is not None and bool(getattr(state, "has_scaled", False))
 
 
 _hook._eplb_hook = True  # type: ignore[attr-defined]
