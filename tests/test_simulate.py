@@ -302,3 +302,26 @@ def test_windows_before_the_first_rebalance_are_scored_on_the_initial_live_gpus(
     first.record(counts[:100])
     assert float(res.window_balancedness[1]) == pytest.approx(
         first.placement.balancedness(counts[100:200].sum(0)), rel=1e-6)
+
+
+@pytest.mark.parametrize("planner", ["none", "eplb"])
+def test_idle_steps_do_not_lift_the_summary(planner: str) -> None:
+    # a step (or window) that routes no token read as balancedness 1 and was averaged in:
+    # the same work with an idle step between busy ones scored far better (no rebalancing:
+    # step mean 0.62 -> 0.81), and a recorder's unfilled rows did the same
+    busy = _trace(40)
+    mixed = torch.zeros(80, L, E, dtype=busy.dtype)
+    mixed[1::2] = busy  # every other step idle: the same windows of work, twice as long
+    alone = simulate(busy, planner, num_replicas=R, num_gpus=P, cadence=Cadence(4, 4))
+    spread = simulate(mixed, planner, num_replicas=R, num_gpus=P, cadence=Cadence(8, 8))
+    want, got = alone.summary(), spread.summary()
+    assert got["idle_steps"] == 40 and want["idle_steps"] == 0
+    for key in ("step_balancedness", "window_balancedness", "oracle_balancedness"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
+    # windows of idle steps alone are not scored either: one-step windows score the 40
+    # busy steps (the first, step 1, comes after the first rebalance point)
+    one = simulate(mixed, "none", num_replicas=R, num_gpus=P, cadence=Cadence(1, 1))
+    assert one.summary()["windows_scored"] == 40
+    assert one.summary()["window_balancedness"] == pytest.approx(
+        float(step_balancedness(busy, trivial_placement(E, L, Topology(R, P))).mean()),
+        rel=1e-6)

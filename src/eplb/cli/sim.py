@@ -165,6 +165,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           "oracle: the same planner given the scored window itself (foresight, not a bound);\n"
           "moved/rebal: slots whose expert changed per rebalance, of "
           f"{trace.num_layers * replicas} ({trace.num_layers} layers × {replicas} slots)")
+    idle = results[0].summary()["idle_steps"]
+    if idle:  # they read as balanced: say why the means leave them out
+        print(f"idle steps: {idle} of {trace.num_steps} route no token (no MoE time); the "
+              "means leave them, and windows of them alone, out")
     if written:
         say_written(written)
     return 0

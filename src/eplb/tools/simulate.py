@@ -137,11 +137,14 @@ class SimulationResult:
         oracle_balancedness: ``[n]`` same planner, planned on the scored window itself
             (``None`` when the oracle was not run).
         planned: ``[n]`` bool, the window starts at or after the first rebalance (the
-            summary averages over these).
+            summary averages over those of them that route a token: :attr:`scored`).
         rebalance_steps: ``[k]`` step at which each rebalance's plan took over.
         plan_seconds: ``[k]`` wall time of each plan (estimate + planner).
         moved_slots: ``[k, L]`` slots whose expert changed at each rebalance.
         expert_bytes: bytes of one expert's weights (for ``moved_bytes``).
+        idle_steps: ``[T]`` bool, steps that route no token (``None``: none). Their
+            balancedness reads 1, but they take no MoE time: the summary leaves them, and
+            windows of idle steps alone, out of its means.
     """
 
     planner: str
@@ -159,10 +162,24 @@ class SimulationResult:
     moved_slots: torch.Tensor
     expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES
     meta: Mapping[str, Any] = field(default_factory=dict)
+    idle_steps: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
         return self.step_balancedness.shape[0]
+
+    def _idle(self) -> torch.Tensor:
+        if self.idle_steps is None:
+            return torch.zeros(self.num_steps, dtype=torch.bool)
+        return self.idle_steps.cpu()
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """``[n]`` bool: the windows the summary averages, the ``planned`` ones that route
+        some token (a window of idle steps alone scores 1 without any MoE time)."""
+        num_windows, score = self.window_starts.numel(), self.cadence.scoring
+        idle = self._idle()[: num_windows * score].view(num_windows, score).all(1)
+        return self.planned & ~idle.to(self.planned.device)
 
     @property
     def moved_bytes(self) -> torch.Tensor:
@@ -170,21 +187,26 @@ class SimulationResult:
         return self.moved_slots.sum(1) * self.expert_bytes
 
     def summary(self) -> dict[str, Any]:
-        """Scalar figures over the planned windows / steps after the first rebalance."""
-        planned = self.planned
+        """Scalar figures over the :attr:`scored` windows / the busy steps after the first
+        rebalance."""
+        scored = self.scored
         # the first rebalance point, the same for every planner ("none" never plans there)
         first = min(self.cadence.interval, self.num_steps)
-        steps_after = self.step_balancedness[first:]
+        # an idle step (an engine step without tokens, a recorder's unfilled row) reads as
+        # balanced: counted, it lifted the mean of the steps that took MoE time
+        busy = ~self._idle()[first:]
+        steps_after = self.step_balancedness[first:][busy.to(self.step_balancedness.device)]
         out: dict[str, Any] = {
             "planner": self.planner,
             "estimator": self.estimator,
             "incremental": self.incremental,
             "steps": self.num_steps,
-            "windows_scored": int(planned.sum()),
-            "window_balancedness": _mean(self.window_balancedness[planned]),
+            "idle_steps": int(self._idle().sum()),
+            "windows_scored": int(scored.sum()),
+            "window_balancedness": _mean(self.window_balancedness[scored]),
             "step_balancedness": _mean(steps_after),
             "oracle_balancedness": (None if self.oracle_balancedness is None
-                                    else _mean(self.oracle_balancedness[planned])),
+                                    else _mean(self.oracle_balancedness[scored])),
             "rebalances": int(self.rebalance_steps.numel()),
             "moved_slots_per_rebalance": _mean(self.moved_slots.sum(1).double()),
             "moved_fraction": (_mean(self.moved_slots.sum(1).double())
@@ -375,6 +397,7 @@ def simulate(
     events = rebalancer.events
     # windows from the first rebalance point on, for every planner alike
     planned = window_starts >= min(cad.interval, num_steps)
+    idle = ~counts.flatten(1).any(1).cpu()  # counts are >= 0: no token at all
     oracle_bal = None
     if oracle:
         wsum = counts[: num_windows * score].view(num_windows, score, num_layers,
@@ -400,4 +423,5 @@ def simulate(
         expert_bytes=expert_bytes,
         meta={"source": trace.source if isinstance(trace, LoadTrace) else None,
               "trace_steps": num_steps},
+        idle_steps=idle,
     )
