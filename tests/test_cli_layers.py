@@ -341,3 +341,30 @@ def test_a_plan_of_bare_rows_from_a_placement_with_layer_ids_records_them(capsys
     assert run(capsys, "plan", str(tmp_path / "moe.npy"), "-r", str(R), "-g", str(P),
                "--previous", str(new), "-o", str(again))[0] == 0
     assert json.loads(again.read_text())["layer_ids"] == list(range(3, 3 + L))
+
+
+def test_an_sglang_file_pairs_by_layer_with_loads_that_name_its_layers_out_of_order(
+        capsys, tmp_path) -> None:
+    # an SGLang file's row r is model layer r; loads naming layers [2, 1, 0] were paired
+    # with its rows in order: eval scored layer 2's loads on layer 0's map (0.51 where the
+    # plan serves 0.93), and plan --previous moved slots of a placement that fits exactly
+    hot = [[10, 1, 1, 1], [1, 10, 1, 1], [1, 1, 10, 1]]  # layer 2, 1, 0: hot expert 0, 1, 2
+    loads = tmp_path / "loads.json"
+    loads.write_text(json.dumps({"counts": hot, "layers": [2, 1, 0]}))
+    shape = ["-r", "8", "-g", "4"]
+    out = tmp_path / "p.sglang.json"
+    assert run(capsys, "plan", str(loads), *shape, "-o", str(out))[0] == 0
+    own = tmp_path / "p.json"
+    code, text, _ = run(capsys, "plan", str(loads), *shape, "-o", str(own), "--json")
+    assert code == 0
+    planned = json.loads(text)
+    code, text, err = run(capsys, "eval", "--placement", str(out), str(loads), "-g", "4",
+                          "--json")
+    assert code == 0, err
+    scored = json.loads(text)
+    assert scored["balancedness_after"] == pytest.approx(planned["balancedness_after"])
+    assert [r["layer"] for r in scored["layers"]] == [2, 1, 0]
+    code, text, err = run(capsys, "plan", str(loads), *shape, "--previous", str(out), "-o",
+                          str(tmp_path / "next.json"), "--json")
+    assert code == 0, err
+    assert json.loads(text)["moved_slots_total"] == 0

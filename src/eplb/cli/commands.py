@@ -371,7 +371,12 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
     idle = (weight <= 0).all(1)
     keep = None
     named = bool(trace.meta.get("model_layer_ids")) or first_layer is not None
-    if not named or (placement_ids is None and num_rows <= rows):
+    # an SGLang file's row r is model layer r: loads that name exactly its layers, in
+    # another order (a {"counts", "layers"} record, a CSV's layer column), pair by layer;
+    # in order they paired layer 2's loads with layer 0's row without a word
+    by_index = (named and placement_ids is None and num_rows == rows
+                and sorted(_layer_ids(trace, first_layer, loads)) == list(range(rows)))
+    if not named or (placement_ids is None and num_rows <= rows and not by_index):
         # in order: loads that do not name their layers, or a placement whose row index
         # is no claim about layers; the loads' rows that carry load where that makes the
         # counts agree (a dump's dense rows left out)
