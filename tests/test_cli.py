@@ -311,6 +311,19 @@ def test_generate_writes_every_trace_format_plan_reads(capsys, tmp_path, trace_f
     assert torch.equal(read_loads(path).counts, read_loads(trace_file).counts)
 
 
+@pytest.mark.parametrize(("fmt", "name", "says"), [
+    ("sglang", "t.npz", "a .json file"), ("npz", "t.json", "a .npz file"),
+    ("pt", "t.npy", "a .pt file")])
+def test_generate_refuses_a_format_the_name_contradicts(capsys, tmp_path, fmt, name,
+                                                        says) -> None:
+    # --format sglang -o t.npz wrote JSON into a file named .npz without a word: other
+    # tools open it by its name (found by the fifteenth-session newcomer pass)
+    code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "2", "-o",
+                       tmp_path / name, "-q", "--format", fmt)
+    assert code == 2 and says in err and name in err
+    assert not (tmp_path / name).exists()
+
+
 def test_generate_sglang_keeps_model_layers(capsys, tmp_path) -> None:
     # DeepSeek-V3's MoE layers are 3..60; an SGLang dump's rows are model layers, so the
     # file has a row for every layer (dense ones zero), as SGLang's recorder writes it:

@@ -223,10 +223,23 @@ TRACE_FORMAT_BY_SUFFIX = {".pt": "pt", ".json": "vllm-history", ".npz": "npz", "
 TRACE_FORMAT_ALIASES = {"load_history": "vllm-history"}
 
 
+#: the container each trace format writes (a name with another known suffix is a mistake)
+TRACE_SUFFIX_BY_FORMAT = {"pt": ".pt", "vllm-history": ".json", "sglang": ".json", "npz": ".npz",
+                          "npy": ".npy"}
+
+
 def trace_format(path: Path, fmt: str | None) -> str:
-    """The format ``generate`` writes: ``--format`` (aliases allowed), else from the name."""
+    """The format ``generate`` writes: ``--format`` (aliases allowed), else from the name.
+    A ``--format`` whose container another known suffix of the name contradicts (JSON
+    into ``t.npz``) is refused: other tools open the file by its name."""
     if fmt is not None:
-        return TRACE_FORMAT_ALIASES.get(fmt, fmt)
+        fmt = TRACE_FORMAT_ALIASES.get(fmt, fmt)
+        suffix, want = path.suffix.lower(), TRACE_SUFFIX_BY_FORMAT.get(fmt)
+        if want is not None and suffix in TRACE_FORMAT_BY_SUFFIX and suffix != want:
+            raise CliError(f"--format {fmt} writes a {want} file, but the name {path.name!r} "
+                           f"says {suffix}: name it {path.stem}{want}, or drop --format to "
+                           f"write {TRACE_FORMAT_BY_SUFFIX[suffix]}")
+        return fmt
     fmt = TRACE_FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
         raise CliError(f"cannot tell the trace format from {path.name!r}; use .pt, .json, "
