@@ -207,6 +207,14 @@ def test_plan_shows_the_placement_in_force_and_refuses_one_from_another_cluster(
                        str(old), "-o", str(tmp_path / "other.json"))
     assert code == 2
     assert "planned for 24 slots on 4 GPUs" in err and "24 on 8" in err
+    # an SGLang file records no GPU count: its own slot count is named, not read as the
+    # plan's ("num_replicas (24) must be a multiple of num_gpus (16)" blamed -r 32)
+    sglang = tmp_path / "old.sglang.json"
+    assert run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--first-layer", "0",
+               "--num-model-layers", str(L), "-o", str(sglang))[0] == 0
+    code, _, err = run(capsys, "plan", str(loads), "-r", "32", "-g", "16", "--previous",
+                       str(sglang), "-o", str(tmp_path / "other.json"))
+    assert code == 2 and "its 24 slots per layer do not fit" in err and "16 GPUs" in err
 
 
 def test_slack_at_its_default_value_still_needs_the_locality_policy(capsys, tmp_path,

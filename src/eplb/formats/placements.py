@@ -195,7 +195,9 @@ def _topology(
     try:
         return Topology(num_slots, num_gpus, num_nodes, num_groups)
     except ValueError as exc:
-        raise FormatError(path, f"does not fit the given topology: {exc}") from None
+        # the file's own slot count first: "num_replicas (72)" alone read as the caller's
+        raise FormatError(path, f"its {num_slots} slots per layer do not fit the given "
+                                f"topology of {num_gpus} GPUs: {exc}") from None
 
 
 def _build(
