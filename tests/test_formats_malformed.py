@@ -77,7 +77,14 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
         "negative",
     )
     add("tail_hist.json", '{"load_history": [[[1, 2]]]} trailing', None, "after the closing")
-    add("sglang_ragged.json", json.dumps({"logical_count": [[1, 2], [3]]}), None, "rectangular")
+    add("sglang_ragged.json", json.dumps({"logical_count": [[1, 2], [3]]}), None,
+        "[1] has 1 entries where [0] has 2")
+    # where the array goes wrong, in the file's terms (NumPy's "inhomogeneous shape after
+    # 1 dimensions" and "float() argument ... not 'dict'" named its own internals)
+    add("objects.json", json.dumps([{"domain": "math"}, {"domain": "code"}]), None,
+        "[0] is an object, not a number")
+    add("deep_ragged.json", json.dumps([[1, 2, [3]], [4, 5, 6]]), None,
+        "[0][2] is a list where [0][0] is a number")
     add("sglang_neg.json", json.dumps({"logical_count": [[1, -2]]}), None, ">= 0")
     add("sglang_4d.json", json.dumps({"logical_count": [[[[1]]]]}), None, "expected [layers")
     add("bad.json", '{"logical_count": [[1, 2]', None, "malformed JSON")

@@ -90,6 +90,44 @@ def as_counts_of(value: Any, path: Path, what: str, literals: bool = False
         raise FormatError(path, str(exc)) from None
 
 
+_JSON_NAMES = {dict: "an object", str: "text", type(None): "null", bool: "a boolean"}
+
+
+def irregularity(value: Any, limit: int = 1 << 20) -> str | None:
+    """The first place, level by level, where nested lists ``value`` stop being a
+    rectangular array of numbers (``"[1] has 2 entries where [0] has 3"``), or ``None``
+    when none is found within ``limit`` entries."""
+    level: list[tuple[tuple[int, ...], Any]] = [((), value)]
+    seen = 0
+    while level:
+        first_list = first_number = None
+        length = 0
+        below: list[tuple[tuple[int, ...], Any]] = []
+        for where, item in level:
+            at = "".join(f"[{i}]" for i in where) or "the top level"
+            if isinstance(item, list | tuple):
+                if first_number is not None:
+                    return f"{at} is a list where {first_number} is a number"
+                if first_list is None:
+                    first_list, length = at, len(item)
+                elif len(item) != length:
+                    return f"{at} has {len(item)} entries where {first_list} has {length}"
+                below.extend(((*where, i), x) for i, x in enumerate(item))
+            elif isinstance(item, int | float) and not isinstance(item, bool):
+                if first_list is not None:
+                    return f"{at} is a number where {first_list} is a list"
+                first_number = first_number or at
+            else:
+                kind = next((name for cls, name in _JSON_NAMES.items() if isinstance(item, cls)),
+                            type(item).__name__)
+                return f"{at} is {kind}, not a number"
+        seen += len(below)
+        if seen > limit:
+            return None
+        level = below
+    return None
+
+
 def number_array(value: Any, path: Path, what: str) -> np.ndarray:
     """Nested lists of numbers as a float64 array; text, booleans, ragged rows, numbers
     beyond float64 and deep nesting are a FormatError naming ``what``."""
@@ -104,9 +142,11 @@ def number_array(value: Any, path: Path, what: str) -> np.ndarray:
     except RecursionError:
         raise FormatError(path, f"{what} is nested too deeply") from None
     except (TypeError, ValueError) as exc:  # ragged rows, None or objects among the numbers
-        raise FormatError(
-            path, f"{what} is not a rectangular array of numbers ({type(value).__name__}): {exc}"
-        ) from None
+        # where it goes wrong, in the file's terms (NumPy's text names its own internals:
+        # "inhomogeneous shape after 1 dimensions", "float() argument ... not 'dict'")
+        reason = irregularity(value) or str(exc)
+        raise FormatError(path, f"{what} is not a rectangular array of numbers: {reason}"
+                          ) from None
     if numbers is None and array.dtype.kind == "b":  # JSON true/false: flags, not counts
         raise FormatError(path, f"{what} holds booleans where numbers belong; expected numbers")
     if numbers is None:
