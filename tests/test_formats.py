@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -261,6 +262,20 @@ def test_vllm_history_progress_bar(tmp_path, capsys):
     trace = read_loads(path, progress=True)
     assert trace.num_steps == T
     assert "hist.json" in capsys.readouterr().err
+
+
+def test_a_forced_plain_format_on_top_k_ids_warns_that_they_are_read_as_counts(tmp_path):
+    # --format npz on a routing file planned "26 layers x 6 experts" (the k axis as
+    # experts) without a word (fifteenth-session newcomer pass, the ESFT file); forcing a
+    # plain format stays allowed: it reads a counts array whose name looks like ids
+    path = tmp_path / "r.npz"
+    np.savez(path, batch_topk_ids=topk_ids().numpy())
+    with pytest.warns(UserWarning, match="named like top-k expert ids"):
+        trace = read_loads(path, format="npz", key="batch_topk_ids")
+    assert trace.format == "npz"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_loads(path, num_experts=E)  # detected as ids: nothing to warn about
 
 
 @pytest.mark.parametrize("container", ["npz", "pt", "npy", "safetensors"])

@@ -105,6 +105,14 @@ def read_loads(
         fmt = detect_format(path)
     elif format in FORMATS:
         fmt = format
+        if fmt in ("npz", "pt", "safetensors", "json") and detect_format(path) == "topk":
+            # forcing a plain format is how an integer counts array whose name looks like
+            # ids is read, so this is allowed; but ids read as counts plan a different
+            # model without a word (k experts, tokens as steps): say so
+            warnings.warn(f"{path}: read as {fmt} counts, as the format asks, although its "
+                          "arrays are named like top-k expert ids (topk, selected_experts, "
+                          "...); for routing ids leave the format out (or use 'topk')",
+                          stacklevel=2)
     else:
         raise ValueError(
             f"unknown load format {format!r} (format= / --format); expected one of "
