@@ -322,6 +322,8 @@ def test_idle_steps_do_not_lift_the_summary(planner: str) -> None:
     # busy steps (the first, step 1, comes after the first rebalance point)
     one = simulate(mixed, "none", num_replicas=R, num_gpus=P, cadence=Cadence(1, 1))
     assert one.summary()["windows_scored"] == 40
+    # the report's picture leaves the same windows out (gaps, not points at 1.0)
+    assert one.idle_windows.tolist() == [True, False] * 40
     assert one.summary()["window_balancedness"] == pytest.approx(
         float(step_balancedness(busy, trivial_placement(E, L, Topology(R, P))).mean()),
         rel=1e-6)

@@ -64,7 +64,7 @@ def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
     for planner in ("none", "greedy", "eplb"):
         result = run_simulation(trace, planner, replicas=replicas, gpus=gpus, window=window,
                                 interval=window, score_window=window, seed=seed, oracle=False)
-        bal = result.window_balancedness[result.planned]
+        bal = result.window_balancedness[result.scored]  # windows without tokens left out
         series[PLANNER_LABEL[planner]] = [float(x) for x in bal]
     return {"window": window, "windows": num_windows, "series": series}
 
@@ -196,19 +196,22 @@ def _simulation_report(report, args, results, trace) -> None:
                      s["rebalances"]])
     report.table(["planner", "mean window balancedness after the first rebalance", "oracle",
                   "rebalances"], rows)
-    series = {PLANNER_LABEL.get(r.planner, r.planner): r.window_balancedness for r in results}
+    # windows without a token read 1 but take no MoE time: gaps in the picture, as they
+    # are left out of the means
+    series = {PLANNER_LABEL.get(r.planner, r.planner):
+              r.window_balancedness.masked_fill(r.idle_windows, float("nan")) for r in results}
     first = results[0]
     if first.oracle_balancedness is not None:
         label = f"oracle ({PLANNER_LABEL.get(first.planner, first.planner)} on the scored window)"
-        series[label] = first.oracle_balancedness
+        series[label] = first.oracle_balancedness.masked_fill(first.idle_windows, float("nan"))
         averages[label] = first.summary()["oracle_balancedness"]
     xs = first.window_starts.tolist()
     rebal = first.rebalance_steps.tolist()
     report.figure(
         "simulation_over_time.png",
         "Balancedness of each scoring window under the placement in force; grey lines mark "
-        "rebalances. The legend's figures are the table's: means over the windows from the "
-        "first rebalance on.",
+        "rebalances; windows that route no token are gaps. The legend's figures are the "
+        "table's: means over the windows from the first rebalance on.",
         lambda path: plot_balancedness_over_time(
             series, path, x=xs, rebalance_at=rebal, averages=averages,
             average_label="mean after the first rebalance",

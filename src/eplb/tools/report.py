@@ -328,7 +328,7 @@ def plot_balancedness_over_time(
         values = torch.as_tensor(values, dtype=torch.float64).cpu()
         xs = list(x) if x is not None else list(range(values.numel()))
         average = (averages or {}).get(label)
-        average = float(values.mean()) if average is None else average
+        average = float(values.nanmean()) if average is None else average  # gaps: NaN
         ax.plot(
             xs, values.numpy(), linewidth=1.3, marker="." if values.numel() < 80 else None,
             label=f"{label}: {average:.4f}", color=colours[label],

@@ -174,12 +174,17 @@ class SimulationResult:
         return self.idle_steps.cpu()
 
     @property
-    def scored(self) -> torch.Tensor:
-        """``[n]`` bool: the windows the summary averages, the ``planned`` ones that route
-        some token (a window of idle steps alone scores 1 without any MoE time)."""
+    def idle_windows(self) -> torch.Tensor:
+        """``[n]`` bool: windows of idle steps alone (they score 1 without any MoE time)."""
         num_windows, score = self.window_starts.numel(), self.cadence.scoring
         idle = self._idle()[: num_windows * score].view(num_windows, score).all(1)
-        return self.planned & ~idle.to(self.planned.device)
+        return idle.to(self.planned.device)
+
+    @property
+    def scored(self) -> torch.Tensor:
+        """``[n]`` bool: the windows the summary averages, the ``planned`` ones that route
+        some token (:attr:`idle_windows` left out)."""
+        return self.planned & ~self.idle_windows
 
     @property
     def moved_bytes(self) -> torch.Tensor:
