@@ -26,7 +26,9 @@ The launcher sets the switch for you and starts SGLang's own server::
 SGLang's static dispatch (an all-to-all backend such as DeepEP) on several nodes the plan
 is made for its nearest-replica rule (see :func:`eplb_rebalance`, option ``dispatch``).
 SGLang's ``--use-ray`` scheduler actors do not run ``load_plugins`` in 0.5.23, so that
-mode keeps SGLang's own algorithm.
+mode keeps SGLang's own algorithm. Nor does SGLang's weight-cache daemon, which builds the
+start-up layout of an ``--init-expert-location`` holding logical counts and loads the
+experts by it: with ``--weight-cache-mode`` on, that one call keeps SGLang's algorithm too.
 
 **One plan on every rank.** SGLang computes the plan on every rank and broadcasts
 nothing. At a runtime rebalance (a placement is in force) the ranks of the
@@ -282,6 +284,16 @@ def _current_map() -> torch.Tensor | None:
     return None if metadata is None else metadata.physical_to_logical_map_cpu
 
 
+def _weight_cache_mode() -> str | None:
+    """SGLang's ``--weight-cache-mode`` in this process (``None`` when unknown)."""
+    try:
+        from sglang.srt.runtime_context import get_model
+
+        return get_model().weight_cache_mode
+    except Exception:
+        return None
+
+
 def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
     """AROUND hook on SGLang's ``eplb_algorithms.rebalance_experts``."""
     global _ANNOUNCED
@@ -293,6 +305,20 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
     if name.startswith("elasticity_aware"):
         # SGLang's elastic EP reads its active ranks from its own state: keep its algorithm
         return original(*args, **kwargs)
+    current = _current_map()
+    if current is None and _weight_cache_mode() not in (None, "off"):
+        # No placement in force: the start-up layout of an --init-expert-location holding
+        # logical counts. SGLang's weight-cache daemon builds that layout too and loads the
+        # experts by it, but it never runs load_plugins (sglang/srt/weight_cache/daemon.py,
+        # _initialize_eplb_expert_location_metadata), so it gets SGLang's algorithm; the
+        # engine maps the daemon's expert weights zero-copy, and an eplb layout here would
+        # route tokens to the wrong experts. Runtime rebalances (a map in force) plan with eplb.
+        logger.warning("eplb: SGLang's weight cache (--weight-cache-mode %s) loads experts by "
+                       "the start-up layout SGLang's own algorithm computes; keeping it so the "
+                       "engine's weights match. eplb plans the runtime rebalances. For an eplb "
+                       "start-up layout, pass a file of `eplb plan --emit sglang` to "
+                       "--init-expert-location.", _weight_cache_mode())
+        return original(*args, **kwargs)
     options = options_from_env()
     timeout = check_timeout_option(options, OPTIONS_ENV_VAR)
     planner = {k: v for k, v in options.items() if k in PLANNER_OPTIONS}
@@ -303,7 +329,7 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
                     "dispatch %s, options %s)", _version(), name, sglang_dispatch,
                     json.dumps(options, sort_keys=True))
     tokens = call["tokens_per_expert"]
-    old = _current_map()
+    old = current
     # a runtime rebalance (a map in force) runs on every rank of the world at once, right
     # after SGLang's all-reduce of the counts: there the ranks agree (module docstring)
     agreement = None if old is None else _world_agreement(timeout)
