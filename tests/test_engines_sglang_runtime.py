@@ -385,6 +385,17 @@ def test_launcher_refuses_what_would_not_work(monkeypatch, capsys, env, args, me
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("allowed", [" ", ",", " , ", "eplb", " eplb ", "other,,eplb", "other"])
+def test_launcher_reads_sglangs_plugin_allow_list_as_sglang_does(sglang_root, monkeypatch,
+                                                                  allowed):
+    # a value of only spaces is an allow-list naming no plugin to SGLang: the launcher
+    # said nothing and started a server whose rebalancing never reached eplb
+    monkeypatch.setenv("SGLANG_PLUGINS", allowed)
+    with sglang_runtime(sglang_root, make_settings(nnodes=1, ep_size=8, redundant=0)) as sg:
+        loaded = "eplb" in sg.plugins.load_plugins_by_group(plugin.PLUGIN_GROUP)
+    assert (plugin._plugin_declared() is None) == loaded
+
+
 @pytest.mark.parametrize(("args", "code"), [(["--help"], 0), (["-h"], 0), ([], 2)])
 def test_launcher_help_names_its_options(monkeypatch, capsys, args, code):
     monkeypatch.setattr("runpy.run_module", lambda *a, **k: pytest.fail("server started"))

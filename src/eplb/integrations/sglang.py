@@ -461,8 +461,10 @@ def _plugin_declared() -> str | None:
     if points.get("eplb") != "eplb.integrations.sglang:register":
         return ("eplb is not installed as a package, so SGLang's scheduler processes "
                 "cannot load its plugin: pip install /path/to/eplb (or pip install -e .)")
-    allowed = os.environ.get("SGLANG_PLUGINS", "").strip()
-    if allowed and "eplb" not in {x.strip() for x in allowed.split(",")}:
+    # parsed as SGLang's load_plugins_by_group parses it: any non-empty value is an
+    # allow-list, so one of only spaces or commas allows no plugin at all
+    allowed = os.environ.get("SGLANG_PLUGINS", "")
+    if allowed and "eplb" not in {x.strip() for x in allowed.split(",") if x.strip()}:
         return f"SGLANG_PLUGINS={allowed!r} does not name 'eplb'"
     return None
 
