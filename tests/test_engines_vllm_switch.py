@@ -203,6 +203,34 @@ def test_conflicting_switch_names_change_nothing_and_say_why(vllm, monkeypatch):
     assert "disagree" in vllm.log.getvalue()
 
 
+@pytest.mark.parametrize(("switch", "legacy", "options", "legacy_options"), [
+    ("eplb", "EPLB", None, None), ("eplb", "1", None, None), (" on", "true ", None, None),
+    ("eplb", "eplb", '{"max_moves": 64}', '{ "max_moves":64 }'),
+])
+def test_both_names_asking_for_the_same_thing_are_no_conflict(vllm, monkeypatch, switch, legacy,
+                                                              options, legacy_options):
+    # a cluster moving to the new names may set both; refusing equal requests spelt
+    # differently left vLLM's own policy on that node
+    monkeypatch.setenv(plugin.ENV_VAR, switch)
+    monkeypatch.setenv(plugin.LEGACY_ENV_VAR, legacy)
+    if options is not None:
+        monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, options)
+        monkeypatch.setenv(plugin.LEGACY_OPTIONS_ENV_VAR, legacy_options)
+    vllm.plugins.load_general_plugins()
+    assert vllm.policy.EPLB_POLICIES["default"] is not vllm.policy.DefaultEplbPolicy
+    assert "disagree" not in vllm.log.getvalue()
+    if options is not None:
+        assert vllm.policy.EPLB_POLICIES["default"].options == {"max_moves": 64}
+
+
+@pytest.mark.parametrize(("switch", "legacy"), [("eplb", "register"), ("eplb", "bogus")])
+def test_names_asking_for_other_things_still_conflict(vllm, monkeypatch, switch, legacy):
+    monkeypatch.setenv(plugin.ENV_VAR, switch)
+    monkeypatch.setenv(plugin.LEGACY_ENV_VAR, legacy)
+    assert plugin.register() is False
+    assert "disagree" in vllm.log.getvalue()
+
+
 def test_options_name_both_planner_and_plugin_options():
     env = {plugin.OPTIONS_ENV_VAR: '{"max_moves": 5, "agree_timeout_s": 30}'}
     assert plugin.options_from_env(env) == {"max_moves": 5, "agree_timeout_s": 30}

@@ -389,13 +389,31 @@ def _check_options(options: dict[str, Any], source: str) -> None:
         raise ValueError(f"{source}: {exc}") from None
 
 
+def _meaning(name: str, raw: str) -> Any:
+    """What setting ``name`` holding ``raw`` asks for: the switch's mode, the options'
+    JSON value; the text itself where it means nothing (refused later, under its name)."""
+    text = raw.strip()
+    if name in (ENV_VAR, LEGACY_ENV_VAR):
+        mode = text.lower()
+        for kind in (_OFF, _REPLACE_DEFAULT, _REGISTER_ONLY):
+            if mode in kind:
+                return kind
+        return text
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return text
+
+
 def _setting(environ: Any, name: str, legacy: str) -> tuple[str, str]:
     """``(variable name, value)`` of a setting given under its name or its legacy name.
 
-    Raises ``ValueError`` when both are set to different values.
+    Raises ``ValueError`` when both are set and ask for different things (``eplb`` and
+    ``1``, or the same JSON spaced differently, are one request: a cluster migrating
+    to the new name may set both).
     """
     new, old = environ.get(name), environ.get(legacy)
-    if new is not None and old is not None and new.strip() != old.strip():
+    if new is not None and old is not None and _meaning(name, new) != _meaning(legacy, old):
         raise ValueError(f"{name}={new!r} and {legacy}={old!r} disagree; set only {name}")
     if new is not None:
         return name, new
