@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -334,6 +335,20 @@ def test_an_elastic_ep_group_agrees_across_processes_that_number_it_differently(
     named = SimpleNamespace(unique_name="ep:0", ranks=[0, 1], tcp_store_group=None)
     assert plugin._namespace(named) != plugin._namespace(
         SimpleNamespace(unique_name="eplb:0", ranks=[0, 1], tcp_store_group=None))
+
+
+def test_the_rank_log_line_shows_a_sub_second_timeout_as_it_is(monkeypatch, caplog):
+    # "%.0f" printed 0.4 s as "timeout 0 s", and 0 is the value that turns the agreement off
+    from types import SimpleNamespace
+
+    from eplb.integrations import vllm as plugin
+
+    group = SimpleNamespace(unique_name="ep:0", ranks=[0, 1], rank_in_group=0, world_size=2,
+                            tcp_store_group=SimpleNamespace(store=dist.HashStore()))
+    _fake_vllm_groups(monkeypatch, [group]).rank = 0
+    with caplog.at_level(logging.INFO, logger=plugin.LOGGER_NAME):
+        assert plugin._agreement_for({"agree_timeout_s": 0.4}).timeout_s == 0.4
+    assert "(timeout 0.4 s)" in caplog.text
 
 
 def test_the_plugin_plans_and_reports_with_one_snapshot_of_its_options(monkeypatch):

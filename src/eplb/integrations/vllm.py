@@ -285,7 +285,7 @@ def _agreement_for(options: dict[str, Any]) -> PlanAgreement | None:
                                   timeout)
         _AGREEMENTS[id(group)] = (group, agreement)
         logger.info("eplb: EP rank %d of %d plans with eplb %s; plans are agreed through "
-                    "the torch.distributed store (timeout %.0f s)",
+                    "the torch.distributed store (timeout %g s)",
                     group.rank_in_group, group.world_size, _version(), timeout)
         return agreement
 
