@@ -403,7 +403,7 @@ def _world_agreement(timeout: float) -> PlanAgreement | None:
         agreement = PlanAgreement(store, rank, world, f"eplb/sglang/world{world}", timeout)
         _WORLD[:] = [(group, agreement)]
         logger.info("eplb: rank %d of %d plans with eplb %s; plans are agreed through the "
-                    "torch.distributed store (timeout %.0f s)", rank, world, _version(),
+                    "torch.distributed store (timeout %g s)", rank, world, _version(),
                     timeout)
         return agreement
 
