@@ -251,6 +251,12 @@ def test_dead_gpus_hold_nothing_and_are_not_scored() -> None:
     assert (reb.placement.phy2log[:, 6:9] == -1).all()
     with pytest.raises(ValueError, match="active_gpus"):
         simulate(counts, "greedy", num_replicas=R, num_gpus=P, active_gpus=alive)
+    # no rebalancing on the degraded cluster: the start-up layout over the live GPUs, the
+    # baseline eplb's windows compare with (it was refused)
+    static = simulate(counts, "none", num_replicas=R, num_gpus=P, cadence="adrs",
+                      active_gpus=alive)
+    assert torch.allclose(static.step_balancedness[:100], want, rtol=1e-5)
+    assert static.summary()["window_balancedness"] < res.summary()["window_balancedness"]
 
 
 def test_a_planner_that_returns_no_placement_is_named(tiny_trace_for_planners) -> None:

@@ -181,9 +181,10 @@ def make_planner(
             return plan_fresh(request)
 
         return eplb_planner
-    if active_gpus is not None:
-        raise ValueError(f"planner {planner!r} does not support active_gpus; use 'eplb'")
     if planner == "greedy":
+        if active_gpus is not None:  # DeepSeek's greedy places on every GPU
+            raise ValueError(f"planner {planner!r} does not support active_gpus; use 'eplb' "
+                             "(or 'none' for the static layout over the live GPUs)")
 
         def greedy_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
             return plan_greedy(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,
@@ -192,7 +193,10 @@ def make_planner(
         return greedy_planner
 
     def static_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
-        return trivial_placement(weight.shape[-1], weight.shape[0], topo, device=weight.device)
+        # the engines' start-up layout over the live GPUs: the baseline on a degraded
+        # cluster too (it was refused, though trivial_placement takes dead GPUs)
+        return trivial_placement(weight.shape[-1], weight.shape[0], topo, active_gpus,
+                                 device=weight.device)
 
     return static_planner
 
