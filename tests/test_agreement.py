@@ -376,3 +376,10 @@ def test_the_plugin_plans_and_reports_with_one_snapshot_of_its_options(monkeypat
     weight = torch.randint(0, 1000, (3, 16), dtype=torch.int32)
     plugin.EplbPolicy.rebalance_experts(weight, 24, 4, 1, 4)
     assert tags and '"seed": 3' in tags[0]
+
+
+def test_a_silent_ranks_causes_include_its_agreement_turned_off():
+    # a rank with agree_timeout_s 0 plans without publishing, like one without the switch
+    agreement = PlanAgreement(dist.HashStore(), 0, 2, "eplb/t", timeout_s=0.2)
+    with pytest.raises(AgreementError, match="agree_timeout_s 0 there"):
+        agreement.agree(plan(1))

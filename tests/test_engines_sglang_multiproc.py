@@ -153,3 +153,29 @@ def test_no_agreement_under_elastic_ep_nor_without_a_world(monkeypatch):
     assert plugin._world_agreement(0.0) is None  # turned off
     state.value = types.SimpleNamespace(has_scaled=False)  # elastic EP on
     assert plugin._world_agreement(30.0) is None
+
+
+def test_a_silent_rank_is_explained_in_sglangs_terms(monkeypatch):
+    """The timeout's message names what keeps an SGLang rank out of the agreement (the
+    SGLang switch unset, an eplb without this agreement, agree_timeout_s 0 on that node),
+    not vLLM's causes: it is the line that stops the server."""
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    from eplb.integrations import sglang as plugin
+    from eplb.integrations.agreement import AgreementError
+
+    monkeypatch.setattr(plugin, "_WORLD", [])
+    monkeypatch.setattr(plugin, "_elastic_ep", lambda: False)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed_c10d, "_get_default_group", lambda: object())
+    monkeypatch.setattr(distributed_c10d, "_get_default_store", lambda: dist.HashStore())
+    agreement = plugin._world_agreement(0.2)
+    with pytest.raises(AgreementError, match=r"got none from rank\(s\) 1") as info:
+        agreement.agree(torch.zeros(2, 4, dtype=torch.int64))
+    message = str(info.value)
+    assert "vLLM" not in message, message
+    for cause in (plugin.ENV_VAR, "agree_timeout_s", "eplb not installed"):
+        assert cause in message, message

@@ -54,6 +54,11 @@ _STATUS, _PLAN = "status", "plan"
 MAX_TIMEOUT_S = 86400.0
 #: the engine plugins' wait for the other ranks' plans (option ``agree_timeout_s``)
 DEFAULT_TIMEOUT_S = 120.0
+#: why a vLLM EP rank never publishes (the timeout's message names them): a rank with
+#: ``agree_timeout_s`` 0 plans without publishing, as one without the switch does
+VLLM_SILENT_CAUSES = ("those ranks do not run eplb's policy (switch unset there, eplb not "
+                      "installed, a different vLLM policy, or agree_timeout_s 0 there) or "
+                      "failed before planning.")
 
 
 def check_timeout_option(options: dict[str, Any], source: str) -> float:
@@ -137,10 +142,13 @@ class PlanAgreement:
         world_size: ranks in the group; each must call :meth:`agree` every round.
         namespace: key prefix unique to the group (several groups may share a store).
         timeout_s: longest wait for the other ranks' statuses and the adopted plan.
+        silent_causes: why ranks may never publish, in the engine's terms: the sentence
+            after "got none from rank(s) R:" in the timeout's message (default vLLM's).
     """
 
     def __init__(
-        self, store: Any, rank: int, world_size: int, namespace: str, timeout_s: float = 120.0
+        self, store: Any, rank: int, world_size: int, namespace: str, timeout_s: float = 120.0,
+        silent_causes: str = VLLM_SILENT_CAUSES,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside [0, {world_size})")
@@ -151,6 +159,7 @@ class PlanAgreement:
                              f"got {timeout_s!r}")
         self.store, self.rank, self.world_size = store, rank, world_size
         self.namespace, self.timeout_s = namespace.rstrip("/"), float(timeout_s)
+        self.silent_causes = silent_causes
         self.round = 0
 
     def _key(self, round_: int, kind: str, rank: int | None = None) -> str:
@@ -177,9 +186,8 @@ class PlanAgreement:
                 ) from None
             missing = [k.rsplit("/", 1)[-1] for k in keys if not self._present(k)]
             raise AgreementError(
-                f"{head} and got none from rank(s) {', '.join(missing)}: those ranks do not "
-                "run eplb's policy (switch unset there, eplb not installed, or a different "
-                f"vLLM policy) or failed before planning. ({exc})"
+                f"{head} and got none from rank(s) {', '.join(missing)}: {self.silent_causes} "
+                f"({exc})"
             ) from None
 
     def _get_all(self, keys: list[str]) -> list[bytes]:

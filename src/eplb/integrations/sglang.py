@@ -38,7 +38,10 @@ nothing. At a runtime rebalance (a placement is in force) the ranks of the
 plan, SGLang's own algorithm answers on every rank; a rank that never publishes (a node
 started without the switch: a half-switched cluster) makes the others raise
 :class:`~eplb.integrations.agreement.AgreementError` after ``agree_timeout_s`` (default
-120; 0 turns the agreement off) instead of exchanging weights by mismatched maps.
+120; 0 turns the agreement off) instead of exchanging weights by mismatched maps. That
+error stops SGLang's server (its scheduler exits on an exception of a forward pass); so
+does a node with an eplb from before this agreement, or with ``agree_timeout_s`` 0 where
+the others agree (:data:`SILENT_CAUSES`).
 Start-up placements (``--init-expert-location`` with counts) are not agreed: processes
 compute them at different moments (a scale-up joiner alone, draft workers not at all),
 each from the same file. Nor are rebalances under SGLang's elastic EP: after a scale-up
@@ -371,6 +374,14 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
     return phy2log, log2phy, logcnt
 
 
+#: why an SGLang rank never publishes, for the timeout's message (which stops SGLang's
+#: server): each of these plans (or not) without taking part in the agreement
+SILENT_CAUSES = (f"those ranks do not take part in eplb's agreement: {ENV_VAR} unset there (a "
+                 "node started with plain sglang.launch_server), eplb not installed there or an "
+                 "older eplb that does not agree on SGLang's plans (install one eplb on every "
+                 "node), agree_timeout_s 0 there (set one value on every node), or they failed "
+                 "before planning.")
+
 # one agreement per torch.distributed world (its round counter); the default group is kept
 # so that its id is never reused while the entry lives
 _WORLD: list[tuple[Any, PlanAgreement]] = []
@@ -400,7 +411,8 @@ def _world_agreement(timeout: float) -> PlanAgreement | None:
         if _WORLD and _WORLD[0][0] is group:
             _WORLD[0][1].timeout_s = timeout
             return _WORLD[0][1]
-        agreement = PlanAgreement(store, rank, world, f"eplb/sglang/world{world}", timeout)
+        agreement = PlanAgreement(store, rank, world, f"eplb/sglang/world{world}", timeout,
+                                  silent_causes=SILENT_CAUSES)
         _WORLD[:] = [(group, agreement)]
         logger.info("eplb: rank %d of %d plans with eplb %s; plans are agreed through the "
                     "torch.distributed store (timeout %g s)", rank, world, _version(),
