@@ -333,3 +333,21 @@ def test_idle_steps_do_not_lift_the_summary(planner: str) -> None:
     assert one.summary()["window_balancedness"] == pytest.approx(
         float(step_balancedness(busy, trivial_placement(E, L, Topology(R, P))).mean()),
         rel=1e-6)
+
+
+def test_the_demos_replay_says_which_windows_its_series_are(tmp_path) -> None:
+    # its series leave windows that route no token out; the picture drew them against
+    # windows 1..n-1 all the same, one point short per idle window: a ValueError
+    from eplb.cli.bench import _add_simulation
+    from eplb.cli.sim import replay_windows
+    from eplb.tools.report import Report, matplotlib_available
+
+    counts = _trace(40).clone()
+    counts[20:30] = 0  # window 2 of 4 idle
+    sim = replay_windows(LoadTrace(counts, source="test"), 10, R, P)
+    assert all(len(v) == 2 for v in sim["series"].values())
+    if matplotlib_available():
+        report = Report("t")
+        _add_simulation(report, sim)
+        assert any(p.suffix == ".png" for p in report.write(tmp_path / "r"))
+    assert sim["scored"] == [1, 3]

@@ -201,7 +201,9 @@ def _add_simulation(report, sim: dict) -> None:
         "online_over_time.png",
         "Balancedness of each planner on the next window's loads, window by window.",
         lambda path: plot_balancedness_over_time(
-            series, path, x=list(range(1, sim["windows"])),
+            # the windows the values are: an idle one (no token) has none, and
+            # range(1, windows) then had more points than the series (a ValueError)
+            series, path, x=sim["scored"],
             xlabel=f"scored window (each {sim['window']} steps; planned on the window before)",
             title="Balancedness over time (plan on window i, score on window i+1)"),
     )

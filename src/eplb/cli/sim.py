@@ -57,16 +57,21 @@ def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
                    seed: int = 0) -> dict:
     """The ADRS protocol for the demo: plan on window ``i``, score on window ``i + 1``.
 
-    Returns ``{"window", "windows", "series": {label: [balancedness per scored window]}}``.
+    Returns ``{"window", "windows", "scored": [index of each scored window], "series":
+    {label: [balancedness per scored window]}}``: windows that route no token are left out
+    (as the means leave them out), so ``scored`` says which windows the values are.
     """
     series = {}
     num_windows = trace.num_steps // window
+    scored: list[int] = []
     for planner in ("none", "greedy", "eplb"):
         result = run_simulation(trace, planner, replicas=replicas, gpus=gpus, window=window,
                                 interval=window, score_window=window, seed=seed, oracle=False)
         bal = result.window_balancedness[result.scored]  # windows without tokens left out
         series[PLANNER_LABEL[planner]] = [float(x) for x in bal]
-    return {"window": window, "windows": num_windows, "series": series}
+        # the same windows for every planner: they depend on the trace and the cadence
+        scored = result.scored.nonzero()[:, 0].tolist()
+    return {"window": window, "windows": num_windows, "scored": scored, "series": series}
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
