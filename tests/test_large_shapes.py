@@ -3,6 +3,7 @@ seconds or be refused with a message, never run for hours."""
 
 from __future__ import annotations
 
+import resource
 import subprocess
 import sys
 import textwrap
@@ -10,11 +11,19 @@ import textwrap
 import pytest
 
 
-def _finishes(code: str, timeout_s: float = 120.0) -> str:
-    """Run ``code`` in a fresh interpreter; its stdout, or a failure when it runs too long."""
+def _finishes(code: str, timeout_s: float = 120.0, memory_gib: float | None = None) -> str:
+    """Run ``code`` in a fresh interpreter; its stdout, or a failure when it runs too long.
+    ``memory_gib`` caps its address space, so a plan that asks too much fails here (a
+    MemoryError) instead of taking the test machine's memory."""
+
+    def limit() -> None:
+        if memory_gib is not None:
+            cap = int(memory_gib * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
     try:
         done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                              text=True, timeout=timeout_s)
+                              text=True, timeout=timeout_s, preexec_fn=limit)
     except subprocess.TimeoutExpired:
         pytest.fail(f"still running after {timeout_s:.0f} s:\n{code}")
     assert done.returncode == 0, done.stderr
@@ -35,3 +44,52 @@ def test_locality_with_many_groups_per_node_plans_in_seconds(groups, nodes):
         print(p.policy, tuple(p.phy2log.shape))
     """)
     assert out.split() == ["locality", "(1,", "512)"]
+
+
+def test_conflict_repair_with_many_slots_per_gpu_plans_in_seconds():
+    # 1024 slots per GPU: the anti-affinity repair moves one replica per pass (43 passes
+    # here) and scored all S × S swaps of the GPU each time, though one slot could
+    # leave: 19-24 s for this one layer (41 s for 65,536 slots on 64 GPUs); 0.5 s when
+    # only the movable slots are scored
+    out = _finishes("""
+        import torch, eplb
+        torch.set_num_threads(1)
+        rank = torch.arange(1, 6001, dtype=torch.float64)
+        order = torch.randperm(6000, generator=torch.Generator().manual_seed(0))
+        weight = (1e6 / rank**2)[order][None]
+        p = eplb.plan(weight, 8192, 8).validate()
+        print(tuple(p.phy2log.shape))
+    """, timeout_s=15)
+    assert out.split() == ["(1,", "8192)"]
+
+
+def test_capping_a_hot_expert_keeps_memory_flat_in_layers():
+    # an expert with more replicas than GPUs is cut to one per GPU and the freed replicas
+    # regranted from a [rows, E, P] table of steps, built for every layer and rule at
+    # once: 4 layers of 2,048 experts on 2,048 GPUs asked 512 MiB arrays (2.3 GB peak)
+    # and failed in NumPy's allocator under 2 GiB; now 0.8 GB
+    out = _finishes("""
+        import torch, eplb
+        torch.set_num_threads(1)
+        weight = torch.zeros(4, 2048)
+        weight[:, 0] = 1e6
+        p = eplb.plan(weight, 16384, 2048).validate()
+        print(int(p.logcnt[:, 0].max()))
+    """, timeout_s=60, memory_gib=2)
+    assert out.split() == ["2048"]
+
+
+def test_a_log2phy_table_beyond_the_limit_is_refused_naming_it():
+    # log2phy [L, E, maxcnt] is dense: one expert on all 65,536 GPUs widens the row of
+    # each of 100,000 experts to 65,536 (48.8 GiB of int64, a MemoryError in NumPy)
+    out = _finishes("""
+        import torch, eplb
+        torch.set_num_threads(1)
+        weight = torch.zeros(1, 100000)
+        weight[:, 0] = 1e6
+        try:
+            eplb.plan(weight, 262144, 65536)
+        except ValueError as error:
+            print(error)
+    """, timeout_s=60, memory_gib=3)
+    assert "log2phy [1, 100000, 65536]" in out and "at most 2.68e+08" in out

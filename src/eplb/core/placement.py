@@ -50,6 +50,10 @@ def slot_gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -
     return loads.view(phy2log.shape[0], num_gpus, -1).sum(2)
 
 
+#: the most entries of a ``log2phy [L, E, maxcnt]`` table eplb builds (int64: 2 GiB)
+MAX_LOG2PHY_CELLS = 1 << 28
+
+
 def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert ``phy2log [L, R]`` (-1 = empty) into ``log2phy [L, E, maxcnt]``, ``logcnt [L, E]``.
 
@@ -93,6 +97,16 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     flat_counts = counts
     counts = counts.reshape(num_layers, width)
     maxcnt = max(int(counts[:, :num_experts].max()), 1) if counts.size else 1
+    cells = num_layers * width * maxcnt
+    if cells > MAX_LOG2PHY_CELLS:
+        # the table is dense: one expert with many replicas widens every expert's row
+        # (one hot expert among 100,000 on 65,536 GPUs asked 48.8 GiB of NumPy)
+        raise ValueError(
+            f"log2phy [{num_layers}, {num_experts}, {maxcnt}] (layers, experts, the most "
+            f"replicas of one expert) would hold {cells:.2e} entries ({cells * 8 / 2**30:.0f}"
+            f" GiB); eplb builds at most {MAX_LOG2PHY_CELLS:.2e}: plan fewer layers, or fewer "
+            f"slots per GPU, at once"
+        )
     position = np.arange(num_layers * num_slots, dtype=np.int64)
     cell_start = np.arange(num_layers * width, dtype=np.int64) * maxcnt
     if has_empty:

@@ -17,6 +17,7 @@ A portfolio of rules is scored later by the packed max GPU load, per layer.
 
 from __future__ import annotations
 
+import heapq
 import math
 
 import numpy as np
@@ -27,6 +28,9 @@ from eplb.core.ordering import argsort_rows, top_indices, top_mask
 
 # cap on the [rows, experts, steps] priority tensor before chunking over rows
 _MAX_PRIORITY_ELEMENTS = 1 << 24
+# cap on cap_counts' [rows, experts, steps] table of further steps before chunking over
+# rows (or, for one row, a heap)
+_MAX_CAP_TABLE = 1 << 24
 # past this many candidate steps per row, bisect the grant level instead of a topk
 _MAX_TOPK_CANDIDATES = 4096
 
@@ -108,20 +112,55 @@ def cap_counts(weight: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Te
     c = flat.index_select(0, which).cpu().numpy().astype(np.int64)
     freed = np.maximum(c - cap, 0).sum(1)
     c = np.minimum(c, cap)
-    # the grants one at a time (largest w / c, ties to the lower expert) are the largest
-    # entries of the table of further steps w / (c + j), c + j < cap, taken in a stable
-    # descending sort of (expert, j): each expert's steps fall with j, so the sort meets
-    # them in the order the one-at-a-time greedy grants them
     # (no expert takes more than a row's freed replicas: steps beyond that never win)
     steps = min(cap, int(freed.max()))
+    # the [rows, E, steps] table takes ~40 bytes an entry at its peak: rows go in chunks
+    # of at most _MAX_CAP_TABLE entries (a plan's memory stays flat in its layers: 4
+    # layers of one hot expert among 4,096 on 4,096 GPUs asked 2 GiB arrays and failed
+    # in NumPy's allocator), and a row whose table alone is larger (E·P up to 2**32
+    # entries) is granted by the same greedy on a heap, in time ~ its freed replicas
+    per_row = num_experts * steps
+    if per_row > _MAX_CAP_TABLE:
+        for k in range(len(c)):
+            _grant_by_heap(w[k], c[k], int(freed[k]), cap)
+    else:
+        chunk = max(1, _MAX_CAP_TABLE // per_row)
+        for start in range(0, len(c), chunk):
+            part = slice(start, start + chunk)
+            _grant_by_table(w[part], c[part], freed[part], cap, steps)
+    # index_copy and index_select: advanced indexing costs several times more here
+    out = flat.index_copy(0, which, torch.from_numpy(c).to(flat.device, flat.dtype))
+    return out.reshape(counts.shape)
+
+
+def _grant_by_table(
+    w: np.ndarray, c: np.ndarray, freed: np.ndarray, cap: int, steps: int
+) -> None:
+    """Grant ``freed [n]`` replicas per row of ``c [n, E]`` (in place) to the experts
+    below ``cap``, one at a time by the largest ``w / c`` (ties: the lower expert).
+
+    They are the largest entries of the table of further steps ``w / (c + j)``,
+    ``c + j < cap``, taken in a stable descending sort of ``(expert, j)``: each expert's
+    steps fall with ``j``, so the sort meets them in the order the greedy grants them."""
     count = c[:, :, None] + np.arange(steps)  # [n, E, steps] the count before each step
     priority = np.where(count < cap, w[:, :, None] / np.maximum(count, 1), -np.inf)
     order = np.argsort(-priority.reshape(len(c), -1), axis=1, kind="stable")
     granted = np.arange(order.shape[1]) < freed[:, None]  # the first `freed` of each row
     np.add.at(c, (np.nonzero(granted)[0], order[granted] // steps), 1)
-    # index_copy and index_select: advanced indexing costs several times more here
-    out = flat.index_copy(0, which, torch.from_numpy(c).to(flat.device, flat.dtype))
-    return out.reshape(counts.shape)
+
+
+def _grant_by_heap(w: np.ndarray, c: np.ndarray, freed: int, cap: int) -> None:
+    """:func:`_grant_by_table` for one row ``w, c [E]``, one grant at a time from a heap
+    of each expert's next step ``(−w / c, expert)``: the same priorities (one float64
+    division each) and the same order, ties to the lower expert and, within an expert
+    (equal steps of a zero load), to its earlier step."""
+    heap = [(-(w[e] / max(int(c[e]), 1)), e) for e in np.nonzero(c < cap)[0].tolist()]
+    heapq.heapify(heap)
+    for _ in range(freed):
+        _, e = heapq.heappop(heap)
+        c[e] += 1
+        if c[e] < cap:
+            heapq.heappush(heap, (-(w[e] / int(c[e])), e))
 
 
 def _priority(
