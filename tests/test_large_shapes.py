@@ -93,3 +93,23 @@ def test_a_log2phy_table_beyond_the_limit_is_refused_naming_it():
             print(error)
     """, timeout_s=60, memory_gib=3)
     assert "log2phy [1, 100000, 65536]" in out and "at most 2.68e+08" in out
+
+
+def test_nearest_dispatch_beyond_its_gpu_limit_is_refused_and_sglang_plans_even():
+    """The global nearest-dispatch plan's node relabelling grows up to L·P³: one layer on
+    2048 GPUs ran past two minutes (fifteenth-session scale pass). It is refused before
+    any search, and SGLang's hook plans for an even split instead of failing its call."""
+    import torch
+
+    import eplb
+    from eplb.integrations.sglang import eplb_rebalance
+
+    weight = torch.rand(1, 4096, generator=torch.Generator().manual_seed(0)) * 1000
+    with pytest.raises(ValueError, match="at most 1024 GPUs"):
+        eplb.plan(weight, 8192, 2048, 16, dispatch="nearest")
+    # the hierarchical policy under nearest dispatch searches no relabelling: allowed
+    eplb.plan(torch.rand(1, 4096) * 1000, 4096 + 2048, 2048, 16, 64, dispatch="nearest",
+              policy="hierarchical")
+    phy2log, _, _ = eplb_rebalance(weight.round().long()[None], 4096 + 2048, 3, None, 16,
+                                   hierarchical=False, sglang_dispatch="static")
+    assert phy2log.shape == (1, 6144)

@@ -226,6 +226,12 @@ def spread_over_nodes(
 
 #: conflict cells (rows × B × B) one Kernighan-Lin search holds at once
 _KL_CELLS = 1 << 24
+#: the most GPUs the global nearest-dispatch plan relabels over several nodes: its search
+#: makes one swap per step over every GPU pair, up to about P/3 steps of P² cells per layer
+#: and start, so time grows up to L·P³ with the experts of 3+ replicas (one layer, one
+#: core, E = 4096 uniform loads: 1 s at 1024 GPUs with 4 slots each, 90 s with 8; past
+#: 120 s at 2048 GPUs; scale pass, fifteenth session)
+MAX_NEAREST_GPUS = 1024
 
 
 def _kl_swaps(

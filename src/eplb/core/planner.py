@@ -25,7 +25,12 @@ import warnings
 import torch
 
 from eplb.core.dispatch import check_dispatch
-from eplb.core.dispatch_plan import FAIR_MODES, keep_better_served, plan_nearest_global
+from eplb.core.dispatch_plan import (
+    FAIR_MODES,
+    MAX_NEAREST_GPUS,
+    keep_better_served,
+    plan_nearest_global,
+)
 from eplb.core.inputs import (
     as_gpu_speed,
     as_live_mask,
@@ -206,6 +211,14 @@ def make_request(
         has_speeds=speed is not None,
         stacklevel=stacklevel,
     )
+    if (dispatch == "nearest" and chosen == "global" and topology.num_nodes > 1
+            and topology.num_gpus > MAX_NEAREST_GPUS):  # refused before minutes of search
+        raise ValueError(
+            f"dispatch='nearest' with the global policy on {topology.num_gpus} GPUs over "
+            f"{topology.num_nodes} nodes is beyond what eplb plans: its node-aware "
+            f"relabelling grows up to layers × GPUs³ (at 2048 GPUs one layer ran past two "
+            f"minutes on one core); at most {MAX_NEAREST_GPUS} GPUs. Plan with "
+            "dispatch='even' (or policy='hierarchical')")
     if ids is not None and chosen != "locality":
         raise ValueError(f"routing gives the locality policy its co-selection statistics; the "
                          f"{chosen} policy does not use it (pass policy='locality')")

@@ -63,6 +63,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
+from eplb.core.dispatch_plan import MAX_NEAREST_GPUS
 from eplb.core.inputs import check_loads, require_integer_ids
 from eplb.core.placement import build_log2phy
 from eplb.core.policies import resolve_policy
@@ -201,6 +202,12 @@ def eplb_rebalance(
     if dispatch == "nearest" and (num_nodes <= 1 or num_gpus % num_nodes):
         # one node: every replica is on the token's node; GPUs that do not divide over
         # the nodes: the nearest model does not apply (and must not fail SGLang's call)
+        dispatch = "even"
+    if dispatch == "nearest" and num_gpus > MAX_NEAREST_GPUS:
+        # beyond the nearest planner's size (eplb.plan refuses it): an even split's plan
+        # rather than a failed rebalance
+        logger.warning("eplb: %d GPUs is beyond the nearest-dispatch planner's %d; planning "
+                       "for an even split", num_gpus, MAX_NEAREST_GPUS)
         dispatch = "even"
     policy = options.pop("policy", None)
     if policy is None:
