@@ -113,3 +113,27 @@ def test_nearest_dispatch_beyond_its_gpu_limit_is_refused_and_sglang_plans_even(
     phy2log, _, _ = eplb_rebalance(weight.round().long()[None], 4096 + 2048, 3, None, 16,
                                    hierarchical=False, sglang_dispatch="static")
     assert phy2log.shape == (1, 6144)
+
+
+@pytest.mark.parametrize(("experts", "replicas"), [(600, 1024), (1500, 2048)])
+def test_the_repair_scoring_only_movable_slots_makes_the_same_plans(monkeypatch, experts,
+                                                                    replicas):
+    """From 32 slots per GPU the anti-affinity repair scores only the slots that may leave
+    (an immovable slot's swaps all score inf): the same swaps as scoring them all."""
+    import importlib
+
+    import torch
+
+    import eplb
+
+    state = importlib.import_module("eplb.core.packing.state")
+    rank = torch.arange(1, experts + 1, dtype=torch.float64)
+    order = torch.randperm(experts, generator=torch.Generator().manual_seed(0))
+    weight = (1e6 / rank**2)[order][None]
+    picked = []
+    held_by = state._held_by
+    monkeypatch.setattr(state, "_held_by", lambda *a: picked.append(1) or held_by(*a))
+    fast = eplb.plan(weight, replicas, 8).phy2log
+    assert picked  # the repair ran, on the picked slots
+    monkeypatch.setattr(state, "_PICK_FROM_SLOTS", 1 << 30)  # every slot scored
+    assert torch.equal(eplb.plan(weight, replicas, 8).phy2log, fast)
