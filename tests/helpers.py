@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +133,29 @@ def skewed_loads_json(directory: Path, layers: int, experts: int, seed: int
     path = directory / "stats.json"
     path.write_text(json.dumps({"logical_count": weight.tolist()}))
     return path, weight
+
+
+def run_ranks(commands: list[list[str]], env: dict[str, str], reports: list[Path],
+              timeout_s: float) -> list[dict]:
+    """Start one process per rank (``commands[r]``), wait for all, and return each rank's
+    JSON report (``reports[r]``) with its output under ``"log"``. A rank still running
+    after ``timeout_s`` is killed; a rank that wrote no report, or reported an
+    ``"error"``, fails the calling test with its output."""
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for command in commands]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=timeout_s)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    out = []
+    for rank, (path, log) in enumerate(zip(reports, logs, strict=True)):
+        assert path.is_file(), f"rank {rank} wrote no report ({path.name}):\n{log[-3000:]}"
+        report = json.loads(path.read_text())
+        assert "error" not in report, f"rank {rank} failed ({path.name}):\n{report['error']}"
+        report["log"] = log
+        out.append(report)
+    return out

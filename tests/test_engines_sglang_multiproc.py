@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_ranks
 
 from eplb import Placement, Topology
 
@@ -45,27 +45,10 @@ def scenarios(sglang_root, tmp_path_factory) -> dict[str, list[dict]]:
     env.pop("SGLANG_PLUGINS", None)
     out = {}
     for scenario in ("agree", "half"):
-        procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD),
-                                   str(workdir), scenario], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
-                 for r in range(WORLD)]
-        logs = []
-        try:
-            for p in procs:
-                logs.append(p.communicate(timeout=180)[0])
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        reports = []
-        for r in range(WORLD):
-            path = workdir / f"{scenario}-{r}.json"
-            assert path.is_file(), f"{scenario} rank {r} wrote no report:\n{logs[r][-3000:]}"
-            report = json.loads(path.read_text())
-            assert "error" not in report, f"{scenario} rank {r} failed:\n{report['error']}"
-            report["log"] = logs[r]
-            reports.append(report)
-        out[scenario] = reports
+        commands = [[sys.executable, str(WORKER), str(r), str(WORLD), str(workdir), scenario]
+                    for r in range(WORLD)]
+        out[scenario] = run_ranks(commands, env, [workdir / f"{scenario}-{r}.json"
+                                                  for r in range(WORLD)], timeout_s=180)
     return out
 
 

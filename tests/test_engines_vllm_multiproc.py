@@ -20,15 +20,14 @@ Skips visibly without the fetched vLLM wheel (``scripts/fetch_engines.py``).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_ranks
 
 WORKER = Path(__file__).resolve().parent / "_vllm_ep_worker.py"
 WORLD = 4
@@ -44,27 +43,10 @@ def ranks(vllm_root, tmp_path_factory) -> list[dict]:
     for name in ("VLLM_EPLB_OPTIONS", "EPLB_VLLM_POLICY", "EPLB_VLLM_OPTIONS", "VLLM_PLUGINS"):
         env.pop(name, None)
     start = time.perf_counter()
-    procs = [
-        subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), str(workdir)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=240)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    reports = []
-    for r in range(WORLD):
-        path = workdir / f"rank{r}.json"
-        assert path.is_file(), f"rank {r} wrote no report; output:\n{logs[r][-3000:]}"
-        report = json.loads(path.read_text())
-        assert "error" not in report, f"rank {r} failed:\n{report['error']}"
-        report["log"] = logs[r]
-        reports.append(report)
+    commands = [[sys.executable, str(WORKER), str(r), str(WORLD), str(workdir)]
+                for r in range(WORLD)]
+    reports = run_ranks(commands, env, [workdir / f"rank{r}.json" for r in range(WORLD)],
+                        timeout_s=240)
     print(f"{WORLD} ranks in {time.perf_counter() - start:.1f} s")
     return reports
 
