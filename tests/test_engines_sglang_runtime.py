@@ -511,6 +511,33 @@ def test_options_the_nearest_planner_cannot_honour_are_dropped_not_fatal(caplog)
         eplb.rebalance_experts(weight[0], 80, 4, 1, 8, policy="global")[0])
 
 
+def test_auto_plans_for_an_even_split_where_the_nearest_plan_would_stall_sglang(
+        monkeypatch, caplog):
+    # the nearest plan's node relabelling grows up to L·P³ and SGLang's scheduler waits
+    # for it (58 layers on one core: 33 s at 256 GPUs, 6 min at 512): beyond
+    # AUTO_NEAREST_MAX_GPUS "auto" plans for an even split; "nearest" still asks for it
+    asked = []
+    real = plugin.rebalance_experts
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("dispatch", "even"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plugin, "rebalance_experts", spy)
+    weight = torch.randint(1, 1000, (1, 6, 64))
+    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_GPUS", 4)  # this call has 8 GPUs
+    with caplog.at_level(logging.WARNING):
+        plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
+                              sglang_dispatch="static")
+    assert asked == ["even"] and "would stall each rebalance" in caplog.text
+    plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
+                          options={"dispatch": "nearest"}, sglang_dispatch="static")
+    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_GPUS", 8)
+    plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
+                          sglang_dispatch="static")
+    assert asked == ["even", "nearest", "nearest"]
+
+
 def test_the_nearest_switch_never_serves_worse_and_never_fails_sglangs_call(sglang_root):
     # found by a review pass: one expert over the nodes' share (the nearest-aware plan
     # gives it a replica per node), GPUs that do not divide over the nodes, a budget

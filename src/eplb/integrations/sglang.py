@@ -95,6 +95,10 @@ PLANNER_OPTIONS = frozenset(
 )
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
+#: the most GPUs ``dispatch: auto`` plans SGLang's nearest dispatch for (see
+#: :func:`eplb_rebalance`); beyond it a rebalance would stall SGLang's scheduler for tens of
+#: seconds (58 layers on one core: 33 s at 256 GPUs, 6 min at 512)
+AUTO_NEAREST_MAX_GPUS = 256
 #: ``dispatch`` values: ``auto`` plans for the rule SGLang runs (its ``static`` dispatch on
 #: several nodes sends a token to the nearest replica; otherwise tokens spread evenly)
 DISPATCH_CHOICES = ("auto", "even", "nearest")
@@ -167,7 +171,9 @@ def eplb_rebalance(
             0.751–0.894 under that rule on the real DeepSeek-V3 loads, a global one
             planned for it 0.9966–0.9988 (BENCHMARKS.md §14); per layer the planner keeps
             its even-split plan where the rule serves that clearly better (BENCHMARKS.md
-            §16). Otherwise an even split.
+            §16). Otherwise an even split, and also on more than
+            :data:`AUTO_NEAREST_MAX_GPUS` GPUs under ``auto`` (the nearest plan's search
+            would stall the rebalance: set ``dispatch: nearest`` to plan for it anyway).
 
     Returns:
         ``(phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E])`` int64 on the CPU
@@ -194,11 +200,21 @@ def eplb_rebalance(
                          f"num_local_physical_experts ({num_local_physical_experts})")
     num_gpus = num_physical_experts // num_local_physical_experts
     groups = 1 if num_groups is None else positive_int("num_groups", num_groups)
+    chosen_by_auto = dispatch == "auto"
     if dispatch == "auto":
         # a move budget too: the nearest planner spends a total budget where it buys the
         # most realised balance (on real DeepSeek-V3 loads above the even-split planner's
         # at 100–3340 slots, as SGLang's static dispatch serves them; BENCHMARKS §14)
         dispatch = "nearest" if sglang_dispatch == "static" else "even"
+    if chosen_by_auto and dispatch == "nearest" and num_gpus > AUTO_NEAREST_MAX_GPUS:
+        # SGLang's scheduler waits while it plans: the nearest plan's node relabelling grows
+        # up to L·P³ (58 layers on one core: 0.5 s at 64 GPUs, 33 s at 256, 49 s at 288,
+        # 6 min at 512), so "auto" keeps the even split there; "nearest" asks for it
+        logger.warning("eplb: planning for SGLang's nearest dispatch on %d GPUs would stall "
+                       "each rebalance for tens of seconds to minutes; planning for an even "
+                       "split (set the option dispatch to 'nearest' to plan for it anyway, up "
+                       "to %d GPUs)", num_gpus, MAX_NEAREST_GPUS)
+        dispatch = "even"
     if dispatch == "nearest" and (num_nodes <= 1 or num_gpus % num_nodes):
         # one node: every replica is on the token's node; GPUs that do not divide over
         # the nodes: the nearest model does not apply (and must not fail SGLang's call)
