@@ -19,6 +19,9 @@ python -m eplb.integrations.sglang --eplb-options '{"max_moves": 2000}' \
   --enable-eplb --eplb-rebalance-num-iterations 1000
 
 # Each scheduler process logs "eplb 0.1.0 plans SGLang's expert rebalancing" at its
-# first rebalance. Every node must run this same command (same eplb, same options): SGLang
-# plans on every rank with no agreement between them, so a node started with plain
-# sglang.launch_server would move experts by another map, and nothing would say so.
+# first call, and at the first runtime rebalance "rank R of W plans with eplb ...; plans
+# are agreed". Every node must run this same command (same eplb, same options): at each
+# runtime rebalance the ranks agree on one plan, and a node started with plain
+# sglang.launch_server (or an older eplb, or agree_timeout_s 0) never joins, so the
+# others raise AgreementError after agree_timeout_s (120 s) and SGLang's server stops
+# rather than moving experts by mismatched maps.
