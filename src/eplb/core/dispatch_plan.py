@@ -228,9 +228,9 @@ def spread_over_nodes(
 _KL_CELLS = 1 << 24
 #: the most GPUs the global nearest-dispatch plan relabels over several nodes: its search
 #: makes one swap per step over every GPU pair, up to about P/3 steps of P² cells per layer
-#: and start, so time grows up to L·P³ with the experts of 3+ replicas (one layer, one
-#: core, E = 4096 uniform loads: 1 s at 1024 GPUs with 4 slots each, 90 s with 8; past
-#: 120 s at 2048 GPUs; scale pass, fifteenth session)
+#: and start, so time grows up to L·P³ with the experts of 3+ replicas (58 log-normal
+#: layers on one core: 0.4 s at 64 GPUs, 18 s at 256, 2.7 min at 512; one layer on 2048
+#: GPUs ran past 120 s; fifteenth session)
 MAX_NEAREST_GPUS = 1024
 
 
@@ -241,15 +241,23 @@ def _kl_swaps(
     """Best-swap descent on bin positions: ``conflict [rows, B, B]``, ``where [rows, B]``
     (position of every bin) → ``(where, same-node conflict left [rows])``."""
     rows, num_bins = where.shape
-    eye = torch.eye(num_nodes, dtype=conflict.dtype, device=conflict.device)
     where = where.clone()
+    # the search runs on float32 copies where every sum it forms is an integer below 2**24
+    # (exact in float32 as in float64, so the same swaps): the [n, B, B] passes that make
+    # up most of a step then move half the bytes
+    small = bool(conflict.numel()) and float(conflict.sum((1, 2)).max()) < 2.0**22
+    work = conflict.to(torch.float32) if small else conflict
+    eye = torch.eye(num_nodes, dtype=work.dtype, device=conflict.device)
     # rows are independent and a row without an improving swap is done: each step searches
     # the rows still moving only (most converge within a few steps)
     active = torch.arange(rows, device=where.device)
-    searched, twice = conflict, 2 * conflict  # the active rows' conflicts
+    searched, twice = work, 2 * work  # the active rows' conflicts
+    # [n, B, N] conflict of bin a with node n, kept up to date swap by swap: a fresh
+    # product every step cost B²·N per row, most of a step with many nodes. The counts are
+    # integers, so the updates give the product's numbers exactly
+    m = torch.bmm(searched, eye[node_of_pos[where]])
     for _ in range(steps):
         y = node_of_pos[where[active]]  # [n, B] node of every bin
-        m = torch.bmm(searched, eye[y])  # [n, B, N] conflict of bin a with node n
         own = m.gather(2, y[:, :, None])[..., 0]
         cross = m.gather(2, y[:, None, :].expand(-1, num_bins, -1))  # [n, a, b] M[a, y_b]
         # M[a, y_b] − M[a, y_a] + M[b, y_a] − M[b, y_b] − 2A[a, b]: counts, so exact in
@@ -266,8 +274,14 @@ def _kl_swaps(
         row = active[moving]
         wa, wb = where[row, a], where[row, b]
         where[row, a], where[row, b] = wb, wa
+        # bin a moves from node y_a to y_b and bin b the other way: every bin's conflict
+        # with node y_a loses A[·, a] and gains A[·, b], with node y_b the reverse
+        change = searched[moving, :, b] - searched[moving, :, a]  # [k, B]
+        bins = torch.arange(num_bins, device=m.device)
+        m[moving[:, None], bins, y[moving, a][:, None]] += change
+        m[moving[:, None], bins, y[moving, b][:, None]] -= change
         if len(moving) < len(active):
-            active, searched, twice = row, searched[moving], twice[moving]
+            active, searched, twice, m = row, searched[moving], twice[moving], m[moving]
     y = node_of_pos[where]
     same = (y[:, :, None] == y[:, None, :]).to(conflict.dtype)
     return where, (conflict * same).sum((1, 2)) / 2
