@@ -12,34 +12,32 @@ from eplb.core.dispatch_plan import _kl_swaps, node_conflicts
 
 
 def plain_kl_swaps(conflict, where, node_of_pos, num_nodes, steps):
-    """The search as first written: every step recomputes each bin's conflict with every
-    node from scratch (float64 products of integer counts)."""
-    rows, num_bins = where.shape
-    eye = torch.eye(num_nodes, dtype=conflict.dtype)
+    """The search written plainly, row by row: every step recomputes each bin's conflict
+    with every node from scratch (float64), takes the first best swap in row-major
+    order, and a row stops for good once no swap lowers its same-node conflict."""
     where = where.clone()
-    active = torch.arange(rows)
-    searched, twice = conflict, 2 * conflict
+    num_bins = where.shape[1]
+    done = [False] * len(where)
     for _ in range(steps):
-        y = node_of_pos[where[active]]
-        m = torch.bmm(searched, eye[y])
-        own = m.gather(2, y[:, :, None])[..., 0]
-        cross = m.gather(2, y[:, None, :].expand(-1, num_bins, -1))
-        half = cross.sub_(own[:, :, None])
-        gain = half.transpose(1, 2).add(half).sub_(twice)
-        gain.masked_fill_(y[:, :, None] == y[:, None, :], 0.0)
-        best, flat = gain.flatten(1).min(1)
-        todo = best < -1e-9
-        if not bool(todo.any()):
+        for r in range(len(where)):
+            if done[r]:
+                continue
+            nodes = node_of_pos[where[r]]
+            with_node = conflict[r] @ torch.nn.functional.one_hot(nodes, num_nodes).double()
+            stay = with_node[torch.arange(num_bins), nodes]  # each bin's own node
+            move = with_node[:, nodes] - stay[:, None]  # bin a placed on bin b's node
+            gain = move + move.T - 2 * conflict[r]
+            gain[nodes[:, None] == nodes[None, :]] = 0.0
+            if float(gain.min()) >= -1e-9:
+                done[r] = True
+                continue
+            first = int((gain == gain.min()).flatten().nonzero()[0])
+            a, b = divmod(first, num_bins)
+            where[r, a], where[r, b] = where[r, b].clone(), where[r, a].clone()
+        if all(done):
             break
-        moving = todo.nonzero()[:, 0]
-        a, b = flat[moving] // num_bins, flat[moving] % num_bins
-        row = active[moving]
-        wa, wb = where[row, a], where[row, b]
-        where[row, a], where[row, b] = wb, wa
-        if len(moving) < len(active):
-            active, searched, twice = row, searched[moving], twice[moving]
-    y = node_of_pos[where]
-    same = (y[:, :, None] == y[:, None, :]).to(conflict.dtype)
+    nodes = node_of_pos[where]
+    same = (nodes[:, :, None] == nodes[:, None, :]).double()
     return where, (conflict * same).sum((1, 2)) / 2
 
 
