@@ -263,8 +263,11 @@ def test_non_tensor_input(w):
 
 
 def test_ragged_list():
-    with pytest.raises(TypeError, match="rectangular"):
+    # where it goes wrong, as the load files say it (NumPy's "inhomogeneous shape")
+    with pytest.raises(TypeError, match=r"rectangular.*\[1\] has 1 entries where \[0\] has 2"):
         eplb.plan([[1, 2], [3]], 4, 2)
+    with pytest.raises(TypeError, match=r"\[0\]\[1\] is an object, not a number"):
+        eplb.plan([[1, {"a": 1}], [2, 3]], 4, 2)
 
 
 def test_too_few_replicas():

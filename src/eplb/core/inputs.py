@@ -9,6 +9,7 @@ nothing here asserts.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -46,6 +47,48 @@ def refuse_byte_strings(value: object, name: str) -> None:
                         "reads a binary buffer)")
 
 
+#: what a JSON value that is not a number or a list is called in a message
+_NOT_NUMBERS = {dict: "an object", str: "text", bytes: "bytes", type(None): "null",
+                bool: "a boolean", np.bool_: "a boolean"}
+
+
+def irregularity(value: object, limit: int = 1 << 20) -> str | None:
+    """Where nested sequences ``value`` (lists, tuples, arrays: JSON or a Python caller's)
+    stop being a rectangular array of numbers, the first place found level by level
+    (``"[1] has 2 entries where [0] has 3"``, ``"[0] is an object, not a number"``); ``None``
+    when nothing is found within ``limit`` entries or an entry is of a kind it does not
+    judge (the caller then says what NumPy said)."""
+    level: list[tuple[tuple[int, ...], object]] = [((), value)]
+    seen = 0
+    while level:
+        first_list = first_number = None
+        length = 0
+        below: list[tuple[tuple[int, ...], object]] = []
+        for where, item in level:
+            at = "".join(f"[{i}]" for i in where) or "the top level"
+            if isinstance(item, list | tuple | np.ndarray):
+                if first_number is not None:
+                    return f"{at} is a list where {first_number} is a number"
+                if first_list is None:
+                    first_list, length = at, len(item)
+                elif len(item) != length:
+                    return f"{at} has {len(item)} entries where {first_list} has {length}"
+                below.extend(((*where, i), x) for i, x in enumerate(item))
+            elif isinstance(item, numbers.Real) and not isinstance(item, bool | np.bool_):
+                if first_list is not None:
+                    return f"{at} is a number where {first_list} is a list"
+                first_number = first_number or at
+            else:
+                kind = next((name for cls, name in _NOT_NUMBERS.items()
+                             if isinstance(item, cls)), None)
+                return None if kind is None else f"{at} is {kind}, not a number"
+        seen += len(below)
+        if seen > limit:
+            return None
+        level = below
+    return None
+
+
 def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
     """``value`` as a dense real (or integer) tensor on its own device; bools become int64."""
     if isinstance(value, torch.Tensor):
@@ -72,18 +115,21 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
                                                                     copy=False)))
     elif isinstance(value, Sequence) and not isinstance(value, str):
         refuse_byte_strings(value, name)
+        what_list = f"{name} is a list that is not a rectangular array of numbers"
         try:
             raw = np.asarray(value)
             # NumPy would parse text ("1") as a number: only numbers are loads (ints too
             # large for int64 come as objects and convert to float64 below)
-            if raw.dtype.kind in "USV" or (raw.dtype.kind == "O" and any(
-                    isinstance(x, (str, bytes)) for x in raw.ravel())):
-                raise TypeError(f"it holds text ({raw.dtype})")
-            tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
+            text = raw.dtype.kind in "USV" or (raw.dtype.kind == "O" and any(
+                isinstance(x, (str, bytes)) for x in raw.ravel()))
+            if not text:
+                tensor = torch.as_tensor(np.asarray(value, dtype=np.float64))
         except (TypeError, ValueError, OverflowError) as exc:
-            raise TypeError(
-                f"{name} is a list that is not a rectangular array of numbers: {exc}"
-            ) from None
+            # where, in the caller's terms, when it can tell (NumPy's text names its own
+            # internals: "inhomogeneous shape after 1 dimensions")
+            raise TypeError(f"{what_list}: {irregularity(value) or exc}") from None
+        if text:
+            raise TypeError(f"{what_list}: it holds text ({raw.dtype})")
     else:
         raise TypeError(f"{name} must be {what}; got {type(value).__name__}")
     if tensor.is_meta:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.core.inputs import as_counts
+from eplb.core.inputs import as_counts, irregularity
 from eplb.formats.errors import FormatError
 
 
@@ -88,44 +88,6 @@ def as_counts_of(value: Any, path: Path, what: str, literals: bool = False
         return as_counts(tensor, what)
     except (TypeError, ValueError) as exc:
         raise FormatError(path, str(exc)) from None
-
-
-_JSON_NAMES = {dict: "an object", str: "text", type(None): "null", bool: "a boolean"}
-
-
-def irregularity(value: Any, limit: int = 1 << 20) -> str | None:
-    """The first place, level by level, where nested lists ``value`` stop being a
-    rectangular array of numbers (``"[1] has 2 entries where [0] has 3"``), or ``None``
-    when none is found within ``limit`` entries."""
-    level: list[tuple[tuple[int, ...], Any]] = [((), value)]
-    seen = 0
-    while level:
-        first_list = first_number = None
-        length = 0
-        below: list[tuple[tuple[int, ...], Any]] = []
-        for where, item in level:
-            at = "".join(f"[{i}]" for i in where) or "the top level"
-            if isinstance(item, list | tuple):
-                if first_number is not None:
-                    return f"{at} is a list where {first_number} is a number"
-                if first_list is None:
-                    first_list, length = at, len(item)
-                elif len(item) != length:
-                    return f"{at} has {len(item)} entries where {first_list} has {length}"
-                below.extend(((*where, i), x) for i, x in enumerate(item))
-            elif isinstance(item, int | float) and not isinstance(item, bool):
-                if first_list is not None:
-                    return f"{at} is a number where {first_list} is a list"
-                first_number = first_number or at
-            else:
-                kind = next((name for cls, name in _JSON_NAMES.items() if isinstance(item, cls)),
-                            type(item).__name__)
-                return f"{at} is {kind}, not a number"
-        seen += len(below)
-        if seen > limit:
-            return None
-        level = below
-    return None
 
 
 def number_array(value: Any, path: Path, what: str) -> np.ndarray:

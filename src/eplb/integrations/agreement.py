@@ -46,7 +46,7 @@ import torch
 from eplb.core.messages import integer_runs
 
 __all__ = ["DEFAULT_TIMEOUT_S", "AgreementError", "Outcome", "PlanAgreement",
-           "check_timeout_option", "plan_digest"]
+           "agree_and_log", "check_timeout_option", "plan_digest"]
 
 _STATUS, _PLAN = "status", "plan"
 
@@ -292,3 +292,24 @@ class PlanAgreement:
             # stores without delete_key keep a few small keys
             with contextlib.suppress(Exception):
                 self.store.delete_key(key)
+
+
+def agree_and_log(
+    agreement: PlanAgreement, plan: torch.Tensor | None, error: BaseException | None, *,
+    tag: str, question: str, logger: Any, ranks: str,
+) -> Outcome:
+    """``agreement.agree(...)``, then the engine's log says what happened, alike for every
+    engine plugin (on ``logger``, the plugin's own, so the engine's logging shows it;
+    ``ranks`` names them, e.g. ``"EP ranks"``): a failure or divergence repaired from
+    another rank's plan (an error, with this rank's failure), or the same plan from
+    different settings (a warning). When no rank could plan, the caller says which
+    fallback answers."""
+    outcome = agreement.agree(plan, error, tag=tag, question=question)
+    if outcome.plan is not None and outcome.source is not None:
+        logger.error("eplb: %s disagreed at rebalance %d (%s); every rank uses rank %d's "
+                     "plan", ranks, agreement.round - 1, outcome.describe(), outcome.source,
+                     exc_info=error)
+    elif outcome.plan is not None and not outcome.unanimous:
+        logger.warning("eplb: %s run different eplb settings (%s); their plans agree", ranks,
+                       outcome.describe())
+    return outcome

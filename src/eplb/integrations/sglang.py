@@ -68,7 +68,7 @@ from eplb.core.inputs import check_loads, require_integer_ids
 from eplb.core.placement import build_log2phy
 from eplb.core.policies import resolve_policy
 from eplb.core.topology import Topology, positive_int
-from eplb.integrations.agreement import PlanAgreement, check_timeout_option
+from eplb.integrations.agreement import PlanAgreement, agree_and_log, check_timeout_option
 from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
 
 __all__ = [
@@ -200,21 +200,20 @@ def eplb_rebalance(
                          f"num_local_physical_experts ({num_local_physical_experts})")
     num_gpus = num_physical_experts // num_local_physical_experts
     groups = 1 if num_groups is None else positive_int("num_groups", num_groups)
-    chosen_by_auto = dispatch == "auto"
     if dispatch == "auto":
         # a move budget too: the nearest planner spends a total budget where it buys the
         # most realised balance (on real DeepSeek-V3 loads above the even-split planner's
         # at 100–3340 slots, as SGLang's static dispatch serves them; BENCHMARKS §14)
         dispatch = "nearest" if sglang_dispatch == "static" else "even"
-    if chosen_by_auto and dispatch == "nearest" and num_gpus > AUTO_NEAREST_MAX_GPUS:
-        # SGLang's scheduler waits while it plans: the nearest plan's node relabelling grows
-        # up to L·P³ (58 layers on one core: 0.4 s at 64 GPUs, 18 s at 256, 24 s at 288,
-        # 2.7 min at 512), so "auto" keeps the even split there; "nearest" asks for it
-        logger.warning("eplb: planning for SGLang's nearest dispatch on %d GPUs would stall "
-                       "each rebalance for tens of seconds to minutes; planning for an even "
-                       "split (set the option dispatch to 'nearest' to plan for it anyway, up "
-                       "to %d GPUs)", num_gpus, MAX_NEAREST_GPUS)
-        dispatch = "even"
+        if dispatch == "nearest" and num_gpus > AUTO_NEAREST_MAX_GPUS:
+            # SGLang's scheduler waits while it plans: the nearest plan's node relabelling
+            # grows up to L·P³ (58 layers on one core: 0.4 s at 64 GPUs, 18 s at 256, 24 s
+            # at 288, 2.7 min at 512), so "auto" keeps the even split; "nearest" asks for it
+            logger.warning("eplb: planning for SGLang's nearest dispatch on %d GPUs would "
+                           "stall each rebalance for tens of seconds to minutes; planning for "
+                           "an even split (set the option dispatch to 'nearest' to plan for it "
+                           "anyway, up to %d GPUs)", num_gpus, MAX_NEAREST_GPUS)
+            dispatch = "even"
     if dispatch == "nearest" and (num_nodes <= 1 or num_gpus % num_nodes):
         # one node: every replica is on the token's node; GPUs that do not divide over
         # the nodes: the nearest model does not apply (and must not fail SGLang's call)
@@ -331,8 +330,9 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
     if name.startswith("elasticity_aware"):
         # SGLang's elastic EP reads its active ranks from its own state: keep its algorithm
         return original(*args, **kwargs)
-    current = _current_map()
-    if current is None and _weight_cache_mode() not in (None, "off"):
+    old = _current_map()
+    cache_mode = _weight_cache_mode()
+    if old is None and cache_mode not in (None, "off"):
         # No placement in force: the start-up layout of an --init-expert-location holding
         # logical counts. SGLang's weight-cache daemon builds that layout too and loads the
         # experts by it, but it never runs load_plugins (sglang/srt/weight_cache/daemon.py,
@@ -343,7 +343,7 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
                        "the start-up layout SGLang's own algorithm computes; keeping it so the "
                        "engine's weights match. eplb plans the runtime rebalances. For an eplb "
                        "start-up layout, pass a file of `eplb plan --emit sglang` to "
-                       "--init-expert-location.", _weight_cache_mode())
+                       "--init-expert-location.", cache_mode)
         return original(*args, **kwargs)
     options = options_from_env()
     timeout = check_timeout_option(options, OPTIONS_ENV_VAR)
@@ -355,7 +355,6 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
                     "dispatch %s, options %s)", _version(), name, sglang_dispatch,
                     json.dumps(options, sort_keys=True))
     tokens = call["tokens_per_expert"]
-    old = current
     # a runtime rebalance (a map in force) runs on every rank of the world at once, right
     # after SGLang's all-reduce of the counts: there the ranks agree (module docstring)
     agreement = None if old is None else _world_agreement(timeout)
@@ -378,20 +377,14 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
     question = (f"loads {list(tokens.shape[-2:])}, {call['num_physical_experts']} slots, "
                 f"{call['num_local_physical_experts']} per GPU")
     tag = f"eplb {_version()} {json.dumps(planner, sort_keys=True)} dispatch {sglang_dispatch}"
-    outcome = agreement.agree(None if result is None else result[0], error, tag=tag,
-                              question=question)
+    outcome = agree_and_log(agreement, None if result is None else result[0], error, tag=tag,
+                            question=question, logger=logger, ranks="ranks")
     if outcome.plan is None:
         logger.error("eplb: no rank could plan this rebalance (%s); SGLang's algorithm %s "
                      "answers it on every rank", outcome.describe(), name, exc_info=error)
         return original(*args, **kwargs)
     if outcome.source is None and result is not None:
-        if not outcome.unanimous:  # same plan, different eplb versions or options
-            logger.warning("eplb: ranks run different eplb settings (%s); their plans agree",
-                           outcome.describe())
-        return result
-    logger.error("eplb: ranks disagreed at rebalance %d (%s); every rank uses rank %d's "
-                 "plan", agreement.round - 1, outcome.describe(), outcome.source,
-                 exc_info=error)
+        return result  # every rank's own plan is the agreed one
     phy2log = outcome.plan.to(torch.int64)
     log2phy, logcnt = build_log2phy(phy2log, tokens.shape[-1])
     return phy2log, log2phy, logcnt

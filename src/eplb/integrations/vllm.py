@@ -64,6 +64,7 @@ from eplb.integrations.agreement import (
     DEFAULT_TIMEOUT_S,
     AgreementError,
     PlanAgreement,
+    agree_and_log,
     check_timeout_option,
 )
 from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
@@ -165,17 +166,9 @@ class EplbPolicy:
         if agreement is not None:
             # what an adopted plan must fit (groups and nodes only shape its quality)
             question = f"loads {list(weight.shape)}, {num_replicas} slots on {num_ranks} GPUs"
-            outcome = agreement.agree(plan, error, tag=_tag(options), question=question)
+            outcome = agree_and_log(agreement, plan, error, tag=_tag(options),
+                                    question=question, logger=logger, ranks="EP ranks")
             if outcome.plan is not None:
-                if outcome.source is not None:  # a failure or a divergence, repaired
-                    logger.error(
-                        "eplb: EP ranks disagreed at rebalance %d (%s); every rank uses "
-                        "rank %d's plan", agreement.round - 1, outcome.describe(),
-                        outcome.source, exc_info=error,
-                    )
-                elif not outcome.unanimous:  # same plan, different eplb versions or options
-                    logger.warning("eplb: EP ranks run different eplb settings (%s); their "
-                                   "plans agree", outcome.describe())
                 return outcome.plan
             logger.error("eplb: no EP rank could plan (%s)", outcome.describe())
         if plan is not None:
