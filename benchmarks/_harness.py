@@ -7,7 +7,10 @@
 - :data:`REAL_DATA` and :func:`deepseek_loads`: the real expert loads, read from
   ``../shared/data/real`` (or ``$EPLB_REAL_DATA``), never copied into the repository;
   a section that needs them says SKIPPED when they are absent;
-- :func:`markdown_table`: the tables BENCHMARKS.md quotes.
+- :func:`markdown_table`: the tables BENCHMARKS.md quotes;
+- :func:`add_output_options` and :func:`write_output`: a script's output files are
+  written atomically with the umask's permissions, and an existing one is replaced only
+  with ``--force`` (checked before the run, not after minutes of it).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from eplb.formats._files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
 # the engines' released sources are loaded by a test helper (never shipped with eplb)
@@ -90,3 +95,27 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def add_output_options(parser, *names: str) -> None:
+    """Add ``--force`` to a script whose options ``names`` (e.g. ``"json"``) name output
+    files; :func:`refuse_existing_outputs` checks them once the arguments are parsed."""
+    listed = ", ".join(f"--{name}" for name in names)
+    parser.add_argument("--force", action="store_true",
+                        help=f"overwrite existing output files ({listed})")
+    parser.set_defaults(_output_options=names)
+
+
+def refuse_existing_outputs(args) -> None:
+    """Exit naming the first output file of ``args`` that exists (a file, a folder or a
+    dangling link) unless ``--force``: before the run, so no result is lost after it."""
+    for name in getattr(args, "_output_options", ()):
+        path = getattr(args, name, None)
+        if path is not None and os.path.lexists(path) and not args.force:
+            sys.exit(f"{path} exists; pass --force to overwrite it")
+
+
+def write_output(path: str | Path, text: str, force: bool) -> None:
+    """Write a script's output file: complete or absent, the umask's permissions, and an
+    existing file replaced only with ``force`` (``FileExistsError`` otherwise)."""
+    atomic_write(Path(path), lambda handle: handle.write(text), "w", force=force)

@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _harness import REAL_DATA as REAL
+from _harness import add_output_options, refuse_existing_outputs, write_output
 from engines import engine_root, sglang_sources, vllm_sources
 from sglang_dispatch import sglang_dispatch_tables
 
@@ -391,7 +392,7 @@ def render(results: list[dict], folds: list[dict], args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[dict], path: Path) -> None:
+def plot(results: list[dict], path: Path, force: bool) -> None:
 
     def mean(label, key):
         return statistics.mean(r["rows"][label][key] for r in results)
@@ -409,7 +410,7 @@ def plot(results: list[dict], path: Path) -> None:
               for lab in labels if results[0]["rows"][lab]["kind"] in ("corner", "plan",
                                                                          "engine")]
     plot_tradeoff(curves, points, path, title=f"DeepSeek-V3, {len(results)} real workloads "
-                  f"(means), R={R}, P={P}, N={N}: nearest dispatch")
+                  f"(means), R={R}, P={P}, N={N}: nearest dispatch", force=force)
 
 
 def main(argv=None) -> int:
@@ -428,8 +429,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path)
+    add_output_options(parser, "out", "json", "plot")
     parser.add_argument("--fit-latent", action="store_true")
     args = parser.parse_args(argv)
+    refuse_existing_outputs(args)
     args.argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(1)
     if args.fit_latent:
@@ -456,11 +459,12 @@ def main(argv=None) -> int:
     md = render(results, folds, args)
     print(md)
     if args.out:
-        args.out.write_text(md)
+        write_output(args.out, md, args.force)
     if args.json:
-        args.json.write_text(json.dumps({"deepseek": results, "traces": folds}, indent=1))
+        write_output(args.json, json.dumps({"deepseek": results, "traces": folds}, indent=1),
+                     args.force)
     if args.plot:
-        plot(results, args.plot)
+        plot(results, args.plot, args.force)
     return 0
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _harness import ESFT_FILE as ESFT
+from _harness import add_output_options, refuse_existing_outputs, write_output
 from _harness import start as header
 
 from eplb.tools.simulate import simulate
@@ -126,7 +127,9 @@ def main() -> None:
     parser.add_argument("--skip-real", action="store_true")
     parser.add_argument("--planners", default=",".join(PLANNERS))
     parser.add_argument("--json", type=Path)
+    add_output_options(parser, "json")
     args = parser.parse_args()
+    refuse_existing_outputs(args)
     print(header("bench_next_window"))
     start = time.perf_counter()
     planners = args.planners.split(",")
@@ -145,7 +148,7 @@ def main() -> None:
         print(table(rows, data))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        write_output(args.json, json.dumps(out, indent=1), args.force)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from _harness import start
+from _harness import add_output_options, refuse_existing_outputs, start, write_output
 
 from eplb import Placement, Topology
 from eplb.tools.generator import generate_trace
@@ -54,7 +54,9 @@ def main() -> None:
                         help="expert groups the planner is told (vLLM passes the model's "
                              "n_group: 8 for DeepSeek-V3)")
     parser.add_argument("--json", type=Path)
+    add_output_options(parser, "json")
     args = parser.parse_args()
+    refuse_existing_outputs(args)
     topo = {**TOPO, "num_groups": args.groups}
     print(start("bench_simulate"))
     cadence = Cadence(args.window, args.interval)
@@ -116,7 +118,7 @@ def main() -> None:
           f"{first:.4f}")
     print("\n" + "\n".join(lines) + "\n\n" + "\n".join(summary))
     if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+        write_output(args.json, json.dumps(out, indent=1), args.force)
 
 
 if __name__ == "__main__":

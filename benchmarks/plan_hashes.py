@@ -47,7 +47,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from _harness import DEEPSEEK_DIR, deepseek_loads, start
+from _harness import (
+    DEEPSEEK_DIR,
+    add_output_options,
+    deepseek_loads,
+    refuse_existing_outputs,
+    start,
+    write_output,
+)
 from bench_shapes import MODELS, SHAPES, model_loads
 from bench_vllm_call import E, R, drift_chain
 
@@ -227,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="also write the hashes to FILE")
     parser.add_argument("--compare", metavar="FILE",
                         help="a --json file of an earlier run: report and fail on differences")
+    add_output_options(parser, "json")
     args = parser.parse_args(argv)
+    refuse_existing_outputs(args)
     chosen = [name.strip() for name in args.only.split(",") if name.strip()]
     unknown = sorted(set(chosen) - set(GROUPS))
     if unknown:
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label}: {digest.hexdigest()} ({digest.plans} plans)", flush=True)
         print(f"  ({group}: {time.perf_counter() - begin:.1f} s)", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(hashes, indent=1) + "\n")
+        write_output(args.json, json.dumps(hashes, indent=1) + "\n", args.force)
     if before is None:
         return 0
     if before.get(INPUTS, inputs) != inputs:

@@ -589,3 +589,17 @@ def test_nearest_per_layer_budget_of_unsigned_ints(dtype):
     new = eplb.plan(w, 16, 4, 2, policy="global", dispatch="nearest", previous=old,
                     max_moves=limit)
     assert bool(((new.phy2log != old).sum(1) <= torch.tensor([1, 2, 3])).all())
+
+
+def test_tradeoff_picture_keeps_an_existing_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    from eplb.tools.dispatch_plot import plot_tradeoff
+
+    kept = tmp_path / "t.svg"
+    kept.write_text("mine")
+    curves = {"locality": [(2.3, 0.99, "0"), (2.2, 0.95, "0.1")]}
+    with pytest.raises(FileExistsError, match="force=True"):
+        plot_tradeoff(curves, [], kept)
+    assert kept.read_text() == "mine"
+    plot_tradeoff(curves, [], kept, force=True)
+    assert kept.read_text().lstrip().startswith("<?xml")  # the suffix's format

@@ -7,9 +7,11 @@ extra when it is missing.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from eplb.formats._files import atomic_write
 from eplb.tools.report import INSTALL_HINT
 
 _MARKERS = {"corner": ("*", 220), "engine": ("s", 70), "plan": ("o", 50)}
@@ -21,8 +23,11 @@ def plot_tradeoff(
     path: str | Path,
     *,
     title: str = "Balance vs cross-node traffic",
+    force: bool = False,
 ) -> Path:
-    """Write a scatter/line picture and return its path.
+    """Write a scatter/line picture and return its path: complete or absent, with the
+    umask's permissions, in the format its suffix names (``.png``, ``.svg``, ``.pdf``);
+    an existing ``path`` raises ``FileExistsError`` unless ``force``.
 
     Args:
         curves: label → ``(remote nodes per token, balancedness, knob label)`` points, drawn
@@ -32,6 +37,9 @@ def plot_tradeoff(
             plans), ``"engine"`` (a square: vLLM's or SGLang's own plan) or ``"plan"``.
             Points at the same place share one marker and a joined label.
     """
+    path = Path(path)
+    if os.path.lexists(path) and not force:  # before the drawing (atomic_write checks too)
+        raise FileExistsError(f"{path} exists; pass force=True to overwrite it")
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -60,8 +68,10 @@ def plot_tradeoff(
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=11)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # keep points clear
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    try:
+        atomic_write(path, lambda handle: fig.savefig(
+            handle, dpi=130, format=path.suffix.lstrip(".").lower() or "png"), "wb", force=force)
+    finally:
+        plt.close(fig)
     return path
