@@ -118,8 +118,9 @@ def test_nearest_dispatch_beyond_its_gpu_limit_is_refused_and_sglang_plans_even(
 @pytest.mark.parametrize(("experts", "replicas"), [(600, 1024), (1500, 2048)])
 def test_the_repair_scoring_only_movable_slots_makes_the_same_plans(monkeypatch, experts,
                                                                     replicas):
-    """From 32 slots per GPU the anti-affinity repair scores only the slots that may leave
-    (an immovable slot's swaps all score inf): the same swaps as scoring them all."""
+    """From 32 slots per GPU the torch anti-affinity repair scores only the slots that may
+    leave (an immovable slot's swaps all score inf): the same swaps as scoring them all,
+    and as the host repair (which small CPU states like these take by default)."""
     import importlib
 
     import torch
@@ -127,13 +128,17 @@ def test_the_repair_scoring_only_movable_slots_makes_the_same_plans(monkeypatch,
     import eplb
 
     state = importlib.import_module("eplb.core.packing.state")
+    repair = importlib.import_module("eplb.core.packing.repair")
     rank = torch.arange(1, experts + 1, dtype=torch.float64)
     order = torch.randperm(experts, generator=torch.Generator().manual_seed(0))
     weight = (1e6 / rank**2)[order][None]
+    host = eplb.plan(weight, replicas, 8).phy2log
+    monkeypatch.setattr(repair, "host_repair_applies", lambda sub: False)
     picked = []
     held_by = state._held_by
     monkeypatch.setattr(state, "_held_by", lambda *a: picked.append(1) or held_by(*a))
     fast = eplb.plan(weight, replicas, 8).phy2log
-    assert picked  # the repair ran, on the picked slots
+    assert picked  # the torch repair ran, on the picked slots
+    assert torch.equal(fast, host)
     monkeypatch.setattr(state, "_PICK_FROM_SLOTS", 1 << 30)  # every slot scored
     assert torch.equal(eplb.plan(weight, replicas, 8).phy2log, fast)
