@@ -86,14 +86,17 @@ def plan_rows(
     if len(rules) > 1:
         largest = (weight / counts).amax(1)
         extra = (largest > options.portfolio_threshold * weight.sum(1) / num_gpus).nonzero()[:, 0]
+    first = None  # every row's items under the first rule, where expanded early
     if len(extra) and keep == 1 and weight.dtype == torch.float64:
         # the bound picks Jefferson's allocation wherever its bound is the mean GPU load
         # (no allocation's is lower; ties keep Jefferson's): those rows need no other
         # allocation. On real DeepSeek-V3 loads at S = 3 that is 272 of 290 coarse rows.
         # float64 only: with float32 loads the allocations' means differ by rounding
-        # (~1e-7, above rank_allocations' tie tolerance), and the pick follows it
-        load_first, _ = expand_replicas(weight[extra], counts[extra])
-        extra = extra[~bound_is_mean(load_first, num_gpus)]
+        # (~1e-7, above rank_allocations' tie tolerance), and the pick follows it.
+        # Every row is expanded here, once: the expansion is row by row, so these are
+        # the items the packing needs for the first rule too
+        first = expand_replicas(weight, counts)
+        extra = extra[~bound_is_mean(first[0].index_select(0, extra), num_gpus)]
     weight_all = weight
     if floor is not None:
         # in item units: make_items scales every row to a mean replica load of 1
@@ -108,7 +111,13 @@ def plan_rows(
             [weight, coarse.expand(len(rules) - 1, -1, -1).reshape(-1, num_experts)])
         if floor is not None:
             floor = torch.cat([floor, floor[extra].repeat(len(rules) - 1)])
-    load, expert = expand_replicas(weight_all, counts)
+    if first is None:
+        load, expert = expand_replicas(weight_all, counts)
+    elif len(extra):  # the other rules' rows after the first rule's
+        others = expand_replicas(weight_all[rows:], counts[rows:])
+        load, expert = (torch.cat([a, b]) for a, b in zip(first, others, strict=True))
+    else:
+        load, expert = first
     num_alloc = len(rules)
     if len(extra) and keep is not None:
         device = weight.device
