@@ -555,3 +555,44 @@ def test_simulate_refuses_planner_flags_with_planner_none(capsys, trace_file) ->
     # what the other runs use stays: --policy with --compare, --estimator with a planner
     assert run(capsys, *base, "--policy", "global", "--compare", "--json")[0] == 0
     assert run(capsys, *base[:-1], "greedy", "--estimator", "ema:5", "--json")[0] == 0
+
+
+# ------------------------------------------------------------------------ newcomer edges
+
+
+def test_all_zero_loads_warn_on_plan_and_eval(capsys, tmp_path: Path) -> None:
+    # an SGLang dump taken before any traffic: every plan scores 1.0 on it, say so
+    zero = tmp_path / "zero.npy"
+    np.save(zero, np.zeros((L, E)))
+    out = tmp_path / "p.json"
+    code, _, err = run(capsys, "plan", zero, "-r", R, "-g", P, "-o", out)
+    assert code == 0 and "every layer's loads are zero" in err
+    code, _, err = run(capsys, "eval", "--placement", out, zero)
+    assert code == 0 and "every layer's loads are zero" in err
+
+
+def test_demo_empty_out_names_its_own_option(capsys) -> None:
+    code, _, err = run(capsys, "demo", "--out", "")
+    assert code == 2 and "--out needs a folder name" in err and "--report" not in err
+
+
+def test_simulate_names_the_default_gpu_count(capsys, tmp_path: Path) -> None:
+    trace = tmp_path / "trace.npy"
+    np.save(trace, np.random.default_rng(0).random((8, L, 40)) * 100)
+    code, _, err = run(capsys, "simulate", trace, "--window", 2, "-r", 50)
+    assert code == 2
+    assert "defaults to 32" in err and "-g/--gpus" in err
+    assert_one_line_error(err)
+
+
+def test_eval_nearest_on_one_node_scores_the_even_split(capsys, loads: Path,
+                                                        tmp_path: Path) -> None:
+    # as plan does: on one node every replica is on the token's node
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", loads, "-r", R, "-g", P, "-o", out)[0] == 0
+    code, even, _ = run(capsys, "eval", "--placement", out, loads, "--summary", "--json")
+    assert code == 0
+    code, near, err = run(capsys, "eval", "--placement", out, loads, "--summary", "--json",
+                          "--dispatch", "nearest")
+    assert code == 0 and "one node" in err
+    assert json.loads(near)["balancedness_after"] == json.loads(even)["balancedness_after"]

@@ -327,6 +327,12 @@ def test_option_values_fail_at_start_up(raw):
         plugin.options_from_env({plugin.OPTIONS_ENV_VAR: raw})
 
 
+
+def test_a_policy_typo_lists_only_the_policies_vllm_takes():
+    with pytest.raises(ValueError, match="auto, global, hierarchical for vLLM") as info:
+        plugin.options_from_env({plugin.OPTIONS_ENV_VAR: '{"policy": "hierarchal"}'})
+    assert "locality" not in str(info.value)
+
 def test_move_options_do_not_break_a_call_without_an_old_map(vllm, monkeypatch):
     """A budget in VLLM_EPLB_OPTIONS applies when vLLM passes its map; a call without one
     plans fresh (no error, no fallback to vLLM's policy)."""

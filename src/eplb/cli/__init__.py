@@ -262,7 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
              "      -r 80 -g 16\n\n"
              "Each rebalance plans on the last --window steps; the placement is then scored\n"
              "on the following steps until the next rebalance (--interval steps later).\n"
-             "--protocol adrs: sum --window steps per window, plan on window i, score on i+1.")
+             "--protocol adrs: sum --window steps per window, plan on window i, score on i+1.\n"
+             "Without --replicas/--gpus: 32 GPUs (or E if fewer experts) and one redundant\n"
+             "slot per GPU.")
     p.add_argument("trace", metavar="TRACE",
                    help="load trace [T, L, E]: one file in any format eplb reads, or a folder "
                         "of SGLang dumps (steps one after another)")

@@ -377,18 +377,25 @@ def generated_trace(preset: str, steps: int, seed: int) -> LoadTrace:
 def default_shape(num_experts: int, gpus: int | None, replicas: int | None) -> tuple[int, int]:
     """``(R, P)`` for a file without ``--replicas/--gpus``: 32 GPUs (or E if fewer) and one
     redundant slot per GPU."""
+    if gpus is None and replicas is not None and replicas % min(32, num_experts):
+        # the user typed only -r: name the GPU count they did not type
+        raise CliError(f"--replicas ({replicas}) must be a multiple of --gpus, which defaults "
+                       f"to {min(32, num_experts)} here (32, or E if fewer experts): pass "
+                       f"-g/--gpus")
     gpus = gpus or min(32, num_experts)
     replicas = replicas or (-(-num_experts // gpus) + 1) * gpus
     return replicas, gpus
 
 
-def prepare_report(directory: str | None, force: bool, title: str) -> Report | None:
-    """A :class:`Report` for ``--report DIR`` (``None`` without one), refused before any
-    work when a file it would write exists without ``force`` or cannot be written."""
+def prepare_report(directory: str | None, force: bool, title: str,
+                   flag: str = "--report") -> Report | None:
+    """A :class:`Report` for ``--report DIR`` (``None`` without one; ``flag``: the option
+    that named the folder, for messages), refused before any work when a file it would
+    write exists without ``force`` or cannot be written."""
     if directory is None:
         return None
     if not directory.strip():  # Path("") is the current folder: say which folder to use
-        raise CliError("--report needs a folder name (e.g. --report bench-report/)")
+        raise CliError(f"{flag} needs a folder name (e.g. {flag} bench-report/)")
     report = Report(title)
     # a folder that cannot be made is found now, not after a long run has done its work
     existing = Path(directory)

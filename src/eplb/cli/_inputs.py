@@ -153,6 +153,16 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
     return implied or "json"
 
 
+def warn_if_no_load(weight: torch.Tensor, source: object) -> None:
+    """Warn when every layer of ``weight [L, E]`` (read from ``source``) carried no load:
+    any placement balances nothing perfectly, so a plan or a score of 1.0 says nothing
+    (an SGLang dump taken before traffic, a recorder never fed)."""
+    if weight.numel() and not bool((weight > 0).any()):
+        warn(f"{source}: every layer's loads are zero (no tokens were routed): any placement "
+             "scores 1.0 on them, so this says nothing about the model's traffic; record "
+             "loads under traffic")
+
+
 def warn_revived(previous: Placement, active: torch.Tensor | None,
                  args: argparse.Namespace) -> None:
     """Say so when GPUs that hold nothing in ``--previous`` will be filled now (``active

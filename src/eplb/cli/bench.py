@@ -123,8 +123,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         as_seed(args.seed)
     except (TypeError, ValueError) as exc:
         raise CliError(f"--seed: {exc}") from None
-    report = None if args.no_report else prepare_report(args.out, args.force,
-                                                        "eplb demo: DeepSeek-V3-shaped workload")
+    report = None if args.no_report else prepare_report(
+        args.out, args.force, "eplb demo: DeepSeek-V3-shaped workload", flag="--out")
     info(f"generating a DeepSeek-V3-shaped trace ({steps} steps) ...")
     trace = generated_trace("deepseek-v3", steps, args.seed)
     if args.quick:

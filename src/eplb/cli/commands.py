@@ -23,7 +23,14 @@ from eplb.cli._common import (
     static_gpu_loads,
     timed,
 )
-from eplb.cli._inputs import cli_policy, infer_emit, read_trace, warn, warn_revived
+from eplb.cli._inputs import (
+    cli_policy,
+    infer_emit,
+    read_trace,
+    warn,
+    warn_if_no_load,
+    warn_revived,
+)
 from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import require_distinct_topk
 from eplb.core.messages import integer_runs
@@ -79,9 +86,10 @@ def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads:
         return max(layer_ids) + 1
     raise CliError(
         f"SGLang needs a row for every model layer, but {loads} holds {len(layer_ids)} rows "
-        "without model layer ids; give the model's layer count with --num-model-layers N "
-        "(61 for DeepSeek-V3) and the first row's layer with --first-layer K (3 for "
-        "DeepSeek-V3's MoE layers)"
+        "without model layer ids; say which model layer the first row is with --first-layer "
+        "K (3 for DeepSeek-V3's MoE layers; the file then covers the model up to its last "
+        "row), and give the model's layer count with --num-model-layers N (61 for "
+        "DeepSeek-V3) where it has layers after the last row"
     )
 
 
@@ -99,6 +107,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     loads = " ".join(args.loads)
     trace = read_trace(args.loads, args)
     weight = trace.total()
+    warn_if_no_load(weight, loads)
     num_layers, num_experts = weight.shape
     check_topology(args.replicas, args.gpus, args.nodes, args.groups, num_experts,
                    num_layers)

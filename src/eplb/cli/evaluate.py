@@ -18,7 +18,7 @@ from eplb.cli._common import (
     print_table,
     static_gpu_loads,
 )
-from eplb.cli._inputs import cli_policy, read_trace, warn
+from eplb.cli._inputs import cli_policy, read_trace, warn, warn_if_no_load
 from eplb.cli.commands import _distinct_rows, _layer_ids, _routing, _rows_of_loads
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.placement import Placement, PlacementError, load_balance
@@ -87,6 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                        "add --dispatch nearest (and --nodes N)")
     trace = read_trace(args.loads, args)
     weight = trace.total()
+    warn_if_no_load(weight, args.loads)
     placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
                                      args.first_layer, f"the placement {args.placement}",
                                      f"loads {args.loads}")
@@ -100,7 +101,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     live = placement.live_gpus()
     after_loads = placement.scaled_gpu_loads(weight)
     nearest = None
-    if args.dispatch == "nearest":
+    if args.dispatch == "nearest" and topo.num_nodes <= 1 and args.routing is None:
+        # as plan says: on one node every replica is on the token's node
+        warn(f"--dispatch nearest with one node ({args.placement} is for one; --nodes N "
+             "applies to engine files): every replica is on the token's node, so it is "
+             "scored as the even split")
+    elif args.dispatch == "nearest":
         nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep)
         after_loads = nearest.pop("gpu_loads")
     speed = eval_gpu_speed(args.gpu_speed, meta, topo.num_gpus, args.placement)

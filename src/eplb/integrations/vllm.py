@@ -60,6 +60,7 @@ import torch
 from eplb._version import __version__
 from eplb.api import rebalance_experts
 from eplb.core.inputs import require_integer_ids
+from eplb.core.topology import is_name
 from eplb.integrations.agreement import (
     DEFAULT_TIMEOUT_S,
     AgreementError,
@@ -100,6 +101,8 @@ PLANNER_OPTIONS = frozenset(
 )
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
+#: the planner's policies for vLLM's even split ('locality' plans for SGLang's rule)
+VLLM_POLICIES = ("auto", "global", "hierarchical")
 DEFAULT_AGREE_TIMEOUT_S = DEFAULT_TIMEOUT_S
 _OFF = frozenset({"", "0", "off", "false", "no", "none"})
 _REPLACE_DEFAULT = frozenset({"eplb", "1", "on", "true", "yes", "default"})
@@ -376,6 +379,10 @@ def _check_options(options: dict[str, Any], source: str) -> None:
     if options.get("policy") == "locality":
         raise ValueError(f"{source}: policy 'locality' plans for SGLang's nearest dispatch; "
                          "vLLM splits tokens evenly: use 'auto', 'global' or 'hierarchical'")
+    if "policy" in options and not is_name(options["policy"], VLLM_POLICIES):
+        # before the planner's own check, whose list names 'locality' too
+        raise ValueError(f"{source}: policy must be one of {', '.join(VLLM_POLICIES)} for "
+                         f"vLLM, got {options['policy']!r}")
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
         check_option_values({k: v for k, v in options.items() if k in PLANNER_OPTIONS})
     except (TypeError, ValueError) as exc:
