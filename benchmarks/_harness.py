@@ -107,15 +107,38 @@ def add_output_options(parser, *names: str) -> None:
 
 
 def refuse_existing_outputs(args) -> None:
-    """Exit naming the first output file of ``args`` that exists (a file, a folder or a
-    dangling link) unless ``--force``: before the run, so no result is lost after it."""
+    """Exit naming the first output file of ``args`` that could not be written after the
+    run: one that exists (a file, a folder or a dangling link) without ``--force``, a link
+    or a folder even with it (the write replaces only regular files), one named by two
+    options (the second write would fail, or with ``--force`` replace the first), or one
+    under a folder that cannot be made or written. Before the run, so no result is lost
+    after it."""
+    seen: dict[str, str] = {}
     for name in getattr(args, "_output_options", ()):
         path = getattr(args, name, None)
-        if path is not None and os.path.lexists(path) and not args.force:
-            sys.exit(f"{path} exists; pass --force to overwrite it")
+        if path is None:
+            continue
+        path = Path(path)
+        same = seen.setdefault(os.path.abspath(path), name)
+        if same != name:
+            sys.exit(f"--{same} and --{name} both name {path}; give each its own file")
+        if os.path.lexists(path):
+            if not args.force:
+                sys.exit(f"{path} exists; pass --force to overwrite it")
+            if path.is_symlink() or not path.is_file():
+                sys.exit(f"{path} is a link or not a file: --force replaces only regular "
+                         "files; remove it or name another file")
+        folder = path.parent
+        while not os.path.lexists(folder):  # write_output makes the missing folders
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            sys.exit(f"cannot write {path}: {folder} is not a folder this user can write to")
 
 
 def write_output(path: str | Path, text: str, force: bool) -> None:
     """Write a script's output file: complete or absent, the umask's permissions, and an
-    existing file replaced only with ``force`` (``FileExistsError`` otherwise)."""
-    atomic_write(Path(path), lambda handle: handle.write(text), "w", force=force)
+    existing file replaced only with ``force`` (``FileExistsError`` otherwise); missing
+    folders are made, as the pictures' are."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda handle: handle.write(text), "w", force=force)

@@ -63,7 +63,7 @@ from eplb.core.dispatch import (
 )
 from eplb.core.dispatch_plan import plan_nearest_global
 from eplb.core.locality import pair_stats, plan_locality
-from eplb.tools.dispatch_plot import plot_tradeoff
+from eplb.tools.dispatch_plot import picture_format, plot_tradeoff
 from eplb.tools.routing import LATENT_DIM, LATENT_SCALE, fit_router
 
 R, P, N, G, E = 288, 32, 4, 8, 256
@@ -433,6 +433,11 @@ def main(argv=None) -> int:
     parser.add_argument("--fit-latent", action="store_true")
     args = parser.parse_args(argv)
     refuse_existing_outputs(args)
+    if args.plot:
+        try:  # an unknown suffix or no matplotlib: now, not after the run
+            picture_format(args.plot)
+        except (ImportError, ValueError) as exc:
+            sys.exit(f"--plot: {exc}")
     args.argv = sys.argv[1:] if argv is None else argv
     torch.set_num_threads(1)
     if args.fit_latent:

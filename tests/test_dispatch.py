@@ -603,3 +603,14 @@ def test_tradeoff_picture_keeps_an_existing_file(tmp_path):
     assert kept.read_text() == "mine"
     plot_tradeoff(curves, [], kept, force=True)
     assert kept.read_text().lstrip().startswith("<?xml")  # the suffix's format
+
+
+def test_tradeoff_picture_format_is_checked_before_drawing(tmp_path):
+    pytest.importorskip("matplotlib")
+    from eplb.tools.dispatch_plot import picture_format, plot_tradeoff
+
+    assert picture_format(tmp_path / "t.PNG") == "png"
+    assert picture_format(tmp_path / "t") == "png"
+    with pytest.raises(ValueError, match=r"cannot be written as \.xyz"):
+        plot_tradeoff({"locality": [(2.3, 0.99, "0")]}, [], tmp_path / "t.xyz")
+    assert not list(tmp_path.iterdir())

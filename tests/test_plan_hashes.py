@@ -42,3 +42,16 @@ def test_a_comparison_across_other_inputs_is_refused(tmp_path):
     first.write_text(json.dumps({"inputs": "no such inputs", "fresh": "0" * 16}))
     out = hashes(tmp_path, "--compare", str(first))
     assert out.returncode == 2 and "INPUTS DIFFER" in out.stdout
+
+
+def test_an_output_that_cannot_be_written_stops_the_run_before_it(tmp_path):
+    # with --force a link (or a folder) at the name is still not replaced: said before the
+    # run, not in a traceback after it
+    (tmp_path / "link.json").symlink_to(tmp_path / "elsewhere.json")
+    out = hashes(tmp_path, "--json", "link.json", "--force")
+    assert out.returncode == 1 and "replaces only regular files" in out.stderr
+    assert "variants" not in out.stdout  # no group ran
+    (tmp_path / "file").write_text("")
+    out = hashes(tmp_path, "--json", "file/hashes.json")
+    assert out.returncode == 1 and "file is not a folder" in out.stderr
+    assert "variants" not in out.stdout

@@ -17,6 +17,25 @@ from eplb.tools.report import INSTALL_HINT
 _MARKERS = {"corner": ("*", 220), "engine": ("s", 70), "plan": ("o", 50)}
 
 
+def picture_format(path: str | Path) -> str:
+    """The format :func:`plot_tradeoff` writes ``path`` in: its suffix's (``png`` without
+    one). ``ValueError`` for a suffix matplotlib cannot write and ``ImportError`` without
+    matplotlib, so that a script can check its ``--plot`` before a long run."""
+    try:
+        import matplotlib
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"the picture needs matplotlib: {INSTALL_HINT}") from exc
+    matplotlib.use("Agg", force=True)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kind = Path(path).suffix.lstrip(".").lower() or "png"
+    known = FigureCanvasBase.get_supported_filetypes()
+    if kind not in known:
+        raise ValueError(f"{path}: a picture cannot be written as .{kind}; use one of "
+                         + ", ".join(f".{name}" for name in sorted(known)))
+    return kind
+
+
 def plot_tradeoff(
     curves: Mapping[str, Sequence[tuple[float, float, str]]],
     points: Sequence[tuple[str, float, float, str]],
@@ -40,11 +59,7 @@ def plot_tradeoff(
     path = Path(path)
     if os.path.lexists(path) and not force:  # before the drawing (atomic_write checks too)
         raise FileExistsError(f"{path} exists; pass force=True to overwrite it")
-    try:
-        import matplotlib
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(f"the picture needs matplotlib: {INSTALL_HINT}") from exc
-    matplotlib.use("Agg", force=True)
+    file_format = picture_format(path)  # (a bad suffix fails before the drawing)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 5.2), constrained_layout=True)
@@ -71,7 +86,7 @@ def plot_tradeoff(
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         atomic_write(path, lambda handle: fig.savefig(
-            handle, dpi=130, format=path.suffix.lstrip(".").lower() or "png"), "wb", force=force)
+            handle, dpi=130, format=file_format), "wb", force=force)
     finally:
         plt.close(fig)
     return path
