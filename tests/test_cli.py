@@ -585,6 +585,19 @@ def test_simulate_names_the_default_gpu_count(capsys, tmp_path: Path) -> None:
     assert_one_line_error(err)
 
 
+@pytest.mark.parametrize("command", ["simulate", "bench"])
+@pytest.mark.parametrize("flag", ["-r", "-g"])
+def test_a_zero_replica_or_gpu_count_is_refused_not_defaulted(capsys, tmp_path: Path,
+                                                              command: str, flag: str) -> None:
+    # 0 is no "leave it out": it ran on the default cluster (-g 0: 32 GPUs) without a word
+    trace = tmp_path / "trace.npy"
+    np.save(trace, np.random.default_rng(0).random((8, L, 40)) * 100)
+    extra = ["--window", 2] if command == "simulate" else []
+    code, _, err = run(capsys, command, trace, *extra, flag, 0)
+    assert code == 2 and "must be >= 1, got 0" in err
+    assert_one_line_error(err)
+
+
 def test_eval_nearest_on_one_node_scores_the_even_split(capsys, loads: Path,
                                                         tmp_path: Path) -> None:
     # as plan does: on one node every replica is on the token's node

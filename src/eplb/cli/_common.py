@@ -377,13 +377,16 @@ def generated_trace(preset: str, steps: int, seed: int) -> LoadTrace:
 def default_shape(num_experts: int, gpus: int | None, replicas: int | None) -> tuple[int, int]:
     """``(R, P)`` for a file without ``--replicas/--gpus``: 32 GPUs (or E if fewer) and one
     redundant slot per GPU."""
+    for flag, value in (("--replicas", replicas), ("--gpus", gpus)):
+        if value is not None and value < 1:  # 0 is no "leave it out": it was read as one
+            raise CliError(f"{flag} must be >= 1, got {value}")
     if gpus is None and replicas is not None and replicas % min(32, num_experts):
         # the user typed only -r: name the GPU count they did not type
         raise CliError(f"--replicas ({replicas}) must be a multiple of --gpus, which defaults "
                        f"to {min(32, num_experts)} here (32, or E if fewer experts): pass "
                        f"-g/--gpus")
-    gpus = gpus or min(32, num_experts)
-    replicas = replicas or (-(-num_experts // gpus) + 1) * gpus
+    gpus = min(32, num_experts) if gpus is None else gpus
+    replicas = (-(-num_experts // gpus) + 1) * gpus if replicas is None else replicas
     return replicas, gpus
 
 
