@@ -614,3 +614,13 @@ def test_tradeoff_picture_format_is_checked_before_drawing(tmp_path):
     with pytest.raises(ValueError, match=r"cannot be written as \.xyz"):
         plot_tradeoff({"locality": [(2.3, 0.99, "0")]}, [], tmp_path / "t.xyz")
     assert not list(tmp_path.iterdir())
+
+
+def test_tradeoff_picture_under_a_file_names_the_folder(tmp_path):
+    pytest.importorskip("matplotlib")
+    from eplb.tools.dispatch_plot import plot_tradeoff
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        plot_tradeoff({"locality": [(2.3, 0.99, "0")]}, [], tmp_path / "file" / "x.png",
+                      force=True)

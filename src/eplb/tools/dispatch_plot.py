@@ -60,6 +60,11 @@ def plot_tradeoff(
     if os.path.lexists(path) and not force:  # before the drawing (atomic_write checks too)
         raise FileExistsError(f"{path} exists; pass force=True to overwrite it")
     file_format = picture_format(path)  # (a bad suffix fails before the drawing)
+    try:  # the folder too: mkdir names a file in the way as "exists", which force cannot help
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise NotADirectoryError(
+            f"cannot write {path}: part of {path.parent} is a file, not a folder") from None
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(11, 5.2), constrained_layout=True)
@@ -83,7 +88,6 @@ def plot_tradeoff(
     ax.grid(alpha=0.3)
     ax.set_title(title, fontsize=11)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # keep points clear
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         atomic_write(path, lambda handle: fig.savefig(
             handle, dpi=130, format=file_format), "wb", force=force)
