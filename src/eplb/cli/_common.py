@@ -380,12 +380,12 @@ def default_shape(num_experts: int, gpus: int | None, replicas: int | None) -> t
     for flag, value in (("--replicas", replicas), ("--gpus", gpus)):
         if value is not None and value < 1:  # 0 is no "leave it out": it was read as one
             raise CliError(f"{flag} must be >= 1, got {value}")
-    if gpus is None and replicas is not None and replicas % min(32, num_experts):
+    default_gpus = min(32, num_experts)
+    if gpus is None and replicas is not None and replicas % default_gpus:
         # the user typed only -r: name the GPU count they did not type
         raise CliError(f"--replicas ({replicas}) must be a multiple of --gpus, which defaults "
-                       f"to {min(32, num_experts)} here (32, or E if fewer experts): pass "
-                       f"-g/--gpus")
-    gpus = min(32, num_experts) if gpus is None else gpus
+                       f"to {default_gpus} here (32, or E if fewer experts): pass -g/--gpus")
+    gpus = default_gpus if gpus is None else gpus
     replicas = (-(-num_experts // gpus) + 1) * gpus if replicas is None else replicas
     return replicas, gpus
 

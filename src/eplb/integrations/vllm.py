@@ -376,13 +376,12 @@ def _check_options(options: dict[str, Any], source: str) -> None:
             f"{source}: unknown option(s) {unknown}; allowed: {sorted(allowed)}"
         )
     check_timeout_option(options, source)
-    if options.get("policy") == "locality":
-        raise ValueError(f"{source}: policy 'locality' plans for SGLang's nearest dispatch; "
-                         "vLLM splits tokens evenly: use 'auto', 'global' or 'hierarchical'")
+    # before the planner's own check, whose list names 'locality' too
     if "policy" in options and not is_name(options["policy"], VLLM_POLICIES):
-        # before the planner's own check, whose list names 'locality' too
+        why = (" ('locality' plans for SGLang's nearest dispatch; vLLM splits tokens evenly)"
+               if options["policy"] == "locality" else "")
         raise ValueError(f"{source}: policy must be one of {', '.join(VLLM_POLICIES)} for "
-                         f"vLLM, got {options['policy']!r}")
+                         f"vLLM, got {options['policy']!r}{why}")
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
         check_option_values({k: v for k, v in options.items() if k in PLANNER_OPTIONS})
     except (TypeError, ValueError) as exc:
