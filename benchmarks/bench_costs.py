@@ -3,7 +3,7 @@
 - ``dispatch="nearest"`` (global policy, ``fair="avoid"``): its node-labelling search
   grows about as ``L·P³``; timed at DeepSeek-V3's size (from scratch, and from the
   placement in force on a drifted window, as SGLang's runtime rebalance calls it, also
-  with a total move budget) and on 512 GPUs;
+  with a total move budget), on 256 GPUs (32 nodes) and on 512;
 - ``eplb.tools.routing.sample_group_limited``: fitting the router to the loads, at
   DeepSeek-V3's size (1024 tokens).
 
@@ -32,11 +32,13 @@ CASES = {
     # the same with a total move budget (1000 slots of 16,704): its candidates and choice
     "nearest-deepseek-budget": "eplb.plan(w2, 288, 32, 4, 8, policy='global', "
                                "dispatch='nearest', previous=p0, max_moves=1000)",
+    # DeepSeek-V3 on 256 GPUs, 8 a node: where the relabelling's search grew as L·P³
+    "nearest-256": "eplb.plan(w, 512, 256, 32, 8, policy='global', dispatch='nearest')",
     "nearest-512": "eplb.plan(w, 4096, 512, 64, 64, policy='global', dispatch='nearest')",
     "sample-group-limited": "sample_group_limited(w, 1024)",
 }
 SHAPES = {"nearest-deepseek": (58, 256), "nearest-deepseek-previous": (58, 256),
-          "nearest-deepseek-budget": (58, 256),
+          "nearest-deepseek-budget": (58, 256), "nearest-256": (58, 256),
           "nearest-512": (1, 2048),
           "sample-group-limited": (58, 256)}
 
@@ -85,12 +87,13 @@ def run_case(name: str, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-large", action="store_true", help="leave out the 512-GPU case")
+    parser.add_argument("--skip-large", action="store_true",
+                        help="leave out the 256- and 512-GPU cases")
     args = parser.parse_args(argv)
     print(start("bench_costs"))
     rows = []
     for name in CASES:
-        if args.skip_large and name == "nearest-512":
+        if args.skip_large and name in ("nearest-256", "nearest-512"):
             continue
         result = run_case(name, args.repeats)
         layers, experts = SHAPES[name]

@@ -59,3 +59,66 @@ def test_the_search_makes_the_plain_formulations_swaps(gpus, nodes, slots, sigma
     assert torch.equal(got[1], want[1]) and got[1].dtype == want[1].dtype
     assert float(want[1].sum()) < float(plain_kl_swaps(conflict, where, node_of_pos, nodes,
                                                        0)[1].sum())  # it searched
+
+
+def test_the_search_from_few_conflicts_searches_their_rows_only_and_makes_the_same_swaps(
+        monkeypatch):
+    # from a greedy labelling few bins conflict, so the search scores only their rows of
+    # the gain; it must still take the full search's first best swap (the smallest
+    # (lower bin, higher bin) among the best pairs)
+    import eplb.core.dispatch_plan as dispatch_plan
+
+    used = []
+    real = dispatch_plan._best_conflicted_swap
+    monkeypatch.setattr(dispatch_plan, "_best_conflicted_swap",
+                        lambda *args: used.append(args[-1]) or real(*args))
+    gen = torch.Generator().manual_seed(7)
+    gpus, nodes, slots, layers = 64, 8, 3, 4
+    experts = 2 * gpus
+    weight = torch.exp(0.5 * torch.randn(layers, experts, generator=gen, dtype=torch.float64))
+    phy2log = torch.stack([torch.multinomial(row / row.sum(), gpus * slots, replacement=True,
+                                             generator=gen) for row in weight])
+    conflict = node_conflicts(phy2log, gpus, experts)
+    node_of_pos = torch.arange(gpus) // (gpus // nodes)
+    start = dispatch_plan._greedy_labelling(conflict, node_of_pos, nodes)
+    # a few random swaps away from the greedy labelling: some conflicts to remove
+    for row in range(layers):
+        for a, b in torch.randint(gpus, (3, 2), generator=gen).tolist():
+            start[row, a], start[row, b] = start[row, b].clone(), start[row, a].clone()
+    want = plain_kl_swaps(conflict, start, node_of_pos, nodes, 2 * gpus)
+    got = _kl_swaps(conflict, start, node_of_pos, nodes, 2 * gpus)
+    assert used and max(used) * 2 <= gpus  # the restricted search ran
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(("gpus", "nodes", "slots", "dead"),
+                         [(32, 4, 9, ()), (64, 8, 2, (3, 17, 18)), (128, 16, 3, (0, 127))])
+def test_the_labelling_never_leaves_more_conflicts_than_a_search_from_the_packings_order(
+        gpus, nodes, slots, dead):
+    from eplb.core.dispatch_plan import spread_over_nodes
+
+    gen = torch.Generator().manual_seed(gpus)
+    layers, experts = 6, 2 * gpus
+    weight = torch.exp(1.5 * torch.randn(layers, experts, generator=gen, dtype=torch.float64))
+    phy2log = torch.stack([torch.multinomial(row / row.sum(), gpus * slots, replacement=True,
+                                             generator=gen) for row in weight])
+    live = torch.ones(gpus, dtype=torch.bool)
+    live[list(dead)] = False
+    phy2log.view(layers, gpus, slots)[:, ~live] = -1
+    out, left = spread_over_nodes(phy2log, gpus, nodes, experts, live,
+                                  generator=torch.Generator().manual_seed(0))
+    # the GPUs' contents only moved, live GPUs among live GPUs
+    grid, before = out.view(layers, gpus, slots), phy2log.view(layers, gpus, slots)
+    assert (grid[:, ~live] == -1).all()
+    for row in range(layers):
+        assert sorted(map(tuple, grid[row, live].tolist())) == sorted(
+            map(tuple, before[row, live].tolist()))
+    pos = live.nonzero()[:, 0]
+    node_of_pos = pos // (gpus // nodes)
+    conflict = node_conflicts(before[:, pos].reshape(layers, -1), len(pos), experts)
+    from_order = _kl_swaps(conflict, torch.arange(len(pos)).expand(layers, -1), node_of_pos,
+                           nodes, 2 * gpus)[1]
+    assert (left <= from_order).all()
+    y = (torch.arange(gpus) // (gpus // nodes))
+    assert (left == node_conflicts(out, gpus, experts).mul(
+        (y[:, None] == y[None, :]).double()).sum((1, 2)) / 2).all()

@@ -97,7 +97,7 @@ PLANNER_OPTIONS = frozenset(
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
 #: the most GPUs ``dispatch: auto`` plans SGLang's nearest dispatch for (see
 #: :func:`eplb_rebalance`); beyond it a rebalance would stall SGLang's scheduler for tens of
-#: seconds (58 layers on one core: 18 s at 256 GPUs, 2.7 min at 512)
+#: seconds (58 layers on one core, 8 GPUs a node: 1.3 s at 256 GPUs, 52 s at 512)
 AUTO_NEAREST_MAX_GPUS = 256
 #: ``dispatch`` values: ``auto`` plans for the rule SGLang runs (its ``static`` dispatch on
 #: several nodes sends a token to the nearest replica; otherwise tokens spread evenly)
@@ -207,8 +207,9 @@ def eplb_rebalance(
         dispatch = "nearest" if sglang_dispatch == "static" else "even"
         if dispatch == "nearest" and num_gpus > AUTO_NEAREST_MAX_GPUS:
             # SGLang's scheduler waits while it plans: the nearest plan's node relabelling
-            # grows up to L·P³ (58 layers on one core: 0.4 s at 64 GPUs, 18 s at 256, 24 s
-            # at 288, 2.7 min at 512), so "auto" keeps the even split; "nearest" asks for it
+            # grows up to L·P³ where its greedy start leaves conflicts (58 layers on one
+            # core, 8 GPUs a node: 1.3 s at 256 GPUs, 52 s at 512), so "auto" keeps the
+            # even split; "nearest" asks for it
             logger.warning("eplb: planning for SGLang's nearest dispatch on %d GPUs would "
                            "stall each rebalance for tens of seconds to minutes; planning for "
                            "an even split (set the option dispatch to 'nearest' to plan for it "
