@@ -369,6 +369,30 @@ def test_csv_with_header_and_layer_column(tmp_path):
     assert read_loads(path2).counts.tolist() == [[[1, 2]]]
 
 
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_cell(tmp_path):
+    # spreadsheets and Windows editors save "UTF-8" text with a BOM; the CSV reader took
+    # "\ufeff1" for a header cell and dropped the first layer, and "\ufefflayer" for an
+    # expert column (the layer ids read as loads); JSON with one was refused as malformed
+    bom = "\ufeff"
+    plain = tmp_path / "plain.csv"
+    plain.write_text(f"{bom}1,2,3\r\n4,5,6\r\n", encoding="utf-8")
+    assert read_loads(plain).counts.tolist() == [[[1, 2, 3], [4, 5, 6]]]
+    ids = tmp_path / "ids.csv"
+    ids.write_text(f"{bom}layer,e0,e1\n3,1,2\n4,3,4\n", encoding="utf-8")
+    trace = read_loads(ids)
+    assert trace.layer_ids == [3, 4] and trace.counts.tolist() == [[[1, 2], [3, 4]]]
+    doc = tmp_path / "d.json"
+    doc.write_text(bom + json.dumps({"logical_count": [[[1, 2], [3, 4]]]}), encoding="utf-8")
+    assert read_loads(doc).counts.tolist() == [[[1, 2], [3, 4]]]
+    history = write_history(tmp_path / "h.json", counts_tle())
+    history.write_bytes(bom.encode() + history.read_bytes())
+    assert torch.equal(read_loads(history, format="vllm-history").counts,
+                       read_loads(write_history(tmp_path / "h2.json", counts_tle())).counts)
+    placement = write_placement(eplb.plan(torch.rand(2, 8), 8, 4), tmp_path / "p.json")
+    placement.write_bytes(bom.encode() + placement.read_bytes())
+    assert eplb.formats.read_placement(placement).phy2log.shape == (2, 8)
+
+
 def test_layer_ids_override_and_trace_helpers(tmp_path):
     c = counts_tle()
     c[:, 0] = 0

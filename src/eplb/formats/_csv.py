@@ -19,7 +19,7 @@ def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
     written (whole numbers are checked where they become layer ids)."""
     require_regular_file(path)
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
             rows = [
                 [cell.strip() for cell in row]
                 for row in csv.reader(handle)

@@ -76,7 +76,7 @@ def load_json_literals(path: Path) -> tuple[Any, bool]:
 
 def _parse_whole(path: Path) -> tuple[Any, bool]:
     try:
-        with open(path, encoding="utf-8") as handle:
+        with open(path, encoding="utf-8-sig") as handle:
             text = handle.read()
         return json.loads(text), "true" in text or "false" in text
     except json.JSONDecodeError as exc:

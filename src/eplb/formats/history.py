@@ -38,7 +38,7 @@ class JsonStream:
         self.handle = handle
         self.path = path
         self.advance = advance
-        self.decoder = codecs.getincrementaldecoder("utf-8")()
+        self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
         self.json = json.JSONDecoder()
         self.buf = ""
         self.pos = 0

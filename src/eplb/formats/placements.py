@@ -136,7 +136,7 @@ def read_placement_meta(
 
 def _load_json_doc(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except RecursionError:
         raise FormatError(path, "JSON nested too deeply to be a placement") from None
     except UnicodeDecodeError as exc:
