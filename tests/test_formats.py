@@ -393,6 +393,16 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_cell(tmp_path):
     assert eplb.formats.read_placement(placement).phy2log.shape == (2, 8)
 
 
+def test_a_long_double_array_is_read_as_float64(tmp_path):
+    # np.longdouble (float128 on x86-64) has no torch dtype: torch.from_numpy's TypeError
+    # came out of read_loads (and the CLI) as a traceback
+    path = tmp_path / "w.npy"
+    np.save(path, np.full((2, 4), 7, dtype=np.longdouble))
+    assert read_loads(path).counts.tolist() == [[[7.0] * 4] * 2]
+    np.savez(tmp_path / "w.npz", w=np.full((2, 4), 7, dtype=np.longdouble))
+    assert read_loads(tmp_path / "w.npz").counts.tolist() == [[[7.0] * 4] * 2]
+
+
 def test_layer_ids_override_and_trace_helpers(tmp_path):
     c = counts_tle()
     c[:, 0] = 0

@@ -55,6 +55,9 @@ def to_tensor(value: Any, path: Path, what: str, literals: bool = False) -> torc
             if value.size and int(value.max()) >= 1 << 63:
                 raise FormatError(path, f"{what} holds a value of 2**63 or more")
             value = value.astype(np.int64)
+        if value.dtype.kind == "f" and value.dtype.itemsize > 8:  # long double: no torch dtype
+            with np.errstate(over="ignore"):  # beyond float64: inf, refused as a load
+                value = value.astype(np.float64)
         return torch.from_numpy(np.ascontiguousarray(value))
     where = _first_bool(value) if literals else None
     if where is not None:
