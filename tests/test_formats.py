@@ -403,6 +403,20 @@ def test_a_long_double_array_is_read_as_float64(tmp_path):
     assert read_loads(tmp_path / "w.npz").counts.tolist() == [[[7.0] * 4] * 2]
 
 
+def test_csv_row_labels_and_missing_cells(tmp_path):
+    # pandas' DataFrame.to_csv writes its index under an empty header cell: the labels
+    # were read as expert 0's loads; a first row with a value missing ("1,,3") was taken
+    # for a header and dropped, without a word
+    labelled = tmp_path / "labelled.csv"
+    labelled.write_text(",0,1,2\n3,5,6,7\n4,8,9,10\n")
+    trace = read_loads(labelled)
+    assert trace.layer_ids == [3, 4] and trace.counts.tolist() == [[[5, 6, 7], [8, 9, 10]]]
+    missing = tmp_path / "missing.csv"
+    missing.write_text("1,,3\n4,5,6\n")
+    with pytest.raises(FormatError, match="row 1 column 2 is ''; expected a number"):
+        read_loads(missing)
+
+
 def test_layer_ids_override_and_trace_helpers(tmp_path):
     c = counts_tle()
     c[:, 0] = 0

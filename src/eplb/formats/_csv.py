@@ -1,5 +1,6 @@
 """CSV load tables: one row per layer, one column per expert, an optional header (a first
-header cell ``layer`` makes the first column the layer ids); ``#`` lines are comments."""
+header cell ``layer``, or an empty one over row labels as pandas' ``to_csv`` writes its
+index, makes the first column the layer ids); ``#`` lines are comments."""
 
 from __future__ import annotations
 
@@ -32,9 +33,13 @@ def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
     if not rows:
         raise FormatError(path, "expected CSV rows of expert loads (one row per layer), found none")
     header = None
-    if not all(_is_number(c) for c in rows[0]):
-        header, rows = rows[0], rows[1:]
-    layer_col = header is not None and header[0].lower() in _LAYER_HEADERS
+    first = rows[0]
+    # a header names something: a word, or an empty first cell over a column of row
+    # labels (pandas' to_csv writes its index so); a row of numbers with an empty cell
+    # is a data row with a value missing, not a header to drop
+    if any(c and not _is_number(c) for c in first) or (len(first) > 1 and not first[0]):
+        header, rows = first, rows[1:]
+    layer_col = header is not None and (header[0].lower() in _LAYER_HEADERS or not header[0])
     if not rows:
         raise FormatError(path, "has a header but no data rows")
     width = len(rows[0])
