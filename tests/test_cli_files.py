@@ -139,6 +139,26 @@ def test_a_folder_as_output_is_named_as_one_without_suggesting_force(capsys, tmp
     assert list(folder.iterdir()) == []
 
 
+def test_an_output_name_ending_in_a_slash_names_a_folder(capsys, tmp_path, loads) -> None:
+    # pathlib drops a trailing slash: "-o results/" wrote a file named "results", and
+    # "-o p.json/ --force" replaced the file p.json
+    taken = tmp_path / "p.json"
+    taken.write_text("mine")
+    for out, extra in ((f"{tmp_path}/results/", ()), (f"{taken}/", ("--force",))):
+        code = main(["plan", str(loads), "-r", str(R), "-g", str(P), "-o", out, *extra])
+        assert code == 2 and "names a folder" in capsys.readouterr().err
+    assert main(["generate", "--preset", "mixtral-8x7b", "--steps", "4", "-q", "-o",
+                 f"{tmp_path}/t.npy/"]) == 2
+    assert "names a folder" in capsys.readouterr().err
+    placement = eplb.plan(np.load(loads), R, P)
+    with pytest.raises(IsADirectoryError, match="names a folder"):
+        write_placement(placement, f"{taken}/", force=True)
+    with pytest.raises(IsADirectoryError, match="names a folder"):
+        write_loads(LoadTrace(torch.ones(1, 2, 4)), f"{tmp_path}/t.pt/")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loads.npy", "p.json"]
+    assert taken.read_text() == "mine"
+
+
 def test_force_drops_setuid_bits(capsys, tmp_path, loads) -> None:
     out = tmp_path / "placement.json"
     out.write_text("old")

@@ -134,6 +134,9 @@ def check_output(path: str | Path, force: bool) -> Path:
                        "a file name (./- for a file named '-')")
     if not str(path).strip():
         raise CliError("-o needs a file name")
+    if str(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise CliError(f"-o {path} names a folder (it ends in {str(path)[-1]!r}); give a file "
+                       "name to write to")
     path = Path(path)
     if path.is_dir():  # first: --force cannot replace a folder, so do not suggest it
         raise CliError(f"{path} is a directory; give a file name to write to")

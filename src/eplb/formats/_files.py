@@ -63,6 +63,17 @@ def _exists_message(path: Path) -> str:
     return f"{path} already exists; pass force=True (CLI: --force) to overwrite it"
 
 
+def output_file(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a ``Path``, refusing a name that ends in a separator (``out/``): that
+    names a folder, and ``Path`` would drop the slash and write a file named ``out`` (or,
+    with ``force``, replace the file ``out``)."""
+    text = os.fsdecode(os.fspath(path))
+    if text.endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
+        raise IsADirectoryError(f"{text} names a folder (it ends in {text[-1]!r}); give a "
+                                "file name to write to")
+    return Path(text)
+
+
 def check_writable(path: Path, force: bool) -> None:
     """Refuse to overwrite ``path`` unless ``force``; check its folder exists.
 

@@ -24,7 +24,7 @@ from eplb.core.inputs import as_gpu_speed
 from eplb.core.placement import Placement
 from eplb.core.topology import is_name
 from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace, model_layer_ids
-from eplb.formats._files import atomic_write, check_writable
+from eplb.formats._files import atomic_write, check_writable, output_file
 from eplb.formats.placements import PLACEMENT_FORMAT, PLACEMENT_FORMAT_VERSION
 
 #: Placement formats ``write_placement`` can emit.
@@ -106,8 +106,9 @@ def write_placement(
         ValueError: unknown ``emit``, bad ``layer_ids``, an invalid placement, or dead
             GPUs for an engine format.
         FileExistsError: ``path`` exists and ``force`` is false.
+        IsADirectoryError: ``path`` is a folder or ends in a separator.
     """
-    path = Path(path)
+    path = output_file(path)
     named_by = ""  # where the name chose the format, messages about it say so
     if emit is None:
         emit = emit_for(path) or "json"

@@ -12,7 +12,7 @@ import torch
 
 from eplb.core.topology import is_name
 from eplb.core.trace import LoadTrace
-from eplb.formats._files import atomic_write, check_writable
+from eplb.formats._files import atomic_write, check_writable, output_file
 
 #: Formats ``write_loads`` can write (each is a ``read_loads`` format).
 TRACE_EMITS: tuple[str, ...] = ("pt", "npz", "npy", "vllm-history", "sglang")
@@ -34,7 +34,7 @@ def write_loads(
     int64: a 6000-step DeepSeek-V3 trace is 0.36 GB, not 0.71), else int64. Refuses to
     overwrite unless ``force``.
     """
-    path = Path(path)
+    path = output_file(path)
     if not is_name(format, TRACE_EMITS):
         raise ValueError(f"cannot write loads as {format!r}; expected one of {TRACE_EMITS}")
     if not isinstance(trace, LoadTrace):

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from eplb.formats._files import atomic_write
+from eplb.formats._files import atomic_write, output_file
 from eplb.tools.report import INSTALL_HINT
 
 _MARKERS = {"corner": ("*", 220), "engine": ("s", 70), "plan": ("o", 50)}
@@ -56,7 +56,7 @@ def plot_tradeoff(
             plans), ``"engine"`` (a square: vLLM's or SGLang's own plan) or ``"plan"``.
             Points at the same place share one marker and a joined label.
     """
-    path = Path(path)
+    path = output_file(path)
     if os.path.lexists(path) and not force:  # before the drawing (atomic_write checks too)
         raise FileExistsError(f"{path} exists; pass force=True to overwrite it")
     file_format = picture_format(path)  # (a bad suffix fails before the drawing)
