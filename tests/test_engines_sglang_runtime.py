@@ -487,6 +487,16 @@ def test_step_counts_are_checked_before_they_are_summed():
     assert bool((logcnt[:, 0] == logcnt.max(1).values).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_wide_unsigned_step_counts_are_summed(dtype):
+    # torch has no min/max for uint16/32/64: the step check raised NotImplementedError
+    # ("aminmax_cpu" not implemented for 'UInt64') where eplb.plan takes these dtypes
+    tokens = torch.randint(0, 100, (3, 4, 16), generator=torch.Generator().manual_seed(0))
+    expected = plugin.eplb_rebalance(tokens, 24, 3, None, 1, False)[0]
+    assert torch.equal(plugin.eplb_rebalance(tokens.to(dtype), 24, 3, None, 1, False)[0],
+                       expected)
+
+
 def test_a_per_layer_move_budget_is_refused_at_start_up():
     with pytest.raises(ValueError, match="max_moves must be one int"):
         plugin._checked_options('{"max_moves": [1, 2, 3]}', "SGLANG_EPLB_OPTIONS")

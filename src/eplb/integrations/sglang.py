@@ -282,6 +282,10 @@ def _sum_steps(counts: torch.Tensor) -> torch.Tensor:
     """
     if counts.dtype == torch.bool:  # as 0/1 counts, like every other loads input
         return counts.sum(0)
+    if counts.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        # torch has no min/max for these: int64 holds uint16/32 exactly; uint64 may pass
+        # int64's range, so as float64, as eplb.plan reads it
+        counts = counts.to(torch.float64 if counts.dtype == torch.uint64 else torch.int64)
     check_loads(counts, "tokens_per_expert")
     if (not counts.is_floating_point() and counts.numel()
             and int(counts.max()) * counts.shape[0] > torch.iinfo(torch.int64).max):
