@@ -230,6 +230,27 @@ def test_write_placement_rejects_bad_arguments(tmp_path):
         write_placement(placement.phy2log, tmp_path / "x")
 
 
+@pytest.mark.parametrize("field", ["phy2log", "active_gpus", "gpu_speed", "layer_ids",
+                                   "physical_to_logical_map"])
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_a_pt_placement_field_without_plain_data_is_named(tmp_path, field, kind):
+    # torch raised "Tensor.item() cannot be called on meta tensors", "Cannot copy out of
+    # meta tensor" or NotImplementedError (aten::max on SparseCPU) out of read_placement
+    placement, _ = make_placement(0, 2, 8, 4, 3)
+    path = write_placement(placement, tmp_path / "p.pt")
+    doc = torch.load(path)
+    if field == "physical_to_logical_map":  # SGLang's file
+        doc = {field: doc["phy2log"]}
+    value = doc.get(field)
+    if value is None:
+        value = (torch.ones(4, dtype=torch.bool) if field == "active_gpus" else
+                 torch.ones(4) if field == "gpu_speed" else torch.arange(2))
+    doc[field] = value.to("meta") if kind == "meta" else value.to_sparse()
+    torch.save(doc, path)
+    with pytest.raises(FormatError, match=f"{field} is a .*{kind}.* tensor"):
+        read_placement(path, num_gpus=4)
+
+
 def test_read_placement_malformed(tmp_path):
     cases = {
         "loads.json": (json.dumps({"logical_count": [[1, 2]]}), "read_loads"),

@@ -100,6 +100,7 @@ def read_placement_meta(
         doc = _load_json_doc(path)
     elif kind in ("pt-zip", "pt-pickle"):
         doc = _load_pt(path)
+        _refuse_tensors_without_data(path, doc)
     elif kind == "yaml":
         return _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy)
     elif kind == "dir":
@@ -132,6 +133,23 @@ def read_placement_meta(
         f"expected a placement ('format': '{PLACEMENT_FORMAT}', 'physical_to_logical_map' or "
         f"'initial_global_assignments'), found keys {sorted(map(str, doc))}",
     )
+
+
+def _refuse_tensors_without_data(path: Path, doc: Any) -> None:
+    """A ``FormatError`` naming the first field of a loaded ``.pt`` placement (or of its
+    topology) that is a meta, sparse or quantized tensor: the checks read every field as
+    plain values, and torch raised its own errors from deep inside them."""
+    if not isinstance(doc, dict):
+        return
+    fields = [*doc.items()]
+    if isinstance(doc.get("topology"), dict):
+        fields += [(f"topology.{k}", v) for k, v in doc["topology"].items()]
+    for name, value in fields:
+        if isinstance(value, torch.Tensor) and (
+                value.is_meta or value.is_quantized or value.layout != torch.strided):
+            kind = ("meta" if value.is_meta else "quantized" if value.is_quantized
+                    else str(value.layout))
+            raise FormatError(path, f"{name} is a {kind} tensor; expected a plain tensor")
 
 
 def _load_json_doc(path: Path) -> Any:
