@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -455,6 +456,18 @@ def test_subprocess_entry_point_and_module(tmp_path, loads) -> None:
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["layers"] == L
+
+
+def test_a_stdout_that_cannot_encode_the_summary_does_not_fail_the_plan(monkeypatch, tmp_path,
+                                                                       loads) -> None:
+    # under PYTHONIOENCODING=ascii the summary's "×" raised UnicodeEncodeError after the
+    # placement was written: "eplb: error: 'ascii' codec can't encode ..." and exit 2
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stream)
+    code = main(["plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(tmp_path / "p.json")])
+    stream.flush()
+    assert code == 0 and f"{L} layers \\xd7 {E} experts" in stream.buffer.getvalue().decode()
+    assert stream.errors == "strict"  # the caller's stream is left as it was
 
 
 def test_plan_says_when_gpus_dead_in_previous_come_back(capsys, tmp_path, loads) -> None:

@@ -345,6 +345,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    with _printable_stdout():
+        return _main(args)
+
+
+@contextlib.contextmanager
+def _printable_stdout():
+    """Print what stdout's encoding cannot hold (``×`` under ``PYTHONIOENCODING=ascii``, a
+    file name of undecodable bytes) escaped, as Python does on stderr: a strict stdout
+    raised UnicodeEncodeError after the work was done (a plan already written), reported
+    as a usage error."""
+    stream = sys.stdout
+    errors = getattr(stream, "errors", None)
+    if errors != "strict" or not hasattr(stream, "reconfigure"):
+        yield
+        return
+    try:
+        stream.reconfigure(errors="backslashreplace")
+    except (ValueError, OSError):  # a stream that cannot change now: leave it alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError, OSError):
+            stream.reconfigure(errors=errors)
+
+
+def _main(args: argparse.Namespace) -> int:
+    """:func:`main` after parsing: run the command, its errors as one line and a code."""
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning  # one "eplb: warning:" line, no source line
