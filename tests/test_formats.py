@@ -417,6 +417,15 @@ def test_csv_row_labels_and_missing_cells(tmp_path):
         read_loads(missing)
 
 
+@pytest.mark.parametrize("key", ["", [], [""], 5, 5.0, {"weight": 1}, b"weight"])
+def test_a_key_that_names_no_array_is_refused_by_name(tmp_path, key):
+    # key=5 raised "TypeError: 'int' object is not iterable" from inside the reader
+    path = tmp_path / "w.npz"
+    np.savez(path, weight=np.ones((2, 4)))
+    with pytest.raises(ValueError, match="key must be an array name or a list of them"):
+        read_loads(path, key=key)
+
+
 def test_layer_ids_override_and_trace_helpers(tmp_path):
     c = counts_tle()
     c[:, 0] = 0

@@ -178,7 +178,7 @@ def _read_format(path: Path, fmt: str, keys: list[str] | None, progress: bool,
 def _keys(key: str | Sequence[str] | None) -> list[str] | None:
     if key is None:
         return None
-    keys = [key] if isinstance(key, str) else list(key)
+    keys = [key] if isinstance(key, str) else list(key) if isinstance(key, Sequence) else []
     if not keys or not all(isinstance(k, str) and k for k in keys):
         raise ValueError(f"key must be an array name or a list of them, got {key!r}")
     return keys
