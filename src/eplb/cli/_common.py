@@ -25,7 +25,7 @@ from eplb.core import LoadTrace, balancedness_ceiling, layer_ceiling
 from eplb.core.inputs import scale_free
 from eplb.core.planner import check_plan_size
 from eplb.core.topology import Topology
-from eplb.formats._files import check_writable, require_regular_file
+from eplb.formats._files import check_writable, output_file, require_regular_file
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import INSTALL_HINT, Report, matplotlib_available
 
@@ -134,10 +134,10 @@ def check_output(path: str | Path, force: bool) -> Path:
                        "a file name (./- for a file named '-')")
     if not str(path).strip():
         raise CliError("-o needs a file name")
-    if str(path).endswith(tuple(sep for sep in (os.sep, os.altsep) if sep)):
-        raise CliError(f"-o {path} names a folder (it ends in {str(path)[-1]!r}); give a file "
-                       "name to write to")
-    path = Path(path)
+    try:
+        path = output_file(path)  # the writers' own rule: a trailing separator names a folder
+    except IsADirectoryError as exc:
+        raise CliError(f"-o {exc}") from None
     if path.is_dir():  # first: --force cannot replace a folder, so do not suggest it
         raise CliError(f"{path} is a directory; give a file name to write to")
     if os.path.lexists(path) and not force:
