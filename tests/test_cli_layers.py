@@ -376,3 +376,28 @@ def test_an_sglang_file_pairs_by_layer_with_loads_that_name_its_layers_out_of_or
                           str(tmp_path / "next.json"), "--json")
     assert code == 0, err
     assert json.loads(text)["moved_slots_total"] == 0
+
+
+def test_sglang_output_names_model_layers_between_rows_that_get_the_trivial_map(
+        capsys, tmp_path) -> None:
+    """Loads that name only some MoE layers (OLMoE's published counts: layers 0, 7, 15) make
+    an SGLang file whose other rows are SGLang's trivial map: said, not left silent. The
+    dense layers before the first row (DeepSeek-V3's 0..2 with --first-layer 3) are not."""
+    gen = np.random.default_rng(5)
+    counts = (np.exp(gen.normal(0, 1, size=(3, E))) * 100).round().tolist()
+    sparse = tmp_path / "counts.json"
+    sparse.write_text(json.dumps({"counts": counts, "layers": [0, 7, 15]}))
+    code, _, err = run(capsys, "plan", str(sparse), "-r", str(R), "-g", str(P),
+                       "-o", str(tmp_path / "a.sglang.json"))
+    assert code == 0 and "layers 1..6, 8..14" in err and "trivial map" in err
+    rows = json.loads((tmp_path / "a.sglang.json").read_text())["physical_to_logical_map"]
+    assert len(rows) == 16 and rows[3] == [slot % E for slot in range(R)]
+    # after the last row, through --num-model-layers, too
+    code, _, err = run(capsys, "plan", str(sparse), "-r", str(R), "-g", str(P),
+                       "--num-model-layers", "18", "-o", str(tmp_path / "b.sglang.json"))
+    assert code == 0 and "layers 1..6, 8..14, 16..17" in err
+    # a leading run of layers without rows is the dense layers' documented case: silent
+    bare = small_loads_file(tmp_path)
+    code, _, err = run(capsys, "plan", str(bare), "-r", str(R), "-g", str(P),
+                       "--first-layer", "3", "-o", str(tmp_path / "c.sglang.json"))
+    assert code == 0 and "trivial map" not in err

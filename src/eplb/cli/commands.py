@@ -118,6 +118,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                          args.gpus, args.replicas // args.gpus, num_experts))
     layer_ids = _layer_ids(trace, args.first_layer, loads)
     model_layers = _sglang_layers(trace, layer_ids, args, loads) if emit == "sglang" else None
+    if model_layers is not None and model_layers <= MAX_MODEL_LAYERS:  # larger: refused below
+        # rows the loads lack get SGLang's trivial map; before the first row that is the
+        # dense layers (DeepSeek-V3's 0..2), after it MoE layers as likely (OLMoE's
+        # published counts name layers 0, 7 and 15 of 16)
+        unplanned = sorted(set(range(min(layer_ids), model_layers)) - set(layer_ids))
+        if unplanned:
+            warn(f"{loads} has no loads for model layers {integer_runs(unplanned)} (its rows "
+                 f"are layers {integer_runs(sorted(layer_ids))}); the SGLang file gives them the "
+                 "trivial map (slot s -> expert s % E), which balances nothing where they "
+                 "are MoE layers: plan on loads of every MoE layer")
     if emit == "trtllm" and not trace.meta.get("model_layer_ids") and args.first_layer is None:
         warn(f"{loads} does not name its model layers, so the TensorRT-LLM keys are rows "
              f"{layer_ids[0]}..{layer_ids[-1]}; pass --first-layer K when the first row is "
