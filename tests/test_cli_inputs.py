@@ -448,3 +448,34 @@ def test_a_name_too_long_is_a_usage_error(capsys, tmp_path, where) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("eplb: error: ") and "too long" in lines[0]
     assert "--debug" not in err and "OSError" not in err
+
+
+def test_eval_and_simulate_read_several_loads_files_as_steps_as_plan_does(capsys,
+                                                                          tmp_path) -> None:
+    """A shell glob of SGLang dumps (README: plan, eval and simulate read them) names
+    several files: eval and simulate read them as steps one after another, as plan does,
+    instead of stopping at argparse's 'unrecognized arguments'."""
+    from test_cli import E, L, P, R, run
+
+    gen = np.random.default_rng(7)
+    steps = np.exp(gen.normal(0, 1, size=(4, L, E))) * 100
+    files = []
+    for i, step in enumerate(steps):
+        files.append(tmp_path / f"dump{i}.npy")
+        np.save(files[-1], step)
+    whole = tmp_path / "whole.npy"
+    np.save(whole, steps)
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", *files, "-r", R, "-g", P, "-o", out)[0] == 0
+    code, text, err = run(capsys, "eval", "--placement", out, *files, "--json")
+    assert code == 0, err
+    alone = json.loads(run(capsys, "eval", "--placement", out, whole, "--json")[1])
+    assert json.loads(text)["balancedness_after"] == alone["balancedness_after"]
+    code, text, err = run(capsys, "simulate", *files, "--window", "1", "-r", R, "-g", P,
+                          "--json")
+    assert code == 0, err
+    steps_of = json.loads(text)["runs"][0]["summary"]
+    whole_of = json.loads(run(capsys, "simulate", whole, "--window", "1", "-r", R, "-g", P,
+                              "--json")[1])["runs"][0]["summary"]
+    assert steps_of["steps"] == 4
+    assert steps_of["window_balancedness"] == whole_of["window_balancedness"]

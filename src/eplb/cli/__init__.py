@@ -205,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
              "Reports each layer's balancedness (mean / max GPU load, 1.0 = perfect) before\n"
              "(no rebalancing: expert e on GPU e*P//E, one copy) and after, the ceiling, and\n"
              "the worst GPU's load relative to the mean.")
-    p.add_argument("loads", metavar="LOADS", help="loads file")
+    p.add_argument("loads", metavar="LOADS", nargs="+",
+                   help="loads file(s); several files (e.g. SGLang dumps) are steps one after "
+                        "another, as in plan")
     p.add_argument("--placement", required=True, metavar="FILE", help="placement file")
     add_input_options(p)
     p.add_argument("--summary", action="store_true",
@@ -265,9 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
              "--protocol adrs: sum --window steps per window, plan on window i, score on i+1.\n"
              "Without --replicas/--gpus: 32 GPUs (or E if fewer experts) and one redundant\n"
              "slot per GPU.")
-    p.add_argument("trace", metavar="TRACE",
-                   help="load trace [T, L, E]: one file in any format eplb reads, or a folder "
-                        "of SGLang dumps (steps one after another)")
+    p.add_argument("trace", metavar="TRACE", nargs="+",
+                   help="load trace [T, L, E]: a file in any format eplb reads, several files "
+                        "(e.g. SGLang per-pass dumps) or a folder of SGLang dumps (steps one "
+                        "after another)")
     add_input_options(p, "TRACE")
     p.add_argument("--window", type=int, required=True, metavar="W", help="steps per window")
     p.add_argument("--interval", type=int, default=None, metavar="I",

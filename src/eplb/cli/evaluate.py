@@ -74,6 +74,7 @@ def _check_recorded(meta: dict, args: argparse.Namespace, what: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
 
+    files, args.loads = args.loads, " ".join(args.loads)  # several: steps, as in plan
     check_cluster_flags(gpus=args.gpus, nodes=args.nodes, groups=args.groups)
     placement, meta = read_placement_meta(
         existing_file(args.placement, "placement file"), num_gpus=args.gpus,
@@ -85,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.routing is not None and args.dispatch != "nearest":
         raise CliError("--routing scores cross-node traffic under SGLang's nearest dispatch: "
                        "add --dispatch nearest (and --nodes N)")
-    trace = read_trace(args.loads, args)
+    trace = read_trace(files, args)
     weight = trace.total()
     warn_if_no_load(weight, args.loads)
     placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,

@@ -75,6 +75,7 @@ def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    files, args.trace = args.trace, " ".join(args.trace)  # several: steps, as in plan
     if args.window < 1:
         raise CliError("--window must be >= 1")
     if args.interval is not None and args.interval < 1:
@@ -103,7 +104,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                            "what a planner plans on, and --planner none never plans: give "
                            f"--planner eplb (or greedy), or leave {' and '.join(unused)} out")
     report = prepare_report(args.report, args.force, "eplb simulation")
-    trace = read_trace(args.trace, args)
+    trace = read_trace(files, args)
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
                    trace.num_layers)
