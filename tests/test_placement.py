@@ -282,3 +282,13 @@ def test_log2phy_of_long_rows_matches_a_plain_inversion(experts):
             assert logcnt[layer, e] == len(slots)
             row = log2phy[layer, e].tolist()
             assert row == slots + [-1] * (log2phy.shape[2] - len(slots))
+
+
+def test_a_wrong_weight_is_named_by_the_shape_it_was_given() -> None:
+    """A one-layer ``[E]`` weight for a many-layer placement is named as passed, not as
+    the ``[1, E]`` it is read as."""
+    p = good("global")
+    with pytest.raises(ValueError, match=r"weight has shape \(4,\), the placement needs \[2, 4\]"):
+        p.balancedness(torch.ones(4))
+    with pytest.raises(ValueError, match=r"weight has shape \(2, 5\), the placement needs"):
+        p.gpu_loads(torch.ones(2, 5))

@@ -237,11 +237,12 @@ class Placement:
     def _weight(self, weight: torch.Tensor) -> torch.Tensor:
         # the loads contract every planner input has (lists of numbers, as the docs'
         # examples use, too): no NaN, inf or negative loads
-        weight, _ = as_weight(weight)
+        weight, one_layer = as_weight(weight)
         weight = weight.to(self.phy2log.device)
         if weight.shape != (self.num_layers, self.num_experts):
+            given = tuple(weight.shape[1:] if one_layer else weight.shape)  # as passed
             raise ValueError(
-                f"weight has shape {tuple(weight.shape)}, the placement needs "
+                f"weight has shape {given}, the placement needs "
                 f"[{self.num_layers}, {self.num_experts}]"
             )
         return weight.to(torch.float64)
