@@ -622,3 +622,13 @@ def test_eval_nearest_on_one_node_scores_the_even_split(capsys, loads: Path,
                           "--dispatch", "nearest")
     assert code == 0 and "one node" in err
     assert json.loads(near)["balancedness_after"] == json.loads(even)["balancedness_after"]
+
+
+def test_generate_writes_sglangs_format_to_a_name_ending_sglang_json(capsys, tmp_path) -> None:
+    # plan -o x.sglang.json writes SGLang's format; generate wrote vLLM's load_history to
+    # such a name (found by the seventeenth-session newcomer pass)
+    path = tmp_path / "t.sglang.json"
+    code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "3", "-o",
+                       str(path), "-q")
+    assert code == 0, err
+    assert "logical_count" in json.loads(path.read_text())

@@ -292,3 +292,13 @@ def test_a_wrong_weight_is_named_by_the_shape_it_was_given() -> None:
         p.balancedness(torch.ones(4))
     with pytest.raises(ValueError, match=r"weight has shape \(2, 5\), the placement needs"):
         p.gpu_loads(torch.ones(2, 5))
+
+
+def test_loads_of_a_placement_with_expert_ids_beyond_its_experts_are_refused_by_name():
+    # from_phy2log builds without validating; the load methods must not fail with torch's
+    # index error on such a record
+    topo = Topology(8, 4)
+    bad = Placement.from_phy2log(torch.tensor([[0, 1, 2, 3, 4, 5, 6, 14]]), 8, topo)
+    for method in (bad.balancedness, bad.gpu_loads, bad.replica_loads):
+        with pytest.raises(ValueError, match=r"expert ids outside \[-1, 8\)"):
+            method(torch.ones(8))

@@ -303,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
              "  eplb generate --list\n\n"
              "The output format follows --format, else the extension (.pt -> a [T, L, E] tensor\n"
              "dict with the model layer ids, .npz -> the same as numpy arrays, .json -> vLLM/ADRS\n"
-             "load_history). --format sglang writes SGLang's {\"logical_count\": [T][L][E]} JSON,\n"
-             "a row per model layer as SGLang does (dense layers all zero).")
+             "load_history). --format sglang (or a name ending .sglang.json) writes SGLang's\n"
+             "{\"logical_count\": [T][L][E]} JSON, a row per model layer as SGLang does (dense\n"
+             "layers all zero).")
     p.add_argument("--preset", default="deepseek-v3",
                    help="model preset (see --list; default deepseek-v3)")
     p.add_argument("--steps", type=int, default=1000, metavar="T", help="steps (default 1000)")

@@ -238,7 +238,8 @@ TRACE_SUFFIX_BY_FORMAT = {"pt": ".pt", "vllm-history": ".json", "sglang": ".json
 
 
 def trace_format(path: Path, fmt: str | None) -> str:
-    """The format ``generate`` writes: ``--format`` (aliases allowed), else from the name.
+    """The format ``generate`` writes: ``--format`` (aliases allowed), else from the name
+    (``*.sglang.json``: SGLang's, as ``plan -o`` reads that name).
     A ``--format`` whose container another known suffix of the name contradicts (JSON
     into ``t.npz``) is refused: other tools open the file by its name."""
     if fmt is not None:
@@ -249,6 +250,8 @@ def trace_format(path: Path, fmt: str | None) -> str:
                            f"says {suffix}: name it {path.stem}{want}, or drop --format to "
                            f"write {TRACE_FORMAT_BY_SUFFIX[suffix]}")
         return fmt
+    if path.name.lower().endswith(".sglang.json"):  # as plan -o names its SGLang output
+        return "sglang"
     fmt = TRACE_FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
         raise CliError(f"cannot tell the trace format from {path.name!r}; use .pt, .json, "

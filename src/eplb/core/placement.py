@@ -249,6 +249,11 @@ class Placement:
 
     def _replica_loads(self, weight: torch.Tensor) -> torch.Tensor:
         """:meth:`replica_loads` of a checked float64 ``weight [L, E]``."""
+        if self.phy2log.numel() and int(self.phy2log.max()) >= self.num_experts:
+            # a record built without validate() (from_phy2log does not check): torch's
+            # gather would fail with an index error
+            raise ValueError(f"phy2log holds expert ids outside [-1, {self.num_experts}); "
+                             "validate() says what else is wrong with this placement")
         expert = self.phy2log.clamp(min=0)
         per_replica = weight / self.logcnt.clamp(min=1)
         loads = per_replica.gather(1, expert)
