@@ -312,6 +312,32 @@ def test_big_endian_arrays_plan_like_native_ones():
     assert torch.equal(eplb.plan(native.astype(">f8"), 96, 16).phy2log, want)
 
 
+def test_reversed_and_big_endian_arrays_are_read_as_every_input_reads_them():
+    # the loads took them, but active_gpus, previous, routing and Placement.from_phy2log
+    # passed them to torch.as_tensor, which refuses negative strides and foreign byte
+    # order with its own text ("At least one stride in the given numpy array is negative")
+    w = W.double().numpy()[:, :16]
+    base = eplb.plan(w, 32, 4)
+    ids = base.phy2log.numpy()
+    flipped = np.ascontiguousarray(ids[:, ::-1])
+    for odd in (flipped[:, ::-1], ids.astype(">i8")):
+        again = eplb.plan(w, 32, 4, previous=odd)
+        assert torch.equal(again.phy2log, eplb.plan(w, 32, 4, previous=ids).phy2log)
+        assert torch.equal(eplb.Placement.from_phy2log(odd, 16, base.topology).phy2log,
+                           base.phy2log)
+        assert base.moved_slots(odd).tolist() == [0] * base.num_layers
+    live = np.array([True, False, True, True])
+    assert torch.equal(eplb.plan(w, 32, 4, active_gpus=live[::-1].copy()[::-1]).phy2log,
+                       eplb.plan(w, 32, 4, active_gpus=live).phy2log)
+    rng = np.random.default_rng(0)
+    routing = np.stack([[rng.permutation(16)[:2] for _ in range(w.shape[0])]
+                        for _ in range(32)])
+    kw = dict(policy="locality", dispatch="nearest")
+    want = eplb.plan(w, 32, 4, 2, 4, routing=routing, **kw).phy2log
+    reversed_k = np.ascontiguousarray(routing[:, :, ::-1])[:, :, ::-1]
+    assert torch.equal(eplb.plan(w, 32, 4, 2, 4, routing=reversed_k, **kw).phy2log, want)
+
+
 def test_lazy_views_numpy_cannot_read_plan_like_their_values():
     # negated views and autograd's zero tensors (no storage) take the torch path:
     # the same plan as the materialised loads, not a RuntimeError from .numpy()

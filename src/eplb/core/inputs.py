@@ -52,6 +52,15 @@ _NOT_NUMBERS = {dict: "an object", str: "text", bytes: "bytes", type(None): "nul
                 bool: "a boolean", np.bool_: "a boolean"}
 
 
+def native_array(value: object) -> object:
+    """``value`` made readable by ``torch.as_tensor`` when it is a NumPy array: torch
+    refuses arrays with negative strides (``a[::-1]``) or non-native byte order (``>i8``)
+    with its own message, where every load input here takes them. Else ``value``."""
+    if isinstance(value, np.ndarray) and not isinstance(value, np.ma.MaskedArray):
+        return np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="), copy=False))
+    return value
+
+
 def irregularity(value: object, limit: int = 1 << 20) -> str | None:
     """Where nested sequences ``value`` (lists, tuples, arrays: JSON or a Python caller's)
     stop being a rectangular array of numbers, the first place found level by level
@@ -305,7 +314,7 @@ def as_live_mask(active_gpus: object, num_gpus: int, device: torch.device) -> to
     """
     refuse_byte_strings(active_gpus, "active_gpus")  # as every other input: raw bytes
     try:
-        tensor = torch.as_tensor(active_gpus, device=device)
+        tensor = torch.as_tensor(native_array(active_gpus), device=device)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"active_gpus must be a boolean mask of {num_gpus} values: {exc}") from None
     if tensor.dtype != torch.bool:
@@ -376,7 +385,7 @@ def as_routing(
     else:
         refuse_byte_strings(routing, "routing")
         try:
-            tensor = torch.as_tensor(np.asarray(routing))
+            tensor = torch.as_tensor(native_array(np.asarray(routing)))
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise TypeError(f"routing must be integer top-k ids [T, L, k] (a tensor or "
                             f"array), got {type(routing).__name__}: {exc}") from None

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from eplb.core.inputs import as_gpu_speed, as_weight, require_integer_ids, scale_free
+from eplb.core.inputs import (
+    as_gpu_speed,
+    as_weight,
+    native_array,
+    require_integer_ids,
+    scale_free,
+)
 from eplb.core.topology import Topology, is_name
 
 
@@ -198,7 +204,7 @@ class Placement:
                              f"(at most 2**31 - 1 experts)")
         if phy2log is None:
             raise TypeError("phy2log must be a [L, R] tensor of expert ids, got None")
-        phy2log = torch.as_tensor(phy2log)
+        phy2log = torch.as_tensor(native_array(phy2log))
         require_integer_ids(phy2log, "phy2log")  # a cast would truncate 0.7 to expert 0
         # contiguous: engines view and copy the map (a transposed one broke ``.view``)
         phy2log = phy2log.to(torch.int64).contiguous()
@@ -313,7 +319,8 @@ class Placement:
         """``[L]`` number of slots whose expert differs from ``previous`` (weights to move)."""
         if previous is None:
             raise TypeError("previous must be a Placement or a [L, R] phy2log, got None")
-        old = previous.phy2log if isinstance(previous, Placement) else torch.as_tensor(previous)
+        old = previous.phy2log if isinstance(previous, Placement) else torch.as_tensor(
+            native_array(previous))
         old = old.to(self.phy2log.device)
         if old.shape != self.phy2log.shape:
             raise ValueError(

@@ -43,7 +43,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from eplb.core.inputs import refuse_byte_strings, require_integer_ids
+from eplb.core.inputs import native_array, refuse_byte_strings, require_integer_ids
 from eplb.core.options import COARSE_SLOTS, IncrementalOptions
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
@@ -71,7 +71,7 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
     if not isinstance(old, torch.Tensor):
         refuse_byte_strings(old, "previous")
         try:
-            old = torch.as_tensor(np.asarray(old))
+            old = torch.as_tensor(native_array(np.asarray(old)))
         except (TypeError, ValueError) as exc:
             raise TypeError(
                 f"previous must be a Placement or a phy2log tensor [L, R]: {exc}"
