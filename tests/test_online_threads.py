@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import threading
 import time
 
@@ -140,3 +142,25 @@ def test_a_long_chunk_that_wraps_the_ring_is_restored_exactly() -> None:
     with pytest.raises(RuntimeError):
         rb.record(torch.stack([step(10 + i) for i in range(9)]))  # wraps twice, fails at 10
     assert_same(state(rb), before)
+
+
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_a_copied_rebalancer_goes_on_alone(how: str) -> None:
+    # deepcopy and pickle raised (the lock; the built-in planner is a closure), and a
+    # shallow copy shared the ring: recording into it rewrote the original's history
+    g = torch.Generator().manual_seed(0)
+    steps = (torch.rand(9, L, E, generator=g) ** 3 * 100).round()
+    rb = Rebalancer(R, P, window=3, interval=3, incremental=True, max_moves=4,
+                    estimator="multi:3", seed=1)
+    for s in steps[:4]:
+        rb.record(s)
+    twin = {"copy": copy.copy, "deepcopy": copy.deepcopy,
+            "pickle": lambda r: pickle.loads(pickle.dumps(r))}[how](rb)
+    before = rb.history.clone()
+    got = [twin.record(s) for s in steps[4:]]
+    assert torch.equal(rb.history, before) and rb.steps == 4 and len(rb.events) == 1
+    want = [rb.record(s) for s in steps[4:]]  # the original, fed the same steps
+    assert [x is None for x in got] == [y is None for y in want]
+    assert all(torch.equal(x.phy2log, y.phy2log) for x, y in zip(got, want, strict=True)
+               if x is not None)
+    assert twin.steps == rb.steps == 9 and len(twin.events) == len(rb.events) == 3

@@ -329,7 +329,8 @@ class Rebalancer:
     the others wait). **Failures.** A call to ``record`` or ``rebalance_now`` that
     raises (e.g. the planner fails on the second rebalance of a chunk) leaves the
     rebalancer exactly as before the call: no step of the chunk is recorded, and no
-    rebalance event or placement of it is kept.
+    rebalance event or placement of it is kept. **Copies** (``copy``, ``pickle``) go on
+    alone: each has its own ring, events and lock (a callable planner must pickle).
     """
 
     def __init__(
@@ -360,9 +361,12 @@ class Rebalancer:
         self.estimator = make_estimator(estimator)
         self.planner_name = planner if isinstance(planner, str) else getattr(
             planner, "__name__", "callable")
-        self.planner = make_planner(planner, self.topology, incremental=incremental,
-                                    max_moves=max_moves, skip_threshold=skip_threshold,
-                                    active_gpus=active_gpus, **plan_options)
+        # what builds the planner, kept so that a copy or an unpickled rebalancer can
+        # rebuild it (a built-in planner is a closure, which pickle cannot save)
+        self._planner_args = (planner, dict(
+            incremental=incremental, max_moves=max_moves, skip_threshold=skip_threshold,
+            active_gpus=active_gpus, **plan_options))
+        self.planner = make_planner(planner, self.topology, **self._planner_args[1])
         self.incremental = incremental
         # a total move budget must hold for the per-layer mix of a multi-window estimate too
         self._total_budget = incremental and isinstance(
@@ -385,6 +389,26 @@ class Rebalancer:
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ state
+    def __getstate__(self) -> dict[str, Any]:
+        """State for ``copy`` and ``pickle``: taken under the lock, with the ring and the
+        events copied (a shallow copy shared the ring, so recording into one rewrote the
+        other's history); the lock and a built-in planner are made anew on restore."""
+        with self._lock:
+            state = dict(self.__dict__)
+            state["_buffer"] = None if self._buffer is None else self._buffer.clone()
+            state["events"] = list(self.events)
+        del state["_lock"]
+        if not self._user_planner:
+            del state["planner"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        if "planner" not in state:
+            planner, kwargs = self._planner_args
+            self.planner = make_planner(planner, self.topology, **kwargs)
+
     @property
     def placement(self) -> Placement | None:
         """The placement in force (``None`` before the first rebalance without ``initial``)."""
