@@ -26,6 +26,27 @@ def test_integer_scalars_of_any_type():
     assert eplb.Topology(np.int64(96), np.int16(16)).num_gpus == 16
 
 
+def test_integer_knobs_take_integer_scalars_of_any_type():
+    # the float knobs took NumPy and 0-d tensor numbers, the integer ones refused them:
+    # refine_steps=np.int64(3) raised "refine_steps must be an integer >= 0, got
+    # np.int64(3)", and so did num_candidates, pair_steps, max_steps, the ladder's steps
+    # and the Rebalancer's window and interval
+    want = eplb.plan(W, 96, 16, num_candidates=2, refine_steps=3).phy2log
+    got = eplb.plan(W, 96, 16, num_candidates=np.int64(2), refine_steps=torch.tensor(3))
+    assert torch.equal(got.phy2log, want)
+    packing = eplb.PackingOptions(num_candidates=np.int32(2), pair_steps=np.uint8(1),
+                                  max_steps=torch.tensor(3))
+    assert packing == eplb.PackingOptions(num_candidates=2, pair_steps=1, max_steps=3)
+    assert eplb.IncrementalOptions(steps=np.int64(2)) == eplb.IncrementalOptions(steps=2)
+    rb = Rebalancer(96, 16, window=np.int64(4), interval=torch.tensor(2))
+    assert (rb.window, rb.interval) == (4, 2) and type(rb.window) is int
+    for bad in (True, np.bool_(True), 2.0, np.float64(2), "2", -1):
+        with pytest.raises(ValueError, match="max_steps must be an integer >= 0"):
+            eplb.PackingOptions(max_steps=bad)
+        with pytest.raises(ValueError, match="window must be a positive integer"):
+            Rebalancer(96, 16, window=bad)
+
+
 @pytest.mark.parametrize("bad", [1.0, np.float64(16), True, "16", 0, -3])
 def test_non_integers_are_refused_by_name(bad):
     with pytest.raises(ValueError, match="num_gpus must be a positive integer"):

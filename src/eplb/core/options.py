@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -66,6 +67,21 @@ def _few_slot_factor(slots: int | None) -> int:
 CONSTRUCTIONS = ("bldm", "lpt")
 
 
+
+def whole_number(name: str, value: object, low: int) -> int:
+    """``value`` as a Python int >= ``low``: ints, NumPy integers and 0-d integer tensors
+    (as the topology's counts take them; stored as int, so a record stays hashable and
+    prints plainly), never bools or floats; else ``ValueError`` naming ``name``."""
+    if not isinstance(value, bool) and "bool" not in str(getattr(value, "dtype", "")):
+        try:
+            number = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if number >= low:
+                return number
+    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
 @dataclass(frozen=True)
 class PackingOptions:
     """Knobs of the packing search.
@@ -109,11 +125,8 @@ class PackingOptions:
 
     def __post_init__(self) -> None:
         for name, low in (("num_candidates", 1), ("pair_steps", 0), ("max_steps", 0)):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, whole_number(name, getattr(self, name), low))
         if self.num_candidates is not None and self.num_candidates > MAX_CANDIDATES:
             raise ValueError(f"num_candidates must be at most {MAX_CANDIDATES}, got "
                              f"{self.num_candidates}")
@@ -190,8 +203,7 @@ class PackingOptions:
     @classmethod
     def with_budget(cls, refine_steps: int, **kwargs: object) -> PackingOptions:
         """Split a total swap-step budget: about a third L2 pair steps, the rest polish."""
-        if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
-            raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
+        refine_steps = whole_number("refine_steps", refine_steps, 0)
         pair = (refine_steps + 2) // 3
         return cls(pair_steps=pair, max_steps=refine_steps - pair, **kwargs)  # type: ignore[arg-type]
 
@@ -277,8 +289,7 @@ class IncrementalOptions:
             raise ValueError(f"move_price must be a number in [0, 1), got {self.move_price!r}")
         if not (isinstance(self.quota, (int, float)) and 0 < self.quota <= 1):
             raise ValueError(f"quota must be a fraction in (0, 1], got {self.quota!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
+        object.__setattr__(self, "steps", whole_number("steps", self.steps, 0))
 
 
 @dataclass(frozen=True)

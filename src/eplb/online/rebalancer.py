@@ -353,11 +353,11 @@ class Rebalancer:
     ) -> None:
         self.topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
         for name, value in (("window", window), ("interval", interval)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            try:  # NumPy and 0-d tensor integers too, as the cluster's counts
+                setattr(self, name, positive_int(name, value))
+            except ValueError:
                 raise ValueError(f"{name} must be a positive integer number of steps, "
-                                 f"got {value!r}")
-        self.window = window
-        self.interval = interval
+                                 f"got {value!r}") from None
         self.estimator = make_estimator(estimator)
         self.planner_name = planner if isinstance(planner, str) else getattr(
             planner, "__name__", "callable")
