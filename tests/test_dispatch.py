@@ -30,13 +30,12 @@ from eplb.core.dispatch import (
 from eplb.core.dispatch_plan import (
     capped_counts,
     coverage_counts,
-    node_conflicts,
     plan_nearest_global,
     polish_realised,
     repair_node_pairs,
-    spread_over_nodes,
 )
 from eplb.core.locality import group_pair_surrogate, plan_locality
+from eplb.core.node_labels import node_conflicts, spread_over_nodes
 from eplb.online.nearest import expected_balance
 from eplb.tools.routing import fit_router
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eplb.core.dispatch_plan import _kl_swaps, node_conflicts
+from eplb.core.node_labels import _kl_swaps, node_conflicts
 
 
 def plain_kl_swaps(conflict, where, node_of_pos, num_nodes, steps):
@@ -66,11 +66,11 @@ def test_the_search_from_few_conflicts_searches_their_rows_only_and_makes_the_sa
     # from a greedy labelling few bins conflict, so the search scores only their rows of
     # the gain; it must still take the full search's first best swap (the smallest
     # (lower bin, higher bin) among the best pairs)
-    import eplb.core.dispatch_plan as dispatch_plan
+    import eplb.core.node_labels as node_labels
 
     used = []
-    real = dispatch_plan._best_conflicted_swap
-    monkeypatch.setattr(dispatch_plan, "_best_conflicted_swap",
+    real = node_labels._best_conflicted_swap
+    monkeypatch.setattr(node_labels, "_best_conflicted_swap",
                         lambda *args: used.append(args[-1]) or real(*args))
     gen = torch.Generator().manual_seed(7)
     gpus, nodes, slots, layers = 64, 8, 3, 4
@@ -80,7 +80,7 @@ def test_the_search_from_few_conflicts_searches_their_rows_only_and_makes_the_sa
                                              generator=gen) for row in weight])
     conflict = node_conflicts(phy2log, gpus, experts)
     node_of_pos = torch.arange(gpus) // (gpus // nodes)
-    start = dispatch_plan._greedy_labelling(conflict, node_of_pos, nodes)
+    start = node_labels._greedy_labelling(conflict, node_of_pos, nodes)
     # a few random swaps away from the greedy labelling: some conflicts to remove
     for row in range(layers):
         for a, b in torch.randint(gpus, (3, 2), generator=gen).tolist():
@@ -95,7 +95,7 @@ def test_the_search_from_few_conflicts_searches_their_rows_only_and_makes_the_sa
                          [(32, 4, 9, ()), (64, 8, 2, (3, 17, 18)), (128, 16, 3, (0, 127))])
 def test_the_labelling_never_leaves_more_conflicts_than_a_search_from_the_packings_order(
         gpus, nodes, slots, dead):
-    from eplb.core.dispatch_plan import spread_over_nodes
+    from eplb.core.node_labels import spread_over_nodes
 
     gen = torch.Generator().manual_seed(gpus)
     layers, experts = 6, 2 * gpus

@@ -25,7 +25,8 @@ which moved a plan at 0.9992 expected to 0.9387 realised on ``prefill_in2048``,
 2. packs globally as eplb does (the ``plan_rows`` search on these counts,
    :func:`plan_rows_capped`);
 3. relabels GPUs so that every constrained expert has its replicas on distinct nodes
-   (:func:`spread_over_nodes`, then :func:`repair_node_pairs` for what it leaves): GPU loads
+   (:func:`eplb.core.node_labels.spread_over_nodes`, then :func:`repair_node_pairs` for
+   what it leaves): GPU loads
    under the even split are unchanged by a relabelling, and on a valid labelling the
    nearest rule realises exactly them;
 4. with dead GPUs or a given token source, where replicas on distinct nodes no longer
@@ -42,6 +43,7 @@ from __future__ import annotations
 import torch
 
 from eplb.core.dispatch import realised_gpu_loads, realised_slot_loads
+from eplb.core.node_labels import spread_over_nodes
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, max_load, pack, to_slots
 from eplb.core.placement import expert_counts
@@ -136,148 +138,6 @@ def plan_rows_capped(
     return to_slots(state)
 
 
-def node_conflicts(
-    phy2log: torch.Tensor, num_gpus: int, num_experts: int, min_count: int = 3
-) -> torch.Tensor:
-    """``[L, P, P]`` conflict weights between GPUs: for every expert with at least
-    ``min_count`` replicas, one unit per replica pair on the two GPUs (``-1`` slots and
-    the diagonal count nothing)."""
-    num_layers, num_slots = phy2log.shape
-    counts = expert_counts(phy2log, num_experts)  # [L, E]
-    expert = torch.where(phy2log >= 0, phy2log, num_experts)
-    ok = torch.cat([counts >= min_count, counts.new_zeros(num_layers, 1, dtype=torch.bool)], 1)
-    mark = ok.gather(1, expert).to(torch.float64)  # [L, R]
-    gpu = (torch.arange(num_slots, device=phy2log.device) // (num_slots // num_gpus))
-    index = gpu[None] * (num_experts + 1) + expert
-    inc = torch.zeros(num_layers, num_gpus * (num_experts + 1), dtype=torch.float64,
-                      device=phy2log.device)
-    inc.scatter_add_(1, index, mark)
-    inc = inc.view(num_layers, num_gpus, num_experts + 1)
-    conflict = torch.bmm(inc, inc.transpose(1, 2))
-    conflict.diagonal(dim1=1, dim2=2).zero_()
-    return conflict
-
-
-def spread_over_nodes(
-    phy2log: torch.Tensor,
-    num_gpus: int,
-    num_nodes: int,
-    num_experts: int,
-    live: torch.Tensor | None = None,
-    max_steps: int | None = None,
-    generator: torch.Generator | None = None,
-    starts: int = 4,
-    min_count: int = 3,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Relabel GPUs so replicas of experts with ``c >= 3`` sit on distinct nodes.
-
-    Args:
-        phy2log: ``[L, R]``; its GPUs' contents ("bins") are kept, only moved.
-        live: ``[P]`` bool; bins of live GPUs move among live GPUs only (dead GPUs keep
-            their ``-1`` slots), so the nodes' live-GPU counts are respected.
-        max_steps: swap steps (default ``2·P``); each applies the best bin swap per layer
-            (Kernighan-Lin gain ``M[a, y_b] + M[b, y_a] − M[a, y_a] − M[b, y_b] − 2A[a, b]``).
-        starts: labellings searched per layer where a greedy one (:func:`_greedy_labelling`,
-            searched first) leaves a conflict: the given one and ``starts − 1`` random
-            ones (``generator``); the one with the fewest conflicts left is kept (ties: the
-            given one, the random ones, the greedy one).
-        min_count: only experts with at least this many replicas constrain the labelling
-            (3 for an even split in expectation; ``N`` to keep every covering expert's
-            replicas on distinct nodes, where even two replicas on one node would leave
-            the other ranks to the fair choice).
-
-    Returns:
-        ``(phy2log [L, R] relabelled, conflicts [L])``: same-node replica pairs left (0
-        when the rule realises the even split exactly).
-    """
-    num_layers, num_slots = phy2log.shape
-    slots = num_slots // num_gpus
-    gpus_per_node = num_gpus // num_nodes
-    device = phy2log.device
-    if live is None:
-        live = torch.ones(num_gpus, dtype=torch.bool, device=device)
-    pos = live.nonzero()[:, 0]  # live GPU positions; bin k sits at pos[k] at the start
-    num_live = len(pos)
-    bins = phy2log.view(num_layers, num_gpus, slots)[:, pos]  # [L, B, S]
-    conflict = node_conflicts(bins.reshape(num_layers, -1), num_live, num_experts, min_count)
-    node_of_pos = pos // gpus_per_node  # [B]
-    # rows = starts × layers: start 0 keeps the packing's order, the others are random
-    first = torch.arange(num_live, device=device).expand(num_layers, -1)
-    # float32 on the host whatever torch's default dtype: a thread or engine that set
-    # torch.set_default_dtype (float64, bfloat16) would otherwise draw other numbers.
-    # Drawn for every layer, searched or not, so the generator's stream does not depend
-    # on the greedy start below
-    noise = torch.rand(max(starts - 1, 0), num_layers, num_live, generator=generator,
-                       dtype=torch.float32, device="cpu")
-    steps = 2 * num_gpus if max_steps is None else max_steps
-
-    def descend(conflicts: torch.Tensor, starting: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # rows are independent: in chunks of at most _KL_CELLS conflict cells, so memory
-        # stays bounded (a search step holds a few [rows, B, B] temporaries)
-        chunk = max(1, _KL_CELLS // max(1, num_live * num_live))
-        done = [_kl_swaps(conflicts[i : i + chunk], starting[i : i + chunk], node_of_pos,
-                          num_nodes, steps) for i in range(0, len(starting), chunk)]
-        return torch.cat([d[0] for d in done]), torch.cat([d[1] for d in done])
-
-    # the greedy start first: a layer it leaves without same-node conflict is done (every
-    # such labelling realises the same loads), and with many nodes that is nearly every
-    # layer (58 DeepSeek-V3 layers on 256 GPUs: 0.2 s where the starts below took 19 s)
-    where, left = descend(conflict, _greedy_labelling(conflict, node_of_pos, num_nodes))
-    open_rows = (left > 0).nonzero()[:, 0]
-    searched = max(starts, 1)
-    if len(open_rows):
-        # the rest search the packing's order and the random starts too; the fewest
-        # conflicts left wins, ties to the packing's order, then the random starts, then
-        # the greedy start
-        begin = torch.cat([first[open_rows][None],
-                           noise[:, open_rows.cpu()].argsort(2).to(device)])
-        tried, tried_left = descend(conflict[open_rows].repeat(searched, 1, 1),
-                                    begin.reshape(-1, num_live))
-        tried = torch.cat([tried.view(searched, -1, num_live), where[open_rows][None]])
-        tried_left = torch.cat([tried_left.view(searched, -1), left[open_rows][None]])
-        best = tried_left.argmin(0)  # first on ties
-        pick = torch.arange(len(open_rows), device=device)
-        where[open_rows] = tried[best, pick]
-        left[open_rows] = tried_left[best, pick]
-    out = phy2log.clone().view(num_layers, num_gpus, slots)
-    target = pos[where]  # [L, B] GPU each bin goes to
-    out.scatter_(1, target[:, :, None].expand(-1, -1, slots), bins)
-    return out.view(num_layers, num_slots), left
-
-
-def _greedy_labelling(
-    conflict: torch.Tensor, node_of_pos: torch.Tensor, num_nodes: int
-) -> torch.Tensor:
-    """``[rows, B]`` a position for every bin of ``conflict [rows, B, B]``, built bin by
-    bin: the most conflicted bin first (ties: the lower bin), each to the node with
-    room whose bins so far conflict least with it (ties: the lower node), on that
-    node's lowest free position (``node_of_pos [B]`` ascending). Most rows come out
-    with no same-node conflict, so the descent from here has little left to do: it
-    costs ``B`` steps of ``[rows, B]``, where a descent from a packing's order takes a
-    step of ``[rows, B, B]`` per swap."""
-    rows, num_bins, _ = conflict.shape
-    device = conflict.device
-    row = torch.arange(rows, device=device)
-    bins = torch.arange(num_bins, device=device)
-    order = conflict.sum(2).argsort(dim=1, descending=True, stable=True)  # [rows, B]
-    room = torch.bincount(node_of_pos, minlength=num_nodes)  # positions per node
-    first = torch.cumsum(room, 0) - room  # each node's lowest position
-    used = torch.zeros(rows, num_nodes, dtype=torch.int64, device=device)
-    # [rows, B, N]: each bin's conflict with the bins placed on each node so far
-    with_node = torch.zeros(rows, num_bins, num_nodes, dtype=conflict.dtype, device=device)
-    where = torch.empty(rows, num_bins, dtype=torch.int64, device=device)
-    for step in range(num_bins):
-        bin_now = order[:, step]
-        cost = with_node[row, bin_now].masked_fill(used >= room, float("inf"))
-        node = cost.argmin(1)  # first on ties: the lower node
-        where[row, bin_now] = first[node] + used[row, node]
-        used[row, node] += 1
-        with_node[row[:, None], bins, node[:, None]] += conflict[row, :, bin_now]
-    return where
-
-
-#: conflict cells (rows × B × B) one Kernighan-Lin search holds at once
-_KL_CELLS = 1 << 24
 #: the most GPUs the global nearest-dispatch plan relabels over several nodes: where the
 #: greedy start leaves conflicts its search makes one swap per step over every GPU pair, up
 #: to about P/3 steps of P² cells per layer and start, so time grows up to L·P³ with the
@@ -285,106 +145,6 @@ _KL_CELLS = 1 << 24
 #: at 64 GPUs, 1.3 s at 256, 52 s at 512, 98 s at 1024; before the greedy start 27 s at
 #: 256 and 2.7 min at 512; one layer on 2048 GPUs ran past 120 s; BENCHMARKS.md §15)
 MAX_NEAREST_GPUS = 1024
-
-
-def _kl_swaps(
-    conflict: torch.Tensor, where: torch.Tensor, node_of_pos: torch.Tensor, num_nodes: int,
-    steps: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best-swap descent on bin positions: ``conflict [rows, B, B]``, ``where [rows, B]``
-    (position of every bin) → ``(where, same-node conflict left [rows])``."""
-    rows, num_bins = where.shape
-    where = where.clone()
-    # the search runs on float32 copies where every sum it forms is an integer below 2**24
-    # (exact in float32 as in float64, so the same swaps): the [n, B, B] passes that make
-    # up most of a step then move half the bytes
-    small = bool(conflict.numel()) and float(conflict.sum((1, 2)).max()) < 2.0**22
-    work = conflict.to(torch.float32) if small else conflict
-    eye = torch.eye(num_nodes, dtype=work.dtype, device=conflict.device)
-    # rows are independent and a row without an improving swap is done: each step searches
-    # the rows still moving only (most converge within a few steps)
-    active = torch.arange(rows, device=where.device)
-    searched, twice = work, 2 * work  # the active rows' conflicts
-    # [n, B, N] conflict of bin a with node n, kept up to date swap by swap: a fresh
-    # product every step cost B²·N per row, most of a step with many nodes. The counts are
-    # integers, so the updates give the product's numbers exactly
-    m = torch.bmm(searched, eye[node_of_pos[where]])
-    for _ in range(steps):
-        y = node_of_pos[where[active]]  # [n, B] node of every bin
-        own = m.gather(2, y[:, :, None])[..., 0]
-        # a swap of two bins without conflict on their own nodes cannot improve (its gain
-        # is at least A[a, b] + A[b, a] − 2A[a, b] = 0, as M[a, y_b] >= A[a, b]), so every
-        # improving swap has a conflicted bin: where they are few (most of a long search
-        # at hundreds of GPUs) only their rows of the gain are searched
-        conflicted = own > 0
-        width = int(conflicted.sum(1).max())
-        if width == 0:
-            break
-        if 2 * width <= num_bins:
-            best, a, b = _best_conflicted_swap(m, own, y, twice, conflicted, width)
-        else:
-            cross = m.gather(2, y[:, None, :].expand(-1, num_bins, -1))  # [n, a, b] M[a, y_b]
-            # M[a, y_b] − M[a, y_a] + M[b, y_a] − M[b, y_b] − 2A[a, b]: counts, so exact in
-            # any order
-            half = cross.sub_(own[:, :, None])
-            gain = half.transpose(1, 2).add(half).sub_(twice)
-            gain.masked_fill_(y[:, :, None] == y[:, None, :], 0.0)  # same node: no change
-            best, flat = gain.flatten(1).min(1)
-            a, b = flat // num_bins, flat % num_bins
-        todo = best < -1e-9
-        if not bool(todo.any()):
-            break
-        moving = todo.nonzero()[:, 0]
-        a, b = a[moving], b[moving]
-        row = active[moving]
-        wa, wb = where[row, a], where[row, b]
-        where[row, a], where[row, b] = wb, wa
-        # bin a moves from node y_a to y_b and bin b the other way: every bin's conflict
-        # with node y_a loses A[·, a] and gains A[·, b], with node y_b the reverse
-        change = searched[moving, :, b] - searched[moving, :, a]  # [k, B]
-        bins = torch.arange(num_bins, device=m.device)
-        m[moving[:, None], bins, y[moving, a][:, None]] += change
-        m[moving[:, None], bins, y[moving, b][:, None]] -= change
-        if len(moving) < len(active):
-            active, searched, twice, m = row, searched[moving], twice[moving], m[moving]
-    y = node_of_pos[where]
-    same = (y[:, :, None] == y[:, None, :]).to(conflict.dtype)
-    return where, (conflict * same).sum((1, 2)) / 2
-
-
-def _best_conflicted_swap(
-    m: torch.Tensor, own: torch.Tensor, y: torch.Tensor, twice: torch.Tensor,
-    conflicted: torch.Tensor, width: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_kl_swaps`' best swap per row, searched from the conflicted bins only:
-    ``(gain [n], a [n], b [n])`` with ``a < b`` the same pair as the full ``[n, B, B]``
-    search's first minimum in row-major order (the gain is symmetric, so that is the
-    optimal pair with the smallest ``(lower bin, higher bin)``). Meaningful where the
-    gain is negative: every such swap has a conflicted bin. ``m [n, B, N]`` conflict of
-    every bin with every node, ``own [n, B]`` with its own, ``y [n, B]`` its node,
-    ``twice [n, B, B]`` 2A, ``conflicted [n, B]`` (at most ``width`` per row)."""
-    num_bins = y.shape[1]
-    # each row's conflicted bins, ascending (padding: any bin, masked below)
-    pick = conflicted.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
-    valid = conflicted.gather(1, pick)  # [n, k]
-    y_pick = y.gather(1, pick)
-    m_pick = m.gather(1, pick[:, :, None].expand(-1, -1, m.shape[2]))  # [n, k, N]
-    # M[a, y_b] − M[a, y_a] + M[b, y_a] − M[b, y_b] − 2A[a, b] for a picked: integer
-    # counts, so the same numbers as the full search's
-    there = m_pick.gather(2, y[:, None, :].expand(-1, width, -1)).sub_(
-        own.gather(1, pick)[:, :, None])  # [n, k, B]
-    back = m.gather(2, y_pick[:, None, :].expand(-1, num_bins, -1)).sub_(
-        own[:, :, None]).transpose(1, 2)  # [n, k, B] M[b, y_a] − M[b, y_b]
-    gain = back.add(there).sub_(twice.gather(1, pick[:, :, None].expand(-1, -1, num_bins)))
-    gain.masked_fill_(y_pick[:, :, None] == y[:, None, :], 0.0)  # same node: no change
-    gain.masked_fill_(~valid[:, :, None], float("inf"))
-    best = gain.flatten(1).amin(1)
-    bins = torch.arange(num_bins, device=y.device)
-    low = torch.minimum(pick[:, :, None], bins)
-    high = torch.maximum(pick[:, :, None], bins)
-    key = torch.where(gain == best[:, None, None], low * num_bins + high, num_bins * num_bins)
-    key = key.flatten(1).amin(1)
-    return best, key // num_bins, key % num_bins
 
 
 FAIR_MODES = ("auto", "avoid", "expect")
