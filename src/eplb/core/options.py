@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from eplb.core.topology import is_name
+from eplb.core.topology import int_at_least, is_name
 
 #: divisor shifts δ of the default replication portfolio (w / (c + δ)); 0 is Jefferson
 DEFAULT_SHIFTS: tuple[float, ...] = (0.0, -0.25, -0.5, -0.75)
@@ -64,23 +63,9 @@ MAX_CANDIDATES = 1024
 def _few_slot_factor(slots: int | None) -> int:
     return FEW_SLOT_STEP_FACTOR if slots is not None and slots <= FEW_SLOTS else 1
 
+
 CONSTRUCTIONS = ("bldm", "lpt")
 
-
-
-def whole_number(name: str, value: object, low: int) -> int:
-    """``value`` as a Python int >= ``low``: ints, NumPy integers and 0-d integer tensors
-    (as the topology's counts take them; stored as int, so a record stays hashable and
-    prints plainly), never bools or floats; else ``ValueError`` naming ``name``."""
-    if not isinstance(value, bool) and "bool" not in str(getattr(value, "dtype", "")):
-        try:
-            number = operator.index(value)
-        except TypeError:
-            pass
-        else:
-            if number >= low:
-                return number
-    raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 @dataclass(frozen=True)
 class PackingOptions:
@@ -126,7 +111,7 @@ class PackingOptions:
     def __post_init__(self) -> None:
         for name, low in (("num_candidates", 1), ("pair_steps", 0), ("max_steps", 0)):
             if getattr(self, name) is not None:
-                object.__setattr__(self, name, whole_number(name, getattr(self, name), low))
+                object.__setattr__(self, name, int_at_least(name, getattr(self, name), low))
         if self.num_candidates is not None and self.num_candidates > MAX_CANDIDATES:
             raise ValueError(f"num_candidates must be at most {MAX_CANDIDATES}, got "
                              f"{self.num_candidates}")
@@ -203,7 +188,7 @@ class PackingOptions:
     @classmethod
     def with_budget(cls, refine_steps: int, **kwargs: object) -> PackingOptions:
         """Split a total swap-step budget: about a third L2 pair steps, the rest polish."""
-        refine_steps = whole_number("refine_steps", refine_steps, 0)
+        refine_steps = int_at_least("refine_steps", refine_steps, 0)
         pair = (refine_steps + 2) // 3
         return cls(pair_steps=pair, max_steps=refine_steps - pair, **kwargs)  # type: ignore[arg-type]
 
@@ -289,7 +274,7 @@ class IncrementalOptions:
             raise ValueError(f"move_price must be a number in [0, 1), got {self.move_price!r}")
         if not (isinstance(self.quota, (int, float)) and 0 < self.quota <= 1):
             raise ValueError(f"quota must be a fraction in (0, 1], got {self.quota!r}")
-        object.__setattr__(self, "steps", whole_number("steps", self.steps, 0))
+        object.__setattr__(self, "steps", int_at_least("steps", self.steps, 0))
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,13 @@ def non_negative_int(name: str, value: object) -> int:
     return _int_at_least(name, value, 0, "an integer >= 0")
 
 
+def int_at_least(name: str, value: object, minimum: int) -> int:
+    """``value`` as a Python int if it is an integer >= ``minimum`` of any integer type
+    (as :func:`positive_int`; stored as int, so a record stays hashable and prints
+    plainly); else ``ValueError`` naming it."""
+    return _int_at_least(name, value, minimum, f"an integer >= {minimum}")
+
+
 def _int_at_least(name: str, value: object, minimum: int, what: str) -> int:
     if isinstance(value, bool) or "bool" in str(getattr(value, "dtype", "")):
         raise ValueError(f"{name} must be {what}, got {reprlib.repr(value)}")
