@@ -32,12 +32,18 @@ def _first_bool(value: Any, at: tuple[int, ...] = ()) -> tuple[int, ...] | None:
     return None
 
 
+def unplain_kind(value: torch.Tensor) -> str | None:
+    """``"quantized"``, ``"meta"`` or the layout of a tensor without plain strided data
+    (which the readers' checks cannot read as numbers); ``None`` for a plain one."""
+    return ("quantized" if value.is_quantized else "meta" if value.is_meta
+            else None if value.layout == torch.strided else str(value.layout))
+
+
 def to_tensor(value: Any, path: Path, what: str, literals: bool = False) -> torch.Tensor:
     """A number array (tensor, ndarray, nested list) as a tensor, or a FormatError.
     ``literals``: the JSON text held a ``true``/``false`` (scan ``value`` for one)."""
     if isinstance(value, torch.Tensor):
-        kind = ("quantized" if value.is_quantized else "meta" if value.is_meta
-                else None if value.layout == torch.strided else str(value.layout))
+        kind = unplain_kind(value)
         if kind is not None:
             raise FormatError(path, f"{what} is a {kind} tensor; expected a plain tensor of "
                                     "numbers")

@@ -29,6 +29,7 @@ import torch
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology
 from eplb.core.trace import model_layer_ids
+from eplb.formats._counts import unplain_kind
 from eplb.formats._expand import check_expansion
 from eplb.formats.detect import _load_pt, sniff_container
 from eplb.formats.errors import FormatError, json_value_error, shown
@@ -145,10 +146,8 @@ def _refuse_tensors_without_data(path: Path, doc: Any) -> None:
     if isinstance(doc.get("topology"), dict):
         fields += [(f"topology.{k}", v) for k, v in doc["topology"].items()]
     for name, value in fields:
-        if isinstance(value, torch.Tensor) and (
-                value.is_meta or value.is_quantized or value.layout != torch.strided):
-            kind = ("meta" if value.is_meta else "quantized" if value.is_quantized
-                    else str(value.layout))
+        kind = unplain_kind(value) if isinstance(value, torch.Tensor) else None
+        if kind is not None:
             raise FormatError(path, f"{name} is a {kind} tensor; expected a plain tensor")
 
 
