@@ -417,6 +417,21 @@ def test_csv_row_labels_and_missing_cells(tmp_path):
         read_loads(missing)
 
 
+def test_pandas_column_labels_are_a_header_not_a_layer(tmp_path):
+    # pd.DataFrame(array).to_csv(index=False) writes "0,1,2,3" over the rows: it was read
+    # as a layer of loads 0, 1, 2, 3 (one layer too many, silently)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("0,1,2,3\n5,6,7,8\n9,10,11,12\n")
+    assert read_loads(labels).counts.tolist() == [[[5, 6, 7, 8], [9, 10, 11, 12]]]
+    # a first row of other numbers, or too short a table to tell, stays data
+    data = tmp_path / "data.csv"
+    data.write_text("0,1,2,4\n5,6,7,8\n")
+    assert read_loads(data).counts.tolist() == [[[0, 1, 2, 4], [5, 6, 7, 8]]]
+    pair = tmp_path / "pair.csv"
+    pair.write_text("0,1\n5,6\n")
+    assert read_loads(pair).counts.tolist() == [[[0, 1], [5, 6]]]
+
+
 @pytest.mark.parametrize("key", ["", [], [""], 5, 5.0, {"weight": 1}, b"weight"])
 def test_a_key_that_names_no_array_is_refused_by_name(tmp_path, key):
     # key=5 raised "TypeError: 'int' object is not iterable" from inside the reader

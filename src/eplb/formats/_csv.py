@@ -1,6 +1,7 @@
 """CSV load tables: one row per layer, one column per expert, an optional header (a first
 header cell ``layer``, or an empty one over row labels as pandas' ``to_csv`` writes its
-index, makes the first column the layer ids); ``#`` lines are comments."""
+index, makes the first column the layer ids; a first row ``0,1,2,…`` is the column labels
+pandas writes for an unnamed table); ``#`` lines are comments."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
     # a header names something: a word, or an empty first cell over a column of row
     # labels (pandas' to_csv writes its index so); a row of numbers with an empty cell
     # is a data row with a value missing, not a header to drop
-    if any(c and not _is_number(c) for c in first) or (len(first) > 1 and not first[0]):
+    if (any(c and not _is_number(c) for c in first) or (len(first) > 1 and not first[0])
+            or _column_labels(first, rows)):
         header, rows = first, rows[1:]
     layer_col = header is not None and (header[0].lower() in _LAYER_HEADERS or not header[0])
     if not rows:
@@ -65,6 +67,16 @@ def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
         ids = values[:, 0].tolist()  # whole numbers, checked by LoadTrace (3.7 is refused)
         values = values[:, 1:]
     return values, ids
+
+
+def _column_labels(first: list[str], rows: list[list[str]]) -> bool:
+    """Whether ``first`` is the header ``0,1,…,E−1`` that pandas' ``to_csv(index=False)``
+    writes over a table built from an array: read as data it would be a layer of its own
+    (loads 0, 1, …, E−1). Taken as a header where the table has three or more columns
+    and rows after it: real routed-token counts are not 0, 1, 2, … in expert order."""
+    if len(first) < 3 or len(rows) < 2:
+        return False
+    return first == [str(i) for i in range(len(first))]
 
 
 def _is_number(cell: str) -> bool:
