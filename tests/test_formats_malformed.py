@@ -320,3 +320,52 @@ def test_shared_parts_within_the_file_size_are_read(tmp_path) -> None:
         f"row: &r {row}\nnum_slots: 32\ninitial_global_assignments:\n"
         + "".join(f"  {i}: *r\n" for i in range(4)))
     assert read_placement(tmp_path / "p.yaml", num_gpus=8).num_layers == 4
+
+
+# --------------------------------------------------------------------------- repeated keys
+def _spaced(doc: str, size: int) -> str:
+    """``doc`` padded with blanks past ``size`` characters: read by the streaming parser
+    (files above 2 MiB) instead of ``json.loads``."""
+    return doc[:-1] + " " * size + doc[-1]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_json_key_given_twice_is_refused_by_name(tmp_path, streamed):
+    # Python's JSON keeps the last of equal keys silently: a file with two "logical_count"
+    # arrays (or two "load_history" lists, two placement maps) planned on the second alone
+    from eplb.formats._json import WHOLE_BYTES
+
+    pad = (lambda doc: _spaced(doc, WHOLE_BYTES + 1)) if streamed else (lambda doc: doc)
+    sglang = tmp_path / "sglang.json"
+    sglang.write_text(pad('{"logical_count": [[[1, 2], [3, 4]]], '
+                          '"logical_count": [[[5, 6], [7, 8]]]}'))
+    nested = tmp_path / "nested.json"
+    nested.write_text(pad('{"model": {"counts": [[1, 2]], "counts": [[3, 4]]}}'))
+    history = tmp_path / "history.json"
+    entry = '{"logical_expert_load": [[1, 2]], "logical_expert_load": [[3, 4]]}'
+    history.write_text(pad('{"load_history": [' + entry + "]}"))
+    twice = tmp_path / "twice.json"
+    twice.write_text(pad('{"load_history": [{"logical_expert_load": [[1, 2]]}], '
+                         '"load_history": [{"logical_expert_load": [[3, 4]]}]}'))
+    for path, key in ((sglang, "logical_count"), (nested, "counts"),
+                      (history, "logical_expert_load"), (twice, "load_history")):
+        with pytest.raises(FormatError, match=f"gives key '{key}' twice in one JSON object"):
+            read_loads(path)
+
+
+def test_a_placement_key_given_twice_is_refused_by_name(tmp_path):
+    import eplb
+    from eplb.formats import read_placement, write_placement
+
+    placement = eplb.plan(torch.rand(2, 8), 8, 4)
+    doc = write_placement(placement, tmp_path / "p.json")
+    text = doc.read_text()
+    doc.write_text(text[:-1].rstrip().rstrip("}") + ', "phy2log": [[0, 1, 2, 3, 4, 5, 6, 7]]}')
+    with pytest.raises(FormatError, match="gives key 'phy2log' twice in one JSON object"):
+        read_placement(doc)
+    yaml_path = write_placement(placement, tmp_path / "p.trtllm.yaml")
+    lines = yaml_path.read_text().splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("  1:"))
+    yaml_path.write_text("\n".join([*lines, lines[row].replace("  1:", "  0:")]) + "\n")
+    with pytest.raises(FormatError, match="gives key '0' twice in one YAML object"):
+        read_placement(yaml_path)

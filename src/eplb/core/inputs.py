@@ -47,6 +47,26 @@ def refuse_byte_strings(value: object, name: str) -> None:
                         "reads a binary buffer)")
 
 
+class RepeatedKeyError(ValueError):
+    """A JSON object gives one key twice (the key in ``key``)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"key {key!r} is given twice")
+        self.key = key
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """``object_pairs_hook`` for ``json.loads``: the object as a dict, or
+    :class:`RepeatedKeyError` for a key given twice. Python's JSON keeps the last of equal
+    keys silently, so ``{"counts": A, …, "counts": B}`` was read as B alone."""
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise RepeatedKeyError(key)
+        out[key] = value
+    return out
+
+
 #: what a JSON value that is not a number or a list is called in a message
 _NOT_NUMBERS = {dict: "an object", str: "text", bytes: "bytes", type(None): "null",
                 bool: "a boolean", np.bool_: "a boolean"}

@@ -25,10 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from eplb.core.inputs import RepeatedKeyError, unique_keys
 from eplb.formats._arrays import ID_FIELDS
 from eplb.formats._expand import MAX_UNPACKED_VALUES
 from eplb.formats._files import require_regular_file
-from eplb.formats.errors import FormatError, json_value_error
+from eplb.formats.errors import FormatError, json_value_error, repeated_key
 from eplb.formats.history import JsonStream, ValueTooLong
 
 #: Files up to this size are parsed whole (they hold at most 2**20 numbers: each takes
@@ -78,7 +79,10 @@ def _parse_whole(path: Path) -> tuple[Any, bool]:
     try:
         with open(path, encoding="utf-8-sig") as handle:
             text = handle.read()
-        return json.loads(text), "true" in text or "false" in text
+        return (json.loads(text, object_pairs_hook=unique_keys),
+                "true" in text or "false" in text)
+    except RepeatedKeyError as exc:
+        raise FormatError(path, repeated_key(exc.key)) from None
     except json.JSONDecodeError as exc:
         raise FormatError(path, f"malformed JSON: {exc}") from None
     except UnicodeDecodeError as exc:
@@ -175,9 +179,11 @@ class _Streamed:
             key = self._kept(f"a key in {where}")
             if not isinstance(key, str):
                 raise _Fallback(f"{where} has a key that is not a string")
+            if key in out:
+                raise FormatError(self.path, repeated_key(key))
             stream.expect(":", f"after key {key!r}")
             # layer ids are checked as the lists they are (a few thousand numbers at most)
-            out[key] = (self._kept(repr(key)) if key in ID_FIELDS  # last of equal keys wins
+            out[key] = (self._kept(repr(key)) if key in ID_FIELDS
                         else self._value(depth + 1, repr(key)))
             if stream.expect(",}", f"after the value of {key!r}") == "}":
                 return out

@@ -27,6 +27,14 @@ def json_value_error(exc: ValueError) -> str:
     return f"malformed JSON: {text}"
 
 
+def repeated_key(key: str, language: str = "JSON") -> str:
+    """Words for a ``language`` mapping that gives ``key`` twice (:class:`eplb.core.inputs.
+    RepeatedKeyError`): JSON and YAML readers keep the last silently, so which one was
+    meant is the user's call."""
+    return (f"gives key {shown(key)} twice in one {language} object (a {language} reader "
+            f"keeps only the last, silently): remove the one that is not meant")
+
+
 def _short_repr() -> reprlib.Repr:
     short = reprlib.Repr()
     short.maxlevel, short.maxlist, short.maxtuple, short.maxdict = 3, 6, 6, 6

@@ -19,9 +19,10 @@ from typing import IO, Any
 
 import numpy as np
 
+from eplb.core.inputs import RepeatedKeyError, unique_keys
 from eplb.formats._counts import number_array
 from eplb.formats._files import byte_progress
-from eplb.formats.errors import FormatError, json_value_error
+from eplb.formats.errors import FormatError, json_value_error, repeated_key
 
 _CHUNK = 8 << 20
 _WS = re.compile(r"[ \t\r\n]*")
@@ -39,7 +40,7 @@ class JsonStream:
         self.path = path
         self.advance = advance
         self.decoder = codecs.getincrementaldecoder("utf-8-sig")()
-        self.json = json.JSONDecoder()
+        self.json = json.JSONDecoder(object_pairs_hook=unique_keys)
         self.buf = ""
         self.pos = 0
         self.offset = 0  # characters dropped from the front of buf so far
@@ -89,6 +90,8 @@ class JsonStream:
                 obj, end = self.json.raw_decode(self.buf, self.pos)
             except RecursionError:
                 raise FormatError(self.path, f"JSON {where} is nested too deeply") from None
+            except RepeatedKeyError as exc:
+                raise FormatError(self.path, f"{where}: {repeated_key(exc.key)}") from None
             except json.JSONDecodeError as exc:
                 if not self.eof:
                     self._more(where, max_chars)
@@ -123,6 +126,7 @@ def read_vllm_history(path: Path, progress: bool = False) -> tuple[np.ndarray, d
     out: np.ndarray | None = None
     num_steps = 0
     seen_history = False
+    keys: set[str] = set()  # the top-level keys so far
     with open(path, "rb") as handle, byte_progress(progress, size, f"reading {path.name}") as adv:
         stream = JsonStream(handle, path, adv)
         stream.expect("{", "at the start of a vLLM load-history file")
@@ -135,6 +139,9 @@ def read_vllm_history(path: Path, progress: bool = False) -> tuple[np.ndarray, d
                     raise FormatError(
                         path, f"expected a string key at the top level, found {key!r}"
                     )
+                if key in keys:
+                    raise FormatError(path, repeated_key(key))
+                keys.add(key)
                 stream.expect(":", f"after key {key!r}")
                 if key == "load_history":
                     seen_history = True

@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 
+from eplb.core.inputs import RepeatedKeyError, unique_keys
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology
 from eplb.core.trace import model_layer_ids
 from eplb.formats._counts import unplain_kind
 from eplb.formats._expand import check_expansion
 from eplb.formats.detect import _load_pt, sniff_container
-from eplb.formats.errors import FormatError, json_value_error, shown
+from eplb.formats.errors import FormatError, json_value_error, repeated_key, shown
 from eplb.formats.routing import MAX_EXPERTS
 
 #: Tag in eplb's own placement files, and its version.
@@ -153,7 +154,9 @@ def _refuse_tensors_without_data(path: Path, doc: Any) -> None:
 
 def _load_json_doc(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        return json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
+    except RepeatedKeyError as exc:
+        raise FormatError(path, repeated_key(exc.key)) from None
     except RecursionError:
         raise FormatError(path, "JSON nested too deeply to be a placement") from None
     except UnicodeDecodeError as exc:
@@ -309,6 +312,32 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
     return placement, meta
 
 
+def _unique_key_loader() -> type:
+    """PyYAML's safe loader, refusing a mapping that gives one key twice
+    (:class:`eplb.core.inputs.RepeatedKeyError`): like JSON, YAML keeps the last silently,
+    so a layer listed twice in ``initial_global_assignments`` took its second map."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            if isinstance(node, yaml.MappingNode):
+                seen = set()
+                for key_node, _ in node.value:
+                    if key_node.tag == "tag:yaml.org,2002:merge":
+                        continue  # "<<: *defaults" may be overridden: that is its point
+                    key = self.construct_object(key_node, deep=True)
+                    try:
+                        repeated = key in seen
+                    except TypeError:  # unhashable: the base loader names it
+                        continue
+                    if repeated:
+                        raise RepeatedKeyError(str(key))
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeyLoader
+
+
 def _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy):
     import yaml
 
@@ -317,7 +346,9 @@ def _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy
     except UnicodeDecodeError as exc:
         raise FormatError(path, f"is not UTF-8 text: {exc}") from None
     try:
-        doc = yaml.safe_load(text)
+        doc = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader subclass
+    except RepeatedKeyError as exc:
+        raise FormatError(path, repeated_key(exc.key, "YAML")) from None
     except yaml.YAMLError as exc:
         raise FormatError(path, f"malformed YAML: {exc}") from None
     except ValueError as exc:  # an integer of more than 4300 digits (Python's limit)

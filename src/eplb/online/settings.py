@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from eplb.core.inputs import as_gpu_speed, as_live_mask, as_routing, as_seed
+from eplb.core.inputs import (
+    RepeatedKeyError,
+    as_gpu_speed,
+    as_live_mask,
+    as_routing,
+    as_seed,
+    unique_keys,
+)
 from eplb.core.options import IncrementalOptions
 from eplb.core.planner import as_slack, check_dispatch_options, resolve_options
 from eplb.core.policies import POLICY_NAMES
@@ -30,21 +37,6 @@ SCORE_OPTIONS = ("move_price", "drift", "group_share")
 INCREMENTAL_OPTIONS = frozenset({"max_moves", "skip_threshold", *SCORE_OPTIONS})
 
 
-class _RepeatedKey(ValueError):
-    """A key given twice in an options object (its name in ``args[0]``)."""
-
-
-def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads`` hook: a key given twice is refused (json keeps the last silently, so
-    ``{"max_moves": 100, ..., "max_moves": 0}`` would not do what the first one says)."""
-    options: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in options:
-            raise _RepeatedKey(key)
-        options[key] = value
-    return options
-
-
 def options_from_json(name: str, raw: str) -> dict[str, Any]:
     """The JSON object in setting ``name`` (an environment variable), ``{}`` when blank;
     ``ValueError`` naming the setting otherwise (also for a key given twice)."""
@@ -52,9 +44,9 @@ def options_from_json(name: str, raw: str) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        options = json.loads(raw, object_pairs_hook=_refuse_repeated_keys)
-    except _RepeatedKey as exc:
-        raise ValueError(f"{name} gives option {exc.args[0]!r} twice: {raw!r}") from None
+        options = json.loads(raw, object_pairs_hook=unique_keys)
+    except RepeatedKeyError as exc:
+        raise ValueError(f"{name} gives option {exc.key!r} twice: {raw!r}") from None
     except ValueError as exc:
         raise ValueError(f"{name} is not valid JSON ({exc}): {raw!r}") from None
     if not isinstance(options, dict):
