@@ -113,6 +113,9 @@ def test_dead_gpus_name_the_live_topology_for_an_engine_and_refuse_repeats(capsy
     for empty in ("", ",,"):  # given, but naming nothing: not silently "none dead"
         code, _, err = run(capsys, *base, "--dead-gpus", empty, "-o", str(tmp_path / "a.json"))
         assert code == 2 and "names no GPU" in err
+    for slip in ("1,", "1,,2", ",1"):  # a number left out: not for eplb to guess which
+        code, _, err = run(capsys, *base, "--dead-gpus", slip, "-o", str(tmp_path / "a.json"))
+        assert code == 2 and "has an empty item" in err, err
     code, _, err = run(capsys, *base, "--dead-gpus", "1", "-o", str(tmp_path / "b.yaml"))
     assert code == 2 and "-g 3 -r 18, 6 slots per GPU" in err, err  # 16 experts on 3 GPUs
     assert run(capsys, "plan", str(loads), "-r", "18", "-g", "3", "-o",

@@ -223,8 +223,14 @@ def check_topology(num_replicas: int, num_gpus: int, num_nodes: int, num_groups:
 
 
 def parse_int_list(text: str, what: str) -> list[int]:
+    """``"3, 17"`` -> ``[3, 17]``. An empty item (``3,``, ``3,,17``) is refused: a number
+    left out by a slip, most likely, and which one is not for eplb to guess."""
+    items = text.replace(" ", "").split(",")
+    if "" in items:
+        raise CliError(f"{what} {text!r} has an empty item: give comma-separated integers "
+                       "like 3,17")
     try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
+        return [int(x) for x in items]
     except ValueError:
         raise CliError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
 
