@@ -470,3 +470,15 @@ def test_a_topology_that_is_not_eplbs_mapping_is_named_without_python_internals(
                        r"num_replicas, num_gpus, num_nodes, num_groups") as info:
         read_placement(path)
     assert "argument" not in str(info.value)
+
+
+def test_read_placement_refuses_a_gpu_count_the_file_contradicts(tmp_path):
+    # a file that records its cluster was read on it whatever num_gpus said: asked for 2
+    # GPUs, the caller got a placement on 4 without a word
+    placement = eplb.plan(torch.rand(2, 8), 8, 4)
+    for name in ("p.json", "p.pt", "p.trtllm.yaml"):
+        path = write_placement(placement, tmp_path / name)
+        assert read_placement(path, num_gpus=4).topology.num_gpus == 4
+        assert read_placement(path).topology.num_gpus == 4
+        with pytest.raises(ValueError, match="records 4 GPUs; num_gpus=2 contradicts it"):
+            read_placement(path, num_gpus=2)

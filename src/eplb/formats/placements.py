@@ -57,8 +57,9 @@ def read_placement(
     """Read a placement written by :func:`write_placement` (any emit) or by hand for an engine.
 
     eplb's JSON/.pt carry their topology, and TensorRT-LLM YAML written by eplb carries it
-    in a comment: a recorded cluster wins over the arguments. A plain engine file
-    (SGLang JSON, foreign YAML) needs ``num_gpus=`` (and
+    in a comment: a recorded cluster wins over ``num_nodes``/``num_groups``, and a
+    ``num_gpus`` that contradicts it is refused (its slots would be other GPUs'). A plain
+    engine file (SGLang JSON, foreign YAML) needs ``num_gpus=`` (and
     ``num_nodes``/``num_groups`` for hierarchical checks). ``num_experts`` defaults to the
     largest expert id + 1 (every expert holds a slot). ``policy`` defaults to the
     file's, else ``"global"``. The result is validated (``anti_affinity=False``).
@@ -66,9 +67,9 @@ def read_placement(
     Raises:
         FormatError: malformed file, unknown content, or a placement that breaks the
             contract (the message names the file and the violation).
-        ValueError: ``num_gpus`` is needed and missing.
+        ValueError: ``num_gpus`` is needed and missing, or contradicts the file's.
     """
-    placement, _meta = read_placement_meta(
+    placement, meta = read_placement_meta(
         path,
         num_gpus=num_gpus,
         num_nodes=num_nodes,
@@ -76,6 +77,13 @@ def read_placement(
         num_experts=num_experts,
         policy=policy,
     )
+    recorded = placement.topology.num_gpus
+    if num_gpus is not None and "topology" in meta and num_gpus != recorded:
+        # read on the file's cluster, the caller's count was silently ignored: a caller
+        # reading GPU g's slots as slots g·S.. of num_gpus GPUs would read other GPUs'
+        raise ValueError(f"{path}: the placement records {recorded} GPUs; num_gpus={num_gpus} "
+                         f"contradicts it (leave num_gpus out for a file that records its "
+                         f"cluster)")
     return placement
 
 
@@ -95,7 +103,9 @@ def read_placement_meta(
     the recorded balancedness and versions.
 
     A file that records its cluster is read on it: ``num_gpus``, ``num_nodes`` and
-    ``num_groups`` describe files that do not."""
+    ``num_groups`` describe files that do not. Unlike :func:`read_placement`, a
+    contradicting ``num_gpus`` is not refused here: the caller compares ``topology`` with
+    what it asked for (the CLI does, to name its own flags)."""
     path = Path(path)
     kind = sniff_container(path)
     if kind == "json":
