@@ -619,3 +619,15 @@ def test_dash_or_nothing_as_output_is_refused_not_a_file(capsys, tmp_path, loads
     assert err.startswith("eplb: error: ") and "-o" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert sorted(tmp_path.iterdir()) == before
+
+
+def test_plan_names_a_missing_input_before_an_existing_output(capsys, tmp_path, loads):
+    # with both mistakes, plan asked for --force first: given it, the run then failed on
+    # the input anyway
+    out = tmp_path / "exists.json"
+    out.write_text("{}")
+    code, err = plan(capsys, tmp_path / "missing.npy", out)
+    assert code == 2 and "loads file" in err and "missing.npy' not found" in err, err
+    code, err = plan(capsys, loads, out, "--previous", str(tmp_path / "gone.json"))
+    assert code == 2 and "previous placement" in err and "gone.json' not found" in err, err
+    assert out.read_text() == "{}"

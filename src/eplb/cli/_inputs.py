@@ -50,6 +50,15 @@ def add_input_options(p: argparse.ArgumentParser, what: str = "LOADS") -> None:
                         "(default: the largest expert id + 1)")
 
 
+def require_loads_files(names: list[str]) -> None:
+    """A clear error for a loads file that is not there (a dangling link is left to the
+    reader, which names it as such)."""
+    for name in names:
+        path = Path(name)
+        if not path.exists() and not path.is_symlink():
+            raise CliError(f"loads file {name!r} not found")
+
+
 def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress: bool = False
                ) -> LoadTrace:
     """Read ``paths`` with the reading options in ``args``; several files are concatenated
@@ -61,11 +70,10 @@ def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress
         raise CliError(f"--num-experts must be >= 1, got {args.num_experts}")
     key = getattr(args, "key", None)
     keys = None if key is None else [k.strip() for k in key.split(",") if k.strip()]
+    require_loads_files(names)
     traces = []
     for name in names:
         path = Path(name)
-        if not path.exists() and not path.is_symlink():
-            raise CliError(f"loads file {name!r} not found")
         traces.append(read_loads(
             path, format=getattr(args, "format", None), progress=progress,
             key=None if keys is None else (keys[0] if len(keys) == 1 else keys),

@@ -27,6 +27,7 @@ from eplb.cli._inputs import (
     cli_policy,
     infer_emit,
     read_trace,
+    require_loads_files,
     warn,
     warn_if_no_load,
     warn_revived,
@@ -95,6 +96,11 @@ def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads:
 
 def cmd_plan(args: argparse.Namespace) -> int:
 
+    # the inputs first: a missing loads file is the mistake to hear about, not an output
+    # that a --force would have cleared before the run then failed anyway
+    require_loads_files(args.loads)
+    if args.previous:
+        existing_file(args.previous, "previous placement")
     out = check_output(args.output, args.force)
     refuse_input_as_output(out, [*(("the loads file", path) for path in args.loads),
                                  ("--gpu-speed", args.gpu_speed), ("--routing", args.routing)])
