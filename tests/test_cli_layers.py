@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from test_cli import E, L, P, R, run, small_loads_file
 
 
@@ -404,3 +405,23 @@ def test_sglang_output_names_model_layers_between_rows_that_get_the_trivial_map(
     code, _, err = run(capsys, "plan", str(bare), "-r", str(R), "-g", str(P),
                        "--first-layer", "3", "-o", str(tmp_path / "c.sglang.json"))
     assert code == 0 and "trivial map" not in err
+
+
+def test_trtllm_output_names_model_layers_between_rows_it_has_no_map_for(capsys,
+                                                                         tmp_path) -> None:
+    """TensorRT-LLM raises KeyError at start-up for a MoE layer missing from
+    initial_global_assignments: a file from loads that name layers 0, 7, 15 lacks 1..6 and
+    8..14, which is said. Contiguous rows (DeepSeek-V3's 3..60) are silent."""
+    gen = np.random.default_rng(6)
+    counts = (np.exp(gen.normal(0, 1, size=(3, E))) * 100).round().tolist()
+    sparse = tmp_path / "counts.json"
+    sparse.write_text(json.dumps({"counts": counts, "layers": [0, 7, 15]}))
+    code, _, err = run(capsys, "plan", str(sparse), "-r", str(R), "-g", str(P),
+                       "-o", str(tmp_path / "a.yaml"))
+    assert code == 0 and "layers 1..6, 8..14" in err and "KeyError" in err, err
+    doc = yaml.safe_load((tmp_path / "a.yaml").read_text())
+    assert sorted(doc["initial_global_assignments"]) == [0, 7, 15]
+    bare = small_loads_file(tmp_path)
+    code, _, err = run(capsys, "plan", str(bare), "-r", str(R), "-g", str(P),
+                       "--first-layer", "3", "-o", str(tmp_path / "c.yaml"))
+    assert code == 0 and "KeyError" not in err, err
