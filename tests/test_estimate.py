@@ -179,6 +179,26 @@ def test_window_must_be_positive() -> None:
         WindowSum().estimate(_history(), window=0)
 
 
+@pytest.mark.parametrize("wrap", [np.int64, np.int32, lambda v: torch.tensor(v)])
+def test_estimator_knobs_take_numpy_and_tensor_numbers(wrap) -> None:
+    # the planner's knobs took NumPy integers; the estimators' refused them ("must be an
+    # integer >= 1, got np.int64(4)"), and a window of np.int64(6) likewise
+    history = _history()
+    pairs = [(RobustMean(z=wrap(1), num_chunks=wrap(4)), RobustMean(z=1.0, num_chunks=4)),
+             (MultiWindow(num_windows=wrap(3), num_spans=wrap(2)), MultiWindow(3, 2)),
+             (AdaptiveAverage(memory=wrap(2), folds=wrap(2)), AdaptiveAverage(memory=2, folds=2)),
+             (ExponentialAverage(wrap(3)), ExponentialAverage(3.0))]
+    for given_, plain in pairs:
+        assert given_ == plain and given_.spec == plain.spec  # stored as plain numbers
+        assert torch.equal(given_.estimate(history, wrap(6)).weight,
+                           plain.estimate(history, 6).weight)
+    for bad in (True, np.bool_(True), 1.5, "4", 0):
+        with pytest.raises(ValueError, match="robust sub-window count must be an integer"):
+            RobustMean(num_chunks=bad)
+    with pytest.raises(ValueError, match="ema half-life must be a number"):
+        ExponentialAverage(complex(1, 1))
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     steps=st.integers(1, 12),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from eplb.core.topology import int_at_least, is_name
+from eplb.core.topology import int_at_least, is_name, real_number
 
 #: divisor shifts δ of the default replication portfolio (w / (c + δ)); 0 is Jefferson
 DEFAULT_SHIFTS: tuple[float, ...] = (0.0, -0.25, -0.5, -0.75)
@@ -261,10 +261,9 @@ class IncrementalOptions:
             value = getattr(self, name)
             if isinstance(value, bool):
                 raise ValueError(f"{name} must be a number, got {value!r}")
-            scalar_tensor = (isinstance(value, torch.Tensor) and value.dim() == 0
-                             and value.dtype != torch.bool and not value.is_complex())
-            if isinstance(value, numbers.Real | np.floating) or scalar_tensor:
-                object.__setattr__(self, name, float(value))
+            number = real_number(value)
+            if number is not None:
+                object.__setattr__(self, name, number)
         if not (isinstance(self.drift, (int, float)) and 0 <= self.drift <= 2):
             raise ValueError(f"drift must be a number in [0, 2], got {self.drift!r}")
         if not (isinstance(self.group_share, (int, float)) and 0 <= self.group_share <= 1):

@@ -16,6 +16,7 @@ Glossary (used throughout eplb):
 
 from __future__ import annotations
 
+import numbers
 import operator
 import reprlib  # a wrong value may be a huge list: quote it short
 from collections.abc import Sequence
@@ -51,6 +52,20 @@ def _int_at_least(name: str, value: object, minimum: int, what: str) -> int:
     if number < minimum:
         raise ValueError(f"{name} must be {what}, got {number}")
     return number
+
+
+def real_number(value: object) -> float | None:
+    """``value`` as a float if it is a real number of any type (Python, NumPy, a 0-d
+    real tensor), else ``None``: booleans, complex numbers, text and arrays are not
+    knob values. Stored as float, a record stays hashable and prints plainly."""
+    kind = str(getattr(value, "dtype", ""))
+    if isinstance(value, bool) or "bool" in kind or "complex" in kind:
+        return None
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if getattr(value, "shape", None) == () and hasattr(value, "dim"):  # a 0-d tensor
+        return float(value)
+    return None
 
 
 def is_name(value: object, names: Sequence[str]) -> bool:

@@ -46,7 +46,7 @@ import torch
 
 from eplb.core.inputs import as_counts
 from eplb.core.placement import Placement
-from eplb.core.topology import is_name
+from eplb.core.topology import int_at_least, is_name, real_number
 from eplb.core.trace import LoadTrace
 
 MAX_HALF_LIFE = 1e9  # steps: longer is a plain sum, and overflows the decay weights
@@ -108,8 +108,7 @@ class Estimator(ABC):
 def _window(history: torch.Tensor, window: int | None) -> int:
     if window is None:
         return history.shape[0]
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive integer number of steps, got {window!r}")
+    window = int_at_least("window (steps)", window, 1)
     # a history shorter than the window (right after start-up) is all there is
     return min(window, history.shape[0])
 
@@ -161,11 +160,11 @@ class ExponentialAverage(Estimator):
     name: ClassVar[str] = "ema"
 
     def __post_init__(self) -> None:
-        if isinstance(self.half_life, bool) or not (
-            isinstance(self.half_life, (int, float)) and 0 < self.half_life <= MAX_HALF_LIFE
-        ):
+        half_life = real_number(self.half_life)
+        if half_life is None or not 0 < half_life <= MAX_HALF_LIFE:
             raise ValueError(f"ema half-life must be a number of steps in (0, "
                              f"{MAX_HALF_LIFE:g}], got {self.half_life!r}")
+        object.__setattr__(self, "half_life", half_life)
 
     @property
     def spec(self) -> str:
@@ -204,15 +203,13 @@ class RobustMean(Estimator):
     name: ClassVar[str] = "robust"
 
     def __post_init__(self) -> None:
-        if isinstance(self.z, bool) or not (
-            isinstance(self.z, (int, float)) and abs(self.z) <= MAX_ROBUST_Z
-        ):
+        z = real_number(self.z)
+        if z is None or not abs(z) <= MAX_ROBUST_Z:
             raise ValueError(f"robust z must be a number in [-{MAX_ROBUST_Z:g}, "
                              f"{MAX_ROBUST_Z:g}] (standard deviations), got {self.z!r}")
-        if isinstance(self.num_chunks, bool) or not isinstance(self.num_chunks, int) or \
-                self.num_chunks < 1:
-            raise ValueError(f"robust sub-window count must be an integer >= 1, "
-                             f"got {self.num_chunks!r}")
+        object.__setattr__(self, "z", z)
+        object.__setattr__(self, "num_chunks",
+                           int_at_least("robust sub-window count", self.num_chunks, 1))
 
     @property
     def spec(self) -> str:
@@ -247,9 +244,8 @@ class MultiWindow(Estimator):
 
     def __post_init__(self) -> None:
         for field_name in ("num_windows", "num_spans"):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"multi {field_name} must be an integer >= 1, got {value!r}")
+            object.__setattr__(self, field_name, int_at_least(
+                f"multi {field_name}", getattr(self, field_name), 1))
         if not is_name(self.reduce, ("mean", "max")):
             raise ValueError(f"multi reduce must be 'mean' or 'max', got {self.reduce!r}")
 
@@ -300,10 +296,8 @@ class AdaptiveAverage(Estimator):
         if not self.half_lives or any(not (h > 0 and math.isfinite(h)) for h in self.half_lives):
             raise ValueError(f"auto half-lives must be finite numbers > 0, got {self.half_lives}")
         for field_name in ("memory", "folds"):
-            value = getattr(self, field_name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"auto {field_name} must be an integer >= 1 (windows), "
-                                 f"got {value!r}")
+            object.__setattr__(self, field_name, int_at_least(
+                f"auto {field_name} (windows)", getattr(self, field_name), 1))
 
     @property
     def spec(self) -> str:
