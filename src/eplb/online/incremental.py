@@ -148,26 +148,33 @@ def _forced(
 def _refine_rows(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
     budgeted: bool,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray, dict]:
     """``[C, L, R]`` warm-start candidates of global layers ``base`` (candidate 0 is
-    ``base``) with a per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``).
-    ``budgeted`` adds the transfer-only candidates, which only a small budget picks:
-    without one, none of them was chosen in 2784 steady-state layer plans (BENCHMARKS.md
-    §3 protocol)."""
+    ``base``) with a per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``),
+    ``[L]`` the replica transfers, and the candidates' replica counts as
+    :func:`eplb.online.moves.expected_peak` takes them (``counts``, ``block``; empty when
+    not known). ``budgeted`` adds the transfer-only candidates, which only a small budget
+    picks: without one, none of them was chosen in 2784 steady-state layer plans
+    (BENCHMARKS.md §3 protocol)."""
     topo = request.topology
     packing = request.options.packing
     steps = request.options.incremental.steps
-    if request.active_gpus is None:
-        return moves.warm_ladder(weight, base, topo.num_gpus, quota, steps, packing,
-                                 budgeted)[:2]
-    # dead GPUs: refine the live GPUs' slots only
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     num_live = int(request.live.sum())
-    inner, transfers, _ = moves.warm_ladder(weight, base[:, live_slot], num_live, quota,
-                                            steps, packing, budgeted)
+    live_base = base if request.active_gpus is None else base[:, live_slot]
+    # the forced moves spread every stacked replica (moves.fill_and_spread)
+    inner, transfers, counts = moves.warm_ladder(weight, live_base, num_live, quota, steps,
+                                                 packing, budgeted, spread=True)
+    known = {}
+    if not budgeted:  # the base's counts, then the swap steps' (swaps keep them)
+        known = {"counts": np.stack([moves.counts_of(base, weight.shape[1]), counts]),
+                 "block": np.minimum(np.arange(inner.shape[0]), 1)}
+    if request.active_gpus is None:
+        return inner, transfers, known
+    # dead GPUs: the live GPUs' slots were refined
     out = np.repeat(base[None], inner.shape[0], 0)
     out[:, :, live_slot] = inner
-    return out, transfers
+    return out, transfers, known
 
 
 def _choose(
@@ -282,10 +289,10 @@ def plan_incremental(
 
     units = moves.units_of(weight)  # [L, E] integer loads, as every score takes them
 
-    def score(chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def score(chosen: np.ndarray, **known) -> tuple[np.ndarray, np.ndarray]:
         return moves.expected_peak(weight, chosen, num_live, options.drift,
                                    groups=topo.num_groups, group_share=options.group_share,
-                                   units=units)
+                                   units=units, **known)
 
     if request.policy == "hierarchical":
         # node ladders, and warm regroups where the best group→node assignment differs
@@ -293,9 +300,9 @@ def plan_incremental(
                                       node_of_group, units)
         peak, now, cost, take = scored.peak, scored.now, scored.cost, scored.take
     else:
-        candidates, transfers = _refine_rows(weight, base, request, layer_quota,
-                                             max_moves is not None)
-        peak, now = score(_live_only(candidates, live_gpus, topo))
+        candidates, transfers, known = _refine_rows(weight, base, request, layer_quota,
+                                                    max_moves is not None)
+        peak, now = score(_live_only(candidates, live_gpus, topo), **known)
         # a fresh plan, relabelled onto the old GPUs, for the layers whose ladder:
         # - still gains a move price over its last 1/16 of the slots (the last step at
         #   the default quota; at least one step): its reach ran out;

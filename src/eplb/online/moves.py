@@ -191,7 +191,7 @@ def apply_transfers(
     num_gpus: int,
     counts: np.ndarray,
     record: tuple[float, ...] = (),
-) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
     """``phy2log [B, R]`` (replica counts ``counts [B, E]``) after the first ``upto [B]``
     transfers of each row, and the placements after the prefixes ``record`` (fractions
     of ``upto``).
@@ -201,8 +201,10 @@ def apply_transfers(
     expert), and that GPU's load is updated before the next transfer.
 
     Returns:
-        ``(placement [B, R], snapshots, counts [B, E])``: a copy, the prefixes'
-        placements, and its replica counts.
+        ``(placement [B, R], snapshots, counts [B, E], stuck [B])``: a copy, the
+        prefixes' placements, its replica counts, and the rows where a transfer found
+        every donor replica on a GPU holding the receiver (the only rows the transfers
+        may have left with two replicas of an expert on one GPU).
     """
     out = phy2log.copy()
     rows, num_slots = out.shape
@@ -218,6 +220,7 @@ def apply_transfers(
     ids = np.ascontiguousarray(grid.transpose(0, 2, 1), narrow)
     marks = [np.ceil(f * upto).astype(np.int64) for f in record]  # per row
     snapshots = [out.copy() for _ in record]
+    stuck_rows = np.zeros(rows, bool)
     for t in range(int(upto.max(initial=0))):
         for mark, snap in zip(marks, snapshots, strict=True):
             at = mark == t  # rows whose prefix ends here
@@ -238,6 +241,7 @@ def apply_transfers(
         each = np.arange(len(b))
         stuck = ~allowed[each, gpu]
         gpu = np.where(stuck, np.argmax(holds_donor, 1), gpu)
+        stuck_rows[b] |= stuck
         slot = np.argmax(is_donor[each, :, gpu], 1)
         loads[b, gpu] += weight[b, r] / (counts[b, r] + 1) - weight[b, d] / counts[b, d]
         counts[b, d] -= 1
@@ -247,7 +251,7 @@ def apply_transfers(
     for mark, snap in zip(marks, snapshots, strict=True):
         late = mark >= upto  # prefixes as long as the whole list: the final placement
         snap[late] = out[late]
-    return out, snapshots, counts.astype(np.int64)
+    return out, snapshots, counts.astype(np.int64), stuck_rows
 
 
 def warm_ladder(
@@ -258,6 +262,7 @@ def warm_ladder(
     steps: int,
     options: PackingOptions,
     transfers_only: bool = True,
+    spread: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Warm-start candidates of every row, from few moves to many, ``[B]`` the replica
     transfers each row's counts are from Jefferson's, and ``[B, E]`` the replica counts
@@ -274,6 +279,9 @@ def warm_ladder(
     Args:
         weight: ``[B, E]`` row loads (no all-zero row), float64.
         base: ``[B, R]`` valid placements of the rows (every slot filled).
+        spread: ``base`` holds no two replicas of an expert on one GPU where it need not
+            (:func:`stacked` is False on every row): only rows whose transfers stacked
+            replicas (or with an expert on more replicas than GPUs) are then scanned.
 
     Returns:
         ``([steps + 4, B, R], [B], [B, E])``: the candidates (``[steps + 1, B, R]``
@@ -287,7 +295,7 @@ def warm_ladder(
     donor, receiver, count = transfer_order(weight, base, counts, num_gpus)
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
-    start, prefixes, start_counts = apply_transfers(
+    start, prefixes, start_counts, stuck = apply_transfers(
         weight, base, donor, receiver, count, num_gpus, counts, record=record)
     only = np.empty((0, *base.shape), base.dtype)
     if transfers_only:  # cheap (one slot each); stacked replicas spread
@@ -305,6 +313,9 @@ def warm_ladder(
         quota=torch.from_numpy(quota),
         steps=steps,
         counts=torch.from_numpy(start_counts),
+        # (a start with more replicas of an expert than GPUs may stack them by right)
+        suspects=torch.from_numpy(np.nonzero(stuck | (counts.max(1) > num_gpus))[0])
+        if spread else None,
     ).numpy()
     return np.concatenate([base[None], only, path]), count, start_counts
 
@@ -326,6 +337,8 @@ def expected_peak(
     groups: int = 1,
     group_share: float = 0.0,
     units: np.ndarray | None = None,
+    counts: np.ndarray | None = None,
+    block: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(expected [C, B], now [C, B])``: the expected next-window max GPU load of every
     candidate ``[C, B, R]`` (``-1`` slots carry nothing), and its max GPU load on the
@@ -346,10 +359,13 @@ def expected_peak(
     row's largest expert) before they are summed, so every sum and square sum is of
     integers under 2**53 and independent of summation order; the rest is element-wise
     IEEE arithmetic (correctly rounded, hence identical on every machine) and a mean
-    taken in a fixed order. ``units``: :func:`units_of` ``(weight)``, when the caller has it.
+    taken in a fixed order. ``units``: :func:`units_of` ``(weight)``, when the caller has it;
+    ``counts`` and ``block``: the candidates' replica counts, when the caller knows them
+    (:func:`gpu_moments`).
     """
     units = units_of(weight) if units is None else units  # [B, E] integers
-    gpu, variance = gpu_moments(units, candidates, num_gpus, groups, group_share)
+    gpu, variance = gpu_moments(units, candidates, num_gpus, groups, group_share, counts,
+                                block)
     return peak_of(gpu, variance, units.sum(1), drift, draws)
 
 
@@ -360,6 +376,7 @@ def gpu_moments(
     groups: int = 1,
     group_share: float = 0.0,
     counts: np.ndarray | None = None,
+    block: np.ndarray | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """``(load [C, B, P], variance [C, B, P])`` of every GPU of the candidates
     ``[C, B, R]`` (``-1`` slots carry nothing) with integer expert loads ``units [B, E]``
@@ -372,15 +389,21 @@ def gpu_moments(
     (integer sums; the group squares are added in ascending group order, and other
     rows' groups only add zeros). ``counts [B, E]``: the replica counts every candidate
     of a row shares, when the caller knows them (a swap search's steps: see
-    :func:`warm_ladder`); else they are counted."""
+    :func:`warm_ladder`), or ``[K, B, E]`` of ``K`` sets of counts with ``block [C]`` the
+    set of each candidate (e.g. the placement in force and a ladder's steps); else they
+    are counted."""
     cands, rows, _ = candidates.shape
     num_experts = units.shape[1]
     # The large element-wise steps run in torch on the host (several times faster than
     # NumPy at these shapes), restricted to operations that are one correctly rounded
     # IEEE step whatever the instruction set: +, ×, ÷ of two tensors, floor, max.
     slots = torch.from_numpy(candidates)
-    # flat (candidate, row, expert) index of every slot: one bincount, one gather
-    offset = (torch.arange(cands * rows) * num_experts).view(cands, rows, 1)
+    if counts is not None and counts.ndim == 2:  # shared: every candidate reads set 0
+        counts, block = counts[None], np.zeros(cands, np.int64)
+    # flat (candidate or count set, row, expert) index of every slot: one gather (and
+    # one bincount when the counts are not given)
+    blocks = torch.arange(cands) if block is None else torch.from_numpy(block)
+    offset = ((blocks[:, None] * rows + torch.arange(rows)) * num_experts).view(cands, rows, 1)
     # NumPy's minimum settles "any empty slot?" ten times cheaper than torch's any()
     any_empty = bool(candidates.size) and int(candidates.min()) < 0
     empty = slots < 0 if any_empty else None
@@ -389,15 +412,11 @@ def gpu_moments(
         filled = index[~empty] if any_empty else index.flatten()
         counts = np.bincount(filled.numpy(), minlength=cands * rows * num_experts)
         counts = counts.reshape(cands, rows, num_experts)
-    else:
-        counts = counts[None]
-    counts = torch.from_numpy(counts.astype(np.float64))  # [C or 1, B, E]
+    counts = torch.from_numpy(counts.astype(np.float64))  # [C or K, B, E]
     if any_empty:  # empty slots read expert 0's share (then zeroed): it must be finite
         counts = counts.clamp(min=1)
     # an expert a candidate does not hold has no replica: its share (x / 0) is never read
-    per = torch.floor(torch.from_numpy(units) / counts)  # [C or 1, B, E] integers
-    if per.shape[0] != cands:  # shared counts: every candidate reads its row's shares
-        per = per.expand(cands, rows, num_experts)
+    per = torch.floor(torch.from_numpy(units) / counts)  # [C or K, B, E] integers
     load = per.reshape(-1).index_select(0, index.reshape(-1)).view(index.shape)
     if any_empty:
         load = load * ~empty
@@ -409,6 +428,9 @@ def gpu_moments(
     gpu, square = grid @ ones, (grid * grid) @ ones  # [C, B, P]
     variance = square.numpy()
     if groups > 1 and group_share > 0 and num_experts % groups == 0:
+        if block is not None:  # the groups' cells need each candidate's own index
+            index = index - offset + (torch.arange(cands * rows) * num_experts).view(
+                cands, rows, 1)
         together = _group_squares(load, index, num_experts, num_gpus, groups,
                                   exact=float(gpu.max()) < 2.0**26)
         variance = (1.0 - group_share) * variance + group_share * together

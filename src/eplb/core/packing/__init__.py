@@ -155,12 +155,14 @@ def _assignment_state(
     live: torch.Tensor,
     counts: torch.Tensor | None = None,
     all_live: bool = False,
+    suspects: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(state [2, S, L, P_live], live_ids)`` of a placement, loads in units of the row's
     mean slot load, stacked replicas already spread (moves no budget can refuse).
     ``counts [L, E]``: the placement's replica counts, when the caller has them.
     ``all_live``: the caller knows every GPU of ``live`` is live; the state's columns
-    are then the GPUs themselves and ``live_ids`` is ``None`` (no index built, no copy)."""
+    are then the GPUs themselves and ``live_ids`` is ``None`` (no index built, no copy).
+    ``suspects [n]``: the only rows (ascending) that may stack replicas, when known."""
     num_layers, num_slots = phy2log.shape
     num_gpus = live.shape[0]
     slots = num_slots // num_gpus
@@ -185,7 +187,7 @@ def _assignment_state(
                         device=phy2log.device)
     state[LOAD].copy_(load.permute(2, 0, 1))
     state[EXPERT].copy_(grid.permute(2, 0, 1))
-    return repair_conflicts(state, counts.amax(1) > num_live), live_ids
+    return repair_conflicts(state, counts.amax(1) > num_live, suspects), live_ids
 
 
 def _to_slots(
@@ -285,6 +287,7 @@ def refine_path(
     quota: torch.Tensor,
     steps: int,
     counts: torch.Tensor | None = None,
+    suspects: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The placements a budgeted refinement passes through, for choosing how far to go.
 
@@ -292,7 +295,8 @@ def refine_path(
     spread first), step ``k`` of the all-pairs search may change up to ``k · quota [L]``
     more slots than the start did (counted against ``origin [L, R]``), heaviest GPU pairs
     first. Rows with a zero quota only have stacked replicas spread. ``counts [L, E]``:
-    the start's replica counts, when the caller has them.
+    the start's replica counts, when the caller has them; ``suspects [n]``: the only rows
+    (ascending) of the start that may stack replicas, when the caller knows them.
 
     Returns:
         ``[steps, L, R]``: the placement after each step (a search that converged early
@@ -303,7 +307,8 @@ def refine_path(
         return phy2log.new_empty((0, num_layers, num_slots))
     slots = num_slots // num_gpus
     live = torch.ones(num_gpus, dtype=torch.bool, device=phy2log.device)
-    state, _ = _assignment_state(weight, phy2log, live, counts, all_live=True)
+    state, _ = _assignment_state(weight, phy2log, live, counts, all_live=True,
+                                 suspects=suspects)
     gpu = torch.arange(num_gpus, device=phy2log.device).expand(num_layers, -1)
     track = Tracking(gpu=gpu.to(torch.float32).contiguous())
     # every GPU in its own column: the origin's grid needs no selecting nor reordering

@@ -107,11 +107,16 @@ def refine(
     half = num_gpus // 2
     if half == 0:
         return state
-    expand = (2, slots, rows, num_gpus)
     pairings = _pairings(num_gpus, min(steps, 2 * half), state.device)
     speed = None if track is None else track.speed
     origin = None if track is None else track.origin
     spent = None if origin is None else _moves(state[EXPERT], origin)
+    if origin is not None:
+        # the origin rides along as a third channel: one permutation moves it with the
+        # slots, one gather reads it with the chosen items (swaps write channels 0–1 only)
+        state = torch.cat([state, origin[None]])
+    channels = state.shape[0]
+    expand = (channels, slots, rows, num_gpus)
     buffers: dict[str, torch.Tensor] = {}
     big = (slots, slots, rows, half)
     row_offset = row_offsets(rows, num_gpus, state.device)[:, None]
@@ -122,7 +127,7 @@ def refine(
         perm = pressure.argsort(dim=1).index_select(1, pairings[step % len(pairings)])
         # permute every row's GPUs: one flat index_select (cheaper than a 4-D gather)
         flat = (perm + row_offset).view(-1)
-        state = state.reshape(2 * slots, -1).index_select(1, flat).view(expand)
+        state = state.reshape(channels * slots, -1).index_select(1, flat).view(expand)
         pressure = pressure.gather(1, perm)
         gap = pressure[:, :half] - pressure[:, half : 2 * half]  # [rows, H]
         if track is not None:
@@ -133,8 +138,6 @@ def refine(
                 # Σ L²/s: a swap of δ gains δ·(gap − δ·h) with h = (1/s_u + 1/s_v) / 2
                 h = (1 / speed[:, :half] + 1 / speed[:, half : 2 * half]) / 2
                 gap = gap / h
-            if origin is not None:
-                origin = origin.gather(2, perm[None].expand(slots, -1, -1))
         heavy, light = state[..., :half], state[..., half : 2 * half]  # [2, S, rows, H]
         # Σ load² falls by 2·δ·(gap − δ) = 2·((gap/2)² − (δ − gap/2)²): the best swap of a
         # pair has δ = w_i − w_j closest to gap/2; |δ − gap/2| = |target_i − w_j|
@@ -148,18 +151,17 @@ def refine(
         # same float32 subtraction, so the same values; cheaper than gathering it back)
         j = (target.gather(0, i[None]) - light[LOAD]).abs_().min(0).indices
         apply = best.square_() < half_gap.square() - tol
-        i_idx = i[None, None].expand(2, 1, -1, -1)
-        j_idx = j[None, None].expand(2, 1, -1, -1)
-        take_i = heavy.gather(1, i_idx)  # [2, 1, rows, H] the chosen items
+        i_idx = i[None, None].expand(channels, 1, -1, -1)
+        j_idx = j[None, None].expand(channels, 1, -1, -1)
+        take_i = heavy.gather(1, i_idx)  # [2 or 3, 1, rows, H] the chosen items
         take_j = light.gather(1, j_idx)
         # legality of the chosen swap only (conflicts are rare): the expert each GPU
         # receives must not be on it already
         apply &= ~torch.eq(light[EXPERT], take_i[EXPERT]).logical_or_(
             torch.eq(heavy[EXPERT], take_j[EXPERT])).any(0)
         if origin is not None:
-            apply, spent = _within_budget(apply, i, j, take_i[EXPERT, 0], take_j[EXPERT, 0],
-                                          origin, spent, track.budget)
-            track.origin = origin  # permuted along with the state
+            apply, spent = _within_budget(apply, take_i[EXPERT:, 0], take_j[EXPERT:, 0],
+                                          spent, track.budget)
         if not bool(apply.any()):
             idle += 1
             if track is not None and track.on_step is not None:
@@ -168,37 +170,36 @@ def refine(
                 break
             continue
         idle = 0
+        if origin is not None:  # the slots keep their origin
+            heavy, light, i_idx, j_idx = heavy[:2], light[:2], i_idx[:2], j_idx[:2]
+            take_i, take_j = take_i[:2], take_j[:2]
         heavy.scatter_(1, i_idx, torch.where(apply, take_j, take_i))
         light.scatter_(1, j_idx, torch.where(apply, take_i, take_j))
         if track is not None and track.on_step is not None:
             track.on_step(state)
-    if track is not None and origin is not None:
-        track.origin = origin
+    if origin is not None:
+        track.origin = state[2]  # permuted along with the state
+        state = state[:2]
     return state
 
 
 def _within_budget(
     apply: torch.Tensor,
-    i: torch.Tensor,
-    j: torch.Tensor,
-    e_i: torch.Tensor,
-    e_j: torch.Tensor,
-    origin: torch.Tensor,
+    item_i: torch.Tensor,
+    item_j: torch.Tensor,
     spent: torch.Tensor,
     budget: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the swaps a row can afford, heaviest pairs first; returns (apply, new spent).
 
-    Pair ``h`` swaps slot ``i`` of its heavy GPU (expert ``e_i``) with slot ``j`` of its
-    light one (``e_j``), all ``[rows, H]``. A swap changes 0–2 slots relative to ``origin
-    [S, rows, P]`` (moving an expert back home refunds one): the charge is exact,
-    ``after − before`` per swapped slot pair.
+    Pair ``h`` swaps slot ``i`` of its heavy GPU with slot ``j`` of its light one:
+    ``item_i = (e_i, o_i)`` and ``item_j = (e_j, o_j)`` ``[2, rows, H]`` are the experts
+    they hold and held at the origin. A swap changes 0–2 slots relative to the origin
+    (moving an expert back home refunds one): the charge is exact, ``after − before`` per
+    swapped slot pair.
     """
-    half = i.shape[1]
-    o_i = origin[:, :, :half].gather(0, i[None])[0]
-    o_j = origin[:, :, half : 2 * half].gather(0, j[None])[0]
     # [e_i = o_i] + [e_j = o_j] − [e_j = o_i] − [e_i = o_j]: slots at home before, minus after
-    ids, homes = torch.stack([e_i, e_j]), torch.stack([o_i, o_j])
+    ids, homes = torch.stack([item_i, item_j], 1)  # [2, rows, H] each: (i, j)
     charge = (ids == homes).sum(0) - (ids == homes.flip(0)).sum(0)
     charge = charge * apply
     apply = apply & (spent[:, None] + charge.cumsum(1) <= budget[:, None])
