@@ -302,6 +302,13 @@ def plan_incremental(
     else:
         candidates, transfers, known = _refine_rows(weight, base, request, layer_quota,
                                                     max_moves is not None)
+        back = max(1, round(1 / 16 / options.quota))
+        if max_moves is None and options.steps - back >= 2:
+            # the ladder's first rung is not scored where the rule below compares later
+            # ones: it was picked in 2 of 1392 steady layer plans, and dropping it left
+            # the next window and the moves unchanged (BENCHMARKS.md §3)
+            candidates = np.delete(candidates, 1, 0)
+            known["block"] = np.delete(known["block"], 1)
         peak, now = score(_live_only(candidates, live_gpus, topo), **known)
         # a fresh plan, relabelled onto the old GPUs, for the layers whose ladder:
         # - still gains a move price over its last 1/16 of the slots (the last step at
@@ -317,7 +324,6 @@ def plan_incremental(
         #   for were taken in 1 layer of 36, at a fresh plan's fixed cost per call
         #   (BENCHMARKS.md §3)
         balance = 1.0 / peak
-        back = max(1, round(1 / 16 / options.quota))
         gaining = balance[-1] - balance[max(0, len(balance) - 1 - back)] > options.move_price
         excess = np.maximum(peak[-1] - now[-1], 0.0)  # the drift's, at the ladder's end
         far = (now[-1] - 1.0 > excess) & (1.0 / (1.0 + excess) - balance[-1] > options.move_price)
