@@ -600,3 +600,21 @@ def test_one_gpu_plans_are_contiguous():
 def test_absurd_candidate_counts_are_refused():
     with pytest.raises(ValueError, match="num_candidates must be at most"):
         eplb.plan(W, 48, 8, num_candidates=10**6)
+
+
+def test_the_portfolio_threshold_in_force() -> None:
+    # automatic: 1/3 where the allocations are only ranked by their packing bound, 1/2
+    # where each is packed and refined (BENCHMARKS.md §12); a given one is used as given
+    auto = eplb.PlanOptions()
+    assert auto.portfolio_threshold is None
+    assert auto.portfolio_cut(each_packed=False) == 1 / 3
+    assert auto.portfolio_cut(each_packed=True) == 1 / 2
+    given = eplb.PlanOptions(portfolio_threshold=np.float32(0.25))
+    assert given.portfolio_threshold == 0.25 and type(given.portfolio_threshold) is float
+    assert given.portfolio_cut(each_packed=True) == given.portfolio_cut(each_packed=False)
+    # a threshold above every layer's largest replica plans without the portfolio: at
+    # S = 9 the automatic one must plan the same as 1/2 given explicitly
+    w = torch.exp(torch.randn(6, 32, generator=torch.Generator().manual_seed(3)) * 1.5)
+    half = eplb.PlanOptions(portfolio_threshold=0.5)
+    assert torch.equal(eplb.plan(w, 72, 8, options=auto).phy2log,
+                       eplb.plan(w, 72, 8, options=half).phy2log)

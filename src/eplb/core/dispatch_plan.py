@@ -123,7 +123,9 @@ def plan_rows_capped(
     else:
         counts = capped_counts(weight, num_replicas, cap, rules)  # [K, rows, E]
     largest = (weight / counts[0]).amax(1)
-    coarse = largest > options.portfolio_threshold * weight.sum(1) / num_gpus
+    # every allocation is packed here, but the nearest rule's candidates were measured
+    # with the ranked threshold (the packed one's next-window study was for even dispatch)
+    coarse = largest > options.portfolio_cut(each_packed=False) * weight.sum(1) / num_gpus
     use = rules if bool(coarse.any()) else rules[:1]
     flat_counts = counts[: len(use)].reshape(-1, num_experts)
     flat_weight = weight.repeat(len(use), 1)

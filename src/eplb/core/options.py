@@ -28,6 +28,15 @@ AUTO_MAX_STEPS = 8
 #: packing bound) instead of five, and the saved time buys twice the refinement steps
 FEW_SLOTS = 4
 FEW_SLOT_STEP_FACTOR = 2
+#: the automatic portfolio thresholds (largest Jefferson replica / mean GPU load above
+#: which a layer scores the replication portfolio): where the allocations are only
+#: ranked by their packing bound (a few array passes) every layer above 1/3; where each
+#: is packed and refined (S > FEW_SLOTS) only above 1/2. Between 1/3 and 1/2 the packed
+#: portfolio gained 0.0003-0.0005 in sample at S = 5 and nothing on the next window
+#: (+0.0003, 0.0000, -0.0002, 0.0000 on four shapes, drift exp(0.15 N(0, 1))), and the
+#: same plans at S = 9 and 17, for up to half the call's time (BENCHMARKS.md §12)
+RANKED_PORTFOLIO_THRESHOLD = 1 / 3
+PACKED_PORTFOLIO_THRESHOLD = 1 / 2
 #: the most polish steps the few-slot rule gives (reached at 128 GPUs). Chosen on generated
 #: loads (``benchmarks/bench_shapes.py --steps-sweep``, BENCHMARKS.md §12): +0.0006 to
 #: +0.0021 of the ceiling at S = 3-4 on 96-256 GPUs for 8-22 % more time
@@ -286,7 +295,9 @@ class PlanOptions:
         hamilton: also try largest-remainder replication.
         portfolio_threshold: the portfolio is scored only in layers whose largest
             Jefferson replica exceeds this fraction of the mean GPU load (elsewhere every
-            allocation packs alike).
+            allocation packs alike). ``None`` (default): 1/3 where the allocations are
+            ranked by their packing bound, 1/2 where each is packed and refined (see
+            :meth:`portfolio_cut`).
         packed_allocations: in those layers, how many allocations are packed and
             refined: the ones with the smallest packing lower bound
             (:func:`eplb.core.count_bounds.packing_bound`). ``None`` (default): one where
@@ -300,7 +311,7 @@ class PlanOptions:
     packing: PackingOptions = field(default_factory=PackingOptions)
     shifts: tuple[float, ...] = DEFAULT_SHIFTS
     hamilton: bool = True
-    portfolio_threshold: float = 1 / 3
+    portfolio_threshold: float | None = None
     packed_allocations: int | None = None
     incremental: IncrementalOptions = field(default_factory=IncrementalOptions)
 
@@ -314,9 +325,10 @@ class PlanOptions:
         if not isinstance(self.hamilton, bool | np.bool_):  # "no" would be true
             raise ValueError(f"hamilton must be True or False, got {self.hamilton!r}")
         threshold = self.portfolio_threshold
-        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or (
-                math.isnan(threshold)):
-            raise ValueError(f"portfolio_threshold must be a number, got {threshold!r}")
+        number = None if threshold is None else real_number(threshold)
+        if threshold is not None and (number is None or math.isnan(number)):
+            raise ValueError(f"portfolio_threshold must be a number or None, got {threshold!r}")
+        object.__setattr__(self, "portfolio_threshold", number)
         shifts = self.shifts
         if isinstance(shifts, np.ndarray | torch.Tensor) and shifts.ndim == 1:
             shifts = shifts.tolist()  # an array of shifts: its numbers, one by one
@@ -336,6 +348,15 @@ class PlanOptions:
     @property
     def rules(self) -> tuple[float | str, ...]:
         return tuple(float(s) for s in self.shifts) + (("hamilton",) if self.hamilton else ())
+
+    def portfolio_cut(self, each_packed: bool) -> float:
+        """The portfolio threshold in force: the one given, else
+        :data:`PACKED_PORTFOLIO_THRESHOLD` where ``each_packed`` (every allocation of a
+        coarse layer is packed and refined) and :data:`RANKED_PORTFOLIO_THRESHOLD` where
+        the allocations are only ranked by their packing bound."""
+        if self.portfolio_threshold is not None:
+            return self.portfolio_threshold
+        return PACKED_PORTFOLIO_THRESHOLD if each_packed else RANKED_PORTFOLIO_THRESHOLD
 
 
 def with_incremental(options: PlanOptions | None, **changes: float | None) -> PlanOptions:

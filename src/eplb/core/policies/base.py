@@ -85,7 +85,8 @@ def plan_rows(
         keep = 1
     if len(rules) > 1:
         largest = (weight / counts).amax(1)
-        extra = (largest > options.portfolio_threshold * weight.sum(1) / num_gpus).nonzero()[:, 0]
+        cut = options.portfolio_cut(each_packed=keep != 1)
+        extra = (largest > cut * weight.sum(1) / num_gpus).nonzero()[:, 0]
     first = None  # every row's items under the first rule, where expanded early
     if len(extra) and keep == 1 and weight.dtype == torch.float64:
         # the bound picks Jefferson's allocation wherever its bound is the mean GPU load
