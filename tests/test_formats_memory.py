@@ -4,6 +4,7 @@ dozen times its text as Python objects) and compressed ``.npz`` members or torch
 
 from __future__ import annotations
 
+import io
 import json
 import tracemalloc
 import zipfile
@@ -115,6 +116,39 @@ def test_a_large_compressed_member_that_deflates_little_is_read(tmp_path) -> Non
     path = tmp_path / "long.npz"
     np.savez_compressed(path, counts=ids)
     assert detect_format(path) == "npz"
+
+
+def _raw_member_bomb(path: Path, descr: str) -> Path:
+    """An ``.npz`` whose one compressed member holds a single element of dtype ``descr``
+    (64 MiB of zeros, ~64 KB deflated): one value, so no count of numbers bounds it."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": descr, "fortran_order": False, "shape": (1,)})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive, \
+            archive.open("counts.npy", "w", force_zip64=True) as member:
+        member.write(header.getvalue())
+        for _ in range(64):
+            member.write(bytes(1 << 20))
+    return path
+
+
+@pytest.mark.parametrize("descr", ["|V67108864", "|S67108864"])
+def test_a_compressed_member_of_one_huge_raw_element_is_refused_before_inflating(
+        tmp_path, descr) -> None:
+    # one element of 64 MiB raw bytes (or text) declared 1 value: it passed the count of
+    # numbers and was inflated (a 1 MB file of one gigabyte element took 2.3 GB and 19 s)
+    # before its dtype was refused; a 6 MB file would take the host's memory
+    path = _raw_member_bomb(tmp_path / "raw.npz", descr)
+    assert path.stat().st_size < (1 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match=r"raw\.npz: 'counts' is compressed and declares "
+                                              r"shape \(1,\) .*at most 100 "):
+            read_loads(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (8 << 20)
 
 
 def test_a_torch_file_whose_entries_inflate_a_thousandfold_is_refused(tmp_path) -> None:

@@ -52,12 +52,17 @@ def _header(
         )
     values = math.prod(shape)
     claimed = values * dtype.itemsize
-    if (compressed_size is not None and values > MAX_UNPACKED_VALUES
+    # an element of a record, text or raw-bytes dtype may be any size (one of |V1073741824
+    # is a gigabyte, deflated to a megabyte): such members, which hold no loads, count
+    # their bytes; a number is at most 16 of them
+    numbers = values if dtype.kind in "biufc" else claimed
+    if (compressed_size is not None and numbers > MAX_UNPACKED_VALUES
             and inflates_too_far(claimed, compressed_size)):
         raise FormatError(
             path,
             f"{name} is compressed and declares shape {tuple(shape)} of {dtype} "
-            f"({values:,} numbers, {claimed:,} bytes from {compressed_size:,}): beyond "
+            f"({f'{values:,} numbers, ' if numbers == values else ''}{claimed:,} bytes "
+            f"from {compressed_size:,}): beyond "
             f"{MAX_UNPACKED_VALUES:,} numbers eplb inflates a compressed member at most "
             f"{MAX_INFLATION} times (a crafted one inflates a thousandfold); save it "
             "uncompressed (numpy.savez, eplb's write_loads) or as .npy",
