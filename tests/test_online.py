@@ -247,6 +247,37 @@ def test_rebalancer_refuses_bad_option_values_at_construction(option):
         Rebalancer(16, 4, window=4, interval=4, **option)
 
 
+_DEAD = [True, False, True, True]
+
+
+@pytest.mark.parametrize(("cluster", "option", "match"), [
+    ((16, 4, 2, 1), {"policy": "hierarchical"}, r"num_groups \(1\) is not a multiple of num_nodes"),
+    ((16, 4, 1, 2), {"policy": "hierarchical", "active_gpus": _DEAD}, "some GPUs are dead"),
+    ((16, 4, 2, 2), {"policy": "hierarchical", "gpu_speed": [1, 1, 2, 2]}, "GPU speeds differ"),
+    ((16, 4, 1, 1), {"policy": "locality", "dispatch": "nearest"}, "needs num_nodes > 1"),
+    ((16, 4, 2, 2), {"policy": "locality", "dispatch": "nearest", "active_gpus": _DEAD},
+     "dead GPUs are not supported by the locality policy"),
+    ((16, 4, 2, 2), {"dispatch": "nearest", "gpu_speed": [1, 1, 2, 2]},
+     "gpu_speed cannot be combined with dispatch='nearest'"),
+    ((16, 4, 2, 2), {"dispatch": "nearest", "policy": "global", "incremental": True,
+                     "skip_threshold": 0.01}, "skip_threshold is not supported"),
+])
+def test_rebalancer_refuses_what_its_cluster_cannot_plan_at_construction(
+        cluster, option, match) -> None:
+    # each was refused only at the first rebalance (interval steps into serving), though
+    # the cluster, the dead GPUs and the speeds are known when the rebalancer is built
+    with pytest.raises(ValueError, match=match):
+        Rebalancer(*cluster, window=2, interval=2, **option)
+
+
+def test_rebalancer_leaves_what_depends_on_the_experts_to_the_first_plan() -> None:
+    # 7 experts do not split into 2 groups: known only from the counts
+    rb = Rebalancer(16, 4, 2, 2, window=1, interval=1, policy="hierarchical")
+    with pytest.raises(ValueError, match=r"num_experts \(7\) is not a multiple"):
+        rb.record(torch.ones(2, 7))
+    assert rb.record(torch.ones(2, 8)) is not None
+
+
 def test_rebalancer_refuses_counts_its_history_cannot_hold():
     rb = Rebalancer(16, 4, window=4, interval=4)
     huge = torch.ones(2, 8, dtype=torch.float64)

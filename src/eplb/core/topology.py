@@ -135,11 +135,12 @@ class Topology:
         return self.num_groups > 1 and self.num_nodes > 1 and self.num_groups % self.num_nodes == 0
 
     def hierarchy_problems(
-        self, num_experts: int, *, has_dead_gpus: bool = False, has_speeds: bool = False
+        self, num_experts: int | None, *, has_dead_gpus: bool = False, has_speeds: bool = False
     ) -> list[str]:
-        """Why the hierarchical policy cannot apply to this cluster (empty: it can)."""
+        """Why the hierarchical policy cannot apply to this cluster (empty: it can);
+        ``num_experts`` ``None``: before the loads are seen, the cluster's own problems."""
         problems = []
-        if num_experts % self.num_groups:
+        if num_experts is not None and num_experts % self.num_groups:
             problems.append(f"num_experts ({num_experts}) is not a multiple of num_groups "
                             f"({self.num_groups})")
         if self.num_groups % self.num_nodes:

@@ -152,7 +152,8 @@ def make_planner(
         as_live_mask(active_gpus, topo.num_gpus, torch.device("cpu"))
     _check_plan_options(planner, plan_options)
     if planner == "eplb":
-        check_option_values(plan_options, topo)
+        check_option_values({**plan_options, "active_gpus": active_gpus,
+                             "skip_threshold": skip_threshold}, topo)
         policy = plan_options.get("policy", "auto")
         concrete = ("hierarchical" if topo.grouped else "global") if policy == "auto" else policy
         if plan_options.get("dispatch") == "nearest" and max_moves is not None and (

@@ -25,7 +25,7 @@ from eplb.core.inputs import (
 )
 from eplb.core.options import IncrementalOptions
 from eplb.core.planner import as_slack, check_dispatch_options, resolve_options
-from eplb.core.policies import POLICY_NAMES
+from eplb.core.policies import POLICY_NAMES, resolve_policy
 from eplb.core.topology import Topology, is_name
 from eplb.online.incremental import check_budget
 
@@ -57,8 +57,9 @@ def options_from_json(name: str, raw: str) -> dict[str, Any]:
 def check_option_values(options: Mapping[str, Any], topology: Topology | None = None) -> None:
     """Check the values of planner options (the keyword arguments of :func:`eplb.plan`,
     plus :data:`SCORE_OPTIONS` and ``incremental``). With ``topology`` also those whose
-    length is the GPU count (``active_gpus``, ``gpu_speed``, ``source``). Raises
-    ``ValueError``/``TypeError`` naming the option."""
+    length is the GPU count (``active_gpus``, ``gpu_speed``, ``source``), and a forced
+    hierarchical or locality policy against the cluster. Raises ``ValueError``/``TypeError``
+    naming the option."""
     policy = options.get("policy", "auto")
     if not is_name(policy, POLICY_NAMES):
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
@@ -70,10 +71,16 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
     IncrementalOptions(**knobs)
     if not isinstance(options.get("incremental", True), bool):
         raise ValueError(f"incremental must be true or false, got {options['incremental']!r}")
-    check_dispatch_options(options.get("dispatch", "even"), policy,
-                           options.get("fair", "auto"), options.get("source") is not None,
-                           options.get("routing") is not None,
-                           options.get("slack") is not None)
+    dispatch = check_dispatch_options(options.get("dispatch", "even"), policy,
+                                      options.get("fair", "auto"),
+                                      options.get("source") is not None,
+                                      options.get("routing") is not None,
+                                      options.get("slack") is not None)
+    nearest = dispatch == "nearest"
+    if nearest and options.get("skip_threshold") is not None:
+        raise ValueError("skip_threshold is not supported with dispatch='nearest'")
+    if nearest and options.get("gpu_speed") is not None:
+        raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
     if options.get("slack") is not None:
         as_slack(options["slack"])
     if options.get("routing") is not None:  # the layer and expert counts come later
@@ -81,9 +88,15 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
     if topology is None:
         return
     cpu = torch.device("cpu")
+    dead = False
     if options.get("active_gpus") is not None:
-        as_live_mask(options["active_gpus"], topology.num_gpus, cpu)
+        dead = not bool(as_live_mask(options["active_gpus"], topology.num_gpus, cpu).all())
     if options.get("gpu_speed") is not None:
         as_gpu_speed(options["gpu_speed"], topology.num_gpus, cpu)
     if options.get("source") is not None:
         as_gpu_speed(options["source"], topology.num_gpus, cpu, name="source", allow_zero=True)
+    if is_name(policy, ("hierarchical", "locality")):
+        # a forced policy the cluster, its dead GPUs or its speeds rule out (what the
+        # experts decide waits for the loads)
+        resolve_policy(policy, topology, None, has_dead_gpus=dead,
+                       has_speeds=options.get("gpu_speed") is not None)

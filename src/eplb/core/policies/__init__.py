@@ -46,7 +46,7 @@ POLICY_NAMES: tuple[str, ...] = ("auto", *POLICIES)
 def resolve_policy(
     policy: str,
     topology: Topology,
-    num_experts: int,
+    num_experts: int | None,
     *,
     has_dead_gpus: bool = False,
     has_speeds: bool = False,
@@ -65,6 +65,8 @@ def resolve_policy(
     where the hierarchical routine runs trivially), else global, without a warning.
 
     ``stacklevel`` points the warning at the user's call (callers add their own frames).
+    ``num_experts`` ``None`` (before any loads are seen: a ``Rebalancer`` at construction)
+    checks what the cluster, its dead GPUs and its speeds decide alone.
     """
     if not is_name(policy, POLICY_NAMES):
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
@@ -118,7 +120,7 @@ def _locality_room(topology: Topology, num_experts: int) -> list[str]:
 
 
 def _locality_problems(
-    topology: Topology, num_experts: int, has_dead_gpus: bool, has_speeds: bool
+    topology: Topology, num_experts: int | None, has_dead_gpus: bool, has_speeds: bool
 ) -> list[str]:
     nodes, groups = topology.num_nodes, topology.num_groups
     problems = []
@@ -126,11 +128,12 @@ def _locality_problems(
         problems.append("it needs num_nodes > 1")
     if topology.num_gpus % nodes:
         problems.append(f"num_gpus ({topology.num_gpus}) is not a multiple of num_nodes ({nodes})")
-    if num_experts % groups:
+    if num_experts is not None and num_experts % groups:
         problems.append(f"num_experts ({num_experts}) is not a multiple of num_groups ({groups})")
     if groups > 1 and groups % nodes:
         problems.append(f"num_groups ({groups}) is not a multiple of num_nodes ({nodes})")
-    problems += _locality_room(topology, num_experts)
+    if num_experts is not None:
+        problems += _locality_room(topology, num_experts)
     if has_dead_gpus:
         problems.append("dead GPUs are not supported by the locality policy yet")
     if has_speeds:
