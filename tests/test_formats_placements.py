@@ -482,3 +482,20 @@ def test_read_placement_refuses_a_gpu_count_the_file_contradicts(tmp_path):
         assert read_placement(path).topology.num_gpus == 4
         with pytest.raises(ValueError, match="records 4 GPUs; num_gpus=2 contradicts it"):
             read_placement(path, num_gpus=2)
+
+
+def test_a_recorded_cluster_whose_nodes_do_not_split_its_gpus_is_refused(tmp_path):
+    # eplb never writes one; a hand-edited file with 3 nodes on 4 GPUs was accepted, and
+    # eval then blamed flags the user never gave ("--gpus (4) must be a multiple of
+    # --nodes (3)") while plan --previous took it silently
+    path = write_placement(eplb.plan(torch.rand(2, 8), 8, 4), tmp_path / "p.json")
+    doc = json.loads(path.read_text())
+    doc["topology"]["num_nodes"] = 3
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match=r"bad topology .*num_gpus \(4\) is not a multiple "
+                                          r"of num_nodes \(3\)"):
+        read_placement(path)
+    yaml_path = write_placement(eplb.plan(torch.rand(2, 8), 8, 4), tmp_path / "p.yaml")
+    yaml_path.write_text(yaml_path.read_text().replace('"num_nodes":1', '"num_nodes":3'))
+    with pytest.raises(FormatError, match=r"num_gpus \(4\) is not a multiple of its num_nodes"):
+        read_placement(yaml_path)

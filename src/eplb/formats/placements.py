@@ -282,6 +282,7 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
                                 f"{', '.join(keys)} (the last two optional)")
     try:
         topo = Topology(**doc["topology"])
+        topo.gpus_per_node  # noqa: B018 (a recorded cluster must split into equal nodes)
     except (TypeError, ValueError) as exc:
         raise FormatError(path, f"bad topology {shown(doc['topology'])}: {exc}") from None
     rows = _int_rows(path, doc["phy2log"], "phy2log")
@@ -418,6 +419,10 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
         num_nodes = _field_int(path, info, "num_nodes", 1, where)
         num_groups = _field_int(path, info, "num_groups", 1, where)
         recorded = {"num_gpus": num_gpus, "num_nodes": num_nodes, "num_groups": num_groups}
+        if num_gpus is not None and num_nodes is not None and num_nodes > 0 and (
+                num_gpus % num_nodes):
+            raise FormatError(path, f"{where}num_gpus ({num_gpus}) is not a multiple of its "
+                                    f"num_nodes ({num_nodes})")
     if num_experts is None and "num_experts" in info:
         num_experts = _field_int(path, info, "num_experts", where=where)
     topo = _topology(path, width, num_gpus, num_nodes, num_groups, "TensorRT-LLM")
