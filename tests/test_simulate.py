@@ -196,6 +196,18 @@ def test_result_serialises_and_summarises() -> None:
     assert "window_balancedness" in res.format_summary()
 
 
+def test_result_repr_is_a_short_summary_not_every_step() -> None:
+    """``print(simulate(...))`` in a notebook printed every per-step tensor (and the idle
+    mask): tens of kB for a 1000-step replay. The repr names the run and its headline
+    figures, as LoadTrace's does."""
+    res = simulate(_trace(1000), "eplb", num_replicas=R, num_gpus=P, cadence="adrs")
+    text = repr(res)
+    assert len(text) < 500, text
+    assert "planner='eplb'" in text and "steps=1000" in text and "rebalances=9" in text
+    assert f"window_balancedness={res.summary()['window_balancedness']:.4f}" in text
+    assert "tensor(" not in text
+
+
 def test_load_trace_input_is_accepted() -> None:
     res = simulate(LoadTrace(_trace(30), source="test"), "none", num_replicas=R, num_gpus=P,
                    cadence=Cadence(10, 10), oracle=False)

@@ -164,6 +164,19 @@ class SimulationResult:
     meta: Mapping[str, Any] = field(default_factory=dict)
     idle_steps: torch.Tensor | None = None
 
+    def __repr__(self) -> str:
+        # as LoadTrace's: the per-step tensors (and the idle mask) run to tens of kB for a
+        # 1000-step replay, so the repr gives the run and its headline figures;
+        # summary() and to_dict() hold the rest
+        figures = self.summary()
+        shown = ", ".join(
+            f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in figures.items()
+            if key in ("steps", "rebalances", "window_balancedness", "oracle_balancedness"))
+        return (f"SimulationResult(planner={self.planner!r}, estimator={self.estimator!r}, "
+                f"incremental={self.incremental}, {self.topology!r}, {self.cadence!r}, "
+                f"{shown})")
+
     @property
     def num_steps(self) -> int:
         return self.step_balancedness.shape[0]
