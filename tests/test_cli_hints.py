@@ -136,3 +136,20 @@ def test_a_gpu_speed_folder_is_named_as_such(tmp_path, capsys, loads):
     assert code == 2
     assert "--gpu-speed" in err and "a folder; expected 16 comma-separated numbers" in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_eval_says_which_gpus_a_placement_leaves_dead(tmp_path, capsys, loads):
+    """``plan --dead-gpus 3,17`` titles its table '(global, GPUs 3,17 dead)' and its JSON
+    has ``dead_gpus``; ``eval`` of that file said only '(global)' and its JSON had no word
+    of the dead GPUs, though it scores the live ones alone."""
+    out = tmp_path / "degraded.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "--dead-gpus", "3,7",
+               "-o", out)[0] == 0
+    code, text, _ = run(capsys, "eval", "--placement", out, loads, "--summary")
+    assert code == 0 and "(global, GPUs 3,7 dead)" in text
+    code, text, _ = run(capsys, "eval", "--placement", out, loads, "--json")
+    assert code == 0 and json.loads(text)["dead_gpus"] == [3, 7]
+    whole = tmp_path / "whole.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", whole)[0] == 0
+    code, text, _ = run(capsys, "eval", "--placement", whole, loads, "--json")
+    assert code == 0 and json.loads(text)["dead_gpus"] is None

@@ -43,6 +43,13 @@ from eplb.formats.placement_writer import dead_gpus_message
 MAX_FIRST_LAYER = MAX_MODEL_LAYERS - 1  # SGLang files get a row for each layer below
 
 
+def dead_note(active: torch.Tensor | None) -> str:
+    """``", GPUs 3,17 dead"`` for a table title (empty when every GPU is live): plan's and
+    eval's, alike."""
+    dead = [] if active is None else (~active.bool()).nonzero().flatten().tolist()
+    return f", GPU{'s' if len(dead) > 1 else ''} {','.join(map(str, dead))} dead" if dead else ""
+
+
 def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
     """The model layer of every row: the file's own ids win; ``--first-layer`` names them
     for files that only have row numbers, and must agree with a file that names them."""
@@ -301,12 +308,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
          after, after_worst],
         ["ceiling (upper bound)", ceil.overall, ceil.worst],
     ]
-    dead = [] if active is None else (~active).nonzero().flatten().tolist()
-    dead_note = f", GPU{'s' if len(dead) > 1 else ''} {','.join(map(str, dead))} dead" if dead \
-        else ""
     print_table(
         f"{num_layers} layers × {num_experts} experts -> {args.replicas} slots on {args.gpus} "
-        f"GPUs ({policy}{dead_note})",
+        f"GPUs ({policy}{dead_note(active)})",
         ["placement", "balancedness", "worst max/mean"], rows,
     )
     if moved is not None:

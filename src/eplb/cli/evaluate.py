@@ -19,7 +19,7 @@ from eplb.cli._common import (
     static_gpu_loads,
 )
 from eplb.cli._inputs import cli_policy, read_trace, warn, warn_if_no_load
-from eplb.cli.commands import _distinct_rows, _layer_ids, _routing, _rows_of_loads
+from eplb.cli.commands import _distinct_rows, _layer_ids, _routing, _rows_of_loads, dead_note
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.formats import read_placement_meta
@@ -145,6 +145,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "worst_max_over_mean_before": before_worst,
         "worst_max_over_mean_after": after_worst,
         "dispatch": args.dispatch,
+        # as plan's summary: the GPUs the placement leaves empty (None: every GPU is live)
+        "dead_gpus": (None if placement.active_gpus is None
+                      else (~placement.active_gpus.bool()).nonzero().flatten().tolist()),
         "layers": per_layer,
     }
     if nearest is not None:
@@ -163,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         )
     print_table(
         f"{args.placement} on {args.loads}: {topo.num_replicas} slots on {topo.num_gpus} GPUs "
-        f"({placement.policy})",
+        f"({placement.policy}{dead_note(placement.active_gpus)})",
         ["", "balancedness", "worst max/mean"],
         [["no rebalancing (before)", before, before_worst],
          [f"this placement (after{', nearest rule' if nearest is not None else ''})", after,
