@@ -425,3 +425,31 @@ def test_trtllm_output_names_model_layers_between_rows_it_has_no_map_for(capsys,
     code, _, err = run(capsys, "plan", str(bare), "-r", str(R), "-g", str(P),
                        "--first-layer", "3", "-o", str(tmp_path / "c.yaml"))
     assert code == 0 and "KeyError" not in err, err
+
+
+def test_simulate_leaves_a_dumps_dense_rows_out(capsys, tmp_path) -> None:
+    """An SGLang trace has all-zero rows for the dense layers. ``simulate`` replayed them:
+    their even placement replaced the trivial one at the first rebalance and was counted as
+    moved expert weights (of slots that hold none). Left out, as ``bench`` does, the replay
+    is the one of the MoE rows alone."""
+    gen = torch.Generator().manual_seed(0)
+    moe = torch.poisson(torch.rand(1, 3, 16, generator=gen).expand(60, 3, 16) * 50,
+                        generator=gen)
+    dump = tmp_path / "dump.sglang.json"
+    dump.write_text(json.dumps({"logical_count": torch.cat(
+        [torch.zeros(60, 2, 16), moe], 1).tolist()}))
+    bare = tmp_path / "moe.npy"
+    np.save(bare, moe.numpy())
+    argv = ["-r", "20", "-g", "4", "--window", "10", "--json"]
+    code, text, _ = run(capsys, "simulate", dump, *argv)
+    assert code == 0
+    dumped = json.loads(text)
+    code, text, _ = run(capsys, "simulate", bare, *argv)
+    assert code == 0
+    alone = json.loads(text)
+    assert dumped["layers_left_out"] == [0, 1] and alone["layers_left_out"] == []
+    timeless = [{k: v for k, v in data["runs"][0]["summary"].items() if k != "plan_ms_median"}
+                for data in (dumped, alone)]
+    assert timeless[0] == timeless[1] and timeless[0]["moved_slots_per_rebalance"] > 0
+    code, text, _ = run(capsys, "simulate", dump, *argv[:-1])
+    assert code == 0 and "dump.sglang.json (2 all-zero rows left out): 60 steps, 3 layers" in text

@@ -82,7 +82,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 name = Path(job).name
                 dropped = int((~keep).sum())
                 if dropped:  # plan counts them (an even placement); say why the counts differ
-                    name += f" ({dropped} all-zero rows left out)"
+                    name += f" ({dropped} all-zero row{'s' if dropped > 1 else ''} left out)"
                 c = compare(name, weight, replicas, gpus, args.nodes, args.groups,
                             policy=args.policy, seed=args.seed, repeats=args.repeats,
                             layer_ids=ids)

@@ -105,6 +105,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                            f"--planner eplb (or greedy), or leave {' and '.join(unused)} out")
     report = prepare_report(args.report, args.force, "eplb simulation")
     trace = read_trace(files, args)
+    # a dump's dense layers (all zero in every step, as SGLang writes DeepSeek's 0..2) hold
+    # no experts: replayed, their even placement replaced the trivial one at the first
+    # rebalance and counted as moved expert weights. As bench does, they are left out
+    left_out = [] if not bool(trace.counts.any()) else [
+        lid for lid, used in zip(trace.layer_ids, trace.counts.sum((0, 2)).gt(0).tolist(),
+                                 strict=True) if not used]
+    if left_out:
+        trace = trace.drop_empty_layers()
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
                    trace.num_layers)
@@ -141,7 +149,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         _simulation_report(report, args, results, trace)
         written = report.write(args.report, force=args.force)
     if args.json:
-        print_json({"trace": str(args.trace), "runs": [r.to_dict() for r in results],
+        print_json({"trace": str(args.trace), "layers_left_out": left_out,
+                    "runs": [r.to_dict() for r in results],
                     "report": [str(p) for p in written]})
         return 0
     cad = results[0].cadence
@@ -161,7 +170,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                      else f"{s['moved_slots_per_rebalance']:.0f}",
                      None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
     print_table(
-        f"{args.trace}: {trace.num_steps} steps, {trace.num_layers} layers × {trace.num_experts} "
+        f"{args.trace}"
+        + (f" ({len(left_out)} all-zero row{'s' if len(left_out) > 1 else ''} left out)"
+           if left_out else "")
+        + f": {trace.num_steps} steps, {trace.num_layers} layers × {trace.num_experts} "
         f"experts on {replicas} slots / {gpus} GPUs; plan on {cad.window} steps every "
         f"{cad.interval}, scored in windows of {cad.scoring}",
         headers, rows)
