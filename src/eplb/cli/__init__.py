@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="also run the other planners and show them side by side")
     p.add_argument("--protocol", choices=["adrs"], default=None,
-                   help="a named benchmark protocol")
+                   help="a named benchmark protocol: adrs = plan on each --window steps, "
+                        "score on the next --window (--interval is --window; the ADRS "
+                        "benchmark uses --window 100)")
     p.add_argument("--incremental", action="store_true",
                    help="rebalance incrementally from the placement in service")
     p.add_argument("--estimator", default=None, metavar="SPEC",
