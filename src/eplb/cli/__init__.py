@@ -187,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("online rebalancing")
     o.add_argument("--previous", metavar="OLD", help="the placement in service now (a file)")
     o.add_argument("--max-moves", type=_slots, metavar="N",
-                   help="move at most N slots in total (over all layers) relative to --previous")
+                   help="move at most N slots in total (over all layers) relative to "
+                        "--previous (default: no cap; eplb moves what pays on the next "
+                        "window)")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")
@@ -248,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("loads", nargs="*", metavar="LOADS", help="extra loads files to benchmark")
     p.add_argument("--no-builtin", action="store_true", help="skip the built-in scenarios")
     add_input_options(p)
-    p.add_argument("--repeats", type=int, default=3, help="timing repeats (default 3)")
+    p.add_argument("--repeats", type=int, default=3, metavar="N",
+                   help="timing repeats (default 3)")
     p.add_argument("--report", metavar="DIR", help="also write a report with pictures into DIR")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -290,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load estimator of the --planner run (not none): sum (default, what "
                         "the engines do), ema:H (half-life H steps), robust:Z, multi:K, auto")
     p.add_argument("--max-moves", type=_slots, default=None, metavar="N",
-                   help="slots moved per rebalance, in total over all layers (with "
-                        "--incremental)")
+                   help="most slots moved per rebalance, in total over all layers (with "
+                        "--incremental; default: no cap, eplb moves what pays)")
     _add_topology(p, required=False, replicas=None, gpus=None)
     p.add_argument("--report", metavar="DIR", help="write a report with pictures into DIR")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")
