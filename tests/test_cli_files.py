@@ -631,3 +631,13 @@ def test_plan_names_a_missing_input_before_an_existing_output(capsys, tmp_path, 
     code, err = plan(capsys, loads, out, "--previous", str(tmp_path / "gone.json"))
     assert code == 2 and "previous placement" in err and "gone.json' not found" in err, err
     assert out.read_text() == "{}"
+
+
+def test_generate_names_an_unknown_preset_before_an_existing_output(capsys, tmp_path):
+    # it asked for --force first; given it, the run then failed on the preset anyway
+    out = tmp_path / "exists.pt"
+    out.write_text("keep")
+    code = main(["generate", "--preset", "nope", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown preset 'nope'" in err, err
+    assert out.read_text() == "keep"

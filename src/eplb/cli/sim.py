@@ -323,9 +323,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError("generate needs -o FILE (or --list)")
     if args.steps < 1:
         raise CliError("--steps must be >= 1")
-    out = check_output(args.output, args.force)
-    if args.preset not in PRESETS:
+    if args.preset not in PRESETS:  # the input first, as plan checks its loads first
         raise CliError(f"unknown preset {args.preset!r}; choose from {', '.join(sorted(PRESETS))}")
+    out = check_output(args.output, args.force)
     fmt = trace_format(out, args.format)  # before the work, not after
     chatty = not (args.json or args.quiet)
     if chatty:
