@@ -382,15 +382,21 @@ def test_an_sglang_file_pairs_by_layer_with_loads_that_name_its_layers_out_of_or
     assert json.loads(text)["moved_slots_total"] == 0
 
 
+def _sparse_counts_file(tmp_path):
+    """Counts of model layers 0, 7 and 15 only, as OLMoE's published counts name them."""
+    gen = np.random.default_rng(5)
+    counts = (np.exp(gen.normal(0, 1, size=(3, E))) * 100).round().tolist()
+    sparse = tmp_path / "counts.json"
+    sparse.write_text(json.dumps({"counts": counts, "layers": [0, 7, 15]}))
+    return sparse
+
+
 def test_sglang_output_names_model_layers_between_rows_that_get_the_trivial_map(
         capsys, tmp_path) -> None:
     """Loads that name only some MoE layers (OLMoE's published counts: layers 0, 7, 15) make
     an SGLang file whose other rows are SGLang's trivial map: said, not left silent. The
     dense layers before the first row (DeepSeek-V3's 0..2 with --first-layer 3) are not."""
-    gen = np.random.default_rng(5)
-    counts = (np.exp(gen.normal(0, 1, size=(3, E))) * 100).round().tolist()
-    sparse = tmp_path / "counts.json"
-    sparse.write_text(json.dumps({"counts": counts, "layers": [0, 7, 15]}))
+    sparse = _sparse_counts_file(tmp_path)
     code, _, err = run(capsys, "plan", str(sparse), "-r", str(R), "-g", str(P),
                        "-o", str(tmp_path / "a.sglang.json"))
     assert code == 0 and "layers 1..6, 8..14" in err and "trivial map" in err
@@ -412,10 +418,7 @@ def test_trtllm_output_names_model_layers_between_rows_it_has_no_map_for(capsys,
     """TensorRT-LLM raises KeyError at start-up for a MoE layer missing from
     initial_global_assignments: a file from loads that name layers 0, 7, 15 lacks 1..6 and
     8..14, which is said. Contiguous rows (DeepSeek-V3's 3..60) are silent."""
-    gen = np.random.default_rng(6)
-    counts = (np.exp(gen.normal(0, 1, size=(3, E))) * 100).round().tolist()
-    sparse = tmp_path / "counts.json"
-    sparse.write_text(json.dumps({"counts": counts, "layers": [0, 7, 15]}))
+    sparse = _sparse_counts_file(tmp_path)
     code, _, err = run(capsys, "plan", str(sparse), "-r", str(R), "-g", str(P),
                        "-o", str(tmp_path / "a.yaml"))
     assert code == 0 and "layers 1..6, 8..14" in err and "KeyError" in err, err
