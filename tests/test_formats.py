@@ -432,6 +432,17 @@ def test_pandas_column_labels_are_a_header_not_a_layer(tmp_path):
     assert read_loads(pair).counts.tolist() == [[[0, 1], [5, 6]]]
 
 
+@pytest.mark.parametrize("text", ["0,1,2,3\n5,6,7\n8,9,10\n", "0,1,2\n5,6,7,8\n8,9,10,11\n"])
+def test_column_labels_must_label_every_column(tmp_path, text):
+    # a first row 0..n-1 over rows of another width labels no table pandas writes: it was
+    # dropped as a header and the ragged table read silently (one layer lost); as data,
+    # the row widths disagree
+    path = tmp_path / "ragged.csv"
+    path.write_text(text)
+    with pytest.raises(FormatError, match="row 2 has"):
+        read_loads(path)
+
+
 @pytest.mark.parametrize("key", ["", [], [""], 5, 5.0, {"weight": 1}, b"weight"])
 def test_a_key_that_names_no_array_is_refused_by_name(tmp_path, key):
     # key=5 raised "TypeError: 'int' object is not iterable" from inside the reader

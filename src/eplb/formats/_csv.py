@@ -73,8 +73,9 @@ def _column_labels(first: list[str], rows: list[list[str]]) -> bool:
     """Whether ``first`` is the header ``0,1,…,E−1`` that pandas' ``to_csv(index=False)``
     writes over a table built from an array: read as data it would be a layer of its own
     (loads 0, 1, …, E−1). Taken as a header where the table has three or more columns
-    and rows after it: real routed-token counts are not 0, 1, 2, … in expert order."""
-    if len(first) < 3 or len(rows) < 2:
+    and rows after it, as wide as it (pandas labels every column): real routed-token
+    counts are not 0, 1, 2, … in expert order."""
+    if len(first) < 3 or len(rows) < 2 or len(rows[1]) != len(first):
         return False
     return first == [str(i) for i in range(len(first))]
 
