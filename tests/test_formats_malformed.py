@@ -369,3 +369,18 @@ def test_a_placement_key_given_twice_is_refused_by_name(tmp_path):
     yaml_path.write_text("\n".join([*lines, lines[row].replace("  1:", "  0:")]) + "\n")
     with pytest.raises(FormatError, match="gives key '0' twice in one YAML object"):
         read_placement(yaml_path)
+
+
+def test_the_trtllm_topology_comment_giving_a_key_twice_is_refused(tmp_path):
+    # the YAML's keys were checked, but the eplb-topology comment (JSON) kept the last of
+    # two "num_gpus" silently: the placement was read on 8 GPUs instead of the 4 planned
+    import eplb
+    from eplb.formats import read_placement, write_placement
+
+    placement = eplb.plan(torch.rand(2, 8), 16, 4)
+    path = write_placement(placement, tmp_path / "p.trtllm.yaml")
+    text = path.read_text()
+    assert '"num_gpus":4' in text
+    path.write_text(text.replace('"num_gpus":4', '"num_gpus":4,"num_gpus":8'))
+    with pytest.raises(FormatError, match="gives key 'num_gpus' twice in one JSON object"):
+        read_placement(path)

@@ -407,7 +407,10 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
     match = _TRT_COMMENT.search(text)
     if match:
         try:
-            info = json.loads(match.group(1))
+            info = json.loads(match.group(1), object_pairs_hook=unique_keys)
+        except RepeatedKeyError as exc:  # which cluster was meant is not ours to pick
+            raise FormatError(path, f"the eplb-topology comment {repeated_key(exc.key)}") \
+                from None
         except json.JSONDecodeError:
             info = {}
     where = "the eplb-topology comment's "
