@@ -499,3 +499,16 @@ def test_a_recorded_cluster_whose_nodes_do_not_split_its_gpus_is_refused(tmp_pat
     yaml_path.write_text(yaml_path.read_text().replace('"num_nodes":1', '"num_nodes":3'))
     with pytest.raises(FormatError, match=r"num_gpus \(4\) is not a multiple of its num_nodes"):
         read_placement(yaml_path)
+
+
+@pytest.mark.parametrize("num_gpus", ["4", 4.0, True])
+def test_read_placement_refuses_a_gpu_count_that_is_no_integer(tmp_path, num_gpus):
+    # a file that records its cluster compared num_gpus unchecked: "4" was refused as
+    # "records 4 GPUs; num_gpus=4 contradicts it" and 4.0 accepted, where a file that
+    # records none refuses both as no integer
+    placement = eplb.plan(torch.rand(2, 8), 8, 4)
+    for name in ("p.json", "p.trtllm.yaml", "p.sglang.json"):
+        path = write_placement(placement, tmp_path / name)
+        with pytest.raises(ValueError, match="num_gpus must be a positive integer"):
+            read_placement(path, num_gpus=num_gpus)
+    assert read_placement(tmp_path / "p.json", num_gpus=np.int64(4)).topology.num_gpus == 4

@@ -28,7 +28,7 @@ import torch
 
 from eplb.core.inputs import RepeatedKeyError, unique_keys
 from eplb.core.placement import Placement, PlacementError
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, positive_int
 from eplb.core.trace import model_layer_ids
 from eplb.formats._counts import unplain_kind
 from eplb.formats._expand import check_expansion
@@ -67,7 +67,8 @@ def read_placement(
     Raises:
         FormatError: malformed file, unknown content, or a placement that breaks the
             contract (the message names the file and the violation).
-        ValueError: ``num_gpus`` is needed and missing, or contradicts the file's.
+        ValueError: ``num_gpus`` is needed and missing, is not a positive integer, or
+            contradicts the file's.
     """
     placement, meta = read_placement_meta(
         path,
@@ -107,6 +108,8 @@ def read_placement_meta(
     contradicting ``num_gpus`` is not refused here: the caller compares ``topology`` with
     what it asked for (the CLI does, to name its own flags)."""
     path = Path(path)
+    if num_gpus is not None:  # the caller's, checked whether or not the file needs it
+        num_gpus = positive_int("num_gpus", num_gpus)
     kind = sniff_container(path)
     if kind == "json":
         doc = _load_json_doc(path)
