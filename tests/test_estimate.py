@@ -199,6 +199,19 @@ def test_estimator_knobs_take_numpy_and_tensor_numbers(wrap) -> None:
         ExponentialAverage(complex(1, 1))
 
 
+def test_auto_half_lives_take_numbers_and_refuse_the_rest() -> None:
+    # the estimators' other knobs went through the real-number rule; half_lives did not:
+    # True was a half-life of 1, "2" raised TypeError from a comparison, and NumPy or
+    # tensor numbers (or a list, unhashable) were stored as given
+    plain = AdaptiveAverage(half_lives=(0.5, 2.0))
+    given_ = AdaptiveAverage(half_lives=[np.float64(0.5), torch.tensor(2.0)])
+    assert given_ == plain and given_.half_lives == (0.5, 2.0) and hash(given_) == hash(plain)
+    for bad in ((True,), (np.bool_(True),), ("2",), (complex(1, 0),), (math.nan,),
+                (math.inf,), (0.0,), ()):
+        with pytest.raises(ValueError, match="auto half-lives must be finite numbers > 0"):
+            AdaptiveAverage(half_lives=bad)
+
+
 @settings(max_examples=25, deadline=None)
 @given(
     steps=st.integers(1, 12),

@@ -293,8 +293,12 @@ class AdaptiveAverage(Estimator):
     name: ClassVar[str] = "auto"
 
     def __post_init__(self) -> None:
-        if not self.half_lives or any(not (h > 0 and math.isfinite(h)) for h in self.half_lives):
-            raise ValueError(f"auto half-lives must be finite numbers > 0, got {self.half_lives}")
+        given = self.half_lives
+        half_lives = tuple(map(real_number, given)) if isinstance(given, Sequence) else ()
+        if not half_lives or any(h is None or not (h > 0 and math.isfinite(h))
+                                 for h in half_lives):
+            raise ValueError(f"auto half-lives must be finite numbers > 0, got {given!r}")
+        object.__setattr__(self, "half_lives", half_lives)  # plain floats: hashable
         for field_name in ("memory", "folds"):
             object.__setattr__(self, field_name, int_at_least(
                 f"auto {field_name} (windows)", getattr(self, field_name), 1))
