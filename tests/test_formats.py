@@ -629,3 +629,11 @@ def test_a_trace_prints_its_shape_not_its_numbers():
     text = repr(eplb.tools.generate_trace("deepseek-v3", steps=600))
     assert text.startswith("LoadTrace(steps=600, layers=58, experts=256, layer_ids=3..60")
     assert len(text) < 400
+
+
+def test_a_csv_header_of_another_width_is_refused(tmp_path):
+    # "layer,a,b" over rows of four cells was read silently: the names label another table
+    path = tmp_path / "w.csv"
+    path.write_text("layer,a,b\n3,1,2,3\n4,4,5,6\n")
+    with pytest.raises(FormatError, match="the CSV header has 3 cells but the rows have 4"):
+        read_loads(path)

@@ -45,6 +45,11 @@ def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
     if not rows:
         raise FormatError(path, "has a header but no data rows")
     width = len(rows[0])
+    if header is not None and len(header) != width:
+        # a header names every column: one of another width labels some other table (its
+        # names would be read against the wrong columns, the layer column among them)
+        raise FormatError(path, f"the CSV header has {len(header)} cells but the rows have "
+                                f"{width}")
     for i, row in enumerate(rows):
         if len(row) != width:
             raise FormatError(
