@@ -618,3 +618,15 @@ def test_the_portfolio_threshold_in_force() -> None:
     half = eplb.PlanOptions(portfolio_threshold=0.5)
     assert torch.equal(eplb.plan(w, 72, 8, options=auto).phy2log,
                        eplb.plan(w, 72, 8, options=half).phy2log)
+
+
+def test_number_knobs_take_zero_d_arrays_and_refuse_what_has_no_value() -> None:
+    # a 0-d NumPy array was refused where a 0-d tensor was taken; a meta tensor raised
+    # torch's NotImplementedError instead of the knob's ValueError
+    from eplb.online.estimate import ExponentialAverage
+
+    assert eplb.PlanOptions(portfolio_threshold=np.array(0.5)).portfolio_threshold == 0.5
+    assert ExponentialAverage(np.array(3.0)).half_life == 3.0
+    for bad in (torch.empty((), device="meta"), np.array([0.5]), np.array(True)):
+        with pytest.raises(ValueError, match="portfolio_threshold must be a number"):
+            eplb.PlanOptions(portfolio_threshold=bad)

@@ -56,15 +56,18 @@ def _int_at_least(name: str, value: object, minimum: int, what: str) -> int:
 
 def real_number(value: object) -> float | None:
     """``value`` as a float if it is a real number of any type (Python, NumPy, a 0-d
-    real tensor), else ``None``: booleans, complex numbers, text and arrays are not
+    real array or tensor), else ``None``: booleans, complex numbers, text and arrays are not
     knob values. Stored as float, a record stays hashable and prints plainly."""
     kind = str(getattr(value, "dtype", ""))
     if isinstance(value, bool) or "bool" in kind or "complex" in kind:
         return None
     if isinstance(value, numbers.Real):
         return float(value)
-    if getattr(value, "shape", None) == () and hasattr(value, "dim"):  # a 0-d tensor
-        return float(value)
+    if tuple(getattr(value, "shape", (None,))) == () and ("int" in kind or "float" in kind):
+        try:  # a 0-d NumPy array or tensor (a meta tensor has no value to read)
+            return float(value)
+        except (NotImplementedError, RuntimeError):
+            return None
     return None
 
 
