@@ -17,6 +17,7 @@ Engine constraints honoured here (read from the engines' sources):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -326,6 +327,7 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
     return placement, meta
 
 
+@functools.cache
 def _unique_key_loader() -> type:
     """PyYAML's safe loader, refusing a mapping that gives one key twice
     (:class:`eplb.core.inputs.RepeatedKeyError`): like JSON, YAML keeps the last silently,
