@@ -147,7 +147,7 @@ def _forced(
 
 def _refine_rows(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
-    budgeted: bool,
+    budgeted: bool, drop_first_rung: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """``[C, L, R]`` warm-start candidates of global layers ``base`` (candidate 0 is
     ``base``) with a per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``),
@@ -155,7 +155,8 @@ def _refine_rows(
     :func:`eplb.online.moves.expected_peak` takes them (``counts``, ``block``; empty when
     not known). ``budgeted`` adds the transfer-only candidates, which only a small budget
     picks: without one, none of them was chosen in 2784 steady-state layer plans
-    (BENCHMARKS.md §3 protocol)."""
+    (BENCHMARKS.md §3 protocol). ``drop_first_rung`` leaves out the first swap step's
+    candidate (and its entry in ``block``)."""
     topo = request.topology
     packing = request.options.packing
     steps = request.options.incremental.steps
@@ -169,6 +170,10 @@ def _refine_rows(
     if not budgeted:  # the base's counts, then the swap steps' (swaps keep them)
         known = {"counts": np.stack([moves.counts_of(base, weight.shape[1]), counts]),
                  "block": np.minimum(np.arange(inner.shape[0]), 1)}
+    if drop_first_rung:  # candidate 1: the first swap step (no transfer-only ones here)
+        inner = np.delete(inner, 1, 0)
+        if known:
+            known["block"] = np.delete(known["block"], 1)
     if request.active_gpus is None:
         return inner, transfers, known
     # dead GPUs: the live GPUs' slots were refined
@@ -300,15 +305,13 @@ def plan_incremental(
                                       node_of_group, units)
         peak, now, cost, take = scored.peak, scored.now, scored.cost, scored.take
     else:
-        candidates, transfers, known = _refine_rows(weight, base, request, layer_quota,
-                                                    max_moves is not None)
         back = max(1, round(1 / 16 / options.quota))
-        if max_moves is None and options.steps - back >= 2:
-            # the ladder's first rung is not scored where the rule below compares later
-            # ones: it was picked in 2 of 1392 steady layer plans, and dropping it left
-            # the next window and the moves unchanged (BENCHMARKS.md §3)
-            candidates = np.delete(candidates, 1, 0)
-            known["block"] = np.delete(known["block"], 1)
+        # the ladder's first rung is not scored where the rule below compares later ones:
+        # it was picked in 2 of 1392 steady layer plans, and dropping it left the next
+        # window and the moves unchanged (BENCHMARKS.md §3)
+        candidates, transfers, known = _refine_rows(
+            weight, base, request, layer_quota, max_moves is not None,
+            drop_first_rung=max_moves is None and options.steps - back >= 2)
         peak, now = score(_live_only(candidates, live_gpus, topo), **known)
         # a fresh plan, relabelled onto the old GPUs, for the layers whose ladder:
         # - still gains a move price over its last 1/16 of the slots (the last step at
