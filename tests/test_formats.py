@@ -637,3 +637,15 @@ def test_a_csv_header_of_another_width_is_refused(tmp_path):
     path.write_text("layer,a,b\n3,1,2,3\n4,4,5,6\n")
     with pytest.raises(FormatError, match="the CSV header has 3 cells but the rows have 4"):
         read_loads(path)
+
+
+def test_a_csv_table_after_comment_lines_is_read(tmp_path):
+    # the CSV reader skips '#' lines, but a file starting with one was "unrecognised
+    # content": the format detection looked at the comment only (found by the review pass)
+    path = tmp_path / "w.csv"
+    path.write_text("# routed tokens of model X\n# one row per layer\n1,2,3\n4,5,6\n")
+    assert read_loads(path).counts.tolist() == [[[1, 2, 3], [4, 5, 6]]]
+    prose = tmp_path / "notes.md"  # a title over a sentence with a comma stays no CSV
+    prose.write_text("# Notes\nHello, world\nmore, prose\n")
+    with pytest.raises(FormatError, match="unrecognised content"):
+        read_loads(prose)

@@ -100,11 +100,23 @@ def sniff_container(path: str | PathLike[str]) -> str:
     first = lines[0] if lines else ""
     if re.match(r"^[\w\s.\-+,\"']*,[\w\s.\-+,\"']*$", first) and "," in first:
         return "csv"
+    if first.lstrip().startswith("#") and _commented_csv(lines):
+        return "csv"
     if _looks_like_yaml(lines):
         return "yaml"
     if re.match(r"^[\d.eE+\-\s]+$", first):
         return "csv"  # a single column of numbers
     return "text"
+
+
+def _commented_csv(lines: list[str]) -> bool:
+    """A CSV load table after ``#`` comment lines (the CSV reader skips them): its first
+    other line is a row of cells and the next one a row of numbers (so a Markdown title
+    over a sentence with a comma is still no CSV)."""
+    rows = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return (len(rows) >= 2 and "," in rows[0]
+            and re.match(r"^[\w\s.\-+,\"']*$", rows[0]) is not None
+            and re.match(r"^[\d.eE+\-\s,]*\d[\d.eE+\-\s,]*$", rows[1]) is not None)
 
 
 def _looks_like_yaml(lines: list[str]) -> bool:
