@@ -497,7 +497,8 @@ def test_a_recorded_cluster_whose_nodes_do_not_split_its_gpus_is_refused(tmp_pat
         read_placement(path)
     yaml_path = write_placement(eplb.plan(torch.rand(2, 8), 8, 4), tmp_path / "p.yaml")
     yaml_path.write_text(yaml_path.read_text().replace('"num_nodes":1', '"num_nodes":3'))
-    with pytest.raises(FormatError, match=r"num_gpus \(4\) is not a multiple of its num_nodes"):
+    with pytest.raises(FormatError, match=r"do not fit the recorded topology of 4 GPUs: "
+                                          r"num_gpus \(4\) is not a multiple of num_nodes \(3\)"):
         read_placement(yaml_path)
 
 

@@ -218,7 +218,8 @@ def _int_rows(path: Path, value: Any, what: str) -> torch.Tensor:
 
 
 def _topology(
-    path: Path, num_slots: int, num_gpus: int | None, num_nodes: int, num_groups: int, engine: str
+    path: Path, num_slots: int, num_gpus: int | None, num_nodes: int, num_groups: int, engine: str,
+    recorded: bool = False,
 ) -> Topology:
     if num_gpus is None:
         raise ValueError(
@@ -227,11 +228,14 @@ def _topology(
             f"size with num_gpus= (CLI: -g/--gpus; {num_slots} slots must divide evenly)"
         )
     try:
-        return Topology(num_slots, num_gpus, num_nodes, num_groups)
+        topo = Topology(num_slots, num_gpus, num_nodes, num_groups)
+        topo.gpus_per_node  # noqa: B018 (the GPUs must split into equal nodes)
     except ValueError as exc:
         # the file's own slot count first: "num_replicas (72)" alone read as the caller's
-        raise FormatError(path, f"its {num_slots} slots per layer do not fit the given "
+        whose = "recorded" if recorded else "given"
+        raise FormatError(path, f"its {num_slots} slots per layer do not fit the {whose} "
                                 f"topology of {num_gpus} GPUs: {exc}") from None
+    return topo
 
 
 def _build(
@@ -427,13 +431,10 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
         num_nodes = _field_int(path, info, "num_nodes", 1, where)
         num_groups = _field_int(path, info, "num_groups", 1, where)
         recorded = {"num_gpus": num_gpus, "num_nodes": num_nodes, "num_groups": num_groups}
-        if num_gpus is not None and num_nodes is not None and num_nodes > 0 and (
-                num_gpus % num_nodes):
-            raise FormatError(path, f"{where}num_gpus ({num_gpus}) is not a multiple of its "
-                                    f"num_nodes ({num_nodes})")
     if num_experts is None and "num_experts" in info:
         num_experts = _field_int(path, info, "num_experts", where=where)
-    topo = _topology(path, width, num_gpus, num_nodes, num_groups, "TensorRT-LLM")
+    topo = _topology(path, width, num_gpus, num_nodes, num_groups, "TensorRT-LLM",
+                     recorded is not None)
     placement = _build(path, rows, num_experts, topo, policy or info.get("policy", "global"), None)
     meta = {"format": "trtllm", "layer_ids": ids, "policy": info.get("policy")}
     if recorded is not None:
