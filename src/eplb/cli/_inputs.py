@@ -59,6 +59,12 @@ def require_loads_files(names: list[str]) -> None:
             raise CliError(f"loads file {name!r} not found")
 
 
+def all_zero_rows_note(count: int) -> str:
+    """``" (2 all-zero rows left out)"`` after a file's name (empty for none): bench and
+    simulate leave a dump's dense layers out and say so alike."""
+    return f" ({count} all-zero row{'s' if count > 1 else ''} left out)" if count else ""
+
+
 def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress: bool = False
                ) -> LoadTrace:
     """Read ``paths`` with the reading options in ``args``; several files are concatenated

@@ -22,7 +22,7 @@ from eplb.cli._common import (
     say_written,
 )
 from eplb.cli._compare import HEADERS, Comparison, add_to_report, compare, describe
-from eplb.cli._inputs import read_trace
+from eplb.cli._inputs import all_zero_rows_note, read_trace
 from eplb.cli.sim import replay_windows
 from eplb.core.inputs import as_seed
 from eplb.tools.report import plot_balancedness_over_time
@@ -79,10 +79,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 replicas, gpus = default_shape(weight.shape[1], args.gpus, args.replicas)
                 check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1],
                                weight.shape[0])
-                name = Path(job).name
-                dropped = int((~keep).sum())
-                if dropped:  # plan counts them (an even placement); say why the counts differ
-                    name += f" ({dropped} all-zero row{'s' if dropped > 1 else ''} left out)"
+                # plan counts them (an even placement); say why the counts differ
+                name = Path(job).name + all_zero_rows_note(int((~keep).sum()))
                 c = compare(name, weight, replicas, gpus, args.nodes, args.groups,
                             policy=args.policy, seed=args.seed, repeats=args.repeats,
                             layer_ids=ids)

@@ -43,10 +43,15 @@ from eplb.formats.placement_writer import dead_gpus_message
 MAX_FIRST_LAYER = MAX_MODEL_LAYERS - 1  # SGLang files get a row for each layer below
 
 
+def dead_gpu_ids(active: torch.Tensor | None) -> list[int] | None:
+    """The dead GPUs of a live mask, for plan's and eval's ``--json`` (``None``: no mask)."""
+    return None if active is None else (~active.bool()).nonzero().flatten().tolist()
+
+
 def dead_note(active: torch.Tensor | None) -> str:
     """``", GPUs 3,17 dead"`` for a table title (empty when every GPU is live): plan's and
     eval's, alike."""
-    dead = [] if active is None else (~active.bool()).nonzero().flatten().tolist()
+    dead = dead_gpu_ids(active) or []
     return f", GPU{'s' if len(dead) > 1 else ''} {','.join(map(str, dead))} dead" if dead else ""
 
 
@@ -293,7 +298,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "balancedness_ceiling": ceil.overall,
         "worst_max_over_mean_before": before_worst,
         "worst_max_over_mean_after": after_worst,
-        "dead_gpus": None if active is None else (~active).nonzero().flatten().tolist(),
+        "dead_gpus": dead_gpu_ids(active),
         "moved_slots_total": None if moved is None else int(moved.sum()),
         "moved_slots_max_layer": None if moved is None else int(moved.max()),
     }

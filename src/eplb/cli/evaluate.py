@@ -19,7 +19,14 @@ from eplb.cli._common import (
     static_gpu_loads,
 )
 from eplb.cli._inputs import cli_policy, read_trace, warn, warn_if_no_load
-from eplb.cli.commands import _distinct_rows, _layer_ids, _routing, _rows_of_loads, dead_note
+from eplb.cli.commands import (
+    _distinct_rows,
+    _layer_ids,
+    _routing,
+    _rows_of_loads,
+    dead_gpu_ids,
+    dead_note,
+)
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.formats import read_placement_meta
@@ -146,8 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "worst_max_over_mean_after": after_worst,
         "dispatch": args.dispatch,
         # as plan's summary: the GPUs the placement leaves empty (None: every GPU is live)
-        "dead_gpus": (None if placement.active_gpus is None
-                      else (~placement.active_gpus.bool()).nonzero().flatten().tolist()),
+        "dead_gpus": dead_gpu_ids(placement.active_gpus),
         "layers": per_layer,
     }
     if nearest is not None:

@@ -22,7 +22,7 @@ from eplb.cli._common import (
     progress,
     say_written,
 )
-from eplb.cli._inputs import cli_policy, read_trace
+from eplb.cli._inputs import all_zero_rows_note, cli_policy, read_trace
 from eplb.core import LoadTrace
 from eplb.formats import write_loads
 from eplb.tools.generator import PRESETS, generate_trace
@@ -108,11 +108,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # a dump's dense layers (all zero in every step, as SGLang writes DeepSeek's 0..2) hold
     # no experts: replayed, their even placement replaced the trivial one at the first
     # rebalance and counted as moved expert weights. As bench does, they are left out
-    left_out = [] if not bool(trace.counts.any()) else [
-        lid for lid, used in zip(trace.layer_ids, trace.counts.sum((0, 2)).gt(0).tolist(),
-                                 strict=True) if not used]
-    if left_out:
-        trace = trace.drop_empty_layers()
+    left_out = []
+    if bool(trace.counts.any()):  # an all-zero trace keeps its rows (warned of elsewhere)
+        kept = trace.drop_empty_layers()
+        left_out = [lid for lid in trace.layer_ids if lid not in set(kept.layer_ids)]
+        trace = kept
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
                    trace.num_layers)
@@ -170,10 +170,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                      else f"{s['moved_slots_per_rebalance']:.0f}",
                      None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
     print_table(
-        f"{args.trace}"
-        + (f" ({len(left_out)} all-zero row{'s' if len(left_out) > 1 else ''} left out)"
-           if left_out else "")
-        + f": {trace.num_steps} steps, {trace.num_layers} layers × {trace.num_experts} "
+        f"{args.trace}{all_zero_rows_note(len(left_out))}: {trace.num_steps} steps, "
+        f"{trace.num_layers} layers × {trace.num_experts} "
         f"experts on {replicas} slots / {gpus} GPUs; plan on {cad.window} steps every "
         f"{cad.interval}, scored in windows of {cad.scoring}",
         headers, rows)
