@@ -164,11 +164,14 @@ def _refine_rows(
     num_live = int(request.live.sum())
     live_base = base if request.active_gpus is None else base[:, live_slot]
     # the forced moves spread every stacked replica (moves.fill_and_spread)
+    # (the dead GPUs' slots are empty: the live slots hold every replica of the base)
+    base_counts = moves.counts_of(live_base, weight.shape[1])
     inner, transfers, counts = moves.warm_ladder(weight, live_base, num_live, quota, steps,
-                                                 packing, budgeted, spread=True)
+                                                 packing, budgeted, spread=True,
+                                                 base_counts=base_counts)
     known = {}
     if not budgeted:  # the base's counts, then the swap steps' (swaps keep them)
-        known = {"counts": np.stack([moves.counts_of(base, weight.shape[1]), counts]),
+        known = {"counts": np.stack([base_counts, counts]),
                  "block": np.minimum(np.arange(inner.shape[0]), 1)}
     if drop_first_rung:  # candidate 1: the first swap step (no transfer-only ones here)
         inner = np.delete(inner, 1, 0)

@@ -263,6 +263,7 @@ def warm_ladder(
     options: PackingOptions,
     transfers_only: bool = True,
     spread: bool = False,
+    base_counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Warm-start candidates of every row, from few moves to many, ``[B]`` the replica
     transfers each row's counts are from Jefferson's, and ``[B, E]`` the replica counts
@@ -282,6 +283,7 @@ def warm_ladder(
         spread: ``base`` holds no two replicas of an expert on one GPU where it need not
             (:func:`stacked` is False on every row): only rows whose transfers stacked
             replicas (or with an expert on more replicas than GPUs) are then scanned.
+        base_counts: ``[B, E]`` :func:`counts_of` ``(base)``, when the caller has it.
 
     Returns:
         ``([steps + 4, B, R], [B], [B, E])``: the candidates (``[steps + 1, B, R]``
@@ -291,7 +293,7 @@ def warm_ladder(
     if base.shape[0] == 0:  # no row to search (e.g. no node can set its layer's time)
         return (np.repeat(base[None], steps + (4 if transfers_only else 1), 0),
                 np.zeros(0, np.int64), np.zeros((0, weight.shape[1]), np.int64))
-    counts = counts_of(base, weight.shape[1])
+    counts = counts_of(base, weight.shape[1]) if base_counts is None else base_counts
     donor, receiver, count = transfer_order(weight, base, counts, num_gpus)
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
