@@ -500,6 +500,11 @@ def test_a_recorded_cluster_whose_nodes_do_not_split_its_gpus_is_refused(tmp_pat
     with pytest.raises(FormatError, match=r"do not fit the recorded topology of 4 GPUs: "
                                           r"num_gpus \(4\) is not a multiple of num_nodes \(3\)"):
         read_placement(yaml_path)
+    # an engine file records no cluster: the given one must split alike
+    sglang = write_placement(eplb.plan(torch.rand(2, 8), 8, 4), tmp_path / "p.sglang.json")
+    with pytest.raises(FormatError, match=r"do not fit the given topology of 4 GPUs: "
+                                          r"num_gpus \(4\) is not a multiple of num_nodes \(3\)"):
+        read_placement(sglang, num_gpus=4, num_nodes=3)
 
 
 @pytest.mark.parametrize("num_gpus", ["4", 4.0, True])
