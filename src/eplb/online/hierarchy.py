@@ -11,8 +11,9 @@ Two kinds of candidates come from here:
   mean GPU load whatever is done inside it, so a node whose busiest GPU is already below
   that mean cannot. Each step may change a node row's share of the layer's ``quota``.
 - **warm regroups** (:func:`candidates`): where the group→node assignment with the
-  smallest bound puts groups on other nodes than the placement in force, the groups that
-  change node move and nothing else at first: their old slots empty, the arriving
+  smallest bound puts groups on other nodes than the placement in force, and its bound is
+  smaller than the assignment in force's, the groups that change node move and nothing
+  else at first: their old slots empty, the arriving
   experts are dealt into them (:func:`fill_arrivals`), then the ladder refines the
   layer's nodes. A fresh plan of the layer would repack every node, moving most of its
   slots for the same groups.
@@ -31,8 +32,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from eplb.core.bounds import assignment_node_bounds
 from eplb.core.packing import repair_assignment
 from eplb.core.policies import HierarchicalPolicy
+from eplb.core.policies.hierarchical import best_partition
 from eplb.core.request import PlanRequest
 from eplb.online import moves
 from eplb.online.align import match_blocks
@@ -206,9 +209,10 @@ def candidates(
     """Warm-start candidates of hierarchical layers ``base [L, R]``, scored: the node
     ladder of ``base`` (``K`` candidates, the first is ``base``), then the warm regroup
     and its node ladder (``K`` more) for the layers whose best group→node assignment
-    differs from ``base``'s (module docstring; elsewhere not offered). Both ladders run
-    as one batched search, and are scored as node rows (a node row's GPUs are the
-    layer's, so nothing is turned back into layers but the chosen candidates).
+    differs from ``base``'s and has a smaller bound (module docstring; elsewhere not
+    offered). Both ladders run as one batched search, and are scored as node rows (a node
+    row's GPUs are the layer's, so nothing is turned back into layers but the chosen
+    candidates).
     ``node_of_group [L, G]``: each group's node in ``base`` (:func:`group_nodes`), and
     ``units [L, E]``: the integer loads (:func:`eplb.online.moves.units_of`), when the
     caller has them.
@@ -216,14 +220,26 @@ def candidates(
     topo = request.topology
     layers, nodes = base.shape[0], topo.num_nodes
     current = group_nodes(base, request)[0] if node_of_group is None else node_of_group
-    target = HierarchicalPolicy.assign_groups(
-        torch.from_numpy(weight), topo, request.options, request.generator()
-    ).cpu().numpy()  # [L, G] node labels of the best assignment
+    host = torch.from_numpy(weight)
+    best = best_partition(host, topo)
+    if best is None:  # too many assignments to enumerate: offered wherever labels differ
+        target = HierarchicalPolicy.assign_groups(host, topo, request.options,
+                                                  request.generator()).numpy()
+        worth = np.ones(layers, bool)
+    else:
+        # a regroup only where it lowers the layer's bound: where the assignment in force
+        # has the best bound already, the best one differs only by its tie-break (even
+        # nodes), and such regroups were taken in 49 of 375 steady layers (BENCHMARKS.md
+        # §3) at the cost of a second ladder
+        target, bounds = (t.numpy() for t in best)  # [L, G] node labels, [L, A]
+        held = assignment_node_bounds(host, torch.from_numpy(current), topo.num_replicas,
+                                      topo.num_gpus, nodes, topo.num_groups).amax(1).numpy()
+        worth = held > bounds.min(1) * (1 + 1e-9)
     # relabel each target node onto the current node that keeps most of its groups
     onehot = np.eye(nodes, dtype=np.float32)
     kept = np.einsum("lgn,lgm->lnm", onehot[target], onehot[current])  # [L, N_new, N_old]
     wanted = np.take_along_axis(match_blocks(kept), target, 1)  # [L, G] in current labels
-    rows = np.nonzero((wanted != current).any(1))[0]
+    rows = np.nonzero((wanted != current).any(1) & worth)[0]
     node_weight, node_start, experts = node_rows(weight, base, request, current)
     always = None
     if len(rows):

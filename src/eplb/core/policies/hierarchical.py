@@ -35,7 +35,7 @@ class HierarchicalPolicy(PlacementPolicy):
         weight, topology, options = request.weight, request.topology, request.options
         generator = request.generator()
         by_load = self.balanced_groups(weight, topology)
-        best = _best_partition(weight, topology)
+        best = best_partition(weight, topology)
         if best is None:
             by_bound = self.assign_groups(weight, topology, options, generator)
             layer_bound = None
@@ -130,7 +130,7 @@ class HierarchicalPolicy(PlacementPolicy):
         """
         num_layers, _num_experts = weight.shape
         nodes, groups = topology.num_nodes, topology.num_groups
-        best = _best_partition(weight, topology)
+        best = best_partition(weight, topology)
         if best is not None:
             return best[0]
         group_load = weight.view(num_layers, groups, -1).sum(2)
@@ -167,7 +167,7 @@ class HierarchicalPolicy(PlacementPolicy):
         return torch.from_numpy(node_of_group).to(weight.device)
 
 
-def _best_partition(
+def best_partition(
     weight: torch.Tensor, topology: Topology
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The group→node assignment with the smallest hierarchical bound per layer; ties (common:
