@@ -158,23 +158,23 @@ def pair_max(w: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return F, _expert_at(w, c, x, k), _expert_at(w, c, x, x.shape[1] - 1 - k)
 
 
-def _partner_of(x: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """``[N, K]`` the piece a new piece of each value in ``values [N, K]`` would pair with
-    in the pairing of pieces ``x [N, 2P]`` (heaviest first): the mirror of its rank."""
+def _partner_of(x: np.ndarray, row: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``[K]`` the piece a new piece of each value in ``values [K]`` would pair with in
+    row ``row [K]`` of the pairing of pieces ``x [N, 2P]`` (heaviest first): the mirror
+    of its rank."""
     rows, num = x.shape
     # one global searchsorted: rows shifted apart by more than their value range
-    shift = (np.arange(rows) * (2.0 * float(x.max()) + 2.0))[:, None]
-    keys = (shift - x).ravel()  # ascending within a row, rows ascending
-    queries = (shift - values).ravel()
+    shift = np.arange(rows) * (2.0 * float(x.max()) + 2.0)
+    keys = (shift[:, None] - x).ravel()  # ascending within a row, rows ascending
+    queries = shift[row] - values
     # queries in ascending order search about twice as fast (each starts from the last
     # one's place); equal queries get equal ranks, so the sort's choice among ties is moot
     order = np.argsort(queries)
     rank = np.empty(len(queries), dtype=np.int64)
     rank[order] = np.searchsorted(keys, queries[order], side="left")
     # pieces strictly heavier than the value
-    rank = rank.reshape(values.shape) - (np.arange(rows) * num)[:, None]
-    mirror = np.clip(num - 1 - rank, 0, num - 1)
-    return np.take_along_axis(x, mirror, 1)
+    mirror = np.clip(num - 1 - (rank - row * num), 0, num - 1)
+    return x[row, mirror]
 
 
 def _receivers(w: np.ndarray, c: np.ndarray, x: np.ndarray, k: np.ndarray
@@ -248,9 +248,12 @@ def search_two_slot_counts(
             break
         wa, ca = w[active], counts[active]
         n = len(active)
-        grown = wa / np.maximum(ca - 1, 1)
         # the pair a donor's grown piece would join: its load estimates the move's cost
-        cost = np.where(ca >= 2, grown + _partner_of(x, grown), np.inf)
+        # (only experts with a replica to give are looked up: a few of E at R ≈ E)
+        cost = np.full(ca.shape, np.inf)
+        row, expert = np.nonzero(ca >= 2)
+        grown = wa[row, expert] / (ca[row, expert] - 1)
+        cost[row, expert] = grown + _partner_of(x, row, grown)
         if k_don < num_experts:
             # the k cheapest, ties by expert id (argpartition's choice among ties
             # depends on NumPy's SIMD dispatch)
@@ -259,19 +262,19 @@ def search_two_slot_counts(
             pick = np.broadcast_to(np.arange(num_experts), (n, num_experts))
         receivers = np.stack([top[active], bottom[active]], 1)  # [n, 2]
         # candidates [n, 2, k]: receiver r gains, donor d loses one replica
-        cand = np.broadcast_to(ca[:, None, None, :], (n, 2, k_don, num_experts)).copy()
-        i_n = np.arange(n)[:, None, None]
-        i_r = np.arange(2)[None, :, None]
-        i_k = np.arange(k_don)[None, None, :]
         donor = np.broadcast_to(pick[:, None, :], (n, 2, k_don))
         recv = np.broadcast_to(receivers[:, :, None], (n, 2, k_don))
-        cand[i_n, i_r, i_k, donor] -= 1
-        cand[i_n, i_r, i_k, recv] += 1
         legal = (np.take_along_axis(ca, pick, 1)[:, None, :] >= 2) & (donor != recv)
         # a receiver already on every GPU would stack its next replica on one of them
         legal &= np.take_along_axis(ca, receivers, 1)[:, :, None] < num_gpus
         # an illegal move (donor with one replica, or donor = receiver) keeps the counts
-        cand = np.where(legal[..., None], cand, ca[:, None, None, :]).reshape(-1, num_experts)
+        cand = np.broadcast_to(ca[:, None, None, :], (n, 2, k_don, num_experts)).copy()
+        i_n = np.arange(n)[:, None, None]
+        i_r = np.arange(2)[None, :, None]
+        i_k = np.arange(k_don)[None, None, :]
+        cand[i_n, i_r, i_k, donor] -= legal
+        cand[i_n, i_r, i_k, recv] += legal
+        cand = cand.reshape(-1, num_experts)
         cand_w = np.broadcast_to(wa[:, None, None, :], (n, 2, k_don, num_experts))
         cand_w = cand_w.reshape(-1, num_experts)
         cx = _scan(cand_w, cand)
