@@ -479,3 +479,16 @@ def test_eval_and_simulate_read_several_loads_files_as_steps_as_plan_does(capsys
                               "--json")[1])["runs"][0]["summary"]
     assert steps_of["steps"] == 4
     assert steps_of["window_balancedness"] == whole_of["window_balancedness"]
+
+
+def test_bench_on_a_file_of_all_zero_layers_names_the_file(capsys, tmp_path) -> None:
+    """bench leaves all-zero rows (dense layers) out; a file with no other rows is one
+    error naming the file and why, not 'weight has no layers (shape (0, E))'."""
+    loads = tmp_path / "dense.npy"
+    np.save(loads, np.zeros((3, E)))
+    code, _, err = run(capsys, "bench", "--no-builtin", str(loads), "-r", str(E), "-g", "4",
+                       "--repeats", "1")
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("eplb: error: "), err
+    assert "dense.npy" in lines[0] and "zero" in lines[0] and "shape" not in lines[0]

@@ -74,6 +74,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 trace = read_trace(job, args)
                 weight = trace.total()
                 keep = weight.sum(1) > 0  # dense layers (all zero) say nothing about balance
+                if not bool(keep.any()):
+                    raise CliError(f"{job}: every layer's loads are zero (no token routed): "
+                                   "nothing to benchmark")
                 weight = weight[keep]
                 ids = [i for i, k in zip(trace.layer_ids, keep.tolist(), strict=True) if k]
                 replicas, gpus = default_shape(weight.shape[1], args.gpus, args.replicas)
