@@ -105,3 +105,19 @@ def test_which_repairs_run_on_the_host():
     assert not host_repair_applies(wide)
     wide[EXPERT, 0, 0, 0] = MAX_HOST_TABLE // 4096 - 1
     assert host_repair_applies(wide)
+
+
+@pytest.mark.parametrize("host", [True, False])
+def test_a_stacked_previous_map_is_spread_by_swaps_not_redealt(host, monkeypatch):
+    """A map in force with two experts stacked on each of two GPUs is made valid by one
+    swap per stacked replica (at most 8 slots), whatever the budget. The repair once
+    swapped GPU 0's stacked replica with GPU 1's first copy of its own stacked expert,
+    kept GPU 1's flag on the copy that was no longer stacked, found no legal move for it
+    and re-dealt the layer round-robin: 18-19 of 20 slots moved under max_moves=0."""
+    import eplb
+
+    monkeypatch.setattr(repair_module, "host_repair_applies", lambda sub: host)
+    old = torch.tensor([[0, 1, 2, 2, 3, 3, 4, 5, 6, 7, 8, 9, 10, 11, 11, 12, 13, 14, 15, 15]])
+    for weight in (torch.zeros(1, 16), torch.ones(1, 16), torch.arange(1.0, 17.0)[None]):
+        placement = eplb.plan(weight, 20, 2, previous=old, max_moves=0).validate()
+        assert int(placement.moved_slots(old).sum()) <= 8

@@ -88,14 +88,15 @@ def _repair_torch(sub: torch.Tensor, conflict: torch.Tensor) -> torch.Tensor:
         u = on_gpu.to(torch.int8).max(1).indices
         movable = conflict.gather(2, u[None, :, None].expand(slots, -1, 1))[:, :, 0]  # [S, n]
         loads = sub[LOAD].sum(0)
-        sub, moved, slot = swap_from(
+        sub, moved, _slot = swap_from(
             sub, u, loads, todo, movable=movable, must_move=True, buffers=buffers
         )
         if not bool(moved.any()):
             break
-        # a legal swap clears exactly the moved replica's conflict and creates none
-        r = moved.nonzero()[:, 0]
-        conflict[slot[r], r, u[r]] = False
+        # a legal swap clears the moved replica's conflict and creates none; the replica
+        # it swapped with may have been stacked on its GPU, which clears (or moves) that
+        # GPU's flag too: the flags anew (the same on u, which kept its first copies)
+        conflict = _conflicts(sub)
     return conflict
 
 
@@ -202,8 +203,16 @@ def _repair_host(sub: torch.Tensor, conflict: torch.Tensor) -> torch.Tensor:
         held[at_v + e_i] += 1
         held[at_v + e_j] -= 1
         held[at_u + e_j] += 1
-        # a legal swap clears exactly the moved replica's conflict and creates none
+        # a legal swap clears the moved replica's conflict and creates none
         conf[i[ok], open_rows[ok], u[ok]] = False
+        # the replica it swapped with may have been stacked on v: v's flags anew (a copy
+        # after the first of its expert on v), as _repair_torch recomputes them
+        rows_v, gpus_v = open_rows[ok], v[ok]
+        col = ids[:, rows_v, gpus_v]  # [S, m]
+        flags = np.zeros(col.shape, bool)
+        for offset in range(1, slots):
+            flags[offset:] |= col[offset:] == col[:-offset]
+        conf[:, rows_v, gpus_v] = flags
         open_rows = open_rows[ok]
     return torch.from_numpy(conf)
 
