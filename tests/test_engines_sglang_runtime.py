@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from engines import _isolated_modules, _package
@@ -495,6 +496,17 @@ def test_wide_unsigned_step_counts_are_summed(dtype):
     expected = plugin.eplb_rebalance(tokens, 24, 3, None, 1, False)[0]
     assert torch.equal(plugin.eplb_rebalance(tokens.to(dtype), 24, 3, None, 1, False)[0],
                        expected)
+
+
+def test_summed_uint64_counts_beyond_int64_are_planned_not_wrapped():
+    # an [L, E] call skips _sum_steps: its uint64 counts were cast to int64, and counts of
+    # 2**63 or more wrapped to negative loads the check then blamed on the call
+    counts = np.full((4, 16), 2**63, dtype=np.uint64)
+    counts[:, 0] = 2**64 - 1  # expert 0 carries about twice the others' load
+    tokens = torch.from_numpy(counts)
+    phy2log, _, logcnt = plugin.eplb_rebalance(tokens, 24, 3, None, 1, False)
+    Placement.from_phy2log(phy2log, 16, Topology(24, 8)).validate()
+    assert bool((logcnt[:, 0] == logcnt.max(1).values).all())
 
 
 def test_a_per_layer_move_budget_is_refused_at_start_up():

@@ -190,7 +190,10 @@ def eplb_rebalance(
     if weight.dim() == 3:
         weight = _sum_steps(weight)
     weight = weight.to("cpu")
-    weight = weight.to(torch.float64 if weight.is_floating_point() else torch.int64)
+    # uint64 counts may pass int64's range (a cast would wrap them to negative loads):
+    # as float64, as _sum_steps and eplb.plan read them
+    wide = weight.is_floating_point() or weight.dtype == torch.uint64
+    weight = weight.to(torch.float64 if wide else torch.int64)
     for name, value in (("num_physical_experts", num_physical_experts),
                         ("num_local_physical_experts", num_local_physical_experts),
                         ("num_nodes", num_nodes)):
