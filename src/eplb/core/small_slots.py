@@ -312,17 +312,19 @@ def plan_one_slot(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
 
 
 def two_slot_iterations(num_experts: int, num_replicas: int) -> int:
-    """Automatic count-search iterations for ``S = 2``: one per 24 extra replicas, 1–48.
+    """Automatic count-search iterations for ``S = 2``: one per 24 extra replicas, 4–48.
 
     The moves a row needs grow with the extra replicas ``R − E`` (each move shifts one);
     so does the time of the engines' own planners (they loop over the extra replicas).
-    At R = 288, P = 144 (R − E = 32) the whole call with 1 iteration runs in 0.78–0.79× the
-    time of SGLang's ``deepseek_vec`` (real DeepSeek-V3 loads, 0.988 of the best known
-    counts' max); on synthetic loads of that shape 4 iterations of 4 donors reach 0.9937
-    of it in 1.5× the time, 12 reach 0.9979 in 2.1× (2026-12-03: the search stalls on its
-    choice of receivers, the two experts of the heaviest pair, more than on iterations).
+    Rows leave the search once an iteration finds no gain, so the count is a cap: the
+    floor of 4 costs time only where rows still improve, i.e. where ``R − E`` is small.
+    2026-12-04, ``bench_shapes.py --only "S=2"``, worst of 3 inputs against the best known
+    counts (floor 1 → 4): 58×256 P=144 0.9882 → 0.9950 in 0.59–0.62× → 0.89× the time of
+    SGLang's ``deepseek_vec``; 36×32 P=32 0.9894 → 0.9919 in 0.54× → 0.86×. A floor of 6
+    reached 0.9963 at P=144 but in 0.97–1.00× ``deepseek_vec``'s time. The other S = 2
+    shapes of the table already get 4 or more.
     """
-    return min(48, max(1, (num_replicas - num_experts) // 24))
+    return min(48, max(4, (num_replicas - num_experts) // 24))
 
 
 def plan_two_slots(
