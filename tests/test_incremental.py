@@ -168,6 +168,21 @@ def test_stacked_replicas_are_spread_whatever_the_budget():
         assert sorted(new.phy2log[0, :4].tolist()) == [0, 0, 1, 1]
 
 
+
+def test_an_expert_on_more_replicas_than_gpus_sheds_its_stacked_copies_only():
+    # a foreign map: expert 0 on 12 replicas over 8 GPUs, 3 of them on GPU 0 (2 allowed)
+    layout = [[0, 0, 0, 1], [0, 0, 1, 2], [0, 3, 4, 5], [0, 6, 7, 8], [0, 9, 10, 11],
+              [0, 2, 3, 4], [0, 5, 6, 7], [0, 0, 8, 9]]
+    previous = torch.tensor(layout).reshape(1, -1)
+    w = torch.linspace(0.5, 1.5, 12)[None].clone()
+    w[0, 0] = 6.0
+    for budget in (0, None):
+        new = eplb.plan(w, 32, 8, previous=previous, max_moves=budget)
+        assert_contract(new)
+        if budget == 0:  # one copy emptied and refilled; the row was re-dealt (29 moved)
+            assert int(new.moved_slots(previous).sum()) == 1
+            assert int(new.logcnt[0, 0]) == 11
+
 def test_gpu_dies():
     old = old_plan("global", 1, 1)  # planned on the full cluster
     active = torch.ones(P, dtype=torch.bool)

@@ -120,11 +120,27 @@ def fill_and_spread(
 ) -> np.ndarray:
     """Forced moves of a batch of global problems ``rows [B, R]``: every live slot filled,
     every expert covered (:func:`fill_and_cover`), replicas stacked on one GPU spread over
-    the live GPUs (``live [P]``, default all)."""
+    the live GPUs (``live [P]``, default all): by legal swaps, except the surplus copies
+    of an expert on more replicas than GPUs (:func:`surplus_copies`), which are emptied
+    and refilled."""
     live = np.ones(num_gpus, bool) if live is None else live
     live_slot = live.repeat(rows.shape[1] // num_gpus)
     out = fill_and_cover(weight, rows, live_slot, num_gpus)
-    bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
+    # the swap repair keeps replica counts, and re-deals a whole row holding an expert
+    # on more replicas than GPUs round-robin; where such an expert is stacked, its
+    # surplus copies are emptied and refilled instead (a foreign map: vLLM's greedy on a
+    # small model gives a hot expert more replicas than GPUs)
+    for keep in ("ceil", "one"):
+        bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
+        if not len(bad):
+            return out
+        shed = surplus_copies(np.where(live_slot[None], out[bad], -1), num_gpus, keep)
+        if not shed.any():
+            break
+        out[bad] = fill_and_cover(weight[bad], np.where(shed, -1, out[bad]), live_slot,
+                                  num_gpus)
+    else:
+        bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
     if len(bad):
         spread = repair_assignment(
             torch.from_numpy(weight[bad]), torch.from_numpy(out[bad]), torch.from_numpy(live)
@@ -538,6 +554,28 @@ def normal_draws(draws: int, num_gpus: int) -> np.ndarray:
     rng = np.random.default_rng(0x5EED)
     z = np.stack([rng.permutation(quantiles) for _ in range(num_gpus)], 1)
     return np.round(z * 2.0**20) / 2.0**20
+
+
+def surplus_copies(phy2log: np.ndarray, num_gpus: int, keep: str = "ceil") -> np.ndarray:
+    """``[B, R]`` True on the copies of an expert held on more replicas ``c`` than the
+    ``G`` GPUs that hold any (``-1`` slots and their GPUs left out) beyond the first
+    ``ceil(c / G)`` (``keep="ceil"``) or the first one (``keep="one"``) on their GPU, in
+    rows whose experts can fill their slots without sharing a GPU (``G · E`` at least the
+    filled slots). Emptied and refilled, they leave the expert on fewer replicas; the
+    swap repair cannot do that (swaps keep counts)."""
+    rows, num_slots = phy2log.shape
+    grid = phy2log.reshape(rows, num_gpus, -1)
+    filled = phy2log >= 0
+    num_experts = int(phy2log.max(initial=-1)) + 1
+    counts = counts_of(phy2log, num_experts)  # [B, E]
+    live_gpus = np.maximum((grid >= 0).any(2).sum(1), 1)  # [B]
+    room = live_gpus * num_experts >= filled.sum(1)
+    # the copy's rank among its expert's copies on its GPU (earlier slots first)
+    same = (grid[..., :, None] == grid[..., None, :]) & (grid[..., None, :] >= 0)
+    rank = np.tril(same, -1).sum(3).reshape(rows, num_slots)  # [B, R]
+    mine = np.take_along_axis(counts, np.maximum(phy2log, 0), 1)  # c of each slot's expert
+    allowed = -(-mine // live_gpus[:, None]) if keep == "ceil" else np.ones_like(mine)
+    return filled & room[:, None] & (mine > live_gpus[:, None]) & (rank >= allowed)
 
 
 def stacked(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
