@@ -274,6 +274,8 @@ def test_read_placement_malformed(tmp_path):
             "format_version",
         ),
         "lb.yaml": ("num_slots: 3\ninitial_global_assignments:\n  3: [0, 1]\n", "num_slots is 3"),
+        "float_slots.yaml": ("num_slots: 2.0\ninitial_global_assignments:\n  3: [0, 1]\n",
+                             "num_slots must be a positive integer, got 2.0"),
         "junk.bin": ("\x01\x02", "expected a placement"),
     }
     for name, (text, expect) in cases.items():

@@ -407,6 +407,9 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
             path, f"initial_global_assignments rows must be lists of one length, found {lengths}"
         )
     width = lengths.pop()
+    if num_slots is not None and (type(num_slots) is not int or num_slots <= 0):
+        # TensorRT-LLM's MoeLoadBalancerConfig types it int (YAML's 2.0 is a float)
+        raise FormatError(path, f"num_slots must be a positive integer, got {shown(num_slots)}")
     if num_slots is not None and num_slots != width:
         raise FormatError(
             path, f"num_slots is {shown(num_slots)} but the assignment lists have {width} entries"
