@@ -94,6 +94,13 @@ def _hostile(tmp: Path) -> list[tuple[str, str]]:
     add("mixed.json", "[[3, 5, true, 7]]", "the JSON array[0][2] is true, not a load")
     np.save(tmp / "scalar.npy", np.array(5.0))
     cases.append(("scalar.npy", "single number"))
+    # archives cut short (an interrupted copy): they were "unrecognised content"
+    for name, save in (("cut.npz", lambda p: np.savez(p, loads=np.ones((4, E)))),
+                       ("cut.pt", lambda p: torch.save(torch.ones(4, E), p))):
+        save(tmp / name)
+        whole = (tmp / name).read_bytes()
+        (tmp / name).write_bytes(whole[: len(whole) // 2])
+        cases.append((name, "damaged or truncated zip archive"))
     return cases
 
 

@@ -53,6 +53,7 @@ def sniff_container(path: str | PathLike[str]) -> str:
     ``"npy"``, ``"safetensors"``, ``"json"``, ``"csv"``, ``"yaml"``, ``"text"`` (other
     text) or ``"unknown"``.
 
+    A zip archive (.pt, .npz) that cannot be opened is refused (``FormatError``).
     FIFOs, sockets and devices are refused (reading one may block forever), and so is a
     file this user cannot read (``PermissionError``).
     """
@@ -66,8 +67,11 @@ def sniff_container(path: str | PathLike[str]) -> str:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
-        except (zipfile.BadZipFile, OSError, EOFError):
-            return "unknown"
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            # .pt and .npz files are zip archives: one cut short (a copy or a save that
+            # was interrupted) loses its directory, which sits at the end
+            raise FormatError(path, f"is a damaged or truncated zip archive (the container "
+                              f"of .pt and .npz files): {exc}") from None
         if any(n.endswith("data.pkl") for n in names):
             return "pt-zip"
         if names and all(n.endswith(".npy") for n in names):
