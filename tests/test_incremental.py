@@ -183,6 +183,32 @@ def test_an_expert_on_more_replicas_than_gpus_sheds_its_stacked_copies_only():
             assert int(new.moved_slots(previous).sum()) == 1
             assert int(new.logcnt[0, 0]) == 11
 
+
+def test_forced_moves_of_a_row_with_an_expert_on_more_replicas_than_gpus():
+    # expert 3 on 5 replicas over 3 GPUs, at most ceil(5/3) = 2 on one (allowed), and 13
+    # twice on GPU 0: un-stacking 13 re-dealt the whole row round-robin (23-24 of 24
+    # moved) unless another layer of the call shed copies (then 4): rows depended on
+    # their neighbours
+    a = [3, 3, 13, 13, 16, 6, 7, 0, 3, 3, 12, 2, 11, 9, 14, 1, 3, 15, 8, 4, 5, 10, 0, 2]
+    b = [3, 3, 3, 13, 16, 6, 7, 0, 3, 3, 12, 2, 11, 9, 14, 1, 15, 8, 4, 5, 10, 0, 2, 13]
+    w = torch.linspace(0.5, 1.5, 17).repeat(2, 1)
+    w[:, 3] = 5.0
+    alone = eplb.plan(w[:1], 24, 3, previous=torch.tensor([a]), max_moves=0)
+    both = eplb.plan(w, 24, 3, previous=torch.tensor([a, b]), max_moves=0)
+    assert_contract(alone)
+    assert_contract(both)
+    assert int(alone.moved_slots(torch.tensor([a])).sum()) <= 4
+    assert torch.equal(alone.phy2log[0], both.phy2log[0])
+    # 10 copies stacked (7, 8 on 6 replicas over 4 GPUs): shedding them lifted 2, stacked
+    # on two GPUs, to 6 replicas, and the row was re-dealt (29 of 32 moved)
+    c = [7, 6, 5, 8, 6, 8, 7, 1, 8, 7, 1, 8, 6, 2, 1, 3, 8, 7, 2, 4, 7, 5, 2, 1,
+         8, 2, 4, 6, 2, 4, 2, 7]
+    new = eplb.plan(torch.linspace(0.5, 1.5, 9)[None], 32, 4, previous=torch.tensor([c]),
+                    max_moves=0)
+    assert_contract(new)
+    assert int(new.moved_slots(torch.tensor([c])).sum()) <= 12
+
+
 def test_gpu_dies():
     old = old_plan("global", 1, 1)  # planned on the full cluster
     active = torch.ones(P, dtype=torch.bool)

@@ -127,20 +127,27 @@ def fill_and_spread(
     live_slot = live.repeat(rows.shape[1] // num_gpus)
     out = fill_and_cover(weight, rows, live_slot, num_gpus)
     # the swap repair keeps replica counts, and re-deals a whole row holding an expert
-    # on more replicas than GPUs round-robin; where such an expert is stacked, its
-    # surplus copies are emptied and refilled instead (a foreign map: vLLM's greedy on a
-    # small model gives a hot expert more replicas than GPUs)
-    for keep in ("ceil", "one"):
+    # on more replicas than GPUs round-robin; in a stacked row, such an expert's surplus
+    # copies are emptied and refilled instead (a foreign map: vLLM's greedy on a small
+    # model gives a hot expert more replicas than GPUs). Every pass runs on every row
+    # still stacked and sheds what it finds there, so a row's moves do not depend on the
+    # other rows of the call: "ceil" first, then "one" (it also takes a row whose such
+    # expert is within ceil(c/G) while another is stacked) until it finds nothing: a
+    # refill may lift a stacked expert above G replicas (it lacked the GPUs refilled).
+    # Refills never stack, so each "one" pass leaves fewer stacked (expert, GPU) pairs.
+    keep = "ceil"
+    for _ in range(rows.shape[1] + 1):
         bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
         if not len(bad):
             return out
         shed = surplus_copies(np.where(live_slot[None], out[bad], -1), num_gpus, keep)
-        if not shed.any():
+        if shed.any():
+            out[bad] = fill_and_cover(weight[bad], np.where(shed, -1, out[bad]), live_slot,
+                                      num_gpus)
+        elif keep == "one":
             break
-        out[bad] = fill_and_cover(weight[bad], np.where(shed, -1, out[bad]), live_slot,
-                                  num_gpus)
-    else:
-        bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
+        keep = "one"
+    bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
     if len(bad):
         spread = repair_assignment(
             torch.from_numpy(weight[bad]), torch.from_numpy(out[bad]), torch.from_numpy(live)
