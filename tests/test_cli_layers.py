@@ -456,3 +456,25 @@ def test_simulate_leaves_a_dumps_dense_rows_out(capsys, tmp_path) -> None:
     assert timeless[0] == timeless[1] and timeless[0]["moved_slots_per_rebalance"] > 0
     code, text, _ = run(capsys, "simulate", dump, *argv[:-1])
     assert code == 0 and "dump.sglang.json (2 all-zero rows left out): 60 steps, 3 layers" in text
+
+
+def test_in_force_is_scored_on_the_gpus_that_serve_now(capsys, tmp_path, loads) -> None:
+    """A map planned while GPU 1 was dead leaves it idle once it is live again: the "in
+    force" row scores that on the cluster the new plan is for, as "after" is, not on the
+    old map's live GPUs (which showed a near-perfect map the plan then seemed to worsen)."""
+    from eplb.formats import read_loads, read_placement
+
+    old = tmp_path / "degraded.json"
+    assert run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--dead-gpus", "1",
+               "-o", str(old))[0] == 0
+    code, out, _ = run(capsys, "plan", str(loads), "-r", "24", "-g", "4", "--previous",
+                       str(old), "-o", str(tmp_path / "revived.json"), "--json")
+    assert code == 0
+    summary = json.loads(out)
+    weight = read_loads(loads).counts.sum(0)
+    gpu_loads = read_placement(old).gpu_loads(weight)  # GPU 1's column is all zero
+    assert not bool(gpu_loads[:, 1].any())
+    on_all_four = float(gpu_loads.mean(1).sum() / gpu_loads.max(1).values.sum())
+    assert summary["balancedness_in_force"] == pytest.approx(on_all_four)
+    assert summary["balancedness_in_force"] <= 3 / 4 + 1e-9  # one GPU of four idle
+    assert summary["balancedness_after"] > summary["balancedness_in_force"]

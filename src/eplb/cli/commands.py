@@ -280,7 +280,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if args.dispatch == "nearest" and args.nodes > 1:  # scored as "after" is
             in_force_loads = realised_gpu_loads(weight, previous.phy2log, args.gpus,
                                                 args.nodes, active_gpus=previous.active_gpus)
-        _, in_force, in_force_worst = load_balance(in_force_loads, previous.live_gpus(), speed)
+        # scored on the cluster the plan is for, as "after" is: a GPU live again counts,
+        # idle under the old map, and one dead since still carries the old map's load. On
+        # the old map's live GPUs alone it looked balanced, and the plan seemed to worsen it
+        in_force_live = previous.live_gpus().to(live.device) | live
+        _, in_force, in_force_worst = load_balance(in_force_loads, in_force_live, speed)
     summary = {
         "output": str(out),
         "emit": emit,
