@@ -126,15 +126,12 @@ def fill_and_spread(
     live = np.ones(num_gpus, bool) if live is None else live
     live_slot = live.repeat(rows.shape[1] // num_gpus)
     out = fill_and_cover(weight, rows, live_slot, num_gpus)
-    # the swap repair keeps replica counts, and re-deals a whole row holding an expert
-    # on more replicas than GPUs round-robin; in a stacked row, such an expert's surplus
-    # copies are emptied and refilled instead (a foreign map: vLLM's greedy on a small
-    # model gives a hot expert more replicas than GPUs). Every pass runs on every row
-    # still stacked and sheds what it finds there, so a row's moves do not depend on the
-    # other rows of the call: "ceil" first, then "one" (it also takes a row whose such
-    # expert is within ceil(c/G) while another is stacked) until it finds nothing: a
-    # refill may lift a stacked expert above G replicas (it lacked the GPUs refilled).
-    # Refills never stack, so each "one" pass leaves fewer stacked (expert, GPU) pairs.
+    # the swap repair keeps counts and re-deals round-robin a row holding an expert on
+    # more replicas than GPUs (a foreign map: vLLM's greedy on a small model); in a
+    # stacked row such an expert's surplus copies are emptied and refilled instead.
+    # Every pass takes every row still stacked (a row's moves never depend on the other
+    # rows): "ceil", then "one" until it finds nothing (a refill may lift an expert
+    # stacked elsewhere above G; refills never stack, so each pass leaves fewer pairs)
     keep = "ceil"
     for _ in range(rows.shape[1] + 1):
         bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
