@@ -133,18 +133,18 @@ def fill_and_spread(
     # rows): "ceil", then "one" until it finds nothing (a refill may lift an expert
     # stacked elsewhere above G; refills never stack, so each pass leaves fewer pairs)
     keep = "ceil"
+    bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
     for _ in range(rows.shape[1] + 1):
-        bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
         if not len(bad):
             return out
         shed = surplus_copies(np.where(live_slot[None], out[bad], -1), num_gpus, keep)
         if shed.any():
             out[bad] = fill_and_cover(weight[bad], np.where(shed, -1, out[bad]), live_slot,
                                       num_gpus)
+            bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
         elif keep == "one":
             break
         keep = "one"
-    bad = np.nonzero(stacked(np.where(live_slot[None], out, -1), num_gpus))[0]
     if len(bad):
         spread = repair_assignment(
             torch.from_numpy(weight[bad]), torch.from_numpy(out[bad]), torch.from_numpy(live)
@@ -573,6 +573,8 @@ def surplus_copies(phy2log: np.ndarray, num_gpus: int, keep: str = "ceil") -> np
     num_experts = int(phy2log.max(initial=-1)) + 1
     counts = counts_of(phy2log, num_experts)  # [B, E]
     live_gpus = np.maximum((grid >= 0).any(2).sum(1), 1)  # [B]
+    if not (counts > live_gpus[:, None]).any():  # the common case: nothing to shed
+        return np.zeros(phy2log.shape, bool)
     room = live_gpus * num_experts >= filled.sum(1)
     # the copy's rank among its expert's copies on its GPU (earlier slots first)
     same = (grid[..., :, None] == grid[..., None, :]) & (grid[..., None, :] >= 0)
