@@ -226,52 +226,66 @@ def apply_transfers(
         every donor replica on a GPU holding the receiver (the only rows the transfers
         may have left with two replicas of an expert on one GPU).
     """
-    out = phy2log.copy()
-    rows, num_slots = out.shape
+    rows, num_slots = phy2log.shape
     num_experts = weight.shape[1]
     slots = num_slots // num_gpus
-    rowix = np.arange(rows)
-    counts = counts.astype(np.float64)  # a copy, updated per transfer
-    loads = gpu_loads_of(weight, out, num_gpus, counts)  # [B, P], updated per transfer
-    grid = out.reshape(rows, num_gpus, slots)  # a view: writes land in out
-    # a copy [B, S, P] in a narrow type for the searches: NumPy reduces over a short
-    # last axis slowly, over a middle one fast (3× at S = 9)
+    # transfers past a row's list (-1 padding) are never made
+    upto = np.minimum(upto, (donor >= 0).sum(1)) if donor.shape[1] else np.zeros_like(upto)
+    # the rows by transfers to make, most first: the rows still transferring at step t are
+    # a prefix, so every array below is a slice (a view) instead of a fancy-indexed copy
+    order = np.argsort(-upto, kind="stable")
+    active = np.searchsorted(-upto[order], -np.arange(int(upto.max(initial=0))))
+    out = phy2log[order]  # a copy in that order; put back at the end
+    loads = gpu_loads_of(weight, phy2log, num_gpus, counts)[order]  # [B, P], updated per transfer
+    w = weight[order].ravel()
+    counts = counts[order].astype(np.float64).ravel()  # a copy, updated per transfer
+    receiver = receiver[order]
+    # a narrow type for the searches (int16 where the ids fit)
     narrow = np.int16 if num_experts <= np.iinfo(np.int16).max else np.int64
+    # each transfer's (donor, receiver), compared with every slot at once below
+    pairs = np.stack([donor[order], receiver], 2).astype(narrow)  # [B, T, 2]
+    grid = out.reshape(rows, num_gpus, slots)  # a view: writes land in out
+    # a copy [B, S, P] for the searches: NumPy reduces over a short last axis slowly,
+    # over a middle one fast (3× at S = 9)
     ids = np.ascontiguousarray(grid.transpose(0, 2, 1), narrow)
-    marks = [np.ceil(f * upto).astype(np.int64) for f in record]  # per row
+    marks = [np.ceil(f * upto[order]).astype(np.int64) for f in record]  # per row
     snapshots = [out.copy() for _ in record]
     stuck_rows = np.zeros(rows, bool)
-    for t in range(int(upto.max(initial=0))):
+    flat = np.arange(rows) * num_experts  # each row's offset into w and counts
+    each = np.arange(rows)
+    for t, n in enumerate(active):
         for mark, snap in zip(marks, snapshots, strict=True):
             at = mark == t  # rows whose prefix ends here
             snap[at] = out[at]
-        go = (t < upto) & (donor[:, t] >= 0)
-        if not go.any():
-            break
-        b = rowix[go]
-        d, r = donor[b, t], receiver[b, t]
-        # the donor's replica on the lightest GPU that does not hold the receiver yet
-        held = ids[b]  # [n, S, P]
-        is_donor = held == d.astype(narrow)[:, None, None]
-        holds_donor = is_donor.any(1)  # [n, P]
-        allowed = holds_donor & ~(held == r.astype(narrow)[:, None, None]).any(1)
-        gpu = np.argmin(np.where(allowed, loads[b], np.inf), 1)
+        r = receiver[:n, t]
+        # the donor's replica on the lightest GPU that does not hold the receiver yet:
+        # one compare of every slot with both experts, [n, 2, S, P]
+        hit = ids[:n, None] == pairs[:n, t, :, None, None]
+        holds = hit.any(2)  # [n, 2, P]: GPUs holding the donor, the receiver
+        allowed = holds[:, 0] & ~holds[:, 1]
+        gpu = np.argmin(np.where(allowed, loads[:n], np.inf), 1)
         # every donor replica on a GPU holding the receiver: the first donor GPU (the
         # anti-affinity repair spreads it next)
-        each = np.arange(len(b))
-        stuck = ~allowed[each, gpu]
-        gpu = np.where(stuck, np.argmax(holds_donor, 1), gpu)
-        stuck_rows[b] |= stuck
-        slot = np.argmax(is_donor[each, :, gpu], 1)
-        loads[b, gpu] += weight[b, r] / (counts[b, r] + 1) - weight[b, d] / counts[b, d]
-        counts[b, d] -= 1
-        counts[b, r] += 1
-        grid[b, gpu, slot] = r
-        ids[b, slot, gpu] = r
+        row = each[:n]
+        stuck = ~allowed[row, gpu]
+        if stuck.any():
+            gpu = np.where(stuck, np.argmax(holds[:, 0], 1), gpu)
+            stuck_rows[:n] |= stuck
+        slot = np.argmax(hit[row, 0, :, gpu], 1)
+        at_d, at_r = flat[:n] + pairs[:n, t, 0], flat[:n] + r
+        loads[row, gpu] += w[at_r] / (counts[at_r] + 1) - w[at_d] / counts[at_d]
+        counts[at_d] -= 1
+        counts[at_r] += 1
+        grid[row, gpu, slot] = r
+        ids[row, slot, gpu] = r
     for mark, snap in zip(marks, snapshots, strict=True):
-        late = mark >= upto  # prefixes as long as the whole list: the final placement
+        late = mark >= upto[order]  # prefixes as long as the whole list: the final placement
         snap[late] = out[late]
-    return out, snapshots, counts.astype(np.int64), stuck_rows
+    back = np.argsort(order)
+    counts = counts.reshape(rows, num_experts).astype(np.int64)
+    stuck_out = np.empty(rows, bool)
+    stuck_out[order] = stuck_rows
+    return out[back], [snap[back] for snap in snapshots], counts[back], stuck_out
 
 
 def warm_ladder(
