@@ -160,8 +160,7 @@ def refine(
         apply &= ~torch.eq(light[EXPERT], take_i[EXPERT]).logical_or_(
             torch.eq(heavy[EXPERT], take_j[EXPERT])).any(0)
         if origin is not None:
-            apply, spent = _within_budget(apply, take_i[EXPERT:, 0], take_j[EXPERT:, 0],
-                                          spent, track.budget)
+            apply, spent = _within_budget(apply, take_i, take_j, spent, track.budget)
         if not bool(apply.any()):
             idle += 1
             if track is not None and track.on_step is not None:
@@ -183,26 +182,32 @@ def refine(
     return state
 
 
+@lru_cache(maxsize=8)
+def _charge_signs(device: torch.device) -> torch.Tensor:
+    """``[2, 2, 1, 1]``: +1 where an item's expert meets its own slot's origin, −1 where it
+    meets the other slot's (cached: read-only)."""
+    return torch.tensor([[1, -1], [-1, 1]], device=device)[..., None, None]
+
+
 def _within_budget(
     apply: torch.Tensor,
-    item_i: torch.Tensor,
-    item_j: torch.Tensor,
+    take_i: torch.Tensor,
+    take_j: torch.Tensor,
     spent: torch.Tensor,
     budget: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the swaps a row can afford, heaviest pairs first; returns (apply, new spent).
 
     Pair ``h`` swaps slot ``i`` of its heavy GPU with slot ``j`` of its light one:
-    ``item_i = (e_i, o_i)`` and ``item_j = (e_j, o_j)`` ``[2, rows, H]`` are the experts
-    they hold and held at the origin. A swap changes 0–2 slots relative to the origin
-    (moving an expert back home refunds one): the charge is exact, ``after − before`` per
-    swapped slot pair.
+    ``take_i``, ``take_j`` ``[3, 1, rows, H]`` are those slots' (load, expert, origin).
+    A swap changes 0–2 slots relative to the origin (moving an expert back home refunds
+    one): the charge is exact, ``after − before`` per swapped slot pair,
+    ``[e_i = o_i] + [e_j = o_j] − [e_i = o_j] − [e_j = o_i]``.
     """
-    # [e_i = o_i] + [e_j = o_j] − [e_j = o_i] − [e_i = o_j]: slots at home before, minus after
-    ids, homes = torch.stack([item_i, item_j], 1)  # [2, rows, H] each: (i, j)
-    charge = (ids == homes).sum(0) - (ids == homes.flip(0)).sum(0)
-    charge = charge * apply
-    apply = apply & (spent[:, None] + charge.cumsum(1) <= budget[:, None])
+    experts, origins = torch.cat([take_i[EXPERT:], take_j[EXPERT:]], 1)  # [(i, j), rows, H]
+    meets = experts[:, None] == origins[None]  # [2, 2, rows, H]: e of (i, j) = o of (i, j)
+    charge = (meets * _charge_signs(apply.device)).sum((0, 1)).mul_(apply)  # [rows, H]
+    apply = apply & (charge.cumsum(1) <= (budget - spent)[:, None])
     return apply, spent + (charge * apply).sum(1)
 
 
