@@ -605,3 +605,61 @@ def test_hierarchical_rebalances_of_generated_deepseek_loads_keep_the_contract()
             old = new.phy2log
             noise = torch.randn(weight.shape, generator=g, dtype=torch.float64)
             weight = torch.round(weight * torch.exp(0.15 * noise))
+
+
+@settings(max_examples=80, deadline=None)
+@given(experts=st.integers(2, 40), gpus=st.integers(1, 12), slots=st.integers(1, 5),
+       integer=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_replica_transfers_end_at_jefferson_either_way(experts, gpus, slots, integer, seed):
+    """The transfers toward Jefferson's counts: D'Hondt's exchange (up to
+    ``EXCHANGE_LIMIT`` per row) and the sorted differences of a whole allocation (longer
+    lists) end at allocations of the same largest replica load; where they differ (exact
+    ties) the exchange moves no more, and a list past the limit is the table's."""
+    from eplb.online import moves
+
+    replicas = gpus * slots
+    assume(replicas >= experts)
+    rng = np.random.default_rng(seed)
+    rows = 3
+    weight = (rng.integers(0, 20, (rows, experts)).astype(np.float64) if integer
+              else rng.random((rows, experts)) ** 3 * 100)
+    weight[weight.sum(1) == 0, 0] = 1.0
+    counts = np.ones((rows, experts), np.int64)
+    for row in counts:
+        np.add.at(row, rng.integers(0, experts, replicas - experts), 1)
+    unused = np.zeros((rows, replicas), np.int64)  # neither path reads the map itself
+    exchange = moves.transfer_order(weight, unused, counts, gpus)
+    table = moves._transfers_by_table(weight, unused, counts, gpus)
+
+    def final(donor, receiver, count):
+        out = counts.copy()
+        for row in range(rows):
+            np.subtract.at(out[row], donor[row, :count[row]], 1)
+            np.add.at(out[row], receiver[row, :count[row]], 1)
+        return out
+
+    ends = [final(*exchange), final(*table)]
+    for end in ends:
+        assert (end.sum(1) == replicas).all() and (end >= 1).all()
+    np.testing.assert_allclose((weight / ends[0]).max(1), (weight / ends[1]).max(1))
+    assert (exchange[2] <= table[2]).all()
+    for row in np.nonzero(exchange[2] > moves.EXCHANGE_LIMIT)[0]:  # the table's list
+        length = table[2][row]
+        assert exchange[2][row] == length
+        for got, want in zip(exchange[:2], table[:2], strict=True):
+            assert np.array_equal(got[row, :length], want[row, :length])
+
+
+def test_a_map_far_from_jefferson_takes_the_whole_allocation():
+    # vLLM's first map gives every expert about one replica: the hot experts of skewed
+    # loads need dozens of transfers, past the exchange's limit
+    from eplb.online import moves
+
+    weight = np.exp(np.random.default_rng(0).normal(size=(2, 64)) * 1.5)
+    counts = moves.counts_of(initial_map(2, 96, 64).numpy(), 64)
+    unused = np.zeros((2, 96), np.int64)
+    got = moves.transfer_order(weight, unused, counts, 16)
+    want = moves._transfers_by_table(weight, unused, counts, 16)
+    assert (want[2] > moves.EXCHANGE_LIMIT).all()
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a, b)

@@ -153,6 +153,12 @@ def fill_and_spread(
     return out
 
 
+#: replica transfers found one at a time (every row at once) before a row's list comes
+#: from a whole Jefferson allocation instead: a steady rebalance needs at most about 10
+#: per row (BENCHMARKS.md §3), a map far from Jefferson's (vLLM's first call) dozens
+EXCHANGE_LIMIT = 16
+
+
 def transfer_order(
     weight: np.ndarray, phy2log: np.ndarray, counts: np.ndarray, num_gpus: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -160,13 +166,90 @@ def transfer_order(
     above one replica per GPU of the ``num_gpus``, as fresh plans count them), best
     first: ``(donor [B, T], receiver [B, T], count [B])`` with ``-1`` padding.
 
-    Transfer ``t`` moves one replica from ``donor[:, t]`` to ``receiver[:, t]``. Receiver
-    units are ordered by the per-replica load they relieve (``w / c`` before the new
-    replica), donors by what losing one costs (``w / (c − 1)``), so a prefix of the list
-    is the best partial reallocation of its length. Vectorized over all rows: the units
-    of every row are laid out flat and sorted once. ``counts [B, E]``: the replica
-    counts of ``phy2log`` (:func:`counts_of`).
+    Transfer ``t`` moves one replica from ``donor[:, t]`` to ``receiver[:, t]``: the
+    expert whose replicas relieve the most (largest ``w / c``, below the cap) gains one
+    from the expert that loses least by it (smallest ``w / (c − 1)``; an expert above the
+    cap first), while the first exceeds the second (D'Hondt's exchange, which ends at
+    Jefferson's allocation), so a prefix of the list is the best partial reallocation of
+    its length. ``counts [B, E]``: the replica counts of ``phy2log`` (:func:`counts_of`).
+
+    The exchange runs on every row at once, one transfer per step, for at most
+    :data:`EXCHANGE_LIMIT` steps; rows that need more (far from Jefferson's counts) take
+    the whole allocation and sort its differences instead (:func:`_transfers_by_table`).
+    The two lists agree but on exact ties, where the exchange moves nothing.
     """
+    donor, receiver, count, unfinished = _exchange(weight, counts, num_gpus, EXCHANGE_LIMIT)
+    if unfinished.any():
+        rows = np.nonzero(unfinished)[0]
+        far_donor, far_receiver, far_count = _transfers_by_table(
+            weight[rows], phy2log[rows], counts[rows], num_gpus)
+        width = max(donor.shape[1], far_donor.shape[1])
+        donor, receiver = (np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=-1)
+                           for a in (donor, receiver))
+        donor[rows] = receiver[rows] = -1
+        donor[rows, :far_donor.shape[1]] = far_donor
+        receiver[rows, :far_receiver.shape[1]] = far_receiver
+        count[rows] = far_count
+    return donor, receiver, count
+
+
+def _exchange(
+    weight: np.ndarray, counts: np.ndarray, num_gpus: int, limit: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """D'Hondt's exchange from ``counts [B, E]`` for at most ``limit`` transfers per row:
+    ``(donor [B, T], receiver [B, T], count [B], unfinished [B])`` (see
+    :func:`transfer_order`), ``unfinished`` the rows with a gaining transfer left."""
+    rows, num_experts = weight.shape
+    c = counts.astype(np.float64)  # a copy, updated per transfer
+    # as cap_counts: a row whose slots fit one replica per GPU caps every expert there
+    cap = np.where(num_gpus * num_experts >= counts.sum(1), float(num_gpus), np.inf)
+    # what an expert's next replica relieves (-inf at the cap; inf without a replica:
+    # it takes first) and what losing one costs (inf: its only one; -inf above the cap:
+    # it gives first)
+    take = np.where(c < cap[:, None], weight / np.maximum(c, 1), -np.inf)
+    take[c == 0] = np.inf
+    give = np.where(c > cap[:, None], -np.inf,
+                    np.where(c >= 2, weight / np.maximum(c - 1, 1), np.inf))
+    donor = np.full((rows, limit), -1, np.int64)
+    receiver = np.full((rows, limit), -1, np.int64)
+    count = np.zeros(rows, np.int64)
+    unfinished = np.zeros(rows, bool)
+    # every row is searched at every step (a finished row finds nothing again: nothing of
+    # it changes), through flat indices: cheaper than compacting the rows still going
+    first = np.arange(rows) * num_experts
+    flat_c, flat_w, flat_take, flat_give = (a.reshape(-1) for a in (c, weight, take, give))
+    for t in range(limit + 1):
+        at_d = first + give.argmin(1)  # the first among ties, as everywhere
+        at_r = first + take.argmax(1)
+        going = np.flatnonzero(flat_take[at_r] > flat_give[at_d])
+        if not len(going):
+            break
+        if t == limit:
+            unfinished[going] = True
+            break
+        at_d, at_r = at_d[going], at_r[going]
+        donor[going, t], receiver[going, t] = at_d - first[going], at_r - first[going]
+        count[going] += 1
+        flat_c[at_d] -= 1
+        flat_c[at_r] += 1
+        c_d, c_r, top = flat_c[at_d], flat_c[at_r], cap[going]
+        w_d, w_r = flat_w[at_d], flat_w[at_r]
+        flat_take[at_d] = np.where(c_d < top, w_d / c_d, -np.inf)
+        flat_give[at_d] = np.where(c_d > top, -np.inf,
+                                   np.where(c_d >= 2, w_d / np.maximum(c_d - 1, 1), np.inf))
+        flat_take[at_r] = np.where(c_r < top, w_r / c_r, -np.inf)
+        flat_give[at_r] = np.where(c_r > top, -np.inf, w_r / (c_r - 1))
+    width = int(count.max(initial=0))
+    return donor[:, :width], receiver[:, :width], count, unfinished
+
+
+def _transfers_by_table(
+    weight: np.ndarray, phy2log: np.ndarray, counts: np.ndarray, num_gpus: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`transfer_order` from a whole Jefferson allocation (capped as fresh plans
+    cap it): receiver units ordered by the per-replica load they relieve (``w / c``
+    before the new replica), donors by what losing one costs (``w / (c − 1)``).
+    Vectorized over all rows: the units of every row are laid out flat and sorted once."""
     rows, num_slots = phy2log.shape
     host = torch.from_numpy(weight)
     want = cap_counts(host, replica_counts(host, num_slots, (0.0,))[0], num_gpus).numpy()
