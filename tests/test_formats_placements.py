@@ -333,6 +333,7 @@ def test_a_placement_file_cannot_ask_for_absurd_expert_counts(tmp_path):
     (["3", "true"], "must be integers, got True"),
     (["3", "-1"], "outside 0..4095"),
     (["3", "'²'"], "must be integers, got '²'"),  # str.isdigit() took it; int() did not
+    (["3", "'١'"], "must be integers, got '١'"),  # an Arabic-Indic 1: int() read it as 1
 ])
 def test_trtllm_keys_that_are_not_one_layer_each_are_refused(tmp_path, keys, message):
     rows = ["[0, 1, 2, 3, 0, 1, 2, 3]", "[3, 3, 2, 2, 1, 1, 0, 0]"]

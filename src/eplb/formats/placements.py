@@ -393,7 +393,9 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
         )
     # keys are layer indices: YAML ints (or digit strings); 3.9 or true must not be read
     # as a layer, and two keys must not name one layer
-    keys = [int(k) if isinstance(k, str) and k.strip().isdecimal() else k for k in assignments]
+    # (ASCII digits only: int() also reads other scripts' digits, '١' as 1)
+    keys = [int(k) if isinstance(k, str) and k.strip().isascii() and k.strip().isdecimal()
+            else k for k in assignments]
     try:
         checked = model_layer_ids(keys, len(keys), "initial_global_assignments keys")
     except ValueError as exc:
