@@ -641,3 +641,21 @@ def test_generate_names_an_unknown_preset_before_an_existing_output(capsys, tmp_
     err = capsys.readouterr().err
     assert code == 2 and "unknown preset 'nope'" in err, err
     assert out.read_text() == "keep"
+
+
+@pytest.mark.parametrize("command", ["plan", "eval"])
+def test_a_loads_file_named_twice_is_refused(capsys, tmp_path, loads, command):
+    # several loads files are steps one after another: the same file twice (also through
+    # another spelling of its path) doubled its loads without a word
+    again = tmp_path / "." / loads.name
+    out = tmp_path / "p.json"
+    if command == "plan":
+        argv = ["plan", str(loads), str(again), "-r", str(R), "-g", str(P), "-o", str(out)]
+    else:
+        assert main(["plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(out)]) == 0
+        capsys.readouterr()
+        argv = ["eval", "--placement", str(out), str(loads), str(again)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "is given twice" in err and len(err.strip().splitlines()) == 1, err
+    assert out.exists() == (command == "eval")

@@ -52,11 +52,19 @@ def add_input_options(p: argparse.ArgumentParser, what: str = "LOADS") -> None:
 
 def require_loads_files(names: list[str]) -> None:
     """A clear error for a loads file that is not there (a dangling link is left to the
-    reader, which names it as such)."""
+    reader, which names it as such), or one named twice (several files are steps one
+    after another: a file named twice would count its loads twice)."""
+    seen: dict[Path, str] = {}
     for name in names:
         path = Path(name)
         if not path.exists() and not path.is_symlink():
             raise CliError(f"loads file {name!r} not found")
+        where = path.resolve() if path.exists() else path
+        if where in seen:
+            raise CliError(f"loads file {name!r} is given twice (as {seen[where]!r} too): "
+                           f"several files are steps one after another, so its loads would "
+                           f"count twice")
+        seen[where] = name
 
 
 def all_zero_rows_note(count: int) -> str:
