@@ -685,8 +685,11 @@ def stacked(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[B]`` True where some GPU holds more replicas of an expert than it must: more than
     ``ceil(c / G)`` of an expert with ``c`` replicas over the ``G`` GPUs that hold any
     (``-1`` slots and their GPUs are left out)."""
-    rows = phy2log.shape[0]
-    grid = np.sort(phy2log.reshape(rows, num_gpus, -1), 2)
+    rows, num_slots = phy2log.shape
+    slots = num_slots // num_gpus
+    if slots <= _PAIRWISE_SLOTS and not _twice_on_a_gpu(phy2log, num_gpus):
+        return np.zeros(rows, bool)  # the common answer, found at half the cost
+    grid = np.sort(phy2log.reshape(rows, num_gpus, slots), 2)
     same = (grid[..., 1:] == grid[..., :-1]) & (grid[..., 1:] >= 0)
     if not same.any():
         return np.zeros(rows, bool)
@@ -702,3 +705,20 @@ def stacked(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     cap = -(-counts // np.maximum(live_gpus, 1)[:, None])  # [B, E]
     allowed = np.take_along_axis(cap, np.maximum(grid, 0).reshape(rows, -1), 1).reshape(grid.shape)
     return ((copies > allowed) & (grid >= 0)).any((1, 2))
+
+
+#: at most this many slots per GPU, :func:`_twice_on_a_gpu` compares every pair of them
+_PAIRWISE_SLOTS = 16
+
+
+def _twice_on_a_gpu(phy2log: np.ndarray, num_gpus: int) -> bool:
+    """Whether some GPU of ``phy2log [B, R]`` holds one expert in two slots (``-1`` slots
+    aside): every pair of a GPU's slots compared at once, in a narrow type (about half
+    the time of sorting every GPU's slots at 9 slots per GPU)."""
+    rows, num_slots = phy2log.shape
+    narrow = np.int16 if phy2log.size and phy2log.max() <= np.iinfo(np.int16).max else np.int64
+    grid = phy2log.reshape(rows, num_gpus, num_slots // num_gpus)
+    by_slot = np.ascontiguousarray(grid.transpose(2, 0, 1), narrow)  # [S, B, P]
+    first, second = np.triu_indices(by_slot.shape[0], 1)
+    return bool(((by_slot[first] == by_slot[second]) & (by_slot[first] >= 0)).any())
+
