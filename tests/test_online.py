@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eplb import Placement, Topology
+from eplb import Placement, Topology, plan
 from eplb.online import Rebalancer, make_planner, plan_estimate, trivial_placement
 
 L, E, R, P = 2, 8, 12, 4
@@ -414,3 +414,23 @@ def test_a_total_move_budget_holds_for_a_multi_window_estimate(seed: int, budget
     reb.record(counts)
     reb.placement.validate()
     assert max(int(e.moved_slots.sum()) for e in reb.events) <= budget
+
+
+def test_incremental_rebalancer_refuses_gpu_speeds_it_would_drop() -> None:
+    # plans from the placement in force are made for equal GPUs: the second rebalance
+    # dropped the speeds without a word (loads 11/11/11/13 on speeds 1/1/1/10 were
+    # re-spread evenly, the balancedness in time falling 0.315 -> 0.300), where
+    # eplb.plan refuses gpu_speed with previous=
+    speeds = [1.0, 1.0, 1.0, 10.0]
+    with pytest.raises(ValueError, match="gpu_speed cannot be combined with incremental"):
+        Rebalancer(16, 4, window=2, interval=2, incremental=True, gpu_speed=speeds)
+    with pytest.raises(ValueError, match="gpu_speed cannot be combined with previous"):
+        plan(torch.ones(2, 8), 16, 4, gpu_speed=speeds,
+                  previous=plan(torch.ones(2, 8), 16, 4))
+    # fresh plans on every rebalance keep planning for the speeds
+    rb = Rebalancer(16, 4, window=2, interval=2, gpu_speed=speeds)
+    weight = torch.arange(1.0, 17.0).view(2, 8)
+    for _ in range(4):
+        rb.record(weight)
+    fresh = plan(weight * 2, 16, 4, gpu_speed=speeds)
+    assert torch.equal(rb.placement.phy2log, fresh.phy2log)

@@ -154,6 +154,13 @@ def make_planner(
     if planner == "eplb":
         check_option_values({**plan_options, "active_gpus": active_gpus,
                              "skip_threshold": skip_threshold}, topo)
+        if incremental and plan_options.get("gpu_speed") is not None:
+            # plan_incremental plans for equal GPUs: from the second rebalance on the
+            # speeds were dropped without a word, and the plans undid the fresh one's
+            # speed-aware packing (eplb.plan refuses gpu_speed with previous= alike)
+            raise ValueError("gpu_speed cannot be combined with incremental=True: plans "
+                             "from the placement in force are made for equal GPUs; plan "
+                             "every rebalance fresh (incremental=False) for GPU speeds")
         policy = plan_options.get("policy", "auto")
         concrete = ("hierarchical" if topo.grouped else "global") if policy == "auto" else policy
         if plan_options.get("dispatch") == "nearest" and max_moves is not None and (
