@@ -8,7 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb import Placement, Topology, plan
+from eplb.core import realised_gpu_loads
 from eplb.online import Rebalancer, make_planner, plan_estimate, trivial_placement
+from eplb.online.estimate import expected_max
 
 L, E, R, P = 2, 8, 12, 4
 
@@ -434,3 +436,31 @@ def test_incremental_rebalancer_refuses_gpu_speeds_it_would_drop() -> None:
         rb.record(weight)
     fresh = plan(weight * 2, 16, 4, gpu_speed=speeds)
     assert torch.equal(rb.placement.phy2log, fresh.phy2log)
+
+
+def test_multi_window_choice_scores_plans_as_the_engine_realises_them() -> None:
+    # a multi-window estimate picks per layer among plans made for the GPU speeds, and
+    # the placement in force: scored as equal GPUs, the speed-aware plans (which load
+    # the fast GPU more) lost to the static layout in force, kept on every layer
+    layers, experts, slots, gpus = 4, 64, 64, 4
+    speeds = torch.tensor([1.0, 1.0, 1.0, 3.0])
+    initial = trivial_placement(experts, layers, Topology(slots, gpus))
+    gen = torch.Generator().manual_seed(0)
+    steps = [torch.rand(layers, experts, generator=gen) * 10 + 1 for _ in range(8)]
+    rb = Rebalancer(slots, gpus, window=2, interval=4, estimator="multi:2",
+                    gpu_speed=speeds, initial=initial)
+    for counts in steps:
+        rb.record(counts)
+    window = steps[-2] + steps[-1]
+    assert not torch.equal(rb.placement.phy2log, initial.phy2log)
+    assert (rb.placement.balancedness(window, gpu_speed=speeds)
+            > initial.balancedness(window, gpu_speed=speeds) + 0.1)
+    # the score itself: time over ideal time; under SGLang's nearest rule, its loads
+    placed = plan(window, slots, gpus, gpu_speed=speeds)
+    time_ratio = expected_max(placed, window[None], gpu_speed=speeds)
+    loads = placed.gpu_loads(window) / speeds.double()
+    assert torch.allclose(time_ratio, loads.max(1).values / (window.double().sum(1) / 6.0))
+    nearest = plan(window, 64, 16, 4, dispatch="nearest")
+    realised = realised_gpu_loads(window, nearest.phy2log, 16, 4)
+    assert torch.allclose(expected_max(nearest, window[None], dispatch="nearest"),
+                          realised.max(1).values / realised.mean(1))

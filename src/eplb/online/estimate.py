@@ -44,7 +44,8 @@ from typing import ClassVar
 
 import torch
 
-from eplb.core.inputs import as_counts
+from eplb.core.dispatch import realised_gpu_loads
+from eplb.core.inputs import as_counts, as_gpu_speed, as_weight, scale_free
 from eplb.core.placement import Placement
 from eplb.core.topology import int_at_least, is_name, real_number
 from eplb.core.trace import LoadTrace
@@ -405,22 +406,49 @@ def make_estimator(spec: str | Estimator) -> Estimator:
 
 # --------------------------------------------------------------- scenario selection
 def expected_max(
-    placement: Placement, scenarios: torch.Tensor, reduce: str = "mean"
+    placement: Placement,
+    scenarios: torch.Tensor,
+    reduce: str = "mean",
+    *,
+    gpu_speed: object = None,
+    dispatch: str = "even",
+    source: object = None,
 ) -> torch.Tensor:
     """``[L]`` expected normalized max GPU load of ``placement`` over ``scenarios [K, L, E]``.
 
     Per scenario and layer: max live-GPU load / mean live-GPU load (1 is perfect; an
     all-zero layer counts as 1). ``reduce`` = ``"mean"`` averages over scenarios (each
     equally likely), ``"max"`` takes the worst; anything else is a ``ValueError``.
+
+    The loads are those the engine realises: with ``gpu_speed [P]`` a GPU's time (load /
+    speed) over the ideal time (the total load over the live GPUs' total speed); with
+    ``dispatch="nearest"`` (SGLang's static rule, tokens arising as ``source`` says,
+    default evenly) the loads that rule sends to each GPU on the placement's nodes.
     """
     _check_reduce(reduce)
+    if not is_name(dispatch, ("even", "nearest")):
+        raise ValueError(f"dispatch must be 'even' or 'nearest', got {dispatch!r}")
     if len(scenarios) == 0:
         raise ValueError("expected_max needs at least one scenario ([K, L, E] with K >= 1)")
     live = placement.live_gpus()
+    topo = placement.topology
+    speed = None
+    if gpu_speed is not None:
+        speed = as_gpu_speed(gpu_speed, topo.num_gpus, placement.phy2log.device)
+        speed = speed.to(torch.float64)[live.to(speed.device)]
     ratios = []
     for scenario in scenarios:
-        loads = placement.scaled_gpu_loads(scenario)[:, live]
-        mean, peak = loads.mean(1), loads.max(1).values
+        if dispatch == "nearest" and topo.num_nodes > 1:
+            weight = scale_free(as_weight(scenario)[0].to(placement.phy2log.device))
+            loads = realised_gpu_loads(weight, placement.phy2log, topo.num_gpus, topo.num_nodes,
+                                       "nearest", source, placement.active_gpus)[:, live]
+        else:  # one node: every replica is on the token's node, an even split
+            loads = placement.scaled_gpu_loads(scenario)[:, live]
+        if speed is None:
+            mean, peak = loads.mean(1), loads.max(1).values
+        else:
+            speed = speed.to(loads.device)
+            mean, peak = loads.sum(1) / speed.sum(), (loads / speed).max(1).values
         ratios.append(torch.where(mean > 0, peak / mean.clamp(min=1e-300), torch.ones_like(mean)))
     stacked = torch.stack(ratios)
     return stacked.mean(0) if reduce == "mean" else stacked.max(0).values
@@ -440,7 +468,13 @@ def interchangeable(a: Placement, b: Placement) -> bool:
 
 
 def select_per_layer(
-    candidates: Sequence[Placement], scenarios: torch.Tensor, reduce: str = "mean"
+    candidates: Sequence[Placement],
+    scenarios: torch.Tensor,
+    reduce: str = "mean",
+    *,
+    gpu_speed: object = None,
+    dispatch: str = "even",
+    source: object = None,
 ) -> Placement:
     """Per layer, keep the candidate plan with the lowest :func:`expected_max` over ``scenarios``.
 
@@ -448,6 +482,8 @@ def select_per_layer(
         candidates: placements of the same shape, topology, policy and dead GPUs.
         scenarios: ``[K, L, E]`` loads to evaluate every candidate on.
         reduce: ``"mean"`` (expected max) or ``"max"`` (worst case).
+        gpu_speed, dispatch, source: how the engine realises the loads, as in
+            :func:`expected_max` (the plans were made for them).
 
     Returns:
         A placement whose layer ``l`` is layer ``l`` of the winning candidate (ties go to the
@@ -476,7 +512,9 @@ def select_per_layer(
     # the placement in force may sit on another device than fresh plans (CPU vs CUDA)
     device = first.phy2log.device
     candidates = [c if c.phy2log.device == device else c.to(device) for c in candidates]
-    scores = torch.stack([expected_max(c, scenarios, reduce) for c in candidates])  # [C, L]
+    scores = torch.stack([expected_max(c, scenarios, reduce, gpu_speed=gpu_speed,
+                                       dispatch=dispatch, source=source)
+                          for c in candidates])  # [C, L]
     best = scores.argmin(0)  # first minimum on ties
     phy2log = torch.stack([c.phy2log for c in candidates])  # [C, L, R]
     layers = torch.arange(first.num_layers, device=best.device)

@@ -218,6 +218,7 @@ def plan_estimate(
     batch: bool = True,
     reduce: str = "mean",
     total_budget: bool = False,
+    realised: dict[str, Any] | None = None,
 ) -> Placement:
     """Plan on an :class:`~eplb.online.estimate.Estimate`.
 
@@ -232,6 +233,11 @@ def plan_estimate(
     all layers (``max_moves`` as an int). A per-layer choice among such plans may move more
     than any one of them, so where it moves more than the plan on ``estimate.weight`` the
     layers whose extra moves buy the least go back to that plan's, until it moves no more.
+
+    ``realised``: how the engine realises the loads, the keywords ``gpu_speed``,
+    ``dispatch`` and ``source`` of :func:`~eplb.online.estimate.expected_max` (the plans
+    were made for them: scoring them as an even split on equal GPUs chose, per layer,
+    what the engine serves worse).
     """
     if estimate.scenarios is None or estimate.candidates is None:
         return _placement_of(planner(estimate.weight, previous), estimate.weight.shape[0])
@@ -249,14 +255,17 @@ def plan_estimate(
     # uses has died (or one it leaves empty is live again), nor for other experts
     if keep is not None and interchangeable(keep, plans[0]):
         plans.append(keep)
-    chosen = select_per_layer(plans, estimate.scenarios, reduce)
+    realised = dict(realised or {})
+    chosen = select_per_layer(plans, estimate.scenarios, reduce, **realised)
     if total_budget and previous is not None:
-        chosen = _within_moves(chosen, plans[0], previous, estimate.scenarios, reduce)
+        chosen = _within_moves(chosen, plans[0], previous, estimate.scenarios, reduce,
+                               realised)
     return chosen
 
 
 def _within_moves(chosen: Placement, first: Placement, previous: Placement,
-                  scenarios: torch.Tensor, reduce: str) -> Placement:
+                  scenarios: torch.Tensor, reduce: str,
+                  realised: dict[str, Any] | None = None) -> Placement:
     """``chosen`` with layers of ``first`` put back, cheapest gain per extra move first,
     until it moves no more slots from ``previous`` than ``first`` does (which kept the
     budget)."""
@@ -265,7 +274,9 @@ def _within_moves(chosen: Placement, first: Placement, previous: Placement,
     excess = int(moves.sum() - allowed.sum())
     if excess <= 0:
         return chosen
-    gain = (expected_max(first, scenarios, reduce) - expected_max(chosen, scenarios, reduce))
+    realised = dict(realised or {})
+    gain = (expected_max(first, scenarios, reduce, **realised)
+            - expected_max(chosen, scenarios, reduce, **realised))
     extra = moves - allowed
     layers = (extra > 0).nonzero().flatten()
     # the least expected gain per extra slot first; ties by layer
@@ -374,6 +385,10 @@ class Rebalancer:
         self._planner_args = (planner, dict(
             incremental=incremental, max_moves=max_moves, skip_threshold=skip_threshold,
             active_gpus=active_gpus, **plan_options))
+        # a multi-window estimate picks per layer among plans made for these: score them
+        # as the engine realises the loads (GPU speeds, SGLang's nearest dispatch)
+        self._realised = {k: plan_options[k] for k in ("gpu_speed", "dispatch", "source")
+                          if plan_options.get(k) is not None and not callable(planner)}
         self.planner = make_planner(planner, self.topology, **self._planner_args[1])
         self.incremental = incremental
         # a total move budget must hold for the per-layer mix of a multi-window estimate too
@@ -561,7 +576,8 @@ class Rebalancer:
         previous = self._placement
         start = time.perf_counter()
         new = plan_estimate(estimate, self.planner, previous if self._pass_previous else None,
-                            keep=previous, total_budget=self._total_budget)
+                            keep=previous, total_budget=self._total_budget,
+                            realised=self._realised)
         seconds = time.perf_counter() - start
         # (plan_estimate checked that it is a Placement of the estimate's layers)
         if new.topology != self.topology or new.num_experts != estimate.weight.shape[1]:
