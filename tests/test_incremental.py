@@ -615,7 +615,7 @@ def test_replica_transfers_end_at_jefferson_either_way(experts, gpus, slots, int
     ``EXCHANGE_LIMIT`` per row) and the sorted differences of a whole allocation (longer
     lists) end at allocations of the same largest replica load; where they differ (exact
     ties) the exchange moves no more, and a list past the limit is the table's."""
-    from eplb.online import moves
+    from eplb.online import ladder
 
     replicas = gpus * slots
     assume(replicas >= experts)
@@ -628,8 +628,8 @@ def test_replica_transfers_end_at_jefferson_either_way(experts, gpus, slots, int
     for row in counts:
         np.add.at(row, rng.integers(0, experts, replicas - experts), 1)
     unused = np.zeros((rows, replicas), np.int64)  # neither path reads the map itself
-    exchange = moves.transfer_order(weight, unused, counts, gpus)
-    table = moves._transfers_by_table(weight, unused, counts, gpus)
+    exchange = ladder.transfer_order(weight, unused, counts, gpus)
+    table = ladder._transfers_by_table(weight, unused, counts, gpus)
 
     def final(donor, receiver, count):
         out = counts.copy()
@@ -643,7 +643,7 @@ def test_replica_transfers_end_at_jefferson_either_way(experts, gpus, slots, int
         assert (end.sum(1) == replicas).all() and (end >= 1).all()
     np.testing.assert_allclose((weight / ends[0]).max(1), (weight / ends[1]).max(1))
     assert (exchange[2] <= table[2]).all()
-    for row in np.nonzero(exchange[2] > moves.EXCHANGE_LIMIT)[0]:  # the table's list
+    for row in np.nonzero(exchange[2] > ladder.EXCHANGE_LIMIT)[0]:  # the table's list
         length = table[2][row]
         assert exchange[2][row] == length
         for got, want in zip(exchange[:2], table[:2], strict=True):
@@ -653,13 +653,13 @@ def test_replica_transfers_end_at_jefferson_either_way(experts, gpus, slots, int
 def test_a_map_far_from_jefferson_takes_the_whole_allocation():
     # vLLM's first map gives every expert about one replica: the hot experts of skewed
     # loads need dozens of transfers, past the exchange's limit
-    from eplb.online import moves
+    from eplb.online import ladder, moves
 
     weight = np.exp(np.random.default_rng(0).normal(size=(2, 64)) * 1.5)
     counts = moves.counts_of(initial_map(2, 96, 64).numpy(), 64)
     unused = np.zeros((2, 96), np.int64)
-    got = moves.transfer_order(weight, unused, counts, 16)
-    want = moves._transfers_by_table(weight, unused, counts, 16)
-    assert (want[2] > moves.EXCHANGE_LIMIT).all()
+    got = ladder.transfer_order(weight, unused, counts, 16)
+    want = ladder._transfers_by_table(weight, unused, counts, 16)
+    assert (want[2] > ladder.EXCHANGE_LIMIT).all()
     for a, b in zip(got, want, strict=True):
         assert np.array_equal(a, b)

@@ -37,7 +37,7 @@ from eplb.core.packing import repair_assignment
 from eplb.core.policies import HierarchicalPolicy
 from eplb.core.policies.hierarchical import best_partition
 from eplb.core.request import PlanRequest
-from eplb.online import moves
+from eplb.online import ladder, moves
 from eplb.online.align import match_blocks
 
 
@@ -172,7 +172,7 @@ def node_ladder(
     unique, first, back = np.unique(source, return_index=True, return_inverse=True)
     options = request.options
     # a base row searched only for its regrouped twin takes the twin's quota (equal)
-    searched, _, counts = moves.warm_ladder(node_weight[unique], node_start[unique], per_gpu,
+    searched, _, counts = ladder.warm_ladder(node_weight[unique], node_start[unique], per_gpu,
                                             row_quota[moving[first]],
                                             options.incremental.steps, options.packing,
                                             budgeted)

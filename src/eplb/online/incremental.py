@@ -10,7 +10,7 @@ almost every slot. Here the new plan starts from the placement in force:
    spread; under the hierarchical policy a layer whose groups straddle nodes (vLLM's
    initial map ``slot i → expert i % E`` does) is replaced by a fresh hierarchical plan
    relabelled onto the old GPUs.
-2. **A ladder of warm starts** (:func:`eplb.online.moves.warm_ladder`): replica
+2. **A ladder of warm starts** (:func:`eplb.online.ladder.warm_ladder`): replica
    transfers toward Jefferson's counts (best first), then ``steps`` steps of the
    all-pairs swap search, each allowed ``quota`` more changed slots
    (:class:`~eplb.core.options.IncrementalOptions`), batched over layers in one
@@ -48,7 +48,7 @@ from eplb.core.options import COARSE_SLOTS, IncrementalOptions
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
-from eplb.online import hierarchy, moves
+from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous
 from eplb.online.budget import spend_budget
 from eplb.online.nearest import choose_paying, plan_nearest_incremental
@@ -166,7 +166,7 @@ def _refine_rows(
     # the forced moves spread every stacked replica (moves.fill_and_spread)
     # (the dead GPUs' slots are empty: the live slots hold every replica of the base)
     base_counts = moves.counts_of(live_base, weight.shape[1])
-    inner, transfers, counts = moves.warm_ladder(weight, live_base, num_live, quota, steps,
+    inner, transfers, counts = ladder.warm_ladder(weight, live_base, num_live, quota, steps,
                                                  packing, budgeted, spread=True,
                                                  base_counts=base_counts)
     known = {}
