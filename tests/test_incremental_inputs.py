@@ -10,6 +10,8 @@ from helpers import assert_contract
 from test_incremental import W1, E, L, P, R, old_plan
 
 import eplb
+import eplb.online
+from eplb.core.planner import make_request
 
 
 def test_bad_previous():
@@ -40,6 +42,11 @@ def test_bad_budget_arguments():
         eplb.plan(W1, R, P, previous=old, skip_threshold=-0.5)
     with pytest.raises(ValueError, match="gpu_speed cannot be combined with previous"):
         eplb.plan(W1, R, P, previous=old, gpu_speed=torch.ones(P))
+    # also where a caller builds the request itself (the attacker's pass: only eplb.plan
+    # and the Rebalancer refused it; plan_incremental planned for equal GPUs in silence)
+    request = make_request(W1, R, P, gpu_speed=torch.tensor([1.0] * (P - 1) + [3.0]))
+    with pytest.raises(ValueError, match="gpu_speed cannot be combined with previous"):
+        eplb.online.plan_incremental(request, old)
 
 
 def test_unsigned_previous_ids_out_of_range_are_refused():

@@ -183,9 +183,7 @@ def _plan(
         slack=slack,
         stacklevel=5,  # resolve_policy, make_request, _plan, plan, the caller
     )
-    if previous is not None:
-        if request.gpu_speed is not None:
-            raise ValueError("gpu_speed cannot be combined with previous (incremental planning)")
+    if previous is not None:  # (gpu_speed is refused there: see plan_incremental)
         return plan_incremental(
             request, previous, max_moves=max_moves, skip_threshold=skip_threshold
         )

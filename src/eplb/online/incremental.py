@@ -279,6 +279,9 @@ def plan_incremental(
     ``skip_threshold``: leave a layer as it is (after forced moves) when its expected
     next-window balancedness would rise by less than this.
     """
+    if request.gpu_speed is not None:
+        # every candidate here is built and scored for equal GPUs
+        raise ValueError("gpu_speed cannot be combined with previous (incremental planning)")
     max_moves = check_budget(max_moves, skip_threshold)
     skip_threshold = as_threshold(skip_threshold)
     options = request.options.incremental
