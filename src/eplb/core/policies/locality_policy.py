@@ -13,7 +13,9 @@ from eplb.core.request import PlanRequest
 class LocalityPolicy(PlacementPolicy):
     """Hot experts on every node (always local), the others on their group's node unless
     moving them lowers the expected remote nodes per token, with every node's load at
-    most ``(1 + slack)`` × the mean (balancedness ≈ ``1 / (1 + slack)``)."""
+    most ``(1 + slack)`` × the mean (balancedness ≈ ``1 / (1 + slack)``); a layer that
+    would give up much more balance than that (few slots per GPU) takes the dispatch-aware
+    global plan."""
 
     name = "locality"
 
