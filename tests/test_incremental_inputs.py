@@ -42,6 +42,9 @@ def test_bad_budget_arguments():
         eplb.plan(W1, R, P, previous=old, skip_threshold=-0.5)
     with pytest.raises(ValueError, match="gpu_speed cannot be combined with previous"):
         eplb.plan(W1, R, P, previous=old, gpu_speed=torch.ones(P))
+    # the message shows the value as given (it read np.float32(5.0) for a float tensor)
+    with pytest.raises(ValueError, match=r"got tensor\(5\.\)$"):
+        eplb.plan(W1, R, P, previous=old, max_moves=torch.tensor(5.0))
     # also where a caller builds the request itself (the attacker's pass: only eplb.plan
     # and the Rebalancer refused it; plan_incremental planned for equal GPUs in silence)
     request = make_request(W1, R, P, gpu_speed=torch.tensor([1.0] * (P - 1) + [3.0]))

@@ -238,11 +238,12 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
     ``None``, an int (slots in total) or an ``[L]`` integer array (slots per layer; its
     length is checked against the layers when planning). Raises ``ValueError``."""
     as_threshold(skip_threshold)
+    given = max_moves  # as the caller wrote it, for the messages
     if isinstance(max_moves, torch.Tensor):
         max_moves = max_moves.detach().cpu().numpy()
     if isinstance(max_moves, (list, tuple)):
         if any(isinstance(v, bool | np.bool_) for v in max_moves):
-            raise ValueError(f"max_moves per layer must be ints, got {max_moves!r}")
+            raise ValueError(f"max_moves per layer must be ints, got {given!r}")
         if all(isinstance(v, int | np.integer) and v >= 0 for v in max_moves):
             # Python ints beyond int64 (no limit in that layer) are capped as a total is;
             # else NumPy reads the list as floats or objects and it is refused
@@ -258,7 +259,7 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
     negative = bool((np.asarray(max_moves) < 0).any()) if total or per_layer else False
     if not (total or per_layer) or negative:
         raise ValueError(f"max_moves must be a non-negative int (slots in total) or one "
-                         f"non-negative int per layer (slots per layer); got {max_moves!r}")
+                         f"non-negative int per layer (slots per layer); got {given!r}")
     # a total beyond any slot count means "no limit but the forced moves"; capped so that
     # per-layer shares fit int64
     return min(int(max_moves), 1 << 62) if total else max_moves
