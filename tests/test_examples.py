@@ -70,3 +70,21 @@ def test_shell_examples_parse(script: str) -> None:
     done = subprocess.run(["bash", "-n", str(ROOT / script)], capture_output=True, text=True,
                           check=False)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("content", [None, "not json {", "zeros"])
+def test_plan_for_sglang_names_a_bad_loads_file_without_a_traceback(
+    tmp_path: Path, content: str | None
+) -> None:
+    """A missing, malformed or all-zero loads file is one line naming it, not a traceback
+    (found by a new-user pass: each of these printed a Python traceback)."""
+    loads = tmp_path / "dump.json"
+    if content == "zeros":
+        loads.write_text(json.dumps({"logical_count": [[0] * 256] * 61}))
+    elif content is not None:
+        loads.write_text(content)
+    out = tmp_path / "placement.json"
+    done = _run(str(EXAMPLES / "sglang" / "plan_for_sglang.py"), str(loads), str(out))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "dump.json" in done.stderr
+    assert not out.exists()
