@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -499,3 +500,15 @@ def test_bench_on_a_file_of_all_zero_layers_names_the_file(capsys, tmp_path) -> 
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("eplb: error: "), err
     assert "dense.npy" in lines[0] and "zero" in lines[0] and "shape" not in lines[0]
+
+
+def test_a_missing_optional_package_is_a_set_up_error(capsys, tmp_path, monkeypatch) -> None:
+    # the newcomer's pass: without safetensors, a TensorRT-LLM rank file printed
+    # "eplb: error: ImportError: ..." and exit 1, a failure of eplb's; it is the set-up's
+    path = _safetensors_with_length_byte(tmp_path, 0x80)
+    for name in ("safetensors", "safetensors.torch"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "needs the optional 'safetensors' package",
+                      "pip install 'safetensors>=0.4'")
+    assert "ImportError" not in err

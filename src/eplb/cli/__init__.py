@@ -23,6 +23,7 @@ import torch
 from eplb._version import __version__
 from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, CliError
 from eplb.cli._inputs import add_input_options, warn
+from eplb.formats.errors import MissingPackage
 
 __all__ = ["build_parser", "main"]
 
@@ -401,6 +402,8 @@ def _main(args: argparse.Namespace) -> int:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         return _fail(args, f"{_one_line(exc.strerror or str(exc))}{where}", EXIT_USAGE)
     except (ValueError, TypeError) as exc:  # bad input: FormatError, PlacementError, topology
+        return _fail(args, str(exc), EXIT_USAGE)
+    except MissingPackage as exc:  # an optional package the input needs: set-up to fix
         return _fail(args, str(exc), EXIT_USAGE)
     except OSError as exc:
         if exc.errno not in _BAD_NAME:  # a full disk, an I/O error: a failure while running

@@ -34,7 +34,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from eplb.formats.errors import FormatError
+from eplb.formats.errors import FormatError, MissingPackage
 
 # errors that mean "this file system cannot do that", not "the name is taken"
 _UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS,
@@ -48,11 +48,11 @@ SAFETENSORS_HINT = "pip install 'safetensors>=0.4'"
 
 
 def import_safetensors_torch() -> ModuleType:
-    """``safetensors.torch``, or an ``ImportError`` that says how to install it."""
+    """``safetensors.torch``, or a :class:`MissingPackage` that says how to install it."""
     try:
         import safetensors.torch as st
     except ImportError as exc:  # optional dependency
-        raise ImportError(
+        raise MissingPackage(
             "reading or writing .safetensors files needs the optional 'safetensors' package: "
             + SAFETENSORS_HINT
         ) from exc

@@ -1,10 +1,15 @@
-"""The one error type of :mod:`eplb.formats`."""
+"""The error types of :mod:`eplb.formats`: a malformed file, a missing optional package."""
 
 from __future__ import annotations
 
 import reprlib
 from os import PathLike
 from typing import Any
+
+
+class MissingPackage(ImportError):
+    """An optional package a file format needs is not installed; the message says how to
+    install it (a set-up to fix, not a failure of eplb's)."""
 
 
 class FormatError(ValueError):
