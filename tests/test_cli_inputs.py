@@ -262,7 +262,7 @@ def test_simulate_on_an_uncut_token_trace_points_at_tokens_per_step(capsys, tmp_
     path = _two_tasks(tmp_path)
     code, _, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
                        "--window", "2", "-r", "20", "-g", "4")
-    assert_user_error(code, err, "has 1 steps", "--tokens-per-step N", "300 tokens")
+    assert_user_error(code, err, "has 1 step;", "--tokens-per-step N", "300 tokens")
 
 
 def test_tokens_per_step_on_counts_is_refused_naming_the_flag(capsys, tmp_path) -> None:

@@ -121,7 +121,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                         trace.num_experts)
     needed = max(2 * args.window, interval + (score_window or interval))
     if trace.num_steps < needed:
-        raise CliError(f"{args.trace} has {trace.num_steps} steps; the simulation needs at "
+        have = f"{trace.num_steps} step{'' if trace.num_steps == 1 else 's'}"
+        raise CliError(f"{args.trace} has {have}; the simulation needs at "
                        f"least {needed}: the first rebalance comes after --interval {interval} "
                        f"steps and is scored on the {score_window or interval} after it, and "
                        f"the steps must hold two windows (2 × --window {args.window})"
