@@ -656,8 +656,8 @@ def test_a_map_far_from_jefferson_takes_the_whole_allocation():
     from eplb.online import ladder, moves
 
     weight = np.exp(np.random.default_rng(0).normal(size=(2, 64)) * 1.5)
-    counts = moves.counts_of(initial_map(2, 96, 64).numpy(), 64)
-    unused = np.zeros((2, 96), np.int64)
+    counts = moves.counts_of(initial_map(2, 192, 64).numpy(), 64)  # 128 extra replicas
+    unused = np.zeros((2, 192), np.int64)
     got = ladder.transfer_order(weight, unused, counts, 16)
     want = ladder._transfers_by_table(weight, unused, counts, 16)
     assert (want[2] > ladder.EXCHANGE_LIMIT).all()
