@@ -20,7 +20,8 @@ Structure of the plan (every layer):
   (``pack`` batched over layers × nodes), as the hierarchical policy does.
 - **Balance first where that fails.** A layer whose busiest GPU the rule would load more
   than ``1 + slack`` times the dispatch-aware global plan's (beyond a 5 % tolerance)
-  takes that plan instead (:func:`_within_slack`): with few slots per GPU and mild skew
+  takes that plan instead (:func:`within_slack`, applied by the policy): with few slots
+  per GPU and mild skew
   the packing inside nodes is not tight, and the slack is the balance the user gives up.
 
 The swaps minimise the expected number of distinct remote nodes per token,
@@ -59,7 +60,7 @@ import numpy as np
 import torch
 
 from eplb.core.dispatch import _prob_none, coactivation, realised_gpu_loads
-from eplb.core.dispatch_plan import coverage_counts, plan_nearest_global
+from eplb.core.dispatch_plan import coverage_counts
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, pack, to_slots
 from eplb.core.topology import Topology
@@ -430,17 +431,17 @@ def plan_locality(
     node = _swap_search(node, movable, load, freq, pair, nodes, fixed, (1 + slack) * mean,
                         mean, steps)
     phy2log = _pack_nodes(w, counts, hot, node, topology, options, generator)
-    return _within_slack(w, phy2log, topology, options, slack).to(device)
+    return phy2log.to(device)
 
 
-def _within_slack(
-    weight: torch.Tensor, phy2log: torch.Tensor, topology: Topology, options: PlanOptions,
+def within_slack(
+    weight: torch.Tensor, phy2log: torch.Tensor, other: torch.Tensor, topology: Topology,
     slack: float,
 ) -> torch.Tensor:
-    """``[L, R]``: ``phy2log``, but the dispatch-aware global plan
-    (:func:`eplb.core.dispatch_plan.plan_nearest_global`) in the layers where the nearest
-    rule would load ``phy2log``'s busiest GPU more than ``1 + slack`` times the global
-    plan's (beyond a 5 % tolerance, the dispatch planner's own).
+    """``[L, R]``: the locality plan ``phy2log``, but ``other`` (the global plan for the
+    nearest rule, as the planner makes it) in the layers where the nearest rule would load
+    ``phy2log``'s busiest GPU more than ``1 + slack`` times ``other``'s (beyond a 5 %
+    tolerance, the dispatch planner's own).
 
     ``slack`` bounds node loads, and GPUs inside a node are packed tight where a node has
     many slots (DeepSeek-V3 on 32 GPUs: 0.972 at slack 0.03). With few slots per GPU and
@@ -449,7 +450,7 @@ def _within_slack(
     attacker pass: 64 experts of uniform loads on 64 GPUs in 8 nodes, 2 slots each, served
     at 0.52 where the global plan serves 0.96). There the balance given up is far beyond
     what the knob allows, so the layer is planned for balance."""
-    other = plan_nearest_global(weight, topology, options)
+    other = other.to(phy2log.device)
     args = (topology.num_gpus, topology.num_nodes, "nearest")
     peak = realised_gpu_loads(weight, phy2log, *args, check=False).amax(1)
     peak_other = realised_gpu_loads(weight, other, *args, check=False).amax(1)

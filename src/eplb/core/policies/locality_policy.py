@@ -3,10 +3,14 @@ dispatch, with one knob (``slack``). The algorithm is in :mod:`eplb.core.localit
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from eplb.core.locality import plan_locality
+from eplb.core.dispatch_plan import keep_better_served, plan_nearest_global
+from eplb.core.locality import plan_locality, within_slack
 from eplb.core.policies.base import PlacementPolicy
+from eplb.core.policies.global_policy import GlobalPolicy
 from eplb.core.request import PlanRequest
 
 
@@ -14,8 +18,8 @@ class LocalityPolicy(PlacementPolicy):
     """Hot experts on every node (always local), the others on their group's node unless
     moving them lowers the expected remote nodes per token, with every node's load at
     most ``(1 + slack)`` × the mean (balancedness ≈ ``1 / (1 + slack)``); a layer that
-    would give up much more balance than that (few slots per GPU) takes the dispatch-aware
-    global plan."""
+    would give up much more balance than that (few slots per GPU) takes the global plan
+    for the rule, as ``policy="global", dispatch="nearest"`` makes it."""
 
     name = "locality"
 
@@ -25,7 +29,7 @@ class LocalityPolicy(PlacementPolicy):
         top_k = 8 if routing is None else int(routing.shape[2])
         # group-limited routing for the surrogate: half of the groups (DeepSeek-V3: 4 of 8)
         topk_groups = max(1, topology.num_groups // 2) if topology.num_groups > 1 else None
-        return plan_locality(
+        local = plan_locality(
             request.weight,
             topology,
             request.options,
@@ -35,3 +39,12 @@ class LocalityPolicy(PlacementPolicy):
             top_k=top_k,
             topk_groups=topk_groups,
         )
+        # the balance corner: the dispatch-aware global plan, or eplb's even-split plan
+        # where the rule serves it better (a hot expert: the first 0.27, the second 0.95
+        # on 64 GPUs in 2 nodes with 2 slots each), as the planner offers them
+        other = plan_nearest_global(request.weight, topology, request.options,
+                                    request.generator(), source=request.source)
+        even = GlobalPolicy().place(dataclasses.replace(request, policy="global",
+                                                        dispatch="even"))
+        other = keep_better_served(request.weight, other, even, topology, request.source)
+        return within_slack(request.weight, local, other, topology, request.slack)
