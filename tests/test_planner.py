@@ -630,3 +630,36 @@ def test_number_knobs_take_zero_d_arrays_and_refuse_what_has_no_value() -> None:
     for bad in (torch.empty((), device="meta"), np.array([0.5]), np.array(True)):
         with pytest.raises(ValueError, match="portfolio_threshold must be a number"):
             eplb.PlanOptions(portfolio_threshold=bad)
+
+
+def test_one_very_hot_expert_with_few_spare_slots_is_packed_near_the_ceiling():
+    # found by a quality attacker pass: 136 experts on 16 GPUs with 9 slots (8 spare), one
+    # expert 50x the others: the construction left six GPUs at 0.8 of the mean and the
+    # automatic steps (no pair step and 8 polish steps at 16 GPUs) lifted one GPU per
+    # step, 0.835 against DeepSeek's greedy's 0.965; such rows get a second search
+    g = torch.Generator().manual_seed(5)
+    w = torch.rand(1, 136, generator=g, dtype=torch.float64) * 100
+    w[0, 0] *= 50
+    planned = eplb.plan(w, 144, 16)
+    assert planned.balancedness(w) >= plan_greedy(w, 144, 16).balancedness(w)
+    assert planned.balancedness(w) >= 0.995 * balancedness_ceiling(w, 144, 16)
+
+
+def test_hierarchical_nodes_with_a_very_hot_expert_get_the_second_search_too():
+    # the same pass, one log-normal layer on 2 nodes of 8 GPUs with 9 slots: 0.831 against
+    # the greedy's 0.935 (ceiling 0.950); the greedy stacks no replica here
+    w = torch.tensor([[5, 730, 81, 846, 1, 1040, 58, 4833, 3, 2, 1, 1904, 182, 4, 1263, 12,
+                       192, 956, 4, 65, 177, 127, 84, 23, 128, 2, 1, 39256, 37, 0, 28, 41,
+                       142, 47, 3, 352, 55, 274, 83, 1, 808, 14, 156, 149, 15130, 257, 225,
+                       149, 112, 280, 7523, 3920, 865, 117, 600, 9, 9359, 70, 128, 37, 62,
+                       13, 328, 3, 8, 194, 1261, 118, 469, 517, 71, 136, 41, 286, 2, 34, 33,
+                       6, 2284, 82, 260, 167, 472, 63, 11, 1910, 1017, 4, 1364, 343, 5, 57,
+                       7, 49, 52, 9, 1568, 810, 458, 253, 213, 1827, 71, 760, 296, 79, 17,
+                       2836, 129, 82, 97, 127, 1, 17, 57, 7, 19, 187, 149, 59, 6, 3, 215,
+                       104, 2587, 1310, 4, 54, 1526, 39, 27, 79, 184, 383, 170, 49]],
+                     dtype=torch.float64)
+    planned = eplb.plan(w, 144, 16, 2, 4, policy="hierarchical")
+    greedy = plan_greedy(w, 144, 16, 2, 4, policy="hierarchical")
+    assert planned.balancedness(w) >= greedy.balancedness(w) - 0.005
+    assert planned.balancedness(w) >= 0.98 * balancedness_ceiling(w, 144, 16, 2, 4,
+                                                                   policy="hierarchical")
