@@ -19,10 +19,10 @@ Structure of the plan (every layer):
 - **GPUs inside nodes.** Each node's replicas are packed onto its GPUs by eplb's packing
   (``pack`` batched over layers × nodes), as the hierarchical policy does.
 - **Balance first where that fails.** A layer whose busiest GPU the rule would load more
-  than ``1 + slack`` times the dispatch-aware global plan's (beyond a 5 % tolerance)
-  takes that plan instead (:func:`within_slack`, applied by the policy): with few slots
-  per GPU and mild skew
-  the packing inside nodes is not tight, and the slack is the balance the user gives up.
+  than ``1 + slack`` times the global plan for the rule's (beyond a 5 % tolerance) takes
+  that plan instead (:func:`within_slack`, applied by the policy): with few slots per GPU
+  and mild skew the packing inside nodes is not tight, and the slack is the balance the
+  user gives up.
 
 The swaps minimise the expected number of distinct remote nodes per token,
 
@@ -60,7 +60,7 @@ import numpy as np
 import torch
 
 from eplb.core.dispatch import _prob_none, coactivation, realised_gpu_loads
-from eplb.core.dispatch_plan import coverage_counts
+from eplb.core.dispatch_plan import _AUTO_TOLERANCE, coverage_counts
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, pack, to_slots
 from eplb.core.topology import Topology
@@ -71,9 +71,6 @@ _NODE_PAIR_STEPS, _NODE_MAX_STEPS = 4, 16  # packing search inside nodes (see _p
 #: a few arrays of that order). DeepSeek-V3: 58 · 257² = 3.8e6.
 MAX_PAIR_CELLS = 1 << 26
 _MIN_GAIN = 1e-5  # smallest swap gain taken, in remote nodes per token (~2 in total)
-#: a locality layer is planned for balance where its busiest GPU exceeds the global
-#: plan's × (1 + slack) by more than this (the dispatch planner's own tolerance)
-_SLACK_TOLERANCE = 0.05
 
 
 def pair_stats(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,5 +451,5 @@ def within_slack(
     args = (topology.num_gpus, topology.num_nodes, "nearest")
     peak = realised_gpu_loads(weight, phy2log, *args, check=False).amax(1)
     peak_other = realised_gpu_loads(weight, other, *args, check=False).amax(1)
-    beyond = peak > peak_other * (1 + slack) * (1 + _SLACK_TOLERANCE)
+    beyond = peak > peak_other * (1 + slack) * (1 + _AUTO_TOLERANCE)
     return torch.where(beyond[:, None], other, phy2log)

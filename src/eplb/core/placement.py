@@ -134,6 +134,22 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     return table[:, :num_experts], logcnt
 
 
+def ideal_and_peak(
+    gpu_loads: torch.Tensor, live: torch.Tensor | None = None, speed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ideal [L], peak [L])`` time of per-GPU loads ``[L, P]`` over the ``live [P]``
+    GPUs: the mean and the max load, or with ``speed [P]`` the total load over the live
+    GPUs' total speed and the max of load / speed (float64)."""
+    loads = gpu_loads.to(torch.float64)
+    if live is not None:
+        loads = loads[:, live]
+        speed = None if speed is None else speed[live]
+    if speed is None:
+        return loads.mean(1), loads.max(1).values
+    speed = speed.to(device=loads.device, dtype=torch.float64)
+    return loads.sum(1) / speed.sum(), (loads / speed).max(1).values
+
+
 def load_balance(
     gpu_loads: torch.Tensor, live: torch.Tensor | None = None, speed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, float, float]:
@@ -143,17 +159,7 @@ def load_balance(
     load / speed and the ideal is the total load over the live GPUs' total speed, so the
     figure is still "ideal time / actual time" (1.0 = perfect).
     """
-    loads = gpu_loads.to(torch.float64)
-    if live is not None:
-        loads = loads[:, live]
-        speed = None if speed is None else speed[live]
-    if speed is None:
-        ideal = loads.mean(1)
-        peak = loads.max(1).values
-    else:
-        speed = speed.to(device=loads.device, dtype=torch.float64)
-        ideal = loads.sum(1) / speed.sum()
-        peak = (loads / speed).max(1).values
+    ideal, peak = ideal_and_peak(gpu_loads, live, speed)
     per_layer = torch.where(peak > 0, ideal / peak.clamp(min=1e-300), torch.ones_like(ideal))
     total = float(ideal.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
     worst = float((peak / ideal.clamp(min=1e-300))[ideal > 0].max()) if bool((ideal > 0).any()) \

@@ -25,12 +25,7 @@ import warnings
 import torch
 
 from eplb.core.dispatch import check_dispatch
-from eplb.core.dispatch_plan import (
-    FAIR_MODES,
-    MAX_NEAREST_GPUS,
-    keep_better_served,
-    plan_nearest_global,
-)
+from eplb.core.dispatch_plan import FAIR_MODES, MAX_NEAREST_GPUS
 from eplb.core.inputs import (
     as_gpu_speed,
     as_live_mask,
@@ -45,6 +40,7 @@ from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
 from eplb.core.packing.speed_start import keep_faster, speed_greedy
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
+from eplb.core.policies.global_policy import plan_for_nearest
 from eplb.core.request import DEFAULT_SLACK, PlanRequest
 from eplb.core.topology import Topology, check_total_slots, is_name
 
@@ -298,21 +294,8 @@ def fresh_phy2log(request: PlanRequest) -> torch.Tensor:
     planning): the record and its check cost about a tenth of a DeepSeek-V3 plan."""
     topology = request.topology
     if request.dispatch == "nearest" and topology.num_nodes > 1 and request.policy == "global":
-        # the max GPU load as SGLang's nearest rule will realise it, dead GPUs included
-        phy2log = plan_nearest_global(
-            request.weight,
-            topology,
-            request.options,
-            request.generator(),
-            request.active_gpus,
-            request.source,
-            request.fair,
-        )
-        if request.fair == "auto":  # and eplb's even-split plan, where it serves better
-            even = fresh_phy2log(dataclasses.replace(request, dispatch="even", fair="auto",
-                                                     source=None, routing=None))
-            phy2log = keep_better_served(request.weight, phy2log, even, topology,
-                                         request.source, request.active_gpus)
+        phy2log = plan_for_nearest(request, lambda: fresh_phy2log(dataclasses.replace(
+            request, dispatch="even", fair="auto", source=None, routing=None)))
     elif request.active_gpus is not None:
         phy2log = _plan_live(request)
     else:

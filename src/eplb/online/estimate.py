@@ -46,7 +46,7 @@ import torch
 
 from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import as_counts, as_gpu_speed, as_weight, scale_free
-from eplb.core.placement import Placement
+from eplb.core.placement import Placement, ideal_and_peak
 from eplb.core.topology import int_at_least, is_name, real_number
 from eplb.core.trace import LoadTrace
 
@@ -432,23 +432,18 @@ def expected_max(
         raise ValueError("expected_max needs at least one scenario ([K, L, E] with K >= 1)")
     live = placement.live_gpus()
     topo = placement.topology
-    speed = None
-    if gpu_speed is not None:
-        speed = as_gpu_speed(gpu_speed, topo.num_gpus, placement.phy2log.device)
-        speed = speed.to(torch.float64)[live.to(speed.device)]
+    speed = None if gpu_speed is None else as_gpu_speed(gpu_speed, topo.num_gpus,
+                                                        placement.phy2log.device)
     ratios = []
     for scenario in scenarios:
         if dispatch == "nearest" and topo.num_nodes > 1:
             weight = scale_free(as_weight(scenario)[0].to(placement.phy2log.device))
             loads = realised_gpu_loads(weight, placement.phy2log, topo.num_gpus, topo.num_nodes,
-                                       "nearest", source, placement.active_gpus)[:, live]
+                                       "nearest", source, placement.active_gpus)
         else:  # one node: every replica is on the token's node, an even split
-            loads = placement.scaled_gpu_loads(scenario)[:, live]
-        if speed is None:
-            mean, peak = loads.mean(1), loads.max(1).values
-        else:
-            speed = speed.to(loads.device)
-            mean, peak = loads.sum(1) / speed.sum(), (loads / speed).max(1).values
+            loads = placement.scaled_gpu_loads(scenario)
+        mean, peak = ideal_and_peak(loads, live.to(loads.device),
+                                    None if speed is None else speed.to(loads.device))
         ratios.append(torch.where(mean > 0, peak / mean.clamp(min=1e-300), torch.ones_like(mean)))
     stacked = torch.stack(ratios)
     return stacked.mean(0) if reduce == "mean" else stacked.max(0).values

@@ -14,7 +14,7 @@ import torch
 from eplb.core.options import PackingOptions
 from eplb.core.packing import refine_path, repair_assignment
 from eplb.core.replication import cap_counts, replica_counts
-from eplb.online.moves import counts_of, gpu_loads_of
+from eplb.online.moves import counts_of, gpu_loads_of, id_type
 
 #: replica transfers found one at a time (every row at once) before a row's list comes
 #: from a whole Jefferson allocation instead. A steady rebalance needs at most about 10
@@ -101,6 +101,7 @@ def _exchange(
         flat_c[at_r] += 1
         c_d, c_r, top = flat_c[at_d], flat_c[at_r], cap[going]
         w_d, w_r = flat_w[at_d], flat_w[at_r]
+        # the init's rules with their guards dropped: here c_d >= 1 and c_r >= 2
         flat_take[at_d] = np.where(c_d < top, w_d / c_d, -np.inf)
         flat_give[at_d] = np.where(c_d > top, -np.inf,
                                    np.where(c_d >= 2, w_d / np.maximum(c_d - 1, 1), np.inf))
@@ -184,21 +185,21 @@ def apply_transfers(
     # the rows by transfers to make, most first: the rows still transferring at step t are
     # a prefix, so every array below is a slice (a view) instead of a fancy-indexed copy
     order = np.argsort(-upto, kind="stable")
-    active = np.searchsorted(-upto[order], -np.arange(int(upto.max(initial=0))))
+    upto = upto[order]  # in that order from here on
+    active = np.searchsorted(-upto, -np.arange(int(upto.max(initial=0))))
     out = phy2log[order]  # a copy in that order; put back at the end
     loads = gpu_loads_of(weight, phy2log, num_gpus, counts)[order]  # [B, P], updated per transfer
     w = weight[order].ravel()
     counts = counts[order].astype(np.float64).ravel()  # a copy, updated per transfer
     receiver = receiver[order]
-    # a narrow type for the searches (int16 where the ids fit)
-    narrow = np.int16 if num_experts <= np.iinfo(np.int16).max else np.int64
+    narrow = id_type(num_experts)  # for the searches
     # each transfer's (donor, receiver), compared with every slot at once below
     pairs = np.stack([donor[order], receiver], 2).astype(narrow)  # [B, T, 2]
     grid = out.reshape(rows, num_gpus, slots)  # a view: writes land in out
     # a copy [B, S, P] for the searches: NumPy reduces over a short last axis slowly,
     # over a middle one fast (3× at S = 9)
     ids = np.ascontiguousarray(grid.transpose(0, 2, 1), narrow)
-    marks = [np.ceil(f * upto[order]).astype(np.int64) for f in record]  # per row
+    marks = [np.ceil(f * upto).astype(np.int64) for f in record]  # per row
     snapshots = [out.copy() for _ in record]
     stuck_rows = np.zeros(rows, bool)
     flat = np.arange(rows) * num_experts  # each row's offset into w and counts
@@ -229,7 +230,7 @@ def apply_transfers(
         grid[row, gpu, slot] = r
         ids[row, slot, gpu] = r
     for mark, snap in zip(marks, snapshots, strict=True):
-        late = mark >= upto[order]  # prefixes as long as the whole list: the final placement
+        late = mark >= upto  # prefixes as long as the whole list: the final placement
         snap[late] = out[late]
     back = np.argsort(order)
     counts = counts.reshape(rows, num_experts).astype(np.int64)

@@ -160,8 +160,9 @@ def _rescue(state: torch.Tensor, slots: int, num_gpus: int) -> torch.Tensor:
     BENCHMARKS.md §12 at five slots or more, are not searched again."""
     if slots < RESCUE_MIN_SLOTS or num_gpus < 2:
         return state
-    bound = torch.maximum(gpu_loads(state).mean(1), state[LOAD].amax((0, 2)))
-    far = (max_load(state) > bound * (1 + RESCUE_GAP)).nonzero()[:, 0]
+    loads = gpu_loads(state)  # [rows, P]
+    bound = torch.maximum(loads.mean(1), state[LOAD].amax((0, 2)))
+    far = (loads.amax(1) > bound * (1 + RESCUE_GAP)).nonzero()[:, 0]
     if not len(far):
         return state
     sub = refine(state[:, :, far], max(8, num_gpus // 2), "pairs")

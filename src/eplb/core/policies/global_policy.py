@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from eplb.core.dispatch_plan import keep_better_served, plan_nearest_global
 from eplb.core.policies.base import PlacementPolicy, plan_rows
 from eplb.core.request import PlanRequest
 
@@ -23,3 +26,19 @@ class GlobalPolicy(PlacementPolicy):
             request.generator(),
             idle=request.idle,
         )
+
+
+def plan_for_nearest(request: PlanRequest, even: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``[L, R]``: the global plan for SGLang's nearest rule as the planner makes it (the
+    max GPU load as the rule will realise it, dead GPUs included): the dispatch-aware plan
+    (:func:`eplb.core.dispatch_plan.plan_nearest_global`), and with ``fair="auto"`` eplb's
+    even-split plan ``even()`` in the layers the rule serves better with it. The locality
+    policy's balance corner is this plan too."""
+    topology = request.topology
+    phy2log = plan_nearest_global(request.weight, topology, request.options,
+                                  request.generator(), request.active_gpus, request.source,
+                                  request.fair)
+    if request.fair == "auto":
+        phy2log = keep_better_served(request.weight, phy2log, even(), topology,
+                                     request.source, request.active_gpus)
+    return phy2log
