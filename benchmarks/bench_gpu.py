@@ -3,9 +3,10 @@
 Runs only where ``torch.cuda.is_available()``; otherwise it says so and exits 0.
 For each shape it plans on CPU (one thread) and on the GPU, checks that the GPU result
 is on the GPU and passes ``validate()``, and prints balancedness and median times.
-The GPU is timed three ways (issue 14): automatic (the device path for problems of at
-least ``eplb.core.device_path.DEVICE_PATH_MIN_ITEMS`` items), every step on the host
-(``FORCE="host"``), and construction and expansion on the device (``FORCE="device"``).
+The GPU is timed three ways (issue 14): automatic (since 2026-12-04 device input is planned
+on the CPU and the plan moved back, :func:`eplb.core.device_path.plans_on_host`), the same
+forced (``FORCE="host"``), and planned on the device with construction and expansion there
+from ``DEVICE_PATH_MIN_ITEMS`` items (``FORCE="device"``).
 
 Usage: ``python benchmarks/bench_gpu.py [--repeats N]``
 """
@@ -80,6 +81,10 @@ def main() -> None:
                 valid &= gpu.phy2log.is_cuda and gpu.log2phy.is_cuda and gpu.logcnt.is_cuda
                 bal[force] = gpu.balancedness(wg)
                 gpu_ms[force] = timed(lambda w=wg, s=shape: eplb.plan(w, *s), args.repeats, True)
+            except Exception as exc:  # reported in the table, the other shapes still run
+                print(f"<!-- {layers}x{experts} P={gpus} FORCE={force}: "
+                      f"{type(exc).__name__}: {exc} -->")
+                valid, bal[force], gpu_ms[force] = False, float("nan"), float("nan")
             finally:
                 device_path.FORCE = None
         print(

@@ -118,3 +118,27 @@ def test_rebalancer_cuda_counts_with_cpu_initial_placement():
 def test_trivial_placement_on_device():
     p = trivial_placement(16, 2, Topology(24, 8), device="cuda")
     assert_contract(p, device="cuda", anti_affinity=False)
+
+
+@pytest.mark.parametrize(("nodes", "groups"), TOPOLOGIES)
+def test_cuda_input_gives_the_cpu_plan(nodes, groups):
+    # issue 10 part 2: the same plan from CPU and CUDA input, fresh and from vLLM's
+    # initial map with int32 loads (SGLang hands its rebalance GPU tensors)
+    w = (loads(8, 64, seed=5) * 1000).round().to(torch.int32)
+    fresh_cpu = eplb.plan(w.cpu(), 72, 8, nodes, groups)
+    fresh_gpu = eplb.plan(w, 72, 8, nodes, groups)
+    assert torch.equal(fresh_cpu.phy2log, fresh_gpu.phy2log.cpu())
+    initial = (torch.arange(72) % 64).expand(8, -1).contiguous()
+    cpu = eplb.rebalance_experts(w.cpu(), 72, groups, nodes, 8, old_phy2log=initial)
+    gpu = eplb.rebalance_experts(w, 72, groups, nodes, 8, old_phy2log=initial.cuda())
+    for a, b in zip(cpu, gpu, strict=True):
+        assert torch.equal(a, b.cpu())
+
+
+def test_cuda_input_gives_the_cpu_plan_at_a_large_shape():
+    # 100 × 2048 items: the size at which the device path would run (opt-in, FORCE)
+    g = torch.Generator().manual_seed(6)
+    w = torch.exp(torch.randn(100, 1024, generator=g, dtype=torch.float64))
+    cpu = eplb.plan(w, 2048, 256)
+    gpu = eplb.plan(w.cuda(), 2048, 256)
+    assert gpu.phy2log.is_cuda and torch.equal(cpu.phy2log, gpu.phy2log.cpu())

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.core.device_path import plans_on_host, to_host
 from eplb.core.options import PlanOptions, with_incremental
 from eplb.core.placement import Placement
 from eplb.core.planner import make_request, plan_fresh
@@ -103,11 +104,16 @@ def plan(
             cross-node traffic (default 0.03).
 
     Returns:
-        A validated :class:`Placement` on the weight's device.
+        A validated :class:`Placement` on the weight's device. Device (CUDA) input is
+        planned on the CPU, so it gets the CPU input's plan bit for bit
+        (:func:`eplb.core.device_path.plans_on_host`).
     """
     # the planner is a few hundred small tensor operations: without autograd's
     # bookkeeping (inference mode) each costs less (7 % of a DeepSeek-V3 plan)
     with torch.inference_mode():
+        device = _host_planned(weight)
+        if device is not None:  # planned on the CPU, returned on the weight's device
+            weight, previous, max_moves = to_host(weight), to_host(previous), to_host(max_moves)
         placement = _plan(
             weight, num_replicas, num_gpus, num_nodes, num_groups, policy=policy, seed=seed,
             num_candidates=num_candidates, refine_steps=refine_steps, options=options,
@@ -116,7 +122,19 @@ def plan(
             drift=drift, group_share=group_share, dispatch=dispatch, fair=fair, source=source,
             routing=routing, slack=slack,
         )
+        if device is not None:
+            placement = placement.to(device)
     return _ordinary(placement)
+
+
+def _host_planned(weight: object) -> torch.device | None:
+    """The weight's device where a problem given there is planned on the CPU
+    (:func:`eplb.core.device_path.plans_on_host`: device input gives the CPU input's plan
+    bit for bit), else ``None``. Malformed weights give ``None``: the checks name them."""
+    if (not isinstance(weight, torch.Tensor) or weight.is_nested or weight.is_quantized
+            or weight.layout != torch.strided):
+        return None
+    return weight.device if plans_on_host(weight) else None
 
 
 def _ordinary(placement: Placement) -> Placement:

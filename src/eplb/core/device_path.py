@@ -21,6 +21,10 @@ against the NumPy versions bit for bit; no CPU test needs a GPU. The anti-affini
 pre-pass of the host construction (``_whole_runs`` / ``_settle_clashes``, NumPy) is not
 ported: on the device path every row goes through :func:`eplb.packing.repair_conflicts`
 (torch), which the host path uses for the rare rows its pre-pass leaves.
+
+**Measured on an H200 (2026-12-04), device input is planned on the CPU by default**
+(:func:`plans_on_host`): the plan is then the CPU input's, bit for bit, and the device path
+was faster at one shape of the four large ones timed. ``FORCE = "device"`` opts in.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ __all__ = [
     "FORCE",
     "bldm_gpus_torch",
     "expand_replicas_torch",
+    "plans_on_host",
+    "to_host",
     "use_device_path",
 ]
 
@@ -41,8 +47,11 @@ __all__ = [
 DEVICE_PATH_MIN_ITEMS = 1 << 15
 
 
-#: ``None`` (automatic), ``"host"`` or ``"device"``: forces one path for every tensor (the
-#: benchmark compares both on a GPU; tests run the device path on CPU tensors)
+#: ``None`` (automatic: device input is planned on the CPU, :func:`plans_on_host`),
+#: ``"host"``, or ``"device"``: device input is planned on its device, with construction
+#: and expansion there from :data:`DEVICE_PATH_MIN_ITEMS` items (27 against 88 ms at
+#: 100×1024 → 2048/256 on an H200, but not the CPU's plan bit for bit); CPU tensors then
+#: take the device path's steps too (the tests check them against the host's). Process-wide.
 FORCE: str | None = None
 
 
@@ -53,6 +62,33 @@ def use_device_path(tensor: torch.Tensor, num_items: int) -> bool:
     if FORCE is not None:
         return FORCE == "device"
     return tensor.device.type != "cpu" and num_items >= DEVICE_PATH_MIN_ITEMS
+
+
+def plans_on_host(tensor: torch.Tensor) -> bool:
+    """True when a problem given on a device (``tensor`` off the CPU) is planned on the
+    CPU and its plan moved back: always, unless :data:`FORCE` is ``"device"``.
+
+    Why (measured on an H200, ``benchmarks/bench_cuda_identical.py`` and
+    ``bench_gpu.py``, BENCHMARKS §10): planned on the device, float sums add in another
+    order than on the CPU, so the plan differs (220 of 16,704 slots at 58×256 → 288/32;
+    16–92 % of the slots on the device path's shapes), at the same quality (±1e-4).
+    Planned on the host, CPU and CUDA input give one plan bit for bit, whatever the GPU
+    model. The cost: on the device path's shapes the GPU was faster only at 100×1024 →
+    2048/256 (27 against 88 ms); at 61×384 → 768/256 and 100×1024 → 2048/1024 the CPU
+    was as fast or faster, and below :data:`DEVICE_PATH_MIN_ITEMS` items (the
+    DeepSeek-V3 shape) a plan is hundreds of small operations, no faster as kernels.
+    """
+    # (a meta tensor holds no data: the input checks refuse it by name)
+    return tensor.device.type not in ("cpu", "meta") and FORCE != "device"
+
+
+def to_host(value: object) -> object:
+    """``value`` on the CPU: a tensor, or anything with a ``.to(device)`` (a placement);
+    other values (numbers, lists, arrays, ``None``) as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    move = getattr(value, "to", None)
+    return move("cpu") if callable(move) else value
 
 
 def expand_replicas_torch(

@@ -108,7 +108,7 @@ def cap_counts(weight: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Te
         return counts
     rows = weight.shape[0]
     which = over.nonzero()[:, 0]
-    w = weight.detach().to(torch.float64).cpu().numpy()[(which % rows).numpy()]
+    w = weight.detach().to(torch.float64).cpu().numpy()[(which % rows).cpu().numpy()]
     c = flat.index_select(0, which).cpu().numpy().astype(np.int64)
     freed = np.maximum(c - cap, 0).sum(1)
     c = np.minimum(c, cap)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from eplb.core.baselines import plan_greedy
+from eplb.core.device_path import plans_on_host, to_host
 from eplb.core.inputs import as_live_mask
 from eplb.core.options import with_incremental
 from eplb.core.placement import Placement, PlacementError
@@ -181,6 +182,9 @@ def make_planner(
                                                        **incremental_knobs)
 
         def eplb_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
+            if plans_on_host(weight):
+                # as eplb.plan: the CPU's plan, bit for bit, returned on the loads' device
+                return eplb_planner(weight.cpu(), to_host(previous)).to(weight.device)
             request = make_request(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,
                                    topo.num_groups, active_gpus=active_gpus, **plan_options)
             if incremental and previous is not None:
