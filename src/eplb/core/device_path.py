@@ -71,7 +71,7 @@ def plans_on_host(tensor: torch.Tensor) -> bool:
     Why (measured on an H200, ``benchmarks/bench_cuda_identical.py`` and
     ``bench_gpu.py``, BENCHMARKS §10): planned on the device, float sums add in another
     order than on the CPU, so the plan differs (220 of 16,704 slots at 58×256 → 288/32;
-    16–92 % of the slots on the device path's shapes), at the same quality (±1e-4).
+    10–92 % of the slots on the device path's shapes), at the same quality (±1e-4).
     Planned on the host, CPU and CUDA input give one plan bit for bit, whatever the GPU
     model. The cost: on the device path's shapes the GPU was faster only at 100×1024 →
     2048/256 (27 against 88 ms); at 61×384 → 768/256 and 100×1024 → 2048/1024 the CPU
