@@ -143,7 +143,8 @@ def test_eplb_imports_at_module_level(module: str) -> None:
 CORE_ORDER = (
     "topology", "inputs", "placement", "trace", "options", "request", "ordering",
     "device_path", "replication", "packing", "small_slots", "count_bounds", "bounds",
-    "dispatch", "node_labels", "dispatch_plan", "locality", "policies", "planner", "baselines",
+    "dispatch", "node_labels", "node_repair", "dispatch_plan", "locality", "policies", "planner",
+    "baselines",
     "messages",
 )
 

@@ -122,3 +122,24 @@ def test_the_labelling_never_leaves_more_conflicts_than_a_search_from_the_packin
     y = (torch.arange(gpus) // (gpus // nodes))
     assert (left == node_conflicts(out, gpus, experts).mul(
         (y[:, None] == y[None, :]).double()).sum((1, 2)) / 2).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_with_attraction_the_search_makes_the_plain_formulations_swaps(seed):
+    # experts with more replicas than nodes pull their replicas together (negative
+    # weights): the search then scores every pair, and must take the plain search's swaps
+    gen = torch.Generator().manual_seed(seed)
+    gpus, nodes, slots, layers, experts = 32, 4, 3, 3, 24
+    weight = torch.exp(torch.randn(layers, experts, generator=gen, dtype=torch.float64))
+    phy2log = torch.stack([torch.multinomial(row / row.sum(), gpus * slots, replacement=True,
+                                             generator=gen) for row in weight])
+    counts = torch.stack([torch.bincount(row, minlength=experts) for row in phy2log])
+    attract = counts > nodes
+    assert attract.any()
+    conflict = node_conflicts(phy2log, gpus, experts, attract=attract)
+    assert (conflict < 0).any()
+    where = torch.stack([torch.randperm(gpus, generator=gen) for _ in range(layers)])
+    node_of_pos = torch.arange(gpus) // (gpus // nodes)
+    want = plain_kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
+    got = _kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
+    assert torch.equal(got[0], want[0])

@@ -4,8 +4,8 @@ Layers inside, bottom to top (each imports only those before it;
 ``tests/test_architecture.py`` holds the same list): ``topology`` → ``inputs`` →
 ``placement`` → ``trace`` → ``options`` → ``request`` → ``ordering`` → ``device_path`` →
 ``replication`` → ``packing/`` → ``small_slots`` → ``count_bounds`` → ``bounds`` →
-``dispatch`` → ``node_labels`` → ``dispatch_plan`` → ``locality`` → ``policies/`` → ``planner`` →
-``baselines``; ``messages`` (message text) imports nothing.
+``dispatch`` → ``node_labels`` → ``node_repair`` → ``dispatch_plan`` → ``locality`` →
+``policies/`` → ``planner`` → ``baselines``; ``messages`` (message text) imports nothing.
 
 Public here on purpose (the rest is internal and may change):
 """

@@ -25,12 +25,19 @@ which moved a plan at 0.9992 expected to 0.9387 realised on ``prefill_in2048``,
 2. packs globally as eplb does (the ``plan_rows`` search on these counts,
    :func:`plan_rows_capped`);
 3. relabels GPUs so that every constrained expert has its replicas on distinct nodes
-   (:func:`eplb.core.node_labels.spread_over_nodes`, then :func:`repair_node_pairs` for
-   what it leaves): GPU loads
+   (:func:`eplb.core.node_labels.spread_over_nodes`, then
+   :func:`eplb.core.node_repair.repair_node_pairs` for what it leaves): GPU loads
    under the even split are unchanged by a relabelling, and on a valid labelling the
    nearest rule realises exactly them;
 4. with dead GPUs or a given token source, where replicas on distinct nodes no longer
-   split evenly, polishes the realised loads (:func:`polish_realised`).
+   split evenly, polishes the realised loads (:func:`eplb.core.node_repair.polish_realised`).
+
+An expert with more replicas than nodes cannot have them on distinct nodes: it splits
+evenly only with all of them on one node, or on whole nodes. Where such experts exist
+(Jefferson's counts uncapped for a hot expert, or more than ``N`` replicas per expert on
+average, e.g. two nodes), a second plan keeps them together (:func:`node_attraction`;
+:func:`whole_node_counts`; :func:`eplb.core.node_repair.gather_together`) and each layer
+keeps whichever the rule serves better.
 
 Two replicas split evenly in expectation whether they share a node or not, so under
 ``"expect"`` only experts with ``c >= 3`` constrain the labelling; under ``"avoid"`` the
@@ -42,8 +49,9 @@ from __future__ import annotations
 
 import torch
 
-from eplb.core.dispatch import realised_gpu_loads, realised_slot_loads
+from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.node_labels import spread_over_nodes
+from eplb.core.node_repair import gather_together, polish_realised, repair_node_pairs
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, max_load, pack, to_slots
 from eplb.core.placement import expert_counts
@@ -97,6 +105,48 @@ def coverage_counts(weight: torch.Tensor, num_replicas: int, num_nodes: int) -> 
     return counts
 
 
+def whole_node_counts(
+    weight: torch.Tensor, counts: torch.Tensor, gpus_per_node: int, num_nodes: int
+) -> torch.Tensor:
+    """``counts [K, rows, E]`` with every count above ``gpus_per_node`` rounded to whole
+    nodes (a multiple of it, at most ``num_nodes`` nodes), the other experts giving or
+    taking the difference one replica at a time: the next replica to the expert with the
+    largest load per replica, a replica back from the one whose load per replica stays
+    smallest without it. Rows that cannot settle the difference keep their counts.
+
+    Why: under the nearest rule replicas on a node that holds some but not all of an
+    expert's replicas serve unevenly (:func:`node_attraction`), so an expert with more
+    replicas than a node has GPUs splits evenly only on whole nodes.
+    """
+    big = counts > gpus_per_node
+    if not bool(big.any()):
+        return counts
+    shape = counts.shape
+    flat = counts.reshape(-1, shape[-1]).clone()
+    big = big.reshape(flat.shape)
+    w = weight.to(torch.float64).repeat(shape[0], 1)
+    nodes = torch.div(flat + gpus_per_node // 2, gpus_per_node, rounding_mode="floor")
+    target = torch.where(big, nodes.clamp(1, num_nodes) * gpus_per_node, flat)
+    owed = (target - flat).sum(1)  # > 0: the others give back; < 0: they take more
+    out = target
+    inf = torch.full_like(w, float("inf"))
+    for _ in range(int(owed.abs().max())):
+        giving, taking = owed > 0, owed < 0
+        if not bool((giving | taking).any()):
+            break
+        # give back: the smallest w / (c − 1) among experts with c >= 2 (not rounded)
+        back = torch.where(~big & (out >= 2), w / (out - 1).clamp(min=1), inf).argmin(1)
+        # take more: the largest w / c among experts not rounded, up to one per GPU
+        more = torch.where(~big & (out < gpus_per_node * num_nodes), w / out, -inf).argmax(1)
+        rows = torch.arange(len(out), device=out.device)
+        out[rows[giving], back[giving]] -= 1
+        out[rows[taking], more[taking]] += 1
+        owed = owed - giving.to(owed.dtype) + taking.to(owed.dtype)
+    settled = (out >= 1).all(1) & (out.sum(1) == flat.sum(1))
+    out = torch.where(settled[:, None], out, flat)
+    return out.view(shape)
+
+
 def plan_rows_capped(
     weight: torch.Tensor,
     num_replicas: int,
@@ -105,10 +155,13 @@ def plan_rows_capped(
     options: PlanOptions,
     generator: torch.Generator | None = None,
     coverage_nodes: int = 0,
+    node_size: int = 0,
 ) -> torch.Tensor:
     """``plan_rows`` of :mod:`eplb.policies` with replica counts capped at ``cap``.
 
-    ``coverage_nodes > 0`` uses :func:`coverage_counts` for that many nodes instead.
+    ``coverage_nodes > 0`` uses :func:`coverage_counts` for that many nodes instead;
+    ``node_size > 0`` (GPUs per node) rounds counts above it to whole nodes
+    (:func:`whole_node_counts`).
 
     Every rule of the portfolio is packed and scored where the largest replica is coarse
     (as ``plan_rows`` does); ``[rows, E]`` → ``[rows, R]`` expert per slot.
@@ -122,6 +175,8 @@ def plan_rows_capped(
         rules = rules[:1]
     else:
         counts = capped_counts(weight, num_replicas, cap, rules)  # [K, rows, E]
+        if node_size:
+            counts = whole_node_counts(weight, counts, node_size, num_gpus // node_size)
     largest = (weight / counts[0]).amax(1)
     # every allocation is packed here, but the nearest rule's candidates were measured
     # with the ranked threshold (the packed one's next-window study was for even dispatch)
@@ -183,8 +238,9 @@ def plan_nearest_global(
             one or two covering experts).
 
     Steps: counts, eplb's global packing over the live GPUs, :func:`spread_over_nodes`
-    (with :func:`repair_node_pairs` for what it leaves), and with dead GPUs or a given
-    source :func:`polish_realised`.
+    (with ``repair_node_pairs`` for what it leaves, or ``gather_together`` where experts
+    are kept together, :mod:`eplb.core.node_repair`), and with dead GPUs or a given
+    source ``polish_realised``.
     """
     if not is_name(fair, FAIR_MODES):
         raise ValueError(f"fair must be one of {FAIR_MODES}, got {fair!r}")
@@ -205,8 +261,12 @@ def plan_nearest_global(
     # served 0.89 under SGLang's table): Jefferson's counts uncapped, where clearly better
     live = topology.num_gpus if active_gpus is None else int(active_gpus.sum())
     cap = max(topology.num_nodes, -(-topology.num_replicas // weight.shape[1]))
-    # layers whose hottest expert, at the capped count, outweighs a GPU's mean load
-    hot = weight.amax(1) * live > weight.sum(1) * cap * (1 + _AUTO_TOLERANCE)
+    # layers whose hottest expert, at the capped count, outweighs a GPU's mean load, or
+    # whose capped plans the rule serves more than 5 % above it (two nodes with three
+    # replicas per expert: 0.64, where Jefferson's counts on whole nodes serve 0.85)
+    mean = weight.sum(1) / live
+    hot = (weight.amax(1) > mean * cap * (1 + _AUTO_TOLERANCE)) | (
+        peak > mean * (1 + _AUTO_TOLERANCE))
     if bool(hot.any()):
         rows = hot.nonzero()[:, 0]
         free = _plan_nearest(weight[rows], topology, options, generator, active_gpus,
@@ -247,7 +307,59 @@ def _plan_nearest(
     fair: str,
 ) -> torch.Tensor:
     """:func:`plan_nearest_global` for one of ``"avoid"``, ``"expect"`` and
-    ``"uncapped"`` (Jefferson's counts, up to a replica per live GPU)."""
+    ``"uncapped"`` (Jefferson's counts, up to a replica per live GPU).
+
+    Where some expert has more replicas than there are nodes, a second plan keeps such
+    experts together (:func:`node_attraction`; with ``"uncapped"`` its counts on whole
+    nodes), and each layer keeps the plan the rule serves with the lower busiest GPU
+    (ties: the first). Kept together they split evenly where the labelling manages it;
+    where many experts need it at once it cannot (128 experts with 4.5 replicas each
+    on 4 nodes: 0.63 apart, 0.47 together), hence both."""
+    # the second plan draws its random starts from a copy of the stream: the first plan,
+    # and every later one, draw what they drew without it
+    fork = torch.Generator(device=generator.device).set_state(generator.get_state())
+    apart = _plan_nodes(weight, topology, options, generator, active_gpus, source, fair,
+                        together=False)
+    nodes = topology.num_nodes
+    if nodes == 1:
+        return apart
+    live = active_gpus
+    live_nodes = nodes if live is None else int(live.view(nodes, -1).any(1).sum())
+    attract = node_attraction(apart, live_nodes, weight.shape[1])
+    if fair != "uncapped" and attract is None:
+        return apart
+    # only layers the rule serves more than 1 % above the mean GPU load (the second
+    # plan's labelling searches every GPU pair: at 256 GPUs it cost more than the first)
+    args = (topology.num_gpus, nodes, "nearest", source, active_gpus)
+    peak = realised_gpu_loads(weight, apart, *args, check=False).amax(1)
+    num_live = topology.num_gpus if live is None else int(live.sum())
+    far = peak > weight.sum(1) / num_live * 1.01
+    if attract is not None and fair != "uncapped":
+        far &= attract.any(1)
+    rows = far.nonzero()[:, 0]
+    if not len(rows):
+        return apart
+    together = _plan_nodes(weight[rows], topology, options, fork, active_gpus, source, fair,
+                           together=True)
+    lower = realised_gpu_loads(weight[rows], together, *args, check=False).amax(1) < peak[rows]
+    out = apart.clone()
+    out[rows[lower]] = together[lower]
+    return out
+
+
+def _plan_nodes(
+    weight: torch.Tensor,
+    topology: Topology,
+    options: PlanOptions,
+    generator: torch.Generator,
+    active_gpus: torch.Tensor | None,
+    source: torch.Tensor | None,
+    fair: str,
+    together: bool,
+) -> torch.Tensor:
+    """One plan of :func:`_plan_nearest`: counts, packing, labelling (``together``: with
+    experts of more replicas than nodes kept together, and on whole nodes under
+    ``"uncapped"``), repair, polish."""
     num_layers, num_experts = weight.shape
     nodes = topology.num_nodes
     live = active_gpus
@@ -267,185 +379,44 @@ def _plan_nearest(
         cover = 0  # more slots than one replica per node of every expert: cap instead
     if cover and (num_live * slots - num_experts) % (cover - 1) > num_experts:
         cover = 0  # more leftover replicas than experts (more nodes than experts): cap
+    # Jefferson's counts uncapped, kept together: on whole nodes where an expert outgrows
+    # one (equal nodes only: with dead GPUs a node's live GPUs vary)
+    whole = topology.gpus_per_node if (together and fair == "uncapped" and nodes > 1
+                                       and num_live == topology.num_gpus) else 0
     planned = plan_rows_capped(weight, num_live * slots, num_live, cap, options, generator,
-                               coverage_nodes=cover)
+                               coverage_nodes=cover, node_size=whole)
     phy2log = torch.full((num_layers, topology.num_replicas), -1, dtype=torch.int64,
                          device=weight.device)
     phy2log[:, live.repeat_interleave(slots)] = planned
     if nodes > 1:
         # "avoid": a covering expert (c = live nodes) needs a replica on every node
         least = min(3, cover) if cover else 3
+        attract = node_attraction(phy2log, live_nodes, num_experts) if together else None
         phy2log, left = spread_over_nodes(phy2log, topology.num_gpus, nodes, num_experts, live,
-                                          generator=generator, min_count=least)
+                                          generator=generator, min_count=least,
+                                          attract=attract)
         if bool((left > 0).any()):
             phy2log, _ = repair_node_pairs(weight, phy2log, topology.num_gpus, nodes,
-                                           min_count=least)
+                                           min_count=least, keep_together=together)
+        if attract is not None:
+            # the labelling moves whole GPUs; single replicas it left off their node move
+            # home one by one
+            phy2log, _ = gather_together(weight, phy2log, topology.num_gpus, nodes, attract)
     if active_gpus is not None or source is not None:
         phy2log = polish_realised(weight, phy2log, topology.num_gpus, nodes, live, source)
     return phy2log
 
 
-def _tally(phy2log: torch.Tensor, unit_of_slot: torch.Tensor, units: int, num_experts: int
-           ) -> torch.Tensor:
-    """``[L, units, E + 1]`` replicas of every expert per unit (GPU or node)."""
-    num_layers = phy2log.shape[0]
-    expert = torch.where(phy2log >= 0, phy2log, num_experts)
-    cnt = torch.zeros(num_layers, units * (num_experts + 1), dtype=torch.int64,
-                      device=phy2log.device)
-    cnt.scatter_add_(1, unit_of_slot[None] * (num_experts + 1) + expert, torch.ones_like(expert))
-    return cnt.view(num_layers, units, num_experts + 1)
+def node_attraction(phy2log: torch.Tensor, num_nodes: int, num_experts: int
+                    ) -> torch.Tensor | None:
+    """``[L, E]`` bool: experts with more replicas than nodes, ``None`` where there are none.
 
-
-def repair_node_pairs(
-    weight: torch.Tensor,
-    phy2log: torch.Tensor,
-    num_gpus: int,
-    num_nodes: int,
-    budget: torch.Tensor | None = None,
-    max_swaps: int | None = None,
-    min_count: int = 3,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Swap replicas so that experts with ``c >= min_count`` have at most one replica per
-    node.
-
-    GPUs keep their identity (this is the step for incremental plans and for conflicts
-    :func:`spread_over_nodes` leaves). Per step and layer, the first conflicting replica
-    (a second replica of an expert on one node) swaps with the item on a node without
-    that expert whose exchange keeps the two GPUs' larger even-split load smallest; the
-    partner's own pattern must stay valid and no GPU may hold two replicas of one expert.
-
-    Args:
-        weight: ``[L, E]``; phy2log: ``[L, R]`` (``-1`` on dead GPUs).
-        budget: ``[L]`` slots each layer may still change (2 per swap); ``None``: no limit.
-        max_swaps: most steps (default: the largest number of conflicts in a layer).
-
-    Returns:
-        ``(phy2log [L, R], swaps [L])``.
-    """
-    num_layers, num_slots = phy2log.shape
-    num_experts = weight.shape[1]
-    device = phy2log.device
-    slots = num_slots // num_gpus
-    gpus_per_node = num_gpus // num_nodes
-    slot = torch.arange(num_slots, device=device)
-    gpu_of_slot, node_of_slot = slot // slots, slot // (slots * gpus_per_node)
-    rows = torch.arange(num_layers, device=device)
-    out = phy2log.clone()
-    done = torch.zeros(num_layers, dtype=torch.int64, device=device)
-    w = torch.cat([weight.to(torch.float64), weight.new_zeros(num_layers, 1, dtype=torch.float64)
-                   ], 1)
-    steps = None if max_swaps is None else max_swaps
-    while steps is None or steps > 0:
-        expert = torch.where(out >= 0, out, num_experts)
-        count = expert_counts(out, num_experts)
-        count = torch.cat([count, count.new_zeros(num_layers, 1)], 1)
-        node_cnt = _tally(out, node_of_slot, num_nodes, num_experts)  # [L, N, E+1]
-        gpu_cnt = _tally(out, gpu_of_slot, num_gpus, num_experts)
-        c = count.gather(1, expert)  # [L, R]
-        here = node_cnt.gather(2, expert[:, None, :].expand(-1, num_nodes, -1))  # [L, N, R]
-        on_node = here.gather(1, node_of_slot[None, None].expand(num_layers, 1, -1))[:, 0]
-        # the later replica of a pair on one node is the one to move
-        bad = (c >= min_count) & (on_node >= 2) & (out >= 0)
-        if budget is not None:
-            bad &= (budget - 2 * done >= 2)[:, None]
-        has = bad.any(1)
-        if not bool(has.any()):
-            break
-        s = torch.where(has, bad.to(torch.int64).argmax(1), 0)  # [L] slot to move
-        e = expert[rows, s]
-        g, n = gpu_of_slot[s], node_of_slot[s]
-        per = w / count.clamp(min=1)  # [L, E+1] even-split replica load
-        load = per.gather(1, expert).view(num_layers, num_gpus, slots).sum(2)  # [L, P]
-        x_e = per[rows, e]
-        x_f = per.gather(1, expert)  # [L, R] load of every candidate partner
-        # partner t: on another node without e, live, its expert f stays valid on node n
-        no_e_there = node_cnt[rows, :, e].gather(1, node_of_slot[None].expand(num_layers, -1)) == 0
-        f_at_n = node_cnt[rows, n].gather(1, expert)  # [L, R] replicas of f on node n
-        f_at_g = gpu_cnt[rows, g].gather(1, expert)
-        ok = no_e_there & (out >= 0) & (f_at_g == 0) & ((c < min_count) | (f_at_n == 0))
-        ok &= node_of_slot[None] != n[:, None]
-        new_g = load[rows, g][:, None] - x_e[:, None] + x_f
-        new_h = load.gather(1, gpu_of_slot[None].expand(num_layers, -1)) - x_f + x_e[:, None]
-        score = torch.maximum(new_g, new_h) + 1e-9 * (x_f - x_e[:, None]).abs()
-        score = torch.where(ok, score, torch.full_like(score, float("inf")))
-        best, t = score.min(1)
-        apply = has & best.isfinite()
-        if not bool(apply.any()):
-            break
-        r = rows[apply]
-        fe, te = out[r, s[apply]].clone(), out[r, t[apply]].clone()
-        out[r, s[apply]], out[r, t[apply]] = te, fe
-        done += apply.to(torch.int64)
-        if steps is not None:
-            steps -= 1
-    return out, done
-
-
-def polish_realised(
-    weight: torch.Tensor,
-    phy2log: torch.Tensor,
-    num_gpus: int,
-    num_nodes: int,
-    live: torch.Tensor | None = None,
-    source: torch.Tensor | None = None,
-    steps: int | None = None,
-) -> torch.Tensor:
-    """Heaviest-GPU swap polish on the loads the nearest rule realises → ``phy2log [L, R]``.
-
-    Needed where tokens do not arise evenly over equal nodes (dead GPUs, a given
-    ``source [P]``): a replica on a distinct node then serves its node's share, not
-    ``1/c``. Only swaps that keep every replica's realised load are tried, so loads are
-    updated exactly without re-running the rule: any two slots on one node (an expert's
-    node pattern is unchanged), or two single-replica experts anywhere (they carry their
-    whole load wherever they are). Each step swaps, per layer, the heaviest GPU's best
-    item with the partner that lowers the pair's larger load most.
-    """
-    num_layers, num_slots = phy2log.shape
-    num_experts = weight.shape[1]
-    device = phy2log.device
-    slots = num_slots // num_gpus
-    per_node = num_gpus // num_nodes
-    if live is None:
-        live = torch.ones(num_gpus, dtype=torch.bool, device=device)
-    x = realised_slot_loads(weight, phy2log, num_gpus, num_nodes, "nearest", source, live,
-                            check=False)
-    out = phy2log.clone()
-    rows = torch.arange(num_layers, device=device)
-    slot = torch.arange(num_slots, device=device)
-    gpu_of_slot = slot // slots
-    node_of_slot = gpu_of_slot // per_node
-    dead_slot = ~live[gpu_of_slot]
-    for _ in range(2 * num_gpus if steps is None else steps):
-        load = x.view(num_layers, num_gpus, slots).sum(2)
-        load = torch.where(live, load, torch.full_like(load, -1.0))
-        u = load.argmax(1)  # [L] heaviest live GPU
-        expert = torch.where(out >= 0, out, num_experts)
-        single = (expert_counts(out, num_experts) == 1)
-        single = torch.cat([single, single.new_zeros(num_layers, 1)], 1).gather(1, expert)
-        gpu_cnt = _tally(out, gpu_of_slot, num_gpus, num_experts)  # [L, P, E+1]
-        mine = u[:, None] * slots + torch.arange(slots, device=device)  # [L, S] slots on u
-        xi = x.gather(1, mine)  # [L, S]
-        ei = expert.gather(1, mine)
-        same_node = node_of_slot[None] == (u // per_node)[:, None]  # [L, R]
-        movable = same_node[:, None, :] | (single.gather(1, mine)[:, :, None] & single[:, None, :])
-        # anti-affinity: f must not be on u already, e must not be on f's GPU
-        f_on_u = gpu_cnt[rows, u].gather(1, expert) > 0  # [L, R]
-        e_on_v = gpu_cnt[rows[:, None], :, ei].gather(
-            2, gpu_of_slot[None, None].expand(num_layers, slots, -1)) > 0  # [L, S, R]
-        ok = movable & ~f_on_u[:, None, :] & ~e_on_v & ~dead_slot[None, None]
-        ok &= (gpu_of_slot[None] != u[:, None])[:, None, :]
-        lu = load[rows, u][:, None, None]
-        lv = load.gather(1, gpu_of_slot[None].expand(num_layers, -1))[:, None, :]
-        delta = xi[:, :, None] - x[:, None, :]  # load leaving u
-        new_peak = torch.maximum(lu - delta, lv + delta)
-        new_peak = torch.where(ok & (delta > 0), new_peak, torch.full_like(new_peak, float("inf")))
-        best, flat = new_peak.flatten(1).min(1)
-        apply = best < load[rows, u] * (1 - 1e-9)
-        if not bool(apply.any()):
-            break
-        i = mine[rows, flat // num_slots]
-        j = flat % num_slots
-        r, i, j = rows[apply], i[apply], j[apply]
-        out[r, i], out[r, j] = out[r, j].clone(), out[r, i].clone()
-        x[r, i], x[r, j] = x[r, j].clone(), x[r, i].clone()
-    return out
+    Such replicas cannot sit on distinct nodes, and a node holding some but not all of
+    them sends its other GPUs' tokens to its *first* one (one hot expert with 22 replicas
+    spread 6/6/5/5 over 4 nodes of 8 GPUs served 0.63). Kept together they split evenly
+    in expectation: all on one node (every other rank takes the fair choice), or filling
+    whole nodes (each covered GPU serves itself, the rest take the fair choice):
+    ``1/P + (P − c)/(P·c) = 1/c`` each. The labelling therefore pulls them together
+    (:func:`eplb.core.node_labels.node_conflicts`)."""
+    attract = expert_counts(phy2log, num_experts) > num_nodes
+    return attract if bool(attract.any()) else None

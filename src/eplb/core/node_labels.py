@@ -18,23 +18,37 @@ from eplb.core.placement import expert_counts
 
 
 def node_conflicts(
-    phy2log: torch.Tensor, num_gpus: int, num_experts: int, min_count: int = 3
+    phy2log: torch.Tensor, num_gpus: int, num_experts: int, min_count: int = 3,
+    attract: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[L, P, P]`` conflict weights between GPUs: for every expert with at least
     ``min_count`` replicas, one unit per replica pair on the two GPUs (``-1`` slots and
-    the diagonal count nothing)."""
+    the diagonal count nothing).
+
+    ``attract [L, E]`` bool: experts whose replicas belong *together* (more replicas than
+    nodes: :func:`eplb.core.dispatch_plan.node_attraction`). Their pairs weigh ``-1``
+    instead, so a labelling with fewer conflicts keeps more of their replicas on a node:
+    all on one node, or whole nodes."""
     num_layers, num_slots = phy2log.shape
     counts = expert_counts(phy2log, num_experts)  # [L, E]
     expert = torch.where(phy2log >= 0, phy2log, num_experts)
-    ok = torch.cat([counts >= min_count, counts.new_zeros(num_layers, 1, dtype=torch.bool)], 1)
-    mark = ok.gather(1, expert).to(torch.float64)  # [L, R]
+    repel = counts >= min_count
+    if attract is not None:
+        repel &= ~attract
     gpu = (torch.arange(num_slots, device=phy2log.device) // (num_slots // num_gpus))
     index = gpu[None] * (num_experts + 1) + expert
-    inc = torch.zeros(num_layers, num_gpus * (num_experts + 1), dtype=torch.float64,
-                      device=phy2log.device)
-    inc.scatter_add_(1, index, mark)
-    inc = inc.view(num_layers, num_gpus, num_experts + 1)
-    conflict = torch.bmm(inc, inc.transpose(1, 2))
+
+    def pairs(chosen: torch.Tensor) -> torch.Tensor:
+        mark = torch.cat([chosen, chosen.new_zeros(num_layers, 1)], 1).gather(1, expert)
+        inc = torch.zeros(num_layers, num_gpus * (num_experts + 1), dtype=torch.float64,
+                          device=phy2log.device)
+        inc.scatter_add_(1, index, mark.to(torch.float64))
+        inc = inc.view(num_layers, num_gpus, num_experts + 1)
+        return torch.bmm(inc, inc.transpose(1, 2))
+
+    conflict = pairs(repel)
+    if attract is not None and bool(attract.any()):
+        conflict -= pairs(attract)
     conflict.diagonal(dim1=1, dim2=2).zero_()
     return conflict
 
@@ -49,6 +63,7 @@ def spread_over_nodes(
     generator: torch.Generator | None = None,
     starts: int = 4,
     min_count: int = 3,
+    attract: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Relabel GPUs so replicas of experts with ``c >= 3`` sit on distinct nodes.
 
@@ -66,10 +81,13 @@ def spread_over_nodes(
             (3 for an even split in expectation; ``N`` to keep every covering expert's
             replicas on distinct nodes, where even two replicas on one node would leave
             the other ranks to the fair choice).
+        attract: ``[L, E]`` bool, experts whose replicas are kept together instead
+            (:func:`node_conflicts`).
 
     Returns:
-        ``(phy2log [L, R] relabelled, conflicts [L])``: same-node replica pairs left (0
-        when the rule realises the even split exactly).
+        ``(phy2log [L, R] relabelled, conflicts [L])``: same-node replica pairs left, and
+        split pairs of the attracted experts (0 when the rule realises the even split
+        exactly).
     """
     num_layers, num_slots = phy2log.shape
     slots = num_slots // num_gpus
@@ -80,7 +98,8 @@ def spread_over_nodes(
     pos = live.nonzero()[:, 0]  # live GPU positions; bin k sits at pos[k] at the start
     num_live = len(pos)
     bins = phy2log.view(num_layers, num_gpus, slots)[:, pos]  # [L, B, S]
-    conflict = node_conflicts(bins.reshape(num_layers, -1), num_live, num_experts, min_count)
+    conflict = node_conflicts(bins.reshape(num_layers, -1), num_live, num_experts, min_count,
+                              attract)
     node_of_pos = pos // gpus_per_node  # [B]
     # rows = starts × layers: start 0 keeps the packing's order, the others are random
     first = torch.arange(num_live, device=device).expand(num_layers, -1)
@@ -140,7 +159,8 @@ def _greedy_labelling(
     device = conflict.device
     row = torch.arange(rows, device=device)
     bins = torch.arange(num_bins, device=device)
-    order = conflict.sum(2).argsort(dim=1, descending=True, stable=True)  # [rows, B]
+    # the most constrained first: attracted bins (negative weights) by their pull
+    order = conflict.abs().sum(2).argsort(dim=1, descending=True, stable=True)  # [rows, B]
     room = torch.bincount(node_of_pos, minlength=num_nodes)  # positions per node
     first = torch.cumsum(room, 0) - room  # each node's lowest position
     used = torch.zeros(rows, num_nodes, dtype=torch.int64, device=device)
@@ -172,7 +192,10 @@ def _kl_swaps(
     # the search runs on float32 copies where every sum it forms is an integer below 2**24
     # (exact in float32 as in float64, so the same swaps): the [n, B, B] passes that make
     # up most of a step then move half the bytes
-    small = bool(conflict.numel()) and float(conflict.sum((1, 2)).max()) < 2.0**22
+    small = bool(conflict.numel()) and float(conflict.abs().sum((1, 2)).max()) < 2.0**22
+    # with attraction (negative weights) an improving swap need not have a bin in
+    # conflict on its own node, so every pair is searched
+    attracted = bool((conflict < 0).any())
     work = conflict.to(torch.float32) if small else conflict
     eye = torch.eye(num_nodes, dtype=work.dtype, device=conflict.device)
     # rows are independent and a row without an improving swap is done: each step searches
@@ -192,9 +215,9 @@ def _kl_swaps(
         # at hundreds of GPUs) only their rows of the gain are searched
         conflicted = own > 0
         width = int(conflicted.sum(1).max())
-        if width == 0:
+        if width == 0 and not attracted:
             break
-        if 2 * width <= num_bins:
+        if 2 * width <= num_bins and not attracted:
             best, a, b = _best_conflicted_swap(m, own, y, twice, conflicted, width)
         else:
             cross = m.gather(2, y[:, None, :].expand(-1, num_bins, -1))  # [n, a, b] M[a, y_b]
@@ -223,7 +246,10 @@ def _kl_swaps(
             active, searched, twice, m = row, searched[moving], twice[moving], m[moving]
     y = node_of_pos[where]
     same = (y[:, :, None] == y[:, None, :]).to(conflict.dtype)
-    return where, (conflict * same).sum((1, 2)) / 2
+    left = (conflict.clamp(min=0) * same).sum((1, 2))
+    if attracted:  # attracted pairs left split over two nodes
+        left += (conflict.clamp(max=0) * (same - 1)).sum((1, 2))
+    return where, left / 2
 
 
 def _best_conflicted_swap(

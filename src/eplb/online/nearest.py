@@ -13,7 +13,7 @@ best realised balancedness minus ``move_price`` × the share of its slots that c
    relabelled onto the old map, whole nodes first (which keeps every expert's node
    pattern; it moves most slots);
 2. the even-split incremental plan within most of the budget, then
-   :func:`eplb.core.dispatch_plan.repair_node_pairs` with the moves left, so that experts
+   :func:`eplb.core.node_repair.repair_node_pairs` with the moves left, so that experts
    with three or more replicas end on distinct nodes where the budget allows.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from eplb.core.dispatch import realised_gpu_loads, realised_slot_loads
-from eplb.core.dispatch_plan import repair_node_pairs
+from eplb.core.node_repair import repair_node_pairs
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
