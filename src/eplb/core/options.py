@@ -28,6 +28,27 @@ AUTO_MAX_STEPS = 8
 #: packing bound) instead of five, and the saved time buys twice the refinement steps
 FEW_SLOTS = 4
 FEW_SLOT_STEP_FACTOR = 2
+#: ... and where that one packing ends more than this fraction above its allocation's
+#: packing bound, the bound has not seen what packs well: the layer packs the other
+#: allocations too (and the FEW_SLOT_SHIFTS and filler allocations) and keeps the lowest
+#: peak (``policies.base._second_look``). Under heavy skew or many idle experts the bound
+#: is the mean GPU load for every allocation while Jefferson's counts leave more than P
+#: replicas above half a GPU's mean load, so pairs of them share GPUs; DeepSeek's greedy,
+#: which stacks two replicas of one expert on a GPU where eplb may not, then beat eplb
+#: (0.64 against 0.74 for two hot experts among 16 on 8 GPUs of 3 slots; 0.94 now).
+#: 0.03 against 0.01 on 200 random S = 3-4 inputs (log-normal σ 1.5-3, Zipf, 30-80 %
+#: idle experts, dominant experts; before the extra allocations): 0.9613 against 0.9621
+#: of the ceiling on average for 12 % less time; on bench_shapes' S = 3-4 shapes 0.01
+#: fired on rows near their bound and cost up to +80 % time for at most +0.0019, 0.03
+#: costs +3-10 % there except gpt-oss-like S = 3 (3.8 → 6.5 ms, +0.0005); 0.05 left a
+#: case 0.014 below the greedy
+SECOND_LOOK_GAP = 0.03
+#: divisor shifts the second look adds to the portfolio: closer to −1 than its own, so
+#: that cold experts get a second replica before hot ones get more (distances to −1 about
+#: halving after the portfolio's 0.25): fewer, larger hot replicas, one per GPU, with
+#: finer cold ones to fill the other slots. On 200 random S = 3-4 inputs (seeds 1000-1199,
+#: chosen on seeds 0-199) 0.9607 → 0.9682 of the ceiling on average, worst 0.728 → 0.814
+FEW_SLOT_SHIFTS: tuple[float, ...] = (-0.85, -0.93, -0.98)
 #: the automatic portfolio thresholds (largest Jefferson replica / mean GPU load above
 #: which a layer scores the replication portfolio): where the allocations are only
 #: ranked by their packing bound (a few array passes) every layer above 1/3; where each
@@ -302,9 +323,10 @@ class PlanOptions:
             refined: the ones with the smallest packing lower bound
             (:func:`eplb.core.count_bounds.packing_bound`). ``None`` (default): one where
             a GPU has at most :data:`FEW_SLOTS` slots (there the bound picks as well as
-            packing all five, measured, and the packing gets twice the steps), all of them
-            elsewhere (with heavy skew at ``S >= 5`` the bound's pick packs worse: 0.955
-            vs 0.993 at σ = 2, R = 320, P = 64).
+            packing all five, measured, and the packing gets twice the steps; a layer
+            packed more than :data:`SECOND_LOOK_GAP` above its bound packs the others
+            too), all of them elsewhere (with heavy skew at ``S >= 5`` the bound's pick
+            packs worse: 0.955 vs 0.993 at σ = 2, R = 320, P = 64).
         incremental: how plans from a placement in force decide what to move.
     """
 

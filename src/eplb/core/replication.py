@@ -133,6 +133,64 @@ def cap_counts(weight: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Te
     return out.reshape(counts.shape)
 
 
+def filler_counts(
+    weight: torch.Tensor, counts: torch.Tensor, num_gpus: int, rounds: int = 3
+) -> torch.Tensor:
+    """``counts [rows, E]`` reshaped for few slots per GPU: at most ``P`` replicas above
+    half the mean GPU load, the slots this frees given to the coldest experts.
+
+    Two replicas above half the mean on one GPU put it above the mean, so with more
+    than ``P`` of them some GPU is. Jefferson's counts make them when the hot experts'
+    share of the slots splits them into pieces just above it: 6 + 4 replicas of two
+    experts on 8 GPUs of 3 slots (14 idle experts holding the other slots) pair them on
+    two GPUs, 0.64 of the ideal balance, where 5 + 3 hot replicas and two idle experts
+    twice reach 0.94. A divisor rule never gives an idle expert a second replica, yet
+    here that replica is what lets the hot ones stay whole. The hot experts lose their
+    last granted replicas (smallest ``w / j`` first, the reverse of Jefferson's order,
+    ties to the later expert) until at most ``P`` pieces exceed half the mean (a few
+    ``rounds``: a removal can push another expert's pieces over it); the freed
+    replicas go one each to the coldest experts (ties: the lower id), round by round.
+    ``weight [rows, E]``; Jefferson's (capped) counts are the intended input.
+    """
+    rows, num_experts = counts.shape
+    w = weight.detach().to(torch.float64).cpu().numpy()
+    c = counts.detach().cpu().numpy().astype(np.int64)
+    half = w.sum(1, keepdims=True) / (2 * num_gpus)
+    # every granted step (expert e from j to j + 1 replicas, priority w_e / j), as a
+    # ragged [rows, R - E] table laid out flat, removed in ascending priority
+    extra = c - 1
+    step_row = np.repeat(np.arange(rows), extra.sum(1))
+    step_expert = np.repeat(np.tile(np.arange(num_experts), rows), extra.ravel())
+    start = np.repeat(np.cumsum(extra.ravel()) - extra.ravel(), extra.ravel())
+    step_j = np.arange(len(step_expert)) - start + 1
+    priority = w[step_row, step_expert] / step_j
+    # per row, ascending priority; among equal ones the later (expert, step) first
+    order = np.lexsort((-np.arange(len(priority)), priority, step_row))
+    rank = np.empty_like(order)
+    row_start = np.cumsum(extra.sum(1)) - extra.sum(1)
+    rank[order] = np.arange(len(order)) - row_start[step_row[order]]
+    freed = np.zeros(rows, np.int64)
+
+    def kept_after(freed: np.ndarray) -> np.ndarray:  # c less each row's `freed` last steps
+        removed = rank < freed[step_row]
+        flat = step_row[removed] * num_experts + step_expert[removed]
+        return c - np.bincount(flat, minlength=rows * num_experts).reshape(rows, num_experts)
+
+    for _ in range(rounds):
+        kept = kept_after(freed)
+        more = np.maximum(np.where(w / kept > half, kept, 0).sum(1) - num_gpus, 0)
+        if not more.any():
+            break
+        freed = np.minimum(freed + more, extra.sum(1))
+    kept = kept_after(freed)
+    # the freed replicas, coldest expert first, one each per round over the experts
+    cold = np.lexsort((np.arange(num_experts)[None].repeat(rows, 0), w), axis=1)
+    position = np.empty_like(cold)
+    np.put_along_axis(position, cold, np.arange(num_experts)[None], 1)
+    kept = kept + freed[:, None] // num_experts + (position < (freed % num_experts)[:, None])
+    return torch.from_numpy(kept).to(counts.device, counts.dtype)
+
+
 def _grant_by_table(
     w: np.ndarray, c: np.ndarray, freed: np.ndarray, cap: int, steps: int
 ) -> None:

@@ -15,11 +15,17 @@ from typing import ClassVar
 
 import torch
 
-from eplb.core.count_bounds import bound_is_mean, rank_allocations
+from eplb.core.count_bounds import bound_is_mean, packing_bound, rank_allocations
 from eplb.core.inputs import uniform_where_empty
-from eplb.core.options import FEW_SLOTS, PlanOptions
+from eplb.core.options import (
+    FEW_SLOT_SHIFTS,
+    FEW_SLOTS,
+    SECOND_LOOK_GAP,
+    PackingOptions,
+    PlanOptions,
+)
 from eplb.core.packing import make_items, max_load, pack, to_slots
-from eplb.core.replication import cap_counts, expand_replicas, replica_counts
+from eplb.core.replication import cap_counts, expand_replicas, filler_counts, replica_counts
 from eplb.core.request import PlanRequest
 from eplb.core.small_slots import plan_one_slot, plan_two_slots
 
@@ -144,6 +150,11 @@ def plan_rows(
                       perturb_first=options.packing.perturbs_first(slots),
                       noise=options.packing.noise_for(slots))
     state = pack(items, num_gpus, packing, allow_shared, generator, floor=floor)
+    if keep == 1 and options.packed_allocations is None and len(rules) > 1:
+        # few slots: the bound picked one allocation per row; where its packing ends far
+        # above that bound the bound did not see what packs well, so pack the others too
+        state = _second_look(weight, num_replicas, num_gpus, rules, counts, items, state,
+                             packing, generator, floor)
     if len(extra):
         # keep, per coarse row, the allocation whose refined packing has the smallest peak
         peak = max_load(state)
@@ -158,6 +169,78 @@ def plan_rows(
         pick = torch.arange(rows, device=weight.device).index_put((extra,), choice)
         state = state.index_select(2, pick)
     return to_slots(state)
+
+
+def _second_look(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    rules: tuple[float | str, ...],
+    counts: torch.Tensor,
+    items: torch.Tensor,
+    state: torch.Tensor,
+    packing: PackingOptions,
+    generator: torch.Generator | None,
+    floor: torch.Tensor | None,
+) -> torch.Tensor:
+    """``state [2, S, rows, P]`` with, in the rows packed far above their bound, the best
+    packing of every allocation of the portfolio, of :data:`FEW_SLOT_SHIFTS` and of
+    :func:`filler_counts` (each packed once, ties keep the packing already there).
+
+    With few slots per GPU the packing bound (:func:`packing_bound`) ranks allocations
+    well only where it is tight. Under heavy skew or many idle experts it is often just
+    the mean GPU load for every allocation, while Jefferson's counts pack far worse than
+    others: too many replicas above half a GPU's mean load, so pairs of them share GPUs
+    (DeepSeek's greedy stacks two replicas of one expert on a GPU instead, which eplb
+    may not, and beat eplb on such layers). A packing that ends within
+    :data:`SECOND_LOOK_GAP` of its allocation's bound cannot be beaten by more than that,
+    so only the other rows pay for packing more allocations: on real DeepSeek-V3 loads
+    at S = 3-4 few rows do.
+
+    ``weight [rows, E]``; ``counts [rows, E]`` and ``items [2, rows, R]`` the packed
+    allocation's counts and items; ``floor [rows]`` (item units) as in :func:`plan_rows`.
+    """
+    peak = max_load(state)
+    bound = torch.from_numpy(packing_bound(items[0].double().cpu().numpy(), num_gpus))
+    target = bound.to(peak.device, peak.dtype)
+    if floor is not None:
+        target = torch.maximum(target, floor.to(peak.dtype))
+    rows = (peak > target * (1 + SECOND_LOOK_GAP)).nonzero()[:, 0]
+    if not len(rows):
+        return state
+    sub = weight.index_select(0, rows)
+    # [K, n, E] every allocation of those rows
+    rules = rules + tuple(d for d in FEW_SLOT_SHIFTS if d not in rules)
+    others = cap_counts(sub, replica_counts(sub, num_replicas, rules), num_gpus)
+    # and the first rule's (Jefferson's) with no more than P replicas above half the mean
+    others = torch.cat([others, filler_counts(sub, others[0], num_gpus)[None]])
+    # [K, n] allocations to pack: not the one packed, nor one an earlier rule gave
+    num = len(others)
+    earlier = torch.ones(num, num, dtype=torch.bool, device=others.device).tril(-1)
+    same = ((others[:, None] == others[None]).all(3) & earlier[:, :, None]).any(1)
+    new = (others != counts.index_select(0, rows)).any(2) & ~same
+    rule_of, row_of = new.nonzero().unbind(1)
+    if not len(row_of):
+        return state
+    tried = others[rule_of, row_of]  # [m, E]
+    load, expert = expand_replicas(sub.index_select(0, row_of), tried)
+    extra = pack(make_items(load, expert), num_gpus, packing, tried.amax(1) > num_gpus,
+                 generator)
+    # every allocation of a row has the same total, so make_items scales them alike and
+    # the peaks compare; ties keep the packing already there
+    extra_peak = max_load(extra).to(peak.dtype)  # [m]
+    now = peak.index_select(0, rows)
+    best_peak = now.scatter_reduce(0, row_of, extra_peak, "amin")
+    # the first (by rule) of each row's packings at its best peak, where that beats the
+    # packing already there (ties keep it)
+    position = torch.arange(len(row_of), device=peak.device)
+    at_best = torch.where(extra_peak == best_peak[row_of], position, len(row_of))
+    pick = torch.full_like(rows, len(row_of)).scatter_reduce(0, row_of, at_best, "amin")
+    better = (best_peak < now).nonzero()[:, 0]
+    if len(better):
+        state = state.clone()
+        state[:, :, rows[better]] = extra[:, :, pick[better]]
+    return state
 
 
 def _every_expert_on_every_gpu(
