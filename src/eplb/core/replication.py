@@ -8,8 +8,10 @@ expert at one replica and granting the ``R - E`` highest-priority steps gives th
 allocation in one top-k selection, with no sequential loop:
 
 - divisor rules ``w / (c + δ)``: ``δ = 0`` is Jefferson/D'Hondt (DeepSeek's rule, it
-  minimises the largest replica load); ``δ < 0`` favours cold experts less and hot experts
-  more, which helps when few slots per GPU make large replicas hard to pack;
+  minimises the largest replica load); ``−1 < δ < 0`` favours experts with few replicas
+  (an expert's second replica comes cheaper the closer ``δ`` is to −1): fewer, larger hot
+  replicas and finer cold ones to fill the other slots, which can pack better where a GPU
+  has few slots;
 - largest remainder (Hamilton) ``w·R/W − c``.
 
 A portfolio of rules is scored later by the packed max GPU load, per layer.
