@@ -297,6 +297,13 @@ def keep_better_served(
     return torch.where(better[:, None], other, planned)
 
 
+#: a layer whose plan for the rule is served more than this above its mean GPU load also
+#: gets a plan keeping together the experts with more replicas than nodes (the random
+#: one-hot family of ``benchmarks/bench_nearest_hot.py`` gave the same served balance to 4
+#: decimals with no gap at all, for a second plan in every layer with such experts)
+_TOGETHER_GAP = 0.01
+
+
 def _plan_nearest(
     weight: torch.Tensor,
     topology: Topology,
@@ -313,8 +320,8 @@ def _plan_nearest(
     experts together (:func:`node_attraction`; with ``"uncapped"`` its counts on whole
     nodes), and each layer keeps the plan the rule serves with the lower busiest GPU
     (ties: the first). Kept together they split evenly where the labelling manages it;
-    where many experts need it at once it cannot (128 experts with 4.5 replicas each
-    on 4 nodes: 0.63 apart, 0.47 together), hence both."""
+    where many experts need it at once it cannot (``tests/test_dispatch_together.py``:
+    128 experts with 4.5 replicas each on 4 nodes), hence both."""
     # the second plan draws its random starts from a copy of the stream: the first plan,
     # and every later one, draw what they drew without it
     fork = torch.Generator(device=generator.device).set_state(generator.get_state())
@@ -328,12 +335,13 @@ def _plan_nearest(
     attract = node_attraction(apart, live_nodes, weight.shape[1])
     if fair != "uncapped" and attract is None:
         return apart
-    # only layers the rule serves more than 1 % above the mean GPU load (the second
-    # plan's labelling searches every GPU pair: at 256 GPUs it cost more than the first)
+    # only layers the rule serves more than _TOGETHER_GAP above the mean GPU load (the
+    # second plan's labelling searches every GPU pair: at 256 GPUs it cost more than the
+    # first)
     args = (topology.num_gpus, nodes, "nearest", source, active_gpus)
     peak = realised_gpu_loads(weight, apart, *args, check=False).amax(1)
     num_live = topology.num_gpus if live is None else int(live.sum())
-    far = peak > weight.sum(1) / num_live * 1.01
+    far = peak > weight.sum(1) / num_live * (1 + _TOGETHER_GAP)
     if attract is not None and fair != "uncapped":
         far &= attract.any(1)
     rows = far.nonzero()[:, 0]
