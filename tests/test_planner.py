@@ -379,9 +379,11 @@ def test_float32_loads_keep_their_portfolio_pick():
     # with float32 loads the allocations' means differ by rounding, so the packing-bound
     # pick among them is not always Jefferson's: the planner's shortcut for rows whose
     # Jefferson bound is the mean (exact in float64) must not apply there. Expected
-    # counts: what eplb 7c07a8e (before the shortcut) returned for this input
+    # counts: what eplb 7c07a8e (before the shortcut) returned for this input, [2, 1, 2,
+    # 1, 2, 2, 1, 1] at 0.911, until the filler ladder (rows of at most 4 GPUs packed far
+    # above their bound) found these at 0.944, for float32 and float64 loads alike
     w = torch.tensor([[39.66, 3.65, 35.12, 1.25, 21.46, 17.62, 1.26, 15.23]])
-    assert eplb.plan(w, 12, 4, policy="global").logcnt.tolist() == [[2, 1, 2, 1, 2, 2, 1, 1]]
+    assert eplb.plan(w, 12, 4, policy="global").logcnt.tolist() == [[2, 1, 2, 2, 2, 1, 1, 1]]
 
 
 def test_three_slots_per_gpu_pack_two_starts_by_default():

@@ -20,12 +20,22 @@ from eplb.core.inputs import uniform_where_empty
 from eplb.core.options import (
     FEW_SLOT_SHIFTS,
     FEW_SLOTS,
+    LADDER_GAP,
+    LADDER_MAX_GPUS,
+    LADDER_RUNGS,
     SECOND_LOOK_GAP,
     PackingOptions,
     PlanOptions,
 )
 from eplb.core.packing import make_items, max_load, pack, to_slots
-from eplb.core.replication import cap_counts, expand_replicas, filler_counts, replica_counts
+from eplb.core.replication import (
+    cap_counts,
+    expand_replicas,
+    filler_counts,
+    ladder_counts,
+    replica_bound,
+    replica_counts,
+)
 from eplb.core.request import PlanRequest
 from eplb.core.small_slots import plan_one_slot, plan_two_slots
 
@@ -168,6 +178,13 @@ def plan_rows(
         )
         pick = torch.arange(rows, device=weight.device).index_put((extra,), choice)
         state = state.index_select(2, pick)
+    if (1 < num_gpus <= LADDER_MAX_GPUS and num_replicas < num_gpus * num_experts
+            and len(rules) > 1):
+        # rows of few GPUs: the counts decide the fit, so try more of them (one GPU: nothing
+        # to balance; a slot per expert on every GPU: no count fits better; one rule
+        # asked: its counts are kept, as the portfolio is)
+        state = _filler_ladder(weight, num_replicas, num_gpus, state, packing, generator,
+                               None if floor is None else floor[:rows])
     return to_slots(state)
 
 
@@ -226,8 +243,18 @@ def _second_look(
     load, expert = expand_replicas(sub.index_select(0, row_of), tried)
     extra = pack(make_items(load, expert), num_gpus, packing, tried.amax(1) > num_gpus,
                  generator)
-    # every allocation of a row has the same total, so make_items scales them alike and
-    # the peaks compare; ties keep the packing already there
+    return _keep_lowest(state, peak, rows, row_of, extra)
+
+
+def _keep_lowest(state: torch.Tensor, peak: torch.Tensor, rows: torch.Tensor,
+                 row_of: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+    """``state [2, S, rows', P]`` with row ``rows[i]`` replaced by the first of its other
+    packings ``extra [2, S, m, P]`` (those with ``row_of == i``) at their lowest peak,
+    where that is below ``peak [rows']``, the row's own (ties keep the row's packing).
+
+    Every allocation of a row has the same total, so make_items scales them alike and
+    the peaks compare.
+    """
     extra_peak = max_load(extra).to(peak.dtype)  # [m]
     now = peak.index_select(0, rows)
     best_peak = now.scatter_reduce(0, row_of, extra_peak, "amin")
@@ -241,6 +268,52 @@ def _second_look(
         state = state.clone()
         state[:, :, rows[better]] = extra[:, :, pick[better]]
     return state
+
+
+def _filler_ladder(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    state: torch.Tensor,
+    packing: PackingOptions,
+    generator: torch.Generator | None,
+    floor: torch.Tensor | None,
+) -> torch.Tensor:
+    """``state [2, S, rows, P]`` with, in the rows packed more than :data:`LADDER_GAP`
+    above the row's bound ``max(W / P, T_rep)``, the best packing of the rungs of
+    :func:`ladder_counts` where one beats the packing there.
+
+    On a few GPUs (a hierarchical policy's node of 2-4) a GPU's mean load is a few
+    experts' loads, and whether a row packs near its mean depends on which experts are
+    split, which no divisor rule (nor the packing bound that ranks them) sees: a cold
+    expert's second replica is what lets the replicas of a GPU add up to the mean
+    (0.78, 0.55, 0.50, 0.11, 0.05, 0.01 of the mean on 2 GPUs of 4 slots: 1.18 of the
+    mean with Jefferson's counts, 1.001 with the coldest expert twice). DeepSeek's greedy
+    splits such experts unevenly by stacking two replicas on a GPU, which eplb may not,
+    and beat eplb there. Rows packed within the gap of their bound cannot gain more than
+    it and pay nothing. ``weight [rows, E]``; ``floor [rows]`` (item units) as in
+    :func:`plan_rows`.
+    """
+    # float64: in a half-precision row the bound would round by more than the gap
+    w = weight.to(torch.float64)
+    total = w.sum(1)
+    bound = replica_bound(w, num_replicas, total / num_gpus)
+    # in item units: make_items scales every row to a mean replica load of 1
+    target = bound * num_replicas / total
+    if floor is not None:
+        target = torch.maximum(target, floor.to(target.dtype))
+    peak = max_load(state)
+    rows = (peak > target.to(peak.dtype) * (1 + LADDER_GAP)).nonzero()[:, 0]
+    if not len(rows):
+        return state
+    sub = weight.index_select(0, rows)
+    tried = ladder_counts(sub, num_replicas, num_gpus, LADDER_RUNGS)  # [K, n, E]
+    row_of = torch.arange(len(rows), device=weight.device).repeat(tried.shape[0])
+    tried = tried.reshape(-1, tried.shape[2])
+    load, expert = expand_replicas(sub.index_select(0, row_of), tried)
+    extra = pack(make_items(load, expert), num_gpus, packing, tried.amax(1) > num_gpus,
+                 generator)
+    return _keep_lowest(state, peak, rows, row_of, extra)
 
 
 def _every_expert_on_every_gpu(
