@@ -131,9 +131,8 @@ def _host_planned(weight: object) -> torch.device | None:
     """The weight's device where a problem given there is planned on the CPU
     (:func:`eplb.core.device_path.plans_on_host`: device input gives the CPU input's plan
     bit for bit), else ``None``. Malformed weights give ``None``: the checks name them."""
-    if (not isinstance(weight, torch.Tensor) or weight.is_nested or weight.is_quantized
-            or weight.layout != torch.strided):
-        return None
+    if not isinstance(weight, torch.Tensor) or weight.is_nested or weight.is_quantized:
+        return None  # refused by name by the input checks
     return weight.device if plans_on_host(weight) else None
 
 

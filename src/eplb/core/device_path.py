@@ -59,9 +59,18 @@ def use_device_path(tensor: torch.Tensor, num_items: int) -> bool:
     """True when ``tensor`` (any shape: only its device counts) lives off the CPU and the
     problem has ``num_items >=`` :data:`DEVICE_PATH_MIN_ITEMS` items (rows × replicas), or
     when :data:`FORCE` says so."""
-    if FORCE is not None:
+    if _forced() is not None:
         return FORCE == "device"
     return tensor.device.type != "cpu" and num_items >= DEVICE_PATH_MIN_ITEMS
+
+
+def _forced() -> str | None:
+    """:data:`FORCE`, checked: a typo (``"cuda"``, ``True``) would otherwise act as ``None``
+    without a word."""
+    if FORCE not in (None, "host", "device"):
+        raise ValueError(f"eplb.core.device_path.FORCE must be None, 'host' or 'device', "
+                         f"got {FORCE!r}")
+    return FORCE
 
 
 def plans_on_host(tensor: torch.Tensor) -> bool:
@@ -79,7 +88,7 @@ def plans_on_host(tensor: torch.Tensor) -> bool:
     DeepSeek-V3 shape) a plan is hundreds of small operations, no faster as kernels.
     """
     # (a meta tensor holds no data: the input checks refuse it by name)
-    return tensor.device.type not in ("cpu", "meta") and FORCE != "device"
+    return tensor.device.type not in ("cpu", "meta") and _forced() != "device"
 
 
 def to_host(value: object) -> object:

@@ -270,7 +270,7 @@ def _plan_live(request: PlanRequest) -> torch.Tensor:
     num_live = int(live.sum())
     planned = plan_rows(
         request.weight, num_live * slots, num_live, request.options, request.generator(),
-        idle=request.idle,
+        idle=request.idle, count_search=request.gpu_speed is None,
     )
     phy2log = torch.full(
         (request.num_layers, topology.num_replicas), -1, dtype=torch.int64, device=live.device

@@ -48,6 +48,7 @@ def plan_rows(
     generator: torch.Generator | None = None,
     floor: torch.Tensor | None = None,
     idle: torch.Tensor | None = None,
+    count_search: bool = True,
 ) -> torch.Tensor:
     """Solve ``rows`` independent global problems.
 
@@ -60,6 +61,11 @@ def plan_rows(
         idle: ``[rows]`` bool, the rows that carried no load (a request's idle layers,
             planned as uniform loads, ``PlanRequest.idle``): their replicas are spread
             evenly, as those of all-zero rows are. ``None``: no such rows.
+        count_search: where a row of few slots (or of 2-4 GPUs) packs far above its
+            bound, also pack other replica counts (:func:`_second_look`,
+            :func:`_filler_ladder`). ``False`` for a plan that GPU speeds refine next:
+            those counts are chosen for equal GPUs, and with speeds their fewer, larger
+            hot replicas served 0.76 where Jefferson's served 0.91 (attacker pass).
 
     Returns:
         ``[rows, R]`` logical expert per slot; slot ``s`` is on GPU ``s // (R / P)``.
@@ -160,7 +166,7 @@ def plan_rows(
                       perturb_first=options.packing.perturbs_first(slots),
                       noise=options.packing.noise_for(slots))
     state = pack(items, num_gpus, packing, allow_shared, generator, floor=floor)
-    if keep == 1 and options.packed_allocations is None and len(rules) > 1:
+    if count_search and keep == 1 and options.packed_allocations is None and len(rules) > 1:
         # few slots: the bound picked one allocation per row; where its packing ends far
         # above that bound the bound did not see what packs well, so pack the others too
         state = _second_look(weight, num_replicas, num_gpus, rules, counts, items, state,
@@ -178,8 +184,8 @@ def plan_rows(
         )
         pick = torch.arange(rows, device=weight.device).index_put((extra,), choice)
         state = state.index_select(2, pick)
-    if (1 < num_gpus <= LADDER_MAX_GPUS and num_replicas < num_gpus * num_experts
-            and len(rules) > 1):
+    if (count_search and 1 < num_gpus <= LADDER_MAX_GPUS
+            and num_replicas < num_gpus * num_experts and len(rules) > 1):
         # rows of few GPUs: the counts decide the fit, so try more of them (one GPU: nothing
         # to balance; a slot per expert on every GPU: no count fits better; one rule
         # asked: its counts are kept, as the portfolio is)

@@ -25,6 +25,7 @@ class GlobalPolicy(PlacementPolicy):
             request.options,
             request.generator(),
             idle=request.idle,
+            count_search=request.gpu_speed is None,
         )
 
 
