@@ -15,11 +15,11 @@ Usage: ``python benchmarks/bench_cuda_identical.py [--repeats N]``
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from collections.abc import Callable
 
 import torch
+from bench_gpu import timed
 
 import eplb
 from eplb.core.dispatch import realised_gpu_loads
@@ -62,29 +62,16 @@ def _cases() -> list[tuple[str, int, torch.Tensor, Callable[[torch.Tensor], torc
                              active_gpus=on(live, w)).phy2log),
         ("58x256 R=288 P=144 (S=2)", 144, ds, lambda w: eplb.plan(w, 288, 144).phy2log),
         ("58x256 R=288 P=96 (S=3)", 96, ds, lambda w: eplb.plan(w, 288, 96).phy2log),
-        ("61x384 R=768 P=256 (device path)", 256, generate_loads(num_layers=61, num_experts=384,
+        ("61x384 R=768 P=256 (device-path size)", 256, generate_loads(num_layers=61, num_experts=384,
                                                              seed=0),
          lambda w: eplb.plan(w, 768, 256).phy2log),
-        ("100x1024 R=2048 P=256 (device path)", 256, large,
+        ("100x1024 R=2048 P=256 (device-path size)", 256, large,
          lambda w: eplb.plan(w, 2048, 256).phy2log),
-        ("100x1024 R=2048 P=256 hierarchical N=8 G=16 (device path)", 256, large,
+        ("100x1024 R=2048 P=256 hierarchical N=8 G=16 (device-path size)", 256, large,
          lambda w: eplb.plan(w, 2048, 256, 8, 16).phy2log),
-        ("100x1024 int32 from vLLM's initial map (device path)", 256, large_int,
+        ("100x1024 int32 from vLLM's initial map (device-path size)", 256, large_int,
          lambda w: eplb.rebalance_experts(w, 2048, 1, 1, 256, old_phy2log=on(big_initial, w))[0]),
     ]
-
-
-def _timed(call: Callable[[], torch.Tensor], repeats: int, sync: bool) -> float:
-    times = []
-    for _ in range(repeats):
-        if sync:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if sync:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def main() -> None:
@@ -116,8 +103,8 @@ def main() -> None:
         same_all &= same and repeat
         differing = int((cpu_map != gpu_map.cpu()).sum())
         weight = loads.to(torch.float64)
-        cpu_ms = _timed(lambda c=call, w=loads: c(w), args.repeats, False)
-        gpu_ms = _timed(lambda c=call, w=gpu_loads: c(w), args.repeats, True)
+        cpu_ms = timed(lambda c=call, w=loads: c(w), args.repeats, False)
+        gpu_ms = timed(lambda c=call, w=gpu_loads: c(w), args.repeats, True)
         print(f"| {name} | {'yes' if same else 'NO'} | {'yes' if repeat else 'NO'} | "
               f"{differing} of {cpu_map.numel()} | {_balance(weight, cpu_map, gpus):.5f} | "
               f"{_balance(weight, gpu_map.cpu(), gpus):.5f} | {cpu_ms:.1f} | {gpu_ms:.1f} |")

@@ -94,10 +94,6 @@ def repair_node_pairs(
         s = torch.where(has, bad.to(torch.int64).argmax(1), 0)  # [L] slot to move
         e = expert[rows, s]
         g, n = gpu_of_slot[s], node_of_slot[s]
-        per = w / count.clamp(min=1)  # [L, E+1] even-split replica load
-        load = per.gather(1, expert).view(num_layers, num_gpus, slots).sum(2)  # [L, P]
-        x_e = per[rows, e]
-        x_f = per.gather(1, expert)  # [L, R] load of every candidate partner
         # partner t: on another node without e, live, its expert f stays valid on node n
         no_e_there = node_cnt[rows, :, e].gather(1, node_of_slot[None].expand(num_layers, -1)) == 0
         f_at_n = node_cnt[rows, n].gather(1, expert)  # [L, R] replicas of f on node n
@@ -106,17 +102,10 @@ def repair_node_pairs(
         if keep_together:  # nor would it move a replica of an expert kept together
             ok &= c <= num_nodes
         ok &= node_of_slot[None] != n[:, None]
-        new_g = load[rows, g][:, None] - x_e[:, None] + x_f
-        new_h = load.gather(1, gpu_of_slot[None].expand(num_layers, -1)) - x_f + x_e[:, None]
-        score = torch.maximum(new_g, new_h) + 1e-9 * (x_f - x_e[:, None]).abs()
-        score = torch.where(ok, score, torch.full_like(score, float("inf")))
-        best, t = score.min(1)
-        apply = has & best.isfinite()
+        apply = _swap_with_best_partner(out, w / count.clamp(min=1), expert, s, has, ok,
+                                        gpu_of_slot, num_gpus)
         if not bool(apply.any()):
             break
-        r = rows[apply]
-        fe, te = out[r, s[apply]].clone(), out[r, t[apply]].clone()
-        out[r, s[apply]], out[r, t[apply]] = te, fe
         done += apply.to(torch.int64)
         if steps is not None:
             steps -= 1
@@ -177,28 +166,45 @@ def gather_together(
         s = torch.where(has, stray.to(torch.int64).argmax(1), 0)  # [L] slot to move
         e = expert[rows, s]
         g, n = gpu_of_slot[s], node_of_slot[s]
-        per = w / count.clamp(min=1)  # [L, E+1] even-split replica load
-        load = per.gather(1, expert).view(num_layers, num_gpus, slots).sum(2)  # [L, P]
-        x_e, x_f = per[rows, e], per.gather(1, expert)
         e_there = gpu_cnt[rows, :, e].gather(1, gpu_of_slot[None].expand(num_layers, -1))
         f_at_n = node_cnt[rows, n].gather(1, expert)  # [L, R] partner's replicas on n
         f_at_g = gpu_cnt[rows, g].gather(1, expert)
         ok = (node_of_slot[None] == home[rows, e][:, None]) & (out >= 0) & (e_there == 0)
         ok &= (f_at_g == 0) & ~pull.gather(1, expert)
         ok &= (c < 3) | (c > num_nodes) | (f_at_n == 0)
-        new_g = load[rows, g][:, None] - x_e[:, None] + x_f
-        new_t = load.gather(1, gpu_of_slot[None].expand(num_layers, -1)) - x_f + x_e[:, None]
-        score = torch.maximum(new_g, new_t) + 1e-9 * (x_f - x_e[:, None]).abs()
-        score = torch.where(ok, score, torch.full_like(score, float("inf")))
-        best, t = score.min(1)
-        apply = has & best.isfinite()
+        apply = _swap_with_best_partner(out, w / count.clamp(min=1), expert, s, has, ok,
+                                        gpu_of_slot, num_gpus)
         if not bool(apply.any()):
             break
-        r = rows[apply]
-        fe, te = out[r, s[apply]].clone(), out[r, t[apply]].clone()
-        out[r, s[apply]], out[r, t[apply]] = te, fe
         done += apply.to(torch.int64)
     return out, done
+
+
+def _swap_with_best_partner(
+    out: torch.Tensor, per: torch.Tensor, expert: torch.Tensor, moving: torch.Tensor,
+    has: torch.Tensor, ok: torch.Tensor, gpu_of_slot: torch.Tensor, num_gpus: int,
+) -> torch.Tensor:
+    """Per layer with ``has [L]``, swap slot ``moving [L]`` of ``out [L, R]`` (in place)
+    with the allowed partner (``ok [L, R]``) whose exchange keeps the two GPUs' larger
+    even-split load smallest (``per [L, E+1]`` the load of one replica of each expert,
+    the last column empty slots; ``expert [L, R]`` each slot's column). Near ties go to
+    the partner whose load is closest. Returns ``[L]`` bool: the layers that swapped."""
+    num_layers = out.shape[0]
+    rows = torch.arange(num_layers, device=out.device)
+    load = per.gather(1, expert).view(num_layers, num_gpus, -1).sum(2)  # [L, P]
+    x_e = per[rows, expert[rows, moving]]
+    x_f = per.gather(1, expert)  # [L, R] load of every candidate partner
+    g = gpu_of_slot[moving]
+    new_g = load[rows, g][:, None] - x_e[:, None] + x_f
+    new_t = load.gather(1, gpu_of_slot[None].expand(num_layers, -1)) - x_f + x_e[:, None]
+    score = torch.maximum(new_g, new_t) + 1e-9 * (x_f - x_e[:, None]).abs()
+    score = torch.where(ok, score, torch.full_like(score, float("inf")))
+    best, partner = score.min(1)
+    apply = has & best.isfinite()
+    if bool(apply.any()):
+        r, a, b = rows[apply], moving[apply], partner[apply]
+        out[r, a], out[r, b] = out[r, b].clone(), out[r, a].clone()
+    return apply
 
 
 def polish_realised(
