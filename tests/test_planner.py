@@ -384,6 +384,10 @@ def test_float32_loads_keep_their_portfolio_pick():
     # above their bound) found these at 0.944, for float32 and float64 loads alike
     w = torch.tensor([[39.66, 3.65, 35.12, 1.25, 21.46, 17.62, 1.26, 15.23]])
     assert eplb.plan(w, 12, 4, policy="global").logcnt.tolist() == [[2, 1, 2, 2, 2, 1, 1, 1]]
+    # on 5 GPUs (beyond the ladder's rows) the shortcut applied to float32 gave
+    # [3, 4, 1, 3, 2, 2] (found by removing the dtype condition, twenty-second session)
+    w = torch.tensor([[33.80, 35.45, 2.82, 31.92, 10.82, 9.64]])
+    assert eplb.plan(w, 15, 5, policy="global").logcnt.tolist() == [[4, 4, 1, 4, 1, 1]]
 
 
 def test_three_slots_per_gpu_pack_two_starts_by_default():
