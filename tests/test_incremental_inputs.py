@@ -59,3 +59,11 @@ def test_unsigned_previous_ids_out_of_range_are_refused():
     old[0, 0] = np.iinfo(np.uint64).max
     with pytest.raises(ValueError, match="expert ids outside"):
         eplb.plan(W1, R, P, previous=old)
+
+
+def test_meta_tensor_budget_is_refused_by_name():
+    # it raised NotImplementedError ("Cannot copy out of meta tensor"; attacker pass)
+    w = torch.rand(2, 16, generator=torch.Generator().manual_seed(0))
+    old = eplb.plan(w, 24, 8, 2)
+    with pytest.raises(ValueError, match="max_moves is a meta tensor"):
+        eplb.plan(w, 24, 8, 2, previous=old, max_moves=torch.tensor(4, device="meta"))

@@ -240,6 +240,8 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
     as_threshold(skip_threshold)
     given = max_moves  # as the caller wrote it, for the messages
     if isinstance(max_moves, torch.Tensor):
+        if max_moves.is_meta:  # holds no data (a model built on the meta device)
+            raise ValueError(f"max_moves is a meta tensor, which holds no values; got {given!r}")
         max_moves = max_moves.detach().cpu().numpy()
     if isinstance(max_moves, (list, tuple)):
         if any(isinstance(v, bool | np.bool_) for v in max_moves):
