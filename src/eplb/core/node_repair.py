@@ -59,18 +59,10 @@ def repair_node_pairs(
     Returns:
         ``(phy2log [L, R], swaps [L])``.
     """
-    num_layers, num_slots = phy2log.shape
-    num_experts = weight.shape[1]
-    device = phy2log.device
-    slots = num_slots // num_gpus
-    gpus_per_node = num_gpus // num_nodes
-    slot = torch.arange(num_slots, device=device)
-    gpu_of_slot, node_of_slot = slot // slots, slot // (slots * gpus_per_node)
-    rows = torch.arange(num_layers, device=device)
+    num_layers, num_experts = phy2log.shape[0], weight.shape[1]
+    gpu_of_slot, node_of_slot, rows, w = _layout(weight, phy2log, num_gpus, num_nodes)
     out = phy2log.clone()
-    done = torch.zeros(num_layers, dtype=torch.int64, device=device)
-    w = torch.cat([weight.to(torch.float64), weight.new_zeros(num_layers, 1, dtype=torch.float64)
-                   ], 1)
+    done = torch.zeros(num_layers, dtype=torch.int64, device=phy2log.device)
     steps = None if max_swaps is None else max_swaps
     while steps is None or steps > 0:
         expert = torch.where(out >= 0, out, num_experts)
@@ -137,19 +129,12 @@ def gather_together(
     Returns:
         ``(phy2log [L, R], swaps [L])``.
     """
-    num_layers, num_slots = phy2log.shape
-    num_experts = weight.shape[1]
-    device = phy2log.device
-    slots = num_slots // num_gpus
+    (num_layers, num_slots), num_experts = phy2log.shape, weight.shape[1]
     per_node = num_gpus // num_nodes
-    slot = torch.arange(num_slots, device=device)
-    gpu_of_slot, node_of_slot = slot // slots, slot // (slots * per_node)
-    rows = torch.arange(num_layers, device=device)
+    gpu_of_slot, node_of_slot, rows, w = _layout(weight, phy2log, num_gpus, num_nodes)
     out = phy2log.clone()
-    w = torch.cat([weight.to(torch.float64),
-                   weight.new_zeros(num_layers, 1, dtype=torch.float64)], 1)
     pull = torch.cat([attract, attract.new_zeros(num_layers, 1)], 1)  # [L, E+1]
-    done = torch.zeros(num_layers, dtype=torch.int64, device=device)
+    done = torch.zeros(num_layers, dtype=torch.int64, device=phy2log.device)
     # each swap sends one stray home for good (its partner is not kept together)
     for _ in range(num_slots):
         expert = torch.where(out >= 0, out, num_experts)
@@ -178,6 +163,20 @@ def gather_together(
             break
         done += apply.to(torch.int64)
     return out, done
+
+
+def _layout(
+    weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int, num_nodes: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(gpu_of_slot [R], node_of_slot [R], rows [L], w [L, E+1])``: where each slot is,
+    the layer indices, and the loads in float64 with a zero column for empty slots."""
+    num_layers, num_slots = phy2log.shape
+    slot = torch.arange(num_slots, device=phy2log.device)
+    gpu_of_slot = slot // (num_slots // num_gpus)
+    w = torch.cat([weight.to(torch.float64),
+                   weight.new_zeros(num_layers, 1, dtype=torch.float64)], 1)
+    return (gpu_of_slot, gpu_of_slot // (num_gpus // num_nodes),
+            torch.arange(num_layers, device=phy2log.device), w)
 
 
 def _swap_with_best_partner(
