@@ -245,22 +245,26 @@ def _second_look(
     rule_of, row_of = new.nonzero().unbind(1)
     if not len(row_of):
         return state
-    tried = others[rule_of, row_of]  # [m, E]
-    load, expert = expand_replicas(sub.index_select(0, row_of), tried)
-    extra = pack(make_items(load, expert), num_gpus, packing, tried.amax(1) > num_gpus,
-                 generator)
-    return _keep_lowest(state, peak, rows, row_of, extra)
+    return _keep_lowest(state, peak, rows, sub.index_select(0, row_of), row_of,
+                        others[rule_of, row_of], num_gpus, packing, generator)
 
 
-def _keep_lowest(state: torch.Tensor, peak: torch.Tensor, rows: torch.Tensor,
-                 row_of: torch.Tensor, extra: torch.Tensor) -> torch.Tensor:
+def _keep_lowest(
+    state: torch.Tensor, peak: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+    row_of: torch.Tensor, tried: torch.Tensor, num_gpus: int, packing: PackingOptions,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """``state [2, S, rows', P]`` with row ``rows[i]`` replaced by the first of its other
-    packings ``extra [2, S, m, P]`` (those with ``row_of == i``) at their lowest peak,
-    where that is below ``peak [rows']``, the row's own (ties keep the row's packing).
+    allocations ``tried [m, E]`` (those with ``row_of == i``; ``weight [m, E]`` their
+    row's loads), each packed once, at their lowest peak, where that is below
+    ``peak [rows']``, the row's own (ties keep the row's packing).
 
     Every allocation of a row has the same total, so make_items scales them alike and
     the peaks compare.
     """
+    load, expert = expand_replicas(weight, tried)
+    extra = pack(make_items(load, expert), num_gpus, packing, tried.amax(1) > num_gpus,
+                 generator)
     extra_peak = max_load(extra).to(peak.dtype)  # [m]
     now = peak.index_select(0, rows)
     best_peak = now.scatter_reduce(0, row_of, extra_peak, "amin")
@@ -315,11 +319,8 @@ def _filler_ladder(
     sub = weight.index_select(0, rows)
     tried = ladder_counts(sub, num_replicas, num_gpus, LADDER_RUNGS)  # [K, n, E]
     row_of = torch.arange(len(rows), device=weight.device).repeat(tried.shape[0])
-    tried = tried.reshape(-1, tried.shape[2])
-    load, expert = expand_replicas(sub.index_select(0, row_of), tried)
-    extra = pack(make_items(load, expert), num_gpus, packing, tried.amax(1) > num_gpus,
-                 generator)
-    return _keep_lowest(state, peak, rows, row_of, extra)
+    return _keep_lowest(state, peak, rows, sub.index_select(0, row_of), row_of,
+                        tried.reshape(-1, tried.shape[2]), num_gpus, packing, generator)
 
 
 def _every_expert_on_every_gpu(
