@@ -102,6 +102,24 @@ def test_an_incremental_nearest_plan_refuses_a_source_it_would_ignore(case):
                source=skewed)  # fresh plans use it
 
 
+def test_a_rebalancer_refuses_fair_and_source_its_policy_ignores_when_it_is_made():
+    # it was made, and raised at its first rebalance; with groups on several nodes "auto"
+    # is hierarchical, which does not use them (eplb.plan refuses them alike)
+    from eplb.online import Rebalancer
+
+    counts = torch.randint(0, 100, (4, 32), generator=torch.Generator().manual_seed(0))
+    for options in ({"fair": "avoid"}, {"source": torch.ones(16)},
+                    {"fair": "expect", "policy": "hierarchical"}):
+        with pytest.raises(ValueError, match="the hierarchical policy does not use them"):
+            Rebalancer(64, 16, 2, 8, window=1, interval=1, dispatch="nearest", **options)
+        with pytest.raises(ValueError, match="the hierarchical policy does not use them"):
+            eplb.plan(counts, 64, 16, 2, 8, dispatch="nearest",
+                      **{k: v for k, v in options.items()})
+    made = Rebalancer(64, 16, 2, 8, window=1, interval=1, dispatch="nearest", fair="avoid",
+                      policy="global")  # the global policy uses them
+    made.record(counts).validate()
+
+
 def test_the_group_limited_sampler_refuses_knobs_that_break_it():
     # latent_scale=nan scored every expert nan (the samples came from two groups only);
     # latent_dim=0 and fit_tokens=0 divided by zero; float sizes failed inside torch

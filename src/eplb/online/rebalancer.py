@@ -164,6 +164,14 @@ def make_planner(
                              "every rebalance fresh (incremental=False) for GPU speeds")
         policy = plan_options.get("policy", "auto")
         concrete = ("hierarchical" if topo.grouped else "global") if policy == "auto" else policy
+        if plan_options.get("dispatch") == "nearest" and concrete != "global" and (
+            plan_options.get("fair", "auto") != "auto" or plan_options.get("source") is not None
+        ):
+            # eplb.plan refuses these too, but only at the first rebalance: a rebalancer
+            # that cannot plan is refused when it is made
+            raise ValueError(f"fair and source shape the global policy's plan for nearest "
+                             f"dispatch; the {concrete} policy does not use them (pass "
+                             f"policy='global')")
         if plan_options.get("dispatch") == "nearest" and max_moves is not None and (
             concrete != "global" or active_gpus is not None
         ):
