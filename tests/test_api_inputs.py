@@ -79,6 +79,25 @@ def test_meta_tensors_are_refused_clearly():
         eplb.plan(torch.empty(8, 64, device="meta"), 96, 16)
 
 
+def test_fake_tensors_are_refused_clearly():
+    # tensors made under torch's FakeTensorMode (tracing) have a shape and no values: a
+    # weight raised "RuntimeError: .numpy() is not supported for tensor subclasses" from
+    # inside the planner (attacker pass), a previous map and a budget alike
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    real = eplb.plan(W, 96, 16)
+    with FakeTensorMode():
+        fake_weight = torch.rand(8, 64)
+        fake_map = torch.zeros(8, 96, dtype=torch.int64)
+        fake_budget = torch.tensor(4)
+    with pytest.raises(TypeError, match="weight is a fake tensor"):
+        eplb.plan(fake_weight, 96, 16)
+    with pytest.raises(TypeError, match="previous must be a dense tensor with data, got a fake"):
+        eplb.plan(W, 96, 16, previous=fake_map)
+    with pytest.raises(ValueError, match="max_moves is a fake tensor"):
+        eplb.plan(W, 96, 16, previous=real, max_moves=fake_budget)
+
+
 @pytest.mark.parametrize("scale", [3e35, 1e-30])
 def test_loads_of_any_scale_plan_alike(scale):
     """Rows are scaled by a power of two (exact): 1e35 in float32 no longer plans worse."""

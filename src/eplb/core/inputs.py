@@ -118,6 +118,19 @@ def irregularity(value: object, limit: int = 1 << 20) -> str | None:
     return None
 
 
+def without_values(tensor: torch.Tensor) -> str | None:
+    """What kind of tensor ``tensor`` is if it has a shape but no values to plan on (a
+    meta tensor, or a fake one from torch's ``FakeTensorMode``, as tracing makes), else
+    ``None``."""
+    if tensor.is_meta:
+        return "meta"
+    # FakeTensor (torch._subclasses) carries its mode; reading one raised a bare
+    # "RuntimeError: .numpy() is not supported for tensor subclasses" deep in the planner
+    if getattr(tensor, "fake_mode", None) is not None:
+        return "fake"
+    return None
+
+
 def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
     """``value`` as a dense real (or integer) tensor on its own device; bools become int64."""
     if isinstance(value, torch.Tensor):
@@ -161,8 +174,9 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
             raise TypeError(f"{what_list}: it holds text ({raw.dtype})")
     else:
         raise TypeError(f"{name} must be {what}; got {type(value).__name__}")
-    if tensor.is_meta:
-        raise TypeError(f"{name} is a meta tensor: it has a shape but no values to plan on")
+    kind = without_values(tensor)
+    if kind:
+        raise TypeError(f"{name} is a {kind} tensor: it has a shape but no values to plan on")
     if tensor.layout != torch.strided:
         # sparse loads are legal input; the planner works on dense [L, E] rows
         tensor = tensor.to_dense()

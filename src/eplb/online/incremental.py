@@ -43,7 +43,12 @@ import dataclasses
 import numpy as np
 import torch
 
-from eplb.core.inputs import native_array, refuse_byte_strings, require_integer_ids
+from eplb.core.inputs import (
+    native_array,
+    refuse_byte_strings,
+    require_integer_ids,
+    without_values,
+)
 from eplb.core.options import COARSE_SLOTS, IncrementalOptions
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
@@ -76,9 +81,9 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
             raise TypeError(
                 f"previous must be a Placement or a phy2log tensor [L, R]: {exc}"
             ) from None
-    if old.is_meta or old.layout != torch.strided:
+    if without_values(old) or old.layout != torch.strided:
         raise TypeError(f"previous must be a dense tensor with data, got a "
-                        f"{'meta' if old.is_meta else old.layout} tensor")
+                        f"{without_values(old) or old.layout} tensor")
     given_shape = tuple(old.shape)  # as the caller passed it, for the message
     if old.dim() == 1:
         old = old[None]
@@ -240,8 +245,10 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
     as_threshold(skip_threshold)
     given = max_moves  # as the caller wrote it, for the messages
     if isinstance(max_moves, torch.Tensor):
-        if max_moves.is_meta:  # holds no data (a model built on the meta device)
-            raise ValueError(f"max_moves is a meta tensor, which holds no values; got {given!r}")
+        kind = without_values(max_moves)  # e.g. a model built on the meta device
+        if kind:
+            raise ValueError(f"max_moves is a {kind} tensor, which holds no values; got "
+                             f"{given!r}")
         max_moves = max_moves.detach().cpu().numpy()
     if isinstance(max_moves, (list, tuple)):
         if any(isinstance(v, bool | np.bool_) for v in max_moves):
