@@ -13,7 +13,8 @@ from eplb.core.baselines import plan_greedy, rebalance_experts_greedy
 from eplb.core.bounds import layer_lower_bound
 from eplb.core.dispatch import remote_nodes_per_token
 from eplb.online.estimate import expected_max
-from eplb.online.rebalancer import Rebalancer, trivial_placement
+from eplb.online.planners import trivial_placement
+from eplb.online.rebalancer import Rebalancer
 from eplb.tools.simulate import simulate
 
 W = torch.rand(2, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) + 0.1

@@ -115,10 +115,10 @@ def test_rebalance_now_uses_history_so_far() -> None:
 
 
 def test_incremental_passes_previous_and_limits_to_plan(monkeypatch) -> None:
-    import eplb.online.rebalancer as rebalancer
+    import eplb.online.planners as planners
 
     seen: list[dict] = []
-    real_fresh, real_incremental = rebalancer.plan_fresh, rebalancer.plan_incremental
+    real_fresh, real_incremental = planners.plan_fresh, planners.plan_incremental
 
     def fresh(request):
         seen.append({"seed": request.seed})
@@ -128,8 +128,8 @@ def test_incremental_passes_previous_and_limits_to_plan(monkeypatch) -> None:
         seen.append({"seed": request.seed, "previous": previous, **kwargs})
         return real_incremental(request, previous, **kwargs)
 
-    monkeypatch.setattr(rebalancer, "plan_fresh", fresh)
-    monkeypatch.setattr(rebalancer, "plan_incremental", incremental)
+    monkeypatch.setattr(planners, "plan_fresh", fresh)
+    monkeypatch.setattr(planners, "plan_incremental", incremental)
     reb = Rebalancer(R, P, window=4, interval=4, planner="eplb", incremental=True,
                      max_moves=3, skip_threshold=0.01, seed=7)
     reb.record(_steps(4))

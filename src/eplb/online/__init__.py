@@ -18,15 +18,14 @@ from eplb.online.estimate import (
     select_per_layer,
 )
 from eplb.online.incremental import plan_incremental
-from eplb.online.rebalancer import (
+from eplb.online.planners import (
     PLANNERS,
     PlannerFn,
-    RebalanceEvent,
-    Rebalancer,
     make_planner,
     plan_estimate,
     trivial_placement,
 )
+from eplb.online.rebalancer import RebalanceEvent, Rebalancer
 
 __all__ = [
     "ESTIMATORS",
