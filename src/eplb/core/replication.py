@@ -135,64 +135,6 @@ def cap_counts(weight: torch.Tensor, counts: torch.Tensor, cap: int) -> torch.Te
     return out.reshape(counts.shape)
 
 
-def filler_counts(
-    weight: torch.Tensor, counts: torch.Tensor, num_gpus: int, rounds: int = 3
-) -> torch.Tensor:
-    """``counts [rows, E]`` reshaped for few slots per GPU: at most ``P`` replicas above
-    half the mean GPU load, the slots this frees given to the coldest experts.
-
-    Two replicas above half the mean on one GPU put it above the mean, so with more
-    than ``P`` of them some GPU is. Jefferson's counts make them when the hot experts'
-    share of the slots splits them into pieces just above it: 6 + 4 replicas of two
-    experts on 8 GPUs of 3 slots (14 idle experts holding the other slots) pair them on
-    two GPUs, 0.64 of the ideal balance, where 5 + 3 hot replicas and two idle experts
-    twice reach 0.94. A divisor rule never gives an idle expert a second replica, yet
-    here that replica is what lets the hot ones stay whole. The hot experts lose their
-    last granted replicas (smallest ``w / j`` first, the reverse of Jefferson's order,
-    ties to the later expert) until at most ``P`` pieces exceed half the mean (a few
-    ``rounds``: a removal can push another expert's pieces over it); the freed
-    replicas go one each to the coldest experts (ties: the lower id), round by round.
-    ``weight [rows, E]``; Jefferson's (capped) counts are the intended input.
-    """
-    rows, num_experts = counts.shape
-    w = weight.detach().to(torch.float64).cpu().numpy()
-    c = counts.detach().cpu().numpy().astype(np.int64)
-    half = w.sum(1, keepdims=True) / (2 * num_gpus)
-    # every granted step (expert e from j to j + 1 replicas, priority w_e / j), as a
-    # ragged [rows, R - E] table laid out flat, removed in ascending priority
-    extra = c - 1
-    step_row = np.repeat(np.arange(rows), extra.sum(1))
-    step_expert = np.repeat(np.tile(np.arange(num_experts), rows), extra.ravel())
-    start = np.repeat(np.cumsum(extra.ravel()) - extra.ravel(), extra.ravel())
-    step_j = np.arange(len(step_expert)) - start + 1
-    priority = w[step_row, step_expert] / step_j
-    # per row, ascending priority; among equal ones the later (expert, step) first
-    order = np.lexsort((-np.arange(len(priority)), priority, step_row))
-    rank = np.empty_like(order)
-    row_start = np.cumsum(extra.sum(1)) - extra.sum(1)
-    rank[order] = np.arange(len(order)) - row_start[step_row[order]]
-    freed = np.zeros(rows, np.int64)
-
-    def kept_after(freed: np.ndarray) -> np.ndarray:  # c less each row's `freed` last steps
-        removed = rank < freed[step_row]
-        flat = step_row[removed] * num_experts + step_expert[removed]
-        return c - np.bincount(flat, minlength=rows * num_experts).reshape(rows, num_experts)
-
-    for _ in range(rounds):
-        kept = kept_after(freed)
-        more = np.maximum(np.where(w / kept > half, kept, 0).sum(1) - num_gpus, 0)
-        if not more.any():
-            break
-        freed = np.minimum(freed + more, extra.sum(1))
-    kept = kept_after(freed)
-    # the freed replicas, coldest expert first, one each per round over the experts
-    cold = np.lexsort((np.arange(num_experts)[None].repeat(rows, 0), w), axis=1)
-    position = np.empty_like(cold)
-    np.put_along_axis(position, cold, np.arange(num_experts)[None], 1)
-    kept = kept + freed[:, None] // num_experts + (position < (freed % num_experts)[:, None])
-    return torch.from_numpy(kept).to(counts.device, counts.dtype)
-
-
 def _grant_by_table(
     w: np.ndarray, c: np.ndarray, freed: np.ndarray, cap: int, steps: int
 ) -> None:
@@ -453,6 +395,113 @@ def _expand_host(
     return item_load, np.repeat(order.ravel(), times).reshape(rows, -1)
 
 
+# ---------------------------------------------------------------- Jefferson's first k
+# With few slots per GPU (or few GPUs per row) the counts that pack best keep the first k
+# of Jefferson's extra replicas and give the others to the coldest experts, which no
+# divisor rule does (see filler_counts and ladder_counts). Both are built here.
+
+
+def _jefferson_order(w: np.ndarray, extra: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Jefferson's steps of every row, ``extra [rows, E]`` of them per expert (each
+    expert's first steps: from one replica to two, and so on), as a ragged table laid
+    out flat: ``(row, expert, rank)``, ``rank`` a step's place in its row's Jefferson
+    order (priority ``w / j`` falling; ties: the lower expert, then its earlier step).
+    Given every step below a cap, or the steps of Jefferson's capped counts
+    (:func:`cap_counts`), the first ``k`` in that order are Jefferson's capped
+    allocation of ``k`` extra replicas (D'Hondt is house-monotone): any ``k`` reads off
+    this one table."""
+    rows, num_experts = extra.shape
+    per_row = int(extra[0].sum()) if rows else 0
+    if (extra.sum(1) != per_row).any():  # every row holds R − E steps, or E·(cap − 1)
+        raise ValueError("Jefferson's step table needs as many steps in every row")
+    step_row = np.repeat(np.arange(rows), per_row)
+    step_expert = np.repeat(np.tile(np.arange(num_experts), rows), extra.ravel())
+    first = np.repeat(np.cumsum(extra.ravel()) - extra.ravel(), extra.ravel())
+    step_j = np.arange(len(step_expert)) - first + 1
+    priority = (w[step_row, step_expert] / step_j).reshape(rows, per_row)
+    # a stable sort of each row: equal priorities stay in table order (expert, then step)
+    order = np.argsort(-priority, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(per_row)[None], 1)
+    return step_row, step_expert, rank.ravel()
+
+
+def _first_steps(shape: tuple[int, int], steps: tuple[np.ndarray, ...],
+                 keep: np.ndarray) -> np.ndarray:
+    """``[K, rows, E]`` counts of the first ``keep [K, rows]`` steps of
+    :func:`_jefferson_order`'s table ``steps`` (every expert at one replica first)."""
+    rows, num_experts = shape
+    step_row, step_expert, rank = steps
+    kept = rank[None] < keep[:, step_row]  # [K, steps]
+    which, at = np.nonzero(kept)
+    flat = (which * rows + step_row[at]) * num_experts + step_expert[at]
+    grants = np.bincount(flat, minlength=len(keep) * rows * num_experts)
+    return 1 + grants.reshape(len(keep), rows, num_experts)
+
+
+def _to_coldest(w: np.ndarray, counts: np.ndarray, left: np.ndarray,
+                cap: np.ndarray) -> np.ndarray:
+    """``counts [K, rows, E]`` plus ``left [K, rows]`` replicas given to the coldest
+    experts, one each per round, coldest first (ties: the lower id), to experts below
+    ``cap [rows]`` replicas."""
+    if not left.any():
+        return counts.copy()
+    cold = np.argsort(w, axis=1, kind="stable")  # ties: the lower id
+    room = np.take_along_axis(cap[None, :, None] - counts, cold[None], 2)  # [K, rows, E]
+    given = np.zeros_like(room)
+    done = np.zeros_like(left)
+    for round_ in range(1, int(room.max(initial=0)) + 1):
+        if (done >= left).all():
+            break
+        open_ = room >= round_
+        take = open_ & (done[..., None] + open_.cumsum(2) <= left[..., None])
+        given += take
+        done = done + take.sum(2)
+    # back in expert order (cold is a permutation: every entry is written)
+    back = np.empty_like(given)
+    np.put_along_axis(back, np.broadcast_to(cold[None], back.shape), given, 2)
+    return counts + back
+
+
+def filler_counts(
+    weight: torch.Tensor, counts: torch.Tensor, num_gpus: int, rounds: int = 3
+) -> torch.Tensor:
+    """``counts [rows, E]`` reshaped for few slots per GPU: at most ``P`` replicas above
+    half the mean GPU load, the slots this frees given to the coldest experts.
+
+    Two replicas above half the mean on one GPU put it above the mean, so with more
+    than ``P`` of them some GPU is. Jefferson's counts make them when the hot experts'
+    share of the slots splits them into pieces just above it: 6 + 4 replicas of two
+    experts on 8 GPUs of 3 slots (14 idle experts holding the other slots) pair them on
+    two GPUs, 0.64 of the ideal balance, where 5 + 3 hot replicas and two idle experts
+    twice reach 0.9375. A divisor rule never gives an idle expert a second replica, yet
+    here that replica is what lets the hot ones stay whole. The hot experts keep the
+    first ``k`` of Jefferson's steps, ``k`` lowered (their last granted steps undone)
+    until at most ``P`` pieces exceed half the mean (a few ``rounds``: a removal can push
+    another expert's pieces over it); the freed replicas go one each to the coldest
+    experts, round by round. ``weight [rows, E]``; ``counts`` are Jefferson's (capped:
+    :func:`cap_counts`).
+    """
+    rows, num_experts = counts.shape
+    w = weight.detach().to(torch.float64).cpu().numpy()
+    c = counts.detach().cpu().numpy().astype(np.int64)
+    steps = _jefferson_order(w, c - 1)
+    extra = c.sum(1) - num_experts
+    half = w.sum(1, keepdims=True) / (2 * num_gpus)
+    keep = extra.copy()
+    for _ in range(rounds):
+        kept = _first_steps((rows, num_experts), steps, keep[None])[0]
+        more = np.maximum(np.where(w / kept > half, kept, 0).sum(1) - num_gpus, 0)
+        if not more.any():
+            break
+        keep = np.maximum(keep - more, 0)
+    hot = _first_steps((rows, num_experts), steps, keep[None])
+    # as cap_counts: one replica per GPU at most where the slots fit that
+    cap = np.where(num_gpus * num_experts >= c.sum(1), num_gpus, c.sum(1))
+    out = _to_coldest(w, hot, (extra - keep)[None], cap)[0]
+    return torch.from_numpy(out).to(counts.device, counts.dtype)
+
+
 def ladder_counts(weight: torch.Tensor, num_replicas: int, cap: int,
                   rungs: int) -> torch.Tensor:
     """``counts [K, rows, E]``: the first ``k`` of Jefferson's extra replicas (capped at
@@ -464,39 +513,16 @@ def ladder_counts(weight: torch.Tensor, num_replicas: int, cap: int,
     the mean on 2 GPUs of 4 slots pack at 1.18 of the mean with Jefferson's counts (both
     hot experts halved) and at 1.001 with one hot expert halved and the coldest one
     twice. Which split fits is a packing question, so the rungs are packed, not ranked.
-    Jefferson's steps are taken by priority ``w / j`` (ties: the lower expert, then the
-    earlier step), never past ``cap`` replicas; the coldest experts get one more replica
-    each, round by round, coldest first (ties: the lower id), while below ``cap``.
-    ``weight [rows, E]`` with ``R < cap · E``.
+    The coldest experts get one more replica each, round by round, coldest first (ties:
+    the lower id), while below ``cap``. ``weight [rows, E]`` with ``R < cap · E``.
     """
     rows, num_experts = weight.shape
     w = weight.detach().to(torch.float64).cpu().numpy()
     num_extra = num_replicas - num_experts
-    steps = min(cap - 1, num_extra)
+    # every step below the cap is in the table (at most cap - 1 per expert: few here)
+    steps = _jefferson_order(w, np.full(w.shape, min(cap - 1, num_extra), np.int64))
     ks = np.unique(np.round(np.linspace(0, num_extra, min(rungs, num_extra + 1))).astype(np.int64))
-    # [rows, E, steps] rank of Jefferson's step (e, j + 1) in the row's order
-    priority = w[:, :, None] / np.arange(1, steps + 1)
-    expert = np.broadcast_to(np.arange(num_experts)[None, :, None], priority.shape)
-    order = np.lexsort((np.broadcast_to(np.arange(steps), priority.shape).reshape(rows, -1),
-                        expert.reshape(rows, -1), -priority.reshape(rows, -1)), axis=1)
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(order.shape[1])[None], 1)
-    rank = rank.reshape(rows, num_experts, steps)
-    hot = (rank[:, None] < ks[None, :, None, None]).sum(3)  # [rows, K, E]
-    # the fillers: round t gives one to every expert still below the cap, coldest first
-    room = cap - 1 - hot
-    left = num_extra - ks[None, :, None]  # [1, K, 1]
-    cold = np.lexsort((np.broadcast_to(np.arange(num_experts), w.shape), w), axis=1)
-    room_cold = np.take_along_axis(room, cold[:, None], 2)
-    filler = np.zeros_like(room_cold)
-    given = np.zeros_like(left)
-    for t in range(1, cap):
-        avail = room_cold >= t
-        take = avail & (given + avail.cumsum(2) <= left)
-        filler += take
-        given = given + avail.sum(2, keepdims=True)
-    counts = hot + 1
-    np.put_along_axis(counts, np.broadcast_to(cold[:, None], counts.shape),
-                      np.take_along_axis(counts, cold[:, None].repeat(len(ks), 1), 2) + filler, 2)
-    out = torch.from_numpy(counts.transpose(1, 0, 2).copy())
-    return out.to(weight.device)
+    keep = np.broadcast_to(ks[:, None], (len(ks), rows))
+    hot = _first_steps((rows, num_experts), steps, keep)
+    counts = _to_coldest(w, hot, num_extra - keep, np.full(rows, cap))
+    return torch.from_numpy(counts).to(weight.device)

@@ -1,0 +1,63 @@
+"""The count builders that keep the first k of Jefferson's extra replicas and give the
+rest to the coldest experts (``filler_counts`` for few slots per GPU, ``ladder_counts``
+for nodes of few GPUs), and the plan the documented few-slot case gets."""
+
+from __future__ import annotations
+
+import torch
+from helpers import assert_contract
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eplb
+from eplb.core.replication import cap_counts, filler_counts, ladder_counts, replica_counts
+
+
+@st.composite
+def rows_and_slots(draw):
+    experts = draw(st.integers(2, 12))
+    gpus = draw(st.integers(2, 6))
+    slots = draw(st.integers(1, 4))
+    replicas = max(slots * gpus, experts)
+    replicas += (-replicas) % gpus
+    layers = draw(st.integers(1, 3))
+    loads = draw(st.lists(st.integers(0, 50), min_size=layers * experts,
+                          max_size=layers * experts))
+    w = torch.tensor(loads, dtype=torch.float64).view(layers, experts)
+    w[:, 0] += 1  # no all-idle row
+    return w, replicas, gpus
+
+
+@settings(max_examples=150, deadline=None)
+@given(rows_and_slots())
+def test_every_rung_and_filler_keeps_the_slots_and_the_cap(case):
+    w, replicas, gpus = case
+    experts = w.shape[1]
+    jefferson = cap_counts(w, replica_counts(w, replicas, (0.0,))[0], gpus)
+    filled = filler_counts(w, jefferson, gpus)
+    assert (filled.sum(1) == replicas).all() and (filled >= 1).all()
+    if gpus * experts >= replicas:
+        assert (filled <= gpus).all()
+    if replicas < gpus * experts:
+        rungs = ladder_counts(w, replicas, gpus, 4)  # [K, rows, E]
+        assert (rungs.sum(2) == replicas).all() and (rungs >= 1).all()
+        assert (rungs <= gpus).all()
+        # the last rung keeps every one of Jefferson's steps: Jefferson's capped counts
+        assert torch.equal(rungs[-1], jefferson)
+
+
+def test_fillers_let_hot_experts_stay_whole():
+    # filler_counts' own example: two hot experts on 8 GPUs of 3 slots, 14 idle ones.
+    # Jefferson's 6 + 4 replicas are pieces just above half a GPU's mean load, paired on
+    # two GPUs (0.64 of the ideal balance); 5 + 3 and two idle experts twice reach 0.9375
+    # (every GPU one hot replica: 133.3 against a mean of 125)
+    w = torch.zeros(1, 16, dtype=torch.float64)
+    w[0, 0], w[0, 1] = 600.0, 400.0
+    w[0, 2:] = 1e-3
+    jefferson = cap_counts(w, replica_counts(w, 24, (0.0,))[0], 8)
+    assert jefferson[0, :2].tolist() == [6, 4]
+    filled = filler_counts(w, jefferson, 8)
+    assert filled[0, :2].tolist() == [5, 3] and int(filled.sum()) == 24
+    planned = eplb.plan(w, 24, 8)
+    assert_contract(planned)
+    assert planned.balancedness(w) >= 0.9375 - 1e-9
