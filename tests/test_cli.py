@@ -75,9 +75,28 @@ def test_unknown_option_is_a_usage_error(capsys, loads: Path) -> None:
     code, _, err = run(capsys, "plan", str(loads), "--bogus")
     assert code == 2
     assert "required" in err
+    assert_one_line_error(err)
     code, _, err = run(capsys, "plan", str(loads), "-r", "20", "-g", "4", "-o", "x", "--bogus")
     assert code == 2
     assert "unrecognized arguments" in err
+    assert_one_line_error(err)
+
+
+@pytest.mark.parametrize("argv", [
+    ("plan", "LOADS", "-r", "2.5", "-g", "4", "-o", "x.json"),
+    ("plan", "LOADS", "-r", "20", "-g", "4", "-o", "x.json", "--max-moves", "-5"),
+    ("plan", "LOADS", "-g", "4"),
+    ("--threads", "0", "demo"),
+    ("bogus",),
+    ("eval", "LOADS", "--placement"),
+])
+def test_usage_mistakes_are_one_line_errors(capsys, loads: Path, argv) -> None:
+    # argparse printed its whole usage block, then "eplb plan: error: ..." (new-user
+    # pass), where the README promises one "eplb: error: ..." line and exit code 2
+    code, out, err = run(capsys, *(str(loads) if a == "LOADS" else a for a in argv))
+    assert code == 2 and not out
+    assert_one_line_error(err)
+    assert "--help' lists the options" in err
 
 
 # ------------------------------------------------------------------------ plan

@@ -74,7 +74,10 @@ def _hostile(tmp: Path) -> list[tuple[str, str]]:
     add("inf.json", '{"logical_count": [[1, 1e400]]}', "finite")
     add("SOURCE.md", "# Where this data comes from\n\nReal router decisions, token by token.\n",
         "unrecognised content (text starting '# Where")
-    add("notes.txt", "some: thing\nmore text\n", "YAML text, not load statistics")
+    add("notes.txt", "some: thing\nmore text\n", "notes.txt: is text, not load statistics")
+    # a Markdown file whose first line reads "Key: value" was called YAML (new-user pass)
+    add("STATS.md", "# Skew\n\nConventions: max/mean per layer\n", "STATS.md: is text, not")
+    add("stats.yaml", "some: thing\n", "is YAML text, not load statistics")
     # a .npy whose header claims 240 GB
     header = np.lib.format.header_data_from_array_1_0(np.zeros((2, 3)))
     header["shape"] = (9_999_999_999, 3)

@@ -15,6 +15,7 @@ import importlib
 import os
 import sys
 import traceback
+import typing
 import warnings
 from collections.abc import Sequence
 
@@ -28,6 +29,19 @@ from eplb.formats.errors import MissingPackage
 __all__ = ["build_parser", "main"]
 
 _RAW = argparse.RawDescriptionHelpFormatter
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as the one ``eplb: error: ...`` line every other
+    mistake gets (argparse printed its whole usage block, then ``eplb plan: error:``);
+    the subcommands' parsers are made of this class too (``add_subparsers`` uses the
+    parent's)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        command = self.prog.removeprefix("eplb").strip()
+        where = f"{command}: " if command else ""
+        self.exit(EXIT_USAGE, f"eplb: error: {where}{message} ('{self.prog} --help' lists "
+                              f"the options)\n")
 
 
 def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
@@ -115,7 +129,7 @@ def _slots(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="eplb",
         description="Plan where Mixture-of-Experts experts live on GPUs "
                     "(a fast, near-optimal drop-in for DeepSeek's EPLB).",

@@ -232,9 +232,12 @@ def detect_format(path: str | PathLike[str]) -> str:
         head = path.read_bytes()[:_HEAD_BYTES]
         if re.search(rb"^\s*(initial_global_assignments|num_slots|moe_config)\s*:", head, re.M):
             raise _placement_error(path, "a TensorRT-LLM load-balancer YAML")
+        # (a Markdown or text file whose first line reads "Key: value" parses as YAML too:
+        # it was called YAML, new-user pass)
+        what = "YAML text" if path.suffix.lower() in (".yaml", ".yml") else "text"
         raise FormatError(
             path,
-            "is YAML text, not load statistics; expected .pt, .npy, .npz, .safetensors, "
+            f"is {what}, not load statistics; expected .pt, .npy, .npz, .safetensors, "
             ".json, .csv or a TensorRT-LLM statistics folder",
         )
     found = ""
