@@ -33,8 +33,11 @@ from eplb.online.estimate import Estimate, expected_max, interchangeable, select
 from eplb.online.incremental import check_budget, plan_incremental
 from eplb.online.settings import SCORE_OPTIONS, check_option_values
 
+#: a planner: ``(weight [L, E], the placement in force or None) -> Placement``
 PlannerFn = Callable[[torch.Tensor, "Placement | None"], Placement]
+#: the built-in planners :func:`make_planner` knows by name
 PLANNERS = ("eplb", "greedy", "none")
+
 
 def trivial_placement(
     num_experts: int,
