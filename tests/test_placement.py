@@ -61,6 +61,18 @@ def test_from_phy2log_refuses_what_is_not_a_map_of_integer_ids():
         Placement.from_phy2log(torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), 4, (8, 4))
 
 
+def test_moving_a_placement_to_a_device_torch_cannot_use_is_a_clear_error():
+    # torch raised a bare AssertionError ("Torch not compiled with CUDA enabled") for CUDA
+    # on a CPU-only build, and a RuntimeError for a misspelt device
+    p = good()
+    assert torch.equal(p.to("cpu").phy2log, p.phy2log)
+    with pytest.raises(ValueError, match="cannot move the placement to device 'bogus'"):
+        p.to("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cannot move the placement to device 'cuda'"):
+            p.to("cuda")
+
+
 def test_placement_repr_is_one_line():
     p = Placement.from_phy2log(torch.tensor([0, 1, -1, -1, 2, 0]), 3, Topology(6, 3),
                                active_gpus=torch.tensor([True, False, True]))

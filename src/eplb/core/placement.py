@@ -336,15 +336,20 @@ class Placement:
         return ((self.phy2log != old) & (self.phy2log >= 0)).sum(1)
 
     def to(self, device: torch.device | str) -> Placement:
-        active = None if self.active_gpus is None else self.active_gpus.to(device)
-        return Placement(
-            self.phy2log.to(device),
-            self.log2phy.to(device),
-            self.logcnt.to(device),
-            self.topology,
-            self.policy,
-            active,
-        )
+        """The same placement with its tensors on ``device``; ``ValueError`` for a device
+        this torch cannot use (torch itself raised a bare ``AssertionError`` for CUDA on a
+        CPU-only build, a ``RuntimeError`` for a misspelt name)."""
+        try:
+            target = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"cannot move the placement to device {device!r}: {exc}") from None
+        if target.type == "cuda" and not torch.cuda.is_available():
+            built = "a CPU-only build" if torch.version.cuda is None else "none is visible"
+            raise ValueError(f"cannot move the placement to device {device!r}: this torch "
+                             f"has no CUDA device ({built})")
+        active = None if self.active_gpus is None else self.active_gpus.to(target)
+        return Placement(self.phy2log.to(target), self.log2phy.to(target),
+                         self.logcnt.to(target), self.topology, self.policy, active)
 
     # ------------------------------------------------------------- validation
     def validate(self, *, anti_affinity: bool = True) -> Placement:
