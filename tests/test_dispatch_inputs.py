@@ -118,6 +118,14 @@ def test_a_rebalancer_refuses_fair_and_source_its_policy_ignores_when_it_is_made
     made = Rebalancer(64, 16, 2, 8, window=1, interval=1, dispatch="nearest", fair="avoid",
                       policy="global")  # the global policy uses them
     made.record(counts).validate()
+    # "auto" with a dead GPU plans globally (eplb.plan does): accepted (attacker pass: the
+    # first version of this check refused it)
+    live = torch.ones(16, dtype=torch.bool)
+    live[1] = False
+    with pytest.warns(RuntimeWarning, match="planning globally"):
+        dead = Rebalancer(64, 16, 2, 8, window=1, interval=1, dispatch="nearest",
+                          fair="avoid", active_gpus=live)
+        assert dead.record(counts).policy == "global"
 
 
 def test_the_group_limited_sampler_refuses_knobs_that_break_it():

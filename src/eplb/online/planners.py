@@ -11,6 +11,7 @@ calls every ``interval`` steps, and how it plans on a multi-window estimate.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ from eplb.core.inputs import as_live_mask
 from eplb.core.options import with_incremental
 from eplb.core.placement import Placement
 from eplb.core.planner import make_request, plan_fresh
+from eplb.core.policies import resolve_policy
 from eplb.core.topology import (
     Topology,
     check_total_slots,
@@ -132,8 +134,9 @@ def make_planner(
         raise ValueError("max_moves and skip_threshold limit incremental plans; pass "
                          "incremental=True")
     max_moves = check_budget(max_moves, skip_threshold)
+    dead = False
     if active_gpus is not None:
-        as_live_mask(active_gpus, topo.num_gpus, torch.device("cpu"))
+        dead = not bool(as_live_mask(active_gpus, topo.num_gpus, torch.device("cpu")).all())
     _check_plan_options(planner, plan_options)
     if planner == "eplb":
         check_option_values({**plan_options, "active_gpus": active_gpus,
@@ -145,8 +148,15 @@ def make_planner(
             raise ValueError("gpu_speed cannot be combined with incremental=True: plans "
                              "from the placement in force are made for equal GPUs; plan "
                              "every rebalance fresh (incremental=False) for GPU speeds")
-        policy = plan_options.get("policy", "auto")
-        concrete = ("hierarchical" if topo.grouped else "global") if policy == "auto" else policy
+        # the policy the plans will take, as far as the cluster decides it: "auto" is
+        # global with dead GPUs or GPU speeds, as eplb.plan resolves it (a grouped
+        # cluster whose groups do not split the experts, known only from the counts, is
+        # global too: refused here all the same, and policy="global" says it)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # eplb.plan warns when it plans
+            concrete = resolve_policy(plan_options.get("policy", "auto"), topo, None,
+                                      has_dead_gpus=dead,
+                                      has_speeds=plan_options.get("gpu_speed") is not None)
         if plan_options.get("dispatch") == "nearest" and concrete != "global" and (
             plan_options.get("fair", "auto") != "auto" or plan_options.get("source") is not None
         ):
