@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from helpers import assert_contract
 
 import eplb
 from eplb import Placement, PlacementError
@@ -96,6 +97,23 @@ def test_fake_tensors_are_refused_clearly():
         eplb.plan(W, 96, 16, previous=fake_map)
     with pytest.raises(ValueError, match="max_moves is a fake tensor"):
         eplb.plan(W, 96, 16, previous=real, max_moves=fake_budget)
+
+
+def test_a_node_far_colder_than_its_layer_plans_validly():
+    # a hierarchical node of a layer whose other nodes are 1e300 times hotter held
+    # subnormal loads after the layer's scaling: Hamilton's counts came out 5 replicas
+    # short and planning raised "cannot reshape array of size 67" (attacker pass)
+    exponents = [0, 0, 0, 0, 0, 0, 0, 300, 0, 0, 0, 100, -300, -300, -200, -20]
+    w = torch.tensor([[10.0**x for x in exponents]], dtype=torch.float64)
+    for policy in ("hierarchical", "auto"):
+        planned = eplb.plan(w, 36, 12, 4, 4, policy=policy)
+        assert_contract(planned)
+        assert planned.policy == "hierarchical"
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        w = torch.pow(10.0, torch.randint(-300, 301, (3, 16), generator=g).double())
+        for shape in ((36, 12, 4, 4), (24, 8, 4, 4), (48, 16, 4, 8)):
+            assert_contract(eplb.plan(w, *shape, policy="hierarchical"))
 
 
 @pytest.mark.parametrize("scale", [3e35, 1e-30])

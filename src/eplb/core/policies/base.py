@@ -74,6 +74,7 @@ def plan_rows(
     zero = weight.sum(1) <= 0  # e.g. a node whose experts saw no tokens
     if bool(zero.any()):  # (a request's layers never are: skip the copy)
         weight = uniform_where_empty(weight, zero)
+    weight, floor = _unit_scale_tiny_rows(weight, floor)
     if num_replicas >= num_experts * num_gpus:
         # a GPU has a slot for every expert: the balance is perfect (see the function).
         # Idle rows keep the even counts below instead (the contract spreads a layer
@@ -192,6 +193,37 @@ def plan_rows(
         state = _filler_ladder(weight, num_replicas, num_gpus, state, packing, generator,
                                None if floor is None else floor[:rows])
     return to_slots(state)
+
+
+#: rows whose largest load is below this are scaled up by a power of two first
+_TINY_ROW = 2.0**-500
+
+
+def _unit_scale_tiny_rows(
+    weight: torch.Tensor, floor: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``weight [rows, E]`` (and ``floor [rows]`` alike) with every row whose largest load
+    is below :data:`_TINY_ROW` scaled by a power of two to a largest load in ``[1, 2)``.
+
+    A request's layers are scaled so already (:func:`eplb.core.inputs.planning_rows`), but
+    a hierarchical node of a layer whose other nodes are 1e300 times hotter keeps loads
+    that are subnormal: their sums and quotients lose exactness, and Hamilton's counts came
+    out 5 replicas short of the slots, an internal reshape error (attacker pass). A power
+    of two changes no ratio, so rows above the threshold are left as they are (bit for
+    bit) and scaled rows plan as the same loads would at a normal scale.
+    """
+    tiny = weight.amax(1) < _TINY_ROW
+    if not bool(tiny.any()):
+        return weight, floor
+    _, exponent = torch.frexp(weight.amax(1))
+    shift = torch.where(tiny, 1 - exponent, 0).to(weight.dtype)
+    # in two halves: torch's ldexp multiplies by 2**shift, which overflows past 2**1023
+    # (a subnormal row needs up to 2**1074)
+    half = torch.floor(shift / 2)
+    weight = torch.ldexp(torch.ldexp(weight, half[:, None]), (shift - half)[:, None])
+    if floor is not None:  # in the row's units (a floor of inf stays inf)
+        floor = torch.ldexp(torch.ldexp(floor.to(weight.dtype), half), shift - half)
+    return weight, floor
 
 
 def _second_look(
