@@ -89,6 +89,9 @@ def test_unknown_option_is_a_usage_error(capsys, loads: Path) -> None:
     ("--threads", "0", "demo"),
     ("bogus",),
     ("eval", "LOADS", "--placement"),
+    ("demo", "-r", "16"),
+    (),
+    ("--debug",),
 ])
 def test_usage_mistakes_are_one_line_errors(capsys, loads: Path, argv) -> None:
     # argparse printed its whole usage block, then "eplb plan: error: ..." (new-user
@@ -96,7 +99,9 @@ def test_usage_mistakes_are_one_line_errors(capsys, loads: Path, argv) -> None:
     code, out, err = run(capsys, *(str(loads) if a == "LOADS" else a for a in argv))
     assert code == 2 and not out
     assert_one_line_error(err)
-    assert "--help' lists the options" in err
+    assert "--help' lists the options" in err or "--help' describes them" in err
+    if argv and argv[0] in ("demo", "plan", "eval"):  # the command's own mistake names it
+        assert err.startswith(f"eplb: error: {argv[0]}: ")
 
 
 # ------------------------------------------------------------------------ plan
@@ -487,6 +492,17 @@ def test_a_stdout_that_cannot_encode_the_summary_does_not_fail_the_plan(monkeypa
     stream.flush()
     assert code == 0 and f"{L} layers \\xd7 {E} experts" in stream.buffer.getvalue().decode()
     assert stream.errors == "strict"  # the caller's stream is left as it was
+
+
+def test_help_on_a_stdout_that_cannot_encode_it(monkeypatch) -> None:
+    # demo's help holds "×": under PYTHONIOENCODING=ascii "eplb demo --help" crashed with a
+    # 40-line UnicodeEncodeError traceback and exit 1 (attacker pass)
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="ascii")
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert main(["demo", "--help"]) == 0
+    stream.flush()
+    assert "58 MoE layers \\xd7 256 experts" in stream.buffer.getvalue().decode()
+    assert stream.errors == "strict"
 
 
 def test_plan_says_when_gpus_dead_in_previous_come_back(capsys, tmp_path, loads) -> None:

@@ -43,6 +43,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"eplb: error: {where}{message} ('{self.prog} --help' lists "
                               f"the options)\n")
 
+    def parse_args(  # type: ignore[override] (argparse's overloads)
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        """As argparse's, but arguments no parser took are reported by the command's parser
+        (argparse reports them from the top: without the command, pointing at the wrong
+        help)."""
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            commands = next((a.choices for a in self._actions
+                             if isinstance(a, argparse._SubParsersAction)), {})
+            owner = commands.get(getattr(parsed, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
 
 def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
                   replicas: int | None = None, gpus: int | None = None,
@@ -362,14 +376,19 @@ def _one_line(message: object) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``eplb`` command with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
     parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version or a usage error: argparse already printed
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
-    if args.command is None:
-        parser.print_help(sys.stderr)
-        return EXIT_USAGE
+    # help texts hold "×" too: printed under the same escaping as a command's output
     with _printable_stdout():
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as exc:  # --help, --version or a usage error: already printed
+            return exc.code if isinstance(exc.code, int) else (
+                0 if exc.code is None else EXIT_USAGE)
+        if args.command is None:
+            commands = ", ".join(next(a.choices for a in parser._actions
+                                      if isinstance(a, argparse._SubParsersAction)))
+            print(f"eplb: error: a COMMAND is needed: one of {commands} ('eplb --help' "
+                  f"describes them)", file=sys.stderr)
+            return EXIT_USAGE
         return _main(args)
 
 
