@@ -99,6 +99,33 @@ def test_fake_tensors_are_refused_clearly():
         eplb.plan(W, 96, 16, previous=real, max_moves=fake_budget)
 
 
+
+def test_fake_and_meta_masks_speeds_sources_and_maps_are_refused_by_name():
+    # they raised DataDependentOutputException or "Cannot copy out of meta tensor" from
+    # inside the input parsing, the placement record and the vLLM plugin (attacker pass)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from eplb.integrations.vllm import EplbPolicy
+
+    with FakeTensorMode():
+        fake_mask, fake_speed = torch.ones(16, dtype=torch.bool), torch.ones(16)
+        fake_map = torch.zeros(8, 96, dtype=torch.int64)
+    meta_mask = torch.ones(16, dtype=torch.bool, device="meta")
+    for mask, kind in ((fake_mask, "fake"), (meta_mask, "meta")):
+        with pytest.raises(TypeError, match=f"active_gpus is a {kind} tensor"):
+            eplb.plan(W, 96, 16, active_gpus=mask)
+    with pytest.raises(TypeError, match="gpu_speed is a fake tensor"):
+        eplb.plan(W, 96, 16, gpu_speed=fake_speed)
+    with pytest.raises(TypeError, match="source is a fake tensor"):
+        eplb.plan(W, 96, 16, 2, policy="global", dispatch="nearest", source=fake_speed)
+    with pytest.raises(TypeError, match="phy2log is a fake tensor"):
+        Placement.from_phy2log(fake_map, 64, eplb.Topology(96, 16))
+    with pytest.raises(TypeError, match="weight is a meta tensor"):
+        EplbPolicy.rebalance_experts(W.to("meta"), 96, 1, 1, 16, None)
+    with pytest.raises(TypeError, match="old_global_expert_indices is a fake tensor"):
+        EplbPolicy.rebalance_experts(W, 96, 1, 1, 16, fake_map)
+
+
 def test_a_node_far_colder_than_its_layer_plans_validly():
     # a hierarchical node of a layer whose other nodes are 1e300 times hotter held
     # subnormal loads after the layer's scaling: Hamilton's counts came out 5 replicas

@@ -131,6 +131,16 @@ def without_values(tensor: torch.Tensor) -> str | None:
     return None
 
 
+def refuse_without_values(value: object, name: str) -> None:
+    """``TypeError`` naming ``name`` when ``value`` is a tensor with no values to read (a
+    meta or fake tensor, :func:`without_values`), before any conversion reads it (they
+    raised torch's own errors from deep inside: ``Cannot copy out of meta tensor``,
+    ``DataDependentOutputException``)."""
+    kind = without_values(value) if isinstance(value, torch.Tensor) else None
+    if kind:
+        raise TypeError(f"{name} is a {kind} tensor: it has a shape but no values")
+
+
 def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
     """``value`` as a dense real (or integer) tensor on its own device; bools become int64."""
     if isinstance(value, torch.Tensor):
@@ -347,6 +357,7 @@ def as_live_mask(active_gpus: object, num_gpus: int, device: torch.device) -> to
     be GPU ids or a 0/1 mask), so it is refused with a message saying how to build a mask.
     """
     refuse_byte_strings(active_gpus, "active_gpus")  # as every other input: raw bytes
+    refuse_without_values(active_gpus, "active_gpus")
     try:
         tensor = torch.as_tensor(native_array(active_gpus), device=device)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -377,6 +388,7 @@ def as_gpu_speed(
     """``[P]`` float64 per-GPU values (speeds: each finite and > 0; with ``allow_zero``,
     e.g. token sources: >= 0 and not all zero)."""
     refuse_byte_strings(gpu_speed, name)
+    refuse_without_values(gpu_speed, name)
     try:
         if isinstance(gpu_speed, torch.Tensor):
             tensor = gpu_speed.to(device)

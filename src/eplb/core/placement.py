@@ -25,6 +25,7 @@ from eplb.core.inputs import (
     as_gpu_speed,
     as_weight,
     native_array,
+    refuse_without_values,
     require_integer_ids,
     scale_free,
 )
@@ -210,6 +211,7 @@ class Placement:
                              f"(at most 2**31 - 1 experts)")
         if phy2log is None:
             raise TypeError("phy2log must be a [L, R] tensor of expert ids, got None")
+        refuse_without_values(phy2log, "phy2log")
         phy2log = torch.as_tensor(native_array(phy2log))
         require_integer_ids(phy2log, "phy2log")  # a cast would truncate 0.7 to expert 0
         # contiguous: engines view and copy the map (a transposed one broke ``.view``)

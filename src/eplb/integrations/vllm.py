@@ -59,7 +59,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
-from eplb.core.inputs import require_integer_ids
+from eplb.core.inputs import refuse_without_values, require_integer_ids
 from eplb.core.topology import is_name
 from eplb.integrations.agreement import (
     DEFAULT_TIMEOUT_S,
@@ -149,6 +149,8 @@ class EplbPolicy:
         planner = {k: v for k, v in options.items() if k in PLANNER_OPTIONS}
         # plan on the host whatever the input's device: the CPU path is the one measured
         # bit-identical across ranks (tests/test_determinism.py)
+        refuse_without_values(weight, "weight")
+        refuse_without_values(old_global_expert_indices, "old_global_expert_indices")
         weight = weight.detach().to("cpu")
         if weight.dim() != 2:
             raise ValueError(f"weight must be [layers, experts], got shape {tuple(weight.shape)}")
