@@ -124,6 +124,12 @@ def test_fake_and_meta_masks_speeds_sources_and_maps_are_refused_by_name():
         EplbPolicy.rebalance_experts(W.to("meta"), 96, 1, 1, 16, None)
     with pytest.raises(TypeError, match="old_global_expert_indices is a fake tensor"):
         EplbPolicy.rebalance_experts(W, 96, 1, 1, 16, fake_map)
+    # sizes and knobs as meta tensors: "Tensor.item() cannot be called on meta tensors"
+    with pytest.raises(ValueError, match="num_replicas must be a positive integer"):
+        eplb.plan(W, torch.tensor(96, device="meta"), 16)
+    with pytest.raises(ValueError, match="skip_threshold must be a number >= 0"):
+        eplb.plan(W, 96, 16, previous=eplb.plan(W, 96, 16),
+                  skip_threshold=torch.tensor(0.01, device="meta"))
 
 
 def test_a_node_far_colder_than_its_layer_plans_validly():

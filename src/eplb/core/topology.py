@@ -47,7 +47,7 @@ def _int_at_least(name: str, value: object, minimum: int, what: str) -> int:
         raise ValueError(f"{name} must be {what}, got {reprlib.repr(value)}")
     try:
         number = operator.index(value)  # ints and integer scalars, never floats
-    except TypeError:
+    except (TypeError, RuntimeError):  # RuntimeError: a meta or fake tensor has no value
         raise ValueError(f"{name} must be {what}, got {reprlib.repr(value)}") from None
     if number < minimum:
         raise ValueError(f"{name} must be {what}, got {number}")

@@ -227,7 +227,7 @@ def as_threshold(skip_threshold: object) -> float | None:
     other knobs take them) or ``None``; else ``ValueError``."""
     value = skip_threshold
     if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
-            and not value.is_complex()):
+            and not value.is_complex() and not without_values(value)):
         value = float(value)
     if value is None:
         return None
