@@ -4,6 +4,7 @@ for nodes of few GPUs), and the plan the documented few-slot case gets."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import assert_contract
 from hypothesis import given, settings
@@ -61,3 +62,11 @@ def test_fillers_let_hot_experts_stay_whole():
     planned = eplb.plan(w, 24, 8)
     assert_contract(planned)
     assert planned.balancedness(w) >= 0.9375 - 1e-9
+
+
+def test_ladder_counts_refuses_slots_its_counts_cannot_fill():
+    # with R >= cap * E (or R < E) its counts summed to less than R, silently
+    w = torch.ones(2, 4, dtype=torch.float64)
+    for replicas, cap in ((6, 1), (8, 2), (3, 4)):
+        with pytest.raises(ValueError, match="ladder_counts needs E <= R < cap"):
+            ladder_counts(w, replicas, cap, 4)

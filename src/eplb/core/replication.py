@@ -517,6 +517,10 @@ def ladder_counts(weight: torch.Tensor, num_replicas: int, cap: int,
     the lower id), while below ``cap``. ``weight [rows, E]`` with ``R < cap · E``.
     """
     rows, num_experts = weight.shape
+    if not num_experts <= num_replicas < cap * num_experts:
+        # the planner calls it only so; outside, the counts could not sum to R (attacker)
+        raise ValueError(f"ladder_counts needs E <= R < cap * E, got E={num_experts}, "
+                         f"R={num_replicas}, cap={cap}")
     w = weight.detach().to(torch.float64).cpu().numpy()
     num_extra = num_replicas - num_experts
     # every step below the cap is in the table (at most cap - 1 per expert: few here)
