@@ -51,11 +51,14 @@ class _Parser(argparse.ArgumentParser):
         help)."""
         parsed, extras = self.parse_known_args(args, namespace)
         if extras:
-            commands = next((a.choices for a in self._actions
-                             if isinstance(a, argparse._SubParsersAction)), {})
-            owner = commands.get(getattr(parsed, "command", None), self)
+            owner = self.commands().get(getattr(parsed, "command", None), self)
             owner.error(f"unrecognized arguments: {' '.join(extras)}")
         return parsed
+
+    def commands(self) -> dict[str, argparse.ArgumentParser]:
+        """The subcommands' parsers by name (none for a subcommand's own parser)."""
+        return next((a.choices for a in self._actions
+                     if isinstance(a, argparse._SubParsersAction)), {})
 
 
 def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
@@ -141,7 +144,7 @@ def _slots(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> _Parser:
 
     parser = _Parser(
         prog="eplb",
@@ -384,8 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return exc.code if isinstance(exc.code, int) else (
                 0 if exc.code is None else EXIT_USAGE)
         if args.command is None:
-            commands = ", ".join(next(a.choices for a in parser._actions
-                                      if isinstance(a, argparse._SubParsersAction)))
+            commands = ", ".join(parser.commands())
             print(f"eplb: error: a COMMAND is needed: one of {commands} ('eplb --help' "
                   f"describes them)", file=sys.stderr)
             return EXIT_USAGE

@@ -184,9 +184,7 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
             raise TypeError(f"{what_list}: it holds text ({raw.dtype})")
     else:
         raise TypeError(f"{name} must be {what}; got {type(value).__name__}")
-    kind = without_values(tensor)
-    if kind:
-        raise TypeError(f"{name} is a {kind} tensor: it has a shape but no values to plan on")
+    refuse_without_values(tensor, name)
     if tensor.layout != torch.strided:
         # sparse loads are legal input; the planner works on dense [L, E] rows
         tensor = tensor.to_dense()

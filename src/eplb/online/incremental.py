@@ -81,9 +81,10 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
             raise TypeError(
                 f"previous must be a Placement or a phy2log tensor [L, R]: {exc}"
             ) from None
-    if without_values(old) or old.layout != torch.strided:
+    kind = without_values(old)
+    if kind or old.layout != torch.strided:
         raise TypeError(f"previous must be a dense tensor with data, got a "
-                        f"{without_values(old) or old.layout} tensor")
+                        f"{kind or old.layout} tensor")
     given_shape = tuple(old.shape)  # as the caller passed it, for the message
     if old.dim() == 1:
         old = old[None]

@@ -215,14 +215,13 @@ def _unit_scale_tiny_rows(
     tiny = weight.amax(1) < _TINY_ROW
     if not bool(tiny.any()):
         return weight, floor
+    # as scale_rows_to_unit, with integer exponents (exact up to 2**1074, where a float
+    # exponent would overflow 2**shift), on the tiny rows only
     _, exponent = torch.frexp(weight.amax(1))
-    shift = torch.where(tiny, 1 - exponent, 0).to(weight.dtype)
-    # in two halves: torch's ldexp multiplies by 2**shift, which overflows past 2**1023
-    # (a subnormal row needs up to 2**1074)
-    half = torch.floor(shift / 2)
-    weight = torch.ldexp(torch.ldexp(weight, half[:, None]), (shift - half)[:, None])
+    shift = torch.where(tiny, 1 - exponent, 0)
+    weight = torch.ldexp(weight, shift[:, None])
     if floor is not None:  # in the row's units (a floor of inf stays inf)
-        floor = torch.ldexp(torch.ldexp(floor.to(weight.dtype), half), shift - half)
+        floor = torch.ldexp(floor.to(weight.dtype), shift)
     return weight, floor
 
 
