@@ -105,10 +105,10 @@ def spread_over_nodes(
     first = torch.arange(num_live, device=device).expand(num_layers, -1)
     # float32 on the host whatever torch's default dtype: a thread or engine that set
     # torch.set_default_dtype (float64, bfloat16) would otherwise draw other numbers.
-    # Drawn for every layer, searched or not, so the generator's stream does not depend
-    # on the greedy start below
-    noise = torch.rand(max(starts - 1, 0), num_layers, num_live, generator=generator,
-                       dtype=torch.float32, device="cpu")
+    # One draw per start, shared by every layer, before the greedy start below: a layer's
+    # labels depend on its own packing only, not on the other layers in the call
+    noise = torch.rand(max(starts - 1, 0), 1, num_live, generator=generator,
+                       dtype=torch.float32, device="cpu").expand(-1, num_layers, -1)
     steps = 2 * num_gpus if max_steps is None else max_steps
 
     def descend(conflicts: torch.Tensor, starting: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -69,16 +69,29 @@ def pack(
     """
     _, rows, num_items = items.shape
     slots = num_items // num_gpus
-    swaps_per_row = (options.num_candidates or 1) * max(1, num_gpus // 2) * slots * slots
+    cands = options.num_candidates or 1
+    # the first start keeps the exact order unless told (few slots per GPU: see
+    # PackingOptions.perturb_first); the others sort by perturbed loads. One draw per
+    # start and item rank, shared by every row, from a stream of this call's own seeded
+    # with the generator's seed: a row's packing depends on its own items only, not on
+    # which other rows (layers, nodes) are in the call, the chunks, or the packs made
+    # before (a second look packs only where some row needs one)
+    perturbed = cands if options.perturbs_first() else cands - 1
+    noise = None
+    if perturbed:
+        stream = (None if generator is None
+                  else torch.Generator().manual_seed(generator.initial_seed()))
+        noise = torch.rand(perturbed, 1, num_items, generator=stream, dtype=items.dtype)
+    swaps_per_row = cands * max(1, num_gpus // 2) * slots * slots
     chunk = max(1, SWAPS_PER_CHUNK // swaps_per_row)
     if rows <= chunk:
-        return _pack_chunk(items, num_gpus, options, allow_shared, generator, floor)
+        return _pack_chunk(items, num_gpus, options, noise, allow_shared, floor)
     parts = []
     for start in range(0, rows, chunk):
         part = slice(start, start + chunk)
         parts.append(_pack_chunk(
-            items[:, part], num_gpus, options,
-            None if allow_shared is None else allow_shared[part], generator,
+            items[:, part], num_gpus, options, noise,
+            None if allow_shared is None else allow_shared[part],
             None if floor is None else floor[part]))
     return torch.cat(parts, dim=2)
 
@@ -87,21 +100,21 @@ def _pack_chunk(
     items: torch.Tensor,
     num_gpus: int,
     options: PackingOptions,
+    noise: torch.Tensor | None,
     allow_shared: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
     floor: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`pack` on rows that fit one chunk."""
+    """:func:`pack` on rows that fit one chunk; ``noise [C', 1, R]``: the uniform draws of
+    the perturbed starts (``None``: no start is perturbed)."""
     _, rows, num_items = items.shape
     cands = options.num_candidates or 1
-    # the first start keeps the exact order unless told (few slots per GPU: see
-    # PackingOptions.perturb_first); the others sort by perturbed loads, perturbed per
-    # expert so that an expert's replicas stay adjacent
-    perturbed = cands if options.perturbs_first() else cands - 1
-    if perturbed:
-        noise = torch.rand(perturbed, rows, num_items, generator=generator, dtype=items.dtype)
+    if noise is not None:
+        perturbed = noise.shape[0]
+        # perturbed per expert (the draw of its first replica's rank), so that an
+        # expert's replicas stay adjacent
         first = first_replica(items[EXPERT])
-        noise = noise.to(items.device).gather(2, first.expand(perturbed, -1, -1))
+        noise = noise.to(items.device).expand(-1, rows, -1).gather(
+            2, first.expand(perturbed, -1, -1))
         key = items[LOAD] * (1 + options.noise_for() * (2 * noise - 1))
         order = key.argsort(dim=2, descending=True, stable=True)  # [C', rows, R]
         shuffled = (

@@ -65,7 +65,9 @@ def _settle_clashes(
     """Separate replicas that :func:`_split_clashes` finds on one GPU, in place: each pass
     swaps the GPU of one clashing replica per row with the nearest item of its round (the
     closest load) for which the swap is legal (neither GPU already holds the expert it
-    receives, so no new clash appears). Returns the rows still clashing (rare)."""
+    receives, so no new clash appears). A row whose clash has no such swap is left as it
+    is (rows are independent: the others go on). Returns the rows still clashing (rare),
+    ascending."""
     num_items = expert.shape[1]
     slots = num_items // num_gpus
     # the nearest items of the round first: +1, −1, +2, −2, ... (a window: farther ones
@@ -73,9 +75,12 @@ def _settle_clashes(
     step = np.arange(1, min(num_gpus, _SETTLE_REACH + 1))
     offsets = np.stack([step, -step], 1).ravel()
     row, item, single = _split_clashes(expert, gpu, num_gpus)
+    stuck = np.zeros(expert.shape[0], bool)  # rows whose clash found no legal swap
     for _ in range(passes if num_gpus > 1 else 0):
+        going = ~stuck[row]
+        row, item = row[going], item[going]
         if not len(row):
-            return row
+            break
         n = np.arange(len(row))[:, None]
         # experts on every GPU of the clashing rows: [n, P, S] (one replica per round)
         grid = np.empty((len(row), num_gpus, slots), np.int64)
@@ -94,15 +99,14 @@ def _settle_clashes(
         )
         pick = legal.argmax(1)
         ok = legal[n[:, 0], pick]
+        stuck[row[~ok]] = True
         row, item, other = row[ok], item[ok], other[ok, pick[ok]]
         gpu[row, item], gpu[row, other] = gpu[row, other], gpu[row, item]
-        if ok.all() and single:  # a legal swap creates no clash: nothing is left
-            return row[:0]
-        stuck = not ok.all()
+        if single:  # a legal swap creates no clash: only the stuck rows are left
+            return np.flatnonzero(stuck)
         row, item, single = _split_clashes(expert, gpu, num_gpus)
-        if stuck:
-            break
-    return row  # one entry per row
+    # one entry per row (split_clashes lists rows ascending)
+    return np.union1d(row, np.flatnonzero(stuck))
 
 
 # how far (in items of the round) _settle_clashes looks for a swap partner

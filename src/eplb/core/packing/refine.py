@@ -120,11 +120,21 @@ def refine(
     buffers: dict[str, torch.Tensor] = {}
     big = (slots, slots, rows, half)
     row_offset = row_offsets(rows, num_gpus, state.device)[:, None]
-    idle = 0
+    # per row: steps in a row without a swap. A row idle for two (both partner
+    # rotations tried) is done, and its GPUs keep their order from then on: rows stop on
+    # their own, so a row's result does not depend on which other rows share the call (a
+    # batch-wide count gave a row more steps, and more reorderings of its GPUs, while
+    # others were still swapping)
+    idle = None  # [rows] steps without a swap; None while every row swapped last step
+    done = going = None  # [rows] the rows done, and the others; None while none is done
+    count = 0  # rows done
+    in_place = torch.arange(num_gpus, device=state.device).expand(rows, -1)
     for step in range(steps):
         loads = state[LOAD].sum(0)  # [rows, P]
         pressure = loads if speed is None else loads / speed
         perm = pressure.argsort(dim=1).index_select(1, pairings[step % len(pairings)])
+        if done is not None:
+            perm = torch.where(done[:, None], in_place, perm)
         # permute every row's GPUs: one flat index_select (cheaper than a 4-D gather)
         flat = (perm + row_offset).view(-1)
         state = state.reshape(channels * slots, -1).index_select(1, flat).view(expand)
@@ -151,6 +161,8 @@ def refine(
         # same float32 subtraction, so the same values; cheaper than gathering it back)
         j = (target.gather(0, i[None]) - light[LOAD]).abs_().min(0).indices
         apply = best.square_() < half_gap.square() - tol
+        if going is not None:
+            apply &= going[:, None]
         i_idx = i[None, None].expand(channels, 1, -1, -1)
         j_idx = j[None, None].expand(channels, 1, -1, -1)
         take_i = heavy.gather(1, i_idx)  # [2 or 3, 1, rows, H] the chosen items
@@ -161,14 +173,24 @@ def refine(
             torch.eq(heavy[EXPERT], take_j[EXPERT])).any(0)
         if origin is not None:
             apply, spent = _within_budget(apply, take_i, take_j, spent, track.budget)
-        if not bool(apply.any()):
-            idle += 1
+        swapped = apply.any(1)
+        moving = int(swapped.sum())
+        if moving < rows:  # (a row done never swaps: while all swap, none is done)
+            if idle is None:
+                idle = torch.zeros(rows, dtype=torch.int64, device=state.device)
+            idle = idle.add_(1).masked_fill_(swapped, 0)
+            finished = idle >= 2
+            count = int(finished.sum())
+            if count:
+                done, going = finished, ~finished
+        else:
+            idle = None
+        if not moving:
             if track is not None and track.on_step is not None:
                 track.on_step(state)
-            if idle >= 2:  # also tried the rotated partners: converged
+            if count == rows:  # every row tried the rotated partners: converged
                 break
             continue
-        idle = 0
         if origin is not None:  # the slots keep their origin
             heavy, light, i_idx, j_idx = heavy[:2], light[:2], i_idx[:2], j_idx[:2]
             take_i, take_j = take_i[:2], take_j[:2]

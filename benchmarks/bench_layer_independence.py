@@ -1,0 +1,112 @@
+"""Does a layer plan the same alone as in a call with other layers?
+
+Two measurements (BENCHMARKS.md §1, "A layer plans alike whatever else is in the call"):
+
+- **Random problems.** ``--cases`` random shapes (1-17 slots per GPU, 2-32 GPUs, 4-64
+  experts, one node or a hierarchical cluster, log-normal, integer and tied loads). For
+  each, the whole call is planned, then one layer alone, and the layer's two plans are
+  compared. Counted apart: at most 4 slots per GPU, and 5 or more (where torch's float32
+  sum over a GPU's slots depends on the GPU's place in its vector block; see
+  ARCHITECTURE.md).
+- **A real dump with its dense rows.** Each real DeepSeek-V3 file (61 rows, the first 3
+  all zero) against its 58 MoE rows alone, at several shapes: the MoE layers whose plans
+  differ (SKIPPED without the real data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import numpy as np
+import torch
+from _harness import DEEPSEEK_DIR, markdown_table, start
+
+import eplb
+
+
+def random_case(rng: random.Random, index: int) -> tuple[torch.Tensor, int, int, dict]:
+    """``(weight [L, E], R, P, plan keyword arguments)`` of one random problem."""
+    while True:
+        experts = rng.choice([4, 8, 16, 32, 64])
+        gpus = rng.choice([2, 4, 8, 16, 32])
+        slots = rng.choice([1, 2, 3, 4, 5, 6, 9, 17])
+        if slots * gpus >= experts:
+            break
+    layers = rng.choice([2, 5, 12])
+    kwargs: dict = {}
+    if rng.random() < 0.4:
+        nodes = rng.choice([2, 4])
+        groups = nodes * rng.choice([1, 2])
+        if experts % groups == 0 and gpus % nodes == 0:
+            kwargs = {"num_nodes": nodes, "num_groups": groups}
+    gen = np.random.default_rng(index)
+    weight = np.exp(rng.choice([0.3, 1.0, 2.0]) * gen.standard_normal((layers, experts)))
+    if rng.random() < 0.3:
+        weight = np.round(weight * 100)
+    if rng.random() < 0.2:
+        weight[:, : experts // 4] = 0.0
+    return torch.from_numpy(weight), slots * gpus, gpus, kwargs
+
+
+def random_problems(cases: int, seed: int) -> None:
+    rng = random.Random(seed)
+    counts = {"≤ 4 slots per GPU": [0, 0], "≥ 5 slots per GPU": [0, 0]}
+    examples = []
+    for index in range(cases):
+        weight, replicas, gpus, kwargs = random_case(rng, index)
+        whole = eplb.plan(weight, replicas, gpus, **kwargs).phy2log
+        layer = rng.randrange(weight.shape[0])
+        alone = eplb.plan(weight[[layer]], replicas, gpus, **kwargs).phy2log[0]
+        key = "≤ 4 slots per GPU" if replicas // gpus <= 4 else "≥ 5 slots per GPU"
+        counts[key][0] += 1
+        if not torch.equal(alone, whole[layer]):
+            counts[key][1] += 1
+            examples.append(f"E={weight.shape[1]} P={gpus} S={replicas // gpus} "
+                            f"L={weight.shape[0]} {kwargs or 'one node'}")
+    print(f"\nRandom problems (seed {seed}): one layer alone against the whole call\n")
+    print(markdown_table(["slots per GPU", "problems", "layer plans that differ"],
+                         [[key, n, bad] for key, (n, bad) in counts.items()]))
+    for example in examples:
+        print(f"- differs: {example}")
+
+
+def real_dumps() -> None:
+    files = sorted(DEEPSEEK_DIR.glob("*.json")) if DEEPSEEK_DIR.is_dir() else []
+    if not files:
+        print(f"\nReal dumps: SKIPPED (no real DeepSeek-V3 files at {DEEPSEEK_DIR}; set "
+              f"EPLB_REAL_DATA)")
+        return
+    # the whole dumps: 61 rows, the 3 dense layers first
+    loads = [torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.float64)
+             for path in files]
+    shapes = [("S=3 P=96", 288, 96, {}), ("S=9 P=32", 288, 32, {}),
+              ("S=9 P=32 N=4 G=8", 288, 32, {"num_nodes": 4, "num_groups": 8}),
+              ("S=4 P=64", 256, 64, {}), ("S=2 P=144", 288, 144, {})]
+    rows = []
+    for label, replicas, gpus, kwargs in shapes:
+        differ = 0
+        for weight in loads:
+            dense = weight.shape[0] - 58
+            with_dense = eplb.plan(weight, replicas, gpus, **kwargs).phy2log[dense:]
+            moe_only = eplb.plan(weight[dense:], replicas, gpus, **kwargs).phy2log
+            differ += int((with_dense != moe_only).any(1).sum())
+        rows.append([label, len(loads), 58 * len(loads), differ])
+    print("\nReal dumps: the 58 MoE layers planned with the dump's dense rows and alone\n")
+    print(markdown_table(["shape", "files", "MoE layers", "layers whose plans differ"], rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=300, help="random problems")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(start("bench_layer_independence"))
+    random_problems(args.cases, args.seed)
+    real_dumps()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
