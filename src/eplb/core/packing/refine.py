@@ -128,12 +128,13 @@ def refine(
     buffers: dict[str, torch.Tensor] = {}
     big = (slots, slots, rows, half)
     row_offset = row_offsets(rows, num_gpus, state.device)[:, None]
-    # per row: steps in a row without a swap. A row idle for two (both partner
-    # rotations tried) is done, and its GPUs keep their order from then on: rows stop on
-    # their own, so a row's result does not depend on which other rows share the call (a
-    # batch-wide count gave a row more steps, and more reorderings of its GPUs, while
-    # others were still swapping)
-    idle = None  # [rows] steps without a swap; None while every row swapped last step
+    # per row: steps in a row without an improving legal swap. A row idle through every
+    # pairing of the cycle is done (each partner rotation tried on its state), and its
+    # GPUs keep their order from then on: rows stop on their own, so a row's result does
+    # not depend on which other rows share the call. (The search used to stop when every
+    # row had been idle for two steps, so a row got the later rotations only while other
+    # rows were still swapping.)
+    idle = None  # [rows] idle steps; None while every row had a swap to make last step
     done = going = None  # [rows] the rows done, and the others; None while none is done
     count = 0  # rows done
     in_place = torch.arange(num_gpus, device=state.device).expand(rows, -1)
@@ -181,15 +182,22 @@ def refine(
         # receives must not be on it already
         apply &= ~torch.eq(light[EXPERT], take_i[EXPERT]).logical_or_(
             torch.eq(heavy[EXPERT], take_j[EXPERT])).any(0)
+        wanting = None  # rows with an improving legal swap
         if origin is not None:
+            # a row held back by its budget is not done: the next step's budget is larger
+            wanting = apply.any(1)
             apply, spent = _within_budget(apply, take_i, take_j, spent, track.budget)
         swapped = apply.any(1)
         moving = int(swapped.sum())
-        if moving < rows:  # (a row done never swaps: while all swap, none is done)
+        if wanting is None:
+            wanting, searching = swapped, moving
+        else:
+            searching = int(wanting.sum())
+        if searching < rows:  # (a row done never searches: while all do, none is done)
             if idle is None:
                 idle = torch.zeros(rows, dtype=torch.int64, device=state.device)
-            idle = idle.add_(1).masked_fill_(swapped, 0)
-            finished = idle >= 2
+            idle = idle.add_(1).masked_fill_(wanting, 0)
+            finished = idle >= len(pairings)
             count = int(finished.sum())
             if count:
                 done, going = finished, ~finished
