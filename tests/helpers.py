@@ -31,6 +31,11 @@ MISSING_REAL = (f"real expert-load data not found at {REAL_DATA} (read-only, not
                 "repository; set EPLB_REAL_DATA to its folder)")
 
 
+def divisors(n: int) -> list[int]:
+    """Every positive divisor of ``n``, ascending (node and group counts to draw from)."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
 def deepseek_loads(path: Path) -> torch.Tensor:
     """``[58, 256]`` float64 MoE-layer loads of one real DeepSeek-V3 workload file."""
     return torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.float64)[3:]
