@@ -60,7 +60,8 @@ def pack(
             expert adjacent.
         num_gpus: ``P``; ``R`` must be a multiple of it.
         allow_shared: ``[rows]`` rows where some expert has more replicas than GPUs.
-        generator: CPU generator for the randomised candidates.
+        generator: its seed (``initial_seed``) seeds the randomised candidates; its own
+            stream is not advanced, so every pack of a plan draws alike.
         floor: ``[rows]`` a max GPU load (in item units) that is good enough, e.g. a lower
             bound the row's layer cannot beat anyway: rows packed at or below it are not
             refined.
