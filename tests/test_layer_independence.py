@@ -3,10 +3,10 @@ holds today: the same whichever other layers share the call and wherever the lay
 in it (e.g. a 61-row SGLang dump and its 58 MoE rows plan the MoE layers alike).
 
 ARCHITECTURE.md, "Layer independence", lists the steps that still look at the whole
-call (the polish's masked/checked choice by call size, the replica-count path chosen by
-the most concentrated row, two nearest-dispatch choices, float32 slot-sum near-ties at
-5+ slots per GPU). These tests stay inside what holds: at most 4 slots per GPU on up to
-8 GPUs per node, or 32 GPUs per node; up to 6 layers of up to 40 (64) experts.
+call (the polish's masked/checked choice by call size, two nearest-dispatch choices,
+float32 slot-sum near-ties at 5+ slots per GPU). These tests stay inside what holds: at
+most 4 slots per GPU on up to 8 GPUs per node, or 32 GPUs per node; up to 6 layers of up
+to 40 (64) experts.
 """
 
 from __future__ import annotations
@@ -88,3 +88,18 @@ def test_dense_rows_do_not_change_the_moe_layers_plans():
         with_dense = eplb.plan(dump, 96, 32, **kwargs).phy2log[3:]
         alone = eplb.plan(moe, 96, 32, **kwargs).phy2log
         assert torch.equal(with_dense, alone), kwargs
+
+
+def test_a_hot_layer_does_not_change_its_neighbours_counts():
+    """One layer concentrated enough for the threshold path of the replica counts (a
+    [hot experts × steps] table over 4096 entries) beside an even layer: each row takes
+    its own path, and ties go to the lower expert id on both."""
+    hot = torch.ones(100, dtype=torch.float64)
+    hot[0] = 1000.0
+    even = torch.ones(100, dtype=torch.float64)
+    for replicas, gpus in ((192, 64), (288, 96), (384, 192)):
+        weight = torch.stack([hot, even])
+        assert torch.equal(eplb.plan(weight, replicas, gpus).phy2log[1],
+                           eplb.plan(weight[1:], replicas, gpus).phy2log[0])
+        assert torch.equal(eplb.plan(weight, replicas, gpus).phy2log[0],
+                           eplb.plan(weight[:1], replicas, gpus).phy2log[0])

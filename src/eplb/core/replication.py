@@ -20,7 +20,6 @@ A portfolio of rules is scored later by the packed max GPU load, per layer.
 from __future__ import annotations
 
 import heapq
-import math
 
 import numpy as np
 import torch
@@ -43,14 +42,19 @@ def _max_steps(weight: np.ndarray, num_extra: int) -> int:
     With ``λ`` the last granted priority, ``extras_e <= w_e / λ − δ`` and ``λ >= W / R``,
     so ``extras_e <= w_e·R / W + 1``. ``weight [rows, E]`` is a host array.
     """
+    return int(_steps_per_row(weight, num_extra).max(initial=1))
+
+
+def _steps_per_row(weight: np.ndarray, num_extra: int) -> np.ndarray:
+    """:func:`_max_steps` of every row of ``weight [rows, E]`` alone: ``[rows]``."""
     total = weight.sum(-1)
     # an all-zero row may give every step to one expert: count it as fully concentrated
     # (no clamp on total: a subnormal total would understate the share)
     positive = total > 0
     share = np.where(positive, weight.max(-1) / np.where(positive, total, 1), 1.0)
     num_replicas = num_extra + weight.shape[-1]
-    steps = math.ceil(float(share.max()) * num_replicas) + 2
-    return max(1, min(num_extra, steps))
+    steps = np.ceil(share * num_replicas).astype(np.int64) + 2
+    return np.clip(steps, 1, max(1, num_extra))
 
 
 def replica_counts(
@@ -73,9 +77,22 @@ def replica_counts(
     # only the num_extra heaviest experts can win an extra replica: each of them outranks
     # every lighter expert's first step under every rule
     num_hot = min(num_experts, num_extra)
-    steps = _max_steps(w, num_extra)
-    if num_hot * steps > _MAX_TOPK_CANDIDATES:
-        return torch.stack([_counts_by_threshold(weight, num_replicas, rule) for rule in rules])
+    row_steps = _steps_per_row(w, num_extra)
+    # the path is chosen row by row, so a row's counts do not depend on the other rows of
+    # the call (one concentrated row used to send every row to the threshold path)
+    far = num_hot * row_steps > _MAX_TOPK_CANDIDATES
+    if far.any():
+        out = torch.empty((len(rules), rows, num_experts), dtype=torch.int64,
+                          device=weight.device)
+        at = torch.from_numpy(np.flatnonzero(far)).to(weight.device)
+        sub = weight.index_select(0, at)
+        out[:, at] = torch.stack([_counts_by_threshold(sub, num_replicas, rule)
+                                  for rule in rules])
+        if not far.all():
+            at = torch.from_numpy(np.flatnonzero(~far)).to(weight.device)
+            out[:, at] = replica_counts(weight.index_select(0, at), num_replicas, rules)
+        return out
+    steps = int(row_steps.max(initial=1))
     chunk = max(1, _MAX_PRIORITY_ELEMENTS // max(1, len(rules) * num_hot * steps))
     counts = np.concatenate(
         [
@@ -292,7 +309,9 @@ def _counts_by_threshold(
             if rule == "hamilton"
             else w / (c + float(rule))
         )
-        top = nxt.topk(k, dim=1).indices
+        # the highest next priorities, ties to the lower expert id (as the table path):
+        # a stable sort, not topk, whose order among equal values is unspecified
+        top = nxt.sort(dim=1, descending=True, stable=True).indices[:, :k]
         take = torch.arange(k, device=w.device) < left[:, None]
         counts.scatter_add_(1, top, take.long())
     return counts
