@@ -3,7 +3,7 @@ holds today: the same whichever other layers share the call and wherever the lay
 in it (e.g. a 61-row SGLang dump and its 58 MoE rows plan the MoE layers alike).
 
 ARCHITECTURE.md, "Layer independence", lists the steps that still look at the whole
-call (the polish's masked/checked choice by call size, two nearest-dispatch choices,
+call (the polish's masked/checked choice by call size, a nearest-dispatch choice,
 float32 slot-sum near-ties at 5+ slots per GPU). These tests stay inside what holds: at
 most 4 slots per GPU on up to 8 GPUs per node, or 32 GPUs per node; up to 6 layers of up
 to 40 (64) experts.
@@ -103,3 +103,14 @@ def test_a_hot_layer_does_not_change_its_neighbours_counts():
                            eplb.plan(weight[1:], replicas, gpus).phy2log[0])
         assert torch.equal(eplb.plan(weight, replicas, gpus).phy2log[0],
                            eplb.plan(weight[:1], replicas, gpus).phy2log[0])
+
+
+def test_nearest_dispatch_repairs_every_layer_alike():
+    """Under dispatch="nearest" every layer goes through the node-pair repair, whether or
+    not another layer of the call needed it (attacker pass reproducer)."""
+    weight = torch.tensor([[4.0, 2, 0, 4, 0, 4, 2, 4, 2, 0, 4, 0, 1, 4, 0, 2, 2],
+                           [0.0, 2, 0, 1, 4, 1, 1, 2, 4, 1, 4, 0, 2, 2, 0, 0, 0]],
+                          dtype=torch.float64)
+    kwargs = {"num_nodes": 4, "policy": "global", "dispatch": "nearest"}
+    assert torch.equal(eplb.plan(weight, 64, 32, **kwargs).phy2log[1],
+                       eplb.plan(weight[1:], 64, 32, **kwargs).phy2log[0])

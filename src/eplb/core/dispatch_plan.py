@@ -402,12 +402,14 @@ def _plan_nodes(
         # "avoid": a covering expert (c = live nodes) needs a replica on every node
         least = min(3, cover) if cover else 3
         attract = node_attraction(phy2log, live_nodes, num_experts) if together else None
-        phy2log, left = spread_over_nodes(phy2log, topology.num_gpus, nodes, num_experts, live,
-                                          generator=generator, min_count=least,
-                                          attract=attract)
-        if bool((left > 0).any()):
-            phy2log, _ = repair_node_pairs(weight, phy2log, topology.num_gpus, nodes,
-                                           min_count=least, keep_together=together)
+        phy2log, _ = spread_over_nodes(phy2log, topology.num_gpus, nodes, num_experts, live,
+                                       generator=generator, min_count=least,
+                                       attract=attract)
+        # every layer, whatever the labelling left elsewhere: a layer's plan does not
+        # depend on the other layers in the call (the repair's own conflicts may remain
+        # where the labelling counts none)
+        phy2log, _ = repair_node_pairs(weight, phy2log, topology.num_gpus, nodes,
+                                       min_count=least, keep_together=together)
         if attract is not None:
             # the labelling moves whole GPUs; single replicas it left off their node move
             # home one by one
