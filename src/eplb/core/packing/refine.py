@@ -137,7 +137,6 @@ def refine(
     idle = None  # [rows] idle steps; None while every row had a swap to make last step
     done = going = None  # [rows] the rows done, and the others; None while none is done
     count = 0  # rows done
-    in_place = torch.arange(num_gpus, device=state.device).expand(rows, -1)
     for step in range(steps):
         loads = state[LOAD].sum(0)  # [rows, P]
         pressure = loads if speed is None else loads / speed
@@ -145,7 +144,9 @@ def refine(
                  else pressure.argsort(dim=1))
         perm = order.index_select(1, pairings[step % len(pairings)])
         if done is not None:
-            perm = torch.where(done[:, None], in_place, perm)
+            # (an identity row per done row; made only once some row is done)
+            perm = torch.where(done[:, None], torch.arange(num_gpus, device=perm.device),
+                               perm)
         # permute every row's GPUs: one flat index_select (cheaper than a 4-D gather)
         flat = (perm + row_offset).view(-1)
         state = state.reshape(channels * slots, -1).index_select(1, flat).view(expand)
