@@ -8,6 +8,10 @@ Two measurements (BENCHMARKS.md §1, "A layer plans alike whatever else is in th
   compared. Counted apart: at most 4 slots per GPU, and 5 or more (where torch's float32
   sum over a GPU's slots depends on the GPU's place in its vector block; see
   ARCHITECTURE.md).
+- **Large calls.** ``--large`` random layers (2-9 slots per GPU, 8-32 GPUs, 8-64
+  experts), each planned alone and as one row of a call with 100-200 other random
+  layers: large enough for the polish's checked search (its choice is made by the size
+  of the whole call), where a layer alone gets the masked one.
 - **A real dump with its dense rows.** Each real DeepSeek-V3 file (61 rows, the first 3
   all zero) against its 58 MoE rows alone, at several shapes: the MoE layers whose plans
   differ (SKIPPED without the real data).
@@ -72,6 +76,32 @@ def random_problems(cases: int, seed: int) -> None:
         print(f"- differs: {example}")
 
 
+def large_calls(cases: int, seed: int) -> None:
+    rng = random.Random(seed)
+    differ, examples = 0, []
+    for index in range(cases):
+        experts = rng.choice([8, 16, 20, 32, 64])
+        gpus = rng.choice([8, 16, 32])
+        slots = rng.choice([2, 3, 4, 5, 9])
+        if slots * gpus < experts:
+            slots = -(-experts // gpus)
+        layers = rng.randrange(100, 201)
+        gen = np.random.default_rng(10_000 + index)
+        weight = torch.from_numpy(np.exp(gen.normal(0, rng.choice([0.5, 1.0, 2.0]),
+                                                    (layers, experts))))
+        layer = rng.randrange(layers)
+        whole = eplb.plan(weight, slots * gpus, gpus).phy2log[layer]
+        alone = eplb.plan(weight[[layer]], slots * gpus, gpus).phy2log[0]
+        if not torch.equal(alone, whole):
+            differ += 1
+            examples.append(f"E={experts} P={gpus} S={slots} L={layers}")
+    print(f"\nLarge calls (seed {seed}): one layer alone against the same layer among "
+          f"100-200 others\n")
+    print(markdown_table(["problems", "layer plans that differ"], [[cases, differ]]))
+    for example in examples[:10]:
+        print(f"- differs: {example}")
+
+
 def real_dumps() -> None:
     files = sorted(DEEPSEEK_DIR.glob("*.json")) if DEEPSEEK_DIR.is_dir() else []
     if not files:
@@ -100,10 +130,13 @@ def real_dumps() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=300, help="random problems")
+    parser.add_argument("--large", type=int, default=100,
+                        help="random layers planned alone and in a large call")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(start("bench_layer_independence"))
     random_problems(args.cases, args.seed)
+    large_calls(args.large, args.seed)
     real_dumps()
     return 0
 

@@ -308,7 +308,7 @@ def refine_assignment(
     if speed is not None:
         speed_live = speed[live_ids].to(torch.float32).expand(num_layers, -1).contiguous()
         # rearrangement: the heaviest bin goes to the fastest GPU
-        bins = state[LOAD].sum(0).argsort(dim=1, descending=True)
+        bins = gpu_loads(state).argsort(dim=1, descending=True)
         fastest = speed_live.argsort(dim=1, descending=True)
         gpu = torch.empty_like(bins).scatter_(1, bins, fastest)  # gpu of each bin
         speed_live = speed_live.gather(1, gpu)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from eplb.core.packing.state import EXPERT, LOAD
+from eplb.core.packing.state import EXPERT, LOAD, slot_sum
 
 #: largest ``[S, S, rows, P]`` search (at the start of the polish) that is masked for
 #: legality in every step; larger ones check the chosen swap and rescue the rows whose
@@ -82,7 +82,7 @@ def polish_host(
     first_column = open_rows * num_gpus
     buffer = np.empty((slots, slots, rows, num_gpus), np.float32)
     for _ in range(steps):
-        torch.sum(load_t, 0, out=loads_t)
+        slot_sum(load_t, out=loads_t)
         if budgeted:
             spent = (expert[:, open_rows] != origin_host[:, open_rows]).sum((0, 2))
             open_rows = open_rows[spent + 2 <= budget_host[open_rows]]

@@ -29,10 +29,11 @@ from eplb.core.packing.polish import MAX_MASKED_SEARCH, host_polish_applies, pol
 from eplb.core.packing.state import (
     EXPERT,
     LOAD,
+    gpu_loads,
     row_offsets,
     scratch,
+    slot_sum,
     swap_columns,
-    swap_from,
     swap_slots,
 )
 
@@ -138,7 +139,7 @@ def refine(
     done = going = None  # [rows] the rows done, and the others; None while none is done
     count = 0  # rows done
     for step in range(steps):
-        loads = state[LOAD].sum(0)  # [rows, P]
+        loads = gpu_loads(state)  # [rows, P]
         pressure = loads if speed is None else loads / speed
         order = (argsort_rows(pressure) if num_gpus > _TORCH_SORT_MAX_GPUS
                  else pressure.argsort(dim=1))
@@ -263,6 +264,47 @@ def _infinite_where(flag: torch.Tensor) -> torch.Tensor:
         flag.bool(), float("inf"))
 
 
+def _rescue_masked(
+    state: torch.Tensor,
+    stuck: torch.Tensor,
+    column_u: torch.Tensor,
+    mid: torch.Tensor,
+    load_u: torch.Tensor,
+    top_load: torch.Tensor,
+    top_expert: torch.Tensor,
+) -> torch.Tensor:
+    """The polish step of the rows ``stuck [n]`` whose best swap is illegal, in place:
+    the best legal swap of each, where it lowers the pair's peak; returns ``[n]`` which
+    swapped.
+
+    The search is the masked search of :func:`_refine_max` on those rows: the same
+    float32 operations on the same values (``column_u, load_u [rows]``, ``mid [rows, P]``,
+    ``top_load, top_expert [S, rows]`` of the step), and minima, which are exact, taken
+    with the same first-index rule. So a row swaps as the masked search would swap it,
+    and its plan does not depend on which search the size of the whole call picked.
+    """
+    _, slots, _, num_gpus = state.shape
+    count = len(stuck)
+    load = state[LOAD].index_select(1, stuck)  # [S, n, P]
+    expert = state[EXPERT].index_select(1, stuck)
+    mid = mid.index_select(0, stuck)
+    load_u = load_u.index_select(0, stuck)
+    top_expert = top_expert.index_select(1, stuck)  # [S, n]
+    target = (top_load.index_select(1, stuck) - load_u)[:, :, None] + mid  # [S, n, P]
+    off = torch.sub(target[:, None], load[None]).abs_()  # [S_i, S_j, n, P]
+    same = torch.eq(top_expert[:, None, :, None], expert[None]).view(torch.uint8)
+    off.masked_fill_(torch.bitwise_or(same.amax(1)[:, None], same.amax(0)).view(torch.bool),
+                     float("inf"))
+    best, v = off.amin((0, 1)).add_(mid).min(1)  # [n]
+    column_v = torch.arange(count, device=state.device) * num_gpus + v
+    pos = off.view(slots * slots, -1).index_select(1, column_v).min(0).indices  # over S·S
+    ok = best < load_u * (1 - 1e-7)
+    # the swap in the whole state's flat (row, GPU) columns: GPU v of u's row
+    home = column_u.index_select(0, stuck)
+    swap_columns(state, pos // slots, home, pos % slots, home - home % num_gpus + v, ok)
+    return ok
+
+
 def _refine_max(
     state: torch.Tensor, steps: int, track: Tracking | None = None, host: bool | None = None
 ) -> torch.Tensor:
@@ -303,7 +345,7 @@ def _refine_max(
     off = scratch(buffers, "off", big, state)
     off_columns = off.view(slots * slots, rows * num_gpus)
     for _ in range(steps):
-        loads = load.sum(0)  # [rows, P]
+        loads = slot_sum(load)  # [rows, P]
         load_u, u = loads.max(1)
         if budgeted:
             todo &= _moves(expert, track.origin) + 2 <= track.budget
@@ -351,14 +393,11 @@ def _refine_max(
         # rescue below reads
         swap_slots(flat, here, torch.where(ok, there, here), mine, theirs)
         if bool(illegal.any()):
-            # few rows: search them alone
-            # (index_select and index_copy_: advanced indexing costs several times more)
+            # few rows: their best legal swap, from a masked search of their own
+            # (index_select and index_copy: advanced indexing costs several times more)
             stuck = illegal.nonzero()[:, 0]
-            sub, rescued, _ = swap_from(
-                state.index_select(2, stuck), u.index_select(0, stuck),
-                loads.index_select(0, stuck), illegal.index_select(0, stuck)
-            )
-            state.index_copy_(2, stuck, sub)
+            rescued = _rescue_masked(state, stuck, column_u, mid, load_u, top_load,
+                                     top_expert)
             ok = ok.index_copy(0, stuck, rescued)
         if not bool(ok.any()):
             break

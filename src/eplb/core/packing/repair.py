@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from eplb.core.packing.state import EXPERT, LOAD, round_robin, swap_from
+from eplb.core.packing.state import EXPERT, LOAD, gpu_loads, round_robin, slot_sum, swap_from
 
 #: largest repair (``S·S·n·P`` entries of the torch search, ``n`` the rows in conflict)
 #: that runs in NumPy on a CPU: 1 MiB entries, a few MiB per pass. Its passes are a few
@@ -87,7 +87,7 @@ def _repair_torch(sub: torch.Tensor, conflict: torch.Tensor) -> torch.Tensor:
             break
         u = on_gpu.to(torch.int8).max(1).indices
         movable = conflict.gather(2, u[None, :, None].expand(slots, -1, 1))[:, :, 0]  # [S, n]
-        loads = sub[LOAD].sum(0)
+        loads = gpu_loads(sub)
         sub, moved, _slot = swap_from(
             sub, u, loads, todo, movable=movable, must_move=True, buffers=buffers
         )
@@ -161,7 +161,7 @@ def _repair_host(sub: torch.Tensor, conflict: torch.Tensor) -> torch.Tensor:
         column = open_rows * num_gpus  # flat (row, GPU) column of every GPU 0
         u = on_gpu.argmax(1)  # the first GPU in conflict, as torch's max over int8
         movable = conf_open[:, row, u]  # [S, n]
-        torch.sum(load_t, 0, out=loads_t)
+        slot_sum(load_t, out=loads_t)
         loads = loads_full if whole else loads_full[open_rows]  # [n, P]
         their_load = load if whole else load[:, open_rows]  # [S, n, P]
         their_ids = ids if whole else ids[:, open_rows]

@@ -19,14 +19,52 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import numpy as np
 import torch
 
 LOAD, EXPERT = 0, 1
 
 
+#: torch's CPU float32 sum over the slot axis of ``[S, n]`` adds each column's slots one
+#: after another, in slot order, in blocks of this many columns; the last ``n mod 32``
+#: columns go through a loop with four accumulators instead, which rounds differently
+#: from five slots on. A GPU's load then depended on its place in the call (a layer
+#: alone against the same layer among others): see :func:`slot_sum`
+SUM_BLOCK = 32
+
+
+def slot_sum(load: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[rows, P]`` sum of ``load [S, rows, P]`` over its slots, each GPU's slots added
+    one after another in slot order, whatever the GPU's place in the tensor (on a CPU;
+    ``out``: where to write it).
+
+    torch's own sum adds in that order but for the last ``rows·P mod`` :data:`SUM_BLOCK`
+    columns when ``S >= 5``. Such sums go to NumPy instead, whose reduction over a
+    leading axis adds row after row, elementwise, in every column (as fast as torch's at
+    these sizes; one column alone, which NumPy sums pairwise, is added in a loop). So a
+    row's loads do not depend on the other rows of the call.
+    ``tests/test_layer_independence.py`` checks both premises on the installed versions.
+    """
+    slots, rows, num_gpus = load.shape
+    width = rows * num_gpus
+    # (the checks cost about as much as the sum's own call here: the common case first)
+    if slots <= 4 or width % SUM_BLOCK == 0 or not load.is_cpu:
+        return load.sum(0) if out is None else torch.sum(load, 0, out=out)
+    load = load.detach().contiguous()
+    if width == 1:
+        total = load[0].clone()
+        for k in range(1, slots):
+            total += load[k]
+        return total if out is None else out.copy_(total)
+    if out is None:
+        return torch.from_numpy(np.add.reduce(load.numpy(), 0))
+    np.add.reduce(load.numpy(), 0, out=out.numpy())
+    return out
+
+
 def gpu_loads(state: torch.Tensor) -> torch.Tensor:
-    """``[rows, P]`` load per GPU of a packing state."""
-    return state[LOAD].sum(0)
+    """``[rows, P]`` load per GPU of a packing state (:func:`slot_sum`)."""
+    return slot_sum(state[LOAD])
 
 
 def max_load(state: torch.Tensor) -> torch.Tensor:
