@@ -238,6 +238,10 @@ def test_options_name_both_planner_and_plugin_options():
         plugin.options_from_env({plugin.OPTIONS_ENV_VAR: '{"agree_timeout_s": -1}'})
     with pytest.raises(ValueError, match="unknown option"):
         plugin.options_from_env({plugin.LEGACY_OPTIONS_ENV_VAR: '{"nope": 1}'})
+    # a per-layer list would fail at every rebalance (its length is vLLM's layer count):
+    # refused when the plugin loads (attacker pass)
+    with pytest.raises(ValueError, match="max_moves must be one int"):
+        plugin.options_from_env({plugin.OPTIONS_ENV_VAR: '{"max_moves": [1, 2]}'})
 
 
 def test_the_agreement_uses_vllms_ep_group_fields(vllm_root):

@@ -254,6 +254,25 @@ def test_gpu_comes_back_and_is_filled():
         assert (loads.amax(1) <= before * (1 + 1e-9)).all()
 
 
+def test_a_revived_gpu_never_becomes_the_hot_spot_with_forced_moves_only():
+    """Attacker-pass reproducer: aiming every refilled slot at the mean left the last
+    slot only the hottest expert, 11.6 % above the layer's peak before the revival."""
+    weight = torch.tensor([[48.0, 5, 21, 6, 377, 75, 3975, 74, 5, 558, 204, 53114, 163, 24,
+                            109, 13, 2856, 731, 260, 383, 24, 5401, 346, 1, 6, 29, 41, 138,
+                            671, 139, 2379, 32, 127, 130, 608, 164, 11, 535, 36, 74, 4, 2279,
+                            217]], dtype=torch.float64)
+    active = torch.ones(8, dtype=torch.bool)
+    active[0] = False
+    old = eplb.plan(weight, 64, 8, active_gpus=active)
+    peak_before = old.gpu_loads(weight).amax(1)
+    for budget in (0, 5):
+        new = eplb.plan(weight, 64, 8, previous=old, max_moves=budget)
+        assert_contract(new)
+        loads = new.gpu_loads(weight)
+        assert (loads[:, 0] > 0).all()
+        assert (loads.amax(1) <= peak_before).all(), budget
+
+
 def test_vllm_initial_map_under_hierarchical_keeps_locality():
     """vLLM's first rebalance passes slot i → expert i % E, which splits groups over
     nodes; fixing that is forced, even with a budget (the README's max_moves=2500)."""

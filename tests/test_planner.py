@@ -669,3 +669,25 @@ def test_hierarchical_nodes_with_a_very_hot_expert_get_the_second_search_too():
     assert planned.balancedness(w) >= greedy.balancedness(w) - 0.005
     assert planned.balancedness(w) >= 0.98 * balancedness_ceiling(w, 144, 16, 2, 4,
                                                                    policy="hierarchical")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_same_loads_plan_alike_from_every_dtype(seed):
+    """Loads exact in every dtype (integers up to 256: bfloat16 holds them) plan alike
+    whether they come as int32 (vLLM), int64, float64 (a dump), float32, float16 or
+    bfloat16, fresh and from a map in force (attacker pass: float32 planned otherwise)."""
+    rng = np.random.default_rng(seed)
+    slots, gpus = int(rng.integers(2, 10)), int(rng.choice([4, 8, 16]))
+    experts = int(rng.integers(gpus, slots * gpus + 1))
+    loads = torch.from_numpy(np.minimum(rng.pareto(1.2, (3, experts)) * 20, 256).round())
+    previous = torch.arange(slots * gpus).remainder(experts).repeat(3, 1)
+    plans = {}
+    for dtype in (torch.int32, torch.int64, torch.float64, torch.float32, torch.float16,
+                  torch.bfloat16):
+        weight = loads.to(dtype)
+        plans[dtype] = (eplb.plan(weight, slots * gpus, gpus, seed=seed).phy2log,
+                        eplb.plan(weight, slots * gpus, gpus, previous=previous).phy2log)
+    fresh, warm = plans[torch.float64]
+    for dtype, (other_fresh, other_warm) in plans.items():
+        assert torch.equal(other_fresh, fresh), dtype
+        assert torch.equal(other_warm, warm), dtype

@@ -327,6 +327,12 @@ class Placement:
         """``[L]`` number of slots whose expert differs from ``previous`` (weights to move)."""
         if previous is None:
             raise TypeError("previous must be a Placement or a [L, R] phy2log, got None")
+        if isinstance(previous, Placement) and previous.topology.num_gpus != self.topology.num_gpus:
+            # the same slot index is another GPU's slot there: nothing to compare
+            raise ValueError(
+                f"previous placement is for {previous.topology.num_gpus} GPUs, this one for "
+                f"{self.topology.num_gpus}: its slots are other GPUs' slots"
+            )
         old = previous.phy2log if isinstance(previous, Placement) else torch.as_tensor(
             native_array(previous))
         old = old.to(self.phy2log.device)

@@ -25,10 +25,10 @@ class PlanRequest:
     """A validated planning problem.
 
     Attributes:
-        weight: ``[L, E]`` planning loads, float32 or float64, on the caller's device.
-            Every row carries load (a layer with none is planned as uniform) and is scaled
-            by a power of two so that its largest entry lies in ``[1, 2)``: exact, so no
-            decision changes, and no sum over- or underflows.
+        weight: ``[L, E]`` planning loads, float64 (any input dtype converts exactly), on
+            the caller's device. Every row carries load (a layer with none is planned as
+            uniform) and is scaled by a power of two so that its largest entry lies in
+            ``[1, 2)``: exact, so no decision changes, and no sum over- or underflows.
         topology: the cluster shape.
         policy: a resolved policy name (a key of :data:`eplb.core.policies.POLICIES`).
         options: every knob of the search.
