@@ -102,13 +102,12 @@ def test_dangling_symlink_is_not_replaced_without_force(capsys, tmp_path, loads)
     out = tmp_path / "placement.json"
     target = tmp_path / "elsewhere.json"
     out.symlink_to(target)
-    code, err = plan(capsys, loads, out)
-    assert code == 2 and "already exists" in err
-    assert out.is_symlink() and not target.exists()
-    # --force replaces regular files only: a link (or a device, FIFO) is refused
-    code, err = plan(capsys, loads, out, "--force")
-    assert code == 2 and "symbolic link" in err
-    assert out.is_symlink() and not target.exists()
+    # --force replaces regular files only: a link (or a device, FIFO) is refused, and
+    # said so at once rather than after a --force (new-user pass: "-o /dev/null")
+    for extra in ((), ("--force",)):
+        code, err = plan(capsys, loads, out, *extra)
+        assert code == 2 and "symbolic link" in err and "pass --force" not in err
+        assert out.is_symlink() and not target.exists()
 
 
 def test_force_never_replaces_devices_or_fifos(capsys, tmp_path, loads) -> None:
@@ -116,9 +115,28 @@ def test_force_never_replaces_devices_or_fifos(capsys, tmp_path, loads) -> None:
 
     fifo = tmp_path / "pipe.json"
     os.mkfifo(fifo)
-    code, err = plan(capsys, loads, fifo, "--force")
-    assert code == 2 and "not a regular file" in err
-    assert fifo.exists() and not fifo.is_file()
+    for extra in ((), ("--force",)):
+        code, err = plan(capsys, loads, fifo, *extra)
+        assert code == 2 and "not a regular file" in err and "pass --force" not in err
+        assert fifo.exists() and not fifo.is_file()
+
+
+@pytest.mark.parametrize("flags, said", [
+    (("--dead-gpus", "40"), "outside 0..3"),
+    (("--dead-gpus", "a,b"), "--dead-gpus"),
+    (("--gpu-speed", "1,2"), "one per GPU"),
+    (("--policy", "hierarchical", "--nodes", "2", "--groups", "4", "--dead-gpus", "1"),
+     "hierarchical is impossible"),
+])
+def test_a_bad_flag_is_reported_before_an_existing_output(capsys, tmp_path, loads, flags,
+                                                          said) -> None:
+    """New-user pass: "already exists; pass --force" came first, and the real mistake
+    only after the user had cleared the output."""
+    out = tmp_path / "placement.json"
+    out.write_text("precious")
+    code, err = plan(capsys, loads, out, *flags)
+    assert code == 2 and said in err and "already exists" not in err, err
+    assert out.read_text() == "precious"
 
 
 def test_a_folder_as_output_is_named_as_one_without_suggesting_force(capsys, tmp_path,

@@ -187,6 +187,21 @@ def test_malformed_files_raise_format_error_naming_the_file(tmp_path):
         assert isinstance(info.value, ValueError)
 
 
+def test_a_detected_formats_error_does_not_blame_a_flag_never_given(tmp_path):
+    """New-user pass: a TensorRT-LLM folder with a bad key said "format 'trtllm'
+    expects ...: leave format= (--format) out" though no format was given."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "meta_info.json").write_text(json.dumps({"num_experts": 2}))
+    save_file({"foo": torch.zeros(2, dtype=torch.int64)}, str(tmp_path / "rank0.safetensors"))
+    with pytest.raises(FormatError) as detected:
+        read_loads(tmp_path)
+    assert "detected" in str(detected.value) and "--format" not in str(detected.value)
+    with pytest.raises(FormatError) as forced:
+        read_loads(tmp_path / "rank0.safetensors", format="trtllm")
+    assert "format 'trtllm' expects" in str(forced.value)
+
+
 def test_missing_file():
     with pytest.raises(FileNotFoundError):
         read_loads("/nonexistent/loads.json")

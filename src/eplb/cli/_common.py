@@ -25,7 +25,12 @@ from eplb.core import LoadTrace, balancedness_ceiling, layer_ceiling
 from eplb.core.inputs import scale_free
 from eplb.core.planner import check_plan_size
 from eplb.core.topology import Topology
-from eplb.formats._files import check_writable, output_file, require_regular_file
+from eplb.formats._files import (
+    check_writable,
+    only_regular_files_are_replaced,
+    output_file,
+    require_regular_file,
+)
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import INSTALL_HINT, Report, matplotlib_available
 
@@ -140,6 +145,10 @@ def check_output(path: str | Path, force: bool) -> Path:
         raise CliError(f"-o {exc}") from None
     if path.is_dir():  # first: --force cannot replace a folder, so do not suggest it
         raise CliError(f"{path} is a directory; give a file name to write to")
+    try:  # nor a device or a link, which --force does not replace either
+        only_regular_files_are_replaced(path)
+    except FileExistsError as exc:
+        raise CliError(str(exc).replace(" (force=True)", "")) from None
     if os.path.lexists(path) and not force:
         raise CliError(f"{path} already exists; pass --force to overwrite it")
     if path.parent != Path() and not path.parent.is_dir():

@@ -122,11 +122,22 @@ def _hierarchy_problems(num_experts: int, num_gpus: int, num_nodes: int, num_gro
         problems.append(f"the {num_experts} experts do not divide into --groups ({num_groups})")
     if num_gpus % num_nodes:
         problems.append(f"--gpus ({num_gpus}) is not a multiple of --nodes ({num_nodes})")
-    if dead:
-        problems.append("with --dead-gpus the nodes no longer have the same number of live GPUs")
-    if speeds:
-        problems.append("with --gpu-speed the nodes no longer have the same speed")
-    return problems
+    return problems + _flag_problems(dead, speeds)
+
+
+def _flag_problems(dead: bool, speeds: bool) -> list[str]:
+    """The flags that rule hierarchical placement out whatever the loads."""
+    return ((["with --dead-gpus the nodes no longer have the same number of live GPUs"]
+             if dead else [])
+            + (["with --gpu-speed the nodes no longer have the same speed"] if speeds else []))
+
+
+def refuse_forced_hierarchy(policy: str, dead: bool, speeds: bool) -> None:
+    """``--policy hierarchical`` with flags that rule it out, refused before any file is
+    read or an existing output is reported (:func:`cli_policy` checks the rest)."""
+    problems = _flag_problems(dead, speeds)
+    if policy == "hierarchical" and problems:
+        raise CliError("--policy hierarchical is impossible: " + "; ".join(problems))
 
 
 def cli_policy(policy: str, num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,

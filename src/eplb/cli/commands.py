@@ -27,6 +27,7 @@ from eplb.cli._inputs import (
     cli_policy,
     infer_emit,
     read_trace,
+    refuse_forced_hierarchy,
     require_loads_files,
     warn,
     warn_if_no_load,
@@ -113,6 +114,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     require_loads_files(args.loads)
     if args.previous:
         existing_file(args.previous, "previous placement")
+    # the flags that need no file too (new-user pass: a bad --dead-gpus was reported only
+    # once an existing output had been cleared)
+    active = active_gpus_from(args.dead_gpus, args.gpus)
+    speed = gpu_speed_from(args.gpu_speed, args.gpus)
+    refuse_forced_hierarchy(args.policy, active is not None and not bool(active.all()),
+                            speed is not None)
     out = check_output(args.output, args.force)
     refuse_input_as_output(out, [*(("the loads file", path) for path in args.loads),
                                  ("--gpu-speed", args.gpu_speed), ("--routing", args.routing)])
@@ -129,7 +136,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     num_layers, num_experts = weight.shape
     check_topology(args.replicas, args.gpus, args.nodes, args.groups, num_experts,
                    num_layers)
-    active = active_gpus_from(args.dead_gpus, args.gpus)
     if emit in ("sglang", "trtllm") and active is not None and not bool(active.all()):
         # refused before planning (and before any warning about the file it would be)
         raise CliError(dead_gpus_message(emit, (~active).nonzero().flatten().tolist(),
@@ -170,7 +176,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         warn("TensorRT-LLM splits an expert's tokens round-robin over its replicas, not to "
              "the nearest one: this plan is for SGLang's nearest dispatch; for TensorRT-LLM "
              "plan with the default --dispatch even")
-    speed = gpu_speed_from(args.gpu_speed, args.gpus)
     options: dict = {}
     if active is not None:
         options["active_gpus"] = active

@@ -86,21 +86,21 @@ def check_writable(path: Path, force: bool) -> None:
     if os.path.lexists(path) and not force:
         raise FileExistsError(_exists_message(path))
     if force:
-        _only_regular_files_are_replaced(path)
+        only_regular_files_are_replaced(path)
     if not path.parent.is_dir():
         # a parent that is a file: "does not exist" would send the user looking for it
         what = "is not a folder" if path.parent.exists() else "does not exist"
         raise FileNotFoundError(f"cannot write {path}: folder {path.parent} {what}")
 
 
-def _only_regular_files_are_replaced(path: Path) -> None:
+def only_regular_files_are_replaced(path: Path) -> None:
     """``--force`` replaces a regular file, nothing else: a symlink, device, FIFO or socket
     at the output name is refused (replacing ``/dev/null`` or a link someone set up on
     purpose is never what "overwrite" meant)."""
     try:
         info = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (the folder's error
+        return  # is the caller's to word)
     if stat.S_ISLNK(info.st_mode):
         raise FileExistsError(
             f"{path} is a symbolic link; eplb only replaces regular files, even with "
@@ -316,7 +316,7 @@ def atomic_write(
     directory = path.parent
     keep_mode = None
     if force:
-        _only_regular_files_are_replaced(path)
+        only_regular_files_are_replaced(path)
         if path.is_dir():  # else os.replace fails naming its temporary file
             raise IsADirectoryError(f"{path} is a directory; give a file name to write to")
         with contextlib.suppress(OSError):

@@ -6,6 +6,7 @@ import re
 import stat
 import warnings
 from collections.abc import Sequence
+from contextvars import ContextVar
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -134,12 +135,15 @@ def read_loads(
             f"per-pass dumps; {path} is {fmt!r}, whose expert count is its width"
         )
 
+    forced = _FORMAT_FORCED.set(format is not None)  # how _wrong_kind words its error
     try:  # a bad value from the file (e.g. its layer ids) is the file's fault, named so
         trace = _read_format(path, fmt, keys, progress, num_experts, tokens_per_step)
     except FormatError:
         raise
     except ValueError as exc:
         raise FormatError(path, str(exc)) from None
+    finally:
+        _FORMAT_FORCED.reset(forced)
     if fmt in ("sglang", "sglang-per-pass", "trtllm"):
         trace.meta["model_layer_ids"] = True
     trace.meta.setdefault("model_layer_ids", False)
@@ -185,6 +189,11 @@ def _keys(key: str | Sequence[str] | None) -> list[str] | None:
 
 
 # --------------------------------------------------------------------------- helpers
+#: whether the read under way was given its format (format= / --format) or detected it:
+#: a detected format's error must not tell the user to leave out a flag never given
+_FORMAT_FORCED: ContextVar[bool] = ContextVar("eplb_format_forced", default=True)
+
+
 def _require_container(path: Path, fmt: str, kinds: tuple[str, ...],
                        expected: str | None = None) -> None:
     """Refuse ``path`` unless its container is one of ``kinds`` (``expected``: the words
@@ -200,6 +209,9 @@ def _wrong_kind(path: Path, fmt: str, expected: str, kind: str) -> FormatError:
     expects, what the file holds, and what it reads as. Without this, a forced
     ``trtllm`` or ``sglang-per-pass`` surfaced the deserialiser's own words ("header too
     large", "Unsupported operand 147")."""
+    if not _FORMAT_FORCED.get():  # detected, e.g. from the folder holding this file
+        return FormatError(path, f"read as {fmt!r} (detected from its contents), expected "
+                                 f"{expected}, found {kind}")
     try:
         detected = detect_format(path)
         hint = (f"; it reads as {detected!r} load statistics: leave format= (--format) out"
