@@ -14,7 +14,8 @@ Two measurements (BENCHMARKS.md §1, "A layer plans alike whatever else is in th
   of the whole call), where a layer alone gets the masked one.
 - **A real dump with its dense rows.** Each real DeepSeek-V3 file (61 rows, the first 3
   all zero) against its 58 MoE rows alone, at several shapes: the MoE layers whose plans
-  differ (SKIPPED without the real data).
+  differ; and each MoE layer planned alone against the 58-row call (SKIPPED without the
+  real data).
 """
 
 from __future__ import annotations
@@ -113,18 +114,24 @@ def real_dumps() -> None:
              for path in files]
     shapes = [("S=3 P=96", 288, 96, {}), ("S=9 P=32", 288, 32, {}),
               ("S=9 P=32 N=4 G=8", 288, 32, {"num_nodes": 4, "num_groups": 8}),
-              ("S=4 P=64", 256, 64, {}), ("S=2 P=144", 288, 144, {})]
+              ("S=4 P=64", 256, 64, {}), ("S=2 P=144", 288, 144, {}),
+              ("S=16 P=16", 256, 16, {})]
     rows = []
     for label, replicas, gpus, kwargs in shapes:
-        differ = 0
+        differ = alone_differ = 0
         for weight in loads:
             dense = weight.shape[0] - 58
             with_dense = eplb.plan(weight, replicas, gpus, **kwargs).phy2log[dense:]
             moe_only = eplb.plan(weight[dense:], replicas, gpus, **kwargs).phy2log
             differ += int((with_dense != moe_only).any(1).sum())
-        rows.append([label, len(loads), 58 * len(loads), differ])
-    print("\nReal dumps: the 58 MoE layers planned with the dump's dense rows and alone\n")
-    print(markdown_table(["shape", "files", "MoE layers", "layers whose plans differ"], rows))
+            for layer in range(dense, weight.shape[0]):
+                alone = eplb.plan(weight[layer:layer + 1], replicas, gpus, **kwargs).phy2log[0]
+                alone_differ += int(not torch.equal(alone, moe_only[layer - dense]))
+        rows.append([label, len(loads), 58 * len(loads), differ, alone_differ])
+    print("\nReal dumps: the 58 MoE layers planned with the dump's dense rows, and each alone, "
+          "against the 58 MoE rows\n")
+    print(markdown_table(["shape", "files", "MoE layers", "differ with the dense rows",
+                          "differ alone"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
