@@ -75,6 +75,27 @@ def test_locality_plan_and_eval_with_a_routing_trace(tmp_path, capsys, loads, ro
     assert 0 < result["balancedness_after"] <= 1
 
 
+def test_eval_scores_a_plan_under_the_rule_its_file_records(tmp_path, capsys, loads):
+    """New-user pass: eval scored a nearest plan under the even split unless given
+    --dispatch nearest again; eplb's file records the rule, and a flag still overrides."""
+    path, _ = loads
+    out = tmp_path / "near.json"
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                       "--policy", "global", "--dispatch", "nearest", "-o", out)
+    assert code == 0, err
+    code, stdout, err = run(capsys, "eval", "--placement", out, path, "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["dispatch"] == "nearest"
+    code, stdout, err = run(capsys, "eval", "--placement", out, path, "--dispatch", "even",
+                            "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["dispatch"] == "even"
+    even = tmp_path / "even.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "-o", even)[0] == 0
+    code, stdout, err = run(capsys, "eval", "--placement", even, path, "--json")
+    assert code == 0 and json.loads(stdout)["dispatch"] == "even", err
+
+
 @pytest.mark.parametrize("extra", [["--fair", "avoid"], ["--slack", "0.1"],
                                    ["--policy", "locality"]])
 def test_nearest_only_options_need_the_nearest_dispatch(tmp_path, capsys, loads, extra):

@@ -521,3 +521,23 @@ def test_read_placement_refuses_a_gpu_count_that_is_no_integer(tmp_path, num_gpu
         with pytest.raises(ValueError, match="num_gpus must be a positive integer"):
             read_placement(path, num_gpus=num_gpus)
     assert read_placement(tmp_path / "p.json", num_gpus=np.int64(4)).topology.num_gpus == 4
+
+
+def test_eplb_files_record_the_dispatch_rule_and_refuse_a_bogus_one(tmp_path):
+    """New-user pass: a plan for SGLang's nearest dispatch was scored by eval under the
+    even split unless --dispatch nearest was given again; eplb's files record the rule."""
+    placement, _ = make_placement(0, 3, 8, 4, 3)
+    for emit in ("json", "pt"):
+        path = write_placement(placement, tmp_path / f"p.{emit}", emit, dispatch="nearest")
+        assert read_placement_meta(path)[1]["dispatch"] == "nearest"
+        plain = write_placement(placement, tmp_path / f"q.{emit}", emit)
+        assert read_placement_meta(plain)[1]["dispatch"] is None
+    # engine files have no place for it (the engine's own setting decides)
+    write_placement(placement, tmp_path / "p.sglang.json", dispatch="nearest")
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        write_placement(placement, tmp_path / "r.json", dispatch="round-robin")
+    doc = json.loads((tmp_path / "p.json").read_text())
+    doc["dispatch"] = "sideways"
+    (tmp_path / "bad.json").write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match="dispatch must be null or one of"):
+        read_placement(tmp_path / "bad.json")

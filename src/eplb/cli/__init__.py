@@ -83,12 +83,15 @@ def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
 
 def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
     g = p.add_argument_group("engine dispatch (SGLang)")
-    g.add_argument("--dispatch", choices=["even", "nearest"], default="even",
+    g.add_argument("--dispatch", choices=["even", "nearest"],
+                   default="even" if planning else None,
                    help="how the engine sends an expert's tokens to its replicas: even (vLLM; "
                         "default) or nearest (SGLang with DeepEP: same GPU, else same node, "
                         "else a fixed fair choice); " + (
-                        "nearest plans for the loads as that rule realises them" if planning
-                        else "nearest scores the loads as that rule realises them"))
+                        "nearest plans for the loads as that rule realises them (eplb's own "
+                        ".json/.pt output records it)" if planning
+                        else "nearest scores the loads as that rule realises them (default: "
+                        "the rule an eplb .json/.pt file records, else even)"))
     g.add_argument("--routing", metavar="FILE",
                    help="a top-k routing trace [tokens, layers, k]: " + (
                        "co-selection statistics for --policy locality" if planning else

@@ -265,7 +265,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     write_placement(placement, out, emit=emit, weight=weight,
                     layer_ids=layer_ids if named or emit in ("trtllm", "sglang") else None,
                     num_model_layers=model_layers,
-                    gpu_speed=speed if emit in ("json", "pt") else None, force=args.force)
+                    gpu_speed=speed if emit in ("json", "pt") else None,
+                    dispatch=args.dispatch if emit in ("json", "pt") else None, force=args.force)
 
     live = placement.live_gpus()
     # no rebalancing, scored as the plan is (in time where GPU speeds are given)

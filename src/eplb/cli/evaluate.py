@@ -87,6 +87,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         existing_file(args.placement, "placement file"), num_gpus=args.gpus,
         num_nodes=args.nodes or 1, num_groups=args.groups or 1)
     _check_recorded(meta, args, args.placement)
+    if args.dispatch is None:  # the rule the plan was made for, where eplb's file says
+        args.dispatch = meta.get("dispatch") or "even"
     check_cluster_flags(gpus=placement.topology.num_gpus, nodes=placement.topology.num_nodes)
     # from here on, the cluster the placement is on (recorded, or as the flags describe)
     args.nodes, args.groups = placement.topology.num_nodes, placement.topology.num_groups

@@ -20,6 +20,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.core.bounds import placement_scores
+from eplb.core.dispatch import DISPATCH_RULES
 from eplb.core.inputs import as_gpu_speed
 from eplb.core.placement import Placement
 from eplb.core.topology import is_name
@@ -68,6 +69,7 @@ def write_placement(
     layer_ids: Sequence[int] | None = None,
     num_model_layers: int | None = None,
     gpu_speed: Any = None,
+    dispatch: str | None = None,
     force: bool = False,
 ) -> Path:
     """Write ``placement`` to ``path`` in the ``emit`` format; return the path.
@@ -100,6 +102,10 @@ def write_placement(
         gpu_speed: ``[P]`` the GPU speeds the plan was made for (``eplb.plan(...,
             gpu_speed=)``), json/pt only: recorded, and the recorded balancedness is in
             time; ``eval`` scores the file with them.
+        dispatch: the engine dispatch the plan was made for, ``"even"`` or ``"nearest"``
+            (``eplb.plan(..., dispatch=)``), json/pt only: recorded, and ``eval`` scores
+            the file under it unless told otherwise. Engine files have no place for it
+            (the engine's own setting decides), so it is not recorded there.
         force: overwrite an existing file (otherwise ``FileExistsError``).
 
     Raises:
@@ -148,6 +154,9 @@ def write_placement(
             raise ValueError(f"gpu_speed is recorded in eplb's own files only (emit 'json' or "
                              f"'pt'); {emit} files have no place for it{named_by}")
         gpu_speed = as_gpu_speed(gpu_speed, placement.topology.num_gpus, torch.device("cpu"))
+    if dispatch is not None and dispatch not in DISPATCH_RULES:
+        raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_RULES)} or None, got "
+                         f"{dispatch!r}")
     check_writable(path, force)
     if emit == "sglang":
         rows = _sglang_rows(placement, ids, num_rows)
@@ -162,7 +171,7 @@ def write_placement(
         atomic_write(path, lambda f: f.write(text), "w", force=force)
     else:
         record = _eplb_record(placement, ids if layer_ids is not None else None, weight,
-                              gpu_speed)
+                              gpu_speed, dispatch)
         if emit == "json":
             atomic_write(path, lambda f: _dump_json_rows(record, f), "w", force=force)
         else:
@@ -252,7 +261,8 @@ def _trtllm_text(placement: Placement, ids: list[int], ids_given: bool) -> str:
 
 
 def _eplb_record(
-    placement: Placement, ids: list[int] | None, weight: Any, gpu_speed: torch.Tensor | None
+    placement: Placement, ids: list[int] | None, weight: Any, gpu_speed: torch.Tensor | None,
+    dispatch: str | None = None,
 ) -> dict[str, Any]:
     record: dict[str, Any] = {
         "format": PLACEMENT_FORMAT,
@@ -267,6 +277,7 @@ def _eplb_record(
         if placement.active_gpus is None
         else [bool(x) for x in placement.active_gpus.tolist()],
         "gpu_speed": None if gpu_speed is None else [float(x) for x in gpu_speed.tolist()],
+        "dispatch": dispatch,
         "balancedness": None,
         "layer_balancedness": None,
         "ceiling": None,

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from eplb.core.dispatch import DISPATCH_RULES
 from eplb.core.inputs import RepeatedKeyError, unique_keys
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology, positive_int
@@ -310,6 +311,9 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
                            and math.isfinite(v) and v > 0 for v in values)):
             raise FormatError(path, f"gpu_speed must be null or {topo.num_gpus} positive "
                                     f"numbers (one per GPU), got {str(speed)[:80]}")
+    if doc.get("dispatch") not in (None, *DISPATCH_RULES):
+        raise FormatError(path, f"dispatch must be null or one of {', '.join(DISPATCH_RULES)}, "
+                                f"got {shown(doc['dispatch'])}")
     num_layers = _field_int(path, doc, "num_layers", rows.shape[0])
     if num_layers != rows.shape[0]:
         raise FormatError(path, f"num_layers is {num_layers} but phy2log has {rows.shape[0]} rows")
