@@ -677,3 +677,23 @@ def test_a_loads_file_named_twice_is_refused(capsys, tmp_path, loads, command):
     err = capsys.readouterr().err
     assert "is given twice" in err and len(err.strip().splitlines()) == 1, err
     assert out.exists() == (command == "eval")
+
+
+def test_a_file_that_appears_during_the_run_is_kept_and_named_in_the_clis_words(
+        capsys, tmp_path, loads, monkeypatch) -> None:
+    """Attacker pass: the loser of two runs writing one output read "pass force=True
+    (CLI: --force)", the API's words. Simulated: the output appears after the up-front
+    check, so the writer finds it when it publishes."""
+    import eplb.cli.commands as commands
+    out = tmp_path / "placement.json"
+    real_check = commands.check_output
+
+    def check_then_race(path, force):
+        checked = real_check(path, force)
+        out.write_text("the other run's")
+        return checked
+
+    monkeypatch.setattr(commands, "check_output", check_then_race)
+    code, err = plan(capsys, loads, out)
+    assert code == 2 and "pass --force" in err and "force=True" not in err, err
+    assert out.read_text() == "the other run's"

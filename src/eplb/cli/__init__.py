@@ -438,7 +438,10 @@ def _main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
             PermissionError) as exc:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-        return _fail(args, f"{_one_line(exc.strerror or str(exc))}{where}", EXIT_USAGE)
+        # the writers' words name both spellings; here only the flag means anything
+        said = _one_line(exc.strerror or str(exc)).replace("force=True (CLI: --force)",
+                                                            "--force")
+        return _fail(args, f"{said}{where}", EXIT_USAGE)
     except (ValueError, TypeError) as exc:  # bad input: FormatError, PlacementError, topology
         return _fail(args, str(exc), EXIT_USAGE)
     except MissingPackage as exc:  # an optional package the input needs: set-up to fix
