@@ -376,18 +376,24 @@ def test_nearest_dispatch_with_the_auto_policy_warns_where_it_plans_hierarchical
 
 
 def test_float32_loads_keep_their_portfolio_pick():
-    # with float32 loads the allocations' means differ by rounding, so the packing-bound
-    # pick among them is not always Jefferson's: the planner's shortcut for rows whose
-    # Jefferson bound is the mean (exact in float64) must not apply there. Expected
-    # counts: what eplb 7c07a8e (before the shortcut) returned for this input, [2, 1, 2,
-    # 1, 2, 2, 1, 1] at 0.911, until the filler ladder (rows of at most 4 GPUs packed far
-    # above their bound) found these at 0.944, for float32 and float64 loads alike
+    # float32 loads used to be planned in float32, where the allocations' means differ by
+    # rounding, so the planner's shortcut for rows whose Jefferson bound is the mean (exact
+    # in float64) had to be kept off for them. Every dtype is planned in float64 now
+    # (twenty-fifth session): float32 loads get the float64 plan of their values.
+    # Expected counts: what eplb 7c07a8e (before the shortcut) returned for this input,
+    # [2, 1, 2, 1, 2, 2, 1, 1] at 0.911, until the filler ladder (rows of at most 4 GPUs
+    # packed far above their bound) found these at 0.944
     w = torch.tensor([[39.66, 3.65, 35.12, 1.25, 21.46, 17.62, 1.26, 15.23]])
-    assert eplb.plan(w, 12, 4, policy="global").logcnt.tolist() == [[2, 1, 2, 2, 2, 1, 1, 1]]
-    # on 5 GPUs (beyond the ladder's rows) the shortcut applied to float32 gave
-    # [3, 4, 1, 3, 2, 2] (found by removing the dtype condition, twenty-second session)
+    for dtype in (torch.float32, torch.float64):
+        counts = eplb.plan(w.to(dtype), 12, 4, policy="global").logcnt.tolist()
+        assert counts == [[2, 1, 2, 2, 2, 1, 1, 1]], dtype
+    # on 5 GPUs float32 loads planned in float32 got [4, 4, 1, 4, 1, 1] at 0.984; planned
+    # in float64 they get the float64 plan, 0.9976
     w = torch.tensor([[33.80, 35.45, 2.82, 31.92, 10.82, 9.64]])
-    assert eplb.plan(w, 15, 5, policy="global").logcnt.tolist() == [[4, 4, 1, 4, 1, 1]]
+    for dtype in (torch.float32, torch.float64):
+        placement = eplb.plan(w.to(dtype), 15, 5, policy="global")
+        assert placement.logcnt.tolist() == [[3, 4, 1, 3, 2, 2]], dtype
+        assert placement.balancedness(w) > 0.997
 
 
 def test_three_slots_per_gpu_pack_two_starts_by_default():

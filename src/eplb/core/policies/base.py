@@ -116,7 +116,9 @@ def plan_rows(
         # (no allocation's is lower; ties keep Jefferson's): those rows need no other
         # allocation. On real DeepSeek-V3 loads at S = 3 that is 272 of 290 coarse rows.
         # float64 only: with float32 loads the allocations' means differ by rounding
-        # (~1e-7, above rank_allocations' tie tolerance), and the pick follows it.
+        # (~1e-7, above rank_allocations' tie tolerance), and the pick follows it. (A
+        # request's loads are float64 whatever the input's dtype; this guards other
+        # callers.)
         # Every row is expanded here, once: the expansion is row by row, so these are
         # the items the packing needs for the first rule too
         first = expand_replicas(weight, counts)
