@@ -72,9 +72,10 @@ def fill_and_cover(
     closest to what brings the GPU to the mean load over its remaining empty slots,
     among those that keep the GPU at or below the busiest other live GPU with room left
     for the lightest replica in each empty slot after it (the lightest where none
-    does): a revived GPU is neither idle nor the new hot spot. An uncovered expert with no empty
-    slot left replaces a replica of the expert that loses least by it (``w / (c − 1)``
-    smallest). Slots of dead GPUs are emptied first. Returns the repaired ``[B, R]``.
+    does): a revived GPU is neither idle nor the new hot spot. An uncovered expert with
+    no empty slot left replaces a replica of the expert that loses least by it
+    (``w / (c − 1)`` smallest). Slots of dead GPUs are emptied first. Returns the
+    repaired ``[B, R]``.
     """
     out = np.where(live_slot[None], phy2log, -1)
     rows, num_slots = out.shape
