@@ -323,9 +323,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
          after, after_worst],
         ["ceiling (upper bound)", ceil.overall, ceil.worst],
     ]
+    idle = int((weight.sum(1) == 0).sum())  # a dump's dense layers: planned, kept as rows
     print_table(
-        f"{num_layers} layers × {num_experts} experts -> {args.replicas} slots on {args.gpus} "
-        f"GPUs ({policy}{dead_note(active)})",
+        f"{num_layers} layers{f' ({idle} all-zero)' if idle else ''} × {num_experts} experts "
+        f"-> {args.replicas} slots on {args.gpus} GPUs ({policy}{dead_note(active)})",
         ["placement", "balancedness", "worst max/mean"], rows,
     )
     if moved is not None:
