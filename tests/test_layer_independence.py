@@ -2,10 +2,10 @@
 layers share the call and wherever the layer sits in it (e.g. a 61-row SGLang dump and
 its 58 MoE rows plan the MoE layers alike).
 
-ARCHITECTURE.md, "Layer independence", lists the steps that still look at the whole
-call (a nearest-dispatch choice). These tests cover 1–17 slots per GPU on up to 32
-GPUs per node, up to 6 layers of up to 64 experts, and calls large enough for the
-polish's checked search.
+ARCHITECTURE.md, "Layer independence", lists the steps that used to look at the whole
+call. These tests cover 1–17 slots per GPU on up to 32 GPUs per node, up to 6 layers of
+up to 64 experts, calls large enough for the polish's checked search, and the nearest
+dispatch's portfolio.
 """
 
 from __future__ import annotations
@@ -162,6 +162,26 @@ def test_a_hot_layer_does_not_change_its_neighbours_counts():
                            eplb.plan(weight[1:], replicas, gpus).phy2log[0])
         assert torch.equal(eplb.plan(weight, replicas, gpus).phy2log[0],
                            eplb.plan(weight[:1], replicas, gpus).phy2log[0])
+
+
+@pytest.mark.parametrize("seed", [55, 95, 109])
+def test_a_coarse_layer_does_not_change_its_neighbours_nearest_plan(seed):
+    """Under dispatch="nearest" every allocation of the portfolio is packed for every
+    layer; it used to be packed for all only when some layer of the call was coarse (a
+    layer with one expert 40× the others here), so a calm layer planned otherwise beside
+    it than alone (2 of 92 such pairs)."""
+    rng = np.random.default_rng(seed)
+    experts, nodes = int(rng.choice([8, 16, 32])), int(rng.choice([2, 4]))
+    gpus = nodes * int(rng.choice([2, 4]))
+    replicas = int(rng.integers(1, 5)) * gpus
+    calm = np.exp(rng.normal(0, 0.3, experts))
+    hot = np.exp(rng.normal(0, 0.3, experts))
+    hot[rng.integers(experts)] *= 40
+    weight = torch.from_numpy(np.stack([calm, hot]))
+    kwargs = {"policy": "global", "dispatch": "nearest"}
+    both = eplb.plan(weight, replicas, gpus, nodes, **kwargs).phy2log
+    assert torch.equal(both[0], eplb.plan(weight[:1], replicas, gpus, nodes, **kwargs).phy2log[0])
+    assert torch.equal(both[1], eplb.plan(weight[1:], replicas, gpus, nodes, **kwargs).phy2log[0])
 
 
 def test_nearest_dispatch_repairs_every_layer_alike():

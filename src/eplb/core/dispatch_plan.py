@@ -163,35 +163,42 @@ def plan_rows_capped(
     ``node_size > 0`` (GPUs per node) rounds counts above it to whole nodes
     (:func:`whole_node_counts`).
 
-    Every rule of the portfolio is packed and scored where the largest replica is coarse
-    (as ``plan_rows`` does); ``[rows, E]`` → ``[rows, R]`` expert per slot.
+    Every distinct allocation of the portfolio is packed, and each row keeps its lowest
+    peak (the earlier rule on ties); ``[rows, E]`` → ``[rows, R]`` expert per slot.
     """
-    rows, num_experts = weight.shape
+    rows = weight.shape[0]
     zero = weight.sum(1, keepdim=True) <= 0
     weight = torch.where(zero, torch.ones_like(weight), weight)
     rules = options.rules
     if coverage_nodes:
         counts = coverage_counts(weight, num_replicas, coverage_nodes)[None]
-        rules = rules[:1]
     else:
         counts = capped_counts(weight, num_replicas, cap, rules)  # [K, rows, E]
         if node_size:
             counts = whole_node_counts(weight, counts, node_size, num_gpus // node_size)
-    largest = (weight / counts[0]).amax(1)
-    # every allocation is packed here, but the nearest rule's candidates were measured
-    # with the ranked threshold (the packed one's next-window study was for even dispatch)
-    coarse = largest > options.portfolio_cut(each_packed=False) * weight.sum(1) / num_gpus
-    use = rules if bool(coarse.any()) else rules[:1]
-    flat_counts = counts[: len(use)].reshape(-1, num_experts)
-    flat_weight = weight.repeat(len(use), 1)
-    load, expert = expand_replicas(flat_weight, flat_counts)
+    # every row packs every allocation of the portfolio that differs from the earlier
+    # rules' (a repeat packs alike: rows are independent, so it would only tie, and ties
+    # keep the earlier rule). Packing them only where some row was coarse made a row's
+    # plan depend on the other rows of the call, and packing them everywhere measured
+    # no worse (BENCHMARKS.md §14, twenty-fifth session)
+    num_rules = counts.shape[0]
+    earlier = torch.ones(num_rules, num_rules, dtype=torch.bool, device=counts.device).tril(-1)
+    repeat = ((counts[:, None] == counts[None]).all(3) & earlier[:, :, None]).any(1)
+    rule_of, row_of = (~repeat).nonzero().unbind(1)  # [m] rule-major: rule 0 rows first
+    flat_counts = counts[rule_of, row_of]  # [m, E]
+    load, expert = expand_replicas(weight.index_select(0, row_of), flat_counts)
     state = pack(make_items(load, expert), num_gpus, options.packing,
                  flat_counts.amax(1) > num_gpus, generator)
-    if len(use) > 1:
-        peak = max_load(state).view(len(use), rows)
-        best = peak.argmin(0)  # first on ties: Jefferson
-        pick = best * rows + torch.arange(rows, device=weight.device)
-        state = state[:, :, pick]
+    if len(row_of) > rows:
+        peak = max_load(state)  # [m]
+        best = torch.full((rows,), float("inf"), dtype=peak.dtype, device=peak.device)
+        best = best.scatter_reduce(0, row_of, peak, "amin")
+        # the first (by rule) packing at each row's lowest peak: Jefferson's on ties
+        position = torch.arange(len(row_of), device=peak.device)
+        at_best = torch.where(peak == best[row_of], position, len(row_of))
+        pick = torch.full((rows,), len(row_of), device=peak.device).scatter_reduce(
+            0, row_of, at_best, "amin")
+        state = state.index_select(2, pick)
     return to_slots(state)
 
 
