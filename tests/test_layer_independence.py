@@ -3,7 +3,7 @@ layers share the call and wherever the layer sits in it (e.g. a 61-row SGLang du
 its 58 MoE rows plan the MoE layers alike).
 
 ARCHITECTURE.md, "Layer independence", lists the steps that used to look at the whole
-call. These tests cover 1–17 slots per GPU on up to 32 GPUs per node, up to 6 layers of
+call. These tests cover 1–40 slots per GPU on up to 32 GPUs per node, up to 6 layers of
 up to 64 experts, calls large enough for the polish's checked search, and the nearest
 dispatch's portfolio.
 """
@@ -27,13 +27,13 @@ SETTINGS = settings(max_examples=40, deadline=None,
 @st.composite
 def problems(draw, wide: bool = False, many_slots: bool = False):
     """``(weight [L, E], plan arguments, subset of layers)``; ``wide``: 32 GPUs per node
-    with 5–9 slots per GPU; ``many_slots``: up to 16 GPUs per node with 5–17 slots; else
+    with 5–9 slots per GPU; ``many_slots``: up to 16 GPUs per node with 5–40 slots; else
     up to 8 GPUs per node with 1–4 slots."""
     if wide:
         per_node, slots = 32, draw(st.integers(5, 9))
     elif many_slots:
         per_node = draw(st.sampled_from([1, 2, 3, 4, 6, 8, 16]))
-        slots = draw(st.integers(5, 17))
+        slots = draw(st.integers(5, 40))
     else:
         per_node, slots = draw(st.sampled_from([1, 2, 3, 4, 6, 8])), draw(st.integers(1, 4))
     nodes = draw(st.integers(1, 2 if wide else 4))
@@ -88,7 +88,7 @@ def test_many_slots_on_32_gpus_per_node_plan_alike(case):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(many_slots=True))
 def test_many_slots_on_few_gpus_plan_alike(case):
-    """5–17 slots per GPU where a row's GPUs fall in the last, partial block of torch's
+    """5–40 slots per GPU where a row's GPUs fall in the last, partial block of torch's
     float32 slot sum in one call and not in another (the sum's tail used to round
     differently: 3 of 179 random layers planned otherwise alone)."""
     _assert_independent(case)
@@ -120,7 +120,7 @@ def test_the_polish_swaps_alike_in_small_and_large_calls(seed):
     assert torch.equal(copies, alone.expand(160, -1))
 
 
-@given(st.integers(1, 17), st.integers(1, 3 * SUM_BLOCK + 5), st.integers(0, 2**32 - 1))
+@given(st.integers(1, 40), st.integers(1, 3 * SUM_BLOCK + 5), st.integers(0, 2**32 - 1))
 @settings(max_examples=60, deadline=None)
 def test_slot_sums_add_each_gpus_slots_in_order_wherever_it_sits(slots, width, seed):
     """The premise of ``slot_sum`` on the installed torch: every column is the slots
@@ -135,6 +135,22 @@ def test_slot_sums_add_each_gpus_slots_in_order_wherever_it_sits(slots, width, s
     out = torch.empty(1, width)
     slot_sum(load, out=out)
     assert torch.equal(out[0], expected)
+
+
+def test_eighteen_slots_and_more_plan_alike_alone_and_in_a_call():
+    """Attacker pass: torch's sum stops adding a GPU's slots in order at 18 slots, so at
+    18+ slots on 16 GPUs a layer alone (16 columns: NumPy) and two layers (32: torch)
+    summed differently."""
+    weight = torch.tensor(
+        [[41, 13, 5, 14, 20, 40, 22, 4, 16, 30, 40, 36, 49, 9, 44, 2, 27, 13, 10, 32, 15, 28,
+          13, 7, 37, 21, 33, 33, 47, 21, 10, 31],
+         [46, 48, 43, 34, 19, 19, 1, 9, 16, 17, 28, 25, 34, 44, 43, 38, 48, 15, 45, 46, 11, 23,
+          28, 34, 35, 5, 23, 5, 47, 10, 22, 44]], dtype=torch.float64)
+    for slots in (18, 24, 33):
+        both = eplb.plan(weight, slots * 16, 16).phy2log
+        for layer in range(2):
+            alone = eplb.plan(weight[layer:layer + 1], slots * 16, 16).phy2log[0]
+            assert torch.equal(both[layer], alone), (slots, layer)
 
 
 def test_dense_rows_do_not_change_the_moe_layers_plans():

@@ -31,6 +31,9 @@ LOAD, EXPERT = 0, 1
 #: from five slots on. A GPU's load then depended on its place in the call (a layer
 #: alone against the same layer among others): see :func:`slot_sum`
 SUM_BLOCK = 32
+#: the most slots torch's sum adds in slot order even in whole blocks: from 18 on it
+#: adds them in another order (attacker pass, twenty-fifth session)
+TORCH_ORDERED_SLOTS = 17
 
 
 def slot_sum(load: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,17 +41,19 @@ def slot_sum(load: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     one after another in slot order, whatever the GPU's place in the tensor (on a CPU;
     ``out``: where to write it).
 
-    torch's own sum adds in that order but for the last ``rows·P mod`` :data:`SUM_BLOCK`
-    columns when ``S >= 5``. Such sums go to NumPy instead, whose reduction over a
-    leading axis adds row after row, elementwise, in every column (as fast as torch's at
-    these sizes; one column alone, which NumPy sums pairwise, is added in a loop). So a
-    row's loads do not depend on the other rows of the call.
-    ``tests/test_layer_independence.py`` checks both premises on the installed versions.
+    torch's own sum adds in that order for up to 4 slots, and for up to
+    :data:`TORCH_ORDERED_SLOTS` but in the last ``rows·P mod`` :data:`SUM_BLOCK` columns.
+    Other sums go to NumPy, whose reduction over a leading axis adds row after row,
+    elementwise, in every column (as fast as torch's at these sizes; one column alone,
+    which NumPy sums pairwise, is added in a loop). So a row's loads do not depend on the
+    other rows of the call. ``tests/test_layer_independence.py`` checks both premises on
+    the installed versions. (Non-CPU and non-float tensors keep torch's sum.)
     """
     slots, rows, num_gpus = load.shape
     width = rows * num_gpus
     # (the checks cost about as much as the sum's own call here: the common case first)
-    if slots <= 4 or width % SUM_BLOCK == 0 or not load.is_cpu:
+    if (slots <= 4 or (slots <= TORCH_ORDERED_SLOTS and width % SUM_BLOCK == 0)
+            or not load.is_cpu or load.dtype not in (torch.float32, torch.float64)):
         return load.sum(0) if out is None else torch.sum(load, 0, out=out)
     load = load.detach().contiguous()
     if width == 1:
