@@ -70,12 +70,12 @@ def fill_and_cover(
     Empty live slots (a GPU that is live again) take, one at a time, an expert their GPU
     does not hold: an uncovered one first, else the one whose new replica load is
     closest to what brings the GPU to the mean load over its remaining empty slots,
-    among those that keep the GPU at or below the busiest other live GPU with room left
-    for the lightest replica in each empty slot after it (the lightest where none
-    does): a revived GPU is neither idle nor the new hot spot. An uncovered expert with
-    no empty slot left replaces a replica of the expert that loses least by it
-    (``w / (c − 1)`` smallest). Slots of dead GPUs are emptied first. Returns the
-    repaired ``[B, R]``.
+    among those that give the layer its lowest peak once the replica is in (counting
+    the lightest replica in each empty slot after it): a revived GPU takes load off the
+    hot GPUs, and is neither idle nor a hot spot where a replica keeps it below. An
+    uncovered expert with no empty slot left replaces a replica of the expert that loses
+    least by it (``w / (c − 1)`` smallest). Slots of dead GPUs are emptied first.
+    Returns the repaired ``[B, R]``.
     """
     out = np.where(live_slot[None], phy2log, -1)
     rows, num_slots = out.shape
@@ -104,21 +104,22 @@ def fill_and_cover(
         want = (weight.sum(1) / live_gpus - gpu_load) / np.maximum(holes_left, 1)  # [B]
         new_load = weight / (counts + 1)  # [B, E] the receiver's replicas after it
         taken = on_gpu[:, :num_experts]
-        # never past the busiest other live GPU (the layer's peak without this GPU),
-        # keeping room for the lightest replica in each hole left: aiming each slot at
-        # the mean alone could leave the last one only a hot expert (attacker pass: a
-        # revived GPU 11.6 % above the layer's peak before)
-        others = np.where(live_gpu[None] & (np.arange(num_gpus)[None] != gpu[:, None]),
-                          loads, -np.inf).max(1)
+        # the layer's peak once the replica is in: the busiest other live GPU (those
+        # holding the receiver lose a share to it) or this one, with room kept for the
+        # lightest replica in each hole left. The lowest peak first, then the replica
+        # nearest the aim: aiming every slot at the mean alone could leave the last one
+        # only a hot expert (attacker pass: a revived GPU 11.6 % above the layer's peak
+        # before), and keeping this GPU below the others could leave a hot one hot
+        others = _busiest_other(weight, out, loads, counts, gpu, live_gpu)  # [B, E]
         lightest = np.where(taken, np.inf, new_load).min(1)
-        room = others - gpu_load - (holes_left - 1) * lightest  # [B] (-inf: no other GPU)
-        fits = (new_load <= room[:, None]) | ~np.isfinite(others)[:, None]
+        lightest = np.where(np.isfinite(lightest), lightest, 0.0)
+        mine = gpu_load[:, None] + new_load + ((holes_left - 1) * lightest)[:, None]
+        peak = np.where(taken, np.inf, np.maximum(others, mine))  # [B, E]
+        lowest = peak.min(1, keepdims=True)
         miss = np.abs(new_load - want[:, None])
-        miss = np.where(uncovered, -1.0, miss)  # uncovered experts first
-        # else the one nearest the aim among those that fit; where none fits, the lightest
-        miss = np.where(taken | ~(fits | uncovered), np.inf, miss)
-        receiver = np.where(np.isfinite(miss).any(1), np.argmin(miss, 1),
-                            np.argmin(np.where(taken, np.inf, new_load), 1))
+        miss = np.where(peak <= lowest * (1 + 1e-9), miss, np.inf)
+        miss = np.where(uncovered & ~taken, -1.0, miss)  # uncovered experts first
+        receiver = np.argmin(miss, 1)
         # without a hole: the heaviest uncovered expert takes a donor's slot
         uncovered_load = np.where(uncovered, weight, -1.0)
         missing = np.argmax(uncovered_load, 1)
@@ -130,6 +131,40 @@ def fill_and_cover(
         expert = np.where(use_hole, receiver, missing)
         out[rowix[need], target[need]] = expert[need]
     raise RuntimeError("eplb: could not fill the live slots (internal error)")
+
+
+#: the largest ``[rows, E, P]`` table :func:`_busiest_other` builds at once; a row whose
+#: own table is larger takes the busiest other GPU before the replica goes in
+_MAX_HOLDS_TABLE = 1 << 22
+
+
+def _busiest_other(
+    weight: np.ndarray, out: np.ndarray, loads: np.ndarray, counts: np.ndarray,
+    gpu: np.ndarray, live_gpu: np.ndarray,
+) -> np.ndarray:
+    """``[B, E]`` the busiest live GPU but ``gpu [B]`` once a replica of each expert
+    joins ``gpu``: the GPUs holding that expert carry ``w / (c + 1)`` of it instead of
+    ``w / c`` (``-inf`` where no other GPU is live). ``out [B, R]``, ``loads [B, P]`` and
+    ``counts [B, E]`` describe the placement before."""
+    rows, num_experts = counts.shape
+    num_gpus = loads.shape[1]
+    other = live_gpu[None] & (np.arange(num_gpus)[None] != gpu[:, None])  # [B, P]
+    base = np.where(other, loads, -np.inf)  # [B, P]
+    if num_experts * num_gpus > _MAX_HOLDS_TABLE:  # too large a table: before, as a bound
+        return np.repeat(base.max(1, keepdims=True), num_experts, 1)
+    drop = np.where(counts > 0, weight / np.maximum(counts, 1) - weight / (counts + 1), 0.0)
+    result = np.empty((rows, num_experts))
+    grid = out.reshape(rows, num_gpus, -1)
+    chunk = max(1, _MAX_HOLDS_TABLE // (num_experts * num_gpus))
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        n = len(base[part])
+        holds = np.zeros((n, num_experts + 1, num_gpus), bool)  # expert E: empty slots
+        ids = np.where(grid[part] >= 0, grid[part], num_experts)  # [n, P, S]
+        holds[np.arange(n)[:, None, None], ids, np.arange(num_gpus)[None, :, None]] = True
+        after = base[part][:, None, :] - drop[part][:, :, None] * holds[:, :num_experts]
+        result[part] = after.max(2)
+    return result
 
 
 def fill_and_spread(
