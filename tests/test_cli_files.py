@@ -127,6 +127,11 @@ def test_force_never_replaces_devices_or_fifos(capsys, tmp_path, loads) -> None:
     (("--gpu-speed", "1,2"), "one per GPU"),
     (("--policy", "hierarchical", "--nodes", "2", "--groups", "4", "--dead-gpus", "1"),
      "hierarchical is impossible"),
+    # the second attacker pass's list
+    (("--dispatch", "nearest", "--nodes", "2", "--gpu-speed", "1,2,1,2"), "cannot be combined"),
+    (("--max-moves", "3"), "--max-moves needs --previous"),
+    (("--nodes", "3"), "multiple of --nodes"),
+    (("--slack", "0.1"), "add --dispatch nearest"),
 ])
 def test_a_bad_flag_is_reported_before_an_existing_output(capsys, tmp_path, loads, flags,
                                                           said) -> None:

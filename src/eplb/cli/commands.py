@@ -116,6 +116,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         existing_file(args.previous, "previous placement")
     # the flags that need no file too (new-user pass: a bad --dead-gpus was reported only
     # once an existing output had been cleared)
+    _refuse_flag_mistakes(args)
     active = active_gpus_from(args.dead_gpus, args.gpus)
     speed = gpu_speed_from(args.gpu_speed, args.gpus)
     refuse_forced_hierarchy(args.policy, active is not None and not bool(active.all()),
@@ -235,9 +236,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                  "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
                  "if your model's MoE layers start later")
     options.update(_dispatch_options(args, trace.num_layers, num_experts, kept_rows))
-    if args.max_moves is not None:
-        if previous is None:
-            raise CliError("--max-moves needs --previous (the placement in service)")
+    if args.max_moves is not None:  # (with --previous: _refuse_flag_mistakes)
         options["max_moves"] = args.max_moves
 
     dead = active is not None and not bool(active.all())
@@ -365,12 +364,13 @@ def _distinct_rows(routing: torch.Tensor, args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from None
 
 
-def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
-                      rows: list[int] | None = None) -> dict:
-    """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
-    ``num_rows``: the loads file's rows (the routing trace's layers are those);
-    ``num_experts``: the loads' experts (the trace's ids lie below);
-    ``rows``: the ones planned, where some were left out."""
+def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
+    """The flag mistakes that need no file, before any file is read or an existing
+    output reported (new-user and attacker passes: "already exists; pass --force" came
+    first, and the real mistake only once the user had cleared the output)."""
+    check_topology(args.replicas, args.gpus, args.nodes, args.groups, 0)
+    if args.max_moves is not None and not args.previous:
+        raise CliError("--max-moves needs --previous (the placement in service)")
     nearest_only = {"--fair": args.fair != "auto", "--slack": args.slack is not None,
                     "--routing": args.routing is not None,
                     "--policy locality": args.policy == "locality"}
@@ -378,14 +378,25 @@ def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
         given = [flag for flag, on in nearest_only.items() if on]
         if given:
             raise CliError(f"{', '.join(given)} {'describe' if len(given) > 1 else 'describes'} "
-                           "SGLang's nearest dispatch: add "
-                           "--dispatch nearest")
+                           "SGLang's nearest dispatch: add --dispatch nearest")
+        return
+    if args.slack is not None and args.policy != "locality":
+        raise CliError("--slack is the locality policy's knob: add --policy locality")
+    if args.gpu_speed:
+        raise CliError("--gpu-speed cannot be combined with --dispatch nearest")
+
+
+def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
+                      rows: list[int] | None = None) -> dict:
+    """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
+    ``num_rows``: the loads file's rows (the routing trace's layers are those);
+    ``num_experts``: the loads' experts (the trace's ids lie below);
+    ``rows``: the ones planned, where some were left out."""
+    if args.dispatch != "nearest":  # (nearest-only flags: _refuse_flag_mistakes)
         return {}
     if args.nodes <= 1:
         warn("--dispatch nearest with one node: every replica is on the token's node, so "
              "the plan is the even-split one")
-    if args.slack is not None and args.policy != "locality":
-        raise CliError("--slack is the locality policy's knob: add --policy locality")
     options = {"dispatch": "nearest", "fair": args.fair}
     if args.slack is not None:  # the API refuses a slack outside the locality policy
         options["slack"] = args.slack
