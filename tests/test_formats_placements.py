@@ -532,6 +532,9 @@ def test_eplb_files_record_the_dispatch_rule_and_refuse_a_bogus_one(tmp_path):
         assert read_placement_meta(path)[1]["dispatch"] == "nearest"
         plain = write_placement(placement, tmp_path / f"q.{emit}", emit)
         assert read_placement_meta(plain)[1]["dispatch"] is None
+    # a NumPy string is written as a plain one (attacker pass: the .pt then failed to load)
+    path = write_placement(placement, tmp_path / "s.pt", "pt", dispatch=np.str_("nearest"))
+    assert read_placement_meta(path)[1]["dispatch"] == "nearest"
     # engine files have no place for it (the engine's own setting decides)
     write_placement(placement, tmp_path / "p.sglang.json", dispatch="nearest")
     with pytest.raises(ValueError, match="dispatch must be one of"):

@@ -157,6 +157,8 @@ def write_placement(
     if dispatch is not None and dispatch not in DISPATCH_RULES:
         raise ValueError(f"dispatch must be one of {', '.join(DISPATCH_RULES)} or None, got "
                          f"{dispatch!r}")
+    if dispatch is not None:  # a plain str (a NumPy string would not load with weights_only)
+        dispatch = str(dispatch)
     check_writable(path, force)
     if emit == "sglang":
         rows = _sglang_rows(placement, ids, num_rows)
