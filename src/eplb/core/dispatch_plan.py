@@ -55,7 +55,12 @@ from eplb.core.node_repair import gather_together, polish_realised, repair_node_
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, max_load, pack, to_slots
 from eplb.core.placement import expert_counts
-from eplb.core.replication import cap_counts, expand_replicas, replica_counts
+from eplb.core.replication import (
+    cap_counts,
+    expand_replicas,
+    repeated_allocations,
+    replica_counts,
+)
 from eplb.core.topology import Topology, is_name
 
 
@@ -181,10 +186,7 @@ def plan_rows_capped(
     # keep the earlier rule). Packing them only where some row was coarse made a row's
     # plan depend on the other rows of the call, and packing them everywhere measured
     # no worse (BENCHMARKS.md §14, twenty-fifth session)
-    num_rules = counts.shape[0]
-    earlier = torch.ones(num_rules, num_rules, dtype=torch.bool, device=counts.device).tril(-1)
-    repeat = ((counts[:, None] == counts[None]).all(3) & earlier[:, :, None]).any(1)
-    rule_of, row_of = (~repeat).nonzero().unbind(1)  # [m] rule-major: rule 0 rows first
+    rule_of, row_of = (~repeated_allocations(counts)).nonzero().unbind(1)  # [m] rule-major
     flat_counts = counts[rule_of, row_of]  # [m, E]
     load, expert = expand_replicas(weight.index_select(0, row_of), flat_counts)
     state = pack(make_items(load, expert), num_gpus, options.packing,

@@ -237,9 +237,9 @@ def check_loads(tensor: torch.Tensor, name: str) -> None:
 
 
 def _float(tensor: torch.Tensor) -> torch.Tensor:
-    """float64 for integer and float64 input (exact counts), float32 otherwise."""
-    if tensor.is_floating_point() and tensor.dtype != torch.float64:
-        return tensor.to(torch.float32)
+    """float64, into which every integer and float dtype converts exactly: the same loads
+    give the same plans and bounds whatever dtype they come in (an engine hands int32, a
+    dump float64, a user float32)."""
     return tensor.to(torch.float64)
 
 
@@ -286,9 +286,9 @@ def as_weight(weight: object, name: str = "weight") -> tuple[torch.Tensor, bool]
     """Validate a load tensor and return ``(weight [L, E] float, was_one_layer)``.
 
     Accepts ``[L, E]`` or ``[E]`` (one layer), any real or integer dtype, dense or sparse,
-    CPU or CUDA. The result is float64 for integer/float64 input and float32 otherwise,
-    on the input's device. Raises on NaN, inf, negative loads, wrong rank, no data (meta
-    tensors) or a non-tensor.
+    CPU or CUDA. The result is float64 (exact for every dtype), on the input's device.
+    Raises on NaN, inf, negative loads, wrong rank, no data (meta tensors) or a
+    non-tensor.
     """
     tensor = _real_tensor(weight, name, f"a {ACCEPTED_WEIGHT_TYPES}")
     one_layer = tensor.dim() == 1

@@ -159,10 +159,7 @@ def make_request(
     """Check every planning argument and build the :class:`PlanRequest` (see
     :func:`eplb.plan` for the arguments). Raises ``TypeError``/``ValueError`` naming the
     problem; ``stacklevel`` points policy warnings at the user's call."""
-    # planned in float64 whatever the input's dtype: float32, float16 and bfloat16 loads
-    # convert exactly, so the same loads plan alike from every dtype (an engine hands
-    # int32, a dump float64, a user float32)
-    w = as_weight(weight)[0].to(torch.float64)
+    w, _ = as_weight(weight)  # float64 whatever the input's dtype (exact)
     topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
     num_experts = w.shape[1]
     if topology.num_replicas < num_experts:

@@ -317,6 +317,14 @@ def _counts_by_threshold(
     return counts
 
 
+def repeated_allocations(counts: torch.Tensor) -> torch.Tensor:
+    """``[K, rows]`` True where allocation ``k`` of ``counts [K, rows, E]`` equals an
+    earlier one of its row: packing it again would only tie (rows pack independently)."""
+    num = counts.shape[0]
+    earlier = torch.ones(num, num, dtype=torch.bool, device=counts.device).tril(-1)
+    return ((counts[:, None] == counts[None]).all(3) & earlier[:, :, None]).any(1)
+
+
 def max_replica_load(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
     """``[rows]`` the smallest achievable largest replica load (Jefferson's optimum).
 

@@ -264,6 +264,43 @@ def _infinite_where(flag: torch.Tensor) -> torch.Tensor:
         flag.bool(), float("inf"))
 
 
+def _best_partner(
+    off: torch.Tensor, off_columns: torch.Tensor, row: torch.Tensor,
+    load: torch.Tensor, expert: torch.Tensor, top_load: torch.Tensor,
+    top_expert: torch.Tensor, load_u: torch.Tensor, mid: torch.Tensor,
+    masked: bool, tiny: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The polish's search of one step: for every row, the partner GPU ``v`` and slots
+    ``(i, j)`` whose swap with the heaviest GPU ``u`` gives the smallest pair peak.
+
+    ``load, expert [S, rows, P]`` the state's channels; ``top_load, top_expert [S, rows]``
+    the items of ``u``, ``load_u [rows]`` its load, ``mid [rows, P]`` the pairs' mean
+    loads, ``row [rows]`` each row's first flat (row, GPU) column; ``off [S, S, rows, P]``
+    the scratch the distances are written into (``off_columns``: its
+    ``[S·S, rows·P]`` view). ``masked``: illegal swaps (an item going to a GPU that holds
+    its expert) score inf; ``tiny``: by one joined fill rather than two penalties (the
+    same values). Returns ``(best [rows], column_v [rows], pos [rows])``: the best pair
+    peak, ``v``'s flat column and ``i·S + j``, each the first among ties.
+    """
+    target = (top_load - load_u)[:, :, None] + mid  # w_i − gap/2: [S, rows, P]
+    torch.sub(target[:, None], load[None], out=off).abs_()  # [S_i, S_j, rows, P]
+    if masked:
+        # same[i, j, b, v]: u's item i and v's item j hold one expert; i may not go
+        # to a GPU holding its expert, nor j come to u (this also rules out v = u)
+        same = torch.eq(top_expert[:, None, :, None], expert[None])
+        same = same.view(torch.uint8)  # amax over a middle dim: far cheaper than any
+        if tiny:  # one fill by the joined flags: 5 calls where the penalties take 11
+            illegal = torch.bitwise_or(same.amax(1)[:, None], same.amax(0))
+            off.masked_fill_(illegal.view(torch.bool), float("inf"))
+        else:
+            off.add_(_infinite_where(same.amax(1))[:, None]).add_(
+                _infinite_where(same.amax(0)))
+    best, v = off.amin((0, 1)).add_(mid).min(1)  # [rows]: the partner with the least peak
+    column_v = row + v
+    pos = off_columns.index_select(1, column_v).min(0).indices  # [rows] over S·S
+    return best, column_v, pos
+
+
 def _rescue_masked(
     state: torch.Tensor,
     stuck: torch.Tensor,
@@ -277,30 +314,27 @@ def _rescue_masked(
     the best legal swap of each, where it lowers the pair's peak; returns ``[n]`` which
     swapped.
 
-    The search is the masked search of :func:`_refine_max` on those rows: the same
-    float32 operations on the same values (``column_u, load_u [rows]``, ``mid [rows, P]``,
-    ``top_load, top_expert [S, rows]`` of the step), and minima, which are exact, taken
-    with the same first-index rule. So a row swaps as the masked search would swap it,
-    and its plan does not depend on which search the size of the whole call picked.
+    It is :func:`_best_partner`'s masked search on those rows (``column_u, load_u
+    [rows]``, ``mid [rows, P]``, ``top_load, top_expert [S, rows]`` of the step): the same
+    operations on the same values, and exact minima with the same first-index rule, so a
+    row swaps as the masked search would swap it, whichever search the size of the
+    whole call picked.
     """
     _, slots, _, num_gpus = state.shape
-    count = len(stuck)
     load = state[LOAD].index_select(1, stuck)  # [S, n, P]
     expert = state[EXPERT].index_select(1, stuck)
     mid = mid.index_select(0, stuck)
     load_u = load_u.index_select(0, stuck)
-    top_expert = top_expert.index_select(1, stuck)  # [S, n]
-    target = (top_load.index_select(1, stuck) - load_u)[:, :, None] + mid  # [S, n, P]
-    off = torch.sub(target[:, None], load[None]).abs_()  # [S_i, S_j, n, P]
-    same = torch.eq(top_expert[:, None, :, None], expert[None]).view(torch.uint8)
-    off.masked_fill_(torch.bitwise_or(same.amax(1)[:, None], same.amax(0)).view(torch.bool),
-                     float("inf"))
-    best, v = off.amin((0, 1)).add_(mid).min(1)  # [n]
-    column_v = torch.arange(count, device=state.device) * num_gpus + v
-    pos = off.view(slots * slots, -1).index_select(1, column_v).min(0).indices  # over S·S
+    off = load.new_empty((slots, slots, len(stuck), num_gpus))
+    row = row_offsets(len(stuck), num_gpus, state.device)
+    best, column_v, pos = _best_partner(
+        off, off.view(slots * slots, -1), row, load, expert,
+        top_load.index_select(1, stuck), top_expert.index_select(1, stuck), load_u, mid,
+        masked=True, tiny=off.numel() <= _MAX_JOINED_FILL)
     ok = best < load_u * (1 - 1e-7)
     # the swap in the whole state's flat (row, GPU) columns: GPU v of u's row
     home = column_u.index_select(0, stuck)
+    v = column_v - row
     swap_columns(state, pos // slots, home, pos % slots, home - home % num_gpus + v, ok)
     return ok
 
@@ -353,22 +387,8 @@ def _refine_max(
         top_load, top_expert = columns.index_select(1, column_u).view(2, slots, rows)
         # after swapping δ = w_i − w_j the pair's larger load is (L_u + L_v)/2 + |δ − gap/2|
         mid = torch.add(loads, load_u[:, None]).mul_(0.5)  # [rows, P]
-        target = (top_load - load_u)[:, :, None] + mid  # w_i − gap/2: [S, rows, P]
-        torch.sub(target[:, None], load[None], out=off).abs_()  # [S_i, S_j, rows, P]
-        if masked:
-            # same[i, j, b, v]: u's item i and v's item j hold one expert; i may not go
-            # to a GPU holding its expert, nor j come to u (this also rules out v = u)
-            same = torch.eq(top_expert[:, None, :, None], expert[None])
-            same = same.view(torch.uint8)  # amax over a middle dim: far cheaper than any
-            if tiny:  # one fill by the joined flags: 5 calls where the penalties take 11
-                illegal = torch.bitwise_or(same.amax(1)[:, None], same.amax(0))
-                off.masked_fill_(illegal.view(torch.bool), float("inf"))
-            else:
-                off.add_(_infinite_where(same.amax(1))[:, None]).add_(
-                    _infinite_where(same.amax(0)))
-        best, v = off.amin((0, 1)).add_(mid).min(1)  # [rows]: the partner with the least peak
-        column_v = row + v
-        pos = off_columns.index_select(1, column_v).min(0).indices  # [rows] over S·S
+        best, column_v, pos = _best_partner(off, off_columns, row, load, expert, top_load,
+                                            top_expert, load_u, mid, masked, tiny)
         i, j = pos // slots, pos % slots
         ok = todo & (best < load_u * (1 - 1e-7))
         if masked:  # every finite choice is legal

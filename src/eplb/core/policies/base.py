@@ -33,6 +33,7 @@ from eplb.core.replication import (
     expand_replicas,
     filler_counts,
     ladder_counts,
+    repeated_allocations,
     replica_bound,
     replica_counts,
 )
@@ -53,7 +54,8 @@ def plan_rows(
     """Solve ``rows`` independent global problems.
 
     Args:
-        weight: ``[rows, E]`` non-negative loads.
+        weight: ``[rows, E]`` non-negative loads, float64 (a request's: the shortcut for
+            rows whose Jefferson bound is the mean relies on exact means).
         num_replicas: ``R >= E`` slots per row, a multiple of ``num_gpus``.
         floor: ``[rows]`` max GPU load that needs no improving (e.g. the bound of the
             row's layer when rows are nodes of one layer): rows packed at or below it
@@ -111,14 +113,12 @@ def plan_rows(
         cut = options.portfolio_cut(each_packed=keep != 1)
         extra = (largest > cut * weight.sum(1) / num_gpus).nonzero()[:, 0]
     first = None  # every row's items under the first rule, where expanded early
-    if len(extra) and keep == 1 and weight.dtype == torch.float64:
+    if len(extra) and keep == 1:
         # the bound picks Jefferson's allocation wherever its bound is the mean GPU load
         # (no allocation's is lower; ties keep Jefferson's): those rows need no other
         # allocation. On real DeepSeek-V3 loads at S = 3 that is 272 of 290 coarse rows.
-        # float64 only: with float32 loads the allocations' means differ by rounding
-        # (~1e-7, above rank_allocations' tie tolerance), and the pick follows it. (A
-        # request's loads are float64 whatever the input's dtype; this guards other
-        # callers.)
+        # (float64 loads: in float32 the allocations' means differ by rounding, ~1e-7,
+        # above rank_allocations' tie tolerance, and the pick would follow it)
         # Every row is expanded here, once: the expansion is row by row, so these are
         # the items the packing needs for the first rule too
         first = expand_replicas(weight, counts)
@@ -271,10 +271,7 @@ def _second_look(
     # and the first rule's (Jefferson's) with no more than P replicas above half the mean
     others = torch.cat([others, filler_counts(sub, others[0], num_gpus)[None]])
     # [K, n] allocations to pack: not the one packed, nor one an earlier rule gave
-    num = len(others)
-    earlier = torch.ones(num, num, dtype=torch.bool, device=others.device).tril(-1)
-    same = ((others[:, None] == others[None]).all(3) & earlier[:, :, None]).any(1)
-    new = (others != counts.index_select(0, rows)).any(2) & ~same
+    new = (others != counts.index_select(0, rows)).any(2) & ~repeated_allocations(others)
     rule_of, row_of = new.nonzero().unbind(1)
     if not len(row_of):
         return state
