@@ -295,16 +295,19 @@ def test_a_killed_writer_leaves_no_truncated_file(tmp_path, force) -> None:
 
 
 @pytest.mark.parametrize("no_tmpfile", [False, True])
-@pytest.mark.parametrize("no_links", [False, True])
+@pytest.mark.parametrize("no_links", [False, True, "nor renameat2"])
 def test_fallbacks_keep_every_guarantee(tmp_path, monkeypatch, umask, no_tmpfile,
                                         no_links) -> None:
-    """File systems without O_TMPFILE and/or hard links (e.g. some network mounts)."""
+    """File systems without O_TMPFILE and/or hard links (e.g. some network mounts), and
+    systems without ``renameat2`` besides."""
     if no_tmpfile:
         monkeypatch.setattr(files, "_open_unnamed", lambda directory: None)
     if no_links:
         def refuse(src, dst):
             raise OSError(errno.EPERM, "Operation not permitted")
         monkeypatch.setattr(files, "_link", refuse)
+    if no_links == "nor renameat2":
+        monkeypatch.setattr(files, "_renameat2", lambda: None)
     umask(0o027)
     path = tmp_path / "p.json"
     files.atomic_write(path, lambda h: h.write("one"))
@@ -315,6 +318,40 @@ def test_fallbacks_keep_every_guarantee(tmp_path, monkeypatch, umask, no_tmpfile
     os.chmod(path, 0o604)
     files.atomic_write(path, lambda h: h.write("three"), force=True)
     assert path.read_text() == "three" and mode(path) == 0o604
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_without_hard_links_the_name_appears_in_one_step(tmp_path, monkeypatch) -> None:
+    """Without ``link()``, the name is published by a rename that refuses to replace: no
+    empty file holds the name first, so a writer killed at any point leaves no file or
+    the complete one."""
+    if files._renameat2() is None:
+        pytest.skip("no renameat2 in this C library")
+    probe_src, probe_dst = tmp_path / "probe", tmp_path / "probe2"
+    probe_src.write_text("x")
+    if not files._rename_noreplace(probe_src, probe_dst):
+        pytest.skip("this file system has no RENAME_NOREPLACE")
+    probe_dst.unlink()
+
+    def refuse(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(files, "_link", refuse)
+    path = tmp_path / "p.json"
+    real_open = os.open
+
+    def watch(name, flags, *args, **kwargs):
+        # the reservation: an exclusive create of the output name itself
+        assert not (os.fspath(name) == os.fspath(path) and flags & os.O_EXCL), \
+            "the name was reserved by an empty file"
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watch)
+    files.atomic_write(path, lambda h: h.write("one"))
+    assert path.read_text() == "one"
+    with pytest.raises(FileExistsError, match="force"):
+        files.atomic_write(path, lambda h: h.write("two"))
+    assert path.read_text() == "one"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
 
 

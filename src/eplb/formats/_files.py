@@ -11,12 +11,17 @@ Writes (:func:`atomic_write`) follow what a user expects of ``open(path, "w")`` 
 - **No half-written files**: the content goes to an unnamed (``O_TMPFILE``) or hidden
   temporary file in the same folder, is flushed and ``fsync``-ed, and only then gets its
   name; the folder is ``fsync``-ed after. A writer killed at any point leaves either no
-  file or the complete one (an unnamed temporary file vanishes with the process).
+  file or the complete one (an unnamed temporary file vanishes with the process), on
+  every file system but those that lack both hard links and ``renameat2`` (below).
 - **No silent overwrite**: without ``force`` the name is published with ``link()``,
   which fails when *anything* already has the name (a file, a dangling symlink, or a
   concurrent writer that got there first). Of two concurrent writers exactly one wins;
   the other gets ``FileExistsError``. With ``force`` the name is replaced atomically by
-  ``rename()`` (a symlink at the name is replaced, its target left alone).
+  ``rename()`` (a symlink at the name is replaced, its target left alone). On a file
+  system without hard links the name is published by Linux's ``renameat2`` with
+  ``RENAME_NOREPLACE`` (one step, and it fails when the name is taken); only where that
+  is missing too is the name reserved first by an empty file, then replaced (a writer
+  killed in between leaves that empty file).
 
 Reads (:func:`require_regular_file`) refuse FIFOs, sockets and devices up front (opening
 a FIFO blocks forever) and turn permission problems into a clear ``PermissionError``.
@@ -25,10 +30,13 @@ a FIFO blocks forever) and turn permission problems into a clear ``PermissionErr
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import os
 import secrets
 import stat
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -242,9 +250,55 @@ def _publish_exclusive(src: str | Path, path: Path) -> bool:
         raise
 
 
+#: ``renameat2`` arguments: the current folder as the directory descriptor, and the flag
+#: that makes the rename fail when the destination exists (linux/fcntl.h, linux/fs.h)
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+
+
+@functools.cache
+def _renameat2() -> Callable[..., int] | None:
+    """The C library's ``renameat2`` (Linux, glibc 2.28 and later), or ``None``."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename ``src`` to ``dst`` in one step, failing if anything has the name ``dst``.
+
+    Returns ``False`` where the C library or the file system cannot (the caller then
+    reserves the name). Python's ``os`` has no such rename; ``link()`` is the usual
+    way, and this serves the file systems that lack it.
+    """
+    rename = _renameat2()
+    if rename is None:
+        return False
+    if rename(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst),
+              _RENAME_NOREPLACE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error == errno.EEXIST:
+        raise FileExistsError(_exists_message(dst))
+    if error in _UNSUPPORTED:
+        return False
+    raise OSError(error, os.strerror(error), os.fsdecode(dst))
+
+
 def _reserve_and_replace(tmp: Path, path: Path) -> None:
-    """Without hard links: reserve the name exclusively, then fill it by an atomic rename
-    (a concurrent writer still fails on the reservation)."""
+    """Without hard links: publish by a rename that refuses to replace
+    (:func:`_rename_noreplace`); where there is none, reserve the name exclusively, then
+    fill it by an atomic rename (a concurrent writer still fails on the reservation, but
+    a writer killed between the two steps leaves an empty file under the name)."""
+    if _rename_noreplace(tmp, path):
+        return
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     except FileExistsError:
