@@ -38,8 +38,8 @@ TORCH_ORDERED_SLOTS = 17
 
 def slot_sum(load: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[rows, P]`` sum of ``load [S, rows, P]`` over its slots, each GPU's slots added
-    one after another in slot order, whatever the GPU's place in the tensor (on a CPU;
-    ``out``: where to write it).
+    one after another in slot order, whatever the GPU's place in the tensor and the
+    tensor's memory layout (on a CPU; ``out``: where to write it).
 
     torch's own sum adds in that order for up to 4 slots, and for up to
     :data:`TORCH_ORDERED_SLOTS` but in the last ``rows·P mod`` :data:`SUM_BLOCK` columns.
@@ -51,11 +51,16 @@ def slot_sum(load: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     """
     slots, rows, num_gpus = load.shape
     width = rows * num_gpus
+    if not load.is_contiguous() and load.is_cpu:
+        # torch sums another layout in another order: a state whose rows were written
+        # into a construction's transposed layout (rows skipped at their floor) summed
+        # its GPUs differently from the same rows refined (attacker pass)
+        load = load.contiguous()
     # (the checks cost about as much as the sum's own call here: the common case first)
     if (slots <= 4 or (slots <= TORCH_ORDERED_SLOTS and width % SUM_BLOCK == 0)
             or not load.is_cpu or load.dtype not in (torch.float32, torch.float64)):
         return load.sum(0) if out is None else torch.sum(load, 0, out=out)
-    load = load.detach().contiguous()
+    load = load.detach()
     if width == 1:
         total = load[0].clone()
         for k in range(1, slots):
