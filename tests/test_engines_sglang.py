@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
 import types
 from pathlib import Path
 
@@ -186,6 +187,26 @@ def test_documented_sglang_flags_exist(sglang_root):
     for field in ("init_expert_location", "enable_eplb", "ep_num_redundant_experts",
                   "eplb_rebalance_num_iterations", "expert_distribution_recorder_mode"):
         assert f"    {field}:" in text  # becomes --{field.replace('_', '-')}
+
+
+@pytest.mark.parametrize("options", [{}, {"policy": "auto"}, {"policy": "hierarchical"}])
+def test_a_policy_option_on_a_shape_hierarchy_cannot_take_logs_without_a_python_warning(
+        options, caplog):
+    """12 GPUs on 8 nodes (SGLang passes ``--nnodes`` as it is), DeepSeek's 8 groups: the
+    option ``policy: auto`` used to reach eplb.plan's RuntimeWarning through its own
+    resolution (attacker pass), which fails SGLang's rebalance under ``-W error``."""
+    import warnings
+
+    from eplb.integrations.sglang import eplb_rebalance
+
+    tokens = torch.randint(0, 100, (1, 2, 64), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(), caplog.at_level(logging.WARNING):
+        warnings.simplefilter("error")
+        phy2log = eplb_rebalance(tokens, 72, 6, 8, 8, hierarchical=False,
+                                 options=dict(options))[0]
+    Placement.from_phy2log(phy2log, 64, Topology(72, 12)).validate()
+    if options:
+        assert "num_gpus (12) is not a multiple of num_nodes (8)" in caplog.text
 
 
 @pytest.mark.parametrize("hierarchical", [False, True])

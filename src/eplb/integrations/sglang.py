@@ -66,7 +66,6 @@ from eplb.api import rebalance_experts
 from eplb.core.dispatch_plan import MAX_NEAREST_GPUS
 from eplb.core.inputs import check_loads, require_integer_ids
 from eplb.core.placement import build_log2phy
-from eplb.core.policies import resolve_policy
 from eplb.core.topology import Topology, positive_int
 from eplb.integrations.agreement import PlanAgreement, agree_and_log, check_timeout_option
 from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
@@ -231,19 +230,23 @@ def eplb_rebalance(
     policy = options.pop("policy", None)
     if policy is None:
         policy = "global" if dispatch == "nearest" or not hierarchical else "hierarchical"
-    if policy == "auto":  # resolved once here (the option drop below needs it)
-        policy = resolve_policy(policy, Topology(num_physical_experts, num_gpus, num_nodes,
-                                                 groups), weight.shape[-1])
+    topology = Topology(num_physical_experts, num_gpus, num_nodes, groups)
+    asked = policy
+    if policy == "auto":
+        # resolved here as eplb.plan resolves it (the option drop below needs it), but a
+        # shape hierarchical placement cannot take is logged below, not warned: a warning
+        # would surface in the engine and fail its rebalance under -W error
+        policy = "hierarchical" if topology.grouped else "global"
     if policy == "hierarchical":
         # SGLang's rebalance has no fallback: a shape hierarchical placement cannot take
         # (groups or GPUs that do not divide) is planned globally, as policy "auto" does
-        topology = Topology(num_physical_experts, num_gpus, num_nodes, groups)
         problems = ([] if topology.grouped and num_nodes > 1 else
                     [f"num_groups={num_groups}, num_nodes={num_nodes}"])
         problems = problems or topology.hierarchy_problems(weight.shape[-1])
         if problems:
-            logger.warning("eplb: SGLang asked for hierarchical balancing but %s; planning "
-                           "globally", "; ".join(problems))
+            who = "SGLang asked" if asked is None else f"policy {asked!r} asks"
+            logger.warning("eplb: %s for hierarchical balancing but %s; planning globally",
+                           who, "; ".join(problems))
             policy = "global"
     old = None
     if incremental and old_phy2log is not None:
