@@ -217,6 +217,25 @@ def test_plan_max_moves_needs_previous(capsys, tmp_path, loads) -> None:
     assert_one_line_error(err)
 
 
+def test_forced_moves_beyond_the_budget_are_explained(capsys, tmp_path) -> None:
+    """A global plan given to a hierarchical call: every layer whose groups straddle nodes
+    is re-planned whatever --max-moves says; the CLI says why (it moved far more than 0
+    slots and the balance fell, silently, in a new user's try)."""
+    weight = np.exp(np.random.default_rng(1).normal(0, 1, (4, 32))) * 100
+    loads = tmp_path / "w.npy"
+    np.save(loads, weight)
+    old, new = tmp_path / "g.json", tmp_path / "h.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 8, "-o", old)[0] == 0
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--nodes", 2, "--groups",
+                       4, "--previous", old, "--max-moves", 0, "-o", new)
+    assert code == 0
+    assert "more than --max-moves 0" in err and "re-planned them whole" in err
+    # within the budget and from a map that keeps groups on their nodes: nothing to say
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--nodes", 2, "--groups",
+                       4, "--previous", new, "--max-moves", 0, "-o", tmp_path / "i.json")
+    assert code == 0 and "forced" not in err and "re-planned" not in err
+
+
 @pytest.mark.parametrize("command", ["plan", "simulate"])
 def test_negative_max_moves_is_refused_by_its_flag(capsys, tmp_path, loads, command) -> None:
     extra = ["-o", str(tmp_path / "p.json")] if command == "plan" else ["--incremental"]

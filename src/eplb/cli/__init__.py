@@ -223,8 +223,10 @@ def build_parser() -> _Parser:
     o.add_argument("--previous", metavar="OLD", help="the placement in service now (a file)")
     o.add_argument("--max-moves", type=_slots, metavar="N",
                    help="move at most N slots in total (over all layers) relative to "
-                        "--previous (default: no cap; eplb moves what pays on the next "
-                        "window)")
+                        "--previous, beyond the forced moves (slots of dead or revived "
+                        "GPUs, replicas stacked on one GPU, and hierarchical layers whose "
+                        "groups straddle nodes, re-planned whole) (default: no cap; eplb "
+                        "moves what pays on the next window)")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")

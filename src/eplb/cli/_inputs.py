@@ -17,6 +17,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from eplb.cli._common import CliError
@@ -194,6 +195,23 @@ def warn_if_no_load(weight: torch.Tensor, source: object) -> None:
         warn(f"{source}: every layer's loads are zero (no tokens were routed): any placement "
              "scores 1.0 on them, so this says nothing about the model's traffic; record "
              "loads under traffic")
+
+
+def straddling_layers(previous: Placement, num_nodes: int, num_groups: int) -> list[int]:
+    """Rows of ``previous`` in which some expert group has replicas on more than one of
+    ``num_nodes`` nodes (``num_groups`` groups of consecutive expert ids): a hierarchical
+    plan from that map re-plans them, whatever the budget."""
+    phy2log = previous.phy2log.cpu().numpy()
+    layers, slots = phy2log.shape
+    if num_nodes <= 1 or num_groups <= 1 or previous.num_experts % num_groups \
+            or slots % num_nodes:
+        return []
+    node = np.arange(slots) // (slots // num_nodes)
+    group = np.where(phy2log >= 0, phy2log // (previous.num_experts // num_groups), -1)
+    # [L, G, N]: replicas of group g on node n
+    seen = np.zeros((layers, num_groups + 1, num_nodes), bool)
+    seen[np.arange(layers)[:, None], group, node[None]] = True
+    return np.nonzero((seen[:, :num_groups].sum(2) > 1).any(1))[0].tolist()
 
 
 def warn_revived(previous: Placement, active: torch.Tensor | None,

@@ -29,6 +29,7 @@ from eplb.cli._inputs import (
     read_trace,
     refuse_forced_hierarchy,
     require_loads_files,
+    straddling_layers,
     warn,
     warn_if_no_load,
     warn_revived,
@@ -290,6 +291,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         # the old map's live GPUs alone it looked balanced, and the plan seemed to worsen it
         in_force_live = previous.live_gpus().to(live.device) | live
         _, in_force, in_force_worst = load_balance(in_force_loads, in_force_live, speed)
+        _warn_forced_moves(previous, placement, moved, args)
     summary = {
         "output": str(out),
         "emit": emit,
@@ -335,6 +337,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
     written = f"{emit}, {model_layers} model layers" if model_layers is not None else emit
     print(f"planned in {seconds * 1e3:.1f} ms; wrote {out} ({written})")
     return 0
+
+
+def _warn_forced_moves(previous: Placement, placement: Placement, moved: torch.Tensor,
+                       args: argparse.Namespace) -> None:
+    """Say why a plan from ``--previous`` moved what it did where forced moves decided it:
+    layers whose groups straddle nodes re-planned hierarchically (which may lower their
+    balance: the old map balanced them across nodes), or more slots than --max-moves."""
+    straddling = (straddling_layers(previous, args.nodes, args.groups)
+                  if placement.policy == "hierarchical" else [])
+    total = int(moved.sum())
+    over = args.max_moves is not None and total > args.max_moves
+    if not straddling and not over:
+        return
+    parts = []
+    if over:
+        parts.append(f"moved {total} slots, more than --max-moves {args.max_moves}: forced "
+                     "moves come first, whatever the budget")
+    if straddling:
+        parts.append(f"{len(straddling)} layer(s) of {args.previous} (rows "
+                     f"{integer_runs(straddling)}) keep expert groups on several of the "
+                     f"{args.nodes} nodes, so the hierarchical policy re-planned them "
+                     "whole (each group on one node); pass --policy global to plan from "
+                     "that map without the node constraint")
+    elif over:
+        parts.append("slots of dead or revived GPUs, and replicas stacked on one GPU")
+    warn("; ".join(parts))
 
 
 def _routing(args: argparse.Namespace) -> torch.Tensor | None:
