@@ -217,6 +217,15 @@ def test_plan_max_moves_needs_previous(capsys, tmp_path, loads) -> None:
     assert_one_line_error(err)
 
 
+def test_nearest_beyond_its_size_is_refused_in_the_clis_words(capsys, tmp_path, loads):
+    code, _, err = run(capsys, "plan", loads, "-r", 2048, "-g", 2048, "--nodes", 2,
+                       "--dispatch", "nearest", "-o", tmp_path / "p.json")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "--dispatch nearest" in err and "dispatch='nearest'" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_forced_moves_beyond_the_budget_are_explained(capsys, tmp_path) -> None:
     """A global plan given to a hierarchical call: every layer whose groups straddle nodes
     is re-planned whatever --max-moves says; the CLI says why (it moved far more than 0

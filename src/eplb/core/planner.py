@@ -212,8 +212,9 @@ def make_request(
         raise ValueError(
             f"dispatch='nearest' with the global policy on {topology.num_gpus} GPUs over "
             f"{topology.num_nodes} nodes is beyond what eplb plans: its node-aware "
-            f"relabelling grows up to layers × GPUs³ (58 layers take about 3 minutes on 512 "
-            f"GPUs on one core); at most {MAX_NEAREST_GPUS} GPUs. Plan with "
+            f"relabelling grows up to layers × GPUs³ (58 layers take about a minute on 512 "
+            f"GPUs and a minute and a half on 1024, on one core); at most {MAX_NEAREST_GPUS} "
+            "GPUs. Plan with "
             "dispatch='even' (or policy='hierarchical')")
     if ids is not None and chosen != "locality":
         raise ValueError(f"routing gives the locality policy its co-selection statistics; the "
