@@ -633,8 +633,14 @@ def test_real_olmoe_counts_by_key():
 def test_a_trace_prints_its_shape_not_its_numbers():
     """print() of a generated trace dumped its counts and meta (22 kB for 6000 steps)."""
     text = repr(eplb.tools.generate_trace("deepseek-v3", steps=600))
-    assert text.startswith("LoadTrace(steps=600, layers=58, experts=256, layer_ids=3..60")
+    assert text.startswith("LoadTrace(steps=600, layers=58, experts=256, layer_ids=[3..60]")
     assert len(text) < 400
+    # ids that are no range are listed (OLMoE's dump has layers 0, 7 and 15), and a long
+    # irregular list is cut short
+    sparse = eplb.core.LoadTrace(torch.ones(1, 3, 4), layer_ids=[0, 7, 15])
+    assert "layer_ids=[0, 7, 15]" in repr(sparse)
+    assert len(repr(eplb.core.LoadTrace(torch.ones(1, 500, 4),
+                                        layer_ids=list(range(0, 1000, 2))))) < 400
 
 
 def test_a_csv_table_after_comment_lines_is_read(tmp_path):

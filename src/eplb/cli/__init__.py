@@ -65,10 +65,14 @@ def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
                   replicas: int | None = None, gpus: int | None = None,
                   locality: bool = False) -> None:
     g = p.add_argument_group("topology")
+    # optional: a file's own shape decides (eplb.cli._common.default_shape)
+    unset = "" if required else " (default: 32 GPUs, or E if fewer experts)"
     g.add_argument("-r", "--replicas", type=int, required=required, default=replicas,
-                   metavar="R", help="physical expert slots in the cluster (a multiple of --gpus)")
+                   metavar="R", help="physical expert slots in the cluster (a multiple of "
+                   "--gpus)" + ("" if required else " (default: E rounded up to a multiple "
+                                "of --gpus, plus one slot per GPU)"))
     g.add_argument("-g", "--gpus", type=int, required=required, default=gpus, metavar="P",
-                   help="number of GPUs (expert-parallel ranks)")
+                   help="number of GPUs (expert-parallel ranks)" + unset)
     g.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
     g.add_argument("--groups", type=int, default=1, metavar="G",
                    help="expert groups for group-limited routing (default 1)")
@@ -78,7 +82,10 @@ def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
                         "else global" + ("; locality (with --dispatch nearest) trades balance "
                                          "against cross-node traffic, see --slack"
                                          if locality else "") + " (default auto)")
-    g.add_argument("--seed", type=int, default=0, help="planner seed (default 0)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the packing's randomised starts (default 0); with the "
+                        "default options a shape that takes one exact start plans alike "
+                        "for every seed")
 
 
 def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:

@@ -399,6 +399,13 @@ def generated_trace(preset: str, steps: int, seed: int) -> LoadTrace:
     return generate_trace(preset=preset, steps=steps, seed=seed)
 
 
+def summed_note(trace: LoadTrace) -> str:
+    """`` (12 steps summed)`` where the loads are a sum of several steps or files (a
+    folder of dumps, a trace), else nothing: what a plan or a score was made of."""
+    steps = trace.num_steps
+    return f" ({steps} steps summed)" if steps > 1 else ""
+
+
 def default_shape(num_experts: int, gpus: int | None, replicas: int | None) -> tuple[int, int]:
     """``(R, P)`` for a file without ``--replicas/--gpus``: 32 GPUs (or E if fewer) and one
     redundant slot per GPU."""

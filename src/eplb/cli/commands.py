@@ -21,6 +21,7 @@ from eplb.cli._common import (
     print_table,
     refuse_input_as_output,
     static_gpu_loads,
+    summed_note,
     timed,
 )
 from eplb.cli._inputs import (
@@ -296,6 +297,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "output": str(out),
         "emit": emit,
         "layers": num_layers,
+        "steps_summed": trace.num_steps,
         "experts": num_experts,
         "layer_ids": layer_ids,
         "model_layers": model_layers,
@@ -326,8 +328,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ]
     idle = int((weight.sum(1) == 0).sum())  # a dump's dense layers: planned, kept as rows
     print_table(
-        f"{num_layers} layers{f' ({idle} all-zero)' if idle else ''} × {num_experts} experts "
-        f"-> {args.replicas} slots on {args.gpus} GPUs ({policy}{dead_note(active)})",
+        f"{num_layers} layers{f' ({idle} all-zero)' if idle else ''} × {num_experts} experts"
+        f"{summed_note(trace)} -> {args.replicas} slots on {args.gpus} GPUs "
+        f"({policy}{dead_note(active)})",
         ["placement", "balancedness", "worst max/mean"], rows,
     )
     if moved is not None:

@@ -17,6 +17,7 @@ from eplb.cli._common import (
     print_json,
     print_table,
     static_gpu_loads,
+    summed_note,
 )
 from eplb.cli._inputs import cli_policy, read_trace, warn, warn_if_no_load
 from eplb.cli.commands import (
@@ -146,6 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = {
         "placement": str(args.placement),
         "loads": str(args.loads),
+        "steps_summed": trace.num_steps,
         "topology": topo.as_dict(),
         "policy": placement.policy,
         "balancedness_before": before,
@@ -173,7 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               r["max_over_mean_before"], r["max_over_mean_after"]] for r in per_layer],
         )
     print_table(
-        f"{args.placement} on {args.loads}: {topo.num_replicas} slots on {topo.num_gpus} GPUs "
+        f"{args.placement} on {args.loads}{summed_note(trace)}: {topo.num_replicas} slots on "
+        f"{topo.num_gpus} GPUs "
         f"({placement.policy}{dead_note(placement.active_gpus)})",
         ["", "balancedness", "worst max/mean"],
         [["no rebalancing (before)", before, before_worst],

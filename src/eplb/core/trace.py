@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from eplb.core.inputs import as_counts
+from eplb.core.messages import integer_runs
 
 #: model layer ids lie below this: models have about a hundred layers, and an SGLang file
 #: gets a row for every layer up to the largest id, so a stray huge id must not size it
@@ -84,7 +85,8 @@ class LoadTrace:
         # the counts and meta (a generated trace's per-step regimes, its preset) run to
         # tens of kB: the shape and where it came from are what a reader needs
         ids = self.layer_ids
-        span = f"{ids[0]}..{ids[-1]}" if ids else "none"
+        # runs shortened, the rest listed: [0, 7, 15] is no range 0..15
+        span = f"[{reprlib.repr(integer_runs(ids))[1:-1]}]" if ids else "none"
         return (f"LoadTrace(steps={self.num_steps}, layers={self.num_layers}, "
                 f"experts={self.num_experts}, layer_ids={span}, format={self.format!r}, "
                 f"source={self.source!r}, meta keys={sorted(map(str, self.meta))})")
