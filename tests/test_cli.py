@@ -217,6 +217,20 @@ def test_plan_max_moves_needs_previous(capsys, tmp_path, loads) -> None:
     assert_one_line_error(err)
 
 
+def test_plan_and_eval_say_how_many_steps_they_summed(capsys, tmp_path) -> None:
+    steps = np.random.default_rng(2).integers(0, 50, (3, L, E))
+    loads = tmp_path / "steps.npy"
+    np.save(loads, steps)
+    out = tmp_path / "p.json"
+    code, text, _ = run(capsys, "plan", loads, "-r", R, "-g", P, "-o", out)
+    assert code == 0 and "(3 steps summed)" in text.splitlines()[0]
+    code, text, _ = run(capsys, "eval", "--placement", out, loads, "--json", "--summary")
+    assert code == 0 and json.loads(text)["steps_summed"] == 3
+    code, text, _ = run(capsys, "plan", small_loads_file(tmp_path), "-r", R, "-g", P, "-o",
+                        tmp_path / "q.json")
+    assert code == 0 and "summed" not in text
+
+
 def test_nearest_beyond_its_size_is_refused_in_the_clis_words(capsys, tmp_path, loads):
     code, _, err = run(capsys, "plan", loads, "-r", 2048, "-g", 2048, "--nodes", 2,
                        "--dispatch", "nearest", "-o", tmp_path / "p.json")
