@@ -19,8 +19,10 @@ unset EXPERT_STATISTIC_ITER_RANGE
 # 2. Plan: eplb reads the statistics folder (its rank*.safetensors files need the optional
 #    safetensors package: pip install "/path/to/eplb[safetensors]"); a .yaml output means
 #    --emit trtllm.
-#    Keys of initial_global_assignments are the model's own MoE layer ids (3..60).
-eplb plan "$EXPERT_STATISTIC_PATH" -r 288 -g 32 --nodes 4 --groups 8 -o moe_load_balancer.yaml
+#    Keys of initial_global_assignments are the model's own MoE layer ids (3..60). A global
+#    plan balances best; add --nodes 4 --groups 8 to keep each expert group on one node
+#    (fewer nodes per token, far worse balance: README, TensorRT-LLM section).
+eplb plan "$EXPERT_STATISTIC_PATH" -r 288 -g 32 -o moe_load_balancer.yaml
 
 # 3. Serve with the placement (num_slots 288 must be a multiple of ep_size 32).
 cat > extra_eplb.yaml <<YAML
