@@ -436,6 +436,18 @@ def test_simulate_incremental_table(capsys, trace_file) -> None:
     assert "incremental" in out
 
 
+def test_simulate_says_when_forced_moves_pass_the_budget(capsys, trace_file) -> None:
+    # the first hierarchical rebalance re-plans the start's straddling groups whatever
+    # --max-moves says; the table's mean hid it (new-user pass: 2914 per rebalance shown
+    # under --max-moves 2000, the first one 13714)
+    args = ("simulate", trace_file, "--window", 10, "-r", 16, "-g", 8, "--incremental",
+            "--max-moves", 0)
+    code, out, _ = run(capsys, *args, "--nodes", 2, "--groups", 2)
+    assert code == 0 and "forced moves: 1 of 3 rebalances" in out
+    code, out, _ = run(capsys, *args)
+    assert code == 0 and "forced moves" not in out
+
+
 def test_simulate_table_says_what_its_columns_mean(capsys, trace_file) -> None:
     # found by the twelfth-session newcomer pass: 'window bal', 'step bal', 'oracle' and
     # 'moved/rebal' were printed with no word on which counts or what was moved

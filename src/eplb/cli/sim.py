@@ -182,6 +182,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           "oracle: the same planner given the scored window itself (foresight, not a bound);\n"
           "moved/rebal: slots whose expert changed per rebalance, of "
           f"{trace.num_layers * replicas} ({trace.num_layers} layers × {replicas} slots)")
+    if args.max_moves is not None:
+        for r in results:
+            per = r.moved_slots.sum(1).tolist()
+            over = [i for i, moved in enumerate(per) if moved > args.max_moves]
+            if r.incremental and over:  # the mean above hides them
+                print(f"forced moves: {len(over)} of {len(per)} rebalances moved more than "
+                      f"--max-moves {args.max_moves} (the first: {per[over[0]]} slots at "
+                      f"rebalance {over[0] + 1}): slots of dead or revived GPUs, stacked "
+                      "replicas and hierarchical layers whose groups straddle nodes are "
+                      "moved whatever the budget")
     idle = results[0].summary()["idle_steps"]
     if idle:  # they read as balanced: say why the means leave them out
         print(f"idle steps: {idle} of {trace.num_steps} route no token (no MoE time); the "
