@@ -109,13 +109,11 @@ def polish_host(
         # (this also rules out v = u). Illegal pairs get an infinite distance through
         # their operands, target_i = +inf or w_j = −inf (never inf − inf: no NaN), so
         # the legal entries are the same float32 differences the torch search masks
-        top_rep = np.repeat(top_expert[:, :, None], num_gpus, 2)  # [S, n, P]
-        gives = np.empty((slots, n, num_gpus), bool)  # i's expert is on v already
-        takes = np.zeros((slots, n, num_gpus), bool)  # j's expert is on u already
-        for k in range(slots):  # contiguous [S, n, P] compares: no broadcast reduce
-            same = their_expert == top_rep[k]
-            np.logical_or.reduce(same, 0, out=gives[k])
-            takes |= same
+        # same[i, j, b, v]: u's item i and v's item j hold one expert (one broadcast
+        # compare; the reductions run over leading axes, which NumPy does elementwise)
+        same = top_expert[:, None, :, None] == their_expert[None]  # [S_i, S_j, n, P]
+        gives = same.any(1)  # [S, n, P]: i's expert is on v already
+        takes = same.any(0)  # [S, n, P]: j's expert is on u already
         target = np.where(gives, np.float32(np.inf), target)
         their_load = np.where(takes, np.float32(-np.inf), their_load)
         off = np.subtract(target[:, None], their_load[None], out=buffer[:, :, :n])
