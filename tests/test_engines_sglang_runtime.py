@@ -535,9 +535,9 @@ def test_options_the_nearest_planner_cannot_honour_are_dropped_not_fatal(caplog)
 
 def test_auto_plans_for_an_even_split_where_the_nearest_plan_would_stall_sglang(
         monkeypatch, caplog):
-    # the nearest plan's node relabelling grows up to L·P³ and SGLang's scheduler waits
-    # for it (58 layers on one core: 33 s at 256 GPUs, 6 min at 512): beyond
-    # AUTO_NEAREST_MAX_GPUS "auto" plans for an even split; "nearest" still asks for it
+    # the nearest plan's node relabelling grows about as P³ and with the slots per GPU,
+    # and SGLang's scheduler waits for it: beyond AUTO_NEAREST_MAX_WORK (GPUs × all slots)
+    # "auto" plans for an even split; "nearest" still asks for it
     asked = []
     real = plugin.rebalance_experts
 
@@ -547,17 +547,34 @@ def test_auto_plans_for_an_even_split_where_the_nearest_plan_would_stall_sglang(
 
     monkeypatch.setattr(plugin, "rebalance_experts", spy)
     weight = torch.randint(1, 1000, (1, 6, 64))
-    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_GPUS", 4)  # this call has 8 GPUs
+    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_WORK", 639)  # 8 GPUs × 80 slots
     with caplog.at_level(logging.WARNING):
         plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
                               sglang_dispatch="static")
     assert asked == ["even"] and "would stall each rebalance" in caplog.text
     plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
                           options={"dispatch": "nearest"}, sglang_dispatch="static")
-    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_GPUS", 8)
+    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_WORK", 640)
     plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
                           sglang_dispatch="static")
     assert asked == ["even", "nearest", "nearest"]
+
+
+def test_auto_counts_the_slots_per_gpu_not_only_the_gpus(monkeypatch):
+    # 256 GPUs with 9 slots each passed the former limit of 256 GPUs and took 44-106 s
+    # per rebalance for 58 layers (attacker pass); 128 GPUs × 8 slots take about 2.6 s
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("dispatch", "even"))
+        # (no plan: only the dispatch asked for is checked)
+
+    monkeypatch.setattr(plugin, "rebalance_experts", spy)
+    weight = torch.randint(1, 1000, (1, 2, 256))
+    for gpus, slots in ((256, 9), (256, 3), (128, 9), (128, 8), (256, 2), (32, 9)):
+        plugin.eplb_rebalance(weight, gpus * slots, slots, 8, gpus // 8, hierarchical=False,
+                              sglang_dispatch="static")
+    assert asked == ["even", "even", "even", "nearest", "nearest", "nearest"]
 
 
 def test_the_nearest_switch_never_serves_worse_and_never_fails_sglangs_call(sglang_root):

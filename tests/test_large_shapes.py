@@ -105,8 +105,13 @@ def test_nearest_dispatch_beyond_its_gpu_limit_is_refused_and_sglang_plans_even(
     from eplb.integrations.sglang import eplb_rebalance
 
     weight = torch.rand(1, 4096, generator=torch.Generator().manual_seed(0)) * 1000
-    with pytest.raises(ValueError, match="at most 1024 GPUs"):
+    with pytest.raises(ValueError, match="2048 GPUs is more than the 1024 it plans for"):
         eplb.plan(weight, 8192, 2048, 16, dispatch="nearest")
+    # 3 or more slots per GPU: at most 512 GPUs (one layer on 1024 GPUs × 4 slots took 36 s,
+    # an attacker pass; bench_nearest_scale.py)
+    small = torch.rand(1, 256, generator=torch.Generator().manual_seed(1)) * 1000
+    with pytest.raises(ValueError, match="1024 GPUs with 4 slots each is more than the 512"):
+        eplb.plan(small, 4096, 1024, 128, dispatch="nearest")
     # the hierarchical policy under nearest dispatch searches no relabelling: allowed
     eplb.plan(torch.rand(1, 4096) * 1000, 4096 + 2048, 2048, 16, 64, dispatch="nearest",
               policy="hierarchical")

@@ -22,7 +22,7 @@ from typing import TextIO
 import torch
 
 from eplb.core import LoadTrace, balancedness_ceiling, layer_ceiling
-from eplb.core.dispatch_plan import MAX_NEAREST_GPUS
+from eplb.core.dispatch_plan import NEAREST_TIMES, nearest_size_problem
 from eplb.core.inputs import scale_free
 from eplb.core.planner import check_plan_size
 from eplb.core.topology import Topology
@@ -195,12 +195,13 @@ def check_nearest_flags(args: argparse.Namespace, policy: str, dead: bool = Fals
     """Under ``--dispatch nearest``: ``--fair`` shapes a global plan, ``--routing``
     feeds the locality policy and ``--max-moves`` budgets the global policy with every GPU
     live; refuse each elsewhere by flag (the API's refusal names its keywords)."""
-    if policy == "global" and args.nodes > 1 and args.gpus > MAX_NEAREST_GPUS:
-        raise CliError(f"--dispatch nearest with the global policy on {args.gpus} GPUs over "
-                       f"{args.nodes} nodes is beyond what eplb plans (its node-aware "
-                       "relabelling grows up to layers × GPUs³: 58 layers take about a "
-                       f"minute on 512 GPUs on one core); at most {MAX_NEAREST_GPUS} GPUs. "
-                       "Plan with --dispatch even, or --policy hierarchical")
+    too_large = (nearest_size_problem(args.gpus, args.replicas // args.gpus)
+                 if policy == "global" and args.nodes > 1 else None)
+    if too_large:
+        raise CliError(f"--dispatch nearest with the global policy over {args.nodes} nodes "
+                       f"is beyond what eplb plans: {too_large} (its node-aware relabelling "
+                       f"grows about as GPUs³ and with the slots: {NEAREST_TIMES}). Plan "
+                       "with --dispatch even, or --policy hierarchical")
     if getattr(args, "max_moves", None) is not None and (policy != "global" or dead):
         where = f"the {policy} policy" if policy != "global" else "--dead-gpus"
         raise CliError(f"--max-moves under --dispatch nearest budgets the global policy with "

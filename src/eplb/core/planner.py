@@ -25,7 +25,7 @@ import warnings
 import torch
 
 from eplb.core.dispatch import check_dispatch
-from eplb.core.dispatch_plan import FAIR_MODES, MAX_NEAREST_GPUS
+from eplb.core.dispatch_plan import FAIR_MODES, NEAREST_TIMES, nearest_size_problem
 from eplb.core.inputs import (
     as_gpu_speed,
     as_live_mask,
@@ -207,15 +207,15 @@ def make_request(
         has_speeds=speed is not None,
         stacklevel=stacklevel,
     )
-    if (dispatch == "nearest" and chosen == "global" and topology.num_nodes > 1
-            and topology.num_gpus > MAX_NEAREST_GPUS):  # refused before minutes of search
+    too_large = (nearest_size_problem(topology.num_gpus, topology.slots_per_gpu)
+                 if dispatch == "nearest" and chosen == "global" and topology.num_nodes > 1
+                 else None)
+    if too_large:  # refused before minutes of search
         raise ValueError(
-            f"dispatch='nearest' with the global policy on {topology.num_gpus} GPUs over "
-            f"{topology.num_nodes} nodes is beyond what eplb plans: its node-aware "
-            f"relabelling grows up to layers × GPUs³ (58 layers take about a minute on 512 "
-            f"GPUs and a minute and a half on 1024, on one core); at most {MAX_NEAREST_GPUS} "
-            "GPUs. Plan with "
-            "dispatch='even' (or policy='hierarchical')")
+            f"dispatch='nearest' with the global policy over {topology.num_nodes} nodes is "
+            f"beyond what eplb plans: {too_large} (its node-aware relabelling grows about as "
+            f"GPUs³ and with the slots: {NEAREST_TIMES}). Plan with dispatch='even' (or "
+            "policy='hierarchical')")
     if ids is not None and chosen != "locality":
         raise ValueError(f"routing gives the locality policy its co-selection statistics; the "
                          f"{chosen} policy does not use it (pass policy='locality')")

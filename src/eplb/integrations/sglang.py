@@ -63,7 +63,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
-from eplb.core.dispatch_plan import MAX_NEAREST_GPUS
+from eplb.core.dispatch_plan import nearest_size_problem
 from eplb.core.inputs import check_loads, require_integer_ids
 from eplb.core.placement import build_log2phy
 from eplb.core.topology import Topology, positive_int
@@ -94,10 +94,13 @@ PLANNER_OPTIONS = frozenset(
 )
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
-#: the most GPUs ``dispatch: auto`` plans SGLang's nearest dispatch for (see
-#: :func:`eplb_rebalance`); beyond it a rebalance would stall SGLang's scheduler for tens of
-#: seconds (58 layers on one core, 8 GPUs a node: 1.3 s at 256 GPUs, 52 s at 512)
-AUTO_NEAREST_MAX_GPUS = 256
+#: the most GPUs × all slots (``P · R``) ``dispatch: auto`` plans SGLang's nearest dispatch for
+#: (see :func:`eplb_rebalance`): the plan's node relabelling grows about as P³ and with the
+#: slots per GPU, and SGLang's scheduler waits while it plans. 58 generated DeepSeek-V3
+#: layers on one core took at most 2.6 s at or below it (128 GPUs × 8 slots, 256 × 2),
+#: 5–44 s just above (128 × 9, 256 × 3, 256 × 9): ``benchmarks/bench_nearest_scale.py``,
+#: BENCHMARKS.md §14. (A limit of 256 GPUs alone let 256 × 9 stall each rebalance.)
+AUTO_NEAREST_MAX_WORK = 1 << 17
 #: ``dispatch`` values: ``auto`` plans for the rule SGLang runs (its ``static`` dispatch on
 #: several nodes sends a token to the nearest replica; otherwise tokens spread evenly)
 DISPATCH_CHOICES = ("auto", "even", "nearest")
@@ -170,9 +173,10 @@ def eplb_rebalance(
             0.751–0.894 under that rule on the real DeepSeek-V3 loads, a global one
             planned for it 0.9966–0.9988 (BENCHMARKS.md §14); per layer the planner keeps
             its even-split plan where the rule serves that clearly better (BENCHMARKS.md
-            §16). Otherwise an even split, and also on more than
-            :data:`AUTO_NEAREST_MAX_GPUS` GPUs under ``auto`` (the nearest plan's search
-            would stall the rebalance: set ``dispatch: nearest`` to plan for it anyway).
+            §16). Otherwise an even split, and also under ``auto`` where ``P · R``
+            (GPUs × all slots) passes :data:`AUTO_NEAREST_MAX_WORK` (the nearest plan's
+            search would stall the rebalance: set ``dispatch: nearest`` to plan for it
+            anyway).
 
     Returns:
         ``(phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E])`` int64 on the CPU
@@ -207,25 +211,26 @@ def eplb_rebalance(
         # most realised balance (on real DeepSeek-V3 loads above the even-split planner's
         # at 100–3340 slots, as SGLang's static dispatch serves them; BENCHMARKS §14)
         dispatch = "nearest" if sglang_dispatch == "static" else "even"
-        if dispatch == "nearest" and num_gpus > AUTO_NEAREST_MAX_GPUS:
+        if dispatch == "nearest" and num_gpus * num_physical_experts > AUTO_NEAREST_MAX_WORK:
             # SGLang's scheduler waits while it plans: the nearest plan's node relabelling
-            # grows up to L·P³ where its greedy start leaves conflicts (58 layers on one
-            # core, 8 GPUs a node: 1.3 s at 256 GPUs, 52 s at 512), so "auto" keeps the
-            # even split; "nearest" asks for it
-            logger.warning("eplb: planning for SGLang's nearest dispatch on %d GPUs would "
-                           "stall each rebalance for tens of seconds to minutes; planning for "
-                           "an even split (set the option dispatch to 'nearest' to plan for it "
-                           "anyway, up to %d GPUs)", num_gpus, MAX_NEAREST_GPUS)
+            # grows about as P³ and with the slots per GPU (AUTO_NEAREST_MAX_WORK, on P·R), so
+            # "auto" keeps the even split; "nearest" asks for it
+            logger.warning("eplb: planning for SGLang's nearest dispatch on %d GPUs with %d "
+                           "slots each would stall each rebalance for seconds to minutes; "
+                           "planning for an even split (set the option dispatch to 'nearest' "
+                           "to plan for it anyway)", num_gpus, num_local_physical_experts)
             dispatch = "even"
     if dispatch == "nearest" and (num_nodes <= 1 or num_gpus % num_nodes):
         # one node: every replica is on the token's node; GPUs that do not divide over
         # the nodes: the nearest model does not apply (and must not fail SGLang's call)
         dispatch = "even"
-    if dispatch == "nearest" and num_gpus > MAX_NEAREST_GPUS:
+    too_large = (nearest_size_problem(num_gpus, num_local_physical_experts)
+                 if dispatch == "nearest" else None)
+    if too_large:
         # beyond the nearest planner's size (eplb.plan refuses it): an even split's plan
         # rather than a failed rebalance
-        logger.warning("eplb: %d GPUs is beyond the nearest-dispatch planner's %d; planning "
-                       "for an even split", num_gpus, MAX_NEAREST_GPUS)
+        logger.warning("eplb: %s, beyond what the nearest-dispatch planner plans for; "
+                       "planning for an even split", too_large)
         dispatch = "even"
     policy = options.pop("policy", None)
     if policy is None:
