@@ -147,3 +147,18 @@ def test_the_repair_scoring_only_movable_slots_makes_the_same_plans(monkeypatch,
     assert torch.equal(fast, host)
     monkeypatch.setattr(state, "_PICK_FROM_SLOTS", 1 << 30)  # every slot scored
     assert torch.equal(eplb.plan(weight, replicas, 8).phy2log, fast)
+
+
+def test_one_gpu_needs_no_swap_search_and_is_not_refused():
+    """One GPU has no partner to swap with: ``P/2 · S²`` is 0 swaps, but the size check
+    counted one pair and refused 40,000 experts on one GPU as 1.6e9 swaps (attacker
+    pass); the polish now skips such rows instead of allocating its ``[S, S]`` search."""
+    import torch
+
+    import eplb
+
+    weight = torch.rand(2, 40_000, generator=torch.Generator().manual_seed(0))
+    weight[1] = 0.0  # an idle row takes the packing path, not the every-GPU shortcut
+    placement = eplb.plan(weight, 40_000, 1)
+    placement.validate()
+    assert torch.equal(placement.logcnt, torch.ones(2, 40_000, dtype=placement.logcnt.dtype))

@@ -127,7 +127,7 @@ def check_plan_size(num_layers: int, topology: Topology, num_experts: int) -> No
     if gpus > MAX_GPUS:
         raise ValueError(f"{beyond}: at most {MAX_GPUS} GPUs")
     check_total_slots(num_layers, topology)
-    swaps = max(1, gpus // 2) * slots * slots
+    swaps = gpus // 2 * slots * slots  # (one GPU: no pair, no search)
     if slots > 2 and swaps > MAX_SWAPS_PER_ROW:
         raise ValueError(
             f"{beyond}: the swap search of one layer would score {swaps:.2e} swaps at once "

@@ -350,6 +350,8 @@ def _refine_max(
     A small CPU state (a masked search) is polished in NumPy (:mod:`.polish`: the same
     swaps at a fraction of the per-call cost); ``host`` forces one version or the other
     (the tests compare them)."""
+    if state.shape[3] < 2:  # one GPU: no partner to swap with (and no [S, S] search)
+        return state
     budgeted = track is not None and track.origin is not None and track.budget is not None
     if host is None:
         host = host_polish_applies(state)
