@@ -352,3 +352,23 @@ def test_move_options_do_not_break_a_call_without_an_old_map(vllm, monkeypatch):
 def test_locality_is_refused_at_start_up():
     with pytest.raises(ValueError, match="vLLM splits tokens evenly"):
         plugin.options_from_env({plugin.OPTIONS_ENV_VAR: '{"policy": "locality"}'})
+
+
+def test_a_forced_hierarchical_policy_plans_globally_where_the_call_cannot_take_it(
+        monkeypatch, caplog):
+    """``VLLM_EPLB_OPTIONS={"policy": "hierarchical"}`` on a call without groups (or whose
+    groups or GPUs do not divide) made eplb.plan raise, so vLLM's own policy answered
+    every rebalance with an error in the log (attacker pass); it now plans globally with a
+    warning, as SGLang's hook does."""
+    monkeypatch.setattr(plugin.EplbPolicy, "options", {"policy": "hierarchical"})
+    weight = torch.randint(0, 100, (3, 64), dtype=torch.int32,
+                           generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger=plugin.logger.name):
+        phy2log = plugin.EplbPolicy.rebalance_experts(weight, 72, 1, 1, 8)
+        assert "planning globally" in caplog.text
+        eplb.Placement.from_phy2log(phy2log, 64, eplb.Topology(72, 8)).validate()
+        caplog.clear()
+        phy2log = plugin.EplbPolicy.rebalance_experts(weight, 72, 4, 2, 8)
+        assert "planning globally" not in caplog.text
+    eplb.Placement.from_phy2log(phy2log, 64, eplb.Topology(72, 8, 2, 4),
+                                policy="hierarchical").validate()

@@ -60,7 +60,7 @@ import torch
 from eplb._version import __version__
 from eplb.api import rebalance_experts
 from eplb.core.inputs import refuse_without_values, require_integer_ids
-from eplb.core.topology import is_name
+from eplb.core.topology import Topology, is_name
 from eplb.integrations.agreement import (
     DEFAULT_TIMEOUT_S,
     AgreementError,
@@ -159,6 +159,8 @@ class EplbPolicy:
             planner = {k: v for k, v in planner.items() if k not in INCREMENTAL_OPTIONS}
         plan, error = None, None
         try:
+            planner = _hierarchy_or_global(planner, weight.shape[1], num_replicas, num_groups,
+                                           num_nodes, num_ranks)
             phy2log, _, _ = rebalance_experts(
                 weight, num_replicas, num_groups, num_nodes, num_ranks,
                 old_phy2log=old, **planner,
@@ -180,6 +182,25 @@ class EplbPolicy:
             return plan
         return _fall_back(error, weight, num_replicas, num_groups, num_nodes, num_ranks,
                           old_global_expert_indices)
+
+
+def _hierarchy_or_global(planner: dict[str, Any], num_experts: int, num_replicas: int,
+                         num_groups: int, num_nodes: int, num_ranks: int) -> dict[str, Any]:
+    """``planner`` with a forced ``policy: hierarchical`` turned global, with a warning,
+    where this call's shape cannot take it (groups or GPUs that do not divide, one node or
+    group): eplb.plan would raise, and vLLM's own policy would answer every rebalance
+    with an error in the log, as SGLang's hook plans globally instead."""
+    if planner.get("policy") != "hierarchical":
+        return planner
+    topology = Topology(num_replicas, num_ranks, num_nodes, num_groups)
+    problems = ([] if topology.grouped else
+                [f"num_groups={num_groups}, num_nodes={num_nodes}"])
+    problems = problems or topology.hierarchy_problems(num_experts)
+    if not problems:
+        return planner
+    logger.warning("eplb: the option policy 'hierarchical' does not fit this call (%s); "
+                   "planning globally", "; ".join(problems))
+    return {**planner, "policy": "global"}
 
 
 def _fall_back(error: BaseException | None, weight: torch.Tensor, *args: Any) -> torch.Tensor:
