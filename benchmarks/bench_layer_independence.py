@@ -1,6 +1,6 @@
 """Does a layer plan the same alone as in a call with other layers?
 
-Two measurements (BENCHMARKS.md §1, "A layer plans alike whatever else is in the call"):
+Four measurements (BENCHMARKS.md §1, "A layer plans alike whatever else is in the call"):
 
 - **Random problems.** ``--cases`` random shapes (1-17 slots per GPU, 2-32 GPUs, 4-64
   experts, one node or a hierarchical cluster, log-normal, integer and tied loads). For
@@ -12,6 +12,11 @@ Two measurements (BENCHMARKS.md §1, "A layer plans alike whatever else is in th
   experts), each planned alone and as one row of a call with 100-200 other random
   layers: large enough for the polish's checked search (its choice is made by the size
   of the whole call), where a layer alone gets the masked one.
+- **Beside a one-hot layer.** ``--one-hot`` random hierarchical layers (5-8 slots per
+  GPU, 1-2 nodes of 4-16 GPUs), each planned alone and beside a layer whose tokens all
+  go to two experts: that layer's node rows sit at their bound and skip the swap search,
+  which left the packing state in the construction's memory layout (torch's float32 sum
+  over slots adds that layout in another order).
 - **A real dump with its dense rows.** Each real DeepSeek-V3 file (61 rows, the first 3
   all zero) against its 58 MoE rows alone, at several shapes: the MoE layers whose plans
   differ; and each MoE layer planned alone against the 58-row call (SKIPPED without the
@@ -103,6 +108,43 @@ def large_calls(cases: int, seed: int) -> None:
         print(f"- differs: {example}")
 
 
+def beside_one_hot(cases: int, seed: int) -> None:
+    """A hierarchical layer alone against the same layer beside a one-hot layer (two
+    experts carry all its tokens): that layer's node rows sit at their bound and skip the
+    swap search, which kept the packing state in the construction's memory layout."""
+    rng = random.Random(seed)
+    planned = differ = 0
+    examples = []
+    for index in range(cases):
+        nodes = rng.choice([1, 2])
+        gpus = nodes * rng.choice([4, 8, 16])
+        slots = rng.choice([5, 6, 7, 8])
+        replicas = gpus * slots
+        groups = rng.choice([2, 4]) * nodes
+        experts = groups * rng.randrange(max(1, replicas // 2 // groups),
+                                         replicas // groups + 1)
+        gen = np.random.default_rng(40_000 + index)
+        layer = np.round(np.exp(gen.normal(3.5, rng.choice([0.5, 1.0]), experts)))
+        hot = np.zeros(experts)
+        hot[gen.choice(experts, 2, replace=False)] = 1000.0
+        weight = torch.from_numpy(np.stack([layer, hot]))
+        kwargs = {"num_nodes": nodes, "num_groups": groups, "policy": "hierarchical"}
+        try:
+            both = eplb.plan(weight, replicas, gpus, **kwargs).phy2log[0]
+        except ValueError:  # a shape hierarchical placement cannot take (one node)
+            continue
+        planned += 1
+        alone = eplb.plan(weight[:1], replicas, gpus, **kwargs).phy2log[0]
+        if not torch.equal(alone, both):
+            differ += 1
+            examples.append(f"E={experts} P={gpus} S={slots} N={nodes} G={groups}")
+    print(f"\nBeside a one-hot layer (seed {seed}): one hierarchical layer alone against "
+          f"the same layer beside a layer whose tokens go to two experts\n")
+    print(markdown_table(["problems", "layer plans that differ"], [[planned, differ]]))
+    for example in examples[:10]:
+        print(f"- differs: {example}")
+
+
 def real_dumps() -> None:
     files = sorted(DEEPSEEK_DIR.glob("*.json")) if DEEPSEEK_DIR.is_dir() else []
     if not files:
@@ -139,11 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", type=int, default=300, help="random problems")
     parser.add_argument("--large", type=int, default=100,
                         help="random layers planned alone and in a large call")
+    parser.add_argument("--one-hot", type=int, default=400,
+                        help="random hierarchical layers planned alone and beside a one-hot "
+                             "layer")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     print(start("bench_layer_independence"))
     random_problems(args.cases, args.seed)
     large_calls(args.large, args.seed)
+    beside_one_hot(args.one_hot, args.seed)
     real_dumps()
     return 0
 
