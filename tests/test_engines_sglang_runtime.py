@@ -577,6 +577,26 @@ def test_auto_counts_the_slots_per_gpu_not_only_the_gpus(monkeypatch):
     assert asked == ["even", "even", "even", "nearest", "nearest", "nearest"]
 
 
+def test_the_nearest_size_limit_applies_to_the_global_plan_only(monkeypatch, caplog):
+    # a hierarchical plan for the nearest dispatch searches no node relabelling, so the
+    # global plan's size limit must not turn it into an even split (second attacker pass)
+    asked = []
+
+    def spy(*args, **kwargs):
+        asked.append((kwargs.get("dispatch", "even"), kwargs["policy"]))
+
+    monkeypatch.setattr(plugin, "rebalance_experts", spy)
+    weight = torch.randint(1, 1000, (1, 2, 256))
+    options = {"policy": "hierarchical", "dispatch": "nearest"}
+    with caplog.at_level(logging.WARNING):
+        plugin.eplb_rebalance(weight, 2048, 2, 8, 8, True, dict(options))  # 1024 × 2
+        assert "beyond what the nearest-dispatch planner" not in caplog.text
+        plugin.eplb_rebalance(weight, 2048, 2, 8, 8, True, {"dispatch": "nearest"})
+        assert "beyond what the nearest-dispatch planner" in caplog.text
+    # the global plan is too large: an even split, with SGLang's own policy again
+    assert asked == [("nearest", "hierarchical"), ("even", "hierarchical")]
+
+
 def test_the_nearest_switch_never_serves_worse_and_never_fails_sglangs_call(sglang_root):
     # found by a review pass: one expert over the nodes' share (the nearest-aware plan
     # gives it a replica per node), GPUs that do not divide over the nodes, a budget

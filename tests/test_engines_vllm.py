@@ -356,19 +356,21 @@ def test_locality_is_refused_at_start_up():
 
 def test_a_forced_hierarchical_policy_plans_globally_where_the_call_cannot_take_it(
         monkeypatch, caplog):
-    """``VLLM_EPLB_OPTIONS={"policy": "hierarchical"}`` on a call without groups (or whose
-    groups or GPUs do not divide) made eplb.plan raise, so vLLM's own policy answered
-    every rebalance with an error in the log (attacker pass); it now plans globally with a
-    warning, as SGLang's hook does."""
+    """``VLLM_EPLB_OPTIONS={"policy": "hierarchical"}`` on a call whose groups or GPUs do
+    not divide made eplb.plan raise, so vLLM's own policy answered every rebalance with an
+    error in the log (attacker pass); it now plans globally with a warning, as SGLang's
+    hook does. One node or one group is no problem (eplb.plan plans it: no warning)."""
     monkeypatch.setattr(plugin.EplbPolicy, "options", {"policy": "hierarchical"})
     weight = torch.randint(0, 100, (3, 64), dtype=torch.int32,
                            generator=torch.Generator().manual_seed(0))
     with caplog.at_level(logging.WARNING, logger=plugin.logger.name):
-        phy2log = plugin.EplbPolicy.rebalance_experts(weight, 72, 1, 1, 8)
+        phy2log = plugin.EplbPolicy.rebalance_experts(weight, 72, 3, 1, 8)
+        assert "num_experts (64) is not a multiple of num_groups (3)" in caplog.text
         assert "planning globally" in caplog.text
         eplb.Placement.from_phy2log(phy2log, 64, eplb.Topology(72, 8)).validate()
-        caplog.clear()
-        phy2log = plugin.EplbPolicy.rebalance_experts(weight, 72, 4, 2, 8)
-        assert "planning globally" not in caplog.text
-    eplb.Placement.from_phy2log(phy2log, 64, eplb.Topology(72, 8, 2, 4),
-                                policy="hierarchical").validate()
+        for groups, nodes in ((4, 2), (4, 1), (1, 1)):
+            caplog.clear()
+            phy2log = plugin.EplbPolicy.rebalance_experts(weight, 72, groups, nodes, 8)
+            assert "planning globally" not in caplog.text
+            eplb.Placement.from_phy2log(phy2log, 64, eplb.Topology(72, 8, nodes, groups),
+                                        policy="hierarchical").validate()

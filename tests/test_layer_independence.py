@@ -160,6 +160,9 @@ def test_slot_sums_do_not_depend_on_the_memory_layout(slots, rows, gpus, seed):
         expected = expected + load[k]
     assert torch.equal(slot_sum(load), expected)
     assert torch.equal(slot_sum(load.contiguous()), expected)
+    # and into an ``out`` of another layout (torch sums into it in another order too)
+    out = torch.empty(gpus, rows).t()
+    assert torch.equal(slot_sum(load.contiguous(), out=out), expected)
 
 
 def test_a_layer_beside_a_one_hot_layer_plans_as_alone():

@@ -204,32 +204,31 @@ def plan_rows_capped(
     return to_slots(state)
 
 
-#: the most GPUs the global nearest-dispatch plan relabels over several nodes: where the
-#: greedy start leaves conflicts its search makes one swap per step over every GPU pair, up
-#: to about P/3 steps of P² cells per layer and start, so time grows up to L·P³ with the
-#: experts of 3+ replicas, and with the slots per GPU (58 generated DeepSeek-V3 layers, 8
-#: GPUs a node, one core: 1.0 s at 256 GPUs × 1 slot, 31 s at 256 × 9, 19 s at 1024 × 1,
-#: 12 s at 1024 × 2; one layer on 2048 GPUs ran past 120 s; BENCHMARKS.md §14, §15)
-MAX_NEAREST_GPUS = 1024
-#: ... and with 3 or more slots per GPU (58 layers: 84 s at 512 × 4, 7 minutes at 512 × 8,
-#: 35 minutes at 1024 × 4; ``benchmarks/bench_nearest_scale.py``)
-MAX_NEAREST_GPUS_MANY_SLOTS = 512
+#: the most GPUs × all slots (``P · R``) the global nearest-dispatch plan relabels over
+#: several nodes: where the greedy start leaves conflicts its search makes one swap per
+#: step over every GPU pair, up to about P/3 steps of P² cells per layer and start, so time
+#: grows about as L·P³ with the experts of 3+ replicas, and with the slots per GPU. 58
+#: layers on one core (``benchmarks/bench_nearest_scale.py``, generated DeepSeek-V3 loads;
+#: the real ones are slower): 84 s at 512 GPUs × 4 slots and 19 s at 1024 × 1 (at the
+#: limit; real loads 115 s and 22 s), 12 s at 1024 × 2 (real: about 3.6 minutes), 7
+#: minutes at 512 × 8, 35 minutes at 1024 × 4; one layer on 2048 GPUs ran past 120 s
+MAX_NEAREST_WORK = 1 << 20
 
 
 def nearest_size_problem(num_gpus: int, slots_per_gpu: int) -> str | None:
     """Why a global plan for the nearest dispatch over several nodes is beyond what eplb
-    plans (:data:`MAX_NEAREST_GPUS`, :data:`MAX_NEAREST_GPUS_MANY_SLOTS`), or ``None``."""
-    if num_gpus > MAX_NEAREST_GPUS:
-        return f"{num_gpus} GPUs is more than the {MAX_NEAREST_GPUS} it plans for"
-    if slots_per_gpu > 2 and num_gpus > MAX_NEAREST_GPUS_MANY_SLOTS:
-        return (f"{num_gpus} GPUs with {slots_per_gpu} slots each is more than the "
-                f"{MAX_NEAREST_GPUS_MANY_SLOTS} it plans for at 3 or more slots per GPU")
+    plans (:data:`MAX_NEAREST_WORK`), or ``None``."""
+    work = num_gpus * num_gpus * slots_per_gpu
+    if work > MAX_NEAREST_WORK:
+        return (f"{num_gpus} GPUs with {slots_per_gpu} slot{'s' * (slots_per_gpu > 1)} each "
+                f"(GPUs × all slots {work:,}) is more than it plans for "
+                f"({MAX_NEAREST_WORK:,})")
     return None
 
 
-#: what the size limits cost, for the messages that name them
-NEAREST_TIMES = ("58 layers take 12 s on 1024 GPUs × 2 slots, 84 s on 512 × 4 and 35 "
-                 "minutes on 1024 × 4, on one core")
+#: what the size limit costs, for the messages that name it
+NEAREST_TIMES = ("58 real DeepSeek-V3 layers take about 2 minutes on 512 GPUs × 4 slots and "
+                 "3.6 on 1024 × 2, on one core")
 
 
 FAIR_MODES = ("auto", "avoid", "expect")

@@ -224,35 +224,18 @@ def eplb_rebalance(
         # one node: every replica is on the token's node; GPUs that do not divide over
         # the nodes: the nearest model does not apply (and must not fail SGLang's call)
         dispatch = "even"
+    topology = Topology(num_physical_experts, num_gpus, num_nodes, groups)
+    asked = options.pop("policy", None)
+    policy = _policy(asked, dispatch, hierarchical, topology, weight.shape[-1])
     too_large = (nearest_size_problem(num_gpus, num_local_physical_experts)
-                 if dispatch == "nearest" else None)
+                 if dispatch == "nearest" and policy == "global" else None)
     if too_large:
-        # beyond the nearest planner's size (eplb.plan refuses it): an even split's plan
-        # rather than a failed rebalance
+        # beyond the global nearest planner's size (eplb.plan refuses it; a hierarchical
+        # plan searches no relabelling): an even split's plan rather than a failed rebalance
         logger.warning("eplb: %s, beyond what the nearest-dispatch planner plans for; "
                        "planning for an even split", too_large)
         dispatch = "even"
-    policy = options.pop("policy", None)
-    if policy is None:
-        policy = "global" if dispatch == "nearest" or not hierarchical else "hierarchical"
-    topology = Topology(num_physical_experts, num_gpus, num_nodes, groups)
-    asked = policy
-    if policy == "auto":
-        # resolved here as eplb.plan resolves it (the option drop below needs it), but a
-        # shape hierarchical placement cannot take is logged below, not warned: a warning
-        # would surface in the engine and fail its rebalance under -W error
-        policy = "hierarchical" if topology.grouped else "global"
-    if policy == "hierarchical":
-        # SGLang's rebalance has no fallback: a shape hierarchical placement cannot take
-        # (groups or GPUs that do not divide) is planned globally, as policy "auto" does
-        problems = ([] if topology.grouped and num_nodes > 1 else
-                    [f"num_groups={num_groups}, num_nodes={num_nodes}"])
-        problems = problems or topology.hierarchy_problems(weight.shape[-1])
-        if problems:
-            who = "SGLang asked" if asked is None else f"policy {asked!r} asks"
-            logger.warning("eplb: %s for hierarchical balancing but %s; planning globally",
-                           who, "; ".join(problems))
-            policy = "global"
+        policy = _policy(asked, dispatch, hierarchical, topology, weight.shape[-1])
     old = None
     if incremental and old_phy2log is not None:
         require_integer_ids(old_phy2log, "old_phy2log")
@@ -281,6 +264,31 @@ def eplb_rebalance(
         num_nodes = 1
     return rebalance_experts(weight, num_physical_experts, groups, num_nodes, num_gpus,
                              policy=policy, old_phy2log=old, **options)
+
+
+def _policy(asked: str | None, dispatch: str, hierarchical: bool, topology: Topology,
+            num_experts: int) -> str:
+    """The policy eplb plans SGLang's call with: the ``policy`` option (``asked``), else
+    global for the nearest dispatch and SGLang's own choice (``hierarchical``) otherwise.
+    ``auto`` resolves as eplb.plan resolves it, but a shape hierarchical placement cannot
+    take is logged, not warned (a warning would surface in the engine and fail its
+    rebalance under -W error), and planned globally: SGLang's rebalance has no fallback."""
+    policy = asked
+    if policy is None:
+        policy = "global" if dispatch == "nearest" or not hierarchical else "hierarchical"
+    if policy == "auto":
+        policy = "hierarchical" if topology.grouped else "global"
+    if policy == "hierarchical":
+        nodes, groups = topology.num_nodes, topology.num_groups
+        problems = ([] if topology.grouped and nodes > 1 else
+                    [f"num_groups={groups}, num_nodes={nodes}"])
+        problems = problems or topology.hierarchy_problems(num_experts)
+        if problems:
+            who = "SGLang asked" if asked is None else f"policy {asked!r} asks"
+            logger.warning("eplb: %s for hierarchical balancing but %s; planning globally",
+                           who, "; ".join(problems))
+            policy = "global"
+    return policy
 
 
 def _sum_steps(counts: torch.Tensor) -> torch.Tensor:

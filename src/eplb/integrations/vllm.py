@@ -187,15 +187,14 @@ class EplbPolicy:
 def _hierarchy_or_global(planner: dict[str, Any], num_experts: int, num_replicas: int,
                          num_groups: int, num_nodes: int, num_ranks: int) -> dict[str, Any]:
     """``planner`` with a forced ``policy: hierarchical`` turned global, with a warning,
-    where this call's shape cannot take it (groups or GPUs that do not divide, one node or
-    group): eplb.plan would raise, and vLLM's own policy would answer every rebalance
-    with an error in the log, as SGLang's hook plans globally instead."""
+    where this call's shape cannot take it (groups or GPUs that do not divide): eplb.plan
+    would raise, and vLLM's own policy would answer every rebalance with an error in the
+    log, as SGLang's hook plans globally instead. (One node or one group is no problem:
+    eplb.plan plans it.)"""
     if planner.get("policy") != "hierarchical":
         return planner
-    topology = Topology(num_replicas, num_ranks, num_nodes, num_groups)
-    problems = ([] if topology.grouped else
-                [f"num_groups={num_groups}, num_nodes={num_nodes}"])
-    problems = problems or topology.hierarchy_problems(num_experts)
+    problems = Topology(num_replicas, num_ranks, num_nodes,
+                        num_groups).hierarchy_problems(num_experts)
     if not problems:
         return planner
     logger.warning("eplb: the option policy 'hierarchical' does not fit this call (%s); "

@@ -84,6 +84,11 @@ def plan_rows(
         # Rows of real equal loads are not idle: [5, 5, 5] on 4 GPUs of 7 slots was
         # packed at 3.78 with the even counts 10/9/9, where the mean is 3.75
         even = zero if idle is None else zero | idle.to(zero.device)
+        if num_gpus == 1:
+            # one GPU holds everything: any counts balance it, and a row without load
+            # (uniform here) gets even ones from Jefferson's rule, without the packing's
+            # S² search (a 327,680-slot idle row took a minute: attacker pass)
+            return _every_expert_on_every_gpu(weight, num_replicas, num_gpus)
         if not bool(even.all()):
             out = _every_expert_on_every_gpu(weight, num_replicas, num_gpus)
             if bool(even.any()):
