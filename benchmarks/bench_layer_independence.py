@@ -101,11 +101,8 @@ def large_calls(cases: int, seed: int) -> None:
         if not torch.equal(alone, whole):
             differ += 1
             examples.append(f"E={experts} P={gpus} S={slots} L={layers}")
-    print(f"\nLarge calls (seed {seed}): one layer alone against the same layer among "
-          f"100-200 others\n")
-    print(markdown_table(["problems", "layer plans that differ"], [[cases, differ]]))
-    for example in examples[:10]:
-        print(f"- differs: {example}")
+    _report(f"Large calls (seed {seed}): one layer alone against the same layer among "
+            "100-200 others", cases, differ, examples)
 
 
 def beside_one_hot(cases: int, seed: int) -> None:
@@ -138,9 +135,14 @@ def beside_one_hot(cases: int, seed: int) -> None:
         if not torch.equal(alone, both):
             differ += 1
             examples.append(f"E={experts} P={gpus} S={slots} N={nodes} G={groups}")
-    print(f"\nBeside a one-hot layer (seed {seed}): one hierarchical layer alone against "
-          f"the same layer beside a layer whose tokens go to two experts\n")
-    print(markdown_table(["problems", "layer plans that differ"], [[planned, differ]]))
+    _report(f"Beside a one-hot layer (seed {seed}): one hierarchical layer alone against "
+            "the same layer beside a layer whose tokens go to two experts", planned, differ,
+            examples)
+
+
+def _report(title: str, problems: int, differ: int, examples: list[str]) -> None:
+    print(f"\n{title}\n")
+    print(markdown_table(["problems", "layer plans that differ"], [[problems, differ]]))
     for example in examples[:10]:
         print(f"- differs: {example}")
 
