@@ -141,11 +141,11 @@ def test_eplb_imports_at_module_level(module: str) -> None:
 
 #: eplb.core's own layers, bottom to top, as core/__init__.py states them
 CORE_ORDER = (
+    "messages",
     "topology", "inputs", "placement", "trace", "options", "request", "ordering",
     "device_path", "replication", "packing", "small_slots", "count_bounds", "bounds",
     "dispatch", "node_labels", "node_repair", "dispatch_plan", "locality", "policies", "planner",
     "baselines",
-    "messages",
 )
 
 

@@ -1,11 +1,12 @@
 """The core planner: one planning problem in, one validated placement out.
 
 Layers inside, bottom to top (each imports only those before it;
-``tests/test_architecture.py`` holds the same list): ``topology`` → ``inputs`` →
-``placement`` → ``trace`` → ``options`` → ``request`` → ``ordering`` → ``device_path`` →
-``replication`` → ``packing/`` → ``small_slots`` → ``count_bounds`` → ``bounds`` →
-``dispatch`` → ``node_labels`` → ``node_repair`` → ``dispatch_plan`` → ``locality`` →
-``policies/`` → ``planner`` → ``baselines``; ``messages`` (message text) imports nothing.
+``tests/test_architecture.py`` holds the same list): ``messages`` (message text; it
+imports nothing) → ``topology`` → ``inputs`` → ``placement`` → ``trace`` → ``options`` →
+``request`` → ``ordering`` → ``device_path`` → ``replication`` → ``packing/`` →
+``small_slots`` → ``count_bounds`` → ``bounds`` → ``dispatch`` → ``node_labels`` →
+``node_repair`` → ``dispatch_plan`` → ``locality`` → ``policies/`` → ``planner`` →
+``baselines``.
 
 Public here on purpose (the rest is internal and may change):
 """
