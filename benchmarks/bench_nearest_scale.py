@@ -12,17 +12,23 @@ first ``--layers`` layers summed over the steps), 8 GPUs a node, 8 expert groups
 call; the last column scales it to DeepSeek-V3's 58 MoE layers (layers are planned alike
 and independently, so the time is about linear in them).
 
+``--policy locality`` times the balance-vs-traffic policy instead (8 groups, so at most 8
+nodes: ``--nodes 8``), and ``--real`` takes the real DeepSeek-V3 file
+``decode_in1800out100`` (its first ``--layers`` MoE layers) instead of generated loads.
+
     python benchmarks/bench_nearest_scale.py [--layers 8] [--shapes 64:9,128:9,...]
+        [--policy global|locality] [--nodes N] [--real]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import warnings
 
 import torch
-from _harness import markdown_table, start
+from _harness import DEEPSEEK_DIR, markdown_table, start
 
 import eplb
 from eplb.integrations.sglang import AUTO_NEAREST_MAX_WORK
@@ -37,27 +43,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--shapes", default=DEFAULT_SHAPES,
                         help="GPUS:SLOTS pairs, comma-separated (8 GPUs a node)")
+    parser.add_argument("--policy", choices=["global", "locality"], default="global")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help="nodes (default: 8 GPUs a node)")
+    parser.add_argument("--real", action="store_true",
+                        help="the real decode_in1800out100 file instead of generated loads")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(start("bench_nearest_scale"))
-    loads = generate_trace("deepseek-v3", steps=200, seed=0).counts.sum(0)
+    if args.real:
+        path = DEEPSEEK_DIR / "decode_in1800out100.json"
+        if not path.is_file():
+            print(f"SKIPPED: real DeepSeek-V3 loads not found at {path} (set EPLB_REAL_DATA)")
+            return 0
+        loads = torch.tensor(json.loads(path.read_text())["logical_count"])[3:]
+    else:
+        loads = generate_trace("deepseek-v3", steps=200, seed=0).counts.sum(0)
     weight = loads[:args.layers].double()
     rows = []
     for text in args.shapes.split(","):
         gpus, slots = (int(part) for part in text.split(":"))
         replicas = gpus * slots
+        work = gpus * replicas
+        auto = "yes" if work <= AUTO_NEAREST_MAX_WORK else "no"
+        shape = [f"{gpus} GPUs × {slots} slots (R={replicas})", work,
+                 auto if args.policy == "global" else "–"]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # (no warning is expected; none is shown)
             begin = time.thread_time()
-            eplb.plan(weight, replicas, gpus, gpus // 8, 8, policy="global",
-                      dispatch="nearest")
+            try:
+                eplb.plan(weight, replicas, gpus, args.nodes or gpus // 8, 8,
+                          policy=args.policy, dispatch="nearest")
+            except ValueError:  # beyond the size eplb plans for
+                rows.append([*shape, "refused", "–"])
+                continue
             seconds = time.thread_time() - begin
-        work = gpus * replicas
-        rows.append([f"{gpus} GPUs × {slots} slots (R={replicas})", work,
-                     "yes" if work <= AUTO_NEAREST_MAX_WORK else "no",
-                     f"{seconds:.2f}", f"{seconds * 58 / args.layers:.1f}"])
-    print(f"\nNearest-dispatch plans of {args.layers} generated DeepSeek-V3 layers "
-          f"(8 GPUs a node, 8 groups)\n")
+        rows.append([*shape, f"{seconds:.2f}", f"{seconds * 58 / args.layers:.1f}"])
+    where = f"{args.nodes} nodes" if args.nodes else "8 GPUs a node"
+    print(f"\n{args.policy.capitalize()} plans for the nearest dispatch of {args.layers} "
+          f"{'real' if args.real else 'generated'} DeepSeek-V3 layers ({where}, 8 groups)\n")
     print(markdown_table(["shape", "P·R (GPUs × all slots)", "SGLang hook's auto plans for it",
                           f"s for {args.layers} layers", "s for 58 layers (scaled)"], rows))
     return 0

@@ -70,6 +70,11 @@ _NODE_PAIR_STEPS, _NODE_MAX_STEPS = 4, 16  # packing search inside nodes (see _p
 #: ``L · (E + 1)²`` pair statistics at most (float32: 256 MiB each; the swap search holds
 #: a few arrays of that order). DeepSeek-V3: 58 · 257² = 3.8e6.
 MAX_PAIR_CELLS = 1 << 26
+#: the most GPUs × all slots (``P · R``) the locality policy plans for: its searches grow
+#: about as P³ like the nearest plan's relabelling. 58 real DeepSeek-V3 layers on one core,
+#: 8 nodes (``benchmarks/bench_nearest_scale.py --policy locality --real``): about 50 s at
+#: 256 GPUs × 4 slots (the limit), 69 s at 384 × 2, 5 minutes at 512 × 2
+MAX_LOCALITY_WORK = 1 << 18
 _MIN_GAIN = 1e-5  # smallest swap gain taken, in remote nodes per token (~2 in total)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 
+from eplb.core.locality import MAX_LOCALITY_WORK
 from eplb.core.policies.base import PlacementPolicy, plan_rows
 from eplb.core.policies.global_policy import GlobalPolicy
 from eplb.core.policies.hierarchical import HierarchicalPolicy
@@ -138,4 +139,10 @@ def _locality_problems(
         problems.append("dead GPUs are not supported by the locality policy yet")
     if has_speeds:
         problems.append("GPU speeds are not supported by the locality policy")
+    work = topology.num_gpus * topology.num_replicas
+    if work > MAX_LOCALITY_WORK:
+        problems.append(f"{topology.num_gpus} GPUs with {topology.slots_per_gpu} slots each "
+                        f"(GPUs × all slots {work:,}) is more than it plans for "
+                        f"({MAX_LOCALITY_WORK:,}; 58 real DeepSeek-V3 layers take about a "
+                        "minute at 256 GPUs × 4 slots, 5 at 512 × 2, on one core)")
     return problems
