@@ -589,9 +589,9 @@ def test_the_nearest_size_limit_applies_to_the_global_plan_only(monkeypatch, cap
     weight = torch.randint(1, 1000, (1, 2, 256))
     options = {"policy": "hierarchical", "dispatch": "nearest"}
     with caplog.at_level(logging.WARNING):
-        plugin.eplb_rebalance(weight, 2048, 2, 8, 8, True, dict(options))  # 1024 × 2
+        plugin.eplb_rebalance(weight, 3072, 3, 8, 8, True, dict(options))  # 1024 × 3
         assert "beyond what the nearest-dispatch planner" not in caplog.text
-        plugin.eplb_rebalance(weight, 2048, 2, 8, 8, True, {"dispatch": "nearest"})
+        plugin.eplb_rebalance(weight, 3072, 3, 8, 8, True, {"dispatch": "nearest"})
         assert "beyond what the nearest-dispatch planner" in caplog.text
     # the global plan is too large: an even split, with SGLang's own policy again
     assert asked == [("nearest", "hierarchical"), ("even", "hierarchical")]

@@ -191,11 +191,12 @@ def check_cluster_flags(*, gpus: int | None, nodes: int | None,
         raise CliError(f"--gpus ({gpus}) must be a multiple of --nodes ({nodes})")
 
 
-def check_nearest_flags(args: argparse.Namespace, policy: str, dead: bool = False) -> None:
+def check_nearest_flags(args: argparse.Namespace, policy: str, num_experts: int,
+                        dead: bool = False) -> None:
     """Under ``--dispatch nearest``: ``--fair`` shapes a global plan, ``--routing``
     feeds the locality policy and ``--max-moves`` budgets the global policy with every GPU
     live; refuse each elsewhere by flag (the API's refusal names its keywords)."""
-    too_large = (nearest_size_problem(args.gpus, args.replicas // args.gpus)
+    too_large = (nearest_size_problem(args.gpus, args.replicas // args.gpus, num_experts)
                  if policy == "global" and args.nodes > 1 else None)
     if too_large:
         raise CliError(f"--dispatch nearest with the global policy over {args.nodes} nodes "

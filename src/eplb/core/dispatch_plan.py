@@ -204,31 +204,32 @@ def plan_rows_capped(
     return to_slots(state)
 
 
-#: the most GPUs × all slots (``P · R``) the global nearest-dispatch plan relabels over
-#: several nodes: where the greedy start leaves conflicts its search makes one swap per
-#: step over every GPU pair, up to about P/3 steps of P² cells per layer and start, so time
-#: grows about as L·P³ with the experts of 3+ replicas, and with the slots per GPU. 58
-#: layers on one core (``benchmarks/bench_nearest_scale.py``, generated DeepSeek-V3 loads;
-#: the real ones are slower): 84 s at 512 GPUs × 4 slots and 19 s at 1024 × 1 (at the
-#: limit; real loads 115 s and 22 s), 12 s at 1024 × 2 (real: about 3.6 minutes), 7
-#: minutes at 512 × 8, 35 minutes at 1024 × 4; one layer on 2048 GPUs ran past 120 s
-MAX_NEAREST_WORK = 1 << 20
+#: the most ``P · R² / E`` (GPUs × all slots × replicas per expert) the global
+#: nearest-dispatch plan relabels over several nodes: where the greedy start leaves
+#: conflicts (experts with more replicas than fit apart) its search makes one swap per step
+#: over every GPU pair, up to about P/3 steps of P² cells per layer and start, so time grows
+#: about as L·P³ and with the replicas per expert. Per layer, one core
+#: (``benchmarks/bench_nearest_scale.py``, BENCHMARKS.md §14): DeepSeek-V3's 256 experts at
+#: 512 GPUs × 4 slots (8.4e6) 2 s on the real loads, at 1024 × 2 (1.7e7, the limit) 3.7 s,
+#: at 512 × 8 (3.4e7) 4–7 s, at 1024 × 4 (6.7e7) 36 s; 2048 experts at 512 × 8 (4.2e6) 2.6 s
+MAX_NEAREST_WORK = 1 << 24
 
 
-def nearest_size_problem(num_gpus: int, slots_per_gpu: int) -> str | None:
+def nearest_size_problem(num_gpus: int, slots_per_gpu: int, num_experts: int) -> str | None:
     """Why a global plan for the nearest dispatch over several nodes is beyond what eplb
     plans (:data:`MAX_NEAREST_WORK`), or ``None``."""
-    work = num_gpus * num_gpus * slots_per_gpu
+    replicas = num_gpus * slots_per_gpu
+    work = num_gpus * replicas * replicas // max(1, num_experts)
     if work > MAX_NEAREST_WORK:
         return (f"{num_gpus} GPUs with {slots_per_gpu} slot{'s' * (slots_per_gpu > 1)} each "
-                f"(GPUs × all slots {work:,}) is more than it plans for "
-                f"({MAX_NEAREST_WORK:,})")
+                f"for {num_experts} experts (GPUs × all slots × replicas per expert "
+                f"{work:,}) is more than it plans for ({MAX_NEAREST_WORK:,})")
     return None
 
 
 #: what the size limit costs, for the messages that name it
-NEAREST_TIMES = ("58 real DeepSeek-V3 layers take about 2 minutes on 512 GPUs × 4 slots and "
-                 "3.6 on 1024 × 2, on one core")
+NEAREST_TIMES = ("58 real DeepSeek-V3 layers take about 2 minutes on 512 GPUs × 4 slots, "
+                 "3.6 on 1024 × 2 and 4–7 on 512 × 8, on one core")
 
 
 FAIR_MODES = ("auto", "avoid", "expect")

@@ -227,7 +227,8 @@ def eplb_rebalance(
     topology = Topology(num_physical_experts, num_gpus, num_nodes, groups)
     asked = options.pop("policy", None)
     policy = _policy(asked, dispatch, hierarchical, topology, weight.shape[-1])
-    too_large = (nearest_size_problem(num_gpus, num_local_physical_experts)
+    too_large = (nearest_size_problem(num_gpus, num_local_physical_experts,
+                                     weight.shape[-1])
                  if dispatch == "nearest" and policy == "global" else None)
     if too_large:
         # beyond the global nearest planner's size (eplb.plan refuses it; a hierarchical
