@@ -22,6 +22,7 @@ import torch
 
 from eplb.cli._common import CliError
 from eplb.core import LoadTrace, Placement, Topology, resolve_policy
+from eplb.core.placement import groups_on_nodes
 from eplb.formats import emit_for, read_loads
 
 
@@ -201,17 +202,13 @@ def straddling_layers(previous: Placement, num_nodes: int, num_groups: int) -> l
     """Rows of ``previous`` in which some expert group has replicas on more than one of
     ``num_nodes`` nodes (``num_groups`` groups of consecutive expert ids): a hierarchical
     plan from that map re-plans them, whatever the budget."""
-    phy2log = previous.phy2log.cpu().numpy()
-    layers, slots = phy2log.shape
-    if num_nodes <= 1 or num_groups <= 1 or previous.num_experts % num_groups \
-            or slots % num_nodes:
+    topo = previous.topology
+    if (num_nodes <= 1 or num_groups <= 1 or previous.num_experts % num_groups
+            or topo.num_gpus % num_nodes):
         return []
-    node = np.arange(slots) // (slots // num_nodes)
-    group = np.where(phy2log >= 0, phy2log // (previous.num_experts // num_groups), -1)
-    # [L, G, N]: replicas of group g on node n
-    seen = np.zeros((layers, num_groups + 1, num_nodes), bool)
-    seen[np.arange(layers)[:, None], group, node[None]] = True
-    return np.nonzero((seen[:, :num_groups].sum(2) > 1).any(1))[0].tolist()
+    present = groups_on_nodes(previous.phy2log.cpu().numpy(), previous.num_experts,
+                              Topology(topo.num_replicas, topo.num_gpus, num_nodes, num_groups))
+    return np.nonzero((present.sum(2) > 1).any(1))[0].tolist()
 
 
 def warn_revived(previous: Placement, active: torch.Tensor | None,

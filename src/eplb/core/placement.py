@@ -547,25 +547,31 @@ def _validate_anti_affinity(
         )
 
 
+def groups_on_nodes(ids: np.ndarray, num_experts: int, topology: Topology) -> np.ndarray:
+    """``[L, G, N]``: whether layer ``l`` of the map ``ids [L, R]`` (host, ``-1`` empty)
+    holds a replica of expert group ``g`` (consecutive expert ids) on node ``n`` (a node's
+    slots are contiguous). Needs ``G | E`` and ``N | P``."""
+    layers = ids.shape[0]
+    groups, nodes = topology.num_groups, topology.num_nodes
+    node_of_slot = np.arange(topology.num_replicas) // (topology.num_replicas // nodes)
+    group = np.where(ids >= 0, ids // (num_experts // groups), groups)  # empty: group G
+    # one bincount over (layer, group, node)
+    key = (np.arange(layers)[:, None] * (groups + 1) + group) * nodes + node_of_slot[None]
+    present = np.bincount(key.ravel(), minlength=layers * (groups + 1) * nodes) > 0
+    return present.reshape(layers, groups + 1, nodes)[:, :groups]
+
+
 def _validate_locality(p: Placement, ids: np.ndarray) -> None:
     """Every replica of a group's experts sits on one node, the group's node
     (``ids [L, R]``: the placement's map on the host)."""
     topo = p.topology
-    num_layers, _ = ids.shape
     num_experts = p.num_experts
     if num_experts % topo.num_groups or topo.num_gpus % topo.num_nodes:
         _fail(
             f"hierarchical placement needs experts ({num_experts}) % groups ({topo.num_groups}) "
             f"== 0 and GPUs ({topo.num_gpus}) % nodes ({topo.num_nodes}) == 0"
         )
-    groups, nodes = topo.num_groups, topo.num_nodes
-    group_size = num_experts // groups
-    # slots of a node are contiguous: count, per (layer, group, node), the group's slots
-    node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // nodes)
-    group = np.where(ids >= 0, ids // group_size, groups)  # empty slots: a spare group
-    key = (np.arange(num_layers)[:, None] * (groups + 1) + group) * nodes + node_of_slot
-    present = np.bincount(key.ravel(), minlength=num_layers * (groups + 1) * nodes) > 0
-    present = present.reshape(num_layers, groups + 1, nodes)[:, :groups]
+    present = groups_on_nodes(ids, num_experts, topo)
     split = present.sum(2) > 1  # [L, G]
     if split.any():
         layer, g = (int(i) for i in np.argwhere(split)[0])

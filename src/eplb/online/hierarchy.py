@@ -34,6 +34,7 @@ import torch
 
 from eplb.core.bounds import assignment_node_bounds
 from eplb.core.packing import repair_assignment
+from eplb.core.placement import groups_on_nodes
 from eplb.core.policies import HierarchicalPolicy
 from eplb.core.policies.hierarchical import best_partition
 from eplb.core.request import PlanRequest
@@ -45,15 +46,8 @@ def group_nodes(phy2log: np.ndarray, request: PlanRequest) -> tuple[np.ndarray, 
     """``(node_of_group [L, G], local [L])``: each group's (lowest) node, and whether every
     layer keeps every group on one node with ``G / N`` groups per node."""
     topo = request.topology
-    rows = phy2log.shape[0]
     nodes, groups = topo.num_nodes, topo.num_groups
-    group_size = request.num_experts // groups
-    node_of_slot = np.arange(topo.num_replicas) // (topo.num_replicas // nodes)
-    group = np.where(phy2log >= 0, phy2log // group_size, groups)  # empty slots: group G
-    # which nodes hold each group: one bincount over (row, group, node)
-    key = (np.arange(rows)[:, None] * (groups + 1) + group) * nodes + node_of_slot[None]
-    present = np.bincount(key.ravel(), minlength=rows * (groups + 1) * nodes) > 0
-    present = present.reshape(rows, groups + 1, nodes)[:, :groups]  # [L, G, N]
+    present = groups_on_nodes(phy2log, request.num_experts, topo)  # [L, G, N]
     held = present.any(2)
     lo = np.where(held, np.argmax(present, 2), nodes)
     hi = np.where(held, nodes - 1 - np.argmax(present[..., ::-1], 2), -1)
