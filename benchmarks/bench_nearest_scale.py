@@ -4,7 +4,8 @@ The nearest planner's node relabelling searches swaps of GPU contents between no
 cost grows about as P³ where the greedy start leaves conflicts, and with the slots per
 GPU too (more replicas per expert, more conflicts). SGLang's scheduler waits while it
 plans, so the SGLang hook plans for the rule under ``dispatch: auto`` only up to
-:data:`eplb.integrations.sglang.AUTO_NEAREST_MAX_WORK` (``P·R``, GPUs × all slots).
+:data:`eplb.integrations.sglang.AUTO_NEAREST_MAX_WORK` (``P·R²/E``, GPUs × all slots
+× replicas per expert, :func:`eplb.core.dispatch_plan.nearest_work`).
 
 Generated DeepSeek-V3 loads (``generate_trace("deepseek-v3", steps=200, seed=0)``, its
 first ``--layers`` layers summed over the steps), 8 GPUs a node, 8 expert groups,
@@ -31,6 +32,7 @@ import torch
 from _harness import DEEPSEEK_DIR, markdown_table, start
 
 import eplb
+from eplb.core.dispatch_plan import nearest_work
 from eplb.integrations.sglang import AUTO_NEAREST_MAX_WORK
 from eplb.tools import generate_trace
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.shapes.split(","):
         gpus, slots = (int(part) for part in text.split(":"))
         replicas = gpus * slots
-        work = gpus * replicas
+        work = nearest_work(gpus, slots, weight.shape[1])
         auto = "yes" if work <= AUTO_NEAREST_MAX_WORK else "no"
         shape = [f"{gpus} GPUs × {slots} slots (R={replicas})", work,
                  auto if args.policy == "global" else "–"]
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     where = f"{args.nodes} nodes" if args.nodes else "8 GPUs a node"
     print(f"\n{args.policy.capitalize()} plans for the nearest dispatch of {args.layers} "
           f"{'real' if args.real else 'generated'} DeepSeek-V3 layers ({where}, 8 groups)\n")
-    print(markdown_table(["shape", "P·R (GPUs × all slots)", "SGLang hook's auto plans for it",
+    print(markdown_table(["shape", "P·R²/E", "SGLang hook's auto plans for it",
                           f"s for {args.layers} layers", "s for 58 layers (scaled)"], rows))
     return 0
 

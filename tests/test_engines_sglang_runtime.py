@@ -535,8 +535,8 @@ def test_options_the_nearest_planner_cannot_honour_are_dropped_not_fatal(caplog)
 
 def test_auto_plans_for_an_even_split_where_the_nearest_plan_would_stall_sglang(
         monkeypatch, caplog):
-    # the nearest plan's node relabelling grows about as P³ and with the slots per GPU,
-    # and SGLang's scheduler waits for it: beyond AUTO_NEAREST_MAX_WORK (GPUs × all slots)
+    # the nearest plan's node relabelling grows about as P³ and with the replicas per
+    # expert, and SGLang's scheduler waits for it: beyond AUTO_NEAREST_MAX_WORK (P·R²/E)
     # "auto" plans for an even split; "nearest" still asks for it
     asked = []
     real = plugin.rebalance_experts
@@ -547,14 +547,14 @@ def test_auto_plans_for_an_even_split_where_the_nearest_plan_would_stall_sglang(
 
     monkeypatch.setattr(plugin, "rebalance_experts", spy)
     weight = torch.randint(1, 1000, (1, 6, 64))
-    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_WORK", 639)  # 8 GPUs × 80 slots
+    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_WORK", 799)  # 8 GPUs × 80² slots / 64
     with caplog.at_level(logging.WARNING):
         plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
                               sglang_dispatch="static")
     assert asked == ["even"] and "would stall each rebalance" in caplog.text
     plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
                           options={"dispatch": "nearest"}, sglang_dispatch="static")
-    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_WORK", 640)
+    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_WORK", 800)
     plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
                           sglang_dispatch="static")
     assert asked == ["even", "nearest", "nearest"]

@@ -215,11 +215,17 @@ def plan_rows_capped(
 MAX_NEAREST_WORK = 1 << 24
 
 
+def nearest_work(num_gpus: int, slots_per_gpu: int, num_experts: int) -> int:
+    """``P · R² / E``, what the global nearest plan's relabelling costs grow with (see
+    :data:`MAX_NEAREST_WORK`; SGLang's hook bounds it lower for its automatic choice)."""
+    replicas = num_gpus * slots_per_gpu
+    return num_gpus * replicas * replicas // max(1, num_experts)
+
+
 def nearest_size_problem(num_gpus: int, slots_per_gpu: int, num_experts: int) -> str | None:
     """Why a global plan for the nearest dispatch over several nodes is beyond what eplb
     plans (:data:`MAX_NEAREST_WORK`), or ``None``."""
-    replicas = num_gpus * slots_per_gpu
-    work = num_gpus * replicas * replicas // max(1, num_experts)
+    work = nearest_work(num_gpus, slots_per_gpu, num_experts)
     if work > MAX_NEAREST_WORK:
         return (f"{num_gpus} GPUs with {slots_per_gpu} slot{'s' * (slots_per_gpu > 1)} each "
                 f"for {num_experts} experts (GPUs × all slots × replicas per expert "

@@ -63,7 +63,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
-from eplb.core.dispatch_plan import nearest_size_problem
+from eplb.core.dispatch_plan import nearest_size_problem, nearest_work
 from eplb.core.inputs import check_loads, require_integer_ids
 from eplb.core.placement import build_log2phy
 from eplb.core.topology import Topology, positive_int
@@ -94,13 +94,15 @@ PLANNER_OPTIONS = frozenset(
 )
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
-#: the most GPUs × all slots (``P · R``) ``dispatch: auto`` plans SGLang's nearest dispatch for
+#: the most :func:`~eplb.core.dispatch_plan.nearest_work` (``P · R² / E``, GPUs × all
+#: slots × replicas per expert) ``dispatch: auto`` plans SGLang's nearest dispatch for
 #: (see :func:`eplb_rebalance`): the plan's node relabelling grows about as P³ and with the
-#: slots per GPU, and SGLang's scheduler waits while it plans. 58 generated DeepSeek-V3
-#: layers on one core took at most 2.6 s at or below it (128 GPUs × 8 slots, 256 × 2),
-#: 5–44 s just above (128 × 9, 256 × 3, 256 × 9): ``benchmarks/bench_nearest_scale.py``,
-#: BENCHMARKS.md §14. (A limit of 256 GPUs alone let 256 × 9 stall each rebalance.)
-AUTO_NEAREST_MAX_WORK = 1 << 17
+#: replicas per expert, and SGLang's scheduler waits while it plans. 58 generated
+#: DeepSeek-V3 layers on one core took at most 2.6 s at or below it (128 GPUs × 8 slots,
+#: 256 × 2), 4–31 s just above (128 × 9, 256 × 3, 256 × 9):
+#: ``benchmarks/bench_nearest_scale.py``, BENCHMARKS.md §14. (A limit of 256 GPUs alone let
+#: 256 × 9 stall each rebalance.)
+AUTO_NEAREST_MAX_WORK = 1 << 19
 #: ``dispatch`` values: ``auto`` plans for the rule SGLang runs (its ``static`` dispatch on
 #: several nodes sends a token to the nearest replica; otherwise tokens spread evenly)
 DISPATCH_CHOICES = ("auto", "even", "nearest")
@@ -173,10 +175,9 @@ def eplb_rebalance(
             0.751–0.894 under that rule on the real DeepSeek-V3 loads, a global one
             planned for it 0.9966–0.9988 (BENCHMARKS.md §14); per layer the planner keeps
             its even-split plan where the rule serves that clearly better (BENCHMARKS.md
-            §16). Otherwise an even split, and also under ``auto`` where ``P · R``
-            (GPUs × all slots) passes :data:`AUTO_NEAREST_MAX_WORK` (the nearest plan's
-            search would stall the rebalance: set ``dispatch: nearest`` to plan for it
-            anyway).
+            §16). Otherwise an even split, and also under ``auto`` where ``P · R² / E``
+            passes :data:`AUTO_NEAREST_MAX_WORK` (the nearest plan's search would stall the
+            rebalance: set ``dispatch: nearest`` to plan for it anyway).
 
     Returns:
         ``(phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E])`` int64 on the CPU
@@ -211,10 +212,11 @@ def eplb_rebalance(
         # most realised balance (on real DeepSeek-V3 loads above the even-split planner's
         # at 100–3340 slots, as SGLang's static dispatch serves them; BENCHMARKS §14)
         dispatch = "nearest" if sglang_dispatch == "static" else "even"
-        if dispatch == "nearest" and num_gpus * num_physical_experts > AUTO_NEAREST_MAX_WORK:
+        work = nearest_work(num_gpus, num_local_physical_experts, weight.shape[-1])
+        if dispatch == "nearest" and work > AUTO_NEAREST_MAX_WORK:
             # SGLang's scheduler waits while it plans: the nearest plan's node relabelling
-            # grows about as P³ and with the slots per GPU (AUTO_NEAREST_MAX_WORK, on P·R), so
-            # "auto" keeps the even split; "nearest" asks for it
+            # grows about as P³ and with the replicas per expert (AUTO_NEAREST_MAX_WORK),
+            # so "auto" keeps the even split; "nearest" asks for it
             logger.warning("eplb: planning for SGLang's nearest dispatch on %d GPUs with %d "
                            "slots each would stall each rebalance for seconds to minutes; "
                            "planning for an even split (set the option dispatch to 'nearest' "
