@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 
 from eplb._version import __version__
-from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, CliError
+from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, FORCED_MOVES, CliError
 from eplb.cli._inputs import add_input_options, warn
 from eplb.formats.errors import MissingPackage
 
@@ -230,10 +230,8 @@ def build_parser() -> _Parser:
     o.add_argument("--previous", metavar="OLD", help="the placement in service now (a file)")
     o.add_argument("--max-moves", type=_slots, metavar="N",
                    help="move at most N slots in total (over all layers) relative to "
-                        "--previous, beyond the forced moves (slots of dead or revived "
-                        "GPUs, replicas stacked on one GPU, and hierarchical layers whose "
-                        "groups straddle nodes, re-planned whole) (default: no cap; eplb "
-                        "moves what pays on the next window)")
+                        f"--previous, beyond the forced moves: {FORCED_MOVES} (default: no "
+                        "cap; eplb moves what pays on the next window)")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")

@@ -401,6 +401,11 @@ def generated_trace(preset: str, steps: int, seed: int) -> LoadTrace:
     return generate_trace(preset=preset, steps=steps, seed=seed)
 
 
+#: what incremental planning moves whatever ``--max-moves`` allows (online/incremental.py)
+FORCED_MOVES = ("slots of dead or revived GPUs, replicas stacked on one GPU, and "
+                "hierarchical layers whose groups straddle nodes (re-planned whole)")
+
+
 def summed_note(trace: LoadTrace) -> str:
     """`` (12 steps summed)`` where the loads are a sum of several steps or files (a
     folder of dumps, a trace), else nothing: what a plan or a score was made of."""

@@ -9,6 +9,7 @@ import torch
 
 from eplb.api import plan
 from eplb.cli._common import (
+    FORCED_MOVES,
     CliError,
     active_gpus_from,
     ceiling,
@@ -364,7 +365,7 @@ def _warn_forced_moves(previous: Placement, placement: Placement, moved: torch.T
                      "whole (each group on one node); pass --policy global to plan from "
                      "that map without the node constraint")
     elif over:
-        parts.append("slots of dead or revived GPUs, and replicas stacked on one GPU")
+        parts.append(FORCED_MOVES)
     warn("; ".join(parts))
 
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from eplb.cli._common import (
+    FORCED_MOVES,
     CliError,
     check_output,
     check_topology,
@@ -189,9 +190,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             if r.incremental and over:  # the mean above hides them
                 print(f"forced moves: {len(over)} of {len(per)} rebalances moved more than "
                       f"--max-moves {args.max_moves} (the first: {per[over[0]]} slots at "
-                      f"rebalance {over[0] + 1}): slots of dead or revived GPUs, stacked "
-                      "replicas and hierarchical layers whose groups straddle nodes are "
-                      "moved whatever the budget")
+                      f"rebalance {over[0] + 1}); whatever the budget, eplb moves "
+                      f"{FORCED_MOVES}")
     idle = results[0].summary()["idle_steps"]
     if idle:  # they read as balanced: say why the means leave them out
         print(f"idle steps: {idle} of {trace.num_steps} route no token (no MoE time); the "
