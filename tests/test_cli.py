@@ -640,6 +640,25 @@ def test_simulate_refuses_an_interval_the_adrs_protocol_would_ignore(capsys, tra
     assert json.loads(out)["runs"][0]["rebalances"]["step"] == [10, 20, 30]
 
 
+def test_simulate_adrs_protocol_defaults_the_window_and_plain_runs_ask_for_it(
+    capsys, tmp_path
+) -> None:
+    # found by a new-user pass: --protocol adrs names a cadence (100-step windows), yet
+    # argparse still demanded --window
+    path = tmp_path / "trace.pt"
+    code, out, _ = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "300", "-o",
+                       str(path), "--json")
+    assert code == 0, out
+    code, out, err = run(capsys, "simulate", str(path), "--protocol", "adrs", "-r", "16",
+                         "-g", "8", "--json")
+    assert code == 0, err
+    assert json.loads(out)["runs"][0]["rebalances"]["step"] == [100, 200]
+    code, _, err = run(capsys, "simulate", str(path), "-r", "16", "-g", "8")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "simulate needs --window W" in err and "--protocol adrs uses 100" in err
+
+
 def test_simulate_refuses_planner_flags_with_planner_none(capsys, trace_file) -> None:
     """Found by an attacker pass: --planner none dropped --estimator without a word (as
     it did --policy); as --incremental with another planner, they are refused."""

@@ -241,6 +241,18 @@ def test_simulate_cuts_a_token_trace_into_steps(capsys, tmp_path) -> None:
     assert_user_error(code, err, "--tokens-per-step")
 
 
+def test_simulate_names_the_short_last_step_of_a_cut_token_trace(capsys, tmp_path) -> None:
+    # new-user pass: 8327 tokens cut into 256s made 33 steps, the last of 135, without a word
+    path = _two_tasks(tmp_path)  # 300 law tokens
+    code, _, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
+                       "--tokens-per-step", "40", "--window", "2", "-r", "20", "-g", "4")
+    assert code == 0, err
+    assert "note: 1 of 8 steps holds fewer than --tokens-per-step 40 tokens (step 7: 20;" in err
+    code, _, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
+                       "--tokens-per-step", "25", "--window", "2", "-r", "20", "-g", "4")
+    assert code == 0 and "note:" not in err  # 300 = 12 × 25: every step whole
+
+
 def test_a_mistyped_key_suggests_the_names_it_resembles(capsys, tmp_path) -> None:
     path = _two_tasks(tmp_path)
     code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "law"))

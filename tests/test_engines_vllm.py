@@ -328,6 +328,18 @@ def test_option_values_fail_at_start_up(raw):
 
 
 
+@pytest.mark.parametrize("raw", ['{"max_moves": -1}', '{"max_moves": 2.5}',
+                                 '{"max_moves": true}', '{"max_moves": "100"}'])
+def test_a_bad_budget_is_named_without_offering_per_layer_lists(raw):
+    # found by a new-user pass: the planner's own message offered "one non-negative int per
+    # layer", which this variable refuses
+    with pytest.raises(ValueError, match="max_moves must be a non-negative int") as info:
+        plugin.options_from_env({plugin.OPTIONS_ENV_VAR: raw})
+    assert "per layer" not in str(info.value)
+    assert plugin.options_from_env({plugin.OPTIONS_ENV_VAR: '{"max_moves": null}'}) == {
+        "max_moves": None}
+
+
 def test_a_policy_typo_lists_only_the_policies_vllm_takes():
     with pytest.raises(ValueError, match="auto, global, hierarchical for vLLM") as info:
         plugin.options_from_env({plugin.OPTIONS_ENV_VAR: '{"policy": "hierarchal"}'})

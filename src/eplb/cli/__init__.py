@@ -109,7 +109,9 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
         g.add_argument("--fair", choices=["auto", "avoid", "expect"], default="auto",
                        help="nearest: avoid = hot experts on every node, so no token needs "
                             "SGLang's random fair choice; expect = best in expectation; "
-                            "auto = avoid unless 5%% worse (default)")
+                            "auto = per layer avoid, unless expect, Jefferson's uncapped "
+                            "counts or the even-split plan is served over 5%% better "
+                            "(default)")
         g.add_argument("--slack", type=float, default=None, metavar="X",
                        help="locality: node load allowed above the mean node load (default 0.03: "
                             "balancedness about 0.97, least cross-node traffic at that "
@@ -317,7 +319,9 @@ def build_parser() -> _Parser:
                         "(e.g. SGLang per-pass dumps) or a folder of SGLang dumps (steps one "
                         "after another)")
     add_input_options(p, "TRACE")
-    p.add_argument("--window", type=int, required=True, metavar="W", help="steps per window")
+    p.add_argument("--window", type=int, default=None, metavar="W",
+                   help="steps per window (required, but with --protocol adrs: 100 by "
+                        "default)")
     p.add_argument("--interval", type=int, default=None, metavar="I",
                    help="steps between rebalances (default: --window)")
     p.add_argument("--planner", choices=["eplb", "greedy", "none"], default="eplb",
@@ -327,8 +331,8 @@ def build_parser() -> _Parser:
                    help="also run the other planners and show them side by side")
     p.add_argument("--protocol", choices=["adrs"], default=None,
                    help="a named benchmark protocol: adrs = plan on each --window steps, "
-                        "score on the next --window (--interval is --window; the ADRS "
-                        "benchmark uses --window 100)")
+                        "score on the next --window (--interval is --window; --window "
+                        "defaults to 100, the ADRS benchmark's)")
     p.add_argument("--incremental", action="store_true",
                    help="rebalance incrementally from the placement in service")
     p.add_argument("--estimator", default=None, metavar="SPEC",

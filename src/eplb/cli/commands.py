@@ -130,7 +130,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     emit = infer_emit(args.emit, out)
     if emit == "sglang" and out.suffix not in (".json", ".pt"):  # SGLang's test is case-sensitive
         raise CliError(f"SGLang reads --init-expert-location from a .json or .pt file (lower "
-                       f"case); name OUT *.sglang.json or *.sglang.pt, not {out.name!r}")
+                       f"case); name OUT *.json or *.pt (*.sglang.json or *.sglang.pt imply "
+                       f"--emit sglang), not {out.name!r}")
     if args.num_model_layers is not None and emit != "sglang":
         raise CliError("--num-model-layers applies to SGLang output only")
     loads = " ".join(args.loads)

@@ -28,8 +28,10 @@ from eplb.core import LoadTrace
 from eplb.formats import write_loads
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import plot_balancedness_over_time
-from eplb.tools.simulate import Cadence, SimulationResult, simulate
+from eplb.tools.simulate import CADENCES, Cadence, SimulationResult, simulate
 
+#: the ADRS benchmark's window (and interval), where --protocol adrs is given alone
+ADRS_WINDOW = CADENCES["adrs"].window
 PLANNER_LABEL = {"none": "no rebalancing", "greedy": "reference greedy", "eplb": "eplb"}
 
 
@@ -75,8 +77,30 @@ def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
     return {"window": window, "windows": num_windows, "scored": scored, "series": series}
 
 
+def _short_steps(trace: LoadTrace, tokens_per_step: int | None) -> str:
+    """A note naming the steps of a top-k trace cut by ``--tokens-per-step`` that hold
+    fewer tokens (each array's last): they count as whole steps, lightly loaded (found
+    by a new-user pass: 8327 tokens cut into 256s made 33 steps, the last of 135)."""
+    tokens = trace.meta.get("step_tokens") or []
+    if trace.format != "topk" or tokens_per_step is None:
+        return ""
+    short = [(step, n) for step, n in enumerate(tokens) if n < tokens_per_step]
+    if not short:
+        return ""
+    listed = ", ".join(f"step {step}: {n}" for step, n in short[:3])
+    more = f" and {len(short) - 3} more" if len(short) > 3 else ""
+    verb = "holds" if len(short) == 1 else "hold"
+    return (f"note: {len(short)} of {len(tokens)} steps {verb} fewer than --tokens-per-step "
+            f"{tokens_per_step} tokens ({listed}{more}; each array's last step)")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     files, args.trace = args.trace, " ".join(args.trace)  # several: steps, as in plan
+    if args.window is None:
+        if args.protocol != "adrs":
+            raise CliError("simulate needs --window W (steps per window; --protocol adrs "
+                           f"uses {ADRS_WINDOW} when it is left out)")
+        args.window = ADRS_WINDOW  # the ADRS benchmark's cadence
     if args.window < 1:
         raise CliError("--window must be >= 1")
     if args.interval is not None and args.interval < 1:
@@ -106,6 +130,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                            f"--planner eplb (or greedy), or leave {' and '.join(unused)} out")
     report = prepare_report(args.report, args.force, "eplb simulation")
     trace = read_trace(files, args)
+    short = _short_steps(trace, args.tokens_per_step)
+    if short and not args.json:
+        info(short)
     # a dump's dense layers (all zero in every step, as SGLang writes DeepSeek's 0..2) hold
     # no experts: replayed, their even placement replaced the trivial one at the first
     # rebalance and counted as moved expert weights. As bench does, they are left out
