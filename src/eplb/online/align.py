@@ -65,8 +65,9 @@ def _overlap(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndarray:
 def _common_pairs(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndarray | None:
     """:func:`_overlap` of blocks ``new, old [B, n, k]`` as sets (the experts two blocks
     have in common, each once), by joining the blocks that hold each expert: one count
-    per (new block, old block, expert) met. ``None`` where that is more pairs than
-    ``8·B·n²`` (experts on many blocks in both: the caller's batched product then).
+    per (new block, old block, expert) met. ``None`` where that is more pairs than the
+    product's tables have entries, ``B·n·(E + 1)`` (experts on many blocks in both, e.g.
+    8 experts on 1024 GPUs: the caller's batched product then, in less memory).
 
     The same integers as the product of the ``[B, n, E]`` 0/1 tables, without them: at
     58 layers × 32 GPUs × 256 experts those are 1.9 MB each, freshly allocated per call,
@@ -92,7 +93,7 @@ def _common_pairs(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndar
                        kind="stable")
     met = held[key_new]  # old blocks each new entry meets
     total = int(met.sum())
-    if total > 8 * rows * n * n:
+    if total > rows * n * (num_experts + 1):
         return None
     # pair p of new entry e reads the old entry at first[key] + (p − e's first pair)
     at = np.arange(total) + np.repeat(first[key_new] - (np.cumsum(met) - met), met)
