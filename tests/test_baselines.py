@@ -196,6 +196,16 @@ def test_huge_and_tiny_float64_loads_plan_like_their_rescaled_form():
         assert torch.equal(scaled.phy2log, base.phy2log)
 
 
+def test_subnormal_loads_plan_like_their_rescaled_form():
+    # attacker pass: a peak of 1e-320 needed a scale of 2**1062, an OverflowError (eplb
+    # bench crashed on such a file); loads that are powers of two times whole numbers keep
+    # every bit when scaled that far down
+    w = np.random.default_rng(6).integers(1, 8, size=(2, 16)).astype(np.float64)
+    base = plan_greedy(w, 24, 4)
+    tiny = plan_greedy(w * 2.0**-1070, 24, 4)
+    assert torch.equal(tiny.phy2log, base.phy2log)
+
+
 def test_all_zero_loads_are_valid():
     p = plan_greedy(torch.zeros(2, 8), 16, 4, 2, 4)
     p.validate(anti_affinity=False)

@@ -294,6 +294,26 @@ def test_eval_reports_per_layer_and_summary(capsys, tmp_path, loads) -> None:
         assert row["max_over_mean_after"] == pytest.approx(1 / row["balancedness_after"])
 
 
+def test_eval_says_a_placement_stacks_replicas_and_scores_it(capsys, tmp_path) -> None:
+    # attacker pass: an eplb JSON file with two replicas of an expert on one GPU was
+    # scored without a word (engines' maps may stack, so it is a warning, not an error)
+    from eplb.core import plan_greedy
+    from eplb.formats import write_placement
+
+    weight = torch.tensor([[91.0, 35, 10, 78, 27, 50, 1, 4]])
+    stacked = plan_greedy(weight, 12, 4)  # GPU 3 holds two of expert 0's three replicas
+    assert stacked.phy2log[0, 9:].tolist() == [0, 0, 5]
+    path = tmp_path / "stacked.json"
+    write_placement(stacked, path)
+    loads = tmp_path / "w.npy"
+    np.save(loads, weight.numpy())
+    code, out, err = run(capsys, "eval", "--placement", path, loads, "--json")
+    assert code == 0
+    assert "breaks eplb's anti-affinity (layer 0 GPU" in err and "scored as it is" in err
+    assert json.loads(out)["balancedness_after"] == pytest.approx(
+        float(stacked.balancedness(weight)))
+
+
 def test_eval_shape_mismatch(capsys, tmp_path, loads) -> None:
     placement = _plan(capsys, tmp_path, loads)
     other = tmp_path / "other.npy"

@@ -226,6 +226,9 @@ def test_key_with_several_arrays_reads_them_one_after_another(tmp_path) -> None:
     both = read_loads(path, key=["law_topk_ids", "code_topk_ids"], tokens_per_step=100)
     assert both.num_steps == 3 + 2
     assert [s["name"] for s in both.meta["segments"]] == ["law_topk_ids", "code_topk_ids"]
+    # one array named twice would be read twice (attacker pass), as a file given twice is
+    with pytest.raises(ValueError, match="names 'law_topk_ids' twice"):
+        read_loads(path, key=["law_topk_ids", "law_topk_ids"], tokens_per_step=100)
 
 
 def test_simulate_cuts_a_token_trace_into_steps(capsys, tmp_path) -> None:

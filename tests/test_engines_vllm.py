@@ -216,16 +216,26 @@ def test_incremental_plan_gets_vllms_current_map(vllm, monkeypatch):
     check_with_vllm_maps(vllm, new, second, Topology(288, 32, 4, 8))
 
 
-def test_old_map_of_other_shape_or_with_empty_slots_is_not_used(monkeypatch):
+def test_old_map_of_other_shape_is_not_used_and_unknown_slots_are_empty(monkeypatch):
     spy = Spy(monkeypatch)
     weight = torch.rand(3, 16)
     old = eplb.rebalance_experts(weight, 24, 1, 1, 4)[0]
     plugin.EplbPolicy.rebalance_experts(weight, 32, 1, 1, 4, old)  # elastic EP: R changed
     assert spy.calls[-1]["old_phy2log"] is None
+    # vLLM marks slots of GPUs being added with -1: they are empty slots to fill, and the
+    # other slots are kept (the plugin used to drop the whole map, every layer with it)
     holes = old.clone()
-    holes[:, :6] = -1  # vLLM marks slots of GPUs being added with -1
-    plugin.EplbPolicy.rebalance_experts(weight, 24, 1, 1, 4, holes)
-    assert spy.calls[-1]["old_phy2log"] is None
+    holes[:, :6] = -1
+    new = plugin.EplbPolicy.rebalance_experts(weight, 24, 1, 1, 4, holes)
+    assert torch.equal(spy.calls[-1]["old_phy2log"], holes)
+    eplb.Placement.from_phy2log(new, 16, Topology(24, 4)).validate()
+    # an id that is no expert of the model reads as an empty slot, in its layer only
+    garbage = old.clone()
+    garbage[0, 7] = 99
+    plugin.EplbPolicy.rebalance_experts(weight, 24, 1, 1, 4, garbage)
+    expected = old.clone()
+    expected[0, 7] = -1
+    assert torch.equal(spy.calls[-1]["old_phy2log"], expected)
 
 
 def test_profile_run_with_zero_loads(vllm):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -35,7 +36,12 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
         None, "holds text where numbers")
     add("bool_hist.json",
         json.dumps({"load_history": [{"logical_expert_load": [[True, False]]}]}), None,
-        "holds booleans where numbers")
+        "logical_expert_load[0][0] is true, not a load")
+    # a true among numbers (NumPy reads it as 1): the load-history reader took it as a load
+    add("mixed_bool_hist.json",
+        json.dumps({"load_history": [{"logical_expert_load": [[1, 2]]},
+                                     {"logical_expert_load": [[3, True]]}]}), None,
+        "load_history[1].logical_expert_load[0][1] is true, not a load")
     add("empty.json", b"", None, "is empty")
     add("empty.pt", b"", None, "is empty")
     add(
@@ -170,6 +176,36 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
     (folder / "meta_info.json").write_text(json.dumps({"num_experts": 3}))
     save_file({"0_3": torch.zeros(2, dtype=torch.int64)}, str(folder / "rank0.safetensors"))
     cases.append((folder, None, "expected 3"))
+    # attacker pass (twenty-seventh session):
+    # rank0 and rank00 are both rank 0 (an IndexError); two keys naming one entry (summed);
+    # non-ASCII digits (int() reads them)
+    for name, files, expect in (
+        ("trt_duprank", {"rank0": {"0_3": 1}, "rank00": {"0_3": 1}},
+         "rank0.safetensors and rank00.safetensors are both rank 0"),
+        ("trt_dupkey", {"rank0": {"0_3": 1, "0_03": 1}}, "both name iteration 0, layer 3"),
+        ("trt_digits", {"rank0": {"0_\u0663": 1}}, "'{iter}_{layer}'"),
+    ):
+        folder = tmp / name
+        folder.mkdir()
+        (folder / "meta_info.json").write_text(json.dumps({"num_experts": 2}))
+        for rank, keys in files.items():
+            save_file({key: torch.ones(2, dtype=torch.int64) for key in keys},
+                      str(folder / f"{rank}.safetensors"))
+        cases.append((folder, None, expect))
+    # top-k ids saved as floats were read as [T, L, E] loads of k experts
+    buffer = io.BytesIO()
+    np.savez(buffer, law_topk_ids=np.zeros((4, 2, 2)))
+    add("float_ids.npz", buffer.getvalue(), None, "is named like top-k expert ids but holds")
+    # a load typo in the first row dropped that row as a header
+    add("typo.csv", "10,20,30,4O,50\n1,2,3,4,5\n", None, "CSV row 1 column 4 is '4O'")
+    # a negative physical count, summed onto its expert with the other replica's count
+    physical = torch.tensor([[-5, 7, 100, 2]])
+    buffer = io.BytesIO()
+    torch.save({"records": [{"forward_pass_id": 0, "rank": 0,
+                             "global_physical_count": physical}],
+                "last_physical_to_logical_map": torch.tensor([[0, 1, 0, 1]])}, buffer)
+    add("negative_pass.pt", buffer.getvalue(), None,
+        "global_physical_count[0, 0] (layer 0, slot 0) is -5.0")
     (tmp / "emptydir").mkdir()
     cases.append((tmp / "emptydir", None, "found none of them"))
     return cases

@@ -88,6 +88,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         existing_file(args.placement, "placement file"), num_gpus=args.gpus,
         num_nodes=args.nodes or 1, num_groups=args.groups or 1)
     _check_recorded(meta, args, args.placement)
+    try:
+        placement.validate()  # read with anti_affinity=False: engines' maps may stack
+    except PlacementError as exc:
+        # scored as it is, but said (attacker pass: a stacked eplb JSON file was scored
+        # without a word)
+        why = str(exc).removeprefix("anti-affinity: ")
+        warn(f"{args.placement} breaks eplb's anti-affinity ({why}); scored as it is: the "
+             "engines accept such maps (DeepSeek's greedy makes them), eplb's plans never "
+             "hold them")
     if args.dispatch is None:  # the rule the plan was made for, where eplb's file says
         args.dispatch = meta.get("dispatch") or "even"
     check_cluster_flags(gpus=placement.topology.num_gpus, nodes=placement.topology.num_nodes)

@@ -182,7 +182,10 @@ def _float32_loads(weight: torch.Tensor) -> torch.Tensor:
     """
     peak = float(weight.max())
     if peak > 0 and not (2.0**-100 <= peak <= 2.0**100):
-        weight = weight.to(torch.float64) * 2.0 ** (-math.frexp(peak)[1])
+        # in two factors: a subnormal peak needs 2**1062 or so, past float64's range (an
+        # OverflowError from 1e-320 loads: attacker pass)
+        shift = -math.frexp(peak)[1]
+        weight = weight.to(torch.float64) * 2.0 ** (shift // 2) * 2.0 ** (shift - shift // 2)
     return weight.to(torch.float32)
 
 

@@ -473,6 +473,19 @@ def require_integer_ids(tensor: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must hold integer expert ids, got {tensor.dtype}")
 
 
+def engine_old_map(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """An engine's placement in force ``ids [L, R]`` (integer, checked) as an int64 host
+    map for ``previous=``: an entry outside ``[0, num_experts)`` (vLLM marks the slots of
+    GPUs it is adding with -1) is an empty slot, -1, which the forced moves fill.
+
+    Per entry, so a layer's plan does not depend on another layer's map: the engine
+    plugins used to plan every layer from scratch when any entry of any layer was -1
+    (attacker pass: layers 1 and 2 then moved 18 and 21 of 24 slots instead of 12 and 10
+    for a -1 in layer 0)."""
+    ids = ids.detach().to("cpu", torch.int64)
+    return torch.where((ids >= 0) & (ids < num_experts), ids, -1)
+
+
 def uniform_where_empty(weight: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tensor:
     """``weight [rows, E]`` with every all-zero row (``empty [rows]``, computed when not
     given) replaced by ones.

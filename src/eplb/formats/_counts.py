@@ -65,11 +65,19 @@ def to_tensor(value: Any, path: Path, what: str, literals: bool = False) -> torc
             with np.errstate(over="ignore"):  # beyond float64: inf, refused as a load
                 value = value.astype(np.float64)
         return torch.from_numpy(np.ascontiguousarray(value))
-    where = _first_bool(value) if literals else None
+    if literals:
+        refuse_booleans(value, path, what)
+    return torch.from_numpy(number_array(value, path, what))
+
+
+def refuse_booleans(value: Any, path: Path, what: str) -> None:
+    """FormatError naming the first JSON ``true``/``false`` in nested lists ``value``:
+    NumPy reads one among numbers as 1 or 0 (a scan of every entry, so only for text
+    that holds such a literal)."""
+    where = _first_bool(value)
     if where is not None:
         index = "".join(f"[{i}]" for i in where)
         raise FormatError(path, f"{what}{index} is {str(_at(value, where)).lower()}, not a load")
-    return torch.from_numpy(number_array(value, path, what))
 
 
 def _at(value: Any, index: tuple[int, ...]) -> Any:

@@ -35,10 +35,12 @@ def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
         raise FormatError(path, "expected CSV rows of expert loads (one row per layer), found none")
     header = None
     first = rows[0]
-    # a header names something: a word, or an empty first cell over a column of row
-    # labels (pandas' to_csv writes its index so); a row of numbers with an empty cell
-    # is a data row with a value missing, not a header to drop
-    if (any(c and not _is_number(c) for c in first) or (len(first) > 1 and not first[0])
+    # a header starts with a word (``layer``, ``expert_0``, ...) or with an empty cell over
+    # a column of row labels (pandas' to_csv writes its index so). A row that starts with
+    # a number is data: one with a word later is a typo in a load (``4O``), named below
+    # (it was dropped as a header, and the table lost a layer: attacker pass), and one
+    # with an empty cell has a value missing
+    if ((first[0] and not _is_number(first[0])) or (len(first) > 1 and not first[0])
             or _column_labels(first, rows)):
         header, rows = first, rows[1:]
     layer_col = header is not None and (header[0].lower() in _LAYER_HEADERS or not header[0])

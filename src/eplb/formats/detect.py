@@ -45,7 +45,7 @@ _HEAD_BYTES = 1 << 20
 # filter outlived both (every UserWarning of the process silenced). One load at a time
 # inside the filter keeps the saves and restores nested.
 _QUIET_LOAD = threading.Lock()
-_TRTLLM_KEY = re.compile(r"^\d+_\d+$")
+_TRTLLM_KEY = re.compile(r"^[0-9]+_[0-9]+$")  # ASCII digits only
 
 
 def sniff_container(path: str | PathLike[str]) -> str:
@@ -216,9 +216,15 @@ def detect_format(path: str | PathLike[str]) -> str:
     if kind == "npz":
         headers = npz_headers(path)
         topk = [k for k in headers if TOPK_KEY_PATTERN.search(k)]
-        if topk and all(headers[k][1].kind in "iu" for k in topk):
-            return "topk"
-        return "npz"
+        other = [k for k in topk if headers[k][1].kind not in "iu"]
+        if other:
+            # read as [T, L, E] loads, ids saved as floats planned a k-expert model without
+            # a word (attacker pass): refused, as the top-k reader refuses them
+            raise FormatError(path, f"array {other[0]!r} is named like top-k expert ids but "
+                                    f"holds {headers[other[0]][1]}: top-k ids must be an "
+                                    "integer array [tokens, layers, k] (cast it, e.g. "
+                                    "ids.astype(np.int64)); if it holds loads, rename it")
+        return "topk" if topk else "npz"
     if kind == "safetensors":
         st = _safetensors_keys(path)
         if st and all(_TRTLLM_KEY.match(k) for k in st):

@@ -20,7 +20,7 @@ from typing import IO, Any
 import numpy as np
 
 from eplb.core.inputs import RepeatedKeyError, unique_keys
-from eplb.formats._counts import number_array
+from eplb.formats._counts import number_array, refuse_booleans
 from eplb.formats._files import byte_progress
 from eplb.formats.errors import FormatError, json_value_error, repeated_key
 
@@ -45,6 +45,9 @@ class JsonStream:
         self.pos = 0
         self.offset = 0  # characters dropped from the front of buf so far
         self.eof = False
+        # whether the text read so far holds a true or false: only then are values
+        # scanned for one (NumPy reads true among numbers as 1)
+        self.literals = False
 
     def fill(self) -> None:
         """Read more; grow the read with the pending text so huge values stay linear."""
@@ -60,6 +63,8 @@ class JsonStream:
         self.offset += self.pos
         self.buf = self.buf[self.pos :] + text
         self.pos = 0
+        # (the pending text with the new: a literal cut between two reads is found whole)
+        self.literals = self.literals or "true" in self.buf or "false" in self.buf
 
     def peek(self) -> str:
         """The next non-blank character ('' at the end of the file)."""
@@ -181,7 +186,10 @@ def _read_entries(stream: JsonStream, path: Path, size: int) -> tuple[np.ndarray
             raise FormatError(
                 path, f"load_history[{step}] has no 'logical_expert_load' (found keys {found})"
             )
-        arr = number_array(load, path, f"load_history[{step}].logical_expert_load")
+        what = f"load_history[{step}].logical_expert_load"
+        if stream.literals:
+            refuse_booleans(load, path, what)
+        arr = number_array(load, path, what)
         if arr.ndim == 1:
             arr = arr[None]
         if out is None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.core.inputs import first_bad_load
 from eplb.core.trace import LoadTrace, model_layer_ids
 from eplb.formats._arrays import check_keys, pick_array, pick_flat, record_layer_ids
 from eplb.formats._counts import as_counts_of, to_tensor
@@ -41,8 +42,8 @@ _CONTAINERS = {
     "json": ("json",),
     "csv": ("csv", "unknown"),
 }
-_RANK_FILE = re.compile(r"^rank(\d+)\.safetensors$")
-_ITER_LAYER = re.compile(r"^(\d+)_(\d+)$")
+_RANK_FILE = re.compile(r"^rank([0-9]+)\.safetensors$")  # ASCII digits only
+_ITER_LAYER = re.compile(r"^([0-9]+)_([0-9]+)$")
 
 
 def read_loads(
@@ -185,6 +186,9 @@ def _keys(key: str | Sequence[str] | None) -> list[str] | None:
     keys = [key] if isinstance(key, str) else list(key) if isinstance(key, Sequence) else []
     if not keys or not all(isinstance(k, str) and k for k in keys):
         raise ValueError(f"key must be an array name or a list of them, got {key!r}")
+    twice = next((k for i, k in enumerate(keys) if k in keys[:i]), None)
+    if twice is not None:  # its steps would be read twice, as a file given twice is refused
+        raise ValueError(f"key (CLI: --key) names {twice!r} twice")
     return keys
 
 
@@ -334,8 +338,17 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
                     f"records[{i}].global_physical_count has shape {tuple(phys.shape)}; expected "
                     f"{tuple(phys_map.shape)} like last_physical_to_logical_map",
                 )
+            physical = phys.to(torch.float64)
+            bad = first_bad_load(physical)
+            if bad is not None:
+                # checked per slot: summed onto their experts, a -5 and a 100 made a 95
+                # that no later check could see (attacker pass)
+                raise FormatError(file, f"records[{i}].global_physical_count[{bad[0]}, "
+                                        f"{bad[1]}] (layer {bad[0]}, slot {bad[1]}) is "
+                                        f"{float(physical[bad])}; loads must be finite and "
+                                        ">= 0")
             logical = torch.zeros(phys_map.shape[0], num_e, dtype=torch.float64)
-            logical.scatter_add_(1, phys_map, phys.to(torch.float64))
+            logical.scatter_add_(1, phys_map, physical)
             pass_id = _int_field(record, "forward_pass_id", i, file)
             passes[pass_id] = passes[pass_id] + logical if pass_id in passes else logical
             rank = _int_field(record, "rank", None, file)
@@ -386,6 +399,12 @@ def _read_trtllm(path: Path) -> LoadTrace:
                 path, "expected rank{r}.safetensors files next to meta_info.json, found none"
             )
         ranks = [rank for rank, _ in files]
+        twice = [rank for k, rank in enumerate(ranks[1:]) if rank == ranks[k]]
+        if twice:
+            # (rank0 and rank00 both read as rank 0: summed, its tokens counted twice)
+            names = [p.name for rank, p in files if rank == twice[0]]
+            raise FormatError(path, f"{' and '.join(names)} are both rank {twice[0]}'s "
+                                    "statistics; keep one")
         if ranks != list(range(ranks[-1] + 1)):
             # meta_info.json does not record the EP size: a gap is the one sign of a lost
             # rank, whose tokens the summed loads would silently lack
@@ -408,6 +427,7 @@ def _read_trtllm(path: Path) -> LoadTrace:
             tensors = st.load_file(str(file))
         except Exception as exc:  # safetensors raises its own error types
             raise FormatError(file, f"not a readable safetensors file: {exc}") from None
+        named: dict[tuple[int, int], str] = {}  # this file's key of each (iteration, layer)
         for name, data in tensors.items():
             m = _ITER_LAYER.match(name)
             if m is None:
@@ -426,6 +446,10 @@ def _read_trtllm(path: Path) -> LoadTrace:
                     file, f"{name!r} has {data.shape[0]} experts; expected {num_experts}"
                 )
             key = (int(m.group(1)), int(m.group(2)))
+            if key in named:  # '100_3' and '100_03': one entry, not two to sum
+                raise FormatError(file, f"keys {named[key]!r} and {name!r} both name iteration "
+                                        f"{key[0]}, layer {key[1]}")
+            named[key] = name
             total[key] = (
                 total[key] + data.to(torch.float64) if key in total else data.to(torch.float64)
             )

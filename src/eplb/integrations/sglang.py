@@ -64,7 +64,7 @@ import torch
 from eplb._version import __version__
 from eplb.api import rebalance_experts
 from eplb.core.dispatch_plan import nearest_size_problem, nearest_work
-from eplb.core.inputs import check_loads, require_integer_ids
+from eplb.core.inputs import check_loads, engine_old_map, require_integer_ids
 from eplb.core.placement import build_log2phy
 from eplb.core.topology import Topology, positive_int
 from eplb.integrations.agreement import PlanAgreement, agree_and_log, check_timeout_option
@@ -242,11 +242,9 @@ def eplb_rebalance(
     old = None
     if incremental and old_phy2log is not None:
         require_integer_ids(old_phy2log, "old_phy2log")
-        old = old_phy2log.detach().to("cpu", torch.int64)
-        if tuple(old.shape) != (weight.shape[0], num_physical_experts) or bool(
-            ((old < 0) | (old >= weight.shape[1])).any()
-        ):
-            old = None
+        old = (engine_old_map(old_phy2log, weight.shape[1])
+               if tuple(old_phy2log.shape) == (weight.shape[0], num_physical_experts)
+               else None)
     if old is None:  # a fresh plan: the move knobs have nothing to act on
         options = {k: v for k, v in options.items() if k not in INCREMENTAL_OPTIONS}
     if dispatch == "nearest":

@@ -59,7 +59,7 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
-from eplb.core.inputs import refuse_without_values, require_integer_ids
+from eplb.core.inputs import engine_old_map, refuse_without_values, require_integer_ids
 from eplb.core.topology import Topology, is_name
 from eplb.integrations.agreement import (
     DEFAULT_TIMEOUT_S,
@@ -227,17 +227,15 @@ def _fall_back(error: BaseException | None, weight: torch.Tensor, *args: Any) ->
 def _usable_old_map(
     old: torch.Tensor | None, weight: torch.Tensor, num_replicas: int
 ) -> torch.Tensor | None:
-    """The old map when it describes the same slots, else None (elastic scale, first use)."""
+    """The old map when it describes the same slots, else None (a changed slot count,
+    first use); entries outside the experts' ids read as empty slots."""
     if old is None or weight.dim() != 2:
         return None
     if tuple(old.shape) != (weight.shape[0], num_replicas):
         return None
     require_integer_ids(old, "old_global_expert_indices")
-    old = old.to(device="cpu", dtype=torch.int64)
-    # vLLM marks slots of GPUs being added with -1; plan from scratch then.
-    if bool((old < 0).any()) or bool((old >= weight.shape[1]).any()):
-        return None
-    return old
+    # vLLM marks slots of GPUs being added with -1: empty slots, filled by the forced moves
+    return engine_old_map(old, weight.shape[1])
 
 
 def _check_phy2log(phy2log: torch.Tensor, weight_shape: torch.Size, num_replicas: int) -> None:
