@@ -31,7 +31,7 @@ import torch
 from eplb.core.ordering import descending_order, top_indices
 from eplb.core.packing.repair import repair_conflicts
 from eplb.core.packing.state import to_slots
-from eplb.core.replication import cap_counts, replica_counts, replica_experts
+from eplb.core.replication import cap_counts, filler_counts, replica_counts, replica_experts
 
 __all__ = [
     "DEFAULT_TWO_SLOT_DONORS",
@@ -356,6 +356,25 @@ def plan_two_slots(
         every = cap_counts(host, replica_counts(host, num_replicas, rules), num_gpus).numpy()
         scores = np.stack([_pair_max_x(_scan(w, c))[0] for c in every])  # [rules, rows]
         counts = every[scores.argmin(0), np.arange(rows)]
+        # more pieces above half a GPU's mean load (1 here) than GPUs pair two of them on
+        # some GPU: two equally hot experts among idle ones got 17 + 17 replicas on 32
+        # GPUs (0.531; 16 + 16 balance it), and the count search, one replica at a time,
+        # sees no gain in its first step back (attacker pass, twenty-seventh session). In
+        # the rows where two such pieces make the largest pair of Jefferson's counts (none
+        # on the real DeepSeek-V3 dumps at 144 GPUs), those counts trimmed to at most P
+        # such pieces are tried too, and taken where strictly better
+        jefferson = every[0]
+        crowded = np.nonzero(((w / np.maximum(jefferson, 1) > 0.5) * jefferson).sum(1)
+                             > num_gpus)[0]
+        if len(crowded):
+            x = _scan(w[crowded], jefferson[crowded])
+            top = _pair_max_x(x)[1]  # the largest pair: pieces top and 2P − 1 − top
+            crowded = crowded[x[np.arange(len(crowded)), x.shape[1] - 1 - top] > 0.5]
+        if len(crowded):
+            trimmed = filler_counts(host[crowded], torch.from_numpy(jefferson[crowded]),
+                                    num_gpus).numpy()
+            better = _pair_max_x(_scan(w[crowded], trimmed))[0] < scores[:, crowded].min(0)
+            counts[crowded[better]] = trimmed[better]
         # the search's value of the counts it returns (with 0 iterations: of the start)
         counts, believed = search_two_slot_counts(w, counts, iterations, donors)
     phy2log, peak = _pair_and_repair(w, counts, num_gpus)
