@@ -8,7 +8,7 @@ of 9 slots planned at 0.531 of the ceiling (eplb and the greedy alike), where 16
 each balance it exactly (BENCHMARKS.md §12, "Twenty-seventh session").
 
 Each case draws 1-6 hot experts (loads uniform in [0.5, 2)), the other experts idle or
-at most 1e-3, and a shape (32-256 experts, 8-32 GPUs, 3-9 slots per GPU). The ceiling is
+at most 1e-3, and a shape (32-256 experts, 8-32 GPUs, 2-9 slots per GPU). The ceiling is
 a bound (``eplb.core.bounds.balancedness_ceiling``), not always reachable: with three hot
 experts of loads 3, 2, 1 on 32 GPUs of 9 slots the best counts give 0.9375.
 """
@@ -32,7 +32,7 @@ def cases(count: int, seed: int) -> list[tuple[torch.Tensor, int, int, int]]:
     while len(out) < count:
         experts = int(rng.choice([32, 64, 128, 256]))
         gpus = int(rng.choice([8, 16, 32]))
-        slots = int(rng.integers(3, 10))
+        slots = int(rng.integers(2, 10))
         replicas = slots * gpus
         if not experts <= replicas < experts * gpus:
             continue
