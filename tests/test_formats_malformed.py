@@ -238,6 +238,23 @@ def test_a_detected_formats_error_does_not_blame_a_flag_never_given(tmp_path):
     assert "format 'trtllm' expects" in str(forced.value)
 
 
+def test_float_arrays_named_like_ids_beside_ids_or_forced_plain_are_read(tmp_path):
+    # second attacker pass: refusing every npz with a float array named like ids refused
+    # a router dump's ids beside their weights, and loads so named even under format="npz"
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 8, (64, 2, 2))
+    dump = tmp_path / "router.npz"
+    np.savez(dump, topk_ids=ids, topk_weights=rng.random((64, 2, 2)).astype(np.float32))
+    trace = read_loads(dump, num_experts=8)
+    assert trace.format == "topk" and trace.counts.sum() == ids.size
+    loads = rng.uniform(0, 100, (4, 2, 8))
+    named = tmp_path / "named.npz"
+    np.savez(named, routed_experts_load=loads)
+    with pytest.raises(FormatError, match="read it with format='npz'"):
+        read_loads(named)
+    assert torch.equal(read_loads(named, format="npz").counts, torch.from_numpy(loads))
+
+
 def test_missing_file():
     with pytest.raises(FileNotFoundError):
         read_loads("/nonexistent/loads.json")

@@ -215,15 +215,10 @@ def detect_format(path: str | PathLike[str]) -> str:
         return _pt_format(path, _load_pt(path))
     if kind == "npz":
         headers = npz_headers(path)
-        topk = [k for k in headers if TOPK_KEY_PATTERN.search(k)]
-        other = [k for k in topk if headers[k][1].kind not in "iu"]
-        if other:
-            # read as [T, L, E] loads, ids saved as floats planned a k-expert model without
-            # a word (attacker pass): refused, as the top-k reader refuses them
-            raise FormatError(path, f"array {other[0]!r} is named like top-k expert ids but "
-                                    f"holds {headers[other[0]][1]}: top-k ids must be an "
-                                    "integer array [tokens, layers, k] (cast it, e.g. "
-                                    "ids.astype(np.int64)); if it holds loads, rename it")
+        # integer arrays named like ids (float ones beside them, e.g. a router's top-k
+        # weights, are not ids; a float one alone is judged where it is read)
+        topk = [k for k in headers if TOPK_KEY_PATTERN.search(k)
+                and headers[k][1].kind in "iu"]
         return "topk" if topk else "npz"
     if kind == "safetensors":
         st = _safetensors_keys(path)

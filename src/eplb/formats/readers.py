@@ -474,7 +474,9 @@ def _topk_segments(path: Path, keys: list[str] | None) -> list[tuple[str, torch.
         return [(k, arrays[k]) for k in keys]
     if len(arrays) == 1:
         return list(arrays.items())
-    chosen = [(k, v) for k, v in arrays.items() if TOPK_KEY_PATTERN.search(k)]
+    # integer arrays only: a router's top-k weights sit beside its ids under a like name
+    chosen = [(k, v) for k, v in arrays.items() if TOPK_KEY_PATTERN.search(k)
+              and not v.is_floating_point() and not v.is_complex()]
     if not chosen:
         raise FormatError(
             path,
@@ -561,6 +563,15 @@ def _read_plain(
         ids = arrays["layer_ids"].flatten().tolist()  # checked by LoadTrace
         return as_counts_of(arrays["counts"], path, "counts"), ids, {"key": "counts"}
     name, value = pick_flat(arrays, path, key)
+    if (not _FORMAT_FORCED.get() and TOPK_KEY_PATTERN.search(name)
+            and value.is_floating_point()):
+        # top-k ids saved as floats, read as [T, L, E] loads, planned a k-expert model
+        # without a word (attacker pass); forcing the plain format reads loads so named
+        raise FormatError(path, f"array {name!r} is named like top-k expert ids but holds "
+                                f"{str(value.dtype).removeprefix('torch.')}: top-k ids "
+                                "must be integers (cast them); "
+                                f"if it holds [T, L, E] loads, read it with format={fmt!r} "
+                                f"(CLI: --format {fmt})")
     return as_counts_of(value, path, name), None, {"key": name}
 
 
