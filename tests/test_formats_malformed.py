@@ -198,6 +198,7 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
     add("float_ids.npz", buffer.getvalue(), None, "is named like top-k expert ids but holds")
     # a load typo in the first row dropped that row as a header
     add("typo.csv", "10,20,30,4O,50\n1,2,3,4,5\n", None, "CSV row 1 column 4 is '4O'")
+    add("typo_first.csv", "4O,1,2\n3,3,3\n", None, "CSV row 1 column 1 is '4O'")
     # a negative physical count, summed onto its expert with the other replica's count
     physical = torch.tensor([[-5, 7, 100, 2]])
     buffer = io.BytesIO()

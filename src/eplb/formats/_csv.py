@@ -6,6 +6,7 @@ pandas writes for an unnamed table); ``#`` lines are comments."""
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from eplb.formats._files import require_regular_file
 from eplb.formats.errors import FormatError
 
 _LAYER_HEADERS = {"layer", "layer_id", "layer_idx", "layer_index", "layers"}
+#: how a number begins (a sign, a point, a digit): a header label does not
+_NUMBER_START = re.compile(r"[+-]?\.?[0-9]")
 
 
 def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
@@ -37,11 +40,11 @@ def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
     first = rows[0]
     # a header starts with a word (``layer``, ``expert_0``, ...) or with an empty cell over
     # a column of row labels (pandas' to_csv writes its index so). A row that starts with
-    # a number is data: one with a word later is a typo in a load (``4O``), named below
-    # (it was dropped as a header, and the table lost a layer: attacker pass), and one
-    # with an empty cell has a value missing
-    if ((first[0] and not _is_number(first[0])) or (len(first) > 1 and not first[0])
-            or _column_labels(first, rows)):
+    # a number, or with what begins like one (``4O``: a typo), is data: a typo anywhere
+    # in it is named below (such a row was dropped as a header, and the table lost a
+    # layer: attacker passes), and an empty cell there is a value missing
+    if ((first[0] and not _is_number(first[0]) and not _NUMBER_START.match(first[0]))
+            or (len(first) > 1 and not first[0]) or _column_labels(first, rows)):
         header, rows = first, rows[1:]
     layer_col = header is not None and (header[0].lower() in _LAYER_HEADERS or not header[0])
     if not rows:
