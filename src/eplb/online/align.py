@@ -118,10 +118,13 @@ def _align_slots(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     eq = np.where(new < 0, -2, new)[:, :, None] == old[:, None, :]  # [B, S_new, S_old]
     target = np.argmax(eq, 2)  # [B, S_new] first old slot of each new item
     has = np.take_along_axis(eq, target[:, :, None], 2)[:, :, 0]  # [B, S_new]
-    # items of one expert target the same old slot: the first of them keeps it
-    earlier = np.tri(slots, k=-1, dtype=bool)  # [i, j]: j before i
-    repeat = ((new[:, :, None] == new[:, None, :]) & earlier).any(2)
-    matched = has & ~repeat
+    # items of one expert target the same old slot: the first of them keeps it. A row
+    # holds an expert twice only where replicas stack (S − 1 shifted compares find any:
+    # a fraction of the [B, S, S] pass that names them)
+    matched = has
+    if any(((new[:, k:] == new[:, :-k]) & (new[:, k:] >= 0)).any() for k in range(1, slots)):
+        earlier = np.tri(slots, k=-1, dtype=bool)  # [i, j]: j before i
+        matched = has & ~((new[:, :, None] == new[:, None, :]) & earlier).any(2)
     out = np.full_like(new, -2)
     taken = np.zeros((rows, slots), bool)
     r, i = np.nonzero(matched)
