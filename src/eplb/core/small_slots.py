@@ -31,7 +31,13 @@ import torch
 from eplb.core.ordering import descending_order, top_indices
 from eplb.core.packing.repair import repair_conflicts
 from eplb.core.packing.state import to_slots
-from eplb.core.replication import cap_counts, filler_counts, replica_counts, replica_experts
+from eplb.core.replication import (
+    cap_counts,
+    filler_counts,
+    replica_bound,
+    replica_counts,
+    replica_experts,
+)
 
 __all__ = [
     "DEFAULT_TWO_SLOT_DONORS",
@@ -44,6 +50,13 @@ __all__ = [
     "two_slot_iterations",
 ]
 
+#: how far above its bound ``max(W / P, T_rep)`` a 2-slot row's best pairing must sit
+#: before Jefferson's counts trimmed to at most P pieces above half a GPU's mean load are
+#: tried: where two such pieces pair because the counts make too many (two hot experts
+#: among idle ones: 1.88× the bound) the counts set the max; on the synthetic S = 2 shapes
+#: of bench_shapes such rows sat 1.01–1.07× above it and the trimmed counts won in 2 of
+#: 254, by little, at 0.5–2.5 ms a call
+CROWDED_GAP = 0.25
 #: count-search moves evaluated per row and iteration: donors × {top, bottom receiver}
 DEFAULT_TWO_SLOT_DONORS = 4
 #: count-search iterations (each applies at most one move per row; rows stop when stuck)
@@ -360,9 +373,9 @@ def plan_two_slots(
         # some GPU: two equally hot experts among idle ones got 17 + 17 replicas on 32
         # GPUs (0.531; 16 + 16 balance it), and the count search, one replica at a time,
         # sees no gain in its first step back (attacker pass, twenty-seventh session). In
-        # the rows where two such pieces make the largest pair of Jefferson's counts (none
-        # on the real DeepSeek-V3 dumps at 144 GPUs), those counts trimmed to at most P
-        # such pieces are tried too, and taken where strictly better
+        # the rows where two such pieces make the largest pair of Jefferson's counts and
+        # the best pairing sits far above the bound (see CROWDED_GAP), those counts trimmed
+        # to at most P such pieces are tried too, and taken where strictly better
         jefferson = every[0]
         crowded = np.nonzero(((w / np.maximum(jefferson, 1) > 0.5) * jefferson).sum(1)
                              > num_gpus)[0]
@@ -370,6 +383,10 @@ def plan_two_slots(
             x = _scan(w[crowded], jefferson[crowded])
             top = _pair_max_x(x)[1]  # the largest pair: pieces top and 2P − 1 − top
             crowded = crowded[x[np.arange(len(crowded)), x.shape[1] - 1 - top] > 0.5]
+        if len(crowded):
+            bound = replica_bound(host[crowded], num_replicas,
+                                  torch.ones(len(crowded), dtype=torch.float64)).numpy()
+            crowded = crowded[scores[:, crowded].min(0) > bound * (1 + CROWDED_GAP)]
         if len(crowded):
             trimmed = filler_counts(host[crowded], torch.from_numpy(jefferson[crowded]),
                                     num_gpus).numpy()
