@@ -335,7 +335,7 @@ def _filler_look(
 
     Jefferson's rule gives every spare slot to the hot experts, and where a few of them
     carry nearly all of a layer's load that can leave more of their replicas above half
-    a GPU's mean load than there are GPUs: two equally hot experts among 256 idle ones
+    a GPU's mean load than there are GPUs: two equally hot experts among 254 idle ones
     on 32 GPUs of 9 slots got 17 replicas each, 34 on 32 GPUs, and two GPUs carried two
     (0.531 of the ceiling, as DeepSeek's greedy; 16 each and the two spare slots to idle
     experts balance it exactly: attacker pass). Neither the portfolio's divisor rules
