@@ -180,3 +180,24 @@ def test_the_locality_policy_beyond_its_size_is_refused():
     weight = torch.rand(1, 256, generator=torch.Generator().manual_seed(0)) * 1000
     with pytest.raises(ValueError, match=r"512 GPUs with 2 slots each \(GPUs × all slots"):
         eplb.plan(weight, 1024, 512, 8, 8, dispatch="nearest", policy="locality")
+
+
+def test_relabelling_onto_many_gpus_plans_alike_with_one_or_two_threads():
+    # the relabelling counts the experts two GPUs share by joining the GPUs that hold each
+    # expert; beyond 4M (layer, GPU, GPU) cells it counts only the cells met (17 layers on
+    # 512 GPUs here, vLLM's initial map as the placement in force). The plan must keep the
+    # contract, come out alike on 1 and 2 threads, and keep some of the old slots
+    code = """
+        import torch, eplb
+        g = torch.Generator().manual_seed(0)
+        weight = torch.rand(17, 512, generator=g, dtype=torch.float64) * 100
+        old = torch.arange(1024).remainder(512).repeat(17, 1)
+        plans = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            plans.append(eplb.plan(weight, 1024, 512, previous=old).validate().phy2log)
+        assert torch.equal(plans[0], plans[1])
+        print(int((plans[0] == old).sum()))
+    """
+    kept = int(_finishes(code, timeout_s=120.0, memory_gib=8.0))
+    assert kept > 0
