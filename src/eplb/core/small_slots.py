@@ -376,9 +376,10 @@ def plan_two_slots(
         # the rows where two such pieces make the largest pair of Jefferson's counts and
         # the best pairing sits far above the bound (see CROWDED_GAP), those counts trimmed
         # to at most P such pieces are tried too, and taken where strictly better
-        jefferson = every[0]
-        crowded = np.nonzero(((w / np.maximum(jefferson, 1) > 0.5) * jefferson).sum(1)
-                             > num_gpus)[0]
+        # (filler_counts trims Jefferson's counts: the rule delta = 0, wherever it is listed)
+        jefferson = every[rules.index(0.0)] if 0.0 in rules else None
+        crowded = np.zeros(0, np.int64) if jefferson is None else np.nonzero(
+            ((w / np.maximum(jefferson, 1) > 0.5) * jefferson).sum(1) > num_gpus)[0]
         if len(crowded):
             x = _scan(w[crowded], jefferson[crowded])
             top = _pair_max_x(x)[1]  # the largest pair: pieces top and 2P − 1 − top

@@ -344,20 +344,8 @@ def _filler_look(
     ``weight [rows, E]`` and ``counts [rows, E]`` (the packed allocation's);
     ``floor [rows]`` (item units) as in :func:`plan_rows`.
     """
-    # in item units (make_items scales every row to a mean replica load of 1) a GPU's
-    # mean load is S, and the bound is at least that: most rows end within the gap of it
-    peak = max_load(state)
-    rows = (peak > num_replicas / num_gpus * (1 + SECOND_LOOK_GAP)).nonzero()[:, 0]
-    if not len(rows):
-        return state
-    w = weight.index_select(0, rows).to(torch.float64)
-    total = w.sum(1)
-    bound = replica_bound(w, num_replicas, total / num_gpus)
-    target = torch.where(total > 0, bound * num_replicas / total, 1.0)
-    if floor is not None:
-        target = torch.maximum(target, floor.index_select(0, rows).to(target.dtype))
-    above = peak.index_select(0, rows) > target.to(peak.dtype) * (1 + SECOND_LOOK_GAP)
-    rows = rows[above]
+    peak, rows = _above_count_bound(weight, num_replicas, num_gpus, state, floor,
+                                    SECOND_LOOK_GAP)
     if not len(rows):
         return state
     sub = weight.index_select(0, rows)
@@ -368,6 +356,31 @@ def _filler_look(
     return _keep_lowest(state, peak, rows.index_select(0, new), sub.index_select(0, new),
                         torch.arange(len(new), device=weight.device),
                         tried.index_select(0, new), num_gpus, packing, generator)
+
+
+def _above_count_bound(
+    weight: torch.Tensor, num_replicas: int, num_gpus: int, state: torch.Tensor,
+    floor: torch.Tensor | None, gap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(peak [rows], rows [n])``: the max GPU load of every row of ``state [2, S, rows,
+    P]`` (item units), and the rows packed more than ``gap`` above their bound over all
+    counts, ``max(W / P, T_rep)`` (``floor [rows]``, item units, where higher), which
+    no allocation packs below. ``weight [rows, E]``.
+
+    In item units (make_items scales every row to a mean replica load of 1) a GPU's mean
+    load is S and the bound is at least that, so only rows above ``S · (1 + gap)`` need
+    the bound: most rows end within the gap of the mean (one compare, no T_rep)."""
+    peak = max_load(state)
+    rows = (peak > num_replicas / num_gpus * (1 + gap)).nonzero()[:, 0]
+    if not len(rows):
+        return peak, rows
+    # float64: in a half-precision row the bound would round by more than the gap
+    w = weight.index_select(0, rows).to(torch.float64)
+    total = w.sum(1)  # > 0: plan_rows planned all-zero rows as uniform
+    target = replica_bound(w, num_replicas, total / num_gpus) * num_replicas / total
+    if floor is not None:
+        target = torch.maximum(target, floor.index_select(0, rows).to(target.dtype))
+    return peak, rows[peak.index_select(0, rows) > target.to(peak.dtype) * (1 + gap)]
 
 
 def _filler_ladder(
@@ -394,16 +407,7 @@ def _filler_ladder(
     it and pay nothing. ``weight [rows, E]``; ``floor [rows]`` (item units) as in
     :func:`plan_rows`.
     """
-    # float64: in a half-precision row the bound would round by more than the gap
-    w = weight.to(torch.float64)
-    total = w.sum(1)
-    bound = replica_bound(w, num_replicas, total / num_gpus)
-    # in item units: make_items scales every row to a mean replica load of 1
-    target = bound * num_replicas / total
-    if floor is not None:
-        target = torch.maximum(target, floor.to(target.dtype))
-    peak = max_load(state)
-    rows = (peak > target.to(peak.dtype) * (1 + LADDER_GAP)).nonzero()[:, 0]
+    peak, rows = _above_count_bound(weight, num_replicas, num_gpus, state, floor, LADDER_GAP)
     if not len(rows):
         return state
     sub = weight.index_select(0, rows)
