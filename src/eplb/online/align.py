@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from eplb.online.moves import id_type
+
 # nodes are matched by trying every permutation up to this many nodes (6! = 720)
 _MAX_PERMUTED_NODES = 6
 
@@ -79,7 +81,13 @@ def _common_pairs(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndar
 
     def entries(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every (row, expert) key a block holds, each once per block, and its block."""
-        ids = np.sort(blocks.reshape(rows * n, k), 1)
+        ids = blocks.reshape(rows * n, k)
+        if int(ids.min(initial=0)) >= 0 and not _repeats(ids):
+            # every slot filled, no expert twice on a block (a plan's blocks mostly): every
+            # entry is a key, in any order (the pairs are counted, not listed)
+            block = np.repeat(np.arange(rows * n), k)
+            return (block // n) * num_experts + ids.reshape(-1), block
+        ids = np.sort(ids, 1)
         keep = ids >= 0
         keep[:, 1:] &= ids[:, 1:] != ids[:, :-1]  # an expert twice on a block: once
         block = np.nonzero(keep)[0]
@@ -99,7 +107,7 @@ def _common_pairs(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndar
         return None
     # pair p of new entry e reads the old entry at first[key] + (p − e's first pair)
     at = np.arange(total) + np.repeat(first[key_new] - (np.cumsum(met) - met), met)
-    bins = np.repeat(block_new * n, met) + block_old[order[at]] % n
+    bins = np.repeat(block_new * n, met) + (block_old % n)[order][at]
     cells = rows * n * n
     if cells <= 1 << 22:
         return np.bincount(bins, minlength=cells).reshape(rows, n, n).astype(np.float32)
@@ -110,29 +118,54 @@ def _common_pairs(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndar
     return out.reshape(rows, n, n)
 
 
+def _repeats(blocks: np.ndarray) -> bool:
+    """Whether some row of ``blocks [B, k]`` holds one id in two entries (``-1`` aside):
+    every pair of entries compared at once, in a narrow type, where the rows are short
+    (longer ones are sorted)."""
+    k = blocks.shape[1]
+    if k > 16:
+        ids = np.sort(blocks, 1)
+        return bool(((ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)).any())
+    by_entry = np.ascontiguousarray(blocks.T, id_type(int(blocks.max(initial=0))))
+    first, second = np.triu_indices(k, 1)
+    return bool(((by_entry[first] == by_entry[second]) & (by_entry[first] >= 0)).any())
+
+
 def _align_slots(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     """Reorder each row of ``new [B, S]`` so an expert also in the same row of
     ``old [B, S]`` sits in its old slot; the other experts fill the free slots in order."""
-    rows, slots = new.shape
+    slots = new.shape[1]
+    # compares in int16 where ids fit (several times faster than int64), laid out so
+    # that every reduction runs over a leading axis (element-wise in NumPy; over the
+    # short last axis it runs row by row, 3-4× slower at S = 9)
+    largest = max(int(new.max(initial=0)), int(old.max(initial=0)))
+    narrow = id_type(max(largest, slots))
+    new_narrow = new.astype(narrow)
     # an empty new slot (-1) matches nothing: -2 is in no old slot
-    eq = np.where(new < 0, -2, new)[:, :, None] == old[:, None, :]  # [B, S_new, S_old]
-    target = np.argmax(eq, 2)  # [B, S_new] first old slot of each new item
-    has = np.take_along_axis(eq, target[:, :, None], 2)[:, :, 0]  # [B, S_new]
+    probe = np.where(new_narrow < 0, narrow(-2), new_narrow)
+    same = np.ascontiguousarray(old.T, narrow)[:, :, None] == probe[None]  # [S_old, B, S_new]
+    position = np.arange(slots, dtype=narrow)[:, None, None]
+    target = np.where(same, position, narrow(slots)).min(0)  # [B, S_new] first old slot
+    matched = target < slots
     # items of one expert target the same old slot: the first of them keeps it. A row
-    # holds an expert twice only where replicas stack (S − 1 shifted compares find any:
-    # a fraction of the [B, S, S] pass that names them)
-    matched = has
-    if any(((new[:, k:] == new[:, :-k]) & (new[:, k:] >= 0)).any() for k in range(1, slots)):
-        earlier = np.tri(slots, k=-1, dtype=bool)  # [i, j]: j before i
-        matched = has & ~((new[:, :, None] == new[:, None, :]) & earlier).any(2)
+    # holds an expert twice only where replicas stack: every pair of slots compared
+    by_slot = np.ascontiguousarray(new_narrow.T)  # [S, B]
+    first, second = np.triu_indices(slots, 1)
+    twice = (by_slot[first] == by_slot[second]) & (by_slot[first] >= 0)  # [pairs, B]
+    if twice.any():
+        later = np.stack([twice[second == j].any(0) for j in range(slots)])  # [S, B]
+        matched &= ~later.T
+    # flat indices (one axis) throughout: cheaper than NumPy's two-axis fancy indexing
     out = np.full_like(new, -2)
-    taken = np.zeros((rows, slots), bool)
-    r, i = np.nonzero(matched)
-    out[r, target[r, i]] = new[r, i]
-    taken[r, target[r, i]] = True
+    flat_out, flat_new = out.reshape(-1), new.reshape(-1)
+    at = np.flatnonzero(matched)
+    home = at - at % slots + target.reshape(-1)[at]
+    flat_out[home] = flat_new[at]
+    taken = np.zeros(new.size, bool)
+    taken[home] = True
     # unmatched items, in their order, into the free slots, in order: a row has as many
     # of each, so the k-th of all rows' (row-major) goes to the k-th
-    out[np.nonzero(~taken)] = new[np.nonzero(~matched)]
+    flat_out[np.flatnonzero(~taken)] = flat_new[np.flatnonzero(~matched)]
     return out
 
 

@@ -195,40 +195,44 @@ def apply_transfers(
     narrow = id_type(num_experts)  # for the searches
     # each transfer's (donor, receiver), compared with every slot at once below
     pairs = np.stack([donor[order], receiver], 2).astype(narrow)  # [B, T, 2]
-    grid = out.reshape(rows, num_gpus, slots)  # a view: writes land in out
-    # a copy [B, S, P] for the searches: NumPy reduces over a short last axis slowly,
-    # over a middle one fast (3× at S = 9)
-    ids = np.ascontiguousarray(grid.transpose(0, 2, 1), narrow)
+    flat_out = out.reshape(-1)  # a view: writes land in out
+    # a copy [S, B, P] for the searches: NumPy reduces over a leading axis element-wise,
+    # over a short last one row by row (several times slower at S = 9)
+    ids = np.ascontiguousarray(out.reshape(rows, num_gpus, slots).transpose(2, 0, 1), narrow)
+    flat_ids = ids.reshape(-1)  # slot k of (row, GPU) c at k·B·P + c
+    flat_loads = loads.reshape(-1)  # (row, GPU) c at c
     marks = [np.ceil(f * upto).astype(np.int64) for f in record]  # per row
     snapshots = [out.copy() for _ in record]
     stuck_rows = np.zeros(rows, bool)
     flat = np.arange(rows) * num_experts  # each row's offset into w and counts
-    each = np.arange(rows)
+    column = np.arange(rows) * num_gpus  # each row's first (row, GPU) column
     for t, n in enumerate(active):
         for mark, snap in zip(marks, snapshots, strict=True):
             at = mark == t  # rows whose prefix ends here
             snap[at] = out[at]
         r = receiver[:n, t]
         # the donor's replica on the lightest GPU that does not hold the receiver yet:
-        # one compare of every slot with both experts, [n, 2, S, P]
-        hit = ids[:n, None] == pairs[:n, t, :, None, None]
-        holds = hit.any(2)  # [n, 2, P]: GPUs holding the donor, the receiver
+        # one compare of every slot with both experts, [S, n, 2, P]
+        hit = ids[:, :n, None] == pairs[None, :n, t, :, None]
+        holds = np.bitwise_or.reduce(hit, 0)  # [n, 2, P]: GPUs holding the donor, the receiver
         allowed = holds[:, 0] & ~holds[:, 1]
         gpu = np.argmin(np.where(allowed, loads[:n], np.inf), 1)
         # every donor replica on a GPU holding the receiver: the first donor GPU (the
         # anti-affinity repair spreads it next)
-        row = each[:n]
-        stuck = ~allowed[row, gpu]
+        cell = column[:n] + gpu  # flat (row, GPU) of the chosen GPU
+        stuck = ~allowed.reshape(-1)[cell]  # (rows below n: the same flat index)
         if stuck.any():
             gpu = np.where(stuck, np.argmax(holds[:, 0], 1), gpu)
+            cell = column[:n] + gpu
             stuck_rows[:n] |= stuck
-        slot = np.argmax(hit[row, 0, :, gpu], 1)
+        # the first slot of that GPU holding the donor: [S, n] compares, first along S
+        slot = np.argmax(ids.reshape(slots, -1)[:, cell] == pairs[None, :n, t, 0], 0)
         at_d, at_r = flat[:n] + pairs[:n, t, 0], flat[:n] + r
-        loads[row, gpu] += w[at_r] / (counts[at_r] + 1) - w[at_d] / counts[at_d]
+        flat_loads[cell] += w[at_r] / (counts[at_r] + 1) - w[at_d] / counts[at_d]
         counts[at_d] -= 1
         counts[at_r] += 1
-        grid[row, gpu, slot] = r
-        ids[row, slot, gpu] = r
+        flat_out[cell * slots + slot] = r
+        flat_ids[slot * (rows * num_gpus) + cell] = r
     for mark, snap in zip(marks, snapshots, strict=True):
         late = mark >= upto  # prefixes as long as the whole list: the final placement
         snap[late] = out[late]
