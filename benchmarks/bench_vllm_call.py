@@ -186,6 +186,10 @@ def main(argv=None) -> int:
                         help="extra eplb rows with these move_price options (the trade-off "
                              "between slots moved and next-window balance; default 0.01)")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be at least 1")
+    # the first call only with one rebalance per workload: no steady state to report
+    phases = ("first", "steady") if args.steps > 1 else ("first",)
     print(start("bench_vllm_call"))
     root = engine_root(releases[args.vllm])
     if root is None:
@@ -246,10 +250,9 @@ def main(argv=None) -> int:
                 for name, policy in planners.items():
                     for record in run(policy, windows, groups, nodes, args.repeats):
                         results[name]["first" if record["t"] == 0 else "steady"].append(record)
-            base = {phase: summarise(results[vllm_default][phase])
-                    for phase in ("first", "steady")}
+            base = {phase: summarise(results[vllm_default][phase]) for phase in phases}
             for name in planners:
-                for phase in ("first", "steady"):
+                for phase in phases:
                     s = summarise(results[name][phase])
                     gb = s["moved"] * EXPERT_BYTES / 1e9  # into the cluster, per rebalance
                     per_gpu = gb / P  # each GPU receives its share in parallel
