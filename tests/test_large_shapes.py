@@ -201,3 +201,37 @@ def test_relabelling_onto_many_gpus_plans_alike_with_one_or_two_threads():
     """
     kept = int(_finishes(code, timeout_s=120.0, memory_gib=8.0))
     assert kept > 0
+
+
+def test_planning_from_a_placement_on_thousands_of_gpus_is_refused_by_size():
+    """A fresh plan is relabelled onto the old GPUs by an assignment problem per layer
+    (about P³): 58 layers on 8,192 GPUs asked for 14.5 GiB, and 16,384 GPUs killed the
+    process (attacker pass). Refused before any work, naming the sizes and what to do;
+    the same loads still plan fresh."""
+    import torch
+
+    import eplb
+
+    weight = torch.rand(58, 256, generator=torch.Generator().manual_seed(0)) * 1000
+    old = torch.arange(8192).remainder(256).repeat(58, 1)
+    with pytest.raises(ValueError, match=r"58 layer\(s\) on 8192 GPUs.*plan without previous"):
+        eplb.plan(weight, 8192, 8192, previous=old)
+    assert eplb.plan(weight, 8192, 8192).validate().topology.num_gpus == 8192
+
+
+def test_relabelling_in_parts_of_layers_plans_alike(monkeypatch):
+    """Large relabellings are split into parts of layers so that the overlap tables stay
+    bounded; layers are matched independently, so the plans must not change."""
+    import torch
+
+    import eplb
+    from eplb.online import align
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.rand(6, 64, generator=g, dtype=torch.float64) * 100
+    cases = [(torch.arange(96).remainder(64).repeat(6, 1), {}),
+             (torch.arange(96).remainder(64).repeat(6, 1), {"num_nodes": 2, "num_groups": 4})]
+    whole = [eplb.plan(weight, 96, 16, previous=old, **kw).phy2log for old, kw in cases]
+    monkeypatch.setattr(align, "_MAX_TABLE_CELLS", 40)  # parts of one layer each
+    for (old, kw), expected in zip(cases, whole, strict=True):
+        assert torch.equal(eplb.plan(weight, 96, 16, previous=old, **kw).phy2log, expected)

@@ -34,10 +34,17 @@ def match_blocks(overlap: np.ndarray) -> np.ndarray:
     return out
 
 
-def _overlap(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndarray:
+def _overlap(
+    new: np.ndarray, old: np.ndarray, num_experts: int, small: bool | None = None
+) -> np.ndarray:
     """``[B, n, n]`` replicas in common between blocks ``new [B, n, k]`` and ``old [B, n, k]``
-    (blocks: GPUs or nodes; -1 entries hold nothing)."""
+    (blocks: GPUs or nodes; -1 entries hold nothing). ``small``: whether the blocks are
+    counted as multisets by two dense tables (an expert twice on both blocks counts twice),
+    else as sets; by default where the tables are small (``B·n²·E`` at most 2**20). A
+    caller that splits one problem into parts passes the whole problem's choice."""
     rows, n, _ = new.shape
+    if small is None:
+        small = n * n * num_experts * rows <= 1 << 20
 
     def table(blocks: np.ndarray) -> np.ndarray:
         ids = np.where(blocks >= 0, blocks, num_experts)
@@ -45,7 +52,7 @@ def _overlap(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndarray:
         counts = np.bincount(flat, minlength=rows * n * (num_experts + 1))
         return counts.reshape(rows, n, num_experts + 1)[..., :num_experts].astype(np.float32)
 
-    if n * n * num_experts * rows <= 1 << 20:
+    if small:
         a, b = table(new), table(old)
         return np.minimum(a[:, :, None], b[:, None]).sum(3)
 
@@ -169,6 +176,28 @@ def _align_slots(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     return out
 
 
+#: the most overlap-table cells (rows × n² for blocks of n GPUs) the relabelling holds at
+#: once: larger problems are matched in parts of layers (64 MiB of float32 per table)
+_MAX_TABLE_CELLS = 1 << 24
+#: the most matching work (layers × n³ for the largest block of n GPUs or nodes) an
+#: incremental plan may need: the assignment problem of one layer on 4,096 GPUs took 0.74 s
+#: here (58 layers: 43 s, and 4.8 GB before the tables were split); 2**39 is 58 layers on
+#: 2,111 GPUs, one layer on 8,192
+MAX_MATCHING_WORK = 1 << 39
+
+
+def relabel_size_problem(num_layers: int, block: int) -> str | None:
+    """Why relabelling ``num_layers`` layers whose largest matched block (GPUs, or nodes)
+    has ``block`` members is beyond what eplb does, or ``None``."""
+    work = num_layers * block**3
+    if work <= MAX_MATCHING_WORK:
+        return None
+    return (f"planning from the placement in force matches a fresh plan's GPUs to the old "
+            f"ones: {num_layers} layer(s) on {block} GPUs would take about "
+            f"{num_layers} x {block}^3 = {work:.2e} steps of the assignment problem "
+            f"(minutes), at most {MAX_MATCHING_WORK:.2e}")
+
+
 def align_to_previous(
     new: torch.Tensor, old: torch.Tensor, num_gpus: int, gpus_per_node: int | None = None
 ) -> torch.Tensor:
@@ -178,6 +207,9 @@ def align_to_previous(
     slots are ordered so that an expert kept on a GPU stays in the slot it had. With
     ``gpus_per_node`` whole nodes are matched first and GPUs only inside matched nodes,
     so a hierarchical plan stays hierarchical. Returns the relabelled ``[L, R]``.
+
+    Every layer is matched on its own, so the layers go in parts whose overlap tables
+    hold at most :data:`_MAX_TABLE_CELLS` cells (the same result, bounded memory).
     """
     layers, num_slots = new.shape
     slots = num_slots // num_gpus
@@ -185,17 +217,36 @@ def align_to_previous(
     nodes = num_gpus // per_node
     a = new.cpu().numpy().reshape(layers, nodes, per_node * slots)
     b = old.cpu().numpy().reshape(layers, nodes, per_node * slots)
-    num_experts = int(max(a.max(), b.max())) + 1
+    num_experts = int(max(a.max(), b.max())) + 1 if layers else 0
+    # the overlaps' kind as the whole problem decides it (see _overlap)
+    small = (nodes * nodes * num_experts * layers <= 1 << 20,
+             per_node * per_node * num_experts * layers * nodes <= 1 << 20)
+    per_layer = nodes * nodes + nodes * per_node * per_node
+    part = max(1, _MAX_TABLE_CELLS // per_layer)
+    out = np.concatenate([
+        _align_part(a[k:k + part], b[k:k + part], num_experts, slots, small)
+        for k in range(0, layers, part)]) if layers else a
+    return torch.from_numpy(out.reshape(layers, num_slots)).to(new.device)
+
+
+def _align_part(
+    a: np.ndarray, b: np.ndarray, num_experts: int, slots: int, small: tuple[bool, bool]
+) -> np.ndarray:
+    """:func:`align_to_previous` of layers ``a`` (new) onto ``b`` (old), both
+    ``[L, N, g·S]`` (``N`` nodes of ``g`` GPUs of ``slots``): ``[L, N, g·S]``."""
+    layers, nodes, width = a.shape
+    per_node = width // slots
     if nodes > 1:
-        node_of = match_blocks(_overlap(a, b, num_experts))  # [L, N] old node of new node n
+        # [L, N] old node of new node n
+        node_of = match_blocks(_overlap(a, b, num_experts, small[0]))
         placed = np.empty_like(a)
         placed[np.arange(layers)[:, None], node_of] = a
         a = placed
     # GPUs inside each (layer, node) row
     a = a.reshape(layers * nodes, per_node, slots)
     b = b.reshape(layers * nodes, per_node, slots)
-    gpu_of = match_blocks(_overlap(a, b, num_experts))  # [L·N, g]
+    gpu_of = match_blocks(_overlap(a, b, num_experts, small[1]))  # [L·N, g]
     placed = np.empty_like(a)
     placed[np.arange(layers * nodes)[:, None], gpu_of] = a
     aligned = _align_slots(placed.reshape(-1, slots), b.reshape(-1, slots))
-    return torch.from_numpy(aligned.reshape(layers, num_slots)).to(new.device)
+    return aligned.reshape(layers, nodes, width)

@@ -54,7 +54,7 @@ from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
 from eplb.online import hierarchy, ladder, moves
-from eplb.online.align import align_to_previous
+from eplb.online.align import align_to_previous, relabel_size_problem
 from eplb.online.budget import spend_budget
 from eplb.online.nearest import choose_paying, plan_nearest_incremental
 
@@ -297,6 +297,15 @@ def plan_incremental(
     skip_threshold = as_threshold(skip_threshold)
     options = request.options.incremental
     topo = request.topology
+    # fresh plans are relabelled onto the old GPUs (an assignment problem per layer, over
+    # the GPUs, or over the nodes and the GPUs of a node under the hierarchical policy):
+    # refused before any work where that alone would take minutes (attacker pass: 58
+    # layers on 8,192 GPUs asked for 14.5 GiB, 16,384 GPUs killed the process)
+    block = (max(topo.num_nodes, topo.gpus_per_node) if request.policy == "hierarchical"
+             else topo.num_gpus)
+    too_large = relabel_size_problem(request.num_layers, block)
+    if too_large:
+        raise ValueError(f"{too_large}; plan without previous (a fresh plan)")
     old = _previous_phy2log(previous, request)
     if request.dispatch == "nearest" and topo.num_nodes > 1:
         return _plan_nearest(request, old, max_moves, skip_threshold)
