@@ -530,3 +530,28 @@ def test_a_missing_optional_package_is_a_set_up_error(capsys, tmp_path, monkeypa
     assert_user_error(code, err, "needs the optional 'safetensors' package",
                       "pip install 'safetensors>=0.4'")
     assert "ImportError" not in err
+
+
+def test_finite_loads_that_overflow_when_summed_are_named_as_such(capsys, tmp_path) -> None:
+    # every entry is finite; their sum over the steps is not. The planner used to blame
+    # the first entry ("weight[0, 0] ... is inf"), which the file does not hold (attacker)
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps([[[1.7e308] * E] * 2] * 2))
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "summed over the trace's steps overflow", "scale the loads")
+
+
+def test_a_ragged_placement_names_its_rows(capsys, tmp_path) -> None:
+    import eplb
+    from eplb.formats import write_placement
+
+    weight = torch.rand(3, E, generator=torch.Generator().manual_seed(0)) * 100
+    placement = tmp_path / "p.json"
+    write_placement(eplb.plan(weight, 20, 4), placement)
+    record = json.loads(placement.read_text())
+    record["phy2log"][1] = record["phy2log"][1][:-1]
+    placement.write_text(json.dumps(record))
+    loads = tmp_path / "w.pt"
+    torch.save(weight, loads)
+    code, _, err = run(capsys, "eval", "--placement", str(placement), str(loads))
+    assert_user_error(code, err, "[1] has 19 entries where [0] has 20")

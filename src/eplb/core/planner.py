@@ -130,8 +130,8 @@ def check_plan_size(num_layers: int, topology: Topology, num_experts: int) -> No
     swaps = gpus // 2 * slots * slots  # (one GPU: no pair, no search)
     if slots > 2 and swaps > MAX_SWAPS_PER_ROW:
         raise ValueError(
-            f"{beyond}: the swap search of one layer would score {swaps:.2e} swaps at once "
-            f"(about {swaps * 32 / 2**30:.0f} GiB); at most {MAX_SWAPS_PER_ROW:.2e} (P/2 · S²)"
+            f"{beyond}: the swap search of one layer would score {swaps:,} swaps at once "
+            f"(about {swaps * 32 / 2**30:.0f} GiB); at most {MAX_SWAPS_PER_ROW:,} (P/2 · S²)"
         )
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from eplb.core.dispatch import DISPATCH_RULES
-from eplb.core.inputs import RepeatedKeyError, unique_keys
+from eplb.core.inputs import RepeatedKeyError, irregularity, unique_keys
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology, positive_int
 from eplb.core.trace import model_layer_ids
@@ -208,8 +208,11 @@ def _int_rows(path: Path, value: Any, what: str) -> torch.Tensor:
     except RecursionError:
         raise FormatError(path, f"{what} is nested too deeply") from None
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        # where, in the file's terms ("[1] has 31 entries where [0] has 32"), when it can
+        # tell: torch's text reads backwards ("expected sequence of length 31 ... got 32")
         raise FormatError(
-            path, f"{what} is not a rectangular [layers][slots] table: {exc}"
+            path, f"{what} is not a rectangular [layers][slots] table: "
+                  f"{irregularity(value) or exc}"
         ) from None
     if rows.dim() != 2 or rows.numel() == 0 or rows.is_floating_point() or rows.dtype == torch.bool:
         raise FormatError(

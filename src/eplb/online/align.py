@@ -194,8 +194,8 @@ def relabel_size_problem(num_layers: int, block: int) -> str | None:
         return None
     return (f"planning from the placement in force matches a fresh plan's GPUs to the old "
             f"ones: {num_layers} layer(s) on {block} GPUs would take about "
-            f"{num_layers} x {block}^3 = {work:.2e} steps of the assignment problem "
-            f"(minutes), at most {MAX_MATCHING_WORK:.2e}")
+            f"{num_layers} x {block}^3 = {work:,} steps of the assignment problem "
+            f"(minutes), at most {MAX_MATCHING_WORK:,}")
 
 
 def align_to_previous(
