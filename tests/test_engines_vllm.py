@@ -106,6 +106,19 @@ def test_entry_point_is_declared_for_vllm_general_plugins():
     assert {p.name: p.value for p in points}.get("eplb") == "eplb.integrations.vllm:register"
 
 
+def test_the_policy_names_a_load_window_or_map_that_is_no_tensor():
+    # vLLM passes tensors; a direct caller's NumPy array or list met an AttributeError
+    import numpy as np
+
+    weight = torch.rand(2, 8) * 10
+    with pytest.raises(TypeError, match=r"weight must be a torch.Tensor.*got ndarray"):
+        plugin.EplbPolicy.rebalance_experts(weight.numpy(), 16, 1, 1, 4)
+    old = np.arange(16).reshape(1, 16).repeat(2, 0) % 8
+    with pytest.raises(TypeError, match=r"old_global_expert_indices must be a torch.Tensor"):
+        plugin.EplbPolicy.rebalance_experts(weight, 16, 1, 1, 4, old.tolist())
+    assert plugin.EplbPolicy.rebalance_experts(weight, 16, 1, 1, 4).shape == (2, 16)
+
+
 def test_register_without_vllm_is_a_noop(monkeypatch):
     monkeypatch.setenv(plugin.ENV_VAR, "eplb")
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:

@@ -147,6 +147,13 @@ class EplbPolicy:
         # options even if the class's dict is changed while this call runs
         options = dict(cls.options)
         planner = {k: v for k, v in options.items() if k in PLANNER_OPTIONS}
+        for name, value in (("weight", weight),
+                            ("old_global_expert_indices", old_global_expert_indices)):
+            if not isinstance(value, torch.Tensor) and (value is not None or name == "weight"):
+                # vLLM passes tensors; a direct caller with an array got an AttributeError
+                raise TypeError(f"{name} must be a torch.Tensor, as vLLM passes it; got "
+                                f"{type(value).__name__} (eplb.rebalance_experts takes arrays "
+                                f"and lists)")
         # plan on the host whatever the input's device: the CPU path is the one measured
         # bit-identical across ranks (tests/test_determinism.py)
         refuse_without_values(weight, "weight")
