@@ -555,3 +555,8 @@ def test_a_ragged_placement_names_its_rows(capsys, tmp_path) -> None:
     torch.save(weight, loads)
     code, _, err = run(capsys, "eval", "--placement", str(placement), str(loads))
     assert_user_error(code, err, "[1] has 19 entries where [0] has 20")
+    # an empty first row: torch reads [[], [...]] as an empty table without a word
+    record["phy2log"] = [[], *record["phy2log"][1:]]
+    placement.write_text(json.dumps(record))
+    code, _, err = run(capsys, "eval", "--placement", str(placement), str(loads))
+    assert_user_error(code, err, "[1] has 19 entries where [0] has 0")

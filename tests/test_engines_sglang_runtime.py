@@ -488,6 +488,22 @@ def test_step_counts_are_checked_before_they_are_summed():
     assert bool((logcnt[:, 0] == logcnt.max(1).values).all())
 
 
+def test_half_precision_step_counts_are_summed_without_overflow():
+    # 2 steps of 40,000 tokens pass float16's 65,504: the sum was inf and the loads check
+    # blamed "weight[0, 0] ... is inf" on the call (attacker pass); summed in float64 now
+    tokens = torch.full((2, 2, 8), 40000.0, dtype=torch.float16)
+    tokens[:, :, 0] = 60000.0
+    phy2log = plugin.eplb_rebalance(tokens, 16, 4, None, 1, False)[0]
+    Placement.from_phy2log(phy2log, 8, Topology(16, 4)).validate()
+    # the plan of the same counts given exactly (float64)
+    expected = plugin.eplb_rebalance(tokens.to(torch.float64), 16, 4, None, 1, False)[0]
+    assert torch.equal(phy2log, expected)
+    # a float64 sum that overflows is named as the sum, not an entry
+    with pytest.raises(ValueError, match=r"summed over its 2 steps overflows float64"):
+        plugin.eplb_rebalance(torch.full((2, 2, 8), 1e308, dtype=torch.float64), 16, 4, None,
+                              1, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
 def test_wide_unsigned_step_counts_are_summed(dtype):
     # torch has no min/max for uint16/32/64: the step check raised NotImplementedError

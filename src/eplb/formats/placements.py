@@ -214,6 +214,12 @@ def _int_rows(path: Path, value: Any, what: str) -> torch.Tensor:
             path, f"{what} is not a rectangular [layers][slots] table: "
                   f"{irregularity(value) or exc}"
         ) from None
+    if rows.numel() == 0 and isinstance(value, list | tuple):
+        # torch reads [[], [0, 1]] as an empty (2, 0) table instead of refusing it
+        ragged = irregularity(value)
+        if ragged:
+            raise FormatError(path, f"{what} is not a rectangular [layers][slots] table: "
+                                    f"{ragged}")
     if rows.dim() != 2 or rows.numel() == 0 or rows.is_floating_point() or rows.dtype == torch.bool:
         raise FormatError(
             path, f"{what} must be integer [layers][slots]; found {rows.dtype} {tuple(rows.shape)}"

@@ -310,7 +310,17 @@ def _sum_steps(counts: torch.Tensor) -> torch.Tensor:
     if (not counts.is_floating_point() and counts.numel()
             and int(counts.max()) * counts.shape[0] > torch.iinfo(torch.int64).max):
         return counts.to(torch.float64).sum(0)
-    return counts.sum(0)
+    if counts.dtype in (torch.float16, torch.bfloat16):
+        # half-precision counts overflow when summed (2 steps of 40,000 tokens pass
+        # float16's 65,504): summed in float64, which holds their values exactly
+        counts = counts.to(torch.float64)
+    total = counts.sum(0)
+    if counts.is_floating_point() and not bool(torch.isfinite(total).all()):
+        # finite counts (checked above) whose sum is not: name the sum, not an entry
+        raise ValueError(f"tokens_per_expert summed over its {counts.shape[0]} steps "
+                         f"overflows {str(counts.dtype)[6:]} (largest count "
+                         f"{float(counts.max()):.3g}): scale the counts down")
+    return total
 
 
 def _sglang_dispatch() -> str | None:

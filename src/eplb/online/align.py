@@ -179,23 +179,25 @@ def _align_slots(new: np.ndarray, old: np.ndarray) -> np.ndarray:
 #: the most overlap-table cells (rows × n² for blocks of n GPUs) the relabelling holds at
 #: once: larger problems are matched in parts of layers (64 MiB of float32 per table)
 _MAX_TABLE_CELLS = 1 << 24
-#: the most matching work (layers × n³ for the largest block of n GPUs or nodes) an
-#: incremental plan may need: the assignment problem of one layer on 4,096 GPUs took 0.74 s
-#: here (58 layers: 43 s, and 4.8 GB before the tables were split); 2**39 is 58 layers on
-#: 2,111 GPUs, one layer on 8,192
-MAX_MATCHING_WORK = 1 << 39
+#: the most matching work (layers × n³ for the largest block of n GPUs or nodes) and the
+#: largest block an incremental plan may relabel: one layer's assignment problem on 4,096
+#: GPUs took 0.74 s here (58 such layers: 43 s), one on 8,192 about 3 s and 1.6 GB, and
+#: 58 layers on 2,120 GPUs 6.5 s; 2**41 is 58 layers on 3,300 GPUs (about 25 s)
+MAX_MATCHING_WORK = 1 << 41
+MAX_MATCHED_BLOCK = 8192
 
 
 def relabel_size_problem(num_layers: int, block: int) -> str | None:
     """Why relabelling ``num_layers`` layers whose largest matched block (GPUs, or nodes)
     has ``block`` members is beyond what eplb does, or ``None``."""
     work = num_layers * block**3
-    if work <= MAX_MATCHING_WORK:
+    if block <= MAX_MATCHED_BLOCK and work <= MAX_MATCHING_WORK:
         return None
-    return (f"planning from the placement in force matches a fresh plan's GPUs to the old "
-            f"ones: {num_layers} layer(s) on {block} GPUs would take about "
-            f"{num_layers} x {block}^3 = {work:,} steps of the assignment problem "
-            f"(minutes), at most {MAX_MATCHING_WORK:,}")
+    return (f"planning from the placement in force relabels a fresh plan's GPUs onto the "
+            f"old ones, an assignment problem per layer: {num_layers} layer(s) on {block} "
+            f"GPUs is beyond what eplb does (at most {MAX_MATCHED_BLOCK:,} GPUs and "
+            f"layers x GPUs^3 = {work:,} at most {MAX_MATCHING_WORK:,}; one layer on 4,096 "
+            f"GPUs takes about 0.7 s)")
 
 
 def align_to_previous(

@@ -305,7 +305,8 @@ def plan_incremental(
              else topo.num_gpus)
     too_large = relabel_size_problem(request.num_layers, block)
     if too_large:
-        raise ValueError(f"{too_large}; plan without previous (a fresh plan)")
+        raise ValueError(f"{too_large}; plan without previous (the CLI: without --previous) "
+                         f"for a fresh plan")
     old = _previous_phy2log(previous, request)
     if request.dispatch == "nearest" and topo.num_nodes > 1:
         return _plan_nearest(request, old, max_moves, skip_threshold)
