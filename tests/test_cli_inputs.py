@@ -560,3 +560,15 @@ def test_a_ragged_placement_names_its_rows(capsys, tmp_path) -> None:
     placement.write_text(json.dumps(record))
     code, _, err = run(capsys, "eval", "--placement", str(placement), str(loads))
     assert_user_error(code, err, "[1] has 19 entries where [0] has 0")
+
+
+def test_a_list_option_given_a_negative_first_value_gets_eplbs_own_message(capsys, tmp_path):
+    # argparse reads "-1,1,1,1" as an option and answered "expected one argument"; the
+    # value is glued to its option, so eplb's check names what is wrong (attacker pass)
+    weight = torch.rand(3, E, generator=torch.Generator().manual_seed(0)) * 100
+    loads = tmp_path / "w.pt"
+    torch.save(weight, loads)
+    code, _, err = run(capsys, *plan_args(loads, tmp_path, "--gpu-speed", "-1,1,1,1"))
+    assert_user_error(code, err, "--gpu-speed values must be finite and > 0")
+    code, _, err = run(capsys, *plan_args(loads, tmp_path, "--dead-gpus", "-3"))
+    assert_user_error(code, err, "--dead-gpus: GPU -3 is outside 0..3")

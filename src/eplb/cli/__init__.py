@@ -13,6 +13,7 @@ import contextlib
 import errno
 import importlib
 import os
+import re
 import sys
 import traceback
 import typing
@@ -396,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # help texts hold "×" too: printed under the same escaping as a command's output
     with _printable_stdout():
         try:
-            args = parser.parse_args(argv)
+            args = parser.parse_args(_glued_lists(sys.argv[1:] if argv is None else argv))
         except SystemExit as exc:  # --help, --version or a usage error: already printed
             return exc.code if isinstance(exc.code, int) else (
                 0 if exc.code is None else EXIT_USAGE)
@@ -406,6 +407,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"describes them)", file=sys.stderr)
             return EXIT_USAGE
         return _main(args)
+
+
+#: options whose value is a comma-separated list of numbers
+_LIST_OPTIONS = ("--gpu-speed", "--dead-gpus")
+_NUMBER_LIST = re.compile(r"-[\d.]")
+
+
+def _glued_lists(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a list option's value that begins with a minus sign glued to it
+    (``--gpu-speed -1,1`` → ``--gpu-speed=-1,1``): argparse reads such a value as an
+    option and answered "expected one argument"; glued, eplb's own check names the
+    negative entry (attacker pass). Nothing else changes: argparse refused these."""
+    out: list[str] = []
+    items = list(argv)
+    k = 0
+    while k < len(items):
+        item = items[k]
+        if (item in _LIST_OPTIONS and k + 1 < len(items)
+                and _NUMBER_LIST.match(items[k + 1])):
+            out.append(f"{item}={items[k + 1]}")
+            k += 2
+            continue
+        out.append(item)
+        k += 1
+    return out
 
 
 @contextlib.contextmanager
