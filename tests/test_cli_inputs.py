@@ -538,7 +538,8 @@ def test_finite_loads_that_overflow_when_summed_are_named_as_such(capsys, tmp_pa
     path = tmp_path / "huge.json"
     path.write_text(json.dumps([[[1.7e308] * E] * 2] * 2))
     code, _, err = run(capsys, *plan_args(path, tmp_path))
-    assert_user_error(code, err, "summed over the trace's steps overflow", "scale the loads")
+    assert_user_error(code, err, "the loads summed over 2 steps: the sum overflows float64",
+                      "scale them down")
 
 
 def test_a_ragged_placement_names_its_rows(capsys, tmp_path) -> None:

@@ -499,7 +499,8 @@ def test_half_precision_step_counts_are_summed_without_overflow():
     expected = plugin.eplb_rebalance(tokens.to(torch.float64), 16, 4, None, 1, False)[0]
     assert torch.equal(phy2log, expected)
     # a float64 sum that overflows is named as the sum, not an entry
-    with pytest.raises(ValueError, match=r"summed over its 2 steps overflows float64"):
+    overflow = r"tokens_per_expert summed over 2 steps: the sum overflows float64"
+    with pytest.raises(ValueError, match=overflow):
         plugin.eplb_rebalance(torch.full((2, 2, 8), 1e308, dtype=torch.float64), 16, 4, None,
                               1, False)
 

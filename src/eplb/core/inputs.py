@@ -473,6 +473,19 @@ def require_integer_ids(tensor: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must hold integer expert ids, got {tensor.dtype}")
 
 
+def refuse_overflowed_sum(total: torch.Tensor, parts: torch.Tensor, what: str,
+                          steps: int) -> torch.Tensor:
+    """``total``, a sum of ``steps`` finite-checked ``parts``, or ``ValueError`` where finite
+    parts summed to infinity: the loads check would then blame one entry, which the input
+    does not hold, for what the sum did (attacker passes)."""
+    if (total.is_floating_point() and not bool(torch.isfinite(total).all())
+            and bool(torch.isfinite(parts).all())):
+        raise ValueError(f"{what} summed over {steps} steps: the sum overflows "
+                         f"{str(total.dtype).removeprefix('torch.')} (largest entry "
+                         f"{float(parts.max()):.3g}); scale them down")
+    return total
+
+
 def engine_old_map(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """An engine's placement in force ``ids [L, R]`` (integer, checked) as an int64 host
     map for ``previous=``: an entry outside ``[0, num_experts)`` (vLLM marks the slots of

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from eplb.core.inputs import as_counts
+from eplb.core.inputs import as_counts, refuse_overflowed_sum
 from eplb.core.messages import integer_runs
 
 #: model layer ids lie below this: models have about a hundred layers, and an SGLang file
@@ -107,18 +107,8 @@ class LoadTrace:
     # ------------------------------------------------------------- reductions
     def total(self) -> torch.Tensor:
         """``[L, E]`` loads summed over all steps (what a one-shot planner wants)."""
-        return self._summed(self.counts.sum(0))
-
-    def _summed(self, out: torch.Tensor) -> torch.Tensor:
-        """``out``, a sum of this trace's steps, or ``ValueError`` where finite loads
-        summed to infinity (the planner would blame one entry for what the sum did)."""
-        if (out.is_floating_point() and not bool(torch.isfinite(out).all())
-                and bool(torch.isfinite(self.counts).all())):
-            raise ValueError(
-                f"the loads summed over the trace's steps overflow {str(out.dtype)[6:]} "
-                f"(largest load {float(self.counts.max()):.3g} over {self.num_steps} steps): "
-                f"scale the loads down")
-        return out
+        return refuse_overflowed_sum(self.counts.sum(0), self.counts, "the loads",
+                                     self.num_steps)
 
     def windows(self, steps_per_window: int) -> LoadTrace:
         """Sum consecutive steps into windows of ``steps_per_window`` (the last may be shorter).
@@ -137,7 +127,7 @@ class LoadTrace:
         window = torch.arange(self.num_steps, device=self.counts.device) // steps_per_window
         out = self.counts.new_zeros(num_windows, self.num_layers, self.num_experts)
         out.index_add_(0, window, self.counts)
-        self._summed(out)
+        refuse_overflowed_sum(out, self.counts, "the loads", self.num_steps)
         meta = {**self.meta, "steps_per_window": steps_per_window}
         return replace(self, counts=out, meta=meta)
 

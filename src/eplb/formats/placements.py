@@ -203,23 +203,21 @@ def _int_rows(path: Path, value: Any, what: str) -> torch.Tensor:
     odd = _odd_entry(value, what)
     if odd is not None:
         raise FormatError(path, odd)
+    problem: Exception | None = None
     try:
         rows = torch.as_tensor(value)
     except RecursionError:
         raise FormatError(path, f"{what} is nested too deeply") from None
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-        # where, in the file's terms ("[1] has 31 entries where [0] has 32"), when it can
-        # tell: torch's text reads backwards ("expected sequence of length 31 ... got 32")
-        raise FormatError(
-            path, f"{what} is not a rectangular [layers][slots] table: "
-                  f"{irregularity(value) or exc}"
-        ) from None
-    if rows.numel() == 0 and isinstance(value, list | tuple):
-        # torch reads [[], [0, 1]] as an empty (2, 0) table instead of refusing it
-        ragged = irregularity(value)
-        if ragged:
+        rows, problem = None, exc
+    if rows is None or (rows.numel() == 0 and isinstance(value, list | tuple)):
+        # named in the file's terms ("[1] has 31 entries where [0] has 32") where it can
+        # tell: torch's text reads backwards ("expected sequence of length 31 ... got 32"),
+        # and torch reads [[], [0, 1]] as an empty (2, 0) table without a word
+        detail = irregularity(value) or problem
+        if detail:
             raise FormatError(path, f"{what} is not a rectangular [layers][slots] table: "
-                                    f"{ragged}")
+                                    f"{detail}")
     if rows.dim() != 2 or rows.numel() == 0 or rows.is_floating_point() or rows.dtype == torch.bool:
         raise FormatError(
             path, f"{what} must be integer [layers][slots]; found {rows.dtype} {tuple(rows.shape)}"

@@ -64,7 +64,12 @@ import torch
 from eplb._version import __version__
 from eplb.api import rebalance_experts
 from eplb.core.dispatch_plan import nearest_size_problem, nearest_work
-from eplb.core.inputs import check_loads, engine_old_map, require_integer_ids
+from eplb.core.inputs import (
+    check_loads,
+    engine_old_map,
+    refuse_overflowed_sum,
+    require_integer_ids,
+)
 from eplb.core.placement import build_log2phy
 from eplb.core.topology import Topology, positive_int
 from eplb.integrations.agreement import PlanAgreement, agree_and_log, check_timeout_option
@@ -314,13 +319,7 @@ def _sum_steps(counts: torch.Tensor) -> torch.Tensor:
         # half-precision counts overflow when summed (2 steps of 40,000 tokens pass
         # float16's 65,504): summed in float64, which holds their values exactly
         counts = counts.to(torch.float64)
-    total = counts.sum(0)
-    if counts.is_floating_point() and not bool(torch.isfinite(total).all()):
-        # finite counts (checked above) whose sum is not: name the sum, not an entry
-        raise ValueError(f"tokens_per_expert summed over its {counts.shape[0]} steps "
-                         f"overflows {str(counts.dtype)[6:]} (largest count "
-                         f"{float(counts.max()):.3g}): scale the counts down")
-    return total
+    return refuse_overflowed_sum(counts.sum(0), counts, "tokens_per_expert", counts.shape[0])
 
 
 def _sglang_dispatch() -> str | None:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from eplb.online.moves import id_type
+from eplb.online.moves import id_type, twice_on_a_gpu
 
 # nodes are matched by trying every permutation up to this many nodes (6! = 720)
 _MAX_PERMUTED_NODES = 6
@@ -89,7 +89,7 @@ def _common_pairs(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndar
     def entries(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Every (row, expert) key a block holds, each once per block, and its block."""
         ids = blocks.reshape(rows * n, k)
-        if int(ids.min(initial=0)) >= 0 and not _repeats(ids):
+        if int(ids.min(initial=0)) >= 0 and not twice_on_a_gpu(ids, 1):  # one block a row
             # every slot filled, no expert twice on a block (a plan's blocks mostly): every
             # entry is a key, in any order (the pairs are counted, not listed)
             block = np.repeat(np.arange(rows * n), k)
@@ -123,19 +123,6 @@ def _common_pairs(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndar
     out = np.zeros(cells, np.float32)
     out[met_cells] = counts
     return out.reshape(rows, n, n)
-
-
-def _repeats(blocks: np.ndarray) -> bool:
-    """Whether some row of ``blocks [B, k]`` holds one id in two entries (``-1`` aside):
-    every pair of entries compared at once, in a narrow type, where the rows are short
-    (longer ones are sorted)."""
-    k = blocks.shape[1]
-    if k > 16:
-        ids = np.sort(blocks, 1)
-        return bool(((ids[:, 1:] == ids[:, :-1]) & (ids[:, 1:] >= 0)).any())
-    by_entry = np.ascontiguousarray(blocks.T, id_type(int(blocks.max(initial=0))))
-    first, second = np.triu_indices(k, 1)
-    return bool(((by_entry[first] == by_entry[second]) & (by_entry[first] >= 0)).any())
 
 
 def _align_slots(new: np.ndarray, old: np.ndarray) -> np.ndarray:

@@ -453,7 +453,7 @@ def stacked(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     (``-1`` slots and their GPUs are left out)."""
     rows, num_slots = phy2log.shape
     slots = num_slots // num_gpus
-    if slots <= _PAIRWISE_SLOTS and not _twice_on_a_gpu(phy2log, num_gpus):
+    if slots <= _PAIRWISE_SLOTS and not twice_on_a_gpu(phy2log, num_gpus):
         return np.zeros(rows, bool)  # the common answer, found at half the cost
     grid = np.sort(phy2log.reshape(rows, num_gpus, slots), 2)
     same = (grid[..., 1:] == grid[..., :-1]) & (grid[..., 1:] >= 0)
@@ -473,17 +473,21 @@ def stacked(phy2log: np.ndarray, num_gpus: int) -> np.ndarray:
     return ((copies > allowed) & (grid >= 0)).any((1, 2))
 
 
-#: at most this many slots per GPU, :func:`_twice_on_a_gpu` compares every pair of them
+#: at most this many slots per GPU, :func:`twice_on_a_gpu` compares every pair of them
 _PAIRWISE_SLOTS = 16
 
 
-def _twice_on_a_gpu(phy2log: np.ndarray, num_gpus: int) -> bool:
+def twice_on_a_gpu(phy2log: np.ndarray, num_gpus: int) -> bool:
     """Whether some GPU of ``phy2log [B, R]`` holds one expert in two slots (``-1`` slots
     aside): every pair of a GPU's slots compared at once, in a narrow type (about half
-    the time of sorting every GPU's slots at 9 slots per GPU)."""
+    the time of sorting every GPU's slots at 9 slots per GPU), where a GPU has at most
+    :data:`_PAIRWISE_SLOTS` slots; more are sorted."""
     rows, num_slots = phy2log.shape
-    narrow = id_type(int(phy2log.max(initial=0)))
     grid = phy2log.reshape(rows, num_gpus, num_slots // num_gpus)
+    if grid.shape[2] > _PAIRWISE_SLOTS:
+        ids = np.sort(grid, 2)
+        return bool(((ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] >= 0)).any())
+    narrow = id_type(int(phy2log.max(initial=0)))
     by_slot = np.ascontiguousarray(grid.transpose(2, 0, 1), narrow)  # [S, B, P]
     first, second = np.triu_indices(by_slot.shape[0], 1)
     return bool(((by_slot[first] == by_slot[second]) & (by_slot[first] >= 0)).any())
