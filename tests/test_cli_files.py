@@ -739,3 +739,22 @@ def test_a_file_that_appears_during_the_run_is_kept_and_named_in_the_clis_words(
     code, err = plan(capsys, loads, out)
     assert code == 2 and "pass --force" in err and "force=True" not in err, err
     assert out.read_text() == "the other run's"
+
+
+def test_equal_gpu_speeds_plan_as_equal_gpus(tmp_path, capsys):
+    """--gpu-speed 1,1,... took the speed path: no count search, no ceiling, and a
+    hierarchical plan refused as if the speeds differed (attacker pass)."""
+    loads = tmp_path / "loads.json"
+    weight = torch.exp(torch.randn(4, 16, generator=torch.Generator().manual_seed(5)))
+    loads.write_text(json.dumps({"logical_count": weight.tolist()}))
+    plain, even = tmp_path / "plain.json", tmp_path / "even.json"
+    assert main(["plan", str(loads), "-r", "24", "-g", "8", "-o", str(plain)]) == 0
+    assert main(["plan", str(loads), "-r", "24", "-g", "8", "--gpu-speed", ",".join(["2"] * 8),
+                 "-o", str(even)]) == 0
+    doc = json.loads(even.read_text())
+    assert doc["gpu_speed"] is None and doc["ceiling"] is not None
+    assert doc["phy2log"] == json.loads(plain.read_text())["phy2log"]
+    assert main(["plan", str(loads), "-r", "24", "-g", "8", "--nodes", "2", "--groups", "4",
+                 "--policy", "hierarchical", "--gpu-speed", ",".join(["1"] * 8),
+                 "-o", str(tmp_path / "hier.json")]) == 0
+    capsys.readouterr()

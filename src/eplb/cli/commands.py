@@ -122,6 +122,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _refuse_flag_mistakes(args)
     active = active_gpus_from(args.dead_gpus, args.gpus)
     speed = gpu_speed_from(args.gpu_speed, args.gpus)
+    if speed is not None and bool((speed == speed[0]).all()):
+        speed = None  # equal speeds are equal GPUs, as eplb.plan takes them
     refuse_forced_hierarchy(args.policy, active is not None and not bool(active.all()),
                             speed is not None)
     out = check_output(args.output, args.force)

@@ -35,10 +35,10 @@ from eplb.core.inputs import (
     planning_rows,
     require_distinct_topk,
 )
-from eplb.core.options import PackingOptions, PlanOptions
+from eplb.core.options import LADDER_GAP, SECOND_LOOK_GAP, PackingOptions, PlanOptions
 from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
 from eplb.core.packing.speed_start import keep_faster, speed_greedy
-from eplb.core.placement import Placement, validate_planned
+from eplb.core.placement import Placement, slot_gpu_loads, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
 from eplb.core.policies.global_policy import plan_for_nearest
 from eplb.core.request import DEFAULT_SLACK, PlanRequest
@@ -183,6 +183,11 @@ def make_request(
         if bool(live.all()):
             live = None
     speed = None if gpu_speed is None else as_gpu_speed(gpu_speed, topology.num_gpus, w.device)
+    if speed is not None and bool((speed == speed[0]).all()):
+        # equal speeds are equal GPUs: planned as without them, so every path open to equal
+        # GPUs stays open (the hierarchical policy, previous=) and the plan is the same
+        # (attacker pass: [1, 1] planned 0.672 where no speeds planned 0.990)
+        speed = None
     dispatch = check_dispatch_options(dispatch, policy, fair, source is not None,
                                       routing is not None, slack is not None)
     if dispatch == "nearest" and speed is not None:
@@ -302,14 +307,45 @@ def fresh_phy2log(request: PlanRequest) -> torch.Tensor:
     else:
         phy2log = POLICIES[request.policy]().place(request)
     if request.gpu_speed is not None:
-        # the plan above packs for equal GPUs; swaps from it and from a speed-aware greedy
-        # packing of the same replicas, the better kept per layer (packing/speed_start.py)
-        speed, live, packing = request.gpu_speed, request.live, request.options.packing
-        start = speed_greedy(request.weight, phy2log, live, speed)
-        phy2log = keep_faster(
-            request.weight,
-            refine_assignment(request.weight, phy2log, live, packing, speed=speed),
-            refine_assignment(request.weight, start, live, packing, speed=speed),
-            speed,
-        )
+        phy2log = _for_speeds(request, phy2log)
     return phy2log
+
+
+def _for_speeds(request: PlanRequest, phy2log: torch.Tensor) -> torch.Tensor:
+    """``[L, R]``: ``phy2log``, the plan for equal GPUs made without the count search,
+    refined for ``request.gpu_speed``: swaps from it and from a speed-aware greedy
+    packing of the same replicas (:mod:`eplb.core.packing.speed_start`), and, in the
+    layers where the count search changes the equal-GPU plan, swaps from that plan too;
+    per layer the fastest is kept.
+
+    The count search is left out of the first: with speeds far apart its fewer, larger
+    hot replicas served 0.76 where Jefferson's served 0.91. With close speeds its counts
+    serve best (1 and 1.01 planned below the equal-GPU plan in 26 of 30 small cases:
+    attacker pass), so they are offered too. The search acts only on layers packed above
+    their mean GPU load by its gap (:mod:`eplb.core.policies.base`; half of it here,
+    against rounding), so only those are planned again (a layer's plan does not depend on
+    the other layers of the call).
+    """
+    speed, live, packing = request.gpu_speed, request.live, request.options.packing
+    weight = request.weight
+    start = speed_greedy(weight, phy2log, live, speed)
+    refined = keep_faster(
+        weight,
+        refine_assignment(weight, phy2log, live, packing, speed=speed),
+        refine_assignment(weight, start, live, packing, speed=speed),
+        speed,
+    )
+    mean = weight.sum(1) / int(live.sum())
+    peak = slot_gpu_loads(weight, phy2log, request.topology.num_gpus).amax(1)
+    above = (peak > mean * (1 + min(LADDER_GAP, SECOND_LOOK_GAP) / 2)).nonzero()[:, 0]
+    if not len(above):
+        return refined
+    searched = fresh_phy2log(dataclasses.replace(request.layers(above), gpu_speed=None))
+    changed = (searched != phy2log.index_select(0, above)).any(1)
+    rows, searched = above[changed], searched[changed]
+    if len(rows):
+        sub = weight.index_select(0, rows)
+        refined[rows] = keep_faster(
+            sub, refined.index_select(0, rows),
+            refine_assignment(sub, searched, live, packing, speed=speed), speed)
+    return refined
