@@ -25,7 +25,14 @@ import torch
 import eplb
 import eplb.formats._files as files
 from eplb.cli import main
-from eplb.formats import LoadTrace, read_loads, read_placement, write_loads, write_placement
+from eplb.formats import (
+    FormatError,
+    LoadTrace,
+    read_loads,
+    read_placement,
+    write_loads,
+    write_placement,
+)
 
 L, E, R, P = 4, 16, 20, 4
 
@@ -719,6 +726,28 @@ def test_a_loads_file_named_twice_is_refused(capsys, tmp_path, loads, command):
     err = capsys.readouterr().err
     assert "is given twice" in err and len(err.strip().splitlines()) == 1, err
     assert out.exists() == (command == "eval")
+
+
+def test_a_dump_read_twice_through_a_folder_is_refused(capsys, tmp_path):
+    # a folder and a file in it, a "latest" link beside the dumps, two folders holding one
+    # dump: each summed it twice without a word (attacker pass)
+    dumps, linked, other = tmp_path / "a", tmp_path / "e", tmp_path / "b"
+    for folder in (dumps, linked, other):
+        folder.mkdir()
+    for name in ("d1", "d2"):
+        (dumps / f"{name}.json").write_text(json.dumps({"logical_count": [[1, 2, 3, 4]]}))
+    (linked / "d1.json").write_text(json.dumps({"logical_count": [[1, 2, 3, 4]]}))
+    (linked / "latest.json").symlink_to("d1.json")
+    (other / "x.json").symlink_to(dumps / "d1.json")
+    out = str(tmp_path / "p.json")
+    for loads, said in (([dumps, dumps / "d1.json"], "is read from the folder"),
+                        ([linked], "are the same file"), ([dumps, other], "both hold d1.json")):
+        assert main(["plan", *map(str, loads), "-r", "8", "-g", "4", "-o", out]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "count twice" in err and len(err.strip().splitlines()) == 1, err
+    assert main(["plan", str(dumps), "-r", "8", "-g", "4", "-o", out]) == 0
+    with pytest.raises(FormatError, match="same file"):
+        read_loads(linked)
 
 
 def test_a_file_that_appears_during_the_run_is_kept_and_named_in_the_clis_words(

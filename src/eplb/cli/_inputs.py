@@ -24,6 +24,7 @@ from eplb.cli._common import CliError
 from eplb.core import LoadTrace, Placement, Topology, resolve_policy
 from eplb.core.placement import groups_on_nodes
 from eplb.formats import emit_for, read_loads
+from eplb.formats.detect import folder_load_files
 
 
 def warn(message: str) -> None:
@@ -57,6 +58,7 @@ def require_loads_files(names: list[str]) -> None:
     reader, which names it as such), or one named twice (several files are steps one
     after another: a file named twice would count its loads twice)."""
     seen: dict[Path, str] = {}
+    inside: dict[Path, str] = {}  # the files read from the folders named, by folder
     for name in names:
         path = Path(name)
         if not path.exists() and not path.is_symlink():
@@ -67,6 +69,24 @@ def require_loads_files(names: list[str]) -> None:
                            f"several files are steps one after another, so its loads would "
                            f"count twice")
         seen[where] = name
+        if path.is_dir():  # (a link inside one folder is the reader's to refuse)
+            inside.update((file.resolve(), name) for file in folder_load_files(path))
+    for where, name in seen.items():
+        folder = inside.get(where)
+        if folder is not None and folder != name:
+            raise CliError(f"loads file {name!r} is read from the folder {folder!r} too: "
+                           f"several files are steps one after another, so its loads would "
+                           f"count twice")
+    folders = [name for name in names if Path(name).is_dir()]
+    for k, first in enumerate(folders):
+        for second in folders[k + 1:]:
+            shared = {f.resolve() for f in folder_load_files(Path(first))} & {
+                f.resolve() for f in folder_load_files(Path(second))}
+            if shared:
+                raise CliError(f"the folders {first!r} and {second!r} both hold "
+                               f"{sorted(shared)[0].name} (a link or the same file): several "
+                               f"files are steps one after another, so its loads would count "
+                               f"twice")
 
 
 def all_zero_rows_note(count: int) -> str:

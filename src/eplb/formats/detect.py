@@ -158,6 +158,33 @@ def sglang_json_dumps(folder: Path) -> list[Path]:
     return []
 
 
+#: a TensorRT-LLM rank file's name (ASCII digits only)
+RANK_FILE = re.compile(r"^rank([0-9]+)\.safetensors$")
+
+
+def folder_load_files(folder: Path) -> list[Path]:
+    """The files a read of ``folder`` takes: a TensorRT-LLM folder's rank files, SGLang's
+    recorder dumps, or its ``{"logical_count"}`` JSON files (empty for none of these)."""
+    if (folder / "meta_info.json").is_file():
+        return sorted(p for p in folder.iterdir() if RANK_FILE.match(p.name))
+    return (sorted(folder.glob("expert_distribution_recorder_*.pt"))
+            or sglang_json_dumps(folder))
+
+
+def refuse_same_files(folder: Path, files: list[Path]) -> None:
+    """A :class:`FormatError` where two of ``folder``'s ``files`` are one file (a link such
+    as ``latest.json`` beside the dumps it points to): read one after another, its loads
+    would count twice (attacker pass: two steps summed from one dump, without a word)."""
+    seen: dict[Path, Path] = {}
+    for file in files:
+        where = file.resolve()
+        if where in seen:
+            raise FormatError(folder, f"{seen[where].name} and {file.name} are the same file "
+                                      "(a link): its loads would count twice; remove the link, "
+                                      "or name the files one by one")
+        seen[where] = file
+
+
 # files that could hold loads; notes beside the dumps (SOURCE.md, README) do not count
 _DATA_SUFFIXES = frozenset({".json", ".npy", ".npz", ".pt", ".pth", ".safetensors", ".csv"})
 

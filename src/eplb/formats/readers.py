@@ -24,9 +24,11 @@ from eplb.formats._json import load_json_literals
 from eplb.formats._npy import load_npy, load_npz, npz_headers
 from eplb.formats.detect import (
     FORMATS,
+    RANK_FILE,
     TOPK_KEY_PATTERN,
     _load_pt,
     detect_format,
+    refuse_same_files,
     sglang_json_dumps,
     sniff_container,
 )
@@ -42,7 +44,6 @@ _CONTAINERS = {
     "json": ("json",),
     "csv": ("csv", "unknown"),
 }
-_RANK_FILE = re.compile(r"^rank([0-9]+)\.safetensors$")  # ASCII digits only
 _ITER_LAYER = re.compile(r"^([0-9]+)_([0-9]+)$")
 
 
@@ -262,6 +263,7 @@ def _read_sglang_folder(path: Path) -> LoadTrace:
     if not files:
         raise FormatError(path, "expected expert_distribution_recorder_*.pt dumps or "
                           '{"logical_count": ...} JSON files, found none')
+    refuse_same_files(path, files)
     traces = [_read_sglang(f) for f in files]
     shapes = {t.counts.shape[1:] for t in traces}
     if len(shapes) > 1:
@@ -293,6 +295,7 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
     if not files:
         raise _wrong_kind(path, "sglang-per-pass", "expert_distribution_recorder_*.pt dumps",
                           "a folder without any")
+    refuse_same_files(path, files)
     passes: dict[int, torch.Tensor] = {}
     ranks: list[int] = []
     for file in files:
@@ -392,12 +395,13 @@ def _read_trtllm(path: Path) -> LoadTrace:
             )
         meta.update({k: v for k, v in info.items() if _is_scalar(v)})
         files = sorted(
-            (int(m.group(1)), p) for p in path.iterdir() if (m := _RANK_FILE.match(p.name))
+            (int(m.group(1)), p) for p in path.iterdir() if (m := RANK_FILE.match(p.name))
         )
         if not files:
             raise FormatError(
                 path, "expected rank{r}.safetensors files next to meta_info.json, found none"
             )
+        refuse_same_files(path, [p for _, p in files])
         ranks = [rank for rank, _ in files]
         twice = [rank for k, rank in enumerate(ranks[1:]) if rank == ranks[k]]
         if twice:
@@ -414,7 +418,7 @@ def _read_trtllm(path: Path) -> LoadTrace:
                           f"between rank0 and rank{ranks[-1]}; the loads are summed over "
                           f"the {len(ranks)} rank files there", UserWarning, stacklevel=2)
     else:
-        m = _RANK_FILE.match(path.name)
+        m = RANK_FILE.match(path.name)
         files = [(int(m.group(1)) if m else 0, path)]
     num_experts = meta.get("num_experts")
     total: dict[tuple[int, int], torch.Tensor] = {}
