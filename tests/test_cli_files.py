@@ -97,6 +97,39 @@ def test_force_keeps_the_mode_of_the_file_it_replaces(capsys, tmp_path, loads, u
     assert read_placement(out).phy2log.shape == (L, R)
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="giving a file to another owner needs root")
+def test_force_keeps_the_owner_and_group_of_the_file_it_replaces(capsys, tmp_path, loads):
+    # the mode was kept, but the file became root's: a group-readable placement for the
+    # serving account was no longer readable by it (attacker pass)
+    out = tmp_path / "placement.json"
+    out.write_text("old")
+    os.chown(out, 65534, 65534)  # nobody, nogroup
+    os.chmod(out, 0o640)
+    code, err = plan(capsys, loads, out, "--force")
+    assert code == 0, err
+    info = os.stat(out)
+    assert (info.st_uid, info.st_gid, mode(out)) == (65534, 65534, 0o640)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="a file of another group needs root to make")
+def test_force_warns_where_the_group_cannot_be_kept(capsys, tmp_path, loads, monkeypatch):
+    out = tmp_path / "placement.json"
+    out.write_text("old")
+    os.chown(out, -1, 65534)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # as a user outside that group
+    monkeypatch.setattr(os, "chown", refuse)
+    code, err = plan(capsys, loads, out, "--force")
+    assert code == 0, err
+    assert "its group (gid 65534) could not be kept" in err, err
+    assert read_placement(out).phy2log.shape == (L, R)
+
+
 def test_existing_output_is_refused_without_force(capsys, tmp_path, loads) -> None:
     out = tmp_path / "placement.json"
     out.write_text("precious")

@@ -7,7 +7,9 @@ Writes (:func:`atomic_write`) follow what a user expects of ``open(path, "w")`` 
   running as another user can read the placement when the umask allows it. A file
   replaced with ``force`` keeps its permission bits, as ``> file`` in a shell does: a
   user who made ``placement.json`` group-readable for the serving account (or private)
-  keeps that choice across re-plans.
+  keeps that choice across re-plans. It keeps its group too where the writer may set it
+  (a member of that group, or root), and root keeps its owner (a shell's ``>`` rewrites
+  the file in place, so both stay); where the group cannot be kept a warning says so.
 - **No half-written files**: the content goes to an unnamed (``O_TMPFILE``) or hidden
   temporary file in the same folder, is flushed and ``fsync``-ed, and only then gets its
   name; the folder is ``fsync``-ed after. A writer killed at any point leaves either no
@@ -37,6 +39,7 @@ import os
 import secrets
 import stat
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -357,6 +360,25 @@ def _named(exc: OSError, path: Path) -> OSError:
     return type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}")
 
 
+def _keep_owner(tmp: Path, path: Path, uid: int, gid: int, mode: int | None) -> None:
+    """Give ``tmp`` (about to replace ``path``) the replaced file's group, and its owner when
+    running as root; a warning where the group cannot be kept (the writer is not in it).
+    The permission bits are set again after: a change of owner may clear some."""
+    stat_now = os.stat(tmp, follow_symlinks=False)
+    owner = uid if os.geteuid() == 0 else -1
+    if (owner == -1 or owner == stat_now.st_uid) and gid == stat_now.st_gid:
+        return
+    try:
+        os.chown(tmp, owner, gid, follow_symlinks=False)
+    except OSError:
+        warnings.warn(f"eplb: {path} was replaced, but its group (gid {gid}) could not be "
+                      f"kept: the writer is not in that group; the new file's group is gid "
+                      f"{stat_now.st_gid}", UserWarning, stacklevel=4)
+        return
+    if mode is not None:
+        os.chmod(tmp, mode)  # (tmp: the regular file written here)
+
+
 def atomic_write(
     path: Path, write: Callable[[Any], None], mode: str = "w", *, force: bool = False
 ) -> None:
@@ -369,6 +391,7 @@ def atomic_write(
     path = Path(path)
     directory = path.parent
     keep_mode = None
+    keep_owner: tuple[int, int] | None = None  # (uid, gid) of the file replaced
     if force:
         only_regular_files_are_replaced(path)
         if path.is_dir():  # else os.replace fails naming its temporary file
@@ -379,6 +402,7 @@ def atomic_write(
                 # the permission bits, never setuid/setgid/sticky: the new file's owner is
                 # whoever writes it
                 keep_mode = stat.S_IMODE(info.st_mode) & 0o777
+                keep_owner = (info.st_uid, info.st_gid)
     try:
         fd = _open_unnamed(directory)
         tmp: Path | None = None  # the named temporary file, once there is one
@@ -425,6 +449,8 @@ def atomic_write(
                 raise failed from None
             raise
         if force:
+            if keep_owner is not None:
+                _keep_owner(tmp, path, *keep_owner, keep_mode)
             os.replace(tmp, path)
         elif _publish_exclusive(tmp, path):
             os.unlink(tmp)  # the content lives on under its published name
