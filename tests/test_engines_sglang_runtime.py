@@ -651,3 +651,16 @@ def test_the_nearest_switch_never_serves_worse_and_never_fails_sglangs_call(sgla
                                     options=options, old_phy2log=old,
                                     sglang_dispatch="static")[0]
         assert torch.equal(new, old), options
+
+
+@pytest.mark.parametrize(("tokens", "error", "message"), [
+    # a complex tensor was cast to int64 (its imaginary part dropped, a torch warning),
+    # a 0-d one raised an IndexError (attacker pass); eplb.plan refuses both alike
+    (torch.ones(2, 8, dtype=torch.complex64), TypeError, "real counts; got torch.complex64"),
+    (torch.ones(1, 2, 8, dtype=torch.complex64), TypeError, "real counts"),
+    (torch.tensor(3.0), ValueError, r"got shape \(\)"),
+    ([[1, 2, 3, 4]], TypeError, "got list"),
+])
+def test_counts_that_are_no_loads_are_refused(tokens, error, message):
+    with pytest.raises(error, match=message):
+        plugin.eplb_rebalance(tokens, 16, 4, None, 1, False)

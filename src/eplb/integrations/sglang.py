@@ -195,6 +195,7 @@ def eplb_rebalance(
         raise ValueError(f"dispatch must be one of {DISPATCH_CHOICES}, got {dispatch!r}")
     check_option_values(options)
     incremental = options.pop("incremental", True)
+    _check_counts(tokens_per_expert)
     weight = tokens_per_expert.detach()
     if weight.dim() == 3:
         weight = _sum_steps(weight)
@@ -295,6 +296,17 @@ def _policy(asked: str | None, dispatch: str, hierarchical: bool, topology: Topo
                            who, "; ".join(problems))
             policy = "global"
     return policy
+
+
+def _check_counts(counts: object) -> None:
+    """eplb.plan's checks that the cast and step sum below would skip (attacker pass: a
+    complex tensor lost its imaginary part to the int64 cast, a 0-d one an IndexError)."""
+    shape = "a torch.Tensor [T, L, E] or [L, E]"
+    if not isinstance(counts, torch.Tensor) or counts.is_complex():
+        got = counts.dtype if isinstance(counts, torch.Tensor) else type(counts).__name__
+        raise TypeError(f"tokens_per_expert must be {shape} of real counts; got {got}")
+    if counts.dim() not in (2, 3):
+        raise ValueError(f"tokens_per_expert must be {shape}; got shape {tuple(counts.shape)}")
 
 
 def _sum_steps(counts: torch.Tensor) -> torch.Tensor:
