@@ -35,6 +35,25 @@ def test_eval_first_layer_scores_moe_rows_of_an_sglang_file(capsys, tmp_path, lo
     assert code == 2 and "no rows for model layers 5" in err and "model layers 0..4" in err
 
 
+def test_an_sglang_file_as_long_as_the_loads_is_matched_by_model_layer(capsys, tmp_path,
+                                                                        loads) -> None:
+    """An SGLang file's row r is model layer r: loads that --first-layer 2 puts on layers
+    2.. were paired with its rows 0.. in order, where the same plan as TensorRT-LLM YAML
+    was refused (attacker pass)."""
+    out = tmp_path / "p.sglang.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--first-layer", "0",
+               "-o", str(out))[0] == 0
+    evaluate = ["eval", "--placement", str(out), str(loads), "-g", str(P)]
+    replan = ["plan", str(loads), "-r", str(R), "-g", str(P), "--previous", str(out),
+              "-o", str(tmp_path / "again.json")]
+    for argv in (evaluate, replan):
+        code, _, err = run(capsys, *argv, "--first-layer", "2")
+        assert code == 2 and "holds model layers 0.." in err and "row r is model layer r" in err
+    assert run(capsys, *evaluate, "--first-layer", "0")[0] == 0
+    assert run(capsys, *evaluate)[0] == 0  # no claim on the loads' layers: in order
+    assert run(capsys, *replan, "--first-layer", "0")[0] == 0
+
+
 def test_a_yaml_keyed_by_model_layer_is_scored_and_replanned_by_layer(capsys, tmp_path) -> None:
     """``--first-layer`` means the model layer of the loads' first row in eval as in plan,
     and a TensorRT-LLM YAML without the dense layers of an SGLang dump still matches it."""
@@ -72,7 +91,7 @@ def test_a_yaml_keyed_by_model_layer_is_scored_and_replanned_by_layer(capsys, tm
     dump.write_text(json.dumps({"logical_count": [[1.0] * E] + [[0.0] * E] * 2
                                 + moe.round().tolist()}))
     code, _, err = run(capsys, "eval", "--placement", str(trimmed), str(dump))
-    assert code == 2 and "no rows for model layers 0" in err and "holds layers 3.." in err
+    assert code == 2 and "no rows for model layers 0" in err and "holds model layers 3.." in err
 
 
 def test_plan_previous_takes_the_loads_rows_of_an_sglang_file(capsys, tmp_path, loads) -> None:

@@ -89,6 +89,18 @@ def require_loads_files(names: list[str]) -> None:
                                f"twice")
 
 
+def recorded_layers(placement: Placement, meta: dict, what: str) -> tuple[list[int] | None, str]:
+    """The model layers a placement file's rows are, and ``what`` (its name in messages):
+    the ids it records, or for an SGLang file (a row per model layer) its row index, said
+    in ``what``; ``None`` where its rows make no claim. (An SGLang file's rows used to be
+    paired in order with loads that ``--first-layer`` put on other layers, where the same
+    plan as TensorRT-LLM YAML was refused: attacker pass.)"""
+    ids = meta.get("layer_ids")
+    if ids is None and meta.get("format") == "sglang":
+        return list(range(placement.num_layers)), f"{what} (SGLang's: row r is model layer r)"
+    return ids, what
+
+
 def all_zero_rows_note(count: int) -> str:
     """``" (2 all-zero rows left out)"`` after a file's name (empty for none): bench and
     simulate leave a dump's dense layers out and say so alike."""

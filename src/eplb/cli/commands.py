@@ -29,6 +29,7 @@ from eplb.cli._inputs import (
     cli_policy,
     infer_emit,
     read_trace,
+    recorded_layers,
     refuse_forced_hierarchy,
     require_loads_files,
     straddling_layers,
@@ -202,9 +203,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             )
         # e.g. an SGLang file (a row per model layer) and loads of the MoE layers, or a
         # YAML without the dense layers an SGLang dump has: the rows picked as eval does
-        previous, keep = _rows_of_loads(previous, previous_meta.get("layer_ids"), trace,
-                                        weight, args.first_layer,
-                                        f"--previous {args.previous}", f"loads {loads}")
+        layers, what = recorded_layers(previous, previous_meta, f"--previous {args.previous}")
+        previous, keep = _rows_of_loads(previous, layers, trace, weight, args.first_layer, what,
+                                        f"loads {loads}")
         if keep is not None:  # said by _rows_of_loads: planning the other layers only
             weight, layer_ids, kept_rows = weight[keep], [layer_ids[i] for i in keep], keep
             num_layers = len(keep)
@@ -509,7 +510,8 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
             warn(f"{what} holds model layers {integer_runs(have)} and {loads} layers "
                  f"{integer_runs(ids)}; pairing their rows in order")
         else:
-            where = (f"it holds layers {integer_runs(sorted(have))}" if placement_ids is not None
+            where = (f"it holds model layers {integer_runs(sorted(have))}"
+                     if placement_ids is not None
                      else f"it records no layer ids, so its rows are read as model layers "
                      f"0..{num_rows - 1}")
             hint = (" (--first-layer K is the model layer of the loads' first row)"

@@ -19,7 +19,13 @@ from eplb.cli._common import (
     static_gpu_loads,
     summed_note,
 )
-from eplb.cli._inputs import cli_policy, read_trace, warn, warn_if_no_load
+from eplb.cli._inputs import (
+    cli_policy,
+    read_trace,
+    recorded_layers,
+    warn,
+    warn_if_no_load,
+)
 from eplb.cli.commands import (
     _distinct_rows,
     _layer_ids,
@@ -108,8 +114,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trace = read_trace(files, args)
     weight = trace.total()
     warn_if_no_load(weight, args.loads)
-    placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
-                                     args.first_layer, f"the placement {args.placement}",
+    layers, what = recorded_layers(placement, meta, f"the placement {args.placement}")
+    placement, keep = _rows_of_loads(placement, layers, trace, weight, args.first_layer, what,
                                      f"loads {args.loads}")
     # the policy of the rows scored: an SGLang file's dense layers hold SGLang's trivial
     # map, which spreads every group over the nodes whatever the plan of the MoE rows
