@@ -4,6 +4,7 @@ scalars of any type, boolean masks only, sparse and meta tensors, and loads of a
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -586,3 +587,16 @@ def test_raw_bytes_are_no_numbers_whichever_their_type(raw):
     typed = memoryview(np.arange(1.0, 17.0))
     assert torch.equal(eplb.plan(typed, 16, 4).phy2log,
                        eplb.plan(np.arange(1.0, 17.0), 16, 4).phy2log)
+
+
+def test_read_only_arrays_plan_without_a_torch_warning():
+    # torch warns that a read-only array makes a non-writable tensor: a caller running
+    # with -W error failed (attacker pass); eplb copies such arrays
+    loads = np.random.default_rng(0).random((2, 16))
+    speed, live = np.ones(8), np.ones(8, dtype=bool)
+    for array in (loads, speed, live):
+        array.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        eplb.plan(loads, 24, 8).validate()
+        eplb.plan(loads, 24, 8, gpu_speed=speed, active_gpus=live).validate()

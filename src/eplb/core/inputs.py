@@ -75,9 +75,12 @@ _NOT_NUMBERS = {dict: "an object", str: "text", bytes: "bytes", type(None): "nul
 def native_array(value: object) -> object:
     """``value`` made readable by ``torch.as_tensor`` when it is a NumPy array: torch
     refuses arrays with negative strides (``a[::-1]``) or non-native byte order (``>i8``)
-    with its own message, where every load input here takes them. Else ``value``."""
+    with its own message, where every load input here takes them, and warns of a
+    read-only one (a caller running with ``-W error`` failed: attacker pass), which is
+    copied. Else ``value``."""
     if isinstance(value, np.ndarray) and not isinstance(value, np.ma.MaskedArray):
-        return np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="), copy=False))
+        array = np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="), copy=False))
+        return array if array.flags.writeable else array.copy()
     return value
 
 
@@ -163,8 +166,7 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
             raise TypeError(f"{name} has numpy dtype {value.dtype} (extended precision); "
                             f"convert it to float64")
         # torch reads native byte order only: a big-endian array is converted here
-        tensor = torch.from_numpy(np.ascontiguousarray(value.astype(value.dtype.newbyteorder("="),
-                                                                    copy=False)))
+        tensor = torch.from_numpy(native_array(value))
     elif isinstance(value, Sequence) and not isinstance(value, str):
         refuse_byte_strings(value, name)
         what_list = f"{name} is a list that is not a rectangular array of numbers"
