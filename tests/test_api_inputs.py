@@ -365,8 +365,8 @@ def test_seed_out_of_range_is_named(seed):
 
 def test_gpu_speed_lists_are_read_in_float64():
     """A list of speeds is not squeezed through float32 (1e300 became inf, 1e-50 zero)."""
-    for first in (1e300, 1e-50):
-        speeds = [first] + [1.0] * 15
+    for scale in (1e300, 1e-50):
+        speeds = [scale] + [2 * scale] * 15
         p = eplb.plan(W, 96, 16, gpu_speed=speeds)
         assert p.balancedness(W, gpu_speed=speeds) > 0
 
@@ -600,3 +600,11 @@ def test_read_only_arrays_plan_without_a_torch_warning():
         warnings.simplefilter("error")
         eplb.plan(loads, 24, 8).validate()
         eplb.plan(loads, 24, 8, gpu_speed=speed, active_gpus=live).validate()
+
+
+@pytest.mark.parametrize("slowest", [1e-7, 1e-300, 1e-310])
+def test_a_gpu_far_slower_than_the_rest_is_refused(slowest):
+    # it sets every layer's time whatever it holds (0.0000 at 1e-9), and at 1e-310 the
+    # speed-aware packing's times overflowed with a NumPy warning (attacker pass)
+    with pytest.raises(ValueError, match=r"GPU 3 is .* times slower than the fastest.*--dead"):
+        eplb.plan(W, 96, 16, gpu_speed=[1.0] * 3 + [slowest] + [1.0] * 12)

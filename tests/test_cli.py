@@ -760,3 +760,13 @@ def test_generate_writes_sglangs_format_to_a_name_ending_sglang_json(capsys, tmp
                        str(path), "-q")
     assert code == 0, err
     assert "logical_count" in json.loads(path.read_text())
+
+
+def test_a_report_file_name_held_by_a_folder_is_named_as_such(capsys, tmp_path) -> None:
+    # the first answer was "already exists; pass --force", and --force then said "is a
+    # directory" (attacker pass): a folder cannot be replaced, so that is said first
+    (tmp_path / "out" / "report.html").mkdir(parents=True)
+    for extra in ([], ["--force"]):
+        code, _, err = run(capsys, "demo", "--out", str(tmp_path / "out"), *extra)
+        assert code == 2 and "is a folder where the report writes a file" in err, err
+        assert "--force" not in err

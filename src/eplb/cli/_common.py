@@ -451,6 +451,9 @@ def prepare_report(directory: str | None, force: bool, title: str,
     if Path(directory).is_dir():  # fail before the work, not after
         for name in report.planned_files():
             path = Path(directory) / name
+            if path.is_dir():  # first: --force cannot replace a folder, so not suggested
+                raise CliError(f"{path} is a folder where the report writes a file; remove "
+                               "it or choose another directory")
             if os.path.lexists(path) and not force:  # a dangling link counts as there
                 raise CliError(f"{path} already exists; pass --force to overwrite it or "
                                "choose another directory")
