@@ -41,7 +41,9 @@ def test_bad_budget_arguments():
     with pytest.raises(ValueError, match="skip_threshold must be a number >= 0"):
         eplb.plan(W1, R, P, previous=old, skip_threshold=-0.5)
     with pytest.raises(ValueError, match="gpu_speed cannot be combined with previous"):
-        eplb.plan(W1, R, P, previous=old, gpu_speed=torch.ones(P))
+        eplb.plan(W1, R, P, previous=old, gpu_speed=torch.arange(1.0, P + 1))
+    # equal speeds are equal GPUs (attacker pass): they plan from the placement in force
+    eplb.plan(W1, R, P, previous=old, gpu_speed=torch.ones(P)).validate()
     # the message shows the value as given (it read np.float32(5.0) for a float tensor)
     with pytest.raises(ValueError, match=r"got tensor\(5\.\)$"):
         eplb.plan(W1, R, P, previous=old, max_moves=torch.tensor(5.0))
@@ -67,3 +69,13 @@ def test_meta_tensor_budget_is_refused_by_name():
     old = eplb.plan(w, 24, 8, 2)
     with pytest.raises(ValueError, match="max_moves is a meta tensor"):
         eplb.plan(w, 24, 8, 2, previous=old, max_moves=torch.tensor(4, device="meta"))
+
+
+def test_skip_threshold_takes_0d_numpy_numbers_as_0d_tensors():
+    # torch.tensor(0.1) was taken and np.array(0.1) refused (attacker pass)
+    old = eplb.plan(W1, R, P)
+    for value in (np.array(0.1), np.array(1), torch.tensor(0.1)):
+        eplb.plan(W1, R, P, previous=old, skip_threshold=value).validate()
+    for value in (np.array([0.1]), np.array(True), np.array(-1.0), np.array(np.nan)):
+        with pytest.raises(ValueError, match="skip_threshold must be a number >= 0"):
+            eplb.plan(W1, R, P, previous=old, skip_threshold=value)

@@ -230,6 +230,8 @@ def as_threshold(skip_threshold: object) -> float | None:
     if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
             and not value.is_complex() and not without_values(value)):
         value = float(value)
+    elif (isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"):
+        value = float(value)  # np.array(0.1), as torch.tensor(0.1) (attacker pass)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, float | int | np.number) or not (
