@@ -7,6 +7,11 @@ real DeepSeek-V3 workload (MoE rows 3..60) and shape, with half the GPUs twice a
 (the second half) and with one GPU at half speed, against the plan made for equal GPUs
 scored on the same speeds, and the planning time (median of ``--repeats``).
 
+A second table takes speeds that barely differ (half the GPUs 1.01×, 1.2×, 2× as fast) on
+small synthetic shapes of 3 slots per GPU (30 seeded inputs of 4 layers each, loads
+``1000·u³``): in how many is the plan made with the speeds slower than the plan made for
+equal GPUs, scored on the same speeds, and by how much at worst.
+
     python benchmarks/bench_gpu_speed.py [--files N] [--repeats N]
 """
 
@@ -21,6 +26,8 @@ from _harness import deepseek_loads, markdown_table, median_ms, start
 import eplb
 
 SHAPES = ((288, 32), (288, 96), (320, 64))
+#: (experts, GPUs, slots per GPU) of the close-speeds table
+SMALL_SHAPES = ((16, 8, 3), (32, 16, 3), (64, 32, 3))
 
 
 def speeds(kind: str, num_gpus: int) -> torch.Tensor:
@@ -60,7 +67,35 @@ def main(argv: list[str] | None = None) -> int:
           "workloads); ms: planning with speeds, first workload\n")
     print(markdown_table(["R/P", "speeds", "plan for equal GPUs", "plan with gpu_speed",
                           "ms"], rows))
+    close_speeds()
     return 0
+
+
+def close_speeds(inputs: int = 30) -> None:
+    """The second table (module docstring)."""
+    rows = []
+    for experts, gpus, slots in SMALL_SHAPES:
+        for fast in (1.01, 1.2, 2.0):
+            speed = torch.tensor([1.0] * (gpus // 2) + [fast] * (gpus // 2),
+                                 dtype=torch.float64)
+            slower, worst = 0, 1.0
+            for seed in range(inputs):
+                g = torch.Generator().manual_seed(seed)
+                weight = torch.rand(4, experts, generator=g, dtype=torch.float64) ** 3 * 1000
+                equal = eplb.plan(weight, slots * gpus, gpus).balancedness(weight,
+                                                                             gpu_speed=speed)
+                aware = eplb.plan(weight, slots * gpus, gpus, gpu_speed=speed).balancedness(
+                    weight, gpu_speed=speed)
+                slower += aware < equal - 1e-4
+                worst = min(worst, aware / equal)
+            rows.append([f"{experts} on {gpus}", f"{fast:g}", f"{slower} of {inputs}",
+                         f"{worst:.4f}"])
+    slots = "/".join(sorted({str(shape[2]) for shape in SMALL_SHAPES}))
+    print(f"\nclose speeds (half the GPUs faster), {slots} slots per GPU: inputs where the "
+          "plan with gpu_speed is slower than the plan for equal GPUs (by more than 1e-4), "
+          "and its worst ratio\n")
+    print(markdown_table(["experts on GPUs", "fast GPUs' speed", "slower", "worst ratio"],
+                         rows))
 
 
 if __name__ == "__main__":
