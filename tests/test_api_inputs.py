@@ -606,5 +606,16 @@ def test_read_only_arrays_plan_without_a_torch_warning():
 def test_a_gpu_far_slower_than_the_rest_is_refused(slowest):
     # it sets every layer's time whatever it holds (0.0000 at 1e-9), and at 1e-310 the
     # speed-aware packing's times overflowed with a NumPy warning (attacker pass)
+    speeds = [1.0] * 3 + [slowest] + [1.0] * 12
     with pytest.raises(ValueError, match=r"GPU 3 is .* times slower than the fastest.*--dead"):
-        eplb.plan(W, 96, 16, gpu_speed=[1.0] * 3 + [slowest] + [1.0] * 12)
+        eplb.plan(W, 96, 16, gpu_speed=speeds)
+    # a dead GPU's speed is not read, and scoring takes any speeds (second attacker pass)
+    live = [True] * 3 + [False] + [True] * 12
+    assert eplb.plan(W, 96, 16, gpu_speed=speeds, active_gpus=live).gpu_loads(W)[:, 3].eq(0).all()
+    assert eplb.plan(W, 96, 16).balancedness(W, gpu_speed=speeds) >= 0
+
+
+def test_the_speed_ratio_limit_holds_at_its_boundary():
+    # a decimal 1e6 may round above it (second attacker pass): still planned
+    for scale in (1.0, 3.7, 1e-3, 123.456):
+        eplb.plan(W, 96, 16, gpu_speed=[scale] * 15 + [scale * 1e-6]).validate()

@@ -99,13 +99,20 @@ def test_force_keeps_the_mode_of_the_file_it_replaces(capsys, tmp_path, loads, u
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
                     reason="giving a file to another owner needs root")
-def test_force_keeps_the_owner_and_group_of_the_file_it_replaces(capsys, tmp_path, loads):
+def test_force_keeps_the_owner_and_group_of_the_file_it_replaces(capsys, tmp_path, loads,
+                                                                  monkeypatch):
     # the mode was kept, but the file became root's: a group-readable placement for the
     # serving account was no longer readable by it (attacker pass)
     out = tmp_path / "placement.json"
     out.write_text("old")
     os.chown(out, 65534, 65534)  # nobody, nogroup
     os.chmod(out, 0o640)
+
+    def by_name(*args, **kwargs):  # a name can be swapped for a link: descriptors only
+        raise AssertionError(f"changed through a name: {args}")
+
+    monkeypatch.setattr(os, "chown", by_name)
+    monkeypatch.setattr(os, "chmod", by_name)
     code, err = plan(capsys, loads, out, "--force")
     assert code == 0, err
     info = os.stat(out)
@@ -123,10 +130,10 @@ def test_force_warns_where_the_group_cannot_be_kept(capsys, tmp_path, loads, mon
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # as a user outside that group
-    monkeypatch.setattr(os, "chown", refuse)
+    monkeypatch.setattr(os, "fchown", refuse)
     code, err = plan(capsys, loads, out, "--force")
     assert code == 0, err
-    assert "its group (gid 65534) could not be kept" in err, err
+    assert "cannot keep its group (gid 65534)" in err, err
     assert read_placement(out).phy2log.shape == (L, R)
 
 
@@ -774,13 +781,33 @@ def test_a_dump_read_twice_through_a_folder_is_refused(capsys, tmp_path):
     (other / "x.json").symlink_to(dumps / "d1.json")
     out = str(tmp_path / "p.json")
     for loads, said in (([dumps, dumps / "d1.json"], "is read from the folder"),
-                        ([linked], "are the same file"), ([dumps, other], "both hold d1.json")):
+                        ([linked], "are the same file"),
+                        ([dumps, other], "both hold one file (d1.json, x.json")):
         assert main(["plan", *map(str, loads), "-r", "8", "-g", "4", "-o", out]) == 2
         err = capsys.readouterr().err
         assert said in err and "count twice" in err and len(err.strip().splitlines()) == 1, err
     assert main(["plan", str(dumps), "-r", "8", "-g", "4", "-o", out]) == 0
     with pytest.raises(FormatError, match="same file"):
         read_loads(linked)
+    # hard links are the same file too (second attacker pass); equal content is not
+    hard, equal = tmp_path / "hard", tmp_path / "equal"
+    hard.mkdir(), equal.mkdir()
+    os.link(dumps / "d1.json", hard / "d1.json")
+    os.link(dumps / "d1.json", hard / "d9.json")
+    for loads in ([hard], [dumps, hard / "d1.json"], [dumps / "d1.json", hard / "d9.json"]):
+        assert main(["plan", *map(str, loads), "-r", "8", "-g", "4", "-o", out, "--force"]) == 2
+        assert "count twice" in capsys.readouterr().err
+    for name in ("x1.json", "x2.json"):
+        (equal / name).write_text((dumps / "d1.json").read_text())
+    assert main(["plan", str(equal), "-r", "8", "-g", "4", "-o", out, "--force"]) == 0
+    # a link to itself is named as the reader names it, not as an internal error
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    name = "expert_distribution_recorder_1.0.pt"
+    (loop / name).symlink_to(name)
+    assert main(["plan", str(loop), "-r", "8", "-g", "4", "-o", out, "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "symbolic links" in err and "RuntimeError" not in err, err
 
 
 def test_a_file_that_appears_during_the_run_is_kept_and_named_in_the_clis_words(
@@ -820,3 +847,14 @@ def test_equal_gpu_speeds_plan_as_equal_gpus(tmp_path, capsys):
                  "--policy", "hierarchical", "--gpu-speed", ",".join(["1"] * 8),
                  "-o", str(tmp_path / "hier.json")]) == 0
     capsys.readouterr()
+    # eval too scores equal speeds as equal GPUs, with the ceiling; and a file that earlier
+    # eplb wrote with equal speeds is not called "planned for unequal GPU speeds"
+    assert main(["eval", "--placement", str(plain), str(loads), "--gpu-speed",
+                 ",".join(["2"] * 8), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["balancedness_ceiling"] is not None
+    doc["gpu_speed"] = [2.0] * 8
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(doc))
+    assert main(["plan", str(loads), "-r", "24", "-g", "8", "--gpu-speed", ",".join(["2"] * 8),
+                 "--previous", str(old), "-o", str(tmp_path / "next.json")]) == 0
+    assert "unequal" not in capsys.readouterr().err

@@ -23,8 +23,8 @@ import torch
 from eplb.cli._common import CliError
 from eplb.core import LoadTrace, Placement, Topology, resolve_policy
 from eplb.core.placement import groups_on_nodes
-from eplb.formats import emit_for, read_loads
-from eplb.formats.detect import folder_load_files
+from eplb.formats import FormatError, emit_for, read_loads
+from eplb.formats.detect import file_identity, folder_load_files
 
 
 def warn(message: str) -> None:
@@ -57,48 +57,49 @@ def require_loads_files(names: list[str]) -> None:
     """A clear error for a loads file that is not there (a dangling link is left to the
     reader, which names it as such), or one named twice (several files are steps one
     after another: a file named twice would count its loads twice)."""
-    seen: dict[Path, str] = {}
-    inside: dict[Path, str] = {}  # the files read from the folders named, by folder
+    seen: dict[object, str] = {}  # each file by its (device, inode): through any link
+    inside: dict[object, tuple[str, Path]] = {}  # files read from the folders named
     for name in names:
         path = Path(name)
         if not path.exists() and not path.is_symlink():
             raise CliError(f"loads file {name!r} not found")
-        where = path.resolve() if path.exists() else path
+        where = file_identity(path) or name  # (unreadable: the reader names the problem)
         if where in seen:
             raise CliError(f"loads file {name!r} is given twice (as {seen[where]!r} too): "
                            f"several files are steps one after another, so its loads would "
                            f"count twice")
         seen[where] = name
         if path.is_dir():  # (a link inside one folder is the reader's to refuse)
-            inside.update((file.resolve(), name) for file in folder_load_files(path))
+            try:
+                files = folder_load_files(path)
+            except (OSError, FormatError):  # the reader says what is wrong with it
+                files = []
+            for file in files:
+                key = file_identity(file)
+                if key is None:
+                    continue
+                if key in inside and inside[key][0] != name:
+                    first, twin = inside[key]
+                    raise CliError(f"the folders {first!r} and {name!r} both hold one file "
+                                   f"({twin.name}, {file.name}: a link or the same file): "
+                                   f"several files are steps one after another, so its loads "
+                                   f"would count twice")
+                inside[key] = (name, file)
     for where, name in seen.items():
-        folder = inside.get(where)
+        folder = inside.get(where, (None,))[0]
         if folder is not None and folder != name:
             raise CliError(f"loads file {name!r} is read from the folder {folder!r} too: "
                            f"several files are steps one after another, so its loads would "
                            f"count twice")
-    folders = [name for name in names if Path(name).is_dir()]
-    for k, first in enumerate(folders):
-        for second in folders[k + 1:]:
-            shared = {f.resolve() for f in folder_load_files(Path(first))} & {
-                f.resolve() for f in folder_load_files(Path(second))}
-            if shared:
-                raise CliError(f"the folders {first!r} and {second!r} both hold "
-                               f"{sorted(shared)[0].name} (a link or the same file): several "
-                               f"files are steps one after another, so its loads would count "
-                               f"twice")
 
 
-def recorded_layers(placement: Placement, meta: dict, what: str) -> tuple[list[int] | None, str]:
-    """The model layers a placement file's rows are, and ``what`` (its name in messages):
-    the ids it records, or for an SGLang file (a row per model layer) its row index, said
-    in ``what``; ``None`` where its rows make no claim. (An SGLang file's rows used to be
-    paired in order with loads that ``--first-layer`` put on other layers, where the same
-    plan as TensorRT-LLM YAML was refused: attacker pass.)"""
-    ids = meta.get("layer_ids")
-    if ids is None and meta.get("format") == "sglang":
-        return list(range(placement.num_layers)), f"{what} (SGLang's: row r is model layer r)"
-    return ids, what
+def placement_name(meta: dict, what: str) -> tuple[str, bool]:
+    """``what`` (a placement file's name in messages), said to be SGLang's where it is, and
+    whether it is: an SGLang file has a row per model layer, so its row index is a claim
+    about layers that messages and :func:`eplb.cli.commands._rows_of_loads` weigh."""
+    if meta.get("format") == "sglang":
+        return f"{what} (SGLang's: row r is model layer r)", True
+    return what, False
 
 
 def all_zero_rows_note(count: int) -> str:

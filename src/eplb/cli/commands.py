@@ -28,8 +28,8 @@ from eplb.cli._common import (
 from eplb.cli._inputs import (
     cli_policy,
     infer_emit,
+    placement_name,
     read_trace,
-    recorded_layers,
     refuse_forced_hierarchy,
     require_loads_files,
     straddling_layers,
@@ -41,6 +41,7 @@ from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import require_distinct_topk
 from eplb.core.messages import integer_runs
 from eplb.core.placement import Placement, load_balance
+from eplb.core.planner import planning_speeds
 from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement_meta, read_routing, write_placement
 from eplb.formats.placement_writer import dead_gpus_message
@@ -123,8 +124,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _refuse_flag_mistakes(args)
     active = active_gpus_from(args.dead_gpus, args.gpus)
     speed = gpu_speed_from(args.gpu_speed, args.gpus)
-    if speed is not None and bool((speed == speed[0]).all()):
-        speed = None  # equal speeds are equal GPUs, as eplb.plan takes them
+    if speed is not None:  # equal live speeds are equal GPUs, as eplb.plan takes them
+        try:
+            speed = planning_speeds(speed, None if active is None else active.bool())
+        except ValueError as exc:
+            raise CliError(str(exc).replace("gpu_speed:", "--gpu-speed:", 1)) from None
     refuse_forced_hierarchy(args.policy, active is not None and not bool(active.all()),
                             speed is not None)
     out = check_output(args.output, args.force)
@@ -203,9 +207,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             )
         # e.g. an SGLang file (a row per model layer) and loads of the MoE layers, or a
         # YAML without the dense layers an SGLang dump has: the rows picked as eval does
-        layers, what = recorded_layers(previous, previous_meta, f"--previous {args.previous}")
-        previous, keep = _rows_of_loads(previous, layers, trace, weight, args.first_layer, what,
-                                        f"loads {loads}")
+        what, sglang = placement_name(previous_meta, f"--previous {args.previous}")
+        previous, keep = _rows_of_loads(previous, previous_meta.get("layer_ids"), trace, weight,
+                                        args.first_layer, what, f"loads {loads}", sglang)
         if keep is not None:  # said by _rows_of_loads: planning the other layers only
             weight, layer_ids, kept_rows = weight[keep], [layer_ids[i] for i in keep], keep
             num_layers = len(keep)
@@ -229,6 +233,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                  f"node and one group: pass --nodes {recorded.num_nodes} --groups "
                  f"{recorded.num_groups} to keep planning for its cluster")
         recorded = previous_meta.get("gpu_speed")
+        if recorded is not None and len(set(recorded)) == 1:
+            recorded = None  # equal speeds (written by earlier eplb): equal GPUs
         if recorded is not None and (speed is None or speed.tolist() != list(recorded)):
             warn(f"{args.previous} was planned for unequal GPU speeds; this plan is for "
                  f"{'equal GPUs' if speed is None else 'other speeds'} (pass --gpu-speed as "
@@ -452,7 +458,7 @@ def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
 
 def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
                    weight: torch.Tensor, first_layer: int | None, what: str,
-                   loads: str) -> tuple[Placement, list[int] | None]:
+                   loads: str, sglang: bool = False) -> tuple[Placement, list[int] | None]:
     """The rows of ``placement`` that the loads' rows are (``eval``, ``plan --previous``),
     and the loads' rows to keep (``None``: all).
 
@@ -466,7 +472,10 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
     is paired in order; so is one whose ids do not match the loads' own ids, with a
     warning, but ids that ``--first-layer K`` gives the loads are the user's claim and a
     placement whose ids contradict them is refused. ``what`` and ``loads`` name the two
-    in messages."""
+    in messages; ``sglang``: the placement is an SGLang file, whose rows SGLang reads as
+    model layers 0.., so pairing them in order with loads that name other layers is said
+    (a file shorter than the model is not SGLang's own: such files were paired in order
+    and still are, as a second attacker pass asked)."""
     rows = weight.shape[0]
     num_rows = placement.num_layers
     idle = (weight <= 0).all(1)
@@ -483,6 +492,13 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
         # counts agree (a dump's dense rows left out)
         if placement_ids is None and rows > num_rows and rows - int(idle.sum()) == num_rows:
             keep = (~idle).nonzero()[:, 0].tolist()
+        if sglang and named:
+            ids = _layer_ids(trace, first_layer, loads)
+            paired = ids if keep is None else [ids[i] for i in keep]
+            if paired != list(range(num_rows)):
+                warn(f"{what} has {num_rows} rows, which SGLang reads as model layers "
+                     f"0..{num_rows - 1}; {loads} name model layers {integer_runs(paired)}: "
+                     "pairing their rows in order")
     else:
         ids = _layer_ids(trace, first_layer, loads)
         have = list(placement_ids) if placement_ids is not None else list(range(num_rows))

@@ -21,8 +21,8 @@ from eplb.cli._common import (
 )
 from eplb.cli._inputs import (
     cli_policy,
+    placement_name,
     read_trace,
-    recorded_layers,
     warn,
     warn_if_no_load,
 )
@@ -114,9 +114,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     trace = read_trace(files, args)
     weight = trace.total()
     warn_if_no_load(weight, args.loads)
-    layers, what = recorded_layers(placement, meta, f"the placement {args.placement}")
-    placement, keep = _rows_of_loads(placement, layers, trace, weight, args.first_layer, what,
-                                     f"loads {args.loads}")
+    what, sglang = placement_name(meta, f"the placement {args.placement}")
+    placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
+                                     args.first_layer, what, f"loads {args.loads}", sglang)
     # the policy of the rows scored: an SGLang file's dense layers hold SGLang's trivial
     # map, which spreads every group over the nodes whatever the plan of the MoE rows
     placement = _eval_policy(placement, meta, args)
@@ -136,6 +136,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep)
         after_loads = nearest.pop("gpu_loads")
     speed = eval_gpu_speed(args.gpu_speed, meta, topo.num_gpus, args.placement)
+    if speed is not None and bool((speed == speed[0]).all()):
+        speed = None  # equal GPUs, as plan takes them: the same scores, and the ceiling
     if speed is not None and args.dispatch == "nearest":
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest (as in plan)")
     # no rebalancing, scored as the placement is (in time where GPU speeds are given)

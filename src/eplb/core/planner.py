@@ -183,11 +183,8 @@ def make_request(
         if bool(live.all()):
             live = None
     speed = None if gpu_speed is None else as_gpu_speed(gpu_speed, topology.num_gpus, w.device)
-    if speed is not None and bool((speed == speed[0]).all()):
-        # equal speeds are equal GPUs: planned as without them, so every path open to equal
-        # GPUs stays open (the hierarchical policy, previous=) and the plan is the same
-        # (attacker pass: [1, 1] planned 0.672 where no speeds planned 0.990)
-        speed = None
+    if speed is not None:
+        speed = planning_speeds(speed, live)
     dispatch = check_dispatch_options(dispatch, policy, fair, source is not None,
                                       routing is not None, slack is not None)
     if dispatch == "nearest" and speed is not None:
@@ -267,6 +264,31 @@ def _one_node(topology: Topology, stacklevel: int) -> Topology:
         stacklevel=stacklevel,
     )
     return dataclasses.replace(topology, num_nodes=1)
+
+
+#: the most a live GPU may be slower than the fastest in ``gpu_speed`` when planning
+MAX_SPEED_RATIO = 1e6
+
+
+def planning_speeds(speed: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor | None:
+    """``speed [P]`` as planning takes it: ``None`` where the live GPUs' speeds are equal
+    (they are equal GPUs: the same plan, and every path open to equal GPUs, such as the
+    hierarchical policy and ``previous=``; attacker pass: ``[1, 1]`` planned 0.672 where
+    no speeds planned 0.990). A live GPU more than :data:`MAX_SPEED_RATIO` times slower
+    than the fastest is refused: with ``R / P`` replicas it sets every layer's time
+    whatever it holds (0.0000 at 1e-9), and at 1e-310 the speed-aware packing overflowed.
+    Dead GPUs' speeds are not read."""
+    live_speed = speed if live is None else speed[live]
+    fastest, slowest = float(live_speed.max()), float(live_speed.min())
+    if fastest == slowest:
+        return None
+    if fastest > MAX_SPEED_RATIO * slowest * (1 + 1e-9):  # (a decimal 1e6 may round over)
+        gpu = int((speed if live is None else torch.where(live, speed, torch.inf)).argmin())
+        raise ValueError(f"gpu_speed: GPU {gpu} is {fastest / slowest:.6g} times slower than "
+                         f"the fastest live GPU, more than the {MAX_SPEED_RATIO:.0e} eplb plans "
+                         "for: it would set every layer's time whatever it holds; plan "
+                         "without it (active_gpus / --dead-gpus)")
+    return speed
 
 
 def _plan_live(request: PlanRequest) -> torch.Tensor:

@@ -309,13 +309,17 @@ def _reserve_and_replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _copy_to_named(fd: int, directory: Path, name: str, file_mode: int) -> Path:
-    """Copy the unnamed file ``fd`` into a named temporary file (no linkat on this system)."""
+def _copy_to_named(fd: int, directory: Path, name: str, file_mode: int,
+                   owner: tuple[int, int]) -> Path:
+    """Copy the unnamed file ``fd`` into a named temporary file (no linkat on this system),
+    with its mode and its ``(uid, gid)`` where the writer may set them."""
     out, tmp = _open_named(directory, name)
     try:
         os.lseek(fd, 0, os.SEEK_SET)
         while chunk := os.read(fd, 1 << 20):
             os.write(out, chunk)
+        with contextlib.suppress(OSError):  # (set already where they could be)
+            os.fchown(out, *owner)
         os.fchmod(out, file_mode)
         os.fsync(out)
     except BaseException:
@@ -360,23 +364,25 @@ def _named(exc: OSError, path: Path) -> OSError:
     return type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}")
 
 
-def _keep_owner(tmp: Path, path: Path, uid: int, gid: int, mode: int | None) -> None:
-    """Give ``tmp`` (about to replace ``path``) the replaced file's group, and its owner when
-    running as root; a warning where the group cannot be kept (the writer is not in it).
-    The permission bits are set again after: a change of owner may clear some."""
-    stat_now = os.stat(tmp, follow_symlinks=False)
+def _keep_owner(fd: int, path: Path, uid: int, gid: int, mode: int | None) -> None:
+    """Give the open file ``fd`` (about to replace ``path``) the replaced file's group, and
+    its owner when running as root; a warning where the group cannot be kept (the writer
+    is not in it). Through the descriptor, before the file has a name: a name could be
+    swapped for a link to another file between two calls (attacker pass). The permission
+    bits are set again after, as a change of owner may clear some."""
+    now = os.fstat(fd)
     owner = uid if os.geteuid() == 0 else -1
-    if (owner == -1 or owner == stat_now.st_uid) and gid == stat_now.st_gid:
+    if (owner == -1 or owner == now.st_uid) and gid == now.st_gid:
         return
     try:
-        os.chown(tmp, owner, gid, follow_symlinks=False)
+        os.fchown(fd, owner, gid)
     except OSError:
-        warnings.warn(f"eplb: {path} was replaced, but its group (gid {gid}) could not be "
-                      f"kept: the writer is not in that group; the new file's group is gid "
-                      f"{stat_now.st_gid}", UserWarning, stacklevel=4)
+        warnings.warn(f"eplb: the file replacing {path} cannot keep its group (gid {gid}): "
+                      f"the writer is not in that group; the new file's group is gid "
+                      f"{now.st_gid}", UserWarning, stacklevel=4)
         return
     if mode is not None:
-        os.chmod(tmp, mode)  # (tmp: the regular file written here)
+        os.fchmod(fd, mode)
 
 
 def atomic_write(
@@ -431,6 +437,8 @@ def atomic_write(
                     raise failed from None
                 if keep_mode is not None:
                     os.fchmod(handle.fileno(), keep_mode)
+                if keep_owner is not None:
+                    _keep_owner(handle.fileno(), path, *keep_owner, keep_mode)
                 os.fsync(handle.fileno())
                 if tmp is None:  # unnamed: publish straight from the descriptor when possible
                     src = f"/proc/self/fd/{handle.fileno()}"
@@ -442,15 +450,15 @@ def atomic_write(
                     except OSError as exc:
                         if exc.errno not in _UNSUPPORTED:
                             raise
-                        file_mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
-                        tmp = _copy_to_named(handle.fileno(), directory, path.name, file_mode)
+                        info = os.fstat(handle.fileno())
+                        tmp = _copy_to_named(handle.fileno(), directory, path.name,
+                                             stat.S_IMODE(info.st_mode),
+                                             (info.st_uid, info.st_gid))
         except OSError as exc:
             if failed is not None and exc is not failed:
                 raise failed from None
             raise
         if force:
-            if keep_owner is not None:
-                _keep_owner(tmp, path, *keep_owner, keep_mode)
             os.replace(tmp, path)
         elif _publish_exclusive(tmp, path):
             os.unlink(tmp)  # the content lives on under its published name

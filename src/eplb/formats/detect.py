@@ -171,13 +171,26 @@ def folder_load_files(folder: Path) -> list[Path]:
             or sglang_json_dumps(folder))
 
 
+def file_identity(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of the file ``path`` names (through links, symbolic or hard), or
+    ``None`` where it cannot be read (a dangling link, a loop: the reader says so)."""
+    try:
+        info = path.stat()
+    except (OSError, RuntimeError):  # (RuntimeError: a symlink loop, Python 3.11)
+        return None
+    return info.st_dev, info.st_ino
+
+
 def refuse_same_files(folder: Path, files: list[Path]) -> None:
     """A :class:`FormatError` where two of ``folder``'s ``files`` are one file (a link such
-    as ``latest.json`` beside the dumps it points to): read one after another, its loads
-    would count twice (attacker pass: two steps summed from one dump, without a word)."""
-    seen: dict[Path, Path] = {}
+    as ``latest.json`` beside the dumps it points to, or a hard link): read one after
+    another, its loads would count twice (attacker pass: two steps summed from one dump,
+    without a word). Files of equal content are distinct files."""
+    seen: dict[tuple[int, int], Path] = {}
     for file in files:
-        where = file.resolve()
+        where = file_identity(file)
+        if where is None:
+            continue
         if where in seen:
             raise FormatError(folder, f"{seen[where].name} and {file.name} are the same file "
                                       "(a link): its loads would count twice; remove the link, "
