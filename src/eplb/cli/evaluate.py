@@ -136,10 +136,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep)
         after_loads = nearest.pop("gpu_loads")
     speed = eval_gpu_speed(args.gpu_speed, meta, topo.num_gpus, args.placement)
-    if speed is not None and bool((speed == speed[0]).all()):
-        speed = None  # equal GPUs, as plan takes them: the same scores, and the ceiling
     if speed is not None and args.dispatch == "nearest":
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest (as in plan)")
+    if speed is not None and bool((speed == speed[0]).all()):
+        speed = None  # equal GPUs, as plan takes them: the same scores, and the ceiling
     # no rebalancing, scored as the placement is (in time where GPU speeds are given)
     before_layer, before, before_worst = load_balance(static_gpu_loads(weight, topo.num_gpus),
                                                       None, speed)
