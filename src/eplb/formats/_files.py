@@ -405,8 +405,8 @@ def atomic_write(
         with contextlib.suppress(OSError):
             info = os.stat(path, follow_symlinks=False)
             if stat.S_ISREG(info.st_mode):
-                # the permission bits, never setuid/setgid/sticky: the new file's owner is
-                # whoever writes it
+                # the permission bits, never setuid/setgid/sticky (the owner and group are
+                # kept where the writer may set them: _keep_owner)
                 keep_mode = stat.S_IMODE(info.st_mode) & 0o777
                 keep_owner = (info.st_uid, info.st_gid)
     try:
