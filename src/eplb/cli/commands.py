@@ -41,7 +41,7 @@ from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import require_distinct_topk
 from eplb.core.messages import integer_runs
 from eplb.core.placement import Placement, load_balance
-from eplb.core.planner import planning_speeds
+from eplb.core.planner import equal_speeds, planning_speeds
 from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement_meta, read_routing, write_placement
 from eplb.formats.placement_writer import dead_gpus_message
@@ -233,7 +233,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                  f"node and one group: pass --nodes {recorded.num_nodes} --groups "
                  f"{recorded.num_groups} to keep planning for its cluster")
         recorded = previous_meta.get("gpu_speed")
-        if recorded is not None and len(set(recorded)) == 1:
+        if recorded is not None and equal_speeds(recorded):
             recorded = None  # equal speeds (written by earlier eplb): equal GPUs
         if recorded is not None and (speed is None or speed.tolist() != list(recorded)):
             warn(f"{args.previous} was planned for unequal GPU speeds; this plan is for "

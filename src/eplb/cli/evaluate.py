@@ -36,6 +36,7 @@ from eplb.cli.commands import (
 )
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.placement import Placement, PlacementError, load_balance
+from eplb.core.planner import equal_speeds
 from eplb.formats import read_placement_meta
 
 
@@ -138,7 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     speed = eval_gpu_speed(args.gpu_speed, meta, topo.num_gpus, args.placement)
     if speed is not None and args.dispatch == "nearest":
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest (as in plan)")
-    if speed is not None and bool((speed == speed[0]).all()):
+    if speed is not None and equal_speeds(speed):
         speed = None  # equal GPUs, as plan takes them: the same scores, and the ceiling
     # no rebalancing, scored as the placement is (in time where GPU speeds are given)
     before_layer, before, before_worst = load_balance(static_gpu_loads(weight, topo.num_gpus),

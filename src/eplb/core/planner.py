@@ -270,6 +270,16 @@ def _one_node(topology: Topology, stacklevel: int) -> Topology:
 MAX_SPEED_RATIO = 1e6
 
 
+def equal_speeds(speed: object, live: torch.Tensor | None = None) -> bool:
+    """Whether the speeds ``speed [P]`` (a tensor or a list) of the GPUs ``live [P]``
+    marks (every GPU: ``None``) are all equal: such GPUs are equal GPUs, planned and
+    scored as without speeds."""
+    speed = torch.as_tensor(speed)
+    if live is not None:
+        speed = speed[live]
+    return bool((speed == speed.max()).all())
+
+
 def planning_speeds(speed: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor | None:
     """``speed [P]`` as planning takes it: ``None`` where the live GPUs' speeds are equal
     (they are equal GPUs: the same plan, and every path open to equal GPUs, such as the
@@ -278,10 +288,10 @@ def planning_speeds(speed: torch.Tensor, live: torch.Tensor | None) -> torch.Ten
     than the fastest is refused: with ``R / P`` replicas it sets every layer's time
     whatever it holds (0.0000 at 1e-9), and at 1e-310 the speed-aware packing overflowed.
     Dead GPUs' speeds are not read."""
+    if equal_speeds(speed, live):
+        return None
     live_speed = speed if live is None else speed[live]
     fastest, slowest = float(live_speed.max()), float(live_speed.min())
-    if fastest == slowest:
-        return None
     if fastest > MAX_SPEED_RATIO * slowest * (1 + 1e-9):  # (a decimal 1e6 may round over)
         gpu = int((speed if live is None else torch.where(live, speed, torch.inf)).argmin())
         raise ValueError(f"gpu_speed: GPU {gpu} is {fastest / slowest:.6g} times slower than "
