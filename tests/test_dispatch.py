@@ -533,6 +533,27 @@ def test_nearest_incremental_without_a_budget_moves_only_what_pays():
     assert bool((balance(dear) - balance(old) >= 0.5 * dear_share - 1e-12).all())
 
 
+def test_nearest_budget_buys_no_move_that_does_not_pay():
+    # a budget caps the moves that pay; at a dear move price it buys no others (before,
+    # a budget was spent on realised balance alone, whatever the price)
+    rng = np.random.default_rng(7)
+    w = torch.from_numpy(np.exp(rng.normal(0, 1.0, (6, 64))) * 100)
+    old = eplb.plan(w, 96, 16, 4, policy="global", dispatch="nearest").phy2log
+    drifted = w * torch.from_numpy(np.exp(rng.normal(0, 0.3, w.shape)))
+
+    def balance(phy):
+        loads = realised_gpu_loads(drifted, phy, 16, 4)
+        return loads.mean(1) / loads.amax(1)
+
+    for budget in (10**6, [10**6] * 6):
+        new = eplb.plan(drifted, 96, 16, 4, policy="global", dispatch="nearest",
+                        previous=old, move_price=0.5, max_moves=budget).phy2log
+        share = (new != old).float().mean(1)
+        assert bool((balance(new) - balance(old) >= 0.5 * share - 1e-12).all()), budget
+        expected, _ = expected_balance(drifted, torch.stack([old, new]), 16, 4, 0.2)
+        assert bool((expected[1] - expected[0] >= 0.5 * share - 1e-12).all()), budget
+
+
 def test_tradeoff_picture(tmp_path):
     pytest.importorskip("matplotlib")
     from eplb.tools.dispatch_plot import plot_tradeoff

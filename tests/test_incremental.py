@@ -432,6 +432,19 @@ def test_move_price_trades_moves_for_expected_balance(policy, nodes, groups):
         eplb.plan(W1, R, P, nodes, groups, drift=5.0, **kwargs)
 
 
+@pytest.mark.parametrize(("policy", "nodes", "groups"), TOPOLOGIES)
+def test_a_budget_caps_the_moves_that_pay_and_buys_no_others(policy, nodes, groups):
+    """``max_moves`` is a cap: a slot is priced with or without one (attacker pass: a
+    total above the default's moves moved more slots than no budget, for in-sample
+    gains). At a dear move price almost nothing pays, whatever the budget."""
+    old = old_plan(policy, nodes, groups)
+    kwargs = {"policy": policy, "previous": old, "move_price": 0.99}
+    for budget in (None, 10**9, [10**6] * L):
+        dear = eplb.plan(W1, R, P, nodes, groups, max_moves=budget, **kwargs)
+        assert_contract(dear)
+        assert int(dear.moved_slots(old).sum()) <= 0.1 * L * R, budget
+
+
 @pytest.mark.parametrize(("weight", "replicas", "gpus", "nodes", "groups"), [
     (torch.zeros(2, 64), 80, 16, 2, 8),  # a profile run's empty counters
     (torch.ones(2, 16), 16, 8, 2, 4),  # perfectly balanced nodes

@@ -233,8 +233,9 @@ def build_parser() -> _Parser:
     o.add_argument("--previous", metavar="OLD", help="the placement in service now (a file)")
     o.add_argument("--max-moves", type=_slots, metavar="N",
                    help="move at most N slots in total (over all layers) relative to "
-                        f"--previous, beyond the forced moves: {FORCED_MOVES} (default: no "
-                        "cap; eplb moves what pays on the next window)")
+                        f"--previous, beyond the forced moves: {FORCED_MOVES}; a cap on "
+                        "the moves that pay on the next window, never a reason for more "
+                        "(default: no cap)")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")
@@ -341,7 +342,8 @@ def build_parser() -> _Parser:
                         "the engines do), ema:H (half-life H steps), robust:Z, multi:K, auto")
     p.add_argument("--max-moves", type=_slots, default=None, metavar="N",
                    help="most slots moved per rebalance, in total over all layers (with "
-                        "--incremental; default: no cap, eplb moves what pays)")
+                        "--incremental): a cap on the moves that pay (default: no cap, "
+                        "eplb moves what pays)")
     _add_topology(p, required=False, replicas=None, gpus=None)
     p.add_argument("--report", metavar="DIR", help="write a report with pictures into DIR")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")

@@ -262,21 +262,22 @@ class IncrementalOptions:
             SGLang workloads, 8.9 % (mean over the 66 pairs; median 8.5 %) of the
             per-expert log-load change is common to the expert's group, against 0.5 %
             with expert ids shuffled (BENCHMARKS.md §3).
-        move_price: without a budget (``max_moves=None``) a layer takes the candidate
-            with the best expected next-window balancedness minus ``move_price`` × the
-            fraction of its slots that change (with ``dispatch="nearest"``: the gain must
-            exceed that price both in sample, as the rule realises it, and on the
-            expected next window). The default 0.01 is where a rebalance
-            breaks even at vLLM's defaults with the stalls users measure: moving all of a
-            DeepSeek-V3 layer's slots on 32 GPUs sends 288 × 44 MB / 32 ≈ 0.4 GB into
-            each GPU. A full reshuffle (≈ 23 GB into each GPU) stalls 0.65–1.7 s on
-            32×GB200 (reported in vLLM's issues), 14–35 GB/s in effect, so about 21 ms
-            per layer at the middle of that range, while 0.005 of balancedness saves
-            ≈ 0.5 % of the layer's MoE time over the 3000 steps until the next rebalance
-            (≈ 10 ms at 0.6 ms per layer-step): break-even near 0.01 (0.0055–0.0145 over
-            the range; 0.004 at the link's nominal 50 GB/s, the default until
-            2026-12-02). Raise it for slower transfers or shorter intervals, lower it for
-            asynchronous transfers that overlap serving.
+        move_price: a layer takes the candidate with the best expected next-window
+            balancedness minus ``move_price`` × the fraction of its slots that change,
+            with or without a budget: ``max_moves`` caps these moves and buys no others
+            (``move_price=0`` spends a budget wherever it buys expected balance). With
+            ``dispatch="nearest"`` the gain must exceed that price both in sample, as the
+            rule realises it, and on the expected next window. The default 0.01 is where a
+            rebalance breaks even at vLLM's defaults with the stalls users measure: moving
+            all of a DeepSeek-V3 layer's slots on 32 GPUs sends 288 × 44 MB / 32 ≈ 0.4 GB
+            into each GPU. A full reshuffle (≈ 23 GB into each GPU) stalls 0.65–1.7 s on
+            32×GB200 (reported in vLLM's issues), 14–35 GB/s in effect, so about 21 ms per
+            layer at the middle of that range, while 0.005 of balancedness saves ≈ 0.5 %
+            of the layer's MoE time over the 3000 steps until the next rebalance (≈ 10 ms
+            at 0.6 ms per layer-step): break-even near 0.01 (0.0055–0.0145 over the range;
+            0.004 at the link's nominal 50 GB/s, the default until 2026-12-02). Raise it
+            for slower transfers or shorter intervals, lower it for asynchronous transfers
+            that overlap serving.
         quota: slots (as a fraction of a layer's slots) each step of the warm-start
             refinement may change: the spacing of the candidates between few and many
             moves. Under the hierarchical policy each node's share (``quota / N`` of

@@ -28,12 +28,14 @@ almost every slot. Here the new plan starts from the placement in force:
 4. **A choice per layer by the expected next-window peak**
    (:func:`eplb.online.moves.expected_peak`): each candidate's max GPU load under the
    drift a rebalance interval brings (with expert groups named, part of it common to a
-   group). Without a budget, a layer takes the candidate with
-   the best expected balancedness minus ``move_price`` × the fraction of its slots that
-   change: moves that only pay in-sample are not made. With ``max_moves`` (slots in
-   total over all layers) the budget goes to the layers where a moved slot buys the most
-   expected gain; a list gives one budget per layer. No candidate whose in-sample peak
-   exceeds the placement in force's is taken.
+   group). A candidate's value is its expected balancedness minus ``move_price`` × the
+   fraction of its slots that change, so moves that only pay in-sample are not made.
+   Without a budget a layer takes the candidate of the best value. ``max_moves`` caps
+   the moves that pay and buys no others: a total (slots over all layers) goes to the
+   layers where the moved slots add the most value, a list gives one cap per layer.
+   (An ample budget also offers the transfers alone, so its plan may differ slightly
+   from the one without a budget; it never moves what does not pay.) No candidate whose
+   in-sample peak exceeds the placement in force's is taken.
 """
 
 from __future__ import annotations
@@ -203,11 +205,14 @@ def _choose(
     (candidate 0 is the forced base, cost 0)."""
     layers = peak.shape[1]
     balance = 1.0 / peak  # expected next-window balancedness of each candidate
+    # a moved slot is priced with or without a budget: the budget caps the moves that
+    # pay, it does not buy the ones that do not (spent on in-sample gains, a 20 % budget
+    # moved more slots than no budget for a worse next window: BENCHMARKS.md §3)
+    value = balance - options.move_price * cost / slots
     if max_moves is None:
-        value = balance - options.move_price * cost / slots
         pick = np.argmax(value, 0)  # first on ties: fewer moves
     elif isinstance(max_moves, (int, np.integer)) and not isinstance(max_moves, bool):
-        pick = spend_budget(balance, cost, int(max_moves))
+        pick = spend_budget(value, cost, int(max_moves))
     else:
         budget = np.asarray(max_moves)
         if budget.shape != (layers,) or budget.dtype.kind not in "iu" or (budget < 0).any():
@@ -216,7 +221,7 @@ def _choose(
                 f"non-negative ints (slots per layer); got {max_moves!r}"
             )
         affordable = cost <= budget[None]
-        pick = np.argmax(np.where(affordable, balance, -np.inf), 0)
+        pick = np.argmax(np.where(affordable, value, -np.inf), 0)
     if skip_threshold is not None:
         gain = balance[pick, np.arange(layers)] - balance[0]
         pick = np.where(gain < skip_threshold, 0, pick)
@@ -425,11 +430,12 @@ def _plan_nearest(
     """Incremental planning under SGLang's nearest dispatch (:mod:`eplb.online.nearest`).
 
     The global policy with every GPU live has a budgeted planner (a total ``max_moves``
-    is spent where it buys the most realised balance). The locality policy and dead GPUs
-    get a fresh dispatch-aware plan relabelled onto the old GPUs (no budget); with dead
-    GPUs under the global policy a layer takes it only where it pays against the map in
-    force made valid for the call (:func:`eplb.online.nearest.choose_paying`), as every
-    layer does with every GPU live."""
+    goes where the moved slots pay the most, :mod:`eplb.online.nearest`). The locality
+    policy and dead GPUs get a fresh dispatch-aware plan relabelled onto the old GPUs (no
+    budget); with dead GPUs under the global policy a layer takes it only where it pays
+    against the map in force made valid for the call
+    (:func:`eplb.online.nearest.choose_paying`), as every layer does with every GPU
+    live."""
     topo = request.topology
     if skip_threshold is not None:
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")

@@ -1,12 +1,14 @@
 """Incremental planning for SGLang's nearest dispatch (``dispatch="nearest"``).
 
-Two candidates per layer (below). With a budget per layer, the lower *realised* max GPU
-load within it wins, and a layer neither improves keeps its placement; with a budget in
-total over all layers, it goes where a moved slot buys the most realised balancedness
-(:func:`eplb.online.budget.spend_budget`; the warm start before its node repair, and
-the warm start on the whole total, are offered too, so a small budget still buys the
-best swaps); without one, a layer takes the candidate (or keeps its placement) with the
-best realised balancedness minus ``move_price`` × the share of its slots that change:
+Two candidates per layer (below), each valued by what it pays (:func:`paying_values`):
+its balancedness gain over the placement in force, the smaller of the gain realised on
+the window at hand and the gain expected on the next window, minus ``move_price`` × the
+share of its slots that change. Without a budget a layer takes the candidate (or keeps
+its placement) that pays best; with a budget per layer, the one that pays best within
+it; with a budget in total over all layers, the total goes where the moved slots pay
+the most (:func:`eplb.online.budget.spend_budget`; the warm start before its node
+repair, and the warm start on the whole total, are offered too, so a small budget still
+buys the best swaps). A budget caps the moves that pay; it buys none that do not:
 
 1. the fresh dispatch-aware plan (:func:`eplb.core.planner.fresh_phy2log`: the nearest
    plan, or per layer eplb's even-split plan where the rule serves that better)
@@ -25,7 +27,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from eplb.core.dispatch import realised_gpu_loads, realised_slot_loads
+from eplb.core.dispatch import realised_slot_loads
 from eplb.core.node_repair import repair_node_pairs
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
@@ -63,29 +65,34 @@ def plan_nearest_incremental(
     left = None if max_moves is None else (max_moves - (warm != old).sum(1)).clamp(min=0)
     least = 3 if fair == "expect" else min(3, nodes)
     warm, _ = repair_node_pairs(weight, warm, gpus, nodes, budget=left, min_count=least)
+    candidates = torch.stack([old, warm, fresh])
     if max_moves is None:
-        return choose_paying(request, torch.stack([old, warm, fresh]))
-    peak_fresh = realised_gpu_loads(weight, fresh, gpus, nodes, check=False).amax(1)
-    peak_warm = realised_gpu_loads(weight, warm, gpus, nodes, check=False).amax(1)
-    peak_old = realised_gpu_loads(weight, old, gpus, nodes, check=False).amax(1)
-    take = ((fresh != old).sum(1) <= max_moves) & (peak_fresh < peak_warm * (1 - 1e-9))
-    out = torch.where(take[:, None], fresh, warm)
-    # a layer the new plan would not improve keeps its old map (no moves)
-    keep = peak_old <= torch.where(take, peak_fresh, peak_warm)
-    out = torch.where(keep[:, None], old, out)
-    return out
+        return choose_paying(request, candidates)
+    # per layer the candidate that pays best within the layer's budget (the warm start
+    # was made within it; the fresh plan may not fit)
+    values = paying_values(request, candidates)
+    affordable = (candidates != old[None]).sum(2) <= max_moves[None].to(old.device)
+    pick = torch.where(affordable, values, -torch.inf).argmax(0)  # first on ties: old map
+    return candidates[pick, torch.arange(old.shape[0], device=old.device)]
 
 
 def choose_paying(request: PlanRequest, candidates: torch.Tensor) -> torch.Tensor:
     """``[L, R]``: per layer, the candidate of ``candidates [C, L, R]`` (candidate 0 the
-    map in force, made valid for the call) that pays best under the nearest rule.
+    map in force, made valid for the call) that pays best under the nearest rule
+    (:func:`paying_values`)."""
+    pick = paying_values(request, candidates).argmax(0)  # first on ties: the map in force
+    return candidates[pick, torch.arange(candidates.shape[1], device=candidates.device)]
 
-    Without a budget a layer moves only where its balancedness gains more than
-    ``move_price`` × the share of its slots that change both on the window at hand
-    (realised under the rule; so an unchanged workload keeps its map) and on the next
-    window expected under the drift (so moves that only pay in sample are not made: on
-    six real workloads half the slots moved for an equal next window). Tokens arise on
-    the live GPUs only."""
+
+def paying_values(request: PlanRequest, candidates: torch.Tensor) -> torch.Tensor:
+    """``[C, L]``: what each candidate of ``candidates [C, L, R]`` (candidate 0 the map in
+    force, made valid for the call) pays under the nearest rule: its balancedness gain
+    over candidate 0, the smaller of the gain on the window at hand (realised under the
+    rule; so an unchanged workload keeps its map) and on the next window expected under
+    the drift (so moves that only pay in sample are not made: on six real workloads half
+    the slots moved for an equal next window), minus ``move_price`` × the share of the
+    layer's slots that change. A budget caps these moves; it does not buy unpaid ones.
+    Tokens arise on the live GPUs only."""
     weight, topology = request.weight, request.topology
     old = candidates[0]
     options = request.options.incremental
@@ -95,9 +102,7 @@ def choose_paying(request: PlanRequest, candidates: torch.Tensor) -> torch.Tenso
                                       topology.num_nodes, options.drift, request.active_gpus)
     in_sample = mean / peak.clamp(min=1e-300)
     gain = torch.minimum(in_sample - in_sample[:1], expected - expected[:1])
-    values = gain - price * (candidates != old[None]).sum(2)
-    pick = values.argmax(0)  # first on ties: the map in force, then the warm start
-    return candidates[pick, torch.arange(old.shape[0], device=old.device)]
+    return gain - price * (candidates != old[None]).sum(2)
 
 
 def _within_total(
@@ -108,8 +113,8 @@ def _within_total(
     warm_even: Callable[[torch.Tensor, torch.Tensor | int | None], torch.Tensor],
 ) -> torch.Tensor:
     """``[L, R]``: the candidates of :func:`plan_nearest_incremental` chosen per layer so
-    that at most ``total`` slots change over all layers, where a moved slot buys the most
-    realised balancedness (:func:`eplb.online.moves.spend_budget`). The even-split warm
+    that at most ``total`` slots change over all layers, where the moved slots pay the
+    most (:func:`paying_values`, :func:`eplb.online.budget.spend_budget`). The even-split warm
     start spends its share of the total where the even split gains most; the node repair
     may use what it left in any layer; the warm start without the repair, and on the whole
     total, are offered too, so a layer the total cannot afford the repair in still gets
@@ -125,9 +130,7 @@ def _within_total(
     # afford no step at all, where the whole total affords one
     whole = warm_even(old, total)
     options = torch.stack([old, warm, repaired, whole, fresh])  # [C, L, R]; the old map first
-    peak = torch.stack([realised_gpu_loads(weight, phy, gpus, nodes, check=False).amax(1)
-                        for phy in options])
-    balance = (weight.sum(1) / gpus / peak.clamp(min=1e-300)).cpu().numpy()
+    balance = paying_values(request, options).cpu().numpy()
     if request.idle is not None:
         # a layer that carried no load is scored on uniform loads, and its moves are undone
         # by the caller: slots spent on it would be taken from the layers that gain
