@@ -299,6 +299,20 @@ def test_all_padding_ids_ask_for_num_experts_by_flag(capsys, tmp_path) -> None:
     assert code == 0, err
 
 
+def test_an_expert_count_read_off_the_ids_is_said_once(capsys, tmp_path) -> None:
+    # a top-k trace does not record the expert count: the largest id + 1 is a guess, and
+    # a short trace that never routes to the last expert plans one expert too few
+    # (new-user pass: SGLang then failed on the file with a ZeroDivisionError)
+    path = tmp_path / "short.npz"
+    np.savez(path, x_topk_ids=np.array([[[0, 5], [1, 6]], [[2, 6], [3, 4]]]))
+    code, out, err = run(capsys, *plan_args(path, tmp_path))
+    assert code == 0, err
+    assert err.count("warning") == 1 and "the expert count, 7, is the largest expert id" in err
+    assert "--num-experts" in err and "2 layers × 7 experts" in out
+    code, out, err = run(capsys, *plan_args(path, tmp_path, "--num-experts", "8", "--force"))
+    assert code == 0 and "expert count" not in err and "2 layers × 8 experts" in out
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["eval", "--placement", "{p}", "{loads}"], "--gpus"),  # an SGLang file without -g
     (["plan", "{loads}", "-r", "24", "-g", "4", "--dead-gpus", "1", "-o", "{out}.sglang.json",

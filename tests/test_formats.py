@@ -476,6 +476,39 @@ def test_layer_ids_override_and_trace_helpers(tmp_path):
         read_loads(path, format="bogus")
 
 
+def test_write_placement_keys_rows_by_the_layers_a_trace_names(tmp_path):
+    """weight= given as a LoadTrace whose file names its model layers: the rows are
+    written as those layers, as the CLI writes them (new-user pass: the API wrote them as
+    layers 0..L-1, layer 3's plan keyed as layer 1, with no warning)."""
+    c = counts_tle()
+    trace = read_loads(write_sglang_pt(tmp_path / "d.pt", c), layer_ids=[0, 3, 4])
+    placement = eplb.plan(trace.total(), 2 * E, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (engine files cannot record balancedness)
+        yaml_path = write_placement(placement, tmp_path / "lb.yaml", weight=trace)
+        sglang_path = write_placement(placement, tmp_path / "init.sglang.json", weight=trace)
+    keys = yaml.safe_load(yaml_path.read_text())["initial_global_assignments"]
+    assert sorted(keys) == [0, 3, 4]
+    for row, layer in enumerate([0, 3, 4]):
+        assert keys[layer] == placement.phy2log[row].tolist()
+    rows = json.loads(sglang_path.read_text())["physical_to_logical_map"]
+    assert len(rows) == 5 and rows[3] == placement.phy2log[1].tolist()
+    record = write_placement(placement, tmp_path / "p.json", weight=trace)
+    assert json.loads(record.read_text())["layer_ids"] == [0, 3, 4]
+    # row numbers are no claim: a trace that names no layers leaves the default
+    plain = LoadTrace(trace.counts)
+    assert not plain.meta.get("model_layer_ids")
+    out = write_placement(placement, tmp_path / "plain.yaml", emit="trtllm", weight=plain)
+    assert sorted(yaml.safe_load(out.read_text())["initial_global_assignments"]) == [0, 1, 2]
+    names = r"differ from the model layers weight= .* names, 0, 3\.\.4"
+    with pytest.raises(ValueError, match=names):
+        write_placement(placement, tmp_path / "x.yaml", emit="trtllm", weight=trace,
+                        layer_ids=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"weight= .* has 3 layers, the placement 2"):
+        write_placement(eplb.plan(trace.total()[:2], 2 * E, 4), tmp_path / "y.yaml",
+                        emit="trtllm", weight=trace)
+
+
 def test_load_trace_validates():
     with pytest.raises(ValueError, match="steps, layers, experts"):
         LoadTrace(torch.zeros(2, 3))

@@ -22,6 +22,7 @@ from eplb._version import __version__
 from eplb.core.bounds import placement_scores
 from eplb.core.dispatch import DISPATCH_RULES
 from eplb.core.inputs import as_gpu_speed
+from eplb.core.messages import integer_runs
 from eplb.core.placement import Placement
 from eplb.core.topology import is_name
 from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace, model_layer_ids
@@ -125,12 +126,16 @@ def write_placement(
         raise TypeError(f"placement must be an eplb.Placement, got {type(placement).__name__}")
     placement = placement.to("cpu")
     placement.validate(anti_affinity=False)
+    given_ids = layer_ids
+    layer_ids = _trace_layer_ids(weight, placement, layer_ids)
+    from_trace = given_ids is None and layer_ids is not None
     ids = _layer_ids(layer_ids, placement.num_layers)
     if named_by and weight is not None and emit in ("sglang", "trtllm"):
         # the caller asked for the balancedness record the name's format has no place for
         # (an explicit engine emit= says the caller knows: the CLI passes both)
+        used = " (its layer ids are)" if from_trace else ""
         warnings.warn(f"{emit} files cannot record balancedness: weight= is not written"
-                      f"{named_by}", UserWarning, stacklevel=2)
+                      f"{used}{named_by}", UserWarning, stacklevel=2)
     if emit in ("sglang", "trtllm") and bool((placement.phy2log < 0).any()):
         dead = (~placement.live_gpus()).nonzero().flatten().tolist()
         topo = placement.topology
@@ -192,6 +197,24 @@ def write_placement(
 
 def _layer_ids(layer_ids: Sequence[int] | None, num_layers: int) -> list[int]:
     return model_layer_ids(layer_ids, num_layers, "layer_ids")
+
+
+def _trace_layer_ids(weight: Any, placement: Placement,
+                     layer_ids: Sequence[int] | None = None) -> list[int] | None:
+    """The layer ids to write for ``weight`` given as a :class:`LoadTrace` whose file named
+    its model layers (OLMoE's ``[0, 7, 15]``, ESFT's ``1..26``): its rows are those layers,
+    as the CLI writes them (a new-user pass: through the API the rows were written as
+    layers ``0..L-1``, layer 7's plan keyed as layer 1). ``layer_ids`` given too must
+    agree. ``None`` where the trace names no layers: ``layer_ids`` as given."""
+    if not isinstance(weight, LoadTrace) or not weight.meta.get("model_layer_ids"):
+        return None if layer_ids is None else list(layer_ids)
+    if weight.num_layers != placement.num_layers:
+        raise ValueError(f"weight= (a LoadTrace) has {weight.num_layers} layers, the placement "
+                         f"{placement.num_layers}")
+    if layer_ids is not None and _layer_ids(layer_ids, placement.num_layers) != weight.layer_ids:
+        raise ValueError(f"layer_ids {integer_runs(list(layer_ids))} differ from the model "
+                         f"layers weight= (a LoadTrace) names, {integer_runs(weight.layer_ids)}")
+    return list(weight.layer_ids)
 
 
 def _dump_json_rows(doc: dict[str, Any], handle: Any) -> None:

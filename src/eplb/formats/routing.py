@@ -73,6 +73,7 @@ def topk_to_counts(
                     f"{MAX_EXPERTS} (is this really an array of expert ids?)",
                 )
     num_layers, top_k = shape
+    from_ids = num_experts is None
     if num_experts is None:
         if largest < 0:
             raise FormatError(
@@ -128,5 +129,6 @@ def topk_to_counts(
         "segments": seg_meta,
         "step_tokens": step_tokens,
         "tokens_per_step": tokens_per_step,
+        "num_experts_from_ids": from_ids,  # the largest id + 1: the file does not say
     }
     return torch.cat(steps), meta
