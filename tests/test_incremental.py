@@ -445,6 +445,23 @@ def test_a_budget_caps_the_moves_that_pay_and_buys_no_others(policy, nodes, grou
         assert int(dear.moved_slots(old).sum()) <= 0.1 * L * R, budget
 
 
+def test_a_hierarchical_layer_the_ladder_cannot_fix_is_offered_a_fresh_plan():
+    """The node ladder refines inside nodes and a warm regroup only moves groups: a
+    changed workload whose old packing neither can undo is offered a fresh hierarchical
+    plan relabelled onto the old nodes (attacker pass: layer 2 below kept 0.853 where a
+    fresh plan gives 0.991)."""
+    base = torch.rand(3, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    changed = base.flip(-1)
+    old = eplb.plan(base, 32, 8, 2, 2)
+    new = eplb.plan(changed, 32, 8, 2, 2, previous=old)
+    fresh = eplb.plan(changed, 32, 8, 2, 2)
+    assert_contract(new)
+    assert new.policy == "hierarchical"
+    assert float(new.layer_balancedness(changed)[2]) > 0.98
+    assert float(fresh.layer_balancedness(changed)[2]) > 0.98
+    assert (new.layer_balancedness(changed) >= old.layer_balancedness(changed) - 1e-9).all()
+
+
 @pytest.mark.parametrize(("weight", "replicas", "gpus", "nodes", "groups"), [
     (torch.zeros(2, 64), 80, 16, 2, 8),  # a profile run's empty counters
     (torch.ones(2, 16), 16, 8, 2, 4),  # perfectly balanced nodes

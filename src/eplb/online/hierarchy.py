@@ -187,12 +187,16 @@ class Scored:
         cost: ``[C, L]`` slots whose expert differs from candidate 0.
         take: ``take(pick [L]) → [L, R]``, the placement of candidate ``pick[l]`` in
             every layer ``l``.
+        bound: ``[L]`` a lower bound on any hierarchical placement's max GPU load over
+            the mean (:func:`eplb.core.bounds.assignment_node_bounds` of the best group→node
+            assignment found), which a fresh plan comes close to.
     """
 
     peak: np.ndarray
     now: np.ndarray
     cost: np.ndarray
     take: Callable[[np.ndarray], np.ndarray]
+    bound: np.ndarray
 
 
 def candidates(
@@ -220,6 +224,8 @@ def candidates(
         target = HierarchicalPolicy.assign_groups(host, topo, request.options,
                                                   request.generator()).numpy()
         worth = np.ones(layers, bool)
+        bound = assignment_node_bounds(host, torch.from_numpy(target), topo.num_replicas,
+                                       topo.num_gpus, nodes, topo.num_groups).amax(1).numpy()
     else:
         # a regroup only where it lowers the layer's bound: where the assignment in force
         # has the best bound already, the best one differs only by its tie-break (even
@@ -229,6 +235,7 @@ def candidates(
         held = assignment_node_bounds(host, torch.from_numpy(current), topo.num_replicas,
                                       topo.num_gpus, nodes, topo.num_groups).amax(1).numpy()
         worth = held > bounds.min(1) * (1 + 1e-9)
+        bound = bounds.min(1)
     # relabel each target node onto the current node that keeps most of its groups
     onehot = np.eye(nodes, dtype=np.float32)
     kept = np.einsum("lgn,lgm->lnm", onehot[target], onehot[current])  # [L, N_new, N_old]
@@ -344,7 +351,8 @@ def candidates(
         return to_layers(done[step.repeat(nodes), node_row][None], experts[node_row],
                          layers)[0]
 
-    return Scored(peak, now_all, cost, take)
+    layer_mean = np.maximum(weight.sum(1) / topo.num_gpus, 1e-300)
+    return Scored(peak, now_all, cost, take, bound / layer_mean)
 
 
 def fill_arrivals(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:

@@ -338,6 +338,21 @@ def plan_incremental(
         scored = hierarchy.candidates(weight, base, request, layer_quota, max_moves is not None,
                                       node_of_group, units)
         peak, now, cost, take = scored.peak, scored.now, scored.cost, scored.take
+        # a fresh hierarchical plan, relabelled onto the old nodes and GPUs, where the
+        # ladders end far above the bound: the ladder refines inside nodes and a regroup
+        # only moves groups, so neither undoes an old packing within an assignment that
+        # stays (attacker pass: 3×16 loads on 8 GPUs whose workload changed kept 0.85
+        # where a fresh plan gave 0.99, in 54 of 240 small layers)
+        need = _far_from_bound(peak, now, scored.bound, options.move_price) & ~replanned
+        if topo.slots_per_gpu <= COARSE_SLOTS:  # little room for swaps, as under global
+            need |= ~replanned
+        if need.any() and request.active_gpus is None:
+            extra = _fresh_aligned(request, base, np.nonzero(need)[0])
+            extra_peak, extra_now = score(extra)
+            peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
+            now = np.concatenate([now, extra_now])
+            cost = np.concatenate([cost, (extra != base[None]).sum(2)])
+            take = _with_candidate(take, extra[0], len(peak) - 1)
     else:
         back = max(1, round(1 / 16 / options.quota))
         # the ladder's first rung is not scored where the rule below compares later ones:
@@ -408,16 +423,46 @@ def plan_incremental(
     return validate_planned(placement)
 
 
+def _far_from_bound(peak: np.ndarray, now: np.ndarray, bound: np.ndarray,
+                    move_price: float) -> np.ndarray:
+    """``[L]`` the layers whose best candidate (expected peaks ``peak [C, L]``, in-sample
+    peaks ``now [C, L]``, over the mean; ``inf``: not offered) ends further above
+    ``bound [L]`` in sample than the drift's own excess over it (below that the noise
+    decides the next window), where a placement at the bound with the same excess would
+    beat it on the next window by more than ``move_price``: the global policy's rule for
+    an old packing the ladder cannot undo."""
+    best_peak = peak.min(0)
+    best_now = np.where(np.isfinite(peak), now, np.inf).min(0)
+    excess = np.maximum(best_peak - best_now, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return ((best_now - bound > excess)
+                & (1.0 / (bound + excess) - 1.0 / best_peak > move_price))
+
+
+def _with_candidate(take, extra: np.ndarray, index: int):
+    """``take`` with candidate ``index`` read from ``extra [L, R]``."""
+    def taken(pick: np.ndarray) -> np.ndarray:
+        fresh = pick == index
+        out = take(np.where(fresh, 0, pick))
+        out[fresh] = extra[fresh]
+        return out
+    return taken
+
+
 def _fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -> np.ndarray:
     """``[1, L, R]`` fresh plans of ``layers`` relabelled onto ``base``'s GPUs (other rows:
-    ``base``), for the global policy (dead GPUs allowed)."""
+    ``base``); dead GPUs allowed under the global policy. Under the hierarchical policy
+    whole nodes are matched first, then GPUs inside them, so the plan stays
+    hierarchical."""
     topo = request.topology
     sub = request.layers(torch.from_numpy(layers))
     fresh = fresh_phy2log(sub).cpu()
     out = base.copy()
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     old_live = torch.from_numpy(base[layers][:, live_slot])
-    aligned = align_to_previous(fresh[:, live_slot], old_live, int(request.live.sum()))
+    per_node = topo.gpus_per_node if request.policy == "hierarchical" else None
+    aligned = align_to_previous(fresh[:, live_slot], old_live, int(request.live.sum()),
+                                per_node)
     rows = out[layers]
     rows[:, live_slot] = aligned.numpy()
     out[layers] = rows
