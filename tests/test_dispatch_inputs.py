@@ -67,6 +67,20 @@ def test_token_sources_that_overflow_are_refused(case):
     assert torch.allclose(scaled, realised_gpu_loads(w, phy2log, 4, 2))
 
 
+def test_token_sources_are_checked_as_the_planner_checks_them(case):
+    # a str met torch's internal "new(): invalid data type 'str'", and a bool mask was
+    # taken as counts (attacker pass); eplb.plan refused both by name
+    w, phy2log, ids = case
+    for bad, error, words in (("junk", TypeError, "source must be a sequence of 4 numbers"),
+                              (torch.ones(4, dtype=torch.bool), TypeError, "torch.bool"),
+                              ([1.0, -1.0, 1.0, 1.0], ValueError, r"source\[1\] is -1.0"),
+                              ([0.0] * 4, ValueError, "source is all zero")):
+        with pytest.raises(error, match=words):
+            realised_gpu_loads(w, phy2log, 4, 2, source=bad)
+        with pytest.raises(error, match=words):
+            remote_nodes_per_token(phy2log, ids, 8, 4, 2, source=bad)
+
+
 def test_sizes_and_ids_of_the_wrong_kind_are_refused(case):
     w, phy2log, ids = case
     with pytest.raises(ValueError, match=r"num_gpus must be an integer, got 4\.0"):

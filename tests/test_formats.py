@@ -577,11 +577,17 @@ def test_real_routing_traces_load():
 
 
 
-@pytest.mark.parametrize("fmt", ["pt", "npz", "vllm-history", "sglang"])
+@pytest.mark.parametrize("fmt", ["pt", "npz", "npy", "vllm-history", "sglang"])
 def test_write_loads_round_trip(tmp_path, fmt):
     trace = LoadTrace(counts_tle().double(), [3, 5, 7], "test", "synthetic")
-    path = write_loads(trace, tmp_path / "trace.out", format=fmt)
-    back = read_loads(path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = write_loads(trace, tmp_path / "trace.out", format=fmt)
+    # formats without layer ids say so (attacker pass: they were dropped without a word)
+    said = [str(w.message) for w in caught if "no place for layer ids" in str(w.message)]
+    assert len(said) == (fmt in ("npy", "vllm-history")), said
+    assert not said or "model layers 3, 5, 7 will read back as 0..2" in said[0]
+    back = read_loads(path, format=fmt if fmt == "npy" else None)
     assert back.format == fmt
     if fmt == "sglang":
         # a row per model layer, as SGLang's recorder writes: the layers the trace lacks
@@ -595,7 +601,13 @@ def test_write_loads_round_trip(tmp_path, fmt):
         assert back.layer_ids == [3, 5, 7]
     with pytest.raises(FileExistsError, match="force"):
         write_loads(trace, path, format=fmt)
-    write_loads(trace, path, format=fmt, force=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_loads(trace, path, format=fmt, force=True)
+    # row numbers are no model layers to lose: nothing to say
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_loads(LoadTrace(trace.counts), tmp_path / "plain.out", format=fmt)
 
 
 def test_write_loads_sglang_streams_the_rows_of_layers_the_trace_lacks(tmp_path):

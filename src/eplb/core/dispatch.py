@@ -51,7 +51,13 @@ import numbers
 
 import torch
 
-from eplb.core.inputs import as_live_mask, as_weight, require_distinct_topk, require_integer_ids
+from eplb.core.inputs import (
+    as_gpu_speed,
+    as_live_mask,
+    as_weight,
+    require_distinct_topk,
+    require_integer_ids,
+)
 from eplb.core.topology import is_name, positive_int
 
 DISPATCH_RULES = ("even", "nearest")
@@ -98,9 +104,10 @@ def source_distribution(
     if source is None:
         src = torch.ones(num_gpus, dtype=torch.float64, device=device)
     else:
-        src = torch.as_tensor(source, dtype=torch.float64, device=device).flatten()
-        if src.shape != (num_gpus,) or bool((src < 0).any()) or not bool(src.isfinite().all()):
-            raise ValueError(f"source must be {num_gpus} finite non-negative numbers")
+        # the planner's own check (attacker pass: a str met torch's internal error here,
+        # and a bool mask passed as counts)
+        src = as_gpu_speed(source, num_gpus, torch.device(device), name="source",
+                           allow_zero=True)
     if active_gpus is not None:
         # the planner's own check: a boolean mask (GPU ids such as [0, 1, 2, 3] are refused,
         # not read as a 0/1 mask)

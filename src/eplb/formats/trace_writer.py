@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.core.messages import integer_runs
 from eplb.core.topology import is_name
 from eplb.core.trace import LoadTrace
 from eplb.formats._files import atomic_write, check_writable, output_file
@@ -40,6 +42,12 @@ def write_loads(
     if not isinstance(trace, LoadTrace):
         raise TypeError(f"trace must be an eplb.formats.LoadTrace, got {type(trace).__name__}")
     check_writable(path, force)
+    if format in ("npy", "vllm-history") and trace.layer_ids != list(range(trace.num_layers)):
+        # (attacker pass: DeepSeek-V3's layers 3..60 read back as 0..57, without a word)
+        warnings.warn(f"{format} files have no place for layer ids: the trace's model layers "
+                      f"{integer_runs(trace.layer_ids)} will read back as "
+                      f"0..{trace.num_layers - 1}; write pt, npz or sglang to keep them",
+                      UserWarning, stacklevel=2)
     counts = trace.counts.cpu()
     whole = counts.numel() == 0 or float(counts.max()) < 2**53
     if whole and bool((counts == counts.round()).all()):
