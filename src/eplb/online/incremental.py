@@ -24,7 +24,9 @@ almost every slot. Here the new plan starts from the placement in force:
    from balance in sample than the drift's own excess (an old packing it cannot undo).
    Hierarchical: a *warm regroup* for the layers whose best group→node assignment
    differs from the one in force: only the groups that change node move, then the node
-   ladder refines (:func:`eplb.online.hierarchy.candidates`).
+   ladder refines (:func:`eplb.online.hierarchy.candidates`); and a fresh hierarchical
+   plan relabelled onto the old nodes and GPUs where the best of those ends further
+   above the layer's bound than the drift's excess, or at <= 3 slots per GPU.
 4. **A choice per layer by the expected next-window peak**
    (:func:`eplb.online.moves.expected_peak`): each candidate's max GPU load under the
    drift a rebalance interval brings (with expert groups named, part of it common to a
