@@ -207,6 +207,11 @@ def test_eval_scores_the_loads_own_model_layers(capsys, tmp_path) -> None:
     code, _, err = run(capsys, "eval", "--placement", str(out), str(loads), "--key",
                        "model/task", "-g", "4", "--first-layer", "1")
     assert code == 2 and "contradicts" in err
+    # the layers as the file names them, not a range, and no SGLang dump (new-user pass)
+    code, _, err = run(capsys, "plan", str(loads), "--key", "model/task", "-r", "12", "-g",
+                       "4", "--first-layer", "3", "-o", str(tmp_path / "q.json"))
+    assert code == 2 and "model layers 0, 2 (the file names them)" in err
+    assert "SGLang" not in err
 
 
 def test_threads_beyond_any_machine_are_refused(capsys, tmp_path, loads) -> None:

@@ -61,7 +61,8 @@ def test_eval_labels_an_sglang_file_hierarchical_with_its_ceiling(capsys, tmp_pa
     assert warnings_in(err) == []
     code, out, _ = run(capsys, "eval", "--placement", str(path), str(loads), "-g", str(P),
                        "--nodes", str(N), "--groups", str(G), "--summary")
-    assert "(hierarchical)" in out and "(global)" not in out
+    # the file records no policy: the header says what it was scored as
+    assert "(scored as hierarchical)" in out and "global" not in out
 
 
 def test_eval_scores_a_group_spreading_plan_as_global_and_says_so(capsys, tmp_path,

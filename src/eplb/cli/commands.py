@@ -67,10 +67,12 @@ def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
     ids = list(trace.layer_ids)
     if trace.meta.get("model_layer_ids"):
         if first_layer is not None and first_layer != ids[0]:
+            # (new-user pass: OLMoE's layers 0, 7, 15 were called 0..15, and an SGLang dump)
+            why = (" (an SGLang dump has a row for every layer, dense ones all zero)"
+                   if str(trace.format).startswith("sglang") else " (the file names them)")
             raise CliError(
                 f"--first-layer {first_layer} contradicts {loads}, whose rows are model layers "
-                f"{ids[0]}..{ids[-1]} (an SGLang dump has a row for every layer, dense ones "
-                f"all zero); drop --first-layer"
+                f"{integer_runs(ids)}{why}; drop --first-layer"
             )
         return ids
     if first_layer is not None:
@@ -91,7 +93,7 @@ def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads:
         if args.num_model_layers <= max(layer_ids):
             raise CliError(
                 f"--num-model-layers {args.num_model_layers} is too small: the rows are model "
-                f"layers {layer_ids[0]}..{layer_ids[-1]}"
+                f"layers {integer_runs(layer_ids)}"
             )
         if (not trace.meta.get("model_layer_ids") and args.first_layer is None
                 and args.num_model_layers != len(layer_ids)):

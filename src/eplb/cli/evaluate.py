@@ -195,7 +195,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print_table(
         f"{args.placement} on {args.loads}{summed_note(trace)}: {topo.num_replicas} slots on "
         f"{topo.num_gpus} GPUs "
-        f"({placement.policy}{dead_note(placement.active_gpus)})",
+        # an engine file records no policy: say what it was scored as (new-user pass: a
+        # locality plan read "(global)")
+        f"({placement.policy if meta.get('policy') else f'scored as {placement.policy}'}"
+        f"{dead_note(placement.active_gpus)})",
         ["", "balancedness", "worst max/mean"],
         [["no rebalancing (before)", before, before_worst],
          [f"this placement (after{', nearest rule' if nearest is not None else ''})", after,
