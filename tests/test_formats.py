@@ -504,9 +504,18 @@ def test_write_placement_keys_rows_by_the_layers_a_trace_names(tmp_path):
     with pytest.raises(ValueError, match=names):
         write_placement(placement, tmp_path / "x.yaml", emit="trtllm", weight=trace,
                         layer_ids=[0, 1, 2])
+    short = eplb.plan(trace.total()[:2], 2 * E, 4)
     with pytest.raises(ValueError, match=r"weight= .* has 3 layers, the placement 2"):
-        write_placement(eplb.plan(trace.total()[:2], 2 * E, 4), tmp_path / "y.yaml",
-                        emit="trtllm", weight=trace)
+        write_placement(short, tmp_path / "y.yaml", emit="trtllm", weight=trace)
+    # a trace of other rows with the rows named: the caller pairs them (second attacker
+    # pass: a 58-row plan written with its 61-row dump as weight= was refused)
+    out = write_placement(short, tmp_path / "z.yaml", emit="trtllm", weight=trace,
+                          layer_ids=[3, 4])
+    assert sorted(yaml.safe_load(out.read_text())["initial_global_assignments"]) == [3, 4]
+    # layer ids given in code name layers too (a generated trace's 3..60)
+    coded = LoadTrace(trace.counts, [2, 5, 9])
+    out = write_placement(placement, tmp_path / "coded.yaml", emit="trtllm", weight=coded)
+    assert sorted(yaml.safe_load(out.read_text())["initial_global_assignments"]) == [2, 5, 9]
 
 
 def test_load_trace_validates():

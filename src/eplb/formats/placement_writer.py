@@ -201,19 +201,27 @@ def _layer_ids(layer_ids: Sequence[int] | None, num_layers: int) -> list[int]:
 
 def _trace_layer_ids(weight: Any, placement: Placement,
                      layer_ids: Sequence[int] | None = None) -> list[int] | None:
-    """The layer ids to write for ``weight`` given as a :class:`LoadTrace` whose file named
-    its model layers (OLMoE's ``[0, 7, 15]``, ESFT's ``1..26``): its rows are those layers,
-    as the CLI writes them (a new-user pass: through the API the rows were written as
-    layers ``0..L-1``, layer 7's plan keyed as layer 1). ``layer_ids`` given too must
-    agree. ``None`` where the trace names no layers: ``layer_ids`` as given."""
-    if not isinstance(weight, LoadTrace) or not weight.meta.get("model_layer_ids"):
-        return None if layer_ids is None else list(layer_ids)
+    """The layer ids to write for ``weight`` given as a :class:`LoadTrace` that names its
+    model layers (a file's own, OLMoE's ``[0, 7, 15]`` or ESFT's ``1..26``, or ids other
+    than ``0..L-1`` given in code, e.g. a generated DeepSeek-V3 trace's ``3..60``): its
+    rows are those layers, as the CLI writes them (new-user pass: through the API they
+    were written as layers ``0..L-1``, layer 7's plan keyed as layer 1). ``layer_ids``
+    given too must agree where the trace has the placement's rows (a trace of other rows
+    is the caller's to pair: its ids are not used). ``None`` where neither names any."""
+    given = None if layer_ids is None else list(layer_ids)
+    if not isinstance(weight, LoadTrace) or not (
+            weight.meta.get("model_layer_ids")
+            or weight.layer_ids != list(range(weight.num_layers))):
+        return given
+    if given is not None:
+        if (weight.num_layers == placement.num_layers
+                and _layer_ids(given, placement.num_layers) != weight.layer_ids):
+            raise ValueError(f"layer_ids {integer_runs(given)} differ from the model layers "
+                             f"weight= (a LoadTrace) names, {integer_runs(weight.layer_ids)}")
+        return given
     if weight.num_layers != placement.num_layers:
         raise ValueError(f"weight= (a LoadTrace) has {weight.num_layers} layers, the placement "
-                         f"{placement.num_layers}")
-    if layer_ids is not None and _layer_ids(layer_ids, placement.num_layers) != weight.layer_ids:
-        raise ValueError(f"layer_ids {integer_runs(list(layer_ids))} differ from the model "
-                         f"layers weight= (a LoadTrace) names, {integer_runs(weight.layer_ids)}")
+                         f"{placement.num_layers}: pass layer_ids= for the placement's rows")
     return list(weight.layer_ids)
 
 
