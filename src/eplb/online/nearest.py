@@ -129,7 +129,15 @@ def _within_total(
     # the warm start on the whole total too: below a few slots per layer its share may
     # afford no step at all, where the whole total affords one
     whole = warm_even(old, total)
-    options = torch.stack([old, warm, repaired, whole, fresh])  # [C, L, R]; the old map first
+    # and every layer's own warm start within the whole total, with its node repair: the
+    # even split spends a total where the even split gains most, which need not be where
+    # the rule does (second attacker pass: a total of 3 moved nothing on 2 layers where
+    # 3 slots for one layer bought 0.468 → 0.513 under the rule)
+    each_budget = torch.full((old.shape[0],), total, dtype=torch.int64)
+    each = warm_even(old, each_budget)
+    each_repaired, _ = repair_node_pairs(weight, each, gpus, nodes, min_count=least,
+                                         budget=(each_budget - (each != old).sum(1)).clamp(min=0))
+    options = torch.stack([old, warm, repaired, whole, each, each_repaired, fresh])  # [C, L, R]
     balance = paying_values(request, options).cpu().numpy()
     if request.idle is not None:
         # a layer that carried no load is scored on uniform loads, and its moves are undone
