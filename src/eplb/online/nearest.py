@@ -7,8 +7,9 @@ share of its slots that change. Without a budget a layer takes the candidate (or
 its placement) that pays best; with a budget per layer, the one that pays best within
 it; with a budget in total over all layers, the total goes where the moved slots pay
 the most (:func:`eplb.online.budget.spend_budget`; the warm start before its node
-repair, and the warm start on the whole total, are offered too, so a small budget still
-buys the best swaps). A budget caps the moves that pay; it buys none that do not:
+repair, the warm start on the whole total, and each layer's own warm start within the
+whole total are offered too, so a small budget still buys the best swaps). A budget
+caps the moves that pay; it buys none that do not:
 
 1. the fresh dispatch-aware plan (:func:`eplb.core.planner.fresh_phy2log`: the nearest
    plan, or per layer eplb's even-split plan where the rule serves that better)
@@ -114,11 +115,13 @@ def _within_total(
 ) -> torch.Tensor:
     """``[L, R]``: the candidates of :func:`plan_nearest_incremental` chosen per layer so
     that at most ``total`` slots change over all layers, where the moved slots pay the
-    most (:func:`paying_values`, :func:`eplb.online.budget.spend_budget`). The even-split warm
-    start spends its share of the total where the even split gains most; the node repair
-    may use what it left in any layer; the warm start without the repair, and on the whole
-    total, are offered too, so a layer the total cannot afford the repair in still gets
-    the swaps, and a total of a few slots per layer still buys some."""
+    most (:func:`paying_values`, :func:`eplb.online.budget.spend_budget`). The even-split
+    warm start spends its share of the total where the even split gains most; the node
+    repair may use what it left in any layer; the warm start without the repair, and on
+    the whole total, are offered too, so a layer the total cannot afford the repair in
+    still gets the swaps, and a total of a few slots per layer still buys some; and each
+    layer's own warm start within the whole total, repaired, so the rule's best small
+    move in one layer is on offer where the even split would spend elsewhere."""
     weight, topology = request.weight, request.topology
     gpus, nodes = topology.num_gpus, topology.num_nodes
     warm = warm_even(old, int(total * WARM_SHARE))
