@@ -437,13 +437,19 @@ def test_nearest_incremental_respects_the_budget():
                 assert torch.equal(new, old)
 
 
+def drifted_nearest_case(seed: int, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A nearest-rule plan ``[L, 96]`` of random loads ``[L, 64]`` on 16 GPUs (4 nodes),
+    and those loads drifted by ×exp(0.3·Z)."""
+    rng = np.random.default_rng(seed)
+    w = torch.from_numpy(np.exp(rng.normal(0, 1.0, (layers, 64))) * 100)
+    old = eplb.plan(w, 96, 16, 4, policy="global", dispatch="nearest").phy2log
+    return old, w * torch.from_numpy(np.exp(rng.normal(0, 0.3, w.shape)))
+
+
 def test_nearest_incremental_spends_a_total_budget_where_it_pays():
     # a total budget is not split evenly over the layers (a share of 1–2 slots per layer
     # buys no swap): it goes where a moved slot gains most, and a small one still helps
-    rng = np.random.default_rng(11)
-    w = torch.from_numpy(np.exp(rng.normal(0, 1.0, (8, 64))) * 100)
-    old = eplb.plan(w, 96, 16, 4, policy="global", dispatch="nearest").phy2log
-    drifted = w * torch.from_numpy(np.exp(rng.normal(0, 0.3, w.shape)))
+    old, drifted = drifted_nearest_case(11, 8)
 
     def balance(phy):
         loads = realised_gpu_loads(drifted, phy, 16, 4)
@@ -557,10 +563,7 @@ def test_nearest_small_total_budget_buys_what_one_layer_alone_would():
 def test_nearest_budget_buys_no_move_that_does_not_pay():
     # a budget caps the moves that pay; at a dear move price it buys no others (before,
     # a budget was spent on realised balance alone, whatever the price)
-    rng = np.random.default_rng(7)
-    w = torch.from_numpy(np.exp(rng.normal(0, 1.0, (6, 64))) * 100)
-    old = eplb.plan(w, 96, 16, 4, policy="global", dispatch="nearest").phy2log
-    drifted = w * torch.from_numpy(np.exp(rng.normal(0, 0.3, w.shape)))
+    old, drifted = drifted_nearest_case(7, 6)
 
     def balance(phy):
         loads = realised_gpu_loads(drifted, phy, 16, 4)
