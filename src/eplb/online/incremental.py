@@ -208,8 +208,9 @@ def _choose(
     layers = peak.shape[1]
     balance = 1.0 / peak  # expected next-window balancedness of each candidate
     # a moved slot is priced with or without a budget: the budget caps the moves that
-    # pay, it does not buy the ones that do not (spent on in-sample gains, a 20 % budget
-    # moved more slots than no budget for a worse next window: BENCHMARKS.md §3)
+    # pay, it does not buy the ones that do not (attacker pass: spent on expected gains
+    # alone, a total above what no budget moves moved 3,430 slots where no budget moved
+    # 3,056 on real DeepSeek-V3 loads; BENCHMARKS.md §3, "Thirtieth session")
     value = balance - options.move_price * cost / slots
     if max_moves is None:
         pick = np.argmax(value, 0)  # first on ties: fewer moves

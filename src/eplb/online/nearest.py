@@ -141,13 +141,13 @@ def _within_total(
     each_repaired, _ = repair_node_pairs(weight, each, gpus, nodes, min_count=least,
                                          budget=(each_budget - (each != old).sum(1)).clamp(min=0))
     options = torch.stack([old, warm, repaired, whole, each, each_repaired, fresh])  # [C, L, R]
-    balance = paying_values(request, options).cpu().numpy()
+    values = paying_values(request, options).cpu().numpy()
     if request.idle is not None:
         # a layer that carried no load is scored on uniform loads, and its moves are undone
         # by the caller: slots spent on it would be taken from the layers that gain
-        balance[1:, request.idle.cpu().numpy()] = -np.inf
+        values[1:, request.idle.cpu().numpy()] = -np.inf
     cost = (options != old[None]).sum(2).cpu().numpy()
-    pick = torch.from_numpy(spend_budget(balance, cost, total)).to(old.device)
+    pick = torch.from_numpy(spend_budget(values, cost, total)).to(old.device)
     return options[pick, torch.arange(old.shape[0], device=old.device)]
 
 
