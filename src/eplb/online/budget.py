@@ -20,8 +20,9 @@ _EXACT_BUDGET_CELLS = 1 << 18
 
 def spend_budget(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
     """``[L]`` candidate per layer: spend at most ``budget`` slots in total where they buy
-    the most balancedness. ``balance [C, L]`` and ``cost [C, L]`` (slots changed) of every
-    candidate (``-inf``: not offered); candidate 0 costs nothing and is the fallback.
+    the most. ``balance [C, L]``: every candidate's score (its expected balancedness less
+    the price of its moves, as the planners pass it; ``-inf``: not offered), ``cost
+    [C, L]``: its slots changed; candidate 0 costs nothing and is the fallback.
 
     Small budgets are solved exactly (the largest sum of the layers' balancedness within
     the budget, by dynamic programming over the slots spent): there a greedy walk of the
