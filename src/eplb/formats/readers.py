@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import re
-import stat
 import warnings
 from collections.abc import Sequence
-from contextvars import ContextVar
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -21,10 +19,10 @@ from eplb.formats._counts import as_counts_of, to_tensor
 from eplb.formats._csv import read_csv_table
 from eplb.formats._files import import_safetensors_torch, require_regular_file
 from eplb.formats._json import load_json_literals
+from eplb.formats._kinds import FORMAT_FORCED, is_scalar, require_container, wrong_kind
 from eplb.formats._npy import load_npy, load_npz, npz_headers
 from eplb.formats.detect import (
     FORMATS,
-    RANK_FILE,
     TOPK_KEY_PATTERN,
     _load_pt,
     detect_format,
@@ -35,6 +33,7 @@ from eplb.formats.detect import (
 from eplb.formats.errors import FormatError, shown
 from eplb.formats.history import read_vllm_history
 from eplb.formats.routing import MAX_EXPERTS, topk_to_counts
+from eplb.formats.trtllm_stats import read_trtllm_stats
 
 _CONTAINERS = {
     "npy": ("npy",),
@@ -44,7 +43,6 @@ _CONTAINERS = {
     "json": ("json",),
     "csv": ("csv", "unknown"),
 }
-_ITER_LAYER = re.compile(r"^([0-9]+)_([0-9]+)$")
 
 
 def read_loads(
@@ -137,7 +135,7 @@ def read_loads(
             f"per-pass dumps; {path} is {fmt!r}, whose expert count is its width"
         )
 
-    forced = _FORMAT_FORCED.set(format is not None)  # how _wrong_kind words its error
+    forced = FORMAT_FORCED.set(format is not None)  # how wrong_kind words its error
     try:  # a bad value from the file (e.g. its layer ids) is the file's fault, named so
         trace = _read_format(path, fmt, keys, progress, num_experts, tokens_per_step)
     except FormatError:
@@ -145,7 +143,7 @@ def read_loads(
     except ValueError as exc:
         raise FormatError(path, str(exc)) from None
     finally:
-        _FORMAT_FORCED.reset(forced)
+        FORMAT_FORCED.reset(forced)
     if fmt in ("sglang", "sglang-per-pass", "trtllm"):
         trace.meta["model_layer_ids"] = True
     trace.meta.setdefault("model_layer_ids", False)
@@ -161,17 +159,17 @@ def _read_format(path: Path, fmt: str, keys: list[str] | None, progress: bool,
                  num_experts: int | None, tokens_per_step: int | None) -> LoadTrace:
     """The :class:`LoadTrace` of ``path`` read as ``fmt`` (see :func:`read_loads`)."""
     if fmt == "vllm-history":
-        _require_container(path, fmt, ("json",))
+        require_container(path, fmt, ("json",))
         counts_np, meta = read_vllm_history(path, progress)
         return LoadTrace(torch.from_numpy(counts_np), None, str(path), fmt, meta)
     if fmt in ("sglang", "sglang-per-pass", "trtllm"):
-        return (_read_sglang(path) if fmt == "sglang" else _read_trtllm(path)
+        return (_read_sglang(path) if fmt == "sglang" else read_trtllm_stats(path)
                 if fmt == "trtllm" else _read_sglang_per_pass(path, num_experts))
     if fmt == "topk":
         segments = _topk_segments(path, keys)
         counts, meta = topk_to_counts(segments, path, num_experts, tokens_per_step)
         return LoadTrace(counts, None, str(path), fmt, meta)
-    _require_container(path, fmt, _CONTAINERS[fmt])
+    require_container(path, fmt, _CONTAINERS[fmt])
     if keys is not None and len(keys) > 1:
         raise ValueError(
             f"key names one array of a plain tensor file, got {len(keys)}: {keys}"
@@ -193,42 +191,6 @@ def _keys(key: str | Sequence[str] | None) -> list[str] | None:
     return keys
 
 
-# --------------------------------------------------------------------------- helpers
-#: whether the read under way was given its format (format= / --format) or detected it:
-#: a detected format's error must not tell the user to leave out a flag never given
-_FORMAT_FORCED: ContextVar[bool] = ContextVar("eplb_format_forced", default=True)
-
-
-def _require_container(path: Path, fmt: str, kinds: tuple[str, ...],
-                       expected: str | None = None) -> None:
-    """Refuse ``path`` unless its container is one of ``kinds`` (``expected``: the words
-    for them in the error; default ``a {kinds[0]} file``)."""
-    kind = sniff_container(path)
-    if kind not in kinds:
-        raise _wrong_kind(path, fmt, expected or f"a {kinds[0]} file", f"{kind} content")
-
-
-def _wrong_kind(path: Path, fmt: str, expected: str, kind: str) -> FormatError:
-    """The error for a file given as ``fmt`` (format= / --format) that is another kind of
-    file (``kind``: what it holds, e.g. ``"npy content"``): the format asked for, what it
-    expects, what the file holds, and what it reads as. Without this, a forced
-    ``trtllm`` or ``sglang-per-pass`` surfaced the deserialiser's own words ("header too
-    large", "Unsupported operand 147")."""
-    if not _FORMAT_FORCED.get():  # detected, e.g. from the folder holding this file
-        return FormatError(path, f"read as {fmt!r} (detected from its contents), expected "
-                                 f"{expected}, found {kind}")
-    try:
-        detected = detect_format(path)
-        hint = (f"; it reads as {detected!r} load statistics: leave format= (--format) out"
-                if detected != fmt else "")
-    except FormatError as exc:  # a placement, say: detection names it
-        said = str(exc).removeprefix(f"{exc.path}: ")
-        hint = f"; it {said}" if said.startswith("holds ") else ""
-    except (OSError, RuntimeError, ValueError):
-        hint = ""
-    return FormatError(path, f"format {fmt!r} expects {expected}, found {kind}{hint}")
-
-
 # ---------------------------------------------------------------------------- SGLang
 def _read_sglang(path: Path) -> LoadTrace:
     kind = sniff_container(path)
@@ -247,7 +209,7 @@ def _read_sglang(path: Path) -> LoadTrace:
         found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise FormatError(path, f"expected a dict with key 'logical_count', found {found}")
     counts = as_counts_of(obj["logical_count"], path, "logical_count", literals)
-    meta = {k: v for k, v in obj.items() if k != "logical_count" and _is_scalar(v)}
+    meta = {k: v for k, v in obj.items() if k != "logical_count" and is_scalar(v)}
     # the recorder's circular buffer keeps all-zero rows for steps it never filled
     meta["empty_steps"] = int((counts.sum((1, 2)) == 0).sum())
     return LoadTrace(counts, None, str(path), "sglang", meta)
@@ -282,26 +244,18 @@ def _dump_time(file: Path) -> tuple[float, str]:
         return float("inf"), file.name
 
 
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (int, float, str, bool))
-
-
-def _load_json(path: Path) -> Any:
-    return load_json_literals(path)[0]
-
-
 def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
     files = sorted(path.glob("expert_distribution_recorder_*.pt")) if path.is_dir() else [path]
     if not files:
-        raise _wrong_kind(path, "sglang-per-pass", "expert_distribution_recorder_*.pt dumps",
-                          "a folder without any")
+        raise wrong_kind(path, "sglang-per-pass", "expert_distribution_recorder_*.pt dumps",
+                         "a folder without any")
     refuse_same_files(path, files)
     passes: dict[int, torch.Tensor] = {}
     ranks: list[int] = []
     for file in files:
-        _require_container(file, "sglang-per-pass", ("pt-zip", "pt-pickle"),
-                           "an SGLang expert_distribution_recorder_*.pt dump (or a folder "
-                           "of them)")
+        require_container(file, "sglang-per-pass", ("pt-zip", "pt-pickle"),
+                          "an SGLang expert_distribution_recorder_*.pt dump (or a folder "
+                          "of them)")
         obj = _load_pt(file)
         if (
             not isinstance(obj, dict)
@@ -310,8 +264,8 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
         ):
             found = (f"keys {shown(sorted(map(str, obj)))}" if isinstance(obj, dict)
                      else f"a {type(obj).__name__}")
-            raise _wrong_kind(file, "sglang-per-pass", "an SGLang per-pass dump {'records': "
-                              "[...], 'last_physical_to_logical_map': [L, R]}", found)
+            raise wrong_kind(file, "sglang-per-pass", "an SGLang per-pass dump {'records': "
+                             "[...], 'last_physical_to_logical_map': [L, R]}", found)
         phys_map = to_tensor(
             obj["last_physical_to_logical_map"], file, "last_physical_to_logical_map"
         )
@@ -372,103 +326,6 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
         "before a rebalance are mapped approximately",
     }
     return LoadTrace(counts, None, str(path), "sglang-per-pass", meta)
-
-
-# ------------------------------------------------------------------------ TensorRT-LLM
-#: what format "trtllm" reads, in the errors for another kind of file
-_TRTLLM_FOLDER = "a TensorRT-LLM statistics folder (meta_info.json + rank{r}.safetensors)"
-
-
-def _read_trtllm(path: Path) -> LoadTrace:
-    st = import_safetensors_torch()
-    meta: dict[str, Any] = {}
-    if path.is_dir():
-        info_path = path / "meta_info.json"
-        if not info_path.is_file():
-            raise _wrong_kind(path, "trtllm", _TRTLLM_FOLDER, "a folder without meta_info.json")
-        info = _load_json(info_path)
-        experts = info.get("num_experts") if isinstance(info, dict) else None
-        if isinstance(experts, bool) or not isinstance(experts, int) or experts < 1:
-            raise FormatError(
-                info_path,
-                f"expected {{'num_experts': E, 'num_experts_per_token': k}}, found {shown(info)}",
-            )
-        meta.update({k: v for k, v in info.items() if _is_scalar(v)})
-        files = sorted(
-            (int(m.group(1)), p) for p in path.iterdir() if (m := RANK_FILE.match(p.name))
-        )
-        if not files:
-            raise FormatError(
-                path, "expected rank{r}.safetensors files next to meta_info.json, found none"
-            )
-        refuse_same_files(path, [p for _, p in files])
-        ranks = [rank for rank, _ in files]
-        twice = [rank for k, rank in enumerate(ranks[1:]) if rank == ranks[k]]
-        if twice:
-            # (rank0 and rank00 both read as rank 0: summed, its tokens counted twice)
-            names = [p.name for rank, p in files if rank == twice[0]]
-            raise FormatError(path, f"{' and '.join(names)} are both rank {twice[0]}'s "
-                                    "statistics; keep one")
-        if ranks != list(range(ranks[-1] + 1)):
-            # meta_info.json does not record the EP size: a gap is the one sign of a lost
-            # rank, whose tokens the summed loads would silently lack
-            absent = sorted(set(range(ranks[-1] + 1)) - set(ranks))
-            warnings.warn(f"{path}: no rank{absent[0]}.safetensors"
-                          f"{f' (nor {len(absent) - 1} more)' if len(absent) > 1 else ''} "
-                          f"between rank0 and rank{ranks[-1]}; the loads are summed over "
-                          f"the {len(ranks)} rank files there", UserWarning, stacklevel=2)
-    else:
-        m = RANK_FILE.match(path.name)
-        files = [(int(m.group(1)) if m else 0, path)]
-    num_experts = meta.get("num_experts")
-    total: dict[tuple[int, int], torch.Tensor] = {}
-    for _rank, file in files:
-        if stat.S_ISDIR(require_regular_file(file).st_mode):
-            raise FormatError(file, "is a folder; expected a rank's safetensors file")
-        _require_container(file, "trtllm", ("safetensors",),
-                           f"{_TRTLLM_FOLDER} or one rank's .safetensors file")
-        try:
-            tensors = st.load_file(str(file))
-        except Exception as exc:  # safetensors raises its own error types
-            raise FormatError(file, f"not a readable safetensors file: {exc}") from None
-        named: dict[tuple[int, int], str] = {}  # this file's key of each (iteration, layer)
-        for name, data in tensors.items():
-            m = _ITER_LAYER.match(name)
-            if m is None:
-                raise _wrong_kind(file, "trtllm", "TensorRT-LLM statistics, keys "
-                                  "'{iter}_{layer}'", f"key {shown(name)}")
-            if data.dim() != 1 or data.is_floating_point():
-                raise FormatError(
-                    file,
-                    f"{name!r} must be an integer [experts] vector, found {data.dtype} "
-                    f"{tuple(data.shape)}",
-                )
-            if num_experts is None:
-                num_experts = data.shape[0]
-            if data.shape[0] != num_experts:
-                raise FormatError(
-                    file, f"{name!r} has {data.shape[0]} experts; expected {num_experts}"
-                )
-            key = (int(m.group(1)), int(m.group(2)))
-            if key in named:  # '100_3' and '100_03': one entry, not two to sum
-                raise FormatError(file, f"keys {named[key]!r} and {name!r} both name iteration "
-                                        f"{key[0]}, layer {key[1]}")
-            named[key] = name
-            total[key] = (
-                total[key] + data.to(torch.float64) if key in total else data.to(torch.float64)
-            )
-    if not total:
-        raise FormatError(path, "the statistics hold no '{iter}_{layer}' entries")
-    iters = sorted({i for i, _ in total})
-    layers = sorted({layer for _, layer in total})
-    missing = [(i, layer) for i in iters for layer in layers if (i, layer) not in total]
-    if missing:
-        raise FormatError(
-            path, f"{len(missing)} (iteration, layer) entries are missing, e.g. {missing[:3]}"
-        )
-    counts = torch.stack([torch.stack([total[(i, layer)] for layer in layers]) for i in iters])
-    meta.update({"iterations": iters, "ranks": [r for r, _ in files]})
-    return LoadTrace(as_counts_of(counts, path, "counts"), layers, str(path), "trtllm", meta)
 
 
 # --------------------------------------------------------------------------- top-k ids
@@ -567,7 +424,7 @@ def _read_plain(
         ids = arrays["layer_ids"].flatten().tolist()  # checked by LoadTrace
         return as_counts_of(arrays["counts"], path, "counts"), ids, {"key": "counts"}
     name, value = pick_flat(arrays, path, key)
-    if (not _FORMAT_FORCED.get() and TOPK_KEY_PATTERN.search(name)
+    if (not FORMAT_FORCED.get() and TOPK_KEY_PATTERN.search(name)
             and value.is_floating_point()):
         # top-k ids saved as floats, read as [T, L, E] loads, planned a k-expert model
         # without a word (attacker pass); forcing the plain format reads loads so named
