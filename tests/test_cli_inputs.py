@@ -231,6 +231,29 @@ def test_key_with_several_arrays_reads_them_one_after_another(tmp_path) -> None:
         read_loads(path, key=["law_topk_ids", "law_topk_ids"], tokens_per_step=100)
 
 
+def test_key_with_several_count_arrays_reads_them_one_after_another(capsys, tmp_path) -> None:
+    # plain count arrays too (new-user pass: mixing OLMoE's domains, or gpt-oss's think and
+    # answer counts, was refused): one after another as steps, of one shape and layers
+    rng = np.random.default_rng(3)
+    path = tmp_path / "domains.npz"
+    np.savez(path, arxiv=rng.random((3, E)) * 100, c4=rng.random((2, 3, E)) * 100,
+             other=rng.random((3, E + 1)))
+    both = read_loads(path, key=["arxiv", "c4"])
+    assert both.num_steps == 3 and [s["steps"] for s in both.meta["segments"]] == [1, 2]
+    assert torch.allclose(both.total(), read_loads(path, key="arxiv").total()
+                          + read_loads(path, key="c4").total())
+    with pytest.raises(FormatError, match=r"disagree on \[layers, experts\]"):
+        read_loads(path, key=["arxiv", "other"])
+    records = tmp_path / "counts.json"
+    records.write_text(json.dumps({"a": {"layers": [0, 7, 15], "counts": [[1] * E] * 3},
+                                   "b": {"layers": [0, 7, 16], "counts": [[2] * E] * 3}}))
+    with pytest.raises(FormatError, match="name different model layers"):
+        read_loads(records, key=["a", "b"])
+    code, out, err = run(capsys, *plan_args(path, tmp_path, "--key", "arxiv,c4"))
+    assert code == 0, err
+    assert "3 steps summed" in out
+
+
 def test_simulate_cuts_a_token_trace_into_steps(capsys, tmp_path) -> None:
     path = _two_tasks(tmp_path)
     code, out, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",

@@ -42,9 +42,9 @@ def add_input_options(p: argparse.ArgumentParser, what: str = "LOADS") -> None:
                    help=f"input format of {what} (default: detected from the content)")
     g.add_argument("--key", default=None, metavar="NAME[,NAME...]",
                    help="which array of a multi-array file (.npz, .pt dict, .safetensors; "
-                        "in JSON a path such as olmoe/expert_counts/arxiv) to read; for top-k "
-                        "routing files with one array per task or batch, several names are "
-                        "read one after another")
+                        "in JSON a path such as olmoe/expert_counts/arxiv) to read; several "
+                        "names are read one after another as steps (tasks or batches of a "
+                        "top-k routing file, or count arrays of one shape, e.g. domains)")
     g.add_argument("--tokens-per-step", type=int, default=None, metavar="N",
                    help="top-k routing traces: cut each array of token ids into steps of N "
                         "tokens (default: one step per array)")

@@ -91,8 +91,10 @@ def read_loads(
     own layers, ``False`` when they are just row numbers ``0..L-1``.
 
     Args:
-        key: which array of a multi-array container (npz, dict .pt, safetensors) to read;
-            for top-k traces also a list of arrays, read one after another.
+        key: which array of a multi-array container (npz, dict .pt, safetensors; in JSON a
+            path such as ``olmoe/expert_counts/arxiv``) to read; also a list of arrays,
+            read one after another as steps (plain arrays must agree on ``[layers,
+            experts]`` and on the layers they name).
         layer_ids: override the layer ids of the rows (e.g. ``range(3, 61)``).
 
     Raises:
@@ -171,12 +173,32 @@ def _read_format(path: Path, fmt: str, keys: list[str] | None, progress: bool,
         return LoadTrace(counts, None, str(path), fmt, meta)
     require_container(path, fmt, _CONTAINERS[fmt])
     if keys is not None and len(keys) > 1:
-        raise ValueError(
-            f"key names one array of a plain tensor file, got {len(keys)}: {keys}"
-        )
+        return _read_plain_arrays(path, fmt, keys)
     counts, found_ids, meta = _read_plain(path, fmt, None if keys is None else keys[0])
     meta["model_layer_ids"] = found_ids is not None
     return LoadTrace(counts, found_ids, str(path), fmt, meta)
+
+
+def _read_plain_arrays(path: Path, fmt: str, keys: list[str]) -> LoadTrace:
+    """Several arrays of one plain file, one after another as steps (new-user pass: an
+    OLMoE user mixing domains, or gpt-oss's think and answer counts, had to rewrite the
+    file). They must agree on ``[layers, experts]`` and on the layers they name."""
+    parts = [_read_plain(path, fmt, key) for key in keys]
+    shapes = {tuple(counts.shape[1:]) for counts, _, _ in parts}
+    if len(shapes) > 1:
+        raise FormatError(path, f"the arrays {', '.join(map(repr, keys))} disagree on "
+                                f"[layers, experts]: {sorted(shapes)}")
+    named = {None if ids is None else tuple(ids) for _, ids, _ in parts}
+    if len(named) > 1:
+        raise FormatError(path, f"the arrays {', '.join(map(repr, keys))} name different "
+                                f"model layers")
+    ids = parts[0][1]
+    segments, first = [], 0
+    for key, (counts, _, _) in zip(keys, parts, strict=True):
+        segments.append({"name": key, "first_step": first, "steps": counts.shape[0]})
+        first += counts.shape[0]
+    meta = {"keys": list(keys), "segments": segments, "model_layer_ids": ids is not None}
+    return LoadTrace(torch.cat([counts for counts, _, _ in parts]), ids, str(path), fmt, meta)
 
 
 def _keys(key: str | Sequence[str] | None) -> list[str] | None:
