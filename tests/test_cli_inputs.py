@@ -242,13 +242,25 @@ def test_key_with_several_count_arrays_reads_them_one_after_another(capsys, tmp_
     assert both.num_steps == 3 and [s["steps"] for s in both.meta["segments"]] == [1, 2]
     assert torch.allclose(both.total(), read_loads(path, key="arxiv").total()
                           + read_loads(path, key="c4").total())
-    with pytest.raises(FormatError, match=r"disagree on \[layers, experts\]"):
+    with pytest.raises(FormatError, match=r"array 'other' has \[layers, experts\] = "
+                                          r"\(3, 17\), but 'arxiv' has \(3, 16\)"):
         read_loads(path, key=["arxiv", "other"])
     records = tmp_path / "counts.json"
     records.write_text(json.dumps({"a": {"layers": [0, 7, 15], "counts": [[1] * E] * 3},
-                                   "b": {"layers": [0, 7, 16], "counts": [[2] * E] * 3}}))
-    with pytest.raises(FormatError, match="name different model layers"):
+                                   "b": {"layers": [0, 7, 16], "counts": [[2] * E] * 3},
+                                   "plain": [[3] * E] * 3}))
+    with pytest.raises(FormatError, match="array 'b' names model layers 0, 7, 16, but 'a' "
+                                          "names 0, 7, 15"):
         read_loads(records, key=["a", "b"])
+    # an array naming no layers takes the others' (as files given together do)
+    assert read_loads(records, key=["plain", "a"]).layer_ids == [0, 7, 15]
+    # count arrays in a file detected as top-k ids by another array's name: refused, not
+    # read as ids (third attacker pass); the format says how to read them
+    mixed = tmp_path / "mixed.npz"
+    np.savez(mixed, arxiv=np.ones((3, E), np.int64), law_topk_ids=np.zeros((5, 3, 2), np.int64))
+    with pytest.raises(FormatError, match=r"key .* names 'arxiv', not named so: give the format"):
+        read_loads(mixed, key="arxiv")
+    assert read_loads(mixed, key="arxiv", format="npz").counts.shape == (1, 3, E)
     code, out, err = run(capsys, *plan_args(path, tmp_path, "--key", "arxiv,c4"))
     assert code == 0, err
     assert "3 steps summed" in out

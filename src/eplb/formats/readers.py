@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from eplb.core.inputs import first_bad_load
+from eplb.core.messages import integer_runs
 from eplb.core.trace import LoadTrace, model_layer_ids
 from eplb.formats._arrays import check_keys, pick_array, pick_flat, record_layer_ids
 from eplb.formats._counts import as_counts_of, to_tensor
@@ -108,7 +109,9 @@ def read_loads(
         fmt = detect_format(path)
     elif format in FORMATS:
         fmt = format
-        if fmt in ("npz", "pt", "safetensors", "json") and detect_format(path) == "topk":
+        named_ids = keys is None or any(TOPK_KEY_PATTERN.search(k) for k in keys)
+        if (fmt in ("npz", "pt", "safetensors", "json") and named_ids
+                and detect_format(path) == "topk"):
             # forcing a plain format is how an integer counts array whose name looks like
             # ids is read, so this is allowed; but ids read as counts plan a different
             # model without a word (k experts, tokens as steps): say so
@@ -168,7 +171,17 @@ def _read_format(path: Path, fmt: str, keys: list[str] | None, progress: bool,
         return (_read_sglang(path) if fmt == "sglang" else read_trtllm_stats(path)
                 if fmt == "trtllm" else _read_sglang_per_pass(path, num_experts))
     if fmt == "topk":
-        segments = _topk_segments(path, keys)
+        segments = _topk_segments(path, keys)  # (refuses a key naming no array)
+        other = [k for k in keys or () if not TOPK_KEY_PATTERN.search(k)]
+        if other and not FORMAT_FORCED.get():
+            # a file detected as top-k ids by the names of some arrays: keys naming other
+            # arrays were read as ids, count arrays silently planned as tokens of a model
+            # with as many experts as the largest count (second attacker pass)
+            raise FormatError(
+                path, f"holds arrays named like top-k expert ids, but key (CLI: --key) names "
+                f"{', '.join(map(repr, other))}, not named so: give the format, 'topk' to "
+                f"read them as ids or the container's ('npz', 'pt', 'safetensors', 'json') "
+                f"to read them as counts (format= / --format)")
         counts, meta = topk_to_counts(segments, path, num_experts, tokens_per_step)
         return LoadTrace(counts, None, str(path), fmt, meta)
     require_container(path, fmt, _CONTAINERS[fmt])
@@ -183,16 +196,24 @@ def _read_plain_arrays(path: Path, fmt: str, keys: list[str]) -> LoadTrace:
     """Several arrays of one plain file, one after another as steps (new-user pass: an
     OLMoE user mixing domains, or gpt-oss's think and answer counts, had to rewrite the
     file). They must agree on ``[layers, experts]`` and on the layers they name."""
-    parts = [_read_plain(path, fmt, key) for key in keys]
-    shapes = {tuple(counts.shape[1:]) for counts, _, _ in parts}
-    if len(shapes) > 1:
-        raise FormatError(path, f"the arrays {', '.join(map(repr, keys))} disagree on "
-                                f"[layers, experts]: {sorted(shapes)}")
-    named = {None if ids is None else tuple(ids) for _, ids, _ in parts}
-    if len(named) > 1:
-        raise FormatError(path, f"the arrays {', '.join(map(repr, keys))} name different "
-                                f"model layers")
-    ids = parts[0][1]
+    # the file is read once, not once per key (second attacker pass: 300 keys took 8.5 s)
+    loaded = load_json_literals(path) if fmt == "json" else _named_arrays(path, keys)
+    parts = [_read_plain(path, fmt, key, loaded) for key in keys]
+    # the first array that disagrees with the first one, by name (third attacker pass: a
+    # sorted list of shapes paired none with its array)
+    shape = tuple(parts[0][0].shape[1:])
+    for key, (counts, _, _) in zip(keys, parts, strict=True):
+        if tuple(counts.shape[1:]) != shape:
+            raise FormatError(path, f"array {key!r} has [layers, experts] = "
+                                    f"{tuple(counts.shape[1:])}, but {keys[0]!r} has {shape}")
+    # arrays that name their layers must name the same ones; the others take them (as
+    # files given together do)
+    named = [(key, ids) for key, (_, ids, _) in zip(keys, parts, strict=True) if ids is not None]
+    for key, ids in named[1:]:
+        if ids != named[0][1]:
+            raise FormatError(path, f"array {key!r} names model layers {integer_runs(ids)}, "
+                                    f"but {named[0][0]!r} names {integer_runs(named[0][1])}")
+    ids = named[0][1] if named else None
     segments, first = [], 0
     for key, (counts, _, _) in zip(keys, parts, strict=True):
         segments.append({"name": key, "first_step": first, "steps": counts.shape[0]})
@@ -426,13 +447,16 @@ def _int_field(record: dict, name: str, default: int | None, path: Path) -> int 
 
 
 def _read_plain(
-    path: Path, fmt: str, key: str | None
+    path: Path, fmt: str, key: str | None, loaded: Any = None
 ) -> tuple[torch.Tensor, list[int] | None, dict[str, Any]]:
+    """One array of a plain file: ``[T, L, E]`` counts, the layers it names (or
+    ``None``), and its meta. ``loaded``: the file already read, when the caller reads
+    several keys (:func:`load_json_literals` of a JSON file, else :func:`_named_arrays`)."""
     if fmt == "csv":
         counts, ids = _read_csv(path)
         return counts, ids, {}
     if fmt == "json":
-        obj, literals = load_json_literals(path)
+        obj, literals = load_json_literals(path) if loaded is None else loaded
         if isinstance(obj, dict):
             name, value, ids = pick_array(obj, path, key)
             counts = as_counts_of(value, path, name, literals)
@@ -441,7 +465,8 @@ def _read_plain(
             raise FormatError(path, f"is one JSON array, so key {key!r} (--key) picks nothing; "
                                     "leave it out")
         return as_counts_of(obj, path, "the JSON array", literals), None, {}
-    arrays = _named_arrays(path, None if key is None else [key])
+    arrays = _named_arrays(path, None if key is None else [key]) if loaded is None else (
+        {key: loaded[key]})
     if key is None and set(arrays) == {"counts", "layer_ids"}:  # written by write_loads
         ids = arrays["layer_ids"].flatten().tolist()  # checked by LoadTrace
         return as_counts_of(arrays["counts"], path, "counts"), ids, {"key": "counts"}
