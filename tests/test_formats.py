@@ -619,6 +619,22 @@ def test_write_loads_round_trip(tmp_path, fmt):
         write_loads(LoadTrace(trace.counts), tmp_path / "plain.out", format=fmt)
 
 
+def test_write_loads_takes_the_format_its_name_implies(tmp_path):
+    # the name's suffix decides by default, and one that contradicts format= or names a
+    # container no format writes is refused (third attacker pass: a .safetensors name held
+    # a torch file that read_loads then refused)
+    trace = LoadTrace(counts_tle().double(), [3, 5, 7])
+    assert read_loads(write_loads(trace, tmp_path / "t.npz")).format == "npz"
+    assert read_loads(write_loads(trace, tmp_path / "t.sglang.json")).format == "sglang"
+    assert read_loads(write_loads(trace, tmp_path / "t.bin")).format == "pt"
+    with pytest.raises(ValueError, match=r"no safetensors: name the file t\.pt"):
+        write_loads(trace, tmp_path / "t.safetensors")
+    with pytest.raises(ValueError, match=r"format 'pt' writes a \.pt file, but the name "
+                                         r"'u\.npz' says \.npz"):
+        write_loads(trace, tmp_path / "u.npz", format="pt")
+    assert not (tmp_path / "t.safetensors").exists() and not (tmp_path / "u.npz").exists()
+
+
 def test_write_loads_sglang_streams_the_rows_of_layers_the_trace_lacks(tmp_path):
     """A row per model layer up to the largest id: a trace of two layers, one of them
     layer 2000, is 2001 rows (zeros between), written step by step rather than as a

@@ -18,12 +18,38 @@ from eplb.formats._files import atomic_write, check_writable, output_file
 
 #: Formats ``write_loads`` can write (each is a ``read_loads`` format).
 TRACE_EMITS: tuple[str, ...] = ("pt", "npz", "npy", "vllm-history", "sglang")
+#: the file name suffix of each format's container
+_SUFFIX = {"pt": ".pt", "npz": ".npz", "npy": ".npy", "vllm-history": ".json", "sglang": ".json"}
+
+
+def _format_for(path: Path, format: str | None) -> str:
+    """The format to write: ``format``, else the one the name implies (``*.sglang.json``
+    SGLang's, ``.json`` vLLM's history, ``.npz``, ``.npy``, else ``pt``). A name whose
+    known suffix contradicts ``format``, or a ``.safetensors`` name (no format here writes
+    one), is refused: other tools open the file by its name (third attacker pass: a
+    ``.safetensors`` name held a torch file that ``read_loads`` then refused)."""
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        raise ValueError(f"write_loads writes {', '.join(TRACE_EMITS)} files, no safetensors: "
+                         f"name the file {path.stem}.pt (or .npz)")
+    implied = ("sglang" if path.name.lower().endswith(".sglang.json") else
+               {s: f for f, s in _SUFFIX.items() if f != "sglang"}.get(suffix))
+    if format is None:
+        return implied or "pt"
+    if implied is not None and _SUFFIX.get(format, suffix) != suffix:
+        raise ValueError(f"format {format!r} writes a {_SUFFIX[format]} file, but the name "
+                         f"{path.name!r} says {suffix}: name it {path.stem}{_SUFFIX[format]}, "
+                         f"or leave format out to write {implied}")
+    return format
 
 
 def write_loads(
-    trace: LoadTrace, path: str | PathLike[str], format: str = "pt", *, force: bool = False
+    trace: LoadTrace, path: str | PathLike[str], format: str | None = None, *,
+    force: bool = False,
 ) -> Path:
-    """Write ``trace.counts [T, L, E]`` to ``path``; return the path.
+    """Write ``trace.counts [T, L, E]`` to ``path``; return the path. ``format``: one of
+    :data:`TRACE_EMITS`; by default the one the name implies (``.npz``, ``.npy``,
+    ``*.sglang.json`` SGLang's, ``.json`` vLLM's history), else ``"pt"``.
 
     ``"pt"`` / ``"npz"`` keep ``counts`` and ``layer_ids`` (``read_loads`` restores both);
     ``"npy"`` is the bare ``[T, L, E]`` array; ``"vllm-history"`` (ADRS JSON, written step by
@@ -37,8 +63,9 @@ def write_loads(
     overwrite unless ``force``.
     """
     path = output_file(path)
-    if not is_name(format, TRACE_EMITS):
+    if format is not None and not is_name(format, TRACE_EMITS):
         raise ValueError(f"cannot write loads as {format!r}; expected one of {TRACE_EMITS}")
+    format = _format_for(path, format)
     if not isinstance(trace, LoadTrace):
         raise TypeError(f"trace must be an eplb.formats.LoadTrace, got {type(trace).__name__}")
     check_writable(path, force)
