@@ -104,7 +104,10 @@ def read_loads(
     """
     path = Path(path)
     require_regular_file(path, "loads file")
-    keys = _keys(key)
+    try:
+        keys = _keys(key)
+    except ValueError as exc:  # the file the key was for, named (third attacker pass)
+        raise ValueError(f"{path}: {exc}") from None
     if format is None:
         fmt = detect_format(path)
     elif format in FORMATS:
