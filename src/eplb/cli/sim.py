@@ -26,6 +26,7 @@ from eplb.cli._common import (
 from eplb.cli._inputs import all_zero_rows_note, cli_policy, read_trace
 from eplb.core import LoadTrace
 from eplb.formats import write_loads
+from eplb.formats.trace_writer import FORMAT_BY_SUFFIX, SUFFIX_BY_FORMAT
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import plot_balancedness_over_time
 from eplb.tools.simulate import CADENCES, Cadence, SimulationResult, simulate
@@ -276,13 +277,7 @@ def _simulation_report(report, args, results, trace) -> None:
 
 # ------------------------------------------------------------------------ generate
 
-TRACE_FORMAT_BY_SUFFIX = {".pt": "pt", ".json": "vllm-history", ".npz": "npz", ".npy": "npy"}
 TRACE_FORMAT_ALIASES = {"load_history": "vllm-history"}
-
-
-#: the container each trace format writes (a name with another known suffix is a mistake)
-TRACE_SUFFIX_BY_FORMAT = {"pt": ".pt", "vllm-history": ".json", "sglang": ".json", "npz": ".npz",
-                          "npy": ".npy"}
 
 
 def trace_format(path: Path, fmt: str | None) -> str:
@@ -292,15 +287,15 @@ def trace_format(path: Path, fmt: str | None) -> str:
     into ``t.npz``) is refused: other tools open the file by its name."""
     if fmt is not None:
         fmt = TRACE_FORMAT_ALIASES.get(fmt, fmt)
-        suffix, want = path.suffix.lower(), TRACE_SUFFIX_BY_FORMAT.get(fmt)
-        if want is not None and suffix in TRACE_FORMAT_BY_SUFFIX and suffix != want:
+        suffix, want = path.suffix.lower(), SUFFIX_BY_FORMAT.get(fmt)
+        if want is not None and suffix in FORMAT_BY_SUFFIX and suffix != want:
             raise CliError(f"--format {fmt} writes a {want} file, but the name {path.name!r} "
                            f"says {suffix}: name it {path.stem}{want}, or drop --format to "
-                           f"write {TRACE_FORMAT_BY_SUFFIX[suffix]}")
+                           f"write {FORMAT_BY_SUFFIX[suffix]}")
         return fmt
     if path.name.lower().endswith(".sglang.json"):  # as plan -o names its SGLang output
         return "sglang"
-    fmt = TRACE_FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    fmt = FORMAT_BY_SUFFIX.get(path.suffix.lower())
     if fmt is None:
         raise CliError(f"cannot tell the trace format from {path.name!r}; use .pt, .json, "
                        ".npz or .npy, or pass --format")

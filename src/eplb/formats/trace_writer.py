@@ -19,10 +19,13 @@ from eplb.formats._files import atomic_write, check_writable, output_file
 #: Formats ``write_loads`` can write (each is a ``read_loads`` format).
 TRACE_EMITS: tuple[str, ...] = ("pt", "npz", "npy", "vllm-history", "sglang")
 #: the file name suffix of each format's container
-_SUFFIX = {"pt": ".pt", "npz": ".npz", "npy": ".npy", "vllm-history": ".json", "sglang": ".json"}
+SUFFIX_BY_FORMAT = {"pt": ".pt", "npz": ".npz", "npy": ".npy", "vllm-history": ".json",
+                    "sglang": ".json"}
+#: the format a name's suffix implies (``*.sglang.json``: SGLang's, see :func:`format_for`)
+FORMAT_BY_SUFFIX = {".pt": "pt", ".json": "vllm-history", ".npz": "npz", ".npy": "npy"}
 
 
-def _format_for(path: Path, format: str | None) -> str:
+def format_for(path: Path, format: str | None) -> str:
     """The format to write: ``format``, else the one the name implies (``*.sglang.json``
     SGLang's, ``.json`` vLLM's history, ``.npz``, ``.npy``, else ``pt``). A name whose
     known suffix contradicts ``format``, or a ``.safetensors`` name (no format here writes
@@ -33,12 +36,13 @@ def _format_for(path: Path, format: str | None) -> str:
         raise ValueError(f"write_loads writes {', '.join(TRACE_EMITS)} files, no safetensors: "
                          f"name the file {path.stem}.pt (or .npz)")
     implied = ("sglang" if path.name.lower().endswith(".sglang.json") else
-               {s: f for f, s in _SUFFIX.items() if f != "sglang"}.get(suffix))
+               FORMAT_BY_SUFFIX.get(suffix))
     if format is None:
         return implied or "pt"
-    if implied is not None and _SUFFIX.get(format, suffix) != suffix:
-        raise ValueError(f"format {format!r} writes a {_SUFFIX[format]} file, but the name "
-                         f"{path.name!r} says {suffix}: name it {path.stem}{_SUFFIX[format]}, "
+    want = SUFFIX_BY_FORMAT.get(format, suffix)
+    if implied is not None and want != suffix:
+        raise ValueError(f"format {format!r} writes a {want} file, but the name "
+                         f"{path.name!r} says {suffix}: name it {path.stem}{want}, "
                          f"or leave format out to write {implied}")
     return format
 
@@ -65,7 +69,7 @@ def write_loads(
     path = output_file(path)
     if format is not None and not is_name(format, TRACE_EMITS):
         raise ValueError(f"cannot write loads as {format!r}; expected one of {TRACE_EMITS}")
-    format = _format_for(path, format)
+    format = format_for(path, format)
     if not isinstance(trace, LoadTrace):
         raise TypeError(f"trace must be an eplb.formats.LoadTrace, got {type(trace).__name__}")
     check_writable(path, force)

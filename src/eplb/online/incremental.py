@@ -346,7 +346,10 @@ def plan_incremental(
         # only moves groups, so neither undoes an old packing within an assignment that
         # stays (attacker pass: 3×16 loads on 8 GPUs whose workload changed kept 0.85
         # where a fresh plan gave 0.99, in 54 of 240 small layers)
-        need = _far_from_bound(peak, now, scored.bound, options.move_price) & ~replanned
+        # (the best candidate's peaks: expected, and in sample among those offered)
+        best_now = np.where(np.isfinite(peak), now, np.inf).min(0)
+        need = _far_from_bound(peak.min(0), best_now, scored.bound, options.move_price)
+        need &= ~replanned
         if topo.slots_per_gpu <= COARSE_SLOTS:  # little room for swaps, as under global
             need |= ~replanned
         if need.any() and request.active_gpus is None:
@@ -380,8 +383,7 @@ def plan_incremental(
         #   (BENCHMARKS.md §3)
         balance = 1.0 / peak
         gaining = balance[-1] - balance[max(0, len(balance) - 1 - back)] > options.move_price
-        excess = np.maximum(peak[-1] - now[-1], 0.0)  # the drift's, at the ladder's end
-        far = (now[-1] - 1.0 > excess) & (1.0 / (1.0 + excess) - balance[-1] > options.move_price)
+        far = _far_from_bound(peak[-1], now[-1], 1.0, options.move_price)  # the ladder's end
         # with at most 3 slots per GPU the swap search has little room and the ladder
         # ends short of a fresh plan in most layers (at 2–3 slots on synthetic loads the
         # next window fell 0.009–0.011 below a fresh plan's): every layer is offered one
@@ -426,20 +428,16 @@ def plan_incremental(
     return validate_planned(placement)
 
 
-def _far_from_bound(peak: np.ndarray, now: np.ndarray, bound: np.ndarray,
+def _far_from_bound(peak: np.ndarray, now: np.ndarray, bound: np.ndarray | float,
                     move_price: float) -> np.ndarray:
-    """``[L]`` the layers whose best candidate (expected peaks ``peak [C, L]``, in-sample
-    peaks ``now [C, L]``, over the mean; ``inf``: not offered) ends further above
-    ``bound [L]`` in sample than the drift's own excess over it (below that the noise
-    decides the next window), where a placement at the bound with the same excess would
-    beat it on the next window by more than ``move_price``: the global policy's rule for
-    an old packing the ladder cannot undo."""
-    best_peak = peak.min(0)
-    best_now = np.where(np.isfinite(peak), now, np.inf).min(0)
-    excess = np.maximum(best_peak - best_now, 0.0)
+    """``[L]`` the layers whose candidate (expected peak ``peak [L]`` and in-sample peak
+    ``now [L]``, over the mean) ends further above ``bound`` (``[L]``, or 1.0: perfect
+    balance) in sample than the drift's own excess over it (below that the noise decides
+    the next window), where a placement at the bound with the same excess would beat it on
+    the next window by more than ``move_price``: an old packing the ladder cannot undo."""
+    excess = np.maximum(peak - now, 0.0)  # the drift's
     with np.errstate(divide="ignore", invalid="ignore"):
-        return ((best_now - bound > excess)
-                & (1.0 / (bound + excess) - 1.0 / best_peak > move_price))
+        return (now - bound > excess) & (1.0 / (bound + excess) - 1.0 / peak > move_price)
 
 
 def _with_candidate(take, extra: np.ndarray, index: int):
