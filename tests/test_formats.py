@@ -608,6 +608,8 @@ def test_write_loads_round_trip(tmp_path, fmt):
         assert torch.equal(back.counts, trace.counts)
     if fmt in ("pt", "npz"):
         assert back.layer_ids == [3, 5, 7]
+        # naming the counts keeps their layer ids too (they read back as 0..2)
+        assert read_loads(path, format=fmt, key="counts").layer_ids == [3, 5, 7]
     with pytest.raises(FileExistsError, match="force"):
         write_loads(trace, path, format=fmt)
     with warnings.catch_warnings():

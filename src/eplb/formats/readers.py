@@ -401,13 +401,17 @@ def _topk_segments(path: Path, keys: list[str] | None) -> list[tuple[str, torch.
     return chosen
 
 
-def _named_arrays(path: Path, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+def _named_arrays(
+    path: Path, keys: list[str] | None = None, optional: tuple[str, ...] = ()
+) -> dict[str, torch.Tensor]:
     """Arrays of an npz / npy / .pt / safetensors container by name, in file order: all of
-    them, or only ``keys`` (each must exist)."""
+    them, or only ``keys`` (each must exist) and those of ``optional`` the file holds."""
     kind = sniff_container(path)
     if kind == "npz":
         names = list(npz_headers(path))
         check_keys(path, keys, names)
+        if keys is not None:
+            keys = keys + [k for k in optional if k in names and k not in keys]
         loaded = load_npz(path, keys)
         return {k: to_tensor(v, path, k) for k, v in loaded.items()}
     if kind == "npy":
@@ -435,7 +439,9 @@ def _named_arrays(path: Path, keys: list[str] | None = None) -> dict[str, torch.
             f"expected an array container (.npz, .npy, .pt, .safetensors), found {kind} content",
         )
     check_keys(path, keys, list(tensors))
-    return tensors if keys is None else {k: tensors[k] for k in keys}
+    if keys is None:
+        return tensors
+    return {k: tensors[k] for k in keys + [k for k in optional if k in tensors and k not in keys]}
 
 
 # ---------------------------------------------------------------------- plain tensors
@@ -468,9 +474,12 @@ def _read_plain(
             raise FormatError(path, f"is one JSON array, so key {key!r} (--key) picks nothing; "
                                     "leave it out")
         return as_counts_of(obj, path, "the JSON array", literals), None, {}
-    arrays = _named_arrays(path, None if key is None else [key]) if loaded is None else (
-        {key: loaded[key]})
-    if key is None and set(arrays) == {"counts", "layer_ids"}:  # written by write_loads
+    # key "counts" reads write_loads' own pair whole too: its layer ids came back as
+    # 0..L-1 (third attacker pass)
+    optional = ("layer_ids",) if key == "counts" else ()
+    arrays = _named_arrays(path, None if key is None else [key], optional) if (
+        loaded is None) else {key: loaded[key]}
+    if key in (None, "counts") and set(arrays) == {"counts", "layer_ids"}:  # write_loads'
         ids = arrays["layer_ids"].flatten().tolist()  # checked by LoadTrace
         return as_counts_of(arrays["counts"], path, "counts"), ids, {"key": "counts"}
     name, value = pick_flat(arrays, path, key)
