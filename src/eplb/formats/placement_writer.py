@@ -130,12 +130,13 @@ def write_placement(
     layer_ids = _trace_layer_ids(weight, placement, layer_ids)
     from_trace = given_ids is None and layer_ids is not None
     ids = _layer_ids(layer_ids, placement.num_layers)
-    if named_by and weight is not None and emit in ("sglang", "trtllm"):
+    if named_by and weight is not None and emit in ("sglang", "trtllm") and not from_trace:
         # the caller asked for the balancedness record the name's format has no place for
-        # (an explicit engine emit= says the caller knows: the CLI passes both)
-        used = " (its layer ids are)" if from_trace else ""
+        # (an explicit engine emit= says the caller knows: the CLI passes both). A trace
+        # whose layer ids key the rows was used: no word (new-user pass: the README's
+        # way to key rows warned on every engine file)
         warnings.warn(f"{emit} files cannot record balancedness: weight= is not written"
-                      f"{used}{named_by}", UserWarning, stacklevel=2)
+                      f"{named_by}", UserWarning, stacklevel=2)
     if emit in ("sglang", "trtllm") and bool((placement.phy2log < 0).any()):
         dead = (~placement.live_gpus()).nonzero().flatten().tolist()
         topo = placement.topology
