@@ -259,6 +259,23 @@ def test_forced_moves_beyond_the_budget_are_explained(capsys, tmp_path) -> None:
     assert code == 0 and "forced" not in err and "re-planned" not in err
 
 
+def test_rows_with_no_load_are_counted_apart_when_forced_moves_re_plan_them(capsys, tmp_path):
+    """A dump's dense layers (all-zero rows) whose old global map straddles nodes are
+    re-planned too, but have no balance to lose: the warning counts them apart (new-user
+    pass: "61 layer(s) keep expert groups on several nodes" counted 3 dense rows)."""
+    weight = np.exp(np.random.default_rng(1).normal(0, 1, (4, 32))) * 100
+    weight[0] = 0
+    loads = tmp_path / "w.npy"
+    np.save(loads, weight)
+    old, new = tmp_path / "g.json", tmp_path / "h.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 8, "-o", old)[0] == 0
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--nodes", 2, "--groups",
+                       4, "--previous", old, "-o", new)
+    assert code == 0
+    assert "3 layer(s)" in err and "(rows 1..3)" in err, err
+    assert "1 more, rows 0, carry no load" in err, err
+
+
 @pytest.mark.parametrize("command", ["plan", "simulate"])
 def test_negative_max_moves_is_refused_by_its_flag(capsys, tmp_path, loads, command) -> None:
     extra = ["-o", str(tmp_path / "p.json")] if command == "plan" else ["--incremental"]

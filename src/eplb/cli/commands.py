@@ -311,7 +311,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         # the old map's live GPUs alone it looked balanced, and the plan seemed to worsen it
         in_force_live = previous.live_gpus().to(live.device) | live
         _, in_force, in_force_worst = load_balance(in_force_loads, in_force_live, speed)
-        _warn_forced_moves(previous, placement, moved, args)
+        _warn_forced_moves(previous, placement, moved, args, weight)
     summary = {
         "output": str(out),
         "emit": emit,
@@ -362,16 +362,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _warn_forced_moves(previous: Placement, placement: Placement, moved: torch.Tensor,
-                       args: argparse.Namespace) -> None:
+                       args: argparse.Namespace, weight: torch.Tensor) -> None:
     """Say why a plan from ``--previous`` moved what it did where forced moves decided it:
     layers whose groups straddle nodes re-planned hierarchically (which may lower their
-    balance: the old map balanced them across nodes), or more slots than --max-moves."""
+    balance: the old map balanced them across nodes), or more slots than --max-moves.
+    ``weight [L, E]``: rows with no load (a dump's dense layers) are re-planned too, but
+    have no balance to lose, so they are counted apart."""
     straddling = (straddling_layers(previous, args.nodes, args.groups)
                   if placement.policy == "hierarchical" else [])
+    loaded = weight.any(-1).tolist()
+    idle = [row for row in straddling if not loaded[row]]
+    straddling = [row for row in straddling if loaded[row]]
     total = int(moved.sum())
     over = args.max_moves is not None and total > args.max_moves
     if not straddling and not over:
         return
+    no_load = (f" ({len(idle)} more, rows {integer_runs(idle)}, carry no load: re-planned "
+               "too)" if idle else "")
     parts = []
     if over:
         parts.append(f"moved {total} slots, more than --max-moves {args.max_moves}: forced "
@@ -380,8 +387,8 @@ def _warn_forced_moves(previous: Placement, placement: Placement, moved: torch.T
         parts.append(f"{len(straddling)} layer(s) of {args.previous} (rows "
                      f"{integer_runs(straddling)}) keep expert groups on several of the "
                      f"{args.nodes} nodes, so the hierarchical policy re-planned them "
-                     "whole (each group on one node); pass --policy global to plan from "
-                     "that map without the node constraint")
+                     f"whole (each group on one node){no_load}; pass --policy global to "
+                     "plan from that map without the node constraint")
     elif over:
         parts.append(FORCED_MOVES)
     warn("; ".join(parts))
