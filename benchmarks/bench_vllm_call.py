@@ -61,7 +61,7 @@ def add_drift_options(parser: argparse.ArgumentParser) -> None:
     """``--group-drift`` and ``--global-groups``, shared with bench_incremental_settings."""
     parser.add_argument("--group-drift", type=float, default=0.0, metavar="RHO",
                         help="share of each expert's drift common to its group of 32 "
-                             "(0, the default: i.i.d. per expert, as the issue specifies)")
+                             "(0, the default: i.i.d. per expert)")
     parser.add_argument("--global-groups", type=int, default=1, metavar="G",
                         help="groups the one-node call names (vLLM passes the model's "
                              "n_group, 8 for DeepSeek-V3)")

@@ -1,15 +1,19 @@
 """The README's Python examples run as written, in order, in one namespace.
 
-The block that needs a user's own data (an engine's step loop) is run with a small
-stand-in for exactly that name.
+The blocks that need a user's own data (an engine's step loop, an SGLang dump) are run
+with small stand-ins for exactly those names, in a temporary folder.
 """
 
 from __future__ import annotations
 
 import re
+import textwrap
 from pathlib import Path
 
 import torch
+
+from eplb.core import LoadTrace
+from eplb.formats import read_loads, write_loads
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -18,13 +22,19 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
 
 
-def test_readme_python_blocks_run_in_order() -> None:
+def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch) -> None:
     blocks = python_blocks()
     assert len(blocks) >= 4
     torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)
+    # an SGLang-style dump of DeepSeek-V3: 61 layers, the first 3 dense (no load)
+    counts = torch.cat([torch.zeros(1, 3, 256), torch.rand(1, 58, 256).mul(100).round()], 1)
+    write_loads(LoadTrace(counts, list(range(61))), "dump.pt")
     # a stand-in for what only a deployment has: the engine's steps
     namespace = {"engine_steps": lambda: (torch.rand(58, 256) * 100 for _ in range(4))}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)
+        # (a block inside a list item is indented with it)
+        exec(compile(textwrap.dedent(block), str(README), "exec"), namespace)
     placement = namespace["p"]
     assert placement.validate() is placement
+    assert read_loads("moe.npz").layer_ids == list(range(3, 61))  # the MoE rows, kept

@@ -29,7 +29,9 @@ if has_vllm and plugin.register():  # what vLLM's plugin loader runs in every pr
     print("vLLM found: EPLB_POLICIES['default'] =", policy.__name__)
 else:
     policy = plugin.EplbPolicy
-    print("vLLM not installed: calling eplb.integrations.vllm.EplbPolicy directly")
+    why = ("vLLM found, but eplb did not register (its warning above says why)" if has_vllm
+           else "vLLM not installed")
+    print(f"{why}: calling eplb.integrations.vllm.EplbPolicy directly")
 
 # 288 slots on 32 GPUs in 4 nodes, 8 expert groups (DeepSeek-V3 at EP32)
 phy2log = policy.rebalance_experts(weight, 288, 8, 4, 32)

@@ -200,7 +200,7 @@ def build_parser() -> _Parser:
     p = _sub(sub, "plan", "Plan a placement from a loads file and write it for an engine.",
              "examples:\n"
              "  eplb plan stats.json -r 288 -g 32 -o placement.json\n"
-             "  eplb plan stats.json -r 288 -g 32 --nodes 4 --groups 8 -o lb.yaml   # TRT-LLM\n"
+             "  eplb plan stats.json -r 288 -g 32 -o lb.yaml   # TRT-LLM (global: see the README)\n"
              "  eplb plan stats.json -r 288 -g 32 -o init.json --emit sglang\n"
              "  eplb plan new.json -r 288 -g 32 --previous old.json --max-moves 40 -o next.json\n"
              "  eplb plan dumps/expert_distribution_recorder_*.pt -r 288 -g 32 -o p.sglang.pt\n"
