@@ -290,6 +290,42 @@ def test_when_vllms_default_fails_too_eplbs_error_is_raised(vllm, caplog):
     caplog.clear()  # the attempted fall-back is logged; raising was the point here
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_a_corrupt_load_window_keeps_the_map_in_force(vllm, caplog, bad):
+    """NaN, infinite or negative loads: every rank keeps its map and moves nothing, and
+    the error is logged (attacker pass: vLLM's default policy, the fallback, answered NaN
+    loads with one expert on 17 of 32 slots and vLLM moved nearly every weight by it).
+    Without a whole map in force the error is raised."""
+    weight = torch.rand(3, 16) * 100
+    weight[1, 5] = bad
+    old = plugin.vllm_policy_class().rebalance_experts(weight.nan_to_num(0, 0).abs(), 32, 1,
+                                                       1, 8)
+    got = plugin.vllm_policy_class().rebalance_experts(weight, 32, 1, 1, 8, old.clone())
+    assert torch.equal(got, old)
+    assert "weight[1, 5] (layer 1, expert 5)" in caplog.text
+    assert "keeping the expert map in force" in caplog.text
+    caplog.clear()  # the log was the point here
+    for missing in (None, old[:, :16], torch.full_like(old, -1)):
+        with pytest.raises(ValueError, match=r"weight\[1, 5\] .* loads must be finite"):
+            plugin.vllm_policy_class().rebalance_experts(weight, 32, 1, 1, 8, missing)
+
+
+def test_the_fallbacks_answer_is_checked_before_vllm_moves_weights(vllm, monkeypatch, caplog):
+    """vLLM's default policy answers eplb's failures; its answer passes the same guard as
+    eplb's own plans (attacker pass: it was returned unchecked)."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("planner bug")
+
+    monkeypatch.setattr(plugin, "rebalance_experts", broken)
+    monkeypatch.setattr(vllm.DefaultEplbPolicy, "rebalance_experts",
+                        classmethod(lambda cls, w, r, *rest: torch.zeros(w.shape[0], r,
+                                                                         dtype=torch.int64)))
+    with pytest.raises(RuntimeError, match="planner bug") as caught:
+        plugin.vllm_policy_class().rebalance_experts(torch.rand(2, 8), 16, 1, 1, 4)
+    assert "some expert has no slot" in str(caught.value.__cause__)
+    caplog.clear()  # the attempted fall-back is logged; raising was the point here
+
+
 def test_an_old_map_that_is_not_integer_ids_is_refused():
     weight = torch.rand(3, 16)
     old = eplb.rebalance_experts(weight, 24, 1, 1, 4)[0]

@@ -59,7 +59,12 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
-from eplb.core.inputs import engine_old_map, refuse_without_values, require_integer_ids
+from eplb.core.inputs import (
+    check_loads,
+    engine_old_map,
+    refuse_without_values,
+    require_integer_ids,
+)
 from eplb.core.topology import Topology, is_name
 from eplb.integrations.agreement import (
     DEFAULT_TIMEOUT_S,
@@ -162,6 +167,10 @@ class EplbPolicy:
         if weight.dim() != 2:
             raise ValueError(f"weight must be [layers, experts], got shape {tuple(weight.shape)}")
         old = _usable_old_map(old_global_expert_indices, weight, num_replicas)
+        try:
+            check_loads(weight, "weight")
+        except ValueError as exc:
+            return _keep_in_force(exc, weight, old_global_expert_indices, num_replicas)
         if old is None:  # a fresh plan: the move knobs have nothing to act on
             planner = {k: v for k, v in planner.items() if k not in INCREMENTAL_OPTIONS}
         plan, error = None, None
@@ -223,12 +232,36 @@ def _fall_back(error: BaseException | None, weight: torch.Tensor, *args: Any) ->
         tuple(weight.shape), *args[:4], exc_info=error,
     )
     try:
-        return fallback.rebalance_experts(weight, *args)
+        answer = fallback.rebalance_experts(weight, *args)
+        # the same guard as eplb's own plans before vLLM moves weights by it
+        answer = torch.as_tensor(answer).to(device="cpu", dtype=torch.int64)
+        _check_phy2log(answer, weight.shape, args[0])
+        return answer
     except Exception as fallback_error:
         if error is None:
             raise
         # the caller's mistake is eplb's error (it names it); vLLM's is the context
         raise error from fallback_error
+
+
+def _keep_in_force(error: ValueError, weight: torch.Tensor, old: torch.Tensor | None,
+                   num_replicas: int) -> torch.Tensor:
+    """The map in force ``old [L, R]`` for a load window ``weight [L, E]`` with a NaN,
+    infinite or negative entry (``error`` names it): a corrupt window, the same on every
+    EP rank (vLLM all-reduces it), so every rank keeps its map, moves nothing and says so.
+    Where that map is not a whole placement (none given, another slot count, empty
+    slots) ``error`` is raised. (vLLM's default policy, the fallback for eplb's own
+    failures, made a map of NaN loads with one expert on 17 of 32 slots, and vLLM moved
+    nearly every weight by it: attacker pass.)"""
+    if old is None or old.dim() != 2:
+        raise error
+    kept = old.detach().to(device="cpu", dtype=torch.int64).contiguous()
+    try:
+        _check_phy2log(kept, weight.shape, num_replicas)
+    except ValueError:
+        raise error from None
+    logger.error("eplb: %s; keeping the expert map in force for this rebalance", error)
+    return kept
 
 
 def _usable_old_map(
