@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -363,3 +364,19 @@ def test_the_demos_replay_says_which_windows_its_series_are(tmp_path) -> None:
         _add_simulation(report, sim)
         assert any(p.suffix == ".png" for p in report.write(tmp_path / "r"))
     assert sim["scored"] == [1, 3]
+
+
+@pytest.mark.parametrize("scale", [1e40, 1e-50])
+def test_loads_beyond_float32s_range_are_scored_as_they_are(scale):
+    """Balancedness does not depend on the loads' unit: counts × 1e40 or × 1e-50 score as
+    the counts do (attacker pass: float32 scoring overflowed or underflowed, and every
+    step scored a perfect 1.0)."""
+    counts = torch.from_numpy(np.random.default_rng(0).random((40, 4, 16)))
+    plan = eplb.plan(counts.sum(0), 32, 8)
+    want = step_balancedness(counts, plan)
+    assert torch.allclose(step_balancedness(counts * scale, plan), want, rtol=1e-6)
+    base, scaled = (simulate(c, "none", num_replicas=32, num_gpus=8, window=10, interval=10,
+                             oracle=False).summary() for c in (counts, counts * scale))
+    assert base["step_balancedness"] < 0.9
+    for key in ("window_balancedness", "step_balancedness"):
+        assert scaled[key] == pytest.approx(base[key], rel=1e-6)

@@ -99,6 +99,16 @@ def _gpu_loads(counts: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -
     return out.transpose(0, 1)
 
 
+def scoring_dtype(counts: torch.Tensor) -> torch.dtype:
+    """float32 (the fast batched product) for ``counts`` whose largest entry lies in
+    [1e-30, 1e30] (or is 0), else float64: beyond that float32 sums overflow to inf or
+    round to 0, and every step scored 1.0 (attacker pass: counts × 1e40 and × 1e-50).
+    Smaller entries beside that largest one round away only where they weigh nothing in
+    the sums of mean and max GPU loads."""
+    top = float(counts.max()) if counts.numel() else 0.0
+    return torch.float32 if top == 0 or 1e-30 <= top <= 1e30 else torch.float64
+
+
 def _balancedness(loads: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     """``loads [..., L, P]`` -> ``[...]`` Σ_l mean / Σ_l max over live GPUs (1 when all zero)."""
     loads = loads[..., live]
@@ -115,8 +125,9 @@ def step_balancedness(counts: object, placement: Placement, *, chunk: int = 1024
                          f"has {tuple(placement.logcnt.shape)}")
     matrix = gpu_load_matrix(placement)
     live = placement.live_gpus()
+    dtype = scoring_dtype(steps)
     parts = [
-        _balancedness(_gpu_loads(steps[a:a + chunk], matrix, torch.float32).double(), live)
+        _balancedness(_gpu_loads(steps[a:a + chunk], matrix, dtype).double(), live)
         for a in range(0, steps.shape[0], chunk)
     ]
     return torch.cat(parts)
@@ -343,6 +354,7 @@ def simulate(
         topology, ``TypeError`` on a trace of the wrong type.
     """
     counts = as_history(trace, "trace")
+    dtype = scoring_dtype(counts)
     num_steps, num_layers, num_experts = counts.shape
     base = CADENCES.get(cadence) if isinstance(cadence, str) else cadence
     if not isinstance(base, Cadence):
@@ -396,7 +408,7 @@ def simulate(
         live = placement.live_gpus()
         for a in range(start, end, 1024):
             b = min(a + 1024, end)
-            loads = _gpu_loads(counts[a:b], matrix, torch.float32).double()  # [t, L, P]
+            loads = _gpu_loads(counts[a:b], matrix, dtype).double()  # [t, L, P]
             step_bal[a:b] = _balancedness(loads, live)
             win = torch.arange(a, b) // score
             keep = win < num_windows
