@@ -509,6 +509,10 @@ def test_a_regime_schedule_may_be_an_array_of_pairs():
     ({"portfolio_threshold": "high"}, ValueError, "portfolio_threshold must be a number"),
     ({"shifts": "0"}, ValueError, "shifts must be a tuple of numbers"),
     ({"shifts": torch.zeros(2, 2)}, ValueError, "shifts must be a tuple of numbers"),
+    # each shift is an allocation counted and compared: 10**4 took 24 s and 5.3 GB on a
+    # 3×16 plan, 10**5 ran out of memory (attacker pass)
+    ({"shifts": [-i / 100 for i in range(65)]}, ValueError, "holds 65 divisor shifts; at most 64"),
+    ({"incremental": eplb.IncrementalOptions}, TypeError, "incremental must be"),
 ])
 def test_plan_options_of_the_wrong_kind_are_named(kwargs, error, match):
     """A wrong record failed deep in planning with an AttributeError ('NoneType' object has
@@ -516,6 +520,14 @@ def test_plan_options_of_the_wrong_kind_are_named(kwargs, error, match):
     the twelfth-session fuzz pass)."""
     with pytest.raises(error, match=match):
         eplb.plan(W, 96, 16, options=eplb.PlanOptions(**kwargs))
+
+
+def test_incremental_steps_are_bounded():
+    """Every warm-start step is a candidate placement of every layer, built and scored:
+    10**9 steps was killed for memory (attacker pass); refused by name instead."""
+    assert eplb.IncrementalOptions(steps=256).steps == 256
+    with pytest.raises(ValueError, match="steps must be at most 256, got 257"):
+        eplb.IncrementalOptions(steps=257)
 
 
 def test_an_array_of_shifts_plans_like_the_tuple():

@@ -102,6 +102,16 @@ FEW_SLOT_NOISE = 0.1
 #: beyond a few they stop paying (8 starts add at most 0.0007 of the ceiling over 4 on
 #: any shape of BENCHMARKS.md §12's sweep); 10**6 ran for minutes before this limit
 MAX_CANDIDATES = 1024
+#: the most warm-start steps an incremental plan accepts: every step is a candidate
+#: placement of every layer, built and scored (``[steps, L, R]`` and its draws), so memory
+#: grows with it (10**9 steps was killed for memory; attacker pass). 256 steps of the
+#: default quota reach every slot 12 times over, and took 0.26 s and 170 MB more than the
+#: default's 4 at DeepSeek-V3's shape
+MAX_INCREMENTAL_STEPS = 256
+#: the most divisor shifts a replication portfolio accepts: each is an allocation counted,
+#: compared with the others and perhaps packed (10**4 shifts took 24 s and 5.3 GB on a
+#: 3×16 plan; attacker pass); the default has 5
+MAX_SHIFTS = 64
 
 
 def _few_slot_factor(slots: int | None) -> int:
@@ -319,6 +329,9 @@ class IncrementalOptions:
         if not (isinstance(self.quota, (int, float)) and 0 < self.quota <= 1):
             raise ValueError(f"quota must be a fraction in (0, 1], got {self.quota!r}")
         object.__setattr__(self, "steps", int_at_least("steps", self.steps, 0))
+        if self.steps > MAX_INCREMENTAL_STEPS:
+            raise ValueError(f"steps must be at most {MAX_INCREMENTAL_STEPS}, got {self.steps} "
+                             "(a larger quota reaches further per step)")
 
 
 @dataclass(frozen=True)
@@ -372,6 +385,8 @@ class PlanOptions:
         if not isinstance(shifts, tuple | list) or any(
                 isinstance(x, bool) or not isinstance(x, numbers.Real) for x in shifts):
             raise ValueError(f"shifts must be a tuple of numbers in (-1, 0], got {shifts!r}")
+        if len(shifts) > MAX_SHIFTS:
+            raise ValueError(f"shifts holds {len(shifts)} divisor shifts; at most {MAX_SHIFTS}")
         object.__setattr__(self, "shifts", tuple(float(x) for x in shifts))
         if not self.shifts and not self.hamilton:
             raise ValueError("the replication portfolio is empty: give shifts or hamilton=True")
