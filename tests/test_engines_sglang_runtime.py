@@ -372,6 +372,11 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
     ({}, ['--eplb-options={"max_moves": -1}', "--enable-eplb"], "--eplb-options: max_moves"),
     ({}, ["--enable-eplb", "--eplb-options", "{}"], "--eplb-options must come first"),
     ({}, ["--eplb-options", "{}", '--eplb-options={"seed": 1}'], "must come first, once"),
+    # Python's JSON decoder recurses per level: a traceback before (attacker pass), and
+    # the whole setting quoted in the message
+    ({}, ["--eplb-options", "[" * 100_000], "nests too deeply to be options"),
+    ({"SGLANG_EPLB_OPTIONS": "[" * 100_000}, ["--enable-eplb"],
+     "(100000 characters)"),
 ])
 def test_launcher_refuses_what_would_not_work(monkeypatch, capsys, env, args, message):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)

@@ -43,14 +43,18 @@ def options_from_json(name: str, raw: str) -> dict[str, Any]:
     raw = raw.strip()
     if not raw:
         return {}
+    # (a setting is quoted whole only while short: 10**5 brackets filled a screen)
+    quoted = repr(raw) if len(raw) <= 200 else f"{raw[:200]!r}... ({len(raw)} characters)"
     try:
         options = json.loads(raw, object_pairs_hook=unique_keys)
     except RepeatedKeyError as exc:
-        raise ValueError(f"{name} gives option {exc.key!r} twice: {raw!r}") from None
+        raise ValueError(f"{name} gives option {exc.key!r} twice: {quoted}") from None
     except ValueError as exc:
-        raise ValueError(f"{name} is not valid JSON ({exc}): {raw!r}") from None
+        raise ValueError(f"{name} is not valid JSON ({exc}): {quoted}") from None
+    except RecursionError:  # Python's decoder recurses per nesting level (attacker pass)
+        raise ValueError(f"{name} nests too deeply to be options: {quoted}") from None
     if not isinstance(options, dict):
-        raise ValueError(f"{name} must be a JSON object, got {raw!r}")
+        raise ValueError(f"{name} must be a JSON object, got {quoted}")
     return options
 
 
