@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import html
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -103,14 +106,33 @@ def test_a_report_that_loses_the_race_for_a_folder_changes_none_of_its_files(
     assert "title &lt;x&gt;" in (out / "report.html").read_text()
 
 
+def _no_matplotlib():
+    raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+
 def test_report_without_matplotlib_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(report_mod, "matplotlib_available", lambda: False)
+    monkeypatch.setattr(report_mod, "_pyplot", _no_matplotlib)
     written = _sample_report().write(tmp_path)
     assert sorted(p.name for p in written) == ["report.html", "report.md"]
     assert not list(tmp_path.glob("*.png"))
     md = (tmp_path / "report.md").read_text()
     assert INSTALL_HINT in md and "pic.png" not in md
     assert html.escape(INSTALL_HINT) in (tmp_path / "report.html").read_text()
+
+
+def test_a_matplotlib_that_fails_to_import_skips_the_pictures_and_says_why(tmp_path: Path):
+    """An MPLBACKEND naming a backend that is not installed (as a Jupyter session leaves
+    it) made matplotlib's import raise ValueError, and every report command failed after
+    all its planning, naming no variable (attacker pass)."""
+    pytest.importorskip("matplotlib")
+    env = {**os.environ, "MPLBACKEND": "no_such_backend", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "eplb", "demo", "--quick", "--out",
+                           str(tmp_path / "rep")], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "pictures skipped: matplotlib cannot be imported" in done.stdout
+    assert "MPLBACKEND='no_such_backend' is set" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == ["report.html", "report.md"]
+    assert "MPLBACKEND" in (tmp_path / "rep" / "report.md").read_text()
 
 
 def test_install_hints_name_the_extras_requirements_not_an_indexed_eplb(monkeypatch) -> None:

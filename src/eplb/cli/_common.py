@@ -33,7 +33,7 @@ from eplb.formats._files import (
     require_regular_file,
 )
 from eplb.tools.generator import PRESETS, generate_trace
-from eplb.tools.report import INSTALL_HINT, Report, matplotlib_available
+from eplb.tools.report import Report, matplotlib_problem
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -468,5 +468,6 @@ def say_written(written: list[Path]) -> None:
     pictures = len(written) - 2
     print(f"report: {written[0]} (+ {written[1].name}, {pictures} "
           f"picture{'' if pictures == 1 else 's'})")
-    if not matplotlib_available():
-        print(f"pictures skipped: matplotlib is not installed ({INSTALL_HINT})")
+    problem = matplotlib_problem()
+    if problem is not None:
+        print(f"pictures skipped: {problem}")

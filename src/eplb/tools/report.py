@@ -11,6 +11,7 @@ share; the slowest GPU of a layer sets that layer's time.
 from __future__ import annotations
 
 import html
+import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,13 +50,28 @@ def series_colours(labels: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def matplotlib_available() -> bool:
-    """True when matplotlib can be imported (the ``plot`` extra is installed)."""
+def matplotlib_problem() -> str | None:
+    """Why pictures cannot be drawn, ``None`` where they can: matplotlib not installed (the
+    ``plot`` extra), or failing to import (a half-installed one, or an ``MPLBACKEND``
+    naming a backend that is not there, as a Jupyter session leaves it). Such a failure
+    stopped every report command after all its planning (attacker pass); the report is
+    now written without pictures, and says why."""
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        _pyplot()
+    except ImportError as exc:
+        if getattr(exc, "name", None) == "matplotlib":
+            return f"matplotlib is not installed (run {INSTALL_HINT})"
+        return f"matplotlib cannot be imported: {exc}"
+    except Exception as exc:  # matplotlib raises ValueError for a bad rcParams entry
+        backend = os.environ.get("MPLBACKEND")
+        named = f" (MPLBACKEND={backend!r} is set: unset it)" if backend else ""
+        return f"matplotlib cannot be imported: {exc}{named}"
+    return None
+
+
+def matplotlib_available() -> bool:
+    """True when pictures can be drawn (:func:`matplotlib_problem`)."""
+    return matplotlib_problem() is None
 
 
 def _pyplot():
@@ -434,8 +450,8 @@ class Report:
     def _markdown(self, have_plots: bool) -> str:
         out = [f"# {self.title}", ""]
         if not have_plots and self._figures:
-            out += [f"> Pictures were skipped: matplotlib is not installed. Run `{INSTALL_HINT}`"
-                    " and rerun the command to get them.", ""]
+            out += [f"> Pictures were skipped: {matplotlib_problem()}. Rerun the command "
+                    "once it can be imported to get them.", ""]
         for block in self.blocks:
             if block.kind == "heading":
                 out += [f"## {block.payload}", ""]
@@ -466,8 +482,8 @@ class Report:
             f"<h1>{esc(self.title)}</h1>",
         ]
         if not have_plots and self._figures:
-            out.append(f"<p><em>Pictures were skipped: matplotlib is not installed. Run "
-                       f"<code>{esc(INSTALL_HINT)}</code> and rerun the command.</em></p>")
+            out.append(f"<p><em>Pictures were skipped: {esc(str(matplotlib_problem()))}. "
+                       "Rerun the command once it can be imported to get them.</em></p>")
         for block in self.blocks:
             if block.kind == "heading":
                 out.append(f"<h2>{esc(str(block.payload))}</h2>")
