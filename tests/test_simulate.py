@@ -380,3 +380,16 @@ def test_loads_beyond_float32s_range_are_scored_as_they_are(scale):
     assert base["step_balancedness"] < 0.9
     for key in ("window_balancedness", "step_balancedness"):
         assert scaled[key] == pytest.approx(base[key], rel=1e-6)
+
+
+def test_a_replay_too_wide_to_score_is_refused_before_planning():
+    """58 layers × 8,192 experts on 8,192 GPUs: the scoring matrix would take 29 GiB; a
+    15 MB trace asked torch for 31 GB after planning (attacker pass). Refused up front,
+    naming the sizes; step_balancedness alike."""
+    counts = torch.rand(2, 58, 8192)
+    with pytest.raises(ValueError, match=r"58 layers × 8192 experts on 8192 GPUs takes a "
+                                         r"29\.0 GiB matrix"):
+        simulate(counts, "none", num_replicas=8192, num_gpus=8192, window=1, interval=1)
+    plan = trivial_placement(8192, 58, Topology(8192, 8192))
+    with pytest.raises(ValueError, match="29.0 GiB matrix"):
+        step_balancedness(counts, plan)

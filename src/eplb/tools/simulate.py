@@ -75,6 +75,31 @@ CADENCES: dict[str, Cadence] = {
 }
 
 
+#: the largest ``[L, E, P]`` scoring matrix (float64: 1 GiB) the replay builds. A 15 MB
+#: trace of 58 layers × 8,192 experts on 8,192 GPUs asked torch for 31 GB and failed (or
+#: took the host's memory) after planning (attacker pass); refused up front instead
+MAX_MATRIX_ENTRIES = 1 << 27
+#: GPU loads are computed this many entries (``[steps, L, P]``) at a time, at most
+_LOADS_PER_CHUNK = 1 << 24
+
+
+def check_scoring_size(num_layers: int, num_experts: int, num_gpus: int) -> None:
+    """``ValueError`` naming the sizes where the scoring matrix
+    (:func:`gpu_load_matrix`) would pass :data:`MAX_MATRIX_ENTRIES`."""
+    entries = num_layers * num_experts * num_gpus
+    if entries > MAX_MATRIX_ENTRIES:
+        raise ValueError(
+            f"scoring {num_layers} layers × {num_experts} experts on {num_gpus} GPUs takes a "
+            f"{entries * 8 / 2**30:.1f} GiB matrix; the replay scores at most "
+            f"{MAX_MATRIX_ENTRIES:.3g} layer × expert × GPU entries (replay fewer layers)")
+
+
+def _steps_per_chunk(num_layers: int, num_gpus: int) -> int:
+    """Steps whose ``[steps, L, P]`` GPU loads are computed at once: 1024, fewer where
+    those would pass :data:`_LOADS_PER_CHUNK` entries."""
+    return max(1, min(1024, _LOADS_PER_CHUNK // max(1, num_layers * num_gpus)))
+
+
 def gpu_load_matrix(placement: Placement) -> torch.Tensor:
     """``[L, E, P]`` float64: share of expert ``e``'s load that lands on GPU ``p``."""
     topo = placement.topology
@@ -117,12 +142,18 @@ def _balancedness(loads: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(peak))
 
 
-def step_balancedness(counts: object, placement: Placement, *, chunk: int = 1024) -> torch.Tensor:
-    """``[T]`` float64 balancedness of every step of ``counts [T, L, E]`` under ``placement``."""
+def step_balancedness(counts: object, placement: Placement, *,
+                      chunk: int | None = None) -> torch.Tensor:
+    """``[T]`` float64 balancedness of every step of ``counts [T, L, E]`` under
+    ``placement``, ``chunk`` steps at a time (default: :func:`_steps_per_chunk`)."""
     steps = as_history(counts, "counts")
     if steps.shape[1:] != placement.logcnt.shape:
         raise ValueError(f"counts have layers x experts {tuple(steps.shape[1:])}, the placement "
                          f"has {tuple(placement.logcnt.shape)}")
+    num_gpus = placement.topology.num_gpus
+    check_scoring_size(steps.shape[1], steps.shape[2], num_gpus)
+    if chunk is None:
+        chunk = _steps_per_chunk(steps.shape[1], num_gpus)
     matrix = gpu_load_matrix(placement)
     live = placement.live_gpus()
     dtype = scoring_dtype(steps)
@@ -370,6 +401,7 @@ def simulate(
     if not isinstance(oracle, bool):  # "no" would be true
         raise ValueError(f"oracle must be True or False, got {oracle!r}")
     topo = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+    check_scoring_size(num_layers, num_experts, num_gpus)  # before any planning
     if initial is None:
         initial = trivial_placement(num_experts, num_layers, topo, active_gpus)
     elif not isinstance(initial, Placement):
@@ -392,6 +424,7 @@ def simulate(
                          f"{cad.interval} and a scoring window is {cad.scoring} steps, so the "
                          f"simulation needs at least {cad.interval + cad.scoring} steps")
     score = cad.scoring
+    chunk = _steps_per_chunk(num_layers, num_gpus)
     num_windows = num_steps // score
     window_loads = torch.zeros(num_windows, num_layers, num_gpus, dtype=torch.float64)
     # the GPUs live in some plan of each window: the initial placement's live set may
@@ -406,8 +439,8 @@ def simulate(
             raise RuntimeError("no placement in force")
         matrix = gpu_load_matrix(placement)
         live = placement.live_gpus()
-        for a in range(start, end, 1024):
-            b = min(a + 1024, end)
+        for a in range(start, end, chunk):
+            b = min(a + chunk, end)
             loads = _gpu_loads(counts[a:b], matrix, dtype).double()  # [t, L, P]
             step_bal[a:b] = _balancedness(loads, live)
             win = torch.arange(a, b) // score
