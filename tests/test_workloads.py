@@ -334,6 +334,20 @@ def test_the_size_is_checked_before_a_named_regime_lists_its_segments() -> None:
         generate_trace("deepseek-v2-lite", 10**12, regime="prefill-decode", regime_period=1)
 
 
+def test_the_size_cap_counts_the_peak_of_generating_and_writing():
+    """8 GiB of float64 counts took about 20 GiB at the peak of `eplb generate` (attacker
+    pass): the cap counts that peak, 2.5× the counts."""
+    with pytest.raises(ValueError, match=r"3\.3 GiB of counts, about 2\.5× that at the peak"):
+        generate_trace("deepseek-v3", 30_000)
+
+
+def test_a_step_sum_beyond_float64s_integers_is_refused():
+    """Each step sums to tokens_per_step × top_k: above 2**53 float64 rounds it (a step of
+    2**60 + 1 tokens summed to 2 less than documented; attacker pass)."""
+    with pytest.raises(ValueError, match=r"passes 2\*\*53"):
+        generate_trace("deepseek-v2-lite", 2, tokens_per_step=2**60 + 1)
+
+
 @pytest.mark.parametrize("regime", [[("a", 1)], [(0, 1, 2)], [1, 2], 5])
 def test_a_malformed_regime_schedule_is_named(regime: object) -> None:
     with pytest.raises(ValueError, match="regime must be a name or a sequence"):

@@ -416,19 +416,25 @@ def _regime_per_step(cfg: WorkloadConfig, steps: int) -> torch.Tensor:
     return regime
 
 
-#: the most counts one generated trace may hold (as the Rebalancer's history): a typo'd
-#: step count must fail with a message, not take the host's memory
+#: the most memory generating one trace may take at its peak: a typo'd step count must
+#: fail with a message, not take the host's memory
 MAX_TRACE_BYTES = 8 << 30
+#: peak memory over the float64 counts' own size: generating them takes 1.3× (the
+#: per-chunk work), writing them (``eplb generate``) one more copy. Measured 2.3× plus
+#: 0.3 GB (attacker pass: a cap on the counts alone let 8 GiB of counts reach ~20 GiB)
+_PEAK_OVER_COUNTS = 2.5
 
 
 def _check_size(steps: int, layers: int, experts: int) -> None:
-    """Refuse loads over :data:`MAX_TRACE_BYTES` (float64) before any work."""
-    need = steps * layers * experts * 8  # the float64 counts alone (a few copies are made)
-    if need > MAX_TRACE_BYTES:
+    """Refuse loads whose generation would pass :data:`MAX_TRACE_BYTES` at its peak
+    (:data:`_PEAK_OVER_COUNTS` times the float64 counts) before any work."""
+    need = steps * layers * experts * 8  # the float64 counts alone
+    if need * _PEAK_OVER_COUNTS > MAX_TRACE_BYTES:
         raise ValueError(
             f"{steps} steps of {layers} layers × {experts} experts need {need / 2**30:.1f} GiB "
-            f"of counts, beyond {MAX_TRACE_BYTES >> 30} GiB: generate fewer steps, layers or "
-            "experts (or several traces)"
+            f"of counts, about {_PEAK_OVER_COUNTS:g}× that at the peak of generating and "
+            f"writing them, beyond {MAX_TRACE_BYTES >> 30} GiB: generate fewer steps, layers "
+            "or experts (or several traces)"
         )
 
 
@@ -504,6 +510,9 @@ def generate_trace(
     bank = torch.empty(L, 0, E, dtype=torch.float32)
     next_id = 0
     rs = cfg.request_sigma
+    if cfg.tokens_per_step * k > 2**53:  # a step's sum must be exact in float64
+        raise ValueError(f"tokens_per_step × top_k ({cfg.tokens_per_step} × {k}) passes 2**53, "
+                         "beyond which float64 counts cannot sum to it exactly")
     total = float(cfg.tokens_per_step * k)
     cap = 1.0 / k
     for c0 in range(0, steps, chunk):
