@@ -259,6 +259,14 @@ def test_validate_rejects_bad_policy_and_active_gpus_shape():
         replace(p, policy="mixed").validate()
     with pytest.raises(PlacementError, match=r"active_gpus has shape \(3,\), expected \[4\]"):
         replace(p, active_gpus=torch.ones(3, dtype=torch.bool)).validate()
+    # (attacker pass: a float mask of 0.5 was read as live, and no topology met an
+    # AttributeError)
+    for mask in (torch.full((4,), 0.5), torch.full((4,), 2)):
+        with pytest.raises(PlacementError, match=r"active_gpus is a torch\.\w+ tensor, "
+                                                 r"expected a bool"):
+            replace(p, active_gpus=mask).validate()
+    with pytest.raises(PlacementError, match="topology is a NoneType, expected an eplb"):
+        replace(p, topology=None).validate()
 
 
 def test_assert_contract_itself_catches_violations():

@@ -384,6 +384,8 @@ def validate_planned(p: Placement) -> Placement:
 
 def _validate(p: Placement, anti_affinity: bool, tables: bool = True) -> None:
     topo = p.topology
+    if not isinstance(topo, Topology):  # (an AttributeError on None; attacker pass)
+        _fail(f"topology is a {type(topo).__name__}, expected an eplb.Topology")
     for name in ("phy2log", "log2phy", "logcnt"):
         t = getattr(p, name)
         if not isinstance(t, torch.Tensor):
@@ -394,9 +396,12 @@ def _validate(p: Placement, anti_affinity: bool, tables: bool = True) -> None:
             _fail(f"{name} is on {t.device} but phy2log is on {p.phy2log.device}")
         if t.is_meta:
             _fail(f"{name} is a meta tensor: it has no data to check")
-    if p.active_gpus is not None and not isinstance(p.active_gpus, torch.Tensor):
-        _fail(f"active_gpus is a {type(p.active_gpus).__name__}, expected a bool "
-              f"torch.Tensor [{topo.num_gpus}] or None")
+    if p.active_gpus is not None and (not isinstance(p.active_gpus, torch.Tensor)
+                                      or p.active_gpus.dtype != torch.bool):
+        # a float mask of 0.5 read as live (attacker pass): the dtype is the contract
+        what = (f"a {p.active_gpus.dtype} tensor" if isinstance(p.active_gpus, torch.Tensor)
+                else f"a {type(p.active_gpus).__name__}")
+        _fail(f"active_gpus is {what}, expected a bool torch.Tensor [{topo.num_gpus}] or None")
     if p.phy2log.dim() != 2 or p.logcnt.dim() != 2 or p.log2phy.dim() != 3:
         _fail(
             "expected phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E]; got shapes "
