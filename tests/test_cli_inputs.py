@@ -622,3 +622,15 @@ def test_a_list_option_given_a_negative_first_value_gets_eplbs_own_message(capsy
     assert_user_error(code, err, "--gpu-speed values must be finite and > 0")
     code, _, err = run(capsys, *plan_args(loads, tmp_path, "--dead-gpus", "-3"))
     assert_user_error(code, err, "--dead-gpus: GPU -3 is outside 0..3")
+
+
+def test_bench_repeats_and_an_empty_estimator_are_refused(capsys, tmp_path):
+    """`eplb bench --repeats 100000000` ran until killed, and `simulate --estimator ''`
+    replayed with the window sum where the API refuses '' (attacker pass)."""
+    code, _, err = run(capsys, "bench", "--repeats", "100000000")
+    assert_user_error(code, err, "--repeats must be between 1 and 1000")
+    trace = tmp_path / "t.npy"
+    np.save(trace, np.random.default_rng(0).random((40, 4, 16)))
+    code, _, err = run(capsys, "simulate", str(trace), "-r", "32", "-g", "8", "--window", "10",
+                       "--estimator", "")
+    assert_user_error(code, err, "unknown estimator ''")

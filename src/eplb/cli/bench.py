@@ -27,6 +27,9 @@ from eplb.cli.sim import replay_windows
 from eplb.core.inputs import as_seed
 from eplb.tools.report import plot_balancedness_over_time
 
+#: the most timing repeats ``eplb bench`` takes: medians settle long before
+MAX_REPEATS = 1000
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -54,8 +57,8 @@ BENCH_STEPS = 100
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.repeats < 1:
-        raise CliError("--repeats must be >= 1")
+    if not 1 <= args.repeats <= MAX_REPEATS:  # 10**8 ran until killed (attacker pass)
+        raise CliError(f"--repeats must be between 1 and {MAX_REPEATS}")
     if args.no_builtin and not args.loads:
         raise CliError("nothing to benchmark: give LOADS files or drop --no-builtin")
     report = prepare_report(args.report, args.force, "eplb benchmark")

@@ -52,7 +52,9 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
     return simulate(
         trace, planner, num_replicas=replicas, num_gpus=gpus, num_nodes=nodes,
         num_groups=groups, cadence=Cadence(window, interval, score_window),
-        estimator=estimator or "sum", incremental=incremental, max_moves=max_moves,
+        # (only an absent --estimator means the window sum: '' is refused by name)
+        estimator="sum" if estimator is None else estimator, incremental=incremental,
+        max_moves=max_moves,
         oracle=oracle, **options,
     )
 
