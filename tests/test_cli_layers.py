@@ -72,6 +72,12 @@ def test_a_yaml_keyed_by_model_layer_is_scored_and_replanned_by_layer(capsys, tm
     scored = json.loads(text)
     assert [r["layer"] for r in scored["layers"]] == list(range(3, 3 + L))
     assert scored["balancedness_after"] > 0.9
+    # without --first-layer the bare rows pair in order, labelled as the YAML's layers
+    # (new-user pass: they were reported as 0..L-1 against keys 3..)
+    code, text, err = run(capsys, "eval", "--placement", str(yaml_moe),
+                          str(tmp_path / "moe.npy"), "--json")
+    assert code == 0, err
+    assert json.loads(text)["layers"] == scored["layers"]
     # the whole dump's plan, its dense keys deleted as the warning advises
     full = tmp_path / "full.yaml"
     assert run(capsys, "plan", str(dump), "-r", str(R), "-g", str(P), "-o", str(full))[0] == 0

@@ -124,6 +124,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     layer_ids = _layer_ids(trace, args.first_layer, args.loads)
     if keep is not None:
         weight, layer_ids = weight[keep], [layer_ids[i] for i in keep]
+    placement_ids = meta.get("layer_ids")
+    if (not trace.meta.get("model_layer_ids") and args.first_layer is None
+            and placement_ids is not None and len(placement_ids) == len(layer_ids)
+            and placement.num_layers == len(placement_ids)):
+        # loads that name no layers, paired in order with a placement that does: its rows
+        # are those layers (new-user pass: a YAML keyed 3..60 was reported as 0..57)
+        layer_ids = list(placement_ids)
     topo = placement.topology
     live = placement.live_gpus()
     after_loads = placement.scaled_gpu_loads(weight)
