@@ -141,8 +141,15 @@ def test_auto_policy(experts, gpus, nodes, groups, expected):
         # several nodes and groups asked for: falling back to global says why (new-user
         # pass: DeepSeek's argument order, plan(w, R, P, 8 groups, 4 nodes), was silent)
         with pytest.warns(RuntimeWarning, match=rf"num_groups \({groups}\) is not a "
-                                                rf"multiple of num_nodes \({nodes}\)"):
+                                                rf"multiple of num_nodes \({nodes}\).*"
+                                                r"takes num_nodes before num_groups"):
             p = eplb.plan(w, replicas, gpus, nodes, groups)
+        # DeepSeek's drop-in (and the engines' calls through it) plans globally silently,
+        # as DeepSeek's function does; so does a forced global policy
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            eplb.rebalance_experts(w, replicas, groups, nodes, gpus)
+            eplb.plan(w, replicas, gpus, nodes, groups, policy="global")
     else:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # auto resolves without warning here

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import warnings
 from typing import Any
 
 import numpy as np
@@ -108,6 +110,8 @@ def plan(
         planned on the CPU, so it gets the CPU input's plan bit for bit
         (:func:`eplb.core.device_path.plans_on_host`).
     """
+    if policy == "auto" and not _DROP_IN.get():
+        _warn_groups_unused(num_nodes, num_groups)
     # the planner is a few hundred small tensor operations: without autograd's
     # bookkeeping (inference mode) each costs less (7 % of a DeepSeek-V3 plan)
     with torch.inference_mode():
@@ -125,6 +129,29 @@ def plan(
         if device is not None:
             placement = placement.to(device)
     return _ordinary(placement)
+
+
+#: set while :func:`rebalance_experts` plans: the drop-in plans globally without a word
+#: where the groups do not divide over the nodes, as DeepSeek's function does (and the
+#: engines' calls through it, whose shapes the user does not choose). A context variable:
+#: threads and tasks each see their own
+_DROP_IN = contextvars.ContextVar("eplb_drop_in", default=False)
+
+
+def _warn_groups_unused(num_nodes: object, num_groups: object) -> None:
+    """Warn where ``plan`` is given several nodes and groups whose groups do not divide
+    over the nodes: ``policy="auto"`` then plans globally, which hid DeepSeek's argument
+    order passed to ``plan`` (new-user pass: ``plan(w, 288, 32, 8, 4)`` meant 8 groups on
+    4 nodes and planned globally without a word). Bad values are left to the checks."""
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 1
+               for x in (num_nodes, num_groups)) or num_groups % num_nodes == 0:
+        return
+    warnings.warn(
+        f"eplb: planning globally: num_groups ({num_groups}) is not a multiple of num_nodes "
+        f"({num_nodes}), so the hierarchical policy cannot apply. eplb.plan takes num_nodes "
+        "before num_groups (DeepSeek's rebalance_experts the groups first); pass "
+        "policy='global' to plan globally without this warning",
+        RuntimeWarning, stacklevel=3)
 
 
 def _host_planned(weight: object) -> torch.device | None:
@@ -243,17 +270,21 @@ def rebalance_experts(
             raise TypeError("rebalance_experts: give the placement in force once, as "
                             "old_phy2log (previous= is its name in eplb.plan)")
         old_phy2log = kwargs.pop("previous")
-    placement = plan(
-        weight,
-        num_replicas,
-        num_gpus,
-        num_nodes,
-        num_groups,
-        policy=policy,
-        seed=seed,
-        previous=old_phy2log,
-        **kwargs,
-    )
+    token = _DROP_IN.set(True)
+    try:
+        placement = plan(
+            weight,
+            num_replicas,
+            num_gpus,
+            num_nodes,
+            num_groups,
+            policy=policy,
+            seed=seed,
+            previous=old_phy2log,
+            **kwargs,
+        )
+    finally:
+        _DROP_IN.reset(token)
     phy2log, log2phy, logcnt = placement.as_tuple()
     if np.ndim(weight) == 1:  # one layer in, one layer out (already validated by plan)
         return phy2log[0], log2phy[0], logcnt[0]

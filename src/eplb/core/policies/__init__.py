@@ -82,11 +82,8 @@ def resolve_policy(
         if rule == "deepseek":
             if topology.num_groups % topology.num_nodes:
                 return "global"
-        elif topology.num_groups <= 1 or topology.num_nodes <= 1:
+        elif not topology.grouped:
             return "global"
-        # several nodes and groups asked for, groups not spread evenly over the nodes: a
-        # silent global plan hid DeepSeek's argument order passed to eplb.plan (new-user
-        # pass: plan(w, 288, 32, 8, 4) meant 8 groups on 4 nodes), so auto warns below
     problems = topology.hierarchy_problems(num_experts, has_dead_gpus=has_dead_gpus,
                                            has_speeds=has_speeds)
     if not problems:
