@@ -295,7 +295,8 @@ def test_a_corrupt_load_window_keeps_the_map_in_force(vllm, caplog, bad):
     """NaN, infinite or negative loads: every rank keeps its map and moves nothing, and
     the error is logged (attacker pass: vLLM's default policy, the fallback, answered NaN
     loads with one expert on 17 of 32 slots and vLLM moved nearly every weight by it).
-    Without a whole map in force the error is raised."""
+    Without a whole map in force (none, another slot count, GPUs being added) a plan is
+    needed: the bad entries are read as 0, and that is logged too."""
     weight = torch.rand(3, 16) * 100
     weight[1, 5] = bad
     old = plugin.vllm_policy_class().rebalance_experts(weight.nan_to_num(0, 0).abs(), 32, 1,
@@ -305,9 +306,16 @@ def test_a_corrupt_load_window_keeps_the_map_in_force(vllm, caplog, bad):
     assert "weight[1, 5] (layer 1, expert 5)" in caplog.text
     assert "keeping the expert map in force" in caplog.text
     caplog.clear()  # the log was the point here
-    for missing in (None, old[:, :16], torch.full_like(old, -1)):
-        with pytest.raises(ValueError, match=r"weight\[1, 5\] .* loads must be finite"):
-            plugin.vllm_policy_class().rebalance_experts(weight, 32, 1, 1, 8, missing)
+    clean = weight.clone()
+    clean[1, 5] = 0
+    adding = old.clone()
+    adding[:, 28:] = -1  # vLLM adding a GPU: its slots are empty in the map in force
+    for missing in (None, old[:, :16], adding):
+        got = plugin.vllm_policy_class().rebalance_experts(weight, 32, 1, 1, 8, missing)
+        want = plugin.vllm_policy_class().rebalance_experts(clean, 32, 1, 1, 8, missing)
+        assert torch.equal(got, want)
+        assert "planning with such entries read as 0" in caplog.text
+        caplog.clear()
 
 
 def test_the_fallbacks_answer_is_checked_before_vllm_moves_weights(vllm, monkeypatch, caplog):

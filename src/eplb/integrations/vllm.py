@@ -170,7 +170,17 @@ class EplbPolicy:
         try:
             check_loads(weight, "weight")
         except ValueError as exc:
-            return _keep_in_force(exc, weight, old_global_expert_indices, num_replicas)
+            kept = _map_in_force(old_global_expert_indices, weight, num_replicas)
+            if kept is not None:
+                logger.error("eplb: %s; keeping the expert map in force for this rebalance",
+                             exc)
+                return kept
+            # no whole map to keep (vLLM adding or removing GPUs): a plan is needed, and
+            # vLLM's default policy would plan on the bad entries themselves
+            logger.error("eplb: %s; planning with such entries read as 0 (no whole expert "
+                         "map in force to keep)", exc)
+            weight = torch.where(weight.isfinite() & (weight > 0), weight,
+                                 torch.zeros((), dtype=weight.dtype))
         if old is None:  # a fresh plan: the move knobs have nothing to act on
             planner = {k: v for k, v in planner.items() if k not in INCREMENTAL_OPTIONS}
         plan, error = None, None
@@ -244,23 +254,21 @@ def _fall_back(error: BaseException | None, weight: torch.Tensor, *args: Any) ->
         raise error from fallback_error
 
 
-def _keep_in_force(error: ValueError, weight: torch.Tensor, old: torch.Tensor | None,
-                   num_replicas: int) -> torch.Tensor:
-    """The map in force ``old [L, R]`` for a load window ``weight [L, E]`` with a NaN,
-    infinite or negative entry (``error`` names it): a corrupt window, the same on every
-    EP rank (vLLM all-reduces it), so every rank keeps its map, moves nothing and says so.
-    Where that map is not a whole placement (none given, another slot count, empty
-    slots) ``error`` is raised. (vLLM's default policy, the fallback for eplb's own
-    failures, made a map of NaN loads with one expert on 17 of 32 slots, and vLLM moved
-    nearly every weight by it: attacker pass.)"""
-    if old is None or old.dim() != 2:
-        raise error
+def _map_in_force(old: torch.Tensor | None, weight: torch.Tensor,
+                  num_replicas: int) -> torch.Tensor | None:
+    """``old [L, R]`` as int64 where it is a whole placement for ``weight [L, E]`` (every
+    slot an expert, every expert a slot), else ``None``. For a load window with a NaN,
+    infinite or negative entry: a corrupt window is the same on every EP rank (vLLM
+    all-reduces it), so every rank keeps that map and moves nothing. (vLLM's default
+    policy, the fallback for eplb's own failures, made a map of NaN loads with one expert
+    on 17 of 32 slots, and vLLM moved nearly every weight by it: attacker pass.)"""
+    if old is None or old.dim() != 2 or old.is_floating_point() or old.dtype == torch.bool:
+        return None
     kept = old.detach().to(device="cpu", dtype=torch.int64).contiguous()
     try:
         _check_phy2log(kept, weight.shape, num_replicas)
     except ValueError:
-        raise error from None
-    logger.error("eplb: %s; keeping the expert map in force for this rebalance", error)
+        return None
     return kept
 
 
