@@ -623,6 +623,21 @@ def test_write_loads_round_trip(tmp_path, fmt):
         write_loads(LoadTrace(trace.counts), tmp_path / "plain.out", format=fmt)
 
 
+def test_layer_ids_beside_counts_apply_where_they_fit(tmp_path):
+    """key="counts" takes the layer ids beside the counts where they fit them, in one key
+    or among several; an unrelated layer_ids array of another length leaves the counts
+    readable alone, as they were before (attacker pass on the key="counts" fix)."""
+    counts = np.arange(2 * 3 * 8, dtype=np.float64).reshape(2, 3, 8)
+    np.savez(tmp_path / "ids.npz", counts=counts, layer_ids=np.array([3, 7, 9]),
+             extra=counts + 1)
+    assert read_loads(tmp_path / "ids.npz", key="counts").layer_ids == [3, 7, 9]
+    both = read_loads(tmp_path / "ids.npz", key=["counts", "extra"])
+    assert both.layer_ids == [3, 7, 9] and both.counts.shape == (4, 3, 8)
+    np.savez(tmp_path / "odd.npz", counts=counts, layer_ids=np.array([5, 6]))
+    odd = read_loads(tmp_path / "odd.npz", key="counts")
+    assert odd.layer_ids == [0, 1, 2] and torch.equal(odd.counts, torch.from_numpy(counts))
+
+
 def test_write_loads_takes_the_format_its_name_implies(tmp_path):
     # the name's suffix decides by default, and one that contradicts format= or names a
     # container no format writes is refused (third attacker pass: a .safetensors name held

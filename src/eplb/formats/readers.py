@@ -200,7 +200,8 @@ def _read_plain_arrays(path: Path, fmt: str, keys: list[str]) -> LoadTrace:
     OLMoE user mixing domains, or gpt-oss's think and answer counts, had to rewrite the
     file). They must agree on ``[layers, experts]`` and on the layers they name."""
     # the file is read once, not once per key (second attacker pass: 300 keys took 8.5 s)
-    loaded = load_json_literals(path) if fmt == "json" else _named_arrays(path, keys)
+    loaded = load_json_literals(path) if fmt == "json" else _named_arrays(
+        path, keys, _IDS_BESIDE_COUNTS if "counts" in keys else ())
     parts = [_read_plain(path, fmt, key, loaded) for key in keys]
     # the first array that disagrees with the first one, by name (third attacker pass: a
     # sorted list of shapes paired none with its array)
@@ -445,6 +446,10 @@ def _named_arrays(
 
 
 # ---------------------------------------------------------------------- plain tensors
+#: the array beside ``counts`` that names its layers (``write_loads``' npz / pt files)
+_IDS_BESIDE_COUNTS = ("layer_ids",)
+
+
 def _int_field(record: dict, name: str, default: int | None, path: Path) -> int | None:
     """An integer field of an SGLang record (``default`` when absent), else FormatError."""
     value = record.get(name, default)
@@ -474,14 +479,23 @@ def _read_plain(
             raise FormatError(path, f"is one JSON array, so key {key!r} (--key) picks nothing; "
                                     "leave it out")
         return as_counts_of(obj, path, "the JSON array", literals), None, {}
-    # key "counts" reads write_loads' own pair whole too: its layer ids came back as
-    # 0..L-1 (third attacker pass)
-    optional = ("layer_ids",) if key == "counts" else ()
-    arrays = _named_arrays(path, None if key is None else [key], optional) if (
-        loaded is None) else {key: loaded[key]}
-    if key in (None, "counts") and set(arrays) == {"counts", "layer_ids"}:  # write_loads'
+    if loaded is None:
+        arrays = _named_arrays(path, None if key is None else [key],
+                               _IDS_BESIDE_COUNTS if key == "counts" else ())
+    else:
+        arrays = {k: loaded[k] for k in (key, *_IDS_BESIDE_COUNTS) if k in loaded}
+    if key is None and set(arrays) == {"counts", "layer_ids"}:  # written by write_loads
         ids = arrays["layer_ids"].flatten().tolist()  # checked by LoadTrace
         return as_counts_of(arrays["counts"], path, "counts"), ids, {"key": "counts"}
+    if key == "counts" and "layer_ids" in arrays:
+        # write_loads' pair read by key: its layer ids came back as 0..L-1 (third attacker
+        # pass); a layer_ids array that does not fit the counts is another file's own
+        # and left alone (the counts alone were readable by key before)
+        counts = as_counts_of(arrays["counts"], path, "counts")
+        ids = arrays["layer_ids"]
+        fits = (ids.dim() == 1 and len(ids) == counts.shape[1]
+                and not ids.is_floating_point() and ids.dtype != torch.bool)
+        return counts, ids.tolist() if fits else None, {"key": "counts"}
     name, value = pick_flat(arrays, path, key)
     if (not FORMAT_FORCED.get() and TOPK_KEY_PATTERN.search(name)
             and value.is_floating_point()):
