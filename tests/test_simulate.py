@@ -366,7 +366,7 @@ def test_the_demos_replay_says_which_windows_its_series_are(tmp_path) -> None:
     assert sim["scored"] == [1, 3]
 
 
-@pytest.mark.parametrize("scale", [1e40, 1e-50])
+@pytest.mark.parametrize("scale", [1e40, 1e-50, 1e307, 1e-310])
 def test_loads_beyond_float32s_range_are_scored_as_they_are(scale):
     """Balancedness does not depend on the loads' unit: counts × 1e40 or × 1e-50 score as
     the counts do (attacker pass: float32 scoring overflowed or underflowed, and every

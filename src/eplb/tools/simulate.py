@@ -124,14 +124,14 @@ def _gpu_loads(counts: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -
     return out.transpose(0, 1)
 
 
-def scoring_dtype(counts: torch.Tensor) -> torch.dtype:
-    """float32 (the fast batched product) for ``counts`` whose largest entry lies in
-    [1e-30, 1e30] (or is 0), else float64: beyond that float32 sums overflow to inf or
-    round to 0, and every step scored 1.0 (attacker pass: counts × 1e40 and × 1e-50).
-    Smaller entries beside that largest one round away only where they weigh nothing in
-    the sums of mean and max GPU loads."""
+def scoring_counts(counts: torch.Tensor) -> torch.Tensor:
+    """``counts`` for the float32 batched product that scores GPU loads: as they are where
+    their largest entry lies in [1e-30, 1e30] (or is 0), else divided by it (a copy).
+    Beyond that range float32 sums overflow to inf or round to 0, and every step scored
+    1.0 (attacker pass: counts × 1e40 and × 1e-50; in float64 × 1e307 and × 1e-310 still
+    failed). Balancedness is a ratio, so the division changes no score."""
     top = float(counts.max()) if counts.numel() else 0.0
-    return torch.float32 if top == 0 or 1e-30 <= top <= 1e30 else torch.float64
+    return counts if top == 0 or 1e-30 <= top <= 1e30 else counts / top
 
 
 def _balancedness(loads: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -156,9 +156,9 @@ def step_balancedness(counts: object, placement: Placement, *,
         chunk = _steps_per_chunk(steps.shape[1], num_gpus)
     matrix = gpu_load_matrix(placement)
     live = placement.live_gpus()
-    dtype = scoring_dtype(steps)
+    steps = scoring_counts(steps)
     parts = [
-        _balancedness(_gpu_loads(steps[a:a + chunk], matrix, dtype).double(), live)
+        _balancedness(_gpu_loads(steps[a:a + chunk], matrix, torch.float32).double(), live)
         for a in range(0, steps.shape[0], chunk)
     ]
     return torch.cat(parts)
@@ -385,7 +385,6 @@ def simulate(
         topology, ``TypeError`` on a trace of the wrong type.
     """
     counts = as_history(trace, "trace")
-    dtype = scoring_dtype(counts)
     num_steps, num_layers, num_experts = counts.shape
     base = CADENCES.get(cadence) if isinstance(cadence, str) else cadence
     if not isinstance(base, Cadence):
@@ -425,6 +424,7 @@ def simulate(
                          f"simulation needs at least {cad.interval + cad.scoring} steps")
     score = cad.scoring
     chunk = _steps_per_chunk(num_layers, num_gpus)
+    scored = scoring_counts(counts)  # (the planners take the counts as they are)
     num_windows = num_steps // score
     window_loads = torch.zeros(num_windows, num_layers, num_gpus, dtype=torch.float64)
     # the GPUs live in some plan of each window: the initial placement's live set may
@@ -441,7 +441,7 @@ def simulate(
         live = placement.live_gpus()
         for a in range(start, end, chunk):
             b = min(a + chunk, end)
-            loads = _gpu_loads(counts[a:b], matrix, dtype).double()  # [t, L, P]
+            loads = _gpu_loads(scored[a:b], matrix, torch.float32).double()  # [t, L, P]
             step_bal[a:b] = _balancedness(loads, live)
             win = torch.arange(a, b) // score
             keep = win < num_windows
