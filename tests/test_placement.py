@@ -267,6 +267,14 @@ def test_validate_rejects_bad_policy_and_active_gpus_shape():
             replace(p, active_gpus=mask).validate()
     with pytest.raises(PlacementError, match="topology is a NoneType, expected an eplb"):
         replace(p, topology=None).validate()
+    # from_phy2log checks the mask as the planners do: a list of bools is taken, a uint8
+    # mask refused (it built a record validate() and the writers refused)
+    live = [True, True, False, True]
+    built = Placement.from_phy2log(torch.tensor([[0, 1, 2, 3, -1, -1, 0, 1]]), 4, TOPO,
+                                   active_gpus=live)
+    assert built.active_gpus.dtype == torch.bool and built.validate() is built
+    with pytest.raises(TypeError, match="active_gpus must be a boolean mask"):
+        Placement.from_phy2log(built.phy2log, 4, TOPO, active_gpus=torch.tensor(live).byte())
 
 
 def test_assert_contract_itself_catches_violations():

@@ -23,6 +23,7 @@ import torch
 
 from eplb.core.inputs import (
     as_gpu_speed,
+    as_live_mask,
     as_weight,
     native_array,
     refuse_without_values,
@@ -218,6 +219,10 @@ class Placement:
         phy2log = phy2log.to(torch.int64).contiguous()
         if phy2log.dim() == 1:
             phy2log = phy2log[None]
+        if active_gpus is not None:
+            # checked as every planner input is: a uint8 or list mask built a record that
+            # validate() and the writers then refused (attacker pass)
+            active_gpus = as_live_mask(active_gpus, topology.num_gpus, phy2log.device)
         log2phy, logcnt = build_log2phy(phy2log, num_experts)
         return cls(phy2log, log2phy, logcnt, topology, policy, active_gpus)
 
