@@ -272,17 +272,8 @@ def rebalance_experts(
         old_phy2log = kwargs.pop("previous")
     token = _DROP_IN.set(True)
     try:
-        placement = plan(
-            weight,
-            num_replicas,
-            num_gpus,
-            num_nodes,
-            num_groups,
-            policy=policy,
-            seed=seed,
-            previous=old_phy2log,
-            **kwargs,
-        )
+        placement = plan(weight, num_replicas, num_gpus, num_nodes, num_groups, policy=policy,
+                         seed=seed, previous=old_phy2log, **kwargs)
     finally:
         _DROP_IN.reset(token)
     phy2log, log2phy, logcnt = placement.as_tuple()
