@@ -380,6 +380,11 @@ def test_loads_beyond_float32s_range_are_scored_as_they_are(scale):
     assert base["step_balancedness"] < 0.9
     for key in ("window_balancedness", "step_balancedness"):
         assert scaled[key] == pytest.approx(base[key], rel=1e-6)
+    # one step of that scale among ordinary ones leaves theirs as they are (a later pass:
+    # dividing the trace by its largest entry scored them 1.0)
+    mixed = counts.clone()
+    mixed[0] *= scale
+    assert torch.allclose(step_balancedness(mixed, plan)[1:], want[1:], rtol=1e-6)
 
 
 def test_a_replay_too_wide_to_score_is_refused_before_planning():

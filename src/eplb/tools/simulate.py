@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from eplb.core.inputs import scale_free
 from eplb.core.placement import Placement
 from eplb.core.topology import Topology
 from eplb.core.trace import LoadTrace
@@ -124,14 +125,18 @@ def _gpu_loads(counts: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -
     return out.transpose(0, 1)
 
 
-def scoring_counts(counts: torch.Tensor) -> torch.Tensor:
-    """``counts`` for the float32 batched product that scores GPU loads: as they are where
-    their largest entry lies in [1e-30, 1e30] (or is 0), else divided by it (a copy).
-    Beyond that range float32 sums overflow to inf or round to 0, and every step scored
-    1.0 (attacker pass: counts × 1e40 and × 1e-50; in float64 × 1e307 and × 1e-310 still
-    failed). Balancedness is a ratio, so the division changes no score."""
+def scoring_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    """``(counts, dtype)`` for the batched product that scores GPU loads: the counts as
+    they are in float32 where their largest entry lies in [1e-30, 1e30] (or is 0), else
+    in float64, times a power of two where that entry is beyond 2**±900
+    (:func:`eplb.core.inputs.scale_free`: exact, ratios unchanged). float32 sums
+    overflowed or rounded to 0, and every step scored 1.0 (attacker pass: counts × 1e40
+    and × 1e-50); dividing the whole trace by its largest entry instead rounded the
+    ordinary steps beside one huge step to 0 (a later pass)."""
     top = float(counts.max()) if counts.numel() else 0.0
-    return counts if top == 0 or 1e-30 <= top <= 1e30 else counts / top
+    if top == 0 or 1e-30 <= top <= 1e30:
+        return counts, torch.float32
+    return scale_free(counts), torch.float64
 
 
 def _balancedness(loads: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
@@ -139,7 +144,9 @@ def _balancedness(loads: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
     loads = loads[..., live]
     mean = loads.mean(-1).sum(-1)
     peak = loads.max(-1).values.sum(-1)
-    return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(peak))
+    # (a positive peak divides as it is: a floor of 1e-300 bent steps scaled near float64's
+    # smallest numbers; a later attacker pass)
+    return torch.where(peak > 0, mean / torch.where(peak > 0, peak, 1.0), torch.ones_like(peak))
 
 
 def step_balancedness(counts: object, placement: Placement, *,
@@ -156,9 +163,9 @@ def step_balancedness(counts: object, placement: Placement, *,
         chunk = _steps_per_chunk(steps.shape[1], num_gpus)
     matrix = gpu_load_matrix(placement)
     live = placement.live_gpus()
-    steps = scoring_counts(steps)
+    steps, dtype = scoring_counts(steps)
     parts = [
-        _balancedness(_gpu_loads(steps[a:a + chunk], matrix, torch.float32).double(), live)
+        _balancedness(_gpu_loads(steps[a:a + chunk], matrix, dtype).double(), live)
         for a in range(0, steps.shape[0], chunk)
     ]
     return torch.cat(parts)
@@ -335,7 +342,8 @@ def _oracle(
         loads = loads.view(num_windows, num_layers, -1)
         mean = loads.mean(-1).sum(-1)
         peak = loads.max(-1).values.sum(-1)
-        return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(peak))
+        return torch.where(peak > 0, mean / torch.where(peak > 0, peak, 1.0),
+                           torch.ones_like(peak))
     return torch.tensor([planner(w, None).balancedness(w) for w in window_counts],
                         dtype=torch.float64)
 
@@ -424,7 +432,7 @@ def simulate(
                          f"simulation needs at least {cad.interval + cad.scoring} steps")
     score = cad.scoring
     chunk = _steps_per_chunk(num_layers, num_gpus)
-    scored = scoring_counts(counts)  # (the planners take the counts as they are)
+    scored, dtype = scoring_counts(counts)  # (the planners take the counts as they are)
     num_windows = num_steps // score
     window_loads = torch.zeros(num_windows, num_layers, num_gpus, dtype=torch.float64)
     # the GPUs live in some plan of each window: the initial placement's live set may
@@ -441,7 +449,7 @@ def simulate(
         live = placement.live_gpus()
         for a in range(start, end, chunk):
             b = min(a + chunk, end)
-            loads = _gpu_loads(scored[a:b], matrix, torch.float32).double()  # [t, L, P]
+            loads = _gpu_loads(scored[a:b], matrix, dtype).double()  # [t, L, P]
             step_bal[a:b] = _balancedness(loads, live)
             win = torch.arange(a, b) // score
             keep = win < num_windows
