@@ -636,6 +636,14 @@ def test_layer_ids_beside_counts_apply_where_they_fit(tmp_path):
     np.savez(tmp_path / "odd.npz", counts=counts, layer_ids=np.array([5, 6]))
     odd = read_loads(tmp_path / "odd.npz", key="counts")
     assert odd.layer_ids == [0, 1, 2] and torch.equal(odd.counts, torch.from_numpy(counts))
+    # as key=None reads them: float ids and an [L, 1] column count; ids that are no numbers
+    # are left out, in one key or several (a later attacker pass: those raised)
+    for ids, want in ((np.array([3.0, 4.0, 5.0]), [3, 4, 5]), (np.array([[3], [4], [5]]),
+                      [3, 4, 5]), (np.array(7), [0, 1, 2]), (np.array(["a", "b", "c"]),
+                      [0, 1, 2])):
+        np.savez(tmp_path / "any.npz", counts=counts, layer_ids=ids, x=counts)
+        assert read_loads(tmp_path / "any.npz", key="counts").layer_ids == want
+        assert read_loads(tmp_path / "any.npz", key=["counts", "x"]).layer_ids == want
 
 
 def test_write_loads_takes_the_format_its_name_implies(tmp_path):

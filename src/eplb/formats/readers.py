@@ -411,10 +411,16 @@ def _named_arrays(
     if kind == "npz":
         names = list(npz_headers(path))
         check_keys(path, keys, names)
-        if keys is not None:
-            keys = keys + [k for k in optional if k in names and k not in keys]
-        loaded = load_npz(path, keys)
-        return {k: to_tensor(v, path, k) for k, v in loaded.items()}
+        extra = [] if keys is None else [k for k in optional if k in names and k not in keys]
+        loaded = load_npz(path, None if keys is None else keys + extra)
+        out = {}
+        for k, v in loaded.items():
+            try:
+                out[k] = to_tensor(v, path, k)
+            except FormatError:
+                if k not in extra:  # an optional array that is no numbers is left out
+                    raise
+        return out
     if kind == "npy":
         check_keys(path, keys, [path.stem])
         return {path.stem: to_tensor(load_npy(path), path, path.name)}
@@ -492,10 +498,11 @@ def _read_plain(
         # pass); a layer_ids array that does not fit the counts is another file's own
         # and left alone (the counts alone were readable by key before)
         counts = as_counts_of(arrays["counts"], path, "counts")
-        ids = arrays["layer_ids"]
-        fits = (ids.dim() == 1 and len(ids) == counts.shape[1]
-                and not ids.is_floating_point() and ids.dtype != torch.bool)
-        return counts, ids.tolist() if fits else None, {"key": "counts"}
+        ids = arrays["layer_ids"].flatten()  # read as key=None reads them (an [L, 1] column)
+        fits = (len(ids) == counts.shape[1] and ids.dtype != torch.bool
+                and not ids.is_complex()
+                and bool((ids.isfinite() & (ids == ids.round())).all()))
+        return counts, [int(x) for x in ids.tolist()] if fits else None, {"key": "counts"}
     name, value = pick_flat(arrays, path, key)
     if (not FORMAT_FORCED.get() and TOPK_KEY_PATTERN.search(name)
             and value.is_floating_point()):
