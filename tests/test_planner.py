@@ -159,6 +159,21 @@ def test_auto_policy(experts, gpus, nodes, groups, expected):
     assert_contract(p)
 
 
+def test_the_groups_warning_takes_numpy_sizes_and_only_good_calls():
+    """NumPy sizes warn as ints do; a call the checks refuse, and GPUs that do not divide
+    over the nodes (planned as one node, with their own warning), say nothing of groups
+    (a later attacker pass)."""
+    w = lognormal(2, 16, 0.7, seed=5)
+    with pytest.warns(RuntimeWarning, match=r"num_groups \(2\) is not a multiple of num_no"):
+        eplb.plan(w, 24, 8, np.int64(4), np.int64(2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError):
+            eplb.plan(w, 23, 8, 4, 2)  # R not a multiple of P
+        eplb.plan(w, 24, 8, 3, 2)  # 8 GPUs on 3 nodes: one node
+    assert not [c for c in caught if "num_groups" in str(c.message)]
+
+
 def test_forced_policies():
     w = lognormal(2, 16, 0.7, seed=4)
     assert eplb.plan(w, 24, 8, 2, 4, policy="global").policy == "global"

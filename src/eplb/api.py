@@ -110,8 +110,6 @@ def plan(
         planned on the CPU, so it gets the CPU input's plan bit for bit
         (:func:`eplb.core.device_path.plans_on_host`).
     """
-    if policy == "auto" and not _DROP_IN.get():
-        _warn_groups_unused(num_nodes, num_groups)
     # the planner is a few hundred small tensor operations: without autograd's
     # bookkeeping (inference mode) each costs less (7 % of a DeepSeek-V3 plan)
     with torch.inference_mode():
@@ -128,6 +126,8 @@ def plan(
         )
         if device is not None:
             placement = placement.to(device)
+    if policy == "auto" and not _DROP_IN.get():  # (once the call is known to be good)
+        _warn_groups_unused(num_gpus, num_nodes, num_groups)
     return _ordinary(placement)
 
 
@@ -138,13 +138,16 @@ def plan(
 _DROP_IN = contextvars.ContextVar("eplb_drop_in", default=False)
 
 
-def _warn_groups_unused(num_nodes: object, num_groups: object) -> None:
-    """Warn where ``plan`` is given several nodes and groups whose groups do not divide
-    over the nodes: ``policy="auto"`` then plans globally, which hid DeepSeek's argument
+def _warn_groups_unused(num_gpus: int, num_nodes: int, num_groups: int) -> None:
+    """Warn where ``plan`` was given several nodes and groups whose groups do not divide
+    over the nodes: ``policy="auto"`` then planned globally, which hid DeepSeek's argument
     order passed to ``plan`` (new-user pass: ``plan(w, 288, 32, 8, 4)`` meant 8 groups on
-    4 nodes and planned globally without a word). Bad values are left to the checks."""
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x > 1
-               for x in (num_nodes, num_groups)) or num_groups % num_nodes == 0:
+    4 nodes and planned globally without a word). Called after a plan, so the sizes are
+    good integers (NumPy's too); not where the GPUs do not divide over the nodes, which
+    are then one node (its own warning says so)."""
+    num_gpus, num_nodes, num_groups = int(num_gpus), int(num_nodes), int(num_groups)
+    if (num_nodes <= 1 or num_groups <= 1 or num_gpus % num_nodes
+            or num_groups % num_nodes == 0):
         return
     warnings.warn(
         f"eplb: planning globally: num_groups ({num_groups}) is not a multiple of num_nodes "
