@@ -286,6 +286,10 @@ def test_rebalancer_refuses_counts_its_history_cannot_hold():
     huge[0, 0] = 1e39  # finite in float64, inf in the float32 history
     with pytest.raises(ValueError, match="beyond what the history keeps"):
         rb.record(huge)
+    # and at the other end: counts that float32 rounds to zeros (an attacker pass: they
+    # were planned as zeros, silently)
+    with pytest.raises(ValueError, match="below what the history keeps"):
+        rb.record(torch.full((2, 8), 1e-300, dtype=torch.float64))
     assert rb.steps == 0
     for _ in range(8):  # not wedged: later steps rebalance on schedule
         rb.record(torch.ones(2, 8))

@@ -206,10 +206,18 @@ class Rebalancer:
         # the ring is float32: a count it cannot hold (or whose window sum overflows it)
         # would turn into inf and fail every rebalance after it
         limit = torch.finfo(torch.float32).max / self.capacity
-        if steps.numel() and float(steps.amax()) > limit:
-            raise ValueError(f"counts hold {float(steps.amax()):.3g}, beyond what the history "
-                             f"keeps ({limit:.3g}: float32 over {self.capacity} steps); "
-                             "scale the counts down")
+        largest = float(steps.amax()) if steps.numel() else 0.0
+        if largest > limit:
+            raise ValueError(f"counts hold {largest:.3g}, beyond what the history keeps "
+                             f"({limit:.3g}: float32 over {self.capacity} steps); scale the "
+                             "counts down")
+        # and at the other end: counts whose largest is below float32's normal numbers
+        # lose their precision there, or turn into zeros (an attacker pass: counts ×1e-300
+        # were planned as zeros; the huge side was refused)
+        if 0 < largest < torch.finfo(torch.float32).tiny:
+            raise ValueError(f"counts are at most {largest:.3g}, below what the history keeps "
+                             f"(float32's {torch.finfo(torch.float32).tiny:.3g}); scale the "
+                             "counts up")
         with self._lock:
             saved = self._snapshot(steps.shape[0])
             try:
