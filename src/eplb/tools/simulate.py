@@ -336,14 +336,10 @@ def _oracle(
         return torch.zeros(0, dtype=torch.float64)
     if builtin:
         # built-in planners treat layers independently: plan every window in one call
-        stacked = planner(window_counts.reshape(-1, num_experts), None)
         flat = window_counts.reshape(-1, num_experts)
-        loads = stacked.scaled_gpu_loads(flat)[:, stacked.live_gpus()]
-        loads = loads.view(num_windows, num_layers, -1)
-        mean = loads.mean(-1).sum(-1)
-        peak = loads.max(-1).values.sum(-1)
-        return torch.where(peak > 0, mean / torch.where(peak > 0, peak, 1.0),
-                           torch.ones_like(peak))
+        stacked = planner(flat, None)
+        loads = stacked.scaled_gpu_loads(flat).view(num_windows, num_layers, -1)
+        return _balancedness(loads, stacked.live_gpus())
     return torch.tensor([planner(w, None).balancedness(w) for w in window_counts],
                         dtype=torch.float64)
 
