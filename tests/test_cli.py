@@ -448,6 +448,25 @@ def test_generate_sglang_keeps_model_layers(capsys, tmp_path) -> None:
     assert "\n  60: [" in yaml_out.read_text()
 
 
+def test_dense_rows_are_said_to_carry_no_load(capsys, tmp_path) -> None:
+    # (new-user pass: generate said "58 layers" of a 61-row SGLang file, eval showed a
+    # dense layer as balanced 1.0000 like any other, plan said "1 layers")
+    dump = tmp_path / "t.json"
+    code, out, _ = run(capsys, "generate", "--steps", "2", "-o", dump, "--format", "sglang")
+    assert code == 0
+    assert "58 MoE layers" in out and "SGLang's layout: 61 rows, model layers 0..60" in out
+    plan = tmp_path / "p.json"
+    assert run(capsys, "plan", dump, "-r", 288, "-g", 32, "-o", plan)[0] == 0
+    code, out, _ = run(capsys, "eval", "--placement", plan, dump)
+    assert code == 0
+    rows = {line.split()[0]: line for line in out.splitlines() if line[:1].isdigit()}
+    assert "(no load)" in rows["2"] and "(no load)" not in rows["3"]
+    one = tmp_path / "one.npy"
+    np.save(one, np.arange(1, 9, dtype=np.float64))
+    code, out, _ = run(capsys, "plan", one, "-r", 8, "-g", 4, "-o", tmp_path / "o.json")
+    assert code == 0 and out.startswith("1 layer × 8 experts"), out
+
+
 def test_generate_list_and_errors(capsys, tmp_path) -> None:
     code, out, _ = run(capsys, "generate", "--list")
     assert code == 0 and "deepseek-v3" in out
@@ -494,6 +513,26 @@ def test_simulate_table_says_what_its_columns_mean(capsys, trace_file) -> None:
     assert "1.0 is perfect" in out and "not a bound" in out
     # the mixtral-8x7b trace: 32 layers × 16 slots
     assert "slots whose expert changed per rebalance, of 512 (32 layers × 16 slots)" in out
+
+
+def test_simulate_counts_moved_weights_in_the_models_bytes(capsys, trace_file) -> None:
+    # (new-user pass: every model's moves were counted in DeepSeek-V3's 44 MB experts, with
+    # no flag to change it, and a hierarchical replay's title read as a global one's)
+    args = ("simulate", trace_file, "--window", 10, "-r", 16, "-g", 8, "--json")
+    default = json.loads(run(capsys, *args)[1])["runs"][0]
+    code, out, err = run(capsys, *args, "--expert-bytes", 1_000_000)
+    assert code == 0, err
+    given = json.loads(out)["runs"][0]
+    assert default["expert_bytes"] == 3 * 7168 * 2048 and given["expert_bytes"] == 1_000_000
+    moved = given["summary"]["moved_slots_per_rebalance"]
+    assert given["summary"]["moved_gb_per_rebalance"] == pytest.approx(moved * 1e6 / 1e9)
+    code, out, _ = run(capsys, *args[:-1], "--expert-bytes", 2_000_000, "--nodes", 2,
+                       "--groups", 2)
+    assert code == 0
+    assert "GB/rebal" in out and "at 2,000,000 bytes per expert" in out
+    assert "in 2 nodes, 2 groups (hierarchical)" in out
+    code, _, err = run(capsys, *args, "--expert-bytes", "-1")
+    assert code == 2 and "--expert-bytes: must be an integer >= 0" in err
 
 
 def test_simulate_too_short_trace(capsys, trace_file) -> None:

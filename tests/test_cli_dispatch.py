@@ -106,6 +106,17 @@ def test_nearest_only_options_need_the_nearest_dispatch(tmp_path, capsys, loads,
     assert "--dispatch nearest" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("dispatch", ["even", "nearest"])
+def test_a_routing_key_without_a_routing_file_is_refused(tmp_path, capsys, loads, dispatch):
+    # (new-user pass: with the even split it was ignored without a word)
+    path, _ = loads
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                       "--dispatch", dispatch, "--routing-key", "nonexistent",
+                       "-o", tmp_path / "x.json")
+    assert code == 2 and "--routing-key needs --routing FILE" in err, err
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_locality_needs_several_nodes(tmp_path, capsys, loads):
     path, _ = loads
     code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--policy", "locality",

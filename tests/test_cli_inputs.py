@@ -634,3 +634,45 @@ def test_bench_repeats_and_an_empty_estimator_are_refused(capsys, tmp_path):
     code, _, err = run(capsys, "simulate", str(trace), "-r", "32", "-g", "8", "--window", "10",
                        "--estimator", "")
     assert_user_error(code, err, "unknown estimator ''")
+
+
+def test_several_loads_files_are_matched_by_model_layer(capsys, tmp_path) -> None:
+    """An SGLang dump (a row per model layer, the dense ones zero) and a trace of the MoE
+    layers alone, or bare rows that --first-layer names beside a trace that names them,
+    are one model's steps (new-user pass: both were refused, the message naming no layer);
+    files whose layers differ where they carry load are refused, naming the layers."""
+    gen = np.random.default_rng(3)
+    moe = np.exp(gen.normal(0, 1, size=(3, E))) * 100  # 3 MoE layers, model layers 2..4
+    dump = tmp_path / "dump.json"  # SGLang's layout: layers 0..4, dense 0 and 1 all zero
+    dump.write_text(json.dumps({"logical_count": [[[0] * E] * 2 + moe.round().tolist()]}))
+    trace = tmp_path / "trace.npz"
+    np.savez(trace, counts=moe[None], layer_ids=np.array([2, 3, 4]))
+    bare = tmp_path / "bare.npy"
+    np.save(bare, moe)
+    out = tmp_path / "p.json"
+    code, _, err = run(capsys, "plan", str(dump), str(trace), "-r", "20", "-g", "4", "-o",
+                       str(out))
+    assert code == 0, err
+    assert json.loads(out.read_text())["layer_ids"] == [2, 3, 4]
+    code, _, err = run(capsys, "plan", str(bare), str(trace), "--first-layer", "2", "-r",
+                       "20", "-g", "4", "-o", str(out), "--force")
+    assert code == 0, err
+    assert json.loads(out.read_text())["layer_ids"] == [2, 3, 4]
+    # the layers disagree where they carry load: named, not matched
+    other = tmp_path / "other.npz"
+    np.savez(other, counts=moe[None], layer_ids=np.array([5, 6, 7]))
+    code, _, err = run(capsys, "plan", str(trace), str(other), *plan_args(trace, tmp_path)[2:])
+    assert_user_error(code, err, "no model layer in common")
+    shifted = tmp_path / "shifted.npz"
+    np.savez(shifted, counts=moe[None], layer_ids=np.array([3, 4, 5]))
+    code, _, err = run(capsys, "plan", str(trace), str(shifted), *plan_args(trace, tmp_path)[2:])
+    assert_user_error(code, err, "trace.npz has load in layers the others lack",
+                      "trace.npz: 2..4", "shifted.npz: 3..5")
+    # bare rows of another count than the named layers', and bare files of unequal rows
+    np.save(tmp_path / "two.npy", moe[:2])
+    code, _, err = run(capsys, "plan", str(tmp_path / "two.npy"), str(trace),
+                       *plan_args(trace, tmp_path)[2:])
+    assert_user_error(code, err, "2 rows without model layer ids", "2..4")
+    code, _, err = run(capsys, "plan", str(tmp_path / "two.npy"), str(bare),
+                       *plan_args(trace, tmp_path)[2:])
+    assert_user_error(code, err, "must describe the same model")

@@ -544,3 +544,32 @@ def test_eplb_files_record_the_dispatch_rule_and_refuse_a_bogus_one(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(doc))
     with pytest.raises(FormatError, match="dispatch must be null or one of"):
         read_placement(tmp_path / "bad.json")
+
+
+def test_a_trace_given_to_an_engine_file_asks_for_no_balancedness_record(tmp_path):
+    """The README keys an engine file's rows by passing the loads' ``LoadTrace`` as
+    ``weight=``; for a trace whose file names no layers (a top-k routing file) that
+    warned "weight= is not written" on every SGLang or TensorRT-LLM file (new-user pass).
+    Plain loads still warn: the caller asked for a record the format has no place for."""
+    import warnings
+
+    from eplb.core import LoadTrace
+
+    placement, _ = make_placement(1, 2, 8, 4, 3)
+    bare = LoadTrace(torch.rand(3, 2, 8))  # rows 0..1, named by no file
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("a.sglang.json", "a.yaml"):
+            write_placement(placement, tmp_path / name, weight=bare)
+    with pytest.warns(UserWarning, match="cannot record balancedness"):
+        write_placement(placement, tmp_path / "b.sglang.json", weight=bare.total())
+
+
+def test_plan_on_a_load_trace_says_what_to_pass():
+    # (new-user pass: what read_loads returns was refused as a type, with no way on)
+    from eplb.core import LoadTrace
+
+    trace = LoadTrace(torch.rand(3, 2, 8), [3, 4])
+    with pytest.raises(TypeError, match=r"got a LoadTrace.*trace\.total\(\).*weight=trace"):
+        eplb.plan(trace, 16, 8)
+    assert eplb.plan(trace.total(), 16, 8).phy2log.shape == (2, 16)

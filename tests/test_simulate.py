@@ -287,6 +287,20 @@ def test_a_planner_that_returns_no_placement_is_named(tiny_trace_for_planners) -
                      estimator="multi:2")
 
 
+def test_a_planner_that_cannot_take_weight_and_previous_is_refused_up_front(
+        tiny_trace_for_planners) -> None:
+    # (new-user pass: a natural lambda w, R, P failed with a raw TypeError at the first
+    # rebalance)
+    refused = r"planner\(weight \[L, E\], previous.*<lambda>\(w, R, P\)"
+    with pytest.raises(ValueError, match=refused):
+        simulate(tiny_trace_for_planners, lambda w, R, P: eplb.plan(w, R, P),
+                 num_replicas=16, num_gpus=8, cadence="adrs")
+    # any callable that takes (weight, previous) is fine, keywords or *args included
+    for planner in (lambda w, prev=None, *rest: eplb.plan(w, 16, 8),
+                    lambda *args: eplb.plan(args[0], 16, 8)):
+        simulate(tiny_trace_for_planners, planner, num_replicas=16, num_gpus=8, cadence="adrs")
+
+
 @pytest.fixture(scope="module")
 def tiny_trace_for_planners():
     return generate_trace("mixtral-8x7b", steps=200)

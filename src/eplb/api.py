@@ -18,6 +18,7 @@ from eplb.core.device_path import plans_on_host, to_host
 from eplb.core.options import PlanOptions, with_incremental
 from eplb.core.placement import Placement
 from eplb.core.planner import make_request, plan_fresh
+from eplb.core.trace import LoadTrace
 from eplb.online.incremental import plan_incremental
 
 
@@ -110,6 +111,11 @@ def plan(
         planned on the CPU, so it gets the CPU input's plan bit for bit
         (:func:`eplb.core.device_path.plans_on_host`).
     """
+    if isinstance(weight, LoadTrace):  # (new-user pass: what read_loads returns)
+        raise TypeError(
+            "weight must be [L, E] loads, got a LoadTrace (a file's steps): plan on "
+            "trace.total(), its steps summed, and pass the trace to write_placement(..., "
+            "weight=trace) to key the written rows by its model layers")
     # the planner is a few hundred small tensor operations: without autograd's
     # bookkeeping (inference mode) each costs less (7 % of a DeepSeek-V3 plan)
     with torch.inference_mode():

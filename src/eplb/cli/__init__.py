@@ -157,6 +157,19 @@ def _slots(text: str) -> int:
     return value
 
 
+def _expert_bytes(text: str) -> int:
+    """Bytes of one expert's weights (``simulate --expert-bytes``): an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer >= 0 (bytes of one expert's weights, e.g. 44040192 for "
+            f"DeepSeek-V3 in FP8), got {text!r}")
+    return value
+
+
 def build_parser() -> _Parser:
 
     parser = _Parser(
@@ -344,6 +357,10 @@ def build_parser() -> _Parser:
                    help="most slots moved per rebalance, in total over all layers (with "
                         "--incremental): a cap on the moves that pay (default: no cap, "
                         "eplb moves what pays)")
+    p.add_argument("--expert-bytes", type=_expert_bytes, default=None, metavar="N",
+                   help="bytes of one expert's weights, for the weights moved per rebalance "
+                        "(default 44040192: DeepSeek-V3 in FP8, 3 x 7168 x 2048; e.g. "
+                        "Qwen3-30B-A3B in BF16: 3 x 2048 x 768 x 2 = 9437184)")
     _add_topology(p, required=False, replicas=None, gpus=None)
     p.add_argument("--report", metavar="DIR", help="write a report with pictures into DIR")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")

@@ -15,6 +15,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 
 from eplb.cli._common import CliError
 from eplb.core import LoadTrace, Placement, Topology, resolve_policy
+from eplb.core.messages import integer_runs
 from eplb.core.placement import groups_on_nodes
 from eplb.formats import FormatError, emit_for, read_loads
 from eplb.formats.detect import file_identity, folder_load_files
@@ -130,18 +132,57 @@ def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress
             num_experts=getattr(args, "num_experts", None)))
     if len(traces) == 1:
         return traces[0]
-    first = traces[0]
+    return _join_steps(names, traces)
+
+
+def _join_steps(names: list[str], traces: list[LoadTrace]) -> LoadTrace:
+    """Several files of one model, their steps one after another, rows matched by model
+    layer (new-user pass: an SGLang dump, layers 0..60, and an eplb trace of the MoE
+    layers 3..60 were refused as different models):
+
+    - a file that names no layers (bare rows) takes the ids of the files that do, where
+      its row count is theirs;
+    - rows a file holds beyond the others' layers are dropped where they carry no load in
+      any step (a dump's dense layers); the files then share the others' layers.
+    """
+    named = [t for t in traces if t.meta.get("model_layer_ids")]
     for name, trace in zip(names[1:], traces[1:], strict=True):
-        if trace.counts.shape[1:] != first.counts.shape[1:]:
+        if trace.num_experts != traces[0].num_experts or (
+                not named and trace.num_layers != traces[0].num_layers):
             raise CliError(
                 f"{name} holds {trace.num_layers} layers × {trace.num_experts} experts but "
-                f"{names[0]} holds {first.num_layers} × {first.num_experts}; several LOADS files "
-                "must describe the same model"
-            )
-        if trace.layer_ids != first.layer_ids:
-            raise CliError(f"{name} and {names[0]} name different model layers")
-    meta = {**first.meta, "files": names}
-    return LoadTrace(torch.cat([t.counts for t in traces]), first.layer_ids,
+                f"{names[0]} holds {traces[0].num_layers} × {traces[0].num_experts}; several "
+                "LOADS files must describe the same model")
+    layers = list((named or traces)[0].layer_ids)
+    # the layers every file has (rows of no load elsewhere are a dump's dense layers)
+    for trace in named:
+        layers = [lid for lid in layers if lid in set(trace.layer_ids)]
+    if not layers:
+        raise CliError(f"{', '.join(names)} have no model layer in common: several LOADS "
+                       "files must hold the same layers")
+    joined = []
+    for name, trace in zip(names, traces, strict=True):
+        if not trace.meta.get("model_layer_ids") and named:
+            if trace.num_layers != len(layers):
+                raise CliError(
+                    f"{name} holds {trace.num_layers} rows without model layer ids, and the "
+                    f"other files' layers are {integer_runs(layers)} ({len(layers)}): "
+                    "several LOADS files must hold the same layers")
+            trace = replace(trace, layer_ids=layers)
+        extra = [row for row, lid in enumerate(trace.layer_ids) if lid not in set(layers)]
+        if extra and bool(trace.counts[:, extra].any()):
+            held = "; ".join(f"{n}: {integer_runs(t.layer_ids)}"
+                             for n, t in zip(names, traces, strict=True))
+            raise CliError(
+                f"several LOADS files must hold the same model layers, and {name} has load "
+                f"in layers the others lack ({held}; rows of no load, as a dump's dense "
+                "layers, are left out)")
+        if trace.layer_ids != layers:  # (every named file holds them all)
+            trace = trace.select_layers(layers)
+        joined.append(trace)
+    first = joined[0]
+    meta = {**first.meta, "files": names, "model_layer_ids": bool(named)}
+    return LoadTrace(torch.cat([t.counts for t in joined]), layers,
                      ", ".join(names), first.format, meta)
 
 

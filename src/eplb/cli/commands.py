@@ -347,7 +347,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     ]
     idle = int((weight.sum(1) == 0).sum())  # a dump's dense layers: planned, kept as rows
     print_table(
-        f"{num_layers} layers{f' ({idle} all-zero)' if idle else ''} × {num_experts} experts"
+        f"{num_layers} layer{'s' if num_layers != 1 else ''}"
+        f"{f' ({idle} all-zero)' if idle else ''} × {num_experts} experts"
         f"{summed_note(trace)} -> {args.replicas} slots on {args.gpus} GPUs "
         f"({policy}{dead_note(active)})",
         ["placement", "balancedness", "worst max/mean"], rows,
@@ -395,9 +396,7 @@ def _warn_forced_moves(previous: Placement, placement: Placement, moved: torch.T
 
 
 def _routing(args: argparse.Namespace) -> torch.Tensor | None:
-    if args.routing is None:
-        if args.routing_key is not None:
-            raise CliError("--routing-key needs --routing FILE")
+    if args.routing is None:  # (a stray --routing-key: _refuse_flag_mistakes)
         return None
     key = None if args.routing_key is None else args.routing_key.split(",")
     try:
@@ -428,6 +427,9 @@ def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
     check_topology(args.replicas, args.gpus, args.nodes, args.groups, 0)
     if args.max_moves is not None and not args.previous:
         raise CliError("--max-moves needs --previous (the placement in service)")
+    if args.routing_key is not None and args.routing is None:
+        # (new-user pass: alone, it was ignored wherever the dispatch was even)
+        raise CliError("--routing-key needs --routing FILE")
     nearest_only = {"--fair": args.fair != "auto", "--slack": args.slack is not None,
                     "--routing": args.routing is not None,
                     "--policy locality": args.policy == "locality"}

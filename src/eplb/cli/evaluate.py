@@ -193,11 +193,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print_json(result)
         return 0
     if not args.summary:
+        # a layer without load (a dump's dense layer) reads 1.0: say why (new-user pass)
+        loaded = weight.any(1).tolist()
         print_table(
             "per layer (balancedness = mean / max GPU load; max/mean = worst GPU vs mean)",
             ["layer", "bal before", "bal after", "ceiling", "max/mean before", "max/mean after"],
-            [[r["layer"], r["balancedness_before"], r["balancedness_after"], r["ceiling"],
-              r["max_over_mean_before"], r["max_over_mean_after"]] for r in per_layer],
+            [[r["layer"] if loaded[i] else f"{r['layer']} (no load)", r["balancedness_before"],
+              r["balancedness_after"], r["ceiling"], r["max_over_mean_before"],
+              r["max_over_mean_after"]] for i, r in enumerate(per_layer)],
         )
     print_table(
         f"{args.placement} on {args.loads}{summed_note(trace)}: {topo.num_replicas} slots on "

@@ -29,7 +29,13 @@ from eplb.formats import write_loads
 from eplb.formats.trace_writer import FORMAT_BY_SUFFIX, SUFFIX_BY_FORMAT
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import plot_balancedness_over_time
-from eplb.tools.simulate import CADENCES, Cadence, SimulationResult, simulate
+from eplb.tools.simulate import (
+    CADENCES,
+    DEEPSEEK_V3_EXPERT_BYTES,
+    Cadence,
+    SimulationResult,
+    simulate,
+)
 
 #: the ADRS benchmark's window (and interval), where --protocol adrs is given alone
 ADRS_WINDOW = CADENCES["adrs"].window
@@ -40,7 +46,8 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
                    groups: int = 1, window: int, interval: int, score_window: int | None = None,
                    estimator: str | None = None, incremental: bool = False,
                    max_moves: int | None = None, policy: str = "auto", seed: int = 0,
-                   oracle: bool = True) -> SimulationResult:
+                   oracle: bool = True,
+                   expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES) -> SimulationResult:
     """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence."""
 
     options = {}
@@ -54,8 +61,7 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
         num_groups=groups, cadence=Cadence(window, interval, score_window),
         # (only an absent --estimator means the window sum: '' is refused by name)
         estimator="sum" if estimator is None else estimator, incremental=incremental,
-        max_moves=max_moves,
-        oracle=oracle, **options,
+        max_moves=max_moves, oracle=oracle, expert_bytes=expert_bytes, **options,
     )
 
 
@@ -131,6 +137,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             raise CliError(f"{' and '.join(unused)} shape{'s' if len(unused) == 1 else ''} "
                            "what a planner plans on, and --planner none never plans: give "
                            f"--planner eplb (or greedy), or leave {' and '.join(unused)} out")
+    # (new-user pass: every model's moves were counted in DeepSeek-V3's bytes)
+    expert_bytes = (DEEPSEEK_V3_EXPERT_BYTES if args.expert_bytes is None
+                    else args.expert_bytes)
     report = prepare_report(args.report, args.force, "eplb simulation")
     trace = read_trace(files, args)
     short = _short_steps(trace, args.tokens_per_step)
@@ -173,7 +182,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 groups=args.groups, window=args.window, interval=interval,
                 score_window=score_window, estimator=args.estimator if own else None,
                 incremental=args.incremental and own, max_moves=args.max_moves if own else None,
-                policy=policy, seed=args.seed))
+                policy=policy, seed=args.seed, expert_bytes=expert_bytes))
             advance()
 
     written: list[Path] = []
@@ -187,7 +196,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     cad = results[0].cadence
     headers = ["planner", "window bal", "step bal", "oracle", "rebalances", "moved/rebal",
-               "plan ms"]
+               "GB/rebal", "plan ms"]
     rows = []
     for r in results:
         s = r.summary()
@@ -200,11 +209,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                      s["oracle_balancedness"], s["rebalances"],
                      None if s["moved_slots_per_rebalance"] is None
                      else f"{s['moved_slots_per_rebalance']:.0f}",
+                     None if s["moved_gb_per_rebalance"] is None
+                     else f"{s['moved_gb_per_rebalance']:.1f}",
                      None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
     print_table(
         f"{args.trace}{all_zero_rows_note(len(left_out))}: {trace.num_steps} steps, "
         f"{trace.num_layers} layers × {trace.num_experts} "
-        f"experts on {replicas} slots / {gpus} GPUs; plan on {cad.window} steps every "
+        f"experts on {replicas} slots / {gpus} GPUs{_cluster(args.nodes, args.groups, policy)}"
+        f"; plan on {cad.window} steps every "
         f"{cad.interval}, scored in windows of {cad.scoring}",
         headers, rows)
     # the short headers need their meaning: which figure counts, and what 'moved' counts
@@ -212,7 +224,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           "perfect)\n  of the scoring windows / of single steps, from the first rebalance on;\n"
           "oracle: the same planner given the scored window itself (foresight, not a bound);\n"
           "moved/rebal: slots whose expert changed per rebalance, of "
-          f"{trace.num_layers * replicas} ({trace.num_layers} layers × {replicas} slots)")
+          f"{trace.num_layers * replicas} ({trace.num_layers} layers × {replicas} slots);\n"
+          f"GB/rebal: the expert weights they copy, at {expert_bytes:,} bytes per expert"
+          + (" (DeepSeek-V3 in FP8; --expert-bytes for another model)"
+             if args.expert_bytes is None else ""))
     if args.max_moves is not None:
         for r in results:
             per = r.moved_slots.sum(1).tolist()
@@ -229,6 +244,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if written:
         say_written(written)
     return 0
+
+
+def _cluster(nodes: int, groups: int, policy: str) -> str:
+    """The cluster beyond its slots and GPUs, for a table's title (new-user pass: a
+    hierarchical replay's title read as a global one's)."""
+    if nodes <= 1 and groups <= 1:
+        return ""
+    plural = ("s" if nodes > 1 else "", "s" if groups > 1 else "")
+    return f" in {nodes} node{plural[0]}, {groups} group{plural[1]} ({policy})"
 
 
 def _simulation_report(report, args, results, trace) -> None:
@@ -372,6 +396,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
     else:
-        print(f"wrote {out} ({fmt}): {trace.num_steps} steps × {trace.num_layers} layers × "
-              f"{trace.num_experts} experts")
+        rows = max(trace.layer_ids) + 1
+        # SGLang's layout has a row per model layer, the dense ones all zero (new-user pass:
+        # "58 layers" for a file of 61 rows)
+        layout = (f" (SGLang's layout: {rows} rows, model layers 0..{rows - 1}, the dense ones "
+                  "all zero)" if fmt == "sglang" and rows != trace.num_layers else "")
+        print(f"wrote {out} ({fmt}): {trace.num_steps} steps × {trace.num_layers} MoE layers × "
+              f"{trace.num_experts} experts{layout}")
     return 0

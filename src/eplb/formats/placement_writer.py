@@ -126,15 +126,15 @@ def write_placement(
         raise TypeError(f"placement must be an eplb.Placement, got {type(placement).__name__}")
     placement = placement.to("cpu")
     placement.validate(anti_affinity=False)
-    given_ids = layer_ids
     layer_ids = _trace_layer_ids(weight, placement, layer_ids)
-    from_trace = given_ids is None and layer_ids is not None
     ids = _layer_ids(layer_ids, placement.num_layers)
-    if named_by and weight is not None and emit in ("sglang", "trtllm") and not from_trace:
+    if (named_by and weight is not None and emit in ("sglang", "trtllm")
+            and not isinstance(weight, LoadTrace)):
         # the caller asked for the balancedness record the name's format has no place for
-        # (an explicit engine emit= says the caller knows: the CLI passes both). A trace
-        # whose layer ids key the rows was used: no word (new-user pass: the README's
-        # way to key rows warned on every engine file)
+        # (an explicit engine emit= says the caller knows: the CLI passes both). A trace is
+        # the README's way to key the rows by its layers: no word, whether or not it names
+        # any (new-user passes: it warned on every engine file, then on a trace of a file
+        # without layer ids)
         warnings.warn(f"{emit} files cannot record balancedness: weight= is not written"
                       f"{named_by}", UserWarning, stacklevel=2)
     if emit in ("sglang", "trtllm") and bool((placement.phy2log < 0).any()):

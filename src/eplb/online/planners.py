@@ -102,6 +102,26 @@ def _check_plan_options(planner: str, plan_options: dict[str, Any]) -> None:
                          f"options: {', '.join(known) or 'none'}")
 
 
+def _check_planner_signature(planner: Callable[..., Any]) -> None:
+    """Refuse a callable that cannot be called as ``planner(weight, previous)``, before any
+    replay (new-user pass: ``lambda w, R, P: eplb.plan(w, R, P)`` failed with a raw
+    ``TypeError`` at the first rebalance). Callables whose signature Python cannot read
+    (some builtins) are taken as they are."""
+    try:
+        signature = inspect.signature(planner)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        name = getattr(planner, "__name__", type(planner).__name__)
+        raise ValueError(
+            f"a planner callable is called as planner(weight [L, E], previous: Placement | "
+            f"None) -> Placement; {name}{signature} cannot be (the cluster's sizes are "
+            "simulate()'s: close over them, e.g. lambda w, prev: eplb.plan(w, 288, 32, "
+            "previous=prev))") from None
+
+
 def make_planner(
     planner: str | PlannerFn,
     topology: Topology,
@@ -119,6 +139,7 @@ def make_planner(
     A callable is returned unchanged (it receives ``previous`` and decides itself).
     """
     if callable(planner):
+        _check_planner_signature(planner)
         return planner
     if not is_name(planner, PLANNERS):
         raise ValueError(f"unknown planner {planner!r}; accepted: {', '.join(PLANNERS)} or a "
