@@ -146,28 +146,24 @@ def _threads(text: str) -> int:
     return value
 
 
-def _slots(text: str) -> int:
-    """A slot count >= 0 (``--max-moves``): refused by flag, not by the API's keyword."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (slots), got {text!r}")
-    return value
+def _count(unit: str) -> typing.Callable[[str], int]:
+    """An argparse type: an integer >= 0 of ``unit`` (``--max-moves``' slots, ``simulate
+    --expert-bytes``), refused by flag, not by the API's keyword."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be an integer >= 0 ({unit}), got {text!r}")
+        return value
+
+    return parse
 
 
-def _expert_bytes(text: str) -> int:
-    """Bytes of one expert's weights (``simulate --expert-bytes``): an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer >= 0 (bytes of one expert's weights, e.g. 44040192 for "
-            f"DeepSeek-V3 in FP8), got {text!r}")
-    return value
+_slots = _count("slots")
+_expert_bytes = _count("bytes of one expert's weights, e.g. 44040192 for DeepSeek-V3 in FP8")
 
 
 def build_parser() -> _Parser:
