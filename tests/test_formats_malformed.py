@@ -113,6 +113,22 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
     cases.append((tmp / "four_d.npy", None, "expected [layers"))
     np.save(tmp / "nan.npy", np.array([[1.0, np.nan]]))
     cases.append((tmp / "nan.npy", None, "finite"))
+
+    def npy(name: str, header: bytes, version: int, expect: str) -> None:
+        width = 2 if version == 1 else 4
+        add(name, b"\x93NUMPY" + bytes([version, 0]) + len(header).to_bytes(width, "little")
+            + header, None, expect)
+
+    # headers NumPy takes and then fails on outside its own errors (attacker pass): a
+    # dimension past int64 beside a zero one (no bytes to check), a bool dimension, and a
+    # version-2 header declaring 4 GiB of itself in a tiny file (a 4 GiB read buffer)
+    huge = b"(" + str(10**23).encode() + b", 0)"
+    npy("huge_dim.npy", b"{'descr': '<f8', 'fortran_order': False, 'shape': " + huge + b", }\n",
+        1, "not the shape of an array")
+    npy("bool_dim.npy", b"{'descr': '<f8', 'fortran_order': False, 'shape': (True, 4), }\n",
+        1, "not the shape of an array")
+    add("long_header.npy", b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little") + b"{",
+        None, "declares 4,294,967,295 bytes of header")
     np.savez(tmp / "float_topk.npz", x_topk_ids=np.zeros((2, 1, 2)))
     cases.append((tmp / "float_topk.npz", "topk", "integer array"))
     np.savez(tmp / "big_topk.npz", x_topk_ids=np.full((2, 1, 2), 9, dtype=np.int8))

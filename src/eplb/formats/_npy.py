@@ -19,6 +19,7 @@ bytes in the file, so a long trace there still loads.
 
 from __future__ import annotations
 
+import io
 import math
 import zipfile
 from pathlib import Path
@@ -39,11 +40,31 @@ def _header(
     ``compressed_size`` bytes when the member is compressed) and check it."""
     fmt = np.lib.format
     try:
-        version = fmt.read_magic(handle)
+        # the header's length is checked before its bytes are read: NumPy reads as many as
+        # it declares, and one of 4 GiB in a 70-byte file asked for a 4 GiB buffer first
+        # (a MemoryError under a memory limit; attacker pass)
+        magic = handle.read(fmt.MAGIC_LEN)
+        width = 2 if magic[6:7] == b"\x01" else 4
+        declared = handle.read(width)
+        length = int.from_bytes(declared, "little")
+        if length > _MAX_HEADER:
+            raise FormatError(path, f"{name}: the .npy header declares {length:,} bytes of "
+                                    f"header, more than {_MAX_HEADER:,}: not an array eplb "
+                                    "reads")
+        bounded = io.BytesIO(magic + declared + handle.read(length))
+        version = fmt.read_magic(bounded)
         reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        shape, _fortran, dtype = reader(handle, max_header_size=_MAX_HEADER)
+        shape, _fortran, dtype = reader(bounded, max_header_size=_MAX_HEADER)
+    except FormatError:
+        raise
     except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
         raise FormatError(path, f"{name}: not a valid .npy array header: {exc}") from None
+    # sizes NumPy can hold: a bool dimension (True) or one past int64 beside a zero one
+    # (no bytes to check) escaped as a TypeError or OverflowError (attacker pass)
+    if any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < 1 << 62
+           for d in shape) or math.prod(d for d in shape if d) >= 1 << 62:
+        raise FormatError(path, f"{name}: the .npy header declares shape {shape!r}: not the "
+                                "shape of an array (dimensions are integers below 2**62)")
     if dtype.hasobject:
         raise FormatError(
             path,
