@@ -216,6 +216,21 @@ def test_trtllm_folder_with_a_rank_gap_warns(tmp_path):
     assert trace.meta["ranks"] == [0, 2]
 
 
+def test_a_rank_lacking_entries_the_others_record_is_refused(tmp_path):
+    """Each rank records every (iteration, layer): a rank file lacking some was summed
+    without a word, those entries carrying the other ranks' tokens alone (attacker pass)."""
+    from safetensors.torch import load_file, save_file
+
+    folder = write_trtllm(tmp_path / "stats", counts_tle())
+    rank1 = folder / "rank1.safetensors"
+    tensors = load_file(str(rank1))
+    del tensors["11_4"], tensors["12_4"]
+    save_file(tensors, str(rank1))
+    with pytest.raises(FormatError, match=r"rank1.safetensors: lacks 2 \(iteration, layer\) "
+                                          r"entries the other ranks record, e\.g\. \[\(11, 4\)"):
+        read_loads(folder)
+
+
 def test_vllm_history_streams_with_tiny_chunks(tmp_path, monkeypatch):
     import eplb.formats.history as history
 

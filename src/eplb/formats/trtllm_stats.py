@@ -70,6 +70,7 @@ def read_trtllm_stats(path: Path) -> LoadTrace:
         files = [(int(m.group(1)) if m else 0, path)]
     num_experts = meta.get("num_experts")
     total: dict[tuple[int, int], torch.Tensor] = {}
+    entries: list[tuple[Path, set[tuple[int, int]]]] = []  # each rank file's entries
     for _rank, file in files:
         if stat.S_ISDIR(require_regular_file(file).st_mode):
             raise FormatError(file, "is a folder; expected a rank's safetensors file")
@@ -105,6 +106,17 @@ def read_trtllm_stats(path: Path) -> LoadTrace:
             total[key] = (
                 total[key] + data.to(torch.float64) if key in total else data.to(torch.float64)
             )
+        entries.append((file, set(named)))
+    # every rank records every (iteration, layer): one a rank lacks would be summed from
+    # the others' tokens alone, without a word (attacker pass: 1600 beside 3200)
+    for file, held in entries:
+        lacking = sorted(set(total) - held)
+        if lacking:
+            raise FormatError(
+                file, f"lacks {len(lacking)} (iteration, layer) entr"
+                      f"{'y' if len(lacking) == 1 else 'ies'} the other ranks record, e.g. "
+                      f"{lacking[:3]}: a rank's missing tokens would be summed as none "
+                      "(statistics of one dump, from every rank)")
     if not total:
         raise FormatError(path, "the statistics hold no '{iter}_{layer}' entries")
     iters = sorted({i for i, _ in total})
