@@ -193,6 +193,20 @@ def test_sglang_per_pass_folder_sums_ranks(tmp_path):
     assert trace.meta["ranks"] == [0, 1]
 
 
+def test_sglang_per_pass_dumps_repeating_a_rank_s_pass_are_refused(tmp_path):
+    """Two dumps of one rank taken without restarting the recorder both hold its earlier
+    passes: they were summed twice (attacker pass). Other ranks' passes still sum."""
+    c = counts_tle(0)
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    write_per_pass(folder / "expert_distribution_recorder_1.pt", c[:2], rank=0)
+    write_per_pass(folder / "expert_distribution_recorder_2.pt", c, rank=0)
+    with pytest.raises(FormatError, match=r"recorder_2.pt: records\[0\] repeats forward pass "
+                                          r"0 of rank 0 \(expert_distribution_recorder_1.pt "
+                                          r"records\[0\] holds it too\)"):
+        read_loads(folder)
+
+
 def test_trtllm_folder_sums_ranks(tmp_path):
     c = counts_tle()
     folder = write_trtllm(tmp_path / "stats", c)

@@ -299,6 +299,7 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
     refuse_same_files(path, files)
     passes: dict[int, torch.Tensor] = {}
     ranks: list[int] = []
+    seen: dict[tuple[int, int], str] = {}  # (pass, rank) → the record that holds it
     for file in files:
         require_container(file, "sglang-per-pass", ("pt-zip", "pt-pickle"),
                           "an SGLang expert_distribution_recorder_*.pt dump (or a folder "
@@ -354,8 +355,17 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
             logical = torch.zeros(phys_map.shape[0], num_e, dtype=torch.float64)
             logical.scatter_add_(1, phys_map, physical)
             pass_id = _int_field(record, "forward_pass_id", i, file)
-            passes[pass_id] = passes[pass_id] + logical if pass_id in passes else logical
             rank = _int_field(record, "rank", None, file)
+            if rank is not None:
+                # one rank records a pass once: two dumps taken without restarting the
+                # recorder both hold its earlier passes, which summed twice (attacker pass)
+                where = seen.setdefault((pass_id, rank), f"{file.name} records[{i}]")
+                if where != f"{file.name} records[{i}]":
+                    raise FormatError(
+                        file, f"records[{i}] repeats forward pass {pass_id} of rank {rank} "
+                              f"({where} holds it too): its loads would count twice; keep "
+                              "one dump per rank (each holds the recorder's whole buffer)")
+            passes[pass_id] = passes[pass_id] + logical if pass_id in passes else logical
             if rank is not None and rank not in ranks:
                 ranks.append(rank)
     if not passes:
