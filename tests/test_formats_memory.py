@@ -80,6 +80,27 @@ def test_compressed_npz_member_beyond_the_limit_is_refused(tmp_path) -> None:
         read_loads(path)
 
 
+def test_compressed_members_beyond_the_limit_in_all_are_refused_uninflated(tmp_path) -> None:
+    # each member just under the limit, three of them past it: every one was inflated, to
+    # say "choose one with key=" without a key, and all of them with keys naming them all
+    # (3.4 GB from 3 MB with twelve; attacker pass)
+    member = np.zeros((1 << 25) - 1, dtype=np.int8)
+    path = tmp_path / "many.npz"
+    np.savez_compressed(path, a=member, b=member, c=member)
+    assert path.stat().st_size < (1 << 20)
+    for key in (None, "a", ["a", "b", "c"]):
+        with pytest.raises(FormatError, match=r"many\.npz: its compressed members declare "
+                                              r"100,663,293 numbers in all .*at most 100 "
+                                              r"times in all"):
+            read_loads(path, key=key)
+    # members within the limit in all: several arrays and no key are named, not read
+    small = tmp_path / "small.npz"
+    np.savez_compressed(small, a=np.ones((2, 4)), b=np.ones((2, 4)))
+    with pytest.raises(FormatError, match=r"holds 2 arrays \['a', 'b'\]; .*choose one"):
+        read_loads(small)
+    assert read_loads(small, key="b").counts.shape == (1, 2, 4)
+
+
 def test_compressed_topk_trace_beyond_the_limit_is_refused(tmp_path) -> None:
     path = _bomb(tmp_path / "ids.npz", "topk_ids", ((1 << 22) + 1, 4, 2))
     with pytest.raises(FormatError, match=rf"'topk_ids' is compressed .*beyond {LIMIT}"):

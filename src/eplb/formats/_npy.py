@@ -112,6 +112,7 @@ def load_npy(path: Path) -> np.ndarray:
 def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """``{array name: (shape, dtype)}`` of an ``.npz`` archive, every header checked."""
     out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
+    numbers = claimed = packed_total = 0  # of the compressed members, in all
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
@@ -120,8 +121,22 @@ def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                     packed = (None if info.compress_type == zipfile.ZIP_STORED
                               else info.compress_size)
                     out[name] = _header(member, path, repr(name), info.file_size, packed)
+                if packed is not None:
+                    shape, dtype = out[name]
+                    numbers += math.prod(shape)
+                    claimed += math.prod(shape) * dtype.itemsize
+                    packed_total += packed
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
         raise FormatError(path, f"not a readable .npz archive: {exc}") from None
+    # the members' bound in all: a dozen members each just under it inflated 3.4 GB from
+    # 3 MB (attacker pass)
+    if numbers > MAX_UNPACKED_VALUES and inflates_too_far(claimed, packed_total):
+        raise FormatError(
+            path,
+            f"its compressed members declare {numbers:,} numbers in all ({claimed:,} bytes "
+            f"from {packed_total:,}): beyond {MAX_UNPACKED_VALUES:,} numbers eplb inflates "
+            f"compressed members at most {MAX_INFLATION} times in all (a crafted archive "
+            "inflates a thousandfold); save it uncompressed (numpy.savez, eplb's write_loads)")
     return out
 
 

@@ -495,6 +495,12 @@ def _read_plain(
             raise FormatError(path, f"is one JSON array, so key {key!r} (--key) picks nothing; "
                                     "leave it out")
         return as_counts_of(obj, path, "the JSON array", literals), None, {}
+    if loaded is None and key is None and sniff_container(path) == "npz":
+        # several arrays and no key: refused by their names alone, nothing inflated (an
+        # archive of many compressed members was inflated whole to say so; attacker pass)
+        names = list(npz_headers(path))
+        if len(names) > 1 and set(names) != {"counts", *_IDS_BESIDE_COUNTS}:
+            pick_flat(dict.fromkeys(names), path, None)
     if loaded is None:
         arrays = _named_arrays(path, None if key is None else [key],
                                _IDS_BESIDE_COUNTS if key == "counts" else ())
