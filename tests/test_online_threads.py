@@ -164,3 +164,33 @@ def test_a_copied_rebalancer_goes_on_alone(how: str) -> None:
     assert all(torch.equal(x.phy2log, y.phy2log) for x, y in zip(got, want, strict=True)
                if x is not None)
     assert twin.steps == rb.steps == 9 and len(twin.events) == len(rb.events) == 3
+
+
+def test_building_rebalancers_leaves_the_warning_filters_alone(monkeypatch) -> None:
+    """A ``Rebalancer`` checks its policy at construction; it did so inside
+    ``warnings.catch_warnings()``, whose save and restore of the process-wide filter list,
+    made from 8 threads at once, left an "ignore" filter behind: every later warning of
+    the process was lost (attacker pass). Construction now touches no filter, even for a
+    cluster whose policy falls back to global (the case that warns when it plans)."""
+    import warnings
+
+    entered = []
+
+    class Recording(warnings.catch_warnings):
+        def __enter__(self):
+            entered.append(threading.current_thread().name)
+            return super().__enter__()
+
+    monkeypatch.setattr(warnings, "catch_warnings", Recording)
+    before = list(warnings.filters)
+    built = []
+    # 4 groups on 3 nodes: hierarchical cannot apply, so "auto" falls back to global
+    threads = [threading.Thread(target=lambda: built.append(
+        Rebalancer(12, 6, 3, 4, planner="eplb")))
+        for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(built) == 8 and not entered, entered
+    assert warnings.filters == before

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -228,16 +227,14 @@ def cli_policy(policy: str, num_replicas: int, num_gpus: int, num_nodes: int, nu
     except ValueError as exc:
         raise CliError(str(exc)) from None
     problems = _hierarchy_problems(num_experts, num_gpus, num_nodes, num_groups, dead, speeds)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # reported below, in the flags' names
-        try:
-            chosen = resolve_policy(policy, topology, num_experts, has_dead_gpus=dead,
-                                    has_speeds=speeds)
-        except ValueError as exc:
-            if policy != "hierarchical":
-                raise CliError(str(exc)) from None
-            raise CliError("--policy hierarchical is impossible: " + "; ".join(problems)) \
-                from None
+    try:  # (quiet: reported below, in the flags' names)
+        chosen = resolve_policy(policy, topology, num_experts, has_dead_gpus=dead,
+                                has_speeds=speeds, quiet=True)
+    except ValueError as exc:
+        if policy != "hierarchical":
+            raise CliError(str(exc)) from None
+        raise CliError("--policy hierarchical is impossible: " + "; ".join(problems)) \
+            from None
     if policy == "auto" and chosen == "global" and num_nodes > 1 and num_groups > 1:
         warn("planning globally, because hierarchical placement is impossible: "
              + "; ".join(problems or ["see --policy"]))

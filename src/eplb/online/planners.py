@@ -11,7 +11,6 @@ calls every ``interval`` steps, and how it plans on a multi-window estimate.
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -173,11 +172,11 @@ def make_planner(
         # global with dead GPUs or GPU speeds, as eplb.plan resolves it (a grouped
         # cluster whose groups do not split the experts, known only from the counts, is
         # global too: refused here all the same, and policy="global" says it)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # eplb.plan warns when it plans
-            concrete = resolve_policy(plan_options.get("policy", "auto"), topo, None,
-                                      has_dead_gpus=dead,
-                                      has_speeds=plan_options.get("gpu_speed") is not None)
+        # (quiet: eplb.plan warns when it plans; a catch_warnings block here, made from
+        # several threads at once, left an "ignore" filter behind; attacker pass)
+        concrete = resolve_policy(plan_options.get("policy", "auto"), topo, None,
+                                  has_dead_gpus=dead, quiet=True,
+                                  has_speeds=plan_options.get("gpu_speed") is not None)
         if plan_options.get("dispatch") == "nearest" and concrete != "global" and (
             plan_options.get("fair", "auto") != "auto" or plan_options.get("source") is not None
         ):

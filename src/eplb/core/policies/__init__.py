@@ -53,6 +53,7 @@ def resolve_policy(
     has_speeds: bool = False,
     rule: str = "eplb",
     stacklevel: int = 3,
+    quiet: bool = False,
 ) -> str:
     """The concrete policy for ``policy`` (``"auto"`` or a key of :data:`POLICIES`).
 
@@ -65,7 +66,10 @@ def resolve_policy(
     hierarchical whenever ``num_groups % num_nodes == 0`` (also with one node or one group,
     where the hierarchical routine runs trivially), else global, without a warning.
 
-    ``stacklevel`` points the warning at the user's call (callers add their own frames).
+    ``stacklevel`` points the warning at the user's call (callers add their own frames);
+    ``quiet`` leaves it out, for callers that only check a policy or say why in their own
+    words (a ``warnings.catch_warnings`` block to silence it changes the process-wide filters,
+    which threads calling it at once restored into an ``ignore`` that outlived them).
     ``num_experts`` ``None`` (before any loads are seen: a ``Rebalancer`` at construction)
     checks what the cluster, its dead GPUs and its speeds decide alone.
     """
@@ -91,6 +95,8 @@ def resolve_policy(
     reason = "; ".join(problems)
     if policy == "hierarchical" or rule == "deepseek":
         raise ValueError(f"hierarchical placement is impossible: {reason}")
+    if quiet:
+        return "global"
     warnings.warn(
         f"eplb: planning globally because hierarchical placement is impossible: {reason}",
         RuntimeWarning,
