@@ -24,6 +24,7 @@ from eplb.formats import (
     LoadTrace,
     detect_format,
     read_loads,
+    read_routing,
     write_loads,
     write_placement,
 )
@@ -779,3 +780,16 @@ def test_a_csv_table_after_comment_lines_is_read(tmp_path):
     prose.write_text("# Notes\nHello, world\nmore, prose\n")
     with pytest.raises(FormatError, match="unrecognised content"):
         read_loads(prose)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
+def test_wide_unsigned_torch_tensors_read_as_numpy_ones_are(tmp_path, dtype):
+    # torch implements few operations on them: a .pt of uint64 top-k ids failed with
+    # '"max_all" not implemented for UInt64' (attacker pass); an .npz of them was read
+    ids = torch.randint(0, 16, (50, 3, 2))
+    counts = torch.randint(0, 100, (2, 3, 16))
+    torch.save({"topk_ids": ids.to(dtype)}, tmp_path / "ids.pt")
+    torch.save({"counts": counts.to(dtype)}, tmp_path / "counts.pt")
+    torch.save({"topk_ids": ids}, tmp_path / "ids64.pt")
+    assert torch.equal(read_routing(tmp_path / "ids.pt"), read_routing(tmp_path / "ids64.pt"))
+    assert torch.equal(read_loads(tmp_path / "counts.pt").counts, counts.double())

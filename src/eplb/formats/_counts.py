@@ -47,7 +47,12 @@ def to_tensor(value: Any, path: Path, what: str, literals: bool = False) -> torc
         if kind is not None:
             raise FormatError(path, f"{what} is a {kind} tensor; expected a plain tensor of "
                                     "numbers")
-        return value.detach().cpu()
+        value = value.detach().cpu()
+        if value.dtype in (torch.uint16, torch.uint32, torch.uint64):
+            # torch supports few operations on wide unsigned types ("max_all" not
+            # implemented for UInt64; attacker pass): read as the NumPy array's are
+            return to_tensor(value.numpy(), path, what)
+        return value
     if isinstance(value, np.ndarray):
         if value.ndim == 0:  # (np.ascontiguousarray would make it [1])
             raise FormatError(path, "holds a single number; expected [layers, experts] or "
