@@ -793,3 +793,26 @@ def test_wide_unsigned_torch_tensors_read_as_numpy_ones_are(tmp_path, dtype):
     torch.save({"topk_ids": ids}, tmp_path / "ids64.pt")
     assert torch.equal(read_routing(tmp_path / "ids.pt"), read_routing(tmp_path / "ids64.pt"))
     assert torch.equal(read_loads(tmp_path / "counts.pt").counts, counts.double())
+
+
+def test_text_is_recognised_past_blank_space_and_csv_headers_with_parentheses(tmp_path):
+    """Valid files the content sniffing refused (attacker pass): JSON after more than 4 KiB
+    of blank space, CSV whose header cells hold parentheses or slashes; and forcing
+    format='csv' on other text could not override it."""
+    lead = tmp_path / "lead.json"
+    lead.write_text(" " * 5000 + "\n" * 3 + "[[1, 2, 3, 4], [5, 6, 7, 8]]")
+    paren = tmp_path / "paren.csv"
+    paren.write_text("layer,expert(0),expert(1),tokens/s,expert(3)\n3,1,2,3,4\n4,5,6,7,8\n")
+    colon = tmp_path / "colon.csv"
+    colon.write_text("layer,a:0,b[1]\n3,1,2\n4,5,6\n")
+    want = torch.tensor([[[1.0, 2, 3, 4], [5, 6, 7, 8]]])
+    assert torch.equal(read_loads(lead).counts, want)
+    assert torch.equal(read_loads(paren).counts, want)
+    assert read_loads(paren).layer_ids == [3, 4]
+    with pytest.raises(FormatError, match=r"unrecognised content .*format='csv'"):
+        read_loads(colon)
+    assert torch.equal(read_loads(colon, format="csv").counts, torch.tensor([[[1.0, 2], [5, 6]]]))
+    blank = tmp_path / "blank.json"
+    blank.write_text(" " * 9000)
+    with pytest.raises(FormatError, match="unrecognised content"):
+        read_loads(blank)

@@ -40,6 +40,8 @@ FORMATS: tuple[str, ...] = (
 TOPK_KEY_PATTERN = re.compile(r"topk|top_k|selected_experts|expert_ids|routed_experts", re.I)
 
 _HEAD_BYTES = 1 << 20
+#: blank bytes skipped before a text file's content when sniffing its kind
+_MAX_LEADING_SPACE = 1 << 20
 # warnings.catch_warnings saves and restores the process-wide filter list: two threads
 # loading .pt files at once restored each other's copies, and an ``ignore UserWarning``
 # filter outlived both (every UserWarning of the process silenced). One load at a time
@@ -63,6 +65,15 @@ def sniff_container(path: str | PathLike[str]) -> str:
         return "dir"
     with open(path, "rb") as handle:
         head = handle.read(4096)
+        if not head.strip() and len(head) == 4096:
+            # text after more than a head of blank space (JSON or CSV may be indented or
+            # padded so; attacker pass): the head is taken where the text starts, looked
+            # for in at most 1 MiB
+            skipped = 0
+            while head and not head.strip() and skipped < _MAX_LEADING_SPACE:
+                skipped += len(head)
+                head = handle.read(4096)
+            head = head.lstrip() + handle.read(4096)
     if head.startswith(b"PK\x03\x04"):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -102,7 +113,9 @@ def sniff_container(path: str | PathLike[str]) -> str:
             return "unknown"
     lines = sample.splitlines()
     first = lines[0] if lines else ""
-    if re.match(r"^[\w\s.\-+,\"']*,[\w\s.\-+,\"']*$", first) and "," in first:
+    # header cells may hold parentheses and slashes ("expert(0)", "tokens/s"), not the
+    # colons and brackets of YAML or JSON text
+    if re.match(r"^[\w\s.\-+,\"'()/]*,[\w\s.\-+,\"'()/]*$", first) and "," in first:
         return "csv"
     if first.lstrip().startswith("#") and _commented_csv(lines):
         return "csv"
@@ -292,7 +305,9 @@ def detect_format(path: str | PathLike[str]) -> str:
         path,
         f"unrecognised content{found}: expected load statistics (SGLang .pt/.json dump, "
         "TensorRT-LLM statistics folder, vLLM load_history JSON, top-k routing trace, or a "
-        "plain [L, E] / [T, L, E] tensor in .pt/.npy/.npz/.safetensors/.json/.csv)",
+        "plain [L, E] / [T, L, E] tensor in .pt/.npy/.npz/.safetensors/.json/.csv)"
+        + ("; if it is CSV, say so with format='csv' (CLI: --format csv)"
+           if kind == "text" and "," in found else ""),
     )
 
 

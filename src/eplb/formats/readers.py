@@ -42,7 +42,7 @@ _CONTAINERS = {
     "pt": ("pt-zip", "pt-pickle"),
     "safetensors": ("safetensors",),
     "json": ("json",),
-    "csv": ("csv", "unknown"),
+    "csv": ("csv", "text", "unknown"),  # forced: the CSV reader says what is wrong
 }
 
 
