@@ -467,6 +467,18 @@ def test_dense_rows_are_said_to_carry_no_load(capsys, tmp_path) -> None:
     assert code == 0 and out.startswith("1 layer × 8 experts"), out
 
 
+@pytest.mark.parametrize(("flag", "value"), [("-r", "３２"), ("-g", "٨"), ("--dead-gpus", "١"),
+                                           ("--first-layer", "３"), ("--seed", "²")])
+def test_integers_are_ascii_digits(capsys, tmp_path, loads, flag, value) -> None:
+    # int() reads other scripts' digits: '-g ８' and '--dead-gpus ١' planned (GPU 1 dead),
+    # where eplb's own files refuse them (attacker pass)
+    argv = {"-r": "20", "-g": "4", flag: value}
+    code, _, err = run(capsys, "plan", loads, *[x for kv in argv.items() for x in kv],
+                       "-o", tmp_path / "o.json")
+    assert code == 2 and value in err and "Traceback" not in err, err
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_generate_list_and_errors(capsys, tmp_path) -> None:
     code, out, _ = run(capsys, "generate", "--list")
     assert code == 0 and "deepseek-v3" in out

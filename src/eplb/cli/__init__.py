@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from eplb._version import __version__
-from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, FORCED_MOVES, CliError
+from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, FORCED_MOVES, CliError, integer
 from eplb.cli._inputs import add_input_options, warn
 from eplb.formats.errors import MissingPackage
 
@@ -68,14 +68,14 @@ def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
     g = p.add_argument_group("topology")
     # optional: a file's own shape decides (eplb.cli._common.default_shape)
     unset = "" if required else " (default: 32 GPUs, or E if fewer experts)"
-    g.add_argument("-r", "--replicas", type=int, required=required, default=replicas,
+    g.add_argument("-r", "--replicas", type=integer, required=required, default=replicas,
                    metavar="R", help="physical expert slots in the cluster (a multiple of "
                    "--gpus)" + ("" if required else " (default: E rounded up to a multiple "
                                 "of --gpus, plus one slot per GPU)"))
-    g.add_argument("-g", "--gpus", type=int, required=required, default=gpus, metavar="P",
+    g.add_argument("-g", "--gpus", type=integer, required=required, default=gpus, metavar="P",
                    help="number of GPUs (expert-parallel ranks)" + unset)
-    g.add_argument("--nodes", type=int, default=1, metavar="N", help="nodes (default 1)")
-    g.add_argument("--groups", type=int, default=1, metavar="G",
+    g.add_argument("--nodes", type=integer, default=1, metavar="N", help="nodes (default 1)")
+    g.add_argument("--groups", type=integer, default=1, metavar="G",
                    help="expert groups for group-limited routing (default 1)")
     policies = ["auto", "global", "hierarchical"] + (["locality"] if locality else [])
     g.add_argument("--policy", choices=policies, default="auto",
@@ -83,7 +83,7 @@ def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
                         "else global" + ("; locality (with --dispatch nearest) trades balance "
                                          "against cross-node traffic, see --slack"
                                          if locality else "") + " (default auto)")
-    g.add_argument("--seed", type=int, default=0,
+    g.add_argument("--seed", type=integer, default=0,
                    help="seed of the packing's randomised starts (default 0); with the "
                         "default options a shape that takes one exact start plans alike "
                         "for every seed")
@@ -152,7 +152,7 @@ def _count(unit: str) -> typing.Callable[[str], int]:
 
     def parse(text: str) -> int:
         try:
-            value = int(text)
+            value = integer(text)
         except ValueError:
             value = -1
         if value < 0:
@@ -196,13 +196,13 @@ def build_parser() -> _Parser:
     p.add_argument("--out", default="eplb-demo-report", metavar="DIR",
                    help="report directory (default ./eplb-demo-report)")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")
-    p.add_argument("--steps", type=int, default=None, metavar="T",
+    p.add_argument("--steps", type=integer, default=None, metavar="T",
                    help="trace length in steps (default 200; 20 with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="a smaller model shape for a fast smoke test")
     p.add_argument("--no-report", action="store_true", help="print the table only")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--seed", type=int, default=0, help="workload and planner seed (default 0)")
+    p.add_argument("--seed", type=integer, default=0, help="workload and planner seed (default 0)")
     p.set_defaults(func="bench:cmd_demo")
 
     # ---------------------------------------------------------------- plan
@@ -229,11 +229,11 @@ def build_parser() -> _Parser:
     p.add_argument("--emit", choices=["json", "sglang", "trtllm", "pt"], default=None,
                    help="output format (default: inferred from OUT)")
     add_input_options(p)
-    p.add_argument("--first-layer", type=int, default=None, metavar="K",
+    p.add_argument("--first-layer", type=integer, default=None, metavar="K",
                    help="model layer index of the first row (e.g. 3 for DeepSeek-V3), for loads "
                         "files that do not name their layers; default: the ids stored in the "
                         "loads file, else 0")
-    p.add_argument("--num-model-layers", type=int, default=None, metavar="N",
+    p.add_argument("--num-model-layers", type=integer, default=None, metavar="N",
                    help="SGLang output: the model's layer count (61 for DeepSeek-V3); rows of "
                         "dense layers get SGLang's trivial map (default: from the layer ids)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
@@ -269,11 +269,11 @@ def build_parser() -> _Parser:
     add_input_options(p)
     p.add_argument("--summary", action="store_true",
                    help="skip the per-layer table (with --json: the per-layer list)")
-    p.add_argument("-g", "--gpus", type=int, default=None, metavar="P",
+    p.add_argument("-g", "--gpus", type=integer, default=None, metavar="P",
                    help="GPUs, for engine files that do not record it (SGLang JSON)")
-    p.add_argument("--nodes", type=int, default=None, metavar="N",
+    p.add_argument("--nodes", type=integer, default=None, metavar="N",
                    help="nodes (engine files; default 1)")
-    p.add_argument("--groups", type=int, default=None, metavar="G",
+    p.add_argument("--groups", type=integer, default=None, metavar="G",
                    help="groups (engine files; default 1)")
     p.add_argument("--policy", choices=["auto", "global", "hierarchical"], default="auto",
                    help="engine files, which do not record it: auto = hierarchical when the "
@@ -283,7 +283,7 @@ def build_parser() -> _Parser:
                    help="relative GPU speeds the placement was planned for (as in plan); "
                         "for engine files, which cannot record them: eplb's own files "
                         "planned with --gpu-speed record them, and eval uses those")
-    p.add_argument("--first-layer", type=int, default=None, metavar="K",
+    p.add_argument("--first-layer", type=integer, default=None, metavar="K",
                    help="model layer of the loads' first row, for loads files that do not "
                         "name their layers (as in plan; 3 for DeepSeek-V3's MoE rows). Rows "
                         "are matched by model layer: the ids the placement records (eplb's "
@@ -305,7 +305,7 @@ def build_parser() -> _Parser:
     p.add_argument("loads", nargs="*", metavar="LOADS", help="extra loads files to benchmark")
     p.add_argument("--no-builtin", action="store_true", help="skip the built-in scenarios")
     add_input_options(p)
-    p.add_argument("--repeats", type=int, default=3, metavar="N",
+    p.add_argument("--repeats", type=integer, default=3, metavar="N",
                    help="timing repeats (default 3)")
     p.add_argument("--report", metavar="DIR", help="also write a report with pictures into DIR")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")
@@ -330,10 +330,10 @@ def build_parser() -> _Parser:
                         "(e.g. SGLang per-pass dumps) or a folder of SGLang dumps (steps one "
                         "after another)")
     add_input_options(p, "TRACE")
-    p.add_argument("--window", type=int, default=None, metavar="W",
+    p.add_argument("--window", type=integer, default=None, metavar="W",
                    help="steps per window (required, but with --protocol adrs: 100 by "
                         "default)")
-    p.add_argument("--interval", type=int, default=None, metavar="I",
+    p.add_argument("--interval", type=integer, default=None, metavar="I",
                    help="steps between rebalances (default: --window)")
     p.add_argument("--planner", choices=["eplb", "greedy", "none"], default="eplb",
                    help="who rebalances: eplb, greedy (DeepSeek's reference) or none (no "
@@ -375,8 +375,8 @@ def build_parser() -> _Parser:
              "layers all zero).")
     p.add_argument("--preset", default="deepseek-v3",
                    help="model preset (see --list; default deepseek-v3)")
-    p.add_argument("--steps", type=int, default=1000, metavar="T", help="steps (default 1000)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
+    p.add_argument("--steps", type=integer, default=1000, metavar="T", help="steps (default 1000)")
+    p.add_argument("--seed", type=integer, default=0, help="generator seed (default 0)")
     p.add_argument("-o", "--output", metavar="FILE", help="trace file to write")
     p.add_argument("--format", default=None, metavar="FMT",
                    choices=["pt", "npz", "npy", "load_history", "vllm-history", "sglang"],

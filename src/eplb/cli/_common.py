@@ -240,6 +240,16 @@ def check_topology(num_replicas: int, num_gpus: int, num_nodes: int, num_groups:
             raise CliError(str(exc)) from None
 
 
+def integer(text: str) -> int:
+    """``int(text)`` of ASCII digits only: ``int`` also reads other scripts' digits ('３２',
+    Arabic-Indic '١'), which eplb's own files refuse (attacker pass: ``-g ８`` planned).
+    The CLI's argparse type for integers too (argparse then says "invalid integer
+    value")."""
+    if not text.isascii():
+        raise ValueError(f"{text!r} is not written in ASCII digits")
+    return int(text)
+
+
 def parse_int_list(text: str, what: str) -> list[int]:
     """``"3, 17"`` -> ``[3, 17]``. An empty item (``3,``, ``3,,17``) is refused: a number
     left out by a slip, most likely, and which one is not for eplb to guess."""
@@ -248,7 +258,7 @@ def parse_int_list(text: str, what: str) -> list[int]:
         raise CliError(f"{what} {text!r} has an empty item: give comma-separated integers "
                        "like 3,17")
     try:
-        return [int(x) for x in items]
+        return [integer(x) for x in items]
     except ValueError:
         raise CliError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eplb.cli._common import CliError
+from eplb.cli._common import CliError, integer
 from eplb.core import LoadTrace, Placement, Topology, resolve_policy
 from eplb.core.messages import integer_runs
 from eplb.core.placement import groups_on_nodes
@@ -46,10 +46,10 @@ def add_input_options(p: argparse.ArgumentParser, what: str = "LOADS") -> None:
                         "in JSON a path such as olmoe/expert_counts/arxiv) to read; several "
                         "names are read one after another as steps (tasks or batches of a "
                         "top-k routing file, or count arrays of one shape, e.g. domains)")
-    g.add_argument("--tokens-per-step", type=int, default=None, metavar="N",
+    g.add_argument("--tokens-per-step", type=integer, default=None, metavar="N",
                    help="top-k routing traces: cut each array of token ids into steps of N "
                         "tokens (default: one step per array)")
-    g.add_argument("--num-experts", type=int, default=None, metavar="E",
+    g.add_argument("--num-experts", type=integer, default=None, metavar="E",
                    help="top-k routing traces and SGLang per-pass dumps: the number of experts "
                         "(default: the largest expert id + 1)")
 
