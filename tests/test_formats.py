@@ -816,3 +816,15 @@ def test_text_is_recognised_past_blank_space_and_csv_headers_with_parentheses(tm
     blank.write_text(" " * 9000)
     with pytest.raises(FormatError, match="unrecognised content"):
         read_loads(blank)
+
+
+def test_a_pt_dict_of_dicts_names_its_arrays_by_path(tmp_path):
+    # {"a": {"b": tensor}} held "0 arrays" and no key read it (attacker pass); arrays
+    # beside nested dicts keep the dicts as metadata, as before
+    counts = torch.rand(2, 3, 8)
+    torch.save({"a": {"b": counts}, "c": {"d": {"e": counts * 2}}}, tmp_path / "nested.pt")
+    with pytest.raises(FormatError, match=r"holds 2 arrays \['a/b', 'c/d/e'\]"):
+        read_loads(tmp_path / "nested.pt")
+    assert torch.equal(read_loads(tmp_path / "nested.pt", key="c/d/e").counts, counts * 2)
+    torch.save({"counts": counts, "meta": {"ranks": [0, 1]}}, tmp_path / "meta.pt")
+    assert torch.equal(read_loads(tmp_path / "meta.pt").counts, counts.double())

@@ -443,11 +443,7 @@ def _named_arrays(
     elif kind in ("pt-zip", "pt-pickle"):
         obj = _load_pt(path)
         if isinstance(obj, dict):
-            tensors = {
-                str(k): to_tensor(v, path, str(k))
-                for k, v in obj.items()
-                if isinstance(v, (torch.Tensor, np.ndarray, list))
-            }
+            tensors = {name: to_tensor(v, path, name) for name, v in _pt_arrays(obj)}
         else:
             tensors = {path.stem: to_tensor(obj, path, path.name)}
     else:
@@ -459,6 +455,19 @@ def _named_arrays(
     if keys is None:
         return tensors
     return {k: tensors[k] for k in keys + [k for k in optional if k in tensors and k not in keys]}
+
+
+def _pt_arrays(obj: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
+    """The arrays of a ``torch.save`` dict by name. A dict that holds none at its top level
+    gives those of its nested dicts, named by their path (``"a/b"``, as JSON files' are;
+    attacker pass: ``{"a": {"b": tensor}}`` held "0 arrays" and no key read it); beside
+    arrays, nested dicts are metadata, left out as before. 32 levels at most."""
+    arrays = [(f"{prefix}{key}", value) for key, value in obj.items()
+              if isinstance(value, (torch.Tensor, np.ndarray, list))]
+    if arrays or depth >= 32:
+        return arrays
+    return [found for key, value in obj.items() if isinstance(value, dict)
+            for found in _pt_arrays(value, f"{prefix}{key}/", depth + 1)]
 
 
 # ---------------------------------------------------------------------- plain tensors
