@@ -828,3 +828,16 @@ def test_a_pt_dict_of_dicts_names_its_arrays_by_path(tmp_path):
     assert torch.equal(read_loads(tmp_path / "nested.pt", key="c/d/e").counts, counts * 2)
     torch.save({"counts": counts, "meta": {"ranks": [0, 1]}}, tmp_path / "meta.pt")
     assert torch.equal(read_loads(tmp_path / "meta.pt").counts, counts.double())
+
+
+def test_json_keys_holding_the_separator(tmp_path):
+    # a key holding '/' could not be read, the error suggesting the name that failed; two
+    # arrays whose names read alike gave the first without a word (attacker pass)
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"a/b": {"c": [[1, 2, 3, 4]] * 2}}))
+    assert read_loads(one).counts.shape == (1, 2, 4)
+    assert read_loads(one, key="a/b/c").counts.shape == (1, 2, 4)
+    alike = tmp_path / "alike.json"
+    alike.write_text(json.dumps({"a/b": [[100, 1, 1, 1]] * 2, "a": {"b": [[1, 1, 1, 100]] * 2}}))
+    with pytest.raises(FormatError, match=r"2 arrays are named 'a/b' .*'a/b' and 'a' → 'b'"):
+        read_loads(alike, key="a/b")

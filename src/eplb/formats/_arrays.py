@@ -40,18 +40,23 @@ def _is_record(value: Any) -> bool:
 
 def array_names(obj: dict[str, Any]) -> list[str]:
     """Paths of the arrays (lists) and count records inside ``obj``, outermost first."""
-    names: list[str] = []
+    return [name for name, _ in _array_paths(obj)]
 
-    def walk(node: dict[str, Any], prefix: str, depth: int) -> None:
+
+def _array_paths(obj: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
+    """``(name, keys)`` of every array and count record inside ``obj``, outermost first:
+    its name (the keys joined by :data:`SEPARATOR`) and the keys that reach it."""
+    found: list[tuple[str, tuple[str, ...]]] = []
+
+    def walk(node: dict[str, Any], keys: tuple[str, ...], depth: int) -> None:
         for key, value in node.items():
-            name = f"{prefix}{key}"
             if isinstance(value, _ARRAYS) or _is_record(value):
-                names.append(name)
+                found.append((SEPARATOR.join((*keys, key)), (*keys, key)))
             elif isinstance(value, dict) and depth < _MAX_DEPTH:
-                walk(value, name + SEPARATOR, depth + 1)
+                walk(value, (*keys, key), depth + 1)
 
-    walk(obj, "", 0)
-    return names
+    walk(obj, (), 0)
+    return found
 
 
 def _close(key: str, names: list[str]) -> str:
@@ -77,7 +82,8 @@ def pick_array(
             raise FormatError(path, f"is one count record (counts and their layer ids), so "
                                     f"key {key!r} (--key) picks nothing; leave it out")
         return "counts", obj["counts"], obj.get("layer_ids", obj.get("layers"))
-    names = array_names(obj)
+    paths = _array_paths(obj)
+    names = [name for name, _ in paths]
     if key is None:
         if not names:
             raise FormatError(path, "holds no array of numbers (objects keyed by numbers, "
@@ -91,8 +97,16 @@ def pick_array(
                 f"joined by '{SEPARATOR}')",
             )
         key = names[0]
+    # the arrays are found by their keys, not by splitting the name: a key may hold the
+    # separator itself ({"a/b": {"c": ...}} was unreadable, its suggested name failing),
+    # and two arrays whose names read alike are refused, not one picked (attacker pass)
+    reach = [keys for name, keys in paths if name == key]
+    if len(reach) > 1:
+        alike = " and ".join(" → ".join(map(repr, keys)) for keys in reach)
+        raise FormatError(path, f"{len(reach)} arrays are named {key!r} (a key holding "
+                                f"{SEPARATOR!r}: {alike}); rename one")
     value: Any = obj
-    for part in key.split(SEPARATOR) if key not in obj else [key]:
+    for part in reach[0] if reach else key.split(SEPARATOR) if key not in obj else [key]:
         if not isinstance(value, dict) or part not in value:
             raise FormatError(path, f"has no array {key!r} (key / --key);"
                                     f"{_close(key, names)} it holds {_listing(names)}")
