@@ -62,20 +62,6 @@ def slot_gpu_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int) -
 MAX_LOG2PHY_CELLS = 1 << 28
 
 
-def log2phy_size_problem(num_layers: int, num_experts: int, maxcnt: int,
-                         cells: int | None = None) -> str | None:
-    """Why a ``log2phy [L, E, maxcnt]`` table (``maxcnt``: the most replicas of one expert)
-    is beyond what eplb builds, or ``None``. ``cells``: its entries where they differ from
-    ``L·E·maxcnt`` (a spare column for empty slots)."""
-    cells = num_layers * num_experts * maxcnt if cells is None else cells
-    if cells <= MAX_LOG2PHY_CELLS:
-        return None
-    return (f"log2phy [{num_layers}, {num_experts}, {maxcnt}] (layers, experts, the most "
-            f"replicas of one expert) would hold {cells:.2e} entries ({cells * 8 / 2**30:.0f}"
-            f" GiB); eplb builds at most {MAX_LOG2PHY_CELLS:.2e}: plan fewer layers, or fewer "
-            f"slots per GPU, at once")
-
-
 def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Invert ``phy2log [L, R]`` (-1 = empty) into ``log2phy [L, E, maxcnt]``, ``logcnt [L, E]``.
 
@@ -123,7 +109,12 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     if cells > MAX_LOG2PHY_CELLS:
         # the table is dense: one expert with many replicas widens every expert's row
         # (one hot expert among 100,000 on 65,536 GPUs asked 48.8 GiB of NumPy)
-        raise ValueError(log2phy_size_problem(num_layers, num_experts, maxcnt, cells))
+        raise ValueError(
+            f"log2phy [{num_layers}, {num_experts}, {maxcnt}] (layers, experts, the most "
+            f"replicas of one expert) would hold {cells:.2e} entries ({cells * 8 / 2**30:.0f}"
+            f" GiB); eplb builds at most {MAX_LOG2PHY_CELLS:.2e}: plan fewer layers, or fewer "
+            f"slots per GPU, at once"
+        )
     position = np.arange(num_layers * num_slots, dtype=np.int64)
     cell_start = np.arange(num_layers * width, dtype=np.int64) * maxcnt
     if has_empty:

@@ -38,15 +38,9 @@ from eplb.core.inputs import (
 from eplb.core.options import LADDER_GAP, SECOND_LOOK_GAP, PackingOptions, PlanOptions
 from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
 from eplb.core.packing.speed_start import keep_faster, speed_greedy
-from eplb.core.placement import (
-    Placement,
-    log2phy_size_problem,
-    slot_gpu_loads,
-    validate_planned,
-)
+from eplb.core.placement import Placement, slot_gpu_loads, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
 from eplb.core.policies.global_policy import plan_for_nearest
-from eplb.core.replication import replica_counts
 from eplb.core.request import DEFAULT_SLACK, PlanRequest
 from eplb.core.topology import Topology, check_total_slots, is_name
 
@@ -155,28 +149,6 @@ def check_plan_size(num_layers: int, topology: Topology, num_experts: int) -> No
         )
 
 
-def _refuse_a_dense_log2phy(weight: torch.Tensor, topology: Topology) -> None:
-    """Refuse before planning a plan whose ``log2phy`` table eplb would refuse after it
-    (:func:`eplb.core.placement.log2phy_size_problem`): its width is the most replicas of
-    one expert, estimated by Jefferson's counts capped at one per GPU (the planners' own
-    first allocation; another rule of the portfolio may still widen it), where the
-    largest width the slots allow is beyond the limit (attacker pass: 1,100 layers with
-    one hot expert on 1,024 GPUs planned for a minute, then were refused).
-    ``weight [L, E]``."""
-    layers, num_experts = weight.shape
-    widest = min(topology.num_gpus, topology.num_replicas - num_experts + 1)
-    if log2phy_size_problem(layers, num_experts, widest) is None:
-        return  # (every shape eplb is measured at: no estimate made)
-    host = weight.detach().cpu()
-    host = torch.where(host.sum(1, keepdim=True) > 0, host, torch.ones_like(host))
-    # the cap keeps counts at most P and grants the rest to experts below it: its largest
-    # count is min(P, the largest before it), without the regrant (19 s at 1,100 layers)
-    largest = int(replica_counts(host, topology.num_replicas)[0].max())
-    problem = log2phy_size_problem(layers, num_experts, min(largest, topology.num_gpus))
-    if problem is not None:
-        raise ValueError(problem)
-
-
 def make_request(
     weight: object,
     num_replicas: int,
@@ -210,7 +182,6 @@ def make_request(
             f"({num_experts}): every expert needs a slot"
         )
     check_plan_size(w.shape[0], topology, num_experts)
-    _refuse_a_dense_log2phy(w, topology)
     seed = as_seed(seed)
     opts = resolve_options(options, num_candidates, refine_steps)
     live = None
