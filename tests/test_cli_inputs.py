@@ -658,6 +658,11 @@ def test_several_loads_files_are_matched_by_model_layer(capsys, tmp_path) -> Non
                        "20", "-g", "4", "-o", str(out), "--force")
     assert code == 0, err
     assert json.loads(out.read_text())["layer_ids"] == [2, 3, 4]
+    # bare rows of the MoE layers beside the dump, whose dense rows are zero
+    code, _, err = run(capsys, "plan", str(dump), str(bare), "-r", "20", "-g", "4", "-o",
+                       str(out), "--force")
+    assert code == 0, err
+    assert json.loads(out.read_text())["layer_ids"] == [2, 3, 4]
     # the layers disagree where they carry load: named, not matched
     other = tmp_path / "other.npz"
     np.savez(other, counts=moe[None], layer_ids=np.array([5, 6, 7]))

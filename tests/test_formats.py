@@ -203,9 +203,13 @@ def test_sglang_per_pass_dumps_repeating_a_rank_s_pass_are_refused(tmp_path):
     write_per_pass(folder / "expert_distribution_recorder_1.pt", c[:2], rank=0)
     write_per_pass(folder / "expert_distribution_recorder_2.pt", c, rank=0)
     with pytest.raises(FormatError, match=r"recorder_2.pt: records\[0\] repeats forward pass "
-                                          r"0 of rank 0 \(expert_distribution_recorder_1.pt "
-                                          r"records\[0\] holds it too\)"):
+                                          r"0 of rank 0, the same counts as "
+                                          r"expert_distribution_recorder_1.pt records\[0\]"):
         read_loads(folder)
+    # a restarted server numbers its passes anew: other counts under the same ids sum, as
+    # do records of other gatherers (second attacker pass)
+    write_per_pass(folder / "expert_distribution_recorder_2.pt", counts_tle(1), rank=0)
+    assert torch.equal(read_loads(folder).counts[:2], (c[:2] + counts_tle(1)[:2]).double())
 
 
 def test_trtllm_folder_sums_ranks(tmp_path):
@@ -242,8 +246,15 @@ def test_a_rank_lacking_entries_the_others_record_is_refused(tmp_path):
     del tensors["11_4"], tensors["12_4"]
     save_file(tensors, str(rank1))
     with pytest.raises(FormatError, match=r"rank1.safetensors: lacks 2 \(iteration, layer\) "
-                                          r"entries the other ranks record, e\.g\. \[\(11, 4\)"):
+                                          r"entries of its layers that other ranks record, "
+                                          r"e\.g\. \[\(11, 4\)"):
         read_loads(folder)
+    # pipeline parallelism: a rank records only its stage's layers, every iteration of them
+    # (the first version of this check refused such folders; attacker pass)
+    del tensors["10_4"], tensors["13_4"]
+    save_file(tensors, str(rank1))  # rank 1 runs layers 3 and 5 only
+    trace = read_loads(folder)
+    assert trace.layer_ids == [3, 4, 5] and trace.counts.shape == (T, L, E)
 
 
 def test_vllm_history_streams_with_tiny_chunks(tmp_path, monkeypatch):
@@ -826,6 +837,9 @@ def test_a_pt_dict_of_dicts_names_its_arrays_by_path(tmp_path):
     with pytest.raises(FormatError, match=r"holds 2 arrays \['a/b', 'c/d/e'\]"):
         read_loads(tmp_path / "nested.pt")
     assert torch.equal(read_loads(tmp_path / "nested.pt", key="c/d/e").counts, counts * 2)
+    torch.save({"a/b": {"c": counts}, "a": {"b/c": counts * 2}}, tmp_path / "alike.pt")
+    with pytest.raises(FormatError, match=r"several arrays are named 'a/b/c'"):
+        read_loads(tmp_path / "alike.pt")
     torch.save({"counts": counts, "meta": {"ranks": [0, 1]}}, tmp_path / "meta.pt")
     assert torch.equal(read_loads(tmp_path / "meta.pt").counts, counts.double())
 

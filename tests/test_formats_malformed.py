@@ -127,6 +127,8 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
         1, "not the shape of an array")
     npy("bool_dim.npy", b"{'descr': '<f8', 'fortran_order': False, 'shape': (True, 4), }\n",
         1, "not the shape of an array")
+    npy("version7.npy", b"{'descr': '<f8', 'fortran_order': False, 'shape': (1, 2), }\n", 7,
+        "format version 0700")
     add("long_header.npy", b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little") + b"{",
         None, "declares 4,294,967,295 bytes of header")
     np.savez(tmp / "float_topk.npz", x_topk_ids=np.zeros((2, 1, 2)))

@@ -295,9 +295,19 @@ def test_a_planner_that_cannot_take_weight_and_previous_is_refused_up_front(
     with pytest.raises(ValueError, match=refused):
         simulate(tiny_trace_for_planners, lambda w, R, P: eplb.plan(w, R, P),
                  num_replicas=16, num_gpus=8, cadence="adrs")
-    # any callable that takes (weight, previous) is fine, keywords or *args included
+    # any callable that takes (weight, previous) is fine, keywords or *args included, and a
+    # functools.wraps wrapper whose target takes other arguments (second attacker pass)
+    import functools
+
+    def fresh(weight):
+        return eplb.plan(weight, 16, 8)
+
+    @functools.wraps(fresh)
+    def wrapped(weight, previous):
+        return fresh(weight)
+
     for planner in (lambda w, prev=None, *rest: eplb.plan(w, 16, 8),
-                    lambda *args: eplb.plan(args[0], 16, 8)):
+                    lambda *args: eplb.plan(args[0], 16, 8), wrapped):
         simulate(tiny_trace_for_planners, planner, num_replicas=16, num_gpus=8, cadence="adrs")
 
 

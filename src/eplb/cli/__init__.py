@@ -138,7 +138,7 @@ MAX_THREADS = 256  # torch's OpenMP pool fails (or crashes) far above the cores 
 
 def _threads(text: str) -> int:
     try:
-        value = int(text)
+        value = integer(text)
     except ValueError:
         value = 0
     if not 1 <= value <= MAX_THREADS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -245,8 +246,8 @@ def integer(text: str) -> int:
     Arabic-Indic '١'), which eplb's own files refuse (attacker pass: ``-g ８`` planned).
     The CLI's argparse type for integers too (argparse then says "invalid integer
     value")."""
-    if not text.isascii():
-        raise ValueError(f"{text!r} is not written in ASCII digits")
+    if not re.fullmatch(r"\s*[+-]?[0-9]+\s*", text):  # (int() takes '2_88' and '٣' too)
+        raise ValueError(f"{text!r} is not an integer in ASCII digits")
     return int(text)
 
 

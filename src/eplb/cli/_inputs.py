@@ -140,7 +140,7 @@ def _join_steps(names: list[str], traces: list[LoadTrace]) -> LoadTrace:
     layers 3..60 were refused as different models):
 
     - a file that names no layers (bare rows) takes the ids of the files that do, where
-      its row count is theirs;
+      its row count is theirs (or that of their layers that carry load);
     - rows a file holds beyond the others' layers are dropped where they carry no load in
       any step (a dump's dense layers); the files then share the others' layers.
     """
@@ -159,6 +159,14 @@ def _join_steps(names: list[str], traces: list[LoadTrace]) -> LoadTrace:
     if not layers:
         raise CliError(f"{', '.join(names)} have no model layer in common: several LOADS "
                        "files must hold the same layers")
+    bare_rows = {t.num_layers for t in traces if not t.meta.get("model_layer_ids")}
+    if named and bare_rows and bare_rows != {len(layers)}:
+        # bare rows of the loaded layers alone (a trace of the MoE layers beside a dump
+        # whose dense rows are zero; second attacker pass)
+        loaded = [lid for lid in layers
+                  if any(bool(t.counts[:, t.layer_ids.index(lid)].any()) for t in named)]
+        if bare_rows == {len(loaded)}:
+            layers = loaded
     joined = []
     for name, trace in zip(names, traces, strict=True):
         if not trace.meta.get("model_layer_ids") and named:

@@ -44,6 +44,9 @@ def _header(
         # it declares, and one of 4 GiB in a 70-byte file asked for a 4 GiB buffer first
         # (a MemoryError under a memory limit; attacker pass)
         magic = handle.read(fmt.MAGIC_LEN)
+        if magic[6:7] not in (b"\x01", b"\x02", b"\x03"):  # (before its length is read)
+            raise FormatError(path, f"{name}: not a .npy array header NumPy writes (format "
+                                    f"version {magic[6:8].hex() or 'missing'}; 1 to 3 are)")
         width = 2 if magic[6:7] == b"\x01" else 4
         declared = handle.read(width)
         length = int.from_bytes(declared, "little")
@@ -111,8 +114,13 @@ def load_npy(path: Path) -> np.ndarray:
 
 def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """``{array name: (shape, dtype)}`` of an ``.npz`` archive, every header checked."""
-    out: dict[str, tuple[tuple[int, ...], np.dtype]] = {}
-    numbers = claimed = packed_total = 0  # of the compressed members, in all
+    return {name: (shape, dtype) for name, (shape, dtype, _) in _npz_members(path).items()}
+
+
+def _npz_members(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype, int | None]]:
+    """``{array name: (shape, dtype, compressed bytes or None if stored)}``, every header
+    checked."""
+    out: dict[str, tuple[tuple[int, ...], np.dtype, int | None]] = {}
     try:
         with zipfile.ZipFile(path) as archive:
             for info in archive.infolist():
@@ -120,30 +128,38 @@ def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
                 with archive.open(info) as member:
                     packed = (None if info.compress_type == zipfile.ZIP_STORED
                               else info.compress_size)
-                    out[name] = _header(member, path, repr(name), info.file_size, packed)
-                if packed is not None:
-                    shape, dtype = out[name]
-                    numbers += math.prod(shape)
-                    claimed += math.prod(shape) * dtype.itemsize
-                    packed_total += packed
+                    out[name] = (*_header(member, path, repr(name), info.file_size, packed),
+                                 packed)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
         raise FormatError(path, f"not a readable .npz archive: {exc}") from None
-    # the members' bound in all: a dozen members each just under it inflated 3.4 GB from
-    # 3 MB (attacker pass)
-    if numbers > MAX_UNPACKED_VALUES and inflates_too_far(claimed, packed_total):
+    return out
+
+
+def _refuse_inflating_too_far(path: Path, members: list[tuple[tuple[int, ...], np.dtype,
+                                                             int | None]]) -> None:
+    """The compressed ``members`` to be read, bounded in all as one member is (a dozen
+    each just under the bound inflated 3.4 GB from 3 MB; attacker pass). Members not read
+    do not count."""
+    packed = [(math.prod(shape), math.prod(shape) * dtype.itemsize, size)
+              for shape, dtype, size in members if size is not None]
+    numbers = sum(n for n, _, _ in packed)
+    claimed = sum(b for _, b, _ in packed)
+    compressed = sum(size for _, _, size in packed)
+    if numbers > MAX_UNPACKED_VALUES and inflates_too_far(claimed, compressed):
         raise FormatError(
             path,
-            f"its compressed members declare {numbers:,} numbers in all ({claimed:,} bytes "
-            f"from {packed_total:,}): beyond {MAX_UNPACKED_VALUES:,} numbers eplb inflates "
-            f"compressed members at most {MAX_INFLATION} times in all (a crafted archive "
-            "inflates a thousandfold); save it uncompressed (numpy.savez, eplb's write_loads)")
-    return out
+            f"the compressed members to read declare {numbers:,} numbers in all ({claimed:,} "
+            f"bytes from {compressed:,}): beyond {MAX_UNPACKED_VALUES:,} numbers eplb "
+            f"inflates compressed members at most {MAX_INFLATION} times in all (a crafted "
+            "archive inflates a thousandfold); save it uncompressed (numpy.savez, eplb's "
+            "write_loads)")
 
 
 def load_npz(path: Path, names: list[str] | None = None) -> dict[str, np.ndarray]:
     """Arrays of an ``.npz`` archive by name (all, or ``names``), headers checked first."""
-    headers = npz_headers(path)
-    wanted = list(headers) if names is None else names
+    members = _npz_members(path)
+    wanted = list(members) if names is None else names
+    _refuse_inflating_too_far(path, [members[k] for k in wanted if k in members])
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {k: archive[k] for k in wanted}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import warnings
 from collections.abc import Sequence
@@ -299,7 +300,7 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
     refuse_same_files(path, files)
     passes: dict[int, torch.Tensor] = {}
     ranks: list[int] = []
-    seen: dict[tuple[int, int], str] = {}  # (pass, rank) → the record that holds it
+    seen: dict[tuple, str] = {}  # (pass, rank, gatherer, counts) → the record holding it
     for file in files:
         require_container(file, "sglang-per-pass", ("pt-zip", "pt-pickle"),
                           "an SGLang expert_distribution_recorder_*.pt dump (or a folder "
@@ -357,14 +358,20 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
             pass_id = _int_field(record, "forward_pass_id", i, file)
             rank = _int_field(record, "rank", None, file)
             if rank is not None:
-                # one rank records a pass once: two dumps taken without restarting the
-                # recorder both hold its earlier passes, which summed twice (attacker pass)
-                where = seen.setdefault((pass_id, rank), f"{file.name} records[{i}]")
+                # two dumps taken without restarting the recorder both hold its earlier
+                # passes, which summed twice (attacker pass): a record of the same pass,
+                # rank and gatherer with the same counts is that. (A server restarted
+                # numbers its passes anew, and two-batch overlap records a pass per
+                # gatherer: their counts differ, and they sum.)
+                digest = hashlib.blake2b(physical.numpy().tobytes(), digest_size=16).digest()
+                ident = (pass_id, rank, str(record.get("gatherer_key")), digest)
+                where = seen.setdefault(ident, f"{file.name} records[{i}]")
                 if where != f"{file.name} records[{i}]":
                     raise FormatError(
-                        file, f"records[{i}] repeats forward pass {pass_id} of rank {rank} "
-                              f"({where} holds it too): its loads would count twice; keep "
-                              "one dump per rank (each holds the recorder's whole buffer)")
+                        file, f"records[{i}] repeats forward pass {pass_id} of rank {rank}, "
+                              f"the same counts as {where}: its loads would count twice; "
+                              "keep one dump per rank (each holds the recorder's whole "
+                              "buffer)")
             passes[pass_id] = passes[pass_id] + logical if pass_id in passes else logical
             if rank is not None and rank not in ranks:
                 ranks.append(rank)
@@ -443,7 +450,13 @@ def _named_arrays(
     elif kind in ("pt-zip", "pt-pickle"):
         obj = _load_pt(path)
         if isinstance(obj, dict):
-            tensors = {name: to_tensor(v, path, name) for name, v in _pt_arrays(obj)}
+            found = _pt_arrays(obj)
+            names = [name for name, _ in found]
+            alike = sorted({name for name in names if names.count(name) > 1})
+            if alike:  # ({"a/b": {"c": x}, "a": {"b/c": y}}: the second replaced the first)
+                raise FormatError(path, f"several arrays are named {alike[0]!r} (keys holding "
+                                        "'/'); rename one")
+            tensors = {name: to_tensor(v, path, name) for name, v in found}
         else:
             tensors = {path.stem: to_tensor(obj, path, path.name)}
     else:

@@ -107,15 +107,17 @@ def read_trtllm_stats(path: Path) -> LoadTrace:
                 total[key] + data.to(torch.float64) if key in total else data.to(torch.float64)
             )
         entries.append((file, set(named)))
-    # every rank records every (iteration, layer): one a rank lacks would be summed from
-    # the others' tokens alone, without a word (attacker pass: 1600 beside 3200)
+    # a rank records every iteration of the layers it runs (with pipeline parallelism,
+    # only its stage's layers): an iteration of one of them that it lacks would be summed
+    # from the other ranks' tokens alone, without a word (attacker pass: 1600 beside 3200)
     for file, held in entries:
-        lacking = sorted(set(total) - held)
+        layers_run = {layer for _, layer in held}
+        lacking = sorted(key for key in set(total) - held if key[1] in layers_run)
         if lacking:
             raise FormatError(
                 file, f"lacks {len(lacking)} (iteration, layer) entr"
-                      f"{'y' if len(lacking) == 1 else 'ies'} the other ranks record, e.g. "
-                      f"{lacking[:3]}: a rank's missing tokens would be summed as none "
+                      f"{'y' if len(lacking) == 1 else 'ies'} of its layers that other ranks "
+                      f"record, e.g. {lacking[:3]}: its tokens there would be summed as none "
                       "(statistics of one dump, from every rank)")
     if not total:
         raise FormatError(path, "the statistics hold no '{iter}_{layer}' entries")

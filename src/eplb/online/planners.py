@@ -107,7 +107,8 @@ def _check_planner_signature(planner: Callable[..., Any]) -> None:
     ``TypeError`` at the first rebalance). Callables whose signature Python cannot read
     (some builtins) are taken as they are."""
     try:
-        signature = inspect.signature(planner)
+        # (not a functools.wraps target's: the wrapper is what is called)
+        signature = inspect.signature(planner, follow_wrapped=False)
     except (TypeError, ValueError):
         return
     try:
