@@ -469,7 +469,8 @@ def test_dense_rows_are_said_to_carry_no_load(capsys, tmp_path) -> None:
 
 @pytest.mark.parametrize(("flag", "value"), [("-r", "３２"), ("-g", "٨"), ("--dead-gpus", "١"),
                                            ("--first-layer", "３"), ("--seed", "²"),
-                                           ("-r", "2_0"), ("--threads", "４")])
+                                           ("-r", "2_0"), ("--threads", "４"),
+                                           ("--gpu-speed", "1,1,1,２")])
 def test_integers_are_ascii_digits(capsys, tmp_path, loads, flag, value) -> None:
     # int() reads other scripts' digits: '-g ８' and '--dead-gpus ١' planned (GPU 1 dead),
     # where eplb's own files refuse them (attacker pass)

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from eplb._version import __version__
-from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, FORCED_MOVES, CliError, integer
+from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, FORCED_MOVES, CliError, integer, real
 from eplb.cli._inputs import add_input_options, warn
 from eplb.formats.errors import MissingPackage
 
@@ -113,7 +113,7 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
                             "auto = per layer avoid, unless expect, Jefferson's uncapped "
                             "counts or the even-split plan is served over 5%% better "
                             "(default)")
-        g.add_argument("--slack", type=float, default=None, metavar="X",
+        g.add_argument("--slack", type=real, default=None, metavar="X",
                        help="locality: node load allowed above the mean node load (default 0.03: "
                             "balancedness about 0.97, least cross-node traffic at that "
                             "balance; larger = less traffic, less balance)")

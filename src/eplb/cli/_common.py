@@ -251,6 +251,18 @@ def integer(text: str) -> int:
     return int(text)
 
 
+_REAL = re.compile(  # ASCII only: Python's \d matches every script's digits
+    r"\s*[+-]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?|inf(inity)?|nan)\s*", re.I)
+
+
+def real(text: str) -> float:
+    """``float(text)`` of ASCII digits only (``float`` also reads '０.５' and '1_0'), as
+    :func:`integer` is for integers; the CLI's argparse type for decimal numbers too."""
+    if not _REAL.fullmatch(text):
+        raise ValueError(f"{text!r} is not a number in ASCII digits")
+    return float(text)
+
+
 def parse_int_list(text: str, what: str) -> list[int]:
     """``"3, 17"`` -> ``[3, 17]``. An empty item (``3,``, ``3,,17``) is refused: a number
     left out by a slip, most likely, and which one is not for eplb to guess."""
@@ -306,7 +318,8 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
     else:
         values = spec.split(",")
     try:
-        speed = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        speed = torch.tensor([real(v) if isinstance(v, str) else float(v) for v in values],
+                             dtype=torch.float64)
     except (TypeError, ValueError, OverflowError):
         missing = "" if path.exists() else " (and no file of that name exists)"
         raise CliError(f"--gpu-speed: expected {num_gpus} comma-separated numbers or a file of "
