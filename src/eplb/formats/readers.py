@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from os import PathLike
 from pathlib import Path
@@ -451,8 +452,7 @@ def _named_arrays(
         obj = _load_pt(path)
         if isinstance(obj, dict):
             found = _pt_arrays(obj)
-            names = [name for name, _ in found]
-            alike = sorted({name for name in names if names.count(name) > 1})
+            alike = sorted(name for name, n in Counter(n for n, _ in found).items() if n > 1)
             if alike:  # ({"a/b": {"c": x}, "a": {"b/c": y}}: the second replaced the first)
                 raise FormatError(path, f"several arrays are named {alike[0]!r} (keys holding "
                                         "'/'); rename one")
