@@ -117,9 +117,9 @@ def _check_planner_signature(planner: Callable[..., Any]) -> None:
         name = getattr(planner, "__name__", type(planner).__name__)
         raise ValueError(
             f"a planner callable is called as planner(weight [L, E], previous: Placement | "
-            f"None) -> Placement; {name}{signature} cannot be (the cluster's sizes are "
-            "simulate()'s: close over them, e.g. lambda w, prev: eplb.plan(w, 288, 32, "
-            "previous=prev))") from None
+            f"None) -> Placement; {name}{signature} cannot be (the cluster's sizes are the "
+            "simulation's or the Rebalancer's: close over them, e.g. lambda w, prev: "
+            "eplb.plan(w, 288, 32, previous=prev))") from None
 
 
 def make_planner(
