@@ -20,7 +20,8 @@ from eplb.core.trace import model_layer_ids
 from eplb.formats.errors import FormatError, shown
 
 SEPARATOR = "/"
-_MAX_DEPTH = 8  # deeper objects are not searched for arrays
+#: deeper objects (JSON, or dicts in a .pt file) are not searched for arrays
+MAX_ARRAY_DEPTH = 8
 _SHOWN = 12  # names listed in an error message
 
 
@@ -52,7 +53,7 @@ def _array_paths(obj: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
         for key, value in node.items():
             if isinstance(value, _ARRAYS) or _is_record(value):
                 found.append((SEPARATOR.join((*keys, key)), (*keys, key)))
-            elif isinstance(value, dict) and depth < _MAX_DEPTH:
+            elif isinstance(value, dict) and depth < MAX_ARRAY_DEPTH:
                 walk(value, (*keys, key), depth + 1)
 
     walk(obj, (), 0)

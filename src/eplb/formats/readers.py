@@ -17,7 +17,13 @@ import torch
 from eplb.core.inputs import first_bad_load
 from eplb.core.messages import integer_runs
 from eplb.core.trace import LoadTrace, model_layer_ids
-from eplb.formats._arrays import check_keys, pick_array, pick_flat, record_layer_ids
+from eplb.formats._arrays import (
+    MAX_ARRAY_DEPTH,
+    check_keys,
+    pick_array,
+    pick_flat,
+    record_layer_ids,
+)
 from eplb.formats._counts import as_counts_of, to_tensor
 from eplb.formats._csv import read_csv_table
 from eplb.formats._files import import_safetensors_torch, require_regular_file
@@ -474,10 +480,11 @@ def _pt_arrays(obj: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, A
     """The arrays of a ``torch.save`` dict by name. A dict that holds none at its top level
     gives those of its nested dicts, named by their path (``"a/b"``, as JSON files' are;
     attacker pass: ``{"a": {"b": tensor}}`` held "0 arrays" and no key read it); beside
-    arrays, nested dicts are metadata, left out as before. 32 levels at most."""
+    arrays, nested dicts are metadata, left out as before. As deep as JSON files are
+    searched (:data:`~eplb.formats._arrays.MAX_ARRAY_DEPTH`)."""
     arrays = [(f"{prefix}{key}", value) for key, value in obj.items()
               if isinstance(value, (torch.Tensor, np.ndarray, list))]
-    if arrays or depth >= 32:
+    if arrays or depth >= MAX_ARRAY_DEPTH:
         return arrays
     return [found for key, value in obj.items() if isinstance(value, dict)
             for found in _pt_arrays(value, f"{prefix}{key}/", depth + 1)]
