@@ -545,8 +545,9 @@ def test_simulate_counts_moved_weights_in_the_models_bytes(capsys, trace_file) -
     assert code == 0
     assert "GB/rebal" in out and "at 2,000,000 bytes per expert" in out
     assert "in 2 nodes, 2 groups (hierarchical)" in out
-    code, _, err = run(capsys, *args, "--expert-bytes", "-1")
-    assert code == 2 and "--expert-bytes: must be an integer >= 0" in err
+    for bad in ("-1", "0"):  # (an expert of no bytes: every rebalance free)
+        code, _, err = run(capsys, *args, "--expert-bytes", bad)
+        assert code == 2 and "--expert-bytes: must be an integer >= 1" in err
 
 
 def test_simulate_too_short_trace(capsys, trace_file) -> None:

@@ -224,6 +224,7 @@ def test_load_trace_input_is_accepted() -> None:
         ({"estimator": "median"}, ValueError, "accepted specs"),
         ({"num_replicas": 10}, ValueError, "multiple of num_gpus"),
         ({"expert_bytes": -1}, ValueError, "expert_bytes"),
+        ({"expert_bytes": 0}, ValueError, "expert_bytes must be an integer >= 1"),
     ],
 )
 def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:

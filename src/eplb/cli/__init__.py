@@ -146,24 +146,27 @@ def _threads(text: str) -> int:
     return value
 
 
-def _count(unit: str) -> typing.Callable[[str], int]:
-    """An argparse type: an integer >= 0 of ``unit`` (``--max-moves``' slots, ``simulate
-    --expert-bytes``), refused by flag, not by the API's keyword."""
+def _count(unit: str, least: int = 0) -> typing.Callable[[str], int]:
+    """An argparse type: an integer >= ``least`` of ``unit`` (``--max-moves``' slots,
+    ``simulate --expert-bytes``), refused by flag, not by the API's keyword."""
 
     def parse(text: str) -> int:
         try:
             value = integer(text)
         except ValueError:
-            value = -1
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"must be an integer >= 0 ({unit}), got {text!r}")
+            value = least - 1
+        if value < least:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {least} ({unit}), got {text!r}")
         return value
 
     return parse
 
 
 _slots = _count("slots")
-_expert_bytes = _count("bytes of one expert's weights, e.g. 44040192 for DeepSeek-V3 in FP8")
+# an expert of no bytes would report every rebalance as free (a slip for the default)
+_expert_bytes = _count("bytes of one expert's weights, e.g. 44040192 for DeepSeek-V3 in FP8",
+                       least=1)
 
 
 def build_parser() -> _Parser:

@@ -399,8 +399,9 @@ def simulate(
         base.interval if interval is None else interval,
         base.score_window if score_window is None else score_window,
     )
-    if isinstance(expert_bytes, bool) or not isinstance(expert_bytes, int) or expert_bytes < 0:
-        raise ValueError(f"expert_bytes must be an integer >= 0, got {expert_bytes!r}")
+    # (an expert of no bytes would report every rebalance as free: refused as a slip)
+    if isinstance(expert_bytes, bool) or not isinstance(expert_bytes, int) or expert_bytes < 1:
+        raise ValueError(f"expert_bytes must be an integer >= 1, got {expert_bytes!r}")
     if not isinstance(oracle, bool):  # "no" would be true
         raise ValueError(f"oracle must be True or False, got {oracle!r}")
     topo = Topology(num_replicas, num_gpus, num_nodes, num_groups)
