@@ -381,6 +381,34 @@ def test_a_callable_planner_may_stack_replicas_on_a_gpu() -> None:
     assert reb.placement is not None
 
 
+@pytest.mark.parametrize("option", [
+    {"max_moves": 3}, {"skip_threshold": 0.1}, {"policy": "global"}, {"dispatch": "nearest"},
+    {"active_gpus": torch.tensor([True, True, True, False])}, {"no_such_option": 1},
+])
+def test_options_a_callable_planner_cannot_receive_are_refused(option: dict) -> None:
+    # (attacker pass: they were accepted and dropped; a replay then scored a GPU given as
+    # dead as serving, and moved 60 slots a rebalance under max_moves=3)
+    planner = RecordingPlanner(Topology(R, P))
+    name = next(iter(option))
+    with pytest.raises(ValueError, match=f"callable, which plans by itself: {name}"):
+        Rebalancer(R, P, window=2, interval=2, planner=planner, **option)
+    with pytest.raises(ValueError, match="callable, which plans by itself"):
+        make_planner(planner, Topology(R, P), **option)
+    # incremental=True is no such option: a callable always gets the placement in force
+    reb = Rebalancer(R, P, window=2, interval=2, planner=planner, incremental=True)
+    reb.record(_steps(4))
+    assert [prev is None for _, prev in planner.calls] == [True, False]
+
+
+def test_a_callable_planner_gets_one_window_of_layers_per_call_under_multi() -> None:
+    # (attacker pass: the first rebalance, with no placement in force, stacked the
+    # estimator's candidate windows into one [C·L, E] call)
+    planner = RecordingPlanner(Topology(R, P))
+    reb = Rebalancer(R, P, window=4, interval=4, planner=planner, estimator="multi:2")
+    reb.record(_steps(12))
+    assert planner.calls and all(w.shape == (L, E) for w, _ in planner.calls)
+
+
 @pytest.mark.parametrize("limit", [{"max_moves": 0}, {"skip_threshold": 1.0}])
 def test_a_rebalance_that_only_empties_a_dead_gpu_is_reported_as_a_change(limit: dict) -> None:
     # every expert has replicas on several GPUs, so a GPU's death forces no weight to

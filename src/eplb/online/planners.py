@@ -136,10 +136,26 @@ def make_planner(
 
     ``incremental`` (``"eplb"`` only) forwards ``previous``, ``max_moves`` and
     ``skip_threshold`` to :func:`eplb.plan`; otherwise planning starts from scratch.
-    A callable is returned unchanged (it receives ``previous`` and decides itself).
+    A callable is returned unchanged (it receives ``previous`` and decides itself); the
+    options of the built-in planners (``max_moves``, ``skip_threshold``, ``active_gpus``,
+    ``plan_options``) cannot reach it and are refused.
     """
     if callable(planner):
         _check_planner_signature(planner)
+        if not isinstance(incremental, bool):
+            raise ValueError(f"incremental must be True or False, got {incremental!r}")
+        # a callable plans by itself: these were accepted and dropped, so a replay scored
+        # a GPU given as dead as serving, and moves beyond max_moves (attacker pass)
+        unused = [name for name, value in (("max_moves", max_moves),
+                                           ("skip_threshold", skip_threshold),
+                                           ("active_gpus", active_gpus)) if value is not None]
+        unused += sorted(plan_options)
+        if unused:
+            raise ValueError(
+                f"the planner is a callable, which plans by itself: {', '.join(unused)} "
+                f"(options of eplb's built-in planners) would not reach it; apply them "
+                f"inside the callable, e.g. eplb.plan(weight, ..., previous=previous, "
+                f"max_moves=...)")
         return planner
     if not is_name(planner, PLANNERS):
         raise ValueError(f"unknown planner {planner!r}; accepted: {', '.join(PLANNERS)} or a "

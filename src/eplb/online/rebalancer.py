@@ -57,7 +57,9 @@ class Rebalancer:
         interval: rebalance every ``I`` recorded steps (after steps ``I, 2I, ...``).
         estimator: spec string or :class:`~eplb.online.estimate.Estimator` (default ``"sum"``).
         planner: ``"eplb"``, ``"greedy"``, ``"none"`` or a callable ``(weight, previous)``
-            (a callable always receives the placement in force, ``None`` before the first).
+            (a callable always receives the placement in force, ``None`` before the first,
+            and one window of the model's layers per call; the options below but
+            ``incremental`` are for the built-in planners and refused beside a callable).
         incremental: pass the placement in force to :func:`eplb.plan` (``previous=``) with
             ``max_moves`` and ``skip_threshold``.
         active_gpus: ``[P]`` bool of live GPUs (``"eplb"`` planner only).
@@ -311,9 +313,11 @@ class Rebalancer:
         estimate = self.estimate()
         previous = self._placement
         start = time.perf_counter()
+        # a user's callable gets one window of the model's layers per call, as documented
+        # (stacked candidate windows came to it as [C·L, E] on the first rebalance)
         new = plan_estimate(estimate, self.planner, previous if self._pass_previous else None,
-                            keep=previous, total_budget=self._total_budget,
-                            realised=self._realised)
+                            keep=previous, batch=not self._user_planner,
+                            total_budget=self._total_budget, realised=self._realised)
         seconds = time.perf_counter() - start
         # (plan_estimate checked that it is a Placement of the estimate's layers)
         if new.topology != self.topology or new.num_experts != estimate.weight.shape[1]:
