@@ -453,6 +453,23 @@ def test_eplb_rebalance_refuses_impossible_calls(args, message):
         plugin.eplb_rebalance(torch.rand(2, 8), *args)
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"foo": 1}, r"options: unknown option\(s\) \['foo'\]"),
+    ({"dispatch": "nearest", "policy": "locality"}, "policy 'locality' is not served"),
+    ({"dispatch": "sideways"}, "options: dispatch must be one of"),
+    ({"max_moves": -1}, "options: max_moves must be a non-negative int"),
+])
+def test_eplb_rebalance_checks_its_options_as_the_environment_is_checked(options, message):
+    # (attacker pass: an unknown key failed inside eplb.plan with a raw TypeError, and
+    # 'locality' beside dispatch 'nearest' was told to pass dispatch='nearest')
+    with pytest.raises(ValueError, match=message):
+        plugin.eplb_rebalance(torch.rand(2, 8), 16, 4, None, 2, False, options=options)
+    # a per-layer budget stays a Python caller's choice (the environment refuses lists)
+    old = torch.arange(16).remainder(8).repeat(2, 1)
+    plugin.eplb_rebalance(torch.rand(2, 8), 16, 4, None, 1, False,
+                          options={"max_moves": [1, 2]}, old_phy2log=old)
+
+
 @pytest.mark.parametrize(("replicas", "local", "groups", "nodes", "reason"), [
     (27, 3, 4, 2, "num_gpus (9) is not a multiple of num_nodes (2)"),
     (24, 3, 6, 2, "num_experts (16) is not a multiple of num_groups (6)"),

@@ -126,11 +126,22 @@ def _checked_options(text: str, source: str) -> dict[str, Any]:
     """Planner options from JSON ``text``; errors name ``source`` (where the text came from:
     the environment variable, or the launcher's ``--eplb-options``)."""
     options = options_from_json(source, text)
-    allowed = PLANNER_OPTIONS | PLUGIN_OPTIONS
+    if isinstance(options.get("max_moves"), list):
+        # its length would be checked only at the first rebalance, which has no fallback
+        raise ValueError(f"{source}: max_moves must be one int (slots in total over all "
+                         "layers) here; per-layer lists are for the Python API")
+    _check_options(options, source, PLANNER_OPTIONS | PLUGIN_OPTIONS)
+    check_timeout_option(options, source)
+    return options
+
+
+def _check_options(options: dict[str, Any], source: str, allowed: frozenset[str]) -> None:
+    """Refuse ``options`` with a key outside ``allowed`` or a planner option's bad value;
+    errors name ``source`` (the environment variable, ``--eplb-options``, or the
+    ``options`` argument of :func:`eplb_rebalance`)."""
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(f"{source}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
-    check_timeout_option(options, source)
     if options.get("dispatch", "auto") not in DISPATCH_CHOICES:
         raise ValueError(f"{source}: dispatch must be one of {DISPATCH_CHOICES}, got "
                          f"{options['dispatch']!r}")
@@ -138,16 +149,11 @@ def _checked_options(text: str, source: str) -> dict[str, Any]:
         raise ValueError(f"{source}: policy 'locality' is not served through SGLang's "
                          "rebalancing hook yet: use 'auto', 'global' or 'hierarchical', or "
                          "plan a locality placement with `eplb plan` for --init-expert-location")
-    if isinstance(options.get("max_moves"), list):
-        # its length would be checked only at the first rebalance, which has no fallback
-        raise ValueError(f"{source}: max_moves must be one int (slots in total over all "
-                         "layers) here; per-layer lists are for the Python API")
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
         check_option_values({k: v for k, v in options.items()
                              if k in PLANNER_OPTIONS and k != "dispatch"})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: {exc}") from None
-    return options
 
 
 def eplb_rebalance(
@@ -190,10 +196,11 @@ def eplb_rebalance(
         integer-valued float64, so every rank computes the same plan.
     """
     options = dict(options or {})
+    # the environment's checks and messages (attacker pass: an unknown key failed inside
+    # eplb.plan with a raw TypeError, and policy 'locality' with dispatch 'nearest' was
+    # told to pass dispatch='nearest')
+    _check_options(options, "options", PLANNER_OPTIONS)
     dispatch = options.pop("dispatch", "auto")
-    if dispatch not in DISPATCH_CHOICES:
-        raise ValueError(f"dispatch must be one of {DISPATCH_CHOICES}, got {dispatch!r}")
-    check_option_values(options)
     incremental = options.pop("incremental", True)
     _check_counts(tokens_per_expert)
     weight = tokens_per_expert.detach()
