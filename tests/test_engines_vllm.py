@@ -119,6 +119,25 @@ def test_the_policy_names_a_load_window_or_map_that_is_no_tensor():
     assert plugin.EplbPolicy.rebalance_experts(weight, 16, 1, 1, 4).shape == (2, 16)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16,
+                                   torch.uint32, torch.uint64, torch.bool])
+def test_the_policy_plans_every_real_dtype_as_eplb_plan_does(dtype, caplog):
+    # (attacker pass: a raw NotImplementedError from torch's aminmax, where eplb.plan plans)
+    weight = (torch.rand(2, 8) * 10).to(dtype)
+    assert torch.equal(plugin.EplbPolicy.rebalance_experts(weight, 16, 1, 1, 4),
+                       eplb.plan(weight, 16, 4).phy2log)
+    if dtype.is_floating_point:  # a NaN is read as 0 there too, with no map to keep
+        weight[1, 3] = float("nan")
+        assert plugin.EplbPolicy.rebalance_experts(weight, 16, 1, 1, 4).shape == (2, 16)
+        assert "planning with such entries read as 0" in caplog.text
+        caplog.clear()  # the log was the point here
+
+
+def test_the_policy_refuses_complex_loads_by_name():
+    with pytest.raises(TypeError, match="weight has complex dtype"):
+        plugin.EplbPolicy.rebalance_experts(torch.ones(2, 8, dtype=torch.complex64), 16, 1, 1, 4)
+
+
 def test_register_without_vllm_is_a_noop(monkeypatch):
     monkeypatch.setenv(plugin.ENV_VAR, "eplb")
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:

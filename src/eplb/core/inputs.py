@@ -212,8 +212,10 @@ def first_bad_load(loads: torch.Tensor) -> tuple[int, ...] | None:
     The common all-good case costs one min/max pass and one host sync, and no temporary
     (``torch.isfinite`` on a multi-GB float64 trace would copy it).
     """
-    if loads.numel() == 0:
-        return None
+    if loads.numel() == 0 or loads.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        return None  # (torch has no min/max for these; no entry is negative or NaN)
+    if loads.is_floating_point() and loads.element_size() == 1:
+        loads = loads.to(torch.float32)  # float8: exact, and min/max exist for it
     lo, hi = (float(x) for x in torch.aminmax(loads))  # NaN propagates through min/max
     if math.isfinite(lo) and math.isfinite(hi) and lo >= 0:
         return None
@@ -227,7 +229,11 @@ _LOAD_AXES = {1: ("expert",), 2: ("layer", "expert"), 3: ("step", "layer", "expe
 
 def check_loads(tensor: torch.Tensor, name: str) -> None:
     """``ValueError`` naming the first NaN, infinite or negative entry of ``tensor`` (any
-    shape; ``name[i, j]`` with its step, layer and expert where it has those axes)."""
+    shape; ``name[i, j]`` with its step, layer and expert where it has those axes), and
+    ``TypeError`` for a complex tensor (a raw torch error before: attacker pass)."""
+    if tensor.is_complex():
+        raise TypeError(f"{name} has complex dtype {tensor.dtype}; expected a real or "
+                        "integer dtype")
     bad = first_bad_load(tensor)
     if bad is not None:
         index = ", ".join(str(i) for i in bad)

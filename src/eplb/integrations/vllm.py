@@ -179,6 +179,8 @@ class EplbPolicy:
             # vLLM's default policy would plan on the bad entries themselves
             logger.error("eplb: %s; planning with such entries read as 0 (no whole expert "
                          "map in force to keep)", exc)
+            if weight.is_floating_point():  # (float8 has no compare: float64 is exact)
+                weight = weight.to(torch.float64)
             weight = torch.where(weight.isfinite() & (weight > 0), weight,
                                  torch.zeros((), dtype=weight.dtype))
         if old is None:  # a fresh plan: the move knobs have nothing to act on
