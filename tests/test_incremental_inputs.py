@@ -28,6 +28,19 @@ def test_bad_previous():
         eplb.plan(W1, R, P, previous=old.phy2log.double())
 
 
+@pytest.mark.parametrize(("field", "message"), [
+    ("topology", "previous placement's topology is a NoneType, expected an eplb.Topology"),
+    ("phy2log", "previous placement's phy2log is a NoneType, expected a torch.Tensor"),
+])
+def test_a_previous_placement_edited_by_hand_is_named(field, message):
+    # (attacker pass: dataclasses.replace(plan, topology=None) met an AttributeError)
+    import dataclasses
+
+    bad = dataclasses.replace(old_plan("global", 1, 1), **{field: None})
+    with pytest.raises(TypeError, match=message):
+        eplb.plan(W1, R, P, previous=bad)
+
+
 def test_bad_budget_arguments():
     old = old_plan("global", 1, 1)
     with pytest.raises(ValueError, match=r"max_moves must be a non-negative int.*got -1"):

@@ -57,6 +57,7 @@ from eplb.core.options import COARSE_SLOTS, IncrementalOptions
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
+from eplb.core.topology import Topology
 from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous, relabel_size_problem
 from eplb.online.budget import spend_budget
@@ -67,6 +68,14 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
     """The placement in force as a validated ``[L, R]`` int64 host array."""
     if isinstance(previous, Placement):
         topo, theirs = request.topology, previous.topology
+        # a record edited by hand (dataclasses.replace): named as validate() names it, where
+        # an AttributeError on None came out (attacker pass)
+        if not isinstance(theirs, Topology):
+            raise TypeError(f"previous placement's topology is a {type(theirs).__name__}, "
+                            "expected an eplb.Topology")
+        if not isinstance(previous.phy2log, torch.Tensor):
+            raise TypeError(f"previous placement's phy2log is a "
+                            f"{type(previous.phy2log).__name__}, expected a torch.Tensor")
         if (theirs.num_gpus, theirs.num_replicas) != (topo.num_gpus, topo.num_replicas):
             raise ValueError(
                 f"previous placement is for {theirs.num_replicas} slots on {theirs.num_gpus} "
