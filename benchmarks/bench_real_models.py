@@ -11,7 +11,8 @@ whose files are absent is skipped, visibly), each read as a user would, with
 - Qwen3-30B-A3B (48 × 128): three prefill batches of top-8 ids;
 - DeepSeek-V2-Lite ESFT (26 × 64): four tasks' top-6 ids.
 
-Per model and shape (``R`` slots on ``P`` GPUs, one node): eplb's default plan and
+Per model and shape (``R`` slots on ``P`` GPUs, one node; the first shape of each with
+no spare slot, ``R = E``, as vLLM runs without redundant experts): eplb's default plan and
 DeepSeek's greedy (``eplb.core.plan_greedy``), planned on each window and scored on it
 (**in sample**, with the ceiling: Σ mean / Σ lower bound, which no plan exceeds) and on
 the next window of the list (**across windows**, out of sample: a plan made on one
@@ -42,13 +43,15 @@ OLMOE = REAL_DATA / "olmoe_mixtral_routing_counts" / "expert_counts.json"
 QWEN = REAL_DATA / "qwen3_30b_a3b_sharegpt_prefill_vllm" / "qwen3_30b_sharegpt_prefill_topk_ids.npz"
 ESFT = REAL_DATA / "esft_deepseek_v2_lite_routing" / "esft_topk_ids.npz"
 
-#: per model: (R, P) shapes, one node (slots per GPU 2–17, as the engines run these models)
+#: per model: (R, P) shapes, one node (slots per GPU 2–17, as the engines run these models);
+#: the first of each has no spare slot (R = E: vLLM's default of no redundant experts,
+#: where the packing is the whole plan)
 SHAPES = {
-    "gpt-oss-20b": ((40, 8), (72, 8), (136, 8), (48, 16), (64, 32)),
-    "OLMoE": ((72, 8), (80, 16), (128, 64)),
-    "Mixtral": ((12, 4), (24, 8)),
-    "Qwen3-30B-A3B": ((144, 16), (160, 32), (256, 128)),
-    "DeepSeek-V2-Lite (ESFT)": ((72, 8), (80, 16), (128, 64)),
+    "gpt-oss-20b": ((32, 4), (40, 8), (72, 8), (136, 8), (48, 16), (64, 32)),
+    "OLMoE": ((64, 8), (72, 8), (80, 16), (128, 64)),
+    "Mixtral": ((8, 2), (12, 4), (24, 8)),
+    "Qwen3-30B-A3B": ((128, 8), (144, 16), (160, 32), (256, 128)),
+    "DeepSeek-V2-Lite (ESFT)": ((64, 8), (72, 8), (80, 16), (128, 64)),
 }
 
 

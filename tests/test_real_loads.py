@@ -95,3 +95,26 @@ def test_full_dump_with_dense_rows(name):
     moe = w[FIRST_MOE:]
     sub = eplb.Placement.from_phy2log(p.phy2log[FIRST_MOE:], EXPERTS, p.topology, p.policy)
     assert sub.balancedness(moe) >= planned(name, "hierarchical").balancedness(moe) - 1e-3
+
+
+QWEN = (DATA.parent / "qwen3_30b_a3b_sharegpt_prefill_vllm"
+        / "qwen3_30b_sharegpt_prefill_topk_ids.npz")
+
+
+@pytest.mark.parametrize("gpus", [4, 8, 16])
+def test_without_spare_slots_eplb_is_not_below_the_greedy_on_qwen3(gpus):
+    """vLLM runs without redundant experts by default (slots = experts): the packing is the
+    whole plan. On Qwen3-30B-A3B's real prefill batches on 8 GPUs of 16 slots the
+    automatic steps ended at 0.9965-0.9983 where DeepSeek's greedy (vLLM's default
+    policy) reached 0.9993-0.9997 (new-user pass); rows holding every expert once now get
+    the longer search wherever they end 0.1 % above their bound."""
+    if not QWEN.is_file():
+        pytest.skip(MISSING)
+    from eplb.formats import read_loads
+
+    for key in ("ep_states_topk_ids", "token_distri_8_topk_ids", "token_distri_16_topk_ids"):
+        w = read_loads(QWEN, key=key).total()
+        got = eplb.plan(w, 128, gpus).balancedness(w)
+        # (the greedy's 1e-4 lead where both are at the bound on 4 GPUs is within reach
+        # of neither search's stopping rule)
+        assert got >= plan_greedy(w, 128, gpus, 1, 1).balancedness(w) - 1e-4, key

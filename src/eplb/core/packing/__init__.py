@@ -131,6 +131,10 @@ def _pack_chunk(
             allow_shared = allow_shared.repeat(cands)
         if floor is not None:
             floor = floor.repeat(cands)
+    # rows holding every expert once (no spare slots: vLLM's default of no redundant
+    # experts): replicas are adjacent, so no two neighbours share an expert
+    # (items hold every start's rows by now)
+    whole = (items[EXPERT, :, 1:] != items[EXPERT, :, :-1]).all(1)
     state, suspects = construct_with_suspects(items, num_gpus, options.construction)
     state = repair_conflicts(state, allow_shared, suspects)
     open_rows = None
@@ -144,10 +148,11 @@ def _pack_chunk(
     if open_rows is None:
         state = refine(state, pair_steps, "pairs")
         state = refine(state, max_steps, "max")
-        state = _rescue(state, slots, num_gpus)
+        state = _rescue(state, slots, num_gpus, whole)
     elif len(open_rows):
         sub = refine(state[:, :, open_rows], pair_steps, "pairs")
-        state[:, :, open_rows] = _rescue(refine(sub, max_steps, "max"), slots, num_gpus)
+        state[:, :, open_rows] = _rescue(refine(sub, max_steps, "max"), slots, num_gpus,
+                                         whole[open_rows])
     if cands > 1:
         _, slots, _, _ = state.shape
         peak = max_load(state).view(cands, rows)
@@ -161,12 +166,22 @@ def _pack_chunk(
 #: a row whose busiest GPU ends this far above its lower bound (the mean GPU load or its
 #: largest replica) gets a second, longer search (:func:`_rescue`)
 RESCUE_GAP = 0.01
+#: ... and this far, for a row that holds every expert once (no spare slots, as vLLM runs
+#: without redundant experts): the packing is the whole plan there, the automatic steps
+#: (4 polish steps on 8 GPUs) left Qwen3-30B-A3B's real loads on 8 GPUs × 16 slots at
+#: 0.9965-0.9983 where DeepSeek's greedy reached 0.9993-0.9997, and the longer search
+#: reaches the bound within 0.02 % there. At spare slots (hot experts split) the rows end
+#: within 0.1 % on their own, and the S = 5 rows this gap would search again cost 2-4×
+#: the time for +0.0006-0.002 (new-user pass; BENCHMARKS.md §12, thirty-third session)
+RESCUE_GAP_WHOLE = 0.001
 #: ... where a GPU has at least this many slots (fewer: the bound is rarely reachable)
 RESCUE_MIN_SLOTS = 5
 
 
-def _rescue(state: torch.Tensor, slots: int, num_gpus: int) -> torch.Tensor:
+def _rescue(state: torch.Tensor, slots: int, num_gpus: int,
+            whole: torch.Tensor | None = None) -> torch.Tensor:
     """``state`` with the rows still more than :data:`RESCUE_GAP` above their lower bound
+    (:data:`RESCUE_GAP_WHOLE` for the rows ``whole [rows]`` that hold every expert once)
     searched again, ``P/2`` all-pairs steps and ``P`` polish steps (at least 8 each).
 
     One expert far hotter than the rest with few spare slots left the construction
@@ -179,7 +194,10 @@ def _rescue(state: torch.Tensor, slots: int, num_gpus: int) -> torch.Tensor:
         return state
     loads = gpu_loads(state)  # [rows, P]
     bound = torch.maximum(loads.mean(1), state[LOAD].amax((0, 2)))
-    far = (loads.amax(1) > bound * (1 + RESCUE_GAP)).nonzero()[:, 0]
+    # (the factor as the scalar 1 + gap rounds it, for the same bits on every row)
+    factor = (1 + RESCUE_GAP if whole is None
+              else torch.where(whole, 1 + RESCUE_GAP_WHOLE, 1 + RESCUE_GAP).to(loads.dtype))
+    far = (loads.amax(1) > bound * factor).nonzero()[:, 0]
     if not len(far):
         return state
     sub = refine(state[:, :, far], max(8, num_gpus // 2), "pairs")
