@@ -191,6 +191,21 @@ def test_a_bad_flag_is_reported_before_an_existing_output(capsys, tmp_path, load
     assert out.read_text() == "precious"
 
 
+@pytest.mark.parametrize(("replicas", "gpus", "hint"), [
+    ("4", "16", "(swapped? -r 16 -g 4 is 4 slots on each of 4 GPUs)"),
+    ("6", "16", ""),  # 16 is no multiple of 6: no swap makes this a cluster
+])
+def test_replicas_and_gpus_swapped_are_named_as_such(capsys, tmp_path, loads, replicas,
+                                                      gpus, hint) -> None:
+    # (new-user pass: -r 16 -g 160 said only "must be a multiple of --gpus (160)")
+    code = main(["plan", str(loads), "-r", replicas, "-g", gpus, "-o",
+                 str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == (f"eplb: error: --replicas ({replicas}) must be a multiple of "
+                           f"--gpus ({gpus})" + (" " + hint if hint else ""))
+
+
 def test_a_folder_as_output_is_named_as_one_without_suggesting_force(capsys, tmp_path,
                                                                    loads) -> None:
     # "already exists; pass --force" sent the user to a second error: --force cannot

@@ -227,7 +227,14 @@ def check_topology(num_replicas: int, num_gpus: int, num_nodes: int, num_groups:
         if value < 1:
             raise CliError(f"{name} must be >= 1, got {value}")
     if num_replicas % num_gpus:
-        raise CliError(f"--replicas ({num_replicas}) must be a multiple of --gpus ({num_gpus})")
+        # fewer slots than GPUs that the GPUs' count is a multiple of (-r 16 -g 160): the
+        # two were most likely swapped (new-user pass)
+        swapped = (num_replicas < num_gpus and num_gpus % num_replicas == 0
+                   and num_gpus >= num_experts)
+        hint = (f" (swapped? -r {num_gpus} -g {num_replicas} is "
+                f"{num_gpus // num_replicas} slots on each of {num_replicas} GPUs)")
+        raise CliError(f"--replicas ({num_replicas}) must be a multiple of --gpus ({num_gpus})"
+                       + (hint if swapped else ""))
     if num_gpus % num_nodes:
         raise CliError(f"--gpus ({num_gpus}) must be a multiple of --nodes ({num_nodes})")
     if num_replicas < num_experts:
