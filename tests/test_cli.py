@@ -544,6 +544,12 @@ def test_simulate_counts_moved_weights_in_the_models_bytes(capsys, trace_file) -
                        "--groups", 2)
     assert code == 0
     assert "GB/rebal" in out and "at 2,000,000 bytes per expert" in out
+    # each GPU's share, which sets the stall (new-user pass: the README quotes it per GPU)
+    header = next(line.split() for line in out.splitlines() if "GB/GPU" in line)
+    assert header[-4:] == ["GB/rebal", "GB/GPU", "plan", "ms"]
+    row = next(line.split() for line in out.splitlines() if line.startswith("eplb"))
+    total, per_gpu = float(row[-3]), float(row[-2])
+    assert per_gpu == pytest.approx(total / 8, abs=0.01)
     assert "in 2 nodes, 2 groups (hierarchical)" in out
     for bad in ("-1", "0"):  # (an expert of no bytes: every rebalance free)
         code, _, err = run(capsys, *args, "--expert-bytes", bad)

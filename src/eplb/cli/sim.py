@@ -196,7 +196,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         return 0
     cad = results[0].cadence
     headers = ["planner", "window bal", "step bal", "oracle", "rebalances", "moved/rebal",
-               "GB/rebal", "plan ms"]
+               "GB/rebal", "GB/GPU", "plan ms"]
     rows = []
     for r in results:
         s = r.summary()
@@ -211,6 +211,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                      else f"{s['moved_slots_per_rebalance']:.0f}",
                      None if s["moved_gb_per_rebalance"] is None
                      else f"{s['moved_gb_per_rebalance']:.1f}",
+                     # each GPU receives its share at once: what sets the stall
+                     None if s["moved_gb_per_rebalance"] is None
+                     else f"{s['moved_gb_per_rebalance'] / gpus:.2f}",
                      None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
     print_table(
         f"{args.trace}{all_zero_rows_note(len(left_out))}: {trace.num_steps} steps, "
@@ -222,10 +225,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # the short headers need their meaning: which figure counts, and what 'moved' counts
     print("window bal / step bal: mean balancedness (Σ mean / Σ max GPU load, 1.0 is "
           "perfect)\n  of the scoring windows / of single steps, from the first rebalance on;\n"
-          "oracle: the same planner given the scored window itself (foresight, not a bound);\n"
+          "oracle: the same planner given the scored window itself, a fresh plan even with "
+          "--incremental\n  (foresight, not a bound);\n"
           "moved/rebal: slots whose expert changed per rebalance, of "
           f"{trace.num_layers * replicas} ({trace.num_layers} layers × {replicas} slots);\n"
-          f"GB/rebal: the expert weights they copy, at {expert_bytes:,} bytes per expert"
+          f"GB/rebal, GB/GPU: the expert weights they copy, in all and into each of the "
+          f"{gpus} GPUs\n  (the share each receives at once), at {expert_bytes:,} bytes per "
+          f"expert"
           + (" (DeepSeek-V3 in FP8; --expert-bytes for another model)"
              if args.expert_bytes is None else ""))
     if args.max_moves is not None:
