@@ -1,0 +1,88 @@
+"""No spare slot: slots = experts, the shape vLLM runs without redundant experts.
+
+vLLM's ``num_redundant_experts`` defaults to 0: every expert keeps one slot and EPLB only
+rearranges them, so the packing is the whole plan. Per model of the real data (those of
+``bench_real_models.py`` and the real DeepSeek-V3 dumps, never copied here; a model whose
+files are absent is skipped, visibly) and per GPU count with at least 2 slots per GPU:
+eplb's default plan against DeepSeek's greedy (vLLM's default policy,
+``eplb.core.plan_greedy``), in sample, with the ceiling, the windows where eplb ends
+below the greedy, and the median planning time on the first window.
+
+``--before`` plans with the rule before the thirty-third session (rows holding every
+expert once searched again only from 1 % above their bound, as every row is), for a
+side-by-side run of the same code.
+
+    python benchmarks/bench_no_spare.py [--before] [--repeats N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+
+import torch
+from _harness import deepseek_loads, markdown_table, median_ms, start
+from bench_real_models import MODELS
+
+import eplb
+from eplb.core import plan_greedy
+from eplb.core.bounds import balancedness_ceiling
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", action="store_true",
+                        help="the rule before: every row searched again from 1 %% above its "
+                             "bound")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (default 5)")
+    args = parser.parse_args(argv)
+    print(start("bench_no_spare") + (" (--before)" if args.before else ""))
+    packing = importlib.import_module("eplb.core.packing")
+    if args.before:
+        packing.RESCUE_GAP_WHOLE = packing.RESCUE_GAP
+    models = {}
+    for name, (path, read) in MODELS.items():
+        if path.exists():
+            models[name] = list(read().values())
+        else:
+            print(f"SKIPPED {name}: {path} not found")
+    deepseek = list(deepseek_loads(torch.float64).values())
+    if deepseek:
+        models["DeepSeek-V3"] = deepseek[:4]
+    else:
+        print("SKIPPED DeepSeek-V3: the real dumps were not found")
+    rows = []
+    for name, windows in models.items():
+        windows = [w.to(torch.float64) for w in windows]
+        experts = windows[0].shape[1]
+        for gpus in (2, 4, 8, 16, 32, 64):
+            if experts % gpus or experts // gpus < 2:
+                continue
+            ours, greedy, ratio, below = [], [], [], 0
+            for w in windows:
+                mine = eplb.plan(w, experts, gpus).balancedness(w)
+                theirs = plan_greedy(w, experts, gpus).balancedness(w)
+                ours.append(mine)
+                greedy.append(theirs)
+                ratio.append(mine / balancedness_ceiling(w, experts, gpus))
+                below += mine < theirs - 1e-9
+            first = windows[0]
+            ms = median_ms(lambda w=first, g=gpus: eplb.plan(w, experts, g), args.repeats)
+            ms_greedy = median_ms(lambda w=first, g=gpus: plan_greedy(w, experts, g),
+                                  args.repeats)
+            rows.append([name, f"{windows[0].shape[0]}×{experts}", gpus, experts // gpus,
+                         len(windows), f"{statistics.mean(ours):.5f}",
+                         f"{statistics.mean(greedy):.5f}",
+                         f"{statistics.mean(ratio):.5f} ({min(ratio):.5f})", below,
+                         f"{ms:.1f}", f"{ms_greedy:.1f}"])
+    print()
+    print(markdown_table(
+        ["model", "layers × experts", "P", "S", "windows", "eplb", "greedy",
+         "eplb / ceiling: mean (worst)", "windows eplb < greedy", "eplb ms", "greedy ms"],
+        rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
