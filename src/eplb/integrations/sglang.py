@@ -330,6 +330,8 @@ def _sum_steps(counts: torch.Tensor) -> torch.Tensor:
         # torch has no min/max for these: int64 holds uint16/32 exactly; uint64 may pass
         # int64's range, so as float64, as eplb.plan reads it
         counts = counts.to(torch.float64 if counts.dtype == torch.uint64 else torch.int64)
+    elif counts.is_floating_point() and counts.element_size() == 1:
+        counts = counts.to(torch.float64)  # float8: torch cannot sum it; float64 is exact
     check_loads(counts, "tokens_per_expert")
     if (not counts.is_floating_point() and counts.numel()
             and int(counts.max()) * counts.shape[0] > torch.iinfo(torch.int64).max):
