@@ -8,9 +8,10 @@ eplb's default plan against DeepSeek's greedy (vLLM's default policy,
 ``eplb.core.plan_greedy``), in sample, with the ceiling, the windows where eplb ends
 below the greedy, and the median planning time on the first window.
 
-``--before`` plans with the rule before the thirty-third session (rows holding every
-expert once searched again only from 1 % above their bound, as every row is), for a
-side-by-side run of the same code.
+Beside the real loads, a synthetic extreme: one expert 50× the others, 4 one-layer
+windows. ``--before`` plans with the rules before the thirty-third session (rows holding
+every expert once searched again only from 1 % above their bound, as every row is, and
+no third search with steps scaled by the slots), for a side-by-side run of the same code.
 
     python benchmarks/bench_no_spare.py [--before] [--repeats N]
 """
@@ -41,12 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     packing = importlib.import_module("eplb.core.packing")
     if args.before:
         packing.RESCUE_GAP_WHOLE = packing.RESCUE_GAP
+        packing.RESCUE_STUCK_GAP = float("inf")
     models = {}
     for name, (path, read) in MODELS.items():
         if path.exists():
             models[name] = list(read().values())
         else:
             print(f"SKIPPED {name}: {path} not found")
+    # a synthetic extreme beside the real loads: one expert 50× the others (uniform in
+    # [1, 101)), one layer per seed, on few GPUs of many slots (quality attacker pass)
+    for experts in (256, 384):
+        g = torch.Generator().manual_seed(experts)
+        hot = torch.rand(4, experts, generator=g, dtype=torch.float64) * 100 + 1
+        hot[:, 0] *= 50
+        models[f"one expert 50× (synthetic, {experts})"] = list(hot[:, None])
     deepseek = list(deepseek_loads(torch.float64).values())
     if deepseek:
         models["DeepSeek-V3"] = deepseek[:4]
@@ -68,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 ratio.append(mine / balancedness_ceiling(w, experts, gpus))
                 below += mine < theirs - 1e-9
             first = windows[0]
-            ms = median_ms(lambda w=first, g=gpus: eplb.plan(w, experts, g), args.repeats)
-            ms_greedy = median_ms(lambda w=first, g=gpus: plan_greedy(w, experts, g),
+            ms = median_ms(lambda w=first, e=experts, g=gpus: eplb.plan(w, e, g), args.repeats)
+            ms_greedy = median_ms(lambda w=first, e=experts, g=gpus: plan_greedy(w, e, g),
                                   args.repeats)
             rows.append([name, f"{windows[0].shape[0]}×{experts}", gpus, experts // gpus,
                          len(windows), f"{statistics.mean(ours):.5f}",
