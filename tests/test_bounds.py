@@ -75,6 +75,10 @@ def test_group_partitions_counts(groups, nodes, count):
 
 def test_group_partitions_too_many_or_invalid():
     assert group_partitions(32, 4) is None  # far too many to enumerate
+    # 6,435 assignments but 12,870 node contents, each bounded on every layer: 1-2.6 GB and
+    # seconds per call (quality attacker pass); 12 on 2 has 924 contents and is enumerated
+    assert group_partitions(16, 2) is None
+    assert group_partitions(12, 2).shape == (462, 12)
     with pytest.raises(ValueError, match=r"num_groups \(6\) must be a multiple of num_nodes \(4\)"):
         group_partitions(6, 4)
 
