@@ -144,6 +144,9 @@ def _synthetic_cases() -> dict[str, Callable]:
         "small": (6, 64, 80, 8, (4, 2)),
         "odd": (5, 60, 72, 12, (6, 3)),
         "two": (8, 64, 128, 64, (4, 2)),  # two slots per GPU: the count search
+        # every expert once (the tighter second search), and GPUs of many slots (the third)
+        "nospare": (6, 128, 128, 8, (4, 2)),
+        "wide": (3, 96, 96, 2, (2, 2)),
     }
     for shape_name, (layers, experts, replicas, gpus, hier) in shapes.items():
         for kind in ("int", "float", "zeros", "ties", "few"):
