@@ -132,11 +132,20 @@ def plan_rows(
     if floor is not None:
         # in item units: make_items scales every row to a mean replica load of 1
         floor = torch.where(zero, 0.0, floor * num_replicas / weight.sum(1))
+    others = None
+    if len(extra):
+        coarse = weight.index_select(0, extra)
+        others = cap_counts(coarse, replica_counts(coarse, num_replicas, rules[1:]), num_gpus)
+        # a row whose every rule gives the first rule's counts has one allocation to pack,
+        # not len(rules) copies of it (every expert once, R = E, is such a row: 58 layers
+        # on 32 GPUs packed 4 copies; the copies pack alike, and the first wins a tie)
+        distinct = (others != counts.index_select(0, extra)[None]).any(2).any(0)
+        if not bool(distinct.all()):
+            extra, others = extra[distinct], others[:, distinct]
     if len(extra):
         # rows × the first rule, then the coarse rows × every other rule (index_select and
         # a broadcast copy: advanced indexing and ``repeat`` cost several times more here)
         coarse = weight.index_select(0, extra)
-        others = cap_counts(coarse, replica_counts(coarse, num_replicas, rules[1:]), num_gpus)
         counts = torch.cat([counts, others.reshape(-1, num_experts)])
         weight_all = torch.cat(
             [weight, coarse.expand(len(rules) - 1, -1, -1).reshape(-1, num_experts)])
