@@ -547,7 +547,7 @@ def test_wide_unsigned_step_counts_are_summed(dtype):
 
 
 def test_summed_uint64_counts_beyond_int64_are_planned_not_wrapped():
-    # an [L, E] call skips _sum_steps: its uint64 counts were cast to int64, and counts of
+    # an [L, E] call skips sum_steps: its uint64 counts were cast to int64, and counts of
     # 2**63 or more wrapped to negative loads the check then blamed on the call
     counts = np.full((4, 16), 2**63, dtype=np.uint64)
     counts[:, 0] = 2**64 - 1  # expert 0 carries about twice the others' load
