@@ -32,8 +32,8 @@ MAX_ENUMERATED_ASSIGNMENTS = 20_000
 #: ... and while their distinct node contents (``C(G, G/N)`` sets of groups, each bounded
 #: on every layer) are at most this many: 16 groups on 2 nodes have 6,435 assignments but
 #: 12,870 contents, and bounding them took 0.4-1.5 s and 1-2.6 GB per call (58×256 on 32
-#: GPUs; a quality attacker pass) where the relaxed assignment took 12-46 ms and planned
-#: within 0.0002 of it (above it on one real input; thirty-third session's scratch run)
+#: GPUs; a quality attacker pass) where the relaxed assignment took 10-40 ms and planned
+#: within 0.0002 of it, above it on one real input (``benchmarks/bench_group_counts.py``)
 MAX_ENUMERATED_CONTENTS = 1024
 
 
@@ -87,7 +87,7 @@ def _partition_tables(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Cached CPU tables of the enumerated assignments: ``(partitions [A, G], members
     [B, G/N] the groups of every distinct node content, block_of [A, N])``; ``None`` when
-    there are too many assignments. Read-only: shared by every call."""
+    there are too many assignments or node contents. Read-only: shared by every call."""
     if _num_partitions(num_groups, num_nodes) > MAX_ENUMERATED_ASSIGNMENTS or (
             num_nodes > 1
             and math.comb(num_groups, num_groups // num_nodes) > MAX_ENUMERATED_CONTENTS):

@@ -188,7 +188,9 @@ def _rescue(state: torch.Tensor, slots: int, num_gpus: int,
             whole: torch.Tensor | None = None) -> torch.Tensor:
     """``state`` with the rows still more than :data:`RESCUE_GAP` above their lower bound
     (:data:`RESCUE_GAP_WHOLE` for the rows ``whole [rows]`` that hold every expert once)
-    searched again, ``P/2`` all-pairs steps and ``P`` polish steps (at least 8 each).
+    searched again, ``P/2`` all-pairs steps and ``P`` polish steps (at least 8 each); on
+    GPUs of more than ``P/2`` slots, those still :data:`RESCUE_STUCK_GAP` above it a third
+    time, with steps scaled by the slots.
 
     One expert far hotter than the rest with few spare slots left the construction
     bimodal (136 experts on 16 GPUs with 9 slots, one 50× the others: six GPUs at 0.8 of

@@ -132,7 +132,6 @@ def plan_rows(
     if floor is not None:
         # in item units: make_items scales every row to a mean replica load of 1
         floor = torch.where(zero, 0.0, floor * num_replicas / weight.sum(1))
-    others = None
     if len(extra):
         coarse = weight.index_select(0, extra)
         others = cap_counts(coarse, replica_counts(coarse, num_replicas, rules[1:]), num_gpus)
@@ -141,11 +140,10 @@ def plan_rows(
         # on 32 GPUs packed 4 copies; the copies pack alike, and the first wins a tie)
         distinct = (others != counts.index_select(0, extra)[None]).any(2).any(0)
         if not bool(distinct.all()):
-            extra, others = extra[distinct], others[:, distinct]
+            extra, coarse, others = extra[distinct], coarse[distinct], others[:, distinct]
     if len(extra):
         # rows × the first rule, then the coarse rows × every other rule (index_select and
         # a broadcast copy: advanced indexing and ``repeat`` cost several times more here)
-        coarse = weight.index_select(0, extra)
         counts = torch.cat([counts, others.reshape(-1, num_experts)])
         weight_all = torch.cat(
             [weight, coarse.expand(len(rules) - 1, -1, -1).reshape(-1, num_experts)])
