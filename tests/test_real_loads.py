@@ -17,6 +17,7 @@ from helpers import DEEPSEEK_DIR, DEEPSEEK_FILES, MISSING_REAL, assert_contract
 import eplb
 from eplb.core.baselines import plan_greedy
 from eplb.core.bounds import balancedness_ceiling
+from eplb.formats import read_loads
 
 DATA, FILES, MISSING = DEEPSEEK_DIR, DEEPSEEK_FILES, MISSING_REAL
 WORKLOADS = [pytest.param(f.stem, id=f.stem) for f in FILES] or [
@@ -109,12 +110,11 @@ def test_without_spare_slots_eplb_is_not_below_the_greedy_on_qwen3(gpus):
     policy) reached 0.9993-0.9997 (new-user pass); rows holding every expert once now get
     the longer search wherever they end 0.1 % above their bound."""
     if not QWEN.is_file():
-        pytest.skip(MISSING)
-    from eplb.formats import read_loads
-
+        pytest.skip(f"real Qwen3-30B-A3B routing not found at {QWEN} (read-only, not in the "
+                    "repository; set EPLB_REAL_DATA to its folder)")
     for key in ("ep_states_topk_ids", "token_distri_8_topk_ids", "token_distri_16_topk_ids"):
         w = read_loads(QWEN, key=key).total()
         got = eplb.plan(w, 128, gpus).balancedness(w)
-        # (the greedy's 1e-4 lead where both are at the bound on 4 GPUs is within reach
-        # of neither search's stopping rule)
+        # (on 4 GPUs both end at the bound, the greedy 5e-5 nearer in one batch: below
+        # either search's stopping rule)
         assert got >= plan_greedy(w, 128, gpus, 1, 1).balancedness(w) - 1e-4, key
