@@ -132,9 +132,10 @@ def _pack_chunk(
         if floor is not None:
             floor = floor.repeat(cands)
     # rows holding every expert once (no spare slots: vLLM's default of no redundant
-    # experts): replicas are adjacent, so no two neighbours share an expert
-    # (items hold every start's rows by now)
-    whole = (items[EXPERT, :, 1:] != items[EXPERT, :, :-1]).all(1)
+    # experts): replicas are adjacent, so no two neighbours share an expert (items hold
+    # every start's rows by now). Only the second search reads it, from 5 slots per GPU
+    whole = (None if num_items < RESCUE_MIN_SLOTS * num_gpus
+             else (items[EXPERT, :, 1:] != items[EXPERT, :, :-1]).all(1))
     state, suspects = construct_with_suspects(items, num_gpus, options.construction)
     state = repair_conflicts(state, allow_shared, suspects)
     open_rows = None
@@ -152,7 +153,7 @@ def _pack_chunk(
     elif len(open_rows):
         sub = refine(state[:, :, open_rows], pair_steps, "pairs")
         state[:, :, open_rows] = _rescue(refine(sub, max_steps, "max"), slots, num_gpus,
-                                         whole[open_rows])
+                                         None if whole is None else whole[open_rows])
     if cands > 1:
         _, slots, _, _ = state.shape
         peak = max_load(state).view(cands, rows)
