@@ -171,9 +171,10 @@ def test_bound_simple_values():
     uniform = torch.ones(1, 16)
     assert layer_lower_bound(uniform, 32, 8).tolist() == [2.0]
     hot = torch.tensor([[9.0, 1.0, 1.0, 1.0]])
-    assert layer_lower_bound(hot, 4, 2).tolist() == [9.0]  # R == E: the hot expert's GPU
+    # R == E: the hot expert's GPU holds one more expert
+    assert layer_lower_bound(hot, 4, 2).tolist() == [10.0]
     assert layer_lower_bound(hot, 8, 2).tolist() == [6.0]  # mean 12 / 2
-    assert layer_ceiling(hot, 4, 2).tolist() == pytest.approx([6.0 / 9.0])
+    assert layer_ceiling(hot, 4, 2).tolist() == pytest.approx([6.0 / 10.0])
     assert balancedness_ceiling(torch.zeros(2, 4), 8, 2) == 1.0
     one_layer = layer_lower_bound(torch.tensor([9.0, 1.0, 1.0, 1.0]), 4, 2)
     assert one_layer.shape == (1,) and one_layer.dtype == torch.float64
@@ -241,6 +242,54 @@ def test_bound_below_every_placement(problem):
             assert (bound <= peak * (1 + REL) + 1e-12).all(), (policy, bound, peak)
             assert p.balancedness(w) <= ceiling * (1 + REL)
             assert (p.layer_balancedness(w) <= per_layer * (1 + REL) + 1e-12).all()
+
+
+def _best_packing_brute(row: list[float], gpus: int) -> float:
+    """The smallest max GPU load of packing one item per expert, ``len(row) / gpus`` per
+    GPU, over every partition (itertools)."""
+    slots = len(row) // gpus
+
+    def best(left: tuple[int, ...]) -> float:
+        if not left:
+            return 0.0
+        first, rest = left[0], left[1:]
+        return min(max(row[first] + sum(row[i] for i in others),
+                       best(tuple(i for i in rest if i not in others)))
+                   for others in itertools.combinations(rest, slots - 1))
+
+    return best(tuple(range(len(row))))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from([(2, 2), (2, 3), (2, 4), (3, 2), (4, 2), (3, 3)]),
+       st.floats(0.0, 3.0), st.integers(0, 2**31 - 1), st.booleans())
+def test_bound_without_spare_slots_is_below_the_best_packing(shape, sigma, seed, whole):
+    """Slots = experts: the cardinality bound never passes the best packing, and the
+    planner's plan never beats it."""
+    gpus, slots = shape
+    experts = gpus * slots
+    g = torch.Generator().manual_seed(seed)
+    w = torch.exp(torch.randn(2, experts, generator=g, dtype=torch.float64) * sigma)
+    if whole:
+        w = torch.round(w * 5)  # ties and zeros
+    bound = layer_lower_bound(w, experts, gpus)
+    peak = eplb.plan(w, experts, gpus).gpu_loads(w).amax(1)
+    for layer, row in enumerate(w.tolist()):
+        best = _best_packing_brute(row, gpus)
+        assert float(bound[layer]) <= best * (1 + REL) + 1e-12
+        assert float(bound[layer]) <= float(peak[layer]) * (1 + REL) + 1e-12
+        if slots <= 2:  # exact there: one expert a GPU, or the optimal pairing
+            assert float(bound[layer]) == pytest.approx(best, rel=1e-12)
+
+
+def test_bound_without_spare_slots_on_live_gpus():
+    """Two of four GPUs dead and 8 experts on the 8 live slots: the forced counts hold
+    there too; with a spare live slot the cardinality bound does not apply."""
+    w = torch.tensor([[9.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    active = torch.tensor([True, False, True, False])
+    assert layer_lower_bound(w, 16, 4, active_gpus=active).tolist() == [12.0]
+    assert layer_lower_bound(w, 8, 2).tolist() == [12.0]
+    assert layer_lower_bound(w, 10, 2).tolist() == [8.0]  # the mean: 9 split in two
 
 
 @pytest.mark.parametrize("groups", [16, 32])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from eplb.core.count_bounds import packing_bound
 from eplb.core.options import PackingOptions
 from eplb.core.ordering import argsort_rows
 from eplb.core.packing.construct import construct, construct_with_suspects
@@ -177,6 +178,9 @@ RESCUE_GAP = 0.01
 RESCUE_GAP_WHOLE = 0.001
 #: ... where a GPU has at least this many slots (fewer: the bound is rarely reachable)
 RESCUE_MIN_SLOTS = 5
+#: a row at most this far above the cardinality bound of its items is at it (float32 loads
+#: summed in another order differ by about 1e-7)
+AT_BOUND = 1e-6
 #: a row still this far above its bound after that second search, on GPUs of more than
 #: P/2 slots, gets a third with steps scaled by the slots (:func:`_rescue`). At 1 % (every
 #: row still above RESCUE_GAP) plans changed in the incremental chains, the fresh plans
@@ -185,13 +189,34 @@ RESCUE_MIN_SLOTS = 5
 RESCUE_STUCK_GAP = 0.05
 
 
+def _items_bound(state: torch.Tensor, loads: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` lower bound on the max GPU load of any packing of ``state``'s own items
+    (``loads [rows, P]`` its GPU loads): :func:`eplb.core.count_bounds.packing_bound`, the
+    mean, the largest item, and the ``S − 1`` lightest items beside a heavy one.
+
+    The searches only swap items, so no search gets below it: a row at it is done. With
+    every expert once, a dominant expert's rows often end there while still above their
+    largest item and the mean (one expert 50× the others, 384 experts on 64 GPUs of 6
+    slots: at the bound, 0.15–3.2 % above both), and searching them again cost time for
+    nothing
+    (``benchmarks/bench_no_spare.py``: 7.5 → 2.3 ms there, the same plans; thirty-fourth
+    session). Cost: one sort of the row's items.
+    """
+    _, slots, rows, num_gpus = state.shape
+    items = state[LOAD].permute(1, 0, 2).reshape(rows, slots * num_gpus)
+    items = items.sort(1, descending=True).values.double().cpu().numpy()
+    return torch.from_numpy(packing_bound(items, num_gpus)).to(loads)
+
+
 def _rescue(state: torch.Tensor, slots: int, num_gpus: int,
             whole: torch.Tensor | None = None) -> torch.Tensor:
     """``state`` with the rows still more than :data:`RESCUE_GAP` above their lower bound
-    (:data:`RESCUE_GAP_WHOLE` for the rows ``whole [rows]`` that hold every expert once)
-    searched again, ``P/2`` all-pairs steps and ``P`` polish steps (at least 8 each); on
-    GPUs of more than ``P/2`` slots, those still :data:`RESCUE_STUCK_GAP` above it a third
-    time, with steps scaled by the slots.
+    (the mean GPU load or the largest item; :data:`RESCUE_GAP_WHOLE` for the rows
+    ``whole [rows]`` that hold every expert once) searched again, ``P/2`` all-pairs steps
+    and ``P`` polish steps (at least 8 each); on GPUs of more than ``P/2`` slots, those
+    still :data:`RESCUE_STUCK_GAP` above it a third time, with steps scaled by the slots.
+    Rows at the cardinality bound of their items (:func:`_items_bound`) are done: no
+    search gets below it.
 
     One expert far hotter than the rest with few spare slots left the construction
     bimodal (136 experts on 16 GPUs with 9 slots, one 50× the others: six GPUs at 0.8 of
@@ -202,11 +227,16 @@ def _rescue(state: torch.Tensor, slots: int, num_gpus: int,
     if slots < RESCUE_MIN_SLOTS or num_gpus < 2:
         return state
     loads = gpu_loads(state)  # [rows, P]
+    peak = loads.amax(1)
+    # swaps keep a row's items, so the mean, the largest item and their cardinality
+    # bound hold for every search below: a row at the last is done
     bound = torch.maximum(loads.mean(1), state[LOAD].amax((0, 2)))
+    open_at = _items_bound(state, loads) * (1 + AT_BOUND)
+    open_row = peak > open_at
     # (the factor as the scalar 1 + gap rounds it, for the same bits on every row)
     factor = (1 + RESCUE_GAP if whole is None
               else torch.where(whole, 1 + RESCUE_GAP_WHOLE, 1 + RESCUE_GAP).to(loads.dtype))
-    far = (loads.amax(1) > bound * factor).nonzero()[:, 0]
+    far = ((peak > bound * factor) & open_row).nonzero()[:, 0]
     if not len(far):
         return state
     sub = refine(refine(state[:, :, far], max(8, num_gpus // 2), "pairs"),
@@ -217,9 +247,9 @@ def _rescue(state: torch.Tensor, slots: int, num_gpus: int,
         # expert once, 384 experts on 4 GPUs of 96 slots: 0.76 after them against
         # DeepSeek's greedy's 0.91; quality attacker pass). Rows still RESCUE_STUCK_GAP
         # above their bound get steps scaled by the slots too (0.96 there)
-        loads = gpu_loads(sub)
-        bound = torch.maximum(loads.mean(1), sub[LOAD].amax((0, 2)))
-        still = (loads.amax(1) > bound * (1 + RESCUE_STUCK_GAP)).nonzero()[:, 0]
+        peak = gpu_loads(sub).amax(1)
+        still = (peak > bound[far] * (1 + RESCUE_STUCK_GAP)) & (peak > open_at[far])
+        still = still.nonzero()[:, 0]
         if len(still):
             again = refine(sub[:, :, still], max(8, slots // 2), "pairs")
             sub[:, :, still] = refine(again, 2 * slots, "max")
