@@ -13,7 +13,12 @@ windows. ``--before`` plans with the rules before the thirty-third session (rows
 every expert once searched again only from 1 % above their bound, as every row is, and
 no third search with steps scaled by the slots), for a side-by-side run of the same code.
 
-    python benchmarks/bench_no_spare.py [--before] [--repeats N]
+A second table: one spare slot a GPU (``R = E + P``) with three experts 20× the others
+(synthetic, uniform in [1, 101) otherwise), where the hot experts take the spares and
+every other expert packs whole. ``--before-few-spare`` plans it with the rule before the
+thirty-fourth session (only rows with no spare slot held to the tight gap).
+
+    python benchmarks/bench_no_spare.py [--before] [--before-few-spare] [--repeats N]
 """
 
 from __future__ import annotations
@@ -36,13 +41,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", action="store_true",
                         help="the rule before: every row searched again from 1 %% above its "
                              "bound")
+    parser.add_argument("--before-few-spare", action="store_true",
+                        help="the rule before: only rows with no spare slot held to the tight "
+                             "gap")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (default 5)")
     args = parser.parse_args(argv)
-    print(start("bench_no_spare") + (" (--before)" if args.before else ""))
+    flags = [f for f, on in (("--before", args.before),
+                             ("--before-few-spare", args.before_few_spare)) if on]
+    print(start("bench_no_spare") + (f" ({' '.join(flags)})" if flags else ""))
     packing = importlib.import_module("eplb.core.packing")
     if args.before:
         packing.RESCUE_GAP_WHOLE = packing.RESCUE_GAP
         packing.RESCUE_STUCK_GAP = float("inf")
+    if args.before_few_spare:
+        packing.RESCUE_FEW_SPARE_SLOTS = 2**62
     models = {}
     for name, (path, read) in MODELS.items():
         if path.exists():
@@ -90,7 +102,41 @@ def main(argv: list[str] | None = None) -> int:
         ["model", "layers × experts", "P", "S", "windows", "eplb", "greedy",
          "eplb / ceiling: mean (worst)", "windows eplb < greedy", "eplb ms", "greedy ms"],
         rows))
+    print()
+    print(markdown_table(
+        ["experts", "P", "S", "windows", "eplb", "greedy", "eplb / ceiling: mean (worst)",
+         "windows eplb < greedy", "eplb ms", "greedy ms"], few_spare_rows(args.repeats)))
     return 0
+
+
+def few_spare_rows(repeats: int) -> list[list[object]]:
+    """One spare slot a GPU, three experts 20× the others: 4 windows of 2 layers per shape."""
+    rows = []
+    for experts, gpus in ((64, 8), (128, 16), (256, 32), (128, 8), (256, 16), (256, 8),
+                          (384, 8), (384, 6)):
+        g = torch.Generator().manual_seed(experts + gpus)
+        windows = []
+        for _ in range(4):
+            w = torch.rand(2, experts, generator=g, dtype=torch.float64) * 100 + 1
+            w[:, :3] *= 20
+            windows.append(w)
+        slots = experts + gpus
+        ours, greedy, ratio, below = [], [], [], 0
+        for w in windows:
+            mine = eplb.plan(w, slots, gpus).balancedness(w)
+            theirs = plan_greedy(w, slots, gpus).balancedness(w)
+            ours.append(mine)
+            greedy.append(theirs)
+            ratio.append(mine / balancedness_ceiling(w, slots, gpus))
+            below += mine < theirs - 1e-9
+        first = windows[0]
+        ms = median_ms(lambda w=first, r=slots, p=gpus: eplb.plan(w, r, p), repeats)
+        ms_greedy = median_ms(lambda w=first, r=slots, p=gpus: plan_greedy(w, r, p), repeats)
+        rows.append([experts, gpus, slots // gpus, len(windows), f"{statistics.mean(ours):.5f}",
+                     f"{statistics.mean(greedy):.5f}",
+                     f"{statistics.mean(ratio):.5f} ({min(ratio):.5f})", below, f"{ms:.1f}",
+                     f"{ms_greedy:.1f}"])
+    return rows
 
 
 if __name__ == "__main__":

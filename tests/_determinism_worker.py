@@ -147,6 +147,8 @@ def _synthetic_cases() -> dict[str, Callable]:
         # every expert once (the tighter second search), and GPUs of many slots (the third)
         "nospare": (6, 128, 128, 8, (4, 2)),
         "wide": (3, 96, 96, 2, (2, 2)),
+        # one spare slot a GPU on GPUs of many slots (the tight gap of the second search)
+        "fewspare": (2, 128, 136, 8, (4, 2)),
     }
     for shape_name, (layers, experts, replicas, gpus, hier) in shapes.items():
         for kind in ("int", "float", "zeros", "ties", "few"):
