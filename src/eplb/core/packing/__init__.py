@@ -242,12 +242,15 @@ def _rescue(state: torch.Tensor, slots: int, num_gpus: int,
     # swaps keep a row's items, so the mean, the largest item and their cardinality
     # bound hold for every search below: a row at the last is done
     bound = torch.maximum(loads.mean(1), state[LOAD].amax((0, 2)))
-    open_at = _items_bound(state, loads) * (1 + AT_BOUND)
-    open_row = peak > open_at
     # (the factor as the scalar 1 + gap rounds it, for the same bits on every row)
     factor = (1 + RESCUE_GAP if tight is None
               else torch.where(tight, 1 + RESCUE_GAP_WHOLE, 1 + RESCUE_GAP).to(loads.dtype))
-    far = ((peak > bound * factor) & open_row).nonzero()[:, 0]
+    far = (peak > bound * factor).nonzero()[:, 0]
+    if not len(far):
+        return state
+    open_at = _items_bound(state[:, :, far], loads[far]) * (1 + AT_BOUND)
+    still_open = peak[far] > open_at
+    far, open_at = far[still_open], open_at[still_open]
     if not len(far):
         return state
     sub = refine(refine(state[:, :, far], max(8, num_gpus // 2), "pairs"),
@@ -259,7 +262,7 @@ def _rescue(state: torch.Tensor, slots: int, num_gpus: int,
         # DeepSeek's greedy's 0.91; quality attacker pass). Rows still RESCUE_STUCK_GAP
         # above their bound get steps scaled by the slots too (0.96 there)
         peak = gpu_loads(sub).amax(1)
-        still = (peak > bound[far] * (1 + RESCUE_STUCK_GAP)) & (peak > open_at[far])
+        still = (peak > bound[far] * (1 + RESCUE_STUCK_GAP)) & (peak > open_at)
         still = still.nonzero()[:, 0]
         if len(still):
             again = refine(sub[:, :, still], max(8, slots // 2), "pairs")
