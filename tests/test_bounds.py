@@ -282,6 +282,32 @@ def test_bound_without_spare_slots_is_below_the_best_packing(shape, sigma, seed,
             assert float(bound[layer]) == pytest.approx(best, rel=1e-12)
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([(4, 2, 4), (8, 2, 4), (8, 4, 4), (6, 2, 6)]), st.floats(0.0, 3.0),
+       st.integers(0, 2**31 - 1))
+def test_hierarchical_bound_without_spare_slots_is_exact_at_two_slots(shape, sigma, seed):
+    """Slots = experts, 2 slots a GPU, groups on nodes: the bound is the best over every
+    group→node assignment of the worst node's optimal pairing, and no plan beats it."""
+    gpus, nodes, groups = shape
+    experts = 2 * gpus
+    g = torch.Generator().manual_seed(seed)
+    w = torch.exp(torch.randn(2, experts, generator=g, dtype=torch.float64) * sigma)
+    bound = layer_lower_bound(w, experts, gpus, nodes, groups, policy="hierarchical")
+    size, per_node = experts // groups, groups // nodes
+    for layer, row in enumerate(w.tolist()):
+        best = float("inf")
+        for order in itertools.permutations(range(groups)):
+            worst = 0.0
+            for node in range(nodes):
+                members = order[node * per_node:(node + 1) * per_node]
+                items = sorted(row[k * size + i] for k in members for i in range(size))
+                worst = max(worst, max(a + b for a, b in zip(items, items[::-1], strict=True)))
+            best = min(best, worst)
+        assert float(bound[layer]) == pytest.approx(best, rel=1e-12)
+    planned = eplb.plan(w, experts, gpus, nodes, groups, policy="hierarchical")
+    assert (bound <= planned.gpu_loads(w).amax(1) * (1 + REL)).all()
+
+
 def test_bound_without_spare_slots_on_live_gpus():
     """Two of four GPUs dead and 8 experts on the 8 live slots: the forced counts hold
     there too; with a spare live slot the cardinality bound does not apply."""

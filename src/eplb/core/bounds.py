@@ -107,21 +107,37 @@ def _partition_tables(
 
 
 def enumerated_node_bounds(
-    weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int
+    weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,
+    forced_counts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Bounds of every enumerated assignment, from the cached tables.
 
     Returns ``(partitions [A, G], per_node [L, A, N])`` with ``per_node`` the bound
     ``max(W_n / (P/N), T_rep(n))`` of every node, or ``None`` when the assignments are
-    too many to enumerate. ``partitions`` is shared: do not modify it.
+    too many to enumerate. ``partitions`` is shared: do not modify it. ``forced_counts``
+    (slots = experts, each node's counts forced): the ceiling's node bounds also count
+    that a GPU holds exactly ``S`` experts; the planner's choice of assignment does not
+    (its plans stay as they were measured).
     """
     tables = _partition_tables(num_groups, num_nodes)
     if tables is None:
         return None
     partitions, members, block_of = (t.to(weight.device) for t in tables)
-    per_block = _block_bounds(weight, members, num_replicas, num_gpus, num_nodes, num_groups)
+    per_block = _block_bounds(weight, members, num_replicas, num_gpus, num_nodes, num_groups,
+                              forced_counts)
     per_node = per_block.index_select(1, block_of.view(-1))
     return partitions, per_node.view(weight.shape[0], *block_of.shape)
+
+
+def _forced_counts_bound(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """``[rows]`` lower bound on the max GPU load of ``weight [rows, E]`` placed one expert
+    a slot (``E = S·num_gpus``): the cardinality bound of
+    :func:`eplb.core.count_bounds.packing_bound`, and at two slots a GPU the pairing of
+    the heaviest with the lightest, which is optimal (the bound is the optimum)."""
+    items = weight.sort(1, descending=True).values
+    if weight.shape[1] == 2 * num_gpus:
+        return (items + items.flip(1)).amax(1)
+    return torch.from_numpy(packing_bound(items.cpu().numpy(), num_gpus)).to(items)
 
 
 def _block_bounds(
@@ -131,14 +147,20 @@ def _block_bounds(
     num_gpus: int,
     num_nodes: int,
     num_groups: int,
+    forced_counts: bool = False,
 ) -> torch.Tensor:
-    """``[L, B]`` bound of a node holding the groups ``members [B, G/N]``."""
+    """``[L, B]`` bound of a node holding the groups ``members [B, G/N]``; with
+    ``forced_counts`` (slots = experts) also :func:`_forced_counts_bound` of it."""
     num_layers, num_experts = weight.shape
     group_w = weight.view(num_layers, num_groups, num_experts // num_groups)
     block_w = group_w.index_select(1, members.view(-1))  # [L, B·G/N, E/G]
     block_w = block_w.view(num_layers * members.shape[0], -1)
-    mean = block_w.sum(1) / (num_gpus // num_nodes)
-    return replica_bound(block_w, num_replicas // num_nodes, mean).view(num_layers, -1)
+    node_gpus = num_gpus // num_nodes
+    mean = block_w.sum(1) / node_gpus
+    bound = replica_bound(block_w, num_replicas // num_nodes, mean)
+    if forced_counts:
+        bound = torch.maximum(bound, _forced_counts_bound(block_w, node_gpus))
+    return bound.view(num_layers, -1)
 
 
 def hierarchical_node_bounds(
@@ -284,17 +306,11 @@ def layer_lower_bound(
         # every expert exactly once: the counts are forced, so the bound for given counts
         # is a bound for every placement. Without it the ceiling read 1.0 on OLMoE's real
         # loads on 8 GPUs of 8 slots, where no packing passes 0.918 (thirty-fourth session)
-        items = w.sort(1, descending=True).values
-        if live_slots == 2 * live:
-            # two slots a GPU: pairing the heaviest with the lightest is optimal, so the
-            # bound is the optimum itself
-            forced = (items + items.flip(1)).amax(1)
-        else:
-            forced = torch.from_numpy(packing_bound(items.cpu().numpy(), live)).to(items)
-        global_bound = torch.maximum(global_bound, forced)
+        global_bound = torch.maximum(global_bound, _forced_counts_bound(w, live))
     if policy != "hierarchical":
         return global_bound
-    enumerated = enumerated_node_bounds(w, num_replicas, num_gpus, num_nodes, num_groups)
+    enumerated = enumerated_node_bounds(w, num_replicas, num_gpus, num_nodes, num_groups,
+                                        forced_counts=num_replicas == w.shape[1])
     if enumerated is None:
         return torch.maximum(
             global_bound, _relaxed_hierarchical_bound(w, num_gpus, num_nodes, num_groups)
