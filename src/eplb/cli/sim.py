@@ -211,9 +211,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                      else f"{s['moved_slots_per_rebalance']:.0f}",
                      None if s["moved_gb_per_rebalance"] is None
                      else f"{s['moved_gb_per_rebalance']:.1f}",
-                     # each GPU receives its share at once: what sets the stall
-                     None if s["moved_gb_per_rebalance"] is None
-                     else f"{s['moved_gb_per_rebalance'] / gpus:.2f}",
+                     # every GPU copies at once: the busiest sets the stall
+                     None if s["busiest_gpu_gb_per_rebalance"] is None
+                     else f"{s['busiest_gpu_gb_per_rebalance']:.2f}",
                      None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
     print_table(
         f"{args.trace}{all_zero_rows_note(len(left_out))}: {trace.num_steps} steps, "
@@ -229,9 +229,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           "--incremental\n  (foresight, not a bound);\n"
           "moved/rebal: slots whose expert changed per rebalance, of "
           f"{trace.num_layers * replicas} ({trace.num_layers} layers × {replicas} slots);\n"
-          f"GB/rebal, GB/GPU: the expert weights they copy, in all and into each of the "
-          f"{gpus} GPUs\n  (the share each receives at once), at {expert_bytes:,} bytes per "
-          f"expert"
+          f"GB/rebal, GB/GPU: the expert weights they copy, in all and into the busiest "
+          f"of the {gpus} GPUs\n  (every GPU copies at once: the busiest sets the stall), at "
+          f"{expert_bytes:,} bytes per expert"
           + (" (DeepSeek-V3 in FP8; --expert-bytes for another model)"
              if args.expert_bytes is None else ""))
     if args.max_moves is not None:

@@ -328,8 +328,11 @@ class Placement:
             gpu_speed, self.topology.num_gpus, self.phy2log.device)
         return load_balance(self.scaled_gpu_loads(weight), self.live_gpus(), speed)[1]
 
-    def moved_slots(self, previous: Placement | torch.Tensor) -> torch.Tensor:
-        """``[L]`` number of slots whose expert differs from ``previous`` (weights to move)."""
+    def moved_slots(self, previous: Placement | torch.Tensor, per_gpu: bool = False
+                    ) -> torch.Tensor:
+        """``[L]`` number of slots whose expert differs from ``previous`` (weights to move);
+        ``per_gpu=True``: ``[P]`` of them on each GPU over every layer, what each GPU
+        receives (the busiest sets how long a rebalance stalls)."""
         if previous is None:
             raise TypeError("previous must be a Placement or a [L, R] phy2log, got None")
         if isinstance(previous, Placement) and previous.topology.num_gpus != self.topology.num_gpus:
@@ -346,7 +349,10 @@ class Placement:
                 f"previous phy2log has shape {tuple(old.shape)}, "
                 f"expected {tuple(self.phy2log.shape)}"
             )
-        return ((self.phy2log != old) & (self.phy2log >= 0)).sum(1)
+        moved = (self.phy2log != old) & (self.phy2log >= 0)
+        if per_gpu:
+            return moved.view(moved.shape[0], self.topology.num_gpus, -1).sum((0, 2))
+        return moved.sum(1)
 
     def to(self, device: torch.device | str) -> Placement:
         """The same placement with its tensors on ``device``; ``ValueError`` for a device

@@ -37,15 +37,18 @@ class RebalanceEvent:
     """One rebalance: at ``step`` (steps recorded so far) the plan took ``plan_seconds``.
 
     ``moved_slots [L]``: slots whose expert changed versus the placement before (all
-    zero when there was none before or nothing changed). ``changed``: the map differs
-    from the one before (or there was none), also when no weights move: a slot of a
-    GPU that died since is emptied, and the engine must stop sending tokens there.
+    zero when there was none before or nothing changed); ``moved_per_gpu [P]``: the
+    same slots counted on each GPU over every layer (``None`` where not recorded).
+    ``changed``: the map differs from the one before (or there was none), also when no
+    weights move: a slot of a GPU that died since is emptied, and the engine must stop
+    sending tokens there.
     """
 
     step: int
     plan_seconds: float
     moved_slots: torch.Tensor
     changed: bool
+    moved_per_gpu: torch.Tensor | None = None
 
 
 class Rebalancer:
@@ -334,12 +337,14 @@ class Rebalancer:
                                      f"contract: {exc}") from None
         if previous is None:
             moved = torch.zeros(new.num_layers, dtype=torch.int64)
+            per_gpu = torch.zeros(new.topology.num_gpus, dtype=torch.int64)
             changed = True
         else:
             moved = new.moved_slots(previous).cpu()
+            per_gpu = new.moved_slots(previous, per_gpu=True).cpu()
             # emptying a dead GPU's slots moves no weights but changes the map in force
             changed = bool(moved.any()) or not torch.equal(
                 new.phy2log, previous.phy2log.to(new.phy2log.device))
-        self.events.append(RebalanceEvent(self.steps, seconds, moved, changed))
+        self.events.append(RebalanceEvent(self.steps, seconds, moved, changed, per_gpu))
         self._placement = new
         return new if changed else None

@@ -190,6 +190,7 @@ class SimulationResult:
         rebalance_steps: ``[k]`` step at which each rebalance's plan took over.
         plan_seconds: ``[k]`` wall time of each plan (estimate + planner).
         moved_slots: ``[k, L]`` slots whose expert changed at each rebalance.
+        moved_per_gpu: ``[k, P]`` the same slots on each GPU (``None``: not recorded).
         expert_bytes: bytes of one expert's weights (for ``moved_bytes``).
         idle_steps: ``[T]`` bool, steps that route no token (``None``: none). Their
             balancedness reads 1, but they take no MoE time: the summary leaves them, and
@@ -212,6 +213,7 @@ class SimulationResult:
     expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES
     meta: Mapping[str, Any] = field(default_factory=dict)
     idle_steps: torch.Tensor | None = None
+    moved_per_gpu: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         # as LoadTrace's: the per-step tensors (and the idle mask) run to tens of kB for a
@@ -253,6 +255,17 @@ class SimulationResult:
         """``[k]`` int64 bytes of expert weights copied at each rebalance."""
         return self.moved_slots.sum(1) * self.expert_bytes
 
+    @property
+    def busiest_gpu_bytes(self) -> torch.Tensor | None:
+        """``[k]`` int64 bytes into the GPU that receives the most at each rebalance: all
+        GPUs copy at once, so it sets how long the rebalance stalls (``None``: the
+        per-GPU moves were not recorded)."""
+        if self.moved_per_gpu is None:
+            return None
+        if not self.moved_per_gpu.numel():
+            return torch.zeros(self.moved_per_gpu.shape[0], dtype=torch.int64)
+        return self.moved_per_gpu.amax(1) * self.expert_bytes
+
     def summary(self) -> dict[str, Any]:
         """Scalar figures over the :attr:`scored` windows / the busy steps after the first
         rebalance."""
@@ -280,6 +293,9 @@ class SimulationResult:
                                / (self.moved_slots.shape[1] * self.topology.num_replicas)
                                if self.moved_slots.numel() else None),
             "moved_gb_per_rebalance": _mean(self.moved_bytes.double() / 1e9),
+            "busiest_gpu_gb_per_rebalance": (
+                None if self.busiest_gpu_bytes is None
+                else _mean(self.busiest_gpu_bytes.double() / 1e9)),
             "plan_ms_median": (statistics.median(self.plan_seconds.tolist()) * 1e3
                                if self.plan_seconds.numel() else None),
         }
@@ -308,6 +324,8 @@ class SimulationResult:
                 "plan_seconds": self.plan_seconds.tolist(),
                 "moved_slots": self.moved_slots.sum(1).tolist(),
                 "moved_bytes": self.moved_bytes.tolist(),
+                "busiest_gpu_bytes": (None if self.busiest_gpu_bytes is None
+                                      else self.busiest_gpu_bytes.tolist()),
             },
             "meta": dict(self.meta),
         }
@@ -488,6 +506,8 @@ def simulate(
         plan_seconds=torch.tensor([e.plan_seconds for e in events], dtype=torch.float64),
         moved_slots=(torch.stack([e.moved_slots for e in events]) if events
                      else torch.zeros(0, num_layers, dtype=torch.int64)),
+        moved_per_gpu=(torch.stack([e.moved_per_gpu for e in events]) if events
+                       else torch.zeros(0, topo.num_gpus, dtype=torch.int64)),
         expert_bytes=expert_bytes,
         meta={"source": trace.source if isinstance(trace, LoadTrace) else None,
               "trace_steps": num_steps},
