@@ -225,6 +225,15 @@ def test_trtllm_folder_sums_ranks(tmp_path):
     assert single.format == "trtllm" and single.counts.shape == (T, L, E)
 
 
+def test_trtllm_folder_without_its_meta_file_is_named(tmp_path):
+    # new-user pass: a statistics folder that lost meta_info.json read "found none of them"
+    folder = write_trtllm(tmp_path / "stats", counts_tle())
+    (folder / "meta_info.json").unlink()
+    with pytest.raises(FormatError, match=r"TensorRT-LLM statistics \(rank0.safetensors, "
+                                          r"\.\.\.\) but no meta_info.json"):
+        read_loads(folder)
+
+
 def test_trtllm_folder_with_a_rank_gap_warns(tmp_path):
     """meta_info.json does not record the EP size, so a lost rank file is only visible as a
     gap: summed without a word, its tokens were silently missing."""

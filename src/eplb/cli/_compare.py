@@ -162,7 +162,7 @@ def add_to_report(report: Report, c: Comparison, stem: str) -> None:
     report.figure(
         f"{stem}_layers.png",
         f"{c.name}: balancedness (mean / max GPU load) of each MoE layer; the dashed line "
-        "is the best any placement can reach.",
+        "is the ceiling, a bound no placement can pass (not always reachable).",
         lambda path: plot_layer_balancedness(series, path, ceiling=c.ceiling.per_layer,
                                              layer_ids=c.layer_ids,
                                              title=f"{c.name}: balancedness per layer"),

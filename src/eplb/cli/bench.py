@@ -153,7 +153,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "planned for 288 expert slots on 32 GPUs. Balancedness = Σ mean GPU load / Σ max "
             "GPU load (1.0 is perfect; MoE time scales as 1 / balancedness). 'no rebalancing' "
             "puts expert e on GPU e·P/E with no redundant copies; 'reference greedy' is "
-            "DeepSeek's EPLB; the ceiling is the best any placement can reach."
+            "DeepSeek's EPLB; the ceiling is a proven bound no placement can pass (not always "
+            "reachable)."
         )
         for i, c in enumerate(comparisons):
             add_to_report(report, c, f"demo{i}")

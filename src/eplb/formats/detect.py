@@ -249,6 +249,12 @@ def detect_format(path: str | PathLike[str]) -> str:
             raise FormatError(path, f"holds SGLang {{\"logical_count\": ...}} JSON files and "
                                     f"other files ({names}); give one file, or a folder of "
                                     "such dumps only")
+        ranks = sorted(path.glob("rank*.safetensors"))
+        if ranks:  # a TensorRT-LLM statistics folder but for its meta file (new-user pass)
+            raise FormatError(
+                path, f"holds TensorRT-LLM statistics ({ranks[0].name}, ...) but no "
+                      "meta_info.json beside them: TensorRT-LLM writes it with the rank "
+                      "files (it names the layers); copy it into the folder")
         raise FormatError(
             path,
             "expected a TensorRT-LLM statistics folder (meta_info.json + rank*.safetensors), "

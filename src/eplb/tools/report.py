@@ -268,7 +268,7 @@ def plot_layer_balancedness(
 
     Args:
         series: planner label -> ``[L]`` balancedness per layer.
-        ceiling: ``[L]`` the best any placement can reach on each layer (dashed line).
+        ceiling: ``[L]`` a bound no placement can pass on each layer (dashed line).
 
     The y axes fit the data (:func:`layer_panels`): next to the values, a second panel
     shows how far below the ceiling each planner stays per layer (or, without a
