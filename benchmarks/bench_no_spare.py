@@ -8,10 +8,11 @@ eplb's default plan against DeepSeek's greedy (vLLM's default policy,
 ``eplb.core.plan_greedy``), in sample, with the ceiling, the windows where eplb ends
 below the greedy, and the median planning time on the first window.
 
-Beside the real loads, a synthetic extreme: one expert 50× the others, 4 one-layer
-windows. ``--before`` plans with the rules before the thirty-third session (rows holding
-every expert once searched again only from 1 % above their bound, as every row is, and
-no third search with steps scaled by the slots), for a side-by-side run of the same code.
+Beside the real loads, synthetic extremes: one expert 50× or 1000× the others, 4
+one-layer windows each. ``--before`` plans with the rules before the thirty-third
+session (rows holding every expert once searched again only from 1 % above their bound,
+as every row is, and no third search with steps scaled by the slots), for a side-by-side
+run of the same code.
 
 A second table: one spare slot a GPU (``R = E + P``) with three experts 20× the others
 (synthetic, uniform in [1, 101) otherwise), where the hot experts take the spares and
@@ -68,6 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         hot = torch.rand(4, experts, generator=g, dtype=torch.float64) * 100 + 1
         hot[:, 0] *= 50
         models[f"one expert 50× (synthetic, {experts})"] = list(hot[:, None])
+    # ... and one 1000× the others (uniform in [0.01, 1.01)), where the bound is that
+    # expert plus the S − 1 lightest (attacker pass, thirty-fourth session)
+    for experts in (192, 768):
+        g = torch.Generator().manual_seed(0)
+        hot = torch.rand(4, experts, generator=g, dtype=torch.float64) + 0.01
+        hot[:, 0] *= 1000
+        models[f"one expert 1000× (synthetic, {experts})"] = list(hot[:, None])
     deepseek = list(deepseek_loads(torch.float64).values())
     if deepseek:
         models["DeepSeek-V3"] = deepseek[:4]
