@@ -209,9 +209,9 @@ def _items_bound(state: torch.Tensor, loads: torch.Tensor) -> torch.Tensor:
     every expert once, a dominant expert's rows often end there while still above their
     largest item and the mean (one expert 50× the others, 384 experts on 64 GPUs of 6
     slots: at the bound, 0.15–3.2 % above both), and searching them again cost time for
-    nothing
-    (``benchmarks/bench_no_spare.py``: 7.5 → 2.3 ms there, the same plans; thirty-fourth
-    session). Cost: one sort of the row's items.
+    nothing (``benchmarks/bench_no_spare.py``: 7.0 → 3.2 ms there, the same plans;
+    BENCHMARKS.md §12, thirty-fourth session). Cost: one sort of the items of the rows
+    the second search would take.
     """
     _, slots, rows, num_gpus = state.shape
     items = state[LOAD].permute(1, 0, 2).reshape(rows, slots * num_gpus)
