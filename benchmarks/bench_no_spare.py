@@ -88,23 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         for gpus in (2, 4, 8, 16, 32, 64):
             if experts % gpus or experts // gpus < 2:
                 continue
-            ours, greedy, ratio, below = [], [], [], 0
-            for w in windows:
-                mine = eplb.plan(w, experts, gpus).balancedness(w)
-                theirs = plan_greedy(w, experts, gpus).balancedness(w)
-                ours.append(mine)
-                greedy.append(theirs)
-                ratio.append(mine / balancedness_ceiling(w, experts, gpus))
-                below += mine < theirs - 1e-9
-            first = windows[0]
-            ms = median_ms(lambda w=first, e=experts, g=gpus: eplb.plan(w, e, g), args.repeats)
-            ms_greedy = median_ms(lambda w=first, e=experts, g=gpus: plan_greedy(w, e, g),
-                                  args.repeats)
             rows.append([name, f"{windows[0].shape[0]}×{experts}", gpus, experts // gpus,
-                         len(windows), f"{statistics.mean(ours):.5f}",
-                         f"{statistics.mean(greedy):.5f}",
-                         f"{statistics.mean(ratio):.5f} ({min(ratio):.5f})", below,
-                         f"{ms:.1f}", f"{ms_greedy:.1f}"])
+                         len(windows), *side_by_side(windows, experts, gpus, args.repeats)])
     print()
     print(markdown_table(
         ["model", "layers × experts", "P", "S", "windows", "eplb", "greedy",
@@ -115,6 +100,27 @@ def main(argv: list[str] | None = None) -> int:
         ["experts", "P", "S", "windows", "eplb", "greedy", "eplb / ceiling: mean (worst)",
          "windows eplb < greedy", "eplb ms", "greedy ms"], few_spare_rows(args.repeats)))
     return 0
+
+
+def side_by_side(windows: list[torch.Tensor], slots: int, gpus: int,
+                 repeats: int) -> list[object]:
+    """eplb and the greedy on ``windows`` (each ``[L, E]``): mean balancedness of each,
+    eplb over the ceiling (mean and worst), the windows where eplb is below the greedy,
+    and the median ms of each on the first window."""
+    ours, greedy, ratio, below = [], [], [], 0
+    for w in windows:
+        mine = eplb.plan(w, slots, gpus).balancedness(w)
+        theirs = plan_greedy(w, slots, gpus).balancedness(w)
+        ours.append(mine)
+        greedy.append(theirs)
+        ratio.append(mine / balancedness_ceiling(w, slots, gpus))
+        below += mine < theirs - 1e-9
+    first = windows[0]
+    ms = median_ms(lambda: eplb.plan(first, slots, gpus), repeats)
+    ms_greedy = median_ms(lambda: plan_greedy(first, slots, gpus), repeats)
+    return [f"{statistics.mean(ours):.5f}", f"{statistics.mean(greedy):.5f}",
+            f"{statistics.mean(ratio):.5f} ({min(ratio):.5f})", below, f"{ms:.1f}",
+            f"{ms_greedy:.1f}"]
 
 
 def few_spare_rows(repeats: int) -> list[list[object]]:
@@ -128,22 +134,8 @@ def few_spare_rows(repeats: int) -> list[list[object]]:
             w = torch.rand(2, experts, generator=g, dtype=torch.float64) * 100 + 1
             w[:, :3] *= 20
             windows.append(w)
-        slots = experts + gpus
-        ours, greedy, ratio, below = [], [], [], 0
-        for w in windows:
-            mine = eplb.plan(w, slots, gpus).balancedness(w)
-            theirs = plan_greedy(w, slots, gpus).balancedness(w)
-            ours.append(mine)
-            greedy.append(theirs)
-            ratio.append(mine / balancedness_ceiling(w, slots, gpus))
-            below += mine < theirs - 1e-9
-        first = windows[0]
-        ms = median_ms(lambda w=first, r=slots, p=gpus: eplb.plan(w, r, p), repeats)
-        ms_greedy = median_ms(lambda w=first, r=slots, p=gpus: plan_greedy(w, r, p), repeats)
-        rows.append([experts, gpus, slots // gpus, len(windows), f"{statistics.mean(ours):.5f}",
-                     f"{statistics.mean(greedy):.5f}",
-                     f"{statistics.mean(ratio):.5f} ({min(ratio):.5f})", below, f"{ms:.1f}",
-                     f"{ms_greedy:.1f}"])
+        rows.append([experts, gpus, (experts + gpus) // gpus, len(windows),
+                     *side_by_side(windows, experts + gpus, gpus, repeats)])
     return rows
 
 
