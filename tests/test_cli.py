@@ -557,6 +557,10 @@ def test_simulate_counts_moved_weights_in_the_models_bytes(capsys, trace_file) -
     assert all(b * 8 >= m for b, m in zip(busiest, given["rebalances"]["moved_bytes"],
                                           strict=True))
     assert "in 2 nodes, 2 groups (hierarchical)" in out
+    # the default size is DeepSeek-V3's: another model's trace is told so (new-user pass)
+    code, out, _ = run(capsys, *args[:-1])
+    assert code == 0
+    assert "DeepSeek-V3's 256 experts in FP8, but this trace has 8: give --expert-bytes" in out
     for bad in ("-1", "0"):  # (an expert of no bytes: every rebalance free)
         code, _, err = run(capsys, *args, "--expert-bytes", bad)
         assert code == 2 and "--expert-bytes: must be an integer >= 1" in err

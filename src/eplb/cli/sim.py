@@ -232,8 +232,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
           f"GB/rebal, GB/GPU: the expert weights they copy, in all and into the busiest "
           f"of the {gpus} GPUs\n  (every GPU copies at once: the busiest sets the stall), at "
           f"{expert_bytes:,} bytes per expert"
-          + (" (DeepSeek-V3 in FP8; --expert-bytes for another model)"
-             if args.expert_bytes is None else ""))
+          + ("" if args.expert_bytes is not None
+             else " (DeepSeek-V3 in FP8; --expert-bytes for another model)"
+             if trace.num_experts == 256
+             else f" (DeepSeek-V3's 256 experts in FP8, but this trace has "
+                  f"{trace.num_experts}: give --expert-bytes for your model)"))
     if args.max_moves is not None:
         for r in results:
             per = r.moved_slots.sum(1).tolist()
