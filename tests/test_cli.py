@@ -465,6 +465,16 @@ def test_dense_rows_are_said_to_carry_no_load(capsys, tmp_path) -> None:
     np.save(one, np.arange(1, 9, dtype=np.float64))
     code, out, _ = run(capsys, "plan", one, "-r", 8, "-g", 4, "-o", tmp_path / "o.json")
     assert code == 0 and out.startswith("1 layer × 8 experts"), out
+    # bench's header and simulate's title too ("1 layers", "plan on 1 steps": new-user pass)
+    code, out, err = run(capsys, "bench", one, "--no-builtin", "-r", 8, "-g", 4)
+    assert code == 0, err
+    assert "1 layer × 8 experts" in out and "1 layers" not in out
+    trace = tmp_path / "trace.npy"
+    np.save(trace, np.random.default_rng(0).integers(1, 9, (8, 1, 8)).astype(np.float64))
+    code, out, err = run(capsys, "simulate", trace, "--window", 1, "--interval", 2, "-r", 8,
+                         "-g", 4)
+    assert code == 0, err
+    assert "8 steps, 1 layer × 8 experts" in out and "plan on 1 step every 2" in out
 
 
 @pytest.mark.parametrize(("flag", "value"), [("-r", "３２"), ("-g", "٨"), ("--dead-gpus", "١"),

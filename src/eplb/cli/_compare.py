@@ -15,6 +15,7 @@ from eplb.cli._common import (
 )
 from eplb.cli._inputs import cli_policy
 from eplb.core import plan_greedy
+from eplb.core.messages import counted
 from eplb.core.placement import load_balance
 from eplb.tools.report import Report, plot_gpu_heatmaps, plot_layer_balancedness
 
@@ -132,8 +133,8 @@ def compare(
 
 def describe(c: Comparison) -> str:
     s = c.shape
-    text = (f"{c.name}: {s['layers']} layers × {s['experts']} experts, {s['replicas']} slots on "
-            f"{s['gpus']} GPUs")
+    text = (f"{c.name}: {counted(s['layers'], 'layer')} × {s['experts']} experts, "
+            f"{s['replicas']} slots on {s['gpus']} GPUs")
     if s["policy"] == "hierarchical":
         text += f" in {s['nodes']} nodes, {s['groups']} expert groups"
     return text + f", {s['policy']} policy"

@@ -25,6 +25,7 @@ from eplb.cli._common import (
 )
 from eplb.cli._inputs import all_zero_rows_note, cli_policy, read_trace
 from eplb.core import LoadTrace
+from eplb.core.messages import counted
 from eplb.formats import write_loads
 from eplb.formats.trace_writer import FORMAT_BY_SUFFIX, SUFFIX_BY_FORMAT
 from eplb.tools.generator import PRESETS, generate_trace
@@ -161,7 +162,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                         trace.num_experts)
     needed = max(2 * args.window, interval + (score_window or interval))
     if trace.num_steps < needed:
-        have = f"{trace.num_steps} step{'' if trace.num_steps == 1 else 's'}"
+        have = counted(trace.num_steps, "step")
         raise CliError(f"{args.trace} has {have}; the simulation needs at "
                        f"least {needed}: the first rebalance comes after --interval {interval} "
                        f"steps and is scored on the {score_window or interval} after it, and "
@@ -216,10 +217,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                      else f"{s['busiest_gpu_gb_per_rebalance']:.2f}",
                      None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
     print_table(
-        f"{args.trace}{all_zero_rows_note(len(left_out))}: {trace.num_steps} steps, "
-        f"{trace.num_layers} layers × {trace.num_experts} "
+        f"{args.trace}{all_zero_rows_note(len(left_out))}: {counted(trace.num_steps, 'step')}, "
+        f"{counted(trace.num_layers, 'layer')} × {trace.num_experts} "
         f"experts on {replicas} slots / {gpus} GPUs{_cluster(args.nodes, args.groups, policy)}"
-        f"; plan on {cad.window} steps every "
+        f"; plan on {counted(cad.window, 'step')} every "
         f"{cad.interval}, scored in windows of {cad.scoring}",
         headers, rows)
     # the short headers need their meaning: which figure counts, and what 'moved' counts

@@ -20,3 +20,8 @@ def integer_runs(ids: Sequence[int], *, dash: str = "..", sep: str = ", ") -> st
         else:
             spans.append([i, i])
     return sep.join(f"{a}{dash}{b}" if b > a else f"{a}" for a, b in spans)
+
+
+def counted(count: int, noun: str) -> str:
+    """``"1 layer"``, ``"2 layers"``: a count and its noun, plural unless the count is 1."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
