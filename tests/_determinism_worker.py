@@ -149,6 +149,8 @@ def _synthetic_cases() -> dict[str, Callable]:
         "wide": (3, 96, 96, 2, (2, 2)),
         # one spare slot a GPU on GPUs of many slots (the tight gap of the second search)
         "fewspare": (2, 128, 136, 8, (4, 2)),
+        # every expert once at 4 slots a GPU (the greedy's second opinion)
+        "nospare4": (6, 64, 64, 16, (4, 2)),
     }
     for shape_name, (layers, experts, replicas, gpus, hier) in shapes.items():
         for kind in ("int", "float", "zeros", "ties", "few"):

@@ -20,6 +20,7 @@ from eplb.core.count_bounds import packing_bound
 from eplb.core.options import PackingOptions
 from eplb.core.ordering import argsort_rows
 from eplb.core.packing.construct import construct, construct_with_suspects
+from eplb.core.packing.greedy import greedy_look
 from eplb.core.packing.refine import Tracking, refine
 from eplb.core.packing.repair import repair_conflicts
 from eplb.core.packing.state import EXPERT, LOAD, gpu_loads, make_items, max_load, to_slots
@@ -111,6 +112,7 @@ def _pack_chunk(
     the perturbed starts (``None``: no start is perturbed)."""
     _, rows, num_items = items.shape
     cands = options.num_candidates or 1
+    exact = items  # heaviest first, before any start reorders them
     if noise is not None:
         perturbed = noise.shape[0]
         # perturbed per expert (the draw of its first replica's rank), so that an
@@ -166,7 +168,7 @@ def _pack_chunk(
         state = state.view(2, slots, cands, rows, num_gpus)[
             :, :, best, torch.arange(rows, device=best.device)
         ]
-    return state
+    return greedy_look(exact, state, num_gpus)
 
 
 #: a row whose busiest GPU ends this far above its lower bound (the mean GPU load or its
