@@ -19,7 +19,11 @@ A second table: one spare slot a GPU (``R = E + P``) with three experts 20× the
 every other expert packs whole. ``--before-few-spare`` plans it with the rule before the
 thirty-fourth session (only rows with no spare slot held to the tight gap).
 
-    python benchmarks/bench_no_spare.py [--before] [--before-few-spare] [--repeats N]
+``--no-greedy-look`` plans without DeepSeek's greedy packing as a second opinion for
+rows holding every expert once at 3-4 slots a GPU.
+
+    python benchmarks/bench_no_spare.py [--before] [--before-few-spare] [--no-greedy-look]
+        [--repeats N]
 """
 
 from __future__ import annotations
@@ -45,10 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before-few-spare", action="store_true",
                         help="the rule before: only rows with no spare slot held to the tight "
                              "gap")
+    parser.add_argument("--no-greedy-look", action="store_true",
+                        help="without the greedy's second opinion at 3-4 slots a GPU (the "
+                             "rule before the thirty-fourth session's last change)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (default 5)")
     args = parser.parse_args(argv)
     flags = [f for f, on in (("--before", args.before),
-                             ("--before-few-spare", args.before_few_spare)) if on]
+                             ("--before-few-spare", args.before_few_spare),
+                             ("--no-greedy-look", args.no_greedy_look)) if on]
     print(start("bench_no_spare") + (f" ({' '.join(flags)})" if flags else ""))
     packing = importlib.import_module("eplb.core.packing")
     if args.before:
@@ -56,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         packing.RESCUE_STUCK_GAP = float("inf")
     if args.before_few_spare:
         packing.RESCUE_FEW_SPARE_SLOTS = 2**62
+    if args.no_greedy_look:
+        importlib.import_module("eplb.core.packing.greedy").GREEDY_LOOK_SLOTS = ()
     models = {}
     for name, (path, read) in MODELS.items():
         if path.exists():
