@@ -264,6 +264,16 @@ def test_key_with_several_count_arrays_reads_them_one_after_another(capsys, tmp_
     code, out, err = run(capsys, *plan_args(path, tmp_path, "--key", "arxiv,c4"))
     assert code == 0, err
     assert "3 steps summed" in out
+    # eval's and bench's headers name the arrays they scored (new-user pass: two domains
+    # of one file read alike)
+    code, out, err = run(capsys, "eval", "--placement", str(tmp_path / "out.json"), str(path),
+                         "--key", "c4")
+    assert code == 0, err
+    assert f"on {path} [key c4]" in out
+    code, out, err = run(capsys, "bench", str(path), "--key", "arxiv", "--no-builtin", "-r", "20",
+                         "-g", "4")
+    assert code == 0, err
+    assert f"{path.name} [key arxiv]: " in out
 
 
 def test_simulate_cuts_a_token_trace_into_steps(capsys, tmp_path) -> None:

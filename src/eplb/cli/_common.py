@@ -437,6 +437,12 @@ FORCED_MOVES = ("slots of dead or revived GPUs, replicas stacked on one GPU, and
                 "hierarchical layers whose groups straddle nodes (re-planned whole)")
 
 
+def key_note(key: str | None) -> str:
+    """`` [key NAME]`` where ``--key`` chose the array(s) of a file holding several, else
+    nothing: two domains of one file must read apart (new-user pass)."""
+    return f" [key {key}]" if key else ""
+
+
 def summed_note(trace: LoadTrace) -> str:
     """`` (12 steps summed)`` where the loads are a sum of several steps or files (a
     folder of dumps, a trace), else nothing: what a plan or a score was made of."""

@@ -15,6 +15,7 @@ from eplb.cli._common import (
     default_shape,
     generated_trace,
     info,
+    key_note,
     prepare_report,
     print_json,
     print_table,
@@ -86,7 +87,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1],
                                weight.shape[0])
                 # plan counts them (an even placement); say why the counts differ
-                name = Path(job).name + all_zero_rows_note(int((~keep).sum()))
+                name = (Path(job).name + key_note(getattr(args, "key", None))
+                        + all_zero_rows_note(int((~keep).sum())))
                 c = compare(name, weight, replicas, gpus, args.nodes, args.groups,
                             policy=args.policy, seed=args.seed, repeats=args.repeats,
                             layer_ids=ids)

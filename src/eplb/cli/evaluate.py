@@ -14,6 +14,7 @@ from eplb.cli._common import (
     eval_gpu_speed,
     existing_file,
     info,
+    key_note,
     print_json,
     print_table,
     static_gpu_loads,
@@ -203,7 +204,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               r["max_over_mean_after"]] for i, r in enumerate(per_layer)],
         )
     print_table(
-        f"{args.placement} on {args.loads}{summed_note(trace)}: {topo.num_replicas} slots on "
+        f"{args.placement} on {args.loads}{key_note(getattr(args, 'key', None))}"
+        f"{summed_note(trace)}: {topo.num_replicas} slots on "
         f"{topo.num_gpus} GPUs "
         # an engine file records no policy: say what it was scored as (new-user pass: a
         # locality plan read "(global)")
