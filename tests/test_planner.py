@@ -726,6 +726,21 @@ def test_every_expert_once_at_three_or_four_slots_is_never_below_the_greedy(expe
     assert (planned.layer_balancedness(w) >= greedy.layer_balancedness(w) - 1e-9).all()
 
 
+@pytest.mark.parametrize("loads", [
+    [13, 0, 50, 145, 74, 4, 7, 17, 11, 97, 0, 11, 72, 16, 0, 65],
+    [165, 0, 68, 0, 31, 40, 120, 112, 70, 209, 103, 45, 48, 58, 21, 81, 26, 38, 20, 9, 32, 38,
+     38, 10, 161, 0, 36, 11, 99, 34, 20, 24]])
+def test_the_greedy_opinion_keeps_ties_of_integer_loads(loads):
+    # attacker pass: on float32 items over their mean, exact ties of integer GPU loads
+    # split the other way, and eplb ended above the greedy (149 against 148, 228 against 224)
+    w = torch.tensor([loads], dtype=torch.float64)
+    gpus = len(loads) // 4
+    planned = eplb.plan(w, len(loads), gpus)
+    assert_contract(planned)
+    assert float(planned.gpu_loads(w).amax()) <= float(
+        plan_greedy(w, len(loads), gpus).gpu_loads(w).amax())
+
+
 def test_the_greedy_opinion_packs_as_deepseeks_greedy():
     from eplb.core.baselines import balanced_packing
     from eplb.core.packing.greedy import greedy_positions

@@ -210,8 +210,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                      s["oracle_balancedness"], s["rebalances"],
                      None if s["moved_slots_per_rebalance"] is None
                      else f"{s['moved_slots_per_rebalance']:.0f}",
+                     # two decimals as GB/GPU: a total must not read below its part
                      None if s["moved_gb_per_rebalance"] is None
-                     else f"{s['moved_gb_per_rebalance']:.1f}",
+                     else f"{s['moved_gb_per_rebalance']:.2f}",
                      # every GPU copies at once: the busiest sets the stall
                      None if s["busiest_gpu_gb_per_rebalance"] is None
                      else f"{s['busiest_gpu_gb_per_rebalance']:.2f}",
