@@ -72,6 +72,28 @@ def test_placement_maps_of_none_and_huge_expert_counts_are_named(placement):
         Placement.from_phy2log(placement.phy2log, 10**20, placement.topology)
 
 
+def test_moved_slots_checks_a_raw_previous_map(placement):
+    # attacker pass: ids out of range, fractional ids and booleans were counted silently
+    # (eplb.plan(previous=) refuses them), a string raised torch's own TypeError, and a
+    # one-layer [R] map was refused beside rebalance_experts' own [R] output
+    old = placement.phy2log
+    with pytest.raises(ValueError, match=r"previous\[0, 0\] is .*: expert ids are 0\.\.7"):
+        placement.moved_slots(old + 100)
+    for bad in (old.double() + 0.5, old > 3):
+        with pytest.raises(TypeError, match="previous must hold integer expert ids"):
+            placement.moved_slots(bad)
+    with pytest.raises(TypeError, match=r"previous must be a Placement or a .* got str"):
+        placement.moved_slots("abc")
+    with pytest.raises(ValueError, match="previous phy2log has shape"):
+        placement.moved_slots(old[:, :-1])
+    assert placement.moved_slots(old, per_gpu=True).tolist() == [0] * placement.topology.num_gpus
+    emptied = old.clone()
+    emptied[0, 0] = -1  # an empty slot in the old map: its new expert moves in
+    assert int(placement.moved_slots(emptied).sum()) == 1
+    one = Placement.from_phy2log(old[:1], 8, placement.topology)
+    assert one.moved_slots(old[0]).tolist() == [0]
+
+
 def test_remote_nodes_per_token_names_bad_arguments(placement):
     ids = torch.tensor([[[0, 1], [2, 3]]])  # one token, 2 layers, top-2
     with pytest.raises(ValueError, match="num_experts must be a positive integer"):

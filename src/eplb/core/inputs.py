@@ -481,6 +481,30 @@ def require_integer_ids(tensor: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must hold integer expert ids, got {tensor.dtype}")
 
 
+def as_compared_map(value: object, shape: tuple[int, int], num_experts: int,
+                    name: str = "previous") -> torch.Tensor:
+    """A raw ``[L, R]`` phy2log to compare a placement with (a one-layer ``[R]`` as
+    ``[1, R]``): integer expert ids in ``[-1, num_experts)``, or ``TypeError``/``ValueError``
+    naming ``name`` (an attacker pass found ids out of range, fractional ids and booleans
+    counted silently, and a string raising torch's own error)."""
+    try:
+        ids = torch.as_tensor(native_array(value))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be a Placement or a [L, R] phy2log of expert ids, got "
+                        f"{type(value).__name__} ({exc})") from None
+    require_integer_ids(ids, name)
+    if ids.dim() == 1 and shape[0] == 1:
+        ids = ids[None]
+    if tuple(ids.shape) != tuple(shape):
+        raise ValueError(f"{name} phy2log has shape {tuple(ids.shape)}, expected {tuple(shape)}")
+    bad = ((ids < -1) | (ids >= num_experts)).nonzero()
+    if len(bad):
+        layer, slot = bad[0].tolist()
+        raise ValueError(f"{name}[{layer}, {slot}] is {int(ids[layer, slot])}: expert ids are "
+                         f"0..{num_experts - 1}, or -1 for an empty slot")
+    return ids
+
+
 def refuse_overflowed_sum(total: torch.Tensor, parts: torch.Tensor, what: str,
                           steps: int) -> torch.Tensor:
     """``total``, a sum of ``steps`` finite-checked ``parts``, or ``ValueError`` where finite

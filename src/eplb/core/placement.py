@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from eplb.core.inputs import (
+    as_compared_map,
     as_gpu_speed,
     as_live_mask,
     as_weight,
@@ -341,14 +342,12 @@ class Placement:
                 f"previous placement is for {previous.topology.num_gpus} GPUs, this one for "
                 f"{self.topology.num_gpus}: its slots are other GPUs' slots"
             )
-        old = previous.phy2log if isinstance(previous, Placement) else torch.as_tensor(
-            native_array(previous))
+        old = previous.phy2log if isinstance(previous, Placement) else as_compared_map(
+            previous, tuple(self.phy2log.shape), self.num_experts)
         old = old.to(self.phy2log.device)
         if old.shape != self.phy2log.shape:
-            raise ValueError(
-                f"previous phy2log has shape {tuple(old.shape)}, "
-                f"expected {tuple(self.phy2log.shape)}"
-            )
+            raise ValueError(f"previous phy2log has shape {tuple(old.shape)}, "
+                             f"expected {tuple(self.phy2log.shape)}")
         moved = (self.phy2log != old) & (self.phy2log >= 0)
         if per_gpu:
             return moved.view(moved.shape[0], self.topology.num_gpus, -1).sum((0, 2))
