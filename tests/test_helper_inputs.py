@@ -75,16 +75,19 @@ def test_placement_maps_of_none_and_huge_expert_counts_are_named(placement):
 def test_moved_slots_checks_a_raw_previous_map(placement):
     # attacker pass: ids out of range, fractional ids and booleans were counted silently
     # (eplb.plan(previous=) refuses them), a string raised torch's own TypeError, and a
-    # one-layer [R] map was refused beside rebalance_experts' own [R] output
+    # one-layer [R] map was refused beside rebalance_experts' own [R] output; the checks
+    # are eplb.plan(previous=)'s own
     old = placement.phy2log
-    with pytest.raises(ValueError, match=r"previous\[0, 0\] is .*: expert ids are 0\.\.7"):
+    with pytest.raises(ValueError, match=r"previous placement holds expert ids outside "
+                                         r"\[-1, 8\)"):
         placement.moved_slots(old + 100)
     for bad in (old.double() + 0.5, old > 3):
-        with pytest.raises(TypeError, match="previous must hold integer expert ids"):
+        with pytest.raises(TypeError, match="previous phy2log must hold integer expert ids"):
             placement.moved_slots(bad)
-    with pytest.raises(TypeError, match=r"previous must be a Placement or a .* got str"):
+    with pytest.raises(TypeError, match=r"previous must be a Placement or a phy2log tensor"):
         placement.moved_slots("abc")
-    with pytest.raises(ValueError, match="previous phy2log has shape"):
+    with pytest.raises(ValueError, match=r"previous placement has shape \(2, 15\), "
+                                         r"expected \[2, 16\]"):
         placement.moved_slots(old[:, :-1])
     assert placement.moved_slots(old, per_gpu=True).tolist() == [0] * placement.topology.num_gpus
     emptied = old.clone()

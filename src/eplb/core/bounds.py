@@ -131,12 +131,9 @@ def enumerated_node_bounds(
 
 def _forced_counts_bound(weight: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """``[rows]`` lower bound on the max GPU load of ``weight [rows, E]`` placed one expert
-    a slot (``E = S·num_gpus``): the cardinality bound of
-    :func:`eplb.core.count_bounds.packing_bound`, and at two slots a GPU the pairing of
-    the heaviest with the lightest, which is optimal (the bound is the optimum)."""
+    a slot (``E = S·num_gpus``): :func:`eplb.core.count_bounds.packing_bound` of the
+    experts as items (the optimum itself at two slots a GPU)."""
     items = weight.sort(1, descending=True).values
-    if weight.shape[1] == 2 * num_gpus:
-        return (items + items.flip(1)).amax(1)
     return torch.from_numpy(packing_bound(items.cpu().numpy(), num_gpus)).to(items)
 
 

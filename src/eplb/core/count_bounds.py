@@ -10,7 +10,9 @@ others. For items sorted heaviest first ``x_1 >= ... >= x_R`` (``R = S·P``) and
   at least ``(x_1 + ... + x_k + y_1 + ... + y_{k(S−1)}) / k`` (``y`` ascending);
 - otherwise one GPU holds two of them: at least ``2 x_k + (S − 2) y_1``.
 
-So every packing has max load ``>= max_k min(A_k, B_k)`` (and ``>= W / P``).
+So every packing has max load ``>= max_k min(A_k, B_k)`` (and ``>= W / P``). At
+``S = 2`` the bound is the largest pair of the heaviest-with-lightest pairing instead,
+optimal for the items (anti-affinity aside).
 :func:`packing_bound` computes it for many rows at once; the planner uses it to pick a
 replica allocation per row without packing every candidate (issue 14: at ``S <= 4`` the
 allocation with the smallest bound is the one the full search packs best, and packing the
@@ -40,6 +42,10 @@ def packing_bound(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
     mean = x.sum(1) / num_gpus
     if slots == 1:
         return np.maximum(mean, x[:, 0])
+    if slots == 2:
+        # pairing the heaviest with the lightest is optimal for given items (anti-affinity
+        # aside): its largest pair is the bound, and the optimum where it can be kept
+        return np.maximum(mean, (x + x[:, ::-1]).max(1))
     light = np.cumsum(x[:, ::-1][:, : num_gpus * (slots - 1)], 1)  # Σ of the n lightest
     spread = (top + light[:, k * (slots - 1) - 1]) / k
     shared = 2 * x[:, :num_gpus] + (slots - 2) * x[:, -1:]

@@ -481,28 +481,42 @@ def require_integer_ids(tensor: torch.Tensor, name: str) -> None:
         raise TypeError(f"{name} must hold integer expert ids, got {tensor.dtype}")
 
 
-def as_compared_map(value: object, shape: tuple[int, int], num_experts: int,
-                    name: str = "previous") -> torch.Tensor:
-    """A raw ``[L, R]`` phy2log to compare a placement with (a one-layer ``[R]`` as
-    ``[1, R]``): integer expert ids in ``[-1, num_experts)``, or ``TypeError``/``ValueError``
-    naming ``name`` (an attacker pass found ids out of range, fractional ids and booleans
-    counted silently, and a string raising torch's own error)."""
-    try:
-        ids = torch.as_tensor(native_array(value))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} must be a Placement or a [L, R] phy2log of expert ids, got "
-                        f"{type(value).__name__} ({exc})") from None
-    require_integer_ids(ids, name)
-    if ids.dim() == 1 and shape[0] == 1:
-        ids = ids[None]
-    if tuple(ids.shape) != tuple(shape):
-        raise ValueError(f"{name} phy2log has shape {tuple(ids.shape)}, expected {tuple(shape)}")
-    bad = ((ids < -1) | (ids >= num_experts)).nonzero()
-    if len(bad):
-        layer, slot = bad[0].tolist()
-        raise ValueError(f"{name}[{layer}, {slot}] is {int(ids[layer, slot])}: expert ids are "
-                         f"0..{num_experts - 1}, or -1 for an empty slot")
-    return ids
+def as_old_map(value: object, shape: tuple[int, int], num_experts: int,
+               shape_hint: str = "") -> torch.Tensor:
+    """A placement in force given as a raw phy2log (a one-layer ``[R]`` read as ``[1, R]``),
+    checked as ``eplb.plan(previous=)`` and ``Placement.moved_slots`` both need it: a dense
+    ``shape`` of integer expert ids in ``[-1, num_experts)``; ``TypeError`` or
+    ``ValueError`` naming what is wrong (``shape_hint`` ends the shape message). Returns it
+    as a host int64 tensor."""
+    old = value
+    if not isinstance(old, torch.Tensor):
+        refuse_byte_strings(old, "previous")
+        try:
+            old = torch.as_tensor(native_array(np.asarray(old)))
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"previous must be a Placement or a phy2log tensor [L, R]: {exc}"
+            ) from None
+    kind = without_values(old)
+    if kind or old.layout != torch.strided:
+        raise TypeError(f"previous must be a dense tensor with data, got a "
+                        f"{kind or old.layout} tensor")
+    given_shape = tuple(old.shape)  # as the caller passed it, for the message
+    if old.dim() == 1:
+        old = old[None]
+    if tuple(old.shape) != tuple(shape):
+        raise ValueError(f"previous placement has shape {given_shape}, expected [{shape[0]}, "
+                         f"{shape[1]}] (layers, slots){shape_hint}")
+    require_integer_ids(old, "previous phy2log")
+    if not old.dtype.is_signed:  # unsigned ids: compare before int64 could wrap them to -1
+        ids = old.detach().cpu().numpy()
+        if ids.size and int(ids.max()) >= num_experts:
+            raise ValueError(f"previous placement holds expert ids outside [-1, "
+                             f"{num_experts})")
+    old = old.detach().cpu().to(torch.int64)
+    if bool(((old < -1) | (old >= num_experts)).any()):
+        raise ValueError(f"previous placement holds expert ids outside [-1, {num_experts})")
+    return old
 
 
 def refuse_overflowed_sum(total: torch.Tensor, parts: torch.Tensor, what: str,

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from eplb.core.inputs import (
-    as_compared_map,
     as_gpu_speed,
     as_live_mask,
+    as_old_map,
     as_weight,
     native_array,
     refuse_without_values,
@@ -342,7 +342,7 @@ class Placement:
                 f"previous placement is for {previous.topology.num_gpus} GPUs, this one for "
                 f"{self.topology.num_gpus}: its slots are other GPUs' slots"
             )
-        old = previous.phy2log if isinstance(previous, Placement) else as_compared_map(
+        old = previous.phy2log if isinstance(previous, Placement) else as_old_map(
             previous, tuple(self.phy2log.shape), self.num_experts)
         old = old.to(self.phy2log.device)
         if old.shape != self.phy2log.shape:

@@ -47,12 +47,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from eplb.core.inputs import (
-    native_array,
-    refuse_byte_strings,
-    require_integer_ids,
-    without_values,
-)
+from eplb.core.inputs import as_old_map, without_values
 from eplb.core.options import COARSE_SLOTS, IncrementalOptions
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
@@ -86,39 +81,8 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
             raise ValueError(f"previous placement has {previous.num_experts} experts, the "
                              f"weight {request.num_experts}")
     old = previous.phy2log if isinstance(previous, Placement) else previous
-    if not isinstance(old, torch.Tensor):
-        refuse_byte_strings(old, "previous")
-        try:
-            old = torch.as_tensor(native_array(np.asarray(old)))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"previous must be a Placement or a phy2log tensor [L, R]: {exc}"
-            ) from None
-    kind = without_values(old)
-    if kind or old.layout != torch.strided:
-        raise TypeError(f"previous must be a dense tensor with data, got a "
-                        f"{kind or old.layout} tensor")
-    given_shape = tuple(old.shape)  # as the caller passed it, for the message
-    if old.dim() == 1:
-        old = old[None]
     expected = (request.num_layers, request.topology.num_replicas)
-    if tuple(old.shape) != expected:
-        raise ValueError(
-            f"previous placement has shape {given_shape}, expected [{expected[0]}, "
-            f"{expected[1]}] (layers, slots) to match the weight"
-        )
-    require_integer_ids(old, "previous phy2log")
-    if not old.dtype.is_signed:  # unsigned ids: compare before int64 could wrap them to -1
-        ids = old.detach().cpu().numpy()
-        if ids.size and int(ids.max()) >= request.num_experts:
-            raise ValueError(f"previous placement holds expert ids outside [-1, "
-                             f"{request.num_experts})")
-    old = old.detach().cpu().to(torch.int64).numpy()
-    if ((old < -1) | (old >= request.num_experts)).any():
-        raise ValueError(
-            f"previous placement holds expert ids outside [-1, {request.num_experts})"
-        )
-    return old
+    return as_old_map(old, expected, request.num_experts, " to match the weight").numpy()
 
 
 def _host_weight(request: PlanRequest) -> np.ndarray:

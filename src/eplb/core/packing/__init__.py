@@ -202,10 +202,10 @@ AT_BOUND = 1e-6
 RESCUE_STUCK_GAP = 0.05
 
 
-def _items_bound(state: torch.Tensor, loads: torch.Tensor) -> torch.Tensor:
-    """``[rows]`` lower bound on the max GPU load of any packing of ``state``'s own items
-    (``loads [rows, P]`` its GPU loads): :func:`eplb.core.count_bounds.packing_bound`, the
-    mean, the largest item, and the ``S − 1`` lightest items beside a heavy one.
+def _items_bound(state: torch.Tensor) -> torch.Tensor:
+    """``[rows]`` lower bound on the max GPU load of any packing of ``state``'s own items,
+    in its dtype: :func:`eplb.core.count_bounds.packing_bound`, the mean, the largest item,
+    and the ``S − 1`` lightest items beside a heavy one.
 
     The searches only swap items, so no search gets below it: a row at it is done. With
     every expert once, a dominant expert's rows often end there while still above their
@@ -218,7 +218,7 @@ def _items_bound(state: torch.Tensor, loads: torch.Tensor) -> torch.Tensor:
     _, slots, rows, num_gpus = state.shape
     items = state[LOAD].permute(1, 0, 2).reshape(rows, slots * num_gpus)
     items = items.sort(1, descending=True).values.double().cpu().numpy()
-    return torch.from_numpy(packing_bound(items, num_gpus)).to(loads)
+    return torch.from_numpy(packing_bound(items, num_gpus)).to(state)
 
 
 def _rescue(state: torch.Tensor, slots: int, num_gpus: int,
@@ -251,7 +251,7 @@ def _rescue(state: torch.Tensor, slots: int, num_gpus: int,
     far = (peak > bound * factor).nonzero()[:, 0]
     if not len(far):
         return state
-    done = _items_bound(state[:, :, far], loads[far])
+    done = _items_bound(state[:, :, far])
     still_open = peak[far] > done * (1 + AT_BOUND)
     far, done = far[still_open], done[still_open]
     if not len(far):
