@@ -90,6 +90,24 @@ def test_a_small_total_budget_still_improves(policy, nodes, groups):
     assert new.balancedness(W1) > old.balancedness(W1)
 
 
+@pytest.mark.parametrize("spare", [0, 64], ids=["no-spare", "spare"])
+@pytest.mark.parametrize("budget", [4, 8, [4] * 6])
+def test_a_budget_below_one_ladder_step_still_improves(spare, budget):
+    """A budget smaller than one step of the warm-start ladder (3/64 of a layer's slots:
+    12 of 256) buys its share of that step (attacker pass: ``max_moves=8`` with every
+    expert once on 64 GPUs moved nothing, where 16 moved 12)."""
+    w0, w1 = drifted(seed=5, layers=6, experts=256, drift=0.4)
+    replicas = 256 + spare
+    old = eplb.plan(w0, replicas, 64)
+    new = eplb.plan(w1, replicas, 64, previous=old, max_moves=budget)
+    assert_contract(new)
+    moved = new.moved_slots(old)
+    assert int(moved.sum()) > 0 and (moved <= torch.as_tensor(budget)).all(), moved.tolist()
+    assert int(moved.sum()) <= sum(np.atleast_1d(budget))
+    assert (new.layer_balancedness(w1) >= old.layer_balancedness(w1) - 1e-12).all()
+    assert new.balancedness(w1) > old.balancedness(w1)
+
+
 @pytest.mark.parametrize(("policy", "nodes", "groups"), TOPOLOGIES)
 def test_per_layer_move_budget(policy, nodes, groups):
     old = old_plan(policy, nodes, groups)

@@ -55,7 +55,7 @@ from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
 from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous, relabel_size_problem
-from eplb.online.budget import spend_budget
+from eplb.online.budget import spend_budget, step_quota
 from eplb.online.nearest import choose_paying, plan_nearest_incremental
 
 
@@ -295,7 +295,7 @@ def plan_incremental(
         return _plan_nearest(request, old, max_moves, skip_threshold)
     weight = _host_weight(request)
     base, replanned, node_of_group = _forced(request, old, weight)
-    quota = max(2, round(options.quota * topo.num_replicas))
+    quota = step_quota(options.quota, topo.num_replicas, max_moves, request.num_layers)
     # a layer re-planned from scratch by the forced moves is searched already: its
     # ladder was taken in 3 layers of 232 on vLLM's first call (BENCHMARKS.md §3)
     layer_quota = np.where(replanned, 0, quota)

@@ -162,10 +162,11 @@ def apply_transfers(
     num_gpus: int,
     counts: np.ndarray,
     record: tuple[float, ...] = (),
+    record_most: tuple[np.ndarray, ...] = (),
 ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray, np.ndarray]:
     """``phy2log [B, R]`` (replica counts ``counts [B, E]``) after the first ``upto [B]``
     transfers of each row, and the placements after the prefixes ``record`` (fractions
-    of ``upto``).
+    of ``upto``; each at most ``record_most [B]`` transfers where given).
 
     Transfers go one at a time (all rows at once): each rewrites the donor's replica on
     the lightest GPU that does not hold the receiver yet (the receiver is the hotter
@@ -202,6 +203,8 @@ def apply_transfers(
     flat_ids = ids.reshape(-1)  # slot k of (row, GPU) c at k·B·P + c
     flat_loads = loads.reshape(-1)  # (row, GPU) c at c
     marks = [np.ceil(f * upto).astype(np.int64) for f in record]  # per row
+    for mark, most in zip(marks, record_most, strict=False):
+        np.minimum(mark, most[order], out=mark)
     snapshots = [out.copy() for _ in record]
     stuck_rows = np.zeros(rows, bool)
     flat = np.arange(rows) * num_experts  # each row's offset into w and counts
@@ -260,7 +263,8 @@ def warm_ladder(
 
     Candidate 0 is the base placement. With ``transfers_only``, candidates 1–3 apply the
     first quarter, half and all of the replica transfers toward Jefferson's counts (best
-    first) and nothing else: the cheapest moves, for small budgets. The last ``steps``
+    first; the first two at most one and two steps' ``quota``) and nothing else: the
+    cheapest moves, for small budgets. The last ``steps``
     candidates apply all the transfers and ``k`` steps of the all-pairs swap search, each
     step allowed ``quota [B]`` more changed slots, heaviest GPU pairs first. (The
     heaviest-GPU polish is left out: its in-sample gains do not survive to the next
@@ -286,8 +290,11 @@ def warm_ladder(
     donor, receiver, count = transfer_order(weight, base, counts, num_gpus)
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
+    # the prefixes are the candidates of small budgets: no longer than one and two
+    # steps' quota, so that a budget below a quarter of the transfers still buys some
     start, prefixes, start_counts, stuck = apply_transfers(
-        weight, base, donor, receiver, count, num_gpus, counts, record=record)
+        weight, base, donor, receiver, count, num_gpus, counts, record=record,
+        record_most=(quota, 2 * quota))
     only = np.empty((0, *base.shape), base.dtype)
     if transfers_only:  # cheap (one slot each); stacked replicas spread
         only = np.concatenate([*prefixes, start])
