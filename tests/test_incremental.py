@@ -186,6 +186,30 @@ def test_stacked_replicas_are_spread_whatever_the_budget():
         assert sorted(new.phy2log[0, :4].tolist()) == [0, 0, 1, 1]
 
 
+@pytest.mark.parametrize(("experts", "gpus", "slots", "nodes", "groups"),
+                         [(32, 8, 5, 1, 1), (32, 8, 5, 2, 4), (64, 8, 9, 1, 1)])
+def test_spreading_a_greedy_map_costs_no_balance_without_a_budget(experts, gpus, slots,
+                                                                  nodes, groups):
+    """DeepSeek's greedy stacks replicas of a hot expert on one GPU; spreading them is
+    forced, and used to leave layers below the greedy's map on the very loads it was
+    made for (attacker pass: 0.958 against 0.977). Each layer now ends no worse than
+    that map, or than a fresh plan where the unstacked layer cannot reach the map."""
+    checked = 0
+    for seed in range(26, 30):
+        _, w = drifted(seed=seed, layers=6, experts=experts, drift=0.5)
+        replicas = gpus * slots
+        greedy = plan_greedy(w, replicas, gpus, nodes, groups)
+        new = eplb.plan(w, replicas, gpus, nodes, groups, previous=greedy.phy2log)
+        assert_contract(new)
+        fresh = eplb.plan(w, replicas, gpus, nodes, groups)
+        floor = torch.minimum(greedy.layer_balancedness(w), fresh.layer_balancedness(w))
+        assert (new.layer_balancedness(w) >= floor - 1e-12).all()
+        stacked = [(greedy.phy2log[layer].reshape(gpus, slots).sort(1).values.diff(dim=1) == 0)
+                   .any().item() for layer in range(6)]
+        checked += sum(stacked)
+    assert checked  # the greedy stacked somewhere, so there was something to spread
+
+
 
 def test_an_expert_on_more_replicas_than_gpus_sheds_its_stacked_copies_only():
     # a foreign map: expert 0 on 12 replicas over 8 GPUs, 3 of them on GPU 0 (2 allowed)

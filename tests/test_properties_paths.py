@@ -274,6 +274,15 @@ def test_incremental_plans_from_old_maps_of_every_origin_keep_every_promise(orig
     p = plan_quietly(*args, previous=old, **kwargs)
     assert p.policy == kwargs["policy"]
     check(p, c, plan_quietly(*args, previous=old, **kwargs))
+    if (origin == "greedy" and c["live"] is None and "dispatch" not in kwargs
+            and "max_moves" not in kwargs and "skip_threshold" not in kwargs):
+        # spreading the greedy's stacked replicas is forced, but costs no balance: each
+        # layer ends no worse than the greedy's map or a fresh plan on these loads
+        w = weight.to(torch.float64)
+        fresh = plan_quietly(*args, **kwargs)
+        kept = eplb.Placement.from_phy2log(old, c["experts"], p.topology)
+        floor = torch.minimum(kept.layer_balancedness(w), fresh.layer_balancedness(w))
+        assert bool((p.layer_balancedness(w) >= floor - 1e-9).all())
     if isinstance(old, eplb.Placement):  # a record and its map are the same placement in force
         assert torch.equal(plan_quietly(*args, previous=old.phy2log, **kwargs).phy2log,
                            p.phy2log)

@@ -38,6 +38,11 @@ almost every slot. Here the new plan starts from the placement in force:
    (An ample budget also offers the transfers alone, so its plan may differ slightly
    from the one without a budget; it never moves what does not pay.) No candidate whose
    in-sample peak exceeds the placement in force's is taken.
+5. **Without a budget or a skip threshold, forced moves cost no balance**
+   (:func:`eplb.online.forced.undo_forced_losses`): where they left a layer worse on
+   the window at hand than the map in force (a greedy's stacked replicas spread), the
+   cheapest candidate at least as good as that map is taken, else a fresh plan where it
+   is better.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from eplb.core.topology import Topology
 from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous, relabel_size_problem
 from eplb.online.budget import spend_budget, step_quota
+from eplb.online.forced import Offered, forced_base, fresh_aligned, undo_forced_losses
 from eplb.online.nearest import choose_paying, plan_nearest_incremental
 
 
@@ -88,44 +94,6 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
 def _host_weight(request: PlanRequest) -> np.ndarray:
     """The request's loads ``[L, E]`` as a contiguous float64 host array."""
     return np.ascontiguousarray(request.weight.detach().cpu().to(torch.float64).numpy())
-
-
-def _forced(
-    request: PlanRequest, old: np.ndarray, weight: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """The old placement made valid for this call with as few changes as possible
-    (``weight [L, E]``: the request's loads on the host, float64), ``[L]`` the layers
-    re-planned from scratch (hierarchical layers whose groups straddled nodes), and,
-    under the hierarchical policy when nothing was forced, the node of every group of
-    the result (``[L, G]``, :func:`eplb.online.hierarchy.group_nodes`; else ``None``)."""
-    topo = request.topology
-    live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
-    base = old.copy()
-    replanned = np.zeros(request.num_layers, bool)
-    if request.policy == "hierarchical":
-        start = np.where(live_slot[None], old, -1)
-        node_of_group, local = hierarchy.group_nodes(start, request)
-        redo = np.nonzero(~local)[0]
-        if len(redo):
-            sub = request.layers(torch.from_numpy(redo))
-            fresh = fresh_phy2log(sub).cpu()
-            aligned = align_to_previous(fresh, torch.from_numpy(start[redo]), topo.num_gpus,
-                                        topo.gpus_per_node)
-            base[redo] = aligned.numpy()
-            replanned[redo] = True
-        # inside each node: fill, cover, spread (locality stays); a layer with every slot
-        # filled, every expert held and no expert twice on a GPU needs none of it
-        whole = (start >= 0).all(1) & (moves.counts_of(start, request.num_experts) > 0).all(1)
-        twice = moves.stacked(start, topo.num_gpus)
-        keep = np.nonzero(local & ~(whole & ~twice))[0]
-        if len(keep):
-            base[keep] = hierarchy.per_node(weight[keep], start[keep], request,
-                                            moves.fill_and_spread)
-        # the old map itself (every GPU live, nothing changed): its group nodes hold
-        untouched = not len(redo) and not len(keep) and request.active_gpus is None
-        return base, replanned, node_of_group if untouched else None
-    return (moves.fill_and_spread(weight, old, topo.num_gpus, request.live.cpu().numpy()),
-            replanned, None)
 
 
 def _refine_rows(
@@ -294,7 +262,7 @@ def plan_incremental(
     if request.dispatch == "nearest" and topo.num_nodes > 1:
         return _plan_nearest(request, old, max_moves, skip_threshold)
     weight = _host_weight(request)
-    base, replanned, node_of_group = _forced(request, old, weight)
+    base, replanned, node_of_group = forced_base(request, old, weight)
     quota = step_quota(options.quota, topo.num_replicas, max_moves, request.num_layers)
     # a layer re-planned from scratch by the forced moves is searched already: its
     # ladder was taken in 3 layers of 232 on vLLM's first call (BENCHMARKS.md §3)
@@ -326,7 +294,7 @@ def plan_incremental(
         if topo.slots_per_gpu <= COARSE_SLOTS:  # little room for swaps, as under global
             need |= ~replanned
         if need.any() and request.active_gpus is None:
-            extra = _fresh_aligned(request, base, np.nonzero(need)[0])
+            extra = fresh_aligned(request, base, np.nonzero(need)[0])
             extra_peak, extra_now = score(extra)
             peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
             now = np.concatenate([now, extra_now])
@@ -363,7 +331,7 @@ def plan_incremental(
         coarse = topo.slots_per_gpu <= COARSE_SLOTS
         need = gaining | (transfers > layer_quota) | far | coarse
         if need.any():
-            extra = _fresh_aligned(request, base, np.nonzero(need)[0])
+            extra = fresh_aligned(request, base, np.nonzero(need)[0])
             extra_peak, extra_now = score(_live_only(extra, live_gpus, topo))
             candidates = np.concatenate([candidates, extra])
             peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
@@ -394,6 +362,9 @@ def plan_incremental(
         worse = moves.exact_peak(weight[changed], best[changed], topo.num_gpus) > (
             moves.exact_peak(weight[changed], base[changed], topo.num_gpus))
         best[changed[worse]] = base[changed[worse]]
+    if max_moves is None and skip_threshold is None:  # a limit the user set rules
+        best = undo_forced_losses(request, weight, old, base, best, replanned,
+                                   Offered(now, cost, take), lambda chosen: score(chosen)[1])
     phy2log = torch.from_numpy(best).to(request.weight.device)
     placement = Placement.from_phy2log(
         phy2log, request.num_experts, topo, request.policy, request.active_gpus
@@ -421,26 +392,6 @@ def _with_candidate(take, extra: np.ndarray, index: int):
         out[fresh] = extra[fresh]
         return out
     return taken
-
-
-def _fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -> np.ndarray:
-    """``[1, L, R]`` fresh plans of ``layers`` relabelled onto ``base``'s GPUs (other rows:
-    ``base``); dead GPUs allowed under the global policy. Under the hierarchical policy
-    whole nodes are matched first, then GPUs inside them, so the plan stays
-    hierarchical."""
-    topo = request.topology
-    sub = request.layers(torch.from_numpy(layers))
-    fresh = fresh_phy2log(sub).cpu()
-    out = base.copy()
-    live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
-    old_live = torch.from_numpy(base[layers][:, live_slot])
-    per_node = topo.gpus_per_node if request.policy == "hierarchical" else None
-    aligned = align_to_previous(fresh[:, live_slot], old_live, int(request.live.sum()),
-                                per_node)
-    rows = out[layers]
-    rows[:, live_slot] = aligned.numpy()
-    out[layers] = rows
-    return out[None]
 
 
 def _plan_nearest(
@@ -486,7 +437,7 @@ def _plan_nearest(
             # in force (dead GPUs emptied, their experts re-homed) is served as well on
             # the window at hand or the next keeps it (found by the property tests: a
             # layer went from 0.667 to 0.660 on the window at hand)
-            base = torch.from_numpy(_forced(even, old, _host_weight(request))[0])
+            base = torch.from_numpy(forced_base(even, old, _host_weight(request))[0])
             host = dataclasses.replace(request, weight=request.weight.cpu(),
                                        active_gpus=request.active_gpus.cpu())
             out = choose_paying(host, torch.stack([base, out]))
@@ -502,7 +453,7 @@ def _plan_nearest(
                          "with the global policy and every GPU live (their candidates assume "
                          "tokens arising evenly): leave source out, or plan without previous")
     weight = _host_weight(request)
-    base = torch.from_numpy(_forced(even, old, weight)[0])
+    base = torch.from_numpy(forced_base(even, old, weight)[0])
     budget = None
     if max_moves is not None:
         layers = request.num_layers

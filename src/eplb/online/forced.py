@@ -1,0 +1,142 @@
+"""Forced moves of incremental planning, and what they may cost.
+
+The map in force is made valid for the call with as few changes as possible
+(:func:`forced_base`: un-stacking replicas, filling revived GPUs, re-homing dead GPUs'
+replicas, re-planning layers whose groups straddle nodes); those moves are made whatever
+the budget. :func:`fresh_aligned` is the fallback candidate of every incremental plan, a
+fresh plan relabelled onto the old GPUs; :func:`undo_forced_losses` spends moves where
+the forced ones left a layer worse on the window at hand than the map in force.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from eplb.core.planner import fresh_phy2log
+from eplb.core.request import PlanRequest
+from eplb.online import hierarchy, moves
+from eplb.online.align import align_to_previous
+
+
+def forced_base(
+    request: PlanRequest, old: np.ndarray, weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The old placement made valid for this call with as few changes as possible
+    (``weight [L, E]``: the request's loads on the host, float64), ``[L]`` the layers
+    re-planned from scratch (hierarchical layers whose groups straddled nodes), and,
+    under the hierarchical policy when nothing was forced, the node of every group of
+    the result (``[L, G]``, :func:`eplb.online.hierarchy.group_nodes`; else ``None``)."""
+    topo = request.topology
+    live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
+    base = old.copy()
+    replanned = np.zeros(request.num_layers, bool)
+    if request.policy == "hierarchical":
+        start = np.where(live_slot[None], old, -1)
+        node_of_group, local = hierarchy.group_nodes(start, request)
+        redo = np.nonzero(~local)[0]
+        if len(redo):
+            sub = request.layers(torch.from_numpy(redo))
+            fresh = fresh_phy2log(sub).cpu()
+            aligned = align_to_previous(fresh, torch.from_numpy(start[redo]), topo.num_gpus,
+                                        topo.gpus_per_node)
+            base[redo] = aligned.numpy()
+            replanned[redo] = True
+        # inside each node: fill, cover, spread (locality stays); a layer with every slot
+        # filled, every expert held and no expert twice on a GPU needs none of it
+        whole = (start >= 0).all(1) & (moves.counts_of(start, request.num_experts) > 0).all(1)
+        twice = moves.stacked(start, topo.num_gpus)
+        keep = np.nonzero(local & ~(whole & ~twice))[0]
+        if len(keep):
+            base[keep] = hierarchy.per_node(weight[keep], start[keep], request,
+                                            moves.fill_and_spread)
+        # the old map itself (every GPU live, nothing changed): its group nodes hold
+        untouched = not len(redo) and not len(keep) and request.active_gpus is None
+        return base, replanned, node_of_group if untouched else None
+    return (moves.fill_and_spread(weight, old, topo.num_gpus, request.live.cpu().numpy()),
+            replanned, None)
+
+
+def fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -> np.ndarray:
+    """``[1, L, R]`` fresh plans of ``layers`` relabelled onto ``base``'s GPUs (other rows:
+    ``base``); dead GPUs allowed under the global policy. Under the hierarchical policy
+    whole nodes are matched first, then GPUs inside them, so the plan stays
+    hierarchical."""
+    topo = request.topology
+    sub = request.layers(torch.from_numpy(layers))
+    fresh = fresh_phy2log(sub).cpu()
+    out = base.copy()
+    live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
+    old_live = torch.from_numpy(base[layers][:, live_slot])
+    per_node = topo.gpus_per_node if request.policy == "hierarchical" else None
+    aligned = align_to_previous(fresh[:, live_slot], old_live, int(request.live.sum()),
+                                per_node)
+    rows = out[layers]
+    rows[:, live_slot] = aligned.numpy()
+    out[layers] = rows
+    return out[None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Offered:
+    """Every layer's candidates: ``now [C, L]`` in-sample peaks (integer units over the
+    mean, :func:`eplb.online.moves.expected_peak`), ``cost [C, L]`` slots changed from the
+    forced base, and ``take(pick [L]) → [L, R]``."""
+
+    now: np.ndarray
+    cost: np.ndarray
+    take: Callable[[np.ndarray], np.ndarray]
+
+
+def undo_forced_losses(request: PlanRequest, weight: np.ndarray, old: np.ndarray,
+                        base: np.ndarray, best: np.ndarray, replanned: np.ndarray,
+                        offered: Offered, now_of: Callable[[np.ndarray], np.ndarray]
+                        ) -> np.ndarray:
+    """``best [L, R]``, but in the layers that forced moves left worse on the window at
+    hand than the map in force ``old`` (e.g. a greedy's replicas stacked on one GPU and
+    spread by force): the cheapest candidate at least as good as ``old`` in sample, else a
+    fresh plan relabelled onto ``base``'s GPUs where that is better than ``best``.
+    ``now_of(phy2log [C, L, R]) → [C, L]``: in-sample peaks as ``offered.now`` has them.
+
+    The candidates are priced against the forced base, so a loss the forced moves made
+    was not worth undoing by that measure (within the drift's noise), and a user handing
+    in a greedy map got a plan below it in sample (attacker pass: 0.958 against the
+    greedy's 0.977, where a fresh plan reaches 1.0). Only layers whose old map is whole
+    (every slot filled, every expert held, every GPU serving) compare: elsewhere it is no
+    placement to keep; and layers re-planned for locality are fresh plans already."""
+    if request.active_gpus is not None:
+        return best
+    whole = (old >= 0).all(1) & (moves.counts_of(np.maximum(old, 0),
+                                                 request.num_experts) > 0).all(1)
+    forced = np.nonzero((base != old).any(1) & whole & ~replanned)[0]
+    if not len(forced):
+        return best
+    num_gpus = request.topology.num_gpus
+    kept = moves.exact_peak(weight[forced], old[forced], num_gpus)
+    lost = moves.exact_peak(weight[forced], best[forced], num_gpus) > kept
+    layers, kept = forced[lost], kept[lost]
+    if not len(layers):
+        return best
+    out = best.copy()
+    # the cheapest candidate no worse than the old map (in units), checked exactly
+    target = now_of(old[None])[0, layers]
+    good = offered.now[:, layers] <= target[None] * (1 + 1e-12)
+    cost = np.where(good, offered.cost[:, layers], np.iinfo(np.int64).max)
+    pick = np.zeros(request.num_layers, np.int64)
+    pick[layers] = np.where(good.any(0), cost.argmin(0), 0)
+    cheap = offered.take(pick)[layers]
+    fixed = pick[layers] > 0
+    if fixed.any():
+        fixed[fixed] = (moves.exact_peak(weight[layers[fixed]], cheap[fixed], num_gpus)
+                        <= kept[fixed])
+    out[layers[fixed]] = cheap[fixed]
+    layers, kept = layers[~fixed], kept[~fixed]
+    if len(layers):
+        fresh = fresh_aligned(request, base, layers)[0, layers]
+        better = (moves.exact_peak(weight[layers], fresh, num_gpus)
+                  < moves.exact_peak(weight[layers], out[layers], num_gpus))
+        out[layers[better]] = fresh[better]
+    return out
