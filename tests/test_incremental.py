@@ -91,11 +91,14 @@ def test_a_small_total_budget_still_improves(policy, nodes, groups):
 
 
 @pytest.mark.parametrize("spare", [0, 64], ids=["no-spare", "spare"])
-@pytest.mark.parametrize("budget", [4, 8, [4] * 6])
+@pytest.mark.parametrize("budget", [1, 2, 4, 8, [4] * 6, [1, 0, 2, 1, 3, 9]])
 def test_a_budget_below_one_ladder_step_still_improves(spare, budget):
     """A budget smaller than one step of the warm-start ladder (3/64 of a layer's slots:
-    12 of 256) buys its share of that step (attacker pass: ``max_moves=8`` with every
-    expert once on 64 GPUs moved nothing, where 16 moved 12)."""
+    12 of 256) buys moves from a fine ladder (attacker passes: ``max_moves=8`` with every
+    expert once on 64 GPUs moved nothing, where 16 moved 12; ``max_moves=1`` never moved
+    a slot). With every expert once the cheapest move is a swap of two slots."""
+    if spare == 0 and budget == 1:
+        budget = 2
     w0, w1 = drifted(seed=5, layers=6, experts=256, drift=0.4)
     replicas = 256 + spare
     old = eplb.plan(w0, replicas, 64)
@@ -106,6 +109,34 @@ def test_a_budget_below_one_ladder_step_still_improves(spare, budget):
     assert int(moved.sum()) <= sum(np.atleast_1d(budget))
     assert (new.layer_balancedness(w1) >= old.layer_balancedness(w1) - 1e-12).all()
     assert new.balancedness(w1) > old.balancedness(w1)
+
+
+@pytest.mark.parametrize(("replicas", "nodes", "groups"), [(72, 1, 1), (40, 1, 1), (48, 2, 4)])
+def test_a_larger_total_budget_never_ends_worse_by_what_it_spends_on(replicas, nodes, groups):
+    """A total budget buys the expected MoE time of the next window (each layer's load
+    times its expected peak over the mean) less the move price; every budget chooses
+    among the same candidates, so a larger one never ends worse by that measure
+    (attacker pass: when the ladder's step was cut to the budget, budgets 3-5 ended
+    below budget 2). In-sample balancedness is not what it spends on."""
+    from eplb.core.options import IncrementalOptions
+    from eplb.online import moves
+    options = IncrementalOptions()
+    w0, w1 = drifted(seed=2, layers=6, experts=32, drift=0.5)
+    old = eplb.plan(w0, replicas, P, nodes, groups)
+    base = eplb.plan(w1, replicas, P, nodes, groups, previous=old, max_moves=0)
+    weight = w1.numpy()
+    share = weight.sum(1) / weight.sum(1).mean()
+    spent = []
+    for budget in (0, 1, 2, 3, 4, 5, 6, 8, 12, 16, 24):
+        new = eplb.plan(w1, replicas, P, nodes, groups, previous=old, max_moves=budget)
+        assert int(new.moved_slots(base.phy2log).sum()) <= budget
+        both = np.stack([base.phy2log.numpy(), new.phy2log.numpy()])
+        peak = moves.expected_peak(weight, both, P, options.drift, groups=groups,
+                                   group_share=options.group_share)[0][1]
+        cost = (both[1] != both[0]).sum(1)
+        spent.append(float((share * peak + options.move_price * cost / replicas).sum()))
+    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(spent)), spent
+    assert spent[-1] < spent[0]
 
 
 @pytest.mark.parametrize(("policy", "nodes", "groups"), TOPOLOGIES)

@@ -558,24 +558,27 @@ def uniform_where_empty(weight: torch.Tensor, empty: torch.Tensor | None = None)
     return torch.where(empty[:, None], torch.ones_like(weight), weight)
 
 
-def scale_rows_to_unit(weight: torch.Tensor) -> torch.Tensor:
+def scale_rows_to_unit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``weight [rows, E]`` (no all-zero row) with each row scaled by a power of two so
-    its largest entry lies in ``[1, 2)``.
+    its largest entry lies in ``[1, 2)``, and ``[rows]`` those powers (``shift``: the
+    result is ``weight · 2**shift``).
 
     Multiplying by a power of two is exact in floating point, so every ratio, comparison
     and sum the planner forms changes by the same exact factor and no decision changes;
     but loads of 1e37 (float32) or 1e305 (float64) no longer overflow when summed.
     """
     _, exponent = torch.frexp(weight.amax(1, keepdim=True))
-    return torch.ldexp(weight, 1 - exponent)
+    return torch.ldexp(weight, 1 - exponent), (1 - exponent[:, 0]).to(torch.int64)
 
 
-def planning_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(planning weight, idle)``: ``weight [rows, E]`` (valid loads, as from
+def planning_rows(weight: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(planning weight, idle, shift)``: ``weight [rows, E]`` (valid loads, as from
     :func:`as_weight`) with every all-zero row planned as uniform
     (:func:`uniform_where_empty`) and every row scaled by a power of two
     (:func:`scale_rows_to_unit`); ``idle [rows]`` bool marks the all-zero rows, ``None``
-    when there is none.
+    when there is none; ``shift [rows]`` int64 the powers (the planning row is the load
+    row times ``2**shift``), which say how loaded the layers are against each other.
 
     On the CPU the same steps run in NumPy (bit for bit: the all-zero test is exact for
     non-negative loads, ``frexp`` and ``ldexp`` are exact), a few times cheaper than the
@@ -592,10 +595,11 @@ def planning_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | No
         _, exponent = np.frexp(array.max(1, keepdims=True))
         if int(exponent.min()) > -998:
             idle_rows = torch.from_numpy(idle) if any_idle else None
-            return torch.from_numpy(np.ldexp(array, 1 - exponent)), idle_rows
+            shift = torch.from_numpy((1 - exponent[:, 0]).astype(np.int64))
+            return torch.from_numpy(np.ldexp(array, 1 - exponent)), idle_rows, shift
     idle_t = weight.sum(1) <= 0
-    planning = scale_rows_to_unit(uniform_where_empty(weight, idle_t))
-    return planning, idle_t if bool(idle_t.any()) else None
+    planning, shift = scale_rows_to_unit(uniform_where_empty(weight, idle_t))
+    return planning, idle_t if bool(idle_t.any()) else None, shift.cpu()
 
 
 def as_seed(seed: object) -> int:

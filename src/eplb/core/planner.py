@@ -239,9 +239,9 @@ def make_request(
             RuntimeWarning,
             stacklevel=stacklevel - 1,
         )
-    planning, idle = planning_rows(w)
+    planning, idle, shift = planning_rows(w)
     return PlanRequest(planning, topology, chosen, opts, seed, live, speed, dispatch, fair,
-                       src, ids, slack, idle)
+                       src, ids, slack, idle, shift)
 
 
 def _one_node(topology: Topology, stacklevel: int) -> Topology:

@@ -47,6 +47,9 @@ class PlanRequest:
         idle: ``[L]`` bool rows of ``weight`` that carried no load (planned as uniform
             loads), or ``None`` when every row did; incremental planning moves nothing
             in them.
+        row_shift: ``[L]`` int64 on the host: row ``l`` of ``weight`` is the caller's
+            loads times ``2**row_shift[l]``, so the layers' loads compare (a total move
+            budget is shared by them); ``None``: taken as equal.
     """
 
     weight: torch.Tensor
@@ -62,13 +65,16 @@ class PlanRequest:
     routing: torch.Tensor | None = None
     slack: float = DEFAULT_SLACK
     idle: torch.Tensor | None = None
+    row_shift: torch.Tensor | None = None
 
     def layers(self, index: torch.Tensor) -> PlanRequest:
-        """The same request for the layers ``index`` only (``[k]`` row indices; their loads
-        and idle flags)."""
+        """The same request for the layers ``index`` only (``[k]`` row indices; their loads,
+        idle flags and scales)."""
         idle = None if self.idle is None else self.idle[index]
+        shift = None if self.row_shift is None else self.row_shift[index.cpu()]
         return replace(self, weight=self.weight[index],
-                       idle=idle if idle is not None and bool(idle.any()) else None)
+                       idle=idle if idle is not None and bool(idle.any()) else None,
+                       row_shift=shift)
 
     @property
     def num_layers(self) -> int:

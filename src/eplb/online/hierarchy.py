@@ -134,6 +134,7 @@ def node_ladder(
     budgeted: bool,
     always: np.ndarray | None = None,
     alias: np.ndarray | None = None,
+    fine: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Warm-start candidates of hierarchical layers given as node rows
     (:func:`node_rows`: ``node_weight [L·N, E/N]``, ``node_start [L·N, R/N]``), refining
@@ -142,7 +143,8 @@ def node_ladder(
 
     ``quota [L]``: slots per step of the whole layer (0: the layer keeps its start).
     ``alias [L·N]``: for every node row, a row with the same loads, start and quota (its
-    own index where none), searched once for both.
+    own index where none), searched once for both. ``fine``: the transfer-only
+    candidates make at most one and two transfers (:func:`eplb.online.ladder.warm_ladder`).
 
     Returns ``(done [C, L·N, R/N], moving [M], twin [M], counts [M, E/N])``: the
     candidates as node rows (local ids; candidate 0 is the start), the node rows that
@@ -169,7 +171,7 @@ def node_ladder(
     searched, _, counts = ladder.warm_ladder(node_weight[unique], node_start[unique], per_gpu,
                                             row_quota[moving[first]],
                                             options.incremental.steps, options.packing,
-                                            budgeted)
+                                            budgeted, fine=fine)
     done = np.repeat(node_start[None], searched.shape[0], 0)
     done[:, moving] = searched[:, back]
     return done, moving, first[back], counts[back]
@@ -202,7 +204,7 @@ class Scored:
 def candidates(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
     budgeted: bool, node_of_group: np.ndarray | None = None,
-    units: np.ndarray | None = None,
+    units: np.ndarray | None = None, fine: bool = False,
 ) -> Scored:
     """Warm-start candidates of hierarchical layers ``base [L, R]``, scored: the node
     ladder of ``base`` (``K`` candidates, the first is ``base``), then the warm regroup
@@ -213,7 +215,7 @@ def candidates(
     candidates).
     ``node_of_group [L, G]``: each group's node in ``base`` (:func:`group_nodes`), and
     ``units [L, E]``: the integer loads (:func:`eplb.online.moves.units_of`), when the
-    caller has them.
+    caller has them. ``fine``: see :func:`node_ladder`.
     """
     topo = request.topology
     layers, nodes = base.shape[0], topo.num_nodes
@@ -278,7 +280,7 @@ def candidates(
         alias = np.arange(len(node_start))
         alias[in_base:] = np.where(same, twin, alias[in_base:])
     done, moving, twin, counts = node_ladder(node_weight, node_start, request, quota,
-                                             budgeted, always, alias)
+                                             budgeted, always, alias, fine)
     ladder = done.shape[0]
     # scores: every node row's start once, the searched rows' later candidates
     options = request.options.incremental

@@ -14,7 +14,8 @@ almost every slot. Here the new plan starts from the placement in force:
    transfers toward Jefferson's counts (best first), then ``steps`` steps of the
    all-pairs swap search, each allowed ``quota`` more changed slots
    (:class:`~eplb.core.options.IncrementalOptions`), batched over layers in one
-   refinement; with a move budget also the transfers alone (the cheapest moves). Under
+   refinement; with a move budget also the transfers alone (the cheapest moves) and a
+   fine ladder of one-swap steps (:func:`eplb.online.budget.fine_layers`). Under
    the hierarchical policy the ladder runs inside the nodes that can set the layer's
    time (:mod:`eplb.online.hierarchy`).
 3. **Bigger changes where the ladder cannot reach.** Global: a fresh plan relabelled
@@ -34,7 +35,8 @@ almost every slot. Here the new plan starts from the placement in force:
    fraction of its slots that change, so moves that only pay in-sample are not made.
    Without a budget a layer takes the candidate of the best value. ``max_moves`` caps
    the moves that pay and buys no others: a total (slots over all layers) goes to the
-   layers where the moved slots add the most value, a list gives one cap per layer.
+   layers where the moved slots save the most MoE time (load × expected peak), a list
+   gives one cap per layer.
    (An ample budget also offers the transfers alone, so its plan may differ slightly
    from the one without a budget; it never moves what does not pay.) No candidate whose
    in-sample peak exceeds the placement in force's is taken.
@@ -48,6 +50,7 @@ almost every slot. Here the new plan starts from the placement in force:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -60,7 +63,7 @@ from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
 from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous, relabel_size_problem
-from eplb.online.budget import spend_budget, step_quota
+from eplb.online.budget import FINE_QUOTA, fine_layers, spend_budget
 from eplb.online.forced import Offered, forced_base, fresh_aligned, undo_forced_losses
 from eplb.online.nearest import choose_paying, plan_nearest_incremental
 
@@ -98,7 +101,7 @@ def _host_weight(request: PlanRequest) -> np.ndarray:
 
 def _refine_rows(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
-    budgeted: bool, drop_first_rung: bool = False,
+    budgeted: bool, drop_first_rung: bool = False, fine: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """``[C, L, R]`` warm-start candidates of global layers ``base`` (candidate 0 is
     ``base``) with a per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``),
@@ -119,7 +122,7 @@ def _refine_rows(
     base_counts = moves.counts_of(live_base, weight.shape[1])
     inner, transfers, counts = ladder.warm_ladder(weight, live_base, num_live, quota, steps,
                                                  packing, budgeted, spread=True,
-                                                 base_counts=base_counts)
+                                                 base_counts=base_counts, fine=fine)
     known = {}
     if not budgeted:  # the base's counts, then the swap steps' (swaps keep them)
         known = {"counts": np.stack([base_counts, counts]),
@@ -143,9 +146,11 @@ def _choose(
     max_moves: object,
     skip_threshold: float | None,
     options: IncrementalOptions,
+    layer_load: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[L]`` candidate index per layer from expected peaks and costs ``[C, L]``
-    (candidate 0 is the forced base, cost 0)."""
+    (candidate 0 is the forced base, cost 0); ``layer_load [L]``: each layer's total
+    load, which weighs the layers a total budget is shared between."""
     layers = peak.shape[1]
     balance = 1.0 / peak  # expected next-window balancedness of each candidate
     # a moved slot is priced with or without a budget: the budget caps the moves that
@@ -156,7 +161,18 @@ def _choose(
     if max_moves is None:
         pick = np.argmax(value, 0)  # first on ties: fewer moves
     elif isinstance(max_moves, (int, np.integer)) and not isinstance(max_moves, bool):
-        pick = spend_budget(value, cost, int(max_moves))
+        # a total goes where it saves the most MoE time among the moves that pay: a
+        # layer's time is its load times its peak over the mean, so a unit of peak is
+        # worth more in a heavy layer and as much in a badly balanced one as in a good
+        # one (spent on the sum of the layers' balancedness, 1 / peak, it undervalued
+        # the worst layers, which set most of the time: a budget of 11 left a layer at
+        # 0.221 that 8 had lifted to 0.335, and balancedness() fell; attacker pass)
+        share = layer_load * (len(layer_load) / max(math.fsum(layer_load), 1e-300))
+        pays = value > value[:1]
+        pays[0] = True
+        with np.errstate(invalid="ignore"):
+            saved = -share[None] * peak - options.move_price * cost / slots
+        pick = spend_budget(np.where(pays, saved, -np.inf), cost, int(max_moves))
     else:
         budget = np.asarray(max_moves)
         if budget.shape != (layers,) or budget.dtype.kind not in "iu" or (budget < 0).any():
@@ -263,10 +279,15 @@ def plan_incremental(
         return _plan_nearest(request, old, max_moves, skip_threshold)
     weight = _host_weight(request)
     base, replanned, node_of_group = forced_base(request, old, weight)
-    quota = step_quota(options.quota, topo.num_replicas, max_moves, request.num_layers)
+    quota = max(2, round(options.quota * topo.num_replicas))
     # a layer re-planned from scratch by the forced moves is searched already: its
     # ladder was taken in 3 layers of 232 on vLLM's first call (BENCHMARKS.md §3)
     layer_quota = np.where(replanned, 0, quota)
+    # under a budget, a fine ladder too (small budgets buy from it)
+    small = fine_layers(max_moves, request.num_layers)
+    fine_quota = None if small is None else np.where(small & ~replanned, FINE_QUOTA, 0)
+    if fine_quota is not None and not fine_quota.any():
+        fine_quota = None
     live_gpus = request.live.cpu().numpy()
     num_live = int(live_gpus.sum())
 
@@ -281,6 +302,9 @@ def plan_incremental(
         # node ladders, and warm regroups where the best group→node assignment differs
         scored = hierarchy.candidates(weight, base, request, layer_quota, max_moves is not None,
                                       node_of_group, units)
+        if fine_quota is not None:
+            scored = _merged(scored, hierarchy.candidates(
+                weight, base, request, fine_quota, True, node_of_group, units, fine=True))
         peak, now, cost, take = scored.peak, scored.now, scored.cost, scored.take
         # a fresh hierarchical plan, relabelled onto the old nodes and GPUs, where the
         # ladders end far above the bound: the ladder refines inside nodes and a regroup
@@ -336,6 +360,11 @@ def plan_incremental(
             candidates = np.concatenate([candidates, extra])
             peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
             now = np.concatenate([now, extra_now])
+        if fine_quota is not None:
+            fine = _refine_rows(weight, base, request, fine_quota, True, fine=True)[0][1:]
+            fine_peak, fine_now = score(_live_only(fine, live_gpus, topo))
+            candidates = np.concatenate([candidates, fine])
+            peak, now = np.concatenate([peak, fine_peak]), np.concatenate([now, fine_now])
         cost = (candidates != base[None]).sum(2)
 
         def take(pick: np.ndarray) -> np.ndarray:
@@ -348,7 +377,9 @@ def plan_incremental(
         # a layer that carried no load (a dense layer of a dump, vLLM's profile run) is
         # balanced whatever is where: moving its weights would buy nothing
         peak[1:, request.idle.cpu().numpy()] = np.inf
-    pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options)
+    layer_load = _layer_loads(request, weight) if isinstance(max_moves, int) else None
+    pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options,
+                   layer_load)
     best = take(pick)
     # the guard above compares integer units (moves.units_of), which round small experts
     # beside a huge one: a layer whose exact peak came out above the placement in
@@ -370,6 +401,36 @@ def plan_incremental(
         phy2log, request.num_experts, topo, request.policy, request.active_gpus
     )
     return validate_planned(placement)
+
+
+def _layer_loads(request: PlanRequest, weight: np.ndarray) -> np.ndarray:
+    """``[L]`` each layer's total load, up to one common power of two, from the request's
+    scaled rows ``weight [L, E]`` (idle layers 0): exact sums, correctly rounded, so the
+    same bits on every machine."""
+    total = np.array([math.fsum(row) for row in weight])
+    if request.row_shift is None:
+        return total
+    unshift = -request.row_shift.numpy()
+    load = np.ldexp(total, unshift - unshift.max())  # (the largest scale 1: no overflow)
+    if request.idle is not None:
+        load[request.idle.cpu().numpy()] = 0.0
+    return load
+
+
+def _merged(first: hierarchy.Scored, second: hierarchy.Scored) -> hierarchy.Scored:
+    """``first``'s candidates, then ``second``'s but its first (the same placement in
+    force)."""
+    split = first.peak.shape[0]
+
+    def take(pick: np.ndarray) -> np.ndarray:
+        later = pick >= split
+        one = first.take(np.where(later, 0, pick))
+        two = second.take(np.where(later, pick - split + 1, 0))
+        return np.where(later[:, None], two, one)
+
+    return hierarchy.Scored(np.concatenate([first.peak, second.peak[1:]]),
+                            np.concatenate([first.now, second.now[1:]]),
+                            np.concatenate([first.cost, second.cost[1:]]), take, first.bound)
 
 
 def _far_from_bound(peak: np.ndarray, now: np.ndarray, bound: np.ndarray | float,

@@ -256,6 +256,7 @@ def warm_ladder(
     transfers_only: bool = True,
     spread: bool = False,
     base_counts: np.ndarray | None = None,
+    fine: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Warm-start candidates of every row, from few moves to many, ``[B]`` the replica
     transfers each row's counts are from Jefferson's, and ``[B, E]`` the replica counts
@@ -263,8 +264,8 @@ def warm_ladder(
 
     Candidate 0 is the base placement. With ``transfers_only``, candidates 1–3 apply the
     first quarter, half and all of the replica transfers toward Jefferson's counts (best
-    first; the first two at most one and two steps' ``quota``) and nothing else: the
-    cheapest moves, for small budgets. The last ``steps``
+    first; the first two at most one and two steps' ``quota``, with ``fine`` one and two
+    transfers) and nothing else: the cheapest moves, for small budgets. The last ``steps``
     candidates apply all the transfers and ``k`` steps of the all-pairs swap search, each
     step allowed ``quota [B]`` more changed slots, heaviest GPU pairs first. (The
     heaviest-GPU polish is left out: its in-sample gains do not survive to the next
@@ -291,10 +292,12 @@ def warm_ladder(
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
     # the prefixes are the candidates of small budgets: no longer than one and two
-    # steps' quota, so that a budget below a quarter of the transfers still buys some
+    # steps' quota (or transfers), so that a budget below a quarter of the transfers
+    # still buys some
+    most = (np.ones_like(quota), 2 * np.ones_like(quota)) if fine else (quota, 2 * quota)
     start, prefixes, start_counts, stuck = apply_transfers(
         weight, base, donor, receiver, count, num_gpus, counts, record=record,
-        record_most=(quota, 2 * quota))
+        record_most=most)
     only = np.empty((0, *base.shape), base.dtype)
     if transfers_only:  # cheap (one slot each); stacked replicas spread
         only = np.concatenate([*prefixes, start])
