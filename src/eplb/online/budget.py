@@ -108,21 +108,28 @@ def _hull_walk(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray
 FINE_QUOTA = 2
 
 
-def fine_layers(max_moves: int | np.ndarray | None, layers: int) -> np.ndarray | None:
+def fine_layers(max_moves: int | np.ndarray | None, quota: int, layers: int
+                ) -> np.ndarray | None:
     """``[L]`` the layers that also get the fine ladder (steps of :data:`FINE_QUOTA`
-    slots, transfer-only candidates of one and two transfers): every layer under a move
-    budget (a total, or ``[L]`` per layer), none without one (``None``).
+    slots, transfer-only candidates of one and two transfers), or ``None``: every layer
+    under a total budget below one default step (``quota`` slots) a layer, the layers
+    whose own budget is below one step under per-layer budgets, none without a budget.
 
     Every default candidate changes at least one step's quota (3/64 of a layer's slots),
     so a smaller budget bought nothing (attacker pass: ``max_moves=8`` with every expert
-    once on 64 GPUs moved no slot; ``max_moves=1`` never moved one). The fine ladder is
-    searched whatever the budget, so a larger budget chooses among the same candidates
-    as a smaller one and, below :data:`_EXACT_BUDGET_CELLS`, never ends worse by the
-    objective it spends on (cutting the step to the budget, or a fine ladder only below
-    one step a layer, gave budgets their own candidates: 486 and 590 of 1,680 budget
-    pairs ended with a lower balancedness for the larger budget; attacker pass)."""
+    once on 64 GPUs moved no slot; ``max_moves=1`` never moved one). Below that line the
+    fine ladder is searched whatever the budget, so a larger budget chooses among the
+    same candidates as a smaller one and, where :func:`spend_budget` is exact, never ends
+    worse by the objective it spends on (cutting the step to the budget instead gave each
+    budget its own candidates: 46 of 1,680 budget pairs ended worse for the larger one;
+    attacker pass). Above it the fine ladder is left out: it bought little there, for
+    1.5-1.8× the time of a plan with 20 % of the slots as its budget (BENCHMARKS.md §3)."""
     if max_moves is None:
         return None
-    if isinstance(max_moves, np.ndarray) and max_moves.shape != (layers,):
-        return None  # refused with a named error when choosing
-    return np.ones(layers, bool)
+    if isinstance(max_moves, np.ndarray):
+        if max_moves.shape != (layers,):  # refused with a named error when choosing
+            return None
+        small = max_moves < quota
+    else:
+        small = np.full(layers, int(max_moves) < quota * layers)
+    return small if small.any() else None

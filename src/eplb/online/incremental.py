@@ -283,8 +283,8 @@ def plan_incremental(
     # a layer re-planned from scratch by the forced moves is searched already: its
     # ladder was taken in 3 layers of 232 on vLLM's first call (BENCHMARKS.md §3)
     layer_quota = np.where(replanned, 0, quota)
-    # under a budget, a fine ladder too (small budgets buy from it)
-    small = fine_layers(max_moves, request.num_layers)
+    # under a budget below one step a layer, a fine ladder too
+    small = fine_layers(max_moves, quota, request.num_layers)
     fine_quota = None if small is None else np.where(small & ~replanned, FINE_QUOTA, 0)
     if fine_quota is not None and not fine_quota.any():
         fine_quota = None
