@@ -166,9 +166,13 @@ def _choose(
         # worth more in a heavy layer and as much in a badly balanced one as in a good
         # one (spent on the sum of the layers' balancedness, 1 / peak, it undervalued
         # the worst layers, which set most of the time: a budget of 11 left a layer at
-        # 0.221 that 8 had lifted to 0.335, and balancedness() fell; attacker pass)
+        # 0.221 that 8 had lifted to 0.335, and balancedness() fell; attacker pass).
+        # The moves that pay are the candidates that beat the placement in force by the
+        # rule without a budget, moving no more slots than that rule's choice: a budget
+        # is never a reason for more moves in a layer
         share = layer_load * (len(layer_load) / max(math.fsum(layer_load), 1e-300))
-        pays = value > value[:1]
+        unbudgeted = np.argmax(value, 0)
+        pays = (value > value[:1]) & (cost <= cost[unbudgeted, np.arange(layers)][None])
         pays[0] = True
         with np.errstate(invalid="ignore"):
             saved = -share[None] * peak - options.move_price * cost / slots
