@@ -151,6 +151,9 @@ def _synthetic_cases() -> dict[str, Callable]:
         "fewspare": (2, 128, 136, 8, (4, 2)),
         # every expert once at 4 slots a GPU (the greedy's second opinion)
         "nospare4": (6, 64, 64, 16, (4, 2)),
+        # eight experts (every count vector one replica from Jefferson's; hierarchical:
+        # 4 experts a node)
+        "tiny": (6, 8, 24, 4, (2, 2)),
     }
     for shape_name, (layers, experts, replicas, gpus, hier) in shapes.items():
         for kind in ("int", "float", "zeros", "ties", "few"):

@@ -143,7 +143,8 @@ def test_eplb_imports_at_module_level(module: str) -> None:
 CORE_ORDER = (
     "messages",
     "topology", "inputs", "placement", "trace", "options", "request", "ordering",
-    "device_path", "replication", "count_bounds", "packing", "small_slots", "bounds",
+    "device_path", "replication", "count_bounds", "tiny_counts", "packing", "small_slots",
+    "bounds",
     "dispatch", "node_labels", "node_repair", "dispatch_plan", "locality", "policies", "planner",
     "baselines",
 )

@@ -39,6 +39,7 @@ from eplb.core.replication import (
 )
 from eplb.core.request import PlanRequest
 from eplb.core.small_slots import plan_one_slot, plan_two_slots
+from eplb.core.tiny_counts import TINY_EXPERTS, TINY_GAP, best_neighbours
 
 
 def plan_rows(
@@ -210,6 +211,10 @@ def plan_rows(
         # asked: its counts are kept, as the portfolio is)
         state = _filler_ladder(weight, num_replicas, num_gpus, state, packing, generator,
                                None if floor is None else floor[:rows])
+    if (count_search and num_experts <= TINY_EXPERTS and num_gpus > 1
+            and num_replicas < num_gpus * num_experts and len(rules) > 1):
+        state = _tiny_count_look(weight, num_replicas, num_gpus, rules, state, packing,
+                                 generator, None if floor is None else floor[:rows])
     return to_slots(state)
 
 
@@ -422,6 +427,46 @@ def _filler_ladder(
     row_of = torch.arange(len(rows), device=weight.device).repeat(tried.shape[0])
     return _keep_lowest(state, peak, rows, sub.index_select(0, row_of), row_of,
                         tried.reshape(-1, tried.shape[2]), num_gpus, packing, generator)
+
+
+def _tiny_count_look(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    rules: tuple[float | str, ...],
+    state: torch.Tensor,
+    packing: PackingOptions,
+    generator: torch.Generator | None,
+    floor: torch.Tensor | None,
+) -> torch.Tensor:
+    """``state [2, S, rows, P]`` with, in the rows of at most
+    :data:`~eplb.core.tiny_counts.TINY_EXPERTS` experts packed more than
+    :data:`~eplb.core.tiny_counts.TINY_GAP` above their bound, the best packing of the
+    count vectors one replica from the first rule's counts in each expert that the greedy
+    packs best
+    (:func:`eplb.core.tiny_counts.best_neighbours`), where one beats the packing there.
+
+    Mixtral's 8 experts on 4 GPUs of 6 slots: every rule gives 3 replicas each, packed at
+    0.983, below DeepSeek's greedy's 0.990, where splits of 4 and 2 pack at 0.99997; on
+    the real Mixtral counts 10 of 15 layers ended below the greedy at 24 slots on 4 GPUs
+    and 5 at 20 (new-user pass; BENCHMARKS.md §12, thirty-fifth session).
+    ``weight [rows, E]``; ``floor [rows]`` (item units) as in :func:`plan_rows`."""
+    peak, rows = _above_count_bound(weight, num_replicas, num_gpus, state, floor, TINY_GAP)
+    if not len(rows):
+        return state
+    sub = weight.index_select(0, rows).to(torch.float64)
+    first = cap_counts(sub, replica_counts(sub, num_replicas, rules[:1])[0], num_gpus)
+    # the rows' busiest GPUs in load units (items are scaled to a mean replica load of 1)
+    now = peak.index_select(0, rows).to(torch.float64) * sub.sum(1) / num_replicas
+    tried, row_of = best_neighbours(sub.cpu().numpy(), first.cpu().numpy(), num_gpus,
+                                    now.cpu().numpy())
+    if not len(row_of):
+        return state
+    tried_t = torch.from_numpy(tried).to(weight.device)
+    row_of_t = torch.from_numpy(row_of).to(weight.device)
+    return _keep_lowest(state, peak, rows,
+                        weight.index_select(0, rows).index_select(0, row_of_t), row_of_t,
+                        tried_t, num_gpus, packing, generator)
 
 
 def _every_expert_on_every_gpu(
