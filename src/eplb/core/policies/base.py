@@ -212,7 +212,8 @@ def plan_rows(
         state = _filler_ladder(weight, num_replicas, num_gpus, state, packing, generator,
                                None if floor is None else floor[:rows])
     if (count_search and num_experts <= TINY_EXPERTS and num_gpus > 1
-            and num_replicas < num_gpus * num_experts and len(rules) > 1):
+            and num_experts < num_replicas < num_gpus * num_experts and len(rules) > 1):
+        # (every expert once: no other counts; a slot per expert on every GPU: no need)
         state = _tiny_count_look(weight, num_replicas, num_gpus, rules, state, packing,
                                  generator, None if floor is None else floor[:rows])
     return to_slots(state)
