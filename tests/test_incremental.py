@@ -350,13 +350,14 @@ def test_a_revived_gpu_never_becomes_the_hot_spot_with_forced_moves_only():
 
 def test_a_revived_gpu_takes_load_off_the_hot_gpus():
     """Second attacker pass: a refill kept below the other GPUs left a hot GPU hot (peak
-    18.8 where filling the revived GPU with experts 0, 1 and 3 gives 16.7)."""
+    18.8 where filling the revived GPU with experts 0, 1 and 3 gives 16.7; without a
+    budget the plan may go further: 16.3 since rows of at most 8 experts try more counts)."""
     weight = torch.tensor([[10.0, 22.0, 9.0, 7.0]], dtype=torch.float64)
     old = torch.tensor([[1, 0, 3, 2, 0, 3, -1, -1, -1]])
     for budget in (0, 1, None):
         new = eplb.plan(weight, 9, 3, previous=old, max_moves=budget)
         assert_contract(new)
-        assert new.gpu_loads(weight).amax().item() == pytest.approx(50 / 3)
+        assert new.gpu_loads(weight).amax().item() <= 50 / 3 + 1e-9, budget
 
 
 def test_vllm_initial_map_under_hierarchical_keeps_locality():

@@ -110,6 +110,17 @@ def test_loads_and_balancedness():
         p.gpu_loads(torch.ones(3, 4))
 
 
+@pytest.mark.parametrize("scales", [(1e300, 1e-300), (1.0, 1e-300), (1e300, 1.0), (1e-320, 1.0)])
+def test_each_layer_reads_its_own_balance_whatever_the_others_weigh(scales):
+    # attacker pass: one power of two for every layer let a layer 1e-300 beside one of
+    # 1e300 vanish (read 1.0) or lose its digits (0.41 for 0.65)
+    p = good("global")
+    w = torch.tensor([[4.0, 2.0, 2.0, 0.0], [3.0, 1.0, 1.0, 2.0]], dtype=torch.float64)
+    expected = p.layer_balancedness(w)
+    scaled = w * torch.tensor(scales, dtype=torch.float64)[:, None]
+    assert p.layer_balancedness(scaled).tolist() == pytest.approx(expected.tolist(), rel=1e-12)
+
+
 def test_moved_slots_and_device_move():
     p = good("global")
     q = Placement.from_phy2log(torch.tensor([[0, 1, 1, 0, 2, 3, 2, 3], GOOD[1]]), 4, TOPO)

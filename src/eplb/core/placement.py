@@ -313,8 +313,16 @@ class Placement:
         return self._gpu_loads(scale_free(self._weight(weight)), gpu_speed)
 
     def layer_balancedness(self, weight: torch.Tensor) -> torch.Tensor:
-        """``[L]`` mean / max live-GPU load per layer (1.0 for an all-zero layer)."""
-        loads = self.scaled_gpu_loads(weight)[:, self.live_gpus()]
+        """``[L]`` mean / max live-GPU load per layer (1.0 for an all-zero layer).
+
+        Each layer's loads are scaled by their own power of two first (exact, so each
+        ratio is unchanged): one scale for all layers let a layer 1e-300 beside one of
+        1e300 vanish and read 1.0 (attacker pass)."""
+        weight = self._weight(weight)
+        _, exponent = torch.frexp(weight.amax(1, keepdim=True))
+        shifted = torch.ldexp(weight, torch.where(weight.amax(1, keepdim=True) > 0,
+                                                  1 - exponent, 0))
+        loads = self._gpu_loads(shifted, None)[:, self.live_gpus()]
         mean, peak = loads.mean(1), loads.max(1).values
         return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(mean))
 
