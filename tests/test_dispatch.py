@@ -615,6 +615,23 @@ def test_nearest_total_budget_is_not_spent_on_layers_without_load():
     assert torch.equal(both[:1], alone) and not torch.equal(alone, old[:1])
 
 
+@pytest.mark.parametrize("dispatch", ["nearest", "even"])
+def test_a_total_budget_goes_to_the_layers_that_carry_the_load(dispatch):
+    # attacker pass: under the nearest rule a total went by balancedness gains alone, and
+    # layers with a millionth of the others' load got most of it; a layer's MoE time is
+    # its load times its peak, so the heavy layers come first
+    g = torch.Generator().manual_seed(3)
+    w0 = torch.exp(torch.randn(4, 32, generator=g, dtype=torch.float64))
+    w1 = w0 * torch.exp(torch.randn(4, 32, generator=g, dtype=torch.float64) * 0.8)
+    kwargs = {"policy": "global", "dispatch": dispatch}
+    old = eplb.plan(w0, 48, 8, 2, **kwargs)
+    light = w1 * torch.tensor([1.0, 1.0, 1e-6, 1e-6], dtype=torch.float64)[:, None]
+    for budget in (4, 8):
+        moved = eplb.plan(light, 48, 8, 2, previous=old, max_moves=budget,
+                          **kwargs).moved_slots(old)
+        assert int(moved[:2].sum()) > 0 and int(moved[2:].sum()) == 0, moved.tolist()
+
+
 @pytest.mark.parametrize("replicas, gpus, nodes, experts",
                          [(8, 8, 8, 3), (16, 8, 8, 3), (8, 8, 8, 2), (16, 16, 8, 3)])
 def test_nearest_plans_with_more_nodes_than_experts(replicas, gpus, nodes, experts):

@@ -10,8 +10,11 @@ candidate 0 is the placement in force, free.
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
+
+from eplb.core.request import PlanRequest
 
 #: largest (budget + 1) × candidates × layers table :func:`spend_budget` solves exactly:
 #: at DeepSeek-V3 size (58 layers, 9 candidates) budgets up to ~500 slots, 0.5–1.6 ms
@@ -108,28 +111,52 @@ def _hull_walk(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray
 FINE_QUOTA = 2
 
 
-def fine_layers(max_moves: int | np.ndarray | None, quota: int, layers: int
+def fine_layers(max_moves: int | np.ndarray | None, reach: int, layers: int
                 ) -> np.ndarray | None:
     """``[L]`` the layers that also get the fine ladder (steps of :data:`FINE_QUOTA`
     slots, transfer-only candidates of one and two transfers), or ``None``: every layer
-    under a total budget below one default step (``quota`` slots) a layer, the layers
-    whose own budget is below one step under per-layer budgets, none without a budget.
+    under a total budget below ``reach`` slots a layer (the default ladder's swap steps
+    times its quota), the layers whose own budget is below it under per-layer budgets,
+    none without a budget.
 
     Every default candidate changes at least one step's quota (3/64 of a layer's slots),
     so a smaller budget bought nothing (attacker pass: ``max_moves=8`` with every expert
-    once on 64 GPUs moved no slot; ``max_moves=1`` never moved one). Below that line the
+    once on 64 GPUs moved no slot; ``max_moves=1`` never moved one). Below the line the
     fine ladder is searched whatever the budget, so a larger budget chooses among the
     same candidates as a smaller one and, where :func:`spend_budget` is exact, never ends
     worse by the objective it spends on (cutting the step to the budget instead gave each
     budget its own candidates: 46 of 1,680 budget pairs ended worse for the larger one;
-    attacker pass). Above it the fine ladder is left out: it bought little there, for
-    1.5-1.8× the time of a plan with 20 % of the slots as its budget (BENCHMARKS.md §3)."""
+    attacker pass). The line sits where the default ladder reaches as far as the fine
+    one: drawn at one default step a layer, every real DeepSeek-V3 case ended worse at
+    the line than one slot below it, and stayed worse 25 % above it (attacker pass).
+    Above it the fine ladder is left out: it bought little there, for 1.5-1.8× the time
+    of a plan with 20 % of the slots as its budget (BENCHMARKS.md §3)."""
     if max_moves is None:
         return None
     if isinstance(max_moves, np.ndarray):
         if max_moves.shape != (layers,):  # refused with a named error when choosing
             return None
-        small = max_moves < quota
+        small = max_moves < reach
     else:
-        small = np.full(layers, int(max_moves) < quota * layers)
+        small = np.full(layers, int(max_moves) < reach * layers)
     return small if small.any() else None
+
+
+def layer_loads(request: PlanRequest, weight: np.ndarray) -> np.ndarray:
+    """``[L]`` each layer's total load, up to one common power of two, from the request's
+    scaled rows ``weight [L, E]`` (float64 on the host; idle layers 0): exact sums,
+    correctly rounded, so the same bits on every machine. A total budget weighs the layers
+    by it: a layer's MoE time is its load times its peak over the mean."""
+    total = np.array([math.fsum(row) for row in weight])
+    if request.row_shift is None:
+        return total
+    unshift = -request.row_shift.numpy()
+    load = np.ldexp(total, unshift - unshift.max())  # (the largest scale 1: no overflow)
+    if request.idle is not None:
+        load[request.idle.cpu().numpy()] = 0.0
+    return load
+
+
+def load_shares(load: np.ndarray) -> np.ndarray:
+    """``load [L]`` over its mean (exactly summed; all zero: zeros)."""
+    return load * (len(load) / max(math.fsum(load), 1e-300))

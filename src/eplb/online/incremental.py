@@ -50,7 +50,6 @@ almost every slot. Here the new plan starts from the placement in force:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -63,7 +62,7 @@ from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
 from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous, relabel_size_problem
-from eplb.online.budget import FINE_QUOTA, fine_layers, spend_budget
+from eplb.online.budget import FINE_QUOTA, fine_layers, layer_loads, load_shares, spend_budget
 from eplb.online.forced import Offered, forced_base, fresh_aligned, undo_forced_losses
 from eplb.online.nearest import choose_paying, plan_nearest_incremental
 
@@ -170,7 +169,7 @@ def _choose(
         # The moves that pay are the candidates that beat the placement in force by the
         # rule without a budget, moving no more slots than that rule's choice: a budget
         # is never a reason for more moves in a layer
-        share = layer_load * (len(layer_load) / max(math.fsum(layer_load), 1e-300))
+        share = load_shares(layer_load)
         unbudgeted = np.argmax(value, 0)
         pays = (value > value[:1]) & (cost <= cost[unbudgeted, np.arange(layers)][None])
         pays[0] = True
@@ -287,8 +286,8 @@ def plan_incremental(
     # a layer re-planned from scratch by the forced moves is searched already: its
     # ladder was taken in 3 layers of 232 on vLLM's first call (BENCHMARKS.md §3)
     layer_quota = np.where(replanned, 0, quota)
-    # under a budget below one step a layer, a fine ladder too
-    small = fine_layers(max_moves, quota, request.num_layers)
+    # under a budget below the ladder's reach, a fine ladder too
+    small = fine_layers(max_moves, quota * options.steps, request.num_layers)
     fine_quota = None if small is None else np.where(small & ~replanned, FINE_QUOTA, 0)
     if fine_quota is not None and not fine_quota.any():
         fine_quota = None
@@ -381,7 +380,7 @@ def plan_incremental(
         # a layer that carried no load (a dense layer of a dump, vLLM's profile run) is
         # balanced whatever is where: moving its weights would buy nothing
         peak[1:, request.idle.cpu().numpy()] = np.inf
-    layer_load = _layer_loads(request, weight) if isinstance(max_moves, int) else None
+    layer_load = layer_loads(request, weight) if isinstance(max_moves, int) else None
     pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options,
                    layer_load)
     best = take(pick)
@@ -405,20 +404,6 @@ def plan_incremental(
         phy2log, request.num_experts, topo, request.policy, request.active_gpus
     )
     return validate_planned(placement)
-
-
-def _layer_loads(request: PlanRequest, weight: np.ndarray) -> np.ndarray:
-    """``[L]`` each layer's total load, up to one common power of two, from the request's
-    scaled rows ``weight [L, E]`` (idle layers 0): exact sums, correctly rounded, so the
-    same bits on every machine."""
-    total = np.array([math.fsum(row) for row in weight])
-    if request.row_shift is None:
-        return total
-    unshift = -request.row_shift.numpy()
-    load = np.ldexp(total, unshift - unshift.max())  # (the largest scale 1: no overflow)
-    if request.idle is not None:
-        load[request.idle.cpu().numpy()] = 0.0
-    return load
 
 
 def _merged(first: hierarchy.Scored, second: hierarchy.Scored) -> hierarchy.Scored:

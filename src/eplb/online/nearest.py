@@ -33,7 +33,7 @@ from eplb.core.node_repair import repair_node_pairs
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
-from eplb.online.budget import spend_budget
+from eplb.online.budget import layer_loads, load_shares, spend_budget
 from eplb.online.moves import peak_of
 
 #: of an incremental budget, the part the even-split warm start may use
@@ -85,7 +85,8 @@ def choose_paying(request: PlanRequest, candidates: torch.Tensor) -> torch.Tenso
     return candidates[pick, torch.arange(candidates.shape[1], device=candidates.device)]
 
 
-def paying_values(request: PlanRequest, candidates: torch.Tensor) -> torch.Tensor:
+def paying_values(request: PlanRequest, candidates: torch.Tensor,
+                  by_time: bool = False) -> torch.Tensor:
     """``[C, L]``: what each candidate of ``candidates [C, L, R]`` (candidate 0 the map in
     force, made valid for the call) pays under the nearest rule: its balancedness gain
     over candidate 0, the smaller of the gain on the window at hand (realised under the
@@ -93,7 +94,13 @@ def paying_values(request: PlanRequest, candidates: torch.Tensor) -> torch.Tenso
     the drift (so moves that only pay in sample are not made: on six real workloads half
     the slots moved for an equal next window), minus ``move_price`` × the share of the
     layer's slots that change. A budget caps these moves; it does not buy unpaid ones.
-    Tokens arise on the live GPUs only."""
+    Tokens arise on the live GPUs only.
+
+    ``by_time``: for a total budget shared by the layers, each paying gain in MoE time to
+    first order instead (a layer's time is its load times 1 / balancedness: the gain
+    times the layer's load share over candidate 0's balancedness squared); unpaid
+    candidates ``-inf``. Balancedness gains alone gave slots to layers of a millionth
+    of the load (attacker pass)."""
     weight, topology = request.weight, request.topology
     old = candidates[0]
     options = request.options.incremental
@@ -103,7 +110,16 @@ def paying_values(request: PlanRequest, candidates: torch.Tensor) -> torch.Tenso
                                       topology.num_nodes, options.drift, request.active_gpus)
     in_sample = mean / peak.clamp(min=1e-300)
     gain = torch.minimum(in_sample - in_sample[:1], expected - expected[:1])
-    return gain - price * (candidates != old[None]).sum(2)
+    value = gain - price * (candidates != old[None]).sum(2)
+    if not by_time:
+        return value
+    host = request.weight.detach().cpu().to(torch.float64).numpy()
+    share = torch.from_numpy(load_shares(layer_loads(request, host))).to(value)
+    now = torch.minimum(in_sample[0], expected[0]).clamp(min=1e-300)
+    timed = gain * (share / now**2) - price * (candidates != old[None]).sum(2)
+    timed[0] = 0.0
+    return torch.where((value > 0) | (torch.arange(len(value)) == 0)[:, None].to(value.device),
+                       timed, -torch.inf)
 
 
 def _within_total(
@@ -141,7 +157,7 @@ def _within_total(
     each_repaired, _ = repair_node_pairs(weight, each, gpus, nodes, min_count=least,
                                          budget=(each_budget - (each != old).sum(1)).clamp(min=0))
     options = torch.stack([old, warm, repaired, whole, each, each_repaired, fresh])  # [C, L, R]
-    values = paying_values(request, options).cpu().numpy()
+    values = paying_values(request, options, by_time=True).cpu().numpy()
     if request.idle is not None:
         # a layer that carried no load is scored on uniform loads, and its moves are undone
         # by the caller: slots spent on it would be taken from the layers that gain
