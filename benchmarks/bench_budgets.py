@@ -11,8 +11,9 @@ through ``PYTHONPATH``):
   pairs of budgets ``B1 < B2`` where the larger one ends worse: by the objective a total
   budget spends on (the next window's expected MoE time, each layer's load times its
   expected peak over the mean, plus the move price; :func:`eplb.online.moves.expected_peak`
-  scores it, as the planner does), split at one default ladder step a layer (below it every
-  budget chooses among the same candidates), and by ``balancedness()`` on the loads given.
+  scores it, as the planner does), split at the default ladder's reach a layer (below it
+  every budget chooses among the same candidates), and by ``balancedness()`` on the loads
+  given.
 - ``greedy``: DeepSeek's greedy placement of the loads at hand (it stacks replicas of a
   hot expert on one GPU, which eplb's contract forbids) handed in as the map in force,
   without a budget: the layers that end below that map, and below both it and a fresh
@@ -89,7 +90,9 @@ def budgets_section() -> None:
         forced = int(base.moved_slots(old).sum())
         weight = w1.numpy()
         share = weight.sum(1) / weight.sum(1).mean()
-        line = max(2, round(options.quota * replicas)) * w1.shape[0]  # one step a layer
+        # the default ladder's reach (its swap steps times its quota) a layer: below it a
+        # fine ladder is searched too, whatever the budget
+        line = max(2, round(options.quota * replicas)) * options.steps * w1.shape[0]
         spent, balance, moved = {}, {}, {}
         for budget in BUDGETS:
             plan = eplb.plan(w1, replicas, gpus, nodes, groups, previous=old, max_moves=budget)
@@ -125,7 +128,7 @@ def budgets_section() -> None:
                      f"{balance[0]:.4f} → {balance[8]:.4f} → {balance[64]:.4f}",
                      worse_below, worse_across, worse_balance])
     print(markdown_table(
-        ["case", "R/P/N/G", "one step a layer (slots)", "forced", "moved at 1 2 4 8",
+        ["case", "R/P/N/G", "the ladder's reach (slots)", "forced", "moved at 1 2 4 8",
          "balancedness at 0 → 8 → 64", "worse pairs by the objective, below the line",
          "across it", "worse pairs by balancedness()"], rows))
     below, across, bal = totals["below"], totals["across"], totals["balance"]
@@ -133,7 +136,7 @@ def budgets_section() -> None:
           f"forced moves); {totals['nothing']} budgets of 1-3 slots moved nothing where a "
           f"larger one improved (a budget of 1 with every expert once excepted: a swap "
           f"moves 2); a larger budget ended worse by its objective in "
-          f"{below[0]} of {below[1]} pairs below one step a layer and {across[0]} of "
+          f"{below[0]} of {below[1]} pairs below the ladder's reach and {across[0]} of "
           f"{across[1]} across it; by balancedness() in {bal[0]} of {bal[1]} pairs "
           f"(worst drop {totals['worst']:.4f})")
 
