@@ -146,10 +146,13 @@ def _choose(
     skip_threshold: float | None,
     options: IncrementalOptions,
     layer_load: np.ndarray | None = None,
+    usual: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[L]`` candidate index per layer from expected peaks and costs ``[C, L]``
     (candidate 0 is the forced base, cost 0); ``layer_load [L]``: each layer's total
-    load, which weighs the layers a total budget is shared between."""
+    load, which weighs the layers a total budget is shared between; ``usual [C]``: the
+    candidates the rule without a budget has (``None``: all), whose choice bounds each
+    layer's moves under a budget."""
     layers = peak.shape[1]
     balance = 1.0 / peak  # expected next-window balancedness of each candidate
     # a moved slot is priced with or without a budget: the budget caps the moves that
@@ -170,9 +173,7 @@ def _choose(
         # rule without a budget, moving no more slots than that rule's choice: a budget
         # is never a reason for more moves in a layer
         share = load_shares(layer_load)
-        unbudgeted = np.argmax(value, 0)
-        pays = (value > value[:1]) & (cost <= cost[unbudgeted, np.arange(layers)][None])
-        pays[0] = True
+        pays = _paying(value, cost, usual)
         with np.errstate(invalid="ignore"):
             saved = -share[None] * peak - options.move_price * cost / slots
         pick = spend_budget(np.where(pays, saved, -np.inf), cost, int(max_moves))
@@ -183,12 +184,26 @@ def _choose(
                 f"max_moves must be a non-negative int (slots in total) or {layers} "
                 f"non-negative ints (slots per layer); got {max_moves!r}"
             )
-        affordable = cost <= budget[None]
+        affordable = (cost <= budget[None]) & _paying(value, cost, usual)
         pick = np.argmax(np.where(affordable, value, -np.inf), 0)
     if skip_threshold is not None:
         gain = balance[pick, np.arange(layers)] - balance[0]
         pick = np.where(gain < skip_threshold, 0, pick)
     return pick
+
+
+def _paying(value: np.ndarray, cost: np.ndarray, usual: np.ndarray | None) -> np.ndarray:
+    """``[C, L]`` the candidates a budget may buy: candidate 0, and those of a higher
+    ``value`` than it that move no more slots than the choice of the rule without a
+    budget (the best value among the ``usual [C]`` candidates, that rule's own): a
+    budget is never a reason for more moves in a layer (attacker pass: an ample budget
+    moved a layer 90 slots where no budget moved 6)."""
+    layers = value.shape[1]
+    own = value if usual is None else np.where(usual[:, None], value, -np.inf)
+    unbudgeted = np.argmax(own, 0)
+    pays = (value > value[:1]) & (cost <= cost[unbudgeted, np.arange(layers)][None])
+    pays[0] = True
+    return pays
 
 
 def as_threshold(skip_threshold: object) -> float | None:
@@ -305,9 +320,16 @@ def plan_incremental(
         # node ladders, and warm regroups where the best group→node assignment differs
         scored = hierarchy.candidates(weight, base, request, layer_quota, max_moves is not None,
                                       node_of_group, units)
+        # the candidates the rule without a budget has (a budget adds the transfer-only
+        # ones, 1-3 of the ladder and of the regroups' ladder, and the fine ladder's)
+        usual = np.ones(len(scored.peak), bool)
+        if max_moves is not None:
+            rungs = len(scored.peak) // 2
+            usual[np.r_[1:4, rungs + 1:rungs + 4]] = False
         if fine_quota is not None:
             scored = _merged(scored, hierarchy.candidates(
                 weight, base, request, fine_quota, True, node_of_group, units, fine=True))
+            usual = np.concatenate([usual, np.zeros(len(scored.peak) - len(usual), bool)])
         peak, now, cost, take = scored.peak, scored.now, scored.cost, scored.take
         # a fresh hierarchical plan, relabelled onto the old nodes and GPUs, where the
         # ladders end far above the bound: the ladder refines inside nodes and a regroup
@@ -315,8 +337,10 @@ def plan_incremental(
         # stays (attacker pass: 3×16 loads on 8 GPUs whose workload changed kept 0.85
         # where a fresh plan gave 0.99, in 54 of 240 small layers)
         # (the best candidate's peaks: expected, and in sample among those offered)
-        best_now = np.where(np.isfinite(peak), now, np.inf).min(0)
-        need = _far_from_bound(peak.min(0), best_now, scored.bound, options.move_price)
+        offered = np.isfinite(peak) & usual[:, None]
+        best_now = np.where(offered, now, np.inf).min(0)
+        need = _far_from_bound(np.where(offered, peak, np.inf).min(0), best_now, scored.bound,
+                               options.move_price)
         need &= ~replanned
         if topo.slots_per_gpu <= COARSE_SLOTS:  # little room for swaps, as under global
             need |= ~replanned
@@ -327,15 +351,23 @@ def plan_incremental(
             now = np.concatenate([now, extra_now])
             cost = np.concatenate([cost, (extra != base[None]).sum(2)])
             take = _with_candidate(take, extra[0], len(peak) - 1)
+            usual = np.append(usual, True)
     else:
         back = max(1, round(1 / 16 / options.quota))
         # the ladder's first rung is not scored where the rule below compares later ones:
         # it was picked in 2 of 1392 steady layer plans, and dropping it left the next
         # window and the moves unchanged (BENCHMARKS.md §3)
+        drop_first_rung = options.steps - back >= 2
         candidates, transfers, known = _refine_rows(
             weight, base, request, layer_quota, max_moves is not None,
-            drop_first_rung=max_moves is None and options.steps - back >= 2)
+            drop_first_rung=max_moves is None and drop_first_rung)
         peak, now = score(_live_only(candidates, live_gpus, topo), **known)
+        # the candidates the rule without a budget has (a budget adds the transfer-only
+        # ones, 1-3, the first rung where that rule drops it, and the fine ladder's)
+        usual = np.ones(len(candidates), bool)
+        if max_moves is not None:
+            usual[1:4] = False
+            usual[4:5] = not drop_first_rung
         # a fresh plan, relabelled onto the old GPUs, for the layers whose ladder:
         # - still gains a move price over its last 1/16 of the slots (the last step at
         #   the default quota; at least one step): its reach ran out;
@@ -363,11 +395,13 @@ def plan_incremental(
             candidates = np.concatenate([candidates, extra])
             peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
             now = np.concatenate([now, extra_now])
+            usual = np.append(usual, True)
         if fine_quota is not None:
             fine = _refine_rows(weight, base, request, fine_quota, True, fine=True)[0][1:]
             fine_peak, fine_now = score(_live_only(fine, live_gpus, topo))
             candidates = np.concatenate([candidates, fine])
             peak, now = np.concatenate([peak, fine_peak]), np.concatenate([now, fine_now])
+            usual = np.concatenate([usual, np.zeros(len(fine), bool)])
         cost = (candidates != base[None]).sum(2)
 
         def take(pick: np.ndarray) -> np.ndarray:
@@ -382,7 +416,7 @@ def plan_incremental(
         peak[1:, request.idle.cpu().numpy()] = np.inf
     layer_load = layer_loads(request, weight) if isinstance(max_moves, int) else None
     pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options,
-                   layer_load)
+                   layer_load, usual)
     best = take(pick)
     # the guard above compares integer units (moves.units_of), which round small experts
     # beside a huge one: a layer whose exact peak came out above the placement in
