@@ -37,9 +37,10 @@ almost every slot. Here the new plan starts from the placement in force:
    the moves that pay and buys no others: a total (slots over all layers) goes to the
    layers where the moved slots save the most MoE time (load × expected peak), a list
    gives one cap per layer.
-   (An ample budget also offers the transfers alone, so its plan may differ slightly
-   from the one without a budget; it never moves what does not pay.) No candidate whose
-   in-sample peak exceeds the placement in force's is taken.
+   (A budget also offers the transfers alone, and below the ladder's reach the fine
+   ladder, so an ample budget's plan may differ from the one without a budget; it never
+   moves what does not pay, nor more slots in a layer than that rule would.) No
+   candidate whose in-sample peak exceeds the placement in force's is taken.
 5. **Without a budget or a skip threshold, forced moves cost no balance**
    (:func:`eplb.online.forced.undo_forced_losses`): where they left a layer worse on
    the window at hand than the map in force (a greedy's stacked replicas spread), the
