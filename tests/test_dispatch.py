@@ -437,6 +437,20 @@ def test_nearest_incremental_respects_the_budget():
                 assert torch.equal(new, old)
 
 
+def test_nearest_per_layer_budgets_of_one_slot_buy_what_pays():
+    # attacker pass: the warm start took 85 % of each layer's budget, int(0.85) = 0
+    # slots, so per-layer budgets of 1 moved nothing where a total of 1 bought a slot
+    g = torch.Generator().manual_seed(2)
+    w0 = torch.exp(torch.randn(5, 32, generator=g, dtype=torch.float64))
+    w1 = w0 * torch.exp(torch.randn(5, 32, generator=g, dtype=torch.float64) * 0.8)
+    kwargs = {"policy": "global", "dispatch": "nearest"}
+    old = eplb.plan(w0, 48, 8, 2, **kwargs)
+    total = eplb.plan(w1, 48, 8, 2, previous=old, max_moves=1, **kwargs).moved_slots(old)
+    each = eplb.plan(w1, 48, 8, 2, previous=old, max_moves=[1] * 5, **kwargs).moved_slots(old)
+    assert int(total.sum()) == 1 and (each <= 1).all()
+    assert int(each.sum()) >= 1
+
+
 def drifted_nearest_case(seed: int, layers: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A nearest-rule plan ``[L, 96]`` of random loads ``[L, 64]`` on 16 GPUs (4 nodes),
     and those loads drifted by ×exp(0.3·Z)."""

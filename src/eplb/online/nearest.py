@@ -66,9 +66,11 @@ def plan_nearest_incremental(
     left = None if max_moves is None else (max_moves - (warm != old).sum(1)).clamp(min=0)
     least = 3 if fair == "expect" else min(3, nodes)
     warm, _ = repair_node_pairs(weight, warm, gpus, nodes, budget=left, min_count=least)
-    candidates = torch.stack([old, warm, fresh])
     if max_moves is None:
-        return choose_paying(request, candidates)
+        return choose_paying(request, torch.stack([old, warm, fresh]))
+    # and the warm start on the whole budget: a layer's share of a few slots may afford no
+    # step (attacker pass: per-layer budgets of 1 moved nothing, where 1 slot paid)
+    candidates = torch.stack([old, warm, fresh, warm_even(old, max_moves)])
     # per layer the candidate that pays best within the layer's budget (the warm start
     # was made within it; the fresh plan may not fit)
     values = paying_values(request, candidates)
