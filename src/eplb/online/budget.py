@@ -1,9 +1,12 @@
-"""Spending a total move budget: which candidate each layer takes so that at most
-``budget`` slots change over all layers, for the most balancedness.
+"""Move budgets: which candidate each layer takes so that at most ``budget`` slots change
+over all layers, for the most value (:func:`spend_budget`); which layers also get the
+fine ladder a small budget buys from (:func:`fine_layers`); and the layers' loads a total
+is weighed by (:func:`layer_loads`, :func:`load_shares`: a layer's MoE time is its load
+times its peak over the mean).
 
 Used by incremental planning under both dispatch rules (:mod:`eplb.online.incremental`,
 :mod:`eplb.online.nearest`): every layer offers a few candidates, each with the slots it
-changes (``cost``) and the balancedness it is expected to reach (``balance``);
+changes (``cost``) and its value (the expected MoE time it saves, less the move price);
 candidate 0 is the placement in force, free.
 """
 
@@ -23,8 +26,8 @@ _EXACT_BUDGET_CELLS = 1 << 18
 
 def spend_budget(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray:
     """``[L]`` candidate per layer: spend at most ``budget`` slots in total where they buy
-    the most. ``balance [C, L]``: every candidate's score (its expected balancedness less
-    the price of its moves, as the planners pass it; ``-inf``: not offered), ``cost
+    the most. ``balance [C, L]``: every candidate's value (what it saves, less the price
+    of its moves, as the planners pass it; ``-inf``: not offered), ``cost
     [C, L]``: its slots changed; candidate 0 costs nothing and is the fallback.
 
     Small budgets are solved exactly (the largest sum of the layers' balancedness within
@@ -107,7 +110,7 @@ def _hull_walk(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarray
 
 
 #: slots a step of the fine ladder may change (one swap), offered beside the default
-#: ladder where a budget cannot buy one default step in every layer
+#: ladder under budgets below that ladder's reach (:func:`fine_layers`)
 FINE_QUOTA = 2
 
 
