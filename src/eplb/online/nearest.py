@@ -117,7 +117,9 @@ def paying_values(request: PlanRequest, candidates: torch.Tensor,
         return value
     host = request.weight.detach().cpu().to(torch.float64).numpy()
     share = torch.from_numpy(load_shares(layer_loads(request, host))).to(value)
-    now = torch.minimum(in_sample[0], expected[0]).clamp(min=1e-300)
+    # (a loaded layer's balancedness is at least 1 / P; the floor only keeps 1 / now²
+    # finite)
+    now = torch.minimum(in_sample[0], expected[0]).clamp(min=1e-12)
     timed = gain * (share / now**2) - price * (candidates != old[None]).sum(2)
     timed[0] = 0.0
     return torch.where((value > 0) | (torch.arange(len(value)) == 0)[:, None].to(value.device),

@@ -444,8 +444,8 @@ def _tiny_count_look(
     :data:`~eplb.core.tiny_counts.TINY_EXPERTS` experts packed more than
     :data:`~eplb.core.tiny_counts.TINY_GAP` above their bound, the best packing of the
     count vectors one replica from the first rule's counts in each expert that the greedy
-    packs best
-    (:func:`eplb.core.tiny_counts.best_neighbours`), where one beats the packing there.
+    packs best (:func:`eplb.core.tiny_counts.best_neighbours`), where one beats the
+    packing there.
 
     Mixtral's 8 experts on 4 GPUs of 6 slots: every rule gives 3 replicas each, packed at
     0.983, below DeepSeek's greedy's 0.990, where splits of 4 and 2 pack at 0.99997; on
