@@ -559,9 +559,9 @@ def uniform_where_empty(weight: torch.Tensor, empty: torch.Tensor | None = None)
 
 
 def scale_rows_to_unit(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``weight [rows, E]`` (no all-zero row) with each row scaled by a power of two so
-    its largest entry lies in ``[1, 2)``, and ``[rows]`` those powers (``shift``: the
-    result is ``weight · 2**shift``).
+    """``weight [rows, E]`` with each row scaled by a power of two so its largest entry
+    lies in ``[1, 2)`` (an all-zero row stays zero), and ``[rows]`` those powers
+    (``shift``: the result is ``weight · 2**shift``).
 
     Multiplying by a power of two is exact in floating point, so every ratio, comparison
     and sum the planner forms changes by the same exact factor and no decision changes;

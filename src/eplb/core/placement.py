@@ -30,6 +30,7 @@ from eplb.core.inputs import (
     refuse_without_values,
     require_integer_ids,
     scale_free,
+    scale_rows_to_unit,
 )
 from eplb.core.topology import Topology, is_name
 
@@ -318,11 +319,9 @@ class Placement:
         Each layer's loads are scaled by their own power of two first (exact, so each
         ratio is unchanged): one scale for all layers let a layer 1e-300 beside one of
         1e300 vanish and read 1.0 (attacker pass)."""
-        weight = self._weight(weight)
-        _, exponent = torch.frexp(weight.amax(1, keepdim=True))
-        shifted = torch.ldexp(weight, torch.where(weight.amax(1, keepdim=True) > 0,
-                                                  1 - exponent, 0))
-        loads = self._gpu_loads(shifted, None)[:, self.live_gpus()]
+        # (an all-zero row stays zero)
+        loads = self._gpu_loads(scale_rows_to_unit(self._weight(weight))[0],
+                                None)[:, self.live_gpus()]
         mean, peak = loads.mean(1), loads.max(1).values
         return torch.where(peak > 0, mean / peak.clamp(min=1e-300), torch.ones_like(mean))
 

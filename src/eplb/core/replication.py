@@ -400,6 +400,12 @@ def expand_replicas(
     return torch.from_numpy(item_load).to(device), torch.from_numpy(item_expert).to(device)
 
 
+def replica_items(weight: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(item_load [rows, R], item_expert [rows, R])`` of :func:`expand_replicas` for
+    host arrays."""
+    return _expand_host(weight, counts, with_loads=True)
+
+
 def replica_experts(weight: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """``item_expert [rows, R]`` of :func:`expand_replicas` for host arrays, without the
     loads (one slot per GPU needs only the experts: a repeat of ``R`` values saved)."""

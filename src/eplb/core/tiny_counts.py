@@ -20,6 +20,7 @@ from functools import cache
 import numpy as np
 
 from eplb.core.count_bounds import packing_bound
+from eplb.core.replication import replica_items
 
 #: rows of at most this many experts get every ±1 count vector (3^E before the sum test)
 TINY_EXPERTS = 8
@@ -47,19 +48,6 @@ def neighbour_counts(counts: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarr
     valid = ((near >= 1) & (near <= cap)).all(2)
     row, which = np.nonzero(valid)
     return near[row, which], row
-
-
-def sorted_replicas(weight: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(load [m, R], expert [m, R])``: the replicas of each row of ``weight [m, E]``
-    (float64) split into ``counts [m, E]`` (each row summing to ``R``), heaviest first
-    (an expert's replicas together, ties by expert id)."""
-    rows = counts.shape[0]
-    share = weight / counts
-    order = np.argsort(-share, 1, kind="stable")  # [m, E]: experts by replica load
-    times = np.take_along_axis(counts, order, 1).ravel()
-    expert = np.repeat(order.ravel(), times).reshape(rows, -1)
-    load = np.repeat(np.take_along_axis(share, order, 1).ravel(), times).reshape(rows, -1)
-    return load, expert
 
 
 def greedy_peaks(load: np.ndarray, expert: np.ndarray, num_gpus: int) -> np.ndarray:
@@ -95,7 +83,7 @@ def best_neighbours(weight: np.ndarray, counts: np.ndarray, num_gpus: int,
     (the row's busiest GPU now, in ``weight``'s units) cannot pack lower: it is neither
     ranked nor packed."""
     vectors, row_of = neighbour_counts(counts, num_gpus)
-    load, expert = sorted_replicas(weight[row_of], vectors)
+    load, expert = replica_items(weight[row_of], vectors)
     useful = packing_bound(load, num_gpus) < peak_now[row_of]
     vectors, row_of = vectors[useful], row_of[useful]
     if not len(row_of):
