@@ -39,7 +39,7 @@ from eplb.cli._inputs import (
 )
 from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import require_distinct_topk
-from eplb.core.messages import integer_runs
+from eplb.core.messages import counted, integer_runs
 from eplb.core.placement import Placement, load_balance
 from eplb.core.planner import equal_speeds, planning_speeds
 from eplb.core.trace import MAX_MODEL_LAYERS
@@ -354,7 +354,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ["placement", "balancedness", "worst max/mean"], rows,
     )
     if moved is not None:
-        print(f"moved {int(moved.sum())} slots in total, at most {int(moved.max())} in one layer")
+        print(f"moved {counted(int(moved.sum()), 'slot')} in total, at most "
+              f"{int(moved.max())} in one layer")
     if ceil.note and ceil.overall is None:
         print(f"({ceil.note})")
     written = f"{emit}, {model_layers} model layers" if model_layers is not None else emit
@@ -382,8 +383,8 @@ def _warn_forced_moves(previous: Placement, placement: Placement, moved: torch.T
                "too)" if idle else "")
     parts = []
     if over:
-        parts.append(f"moved {total} slots, more than --max-moves {args.max_moves}: forced "
-                     "moves come first, whatever the budget")
+        parts.append(f"moved {counted(total, 'slot')}, more than --max-moves "
+                     f"{args.max_moves}: forced moves come first, whatever the budget")
     if straddling:
         parts.append(f"{len(straddling)} layer(s) of {args.previous} (rows "
                      f"{integer_runs(straddling)}) keep expert groups on several of the "
