@@ -134,7 +134,7 @@ def node_ladder(
     budgeted: bool,
     always: np.ndarray | None = None,
     alias: np.ndarray | None = None,
-    fine: bool = False,
+    fine: bool | np.ndarray = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Warm-start candidates of hierarchical layers given as node rows
     (:func:`node_rows`: ``node_weight [L·N, E/N]``, ``node_start [L·N, R/N]``), refining
@@ -143,8 +143,9 @@ def node_ladder(
 
     ``quota [L]``: slots per step of the whole layer (0: the layer keeps its start).
     ``alias [L·N]``: for every node row, a row with the same loads, start and quota (its
-    own index where none), searched once for both. ``fine``: the transfer-only
-    candidates make at most one and two transfers (:func:`eplb.online.ladder.warm_ladder`).
+    own index where none), searched once for both. ``fine`` (one flag, or ``[L]``): the
+    transfer-only candidates make at most one and two transfers
+    (:func:`eplb.online.ladder.warm_ladder`).
 
     Returns ``(done [C, L·N, R/N], moving [M], twin [M], counts [M, E/N])``: the
     candidates as node rows (local ids; candidate 0 is the start), the node rows that
@@ -168,10 +169,11 @@ def node_ladder(
     unique, first, back = np.unique(source, return_index=True, return_inverse=True)
     options = request.options
     # a base row searched only for its regrouped twin takes the twin's quota (equal)
+    row_fine = np.broadcast_to(fine, layers).repeat(nodes)[moving[first]]
     searched, _, counts = ladder.warm_ladder(node_weight[unique], node_start[unique], per_gpu,
                                             row_quota[moving[first]],
                                             options.incremental.steps, options.packing,
-                                            budgeted, fine=fine)
+                                            budgeted, fine=row_fine)
     done = np.repeat(node_start[None], searched.shape[0], 0)
     done[:, moving] = searched[:, back]
     return done, moving, first[back], counts[back]
@@ -204,7 +206,7 @@ class Scored:
 def candidates(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
     budgeted: bool, node_of_group: np.ndarray | None = None,
-    units: np.ndarray | None = None, fine: bool = False,
+    units: np.ndarray | None = None, fine_quota: np.ndarray | None = None,
 ) -> Scored:
     """Warm-start candidates of hierarchical layers ``base [L, R]``, scored: the node
     ladder of ``base`` (``K`` candidates, the first is ``base``), then the warm regroup
@@ -215,7 +217,13 @@ def candidates(
     candidates).
     ``node_of_group [L, G]``: each group's node in ``base`` (:func:`group_nodes`), and
     ``units [L, E]``: the integer loads (:func:`eplb.online.moves.units_of`), when the
-    caller has them. ``fine``: see :func:`node_ladder`.
+    caller has them.
+
+    ``fine_quota [L]`` (with ``budgeted``): the fine ladder's quota (``fine`` of
+    :func:`node_ladder`), searched and scored in the same batched calls as the default
+    one (its blocks are independent rows: the same candidates as a call of their own).
+    Its ``2K − 1`` candidates follow, but the first (``base`` again): its ladder, then
+    its regroups.
     """
     topo = request.topology
     layers, nodes = base.shape[0], topo.num_nodes
@@ -279,13 +287,23 @@ def candidates(
                 & (quota[layers:].repeat(nodes) == quota[rows].repeat(nodes)))
         alias = np.arange(len(node_start))
         alias[in_base:] = np.where(same, twin, alias[in_base:])
+    of_layer = np.concatenate([np.arange(layers), rows])  # the layer of each block
+    sets = len(of_layer)  # blocks of one ladder: the layers, then their regroups
+    fine = False
+    if fine_quota is not None:  # the fine ladder's blocks after the default one's
+        node_weight, node_start = np.concatenate([node_weight] * 2), np.concatenate(
+            [node_start] * 2)
+        experts, of_layer = np.concatenate([experts] * 2), np.concatenate([of_layer] * 2)
+        quota = np.concatenate([quota, fine_quota, fine_quota[rows]])
+        always = None if always is None else np.concatenate([always, always])
+        alias = None if alias is None else np.concatenate([alias, alias + sets * nodes])
+        fine = np.arange(2 * sets) >= sets
     done, moving, twin, counts = node_ladder(node_weight, node_start, request, quota,
                                              budgeted, always, alias, fine)
     ladder = done.shape[0]
     # scores: every node row's start once, the searched rows' later candidates
     options = request.options.incremental
     units = moves.units_of(weight) if units is None else units  # [L, E]
-    of_layer = np.concatenate([np.arange(layers), rows])  # the layer of each block
     # one flat take (no [B·N, E] copy of the layers' units first)
     node_units = np.ravel(units)[experts + (of_layer * units.shape[1]).repeat(nodes)[:, None]]
     groups = topo.num_groups // nodes
@@ -322,33 +340,46 @@ def candidates(
     layer_peak = torch.from_numpy(row_peak).view(moves.DRAWS, ladder, blocks, nodes).amax(3)
     expected = moves.mean_of_draws(layer_peak.numpy()) / mean
     now = torch.from_numpy(row_now).view(ladder, blocks, nodes).amax(2).numpy() / mean
-    # layers' candidates: the ladder, then the regroups (base where none is offered)
-    peak = np.full((2 * ladder, layers), np.inf)
-    peak[:ladder] = expected[:, :layers]
-    peak[ladder:, rows] = expected[:, layers:]
-    now_all = np.concatenate([now[:, :layers], now[:, :layers]])
-    now_all[ladder:, rows] = now[:, layers:]
     in_layers = nodes * layers
-    cost = np.zeros((2 * ladder, layers), np.int64)
-    # the ladder keeps the node rows' labels: local ids compare like expert ids
-    cost[:ladder] = (done[:, :in_layers] != done[:1, :in_layers]).reshape(
-        ladder, layers, -1).sum(2)
-    if len(rows):
-        # the regroups compare in their own local ids too: base's slots read as them
-        # (``moved_start``) differ from a candidate's exactly where the expert ids do,
-        # but for a slot whose group left that the candidate leaves empty
-        moved = done[:, in_layers:]
-        differ = (moved != moved_start[None]) | ((moved < 0) & gone[None])
-        cost[ladder:, rows] = differ.reshape(ladder, len(rows), -1).sum(2)
+
+    def ladders(first: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Layers' candidates of the ladder whose blocks start at block ``first``: its
+        ladder, then its regroups (base where none is offered)."""
+        peak = np.full((2 * ladder, layers), np.inf)
+        peak[:ladder] = expected[:, first:first + layers]
+        peak[ladder:, rows] = expected[:, first + layers:first + sets]
+        now_all = np.concatenate([now[:, first:first + layers]] * 2)
+        now_all[ladder:, rows] = now[:, first + layers:first + sets]
+        cost = np.zeros((2 * ladder, layers), np.int64)
+        # the ladder keeps the node rows' labels: local ids compare like expert ids
+        own = done[:, first * nodes:first * nodes + in_layers]
+        cost[:ladder] = (own != own[:1]).reshape(ladder, layers, -1).sum(2)
+        if len(rows):
+            # the regroups compare in their own local ids too: base's slots read as them
+            # (``moved_start``) differ from a candidate's exactly where the expert ids
+            # do, but for a slot whose group left that the candidate leaves empty
+            moved = done[:, (first + layers) * nodes:(first + sets) * nodes]
+            differ = (moved != moved_start[None]) | ((moved < 0) & gone[None])
+            cost[ladder:, rows] = differ.reshape(ladder, len(rows), -1).sum(2)
+        return peak, now_all, cost
+
+    peak, now_all, cost = ladders(0)
+    if fine_quota is not None:  # the fine ladder's, but its first candidate (base)
+        peak, now_all, cost = (np.concatenate([a, b[1:]])
+                               for a, b in zip((peak, now_all, cost), ladders(sets), strict=True))
 
     def take(pick: np.ndarray) -> np.ndarray:
         # every layer's node rows in its chosen candidate: its own block's, or its
-        # regroup's block's; one turn back into expert ids for all of them
-        step = np.minimum(pick, ladder - 1)
-        block = np.arange(layers)
-        late = np.nonzero(pick[rows] >= ladder)[0]
-        step[rows[late]] = pick[rows[late]] - ladder
-        block[rows[late]] = layers + late
+        # regroup's block's (of the default ladder's blocks or the fine one's); one turn
+        # back into expert ids for all of them
+        later = pick >= 2 * ladder  # the fine ladder's
+        local = np.where(later, pick - 2 * ladder + 1, pick)
+        first = np.where(later, sets, 0)
+        step = np.minimum(local, ladder - 1)
+        block = first + np.arange(layers)
+        late = np.nonzero(local[rows] >= ladder)[0]
+        step[rows[late]] = local[rows[late]] - ladder
+        block[rows[late]] = first[rows[late]] + layers + late
         node_row = (block[:, None] * nodes + np.arange(nodes)).reshape(-1)
         return to_layers(done[step.repeat(nodes), node_row][None], experts[node_row],
                          layers)[0]

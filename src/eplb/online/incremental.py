@@ -101,8 +101,8 @@ def _host_weight(request: PlanRequest) -> np.ndarray:
 
 def _refine_rows(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
-    budgeted: bool, drop_first_rung: bool = False, fine: bool = False,
-) -> tuple[np.ndarray, np.ndarray, dict]:
+    budgeted: bool, drop_first_rung: bool = False, fine_quota: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray | None]:
     """``[C, L, R]`` warm-start candidates of global layers ``base`` (candidate 0 is
     ``base``) with a per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``),
     ``[L]`` the replica transfers, and the candidates' replica counts as
@@ -110,7 +110,13 @@ def _refine_rows(
     not known). ``budgeted`` adds the transfer-only candidates, which only a small budget
     picks: without one, none of them was chosen in 2784 steady-state layer plans
     (BENCHMARKS.md §3 protocol). ``drop_first_rung`` leaves out the first swap step's
-    candidate (and its entry in ``block``)."""
+    candidate (and its entry in ``block``).
+
+    ``fine_quota [L]`` (with ``budgeted``): the fine ladder's quota too, searched in the
+    same batched call (rows are independent: the same candidates as a call of its own,
+    at about the fixed cost of one); its candidates but the first (``base``) are the last
+    item returned, ``None`` without it.
+    """
     topo = request.topology
     packing = request.options.packing
     steps = request.options.incremental.steps
@@ -120,9 +126,20 @@ def _refine_rows(
     # the forced moves spread every stacked replica (moves.fill_and_spread)
     # (the dead GPUs' slots are empty: the live slots hold every replica of the base)
     base_counts = moves.counts_of(live_base, weight.shape[1])
+    layers = base.shape[0]
+    fine = False
+    if fine_quota is not None:  # the fine ladder's rows after the default one's
+        weight, live_base = np.concatenate([weight, weight]), np.concatenate([live_base] * 2)
+        base_counts = np.concatenate([base_counts, base_counts])
+        quota = np.concatenate([quota, fine_quota])
+        fine = np.arange(2 * layers) >= layers
     inner, transfers, counts = ladder.warm_ladder(weight, live_base, num_live, quota, steps,
                                                  packing, budgeted, spread=True,
                                                  base_counts=base_counts, fine=fine)
+    fine_inner = None
+    if fine_quota is not None:
+        inner, fine_inner = inner[:, :layers], inner[1:, layers:]
+        transfers, counts = transfers[:layers], counts[:layers]
     known = {}
     if not budgeted:  # the base's counts, then the swap steps' (swaps keep them)
         known = {"counts": np.stack([base_counts, counts]),
@@ -132,11 +149,15 @@ def _refine_rows(
         if known:
             known["block"] = np.delete(known["block"], 1)
     if request.active_gpus is None:
-        return inner, transfers, known
+        return inner, transfers, known, fine_inner
     # dead GPUs: the live GPUs' slots were refined
     out = np.repeat(base[None], inner.shape[0], 0)
     out[:, :, live_slot] = inner
-    return out, transfers, known
+    if fine_inner is not None:
+        fine_out = np.repeat(base[None], fine_inner.shape[0], 0)
+        fine_out[:, :, live_slot] = fine_inner
+        fine_inner = fine_out
+    return out, transfers, known, fine_inner
 
 
 def _choose(
@@ -319,18 +340,15 @@ def plan_incremental(
 
     if request.policy == "hierarchical":
         # node ladders, and warm regroups where the best group→node assignment differs
+        # (and the fine ladder's, in the same batched search)
         scored = hierarchy.candidates(weight, base, request, layer_quota, max_moves is not None,
-                                      node_of_group, units)
+                                      node_of_group, units, fine_quota)
         # the candidates the rule without a budget has (a budget adds the transfer-only
         # ones, 1-3 of the ladder and of the regroups' ladder, and the fine ladder's)
-        usual = np.ones(len(scored.peak), bool)
+        rungs = 2 * (options.steps + 4) if max_moves is not None else len(scored.peak)
+        usual = np.arange(len(scored.peak)) < rungs
         if max_moves is not None:
-            rungs = len(scored.peak) // 2
-            usual[np.r_[1:4, rungs + 1:rungs + 4]] = False
-        if fine_quota is not None:
-            scored = _merged(scored, hierarchy.candidates(
-                weight, base, request, fine_quota, True, node_of_group, units, fine=True))
-            usual = np.concatenate([usual, np.zeros(len(scored.peak) - len(usual), bool)])
+            usual[np.r_[1:4, rungs // 2 + 1:rungs // 2 + 4]] = False
         peak, now, cost, take = scored.peak, scored.now, scored.cost, scored.take
         # a fresh hierarchical plan, relabelled onto the old nodes and GPUs, where the
         # ladders end far above the bound: the ladder refines inside nodes and a regroup
@@ -359,10 +377,16 @@ def plan_incremental(
         # it was picked in 2 of 1392 steady layer plans, and dropping it left the next
         # window and the moves unchanged (BENCHMARKS.md §3)
         drop_first_rung = options.steps - back >= 2
-        candidates, transfers, known = _refine_rows(
+        candidates, transfers, known, fine = _refine_rows(
             weight, base, request, layer_quota, max_moves is not None,
-            drop_first_rung=max_moves is None and drop_first_rung)
-        peak, now = score(_live_only(candidates, live_gpus, topo), **known)
+            drop_first_rung=max_moves is None and drop_first_rung, fine_quota=fine_quota)
+        if fine is None:
+            peak, now = score(_live_only(candidates, live_gpus, topo), **known)
+        else:  # both ladders scored at once (no known counts under a budget)
+            both = np.concatenate([candidates, fine])
+            peak, now = score(_live_only(both, live_gpus, topo))
+            split = len(candidates)
+            (peak, fine_peak), (now, fine_now) = np.split(peak, [split]), np.split(now, [split])
         # the candidates the rule without a budget has (a budget adds the transfer-only
         # ones, 1-3, the first rung where that rule drops it, and the fine ladder's)
         usual = np.ones(len(candidates), bool)
@@ -397,9 +421,7 @@ def plan_incremental(
             peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
             now = np.concatenate([now, extra_now])
             usual = np.append(usual, True)
-        if fine_quota is not None:
-            fine = _refine_rows(weight, base, request, fine_quota, True, fine=True)[0][1:]
-            fine_peak, fine_now = score(_live_only(fine, live_gpus, topo))
+        if fine is not None:
             candidates = np.concatenate([candidates, fine])
             peak, now = np.concatenate([peak, fine_peak]), np.concatenate([now, fine_now])
             usual = np.concatenate([usual, np.zeros(len(fine), bool)])
@@ -439,22 +461,6 @@ def plan_incremental(
         phy2log, request.num_experts, topo, request.policy, request.active_gpus
     )
     return validate_planned(placement)
-
-
-def _merged(first: hierarchy.Scored, second: hierarchy.Scored) -> hierarchy.Scored:
-    """``first``'s candidates, then ``second``'s but its first (the same placement in
-    force)."""
-    split = first.peak.shape[0]
-
-    def take(pick: np.ndarray) -> np.ndarray:
-        later = pick >= split
-        one = first.take(np.where(later, 0, pick))
-        two = second.take(np.where(later, pick - split + 1, 0))
-        return np.where(later[:, None], two, one)
-
-    return hierarchy.Scored(np.concatenate([first.peak, second.peak[1:]]),
-                            np.concatenate([first.now, second.now[1:]]),
-                            np.concatenate([first.cost, second.cost[1:]]), take, first.bound)
 
 
 def _far_from_bound(peak: np.ndarray, now: np.ndarray, bound: np.ndarray | float,

@@ -256,7 +256,7 @@ def warm_ladder(
     transfers_only: bool = True,
     spread: bool = False,
     base_counts: np.ndarray | None = None,
-    fine: bool = False,
+    fine: bool | np.ndarray = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Warm-start candidates of every row, from few moves to many, ``[B]`` the replica
     transfers each row's counts are from Jefferson's, and ``[B, E]`` the replica counts
@@ -264,12 +264,12 @@ def warm_ladder(
 
     Candidate 0 is the base placement. With ``transfers_only``, candidates 1–3 apply the
     first quarter, half and all of the replica transfers toward Jefferson's counts (best
-    first; the first two at most one and two steps' ``quota``, with ``fine`` one and two
-    transfers) and nothing else: the cheapest moves, for small budgets. The last ``steps``
-    candidates apply all the transfers and ``k`` steps of the all-pairs swap search, each
-    step allowed ``quota [B]`` more changed slots, heaviest GPU pairs first. (The
-    heaviest-GPU polish is left out: its in-sample gains do not survive to the next
-    window.) Rows with a zero quota keep the base.
+    first; the first two at most one and two steps' ``quota``, in the rows ``fine`` marks
+    (``[B]`` or one flag for all) one and two transfers) and nothing else: the cheapest
+    moves, for small budgets. The last ``steps`` candidates apply all the transfers and
+    ``k`` steps of the all-pairs swap search, each step allowed ``quota [B]`` more changed
+    slots, heaviest GPU pairs first. (The heaviest-GPU polish is left out: its in-sample
+    gains do not survive to the next window.) Rows with a zero quota keep the base.
 
     Args:
         weight: ``[B, E]`` row loads (no all-zero row), float64.
@@ -294,7 +294,7 @@ def warm_ladder(
     # the prefixes are the candidates of small budgets: no longer than one and two
     # steps' quota (or transfers), so that a budget below a quarter of the transfers
     # still buys some
-    most = (np.ones_like(quota), 2 * np.ones_like(quota)) if fine else (quota, 2 * quota)
+    most = (np.where(fine, 1, quota), np.where(fine, 2, 2 * quota))
     start, prefixes, start_counts, stuck = apply_transfers(
         weight, base, donor, receiver, count, num_gpus, counts, record=record,
         record_most=most)
