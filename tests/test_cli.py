@@ -253,10 +253,45 @@ def test_forced_moves_beyond_the_budget_are_explained(capsys, tmp_path) -> None:
                        4, "--previous", old, "--max-moves", 0, "-o", new)
     assert code == 0
     assert "more than --max-moves 0" in err and "re-planned them whole" in err
+    # every slot moved was forced (a budget of 0): the warning and the summary say so
+    moved = int(err.split("moved ")[1].split(" slot")[0])
+    assert f"{moved} were forced moves" in err and "and 0 changed beyond them" in err, err
     # within the budget and from a map that keeps groups on their nodes: nothing to say
     code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--nodes", 2, "--groups",
                        4, "--previous", new, "--max-moves", 0, "-o", tmp_path / "i.json")
     assert code == 0 and "forced" not in err and "re-planned" not in err
+
+
+def test_forced_moves_are_told_apart_from_the_budgeted_ones(capsys, tmp_path) -> None:
+    """A map in force that stacks replicas (DeepSeek's greedy does) forces moves beyond
+    --max-moves; the CLI splits the slots it moved into those and the ones the budget
+    bought, in its text and its JSON (new-user pass: "moved 238 slots, more than
+    --max-moves 100", where 142 were forced)."""
+    from eplb.core.baselines import plan_greedy
+    from eplb.formats import write_placement
+
+    rng = np.random.default_rng(3)
+    weight = np.exp(rng.normal(0, 1.2, (6, 32))) * 100
+    weight[:, 0] *= 40  # a hot expert: the greedy stacks its replicas on one GPU
+    weight[0] = 0  # a dense layer of a dump: its forced moves are counted apart
+    loads = tmp_path / "w.npy"
+    np.save(loads, weight)
+    old = tmp_path / "greedy.json"
+    earlier = torch.from_numpy(np.exp(rng.normal(0, 1.2, (6, 32))) * 100)
+    earlier[:, 0] *= 40  # the map in force was planned on other loads
+    write_placement(plan_greedy(earlier, 64, 8), old, weight=earlier)
+    code, out, err = run(capsys, "plan", loads, "-r", 64, "-g", 8, "--previous", old,
+                         "--max-moves", 3, "-o", tmp_path / "p.json", "--json")
+    assert code == 0
+    summary = json.loads(out)
+    forced, beyond = summary["moved_slots_forced"], summary["moved_slots_beyond_forced"]
+    assert forced > 3 and 0 < beyond <= 3, summary
+    assert summary["moved_slots_total"] <= forced + beyond
+    assert f"{forced} were forced moves" in err and f"and {beyond} changed beyond" in err
+    assert "in rows with no load" in err, err
+    code, out, _ = run(capsys, "plan", loads, "-r", 64, "-g", 8, "--previous", old,
+                       "--max-moves", 3, "-o", tmp_path / "q.json")
+    assert code == 0 and f"({forced} forced by the map in force, {beyond} beyond them)" in out
 
 
 def test_rows_with_no_load_are_counted_apart_when_forced_moves_re_plan_them(capsys, tmp_path):

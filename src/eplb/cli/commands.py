@@ -275,6 +275,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
         weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
         seed=args.seed, **options))
     placement.validate()
+    forced = None
+    if previous is not None:
+        # the forced moves alone (a budget of 0 makes those only): the moves the map in
+        # force left no choice about, told apart from the ones the plan chose (new-user
+        # pass: "moved 238 slots, more than --max-moves 100", where 142 were forced).
+        # The same call but the budget: a refusal can only be of the budget, where the
+        # planner takes none (nearest dispatch re-plans whole, then relabels): no split
+        try:
+            forced = plan(weight, args.replicas, args.gpus, args.nodes, args.groups,
+                          policy=policy, seed=args.seed, **{**options, "max_moves": 0})
+        except ValueError:
+            forced = None
     # eplb's own files record layer ids only where the loads or --first-layer named them:
     # a row index is no claim (eval and --previous then pair rows in order)
     named = (bool(trace.meta.get("model_layer_ids")) or args.first_layer is not None
@@ -299,7 +311,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     policy = placement.policy
     ceil = ceiling(weight, args.replicas, args.gpus, args.nodes, args.groups, policy,
                    active=placement.active_gpus, speed=speed is not None)
-    moved = in_force = in_force_worst = None
+    moved = in_force = in_force_worst = forced_moved = chosen = None
     if previous is not None:
         moved = placement.moved_slots(previous)
         in_force_loads = previous.scaled_gpu_loads(weight)
@@ -311,7 +323,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         # the old map's live GPUs alone it looked balanced, and the plan seemed to worsen it
         in_force_live = previous.live_gpus().to(live.device) | live
         _, in_force, in_force_worst = load_balance(in_force_loads, in_force_live, speed)
-        _warn_forced_moves(previous, placement, moved, args, weight)
+        forced_moved = None if forced is None else forced.moved_slots(previous)
+        chosen = None if forced is None else int(placement.moved_slots(forced).sum())
+        _warn_forced_moves(previous, placement, moved, forced_moved, chosen, args, weight)
     summary = {
         "output": str(out),
         "emit": emit,
@@ -333,6 +347,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "dead_gpus": dead_gpu_ids(active),
         "moved_slots_total": None if moved is None else int(moved.sum()),
         "moved_slots_max_layer": None if moved is None else int(moved.max()),
+        # the moves the map in force forced (made whatever --max-moves says), and the
+        # slots the plan changed beyond them (what --max-moves caps)
+        "moved_slots_forced": None if forced_moved is None else int(forced_moved.sum()),
+        "moved_slots_beyond_forced": chosen,
     }
     if args.json:
         print_json(summary)
@@ -354,7 +372,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ["placement", "balancedness", "worst max/mean"], rows,
     )
     if moved is not None:
-        print(f"moved {counted(int(moved.sum()), 'slot')} in total, at most "
+        total_forced = 0 if forced_moved is None else int(forced_moved.sum())
+        split = (f" ({total_forced} forced by the map in force, {chosen} beyond them)"
+                 if total_forced else "")
+        print(f"moved {counted(int(moved.sum()), 'slot')} in total{split}, at most "
               f"{int(moved.max())} in one layer")
     if ceil.note and ceil.overall is None:
         print(f"({ceil.note})")
@@ -364,10 +385,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _warn_forced_moves(previous: Placement, placement: Placement, moved: torch.Tensor,
-                       args: argparse.Namespace, weight: torch.Tensor) -> None:
+                       forced: torch.Tensor | None, chosen: int | None,
+                       args: argparse.Namespace,
+                       weight: torch.Tensor) -> None:
     """Say why a plan from ``--previous`` moved what it did where forced moves decided it:
     layers whose groups straddle nodes re-planned hierarchically (which may lower their
     balance: the old map balanced them across nodes), or more slots than --max-moves.
+    ``moved [L]``: the slots the plan moved per layer, ``forced [L]`` those of them the
+    map in force forced, ``chosen`` the slots changed beyond the forced moves (both
+    ``None`` where the planner takes no budget).
     ``weight [L, E]``: rows with no load (a dump's dense layers) are re-planned too, but
     have no balance to lose, so they are counted apart."""
     straddling = (straddling_layers(previous, args.nodes, args.groups)
@@ -382,18 +408,21 @@ def _warn_forced_moves(previous: Placement, placement: Placement, moved: torch.T
     no_load = (f" ({len(idle)} more, rows {integer_runs(idle)}, carry no load: re-planned "
                "too)" if idle else "")
     parts = []
-    if over:
+    if over and forced is not None:
+        unloaded = int(forced[[not row for row in loaded]].sum())
+        where = f" ({unloaded} in rows with no load)" if unloaded else ""
         parts.append(f"moved {counted(total, 'slot')}, more than --max-moves "
-                     f"{args.max_moves}: forced moves come first, whatever the budget")
+                     f"{args.max_moves}: {int(forced.sum())} were forced moves{where}, made "
+                     f"whatever the budget, and {chosen} changed beyond them; "
+                     f"forced moves are {FORCED_MOVES}")
     if straddling:
         parts.append(f"{len(straddling)} layer(s) of {args.previous} (rows "
                      f"{integer_runs(straddling)}) keep expert groups on several of the "
                      f"{args.nodes} nodes, so the hierarchical policy re-planned them "
                      f"whole (each group on one node){no_load}; pass --policy global to "
                      "plan from that map without the node constraint")
-    elif over:
-        parts.append(FORCED_MOVES)
-    warn("; ".join(parts))
+    if parts:
+        warn("; ".join(parts))
 
 
 def _routing(args: argparse.Namespace) -> torch.Tensor | None:
