@@ -45,8 +45,11 @@ def test_bad_budget_arguments():
     old = old_plan("global", 1, 1)
     with pytest.raises(ValueError, match=r"max_moves must be a non-negative int.*got -1"):
         eplb.plan(W1, R, P, previous=old, max_moves=-1)
-    with pytest.raises(ValueError, match="6 non-negative ints"):
+    with pytest.raises(ValueError, match=r"one int per layer, 6; got 3: \[1, 2, 3\]"):
         eplb.plan(W1, R, P, previous=old, max_moves=[1, 2, 3])
+    # a long wrong list is counted and quoted short (it printed every value)
+    with pytest.raises(ValueError, match=r"got 5000: \[0, 1, 2, 3, 4, 5, \.\.\.\]$"):
+        eplb.plan(W1, R, P, previous=old, max_moves=torch.arange(5000))
     with pytest.raises(ValueError, match="need the previous placement"):
         eplb.plan(W1, R, P, max_moves=5)
     with pytest.raises(ValueError, match="need the previous placement"):

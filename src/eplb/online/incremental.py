@@ -51,6 +51,7 @@ almost every slot. Here the new plan starts from the placement in force:
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 
 import numpy as np
 import torch
@@ -204,7 +205,7 @@ def _choose(
         if budget.shape != (layers,) or budget.dtype.kind not in "iu" or (budget < 0).any():
             raise ValueError(
                 f"max_moves must be a non-negative int (slots in total) or {layers} "
-                f"non-negative ints (slots per layer); got {max_moves!r}"
+                f"non-negative ints (slots per layer); got {reprlib.repr(max_moves)}"
             )
         affordable = (cost <= budget[None]) & _paying(value, cost, usual)
         pick = np.argmax(np.where(affordable, value, -np.inf), 0)
@@ -260,7 +261,7 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
         max_moves = max_moves.detach().cpu().numpy()
     if isinstance(max_moves, (list, tuple)):
         if any(isinstance(v, bool | np.bool_) for v in max_moves):
-            raise ValueError(f"max_moves per layer must be ints, got {given!r}")
+            raise ValueError(f"max_moves per layer must be ints, got {reprlib.repr(given)}")
         if all(isinstance(v, int | np.integer) and v >= 0 for v in max_moves):
             # Python ints beyond int64 (no limit in that layer) are capped as a total is;
             # else NumPy reads the list as floats or objects and it is refused
@@ -276,7 +277,8 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
     negative = bool((np.asarray(max_moves) < 0).any()) if total or per_layer else False
     if not (total or per_layer) or negative:
         raise ValueError(f"max_moves must be a non-negative int (slots in total) or one "
-                         f"non-negative int per layer (slots per layer); got {given!r}")
+                         f"non-negative int per layer (slots per layer); got "
+                         f"{reprlib.repr(given)}")
     # a total beyond any slot count means "no limit but the forced moves"; capped so that
     # per-layer shares fit int64
     return min(int(max_moves), 1 << 62) if total else max_moves
@@ -301,6 +303,11 @@ def plan_incremental(
         # every candidate here is built and scored for equal GPUs
         raise ValueError("gpu_speed cannot be combined with previous (incremental planning)")
     max_moves = check_budget(max_moves, skip_threshold)
+    if isinstance(max_moves, np.ndarray) and max_moves.shape != (request.num_layers,):
+        # before any work, by the count (a whole list of thousands in the message did
+        # not say what was wrong: new-user pass)
+        raise ValueError(f"max_moves per layer needs one int per layer, {request.num_layers}; "
+                         f"got {max_moves.size}: {reprlib.repr(max_moves.tolist())}")
     skip_threshold = as_threshold(skip_threshold)
     options = request.options.incremental
     topo = request.topology
@@ -558,7 +565,7 @@ def _plan_nearest(
                     or bool((per_layer < 0).any())):
                 raise ValueError(
                     f"max_moves must be a non-negative int (slots in total) or {layers} "
-                    f"non-negative ints (slots per layer); got {max_moves!r}"
+                    f"non-negative ints (slots per layer); got {reprlib.repr(max_moves)}"
                 )
             # int64 (torch compares no unsigned type wider than 8 bits), capped to fit it
             budget = torch.tensor([min(int(v), 1 << 62) for v in per_layer], dtype=torch.int64)
