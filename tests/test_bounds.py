@@ -389,6 +389,21 @@ def test_scores_of_extreme_loads_are_finite(value, tmp_path):
     assert "NaN" not in (tmp_path / "p.json").read_text()
 
 
+@pytest.mark.parametrize(("policy", "nodes"), [("global", 1), ("hierarchical", 2)])
+def test_the_lower_bound_of_loads_near_the_float_ends_is_the_scaled_bound(policy, nodes):
+    """The bound is in the loads' units: loads near float64's largest (their sums
+    overflow) or smallest give the bound of the same loads at a normal scale, scaled by
+    the same power of two, not inf or 0 (16 loads of 1e307 read inf)."""
+    rng = np.random.default_rng(5)
+    weight = torch.from_numpy(rng.uniform(0.5, 2.0, (3, 16)))
+    weight[2] = 0  # an all-zero row stays 0
+    plain = layer_lower_bound(weight, 24, 8, nodes, 4, policy)
+    for power in (1020, -1000):
+        scaled = layer_lower_bound(torch.ldexp(weight, torch.tensor(power)), 24, 8, nodes, 4,
+                                   policy)
+        assert torch.equal(scaled, torch.ldexp(plain, torch.tensor(power))), (power, scaled)
+
+
 @pytest.mark.parametrize(("args", "kwargs", "error", "message"), [
     ((24, 8, 2, 6, "hierarchical"), {}, ValueError, "not a multiple of num_groups"),
     ((8, 8), {}, ValueError, "cannot hold 16 experts"),

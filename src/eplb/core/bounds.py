@@ -27,7 +27,13 @@ from typing import Any
 import torch
 
 from eplb.core.count_bounds import packing_bound
-from eplb.core.inputs import as_gpu_speed, as_live_mask, as_weight, scale_free
+from eplb.core.inputs import (
+    as_gpu_speed,
+    as_live_mask,
+    as_weight,
+    scale_free,
+    scale_rows_to_unit,
+)
 from eplb.core.placement import Placement, load_balance
 from eplb.core.replication import replica_bound
 from eplb.core.topology import Topology, is_name
@@ -296,6 +302,17 @@ def layer_lower_bound(
                           active_gpus)
     policy = _auto_policy(policy, w.shape[1], num_replicas, num_gpus, num_nodes, num_groups,
                           live != num_gpus)
+    # each row scaled by a power of two (exact: the same bound, scaled back) so that loads
+    # near float64's largest do not overflow in the sums: 16 loads of 1e307 read inf
+    w, shift = scale_rows_to_unit(w)
+    return torch.ldexp(_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy,
+                                    live), -shift)
+
+
+def _lower_bound(w: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int,
+                 num_groups: int, policy: str, live: int) -> torch.Tensor:
+    """:func:`layer_lower_bound` of ``w [L, E]`` (float64) on ``live`` GPUs, ``policy``
+    resolved."""
     live_slots = live * (num_replicas // num_gpus)
     mean = w.sum(1) / live
     global_bound = replica_bound(w, live_slots, mean)
