@@ -18,14 +18,19 @@ through ``PYTHONPATH``):
   hot expert on one GPU, which eplb's contract forbids) handed in as the map in force,
   without a budget: the layers that end below that map, and below both it and a fresh
   eplb plan, with the slots moved.
+- ``time`` (only when named): one thread, the real cases' call with a budget against the
+  same call without one, alternated, medians of ``--repeats`` (the ratio is the figure:
+  this machine's speed drifts between runs).
 
-    python benchmarks/bench_budgets.py [budgets] [greedy]
+    python benchmarks/bench_budgets.py [budgets] [greedy] [time] [--repeats K]
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
+import time
 
 import numpy as np
 import torch
@@ -163,13 +168,49 @@ def greedy_section() -> None:
           f"{sum(r[5] for r in rows)} below both it and a fresh plan")
 
 
+#: the timed budgets: small totals (below the ladder's reach: the fine ladder too), one
+#: beside the reach, and one slot per layer
+TIMED_BUDGETS = (8, 100, 800, "1 a layer")
+
+
+def time_section(repeats: int) -> None:
+    torch.set_num_threads(1)
+    rows, ratios = [], []
+    for name, replicas, gpus, nodes, groups, w0, w1 in cases():
+        if not name.startswith("real") or (replicas, gpus) != (288, 32):
+            continue
+        old = eplb.plan(w0, replicas, gpus, nodes, groups)
+        calls = {"none": None, **{str(b): ([1] * w1.shape[0] if b == "1 a layer" else b)
+                                  for b in TIMED_BUDGETS}}
+        seconds: dict[str, list[float]] = {key: [] for key in calls}
+        for _ in range(repeats):
+            for key, budget in calls.items():  # alternated: drift hits every call alike
+                began = time.perf_counter()
+                eplb.plan(w1, replicas, gpus, nodes, groups, previous=old, max_moves=budget)
+                seconds[key].append(time.perf_counter() - began)
+        median = {key: statistics.median(values) for key, values in seconds.items()}
+        ratio = [median[str(b)] / median["none"] for b in TIMED_BUDGETS]
+        ratios += ratio
+        rows.append([name, f"{replicas}/{gpus}/{nodes}/{groups}", f"{median['none'] * 1e3:.1f}",
+                     *(f"{r:.2f}" for r in ratio)])
+    if not rows:
+        print("SKIPPED: the timed cases are the real DeepSeek-V3 ones (EPLB_REAL_DATA)")
+        return
+    print(markdown_table(["case", "R/P/N/G", "no budget (ms)",
+                          *(f"× at {b}" for b in TIMED_BUDGETS)], rows))
+    print(f"\nA budgeted call took {min(ratios):.2f}-{max(ratios):.2f}× the same call without "
+          f"a budget (median {statistics.median(ratios):.2f}×; medians of {repeats} calls)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", help="budgets, greedy (default: both)")
+    parser.add_argument("sections", nargs="*",
+                        help="budgets, greedy, time (default: budgets and greedy)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed calls per budget (time)")
     args = parser.parse_args(argv)
-    unknown = sorted(set(args.sections) - {"budgets", "greedy"})
+    unknown = sorted(set(args.sections) - {"budgets", "greedy", "time"})
     if unknown:
-        parser.error(f"unknown section(s) {', '.join(unknown)}: choose budgets, greedy")
+        parser.error(f"unknown section(s) {', '.join(unknown)}: choose budgets, greedy, time")
     print(start("bench_budgets"))
     chosen = args.sections or ["budgets", "greedy"]
     if "budgets" in chosen:
@@ -178,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     if "greedy" in chosen:
         print("\n## A greedy map in force, no budget\n")
         greedy_section()
+    if "time" in args.sections:
+        print("\n## Time: a budgeted call against the same call without one\n")
+        time_section(args.repeats)
     return 0
 
 
