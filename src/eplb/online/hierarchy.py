@@ -170,10 +170,13 @@ def node_ladder(
     options = request.options
     # a base row searched only for its regrouped twin takes the twin's quota (equal)
     row_fine = np.broadcast_to(fine, layers).repeat(nodes)[moving[first]]
+    # every start is spread where it need not stack (``spread``): a base row is a node
+    # of a layer the forced moves spread, a regroup's row was spread by fill_arrivals;
+    # an expert with more replicas than the node's GPUs is checked by warm_ladder
     searched, _, counts = ladder.warm_ladder(node_weight[unique], node_start[unique], per_gpu,
                                             row_quota[moving[first]],
                                             options.incremental.steps, options.packing,
-                                            budgeted, fine=row_fine)
+                                            budgeted, spread=True, fine=row_fine)
     done = np.repeat(node_start[None], searched.shape[0], 0)
     done[:, moving] = searched[:, back]
     return done, moving, first[back], counts[back]
