@@ -9,7 +9,6 @@ import torch
 
 from eplb.api import plan
 from eplb.cli._common import (
-    FORCED_MOVES,
     CliError,
     active_gpus_from,
     ceiling,
@@ -32,11 +31,11 @@ from eplb.cli._inputs import (
     read_trace,
     refuse_forced_hierarchy,
     require_loads_files,
-    straddling_layers,
     warn,
     warn_if_no_load,
     warn_revived,
 )
+from eplb.cli._moves import split_moves, warn_forced_moves
 from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import require_distinct_topk
 from eplb.core.messages import counted, integer_runs
@@ -131,6 +130,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
             speed = planning_speeds(speed, None if active is None else active.bool())
         except ValueError as exc:
             raise CliError(str(exc).replace("gpu_speed:", "--gpu-speed:", 1)) from None
+    if speed is not None and args.previous is not None and not equal_speeds(speed):
+        # refused in the CLI's words before any reading (the API's named gpu_speed and
+        # previous: new-user pass)
+        raise CliError("--gpu-speed cannot be combined with --previous: incremental planning "
+                       "plans for equal GPUs; plan without --previous for a fresh plan in time")
     refuse_forced_hierarchy(args.policy, active is not None and not bool(active.all()),
                             speed is not None)
     out = check_output(args.output, args.force)
@@ -275,18 +279,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
         seed=args.seed, **options))
     placement.validate()
-    forced = None
-    if previous is not None:
-        # the forced moves alone (a budget of 0 makes those only): the moves the map in
-        # force left no choice about, told apart from the ones the plan chose (new-user
-        # pass: "moved 238 slots, more than --max-moves 100", where 142 were forced).
-        # The same call but the budget: a refusal can only be of the budget, where the
-        # planner takes none (nearest dispatch re-plans whole, then relabels): no split
-        try:
-            forced = plan(weight, args.replicas, args.gpus, args.nodes, args.groups,
-                          policy=policy, seed=args.seed, **{**options, "max_moves": 0})
-        except ValueError:
-            forced = None
+    split = None
+    if previous is not None:  # the forced moves told apart from the others
+        split = split_moves(lambda: plan(
+            weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
+            seed=args.seed, **{**options, "max_moves": 0}), previous, placement, weight)
     # eplb's own files record layer ids only where the loads or --first-layer named them:
     # a row index is no claim (eval and --previous then pair rows in order)
     named = (bool(trace.meta.get("model_layer_ids")) or args.first_layer is not None
@@ -311,7 +308,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     policy = placement.policy
     ceil = ceiling(weight, args.replicas, args.gpus, args.nodes, args.groups, policy,
                    active=placement.active_gpus, speed=speed is not None)
-    moved = in_force = in_force_worst = forced_moved = chosen = None
+    moved = in_force = in_force_worst = None
     if previous is not None:
         moved = placement.moved_slots(previous)
         in_force_loads = previous.scaled_gpu_loads(weight)
@@ -323,9 +320,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         # the old map's live GPUs alone it looked balanced, and the plan seemed to worsen it
         in_force_live = previous.live_gpus().to(live.device) | live
         _, in_force, in_force_worst = load_balance(in_force_loads, in_force_live, speed)
-        forced_moved = None if forced is None else forced.moved_slots(previous)
-        chosen = None if forced is None else int(placement.moved_slots(forced).sum())
-        _warn_forced_moves(previous, placement, moved, forced_moved, chosen, args, weight)
+        warn_forced_moves(previous, placement, moved, split, args, weight)
     summary = {
         "output": str(out),
         "emit": emit,
@@ -347,10 +342,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "dead_gpus": dead_gpu_ids(active),
         "moved_slots_total": None if moved is None else int(moved.sum()),
         "moved_slots_max_layer": None if moved is None else int(moved.max()),
-        # the moves the map in force forced (made whatever --max-moves says), and the
-        # slots the plan changed beyond them (what --max-moves caps)
-        "moved_slots_forced": None if forced_moved is None else int(forced_moved.sum()),
-        "moved_slots_beyond_forced": chosen,
+        # of moved_slots_total: those the map in force forced (made whatever --max-moves
+        # says; those in rows with no load apart too), and the rest (--max-moves caps them)
+        **(split.summary() if split is not None else {
+            "moved_slots_forced": None, "moved_slots_forced_no_load": None,
+            "moved_slots_beyond_forced": None}),
     }
     if args.json:
         print_json(summary)
@@ -372,57 +368,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         ["placement", "balancedness", "worst max/mean"], rows,
     )
     if moved is not None:
-        total_forced = 0 if forced_moved is None else int(forced_moved.sum())
-        split = (f" ({total_forced} forced by the map in force, {chosen} beyond them)"
-                 if total_forced else "")
-        print(f"moved {counted(int(moved.sum()), 'slot')} in total{split}, at most "
+        parts = "" if split is None else split.parts()
+        print(f"moved {counted(int(moved.sum()), 'slot')} in total{parts}, at most "
               f"{int(moved.max())} in one layer")
     if ceil.note and ceil.overall is None:
         print(f"({ceil.note})")
     written = f"{emit}, {model_layers} model layers" if model_layers is not None else emit
-    print(f"planned in {seconds * 1e3:.1f} ms; wrote {out} ({written})")
+    split_time = (f" (and {split.seconds * 1e3:.1f} ms for the forced moves alone, to tell "
+                  "them apart)" if split is not None else "")
+    print(f"planned in {seconds * 1e3:.1f} ms{split_time}; wrote {out} ({written})")
     return 0
-
-
-def _warn_forced_moves(previous: Placement, placement: Placement, moved: torch.Tensor,
-                       forced: torch.Tensor | None, chosen: int | None,
-                       args: argparse.Namespace,
-                       weight: torch.Tensor) -> None:
-    """Say why a plan from ``--previous`` moved what it did where forced moves decided it:
-    layers whose groups straddle nodes re-planned hierarchically (which may lower their
-    balance: the old map balanced them across nodes), or more slots than --max-moves.
-    ``moved [L]``: the slots the plan moved per layer, ``forced [L]`` those of them the
-    map in force forced, ``chosen`` the slots changed beyond the forced moves (both
-    ``None`` where the planner takes no budget).
-    ``weight [L, E]``: rows with no load (a dump's dense layers) are re-planned too, but
-    have no balance to lose, so they are counted apart."""
-    straddling = (straddling_layers(previous, args.nodes, args.groups)
-                  if placement.policy == "hierarchical" else [])
-    loaded = weight.any(-1).tolist()
-    idle = [row for row in straddling if not loaded[row]]
-    straddling = [row for row in straddling if loaded[row]]
-    total = int(moved.sum())
-    over = args.max_moves is not None and total > args.max_moves
-    if not straddling and not over:
-        return
-    no_load = (f" ({len(idle)} more, rows {integer_runs(idle)}, carry no load: re-planned "
-               "too)" if idle else "")
-    parts = []
-    if over and forced is not None:
-        unloaded = int(forced[[not row for row in loaded]].sum())
-        where = f" ({unloaded} in rows with no load)" if unloaded else ""
-        parts.append(f"moved {counted(total, 'slot')}, more than --max-moves "
-                     f"{args.max_moves}: {int(forced.sum())} were forced moves{where}, made "
-                     f"whatever the budget, and {chosen} changed beyond them; "
-                     f"forced moves are {FORCED_MOVES}")
-    if straddling:
-        parts.append(f"{len(straddling)} layer(s) of {args.previous} (rows "
-                     f"{integer_runs(straddling)}) keep expert groups on several of the "
-                     f"{args.nodes} nodes, so the hierarchical policy re-planned them "
-                     f"whole (each group on one node){no_load}; pass --policy global to "
-                     "plan from that map without the node constraint")
-    if parts:
-        warn("; ".join(parts))
 
 
 def _routing(args: argparse.Namespace) -> torch.Tensor | None:
