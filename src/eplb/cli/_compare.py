@@ -164,7 +164,10 @@ def add_to_report(report: Report, c: Comparison, stem: str) -> None:
         f"{stem}_layers.png",
         f"{c.name}: balancedness (mean / max GPU load) of each MoE layer; the dashed line "
         "is the ceiling, a bound no placement can pass (not always reachable).",
+        # the legend gives each planner's overall figure, the table's (the plain mean of
+        # the layers' values differed from it: new-user pass)
         lambda path: plot_layer_balancedness(series, path, ceiling=c.ceiling.per_layer,
                                              layer_ids=c.layer_ids,
-                                             title=f"{c.name}: balancedness per layer"),
+                                             title=f"{c.name}: balancedness per layer",
+                                             overall={r.name: r.total for r in c.results}),
     )

@@ -263,12 +263,16 @@ def plot_layer_balancedness(
     ceiling: torch.Tensor | None = None,
     layer_ids: Sequence[int] | None = None,
     title: str = "Balancedness per layer",
+    overall: Mapping[str, float] | None = None,
 ) -> Path:
     """Line plot of balancedness (mean / max GPU load, 1.0 = perfect) per layer.
 
     Args:
         series: planner label -> ``[L]`` balancedness per layer.
         ceiling: ``[L]`` a bound no placement can pass on each layer (dashed line).
+        overall: planner label -> its overall balancedness (Σ mean / Σ max over the
+            layers), shown in the legend, as the report's tables give it; without it the
+            legend shows the plain average of the layers' values.
 
     The y axes fit the data (:func:`layer_panels`): next to the values, a second panel
     shows how far below the ceiling each planner stays per layer (or, without a
@@ -288,7 +292,9 @@ def plot_layer_balancedness(
             shown = (ceil - values).clamp(min=0) if kind == "gap" else values
             ax.plot(
                 range(num_layers), shown.numpy(), marker="o", markersize=3, linewidth=1.2,
-                label=None if i else f"{label} (layer average {float(values.mean()):.4f})",
+                label=None if i else (
+                    f"{label} (layer average {float(values.mean()):.4f})" if overall is None
+                    else f"{label} (overall {overall[label]:.4f})"),
                 color=colours[label],
             )
         if ceil is not None and kind == "value":
