@@ -298,6 +298,40 @@ def test_forced_moves_are_told_apart_from_the_budgeted_ones(capsys, tmp_path) ->
     assert code == 0 and (f"({forced} forced by the map in force, {idle} of them in rows with "
                           f"no load, {beyond} beyond them)") in out, out
     assert "ms for the forced moves alone" in out
+    # from eplb's own map nothing can be forced: no second plan, every move is beyond
+    new = tmp_path / "q.json"
+    code, out, _ = run(capsys, "plan", loads, "-r", 64, "-g", 8, "--previous", new,
+                       "--max-moves", 3, "-o", tmp_path / "s.json", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["moved_slots_forced"] == 0
+    assert summary["moved_slots_beyond_forced"] == summary["moved_slots_total"] <= 3
+
+
+def test_move_price_sets_the_trade_off_from_the_command_line(capsys, tmp_path) -> None:
+    """--move-price is the API's move_price (new-user pass: a CLI user could not change
+    the trade-off): 0 moves wherever a move gains, a high price moves fewer slots; it
+    needs --previous and a number >= 0."""
+    rng = np.random.default_rng(4)
+    weight = np.exp(rng.normal(0, 1, (6, 32))) * 100
+    loads, earlier = tmp_path / "w.npy", tmp_path / "e.npy"
+    np.save(loads, weight)
+    np.save(earlier, np.exp(rng.normal(0, 1, (6, 32))) * 100)
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", earlier, "-r", 48, "-g", 8, "-o", old)[0] == 0
+    moved = {}
+    for price in ("0", "0.01", "0.2"):
+        code, out, _ = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--previous", old,
+                           "--move-price", price, "--json", "-o", tmp_path / f"p{price}.json")
+        assert code == 0
+        moved[price] = json.loads(out)["moved_slots_total"]
+    assert moved["0"] >= moved["0.01"] >= moved["0.2"] and moved["0"] > moved["0.2"], moved
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--move-price", "0.1", "-o",
+                       tmp_path / "q.json")
+    assert code == 2 and "--move-price needs --previous" in err
+    for bad in ("-1", "nan", "inf", "x"):
+        code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--previous", old,
+                           "--move-price", bad, "-o", tmp_path / "r.json")
+        assert code == 2 and "--move-price: must be a number >= 0" in err, (bad, err)
 
 
 def test_gpu_speed_with_previous_is_refused_in_the_flags_words(capsys, tmp_path) -> None:

@@ -82,8 +82,8 @@ def plan(
             dead GPUs, and un-stacking replicas the contract no longer allows.
         skip_threshold: with ``previous``, leave a layer untouched when re-planning it
             would raise its expected next-window balancedness by less than this.
-        move_price: with ``previous`` and no ``max_moves``: the expected balancedness a
-            layer must gain to move all its slots (default 0.01; see
+        move_price: with ``previous``: the expected balancedness a layer must gain to
+            move all its slots, with or without ``max_moves`` (default 0.01; see
             :class:`~eplb.core.options.IncrementalOptions`).
         drift: with ``previous``: the log-std of an expert's load change between two
             rebalances that the next-window score assumes (default 0.2).

@@ -164,6 +164,19 @@ def _count(unit: str, least: int = 0) -> typing.Callable[[str], int]:
 
 
 _slots = _count("slots")
+
+
+def _price(text: str) -> float:
+    """An argparse type: a finite number >= 0 (``--move-price``), refused by flag."""
+    try:
+        value = real(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    return value
+
+
 # an expert of no bytes would report every rebalance as free (a slip for the default)
 _expert_bytes = _count("bytes of one expert's weights, e.g. 44040192 for DeepSeek-V3 in FP8",
                        least=1)
@@ -248,6 +261,11 @@ def build_parser() -> _Parser:
                         f"--previous, beyond the forced moves: {FORCED_MOVES}; a cap on "
                         "the moves that pay on the next window, never a reason for more "
                         "(default: no cap)")
+    o.add_argument("--move-price", type=_price, default=None, metavar="X",
+                   help="with --previous: the expected next-window balancedness a layer must "
+                        "gain to move all its slots (a part of it for a part of the slots): "
+                        "higher moves fewer slots, 0 moves wherever a move gains (default "
+                        "0.01, about where moving a DeepSeek-V3 layer breaks even)")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")

@@ -169,5 +169,5 @@ def add_to_report(report: Report, c: Comparison, stem: str) -> None:
         lambda path: plot_layer_balancedness(series, path, ceiling=c.ceiling.per_layer,
                                              layer_ids=c.layer_ids,
                                              title=f"{c.name}: balancedness per layer",
-                                             overall={r.name: r.total for r in c.results}),
+                                             overall={r.name: r.balancedness for r in c.results}),
     )

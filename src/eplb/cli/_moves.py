@@ -13,6 +13,7 @@ from eplb.cli._common import FORCED_MOVES, timed
 from eplb.cli._inputs import straddling_layers, warn
 from eplb.core.messages import counted, integer_runs
 from eplb.core.placement import Placement
+from eplb.online.moves import stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,22 @@ class MoveSplit:
         return f" ({forced} forced by the map in force{idle}, {self.beyond} beyond them)"
 
 
-def split_moves(forced_plan: Callable[[], Placement], previous: Placement,
+def may_force(previous: Placement, placement: Placement, args: argparse.Namespace,
+              dead_now: bool) -> bool:
+    """Whether planning ``placement`` from ``previous`` can force any move: dead GPUs now
+    or in ``previous`` (revived ones), replicas ``previous`` stacks on one GPU, or, under
+    the hierarchical policy, groups it keeps on several nodes (:data:`FORCED_MOVES`).
+    Elsewhere the plan of the forced moves alone is ``previous`` itself: not made (a
+    second plan cost up to half the call's time under nearest dispatch: attacker pass)."""
+    if dead_now or previous.active_gpus is not None:
+        return True
+    if stacked(previous.phy2log.cpu().numpy(), previous.topology.num_gpus).any():
+        return True
+    return placement.policy == "hierarchical" and bool(
+        straddling_layers(previous, args.nodes, args.groups))
+
+
+def split_moves(forced_plan: Callable[[], Placement] | None, previous: Placement,
                 placement: Placement, weight: torch.Tensor) -> MoveSplit | None:
     """Split the slots ``placement`` moved from ``previous`` with ``forced_plan()``, the
     same call with a budget of 0 (which makes the forced moves only): a moved slot the
@@ -56,13 +72,17 @@ def split_moves(forced_plan: Callable[[], Placement], previous: Placement,
     "moved 238 slots, more than --max-moves 100", where 142 were forced, and a first
     split that counted re-changed slots twice). ``None`` where the planner takes no
     budget (nearest dispatch re-plans whole, then relabels): the same call but the
-    budget can only have been refused for it. ``weight [L, E]``."""
+    budget can only have been refused for it. ``forced_plan`` ``None``: nothing can be
+    forced (:func:`may_force`). ``weight [L, E]``."""
+    old = previous.phy2log.to(placement.phy2log.device)
+    moved = (placement.phy2log != old) & (placement.phy2log >= 0)  # as moved_slots
+    if forced_plan is None:
+        return MoveSplit(torch.zeros(moved.shape[0], dtype=torch.int64), int(moved.sum()), 0,
+                         0.0)
     try:
         forced, seconds = timed(forced_plan)
     except ValueError:
         return None
-    old = previous.phy2log.to(placement.phy2log.device)
-    moved = (placement.phy2log != old) & (placement.phy2log >= 0)  # as moved_slots
     in_forced = (moved & (forced.phy2log.to(old.device) != old)).sum(1)  # [L]
     idle = ~weight.any(-1).to(in_forced.device)
     return MoveSplit(in_forced, int(moved.sum()) - int(in_forced.sum()),

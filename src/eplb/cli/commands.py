@@ -35,7 +35,7 @@ from eplb.cli._inputs import (
     warn_if_no_load,
     warn_revived,
 )
-from eplb.cli._moves import split_moves, warn_forced_moves
+from eplb.cli._moves import may_force, split_moves, warn_forced_moves
 from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import require_distinct_topk
 from eplb.core.messages import counted, integer_runs
@@ -263,6 +263,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     options.update(_dispatch_options(args, trace.num_layers, num_experts, kept_rows))
     if args.max_moves is not None:  # (with --previous: _refuse_flag_mistakes)
         options["max_moves"] = args.max_moves
+    if args.move_price is not None:  # (with --previous: _refuse_flag_mistakes)
+        options["move_price"] = args.move_price
 
     dead = active is not None and not bool(active.all())
     policy = cli_policy(args.policy, args.replicas, args.gpus, args.nodes, args.groups,
@@ -281,9 +283,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     placement.validate()
     split = None
     if previous is not None:  # the forced moves told apart from the others
-        split = split_moves(lambda: plan(
+        split = split_moves((lambda: plan(
             weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
-            seed=args.seed, **{**options, "max_moves": 0}), previous, placement, weight)
+            seed=args.seed, **{**options, "max_moves": 0}))
+            if may_force(previous, placement, args, dead) else None, previous, placement,
+            weight)
     # eplb's own files record layer ids only where the loads or --first-layer named them:
     # a row index is no claim (eval and --previous then pair rows in order)
     named = (bool(trace.meta.get("model_layer_ids")) or args.first_layer is not None
@@ -375,7 +379,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"({ceil.note})")
     written = f"{emit}, {model_layers} model layers" if model_layers is not None else emit
     split_time = (f" (and {split.seconds * 1e3:.1f} ms for the forced moves alone, to tell "
-                  "them apart)" if split is not None else "")
+                  "them apart)" if split is not None and split.seconds else "")
     print(f"planned in {seconds * 1e3:.1f} ms{split_time}; wrote {out} ({written})")
     return 0
 
@@ -410,8 +414,9 @@ def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
     output reported (new-user and attacker passes: "already exists; pass --force" came
     first, and the real mistake only once the user had cleared the output)."""
     check_topology(args.replicas, args.gpus, args.nodes, args.groups, 0)
-    if args.max_moves is not None and not args.previous:
-        raise CliError("--max-moves needs --previous (the placement in service)")
+    for flag, value in (("--max-moves", args.max_moves), ("--move-price", args.move_price)):
+        if value is not None and not args.previous:
+            raise CliError(f"{flag} needs --previous (the placement in service)")
     if args.routing_key is not None and args.routing is None:
         # (new-user pass: alone, it was ignored wherever the dispatch was even)
         raise CliError("--routing-key needs --routing FILE")

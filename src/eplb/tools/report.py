@@ -293,7 +293,8 @@ def plot_layer_balancedness(
             ax.plot(
                 range(num_layers), shown.numpy(), marker="o", markersize=3, linewidth=1.2,
                 label=None if i else (
-                    f"{label} (layer average {float(values.mean()):.4f})" if overall is None
+                    f"{label} (layer average {float(values.mean()):.4f})"
+                    if overall is None or overall.get(label) is None
                     else f"{label} (overall {overall[label]:.4f})"),
                 color=colours[label],
             )
