@@ -264,8 +264,9 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
             raise ValueError(f"max_moves per layer must be ints, got {reprlib.repr(given)}")
         if all(isinstance(v, int | np.integer) and v >= 0 for v in max_moves):
             # Python ints beyond int64 (no limit in that layer) are capped as a total is;
-            # else NumPy reads the list as floats or objects and it is refused
-            max_moves = [min(int(v), 1 << 62) for v in max_moves]
+            # else NumPy reads the list as floats or objects and it is refused (an empty
+            # list is ints: refused by its length, as an empty tensor is)
+            max_moves = np.asarray([min(int(v), 1 << 62) for v in max_moves], np.int64)
         max_moves = np.asarray(max_moves)
     if isinstance(max_moves, np.ndarray) and max_moves.ndim == 0:
         max_moves = max_moves[()]  # a 0-d array or tensor is a total budget
@@ -302,12 +303,13 @@ def plan_incremental(
     if request.gpu_speed is not None:
         # every candidate here is built and scored for equal GPUs
         raise ValueError("gpu_speed cannot be combined with previous (incremental planning)")
+    given = max_moves  # as the caller wrote it, for the message
     max_moves = check_budget(max_moves, skip_threshold)
     if isinstance(max_moves, np.ndarray) and max_moves.shape != (request.num_layers,):
         # before any work, by the count (a whole list of thousands in the message did
         # not say what was wrong: new-user pass)
         raise ValueError(f"max_moves per layer needs one int per layer, {request.num_layers}; "
-                         f"got {max_moves.size}: {reprlib.repr(max_moves.tolist())}")
+                         f"got {max_moves.size}: {reprlib.repr(given)}")
     skip_threshold = as_threshold(skip_threshold)
     options = request.options.incremental
     topo = request.topology
