@@ -49,7 +49,14 @@ def test_bad_budget_arguments():
         eplb.plan(W1, R, P, previous=old, max_moves=[1, 2, 3])
     # a long wrong list is counted and quoted short (it printed every value)
     with pytest.raises(ValueError, match=r"got 5000: \[0, 1, 2, 3, 4, 5, \.\.\.\]$"):
+        eplb.plan(W1, R, P, previous=old, max_moves=list(range(5000)))
+    with pytest.raises(ValueError, match=r"got 5000: tensor\(\[.{1,40}\]\)$"):
         eplb.plan(W1, R, P, previous=old, max_moves=torch.arange(5000))
+    # as given, not as capped, and an empty list as an empty tensor (attacker pass)
+    with pytest.raises(ValueError, match=r"got 1: \[1000000.*0000\]$"):
+        eplb.plan(W1, R, P, previous=old, max_moves=[10**40])
+    with pytest.raises(ValueError, match=r"one int per layer, 6; got 0: \[\]$"):
+        eplb.plan(W1, R, P, previous=old, max_moves=[])
     with pytest.raises(ValueError, match="need the previous placement"):
         eplb.plan(W1, R, P, max_moves=5)
     with pytest.raises(ValueError, match="need the previous placement"):
