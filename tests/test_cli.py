@@ -334,6 +334,42 @@ def test_move_price_sets_the_trade_off_from_the_command_line(capsys, tmp_path) -
         assert code == 2 and "--move-price: must be a number >= 0" in err, (bad, err)
 
 
+def test_eval_previous_scores_the_map_in_force_and_counts_what_moved(capsys, tmp_path):
+    """eval --previous OLD: OLD scored beside the placement, and the slots whose expert
+    changed from it, as plan --previous reported them when it made the plan (new-user
+    pass: eval had no view of what moved); files of another cluster are refused."""
+    rng = np.random.default_rng(6)
+    earlier, now = (np.exp(rng.normal(0, 1, (5, 32))) * 100 for _ in range(2))
+    loads_old, loads = tmp_path / "old.npy", tmp_path / "w.npy"
+    np.save(loads_old, earlier)
+    np.save(loads, now)
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    assert run(capsys, "plan", loads_old, "-r", 48, "-g", 8, "-o", old)[0] == 0
+    code, out, _ = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--previous", old, "-o", new,
+                       "--json")
+    planned = json.loads(out)
+    code, out, _ = run(capsys, "eval", "--placement", new, "--previous", old, loads, "--json",
+                       "--summary")
+    scored = json.loads(out)
+    assert code == 0
+    for key in ("moved_slots_total", "moved_slots_max_layer"):
+        assert scored[key] == planned[key], key
+    assert scored["balancedness_in_force"] == pytest.approx(planned["balancedness_in_force"])
+    assert 0 < scored["moved_slots_busiest_gpu"] <= scored["moved_slots_total"]
+    code, out, _ = run(capsys, "eval", "--placement", new, "--previous", old, loads,
+                       "--summary")
+    assert code == 0 and "in force (--previous" in out
+    assert f"moved from --previous: {planned['moved_slots_total']} slots" in out
+    other = tmp_path / "other.json"
+    assert run(capsys, "plan", loads_old, "-r", 64, "-g", 8, "-o", other)[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", new, "--previous", other, loads)
+    assert code == 2 and "64 slots on 8 GPUs" in err and "not the other's" in err, err
+    assert_one_line_error(err)
+    code, _, err = run(capsys, "eval", "--placement", new, "--previous", tmp_path / "no.json",
+                       loads)
+    assert code == 2 and "no.json" in err
+
+
 def test_gpu_speed_with_previous_is_refused_in_the_flags_words(capsys, tmp_path) -> None:
     """Incremental planning plans for equal GPUs: unequal --gpu-speed with --previous is
     refused before any planning, naming the flags (it named the API's gpu_speed and

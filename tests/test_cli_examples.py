@@ -85,6 +85,8 @@ def inputs(tmp_path_factory) -> Path:
     placement = eplb.plan(torch.from_numpy(stats).double(), 288, 32)
     for name in ("placement.json", "old.json"):
         write_placement(placement, d / name, weight=torch.from_numpy(stats))
+    new = torch.from_numpy(_stats(1)).double()  # new.json's loads, planned from the old map
+    write_placement(eplb.plan(new, 288, 32, previous=placement), d / "next.json", weight=new)
     hier = eplb.plan(torch.from_numpy(stats).double(), 288, 32, 4, 8)
     write_placement(hier, d / "init.sglang.json", "sglang")
     local = eplb.plan(torch.from_numpy(stats).double(), 288, 32, 4, 8, policy="locality",

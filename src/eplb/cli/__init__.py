@@ -278,6 +278,7 @@ def build_parser() -> _Parser:
              "example:\n  eplb eval --placement placement.json stats.json\n"
              "  eplb eval --placement placement.json stats.json --json\n"
              "  eplb eval --placement init.sglang.json stats.json -g 32 --nodes 4 --groups 8\n"
+             "  eplb eval --placement next.json --previous old.json new.json  # what moved\n"
              "  eplb eval --placement local.sglang.json stats.json -g 32 --nodes 4 --groups 8 \\\n"
              "      --dispatch nearest\n\n"
              "Reports each layer's balancedness (mean / max GPU load, 1.0 = perfect) before\n"
@@ -287,6 +288,10 @@ def build_parser() -> _Parser:
                    help="loads file(s); several files (e.g. SGLang dumps) are steps one after "
                         "another, as in plan")
     p.add_argument("--placement", required=True, metavar="FILE", help="placement file")
+    p.add_argument("--previous", metavar="OLD",
+                   help="a placement in service before it (a file of the same cluster, read "
+                        "as --placement is): also score OLD, and count the slots whose "
+                        "expert changed from OLD, in all and into the busiest GPU")
     add_input_options(p)
     p.add_argument("--summary", action="store_true",
                    help="skip the per-layer table (with --json: the per-layer list)")

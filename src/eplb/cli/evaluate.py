@@ -36,6 +36,7 @@ from eplb.cli.commands import (
     dead_note,
 )
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
+from eplb.core.messages import counted
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.planner import equal_speeds
 from eplb.formats import read_placement_meta
@@ -119,6 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     what, sglang = placement_name(meta, f"the placement {args.placement}")
     placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
                                      args.first_layer, what, f"loads {args.loads}", sglang)
+    previous = _previous_rows(args, placement, trace, weight, keep)
     # the policy of the rows scored: an SGLang file's dense layers hold SGLang's trivial
     # map, which spreads every group over the nodes whatever the plan of the MoE rows
     placement = _eval_policy(placement, meta, args)
@@ -157,6 +159,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                    placement.policy, active=placement.active_gpus, speed=speed is not None)
     # busiest GPU over the ideal, per layer: by time where GPU speeds are given, as the
     # overall worst is (1 / the layer's balancedness; 1.0 for a layer without load)
+    in_force = None
+    if previous is not None:
+        in_force = _in_force(args, previous, placement, weight, live, speed)
     ratio_b = (1 / before_layer).tolist()
     ratio_a = (1 / after_layer).tolist()
     per_layer = [
@@ -188,6 +193,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     if nearest is not None:
         result.update(nearest)
+    if in_force is not None:
+        result.update(in_force)
     if args.json:
         if args.summary:  # the figures without the per-layer list
             del result["layers"]
@@ -213,10 +220,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{dead_note(placement.active_gpus)})",
         ["", "balancedness", "worst max/mean"],
         [["no rebalancing (before)", before, before_worst],
+         *([[f"in force (--previous {args.previous})", in_force["balancedness_in_force"],
+             in_force["worst_max_over_mean_in_force"]]] if in_force is not None else []),
          [f"this placement (after{', nearest rule' if nearest is not None else ''})", after,
           after_worst],
          ["ceiling (upper bound)", ceil.overall, ceil.worst]],
     )
+    if in_force is not None:
+        print(f"moved from --previous: {counted(in_force['moved_slots_total'], 'slot')}, at "
+             f"most {in_force['moved_slots_max_layer']} in one layer; the busiest GPU "
+             f"receives {counted(in_force['moved_slots_busiest_gpu'], 'expert')}' weights")
     if ceil.note and ceil.overall is None:
         info(f"({ceil.note})")
     if nearest is not None:
@@ -228,6 +241,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print_table("under SGLang's nearest dispatch (tokens arising evenly on the GPUs)",
                     ["", "value"], rows)
     return 0
+
+
+def _previous_rows(args: argparse.Namespace, placement: Placement, trace,
+                   weight: torch.Tensor, keep: list[int] | None) -> Placement | None:
+    """``--previous``'s rows for the loads rows ``placement`` was paired with, or ``None``
+    without it. It is read and paired with the loads as ``--placement`` is; the two must
+    be on one cluster and cover the same loads rows, or a slot of one is not the other's."""
+    if args.previous is None:
+        return None
+    previous, meta = read_placement_meta(
+        existing_file(args.previous, "--previous placement file"), num_gpus=args.gpus,
+        num_nodes=args.nodes or 1, num_groups=args.groups or 1)
+    topo, old = placement.topology, previous.topology
+    if (old.num_replicas, old.num_gpus) != (topo.num_replicas, topo.num_gpus):
+        raise CliError(f"--previous {args.previous} holds {old.num_replicas} slots on "
+                       f"{old.num_gpus} GPUs, {args.placement} {topo.num_replicas} on "
+                       f"{topo.num_gpus}: a slot of one is not the other's")
+    if previous.num_experts != placement.num_experts:
+        raise CliError(f"--previous {args.previous} places {previous.num_experts} experts, "
+                       f"{args.placement} {placement.num_experts}")
+    what, sglang = placement_name(meta, f"the placement {args.previous}")
+    previous, kept = _rows_of_loads(previous, meta.get("layer_ids"), trace, weight,
+                                    args.first_layer, what, f"loads {args.loads}", sglang)
+    if kept != keep or previous.num_layers != placement.num_layers:
+        raise CliError(f"--previous {args.previous} and {args.placement} cover different "
+                       f"rows of {args.loads} ({previous.num_layers} and "
+                       f"{placement.num_layers} layers): compare placements of the same layers")
+    return previous
+
+
+def _in_force(args: argparse.Namespace, previous: Placement, placement: Placement,
+              weight: torch.Tensor, live: torch.Tensor, speed: torch.Tensor | None) -> dict:
+    """``--previous``'s scores on ``weight [L, E]`` (as ``plan --previous`` scores the
+    map in force: on the cluster the placement is for, under the same dispatch rule) and
+    the slots whose expert changed from it."""
+    if args.dispatch == "nearest" and placement.topology.num_nodes > 1:
+        loads = realised_gpu_loads(weight, previous.phy2log, placement.topology.num_gpus,
+                                   placement.topology.num_nodes,
+                                   active_gpus=previous.active_gpus)
+    else:
+        loads = previous.scaled_gpu_loads(weight)
+    _, balance, worst = load_balance(loads, previous.live_gpus().to(live.device) | live, speed)
+    moved = placement.moved_slots(previous)
+    return {"previous": str(args.previous), "balancedness_in_force": balance,
+            "worst_max_over_mean_in_force": worst, "moved_slots_total": int(moved.sum()),
+            "moved_slots_max_layer": int(moved.max()),
+            "moved_slots_busiest_gpu": int(placement.moved_slots(previous, per_gpu=True).max())}
 
 
 def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor,
