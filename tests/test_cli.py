@@ -307,6 +307,24 @@ def test_forced_moves_are_told_apart_from_the_budgeted_ones(capsys, tmp_path) ->
     assert summary["moved_slots_beyond_forced"] == summary["moved_slots_total"] <= 3
 
 
+def test_no_move_split_where_the_planner_takes_no_budget(capsys, tmp_path) -> None:
+    """Nearest dispatch with the locality policy re-plans whole and relabels (no budget):
+    the split is null whatever the map in force (attacker pass: 0 forced and every move
+    'beyond' from a map that could force nothing, null from one that could)."""
+    weight = np.exp(np.random.default_rng(8).normal(0, 1, (3, 32))) * 100
+    loads = tmp_path / "w.npy"
+    np.save(loads, weight)
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 8, "-o", old)[0] == 0
+    code, out, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--nodes", 2, "--groups", 4,
+                         "--policy", "locality", "--dispatch", "nearest", "--previous", old,
+                         "--json", "-o", tmp_path / "p.json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["moved_slots_total"] > 0
+    assert summary["moved_slots_forced"] is None and summary["moved_slots_beyond_forced"] is None
+
+
 def test_move_price_sets_the_trade_off_from_the_command_line(capsys, tmp_path) -> None:
     """--move-price is the API's move_price (new-user pass: a CLI user could not change
     the trade-off): 0 moves wherever a move gains, a high price moves fewer slots; it
@@ -328,10 +346,10 @@ def test_move_price_sets_the_trade_off_from_the_command_line(capsys, tmp_path) -
     code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--move-price", "0.1", "-o",
                        tmp_path / "q.json")
     assert code == 2 and "--move-price needs --previous" in err
-    for bad in ("-1", "nan", "inf", "x"):
+    for bad in ("-1", "nan", "inf", "x", "1", "1e300"):
         code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--previous", old,
                            "--move-price", bad, "-o", tmp_path / "r.json")
-        assert code == 2 and "--move-price: must be a number >= 0" in err, (bad, err)
+        assert code == 2 and "--move-price: must be a number in [0, 1)" in err, (bad, err)
 
 
 def test_eval_previous_scores_the_map_in_force_and_counts_what_moved(capsys, tmp_path):
@@ -368,6 +386,30 @@ def test_eval_previous_scores_the_map_in_force_and_counts_what_moved(capsys, tmp
     code, _, err = run(capsys, "eval", "--placement", new, "--previous", tmp_path / "no.json",
                        loads)
     assert code == 2 and "no.json" in err
+
+
+def test_eval_previous_pairs_an_sglang_file_with_eplbs_file_of_the_moe_rows(capsys, tmp_path):
+    """An SGLang file has a row per model layer, eplb's file the MoE rows only: on a dump
+    whose other rows carry no load they compare by the rows both cover (attacker pass:
+    refused, where plan --previous paired them)."""
+    rng = np.random.default_rng(7)
+    dump = np.zeros((6, 32), np.int64)
+    dump[2:] = np.rint(np.exp(rng.normal(0, 1, (4, 32))) * 100)
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"logical_count": dump.tolist()}))
+    moe = tmp_path / "moe.npy"
+    np.save(moe, dump[2:].astype(np.float64))
+    ours, theirs = tmp_path / "p.json", tmp_path / "p.sglang.json"
+    assert run(capsys, "plan", moe, "--first-layer", 2, "-r", 48, "-g", 8, "-o", ours)[0] == 0
+    assert run(capsys, "plan", moe, "--first-layer", 2, "-r", 48, "-g", 8, "-o", theirs,
+               "--num-model-layers", 6)[0] == 0
+    for placement, previous in ((theirs, ours), (ours, theirs)):
+        code, out, err = run(capsys, "eval", "--placement", placement, "--previous", previous,
+                             stats, "-g", 8, "--json", "--summary")
+        assert code == 0, err
+        result = json.loads(out)
+        assert result["moved_slots_total"] == 0
+        assert result["balancedness_in_force"] == pytest.approx(result["balancedness_after"])
 
 
 def test_gpu_speed_with_previous_is_refused_in_the_flags_words(capsys, tmp_path) -> None:

@@ -167,13 +167,14 @@ _slots = _count("slots")
 
 
 def _price(text: str) -> float:
-    """An argparse type: a finite number >= 0 (``--move-price``), refused by flag."""
+    """An argparse type: a number in [0, 1) (``--move-price``, the balancedness a whole
+    layer's move must buy: as the API takes it), refused by flag."""
     try:
         value = real(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
     return value
 
 
@@ -262,10 +263,10 @@ def build_parser() -> _Parser:
                         "the moves that pay on the next window, never a reason for more "
                         "(default: no cap)")
     o.add_argument("--move-price", type=_price, default=None, metavar="X",
-                   help="with --previous: the expected next-window balancedness a layer must "
-                        "gain to move all its slots (a part of it for a part of the slots): "
-                        "higher moves fewer slots, 0 moves wherever a move gains (default "
-                        "0.01, about where moving a DeepSeek-V3 layer breaks even)")
+                   help="with --previous: the expected next-window balancedness (in [0, 1)) a "
+                        "layer must gain to move all its slots (a part of it for a part of "
+                        "the slots): higher moves fewer slots, 0 moves wherever a move gains "
+                        "(default 0.01, about where moving a DeepSeek-V3 layer breaks even)")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")

@@ -282,7 +282,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         seed=args.seed, **options))
     placement.validate()
     split = None
-    if previous is not None:  # the forced moves told apart from the others
+    # the forced moves told apart from the others, where the planner takes a budget: under
+    # nearest dispatch on several nodes, the locality policy and dead GPUs re-plan whole
+    # and relabel (no budget; attacker pass: a split of 0 forced read as if it did)
+    takes_budget = not (args.dispatch == "nearest" and args.nodes > 1
+                        and (placement.policy != "global" or dead))
+    if previous is not None and takes_budget:
         split = split_moves((lambda: plan(
             weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
             seed=args.seed, **{**options, "max_moves": 0}))

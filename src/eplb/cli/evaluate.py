@@ -32,6 +32,7 @@ from eplb.cli.commands import (
     _layer_ids,
     _routing,
     _rows_of_loads,
+    _select_rows,
     dead_gpu_ids,
     dead_note,
 )
@@ -120,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     what, sglang = placement_name(meta, f"the placement {args.placement}")
     placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
                                      args.first_layer, what, f"loads {args.loads}", sglang)
-    previous = _previous_rows(args, placement, trace, weight, keep)
+    compared = _previous_rows(args, placement, trace, weight, keep)
     # the policy of the rows scored: an SGLang file's dense layers hold SGLang's trivial
     # map, which spreads every group over the nodes whatever the plan of the MoE rows
     placement = _eval_policy(placement, meta, args)
@@ -160,8 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # busiest GPU over the ideal, per layer: by time where GPU speeds are given, as the
     # overall worst is (1 / the layer's balancedness; 1.0 for a layer without load)
     in_force = None
-    if previous is not None:
-        in_force = _in_force(args, previous, placement, weight, live, speed)
+    if compared is not None:
+        in_force = _in_force(args, *compared, speed)
     ratio_b = (1 / before_layer).tolist()
     ratio_a = (1 / after_layer).tolist()
     per_layer = [
@@ -244,10 +245,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _previous_rows(args: argparse.Namespace, placement: Placement, trace,
-                   weight: torch.Tensor, keep: list[int] | None) -> Placement | None:
-    """``--previous``'s rows for the loads rows ``placement`` was paired with, or ``None``
-    without it. It is read and paired with the loads as ``--placement`` is; the two must
-    be on one cluster and cover the same loads rows, or a slot of one is not the other's."""
+                   weight: torch.Tensor, keep: list[int] | None
+                   ) -> tuple[Placement, Placement, torch.Tensor] | None:
+    """``(previous, placement, loads)`` for ``--previous`` (``None`` without it): both
+    placements' rows for the rows of ``weight [T, E]`` (the loads as read) that both
+    cover, and those rows. ``--previous`` is read and paired with the loads as
+    ``--placement`` is (``keep``: the loads rows ``placement`` was paired with, ``None``:
+    all). The two must be on one cluster; rows only one of them covers must carry no
+    load (an SGLang file's dense rows beside eplb's file of the MoE rows: attacker pass),
+    or a slot of one is not the other's."""
     if args.previous is None:
         return None
     previous, meta = read_placement_meta(
@@ -261,21 +267,30 @@ def _previous_rows(args: argparse.Namespace, placement: Placement, trace,
     if previous.num_experts != placement.num_experts:
         raise CliError(f"--previous {args.previous} places {previous.num_experts} experts, "
                        f"{args.placement} {placement.num_experts}")
-    what, sglang = placement_name(meta, f"the placement {args.previous}")
+    _, sglang = placement_name(meta, f"--previous {args.previous}")
     previous, kept = _rows_of_loads(previous, meta.get("layer_ids"), trace, weight,
-                                    args.first_layer, what, f"loads {args.loads}", sglang)
-    if kept != keep or previous.num_layers != placement.num_layers:
+                                    args.first_layer, f"--previous {args.previous}",
+                                    f"loads {args.loads}", sglang)
+    ours = list(range(weight.shape[0])) if keep is None else keep
+    theirs = list(range(weight.shape[0])) if kept is None else kept
+    common = sorted(set(ours) & set(theirs))
+    alone = sorted(set(ours) ^ set(theirs))
+    if not common or bool(weight[alone].any()):
         raise CliError(f"--previous {args.previous} and {args.placement} cover different "
                        f"rows of {args.loads} ({previous.num_layers} and "
-                       f"{placement.num_layers} layers): compare placements of the same layers")
-    return previous
+                       f"{placement.num_layers} layers, not only rows with no load apart): "
+                       "compare placements of the same layers")
+    at_ours, at_theirs = {r: i for i, r in enumerate(ours)}, {r: i for i, r in enumerate(theirs)}
+    return (_select_rows(previous, [at_theirs[r] for r in common]),
+            _select_rows(placement, [at_ours[r] for r in common]), weight[common])
 
 
 def _in_force(args: argparse.Namespace, previous: Placement, placement: Placement,
-              weight: torch.Tensor, live: torch.Tensor, speed: torch.Tensor | None) -> dict:
-    """``--previous``'s scores on ``weight [L, E]`` (as ``plan --previous`` scores the
-    map in force: on the cluster the placement is for, under the same dispatch rule) and
-    the slots whose expert changed from it."""
+              weight: torch.Tensor, speed: torch.Tensor | None) -> dict:
+    """``--previous``'s scores on ``weight [L, E]``, the rows both placements hold (as
+    ``plan --previous`` scores the map in force: on the cluster the placement is for,
+    under the same dispatch rule), and the slots whose expert changed from it."""
+    live = placement.live_gpus()
     if args.dispatch == "nearest" and placement.topology.num_nodes > 1:
         loads = realised_gpu_loads(weight, previous.phy2log, placement.topology.num_gpus,
                                    placement.topology.num_nodes,
