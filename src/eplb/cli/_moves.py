@@ -48,14 +48,14 @@ class MoveSplit:
         return f" ({forced} forced by the map in force{idle}, {self.beyond} beyond them)"
 
 
-def may_force(previous: Placement, placement: Placement, args: argparse.Namespace,
-              dead_now: bool) -> bool:
-    """Whether planning ``placement`` from ``previous`` can force any move: dead GPUs now
-    or in ``previous`` (revived ones), replicas ``previous`` stacks on one GPU, or, under
-    the hierarchical policy, groups it keeps on several nodes (:data:`FORCED_MOVES`).
-    Elsewhere the plan of the forced moves alone is ``previous`` itself: not made (a
-    second plan cost up to half the call's time under nearest dispatch: attacker pass)."""
-    if dead_now or previous.active_gpus is not None:
+def may_force(previous: Placement, placement: Placement, args: argparse.Namespace) -> bool:
+    """Whether planning ``placement`` from ``previous`` can force any move: GPUs dead now
+    that were live in ``previous`` or live again, replicas ``previous`` stacks on one GPU,
+    or, under the hierarchical policy, groups it keeps on several nodes
+    (:data:`FORCED_MOVES`). Elsewhere the plan of the forced moves alone is ``previous``
+    itself: not made (a second plan cost up to half the call's time under nearest
+    dispatch: attacker pass)."""
+    if not torch.equal(previous.live_gpus().cpu(), placement.live_gpus().cpu()):
         return True
     if stacked(previous.phy2log.cpu().numpy(), previous.topology.num_gpus).any():
         return True

@@ -291,7 +291,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         split = split_moves((lambda: plan(
             weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
             seed=args.seed, **{**options, "max_moves": 0}))
-            if may_force(previous, placement, args, dead) else None, previous, placement,
+            if may_force(previous, placement, args) else None, previous, placement,
             weight)
     # eplb's own files record layer ids only where the loads or --first-layer named them:
     # a row index is no claim (eval and --previous then pair rows in order)
