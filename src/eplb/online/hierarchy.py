@@ -197,6 +197,8 @@ class Scored:
         bound: ``[L]`` a lower bound on any hierarchical placement's max GPU load over
             the mean (:func:`eplb.core.bounds.assignment_node_bounds` of the best group→node
             assignment found), which a fresh plan comes close to.
+        rungs: ``K``, the candidates of one ladder: the node ladder's are ``[0, K)``, the
+            regroups' ``[K, 2K)``, a fine ladder's (where searched) the rest.
     """
 
     peak: np.ndarray
@@ -204,6 +206,7 @@ class Scored:
     cost: np.ndarray
     take: Callable[[np.ndarray], np.ndarray]
     bound: np.ndarray
+    rungs: int
 
 
 def candidates(
@@ -388,7 +391,7 @@ def candidates(
                          layers)[0]
 
     layer_mean = np.maximum(weight.sum(1) / topo.num_gpus, 1e-300)
-    return Scored(peak, now_all, cost, take, bound / layer_mean)
+    return Scored(peak, now_all, cost, take, bound / layer_mean, ladder)
 
 
 def fill_arrivals(weight: np.ndarray, phy2log: np.ndarray, num_gpus: int) -> np.ndarray:

@@ -354,10 +354,10 @@ def plan_incremental(
                                       node_of_group, units, fine_quota)
         # the candidates the rule without a budget has (a budget adds the transfer-only
         # ones, 1-3 of the ladder and of the regroups' ladder, and the fine ladder's)
-        rungs = 2 * (options.steps + 4) if max_moves is not None else len(scored.peak)
-        usual = np.arange(len(scored.peak)) < rungs
+        rungs = scored.rungs
+        usual = np.arange(len(scored.peak)) < 2 * rungs
         if max_moves is not None:
-            usual[np.r_[1:4, rungs // 2 + 1:rungs // 2 + 4]] = False
+            usual[np.r_[1:4, rungs + 1:rungs + 4]] = False
         peak, now, cost, take = scored.peak, scored.now, scored.cost, scored.take
         # a fresh hierarchical plan, relabelled onto the old nodes and GPUs, where the
         # ladders end far above the bound: the ladder refines inside nodes and a regroup
