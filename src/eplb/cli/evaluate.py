@@ -229,8 +229,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     if in_force is not None:
         print(f"moved from --previous: {counted(in_force['moved_slots_total'], 'slot')}, at "
-             f"most {in_force['moved_slots_max_layer']} in one layer; the busiest GPU "
-             f"receives {counted(in_force['moved_slots_busiest_gpu'], 'expert')}' weights")
+              f"most {in_force['moved_slots_max_layer']} in one layer; the busiest GPU "
+              f"receives {counted(in_force['moved_slots_busiest_gpu'], 'expert')}' weights")
     if ceil.note and ceil.overall is None:
         info(f"({ceil.note})")
     if nearest is not None:
