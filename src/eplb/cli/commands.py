@@ -44,6 +44,7 @@ from eplb.core.planner import equal_speeds, planning_speeds
 from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement_meta, read_routing, write_placement
 from eplb.formats.placement_writer import dead_gpus_message
+from eplb.online.incremental import takes_budget
 
 MAX_FIRST_LAYER = MAX_MODEL_LAYERS - 1  # SGLang files get a row for each layer below
 
@@ -282,12 +283,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         seed=args.seed, **options))
     placement.validate()
     split = None
-    # the forced moves told apart from the others, where the planner takes a budget: under
-    # nearest dispatch on several nodes, the locality policy and dead GPUs re-plan whole
-    # and relabel (no budget; attacker pass: a split of 0 forced read as if it did)
-    takes_budget = not (args.dispatch == "nearest" and args.nodes > 1
-                        and (placement.policy != "global" or dead))
-    if previous is not None and takes_budget:
+    # the forced moves told apart from the others, where the planner takes a budget
+    # (attacker pass: a split of 0 forced read as if it did where it takes none)
+    if previous is not None and takes_budget(args.dispatch, args.nodes, placement.policy,
+                                             dead):
         split = split_moves((lambda: plan(
             weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
             seed=args.seed, **{**options, "max_moves": 0}))

@@ -30,8 +30,8 @@ def spend_budget(balance: np.ndarray, cost: np.ndarray, budget: int) -> np.ndarr
     of its moves, as the planners pass it; ``-inf``: not offered), ``cost
     [C, L]``: its slots changed; candidate 0 costs nothing and is the fallback.
 
-    Small budgets are solved exactly (the largest sum of the layers' balancedness within
-    the budget, by dynamic programming over the slots spent): there a greedy walk of the
+    Small budgets are solved exactly (the largest sum of the layers' values within the
+    budget, by dynamic programming over the slots spent): there a greedy walk of the
     layers' convex hulls kept 13 % less of the gain, and one more slot could buy less (an
     attack pass, real DeepSeek-V3 loads). Larger ones take :func:`_hull_walk`, whose
     shortfall is at most one hull step of one layer, a small share of what a large budget

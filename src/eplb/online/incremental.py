@@ -510,7 +510,8 @@ def _plan_nearest(
     if skip_threshold is not None:
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")
     even = dataclasses.replace(request, dispatch="even", fair="auto", source=None)
-    if request.policy != "global" or request.active_gpus is not None:
+    if not takes_budget(request.dispatch, topo.num_nodes, request.policy,
+                        request.active_gpus is not None):
         if max_moves is not None:
             raise ValueError(
                 "max_moves with dispatch='nearest' is supported for the global policy with "
@@ -589,6 +590,14 @@ def _plan_nearest(
     placement = Placement.from_phy2log(out.to(request.weight.device), request.num_experts,
                                        topo, request.policy, request.active_gpus)
     return validate_planned(placement)
+
+
+def takes_budget(dispatch: str, num_nodes: int, policy: str, dead_gpus: bool) -> bool:
+    """Whether incremental planning takes a move budget (``max_moves``): everywhere but
+    under nearest dispatch on several nodes with the locality policy or dead GPUs, which
+    re-plan whole and relabel onto the old GPUs (:func:`_plan_nearest`); the CLI asks it
+    too, before telling forced moves from the others."""
+    return not (dispatch == "nearest" and num_nodes > 1 and (policy != "global" or dead_gpus))
 
 
 def _live_only(candidates: np.ndarray, live_gpus: np.ndarray, topo) -> np.ndarray:

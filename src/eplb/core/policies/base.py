@@ -455,7 +455,8 @@ def _tiny_count_look(
     peak, rows = _above_count_bound(weight, num_replicas, num_gpus, state, floor, TINY_GAP)
     if not len(rows):
         return state
-    sub = weight.index_select(0, rows).to(torch.float64)
+    picked = weight.index_select(0, rows)
+    sub = picked.to(torch.float64)
     first = cap_counts(sub, replica_counts(sub, num_replicas, rules[:1])[0], num_gpus)
     # the rows' busiest GPUs in load units (items are scaled to a mean replica load of 1)
     now = peak.index_select(0, rows).to(torch.float64) * sub.sum(1) / num_replicas
@@ -465,8 +466,7 @@ def _tiny_count_look(
         return state
     tried_t = torch.from_numpy(tried).to(weight.device)
     row_of_t = torch.from_numpy(row_of).to(weight.device)
-    return _keep_lowest(state, peak, rows,
-                        weight.index_select(0, rows).index_select(0, row_of_t), row_of_t,
+    return _keep_lowest(state, peak, rows, picked.index_select(0, row_of_t), row_of_t,
                         tried_t, num_gpus, packing, generator)
 
 
