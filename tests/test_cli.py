@@ -810,9 +810,11 @@ def _eplb_cmd() -> list[str]:
 
 
 def test_subprocess_entry_point_and_module(tmp_path, loads) -> None:
-    done = subprocess.run([sys.executable, "-m", "eplb", "--version"], capture_output=True,
-                          text=True, check=False)
-    assert done.returncode == 0 and "eplb" in done.stdout
+    # python -m eplb and python -m eplb.cli (the package holding main) alike
+    for module in ("eplb", "eplb.cli"):
+        done = subprocess.run([sys.executable, "-m", module, "--version"], capture_output=True,
+                              text=True, check=False)
+        assert done.returncode == 0 and "eplb" in done.stdout, (module, done.stderr)
     done = subprocess.run([*_eplb_cmd(), "plan", str(tmp_path / "missing.json"), "-r", "20",
                            "-g", "4", "-o", str(tmp_path / "p.json")],
                           capture_output=True, text=True, check=False)

@@ -632,6 +632,12 @@ def test_a_list_option_given_a_negative_first_value_gets_eplbs_own_message(capsy
     assert_user_error(code, err, "--gpu-speed values must be finite and > 0")
     code, _, err = run(capsys, *plan_args(loads, tmp_path, "--dead-gpus", "-3"))
     assert_user_error(code, err, "--dead-gpus: GPU -3 is outside 0..3")
+    # a negative number argparse itself reads as an option (-inf, -nan, -1e5) reaches
+    # the option's own check too, whatever its case
+    for value in ("-inf", "-NaN", "-1e5", "-2.5E-3"):
+        code, _, err = run(capsys, *plan_args(loads, tmp_path, "--max-moves", value))
+        assert_user_error(code, err, "--max-moves")
+        assert "expected one argument" not in err, (value, err)
 
 
 def test_bench_repeats_and_an_empty_estimator_are_refused(capsys, tmp_path):

@@ -439,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # help texts hold "×" too: printed under the same escaping as a command's output
     with _printable_stdout():
         try:
-            args = parser.parse_args(_glued_lists(sys.argv[1:] if argv is None else argv))
+            args = parser.parse_args(_glued_lists(sys.argv[1:] if argv is None else argv,
+                                                  _flags(parser)))
         except SystemExit as exc:  # --help, --version or a usage error: already printed
             return exc.code if isinstance(exc.code, int) else (
                 0 if exc.code is None else EXIT_USAGE)
@@ -454,21 +455,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 #: options whose value is a comma-separated list of numbers
 _LIST_OPTIONS = ("--gpu-speed", "--dead-gpus")
 _NUMBER_LIST = re.compile(r"-[\d.]")
+#: a negative number argparse takes for an option: ``-inf``, ``-nan``, ``-1e5`` (it lets
+#: ``-1`` and ``-.5`` through by itself)
+_NEGATIVE_WORD = re.compile(r"-(inf(inity)?|nan|(\d+\.?\d*|\.\d+)e[+-]?\d+)", re.IGNORECASE)
 
 
-def _glued_lists(argv: Sequence[str]) -> list[str]:
-    """``argv`` with a list option's value that begins with a minus sign glued to it
-    (``--gpu-speed -1,1`` → ``--gpu-speed=-1,1``): argparse reads such a value as an
-    option and answered "expected one argument"; glued, eplb's own check names the
-    negative entry (attacker pass). Nothing else changes: argparse refused these."""
+def _flags(parser: argparse.ArgumentParser) -> set[str]:
+    """The option strings of ``parser`` and its subcommands that take no value."""
+    found: set[str] = set()
+    for each in (parser, *_Parser.commands(parser).values()):
+        for action in each._actions:
+            if action.nargs == 0:
+                found.update(action.option_strings)
+    return found
+
+
+def _glued_lists(argv: Sequence[str], flags: set[str] = frozenset()) -> list[str]:
+    """``argv`` with an option's value that begins with a minus sign glued to it
+    (``--gpu-speed -1,1`` → ``--gpu-speed=-1,1``, ``--move-price -inf`` →
+    ``--move-price=-inf``): argparse reads such a value as an option and answered
+    "expected one argument"; glued, eplb's own check names the value that is wrong
+    (attacker passes). Only a list option's value, or a whole negative number that
+    argparse would not take, is glued, and only to a long option that takes a value
+    (not one of ``flags``) and has no ``=``; nothing else changes: argparse refused
+    these."""
     out: list[str] = []
     items = list(argv)
     k = 0
     while k < len(items):
         item = items[k]
-        if (item in _LIST_OPTIONS and k + 1 < len(items)
-                and _NUMBER_LIST.match(items[k + 1])):
-            out.append(f"{item}={items[k + 1]}")
+        value = items[k + 1] if k + 1 < len(items) else ""
+        if ((item in _LIST_OPTIONS and _NUMBER_LIST.match(value))
+                or (item.startswith("--") and "=" not in item and item not in flags
+                    and _NEGATIVE_WORD.fullmatch(value))):
+            out.append(f"{item}={value}")
             k += 2
             continue
         out.append(item)
