@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 REAL_DATA = Path(os.environ.get("EPLB_REAL_DATA") or REPO.parent / "shared" / "data" / "real")
 DEEPSEEK_DIR = REAL_DATA / "sglang_deepseek_ep_statistics"
+#: what a SKIPPED line for absent real data adds: how to point the scripts at them
+REAL_DATA_HINT = "(set EPLB_REAL_DATA to the real-data folder)"
 ESFT_FILE = REAL_DATA / "esft_deepseek_v2_lite_routing" / "esft_topk_ids.npz"
 
 
@@ -83,7 +85,7 @@ def deepseek_loads(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor
     """The 12 real DeepSeek-V3/R1 workloads as ``{name: [58, 256]}`` (MoE rows 3..60), or
     ``{}`` after printing a SKIPPED line when the data are absent."""
     if not DEEPSEEK_DIR.is_dir():
-        print(f"SKIPPED: real DeepSeek-V3 loads not found at {DEEPSEEK_DIR}")
+        print(f"SKIPPED: real DeepSeek-V3 loads not found at {DEEPSEEK_DIR} {REAL_DATA_HINT}")
         return {}
     return {
         path.stem: torch.tensor(json.loads(path.read_text())["logical_count"], dtype=dtype)[3:]

@@ -19,7 +19,7 @@ import importlib
 import resource
 
 import torch
-from _harness import deepseek_loads, markdown_table, median_ms, start
+from _harness import REAL_DATA_HINT, deepseek_loads, markdown_table, median_ms, start
 
 import eplb
 from eplb.core import plan_greedy
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if real:
         inputs["real DeepSeek-V3"] = real[0]
     else:
-        print("SKIPPED the real input: the DeepSeek-V3 dumps were not found")
+        print(f"SKIPPED the real input: the DeepSeek-V3 dumps were not found {REAL_DATA_HINT}")
     rows = []
     for name, weight in inputs.items():
         for groups, nodes in SHAPES:

@@ -23,7 +23,7 @@ import argparse
 import json
 
 import torch
-from _harness import REAL_DATA, markdown_table, start
+from _harness import REAL_DATA, REAL_DATA_HINT, markdown_table, start
 from sglang_dispatch import sglang_dispatch_tables
 
 import eplb
@@ -47,7 +47,7 @@ def cases() -> list[tuple[str, torch.Tensor, int, int, int]]:
             name = f"{model} {task}{' (top-1)' if kind.endswith('top1') else ''}"
             out.append((f"{name}, {weight.shape[1]} experts", weight, replicas, 16, 2))
     else:
-        print(f"SKIPPED the real counts: {COUNTS} not found")
+        print(f"SKIPPED the real counts: {COUNTS} not found {REAL_DATA_HINT}")
     return out
 
 

@@ -33,7 +33,7 @@ import importlib
 import statistics
 
 import torch
-from _harness import deepseek_loads, markdown_table, median_ms, start
+from _harness import REAL_DATA_HINT, deepseek_loads, markdown_table, median_ms, start
 from bench_real_models import MODELS
 
 import eplb
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         if path.exists():
             models[name] = list(read().values())
         else:
-            print(f"SKIPPED {name}: {path} not found")
+            print(f"SKIPPED {name}: {path} not found {REAL_DATA_HINT}")
     # a synthetic extreme beside the real loads: one expert 50× the others (uniform in
     # [1, 101)), one layer per seed, on few GPUs of many slots (quality attacker pass)
     for experts in (256, 384):
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     if deepseek:
         models["DeepSeek-V3"] = deepseek[:4]
     else:
-        print("SKIPPED DeepSeek-V3: the real dumps were not found")
+        print(f"SKIPPED DeepSeek-V3: the real dumps were not found {REAL_DATA_HINT}")
     rows = []
     for name, windows in models.items():
         windows = [w.to(torch.float64) for w in windows]

@@ -24,7 +24,7 @@ import time
 
 import torch
 from _harness import DEEPSEEK_DIR as REAL
-from _harness import start
+from _harness import REAL_DATA_HINT, start
 
 import eplb
 from eplb.core.bounds import balancedness_ceiling
@@ -94,7 +94,7 @@ def section_incremental(args: argparse.Namespace) -> None:
 
 def section_dead(args: argparse.Namespace) -> None:
     if not REAL.is_dir():
-        print(f"\nSKIPPED dead-GPU section: real data not found at {REAL}")
+        print(f"\nSKIPPED dead-GPU section: real data not found at {REAL} {REAL_DATA_HINT}")
         return
     print("\n## Failed GPUs on the real DeepSeek-V3 loads (R=288, P=32, global)\n")
     print(

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from _harness import REAL_DATA, markdown_table, median_ms, start
+from _harness import REAL_DATA, REAL_DATA_HINT, markdown_table, median_ms, start
 
 import eplb
 from eplb.core import plan_greedy
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model, (path, read) in MODELS.items():
         if not path.exists():
-            print(f"SKIPPED {model}: {path} not found")
+            print(f"SKIPPED {model}: {path} not found {REAL_DATA_HINT}")
             continue
         windows = read()
         names, loads = list(windows), list(windows.values())

@@ -388,6 +388,32 @@ def test_eval_previous_scores_the_map_in_force_and_counts_what_moved(capsys, tmp
     assert code == 2 and "no.json" in err
 
 
+def test_rows_of_maps_on_gpus_dead_now_say_they_are_scored_as_serving(capsys, tmp_path):
+    """With --dead-gpus, no rebalancing and a map in force that holds slots on a dead GPU
+    are scored as if it served, and their rows say so (new-user pass: the in-force row
+    read better than the plan for the GPUs left); a map in force planned without the dead
+    GPU says nothing."""
+    rng = np.random.default_rng(8)
+    loads = tmp_path / "w.npy"
+    np.save(loads, np.exp(rng.normal(0, 1, (4, 32))) * 100)
+    old, dead_old = tmp_path / "old.json", tmp_path / "dead_old.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 8, "-o", old)[0] == 0
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 8, "--dead-gpus", 3, "-o", dead_old)[0] == 0
+    code, out, _ = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--previous", old,
+                       "--dead-gpus", 3, "-o", tmp_path / "new.json")
+    assert code == 0
+    assert "no rebalancing (before; GPU 3 dead now, scored as serving)" in out
+    assert "in force (--previous; GPU 3 dead now, scored as serving)" in out
+    code, out, _ = run(capsys, "eval", "--placement", tmp_path / "new.json", "--previous", old,
+                       loads, "--summary")
+    assert code == 0 and f"in force (--previous {old}; GPU 3 dead now" in out
+    code, out, _ = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--previous", dead_old,
+                       "--dead-gpus", 3, "-o", tmp_path / "again.json")
+    assert code == 0 and "in force (--previous)" in out
+    code, out, _ = run(capsys, "plan", loads, "-r", 48, "-g", 8, "-o", tmp_path / "live.json")
+    assert code == 0 and "no rebalancing (before)" in out and "dead now" not in out
+
+
 def test_eval_previous_pairs_an_sglang_file_with_eplbs_file_of_the_moe_rows(capsys, tmp_path):
     """An SGLang file has a row per model layer, eplb's file the MoE rows only: on a dump
     whose other rows carry no load they compare by the rows both cover (attacker pass:

@@ -587,7 +587,10 @@ def test_a_plan_for_unequal_gpus_records_its_speeds_and_eval_uses_them(tmp_path,
     # re-planning from it for equal GPUs is allowed, and said
     assert main(["plan", str(loads), "-r", "24", "-g", "8", "--previous", str(out),
                  "-o", str(tmp_path / "again.json")]) == 0
-    assert "planned for unequal GPU speeds" in capsys.readouterr().err
+    said = capsys.readouterr().err
+    # its advice can be followed: --gpu-speed with --previous is refused (new-user pass)
+    assert "planned for unequal GPU speeds" in said and "plan without --previous" in said
+    assert "pass --gpu-speed as it was" not in said
     # a hostile speed field is a clear format error
     doc["gpu_speed"][0] = -1
     bad = tmp_path / "bad.json"

@@ -61,6 +61,21 @@ def dead_note(active: torch.Tensor | None) -> str:
     return f", GPU{'s' if len(dead) > 1 else ''} {','.join(map(str, dead))} dead" if dead else ""
 
 
+def as_serving(active: torch.Tensor | None, used: torch.Tensor | None = None) -> str:
+    """``"; GPU 3 dead now, scored as serving"`` for a table row whose map (no rebalancing,
+    or the map in force) holds slots on GPUs dead in ``active``: its score counts them as
+    serving, which they cannot (new-user pass: the in-force row read better than the plan
+    made for the GPUs left). ``used [P]``: the map's own live GPUs (``None``: all)."""
+    if active is None:
+        return ""
+    dead = ~active.bool().cpu()
+    if used is not None:
+        dead &= used.bool().cpu()
+    ids = dead.nonzero().flatten().tolist()
+    return f"; GPU{'s' if len(ids) > 1 else ''} {','.join(map(str, ids))} dead now, scored " \
+        f"as serving" if ids else ""
+
+
 def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
     """The model layer of every row: the file's own ids win; ``--first-layer`` names them
     for files that only have row numbers, and must agree with a file that names them."""
@@ -248,10 +263,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         recorded = previous_meta.get("gpu_speed")
         if recorded is not None and equal_speeds(recorded):
             recorded = None  # equal speeds (written by earlier eplb): equal GPUs
-        if recorded is not None and (speed is None or speed.tolist() != list(recorded)):
+        if recorded is not None:
+            # (--gpu-speed with --previous is refused: incremental plans are for equal
+            # GPUs; the advice "pass --gpu-speed as it was" could not be followed)
             warn(f"{args.previous} was planned for unequal GPU speeds; this plan is for "
-                 f"{'equal GPUs' if speed is None else 'other speeds'} (pass --gpu-speed as "
-                 "it was to keep planning in time)")
+                 "equal GPUs (--previous plans for equal GPUs: plan without --previous, "
+                 "with --gpu-speed, for a fresh plan in time)")
     if emit == "trtllm" and trace.meta.get("model_layer_ids"):
         totals = weight.sum(1).tolist()
         idle = [layer for layer, total in zip(layer_ids, totals, strict=True) if total <= 0]
@@ -359,9 +376,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print_json(summary)
         return 0
-    rows = [["no rebalancing (before)", before, before_worst]]
+    rows = [[f"no rebalancing (before{as_serving(active)})", before, before_worst]]
     if in_force is not None:
-        rows.append(["in force (--previous)", in_force, in_force_worst])
+        rows.append([f"in force (--previous{as_serving(active, previous.live_gpus())})",
+                     in_force, in_force_worst])
     rows += [
         [f"eplb {policy} (after{', nearest rule' if args.dispatch == 'nearest' else ''})",
          after, after_worst],

@@ -33,6 +33,7 @@ from eplb.cli.commands import (
     _routing,
     _rows_of_loads,
     _select_rows,
+    as_serving,
     dead_gpu_ids,
     dead_note,
 )
@@ -220,8 +221,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"({placement.policy if meta.get('policy') else f'scored as {placement.policy}'}"
         f"{dead_note(placement.active_gpus)})",
         ["", "balancedness", "worst max/mean"],
-        [["no rebalancing (before)", before, before_worst],
-         *([[f"in force (--previous {args.previous})", in_force["balancedness_in_force"],
+        [[f"no rebalancing (before{as_serving(placement.active_gpus)})", before, before_worst],
+         *([[f"in force (--previous {args.previous}"
+             f"{as_serving(placement.active_gpus, compared[0].live_gpus())})",
+             in_force["balancedness_in_force"],
              in_force["worst_max_over_mean_in_force"]]] if in_force is not None else []),
          [f"this placement (after{', nearest rule' if nearest is not None else ''})", after,
           after_worst],
