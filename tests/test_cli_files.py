@@ -619,6 +619,34 @@ def test_force_never_writes_the_placement_over_the_loads_it_read(capsys, tmp_pat
     assert loads.read_bytes() == before
 
 
+@pytest.mark.parametrize("kind", ["sglang dumps", "tensorrt-llm ranks"])
+def test_force_never_writes_the_placement_over_a_file_a_folder_read_took(capsys, tmp_path,
+                                                                         kind) -> None:
+    """LOADS a folder: its dumps or rank files are read too, and -o naming one of them
+    is refused even with --force (attacker pass: the placement replaced the SGLang dump,
+    or the TensorRT-LLM rank file, it was planned from)."""
+    folder = tmp_path / "stats"
+    folder.mkdir()
+    counts = torch.randint(1, 100, (L, E), generator=torch.Generator().manual_seed(3))
+    if kind == "sglang dumps":
+        target = folder / "expert_distribution_recorder_1.pt"
+        for name in (target.name, "expert_distribution_recorder_2.pt"):
+            torch.save({"rank": 0, "logical_count": counts[None].to(torch.int32)},
+                       folder / name)
+    else:
+        st = pytest.importorskip("safetensors.torch")
+        target = folder / "rank0.safetensors"
+        (folder / "meta_info.json").write_text(json.dumps({"num_experts": E,
+                                                           "num_experts_per_token": 2}))
+        st.save_file({f"0_{layer}": counts[layer] for layer in range(L)}, str(target))
+    before = target.read_bytes()
+    code = main(["plan", str(folder), "-r", str(R), "-g", str(P), "-o", str(target),
+                 "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and "would replace it" in err and target.name in err, err
+    assert target.read_bytes() == before
+
+
 def test_force_never_writes_the_placement_over_a_gpu_speed_file(capsys, tmp_path,
                                                                 loads) -> None:
     speeds = tmp_path / "speeds.txt"

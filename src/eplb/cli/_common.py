@@ -33,6 +33,8 @@ from eplb.formats._files import (
     output_file,
     require_regular_file,
 )
+from eplb.formats.detect import folder_load_files
+from eplb.formats.errors import FormatError
 from eplb.tools.generator import PRESETS, generate_trace
 from eplb.tools.report import Report, matplotlib_problem
 
@@ -172,13 +174,25 @@ def refuse_input_as_output(out: Path, inputs: list[tuple[str, str | None]]) -> N
     for label, given in inputs:
         if given is None:
             continue
-        try:
-            same = os.path.isfile(given) and os.path.samefile(out, given)
-        except OSError:
-            continue  # not a file that exists: nothing to lose
-        if same:
-            raise CliError(f"-o {out} is {label} {given}: writing the placement there would "
-                           "replace it (even --force does not); choose another output name")
+        read = [Path(given)]
+        if os.path.isdir(given):
+            # a folder's dumps or rank files are read too (attacker pass: -o naming one of
+            # them with --force replaced an SGLang dump, or a TensorRT-LLM rank file)
+            try:
+                read = folder_load_files(Path(given))
+            except (OSError, FormatError):  # the reader says what is wrong with it
+                read = []
+        for file in read:
+            try:
+                same = file.is_file() and os.path.samefile(out, file)
+            except OSError:
+                continue  # not a file that exists: nothing to lose
+            if same:
+                what = f"{label} {given}" + ("" if file == Path(given) else
+                                            f" (its file {file.name})")
+                raise CliError(f"-o {out} is {what}: writing the placement there would "
+                               "replace it (even --force does not); choose another output "
+                               "name")
 
 
 def check_cluster_flags(*, gpus: int | None, nodes: int | None,
