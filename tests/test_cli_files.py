@@ -554,6 +554,28 @@ def test_a_folder_of_sglang_dumps_and_other_files_is_refused_by_name(capsys, tmp
     assert "other files (other.npy)" in err and "folder of such dumps only" in err
 
 
+def test_a_folder_of_sglang_pt_dumps_and_other_files_is_refused_by_name(capsys,
+                                                                      tmp_path) -> None:
+    """Beside .pt recorder dumps, JSON dumps (or any data file) were left out without a
+    word (attacker pass: 800 of 80,800 tokens read); a folder named like a dump is named
+    as a folder (it read "found none")."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    torch.save({"rank": 0, "logical_count": torch.ones(1, 2, 4, dtype=torch.int32)},
+               folder / "expert_distribution_recorder_1.pt")
+    (folder / "x.json").write_text('{"logical_count": [[100, 200, 300, 400], [1, 2, 3, 4]]}')
+    for format_flag in ([], ["--format", "sglang"]):
+        code = main(["plan", str(folder), *format_flag, "-r", "4", "-g", "2", "-o",
+                     str(tmp_path / "p.json")])
+        err = capsys.readouterr().err
+        assert code == 2 and "other files (x.json)" in err and "dumps only" in err, err
+    (folder / "x.json").unlink()
+    (folder / "expert_distribution_recorder_2.pt").mkdir()
+    code = main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "expert_distribution_recorder_2.pt: is a folder" in err, err
+
+
 def test_notes_beside_sglang_dumps_do_not_stop_the_folder_being_read(capsys, tmp_path) -> None:
     folder = tmp_path / "dumps"
     folder.mkdir()

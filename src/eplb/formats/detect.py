@@ -222,6 +222,17 @@ def _others(folder: Path, files: list[Path]) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in _DATA_SUFFIXES and p not in chosen)
 
 
+def refuse_other_files(folder: Path, dumps: list[Path], what: str) -> None:
+    """A folder is read whole or not at all: a :class:`FormatError` naming the files of
+    ``folder`` beside its ``dumps`` that could hold loads too (attacker pass: JSON dumps
+    beside ``.pt`` ones were left out without a word, 800 of 80,800 tokens read)."""
+    others = _others(folder, dumps)
+    if others:
+        names = ", ".join(p.name for p in others[:3]) + (", ..." if len(others) > 3 else "")
+        raise FormatError(folder, f"holds SGLang {what} and other files ({names}); give one "
+                                  "file, or a folder of such dumps only")
+
+
 def detect_format(path: str | PathLike[str]) -> str:
     """Name the load format of ``path`` (one of :data:`FORMATS`) from its content.
 
@@ -235,6 +246,11 @@ def detect_format(path: str | PathLike[str]) -> str:
             return "trtllm"
         dumps = sorted(path.glob("expert_distribution_recorder_*.pt"))
         if dumps:
+            inner = [p for p in dumps if p.is_dir()]
+            if inner:  # (it read "found none": attacker pass)
+                raise FormatError(inner[0], "is a folder; expected an SGLang "
+                                            "expert_distribution_recorder_*.pt dump file")
+            refuse_other_files(path, dumps, "expert_distribution_recorder_*.pt dumps")
             # stat-mode dumps hold logical_count; per_pass / per_token dumps hold records
             first = _load_pt(dumps[0])
             return "sglang" if isinstance(first, dict) and "logical_count" in first \
@@ -243,12 +259,8 @@ def detect_format(path: str | PathLike[str]) -> str:
             return "sglang"
         dumps = sorted(p for p in path.glob("*.json")
                        if p.is_file() and _json_top_key(p) == "logical_count")
-        others = _others(path, dumps)
-        if dumps and others:  # read whole or not at all: say what else is there
-            names = ", ".join(p.name for p in others[:3]) + (", ..." if len(others) > 3 else "")
-            raise FormatError(path, f"holds SGLang {{\"logical_count\": ...}} JSON files and "
-                                    f"other files ({names}); give one file, or a folder of "
-                                    "such dumps only")
+        if dumps:
+            refuse_other_files(path, dumps, '{"logical_count": ...} JSON files')
         ranks = sorted(path.glob("rank*.safetensors"))
         if ranks:  # a TensorRT-LLM statistics folder but for its meta file (new-user pass)
             raise FormatError(

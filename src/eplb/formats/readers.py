@@ -35,6 +35,7 @@ from eplb.formats.detect import (
     TOPK_KEY_PATTERN,
     _load_pt,
     detect_format,
+    refuse_other_files,
     refuse_same_files,
     sglang_json_dumps,
     sniff_container,
@@ -275,7 +276,9 @@ def _read_sglang_folder(path: Path) -> LoadTrace:
     first; rank 0 writes one per dump request) or, failing those, of ``{"logical_count"}``
     JSON files (by name): their steps one after another."""
     files = sorted(path.glob("expert_distribution_recorder_*.pt"), key=_dump_time)
-    if not files:
+    if files:  # (as detect_format: the format may be named, and detection skipped)
+        refuse_other_files(path, files, "expert_distribution_recorder_*.pt dumps")
+    else:
         files = sglang_json_dumps(path)  # e.g. the dumps the SGLang team published
     if not files:
         raise FormatError(path, "expected expert_distribution_recorder_*.pt dumps or "
