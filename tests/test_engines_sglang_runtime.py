@@ -443,6 +443,17 @@ def test_sglang_option_values_fail_at_start_up(raw):
         plugin.options_from_env({plugin.OPTIONS_ENV_VAR: raw})
 
 
+@pytest.mark.parametrize("raw", ['{"max_moves": -1}', '{"max_moves": 2.5}',
+                                 '{"max_moves": true}'])
+def test_a_bad_sglang_budget_is_not_offered_per_layer_lists(raw):
+    # the message offered "one non-negative int per layer", which the option then refuses
+    # (attacker pass); it reads as the vLLM plugin's
+    with pytest.raises(ValueError, match="non-negative int \\(slots in total over all "
+                                         "layers\\) or null") as caught:
+        plugin.options_from_env({plugin.OPTIONS_ENV_VAR: raw})
+    assert "per layer" not in str(caught.value)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     ((16, 0, None, 1, False), "num_local_physical_experts"),
     ((16, 4, None, 0, False), "num_nodes"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -290,6 +291,19 @@ def test_trtllm_meta_info_with_a_bad_expert_count_is_named(tmp_path, experts):
         read_loads(tmp_path)
 
 
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_trtllm_rank_counts_that_are_no_integers_are_refused(tmp_path, dtype):
+    # bool counts were read as 0/1 loads, where every other reader refuses bool (attacker
+    # pass)
+    from safetensors.torch import save_file
+
+    (tmp_path / "meta_info.json").write_text(json.dumps({"num_experts": 4}))
+    save_file({"0_3": torch.tensor([1, 0, 1, 1]).to(dtype)}, str(tmp_path / "rank0.safetensors"))
+    with pytest.raises(FormatError, match=r"must be an integer \[experts\] vector, found "
+                                          + str(dtype).replace(".", r"\.")):
+        read_loads(tmp_path)
+
+
 def test_trtllm_rank_entry_that_is_a_folder_is_named(tmp_path):
     from safetensors.torch import save_file
 
@@ -438,6 +452,28 @@ def test_a_json_key_given_twice_is_refused_by_name(tmp_path, streamed):
                       (history, "logical_expert_load"), (twice, "load_history")):
         with pytest.raises(FormatError, match=f"gives key '{key}' twice in one JSON object"):
             read_loads(path)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize(("entry", "said"), [
+    ("null", "is null, not a load"), ("-401", "is -401.0 (a negative load)"),
+    ("1e999", "is inf (an infinite load)")])
+def test_a_bad_entry_of_a_load_history_is_named_where_it_is(tmp_path, streamed, entry, said):
+    # null read as "is nan"; the streamed path (files above 2 MiB) said only "holds a
+    # negative, NaN or infinite load", with no layer or expert (attacker pass)
+    from eplb.formats._json import WHOLE_BYTES
+
+    doc = ('{"load_history": [{"logical_expert_load": [[1, 2], [3, 4]]}, '
+           '{"logical_expert_load": [[1, 2], [3, ' + entry + ']]}]}')
+    history = tmp_path / "history.json"
+    history.write_text(_spaced(doc, WHOLE_BYTES + 1) if streamed else doc)
+    with pytest.raises(FormatError,
+                       match=re.escape("load_history[1].logical_expert_load[1][1] " + said)):
+        read_loads(history)
+    plain = tmp_path / "plain.json"
+    plain.write_text("[[1, 2], [3, " + entry + "]]")
+    with pytest.raises(FormatError):
+        read_loads(plain)
 
 
 def test_a_placement_key_given_twice_is_refused_by_name(tmp_path):

@@ -131,6 +131,13 @@ def number_array(value: Any, path: Path, what: str) -> np.ndarray:
         reason = irregularity(value) or str(exc)
         raise FormatError(path, f"{what} is not a rectangular array of numbers: {reason}"
                           ) from None
+    if numbers is not None and array.dtype == object:
+        # JSON null among the numbers: NumPy reads it as NaN, and the load check then
+        # called it NaN, which the file does not hold (attacker pass)
+        null = np.frompyfunc(lambda entry: entry is None, 1, 1)(array).astype(bool)
+        if null.any():
+            index = "".join(f"[{int(i)}]" for i in np.argwhere(null)[0])
+            raise FormatError(path, f"{what}{index} is null, not a load")
     if numbers is None and array.dtype.kind == "b":  # JSON true/false: flags, not counts
         raise FormatError(path, f"{what} holds booleans where numbers belong; expected numbers")
     if numbers is None:

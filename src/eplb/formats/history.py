@@ -209,7 +209,13 @@ def _read_entries(stream: JsonStream, path: Path, size: int) -> tuple[np.ndarray
                 f"{out.shape[1:]}",
             )
         if not np.isfinite(arr).all() or (arr < 0).any():
-            raise FormatError(path, f"load_history[{step}] holds a negative, NaN or infinite load")
+            # which entry, and what it is, as the other readers name it (attacker pass)
+            layer, expert = (int(i) for i in np.argwhere(~np.isfinite(arr) | (arr < 0))[0])
+            value = float(arr[layer, expert])
+            kind = ("a NaN" if value != value else "an infinite" if abs(value) == np.inf
+                    else "a negative")
+            raise FormatError(path, f"{what}[{layer}][{expert}] is {value} ({kind} load); "
+                                    "loads must be finite and >= 0")
         if step == out.shape[0]:
             grown = np.empty((int(step * 1.5) + 4, *out.shape[1:]), dtype=np.float64)
             grown[:step] = out

@@ -86,7 +86,9 @@ def read_trtllm_stats(path: Path) -> LoadTrace:
             if m is None:
                 raise wrong_kind(file, "trtllm", "TensorRT-LLM statistics, keys "
                                  "'{iter}_{layer}'", f"key {shown(name)}")
-            if data.dim() != 1 or data.is_floating_point():
+            # (bool: 0/1 "counts" every other reader refuses; attacker pass)
+            if data.dim() != 1 or data.is_floating_point() or data.is_complex() or (
+                    data.dtype == torch.bool):
                 raise FormatError(
                     file,
                     f"{name!r} must be an integer [experts] vector, found {data.dtype} "

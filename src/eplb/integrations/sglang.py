@@ -126,6 +126,13 @@ def _checked_options(text: str, source: str) -> dict[str, Any]:
         # its length would be checked only at the first rebalance, which has no fallback
         raise ValueError(f"{source}: max_moves must be one int (slots in total over all "
                          "layers) here; per-layer lists are for the Python API")
+    budget = options.get("max_moves")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                               or budget < 0):
+        # (the planner's own message offers per-layer lists, refused just above: as the
+        # vLLM plugin says it; attacker pass)
+        raise ValueError(f"{source}: max_moves must be a non-negative int (slots in total "
+                         f"over all layers) or null, got {budget!r}")
     _check_options(options, source, PLANNER_OPTIONS | PLUGIN_OPTIONS)
     check_timeout_option(options, source)
     return options
