@@ -96,7 +96,8 @@ def inputs(tmp_path_factory) -> Path:
     rates = torch.from_numpy(stats).double().clamp(min=1)[None] / 100
     counts = torch.poisson(rates.expand(640, -1, -1).contiguous(), generator=gen)
     write_loads(LoadTrace(counts, list(range(LAYERS))), d / "trace.pt")
-    ids = {k: torch.randint(0, 64, (3000, 4, 6), generator=gen).to(torch.int8).numpy()
+    # distinct ids per top-k row, as a router's (a repeated one is refused)
+    ids = {k: torch.rand(3000, 4, 64, generator=gen).argsort(2)[..., :6].to(torch.int8).numpy()
            for k in ("law_topk_ids", "code_topk_ids")}
     for name in ("esft_topk_ids.npz", "routing.npz"):
         np.savez(d / name, **ids)

@@ -473,7 +473,8 @@ def test_api_writers_refuse_to_overwrite_and_publish_complete_files(tmp_path) ->
 
 def test_odd_but_valid_arrays_plan_and_odd_files_fail_clearly(tmp_path, capsys):
     np.save(tmp_path / "big_endian.npy", np.arange(16, dtype=">f8").reshape(2, 8) + 1)
-    ids = np.random.default_rng(0).integers(0, 8, (16, 2, 2)).astype(np.uint64)
+    # distinct ids per top-k row, as a router's (a repeated one is refused)
+    ids = np.random.default_rng(0).random((16, 2, 8)).argsort(2)[..., :2].astype(np.uint64)
     np.savez(tmp_path / "uint64.npz", x_topk_ids=ids)
     for name in ("big_endian.npy", "uint64.npz"):
         assert main(["plan", str(tmp_path / name), "-r", "16", "-g", "2", "-o",

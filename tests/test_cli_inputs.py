@@ -202,8 +202,9 @@ def test_a_trtllm_yaml_given_as_loads_is_named_a_placement(capsys, tmp_path) -> 
 # ------------------------------------------------------------- top-k routing files
 def _two_tasks(tmp: Path) -> Path:
     gen = torch.Generator().manual_seed(0)
-    a = torch.randint(0, E, (300, 3, 2), generator=gen, dtype=torch.int64)
-    b = torch.randint(0, E, (200, 3, 2), generator=gen, dtype=torch.int64)
+    # distinct ids per top-k row, as a router's (a repeated one is refused)
+    a = torch.rand(300, 3, E, generator=gen).argsort(2)[..., :2]
+    b = torch.rand(200, 3, E, generator=gen).argsort(2)[..., :2]
     path = tmp / "routing.npz"
     np.savez(path, law_topk_ids=a.numpy().astype(np.int8), code_topk_ids=b.numpy().astype(
         np.int8), law_seq_lens=np.array([100, 200], dtype=np.int32))

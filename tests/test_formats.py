@@ -355,6 +355,21 @@ def test_topk_trace_counts(tmp_path, container):
     assert trace.meta["top_k"] == 2
 
 
+def test_a_topk_row_naming_an_expert_twice_is_refused_but_padding_may_repeat(tmp_path):
+    # counted as loads, [3, 3] was two tokens on expert 3, where the same file given as a
+    # routing trace is refused (attacker pass); -1 padding repeats freely
+    ids = topk_ids(10, seed=3)
+    ids[4, 1] = torch.tensor([-1, -1])
+    path = tmp_path / "r.npz"
+    np.savez(path, a_topk_ids=ids.numpy())
+    assert read_loads(path, num_experts=E).counts.sum() == ids.ge(0).sum()
+    ids[6, 0] = torch.tensor([3, 3])
+    np.savez(path, a_topk_ids=ids.numpy())
+    with pytest.raises(FormatError, match=r"token 6 names an expert twice in layer 0 "
+                                          r"\(top-k \[3, 3\]\)"):
+        read_loads(path, num_experts=E)
+
+
 def test_topk_windows_and_segments(tmp_path):
     a, b = topk_ids(50, seed=1), topk_ids(23, seed=2)
     a[0, 0, 0] = -1  # padding is not counted

@@ -262,7 +262,7 @@ def test_float_arrays_named_like_ids_beside_ids_or_forced_plain_are_read(tmp_pat
     # second attacker pass: refusing every npz with a float array named like ids refused
     # a router dump's ids beside their weights, and loads so named even under format="npz"
     rng = np.random.default_rng(0)
-    ids = rng.integers(0, 8, (64, 2, 2))
+    ids = rng.random((64, 2, 8)).argsort(2)[..., :2]  # distinct per row, as a router's
     dump = tmp_path / "router.npz"
     np.savez(dump, topk_ids=ids, topk_weights=rng.random((64, 2, 2)).astype(np.float32))
     trace = read_loads(dump, num_experts=8)

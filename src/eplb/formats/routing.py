@@ -108,6 +108,18 @@ def topk_to_counts(
     step_tokens: list[int] = []
     seg_meta = []
     for name, ids in segments:
+        if ids.numel() and ids.shape[2] > 1:
+            # a router's top-k never names an expert twice: counted, it would be two tokens
+            # (the same file given as a routing trace is refused; attacker pass). -1 is
+            # padding and may repeat
+            ordered = ids.sort(2).values
+            twice = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(2)
+            if bool(twice.any()):
+                token, layer = (int(x) for x in twice.nonzero()[0])
+                raise FormatError(
+                    path, f"top-k ids {name!r}: token {token} names an expert twice in layer "
+                          f"{layer} (top-k {ids[token, layer].tolist()}); a top-k row holds "
+                          "distinct experts (-1 padding aside)")
         tokens = ids.shape[0]
         window = tokens if tokens_per_step is None else tokens_per_step
         num_windows = max(-(-tokens // max(window, 1)), 1)
