@@ -570,9 +570,17 @@ def test_a_folder_of_sglang_pt_dumps_and_other_files_is_refused_by_name(capsys,
                      str(tmp_path / "p.json")])
         err = capsys.readouterr().err
         assert code == 2 and "other files (x.json)" in err and "dumps only" in err, err
+    # a placement planned from the folder and written into it is no load file
     (folder / "x.json").unlink()
+    assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o",
+                 str(folder / "placement.json")]) == 0
+    assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o",
+                 str(folder / "again.sglang.json")]) == 0
+    assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "p.json"),
+                 "--force"]) == 0
+    capsys.readouterr()
     (folder / "expert_distribution_recorder_2.pt").mkdir()
-    code = main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "p.json")])
+    code = main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "q.json")])
     err = capsys.readouterr().err
     assert code == 2 and "expert_distribution_recorder_2.pt: is a folder" in err, err
 

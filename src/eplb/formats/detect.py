@@ -216,10 +216,14 @@ _DATA_SUFFIXES = frozenset({".json", ".npy", ".npz", ".pt", ".pth", ".safetensor
 
 
 def _others(folder: Path, files: list[Path]) -> list[Path]:
-    """The files of ``folder`` beside ``files`` that could hold loads too."""
+    """The files of ``folder`` beside ``files`` that could hold loads too (a JSON placement,
+    eplb's or SGLang's, cannot: ``eplb plan dumps/ -o dumps/placement.json`` leaves the
+    folder readable)."""
     chosen = set(files)
     return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in _DATA_SUFFIXES and p not in chosen)
+                  if p.is_file() and p.suffix.lower() in _DATA_SUFFIXES and p not in chosen
+                  and not (p.suffix.lower() == ".json"
+                           and _json_top_key(p) == "physical_to_logical_map"))
 
 
 def refuse_other_files(folder: Path, dumps: list[Path], what: str) -> None:
