@@ -580,9 +580,34 @@ def test_a_folder_of_sglang_pt_dumps_and_other_files_is_refused_by_name(capsys,
                  "--force"]) == 0
     capsys.readouterr()
     (folder / "expert_distribution_recorder_2.pt").mkdir()
-    code = main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "q.json")])
+    for format_flag in ([], ["--format", "sglang"], ["--format", "sglang-per-pass"]):
+        code = main(["plan", str(folder), *format_flag, "-r", "4", "-g", "2", "-o",
+                     str(tmp_path / "q.json")])
+        err = capsys.readouterr().err
+        assert code == 2 and "expert_distribution_recorder_2.pt: is a folder" in err, err
+    # a named per-pass format checks the files beside the dumps too (second attacker pass)
+    (folder / "expert_distribution_recorder_2.pt").rmdir()
+    (folder / "extra.pkl").write_bytes(b"x")
+    code = main(["plan", str(folder), "--format", "sglang-per-pass", "-r", "4", "-g", "2",
+                 "-o", str(tmp_path / "q.json")])
     err = capsys.readouterr().err
-    assert code == 2 and "expert_distribution_recorder_2.pt: is a folder" in err, err
+    assert code == 2 and "other files (extra.pkl)" in err, err
+
+
+def test_a_folder_of_json_dumps_planned_into_stays_readable(capsys, tmp_path) -> None:
+    """A JSON placement written into a folder of {"logical_count"} JSON dumps is no dump:
+    the folder read "found none" of them after it (second attacker pass)."""
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    for k in range(2):
+        (folder / f"d{k}.json").write_text(json.dumps(
+            {"logical_count": [[100 + k, 200, 300, 400], [1, 2, 3, 4 + k]]}))
+    for name in ("placement.json", "again.sglang.json", "third.json"):
+        assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(folder / name)]) == 0
+    capsys.readouterr()
+    assert main(["plan", str(folder), "--format", "sglang", "-r", "4", "-g", "2", "-o",
+                 str(tmp_path / "p.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["steps_summed"] == 2
 
 
 def test_notes_beside_sglang_dumps_do_not_stop_the_folder_being_read(capsys, tmp_path) -> None:
@@ -670,12 +695,16 @@ def test_force_never_writes_the_placement_over_a_file_a_folder_read_took(capsys,
         (folder / "meta_info.json").write_text(json.dumps({"num_experts": E,
                                                            "num_experts_per_token": 2}))
         st.save_file({f"0_{layer}": counts[layer] for layer in range(L)}, str(target))
-    before = target.read_bytes()
-    code = main(["plan", str(folder), "-r", str(R), "-g", str(P), "-o", str(target),
-                 "--force"])
-    err = capsys.readouterr().err
-    assert code == 2 and "would replace it" in err and target.name in err, err
-    assert target.read_bytes() == before
+    # (and a TensorRT-LLM folder's meta file, which the read takes too: second attacker
+    # pass)
+    targets = [target] + ([folder / "meta_info.json"] if kind != "sglang dumps" else [])
+    for target in targets:
+        before = target.read_bytes()
+        code = main(["plan", str(folder), "-r", str(R), "-g", str(P), "-o", str(target),
+                     "--force"])
+        err = capsys.readouterr().err
+        assert code == 2 and "would replace it" in err and target.name in err, err
+        assert target.read_bytes() == before
 
 
 def test_force_never_writes_the_placement_over_a_gpu_speed_file(capsys, tmp_path,

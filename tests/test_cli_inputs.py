@@ -623,7 +623,8 @@ def test_a_ragged_placement_names_its_rows(capsys, tmp_path) -> None:
     assert_user_error(code, err, "[1] has 19 entries where [0] has 0")
 
 
-def test_a_list_option_given_a_negative_first_value_gets_eplbs_own_message(capsys, tmp_path):
+def test_a_list_option_given_a_negative_first_value_gets_eplbs_own_message(capsys, tmp_path,
+                                                                           monkeypatch):
     # argparse reads "-1,1,1,1" as an option and answered "expected one argument"; the
     # value is glued to its option, so eplb's check names what is wrong (attacker pass)
     weight = torch.rand(3, E, generator=torch.Generator().manual_seed(0)) * 100
@@ -639,6 +640,14 @@ def test_a_list_option_given_a_negative_first_value_gets_eplbs_own_message(capsy
         code, _, err = run(capsys, *plan_args(loads, tmp_path, "--max-moves", value))
         assert_user_error(code, err, "--max-moves")
         assert "expected one argument" not in err, (value, err)
+    code, _, err = run(capsys, *plan_args(loads, tmp_path, "--gpu-speed", "-inf,1,1,1"))
+    assert_user_error(code, err, "--gpu-speed values must be finite and > 0")
+    # nothing after "--" is touched: a LOADS file may be named "-1e5.npy" (second
+    # attacker pass: it read "ambiguous option: --=-1e5.npy")
+    monkeypatch.chdir(tmp_path)
+    torch.save(weight, "-1e5.pt")
+    code, _, err = run(capsys, "plan", "-r", "24", "-g", "4", "-o", "odd.json", "--", "-1e5.pt")
+    assert code == 0, err
 
 
 def test_bench_repeats_and_an_empty_estimator_are_refused(capsys, tmp_path):

@@ -476,6 +476,23 @@ def test_a_bad_entry_of_a_load_history_is_named_where_it_is(tmp_path, streamed, 
         read_loads(plain)
 
 
+@pytest.mark.parametrize(("history", "said"), [
+    ('[{"logical_expert_load": null}]', "load_history[0].logical_expert_load is null"),
+    ("[null]", "load_history[0] is null; expected an object with 'logical_expert_load'"),
+    ('[{"other": 1}]', "load_history[0] has no 'logical_expert_load' (found keys ['other'])"),
+    ('[{"logical_expert_load": [1, -2, 3]}]',
+     "load_history[0].logical_expert_load[1] is -2.0 (a negative load)"),
+    ("[[[1, 2], [3, -4]]]", "load_history[0][1][1] is -4.0 (a negative load)"),
+])
+def test_load_history_entries_are_named_as_the_file_has_them(tmp_path, history, said):
+    # second attacker pass: "found keys NoneType", a key "missing" that was there, and
+    # indices or keys the file does not have
+    path = tmp_path / "h.json"
+    path.write_text('{"load_history": ' + history + "}")
+    with pytest.raises(FormatError, match=re.escape(said)):
+        read_loads(path)
+
+
 def test_a_placement_key_given_twice_is_refused_by_name(tmp_path):
     import eplb
     from eplb.formats import read_placement, write_placement

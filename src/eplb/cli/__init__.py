@@ -454,7 +454,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 #: options whose value is a comma-separated list of numbers
 _LIST_OPTIONS = ("--gpu-speed", "--dead-gpus")
-_NUMBER_LIST = re.compile(r"-[\d.]")
+_NUMBER_LIST = re.compile(r"-([\d.]|inf|nan)", re.IGNORECASE)
 #: a negative number argparse takes for an option: ``-inf``, ``-nan``, ``-1e5`` (it lets
 #: ``-1`` and ``-.5`` through by itself)
 _NEGATIVE_WORD = re.compile(r"-(inf(inity)?|nan|(\d+\.?\d*|\.\d+)e[+-]?\d+)", re.IGNORECASE)
@@ -477,17 +477,22 @@ def _glued_lists(argv: Sequence[str], flags: set[str] = frozenset()) -> list[str
     "expected one argument"; glued, eplb's own check names the value that is wrong
     (attacker passes). Only a list option's value, or a whole negative number that
     argparse would not take, is glued, and only to a long option that takes a value
-    (not one of ``flags``) and has no ``=``; nothing else changes: argparse refused
-    these."""
+    (neither one of ``flags`` nor an abbreviation of one) and has no ``=``; nothing after
+    a bare ``--`` is touched. Nothing else changes: argparse refused these."""
     out: list[str] = []
     items = list(argv)
     k = 0
     while k < len(items):
         item = items[k]
+        if item == "--":  # the rest are values (file names such as "-1e5"): as given
+            out += items[k:]
+            break
         value = items[k + 1] if k + 1 < len(items) else ""
+        # (a flag's abbreviation, "--js" for --json, is left alone as the flag is)
+        takes_value = (item.startswith("--") and "=" not in item
+                       and not any(flag.startswith(item) for flag in flags))
         if ((item in _LIST_OPTIONS and _NUMBER_LIST.match(value))
-                or (item.startswith("--") and "=" not in item and item not in flags
-                    and _NEGATIVE_WORD.fullmatch(value))):
+                or (takes_value and _NEGATIVE_WORD.fullmatch(value))):
             out.append(f"{item}={value}")
             k += 2
             continue

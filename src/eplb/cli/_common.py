@@ -182,6 +182,8 @@ def refuse_input_as_output(out: Path, inputs: list[tuple[str, str | None]]) -> N
                 read = folder_load_files(Path(given))
             except (OSError, FormatError):  # the reader says what is wrong with it
                 read = []
+            # a TensorRT-LLM folder's meta file is read too (second attacker pass)
+            read.append(Path(given) / "meta_info.json")
         for file in read:
             try:
                 same = file.is_file() and os.path.samefile(out, file)

@@ -164,7 +164,10 @@ def _json_top_key(path: Path) -> str | None:
 def sglang_json_dumps(folder: Path) -> list[Path]:
     """The ``{"logical_count": ...}`` JSON files of ``folder``, by name (empty when any
     JSON file there is something else: a folder is read whole or not at all)."""
-    files = sorted(p for p in folder.glob("*.json") if p.is_file())
+    # (a JSON placement beside them holds no loads: planned into, the folder stays
+    # readable; second attacker pass)
+    files = sorted(p for p in folder.glob("*.json")
+                   if p.is_file() and _json_top_key(p) != "physical_to_logical_map")
     if files and all(_json_top_key(p) == "logical_count" for p in files) and not _others(
             folder, files):
         return files
@@ -212,7 +215,8 @@ def refuse_same_files(folder: Path, files: list[Path]) -> None:
 
 
 # files that could hold loads; notes beside the dumps (SOURCE.md, README) do not count
-_DATA_SUFFIXES = frozenset({".json", ".npy", ".npz", ".pt", ".pth", ".safetensors", ".csv"})
+_DATA_SUFFIXES = frozenset({".json", ".npy", ".npz", ".pt", ".pth", ".safetensors", ".csv",
+                            ".pkl", ".pickle", ".bin", ".tsv", ".dat"})
 
 
 def _others(folder: Path, files: list[Path]) -> list[Path]:
@@ -224,6 +228,21 @@ def _others(folder: Path, files: list[Path]) -> list[Path]:
                   if p.is_file() and p.suffix.lower() in _DATA_SUFFIXES and p not in chosen
                   and not (p.suffix.lower() == ".json"
                            and _json_top_key(p) == "physical_to_logical_map"))
+
+
+def recorder_dumps(folder: Path) -> list[Path]:
+    """``folder``'s SGLang ``expert_distribution_recorder_*.pt`` dumps, by name (empty for
+    none), checked as a folder read whole: a sub-folder named like a dump, and data files
+    beside the dumps, are a :class:`FormatError` (:func:`refuse_other_files`). Detection
+    and both SGLang readers list them here, so a named format checks as detection does."""
+    dumps = sorted(folder.glob("expert_distribution_recorder_*.pt"))
+    inner = [p for p in dumps if p.is_dir()]
+    if inner:  # (it read "found none": attacker pass)
+        raise FormatError(inner[0], "is a folder; expected an SGLang "
+                                    "expert_distribution_recorder_*.pt dump file")
+    if dumps:
+        refuse_other_files(folder, dumps, "expert_distribution_recorder_*.pt dumps")
+    return dumps
 
 
 def refuse_other_files(folder: Path, dumps: list[Path], what: str) -> None:
@@ -248,13 +267,8 @@ def detect_format(path: str | PathLike[str]) -> str:
     if kind == "dir":
         if (path / "meta_info.json").is_file():
             return "trtllm"
-        dumps = sorted(path.glob("expert_distribution_recorder_*.pt"))
+        dumps = recorder_dumps(path)
         if dumps:
-            inner = [p for p in dumps if p.is_dir()]
-            if inner:  # (it read "found none": attacker pass)
-                raise FormatError(inner[0], "is a folder; expected an SGLang "
-                                            "expert_distribution_recorder_*.pt dump file")
-            refuse_other_files(path, dumps, "expert_distribution_recorder_*.pt dumps")
             # stat-mode dumps hold logical_count; per_pass / per_token dumps hold records
             first = _load_pt(dumps[0])
             return "sglang" if isinstance(first, dict) and "logical_count" in first \

@@ -180,17 +180,25 @@ def _read_entries(stream: JsonStream, path: Path, size: int) -> tuple[np.ndarray
     while True:
         start = stream.offset + stream.pos
         entry = stream.value(f"in load_history[{step}]")
-        load = entry.get("logical_expert_load") if isinstance(entry, dict) else entry
+        # each entry named as the file has it (second attacker pass: a null entry read
+        # "found keys NoneType", a null load "has no 'logical_expert_load' (found keys
+        # ['logical_expert_load'])")
+        if isinstance(entry, dict):
+            if "logical_expert_load" not in entry:
+                raise FormatError(path, f"load_history[{step}] has no 'logical_expert_load' "
+                                        f"(found keys {sorted(entry)})")
+            load, what = entry["logical_expert_load"], f"load_history[{step}].logical_expert_load"
+        else:  # a bare [L][E] list per step
+            load, what = entry, f"load_history[{step}]"
         if load is None:
-            found = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
-            raise FormatError(
-                path, f"load_history[{step}] has no 'logical_expert_load' (found keys {found})"
-            )
-        what = f"load_history[{step}].logical_expert_load"
+            expected = ("[layers][experts] loads" if isinstance(entry, dict) else
+                        "an object with 'logical_expert_load' (or [layers][experts] loads)")
+            raise FormatError(path, f"{what} is null; expected {expected}")
         if stream.literals:
             refuse_booleans(load, path, what)
         arr = number_array(load, path, what)
-        if arr.ndim == 1:
+        one_layer = arr.ndim == 1  # (named by its expert alone below)
+        if one_layer:
             arr = arr[None]
         if out is None:
             if arr.ndim != 2 or arr.size == 0:
@@ -214,7 +222,8 @@ def _read_entries(stream: JsonStream, path: Path, size: int) -> tuple[np.ndarray
             value = float(arr[layer, expert])
             kind = ("a NaN" if value != value else "an infinite" if abs(value) == np.inf
                     else "a negative")
-            raise FormatError(path, f"{what}[{layer}][{expert}] is {value} ({kind} load); "
+            where = f"[{expert}]" if one_layer else f"[{layer}][{expert}]"
+            raise FormatError(path, f"{what}{where} is {value} ({kind} load); "
                                     "loads must be finite and >= 0")
         if step == out.shape[0]:
             grown = np.empty((int(step * 1.5) + 4, *out.shape[1:]), dtype=np.float64)

@@ -35,7 +35,7 @@ from eplb.formats.detect import (
     TOPK_KEY_PATTERN,
     _load_pt,
     detect_format,
-    refuse_other_files,
+    recorder_dumps,
     refuse_same_files,
     sglang_json_dumps,
     sniff_container,
@@ -275,10 +275,9 @@ def _read_sglang_folder(path: Path) -> LoadTrace:
     """A folder of stat-mode dumps ``expert_distribution_recorder_{time}.pt`` (oldest
     first; rank 0 writes one per dump request) or, failing those, of ``{"logical_count"}``
     JSON files (by name): their steps one after another."""
-    files = sorted(path.glob("expert_distribution_recorder_*.pt"), key=_dump_time)
-    if files:  # (as detect_format: the format may be named, and detection skipped)
-        refuse_other_files(path, files, "expert_distribution_recorder_*.pt dumps")
-    else:
+    # (checked as detect_format checks them: the format may be named, detection skipped)
+    files = sorted(recorder_dumps(path), key=_dump_time)
+    if not files:
         files = sglang_json_dumps(path)  # e.g. the dumps the SGLang team published
     if not files:
         raise FormatError(path, "expected expert_distribution_recorder_*.pt dumps or "
@@ -303,7 +302,7 @@ def _dump_time(file: Path) -> tuple[float, str]:
 
 
 def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
-    files = sorted(path.glob("expert_distribution_recorder_*.pt")) if path.is_dir() else [path]
+    files = recorder_dumps(path) if path.is_dir() else [path]
     if not files:
         raise wrong_kind(path, "sglang-per-pass", "expert_distribution_recorder_*.pt dumps",
                          "a folder without any")
