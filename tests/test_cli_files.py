@@ -585,8 +585,17 @@ def test_a_folder_of_sglang_pt_dumps_and_other_files_is_refused_by_name(capsys,
                      str(tmp_path / "q.json")])
         err = capsys.readouterr().err
         assert code == 2 and "expert_distribution_recorder_2.pt: is a folder" in err, err
-    # a named per-pass format checks the files beside the dumps too (second attacker pass)
+    # dumps in a sub-folder are named, not skipped (second attacker pass)
     (folder / "expert_distribution_recorder_2.pt").rmdir()
+    (folder / "node1").mkdir()
+    torch.save({"rank": 0, "logical_count": torch.ones(1, 2, 4, dtype=torch.int32)},
+               folder / "node1" / "expert_distribution_recorder_3.pt")
+    code = main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "q.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "a folder of more of them (node1)" in err, err
+    (folder / "node1" / "expert_distribution_recorder_3.pt").unlink()
+    (folder / "node1").rmdir()
+    # a named per-pass format checks the files beside the dumps too (second attacker pass)
     (folder / "extra.pkl").write_bytes(b"x")
     code = main(["plan", str(folder), "--format", "sglang-per-pass", "-r", "4", "-g", "2",
                  "-o", str(tmp_path / "q.json")])

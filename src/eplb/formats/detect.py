@@ -242,6 +242,14 @@ def recorder_dumps(folder: Path) -> list[Path]:
                                     "expert_distribution_recorder_*.pt dump file")
     if dumps:
         refuse_other_files(folder, dumps, "expert_distribution_recorder_*.pt dumps")
+        # dumps one level down (a folder per node) are not read: say so, not skip them
+        # (second attacker pass)
+        nested = sorted(p for p in folder.iterdir() if p.is_dir()
+                        and next(p.glob("expert_distribution_recorder_*.pt"), None))
+        if nested:
+            raise FormatError(folder, f"holds SGLang dumps and a folder of more of them "
+                                      f"({nested[0].name}); a folder is read without its "
+                                      "sub-folders: give the folders one by one")
     return dumps
 
 
