@@ -576,6 +576,8 @@ def test_a_folder_of_sglang_pt_dumps_and_other_files_is_refused_by_name(capsys,
                  str(folder / "placement.json")]) == 0
     assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o",
                  str(folder / "again.sglang.json")]) == 0
+    for name in ("placement.pt", "third.sglang.pt"):  # (torch placements too)
+        assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(folder / name)]) == 0
     assert main(["plan", str(folder), "-r", "4", "-g", "2", "-o", str(tmp_path / "p.json"),
                  "--force"]) == 0
     capsys.readouterr()

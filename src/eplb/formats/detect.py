@@ -166,8 +166,7 @@ def sglang_json_dumps(folder: Path) -> list[Path]:
     JSON file there is something else: a folder is read whole or not at all)."""
     # (a JSON placement beside them holds no loads: planned into, the folder stays
     # readable; second attacker pass)
-    files = sorted(p for p in folder.glob("*.json")
-                   if p.is_file() and _json_top_key(p) != "physical_to_logical_map")
+    files = sorted(p for p in folder.glob("*.json") if p.is_file() and not _is_placement(p))
     if files and all(_json_top_key(p) == "logical_count" for p in files) and not _others(
             folder, files):
         return files
@@ -220,14 +219,35 @@ _DATA_SUFFIXES = frozenset({".json", ".npy", ".npz", ".pt", ".pth", ".safetensor
 
 
 def _others(folder: Path, files: list[Path]) -> list[Path]:
-    """The files of ``folder`` beside ``files`` that could hold loads too (a JSON placement,
+    """The files of ``folder`` beside ``files`` that could hold loads too (a placement,
     eplb's or SGLang's, cannot: ``eplb plan dumps/ -o dumps/placement.json`` leaves the
     folder readable)."""
     chosen = set(files)
     return sorted(p for p in folder.iterdir()
                   if p.is_file() and p.suffix.lower() in _DATA_SUFFIXES and p not in chosen
-                  and not (p.suffix.lower() == ".json"
-                           and _json_top_key(p) == "physical_to_logical_map"))
+                  and not _is_placement(p))
+
+
+#: the largest ``.pt`` file beside dumps that is loaded to tell a placement from loads
+_PLACEMENT_PT_BYTES = 1 << 24
+
+
+def _is_placement(path: Path) -> bool:
+    """Whether ``path`` is a placement file, eplb's or SGLang's, JSON or torch (a ``.pt``
+    up to :data:`_PLACEMENT_PT_BYTES`, loaded safely; a larger or unreadable one counts
+    as loads). Second attacker pass: a ``.pt`` placement planned into a folder of dumps
+    made the folder unreadable."""
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _json_top_key(path) == "physical_to_logical_map"
+    if suffix not in (".pt", ".pth") or path.stat().st_size > _PLACEMENT_PT_BYTES:
+        return False
+    try:
+        record = _load_pt(path)
+    except (FormatError, OSError):
+        return False
+    return isinstance(record, dict) and (record.get("format") == "eplb.placement"
+                                         or set(record) == {"physical_to_logical_map"})
 
 
 def recorder_dumps(folder: Path) -> list[Path]:
