@@ -58,7 +58,12 @@ def dead_note(active: torch.Tensor | None) -> str:
     """``", GPUs 3,17 dead"`` for a table title (empty when every GPU is live): plan's and
     eval's, alike."""
     dead = dead_gpu_ids(active) or []
-    return f", GPU{'s' if len(dead) > 1 else ''} {','.join(map(str, dead))} dead" if dead else ""
+    return f", {_gpus(dead)} dead" if dead else ""
+
+
+def _gpus(ids: list[int]) -> str:
+    """``"GPU 3"`` or ``"GPUs 3,17"``."""
+    return f"GPU{'s' if len(ids) > 1 else ''} {','.join(map(str, ids))}"
 
 
 def as_serving(active: torch.Tensor | None, used: torch.Tensor | None = None) -> str:
@@ -72,8 +77,7 @@ def as_serving(active: torch.Tensor | None, used: torch.Tensor | None = None) ->
     if used is not None:
         dead &= used.bool().cpu()
     ids = dead.nonzero().flatten().tolist()
-    return f"; GPU{'s' if len(ids) > 1 else ''} {','.join(map(str, ids))} dead now, scored " \
-        f"as serving" if ids else ""
+    return f"; {_gpus(ids)} dead now, scored as serving" if ids else ""
 
 
 def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:

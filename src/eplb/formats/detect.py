@@ -166,9 +166,9 @@ def sglang_json_dumps(folder: Path) -> list[Path]:
     JSON file there is something else: a folder is read whole or not at all)."""
     # (a JSON placement beside them holds no loads: planned into, the folder stays
     # readable; second attacker pass)
-    files = sorted(p for p in folder.glob("*.json") if p.is_file() and not _is_placement(p))
-    if files and all(_json_top_key(p) == "logical_count" for p in files) and not _others(
-            folder, files):
+    keys = {p: _json_top_key(p) for p in sorted(folder.glob("*.json")) if p.is_file()}
+    files = [p for p, key in keys.items() if key != "physical_to_logical_map"]
+    if files and all(keys[p] == "logical_count" for p in files) and not _others(folder, files):
         return files
     return []
 

@@ -69,7 +69,12 @@ from eplb.core.placement import build_log2phy
 from eplb.core.topology import Topology, positive_int
 from eplb.integrations.agreement import PlanAgreement, agree_and_log, check_timeout_option
 from eplb.integrations.sglang_counts import check_step_counts, sum_steps
-from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
+from eplb.online.settings import (
+    INCREMENTAL_OPTIONS,
+    check_engine_budget,
+    check_option_values,
+    options_from_json,
+)
 
 __all__ = [
     "ENV_VAR",
@@ -122,17 +127,8 @@ def _checked_options(text: str, source: str) -> dict[str, Any]:
     """Planner options from JSON ``text``; errors name ``source`` (where the text came from:
     the environment variable, or the launcher's ``--eplb-options``)."""
     options = options_from_json(source, text)
-    if isinstance(options.get("max_moves"), list):
-        # its length would be checked only at the first rebalance, which has no fallback
-        raise ValueError(f"{source}: max_moves must be one int (slots in total over all "
-                         "layers) here; per-layer lists are for the Python API")
-    budget = options.get("max_moves")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
-                               or budget < 0):
-        # (the planner's own message offers per-layer lists, refused just above: as the
-        # vLLM plugin says it; attacker pass)
-        raise ValueError(f"{source}: max_moves must be a non-negative int (slots in total "
-                         f"over all layers) or null, got {budget!r}")
+    # (a per-layer list would fail only at the first rebalance, which has no fallback)
+    check_engine_budget(options, source)
     _check_options(options, source, PLANNER_OPTIONS | PLUGIN_OPTIONS)
     check_timeout_option(options, source)
     return options

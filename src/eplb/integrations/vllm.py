@@ -73,7 +73,12 @@ from eplb.integrations.agreement import (
     agree_and_log,
     check_timeout_option,
 )
-from eplb.online.settings import INCREMENTAL_OPTIONS, check_option_values, options_from_json
+from eplb.online.settings import (
+    INCREMENTAL_OPTIONS,
+    check_engine_budget,
+    check_option_values,
+    options_from_json,
+)
 
 __all__ = [
     "ENV_VAR",
@@ -452,17 +457,9 @@ def _check_options(options: dict[str, Any], source: str) -> None:
                if options["policy"] == "locality" else "")
         raise ValueError(f"{source}: policy must be one of {', '.join(VLLM_POLICIES)} for "
                          f"vLLM, got {options['policy']!r}{why}")
-    budget = options.get("max_moves")
-    if isinstance(budget, list):
-        # its length (vLLM's MoE layers) would be checked only at each rebalance, which
-        # would then fail on every EP rank and fall back to vLLM's policy every time
-        raise ValueError(f"{source}: max_moves must be one int (slots in total over all "
-                         "layers) here; per-layer lists are for the Python API")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
-                               or budget < 0):
-        # (the planner's own message offers per-layer lists, refused just above)
-        raise ValueError(f"{source}: max_moves must be a non-negative int (slots in total "
-                         f"over all layers) or null, got {budget!r}")
+    # (a per-layer list would fail at each rebalance, on every EP rank, and fall back to
+    # vLLM's policy every time)
+    check_engine_budget(options, source)
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
         check_option_values({k: v for k, v in options.items() if k in PLANNER_OPTIONS})
     except (TypeError, ValueError) as exc:

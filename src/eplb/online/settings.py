@@ -58,6 +58,22 @@ def options_from_json(name: str, raw: str) -> dict[str, Any]:
     return options
 
 
+def check_engine_budget(options: Mapping[str, Any], source: str) -> None:
+    """``ValueError`` naming ``source`` (where an engine's options came from) unless
+    ``max_moves`` is absent, null or one non-negative int. An engine plugin takes a total
+    only: a per-layer list's length (the model's MoE layers) would be checked only at the
+    first rebalance, which would fail on every rank; and the planner's own message offers
+    such lists (attacker pass: SGLang's said so, then refused one)."""
+    budget = options.get("max_moves")
+    if isinstance(budget, list):
+        raise ValueError(f"{source}: max_moves must be one int (slots in total over all "
+                         "layers) here; per-layer lists are for the Python API")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                               or budget < 0):
+        raise ValueError(f"{source}: max_moves must be a non-negative int (slots in total "
+                         f"over all layers) or null, got {budget!r}")
+
+
 def check_option_values(options: Mapping[str, Any], topology: Topology | None = None) -> None:
     """Check the values of planner options (the keyword arguments of :func:`eplb.plan`,
     plus :data:`SCORE_OPTIONS` and ``incremental``). With ``topology`` also those whose
