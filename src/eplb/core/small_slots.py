@@ -367,7 +367,9 @@ def plan_two_slots(
     else:
         host = torch.from_numpy(w)
         every = cap_counts(host, replica_counts(host, num_replicas, rules), num_gpus).numpy()
-        scores = np.stack([_pair_max_x(_scan(w, c))[0] for c in every])  # [rules, rows]
+        # [rules, rows]: every allocation scanned in one batch (rows are independent)
+        scores = _pair_max_x(_scan(np.tile(w, (len(every), 1)),
+                                   every.reshape(-1, num_experts)))[0].reshape(len(every), rows)
         counts = every[scores.argmin(0), np.arange(rows)]
         # more pieces above half a GPU's mean load (1 here) than GPUs pair two of them on
         # some GPU: two equally hot experts among idle ones got 17 + 17 replicas on 32
