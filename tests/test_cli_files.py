@@ -975,3 +975,13 @@ def test_equal_gpu_speeds_plan_as_equal_gpus(tmp_path, capsys):
     assert main(["plan", str(loads), "-r", "24", "-g", "8", "--gpu-speed", ",".join(["2"] * 8),
                  "--previous", str(old), "-o", str(tmp_path / "next.json")]) == 0
     assert "unequal" not in capsys.readouterr().err
+
+
+def test_a_fifo_in_a_report_folder_is_refused_in_the_clis_words(capsys, tmp_path):
+    """Attacker pass: the refusal read "even with --force (force=True)", the API's word."""
+    folder = tmp_path / "report"
+    folder.mkdir()
+    os.mkfifo(folder / "report.html")
+    assert main(["demo", "--out", str(folder), "--force", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "not a regular file" in err and "force=True" not in err, err

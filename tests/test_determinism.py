@@ -105,3 +105,59 @@ def test_plans_do_not_depend_on_numpys_simd_dispatch(plans):
     got, want = plans["numpy baseline"], plans["reference"]
     differ = {c: h for c, h in got["hashes"].items() if h != want["hashes"][c]}
     assert not differ, f"NumPy baseline dispatch: plans differ: {sorted(differ)}"
+
+
+def _inputs() -> tuple:
+    import torch
+
+    import eplb
+
+    skewed = torch.exp(2 * torch.randn(4, 16, generator=torch.Generator().manual_seed(2),
+                                       dtype=torch.float64))
+    loads = torch.rand(6, 32, generator=torch.Generator().manual_seed(5),
+                       dtype=torch.float64) ** 3 * 1000
+    drifted = loads * torch.exp(0.3 * torch.randn(loads.shape, dtype=torch.float64,
+                                                  generator=torch.Generator().manual_seed(6)))
+    return skewed, loads, drifted, eplb.plan(loads, 48, 8, 2, 4)
+
+
+def _plans_of_every_kind(skewed, loads, drifted, fresh) -> list:
+    """Small plans of every policy and path (attacker pass inputs)."""
+    import torch
+
+    import eplb
+    from eplb.integrations.vllm import EplbPolicy
+
+    return [
+        eplb.plan(skewed, 40, 8).phy2log,  # S = 5: the packing's rescue
+        eplb.plan(loads, 48, 8, 2, 4).phy2log,
+        eplb.plan(loads, 48, 8, 2, 4, policy="global").phy2log,
+        eplb.plan(loads, 48, 8, 2, 4, policy="global", dispatch="nearest").phy2log,
+        eplb.plan(loads, 48, 8, 2, 4, policy="locality", dispatch="nearest").phy2log,
+        eplb.plan(drifted, 48, 8, 2, 4, previous=fresh).phy2log,
+        EplbPolicy.rebalance_experts(drifted.to(torch.int32), 48, 4, 2, 8, fresh.phy2log),
+    ]
+
+
+def test_plans_do_not_depend_on_the_default_dtype_device_or_autocast():
+    """A bfloat16 default dtype (set by scripts while a model loads) changed 9 of 37 plans,
+    an autocast region the locality plan, and a "meta" default device failed inside torch
+    (attacker pass, thirty-eighth session)."""
+    import torch
+
+    inputs = _inputs()
+    reference = _plans_of_every_kind(*inputs)
+    dtype, device = torch.get_default_dtype(), torch.get_default_device()
+    try:
+        torch.set_default_dtype(torch.bfloat16)
+        under_bf16 = _plans_of_every_kind(*inputs)
+        torch.set_default_dtype(dtype)
+        torch.set_default_device("meta")
+        under_meta = _plans_of_every_kind(*inputs)
+    finally:
+        torch.set_default_dtype(dtype)
+        torch.set_default_device(device)
+    with torch.autocast("cpu"):
+        under_autocast = _plans_of_every_kind(*inputs)
+    for theirs in (under_bf16, under_meta, under_autocast):
+        assert all(torch.equal(a, b) for a, b in zip(reference, theirs, strict=True))

@@ -496,3 +496,24 @@ def test_multi_window_choice_scores_plans_as_the_engine_realises_them() -> None:
     realised = realised_gpu_loads(window, nearest.phy2log, 16, 4)
     assert torch.allclose(expected_max(nearest, window[None], dispatch="nearest"),
                           realised.max(1).values / realised.mean(1))
+
+
+def test_an_invalid_initial_placement_is_refused_when_given() -> None:
+    """It was accepted, reported as the placement in force, and refused ``interval`` steps
+    later as the "previous placement" (never without incremental): attacker pass."""
+    import dataclasses
+
+    from eplb import PlacementError
+
+    weight = torch.rand(6, 32, generator=torch.Generator().manual_seed(0)) * 100
+    good = plan(weight, 48, 8)
+    bad_ids = good.phy2log.clone()
+    bad_ids[0, 0] = 37  # expert ids stop at 31
+    for incremental in (True, False):
+        with pytest.raises(PlacementError, match="initial placement: layer 0 slot 0"):
+            Rebalancer(48, 8, window=10, interval=1000, incremental=incremental,
+                       initial=dataclasses.replace(good, phy2log=bad_ids))
+    # a map in force may stack an expert's replicas on a GPU (the forced moves spread them)
+    stacked = Placement.from_phy2log(torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]]), 2,
+                                     Topology(8, 2))
+    assert Rebalancer(8, 2, window=10, interval=1000, initial=stacked).placement is stacked

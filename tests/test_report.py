@@ -88,7 +88,8 @@ def test_a_report_that_loses_the_race_for_a_folder_changes_none_of_its_files(
     # then the other run publishes first (here: while this one draws its picture). This
     # one must fail without --force and leave the winner's picture as it was, not
     # replace it (README: outputs are never overwritten without --force, not even by two
-    # runs at once)
+    # runs at once). A new folder is staged beside the target and renamed into place, so
+    # the loser finds the folder taken when it publishes, and leaves no staging behind
     pytest.importorskip("matplotlib")
     out = tmp_path / "r"
 
@@ -98,8 +99,9 @@ def test_a_report_that_loses_the_race_for_a_folder_changes_none_of_its_files(
 
     loser = Report("the other run")
     loser.figure("pic.png", "its own picture", draw_after_the_winner)
-    with pytest.raises(FileExistsError, match=r"pic\.png"):
+    with pytest.raises(FileExistsError, match="appeared while the report was written"):
         loser.write(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]
     reference = tmp_path / "alone"
     _sample_report().write(reference)
     assert (out / "pic.png").read_bytes() == (reference / "pic.png").read_bytes()
@@ -161,3 +163,22 @@ def test_install_hints_name_the_extras_requirements_not_an_indexed_eplb(monkeypa
     with pytest.raises(ImportError) as err:
         import_safetensors_torch()
     assert SAFETENSORS_HINT in str(err.value) and "eplb[" not in str(err.value)
+
+
+def test_a_new_report_folder_appears_whole(tmp_path: Path, monkeypatch) -> None:
+    """A run killed while writing left pictures without report.md (attacker pass): a new
+    folder is written aside and renamed into place, so it is complete or absent."""
+    out = tmp_path / "deep" / "r"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands for the kill: the run stops before its text
+
+    monkeypatch.setattr(report_mod, "atomic_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _sample_report().write(out)
+    assert not out.exists()
+    assert list((tmp_path / "deep").iterdir()) == []
+    monkeypatch.undo()
+    written = _sample_report().write(out)
+    assert {p.name for p in written} <= {p.name for p in out.iterdir()}
+    assert (out / "report.md").exists()

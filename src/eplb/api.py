@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.core.device_path import plans_on_host, to_host
+from eplb.core.device_path import caller_settings_off, plans_on_host, to_host
 from eplb.core.options import PlanOptions, with_incremental
 from eplb.core.placement import Placement
 from eplb.core.planner import make_request, plan_fresh
@@ -118,7 +118,7 @@ def plan(
             "weight=trace) to key the written rows by its model layers")
     # the planner is a few hundred small tensor operations: without autograd's
     # bookkeeping (inference mode) each costs less (7 % of a DeepSeek-V3 plan)
-    with torch.inference_mode():
+    with torch.inference_mode(), caller_settings_off():
         device = _host_planned(weight)
         if device is not None:  # planned on the CPU, returned on the weight's device
             weight, previous, max_moves = to_host(weight), to_host(previous), to_host(max_moves)

@@ -543,8 +543,9 @@ def _main(args: argparse.Namespace) -> int:
             PermissionError) as exc:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         # the writers' words name both spellings; here only the flag means anything
-        said = _one_line(exc.strerror or str(exc)).replace("force=True (CLI: --force)",
-                                                            "--force")
+        said = (_one_line(exc.strerror or str(exc))
+                .replace("force=True (CLI: --force)", "--force")
+                .replace(" (force=True)", ""))
         return _fail(args, f"{said}{where}", EXIT_USAGE)
     except (ValueError, TypeError) as exc:  # bad input: FormatError, PlacementError, topology
         return _fail(args, str(exc), EXIT_USAGE)

@@ -209,11 +209,12 @@ def check_cluster_flags(*, gpus: int | None, nodes: int | None,
 
 
 def check_nearest_flags(args: argparse.Namespace, policy: str, num_experts: int,
-                        dead: bool = False) -> None:
+                        num_layers: int, dead: bool = False) -> None:
     """Under ``--dispatch nearest``: ``--fair`` shapes a global plan, ``--routing``
     feeds the locality policy and ``--max-moves`` budgets the global policy with every GPU
     live; refuse each elsewhere by flag (the API's refusal names its keywords)."""
-    too_large = (nearest_size_problem(args.gpus, args.replicas // args.gpus, num_experts)
+    too_large = (nearest_size_problem(args.gpus, args.replicas // args.gpus, num_experts,
+                                      num_layers)
                  if policy == "global" and args.nodes > 1 else None)
     if too_large:
         raise CliError(f"--dispatch nearest with the global policy over {args.nodes} nodes "
@@ -512,8 +513,8 @@ def prepare_report(directory: str | None, force: bool, title: str,
                                "choose another directory")
             try:
                 check_writable(path, force)
-            except OSError as exc:
-                raise CliError(str(exc)) from None
+            except OSError as exc:  # the writers' words name the API's keyword too
+                raise CliError(str(exc).replace(" (force=True)", "")) from None
     return report
 
 

@@ -292,7 +292,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     policy = cli_policy(args.policy, args.replicas, args.gpus, args.nodes, args.groups,
                         num_experts, dead=dead, speeds=speed is not None)
     if options.get("dispatch") == "nearest":  # refused by the API in its keywords' names
-        check_nearest_flags(args, policy, num_experts, dead)
+        check_nearest_flags(args, policy, num_experts, num_layers, dead)
     if options.get("dispatch") == "nearest" and args.policy == "auto" and policy == "hierarchical":
         warn("--policy auto plans hierarchically (groups on several nodes), which keeps each "
              "group on one node but balances far worse under --dispatch nearest than "

@@ -29,12 +29,16 @@ was faster at one shape of the four large ones timed. ``FORCE = "device"`` opts 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 __all__ = [
     "DEVICE_PATH_MIN_ITEMS",
     "FORCE",
     "bldm_gpus_torch",
+    "caller_settings_off",
     "expand_replicas_torch",
     "plans_on_host",
     "to_host",
@@ -71,6 +75,27 @@ def _forced() -> str | None:
         raise ValueError(f"eplb.core.device_path.FORCE must be None, 'host' or 'device', "
                          f"got {FORCE!r}")
     return FORCE
+
+
+@contextlib.contextmanager
+def caller_settings_off() -> Iterator[None]:
+    """Plan in the dtypes and on the devices the planner chose, whatever the caller's torch
+    settings (attacker pass, thirty-eighth session):
+
+    - autocast off: a caller's ``torch.autocast`` region (an engine's forward pass) ran the
+      locality and dispatch planners' ``bmm``/``einsum`` in bfloat16 and changed their plans;
+    - the CPU as the default device where the caller set another
+      (``torch.set_default_device``): the planner's own tensors are made on the host, as
+      its NumPy steps expect (a "meta" default failed inside torch). Entered only then:
+      the device context intercepts every torch call.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        if torch.get_default_device().type != "cpu":
+            stack.enter_context(torch.device("cpu"))
+        yield
 
 
 def plans_on_host(tensor: torch.Tensor) -> bool:

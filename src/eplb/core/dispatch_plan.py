@@ -222,14 +222,31 @@ def nearest_work(num_gpus: int, slots_per_gpu: int, num_experts: int) -> int:
     return num_gpus * replicas * replicas // max(1, num_experts)
 
 
-def nearest_size_problem(num_gpus: int, slots_per_gpu: int, num_experts: int) -> str | None:
+#: the most ``L · P³ · E`` (layers × GPUs³ × experts) the global nearest-dispatch plan
+#: takes on over several nodes: :data:`MAX_NEAREST_WORK` bounds one layer's relabelling by
+#: the replicas per expert, and this bounds the whole call, whose time grows with the
+#: layers, the cube of the GPUs and the experts (one core, one layer: 1024 GPUs × 2 slots
+#: with 256 experts 3.7 s, with 1024 experts 18 s; 2048 × 2 with 2048 experts 266 s,
+#: attacker pass, thirty-eighth session). The limit is the largest call measured, 58
+#: DeepSeek-V3 layers on 1024 GPUs (about 3.6 minutes, :data:`NEAREST_TIMES`)
+MAX_NEAREST_CALL_WORK = 58 * 1024**3 * 256
+
+
+def nearest_size_problem(num_gpus: int, slots_per_gpu: int, num_experts: int,
+                         num_layers: int) -> str | None:
     """Why a global plan for the nearest dispatch over several nodes is beyond what eplb
-    plans (:data:`MAX_NEAREST_WORK`), or ``None``."""
+    plans (:data:`MAX_NEAREST_WORK`, :data:`MAX_NEAREST_CALL_WORK`), or ``None``."""
     work = nearest_work(num_gpus, slots_per_gpu, num_experts)
     if work > MAX_NEAREST_WORK:
         return (f"{num_gpus} GPUs with {slots_per_gpu} slot{'s' * (slots_per_gpu > 1)} each "
                 f"for {num_experts} experts (GPUs × all slots × replicas per expert "
                 f"{work:,}) is more than it plans for ({MAX_NEAREST_WORK:,})")
+    call = num_layers * num_gpus**3 * num_experts
+    if call > MAX_NEAREST_CALL_WORK:
+        return (f"{num_layers} layer{'s' * (num_layers != 1)} of {num_experts} experts on "
+                f"{num_gpus} GPUs (layers × GPUs³ × experts {call:,}) is more than it plans "
+                f"for ({MAX_NEAREST_CALL_WORK:,}, 58 layers of 256 experts on 1,024 GPUs: about "
+                f"3.6 minutes on one core)")
     return None
 
 

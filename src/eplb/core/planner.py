@@ -209,7 +209,8 @@ def make_request(
         has_speeds=speed is not None,
         stacklevel=stacklevel,
     )
-    too_large = (nearest_size_problem(topology.num_gpus, topology.slots_per_gpu, num_experts)
+    too_large = (nearest_size_problem(topology.num_gpus, topology.slots_per_gpu, num_experts,
+                                     w.shape[0])
                  if dispatch == "nearest" and chosen == "global" and topology.num_nodes > 1
                  else None)
     if too_large:  # refused before minutes of search

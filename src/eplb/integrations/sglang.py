@@ -242,7 +242,7 @@ def eplb_rebalance(
     asked = options.pop("policy", None)
     policy = _policy(asked, dispatch, hierarchical, topology, weight.shape[-1])
     too_large = (nearest_size_problem(num_gpus, num_local_physical_experts,
-                                     weight.shape[-1])
+                                     weight.shape[-1], weight.shape[0])
                  if dispatch == "nearest" and policy == "global" else None)
     if too_large:
         # beyond the global nearest planner's size (eplb.plan refuses it; a hierarchical

@@ -187,7 +187,7 @@ class EplbPolicy:
             if weight.is_floating_point():  # (float8 has no compare: float64 is exact)
                 weight = weight.to(torch.float64)
             weight = torch.where(weight.isfinite() & (weight > 0), weight,
-                                 torch.zeros((), dtype=weight.dtype))
+                                 torch.zeros((), dtype=weight.dtype, device=weight.device))
         if old is None:  # a fresh plan: the move knobs have nothing to act on
             planner = {k: v for k, v in planner.items() if k not in INCREMENTAL_OPTIONS}
         plan, error = None, None
@@ -303,7 +303,7 @@ def _check_phy2log(phy2log: torch.Tensor, weight_shape: torch.Size, num_replicas
         )
     if bool((phy2log < 0).any()) or bool((phy2log >= num_experts).any()):
         raise ValueError(f"planner returned expert ids outside [0, {num_experts})")
-    counts = torch.zeros(num_layers, num_experts, dtype=torch.int64)
+    counts = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=phy2log.device)
     counts.scatter_add_(1, phy2log, torch.ones_like(phy2log))
     if bool((counts == 0).any()):
         raise ValueError("planner returned a phy2log in which some expert has no slot")

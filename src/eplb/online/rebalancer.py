@@ -137,6 +137,14 @@ class Rebalancer:
         if initial is not None and initial.topology != self.topology:
             raise ValueError(f"initial placement is for {initial.topology}, the rebalancer "
                              f"for {self.topology}")
+        if initial is not None:
+            # checked now, not at the first rebalance ``interval`` steps later under the name
+            # "previous placement" (or never, without incremental): attacker pass. Stacked
+            # replicas are allowed, as in any map in force (the forced moves spread them)
+            try:
+                initial.validate(anti_affinity=False)
+            except PlacementError as error:
+                raise PlacementError(f"initial placement: {error}") from None
         self._placement = initial
         self._buffer: torch.Tensor | None = None  # [capacity, L, E] float32 ring
         self._next = 0  # ring write position

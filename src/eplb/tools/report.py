@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -419,6 +420,11 @@ class Report:
     def write(self, directory: str | Path, *, force: bool = False) -> list[Path]:
         """Write the report into ``directory`` (created if needed); return the files written.
 
+        A new folder appears whole: the report is written into a hidden sibling folder
+        that is renamed into place at the end, so a run killed midway leaves no folder of
+        pictures without their text (attacker pass). Into an existing folder each file is
+        replaced on its own (each complete, the set mixed if the run is killed).
+
         Raises ``FileExistsError`` naming the first file that exists when ``force`` is false.
         """
         directory = Path(directory)
@@ -433,7 +439,28 @@ class Report:
                     f"{directory / name} already exists; pass --force to overwrite it "
                     "or choose another directory"
                 )
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory.exists():
+            return self._write_files(directory, force)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        # beside the target (one file system: the rename is atomic), made by mkdir so the
+        # folder gets the user's umask as the target would
+        staging = directory.parent / f".{directory.name}.{os.urandom(4).hex()}.tmp"
+        os.mkdir(staging)
+        try:
+            written = self._write_files(staging, force=False)
+            try:
+                os.rename(staging, directory)
+            except OSError as error:  # another run made the folder meanwhile
+                raise FileExistsError(f"{directory} appeared while the report was written; "
+                                      "pass --force to write into it or choose another "
+                                      "directory") from error
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        return [directory / path.name for path in written]
+
+    def _write_files(self, directory: Path, force: bool) -> list[Path]:
+        """Every file of the report into the existing ``directory``, each atomically."""
         have_plots = matplotlib_available()
         written: list[Path] = []
         if have_plots:

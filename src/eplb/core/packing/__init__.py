@@ -245,9 +245,12 @@ def _rescue(state: torch.Tensor, slots: int, num_gpus: int,
     # swaps keep a row's items, so the mean, the largest item and their cardinality
     # bound hold for every search below: a row at the last is done
     bound = torch.maximum(loads.mean(1), state[LOAD].amax((0, 2)))
-    # (the factor as the scalar 1 + gap rounds it, for the same bits on every row)
+    # (the factor as the scalar 1 + gap rounds it, for the same bits on every row; built
+    # in the loads' dtype, not torch's default one, which a caller may have set to bf16)
     factor = (1 + RESCUE_GAP if tight is None
-              else torch.where(tight, 1 + RESCUE_GAP_WHOLE, 1 + RESCUE_GAP).to(loads.dtype))
+              else torch.where(tight, *(torch.tensor(1 + gap, dtype=loads.dtype,
+                                                     device=loads.device)
+                                        for gap in (RESCUE_GAP_WHOLE, RESCUE_GAP))))
     far = (peak > bound * factor).nonzero()[:, 0]
     if not len(far):
         return state
