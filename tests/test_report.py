@@ -182,3 +182,32 @@ def test_a_new_report_folder_appears_whole(tmp_path: Path, monkeypatch) -> None:
     written = _sample_report().write(out)
     assert {p.name for p in written} <= {p.name for p in out.iterdir()}
     assert (out / "report.md").exists()
+
+
+def test_report_staging_edge_cases(tmp_path: Path, monkeypatch) -> None:
+    """Review pass: a name near the file system's limit fit before staging; a dangling
+    link at the target was told the folder "appeared"; with force, a folder another run
+    made meanwhile is written into, as any existing folder is."""
+    long_name = tmp_path / ("r" * 250)
+    _sample_report().write(long_name)
+    assert (long_name / "report.md").exists()
+    dangling = tmp_path / "link"
+    dangling.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError) as caught:
+        _sample_report().write(dangling)
+    assert "appeared" not in str(caught.value)
+    out = tmp_path / "raced"
+    real_write = Report._write_files
+
+    def other_run_first(self, directory, force):
+        written = real_write(self, directory, force)
+        if not out.exists():  # the other run publishes while this one writes its staging
+            out.mkdir()
+            (out / "theirs.txt").write_text("the other run's")
+        return written
+
+    monkeypatch.setattr(Report, "_write_files", other_run_first)
+    written = _sample_report().write(out, force=True)
+    assert (out / "theirs.txt").read_text() == "the other run's"
+    assert all(path.parent == out and path.exists() for path in written)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -23,7 +23,15 @@ from collections.abc import Sequence
 import torch
 
 from eplb._version import __version__
-from eplb.cli._common import EXIT_FAILURE, EXIT_USAGE, FORCED_MOVES, CliError, integer, real
+from eplb.cli._common import (
+    EXIT_FAILURE,
+    EXIT_USAGE,
+    FORCED_MOVES,
+    CliError,
+    cli_words,
+    integer,
+    real,
+)
 from eplb.cli._inputs import add_input_options, warn
 from eplb.formats.errors import MissingPackage
 
@@ -542,10 +550,7 @@ def _main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
             PermissionError) as exc:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
-        # the writers' words name both spellings; here only the flag means anything
-        said = (_one_line(exc.strerror or str(exc))
-                .replace("force=True (CLI: --force)", "--force")
-                .replace(" (force=True)", ""))
+        said = cli_words(_one_line(exc.strerror or str(exc)))
         return _fail(args, f"{said}{where}", EXIT_USAGE)
     except (ValueError, TypeError) as exc:  # bad input: FormatError, PlacementError, topology
         return _fail(args, str(exc), EXIT_USAGE)

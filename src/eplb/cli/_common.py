@@ -52,6 +52,13 @@ class CliError(Exception):
 # ------------------------------------------------------------------------- output
 
 
+def cli_words(message: str) -> str:
+    """A file writer's message (``eplb.formats``) in the CLI's words: the writers name the
+    API's keyword beside the flag ("force=True (CLI: --force)", "--force (force=True)");
+    here only the flag means anything."""
+    return message.replace("force=True (CLI: --force)", "--force").replace(" (force=True)", "")
+
+
 def is_tty(stream: TextIO | None = None) -> bool:
     stream = stream or sys.stdout
     return bool(getattr(stream, "isatty", lambda: False)())
@@ -152,7 +159,7 @@ def check_output(path: str | Path, force: bool) -> Path:
     try:  # nor a device or a link, which --force does not replace either
         only_regular_files_are_replaced(path)
     except FileExistsError as exc:
-        raise CliError(str(exc).replace(" (force=True)", "")) from None
+        raise CliError(cli_words(str(exc))) from None
     if os.path.lexists(path) and not force:
         raise CliError(f"{path} already exists; pass --force to overwrite it")
     if path.parent != Path() and not path.parent.is_dir():
@@ -513,8 +520,8 @@ def prepare_report(directory: str | None, force: bool, title: str,
                                "choose another directory")
             try:
                 check_writable(path, force)
-            except OSError as exc:  # the writers' words name the API's keyword too
-                raise CliError(str(exc).replace(" (force=True)", "")) from None
+            except OSError as exc:
+                raise CliError(cli_words(str(exc))) from None
     return report
 
 

@@ -88,6 +88,12 @@ def caller_settings_off() -> Iterator[None]:
       (``torch.set_default_device``): the planner's own tensors are made on the host, as
       its NumPy steps expect (a "meta" default failed inside torch). Entered only then:
       the device context intercepts every torch call.
+
+    Both are per thread. The default dtype is process-wide and cannot be scoped here: the
+    planner makes its floating-point tensors with explicit dtypes instead (a bfloat16
+    default changed plans through the packing's rescue factors; ``test_determinism``
+    plans every kind under it). Autocast on other backends (XPU, HPU) is left as is: only
+    ``FORCE = "device"`` plans there.
     """
     with contextlib.ExitStack() as stack:
         # (each entered only where needed: a few µs per call otherwise, 1 % of a small plan)

@@ -230,6 +230,7 @@ def nearest_work(num_gpus: int, slots_per_gpu: int, num_experts: int) -> int:
 #: attacker pass, thirty-eighth session). The limit is the largest call measured, 58
 #: DeepSeek-V3 layers on 1024 GPUs (about 3.6 minutes, :data:`NEAREST_TIMES`)
 MAX_NEAREST_CALL_WORK = 58 * 1024**3 * 256
+_CALL_LIMIT_CASE = "58 layers of 256 experts on 1,024 GPUs, about 3.6 minutes on one core"
 
 
 def nearest_size_problem(num_gpus: int, slots_per_gpu: int, num_experts: int,
@@ -245,8 +246,7 @@ def nearest_size_problem(num_gpus: int, slots_per_gpu: int, num_experts: int,
     if call > MAX_NEAREST_CALL_WORK:
         return (f"{num_layers} layer{'s' * (num_layers != 1)} of {num_experts} experts on "
                 f"{num_gpus} GPUs (layers × GPUs³ × experts {call:,}) is more than it plans "
-                f"for ({MAX_NEAREST_CALL_WORK:,}, 58 layers of 256 experts on 1,024 GPUs: about "
-                f"3.6 minutes on one core)")
+                f"for ({MAX_NEAREST_CALL_WORK:,}: {_CALL_LIMIT_CASE})")
     return None
 
 

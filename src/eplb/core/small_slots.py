@@ -367,7 +367,8 @@ def plan_two_slots(
     else:
         host = torch.from_numpy(w)
         every = cap_counts(host, replica_counts(host, num_replicas, rules), num_gpus).numpy()
-        # [rules, rows]: every allocation scanned in one batch (rows are independent)
+        # [rules, rows]: every allocation scanned in one batch (rows are independent; the
+        # batch holds rules × rows × R pieces, five times one allocation's)
         scores = _pair_max_x(_scan(np.tile(w, (len(every), 1)),
                                    every.reshape(-1, num_experts)))[0].reshape(len(every), rows)
         counts = every[scores.argmin(0), np.arange(rows)]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from eplb.core.baselines import plan_greedy
-from eplb.core.device_path import caller_settings_off, plans_on_host, to_host
+from eplb.core.device_path import plans_on_host, to_host
 from eplb.core.inputs import as_live_mask
 from eplb.core.options import with_incremental
 from eplb.core.placement import Placement
@@ -223,14 +223,12 @@ def make_planner(
             if plans_on_host(weight):
                 # as eplb.plan: the CPU's plan, bit for bit, returned on the loads' device
                 return eplb_planner(weight.cpu(), to_host(previous)).to(weight.device)
-            with caller_settings_off():  # as eplb.plan: autocast off, CPU default device
-                request = make_request(weight, topo.num_replicas, topo.num_gpus,
-                                       topo.num_nodes, topo.num_groups,
-                                       active_gpus=active_gpus, **plan_options)
-                if incremental and previous is not None:
-                    return plan_incremental(request, previous, max_moves=max_moves,
-                                            skip_threshold=skip_threshold)
-                return plan_fresh(request)
+            request = make_request(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,
+                                   topo.num_groups, active_gpus=active_gpus, **plan_options)
+            if incremental and previous is not None:
+                return plan_incremental(request, previous, max_moves=max_moves,
+                                        skip_threshold=skip_threshold)
+            return plan_fresh(request)
 
         return eplb_planner
     if planner == "greedy":

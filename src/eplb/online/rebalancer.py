@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from eplb.core.device_path import caller_settings_off
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology, positive_int
 from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator
@@ -144,7 +145,7 @@ class Rebalancer:
             try:
                 initial.validate(anti_affinity=False)
             except PlacementError as error:
-                raise PlacementError(f"initial placement: {error}") from None
+                raise PlacementError(f"initial placement: {error}") from error
         self._placement = initial
         self._buffer: torch.Tensor | None = None  # [capacity, L, E] float32 ring
         self._next = 0  # ring write position
@@ -326,9 +327,11 @@ class Rebalancer:
         start = time.perf_counter()
         # a user's callable gets one window of the model's layers per call, as documented
         # (stacked candidate windows came to it as [C·L, E] on the first rebalance)
-        new = plan_estimate(estimate, self.planner, previous if self._pass_previous else None,
-                            keep=previous, batch=not self._user_planner,
-                            total_budget=self._total_budget, realised=self._realised)
+        with caller_settings_off():  # as eplb.plan: autocast off, the CPU default device
+            new = plan_estimate(estimate, self.planner,
+                                previous if self._pass_previous else None, keep=previous,
+                                batch=not self._user_planner,
+                                total_budget=self._total_budget, realised=self._realised)
         seconds = time.perf_counter() - start
         # (plan_estimate checked that it is a Placement of the estimate's layers)
         if new.topology != self.topology or new.num_experts != estimate.weight.shape[1]:

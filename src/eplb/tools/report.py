@@ -422,8 +422,9 @@ class Report:
 
         A new folder appears whole: the report is written into a hidden sibling folder
         that is renamed into place at the end, so a run killed midway leaves no folder of
-        pictures without their text (attacker pass). Into an existing folder each file is
-        replaced on its own (each complete, the set mixed if the run is killed).
+        pictures without their text under the name asked for (attacker pass; a SIGKILL
+        leaves the hidden ``.eplb-report-*.tmp`` folder). Into an existing folder each
+        file is replaced on its own (each complete, the set mixed if the run is killed).
 
         Raises ``FileExistsError`` naming the first file that exists when ``force`` is false.
         """
@@ -439,21 +440,31 @@ class Report:
                     f"{directory / name} already exists; pass --force to overwrite it "
                     "or choose another directory"
                 )
-        if directory.exists():
+        if os.path.lexists(directory):  # a folder, or a link the mkdir below names
+            directory.mkdir(parents=True, exist_ok=True)
             return self._write_files(directory, force)
         directory.parent.mkdir(parents=True, exist_ok=True)
         # beside the target (one file system: the rename is atomic), made by mkdir so the
-        # folder gets the user's umask as the target would
-        staging = directory.parent / f".{directory.name}.{os.urandom(4).hex()}.tmp"
+        # folder gets the user's umask as the target would; a short fixed name, so that a
+        # target name near the file system's limit still fits. A run killed outright
+        # (SIGKILL) leaves this hidden folder behind, never a partial target
+        staging = directory.parent / f".eplb-report-{os.urandom(4).hex()}.tmp"
         os.mkdir(staging)
         try:
             written = self._write_files(staging, force=False)
             try:
+                # (an empty folder another run made meanwhile is replaced: nothing is lost)
                 os.rename(staging, directory)
-            except OSError as error:  # another run made the folder meanwhile
-                raise FileExistsError(f"{directory} appeared while the report was written; "
-                                      "pass --force to write into it or choose another "
-                                      "directory") from error
+            except OSError:
+                if not os.path.lexists(directory):
+                    raise
+                # another run made the folder meanwhile: with force, write into it as into
+                # any existing folder; without, its files are the other run's to keep
+                if not force:
+                    raise FileExistsError(
+                        f"{directory} appeared while the report was written; pass --force "
+                        "to write into it or choose another directory") from None
+                return self._write_files(directory, force)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)
