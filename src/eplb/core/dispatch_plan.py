@@ -228,9 +228,10 @@ def nearest_work(num_gpus: int, slots_per_gpu: int, num_experts: int) -> int:
 #: layers, the cube of the GPUs and the experts (one core, one layer: 1024 GPUs × 2 slots
 #: with 256 experts 3.7 s, with 1024 experts 18 s; 2048 × 2 with 2048 experts 266 s,
 #: attacker pass, thirty-eighth session). The limit is the largest call measured, 58
-#: DeepSeek-V3 layers on 1024 GPUs (about 3.6 minutes, :data:`NEAREST_TIMES`)
-MAX_NEAREST_CALL_WORK = 58 * 1024**3 * 256
-_CALL_LIMIT_CASE = "58 layers of 256 experts on 1,024 GPUs, about 3.6 minutes on one core"
+#: DeepSeek-V3 layers on 1024 GPUs (about 3.6 minutes, :data:`NEAREST_TIMES`). Slots per
+#: GPU are left to :data:`MAX_NEAREST_WORK`, which bounds them with the replicas per expert
+_CALL_LIMIT_CASE = (58, 1024, 256)  # layers, GPUs, experts
+MAX_NEAREST_CALL_WORK = _CALL_LIMIT_CASE[0] * _CALL_LIMIT_CASE[1] ** 3 * _CALL_LIMIT_CASE[2]
 
 
 def nearest_size_problem(num_gpus: int, slots_per_gpu: int, num_experts: int,
@@ -246,7 +247,9 @@ def nearest_size_problem(num_gpus: int, slots_per_gpu: int, num_experts: int,
     if call > MAX_NEAREST_CALL_WORK:
         return (f"{num_layers} layer{'s' * (num_layers != 1)} of {num_experts} experts on "
                 f"{num_gpus} GPUs (layers × GPUs³ × experts {call:,}) is more than it plans "
-                f"for ({MAX_NEAREST_CALL_WORK:,}: {_CALL_LIMIT_CASE})")
+                f"for ({MAX_NEAREST_CALL_WORK:,}: {_CALL_LIMIT_CASE[0]} layers of "
+                f"{_CALL_LIMIT_CASE[2]} experts on {_CALL_LIMIT_CASE[1]:,} GPUs, about 3.6 "
+                f"minutes on one core)")
     return None
 
 
