@@ -132,24 +132,28 @@ def packing_batched_over_layers(weight: np.ndarray, num_packs: int) -> tuple[np.
 
 
 def balancedness(phy2log: torch.Tensor, weight: torch.Tensor, topo: Topology) -> float:
-    return Placement.from_phy2log(phy2log, E, topo).balancedness(weight)
+    return Placement.from_phy2log(phy2log, weight.shape[1], topo).balancedness(weight)
 
 
-def run(policy, windows, groups, nodes, repeats) -> list[dict]:
-    """Replay the rebalances of one workload; one record per rebalance."""
-    topo = Topology(R, P, nodes, groups)
-    old = torch.arange(R).remainder(E).repeat(windows[0].shape[0], 1)  # vLLM's initial map
+def run(policy, windows, groups, nodes, repeats, replicas: int = R,
+        gpus: int = P) -> list[dict]:
+    """Replay the rebalances of one workload; one record per rebalance (the shape is
+    DeepSeek-V3's on 32 GPUs unless ``replicas``/``gpus`` say otherwise)."""
+    topo = Topology(replicas, gpus, nodes, groups)
+    experts = windows[0].shape[1]
+    old = torch.arange(replicas).remainder(experts).repeat(windows[0].shape[0], 1)  # vLLM's
     records = []
     for t in range(len(windows) - 1):
         times = []
         for _ in range(repeats):
             begin = time.perf_counter()
-            new = policy.rebalance_experts(windows[t], R, groups, nodes, P, old.clone())
+            new = policy.rebalance_experts(windows[t], replicas, groups, nodes, gpus,
+                                           old.clone())
             times.append(time.perf_counter() - begin)
         changed = new != old
         moved = int(changed.sum())
         # every GPU copies at once: the one that receives the most sets the stall
-        busiest = int(changed.view(changed.shape[0], P, -1).sum((0, 2)).amax())
+        busiest = int(changed.view(changed.shape[0], gpus, -1).sum((0, 2)).amax())
         records.append({
             "t": t, "ms": 1e3 * statistics.median(times), "moved": moved, "busiest": busiest,
             "moved_frac": moved / new.numel(),

@@ -49,10 +49,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from _harness import deepseek_loads, markdown_table, start
-from bench_vllm_call import drift_chain
+from bench_vllm_call import drift_chain, run
 from engines import FETCH_HINT, engine_root, vllm_sources
 
-from eplb import Placement, Topology
 from eplb.integrations import vllm as plugin
 from eplb.tools.generator import generate_loads
 
@@ -72,33 +71,26 @@ def alternating(first: torch.Tensor, second: torch.Tensor, windows: int,
     return out
 
 
+class _Fresh:
+    """A policy planning from scratch: ``policy`` with the map in force withheld."""
+
+    def __init__(self, policy) -> None:
+        self.policy = policy
+
+    def rebalance_experts(self, weight, replicas, groups, nodes, ranks, old=None):
+        return self.policy.rebalance_experts(weight, replicas, groups, nodes, ranks, None)
+
+
 def replay(vllm_policy, eplb_policy, windows: list[torch.Tensor], replicas: int, gpus: int,
            groups: int, nodes: int, steady_from: int = 1) -> list[dict[str, float]]:
-    """bench_vllm_call's protocol for any shape: one record per rebalance from
-    ``steady_from`` on (1: every rebalance after the one from vLLM's initial map)."""
-    layers, experts = windows[0].shape
-    topo = Topology(replicas, gpus, nodes, groups)
-
-    def score(phy2log: torch.Tensor, weight: torch.Tensor) -> float:
-        return Placement.from_phy2log(phy2log, experts, topo).balancedness(weight)
-
-    initial = torch.arange(replicas).remainder(experts).repeat(layers, 1)
-    old = {"vllm": initial, "eplb": initial}
-    records = []
-    for t in range(len(windows) - 1):
-        now, after = windows[t], windows[t + 1]
-        record: dict[str, float] = {}
-        for name, policy in (("vllm", vllm_policy), ("eplb", eplb_policy)):
-            new = policy.rebalance_experts(now, replicas, groups, nodes, gpus, old[name].clone())
-            record[f"{name} in"] = score(new, now)
-            record[f"{name} next"] = score(new, after)
-            record[f"{name} moved"] = float((new != old[name]).sum())
-            old[name] = new
-        fresh = eplb_policy.rebalance_experts(now, replicas, groups, nodes, gpus, None)
-        record["fresh next"] = score(fresh, after)
-        if t >= steady_from:
-            records.append(record)
-    return records
+    """bench_vllm_call's protocol (its :func:`run`, untimed) for vLLM's policy, eplb's and
+    eplb's fresh plans: one record per rebalance from ``steady_from`` on (1: every
+    rebalance after the one from vLLM's initial map)."""
+    runs = {name: run(policy, windows, groups, nodes, 1, replicas, gpus)
+            for name, policy in (("vllm", vllm_policy), ("eplb", eplb_policy),
+                                 ("fresh", _Fresh(eplb_policy)))}
+    return [{f"{name} {key}": float(records[t][key]) for name, records in runs.items()
+             for key in ("in", "next", "moved")} for t in range(steady_from, len(windows) - 1)]
 
 
 def row(scenario: str, topology: str, chains: list[list[dict[str, float]]]) -> list[object]:

@@ -248,8 +248,7 @@ def nearest_size_problem(num_gpus: int, slots_per_gpu: int, num_experts: int,
         return (f"{num_layers} layer{'s' * (num_layers != 1)} of {num_experts} experts on "
                 f"{num_gpus} GPUs (layers × GPUs³ × experts {call:,}) is more than it plans "
                 f"for ({MAX_NEAREST_CALL_WORK:,}: {_CALL_LIMIT_CASE[0]} layers of "
-                f"{_CALL_LIMIT_CASE[2]} experts on {_CALL_LIMIT_CASE[1]:,} GPUs, about 3.6 "
-                f"minutes on one core)")
+                f"{_CALL_LIMIT_CASE[2]} experts on {_CALL_LIMIT_CASE[1]:,} GPUs)")
     return None
 
 
