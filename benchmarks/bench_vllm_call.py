@@ -30,7 +30,7 @@ initial map) and the steady state (t ≥ 1).
   the busiest GPU receives, with its time at 50 GB/s (every GPU copies at once, so the
   busiest sets the stall).
 
-    python benchmarks/bench_vllm_call.py [--files N] [--steps T] [--drift 0.15]
+    python benchmarks/bench_vllm_call.py [--files N] [--steps T] [--drift 0.15] [--gpus 32]
         [--move-prices 0.01,0.02] [--synthetic]
 """
 
@@ -182,6 +182,9 @@ def main(argv=None) -> int:
     parser.add_argument("--drift", type=float, default=0.15)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per rebalance")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--gpus", type=int, default=P,
+                        help=f"GPUs sharing the {R} slots (default {P}, the issue's protocol; "
+                             "144: two slots per GPU, 96: three)")
     parser.add_argument("--topology", choices=["all", "global", "hierarchical"], default="all")
     parser.add_argument("--synthetic", action="store_true",
                         help="synthetic DeepSeek-V3 loads (eplb's generator, seeds 100, 101, "
@@ -198,6 +201,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
+    if args.gpus < 1 or R % args.gpus:
+        parser.error(f"--gpus must divide the {R} slots")
     # the first call only with one rebalance per workload: no steady state to report
     phases = ("first", "steady") if args.steps > 1 else ("first",)
     print(start("bench_vllm_call"))
@@ -258,14 +263,15 @@ def main(argv=None) -> int:
                 windows = drift_chain(weight, args.steps, args.drift, args.seed + i,
                                       args.group_drift)
                 for name, policy in planners.items():
-                    for record in run(policy, windows, groups, nodes, args.repeats):
+                    for record in run(policy, windows, groups, nodes, args.repeats,
+                                      gpus=args.gpus):
                         results[name]["first" if record["t"] == 0 else "steady"].append(record)
             base = {phase: summarise(results[vllm_default][phase]) for phase in phases}
             for name in planners:
                 for phase in phases:
                     s = summarise(results[name][phase])
                     gb = s["moved"] * EXPERT_BYTES / 1e9  # into the cluster, per rebalance
-                    per_gpu = gb / P  # the mean share
+                    per_gpu = gb / args.gpus  # the mean share
                     busiest = s["busiest"] * EXPERT_BYTES / 1e9  # what sets the stall
                     rows.append([
                         topo_name, phase, name, f"{s['ms']:.1f}",
@@ -276,7 +282,8 @@ def main(argv=None) -> int:
                         f"{gb:.0f} GB ({per_gpu:.1f} GB per GPU, the busiest {busiest:.1f}: "
                         f"{busiest * 1e9 / LINK_BYTES_PER_S:.2f} s at 50 GB/s)",
                     ])
-    print(f"\n{len(loads)} workloads × {args.steps} rebalances, drift {args.drift} "
+    print(f"\n{len(loads)} workloads × {args.steps} rebalances, R={R}, P={args.gpus}, "
+          f"drift {args.drift} "
           f"(group share {args.group_drift}), {args.repeats} timed calls each\n")
     print(markdown_table(
         ["topology", "call", "planner", "ms", "× vLLM time", "in-sample", "next window",

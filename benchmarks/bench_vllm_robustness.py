@@ -17,7 +17,8 @@ map; int32 loads; eplb through its vLLM plugin class with default options, vLLM 
   groups) and naming DeepSeek-V3's 8 (what vLLM passes for it);
 - ``alternating``: windows alternating between a prefill workload and the decode workload
   of the same request shape (4 such pairs), each × exp(0.15·Z);
-- ``S=2`` / ``S=3``: 288 slots on 144 or 96 GPUs (2 or 3 slots per GPU);
+- ``S=2`` / ``S=3``: 288 slots on 144 or 96 GPUs (2 or 3 slots per GPU); S = 2 also at
+  drift 0.05 and 0.3;
 - ``qwen3`` / ``kimi``: synthetic loads of other models' shapes (eplb's generator), 94×128
   on R=160, P=32 and 61×384 on R=512, P=64.
 
@@ -139,6 +140,8 @@ def scenarios(files: int, steps: int) -> list[tuple[str, int, int, list, Callabl
         ("alternating prefill/decode", 288, 32, both,
          lambda: [alternating(a, b, steps + 1, k) for k, (a, b) in enumerate(pairs[:files])]),
         ("S=2 (P=144)", 288, 144, both, drifting(0.15)),
+        ("S=2 (P=144), drift 0.05", 288, 144, both, drifting(0.05)),
+        ("S=2 (P=144), drift 0.3", 288, 144, both, drifting(0.3)),
         ("S=3 (P=96)", 288, 96, both, drifting(0.15)),
         ("qwen3-like 94×128 (synthetic)", 160, 32, [GLOBAL], synthetic("qwen3-235b", 200)),
         ("kimi-like 61×384 (synthetic)", 512, 64, [GLOBAL],

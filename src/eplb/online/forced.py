@@ -4,7 +4,8 @@ The map in force is made valid for the call with as few changes as possible
 (:func:`forced_base`: un-stacking replicas, filling revived GPUs, re-homing dead GPUs'
 replicas, re-planning layers whose groups straddle nodes); those moves are made whatever
 the budget. :func:`fresh_aligned` is the fallback candidate of every incremental plan, a
-fresh plan relabelled onto the old GPUs; :func:`undo_forced_losses` spends moves where
+fresh plan relabelled onto the old GPUs (:func:`fresh_candidates`: two of them where a GPU
+has two slots); :func:`undo_forced_losses` spends moves where
 the forced ones left a layer worse on the window at hand than the map in force.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from eplb.core.planner import fresh_phy2log
+from eplb.core.policies import HierarchicalPolicy
 from eplb.core.request import PlanRequest
 from eplb.online import hierarchy, moves
 from eplb.online.align import align_to_previous
@@ -60,14 +62,16 @@ def forced_base(
             replanned, None)
 
 
-def fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -> np.ndarray:
+def fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray,
+                  fresh: torch.Tensor | None = None) -> np.ndarray:
     """``[1, L, R]`` fresh plans of ``layers`` relabelled onto ``base``'s GPUs (other rows:
     ``base``); dead GPUs allowed under the global policy. Under the hierarchical policy
     whole nodes are matched first, then GPUs inside them, so the plan stays
-    hierarchical."""
+    hierarchical. ``fresh [len(layers), R]``: the plans to relabel (default: planned
+    here)."""
     topo = request.topology
-    sub = request.layers(torch.from_numpy(layers))
-    fresh = fresh_phy2log(sub).cpu()
+    if fresh is None:
+        fresh = fresh_phy2log(request.layers(torch.from_numpy(layers))).cpu()
     out = base.copy()
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     old_live = torch.from_numpy(base[layers][:, live_slot])
@@ -78,6 +82,39 @@ def fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray) ->
     rows[:, live_slot] = aligned.numpy()
     out[layers] = rows
     return out[None]
+
+
+def fresh_candidates(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -> np.ndarray:
+    """``[F, L, R]`` the fresh candidates of ``layers`` (other rows: ``base``), each
+    relabelled onto ``base``'s GPUs (:func:`fresh_aligned`): a fresh plan, and where a GPU
+    has two slots and the count search runs, also the plan of the search's start (the
+    portfolio's best counts, optimally paired), for the next-window score to choose from.
+
+    Why: the count search fits the counts to the window at hand (it splits cold experts
+    into small partners for warm ones, :mod:`eplb.core.small_slots`), and under drift that
+    fit need not last. On DeepSeek-V3 at 144 GPUs its in-sample gain over its start
+    (+0.008) was −0.0009 on the next window at drift 0.15 and +0.0056 at drift 0.02
+    (BENCHMARKS.md §12, ``bench_two_slot_next.py``). Offered both, vLLM's call at 144 GPUs
+    (``bench_vllm_robustness.py``, S = 2 rows) gained 0.0002–0.0017 on the next window at
+    drift 0.05–0.3, global and hierarchical (§3); offered only the start, the global
+    plans lost 0.0032 at drift 0.05.
+    """
+    fresh = fresh_aligned(request, base, layers)
+    packing = request.options.packing
+    if request.topology.slots_per_gpu != 2 or packing.two_slot_iterations() == 0:
+        return fresh
+    start = dataclasses.replace(request, options=dataclasses.replace(
+        request.options, packing=dataclasses.replace(packing, pair_steps=0, max_steps=0)))
+    planned = None
+    if request.policy == "hierarchical":
+        # the start inside the searched plan's group→node assignment: enumerating the
+        # assignments is most of a hierarchical fresh plan's time
+        sub = start.layers(torch.from_numpy(layers))
+        node_of_group = hierarchy.group_nodes(fresh[0, layers], sub)[0]
+        planned = HierarchicalPolicy.place_groups(
+            sub.weight, torch.from_numpy(node_of_group).to(sub.weight.device), sub.topology,
+            sub.options, sub.generator(), idle=sub.idle).cpu()
+    return np.concatenate([fresh, fresh_aligned(start, base, layers, planned)])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,9 @@ almost every slot. Here the new plan starts from the placement in force:
    differs from the one in force: only the groups that change node move, then the node
    ladder refines (:func:`eplb.online.hierarchy.candidates`); and a fresh hierarchical
    plan relabelled onto the old nodes and GPUs where the best of those ends further
-   above the layer's bound than the drift's excess, or at <= 3 slots per GPU.
+   above the layer's bound than the drift's excess, or at <= 3 slots per GPU. With two
+   slots per GPU the fresh plan comes with and without the count search
+   (:func:`eplb.online.forced.fresh_candidates`: the search's fit need not last).
 4. **A choice per layer by the expected next-window peak**
    (:func:`eplb.online.moves.expected_peak`): each candidate's max GPU load under the
    drift a rebalance interval brings (with expert groups named, part of it common to a
@@ -65,7 +67,7 @@ from eplb.core.topology import Topology
 from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous, relabel_size_problem
 from eplb.online.budget import FINE_QUOTA, fine_layers, layer_loads, load_shares, spend_budget
-from eplb.online.forced import Offered, forced_base, fresh_aligned, undo_forced_losses
+from eplb.online.forced import Offered, forced_base, fresh_candidates, undo_forced_losses
 from eplb.online.nearest import choose_paying, plan_nearest_incremental
 
 
@@ -373,13 +375,14 @@ def plan_incremental(
         if topo.slots_per_gpu <= COARSE_SLOTS:  # little room for swaps, as under global
             need |= ~replanned
         if need.any() and request.active_gpus is None:
-            extra = fresh_aligned(request, base, np.nonzero(need)[0])
+            extra = fresh_candidates(request, base, np.nonzero(need)[0])
             extra_peak, extra_now = score(extra)
+            for k, plan in enumerate(extra):
+                take = _with_candidate(take, plan, len(peak) + k)
             peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
             now = np.concatenate([now, extra_now])
             cost = np.concatenate([cost, (extra != base[None]).sum(2)])
-            take = _with_candidate(take, extra[0], len(peak) - 1)
-            usual = np.append(usual, True)
+            usual = np.append(usual, [True] * len(extra))
     else:
         back = max(1, round(1 / 16 / options.quota))
         # the ladder's first rung is not scored where the rule below compares later ones:
@@ -424,12 +427,12 @@ def plan_incremental(
         coarse = topo.slots_per_gpu <= COARSE_SLOTS
         need = gaining | (transfers > layer_quota) | far | coarse
         if need.any():
-            extra = fresh_aligned(request, base, np.nonzero(need)[0])
+            extra = fresh_candidates(request, base, np.nonzero(need)[0])
             extra_peak, extra_now = score(_live_only(extra, live_gpus, topo))
             candidates = np.concatenate([candidates, extra])
             peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
             now = np.concatenate([now, extra_now])
-            usual = np.append(usual, True)
+            usual = np.append(usual, [True] * len(extra))
         if fine is not None:
             candidates = np.concatenate([candidates, fine])
             peak, now = np.concatenate([peak, fine_peak]), np.concatenate([now, fine_now])
