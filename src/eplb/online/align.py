@@ -8,8 +8,6 @@ import itertools
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import maximum_bipartite_matching
 
 from eplb.online.moves import id_type, twice_on_a_gpu
 
@@ -34,84 +32,6 @@ def match_blocks(overlap: np.ndarray) -> np.ndarray:
         new_idx, old_idx = linear_sum_assignment(overlap[b], maximize=True)
         out[b, new_idx] = old_idx
     return out
-
-
-def match_pair_blocks(new: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndarray:
-    """:func:`match_blocks` of blocks of two slots ``new, old [B, n, 2]`` (-1: empty),
-    counted as sets: ``[B, n]`` the old index matched to each new index, with the most
-    experts in common in every row. All rows at once, without the ``[B, n, n]`` table.
-
-    With two slots a pair of blocks has 0, 1 or 2 experts in common, and 2 only where
-    they hold the same two. Such identical pairs are matched first (the k-th new block of
-    a content to the k-th old one): some best matching has them all, since for identical
-    ``f ≡ o`` and any ``f', o'``, ``|f ∩ o'| + |f' ∩ f| <= |f| + |f' ∩ o'|``, so swapping
-    them into an assignment loses nothing. What is left has weights 0 and 1: a maximum
-    matching of the blocks that share an expert (Hopcroft-Karp, one batched call; SciPy's
-    ``maximum_bipartite_matching``), the blocks it leaves paired in order. At 58 layers
-    of 144 GPUs that is about a third of the time of the assignment problems it replaces
-    (an incremental call at two slots per GPU relabels one or two fresh plans).
-    """
-    rows, n, _ = new.shape
-    count = rows * n
-    layer = np.arange(count) // n
-
-    def contents(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each block's distinct experts ``(first, second)``, -1 where it holds fewer."""
-        ids = np.sort(blocks.reshape(count, 2), 1)
-        second = np.where(ids[:, 1] == ids[:, 0], -1, ids[:, 1])
-        return np.where(ids[:, 0] < 0, second, ids[:, 0]), np.where(ids[:, 0] < 0, -1, second)
-
-    (first_new, second_new), (first_old, second_old) = contents(new), contents(old)
-    out = np.full(count, -1)
-    taken = np.zeros(count, bool)  # old blocks matched (flat)
-
-    def ranked(first: np.ndarray, second: np.ndarray, unused: np.ndarray
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """Blocks holding two experts in a stable order of their (row, content), and a
-        code for each: (row, content, rank among that row's blocks of the content);
-        blocks holding fewer get codes below ``unused`` (distinct, < 0)."""
-        key = np.where(second >= 0, (layer * num_experts + first) * num_experts + second, -1)
-        order = np.argsort(key, kind="stable")
-        key = key[order]
-        at = np.arange(count)
-        start = np.r_[True, key[1:] != key[:-1]]
-        rank = at - np.maximum.accumulate(np.where(start, at, 0))
-        return order, np.where(key >= 0, key * (n + 1) + rank, unused - at)
-
-    order_new, code_new = ranked(first_new, second_new, -1)
-    order_old, code_old = ranked(first_old, second_old, -1 - count)
-    _, at_new, at_old = np.intersect1d(code_new, code_old, assume_unique=True,
-                                       return_indices=True)
-    out[order_new[at_new]] = order_old[at_old] % n
-    taken[order_old[at_old]] = True
-
-    def entries(first: np.ndarray, second: np.ndarray, free: np.ndarray
-                ) -> tuple[np.ndarray, np.ndarray]:
-        """``(row·E + expert, block)`` of every expert a free block holds."""
-        block = np.concatenate([np.nonzero(free & (first >= 0))[0],
-                                np.nonzero(free & (second >= 0))[0]])
-        expert = np.concatenate([first, second])[np.concatenate([
-            np.nonzero(free & (first >= 0))[0], count + np.nonzero(free & (second >= 0))[0]])]
-        return layer[block] * num_experts + expert, block
-
-    # every (new block, old block) pair sharing an expert, by joining on (row, expert)
-    key_new, block_new = entries(first_new, second_new, out < 0)
-    key_old, block_old = entries(first_old, second_old, ~taken)
-    held = np.bincount(key_old, minlength=rows * num_experts)
-    start = np.cumsum(held) - held
-    block_old = block_old[np.argsort(key_old, kind="stable")]
-    met = held[key_new]
-    total = int(met.sum())
-    at = np.arange(total) + np.repeat(start[key_new] - (np.cumsum(met) - met), met)
-    graph = csr_matrix((np.ones(total, np.int8), (np.repeat(block_new, met), block_old[at])),
-                       shape=(count, count))
-    matched = maximum_bipartite_matching(graph, perm_type="column")  # [count] old block or -1
-    hit = np.nonzero(matched >= 0)[0]
-    out[hit] = matched[hit] % n
-    taken[matched[hit]] = True
-    # the rest in order: every row has as many unmatched new blocks as old ones
-    out[np.nonzero(out < 0)[0]] = np.nonzero(~taken)[0] % n
-    return out.reshape(rows, n)
 
 
 def _overlap(
@@ -314,10 +234,7 @@ def _align_part(
     # GPUs inside each (layer, node) row
     a = a.reshape(layers * nodes, per_node, slots)
     b = b.reshape(layers * nodes, per_node, slots)
-    if slots == 2 and per_node > _MAX_PERMUTED_NODES:
-        gpu_of = match_pair_blocks(a, b, num_experts)  # [L·N, g]
-    else:
-        gpu_of = match_blocks(_overlap(a, b, num_experts, small[1]))
+    gpu_of = match_blocks(_overlap(a, b, num_experts, small[1]))  # [L·N, g]
     placed = np.empty_like(a)
     placed[np.arange(layers * nodes)[:, None], gpu_of] = a
     aligned = _align_slots(placed.reshape(-1, slots), b.reshape(-1, slots))
