@@ -95,9 +95,10 @@ def fresh_candidates(request: PlanRequest, base: np.ndarray, layers: np.ndarray)
     fit need not last. On DeepSeek-V3 at 144 GPUs its in-sample gain over its start
     (+0.008) was −0.0009 on the next window at drift 0.15 and +0.0056 at drift 0.02
     (BENCHMARKS.md §12, ``bench_two_slot_next.py``). Offered both, vLLM's call at 144 GPUs
-    (``bench_vllm_robustness.py``, S = 2 rows) gained 0.0002–0.0017 on the next window at
+    (``bench_vllm_robustness.py``, S = 2 rows) gained 0.0003–0.0021 on the next window at
     drift 0.05–0.3, global and hierarchical (§3); offered only the start, the global
-    plans lost 0.0032 at drift 0.05.
+    plans lost 0.0032 at drift 0.05. Each candidate is relabelled by an assignment problem
+    per layer, most of its cost.
     """
     fresh = fresh_aligned(request, base, layers)
     packing = request.options.packing
