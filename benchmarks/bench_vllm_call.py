@@ -15,7 +15,7 @@ trees carry a layer-batched variant of the default (``BatchedEplbPolicy``), not 
 0.33 wheel; as a stand-in for its time, eplb's own layer-batched port of the same greedy
 (``eplb.core.plan_greedy``, identical placements to DeepSeek's) runs alongside.
 
-Protocol, per real workload (MoE rows 3..60, R=288, P=32; global G=1, N=1 and
+Protocol, per real workload (MoE rows 3..60, R=288, P=32 or ``--gpus``; global G=1, N=1 and
 hierarchical G=8, N=4): window 0 is the real load; window t+1 = round(window t ×
 exp(drift·Z)) per expert (Z standard normal, fixed seed). Rebalance t plans on window t
 from the planner's own previous map (the initial map at t=0) and is scored in-sample

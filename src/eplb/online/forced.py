@@ -5,8 +5,8 @@ The map in force is made valid for the call with as few changes as possible
 replicas, re-planning layers whose groups straddle nodes); those moves are made whatever
 the budget. :func:`fresh_aligned` is the fallback candidate of every incremental plan, a
 fresh plan relabelled onto the old GPUs (:func:`fresh_candidates`: two of them where a GPU
-has two slots); :func:`undo_forced_losses` spends moves where
-the forced ones left a layer worse on the window at hand than the map in force.
+has two slots); :func:`undo_forced_losses` spends moves where the forced ones left a
+layer worse on the window at hand than the map in force.
 """
 
 from __future__ import annotations
