@@ -203,6 +203,9 @@ def main(argv=None) -> int:
         parser.error("--steps and --repeats must be at least 1")
     if args.gpus < 1 or R % args.gpus:
         parser.error(f"--gpus must divide the {R} slots")
+    if args.gpus % 4 and args.topology != "global":
+        parser.error("--gpus must be a multiple of the hierarchical topology's 4 nodes "
+                     "(or pass --topology global)")
     # the first call only with one rebalance per workload: no steady state to report
     phases = ("first", "steady") if args.steps > 1 else ("first",)
     print(start("bench_vllm_call"))

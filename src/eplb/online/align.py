@@ -174,17 +174,20 @@ MAX_MATCHING_WORK = 1 << 41
 MAX_MATCHED_BLOCK = 8192
 
 
-def relabel_size_problem(num_layers: int, block: int) -> str | None:
-    """Why relabelling ``num_layers`` layers whose largest matched block (GPUs, or nodes)
-    has ``block`` members is beyond what eplb does, or ``None``."""
-    work = num_layers * block**3
+def relabel_size_problem(num_layers: int, block: int, plans: int = 1) -> str | None:
+    """Why relabelling ``plans`` fresh plans of ``num_layers`` layers each, whose largest
+    matched block (GPUs, or nodes) has ``block`` members, is beyond what eplb does, or
+    ``None``."""
+    work = plans * num_layers * block**3
     if block <= MAX_MATCHED_BLOCK and work <= MAX_MATCHING_WORK:
         return None
-    return (f"planning from the placement in force relabels a fresh plan's GPUs onto the "
-            f"old ones, an assignment problem per layer: {num_layers} layer(s) on {block} "
-            f"GPUs is beyond what eplb does (at most {MAX_MATCHED_BLOCK:,} GPUs and "
-            f"layers x GPUs^3 = {work:,} at most {MAX_MATCHING_WORK:,}; one layer on 4,096 "
-            f"GPUs takes about 0.7 s)")
+    what = "a fresh plan's GPUs" if plans == 1 else f"{plans} fresh plans' GPUs"
+    count = "" if plans == 1 else "plans x "
+    return (f"planning from the placement in force relabels {what} onto the old ones, an "
+            f"assignment problem per layer: {num_layers} layer(s) on {block} GPUs is "
+            f"beyond what eplb does (at most {MAX_MATCHED_BLOCK:,} GPUs and {count}layers "
+            f"x GPUs^3 = {work:,} at most {MAX_MATCHING_WORK:,}; one layer on 4,096 GPUs "
+            f"takes about 0.7 s)")
 
 
 def align_to_previous(

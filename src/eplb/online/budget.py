@@ -2,7 +2,8 @@
 over all layers, for the most value (:func:`spend_budget`); which layers also get the
 fine ladder a small budget buys from (:func:`fine_layers`); and the layers' loads a total
 is weighed by (:func:`layer_loads`, :func:`load_shares`: a layer's MoE time is its load
-times its peak over the mean).
+times its peak over the mean). The budget knobs are checked here too
+(:func:`check_budget`, :func:`as_threshold`), before any planning.
 
 Used by incremental planning under both dispatch rules (:mod:`eplb.online.incremental`,
 :mod:`eplb.online.nearest`): every layer offers a few candidates, each with the slots it
@@ -14,9 +15,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import reprlib
 
 import numpy as np
+import torch
 
+from eplb.core.inputs import without_values
 from eplb.core.request import PlanRequest
 
 #: largest (budget + 1) × candidates × layers table :func:`spend_budget` solves exactly:
@@ -163,3 +167,59 @@ def layer_loads(request: PlanRequest, weight: np.ndarray) -> np.ndarray:
 def load_shares(load: np.ndarray) -> np.ndarray:
     """``load [L]`` over its mean (exactly summed; all zero: zeros)."""
     return load * (len(load) / max(math.fsum(load), 1e-300))
+
+
+def as_threshold(skip_threshold: object) -> float | None:
+    """``skip_threshold`` as a float >= 0 (Python, NumPy and 0-d tensor numbers, as the
+    other knobs take them) or ``None``; else ``ValueError``."""
+    value = skip_threshold
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
+            and not value.is_complex() and not without_values(value)):
+        value = float(value)
+    elif (isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"):
+        value = float(value)  # np.array(0.1), as torch.tensor(0.1) (attacker pass)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, float | int | np.number) or not (
+        value >= 0
+    ):
+        raise ValueError(f"skip_threshold must be a number >= 0, got {skip_threshold!r}")
+    return float(value)
+
+
+def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray | None:
+    """Check the move-budget knobs before any planning and return ``max_moves`` as
+    ``None``, an int (slots in total) or an ``[L]`` integer array (slots per layer; its
+    length is checked against the layers when planning). Raises ``ValueError``."""
+    as_threshold(skip_threshold)
+    given = max_moves  # as the caller wrote it, for the messages
+    if isinstance(max_moves, torch.Tensor):
+        kind = without_values(max_moves)  # e.g. a model built on the meta device
+        if kind:
+            raise ValueError(f"max_moves is a {kind} tensor, which holds no values; got "
+                             f"{given!r}")
+        max_moves = max_moves.detach().cpu().numpy()
+    if isinstance(max_moves, (list, tuple)):
+        if any(isinstance(v, bool | np.bool_) for v in max_moves):
+            raise ValueError(f"max_moves per layer must be ints, got {reprlib.repr(given)}")
+        if all(isinstance(v, int | np.integer) and v >= 0 for v in max_moves):
+            # Python ints beyond int64 (no limit in that layer) are capped as a total is;
+            # else NumPy reads the list as floats or objects and it is refused (an empty
+            # list is ints: refused by its length, as an empty tensor is)
+            max_moves = np.asarray([min(int(v), 1 << 62) for v in max_moves], np.int64)
+        max_moves = np.asarray(max_moves)
+    if isinstance(max_moves, np.ndarray) and max_moves.ndim == 0:
+        max_moves = max_moves[()]  # a 0-d array or tensor is a total budget
+    total = isinstance(max_moves, int | np.integer) and not isinstance(max_moves, bool)
+    per_layer = (isinstance(max_moves, np.ndarray) and max_moves.ndim == 1
+                 and np.issubdtype(max_moves.dtype, np.integer))
+    if max_moves is None:
+        return None
+    negative = bool((np.asarray(max_moves) < 0).any()) if total or per_layer else False
+    if not (total or per_layer) or negative:
+        raise ValueError(f"max_moves must be a non-negative int (slots in total) or one "
+                         f"non-negative int per layer (slots per layer); got "
+                         f"{reprlib.repr(given)}")
+    # a total beyond any slot count means "no limit but the forced moves"; capped so that
+    # per-layer shares fit int64
+    return min(int(max_moves), 1 << 62) if total else max_moves

@@ -84,11 +84,22 @@ def fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray,
     return out[None]
 
 
+def fresh_plans_per_layer(request: PlanRequest) -> int:
+    """How many fresh plans :func:`fresh_candidates` may relabel per layer: 2 where a GPU
+    has two slots and the count search runs (spare slots, search steps not set to 0),
+    else 1."""
+    searched = request.options.packing.two_slot_iterations() != 0
+    spare = request.topology.num_replicas > request.num_experts
+    return 2 if request.topology.slots_per_gpu == 2 and searched and spare else 1
+
+
 def fresh_candidates(request: PlanRequest, base: np.ndarray, layers: np.ndarray) -> np.ndarray:
     """``[F, L, R]`` the fresh candidates of ``layers`` (other rows: ``base``), each
     relabelled onto ``base``'s GPUs (:func:`fresh_aligned`): a fresh plan, and where a GPU
-    has two slots and the count search runs, also the plan of the search's start (the
-    portfolio's best counts, optimally paired), for the next-window score to choose from.
+    has two slots and the count search runs (:func:`fresh_plans_per_layer`), also the plan
+    of the search's start (the portfolio's best counts, optimally paired), for the
+    next-window score to choose from. A layer whose start has the searched plan's counts
+    (the same pairs) takes the searched plan there: only the others are relabelled.
 
     Why: the count search fits the counts to the window at hand (it splits cold experts
     into small partners for warm ones, :mod:`eplb.core.small_slots`), and under drift that
@@ -101,21 +112,31 @@ def fresh_candidates(request: PlanRequest, base: np.ndarray, layers: np.ndarray)
     per layer, most of its cost.
     """
     fresh = fresh_aligned(request, base, layers)
-    packing = request.options.packing
-    if request.topology.slots_per_gpu != 2 or packing.two_slot_iterations() == 0:
+    if fresh_plans_per_layer(request) == 1:
         return fresh
+    packing = request.options.packing
     start = dataclasses.replace(request, options=dataclasses.replace(
         request.options, packing=dataclasses.replace(packing, pair_steps=0, max_steps=0)))
-    planned = None
+    sub = start.layers(torch.from_numpy(layers))
     if request.policy == "hierarchical":
         # the start inside the searched plan's group→node assignment: enumerating the
-        # assignments is most of a hierarchical fresh plan's time
-        sub = start.layers(torch.from_numpy(layers))
+        # assignments is most of a hierarchical fresh plan's time (relabelling moved
+        # whole nodes, so the plan still keeps every group on one node)
         node_of_group = hierarchy.group_nodes(fresh[0, layers], sub)[0]
         planned = HierarchicalPolicy.place_groups(
             sub.weight, torch.from_numpy(node_of_group).to(sub.weight.device), sub.topology,
             sub.options, sub.generator(), idle=sub.idle).cpu()
-    return np.concatenate([fresh, fresh_aligned(start, base, layers, planned)])
+    else:
+        planned = fresh_phy2log(sub).cpu()
+    num_experts = request.num_experts
+    differ = (moves.counts_of(planned.numpy(), num_experts)
+              != moves.counts_of(fresh[0, layers], num_experts)).any(1)
+    second = fresh.copy()
+    if differ.any():
+        second[:, layers[differ]] = fresh_aligned(start, base, layers[differ],
+                                                  planned[torch.from_numpy(differ)])[
+                                                      :, layers[differ]]
+    return np.concatenate([fresh, second])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,9 +27,8 @@ almost every slot. Here the new plan starts from the placement in force:
    differs from the one in force: only the groups that change node move, then the node
    ladder refines (:func:`eplb.online.hierarchy.candidates`); and a fresh hierarchical
    plan relabelled onto the old nodes and GPUs where the best of those ends further
-   above the layer's bound than the drift's excess, or at <= 3 slots per GPU. With two
-   slots per GPU the fresh plan comes with and without the count search
-   (:func:`eplb.online.forced.fresh_candidates`: the search's fit need not last).
+   above the layer's bound than the drift's excess, or at <= 3 slots per GPU. At two slots
+   per GPU also the count search's start (:func:`eplb.online.forced.fresh_candidates`).
 4. **A choice per layer by the expected next-window peak**
    (:func:`eplb.online.moves.expected_peak`): each candidate's max GPU load under the
    drift a rebalance interval brings (with expert groups named, part of it common to a
@@ -54,11 +53,12 @@ from __future__ import annotations
 
 import dataclasses
 import reprlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from eplb.core.inputs import as_old_map, without_values
+from eplb.core.inputs import as_old_map
 from eplb.core.options import COARSE_SLOTS, IncrementalOptions
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
@@ -66,8 +66,22 @@ from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
 from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous, relabel_size_problem
-from eplb.online.budget import FINE_QUOTA, fine_layers, layer_loads, load_shares, spend_budget
-from eplb.online.forced import Offered, forced_base, fresh_candidates, undo_forced_losses
+from eplb.online.budget import (
+    FINE_QUOTA,
+    as_threshold,
+    check_budget,
+    fine_layers,
+    layer_loads,
+    load_shares,
+    spend_budget,
+)
+from eplb.online.forced import (
+    Offered,
+    forced_base,
+    fresh_candidates,
+    fresh_plans_per_layer,
+    undo_forced_losses,
+)
 from eplb.online.nearest import choose_paying, plan_nearest_incremental
 
 
@@ -231,62 +245,6 @@ def _paying(value: np.ndarray, cost: np.ndarray, usual: np.ndarray | None) -> np
     return pays
 
 
-def as_threshold(skip_threshold: object) -> float | None:
-    """``skip_threshold`` as a float >= 0 (Python, NumPy and 0-d tensor numbers, as the
-    other knobs take them) or ``None``; else ``ValueError``."""
-    value = skip_threshold
-    if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
-            and not value.is_complex() and not without_values(value)):
-        value = float(value)
-    elif (isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"):
-        value = float(value)  # np.array(0.1), as torch.tensor(0.1) (attacker pass)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, float | int | np.number) or not (
-        value >= 0
-    ):
-        raise ValueError(f"skip_threshold must be a number >= 0, got {skip_threshold!r}")
-    return float(value)
-
-
-def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray | None:
-    """Check the move-budget knobs before any planning and return ``max_moves`` as
-    ``None``, an int (slots in total) or an ``[L]`` integer array (slots per layer; its
-    length is checked against the layers when planning). Raises ``ValueError``."""
-    as_threshold(skip_threshold)
-    given = max_moves  # as the caller wrote it, for the messages
-    if isinstance(max_moves, torch.Tensor):
-        kind = without_values(max_moves)  # e.g. a model built on the meta device
-        if kind:
-            raise ValueError(f"max_moves is a {kind} tensor, which holds no values; got "
-                             f"{given!r}")
-        max_moves = max_moves.detach().cpu().numpy()
-    if isinstance(max_moves, (list, tuple)):
-        if any(isinstance(v, bool | np.bool_) for v in max_moves):
-            raise ValueError(f"max_moves per layer must be ints, got {reprlib.repr(given)}")
-        if all(isinstance(v, int | np.integer) and v >= 0 for v in max_moves):
-            # Python ints beyond int64 (no limit in that layer) are capped as a total is;
-            # else NumPy reads the list as floats or objects and it is refused (an empty
-            # list is ints: refused by its length, as an empty tensor is)
-            max_moves = np.asarray([min(int(v), 1 << 62) for v in max_moves], np.int64)
-        max_moves = np.asarray(max_moves)
-    if isinstance(max_moves, np.ndarray) and max_moves.ndim == 0:
-        max_moves = max_moves[()]  # a 0-d array or tensor is a total budget
-    total = isinstance(max_moves, int | np.integer) and not isinstance(max_moves, bool)
-    per_layer = (isinstance(max_moves, np.ndarray) and max_moves.ndim == 1
-                 and np.issubdtype(max_moves.dtype, np.integer))
-    if max_moves is None:
-        return None
-    negative = bool((np.asarray(max_moves) < 0).any()) if total or per_layer else False
-    if not (total or per_layer) or negative:
-        raise ValueError(f"max_moves must be a non-negative int (slots in total) or one "
-                         f"non-negative int per layer (slots per layer); got "
-                         f"{reprlib.repr(given)}")
-    # a total beyond any slot count means "no limit but the forced moves"; capped so that
-    # per-layer shares fit int64
-    return min(int(max_moves), 1 << 62) if total else max_moves
-
-
 def plan_incremental(
     request: PlanRequest,
     previous: Placement | torch.Tensor,
@@ -321,7 +279,7 @@ def plan_incremental(
     # layers on 8,192 GPUs asked for 14.5 GiB, 16,384 GPUs killed the process)
     block = (max(topo.num_nodes, topo.gpus_per_node) if request.policy == "hierarchical"
              else topo.num_gpus)
-    too_large = relabel_size_problem(request.num_layers, block)
+    too_large = relabel_size_problem(request.num_layers, block, fresh_plans_per_layer(request))
     if too_large:
         raise ValueError(f"{too_large}; plan without previous (the CLI: without --previous) "
                          f"for a fresh plan")
@@ -377,8 +335,7 @@ def plan_incremental(
         if need.any() and request.active_gpus is None:
             extra = fresh_candidates(request, base, np.nonzero(need)[0])
             extra_peak, extra_now = score(extra)
-            for k, plan in enumerate(extra):
-                take = _with_candidate(take, plan, len(peak) + k)
+            take = _with_candidates(take, extra, len(peak))
             peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
             now = np.concatenate([now, extra_now])
             cost = np.concatenate([cost, (extra != base[None]).sum(2)])
@@ -487,12 +444,13 @@ def _far_from_bound(peak: np.ndarray, now: np.ndarray, bound: np.ndarray | float
         return (now - bound > excess) & (1.0 / (bound + excess) - 1.0 / peak > move_price)
 
 
-def _with_candidate(take, extra: np.ndarray, index: int):
-    """``take`` with candidate ``index`` read from ``extra [L, R]``."""
+def _with_candidates(take: Callable[[np.ndarray], np.ndarray], extra: np.ndarray,
+                     first: int) -> Callable[[np.ndarray], np.ndarray]:
+    """``take`` with the last candidates, ``first`` on, read from ``extra [F, L, R]``."""
     def taken(pick: np.ndarray) -> np.ndarray:
-        fresh = pick == index
-        out = take(np.where(fresh, 0, pick))
-        out[fresh] = extra[fresh]
+        layer = np.nonzero(pick >= first)[0]
+        out = take(np.where(pick >= first, 0, pick))
+        out[layer] = extra[pick[layer] - first, layer]
         return out
     return taken
 

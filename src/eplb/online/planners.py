@@ -30,8 +30,9 @@ from eplb.core.topology import (
     non_negative_int,
     positive_int,
 )
+from eplb.online.budget import check_budget
 from eplb.online.estimate import Estimate, expected_max, interchangeable, select_per_layer
-from eplb.online.incremental import check_budget, plan_incremental
+from eplb.online.incremental import plan_incremental
 from eplb.online.settings import SCORE_OPTIONS, check_option_values
 
 #: a planner: ``(weight [L, E], the placement in force or None) -> Placement``

@@ -25,8 +25,8 @@ import torch
 from eplb.core.device_path import caller_settings_off
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.topology import Topology, positive_int
+from eplb.online.budget import check_budget
 from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator
-from eplb.online.incremental import check_budget
 from eplb.online.planners import PlannerFn, make_planner, plan_estimate
 
 #: the per-step history an engine keeps (float32 ring buffer) at most

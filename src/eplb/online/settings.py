@@ -27,7 +27,7 @@ from eplb.core.options import IncrementalOptions
 from eplb.core.planner import as_slack, check_dispatch_options, resolve_options
 from eplb.core.policies import POLICY_NAMES, resolve_policy
 from eplb.core.topology import Topology, is_name
-from eplb.online.incremental import check_budget
+from eplb.online.budget import check_budget
 
 #: the :class:`~eplb.core.options.IncrementalOptions` fields that are also keyword options
 #: of :func:`eplb.plan` (the next-window score and the price of a move)
