@@ -43,3 +43,28 @@ def test_unsearched_fresh_plan_is_offered_and_taken(num_nodes: int, num_groups: 
     # the search's start wins some layers on the expected next window (none before it
     # was offered: only the searched plan and the warm ladder were)
     assert taken > 0
+
+
+@pytest.mark.parametrize(("num_nodes", "num_groups"), [(1, 1), (2, 4)],
+                         ids=["global", "hierarchical"])
+@pytest.mark.parametrize("replicas", [96, 64], ids=["spare slots", "no spare slot"])
+def test_two_slot_budgets_and_no_spare_slot(num_nodes: int, num_groups: int,
+                                             replicas: int) -> None:
+    """With the two fresh candidates a budget still caps the moves (an old map of eplb's
+    own needs no forced move), and without a spare slot (no count search, one fresh
+    candidate) the plans keep the contract."""
+    gpus = 32 if replicas == 64 else 48
+    weight = generate_loads("deepseek-v3", seed=5, num_layers=8, num_experts=64)
+    old = eplb.plan(weight, replicas, gpus, num_nodes, num_groups)
+    g = torch.Generator().manual_seed(5)
+    drifted = weight * torch.exp(0.3 * torch.randn(weight.shape, generator=g,
+                                                   dtype=torch.float64))
+    for budget in (0, 7, [3] * 8, None):
+        new = eplb.plan(drifted, replicas, gpus, num_nodes, num_groups, previous=old,
+                        max_moves=budget)
+        assert_contract(new)
+        moved = (new.phy2log != old.phy2log).sum(1)
+        if budget is not None:
+            limit = torch.tensor(budget) if isinstance(budget, list) else budget
+            assert bool((moved <= limit).all()) and int(moved.sum()) <= (
+                budget if isinstance(budget, int) else sum(budget))
