@@ -99,7 +99,8 @@ def fresh_candidates(request: PlanRequest, base: np.ndarray, layers: np.ndarray)
     has two slots and the count search runs (:func:`fresh_plans_per_layer`), also the plan
     of the search's start (the portfolio's best counts, optimally paired), for the
     next-window score to choose from. A layer whose start has the searched plan's counts
-    (the same pairs) takes the searched plan there: only the others are relabelled.
+    (the same pairs) takes the searched plan there: only the others are relabelled (none
+    differing: the fresh plan alone).
 
     Why: the count search fits the counts to the window at hand (it splits cold experts
     into small partners for warm ones, :mod:`eplb.core.small_slots`), and under drift that
@@ -131,11 +132,10 @@ def fresh_candidates(request: PlanRequest, base: np.ndarray, layers: np.ndarray)
     num_experts = request.num_experts
     differ = (moves.counts_of(planned.numpy(), num_experts)
               != moves.counts_of(fresh[0, layers], num_experts)).any(1)
-    second = fresh.copy()
-    if differ.any():
-        second[:, layers[differ]] = fresh_aligned(start, base, layers[differ],
-                                                  planned[torch.from_numpy(differ)])[
-                                                      :, layers[differ]]
+    if not differ.any():
+        return fresh
+    second = fresh_aligned(start, base, layers[differ], planned[torch.from_numpy(differ)])
+    second[0, layers[~differ]] = fresh[0, layers[~differ]]  # the same plan: no second look
     return np.concatenate([fresh, second])
 
 
