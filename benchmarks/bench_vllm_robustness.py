@@ -18,7 +18,9 @@ map; int32 loads; eplb through its vLLM plugin class with default options, vLLM 
 - ``alternating``: windows alternating between a prefill workload and the decode workload
   of the same request shape (4 such pairs), each × exp(0.15·Z);
 - ``S=2`` / ``S=3``: 288 slots on 144 or 96 GPUs (2 or 3 slots per GPU); S = 2 also at
-  drift 0.05 and 0.3;
+  drift 0.05 and 0.3, S = 3 at 0.05; ``S=5``: 320 slots on 64 GPUs; ``S=17``: 272 slots
+  on 16 GPUs, also at drift 0.3 (the move price follows the slots per GPU, so these
+  shapes price a move otherwise than the headline's 9);
 - ``qwen3`` / ``kimi``: synthetic loads of other models' shapes (eplb's generator), 94×128
   on R=160, P=32 and 61×384 on R=512, P=64.
 
@@ -143,6 +145,10 @@ def scenarios(files: int, steps: int) -> list[tuple[str, int, int, list, Callabl
         ("S=2 (P=144), drift 0.05", 288, 144, both, drifting(0.05)),
         ("S=2 (P=144), drift 0.3", 288, 144, both, drifting(0.3)),
         ("S=3 (P=96)", 288, 96, both, drifting(0.15)),
+        ("S=3 (P=96), drift 0.05", 288, 96, both, drifting(0.05)),
+        ("S=5 (P=64)", 320, 64, both, drifting(0.15)),
+        ("S=17 (P=16)", 272, 16, both, drifting(0.15)),
+        ("S=17 (P=16), drift 0.3", 272, 16, both, drifting(0.3)),
         ("qwen3-like 94×128 (synthetic)", 160, 32, [GLOBAL], synthetic("qwen3-235b", 200)),
         ("kimi-like 61×384 (synthetic)", 512, 64, [GLOBAL],
          synthetic("kimi-k2", 400, num_layers=61)),

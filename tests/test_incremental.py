@@ -136,7 +136,8 @@ def test_a_larger_total_budget_never_ends_worse_by_what_it_spends_on(replicas, n
         peak = moves.expected_peak(weight, both, P, options.drift, groups=groups,
                                    group_share=options.group_share)[0][1]
         cost = (both[1] != both[0]).sum(1)
-        spent.append(float((share * peak + options.move_price * cost / replicas).sum()))
+        price = options.layer_price(replicas // P)  # the move price at this shape's slots
+        spent.append(float((share * peak + price * cost / replicas).sum()))
     assert all(b <= a + 1e-9 for a, b in itertools.pairwise(spent)), spent
     assert spent[-1] < spent[0]
 
@@ -197,6 +198,10 @@ def test_previous_as_placement_tensor_or_old_phy2log_agree():
     assert torch.equal(a.phy2log, phy2log)
     assert torch.equal(a.log2phy, log2phy) and torch.equal(a.logcnt, logcnt)
     assert int((phy2log != old.phy2log).sum()) <= 12
+    # a keyword eplb.plan does not take is refused under the name the caller called
+    # (README audit: the TypeError named plan)
+    with pytest.raises(TypeError, match=r"rebalance_experts\(\) .* 'bogus'"):
+        eplb.rebalance_experts(W1, R, 1, 1, P, old_phy2log=old.phy2log, bogus=1)
 
 
 def test_one_layer_incremental():
@@ -499,7 +504,9 @@ def test_move_price_trades_moves_for_expected_balance(policy, nodes, groups):
     dear = eplb.plan(W1, R, P, nodes, groups, move_price=0.99, **kwargs)
     moved = [int(p.moved_slots(old).sum()) for p in (free, default, dear)]
     assert moved[0] >= moved[1] >= moved[2], moved
-    assert moved[2] <= 0.1 * L * R  # a move must buy almost all of a layer's balance
+    # a move must buy more than half of a layer's balance (0.99 × 5 / 9 at 5 slots per
+    # GPU: the price follows the slots per GPU)
+    assert moved[2] <= 0.2 * L * R
     for p in (free, default, dear):
         assert_contract(p)
     with pytest.raises(ValueError, match="move_price"):
@@ -515,10 +522,14 @@ def test_a_budget_caps_the_moves_that_pay_and_buys_no_others(policy, nodes, grou
     gains). At a dear move price almost nothing pays, whatever the budget."""
     old = old_plan(policy, nodes, groups)
     kwargs = {"policy": policy, "previous": old, "move_price": 0.99}
+    moved = []
     for budget in (None, 10**9, [10**6] * L):
         dear = eplb.plan(W1, R, P, nodes, groups, max_moves=budget, **kwargs)
         assert_contract(dear)
-        assert int(dear.moved_slots(old).sum()) <= 0.1 * L * R, budget
+        moved.append(int(dear.moved_slots(old).sum()))
+    # (0.99 × 5 / 9 of a layer's balance for all its slots at 5 slots per GPU)
+    assert moved[0] <= 0.2 * L * R
+    assert all(m <= moved[0] for m in moved[1:]), moved  # an ample budget buys no more
 
 
 def test_a_hierarchical_layer_the_ladder_cannot_fix_is_offered_a_fresh_plan():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import inspect
 import warnings
 from typing import Any
 
@@ -83,7 +84,9 @@ def plan(
         skip_threshold: with ``previous``, leave a layer untouched when re-planning it
             would raise its expected next-window balancedness by less than this.
         move_price: with ``previous``: the expected balancedness a layer must gain to
-            move all its slots, with or without ``max_moves`` (default 0.01; see
+            move all its slots at 9 slots per GPU, with or without ``max_moves``
+            (default 0.01); at ``S`` slots per GPU the price is ``move_price × S / 9``,
+            as the weights each GPU receives (see
             :class:`~eplb.core.options.IncrementalOptions`).
         drift: with ``previous``: the log-std of an expert's load change between two
             rebalances that the next-window score assumes (default 0.2).
@@ -249,6 +252,11 @@ def _plan(
     return plan_fresh(request)
 
 
+#: the keywords :func:`rebalance_experts` passes on to :func:`plan`
+_PLAN_KEYWORDS = frozenset(name for name, parameter in inspect.signature(plan).parameters.items()
+                           if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
 def rebalance_experts(
     weight: torch.Tensor,
     num_replicas: int,
@@ -274,6 +282,10 @@ def rebalance_experts(
         ``(phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E])``, int64, on the weight's
         device (without the layer dimension for a one-layer ``[E]`` tensor).
     """
+    unknown = sorted(set(kwargs) - _PLAN_KEYWORDS)
+    if unknown:  # (plan's own TypeError named plan, a function the caller never called)
+        raise TypeError(f"rebalance_experts() got an unexpected keyword argument "
+                        f"{unknown[0]!r}; it takes eplb.plan's keywords")
     if "previous" in kwargs:
         if old_phy2log is not None:
             raise TypeError("rebalance_experts: give the placement in force once, as "

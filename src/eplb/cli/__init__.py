@@ -272,9 +272,11 @@ def build_parser() -> _Parser:
                         "(default: no cap)")
     o.add_argument("--move-price", type=_price, default=None, metavar="X",
                    help="with --previous: the expected next-window balancedness (in [0, 1)) a "
-                        "layer must gain to move all its slots (a part of it for a part of "
-                        "the slots): higher moves fewer slots, 0 moves wherever a move gains "
-                        "(default 0.01, about where moving a DeepSeek-V3 layer breaks even)")
+                        "layer must gain to move all its slots at 9 slots per GPU (X × S / 9 "
+                        "at S slots per GPU, as the weights each GPU receives; a part of it "
+                        "for a part of the slots): higher moves fewer slots, 0 moves wherever "
+                        "a move gains (default 0.01, about where moving a DeepSeek-V3 layer "
+                        "breaks even)")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")

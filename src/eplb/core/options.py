@@ -102,6 +102,11 @@ FEW_SLOT_NOISE = 0.1
 #: beyond a few they stop paying (8 starts add at most 0.0007 of the ceiling over 4 on
 #: any shape of BENCHMARKS.md §12's sweep); 10**6 ran for minutes before this limit
 MAX_CANDIDATES = 1024
+#: the slots per GPU ``IncrementalOptions.move_price`` is stated at: a DeepSeek-V3 layer
+#: of 288 slots on 32 GPUs, where its default was derived. Moving all of a layer's slots
+#: sends ``S`` experts' weights into each GPU at ``S`` slots per GPU, so the price of a
+#: move follows ``S`` (:meth:`IncrementalOptions.layer_price`)
+PRICE_SLOTS_PER_GPU = 9
 #: the most warm-start steps an incremental plan accepts: every step is a candidate
 #: placement of every layer, built and scored (``[steps, L, R]`` and its draws), so memory
 #: grows with it (10**9 steps was killed for memory; attacker pass). 256 steps of the
@@ -273,12 +278,16 @@ class IncrementalOptions:
             per-expert log-load change is common to the expert's group, against 0.5 %
             with expert ids shuffled (BENCHMARKS.md §3).
         move_price: a layer takes the candidate with the best expected next-window
-            balancedness minus ``move_price`` × the fraction of its slots that change,
-            with or without a budget: ``max_moves`` caps these moves and buys no others
+            balancedness minus a price × the fraction of its slots that change, with or
+            without a budget: ``max_moves`` caps these moves and buys no others
             (``move_price=0`` spends a budget wherever it buys expected balance). With
             ``dispatch="nearest"`` the gain must exceed that price both in sample, as the
-            rule realises it, and on the expected next window. The default 0.01 is where a
-            rebalance breaks even at vLLM's defaults with the stalls users measure: moving
+            rule realises it, and on the expected next window. The price is
+            ``move_price`` at 9 slots per GPU and ``move_price × S / 9`` at ``S``
+            (:meth:`layer_price`): a rebalance stalls on the weights each GPU receives,
+            and moving all of a layer's slots sends ``S`` experts' weights into each GPU.
+            The default 0.01 is where a
+rebalance breaks even at vLLM's defaults with the stalls users measure: moving
             all of a DeepSeek-V3 layer's slots on 32 GPUs sends 288 × 44 MB / 32 ≈ 0.4 GB
             into each GPU. A full reshuffle (≈ 23 GB into each GPU) stalls 0.65–1.7 s on
             32×GB200 (reported in vLLM's issues), 14–35 GB/s in effect, so about 21 ms per
@@ -308,6 +317,15 @@ class IncrementalOptions:
     move_price: float = 0.01
     quota: float = 3 / 64
     steps: int = 4
+
+    def layer_price(self, slots_per_gpu: int) -> float:
+        """What moving all of a layer's slots costs in expected balancedness at
+        ``slots_per_gpu`` slots per GPU: ``move_price`` × slots per GPU / 9
+        (:data:`PRICE_SLOTS_PER_GPU`). A rebalance stalls on the weights each GPU
+        receives, and moving a share of a layer's slots sends that share of its slots
+        per GPU into each GPU: at 2 slots per GPU moving every slot sends 2 experts into
+        each GPU, at 9 slots 9."""
+        return self.move_price * (slots_per_gpu / PRICE_SLOTS_PER_GPU)
 
     def __post_init__(self) -> None:
         for name in ("drift", "group_share", "move_price", "quota"):

@@ -32,8 +32,12 @@ almost every slot. Here the new plan starts from the placement in force:
 4. **A choice per layer by the expected next-window peak**
    (:func:`eplb.online.moves.expected_peak`): each candidate's max GPU load under the
    drift a rebalance interval brings (with expert groups named, part of it common to a
-   group). A candidate's value is its expected balancedness minus ``move_price`` × the
-   fraction of its slots that change, so moves that only pay in-sample are not made.
+   group). A candidate's value is its expected balancedness minus the move price × the
+   fraction of its slots that change, so moves that only pay in-sample are not made. The
+   price is ``move_price`` at 9 slots per GPU and follows the slots per GPU (the weights
+   each GPU receives; :meth:`~eplb.core.options.IncrementalOptions.layer_price`); the
+   rules of step 3 that decide where a fresh plan is worth making compare with
+   ``move_price`` itself.
    Without a budget a layer takes the candidate of the best value. ``max_moves`` caps
    the moves that pay and buys no others: a total (slots over all layers) goes to the
    layers where the moved slots save the most MoE time (load × expected peak), a list
@@ -59,7 +63,7 @@ import numpy as np
 import torch
 
 from eplb.core.inputs import as_old_map
-from eplb.core.options import COARSE_SLOTS, IncrementalOptions
+from eplb.core.options import COARSE_SLOTS
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
@@ -183,12 +187,14 @@ def _choose(
     slots: int,
     max_moves: object,
     skip_threshold: float | None,
-    options: IncrementalOptions,
+    price: float,
     layer_load: np.ndarray | None = None,
     usual: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[L]`` candidate index per layer from expected peaks and costs ``[C, L]``
-    (candidate 0 is the forced base, cost 0); ``layer_load [L]``: each layer's total
+    (candidate 0 is the forced base, cost 0), a layer's moved slots priced at ``price``
+    × their fraction of its slots (:meth:`~eplb.core.options.IncrementalOptions.layer_price`);
+    ``layer_load [L]``: each layer's total
     load, which weighs the layers a total budget is shared between; ``usual [C]``: the
     candidates the rule without a budget has (``None``: all), whose choice bounds each
     layer's moves under a budget."""
@@ -198,7 +204,7 @@ def _choose(
     # pay, it does not buy the ones that do not (attacker pass: spent on expected gains
     # alone, a total above what no budget moves moved 3,430 slots where no budget moved
     # 3,056 on real DeepSeek-V3 loads; BENCHMARKS.md §3, "Thirtieth session")
-    value = balance - options.move_price * cost / slots
+    value = balance - price * cost / slots
     if max_moves is None:
         pick = np.argmax(value, 0)  # first on ties: fewer moves
     elif isinstance(max_moves, (int, np.integer)) and not isinstance(max_moves, bool):
@@ -214,7 +220,7 @@ def _choose(
         share = load_shares(layer_load)
         pays = _paying(value, cost, usual)
         with np.errstate(invalid="ignore"):
-            saved = -share[None] * peak - options.move_price * cost / slots
+            saved = -share[None] * peak - price * cost / slots
         pick = spend_budget(np.where(pays, saved, -np.inf), cost, int(max_moves))
     else:
         budget = np.asarray(max_moves)
@@ -273,6 +279,11 @@ def plan_incremental(
     skip_threshold = as_threshold(skip_threshold)
     options = request.options.incremental
     topo = request.topology
+    # the price of moving all of a layer's slots, in the choice of candidates (the rules
+    # that offer a fresh plan keep ``move_price``: scaled down at 5 slots per GPU they
+    # offered more fresh plans, 1.5x the call's time, for no better next window;
+    # BENCHMARKS.md §3)
+    price = options.layer_price(topo.slots_per_gpu)
     # fresh plans are relabelled onto the old GPUs (an assignment problem per layer, over
     # the GPUs, or over the nodes and the GPUs of a node under the hierarchical policy):
     # refused before any work where that alone would take minutes (attacker pass: 58
@@ -407,7 +418,7 @@ def plan_incremental(
         # balanced whatever is where: moving its weights would buy nothing
         peak[1:, request.idle.cpu().numpy()] = np.inf
     layer_load = layer_loads(request, weight) if isinstance(max_moves, int) else None
-    pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, options,
+    pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, price,
                    layer_load, usual)
     best = take(pick)
     # the guard above compares integer units (moves.units_of), which round small experts

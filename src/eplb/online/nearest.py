@@ -2,8 +2,9 @@
 
 Two candidates per layer (below), each valued by what it pays (:func:`paying_values`):
 its balancedness gain over the placement in force, the smaller of the gain realised on
-the window at hand and the gain expected on the next window, minus ``move_price`` × the
-share of its slots that change. Without a budget a layer takes the candidate (or keeps
+the window at hand and the gain expected on the next window, minus the move price
+(:meth:`~eplb.core.options.IncrementalOptions.layer_price`) × the share of its slots
+that change. Without a budget a layer takes the candidate (or keeps
 its placement) that pays best; with a budget per layer, the one that pays best within
 it; with a budget in total over all layers, the total goes where the moved slots pay
 the most (:func:`eplb.online.budget.spend_budget`; the warm start before its node
@@ -94,8 +95,9 @@ def paying_values(request: PlanRequest, candidates: torch.Tensor,
     over candidate 0, the smaller of the gain on the window at hand (realised under the
     rule; so an unchanged workload keeps its map) and on the next window expected under
     the drift (so moves that only pay in sample are not made: on six real workloads half
-    the slots moved for an equal next window), minus ``move_price`` × the share of the
-    layer's slots that change. A budget caps these moves; it does not buy unpaid ones.
+    the slots moved for an equal next window), minus the move price (``move_price`` at 9
+    slots per GPU, following the slots per GPU) × the share of the layer's slots that
+    change. A budget caps these moves; it does not buy unpaid ones.
     Tokens arise on the live GPUs only.
 
     ``by_time``: for a total budget shared by the layers, each paying gain in MoE time to
@@ -106,7 +108,7 @@ def paying_values(request: PlanRequest, candidates: torch.Tensor,
     weight, topology = request.weight, request.topology
     old = candidates[0]
     options = request.options.incremental
-    price = options.move_price / old.shape[1]
+    price = options.layer_price(topology.slots_per_gpu) / old.shape[1]  # per slot
     mean = weight.sum(1) / int(request.live.sum())
     expected, peak = expected_balance(weight, candidates, topology.num_gpus,
                                       topology.num_nodes, options.drift, request.active_gpus)

@@ -1,0 +1,52 @@
+"""The move price follows the slots per GPU (``IncrementalOptions.layer_price``): moving
+all of a layer's slots sends ``S`` experts' weights into each GPU at ``S`` slots per GPU,
+so ``move_price`` (stated at 9 slots per GPU) costs ``move_price × S / 9`` there."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_contract
+
+import eplb
+from eplb.core.options import IncrementalOptions
+from eplb.online import moves
+from eplb.tools.generator import generate_loads
+
+
+def test_layer_price_follows_the_slots_per_gpu() -> None:
+    options = IncrementalOptions(move_price=0.018)
+    assert options.layer_price(9) == 0.018  # the shape the price is stated at, exactly
+    assert options.layer_price(2) == pytest.approx(0.004)
+    assert options.layer_price(18) == pytest.approx(0.036)
+    assert IncrementalOptions(move_price=0.0).layer_price(2) == 0.0
+
+
+@pytest.mark.parametrize(("num_nodes", "num_groups"), [(1, 1), (2, 4)],
+                         ids=["global", "hierarchical"])
+def test_two_slot_moves_pay_the_price_of_their_bytes(num_nodes: int, num_groups: int) -> None:
+    """At 2 slots per GPU every layer's move gains at least the two-slot price × the share
+    of its slots moved on the expected next window, and some gain less than the price of
+    9 slots per GPU would ask (moves a price blind to the slots per GPU refused; at a
+    weak drift, 0.05, where the gains are small)."""
+    replicas, gpus = 96, 48
+    options = IncrementalOptions()
+    price = options.layer_price(replicas // gpus)
+    cheap = 0
+    for seed in range(3):
+        weight = generate_loads("deepseek-v3", seed=seed, num_layers=12, num_experts=64)
+        old = eplb.plan(weight, replicas, gpus, num_nodes, num_groups)
+        g = torch.Generator().manual_seed(seed)
+        drifted = weight * torch.exp(0.05 * torch.randn(weight.shape, generator=g,
+                                                       dtype=torch.float64))
+        new = eplb.plan(drifted, replicas, gpus, num_nodes, num_groups, previous=old)
+        assert_contract(new)
+        both = np.stack([old.phy2log.numpy(), new.phy2log.numpy()])
+        peak = moves.expected_peak(drifted.numpy(), both, gpus, options.drift,
+                                   groups=num_groups, group_share=options.group_share)[0]
+        gain = 1.0 / peak[1] - 1.0 / peak[0]
+        share = (both[1] != both[0]).mean(1)
+        assert bool((gain >= price * share - 1e-9).all()), (gain, share)
+        cheap += int(((share > 0) & (gain < options.move_price * share)).sum())
+    assert cheap > 0
