@@ -122,6 +122,30 @@ def assert_contract(
                 )
 
 
+def generated_drift(seed: int, drift: float, layers: int = 12, experts: int = 64
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(weight, drifted) [layers, experts]``: generated DeepSeek-V3-like loads and the
+    next window, every expert × exp(drift·Z) (seeded by ``seed``)."""
+    from eplb.tools.generator import generate_loads
+    weight = generate_loads("deepseek-v3", seed=seed, num_layers=layers, num_experts=experts)
+    g = torch.Generator().manual_seed(seed)
+    return weight, weight * torch.exp(drift * torch.randn(weight.shape, generator=g,
+                                                          dtype=torch.float64))
+
+
+
+def replan_drifted(seed: int, drift: float, replicas: int, gpus: int, nodes: int,
+                   groups: int) -> tuple[torch.Tensor, Placement, Placement]:
+    """``(drifted, old, new)``: a fresh plan of :func:`generated_drift`'s first window and
+    the incremental plan of its next window from it (checked against the contract)."""
+    import eplb
+    weight, drifted = generated_drift(seed, drift)
+    old = eplb.plan(weight, replicas, gpus, nodes, groups)
+    new = eplb.plan(drifted, replicas, gpus, nodes, groups, previous=old)
+    assert_contract(new)
+    return drifted, old, new
+
+
 def counts_tle(seed: int = 0, steps: int = 4, layers: int = 3, experts: int = 8) -> torch.Tensor:
     """``[steps, layers, experts]`` int64 random token counts (the format tests' traces)."""
     g = torch.Generator().manual_seed(seed)

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_contract
+from helpers import assert_contract, generated_drift, replan_drifted
 
 import eplb
-from eplb.tools.generator import generate_loads
 
 NO_SEARCH = eplb.PlanOptions(packing=eplb.PackingOptions(pair_steps=0, max_steps=0))
 
@@ -27,13 +26,7 @@ def test_unsearched_fresh_plan_is_offered_and_taken(num_nodes: int, num_groups: 
     replicas, gpus = 96, 48
     taken = 0
     for seed in range(3):
-        weight = generate_loads("deepseek-v3", seed=seed, num_layers=12, num_experts=64)
-        old = eplb.plan(weight, replicas, gpus, num_nodes, num_groups)
-        g = torch.Generator().manual_seed(seed)
-        drifted = weight * torch.exp(0.3 * torch.randn(weight.shape, generator=g,
-                                                       dtype=torch.float64))
-        new = eplb.plan(drifted, replicas, gpus, num_nodes, num_groups, previous=old)
-        assert_contract(new)
+        drifted, _, new = replan_drifted(seed, 0.3, replicas, gpus, num_nodes, num_groups)
         start = gpu_pairs(eplb.plan(drifted, replicas, gpus, num_nodes, num_groups,
                                     options=NO_SEARCH).phy2log)
         searched = gpu_pairs(eplb.plan(drifted, replicas, gpus, num_nodes,
@@ -54,11 +47,8 @@ def test_two_slot_budgets_and_no_spare_slot(num_nodes: int, num_groups: int,
     own needs no forced move), and without a spare slot (no count search, one fresh
     candidate) the plans keep the contract."""
     gpus = 32 if replicas == 64 else 48
-    weight = generate_loads("deepseek-v3", seed=5, num_layers=8, num_experts=64)
+    weight, drifted = generated_drift(5, 0.3, layers=8)
     old = eplb.plan(weight, replicas, gpus, num_nodes, num_groups)
-    g = torch.Generator().manual_seed(5)
-    drifted = weight * torch.exp(0.3 * torch.randn(weight.shape, generator=g,
-                                                   dtype=torch.float64))
     for budget in (0, 7, [3] * 8, None):
         new = eplb.plan(drifted, replicas, gpus, num_nodes, num_groups, previous=old,
                         max_moves=budget)

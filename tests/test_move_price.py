@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from helpers import assert_contract
+from helpers import replan_drifted
 
-import eplb
 from eplb.core.options import IncrementalOptions
 from eplb.online import moves
-from eplb.tools.generator import generate_loads
 
 
 def test_layer_price_follows_the_slots_per_gpu() -> None:
@@ -35,13 +32,7 @@ def test_two_slot_moves_pay_the_price_of_their_bytes(num_nodes: int, num_groups:
     price = options.layer_price(replicas // gpus)
     cheap = 0
     for seed in range(3):
-        weight = generate_loads("deepseek-v3", seed=seed, num_layers=12, num_experts=64)
-        old = eplb.plan(weight, replicas, gpus, num_nodes, num_groups)
-        g = torch.Generator().manual_seed(seed)
-        drifted = weight * torch.exp(0.05 * torch.randn(weight.shape, generator=g,
-                                                       dtype=torch.float64))
-        new = eplb.plan(drifted, replicas, gpus, num_nodes, num_groups, previous=old)
-        assert_contract(new)
+        drifted, old, new = replan_drifted(seed, 0.05, replicas, gpus, num_nodes, num_groups)
         both = np.stack([old.phy2log.numpy(), new.phy2log.numpy()])
         peak = moves.expected_peak(drifted.numpy(), both, gpus, options.drift,
                                    groups=num_groups, group_share=options.group_share)[0]
