@@ -105,7 +105,8 @@ def budgets_section() -> None:
             peak = moves.expected_peak(weight, both, gpus, options.drift, groups=groups,
                                        group_share=options.group_share)[0][1]
             cost = (both[1] != both[0]).sum(1)
-            spent[budget] = float((share * peak + options.move_price * cost / replicas).sum())
+            price = options.layer_price(replicas // gpus)  # the move price at this shape
+            spent[budget] = float((share * peak + price * cost / replicas).sum())
             balance[budget] = plan.balancedness(w1)
             moved[budget] = int(plan.moved_slots(old).sum())
             totals["plans"] += 1

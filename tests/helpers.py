@@ -135,11 +135,11 @@ def generated_drift(seed: int, drift: float, layers: int = 12, experts: int = 64
 
 
 def replan_drifted(seed: int, drift: float, replicas: int, gpus: int, nodes: int,
-                   groups: int) -> tuple[torch.Tensor, Placement, Placement]:
+                   groups: int, experts: int = 64) -> tuple[torch.Tensor, Placement, Placement]:
     """``(drifted, old, new)``: a fresh plan of :func:`generated_drift`'s first window and
     the incremental plan of its next window from it (checked against the contract)."""
     import eplb
-    weight, drifted = generated_drift(seed, drift)
+    weight, drifted = generated_drift(seed, drift, experts=experts)
     old = eplb.plan(weight, replicas, gpus, nodes, groups)
     new = eplb.plan(drifted, replicas, gpus, nodes, groups, previous=old)
     assert_contract(new)

@@ -282,7 +282,7 @@ def rebalance_experts(
         ``(phy2log [L, R], log2phy [L, E, maxcnt], logcnt [L, E])``, int64, on the weight's
         device (without the layer dimension for a one-layer ``[E]`` tensor).
     """
-    unknown = sorted(set(kwargs) - _PLAN_KEYWORDS)
+    unknown = [name for name in kwargs if name not in _PLAN_KEYWORDS]
     if unknown:  # (plan's own TypeError named plan, a function the caller never called)
         raise TypeError(f"rebalance_experts() got an unexpected keyword argument "
                         f"{unknown[0]!r}; it takes eplb.plan's keywords")

@@ -286,8 +286,8 @@ class IncrementalOptions:
             ``move_price`` at 9 slots per GPU and ``move_price × S / 9`` at ``S``
             (:meth:`layer_price`): a rebalance stalls on the weights each GPU receives,
             and moving all of a layer's slots sends ``S`` experts' weights into each GPU.
-            The default 0.01 is where a
-rebalance breaks even at vLLM's defaults with the stalls users measure: moving
+            The default 0.01 is where a rebalance breaks even at vLLM's defaults with
+            the stalls users measure: moving
             all of a DeepSeek-V3 layer's slots on 32 GPUs sends 288 × 44 MB / 32 ≈ 0.4 GB
             into each GPU. A full reshuffle (≈ 23 GB into each GPU) stalls 0.65–1.7 s on
             32×GB200 (reported in vLLM's issues), 14–35 GB/s in effect, so about 21 ms per
@@ -325,7 +325,10 @@ rebalance breaks even at vLLM's defaults with the stalls users measure: moving
         receives, and moving a share of a layer's slots sends that share of its slots
         per GPU into each GPU: at 2 slots per GPU moving every slot sends 2 experts into
         each GPU, at 9 slots 9."""
-        return self.move_price * (slots_per_gpu / PRICE_SLOTS_PER_GPU)
+        if not isinstance(slots_per_gpu, numbers.Integral) or isinstance(slots_per_gpu, bool) \
+                or slots_per_gpu < 1:
+            raise ValueError(f"slots_per_gpu must be an int >= 1, got {slots_per_gpu!r}")
+        return self.move_price * (int(slots_per_gpu) / PRICE_SLOTS_PER_GPU)
 
     def __post_init__(self) -> None:
         for name in ("drift", "group_share", "move_price", "quota"):
