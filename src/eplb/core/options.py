@@ -324,7 +324,9 @@ class IncrementalOptions:
         (:data:`PRICE_SLOTS_PER_GPU`). A rebalance stalls on the weights each GPU
         receives, and moving a share of a layer's slots sends that share of its slots
         per GPU into each GPU: at 2 slots per GPU moving every slot sends 2 experts into
-        each GPU, at 9 slots 9."""
+        each GPU, at 9 slots 9. (With dead GPUs the fraction is still of all the layer's
+        slots, the dead GPUs' empty ones included, so moving every live slot costs
+        ``(P − k) / P`` of this price with ``k`` of ``P`` GPUs dead.)"""
         if not isinstance(slots_per_gpu, numbers.Integral) or isinstance(slots_per_gpu, bool) \
                 or slots_per_gpu < 1:
             raise ValueError(f"slots_per_gpu must be an int >= 1, got {slots_per_gpu!r}")
