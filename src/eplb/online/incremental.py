@@ -312,11 +312,13 @@ def plan_incremental(
     num_live = int(live_gpus.sum())
 
     units = moves.units_of(weight)  # [L, E] integer loads, as every score takes them
+    # (draws go by rank inside each node where node rows are scored too: the same numbers)
+    nodes = topo.num_nodes if request.policy == "hierarchical" else 1
 
     def score(chosen: np.ndarray, **known) -> tuple[np.ndarray, np.ndarray]:
         return moves.expected_peak(weight, chosen, num_live, options.drift,
                                    groups=topo.num_groups, group_share=options.group_share,
-                                   units=units, **known)
+                                   units=units, nodes=nodes, **known)
 
     if request.policy == "hierarchical":
         # node ladders, and warm regroups where the best group→node assignment differs

@@ -229,6 +229,7 @@ def expected_peak(
     units: np.ndarray | None = None,
     counts: np.ndarray | None = None,
     block: np.ndarray | None = None,
+    nodes: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(expected [C, B], now [C, B])``: the expected next-window max GPU load of every
     candidate ``[C, B, R]`` (``-1`` slots carry nothing), and its max GPU load on the
@@ -243,7 +244,12 @@ def expected_peak(
     independent normals,
     is averaged over ``draws`` fixed stratified draws per GPU (the same for every
     candidate, so candidates are compared on common numbers): it counts how many GPUs sit
-    near the top, so balancing below the noise stops paying, as it does in reality.
+    near the top, so balancing below the noise stops paying, as it does in reality. The
+    draws go by rank, not by GPU id: draw column ``k`` goes to the ``k``-th lightest GPU
+    (by load, then spread; inside each of ``nodes`` equal blocks of GPUs, as the node rows
+    of hierarchical layers are scored), so a plan with its GPUs relabelled scores as the
+    plan itself, and nearly equal plans score nearly alike (with draws by GPU id a
+    relabelling moved the score by 0.002–0.004: BENCHMARKS.md §3).
 
     Exact arithmetic: per-replica loads are rounded to integers (2**20 units for the
     row's largest expert) before they are summed, so every sum and square sum is of
@@ -256,7 +262,7 @@ def expected_peak(
     units = units_of(weight) if units is None else units  # [B, E] integers
     gpu, variance = gpu_moments(units, candidates, num_gpus, groups, group_share, counts,
                                 block)
-    return peak_of(gpu, variance, units.sum(1), drift, draws)
+    return peak_of(gpu, variance, units.sum(1), drift, draws, nodes)
 
 
 def gpu_moments(
@@ -328,15 +334,20 @@ def gpu_moments(
 
 
 def peak_of(
-    gpu: torch.Tensor, variance: np.ndarray, total: np.ndarray, drift: float, draws: int = DRAWS
+    gpu: torch.Tensor, variance: np.ndarray, total: np.ndarray, drift: float, draws: int = DRAWS,
+    nodes: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(expected [C, B], now [C, B])`` from GPU moments ``[C, B, P]``
     (:func:`gpu_moments`) of rows whose loads total ``total [B]`` units (see
     :func:`expected_peak`)."""
-    num_gpus = gpu.shape[2]
+    cands, rows, num_gpus = gpu.shape
     z = torch.from_numpy(normal_draws(draws, num_gpus))[:, None, None]  # [D, 1, 1, P]
     mean = np.maximum(total[None] / num_gpus, 1e-300)  # [1, B]: what all spread
-    return mean_of_draws(draw_maxima(gpu, variance, drift, z)) / mean, gpu.amax(2).numpy() / mean
+    # draws go by rank inside each node, as the node rows of hierarchical layers take them
+    shape = (cands, rows, nodes, num_gpus // nodes)
+    maxima = draw_maxima(gpu.view(shape), variance.reshape(shape), drift,
+                         z.view(draws, 1, 1, *shape[2:])).max(-1)
+    return mean_of_draws(maxima) / mean, gpu.amax(2).numpy() / mean
 
 
 def draw_maxima(
@@ -345,10 +356,18 @@ def draw_maxima(
     """``[D, C, B]`` every row's max GPU load under each of the ``D`` draws ``z`` (which
     broadcast against ``[D, C, B, P]``), from GPU moments ``[C, B, P]``
     (:func:`gpu_moments`). A max is exact, so the max over a layer's GPUs may be taken
-    per node row first and then over the layer's node rows: the same numbers."""
+    per node row first and then over the layer's node rows: the same numbers. Draw
+    column ``k`` of the last axis goes to the ``k``-th lightest GPU of that axis (by
+    load, then by spread; ties of both are the same GPU to the score), whatever its id."""
     # square roots stay in NumPy: torch's vectorized sqrt is not correctly rounded
-    spread = _drift_factor(drift) * np.sqrt(variance)
-    noisy = torch.from_numpy(spread)[None] * z  # [D, C, B, P]
+    spread = torch.from_numpy(_drift_factor(drift) * np.sqrt(variance))
+    # by rank: sorted by spread, then stably by load (two exact sorts of exact values:
+    # the same order on every machine)
+    order = torch.sort(spread, dim=-1, stable=True).indices
+    gpu, spread = gpu.gather(-1, order), spread.gather(-1, order)
+    order = torch.sort(gpu, dim=-1, stable=True).indices
+    gpu, spread = gpu.gather(-1, order), spread.gather(-1, order)
+    noisy = spread[None] * z  # [D, C, B, P]
     return noisy.add_(gpu[None]).amax(-1).numpy()
 
 
