@@ -246,7 +246,7 @@ def expected_peak(
     candidate, so candidates are compared on common numbers): it counts how many GPUs sit
     near the top, so balancing below the noise stops paying, as it does in reality. The
     draws go by rank, not by GPU id: draw column ``k`` goes to the ``k``-th lightest GPU
-    (by load, then spread; inside each of ``nodes`` equal blocks of GPUs, as the node rows
+    (inside each of ``nodes`` equal blocks of GPUs, as the node rows
     of hierarchical layers are scored), so a plan with its GPUs relabelled scores as the
     plan itself, and nearly equal plans score nearly alike (with draws by GPU id a
     relabelling moved the score by 0.002–0.004: BENCHMARKS.md §3).
@@ -357,16 +357,15 @@ def draw_maxima(
     broadcast against ``[D, C, B, P]``), from GPU moments ``[C, B, P]``
     (:func:`gpu_moments`). A max is exact, so the max over a layer's GPUs may be taken
     per node row first and then over the layer's node rows: the same numbers. Draw
-    column ``k`` of the last axis goes to the ``k``-th lightest GPU of that axis (by
-    load, then by spread; ties of both are the same GPU to the score), whatever its id."""
+    column ``k`` of the last axis goes to the ``k``-th lightest GPU of that axis, whatever
+    its id (GPUs of exactly equal load keep their order by id)."""
     # square roots stay in NumPy: torch's vectorized sqrt is not correctly rounded
     spread = torch.from_numpy(_drift_factor(drift) * np.sqrt(variance))
-    # by rank: sorted by spread, then stably by load (two exact sorts of exact values:
-    # the same order on every machine)
-    order = torch.sort(spread, dim=-1, stable=True).indices
-    gpu, spread = gpu.gather(-1, order), spread.gather(-1, order)
-    order = torch.sort(gpu, dim=-1, stable=True).indices
-    gpu, spread = gpu.gather(-1, order), spread.gather(-1, order)
+    # by rank: one stable sort of exact integer loads, the same order on every machine
+    # (a second sort, by spread for GPUs of equal load, moved no benchmark row by more
+    # than 0.0002, for two more sorts and gathers per score)
+    gpu, order = torch.sort(gpu, dim=-1, stable=True)
+    spread = spread.gather(-1, order)
     noisy = spread[None] * z  # [D, C, B, P]
     return noisy.add_(gpu[None]).amax(-1).numpy()
 
