@@ -341,6 +341,8 @@ def peak_of(
     (:func:`gpu_moments`) of rows whose loads total ``total [B]`` units (see
     :func:`expected_peak`)."""
     cands, rows, num_gpus = gpu.shape
+    if nodes < 1 or num_gpus % nodes:
+        raise ValueError(f"nodes ({nodes}) must divide the {num_gpus} GPUs scored")
     z = torch.from_numpy(normal_draws(draws, num_gpus))[:, None, None]  # [D, 1, 1, P]
     mean = np.maximum(total[None] / num_gpus, 1e-300)  # [1, B]: what all spread
     # draws go by rank inside each node, as the node rows of hierarchical layers take them
