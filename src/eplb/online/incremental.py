@@ -438,9 +438,11 @@ def plan_incremental(
     if topo.slots_per_gpu == 1:
         # with one slot per GPU a GPU's load is its replica's: a plan with the placement
         # in force's replica counts has its GPU loads, on other GPUs, and no drift tells
-        # them apart. The score's draws are tied to GPUs, so such a relabelling scored
-        # gains of up to 0.007 (review pass: 910 slots moved at 256 experts on 256 GPUs
-        # under the hierarchical policy, for nothing)
+        # them apart. The score's draws go by rank inside each node (node rows are scored
+        # apart), so moving experts between nodes still changes a hierarchical score
+        # (review pass: 910 slots moved at 256 experts on 256 GPUs, 4 nodes, for
+        # nothing; 1,472 with the rank draws and without this rule). Global plans no
+        # longer need it; it costs two counts at one slot per GPU only
         same = (moves.counts_of(best, request.num_experts)
                 == moves.counts_of(base, request.num_experts)).all(1)
         best[same] = base[same]
