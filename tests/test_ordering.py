@@ -1,4 +1,5 @@
-"""``eplb.core.ordering.argsort_rows``: the NumPy fast path gives torch's stable order."""
+"""``eplb.core.ordering.argsort_rows`` and ``sort_integers``: the NumPy fast paths give
+torch's stable order."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from eplb.core.ordering import argsort_rows
+from eplb.core.ordering import argsort_rows, sort_integers
 
 
 def reference(keys: torch.Tensor, descending: bool) -> torch.Tensor:
@@ -47,3 +48,21 @@ def test_integers_match_torch_stable_sort(values, descending):
 def test_long_rows_fall_back_to_torch():
     keys = torch.randint(0, 3, (2, (1 << 16) + 5))
     assert torch.equal(argsort_rows(keys), reference(keys, False))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=arrays(
+        "float64",
+        st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 40)),
+        # ties, zeros, and values on both sides of the packed path's limit (2**47)
+        elements=st.integers(0, 5) | st.integers(0, 2**53) | st.sampled_from([2**47 - 1, 2**47])
+        | st.floats(0, 10),  # fractions take torch's sort
+    ),
+)
+def test_sort_integers_matches_torch_stable_sort(values):
+    keys = torch.from_numpy(values)
+    ordered, order = sort_integers(keys)
+    expected = torch.sort(keys, dim=-1, stable=True)
+    assert torch.equal(order, expected.indices)
+    assert torch.equal(ordered, expected.values)

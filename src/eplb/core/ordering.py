@@ -111,3 +111,31 @@ def descending_order(values: np.ndarray) -> np.ndarray:
     if len(tied):
         order[tied] = np.argsort(-values[tied], axis=1, kind="stable")
     return order
+
+
+#: integer keys below this pack with a 16-bit position into one non-negative int64
+_MAX_PACKED_INTEGER = 1 << (63 - _POSITION_BITS)
+
+
+def sort_integers(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sorted, order)`` of ``values [..., n]`` along the last axis, ascending, equal
+    values in position order: ``torch.sort(values, dim=-1, stable=True)``'s result.
+
+    Where ``values`` are non-negative integers below ``2**47`` on a CPU (e.g. the float64
+    sums of integer loads the incremental score sorts), each is packed with its position
+    into a unique int64, which NumPy sorts 2–4× faster than torch's stable sort at
+    ``[8, 58, 32]`` and ``[8, 232, 8]``. Other values (fractions, e.g. the realised loads
+    nearest dispatch scores), and other devices, go to torch's sort.
+    """
+    n = values.shape[-1]
+    host = values.numpy() if values.device.type == "cpu" else None
+    if (host is None or n > 1 << _POSITION_BITS or not host.size
+            or not 0 <= host.min() <= host.max() < _MAX_PACKED_INTEGER):
+        return torch.sort(values, dim=-1, stable=True)
+    whole = host.astype(np.int64)
+    if not np.array_equal(whole, host):  # a fraction would be cut to a false tie
+        return torch.sort(values, dim=-1, stable=True)
+    packed = (whole << _POSITION_BITS) | np.arange(n, dtype=np.int64)
+    packed.sort(axis=-1)
+    order = torch.from_numpy(packed & _POSITION_MASK)
+    return values.gather(-1, order), order

@@ -21,6 +21,7 @@ from statistics import NormalDist
 import numpy as np
 import torch
 
+from eplb.core.ordering import sort_integers
 from eplb.core.packing import repair_assignment
 
 #: fixed stratified normal draws per GPU behind every expected next-window peak
@@ -366,7 +367,7 @@ def draw_maxima(
     # by rank: one stable sort of exact integer loads, the same order on every machine
     # (a second sort, by spread for GPUs of equal load, moved no benchmark row by more
     # than 0.0002, for two more sorts and gathers per score)
-    gpu, order = torch.sort(gpu, dim=-1, stable=True)
+    gpu, order = sort_integers(gpu)
     spread = spread.gather(-1, order)
     noisy = spread[None] * z  # [D, C, B, P]
     return noisy.add_(gpu[None]).amax(-1).numpy()
