@@ -1,0 +1,68 @@
+"""The forced moves' scoring of where a filled slot leaves the layer's busiest GPU
+(``online.moves._busiest_other``) against its definition (it once built a table of every
+expert and GPU per filled slot; the time is in BENCHMARKS.md §4), and revived GPUs
+filled through the public API."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eplb
+from eplb.online import moves
+
+
+def definition(weight, out, loads, counts, gpu, live_gpu):
+    """Every (expert, GPU): the GPU's load, less the expert's drop where it holds it."""
+    rows, num_experts = counts.shape
+    num_gpus = loads.shape[1]
+    other = live_gpu[None] & (np.arange(num_gpus)[None] != gpu[:, None])
+    base = np.where(other, loads, -np.inf)
+    drop = np.where(counts > 0, weight / np.maximum(counts, 1) - weight / (counts + 1), 0.0)
+    grid = out.reshape(rows, num_gpus, -1)
+    holds = np.zeros((rows, num_experts, num_gpus), bool)
+    for b in range(rows):
+        for g in range(num_gpus):
+            for e in grid[b, g]:
+                if e >= 0:
+                    holds[b, e, g] = True
+    return (base[:, None, :] - drop[:, :, None] * holds).max(2)
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data(), rows=st.integers(1, 3), num_experts=st.integers(1, 7),
+       num_gpus=st.integers(1, 6), slots=st.integers(1, 4))
+def test_busiest_other_matches_its_definition(data, rows, num_experts, num_gpus, slots):
+    # any map: stacked replicas, empty slots, uncovered experts, dead GPUs
+    out = np.array(data.draw(st.lists(st.integers(-1, num_experts - 1),
+                                      min_size=rows * num_gpus * slots,
+                                      max_size=rows * num_gpus * slots))).reshape(rows, -1)
+    weight = np.array(data.draw(st.lists(
+        st.sampled_from([0.0, 1.0, 2.0, 3.0]) | st.floats(0, 1e6),
+        min_size=rows * num_experts, max_size=rows * num_experts))).reshape(rows, -1)
+    live_gpu = np.array(data.draw(st.lists(st.booleans(), min_size=num_gpus,
+                                           max_size=num_gpus)))
+    gpu = np.array(data.draw(st.lists(st.integers(0, num_gpus - 1), min_size=rows,
+                                      max_size=rows)))
+    counts = moves.counts_of(out, num_experts)
+    loads = moves.gpu_loads_of(weight, out, num_gpus, counts)
+    got = moves._busiest_other(weight, out, loads, counts, gpu, live_gpu)
+    want = definition(weight, out, loads, counts, gpu, live_gpu)
+    assert np.array_equal(got, want)
+
+
+def test_revived_gpus_are_filled():
+    # 16 of 128 GPUs come back: 144 empty slots a layer, each filled by the forced moves
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.rand(58, 256, generator=generator, dtype=torch.float64) ** 4
+    active = torch.ones(128, dtype=torch.bool)
+    active[:16] = False
+    old = eplb.plan(weight, 1152, 128, active_gpus=active)
+    assert (old.phy2log.view(58, 128, 9)[:, :16] < 0).all()
+    new = eplb.plan(weight, 1152, 128, previous=old)
+    new.validate()
+    assert (new.phy2log.view(58, 128, 9)[:, :16] >= 0).all()
+    # the busiest GPU is lighter: balancedness is over the live GPUs' mean (112, then 128)
+    assert 128 * new.balancedness(weight) > 112 * old.balancedness(weight)
