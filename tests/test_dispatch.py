@@ -555,6 +555,20 @@ def test_nearest_incremental_without_a_budget_moves_only_what_pays():
     assert bool((balance(dear) - balance(old) >= 0.5 * 6 / 9 * dear_share - 1e-12).all())
 
 
+def test_nearest_expected_balance_is_over_the_live_gpus():
+    # without drift the expected next window is the window at hand: both over the live
+    # GPUs' mean (the expected one was over all P, 7/8 of it with one of 8 GPUs dead)
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.rand(3, 16, generator=generator, dtype=torch.float64)
+    active = torch.ones(8, dtype=torch.bool)
+    active[7] = False
+    plan = eplb.plan(weight, 32, 8, 2, policy="global", dispatch="nearest", active_gpus=active)
+    expected, peak = expected_balance(weight, plan.phy2log[None], 8, 2, drift=0.0,
+                                      active_gpus=active)
+    in_sample = weight.sum(1) / 7 / peak[0]
+    assert torch.allclose(expected[0], in_sample, rtol=1e-12)
+
+
 def test_nearest_small_total_budget_buys_what_one_layer_alone_would():
     # the even split spends a total where the even split gains most: a total of 3 on two
     # layers moved nothing, where 3 slots given to layer 0 alone bought 0.468 -> 0.513

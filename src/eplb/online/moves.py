@@ -352,16 +352,18 @@ def gpu_moments(
 
 def peak_of(
     gpu: torch.Tensor, variance: np.ndarray, total: np.ndarray, drift: float, draws: int = DRAWS,
-    nodes: int = 1,
+    nodes: int = 1, live: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(expected [C, B], now [C, B])`` from GPU moments ``[C, B, P]``
     (:func:`gpu_moments`) of rows whose loads total ``total [B]`` units (see
-    :func:`expected_peak`)."""
+    :func:`expected_peak`), over the mean load of the ``live`` GPUs that carry them
+    (default: all ``P``; dead GPUs scored among them carry nothing)."""
     cands, rows, num_gpus = gpu.shape
     if nodes < 1 or num_gpus % nodes:
         raise ValueError(f"nodes ({nodes}) must divide the {num_gpus} GPUs scored")
     z = torch.from_numpy(normal_draws(draws, num_gpus))[:, None, None]  # [D, 1, 1, P]
-    mean = np.maximum(total[None] / num_gpus, 1e-300)  # [1, B]: what all spread
+    # [1, B]: what all spread
+    mean = np.maximum(total[None] / (num_gpus if live is None else live), 1e-300)
     # draws go by rank inside each node, as the node rows of hierarchical layers take them
     shape = (cands, rows, nodes, num_gpus // nodes)
     maxima = draw_maxima(gpu.view(shape), variance.reshape(shape), drift,

@@ -193,5 +193,8 @@ def expected_balance(
                         for c in candidates])
     grid = slot.view(len(candidates), weight.shape[0], num_gpus, -1)
     load, square = grid.sum(3), (grid * grid).sum(3)
-    expected, _ = peak_of(load, square.numpy(), weight.sum(1).numpy(), drift)
+    # over the live GPUs' mean, as the in-sample balancedness (the dead ones carry nothing;
+    # over all P the expected gain was understated by live / P: attacker pass)
+    expected, _ = peak_of(load, square.numpy(), weight.sum(1).numpy(), drift,
+                          live=None if live is None else int(live.sum()))
     return torch.from_numpy(1.0 / expected).to(device), load.amax(2).to(device)
