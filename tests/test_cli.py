@@ -714,6 +714,22 @@ def test_simulate_incremental_table(capsys, trace_file) -> None:
     assert "incremental" in out
 
 
+def test_simulate_move_price(capsys, trace_file) -> None:
+    # `eplb plan` had --move-price and `eplb simulate` did not (attacker pass): a dearer
+    # price moves fewer slots per rebalance than the default, and it needs --incremental
+    args = ("simulate", trace_file, "--window", 10, "-r", 16, "-g", 8, "--incremental",
+            "--json")
+    moved = [json.loads(run(capsys, *args, *extra)[1])["runs"][0]["summary"][
+        "moved_slots_per_rebalance"] for extra in ((), ("--move-price", "0.5"))]
+    assert moved[1] < moved[0]
+    code, _, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 16, "-g", 8,
+                       "--move-price", "0.5")
+    assert code == 2 and "--move-price needs --incremental" in err
+    code, _, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 16, "-g", 8,
+                       "--incremental", "--move-price", "1.5")
+    assert code == 2 and "move-price" in err
+
+
 def test_simulate_says_when_forced_moves_pass_the_budget(capsys, trace_file) -> None:
     # the first hierarchical rebalance re-plans the start's straddling groups whatever
     # --max-moves says; the table's mean hid it (new-user pass: 2914 per rebalance shown

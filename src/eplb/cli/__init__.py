@@ -274,9 +274,10 @@ def build_parser() -> _Parser:
                    help="with --previous: the expected next-window balancedness (in [0, 1)) a "
                         "layer must gain to move all its slots at 9 slots per GPU (X × S / 9 "
                         "at S slots per GPU, as the weights each GPU receives; a part of it "
-                        "for a part of the slots): higher moves fewer slots, 0 moves wherever "
-                        "a move gains (default 0.01, about where moving a DeepSeek-V3 layer "
-                        "breaks even)")
+                        "for a part of the slots): higher moves fewer slots, 0 takes every "
+                        "candidate move that gains (the candidates are warm-start steps, and "
+                        "a fresh plan where those fall short; default 0.01, about where "
+                        "moving a DeepSeek-V3 layer breaks even)")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
     o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")
@@ -390,6 +391,9 @@ def build_parser() -> _Parser:
                    help="most slots moved per rebalance, in total over all layers (with "
                         "--incremental): a cap on the moves that pay (default: no cap, "
                         "eplb moves what pays)")
+    p.add_argument("--move-price", type=_price, default=None, metavar="X",
+                   help="with --incremental: the move price of eplb plan's --move-price "
+                        "(default 0.01): higher moves fewer slots")
     p.add_argument("--expert-bytes", type=_expert_bytes, default=None, metavar="N",
                    help="bytes of one expert's weights, for the weights moved per rebalance "
                         "(default 44040192: DeepSeek-V3 in FP8, 3 x 7168 x 2048; e.g. "

@@ -47,13 +47,15 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
                    groups: int = 1, window: int, interval: int, score_window: int | None = None,
                    estimator: str | None = None, incremental: bool = False,
                    max_moves: int | None = None, policy: str = "auto", seed: int = 0,
-                   oracle: bool = True,
+                   oracle: bool = True, move_price: float | None = None,
                    expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES) -> SimulationResult:
     """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence."""
 
     options = {}
     if planner == "eplb":
         options = {"policy": policy, "seed": seed}
+        if move_price is not None:
+            options["move_price"] = move_price
     elif planner == "greedy" and policy != "auto":
         # a forced policy holds for the reference too (its "auto" is DeepSeek's own rule)
         options = {"policy": policy}
@@ -123,10 +125,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                            f"i, score on window i + 1): --interval {args.interval} cannot apply "
                            f"with --window {args.window}; leave --interval out")
         interval = args.window  # plan on window i, score on window i + 1
-    if (args.incremental or args.max_moves is not None) and args.planner != "eplb":
-        raise CliError("--incremental and --max-moves need --planner eplb")
-    if args.max_moves is not None and not args.incremental:
-        raise CliError("--max-moves needs --incremental")
+    if ((args.incremental or args.max_moves is not None or args.move_price is not None)
+            and args.planner != "eplb"):
+        raise CliError("--incremental, --max-moves and --move-price need --planner eplb")
+    for flag, value in (("--max-moves", args.max_moves), ("--move-price", args.move_price)):
+        if value is not None and not args.incremental:
+            raise CliError(f"{flag} needs --incremental")
     if args.planner == "none":
         # as --incremental: a flag no run would use is refused, not dropped without a word
         # (the estimator is the chosen planner's alone, even with --compare; a policy
@@ -183,7 +187,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 groups=args.groups, window=args.window, interval=interval,
                 score_window=score_window, estimator=args.estimator if own else None,
                 incremental=args.incremental and own, max_moves=args.max_moves if own else None,
-                policy=policy, seed=args.seed, expert_bytes=expert_bytes))
+                policy=policy, seed=args.seed, expert_bytes=expert_bytes,
+                move_price=args.move_price if own else None))
             advance()
 
     written: list[Path] = []
