@@ -89,8 +89,11 @@ def fill_and_cover(
     slots = num_slots // num_gpus
     rowix = np.arange(rows)
     live_gpu = live_slot.reshape(num_gpus, slots).any(1)  # [P]
+    # kept up to date per pass: the counts exactly, the loads of the GPUs a pass changes
+    # summed again as gpu_loads_of sums them (the same bits as summing every GPU again)
+    counts = counts_of(out, num_experts)
+    loads = gpu_loads_of(weight, out, num_gpus, counts)  # [B, P]
     for _ in range(num_slots + num_experts):
-        counts = counts_of(out, num_experts)
         hole = (out < 0) & live_slot[None]
         has_hole = hole.any(1)
         uncovered = counts == 0
@@ -104,7 +107,6 @@ def fill_and_cover(
         on_gpu = np.zeros((rows, num_experts + 1), bool)
         on_gpu[rowix[:, None], np.where(grid >= 0, grid, num_experts)] = True
         live_gpus = max(1, int(live_slot.sum()) // slots)
-        loads = gpu_loads_of(weight, out, num_gpus, counts)  # [B, P]
         gpu_load = loads[rowix, gpu]  # [B]
         holes_left = (grid < 0).sum(1)
         want = (weight.sum(1) / live_gpus - gpu_load) / np.maximum(holes_left, 1)  # [B]
@@ -135,7 +137,23 @@ def fill_and_cover(
         use_hole = has_hole
         target = np.where(use_hole, slot, donor_slot)
         expert = np.where(use_hole, receiver, missing)
-        out[rowix[need], target[need]] = expert[need]
+        row, target, expert = rowix[need], target[need], expert[need]
+        before = out[row, target]  # -1 (a hole) or the donor
+        out[row, target] = expert
+        counts[row, expert] += 1  # (one slot per row: no repeated index)
+        replaced = before >= 0
+        counts[row[replaced], before[replaced]] -= 1
+        # the GPUs holding an expert whose count changed (the target's GPU among them)
+        # carry other replica loads now: their sums again
+        mine = out[row]  # [n, R]
+        touched = np.zeros((len(row), num_gpus), bool)
+        for changed in (expert, np.where(replaced, before, -2)):
+            at, where = np.nonzero(mine == changed[:, None])
+            touched[at, where // slots] = True
+        at, gpus = np.nonzero(touched)
+        ids = mine.reshape(len(row), num_gpus, slots)[at, gpus]  # [m, S]
+        per = weight[row] / np.maximum(counts[row], 1)  # [n, E] as slot_loads_of splits
+        loads[row[at], gpus] = (per[at[:, None], np.maximum(ids, 0)] * (ids >= 0)).sum(1)
     raise RuntimeError("eplb: could not fill the live slots (internal error)")
 
 
@@ -170,7 +188,7 @@ def _busiest_other(
     # over the others: the busiest GPU, except for the experts it holds, which take the
     # next GPU in load order that does not hold them (ties in load give the same value
     # whichever GPU comes first)
-    order = np.argsort(-base, 1, kind="stable")  # [B, P] busiest first
+    order = np.argsort(-base, 1)  # [B, P] busiest first (in any order among equals)
     ranked = np.take_along_axis(base, order, 1)
     grid = ids.reshape(rows, num_gpus, slots)
     other_max = np.repeat(ranked[:, :1], num_experts, 1)  # [B, E]
