@@ -66,3 +66,28 @@ def test_revived_gpus_are_filled():
     assert (new.phy2log.view(58, 128, 9)[:, :16] >= 0).all()
     # the busiest GPU is lighter: balancedness is over the live GPUs' mean (112, then 128)
     assert 128 * new.balancedness(weight) > 112 * old.balancedness(weight)
+
+
+def test_forced_moves_keep_counts_and_loads_exact(monkeypatch):
+    # the fill keeps each pass's replica counts and GPU loads up to date instead of
+    # counting and summing every slot again: at every pass both must be those bits
+    checked = []
+    score = moves._busiest_other
+
+    def recount(weight, out, loads, counts, gpu, live_gpu):
+        fresh_counts = moves.counts_of(out, weight.shape[1])
+        fresh_loads = moves.gpu_loads_of(weight, out, loads.shape[1], fresh_counts)
+        checked.append(np.array_equal(counts, fresh_counts)
+                       and np.array_equal(loads, fresh_loads))
+        return score(weight, out, loads, counts, gpu, live_gpu)
+
+    monkeypatch.setattr(moves, "_busiest_other", recount)
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        gpus, slots = int(rng.integers(2, 9)), int(rng.integers(1, 5))
+        experts = int(rng.integers(2, gpus * slots + 1))
+        weight = torch.tensor(rng.lognormal(0, 1.5, (2, experts)))
+        # any map: empty slots, stacked and uncovered experts
+        previous = torch.tensor(rng.integers(-1, experts, (2, gpus * slots)))
+        eplb.plan(weight, gpus * slots, gpus, previous=previous).validate()
+    assert checked and all(checked)
