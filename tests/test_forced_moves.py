@@ -33,8 +33,9 @@ def definition(weight, out, loads, counts, gpu, live_gpu):
 
 @settings(max_examples=80, deadline=None)
 @given(data=st.data(), rows=st.integers(1, 3), num_experts=st.integers(1, 7),
-       num_gpus=st.integers(1, 6), slots=st.integers(1, 4))
-def test_busiest_other_matches_its_definition(data, rows, num_experts, num_gpus, slots):
+       num_gpus=st.integers(1, 6), slots=st.integers(1, 4), walk=st.sampled_from([1, 2, 8]))
+def test_busiest_other_matches_its_definition(data, rows, num_experts, num_gpus, slots,
+                                              walk):
     # any map: stacked replicas, empty slots, uncovered experts, dead GPUs
     out = np.array(data.draw(st.lists(st.integers(-1, num_experts - 1),
                                       min_size=rows * num_gpus * slots,
@@ -48,7 +49,12 @@ def test_busiest_other_matches_its_definition(data, rows, num_experts, num_gpus,
                                       max_size=rows)))
     counts = moves.counts_of(out, num_experts)
     loads = moves.gpu_loads_of(weight, out, num_gpus, counts)
-    got = moves._busiest_other(weight, out, loads, counts, gpu, live_gpu)
+    walked = moves._WALK_RANKS
+    moves._WALK_RANKS = walk  # the walk, and the lookup of experts on every GPU walked
+    try:
+        got = moves._busiest_other(weight, out, loads, counts, gpu, live_gpu)
+    finally:
+        moves._WALK_RANKS = walked
     want = definition(weight, out, loads, counts, gpu, live_gpu)
     assert np.array_equal(got, want)
 

@@ -157,6 +157,11 @@ def fill_and_cover(
     raise RuntimeError("eplb: could not fill the live slots (internal error)")
 
 
+#: load ranks :func:`_busiest_other` walks for the experts the busiest GPU holds; those
+#: on every GPU walked are looked up over all their GPUs at once
+_WALK_RANKS = 8
+
+
 def _busiest_other(
     weight: np.ndarray, out: np.ndarray, loads: np.ndarray, counts: np.ndarray,
     gpu: np.ndarray, live_gpu: np.ndarray,
@@ -196,14 +201,21 @@ def _busiest_other(
     expert = grid[np.arange(rows), order[:, 0]].ravel()  # [B·S] held by the busiest
     keep = expert < num_experts
     row, expert = row[keep], expert[keep]
-    for rank in range(1, num_gpus):
+    for rank in range(1, min(num_gpus, _WALK_RANKS)):
         if not len(row):
             break
         there = grid[row, order[row, rank]]  # [n, S] the experts of the next GPU
         held = (there == expert[:, None]).any(1)
         other_max[row[~held], expert[~held]] = ranked[row[~held], rank]
         row, expert = row[held], expert[held]
-    other_max[row, expert] = -np.inf  # on every GPU: no other GPU
+    if len(row):
+        # experts on every one of the busiest GPUs walked (a hot expert on nearly every
+        # GPU): their first non-holder from all their GPUs at once, so a pass costs at
+        # most a few walked ranks, not one per GPU
+        holds = (grid[row] == expert[:, None, None]).any(2)  # [n, P]
+        free = ~np.take_along_axis(holds, order[row], 1)  # in load order
+        first = np.argmax(free, 1)
+        other_max[row, expert] = np.where(free.any(1), ranked[row, first], -np.inf)
     return np.maximum(result, other_max)
 
 
