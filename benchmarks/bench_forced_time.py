@@ -3,7 +3,9 @@
 Planning from a map in force first makes the forced moves: every live slot filled, every
 expert covered, stacked replicas spread (``eplb.online.moves.fill_and_spread``). The fill
 goes one slot per pass (every layer at once), so its time grows with the empty slots.
-Three cases, each timed against a fresh plan of the same loads, one thread, medians:
+Three cases, each timed against a fresh plan of the same loads, one thread, medians; the
+plan's balancedness (the plugin's: the same plan) beside a fresh plan's, and the share of
+slots it moved:
 
 - **revived:** ``k`` of ``P`` GPUs dead in the map in force (an eplb plan with
   ``active_gpus``) and live now: ``k · S`` empty slots per layer;
@@ -64,8 +66,19 @@ def revived_rows(gpus: int, dead: int, repeats: int) -> tuple[list[list[str]], s
     ):
         fresh, warm = median_ms(fresh_call, repeats), median_ms(warm_call, repeats)
         rows.append([label, f"{dead * 9}", f"{fresh:.0f}", f"{warm:.0f}",
-                     f"{warm / fresh:.1f}"])
+                     f"{warm / fresh:.1f}", *quality(loads, old.phy2log, replicas, gpus)])
     return rows, source
+
+
+def quality(loads: torch.Tensor, old: torch.Tensor, replicas: int,
+            gpus: int) -> list[str]:
+    """The plan from the map's balancedness on the loads, next to a fresh plan's, and the
+    slots it moved (every empty one among them)."""
+    fresh = eplb.plan(loads, replicas, gpus).balancedness(loads)
+    warm = eplb.plan(loads, replicas, gpus, previous=old)
+    moved = int((warm.phy2log != old).sum())
+    return [f"{warm.balancedness(loads):.4f}", f"{fresh:.4f}",
+            f"{moved / old.numel():.2f}"]
 
 
 def main() -> None:
@@ -87,11 +100,13 @@ def main() -> None:
     fresh = median_ms(lambda: eplb.plan(weight, replicas, gpus), args.repeats)
     warm = median_ms(lambda: eplb.plan(weight, replicas, gpus, previous=stacked), args.repeats)
     rows.append([f"stacked surplus: 1×{experts} on {gpus} GPUs of 17", f"{replicas - experts}",
-                 f"{fresh:.0f}", f"{warm:.0f}", f"{warm / fresh:.0f}"])
+                 f"{fresh:.0f}", f"{warm:.0f}", f"{warm / fresh:.0f}",
+                 *quality(weight, stacked, replicas, gpus)])
     print(f"\nDeepSeek-V3-shaped layers (58 × 256, 9 slots per GPU), {source} loads; "
           f"median of {args.repeats} calls after one untimed\n")
     print(markdown_table(["case", "empty slots per layer", "fresh ms", "from the map ms",
-                          "× fresh"], rows))
+                          "× fresh", "balancedness from the map", "fresh",
+                          "share of slots moved"], rows))
 
 
 if __name__ == "__main__":

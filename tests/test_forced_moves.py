@@ -97,3 +97,28 @@ def test_forced_moves_keep_counts_and_loads_exact(monkeypatch):
         previous = torch.tensor(rng.integers(-1, experts, (2, gpus * slots)))
         eplb.plan(weight, gpus * slots, gpus, previous=previous).validate()
     assert checked and all(checked)
+
+
+def test_many_empty_gpus_fill_from_a_fresh_plan_and_keep_the_rest():
+    # 8 of 32 GPUs back at once (72 empty slots a layer: above the greedy fill's 64): the
+    # empty GPUs take a fresh plan's GPUs, every other slot stays (a budget of 0 leaves
+    # the forced moves alone), and the revived GPUs carry load
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.rand(3, 64, generator=generator, dtype=torch.float64) ** 3
+    active = torch.ones(32, dtype=torch.bool)
+    active[8:16] = False
+    old = eplb.plan(weight, 288, 32, active_gpus=active).phy2log
+    new = eplb.plan(weight, 288, 32, previous=old, max_moves=0)
+    new.validate()
+    kept = old >= 0
+    assert torch.equal(new.phy2log[kept], old[kept])
+    assert (new.phy2log[~kept] >= 0).all()
+    revived = new.phy2log.view(3, 32, 9)[:, 8:16]
+    assert (revived >= 0).all()
+    # the same through the vLLM plugin's call, as vLLM passes GPUs it adds
+    from eplb.integrations.vllm import EplbPolicy
+
+    EplbPolicy.options = {}
+    counts = (weight * 1000).round().to(torch.int32)
+    phy2log = EplbPolicy.rebalance_experts(counts, 288, 1, 1, 32, old)
+    assert phy2log.shape == (3, 288) and (phy2log >= 0).all()

@@ -58,8 +58,42 @@ def forced_base(
         # the old map itself (every GPU live, nothing changed): its group nodes hold
         untouched = not len(redo) and not len(keep) and request.active_gpus is None
         return base, replanned, node_of_group if untouched else None
-    return (moves.fill_and_spread(weight, old, topo.num_gpus, request.live.cpu().numpy()),
+    start = _empty_gpus_from_fresh(request, old, live_slot)
+    return (moves.fill_and_spread(weight, start, topo.num_gpus, request.live.cpu().numpy()),
             replanned, None)
+
+
+#: a layer with more empty live slots than this, on live GPUs left wholly empty (GPUs
+#: live again, or added: vLLM passes their slots as -1), fills those GPUs from a fresh
+#: plan at once; the greedy fill takes one slot per pass over the whole layer
+#: (:func:`eplb.online.moves.fill_and_cover`), 1 s for 64 of 128 GPUs added, 4.8 s for
+#: 256 of 512 with 2,048 experts (attacker passes; BENCHMARKS.md §4)
+GREEDY_FILL_SLOTS = 64
+
+
+def _empty_gpus_from_fresh(request: PlanRequest, old: np.ndarray,
+                           live_slot: np.ndarray) -> np.ndarray:
+    """``old [L, R]`` with, in the layers of more than :data:`GREEDY_FILL_SLOTS` empty live
+    slots, every wholly empty live GPU holding a GPU of a fresh plan of the layer: the
+    fresh plan is relabelled onto the old GPUs (:func:`fresh_aligned`: the GPUs it shares
+    most replicas with), and the empty GPUs take what it puts there. The old GPUs keep
+    theirs: only slots that are empty anyway are written, so the forced moves stay the
+    filling of empty slots. Global policy (a fresh hierarchical plan's groups need not sit
+    on the old nodes); the greedy fill then covers what is still missing."""
+    topo = request.topology
+    slots = topo.slots_per_gpu
+    if request.policy != "global" or old.shape[0] == 0:
+        return old
+    grid = old.reshape(old.shape[0], topo.num_gpus, slots)
+    empty_gpu = (grid < 0).all(2) & live_slot.reshape(topo.num_gpus, slots)[None, :, 0]
+    layers = np.nonzero(empty_gpu.sum(1) * slots > GREEDY_FILL_SLOTS)[0]
+    if not len(layers):
+        return old
+    fresh = fresh_aligned(request, old, layers)[0]
+    out = old.copy()
+    fill = np.repeat(empty_gpu[layers], slots, 1)  # [n, R] the empty GPUs' slots
+    out[layers] = np.where(fill, fresh[layers], old[layers])
+    return out
 
 
 def fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray,
