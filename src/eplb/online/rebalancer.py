@@ -72,8 +72,11 @@ class Rebalancer:
         plan_options: extra keyword arguments for the planner (e.g. ``policy``, ``seed``).
 
     The history is a ring buffer holding the last ``max(window, estimator.lookback(window))``
-    steps (``window`` for every estimator except ``multi:K:M``), stored as float32
-    (per-step counts are integers; sums are taken in float64).
+    steps (``window`` for most estimators; at least five half-lives for ``ema:H``, ``M``
+    windows for ``multi:K:M``), stored as float32 (per-step counts are integers; sums are
+    taken in float64). It is allocated whole at the first :meth:`record`, so its memory
+    is known from the start (``ema:10000`` keeps 50,000 steps: 2.8 GiB at 58 × 256), and
+    one beyond 8 GiB is refused there.
 
     **Threads.** :meth:`record`, :meth:`rebalance_now` and the ``placement``/``history``
     views are serialised by one re-entrant lock, so engine threads may call ``record``
