@@ -3,9 +3,10 @@
 Planning from a map in force first makes the forced moves: every live slot filled, every
 expert covered, stacked replicas spread (``eplb.online.moves.fill_and_spread``). The fill
 goes one slot per pass (every layer at once), so its time grows with the empty slots.
-Three cases, each timed against a fresh plan of the same loads, one thread, medians; the
-plan's balancedness (the plugin's: the same plan) beside a fresh plan's, and the share of
-slots it moved:
+Three cases, each timed against a fresh plan of the same loads, one thread, medians; then
+the balancedness of ``eplb.plan`` from the map on the loads beside a fresh plan's, and
+the share of slots it moved (the plugin's rows repeat them: its plans are of the loads
+rounded to int32, the same plans for the real loads, which are counts):
 
 - **revived:** ``k`` of ``P`` GPUs dead in the map in force (an eplb plan with
   ``active_gpus``) and live now: ``k · S`` empty slots per layer;

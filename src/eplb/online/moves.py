@@ -145,13 +145,13 @@ def fill_and_cover(
         counts[row[replaced], before[replaced]] -= 1
         # the GPUs holding an expert whose count changed (the target's GPU among them)
         # carry other replica loads now: their sums again
-        mine = out[row]  # [n, R]
+        written = out[row]  # [n, R] the rows this pass wrote
         touched = np.zeros((len(row), num_gpus), bool)
         for changed in (expert, np.where(replaced, before, -2)):
-            at, where = np.nonzero(mine == changed[:, None])
+            at, where = np.nonzero(written == changed[:, None])
             touched[at, where // slots] = True
         at, gpus = np.nonzero(touched)
-        ids = mine.reshape(len(row), num_gpus, slots)[at, gpus]  # [m, S]
+        ids = written.reshape(len(row), num_gpus, slots)[at, gpus]  # [m, S]
         per = weight[row] / np.maximum(counts[row], 1)  # [n, E] as slot_loads_of splits
         loads[row[at], gpus] = (per[at[:, None], np.maximum(ids, 0)] * (ids >= 0)).sum(1)
     raise RuntimeError("eplb: could not fill the live slots (internal error)")
