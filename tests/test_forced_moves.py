@@ -11,8 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eplb
-from eplb.core.planner import make_request
-from eplb.online import forced, moves
+from eplb.online import moves
 
 
 def definition(weight, out, loads, counts, gpu, live_gpu):
@@ -102,7 +101,7 @@ def test_forced_moves_keep_counts_and_loads_exact(monkeypatch):
 
 def _revived(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """3 layers × 64 experts on 32 GPUs of 9 slots, planned with GPUs 8-15 dead: back now,
-    72 empty slots a layer (above the greedy fill's 64)."""
+    72 empty slots a layer."""
     generator = torch.Generator().manual_seed(seed)
     weight = torch.rand(3, 64, generator=generator, dtype=torch.float64) ** 3
     active = torch.ones(32, dtype=torch.bool)
@@ -110,45 +109,16 @@ def _revived(seed: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     return weight, eplb.plan(weight, 288, 32, active_gpus=active).phy2log
 
 
-def test_many_empty_gpus_take_a_fresh_plans_gpus_and_the_rest_stays():
+def test_forced_moves_alone_fill_only_the_empty_slots():
+    # a budget of 0 leaves the forced moves alone: the empty GPUs filled, every other slot
+    # as it was (a fill from a fresh plan's GPUs, tried for its speed, left layers at
+    # 0.75 where this fill gave 0.91 here; BENCHMARKS.md §4)
     weight, old = _revived()
-    request = make_request(weight, 288, 32)
-    host = weight.numpy()
-    base = forced.forced_base(request, old.numpy(), host, fresh_fill=True)[0]
-    kept = old.numpy() >= 0
-    assert np.array_equal(base[kept], old.numpy()[kept])  # only empty slots written
-    assert (base >= 0).all() and (moves.counts_of(base, 64) > 0).all()
-    # the empty GPUs hold what the fresh plan, relabelled onto the old GPUs, puts there
-    fresh = forced.fresh_aligned(request, old.numpy(), np.arange(3))[0]
-    assert np.array_equal(base[~kept], fresh[~kept])
-    greedy = forced.forced_base(request, old.numpy(), host)[0]
-    assert np.array_equal(greedy[kept], old.numpy()[kept]) and (greedy >= 0).all()
-    assert not np.array_equal(greedy, base)
-
-
-def test_fresh_fill_only_without_a_budget_and_with_every_expert_held(monkeypatch):
-    # with max_moves=0 nothing follows the forced moves, and the fresh GPUs (fitted to the
-    # fresh plan's counts, not the old GPUs') left layers at 0.75 where the greedy fill
-    # gave 0.91 (review pass): the fresh fill is for calls without a budget only
-    calls = []
-    fill = forced._empty_gpus_from_fresh
-    monkeypatch.setattr(forced, "_empty_gpus_from_fresh",
-                        lambda *args: calls.append(1) or fill(*args))
-    weight, old = _revived()
-    eplb.plan(weight, 288, 32, previous=old, max_moves=0).validate()
-    assert not calls
-    new = eplb.plan(weight, 288, 32, previous=old)
+    new = eplb.plan(weight, 288, 32, previous=old, max_moves=0)
     new.validate()
-    assert calls and (new.phy2log.view(3, 32, 9)[:, 8:16] >= 0).all()
-    # an expert the old map lost takes an empty slot: with none left after a fresh fill
-    # the greedy fill would overwrite an old GPU's replica (review pass: R = E, 8 GPUs
-    # emptied, 100 full slots changed), so such layers keep the greedy fill
-    lost = torch.randperm(288, generator=torch.Generator().manual_seed(1))[None].repeat(3, 1)
-    lost.view(3, 32, 9)[:, 24:] = -1
-    request = make_request(torch.rand(3, 288, dtype=torch.float64), 288, 32)
-    base = forced.forced_base(request, lost.numpy(), request.weight.numpy(),
-                              fresh_fill=True)[0]
-    assert np.array_equal(base[lost.numpy() >= 0], lost.numpy()[lost.numpy() >= 0])
+    kept = old >= 0
+    assert torch.equal(new.phy2log[kept], old[kept])
+    assert (new.phy2log.view(3, 32, 9)[:, 8:16] >= 0).all()
 
 
 def test_many_empty_gpus_through_the_vllm_plugin():

@@ -25,16 +25,13 @@ from eplb.online.align import align_to_previous
 
 
 def forced_base(
-    request: PlanRequest, old: np.ndarray, weight: np.ndarray, fresh_fill: bool = False
+    request: PlanRequest, old: np.ndarray, weight: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The old placement made valid for this call with as few changes as possible
     (``weight [L, E]``: the request's loads on the host, float64), ``[L]`` the layers
     re-planned from scratch (hierarchical layers whose groups straddled nodes), and,
     under the hierarchical policy when nothing was forced, the node of every group of
-    the result (``[L, G]``, :func:`eplb.online.hierarchy.group_nodes`; else ``None``).
-    ``fresh_fill``: many wholly empty GPUs may take a fresh plan's GPUs
-    (:func:`_empty_gpus_from_fresh`); for a call without a move budget, whose later
-    candidates move freely from the result."""
+    the result (``[L, G]``, :func:`eplb.online.hierarchy.group_nodes`; else ``None``)."""
     topo = request.topology
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     base = old.copy()
@@ -61,52 +58,8 @@ def forced_base(
         # the old map itself (every GPU live, nothing changed): its group nodes hold
         untouched = not len(redo) and not len(keep) and request.active_gpus is None
         return base, replanned, node_of_group if untouched else None
-    start = _empty_gpus_from_fresh(request, old, live_slot) if fresh_fill else old
-    return (moves.fill_and_spread(weight, start, topo.num_gpus, request.live.cpu().numpy()),
+    return (moves.fill_and_spread(weight, old, topo.num_gpus, request.live.cpu().numpy()),
             replanned, None)
-
-
-#: a layer with more empty slots than this on live GPUs left wholly empty (GPUs live
-#: again, or added: vLLM passes their slots as -1) may fill those GPUs from a fresh plan
-#: at once (:func:`_empty_gpus_from_fresh`); the greedy fill takes one slot per pass over
-#: the whole layer (:func:`eplb.online.moves.fill_and_cover`): 5.4–5.9 s for 64 of 128
-#: GPUs added before its passes got cheaper, 1.1 s after, 10.9 s and 4.8 s for 256 of 512
-#: with 2,048 experts (attacker passes; BENCHMARKS.md §4)
-GREEDY_FILL_SLOTS = 64
-
-
-def _empty_gpus_from_fresh(request: PlanRequest, old: np.ndarray,
-                           live_slot: np.ndarray) -> np.ndarray:
-    """``old [L, R]`` with, in the layers of more than :data:`GREEDY_FILL_SLOTS` slots on
-    wholly empty live GPUs whose other live slots hold every expert, each such GPU holding
-    a GPU of a fresh plan of the layer: the fresh plan is relabelled onto the old GPUs
-    (:func:`fresh_aligned`: the GPUs it shares most replicas with), and the empty GPUs
-    take what it puts there. Only empty slots are written, and no expert is left
-    uncovered, so the greedy fill that follows has none to cover by overwriting another
-    replica: the old GPUs keep theirs. Global policy (a fresh hierarchical plan's groups
-    need not sit on the old nodes).
-
-    Why only without a budget (:func:`forced_base`): those GPUs then suit the fresh
-    plan's replica counts, not the old GPUs'; the greedy fill weighs the old GPUs slot by
-    slot. With no move beyond the forced ones (``max_moves=0``) the fresh GPUs left
-    layers worse, 0.75 against 0.91 (review pass); without a budget the later candidates
-    make up for it (BENCHMARKS.md §4)."""
-    topo = request.topology
-    slots = topo.slots_per_gpu
-    if request.policy != "global" or old.shape[0] == 0:
-        return old
-    grid = old.reshape(old.shape[0], topo.num_gpus, slots)
-    empty_gpu = (grid < 0).all(2) & live_slot.reshape(topo.num_gpus, slots)[None, :, 0]
-    covered = (moves.counts_of(np.where(live_slot[None], old, -1), request.num_experts)
-               > 0).all(1)
-    layers = np.nonzero((empty_gpu.sum(1) * slots > GREEDY_FILL_SLOTS) & covered)[0]
-    if not len(layers):
-        return old
-    fresh = fresh_aligned(request, old, layers)[0]
-    out = old.copy()
-    fill = np.repeat(empty_gpu[layers], slots, 1)  # [n, R] the empty GPUs' slots
-    out[layers] = np.where(fill, fresh[layers], old[layers])
-    return out
 
 
 def fresh_aligned(request: PlanRequest, base: np.ndarray, layers: np.ndarray,

@@ -298,8 +298,7 @@ def plan_incremental(
     if request.dispatch == "nearest" and topo.num_nodes > 1:
         return _plan_nearest(request, old, max_moves, skip_threshold)
     weight = _host_weight(request)
-    base, replanned, node_of_group = forced_base(request, old, weight,
-                                                 fresh_fill=max_moves is None)
+    base, replanned, node_of_group = forced_base(request, old, weight)
     quota = max(2, round(options.quota * topo.num_replicas))
     # a layer re-planned from scratch by the forced moves is searched already: its
     # ladder was taken in 3 layers of 232 on vLLM's first call (BENCHMARKS.md §3)
