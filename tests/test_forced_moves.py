@@ -75,17 +75,22 @@ def test_revived_gpus_are_filled():
 
 
 def test_forced_moves_keep_counts_and_loads_exact(monkeypatch):
-    # the fill keeps each pass's replica counts and GPU loads up to date instead of
-    # counting and summing every slot again: at every pass both must be those bits
+    # the fill keeps each pass's replica counts, GPU loads and slot ids up to date instead
+    # of counting and summing every slot again: at every pass they must be those bits
     checked = []
     score = moves._busiest_other
 
-    def recount(weight, out, loads, counts, gpu, live_gpu):
-        fresh_counts = moves.counts_of(out, weight.shape[1])
+    def recount(weight, out, loads, counts, gpu, live_gpu, ids, flat):
+        experts = weight.shape[1]
+        fresh_counts = moves.counts_of(out, experts)
         fresh_loads = moves.gpu_loads_of(weight, out, loads.shape[1], fresh_counts)
+        fresh_ids = np.where(out >= 0, out, experts)
         checked.append(np.array_equal(counts, fresh_counts)
-                       and np.array_equal(loads, fresh_loads))
-        return score(weight, out, loads, counts, gpu, live_gpu)
+                       and np.array_equal(loads, fresh_loads)
+                       and np.array_equal(ids, fresh_ids)
+                       and np.array_equal(flat, fresh_ids + (experts + 1)
+                                          * np.arange(len(out))[:, None]))
+        return score(weight, out, loads, counts, gpu, live_gpu, ids, flat)
 
     monkeypatch.setattr(moves, "_busiest_other", recount)
     rng = np.random.default_rng(3)

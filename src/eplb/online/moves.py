@@ -93,6 +93,11 @@ def fill_and_cover(
     # summed again as gpu_loads_of sums them (the same bits as summing every GPU again)
     counts = counts_of(out, num_experts)
     loads = gpu_loads_of(weight, out, num_gpus, counts)  # [B, P]
+    # ... and the slots' experts as _busiest_other reads them (empty: E), with their flat
+    # (row, expert) index, written where a pass writes
+    ids = np.where(out >= 0, out, num_experts)  # [B, R]
+    offset = (num_experts + 1) * rowix
+    flat = ids + offset[:, None]
     for _ in range(num_slots + num_experts):
         hole = (out < 0) & live_slot[None]
         has_hole = hole.any(1)
@@ -118,7 +123,7 @@ def fill_and_cover(
         # nearest the aim: aiming every slot at the mean alone could leave the last one
         # only a hot expert (attacker pass: a revived GPU 11.6 % above the layer's peak
         # before), and keeping this GPU below the others could leave a hot one hot
-        others = _busiest_other(weight, out, loads, counts, gpu, live_gpu)  # [B, E]
+        others = _busiest_other(weight, out, loads, counts, gpu, live_gpu, ids, flat)  # [B, E]
         lightest = np.where(taken, np.inf, new_load).min(1)
         lightest = np.where(np.isfinite(lightest), lightest, 0.0)
         mine = gpu_load[:, None] + new_load + ((holes_left - 1) * lightest)[:, None]
@@ -128,18 +133,20 @@ def fill_and_cover(
         miss = np.where(peak <= lowest * (1 + 1e-9), miss, np.inf)
         miss = np.where(uncovered & ~taken, -1.0, miss)  # uncovered experts first
         receiver = np.argmin(miss, 1)
-        # without a hole: the heaviest uncovered expert takes a donor's slot
-        uncovered_load = np.where(uncovered, weight, -1.0)
-        missing = np.argmax(uncovered_load, 1)
-        loss = np.where(counts >= 2, weight / np.maximum(counts - 1, 1), np.inf)
-        donor = np.argmin(loss, 1)
-        donor_slot = np.argmax(out == donor[:, None], 1)
-        use_hole = has_hole
-        target = np.where(use_hole, slot, donor_slot)
-        expert = np.where(use_hole, receiver, missing)
+        target, expert = slot, receiver
+        if (need & ~has_hole).any():
+            # without a hole: the heaviest uncovered expert takes a donor's slot
+            missing = np.argmax(np.where(uncovered, weight, -1.0), 1)
+            loss = np.where(counts >= 2, weight / np.maximum(counts - 1, 1), np.inf)
+            donor = np.argmin(loss, 1)
+            donor_slot = np.argmax(out == donor[:, None], 1)
+            target = np.where(has_hole, slot, donor_slot)
+            expert = np.where(has_hole, receiver, missing)
         row, target, expert = rowix[need], target[need], expert[need]
         before = out[row, target]  # -1 (a hole) or the donor
         out[row, target] = expert
+        ids[row, target] = expert
+        flat[row, target] = expert + offset[row]
         counts[row, expert] += 1  # (one slot per row: no repeated index)
         replaced = before >= 0
         counts[row[replaced], before[replaced]] -= 1
@@ -151,9 +158,9 @@ def fill_and_cover(
             at, where = np.nonzero(written == changed[:, None])
             touched[at, where // slots] = True
         at, gpus = np.nonzero(touched)
-        ids = written.reshape(len(row), num_gpus, slots)[at, gpus]  # [m, S]
+        held = written.reshape(len(row), num_gpus, slots)[at, gpus]  # [m, S]
         per = weight[row] / np.maximum(counts[row], 1)  # [n, E] as slot_loads_of splits
-        loads[row[at], gpus] = (per[at[:, None], np.maximum(ids, 0)] * (ids >= 0)).sum(1)
+        loads[row[at], gpus] = (per[at[:, None], np.maximum(held, 0)] * (held >= 0)).sum(1)
     raise RuntimeError("eplb: could not fill the live slots (internal error)")
 
 
@@ -164,12 +171,15 @@ _WALK_RANKS = 8
 
 def _busiest_other(
     weight: np.ndarray, out: np.ndarray, loads: np.ndarray, counts: np.ndarray,
-    gpu: np.ndarray, live_gpu: np.ndarray,
+    gpu: np.ndarray, live_gpu: np.ndarray, ids: np.ndarray | None = None,
+    flat: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[B, E]`` the busiest live GPU but ``gpu [B]`` once a replica of each expert
     joins ``gpu``: the GPUs holding that expert carry ``w / (c + 1)`` of it instead of
     ``w / c`` (``-inf`` where no other GPU is live). ``out [B, R]``, ``loads [B, P]`` and
-    ``counts [B, E]`` describe the placement before.
+    ``counts [B, E]`` describe the placement before; ``ids [B, R]`` its slots' experts
+    with ``E`` for an empty slot, and ``flat [B, R]`` those as ``row · (E + 1) + id``,
+    where the caller keeps them.
 
     That is the larger of two maxima: over the expert's holders, the busiest holder's
     load less the expert's drop (a subtraction rounds monotonically, so this is the max
@@ -184,9 +194,11 @@ def _busiest_other(
     other = live_gpu[None] & (np.arange(num_gpus)[None] != gpu[:, None])  # [B, P]
     base = np.where(other, loads, -np.inf)  # [B, P]
     drop = np.where(counts > 0, weight / np.maximum(counts, 1) - weight / (counts + 1), 0.0)
-    ids = np.where(out >= 0, out, num_experts)  # [B, R]; expert E: empty slots
+    if ids is None:
+        ids = np.where(out >= 0, out, num_experts)  # [B, R]; expert E: empty slots
+    if flat is None:
+        flat = ids + (num_experts + 1) * np.arange(rows)[:, None]
     # over the holders: the busiest holder of every expert, less its drop
-    flat = ids + (num_experts + 1) * np.arange(rows)[:, None]
     holder = np.full(rows * (num_experts + 1), -np.inf)
     np.maximum.at(holder, flat.ravel(), np.repeat(base, slots, 1).ravel())
     result = holder.reshape(rows, num_experts + 1)[:, :num_experts] - drop
