@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import eplb
 from eplb import Placement
+from eplb.tools.generator import generate_loads
 
 #: Real expert-load data (read-only, never copied into the repository): ``$EPLB_REAL_DATA``
 #: or ``../shared/data/real`` next to the repository. Tests that need it skip visibly.
@@ -126,19 +128,16 @@ def generated_drift(seed: int, drift: float, layers: int = 12, experts: int = 64
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(weight, drifted) [layers, experts]``: generated DeepSeek-V3-like loads and the
     next window, every expert × exp(drift·Z) (seeded by ``seed``)."""
-    from eplb.tools.generator import generate_loads
     weight = generate_loads("deepseek-v3", seed=seed, num_layers=layers, num_experts=experts)
     g = torch.Generator().manual_seed(seed)
     return weight, weight * torch.exp(drift * torch.randn(weight.shape, generator=g,
                                                           dtype=torch.float64))
 
 
-
 def replan_drifted(seed: int, drift: float, replicas: int, gpus: int, nodes: int,
                    groups: int, experts: int = 64) -> tuple[torch.Tensor, Placement, Placement]:
     """``(drifted, old, new)``: a fresh plan of :func:`generated_drift`'s first window and
     the incremental plan of its next window from it (checked against the contract)."""
-    import eplb
     weight, drifted = generated_drift(seed, drift, experts=experts)
     old = eplb.plan(weight, replicas, gpus, nodes, groups)
     new = eplb.plan(drifted, replicas, gpus, nodes, groups, previous=old)

@@ -80,17 +80,15 @@ def test_forced_moves_keep_counts_and_loads_exact(monkeypatch):
     checked = []
     score = moves._busiest_other
 
-    def recount(weight, out, loads, counts, gpu, live_gpu, ids, flat):
+    def recount(weight, out, loads, counts, gpu, live_gpu, ids):
         experts = weight.shape[1]
         fresh_counts = moves.counts_of(out, experts)
         fresh_loads = moves.gpu_loads_of(weight, out, loads.shape[1], fresh_counts)
         fresh_ids = np.where(out >= 0, out, experts)
         checked.append(np.array_equal(counts, fresh_counts)
                        and np.array_equal(loads, fresh_loads)
-                       and np.array_equal(ids, fresh_ids)
-                       and np.array_equal(flat, fresh_ids + (experts + 1)
-                                          * np.arange(len(out))[:, None]))
-        return score(weight, out, loads, counts, gpu, live_gpu, ids, flat)
+                       and np.array_equal(ids, fresh_ids))
+        return score(weight, out, loads, counts, gpu, live_gpu, ids)
 
     monkeypatch.setattr(moves, "_busiest_other", recount)
     rng = np.random.default_rng(3)

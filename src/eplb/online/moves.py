@@ -93,11 +93,8 @@ def fill_and_cover(
     # summed again as gpu_loads_of sums them (the same bits as summing every GPU again)
     counts = counts_of(out, num_experts)
     loads = gpu_loads_of(weight, out, num_gpus, counts)  # [B, P]
-    # ... and the slots' experts as _busiest_other reads them (empty: E), with their flat
-    # (row, expert) index, written where a pass writes
+    # ... and the slots' experts as _busiest_other reads them (empty: E)
     ids = np.where(out >= 0, out, num_experts)  # [B, R]
-    offset = (num_experts + 1) * rowix
-    flat = ids + offset[:, None]
     for _ in range(num_slots + num_experts):
         hole = (out < 0) & live_slot[None]
         has_hole = hole.any(1)
@@ -123,7 +120,7 @@ def fill_and_cover(
         # nearest the aim: aiming every slot at the mean alone could leave the last one
         # only a hot expert (attacker pass: a revived GPU 11.6 % above the layer's peak
         # before), and keeping this GPU below the others could leave a hot one hot
-        others = _busiest_other(weight, out, loads, counts, gpu, live_gpu, ids, flat)  # [B, E]
+        others = _busiest_other(weight, out, loads, counts, gpu, live_gpu, ids)  # [B, E]
         lightest = np.where(taken, np.inf, new_load).min(1)
         lightest = np.where(np.isfinite(lightest), lightest, 0.0)
         mine = gpu_load[:, None] + new_load + ((holes_left - 1) * lightest)[:, None]
@@ -146,7 +143,6 @@ def fill_and_cover(
         before = out[row, target]  # -1 (a hole) or the donor
         out[row, target] = expert
         ids[row, target] = expert
-        flat[row, target] = expert + offset[row]
         counts[row, expert] += 1  # (one slot per row: no repeated index)
         replaced = before >= 0
         counts[row[replaced], before[replaced]] -= 1
@@ -172,14 +168,12 @@ _WALK_RANKS = 8
 def _busiest_other(
     weight: np.ndarray, out: np.ndarray, loads: np.ndarray, counts: np.ndarray,
     gpu: np.ndarray, live_gpu: np.ndarray, ids: np.ndarray | None = None,
-    flat: np.ndarray | None = None,
 ) -> np.ndarray:
     """``[B, E]`` the busiest live GPU but ``gpu [B]`` once a replica of each expert
     joins ``gpu``: the GPUs holding that expert carry ``w / (c + 1)`` of it instead of
     ``w / c`` (``-inf`` where no other GPU is live). ``out [B, R]``, ``loads [B, P]`` and
     ``counts [B, E]`` describe the placement before; ``ids [B, R]`` its slots' experts
-    with ``E`` for an empty slot, and ``flat [B, R]`` those as ``row · (E + 1) + id``,
-    where the caller keeps them.
+    with ``E`` for an empty slot, where the caller keeps them.
 
     That is the larger of two maxima: over the expert's holders, the busiest holder's
     load less the expert's drop (a subtraction rounds monotonically, so this is the max
@@ -196,8 +190,7 @@ def _busiest_other(
     drop = np.where(counts > 0, weight / np.maximum(counts, 1) - weight / (counts + 1), 0.0)
     if ids is None:
         ids = np.where(out >= 0, out, num_experts)  # [B, R]; expert E: empty slots
-    if flat is None:
-        flat = ids + (num_experts + 1) * np.arange(rows)[:, None]
+    flat = ids + (num_experts + 1) * np.arange(rows)[:, None]  # (row, expert)
     # over the holders: the busiest holder of every expert, less its drop
     holder = np.full(rows * (num_experts + 1), -np.inf)
     np.maximum.at(holder, flat.ravel(), np.repeat(base, slots, 1).ravel())
