@@ -58,7 +58,7 @@ def _load_original(directory: str):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--original", help="directory holding DeepSeek's eplb.py (optional)")
     args = parser.parse_args()

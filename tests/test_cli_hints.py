@@ -154,3 +154,40 @@ def test_eval_says_which_gpus_a_placement_leaves_dead(tmp_path, capsys, loads):
     assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", whole)[0] == 0
     code, text, _ = run(capsys, "eval", "--placement", whole, loads, "--json")
     assert code == 0 and json.loads(text)["dead_gpus"] is None
+
+
+def test_plan_and_eval_titles_name_the_nodes_and_groups(tmp_path, capsys, loads):
+    """A newcomer pass: with ``--nodes 4 --groups 8 --policy global`` the plan's title read
+    '48 slots on 16 GPUs (global)', no sign that the flags were taken (simulate's said)."""
+    out = tmp_path / "p.json"
+    code, text, _ = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--nodes", 4, "--groups",
+                        8, "--policy", "global", "-o", out)
+    assert code == 0 and "48 slots on 16 GPUs in 4 nodes, 8 groups (global)" in text
+    code, text, _ = run(capsys, "eval", "--placement", out, loads, "--summary")
+    assert code == 0 and "48 slots on 16 GPUs in 4 nodes, 8 groups (global)" in text
+    one = tmp_path / "one.json"
+    code, text, _ = run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", one)
+    assert code == 0 and "48 slots on 16 GPUs (global)" in text
+
+
+def test_eval_of_a_multi_node_sglang_file_points_at_the_nearest_rule(tmp_path, capsys, loads):
+    """An SGLang file records no dispatch rule, so eval scores it on the even split; a
+    newcomer pass scored a plan made for the nearest rule that way without a word."""
+    out = tmp_path / "p.sglang.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "--nodes", 4, "--groups", 8,
+               "--policy", "global", "--dispatch", "nearest", "-o", out)[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", out, loads, "-g", 16, "--nodes", 4)
+    assert code == 0 and "add --dispatch nearest" in err
+    for given in ("even", "nearest"):  # a rule the user named: nothing to point at
+        code, _, err = run(capsys, "eval", "--placement", out, loads, "-g", 16, "--nodes", 4,
+                           "--dispatch", given)
+        assert code == 0 and "add --dispatch nearest" not in err
+    code, _, err = run(capsys, "eval", "--placement", out, loads, "-g", 16)  # one node
+    assert code == 0 and "add --dispatch nearest" not in err
+
+
+def test_generate_refuses_a_huge_trace_before_saying_it_generates(tmp_path, capsys):
+    code, _, err = run(capsys, "generate", "--preset", "deepseek-v3", "--steps", 40000,
+                       "-o", tmp_path / "big.pt")
+    assert code == 2 and "GiB of counts" in err
+    assert "generating 40000 steps" not in err and not (tmp_path / "big.pt").exists()

@@ -467,6 +467,17 @@ def key_note(key: str | None) -> str:
     return f" [key {key}]" if key else ""
 
 
+def cluster_note(nodes: int, groups: int) -> str:
+    """`` in 4 nodes, 8 groups`` for a table's title: the cluster beyond its slots and
+    GPUs (nothing on one node with no groups). New-user passes: a hierarchical replay's
+    title read as a global one's, and a plan's gave no sign that ``--nodes``/``--groups``
+    were taken."""
+    if nodes <= 1 and groups <= 1:
+        return ""
+    plural = ("s" if nodes > 1 else "", "s" if groups > 1 else "")
+    return f" in {nodes} node{plural[0]}, {groups} group{plural[1]}"
+
+
 def summed_note(trace: LoadTrace) -> str:
     """`` (12 steps summed)`` where the loads are a sum of several steps or files (a
     folder of dumps, a trace), else nothing: what a plan or a score was made of."""

@@ -15,6 +15,7 @@ from eplb.cli._common import (
     check_nearest_flags,
     check_output,
     check_topology,
+    cluster_note,
     existing_file,
     gpu_speed_from,
     print_json,
@@ -393,8 +394,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print_table(
         f"{num_layers} layer{'s' if num_layers != 1 else ''}"
         f"{f' ({idle} all-zero)' if idle else ''} × {num_experts} experts"
-        f"{summed_note(trace)} -> {args.replicas} slots on {args.gpus} GPUs "
-        f"({policy}{dead_note(active)})",
+        f"{summed_note(trace)} -> {args.replicas} slots on {args.gpus} GPUs"
+        f"{cluster_note(args.nodes, args.groups)} ({policy}{dead_note(active)})",
         ["placement", "balancedness", "worst max/mean"], rows,
     )
     if moved is not None:

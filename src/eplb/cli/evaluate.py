@@ -11,6 +11,7 @@ from eplb.cli._common import (
     CliError,
     ceiling,
     check_cluster_flags,
+    cluster_note,
     eval_gpu_speed,
     existing_file,
     info,
@@ -108,6 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         warn(f"{args.placement} breaks eplb's anti-affinity ({why}); scored as it is: the "
              "engines accept such maps (DeepSeek's greedy makes them), eplb's plans never "
              "hold them")
+    dispatch_given = args.dispatch is not None
     if args.dispatch is None:  # the rule the plan was made for, where eplb's file says
         args.dispatch = meta.get("dispatch") or "even"
     check_cluster_flags(gpus=placement.topology.num_gpus, nodes=placement.topology.num_nodes)
@@ -120,6 +122,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     weight = trace.total()
     warn_if_no_load(weight, args.loads)
     what, sglang = placement_name(meta, f"the placement {args.placement}")
+    if sglang and not dispatch_given and args.nodes > 1:
+        # an SGLang file records no dispatch rule (new-user pass: a plan made for the
+        # nearest rule was scored on the even split without a word; plan says the converse)
+        info(f"{args.placement} is scored on the even split over replicas; SGLang with "
+             "DeepEP sends each token to its nearest replica: add --dispatch nearest to "
+             "score it as SGLang serves it")
     placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
                                      args.first_layer, what, f"loads {args.loads}", sglang)
     compared = _previous_rows(args, placement, trace, weight, keep)
@@ -215,7 +223,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print_table(
         f"{args.placement} on {args.loads}{key_note(getattr(args, 'key', None))}"
         f"{summed_note(trace)}: {topo.num_replicas} slots on "
-        f"{topo.num_gpus} GPUs "
+        f"{topo.num_gpus} GPUs{cluster_note(topo.num_nodes, topo.num_groups)} "
         # an engine file records no policy: say what it was scored as (new-user pass: a
         # locality plan read "(global)")
         f"({placement.policy if meta.get('policy') else f'scored as {placement.policy}'}"

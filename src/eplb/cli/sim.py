@@ -14,6 +14,7 @@ from eplb.cli._common import (
     CliError,
     check_output,
     check_topology,
+    cluster_note,
     default_shape,
     info,
     is_tty,
@@ -28,7 +29,7 @@ from eplb.core import LoadTrace
 from eplb.core.messages import counted
 from eplb.formats import write_loads
 from eplb.formats.trace_writer import FORMAT_BY_SUFFIX, SUFFIX_BY_FORMAT
-from eplb.tools.generator import PRESETS, generate_trace
+from eplb.tools.generator import PRESETS, check_trace_size, generate_trace, resolve_shape
 from eplb.tools.report import plot_balancedness_over_time
 from eplb.tools.simulate import (
     CADENCES,
@@ -222,10 +223,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                      None if s["busiest_gpu_gb_per_rebalance"] is None
                      else f"{s['busiest_gpu_gb_per_rebalance']:.2f}",
                      None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
+    cluster = cluster_note(args.nodes, args.groups)
     print_table(
         f"{args.trace}{all_zero_rows_note(len(left_out))}: {counted(trace.num_steps, 'step')}, "
         f"{counted(trace.num_layers, 'layer')} × {trace.num_experts} "
-        f"experts on {replicas} slots / {gpus} GPUs{_cluster(args.nodes, args.groups, policy)}"
+        f"experts on {replicas} slots / {gpus} GPUs{cluster}{f' ({policy})' if cluster else ''}"
         f"; plan on {counted(cad.window, 'step')} every "
         f"{cad.interval}, scored in windows of {cad.scoring}",
         headers, rows)
@@ -261,14 +263,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         say_written(written)
     return 0
 
-
-def _cluster(nodes: int, groups: int, policy: str) -> str:
-    """The cluster beyond its slots and GPUs, for a table's title (new-user pass: a
-    hierarchical replay's title read as a global one's)."""
-    if nodes <= 1 and groups <= 1:
-        return ""
-    plural = ("s" if nodes > 1 else "", "s" if groups > 1 else "")
-    return f" in {nodes} node{plural[0]}, {groups} group{plural[1]} ({policy})"
 
 
 def _simulation_report(report, args, results, trace) -> None:
@@ -400,6 +394,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CliError(f"unknown preset {args.preset!r}; choose from {', '.join(sorted(PRESETS))}")
     out = check_output(args.output, args.force)
     fmt = trace_format(out, args.format)  # before the work, not after
+    shape = resolve_shape(args.preset)
+    try:  # before saying "generating" (new-user pass: it said so, then refused)
+        check_trace_size(args.steps, shape.num_layers, shape.num_experts)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     chatty = not (args.json or args.quiet)
     if chatty:
         info(f"generating {args.steps} steps of {args.preset} ...")

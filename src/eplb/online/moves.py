@@ -92,6 +92,8 @@ def fill_and_cover(
     # kept up to date per pass: the counts exactly, the loads of the GPUs a pass changes
     # summed again as gpu_loads_of sums them (the same bits as summing every GPU again)
     counts = counts_of(out, num_experts)
+    if not ((out < 0) & live_slot[None]).any() and counts.all():
+        return out  # nothing to fill or cover (a steady rebalance): no loads needed
     loads = gpu_loads_of(weight, out, num_gpus, counts)  # [B, P]
     # ... and the slots' experts as _busiest_other reads them (empty: E)
     ids = np.where(out >= 0, out, num_experts)  # [B, R]

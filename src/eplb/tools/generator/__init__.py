@@ -5,7 +5,7 @@
 - :mod:`.stats`: skew statistics and the calibration targets from real loads.
 """
 
-from eplb.tools.generator.model import generate_loads, generate_trace
+from eplb.tools.generator.model import check_trace_size, generate_loads, generate_trace
 from eplb.tools.generator.presets import (
     BURSTY_CONFIG,
     DOMAIN_RANK_CORR,
@@ -28,6 +28,7 @@ __all__ = [
     "TARGETS",
     "ModelShape",
     "WorkloadConfig",
+    "check_trace_size",
     "default_config",
     "generate_loads",
     "generate_trace",

@@ -330,7 +330,7 @@ def generate_loads(
         step 0 of :func:`generate_trace`.
     """
     shape = resolve_shape(preset, num_layers=num_layers, num_experts=num_experts, top_k=top_k)
-    _check_size(1, shape.num_layers, shape.num_experts)
+    check_trace_size(1, shape.num_layers, shape.num_experts)
     cfg, sigma_override = _apply_sigma(_config_for(shape, config, spike_prob=spike_prob), sigma)
     if tokens is None:
         tokens = 1000.0 * cfg.tokens_per_step
@@ -425,7 +425,7 @@ MAX_TRACE_BYTES = 8 << 30
 _PEAK_OVER_COUNTS = 2.5
 
 
-def _check_size(steps: int, layers: int, experts: int) -> None:
+def check_trace_size(steps: int, layers: int, experts: int) -> None:
     """Refuse loads whose generation would pass :data:`MAX_TRACE_BYTES` at its peak
     (:data:`_PEAK_OVER_COUNTS` times the float64 counts) before any work."""
     need = steps * layers * experts * 8  # the float64 counts alone
@@ -483,14 +483,13 @@ def generate_trace(
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     shape = resolve_shape(preset, num_layers=num_layers, num_experts=num_experts, top_k=top_k)
     # before any work: a named regime builds a list of its segments' starts
-    _check_size(steps, shape.num_layers, shape.num_experts)
+    check_trace_size(steps, shape.num_layers, shape.num_experts)
     cfg = _config_for(shape, config, tokens_per_step=tokens_per_step)
     cfg = _regime_config(cfg, regime, steps, regime_period)
     cfg, sigma_override = _apply_sigma(cfg, sigma)
     gen = torch.Generator().manual_seed(as_seed(seed))
     model = _Model(shape, cfg, gen, sigma_override)
     L, E, k = shape.num_layers, shape.num_experts, shape.top_k
-    _check_size(steps, L, E)
     S = cfg.requests_per_step
     regimes = _regime_per_step(cfg, steps)
 
