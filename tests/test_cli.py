@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from eplb.cli import main
+from eplb.cli import main, sim
 
 COMMANDS = ["demo", "plan", "eval", "bench", "simulate", "generate"]
 L, E, R, P = 4, 16, 20, 4
@@ -785,9 +788,17 @@ def test_simulate_counts_moved_weights_in_the_models_bytes(capsys, trace_file) -
     code, out, _ = run(capsys, *args[:-1])
     assert code == 0
     assert "DeepSeek-V3's 256 experts in FP8, but this trace has 8: give --expert-bytes" in out
-    for bad in ("-1", "0"):  # (an expert of no bytes: every rebalance free)
+    # (an expert of no bytes: every rebalance free; beyond 1 TiB the int64 bytes moved
+    # overflowed into wrong and negative figures, or a raw OverflowError: attacker pass)
+    for bad in ("-1", "0", "1099511627777", "100000000000000000", "9" * 26):
         code, _, err = run(capsys, *args, "--expert-bytes", bad)
-        assert code == 2 and "--expert-bytes: must be an integer >= 1" in err
+        assert code == 2 and "--expert-bytes: must be an integer in 1..1099511627776" in err
+    code, out, err = run(capsys, *args, "--expert-bytes", 1 << 40)
+    assert code == 0, err
+    runs = json.loads(out)["runs"][0]
+    assert runs["summary"]["moved_gb_per_rebalance"] == pytest.approx(
+        runs["summary"]["moved_slots_per_rebalance"] * 2**40 / 1e9)
+    assert min(runs["rebalances"]["moved_bytes"]) >= 0
 
 
 def test_simulate_too_short_trace(capsys, trace_file) -> None:
@@ -1083,3 +1094,31 @@ def test_a_report_file_name_held_by_a_folder_is_named_as_such(capsys, tmp_path) 
         code, _, err = run(capsys, "demo", "--out", str(tmp_path / "out"), *extra)
         assert code == 2 and "is a folder where the report writes a file" in err, err
         assert "--force" not in err
+
+
+def test_a_ctrl_c_inside_a_cpp_writer_is_reported_as_an_interrupt(capsys, tmp_path,
+                                                                   monkeypatch) -> None:
+    """Attacker pass: a Ctrl-C while torch's C++ writer saved a ``.pt`` came out as
+    'eplb: error: RuntimeError: [enforce fail at inline_container.cc:672] ... unexpected
+    pos' with exit 1. Here the writer gets a real SIGINT and fails as torch's does."""
+
+    def interrupted_write(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs here
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected "
+                               "pos 832 vs 726") from None
+        raise AssertionError("no SIGINT arrived")
+
+    monkeypatch.setattr(sim, "write_loads", interrupted_write)
+    code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", 3,
+                       "-o", tmp_path / "g.pt", "-q")
+    assert code == 130 and err.strip() == "eplb: interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # a RuntimeError without a Ctrl-C is still a failure while running
+    monkeypatch.setattr(sim, "write_loads", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("disk on fire")))
+    code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", 3,
+                       "-o", tmp_path / "h.pt", "-q")
+    assert code == 1 and "RuntimeError: disk on fire" in err

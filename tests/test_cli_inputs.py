@@ -707,3 +707,45 @@ def test_several_loads_files_are_matched_by_model_layer(capsys, tmp_path) -> Non
     code, _, err = run(capsys, "plan", str(tmp_path / "two.npy"), str(bare),
                        *plan_args(trace, tmp_path)[2:])
     assert_user_error(code, err, "must describe the same model")
+    # a file that lists its layers high to low: bare rows still go lowest layer first
+    # (attacker pass: bare row 0 was summed into layer 4)
+    down = tmp_path / "down.npz"
+    np.savez(down, counts=moe[None, ::-1], layer_ids=np.array([4, 3, 2]))
+    code, _, err = run(capsys, "plan", str(down), str(bare), "-r", "20", "-g", "4", "-o",
+                       str(out), "--force", "--json")
+    assert code == 0, err
+    assert json.loads(out.read_text())["layer_ids"] == [2, 3, 4]
+    code, _, err = run(capsys, "plan", str(trace), str(bare), "-r", "20", "-g", "4", "-o",
+                       str(tmp_path / "up.json"))
+    assert code == 0, err
+    assert (json.loads(out.read_text())["phy2log"]
+            == json.loads((tmp_path / "up.json").read_text())["phy2log"])
+
+
+def test_a_layer_near_float64s_end_leaves_the_others_figures_right(capsys, tmp_path) -> None:
+    """Attacker pass: one layer of 2e307 per expert (its total overflows float64) beside
+    layers of hundreds. The loads are scaled by one power of two for the ratios, so the
+    small layers' loads become about 1e-305, and a clamp of the divisors to 1e-300 read
+    their ceiling as 5e-5 and their balancedness as 0 in ``eval``."""
+    rng = np.random.default_rng(0)
+    small = rng.integers(1, 1000, (3, 16)).astype(np.float64)
+    loads = np.concatenate([np.full((1, 16), 2e307), small])
+    np.save(tmp_path / "huge.npy", loads)
+    np.save(tmp_path / "small.npy", small)
+    out = tmp_path / "p.json"
+    assert main(["plan", str(tmp_path / "huge.npy"), "-r", "32", "-g", "8", "-o", str(out)]) == 0
+    capsys.readouterr()
+    record = json.loads(out.read_text())
+    assert record["layer_ceiling"] == [1.0, 1.0, 1.0, 1.0]
+    assert all(b <= c for b, c in zip(record["layer_balancedness"], record["layer_ceiling"],
+                                      strict=True))
+    # each small layer's figures as if scored alone
+    assert main(["eval", "--placement", str(out), str(tmp_path / "huge.npy"), "--json"]) == 0
+    huge = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--placement", str(out), str(tmp_path / "small.npy"), "--json",
+                 "--first-layer", "1"]) == 0
+    alone = json.loads(capsys.readouterr().out)["layers"]
+    for key in ("balancedness_before", "balancedness_after", "ceiling"):
+        assert [row[key] for row in huge["layers"][1:]] == pytest.approx(
+            [row[key] for row in alone], rel=1e-12)
+    assert min(row["balancedness_before"] for row in huge["layers"]) > 0.5

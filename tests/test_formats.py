@@ -879,3 +879,32 @@ def test_json_keys_holding_the_separator(tmp_path):
     alike.write_text(json.dumps({"a/b": [[100, 1, 1, 1]] * 2, "a": {"b": [[1, 1, 1, 100]] * 2}}))
     with pytest.raises(FormatError, match=r"2 arrays are named 'a/b' .*'a/b' and 'a' → 'b'"):
         read_loads(alike, key="a/b")
+
+
+def test_ids_saved_under_an_unknown_name_are_flagged_when_read_as_counts(tmp_path) -> None:
+    """Attacker pass: top-k ids ``[tokens, L, k]`` saved as ``expert_indices`` in an npz,
+    or as a bare ``.npy``, were read as a ``k``-expert model's counts without a word."""
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.choice(256, 8, replace=False) for _ in range(4)])
+                    for _ in range(64)])
+    np.savez(tmp_path / "ids.npz", expert_indices=ids)
+    np.save(tmp_path / "ids.npy", ids)
+    for name in ("ids.npz", "ids.npy"):
+        with pytest.warns(UserWarning, match="as top-k expert ids do.*--format topk"):
+            trace = read_loads(tmp_path / name)
+        assert trace.num_experts == 8  # still read as asked: a warning, not a refusal
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # the format named: the user said what it is
+        assert read_loads(tmp_path / "ids.npy", format="npy").num_experts == 8
+        assert read_loads(tmp_path / "ids.npy", format="topk").num_experts == 256
+        # counts of one batch: every layer's total the same in a step (a generated trace)
+        counts = eplb.tools.generator.generate_trace("mixtral-8x7b", steps=20).counts
+        np.save(tmp_path / "counts.npy", counts.numpy())
+        assert read_loads(tmp_path / "counts.npy").num_experts == 8
+        # random loads: in the thousands (beyond 64x the width), or wider than any top-k
+        for name, shape, high in (("wide", (64, 4, 256), 5000), ("big", (64, 4, 8), 5000)):
+            np.save(tmp_path / f"{name}.npy", np.stack([np.stack([
+                rng.choice(high, shape[2], replace=False) for _ in range(shape[1])])
+                for _ in range(shape[0])]))
+            read_loads(tmp_path / f"{name}.npy")

@@ -30,10 +30,12 @@ from eplb.cli._common import (
     CliError,
     cli_words,
     integer,
+    interrupts_seen,
     real,
 )
 from eplb.cli._inputs import add_input_options, warn
 from eplb.formats.errors import MissingPackage
+from eplb.tools.simulate import MAX_EXPERT_BYTES
 
 __all__ = ["build_parser", "main"]
 
@@ -154,18 +156,20 @@ def _threads(text: str) -> int:
     return value
 
 
-def _count(unit: str, least: int = 0) -> typing.Callable[[str], int]:
-    """An argparse type: an integer >= ``least`` of ``unit`` (``--max-moves``' slots,
-    ``simulate --expert-bytes``), refused by flag, not by the API's keyword."""
+def _count(unit: str, least: int = 0, most: int | None = None) -> typing.Callable[[str], int]:
+    """An argparse type: an integer >= ``least`` (and <= ``most``) of ``unit``
+    (``--max-moves``' slots, ``simulate --expert-bytes``), refused by flag, not by the
+    API's keyword."""
 
     def parse(text: str) -> int:
         try:
             value = integer(text)
         except ValueError:
             value = least - 1
-        if value < least:
+        if value < least or (most is not None and value > most):
+            within = f">= {least}" if most is None else f"in {least}..{most}"
             raise argparse.ArgumentTypeError(
-                f"must be an integer >= {least} ({unit}), got {text!r}")
+                f"must be an integer {within} ({unit}), got {text!r}")
         return value
 
     return parse
@@ -188,7 +192,7 @@ def _price(text: str) -> float:
 
 # an expert of no bytes would report every rebalance as free (a slip for the default)
 _expert_bytes = _count("bytes of one expert's weights, e.g. 44040192 for DeepSeek-V3 in FP8",
-                       least=1)
+                       least=1, most=MAX_EXPERT_BYTES)
 
 
 def build_parser() -> _Parser:
@@ -540,8 +544,9 @@ def _printable_stdout():
 
 def _main(args: argparse.Namespace) -> int:
     """:func:`main` after parsing: run the command, its errors as one line and a code."""
+    interrupts: list[int] = []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), interrupts_seen() as interrupts:
             warnings.showwarning = _show_warning  # one "eplb: warning:" line, no source line
             return _run(args.func, args)
     except CliError as exc:
@@ -569,6 +574,9 @@ def _main(args: argparse.Namespace) -> int:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         return _fail(args, f"{_one_line(exc.strerror or str(exc))}{where}", EXIT_USAGE)
     except Exception as exc:  # a failure while running, not the user's input
+        if interrupts:  # a Ctrl-C that a C++ writer turned into its own error
+            print("eplb: interrupted", file=sys.stderr)
+            return 130
         return _fail_running(args, exc)
 
 

@@ -11,8 +11,10 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -105,6 +107,30 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obje
 def print_json(payload: object) -> None:
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+@contextmanager
+def interrupts_seen() -> Iterator[list[int]]:
+    """A list that gets an entry when SIGINT arrives inside the block, which still raises
+    KeyboardInterrupt as Python's own handler does. A Ctrl-C inside torch's C++ file writer
+    comes out as a RuntimeError ("enforce fail ... unexpected pos"): with this the command
+    can still report it as an interrupt (attacker pass). Only where Python's default
+    handler is in force, on the main thread; elsewhere the list stays empty."""
+    seen: list[int] = []
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield seen
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def info(message: str) -> None:

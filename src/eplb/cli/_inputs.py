@@ -152,7 +152,9 @@ def _join_steps(names: list[str], traces: list[LoadTrace]) -> LoadTrace:
                 f"{name} holds {trace.num_layers} layers × {trace.num_experts} experts but "
                 f"{names[0]} holds {traces[0].num_layers} × {traces[0].num_experts}; several "
                 "LOADS files must describe the same model")
-    layers = list((named or traces)[0].layer_ids)
+    # ascending: bare rows are read lowest layer first, as a file of them alone is (an
+    # attacker pass summed bare row 0 into layer 3 beside a file listing 3, 2, 1, 0)
+    layers = sorted((named or traces)[0].layer_ids)
     # the layers every file has (rows of no load elsewhere are a dump's dense layers)
     for trace in named:
         layers = [lid for lid in layers if lid in set(trace.layer_ids)]

@@ -346,7 +346,9 @@ def layer_ceiling(
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
     live = _num_live(num_gpus, active_gpus)
     mean = w.to(torch.float64).sum(1) / live
-    return torch.where(bound > 0, mean / bound.clamp(min=1e-300), torch.ones_like(mean))
+    # (1 where there is no bound; not a clamp: loads scaled down to 1e-305 have bounds
+    # that small, and a clamp to 1e-300 read their ceiling as 5e-5: attacker pass)
+    return torch.where(bound > 0, mean / torch.where(bound > 0, bound, 1.0), torch.ones_like(mean))
 
 
 def _auto_policy(policy: str, num_experts: int, num_replicas: int, num_gpus: int,

@@ -16,6 +16,8 @@ import zipfile
 from os import PathLike
 from pathlib import Path
 
+import numpy as np
+
 from eplb.formats._expand import MAX_INFLATION, MIN_BUDGET, check_expansion, inflates_too_far
 from eplb.formats._files import require_regular_file
 from eplb.formats._npy import npz_headers
@@ -48,6 +50,39 @@ _MAX_LEADING_SPACE = 1 << 20
 # inside the filter keeps the saves and restores nested.
 _QUIET_LOAD = threading.Lock()
 _TRTLLM_KEY = re.compile(r"^[0-9]+_[0-9]+$")  # ASCII digits only
+
+
+#: steps of a plain counts array :func:`ids_read_as_counts` looks at (a bounded cost)
+_ID_CHECK_STEPS = 64
+
+
+def ids_read_as_counts(counts: np.ndarray) -> str | None:
+    """Why plain counts ``[T, L, K]`` look like per-token top-k expert ids read as counts,
+    or ``None``: ``K <= 32`` (models route a token to at most 16 experts), at least 64
+    (step, layer) rows checked, each holding ``K`` distinct
+    non-negative integers, all below ``64·K`` and some at least ``K`` (ids of a model with
+    up to 64× as many experts as it routes each token to: DeepSeek-V3 32×, Kimi-K2 48×),
+    and within some step the layers' totals differ, which counts of one batch do not
+    (every token is routed in every layer). Ids saved under a name
+    :data:`TOPK_KEY_PATTERN` does not match (or a bare ``.npy``) were read as a
+    ``K``-expert model without a word (attacker pass); random loads in the hundreds or
+    more, or a few rows, do not pass."""
+    if counts.ndim != 3 or counts.shape[1] < 2 or not 2 <= counts.shape[2] <= 32:
+        return None
+    head = counts[:_ID_CHECK_STEPS]
+    width = head.shape[2]
+    if head.shape[0] * head.shape[1] < 64 or not (head >= 0).all() or (
+            head.max() >= 64 * width) or not (head == np.floor(head)).all():
+        return None
+    rows = np.sort(head.reshape(-1, width), axis=1)
+    if (rows[:, 1:] == rows[:, :-1]).any() or rows[:, -1].max() < width:
+        return None
+    totals = head.sum(2)  # [T, L]
+    if (totals == totals[:, :1]).all():
+        return None
+    return (f"every row holds {width} distinct integers up to {int(rows[:, -1].max())} and "
+            "the layers' totals differ within a step, as top-k expert ids do (counts of one "
+            "batch have equal totals in every layer)")
 
 
 def sniff_container(path: str | PathLike[str]) -> str:

@@ -35,6 +35,7 @@ from eplb.formats.detect import (
     TOPK_KEY_PATTERN,
     _load_pt,
     detect_format,
+    ids_read_as_counts,
     recorder_dumps,
     refuse_same_files,
     sglang_json_dumps,
@@ -161,6 +162,11 @@ def read_loads(
         raise FormatError(path, str(exc)) from None
     finally:
         FORMAT_FORCED.reset(forced)
+    looks_like_ids = None if format is not None or fmt not in _CONTAINERS else (
+        ids_read_as_counts(trace.counts.numpy()))
+    if looks_like_ids:
+        warnings.warn(f"{path}: read as {trace.num_experts}-expert counts, but {looks_like_ids}; "
+                      "for routing ids give the format 'topk' (--format topk)", stacklevel=2)
     if fmt in ("sglang", "sglang-per-pass", "trtllm"):
         trace.meta["model_layer_ids"] = True
     trace.meta.setdefault("model_layer_ids", False)

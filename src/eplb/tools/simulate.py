@@ -45,6 +45,10 @@ from eplb.online.estimate import Estimator, as_history, make_estimator
 #: One DeepSeek-V3 routed expert in fp8: gate, up and down projections, each
 #: 7168 x 2048 one-byte weights (block-scale factors, ~10 kB, are left out).
 DEEPSEEK_V3_EXPERT_BYTES = 3 * 7168 * 2048 * 1
+#: the most bytes one expert may be said to hold (1 TiB, far beyond any model's): the
+#: bytes moved are int64, slots moved × this (attacker pass: 1e17 overflowed them into
+#: wrong and negative figures)
+MAX_EXPERT_BYTES = 1 << 40
 
 
 @dataclass(frozen=True)
@@ -418,8 +422,10 @@ def simulate(
         base.score_window if score_window is None else score_window,
     )
     # (an expert of no bytes would report every rebalance as free: refused as a slip)
-    if isinstance(expert_bytes, bool) or not isinstance(expert_bytes, int) or expert_bytes < 1:
-        raise ValueError(f"expert_bytes must be an integer >= 1, got {expert_bytes!r}")
+    if (isinstance(expert_bytes, bool) or not isinstance(expert_bytes, int)
+            or not 1 <= expert_bytes <= MAX_EXPERT_BYTES):
+        raise ValueError(f"expert_bytes must be an integer in 1..{MAX_EXPERT_BYTES} (1 TiB), "
+                         f"got {expert_bytes!r}")
     if not isinstance(oracle, bool):  # "no" would be true
         raise ValueError(f"oracle must be True or False, got {oracle!r}")
     topo = Topology(num_replicas, num_gpus, num_nodes, num_groups)
