@@ -168,6 +168,13 @@ def test_plan_and_eval_titles_name_the_nodes_and_groups(tmp_path, capsys, loads)
     one = tmp_path / "one.json"
     code, text, _ = run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", one)
     assert code == 0 and "48 slots on 16 GPUs (global)" in text
+    # only the side given (review pass: "in 2 nodes, 1 group" named a count never given)
+    code, text, _ = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--nodes", 2, "-o",
+                        tmp_path / "two.json")
+    assert code == 0 and "48 slots on 16 GPUs in 2 nodes (global)" in text
+    code, text, _ = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--groups", 4, "-o",
+                        tmp_path / "four.json")
+    assert code == 0 and "48 slots on 16 GPUs with 4 groups (global)" in text
 
 
 def test_eval_of_a_multi_node_sglang_file_points_at_the_nearest_rule(tmp_path, capsys, loads):

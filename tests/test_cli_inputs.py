@@ -749,3 +749,15 @@ def test_a_layer_near_float64s_end_leaves_the_others_figures_right(capsys, tmp_p
         assert [row[key] for row in huge["layers"][1:]] == pytest.approx(
             [row[key] for row in alone], rel=1e-12)
     assert min(row["balancedness_before"] for row in huge["layers"]) > 0.5
+    # under the nearest rule too (review pass: its loads were summed unscaled, to inf)
+    near = tmp_path / "near.json"
+    assert main(["plan", str(tmp_path / "huge.npy"), "-r", "32", "-g", "8", "--nodes", "2",
+                 "--dispatch", "nearest", "-o", str(near), "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--placement", str(near), str(tmp_path / "huge.npy"), "--json",
+                 "--dispatch", "nearest", "--previous", str(near)]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    figures = [planned["balancedness_after"], scored["balancedness_after"],
+               scored["balancedness_in_force"],
+               *(row["balancedness_after"] for row in scored["layers"])]
+    assert all(0.5 < figure <= 1.0 for figure in figures), figures

@@ -903,6 +903,12 @@ def test_ids_saved_under_an_unknown_name_are_flagged_when_read_as_counts(tmp_pat
         np.save(tmp_path / "counts.npy", counts.numpy())
         assert read_loads(tmp_path / "counts.npy").num_experts == 8
         # random loads: in the thousands (beyond 64x the width), or wider than any top-k
+        # and hand-made loads of a few experts in the tens and hundreds (review pass: 53 %
+        # of random [16, 4, 2] arrays of 10..99 were flagged before the cover of 0..N-1)
+        for seed in range(20):
+            small = np.random.default_rng(seed).integers(10, 100, (16, 4, 2))
+            np.save(tmp_path / "small.npy", small)
+            read_loads(tmp_path / "small.npy")
         for name, shape, high in (("wide", (64, 4, 256), 5000), ("big", (64, 4, 8), 5000)):
             np.save(tmp_path / f"{name}.npy", np.stack([np.stack([
                 rng.choice(high, shape[2], replace=False) for _ in range(shape[1])])

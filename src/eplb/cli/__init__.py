@@ -14,11 +14,13 @@ import errno
 import importlib
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -29,8 +31,9 @@ from eplb.cli._common import (
     FORCED_MOVES,
     CliError,
     cli_words,
+    count_type,
     integer,
-    interrupts_seen,
+    price_type,
     real,
 )
 from eplb.cli._inputs import add_input_options, warn
@@ -156,43 +159,11 @@ def _threads(text: str) -> int:
     return value
 
 
-def _count(unit: str, least: int = 0, most: int | None = None) -> typing.Callable[[str], int]:
-    """An argparse type: an integer >= ``least`` (and <= ``most``) of ``unit``
-    (``--max-moves``' slots, ``simulate --expert-bytes``), refused by flag, not by the
-    API's keyword."""
-
-    def parse(text: str) -> int:
-        try:
-            value = integer(text)
-        except ValueError:
-            value = least - 1
-        if value < least or (most is not None and value > most):
-            within = f">= {least}" if most is None else f"in {least}..{most}"
-            raise argparse.ArgumentTypeError(
-                f"must be an integer {within} ({unit}), got {text!r}")
-        return value
-
-    return parse
-
-
-_slots = _count("slots")
-
-
-def _price(text: str) -> float:
-    """An argparse type: a number in [0, 1) (``--move-price``, the balancedness a whole
-    layer's move must buy: as the API takes it), refused by flag."""
-    try:
-        value = real(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
-
-
+_slots = count_type("slots")
 # an expert of no bytes would report every rebalance as free (a slip for the default)
-_expert_bytes = _count("bytes of one expert's weights, e.g. 44040192 for DeepSeek-V3 in FP8",
-                       least=1, most=MAX_EXPERT_BYTES)
+_expert_bytes = count_type(
+    "bytes of one expert's weights, e.g. 44040192 for DeepSeek-V3 in FP8", least=1,
+    most=MAX_EXPERT_BYTES)
 
 
 def build_parser() -> _Parser:
@@ -274,7 +245,7 @@ def build_parser() -> _Parser:
                         f"--previous, beyond the forced moves: {FORCED_MOVES}; a cap on "
                         "the moves that pay on the next window, never a reason for more "
                         "(default: no cap)")
-    o.add_argument("--move-price", type=_price, default=None, metavar="X",
+    o.add_argument("--move-price", type=price_type, default=None, metavar="X",
                    help="with --previous: the expected next-window balancedness (in [0, 1)) a "
                         "layer must gain to move all its slots at 9 slots per GPU (X × S / 9 "
                         "at S slots per GPU, as the weights each GPU receives; a part of it "
@@ -395,7 +366,7 @@ def build_parser() -> _Parser:
                    help="most slots moved per rebalance, in total over all layers (with "
                         "--incremental): a cap on the moves that pay (default: no cap, "
                         "eplb moves what pays)")
-    p.add_argument("--move-price", type=_price, default=None, metavar="X",
+    p.add_argument("--move-price", type=price_type, default=None, metavar="X",
                    help="with --incremental: the move price of eplb plan's --move-price "
                         "(default 0.01): higher moves fewer slots")
     p.add_argument("--expert-bytes", type=_expert_bytes, default=None, metavar="N",
@@ -542,6 +513,32 @@ def _printable_stdout():
             stream.reconfigure(errors=errors)
 
 
+@contextlib.contextmanager
+def interrupts_seen() -> Iterator[list[int]]:
+    """A list that gets an entry when SIGINT arrives inside the block; the handler in force
+    before (Python's own raises KeyboardInterrupt) still runs, and is back afterwards. A
+    Ctrl-C inside torch's C++ file writer comes out as a RuntimeError ("enforce fail ...
+    unexpected pos"): with this the command can still report it as an interrupt (attacker
+    pass). Off the main thread, or where SIGINT is ignored or not Python's to handle, the
+    list stays empty."""
+    seen: list[int] = []
+    previous = (signal.getsignal(signal.SIGINT)
+                if threading.current_thread() is threading.main_thread() else None)
+    if not callable(previous):  # SIG_IGN, SIG_DFL, a C handler, or not the main thread
+        yield seen
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        seen.append(signum)
+        previous(signum, frame)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _main(args: argparse.Namespace) -> int:
     """:func:`main` after parsing: run the command, its errors as one line and a code."""
     interrupts: list[int] = []
@@ -575,6 +572,8 @@ def _main(args: argparse.Namespace) -> int:
         return _fail(args, f"{_one_line(exc.strerror or str(exc))}{where}", EXIT_USAGE)
     except Exception as exc:  # a failure while running, not the user's input
         if interrupts:  # a Ctrl-C that a C++ writer turned into its own error
+            if args.debug:
+                traceback.print_exc()
             print("eplb: interrupted", file=sys.stderr)
             return 130
         return _fail_running(args, exc)

@@ -11,10 +11,8 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -107,30 +105,6 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obje
 def print_json(payload: object) -> None:
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")
-
-
-@contextmanager
-def interrupts_seen() -> Iterator[list[int]]:
-    """A list that gets an entry when SIGINT arrives inside the block, which still raises
-    KeyboardInterrupt as Python's own handler does. A Ctrl-C inside torch's C++ file writer
-    comes out as a RuntimeError ("enforce fail ... unexpected pos"): with this the command
-    can still report it as an interrupt (attacker pass). Only where Python's default
-    handler is in force, on the main thread; elsewhere the list stays empty."""
-    seen: list[int] = []
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield seen
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        seen.append(signum)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield seen
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def info(message: str) -> None:
@@ -320,6 +294,37 @@ def real(text: str) -> float:
     return float(text)
 
 
+def count_type(unit: str, least: int = 0, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``least`` (and <= ``most``) of ``unit``
+    (``--max-moves``' slots, ``simulate --expert-bytes``), refused by flag, not by the
+    API's keyword."""
+
+    def parse(text: str) -> int:
+        try:
+            value = integer(text)
+        except ValueError:
+            value = least - 1
+        if value < least or (most is not None and value > most):
+            within = f">= {least}" if most is None else f"in {least}..{most}"
+            raise argparse.ArgumentTypeError(
+                f"must be an integer {within} ({unit}), got {text!r}")
+        return value
+
+    return parse
+
+
+def price_type(text: str) -> float:
+    """An argparse type: a number in [0, 1) (``--move-price``, the balancedness a whole
+    layer's move must buy: as the API takes it), refused by flag."""
+    try:
+        value = real(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
 def parse_int_list(text: str, what: str) -> list[int]:
     """``"3, 17"`` -> ``[3, 17]``. An empty item (``3,``, ``3,,17``) is refused: a number
     left out by a slip, most likely, and which one is not for eplb to guess."""
@@ -495,13 +500,15 @@ def key_note(key: str | None) -> str:
 
 def cluster_note(nodes: int, groups: int) -> str:
     """`` in 4 nodes, 8 groups`` for a table's title: the cluster beyond its slots and
-    GPUs (nothing on one node with no groups). New-user passes: a hierarchical replay's
-    title read as a global one's, and a plan's gave no sign that ``--nodes``/``--groups``
-    were taken."""
-    if nodes <= 1 and groups <= 1:
-        return ""
-    plural = ("s" if nodes > 1 else "", "s" if groups > 1 else "")
-    return f" in {nodes} node{plural[0]}, {groups} group{plural[1]}"
+    GPUs, each side only where it is more than one (`` in 4 nodes``, `` with 8 groups``;
+    nothing for one node and no groups). New-user passes: a hierarchical replay's title
+    read as a global one's, and a plan's gave no sign that ``--nodes``/``--groups`` were
+    taken."""
+    node_part = f"{nodes} nodes" if nodes > 1 else ""
+    group_part = f"{groups} groups" if groups > 1 else ""
+    if node_part and group_part:
+        return f" in {node_part}, {group_part}"
+    return f" in {node_part}" if node_part else f" with {group_part}" if group_part else ""
 
 
 def summed_note(trace: LoadTrace) -> str:

@@ -38,7 +38,7 @@ from eplb.cli._inputs import (
 )
 from eplb.cli._moves import may_force, split_moves, warn_forced_moves
 from eplb.core.dispatch import realised_gpu_loads
-from eplb.core.inputs import require_distinct_topk
+from eplb.core.inputs import require_distinct_topk, scale_free
 from eplb.core.messages import counted, integer_runs
 from eplb.core.placement import Placement, load_balance
 from eplb.core.planner import equal_speeds, planning_speeds
@@ -332,8 +332,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     _, before, before_worst = load_balance(static_gpu_loads(weight, args.gpus), None, speed)
     after_loads = placement.scaled_gpu_loads(weight)
     if args.dispatch == "nearest" and args.nodes > 1:  # as SGLang's rule will realise it
-        after_loads = realised_gpu_loads(weight, placement.phy2log, args.gpus, args.nodes,
-                                         active_gpus=placement.active_gpus)
+        # (for ratios: scaled as scaled_gpu_loads scales, so huge loads sum finitely)
+        after_loads = realised_gpu_loads(scale_free(weight), placement.phy2log, args.gpus,
+                                         args.nodes, active_gpus=placement.active_gpus)
     _, after, after_worst = load_balance(after_loads, live, speed)
     policy = placement.policy
     ceil = ceiling(weight, args.replicas, args.gpus, args.nodes, args.groups, policy,
@@ -343,8 +344,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         moved = placement.moved_slots(previous)
         in_force_loads = previous.scaled_gpu_loads(weight)
         if args.dispatch == "nearest" and args.nodes > 1:  # scored as "after" is
-            in_force_loads = realised_gpu_loads(weight, previous.phy2log, args.gpus,
-                                                args.nodes, active_gpus=previous.active_gpus)
+            in_force_loads = realised_gpu_loads(scale_free(weight), previous.phy2log,
+                                                args.gpus, args.nodes,
+                                                active_gpus=previous.active_gpus)
         # scored on the cluster the plan is for, as "after" is: a GPU live again counts,
         # idle under the old map, and one dead since still carries the old map's load. On
         # the old map's live GPUs alone it looked balanced, and the plan seemed to worsen it

@@ -39,6 +39,7 @@ from eplb.cli.commands import (
     dead_note,
 )
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
+from eplb.core.inputs import scale_free
 from eplb.core.messages import counted
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.planner import equal_speeds
@@ -303,8 +304,8 @@ def _in_force(args: argparse.Namespace, previous: Placement, placement: Placemen
     under the same dispatch rule), and the slots whose expert changed from it."""
     live = placement.live_gpus()
     if args.dispatch == "nearest" and placement.topology.num_nodes > 1:
-        loads = realised_gpu_loads(weight, previous.phy2log, placement.topology.num_gpus,
-                                   placement.topology.num_nodes,
+        loads = realised_gpu_loads(scale_free(weight), previous.phy2log,
+                                   placement.topology.num_gpus, placement.topology.num_nodes,
                                    active_gpus=previous.active_gpus)
     else:
         loads = previous.scaled_gpu_loads(weight)
@@ -327,8 +328,9 @@ def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor,
                        "one: eplb files record their cluster, --nodes N (N > 1) applies to "
                        "engine files")
     active = placement.active_gpus
-    loads = realised_gpu_loads(weight, placement.phy2log, topo.num_gpus, topo.num_nodes,
-                               active_gpus=active)
+    # (for ratios only: scaled as scaled_gpu_loads scales, so huge loads sum finitely)
+    loads = realised_gpu_loads(scale_free(weight), placement.phy2log, topo.num_gpus,
+                               topo.num_nodes, active_gpus=active)
     out = {"gpu_loads": loads,
            "balancedness_even_split": placement.balancedness(weight)}
     routing = _routing(args)

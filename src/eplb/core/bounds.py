@@ -348,7 +348,7 @@ def layer_ceiling(
     mean = w.to(torch.float64).sum(1) / live
     # (1 where there is no bound; not a clamp: loads scaled down to 1e-305 have bounds
     # that small, and a clamp to 1e-300 read their ceiling as 5e-5: attacker pass)
-    return torch.where(bound > 0, mean / torch.where(bound > 0, bound, 1.0), torch.ones_like(mean))
+    return torch.where(bound > 0, mean / bound.where(bound > 0, 1.0), torch.ones_like(mean))
 
 
 def _auto_policy(policy: str, num_experts: int, num_replicas: int, num_gpus: int,

@@ -330,7 +330,7 @@ def layer_balancedness(gpu_loads: torch.Tensor, active_gpus: torch.Tensor | None
     """``[L]`` mean / max live-GPU load of ``gpu_loads [L, P]`` (1.0 for an empty layer)."""
     loads = gpu_loads if active_gpus is None else gpu_loads[:, _live(gpu_loads, active_gpus)]
     mean, peak = loads.mean(1), loads.amax(1)
-    return torch.where(peak > 0, mean / torch.where(peak > 0, peak, 1.0), torch.ones_like(mean))
+    return torch.where(peak > 0, mean / peak.where(peak > 0, 1.0), torch.ones_like(mean))
 
 
 def balancedness(gpu_loads: torch.Tensor, active_gpus: torch.Tensor | None = None) -> float:

@@ -138,12 +138,6 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     return table[:, :num_experts], logcnt
 
 
-def _positive(values: torch.Tensor) -> torch.Tensor:
-    """``values``, entries <= 0 set to 1: a divisor where it is positive (a clamp to 1e-300
-    read loads scaled to 1e-305 beside a layer of 1e307 as balancedness 0: attacker pass)."""
-    return torch.where(values > 0, values, torch.ones_like(values))
-
-
 def ideal_and_peak(
     gpu_loads: torch.Tensor, live: torch.Tensor | None = None, speed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,10 +164,12 @@ def load_balance(
     figure is still "ideal time / actual time" (1.0 = perfect).
     """
     ideal, peak = ideal_and_peak(gpu_loads, live, speed)
-    per_layer = torch.where(peak > 0, ideal / _positive(peak), torch.ones_like(ideal))
+    # divisors <= 0 set to 1, not clamped to 1e-300: loads scaled to 1e-305 beside a layer
+    # of 1e307 read as balancedness 0 (attacker pass)
+    per_layer = torch.where(peak > 0, ideal / peak.where(peak > 0, 1.0), torch.ones_like(ideal))
     total = float(ideal.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
-    worst = float((peak / _positive(ideal))[ideal > 0].max()) if bool((ideal > 0).any()) \
-        else 1.0
+    loaded = ideal > 0
+    worst = float((peak / ideal.where(loaded, 1.0))[loaded].max()) if bool(loaded.any()) else 1.0
     return per_layer, total, worst
 
 
@@ -328,7 +324,7 @@ class Placement:
         loads = self._gpu_loads(scale_rows_to_unit(self._weight(weight))[0],
                                 None)[:, self.live_gpus()]
         mean, peak = loads.mean(1), loads.max(1).values
-        return torch.where(peak > 0, mean / _positive(peak), torch.ones_like(mean))
+        return torch.where(peak > 0, mean / peak.where(peak > 0, 1.0), torch.ones_like(mean))
 
     def balancedness(self, weight: torch.Tensor, gpu_speed: torch.Tensor | None = None) -> float:
         """Σ_layers ideal time / Σ_layers actual time over the live GPUs (1.0 is perfect).

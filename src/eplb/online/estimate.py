@@ -444,7 +444,7 @@ def expected_max(
             loads = placement.scaled_gpu_loads(scenario)
         mean, peak = ideal_and_peak(loads, live.to(loads.device),
                                     None if speed is None else speed.to(loads.device))
-        ratios.append(torch.where(mean > 0, peak / torch.where(mean > 0, mean, 1.0),
+        ratios.append(torch.where(mean > 0, peak / mean.where(mean > 0, 1.0),
                                   torch.ones_like(mean)))
     stacked = torch.stack(ratios)
     return stacked.mean(0) if reduce == "mean" else stacked.max(0).values

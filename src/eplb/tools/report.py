@@ -96,7 +96,7 @@ def normalised_loads(gpu_loads: torch.Tensor) -> torch.Tensor:
     """
     loads = _as_2d(gpu_loads)
     mean = loads.mean(1, keepdim=True)
-    return torch.where(mean > 0, loads / torch.where(mean > 0, mean, 1.0), torch.ones_like(loads))
+    return torch.where(mean > 0, loads / mean.where(mean > 0, 1.0), torch.ones_like(loads))
 
 
 def _layer_ticks(ax, layer_ids: Sequence[int] | None, num_layers: int, axis: str = "y") -> None:
@@ -141,7 +141,7 @@ def plot_gpu_heatmaps(
         live = torch.ones(loads.shape[1], dtype=torch.bool)
         live[list(dead_gpus)] = False
         mean = loads[:, live].mean(1, keepdim=True)
-        norm = torch.where(mean > 0, loads / torch.where(mean > 0, mean, 1.0),
+        norm = torch.where(mean > 0, loads / mean.where(mean > 0, 1.0),
                            torch.ones_like(loads))
         peak = loads[:, live].max(1).values
         bal = float(mean.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
