@@ -172,3 +172,28 @@ def test_plans_do_not_depend_on_the_default_dtype_device_or_autocast(setting):
     differ = [k for k, (a, b) in enumerate(zip(reference, theirs, strict=True))
               if not torch.equal(a, b)]
     assert not differ, f"plans {differ} differ under the {setting}"
+
+
+def test_plans_do_not_depend_on_flushed_subnormals():
+    """``torch.set_flush_denormal(True)`` (the thread's CPU flags, which NumPy follows too)
+    read loads of 1e-310 as 0 and planned their layer as all-zero (attacker pass); the
+    planner turns flushing off for its call and back on after."""
+    import numpy as np
+    import torch
+
+    import eplb
+    from eplb.integrations.vllm import EplbPolicy
+
+    loads = torch.tensor([[1.0, 2, 3, 4, 50, 6, 7, 80], [9.0, 1, 1, 1, 1, 1, 1, 1]],
+                         dtype=torch.float64) * 1e-310
+    reference = [eplb.plan(loads, 16, 4).phy2log, EplbPolicy.rebalance_experts(loads, 16, 1, 1, 4)]
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        theirs = [eplb.plan(loads, 16, 4).phy2log, EplbPolicy.rebalance_experts(loads, 16, 1, 1, 4)]
+        still_flushing = (np.array([1e-310]) * 1.0)[0] == 0
+    finally:
+        torch.set_flush_denormal(False)
+    assert all(torch.equal(a, b) for a, b in zip(reference, theirs, strict=True))
+    assert still_flushing  # the caller's setting is back
+    assert (np.array([1e-310]) * 1.0)[0] != 0

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import torch
 from engines import _extract_assignment, _isolated_modules, _package
 
 from eplb import __version__
@@ -242,6 +243,28 @@ def test_options_name_both_planner_and_plugin_options():
     # refused when the plugin loads (attacker pass)
     with pytest.raises(ValueError, match="max_moves must be one int"):
         plugin.options_from_env({plugin.OPTIONS_ENV_VAR: '{"max_moves": [1, 2]}'})
+
+
+@pytest.mark.parametrize(("options", "said"), [
+    ({"refine_step": 16}, "unknown option"),
+    ({"policy": "locality"}, "policy must be one of"),
+    ({"max_moves": -5}, "max_moves must be a non-negative int"),
+    ({"max_moves": [1, 2]}, "max_moves must be one int"),
+    ({"agree_timeout_s": "abc"}, "agree_timeout_s must be a number"),
+    ({"seed": "x"}, "seed must be an int"),
+])
+def test_options_set_on_the_class_are_checked_at_the_call(monkeypatch, options, said):
+    """The README's way for scripts, ``EplbPolicy.options = {...}``, skipped the start-up
+    check: a typo was ignored and a bad value made every call fall back to vLLM's policy
+    with an ERROR line only, or raised from float() after planning (attacker pass)."""
+    weight = torch.randint(0, 1000, (2, 16), dtype=torch.int32)
+    old = (torch.arange(24) % 16).expand(2, 24).contiguous()
+    monkeypatch.setattr(plugin.EplbPolicy, "options", dict(options, agree_timeout_s=0)
+                        if "agree_timeout_s" not in options else options)
+    with pytest.raises(ValueError, match=f"EplbPolicy.options: .*{said}"):
+        plugin.EplbPolicy.rebalance_experts(weight, 24, 4, 2, 8, old)
+    monkeypatch.setattr(plugin.EplbPolicy, "options", {"refine_steps": 16, "agree_timeout_s": 0})
+    assert plugin.EplbPolicy.rebalance_experts(weight, 24, 4, 2, 8, old).shape == (2, 24)
 
 
 def test_the_agreement_uses_vllms_ep_group_fields(vllm_root):

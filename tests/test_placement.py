@@ -341,3 +341,13 @@ def test_loads_of_a_placement_with_expert_ids_beyond_its_experts_are_refused_by_
     for method in (bad.balancedness, bad.gpu_loads, bad.replica_loads):
         with pytest.raises(ValueError, match=r"expert ids outside \[-1, 8\)"):
             method(torch.ones(8))
+
+
+def test_moved_slots_per_gpu_takes_a_bool_only() -> None:
+    """Attacker pass: ``per_gpu="no"`` is true, and returned per-GPU counts."""
+    weight = torch.rand(2, 8, dtype=torch.float64)
+    a, b = eplb.plan(weight, 16, 4), eplb.plan(weight.flip(1), 16, 4)
+    assert b.moved_slots(a).shape == (2,) and b.moved_slots(a, per_gpu=True).shape == (4,)
+    for bad in ("no", 1, None):
+        with pytest.raises(TypeError, match="per_gpu must be True or False"):
+            b.moved_slots(a, per_gpu=bad)

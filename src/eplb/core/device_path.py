@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -77,6 +78,10 @@ def _forced() -> str | None:
     return FORCE
 
 
+#: a subnormal float64: reads as 0 after arithmetic where the thread's CPU flags flush them
+_SUBNORMAL = np.array([1e-310])
+
+
 @contextlib.contextmanager
 def caller_settings_off() -> Iterator[None]:
     """Plan in the dtypes and on the devices the planner chose, whatever the caller's torch
@@ -89,7 +94,11 @@ def caller_settings_off() -> Iterator[None]:
       its NumPy steps expect (a "meta" default failed inside torch). Entered only then:
       the device context intercepts every torch call.
 
-    Both are per thread. The default dtype is process-wide and cannot be scoped here: the
+    - subnormal numbers kept where the caller flushes them (``torch.set_flush_denormal``,
+      the thread's CPU flags, which NumPy's arithmetic follows too): flushed, loads of
+      1e-310 read as 0 and their layer was planned as all-zero (attacker pass).
+
+    All three are per thread. The default dtype is process-wide and cannot be scoped here: the
     planner makes its floating-point tensors with explicit dtypes instead (a bfloat16
     default changed plans through the packing's rescue factors; ``test_determinism``
     plans every kind under it). Autocast on other backends (XPU, HPU) is left as is: only
@@ -102,6 +111,9 @@ def caller_settings_off() -> Iterator[None]:
                 stack.enter_context(torch.autocast(device_type, enabled=False))
         if torch.get_default_device().type != "cpu":
             stack.enter_context(torch.device("cpu"))
+        if (_SUBNORMAL * 1.0)[0] == 0:  # the flags flush: off here, back on after
+            torch.set_flush_denormal(False)
+            stack.callback(torch.set_flush_denormal, True)
         yield
 
 

@@ -344,6 +344,8 @@ class Placement:
         receives (the busiest sets how long a rebalance stalls)."""
         if previous is None:
             raise TypeError("previous must be a Placement or a [L, R] phy2log, got None")
+        if not isinstance(per_gpu, bool):  # ("no" is true)
+            raise TypeError(f"per_gpu must be True or False, got {per_gpu!r}")
         if isinstance(previous, Placement) and previous.topology.num_gpus != self.topology.num_gpus:
             # the same slot index is another GPU's slot there: nothing to compare
             raise ValueError(

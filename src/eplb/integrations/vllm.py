@@ -115,6 +115,8 @@ PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
 VLLM_POLICIES = ("auto", "global", "hierarchical")
 DEFAULT_AGREE_TIMEOUT_S = DEFAULT_TIMEOUT_S
 _OFF = frozenset({"", "0", "off", "false", "no", "none"})
+#: option sets EplbPolicy.rebalance_experts has checked (a set's repr)
+_CHECKED_OPTIONS: set[str] = set()
 _REPLACE_DEFAULT = frozenset({"eplb", "1", "on", "true", "yes", "default"})
 _REGISTER_ONLY = frozenset({"register", "add"})
 
@@ -156,6 +158,13 @@ class EplbPolicy:
         # one snapshot: the plan, the agreement and the tag it reports must use the same
         # options even if the class's dict is changed while this call runs
         options = dict(cls.options)
+        # options set on the class by a script are checked as the environment's are (an
+        # attacker pass: a typo was ignored, a bad value fell back to vLLM's policy on every
+        # call with an ERROR line only); once per distinct set
+        key = repr(sorted(options.items(), key=lambda item: str(item[0])))
+        if key not in _CHECKED_OPTIONS:
+            _check_options(options, source=f"{cls.__name__}.options")
+            _CHECKED_OPTIONS.add(key)
         planner = {k: v for k, v in options.items() if k in PLANNER_OPTIONS}
         for name, value in (("weight", weight),
                             ("old_global_expert_indices", old_global_expert_indices)):
