@@ -103,6 +103,19 @@ def main() -> None:
     rows.append([f"stacked surplus: 1×{experts} on {gpus} GPUs of 17", f"{replicas - experts}",
                  f"{fresh:.0f}", f"{warm:.0f}", f"{warm / fresh:.0f}",
                  *quality(weight, stacked, replicas, gpus)])
+    # a plan of two experts on two GPUs of thousands of slots each, re-planned from the
+    # map: every GPU holds thousands of replicas of one expert, which the relabelling of
+    # the fresh plan matches slot by slot (attacker pass: S³, 8 s at 4,096 slots per GPU)
+    for slots in (1024, 4096):
+        replicas = 2 * slots
+        before = eplb.plan(torch.tensor([[1.0, 1.0]]), replicas, 2)
+        weight = torch.tensor([[1.0, 3.0]])
+        fresh = median_ms(lambda w=weight, r=replicas: eplb.plan(w, r, 2), args.repeats)
+        warm = median_ms(lambda w=weight, r=replicas, b=before: eplb.plan(w, r, 2, previous=b),
+                         args.repeats)
+        rows.append([f"stacked by right: 1×2 on 2 GPUs of {slots}", "0", f"{fresh:.0f}",
+                     f"{warm:.0f}", f"{warm / fresh:.0f}",
+                     *quality(weight, before.phy2log, replicas, 2)])
     print(f"\nDeepSeek-V3-shaped layers (58 × 256, 9 slots per GPU), {source} loads; "
           f"median of {args.repeats} calls after one untimed\n")
     print(markdown_table(["case", "empty slots per layer", "fresh ms", "from the map ms",
