@@ -52,7 +52,8 @@ def test_busiest_other_matches_its_definition(data, rows, num_experts, num_gpus,
     walked = moves._WALK_RANKS
     moves._WALK_RANKS = walk  # the walk, and the lookup of experts on every GPU walked
     try:
-        got = moves._busiest_other(weight, out, loads, counts, gpu, live_gpu)
+        ids = np.where(out >= 0, out, num_experts)  # as fill_and_cover keeps them
+        got = moves._busiest_other(weight, out, loads, counts, gpu, live_gpu, ids)
     finally:
         moves._WALK_RANKS = walked
     want = definition(weight, out, loads, counts, gpu, live_gpu)

@@ -34,7 +34,7 @@ from eplb.core.inputs import (
     scale_free,
     scale_rows_to_unit,
 )
-from eplb.core.placement import Placement, load_balance
+from eplb.core.placement import Placement, load_balance, ratio_or_one
 from eplb.core.replication import replica_bound
 from eplb.core.topology import Topology, is_name
 
@@ -346,9 +346,7 @@ def layer_ceiling(
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
     live = _num_live(num_gpus, active_gpus)
     mean = w.to(torch.float64).sum(1) / live
-    # (1 where there is no bound; not a clamp: loads scaled down to 1e-305 have bounds
-    # that small, and a clamp to 1e-300 read their ceiling as 5e-5: attacker pass)
-    return torch.where(bound > 0, mean / bound.where(bound > 0, 1.0), torch.ones_like(mean))
+    return ratio_or_one(mean, bound)  # (1 where there is no bound)
 
 
 def _auto_policy(policy: str, num_experts: int, num_replicas: int, num_gpus: int,

@@ -58,6 +58,7 @@ from eplb.core.inputs import (
     require_distinct_topk,
     require_integer_ids,
 )
+from eplb.core.placement import ratio_or_one
 from eplb.core.topology import is_name, positive_int
 
 DISPATCH_RULES = ("even", "nearest")
@@ -330,7 +331,7 @@ def layer_balancedness(gpu_loads: torch.Tensor, active_gpus: torch.Tensor | None
     """``[L]`` mean / max live-GPU load of ``gpu_loads [L, P]`` (1.0 for an empty layer)."""
     loads = gpu_loads if active_gpus is None else gpu_loads[:, _live(gpu_loads, active_gpus)]
     mean, peak = loads.mean(1), loads.amax(1)
-    return torch.where(peak > 0, mean / peak.where(peak > 0, 1.0), torch.ones_like(mean))
+    return ratio_or_one(mean, peak)
 
 
 def balancedness(gpu_loads: torch.Tensor, active_gpus: torch.Tensor | None = None) -> float:

@@ -138,6 +138,14 @@ def build_log2phy(phy2log: torch.Tensor, num_experts: int) -> tuple[torch.Tensor
     return table[:, :num_experts], logcnt
 
 
+def ratio_or_one(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """``numerator / denominator``, 1.0 where the denominator is not positive (no load);
+    not a clamp: one to 1e-300 read loads scaled to 1e-305 as 0 (attacker pass)."""
+    positive = denominator > 0
+    return torch.where(positive, numerator / denominator.where(positive, 1.0),
+                       torch.ones((), dtype=numerator.dtype, device=numerator.device))
+
+
 def ideal_and_peak(
     gpu_loads: torch.Tensor, live: torch.Tensor | None = None, speed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,12 +172,10 @@ def load_balance(
     figure is still "ideal time / actual time" (1.0 = perfect).
     """
     ideal, peak = ideal_and_peak(gpu_loads, live, speed)
-    # divisors <= 0 set to 1, not clamped to 1e-300: loads scaled to 1e-305 beside a layer
-    # of 1e307 read as balancedness 0 (attacker pass)
-    per_layer = torch.where(peak > 0, ideal / peak.where(peak > 0, 1.0), torch.ones_like(ideal))
+    per_layer = ratio_or_one(ideal, peak)
     total = float(ideal.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
     loaded = ideal > 0
-    worst = float((peak / ideal.where(loaded, 1.0))[loaded].max()) if bool(loaded.any()) else 1.0
+    worst = float(ratio_or_one(peak, ideal)[loaded].max()) if bool(loaded.any()) else 1.0
     return per_layer, total, worst
 
 
@@ -324,7 +330,7 @@ class Placement:
         loads = self._gpu_loads(scale_rows_to_unit(self._weight(weight))[0],
                                 None)[:, self.live_gpus()]
         mean, peak = loads.mean(1), loads.max(1).values
-        return torch.where(peak > 0, mean / peak.where(peak > 0, 1.0), torch.ones_like(mean))
+        return ratio_or_one(mean, peak)
 
     def balancedness(self, weight: torch.Tensor, gpu_speed: torch.Tensor | None = None) -> float:
         """Σ_layers ideal time / Σ_layers actual time over the live GPUs (1.0 is perfect).

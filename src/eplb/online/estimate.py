@@ -46,7 +46,7 @@ import torch
 
 from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import as_counts, as_gpu_speed, as_weight, scale_free
-from eplb.core.placement import Placement, ideal_and_peak
+from eplb.core.placement import Placement, ideal_and_peak, ratio_or_one
 from eplb.core.topology import int_at_least, is_name, real_number
 from eplb.core.trace import LoadTrace
 
@@ -444,8 +444,7 @@ def expected_max(
             loads = placement.scaled_gpu_loads(scenario)
         mean, peak = ideal_and_peak(loads, live.to(loads.device),
                                     None if speed is None else speed.to(loads.device))
-        ratios.append(torch.where(mean > 0, peak / mean.where(mean > 0, 1.0),
-                                  torch.ones_like(mean)))
+        ratios.append(ratio_or_one(peak, mean))
     stacked = torch.stack(ratios)
     return stacked.mean(0) if reduce == "mean" else stacked.max(0).values
 

@@ -169,13 +169,13 @@ _WALK_RANKS = 8
 
 def _busiest_other(
     weight: np.ndarray, out: np.ndarray, loads: np.ndarray, counts: np.ndarray,
-    gpu: np.ndarray, live_gpu: np.ndarray, ids: np.ndarray | None = None,
+    gpu: np.ndarray, live_gpu: np.ndarray, ids: np.ndarray,
 ) -> np.ndarray:
     """``[B, E]`` the busiest live GPU but ``gpu [B]`` once a replica of each expert
     joins ``gpu``: the GPUs holding that expert carry ``w / (c + 1)`` of it instead of
     ``w / c`` (``-inf`` where no other GPU is live). ``out [B, R]``, ``loads [B, P]`` and
     ``counts [B, E]`` describe the placement before; ``ids [B, R]`` its slots' experts
-    with ``E`` for an empty slot, where the caller keeps them.
+    with ``E`` for an empty slot (kept by the caller from pass to pass).
 
     That is the larger of two maxima: over the expert's holders, the busiest holder's
     load less the expert's drop (a subtraction rounds monotonically, so this is the max
@@ -190,8 +190,6 @@ def _busiest_other(
     other = live_gpu[None] & (np.arange(num_gpus)[None] != gpu[:, None])  # [B, P]
     base = np.where(other, loads, -np.inf)  # [B, P]
     drop = np.where(counts > 0, weight / np.maximum(counts, 1) - weight / (counts + 1), 0.0)
-    if ids is None:
-        ids = np.where(out >= 0, out, num_experts)  # [B, R]; expert E: empty slots
     flat = ids + (num_experts + 1) * np.arange(rows)[:, None]  # (row, expert)
     # over the holders: the busiest holder of every expert, less its drop
     holder = np.full(rows * (num_experts + 1), -np.inf)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from eplb.core.placement import ratio_or_one
 from eplb.formats._files import atomic_write
 
 #: eplb is on no package index, so ``pip install 'eplb[plot]'`` would fail there (or fetch
@@ -96,7 +97,7 @@ def normalised_loads(gpu_loads: torch.Tensor) -> torch.Tensor:
     """
     loads = _as_2d(gpu_loads)
     mean = loads.mean(1, keepdim=True)
-    return torch.where(mean > 0, loads / mean.where(mean > 0, 1.0), torch.ones_like(loads))
+    return ratio_or_one(loads, mean)
 
 
 def _layer_ticks(ax, layer_ids: Sequence[int] | None, num_layers: int, axis: str = "y") -> None:
@@ -141,8 +142,7 @@ def plot_gpu_heatmaps(
         live = torch.ones(loads.shape[1], dtype=torch.bool)
         live[list(dead_gpus)] = False
         mean = loads[:, live].mean(1, keepdim=True)
-        norm = torch.where(mean > 0, loads / mean.where(mean > 0, 1.0),
-                           torch.ones_like(loads))
+        norm = ratio_or_one(loads, mean)
         peak = loads[:, live].max(1).values
         bal = float(mean.sum() / peak.sum()) if float(peak.sum()) > 0 else 1.0
         norm_panels.append((label, norm, live, bal))
