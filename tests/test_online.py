@@ -517,3 +517,61 @@ def test_an_invalid_initial_placement_is_refused_when_given() -> None:
     stacked = Placement.from_phy2log(torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]]), 2,
                                      Topology(8, 2))
     assert Rebalancer(8, 2, window=10, interval=1000, initial=stacked).placement is stacked
+
+
+def test_a_multi_window_estimate_never_keeps_a_layer_that_breaks_the_contract() -> None:
+    """Found by an attacker pass: the placement in force joined the per-layer choice of a
+    ``multi`` estimate unchecked, so a map DeepSeek's greedy left with stacked replicas
+    came back in the layers it scored best (``validate()`` failed in 3 of 20 trials), and
+    vLLM's initial map under a forced hierarchical policy kept layers whose groups
+    straddle nodes, labelled ``"global"``."""
+    from eplb.core import plan_greedy
+
+    layers, experts = 6, 16
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        w0 = torch.rand(layers, experts, generator=gen) ** 3 * 100
+        stacked = plan_greedy(w0, 32, 8, 1, 1)
+        reb = Rebalancer(32, 8, window=8, interval=8, estimator="multi:4", initial=stacked,
+                         incremental=bool(trial % 2))
+        reb.record(torch.poisson((w0 / 8).expand(8, layers, experts), generator=gen))
+        reb.placement.validate()
+    topo = Topology(32, 8, 2, 4)
+    straddling = trivial_placement(experts, layers, topo)
+    for seed in range(10):
+        reb = Rebalancer(32, 8, 2, 4, window=8, interval=8, estimator="multi:4",
+                         initial=straddling, policy="hierarchical")
+        reb.record(torch.poisson(torch.full((8, layers, experts), 10.0),
+                                 generator=torch.Generator().manual_seed(seed)))
+        assert reb.placement.policy == "hierarchical"
+        reb.placement.validate()  # the locality rule included
+
+
+def test_nodes_that_do_not_divide_the_gpus_are_one_node_as_eplb_plan_makes_them() -> None:
+    """Found by an attacker pass: 3 nodes of 8 GPUs were accepted and recorded, then every
+    rebalance refused the planner's own one-node plan (eplb.plan warns and plans one
+    node). Now the rebalancer warns at construction, as eplb.plan does, and records one
+    node; an initial placement made for the cluster as asked is taken."""
+    with pytest.warns(RuntimeWarning, match=r"not a multiple of num_nodes \(3\).*one node"):
+        reb = Rebalancer(32, 8, num_nodes=3, window=2, interval=2)
+    assert reb.topology == Topology(32, 8)
+    assert reb.record(torch.rand(2, 2, 16) * 10) is not None
+    initial = trivial_placement(16, 2, Topology(32, 8, 3))
+    with pytest.warns(RuntimeWarning):
+        reb = Rebalancer(32, 8, 3, window=2, interval=2, initial=initial, incremental=True)
+    assert reb.placement.topology == Topology(32, 8)
+    reb.record(torch.rand(2, 2, 16) * 10)
+    reb.placement.validate()
+    with pytest.raises(ValueError, match="hierarchical placement is impossible"):
+        Rebalancer(32, 8, 3, window=2, interval=2, policy="hierarchical")
+
+
+def test_auto_half_lives_too_long_for_any_window_are_refused_up_front() -> None:
+    """Found by an attacker pass: half-lives of 1e9 windows were accepted and failed every
+    rebalance as an EMA half-life out of range (a name the user never set)."""
+    from eplb.online.estimate import AdaptiveAverage
+
+    with pytest.raises(ValueError, match=r"auto half-lives must be numbers in \(0, 1e\+09\]"):
+        AdaptiveAverage(half_lives=(1e300,))
+    reb = Rebalancer(32, 8, window=2, interval=2, estimator=AdaptiveAverage(half_lives=(1e9,)))
+    assert reb.record(torch.rand(2, 2, 16) * 10) is not None

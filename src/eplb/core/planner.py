@@ -191,9 +191,7 @@ def make_request(
         raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
     if dispatch == "nearest" and topology.num_nodes > 1:
         topology.gpus_per_node  # noqa: B018 - nearest dispatch needs whole nodes: raises
-    if topology.num_gpus % topology.num_nodes and not is_name(policy, ("hierarchical",
-                                                                       "locality")):
-        topology = _one_node(topology, stacklevel)  # frames: as resolve_policy's
+    topology = as_planned(topology, policy, stacklevel)  # frames: as resolve_policy's
     slack = DEFAULT_SLACK if slack is None else as_slack(slack)
     src = None
     if source is not None:
@@ -243,6 +241,18 @@ def make_request(
     planning, idle, shift = planning_rows(w)
     return PlanRequest(planning, topology, chosen, opts, seed, live, speed, dispatch, fair,
                        src, ids, slack, idle, shift)
+
+
+def as_planned(topology: Topology, policy: str = "auto", stacklevel: int = 2) -> Topology:
+    """The cluster ``topology`` as eplb plans it under ``policy``: itself, or one node, with a
+    warning, where its GPUs do not divide over its nodes (the hierarchical and locality
+    policies keep it and refuse it later). A ``Rebalancer`` records the same topology as its
+    plans (attacker pass: it kept three nodes of 8 GPUs, then refused its own planner's
+    one-node plan at every rebalance)."""
+    if topology.num_gpus % topology.num_nodes and not is_name(policy, ("hierarchical",
+                                                                       "locality")):
+        return _one_node(topology, stacklevel + 1)
+    return topology
 
 
 def _one_node(topology: Topology, stacklevel: int) -> Topology:

@@ -296,9 +296,9 @@ class AdaptiveAverage(Estimator):
     def __post_init__(self) -> None:
         given = self.half_lives
         half_lives = tuple(map(real_number, given)) if isinstance(given, Sequence) else ()
-        if not half_lives or any(h is None or not (h > 0 and math.isfinite(h))
-                                 for h in half_lives):
-            raise ValueError(f"auto half-lives must be finite numbers > 0, got {given!r}")
+        if not half_lives or any(h is None or not 0 < h <= MAX_HALF_LIFE for h in half_lives):
+            raise ValueError(f"auto half-lives must be numbers in (0, {MAX_HALF_LIFE:g}] "
+                             f"(windows), got {given!r}")
         object.__setattr__(self, "half_lives", half_lives)  # plain floats: hashable
         for field_name in ("memory", "folds"):
             object.__setattr__(self, field_name, int_at_least(
@@ -315,7 +315,11 @@ class AdaptiveAverage(Estimator):
         """``[C, L, E]`` every candidate's estimate from ``counts`` (last ``memory`` windows)."""
         recent = counts[-w * self.memory:]
         out = [sum_steps(recent[-w:]) * (w / min(w, recent.shape[0]))]
-        out += [ExponentialAverage(h * w).estimate(recent, w).weight for h in self.half_lives]
+        # (a half-life in steps is capped where an EMA's is: past 1e9 steps its weights over
+        # the history kept differ from a flat sum's by under 1e-5; uncapped, 1e9 windows
+        # were accepted and then failed every rebalance: attacker pass)
+        out += [ExponentialAverage(min(h * w, MAX_HALF_LIFE)).estimate(recent, w).weight
+                for h in self.half_lives]
         return torch.stack(out)
 
     def estimate(self, history: object, window: int | None = None) -> Estimate:

@@ -20,7 +20,7 @@ from eplb.core.baselines import plan_greedy
 from eplb.core.device_path import plans_on_host, to_host
 from eplb.core.inputs import as_live_mask
 from eplb.core.options import with_incremental
-from eplb.core.placement import Placement
+from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh
 from eplb.core.policies import resolve_policy
 from eplb.core.topology import (
@@ -295,15 +295,61 @@ def plan_estimate(
     else:
         plans = [_placement_of(planner(c, previous), num_layers) for c in cands]
     # the placement in force is a candidate only where it could stay: not when a GPU it
-    # uses has died (or one it leaves empty is live again), nor for other experts
-    if keep is not None and interchangeable(keep, plans[0]):
-        plans.append(keep)
+    # uses has died (or one it leaves empty is live again), nor for other experts, and
+    # only in its layers that keep the plans' contract
+    anti_affinity = _passes(plans[0], True)  # the contract the plans keep
+    kept = None if keep is None else _keepable(keep, plans[0], anti_affinity)
+    if kept is not None:
+        plans.append(kept)
     realised = dict(realised or {})
     chosen = select_per_layer(plans, estimate.scenarios, reduce, **realised)
     if total_budget and previous is not None:
         chosen = _within_moves(chosen, plans[0], previous, estimate.scenarios, reduce,
                                realised)
-    return chosen
+    # layers of valid candidates make a valid placement: checked all the same, as every
+    # placement eplb returns is
+    return chosen.validate(anti_affinity=anti_affinity)
+
+
+def _keepable(keep: Placement, plan: Placement, anti_affinity: bool) -> Placement | None:
+    """The placement in force ``keep`` as a candidate beside ``plan`` (one of the call's
+    plans): under ``plan``'s policy and live GPUs, with each layer that would break the
+    contract ``plan`` keeps replaced by ``plan``'s own (where it then ties, the plan wins);
+    ``None`` where it cannot stand beside the plans at all (other experts, shape or live
+    GPUs).
+
+    The contract is ``plan``'s: its policy (a map whose groups straddle nodes is no
+    hierarchical layer) and, with ``anti_affinity`` (where the plans keep it: DeepSeek's
+    greedy stacks replicas, eplb's plans do not), no needlessly stacked replicas.
+    Offered unchecked, a map in force that a greedy left stacked, or vLLM's initial map
+    under the hierarchical policy, was kept in the layers it scored best, and the
+    ``Rebalancer`` returned a placement that failed ``validate()``, or broke a forced
+    hierarchical policy and was labelled ``"global"`` (attacker pass).
+    """
+    if keep.phy2log.shape != plan.phy2log.shape or not interchangeable(keep, plan):
+        return None
+    device = plan.phy2log.device
+
+    def as_plan(rows: torch.Tensor) -> Placement:
+        return Placement.from_phy2log(rows.to(device), plan.num_experts, plan.topology,
+                                      plan.policy, plan.active_gpus)
+
+    whole = as_plan(keep.phy2log)
+    if _passes(whole, anti_affinity):  # the common case: one check
+        return whole
+    rows = keep.phy2log.to(device).clone()
+    for layer in range(rows.shape[0]):  # the layers that break it take the plan's
+        if not _passes(as_plan(rows[layer:layer + 1]), anti_affinity):
+            rows[layer] = plan.phy2log[layer]
+    return as_plan(rows)
+
+
+def _passes(placement: Placement, anti_affinity: bool) -> bool:
+    try:
+        placement.validate(anti_affinity=anti_affinity)
+    except PlacementError:
+        return False
+    return True
 
 
 def _within_moves(chosen: Placement, first: Placement, previous: Placement,

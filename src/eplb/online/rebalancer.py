@@ -24,6 +24,7 @@ import torch
 
 from eplb.core.device_path import caller_settings_off
 from eplb.core.placement import Placement, PlacementError
+from eplb.core.planner import as_planned
 from eplb.core.topology import Topology, positive_int
 from eplb.online.budget import check_budget
 from eplb.online.estimate import Estimate, Estimator, as_history, make_estimator
@@ -107,7 +108,11 @@ class Rebalancer:
         initial: Placement | None = None,
         **plan_options: Any,
     ) -> None:
-        self.topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+        # the cluster as the plans will record it: one node, with eplb.plan's warning, where
+        # the GPUs do not divide over the nodes (recorded as asked, every rebalance refused
+        # the planner's own one-node plan; attacker pass)
+        asked = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+        self.topology = as_planned(asked, plan_options.get("policy", "auto"), stacklevel=3)
         for name, value in (("window", window), ("interval", interval)):
             try:  # NumPy and 0-d tensor integers too, as the cluster's counts
                 setattr(self, name, positive_int(name, value))
@@ -138,6 +143,9 @@ class Rebalancer:
         if initial is not None and not isinstance(initial, Placement):
             raise TypeError(f"initial must be an eplb.Placement (the placement in force) or "
                             f"None, got {type(initial).__name__}")
+        if initial is not None and initial.topology == asked != self.topology:
+            initial = Placement.from_phy2log(initial.phy2log, initial.num_experts, self.topology,
+                                             initial.policy, initial.active_gpus)
         if initial is not None and initial.topology != self.topology:
             raise ValueError(f"initial placement is for {initial.topology}, the rebalancer "
                              f"for {self.topology}")
