@@ -204,6 +204,21 @@ def test_sglang_loads_eplb_and_its_deepseek_rebalance_runs_eplb(sglang_root, swi
     assert "eplb" in caplog.text and "plans SGLang's expert rebalancing" in caplog.text
 
 
+def test_a_sglang_without_the_hooked_function_is_not_told_eplb_plans(sglang_root, switch,
+                                                                    monkeypatch, caplog):
+    """SGLang's own loader runs eplb's plugin, but the function the hook wraps is gone (a
+    later SGLang renaming it): the plugin says it is not registered and SGLang keeps its
+    algorithm. It used to register and log that eplb plans, and SGLang then logged that it
+    failed to apply the hook (attacker pass)."""
+    caplog.set_level(logging.INFO)
+    with sglang_runtime(sglang_root, make_settings(nnodes=1, ep_size=8, redundant=0)) as sg:
+        monkeypatch.delattr(sg.algorithms, "rebalance_experts")
+        sg.plugins.load_plugins()
+    assert (f"SGLang plugin not registered: this SGLang has no {plugin.HOOK_TARGET}, the "
+            "function eplb replaces") in caplog.text
+    assert "will be eplb" not in caplog.text
+
+
 def test_under_static_dispatch_eplb_plans_for_the_nearest_replica(sglang_root, switch,
                                                                   monkeypatch, caplog):
     # SGLang with an all-to-all backend (DeepEP) dispatches statically: a token goes to the
@@ -349,6 +364,8 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
     shell = types.ModuleType("sglang")  # the launcher first checks that SGLang is installed
     shell.__spec__ = importlib.machinery.ModuleSpec("sglang", None)
     monkeypatch.setitem(sys.modules, "sglang", shell)
+    # (that this SGLang has the plugin framework and the hooked function: a user's run below)
+    monkeypatch.setattr(plugin, "_sglang_problem", lambda: None)
     args = ["--eplb-options", '{"max_moves": 100}', "--model-path", "m", "--enable-eplb"]
     assert plugin.main(args) == 0
     assert ran["options"] == '{"max_moves": 100}'
@@ -428,6 +445,21 @@ def test_launcher_as_a_user_runs_it(tmp_path):
     (fake / "launch_server.py").write_text(
         f"import os, sys\nprint('server', sys.argv[1:], os.environ.get({plugin.ENV_VAR!r}))\n")
     env["PYTHONPATH"] = str(tmp_path)
+    # an SGLang without the plugin framework (older releases) never loads eplb: it would
+    # rebalance with its own algorithm while the launcher said eplb plans (attacker pass)
+    old = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert old.returncode == 2 and "has no plugin framework (sglang.srt.plugins)" in old.stderr
+    assert "server" not in old.stdout
+    for package in ("srt", "srt/plugins", "srt/eplb", "srt/eplb/eplb_algorithms"):
+        (fake / package).mkdir()
+        (fake / package / "__init__.py").write_text("")
+    (fake / "srt/plugins/hook_registry.py").write_text("")
+    # the framework, but not the function eplb's hook wraps (a later rename)
+    renamed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert renamed.returncode == 2
+    assert f"has no {plugin.HOOK_TARGET}, the function eplb replaces" in renamed.stderr
+    (fake / "srt/eplb/eplb_algorithms/__init__.py").write_text(
+        "def rebalance_experts(*args, **kwargs):\n    pass\n")
     started = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert started.returncode == 0, started.stderr
     assert "server ['--model-path', 'm'] eplb" in started.stdout

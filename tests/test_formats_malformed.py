@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import eplb
 from eplb.formats import FormatError, read_loads
 
 
@@ -93,7 +94,7 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
     add("deep_ragged.json", json.dumps([[1, 2, [3]], [4, 5, 6]]), None,
         "[0][2] is a list where [0][0] is a number")
     add("sglang_neg.json", json.dumps({"logical_count": [[1, -2]]}), None, ">= 0")
-    add("sglang_4d.json", json.dumps({"logical_count": [[[[1]]]]}), None, "expected [layers")
+    add("sglang_4d.json", json.dumps({"logical_count": [[[[1]]]]}), None, "expected [experts]")
     add("bad.json", '{"logical_count": [[1, 2]', None, "malformed JSON")
     add("dict.json", json.dumps({"a": [[1]], "b": [[2]]}), None, "--key")
     add("placement.json", json.dumps({"physical_to_logical_map": [[0, 1]]}), None, "read_placement")
@@ -111,7 +112,7 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
     add("json_as_npz.json", json.dumps([[1, 2]]), "npz", "expects a npz file")
 
     np.save(tmp / "four_d.npy", np.zeros((1, 1, 1, 2)))
-    cases.append((tmp / "four_d.npy", None, "expected [layers"))
+    cases.append((tmp / "four_d.npy", None, "expected [experts]"))
     np.save(tmp / "nan.npy", np.array([[1.0, np.nan]]))
     cases.append((tmp / "nan.npy", None, "finite"))
 
@@ -524,3 +525,52 @@ def test_the_trtllm_topology_comment_giving_a_key_twice_is_refused(tmp_path):
     path.write_text(text.replace('"num_gpus":4', '"num_gpus":4,"num_gpus":8'))
     with pytest.raises(FormatError, match="gives key 'num_gpus' twice in one JSON object"):
         read_placement(path)
+
+
+def test_a_negative_count_in_one_rank_file_is_named_not_summed_away(tmp_path):
+    """Found by an attacker pass: a -5 in one TensorRT-LLM rank file, summed with another
+    rank's 100, read as 95 and was planned on (the same -5 alone was refused)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "neg"
+    folder.mkdir()
+    (folder / "meta_info.json").write_text(json.dumps({"num_experts": 4,
+                                                       "num_experts_per_token": 2}))
+    good = {f"{i}_{layer}": torch.tensor([1, 2, 3, 4]) for i in range(2) for layer in (3, 4)}
+    save_file({k: torch.tensor([-5, 2, 3, 4]) if k == "0_3" else v for k, v in good.items()},
+              str(folder / "rank0.safetensors"))
+    save_file({k: v * 100 for k, v in good.items()}, str(folder / "rank1.safetensors"))
+    with pytest.raises(FormatError, match=r"rank0.safetensors: '0_3'\[0\] is -5; token counts "
+                                          r"must be >= 0"):
+        read_loads(folder)
+
+
+def test_wide_unsigned_counts_read_as_loads_whatever_their_size(tmp_path):
+    """Found by an attacker pass: a uint64 count of 2**63 or more was refused in an .npy or
+    .pt file alone; a TensorRT-LLM rank file, a JSON number and eplb_rebalance read such
+    values as float64 loads. Now every reader does."""
+    big = np.array([[1, 2, 2**64 - 1, 4]], dtype=np.uint64)
+    np.save(tmp_path / "big.npy", big)
+    counts = read_loads(tmp_path / "big.npy").counts
+    assert counts.dtype == torch.float64 and float(counts[0, 0, 2]) == float(2**64 - 1)
+    small = np.array([[1, 2, 3, 4]], dtype=np.uint64)
+    np.save(tmp_path / "small.npy", small)
+    assert read_loads(tmp_path / "small.npy").counts.tolist() == [[[1.0, 2.0, 3.0, 4.0]]]
+
+
+@pytest.mark.parametrize(("name", "emit"), [("lb.json", "trtllm"), ("plan.json", "pt"),
+                                            ("plan.pt", "json"), ("plan.yaml", "pt"),
+                                            ("lb.PT", "trtllm")])
+def test_an_emit_whose_content_its_name_cannot_be_read_as_is_refused(tmp_path, name, emit):
+    """Found by an attacker pass: ``--emit trtllm -o lb.json`` wrote YAML with comments
+    into a .json file, which ``json.load`` then failed on. Content that fits the name is
+    still written: eplb's JSON is YAML too, and any other suffix implies nothing."""
+    from eplb.formats import write_placement
+
+    placement = eplb.plan(torch.rand(2, 8, generator=torch.Generator().manual_seed(0)), 12, 4)
+    with pytest.raises(ValueError, match=rf"emit='{emit}' writes .*{re.escape(name)}' is read "
+                                         r"as"):
+        write_placement(placement, tmp_path / name, emit)
+    assert not (tmp_path / name).exists()
+    for fits, fitting in (("plan.yaml", "json"), ("lb.txt", "trtllm"), ("x.sglang.pt", "sglang")):
+        write_placement(placement, tmp_path / fits, fitting)

@@ -55,17 +55,19 @@ def to_tensor(value: Any, path: Path, what: str, literals: bool = False) -> torc
         return value
     if isinstance(value, np.ndarray):
         if value.ndim == 0:  # (np.ascontiguousarray would make it [1])
-            raise FormatError(path, "holds a single number; expected [layers, experts] or "
-                                    "[steps, layers, experts] loads")
+            raise FormatError(path, "holds a single number; expected [experts] (one layer), "
+                                    "[layers, experts] or [steps, layers, experts] loads")
         if value.dtype.kind not in "biuf":
             raise FormatError(path, f"{what} has dtype {value.dtype}; expected numbers")
         if value.dtype.byteorder == ">":  # big-endian files are fine: native order for torch
             value = value.astype(value.dtype.newbyteorder("="))
         if value.dtype.kind == "u" and value.dtype.itemsize > 1:
-            # torch supports few operations on wide unsigned types
-            if value.size and int(value.max()) >= 1 << 63:
-                raise FormatError(path, f"{what} holds a value of 2**63 or more")
-            value = value.astype(np.int64)
+            # torch supports few operations on wide unsigned types: int64, or float64 (as
+            # loads are read, and as a JSON file's such numbers are) where a value is 2**63
+            # or more (refused here alone: a TensorRT-LLM rank file and eplb_rebalance read
+            # them; attacker pass)
+            wide = value.size and int(value.max()) >= 1 << 63
+            value = value.astype(np.float64 if wide else np.int64)
         if value.dtype.kind == "f" and value.dtype.itemsize > 8:  # long double: no torch dtype
             with np.errstate(over="ignore"):  # beyond float64: inf, refused as a load
                 value = value.astype(np.float64)
@@ -101,8 +103,8 @@ def as_counts_of(value: Any, path: Path, what: str, literals: bool = False
     if tensor.dim() not in (1, 2, 3) or tensor.numel() == 0:
         raise FormatError(
             path,
-            f"{what} has shape {tuple(tensor.shape)}; expected [layers, experts] or "
-            "[steps, layers, experts]",
+            f"{what} has shape {tuple(tensor.shape)}; expected [experts] (one layer), "
+            "[layers, experts] or [steps, layers, experts]",
         )
     while tensor.dim() < 3:
         tensor = tensor[None]

@@ -122,6 +122,7 @@ def write_placement(
         named_by = f" ({path.name!r} implies emit={emit!r}; pass emit= for another format)"
     if not is_name(emit, EMITS):
         raise ValueError(f"unknown emit {emit!r}; expected one of {', '.join(EMITS)}")
+    _check_content_fits_name(emit, path)
     if not isinstance(placement, Placement):
         raise TypeError(f"placement must be an eplb.Placement, got {type(placement).__name__}")
     placement = placement.to("cpu")
@@ -194,6 +195,30 @@ def write_placement(
                     tensors[name] = torch.tensor(tensors[name], dtype=torch.float64)
             atomic_write(path, lambda f: torch.save(tensors, f), "wb", force=force)
     return path
+
+
+#: what each suffix's readers parse a file as, and the emits whose content they can parse
+#: (JSON is YAML too; an SGLang file is JSON or a torch.save dict by its suffix)
+_PARSED_AS = {".json": ("JSON", ("json", "sglang")), ".pt": ("a torch.save file", ("pt", "sglang")),
+              ".yaml": ("YAML", ("trtllm", "json")), ".yml": ("YAML", ("trtllm", "json"))}
+_CONTENT = {"json": "JSON text", "pt": "a torch.save file", "trtllm": "YAML with comments",
+            "sglang": "SGLang's JSON or torch.save file"}
+
+
+def _check_content_fits_name(emit: str, path: Path) -> None:
+    """``ValueError`` where an explicit ``emit`` writes what the name's readers cannot parse:
+    e.g. TensorRT-LLM's YAML (with eplb's topology comment) into ``lb.json``, which
+    ``json.load`` then failed on (attacker pass), or a torch archive into ``plan.json``."""
+    kind, fits = _PARSED_AS.get(path.suffix.lower(), ("", (emit,)))
+    if emit not in fits:
+        raise ValueError(
+            f"emit={emit!r} writes {_CONTENT[emit]}, but a file named {path.name!r} is read "
+            f"as {kind}: name it for its content (e.g. {_EXAMPLE_NAMES[emit]}) or pick the "
+            f"emit its name implies ({emit_for(path)!r})")
+
+
+_EXAMPLE_NAMES = {"json": "plan.json", "pt": "plan.pt", "trtllm": "lb.yaml",
+                  "sglang": "init.sglang.json"}
 
 
 def _layer_ids(layer_ids: Sequence[int] | None, num_layers: int) -> list[int]:

@@ -24,6 +24,10 @@ _ITER_LAYER = re.compile(r"^([0-9]+)_([0-9]+)$")
 _TRTLLM_FOLDER = "a TensorRT-LLM statistics folder (meta_info.json + rank{r}.safetensors)"
 
 
+#: integer dtypes no count of which can be negative (torch has no min for the wide ones)
+_UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
+
+
 def read_trtllm_stats(path: Path) -> LoadTrace:
     """TensorRT-LLM's expert statistics: a folder of ``meta_info.json`` and one
     ``rank{r}.safetensors`` per rank (keys ``{iteration}_{layer}``, summed over ranks), or
@@ -105,6 +109,12 @@ def read_trtllm_stats(path: Path) -> LoadTrace:
                 raise FormatError(file, f"keys {named[key]!r} and {name!r} both name iteration "
                                         f"{key[0]}, layer {key[1]}")
             named[key] = name
+            if data.dtype not in _UNSIGNED and data.numel() and int(data.min()) < 0:
+                # checked per rank file: summed over the ranks, a -5 and a 100 made a 95
+                # that no later check could see (attacker pass)
+                expert = int((data < 0).nonzero()[0, 0])
+                raise FormatError(file, f"{name!r}[{expert}] is {int(data[expert])}; token "
+                                        "counts must be >= 0")
             total[key] = (
                 total[key] + data.to(torch.float64) if key in total else data.to(torch.float64)
             )

@@ -483,6 +483,11 @@ def register() -> bool:
                            os.environ.get(ENV_VAR))
             return False
         options_from_env()  # refuse bad options now, not at the first rebalance
+        problem = _sglang_problem()
+        if problem is not None:  # SGLang would log that it failed to apply the hook, or
+            # nothing at all, and rebalance with its own algorithm
+            logger.warning("eplb: SGLang plugin not registered: %s", problem)
+            return False
         from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
         if any(getattr(h, "_eplb_hook", False) for _, h, _ in HookRegistry._hooks[HOOK_TARGET]):
@@ -494,6 +499,42 @@ def register() -> bool:
     except Exception as exc:  # a plugin must never take SGLang down
         logger.warning("eplb: SGLang plugin not registered: %s", exc)
         return False
+
+
+#: the SGLang release whose plugin framework and EPLB code eplb is tested against
+TESTED_SGLANG = "0.5.23"
+
+
+def _sglang_problem() -> str | None:
+    """Why the installed SGLang cannot take eplb as its rebalancing algorithm, or None:
+    it lacks the plugin framework (``sglang.srt.plugins``, which older releases do not
+    have: their processes never load eplb) or the function eplb's hook wraps
+    (:data:`HOOK_TARGET`, which SGLang's ``apply_hooks`` then fails to resolve, logs and
+    skips). Either way SGLang rebalances with its own algorithm, while the launcher had
+    said eplb plans (attacker pass). Imports SGLang's EPLB algorithm module, as
+    ``apply_hooks`` does."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = f"SGLang {version('sglang')}"
+    except PackageNotFoundError:
+        release = "this SGLang"
+    try:
+        framework = importlib.util.find_spec("sglang.srt.plugins.hook_registry")
+    except ImportError:  # a parent package is missing (sglang.srt, sglang.srt.plugins)
+        framework = None
+    if framework is None:
+        return (f"{release} has no plugin framework (sglang.srt.plugins), so its processes "
+                f"never load eplb; eplb is tested with SGLang {TESTED_SGLANG}")
+    module_name, name = HOOK_TARGET.rsplit(".", 1)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # whatever fails, SGLang's own planner would run
+        return f"{release}: {module_name} cannot be imported ({exc})"
+    if not callable(getattr(module, name, None)):
+        return (f"{release} has no {HOOK_TARGET}, the function eplb replaces (tested with "
+                f"SGLang {TESTED_SGLANG})")
+    return None
 
 
 def _plugin_declared() -> str | None:
@@ -560,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         print("eplb: SGLang is not installed in this Python environment (pip install "
               "sglang, or run this with the Python that serves SGLang)", file=sys.stderr)
         return 2
-    problem = _plugin_declared()
+    problem = _plugin_declared() or _sglang_problem()
     if problem is not None:
         print(f"eplb: {problem}", file=sys.stderr)
         return 2
