@@ -198,3 +198,19 @@ def test_generate_refuses_a_huge_trace_before_saying_it_generates(tmp_path, caps
                        "-o", tmp_path / "big.pt")
     assert code == 2 and "GiB of counts" in err
     assert "generating 40000 steps" not in err and not (tmp_path / "big.pt").exists()
+
+
+def test_an_emit_the_output_name_cannot_be_read_as_is_refused_before_planning(tmp_path,
+                                                                             capsys, loads):
+    """Found by an attacker pass: ``--emit trtllm -o lb.json`` planned, warned about layer
+    keys, and wrote YAML with comments into a .json file that ``json.load`` failed on."""
+    out = tmp_path / "lb.json"
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--emit", "trtllm",
+                       "-o", out)
+    assert code == 2 and not out.exists()
+    assert err.strip().splitlines() == [
+        "eplb: error: emit='trtllm' writes YAML with comments, but a file named 'lb.json' is "
+        "read as JSON: name it for its content (e.g. lb.yaml) or pick the emit its name "
+        "implies ('json')"]
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "--emit", "trtllm", "-o",
+               tmp_path / "lb.yaml")[0] == 0

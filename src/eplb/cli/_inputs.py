@@ -24,7 +24,7 @@ from eplb.cli._common import CliError, integer
 from eplb.core import LoadTrace, Placement, Topology, resolve_policy
 from eplb.core.messages import integer_runs
 from eplb.core.placement import groups_on_nodes
-from eplb.formats import FormatError, emit_for, read_loads
+from eplb.formats import FormatError, check_emit_fits_name, emit_for, read_loads
 from eplb.formats.detect import file_identity, folder_load_files
 
 
@@ -254,6 +254,10 @@ def cli_policy(policy: str, num_replicas: int, num_gpus: int, num_nodes: int, nu
 def infer_emit(emit: str | None, output: str | Path) -> str:
     """``--emit`` or, when absent, the format implied by OUT's name (see ``eplb plan --help``)."""
     if emit:
+        try:  # before any planning: the writer would refuse it after
+            check_emit_fits_name(emit, output)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
         return emit
     implied = emit_for(output)
     name = Path(Path(output).name.lower())

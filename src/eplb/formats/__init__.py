@@ -12,7 +12,12 @@
 from eplb.core.trace import LoadTrace
 from eplb.formats.detect import FORMATS, detect_format
 from eplb.formats.errors import FormatError
-from eplb.formats.placement_writer import EMITS, emit_for, write_placement
+from eplb.formats.placement_writer import (
+    EMITS,
+    check_emit_fits_name,
+    emit_for,
+    write_placement,
+)
 from eplb.formats.placements import read_placement, read_placement_meta
 from eplb.formats.readers import read_loads, read_routing
 from eplb.formats.trace_writer import TRACE_EMITS, write_loads
@@ -23,6 +28,7 @@ __all__ = [
     "TRACE_EMITS",
     "FormatError",
     "LoadTrace",
+    "check_emit_fits_name",
     "detect_format",
     "emit_for",
     "read_loads",

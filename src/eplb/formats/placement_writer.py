@@ -122,7 +122,7 @@ def write_placement(
         named_by = f" ({path.name!r} implies emit={emit!r}; pass emit= for another format)"
     if not is_name(emit, EMITS):
         raise ValueError(f"unknown emit {emit!r}; expected one of {', '.join(EMITS)}")
-    _check_content_fits_name(emit, path)
+    check_emit_fits_name(emit, path)
     if not isinstance(placement, Placement):
         raise TypeError(f"placement must be an eplb.Placement, got {type(placement).__name__}")
     placement = placement.to("cpu")
@@ -205,10 +205,11 @@ _CONTENT = {"json": "JSON text", "pt": "a torch.save file", "trtllm": "YAML with
             "sglang": "SGLang's JSON or torch.save file"}
 
 
-def _check_content_fits_name(emit: str, path: Path) -> None:
+def check_emit_fits_name(emit: str, path: str | PathLike[str]) -> None:
     """``ValueError`` where an explicit ``emit`` writes what the name's readers cannot parse:
     e.g. TensorRT-LLM's YAML (with eplb's topology comment) into ``lb.json``, which
     ``json.load`` then failed on (attacker pass), or a torch archive into ``plan.json``."""
+    path = Path(path)
     kind, fits = _PARSED_AS.get(path.suffix.lower(), ("", (emit,)))
     if emit not in fits:
         raise ValueError(
