@@ -506,13 +506,11 @@ TESTED_SGLANG = "0.5.23"
 
 
 def _sglang_problem() -> str | None:
-    """Why the installed SGLang cannot take eplb as its rebalancing algorithm, or None:
-    it lacks the plugin framework (``sglang.srt.plugins``, which older releases do not
-    have: their processes never load eplb) or the function eplb's hook wraps
-    (:data:`HOOK_TARGET`, which SGLang's ``apply_hooks`` then fails to resolve, logs and
-    skips). Either way SGLang rebalances with its own algorithm, while the launcher had
-    said eplb plans (attacker pass). Imports SGLang's EPLB algorithm module, as
-    ``apply_hooks`` does."""
+    """Why the installed SGLang cannot take eplb as its rebalancing algorithm, or None: no
+    plugin framework (``sglang.srt.plugins``: older releases never load eplb) or no
+    :data:`HOOK_TARGET` (``apply_hooks`` logs and skips it). Either way SGLang rebalances
+    with its own algorithm, while the launcher said eplb plans (attacker pass). Imports
+    SGLang's EPLB algorithm module, as ``apply_hooks`` does."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
