@@ -363,10 +363,11 @@ def test_a_callable_planner_that_leaves_an_expert_unserved_is_refused() -> None:
         return Placement.from_phy2log(torch.zeros(weight.shape[0], R, dtype=torch.int64),
                                       weight.shape[1], Topology(R, P))
 
-    reb = Rebalancer(R, P, window=2, interval=2, planner=one_expert)
-    with pytest.raises(PlacementError, match="breaks the contract: layer 0 expert 1"):
-        reb.record(_steps(2))
-    assert reb.steps == 0 and reb.placement is None and not reb.events
+    for estimator in ("sum", "multi:2"):  # (a multi-window estimate mixes the plans' layers)
+        reb = Rebalancer(R, P, window=2, interval=2, planner=one_expert, estimator=estimator)
+        with pytest.raises(PlacementError, match="breaks the contract: layer 0 expert 1"):
+            reb.record(_steps(2))
+        assert reb.steps == 0 and reb.placement is None and not reb.events
 
 
 def test_a_callable_planner_may_stack_replicas_on_a_gpu() -> None:

@@ -307,8 +307,12 @@ def plan_estimate(
         chosen = _within_moves(chosen, plans[0], previous, estimate.scenarios, reduce,
                                realised)
     # layers of valid candidates make a valid placement: checked all the same, as every
-    # placement eplb returns is
-    return chosen.validate(anti_affinity=anti_affinity)
+    # placement eplb returns is (a planner's invalid plan is named as the Rebalancer names it)
+    try:
+        return chosen.validate(anti_affinity=anti_affinity)
+    except PlacementError as exc:
+        raise PlacementError(f"the planner returned a placement that breaks the contract: "
+                             f"{exc}") from None
 
 
 def _keepable(keep: Placement, plan: Placement, anti_affinity: bool) -> Placement | None:
