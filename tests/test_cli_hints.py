@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from helpers import skewed_loads_json
 from test_cli import run
 
@@ -214,3 +215,32 @@ def test_an_emit_the_output_name_cannot_be_read_as_is_refused_before_planning(tm
         "implies ('json')"]
     assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "--emit", "trtllm", "-o",
                tmp_path / "lb.yaml")[0] == 0
+
+
+def test_a_map_with_unequal_group_shares_per_node_is_not_hierarchical(tmp_path, capsys):
+    """Found by an attacker pass: every group on one node, but 2 groups on one node and 4
+    on the other, passed as hierarchical: eval scored it above the hierarchical ceiling
+    (0.5198 against 0.5147), and a plan from it with --max-moves 0 reported its forced
+    re-plan as 6 moves beyond the budget. The policy places G/N groups on every node."""
+    import eplb
+    from eplb import Placement, PlacementError, Topology
+
+    old = [[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    with pytest.raises(PlacementError, match="layer 0 node 0 holds 2 expert groups, "
+                                             "expected 3"):
+        Placement.from_phy2log(eplb.plan(torch.rand(1, 12), 16, 4).phy2log.new_tensor(old),
+                               12, Topology(16, 4, 2, 6), "hierarchical").validate()
+    placement = tmp_path / "uneq.sglang.json"
+    placement.write_text(json.dumps({"physical_to_logical_map": old}))
+    loads = tmp_path / "loads.json"
+    loads.write_text(json.dumps({"logical_count": [[100, 100] + [1] * 10]}))
+    code, out, err = run(capsys, "eval", "--placement", placement, loads, "-g", 4, "--nodes", 2,
+                         "--groups", 6, "--summary")
+    assert code == 0 and "(scored as global)" in out
+    assert "does not hold the expert groups as the hierarchical policy does" in err
+    after = next(line for line in out.splitlines() if line.startswith("this placement"))
+    ceiling = next(line for line in out.splitlines() if line.startswith("ceiling"))
+    assert float(after.split()[-2]) <= float(ceiling.split()[-2])
+    code, _, err = run(capsys, "plan", loads, "-r", 16, "-g", 4, "--nodes", 2, "--groups", 6,
+                       "--previous", placement, "--max-moves", 0, "-o", tmp_path / "new.json")
+    assert code == 0 and "6 were forced moves" in err and "0 changed beyond them" in err

@@ -74,7 +74,9 @@ def test_eval_scores_a_group_spreading_plan_as_global_and_says_so(capsys, tmp_pa
                          "--nodes", str(N), "--groups", str(G), "--json")
     assert code == 0, err
     assert json.loads(out)["policy"] == "global"
-    assert len(warnings_in(err)) == 1 and "several nodes" in warnings_in(err)[0]
+    assert len(warnings_in(err)) == 1
+    assert "does not hold the expert groups as the hierarchical policy does" in err
+    assert "expected a single node" in warnings_in(err)[0]
     code, _, err = run(capsys, "eval", "--placement", str(path), str(loads), "-g", str(P),
                        "--nodes", str(N), "--groups", str(G), "--policy", "hierarchical")
     assert code == 2 and "is not hierarchical" in err and "Traceback" not in err

@@ -489,7 +489,8 @@ def generated_trace(preset: str, steps: int, seed: int) -> LoadTrace:
 
 #: what incremental planning moves whatever ``--max-moves`` allows (online/incremental.py)
 FORCED_MOVES = ("slots of dead or revived GPUs, replicas stacked on one GPU, and "
-                "hierarchical layers whose groups straddle nodes (re-planned whole)")
+                "hierarchical layers whose groups straddle nodes or sit unequally on them "
+                "(re-planned whole)")
 
 
 def key_note(key: str | None) -> str:

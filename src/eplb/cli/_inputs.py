@@ -284,16 +284,20 @@ def warn_if_no_load(weight: torch.Tensor, source: object) -> None:
 
 
 def straddling_layers(previous: Placement, num_nodes: int, num_groups: int) -> list[int]:
-    """Rows of ``previous`` in which some expert group has replicas on more than one of
-    ``num_nodes`` nodes (``num_groups`` groups of consecutive expert ids): a hierarchical
-    plan from that map re-plans them, whatever the budget."""
+    """Rows of ``previous`` that do not hold ``num_groups`` expert groups (consecutive
+    expert ids) as the hierarchical policy does on ``num_nodes`` nodes: some group on more
+    than one node, or a node without an equal share of the groups (the planner's rule,
+    :func:`eplb.online.hierarchy.group_nodes`). A hierarchical plan from that map re-plans
+    them, whatever the budget (unequal shares went uncounted: a budget of 0 read as broken,
+    attacker pass)."""
     topo = previous.topology
     if (num_nodes <= 1 or num_groups <= 1 or previous.num_experts % num_groups
-            or topo.num_gpus % num_nodes):
+            or num_groups % num_nodes or topo.num_gpus % num_nodes):
         return []
     present = groups_on_nodes(previous.phy2log.cpu().numpy(), previous.num_experts,
                               Topology(topo.num_replicas, topo.num_gpus, num_nodes, num_groups))
-    return np.nonzero((present.sum(2) > 1).any(1))[0].tolist()
+    unequal = (present.sum(1) != num_groups // num_nodes).any(1)
+    return np.nonzero((present.sum(2) > 1).any(1) | unequal)[0].tolist()
 
 
 def warn_revived(previous: Placement, active: torch.Tensor | None,

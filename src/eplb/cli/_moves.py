@@ -117,8 +117,9 @@ def warn_forced_moves(previous: Placement, placement: Placement, moved: torch.Te
                    "re-planned too)" if idle else "")
         parts.append(f"{len(straddling)} layer(s) of {args.previous} (rows "
                      f"{integer_runs(straddling)}) keep expert groups on several of the "
-                     f"{args.nodes} nodes, so the hierarchical policy re-planned them "
-                     f"whole (each group on one node){no_load}; pass --policy global to "
-                     "plan from that map without the node constraint")
+                     f"{args.nodes} nodes or an unequal share of them on a node, so the "
+                     f"hierarchical policy re-planned them whole (each group on one node, "
+                     f"{args.groups // args.nodes} a node){no_load}; pass --policy global "
+                     "to plan from that map without the node constraint")
     if parts:
         warn("; ".join(parts))

@@ -69,7 +69,8 @@ def _eval_policy(placement, meta: dict, args: argparse.Namespace):
     except PlacementError as exc:
         if args.policy == "hierarchical":
             raise CliError(f"{args.placement} is not hierarchical: {exc}") from None
-        warn(f"{args.placement} spreads expert groups over several nodes, so it is scored as a "
+        warn(f"{args.placement} does not hold the expert groups as the hierarchical policy "
+             f"does ({str(exc).removeprefix('hierarchical locality: ')}), so it is scored as a "
              "global placement (against the global ceiling)")
         return placement
     return hier

@@ -593,21 +593,27 @@ def groups_on_nodes(ids: np.ndarray, num_experts: int, topology: Topology) -> np
 
 
 def _validate_locality(p: Placement, ids: np.ndarray) -> None:
-    """Every replica of a group's experts sits on one node, the group's node
-    (``ids [L, R]``: the placement's map on the host)."""
+    """Every replica of a group's experts sits on one node, the group's node, and every node
+    holds ``G / N`` groups (``ids [L, R]``: the placement's map on the host)."""
     topo = p.topology
     num_experts = p.num_experts
-    if num_experts % topo.num_groups or topo.num_gpus % topo.num_nodes:
-        _fail(
-            f"hierarchical placement needs experts ({num_experts}) % groups ({topo.num_groups}) "
-            f"== 0 and GPUs ({topo.num_gpus}) % nodes ({topo.num_nodes}) == 0"
-        )
+    if num_experts % topo.num_groups or topo.num_gpus % topo.num_nodes or (
+            topo.num_groups % topo.num_nodes):
+        _fail(f"hierarchical placement needs experts ({num_experts}) % groups "
+              f"({topo.num_groups}), groups % nodes ({topo.num_nodes}) and GPUs "
+              f"({topo.num_gpus}) % nodes to be 0")
     present = groups_on_nodes(ids, num_experts, topo)
     split = present.sum(2) > 1  # [L, G]
     if split.any():
         layer, g = (int(i) for i in np.argwhere(split)[0])
         on = np.nonzero(present[layer, g])[0]
-        _fail(
-            f"hierarchical locality: layer {layer} group {g} has replicas on nodes "
-            f"{int(on[0])}..{int(on[-1])}, expected a single node"
-        )
+        _fail(f"hierarchical locality: layer {layer} group {g} has replicas on nodes "
+              f"{int(on[0])}..{int(on[-1])}, expected a single node")
+    # an equal share each, as the policy places them and the bounds and incremental planner
+    # model them: 2 groups and 4 passed, and eval scored the map above its ceiling (attacker)
+    share = topo.num_groups // topo.num_nodes
+    held = present.sum(1)  # [L, N] groups on each node
+    if (held != share).any():
+        layer, node = (int(i) for i in np.argwhere(held != share)[0])
+        _fail(f"hierarchical locality: layer {layer} node {node} holds {int(held[layer, node])} "
+              f"expert groups, expected {share} (groups / nodes: an equal share each)")
