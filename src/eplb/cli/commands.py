@@ -123,14 +123,23 @@ def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads:
                 "DeepSeek-V3's MoE layers)"
             )
         return args.num_model_layers
-    if trace.meta.get("model_layer_ids") or args.first_layer is not None:
+    if trace.meta.get("model_layer_ids"):
+        return max(layer_ids) + 1
+    if args.first_layer is not None:
+        # SGLang does not compare the rows with the model's layers: a file short of them
+        # was written without a word (new-user pass)
+        warn(f"{loads} names no model layers: the SGLang file covers model layers "
+             f"0..{max(layer_ids)} (--first-layer {args.first_layer} and {len(layer_ids)} "
+             "rows); SGLang needs a row for every layer of the model, so give "
+             "--num-model-layers N if it has layers after that (61 for DeepSeek-V3)")
         return max(layer_ids) + 1
     raise CliError(
         f"SGLang needs a row for every model layer, but {loads} holds {len(layer_ids)} rows "
         "without model layer ids; say which model layer the first row is with --first-layer "
-        "K (3 for DeepSeek-V3's MoE layers; the file then covers the model up to its last "
-        "row), and give the model's layer count with --num-model-layers N (61 for "
-        "DeepSeek-V3) where it has layers after the last row"
+        "K (3 for DeepSeek-V3's MoE layers, 0 where every layer is MoE, as in Qwen3; the "
+        "file then covers the model up to its last row), and give the model's layer count "
+        "with --num-model-layers N (61 for DeepSeek-V3) where it has layers after the last "
+        "row"
     )
 
 
@@ -474,7 +483,9 @@ def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
         return {}
     if args.nodes <= 1:
         warn("--dispatch nearest with one node: every replica is on the token's node, so "
-             "the plan is the even-split one")
+             "the plan is the even-split one (the expectation of SGLang's random choice for "
+             "the GPUs without a replica; from an --init-expert-location file SGLang "
+             "realised 0.905-0.947 on one node where this reads 1.0: BENCHMARKS.md §14)")
     options = {"dispatch": "nearest", "fair": args.fair}
     if args.slack is not None:  # the API refuses a slack outside the locality policy
         options["slack"] = args.slack

@@ -154,7 +154,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # as plan says: on one node every replica is on the token's node
         warn(f"--dispatch nearest with one node ({args.placement} is for one; --nodes N "
              "applies to engine files): every replica is on the token's node, so it is "
-             "scored as the even split")
+             "scored as the even split, the expectation of SGLang's random choice for the "
+             "GPUs without a replica (SGLang's own table realises below it: BENCHMARKS.md "
+             "§14)")
     elif args.dispatch == "nearest":
         nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep)
         after_loads = nearest.pop("gpu_loads")

@@ -1,0 +1,81 @@
+"""eplb's model of SGLang's nearest dispatch against the table SGLang really builds.
+
+With an all-to-all backend (DeepEP) SGLang 0.5.23 dispatches statically: a token arising
+on GPU r goes to its expert's replica on r, else to one on r's node, else to a replica
+SGLang picks for r by a "fair" random draw (``_fair_choices``: the ranks left over split
+as evenly as the replicas allow, the remainder by ``random.Random(42)``). eplb scores and
+plans for the *expectation* of that draw (``eplb.core.realised_gpu_loads``, and the CLI's
+``--dispatch nearest``); SGLang realises one fixed draw. This script measures the gap on
+real DeepSeek-V3 loads (MoE rows 3..60, R=288): each plan scored by eplb's model and by
+SGLang's own table (``tests/sglang_dispatch.py`` runs SGLang's released
+``expert_location.py``) on its two start-up paths, ``mapping`` (the
+``--init-expert-location`` file eplb writes: every rank collapses the candidates, then
+draws from its own point of the stream) and ``eplb`` (SGLang's runtime rebalancing with
+eplb's hook: one table from one stream). Tokens arise evenly on the GPUs.
+
+Shapes: 8 and 32 GPUs on one node (every replica is on the token's node: SGLang draws
+for every rank without a replica), and 32 GPUs on 4 nodes. Plans: eplb's
+``dispatch="nearest"`` plan (global policy) and, on 4 nodes, eplb's even-split global
+plan. Quality only; SGLang's table takes seconds to tens of seconds per plan.
+
+    python benchmarks/bench_sglang_table.py [--files 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from _harness import deepseek_loads, markdown_table, start
+from engines import engine_root
+from sglang_dispatch import sglang_dispatch_tables
+
+import eplb
+from eplb.core import realised_gpu_loads
+from eplb.core.dispatch import table_gpu_loads
+
+R, E = 288, 256
+SHAPES = ((8, 1), (32, 1), (32, 4))  # (GPUs, nodes)
+
+
+def balancedness(loads: torch.Tensor) -> float:
+    return float(loads.mean(1).sum() / loads.amax(1).sum())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=2, help="real workloads (of 12)")
+    args = parser.parse_args(argv)
+    print(start("bench_sglang_table"))
+    if engine_root("sglang") is None:
+        sys.exit("SGLang 0.5.23 not fetched: run python scripts/fetch_engines.py")
+    loads = dict(list(deepseek_loads().items())[: args.files])
+    if not loads:
+        return 0
+    rows = []
+    for name, weight in loads.items():
+        for gpus, nodes in SHAPES:
+            plans = {"eplb, dispatch nearest": eplb.plan(weight, R, gpus, nodes, 8,
+                                                         policy="global", dispatch="nearest")}
+            if nodes > 1:
+                plans["eplb, even split"] = eplb.plan(weight, R, gpus, nodes, 8, policy="global")
+            for label, plan in plans.items():
+                model = balancedness(realised_gpu_loads(weight, plan.phy2log, gpus, nodes))
+                real = {path: balancedness(table_gpu_loads(
+                            weight, sglang_dispatch_tables(plan.phy2log, E, gpus, nodes,
+                                                           path=path), gpus, R))
+                        for path in ("mapping", "eplb")}
+                rows.append([name, f"{gpus} GPUs, {nodes} node{'s' * (nodes > 1)}", label,
+                             f"{model:.4f}", f"{real['mapping']:.4f}", f"{real['eplb']:.4f}",
+                             f"{real['mapping'] - model:+.4f}"])
+                print(f"  {name} {gpus}/{nodes} {label}: done", flush=True)
+    print()
+    print(markdown_table(["workload", "cluster", "plan", "eplb's model (expected)",
+                          "SGLang table: init file", "SGLang table: runtime",
+                          "init file − model"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
