@@ -546,6 +546,14 @@ def test_a_multi_window_estimate_never_keeps_a_layer_that_breaks_the_contract() 
                                  generator=torch.Generator().manual_seed(seed)))
         assert reb.placement.policy == "hierarchical"
         reb.placement.validate()  # the locality rule included
+    # DeepSeek's greedy stacks replicas in some candidates' plans and not in others': their
+    # per-layer mix is held to what every plan keeps (a review pass found it refused)
+    for seed in range(30):
+        steps = (torch.rand(8, 1, 16, generator=torch.Generator().manual_seed(seed)) ** 6
+                 * 100).round()
+        reb = Rebalancer(20, 10, window=8, interval=8, estimator="multi:4", planner="greedy")
+        reb.record(steps)
+        reb.placement.validate(anti_affinity=False)
 
 
 def test_nodes_that_do_not_divide_the_gpus_are_one_node_as_eplb_plan_makes_them() -> None:
@@ -565,6 +573,11 @@ def test_nodes_that_do_not_divide_the_gpus_are_one_node_as_eplb_plan_makes_them(
     reb.placement.validate()
     with pytest.raises(ValueError, match="hierarchical placement is impossible"):
         Rebalancer(32, 8, 3, window=2, interval=2, policy="hierarchical")
+    # nearest dispatch needs whole nodes, as eplb.plan says (not one node in their place)
+    reb = Rebalancer(32, 8, 3, window=2, interval=2, dispatch="nearest")
+    assert reb.topology == Topology(32, 8, 3)
+    with pytest.raises(ValueError, match=r"num_gpus \(8\) is not a multiple of num_nodes"):
+        reb.record(torch.rand(2, 2, 16) * 10)
 
 
 def test_auto_half_lives_too_long_for_any_window_are_refused_up_front() -> None:

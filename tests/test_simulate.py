@@ -469,3 +469,18 @@ def test_plans_are_scored_as_the_engine_realises_them() -> None:
     assert float(res.window_balancedness[1]) == pytest.approx(
         reb.placement.balancedness(w, gpu_speed=speed), rel=1e-6)
     assert float(res.window_balancedness[1]) != pytest.approx(reb.placement.balancedness(w))
+
+
+def test_a_cluster_whose_gpus_do_not_divide_over_its_nodes_is_replayed_as_one_node() -> None:
+    """As eplb.plan plans it (found by an attacker pass: every rebalance failed); an initial
+    placement made for the cluster as asked is taken (a review pass found it refused), and
+    nearest dispatch, which needs whole nodes, is still refused."""
+    counts = torch.rand(8, 2, 16, generator=torch.Generator().manual_seed(0)) * 10
+    initial = trivial_placement(16, 2, Topology(32, 8, 3))
+    with pytest.warns(RuntimeWarning, match=r"not a multiple of num_nodes \(3\).*one node"):
+        res = simulate(counts, num_replicas=32, num_gpus=8, num_nodes=3,
+                       cadence=Cadence(2, 2, 2), initial=initial)
+    assert res.topology == Topology(32, 8)
+    with pytest.raises(ValueError, match="do not split over 3 nodes"):
+        simulate(counts, num_replicas=32, num_gpus=8, num_nodes=3, cadence=Cadence(2, 2, 2),
+                 dispatch="nearest")

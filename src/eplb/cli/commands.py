@@ -123,15 +123,7 @@ def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads:
                 "DeepSeek-V3's MoE layers)"
             )
         return args.num_model_layers
-    if trace.meta.get("model_layer_ids"):
-        return max(layer_ids) + 1
-    if args.first_layer is not None:
-        # SGLang does not compare the rows with the model's layers: a file short of them
-        # was written without a word (new-user pass)
-        warn(f"{loads} names no model layers: the SGLang file covers model layers "
-             f"0..{max(layer_ids)} (--first-layer {args.first_layer} and {len(layer_ids)} "
-             "rows); SGLang needs a row for every layer of the model, so give "
-             "--num-model-layers N if it has layers after that (61 for DeepSeek-V3)")
+    if trace.meta.get("model_layer_ids") or args.first_layer is not None:
         return max(layer_ids) + 1
     raise CliError(
         f"SGLang needs a row for every model layer, but {loads} holds {len(layer_ids)} rows "
@@ -416,6 +408,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if ceil.note and ceil.overall is None:
         print(f"({ceil.note})")
     written = f"{emit}, {model_layers} model layers" if model_layers is not None else emit
+    if (model_layers is not None and args.num_model_layers is None
+            and not trace.meta.get("model_layer_ids")):
+        # bare rows: the layers after the last row are the user's to say (SGLang does not
+        # compare the rows with its model's layers; new-user pass)
+        written += (f", 0..{model_layers - 1}: give --num-model-layers N where the model has "
+                    "more")
     split_time = (f" (and {split.seconds * 1e3:.1f} ms for the forced moves alone, to tell "
                   "them apart)" if split is not None and split.seconds else "")
     print(f"planned in {seconds * 1e3:.1f} ms{split_time}; wrote {out} ({written})")

@@ -243,14 +243,15 @@ def make_request(
                        src, ids, slack, idle, shift)
 
 
-def as_planned(topology: Topology, policy: str = "auto", stacklevel: int = 2) -> Topology:
-    """The cluster ``topology`` as eplb plans it under ``policy``: itself, or one node, with a
-    warning, where its GPUs do not divide over its nodes (the hierarchical and locality
-    policies keep it and refuse it later). A ``Rebalancer`` records the same topology as its
-    plans (attacker pass: it kept three nodes of 8 GPUs, then refused its own planner's
-    one-node plan at every rebalance)."""
-    if topology.num_gpus % topology.num_nodes and not is_name(policy, ("hierarchical",
-                                                                       "locality")):
+def as_planned(topology: Topology, policy: str = "auto", stacklevel: int = 2,
+               dispatch: str | None = None) -> Topology:
+    """The cluster ``topology`` as eplb plans it under ``policy`` and ``dispatch``: itself,
+    or one node, with a warning, where its GPUs do not divide over its nodes (the
+    hierarchical and locality policies and nearest dispatch keep it and refuse it later).
+    A ``Rebalancer`` records the same topology as its plans (attacker pass: it kept three
+    nodes of 8 GPUs, then refused its own planner's one-node plan at every rebalance)."""
+    if (topology.num_gpus % topology.num_nodes and dispatch != "nearest"
+            and not is_name(policy, ("hierarchical", "locality"))):
         return _one_node(topology, stacklevel + 1)
     return topology
 

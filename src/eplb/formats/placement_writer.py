@@ -198,9 +198,11 @@ def write_placement(
 
 
 #: what each suffix's readers parse a file as, and the emits whose content they can parse
-#: (JSON is YAML too; an SGLang file is JSON or a torch.save dict by its suffix)
+#: (JSON is YAML too; an SGLang file is JSON or a torch.save dict by its suffix, and its own
+#: rule refuses other names with SGLang's reasons)
 _PARSED_AS = {".json": ("JSON", ("json", "sglang")), ".pt": ("a torch.save file", ("pt", "sglang")),
-              ".yaml": ("YAML", ("trtllm", "json")), ".yml": ("YAML", ("trtllm", "json"))}
+              ".yaml": ("YAML", ("trtllm", "json", "sglang")),
+              ".yml": ("YAML", ("trtllm", "json", "sglang"))}
 _CONTENT = {"json": "JSON text", "pt": "a torch.save file", "trtllm": "YAML with comments",
             "sglang": "SGLang's JSON or torch.save file"}
 

@@ -297,7 +297,10 @@ def plan_estimate(
     # the placement in force is a candidate only where it could stay: not when a GPU it
     # uses has died (or one it leaves empty is live again), nor for other experts, and
     # only in its layers that keep the plans' contract
-    anti_affinity = _passes(plans[0], True)  # the contract the plans keep
+    # the contract the plans keep: anti-affinity only where every plan keeps it (DeepSeek's
+    # greedy and a user's planner may stack replicas in some candidates' plans and not in
+    # others': a mix of them was refused; review pass)
+    anti_affinity = all(_passes(plan, True) for plan in plans)
     kept = None if keep is None else _keepable(keep, plans[0], anti_affinity)
     if kept is not None:
         plans.append(kept)

@@ -112,7 +112,8 @@ class Rebalancer:
         # the GPUs do not divide over the nodes (recorded as asked, every rebalance refused
         # the planner's own one-node plan; attacker pass)
         asked = Topology(num_replicas, num_gpus, num_nodes, num_groups)
-        self.topology = as_planned(asked, plan_options.get("policy", "auto"), stacklevel=3)
+        self.topology = as_planned(asked, plan_options.get("policy", "auto"), stacklevel=3,
+                                   dispatch=plan_options.get("dispatch"))
         for name, value in (("window", window), ("interval", interval)):
             try:  # NumPy and 0-d tensor integers too, as the cluster's counts
                 setattr(self, name, positive_int(name, value))

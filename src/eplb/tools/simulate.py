@@ -436,9 +436,12 @@ def _scored(placement: Placement, weight: torch.Tensor, realised: Realised) -> t
     ratios unchanged)."""
     if realised.dispatch == "even":
         return placement.scaled_gpu_loads(weight)
-    matrix = gpu_load_matrix(placement, realised)
-    return torch.einsum("le,lep->lp", scale_free(weight.to(torch.float64)).to(matrix.device),
-                        matrix)
+    # the slots' loads summed per GPU: no [L, E, P] matrix (over many windows it took GBs)
+    topo = placement.topology
+    slots = realised_slot_loads(scale_free(weight.to(torch.float64)), placement.phy2log,
+                                topo.num_gpus, topo.num_nodes, realised.dispatch,
+                                realised.source, placement.active_gpus, check=False)
+    return slots.view(slots.shape[0], topo.num_gpus, -1).sum(2)
 
 
 def simulate(
@@ -505,8 +508,9 @@ def simulate(
         raise ValueError(f"oracle must be True or False, got {oracle!r}")
     # the cluster as the plans record it (one node, with eplb.plan's warning, where the GPUs
     # do not divide over the nodes), for the initial placement and the result alike
-    topo = as_planned(Topology(num_replicas, num_gpus, num_nodes, num_groups),
-                      plan_options.get("policy", "auto"), stacklevel=3)
+    asked = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+    topo = as_planned(asked, plan_options.get("policy", "auto"), stacklevel=3,
+                      dispatch=plan_options.get("dispatch"))
     check_scoring_size(num_layers, num_experts, num_gpus)  # before any planning
     if initial is None:
         initial = trivial_placement(num_experts, num_layers, topo, active_gpus)
@@ -516,6 +520,9 @@ def simulate(
     elif initial.logcnt.shape != (num_layers, num_experts):
         raise ValueError(f"initial placement has layers x experts {tuple(initial.logcnt.shape)}, "
                          f"the trace {(num_layers, num_experts)}")
+    elif initial.topology == asked != topo:  # made for the cluster as asked: the plans' now
+        initial = Placement.from_phy2log(initial.phy2log, num_experts, topo, initial.policy,
+                                         initial.active_gpus)
     est = make_estimator(estimator)
     rebalancer = Rebalancer(
         num_replicas, num_gpus, topo.num_nodes, num_groups, window=cad.window,
