@@ -248,7 +248,7 @@ def test_incremental_plan_gets_vllms_current_map(vllm, monkeypatch):
     check_with_vllm_maps(vllm, new, second, Topology(288, 32, 4, 8))
 
 
-def test_old_map_of_other_shape_is_not_used_and_unknown_slots_are_empty(monkeypatch):
+def test_old_map_of_other_shape_is_not_used_and_unknown_slots_are_empty(monkeypatch, caplog):
     spy = Spy(monkeypatch)
     weight = torch.rand(3, 16)
     old = eplb.rebalance_experts(weight, 24, 1, 1, 4)[0]
@@ -268,6 +268,11 @@ def test_old_map_of_other_shape_is_not_used_and_unknown_slots_are_empty(monkeypa
     expected = old.clone()
     expected[0, 7] = -1
     assert torch.equal(spy.calls[-1]["old_phy2log"], expected)
+    # and it is said, where vLLM's own -1s are not (an attacker pass found it silent)
+    assert "holds 1 id(s) outside [-1, 16), e.g. 99 in layer 0 slot 7" in caplog.text
+    caplog.clear()
+    plugin.EplbPolicy.rebalance_experts(weight, 24, 1, 1, 4, holes)
+    assert "outside [-1" not in caplog.text
 
 
 def test_profile_run_with_zero_loads(vllm):

@@ -574,3 +574,29 @@ def test_an_emit_whose_content_its_name_cannot_be_read_as_is_refused(tmp_path, n
     assert not (tmp_path / name).exists()
     for fits, fitting in (("plan.yaml", "json"), ("lb.txt", "trtllm"), ("x.sglang.pt", "sglang")):
         write_placement(placement, tmp_path / fits, fitting)
+
+
+def test_a_recorded_ep_size_names_the_rank_files_that_are_missing(tmp_path):
+    """Found by a new-user pass: meta_info.json recording ep_size 32 beside 2 rank files was
+    read without a word (only a gap between rank files was a sign of a lost rank)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "stats"
+    folder.mkdir()
+    counts = {f"{i}_3": torch.tensor([1, 2, 3, 4]) for i in range(2)}
+    for rank in (0, 1):
+        save_file(counts, str(folder / f"rank{rank}.safetensors"))
+    for ep_size, fine in ((2, True), (32, False)):
+        (folder / "meta_info.json").write_text(json.dumps(
+            {"num_experts": 4, "num_experts_per_token": 2, "ep_size": ep_size}))
+        if fine:
+            assert read_loads(folder).counts.shape == (2, 1, 4)
+            continue
+        with pytest.warns(UserWarning, match=r"no rank2.safetensors \(nor 29 more\) between "
+                                             r"rank0 and rank31"):
+            read_loads(folder)
+    (folder / "meta_info.json").write_text(json.dumps(
+        {"num_experts": 4, "num_experts_per_token": 2, "ep_size": 1}))
+    with pytest.raises(FormatError, match="records ep_size 1, but there are rank files up to "
+                                          "rank1"):
+        read_loads(folder)

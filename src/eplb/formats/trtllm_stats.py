@@ -61,13 +61,22 @@ def read_trtllm_stats(path: Path) -> LoadTrace:
             names = [p.name for rank, p in files if rank == twice[0]]
             raise FormatError(path, f"{' and '.join(names)} are both rank {twice[0]}'s "
                                     "statistics; keep one")
-        if ranks != list(range(ranks[-1] + 1)):
-            # meta_info.json does not record the EP size: a gap is the one sign of a lost
-            # rank, whose tokens the summed loads would silently lack
-            absent = sorted(set(range(ranks[-1] + 1)) - set(ranks))
+        # meta_info.json records the EP size only where the dump was asked to (some
+        # releases, EXPERT_STATISTIC_EP_SIZE); where it does, every rank's file is expected
+        # (a folder of 2 of 32 ranks' files was read without a word: new-user pass)
+        ep_size = info.get("ep_size")
+        expected = (ep_size if isinstance(ep_size, int) and not isinstance(ep_size, bool)
+                    and ep_size >= 1 else ranks[-1] + 1)
+        if ranks[-1] >= expected:
+            raise FormatError(path, f"meta_info.json records ep_size {expected}, but there "
+                                    f"are rank files up to rank{ranks[-1]}")
+        if ranks != list(range(expected)):
+            # else a gap is the one sign of a lost rank, whose tokens the summed loads would
+            # silently lack
+            absent = sorted(set(range(expected)) - set(ranks))
             warnings.warn(f"{path}: no rank{absent[0]}.safetensors"
                           f"{f' (nor {len(absent) - 1} more)' if len(absent) > 1 else ''} "
-                          f"between rank0 and rank{ranks[-1]}; the loads are summed over "
+                          f"between rank0 and rank{expected - 1}; the loads are summed over "
                           f"the {len(ranks)} rank files there", UserWarning, stacklevel=2)
     else:
         m = RANK_FILE.match(path.name)

@@ -298,8 +298,16 @@ def _usable_old_map(
     if tuple(old.shape) != (weight.shape[0], num_replicas):
         return None
     require_integer_ids(old, "old_global_expert_indices")
-    # vLLM marks slots of GPUs being added with -1: empty slots, filled by the forced moves
-    return engine_old_map(old, weight.shape[1])
+    # vLLM marks slots of GPUs being added with -1: empty slots, filled by the forced moves;
+    # other ids outside the experts' are read so too, but said (attacker pass: silent)
+    ids = old.detach().to("cpu", torch.int64)
+    stray = ((ids < -1) | (ids >= weight.shape[1])).nonzero()
+    if len(stray):
+        layer, slot = (int(i) for i in stray[0])
+        logger.warning("eplb: the map in force holds %d id(s) outside [-1, %d), e.g. %d in "
+                       "layer %d slot %d: read as empty slots, which the plan fills",
+                       len(stray), weight.shape[1], int(ids[layer, slot]), layer, slot)
+    return engine_old_map(ids, weight.shape[1])
 
 
 def _check_phy2log(phy2log: torch.Tensor, weight_shape: torch.Size, num_replicas: int) -> None:
