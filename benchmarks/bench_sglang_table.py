@@ -15,8 +15,9 @@ eplb's hook: one table from one stream). Tokens arise evenly on the GPUs.
 
 Shapes: 8 and 32 GPUs on one node (every replica is on the token's node: SGLang draws
 for every rank without a replica), and 32 GPUs on 4 nodes. Plans: eplb's
-``dispatch="nearest"`` plan (global policy) and, on 4 nodes, eplb's even-split global
-plan. Quality only; SGLang's table takes seconds to tens of seconds per plan.
+``dispatch="nearest"`` plan (global policy; on one node the even split), on one node
+also with ``fair="avoid"`` (the hot experts on every GPU), and on 4 nodes eplb's
+even-split global plan. Quality only; SGLang's table takes seconds per plan.
 
     python benchmarks/bench_sglang_table.py [--files 2]
 """
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
                                                          policy="global", dispatch="nearest")}
             if nodes > 1:
                 plans["eplb, even split"] = eplb.plan(weight, R, gpus, nodes, 8, policy="global")
+            else:  # the hot experts on every GPU: no token of theirs draws
+                plans["eplb, dispatch nearest, fair avoid"] = eplb.plan(
+                    weight, R, gpus, nodes, 8, policy="global", dispatch="nearest", fair="avoid")
             for label, plan in plans.items():
                 model = balancedness(realised_gpu_loads(weight, plan.phy2log, gpus, nodes))
                 real = {path: balancedness(table_gpu_loads(

@@ -121,11 +121,11 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
                    help="which arrays of a multi-array --routing file to read")
     if planning:
         g.add_argument("--fair", choices=["auto", "avoid", "expect"], default="auto",
-                       help="nearest: avoid = hot experts on every node, so no token needs "
-                            "SGLang's random fair choice; expect = best in expectation; "
-                            "auto = per layer avoid, unless expect, Jefferson's uncapped "
-                            "counts or the even-split plan is served over 5%% better "
-                            "(default)")
+                       help="nearest: avoid = hot experts on every node (one node: every "
+                            "GPU), so no token needs SGLang's random fair choice; expect = "
+                            "best in expectation; auto = per layer avoid, unless expect, "
+                            "uncapped or even-split counts serve 5%% better (default; one "
+                            "node: the even split)")
         g.add_argument("--slack", type=real, default=None, metavar="X",
                        help="locality: node load allowed above the mean node load (default 0.03: "
                             "balancedness about 0.97, least cross-node traffic at that "

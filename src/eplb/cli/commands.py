@@ -479,11 +479,12 @@ def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
     ``rows``: the ones planned, where some were left out."""
     if args.dispatch != "nearest":  # (nearest-only flags: _refuse_flag_mistakes)
         return {}
-    if args.nodes <= 1:
+    if args.nodes <= 1 and args.fair != "avoid":
         warn("--dispatch nearest with one node: every replica is on the token's node, so "
              "the plan is the even-split one (the expectation of SGLang's random choice for "
              "the GPUs without a replica; from an --init-expert-location file SGLang "
-             "realised 0.905-0.947 on one node where this reads 1.0: BENCHMARKS.md §14)")
+             "realised 0.905-0.947 on one node where this reads 1.0, and 0.968-0.999 with "
+             "--fair avoid, the hot experts on every GPU: BENCHMARKS.md §14)")
     options = {"dispatch": "nearest", "fair": args.fair}
     if args.slack is not None:  # the API refuses a slack outside the locality policy
         options["slack"] = args.slack

@@ -437,7 +437,12 @@ def _plan_nodes(
     cap = max(live_nodes, -(-num_live * slots // num_experts))
     if fair == "uncapped":
         cap = num_live
-    cover = live_nodes if fair == "avoid" and live_nodes > 1 else 0
+    # "avoid" covers every node, or on one node every live GPU: there each rank without a
+    # replica on its GPU takes SGLang's random fair choice, which an --init-expert-location
+    # file draws per rank (0.905-0.947 where the even split's model reads 1.0; a replica on
+    # every GPU of the hot experts realised 0.968-0.999: BENCHMARKS.md §14)
+    cover = (live_nodes if nodes > 1 else num_live) if fair == "avoid" else 0
+    cover = cover if cover > 1 else 0
     if cover and (num_live * slots - num_experts) > num_experts * (cover - 1):
         cover = 0  # more slots than one replica per node of every expert: cap instead
     if cover and (num_live * slots - num_experts) % (cover - 1) > num_experts:

@@ -343,7 +343,10 @@ def fresh_phy2log(request: PlanRequest) -> torch.Tensor:
     For callers that make candidates and validate the placement they return (incremental
     planning): the record and its check cost about a tenth of a DeepSeek-V3 plan."""
     topology = request.topology
-    if request.dispatch == "nearest" and topology.num_nodes > 1 and request.policy == "global":
+    # (on one node only fair="avoid" plans for the rule: every GPU its own tier, hot experts
+    # on every GPU; otherwise the even split is the rule's expectation there)
+    if request.dispatch == "nearest" and request.policy == "global" and (
+            topology.num_nodes > 1 or request.fair == "avoid"):
         phy2log = plan_for_nearest(request, lambda: fresh_phy2log(dataclasses.replace(
             request, dispatch="even", fair="auto", source=None, routing=None)))
     elif request.active_gpus is not None:

@@ -297,6 +297,9 @@ def plan_incremental(
     old = _previous_phy2log(previous, request)
     if request.dispatch == "nearest" and topo.num_nodes > 1:
         return _plan_nearest(request, old, max_moves, skip_threshold)
+    if request.dispatch == "nearest" and request.fair == "avoid":  # one node: fresh only
+        raise ValueError("fair='avoid' on one node is planned fresh (the hot experts on every "
+                         "GPU): plan without previous, or leave fair out to plan from it")
     weight = _host_weight(request)
     base, replanned, node_of_group = forced_base(request, old, weight)
     quota = max(2, round(options.quota * topo.num_replicas))
