@@ -261,6 +261,15 @@ def test_on_one_node_fair_avoid_puts_hot_experts_on_every_gpu_and_sglang_realise
     assert torch.allclose(got, realised_gpu_loads(w, placement.phy2log, 4, 1, "nearest"))
     with pytest.raises(ValueError, match="fair='avoid' on one node is planned fresh"):
         eplb.plan(w, 28, 4, dispatch="nearest", fair="avoid", previous=placement)
+    from eplb.online import Rebalancer  # so is a rebalancer's, refused when it is made
+
+    with pytest.raises(ValueError, match="fair='avoid' on one node is planned fresh"):
+        Rebalancer(28, 4, window=4, interval=4, incremental=True, dispatch="nearest",
+                   fair="avoid")
+    # where the replicas left over would reach the hot experts (P + 1 of them on P GPUs),
+    # the capped counts are planned instead (a review pass found two on one GPU)
+    few = eplb.plan(torch.rand(4, 5, generator=gen), 24, 8, dispatch="nearest", fair="avoid")
+    assert int(few.logcnt.max()) <= 8
 
 
 # -------------------------------------------------------------- planning

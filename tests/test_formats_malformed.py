@@ -600,3 +600,14 @@ def test_a_recorded_ep_size_names_the_rank_files_that_are_missing(tmp_path):
     with pytest.raises(FormatError, match="records ep_size 1, but there are rank files up to "
                                           "rank1"):
         read_loads(folder)
+    # a huge one is counted, not enumerated (a review pass: it took the host's memory), and
+    # one that is no positive integer is named ("32" or 32.0 skipped the check silently)
+    (folder / "meta_info.json").write_text(json.dumps(
+        {"num_experts": 4, "num_experts_per_token": 2, "ep_size": 10**11}))
+    with pytest.warns(UserWarning, match=r"no rank2.safetensors \(nor 99999999997 more\)"):
+        read_loads(folder)
+    for bad in ("32", 32.0, 0, True, None):
+        (folder / "meta_info.json").write_text(json.dumps(
+            {"num_experts": 4, "num_experts_per_token": 2, "ep_size": bad}))
+        with pytest.raises(FormatError, match=r"ep_size is .*; expected a positive integer"):
+            read_loads(folder)

@@ -443,6 +443,9 @@ def _plan_nodes(
     # every GPU of the hot experts realised 0.968-0.999: BENCHMARKS.md §14)
     cover = (live_nodes if nodes > 1 else num_live) if fair == "avoid" else 0
     cover = cover if cover > 1 else 0
+    if cover and nodes == 1 and sum(divmod(num_live * slots - num_experts, cover - 1)) > (
+            num_experts):
+        cover = 0  # the leftover would reach the hot experts: P + 1 on P GPUs (review pass)
     if cover and (num_live * slots - num_experts) > num_experts * (cover - 1):
         cover = 0  # more slots than one replica per node of every expert: cap instead
     if cover and (num_live * slots - num_experts) % (cover - 1) > num_experts:

@@ -299,7 +299,8 @@ def plan_incremental(
         return _plan_nearest(request, old, max_moves, skip_threshold)
     if request.dispatch == "nearest" and request.fair == "avoid":  # one node: fresh only
         raise ValueError("fair='avoid' on one node is planned fresh (the hot experts on every "
-                         "GPU): plan without previous, or leave fair out to plan from it")
+                         "GPU): plan without previous (CLI: --previous), or leave fair out "
+                         "(--fair) to plan from it")
     weight = _host_weight(request)
     base, replanned, node_of_group = forced_base(request, old, weight)
     quota = max(2, round(options.quota * topo.num_replicas))

@@ -209,6 +209,12 @@ def make_planner(
             raise ValueError("max_moves with dispatch='nearest' needs the global policy with "
                              "every GPU live (other plans re-plan and relabel, unbudgeted)")
         if (plan_options.get("dispatch") == "nearest" and incremental
+                and plan_options.get("fair") == "avoid" and topo.num_nodes == 1):
+            # planned fresh only (eplb.plan refuses previous=): every rebalance after the
+            # first failed (review pass)
+            raise ValueError("fair='avoid' on one node is planned fresh (the hot experts on "
+                             "every GPU): leave incremental out, or leave fair out")
+        if (plan_options.get("dispatch") == "nearest" and incremental
                 and plan_options.get("source") is not None and concrete == "global"
                 and active_gpus is None):
             raise ValueError("source is not used by incremental plans under dispatch='nearest' "
