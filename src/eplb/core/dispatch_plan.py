@@ -443,13 +443,12 @@ def _plan_nodes(
     # every GPU of the hot experts realised 0.968-0.999: BENCHMARKS.md §14)
     cover = (live_nodes if nodes > 1 else num_live) if fair == "avoid" else 0
     cover = cover if cover > 1 else 0
-    if cover and nodes == 1 and sum(divmod(num_live * slots - num_experts, cover - 1)) > (
-            num_experts):
-        cover = 0  # the leftover would reach the hot experts: P + 1 on P GPUs (review pass)
     if cover and (num_live * slots - num_experts) > num_experts * (cover - 1):
         cover = 0  # more slots than one replica per node of every expert: cap instead
-    if cover and (num_live * slots - num_experts) % (cover - 1) > num_experts:
-        cover = 0  # more leftover replicas than experts (more nodes than experts): cap
+    if cover and sum(divmod(num_live * slots - num_experts, cover - 1)) > num_experts:
+        # the leftover replicas would reach the covering experts (on one node P + 1 on P
+        # GPUs: two on one; review pass), or outnumber the experts: cap
+        cover = 0
     # Jefferson's counts uncapped, kept together: on whole nodes where an expert outgrows
     # one (equal nodes only: with dead GPUs a node's live GPUs vary)
     whole = topology.gpus_per_node if (together and fair == "uncapped" and nodes > 1

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from eplb.core.inputs import first_bad_load
 from eplb.core.trace import LoadTrace
 from eplb.formats._counts import as_counts_of
 from eplb.formats._files import import_safetensors_torch, require_regular_file
@@ -22,10 +23,6 @@ from eplb.formats.errors import FormatError, shown
 _ITER_LAYER = re.compile(r"^([0-9]+)_([0-9]+)$")
 #: what format "trtllm" reads, in the errors for another kind of file
 _TRTLLM_FOLDER = "a TensorRT-LLM statistics folder (meta_info.json + rank{r}.safetensors)"
-
-
-#: integer dtypes no count of which can be negative (torch has no min for the wide ones)
-_UNSIGNED = (torch.uint8, torch.uint16, torch.uint32, torch.uint64)
 
 
 def read_trtllm_stats(path: Path) -> LoadTrace:
@@ -122,11 +119,11 @@ def read_trtllm_stats(path: Path) -> LoadTrace:
                 raise FormatError(file, f"keys {named[key]!r} and {name!r} both name iteration "
                                         f"{key[0]}, layer {key[1]}")
             named[key] = name
-            if data.dtype not in _UNSIGNED and data.numel() and int(data.min()) < 0:
+            bad = first_bad_load(data)
+            if bad is not None:
                 # checked per rank file: summed over the ranks, a -5 and a 100 made a 95
                 # that no later check could see (attacker pass)
-                expert = int((data < 0).nonzero()[0, 0])
-                raise FormatError(file, f"{name!r}[{expert}] is {int(data[expert])}; token "
+                raise FormatError(file, f"{name!r}[{bad[0]}] is {int(data[bad])}; token "
                                         "counts must be >= 0")
             total[key] = (
                 total[key] + data.to(torch.float64) if key in total else data.to(torch.float64)

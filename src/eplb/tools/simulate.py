@@ -37,7 +37,7 @@ import torch
 
 from eplb.core.dispatch import realised_slot_loads
 from eplb.core.inputs import as_gpu_speed, scale_free
-from eplb.core.placement import Placement
+from eplb.core.placement import Placement, ideal_and_peak
 from eplb.core.planner import as_planned
 from eplb.core.topology import Topology
 from eplb.core.trace import LoadTrace
@@ -195,14 +195,9 @@ def _balancedness(loads: torch.Tensor, live: torch.Tensor,
                   speed: torch.Tensor | None = None) -> torch.Tensor:
     """``loads [..., L, P]`` -> ``[...]`` Σ_l mean / Σ_l max over live GPUs (1 when all
     zero); with ``speed [P]``, in time: Σ_l total / live speed over Σ_l max load / speed."""
-    loads = loads[..., live]
-    if speed is None:
-        mean = loads.mean(-1).sum(-1)
-        peak = loads.max(-1).values.sum(-1)
-    else:
-        speed = speed.to(loads.device)[live]
-        mean = (loads.sum(-1) / speed.sum()).sum(-1)
-        peak = (loads / speed).max(-1).values.sum(-1)
+    ideal, peak = ideal_and_peak(loads, live.to(loads.device),
+                                 None if speed is None else speed.to(loads.device))
+    mean, peak = ideal.sum(-1), peak.sum(-1)
     # (a positive peak divides as it is: a floor of 1e-300 bent steps scaled near float64's
     # smallest numbers; a later attacker pass)
     return torch.where(peak > 0, mean / torch.where(peak > 0, peak, 1.0), torch.ones_like(peak))
