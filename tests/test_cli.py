@@ -710,6 +710,38 @@ def test_simulate_json_and_report(capsys, tmp_path, trace_file) -> None:
     assert (report / "simulation_over_time.png").exists()
 
 
+def test_simulate_scores_every_planner_as_the_dispatch_named(capsys, trace_file) -> None:
+    """--dispatch nearest: eplb plans for SGLang's rule and every planner of --compare is
+    scored as that rule serves its plans (the library's score_dispatch); before, the CLI
+    had no such flag and scored the even split only."""
+    from eplb.formats import read_loads
+    from eplb.tools.simulate import Cadence, simulate
+
+    args = ("simulate", trace_file, "--window", 10, "-r", 16, "-g", 8, "--nodes", 2,
+            "--compare", "--json")
+    code, out, _ = run(capsys, *args, "--dispatch", "nearest")
+    assert code == 0
+    found = json.loads(out)
+    assert found["dispatch"] == "nearest"
+    by_planner = {r["summary"]["planner"]: r["summary"] for r in found["runs"]}
+    counts = read_loads(trace_file).counts
+    for planner, options in (("greedy", {}), ("eplb", {"dispatch": "nearest",
+                                                      "policy": "global"})):
+        want = simulate(counts, planner, num_replicas=16, num_gpus=8, num_nodes=2,
+                        cadence=Cadence(10, 10), score_dispatch="nearest", **options)
+        assert by_planner[planner]["window_balancedness"] == pytest.approx(
+            want.summary()["window_balancedness"], rel=1e-12)
+    code, out, _ = run(capsys, *args)
+    assert json.loads(out)["dispatch"] == "even"
+    even = {r["summary"]["planner"]: r["summary"] for r in json.loads(out)["runs"]}
+    assert even["greedy"]["window_balancedness"] != by_planner["greedy"]["window_balancedness"]
+    # on one node the figures are the expectation of SGLang's random choice: said once
+    code, out, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 16, "-g", 8,
+                         "--dispatch", "nearest")
+    assert code == 0 and "as SGLang's nearest dispatch serves them" in out
+    assert err.count("--dispatch nearest with one node") == 1
+
+
 def test_simulate_incremental_table(capsys, trace_file) -> None:
     code, out, _ = run(capsys, "simulate", str(trace_file), "--window", "10", "-r", "16", "-g",
                        "8", "--incremental", "--estimator", "ema:5", "--max-moves", "4")

@@ -484,3 +484,40 @@ def test_a_cluster_whose_gpus_do_not_divide_over_its_nodes_is_replayed_as_one_no
     with pytest.raises(ValueError, match="do not split over 3 nodes"):
         simulate(counts, num_replicas=32, num_gpus=8, num_nodes=3, cadence=Cadence(2, 2, 2),
                  dispatch="nearest")
+
+
+def test_any_planner_is_scored_as_the_engine_dispatch_named() -> None:
+    """``score_dispatch``: a planner that does not plan for SGLang's nearest rule (the
+    greedy, or no rebalancing) is scored as that rule serves its plans, window by window
+    against the library's own realised loads (before, only eplb planning for the rule was
+    scored so, and the CLI's --compare showed the others as an even split)."""
+    from eplb.core import realised_gpu_loads
+
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.poisson((torch.rand(2, 16, generator=gen) ** 6 * 200).expand(40, 2, 16),
+                           generator=gen)
+    shape = dict(num_replicas=48, num_gpus=16, num_nodes=4, cadence=Cadence(10, 10, 10))
+    near = simulate(counts, "greedy", score_dispatch="nearest", **shape)
+    even = simulate(counts, "greedy", **shape)
+    assert not torch.equal(near.window_balancedness, even.window_balancedness)
+    assert not torch.equal(near.oracle_balancedness, even.oracle_balancedness)
+    # "none" keeps the initial placement: every window scored by the rule
+    start = trivial_placement(16, 2, Topology(48, 16, 4))
+    none = simulate(counts, "none", score_dispatch="nearest", **shape)
+    for i in range(4):
+        loads = realised_gpu_loads(counts[10 * i:10 * (i + 1)].sum(0), start.phy2log, 16, 4)
+        assert float(none.window_balancedness[i]) == pytest.approx(
+            float(loads.mean(1).sum() / loads.amax(1).sum()), rel=1e-6)
+    # eplb planning for the rule is scored by it by default; named, the scoring rule wins
+    planned = simulate(counts, dispatch="nearest", policy="global", **shape)
+    same = simulate(counts, dispatch="nearest", policy="global", score_dispatch="nearest",
+                    **shape)
+    assert torch.equal(planned.window_balancedness, same.window_balancedness)
+    as_even = simulate(counts, dispatch="nearest", policy="global", score_dispatch="even",
+                       **shape)
+    assert not torch.equal(planned.window_balancedness, as_even.window_balancedness)
+    with pytest.raises(ValueError, match="score_dispatch must be 'even', 'nearest' or None"):
+        simulate(counts, "greedy", score_dispatch="near", **shape)
+    with pytest.raises(ValueError, match="own node first: 16 GPUs do not split over 3 nodes"):
+        simulate(counts, "greedy", score_dispatch="nearest",
+                 **{**shape, "num_nodes": 3})

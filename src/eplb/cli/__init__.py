@@ -373,6 +373,10 @@ def build_parser() -> _Parser:
                    help="bytes of one expert's weights, for the weights moved per rebalance "
                         "(default 44040192: DeepSeek-V3 in FP8, 3 x 7168 x 2048; e.g. "
                         "Qwen3-30B-A3B in BF16: 3 x 2048 x 768 x 2 = 9437184)")
+    p.add_argument("--dispatch", choices=["even", "nearest"], default="even",
+                   help="how the engine sends an expert's tokens to its replicas: even (vLLM; "
+                        "default) or nearest (SGLang with DeepEP); eplb plans for it, and "
+                        "every planner is scored as that rule serves its plans")
     _add_topology(p, required=False, replicas=None, gpus=None)
     p.add_argument("--report", metavar="DIR", help="write a report with pictures into DIR")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")

@@ -488,6 +488,14 @@ def generated_trace(preset: str, steps: int, seed: int) -> LoadTrace:
 
 
 #: what incremental planning moves whatever ``--max-moves`` allows (online/incremental.py)
+#: what --dispatch nearest on one node means (plan and simulate warn with it)
+ONE_NODE_NEAREST = (
+    "--dispatch nearest with one node: every replica is on the token's node, so the plan is "
+    "the even-split one (the expectation of SGLang's random choice for the GPUs without a "
+    "replica; from an --init-expert-location file SGLang realised 0.905-0.947 on one node "
+    "where this reads 1.0, and 0.968-0.999 from eplb plan --fair avoid, the hot experts on "
+    "every GPU: BENCHMARKS.md §14)")
+
 FORCED_MOVES = ("slots of dead or revived GPUs, replicas stacked on one GPU, and "
                 "hierarchical layers whose groups straddle nodes or sit unequally on them "
                 "(re-planned whole)")

@@ -9,6 +9,7 @@ import torch
 
 from eplb.api import plan
 from eplb.cli._common import (
+    ONE_NODE_NEAREST,
     CliError,
     active_gpus_from,
     ceiling,
@@ -480,11 +481,7 @@ def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
     if args.dispatch != "nearest":  # (nearest-only flags: _refuse_flag_mistakes)
         return {}
     if args.nodes <= 1 and args.fair != "avoid":
-        warn("--dispatch nearest with one node: every replica is on the token's node, so "
-             "the plan is the even-split one (the expectation of SGLang's random choice for "
-             "the GPUs without a replica; from an --init-expert-location file SGLang "
-             "realised 0.905-0.947 on one node where this reads 1.0, and 0.968-0.999 with "
-             "--fair avoid, the hot experts on every GPU: BENCHMARKS.md §14)")
+        warn(ONE_NODE_NEAREST)
     options = {"dispatch": "nearest", "fair": args.fair}
     if args.slack is not None:  # the API refuses a slack outside the locality policy
         options["slack"] = args.slack

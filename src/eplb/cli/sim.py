@@ -11,6 +11,7 @@ from pathlib import Path
 
 from eplb.cli._common import (
     FORCED_MOVES,
+    ONE_NODE_NEAREST,
     CliError,
     check_output,
     check_topology,
@@ -24,7 +25,7 @@ from eplb.cli._common import (
     progress,
     say_written,
 )
-from eplb.cli._inputs import all_zero_rows_note, cli_policy, read_trace
+from eplb.cli._inputs import all_zero_rows_note, cli_policy, read_trace, warn
 from eplb.core import LoadTrace
 from eplb.core.messages import counted
 from eplb.formats import write_loads
@@ -49,14 +50,18 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
                    estimator: str | None = None, incremental: bool = False,
                    max_moves: int | None = None, policy: str = "auto", seed: int = 0,
                    oracle: bool = True, move_price: float | None = None,
-                   expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES) -> SimulationResult:
-    """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence."""
+                   expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES,
+                   dispatch: str = "even") -> SimulationResult:
+    """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence; every
+    planner's plans are scored as ``dispatch`` serves them (eplb plans for it)."""
 
     options = {}
     if planner == "eplb":
         options = {"policy": policy, "seed": seed}
         if move_price is not None:
             options["move_price"] = move_price
+        if dispatch != "even":
+            options["dispatch"] = dispatch
     elif planner == "greedy" and policy != "auto":
         # a forced policy holds for the reference too (its "auto" is DeepSeek's own rule)
         options = {"policy": policy}
@@ -65,7 +70,8 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
         num_groups=groups, cadence=Cadence(window, interval, score_window),
         # (only an absent --estimator means the window sum: '' is refused by name)
         estimator="sum" if estimator is None else estimator, incremental=incremental,
-        max_moves=max_moves, oracle=oracle, expert_bytes=expert_bytes, **options,
+        max_moves=max_moves, oracle=oracle, expert_bytes=expert_bytes,
+        score_dispatch=dispatch, **options,
     )
 
 
@@ -165,6 +171,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # as plan and bench: --nodes/--groups that cannot be honoured warn once, by flag
     policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
                         trace.num_experts)
+    if args.dispatch == "nearest" and args.nodes <= 1:
+        warn(ONE_NODE_NEAREST)  # the scores too are the expectation of SGLang's choice
     needed = max(2 * args.window, interval + (score_window or interval))
     if trace.num_steps < needed:
         have = counted(trace.num_steps, "step")
@@ -189,7 +197,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 score_window=score_window, estimator=args.estimator if own else None,
                 incremental=args.incremental and own, max_moves=args.max_moves if own else None,
                 policy=policy, seed=args.seed, expert_bytes=expert_bytes,
-                move_price=args.move_price if own else None))
+                move_price=args.move_price if own else None, dispatch=args.dispatch))
             advance()
 
     written: list[Path] = []
@@ -198,6 +206,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         written = report.write(args.report, force=args.force)
     if args.json:
         print_json({"trace": str(args.trace), "layers_left_out": left_out,
+                    "dispatch": args.dispatch,
                     "runs": [r.to_dict() for r in results],
                     "report": [str(p) for p in written]})
         return 0
@@ -229,7 +238,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"{counted(trace.num_layers, 'layer')} × {trace.num_experts} "
         f"experts on {replicas} slots / {gpus} GPUs{cluster}{f' ({policy})' if cluster else ''}"
         f"; plan on {counted(cad.window, 'step')} every "
-        f"{cad.interval}, scored in windows of {cad.scoring}",
+        f"{cad.interval}, scored in windows of {cad.scoring}"
+        + ("" if args.dispatch == "even" else " as SGLang's nearest dispatch serves them"),
         headers, rows)
     # the short headers need their meaning: which figure counts, and what 'moved' counts
     print("window bal / step bal: mean balancedness (Σ mean / Σ max GPU load, 1.0 is "

@@ -128,10 +128,14 @@ class Realised:
     gpu_speed: Any = None
 
     @classmethod
-    def of(cls, plan_options: Mapping[str, Any]) -> Realised:
-        """The realisation the plan options name (the rest of them are the planner's)."""
-        return cls(plan_options.get("dispatch") or "even", plan_options.get("source"),
-                   plan_options.get("gpu_speed"))
+    def of(cls, plan_options: Mapping[str, Any], dispatch: str | None = None) -> Realised:
+        """The realisation the plan options name (the rest of them are the planner's), by
+        the rule ``dispatch`` where one is named (:func:`simulate`'s ``score_dispatch``)."""
+        if dispatch not in (None, "even", "nearest"):
+            raise ValueError(f"score_dispatch must be 'even', 'nearest' or None, got "
+                             f"{dispatch!r}")
+        return cls(dispatch or plan_options.get("dispatch") or "even",
+                   plan_options.get("source"), plan_options.get("gpu_speed"))
 
     def speed(self, num_gpus: int) -> torch.Tensor | None:
         """``[P]`` float64 GPU speeds, or ``None`` for equal GPUs."""
@@ -459,6 +463,7 @@ def simulate(
     initial: Placement | None = None,
     oracle: bool = True,
     expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES,
+    score_dispatch: str | None = None,
     **plan_options: Any,
 ) -> SimulationResult:
     """Replay ``trace`` under a rebalancing cadence and score it.
@@ -477,6 +482,11 @@ def simulate(
         initial: placement before the first rebalance (default: the trivial placement).
         oracle: also plan every scoring window on itself (one extra planner call).
         expert_bytes: bytes per expert copy (default DeepSeek-V3 fp8, 44 MB).
+        score_dispatch: how the engine sends an expert's tokens to its replicas when
+            every plan is scored: ``"even"`` (vLLM) or ``"nearest"`` (SGLang with DeepEP).
+            Default: the rule the planner's ``dispatch`` option plans for, else even. Give
+            it to score a planner that does not plan for the engine's rule (the greedy, or
+            eplb planning for even) as that engine serves its plans.
         plan_options: extra keyword arguments for the planner.
 
     Returns:
@@ -501,11 +511,18 @@ def simulate(
                          f"got {expert_bytes!r}")
     if not isinstance(oracle, bool):  # "no" would be true
         raise ValueError(f"oracle must be True or False, got {oracle!r}")
+    # every plan is scored as the engine realises it: as the plans were made for it, or
+    # by the rule named (a planner that plans for another rule, e.g. the greedy)
+    realised = Realised.of(plan_options, score_dispatch)
     # the cluster as the plans record it (one node, with eplb.plan's warning, where the GPUs
     # do not divide over the nodes), for the initial placement and the result alike
     asked = Topology(num_replicas, num_gpus, num_nodes, num_groups)
+    if realised.dispatch == "nearest" and asked.num_gpus % asked.num_nodes:
+        # (as eplb.plan refuses it: the rule serves a token from its node first)
+        raise ValueError(f"nearest dispatch serves a token from its own node first: "
+                         f"{num_gpus} GPUs do not split over {num_nodes} nodes")
     topo = as_planned(asked, plan_options.get("policy", "auto"), stacklevel=3,
-                      dispatch=plan_options.get("dispatch"))
+                      dispatch=realised.dispatch)
     check_scoring_size(num_layers, num_experts, num_gpus)  # before any planning
     if initial is None:
         initial = trivial_placement(num_experts, num_layers, topo, active_gpus)
@@ -532,8 +549,6 @@ def simulate(
                          f"{cad.interval} and a scoring window is {cad.scoring} steps, so the "
                          f"simulation needs at least {cad.interval + cad.scoring} steps")
     score = cad.scoring
-    # every plan is scored as the engine realises it, as the plans were made for it
-    realised = Realised.of(plan_options)
     speed = realised.speed(num_gpus)
     chunk = _steps_per_chunk(num_layers, num_gpus)
     scored, dtype = scoring_counts(counts)  # (the planners take the counts as they are)
