@@ -573,11 +573,10 @@ def test_nodes_that_do_not_divide_the_gpus_are_one_node_as_eplb_plan_makes_them(
     reb.placement.validate()
     with pytest.raises(ValueError, match="hierarchical placement is impossible"):
         Rebalancer(32, 8, 3, window=2, interval=2, policy="hierarchical")
-    # nearest dispatch needs whole nodes, as eplb.plan says (not one node in their place)
-    reb = Rebalancer(32, 8, 3, window=2, interval=2, dispatch="nearest")
-    assert reb.topology == Topology(32, 8, 3)
-    with pytest.raises(ValueError, match=r"num_gpus \(8\) is not a multiple of num_nodes"):
-        reb.record(torch.rand(2, 2, 16) * 10)
+    # nearest dispatch needs whole nodes, as eplb.plan says (not one node in their place):
+    # refused when the rebalancer is made, no longer at its first rebalance
+    with pytest.raises(ValueError, match=r"own node first.*num_gpus \(8\) is not a multiple"):
+        Rebalancer(32, 8, 3, window=2, interval=2, dispatch="nearest")
 
 
 def test_auto_half_lives_too_long_for_any_window_are_refused_up_front() -> None:

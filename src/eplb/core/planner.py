@@ -189,9 +189,7 @@ def make_request(
                                       routing is not None, slack is not None)
     if dispatch == "nearest" and speed is not None:
         raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
-    if dispatch == "nearest" and topology.num_nodes > 1:
-        topology.gpus_per_node  # noqa: B018 - nearest dispatch needs whole nodes: raises
-    topology = as_planned(topology, policy, stacklevel)  # frames: as resolve_policy's
+    topology = as_planned(topology, policy, stacklevel, dispatch)  # frames: resolve_policy's
     slack = DEFAULT_SLACK if slack is None else as_slack(slack)
     src = None
     if source is not None:
@@ -247,11 +245,18 @@ def as_planned(topology: Topology, policy: str = "auto", stacklevel: int = 2,
                dispatch: str | None = None) -> Topology:
     """The cluster ``topology`` as eplb plans it under ``policy`` and ``dispatch``: itself,
     or one node, with a warning, where its GPUs do not divide over its nodes (the
-    hierarchical and locality policies and nearest dispatch keep it and refuse it later).
+    hierarchical and locality policies keep it and refuse it later; nearest dispatch,
+    which serves a token from its own node first, is refused here).
     A ``Rebalancer`` records the same topology as its plans (attacker pass: it kept three
     nodes of 8 GPUs, then refused its own planner's one-node plan at every rebalance)."""
-    if (topology.num_gpus % topology.num_nodes and dispatch != "nearest"
-            and not is_name(policy, ("hierarchical", "locality"))):
+    if topology.num_gpus % topology.num_nodes and dispatch == "nearest":
+        # refused where the plans are asked for (a Rebalancer or a replay failed only at
+        # their first plan or score)
+        raise ValueError(f"dispatch='nearest' serves a token from its own node first, so it "
+                         f"needs nodes of equal size: num_gpus ({topology.num_gpus}) is not a "
+                         f"multiple of num_nodes ({topology.num_nodes})")
+    if topology.num_gpus % topology.num_nodes and not is_name(policy,
+                                                              ("hierarchical", "locality")):
         return _one_node(topology, stacklevel + 1)
     return topology
 

@@ -517,10 +517,6 @@ def simulate(
     # the cluster as the plans record it (one node, with eplb.plan's warning, where the GPUs
     # do not divide over the nodes), for the initial placement and the result alike
     asked = Topology(num_replicas, num_gpus, num_nodes, num_groups)
-    if realised.dispatch == "nearest" and asked.num_gpus % asked.num_nodes:
-        # (as eplb.plan refuses it: the rule serves a token from its node first)
-        raise ValueError(f"nearest dispatch serves a token from its own node first: "
-                         f"{num_gpus} GPUs do not split over {num_nodes} nodes")
     topo = as_planned(asked, plan_options.get("policy", "auto"), stacklevel=3,
                       dispatch=realised.dispatch)
     check_scoring_size(num_layers, num_experts, num_gpus)  # before any planning
