@@ -431,7 +431,17 @@ def test_csv_with_header_and_layer_column(tmp_path):
     assert trace.counts.tolist() == [[[1, 2, 3], [4, 5, 6]]]
     path2 = tmp_path / "w2.csv"
     path2.write_text("e0,e1\n1,2\n")
-    assert read_loads(path2).counts.tolist() == [[[1, 2]]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a header of words (or a layer column) is plain
+        assert read_loads(path2).counts.tolist() == [[[1, 2]]]
+        assert read_loads(path).layer_ids == [3, 4]
+    # a first cell that is no number over numbers: a header, or data with a typo; said
+    # (new-user pass: "x,1,2" lost a layer without a word)
+    typo = tmp_path / "typo.csv"
+    typo.write_text("x,1,2\n3,4,5\n")
+    with pytest.warns(UserWarning, match=r"typo.csv: first row 'x,1,2' read as a header "
+                                         r"\(its first cell is not a number\)"):
+        assert read_loads(typo).counts.tolist() == [[[3, 4, 5]]]
 
 
 def test_a_utf8_byte_order_mark_is_not_part_of_the_first_cell(tmp_path):
@@ -488,12 +498,26 @@ def test_csv_row_labels_and_missing_cells(tmp_path):
         read_loads(narrow)
 
 
+def test_a_csv_of_other_separators_is_told_to_use_commas(tmp_path):
+    # (new-user pass: "1;2;3" rows were "unrecognised content", with no word of why)
+    semi = tmp_path / "semi.csv"
+    semi.write_text("1;2;3\n4;5;6\n")
+    with pytest.raises(FormatError, match="CSV cells are separated by commas"):
+        read_loads(semi)
+    tabs = tmp_path / "tabs.csv"
+    tabs.write_text("1\t2\t3\n4\t5\t6\n")
+    with pytest.raises(FormatError, match="CSV cells are separated by commas"):
+        read_loads(tabs)
+
+
 def test_pandas_column_labels_are_a_header_not_a_layer(tmp_path):
     # pd.DataFrame(array).to_csv(index=False) writes "0,1,2,3" over the rows: it was read
     # as a layer of loads 0, 1, 2, 3 (one layer too many, silently)
     labels = tmp_path / "labels.csv"
     labels.write_text("0,1,2,3\n5,6,7,8\n9,10,11,12\n")
-    assert read_loads(labels).counts.tolist() == [[[5, 6, 7, 8], [9, 10, 11, 12]]]
+    # ... said, not silently (new-user pass: a layer 0,1,2,3 of real data would be lost)
+    with pytest.warns(UserWarning, match=r"first row '0,1,2,3' read as a header \(pandas' "):
+        assert read_loads(labels).counts.tolist() == [[[5, 6, 7, 8], [9, 10, 11, 12]]]
     # a first row of other numbers, or too short a table to tell, stays data
     data = tmp_path / "data.csv"
     data.write_text("0,1,2,4\n5,6,7,8\n")

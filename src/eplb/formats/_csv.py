@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,20 @@ def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
     # a number, or with what begins like one (``4O``: a typo), is data: a typo anywhere
     # in it is named below (such a row was dropped as a header, and the table lost a
     # layer: attacker passes), and an empty cell there is a value missing
+    labels = _column_labels(first, rows)
     if ((first[0] and not _is_number(first[0]) and not _NUMBER_START.match(first[0]))
-            or (len(first) > 1 and not first[0]) or _column_labels(first, rows)):
+            or (len(first) > 1 and not first[0]) or labels):
         header, rows = first, rows[1:]
     layer_col = header is not None and (header[0].lower() in _LAYER_HEADERS or not header[0])
+    if header is not None and not layer_col and (labels or any(map(_is_number, header[1:]))):
+        # a header that could be a layer (numbers in it): said, not dropped in silence
+        # (new-user pass: "0,1,2,3" and "x,1,2" lost a layer without a word)
+        shown = ",".join(header) if len(header) <= 8 else ",".join(header[:8]) + ",…"
+        warnings.warn(f"{path}: first row '{shown}' read as a header ("
+                      + ("pandas' column labels 0,1,2,…" if labels
+                         else "its first cell is not a number")
+                      + "), not a layer of loads: if it is data, correct or remove it",
+                      stacklevel=2)
     if not rows:
         raise FormatError(path, "has a header but no data rows")
     width = len(rows[0])
@@ -66,7 +77,8 @@ def read_csv_table(path: Path) -> tuple[np.ndarray, list[float] | None]:
                 raise FormatError(
                     path,
                     f"CSV row {i + 1 + (header is not None)} column {j + 1} is {cell!r}; "
-                    "expected a number",
+                    "expected a number" + ("; CSV cells are separated by commas"
+                                           if any(c in cell for c in ";\t") else ""),
                 )
     values = np.array([[float(c) for c in row] for row in rows], dtype=np.float64)
     if values.size == 1 and header is None:

@@ -412,7 +412,10 @@ def detect_format(path: str | PathLike[str]) -> str:
         "TensorRT-LLM statistics folder, vLLM load_history JSON, top-k routing trace, or a "
         "plain [L, E] / [T, L, E] tensor in .pt/.npy/.npz/.safetensors/.json/.csv)"
         + ("; if it is CSV, say so with format='csv' (CLI: --format csv)"
-           if kind == "text" and "," in found else ""),
+           if kind == "text" and "," in found else
+           # (new-user pass: a table of "1;2;3" rows was not told what is wrong with it)
+           "; CSV cells are separated by commas"
+           if kind == "text" and any(c in found for c in ";\t") else ""),
     )
 
 
