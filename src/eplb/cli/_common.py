@@ -492,8 +492,8 @@ def generated_trace(preset: str, steps: int, seed: int) -> LoadTrace:
 ONE_NODE_NEAREST = (
     "--dispatch nearest with one node: every replica is on the token's node, so the plan is "
     "the even-split one (the expectation of SGLang's random choice for the GPUs without a "
-    "replica; from an --init-expert-location file SGLang realised 0.905-0.947 on one node "
-    "where this reads 1.0, and 0.968-0.999 from eplb plan --fair avoid, the hot experts on "
+    "replica; from an --init-expert-location file SGLang realised 0.883-0.955 on one node "
+    "where this reads 1.0, and 0.920-0.999 from eplb plan --fair avoid, the hot experts on "
     "every GPU: BENCHMARKS.md §14)")
 
 FORCED_MOVES = ("slots of dead or revived GPUs, replicas stacked on one GPU, and "

@@ -19,6 +19,7 @@ from eplb.cli._common import (
     cluster_note,
     existing_file,
     gpu_speed_from,
+    info,
     print_json,
     print_table,
     refuse_input_as_output,
@@ -285,7 +286,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             warn(f"{loads}: layers {integer_runs(idle)} saw no tokens (the dense layers of an "
                  "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
                  "if your model's MoE layers start later")
-    options.update(_dispatch_options(args, trace.num_layers, num_experts, kept_rows))
+    options.update(_dispatch_options(args, trace.num_layers, num_experts, kept_rows, emit))
     if args.max_moves is not None:  # (with --previous: _refuse_flag_mistakes)
         options["max_moves"] = args.max_moves
     if args.move_price is not None:  # (with --previous: _refuse_flag_mistakes)
@@ -473,16 +474,28 @@ def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
 
 
 def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
-                      rows: list[int] | None = None) -> dict:
+                      rows: list[int] | None = None, emit: str | None = None) -> dict:
     """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
     ``num_rows``: the loads file's rows (the routing trace's layers are those);
     ``num_experts``: the loads' experts (the trace's ids lie below);
-    ``rows``: the ones planned, where some were left out."""
+    ``rows``: the ones planned, where some were left out; ``emit``: the output's format."""
     if args.dispatch != "nearest":  # (nearest-only flags: _refuse_flag_mistakes)
         return {}
-    if args.nodes <= 1 and args.fair != "avoid":
+    fair = args.fair
+    if args.nodes <= 1 and fair == "auto" and emit == "sglang" and not args.previous:
+        # the plan is for SGLang's start-up file, where every rank draws its own "fair"
+        # choice: there the hot experts on every GPU realised 0.920-0.999 and the even
+        # split 0.883-0.955 (SGLang's own table, BENCHMARKS.md §14). The API's "auto"
+        # cannot know which path a plan is for (its runtime hook draws one table, where
+        # the even split did better on 32 GPUs), so the CLI, which does, chooses here
+        fair = "avoid"
+        info("--dispatch nearest on one node, for an SGLang start-up file: the hot experts "
+             "go on every GPU (--fair avoid), which SGLang's own table realised at "
+             "0.920-0.999 from such a file where the even split realised 0.883-0.955 "
+             "(BENCHMARKS.md §14); --fair expect plans the even split")
+    elif args.nodes <= 1 and fair != "avoid":
         warn(ONE_NODE_NEAREST)
-    options = {"dispatch": "nearest", "fair": args.fair}
+    options = {"dispatch": "nearest", "fair": fair}
     if args.slack is not None:  # the API refuses a slack outside the locality policy
         options["slack"] = args.slack
     routing = _routing(args)
