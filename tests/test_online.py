@@ -588,3 +588,20 @@ def test_auto_half_lives_too_long_for_any_window_are_refused_up_front() -> None:
         AdaptiveAverage(half_lives=(1e300,))
     reb = Rebalancer(32, 8, window=2, interval=2, estimator=AdaptiveAverage(half_lives=(1e9,)))
     assert reb.record(torch.rand(2, 2, 16) * 10) is not None
+
+
+@pytest.mark.parametrize(("shape", "options", "match"), [
+    ((24, 8, 2, 4, 30), {}, r"num_replicas \(24\) must be at least the number of experts"),
+    ((24, 8, 2, 4, 30), {"planner": "greedy"}, r"num_replicas \(24\) must be at least"),
+    ((40, 8, 2, 4, 18), {"policy": "hierarchical"},
+     r"num_experts \(18\) is not a multiple of num_groups \(4\)"),
+])
+def test_counts_the_planner_cannot_plan_are_refused_at_the_first_step(shape, options,
+                                                                      match) -> None:
+    """Found by an attacker pass: such a rebalancer recorded `interval` steps (thousands, at
+    an engine's cadence) and failed only at its first rebalance."""
+    replicas, gpus, nodes, groups, experts = shape
+    reb = Rebalancer(replicas, gpus, nodes, groups, window=3, interval=1000, **options)
+    with pytest.raises(ValueError, match=match):
+        reb.record(torch.ones(3, experts))
+    assert reb.steps == 0

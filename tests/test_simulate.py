@@ -522,3 +522,11 @@ def test_any_planner_is_scored_as_the_engine_dispatch_named() -> None:
     with pytest.raises(ValueError, match=r"own node first.*num_gpus \(16\) is not a multiple"):
         simulate(counts, "greedy", score_dispatch="nearest",
                  **{**shape, "num_nodes": 3})
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 1.5, True])
+def test_step_balancedness_names_a_bad_chunk(chunk) -> None:
+    # (attacker pass: range()'s, torch.cat's and a TypeError's words, none naming chunk)
+    placement = eplb.plan(torch.rand(L, E) + 0.1, R, P)
+    with pytest.raises(ValueError, match="chunk"):
+        step_balancedness(_trace(4), placement, chunk=chunk)

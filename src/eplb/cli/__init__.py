@@ -33,8 +33,10 @@ from eplb.cli._common import (
     cli_words,
     count_type,
     integer,
+    named_file,
     price_type,
     real,
+    speed_spec,
 )
 from eplb.cli._inputs import add_input_options, warn
 from eplb.formats.errors import MissingPackage
@@ -113,7 +115,7 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
                         ".json/.pt output records it)" if planning
                         else "nearest scores the loads as that rule realises them (default: "
                         "the rule an eplb .json/.pt file records, else even)"))
-    g.add_argument("--routing", metavar="FILE",
+    g.add_argument("--routing", type=named_file, metavar="FILE",
                    help="a top-k routing trace [tokens, layers, k]: " + (
                        "co-selection statistics for --policy locality" if planning else
                        "with --dispatch nearest, eval also reports remote nodes per token"))
@@ -239,7 +241,8 @@ def build_parser() -> _Parser:
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     _add_topology(p, locality=True)
     o = p.add_argument_group("online rebalancing")
-    o.add_argument("--previous", metavar="OLD", help="the placement in service now (a file)")
+    o.add_argument("--previous", type=named_file, metavar="OLD",
+                   help="the placement in service now (a file)")
     o.add_argument("--max-moves", type=_slots, metavar="N",
                    help="move at most N slots in total (over all layers) relative to "
                         f"--previous, beyond the forced moves: {FORCED_MOVES}; a cap on "
@@ -254,7 +257,7 @@ def build_parser() -> _Parser:
                         "a fresh plan where those fall short; default 0.01, about where "
                         "moving a DeepSeek-V3 layer breaks even)")
     o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
-    o.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
+    o.add_argument("--gpu-speed", type=speed_spec, metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")
     _add_dispatch(p, planning=True)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -274,8 +277,9 @@ def build_parser() -> _Parser:
     p.add_argument("loads", metavar="LOADS", nargs="+",
                    help="loads file(s); several files (e.g. SGLang dumps) are steps one after "
                         "another, as in plan")
-    p.add_argument("--placement", required=True, metavar="FILE", help="placement file")
-    p.add_argument("--previous", metavar="OLD",
+    p.add_argument("--placement", required=True, type=named_file, metavar="FILE",
+                   help="placement file")
+    p.add_argument("--previous", type=named_file, metavar="OLD",
                    help="a placement in service before it (a file of the same cluster, read "
                         "as --placement is): also score OLD, and count the slots whose "
                         "expert changed from OLD, in all and into the busiest GPU")
@@ -292,7 +296,7 @@ def build_parser() -> _Parser:
                    help="engine files, which do not record it: auto = hierarchical when the "
                         "cluster allows it and the placement keeps every group on one node "
                         "(default auto)")
-    p.add_argument("--gpu-speed", metavar="FILE_OR_LIST",
+    p.add_argument("--gpu-speed", type=speed_spec, metavar="FILE_OR_LIST",
                    help="relative GPU speeds the placement was planned for (as in plan); "
                         "for engine files, which cannot record them: eplb's own files "
                         "planned with --gpu-speed record them, and eval uses those")

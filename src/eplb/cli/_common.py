@@ -325,6 +325,26 @@ def price_type(text: str) -> float:
     return value
 
 
+def named_file(text: str) -> str:
+    """An argparse type for an option that names a file (``--previous``, ``--placement``,
+    ``--routing``): an empty or blank value is refused by flag. ``--previous ""`` (an unset
+    shell variable) planned fresh without a word, moving nearly every slot, and the others
+    read the current folder (attacker pass)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"needs a file name, got {text!r}")
+    return text
+
+
+def speed_spec(text: str) -> str:
+    """An argparse type for ``--gpu-speed``: an empty value is refused by flag (it planned
+    for equal GPUs without a word; attacker pass). The list or file is read later, where
+    the GPU count is known (:func:`gpu_speed_from`)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            f"needs one number per GPU (comma-separated) or a file of them, got {text!r}")
+    return text
+
+
 def parse_int_list(text: str, what: str) -> list[int]:
     """``"3, 17"`` -> ``[3, 17]``. An empty item (``3,``, ``3,,17``) is refused: a number
     left out by a slip, most likely, and which one is not for eplb to guess."""

@@ -61,6 +61,8 @@ def require_loads_files(names: list[str]) -> None:
     seen: dict[object, str] = {}  # each file by its (device, inode): through any link
     inside: dict[object, tuple[str, Path]] = {}  # files read from the folders named
     for name in names:
+        if not name.strip():  # (Path("") is the current folder: it was read as a dump folder)
+            raise CliError(f"a loads file name is empty ({name!r}): an unset shell variable?")
         path = Path(name)
         if not path.exists() and not path.is_symlink():
             raise CliError(f"loads file {name!r} not found")

@@ -271,10 +271,14 @@ def _previous_rows(args: argparse.Namespace, placement: Placement, trace,
     or a slot of one is not the other's."""
     if args.previous is None:
         return None
+    topo = placement.topology
+    # an engine file that records no cluster takes --placement's (attacker pass: -g was
+    # asked for, though --placement had said it)
     previous, meta = read_placement_meta(
-        existing_file(args.previous, "--previous placement file"), num_gpus=args.gpus,
-        num_nodes=args.nodes or 1, num_groups=args.groups or 1)
-    topo, old = placement.topology, previous.topology
+        existing_file(args.previous, "--previous placement file"),
+        num_gpus=topo.num_gpus if args.gpus is None else args.gpus,
+        num_nodes=args.nodes or topo.num_nodes, num_groups=args.groups or topo.num_groups)
+    old = previous.topology
     if (old.num_replicas, old.num_gpus) != (topo.num_replicas, topo.num_gpus):
         raise CliError(f"--previous {args.previous} holds {old.num_replicas} slots on "
                        f"{old.num_gpus} GPUs, {args.placement} {topo.num_replicas} on "

@@ -420,7 +420,7 @@ def detect_format(path: str | PathLike[str]) -> str:
 
 
 def _placement_error(
-    path: Path, what: str = "a placement ('physical_to_logical_map')"
+    path: Path, what: str = "a placement (eplb's or SGLang's)"
 ) -> FormatError:
     return FormatError(
         path,

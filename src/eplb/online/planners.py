@@ -237,6 +237,14 @@ def make_planner(
                                         skip_threshold=skip_threshold)
             return plan_fresh(request)
 
+        def check_shape(num_layers: int, num_experts: int) -> None:
+            # every check of a plan's request, without planning (a Rebalancer runs it at
+            # its first step, not at its first rebalance thousands of steps on)
+            make_request(torch.ones(num_layers, num_experts, dtype=torch.float64),
+                         topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
+                         active_gpus=active_gpus, **plan_options)
+
+        eplb_planner.check_shape = check_shape  # type: ignore[attr-defined]
         return eplb_planner
     if planner == "greedy":
         if active_gpus is not None:  # DeepSeek's greedy places on every GPU
@@ -247,6 +255,12 @@ def make_planner(
             return plan_greedy(weight, topo.num_replicas, topo.num_gpus, topo.num_nodes,
                                topo.num_groups, **plan_options)
 
+        def greedy_shape(num_layers: int, num_experts: int) -> None:
+            if topo.num_replicas < num_experts:
+                raise ValueError(f"num_replicas ({topo.num_replicas}) must be at least the "
+                                 f"number of experts ({num_experts})")
+
+        greedy_planner.check_shape = greedy_shape  # type: ignore[attr-defined]
         return greedy_planner
 
     def static_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:

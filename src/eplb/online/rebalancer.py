@@ -290,6 +290,12 @@ class Rebalancer:
                     f"beyond {MAX_HISTORY_BYTES / 2**30:.0f} GiB: the window and the estimator's "
                     "history set the steps kept; use a shorter window or an estimator that "
                     "looks back fewer steps")
+            # a shape the planner cannot plan is refused at the first step, not at the
+            # first rebalance (attacker pass: R < E or groups that do not split the
+            # experts failed only after `interval` steps)
+            check = getattr(self.planner, "check_shape", None)
+            if check is not None:
+                check(num_layers, num_experts)
             # the ring lives where the counts do: an engine's CUDA counts never leave the GPU
             self._buffer = torch.zeros(self.capacity, num_layers, num_experts,
                                        dtype=torch.float32, device=steps.device)

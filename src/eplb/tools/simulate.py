@@ -39,7 +39,7 @@ from eplb.core.dispatch import realised_slot_loads
 from eplb.core.inputs import as_gpu_speed, scale_free
 from eplb.core.placement import Placement, ideal_and_peak
 from eplb.core.planner import as_planned
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, positive_int
 from eplb.core.trace import LoadTrace
 from eplb.online import PlannerFn, Rebalancer, make_planner, trivial_placement
 from eplb.online.estimate import Estimator, as_history, make_estimator
@@ -218,8 +218,8 @@ def step_balancedness(counts: object, placement: Placement, *,
                          f"has {tuple(placement.logcnt.shape)}")
     num_gpus = placement.topology.num_gpus
     check_scoring_size(steps.shape[1], steps.shape[2], num_gpus)
-    if chunk is None:
-        chunk = _steps_per_chunk(steps.shape[1], num_gpus)
+    chunk = (_steps_per_chunk(steps.shape[1], num_gpus) if chunk is None
+             else positive_int("chunk", chunk))
     matrix = gpu_load_matrix(placement, realised)
     live = placement.live_gpus()
     speed = realised.speed(num_gpus)

@@ -1,0 +1,69 @@
+"""An empty value for an option that names a file or lists GPU speeds is a usage error
+named by its flag: ``--previous ""`` (an unset shell variable) used to plan fresh without a
+word, moving nearly every slot, and ``--gpu-speed ""`` to plan for equal GPUs; the other
+file options read the current folder and named it '.' (attacker pass)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import skewed_loads_json
+from test_cli import run
+
+
+@pytest.fixture()
+def loads(tmp_path):
+    return skewed_loads_json(tmp_path, 4, 32, seed=7)[0]
+
+
+@pytest.mark.parametrize("flag", ["--previous", "--gpu-speed"])
+@pytest.mark.parametrize("value", ["", "  "])
+def test_plan_refuses_an_empty_value(tmp_path, capsys, loads, flag, value):
+    out = tmp_path / "new.json"
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", out, flag, value)
+    assert code == 2
+    assert flag in err and ("file name" in err or "number per GPU" in err)
+    assert not out.exists()
+
+
+def test_plan_refuses_an_empty_routing(tmp_path, capsys, loads):
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--nodes", 2, "--groups", 4,
+                       "--dispatch", "nearest", "--policy", "locality", "--routing", "",
+                       "-o", tmp_path / "new.json")
+    assert code == 2
+    assert "--routing" in err and "file name" in err
+
+
+@pytest.mark.parametrize("flag", ["--previous", "--gpu-speed", "--routing"])
+def test_eval_refuses_an_empty_value(tmp_path, capsys, loads, flag):
+    placement = tmp_path / "p.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", placement)[0] == 0
+    code, _, err = run(capsys, "eval", "--placement", placement, loads, flag, "")
+    assert code == 2
+    assert flag in err
+
+
+def test_eval_refuses_an_empty_placement(capsys, loads):
+    code, _, err = run(capsys, "eval", "--placement", "", loads)
+    assert code == 2
+    assert "--placement" in err and "file name" in err
+
+
+@pytest.mark.parametrize("command", [["plan", "-r", 48, "-g", 16, "-o", "new.json"],
+                                     ["bench", "-r", 48, "-g", 16],
+                                     ["simulate", "--window", 2]])
+def test_an_empty_loads_file_name_is_refused_by_name(tmp_path, capsys, command, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # Path("") is this folder: it was read as one of dumps
+    code, _, err = run(capsys, command[0], "", *command[1:])
+    assert code == 2 and "a loads file name is empty ('')" in err
+
+
+def test_eval_reads_an_sglang_previous_on_the_placements_cluster(tmp_path, capsys, loads):
+    """An SGLang file records no GPU count: eval took it only with -g, though --placement
+    (eplb's file) had said it (attacker pass); plan --previous took it already."""
+    new, old = tmp_path / "new.json", tmp_path / "old.sglang.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", new)[0] == 0
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", old, "--seed", 1)[0] == 0
+    code, out, err = run(capsys, "eval", "--placement", new, "--previous", old, loads)
+    assert code == 0, err
+    with_g = run(capsys, "eval", "--placement", new, "--previous", old, loads, "-g", 16)
+    assert with_g[0] == 0 and with_g[1] == out
