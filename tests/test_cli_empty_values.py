@@ -67,3 +67,14 @@ def test_eval_reads_an_sglang_previous_on_the_placements_cluster(tmp_path, capsy
     assert code == 0, err
     with_g = run(capsys, "eval", "--placement", new, "--previous", old, loads, "-g", 16)
     assert with_g[0] == 0 and with_g[1] == out
+
+
+def test_a_binary_gpu_speed_file_is_told_what_a_speed_file_holds(tmp_path, capsys, loads):
+    # (attacker pass: a .npy of speeds was told only that it "is not UTF-8 text")
+    import numpy as np
+
+    speeds = tmp_path / "s.npy"
+    np.save(speeds, np.ones(16))
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--gpu-speed", speeds,
+                       "-o", tmp_path / "p.json")
+    assert code == 2 and "give a text file of 16 numbers" in err

@@ -384,7 +384,6 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
         return None
     path = Path(spec)
     if path.exists():
-
         require_regular_file(path, "--gpu-speed file")  # a FIFO would block forever
         if path.is_dir():  # (folders pass that check: load statistics may be one)
             raise CliError(f"--gpu-speed {spec}: a folder; expected {num_gpus} comma-separated "
@@ -392,7 +391,9 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise CliError(f"--gpu-speed file {path} is not UTF-8 text") from None
+            raise CliError(f"--gpu-speed file {path} is not UTF-8 text: give a text file of "
+                           f"{num_gpus} numbers (a JSON list, or separated by commas or "
+                           "blanks) or the comma list itself") from None
         try:
             values = json.loads(text)
         except (ValueError, RecursionError):  # JSONDecodeError, deep nesting, huge ints
