@@ -508,7 +508,6 @@ def generated_trace(preset: str, steps: int, seed: int) -> LoadTrace:
     return generate_trace(preset=preset, steps=steps, seed=seed)
 
 
-#: what incremental planning moves whatever ``--max-moves`` allows (online/incremental.py)
 #: what --dispatch nearest on one node means (plan and simulate warn with it)
 ONE_NODE_NEAREST = (
     "--dispatch nearest with one node: every replica is on the token's node, so the plan is "
@@ -517,6 +516,7 @@ ONE_NODE_NEAREST = (
     "where this reads 1.0, and 0.920-0.999 from eplb plan --fair avoid, the hot experts on "
     "every GPU: BENCHMARKS.md §14)")
 
+#: what incremental planning moves whatever ``--max-moves`` allows (online/incremental.py)
 FORCED_MOVES = ("slots of dead or revived GPUs, replicas stacked on one GPU, and "
                 "hierarchical layers whose groups straddle nodes or sit unequally on them "
                 "(re-planned whole)")
