@@ -161,6 +161,27 @@ def test_folder_of_sglang_json_dumps(tmp_path):
         read_loads(folder)
 
 
+def test_a_copy_of_a_dump_in_its_folder_is_said_to_count_twice(tmp_path):
+    """Two dumps of one folder with the same counts (a copy beside its original) were read
+    as two steps, the window's loads counted twice, without a word; an idle (all-zero)
+    dump may be recorded twice and is not named."""
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    first = counts_tle(1)
+    for name in ("a.json", "a (1).json"):
+        (folder / name).write_text(json.dumps({"logical_count": first.tolist()}))
+    with pytest.warns(UserWarning, match=r"a \(1\).json and a.json hold the same counts"):
+        assert read_loads(folder).num_steps == 2 * first.shape[0]
+    zero = tmp_path / "zero"
+    zero.mkdir()
+    for name in ("a.json", "b.json", "c.json"):
+        counts = first if name == "c.json" else torch.zeros_like(first)
+        (zero / name).write_text(json.dumps({"logical_count": counts.tolist()}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_loads(zero).num_steps == 3 * first.shape[0]
+
+
 @pytest.mark.parametrize("shape", ["LE", "TLE"])
 def test_sglang_json(tmp_path, shape):
     c = counts_tle()

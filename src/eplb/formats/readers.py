@@ -294,6 +294,7 @@ def _read_sglang_folder(path: Path) -> LoadTrace:
     if len(shapes) > 1:
         raise FormatError(path, f"the dumps disagree on [layers, experts]: {sorted(shapes)}")
     counts = torch.cat([t.counts for t in traces])
+    _warn_repeated_dumps(path, files, traces)
     meta = {"files": [f.name for f in files],
             "empty_steps": sum(t.meta.get("empty_steps", 0) for t in traces)}
     return LoadTrace(counts, None, str(path), "sglang", meta)
@@ -305,6 +306,23 @@ def _dump_time(file: Path) -> tuple[float, str]:
         return (float(match.group(1)) if match else float("inf"), file.name)
     except ValueError:
         return float("inf"), file.name
+
+
+def _warn_repeated_dumps(folder: Path, files: list[Path], traces: list[LoadTrace]) -> None:
+    """A warning where two dumps of ``folder`` hold the same nonzero counts: a copy
+    beside its original (``dump (1).json``) is a second step, its loads counted twice
+    (they were, without a word; real traffic does not repeat a window to the token)."""
+    seen: dict[bytes, Path] = {}
+    for file, trace in zip(files, traces, strict=True):
+        if not bool(trace.counts.any()):
+            continue
+        digest = hashlib.blake2b(trace.counts.numpy().tobytes(), digest_size=16).digest()
+        if digest in seen:
+            warnings.warn(f"{folder}: {seen[digest].name} and {file.name} hold the same "
+                          "counts; read as two steps, their loads count twice (remove the "
+                          "copy if it is one)", stacklevel=4)
+        else:
+            seen[digest] = file
 
 
 def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
