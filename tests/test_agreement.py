@@ -250,6 +250,37 @@ def test_plugin_rank_failing_alone_takes_the_others_plan(monkeypatch, caplog):
     assert "rank 1 failed (MemoryError: this rank only)" in caplog.text
 
 
+def test_a_rank_failing_before_it_plans_keeps_the_rounds_in_step(monkeypatch, caplog):
+    """Found by a new-user pass: an error raised before the plan (here checking the loads;
+    moving them to the host can fail alike) skipped the agreement, so the failing rank's
+    next call completed its peers' previous round, and the round after that timed out
+    ("those ranks do not run eplb's policy"). Every rank now agrees in every round."""
+    from eplb.integrations import vllm as plugin
+
+    real = plugin.check_loads
+    call_as = _plugin_ranks(monkeypatch, WORLD)
+    failing = threading.local()
+
+    def flaky(*args, **kwargs):
+        if getattr(failing, "yes", False):
+            raise MemoryError("before planning")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(plugin, "check_loads", flaky)
+
+    def rank_call(rank, weight, fail):
+        failing.yes = fail and rank == 3
+        return plugin.EplbPolicy.rebalance_experts(weight, 24, 4, 1, 4)
+
+    weight = torch.randint(0, 1000, (3, 16), dtype=torch.int32)
+    with ThreadPoolExecutor(WORLD) as pool:
+        for fail in (True, False, False):
+            got = [f.result() for f in [pool.submit(call_as, r, rank_call, r, weight, fail)
+                                        for r in range(WORLD)]]
+            assert all(torch.equal(g, got[0]) for g in got)
+    assert "rank 3 failed (MemoryError: before planning)" in caplog.text
+
+
 def test_plugin_ranks_asked_for_other_shapes_all_raise_instead_of_adopting(monkeypatch):
     from eplb.integrations import vllm as plugin
 

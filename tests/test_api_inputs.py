@@ -130,7 +130,7 @@ def test_fake_and_meta_masks_speeds_sources_and_maps_are_refused_by_name():
     # sizes and knobs as meta tensors: "Tensor.item() cannot be called on meta tensors"
     with pytest.raises(ValueError, match="num_replicas must be a positive integer"):
         eplb.plan(W, torch.tensor(96, device="meta"), 16)
-    with pytest.raises(ValueError, match="skip_threshold must be a number >= 0"):
+    with pytest.raises(ValueError, match=r"skip_threshold must be a fraction in \[0, 1\)"):
         eplb.plan(W, 96, 16, previous=eplb.plan(W, 96, 16),
                   skip_threshold=torch.tensor(0.01, device="meta"))
 

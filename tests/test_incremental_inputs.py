@@ -61,8 +61,14 @@ def test_bad_budget_arguments():
         eplb.plan(W1, R, P, max_moves=5)
     with pytest.raises(ValueError, match="need the previous placement"):
         eplb.plan(W1, R, P, skip_threshold=0.1)
-    with pytest.raises(ValueError, match="skip_threshold must be a number >= 0"):
+    with pytest.raises(ValueError, match=r"skip_threshold must be a fraction in \[0, 1\)"):
         eplb.plan(W1, R, P, previous=old, skip_threshold=-0.5)
+    # a rise in balancedness is below 1: 2 (meant as "2 %") switched rebalancing off
+    # without a word (new-user pass)
+    for value in (1, 2.0, np.float64(100)):
+        with pytest.raises(ValueError, match=r"fraction in \[0, 1\) .*0\.01 is 1 %.*"
+                                             r"max_moves=0 keeps the map in force"):
+            eplb.plan(W1, R, P, previous=old, skip_threshold=value)
     with pytest.raises(ValueError, match="gpu_speed cannot be combined with previous"):
         eplb.plan(W1, R, P, previous=old, gpu_speed=torch.arange(1.0, P + 1))
     # equal speeds are equal GPUs (attacker pass): they plan from the placement in force
@@ -100,5 +106,5 @@ def test_skip_threshold_takes_0d_numpy_numbers_as_0d_tensors():
     for value in (np.array(0.1), np.array(1), torch.tensor(0.1)):
         eplb.plan(W1, R, P, previous=old, skip_threshold=value).validate()
     for value in (np.array([0.1]), np.array(True), np.array(-1.0), np.array(np.nan)):
-        with pytest.raises(ValueError, match="skip_threshold must be a number >= 0"):
+        with pytest.raises(ValueError, match=r"skip_threshold must be a fraction in \[0, 1\)"):
             eplb.plan(W1, R, P, previous=old, skip_threshold=value)

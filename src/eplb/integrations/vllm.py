@@ -158,14 +158,6 @@ class EplbPolicy:
         # one snapshot: the plan, the agreement and the tag it reports must use the same
         # options even if the class's dict is changed while this call runs
         options = dict(cls.options)
-        # options set on the class by a script are checked as the environment's are (an
-        # attacker pass: a typo was ignored, a bad value fell back to vLLM's policy on every
-        # call with an ERROR line only); once per distinct set
-        key = repr(sorted(options.items(), key=lambda item: str(item[0])))
-        if key not in _CHECKED_OPTIONS:
-            _check_options(options, source=f"{cls.__name__}.options")
-            _CHECKED_OPTIONS.add(key)
-        planner = {k: v for k, v in options.items() if k in PLANNER_OPTIONS}
         for name, value in (("weight", weight),
                             ("old_global_expert_indices", old_global_expert_indices)):
             if not isinstance(value, torch.Tensor) and (value is not None or name == "weight"):
@@ -173,44 +165,29 @@ class EplbPolicy:
                 raise TypeError(f"{name} must be a torch.Tensor, as vLLM passes it; got "
                                 f"{type(value).__name__} (eplb.rebalance_experts takes arrays "
                                 f"and lists)")
-        # plan on the host whatever the input's device: the CPU path is the one measured
-        # bit-identical across ranks (tests/test_determinism.py)
+        # options set on the class by a script are checked as the environment's are (an
+        # attacker pass: a typo was ignored, a bad value fell back to vLLM's policy on every
+        # call with an ERROR line only); once per distinct set
+        key = repr(sorted(options.items(), key=lambda item: str(item[0])))
+        if key not in _CHECKED_OPTIONS:
+            _check_options(options, source=f"{cls.__name__}.options")
+            _CHECKED_OPTIONS.add(key)
+        # the caller's mistakes (the same on every rank) raise; what fails from here on is
+        # reported to the other ranks, which then agree: an error raised before the
+        # agreement (e.g. a MemoryError moving the loads) left this rank one round behind
+        # the others, whose next rebalance then met this one's previous (new-user pass)
         refuse_without_values(weight, "weight")
         refuse_without_values(old_global_expert_indices, "old_global_expert_indices")
-        weight = weight.detach().to("cpu")
         if weight.dim() != 2:
             raise ValueError(f"weight must be [layers, experts], got shape {tuple(weight.shape)}")
-        old = _usable_old_map(old_global_expert_indices, weight, num_replicas)
-        try:
-            check_loads(weight, "weight")
-        except ValueError as exc:
-            kept = _map_in_force(old_global_expert_indices, weight, num_replicas)
-            if kept is not None:
-                logger.error("eplb: %s; keeping the expert map in force for this rebalance",
-                             exc)
-                return kept
-            # no whole map to keep (vLLM adding or removing GPUs): a plan is needed, and
-            # vLLM's default policy would plan on the bad entries themselves
-            logger.error("eplb: %s; planning with such entries read as 0 (no whole expert "
-                         "map in force to keep)", exc)
-            if weight.is_floating_point():  # (float8 has no compare: float64 is exact)
-                weight = weight.to(torch.float64)
-            weight = torch.where(weight.isfinite() & (weight > 0), weight,
-                                 torch.zeros((), dtype=weight.dtype, device=weight.device))
-        if old is None:  # a fresh plan: the move knobs have nothing to act on
-            planner = {k: v for k, v in planner.items() if k not in INCREMENTAL_OPTIONS}
+        used = {"weight": weight}  # the loads as planned on (entries read as 0, on the host)
         plan, error = None, None
         try:
-            planner = _hierarchy_or_global(planner, weight.shape[1], num_replicas, num_groups,
-                                           num_nodes, num_ranks)
-            phy2log, _, _ = rebalance_experts(
-                weight, num_replicas, num_groups, num_nodes, num_ranks,
-                old_phy2log=old, **planner,
-            )
-            plan = phy2log.to(device="cpu", dtype=torch.int64).contiguous()
-            _check_phy2log(plan, weight.shape, num_replicas)
+            plan = _plan_here(options, used, num_replicas, num_groups, num_nodes, num_ranks,
+                              old_global_expert_indices)
         except Exception as exc:  # MemoryError too: the ranks must learn of it
             plan, error = None, exc
+        weight = used["weight"]
         agreement = _agreement_for(options)
         if agreement is not None:
             # what an adopted plan must fit (groups and nodes only shape its quality)
@@ -224,6 +201,45 @@ class EplbPolicy:
             return plan
         return _fall_back(error, weight, num_replicas, num_groups, num_nodes, num_ranks,
                           old_global_expert_indices)
+
+
+def _plan_here(options: dict[str, Any], used: dict[str, torch.Tensor], num_replicas: int,
+               num_groups: int, num_nodes: int, num_ranks: int,
+               old_global_expert_indices: torch.Tensor | None) -> torch.Tensor:
+    """This rank's plan of ``used["weight"]`` (``[layers, experts]``, replaced by the loads
+    as planned on: on the host, entries that are not finite loads read as 0 where no whole
+    map is in force), or the map in force where the loads are unusable; raises what
+    fails (:meth:`EplbPolicy.rebalance_experts` reports it to the other ranks)."""
+    planner = {k: v for k, v in options.items() if k in PLANNER_OPTIONS}
+    # plan on the host whatever the input's device: the CPU path is the one measured
+    # bit-identical across ranks (tests/test_determinism.py)
+    weight = used["weight"] = used["weight"].detach().to("cpu")
+    old = _usable_old_map(old_global_expert_indices, weight, num_replicas)
+    try:
+        check_loads(weight, "weight")
+    except ValueError as exc:
+        kept = _map_in_force(old_global_expert_indices, weight, num_replicas)
+        if kept is not None:
+            logger.error("eplb: %s; keeping the expert map in force for this rebalance", exc)
+            return kept
+        # no whole map to keep (vLLM adding or removing GPUs): a plan is needed, and
+        # vLLM's default policy would plan on the bad entries themselves
+        logger.error("eplb: %s; planning with such entries read as 0 (no whole expert "
+                     "map in force to keep)", exc)
+        if weight.is_floating_point():  # (float8 has no compare: float64 is exact)
+            weight = weight.to(torch.float64)
+        weight = used["weight"] = torch.where(
+            weight.isfinite() & (weight > 0), weight,
+            torch.zeros((), dtype=weight.dtype, device=weight.device))
+    if old is None:  # a fresh plan: the move knobs have nothing to act on
+        planner = {k: v for k, v in planner.items() if k not in INCREMENTAL_OPTIONS}
+    planner = _hierarchy_or_global(planner, weight.shape[1], num_replicas, num_groups,
+                                   num_nodes, num_ranks)
+    phy2log, _, _ = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_ranks,
+                                      old_phy2log=old, **planner)
+    plan = phy2log.to(device="cpu", dtype=torch.int64).contiguous()
+    _check_phy2log(plan, weight.shape, num_replicas)
+    return plan
 
 
 def _hierarchy_or_global(planner: dict[str, Any], num_experts: int, num_replicas: int,

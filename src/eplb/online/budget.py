@@ -170,8 +170,8 @@ def load_shares(load: np.ndarray) -> np.ndarray:
 
 
 def as_threshold(skip_threshold: object) -> float | None:
-    """``skip_threshold`` as a float >= 0 (Python, NumPy and 0-d tensor numbers, as the
-    other knobs take them) or ``None``; else ``ValueError``."""
+    """``skip_threshold`` as a float in [0, 1) (Python, NumPy and 0-d tensor numbers, as
+    the other knobs take them) or ``None``; else ``ValueError``."""
     value = skip_threshold
     if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.dtype != torch.bool
             and not value.is_complex() and not without_values(value)):
@@ -181,9 +181,15 @@ def as_threshold(skip_threshold: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, float | int | np.number) or not (
-        value >= 0
+        0 <= value < 1
     ):
-        raise ValueError(f"skip_threshold must be a number >= 0, got {skip_threshold!r}")
+        # a rise in balancedness (at most 1): from 1 on it skipped every layer without a
+        # word; 2 meant for "2 %" switched rebalancing off (new-user pass)
+        raise ValueError(f"skip_threshold must be a fraction in [0, 1) (a rise in "
+                         f"balancedness: 0.01 is 1 %), got {skip_threshold!r}"
+                         + ("; max_moves=0 keeps the map in force but for forced moves"
+                            if isinstance(value, float | int | np.number)
+                            and not isinstance(value, bool) and value >= 1 else ""))
     return float(value)
 
 
