@@ -16,8 +16,11 @@ eplb's hook: one table from one stream). Tokens arise evenly on the GPUs.
 Shapes: 8 and 32 GPUs on one node (every replica is on the token's node: SGLang draws
 for every rank without a replica), and 32 GPUs on 4 nodes. Plans: eplb's
 ``dispatch="nearest"`` plan (global policy; on one node the even split), on one node
-also with ``fair="avoid"`` (the hot experts on every GPU), and on 4 nodes eplb's
-even-split global plan. Quality only; SGLang's table takes seconds per plan.
+also with ``fair="avoid"`` (the hot experts on every GPU) and per layer whichever of the
+two the ranks' own draws serve better (``eplb.core.rank_draws``, the CLI's plan for an
+``--init-expert-location`` file on one node; that model's figure is a column of its
+own), and on 4 nodes eplb's even-split global plan. Quality only; SGLang's table takes
+seconds per plan.
 
     python benchmarks/bench_sglang_table.py [--files 2]
 """
@@ -35,6 +38,7 @@ from sglang_dispatch import sglang_dispatch_tables
 import eplb
 from eplb.core import realised_gpu_loads
 from eplb.core.dispatch import table_gpu_loads
+from eplb.core.rank_draws import plan_for_start_up_file, rank_draw_peaks
 
 R, E = 288, 256
 SHAPES = ((8, 1), (32, 1), (32, 4))  # (GPUs, nodes)
@@ -64,18 +68,27 @@ def main(argv: list[str] | None = None) -> int:
             else:  # the hot experts on every GPU: no token of theirs draws
                 plans["eplb, dispatch nearest, fair avoid"] = eplb.plan(
                     weight, R, gpus, nodes, 8, policy="global", dispatch="nearest", fair="avoid")
+                # per layer, whichever the ranks' own draws serve better (the CLI's plan
+                # for an --init-expert-location file on one node)
+                plans["eplb, per layer for the file (CLI)"] = plan_for_start_up_file(
+                    lambda fair, w=weight, g=gpus: eplb.plan(w, R, g, 1, 8, policy="global",
+                                                             dispatch="nearest", fair=fair),
+                    weight)[0]
             for label, plan in plans.items():
                 model = balancedness(realised_gpu_loads(weight, plan.phy2log, gpus, nodes))
+                peaks = float(rank_draw_peaks(weight, plan.phy2log, gpus).sum())
+                drawn = "–" if nodes > 1 else f"{float(weight.sum()) / gpus / peaks:.4f}"
                 real = {path: balancedness(table_gpu_loads(
                             weight, sglang_dispatch_tables(plan.phy2log, E, gpus, nodes,
                                                            path=path), gpus, R))
                         for path in ("mapping", "eplb")}
                 rows.append([name, f"{gpus} GPUs, {nodes} node{'s' * (nodes > 1)}", label,
-                             f"{model:.4f}", f"{real['mapping']:.4f}", f"{real['eplb']:.4f}",
-                             f"{real['mapping'] - model:+.4f}"])
+                             f"{model:.4f}", drawn, f"{real['mapping']:.4f}",
+                             f"{real['eplb']:.4f}", f"{real['mapping'] - model:+.4f}"])
                 print(f"  {name} {gpus}/{nodes} {label}: done", flush=True)
     print()
     print(markdown_table(["workload", "cluster", "plan", "eplb's model (expected)",
+                          "eplb's model of each rank's draw (one node)",
                           "SGLang table: init file", "SGLang table: runtime",
                           "init file − model"], rows))
     return 0

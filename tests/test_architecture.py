@@ -145,7 +145,8 @@ CORE_ORDER = (
     "topology", "inputs", "placement", "trace", "options", "request", "ordering",
     "device_path", "replication", "count_bounds", "tiny_counts", "packing", "small_slots",
     "bounds",
-    "dispatch", "node_labels", "node_repair", "dispatch_plan", "locality", "policies", "planner",
+    "dispatch", "node_labels", "node_repair", "dispatch_plan", "rank_draws", "locality", "policies",
+    "planner",
     "baselines",
 )
 

@@ -127,7 +127,7 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
                             "GPU), so no token needs SGLang's random fair choice; expect = "
                             "best in expectation; auto = per layer avoid, unless expect, "
                             "uncapped or even-split counts serve 5%% better (default; one "
-                            "node: the even split, but avoid for an SGLang file)")
+                            "node: the even split; for an SGLang file, per layer it or avoid)")
         g.add_argument("--slack", type=real, default=None, metavar="X",
                        help="locality: node load allowed above the mean node load (default 0.03: "
                             "balancedness about 0.97, least cross-node traffic at that "

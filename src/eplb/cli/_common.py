@@ -513,8 +513,8 @@ ONE_NODE_NEAREST = (
     "--dispatch nearest with one node: every replica is on the token's node, so the plan is "
     "the even-split one (the expectation of SGLang's random choice for the GPUs without a "
     "replica; from an --init-expert-location file SGLang realised 0.883-0.955 on one node "
-    "where this reads 1.0, and 0.920-0.999 from eplb plan --fair avoid, the hot experts on "
-    "every GPU: BENCHMARKS.md §14)")
+    "where this reads 1.0; an SGLang file (--emit sglang) is planned per layer for SGLang's "
+    "per-rank draws: 0.953-0.999 from the file, BENCHMARKS.md §14)")
 
 #: what incremental planning moves whatever ``--max-moves`` allows (online/incremental.py)
 FORCED_MOVES = ("slots of dead or revived GPUs, replicas stacked on one GPU, and "

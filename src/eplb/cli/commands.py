@@ -44,6 +44,7 @@ from eplb.core.inputs import require_distinct_topk, scale_free
 from eplb.core.messages import counted, integer_runs
 from eplb.core.placement import Placement, load_balance
 from eplb.core.planner import equal_speeds, planning_speeds
+from eplb.core.rank_draws import plan_for_start_up_file
 from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement_meta, read_routing, write_placement
 from eplb.formats.placement_writer import dead_gpus_message
@@ -138,7 +139,6 @@ def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-
     # the inputs first: a missing loads file is the mistake to hear about, not an output
     # that a --force would have cleared before the run then failed anyway
     require_loads_files(args.loads)
@@ -303,9 +303,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
              "--policy global (0.75-0.89 against 0.997 on real DeepSeek-V3 loads, "
              "BENCHMARKS.md §14): pass --policy global for balance, or --policy hierarchical "
              "to keep the groups together")
-    placement, seconds = timed(lambda: plan(
-        weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
-        seed=args.seed, **options))
+    if options.get("fair") == FOR_FILE:  # per layer, as the file's ranks will draw
+        (placement, said), seconds = timed(lambda: plan_for_start_up_file(
+            lambda fair: plan(weight, args.replicas, args.gpus, policy=policy, seed=args.seed,
+                              **{**options, "fair": fair}), weight))
+        info(said)
+    else:
+        placement, seconds = timed(lambda: plan(
+            weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
+            seed=args.seed, **options))
     placement.validate()
     split = None
     # the forced moves told apart from the others, where the planner takes a budget
@@ -473,6 +479,10 @@ def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest")
 
 
+#: ``fair`` of a one-node SGLang start-up file (core/rank_draws.py; eplb.plan takes no such)
+FOR_FILE = "start-up file"
+
+
 def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
                       rows: list[int] | None = None, emit: str | None = None) -> dict:
     """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
@@ -483,16 +493,12 @@ def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
         return {}
     fair = args.fair
     if args.nodes <= 1 and fair == "auto" and emit == "sglang" and not args.previous:
-        # the plan is for SGLang's start-up file, where every rank draws its own "fair"
-        # choice: there the hot experts on every GPU realised 0.920-0.999 and the even
-        # split 0.883-0.955 (SGLang's own table, BENCHMARKS.md §14). The API's "auto"
-        # cannot know which path a plan is for (its runtime hook draws one table, where
-        # the even split did better on 32 GPUs), so the CLI, which does, chooses here
-        fair = "avoid"
-        info("--dispatch nearest on one node, for an SGLang start-up file: the hot experts "
-             "go on every GPU (--fair avoid), which SGLang's own table realised at "
-             "0.920-0.999 from such a file where the even split realised 0.883-0.955 "
-             "(BENCHMARKS.md §14); --fair expect plans the even split")
+        # for SGLang's start-up file every rank draws its own fair choice (the API's "auto"
+        # cannot know a plan is for it): per layer the even split or the hot experts on
+        # every GPU, as those draws serve them (core/rank_draws.py, BENCHMARKS.md §14)
+        fair = FOR_FILE
+        info("--dispatch nearest on one node, for an SGLang start-up file: per layer the even "
+             "split or --fair avoid, as the ranks' own fair draws serve them (§14 of BENCHMARKS)")
     elif args.nodes <= 1 and fair != "avoid":
         warn(ONE_NODE_NEAREST)
     options = {"dispatch": "nearest", "fair": fair}

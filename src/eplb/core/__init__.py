@@ -5,7 +5,7 @@ Layers inside, bottom to top (each imports only those before it;
 imports nothing) → ``topology`` → ``inputs`` → ``placement`` → ``trace`` → ``options`` →
 ``request`` → ``ordering`` → ``device_path`` → ``replication`` → ``count_bounds`` →
 ``tiny_counts`` → ``packing/`` → ``small_slots`` → ``bounds`` → ``dispatch`` → ``node_labels`` →
-``node_repair`` → ``dispatch_plan`` → ``locality`` → ``policies/`` → ``planner`` →
+``node_repair`` → ``dispatch_plan`` → ``rank_draws`` → ``locality`` → ``policies/`` → ``planner`` →
 ``baselines``.
 
 Public here on purpose (the rest is internal and may change):

@@ -1,0 +1,71 @@
+"""eplb's model of SGLang's start-up file on one node: every rank draws its own fair
+choice for the experts it holds no replica of (``eplb.core.rank_draws``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eplb
+from eplb.core import realised_gpu_loads
+from eplb.core.rank_draws import choose_for_rank_draws, rank_draw_peaks
+
+
+def _loads(layers: int, experts: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(layers, experts, generator=g) ** 4 * 1000).round() + 1
+
+
+def test_nothing_is_drawn_where_every_rank_holds_every_expert() -> None:
+    # every GPU holds every expert: each rank serves its own tokens, the expectation's
+    # loads exactly
+    w = _loads(3, 4, 0)
+    phy2log = torch.arange(4).repeat(3, 4)  # 4 GPUs × 4 slots, each all experts
+    peaks = rank_draw_peaks(w, phy2log, 4)
+    want = realised_gpu_loads(w, phy2log, 4, 1).amax(1).numpy()
+    assert np.allclose(peaks, want, rtol=1e-12)
+
+
+def test_one_replica_each_draws_nothing_either() -> None:
+    # one replica per expert: every rank without it sends its tokens there (one choice)
+    w = _loads(2, 8, 1)
+    phy2log = torch.arange(8).repeat(2, 1)
+    assert np.allclose(rank_draw_peaks(w, phy2log, 4),
+                       realised_gpu_loads(w, phy2log, 4, 1).amax(1).numpy(), rtol=1e-12)
+
+
+def test_draws_raise_the_peak_above_the_expectation_and_are_reproducible() -> None:
+    w = _loads(4, 64, 2)
+    plan = eplb.plan(w, 96, 16, dispatch="nearest")
+    peaks = rank_draw_peaks(w, plan.phy2log, 16)
+    expected = realised_gpu_loads(w, plan.phy2log, 16, 1).amax(1).numpy()
+    assert (peaks >= expected * (1 - 1e-12)).all() and (peaks > expected).any()
+    assert np.array_equal(peaks, rank_draw_peaks(w, plan.phy2log, 16))
+    assert not np.array_equal(peaks, rank_draw_peaks(w, plan.phy2log, 16, seed=1))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10**6), st.integers(1, 4))
+def test_a_layers_figure_is_its_own(seed: int, layer: int) -> None:
+    """A layer's peak does not depend on the other layers of the call nor on its row."""
+    w = _loads(5, 16, seed)
+    plan = eplb.plan(w, 32, 8, dispatch="nearest")
+    whole = rank_draw_peaks(w, plan.phy2log, 8)
+    alone = rank_draw_peaks(w[layer:layer + 1], plan.phy2log[layer:layer + 1], 8)
+    assert alone[0] == whole[layer]
+
+
+def test_the_choice_takes_the_lower_peak_per_layer() -> None:
+    w = _loads(6, 32, 3)
+    even = eplb.plan(w, 48, 8, dispatch="nearest", fair="expect").phy2log
+    avoid = eplb.plan(w, 48, 8, dispatch="nearest", fair="avoid").phy2log
+    chosen = choose_for_rank_draws(w, [even, avoid], 8)
+    peaks = np.stack([rank_draw_peaks(w, p, 8) for p in (even, avoid)])
+    for layer in range(6):
+        want = even if peaks[0, layer] <= peaks[1, layer] else avoid
+        assert torch.equal(chosen[layer], want[layer])
+    assert rank_draw_peaks(w, chosen, 8).sum() <= peaks.min(0).sum() * (1 + 1e-12)
+
+
