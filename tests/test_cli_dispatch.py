@@ -397,3 +397,12 @@ def test_an_sglang_start_up_file_on_one_node_is_planned_for_each_ranks_own_draw(
     assert torch.equal(files["auto.json"][0], files["expect.sglang.pt"][0])
     for name in ("expect.sglang.pt", "auto.json"):  # the even split, with its warning
         assert "--dispatch nearest with one node" in files[name][1]
+    # eval scores a one-node file by the same model of the ranks' own draws
+    from eplb.core.rank_draws import rank_draw_peaks
+
+    code, out, err = run(capsys, "eval", "--placement", tmp_path / "auto.sglang.pt", path,
+                         "-g", 16, "--dispatch", "nearest", "--json")
+    assert code == 0, err
+    want = float(w.sum()) / 16 / float(rank_draw_peaks(w, want, 16).sum())
+    assert json.loads(out)["balancedness_rank_draws"] == pytest.approx(want, rel=1e-12)
+    assert f"balancedness {want:.4f}" in files["auto.sglang.pt"][1]

@@ -43,6 +43,7 @@ from eplb.core.inputs import scale_free
 from eplb.core.messages import counted
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.planner import equal_speeds
+from eplb.core.rank_draws import rank_draw_peaks
 from eplb.formats import read_placement_meta
 
 
@@ -149,14 +150,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     topo = placement.topology
     live = placement.live_gpus()
     after_loads = placement.scaled_gpu_loads(weight)
-    nearest = None
+    nearest = drawn = None
     if args.dispatch == "nearest" and topo.num_nodes <= 1 and args.routing is None:
-        # as plan says: on one node every replica is on the token's node
+        # as plan says: on one node every replica is on the token's node; what SGLang's
+        # start-up file realises is eplb's model of each rank's own draw (core/rank_draws)
+        if placement.active_gpus is None and bool(weight.any()):
+            drawn = float(weight.sum()) / topo.num_gpus / float(
+                rank_draw_peaks(weight, placement.phy2log, topo.num_gpus).sum())
         warn(f"--dispatch nearest with one node ({args.placement} is for one; --nodes N "
              "applies to engine files): every replica is on the token's node, so it is "
              "scored as the even split, the expectation of SGLang's random choice for the "
              "GPUs without a replica (SGLang's own table realises below it: BENCHMARKS.md "
-             "§14)")
+             "§14)" + ("" if drawn is None else
+                      f"; each rank drawing its own choice, as from an --init-expert-location "
+                      f"file (eplb's model, within 0.01 of SGLang's table): {drawn:.4f}"))
     elif args.dispatch == "nearest":
         nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep)
         after_loads = nearest.pop("gpu_loads")
@@ -201,6 +208,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "worst_max_over_mean_before": before_worst,
         "worst_max_over_mean_after": after_worst,
         "dispatch": args.dispatch,
+        # one node, nearest: each rank's own draw, as from SGLang's start-up file (or None)
+        "balancedness_rank_draws": drawn,
         # as plan's summary: the GPUs the placement leaves empty (None: every GPU is live)
         "dead_gpus": dead_gpu_ids(placement.active_gpus),
         "layers": per_layer,
