@@ -134,3 +134,23 @@ def test_many_empty_gpus_through_the_vllm_plugin():
     counts = (weight * 1000).round().to(torch.int32)
     phy2log = EplbPolicy.rebalance_experts(counts, 288, 1, 1, 32, old)
     assert phy2log.shape == (3, 288) and (phy2log >= 0).all()
+
+
+def test_a_loose_limit_keeps_the_repair_of_what_forced_moves_lost() -> None:
+    """Found by a fuzz pass: a greedy map with an expert stacked on one GPU, spread by
+    force, was repaired only without a limit. Any budget (6 or 100 slots of 6) or
+    skip_threshold=0 then planned 0.9495 moving 3 slots, where no limit planned 0.9758
+    moving 1. A limit that allows the repair now takes it; a tight one still rules."""
+    w = torch.tensor([[97.0, 13.0, 51.0, 87.0, 34.0]])
+    old = torch.tensor([[0, 4, 1, 3, 3, 2]])  # expert 3 twice on GPU 1 (2 GPUs × 3 slots)
+    free = eplb.plan(w, 6, 2, previous=old)
+    assert int(free.moved_slots(old).sum()) == 1
+    for limit in ({"max_moves": 6}, {"max_moves": 100}, {"max_moves": [6]},
+                  {"skip_threshold": 0.0}, {"max_moves": 6, "skip_threshold": 0.01}):
+        got = eplb.plan(w, 6, 2, previous=old, **limit)
+        assert torch.equal(got.phy2log, free.phy2log), limit
+    # a budget of no voluntary move, or a threshold the repair does not reach, rules
+    for limit in ({"max_moves": 0}, {"skip_threshold": 0.5}):
+        got = eplb.plan(w, 6, 2, previous=old, **limit)
+        assert not torch.equal(got.phy2log, free.phy2log), limit
+        got.validate()

@@ -103,8 +103,8 @@ def test_meta_tensor_budget_is_refused_by_name():
 def test_skip_threshold_takes_0d_numpy_numbers_as_0d_tensors():
     # torch.tensor(0.1) was taken and np.array(0.1) refused (attacker pass)
     old = eplb.plan(W1, R, P)
-    for value in (np.array(0.1), np.array(1), torch.tensor(0.1)):
+    for value in (np.array(0.1), np.array(0), torch.tensor(0.1)):
         eplb.plan(W1, R, P, previous=old, skip_threshold=value).validate()
-    for value in (np.array([0.1]), np.array(True), np.array(-1.0), np.array(np.nan)):
+    for value in (np.array([0.1]), np.array(True), np.array(-1.0), np.array(np.nan), np.array(1)):
         with pytest.raises(ValueError, match=r"skip_threshold must be a fraction in \[0, 1\)"):
             eplb.plan(W1, R, P, previous=old, skip_threshold=value)

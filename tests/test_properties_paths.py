@@ -20,7 +20,7 @@ Every result must pass ``validate`` and the independent ``assert_contract`` (eve
 held, anti-affinity, hierarchical locality), leave dead GPUs empty, and come out the same
 for the same input. Where the old map needs no forced move (an eplb plan for the same
 live GPUs and policy) the incremental promises are checked too: a budget is kept, a
-``skip_threshold`` of 1 keeps the map, and no layer gets worse on the window at hand.
+``skip_threshold`` of 0.999 keeps the map, and no layer gets worse on the window at hand.
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ def incremental_calls(draw, origin: str):
         kwargs["max_moves"] = {"list": per_layer.tolist(), "tensor": torch.from_numpy(per_layer),
                                "array": per_layer}[budget]
     elif budget == "skip" and path != "nearest":
-        kwargs["skip_threshold"] = 1.0  # nothing gains a whole unit of balancedness
+        kwargs["skip_threshold"] = 0.999  # a gain is below 1 - 1/P: none reaches this
     return c, weight, old, origin, kwargs
 
 
@@ -295,7 +295,7 @@ def test_incremental_plans_from_old_maps_of_every_origin_keep_every_promise(orig
         assert int(moved.sum()) <= budget, (moved.tolist(), budget)
     elif budget is not None:
         assert bool((moved <= torch.as_tensor(budget)).all()), (moved.tolist(), budget)
-    if kwargs.get("skip_threshold") == 1.0:
+    if kwargs.get("skip_threshold") == 0.999:
         assert int(moved.sum()) == 0
     # no layer gets worse on the window at hand (under the rule it is planned for)
     w = weight.to(torch.float64)

@@ -46,11 +46,11 @@ almost every slot. Here the new plan starts from the placement in force:
    ladder, so an ample budget's plan may differ from the one without a budget; it never
    moves what does not pay, nor more slots in a layer than that rule would.) No
    candidate whose in-sample peak exceeds the placement in force's is taken.
-5. **Without a budget or a skip threshold, forced moves cost no balance**
-   (:func:`eplb.online.forced.undo_forced_losses`): where they left a layer worse on
-   the window at hand than the map in force (a greedy's stacked replicas spread), the
-   cheapest candidate at least as good as that map is taken, else a fresh plan where it
-   is better.
+5. **Forced moves cost no balance** (:func:`eplb.online.forced.undo_forced_losses`):
+   where they left a layer worse on the window at hand than the map in force (a greedy's
+   stacked replicas spread), the cheapest candidate at least as good as that map is
+   taken, else a fresh plan where it is better; under a budget or a skip threshold only
+   where those allow it (:func:`eplb.online.forced.within_limits`).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ from eplb.online.forced import (
     fresh_candidates,
     fresh_plans_per_layer,
     undo_forced_losses,
+    within_limits,
 )
 from eplb.online.nearest import choose_paying, plan_nearest_incremental
 
@@ -450,9 +451,14 @@ def plan_incremental(
         same = (moves.counts_of(best, request.num_experts)
                 == moves.counts_of(base, request.num_experts)).all(1)
         best[same] = base[same]
-    if max_moves is None and skip_threshold is None:  # a limit the user set rules
-        best = undo_forced_losses(request, weight, old, base, best, replanned,
-                                   Offered(now, cost, take), lambda chosen: score(chosen)[1])
+    undone = undo_forced_losses(request, weight, old, base, best, replanned,
+                                Offered(now, cost, take), lambda chosen: score(chosen)[1])
+    if max_moves is None and skip_threshold is None:
+        best = undone
+    else:  # where a limit the user set allows it
+        best = within_limits(undone, best, base, max_moves, skip_threshold,
+                             lambda rows: 1.0 / score(undone[None])[0][0, rows]
+                             - 1.0 / peak[0, rows])
     phy2log = torch.from_numpy(best).to(request.weight.device)
     placement = Placement.from_phy2log(
         phy2log, request.num_experts, topo, request.policy, request.active_gpus
