@@ -5,7 +5,10 @@ filled through the public API."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -154,3 +157,19 @@ def test_a_loose_limit_keeps_the_repair_of_what_forced_moves_lost() -> None:
         got = eplb.plan(w, 6, 2, previous=old, **limit)
         assert not torch.equal(got.phy2log, free.phy2log), limit
         got.validate()
+
+
+def test_a_placement_of_other_nodes_or_groups_is_taken_with_a_warning() -> None:
+    """Found by a fuzz pass: a record planned for 2 nodes was taken by a call for 4 without
+    a word (its slots are the same; a layer whose groups then straddle nodes is re-planned
+    as a forced move)."""
+    w = torch.rand(2, 8, generator=torch.Generator().manual_seed(0)) * 100
+    two_nodes = eplb.plan(w, 16, 4, 2, 4)
+    with pytest.warns(UserWarning, match=r"planned for 2 node\(s\) and 4 group\(s\), this "
+                                         r"call is for 4 and 4") as caught:
+        eplb.plan(w, 16, 4, 4, 4, previous=two_nodes, max_moves=0).validate()
+    assert caught[0].filename == __file__  # said at the caller's line
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same cluster, or a bare map: nothing to say
+        eplb.plan(w, 16, 4, 2, 4, previous=two_nodes).validate()
+        eplb.plan(w, 16, 4, 4, 4, previous=two_nodes.phy2log).validate()

@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import dataclasses
 import reprlib
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -111,6 +112,14 @@ def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
         if previous.num_experts != request.num_experts:
             raise ValueError(f"previous placement has {previous.num_experts} experts, the "
                              f"weight {request.num_experts}")
+        grouped = request.policy != "global"  # (a global even-split plan ignores both)
+        if ((theirs.num_nodes != topo.num_nodes and (grouped or request.dispatch == "nearest"))
+                or (theirs.num_groups != topo.num_groups and grouped)):
+            # the same slots, grouped otherwise: taken as it is, said (fuzz pass: silent)
+            warnings.warn(f"previous placement was planned for {theirs.num_nodes} node(s) and "
+                          f"{theirs.num_groups} group(s), this call is for {topo.num_nodes} "
+                          f"and {topo.num_groups}: its map is taken as the slots hold it",
+                          stacklevel=5)  # eplb.plan's caller
     old = previous.phy2log if isinstance(previous, Placement) else previous
     expected = (request.num_layers, request.topology.num_replicas)
     return as_old_map(old, expected, request.num_experts, " to match the weight").numpy()
