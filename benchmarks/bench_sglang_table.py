@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 plans["eplb, per layer for the file (CLI)"] = plan_for_start_up_file(
                     lambda fair, w=weight, g=gpus: eplb.plan(w, R, g, 1, 8, policy="global",
                                                              dispatch="nearest", fair=fair),
-                    weight)[0]
+                    weight)[0]  # (the placement; then the line and the figure)
             for label, plan in plans.items():
                 model = balancedness(realised_gpu_loads(weight, plan.phy2log, gpus, nodes))
                 peaks = float(rank_draw_peaks(weight, plan.phy2log, gpus).sum())

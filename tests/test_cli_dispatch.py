@@ -406,3 +406,22 @@ def test_an_sglang_start_up_file_on_one_node_is_planned_for_each_ranks_own_draw(
     want = float(w.sum()) / 16 / float(rank_draw_peaks(w, want, 16).sum())
     assert json.loads(out)["balancedness_rank_draws"] == pytest.approx(want, rel=1e-12)
     assert f"balancedness {want:.4f}" in files["auto.sglang.pt"][1]
+    code, out, _ = run(capsys, *plan, "-o", tmp_path / "again.sglang.pt", "--json")
+    assert code == 0 and json.loads(out)["balancedness_rank_draws"] == pytest.approx(want)
+
+
+def test_an_sglang_file_on_one_node_under_the_hierarchical_policy_is_still_planned(
+        tmp_path, capsys, loads):
+    """Found by the review: the per-layer plan for SGLang's start-up file asked for
+    fair='expect' under a forced hierarchical policy, which the API refuses; such a file
+    is planned as before, with the warning saying why it is not the per-layer plan."""
+    path, _ = loads
+    out = tmp_path / "h.sglang.pt"
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--groups", 4, "--policy",
+                       "hierarchical", "--dispatch", "nearest", "-o", out)
+    assert code == 0, err
+    assert "the plan is the even-split one; the hierarchical policy" in err
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--dispatch", "nearest",
+                       "--previous", out, "-o", tmp_path / "again.sglang.pt")
+    assert code == 0, err
+    assert "--previous plans from the map in force" in err

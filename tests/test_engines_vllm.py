@@ -119,6 +119,17 @@ def test_the_policy_names_a_load_window_or_map_that_is_no_tensor():
     assert plugin.EplbPolicy.rebalance_experts(weight, 16, 1, 1, 4).shape == (2, 16)
 
 
+def test_a_map_of_float_ids_is_the_callers_mistake_even_with_vllms_policy_to_fall_back_on(
+        monkeypatch):
+    """It raises, as before the cross-rank report took the planning's errors (review pass:
+    with vLLM importable it fell back to vLLM's policy with an ERROR line instead)."""
+    weight = torch.rand(2, 8) * 10
+    monkeypatch.setattr(plugin, "_vllm_default_policy", lambda: object())
+    old = (torch.arange(16) % 8).repeat(2, 1).to(torch.float32)
+    with pytest.raises(TypeError, match="old_global_expert_indices must hold integer expert ids"):
+        plugin.EplbPolicy.rebalance_experts(weight, 16, 1, 1, 4, old)
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.uint16,
                                    torch.uint32, torch.uint64, torch.bool])
 def test_the_policy_plans_every_real_dtype_as_eplb_plan_does(dtype, caplog):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -595,6 +597,9 @@ def test_auto_half_lives_too_long_for_any_window_are_refused_up_front() -> None:
     ((24, 8, 2, 4, 30), {"planner": "greedy"}, r"num_replicas \(24\) must be at least"),
     ((40, 8, 2, 4, 18), {"policy": "hierarchical"},
      r"num_experts \(18\) is not a multiple of num_groups \(4\)"),
+    # DeepSeek's greedy goes hierarchical whenever groups divide over nodes (review pass)
+    ((40, 8, 2, 4, 18), {"planner": "greedy"},
+     r"num_experts \(18\) is not a multiple of num_groups \(4\)"),
 ])
 def test_counts_the_planner_cannot_plan_are_refused_at_the_first_step(shape, options,
                                                                       match) -> None:
@@ -605,3 +610,14 @@ def test_counts_the_planner_cannot_plan_are_refused_at_the_first_step(shape, opt
     with pytest.raises(ValueError, match=match):
         reb.record(torch.ones(3, experts))
     assert reb.steps == 0
+
+
+def test_the_first_steps_check_adds_no_warning_of_its_own() -> None:
+    """The shape check at the first step is quiet: "planning globally" is said once, by
+    the plan (review pass: it was said twice, from two places)."""
+    reb = Rebalancer(40, 8, 2, 4, window=2, interval=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reb.record(torch.ones(2, 3, 18))
+    said = [w for w in caught if "planning globally" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in caught]

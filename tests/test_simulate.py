@@ -486,7 +486,6 @@ def test_a_cluster_whose_gpus_do_not_divide_over_its_nodes_is_replayed_as_one_no
                  dispatch="nearest")
 
 
-
 def test_any_planner_is_scored_as_the_engine_dispatch_named() -> None:
     """``score_dispatch``: a planner that does not plan for SGLang's nearest rule (the
     greedy, or no rebalancing) is scored as that rule serves its plans, window by window
@@ -519,9 +518,12 @@ def test_any_planner_is_scored_as_the_engine_dispatch_named() -> None:
     assert not torch.equal(planned.window_balancedness, as_even.window_balancedness)
     with pytest.raises(ValueError, match="score_dispatch must be 'even', 'nearest' or None"):
         simulate(counts, "greedy", score_dispatch="near", **shape)
-    with pytest.raises(ValueError, match=r"own node first.*num_gpus \(16\) is not a multiple"):
-        simulate(counts, "greedy", score_dispatch="nearest",
-                 **{**shape, "num_nodes": 3})
+    for planned, scored in (("even", "nearest"), ("nearest", "even")):  # either (review)
+        options = {"dispatch": planned} if planned == "nearest" else {}
+        with pytest.raises(ValueError,
+                           match=r"own node first.*num_gpus \(16\) is not a multiple"):
+            simulate(counts, "eplb" if options else "greedy", score_dispatch=scored,
+                     **{**shape, "num_nodes": 3}, **options)
 
 
 @pytest.mark.parametrize("chunk", [0, -1, 1.5, True])

@@ -508,14 +508,6 @@ def generated_trace(preset: str, steps: int, seed: int) -> LoadTrace:
     return generate_trace(preset=preset, steps=steps, seed=seed)
 
 
-#: what --dispatch nearest on one node means (plan and simulate warn with it)
-ONE_NODE_NEAREST = (
-    "--dispatch nearest with one node: every replica is on the token's node, so the plan is "
-    "the even-split one (the expectation of SGLang's random choice for the GPUs without a "
-    "replica; from an --init-expert-location file SGLang realised 0.883-0.955 on one node "
-    "where this reads 1.0; an SGLang file (--emit sglang) is planned per layer for SGLang's "
-    "per-rank draws: 0.953-0.999 from the file, BENCHMARKS.md §14)")
-
 #: what incremental planning moves whatever ``--max-moves`` allows (online/incremental.py)
 FORCED_MOVES = ("slots of dead or revived GPUs, replicas stacked on one GPU, and "
                 "hierarchical layers whose groups straddle nodes or sit unequally on them "

@@ -9,7 +9,6 @@ import torch
 
 from eplb.api import plan
 from eplb.cli._common import (
-    ONE_NODE_NEAREST,
     CliError,
     active_gpus_from,
     ceiling,
@@ -19,7 +18,6 @@ from eplb.cli._common import (
     cluster_note,
     existing_file,
     gpu_speed_from,
-    info,
     print_json,
     print_table,
     refuse_input_as_output,
@@ -39,14 +37,14 @@ from eplb.cli._inputs import (
     warn_revived,
 )
 from eplb.cli._moves import may_force, split_moves, warn_forced_moves
+from eplb.cli._nearest import dispatch_options, plan_nearest
 from eplb.core.dispatch import realised_gpu_loads
-from eplb.core.inputs import require_distinct_topk, scale_free
+from eplb.core.inputs import scale_free
 from eplb.core.messages import counted, integer_runs
 from eplb.core.placement import Placement, load_balance
 from eplb.core.planner import equal_speeds, planning_speeds
-from eplb.core.rank_draws import plan_for_start_up_file
 from eplb.core.trace import MAX_MODEL_LAYERS
-from eplb.formats import read_placement_meta, read_routing, write_placement
+from eplb.formats import read_placement_meta, write_placement
 from eplb.formats.placement_writer import dead_gpus_message
 from eplb.online.incremental import takes_budget
 
@@ -286,7 +284,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             warn(f"{loads}: layers {integer_runs(idle)} saw no tokens (the dense layers of an "
                  "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
                  "if your model's MoE layers start later")
-    options.update(_dispatch_options(args, trace.num_layers, num_experts, kept_rows, emit))
+    options.update(dispatch_options(args, trace.num_layers, num_experts, kept_rows))
     if args.max_moves is not None:  # (with --previous: _refuse_flag_mistakes)
         options["max_moves"] = args.max_moves
     if args.move_price is not None:  # (with --previous: _refuse_flag_mistakes)
@@ -303,15 +301,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
              "--policy global (0.75-0.89 against 0.997 on real DeepSeek-V3 loads, "
              "BENCHMARKS.md §14): pass --policy global for balance, or --policy hierarchical "
              "to keep the groups together")
-    if options.get("fair") == FOR_FILE:  # per layer, as the file's ranks will draw
-        (placement, said), seconds = timed(lambda: plan_for_start_up_file(
-            lambda fair: plan(weight, args.replicas, args.gpus, policy=policy, seed=args.seed,
-                              **{**options, "fair": fair}), weight))
-        info(said)
-    else:
-        placement, seconds = timed(lambda: plan(
+    (placement, drawn), seconds = timed(lambda: plan_nearest(
+        args, policy, emit, options, lambda **kw: plan(
             weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
-            seed=args.seed, **options))
+            seed=args.seed, **kw), weight))
     placement.validate()
     split = None
     # the forced moves told apart from the others, where the planner takes a budget
@@ -373,6 +366,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "topology": placement.topology.as_dict(),
         "policy": policy,
         "dispatch": args.dispatch,
+        # an SGLang file on one node: each rank's own draw, as from the file (or None)
+        "balancedness_rank_draws": drawn,
         "plan_seconds": seconds,
         "balancedness_before": before,
         "balancedness_in_force": in_force,
@@ -428,31 +423,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _routing(args: argparse.Namespace) -> torch.Tensor | None:
-    if args.routing is None:  # (a stray --routing-key: _refuse_flag_mistakes)
-        return None
-    key = None if args.routing_key is None else args.routing_key.split(",")
-    try:
-        routing = read_routing(existing_file(args.routing, "routing trace"), key=key)
-    except ValueError as exc:  # the readers name the loads' --key; here it is --routing-key
-        raise CliError(str(exc).replace("--key", "--routing-key")) from None
-    if routing.numel() == 0:
-        raise CliError(f"--routing {args.routing} holds no tokens (shape "
-                       f"{tuple(routing.shape)}; a routing trace is [tokens, layers, k])")
-    if int(routing.min()) < 0:
-        raise CliError(f"--routing {args.routing} holds negative expert ids (-1 padding for "
-                       "tokens routed to fewer experts?); co-selection needs full top-k rows")
-    return routing
-
-
-def _distinct_rows(routing: torch.Tensor, args: argparse.Namespace) -> None:
-    """:func:`require_distinct_topk` naming the file (after its shape is checked)."""
-    try:
-        require_distinct_topk(routing, f"--routing {args.routing}")
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-
-
 def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
     """The flag mistakes that need no file, before any file is read or an existing
     output reported (new-user and attacker passes: "already exists; pass --force" came
@@ -477,45 +447,6 @@ def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
         raise CliError("--slack is the locality policy's knob: add --policy locality")
     if args.gpu_speed:
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest")
-
-
-#: ``fair`` of a one-node SGLang start-up file (core/rank_draws.py; eplb.plan takes no such)
-FOR_FILE = "start-up file"
-
-
-def _dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
-                      rows: list[int] | None = None, emit: str | None = None) -> dict:
-    """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
-    ``num_rows``: the loads file's rows (the routing trace's layers are those);
-    ``num_experts``: the loads' experts (the trace's ids lie below);
-    ``rows``: the ones planned, where some were left out; ``emit``: the output's format."""
-    if args.dispatch != "nearest":  # (nearest-only flags: _refuse_flag_mistakes)
-        return {}
-    fair = args.fair
-    if args.nodes <= 1 and fair == "auto" and emit == "sglang" and not args.previous:
-        # for SGLang's start-up file every rank draws its own fair choice (the API's "auto"
-        # cannot know a plan is for it): per layer the even split or the hot experts on
-        # every GPU, as those draws serve them (core/rank_draws.py, BENCHMARKS.md §14)
-        fair = FOR_FILE
-        info("--dispatch nearest on one node, for an SGLang start-up file: per layer the even "
-             "split or --fair avoid, as the ranks' own fair draws serve them (§14 of BENCHMARKS)")
-    elif args.nodes <= 1 and fair != "avoid":
-        warn(ONE_NODE_NEAREST)
-    options = {"dispatch": "nearest", "fair": fair}
-    if args.slack is not None:  # the API refuses a slack outside the locality policy
-        options["slack"] = args.slack
-    routing = _routing(args)
-    if routing is not None:
-        if routing.shape[1] != num_rows:
-            raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the loads "
-                           f"{num_rows}")
-        if int(routing.max()) >= num_experts:
-            raise CliError(f"--routing {args.routing} names expert {int(routing.max())}, beyond "
-                           f"the loads' {num_experts} experts (for a routing trace as LOADS, "
-                           "give the model's count with --num-experts E)")
-        _distinct_rows(routing, args)
-        options["routing"] = routing if rows is None else routing[:, rows]
-    return options
 
 
 def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,

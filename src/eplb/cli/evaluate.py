@@ -28,10 +28,9 @@ from eplb.cli._inputs import (
     warn,
     warn_if_no_load,
 )
+from eplb.cli._nearest import distinct_rows, read_routing_flag
 from eplb.cli.commands import (
-    _distinct_rows,
     _layer_ids,
-    _routing,
     _rows_of_loads,
     _select_rows,
     as_serving,
@@ -349,7 +348,7 @@ def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor,
                                topo.num_nodes, active_gpus=active)
     out = {"gpu_loads": loads,
            "balancedness_even_split": placement.balancedness(weight)}
-    routing = _routing(args)
+    routing = read_routing_flag(args)
     if routing is not None:
         if keep is not None and routing.shape[1] == num_rows:
             routing = routing[:, keep]  # the loads' layers, paired as plan pairs them
@@ -360,7 +359,7 @@ def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor,
         if int(routing.max()) >= placement.num_experts:
             raise CliError(f"--routing {args.routing} names experts beyond the placement's "
                            f"{placement.num_experts}")
-        _distinct_rows(routing, args)
+        distinct_rows(routing, args)
         remote = remote_nodes_per_token(placement.phy2log, routing, placement.num_experts,
                                         topo.num_gpus, topo.num_nodes, active_gpus=active)
         out["remote_nodes_per_token"] = float(remote.mean())

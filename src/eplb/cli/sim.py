@@ -11,7 +11,6 @@ from pathlib import Path
 
 from eplb.cli._common import (
     FORCED_MOVES,
-    ONE_NODE_NEAREST,
     CliError,
     check_output,
     check_topology,
@@ -26,6 +25,7 @@ from eplb.cli._common import (
     say_written,
 )
 from eplb.cli._inputs import all_zero_rows_note, cli_policy, read_trace, warn
+from eplb.cli._nearest import ONE_NODE_NEAREST
 from eplb.core import LoadTrace
 from eplb.core.messages import counted
 from eplb.formats import write_loads

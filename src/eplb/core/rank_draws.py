@@ -101,13 +101,13 @@ def choose_for_rank_draws(weight: torch.Tensor, candidates: list[torch.Tensor],
 
 
 def plan_for_start_up_file(plan: Callable[[str], Placement], weight: torch.Tensor
-                           ) -> tuple[Placement, str]:
+                           ) -> tuple[Placement, str, float]:
     """A one-node nearest-dispatch plan for SGLang's start-up file: ``plan(fair)`` (a
     validated :class:`Placement` of ``weight [L, E]`` for ``fair`` ``"expect"``, the
     even split, and ``"avoid"``, the hot experts on every GPU) per layer, whichever
     serves the ranks' own draws better (:func:`choose_for_rank_draws`). Returns the
-    validated placement and a line saying how many layers took ``"avoid"`` and the
-    balancedness the draws give it."""
+    validated placement, a line saying how many layers took ``"avoid"`` and the
+    balancedness the draws give it, and that balancedness."""
     even, avoid = plan("expect"), plan("avoid")
     topo = even.topology
     chosen = choose_for_rank_draws(weight, [even.phy2log, avoid.phy2log], topo.num_gpus)
@@ -117,7 +117,7 @@ def plan_for_start_up_file(plan: Callable[[str], Placement], weight: torch.Tenso
     avoided = int((chosen.cpu() != even.phy2log.cpu()).any(1).sum())
     total = float(weight.to(torch.float64).sum()) / topo.num_gpus
     peaks = float(rank_draw_peaks(weight, chosen, topo.num_gpus).sum())
+    drawn = total / peaks if peaks > 0 else 1.0
     return placement, (f"the hot experts on every GPU in {avoided} of {even.num_layers} "
                        f"layers; each rank drawing its own fair choice (eplb's model of "
-                       f"SGLang's start-up file): balancedness "
-                       f"{total / peaks if peaks > 0 else 1.0:.4f}")
+                       f"SGLang's start-up file): balancedness {drawn:.4f}"), drawn

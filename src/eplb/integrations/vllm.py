@@ -180,6 +180,10 @@ class EplbPolicy:
         refuse_without_values(old_global_expert_indices, "old_global_expert_indices")
         if weight.dim() != 2:
             raise ValueError(f"weight must be [layers, experts], got shape {tuple(weight.shape)}")
+        old_shape = (weight.shape[0], num_replicas)
+        if old_global_expert_indices is not None and (
+                tuple(old_global_expert_indices.shape) == old_shape):  # (others: not used)
+            require_integer_ids(old_global_expert_indices, "old_global_expert_indices")
         used = {"weight": weight}  # the loads as planned on (entries read as 0, on the host)
         plan, error = None, None
         try:

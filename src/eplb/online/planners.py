@@ -238,11 +238,13 @@ def make_planner(
             return plan_fresh(request)
 
         def check_shape(num_layers: int, num_experts: int) -> None:
-            # every check of a plan's request, without planning (a Rebalancer runs it at
-            # its first step, not at its first rebalance thousands of steps on)
-            make_request(torch.ones(num_layers, num_experts, dtype=torch.float64),
-                         topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups,
-                         active_gpus=active_gpus, **plan_options)
+            # what the counts' experts decide, checked quietly (eplb.plan warns when it
+            # plans) at a Rebalancer's first step, not its first rebalance thousands of
+            # steps on
+            _enough_slots(topo, num_experts)
+            resolve_policy(plan_options.get("policy", "auto"), topo, num_experts,
+                           has_dead_gpus=dead, quiet=True,
+                           has_speeds=plan_options.get("gpu_speed") is not None)
 
         eplb_planner.check_shape = check_shape  # type: ignore[attr-defined]
         return eplb_planner
@@ -256,9 +258,9 @@ def make_planner(
                                topo.num_groups, **plan_options)
 
         def greedy_shape(num_layers: int, num_experts: int) -> None:
-            if topo.num_replicas < num_experts:
-                raise ValueError(f"num_replicas ({topo.num_replicas}) must be at least the "
-                                 f"number of experts ({num_experts})")
+            _enough_slots(topo, num_experts)  # and DeepSeek's own choice of policy:
+            resolve_policy(plan_options.get("policy", "auto"), topo, num_experts,
+                           rule="deepseek", quiet=True)
 
         greedy_planner.check_shape = greedy_shape  # type: ignore[attr-defined]
         return greedy_planner
@@ -270,6 +272,12 @@ def make_planner(
                                  device=weight.device)
 
     return static_planner
+
+
+def _enough_slots(topology: Topology, num_experts: int) -> None:
+    if topology.num_replicas < num_experts:
+        raise ValueError(f"num_replicas ({topology.num_replicas}) must be at least the number "
+                         f"of experts ({num_experts}): every expert needs a slot")
 
 
 def plan_estimate(

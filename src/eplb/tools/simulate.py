@@ -518,7 +518,8 @@ def simulate(
     # do not divide over the nodes), for the initial placement and the result alike
     asked = Topology(num_replicas, num_gpus, num_nodes, num_groups)
     topo = as_planned(asked, plan_options.get("policy", "auto"), stacklevel=3,
-                      dispatch=realised.dispatch)
+                      dispatch="nearest" if "nearest" in (plan_options.get("dispatch"),
+                                                          realised.dispatch) else None)
     check_scoring_size(num_layers, num_experts, num_gpus)  # before any planning
     if initial is None:
         initial = trivial_placement(num_experts, num_layers, topo, active_gpus)

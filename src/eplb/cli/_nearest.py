@@ -1,0 +1,107 @@
+"""``eplb plan``'s options for SGLang's nearest dispatch (``--dispatch``, ``--fair``,
+``--slack``, ``--routing``), and its plan for an SGLang start-up file on one node, where
+every rank draws its own fair choice (:mod:`eplb.core.rank_draws`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from eplb.cli._common import CliError, existing_file, info
+from eplb.cli._inputs import warn
+from eplb.core.inputs import require_distinct_topk
+from eplb.core.placement import Placement
+from eplb.core.rank_draws import plan_for_start_up_file
+from eplb.formats import read_routing
+
+#: what --dispatch nearest on one node means (plan and simulate warn with it; plan adds
+#: what it planned)
+ONE_NODE_NEAREST = (
+    "--dispatch nearest with one node: every replica is on the token's node, so the rule is "
+    "scored by the expectation of SGLang's random choice for the GPUs without a replica "
+    "(from an --init-expert-location file SGLang realised 0.883-0.955 for eplb's even split "
+    "where this reads 1.0: BENCHMARKS.md §14)")
+
+
+def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
+                     rows: list[int] | None = None) -> dict:
+    """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
+    ``num_rows``: the loads file's rows (the routing trace's layers are those);
+    ``num_experts``: the loads' experts (the trace's ids lie below);
+    ``rows``: the ones planned, where some were left out."""
+    if args.dispatch != "nearest":  # (nearest-only flags: _refuse_flag_mistakes)
+        return {}
+    options = {"dispatch": "nearest", "fair": args.fair}
+    if args.slack is not None:  # the API refuses a slack outside the locality policy
+        options["slack"] = args.slack
+    routing = read_routing_flag(args)
+    if routing is not None:
+        if routing.shape[1] != num_rows:
+            raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the loads "
+                           f"{num_rows}")
+        if int(routing.max()) >= num_experts:
+            raise CliError(f"--routing {args.routing} names expert {int(routing.max())}, beyond "
+                           f"the loads' {num_experts} experts (for a routing trace as LOADS, "
+                           "give the model's count with --num-experts E)")
+        distinct_rows(routing, args)
+        options["routing"] = routing if rows is None else routing[:, rows]
+    return options
+
+
+def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict,
+                 plan: Callable[..., Placement], weight: torch.Tensor
+                 ) -> tuple[Placement, float | None]:
+    """The plan ``plan(**options)`` makes, said where one node makes it special, and the
+    balancedness each rank's own draw gives it where it is planned for them. For an
+    SGLang start-up file on one node under the global policy (``--fair`` left at auto, no
+    ``--previous``): per layer the even split or ``fair="avoid"``, whichever every rank's
+    own fair draw serves better (the API's ``"auto"`` cannot know a plan is for such a
+    file, where the even split realised 0.883-0.955: BENCHMARKS.md §14)."""
+    one_node = options.get("dispatch") == "nearest" and args.nodes <= 1
+    if one_node and emit == "sglang" and args.fair == "auto" and not args.previous and (
+            policy == "global"):
+        info("--dispatch nearest on one node, for an SGLang start-up file: per layer the even "
+             "split or --fair avoid, as the ranks' own fair draws serve them (BENCHMARKS.md "
+             "§14)")
+        placement, said, drawn = plan_for_start_up_file(
+            lambda fair: plan(**{**options, "fair": fair}), weight)
+        info(said)
+        return placement, drawn
+    if one_node and options.get("fair") != "avoid":
+        why = ("" if emit != "sglang" else
+               "; --previous plans from the map in force" if args.previous else
+               "; --fair expect asked for it" if args.fair == "expect" else
+               f"; the {policy} policy")
+        warn(f"{ONE_NODE_NEAREST}; the plan is the even-split one{why} (an SGLang file "
+             "from eplb plan --emit sglang, fresh and global, is planned per layer for the "
+             "ranks' own draws)")
+    return plan(**options), None
+
+
+def read_routing_flag(args: argparse.Namespace) -> torch.Tensor | None:
+    if args.routing is None:  # (a stray --routing-key: _refuse_flag_mistakes)
+        return None
+    key = None if args.routing_key is None else args.routing_key.split(",")
+    try:
+        routing = read_routing(existing_file(args.routing, "routing trace"), key=key)
+    except ValueError as exc:  # the readers name the loads' --key; here it is --routing-key
+        raise CliError(str(exc).replace("--key", "--routing-key")) from None
+    if routing.numel() == 0:
+        raise CliError(f"--routing {args.routing} holds no tokens (shape "
+                       f"{tuple(routing.shape)}; a routing trace is [tokens, layers, k])")
+    if int(routing.min()) < 0:
+        raise CliError(f"--routing {args.routing} holds negative expert ids (-1 padding for "
+                       "tokens routed to fewer experts?); co-selection needs full top-k rows")
+    return routing
+
+
+def distinct_rows(routing: torch.Tensor, args: argparse.Namespace) -> None:
+    """:func:`require_distinct_topk` naming the file (after its shape is checked)."""
+    try:
+        require_distinct_topk(routing, f"--routing {args.routing}")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
