@@ -600,6 +600,17 @@ def test_auto_half_lives_too_long_for_any_window_are_refused_up_front() -> None:
     # DeepSeek's greedy goes hierarchical whenever groups divide over nodes (review pass)
     ((40, 8, 2, 4, 18), {"planner": "greedy"},
      r"num_experts \(18\) is not a multiple of num_groups \(4\)"),
+    # no rebalancing's layout, live slots, the locality policy's routing (attacker pass)
+    ((8, 4, 1, 1, 16), {"planner": "none"}, r"num_replicas \(8\) must be at least"),
+    ((32, 8, 1, 1, 16), {"active_gpus": [True] + [False] * 7},
+     r"only 1 of 8 GPUs are live: 4 slots cannot hold 16 experts"),
+    ((32, 8, 2, 4, 16), {"policy": "locality", "dispatch": "nearest",
+                         "routing": torch.zeros(100, 7, 2, dtype=torch.int64)},
+     r"routing must have shape \[tokens, 3 layers, top-k\]"),
+    ((32, 8, 2, 4, 16), {"policy": "locality", "dispatch": "nearest",
+                         "routing": torch.arange(40).remainder(40).reshape(10, 1, 4)
+                         .expand(10, 3, 4).contiguous()},
+     r"routing holds expert ids in \[0, 39\], outside \[0, 16\)"),
 ])
 def test_counts_the_planner_cannot_plan_are_refused_at_the_first_step(shape, options,
                                                                       match) -> None:

@@ -518,6 +518,8 @@ def test_any_planner_is_scored_as_the_engine_dispatch_named() -> None:
     assert not torch.equal(planned.window_balancedness, as_even.window_balancedness)
     with pytest.raises(ValueError, match="score_dispatch must be 'even', 'nearest' or None"):
         simulate(counts, "greedy", score_dispatch="near", **shape)
+    with pytest.raises(ValueError, match="gpu_speed cannot be combined with nearest dispatch"):
+        simulate(counts, score_dispatch="nearest", gpu_speed=[1.0] * 8 + [2.0] * 8, **shape)
     for planned, scored in (("even", "nearest"), ("nearest", "even")):  # either (review)
         options = {"dispatch": planned} if planned == "nearest" else {}
         with pytest.raises(ValueError,

@@ -153,9 +153,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.dispatch == "nearest" and topo.num_nodes <= 1 and args.routing is None:
         # as plan says: on one node every replica is on the token's node; what SGLang's
         # start-up file realises is eplb's model of each rank's own draw (core/rank_draws)
-        if placement.active_gpus is None and bool(weight.any()):
-            drawn = float(weight.sum()) / topo.num_gpus / float(
-                rank_draw_peaks(weight, placement.phy2log, topo.num_gpus).sum())
+        if placement.active_gpus is None:  # (no load: 1.0, as plan says)
+            peaks = float(rank_draw_peaks(weight, placement.phy2log, topo.num_gpus).sum())
+            drawn = float(weight.sum()) / topo.num_gpus / peaks if peaks > 0 else 1.0
         warn(f"--dispatch nearest with one node ({args.placement} is for one; --nodes N "
              "applies to engine files): every replica is on the token's node, so it is "
              "scored as the even split, the expectation of SGLang's random choice for the "

@@ -31,6 +31,9 @@ from eplb.core.placement import Placement
 DRAWS = 8
 #: draws a seed may ask for before its numbers would repeat another seed's
 DRAW_STRIDE = 1 << 16
+#: (rank, expert) draws of one call, over all its draws, beyond which fewer draws are
+#: taken (at least 2): 1024 GPUs of one node took 7.6 s a call with 8 (attacker pass)
+MAX_DRAWN = 1 << 25
 
 
 def rank_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
@@ -65,6 +68,7 @@ def rank_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
     cell, rank = np.nonzero(~holds & (count > 0)[:, None] & (share > 0)[:, None])
     layer = cell // num_experts
     peaks = np.zeros(layers)
+    draws = min(draws, max(2, MAX_DRAWN // max(len(cell), 1)))
     for draw in range(draws):
         # a draw is a function of (seed, draw, expert, rank) alone: a layer's peaks do not
         # depend on the other layers of the call, nor on where it sits among them
@@ -94,10 +98,18 @@ def choose_for_rank_draws(weight: torch.Tensor, candidates: list[torch.Tensor],
     """``[L, R]``: per layer the candidate ``[L, R]`` whose expected max GPU load under
     every rank's own draw (:func:`rank_draw_peaks`, the same draws for all) is least,
     the first among ties."""
+    return _chosen(weight, candidates, num_gpus)[0]
+
+
+def _chosen(weight: torch.Tensor, candidates: list[torch.Tensor], num_gpus: int
+            ) -> tuple[torch.Tensor, np.ndarray]:
+    """:func:`choose_for_rank_draws`, and the chosen layers' expected peaks ``[L]``."""
     peaks = np.stack([rank_draw_peaks(weight, c, num_gpus) for c in candidates])
-    pick = torch.from_numpy(np.argmin(peaks, 0))
+    pick = np.argmin(peaks, 0)
     stacked = torch.stack([c.cpu() for c in candidates])
-    return stacked[pick, torch.arange(stacked.shape[1])].to(candidates[0].device)
+    layer = np.arange(stacked.shape[1])
+    chosen = stacked[torch.from_numpy(pick), torch.from_numpy(layer)]
+    return chosen.to(candidates[0].device), peaks[pick, layer]
 
 
 def plan_for_start_up_file(plan: Callable[[str], Placement], weight: torch.Tensor
@@ -110,13 +122,13 @@ def plan_for_start_up_file(plan: Callable[[str], Placement], weight: torch.Tenso
     balancedness the draws give it, and that balancedness."""
     even, avoid = plan("expect"), plan("avoid")
     topo = even.topology
-    chosen = choose_for_rank_draws(weight, [even.phy2log, avoid.phy2log], topo.num_gpus)
+    chosen, chosen_peaks = _chosen(weight, [even.phy2log, avoid.phy2log], topo.num_gpus)
     placement = Placement.from_phy2log(chosen, even.num_experts, topo, even.policy,
                                        even.active_gpus)
     placement.validate()
     avoided = int((chosen.cpu() != even.phy2log.cpu()).any(1).sum())
     total = float(weight.to(torch.float64).sum()) / topo.num_gpus
-    peaks = float(rank_draw_peaks(weight, chosen, topo.num_gpus).sum())
+    peaks = float(chosen_peaks.sum())  # (the draws a layer's choice was scored on)
     drawn = total / peaks if peaks > 0 else 1.0
     return placement, (f"the hot experts on every GPU in {avoided} of {even.num_layers} "
                        f"layers; each rank drawing its own fair choice (eplb's model of "

@@ -465,7 +465,7 @@ def plan_incremental(
     if max_moves is None and skip_threshold is None:
         best = undone
     else:  # where a limit the user set allows it
-        best = within_limits(undone, best, base, max_moves, skip_threshold,
+        best = within_limits(undone, best, base, old, max_moves, skip_threshold,
                              lambda rows: 1.0 / score(undone[None])[0][0, rows]
                              - 1.0 / peak[0, rows])
     phy2log = torch.from_numpy(best).to(request.weight.device)

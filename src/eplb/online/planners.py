@@ -18,7 +18,7 @@ import torch
 
 from eplb.core.baselines import plan_greedy
 from eplb.core.device_path import plans_on_host, to_host
-from eplb.core.inputs import as_live_mask
+from eplb.core.inputs import as_live_mask, as_routing
 from eplb.core.options import with_incremental
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh
@@ -238,13 +238,15 @@ def make_planner(
             return plan_fresh(request)
 
         def check_shape(num_layers: int, num_experts: int) -> None:
-            # what the counts' experts decide, checked quietly (eplb.plan warns when it
+            # what the counts' shape decides, checked quietly (eplb.plan warns when it
             # plans) at a Rebalancer's first step, not its first rebalance thousands of
             # steps on
-            _enough_slots(topo, num_experts)
+            _enough_slots(topo, num_experts, active_gpus)
             resolve_policy(plan_options.get("policy", "auto"), topo, num_experts,
                            has_dead_gpus=dead, quiet=True,
                            has_speeds=plan_options.get("gpu_speed") is not None)
+            if plan_options.get("routing") is not None:
+                as_routing(plan_options["routing"], num_layers, num_experts)
 
         eplb_planner.check_shape = check_shape  # type: ignore[attr-defined]
         return eplb_planner
@@ -265,19 +267,30 @@ def make_planner(
         greedy_planner.check_shape = greedy_shape  # type: ignore[attr-defined]
         return greedy_planner
 
+    def static_shape(num_layers: int, num_experts: int) -> None:
+        _enough_slots(topo, num_experts, active_gpus)
+
     def static_planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
         # the engines' start-up layout over the live GPUs: the baseline on a degraded
         # cluster too (it was refused, though trivial_placement takes dead GPUs)
         return trivial_placement(weight.shape[-1], weight.shape[0], topo, active_gpus,
                                  device=weight.device)
 
+    static_planner.check_shape = static_shape  # type: ignore[attr-defined]
     return static_planner
 
 
-def _enough_slots(topology: Topology, num_experts: int) -> None:
+def _enough_slots(topology: Topology, num_experts: int, active_gpus: object = None) -> None:
+    """Every expert a slot (on a live GPU), as eplb.plan and the static layout need."""
     if topology.num_replicas < num_experts:
         raise ValueError(f"num_replicas ({topology.num_replicas}) must be at least the number "
                          f"of experts ({num_experts}): every expert needs a slot")
+    if active_gpus is not None:
+        live = int(as_live_mask(active_gpus, topology.num_gpus, torch.device("cpu")).sum())
+        if live * topology.slots_per_gpu < num_experts:
+            raise ValueError(f"only {live} of {topology.num_gpus} GPUs are live: "
+                             f"{live * topology.slots_per_gpu} slots cannot hold "
+                             f"{num_experts} experts")
 
 
 def plan_estimate(

@@ -134,6 +134,8 @@ class Realised:
         if dispatch not in (None, "even", "nearest"):
             raise ValueError(f"score_dispatch must be 'even', 'nearest' or None, got "
                              f"{dispatch!r}")
+        if dispatch == "nearest" and plan_options.get("gpu_speed") is not None:
+            raise ValueError("gpu_speed cannot be combined with nearest dispatch (as in eplb.plan)")
         return cls(dispatch or plan_options.get("dispatch") or "even",
                    plan_options.get("source"), plan_options.get("gpu_speed"))
 
