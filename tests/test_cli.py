@@ -740,6 +740,11 @@ def test_simulate_scores_every_planner_as_the_dispatch_named(capsys, trace_file)
                          "--dispatch", "nearest")
     assert code == 0 and "as SGLang's nearest dispatch serves them" in out
     assert err.count("--dispatch nearest with one node") == 1
+    # auto going hierarchical under the nearest rule is said, as plan says it (new-user pass)
+    code, out, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 16, "-g", 8,
+                         "--nodes", 2, "--groups", 2, "--dispatch", "nearest")
+    assert code == 0 and "(hierarchical)" in out
+    assert "--policy auto plans hierarchically" in err
 
 
 def test_simulate_incremental_table(capsys, trace_file) -> None:

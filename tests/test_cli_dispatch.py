@@ -425,3 +425,27 @@ def test_an_sglang_file_on_one_node_under_the_hierarchical_policy_is_still_plann
                        "--previous", out, "-o", tmp_path / "again.sglang.pt")
     assert code == 0, err
     assert "--previous plans from the map in force" in err
+
+
+def test_every_sglang_file_for_one_node_gets_the_figure_its_ranks_draws_give(
+        tmp_path, capsys, loads):
+    """New-user pass: on one node the table's figure for an SGLang file is the draws'
+    expectation (1.0 for the even split) while SGLang realises less; plan now gives the
+    per-rank-draw figure as a row of its own (and in --json) for every such file, as
+    eval does, whatever it was planned for."""
+    from eplb.core.rank_draws import rank_draw_peaks
+
+    path, w = loads
+    for i, extra in enumerate(([], ["--dispatch", "nearest", "--fair", "expect"],
+                               ["--dispatch", "nearest", "--fair", "avoid"])):
+        out = tmp_path / f"p{i}.sglang.json"
+        code, text, err = run(capsys, "plan", path, "-r", 96, "-g", 16, *extra, "-o", out)
+        assert code == 0, err
+        assert "SGLang's static dispatch from this file (each rank's own draw" in text
+        placement = read_placement(out, num_gpus=16)
+        want = float(w.sum()) / 16 / float(rank_draw_peaks(w, placement.phy2log, 16).sum())
+        code, text, _ = run(capsys, "plan", path, "-r", 96, "-g", 16, *extra, "-o",
+                            tmp_path / "again.sglang.json", "--force", "--json")
+        assert json.loads(text)["balancedness_rank_draws"] == pytest.approx(want)
+    code, text, _ = run(capsys, "plan", path, "-r", 96, "-g", 16, "-o", tmp_path / "p.json")
+    assert "SGLang's static dispatch" not in text  # eplb's own file: no such row

@@ -13,7 +13,7 @@ from eplb.cli._common import CliError, existing_file, info
 from eplb.cli._inputs import warn
 from eplb.core.inputs import require_distinct_topk
 from eplb.core.placement import Placement
-from eplb.core.rank_draws import plan_for_start_up_file
+from eplb.core.rank_draws import plan_for_start_up_file, rank_draw_peaks
 from eplb.formats import read_routing
 
 #: what --dispatch nearest on one node means (plan and simulate warn with it; plan adds
@@ -69,15 +69,26 @@ def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict
             lambda fair: plan(**{**options, "fair": fair}), weight)
         info(said)
         return placement, drawn
+    placement = plan(**options)
+    drawn = None
+    if emit == "sglang" and args.nodes <= 1:
+        # what SGLang's start-up file realises where every rank draws for itself (new-user
+        # pass: the table's figure, the draws' expectation, was the only one given)
+        peaks = float(rank_draw_peaks(weight, placement.phy2log, placement.topology.num_gpus
+                                      ).sum())
+        drawn = float(weight.sum()) / placement.topology.num_gpus / peaks if peaks else 1.0
+    this = "" if drawn is None else f"; this file: {drawn:.4f}, each rank drawing its own"
     if one_node and options.get("fair") != "avoid":
         why = ("" if emit != "sglang" else
                "; --previous plans from the map in force" if args.previous else
                "; --fair expect asked for it" if args.fair == "expect" else
                f"; the {policy} policy")
-        warn(f"{ONE_NODE_NEAREST}; the plan is the even-split one{why} (an SGLang file "
-             "from eplb plan --emit sglang, fresh and global, is planned per layer for the "
-             "ranks' own draws)")
-    return plan(**options), None
+        warn(f"{ONE_NODE_NEAREST}; the plan is the even-split one{why}{this} (an SGLang "
+             "file from eplb plan --emit sglang, fresh and global, is planned per layer for "
+             "the ranks' own draws)")
+    # (a plan for an even split, SGLang's dynamic dispatch, gets the figure in plan's
+    # table only: a warning on every such file would be noise without DeepEP)
+    return placement, drawn
 
 
 def read_routing_flag(args: argparse.Namespace) -> torch.Tensor | None:

@@ -391,9 +391,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if in_force is not None:
         rows.append([f"in force (--previous{as_serving(active, previous.live_gpus())})",
                      in_force, in_force_worst])
+    expectation = ", in expectation" if drawn is not None and args.dispatch == "nearest" else ""
     rows += [
-        [f"eplb {policy} (after{', nearest rule' if args.dispatch == 'nearest' else ''})",
-         after, after_worst],
+        [f"eplb {policy} (after{', nearest rule' if args.dispatch == 'nearest' else ''}"
+         f"{expectation})", after, after_worst],
+        *([["SGLang's static dispatch from this file (each rank's own draw, eplb's model)",
+            drawn, None]] if drawn is not None else []),
         ["ceiling (upper bound)", ceil.overall, ceil.worst],
     ]
     idle = int((weight.sum(1) == 0).sum())  # a dump's dense layers: planned, kept as rows

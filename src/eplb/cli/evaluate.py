@@ -156,8 +156,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if placement.active_gpus is None:  # (no load: 1.0, as plan says)
             peaks = float(rank_draw_peaks(weight, placement.phy2log, topo.num_gpus).sum())
             drawn = float(weight.sum()) / topo.num_gpus / peaks if peaks > 0 else 1.0
-        warn(f"--dispatch nearest with one node ({args.placement} is for one; --nodes N "
-             "applies to engine files): every replica is on the token's node, so it is "
+        warn(f"--dispatch nearest with one node ({args.placement} is scored as one: an "
+             "engine file records no node count, --nodes N gives it): every replica is on "
+             "the token's node, so it is "
              "scored as the even split, the expectation of SGLang's random choice for the "
              "GPUs without a replica (SGLang's own table realises below it: BENCHMARKS.md "
              "§14)" + ("" if drawn is None else

@@ -173,6 +173,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                         trace.num_experts)
     if args.dispatch == "nearest" and args.nodes <= 1:
         warn(ONE_NODE_NEAREST)  # the scores too are the expectation of SGLang's choice
+    if args.dispatch == "nearest" and args.policy == "auto" and policy == "hierarchical":
+        # as plan warns (new-user pass: 0.71 against 0.79 with --policy global, silently)
+        warn("--policy auto plans hierarchically (groups on several nodes), which balances "
+             "far worse under --dispatch nearest than --policy global: pass --policy global "
+             "for balance, or --policy hierarchical to keep the groups together")
     needed = max(2 * args.window, interval + (score_window or interval))
     if trace.num_steps < needed:
         have = counted(trace.num_steps, "step")
