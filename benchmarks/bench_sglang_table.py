@@ -38,7 +38,7 @@ from sglang_dispatch import sglang_dispatch_tables
 import eplb
 from eplb.core import realised_gpu_loads
 from eplb.core.dispatch import table_gpu_loads
-from eplb.core.rank_draws import plan_for_start_up_file, rank_draw_peaks
+from eplb.core.rank_draws import plan_for_start_up_file, rank_draw_balancedness
 
 R, E = 288, 256
 SHAPES = ((8, 1), (32, 1), (32, 4))  # (GPUs, nodes)
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                     weight)[0]  # (the placement; then the line and the figure)
             for label, plan in plans.items():
                 model = balancedness(realised_gpu_loads(weight, plan.phy2log, gpus, nodes))
-                peaks = float(rank_draw_peaks(weight, plan.phy2log, gpus).sum())
-                drawn = "–" if nodes > 1 else f"{float(weight.sum()) / gpus / peaks:.4f}"
+                drawn = ("–" if nodes > 1
+                         else f"{rank_draw_balancedness(weight, plan.phy2log, gpus):.4f}")
                 real = {path: balancedness(table_gpu_loads(
                             weight, sglang_dispatch_tables(plan.phy2log, E, gpus, nodes,
                                                            path=path), gpus, R))

@@ -223,20 +223,28 @@ def test_plugin_ranks_that_all_fail_fall_back_to_vllms_default_alike(vllm_root, 
     assert "no EP rank could plan" in caplog.text
 
 
-def test_plugin_rank_failing_alone_takes_the_others_plan(monkeypatch, caplog):
-    import eplb
-    from eplb.integrations import vllm as plugin
-
-    real = eplb.rebalance_experts
-    call_as = _plugin_ranks(monkeypatch, WORLD)
-    failing = threading.local()
+def _failing_where_flagged(monkeypatch, module, name: str,
+                           error: BaseException) -> threading.local:
+    """``module.name`` replaced by a version that raises ``error`` in the threads that set
+    the returned flag's ``yes`` (one rank of the threaded ranks), and is itself elsewhere."""
+    real = getattr(module, name)
+    flag = threading.local()
 
     def flaky(*args, **kwargs):
-        if getattr(failing, "yes", False):
-            raise MemoryError("this rank only")
+        if getattr(flag, "yes", False):
+            raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(plugin, "rebalance_experts", flaky)
+    monkeypatch.setattr(module, name, flaky)
+    return flag
+
+
+def test_plugin_rank_failing_alone_takes_the_others_plan(monkeypatch, caplog):
+    from eplb.integrations import vllm as plugin
+
+    call_as = _plugin_ranks(monkeypatch, WORLD)
+    failing = _failing_where_flagged(monkeypatch, plugin, "rebalance_experts",
+                                     MemoryError("this rank only"))
 
     def rank_call(rank, weight):
         failing.yes = rank == 1
@@ -257,16 +265,9 @@ def test_a_rank_failing_before_it_plans_keeps_the_rounds_in_step(monkeypatch, ca
     ("those ranks do not run eplb's policy"). Every rank now agrees in every round."""
     from eplb.integrations import vllm as plugin
 
-    real = plugin.check_loads
     call_as = _plugin_ranks(monkeypatch, WORLD)
-    failing = threading.local()
-
-    def flaky(*args, **kwargs):
-        if getattr(failing, "yes", False):
-            raise MemoryError("before planning")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(plugin, "check_loads", flaky)
+    failing = _failing_where_flagged(monkeypatch, plugin, "check_loads",
+                                     MemoryError("before planning"))
 
     def rank_call(rank, weight, fail):
         failing.yes = fail and rank == 3

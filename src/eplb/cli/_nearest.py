@@ -13,7 +13,7 @@ from eplb.cli._common import CliError, existing_file, info
 from eplb.cli._inputs import warn
 from eplb.core.inputs import require_distinct_topk
 from eplb.core.placement import Placement
-from eplb.core.rank_draws import plan_for_start_up_file, rank_draw_peaks
+from eplb.core.rank_draws import plan_for_start_up_file, rank_draw_balancedness
 from eplb.formats import read_routing
 
 #: what --dispatch nearest on one node means (plan and simulate warn with it; plan adds
@@ -74,9 +74,8 @@ def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict
     if emit == "sglang" and args.nodes <= 1:
         # what SGLang's start-up file realises where every rank draws for itself (new-user
         # pass: the table's figure, the draws' expectation, was the only one given)
-        peaks = float(rank_draw_peaks(weight, placement.phy2log, placement.topology.num_gpus
-                                      ).sum())
-        drawn = float(weight.sum()) / placement.topology.num_gpus / peaks if peaks else 1.0
+        drawn = rank_draw_balancedness(weight, placement.phy2log,
+                                       placement.topology.num_gpus)
     this = "" if drawn is None else f"; this file: {drawn:.4f}, each rank drawing its own"
     if one_node and options.get("fair") != "avoid":
         why = ("" if emit != "sglang" else

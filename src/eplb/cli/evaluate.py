@@ -42,7 +42,7 @@ from eplb.core.inputs import scale_free
 from eplb.core.messages import counted
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.planner import equal_speeds
-from eplb.core.rank_draws import rank_draw_peaks
+from eplb.core.rank_draws import rank_draw_balancedness
 from eplb.formats import read_placement_meta
 
 
@@ -153,9 +153,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.dispatch == "nearest" and topo.num_nodes <= 1 and args.routing is None:
         # as plan says: on one node every replica is on the token's node; what SGLang's
         # start-up file realises is eplb's model of each rank's own draw (core/rank_draws)
-        if placement.active_gpus is None:  # (no load: 1.0, as plan says)
-            peaks = float(rank_draw_peaks(weight, placement.phy2log, topo.num_gpus).sum())
-            drawn = float(weight.sum()) / topo.num_gpus / peaks if peaks > 0 else 1.0
+        if placement.active_gpus is None:
+            drawn = rank_draw_balancedness(weight, placement.phy2log, topo.num_gpus)
         warn(f"--dispatch nearest with one node ({args.placement} is scored as one: an "
              "engine file records no node count, --nodes N gives it): every replica is on "
              "the token's node, so it is "

@@ -66,19 +66,32 @@ def rank_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
     base = (holds * share[:, None]).reshape(layers, num_experts, num_gpus).sum(1)
     # (layer, expert, rank) sending its tokens elsewhere, by a draw
     cell, rank = np.nonzero(~holds & (count > 0)[:, None] & (share > 0)[:, None])
-    layer = cell // num_experts
+    layer, expert = np.divmod(cell, num_experts)
     peaks = np.zeros(layers)
     draws = min(draws, max(2, MAX_DRAWN // max(len(cell), 1)))
     for draw in range(draws):
         # a draw is a function of (seed, draw, expert, rank) alone: a layer's peaks do not
         # depend on the other layers of the call, nor on where it sits among them
-        pick = start[cell] + (_uniform(seed, draw, cell % num_experts, rank, num_experts,
-                                       num_gpus) * count[cell]).astype(np.int64)
+        pick = start[cell] + (_uniform(seed, draw, expert, rank, num_experts, num_gpus)
+                              * count[cell]).astype(np.int64)
         gpu = gpu_of_slot[order[pick] % num_slots]
         loads = base + np.bincount(layer * num_gpus + gpu, weights=share[cell],
                                    minlength=layers * num_gpus).reshape(layers, num_gpus)
         peaks += loads.max(1)
     return peaks / draws
+
+
+def rank_draw_balancedness(weight: torch.Tensor, phy2log: torch.Tensor,
+                           num_gpus: int) -> float:
+    """Balancedness (Σ mean / Σ max GPU load over the layers) of ``phy2log [L, R]`` when
+    every rank draws for itself (:func:`rank_draw_peaks`); 1.0 without load."""
+    return _balancedness(weight, rank_draw_peaks(weight, phy2log, num_gpus), num_gpus)
+
+
+def _balancedness(weight: torch.Tensor, peaks: np.ndarray, num_gpus: int) -> float:
+    """Σ mean over Σ ``peaks [L]`` (each layer's expected max GPU load); 1.0 without load."""
+    total, peak = float(weight.detach().to(torch.float64).sum()) / num_gpus, float(peaks.sum())
+    return total / peak if peak > 0 else 1.0
 
 
 def _uniform(seed: int, draw: int, expert: np.ndarray, rank: np.ndarray, num_experts: int,
@@ -127,9 +140,8 @@ def plan_for_start_up_file(plan: Callable[[str], Placement], weight: torch.Tenso
                                        even.active_gpus)
     placement.validate()
     avoided = int((chosen.cpu() != even.phy2log.cpu()).any(1).sum())
-    total = float(weight.to(torch.float64).sum()) / topo.num_gpus
-    peaks = float(chosen_peaks.sum())  # (the draws a layer's choice was scored on)
-    drawn = total / peaks if peaks > 0 else 1.0
+    # (the draws each layer's choice was scored on)
+    drawn = _balancedness(weight, chosen_peaks, topo.num_gpus)
     return placement, (f"the hot experts on every GPU in {avoided} of {even.num_layers} "
                        f"layers; each rank drawing its own fair choice (eplb's model of "
                        f"SGLang's start-up file): balancedness {drawn:.4f}"), drawn

@@ -223,12 +223,10 @@ def within_limits(undone: np.ndarray, best: np.ndarray, base: np.ndarray, old: n
         return best
     forced = (base[changed] != old[changed]).sum(1)
     voluntary = np.maximum((undone[changed] != old[changed]).sum(1) - forced, 0)
-    keep = voluntary == 0
-    limited = ~keep
+    keep = np.ones(len(changed), bool)
+    limited = voluntary > 0  # (the others are the forced moves made another way)
     if skip_threshold is not None and limited.any():
         keep[limited] = gain(changed[limited]) >= skip_threshold
-    else:
-        keep[limited] = True
     if max_moves is not None:
         if isinstance(max_moves, np.ndarray):
             keep &= voluntary <= max_moves[changed]
