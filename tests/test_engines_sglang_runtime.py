@@ -39,6 +39,7 @@ from helpers import DEEPSEEK_DIR as REAL
 import eplb
 from eplb import Placement, Topology
 from eplb.integrations import sglang as plugin
+from eplb.integrations import sglang_call
 
 
 class Recorder:
@@ -293,9 +294,7 @@ def test_the_next_rebalance_starts_from_the_placement_in_force(sglang_root, swit
         calls.append(kwargs.get("old_phy2log"))
         return real(*args, **kwargs)
 
-    from eplb.integrations import sglang as sglang_plugin
-
-    monkeypatch.setattr(sglang_plugin, "rebalance_experts", spy)
+    monkeypatch.setattr(sglang_call, "rebalance_experts", spy)
     with sglang_runtime(sglang_root, settings) as sg:
         sg.plugins.load_plugins()
         model_config = types.SimpleNamespace(
@@ -602,7 +601,7 @@ def test_summed_uint64_counts_beyond_int64_are_planned_not_wrapped():
 
 def test_a_per_layer_move_budget_is_refused_at_start_up():
     with pytest.raises(ValueError, match="max_moves must be one int"):
-        plugin._checked_options('{"max_moves": [1, 2, 3]}', "SGLANG_EPLB_OPTIONS")
+        sglang_call.checked_options('{"max_moves": [1, 2, 3]}', "SGLANG_EPLB_OPTIONS")
 
 
 def test_options_the_nearest_planner_cannot_honour_are_dropped_not_fatal(caplog):
@@ -630,22 +629,22 @@ def test_auto_plans_for_an_even_split_where_the_nearest_plan_would_stall_sglang(
     # expert, and SGLang's scheduler waits for it: beyond AUTO_NEAREST_MAX_WORK (P·R²/E)
     # "auto" plans for an even split; "nearest" still asks for it
     asked = []
-    real = plugin.rebalance_experts
+    real = sglang_call.rebalance_experts
 
     def spy(*args, **kwargs):
         asked.append(kwargs.get("dispatch", "even"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(plugin, "rebalance_experts", spy)
+    monkeypatch.setattr(sglang_call, "rebalance_experts", spy)
     weight = torch.randint(1, 1000, (1, 6, 64))
-    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_WORK", 799)  # 8 GPUs × 80² slots / 64
+    monkeypatch.setattr(sglang_call, "AUTO_NEAREST_MAX_WORK", 799)  # 8 GPUs × 80² slots / 64
     with caplog.at_level(logging.WARNING):
         plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
                               sglang_dispatch="static")
     assert asked == ["even"] and "would stall each rebalance" in caplog.text
     plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
                           options={"dispatch": "nearest"}, sglang_dispatch="static")
-    monkeypatch.setattr(plugin, "AUTO_NEAREST_MAX_WORK", 800)
+    monkeypatch.setattr(sglang_call, "AUTO_NEAREST_MAX_WORK", 800)
     plugin.eplb_rebalance(weight, 80, 10, None, 2, hierarchical=False,
                           sglang_dispatch="static")
     assert asked == ["even", "nearest", "nearest"]
@@ -660,7 +659,7 @@ def test_auto_counts_the_slots_per_gpu_not_only_the_gpus(monkeypatch):
         asked.append(kwargs.get("dispatch", "even"))
         # (no plan: only the dispatch asked for is checked)
 
-    monkeypatch.setattr(plugin, "rebalance_experts", spy)
+    monkeypatch.setattr(sglang_call, "rebalance_experts", spy)
     weight = torch.randint(1, 1000, (1, 2, 256))
     for gpus, slots in ((256, 9), (256, 3), (128, 9), (128, 8), (256, 2), (32, 9)):
         plugin.eplb_rebalance(weight, gpus * slots, slots, 8, gpus // 8, hierarchical=False,
@@ -676,7 +675,7 @@ def test_the_nearest_size_limit_applies_to_the_global_plan_only(monkeypatch, cap
     def spy(*args, **kwargs):
         asked.append((kwargs.get("dispatch", "even"), kwargs["policy"]))
 
-    monkeypatch.setattr(plugin, "rebalance_experts", spy)
+    monkeypatch.setattr(sglang_call, "rebalance_experts", spy)
     weight = torch.randint(1, 1000, (1, 2, 256))
     options = {"policy": "hierarchical", "dispatch": "nearest"}
     with caplog.at_level(logging.WARNING):

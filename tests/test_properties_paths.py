@@ -39,15 +39,16 @@ from hypothesis import strategies as st
 import eplb
 import eplb.core.device_path as device_path
 from eplb.core import plan_greedy, realised_gpu_loads
+from eplb.core.rank_draws import split_draw_peaks
 
 
 @st.composite
 def clusters(draw, max_slots: int = 5, min_nodes: int = 1, grouped: bool = False,
-             dead: bool = True):
+             dead: bool = True, max_nodes: int = 3):
     """A cluster and an expert count that fits it: nodes, GPUs, slots, groups, experts,
     layers, a live mask (or None) and a NumPy generator for the rest of the draw.
     ``grouped``: expert groups, a multiple of the nodes; ``dead``: some GPUs may be dead."""
-    nodes = draw(st.integers(min_nodes, 3))
+    nodes = draw(st.integers(min_nodes, max_nodes))
     gpus = nodes * draw(st.integers(1, 4))
     slots = draw(st.integers(1, max_slots))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
@@ -115,7 +116,8 @@ def check(p: eplb.Placement, c: dict, again: eplb.Placement) -> None:
 
 
 # ------------------------------------------------------------------------- fresh plans
-FRESH_PATHS = ("auto", "global", "speed", "hierarchical", "nearest", "locality")
+FRESH_PATHS = ("auto", "global", "speed", "hierarchical", "nearest", "nearest-one-node",
+               "locality")
 
 
 @st.composite
@@ -124,7 +126,8 @@ def fresh_calls(draw, path: str):
     call that takes ``path``."""
     several = path in ("hierarchical", "nearest", "locality")
     c = draw(clusters(min_nodes=2 if several else 1, grouped=path == "hierarchical",
-                      dead=path not in ("hierarchical", "locality")))
+                      dead=path not in ("hierarchical", "locality"),
+                      max_nodes=1 if path == "nearest-one-node" else 3))
     weight, w64 = draw_loads(draw, c)
     whole = c["live"] is None
     kwargs = {"seed": draw(st.integers(0, 2**31 - 1)), "active_gpus": c["live"]}
@@ -140,6 +143,9 @@ def fresh_calls(draw, path: str):
                       fair=draw(st.sampled_from(["auto", "avoid", "expect"])))
         if draw(st.booleans()):
             kwargs["source"] = torch.from_numpy(rng.uniform(0.1, 1.0, c["gpus"]))
+    elif path == "nearest-one-node":  # SGLang's runtime table (fair "divide", or "auto")
+        kwargs.update(policy="global", dispatch="nearest",
+                      fair=draw(st.sampled_from(["auto", "divide", "expect", "avoid"])))
     elif path == "locality":
         kwargs.update(policy="locality", dispatch="nearest")
         expected = "locality"
@@ -160,7 +166,11 @@ def test_fresh_plans_of_every_input_path_keep_the_contract(path, data):
     try:
         p = plan_quietly(*args, **kwargs)
     except ValueError as exc:
-        # the locality policy refuses shapes it cannot serve, and says so
+        # the locality policy refuses shapes it cannot serve, and says so; fair="divide"
+        # plans for every GPU live
+        if kwargs.get("fair") == "divide" and c["live"] is not None:
+            assert "fair='divide'" in str(exc) and "dead GPUs" in str(exc), exc
+            return
         assert expected == "locality" and "locality policy is impossible" in str(exc), exc
         return
     assert p.policy == expected
@@ -218,11 +228,9 @@ def old_map(origin: str, c: dict, w0: torch.Tensor, policy: str):
 def incremental_calls(draw, origin: str):
     c = draw(clusters(max_slots=4))
     whole = c["live"] is None
-    paths = ["auto", "global"]
-    if c["nodes"] > 1:
-        paths.append("nearest")
-        if whole and c["groups"] > 1:
-            paths.append("hierarchical")
+    paths = ["auto", "global", "nearest"]  # (nearest on one node: SGLang's runtime table)
+    if c["nodes"] > 1 and whole and c["groups"] > 1:
+        paths.append("hierarchical")
     path = draw(st.sampled_from(paths))
     policy = "hierarchical" if path == "hierarchical" or (
         path == "auto" and whole and c["groups"] > 1) else "global"
@@ -299,7 +307,15 @@ def test_incremental_plans_from_old_maps_of_every_origin_keep_every_promise(orig
         assert int(moved.sum()) == 0
     # no layer gets worse on the window at hand (under the rule it is planned for)
     w = weight.to(torch.float64)
-    if kwargs.get("dispatch") == "nearest":
+    if kwargs.get("dispatch") == "nearest" and c["nodes"] == 1 and c["live"] is None:
+        def balance(phy: torch.Tensor) -> torch.Tensor:  # under SGLang's runtime table
+            mean = w.sum(1).numpy() / c["gpus"]
+            return torch.from_numpy(mean / np.maximum(split_draw_peaks(w, phy, c["gpus"]),
+                                                      1e-300))
+
+        before, after = balance(old_map_), balance(p.phy2log)
+        after = torch.where(w.sum(1) > 0, after, before)
+    elif kwargs.get("dispatch") == "nearest":
         def balance(phy: torch.Tensor) -> torch.Tensor:
             loads = realised_gpu_loads(w, phy, c["gpus"], c["nodes"], active_gpus=c["live"])
             return loads.mean(1) / loads.amax(1).clamp(min=1e-300)

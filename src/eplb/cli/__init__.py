@@ -122,12 +122,15 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
     g.add_argument("--routing-key", metavar="NAME[,NAME...]",
                    help="which arrays of a multi-array --routing file to read")
     if planning:
-        g.add_argument("--fair", choices=["auto", "avoid", "expect"], default="auto",
+        g.add_argument("--fair", choices=["auto", "avoid", "expect", "divide"], default="auto",
                        help="nearest: avoid = hot experts on every node (one node: every "
                             "GPU), so no token needs SGLang's random fair choice; expect = "
-                            "best in expectation; auto = per layer avoid, unless expect, "
-                            "uncapped or even-split counts serve 5%% better (default; one "
-                            "node: the even split; for an SGLang file, per layer it or avoid)")
+                            "best in expectation; divide (one node) = counts that divide the "
+                            "GPUs, which SGLang's runtime table splits exactly; auto = per "
+                            "layer avoid, unless expect, uncapped or even-split counts serve "
+                            "5%% better (default; one node: per layer the even split or "
+                            "divide, for SGLang's runtime table; for an SGLang file, per "
+                            "layer the even split or avoid)")
         g.add_argument("--slack", type=real, default=None, metavar="X",
                        help="locality: node load allowed above the mean node load (default 0.03: "
                             "balancedness about 0.97, least cross-node traffic at that "

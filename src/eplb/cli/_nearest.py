@@ -13,7 +13,11 @@ from eplb.cli._common import CliError, existing_file, info
 from eplb.cli._inputs import warn
 from eplb.core.inputs import require_distinct_topk
 from eplb.core.placement import Placement
-from eplb.core.rank_draws import plan_for_start_up_file, rank_draw_balancedness
+from eplb.core.rank_draws import (
+    plan_for_start_up_file,
+    rank_draw_balancedness,
+    split_draw_balancedness,
+)
 from eplb.formats import read_routing
 
 #: what --dispatch nearest on one node means (plan and simulate warn with it; plan adds
@@ -22,7 +26,7 @@ ONE_NODE_NEAREST = (
     "--dispatch nearest with one node: every replica is on the token's node, so the rule is "
     "scored by the expectation of SGLang's random choice for the GPUs without a replica "
     "(from an --init-expert-location file SGLang realised 0.883-0.955 for eplb's even split "
-    "where this reads 1.0: BENCHMARKS.md §14)")
+    "where this reads 1.0, its runtime rebalancing 0.980-0.991: BENCHMARKS.md §14)")
 
 
 def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
@@ -78,13 +82,22 @@ def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict
                                        placement.topology.num_gpus)
     this = "" if drawn is None else f"; this file: {drawn:.4f}, each rank drawing its own"
     if one_node and options.get("fair") != "avoid":
-        why = ("" if emit != "sglang" else
-               "; --previous plans from the map in force" if args.previous else
-               "; --fair expect asked for it" if args.fair == "expect" else
-               f"; the {policy} policy")
-        warn(f"{ONE_NODE_NEAREST}; the plan is the even-split one{why}{this} (an SGLang "
-             "file from eplb plan --emit sglang, fresh and global, is planned per layer for "
-             "the ranks' own draws)")
+        gpus = placement.topology.num_gpus
+        runtime = (f"; SGLang's runtime table (eplb's model): "
+                   f"{split_draw_balancedness(weight, placement.phy2log, gpus):.4f}")
+        if policy == "global" and (args.fair == "divide" or (
+                args.fair == "auto" and not args.dead_gpus)):
+            what = ("counts that divide the GPUs" if args.fair == "divide" else
+                    "per layer the even split or counts that divide the GPUs, as")
+            what = f"the plan is {what} SGLang's runtime rebalancing table serves them" + (
+                "; --previous plans from the map in force" if args.previous else "")
+        else:
+            why = ("; --fair expect asked for it" if args.fair == "expect" else
+                   "; dead GPUs" if args.dead_gpus else f"; the {policy} policy")
+            what = f"the plan is the even-split one{why}"
+        warn(f"{ONE_NODE_NEAREST}; {what}{runtime}{this} (an SGLang file from eplb plan "
+             "--emit sglang, fresh and global, is planned per layer for the ranks' own "
+             "draws)")
     # (a plan for an even split, SGLang's dynamic dispatch, gets the figure in plan's
     # table only: a warning on every such file would be noise without DeepEP)
     return placement, drawn

@@ -43,6 +43,7 @@ from eplb.core.inputs import scale_free
 from eplb.core.messages import counted, integer_runs
 from eplb.core.placement import Placement, load_balance
 from eplb.core.planner import equal_speeds, planning_speeds
+from eplb.core.rank_draws import split_draw_balancedness
 from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats import read_placement_meta, write_placement
 from eplb.formats.placement_writer import dead_gpus_message
@@ -306,6 +307,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
             weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
             seed=args.seed, **kw), weight))
     placement.validate()
+    # one node, nearest, every GPU live: what SGLang's runtime rebalancing table serves
+    runtime = (split_draw_balancedness(weight, placement.phy2log, args.gpus)
+               if args.dispatch == "nearest" and args.nodes <= 1
+               and placement.active_gpus is None else None)
     split = None
     # the forced moves told apart from the others, where the planner takes a budget
     # (attacker pass: a split of 0 forced read as if it did where it takes none)
@@ -368,6 +373,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "dispatch": args.dispatch,
         # an SGLang file on one node: each rank's own draw, as from the file (or None)
         "balancedness_rank_draws": drawn,
+        # one node, nearest: SGLang's runtime rebalancing table, eplb's model (or None)
+        "balancedness_runtime_table": runtime,
         "plan_seconds": seconds,
         "balancedness_before": before,
         "balancedness_in_force": in_force,
@@ -397,6 +404,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
          f"{expectation})", after, after_worst],
         *([["SGLang's static dispatch from this file (each rank's own draw, eplb's model)",
             drawn, None]] if drawn is not None else []),
+        *([["SGLang's runtime rebalancing table (one stream, eplb's model)", runtime, None]]
+          if runtime is not None else []),
         ["ceiling (upper bound)", ceil.overall, ceil.worst],
     ]
     idle = int((weight.sum(1) == 0).sum())  # a dump's dense layers: planned, kept as rows

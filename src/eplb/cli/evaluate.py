@@ -42,7 +42,7 @@ from eplb.core.inputs import scale_free
 from eplb.core.messages import counted
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.planner import equal_speeds
-from eplb.core.rank_draws import rank_draw_balancedness
+from eplb.core.rank_draws import rank_draw_balancedness, split_draw_balancedness
 from eplb.formats import read_placement_meta
 
 
@@ -149,12 +149,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     topo = placement.topology
     live = placement.live_gpus()
     after_loads = placement.scaled_gpu_loads(weight)
-    nearest = drawn = None
+    nearest = drawn = runtime = None
     if args.dispatch == "nearest" and topo.num_nodes <= 1 and args.routing is None:
         # as plan says: on one node every replica is on the token's node; what SGLang's
-        # start-up file realises is eplb's model of each rank's own draw (core/rank_draws)
+        # start-up file realises is eplb's model of each rank's own draw, what its runtime
+        # rebalancing's table realises eplb's model of that table (core/rank_draws)
         if placement.active_gpus is None:
             drawn = rank_draw_balancedness(weight, placement.phy2log, topo.num_gpus)
+            runtime = split_draw_balancedness(weight, placement.phy2log, topo.num_gpus)
         warn(f"--dispatch nearest with one node ({args.placement} is scored as one: an "
              "engine file records no node count, --nodes N gives it): every replica is on "
              "the token's node, so it is "
@@ -162,7 +164,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
              "GPUs without a replica (SGLang's own table realises below it: BENCHMARKS.md "
              "§14)" + ("" if drawn is None else
                       f"; each rank drawing its own choice, as from an --init-expert-location "
-                      f"file (eplb's model, within 0.01 of SGLang's table): {drawn:.4f}"))
+                      f"file (eplb's model, within 0.01 of SGLang's table): {drawn:.4f}; "
+                      f"SGLang's runtime rebalancing table (one stream, eplb's model): "
+                      f"{runtime:.4f}"))
     elif args.dispatch == "nearest":
         nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep)
         after_loads = nearest.pop("gpu_loads")
@@ -209,6 +213,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "dispatch": args.dispatch,
         # one node, nearest: each rank's own draw, as from SGLang's start-up file (or None)
         "balancedness_rank_draws": drawn,
+        # one node, nearest: SGLang's runtime rebalancing table, eplb's model (or None)
+        "balancedness_runtime_table": runtime,
         # as plan's summary: the GPUs the placement leaves empty (None: every GPU is live)
         "dead_gpus": dead_gpu_ids(placement.active_gpus),
         "layers": per_layer,

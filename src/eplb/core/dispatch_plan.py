@@ -110,6 +110,62 @@ def coverage_counts(weight: torch.Tensor, num_replicas: int, num_nodes: int) -> 
     return counts
 
 
+def divisor_counts(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> torch.Tensor:
+    """``[rows, E]`` replica counts that divide ``num_gpus`` (one node, SGLang's runtime table).
+
+    At a runtime rebalance SGLang builds one static table from one random stream: the
+    ranks holding a replica of an expert serve their own tokens of it, and the ``P − c``
+    others are dealt over its ``c`` replicas as evenly as they divide, the remainder
+    ``(P − c) mod c = P mod c`` to replicas drawn at random. With ``c`` dividing ``P``
+    (on ``c`` distinct GPUs) nothing is left to draw: every replica serves ``P / c``
+    ranks, exactly the even split's ``w / c``. A count that does not divide ``P`` gives
+    some replicas a rank more than others (``c = 3`` on 32 GPUs: 11, 11 and 10 ranks'
+    tokens against 10.67), and the random ones land where the plan did not expect them:
+    eplb's even split, 0.9997 in its model, was served at 0.980–0.991 by SGLang's
+    runtime table on real DeepSeek-V3 loads (BENCHMARKS.md §14, forty-fifth session).
+
+    Jefferson's rule over the divisors: the expert with the largest load per replica
+    goes up to the next divisor where the slots left allow it (else the next such
+    expert), until no step fits. Slots still left (only where the step from one
+    replica to the smallest divisor above it is wider than what is left: odd ``P``) go
+    one each to the experts with the least load per replica, which move next to nothing
+    by their draw. Raises ``ValueError`` if ``R > E · P``.
+    """
+    rows, num_experts = weight.shape
+    extra = num_replicas - num_experts
+    if extra > num_experts * (num_gpus - 1):
+        raise ValueError(f"{num_replicas} slots exceed {num_gpus} replicas of each of "
+                         f"{num_experts} experts")
+    divisors = [d for d in range(1, num_gpus + 1) if num_gpus % d == 0]
+    # next divisor above each count (0: none above); counts index it
+    above = torch.zeros(num_gpus + 1, dtype=torch.int64)
+    above[torch.tensor(divisors[:-1], dtype=torch.int64)] = torch.tensor(divisors[1:],
+                                                                          dtype=torch.int64)
+    w = weight.detach().cpu().to(torch.float64)
+    counts = torch.ones(rows, num_experts, dtype=torch.int64)
+    left = torch.full((rows,), extra, dtype=torch.int64)
+    row = torch.arange(rows)
+    # each step raises one expert per row, by at least one slot: at most R − E steps
+    for _ in range(max(extra, 0)):
+        target = above[counts]
+        fits = (target > 0) & (target - counts <= left[:, None])
+        priority = torch.where(fits, w / counts, -torch.inf)
+        best, expert = priority.max(1)
+        going = (left > 0) & (best > -torch.inf)
+        if not bool(going.any()):
+            break
+        cost = target[row, expert] - counts[row, expert]
+        counts[row[going], expert[going]] = target[row[going], expert[going]]
+        left = left - torch.where(going, cost, 0)
+    if bool((left > 0).any()):
+        # the slots no divisor step fits: one each to the least loaded per replica below
+        # a replica per GPU
+        room = torch.where(counts < num_gpus, w / counts, torch.inf)
+        rank = room.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
+        counts = counts + (rank < left[:, None]).to(torch.int64)
+    return counts.to(weight.device)
+
+
 def whole_node_counts(
     weight: torch.Tensor, counts: torch.Tensor, gpus_per_node: int, num_nodes: int
 ) -> torch.Tensor:
@@ -161,10 +217,12 @@ def plan_rows_capped(
     generator: torch.Generator | None = None,
     coverage_nodes: int = 0,
     node_size: int = 0,
+    divide: bool = False,
 ) -> torch.Tensor:
     """``plan_rows`` of :mod:`eplb.policies` with replica counts capped at ``cap``.
 
     ``coverage_nodes > 0`` uses :func:`coverage_counts` for that many nodes instead;
+    ``divide`` :func:`divisor_counts` of ``num_gpus``;
     ``node_size > 0`` (GPUs per node) rounds counts above it to whole nodes
     (:func:`whole_node_counts`).
 
@@ -177,6 +235,8 @@ def plan_rows_capped(
     rules = options.rules
     if coverage_nodes:
         counts = coverage_counts(weight, num_replicas, coverage_nodes)[None]
+    elif divide:
+        counts = divisor_counts(weight, num_replicas, num_gpus)[None]
     else:
         counts = capped_counts(weight, num_replicas, cap, rules)  # [K, rows, E]
         if node_size:
@@ -257,7 +317,7 @@ NEAREST_TIMES = ("58 real DeepSeek-V3 layers take about 2 minutes on 512 GPUs ×
                  "3.6 on 1024 × 2 and 4–7 on 512 × 8, on one core")
 
 
-FAIR_MODES = ("auto", "avoid", "expect")
+FAIR_MODES = ("auto", "avoid", "expect", "divide")
 #: "auto" keeps a layer's "avoid" plan unless its realised peak exceeds the "expect" plan's
 #: by more than this: on SGLang's map start-up path the expect plan's fair choices cost it
 #: several percent (prefill_in2048: 0.9992 modelled, 0.9387 realised; with a 1% tolerance
@@ -288,7 +348,8 @@ def plan_nearest_global(
             a static table's fair choices move each replica's share. ``"auto"`` (default):
             both, and per layer ``"avoid"`` unless its realised peak is more than 5% above
             ``"expect"``'s (few spare slots, e.g. with dead GPUs, leave ``"avoid"`` only
-            one or two covering experts).
+            one or two covering experts). ``"divide"`` (one node): counts that divide the
+            GPUs (:func:`divisor_counts`), which SGLang's runtime table splits exactly.
 
     Steps: counts, eplb's global packing over the live GPUs, :func:`spread_over_nodes`
     (with ``repair_node_pairs`` for what it leaves, or ``gather_together`` where experts
@@ -454,7 +515,10 @@ def _plan_nodes(
     whole = topology.gpus_per_node if (together and fair == "uncapped" and nodes > 1
                                        and num_live == topology.num_gpus) else 0
     planned = plan_rows_capped(weight, num_live * slots, num_live, cap, options, generator,
-                               coverage_nodes=cover, node_size=whole)
+                               coverage_nodes=cover, node_size=whole,
+                               # (an expert on every GPU and more: nothing to divide)
+                               divide=fair == "divide" and nodes == 1
+                               and slots < num_experts)
     phy2log = torch.full((num_layers, topology.num_replicas), -1, dtype=torch.int64,
                          device=weight.device)
     phy2log[:, live.repeat_interleave(slots)] = planned

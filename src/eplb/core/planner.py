@@ -220,6 +220,12 @@ def make_request(
                          f"{chosen} policy does not use it (pass policy='locality')")
     if ids is not None:
         require_distinct_topk(ids, "routing")
+    if fair == "divide" and (topology.num_nodes > 1 or live is not None or src is not None):
+        raise ValueError("fair='divide' plans for SGLang's runtime table on one node with "
+                         "every GPU live and tokens arising evenly (counts that divide the "
+                         "GPUs); this call has "
+                         + ("several nodes" if topology.num_nodes > 1 else
+                            "dead GPUs" if live is not None else "a source"))
     if dispatch == "nearest" and chosen != "global" and (fair != "auto" or src is not None):
         raise ValueError(f"fair and source shape the global policy's plan for nearest "
                          f"dispatch; the {chosen} policy does not use them (pass "
@@ -348,10 +354,11 @@ def fresh_phy2log(request: PlanRequest) -> torch.Tensor:
     For callers that make candidates and validate the placement they return (incremental
     planning): the record and its check cost about a tenth of a DeepSeek-V3 plan."""
     topology = request.topology
-    # (on one node only fair="avoid" plans for the rule: every GPU its own tier, hot experts
-    # on every GPU; otherwise the even split is the rule's expectation there)
+    # (on one node the even split is the rule's expectation; fair="avoid" puts the hot
+    # experts on every GPU, and SGLang's runtime table is planned for where
+    # plans_runtime_table says: plan_for_nearest)
     if request.dispatch == "nearest" and request.policy == "global" and (
-            topology.num_nodes > 1 or request.fair == "avoid"):
+            topology.num_nodes > 1 or request.fair == "avoid" or plans_runtime_table(request)):
         phy2log = plan_for_nearest(request, lambda: fresh_phy2log(dataclasses.replace(
             request, dispatch="even", fair="auto", source=None, routing=None)))
     elif request.active_gpus is not None:
@@ -361,6 +368,18 @@ def fresh_phy2log(request: PlanRequest) -> torch.Tensor:
     if request.gpu_speed is not None:
         phy2log = _for_speeds(request, phy2log)
     return phy2log
+
+
+def plans_runtime_table(request: PlanRequest) -> bool:
+    """Whether ``request`` plans for SGLang's runtime table on one node: the global policy
+    under ``dispatch="nearest"`` on one node with ``fair="divide"``, or ``"auto"`` with
+    every GPU live and tokens arising evenly (:mod:`eplb.core.rank_draws`; elsewhere on
+    one node the even split, the rule's expectation, or ``"avoid"``)."""
+    return (request.dispatch == "nearest" and request.policy == "global"
+            and request.topology.num_nodes == 1
+            and (request.fair == "divide" or (request.fair == "auto"
+                                              and request.active_gpus is None
+                                              and request.source is None)))
 
 
 def _for_speeds(request: PlanRequest, phy2log: torch.Tensor) -> torch.Tensor:

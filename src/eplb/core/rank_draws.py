@@ -1,17 +1,24 @@
-"""SGLang's start-up file on one node: every rank draws its own fair choice.
+"""SGLang's static dispatch table on one node: the ranks' fair choices, two ways.
 
-From an ``--init-expert-location`` file each SGLang rank builds its own row of the static
-dispatch table: a rank that holds a replica of an expert serves its own tokens of it,
-and a rank that holds none sends them to a replica drawn for that rank alone (its own
-point of SGLang's random stream). eplb's nearest-dispatch model scores the expectation
-of those draws, which one node's even split reaches (0.9996-1.0) while SGLang realised
-0.883-0.955 from the file (``benchmarks/bench_sglang_table.py``, BENCHMARKS.md §14).
+A rank that holds a replica of an expert serves its own tokens of it; a rank that holds
+none sends them to a replica SGLang picks by its "fair" choice (``_fair_choices``).
+eplb's nearest-dispatch model scores the expectation of those picks, which one node's
+even split reaches (0.9996-1.0); what SGLang realises depends on how the table is built:
 
-Modelled here as independent uniform draws, one per (rank, expert) without a local
-replica, over the expert's replicas: on the 12 real DeepSeek-V3 workloads on 8 and 32
-GPUs this reads within 0.0101 of SGLang's own table for the even split, 0.0008 for the
-hot experts on every GPU (``fair="avoid"``) and 0.006 for the per-layer choice of the
-two (:func:`plan_for_start_up_file`), which SGLang realised at 0.953-0.999.
+- **From an ``--init-expert-location`` file** each rank builds its own row, drawing at
+  its own point of SGLang's random stream (:func:`rank_draw_peaks`): modelled as
+  independent uniform draws, one per (rank, expert) without a local replica. SGLang
+  realised 0.883-0.955 from the even split's file (``benchmarks/bench_sglang_table.py``,
+  BENCHMARKS.md §14); on the 12 real DeepSeek-V3 workloads on 8 and 32 GPUs this model
+  reads within 0.0101 of SGLang's own table for the even split, 0.0008 for the hot
+  experts on every GPU (``fair="avoid"``) and 0.006 for the per-layer choice of the two
+  (:func:`plan_for_start_up_file`), which SGLang realised at 0.953-0.999.
+- **At a runtime rebalance** (``--enable-eplb``) every rank builds the same table from
+  one stream (:func:`split_draw_peaks`): the ``P − h`` ranks without a replica (``h``
+  GPUs hold one) are dealt over the ``c`` replicas as evenly as they divide, and the
+  ``(P − h) mod c`` left over go to replicas drawn at random. Counts that divide ``P``
+  leave nothing to draw (``fair="divide"``,
+  :func:`eplb.core.dispatch_plan.divisor_counts`).
 
 Shapes: ``weight [L, E]``, ``phy2log [L, R]`` on ``P`` GPUs of one node, ``R / P`` slots
 each.
@@ -81,6 +88,78 @@ def rank_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
     return peaks / draws
 
 
+def split_draw_shares(phy2log: torch.Tensor, num_experts: int, num_gpus: int,
+                      draws: int = DRAWS, seed: int = 0) -> np.ndarray:
+    """``[D, L, R]``: how many ranks' tokens each slot serves in each of ``draws`` samples
+    of SGLang's runtime table on one node (module docstring), every rank originating
+    tokens; an empty slot (``-1``) serves none.
+
+    An expert's ranks holding a replica use their own (the first on their GPU); the
+    others are dealt ``(P − h) // c`` to each replica, and ``(P − h) mod c`` replicas,
+    drawn without repeats, take one more. The draws are functions of ``(seed, draw,
+    expert, slot)`` alone (a counter-based generator, the same on every machine)."""
+    ids = phy2log.detach().cpu().numpy().astype(np.int64)
+    layers, num_slots = ids.shape
+    slots = num_slots // num_gpus
+    gpu_of_slot = np.broadcast_to(np.arange(num_slots) // slots, ids.shape)
+    filled = ids >= 0
+    cells = layers * num_experts
+    key = np.where(filled, np.arange(layers)[:, None] * num_experts + ids, cells)  # [L, R]
+    count = np.bincount(key.ravel(), minlength=cells + 1)[:cells]
+    # the first slot of each (expert, GPU): that GPU's ranks serve themselves there (a
+    # stable sort keeps the slots of one (expert, GPU) in slot order)
+    cell_gpu = (key * num_gpus + gpu_of_slot).ravel()
+    order = np.argsort(cell_gpu, kind="stable")
+    first = np.ones(len(order), bool)
+    first[1:] = cell_gpu[order][1:] != cell_gpu[order][:-1]
+    flat_key = key.ravel()
+    local = np.zeros(layers * num_slots, bool)
+    local[order] = first & (flat_key[order] < cells)
+    holders = np.bincount(flat_key[local], minlength=cells + 1)[:cells]  # h
+    left = num_gpus - holders
+    quotient = left // np.maximum(count, 1)
+    remainder = np.append(left % np.maximum(count, 1), 0)  # (the empty slots' key: 0)
+    fixed = np.where(flat_key < cells, local + np.append(quotient, 0)[flat_key], 0)
+    out = np.repeat(fixed.astype(np.float64).reshape(1, layers, num_slots), draws, 0)
+    # only the replicas of experts with a remainder are drawn: every draw at once, each
+    # expert's replicas ranked by their numbers, the first ``remainder`` taking one more
+    drawn = np.nonzero(remainder[flat_key] > 0)[0]
+    if not len(drawn):
+        return out
+    keys = flat_key[drawn]
+    u = _uniform(seed, np.arange(draws)[:, None], ids.ravel()[drawn],
+                 drawn % num_slots, num_experts, num_slots)  # [D, n]
+    # (a key below 2^31 leaves the numbers 22 bits: ties in rank are negligible)
+    by_key = np.argsort(keys[None] + u, axis=1)  # [D, n]
+    start = np.searchsorted(np.sort(keys), keys)  # each drawn slot's run of its expert
+    rank = np.empty_like(by_key)
+    np.put_along_axis(rank, by_key, np.arange(len(drawn))[None] - start[by_key], axis=1)
+    extra = rank < remainder[keys][None]
+    out.reshape(draws, -1)[:, drawn] += extra
+    return out
+
+
+def split_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
+                     draws: int = DRAWS, seed: int = 0) -> np.ndarray:
+    """``[L]`` each layer's max GPU load under SGLang's runtime table on one node
+    (:func:`split_draw_shares`), the mean over ``draws`` samples; tokens arise evenly on
+    the ``num_gpus`` GPUs."""
+    w = weight.detach().cpu().to(torch.float64).numpy() / num_gpus
+    ids = phy2log.detach().cpu().numpy().astype(np.int64)
+    layers = ids.shape[0]
+    shares = split_draw_shares(phy2log, w.shape[1], num_gpus, draws, seed)
+    slot_load = shares * np.take_along_axis(w, np.maximum(ids, 0), 1)[None]
+    gpu = slot_load.reshape(draws, layers, num_gpus, -1).sum(3)
+    return gpu.max(2).mean(0)
+
+
+def split_draw_balancedness(weight: torch.Tensor, phy2log: torch.Tensor,
+                            num_gpus: int) -> float:
+    """Balancedness of ``phy2log [L, R]`` under SGLang's runtime table on one node
+    (:func:`split_draw_peaks`); 1.0 without load."""
+    return _balancedness(weight, split_draw_peaks(weight, phy2log, num_gpus), num_gpus)
+
+
 def rank_draw_balancedness(weight: torch.Tensor, phy2log: torch.Tensor,
                            num_gpus: int) -> float:
     """Balancedness (Σ mean / Σ max GPU load over the layers) of ``phy2log [L, R]`` when
@@ -114,10 +193,21 @@ def choose_for_rank_draws(weight: torch.Tensor, candidates: list[torch.Tensor],
     return _chosen(weight, candidates, num_gpus)[0]
 
 
-def _chosen(weight: torch.Tensor, candidates: list[torch.Tensor], num_gpus: int
+def choose_for_split_draws(weight: torch.Tensor, candidates: list[torch.Tensor],
+                           num_gpus: int) -> torch.Tensor:
+    """``[L, R]``: per layer the candidate ``[L, R]`` whose max GPU load under SGLang's
+    runtime table (:func:`split_draw_peaks`, the same draws for all) is least, the first
+    among ties."""
+    return _chosen(weight, candidates, num_gpus, split_draw_peaks)[0]
+
+
+def _chosen(weight: torch.Tensor, candidates: list[torch.Tensor], num_gpus: int,
+            peaks_of: Callable[..., np.ndarray] | None = None
             ) -> tuple[torch.Tensor, np.ndarray]:
-    """:func:`choose_for_rank_draws`, and the chosen layers' expected peaks ``[L]``."""
-    peaks = np.stack([rank_draw_peaks(weight, c, num_gpus) for c in candidates])
+    """:func:`choose_for_rank_draws` (or by ``peaks_of``, e.g. :func:`split_draw_peaks`),
+    and the chosen layers' expected peaks ``[L]``."""
+    peaks_of = rank_draw_peaks if peaks_of is None else peaks_of
+    peaks = np.stack([peaks_of(weight, c, num_gpus) for c in candidates])
     pick = np.argmin(peaks, 0)
     stacked = torch.stack([c.cpu() for c in candidates])
     layer = np.arange(stacked.shape[1])

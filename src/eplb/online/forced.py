@@ -1,27 +1,66 @@
 """Forced moves of incremental planning, and what they may cost.
 
-The map in force is made valid for the call with as few changes as possible
-(:func:`forced_base`: un-stacking replicas, filling revived GPUs, re-homing dead GPUs'
-replicas, re-planning layers whose groups straddle nodes); those moves are made whatever
-the budget. :func:`fresh_aligned` is the fallback candidate of every incremental plan, a
-fresh plan relabelled onto the old GPUs (:func:`fresh_candidates`: two of them where a GPU
-has two slots); :func:`undo_forced_losses` spends moves where the forced ones left a
-layer worse on the window at hand than the map in force.
+The map in force (read and checked by :func:`previous_map`) is made valid for the call
+with as few changes as possible (:func:`forced_base`: un-stacking replicas, filling revived
+GPUs, re-homing dead GPUs' replicas, re-planning layers whose groups straddle nodes);
+those moves are made whatever the budget. :func:`fresh_aligned` is the fallback candidate
+of every incremental plan, a fresh plan relabelled onto the old GPUs
+(:func:`fresh_candidates`: two of them where a GPU has two slots);
+:func:`undo_forced_losses` spends moves where the forced ones left a layer worse on the
+window at hand than the map in force.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from eplb.core.inputs import as_old_map
+from eplb.core.placement import Placement
 from eplb.core.planner import fresh_phy2log
 from eplb.core.policies import HierarchicalPolicy
 from eplb.core.request import PlanRequest
+from eplb.core.topology import Topology
 from eplb.online import hierarchy, moves
 from eplb.online.align import align_to_previous
+
+
+def previous_map(previous: object, request: PlanRequest) -> np.ndarray:
+    """The placement in force as a validated ``[L, R]`` int64 host array."""
+    if isinstance(previous, Placement):
+        topo, theirs = request.topology, previous.topology
+        # a record edited by hand (dataclasses.replace): named as validate() names it, where
+        # an AttributeError on None came out (attacker pass)
+        if not isinstance(theirs, Topology):
+            raise TypeError(f"previous placement's topology is a {type(theirs).__name__}, "
+                            "expected an eplb.Topology")
+        if not isinstance(previous.phy2log, torch.Tensor):
+            raise TypeError(f"previous placement's phy2log is a "
+                            f"{type(previous.phy2log).__name__}, expected a torch.Tensor")
+        if (theirs.num_gpus, theirs.num_replicas) != (topo.num_gpus, topo.num_replicas):
+            raise ValueError(
+                f"previous placement is for {theirs.num_replicas} slots on {theirs.num_gpus} "
+                f"GPUs, this call for {topo.num_replicas} on {topo.num_gpus}: its slots would "
+                f"be read as other GPUs' (plan without previous=)"
+            )
+        if previous.num_experts != request.num_experts:
+            raise ValueError(f"previous placement has {previous.num_experts} experts, the "
+                             f"weight {request.num_experts}")
+        grouped = request.policy != "global"  # (a global even-split plan ignores both)
+        if ((theirs.num_nodes != topo.num_nodes and (grouped or request.dispatch == "nearest"))
+                or (theirs.num_groups != topo.num_groups and grouped)):
+            # the same slots, grouped otherwise: taken as it is, said (fuzz pass: silent)
+            warnings.warn(f"previous placement was planned for {theirs.num_nodes} node(s) and "
+                          f"{theirs.num_groups} group(s), this call is for {topo.num_nodes} "
+                          f"and {topo.num_groups}: its map is taken as the slots hold it",
+                          stacklevel=5)  # eplb.plan's caller
+    old = previous.phy2log if isinstance(previous, Placement) else previous
+    expected = (request.num_layers, request.topology.num_replicas)
+    return as_old_map(old, expected, request.num_experts, " to match the weight").numpy()
 
 
 def forced_base(

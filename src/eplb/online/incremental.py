@@ -57,18 +57,15 @@ from __future__ import annotations
 
 import dataclasses
 import reprlib
-import warnings
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from eplb.core.inputs import as_old_map
 from eplb.core.options import COARSE_SLOTS
 from eplb.core.placement import Placement, validate_planned
-from eplb.core.planner import fresh_phy2log
+from eplb.core.planner import fresh_phy2log, plans_runtime_table
 from eplb.core.request import PlanRequest
-from eplb.core.topology import Topology
 from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous, relabel_size_problem
 from eplb.online.budget import (
@@ -85,44 +82,11 @@ from eplb.online.forced import (
     forced_base,
     fresh_candidates,
     fresh_plans_per_layer,
+    previous_map,
     undo_forced_losses,
     within_limits,
 )
-from eplb.online.nearest import choose_paying, plan_nearest_incremental
-
-
-def _previous_phy2log(previous: object, request: PlanRequest) -> np.ndarray:
-    """The placement in force as a validated ``[L, R]`` int64 host array."""
-    if isinstance(previous, Placement):
-        topo, theirs = request.topology, previous.topology
-        # a record edited by hand (dataclasses.replace): named as validate() names it, where
-        # an AttributeError on None came out (attacker pass)
-        if not isinstance(theirs, Topology):
-            raise TypeError(f"previous placement's topology is a {type(theirs).__name__}, "
-                            "expected an eplb.Topology")
-        if not isinstance(previous.phy2log, torch.Tensor):
-            raise TypeError(f"previous placement's phy2log is a "
-                            f"{type(previous.phy2log).__name__}, expected a torch.Tensor")
-        if (theirs.num_gpus, theirs.num_replicas) != (topo.num_gpus, topo.num_replicas):
-            raise ValueError(
-                f"previous placement is for {theirs.num_replicas} slots on {theirs.num_gpus} "
-                f"GPUs, this call for {topo.num_replicas} on {topo.num_gpus}: its slots would "
-                f"be read as other GPUs' (plan without previous=)"
-            )
-        if previous.num_experts != request.num_experts:
-            raise ValueError(f"previous placement has {previous.num_experts} experts, the "
-                             f"weight {request.num_experts}")
-        grouped = request.policy != "global"  # (a global even-split plan ignores both)
-        if ((theirs.num_nodes != topo.num_nodes and (grouped or request.dispatch == "nearest"))
-                or (theirs.num_groups != topo.num_groups and grouped)):
-            # the same slots, grouped otherwise: taken as it is, said (fuzz pass: silent)
-            warnings.warn(f"previous placement was planned for {theirs.num_nodes} node(s) and "
-                          f"{theirs.num_groups} group(s), this call is for {topo.num_nodes} "
-                          f"and {topo.num_groups}: its map is taken as the slots hold it",
-                          stacklevel=5)  # eplb.plan's caller
-    old = previous.phy2log if isinstance(previous, Placement) else previous
-    expected = (request.num_layers, request.topology.num_replicas)
-    return as_old_map(old, expected, request.num_experts, " to match the weight").numpy()
+from eplb.online.nearest import choose_paying, plan_nearest_incremental, plan_table_incremental
 
 
 def _host_weight(request: PlanRequest) -> np.ndarray:
@@ -133,6 +97,7 @@ def _host_weight(request: PlanRequest) -> np.ndarray:
 def _refine_rows(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
     budgeted: bool, drop_first_rung: bool = False, fine_quota: np.ndarray | None = None,
+    target: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray | None]:
     """``[C, L, R]`` warm-start candidates of global layers ``base`` (candidate 0 is
     ``base``) with a per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``),
@@ -146,7 +111,8 @@ def _refine_rows(
     ``fine_quota [L]`` (with ``budgeted``): the fine ladder's quota too, searched in the
     same batched call (rows are independent: the same candidates as a call of its own,
     at about the fixed cost of one); its candidates but the first (``base``) are the last
-    item returned, ``None`` without it.
+    item returned, ``None`` without it. ``target [L, E]``: the counts the replica
+    transfers go toward instead of Jefferson's (not with ``fine_quota``).
     """
     topo = request.topology
     packing = request.options.packing
@@ -166,7 +132,8 @@ def _refine_rows(
         fine = np.arange(2 * layers) >= layers
     inner, transfers, counts = ladder.warm_ladder(weight, live_base, num_live, quota, steps,
                                                  packing, budgeted, spread=True,
-                                                 base_counts=base_counts, fine=fine)
+                                                 base_counts=base_counts, fine=fine,
+                                                 target=target)
     fine_inner = None
     if fine_quota is not None:
         inner, fine_inner = inner[:, :layers], inner[1:, layers:]
@@ -304,8 +271,12 @@ def plan_incremental(
     if too_large:
         raise ValueError(f"{too_large}; plan without previous (the CLI: without --previous) "
                          f"for a fresh plan")
-    old = _previous_phy2log(previous, request)
-    if request.dispatch == "nearest" and topo.num_nodes > 1:
+    old = previous_map(previous, request)
+    # (on one node SGLang's runtime table, but under a skip threshold with fair="auto":
+    # the even split's planner, which takes one)
+    if request.dispatch == "nearest" and (topo.num_nodes > 1 or (
+            plans_runtime_table(request)
+            and (skip_threshold is None or request.fair == "divide"))):
         return _plan_nearest(request, old, max_moves, skip_threshold)
     if request.dispatch == "nearest" and request.fair == "avoid":  # one node: fresh only
         raise ValueError("fair='avoid' on one node is planned fresh (the hot experts on every "
@@ -558,7 +529,8 @@ def _plan_nearest(
                          "with the global policy and every GPU live (their candidates assume "
                          "tokens arising evenly): leave source out, or plan without previous")
     weight = _host_weight(request)
-    base = torch.from_numpy(forced_base(even, old, weight)[0])
+    base_map, replanned, _ = forced_base(even, old, weight)
+    base = torch.from_numpy(base_map)
     budget = None
     if max_moves is not None:
         layers = request.num_layers
@@ -588,7 +560,17 @@ def _plan_nearest(
         request, weight=request.weight.cpu(),
         source=None if request.source is None else request.source.cpu(),
         idle=None if request.idle is None else request.idle.cpu())
-    out = plan_nearest_incremental(host, base, budget, warm_even)
+    if topo.num_nodes == 1:  # SGLang's runtime table: the ladder's rungs scored under it
+        quota = max(2, round(request.options.incremental.quota * topo.num_replicas))
+        layer_quota = np.where(replanned, 0, quota)
+
+        def rungs(target: np.ndarray | None) -> np.ndarray:
+            return _refine_rows(weight, base_map, request, layer_quota, budget is not None,
+                                target=target)[0]
+
+        out = plan_table_incremental(host, base, budget, rungs)
+    else:
+        out = plan_nearest_incremental(host, base, budget, warm_even)
     if request.idle is not None:
         out[request.idle.cpu()] = base[request.idle.cpu()]  # no load: nothing to gain
     placement = Placement.from_phy2log(out.to(request.weight.device), request.num_experts,

@@ -27,7 +27,8 @@ EXCHANGE_LIMIT = 32
 
 
 def transfer_order(
-    weight: np.ndarray, phy2log: np.ndarray, counts: np.ndarray, num_gpus: int
+    weight: np.ndarray, phy2log: np.ndarray, counts: np.ndarray, num_gpus: int,
+    target: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The replica transfers that turn each row's replica counts into Jefferson's (none
     above one replica per GPU of the ``num_gpus``, as fresh plans count them), best
@@ -44,7 +45,13 @@ def transfer_order(
     :data:`EXCHANGE_LIMIT` steps; rows that need more (far from Jefferson's counts) take
     the whole allocation and sort its differences instead (:func:`_transfers_by_table`).
     The two lists agree but on exact ties, where the exchange moves nothing.
+
+    ``target [B, E]``: other counts to reach instead of Jefferson's (e.g. counts that
+    divide the GPUs, :func:`eplb.core.dispatch_plan.divisor_counts`), through the table
+    path, in the same order of gains and losses.
     """
+    if target is not None:
+        return _transfers_by_table(weight, phy2log, counts, num_gpus, target)
     donor, receiver, count, unfinished = _exchange(weight, counts, num_gpus, EXCHANGE_LIMIT)
     if unfinished.any():
         rows = np.nonzero(unfinished)[0]
@@ -112,15 +119,18 @@ def _exchange(
 
 
 def _transfers_by_table(
-    weight: np.ndarray, phy2log: np.ndarray, counts: np.ndarray, num_gpus: int
+    weight: np.ndarray, phy2log: np.ndarray, counts: np.ndarray, num_gpus: int,
+    want: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`transfer_order` from a whole Jefferson allocation (capped as fresh plans
     cap it): receiver units ordered by the per-replica load they relieve (``w / c``
     before the new replica), donors by what losing one costs (``w / (c − 1)``).
-    Vectorized over all rows: the units of every row are laid out flat and sorted once."""
+    Vectorized over all rows: the units of every row are laid out flat and sorted once.
+    ``want [B, E]``: the counts to reach, when not Jefferson's."""
     rows, num_slots = phy2log.shape
-    host = torch.from_numpy(weight)
-    want = cap_counts(host, replica_counts(host, num_slots, (0.0,))[0], num_gpus).numpy()
+    if want is None:
+        host = torch.from_numpy(weight)
+        want = cap_counts(host, replica_counts(host, num_slots, (0.0,))[0], num_gpus).numpy()
     gain = want - counts
     count = np.maximum(gain, 0).sum(1)
     width = int(count.max(initial=0))
@@ -257,6 +267,7 @@ def warm_ladder(
     spread: bool = False,
     base_counts: np.ndarray | None = None,
     fine: bool | np.ndarray = False,
+    target: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Warm-start candidates of every row, from few moves to many, ``[B]`` the replica
     transfers each row's counts are from Jefferson's, and ``[B, E]`` the replica counts
@@ -278,6 +289,8 @@ def warm_ladder(
             (:func:`stacked` is False on every row): only rows whose transfers stacked
             replicas (or with an expert on more replicas than GPUs) are then scanned.
         base_counts: ``[B, E]`` :func:`counts_of` ``(base)``, when the caller has it.
+        target: ``[B, E]`` counts the transfers go toward instead of Jefferson's
+            (:func:`transfer_order`).
 
     Returns:
         ``([steps + 4, B, R], [B], [B, E])``: the candidates (``[steps + 1, B, R]``
@@ -288,7 +301,7 @@ def warm_ladder(
         return (np.repeat(base[None], steps + (4 if transfers_only else 1), 0),
                 np.zeros(0, np.int64), np.zeros((0, weight.shape[1]), np.int64))
     counts = counts_of(base, weight.shape[1]) if base_counts is None else base_counts
-    donor, receiver, count = transfer_order(weight, base, counts, num_gpus)
+    donor, receiver, count = transfer_order(weight, base, counts, num_gpus, target)
     count = np.where(quota > 0, count, 0)
     record = (0.25, 0.5) if transfers_only else ()
     # the prefixes are the candidates of small budgets: no longer than one and two

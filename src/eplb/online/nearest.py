@@ -19,6 +19,12 @@ caps the moves that pay; it buys none that do not:
 2. the even-split incremental plan within most of the budget, then
    :func:`eplb.core.node_repair.repair_node_pairs` with the moves left, so that experts
    with three or more replicas end on distinct nodes where the budget allows.
+
+On one node (``fair="divide"``, or ``"auto"`` with every GPU live; the same two
+candidates, without a node repair) the rule is SGLang's runtime table, and the values
+are the mean over its sampled draws (:func:`eplb.core.rank_draws.split_draw_shares`):
+the even split's expectation would value a count that does not divide the GPUs at what
+the table does not serve.
 """
 
 from __future__ import annotations
@@ -30,8 +36,10 @@ import numpy as np
 import torch
 
 from eplb.core.dispatch import realised_slot_loads
+from eplb.core.dispatch_plan import divisor_counts
 from eplb.core.node_repair import repair_node_pairs
 from eplb.core.planner import fresh_phy2log
+from eplb.core.rank_draws import split_draw_shares
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
 from eplb.online.budget import layer_loads, load_shares, spend_budget
@@ -66,7 +74,8 @@ def plan_nearest_incremental(
     warm = warm_even(old, first)
     left = None if max_moves is None else (max_moves - (warm != old).sum(1)).clamp(min=0)
     least = 3 if fair == "expect" else min(3, nodes)
-    warm, _ = repair_node_pairs(weight, warm, gpus, nodes, budget=left, min_count=least)
+    if nodes > 1:  # (one node has no node pairs to repair)
+        warm, _ = repair_node_pairs(weight, warm, gpus, nodes, budget=left, min_count=least)
     if max_moves is None:
         return choose_paying(request, torch.stack([old, warm, fresh]))
     # and the warm start on the whole budget: a layer's share of a few slots may afford no
@@ -78,6 +87,49 @@ def plan_nearest_incremental(
     affordable = (candidates != old[None]).sum(2) <= max_moves[None].to(old.device)
     pick = torch.where(affordable, values, -torch.inf).argmax(0)  # first on ties: old map
     return candidates[pick, torch.arange(old.shape[0], device=old.device)]
+
+
+def plan_table_incremental(
+    request: PlanRequest,
+    base: torch.Tensor,
+    max_moves: torch.Tensor | int | None,
+    rungs: Callable[[np.ndarray | None], np.ndarray],
+) -> torch.Tensor:
+    """``phy2log [L, R]`` re-planned on one node for SGLang's runtime table (module
+    docstring) from ``base [L, R]``, the map in force made valid for the call, with at
+    most ``max_moves`` changed slots (as :func:`plan_nearest_incremental` takes them).
+
+    ``rungs(target)`` is the warm-start ladder of the even split's planner from ``base``
+    (``[C, L, R]``, ``base`` first) with its replica transfers going toward ``target
+    [L, E]`` counts (``None``: Jefferson's). Candidates: the ladder toward counts that
+    divide the GPUs (:func:`eplb.core.dispatch_plan.divisor_counts`: the table splits
+    them exactly), and the fresh plan (under ``fair="auto"`` per layer the even split or
+    those counts) relabelled onto ``base``; per layer the one that pays best under the
+    table (:func:`paying_values`), within the budget. (A ladder toward Jefferson's counts
+    as well doubled the call's time for no better next window: BENCHMARKS.md §14,
+    forty-fifth session.)"""
+    weight, topology = request.weight, request.topology
+    gpus = topology.num_gpus
+    # (more slots than a replica of every expert on every GPU: nothing to divide)
+    divide = topology.num_replicas <= weight.shape[1] * gpus
+    target = divisor_counts(weight, topology.num_replicas, gpus).cpu().numpy() if divide else None
+    offers = [torch.from_numpy(rungs(target))]
+    fresh = fresh_phy2log(dataclasses.replace(request, source=None)).cpu()
+    offers.append(align_to_previous(fresh, base, gpus, gpus)[None])
+    candidates = torch.cat(offers)
+    layers = torch.arange(base.shape[0])
+    if max_moves is None:
+        return choose_paying(request, candidates)
+    cost = (candidates != base[None]).sum(2)
+    if isinstance(max_moves, int):
+        values = paying_values(request, candidates, by_time=True).cpu().numpy()
+        if request.idle is not None:  # (as _within_total: no load, nothing to buy)
+            values[1:, request.idle.cpu().numpy()] = -np.inf
+        pick = torch.from_numpy(spend_budget(values, cost.numpy(), max_moves))
+        return candidates[pick, layers]
+    affordable = cost <= max_moves[None].cpu()
+    pick = torch.where(affordable, paying_values(request, candidates).cpu(), -torch.inf).argmax(0)
+    return candidates[pick, layers]
 
 
 def choose_paying(request: PlanRequest, candidates: torch.Tensor) -> torch.Tensor:
@@ -149,8 +201,14 @@ def _within_total(
     warm = warm_even(old, int(total * WARM_SHARE))
     left = max(0, total - int((warm != old).sum()))
     least = 3 if request.fair == "expect" else min(3, nodes)
-    repaired, _ = repair_node_pairs(weight, warm, gpus, nodes,
-                                    budget=torch.full((old.shape[0],), left), min_count=least)
+
+    def repair(placed: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+        if nodes == 1:  # one node has no node pairs to repair
+            return placed
+        return repair_node_pairs(weight, placed, gpus, nodes, budget=budget,
+                                 min_count=least)[0]
+
+    repaired = repair(warm, torch.full((old.shape[0],), left))
     # the warm start on the whole total too: below a few slots per layer its share may
     # afford no step at all, where the whole total affords one
     whole = warm_even(old, total)
@@ -160,8 +218,7 @@ def _within_total(
     # 3 slots for one layer bought 0.468 → 0.513 under the rule)
     each_budget = torch.full((old.shape[0],), total, dtype=torch.int64)
     each = warm_even(old, each_budget)
-    each_repaired, _ = repair_node_pairs(weight, each, gpus, nodes, min_count=least,
-                                         budget=(each_budget - (each != old).sum(1)).clamp(min=0))
+    each_repaired = repair(each, (each_budget - (each != old).sum(1)).clamp(min=0))
     options = torch.stack([old, warm, repaired, whole, each, each_repaired, fresh])  # [C, L, R]
     values = paying_values(request, options, by_time=True).cpu().numpy()
     if request.idle is not None:
@@ -188,6 +245,9 @@ def expected_balance(
     device = weight.device
     weight, candidates = weight.cpu(), candidates.cpu()  # peak_of runs on the host
     live = None if active_gpus is None else active_gpus.cpu()
+    if num_nodes == 1 and live is None:
+        # SGLang's runtime table: every sampled draw of it is scored, then averaged
+        return _split_balance(weight, candidates, num_gpus, drift, device)
     slot = torch.stack([realised_slot_loads(weight, c, num_gpus, num_nodes,
                                             active_gpus=live, check=False)
                         for c in candidates])
@@ -198,3 +258,24 @@ def expected_balance(
     expected, _ = peak_of(load, square.numpy(), weight.sum(1).numpy(), drift,
                           live=None if live is None else int(live.sum()))
     return torch.from_numpy(1.0 / expected).to(device), load.amax(2).to(device)
+
+
+def _split_balance(weight: torch.Tensor, candidates: torch.Tensor, num_gpus: int,
+                   drift: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`expected_balance` on one node under SGLang's runtime table: each candidate's
+    slots serve the ranks a sampled draw of the table deals them
+    (:func:`eplb.core.rank_draws.split_draw_shares`, the same draws for every candidate);
+    the expected next-window balancedness and the peak are the means over the draws."""
+    count, layers = candidates.shape[:2]
+    w = weight.to(torch.float64).numpy() / num_gpus
+    shares = np.stack([split_draw_shares(c, w.shape[1], num_gpus) for c in candidates], 1)
+    draws = shares.shape[0]  # [D, C, L, R]
+    ids = candidates.numpy().clip(min=0)
+    slot = shares * np.take_along_axis(np.broadcast_to(w, (count, layers, w.shape[1])), ids,
+                                       2)[None]
+    grid = torch.from_numpy(slot.reshape(draws * count, layers, num_gpus, -1))
+    load, square = grid.sum(3), (grid * grid).sum(3)
+    expected, _ = peak_of(load, square.numpy(), weight.sum(1).numpy(), drift)
+    expected = (1.0 / expected).reshape(draws, count, layers).mean(0)
+    peak = load.amax(2).view(draws, count, layers).mean(0)
+    return torch.from_numpy(expected).to(device), peak.to(device)

@@ -8,6 +8,7 @@ import torch
 
 from eplb.core.dispatch_plan import keep_better_served, plan_nearest_global
 from eplb.core.policies.base import PlacementPolicy, plan_rows
+from eplb.core.rank_draws import choose_for_split_draws
 from eplb.core.request import PlanRequest
 
 
@@ -34,8 +35,21 @@ def plan_for_nearest(request: PlanRequest, even: Callable[[], torch.Tensor]) -> 
     max GPU load as the rule will realise it, dead GPUs included): the dispatch-aware plan
     (:func:`eplb.core.dispatch_plan.plan_nearest_global`), and with ``fair="auto"`` eplb's
     even-split plan ``even()`` in the layers the rule serves better with it. The locality
-    policy's balance corner is this plan too."""
+    policy's balance corner is this plan too.
+
+    On one node (every GPU live, tokens arising evenly) the even split is the rule's
+    expectation, and ``fair="divide"`` plans counts that divide the GPUs, which SGLang's
+    runtime table splits exactly (:func:`eplb.core.dispatch_plan.divisor_counts`); with
+    ``fair="auto"`` each layer keeps whichever of ``even()`` and that plan the table
+    serves better (:func:`eplb.core.rank_draws.split_draw_peaks`, the same draws for
+    both; the even split on ties)."""
     topology = request.topology
+    if topology.num_nodes == 1 and request.fair in ("auto", "divide"):
+        divided = plan_nearest_global(request.weight, topology, request.options,
+                                      request.generator(), None, None, "divide")
+        if request.fair == "divide":
+            return divided
+        return choose_for_split_draws(request.weight, [even(), divided], topology.num_gpus)
     phy2log = plan_nearest_global(request.weight, topology, request.options,
                                   request.generator(), request.active_gpus, request.source,
                                   request.fair)
