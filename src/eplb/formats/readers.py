@@ -334,6 +334,7 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
     passes: dict[int, torch.Tensor] = {}
     ranks: list[int] = []
     seen: dict[tuple, str] = {}  # (pass, rank, gatherer, counts) → the record holding it
+    first: tuple[tuple[int, int], str] | None = None  # the first dump's [layers, experts]
     for file in files:
         require_container(file, "sglang-per-pass", ("pt-zip", "pt-pickle"),
                           "an SGLang expert_distribution_recorder_*.pt dump (or a folder "
@@ -362,6 +363,10 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
         if int(phys_map.min()) < 0 or int(phys_map.max()) >= min(num_e, MAX_EXPERTS):
             raise FormatError(file, f"last_physical_to_logical_map holds ids outside "
                                     f"[0, {min(num_e, MAX_EXPERTS)})")
+        first = first or ((phys_map.shape[0], num_e), file.name)
+        if (phys_map.shape[0], num_e) != first[0]:  # (summed: torch's RuntimeError, exit 1)
+            raise FormatError(path, f"the dumps disagree on [layers, experts]: {file.name} maps "
+                                    f"{[phys_map.shape[0], num_e]}, {first[1]} {list(first[0])}")
         records = obj["records"]
         if not isinstance(records, list):
             raise FormatError(file, f"'records' must be a list, found {type(records).__name__}")
@@ -410,10 +415,7 @@ def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
                 ranks.append(rank)
     if not passes:
         raise FormatError(path, "the dump holds no records (no forward pass was recorded)")
-    ids = sorted(passes)
-    shapes = {passes[i].shape for i in ids}
-    if len(shapes) > 1:
-        raise FormatError(path, f"the dumps disagree on [layers, experts]: {sorted(shapes)}")
+    ids = sorted(passes)  # (one [layers, experts] for all: checked per dump above)
     counts = as_counts_of(torch.stack([passes[i] for i in ids]), path, "logical counts")
     meta = {
         "forward_pass_ids": ids,
