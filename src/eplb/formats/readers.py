@@ -490,8 +490,8 @@ def _named_arrays(
             if alike:  # ({"a/b": {"c": x}, "a": {"b/c": y}}: the second replaced the first)
                 raise FormatError(path, f"several arrays are named {alike[0]!r} (keys holding "
                                         "'/'); rename one")
-            tensors = {name: to_tensor(v, path, name) for name, v in found}
-        else:
+            tensors = dict(found)  # converted once chosen: --key counts beside a list of
+        else:  # text (names, tags) read that list and refused the file (attacker pass)
             tensors = {path.stem: to_tensor(obj, path, path.name)}
     else:
         raise FormatError(
@@ -499,9 +499,9 @@ def _named_arrays(
             f"expected an array container (.npz, .npy, .pt, .safetensors), found {kind} content",
         )
     check_keys(path, keys, list(tensors))
-    if keys is None:
-        return tensors
-    return {k: tensors[k] for k in keys + [k for k in optional if k in tensors and k not in keys]}
+    chosen = list(tensors) if keys is None else keys + [
+        k for k in optional if k in tensors and k not in keys]
+    return {k: to_tensor(tensors[k], path, k) for k in chosen}
 
 
 def _pt_arrays(obj: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, Any]]:
