@@ -179,3 +179,22 @@ def test_round_trip_stats_folder_plan_yaml(tmp_path):
     served = eplb.Placement.from_phy2log(torch.tensor([rows[i] for i in MOE_IDS]), NUM_EXPERTS,
                                          topo, resolve_policy("auto", topo, NUM_EXPERTS))
     served.validate()
+
+
+def test_yaml_problems_name_the_model_layer_not_the_row(tmp_path, capsys):
+    """A YAML keyed 3..4 whose key 4 misses an expert, or whose key 3 stacks one on a GPU:
+    eval names model layer 4 / 3, not 'layer 1' / 'layer 0' (its row indices)."""
+    weight = torch.arange(1, 9, dtype=torch.float64).repeat(2, 1)
+    rows = {3: [0, 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2], 4: [*range(8), 0, 1, 2, 3]}
+    out = _dump(tmp_path / "lb.yaml", {"num_slots": 12, "layer_updates_per_iter": 0,
+                                       "initial_global_assignments": rows})
+    torch.save(weight, tmp_path / "w.pt")
+    assert cli_main(["eval", "--placement", str(out), str(tmp_path / "w.pt"), "-g", "4",
+                     "--first-layer", "3", "--summary"]) == 0
+    err = capsys.readouterr().err
+    assert "model layer 3 (row 0) GPU 0 holds 2 replicas of expert 0" in err
+    rows[4] = [0] * 12
+    _dump(out, {"num_slots": 12, "layer_updates_per_iter": 0, "initial_global_assignments": rows})
+    assert cli_main(["eval", "--placement", str(out), str(tmp_path / "w.pt"), "-g", "4",
+                     "--first-layer", "3", "--summary"]) == 2
+    assert "model layer 4 (row 1) expert 1 has 0 replicas" in capsys.readouterr().err

@@ -44,6 +44,7 @@ from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.planner import equal_speeds
 from eplb.core.rank_draws import rank_draw_balancedness, split_draw_balancedness
 from eplb.formats import read_placement_meta
+from eplb.formats.placements import name_model_layers
 
 
 def _eval_policy(placement, meta: dict, args: argparse.Namespace):
@@ -107,7 +108,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except PlacementError as exc:
         # scored as it is, but said (attacker pass: a stacked eplb JSON file was scored
         # without a word)
-        why = str(exc).removeprefix("anti-affinity: ")
+        why = name_model_layers(str(exc).removeprefix("anti-affinity: "),
+                                meta.get("layer_ids"))
         warn(f"{args.placement} breaks eplb's anti-affinity ({why}); scored as it is: the "
              "engines accept such maps (DeepSeek's greedy makes them), eplb's plans never "
              "hold them")

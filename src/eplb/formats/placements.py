@@ -253,6 +253,7 @@ def _build(
     topo: Topology,
     policy: str,
     active: torch.Tensor | None,
+    layer_ids: list[int] | None = None,
 ) -> Placement:
     if num_experts is None:
         num_experts = int(rows.max()) + 1
@@ -262,8 +263,25 @@ def _build(
         placement = Placement.from_phy2log(rows, num_experts, topo, policy, active)
         placement.validate(anti_affinity=False)
     except (PlacementError, ValueError) as exc:
-        raise FormatError(path, f"invalid placement: {exc}") from None
+        raise FormatError(path, "invalid placement: "
+                                + name_model_layers(str(exc), layer_ids)) from None
     return placement
+
+
+def name_model_layers(message: str, layer_ids: list[int] | None) -> str:
+    """``message`` of :meth:`Placement.validate`, whose ``layer N`` is a row index, with
+    the model layer of that row where a file keys its rows by layer (a TensorRT-LLM YAML
+    of layers 3..60: its row 0 is model layer 3, not layer 0)."""
+    if not layer_ids:
+        return message
+
+    def named(match: re.Match[str]) -> str:
+        row = int(match.group(1))
+        if row >= len(layer_ids) or int(layer_ids[row]) == row:
+            return match.group(0)
+        return f"model layer {int(layer_ids[row])} (row {row})"
+
+    return re.sub(r"\blayer (\d+)", named, message)
 
 
 def _field_int(path: Path, record: dict[str, Any], name: str, default: int | None = None,
@@ -333,7 +351,7 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
     if num_experts is None:  # present (checked above) but null
         raise FormatError(path, "num_experts must be an integer, got None")
     placement = _build(path, rows, num_experts, topo, policy or doc.get("policy", "global"),
-                       active)
+                       active, doc.get("layer_ids"))
     meta = {k: v for k, v in doc.items() if k not in ("phy2log", "active_gpus")}
     meta["format"] = "json" if kind == "json" else "pt"
     for k, v in meta.items():
@@ -451,7 +469,8 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
         num_experts = _field_int(path, info, "num_experts", where=where)
     topo = _topology(path, width, num_gpus, num_nodes, num_groups, "TensorRT-LLM",
                      recorded is not None)
-    placement = _build(path, rows, num_experts, topo, policy or info.get("policy", "global"), None)
+    placement = _build(path, rows, num_experts, topo, policy or info.get("policy", "global"), None,
+                       ids)
     meta = {"format": "trtllm", "layer_ids": ids, "policy": info.get("policy")}
     if recorded is not None:
         meta["topology"] = {"num_replicas": width, **recorded}
