@@ -237,8 +237,17 @@ def _sglang_cases() -> dict[str, Callable]:
     def few():
         return call(_synthetic("few", 6, 64, 11))
 
+    def one_node():  # one node: SGLang's runtime table, from the placement in force
+        w = _synthetic("int", 6, 64, 13)
+
+        def on_one(weight, old=None):
+            return eplb_rebalance(weight[None], 80, 10, 4, 1, hierarchical=True,
+                                  old_phy2log=old, sglang_dispatch="static")[0]
+
+        return on_one(_drift(w, 5), on_one(w))
+
     return {"sglang-nearest-fresh": fresh, "sglang-nearest-drift": drifted,
-            "sglang-nearest-few": few}
+            "sglang-nearest-few": few, "sglang-one-node-drift": one_node}
 
 
 def all_cases() -> dict[str, Callable]:

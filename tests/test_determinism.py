@@ -47,6 +47,7 @@ CASES = [
     "opt-drift-0.587",
     "sglang-nearest-drift",  # SGLang's runtime call under static (nearest) dispatch
     "sglang-nearest-few",
+    "sglang-one-node-drift",  # one node: the table SGLang's runtime rebalance builds
 ]
 # the real-load cases read ../shared/data/real (or $EPLB_REAL_DATA); without it they
 # hash as "missing" alike everywhere and the synthetic cases still count
@@ -79,7 +80,8 @@ def _settings() -> dict[str, tuple[int, str, list[str], str]]:
 
 NUMPY_CASES = ["syn-v3-zeros-global-fresh", "syn-v3-int-hier-fresh", "syn-odd-ties-global-drift",
                "syn-two-few-global-fresh", "syn-two-few-hier-drift", "opt-drift-0.434",
-               "opt-drift-0.587", "sglang-nearest-drift", "sglang-nearest-few"]
+               "opt-drift-0.587", "sglang-nearest-drift", "sglang-nearest-few",
+               "sglang-one-node-drift"]
 
 
 @pytest.fixture(scope="module")
