@@ -96,12 +96,17 @@ def plan(
         dispatch: how the engine splits an expert's tokens over its replicas:
             ``"even"`` (vLLM, the default) or ``"nearest"`` (SGLang with an all-to-all
             backend: same GPU, else same node, else a fixed fair choice). With
-            ``"nearest"`` and ``num_nodes > 1`` (or ``fair="avoid"``) the plan minimises
-            the max GPU load as that rule realises it (:mod:`eplb.core.dispatch`).
-        fair: under ``"nearest"``: ``"auto"`` (default; on one node the even split),
+            ``"nearest"`` and ``num_nodes > 1`` the plan minimises the max GPU load as
+            that rule realises it (:mod:`eplb.core.dispatch`); on one node as the table
+            SGLang's runtime rebalancing builds serves it (:mod:`eplb.core.rank_draws`).
+        fair: under ``"nearest"``: ``"auto"`` (default; on one node with every GPU live
+            and no ``source``, per layer the even split or ``"divide"``, whichever
+            SGLang's runtime table serves better; else on one node the even split),
             ``"avoid"`` (hot experts on every node, on one node on every GPU, so no token
             of theirs needs the engine's random fair choice; on one node fresh plans
-            only) or ``"expect"`` (best in expectation).
+            only), ``"expect"`` (best in expectation; on one node the even split) or
+            ``"divide"`` (one node, every GPU live: replica counts that divide the GPUs,
+            which SGLang's runtime table splits exactly).
         source: under ``"nearest"``: ``[P]`` where tokens arise (default: evenly); not
             with ``previous`` where every GPU is live (those plans assume even sources).
         routing: for ``policy="locality"``: ``[T, L, k]`` top-k expert ids of recorded

@@ -38,7 +38,7 @@ class PlanRequest:
         dispatch: how the engine sends an expert's tokens to its replicas: ``"even"``
             (vLLM: a token hash picks a replica) or ``"nearest"`` (SGLang's static rule:
             same GPU, else same node, else a fixed fair choice; :mod:`eplb.core.dispatch`).
-        fair: under ``"nearest"``: ``"auto"``, ``"avoid"`` or ``"expect"`` (see
+        fair: under ``"nearest"``: ``"auto"``, ``"avoid"``, ``"expect"`` or ``"divide"`` (see
             :func:`eplb.core.dispatch_plan.plan_nearest_global`).
         source: ``[P]`` where tokens arise under ``"nearest"`` (``None``: evenly).
         routing: ``[T, L, k]`` top-k expert ids of recorded tokens, for the locality
