@@ -20,11 +20,12 @@ caps the moves that pay; it buys none that do not:
    :func:`eplb.core.node_repair.repair_node_pairs` with the moves left, so that experts
    with three or more replicas end on distinct nodes where the budget allows.
 
-On one node (``fair="divide"``, or ``"auto"`` with every GPU live; the same two
-candidates, without a node repair) the rule is SGLang's runtime table, and the values
-are the mean over its sampled draws (:func:`eplb.core.rank_draws.split_draw_shares`):
-the even split's expectation would value a count that does not divide the GPUs at what
-the table does not serve.
+On one node (``fair="divide"``, or ``"auto"`` with every GPU live) the rule is SGLang's
+runtime table (:func:`plan_table_incremental`): the candidates are the even split's
+warm-start ladder toward counts that divide the GPUs and the fresh plan relabelled, and
+the values are the means over sampled draws of the table
+(:func:`eplb.core.rank_draws.split_draw_shares`): the even split's expectation would
+value a count that does not divide the GPUs at what the table does not serve.
 """
 
 from __future__ import annotations
