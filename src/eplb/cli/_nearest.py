@@ -87,9 +87,11 @@ def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict
                    f"{split_draw_balancedness(weight, placement.phy2log, gpus):.4f}")
         if policy == "global" and (args.fair == "divide" or (
                 args.fair == "auto" and not args.dead_gpus)):
-            what = ("counts that divide the GPUs" if args.fair == "divide" else
-                    "per layer the even split or counts that divide the GPUs, as")
-            what = f"the plan is {what} SGLang's runtime rebalancing table serves them" + (
+            what = ("counts that divide the GPUs, which SGLang's runtime rebalancing table "
+                    "splits exactly" if args.fair == "divide" else
+                    "per layer the even split or counts that divide the GPUs, as SGLang's "
+                    "runtime rebalancing table serves them")
+            what = f"the plan is {what}" + (
                 "; --previous plans from the map in force" if args.previous else "")
         else:
             why = ("; --fair expect asked for it" if args.fair == "expect" else
