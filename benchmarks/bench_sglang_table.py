@@ -15,7 +15,9 @@ eplb's hook: one table from one stream). Tokens arise evenly on the GPUs.
 
 Shapes: 8 and 32 GPUs on one node (every replica is on the token's node: SGLang draws
 for every rank without a replica), and 32 GPUs on 4 nodes. Plans: eplb's
-``dispatch="nearest"`` plan (global policy; on one node the even split), on one node
+``dispatch="nearest"`` plan (global policy; on one node, since the forty-fifth session,
+planned for SGLang's runtime table: per layer the even split or counts that divide the
+GPUs, so its "runtime" column reads about 1.0 where the even split read 0.980-0.991), on one node
 also with ``fair="avoid"`` (the hot experts on every GPU) and per layer whichever of the
 two the ranks' own draws serve better (``eplb.core.rank_draws``, the CLI's plan for an
 ``--init-expert-location`` file on one node; that model's figure is a column of its

@@ -177,3 +177,56 @@ def test_plan_and_eval_give_the_runtime_tables_figure_on_one_node(tmp_path, caps
     code, text, _ = run(capsys, "plan", path, "-r", 96, "-g", 16, "--json", "-o",
                         tmp_path / "even.json")  # (the even dispatch)
     assert json.loads(text)["balancedness_runtime_table"] is None
+
+
+@pytest.mark.parametrize("sglang_dispatch,options", [("dynamic", {}), (None, {}),
+                                                     ("static", {"dispatch": "even"})])
+def test_the_hooks_one_node_hierarchical_call_is_planned_globally_unsaid(
+        sglang_dispatch, options, caplog):
+    """SGLang's ``auto`` asks the hierarchical algorithm on every one-node rebalance (the
+    groups divide one node): one node is a global plan, with no warning on every call
+    (new-user pass: "asked for hierarchical balancing but num_groups=8, num_nodes=1")."""
+    w = _loads(4, 64, 5)
+    with caplog.at_level(logging.WARNING):
+        phy2log = eplb_rebalance(w[None], 96, 12, 8, 1, True, dict(options),
+                                 sglang_dispatch=sglang_dispatch)[0]
+    assert not [r for r in caplog.records if "hierarchical" in r.getMessage()]
+    assert torch.equal(phy2log, eplb.plan(w, 96, 8).phy2log)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a policy option asked for still says it
+        eplb_rebalance(w[None], 96, 12, 8, 1, True, {**options, "policy": "hierarchical"},
+                       sglang_dispatch=sglang_dispatch)
+    assert any("policy 'hierarchical' asks" in r.getMessage() for r in caplog.records)
+
+
+def test_eval_tables_both_sglang_tables_on_one_node_and_plan_says_divide(tmp_path, capsys):
+    """eval's table on one node under nearest dispatch gives the start-up file's and the
+    runtime table's figures as plan's does (they were in a warning only, under a headline
+    that is an expectation), and an eplb file is not called an engine file."""
+    from helpers import skewed_loads_json
+    from test_cli import run
+
+    path, w = skewed_loads_json(tmp_path, 4, 64, seed=3)
+    out = tmp_path / "p.sglang.json"
+    code, text, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--dispatch", "nearest",
+                          "--fair", "divide", "--emit", "sglang", "-o", out)
+    assert code == 0, err
+    assert "the plan is counts that divide the GPUs, as SGLang's runtime" in err
+    assert "unless --fair divide or expect is given" in err
+    for placement, said in ((out, "is scored as one: an engine file"),
+                            (tmp_path / "q.json", "records one node")):
+        if placement.suffix == ".json" and not placement.name.endswith(".sglang.json"):
+            run(capsys, "plan", path, "-r", 96, "-g", 16, "--dispatch", "nearest", "-o",
+                placement)
+        code, text, err = run(capsys, "eval", "--placement", placement, path, "-g", 16,
+                              "--dispatch", "nearest", "--summary")
+        assert code == 0, err
+        assert said in err
+        phy2log = eplb.formats.read_placement(placement, num_gpus=16).phy2log[-4:]
+        lines = {line.rsplit(None, 2)[0]: line.split()[-2] for line in text.splitlines()
+                 if "eplb's model)" in line}
+        assert "this placement (after, nearest rule, in expectation)" in text
+        assert float(lines["SGLang's runtime rebalancing table (one stream, eplb's model)"]
+                     ) == pytest.approx(split_draw_balancedness(w, phy2log, 16), abs=1e-4)
+        assert "SGLang's static dispatch from this file (each rank's own draw, eplb's model)" \
+            in lines

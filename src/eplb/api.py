@@ -99,14 +99,17 @@ def plan(
             ``"nearest"`` and ``num_nodes > 1`` the plan minimises the max GPU load as
             that rule realises it (:mod:`eplb.core.dispatch`); on one node as the table
             SGLang's runtime rebalancing builds serves it (:mod:`eplb.core.rank_draws`).
-        fair: under ``"nearest"``: ``"auto"`` (default; on one node with every GPU live
-            and no ``source``, per layer the even split or ``"divide"``, whichever
-            SGLang's runtime table serves better; else on one node the even split),
+        fair: under ``"nearest"``: ``"auto"`` (default; on one node with every GPU
+            live, per layer the even split or ``"divide"``'s counts, whichever SGLang's
+            runtime rebalancing table serves better, also from ``previous``; with dead
+            GPUs or a ``source`` the even split), ``"divide"`` (one node, every GPU
+            live, even sources: counts that divide the GPUs, which SGLang's runtime
+            table splits exactly),
             ``"avoid"`` (hot experts on every node, on one node on every GPU, so no token
             of theirs needs the engine's random fair choice; on one node fresh plans
-            only), ``"expect"`` (best in expectation; on one node the even split) or
-            ``"divide"`` (one node, every GPU live: replica counts that divide the GPUs,
-            which SGLang's runtime table splits exactly).
+            only) or ``"expect"`` (best in expectation; on one node the even split). For
+            an SGLang start-up file on one node see
+            :func:`eplb.core.rank_draws.plan_for_start_up_file`.
         source: under ``"nearest"``: ``[P]`` where tokens arise (default: evenly); not
             with ``previous`` where every GPU is live (those plans assume even sources).
         routing: for ``policy="locality"``: ``[T, L, k]`` top-k expert ids of recorded

@@ -99,7 +99,8 @@ def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict
             what = f"the plan is the even-split one{why}"
         warn(f"{ONE_NODE_NEAREST}; {what}{runtime}{this} (an SGLang file from eplb plan "
              "--emit sglang, fresh and global, is planned per layer for the ranks' own "
-             "draws)")
+             "draws" + (", unless --fair divide or expect is given" if args.fair != "auto"
+                        else "") + ")")
     # (a plan for an even split, SGLang's dynamic dispatch, gets the figure in plan's
     # table only: a warning on every such file would be noise without DeepEP)
     return placement, drawn

@@ -159,11 +159,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if placement.active_gpus is None:
             drawn = rank_draw_balancedness(weight, placement.phy2log, topo.num_gpus)
             runtime = split_draw_balancedness(weight, placement.phy2log, topo.num_gpus)
-        warn(f"--dispatch nearest with one node ({args.placement} is scored as one: an "
-             "engine file records no node count, --nodes N gives it): every replica is on "
-             "the token's node, so it is "
+        # eplb's own files record their one node (new-user pass: n.json was called "an
+        # engine file")
+        recorded = ("records one node: plan with --nodes N for several"
+                    if meta.get("topology") else
+                    "is scored as one: an engine file records no node count, --nodes N "
+                    "gives it")
+        warn(f"--dispatch nearest with one node ({args.placement} {recorded}): every "
+             "replica is on the token's node, so it is "
              "scored as the even split, the expectation of SGLang's random choice for the "
-             "GPUs without a replica (SGLang's own table realises below it: BENCHMARKS.md "
+             "GPUs without a replica (SGLang's own tables can realise below it: BENCHMARKS.md "
              "§14)" + ("" if drawn is None else
                       f"; each rank drawing its own choice, as from an --init-expert-location "
                       f"file (eplb's model, within 0.01 of SGLang's table): {drawn:.4f}; "
@@ -254,8 +259,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
              f"{as_serving(placement.active_gpus, compared[0].live_gpus())})",
              in_force["balancedness_in_force"],
              in_force["worst_max_over_mean_in_force"]]] if in_force is not None else []),
-         [f"this placement (after{', nearest rule' if nearest is not None else ''})", after,
+         [f"this placement (after{', nearest rule' if nearest is not None else ''}"
+          f"{', nearest rule, in expectation' if drawn is not None else ''})", after,
           after_worst],
+         # the two tables SGLang builds on one node, as plan's table gives them (new-user
+         # pass: the start-up file's figure was in a warning only, under an expectation)
+         *([["SGLang's static dispatch from this file (each rank's own draw, eplb's model)",
+             drawn, None],
+            ["SGLang's runtime rebalancing table (one stream, eplb's model)", runtime, None]]
+           if drawn is not None else []),
          ["ceiling (upper bound)", ceil.overall, ceil.worst]],
     )
     if in_force is not None:

@@ -230,6 +230,11 @@ def _policy(asked: str | None, dispatch: str, hierarchical: bool, topology: Topo
         policy = "global" if dispatch == "nearest" or not hierarchical else "hierarchical"
     if policy == "auto":
         policy = "hierarchical" if topology.grouped else "global"
+    if policy == "hierarchical" and asked is None and topology.num_nodes == 1:
+        # SGLang's "auto" asks the hierarchical algorithm whenever the groups divide the
+        # nodes, so on every one-node rebalance: one node is a global plan, said nowhere
+        # (new-user pass: a warning naming "num_groups=8, num_nodes=1" on every rebalance)
+        policy = "global"
     if policy == "hierarchical":
         nodes, groups = topology.num_nodes, topology.num_groups
         problems = ([] if topology.grouped and nodes > 1 else
