@@ -211,7 +211,7 @@ def test_eval_tables_both_sglang_tables_on_one_node_and_plan_says_divide(tmp_pat
     code, text, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--dispatch", "nearest",
                           "--fair", "divide", "--emit", "sglang", "-o", out)
     assert code == 0, err
-    assert "the plan is counts that divide the GPUs, as SGLang's runtime" in err
+    assert "the plan is counts that divide the GPUs, which SGLang's runtime" in err
     assert "unless --fair divide or expect is given" in err
     for placement, said in ((out, "is scored as one: an engine file"),
                             (tmp_path / "q.json", "records one node")):
