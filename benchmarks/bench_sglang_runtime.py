@@ -24,7 +24,14 @@ planner's call (one thread; SGLang's algorithm as released, eplb through its hoo
 eplb's model of the table (``eplb.core.rank_draws.split_draw_balancedness``) is printed
 beside it.
 
+With ``--other-models`` it instead plans fresh on the other real models' counts
+(gpt-oss-20b, OLMoE, Mixtral, Qwen3-30B-A3B, DeepSeek-V2-Lite: two windows each, at the
+one-node shapes of ``bench_real_models.py``) and scores by SGLang's runtime table the
+even split (``eplb.plan(w, R, P)``), ``dispatch="nearest"`` (``fair="auto"``: what the
+hook plans) and ``fair="divide"``.
+
     python benchmarks/bench_sglang_runtime.py [--files 4] [--steps 3] [--drift 0.15]
+    python benchmarks/bench_sglang_runtime.py --other-models
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from bench_vllm_call import drift_chain
 from engines import engine_root, sglang_sources
 from sglang_dispatch import sglang_dispatch_tables
 
+import eplb
 from eplb.core.dispatch import table_gpu_loads
 from eplb.core.rank_draws import split_draw_balancedness
 from eplb.integrations.sglang import eplb_rebalance
@@ -76,17 +84,52 @@ def balancedness(loads: torch.Tensor) -> float:
     return float(loads.mean(1).sum() / loads.amax(1).sum())
 
 
+def other_models() -> int:
+    """Fresh plans on the other real models' counts, one node, by SGLang's runtime table."""
+    from bench_real_models import MODELS, SHAPES
+
+    rows, gains = [], []
+    for model, (path, read) in MODELS.items():
+        if not path.exists():
+            print(f"SKIPPED {model}: {path} not found")
+            continue
+        for replicas, gpus in SHAPES[model]:
+            for name, weight in list(read().items())[:2]:
+                experts = weight.shape[1]
+                scores = {}
+                for label, kwargs in (("even", {}), ("auto", {"dispatch": "nearest"}),
+                                      ("divide", {"dispatch": "nearest", "fair": "divide"})):
+                    plan = eplb.plan(weight, replicas, gpus, **kwargs).phy2log
+                    table = sglang_dispatch_tables(plan, experts, gpus, 1, path="eplb")
+                    scores[label] = balancedness(table_gpu_loads(weight, table, gpus,
+                                                                 replicas))
+                gains.append(scores["auto"] - scores["even"])
+                rows.append([model, f"R={replicas} P={gpus}", name, f"{scores['even']:.4f}",
+                             f"{scores['auto']:.4f}", f"{scores['divide']:.4f}",
+                             f"{gains[-1]:+.4f}"])
+    print(markdown_table(["model", "shape", "window", "even split", "nearest (auto)",
+                          "fair divide", "auto − even"], rows))
+    if gains:
+        print(f"\nauto − even: {min(gains):+.4f} to {max(gains):+.4f}; below −0.001 in "
+              f"{sum(g < -0.001 for g in gains)} of {len(gains)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=4, help="real workloads (of 12)")
     parser.add_argument("--steps", type=int, default=3, help="rebalances after the first")
     parser.add_argument("--drift", type=float, default=0.15)
+    parser.add_argument("--other-models", action="store_true",
+                        help="fresh plans on the other real models' counts instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(start("bench_sglang_runtime"))
     root = engine_root("sglang")
     if root is None:
         sys.exit("SGLang 0.5.23 not fetched: run python scripts/fetch_engines.py")
+    if args.other_models:
+        return other_models()
     planners = {
         "SGLang deepseek (its own)": lambda w, g, old: sglang_own(root, w, g),
         "eplb, even split (dispatch: even)": lambda w, g, old: eplb_hook(
