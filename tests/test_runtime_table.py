@@ -62,6 +62,23 @@ def test_an_odd_gpu_count_leaves_only_what_no_divisor_fits():
     assert bool(((counts == 1) | (counts == 3)).all()), counts
 
 
+@pytest.mark.parametrize("experts, slots, gpus", [(2, 5, 5), (3, 14, 7), (2, 9, 9), (4, 22, 11)])
+@pytest.mark.parametrize("fair", ["divide", "auto"])
+def test_spare_slots_no_divisor_fits_outnumbering_the_experts_still_fill_every_slot(
+        experts, slots, gpus, fair):
+    # more slots left than experts below a replica per GPU (no divisor step fits them):
+    # dealt round after round, never past a replica per GPU (attacker pass: counts summed
+    # below R or passed P, and the packing raised ZeroDivisionError or a reshape error)
+    w = _loads(3, experts, 4)
+    plan = eplb.plan(w, slots, gpus, dispatch="nearest", fair=fair)
+    plan.validate()
+    counts = _counts(plan.phy2log, experts)
+    assert bool((counts.sum(1) == slots).all()) and int(counts.max()) <= gpus, counts
+    again = eplb.plan(w, slots, gpus, dispatch="nearest", fair=fair,
+                      previous=eplb.plan(w, slots, gpus).phy2log, max_moves=3)
+    again.validate()
+
+
 @pytest.mark.parametrize("kwargs, said", [
     ({"num_nodes": 2}, "several nodes"),
     ({"active_gpus": [True] * 7 + [False]}, "dead GPUs"),

@@ -157,12 +157,17 @@ def divisor_counts(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> to
         cost = target[row, expert] - counts[row, expert]
         counts[row[going], expert[going]] = target[row[going], expert[going]]
         left = left - torch.where(going, cost, 0)
-    if bool((left > 0).any()):
+    while bool((left > 0).any()):
         # the slots no divisor step fits: one each to the least loaded per replica below
-        # a replica per GPU
-        room = torch.where(counts < num_gpus, w / counts, torch.inf)
+        # a replica per GPU, round after round where they outnumber those experts (an
+        # attacker pass: 2 experts on 5 GPUs × 1 slot, or 3 on 7 × 2, got counts summing
+        # below R or above P, and the packing raised)
+        open_ = counts < num_gpus
+        room = torch.where(open_, w / counts, torch.inf)
         rank = room.argsort(dim=1, stable=True).argsort(dim=1, stable=True)
-        counts = counts + (rank < left[:, None]).to(torch.int64)
+        step = ((rank < left[:, None]) & open_).to(torch.int64)
+        counts = counts + step
+        left = left - step.sum(1)
     return counts.to(weight.device)
 
 
