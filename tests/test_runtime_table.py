@@ -122,6 +122,24 @@ def test_from_the_map_in_force_no_layer_gets_worse_under_the_table_and_budgets_h
     assert split_draw_balancedness(w1, plan.phy2log, 8) > split_draw_balancedness(w1, old, 8)
 
 
+def test_under_a_budget_the_table_path_buys_at_least_what_the_even_splits_plan_buys():
+    # 7 GPUs: no divisor step fits 5 spare slots, so the ladder toward divided counts
+    # buys nothing with a few slots; the even split's incremental plan within the budget
+    # is offered too (attacker pass: max_moves=4 moved nothing, 0.485 kept, where the even
+    # split's 4 moves gave 0.618 under the table)
+    old = eplb.plan(_loads(4, 16, 0), 21, 7).phy2log
+    w = _loads(4, 16, 5)
+    for budget in (2, 4, 10, torch.tensor([1, 2, 3, 5])):
+        table = eplb.plan(w, 21, 7, dispatch="nearest", previous=old, max_moves=budget)
+        even = eplb.plan(w, 21, 7, previous=old, max_moves=budget)
+        table.validate()
+        moved = table.moved_slots(old)
+        assert bool((moved <= budget).all()) if isinstance(budget, torch.Tensor) else (
+            int(moved.sum()) <= budget)
+        assert split_draw_balancedness(w, table.phy2log, 7) >= split_draw_balancedness(
+            w, even.phy2log, 7) - 1e-9, budget
+
+
 # ------------------------------------------------------------- SGLang's own table
 def test_sglangs_runtime_table_serves_divided_counts_exactly(sglang_root):
     w = _loads(3, 64, 11)

@@ -568,7 +568,7 @@ def _plan_nearest(
             return _refine_rows(weight, base_map, request, layer_quota, budget is not None,
                                 target=target)[0]
 
-        out = plan_table_incremental(host, base, budget, rungs)
+        out = plan_table_incremental(host, base, budget, rungs, warm_even)
     else:
         out = plan_nearest_incremental(host, base, budget, warm_even)
     if request.idle is not None:
