@@ -265,3 +265,19 @@ def test_eval_tables_both_sglang_tables_on_one_node_and_plan_says_divide(tmp_pat
                      ) == pytest.approx(split_draw_balancedness(w, phy2log, 16), abs=1e-4)
         assert "SGLang's static dispatch from this file (each rank's own draw, eplb's model)" \
             in lines
+
+
+def test_plans_warning_gives_no_runtime_table_figure_with_dead_gpus(tmp_path, capsys):
+    """With dead GPUs plan's table leaves the runtime table's figure out (eplb's model of
+    it has every rank sending tokens); the one-node warning did not (review pass: 0.86
+    there beside 1.0 in the table)."""
+    from helpers import skewed_loads_json
+    from test_cli import run
+
+    path, _ = skewed_loads_json(tmp_path, 4, 64, seed=3)
+    code, text, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--dispatch", "nearest",
+                          "--dead-gpus", "3", "--json", "-o", tmp_path / "d.json")
+    assert code == 0, err
+    assert json.loads(text)["balancedness_runtime_table"] is None
+    assert "the plan is the even-split one; dead GPUs" in err
+    assert "SGLang's runtime table (eplb's model)" not in err

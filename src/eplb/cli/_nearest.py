@@ -83,7 +83,10 @@ def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict
     this = "" if drawn is None else f"; this file: {drawn:.4f}, each rank drawing its own"
     if one_node and options.get("fair") != "avoid":
         gpus = placement.topology.num_gpus
-        runtime = (f"; SGLang's runtime table (eplb's model): "
+        # every GPU live only, as plan's table gives it (review pass: with dead GPUs the
+        # model counted their ranks' tokens, 0.86 in the warning beside 1.0 in the table)
+        runtime = ("" if placement.active_gpus is not None else
+                   f"; SGLang's runtime table (eplb's model): "
                    f"{split_draw_balancedness(weight, placement.phy2log, gpus):.4f}")
         if policy == "global" and (args.fair == "divide" or (
                 args.fair == "auto" and not args.dead_gpus)):

@@ -126,10 +126,11 @@ def divisor_counts(weight: torch.Tensor, num_replicas: int, num_gpus: int) -> to
 
     Jefferson's rule over the divisors: the expert with the largest load per replica
     goes up to the next divisor where the slots left allow it (else the next such
-    expert), until no step fits. Slots still left (only where the step from one
-    replica to the smallest divisor above it is wider than what is left: odd ``P``) go
-    one each to the experts with the least load per replica, which move next to nothing
-    by their draw. Raises ``ValueError`` if ``R > E · P``.
+    expert), until no step fits. Slots still left (only where every step to the next
+    divisor is wider than what is left: from one replica with an odd ``P``, or e.g.
+    2 → 5 on 10 GPUs with two slots left) go one each to the experts with the least
+    load per replica, which move next to nothing by their draw. Raises ``ValueError``
+    if ``R > E · P``.
     """
     rows, num_experts = weight.shape
     extra = num_replicas - num_experts
