@@ -281,3 +281,21 @@ def test_plans_warning_gives_no_runtime_table_figure_with_dead_gpus(tmp_path, ca
     assert json.loads(text)["balancedness_runtime_table"] is None
     assert "the plan is the even-split one; dead GPUs" in err
     assert "SGLang's runtime table (eplb's model)" not in err
+
+
+def test_plan_gives_the_map_in_force_under_the_runtime_table(tmp_path, capsys):
+    """With --previous on one node, the table's figure for the map in force too: what the
+    plan was chosen against (review pass: only the expectation's was given)."""
+    from helpers import skewed_loads_json
+    from test_cli import run
+
+    path, w = skewed_loads_json(tmp_path, 4, 64, seed=5)
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "-o", old)[0] == 0
+    code, text, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--dispatch", "nearest",
+                          "--previous", old, "--json", "-o", tmp_path / "new.json")
+    assert code == 0, err
+    summary = json.loads(text)
+    want = split_draw_balancedness(w, eplb.formats.read_placement(old).phy2log, 16)
+    assert summary["balancedness_runtime_table_in_force"] == pytest.approx(want, abs=1e-12)
+    assert summary["balancedness_runtime_table"] >= want - 1e-12

@@ -360,6 +360,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         in_force_live = previous.live_gpus().to(live.device) | live
         _, in_force, in_force_worst = load_balance(in_force_loads, in_force_live, speed)
         warn_forced_moves(previous, placement, moved, split, args, weight)
+    # the map in force under the runtime table too: what the plan was chosen against
+    runtime_in_force = (split_draw_balancedness(weight, previous.phy2log, args.gpus)
+                        if runtime is not None and previous is not None
+                        and previous.active_gpus is None else None)
     summary = {
         "output": str(out),
         "emit": emit,
@@ -375,6 +379,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "balancedness_rank_draws": drawn,
         # one node, nearest: SGLang's runtime rebalancing table, eplb's model (or None)
         "balancedness_runtime_table": runtime,
+        "balancedness_runtime_table_in_force": runtime_in_force,
         "plan_seconds": seconds,
         "balancedness_before": before,
         "balancedness_in_force": in_force,
@@ -406,6 +411,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             drawn, None]] if drawn is not None else []),
         *([["SGLang's runtime rebalancing table (one stream, eplb's model)", runtime, None]]
           if runtime is not None else []),
+        *([["  the map in force under that table (--previous)", runtime_in_force, None]]
+          if runtime_in_force is not None else []),
         ["ceiling (upper bound)", ceil.overall, ceil.worst],
     ]
     idle = int((weight.sum(1) == 0).sum())  # a dump's dense layers: planned, kept as rows
