@@ -276,13 +276,17 @@ def _split_balance(weight: torch.Tensor, candidates: torch.Tensor, num_gpus: int
     the expected next-window balancedness and the peak are the means over the draws."""
     count, layers = candidates.shape[:2]
     w = weight.to(torch.float64).numpy() / num_gpus
-    shares = np.stack([split_draw_shares(c, w.shape[1], num_gpus) for c in candidates], 1)
-    draws = shares.shape[0]  # [D, C, L, R]
-    ids = candidates.numpy().clip(min=0)
-    slot = shares * np.take_along_axis(np.broadcast_to(w, (count, layers, w.shape[1])), ids,
-                                       2)[None]
-    grid = torch.from_numpy(slot.reshape(draws * count, layers, num_gpus, -1))
-    load, square = grid.sum(3), (grid * grid).sum(3)
+    # one candidate's [D, L, R] slot loads at a time (all at once held [D, C, L, R]: 1.9 GB
+    # at 4,000 layers, attacker pass); its GPUs' moments [D, C, L, P] are kept
+    moments = []
+    for candidate in candidates:
+        shares = split_draw_shares(candidate, w.shape[1], num_gpus)  # [D, L, R]
+        slot = shares * np.take_along_axis(w, candidate.numpy().clip(min=0), 1)[None]
+        grid = torch.from_numpy(slot.reshape(*slot.shape[:2], num_gpus, -1))
+        moments.append((grid.sum(3), (grid * grid).sum(3)))
+    draws = moments[0][0].shape[0]
+    load = torch.stack([m[0] for m in moments], 1).reshape(draws * count, layers, num_gpus)
+    square = torch.stack([m[1] for m in moments], 1).reshape(draws * count, layers, num_gpus)
     expected, _ = peak_of(load, square.numpy(), weight.sum(1).numpy(), drift)
     expected = (1.0 / expected).reshape(draws, count, layers).mean(0)
     peak = load.amax(2).view(draws, count, layers).mean(0)
