@@ -356,9 +356,9 @@ def fresh_phy2log(request: PlanRequest) -> torch.Tensor:
     topology = request.topology
     # (on one node the even split is the rule's expectation; fair="avoid" puts the hot
     # experts on every GPU, and SGLang's runtime table is planned for where
-    # plans_runtime_table says: plan_for_nearest)
+    # PlanRequest.plans_runtime_table says: plan_for_nearest)
     if request.dispatch == "nearest" and request.policy == "global" and (
-            topology.num_nodes > 1 or request.fair == "avoid" or plans_runtime_table(request)):
+            topology.num_nodes > 1 or request.fair == "avoid" or request.plans_runtime_table):
         phy2log = plan_for_nearest(request, lambda: fresh_phy2log(dataclasses.replace(
             request, dispatch="even", fair="auto", source=None, routing=None)))
     elif request.active_gpus is not None:
@@ -368,18 +368,6 @@ def fresh_phy2log(request: PlanRequest) -> torch.Tensor:
     if request.gpu_speed is not None:
         phy2log = _for_speeds(request, phy2log)
     return phy2log
-
-
-def plans_runtime_table(request: PlanRequest) -> bool:
-    """Whether ``request`` plans for SGLang's runtime table on one node: the global policy
-    under ``dispatch="nearest"`` on one node with ``fair="divide"``, or ``"auto"`` with
-    every GPU live and tokens arising evenly (:mod:`eplb.core.rank_draws`; elsewhere on
-    one node the even split, the rule's expectation, or ``"avoid"``)."""
-    return (request.dispatch == "nearest" and request.policy == "global"
-            and request.topology.num_nodes == 1
-            and (request.fair == "divide" or (request.fair == "auto"
-                                              and request.active_gpus is None
-                                              and request.source is None)))
 
 
 def _for_speeds(request: PlanRequest, phy2log: torch.Tensor) -> torch.Tensor:

@@ -91,6 +91,18 @@ class PlanRequest:
             return torch.ones(self.topology.num_gpus, dtype=torch.bool, device=self.weight.device)
         return self.active_gpus
 
+    @property
+    def plans_runtime_table(self) -> bool:
+        """Whether this request plans for SGLang's runtime table on one node: the global
+        policy under ``dispatch="nearest"`` on one node with ``fair="divide"``, or
+        ``"auto"`` with every GPU live and tokens arising evenly
+        (:mod:`eplb.core.rank_draws`; elsewhere on one node the even split, the rule's
+        expectation, or ``"avoid"``)."""
+        return (self.dispatch == "nearest" and self.policy == "global"
+                and self.topology.num_nodes == 1
+                and (self.fair == "divide" or (self.fair == "auto" and self.active_gpus is None
+                                               and self.source is None)))
+
     def generator(self) -> torch.Generator:
         """A fresh CPU generator seeded with :attr:`seed`: the same request plans alike."""
         return torch.Generator().manual_seed(self.seed)

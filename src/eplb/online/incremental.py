@@ -64,7 +64,7 @@ import torch
 
 from eplb.core.options import COARSE_SLOTS
 from eplb.core.placement import Placement, validate_planned
-from eplb.core.planner import fresh_phy2log, plans_runtime_table
+from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
 from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous, relabel_size_problem
@@ -275,7 +275,7 @@ def plan_incremental(
     # (on one node SGLang's runtime table, but under a skip threshold with fair="auto":
     # the even split's planner, which takes one)
     if request.dispatch == "nearest" and (topo.num_nodes > 1 or (
-            plans_runtime_table(request)
+            request.plans_runtime_table
             and (skip_threshold is None or request.fair == "divide"))):
         return _plan_nearest(request, old, max_moves, skip_threshold)
     if request.dispatch == "nearest" and request.fair == "avoid":  # one node: fresh only

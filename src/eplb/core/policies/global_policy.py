@@ -37,14 +37,15 @@ def plan_for_nearest(request: PlanRequest, even: Callable[[], torch.Tensor]) -> 
     even-split plan ``even()`` in the layers the rule serves better with it. The locality
     policy's balance corner is this plan too.
 
-    On one node (every GPU live, tokens arising evenly) the even split is the rule's
-    expectation, and ``fair="divide"`` plans counts that divide the GPUs, which SGLang's
-    runtime table splits exactly (:func:`eplb.core.dispatch_plan.divisor_counts`); with
+    Where the request plans for SGLang's runtime table on one node
+    (:attr:`~eplb.core.request.PlanRequest.plans_runtime_table`) the even split is the
+    rule's expectation, and ``fair="divide"`` plans counts that divide the GPUs, which
+    that table splits exactly (:func:`eplb.core.dispatch_plan.divisor_counts`); with
     ``fair="auto"`` each layer keeps whichever of ``even()`` and that plan the table
     serves better (:func:`eplb.core.rank_draws.split_draw_peaks`, the same draws for
     both; the even split on ties)."""
     topology = request.topology
-    if topology.num_nodes == 1 and request.fair in ("auto", "divide"):
+    if request.plans_runtime_table:
         divided = plan_nearest_global(request.weight, topology, request.options,
                                       request.generator(), None, None, "divide")
         if request.fair == "divide":
