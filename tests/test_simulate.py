@@ -13,14 +13,13 @@ from eplb import Placement, Topology
 from eplb.core.trace import LoadTrace
 from eplb.online import trivial_placement
 from eplb.tools import generate_trace
+from eplb.tools.scoring import gpu_load_matrix, step_balancedness
 from eplb.tools.simulate import (
     CADENCES,
     DEEPSEEK_V3_EXPERT_BYTES,
     Cadence,
     SimulationResult,
-    gpu_load_matrix,
     simulate,
-    step_balancedness,
 )
 
 L, E, R, P = 3, 8, 12, 4

@@ -21,7 +21,7 @@ first rebalance every planner runs under the static :func:`eplb.online.trivial_p
 (SGLang's ``init_trivial``: live slot ``i`` holds expert ``i % E``); those windows are
 reported but left out of the summary.
 
-Per-step scoring is one batched matrix product per plan tenure: with
+Per-step scoring is one batched matrix product per plan tenure (:mod:`eplb.tools.scoring`): with
 ``M[l, e, p] = (replicas of e on GPU p) / logcnt[l, e]`` the GPU loads of all steps are
 ``counts [T, L, E] @ M [L, E, P]``.
 """
@@ -35,14 +35,23 @@ from typing import Any
 
 import torch
 
-from eplb.core.dispatch import realised_slot_loads
-from eplb.core.inputs import as_gpu_speed, scale_free
-from eplb.core.placement import Placement, ideal_and_peak
+from eplb.core.placement import Placement
 from eplb.core.planner import as_planned
-from eplb.core.topology import Topology, positive_int
+from eplb.core.topology import Topology
 from eplb.core.trace import LoadTrace
 from eplb.online import PlannerFn, Rebalancer, make_planner, trivial_placement
 from eplb.online.estimate import Estimator, as_history, make_estimator
+from eplb.tools.scoring import (
+    EVEN,
+    Realised,
+    check_scoring_size,
+    gpu_load_matrix,
+    gpu_loads,
+    loads_balancedness,
+    scored_loads,
+    scoring_counts,
+    steps_per_chunk,
+)
 
 #: One DeepSeek-V3 routed expert in fp8: gate, up and down projections, each
 #: 7168 x 2048 one-byte weights (block-scale factors, ~10 kB, are left out).
@@ -80,157 +89,6 @@ CADENCES: dict[str, Cadence] = {
     "sglang": Cadence(1000, 1000),
     "adrs": Cadence(100, 100, 100),
 }
-
-
-#: the largest ``[L, E, P]`` scoring matrix (float64: 1 GiB) the replay builds. A 15 MB
-#: trace of 58 layers × 8,192 experts on 8,192 GPUs asked torch for 31 GB and failed (or
-#: took the host's memory) after planning (attacker pass); refused up front instead
-MAX_MATRIX_ENTRIES = 1 << 27
-#: GPU loads are computed this many entries (``[steps, L, P]``) at a time, at most
-_LOADS_PER_CHUNK = 1 << 24
-
-
-def check_scoring_size(num_layers: int, num_experts: int, num_gpus: int) -> None:
-    """``ValueError`` naming the sizes where the scoring matrix
-    (:func:`gpu_load_matrix`) would pass :data:`MAX_MATRIX_ENTRIES`."""
-    entries = num_layers * num_experts * num_gpus
-    if entries > MAX_MATRIX_ENTRIES:
-        raise ValueError(
-            f"scoring {num_layers} layers × {num_experts} experts on {num_gpus} GPUs takes a "
-            f"{entries * 8 / 2**30:.1f} GiB matrix; the replay scores at most "
-            f"{MAX_MATRIX_ENTRIES:.3g} layer × expert × GPU entries (replay fewer layers)")
-
-
-def _steps_per_chunk(num_layers: int, num_gpus: int) -> int:
-    """Steps whose ``[steps, L, P]`` GPU loads are computed at once: 1024, fewer where
-    those would pass :data:`_LOADS_PER_CHUNK` entries."""
-    return max(1, min(1024, _LOADS_PER_CHUNK // max(1, num_layers * num_gpus)))
-
-
-@dataclass(frozen=True)
-class Realised:
-    """How the engine realises a placement's loads, as the plans were made for them
-    (:func:`eplb.plan`'s ``dispatch``, ``source`` and ``gpu_speed``): the replay scores
-    every plan so. Scored as an even split on equal GPUs, a plan for SGLang's nearest
-    rule read 0.9347 where the rule realises 0.9178, and one for GPUs of two speeds read
-    its load balance, 0.7154, where its time balance is 0.8221 (attacker pass).
-
-    Attributes:
-        dispatch: ``"even"`` (vLLM's split over an expert's replicas) or another rule of
-            :func:`eplb.core.realised_slot_loads` (``"nearest"``: SGLang's).
-        source: ``[P]`` where tokens arise (``None``: evenly over the live GPUs).
-        gpu_speed: ``[P]`` relative GPU speeds (``None``: equal): a GPU's time is its
-            load over its speed, and balancedness the ideal time over the slowest's.
-    """
-
-    dispatch: str = "even"
-    source: Any = None
-    gpu_speed: Any = None
-
-    @classmethod
-    def of(cls, plan_options: Mapping[str, Any], dispatch: str | None = None) -> Realised:
-        """The realisation the plan options name (the rest of them are the planner's), by
-        the rule ``dispatch`` where one is named (:func:`simulate`'s ``score_dispatch``)."""
-        if dispatch not in (None, "even", "nearest"):
-            raise ValueError(f"score_dispatch must be 'even', 'nearest' or None, got "
-                             f"{dispatch!r}")
-        if dispatch == "nearest" and plan_options.get("gpu_speed") is not None:
-            raise ValueError("gpu_speed cannot be combined with nearest dispatch (as in eplb.plan)")
-        return cls(dispatch or plan_options.get("dispatch") or "even",
-                   plan_options.get("source"), plan_options.get("gpu_speed"))
-
-    def speed(self, num_gpus: int) -> torch.Tensor | None:
-        """``[P]`` float64 GPU speeds, or ``None`` for equal GPUs."""
-        if self.gpu_speed is None:
-            return None
-        return as_gpu_speed(self.gpu_speed, num_gpus, torch.device("cpu")).to(torch.float64)
-
-
-EVEN = Realised()
-
-
-def gpu_load_matrix(placement: Placement, realised: Realised = EVEN) -> torch.Tensor:
-    """``[L, E, P]`` float64: share of expert ``e``'s load that lands on GPU ``p`` (split
-    evenly over its replicas, or as ``realised.dispatch`` routes it)."""
-    topo = placement.topology
-    num_layers, num_experts = placement.logcnt.shape
-    phy2log = placement.phy2log
-    live = phy2log >= 0
-    gpu = (torch.arange(topo.num_replicas, device=phy2log.device) // topo.slots_per_gpu)
-    layer = torch.arange(num_layers, device=phy2log.device)[:, None].expand_as(phy2log)
-    expert = phy2log.clamp(min=0)
-    if realised.dispatch == "even":
-        share = 1.0 / placement.logcnt.clamp(min=1).to(torch.float64)  # [L, E]
-        values = torch.where(live, share.gather(1, expert),
-                             torch.zeros((), dtype=torch.float64))
-    else:
-        # a slot serves its expert's load times a share that depends on the map only, so
-        # the rule's loads are linear in the counts: the shares of unit loads are the matrix
-        values = realised_slot_loads(
-            torch.ones(num_layers, num_experts, dtype=torch.float64, device=phy2log.device),
-            phy2log, topo.num_gpus, topo.num_nodes, realised.dispatch, realised.source,
-            placement.active_gpus, check=False)
-    matrix = torch.zeros(num_layers * num_experts * topo.num_gpus, dtype=torch.float64,
-                         device=phy2log.device)
-    flat = (layer * num_experts + expert) * topo.num_gpus + gpu[None]
-    matrix.index_add_(0, flat.reshape(-1), values.reshape(-1))
-    return matrix.view(num_layers, num_experts, topo.num_gpus)
-
-
-def _gpu_loads(counts: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``counts [T, L, E]`` x ``matrix [L, E, P]`` -> ``[T, L, P]`` (one batched matmul)."""
-    out = torch.bmm(counts.transpose(0, 1).to(dtype), matrix.to(dtype))  # [L, T, P]
-    return out.transpose(0, 1)
-
-
-def scoring_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
-    """``(counts, dtype)`` for the batched product that scores GPU loads: the counts as
-    they are in float32 where their largest entry lies in [1e-30, 1e30] (or is 0), else
-    in float64, times a power of two where that entry is beyond 2**±900
-    (:func:`eplb.core.inputs.scale_free`: exact, ratios unchanged). float32 sums
-    overflowed or rounded to 0, and every step scored 1.0 (attacker pass: counts × 1e40
-    and × 1e-50); dividing the whole trace by its largest entry instead rounded the
-    ordinary steps beside one huge step to 0 (a later pass)."""
-    top = float(counts.max()) if counts.numel() else 0.0
-    if top == 0 or 1e-30 <= top <= 1e30:
-        return counts, torch.float32
-    return scale_free(counts), torch.float64
-
-
-def _balancedness(loads: torch.Tensor, live: torch.Tensor,
-                  speed: torch.Tensor | None = None) -> torch.Tensor:
-    """``loads [..., L, P]`` -> ``[...]`` Σ_l mean / Σ_l max over live GPUs (1 when all
-    zero); with ``speed [P]``, in time: Σ_l total / live speed over Σ_l max load / speed."""
-    ideal, peak = ideal_and_peak(loads, live.to(loads.device),
-                                 None if speed is None else speed.to(loads.device))
-    mean, peak = ideal.sum(-1), peak.sum(-1)
-    # (a positive peak divides as it is: a floor of 1e-300 bent steps scaled near float64's
-    # smallest numbers; a later attacker pass)
-    return torch.where(peak > 0, mean / torch.where(peak > 0, peak, 1.0), torch.ones_like(peak))
-
-
-def step_balancedness(counts: object, placement: Placement, *,
-                      chunk: int | None = None, realised: Realised = EVEN) -> torch.Tensor:
-    """``[T]`` float64 balancedness of every step of ``counts [T, L, E]`` under
-    ``placement`` (realised as ``realised`` says: by default an even split on equal GPUs),
-    ``chunk`` steps at a time (default: :func:`_steps_per_chunk`)."""
-    steps = as_history(counts, "counts")
-    if steps.shape[1:] != placement.logcnt.shape:
-        raise ValueError(f"counts have layers x experts {tuple(steps.shape[1:])}, the placement "
-                         f"has {tuple(placement.logcnt.shape)}")
-    num_gpus = placement.topology.num_gpus
-    check_scoring_size(steps.shape[1], steps.shape[2], num_gpus)
-    chunk = (_steps_per_chunk(steps.shape[1], num_gpus) if chunk is None
-             else positive_int("chunk", chunk))
-    matrix = gpu_load_matrix(placement, realised)
-    live = placement.live_gpus()
-    speed = realised.speed(num_gpus)
-    steps, dtype = scoring_counts(steps)
-    parts = [
-        _balancedness(_gpu_loads(steps[a:a + chunk], matrix, dtype).double(), live, speed)
-        for a in range(0, steps.shape[0], chunk)
-    ]
-    return torch.cat(parts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -420,29 +278,15 @@ def _oracle(
         # built-in planners treat layers independently: plan every window in one call
         flat = window_counts.reshape(-1, num_experts)
         stacked = planner(flat, None)
-        loads = _scored(stacked, flat, realised).view(num_windows, num_layers, -1)
-        return _balancedness(loads, stacked.live_gpus(),
+        loads = scored_loads(stacked, flat, realised).view(num_windows, num_layers, -1)
+        return loads_balancedness(loads, stacked.live_gpus(),
                              realised.speed(stacked.topology.num_gpus))
     out = []
     for w in window_counts:
         plan = planner(w, None)
-        out.append(_balancedness(_scored(plan, w, realised), plan.live_gpus(),
+        out.append(loads_balancedness(scored_loads(plan, w, realised), plan.live_gpus(),
                                  realised.speed(plan.topology.num_gpus)))
     return torch.stack(out).to(torch.float64)
-
-
-def _scored(placement: Placement, weight: torch.Tensor, realised: Realised) -> torch.Tensor:
-    """``[L, P]`` GPU loads of ``weight [L, E]`` under ``placement``, realised as
-    ``realised`` says (scaled by a power of two where the counts are near float64's ends:
-    ratios unchanged)."""
-    if realised.dispatch == "even":
-        return placement.scaled_gpu_loads(weight)
-    # the slots' loads summed per GPU: no [L, E, P] matrix (over many windows it took GBs)
-    topo = placement.topology
-    slots = realised_slot_loads(scale_free(weight.to(torch.float64)), placement.phy2log,
-                                topo.num_gpus, topo.num_nodes, realised.dispatch,
-                                realised.source, placement.active_gpus, check=False)
-    return slots.view(slots.shape[0], topo.num_gpus, -1).sum(2)
 
 
 def simulate(
@@ -549,7 +393,7 @@ def simulate(
                          f"simulation needs at least {cad.interval + cad.scoring} steps")
     score = cad.scoring
     speed = realised.speed(num_gpus)
-    chunk = _steps_per_chunk(num_layers, num_gpus)
+    chunk = steps_per_chunk(num_layers, num_gpus)
     scored, dtype = scoring_counts(counts)  # (the planners take the counts as they are)
     num_windows = num_steps // score
     window_loads = torch.zeros(num_windows, num_layers, num_gpus, dtype=torch.float64)
@@ -567,8 +411,8 @@ def simulate(
         live = placement.live_gpus()
         for a in range(start, end, chunk):
             b = min(a + chunk, end)
-            loads = _gpu_loads(scored[a:b], matrix, dtype).double()  # [t, L, P]
-            step_bal[a:b] = _balancedness(loads, live, speed)
+            loads = gpu_loads(scored[a:b], matrix, dtype).double()  # [t, L, P]
+            step_bal[a:b] = loads_balancedness(loads, live, speed)
             win = torch.arange(a, b) // score
             keep = win < num_windows
             window_loads.index_add_(0, win[keep], loads[keep])
@@ -581,7 +425,7 @@ def simulate(
     window_bal = torch.zeros(num_windows, dtype=torch.float64)
     for live in torch.unique(window_live, dim=0):  # one or two live sets, not one per window
         rows = (window_live == live).all(1)
-        window_bal[rows] = _balancedness(window_loads[rows], live, speed)
+        window_bal[rows] = loads_balancedness(window_loads[rows], live, speed)
     window_starts = torch.arange(num_windows, dtype=torch.int64) * score
     events = rebalancer.events
     # windows from the first rebalance point on, for every planner alike
