@@ -735,11 +735,20 @@ def test_simulate_scores_every_planner_as_the_dispatch_named(capsys, trace_file)
     assert json.loads(out)["dispatch"] == "even"
     even = {r["summary"]["planner"]: r["summary"] for r in json.loads(out)["runs"]}
     assert even["greedy"]["window_balancedness"] != by_planner["greedy"]["window_balancedness"]
-    # on one node the figures are the expectation of SGLang's random choice: said once
+    # on one node the figures are SGLang's runtime table's: said once
+    code, out, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 16, "-g", 8,
+                         "--dispatch", "nearest", "--compare", "--json")
+    assert code == 0
+    assert err.count("--dispatch nearest with one node") == 1
+    assert "table SGLang builds at a runtime rebalance" in err
+    one_node = {r["summary"]["planner"]: r["summary"] for r in json.loads(out)["runs"]}
+    want = simulate(counts, "greedy", num_replicas=16, num_gpus=8, cadence=Cadence(10, 10),
+                    score_dispatch="nearest")
+    assert one_node["greedy"]["window_balancedness"] == pytest.approx(
+        want.summary()["window_balancedness"], rel=1e-12)
     code, out, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 16, "-g", 8,
                          "--dispatch", "nearest")
     assert code == 0 and "as SGLang's nearest dispatch serves them" in out
-    assert err.count("--dispatch nearest with one node") == 1
     # auto going hierarchical under the nearest rule is said, as plan says it (new-user pass)
     code, out, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 16, "-g", 8,
                          "--nodes", 2, "--groups", 2, "--dispatch", "nearest")

@@ -25,7 +25,6 @@ from eplb.cli._common import (
     say_written,
 )
 from eplb.cli._inputs import all_zero_rows_note, cli_policy, read_trace, warn
-from eplb.cli._nearest import ONE_NODE_NEAREST
 from eplb.core import LoadTrace
 from eplb.core.messages import counted
 from eplb.formats import write_loads
@@ -39,6 +38,13 @@ from eplb.tools.simulate import (
     SimulationResult,
     simulate,
 )
+
+#: what a replay under nearest dispatch on one node scores (tools.scoring.Realised)
+ONE_NODE_REPLAY = (
+    "--dispatch nearest with one node: every replica is on the token's node, and a GPU "
+    "without a replica of an expert sends its tokens to one SGLang picks at random; every "
+    "plan is scored by the table SGLang builds at a runtime rebalance (--enable-eplb), one "
+    "draw of those picks per rebalance (eplb's model of that table: BENCHMARKS.md §14)")
 
 #: the ADRS benchmark's window (and interval), where --protocol adrs is given alone
 ADRS_WINDOW = CADENCES["adrs"].window
@@ -172,7 +178,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
                         trace.num_experts)
     if args.dispatch == "nearest" and args.nodes <= 1:
-        warn(ONE_NODE_NEAREST)  # the scores too are the expectation of SGLang's choice
+        warn(ONE_NODE_REPLAY)
     if args.dispatch == "nearest" and args.policy == "auto" and policy == "hierarchical":
         # as plan warns (new-user pass: 0.71 against 0.79 with --policy global, silently)
         warn("--policy auto plans hierarchically (groups on several nodes), which balances "

@@ -21,6 +21,7 @@ import torch
 from eplb.core.dispatch import realised_slot_loads
 from eplb.core.inputs import as_gpu_speed, scale_free
 from eplb.core.placement import Placement, ideal_and_peak
+from eplb.core.rank_draws import split_draw_shares
 from eplb.core.topology import positive_int
 from eplb.online.estimate import as_history
 
@@ -81,6 +82,16 @@ class Realised:
         return cls(dispatch or plan_options.get("dispatch") or "even",
                    plan_options.get("source"), plan_options.get("gpu_speed"))
 
+    def runtime_table(self, placement: Placement) -> bool:
+        """Whether ``placement`` is served by the table SGLang builds at a runtime
+        rebalance (:mod:`eplb.core.rank_draws`): nearest dispatch on one node of several
+        GPUs, every GPU live, tokens arising evenly. Elsewhere the nearest rule is scored
+        by its expectation over the ranks' fair choices."""
+        topo = placement.topology
+        return (self.dispatch == "nearest" and topo.num_nodes == 1 and topo.num_gpus > 1
+                and self.source is None
+                and (placement.active_gpus is None or bool(placement.active_gpus.all())))
+
     def speed(self, num_gpus: int) -> torch.Tensor | None:
         """``[P]`` float64 GPU speeds, or ``None`` for equal GPUs."""
         if self.gpu_speed is None:
@@ -91,9 +102,31 @@ class Realised:
 EVEN = Realised()
 
 
-def gpu_load_matrix(placement: Placement, realised: Realised = EVEN) -> torch.Tensor:
+def slot_shares(placement: Placement, realised: Realised, draw: int = 0) -> torch.Tensor:
+    """``[L, R]`` float64: the share of its expert's tokens each slot serves under a
+    dispatch rule other than the even split (an empty slot: 0).
+
+    Where SGLang's runtime table serves the placement (:meth:`Realised.runtime_table`),
+    the shares of its draw number ``draw`` (the engine builds one table per rebalance:
+    each plan's tenure is scored by one draw, not the model's mean over draws); else the
+    rule's own shares (:func:`eplb.core.realised_slot_loads` of unit loads)."""
+    topo = placement.topology
+    phy2log = placement.phy2log
+    num_layers, num_experts = placement.logcnt.shape
+    if realised.runtime_table(placement):
+        ranks = split_draw_shares(phy2log, num_experts, topo.num_gpus, draws=1, seed=draw)[0]
+        return torch.from_numpy(ranks / topo.num_gpus).to(phy2log.device)
+    return realised_slot_loads(
+        torch.ones(num_layers, num_experts, dtype=torch.float64, device=phy2log.device),
+        phy2log, topo.num_gpus, topo.num_nodes, realised.dispatch, realised.source,
+        placement.active_gpus, check=False)
+
+
+def gpu_load_matrix(placement: Placement, realised: Realised = EVEN,
+                    draw: int = 0) -> torch.Tensor:
     """``[L, E, P]`` float64: share of expert ``e``'s load that lands on GPU ``p`` (split
-    evenly over its replicas, or as ``realised.dispatch`` routes it)."""
+    evenly over its replicas, or as ``realised.dispatch`` routes it; ``draw`` numbers
+    the runtime table's draw where one serves the placement, :func:`slot_shares`)."""
     topo = placement.topology
     num_layers, num_experts = placement.logcnt.shape
     phy2log = placement.phy2log
@@ -106,12 +139,9 @@ def gpu_load_matrix(placement: Placement, realised: Realised = EVEN) -> torch.Te
         values = torch.where(live, share.gather(1, expert),
                              torch.zeros((), dtype=torch.float64))
     else:
-        # a slot serves its expert's load times a share that depends on the map only, so
-        # the rule's loads are linear in the counts: the shares of unit loads are the matrix
-        values = realised_slot_loads(
-            torch.ones(num_layers, num_experts, dtype=torch.float64, device=phy2log.device),
-            phy2log, topo.num_gpus, topo.num_nodes, realised.dispatch, realised.source,
-            placement.active_gpus, check=False)
+        # a slot serves its expert's load times a share that depends on the map only (and,
+        # for a table, its draw), so the loads are linear in the counts
+        values = slot_shares(placement, realised, draw)
     matrix = torch.zeros(num_layers * num_experts * topo.num_gpus, dtype=torch.float64,
                          device=phy2log.device)
     flat = (layer * num_experts + expert) * topo.num_gpus + gpu[None]
@@ -175,15 +205,21 @@ def step_balancedness(counts: object, placement: Placement, *,
     return torch.cat(parts)
 
 
-def scored_loads(placement: Placement, weight: torch.Tensor, realised: Realised) -> torch.Tensor:
+def scored_loads(placement: Placement, weight: torch.Tensor, realised: Realised,
+                 draw: int = 0) -> torch.Tensor:
     """``[L, P]`` GPU loads of ``weight [L, E]`` under ``placement``, realised as
     ``realised`` says (scaled by a power of two where the counts are near float64's ends:
-    ratios unchanged)."""
+    ratios unchanged; ``draw`` as in :func:`slot_shares`)."""
     if realised.dispatch == "even":
         return placement.scaled_gpu_loads(weight)
     # the slots' loads summed per GPU: no [L, E, P] matrix (over many windows it took GBs)
     topo = placement.topology
-    slots = realised_slot_loads(scale_free(weight.to(torch.float64)), placement.phy2log,
-                                topo.num_gpus, topo.num_nodes, realised.dispatch,
-                                realised.source, placement.active_gpus, check=False)
+    weight = scale_free(weight.to(torch.float64))
+    if realised.runtime_table(placement):
+        expert = placement.phy2log.clamp(min=0)
+        slots = weight.gather(1, expert) * slot_shares(placement, realised, draw)
+    else:
+        slots = realised_slot_loads(weight, placement.phy2log, topo.num_gpus, topo.num_nodes,
+                                    realised.dispatch, realised.source,
+                                    placement.active_gpus, check=False)
     return slots.view(slots.shape[0], topo.num_gpus, -1).sum(2)

@@ -332,7 +332,10 @@ def simulate(
             every plan is scored: ``"even"`` (vLLM) or ``"nearest"`` (SGLang with DeepEP).
             Default: the rule the planner's ``dispatch`` option plans for, else even. Give
             it to score a planner that does not plan for the engine's rule (the greedy, or
-            eplb planning for even) as that engine serves its plans.
+            eplb planning for even) as that engine serves its plans. On one node with
+            every GPU live and no ``source``, ``"nearest"`` is scored by the table SGLang
+            builds at a runtime rebalance, one draw of it per plan
+            (:meth:`~eplb.tools.scoring.Realised.runtime_table`).
         plan_options: extra keyword arguments for the planner.
 
     Returns:
@@ -407,7 +410,9 @@ def simulate(
     for end in boundaries:
         if placement is None:  # a planner that returned nothing usable cannot happen here
             raise RuntimeError("no placement in force")
-        matrix = gpu_load_matrix(placement, realised)
+        # (on one node under nearest dispatch, SGLang's runtime table: a new draw of it
+        # at each rebalance, the engine's table rebuilt; "none" keeps its first)
+        matrix = gpu_load_matrix(placement, realised, draw=len(rebalancer.events))
         live = placement.live_gpus()
         for a in range(start, end, chunk):
             b = min(a + chunk, end)
