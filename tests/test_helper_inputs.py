@@ -126,3 +126,12 @@ def test_helpers_that_build_a_placement_of_a_shape_refuse_absurd_ones(call, name
     with pytest.raises(ValueError, match="beyond what eplb plans") as caught:
         call()
     assert named in str(caught.value) and "slots over all layers" in str(caught.value)
+
+
+@pytest.mark.parametrize("call", [lambda w: eplb.plan(w, 16, 4),
+                                  lambda w: eplb.rebalance_experts(w, 16, 1, 1, 4)])
+def test_a_per_step_trace_is_told_to_sum_its_steps(call):
+    """A new-user pass: a [T, L, E] tensor (what README tells vLLM users to save, and a
+    LoadTrace's .counts) was refused as '3 dimensions' without saying what to pass."""
+    with pytest.raises(ValueError, match=r"3 dimensions.*steps summed.*\.sum\(0\)"):
+        call(W[None].repeat(3, 1, 1))

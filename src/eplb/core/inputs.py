@@ -306,6 +306,8 @@ def as_weight(weight: object, name: str = "weight") -> tuple[torch.Tensor, bool]
         raise ValueError(
             f"{name} must have shape [layers, experts] or [experts]; got {tensor.dim()} "
             f"dimensions {tuple(tensor.shape)}"
+            + ("; a [steps, layers, experts] trace is planned on its steps summed "
+               "(.sum(0), or a LoadTrace's .total())" if tensor.dim() == 3 else "")
         )
     if tensor.shape[1] == 0:
         raise ValueError(f"{name} has no experts (shape {tuple(tensor.shape)})")
