@@ -985,3 +985,27 @@ def test_a_fifo_in_a_report_folder_is_refused_in_the_clis_words(capsys, tmp_path
     assert main(["demo", "--out", str(folder), "--force", "--quick"]) == 2
     err = capsys.readouterr().err
     assert "not a regular file" in err and "force=True" not in err, err
+
+
+@pytest.mark.parametrize("where", ["flag", "file"])
+def test_eval_refuses_gpu_speeds_beyond_the_ratio_plan_takes(tmp_path, capsys, where):
+    """Speeds 1e-308 apart made a GPU's time overflow: eval printed balancedness 0.0000
+    beside a worst max/mean of 1.0000, and ``Infinity`` (not JSON) with --json, where
+    plan refuses such speeds (attacker pass). Now both refuse them, naming the source."""
+    loads = tmp_path / "loads.json"
+    loads.write_text(json.dumps({"logical_count": [[1, 2, 3, 4], [4, 3, 2, 1]]}))
+    out = tmp_path / "p.json"
+    assert main(["plan", str(loads), "-r", "8", "-g", "4", "-o", str(out)]) == 0
+    speeds = [1e308, 1e308, 1e-308, 1.0]
+    flags = ["--gpu-speed", ",".join(map(str, speeds))]
+    if where == "file":
+        doc = json.loads(out.read_text())
+        doc["gpu_speed"] = speeds
+        out.write_text(json.dumps(doc))
+        flags = []
+    capsys.readouterr()
+    code = main(["eval", "--placement", str(out), str(loads), "--json", *flags])
+    captured = capsys.readouterr()
+    assert code == 2 and "Infinity" not in captured.out, captured.out
+    assert "times slower than the fastest" in captured.err
+    assert ("--gpu-speed" if where == "flag" else "p.json's gpu_speed") in captured.err

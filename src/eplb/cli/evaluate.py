@@ -41,7 +41,7 @@ from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.inputs import scale_free
 from eplb.core.messages import counted
 from eplb.core.placement import Placement, PlacementError, load_balance
-from eplb.core.planner import equal_speeds
+from eplb.core.planner import MAX_SPEED_RATIO, equal_speeds, planning_speeds
 from eplb.core.rank_draws import rank_draw_balancedness, split_draw_balancedness
 from eplb.formats import read_placement_meta
 from eplb.formats.placements import name_model_layers
@@ -182,6 +182,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest (as in plan)")
     if speed is not None and equal_speeds(speed):
         speed = None  # equal GPUs, as plan takes them: the same scores, and the ceiling
+    if speed is not None:
+        # the ratio plan refuses is refused here too: beyond it a GPU's time (load over a
+        # speed near 1e-308) overflowed, and eval printed balancedness 0.0000 beside a
+        # worst max/mean of 1.0000, and Infinity in --json (attacker pass)
+        try:
+            planning_speeds(speed, placement.active_gpus)
+        except ValueError:
+            source = "--gpu-speed" if args.gpu_speed else f"{args.placement}'s gpu_speed"
+            raise CliError(f"{source}: a live GPU is more than {MAX_SPEED_RATIO:.0e} times "
+                           "slower than the fastest, beyond what eplb plans and scores for: "
+                           "give relative speeds within that ratio") from None
     # no rebalancing, scored as the placement is (in time where GPU speeds are given)
     before_layer, before, before_worst = load_balance(static_gpu_loads(weight, topo.num_gpus),
                                                       None, speed)
