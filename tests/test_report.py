@@ -211,3 +211,25 @@ def test_report_staging_edge_cases(tmp_path: Path, monkeypatch) -> None:
     assert (out / "theirs.txt").read_text() == "the other run's"
     assert all(path.parent == out and path.exists() for path in written)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_report_folder_that_cannot_be_made_is_named_not_its_hidden_staging(tmp_path,
+                                                                          monkeypatch):
+    """The hidden staging folder failing to appear (a full disk, /proc) was reported as
+    ``No such file or directory: /proc/.eplb-report-5aec9cb3.tmp``, a folder the user
+    never named (attacker pass)."""
+    import errno
+
+    real_mkdir = os.mkdir
+
+    def full_disk(path, *args, **kwargs):
+        if ".eplb-report-" in os.fspath(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(report_mod.os, "mkdir", full_disk)
+    target = tmp_path / "sim"
+    with pytest.raises(OSError) as caught:
+        Report("t").write(target)
+    assert str(target) in str(caught.value) and ".eplb-report-" not in str(caught.value)
+    assert not target.exists()

@@ -450,7 +450,11 @@ class Report:
         # target name near the file system's limit still fits. A run killed outright
         # (SIGKILL) leaves this hidden folder behind, never a partial target
         staging = directory.parent / f".eplb-report-{os.urandom(4).hex()}.tmp"
-        os.mkdir(staging)
+        try:
+            os.mkdir(staging)
+        except OSError as exc:  # name the folder asked for, not the hidden one (attacker pass)
+            raise type(exc)(exc.errno, f"cannot write the report folder {directory}: "
+                                       f"{exc.strerror}") from None
         try:
             written = self._write_files(staging, force=False)
             try:
