@@ -198,3 +198,47 @@ def test_yaml_problems_name_the_model_layer_not_the_row(tmp_path, capsys):
     assert cli_main(["eval", "--placement", str(out), str(tmp_path / "w.pt"), "-g", "4",
                      "--first-layer", "3", "--summary"]) == 2
     assert "model layer 4 (row 1) expert 1 has 0 replicas" in capsys.readouterr().err
+
+
+def test_multi_token_prediction_layers_are_written_when_asked(tmp_path, capsys):
+    """TensorRT-LLM builds DeepSeek-V3's multi-token-prediction layer as layer 61 and looks
+    it up like every MoE layer: a file of the statistics' layers 3..60 stops it at start-up
+    (TensorRT-LLM pull request 13974). ``--mtp-layers 1`` writes it, spread evenly, in a
+    file that eval and --previous still pair with the loads by layer."""
+    gen = torch.Generator().manual_seed(5)
+    loads = (torch.rand(len(MOE_IDS), NUM_EXPERTS, generator=gen) ** 4 * 1e4).round()
+    torch.save(loads, tmp_path / "w.pt")
+    cluster = ["-r", str(REPLICAS), "-g", str(GPUS), "--nodes", str(NODES), "--groups",
+               str(GROUPS), "--first-layer", "3"]
+    plain, mtp = tmp_path / "plain.yaml", tmp_path / "mtp.yaml"
+    assert cli_main(["plan", str(tmp_path / "w.pt"), *cluster, "-o", str(plain)]) == 0
+    with pytest.raises(KeyError, match="layer_idx 61 not found"):
+        trtllm_loads(plain, GPUS, [*MOE_IDS, 61], NUM_EXPERTS)
+    assert cli_main(["plan", str(tmp_path / "w.pt"), *cluster, "-o", str(mtp),
+                     "--mtp-layers", "1"]) == 0
+    assert "multi-token-prediction layer 61 spread evenly" in capsys.readouterr().out
+    config, rows = trtllm_loads(mtp, GPUS, [*MOE_IDS, 61], NUM_EXPERTS)
+    assert sorted(config.initial_global_assignments) == [*MOE_IDS, 61]
+    # the statistics' layers as planned without it; layer 61 an even spread that keeps
+    # each expert group on one node, as the hierarchical plan's other rows
+    assert yaml.safe_load(plain.read_text())["initial_global_assignments"] == {
+        k: v for k, v in config.initial_global_assignments.items() if k != 61}
+    counts = torch.bincount(torch.tensor(rows[61]), minlength=NUM_EXPERTS)
+    assert int(counts.min()) == 1 and int(counts.max()) == 2
+    topo = eplb.Topology(REPLICAS, GPUS, NODES, GROUPS)
+    eplb.Placement.from_phy2log(torch.tensor([rows[61]]), NUM_EXPERTS, topo,
+                                "hierarchical").validate()
+    assert cli_main(["eval", "--placement", str(mtp), str(tmp_path / "w.pt"),
+                     "--first-layer", "3", "--summary"]) == 0
+    again = tmp_path / "again.yaml"
+    assert cli_main(["plan", str(tmp_path / "w.pt"), *cluster, "-o", str(again),
+                     "--previous", str(mtp), "--mtp-layers", "1"]) == 0
+    assert yaml.safe_load(again.read_text())["initial_global_assignments"][61] == rows[61]
+    capsys.readouterr()
+    # other outputs place those layers themselves: refused, as a bad count is
+    assert cli_main(["plan", str(tmp_path / "w.pt"), *cluster, "-o", str(tmp_path / "p.json"),
+                     "--mtp-layers", "1"]) == 2
+    assert "--mtp-layers applies to TensorRT-LLM output only" in capsys.readouterr().err
+    assert cli_main(["plan", str(tmp_path / "w.pt"), *cluster, "-o", str(tmp_path / "n.yaml"),
+                     "--mtp-layers", "-1"]) == 2
+    assert "--mtp-layers must be in 0.." in capsys.readouterr().err

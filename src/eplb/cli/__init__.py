@@ -241,6 +241,10 @@ def build_parser() -> _Parser:
     p.add_argument("--num-model-layers", type=integer, default=None, metavar="N",
                    help="SGLang output: the model's layer count (61 for DeepSeek-V3); rows of "
                         "dense layers get SGLang's trivial map (default: from the layer ids)")
+    p.add_argument("--mtp-layers", type=integer, default=0, metavar="N",
+                   help="TensorRT-LLM output: also write the N multi-token-prediction layers "
+                        "it builds after the last one (DeepSeek-V3: 1, layer 61), planned as "
+                        "layers without tokens; it fails at start-up on a missing layer")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     _add_topology(p, locality=True)
     o = p.add_argument_group("online rebalancing")

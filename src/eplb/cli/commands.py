@@ -137,6 +137,29 @@ def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads:
     )
 
 
+def _with_mtp_layers(placement: Placement, layer_ids: list[int], args: argparse.Namespace
+                     ) -> tuple[Placement, list[int]]:
+    """``placement`` with ``--mtp-layers`` rows after its last, and their model layer ids.
+
+    TensorRT-LLM builds a model's multi-token-prediction layers after its last layer
+    (``layer_idx`` = the layer count and on: 61 for DeepSeek-V3) and looks up every MoE
+    layer it builds in ``initial_global_assignments``; a file without them stops it at
+    start-up (``KeyError: 'layer_idx 61 not found in `initial_global_assignments`'``,
+    TensorRT-LLM pull request 13974). Statistics recorded without speculative decoding
+    hold no loads for them, so they are planned as layers that saw no tokens (an even
+    spread), under the plan's policy (a hierarchical file's every row keeps its groups on
+    one node, as eval and --previous check)."""
+    policy = "hierarchical" if placement.policy == "hierarchical" else "global"
+    extra = plan(torch.zeros(args.mtp_layers, placement.num_experts, dtype=torch.float64),
+                 args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
+                 seed=args.seed)
+    rows = torch.cat([placement.phy2log, extra.phy2log.to(placement.phy2log)])
+    last = max(layer_ids)
+    return (Placement.from_phy2log(rows, placement.num_experts, placement.topology,
+                                   placement.policy, placement.active_gpus),
+            [*layer_ids, *range(last + 1, last + 1 + args.mtp_layers)])
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     # the inputs first: a missing loads file is the mistake to hear about, not an output
     # that a --force would have cleared before the run then failed anyway
@@ -170,6 +193,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                        f"--emit sglang), not {out.name!r}")
     if args.num_model_layers is not None and emit != "sglang":
         raise CliError("--num-model-layers applies to SGLang output only")
+    if args.mtp_layers and emit != "trtllm":
+        raise CliError("--mtp-layers applies to TensorRT-LLM output only (SGLang and vLLM "
+                       "place their multi-token-prediction layers' experts themselves)")
     loads = " ".join(args.loads)
     trace = read_trace(args.loads, args)
     weight = trace.total()
@@ -188,6 +214,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise CliError(dead_gpus_message(emit, (~active).nonzero().flatten().tolist(),
                                          args.gpus, args.replicas // args.gpus, num_experts))
     layer_ids = _layer_ids(trace, args.first_layer, loads)
+    if not 0 <= args.mtp_layers <= MAX_MODEL_LAYERS - 1 - max(layer_ids):
+        raise CliError(f"--mtp-layers must be in 0..{MAX_MODEL_LAYERS - 1 - max(layer_ids)} "
+                       f"(model layers after the last row, {max(layer_ids)}, up to "
+                       f"{MAX_MODEL_LAYERS - 1}), got {args.mtp_layers}")
     model_layers = _sglang_layers(trace, layer_ids, args, loads) if emit == "sglang" else None
     if model_layers is not None and model_layers <= MAX_MODEL_LAYERS:  # larger: refused below
         # rows the loads lack get SGLang's trivial map; before the first row that is the
@@ -328,8 +358,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if speed is not None and emit in ("sglang", "trtllm"):
         warn(f"the {emit} file cannot record --gpu-speed: eval scores it as equal GPUs unless "
              "given --gpu-speed again")
-    write_placement(placement, out, emit=emit, weight=weight,
-                    layer_ids=layer_ids if named or emit in ("trtllm", "sglang") else None,
+    written, written_ids = placement, layer_ids
+    if args.mtp_layers:
+        written, written_ids = _with_mtp_layers(placement, layer_ids, args)
+    write_placement(written, out, emit=emit, weight=weight,
+                    layer_ids=written_ids if named or emit in ("trtllm", "sglang") else None,
                     num_model_layers=model_layers,
                     gpu_speed=speed if emit in ("json", "pt") else None,
                     dispatch=args.dispatch if emit in ("json", "pt") else None, force=args.force)
@@ -430,6 +463,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if ceil.note and ceil.overall is None:
         print(f"({ceil.note})")
     written = f"{emit}, {model_layers} model layers" if model_layers is not None else emit
+    if args.mtp_layers:
+        mtp = range(max(layer_ids) + 1, max(layer_ids) + 1 + args.mtp_layers)
+        written += (f", multi-token-prediction layer{'s' if len(mtp) > 1 else ''} "
+                    f"{integer_runs(mtp)} spread evenly")
     if (model_layers is not None and args.num_model_layers is None
             and not trace.meta.get("model_layer_ids")):
         # bare rows: the layers after the last row are the user's to say (SGLang does not
