@@ -327,3 +327,27 @@ def test_the_replay_scores_one_node_nearest_by_sglangs_runtime_table(sglang_root
         # at most 0.010, both about 0.05 below the expectation)
         assert replay < expected - 0.02
         assert abs(replay - theirs) < 0.015, (replay, theirs, expected)
+
+
+def test_the_replay_keeps_a_kept_maps_runtime_table():
+    """A rebalance that leaves the map as it was (a planner giving the same plan, a
+    skipped rebalance) leaves SGLang's table as it was: the table is built from the map
+    with a fixed seed. The replay drew a new table at every rebalance: steps of the same
+    map and the same counts scored 0.951, 0.957, 0.960 (attacker pass)."""
+    w = _loads(8, 64, 3, power=3)
+    fixed = eplb.plan(w, 96, 16)  # the even split: its table's spare ranks are drawn
+
+    def same(weight, previous):
+        return fixed
+
+    result = simulate(w.expand(20, -1, -1), same, num_replicas=96, num_gpus=16,
+                      cadence=Cadence(5, 5), oracle=False, score_dispatch="nearest")
+    after = result.step_balancedness[5:]
+    assert torch.equal(after, after[:1].expand_as(after)), after[::5]
+    # a rebalance that changes the map draws anew: still each plan's own draw
+    other = eplb.plan(w.flip(1), 96, 16)
+    plans = iter([fixed, other, fixed])
+    result = simulate(w.expand(20, -1, -1), lambda weight, previous: next(plans),
+                      num_replicas=96, num_gpus=16, cadence=Cadence(5, 5), oracle=False,
+                      score_dispatch="nearest")
+    assert float(result.step_balancedness[5]) != float(result.step_balancedness[15])
