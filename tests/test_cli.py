@@ -749,6 +749,11 @@ def test_simulate_scores_every_planner_as_the_dispatch_named(capsys, trace_file)
     code, out, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 16, "-g", 8,
                          "--dispatch", "nearest")
     assert code == 0 and "as SGLang's nearest dispatch serves them" in out
+    # one GPU serves every token itself: no random pick, no table to warn of (attacker
+    # pass: the warning said a GPU without a replica sends its tokens to a random one)
+    code, out, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 8, "-g", 1,
+                         "--dispatch", "nearest")
+    assert code == 0 and "with one node" not in err, err
     # auto going hierarchical under the nearest rule is said, as plan says it (new-user pass)
     code, out, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 16, "-g", 8,
                          "--nodes", 2, "--groups", 2, "--dispatch", "nearest")

@@ -177,7 +177,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # as plan and bench: --nodes/--groups that cannot be honoured warn once, by flag
     policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
                         trace.num_experts)
-    if args.dispatch == "nearest" and args.nodes <= 1:
+    if args.dispatch == "nearest" and args.nodes <= 1 and gpus > 1:
+        # (one GPU serves every token itself: no pick, no table, nothing to warn of)
         warn(ONE_NODE_REPLAY)
     if args.dispatch == "nearest" and args.policy == "auto" and policy == "hierarchical":
         # as plan warns (new-user pass: 0.71 against 0.79 with --policy global, silently)
