@@ -44,7 +44,8 @@ ONE_NODE_REPLAY = (
     "--dispatch nearest with one node: every replica is on the token's node, and a GPU "
     "without a replica of an expert sends its tokens to one SGLang picks at random; every "
     "plan is scored by the table SGLang builds at a runtime rebalance (--enable-eplb), one "
-    "draw of those picks per rebalance (eplb's model of that table: BENCHMARKS.md §14)")
+    "draw of those picks per rebalance that changes the map (eplb's model of that table: "
+    "BENCHMARKS.md §14)")
 
 #: the ADRS benchmark's window (and interval), where --protocol adrs is given alone
 ADRS_WINDOW = CADENCES["adrs"].window
