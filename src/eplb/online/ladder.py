@@ -286,8 +286,9 @@ def warm_ladder(
         weight: ``[B, E]`` row loads (no all-zero row), float64.
         base: ``[B, R]`` valid placements of the rows (every slot filled).
         spread: ``base`` holds no two replicas of an expert on one GPU where it need not
-            (:func:`stacked` is False on every row): only rows whose transfers stacked
-            replicas (or with an expert on more replicas than GPUs) are then scanned.
+            (:func:`~eplb.online.moves.stacked` is False on every row): only rows whose
+            transfers stacked replicas (or with an expert on more replicas than GPUs) are
+            then scanned.
         base_counts: ``[B, E]`` :func:`counts_of` ``(base)``, when the caller has it.
         target: ``[B, E]`` counts the transfers go toward instead of Jefferson's
             (:func:`transfer_order`).

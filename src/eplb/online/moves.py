@@ -337,9 +337,9 @@ def gpu_moments(
     (integer sums; the group squares are added in ascending group order, and other
     rows' groups only add zeros). ``counts [B, E]``: the replica counts every candidate
     of a row shares, when the caller knows them (a swap search's steps: see
-    :func:`warm_ladder`), or ``[K, B, E]`` of ``K`` sets of counts with ``block [C]`` the
-    set of each candidate (e.g. the placement in force and a ladder's steps); else they
-    are counted."""
+    :func:`~eplb.online.ladder.warm_ladder`), or ``[K, B, E]`` of ``K`` sets of counts
+    with ``block [C]`` the set of each candidate (e.g. the placement in force and a
+    ladder's steps); else they are counted."""
     cands, rows, _ = candidates.shape
     num_experts = units.shape[1]
     # The large element-wise steps run in torch on the host (several times faster than

@@ -1,7 +1,7 @@
 """Picture of the balance vs cross-node traffic trade-off (``benchmarks/bench_dispatch.py``).
 
 matplotlib is optional (:data:`eplb.tools.report.INSTALL_HINT`), imported lazily with the Agg
-backend as in :mod:`eplb.report`; :func:`plot_tradeoff` raises ``ImportError`` naming the
+backend as in :mod:`eplb.tools.report`; :func:`plot_tradeoff` raises ``ImportError`` naming the
 extra when it is missing.
 """
 

@@ -60,7 +60,7 @@ class Realised:
 
     Attributes:
         dispatch: ``"even"`` (vLLM's split over an expert's replicas) or another rule of
-            :func:`eplb.core.realised_slot_loads` (``"nearest"``: SGLang's).
+            :func:`eplb.core.dispatch.realised_slot_loads` (``"nearest"``: SGLang's).
         source: ``[P]`` where tokens arise (``None``: evenly over the live GPUs).
         gpu_speed: ``[P]`` relative GPU speeds (``None``: equal): a GPU's time is its
             load over its speed, and balancedness the ideal time over the slowest's.
@@ -109,7 +109,7 @@ def slot_shares(placement: Placement, realised: Realised, draw: int = 0) -> torc
     Where SGLang's runtime table serves the placement (:meth:`Realised.runtime_table`),
     the shares of its draw number ``draw`` (the engine builds one table per rebalance:
     each plan's tenure is scored by one draw, not the model's mean over draws); else the
-    rule's own shares (:func:`eplb.core.realised_slot_loads` of unit loads)."""
+    rule's own shares (:func:`eplb.core.dispatch.realised_slot_loads` of unit loads)."""
     topo = placement.topology
     phy2log = placement.phy2log
     num_layers, num_experts = placement.logcnt.shape
