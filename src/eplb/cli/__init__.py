@@ -137,7 +137,8 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
                             "balance; larger = less traffic, less balance)")
 
 
-def _sub(sub, name: str, help_: str, epilog: str) -> argparse.ArgumentParser:
+def _sub(sub: argparse._SubParsersAction, name: str, help_: str, epilog: str
+         ) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_, description=help_, epilog=epilog, formatter_class=_RAW)
     # SUPPRESS: a subcommand's default must not reset a top-level --debug
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -422,14 +423,17 @@ def build_parser() -> _Parser:
 
 
 def _run(func_ref: str, args: argparse.Namespace) -> int:
+    """Run the subcommand ``func_ref`` (``"module:function"`` in :mod:`eplb.cli`, set by
+    its parser's ``set_defaults``): only the module of the command asked for is imported."""
     torch.set_num_threads(args.threads)
     module, name = func_ref.split(":")
     func = getattr(importlib.import_module(f"eplb.cli.{module}"), name)
     return int(func(args) or 0)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: typing.TextIO | None = None, line: str | None = None) -> None:
+    """``warnings.showwarning`` for the CLI: a warning is one ``eplb: warning:`` line."""
     warn(str(message))
 
 
@@ -506,7 +510,7 @@ def _glued_lists(argv: Sequence[str], flags: set[str] = frozenset()) -> list[str
 
 
 @contextlib.contextmanager
-def _printable_stdout():
+def _printable_stdout() -> Iterator[None]:
     """Print what stdout's encoding cannot hold (``×`` under ``PYTHONIOENCODING=ascii``, a
     file name of undecodable bytes) escaped, as Python does on stderr: a strict stdout
     raised UnicodeEncodeError after the work was done (a plan already written), reported

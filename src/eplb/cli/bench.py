@@ -26,7 +26,8 @@ from eplb.cli._compare import HEADERS, Comparison, add_to_report, compare, descr
 from eplb.cli._inputs import all_zero_rows_note, read_trace
 from eplb.cli.sim import replay_windows
 from eplb.core.inputs import as_seed
-from eplb.tools.report import plot_balancedness_over_time
+from eplb.core.trace import LoadTrace
+from eplb.tools.report import Report, plot_balancedness_over_time
 
 #: the most timing repeats ``eplb bench`` takes: medians settle long before
 MAX_REPEATS = 1000
@@ -186,14 +187,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_simulation(trace, seed: int, *, quick: bool) -> dict | None:
+def _demo_simulation(trace: LoadTrace, seed: int, *, quick: bool) -> dict | None:
     """Plan on window i, score on window i+1 (the ADRS protocol) for each planner."""
 
     window = max(1, trace.num_steps // (4 if quick else 8))
     return replay_windows(trace, window, 288, 32, seed=seed)
 
 
-def _add_simulation(report, sim: dict) -> None:
+def _add_simulation(report: Report, sim: dict) -> None:
 
     report.heading("Online: planning on the last window, serving the next")
     report.text(

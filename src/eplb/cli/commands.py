@@ -44,7 +44,7 @@ from eplb.core.messages import counted, integer_runs
 from eplb.core.placement import Placement, load_balance
 from eplb.core.planner import equal_speeds, planning_speeds
 from eplb.core.rank_draws import split_draw_balancedness
-from eplb.core.trace import MAX_MODEL_LAYERS
+from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace
 from eplb.formats import read_placement_meta, write_placement
 from eplb.formats.placement_writer import dead_gpus_message
 from eplb.online.incremental import takes_budget
@@ -83,7 +83,7 @@ def as_serving(active: torch.Tensor | None, used: torch.Tensor | None = None) ->
     return f"; {_gpus(ids)} dead now, scored as serving" if ids else ""
 
 
-def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
+def row_layer_ids(trace: LoadTrace, first_layer: int | None, loads: str) -> list[int]:
     """The model layer of every row: the file's own ids win; ``--first-layer`` names them
     for files that only have row numbers, and must agree with a file that names them."""
     ids = list(trace.layer_ids)
@@ -109,7 +109,8 @@ def _layer_ids(trace, first_layer: int | None, loads: str) -> list[int]:
     return ids
 
 
-def _sglang_layers(trace, layer_ids: list[int], args: argparse.Namespace, loads: str) -> int:
+def _sglang_layers(trace: LoadTrace, layer_ids: list[int], args: argparse.Namespace,
+                   loads: str) -> int:
     """The model's layer count for an SGLang file (one row per model layer), or an error."""
     if args.num_model_layers is not None:
         if args.num_model_layers <= max(layer_ids):
@@ -213,7 +214,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         # refused before planning (and before any warning about the file it would be)
         raise CliError(dead_gpus_message(emit, (~active).nonzero().flatten().tolist(),
                                          args.gpus, args.replicas // args.gpus, num_experts))
-    layer_ids = _layer_ids(trace, args.first_layer, loads)
+    layer_ids = row_layer_ids(trace, args.first_layer, loads)
     if not 0 <= args.mtp_layers <= MAX_MODEL_LAYERS - 1 - max(layer_ids):
         raise CliError(f"--mtp-layers must be in 0..{MAX_MODEL_LAYERS - 1 - max(layer_ids)} "
                        f"(model layers after the last row, {max(layer_ids)}, up to "
@@ -273,9 +274,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         # e.g. an SGLang file (a row per model layer) and loads of the MoE layers, or a
         # YAML without the dense layers an SGLang dump has: the rows picked as eval does
         what, sglang = placement_name(previous_meta, f"--previous {args.previous}")
-        previous, keep = _rows_of_loads(previous, previous_meta.get("layer_ids"), trace, weight,
-                                        args.first_layer, what, f"loads {loads}", sglang)
-        if keep is not None:  # said by _rows_of_loads: planning the other layers only
+        previous, keep = rows_of_loads(previous, previous_meta.get("layer_ids"), trace, weight,
+                                       args.first_layer, what, f"loads {loads}", sglang)
+        if keep is not None:  # said by rows_of_loads: planning the other layers only
             weight, layer_ids, kept_rows = weight[keep], [layer_ids[i] for i in keep], keep
             num_layers = len(keep)
         recorded_ids = previous_meta.get("layer_ids")
@@ -505,9 +506,9 @@ def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest")
 
 
-def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
-                   weight: torch.Tensor, first_layer: int | None, what: str,
-                   loads: str, sglang: bool = False) -> tuple[Placement, list[int] | None]:
+def rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace: LoadTrace,
+                  weight: torch.Tensor, first_layer: int | None, what: str,
+                  loads: str, sglang: bool = False) -> tuple[Placement, list[int] | None]:
     """The rows of ``placement`` that the loads' rows are (``eval``, ``plan --previous``),
     and the loads' rows to keep (``None``: all).
 
@@ -534,7 +535,7 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
     # another order (a {"counts", "layers"} record, a CSV's layer column), pair by layer;
     # in order they paired layer 2's loads with layer 0's row without a word
     by_index = (named and placement_ids is None and num_rows == rows
-                and sorted(_layer_ids(trace, first_layer, loads)) == list(range(rows)))
+                and sorted(row_layer_ids(trace, first_layer, loads)) == list(range(rows)))
     if not named or (placement_ids is None and num_rows <= rows and not by_index):
         # in order: loads that do not name their layers, or a placement whose row index
         # is no claim about layers; the loads' rows that carry load where that makes the
@@ -542,14 +543,14 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
         if placement_ids is None and rows > num_rows and rows - int(idle.sum()) == num_rows:
             keep = (~idle).nonzero()[:, 0].tolist()
         if sglang and named:
-            ids = _layer_ids(trace, first_layer, loads)
+            ids = row_layer_ids(trace, first_layer, loads)
             paired = ids if keep is None else [ids[i] for i in keep]
             if paired != list(range(num_rows)):
                 warn(f"{what} has {num_rows} rows, which SGLang reads as model layers "
                      f"0..{num_rows - 1}; {loads} name model layers {integer_runs(paired)}: "
                      "pairing their rows in order")
     else:
-        ids = _layer_ids(trace, first_layer, loads)
+        ids = row_layer_ids(trace, first_layer, loads)
         have = list(placement_ids) if placement_ids is not None else list(range(num_rows))
         row_of = {layer: row for row, layer in enumerate(have)}
         absent = [i for i, layer in enumerate(ids) if layer not in row_of]
@@ -560,7 +561,7 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
         if not absent:
             picked = [row_of[ids[i]] for i in (range(rows) if keep is None else keep)]
             if picked != list(range(num_rows)):
-                placement = _select_rows(placement, picked)
+                placement = select_rows(placement, picked)
         elif num_rows == rows and first_layer is not None:
             # --first-layer is the user's word on the loads' layers, as in plan: one the
             # placement's recorded layers contradict is refused, not paired in order
@@ -601,7 +602,9 @@ def _rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace,
     return placement, keep
 
 
-def _select_rows(placement: Placement, rows: list[int]) -> Placement:
+def select_rows(placement: Placement, rows: list[int]) -> Placement:
+    """``placement`` cut to its layers ``rows`` (in that order), cluster, policy and live
+    GPUs kept."""
     picked = placement.phy2log[torch.tensor(rows, dtype=torch.long)]
     return Placement.from_phy2log(picked, placement.num_experts, placement.topology,
                                   placement.policy, placement.active_gpus)

@@ -30,12 +30,12 @@ from eplb.cli._inputs import (
 )
 from eplb.cli._nearest import distinct_rows, read_routing_flag
 from eplb.cli.commands import (
-    _layer_ids,
-    _rows_of_loads,
-    _select_rows,
     as_serving,
     dead_gpu_ids,
     dead_note,
+    row_layer_ids,
+    rows_of_loads,
+    select_rows,
 )
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.inputs import scale_free
@@ -43,11 +43,12 @@ from eplb.core.messages import counted
 from eplb.core.placement import Placement, PlacementError, load_balance
 from eplb.core.planner import MAX_SPEED_RATIO, equal_speeds, planning_speeds
 from eplb.core.rank_draws import rank_draw_balancedness, split_draw_balancedness
+from eplb.core.trace import LoadTrace
 from eplb.formats import read_placement_meta
 from eplb.formats.placements import name_model_layers
 
 
-def _eval_policy(placement, meta: dict, args: argparse.Namespace):
+def _eval_policy(placement: Placement, meta: dict, args: argparse.Namespace) -> Placement:
     """The placement to score, with the policy it satisfies.
 
     eplb's files record their policy. Engine files (SGLang JSON, foreign YAML) do not:
@@ -132,13 +133,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         info(f"{args.placement} is scored on the even split over replicas; SGLang with "
              "DeepEP sends each token to its nearest replica: add --dispatch nearest to "
              "score it as SGLang serves it")
-    placement, keep = _rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
-                                     args.first_layer, what, f"loads {args.loads}", sglang)
+    placement, keep = rows_of_loads(placement, meta.get("layer_ids"), trace, weight,
+                                    args.first_layer, what, f"loads {args.loads}", sglang)
     compared = _previous_rows(args, placement, trace, weight, keep)
     # the policy of the rows scored: an SGLang file's dense layers hold SGLang's trivial
     # map, which spreads every group over the nodes whatever the plan of the MoE rows
     placement = _eval_policy(placement, meta, args)
-    layer_ids = _layer_ids(trace, args.first_layer, args.loads)
+    layer_ids = row_layer_ids(trace, args.first_layer, args.loads)
     if keep is not None:
         weight, layer_ids = weight[keep], [layer_ids[i] for i in keep]
     placement_ids = meta.get("layer_ids")
@@ -298,7 +299,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _previous_rows(args: argparse.Namespace, placement: Placement, trace,
+def _previous_rows(args: argparse.Namespace, placement: Placement, trace: LoadTrace,
                    weight: torch.Tensor, keep: list[int] | None
                    ) -> tuple[Placement, Placement, torch.Tensor] | None:
     """``(previous, placement, loads)`` for ``--previous`` (``None`` without it): both
@@ -326,9 +327,9 @@ def _previous_rows(args: argparse.Namespace, placement: Placement, trace,
         raise CliError(f"--previous {args.previous} places {previous.num_experts} experts, "
                        f"{args.placement} {placement.num_experts}")
     _, sglang = placement_name(meta, f"--previous {args.previous}")
-    previous, kept = _rows_of_loads(previous, meta.get("layer_ids"), trace, weight,
-                                    args.first_layer, f"--previous {args.previous}",
-                                    f"loads {args.loads}", sglang)
+    previous, kept = rows_of_loads(previous, meta.get("layer_ids"), trace, weight,
+                                   args.first_layer, f"--previous {args.previous}",
+                                   f"loads {args.loads}", sglang)
     ours = list(range(weight.shape[0])) if keep is None else keep
     theirs = list(range(weight.shape[0])) if kept is None else kept
     common = sorted(set(ours) & set(theirs))
@@ -339,8 +340,8 @@ def _previous_rows(args: argparse.Namespace, placement: Placement, trace,
                        f"{placement.num_layers} layers, not only rows with no load apart): "
                        "compare placements of the same layers")
     at_ours, at_theirs = {r: i for i, r in enumerate(ours)}, {r: i for i, r in enumerate(theirs)}
-    return (_select_rows(previous, [at_theirs[r] for r in common]),
-            _select_rows(placement, [at_ours[r] for r in common]), weight[common])
+    return (select_rows(previous, [at_theirs[r] for r in common]),
+            select_rows(placement, [at_ours[r] for r in common]), weight[common])
 
 
 def _in_force(args: argparse.Namespace, previous: Placement, placement: Placement,
@@ -363,7 +364,7 @@ def _in_force(args: argparse.Namespace, previous: Placement, placement: Placemen
             "moved_slots_busiest_gpu": int(placement.moved_slots(previous, per_gpu=True).max())}
 
 
-def _nearest_scores(args: argparse.Namespace, placement, weight: torch.Tensor,
+def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torch.Tensor,
                     num_rows: int, keep: list[int] | None) -> dict:
     """Realised GPU loads under the nearest rule, and remote nodes per token. The routing
     trace has the loads file's ``num_rows`` layers, as in ``plan`` (``keep``: the rows the

@@ -30,7 +30,7 @@ from eplb.core.messages import counted
 from eplb.formats import write_loads
 from eplb.formats.trace_writer import FORMAT_BY_SUFFIX, SUFFIX_BY_FORMAT
 from eplb.tools.generator import PRESETS, check_trace_size, generate_trace, resolve_shape
-from eplb.tools.report import plot_balancedness_over_time
+from eplb.tools.report import Report, plot_balancedness_over_time
 from eplb.tools.simulate import (
     CADENCES,
     DEEPSEEK_V3_EXPERT_BYTES,
@@ -288,7 +288,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 
-def _simulation_report(report, args, results, trace) -> None:
+def _simulation_report(report: Report, args: argparse.Namespace,
+                       results: list[SimulationResult], trace: LoadTrace) -> None:
 
     cad = results[0].cadence
     report.text(
