@@ -169,7 +169,7 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
     if not _ANNOUNCED:  # here SGLang's logging is configured; at plugin load it is not yet
         _ANNOUNCED = True
         logger.info("eplb %s plans SGLang's expert rebalancing (SGLang algorithm %s, "
-                    "dispatch %s, options %s)", _version(), name, sglang_dispatch,
+                    "dispatch %s, options %s)", __version__, name, sglang_dispatch,
                     json.dumps(options, sort_keys=True))
     tokens = call["tokens_per_expert"]
     # a runtime rebalance (a map in force) runs on every rank of the world at once, right
@@ -193,7 +193,7 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
     # what an adopted plan must fit: SGLang's shapes (the other arguments shape quality)
     question = (f"loads {list(tokens.shape[-2:])}, {call['num_physical_experts']} slots, "
                 f"{call['num_local_physical_experts']} per GPU")
-    tag = f"eplb {_version()} {json.dumps(planner, sort_keys=True)} dispatch {sglang_dispatch}"
+    tag = f"eplb {__version__} {json.dumps(planner, sort_keys=True)} dispatch {sglang_dispatch}"
     outcome = agree_and_log(agreement, None if result is None else result[0], error, tag=tag,
                             question=question, logger=logger, ranks="ranks")
     if outcome.plan is None:
@@ -248,7 +248,7 @@ def _world_agreement(timeout: float) -> PlanAgreement | None:
                                   silent_causes=SILENT_CAUSES)
         _WORLD[:] = [(group, agreement)]
         logger.info("eplb: rank %d of %d plans with eplb %s; plans are agreed through the "
-                    "torch.distributed store (timeout %g s)", rank, world, _version(),
+                    "torch.distributed store (timeout %g s)", rank, world, __version__,
                     timeout)
         return agreement
 
@@ -266,10 +266,6 @@ def _elastic_ep() -> bool:
 
 
 _hook._eplb_hook = True  # type: ignore[attr-defined]
-
-
-def _version() -> str:
-    return __version__
 
 
 def register() -> bool:
@@ -294,7 +290,7 @@ def register() -> bool:
         if any(getattr(h, "_eplb_hook", False) for _, h, _ in HookRegistry._hooks[HOOK_TARGET]):
             return True  # already registered in this process
         HookRegistry.register(HOOK_TARGET, _hook, HookType.AROUND)
-        logger.info("eplb %s: SGLang's EPLB algorithm will be eplb (%s=%s)", _version(),
+        logger.info("eplb %s: SGLang's EPLB algorithm will be eplb (%s=%s)", __version__,
                     ENV_VAR, mode)
         return True
     except Exception as exc:  # a plugin must never take SGLang down
@@ -408,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         print("eplb: note: without --enable-eplb SGLang never rebalances at runtime",
               file=sys.stderr)
     os.environ[ENV_VAR] = "eplb"  # inherited by every process SGLang starts
-    print(f"eplb {_version()}: SGLang's EPLB rebalancing plans with eplb "
+    print(f"eplb {__version__}: SGLang's EPLB rebalancing plans with eplb "
           f"(options {json.dumps(options, sort_keys=True)})", file=sys.stderr)
     import runpy
 

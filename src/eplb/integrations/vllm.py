@@ -394,7 +394,7 @@ def _agreement_for(options: dict[str, Any]) -> PlanAgreement | None:
         _AGREEMENTS[id(group)] = (group, agreement)
         logger.info("eplb: EP rank %d of %d plans with eplb %s; plans are agreed through "
                     "the torch.distributed store (timeout %g s)",
-                    group.rank_in_group, group.world_size, _version(), timeout)
+                    group.rank_in_group, group.world_size, __version__, timeout)
         return agreement
 
 
@@ -443,12 +443,8 @@ def _ranks_key(ranks: list[int]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _version() -> str:
-    return __version__
-
-
 def _tag(options: dict[str, Any]) -> str:
-    return f"eplb {_version()} {json.dumps(options, sort_keys=True)}"
+    return f"eplb {__version__} {json.dumps(options, sort_keys=True)}"
 
 
 # -- registration ----------------------------------------------------------------------------
@@ -590,7 +586,7 @@ def register() -> bool:
             vllm_policy.EPLB_POLICIES["default"] = cls
         logger.info(
             "eplb %s active: vLLM EPLB policy %s (%s=%s; options %s)",
-            _version(),
+            __version__,
             "'default' and 'eplb' run eplb" if mode in _REPLACE_DEFAULT else "'eplb' added",
             name, raw.strip(), json.dumps(options, sort_keys=True),
         )

@@ -66,6 +66,7 @@ from eplb.core.options import COARSE_SLOTS
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
+from eplb.core.topology import Topology
 from eplb.online import hierarchy, ladder, moves
 from eplb.online.align import align_to_previous, relabel_size_problem
 from eplb.online.budget import (
@@ -586,7 +587,9 @@ def takes_budget(dispatch: str, num_nodes: int, policy: str, dead_gpus: bool) ->
     return not (dispatch == "nearest" and num_nodes > 1 and (policy != "global" or dead_gpus))
 
 
-def _live_only(candidates: np.ndarray, live_gpus: np.ndarray, topo) -> np.ndarray:
+def _live_only(candidates: np.ndarray, live_gpus: np.ndarray, topo: Topology) -> np.ndarray:
+    """``candidates [..., R]`` cut to the slots of the live GPUs ``live_gpus [P]`` (the
+    next-window score sees only GPUs that serve)."""
     if live_gpus.all():
         return candidates
     return candidates[..., live_gpus.repeat(topo.slots_per_gpu)]
