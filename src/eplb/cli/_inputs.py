@@ -99,7 +99,7 @@ def require_loads_files(names: list[str]) -> None:
 def placement_name(meta: dict, what: str) -> tuple[str, bool]:
     """``what`` (a placement file's name in messages), said to be SGLang's where it is, and
     whether it is: an SGLang file has a row per model layer, so its row index is a claim
-    about layers that messages and :func:`eplb.cli.commands._rows_of_loads` weigh."""
+    about layers that messages and :func:`eplb.cli.commands.rows_of_loads` weigh."""
     if meta.get("format") == "sglang":
         return f"{what} (SGLang's: row r is model layer r)", True
     return what, False
