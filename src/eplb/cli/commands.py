@@ -195,8 +195,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.num_model_layers is not None and emit != "sglang":
         raise CliError("--num-model-layers applies to SGLang output only")
     if args.mtp_layers and emit != "trtllm":
-        raise CliError("--mtp-layers applies to TensorRT-LLM output only (SGLang and vLLM "
-                       "place their multi-token-prediction layers' experts themselves)")
+        # (SGLang 0.5.23 gives its draft layers no expert placement: is_draft in
+        # ExpertLocationDispatchInfo.init_new)
+        raise CliError("--mtp-layers applies to TensorRT-LLM output only: TensorRT-LLM looks "
+                       "its multi-token-prediction layers up in the file, SGLang places no "
+                       "draft layer's experts")
     loads = " ".join(args.loads)
     trace = read_trace(args.loads, args)
     weight = trace.total()
