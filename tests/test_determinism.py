@@ -199,3 +199,25 @@ def test_plans_do_not_depend_on_flushed_subnormals():
     assert all(torch.equal(a, b) for a, b in zip(reference, theirs, strict=True))
     assert still_flushing  # the caller's setting is back
     assert (np.array([1e-310]) * 1.0)[0] != 0
+
+
+@pytest.mark.parametrize("score_dispatch", ["even", "nearest"])
+def test_replay_scores_do_not_depend_on_autocast(score_dispatch):
+    """``eplb.tools.simulate`` scored its steps with one batched product, which a caller's
+    ``torch.autocast`` region ran in bfloat16: every step moved by up to 0.001 (one node,
+    SGLang's runtime table included; determinism pass, forty-sixth session)."""
+    import torch
+
+    from eplb.tools import simulate
+
+    trace = (torch.rand(20, 6, 32, generator=torch.Generator().manual_seed(1),
+                        dtype=torch.float64) * 1000).round().to(torch.int64)
+
+    def scores():
+        result = simulate(trace, "eplb", num_replicas=48, num_gpus=8, window=5, interval=5,
+                          score_dispatch=score_dispatch)
+        return result.to_dict()["step_balancedness"]
+
+    reference = scores()
+    with torch.autocast("cpu"):
+        assert scores() == reference

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from eplb.core.device_path import caller_settings_off
 from eplb.core.dispatch import realised_slot_loads
 from eplb.core.inputs import as_gpu_speed, scale_free
 from eplb.core.placement import Placement, ideal_and_peak
@@ -150,8 +151,11 @@ def gpu_load_matrix(placement: Placement, realised: Realised = EVEN,
 
 
 def gpu_loads(counts: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``counts [T, L, E]`` x ``matrix [L, E, P]`` -> ``[T, L, P]`` (one batched matmul)."""
-    out = torch.bmm(counts.transpose(0, 1).to(dtype), matrix.to(dtype))  # [L, T, P]
+    """``counts [T, L, E]`` x ``matrix [L, E, P]`` -> ``[T, L, P]`` (one batched matmul), in
+    ``dtype`` whatever the caller's settings: inside a caller's ``torch.autocast`` region
+    the product ran in bfloat16 and every score moved by up to 0.001."""
+    with caller_settings_off():
+        out = torch.bmm(counts.transpose(0, 1).to(dtype), matrix.to(dtype))  # [L, T, P]
     return out.transpose(0, 1)
 
 
