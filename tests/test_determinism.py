@@ -221,3 +221,27 @@ def test_replay_scores_do_not_depend_on_autocast(score_dispatch):
     reference = scores()
     with torch.autocast("cpu"):
         assert scores() == reference
+
+
+_DRAWN_BALANCE = """
+import sys
+import numpy as np
+import torch
+torch.set_num_threads(int(sys.argv[1]))
+from eplb.core.rank_draws import rank_draw_balancedness, split_draw_balancedness
+w = torch.from_numpy(np.random.default_rng(0).lognormal(0, 1, (600, 256)))
+phy2log = (torch.arange(288) % 256).repeat(600, 1)
+print(repr(split_draw_balancedness(w, phy2log, 8)), repr(rank_draw_balancedness(w, phy2log, 8)))
+"""
+
+
+def test_drawn_balancedness_does_not_depend_on_threads():
+    """The balancedness under SGLang's tables (``eplb eval``/``plan`` report it) summed the
+    loads with torch, whose sum of 32,768 or more entries splits by the thread count: the
+    last bit moved between 1 and 4 threads (determinism pass, forty-sixth session)."""
+    outs = {subprocess.run([sys.executable, "-c", _DRAWN_BALANCE, str(threads)],
+                           capture_output=True, text=True, timeout=300, check=True,
+                           env=dict(os.environ, OMP_NUM_THREADS=str(threads),
+                                    PYTHONPATH=str(WORKER.parents[1] / "src"))).stdout
+            for threads in (1, 4)}
+    assert len(outs) == 1, outs

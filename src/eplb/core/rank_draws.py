@@ -168,8 +168,11 @@ def rank_draw_balancedness(weight: torch.Tensor, phy2log: torch.Tensor,
 
 
 def _balancedness(weight: torch.Tensor, peaks: np.ndarray, num_gpus: int) -> float:
-    """Σ mean over Σ ``peaks [L]`` (each layer's expected max GPU load); 1.0 without load."""
-    total, peak = float(weight.detach().to(torch.float64).sum()) / num_gpus, float(peaks.sum())
+    """Σ mean over Σ ``peaks [L]`` (each layer's expected max GPU load); 1.0 without load.
+    The total is added in NumPy's fixed order: torch's sum of 32,768 or more entries
+    splits by the thread count (600 × 256 float loads: the last bit moved with 4 threads)."""
+    total = float(weight.detach().cpu().to(torch.float64).numpy().sum()) / num_gpus
+    peak = float(peaks.sum())
     return total / peak if peak > 0 else 1.0
 
 
