@@ -103,6 +103,10 @@ class Realised:
 EVEN = Realised()
 
 
+#: the first seed of the replay's draws of SGLang's runtime table (the planner's are 0's)
+REPLAY_SEED = 1
+
+
 def slot_shares(placement: Placement, realised: Realised, draw: int = 0) -> torch.Tensor:
     """``[L, R]`` float64: the share of its expert's tokens each slot serves under a
     dispatch rule other than the even split (an empty slot: 0).
@@ -115,7 +119,10 @@ def slot_shares(placement: Placement, realised: Realised, draw: int = 0) -> torc
     phy2log = placement.phy2log
     num_layers, num_experts = placement.logcnt.shape
     if realised.runtime_table(placement):
-        ranks = split_draw_shares(phy2log, num_experts, topo.num_gpus, draws=1, seed=draw)[0]
+        # seeds from 1: the planner's model of the table draws with seed 0, and a plan
+        # chosen on those draws would be scored on them (helper pass)
+        ranks = split_draw_shares(phy2log, num_experts, topo.num_gpus, draws=1,
+                                  seed=REPLAY_SEED + draw)[0]
         return torch.from_numpy(ranks / topo.num_gpus).to(phy2log.device)
     return realised_slot_loads(
         torch.ones(num_layers, num_experts, dtype=torch.float64, device=phy2log.device),
