@@ -201,6 +201,33 @@ def test_plans_do_not_depend_on_flushed_subnormals():
     assert (np.array([1e-310]) * 1.0)[0] != 0
 
 
+def test_start_up_file_choice_does_not_depend_on_flushed_subnormals():
+    """The start-up file's per-layer choice between the even split and the hot experts on
+    every GPU scores the ranks' draws in NumPy: with subnormals flushed, loads of 1e-308
+    read as 0 and it chose otherwise (balancedness 1.0 against 0.9942; determinism pass)."""
+    import torch
+
+    import eplb
+    from eplb.core.rank_draws import plan_for_start_up_file
+
+    gen = torch.Generator().manual_seed(3)
+    loads = torch.rand(12, 64, generator=gen, dtype=torch.float64) ** 4 * 1e-308
+
+    def start_up_file():
+        return plan_for_start_up_file(
+            lambda fair: eplb.plan(loads, 96, 8, dispatch="nearest", fair=fair), loads)
+
+    reference = start_up_file()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals")
+    try:
+        flushed = start_up_file()
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(reference[0].phy2log, flushed[0].phy2log)
+    assert reference[2] == flushed[2]
+
+
 @pytest.mark.parametrize("score_dispatch", ["even", "nearest"])
 def test_replay_scores_do_not_depend_on_autocast(score_dispatch):
     """``eplb.tools.simulate`` scored its steps with one batched product, which a caller's

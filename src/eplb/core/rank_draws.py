@@ -31,6 +31,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from eplb.core.device_path import caller_settings_off
 from eplb.core.placement import Placement
 
 #: draws per layer: the spread of a layer's sampled peak is about 0.3 % of the mean at
@@ -228,13 +229,17 @@ def plan_for_start_up_file(plan: Callable[[str], Placement], weight: torch.Tenso
     balancedness the draws give it, and that balancedness."""
     even, avoid = plan("expect"), plan("avoid")
     topo = even.topology
-    chosen, chosen_peaks = _chosen(weight, [even.phy2log, avoid.phy2log], topo.num_gpus)
+    # (as eplb.plan, whatever the caller's settings: with subnormals flushed, loads of
+    # 1e-310 read as 0 and the choice between the two plans changed; determinism pass)
+    with caller_settings_off():
+        chosen, chosen_peaks = _chosen(weight, [even.phy2log, avoid.phy2log], topo.num_gpus)
     placement = Placement.from_phy2log(chosen, even.num_experts, topo, even.policy,
                                        even.active_gpus)
     placement.validate()
     avoided = int((chosen.cpu() != even.phy2log.cpu()).any(1).sum())
     # (the draws each layer's choice was scored on)
-    drawn = _balancedness(weight, chosen_peaks, topo.num_gpus)
+    with caller_settings_off():
+        drawn = _balancedness(weight, chosen_peaks, topo.num_gpus)
     return placement, (f"the hot experts on every GPU in {avoided} of {even.num_layers} "
                        f"layers; each rank drawing its own fair choice (eplb's model of "
                        f"SGLang's start-up file): balancedness {drawn:.4f}"), drawn
