@@ -10,7 +10,7 @@ through ``PYTHONPATH``):
   every expert once the cheapest move is a swap of 2), and the
   pairs of budgets ``B1 < B2`` where the larger one ends worse: by the objective a total
   budget spends on (the next window's expected MoE time, each layer's load times its
-  expected peak over the mean, plus the move price; :func:`eplb.online.moves.expected_peak`
+  expected peak over the mean, plus the move price; :func:`eplb.online.score.expected_peak`
   scores it, as the planner does), split at the default ladder's reach a layer (below it
   every budget chooses among the same candidates), and by ``balancedness()`` on the loads
   given.
@@ -39,7 +39,7 @@ from _harness import deepseek_loads, markdown_table, start
 import eplb
 from eplb.core import plan_greedy
 from eplb.core.options import IncrementalOptions
-from eplb.online import moves
+from eplb.online import score
 
 BUDGETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 16, 17, 20, 25, 40, 64)
 #: (R, P, nodes, groups) of the real-load cases and of the synthetic 6×32 ones
@@ -102,7 +102,7 @@ def budgets_section() -> None:
         for budget in BUDGETS:
             plan = eplb.plan(w1, replicas, gpus, nodes, groups, previous=old, max_moves=budget)
             both = np.stack([base.phy2log.numpy(), plan.phy2log.numpy()])
-            peak = moves.expected_peak(weight, both, gpus, options.drift, groups=groups,
+            peak = score.expected_peak(weight, both, gpus, options.drift, groups=groups,
                                        group_share=options.group_share)[0][1]
             cost = (both[1] != both[0]).sum(1)
             price = options.layer_price(replicas // gpus)  # the move price at this shape

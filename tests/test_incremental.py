@@ -120,7 +120,7 @@ def test_a_larger_total_budget_never_ends_worse_by_what_it_spends_on(replicas, n
     was cut to the budget, budgets 3-5 ended below budget 2). In-sample balancedness is
     not what it spends on."""
     from eplb.core.options import IncrementalOptions
-    from eplb.online import moves
+    from eplb.online import score
     options = IncrementalOptions()
     w0, w1 = drifted(seed=2, layers=6, experts=32, drift=0.5)
     old = eplb.plan(w0, replicas, P, nodes, groups)
@@ -133,7 +133,7 @@ def test_a_larger_total_budget_never_ends_worse_by_what_it_spends_on(replicas, n
         new = eplb.plan(w1, replicas, P, nodes, groups, previous=old, max_moves=budget)
         assert int(new.moved_slots(base.phy2log).sum()) <= budget
         both = np.stack([base.phy2log.numpy(), new.phy2log.numpy()])
-        peak = moves.expected_peak(weight, both, P, options.drift, groups=groups,
+        peak = score.expected_peak(weight, both, P, options.drift, groups=groups,
                                    group_share=options.group_share)[0][1]
         cost = (both[1] != both[0]).sum(1)
         price = options.layer_price(replicas // P)  # the move price at this shape's slots
@@ -663,7 +663,7 @@ def test_a_bad_packing_with_the_right_counts_is_repacked():
 def test_group_term_matches_a_direct_sum(experts, groups, gpus, slots, big):
     """The group term of the next-window score, Σ_groups (a group's load on a GPU)², on
     each of its three paths, against a direct sum."""
-    from eplb.online import moves
+    from eplb.online import score
 
     rng = np.random.default_rng(0)
     cands, rows = 2, 2
@@ -673,7 +673,7 @@ def test_group_term_matches_a_direct_sum(experts, groups, gpus, slots, big):
     index = slot_expert + (np.arange(cands * rows) * experts).reshape(cands, rows, 1)
     exact = bool(load.reshape(cands, rows, gpus, slots).sum(3).max() < 2.0**26)
     assert exact != big
-    got = moves._group_squares(torch.from_numpy(load), torch.from_numpy(index), experts, gpus,
+    got = score._group_squares(torch.from_numpy(load), torch.from_numpy(index), experts, gpus,
                                groups, exact)
     group = slot_expert // (experts // groups)
     want = np.zeros((cands, rows, gpus))

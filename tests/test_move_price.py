@@ -9,7 +9,7 @@ import pytest
 from helpers import replan_drifted
 
 from eplb.core.options import IncrementalOptions
-from eplb.online import moves
+from eplb.online import score
 
 
 def test_layer_price_follows_the_slots_per_gpu() -> None:
@@ -37,7 +37,7 @@ def test_two_slot_moves_pay_the_price_of_their_bytes() -> None:
             drifted, old, new = replan_drifted(seed, 0.05, replicas, gpus, num_nodes,
                                                num_groups)
             both = np.stack([old.phy2log.numpy(), new.phy2log.numpy()])
-            peak = moves.expected_peak(drifted.numpy(), both, gpus, options.drift,
+            peak = score.expected_peak(drifted.numpy(), both, gpus, options.drift,
                                        groups=num_groups,
                                        group_share=options.group_share)[0]
             gain = 1.0 / peak[1] - 1.0 / peak[0]

@@ -25,7 +25,7 @@ from eplb.core.planner import fresh_phy2log
 from eplb.core.policies import HierarchicalPolicy
 from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
-from eplb.online import hierarchy, moves
+from eplb.online import hierarchy, moves, score
 from eplb.online.align import align_to_previous
 
 
@@ -181,7 +181,7 @@ def fresh_candidates(request: PlanRequest, base: np.ndarray, layers: np.ndarray)
 @dataclasses.dataclass(frozen=True)
 class Offered:
     """Every layer's candidates: ``now [C, L]`` in-sample peaks (integer units over the
-    mean, :func:`eplb.online.moves.expected_peak`), ``cost [C, L]`` slots changed from the
+    mean, :func:`eplb.online.score.expected_peak`), ``cost [C, L]`` slots changed from the
     forced base, and ``take(pick [L]) → [L, R]``."""
 
     now: np.ndarray
@@ -213,8 +213,8 @@ def undo_forced_losses(request: PlanRequest, weight: np.ndarray, old: np.ndarray
     if not len(forced):
         return best
     num_gpus = request.topology.num_gpus
-    kept = moves.exact_peak(weight[forced], old[forced], num_gpus)
-    lost = moves.exact_peak(weight[forced], best[forced], num_gpus) > kept
+    kept = score.exact_peak(weight[forced], old[forced], num_gpus)
+    lost = score.exact_peak(weight[forced], best[forced], num_gpus) > kept
     layers, kept = forced[lost], kept[lost]
     if not len(layers):
         return best
@@ -228,14 +228,14 @@ def undo_forced_losses(request: PlanRequest, weight: np.ndarray, old: np.ndarray
     cheap = offered.take(pick)[layers]
     fixed = pick[layers] > 0
     if fixed.any():
-        fixed[fixed] = (moves.exact_peak(weight[layers[fixed]], cheap[fixed], num_gpus)
+        fixed[fixed] = (score.exact_peak(weight[layers[fixed]], cheap[fixed], num_gpus)
                         <= kept[fixed])
     out[layers[fixed]] = cheap[fixed]
     layers, kept = layers[~fixed], kept[~fixed]
     if len(layers):
         fresh = fresh_aligned(request, base, layers)[0, layers]
-        better = (moves.exact_peak(weight[layers], fresh, num_gpus)
-                  < moves.exact_peak(weight[layers], out[layers], num_gpus))
+        better = (score.exact_peak(weight[layers], fresh, num_gpus)
+                  < score.exact_peak(weight[layers], out[layers], num_gpus))
         out[layers[better]] = fresh[better]
     return out
 

@@ -18,8 +18,8 @@ Two kinds of candidates come from here:
   layer's nodes. A fresh plan of the layer would repack every node, moving most of its
   slots for the same groups.
 
-Both are scored here, as node rows (:func:`eplb.online.moves.gpu_moments` of each node
-row's GPUs, :func:`eplb.online.moves.draw_maxima` of each node row, then the max over
+Both are scored here, as node rows (:func:`eplb.online.score.gpu_moments` of each node
+row's GPUs, :func:`eplb.online.score.draw_maxima` of each node row, then the max over
 the layer's node rows): the same numbers as scoring whole layers, for a fraction of the
 work, and only the chosen candidate of each layer is turned back into logical expert ids.
 """
@@ -38,7 +38,7 @@ from eplb.core.placement import groups_on_nodes
 from eplb.core.policies import HierarchicalPolicy
 from eplb.core.policies.hierarchical import best_partition
 from eplb.core.request import PlanRequest
-from eplb.online import ladder, moves
+from eplb.online import ladder, moves, score
 from eplb.online.align import match_blocks
 
 
@@ -185,7 +185,7 @@ def node_ladder(
 @dataclasses.dataclass(frozen=True)
 class Scored:
     """Candidates of every layer with their scores (see
-    :func:`eplb.online.moves.expected_peak`); candidate 0 is the placement in force.
+    :func:`eplb.online.score.expected_peak`); candidate 0 is the placement in force.
 
     Attributes:
         peak: ``[C, L]`` expected next-window max GPU load over the mean (``inf``: not
@@ -222,7 +222,7 @@ def candidates(
     row's GPUs are the layer's, so nothing is turned back into layers but the chosen
     candidates).
     ``node_of_group [L, G]``: each group's node in ``base`` (:func:`group_nodes`), and
-    ``units [L, E]``: the integer loads (:func:`eplb.online.moves.units_of`), when the
+    ``units [L, E]``: the integer loads (:func:`eplb.online.score.units_of`), when the
     caller has them.
 
     ``fine_quota [L]`` (with ``budgeted``): the fine ladder's quota (``fine`` of
@@ -309,14 +309,14 @@ def candidates(
     ladder = done.shape[0]
     # scores: every node row's start once, the searched rows' later candidates
     options = request.options.incremental
-    units = moves.units_of(weight) if units is None else units  # [L, E]
+    units = score.units_of(weight) if units is None else units  # [L, E]
     # one flat take (no [B·N, E] copy of the layers' units first)
     node_units = np.ravel(units)[experts + (of_layer * units.shape[1]).repeat(nodes)[:, None]]
     groups = topo.num_groups // nodes
 
     def moments(unit_rows: np.ndarray, rows_done: np.ndarray,
                 shared: np.ndarray | None = None) -> tuple[torch.Tensor, np.ndarray]:
-        return moves.gpu_moments(unit_rows, rows_done, topo.gpus_per_node, groups,
+        return score.gpu_moments(unit_rows, rows_done, topo.gpus_per_node, groups,
                                  options.group_share, shared)
 
     # each node row's max GPU load per draw (and now), then the max over the layer's
@@ -324,12 +324,12 @@ def candidates(
     # Every row's start is scored once, a search's later candidates once for the rows
     # that share it (a row's moments depend on its own slots and loads only)
     per_gpu, blocks = topo.gpus_per_node, len(of_layer)
-    z = torch.from_numpy(moves.normal_draws(moves.DRAWS, topo.num_gpus)).view(
-        moves.DRAWS, 1, 1, nodes, per_gpu)  # node n's GPUs draw columns n·P/N + k
+    z = torch.from_numpy(score.normal_draws(score.DRAWS, topo.num_gpus)).view(
+        score.DRAWS, 1, 1, nodes, per_gpu)  # node n's GPUs draw columns n·P/N + k
     gpu, variance = moments(node_units, done[:1])  # [1, B·N, P/N]
     shape = (1, blocks, nodes, per_gpu)
-    row_peak = moves.draw_maxima(gpu.view(shape), variance.reshape(shape), options.drift, z)
-    row_peak = np.repeat(row_peak.reshape(moves.DRAWS, 1, -1), ladder, 1)  # [D, K, B·N]
+    row_peak = score.draw_maxima(gpu.view(shape), variance.reshape(shape), options.drift, z)
+    row_peak = np.repeat(row_peak.reshape(score.DRAWS, 1, -1), ladder, 1)  # [D, K, B·N]
     row_now = np.repeat(gpu.amax(2).numpy(), ladder, 0)  # [K, B·N]
     if ladder > 1 and len(moving):
         distinct, back = np.unique(twin, return_inverse=True)
@@ -338,13 +338,13 @@ def candidates(
         # counts per row (with one, the transfer-only candidates have their own)
         shared = None if budgeted else counts[distinct]
         gpu, variance = moments(node_units[rows_of], done[1:, rows_of], shared)  # [K − 1, M, P/N]
-        own = z.view(moves.DRAWS, 1, nodes, per_gpu)[:, :, rows_of % nodes]  # [D, 1, M, P/N]
-        row_peak[:, 1:, moving] = moves.draw_maxima(gpu, variance, options.drift, own)[:, :, back]
+        own = z.view(score.DRAWS, 1, nodes, per_gpu)[:, :, rows_of % nodes]  # [D, 1, M, P/N]
+        row_peak[:, 1:, moving] = score.draw_maxima(gpu, variance, options.drift, own)[:, :, back]
         row_now[1:, moving] = gpu.amax(2).numpy()[:, back]
     mean = np.maximum(units.sum(1)[of_layer] / topo.num_gpus, 1e-300)  # [B]
     # (torch's max over a short last axis is several times faster than NumPy's)
-    layer_peak = torch.from_numpy(row_peak).view(moves.DRAWS, ladder, blocks, nodes).amax(3)
-    expected = moves.mean_of_draws(layer_peak.numpy()) / mean
+    layer_peak = torch.from_numpy(row_peak).view(score.DRAWS, ladder, blocks, nodes).amax(3)
+    expected = score.mean_of_draws(layer_peak.numpy()) / mean
     now = torch.from_numpy(row_now).view(ladder, blocks, nodes).amax(2).numpy() / mean
     in_layers = nodes * layers
 

@@ -30,7 +30,7 @@ almost every slot. Here the new plan starts from the placement in force:
    above the layer's bound than the drift's excess, or at <= 3 slots per GPU. At two slots
    per GPU also the count search's start (:func:`eplb.online.forced.fresh_candidates`).
 4. **A choice per layer by the expected next-window peak**
-   (:func:`eplb.online.moves.expected_peak`): each candidate's max GPU load under the
+   (:func:`eplb.online.score.expected_peak`): each candidate's max GPU load under the
    drift a rebalance interval brings (with expert groups named, part of it common to a
    group). A candidate's value is its expected balancedness minus the move price × the
    fraction of its slots that change, so moves that only pay in-sample are not made. The
@@ -88,6 +88,7 @@ from eplb.online.forced import (
     within_limits,
 )
 from eplb.online.nearest import choose_paying, plan_nearest_incremental, plan_table_incremental
+from eplb.online.score import exact_peak, expected_peak, units_of
 
 
 def _host_weight(request: PlanRequest) -> np.ndarray:
@@ -103,7 +104,7 @@ def _refine_rows(
     """``[C, L, R]`` warm-start candidates of global layers ``base`` (candidate 0 is
     ``base``) with a per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``),
     ``[L]`` the replica transfers, and the candidates' replica counts as
-    :func:`eplb.online.moves.expected_peak` takes them (``counts``, ``block``; empty when
+    :func:`eplb.online.score.expected_peak` takes them (``counts``, ``block``; empty when
     not known). ``budgeted`` adds the transfer-only candidates, which only a small budget
     picks: without one, none of them was chosen in 2784 steady-state layer plans
     (BENCHMARKS.md §3 protocol). ``drop_first_rung`` leaves out the first swap step's
@@ -297,14 +298,14 @@ def plan_incremental(
     live_gpus = request.live.cpu().numpy()
     num_live = int(live_gpus.sum())
 
-    units = moves.units_of(weight)  # [L, E] integer loads, as every score takes them
+    units = units_of(weight)  # [L, E] integer loads, as every score takes them
     # (draws go by rank inside each node where node rows are scored too: the same numbers)
     nodes = topo.num_nodes if request.policy == "hierarchical" else 1
 
     def score(chosen: np.ndarray, **known) -> tuple[np.ndarray, np.ndarray]:
-        return moves.expected_peak(weight, chosen, num_live, options.drift,
-                                   groups=topo.num_groups, group_share=options.group_share,
-                                   units=units, nodes=nodes, **known)
+        return expected_peak(weight, chosen, num_live, options.drift,
+                             groups=topo.num_groups, group_share=options.group_share,
+                             units=units, nodes=nodes, **known)
 
     if request.policy == "hierarchical":
         # node ladders, and warm regroups where the best group→node assignment differs
@@ -409,7 +410,7 @@ def plan_incremental(
     pick = _choose(peak, cost, topo.num_replicas, max_moves, skip_threshold, price,
                    layer_load, usual)
     best = take(pick)
-    # the guard above compares integer units (moves.units_of), which round small experts
+    # the guard above compares integer units (score.units_of), which round small experts
     # beside a huge one: a layer whose exact peak came out above the placement in
     # force's keeps the latter. A GPU's units are off by less than 1.5·S, so only layers
     # whose two unit peaks are closer than twice that are checked on exact loads
@@ -418,8 +419,8 @@ def plan_incremental(
     close = now[pick, layer] > now[0] - error
     changed = np.nonzero((best != base).any(1) & close)[0]
     if len(changed):
-        worse = moves.exact_peak(weight[changed], best[changed], topo.num_gpus) > (
-            moves.exact_peak(weight[changed], base[changed], topo.num_gpus))
+        worse = exact_peak(weight[changed], best[changed], topo.num_gpus) > (
+            exact_peak(weight[changed], base[changed], topo.num_gpus))
         best[changed[worse]] = base[changed[worse]]
     if topo.slots_per_gpu == 1:
         # with one slot per GPU a GPU's load is its replica's: a plan with the placement

@@ -44,7 +44,7 @@ from eplb.core.rank_draws import split_draw_shares
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
 from eplb.online.budget import layer_loads, load_shares, spend_budget
-from eplb.online.moves import peak_of
+from eplb.online.score import peak_of
 
 #: of an incremental budget, the part the even-split warm start may use
 WARM_SHARE = 0.85
@@ -248,7 +248,7 @@ def expected_balance(
     ``active_gpus [P]`` tokens arise on the live GPUs only).
     Each slot serves a fixed share of its expert's tokens, so a GPU's load moves with its
     slots' loads ``x`` (each expert drifting by ``exp(drift·Z)``), and
-    :func:`eplb.online.moves.peak_of` takes the expected max over GPUs of normals with
+    :func:`eplb.online.score.peak_of` takes the expected max over GPUs of normals with
     the GPUs' loads and spreads ``d·sqrt(Σ x²)``."""
     device = weight.device
     weight, candidates = weight.cpu(), candidates.cpu()  # peak_of runs on the host
