@@ -806,7 +806,7 @@ def test_a_report_folder_that_cannot_be_written_is_refused_before_the_work(
 @pytest.mark.parametrize("command", ["plan", "generate"])
 def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(
         capsys, tmp_path, loads, monkeypatch, command) -> None:
-    import eplb.cli._common as common
+    import eplb.cli._checks as checks
     import eplb.cli.commands as commands
     import eplb.cli.sim as sim
 
@@ -818,7 +818,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(common.os, "access", lambda path, mode: (
+    monkeypatch.setattr(checks.os, "access", lambda path, mode: (
         False if Path(path) == locked else real_access(path, mode)))
     out = locked / ("p.json" if command == "plan" else "t.pt")
     argv = (["plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(out)]

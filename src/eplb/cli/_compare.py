@@ -7,12 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eplb.api import plan
-from eplb.cli._common import (
-    Ceiling,
-    ceiling,
-    static_gpu_loads,
-    timed,
-)
+from eplb.cli._common import Ceiling, ceiling, static_gpu_loads, timed
 from eplb.cli._inputs import cli_policy
 from eplb.core import plan_greedy
 from eplb.core.messages import counted

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from eplb.cli._common import CliError, integer
+from eplb.cli._common import CliError
+from eplb.cli._values import integer
 from eplb.core import LoadTrace, Placement, Topology, resolve_policy
 from eplb.core.messages import integer_runs
 from eplb.core.placement import groups_on_nodes

@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import torch
 
-from eplb.cli._common import CliError, existing_file, info
+from eplb.cli._checks import existing_file
+from eplb.cli._common import CliError, info
 from eplb.cli._inputs import warn
 from eplb.core.inputs import require_distinct_topk
 from eplb.core.placement import Placement

@@ -10,17 +10,9 @@ import typing
 from collections.abc import Sequence
 
 from eplb._version import __version__
-from eplb.cli._common import (
-    EXIT_USAGE,
-    FORCED_MOVES,
-    count_type,
-    integer,
-    named_file,
-    price_type,
-    real,
-    speed_spec,
-)
+from eplb.cli._common import EXIT_USAGE, FORCED_MOVES
 from eplb.cli._inputs import add_input_options
+from eplb.cli._values import count_type, integer, named_file, price_type, real, speed_spec
 from eplb.tools.simulate import MAX_EXPERT_BYTES
 
 __all__ = ["build_parser"]
@@ -62,7 +54,7 @@ def _add_topology(p: argparse.ArgumentParser, *, required: bool = True,
                   replicas: int | None = None, gpus: int | None = None,
                   locality: bool = False) -> None:
     g = p.add_argument_group("topology")
-    # optional: a file's own shape decides (eplb.cli._common.default_shape)
+    # optional: a file's own shape decides (eplb.cli._checks.default_shape)
     unset = "" if required else " (default: 32 GPUs, or E if fewer experts)"
     g.add_argument("-r", "--replicas", type=integer, required=required, default=replicas,
                    metavar="R", help="physical expert slots in the cluster (a multiple of "

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import torch
 
+from eplb.cli._checks import check_topology, default_shape
 from eplb.cli._common import (
     CliError,
-    check_topology,
-    default_shape,
     generated_trace,
     info,
     key_note,

@@ -8,19 +8,19 @@ import argparse
 import torch
 
 from eplb.api import plan
-from eplb.cli._common import (
-    CliError,
-    active_gpus_from,
-    ceiling,
+from eplb.cli._checks import (
     check_nearest_flags,
     check_output,
     check_topology,
-    cluster_note,
     existing_file,
-    gpu_speed_from,
+    refuse_input_as_output,
+)
+from eplb.cli._common import (
+    CliError,
+    ceiling,
+    cluster_note,
     print_json,
     print_table,
-    refuse_input_as_output,
     static_gpu_loads,
     summed_note,
     timed,
@@ -38,6 +38,7 @@ from eplb.cli._inputs import (
 )
 from eplb.cli._moves import may_force, split_moves, warn_forced_moves
 from eplb.cli._nearest import dispatch_options, plan_nearest
+from eplb.cli._values import active_gpus_from, gpu_speed_from
 from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import scale_free
 from eplb.core.messages import counted, integer_runs

@@ -7,13 +7,11 @@ import argparse
 
 import torch
 
+from eplb.cli._checks import check_cluster_flags, existing_file
 from eplb.cli._common import (
     CliError,
     ceiling,
-    check_cluster_flags,
     cluster_note,
-    eval_gpu_speed,
-    existing_file,
     info,
     key_note,
     print_json,
@@ -29,6 +27,7 @@ from eplb.cli._inputs import (
     warn_if_no_load,
 )
 from eplb.cli._nearest import distinct_rows, read_routing_flag
+from eplb.cli._values import eval_gpu_speed
 from eplb.cli.commands import (
     as_serving,
     dead_gpu_ids,

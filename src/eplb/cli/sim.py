@@ -9,13 +9,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from eplb.cli._checks import check_output, check_topology, default_shape
 from eplb.cli._common import (
     FORCED_MOVES,
     CliError,
-    check_output,
-    check_topology,
     cluster_note,
-    default_shape,
     info,
     is_tty,
     prepare_report,
