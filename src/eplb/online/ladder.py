@@ -285,6 +285,15 @@ def warm_ladder(
     Args:
         weight: ``[B, E]`` row loads (no all-zero row), float64.
         base: ``[B, R]`` valid placements of the rows (every slot filled).
+        num_gpus: the GPUs each row's ``R`` slots lie on (slot ``s`` on GPU
+            ``s // (R / num_gpus)``): the live GPUs of a layer, or one node's GPUs for the
+            node rows of hierarchical layers.
+        quota: ``[B]`` slots each swap step may change in a row, beyond the step before
+            it; a zero quota keeps the row at ``base`` (no transfers, no swaps).
+        steps: how many swap steps: the last ``steps`` candidates.
+        options: the packing knobs of the swap search (:func:`refine_path`).
+        transfers_only: also return the three transfer-only candidates (1–3 above), which
+            only a small move budget picks.
         spread: ``base`` holds no two replicas of an expert on one GPU where it need not
             (:func:`~eplb.online.moves.stacked` is False on every row): only rows whose
             transfers stacked replicas (or with an expert on more replicas than GPUs) are
@@ -292,6 +301,10 @@ def warm_ladder(
         base_counts: ``[B, E]`` :func:`counts_of` ``(base)``, when the caller has it.
         target: ``[B, E]`` counts the transfers go toward instead of Jefferson's
             (:func:`transfer_order`).
+        fine: ``[B]`` bool, or one flag for every row: the rows of the fine ladder
+            (:func:`~eplb.online.budget.fine_layers`), whose first two transfer-only
+            candidates stop after one and two transfers rather than one and two steps'
+            ``quota``.
 
     Returns:
         ``([steps + 4, B, R], [B], [B, E])``: the candidates (``[steps + 1, B, R]``

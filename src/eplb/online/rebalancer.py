@@ -58,15 +58,23 @@ class Rebalancer:
 
     Args:
         num_replicas, num_gpus, num_nodes, num_groups: the cluster (see :class:`Topology`).
-        window: recording window ``W``: plans use the last ``W`` steps.
-        interval: rebalance every ``I`` recorded steps (after steps ``I, 2I, ...``).
+        window: recording window ``W``: plans use the last ``W`` steps (default 1000).
+        interval: rebalance every ``I`` recorded steps (after steps ``I, 2I, ...``;
+            default 3000).
         estimator: spec string or :class:`~eplb.online.estimate.Estimator` (default ``"sum"``).
         planner: ``"eplb"``, ``"greedy"``, ``"none"`` or a callable ``(weight, previous)``
             (a callable always receives the placement in force, ``None`` before the first,
             and one window of the model's layers per call; the options below but
             ``incremental`` are for the built-in planners and refused beside a callable).
         incremental: pass the placement in force to :func:`eplb.plan` (``previous=``) with
-            ``max_moves`` and ``skip_threshold``.
+            ``max_moves`` and ``skip_threshold`` (default ``False``: every rebalance plans
+            from scratch).
+        max_moves: with ``incremental``, most slots a rebalance may change beyond the
+            forced moves, in total over the layers (default ``None``: no cap); see
+            :func:`eplb.plan`.
+        skip_threshold: with ``incremental``, leave a layer untouched when re-planning it
+            would raise its expected next-window balancedness by less than this (a
+            fraction in [0, 1); default ``None``: no threshold); see :func:`eplb.plan`.
         active_gpus: ``[P]`` bool of live GPUs (``"eplb"`` planner only).
         initial: the placement in force before the first rebalance (default ``None``:
             ``placement`` is ``None`` until then).
