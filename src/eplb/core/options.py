@@ -259,7 +259,7 @@ class IncrementalOptions:
     Every candidate is scored by its expected *next-window* max GPU load: each GPU's load
     moves by the change a drift of log-std ``drift`` per expert brings (part of it shared
     within an expert group, ``group_share``), and the max over GPUs is averaged over
-    fixed stratified draws (:func:`eplb.online.moves.expected_peak`). In-sample
+    fixed stratified draws (:func:`eplb.online.score.expected_peak`). In-sample
     balance is not the criterion: past the noise drift adds, an in-sample gain does not
     survive to the next window, but its weight transfers are paid.
 
