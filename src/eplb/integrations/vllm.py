@@ -49,6 +49,7 @@ run eplb: a half-switched cluster) makes the others raise :class:`AgreementError
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -438,8 +439,6 @@ def _ranks_key(ranks: list[int]) -> str:
     text = ",".join(str(int(r)) for r in ranks)
     if len(text) <= 64:
         return text
-    import hashlib
-
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -67,12 +67,12 @@ from eplb.core.inputs import as_seed
 from eplb.core.topology import positive_int
 from eplb.core.trace import LoadTrace
 from eplb.tools.generator.presets import (
-    _DOMAIN_LATENT_RANK,
-    _PREFILL_DECODE_LATENT_RANK,
+    DOMAIN_LATENT_RANK,
+    PREFILL_DECODE_LATENT_RANK,
     ModelShape,
     WorkloadConfig,
-    _pair,
     default_config,
+    float_pair,
     resolve_shape,
 )
 
@@ -363,7 +363,7 @@ def _apply_sigma(
         if not (sigma >= 0 and math.isfinite(sigma)):
             raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
         return cfg, float(sigma)
-    lo, hi = _pair("sigma_range", sigma)
+    lo, hi = float_pair("sigma_range", sigma)
     if not 0 < lo <= hi:
         raise ValueError(f"sigma range must satisfy 0 < lo <= hi, got {(lo, hi)}")
     return replace(cfg, sigma_range=(lo, hi), sigma_median=math.sqrt(lo * hi)), None
@@ -385,14 +385,14 @@ def _regime_config(
         if regime == "stationary":
             return replace(cfg, regime_correlations=(), regime_schedule=())
         if regime == "prefill-decode":
-            corr = (_latent_corr(_PREFILL_DECODE_LATENT_RANK),)
+            corr = (_latent_corr(PREFILL_DECODE_LATENT_RANK),)
             schedule = tuple((s, i % 2) for i, s in enumerate(starts))
             return replace(cfg, regime_correlations=corr, regime_schedule=schedule)
         if regime == "domain-shift":
             # Excursions from the base domain: 0, 1, 0, 2, 0, 3, ... so that every switch is
             # between two workloads of Spearman ~0.2 (two foreign domains would share only c^2).
             n = 3
-            corr = (_latent_corr(_DOMAIN_LATENT_RANK),) * n
+            corr = (_latent_corr(DOMAIN_LATENT_RANK),) * n
             cycle = [r for d in range(1, n + 1) for r in (0, d)]
             schedule = tuple((s, cycle[i % len(cycle)]) for i, s in enumerate(starts))
             return replace(cfg, regime_correlations=corr, regime_schedule=schedule)

@@ -83,8 +83,8 @@ DOMAIN_RANK_CORR = 0.2
 # Latent Spearman used by the named schedules: a little above the targets because sampling noise,
 # request bursts and drift lower the correlation measured on segment aggregates (calibrated with
 # the default config, 100-step segments, 4096 tokens/step).
-_PREFILL_DECODE_LATENT_RANK = 0.80
-_DOMAIN_LATENT_RANK = 0.24
+PREFILL_DECODE_LATENT_RANK = 0.80
+DOMAIN_LATENT_RANK = 0.24
 
 
 # --------------------------------------------------------------------------- config
@@ -168,12 +168,12 @@ class WorkloadConfig:
             raise ValueError(
                 f"WorkloadConfig.sigma_depth_slope must be finite, got {self.sigma_depth_slope!r}"
             )
-        lo, hi = _pair("sigma_range", self.sigma_range)
+        lo, hi = float_pair("sigma_range", self.sigma_range)
         if not 0 <= lo <= hi:
             raise ValueError(
                 f"WorkloadConfig.sigma_range must satisfy 0 <= lo <= hi, got {(lo, hi)}"
             )
-        slo, shi = _pair("spike_height", self.spike_height)
+        slo, shi = float_pair("spike_height", self.spike_height)
         if not 1 <= slo <= shi:
             raise ValueError(
                 f"WorkloadConfig.spike_height must satisfy 1 <= lo <= hi, got {(slo, shi)}"
@@ -219,7 +219,7 @@ class WorkloadConfig:
         return asdict(self)
 
 
-def _pair(name: str, value: Any) -> tuple[float, float]:
+def float_pair(name: str, value: Any) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in value)
     except (TypeError, ValueError):
