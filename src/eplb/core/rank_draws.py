@@ -90,7 +90,7 @@ def rank_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
 
 
 def split_draw_shares(phy2log: torch.Tensor, num_experts: int, num_gpus: int,
-                      draws: int = DRAWS, seed: int = 0) -> np.ndarray:
+                      draws: int = DRAWS, seed: int = 0, per_layer: bool = False) -> np.ndarray:
     """``[D, L, R]``: how many ranks' tokens each slot serves in each of ``draws`` samples
     of SGLang's runtime table on one node (module docstring), every rank originating
     tokens; an empty slot (``-1``) serves none.
@@ -98,7 +98,10 @@ def split_draw_shares(phy2log: torch.Tensor, num_experts: int, num_gpus: int,
     An expert's ranks holding a replica use their own (the first on their GPU); the
     others are dealt ``(P − h) // c`` to each replica, and ``(P − h) mod c`` replicas,
     drawn without repeats, take one more. The draws are functions of ``(seed, draw,
-    expert, slot)`` alone (a counter-based generator, the same on every machine)."""
+    expert, slot)`` alone (a counter-based generator, the same on every machine), and
+    with ``per_layer`` of the layer too: SGLang draws every layer's deal from one
+    stream, so a replay of its table draws each layer apart (the planner's model keeps
+    one set of numbers for every layer: its plans compare layer by layer)."""
     ids = phy2log.detach().cpu().numpy().astype(np.int64)
     layers, num_slots = ids.shape
     slots = num_slots // num_gpus
@@ -128,8 +131,10 @@ def split_draw_shares(phy2log: torch.Tensor, num_experts: int, num_gpus: int,
     if not len(drawn):
         return out
     keys = flat_key[drawn]
-    u = _uniform(seed, np.arange(draws)[:, None], ids.ravel()[drawn],
-                 drawn % num_slots, num_experts, num_slots)  # [D, n]
+    u = (_uniform(seed, np.arange(draws)[:, None], keys, drawn % num_slots, cells, num_slots)
+         if per_layer else
+         _uniform(seed, np.arange(draws)[:, None], ids.ravel()[drawn],
+                  drawn % num_slots, num_experts, num_slots))  # [D, n]
     # (a key below 2^31 leaves the numbers 22 bits: ties in rank are negligible)
     by_key = np.argsort(keys[None] + u, axis=1)  # [D, n]
     start = np.searchsorted(np.sort(keys), keys)  # each drawn slot's run of its expert

@@ -122,7 +122,7 @@ def slot_shares(placement: Placement, realised: Realised, draw: int = 0) -> torc
         # seeds from 1: the planner's model of the table draws with seed 0, and a plan
         # chosen on those draws would be scored on them (helper pass)
         ranks = split_draw_shares(phy2log, num_experts, topo.num_gpus, draws=1,
-                                  seed=REPLAY_SEED + draw)[0]
+                                  seed=REPLAY_SEED + draw, per_layer=True)[0]
         return torch.from_numpy(ranks / topo.num_gpus).to(phy2log.device)
     return realised_slot_loads(
         torch.ones(num_layers, num_experts, dtype=torch.float64, device=phy2log.device),
