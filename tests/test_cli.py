@@ -883,6 +883,17 @@ def test_demo_quick(capsys, tmp_path) -> None:
     assert_one_line_error(err)
 
 
+def test_demo_online_table_names_its_cluster_and_policy(capsys, tmp_path) -> None:
+    # the two tables above it are global and hierarchical; the replay plans globally, and
+    # its heading said neither (new-user pass)
+    code, out, _ = run(capsys, "demo", "--quick", "--out", str(tmp_path / "d"))
+    assert code == 0
+    online = next(line for line in out.splitlines() if line.startswith("online:"))
+    assert "288 slots on 32 GPUs, global policy" in online
+    report = (tmp_path / "d" / "report.md").read_text()
+    assert "planned for 288 slots on 32 GPUs, global policy" in report
+
+
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--steps", "0", "--steps must be >= 2, got 0"),
     ("--seed", str(2**70), "seed must be in"),

@@ -176,7 +176,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if simulation is not None:
         print_table(
             f"online: plan on window i, score on window i+1 ({simulation['windows']} windows "
-            f"of {simulation['window']} steps)",
+            f"of {simulation['window']} steps; {_simulation_cluster(simulation)})",
             ["planner", "mean balancedness"],
             [[k, float(torch.tensor(v).mean())] for k, v in simulation["series"].items()],
         )
@@ -193,11 +193,18 @@ def _demo_simulation(trace: LoadTrace, seed: int, *, quick: bool) -> dict | None
     return replay_windows(trace, window, 288, 32, seed=seed)
 
 
+def _simulation_cluster(sim: dict) -> str:
+    """The cluster and policy the demo's replay planned for, e.g. "288 slots on 32 GPUs,
+    global policy": the tables above it show two policies, so its own heading names one."""
+    return f"{sim['replicas']} slots on {sim['gpus']} GPUs, {sim['policy']} policy"
+
+
 def _add_simulation(report: Report, sim: dict) -> None:
 
     report.heading("Online: planning on the last window, serving the next")
     report.text(
-        f"The trace is cut into {sim['windows']} windows of {sim['window']} steps. Each planner "
+        f"The trace is cut into {sim['windows']} windows of {sim['window']} steps and planned "
+        f"for {_simulation_cluster(sim)}. Each planner "
         "plans on window i and is scored on window i+1's loads, as a live system would be: "
         "the loads drift, so no plan is perfect on the next window."
     )

@@ -84,9 +84,11 @@ def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
                    seed: int = 0) -> dict:
     """The ADRS protocol for the demo: plan on window ``i``, score on window ``i + 1``.
 
-    Returns ``{"window", "windows", "scored": [index of each scored window], "series":
-    {label: [balancedness per scored window]}}``: windows that route no token are left out
-    (as the means leave them out), so ``scored`` says which windows the values are.
+    Returns ``{"window", "windows", "replicas", "gpus", "policy", "scored": [index of each
+    scored window], "series": {label: [balancedness per scored window]}}``: windows that
+    route no token are left out (as the means leave them out), so ``scored`` says which
+    windows the values are. Every planner plans globally (one node, no groups); the
+    cluster and policy are returned so that the demo's heading can say so.
     """
     series = {}
     num_windows = trace.num_steps // window
@@ -98,7 +100,8 @@ def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
         series[PLANNER_LABEL[planner]] = [float(x) for x in bal]
         # the same windows for every planner: they depend on the trace and the cadence
         scored = result.scored.nonzero()[:, 0].tolist()
-    return {"window": window, "windows": num_windows, "scored": scored, "series": series}
+    return {"window": window, "windows": num_windows, "replicas": replicas, "gpus": gpus,
+            "policy": "global", "scored": scored, "series": series}
 
 
 def _short_steps(trace: LoadTrace, tokens_per_step: int | None) -> str:
