@@ -33,6 +33,18 @@ MISSING_REAL = (f"real expert-load data not found at {REAL_DATA} (read-only, not
                 "repository; set EPLB_REAL_DATA to its folder)")
 
 
+def read_pyproject() -> dict:
+    """The repository's pyproject.toml, parsed: ``tomllib`` from Python 3.11, ``tomli``
+    (the dev extras bring it) on 3.10, which ``requires-python`` still supports (a
+    newcomer pass: ``import tomllib`` failed two tests there)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    root = Path(__file__).resolve().parents[1]
+    return tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+
+
 def divisors(n: int) -> list[int]:
     """Every positive divisor of ``n``, ascending (node and group counts to draw from)."""
     return [d for d in range(1, n + 1) if n % d == 0]

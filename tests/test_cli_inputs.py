@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REAL_DATA
+from helpers import REAL_DATA, read_pyproject
 
 from eplb.cli import main
 from eplb.formats import FormatError, read_loads
@@ -422,12 +422,9 @@ def test_pt_files_are_refused_on_a_torch_whose_safe_load_is_unsafe(capsys, tmp_p
 
 
 def test_the_declared_torch_floor_is_the_safe_one() -> None:
-    import tomllib
-
     from eplb.formats.detect import SAFE_TORCH_LOAD
 
-    root = Path(__file__).resolve().parents[1]
-    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    deps = read_pyproject()["project"]["dependencies"]
     (torch_dep,) = [d for d in deps if d.startswith("torch")]
     floor = tuple(int(x) for x in torch_dep.split(">=")[1].split(".")[:2])
     assert floor >= SAFE_TORCH_LOAD == (2, 10)

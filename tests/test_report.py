@@ -143,13 +143,11 @@ def test_install_hints_name_the_extras_requirements_not_an_indexed_eplb(monkeypa
     # extras in pyproject.toml require. (Found by the twelfth-session deployer pass.)
     import builtins
 
-    import tomllib
+    from helpers import read_pyproject
 
     from eplb.formats._files import SAFETENSORS_HINT, import_safetensors_torch
 
-    root = Path(__file__).resolve().parents[1]
-    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]
+    extras = read_pyproject()["project"]["optional-dependencies"]
     assert f"pip install '{extras['plot'][0]}'" == INSTALL_HINT
     assert f"pip install '{extras['safetensors'][0]}'" == SAFETENSORS_HINT
     real_import = builtins.__import__
