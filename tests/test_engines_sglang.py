@@ -23,11 +23,9 @@ from engines import extract_function, sglang_sources
 from helpers import DEEPSEEK_DIR as REAL
 
 import eplb
-from eplb import Placement, Topology
+from eplb import Placement, Topology, formats
 from eplb.cli import main as cli_main
 from eplb.core.policies import resolve_policy
-
-formats = pytest.importorskip("eplb.formats", reason="eplb.formats (placement writer) missing")
 
 NUM_LAYERS, NUM_EXPERTS, REPLICAS, GPUS, NODES, GROUPS = 61, 256, 288, 32, 4, 8
 MOE_IDS = list(range(3, 61))  # DeepSeek-V3: layers 0-2 are dense

@@ -31,10 +31,9 @@ import yaml
 from helpers import DEEPSEEK_DIR as REAL
 
 import eplb
+from eplb import formats
 from eplb.cli import main as cli_main
 from eplb.core.policies import resolve_policy
-
-formats = pytest.importorskip("eplb.formats", reason="eplb.formats (placement writer) missing")
 
 NUM_EXPERTS, REPLICAS, GPUS, NODES, GROUPS = 256, 288, 32, 4, 8
 MOE_IDS = list(range(3, 61))

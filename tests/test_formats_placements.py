@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -92,11 +91,8 @@ def test_eplb_json_contents(tmp_path):
     assert doc["phy2log"] == placement.phy2log.tolist()
     assert doc["balancedness"] == pytest.approx(placement.balancedness(w))
     assert doc["layer_balancedness"] == pytest.approx(placement.layer_balancedness(w).tolist())
-    if importlib.util.find_spec("eplb.core.bounds") is None:
-        assert doc["ceiling"] is None
-    else:
-        assert len(doc["layer_ceiling"]) == 3
-        assert doc["balancedness"] <= doc["ceiling"] + 1e-9
+    assert len(doc["layer_ceiling"]) == 3
+    assert doc["balancedness"] <= doc["ceiling"] + 1e-9
     _, meta = read_placement_meta(path)
     assert meta["layer_ids"] == [3, 4, 5] and meta["format"] == "json"
     with pytest.raises(FormatError, match="read_placement"):

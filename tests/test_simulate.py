@@ -177,7 +177,6 @@ def test_estimators_and_incremental_run_through_the_simulator() -> None:
 
 
 def test_incremental_eplb_runs_through_the_simulator() -> None:
-    pytest.importorskip("eplb.online.incremental", reason="eplb.plan(previous=...) not landed yet")
     counts = _trace(400)
     inc = simulate(counts, "eplb", num_replicas=R, num_gpus=P, cadence="adrs", incremental=True,
                    oracle=False)
