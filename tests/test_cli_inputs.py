@@ -430,6 +430,16 @@ def test_the_declared_torch_floor_is_the_safe_one() -> None:
     assert floor >= SAFE_TORCH_LOAD == (2, 10)
 
 
+def test_the_declared_version_is_the_packages(capsys) -> None:
+    # pyproject.toml and eplb/_version.py say it twice (newcomer pass: nothing compared
+    # them); --version prints the package's
+    from eplb import __version__
+
+    assert read_pyproject()["project"]["version"] == __version__
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"eplb {__version__}"
+
+
 def test_an_output_that_cannot_be_created_names_the_output(capsys, tmp_path) -> None:
     np.save(tmp_path / "l.npy", np.ones((2, E)))
     code, _, err = run(capsys, *plan_args(tmp_path / "l.npy", tmp_path, "-o", "/proc/x.json"))
