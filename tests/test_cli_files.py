@@ -1009,3 +1009,18 @@ def test_eval_refuses_gpu_speeds_beyond_the_ratio_plan_takes(tmp_path, capsys, w
     assert code == 2 and "Infinity" not in captured.out, captured.out
     assert "times slower than the fastest" in captured.err
     assert ("--gpu-speed" if where == "flag" else "p.json's gpu_speed") in captured.err
+
+
+def test_an_sglang_file_without_gpus_names_the_flag_not_the_keyword(tmp_path, capsys):
+    # an SGLang file records no GPU count: eval asks for -g, not the API's num_gpus=
+    # (the keyword came first and misled a newcomer)
+    loads = tmp_path / "w.npy"
+    np.save(loads, np.arange(1, 17, dtype=np.float64).reshape(2, 8))
+    placement = tmp_path / "p.sglang.json"
+    assert main(["plan", str(loads), "-r", "12", "-g", "4", "-o", str(placement),
+                 "--first-layer", "0"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--placement", str(placement), str(loads)]) == 2
+    err = capsys.readouterr().err
+    assert "give the EP size with -g/--gpus (12 slots must divide evenly)" in err
+    assert "num_gpus=" not in err

@@ -190,7 +190,7 @@ def _main(args: argparse.Namespace) -> int:
         said = cli_words(_one_line(exc.strerror or str(exc)))
         return _fail(args, f"{said}{where}", EXIT_USAGE)
     except (ValueError, TypeError) as exc:  # bad input: FormatError, PlacementError, topology
-        return _fail(args, str(exc), EXIT_USAGE)
+        return _fail(args, cli_words(str(exc)), EXIT_USAGE)
     except MissingPackage as exc:  # an optional package the input needs: set-up to fix
         return _fail(args, str(exc), EXIT_USAGE)
     except OSError as exc:

@@ -45,8 +45,10 @@ class CliError(Exception):
 def cli_words(message: str) -> str:
     """A file writer's message (``eplb.formats``) in the CLI's words: the writers name the
     API's keyword beside the flag ("force=True (CLI: --force)", "--force (force=True)");
-    here only the flag means anything."""
-    return message.replace("force=True (CLI: --force)", "--force").replace(" (force=True)", "")
+    here only the flag means anything (the EP size of a placement file likewise: the
+    keyword first misled a CLI user, newcomer pass)."""
+    return (message.replace("force=True (CLI: --force)", "--force").replace(" (force=True)", "")
+            .replace("with num_gpus= (CLI: -g/--gpus; ", "with -g/--gpus ("))
 
 
 def is_tty(stream: TextIO | None = None) -> bool:
