@@ -241,3 +241,23 @@ def test_multi_token_prediction_layers_are_written_when_asked(tmp_path, capsys):
     assert cli_main(["plan", str(tmp_path / "w.pt"), *cluster, "-o", str(tmp_path / "n.yaml"),
                      "--mtp-layers", "-1"]) == 2
     assert "--mtp-layers must be in 0.." in capsys.readouterr().err
+
+
+def test_previous_with_mtp_layers_replanned_without_them_is_warned(tmp_path, capsys):
+    """A YAML written with --mtp-layers 1 re-planned with --previous but without the flag
+    lost layer 61 without a word, and TensorRT-LLM then stops at start-up on it."""
+    torch.save(torch.arange(1, 17, dtype=torch.float64).reshape(2, 8), tmp_path / "w.pt")
+    cluster = [str(tmp_path / "w.pt"), "-r", "12", "-g", "4", "--first-layer", "59"]
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    assert cli_main(["plan", *cluster, "-o", str(old), "--mtp-layers", "1"]) == 0
+    capsys.readouterr()
+    assert cli_main(["plan", *cluster, "-o", str(new), "--previous", str(old)]) == 0
+    err = capsys.readouterr().err
+    assert "holds model layer 61 after the loads' last, 60" in err
+    assert "pass --mtp-layers 1" in err
+    with pytest.raises(KeyError, match="layer_idx 61"):
+        trtllm_loads(new, 4, [59, 60, 61], 8)
+    assert cli_main(["plan", *cluster, "-o", str(new), "--previous", str(old), "--force",
+                     "--mtp-layers", "1"]) == 0
+    assert "--mtp-layers" not in capsys.readouterr().err
+    trtllm_loads(new, 4, [59, 60, 61], 8)

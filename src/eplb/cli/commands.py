@@ -37,6 +37,7 @@ from eplb.cli._inputs import (
     warn_revived,
 )
 from eplb.cli._moves import may_force, split_moves, warn_forced_moves
+from eplb.cli._mtp import warn_dropped_mtp, with_mtp_layers
 from eplb.cli._nearest import dispatch_options, plan_nearest
 from eplb.cli._values import active_gpus_from, gpu_speed_from
 from eplb.core.dispatch import realised_gpu_loads
@@ -137,29 +138,6 @@ def _sglang_layers(trace: LoadTrace, layer_ids: list[int], args: argparse.Namesp
         "with --num-model-layers N (61 for DeepSeek-V3) where it has layers after the last "
         "row"
     )
-
-
-def _with_mtp_layers(placement: Placement, layer_ids: list[int], args: argparse.Namespace
-                     ) -> tuple[Placement, list[int]]:
-    """``placement`` with ``--mtp-layers`` rows after its last, and their model layer ids.
-
-    TensorRT-LLM builds a model's multi-token-prediction layers after its last layer
-    (``layer_idx`` = the layer count and on: 61 for DeepSeek-V3) and looks up every MoE
-    layer it builds in ``initial_global_assignments``; a file without them stops it at
-    start-up (``KeyError: 'layer_idx 61 not found in `initial_global_assignments`'``,
-    TensorRT-LLM pull request 13974). Statistics recorded without speculative decoding
-    hold no loads for them, so they are planned as layers that saw no tokens (an even
-    spread), under the plan's policy (a hierarchical file's every row keeps its groups on
-    one node, as eval and --previous check)."""
-    policy = "hierarchical" if placement.policy == "hierarchical" else "global"
-    extra = plan(torch.zeros(args.mtp_layers, placement.num_experts, dtype=torch.float64),
-                 args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
-                 seed=args.seed)
-    rows = torch.cat([placement.phy2log, extra.phy2log.to(placement.phy2log)])
-    last = max(layer_ids)
-    return (Placement.from_phy2log(rows, placement.num_experts, placement.topology,
-                                   placement.policy, placement.active_gpus),
-            [*layer_ids, *range(last + 1, last + 1 + args.mtp_layers)])
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -284,6 +262,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             weight, layer_ids, kept_rows = weight[keep], [layer_ids[i] for i in keep], keep
             num_layers = len(keep)
         recorded_ids = previous_meta.get("layer_ids")
+        if emit == "trtllm" and recorded_ids:
+            warn_dropped_mtp(recorded_ids, layer_ids, args)
         if (not trace.meta.get("model_layer_ids") and args.first_layer is None
                 and keep is None and recorded_ids and len(recorded_ids) == num_layers
                 and emit in ("json", "pt")):
@@ -365,7 +345,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
              "given --gpu-speed again")
     written, written_ids = placement, layer_ids
     if args.mtp_layers:
-        written, written_ids = _with_mtp_layers(placement, layer_ids, args)
+        written, written_ids = with_mtp_layers(placement, layer_ids, args)
     write_placement(written, out, emit=emit, weight=weight,
                     layer_ids=written_ids if named or emit in ("trtllm", "sglang") else None,
                     num_model_layers=model_layers,
