@@ -7,7 +7,9 @@ of expert ``e``'s tokens that GPU ``p`` serves, the GPU loads of all steps are
 :class:`Realised` says how the engine splits an expert's tokens over its replicas:
 vLLM's even split, SGLang's nearest replica (its expectation over the ranks' fair
 choices), or, on one node, the table SGLang builds at a runtime rebalance
-(:mod:`eplb.core.rank_draws`): one draw of it per plan, as the engine builds one.
+(:mod:`eplb.core.rank_draws`): one draw of it per rebalance that changes the map, as
+the engine rebuilds it then (from a fixed seed: a kept map keeps its table), each layer's
+deal drawn apart, as SGLang deals the layers from one stream.
 """
 
 from __future__ import annotations
