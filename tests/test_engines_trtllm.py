@@ -216,6 +216,10 @@ def test_multi_token_prediction_layers_are_written_when_asked(tmp_path, capsys):
     assert cli_main(["plan", str(tmp_path / "w.pt"), *cluster, "-o", str(mtp),
                      "--mtp-layers", "1"]) == 0
     assert "multi-token-prediction layer 61 spread evenly" in capsys.readouterr().out
+    assert cli_main(["plan", str(tmp_path / "w.pt"), *cluster, "-o", str(mtp), "--force",
+                     "--mtp-layers", "1", "--json"]) == 0
+    said = json.loads(capsys.readouterr().out)
+    assert said["layer_ids"] == MOE_IDS and said["mtp_layer_ids"] == [61]
     config, rows = trtllm_loads(mtp, GPUS, [*MOE_IDS, 61], NUM_EXPERTS)
     assert sorted(config.initial_global_assignments) == [*MOE_IDS, 61]
     # the statistics' layers as planned without it; layer 61 an even spread that keeps

@@ -389,6 +389,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "steps_summed": trace.num_steps,
         "experts": num_experts,
         "layer_ids": layer_ids,
+        # the TensorRT-LLM file's multi-token-prediction layers after them (--mtp-layers)
+        "mtp_layer_ids": written_ids[len(layer_ids):],
         "model_layers": model_layers,
         "topology": placement.topology.as_dict(),
         "policy": policy,
