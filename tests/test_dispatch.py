@@ -352,6 +352,10 @@ def test_spread_and_repair_remove_same_node_pairs():
     budget = torch.zeros(w.shape[0], dtype=torch.int64)
     kept, none = repair_node_pairs(w, phy, 8, 4, budget=budget)
     assert torch.equal(kept, phy) and int(none.sum()) == 0
+    # one node has no pair of nodes to spread over: the map comes back as it was, for
+    # every caller (which the one-node nearest plans now rely on instead of skipping it)
+    alone, none = repair_node_pairs(w, phy, 8, 1, min_count=1)
+    assert torch.equal(alone, phy) and alone is not phy and int(none.sum()) == 0
 
 
 def json_free_loads() -> list[list[float]]:

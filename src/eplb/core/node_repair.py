@@ -60,6 +60,12 @@ def repair_node_pairs(
         ``(phy2log [L, R], swaps [L])``.
     """
     num_layers, num_experts = phy2log.shape[0], weight.shape[1]
+    if num_nodes <= 1:
+        # one node: no pair of nodes to spread over, so nothing to swap; said here once
+        # (it searched to return the map unchanged, and the one-node nearest plans each
+        # skipped the call themselves)
+        return phy2log.clone(), torch.zeros(num_layers, dtype=torch.int64,
+                                            device=phy2log.device)
     gpu_of_slot, node_of_slot, rows, w = _layout(weight, phy2log, num_gpus, num_nodes)
     out = phy2log.clone()
     done = torch.zeros(num_layers, dtype=torch.int64, device=phy2log.device)

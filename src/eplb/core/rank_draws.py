@@ -145,17 +145,25 @@ def split_draw_shares(phy2log: torch.Tensor, num_experts: int, num_gpus: int,
     return out
 
 
+def split_draw_slot_loads(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
+                          draws: int = DRAWS, seed: int = 0, per_layer: bool = False
+                          ) -> np.ndarray:
+    """``[D, L, R]`` float64: each slot's load of ``weight [L, E]`` in each sampled draw of
+    SGLang's runtime table on one node (:func:`split_draw_shares`, whose ``seed`` and
+    ``per_layer`` these are); tokens arise evenly on the ``num_gpus`` GPUs, so a slot
+    serving ``k`` ranks carries ``k / P`` of its expert's load (an empty slot none)."""
+    w = weight.detach().cpu().to(torch.float64).numpy() / num_gpus
+    ids = phy2log.detach().cpu().numpy().astype(np.int64)
+    shares = split_draw_shares(phy2log, w.shape[1], num_gpus, draws, seed, per_layer)
+    return shares * np.take_along_axis(w, np.maximum(ids, 0), 1)[None]
+
+
 def split_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
                      draws: int = DRAWS, seed: int = 0) -> np.ndarray:
     """``[L]`` each layer's max GPU load under SGLang's runtime table on one node
-    (:func:`split_draw_shares`), the mean over ``draws`` samples; tokens arise evenly on
-    the ``num_gpus`` GPUs."""
-    w = weight.detach().cpu().to(torch.float64).numpy() / num_gpus
-    ids = phy2log.detach().cpu().numpy().astype(np.int64)
-    layers = ids.shape[0]
-    shares = split_draw_shares(phy2log, w.shape[1], num_gpus, draws, seed)
-    slot_load = shares * np.take_along_axis(w, np.maximum(ids, 0), 1)[None]
-    gpu = slot_load.reshape(draws, layers, num_gpus, -1).sum(3)
+    (:func:`split_draw_slot_loads`), the mean over ``draws`` samples."""
+    slot_load = split_draw_slot_loads(weight, phy2log, num_gpus, draws, seed)
+    gpu = slot_load.reshape(draws, phy2log.shape[0], num_gpus, -1).sum(3)
     return gpu.max(2).mean(0)
 
 

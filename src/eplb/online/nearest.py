@@ -40,7 +40,7 @@ from eplb.core.dispatch import realised_slot_loads
 from eplb.core.dispatch_plan import divisor_counts
 from eplb.core.node_repair import repair_node_pairs
 from eplb.core.planner import fresh_phy2log
-from eplb.core.rank_draws import split_draw_shares
+from eplb.core.rank_draws import split_draw_slot_loads
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
 from eplb.online.budget import layer_loads, load_shares, spend_budget
@@ -75,8 +75,7 @@ def plan_nearest_incremental(
     warm = warm_even(old, first)
     left = None if max_moves is None else (max_moves - (warm != old).sum(1)).clamp(min=0)
     least = 3 if fair == "expect" else min(3, nodes)
-    if nodes > 1:  # (one node has no node pairs to repair)
-        warm, _ = repair_node_pairs(weight, warm, gpus, nodes, budget=left, min_count=least)
+    warm, _ = repair_node_pairs(weight, warm, gpus, nodes, budget=left, min_count=least)
     if max_moves is None:
         return choose_paying(request, torch.stack([old, warm, fresh]))
     # and the warm start on the whole budget: a layer's share of a few slots may afford no
@@ -209,14 +208,8 @@ def _within_total(
     warm = warm_even(old, int(total * WARM_SHARE))
     left = max(0, total - int((warm != old).sum()))
     least = 3 if request.fair == "expect" else min(3, nodes)
-
-    def repair(placed: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-        if nodes == 1:  # one node has no node pairs to repair
-            return placed
-        return repair_node_pairs(weight, placed, gpus, nodes, budget=budget,
-                                 min_count=least)[0]
-
-    repaired = repair(warm, torch.full((old.shape[0],), left))
+    repaired, _ = repair_node_pairs(weight, warm, gpus, nodes,
+                                    budget=torch.full((old.shape[0],), left), min_count=least)
     # the warm start on the whole total too: below a few slots per layer its share may
     # afford no step at all, where the whole total affords one
     whole = warm_even(old, total)
@@ -226,7 +219,8 @@ def _within_total(
     # 3 slots for one layer bought 0.468 → 0.513 under the rule)
     each_budget = torch.full((old.shape[0],), total, dtype=torch.int64)
     each = warm_even(old, each_budget)
-    each_repaired = repair(each, (each_budget - (each != old).sum(1)).clamp(min=0))
+    each_repaired, _ = repair_node_pairs(weight, each, gpus, nodes, min_count=least,
+                                         budget=(each_budget - (each != old).sum(1)).clamp(min=0))
     options = torch.stack([old, warm, repaired, whole, each, each_repaired, fresh])  # [C, L, R]
     values = paying_values(request, options, by_time=True).cpu().numpy()
     if request.idle is not None:
@@ -272,16 +266,15 @@ def _split_balance(weight: torch.Tensor, candidates: torch.Tensor, num_gpus: int
                    drift: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`expected_balance` on one node under SGLang's runtime table: each candidate's
     slots serve the ranks a sampled draw of the table deals them
-    (:func:`eplb.core.rank_draws.split_draw_shares`, the same draws for every candidate);
+    (:func:`eplb.core.rank_draws.split_draw_slot_loads`, the same draws for every
+    candidate);
     the expected next-window balancedness and the peak are the means over the draws."""
     count, layers = candidates.shape[:2]
-    w = weight.to(torch.float64).numpy() / num_gpus
     # one candidate's [D, L, R] slot loads at a time (all at once held [D, C, L, R]: 1.9 GB
     # at 4,000 layers, attacker pass); its GPUs' moments [D, C, L, P] are kept
     moments = []
     for candidate in candidates:
-        shares = split_draw_shares(candidate, w.shape[1], num_gpus)  # [D, L, R]
-        slot = shares * np.take_along_axis(w, candidate.numpy().clip(min=0), 1)[None]
+        slot = split_draw_slot_loads(weight, candidate, num_gpus)  # [D, L, R]
         grid = torch.from_numpy(slot.reshape(*slot.shape[:2], num_gpus, -1))
         moments.append((grid.sum(3), (grid * grid).sum(3)))
     draws = moments[0][0].shape[0]

@@ -24,7 +24,7 @@ from eplb.core.device_path import caller_settings_off
 from eplb.core.dispatch import realised_slot_loads
 from eplb.core.inputs import as_gpu_speed, scale_free
 from eplb.core.placement import Placement, ideal_and_peak
-from eplb.core.rank_draws import split_draw_shares
+from eplb.core.rank_draws import split_draw_shares, split_draw_slot_loads
 from eplb.core.topology import positive_int
 from eplb.online.estimate import as_history
 
@@ -228,9 +228,10 @@ def scored_loads(placement: Placement, weight: torch.Tensor, realised: Realised,
     # the slots' loads summed per GPU: no [L, E, P] matrix (over many windows it took GBs)
     topo = placement.topology
     weight = scale_free(weight.to(torch.float64))
-    if realised.runtime_table(placement):
-        expert = placement.phy2log.clamp(min=0)
-        slots = weight.gather(1, expert) * slot_shares(placement, realised, draw)
+    if realised.runtime_table(placement):  # (the draw slot_shares takes)
+        slots = torch.from_numpy(split_draw_slot_loads(
+            weight, placement.phy2log, topo.num_gpus, draws=1, seed=REPLAY_SEED + draw,
+            per_layer=True)[0]).to(placement.phy2log.device)
     else:
         slots = realised_slot_loads(weight, placement.phy2log, topo.num_gpus, topo.num_nodes,
                                     realised.dispatch, realised.source,
