@@ -135,8 +135,9 @@ def split_draw_shares(phy2log: torch.Tensor, num_experts: int, num_gpus: int,
          if per_layer else
          _uniform(seed, np.arange(draws)[:, None], ids.ravel()[drawn],
                   drawn % num_slots, num_experts, num_slots))  # [D, n]
-    # (a key below 2^31 leaves the numbers 22 bits: ties in rank are negligible)
-    by_key = np.argsort(keys[None] + u, axis=1)  # [D, n]
+    # (a key below 2^31 leaves the numbers 22 bits: ties in rank are rare, and a stable
+    # sort breaks them by slot, the same at every NumPy SIMD level)
+    by_key = np.argsort(keys[None] + u, axis=1, kind="stable")  # [D, n]
     start = np.searchsorted(np.sort(keys), keys)  # each drawn slot's run of its expert
     rank = np.empty_like(by_key)
     np.put_along_axis(rank, by_key, np.arange(len(drawn))[None] - start[by_key], axis=1)
