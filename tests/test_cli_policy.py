@@ -185,3 +185,26 @@ def test_simulate_warns_once_by_flag_like_plan(capsys, tmp_path, groups, said) -
     code, _, err = run(capsys, "simulate", str(trace), "--window", "2", "-r", str(R), "-g",
                        str(P), "--nodes", "2", "--groups", groups, "--policy", "hierarchical")
     assert code == 2 and err.startswith("eplb: error: --policy hierarchical is impossible")
+
+
+@pytest.mark.parametrize("policy", ["auto", "hierarchical"])
+def test_simulate_refuses_a_nearest_budget_outside_global_by_flag(capsys, tmp_path,
+                                                                   policy) -> None:
+    """--max-moves under --dispatch nearest budgets the global policy only: simulate
+    refuses it for a hierarchical plan in the flags' words, as plan does, before any
+    warning that suggests another policy (it said 'max_moves with dispatch='nearest'')."""
+    trace = tmp_path / "trace.npy"
+    gen = np.random.default_rng(0)
+    np.save(trace, np.exp(gen.normal(0, 1, size=(8, L, E))) * 100)
+    code, out, err = run(capsys, "simulate", str(trace), "--window", "2", "-r", str(R),
+                         "-g", str(P), "--nodes", "2", "--groups", str(G), "--policy", policy,
+                         "--dispatch", "nearest", "--incremental", "--max-moves", "4")
+    assert code == 2 and out == ""
+    assert err.strip() == ("eplb: error: --max-moves under --dispatch nearest budgets the "
+                           "global policy; with the hierarchical policy eplb re-plans and "
+                           "relabels onto the old GPUs (no budget): add --policy global, or "
+                           "drop --max-moves")
+    code, _, err = run(capsys, "simulate", str(trace), "--window", "2", "-r", str(R), "-g",
+                       str(P), "--nodes", "2", "--groups", str(G), "--policy", "global",
+                       "--dispatch", "nearest", "--incremental", "--max-moves", "4", "--json")
+    assert code == 0, err

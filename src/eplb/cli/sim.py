@@ -179,6 +179,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # as plan and bench: --nodes/--groups that cannot be honoured warn once, by flag
     policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
                         trace.num_experts)
+    if args.dispatch == "nearest" and args.max_moves is not None and policy != "global":
+        # as plan refuses it, by flag (the Rebalancer's refusal named the API's keywords,
+        # after a warning that suggested another policy the budget cannot hold either)
+        raise CliError(f"--max-moves under --dispatch nearest budgets the global policy; with "
+                       f"the {policy} policy eplb re-plans and relabels onto the old GPUs (no "
+                       "budget): add --policy global, or drop --max-moves")
     if args.dispatch == "nearest" and args.nodes <= 1 and gpus > 1:
         # (one GPU serves every token itself: no pick, no table, nothing to warn of)
         warn(ONE_NODE_REPLAY)
