@@ -208,3 +208,24 @@ def test_simulate_refuses_a_nearest_budget_outside_global_by_flag(capsys, tmp_pa
                        str(P), "--nodes", "2", "--groups", str(G), "--policy", "global",
                        "--dispatch", "nearest", "--incremental", "--max-moves", "4", "--json")
     assert code == 0, err
+
+
+def test_plan_refuses_a_move_price_the_nearest_replan_does_not_score(capsys, tmp_path,
+                                                                      loads) -> None:
+    """--move-price with --dispatch nearest and the hierarchical policy on several nodes:
+    that plan re-plans and relabels, scoring no move, so the flag changed nothing."""
+    w = torch.from_numpy(np.load(loads))
+    old = write_placement(eplb.plan(w, R, P, N, G), tmp_path / "old.json")
+    code, out, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes",
+                         str(N), "--groups", str(G), "--policy", "hierarchical", "--dispatch",
+                         "nearest", "--previous", str(old), "--move-price", "0.5", "-o",
+                         str(tmp_path / "new.json"))
+    assert code == 2 and out == ""
+    assert err.strip() == ("eplb: error: --move-price under --dispatch nearest prices the "
+                           "global policy's moves; with the hierarchical policy eplb re-plans "
+                           "and relabels onto the old GPUs, scoring no moves: drop --move-price")
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes",
+                       str(N), "--groups", str(G), "--policy", "global", "--dispatch",
+                       "nearest", "--previous", str(old), "--move-price", "0.5", "-o",
+                       str(tmp_path / "new.json"))
+    assert code == 0, err

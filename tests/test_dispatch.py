@@ -772,3 +772,24 @@ def test_locality_never_gives_up_much_more_balance_than_its_slack(slots, nodes, 
     peak = realised_gpu_loads(w, local.phy2log, 64, nodes).amax(1)
     peak_other = realised_gpu_loads(w, other.phy2log, 64, nodes).amax(1)
     assert bool((peak <= peak_other * (1 + slack) * 1.05 + 1e-9).all())
+
+
+@pytest.mark.parametrize("policy", ["hierarchical", "locality"])
+def test_nearest_replans_that_score_no_moves_refuse_the_move_knobs(policy):
+    """Under ``dispatch="nearest"`` on several nodes the hierarchical and locality policies
+    re-plan and relabel onto the old GPUs, scoring no move: ``move_price``, ``drift`` and
+    ``group_share`` were taken there and changed nothing (as ``max_moves`` and
+    ``skip_threshold``, which are refused); the global policy still prices its moves."""
+    rng = np.random.default_rng(5)
+    w = torch.from_numpy(np.exp(rng.normal(0, 1.0, (2, 16))) * 100)
+    old = eplb.plan(w, 32, 4, 2, 4, policy="hierarchical")
+    drifted = w * torch.from_numpy(np.exp(rng.normal(0, 0.5, w.shape)))
+    for knob in ({"move_price": 0.5}, {"drift": 0.01}, {"group_share": 0.5}):
+        with pytest.raises(ValueError, match=f"^{next(iter(knob))}: with dispatch='nearest' "
+                           f"the {policy} policy re-plans and relabels"):
+            eplb.plan(drifted, 32, 4, 2, 4, policy=policy, dispatch="nearest", previous=old,
+                      **knob)
+    eplb.plan(drifted, 32, 4, 2, 4, policy=policy, dispatch="nearest", previous=old).validate()
+    priced = eplb.plan(drifted, 32, 4, 2, 4, policy="global", dispatch="nearest",
+                       previous=old, move_price=0.99)
+    assert torch.equal(priced.phy2log, old.phy2log)  # nothing pays at that price

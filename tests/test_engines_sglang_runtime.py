@@ -612,9 +612,11 @@ def test_options_the_nearest_planner_cannot_honour_are_dropped_not_fatal(caplog)
     with caplog.at_level(logging.WARNING):
         new = plugin.eplb_rebalance(weight, 80, 10, 4, 2, hierarchical=True, old_phy2log=old,
                                     options={"skip_threshold": 0.01, "policy": "hierarchical",
-                                             "max_moves": 10, "dispatch": "nearest"},
+                                             "max_moves": 10, "dispatch": "nearest",
+                                             "move_price": 0.05, "drift": 0.1},
                                     sglang_dispatch="static")[0]
-    assert "skip_threshold, max_moves not applied" in caplog.text
+    # (the move knobs too: that plan scores no moves, and eplb.plan refuses them there)
+    assert "skip_threshold, max_moves, move_price, drift not applied" in caplog.text
     Placement.from_phy2log(new, 64, Topology(80, 8, 2, 4), "hierarchical").validate()
     # one node: every replica is on the token's node, so the even plan it is
     assert torch.equal(

@@ -306,6 +306,13 @@ def test_rebalancer_refuses_combinations_and_histories_it_cannot_serve():
     with pytest.raises(ValueError, match="max_moves with dispatch='nearest'"):
         Rebalancer(32, 8, 2, 4, window=4, interval=4, dispatch="nearest", incremental=True,
                    max_moves=10)  # auto is hierarchical here
+    with pytest.raises(ValueError, match=r"^move_price: with dispatch='nearest' the "
+                                         r"hierarchical policy re-plans"):
+        # that plan scores no moves: the price changed nothing (as eplb.plan refuses it)
+        Rebalancer(32, 8, 2, 4, window=4, interval=4, dispatch="nearest", incremental=True,
+                   move_price=0.05)
+    Rebalancer(32, 8, 2, 4, window=4, interval=4, dispatch="nearest", incremental=True,
+               move_price=0.05, policy="global")
     with pytest.raises(ValueError, match="ema half-life"):
         Rebalancer(16, 4, window=4, interval=4, estimator="ema:1e308")
     rb = Rebalancer(16, 4, window=10**12, interval=4)

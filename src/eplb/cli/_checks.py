@@ -118,6 +118,10 @@ def check_nearest_flags(args: argparse.Namespace, policy: str, num_experts: int,
         raise CliError(f"--max-moves under --dispatch nearest budgets the global policy with "
                        f"every GPU live; with {where} eplb re-plans and relabels onto the "
                        "old GPUs (no budget): drop --max-moves")
+    if getattr(args, "move_price", None) is not None and policy != "global" and args.nodes > 1:
+        raise CliError(f"--move-price under --dispatch nearest prices the global policy's "
+                       f"moves; with the {policy} policy eplb re-plans and relabels onto the "
+                       "old GPUs, scoring no moves: drop --move-price")
     if args.fair != "auto" and policy != "global":
         raise CliError(f"--fair shapes the global policy's plan for nearest dispatch; this "
                        f"plan is {policy}: add --policy global, or drop --fair")

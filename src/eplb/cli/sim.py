@@ -179,6 +179,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # as plan and bench: --nodes/--groups that cannot be honoured warn once, by flag
     policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
                         trace.num_experts)
+    if (args.dispatch == "nearest" and args.move_price is not None and policy != "global"
+            and args.nodes > 1):
+        raise CliError(f"--move-price under --dispatch nearest prices the global policy's "
+                       f"moves; with the {policy} policy eplb re-plans and relabels onto the "
+                       "old GPUs, scoring no moves: drop --move-price")
     if args.dispatch == "nearest" and args.max_moves is not None and policy != "global":
         # as plan refuses it, by flag (the Rebalancer's refusal named the API's keywords,
         # after a warning that suggested another policy the budget cannot hold either)

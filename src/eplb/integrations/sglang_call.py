@@ -203,7 +203,9 @@ def eplb_rebalance(
         # (on one node a skip threshold gives the even split's planner: it takes one)
         dropped = [k for k in ("skip_threshold",) if k in options and num_nodes > 1]
         if policy != "global" and old is not None:
-            dropped += [k for k in ("max_moves",) if k in options]
+            # nor does it score moves there: the move knobs would change nothing
+            dropped += [k for k in ("max_moves", "move_price", "drift", "group_share")
+                        if k in options and (k == "max_moves" or num_nodes > 1)]
         for key in dropped:
             options.pop(key)
         if dropped:

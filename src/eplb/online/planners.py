@@ -208,6 +208,13 @@ def make_planner(
         ):
             raise ValueError("max_moves with dispatch='nearest' needs the global policy with "
                              "every GPU live (other plans re-plan and relabel, unbudgeted)")
+        unscored = [k for k in SCORE_OPTIONS if plan_options.get(k) is not None]
+        if (plan_options.get("dispatch") == "nearest" and incremental and unscored
+                and concrete != "global" and topo.num_nodes > 1):
+            # as eplb.plan refuses them: that plan scores no moves, so they changed nothing
+            raise ValueError(f"{', '.join(unscored)}: with dispatch='nearest' the {concrete} "
+                             "policy re-plans and relabels onto the old GPUs, scoring no "
+                             "moves; leave them out, or pass policy='global'")
         if (plan_options.get("dispatch") == "nearest" and incremental
                 and plan_options.get("fair") == "avoid" and topo.num_nodes == 1):
             # planned fresh only (eplb.plan refuses previous=): every rebalance after the
