@@ -376,6 +376,9 @@ def test_eval_previous_scores_the_map_in_force_and_counts_what_moved(capsys, tmp
     for key in ("moved_slots_total", "moved_slots_max_layer"):
         assert scored[key] == planned[key], key
     assert scored["balancedness_in_force"] == pytest.approx(planned["balancedness_in_force"])
+    # plan --json gives the map in force's worst max/mean too, as its table row does
+    assert scored["worst_max_over_mean_in_force"] == pytest.approx(
+        planned["worst_max_over_mean_in_force"])
     assert 0 < scored["moved_slots_busiest_gpu"] <= scored["moved_slots_total"]
     code, out, _ = run(capsys, "eval", "--placement", new, "--previous", old, loads,
                        "--summary")

@@ -407,6 +407,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "balancedness_ceiling": ceil.overall,
         "worst_max_over_mean_before": before_worst,
         "worst_max_over_mean_after": after_worst,
+        "worst_max_over_mean_in_force": in_force_worst,  # --previous, as its table row
         "dead_gpus": dead_gpu_ids(active),
         "moved_slots_total": None if moved is None else int(moved.sum()),
         "moved_slots_max_layer": None if moved is None else int(moved.max()),
