@@ -40,6 +40,16 @@ def test_eval_help_says_eplb_files_record_gpu_speeds(capsys):
     assert "eplb's own files planned with --gpu-speed record them" in text
 
 
+def test_simulate_help_names_every_estimator_argument(capsys):
+    """simulate --help listed robust:Z, multi:K and auto bare (new-user pass): the forms
+    with their optional arguments, which the CLI accepts and labels its runs with, were
+    nowhere in it."""
+    assert main(["simulate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for form in ("ema:H", "robust:Z[:N]", "multi:K[:M]", "auto[:M[:F]]"):
+        assert form in text, form
+
+
 def test_replanning_a_hierarchical_file_without_its_cluster_warns(tmp_path, capsys, loads):
     """A YAML planned for 4 nodes and 8 groups, re-planned with --previous but without
     --nodes/--groups, turned global without a word."""

@@ -359,7 +359,10 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="rebalance incrementally from the placement in service")
     p.add_argument("--estimator", default=None, metavar="SPEC",
                    help="load estimator of the --planner run (not none): sum (default, what "
-                        "the engines do), ema:H (half-life H steps), robust:Z, multi:K, auto")
+                        "the engines do), ema:H (half-life H steps), robust:Z[:N] (mean + Z "
+                        "std over N sub-windows, default 4), multi:K[:M] (the last M windows, "
+                        "default 1, as K scenarios), auto[:M[:F]] (sum or EMA per layer, "
+                        "backtested on F windows)")
     p.add_argument("--max-moves", type=_slots, default=None, metavar="N",
                    help="most slots moved per rebalance, in total over all layers (with "
                         "--incremental): a cap on the moves that pay (default: no cap, "
