@@ -632,6 +632,19 @@ def test_generate_refuses_a_format_the_name_contradicts(capsys, tmp_path, fmt, n
     assert not (tmp_path / name).exists()
 
 
+def test_generate_refusal_names_the_format_the_name_gives(capsys, tmp_path) -> None:
+    """--format pt -o t.sglang.json: the hint said dropping --format writes vllm-history,
+    but a name ending .sglang.json writes SGLang's format (new-user pass); the hint now
+    names what dropping it writes, and doing so writes that."""
+    path = tmp_path / "t.sglang.json"
+    code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "2", "-o",
+                       path, "-q", "--format", "pt")
+    assert code == 2 and "drop --format to write sglang" in err, err
+    code, out, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "2", "-o",
+                         path, "-q")
+    assert code == 0 and "(sglang)" in out, (out, err)
+
+
 def test_generate_sglang_keeps_model_layers(capsys, tmp_path) -> None:
     # DeepSeek-V3's MoE layers are 3..60; an SGLang dump's rows are model layers, so the
     # file has a row for every layer (dense ones zero), as SGLang's recorder writes it:

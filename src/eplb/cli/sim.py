@@ -357,17 +357,19 @@ def trace_format(path: Path, fmt: str | None) -> str:
     (``*.sglang.json``: SGLang's, as ``plan -o`` reads that name).
     A ``--format`` whose container another known suffix of the name contradicts (JSON
     into ``t.npz``) is refused: other tools open the file by its name."""
+    suffix = path.suffix.lower()
+    # *.sglang.json: SGLang's, as plan -o names its SGLang output
+    implied = ("sglang" if path.name.lower().endswith(".sglang.json")
+               else FORMAT_BY_SUFFIX.get(suffix))
     if fmt is not None:
         fmt = TRACE_FORMAT_ALIASES.get(fmt, fmt)
-        suffix, want = path.suffix.lower(), SUFFIX_BY_FORMAT.get(fmt)
-        if want is not None and suffix in FORMAT_BY_SUFFIX and suffix != want:
+        want = SUFFIX_BY_FORMAT.get(fmt)
+        if want is not None and implied is not None and suffix != want:
             raise CliError(f"--format {fmt} writes a {want} file, but the name {path.name!r} "
                            f"says {suffix}: name it {path.stem}{want}, or drop --format to "
-                           f"write {FORMAT_BY_SUFFIX[suffix]}")
+                           f"write {implied}")
         return fmt
-    if path.name.lower().endswith(".sglang.json"):  # as plan -o names its SGLang output
-        return "sglang"
-    fmt = FORMAT_BY_SUFFIX.get(path.suffix.lower())
+    fmt = implied
     if fmt is None:
         raise CliError(f"cannot tell the trace format from {path.name!r}; use .pt, .json, "
                        ".npz or .npy, or pass --format")
