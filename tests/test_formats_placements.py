@@ -403,6 +403,21 @@ def test_a_placement_entry_that_is_not_an_expert_id_is_named(tmp_path, entry, me
         read_placement(path, num_gpus=2)
 
 
+@pytest.mark.parametrize("key", ["phy2log", "physical_to_logical_map"])
+def test_a_complex_pt_placement_table_is_refused_as_floats_are(tmp_path, key):
+    """A complex tensor of ids (expert 2.5 + 0.7j) was read as expert 2, with only torch's
+    warning about the discarded imaginary part; a float table is refused."""
+    placement, _ = make_placement(0, 2, 8, 4, 3)
+    path = write_placement(placement, tmp_path / "p.pt")
+    doc = torch.load(path)
+    if key == "physical_to_logical_map":  # SGLang's file
+        doc = {key: doc["phy2log"]}
+    doc[key] = doc[key].to(torch.complex64) + (0.5 + 0.7j)
+    torch.save(doc, path)
+    with pytest.raises(FormatError, match=f"{key} must be integer .*complex64"):
+        read_placement(path, num_gpus=4)
+
+
 _MILLION = list(range(10**6))
 
 
