@@ -78,3 +78,26 @@ def test_a_binary_gpu_speed_file_is_told_what_a_speed_file_holds(tmp_path, capsy
     code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--gpu-speed", speeds,
                        "-o", tmp_path / "p.json")
     assert code == 2 and "give a text file of 16 numbers" in err
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("\ufeff" + ",".join(["1"] * 16), None),
+    ("# speeds\n" + ",".join(["1"] * 16), "'#' is not a number"),
+    ("[" + ",".join(["1"] * 15) + ', "x"]', "'x' is not a number"),
+    ('{"gpu_speed": [1, 2]}', "holds {'gpu_speed': [1, 2]}"),
+])
+def test_a_gpu_speed_file_is_read_past_a_bom_and_its_wrong_value_named(tmp_path, capsys, loads,
+                                                                       content, message):
+    """A speed file a Windows editor saved (a UTF-8 BOM first) was refused, and a file
+    holding a word was told "expected 16 comma-separated numbers or a file of them, got
+    's.txt'": the file was read, and the error did not say what in it was wrong (attacker
+    pass)."""
+    speeds = tmp_path / "s.txt"
+    speeds.write_text(content, encoding="utf-8")
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--gpu-speed", speeds,
+                       "-o", tmp_path / "p.json")
+    if message is None:
+        assert code == 0, err
+    else:
+        assert code == 2 and f"--gpu-speed file {speeds}" in err
+        assert message in err and "or a file of them" not in err and len(err.splitlines()) == 1

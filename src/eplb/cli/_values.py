@@ -14,6 +14,7 @@ import torch
 
 from eplb.cli._common import CliError
 from eplb.formats._files import require_regular_file
+from eplb.formats.errors import shown
 
 
 def integer(text: str) -> int:
@@ -133,7 +134,7 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
             raise CliError(f"--gpu-speed {spec}: a folder; expected {num_gpus} comma-separated "
                            "numbers or a file of them")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # (a Windows editor's BOM)
         except UnicodeDecodeError:
             raise CliError(f"--gpu-speed file {path} is not UTF-8 text: give a text file of "
                            f"{num_gpus} numbers (a JSON list, or separated by commas or "
@@ -144,13 +145,23 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
             values = text.replace(",", " ").split()
     else:
         values = spec.split(",")
+    if path.exists() and not isinstance(values, list):
+        raise CliError(f"--gpu-speed file {path} holds {shown(values)}; expected {num_gpus} "
+                       "numbers (a JSON list, or separated by commas or blanks)")
+    for value in values:
+        if not isinstance(value, int | float | str) or (
+                isinstance(value, str) and not _REAL.fullmatch(value)):
+            if path.exists():
+                raise CliError(f"--gpu-speed file {path}: {shown(value)} is not a number; "
+                               f"expected {num_gpus} numbers (a JSON list, or separated by "
+                               "commas or blanks)")
+            raise CliError(f"--gpu-speed: expected {num_gpus} comma-separated numbers or a "
+                           f"file of them, got {spec!r} (and no file of that name exists)")
     try:
         speed = torch.tensor([real(v) if isinstance(v, str) else float(v) for v in values],
                              dtype=torch.float64)
-    except (TypeError, ValueError, OverflowError):
-        missing = "" if path.exists() else " (and no file of that name exists)"
-        raise CliError(f"--gpu-speed: expected {num_gpus} comma-separated numbers or a file of "
-                       f"them, got {spec!r}{missing}") from None
+    except OverflowError:  # a JSON integer beyond float64
+        raise CliError("--gpu-speed values must be finite and > 0") from None
     if speed.numel() != num_gpus:
         count = speed.numel()
         raise CliError(f"--gpu-speed has {count} value{'' if count == 1 else 's'}, expected one "
