@@ -101,3 +101,15 @@ def test_a_gpu_speed_file_is_read_past_a_bom_and_its_wrong_value_named(tmp_path,
     else:
         assert code == 2 and f"--gpu-speed file {speeds}" in err
         assert message in err and "or a file of them" not in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("entry", ["true", "null"])
+def test_a_json_true_is_no_gpu_speed(tmp_path, capsys, loads, entry):
+    """``[true, 1, ...]`` planned with GPU 0 at speed 1 (``float(True)``); the loads and
+    placement readers refuse a JSON boolean where a number belongs (attacker pass)."""
+    speeds = tmp_path / "s.json"
+    speeds.write_text("[" + ", ".join([entry] + ["1"] * 15) + "]")
+    out = tmp_path / "p.json"
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--gpu-speed", speeds, "-o", out)
+    assert code == 2 and f"--gpu-speed file {speeds}: {entry} is not a number" in err
+    assert not out.exists()

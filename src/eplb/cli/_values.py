@@ -148,11 +148,13 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
     if path.exists() and not isinstance(values, list):
         raise CliError(f"--gpu-speed file {path} holds {shown(values)}; expected {num_gpus} "
                        "numbers (a JSON list, or separated by commas or blanks)")
-    for value in values:
-        if not isinstance(value, int | float | str) or (
+    for value in values:  # a JSON true is no speed, though float() reads it as 1
+        if isinstance(value, bool) or not isinstance(value, int | float | str) or (
                 isinstance(value, str) and not _REAL.fullmatch(value)):
             if path.exists():
-                raise CliError(f"--gpu-speed file {path}: {shown(value)} is not a number; "
+                said = json.dumps(value) if isinstance(value, bool) or value is None else shown(
+                    value)  # (in the JSON's words: true, null)
+                raise CliError(f"--gpu-speed file {path}: {said} is not a number; "
                                f"expected {num_gpus} numbers (a JSON list, or separated by "
                                "commas or blanks)")
             raise CliError(f"--gpu-speed: expected {num_gpus} comma-separated numbers or a "
