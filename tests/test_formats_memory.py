@@ -206,3 +206,24 @@ def test_writing_an_sglang_trace_streams_it(tmp_path) -> None:
     assert peak < 16 * 58 * 256 * 8 * 4  # a few steps' worth, not the 40 steps' lists
     back = read_loads(path)
     assert torch.equal(back.counts[:, 3:], counts) and back.counts[:, :3].eq(0).all()
+
+
+def test_a_trtllm_rank_file_of_scattered_entries_is_refused_in_its_own_memory(
+        tmp_path) -> None:
+    """3,000 keys ``'{i}_{i % 4096}'`` (a 226 kB rank file) made the reader list the 9
+    million (iteration, layer) pairs it lacks, 0.9 GB, before its error; 30,000 keys (2 MB)
+    took some 10 GB (attacker pass). The missing pairs are counted, three of them named."""
+    from safetensors.torch import save_file
+
+    (tmp_path / "meta_info.json").write_text(json.dumps({"num_experts": 1}))
+    save_file({f"{i}_{i % 4096}": torch.ones(1, dtype=torch.int64) for i in range(3000)},
+              str(tmp_path / "rank0.safetensors"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match=r"8997000 \(iteration, layer\) entries are "
+                                              r"missing, e\.g\. \[\(0, 1\), \(0, 2\), \(0, 3\)\]"):
+            read_loads(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, peak
