@@ -227,3 +227,40 @@ def test_a_trtllm_rank_file_of_scattered_entries_is_refused_in_its_own_memory(
     finally:
         tracemalloc.stop()
     assert peak < 50 * 2**20, peak
+
+
+def test_an_sglang_per_pass_map_naming_experts_far_beyond_its_slots_is_refused(
+        tmp_path) -> None:
+    """A map of one slot a layer naming expert 65535 turned every record of 8 bytes a
+    layer into 65,536 loads a layer: 20 records of 1,000 layers (a 175 kB dump) asked for
+    more than 10 GB (attacker pass). Refused before the first such record is unpacked."""
+    layers = 1000
+    records = [{"forward_pass_id": i, "rank": 0,
+                "global_physical_count": torch.full((layers, 1), i + 1, dtype=torch.int64)}
+               for i in range(20)]
+    path = tmp_path / "expert_distribution_recorder_0.pt"
+    torch.save({"records": records,
+                "last_physical_to_logical_map": torch.full((layers, 1), 65535)}, path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match=r"its 1 forward pass of 1,000 layers would hold "
+                                              r"65,536 experts' loads each"):
+            read_loads(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 50 * 2**20, peak
+
+
+def test_an_sglang_per_pass_dump_of_many_passes_is_read_whole(tmp_path) -> None:
+    """Many passes of a real map (every expert on a slot) are read whole."""
+    layers, slots, passes = 4, 6, 2000
+    phys_map = torch.tensor([[0, 1, 2, 3, 0, 1]] * layers)
+    records = [{"forward_pass_id": i, "rank": 0,
+                "global_physical_count": torch.full((layers, slots), i % 7)}
+               for i in range(passes)]
+    path = tmp_path / "expert_distribution_recorder_0.pt"
+    torch.save({"records": records, "last_physical_to_logical_map": phys_map}, path)
+    trace = read_loads(path)
+    assert tuple(trace.counts.shape) == (passes, layers, 4)
+    assert float(trace.counts[3, 0, 0]) == 6.0

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from eplb.core.inputs import first_bad_load
 from eplb.core.messages import integer_runs
 from eplb.core.trace import LoadTrace, model_layer_ids
 from eplb.formats._arrays import (
@@ -28,7 +27,7 @@ from eplb.formats._counts import as_counts_of, to_tensor
 from eplb.formats._csv import read_csv_table
 from eplb.formats._files import import_safetensors_torch, require_regular_file
 from eplb.formats._json import load_json_literals
-from eplb.formats._kinds import FORMAT_FORCED, is_scalar, require_container, wrong_kind
+from eplb.formats._kinds import FORMAT_FORCED, is_scalar, require_container
 from eplb.formats._npy import load_npy, load_npz, npz_headers
 from eplb.formats.detect import (
     FORMATS,
@@ -41,9 +40,10 @@ from eplb.formats.detect import (
     sglang_json_dumps,
     sniff_container,
 )
-from eplb.formats.errors import FormatError, shown
+from eplb.formats.errors import FormatError
 from eplb.formats.history import read_vllm_history
-from eplb.formats.routing import MAX_EXPERTS, topk_to_counts
+from eplb.formats.routing import topk_to_counts
+from eplb.formats.sglang_per_pass import read_sglang_per_pass
 from eplb.formats.trtllm_stats import read_trtllm_stats
 
 _CONTAINERS = {
@@ -187,7 +187,7 @@ def _read_format(path: Path, fmt: str, keys: list[str] | None, progress: bool,
         return LoadTrace(torch.from_numpy(counts_np), None, str(path), fmt, meta)
     if fmt in ("sglang", "sglang-per-pass", "trtllm"):
         return (_read_sglang(path) if fmt == "sglang" else read_trtllm_stats(path)
-                if fmt == "trtllm" else _read_sglang_per_pass(path, num_experts))
+                if fmt == "trtllm" else read_sglang_per_pass(path, num_experts))
     if fmt == "topk":
         segments = _topk_segments(path, keys)  # (refuses a key naming no array)
         other = [k for k in keys or () if not TOPK_KEY_PATTERN.search(k)]
@@ -325,108 +325,6 @@ def _warn_repeated_dumps(folder: Path, files: list[Path], traces: list[LoadTrace
             seen[digest] = file
 
 
-def _read_sglang_per_pass(path: Path, num_experts: int | None) -> LoadTrace:
-    files = recorder_dumps(path) if path.is_dir() else [path]
-    if not files:
-        raise wrong_kind(path, "sglang-per-pass", "expert_distribution_recorder_*.pt dumps",
-                         "a folder without any")
-    refuse_same_files(path, files)
-    passes: dict[int, torch.Tensor] = {}
-    ranks: list[int] = []
-    seen: dict[tuple, str] = {}  # (pass, rank, gatherer, counts) → the record holding it
-    first: tuple[tuple[int, int], str] | None = None  # the first dump's [layers, experts]
-    for file in files:
-        require_container(file, "sglang-per-pass", ("pt-zip", "pt-pickle"),
-                          "an SGLang expert_distribution_recorder_*.pt dump (or a folder "
-                          "of them)")
-        obj = _load_pt(file)
-        if (
-            not isinstance(obj, dict)
-            or "records" not in obj
-            or ("last_physical_to_logical_map" not in obj)
-        ):
-            found = (f"keys {shown(sorted(map(str, obj)))}" if isinstance(obj, dict)
-                     else f"a {type(obj).__name__}")
-            raise wrong_kind(file, "sglang-per-pass", "an SGLang per-pass dump {'records': "
-                             "[...], 'last_physical_to_logical_map': [L, R]}", found)
-        phys_map = to_tensor(
-            obj["last_physical_to_logical_map"], file, "last_physical_to_logical_map"
-        )
-        if phys_map.dim() != 2 or phys_map.is_floating_point() or phys_map.numel() == 0:
-            raise FormatError(
-                file,
-                f"last_physical_to_logical_map must be an integer [layers, slots] array, found "
-                f"{phys_map.dtype} {tuple(phys_map.shape)}",
-            )
-        phys_map = phys_map.to(torch.int64)
-        num_e = int(phys_map.max()) + 1 if num_experts is None else num_experts
-        if int(phys_map.min()) < 0 or int(phys_map.max()) >= min(num_e, MAX_EXPERTS):
-            raise FormatError(file, f"last_physical_to_logical_map holds ids outside "
-                                    f"[0, {min(num_e, MAX_EXPERTS)})")
-        first = first or ((phys_map.shape[0], num_e), file.name)
-        if (phys_map.shape[0], num_e) != first[0]:  # (summed: torch's RuntimeError, exit 1)
-            raise FormatError(path, f"the dumps disagree on [layers, experts]: {file.name} maps "
-                                    f"{[phys_map.shape[0], num_e]}, {first[1]} {list(first[0])}")
-        records = obj["records"]
-        if not isinstance(records, list):
-            raise FormatError(file, f"'records' must be a list, found {type(records).__name__}")
-        for i, record in enumerate(records):
-            if not isinstance(record, dict) or "global_physical_count" not in record:
-                raise FormatError(file, f"records[{i}] has no 'global_physical_count'")
-            phys = to_tensor(
-                record["global_physical_count"], file, f"records[{i}].global_physical_count"
-            )
-            if phys.shape != phys_map.shape:
-                raise FormatError(
-                    file,
-                    f"records[{i}].global_physical_count has shape {tuple(phys.shape)}; expected "
-                    f"{tuple(phys_map.shape)} like last_physical_to_logical_map",
-                )
-            physical = phys.to(torch.float64)
-            bad = first_bad_load(physical)
-            if bad is not None:
-                # checked per slot: summed onto their experts, a -5 and a 100 made a 95
-                # that no later check could see (attacker pass)
-                raise FormatError(file, f"records[{i}].global_physical_count[{bad[0]}, "
-                                        f"{bad[1]}] (layer {bad[0]}, slot {bad[1]}) is "
-                                        f"{float(physical[bad])}; loads must be finite and "
-                                        ">= 0")
-            logical = torch.zeros(phys_map.shape[0], num_e, dtype=torch.float64)
-            logical.scatter_add_(1, phys_map, physical)
-            pass_id = _int_field(record, "forward_pass_id", i, file)
-            rank = _int_field(record, "rank", None, file)
-            if rank is not None:
-                # two dumps taken without restarting the recorder both hold its earlier
-                # passes, which summed twice (attacker pass): a record of the same pass,
-                # rank and gatherer with the same counts is that. (A server restarted
-                # numbers its passes anew, and two-batch overlap records a pass per
-                # gatherer: their counts differ, and they sum.)
-                digest = hashlib.blake2b(physical.numpy().tobytes(), digest_size=16).digest()
-                ident = (pass_id, rank, str(record.get("gatherer_key")), digest)
-                where = seen.setdefault(ident, f"{file.name} records[{i}]")
-                if where != f"{file.name} records[{i}]":
-                    raise FormatError(
-                        file, f"records[{i}] repeats forward pass {pass_id} of rank {rank}, "
-                              f"the same counts as {where}: its loads would count twice; "
-                              "keep one dump per rank (each holds the recorder's whole "
-                              "buffer)")
-            passes[pass_id] = passes[pass_id] + logical if pass_id in passes else logical
-            if rank is not None and rank not in ranks:
-                ranks.append(rank)
-    if not passes:
-        raise FormatError(path, "the dump holds no records (no forward pass was recorded)")
-    ids = sorted(passes)  # (one [layers, experts] for all: checked per dump above)
-    counts = as_counts_of(torch.stack([passes[i] for i in ids]), path, "logical counts")
-    meta = {
-        "forward_pass_ids": ids,
-        "ranks": sorted(ranks),
-        "files": [f.name for f in files],
-        "note": "slots mapped with SGLang's *last* physical_to_logical_map; passes recorded "
-        "before a rebalance are mapped approximately",
-    }
-    return LoadTrace(counts, None, str(path), "sglang-per-pass", meta)
-
-
 # --------------------------------------------------------------------------- top-k ids
 def _topk_segments(path: Path, keys: list[str] | None) -> list[tuple[str, torch.Tensor]]:
     arrays = _named_arrays(path, keys)
@@ -521,16 +419,6 @@ def _pt_arrays(obj: dict, prefix: str = "", depth: int = 0) -> list[tuple[str, A
 # ---------------------------------------------------------------------- plain tensors
 #: the array beside ``counts`` that names its layers (``write_loads``' npz / pt files)
 _IDS_BESIDE_COUNTS = ("layer_ids",)
-
-
-def _int_field(record: dict, name: str, default: int | None, path: Path) -> int | None:
-    """An integer field of an SGLang record (``default`` when absent), else FormatError."""
-    value = record.get(name, default)
-    try:
-        return None if value is None else int(value)
-    except (TypeError, ValueError, OverflowError):
-        raise FormatError(path, f"a record's {name} must be an integer, got {shown(value)}"
-                          ) from None
 
 
 def _read_plain(
