@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import eplb
+from eplb.cli import main
 from eplb.formats import FormatError, read_loads
 
 
@@ -611,3 +612,18 @@ def test_a_recorded_ep_size_names_the_rank_files_that_are_missing(tmp_path):
             {"num_experts": 4, "num_experts_per_token": 2, "ep_size": bad}))
         with pytest.raises(FormatError, match=r"ep_size is .*; expected a positive integer"):
             read_loads(folder)
+
+
+@pytest.mark.parametrize(("name", "format"), [("topk_ids_{}", None), ("w{}", "npz"),
+                                              ("w{}", "topk")])
+def test_a_file_of_thousands_of_arrays_is_refused_in_one_short_line(tmp_path, capsys, name,
+                                                                    format):
+    """Every name of a file holding thousands of arrays was listed: one ``eplb: error:``
+    line of 50 kB (attacker pass)."""
+    path = tmp_path / "many.npz"
+    np.savez(path, **{name.format(i): np.zeros((1, 2, 2), dtype=np.int64) for i in range(3000)})
+    args = ["plan", str(path), "-r", "8", "-g", "2", "-o", str(tmp_path / "p.json")]
+    assert main(args + (["--format", format] if format else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eplb: error: ") and "3000" in err and "..." in err
+    assert len(err) < 600, err

@@ -153,6 +153,7 @@ def pick_flat(arrays: dict[str, Any], path: Path, key: str | None) -> tuple[str,
         return next(iter(arrays.items()))
     raise FormatError(
         path,
-        f"holds {len(arrays)} arrays {sorted(arrays)}; expected one [L, E] or [T, L, E] "
+        f"holds {len(arrays)} arrays {shown(sorted(arrays))}; expected one [L, E] or "
+        "[T, L, E] "
         "array: choose one with key= (CLI: --key NAME)",
     )

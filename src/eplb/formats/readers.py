@@ -40,7 +40,7 @@ from eplb.formats.detect import (
     sglang_json_dumps,
     sniff_container,
 )
-from eplb.formats.errors import FormatError
+from eplb.formats.errors import FormatError, shown
 from eplb.formats.history import read_vllm_history
 from eplb.formats.routing import topk_to_counts
 from eplb.formats.sglang_per_pass import read_sglang_per_pass
@@ -338,15 +338,15 @@ def _topk_segments(path: Path, keys: list[str] | None) -> list[tuple[str, torch.
     if not chosen:
         raise FormatError(
             path,
-            f"expected top-k id arrays (keys like '*topk_ids'), found {sorted(arrays)}; choose "
-            "one with key= (CLI: --key NAME)",
+            f"expected top-k id arrays (keys like '*topk_ids'), found {len(arrays)} arrays "
+            f"{shown(sorted(arrays))}; choose one with key= (CLI: --key NAME)",
         )
     if len(chosen) > 1:
         names = [k for k, _ in chosen]
         raise FormatError(
             path,
-            f"holds {len(chosen)} top-k id arrays {names} (e.g. one per task or batch); choose "
-            "one with key= (CLI: --key NAME), or several to read them one after another "
+            f"holds {len(chosen)} top-k id arrays {shown(names)} (e.g. one per task or batch); "
+            "choose one with key= (CLI: --key NAME), or several to read them one after another "
             "(CLI: --key A,B)",
         )
     return chosen
