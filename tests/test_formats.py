@@ -957,3 +957,23 @@ def test_ids_saved_under_an_unknown_name_are_flagged_when_read_as_counts(tmp_pat
                 rng.choice(high, shape[2], replace=False) for _ in range(shape[1])])
                 for _ in range(shape[0])]))
             read_loads(tmp_path / f"{name}.npy")
+
+
+@pytest.mark.parametrize("first", ["load_history", "logical_count"])
+def test_loads_file_with_both_engines_keys_is_refused(tmp_path, first, capsys):
+    """A JSON holding vLLM's load_history and SGLang's logical_count: which loads were meant
+    is not guessed (the history used to be read and the counts silently dropped)."""
+    history = {"load_history": [{"logical_expert_load": [[1, 2, 3, 4]]}]}
+    counts = {"logical_count": [[5, 6, 7, 8]]}
+    doc = {**history, **counts} if first == "load_history" else {**counts, **history}
+    path = tmp_path / "both.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(FormatError, match=r"both 'load_history'.*'logical_count'"):
+        read_loads(path)
+    for fmt in ("vllm-history", "sglang"):
+        with pytest.raises(FormatError, match="keep one of the two keys"):
+            read_loads(path, format=fmt)
+    from eplb.cli import main
+
+    assert main(["plan", str(path), "-r", "8", "-g", "2", "-o", str(tmp_path / "p.json")]) == 2
+    assert "keep one of the two keys" in capsys.readouterr().err

@@ -24,6 +24,12 @@ from eplb.formats._counts import number_array, refuse_booleans
 from eplb.formats._files import byte_progress
 from eplb.formats.errors import FormatError, json_value_error, repeated_key
 
+#: a loads file holding both engines' keys: which of the two was meant is not the reader's
+#: guess (a new-user pass found `logical_count` silently ignored beside `load_history`)
+BOTH_LOAD_KEYS = ("holds both 'load_history' (vLLM's load history) and 'logical_count' "
+                  "(SGLang's expert counts): eplb cannot tell which loads are meant; keep "
+                  "one of the two keys")
+
 _CHUNK = 8 << 20
 _WS = re.compile(r"[ \t\r\n]*")
 
@@ -165,6 +171,8 @@ def read_vllm_history(path: Path, progress: bool = False) -> tuple[np.ndarray, d
             )
     if not seen_history:
         raise FormatError(path, "expected a top-level 'load_history' list, found none")
+    if "logical_count" in keys:
+        raise FormatError(path, BOTH_LOAD_KEYS)
     if out is None or num_steps == 0:
         raise FormatError(path, "'load_history' is empty: expected at least one step")
     return out[:num_steps], meta

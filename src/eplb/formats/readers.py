@@ -41,7 +41,7 @@ from eplb.formats.detect import (
     sniff_container,
 )
 from eplb.formats.errors import FormatError, shown
-from eplb.formats.history import read_vllm_history
+from eplb.formats.history import BOTH_LOAD_KEYS, read_vllm_history
 from eplb.formats.routing import topk_to_counts
 from eplb.formats.sglang_per_pass import read_sglang_per_pass
 from eplb.formats.trtllm_stats import read_trtllm_stats
@@ -270,6 +270,8 @@ def _read_sglang(path: Path) -> LoadTrace:
     if not isinstance(obj, dict) or "logical_count" not in obj:
         found = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise FormatError(path, f"expected a dict with key 'logical_count', found {found}")
+    if "load_history" in obj:
+        raise FormatError(path, BOTH_LOAD_KEYS)
     counts = as_counts_of(obj["logical_count"], path, "logical_count", literals)
     meta = {k: v for k, v in obj.items() if k != "logical_count" and is_scalar(v)}
     # the recorder's circular buffer keeps all-zero rows for steps it never filled
