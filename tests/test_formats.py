@@ -977,3 +977,22 @@ def test_loads_file_with_both_engines_keys_is_refused(tmp_path, first, capsys):
 
     assert main(["plan", str(path), "-r", "8", "-g", "2", "-o", str(tmp_path / "p.json")]) == 2
     assert "keep one of the two keys" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["loads.safetensors", "rank0.safetensors"])
+def test_safetensors_header_naming_a_tensor_twice_is_refused(tmp_path, name):
+    """The safetensors library keeps one of two tensors of one name silently; eplb refuses
+    a repeated key in every other file, and here too (plain containers and TensorRT-LLM's
+    rank files)."""
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    key = "0_3" if name.startswith("rank") else "counts"
+    save_file({key: torch.arange(4), "other": torch.arange(4) + 10}, str(path))
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = raw[8:8 + size].decode().replace('"other"', f'"{key}"').encode()
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + size:])
+    with pytest.raises(FormatError, match=f"names tensor '{key}' twice"):
+        read_loads(path)

@@ -35,6 +35,7 @@ import contextlib
 import ctypes
 import errno
 import functools
+import json
 import os
 import secrets
 import stat
@@ -45,7 +46,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from eplb.formats.errors import FormatError, MissingPackage
+from eplb.core.inputs import RepeatedKeyError, unique_keys
+from eplb.formats.errors import FormatError, MissingPackage, shown
 
 # errors that mean "this file system cannot do that", not "the name is taken"
 _UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS,
@@ -56,6 +58,8 @@ _UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL, errn
 #: ``pip install 'eplb[safetensors]'`` would fail there (or fetch another project's "eplb"):
 #: name the [safetensors] extra's own requirement (pyproject.toml; tests check it)
 SAFETENSORS_HINT = "pip install 'safetensors>=0.4'"
+#: the largest safetensors header read for repeated keys (the library's own limit)
+_MAX_HEADER = 100_000_000
 
 
 def import_safetensors_torch() -> ModuleType:
@@ -68,6 +72,28 @@ def import_safetensors_torch() -> ModuleType:
             + SAFETENSORS_HINT
         ) from exc
     return st
+
+
+def load_safetensors(path: Path) -> dict[str, Any]:
+    """Every tensor of the safetensors file ``path`` by name, or a :class:`FormatError`:
+    an unreadable file, or a header that names one tensor twice (the library keeps one of
+    the two silently, where every other eplb reader refuses a repeated key)."""
+    st = import_safetensors_torch()
+    with open(path, "rb") as handle:  # the header: 8 bytes of length, then JSON
+        size = int.from_bytes(handle.read(8), "little")
+        header = handle.read(size) if 0 < size <= _MAX_HEADER else b""
+    try:
+        json.loads(header, object_pairs_hook=unique_keys)
+    except RepeatedKeyError as exc:
+        raise FormatError(path, f"its header names tensor {shown(exc.key)} twice (the "
+                                "safetensors library keeps one of them, silently): remove "
+                                "the one that is not meant") from None
+    except ValueError:
+        pass  # not JSON, or cut short: the library says what is wrong
+    try:
+        return dict(st.load_file(str(path)))
+    except Exception as exc:  # safetensors raises its own error types
+        raise FormatError(path, f"not a readable safetensors file: {exc}") from None
 
 
 def _exists_message(path: Path) -> str:

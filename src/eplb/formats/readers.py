@@ -25,7 +25,7 @@ from eplb.formats._arrays import (
 )
 from eplb.formats._counts import as_counts_of, to_tensor
 from eplb.formats._csv import read_csv_table
-from eplb.formats._files import import_safetensors_torch, require_regular_file
+from eplb.formats._files import load_safetensors, require_regular_file
 from eplb.formats._json import load_json_literals
 from eplb.formats._kinds import FORMAT_FORCED, is_scalar, require_container
 from eplb.formats._npy import load_npy, load_npz, npz_headers
@@ -377,11 +377,7 @@ def _named_arrays(
         check_keys(path, keys, [path.stem])
         return {path.stem: to_tensor(load_npy(path), path, path.name)}
     if kind == "safetensors":
-        st = import_safetensors_torch()
-        try:
-            tensors = dict(st.load_file(str(path)))
-        except Exception as exc:  # safetensors raises its own error types
-            raise FormatError(path, f"not a readable safetensors file: {exc}") from None
+        tensors = load_safetensors(path)
     elif kind in ("pt-zip", "pt-pickle"):
         obj = _load_pt(path)
         if isinstance(obj, dict):

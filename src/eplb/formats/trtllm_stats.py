@@ -14,7 +14,7 @@ import torch
 from eplb.core.inputs import first_bad_load
 from eplb.core.trace import LoadTrace
 from eplb.formats._counts import as_counts_of
-from eplb.formats._files import import_safetensors_torch, require_regular_file
+from eplb.formats._files import import_safetensors_torch, load_safetensors, require_regular_file
 from eplb.formats._json import load_json_literals
 from eplb.formats._kinds import is_scalar, require_container, wrong_kind
 from eplb.formats.detect import RANK_FILE, refuse_same_files
@@ -30,7 +30,7 @@ def read_trtllm_stats(path: Path) -> LoadTrace:
     """TensorRT-LLM's expert statistics: a folder of ``meta_info.json`` and one
     ``rank{r}.safetensors`` per rank (keys ``{iteration}_{layer}``, summed over ranks), or
     one rank's file: ``[iterations, layers, experts]`` with the layers as named."""
-    st = import_safetensors_torch()
+    import_safetensors_torch()  # a missing package is said before any file is read
     meta: dict[str, Any] = {}
     if path.is_dir():
         info_path = path / "meta_info.json"
@@ -91,10 +91,7 @@ def read_trtllm_stats(path: Path) -> LoadTrace:
             raise FormatError(file, "is a folder; expected a rank's safetensors file")
         require_container(file, "trtllm", ("safetensors",),
                           f"{_TRTLLM_FOLDER} or one rank's .safetensors file")
-        try:
-            tensors = st.load_file(str(file))
-        except Exception as exc:  # safetensors raises its own error types
-            raise FormatError(file, f"not a readable safetensors file: {exc}") from None
+        tensors = load_safetensors(file)
         named: dict[tuple[int, int], str] = {}  # this file's key of each (iteration, layer)
         for name, data in tensors.items():
             m = _ITER_LAYER.match(name)
