@@ -528,6 +528,23 @@ def test_the_trtllm_topology_comment_giving_a_key_twice_is_refused(tmp_path):
         read_placement(path)
 
 
+@pytest.mark.parametrize("damage", [('"num_gpus":4', '"num_gpus":4,'),  # cut short
+                                    ('{"', '["'),  # not an object
+                                    ('{', '')])  # no brace left
+def test_a_damaged_trtllm_topology_comment_is_refused(tmp_path, damage):
+    # a comment that did not parse was read as no comment, silently: the map was then read
+    # on whatever cluster the caller named
+    import eplb
+    from eplb.formats import read_placement, write_placement
+
+    placement = eplb.plan(torch.rand(2, 8), 16, 4)
+    path = write_placement(placement, tmp_path / "p.trtllm.yaml")
+    line = next(x for x in path.read_text().splitlines() if "eplb-topology" in x)
+    path.write_text(path.read_text().replace(line, line.replace(*damage, 1)))
+    with pytest.raises(FormatError, match=r"eplb-topology comment .* is not one JSON object"):
+        read_placement(path, num_gpus=4)
+
+
 def test_a_negative_count_in_one_rank_file_is_named_not_summed_away(tmp_path):
     """Found by an attacker pass: a -5 in one TensorRT-LLM rank file, summed with another
     rank's 100, read as 95 and was planned on (the same -5 alone was refused)."""

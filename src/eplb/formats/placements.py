@@ -42,7 +42,7 @@ from eplb.formats.routing import MAX_EXPERTS
 PLACEMENT_FORMAT = "eplb.placement"
 PLACEMENT_FORMAT_VERSION = 1
 
-_TRT_COMMENT = re.compile(r"^#\s*eplb-topology:\s*(\{.*\})\s*$", re.M)
+_TRT_COMMENT = re.compile(r"^#\s*eplb-topology:(.*)$", re.M)
 
 
 
@@ -450,13 +450,20 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
     info: dict[str, Any] = {}
     match = _TRT_COMMENT.search(text)
     if match:
+        # a damaged comment is refused, not skipped: the cluster it records is what the
+        # map is read on (it was read as no comment, silently; files attacker pass)
+        damaged = FormatError(path, f"the eplb-topology comment {shown(match.group(1).strip())} "
+                                    "is not one JSON object: restore it as eplb wrote it, or "
+                                    "delete the line and give the cluster (-g/--gpus)")
         try:
             info = json.loads(match.group(1), object_pairs_hook=unique_keys)
         except RepeatedKeyError as exc:  # which cluster was meant is not ours to pick
             raise FormatError(path, f"the eplb-topology comment {repeated_key(exc.key)}") \
                 from None
         except json.JSONDecodeError:
-            info = {}
+            raise damaged from None
+        if not isinstance(info, dict):
+            raise damaged
     where = "the eplb-topology comment's "
     recorded = None
     if "num_gpus" in info:
