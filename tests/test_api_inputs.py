@@ -643,13 +643,16 @@ def test_read_only_arrays_plan_without_a_torch_warning():
         eplb.plan(loads, 24, 8, gpu_speed=speed, active_gpus=live).validate()
 
 
-@pytest.mark.parametrize("slowest", [1e-7, 1e-300, 1e-310])
+@pytest.mark.parametrize("slowest", [1e-7, 1e-300, 1e-310, 1e-320])
 def test_a_gpu_far_slower_than_the_rest_is_refused(slowest):
     # it sets every layer's time whatever it holds (0.0000 at 1e-9), and at 1e-310 the
-    # speed-aware packing's times overflowed with a NumPy warning (attacker pass)
+    # speed-aware packing's times overflowed with a NumPy warning (attacker pass); at
+    # 1e-320 the message said "inf times slower" (files attacker pass)
     speeds = [1.0] * 3 + [slowest] + [1.0] * 12
-    with pytest.raises(ValueError, match=r"GPU 3 is .* times slower than the fastest.*--dead"):
+    with pytest.raises(ValueError, match=r"GPU 3 is .* times slower than the fastest.*--dead"
+                       ) as refused:
         eplb.plan(W, 96, 16, gpu_speed=speeds)
+    assert "inf" not in str(refused.value)
     # a dead GPU's speed is not read, and scoring takes any speeds (second attacker pass)
     live = [True] * 3 + [False] + [True] * 12
     assert eplb.plan(W, 96, 16, gpu_speed=speeds, active_gpus=live).gpu_loads(W)[:, 3].eq(0).all()

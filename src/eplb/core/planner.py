@@ -317,7 +317,9 @@ def planning_speeds(speed: torch.Tensor, live: torch.Tensor | None) -> torch.Ten
     fastest, slowest = float(live_speed.max()), float(live_speed.min())
     if fastest > MAX_SPEED_RATIO * slowest * (1 + 1e-9):  # (a decimal 1e6 may round over)
         gpu = int((speed if live is None else torch.where(live, speed, torch.inf)).argmin())
-        raise ValueError(f"gpu_speed: GPU {gpu} is {fastest / slowest:.6g} times slower than "
+        ratio = fastest / slowest  # (inf where the slowest is subnormal: said in words)
+        times = f"{ratio:.6g}" if ratio < float("inf") else "more than 1e308"
+        raise ValueError(f"gpu_speed: GPU {gpu} is {times} times slower than "
                          f"the fastest live GPU, more than the {MAX_SPEED_RATIO:.0e} eplb plans "
                          "for: it would set every layer's time whatever it holds; plan "
                          "without it (active_gpus / --dead-gpus)")
