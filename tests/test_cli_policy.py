@@ -201,9 +201,9 @@ def test_simulate_refuses_a_nearest_budget_outside_global_by_flag(capsys, tmp_pa
                          "--dispatch", "nearest", "--incremental", "--max-moves", "4")
     assert code == 2 and out == ""
     assert err.strip() == ("eplb: error: --max-moves under --dispatch nearest budgets the "
-                           "global policy; with the hierarchical policy eplb re-plans and "
-                           "relabels onto the old GPUs (no budget): add --policy global, or "
-                           "drop --max-moves")
+                           "global policy with every GPU live; with the hierarchical policy "
+                           "eplb re-plans and relabels onto the old GPUs (no budget): add "
+                           "--policy global, or drop --max-moves")
     code, _, err = run(capsys, "simulate", str(trace), "--window", "2", "-r", str(R), "-g",
                        str(P), "--nodes", "2", "--groups", str(G), "--policy", "global",
                        "--dispatch", "nearest", "--incremental", "--max-moves", "4", "--json")
@@ -229,3 +229,24 @@ def test_plan_refuses_a_move_price_the_nearest_replan_does_not_score(capsys, tmp
                        "nearest", "--previous", str(old), "--move-price", "0.5", "-o",
                        str(tmp_path / "new.json"))
     assert code == 0, err
+
+
+@pytest.mark.parametrize("flag, value", [("--max-moves", "4"), ("--move-price", "0.5")])
+def test_plan_and_simulate_refuse_a_nearest_move_knob_in_the_same_words(capsys, tmp_path, loads,
+                                                                        flag, value) -> None:
+    """--max-moves and --move-price under --dispatch nearest with the hierarchical policy on
+    several nodes: plan and simulate refuse them by one check, in the same words (simulate
+    kept its own copy of plan's check, and the two had drifted apart)."""
+    w = torch.from_numpy(np.load(loads))
+    old = write_placement(eplb.plan(w, R, P, N, G), tmp_path / "old.json")
+    cluster = ("-r", str(R), "-g", str(P), "--nodes", str(N), "--groups", str(G), "--policy",
+               "hierarchical", "--dispatch", "nearest", flag, value)
+    code, out, planned = run(capsys, "plan", str(loads), *cluster, "--previous", str(old),
+                             "-o", str(tmp_path / "new.json"))
+    assert code == 2 and out == "", planned
+    trace = tmp_path / "trace.npy"
+    np.save(trace, np.exp(np.random.default_rng(0).normal(0, 1, size=(8, L, E))) * 100)
+    code, out, simulated = run(capsys, "simulate", str(trace), "--window", "2", *cluster,
+                               "--incremental")
+    assert code == 2 and out == "", simulated
+    assert simulated == planned and planned.startswith(f"eplb: error: {flag} under --dispatch")

@@ -100,6 +100,24 @@ def check_cluster_flags(*, gpus: int | None, nodes: int | None,
         raise CliError(f"--gpus ({gpus}) must be a multiple of --nodes ({nodes})")
 
 
+def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = False) -> None:
+    """Under ``--dispatch nearest`` (plan and simulate alike): ``--max-moves`` budgets the
+    global policy with every GPU live, and ``--move-price`` prices the moves of any plan
+    but a non-global one on several nodes (those re-plan and relabel onto the old GPUs);
+    refuse each elsewhere by flag, before the API refuses it in its keywords."""
+    if getattr(args, "max_moves", None) is not None and (policy != "global" or dead):
+        where = f"the {policy} policy" if policy != "global" else "--dead-gpus"
+        fix = "drop --max-moves" if policy == "global" else ("add --policy global, or drop "
+                                                             "--max-moves")
+        raise CliError(f"--max-moves under --dispatch nearest budgets the global policy with "
+                       f"every GPU live; with {where} eplb re-plans and relabels onto the "
+                       f"old GPUs (no budget): {fix}")
+    if getattr(args, "move_price", None) is not None and policy != "global" and args.nodes > 1:
+        raise CliError(f"--move-price under --dispatch nearest prices the global policy's "
+                       f"moves; with the {policy} policy eplb re-plans and relabels onto the "
+                       "old GPUs, scoring no moves: drop --move-price")
+
+
 def check_nearest_flags(args: argparse.Namespace, policy: str, num_experts: int,
                         num_layers: int, dead: bool = False) -> None:
     """Under ``--dispatch nearest``: ``--fair`` shapes a global plan, ``--routing``
@@ -113,15 +131,7 @@ def check_nearest_flags(args: argparse.Namespace, policy: str, num_experts: int,
                        f"is beyond what eplb plans: {too_large} (its node-aware relabelling "
                        f"grows about as GPUs³ and with the slots: {NEAREST_TIMES}). Plan "
                        "with --dispatch even, or --policy hierarchical")
-    if getattr(args, "max_moves", None) is not None and (policy != "global" or dead):
-        where = f"the {policy} policy" if policy != "global" else "--dead-gpus"
-        raise CliError(f"--max-moves under --dispatch nearest budgets the global policy with "
-                       f"every GPU live; with {where} eplb re-plans and relabels onto the "
-                       "old GPUs (no budget): drop --max-moves")
-    if getattr(args, "move_price", None) is not None and policy != "global" and args.nodes > 1:
-        raise CliError(f"--move-price under --dispatch nearest prices the global policy's "
-                       f"moves; with the {policy} policy eplb re-plans and relabels onto the "
-                       "old GPUs, scoring no moves: drop --move-price")
+    check_nearest_moves(args, policy, dead)
     if args.fair != "auto" and policy != "global":
         raise CliError(f"--fair shapes the global policy's plan for nearest dispatch; this "
                        f"plan is {policy}: add --policy global, or drop --fair")

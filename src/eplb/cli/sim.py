@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from eplb.cli._checks import check_output, check_topology, default_shape
+from eplb.cli._checks import check_nearest_moves, check_output, check_topology, default_shape
 from eplb.cli._common import (
     FORCED_MOVES,
     CliError,
@@ -179,17 +179,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # as plan and bench: --nodes/--groups that cannot be honoured warn once, by flag
     policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
                         trace.num_experts)
-    if (args.dispatch == "nearest" and args.move_price is not None and policy != "global"
-            and args.nodes > 1):
-        raise CliError(f"--move-price under --dispatch nearest prices the global policy's "
-                       f"moves; with the {policy} policy eplb re-plans and relabels onto the "
-                       "old GPUs, scoring no moves: drop --move-price")
-    if args.dispatch == "nearest" and args.max_moves is not None and policy != "global":
-        # as plan refuses it, by flag (the Rebalancer's refusal named the API's keywords,
+    if args.dispatch == "nearest":
+        # as plan refuses them, by flag (the Rebalancer's refusal named the API's keywords,
         # after a warning that suggested another policy the budget cannot hold either)
-        raise CliError(f"--max-moves under --dispatch nearest budgets the global policy; with "
-                       f"the {policy} policy eplb re-plans and relabels onto the old GPUs (no "
-                       "budget): add --policy global, or drop --max-moves")
+        check_nearest_moves(args, policy)
     if args.dispatch == "nearest" and args.nodes <= 1 and gpus > 1:
         # (one GPU serves every token itself: no pick, no table, nothing to warn of)
         warn(ONE_NODE_REPLAY)
