@@ -99,9 +99,11 @@ def split_draw_shares(phy2log: torch.Tensor, num_experts: int, num_gpus: int,
     others are dealt ``(P − h) // c`` to each replica, and ``(P − h) mod c`` replicas,
     drawn without repeats, take one more. The draws are functions of ``(seed, draw,
     expert, slot)`` alone (a counter-based generator, the same on every machine), and
-    with ``per_layer`` of the layer too: SGLang draws every layer's deal from one
-    stream, so a replay of its table draws each layer apart (the planner's model keeps
-    one set of numbers for every layer: its plans compare layer by layer)."""
+    with ``per_layer`` of the layer (its row) and of the call's row count too: SGLang
+    draws every layer's deal from one stream, so a replay of its table draws each layer
+    apart (the planner's model keeps one set of numbers for every layer: its plans
+    compare layer by layer). A row drawn in a call of other rows so gets other numbers
+    (the replay draws a trace's rows in one call)."""
     ids = phy2log.detach().cpu().numpy().astype(np.int64)
     layers, num_slots = ids.shape
     slots = num_slots // num_gpus
