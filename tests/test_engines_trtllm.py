@@ -265,3 +265,32 @@ def test_previous_with_mtp_layers_replanned_without_them_is_warned(tmp_path, cap
                      "--mtp-layers", "1"]) == 0
     assert "--mtp-layers" not in capsys.readouterr().err
     trtllm_loads(new, 4, [59, 60, 61], 8)
+
+
+def test_mtp_layers_follow_the_loads_last_layer_where_previous_lacks_it(tmp_path, capsys):
+    """Loads of layers 58..60 whose last row routes no token, re-planned with --previous of
+    a YAML of layers 58, 59 and the MTP layer 61: --previous leaves the idle row out, and
+    the MTP layer was written as layer 60 (the kept rows' last + 1), with a warning that
+    61 would be dropped, asking for --mtp-layers 2."""
+    loads = torch.arange(1, 25, dtype=torch.float64).reshape(3, 8)
+    loads[2] = 0
+    (tmp_path / "w.json").write_text(json.dumps({"counts": loads.tolist(),
+                                                 "layers": [58, 59, 60]}))
+    (tmp_path / "w2.json").write_text(json.dumps({"counts": loads[:2].tolist(),
+                                                  "layers": [58, 59]}))
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    cluster = ["-r", "12", "-g", "4"]
+    assert cli_main(["plan", str(tmp_path / "w2.json"), *cluster, "-o", str(old),
+                     "--mtp-layers", "1"]) == 0
+    # the model's layer 60 dense, its MTP layer 61: the file a model of that shape has
+    old.write_text(old.read_text().replace("\n  60: ", "\n  61: "))
+    assert sorted(yaml.safe_load(old.read_text())["initial_global_assignments"]) == [
+        58, 59, 61]
+    capsys.readouterr()
+    assert cli_main(["plan", str(tmp_path / "w.json"), *cluster, "-o", str(new),
+                     "--previous", str(old), "--mtp-layers", "1", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mtp_layer_ids"] == [61]
+    assert "--mtp-layers" not in err, err
+    written = yaml.safe_load(new.read_text())["initial_global_assignments"]
+    assert 61 in written and 62 not in written

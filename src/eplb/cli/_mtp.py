@@ -13,9 +13,11 @@ from eplb.core.messages import integer_runs
 from eplb.core.placement import Placement
 
 
-def with_mtp_layers(placement: Placement, layer_ids: list[int], args: argparse.Namespace
-                    ) -> tuple[Placement, list[int]]:
-    """``placement`` with ``--mtp-layers`` rows after its last, and their model layer ids.
+def with_mtp_layers(placement: Placement, layer_ids: list[int], last: int,
+                    args: argparse.Namespace) -> tuple[Placement, list[int]]:
+    """``placement`` with ``--mtp-layers`` rows after its last, and their model layer ids:
+    ``last + 1`` and on, ``last`` the loads' last model layer (a row ``--previous`` left
+    out of ``layer_ids``, the rows planned, still counts).
 
     TensorRT-LLM builds a model's multi-token-prediction layers after its last layer
     (``layer_idx`` = the layer count and on: 61 for DeepSeek-V3) and looks up every MoE
@@ -30,18 +32,16 @@ def with_mtp_layers(placement: Placement, layer_ids: list[int], args: argparse.N
                  args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
                  seed=args.seed)
     rows = torch.cat([placement.phy2log, extra.phy2log.to(placement.phy2log)])
-    last = max(layer_ids)
     return (Placement.from_phy2log(rows, placement.num_experts, placement.topology,
                                    placement.policy, placement.active_gpus),
             [*layer_ids, *range(last + 1, last + 1 + args.mtp_layers)])
 
 
-def warn_dropped_mtp(recorded_ids: list[int], layer_ids: list[int],
-                     args: argparse.Namespace) -> None:
-    """Warn where the ``--previous`` YAML holds layers after the loads' last row (its
-    multi-token-prediction layers) that this file will lack: re-planning it without
-    ``--mtp-layers`` dropped them silently, and TensorRT-LLM then stops at start-up."""
-    last = max(layer_ids)
+def warn_dropped_mtp(recorded_ids: list[int], last: int, args: argparse.Namespace) -> None:
+    """Warn where the ``--previous`` YAML holds layers after ``last``, the loads' last
+    model layer (its multi-token-prediction layers), that this file will lack: re-planning
+    it without ``--mtp-layers`` dropped them silently, and TensorRT-LLM then stops at
+    start-up."""
     dropped = sorted(layer for layer in recorded_ids if layer > last + args.mtp_layers)
     if dropped:
         warn(f"--previous {args.previous} holds model layer{'s' if len(dropped) > 1 else ''} "

@@ -197,6 +197,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise CliError(dead_gpus_message(emit, (~active).nonzero().flatten().tolist(),
                                          args.gpus, args.replicas // args.gpus, num_experts))
     layer_ids = row_layer_ids(trace, args.first_layer, loads)
+    # the model layer the --mtp-layers follow: the loads' last, even where --previous
+    # leaves out an idle last row (the MTP layer took that row's id)
+    last_layer = max(layer_ids)
     if not 0 <= args.mtp_layers <= MAX_MODEL_LAYERS - 1 - max(layer_ids):
         raise CliError(f"--mtp-layers must be in 0..{MAX_MODEL_LAYERS - 1 - max(layer_ids)} "
                        f"(model layers after the last row, {max(layer_ids)}, up to "
@@ -263,7 +266,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             num_layers = len(keep)
         recorded_ids = previous_meta.get("layer_ids")
         if emit == "trtllm" and recorded_ids:
-            warn_dropped_mtp(recorded_ids, layer_ids, args)
+            warn_dropped_mtp(recorded_ids, last_layer, args)
         if (not trace.meta.get("model_layer_ids") and args.first_layer is None
                 and keep is None and recorded_ids and len(recorded_ids) == num_layers
                 and emit in ("json", "pt")):
@@ -345,7 +348,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
              "given --gpu-speed again")
     written, written_ids = placement, layer_ids
     if args.mtp_layers:
-        written, written_ids = with_mtp_layers(placement, layer_ids, args)
+        written, written_ids = with_mtp_layers(placement, layer_ids, last_layer, args)
     write_placement(written, out, emit=emit, weight=weight,
                     layer_ids=written_ids if named or emit in ("trtllm", "sglang") else None,
                     num_model_layers=model_layers,
@@ -452,7 +455,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"({ceil.note})")
     written = f"{emit}, {model_layers} model layers" if model_layers is not None else emit
     if args.mtp_layers:
-        mtp = range(max(layer_ids) + 1, max(layer_ids) + 1 + args.mtp_layers)
+        mtp = range(last_layer + 1, last_layer + 1 + args.mtp_layers)
         written += (f", multi-token-prediction layer{'s' if len(mtp) > 1 else ''} "
                     f"{integer_runs(mtp)} spread evenly")
     if (model_layers is not None and args.num_model_layers is None
