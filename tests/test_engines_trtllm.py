@@ -294,3 +294,21 @@ def test_mtp_layers_follow_the_loads_last_layer_where_previous_lacks_it(tmp_path
     assert "--mtp-layers" not in err, err
     written = yaml.safe_load(new.read_text())["initial_global_assignments"]
     assert 61 in written and 62 not in written
+
+
+def test_an_mtp_file_from_loads_without_layer_ids_says_which_k_pairs_it(tmp_path, capsys):
+    """plan --mtp-layers 1 on loads that name no layers writes rows 0, 1 and MTP layer 2;
+    eval of the same loads, and --previous, then asked for '--first-layer K' without a
+    word on which K (0 here): the refusal now names the file's layers, and K=0 pairs."""
+    torch.save(torch.arange(1, 17, dtype=torch.float64).reshape(2, 8), tmp_path / "w.pt")
+    old = tmp_path / "old.yaml"
+    assert cli_main(["plan", str(tmp_path / "w.pt"), "-r", "12", "-g", "4", "-o", str(old),
+                     "--mtp-layers", "1"]) == 0
+    capsys.readouterr()
+    assert cli_main(["eval", "--placement", str(old), str(tmp_path / "w.pt"), "-g", "4",
+                     "--summary"]) == 2
+    err = capsys.readouterr().err
+    assert "has 3 × 8 (it holds model layers 0..2); if the loads" in err, err
+    assert "pass --first-layer K" in err
+    assert cli_main(["eval", "--placement", str(old), str(tmp_path / "w.pt"), "-g", "4",
+                     "--summary", "--first-layer", "0"]) == 0

@@ -583,8 +583,12 @@ def rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace: 
     if (kept, weight.shape[1]) != (placement.num_layers, placement.num_experts):
         hint = ""
         if kept < placement.num_layers and weight.shape[1] == placement.num_experts:
-            hint = ("; if the loads are its model layers K and on (e.g. the MoE layers of an "
-                    "SGLang file), pass --first-layer K")
+            # (its layers say which K: a TensorRT-LLM file from loads without layer ids
+            # and --mtp-layers holds rows 0.. and its MTP layers, so K is 0 there)
+            held = ("" if placement_ids is None
+                    else f" (it holds model layers {integer_runs(sorted(placement_ids))})")
+            hint = (f"{held}; if the loads are its model layers K and on (e.g. the MoE layers "
+                    "of an SGLang file), pass --first-layer K")
         raise CliError(
             f"{loads} have {rows} layers × {weight.shape[1]} experts but {what} has "
             f"{placement.num_layers} × {placement.num_experts}{hint}"
