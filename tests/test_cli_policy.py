@@ -200,10 +200,10 @@ def test_simulate_refuses_a_nearest_budget_outside_global_by_flag(capsys, tmp_pa
                          "-g", str(P), "--nodes", "2", "--groups", str(G), "--policy", policy,
                          "--dispatch", "nearest", "--incremental", "--max-moves", "4")
     assert code == 2 and out == ""
-    assert err.strip() == ("eplb: error: --max-moves under --dispatch nearest budgets the "
-                           "global policy with every GPU live; with the hierarchical policy "
-                           "eplb re-plans and relabels onto the old GPUs (no budget): add "
-                           "--policy global, or drop --max-moves")
+    assert err.strip() == ("eplb: error: --max-moves under --dispatch nearest on several "
+                           "nodes budgets the global policy with every GPU live; with the "
+                           "hierarchical policy eplb re-plans and relabels onto the old GPUs "
+                           "(no budget): add --policy global, or drop --max-moves")
     code, _, err = run(capsys, "simulate", str(trace), "--window", "2", "-r", str(R), "-g",
                        str(P), "--nodes", "2", "--groups", str(G), "--policy", "global",
                        "--dispatch", "nearest", "--incremental", "--max-moves", "4", "--json")
@@ -250,3 +250,28 @@ def test_plan_and_simulate_refuse_a_nearest_move_knob_in_the_same_words(capsys, 
                                "--incremental")
     assert code == 2 and out == "", simulated
     assert simulated == planned and planned.startswith(f"eplb: error: {flag} under --dispatch")
+
+
+@pytest.mark.parametrize("extra", [["--groups", "2", "--policy", "hierarchical"],
+                                   ["--dead-gpus", "3"]])
+def test_a_nearest_move_budget_on_one_node_is_taken(capsys, tmp_path, extra) -> None:
+    """On one node eplb.plan budgets every plan under --dispatch nearest (the hierarchical
+    policy, dead GPUs): plan and simulate refused --max-moves there, saying eplb re-plans
+    and relabels with no budget (true on several nodes only), and the Rebalancer likewise."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.rand(2, 16, generator=gen) * 100
+    cluster = ("-r", "32", "-g", "8", "--dispatch", "nearest", *extra)
+    np.save(tmp_path / "w.npy", w.numpy())
+    np.save(tmp_path / "w2.npy", w.flip(1).numpy())
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    assert run(capsys, "plan", str(tmp_path / "w.npy"), *cluster, "-o", str(old))[0] == 0
+    code, out, err = run(capsys, "plan", str(tmp_path / "w2.npy"), *cluster, "--previous",
+                         str(old), "--max-moves", "3", "--json", "-o", str(new))
+    assert code == 0, err
+    assert json.loads(out)["moved_slots_total"] == 3
+    trace = tmp_path / "trace.npy"
+    np.save(trace, np.exp(np.random.default_rng(0).normal(0, 1, size=(8, 2, 16))) * 100)
+    if "--dead-gpus" not in extra:  # (simulate takes no dead GPUs)
+        code, _, err = run(capsys, "simulate", str(trace), "--window", "2", *cluster,
+                           "--incremental", "--max-moves", "3", "--json")
+        assert code == 0, err

@@ -16,6 +16,7 @@ from eplb.core.topology import Topology
 from eplb.formats._files import only_regular_files_are_replaced, output_file
 from eplb.formats.detect import folder_load_files
 from eplb.formats.errors import FormatError
+from eplb.online.incremental import takes_budget
 
 
 def existing_file(path: str | Path, what: str) -> Path:
@@ -101,17 +102,19 @@ def check_cluster_flags(*, gpus: int | None, nodes: int | None,
 
 
 def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = False) -> None:
-    """Under ``--dispatch nearest`` (plan and simulate alike): ``--max-moves`` budgets the
-    global policy with every GPU live, and ``--move-price`` prices the moves of any plan
-    but a non-global one on several nodes (those re-plan and relabel onto the old GPUs);
-    refuse each elsewhere by flag, before the API refuses it in its keywords."""
-    if getattr(args, "max_moves", None) is not None and (policy != "global" or dead):
+    """Under ``--dispatch nearest`` (plan and simulate alike): on several nodes
+    ``--max-moves`` budgets the global policy with every GPU live, and ``--move-price``
+    prices the global policy's moves (the others re-plan and relabel onto the old GPUs:
+    :func:`eplb.online.incremental.takes_budget`); refuse each elsewhere by flag, before
+    the API refuses it in its keywords. One node budgets and prices every plan."""
+    if (getattr(args, "max_moves", None) is not None
+            and not takes_budget("nearest", args.nodes, policy, dead)):
         where = f"the {policy} policy" if policy != "global" else "--dead-gpus"
         fix = "drop --max-moves" if policy == "global" else ("add --policy global, or drop "
                                                              "--max-moves")
-        raise CliError(f"--max-moves under --dispatch nearest budgets the global policy with "
-                       f"every GPU live; with {where} eplb re-plans and relabels onto the "
-                       f"old GPUs (no budget): {fix}")
+        raise CliError(f"--max-moves under --dispatch nearest on several nodes budgets the "
+                       f"global policy with every GPU live; with {where} eplb re-plans and "
+                       f"relabels onto the old GPUs (no budget): {fix}")
     if getattr(args, "move_price", None) is not None and policy != "global" and args.nodes > 1:
         raise CliError(f"--move-price under --dispatch nearest prices the global policy's "
                        f"moves; with the {policy} policy eplb re-plans and relabels onto the "

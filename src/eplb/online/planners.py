@@ -32,7 +32,7 @@ from eplb.core.topology import (
 )
 from eplb.online.budget import check_budget
 from eplb.online.estimate import Estimate, expected_max, interchangeable, select_per_layer
-from eplb.online.incremental import plan_incremental
+from eplb.online.incremental import plan_incremental, takes_budget
 from eplb.online.settings import SCORE_OPTIONS, check_option_values
 
 #: a planner: ``(weight [L, E], the placement in force or None) -> Placement``
@@ -203,11 +203,13 @@ def make_planner(
             raise ValueError(f"fair and source shape the global policy's plan for nearest "
                              f"dispatch; the {concrete} policy does not use them (pass "
                              f"policy='global')")
-        if plan_options.get("dispatch") == "nearest" and max_moves is not None and (
-            concrete != "global" or active_gpus is not None
+        if plan_options.get("dispatch") == "nearest" and max_moves is not None and not (
+            takes_budget("nearest", topo.num_nodes, concrete, active_gpus is not None)
         ):
-            raise ValueError("max_moves with dispatch='nearest' needs the global policy with "
-                             "every GPU live (other plans re-plan and relabel, unbudgeted)")
+            # (as eplb.plan: on one node every plan takes the budget)
+            raise ValueError("max_moves with dispatch='nearest' on several nodes needs the "
+                             "global policy with every GPU live (other plans re-plan and "
+                             "relabel, unbudgeted)")
         unscored = [k for k in SCORE_OPTIONS if plan_options.get(k) is not None]
         if (plan_options.get("dispatch") == "nearest" and incremental and unscored
                 and concrete != "global" and topo.num_nodes > 1):
