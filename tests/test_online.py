@@ -163,6 +163,10 @@ def test_plan_estimate_with_scenarios_keeps_valid_layers() -> None:
         ({"incremental": True, "max_moves": 2.5}, "max_moves must be a non-negative int"),
         ({"max_moves": 5}, "pass incremental=True"),
         ({"skip_threshold": 0.01}, "pass incremental=True"),
+        # (taken and ignored: every plan without incremental is fresh, and eplb.plan refuses
+        # them without previous=)
+        ({"move_price": 0.3}, "move_price: only for incremental plans"),
+        ({"drift": 0.1, "group_share": 0.2}, "drift, group_share: only for incremental"),
         ({"incremental": True, "skip_threshold": -1.0}, "skip_threshold must be a fraction"),
         ({"incremental": "yes"}, "incremental must be True or False"),
         ({"polcy": "global"}, "does not take polcy"),

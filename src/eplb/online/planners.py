@@ -179,6 +179,12 @@ def make_planner(
     if planner == "eplb":
         check_option_values({**plan_options, "active_gpus": active_gpus,
                              "skip_threshold": skip_threshold}, topo)
+        scored = [k for k in SCORE_OPTIONS if plan_options.get(k) is not None]
+        if scored and not incremental:
+            # (as eplb.plan refuses them without previous=: a fresh plan scores no moves,
+            # and they were taken and changed nothing)
+            raise ValueError(f"{', '.join(scored)}: only for incremental plans, which score "
+                             "moves from the placement in force; pass incremental=True")
         if incremental and plan_options.get("gpu_speed") is not None:
             # plan_incremental plans for equal GPUs: from the second rebalance on the
             # speeds were dropped without a word, and the plans undid the fresh one's
