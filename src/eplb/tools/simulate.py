@@ -41,6 +41,7 @@ from eplb.core.topology import Topology
 from eplb.core.trace import LoadTrace
 from eplb.online import PlannerFn, Rebalancer, make_planner, trivial_placement
 from eplb.online.estimate import Estimator, as_history, make_estimator
+from eplb.online.settings import SCORE_OPTIONS
 from eplb.tools.scoring import (
     EVEN,
     Realised,
@@ -446,7 +447,10 @@ def simulate(
     if oracle:
         wsum = counts[: num_windows * score].view(num_windows, score, num_layers,
                                                   num_experts).sum(1)
-        plan_fn = make_planner(planner, topo, active_gpus=active_gpus, **plan_options)
+        # the oracle plans each window fresh: the knobs that score moves from a map in
+        # force have nothing to score there (make_planner refuses them without incremental)
+        fresh_options = {k: v for k, v in plan_options.items() if k not in SCORE_OPTIONS}
+        plan_fn = make_planner(planner, topo, active_gpus=active_gpus, **fresh_options)
         oracle_bal = _oracle(wsum, plan_fn, builtin=isinstance(planner, str),
                              realised=realised)
     name = planner if isinstance(planner, str) else getattr(planner, "__name__", "callable")
