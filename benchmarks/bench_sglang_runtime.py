@@ -8,7 +8,9 @@ evenly as they divide, the remainder at random (``_fair_choices``). This script 
 that loop on drifting real DeepSeek-V3 loads (MoE rows 3..60, R=288, one node of 8 or 32
 GPUs) for three planners, each from its own previous map:
 
-- **SGLang's own** ``deepseek`` algorithm (from the fetched wheel; a fresh plan each time);
+- **SGLang's own** algorithm (from the fetched wheel; a fresh plan each time): what its
+  default ``--eplb-algorithm auto`` resolves to for DeepSeek-V3's 8 groups on one node
+  (``compute_algorithm``: ``deepseek_hierarchical``), called as ``init_by_eplb`` calls it;
 - **eplb, even split**: eplb's hook with the option ``dispatch: even`` (what it planned on
   one node before 2026-12-06: the even split, from the map in force);
 - **eplb (default)**: eplb's hook as SGLang calls it (``dispatch: auto`` with SGLang's
@@ -58,16 +60,24 @@ R, E = 288, 256
 GPUS = (8, 32)
 
 
-def sglang_own(root, weight: torch.Tensor, gpus: int) -> torch.Tensor:
-    """SGLang 0.5.23's ``deepseek`` algorithm (flat: one node), from the wheel."""
+def sglang_algorithms(root) -> types.ModuleType:
+    """SGLang 0.5.23's ``eplb_algorithms`` package from the wheel, imported once: the
+    stubs and the import stay outside the timed calls (each call used to import it again
+    inside ``sglang_sources``, which timed SGLang's module loading as its planning)."""
     settings = types.SimpleNamespace(exec=types.SimpleNamespace(moe=types.SimpleNamespace()),
                                      parallel=None, device=None)
     with sglang_sources(root, settings):
-        alg = importlib.import_module("sglang.srt.eplb.eplb_algorithms")
-        phy, _, _ = alg.rebalance_experts(
-            tokens_per_expert=weight[None].float(), num_physical_experts=R,
-            num_local_physical_experts=R // gpus, num_groups=8, num_nodes=1,
-            algorithm=alg.EplbAlgorithm["deepseek"])
+        return importlib.import_module("sglang.srt.eplb.eplb_algorithms")
+
+
+def sglang_own(alg: types.ModuleType, weight: torch.Tensor, gpus: int) -> torch.Tensor:
+    """SGLang's own plan as ``ExpertLocationMetadata.init_by_eplb`` makes it on one node:
+    the algorithm its default ``--eplb-algorithm auto`` resolves to for DeepSeek-V3's 8
+    groups (``deepseek_hierarchical`` with one node; the hook is asked the same)."""
+    phy, _, _ = alg.rebalance_experts(
+        tokens_per_expert=weight[None].float(), num_physical_experts=R,
+        num_local_physical_experts=R // gpus, num_groups=8, num_nodes=1,
+        algorithm=alg.compute_algorithm(raw_algorithm="auto", num_groups=8, num_nodes=1))
     return phy.long()
 
 
@@ -130,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("SGLang 0.5.23 not fetched: run python scripts/fetch_engines.py")
     if args.other_models:
         return other_models()
+    algorithms = sglang_algorithms(root)
     planners = {
-        "SGLang deepseek (its own)": lambda w, g, old: sglang_own(root, w, g),
+        "SGLang deepseek (its own)": lambda w, g, old: sglang_own(algorithms, w, g),
         "eplb, even split (dispatch: even)": lambda w, g, old: eplb_hook(
             w, g, old, {"dispatch": "even"}),
         "eplb (default)": lambda w, g, old: eplb_hook(w, g, old, {}),
