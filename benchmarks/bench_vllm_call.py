@@ -1,6 +1,7 @@
 """eplb on vLLM's real rebalance call vs vLLM's own DefaultEplbPolicy (0.33.0 or 0.34.0).
 
-vLLM calls its policy on every EP rank with the current map and int32 loads::
+vLLM calls its policy on every EP rank with the current map and int64 loads (its int32
+load window summed over steps, which torch promotes to int64)::
 
     rebalance_experts(load_window.cpu(), R, num_groups, num_nodes, P, phy2log.cpu())
 
@@ -143,11 +144,13 @@ def run(policy, windows, groups, nodes, repeats, replicas: int = R,
     experts = windows[0].shape[1]
     old = torch.arange(replicas).remainder(experts).repeat(windows[0].shape[0], 1)  # vLLM's
     records = []
+    # the dtype vLLM passes: eplb_state sums its int32 window over steps (torch: int64)
+    loads = [window.to(torch.int64) for window in windows]
     for t in range(len(windows) - 1):
         times = []
         for _ in range(repeats):
             begin = time.perf_counter()
-            new = policy.rebalance_experts(windows[t], replicas, groups, nodes, gpus,
+            new = policy.rebalance_experts(loads[t], replicas, groups, nodes, gpus,
                                            old.clone())
             times.append(time.perf_counter() - begin)
         changed = new != old

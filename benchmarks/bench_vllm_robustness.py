@@ -4,8 +4,9 @@ holds, and where it does not.
 ``bench_vllm_call.py`` measures the issue's protocol: real DeepSeek-V3 loads, each expert
 × exp(0.15·Z) per window, i.i.d. This script replays the same call (both planners start
 from vLLM's initial map ``slot i → expert i % E`` and then plan from their own previous
-map; int32 loads; eplb through its vLLM plugin class with default options, vLLM 0.33's
-``DefaultEplbPolicy`` from the fetched wheel) under other conditions, each a scenario:
+map; int64 loads, as vLLM passes them; eplb through its vLLM plugin class with default
+options, vLLM 0.33's ``DefaultEplbPolicy`` from the fetched wheel) under other
+conditions, each a scenario:
 
 - ``headline``: the issue's protocol (bench_vllm_call with ``--steps`` rebalances per
   workload; vLLM 0.33's policy, the same file as 0.34's);
@@ -193,7 +194,7 @@ def main(argv=None) -> int:
                 continue
             windows = chains()
             for label, groups, nodes in topologies:
-                runs = [replay(vllm.DefaultEplbPolicy, ours, [w.to(torch.int32) for w in chain],
+                runs = [replay(vllm.DefaultEplbPolicy, ours, [w.to(torch.int64) for w in chain],
                                replicas, gpus, groups, nodes, args.steady_from)
                         for chain in windows]
                 rows.append(row(name, label, runs))
