@@ -254,7 +254,8 @@ def portfolio_sweep() -> None:
     then the table's S >= 5 shapes planned with the portfolio above 1/3 of a GPU's mean
     load (the default before the eighteenth session) and with the default (above 1/2
     there), in sample and on the next window (each expert × exp(0.15·N(0, 1)), 8 draws;
-    all 12 real DeepSeek-V3 files, generated seeds 40-43: not the table's inputs)."""
+    the 8 real DeepSeek-V3 files the table does not read, generated seeds 40-43: not
+    the table's inputs; the 12 real files before, which held the table's 4)."""
     no_portfolio = eplb.PlanOptions(portfolio_threshold=1e9)
     third = eplb.PlanOptions(portfolio_threshold=1 / 3)
     gains: dict[tuple[int, str], list[float]] = {}
@@ -333,10 +334,11 @@ def portfolio_sweep() -> None:
 
 
 def _unseen_loads(key: str) -> tuple[list[torch.Tensor], str]:
-    """Inputs the shape table does not use: every real DeepSeek-V3 file (MoE rows), or
-    generated seeds 40-43."""
+    """Inputs the shape table does not use: the real DeepSeek-V3 files (MoE rows) but the
+    table's ``REAL_FILES`` (8 of the 12), or generated seeds 40-43."""
     model = MODELS[key]
-    files = sorted(REAL.glob("*.json")) if key == "dsv3" else []
+    files = ([f for f in sorted(REAL.glob("*.json")) if f.stem not in REAL_FILES]
+             if key == "dsv3" else [])
     if files:
         return [torch.tensor(json.loads(f.read_text())["logical_count"],
                              dtype=torch.float64)[3:] for f in files], "real"
