@@ -123,6 +123,22 @@ def test_from_the_map_in_force_no_layer_gets_worse_under_the_table_and_budgets_h
     assert split_draw_balancedness(w1, plan.phy2log, 8) > split_draw_balancedness(w1, old, 8)
 
 
+def test_from_a_map_the_ladder_cannot_reach_the_fresh_plan_is_still_offered():
+    """Without a budget the one-node table path makes its fresh plan only for the layers
+    the ladder may not reach (the fresh plan is half the call's time, and steady calls
+    from eplb's own maps hardly take it). A map planned for another workload, its hot
+    experts cold now, is such a case: its replica counts are far from the new ones, and
+    the ladder's steps alone ended at 0.971 here where the fresh plan offered beside
+    them gives 0.993 (a fresh plan alone 0.997, moving every slot)."""
+    weight = _loads(6, 64, 3, power=8)
+    start = eplb.plan(weight.flip(1), 96, 8, dispatch="nearest").phy2log
+    fresh = eplb.plan(weight, 96, 8, dispatch="nearest")
+    plan = eplb.plan(weight, 96, 8, dispatch="nearest", previous=start)
+    plan.validate()
+    assert (split_draw_balancedness(weight, plan.phy2log, 8)
+            >= split_draw_balancedness(weight, fresh.phy2log, 8) - 0.005)
+
+
 def test_under_a_budget_the_table_path_buys_at_least_what_the_even_splits_plan_buys():
     # 7 GPUs: no divisor step fits 5 spare slots, so the ladder toward divided counts
     # buys nothing with a few slots; the even split's incremental plan within the budget

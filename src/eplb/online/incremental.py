@@ -566,9 +566,10 @@ def _plan_nearest(
         quota = max(2, round(request.options.incremental.quota * topo.num_replicas))
         layer_quota = np.where(replanned, 0, quota)
 
-        def rungs(target: np.ndarray | None) -> np.ndarray:
-            return _refine_rows(weight, base_map, request, layer_quota, budget is not None,
-                                target=target)[0]
+        def rungs(target: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            ladder, transfers, _, _ = _refine_rows(weight, base_map, request, layer_quota,
+                                                   budget is not None, target=target)
+            return ladder, transfers > layer_quota
 
         out = plan_table_incremental(host, base, budget, rungs, warm_even)
     else:

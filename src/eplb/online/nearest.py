@@ -22,8 +22,9 @@ caps the moves that pay; it buys none that do not:
 
 On one node (``fair="divide"``, or ``"auto"`` with every GPU live) the rule is SGLang's
 runtime table (:func:`plan_table_incremental`): the candidates are the even split's
-warm-start ladder toward counts that divide the GPUs and the fresh plan relabelled, and
-the values are the means over sampled draws of the table
+warm-start ladder toward counts that divide the GPUs and the fresh plan relabelled (made,
+without a budget, only for the layers the ladder may not reach), and the values are the
+means over sampled draws of the table
 (:func:`eplb.core.rank_draws.split_draw_shares`): the even split's expectation would
 value a count that does not divide the GPUs at what the table does not serve.
 """
@@ -93,7 +94,7 @@ def plan_table_incremental(
     request: PlanRequest,
     base: torch.Tensor,
     max_moves: torch.Tensor | int | None,
-    rungs: Callable[[np.ndarray | None], np.ndarray],
+    rungs: Callable[[np.ndarray | None], tuple[np.ndarray, np.ndarray]],
     warm_even: Callable[[torch.Tensor, torch.Tensor | int | None], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``phy2log [L, R]`` re-planned on one node for SGLang's runtime table (module
@@ -102,13 +103,20 @@ def plan_table_incremental(
 
     ``rungs(target)`` is the warm-start ladder of the even split's planner from ``base``
     (``[C, L, R]``, ``base`` first) with its replica transfers going toward ``target
-    [L, E]`` counts (``None``: Jefferson's). Candidates: the ladder toward counts that
-    divide the GPUs (:func:`eplb.core.dispatch_plan.divisor_counts`: the table splits
-    them exactly), and the fresh plan (under ``fair="auto"`` per layer the even split or
-    those counts) relabelled onto ``base``; per layer the one that pays best under the
-    table (:func:`paying_values`), within the budget. (A ladder toward Jefferson's counts
-    as well doubled the call's time for no better next window: BENCHMARKS.md §14,
-    forty-fifth session.) Under a budget, ``warm_even(base, max_moves)``, the even
+    [L, E]`` counts (``None``: Jefferson's), and ``[L]`` the layers whose counts are
+    further from the target than one ladder step's quota. Candidates: the ladder toward
+    counts that divide the GPUs (:func:`eplb.core.dispatch_plan.divisor_counts`: the
+    table splits them exactly), and the fresh plan (under ``fair="auto"`` per layer the
+    even split or those counts) relabelled onto ``base``; per layer the one that pays
+    best under the table (:func:`paying_values`), within the budget. (A ladder toward
+    Jefferson's counts as well doubled the call's time for no better next window:
+    BENCHMARKS.md §14, forty-fifth session.) Without a budget the fresh plan is made
+    only for the layers the ladder may not reach: counts further from the target than a
+    step's quota, or a last step that still gains a move price (the global ladder's
+    rules, :func:`eplb.online.incremental.plan_incremental`). It is half
+    the call's time, and in steady calls from eplb's own maps it was taken in 0 of 2,088
+    layer plans on 8 GPUs and 2 of 2,088 on 32 (BENCHMARKS.md §14, forty-seventh
+    session). Under a budget, ``warm_even(base, max_moves)``, the even
     split's incremental plan within it, is offered too: toward divided counts a few
     slots buy little, and on real DeepSeek-V3 loads the table served the even split's
     plan better at every budget tried (attacker pass: 8 GPUs, 2 slots per layer, 0.8771
@@ -118,12 +126,21 @@ def plan_table_incremental(
     # (more slots than a replica of every expert on every GPU: nothing to divide)
     divide = topology.num_replicas <= weight.shape[1] * gpus
     target = divisor_counts(weight, topology.num_replicas, gpus).cpu().numpy() if divide else None
-    offers = [torch.from_numpy(rungs(target))]
-    fresh = fresh_phy2log(dataclasses.replace(request, source=None)).cpu()
-    offers.append(align_to_previous(fresh, base, gpus, gpus)[None])
+    ladder, far = rungs(target)
+    ladder = torch.from_numpy(ladder)
     layers = torch.arange(base.shape[0])
     if max_moves is None:
-        return choose_paying(request, torch.cat(offers))
+        values = paying_values(request, ladder)
+        # (the global ladder's rule: its last step still gains a move price)
+        gaining = values[-1] - values[-2] > request.options.incremental.move_price
+        need = torch.from_numpy(far).to(values.device) | gaining
+        fresh = _fresh_where(request, base, need.cpu())
+        # a candidate's value depends on it and the map in force only: scored apart
+        fresh_value = paying_values(request, torch.stack([base, fresh]))[1]
+        values = torch.cat([values, torch.where(need, fresh_value, -torch.inf)[None]])
+        pick = values.argmax(0)  # first on ties: the map in force
+        return torch.cat([ladder, fresh[None]])[pick, layers]
+    offers = [ladder, _fresh_where(request, base)[None]]
     if warm_even is not None:
         offers.append(warm_even(base, max_moves).cpu()[None])
     candidates = torch.cat(offers)
@@ -137,6 +154,22 @@ def plan_table_incremental(
     affordable = cost <= max_moves[None].cpu()
     pick = torch.where(affordable, paying_values(request, candidates).cpu(), -torch.inf).argmax(0)
     return candidates[pick, layers]
+
+
+def _fresh_where(request: PlanRequest, base: torch.Tensor,
+                 need: torch.Tensor | None = None) -> torch.Tensor:
+    """``[L, R]``: the fresh plan (tokens arising evenly) relabelled onto ``base`` in the
+    layers ``need [L]`` marks (default: all), ``base`` elsewhere."""
+    gpus = request.topology.num_gpus
+    plain = dataclasses.replace(request, source=None)
+    if need is None:
+        return align_to_previous(fresh_phy2log(plain).cpu(), base, gpus, gpus)
+    out = base.clone()
+    rows = need.nonzero()[:, 0]
+    if len(rows):
+        fresh = fresh_phy2log(plain.layers(rows.to(request.weight.device))).cpu()
+        out[rows] = align_to_previous(fresh, base[rows], gpus, gpus)
+    return out
 
 
 def choose_paying(request: PlanRequest, candidates: torch.Tensor) -> torch.Tensor:
