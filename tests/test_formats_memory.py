@@ -20,6 +20,19 @@ from eplb.formats import FormatError, detect_format, read_loads, read_routing
 LIMIT = "33,554,432"  # the planner's most slots over all layers, as the errors print it
 
 
+def _refused_within(path: Path, match: str, most: int) -> None:
+    """``read_loads(path)`` raises a FormatError matching ``match`` and peaks below
+    ``most`` bytes of Python-traced memory on the way."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match=match):
+            read_loads(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < most, peak
+
+
 def _counts(steps: int) -> np.ndarray:
     return (np.arange(steps * 58 * 256, dtype=np.int64) % 5000).reshape(steps, 58, 256)
 
@@ -164,15 +177,8 @@ def test_a_compressed_member_of_one_huge_raw_element_is_refused_before_inflating
     # before its dtype was refused; a 6 MB file would take the host's memory
     path = _raw_member_bomb(tmp_path / "raw.npz", descr)
     assert path.stat().st_size < (1 << 20)
-    tracemalloc.start()
-    try:
-        with pytest.raises(FormatError, match=r"raw\.npz: 'counts' is compressed and declares "
-                                              r"shape \(1,\) .*at most 100 "):
-            read_loads(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < (8 << 20)
+    _refused_within(path, r"raw\.npz: 'counts' is compressed and declares shape \(1,\) "
+                          r".*at most 100 ", 8 << 20)
 
 
 def test_a_torch_file_whose_entries_inflate_a_thousandfold_is_refused(tmp_path) -> None:
@@ -218,15 +224,8 @@ def test_a_trtllm_rank_file_of_scattered_entries_is_refused_in_its_own_memory(
     (tmp_path / "meta_info.json").write_text(json.dumps({"num_experts": 1}))
     save_file({f"{i}_{i % 4096}": torch.ones(1, dtype=torch.int64) for i in range(3000)},
               str(tmp_path / "rank0.safetensors"))
-    tracemalloc.start()
-    try:
-        with pytest.raises(FormatError, match=r"8997000 \(iteration, layer\) entries are "
-                                              r"missing, e\.g\. \[\(0, 1\), \(0, 2\), \(0, 3\)\]"):
-            read_loads(tmp_path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 50 * 2**20, peak
+    _refused_within(tmp_path, r"8997000 \(iteration, layer\) entries are missing, e\.g\. "
+                              r"\[\(0, 1\), \(0, 2\), \(0, 3\)\]", 50 * 2**20)
 
 
 def test_an_sglang_per_pass_map_naming_experts_far_beyond_its_slots_is_refused(
@@ -241,15 +240,8 @@ def test_an_sglang_per_pass_map_naming_experts_far_beyond_its_slots_is_refused(
     path = tmp_path / "expert_distribution_recorder_0.pt"
     torch.save({"records": records,
                 "last_physical_to_logical_map": torch.full((layers, 1), 65535)}, path)
-    tracemalloc.start()
-    try:
-        with pytest.raises(FormatError, match=r"its 1 forward pass of 1,000 layers would hold "
-                                              r"65,536 experts' loads each"):
-            read_loads(path)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < 50 * 2**20, peak
+    _refused_within(path, r"its 1 forward pass of 1,000 layers would hold 65,536 experts' "
+                          r"loads each", 50 * 2**20)
 
 
 def test_an_sglang_per_pass_dump_of_many_passes_is_read_whole(tmp_path) -> None:
