@@ -139,6 +139,19 @@ def test_from_a_map_the_ladder_cannot_reach_the_fresh_plan_is_still_offered():
             >= split_draw_balancedness(weight, fresh.phy2log, 8) - 0.005)
 
 
+def test_without_swap_steps_the_table_path_still_offers_the_fresh_plan():
+    """IncrementalOptions(steps=0) leaves the ladder only the map in force: the rule that
+    offers the fresh plan where the ladder's last step still gains read a step that is not
+    there (IndexError, review of this session's change). Every layer is offered it."""
+    weight = _loads(6, 64, 3, power=8)
+    start = eplb.plan(weight.flip(1), 96, 8, dispatch="nearest").phy2log
+    options = eplb.PlanOptions(incremental=eplb.IncrementalOptions(steps=0))
+    plan = eplb.plan(weight, 96, 8, dispatch="nearest", previous=start, options=options)
+    plan.validate()
+    assert (split_draw_balancedness(weight, plan.phy2log, 8)
+            > split_draw_balancedness(weight, start, 8) + 0.1)
+
+
 def test_under_a_budget_the_table_path_buys_at_least_what_the_even_splits_plan_buys():
     # 7 GPUs: no divisor step fits 5 spare slots, so the ladder toward divided counts
     # buys nothing with a few slots; the even split's incremental plan within the budget

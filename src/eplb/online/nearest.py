@@ -131,8 +131,10 @@ def plan_table_incremental(
     layers = torch.arange(base.shape[0])
     if max_moves is None:
         values = paying_values(request, ladder)
-        # (the global ladder's rule: its last step still gains a move price)
-        gaining = values[-1] - values[-2] > request.options.incremental.move_price
+        # (the global ladder's rule: its last step still gains a move price; with no
+        # swap step, IncrementalOptions(steps=0), the fresh plan is the only move offered)
+        gaining = (values[-1] - values[-2] > request.options.incremental.move_price
+                   if len(values) > 1 else torch.ones_like(values[0], dtype=torch.bool))
         need = torch.from_numpy(far).to(values.device) | gaining
         fresh = _fresh_where(request, base, need.cpu())
         # a candidate's value depends on it and the map in force only: scored apart
