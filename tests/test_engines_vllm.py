@@ -149,6 +149,25 @@ def test_the_policy_refuses_complex_loads_by_name():
         plugin.EplbPolicy.rebalance_experts(torch.ones(2, 8, dtype=torch.complex64), 16, 1, 1, 4)
 
 
+def test_complex_loads_raise_even_with_vllms_policy_to_fall_back_on(vllm, caplog):
+    """A caller's mistake, the same on every rank (attacker pass: with vLLM importable it
+    fell back to vLLM's policy, which planned on the complex loads, with an ERROR line)."""
+    with pytest.raises(TypeError, match="weight has complex dtype"):
+        plugin.vllm_policy_class().rebalance_experts(
+            torch.ones(2, 8, dtype=torch.complex64), 16, 1, 1, 4)
+    assert "vLLM's default policy" not in caplog.text
+
+
+def test_sparse_loads_and_map_are_planned_as_their_dense_values(vllm):
+    # (attacker pass: torch's aminmax / lt have no sparse kernel; the plugin fell back to
+    # vLLM's policy for sparse loads, where eplb.plan reads them densely)
+    weight = torch.randint(0, 50, (2, 8))
+    old = (torch.arange(16) % 8).repeat(2, 1)
+    policy = plugin.vllm_policy_class()
+    assert torch.equal(policy.rebalance_experts(weight.to_sparse(), 16, 1, 1, 4, old.to_sparse()),
+                       policy.rebalance_experts(weight, 16, 1, 1, 4, old))
+
+
 def test_register_without_vllm_is_a_noop(monkeypatch):
     monkeypatch.setenv(plugin.ENV_VAR, "eplb")
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:

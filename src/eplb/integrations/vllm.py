@@ -181,6 +181,14 @@ class EplbPolicy:
         refuse_without_values(old_global_expert_indices, "old_global_expert_indices")
         if weight.dim() != 2:
             raise ValueError(f"weight must be [layers, experts], got shape {tuple(weight.shape)}")
+        if weight.is_complex():  # (it fell back to vLLM's policy, which planned on it)
+            raise TypeError(f"weight has complex dtype {weight.dtype}; expected a real or "
+                            "integer dtype")
+        if weight.layout != torch.strided:  # sparse loads and map: read as eplb.plan does
+            weight = weight.to_dense()
+        old = old_global_expert_indices
+        if old is not None and old.layout != torch.strided:
+            old_global_expert_indices = old.to_dense()
         old_shape = (weight.shape[0], num_replicas)
         if old_global_expert_indices is not None and (
                 tuple(old_global_expert_indices.shape) == old_shape):  # (others: not used)
