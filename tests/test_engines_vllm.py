@@ -168,6 +168,23 @@ def test_sparse_loads_and_map_are_planned_as_their_dense_values(vllm):
                        policy.rebalance_experts(weight, 16, 1, 1, 4, old))
 
 
+def test_numpy_option_values_work_on_several_ranks_as_on_one(vllm, monkeypatch):
+    """The options check takes NumPy scalars; the tag the ranks compare (made only with an
+    agreement, i.e. on several ranks) raised 'Object of type int64 is not JSON
+    serializable' after planning (attacker pass)."""
+    import numpy as np
+
+    from eplb.integrations.agreement import PlanAgreement
+
+    options = {"seed": np.int64(3), "drift": np.float32(0.1)}
+    monkeypatch.setattr(plugin, "_agreement_for", lambda options: PlanAgreement(
+        torch.distributed.HashStore(), 0, 1, "t", 5))
+    weight = torch.randint(0, 50, (2, 8))
+    got = plugin.vllm_policy_class(options).rebalance_experts(weight, 16, 1, 1, 4)
+    assert torch.equal(got, plugin.vllm_policy_class({"seed": 3, "drift": 0.1})
+                       .rebalance_experts(weight, 16, 1, 1, 4))
+
+
 def test_register_without_vllm_is_a_noop(monkeypatch):
     monkeypatch.setenv(plugin.ENV_VAR, "eplb")
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:

@@ -451,7 +451,9 @@ def _ranks_key(ranks: list[int]) -> str:
 
 
 def _tag(options: dict[str, Any]) -> str:
-    return f"eplb {__version__} {json.dumps(options, sort_keys=True)}"
+    # (default=str: NumPy scalars the options check accepts raised TypeError here, on a
+    # multi-rank run only: attacker pass)
+    return f"eplb {__version__} {json.dumps(options, sort_keys=True, default=str)}"
 
 
 # -- registration ----------------------------------------------------------------------------
@@ -471,7 +473,7 @@ def vllm_policy_class(options: dict[str, Any] | None = None) -> type:
 
     options = dict(options or {})
     _check_options(options, source="options")
-    key = (AbstractEplbPolicy, json.dumps(options, sort_keys=True))
+    key = (AbstractEplbPolicy, json.dumps(options, sort_keys=True, default=str))
     cls = _CLASS_CACHE.get(key)
     if cls is None:
         cls = type(
