@@ -40,6 +40,7 @@ import torch
 from eplb.core.dispatch import realised_slot_loads
 from eplb.core.dispatch_plan import divisor_counts
 from eplb.core.node_repair import repair_node_pairs
+from eplb.core.options import COARSE_SLOTS
 from eplb.core.planner import fresh_phy2log
 from eplb.core.rank_draws import split_draw_slot_loads
 from eplb.core.request import PlanRequest
@@ -131,11 +132,20 @@ def plan_table_incremental(
     layers = torch.arange(base.shape[0])
     if max_moves is None:
         values = paying_values(request, ladder)
-        # (the global ladder's rule: its last step still gains a move price; with no
-        # swap step, IncrementalOptions(steps=0), the fresh plan is the only move offered)
-        gaining = (values[-1] - values[-2] > request.options.incremental.move_price
+        # (the global ladder's rule: its last step still gains; here a quarter of the
+        # move price, as the values are net of the moves: at R = E, 8 GPUs, a last step
+        # gaining 0.003-0.009 ended 0.004-0.009 of the next window short of the fresh
+        # plan, attacker pass; with no swap step, IncrementalOptions(steps=0), the fresh
+        # plan is the only move offered)
+        gaining = (values[-1] - values[-2] > request.options.incremental.move_price / 4
                    if len(values) > 1 else torch.ones_like(values[0], dtype=torch.bool))
-        need = torch.from_numpy(far).to(values.device) | gaining
+        # or, as the global ladder's rules too: at <= 3 slots per GPU, or where its end
+        # is further from the layer's bound in sample than the drift's own excess (an
+        # old packing its swaps cannot undo: at R = E, 8 GPUs, it ended 0.01-0.02 of the
+        # next window short of the fresh plan, moves paid; attacker pass)
+        need = (torch.from_numpy(far).to(values.device) | gaining
+                | _short_of_bound(request, ladder[-1]).to(values.device)
+                | (topology.slots_per_gpu <= COARSE_SLOTS))
         fresh = _fresh_where(request, base, need.cpu())
         # a candidate's value depends on it and the map in force only: scored apart
         fresh_value = paying_values(request, torch.stack([base, fresh]))[1]
@@ -156,6 +166,30 @@ def plan_table_incremental(
     affordable = cost <= max_moves[None].cpu()
     pick = torch.where(affordable, paying_values(request, candidates).cpu(), -torch.inf).argmax(0)
     return candidates[pick, layers]
+
+
+def _short_of_bound(request: PlanRequest, end: torch.Tensor) -> torch.Tensor:
+    """``[L]``: the layers whose ladder end ``end [L, R]`` is further above the layer's
+    bound (perfect balance, or its heaviest slot's share of the expert) in sample than
+    the drift's own excess, where a placement at the bound with that excess would beat it
+    on the next window by more than the move price
+    (:func:`eplb.online.incremental._far_from_bound`, under the table)."""
+    weight, topology = request.weight.cpu().to(torch.float64), request.topology
+    expected, peak = expected_balance(weight, end[None], topology.num_gpus,
+                                      topology.num_nodes, request.options.incremental.drift,
+                                      request.active_gpus)
+    mean = weight.sum(1) / int(request.live.sum())
+    counts = torch.zeros_like(weight).scatter_add_(
+        1, end.long(), torch.ones(end.shape, dtype=weight.dtype))
+    heaviest = (weight / counts.clamp(min=1)).amax(1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        now = (peak[0].cpu() / mean).numpy()
+        ahead = (1.0 / expected[0].cpu()).numpy()
+        bound = np.maximum(1.0, (heaviest / mean).numpy())
+        excess = np.maximum(ahead - now, 0.0)
+        far = (now - bound > excess) & (1.0 / (bound + excess) - 1.0 / ahead
+                                         > request.options.incremental.move_price)
+    return torch.from_numpy(far)
 
 
 def _fresh_where(request: PlanRequest, base: torch.Tensor,
