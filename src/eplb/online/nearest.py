@@ -131,7 +131,8 @@ def plan_table_incremental(
     ladder = torch.from_numpy(ladder)
     layers = torch.arange(base.shape[0])
     if max_moves is None:
-        values = paying_values(request, ladder)
+        balance = _balance(request, ladder)  # (scored once: the values, the bound rule)
+        values = paying_values(request, ladder, balance=balance)
         # (the global ladder's rule: its last step still gains; here a quarter of the
         # move price, as the values are net of the moves: at R = E, 8 GPUs, a last step
         # gaining 0.003-0.009 ended 0.004-0.009 of the next window short of the fresh
@@ -144,7 +145,8 @@ def plan_table_incremental(
         # old packing its swaps cannot undo: at R = E, 8 GPUs, it ended 0.01-0.02 of the
         # next window short of the fresh plan, moves paid; attacker pass)
         need = (torch.from_numpy(far).to(values.device) | gaining
-                | _short_of_bound(request, ladder[-1]).to(values.device)
+                | _short_of_bound(request, ladder[-1], balance[0][-1], balance[1][-1]
+                                  ).to(values.device)
                 | (topology.slots_per_gpu <= COARSE_SLOTS))
         fresh = _fresh_where(request, base, need.cpu())
         # a candidate's value depends on it and the map in force only: scored apart
@@ -168,23 +170,31 @@ def plan_table_incremental(
     return candidates[pick, layers]
 
 
-def _short_of_bound(request: PlanRequest, end: torch.Tensor) -> torch.Tensor:
-    """``[L]``: the layers whose ladder end ``end [L, R]`` is further above the layer's
-    bound (perfect balance, or its heaviest slot's share of the expert) in sample than
-    the drift's own excess, where a placement at the bound with that excess would beat it
-    on the next window by more than the move price
-    (:func:`eplb.online.incremental._far_from_bound`, under the table)."""
-    weight, topology = request.weight.cpu().to(torch.float64), request.topology
-    expected, peak = expected_balance(weight, end[None], topology.num_gpus,
-                                      topology.num_nodes, request.options.incremental.drift,
-                                      request.active_gpus)
+def _balance(request: PlanRequest, candidates: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`expected_balance` of ``candidates [C, L, R]`` under ``request``."""
+    topology = request.topology
+    return expected_balance(request.weight, candidates, topology.num_gpus,
+                            topology.num_nodes, request.options.incremental.drift,
+                            request.active_gpus)
+
+
+def _short_of_bound(request: PlanRequest, end: torch.Tensor, expected: torch.Tensor,
+                    peak: torch.Tensor) -> torch.Tensor:
+    """``[L]``: the layers whose ladder end ``end [L, R]`` (its :func:`expected_balance`
+    ``expected [L]`` and ``peak [L]``) is further above the layer's bound (perfect
+    balance, or its heaviest slot's share of the expert) in sample than the drift's own
+    excess, where a placement at the bound with that excess would beat it on the next
+    window by more than the move price (:func:`eplb.online.incremental._far_from_bound`,
+    under the table)."""
+    weight = request.weight.cpu().to(torch.float64)
     mean = weight.sum(1) / int(request.live.sum())
     counts = torch.zeros_like(weight).scatter_add_(
         1, end.long(), torch.ones(end.shape, dtype=weight.dtype))
     heaviest = (weight / counts.clamp(min=1)).amax(1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        now = (peak[0].cpu() / mean).numpy()
-        ahead = (1.0 / expected[0].cpu()).numpy()
+        now = (peak.cpu().to(torch.float64) / mean).numpy()
+        ahead = (1.0 / expected.cpu().to(torch.float64)).numpy()
         bound = np.maximum(1.0, (heaviest / mean).numpy())
         excess = np.maximum(ahead - now, 0.0)
         far = (now - bound > excess) & (1.0 / (bound + excess) - 1.0 / ahead
@@ -217,7 +227,8 @@ def choose_paying(request: PlanRequest, candidates: torch.Tensor) -> torch.Tenso
 
 
 def paying_values(request: PlanRequest, candidates: torch.Tensor,
-                  by_time: bool = False) -> torch.Tensor:
+                  by_time: bool = False,
+                  balance: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``[C, L]``: what each candidate of ``candidates [C, L, R]`` (candidate 0 the map in
     force, made valid for the call) pays under the nearest rule: its balancedness gain
     over candidate 0, the smaller of the gain on the window at hand (realised under the
@@ -232,14 +243,14 @@ def paying_values(request: PlanRequest, candidates: torch.Tensor,
     first order instead (a layer's time is its load times 1 / balancedness: the gain
     times the layer's load share over candidate 0's balancedness squared); unpaid
     candidates ``-inf``. Balancedness gains alone gave slots to layers of a millionth
-    of the load (attacker pass)."""
+    of the load (attacker pass). ``balance``: :func:`expected_balance` of the candidates
+    under the request, when the caller has it."""
     weight, topology = request.weight, request.topology
     old = candidates[0]
     options = request.options.incremental
     price = options.layer_price(topology.slots_per_gpu) / old.shape[1]  # per slot
     mean = weight.sum(1) / int(request.live.sum())
-    expected, peak = expected_balance(weight, candidates, topology.num_gpus,
-                                      topology.num_nodes, options.drift, request.active_gpus)
+    expected, peak = _balance(request, candidates) if balance is None else balance
     in_sample = mean / peak.clamp(min=1e-300)
     gain = torch.minimum(in_sample - in_sample[:1], expected - expected[:1])
     value = gain - price * (candidates != old[None]).sum(2)
