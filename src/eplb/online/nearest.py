@@ -113,8 +113,9 @@ def plan_table_incremental(
     Jefferson's counts as well doubled the call's time for no better next window:
     BENCHMARKS.md §14, forty-fifth session.) Without a budget the fresh plan is made
     only for the layers the ladder may not reach: counts further from the target than a
-    step's quota, or a last step that still gains a move price (the global ladder's
-    rules, :func:`eplb.online.incremental.plan_incremental`). It is half
+    step's quota, a last step that still gains a quarter of the move price, an end
+    further from the layer's bound than the drift's excess, or at most 3 slots per GPU
+    (the global ladder's rules, :func:`eplb.online.incremental.plan_incremental`). It is half
     the call's time, and in steady calls from eplb's own maps it was taken in 0 of 2,088
     layer plans on 8 GPUs and 2 of 2,088 on 32 (BENCHMARKS.md §14, forty-seventh
     session). Under a budget, ``warm_even(base, max_moves)``, the even
