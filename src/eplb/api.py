@@ -20,7 +20,7 @@ from eplb.core.options import PlanOptions, with_incremental
 from eplb.core.placement import Placement
 from eplb.core.planner import make_request, plan_fresh
 from eplb.core.trace import LoadTrace
-from eplb.online.incremental import plan_incremental, takes_budget
+from eplb.online.incremental import plan_incremental, refuse_unscored
 
 
 def plan(
@@ -249,15 +249,9 @@ def _plan(
         stacklevel=5,  # resolve_policy, make_request, _plan, plan, the caller
     )
     if previous is not None:  # (gpu_speed is refused there: see plan_incremental)
-        unscored = [name for name, value in (("move_price", move_price), ("drift", drift),
-                    ("group_share", group_share)) if value is not None]
-        if unscored and not takes_budget(request.dispatch, request.topology.num_nodes,
-                                         request.policy, False):
-            # the plan is re-made and relabelled onto the old GPUs, no move scored: these
-            # were taken and changed nothing (max_moves and skip_threshold were refused)
-            raise ValueError(f"{', '.join(unscored)}: with dispatch='nearest' the "
-                             f"{request.policy} policy re-plans and relabels onto the old "
-                             "GPUs, scoring no moves; leave them out, or pass policy='global'")
+        refuse_unscored([name for name, value in (("move_price", move_price), ("drift", drift),
+                         ("group_share", group_share)) if value is not None],
+                        request.dispatch, request.topology.num_nodes, request.policy)
         return plan_incremental(
             request, previous, max_moves=max_moves, skip_threshold=skip_threshold
         )

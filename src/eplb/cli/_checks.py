@@ -115,7 +115,8 @@ def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = Fals
         raise CliError(f"--max-moves under --dispatch nearest on several nodes budgets the "
                        f"global policy with every GPU live; with {where} eplb re-plans and "
                        f"relabels onto the old GPUs (no budget): {fix}")
-    if getattr(args, "move_price", None) is not None and policy != "global" and args.nodes > 1:
+    if (getattr(args, "move_price", None) is not None
+            and not takes_budget("nearest", args.nodes, policy, False)):
         raise CliError(f"--move-price under --dispatch nearest prices the global policy's "
                        f"moves; with the {policy} policy eplb re-plans and relabels onto the "
                        "old GPUs, scoring no moves: drop --move-price")

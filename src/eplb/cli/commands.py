@@ -200,9 +200,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # the model layer the --mtp-layers follow: the loads' last, even where --previous
     # leaves out an idle last row (the MTP layer took that row's id)
     last_layer = max(layer_ids)
-    if not 0 <= args.mtp_layers <= MAX_MODEL_LAYERS - 1 - max(layer_ids):
-        raise CliError(f"--mtp-layers must be in 0..{MAX_MODEL_LAYERS - 1 - max(layer_ids)} "
-                       f"(model layers after the last row, {max(layer_ids)}, up to "
+    if not 0 <= args.mtp_layers <= MAX_MODEL_LAYERS - 1 - last_layer:
+        raise CliError(f"--mtp-layers must be in 0..{MAX_MODEL_LAYERS - 1 - last_layer} "
+                       f"(model layers after the last row, {last_layer}, up to "
                        f"{MAX_MODEL_LAYERS - 1}), got {args.mtp_layers}")
     model_layers = _sglang_layers(trace, layer_ids, args, loads) if emit == "sglang" else None
     if model_layers is not None and model_layers <= MAX_MODEL_LAYERS:  # larger: refused below

@@ -88,7 +88,7 @@ from eplb.online.forced import (
     within_limits,
 )
 from eplb.online.nearest import choose_paying, plan_nearest_incremental, plan_table_incremental
-from eplb.online.score import exact_peak, expected_peak, units_of
+from eplb.online.score import exact_peak, expected_peak, far_from_bound, units_of
 
 
 def _host_weight(request: PlanRequest) -> np.ndarray:
@@ -327,7 +327,7 @@ def plan_incremental(
         # (the best candidate's peaks: expected, and in sample among those offered)
         offered = np.isfinite(peak) & usual[:, None]
         best_now = np.where(offered, now, np.inf).min(0)
-        need = _far_from_bound(np.where(offered, peak, np.inf).min(0), best_now, scored.bound,
+        need = far_from_bound(np.where(offered, peak, np.inf).min(0), best_now, scored.bound,
                                options.move_price)
         need &= ~replanned
         if topo.slots_per_gpu <= COARSE_SLOTS:  # little room for swaps, as under global
@@ -377,7 +377,7 @@ def plan_incremental(
         #   (BENCHMARKS.md §3)
         balance = 1.0 / peak
         gaining = balance[-1] - balance[max(0, len(balance) - 1 - back)] > options.move_price
-        far = _far_from_bound(peak[-1], now[-1], 1.0, options.move_price)  # the ladder's end
+        far = far_from_bound(peak[-1], now[-1], 1.0, options.move_price)  # the ladder's end
         # with at most 3 slots per GPU the swap search has little room and the ladder
         # ends short of a fresh plan in most layers (at 2–3 slots on synthetic loads the
         # next window fell 0.009–0.011 below a fresh plan's): every layer is offered one
@@ -447,17 +447,6 @@ def plan_incremental(
     )
     return validate_planned(placement)
 
-
-def _far_from_bound(peak: np.ndarray, now: np.ndarray, bound: np.ndarray | float,
-                    move_price: float) -> np.ndarray:
-    """``[L]`` the layers whose candidate (expected peak ``peak [L]`` and in-sample peak
-    ``now [L]``, over the mean) ends further above ``bound`` (``[L]``, or 1.0: perfect
-    balance) in sample than the drift's own excess over it (below that the noise decides
-    the next window), where a placement at the bound with the same excess would beat it on
-    the next window by more than ``move_price``: an old packing the ladder cannot undo."""
-    excess = np.maximum(peak - now, 0.0)  # the drift's
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (now - bound > excess) & (1.0 / (bound + excess) - 1.0 / peak > move_price)
 
 
 def _with_candidates(take: Callable[[np.ndarray], np.ndarray], extra: np.ndarray,
@@ -587,6 +576,18 @@ def takes_budget(dispatch: str, num_nodes: int, policy: str, dead_gpus: bool) ->
     re-plan whole and relabel onto the old GPUs (:func:`_plan_nearest`); the CLI asks it
     too, before telling forced moves from the others."""
     return not (dispatch == "nearest" and num_nodes > 1 and (policy != "global" or dead_gpus))
+
+
+def refuse_unscored(names: list[str], dispatch: str, num_nodes: int, policy: str) -> None:
+    """Refuse the move-scoring options ``names`` (``move_price``, ``drift``,
+    ``group_share`` the caller set) where the plan from a map in force scores no moves:
+    nearest dispatch on several nodes with a policy other than global re-plans and
+    relabels onto the old GPUs (:func:`takes_budget`), so they were taken and changed
+    nothing (attacker pass). ``eplb.plan`` and the ``Rebalancer`` ask it alike."""
+    if names and not takes_budget(dispatch, num_nodes, policy, False):
+        raise ValueError(f"{', '.join(names)}: with dispatch='nearest' the {policy} policy "
+                         "re-plans and relabels onto the old GPUs, scoring no moves; leave "
+                         "them out, or pass policy='global'")
 
 
 def _live_only(candidates: np.ndarray, live_gpus: np.ndarray, topo: Topology) -> np.ndarray:

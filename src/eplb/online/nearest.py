@@ -46,7 +46,7 @@ from eplb.core.rank_draws import split_draw_slot_loads
 from eplb.core.request import PlanRequest
 from eplb.online.align import align_to_previous
 from eplb.online.budget import layer_loads, load_shares, spend_budget
-from eplb.online.score import peak_of
+from eplb.online.score import far_from_bound, peak_of
 
 #: of an incremental budget, the part the even-split warm start may use
 WARM_SHARE = 0.85
@@ -149,6 +149,8 @@ def plan_table_incremental(
                 | _short_of_bound(request, ladder[-1], balance[0][-1], balance[1][-1]
                                   ).to(values.device)
                 | (topology.slots_per_gpu <= COARSE_SLOTS))
+        if not bool(need.any()):  # (most steady calls: no fresh plan to make or score)
+            return ladder[values.argmax(0), layers]
         fresh = _fresh_where(request, base, need.cpu())
         # a candidate's value depends on it and the map in force only: scored apart
         fresh_value = paying_values(request, torch.stack([base, fresh]))[1]
@@ -186,8 +188,8 @@ def _short_of_bound(request: PlanRequest, end: torch.Tensor, expected: torch.Ten
     ``expected [L]`` and ``peak [L]``) is further above the layer's bound (perfect
     balance, or its heaviest slot's share of the expert) in sample than the drift's own
     excess, where a placement at the bound with that excess would beat it on the next
-    window by more than the move price (:func:`eplb.online.incremental._far_from_bound`,
-    under the table)."""
+    window by more than the move price (:func:`eplb.online.score.far_from_bound`, under
+    the table)."""
     weight = request.weight.cpu().to(torch.float64)
     mean = weight.sum(1) / int(request.live.sum())
     counts = torch.zeros_like(weight).scatter_add_(
@@ -197,10 +199,8 @@ def _short_of_bound(request: PlanRequest, end: torch.Tensor, expected: torch.Ten
         now = (peak.cpu().to(torch.float64) / mean).numpy()
         ahead = (1.0 / expected.cpu().to(torch.float64)).numpy()
         bound = np.maximum(1.0, (heaviest / mean).numpy())
-        excess = np.maximum(ahead - now, 0.0)
-        far = (now - bound > excess) & (1.0 / (bound + excess) - 1.0 / ahead
-                                         > request.options.incremental.move_price)
-    return torch.from_numpy(far)
+    return torch.from_numpy(far_from_bound(ahead, now, bound,
+                                           request.options.incremental.move_price))
 
 
 def _fresh_where(request: PlanRequest, base: torch.Tensor,

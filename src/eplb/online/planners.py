@@ -32,7 +32,7 @@ from eplb.core.topology import (
 )
 from eplb.online.budget import check_budget
 from eplb.online.estimate import Estimate, expected_max, interchangeable, select_per_layer
-from eplb.online.incremental import plan_incremental, takes_budget
+from eplb.online.incremental import plan_incremental, refuse_unscored, takes_budget
 from eplb.online.settings import SCORE_OPTIONS, check_option_values
 
 #: a planner: ``(weight [L, E], the placement in force or None) -> Placement``
@@ -216,13 +216,9 @@ def make_planner(
             raise ValueError("max_moves with dispatch='nearest' on several nodes needs the "
                              "global policy with every GPU live (other plans re-plan and "
                              "relabel, unbudgeted)")
-        unscored = [k for k in SCORE_OPTIONS if plan_options.get(k) is not None]
-        if (plan_options.get("dispatch") == "nearest" and incremental and unscored
-                and concrete != "global" and topo.num_nodes > 1):
-            # as eplb.plan refuses them: that plan scores no moves, so they changed nothing
-            raise ValueError(f"{', '.join(unscored)}: with dispatch='nearest' the {concrete} "
-                             "policy re-plans and relabels onto the old GPUs, scoring no "
-                             "moves; leave them out, or pass policy='global'")
+        if incremental:  # as eplb.plan refuses them where no move is scored
+            refuse_unscored(scored, plan_options.get("dispatch") or "even", topo.num_nodes,
+                            concrete)
         if (plan_options.get("dispatch") == "nearest" and incremental
                 and plan_options.get("fair") == "avoid" and topo.num_nodes == 1):
             # planned fresh only (eplb.plan refuses previous=): every rebalance after the

@@ -200,6 +200,18 @@ def draw_maxima(
     return noisy.add_(gpu[None]).amax(-1).numpy()
 
 
+def far_from_bound(peak: np.ndarray, now: np.ndarray, bound: np.ndarray | float,
+                    move_price: float) -> np.ndarray:
+    """``[L]`` the layers whose candidate (expected peak ``peak [L]`` and in-sample peak
+    ``now [L]``, over the mean) ends further above ``bound`` (``[L]``, or 1.0: perfect
+    balance) in sample than the drift's own excess over it (below that the noise decides
+    the next window), where a placement at the bound with the same excess would beat it on
+    the next window by more than ``move_price``: an old packing the ladder cannot undo."""
+    excess = np.maximum(peak - now, 0.0)  # the drift's
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (now - bound > excess) & (1.0 / (bound + excess) - 1.0 / peak > move_price)
+
+
 def mean_of_draws(peaks: np.ndarray) -> np.ndarray:
     """``[...]`` the mean of :func:`draw_maxima` ``[D, ...]`` over the draws, added in a
     fixed order (the same bits on every machine)."""
