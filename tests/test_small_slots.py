@@ -108,7 +108,9 @@ def test_count_search_never_worsens_and_reports_its_counts(w, data):
     gpus = data.draw(st.integers(max(1, (experts + 1) // 2), 5))
     start = np.array([data.draw(st.sampled_from(list(compositions(2 * gpus, experts))))])
     weight = np.array([w], dtype=np.float64) + 1e-3  # the search takes no all-zero rows
-    counts, f = search_two_slot_counts(weight, start, iterations=20, donors=3)
+    hall = data.draw(st.integers(0, 2), label="hall_receivers")
+    counts, f = search_two_slot_counts(weight, start, iterations=20, donors=3,
+                                       hall_receivers=hall)
     assert counts.sum() == 2 * gpus and counts.min() >= 1
     # F is the anti-affine plan's max: never below the free pairing max of its counts,
     # and the plan of those counts reaches it exactly
@@ -128,7 +130,8 @@ def test_two_slot_plans_are_valid_and_never_beat_the_optimum(w, data):
     gpus = data.draw(st.integers(max(1, (experts + 1) // 2), 4))
     replicas = 2 * gpus
     weight = torch.tensor([w], dtype=torch.float64)
-    phy2log = plan_two_slots(weight, replicas)
+    hall = data.draw(st.sampled_from([None, 0, 1, 2]), label="hall_receivers")
+    phy2log = plan_two_slots(weight, replicas, hall_receivers=hall)
     placement = Placement.from_phy2log(phy2log, experts, Topology(replicas, gpus))
     placement.validate()  # anti-affinity included (or round-robin where unavoidable)
     if sum(w) == 0:
@@ -167,6 +170,28 @@ def test_two_slot_search_improves_a_known_case():
     assert best == pytest.approx(6.5) and start == pytest.approx(7.0)
     placement = eplb.plan(weight, 4, 2)
     assert placement.gpu_loads(weight).max().item() == pytest.approx(6.5)
+
+
+def test_two_slot_search_grows_the_expert_halls_condition_points_at():
+    # on 3 GPUs the critical pair's experts alone stall at counts [1, 2, 2, 1], largest pair
+    # 349 + 46.5: no single move from any donor (donors=4 is all of them) lowers it. It
+    # drops once a lighter partner exists: a second replica of the expert of 47 (two
+    # pieces of 23.5), with 93 whole again, gives 349 + 23.5. That expert lies outside the
+    # pair; the search with a Hall receiver finds it
+    weight = np.array([[47.0, 512.0, 93.0, 349.0]]) / 1001 * 3
+    start = np.array([[1, 2, 1, 2]])
+    _, stalled = search_two_slot_counts(weight, start, iterations=20, donors=4)
+    counts, f = search_two_slot_counts(weight, start, iterations=20, donors=4,
+                                       hall_receivers=1)
+    assert f[0] < stalled[0] * (1 - 1e-3)
+    assert f[0] == pytest.approx(pair_max(weight, counts)[0][0])
+    # the planner takes it where asked (by default only from 64 extra replicas on)
+    torch_weight = torch.tensor([[47.0, 512.0, 93.0, 349.0]], dtype=torch.float64)
+    with_hall = plan_two_slots(torch_weight, 6, hall_receivers=1)
+    placement = Placement.from_phy2log(with_hall, 4, Topology(6, 3))
+    placement.validate()
+    default = Placement.from_phy2log(plan_two_slots(torch_weight, 6), 4, Topology(6, 3))
+    assert placement.gpu_loads(torch_weight).max() < default.gpu_loads(torch_weight).max()
 
 
 @pytest.mark.parametrize(("replicas", "gpus"), [(8, 8), (12, 12), (8, 4), (16, 8), (12, 6)])
