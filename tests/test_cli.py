@@ -213,6 +213,32 @@ def test_plan_bad_dead_gpu_list(capsys, tmp_path, loads) -> None:
     assert "--dead-gpus" in err
 
 
+def test_plan_dead_gpus_take_ranges(capsys, tmp_path) -> None:
+    """A node lost is a range of GPUs: ``--dead-gpus 4-7`` is GPUs 4, 5, 6 and 7."""
+    loads = tmp_path / "loads.json"
+    loads.write_text(json.dumps(torch.rand(2, 8).mul(100).round().tolist()))
+    out = tmp_path / "p.json"
+    code, _, err = run(capsys, "plan", loads, "-r", 32, "-g", 8, "--dead-gpus", "1, 4-6",
+                       "-o", out)
+    assert code == 0, err
+    from eplb.formats import read_placement
+
+    placement = read_placement(out)
+    per_gpu = placement.phy2log.reshape(2, 8, 4)
+    dead = [1, 4, 5, 6]
+    assert bool((per_gpu[:, dead] < 0).all())
+    assert bool((per_gpu[:, [0, 2, 3, 7]] >= 0).all())
+    for spec, words in (("6-4", "runs down; write 4-6"), ("0-99999999999", "outside 0..7"),
+                        ("2,1-3", "GPU 2 twice"), ("1,,2", "empty item"),
+                        ("3-", "integers"), ("0-7", "every GPU dead")):
+        code, _, err = run(capsys, "plan", loads, "-r", 32, "-g", 8, "--dead-gpus", spec,
+                           "-o", tmp_path / "refused.json")
+        assert code == 2, spec
+        assert_one_line_error(err)
+        assert words in err, (spec, err)
+    assert not (tmp_path / "refused.json").exists()
+
+
 def test_plan_max_moves_needs_previous(capsys, tmp_path, loads) -> None:
     code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
                        str(tmp_path / "p.json"), "--max-moves", "2")

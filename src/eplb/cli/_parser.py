@@ -244,7 +244,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                         "candidate move that gains (the candidates are warm-start steps, and "
                         "a fresh plan where those fall short; default 0.01, about where "
                         "moving a DeepSeek-V3 layer breaks even)")
-    o.add_argument("--dead-gpus", metavar="LIST", help="comma-separated failed GPU ids, e.g. 3,17")
+    o.add_argument("--dead-gpus", metavar="LIST",
+                   help="comma-separated failed GPU ids or ranges, e.g. 3,17 or 8-15")
     o.add_argument("--gpu-speed", type=speed_spec, metavar="FILE_OR_LIST",
                    help="relative GPU speeds: comma list of P numbers, or a file with them")
     _add_dispatch(p, planning=True)

@@ -103,19 +103,42 @@ def parse_int_list(text: str, what: str) -> list[int]:
         raise CliError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
 
 
+_ID_RANGE = re.compile(r"([0-9]+)-([0-9]+)")  # ASCII digits, as integer() takes them
+
+
+def _gpu_ids(text: str, num_gpus: int) -> list[int]:
+    """``"3,8-15"`` -> ``[3, 8, 9, ..., 15]``: ids and inclusive ranges (a whole node lost
+    is a range of GPUs), each within ``0..num_gpus-1``. ``-3`` is a negative id, not a
+    range (a range has digits on both sides); a range running down (``15-8``) is refused,
+    not reversed."""
+    ids: list[int] = []
+    for item in text.replace(" ", "").split(","):
+        if not item:  # a number left out by a slip, most likely: not for eplb to guess
+            raise CliError(f"--dead-gpus {text!r} has an empty item: give comma-separated "
+                           "ids or ranges like 3,8-15")
+        match = _ID_RANGE.fullmatch(item)
+        first, last = ((int(match[1]), int(match[2])) if match
+                       else (parse_int_list(item, "--dead-gpus")[0],) * 2)
+        if first > last:
+            raise CliError(f"--dead-gpus: range {item} runs down; write {last}-{first}")
+        outside = first if not 0 <= first < num_gpus else last if last >= num_gpus else None
+        if outside is not None:  # before the range is listed: 0-10**12 would fill memory
+            raise CliError(f"--dead-gpus: GPU {outside} is outside 0..{num_gpus - 1}")
+        ids.extend(range(first, last + 1))
+    return ids
+
+
 def active_gpus_from(dead: str | None, num_gpus: int) -> torch.Tensor | None:
-    """``--dead-gpus 3,17`` -> ``[P]`` bool mask with those GPUs False (``None`` if not given)."""
+    """``--dead-gpus 3,17`` or ``8-15`` -> ``[P]`` bool mask with those GPUs False
+    (``None`` if not given)."""
     if dead is None:
         return None
-    ids = parse_int_list(dead, "--dead-gpus") if dead.strip(" ,") else []
-    if not ids:
+    if not dead.strip(" ,"):
         raise CliError("--dead-gpus names no GPU (give ids like 3,17, or leave it out)")
-    bad = [g for g in ids if not 0 <= g < num_gpus]
-    if bad:
-        raise CliError(f"--dead-gpus: GPU {bad[0]} is outside 0..{num_gpus - 1}")
-    twice = sorted({g for g in ids if ids.count(g) > 1})
-    if twice:  # a typo for another GPU, most likely: do not guess which
-        raise CliError(f"--dead-gpus names GPU {twice[0]} twice")
+    ids = _gpu_ids(dead, num_gpus)
+    twice = torch.nonzero(torch.bincount(torch.tensor(ids), minlength=num_gpus) > 1)
+    if len(twice):  # a typo for another GPU, most likely: do not guess which
+        raise CliError(f"--dead-gpus names GPU {int(twice[0])} twice")
     mask = torch.ones(num_gpus, dtype=torch.bool)
     mask[ids] = False
     if not bool(mask.any()):
