@@ -1,0 +1,181 @@
+"""Property tests of ``eplb plan`` (the placement-writing command), run in-process: loads
+files in every format eplb writes, every output emit, and the CLI's ways in of the old
+map and the cluster (``--previous`` files of several origins, ``--nodes/--groups``,
+``--policy``, ``--dead-gpus``, ``--gpu-speed``, ``--max-moves``).
+
+The other property modules drive the Python API; here the command must write a file that
+reads back as a placement that passes the whole contract, leaves dead GPUs empty, and is
+the placement ``eplb.plan`` makes from the same loads and options.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_contract
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import eplb
+from eplb.cli import main
+from eplb.core import plan_greedy
+from eplb.formats import EMITS, TRACE_EMITS, LoadTrace, read_placement, write_loads, write_placement
+
+SUFFIX = {"json": ".json", "pt": ".pt", "sglang": ".sglang.json", "trtllm": ".yaml"}
+LOADS_SUFFIX = {"pt": ".pt", "npz": ".npz", "npy": ".npy", "vllm-history": ".json",
+                "sglang": ".sglang.json"}
+PREVIOUS = ("none", "eplb", "eplb-global", "vllm-initial", "greedy", "shuffled", "revived")
+
+
+@st.composite
+def cli_calls(draw):
+    """A cluster, integer loads ``[T, L, E]``, and the flags of one ``eplb plan`` call."""
+    nodes = draw(st.integers(1, 3))
+    gpus = nodes * draw(st.integers(1, 3))
+    slots = draw(st.integers(1, 5))
+    replicas = gpus * slots
+    groups = nodes * draw(st.integers(1, 2)) if nodes > 1 and draw(st.booleans()) else 1
+    per_group = min(draw(st.integers(1, 5)), replicas // groups)
+    if per_group < 1:
+        groups, per_group = 1, min(draw(st.integers(1, 5)), replicas)
+    experts, layers, steps = groups * per_group, draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    counts = rng.integers(0, 200, (steps, layers, experts))
+    if draw(st.integers(0, 4)) == 0:
+        counts[:, 0] = 0  # an idle (dense) layer
+    emit = draw(st.sampled_from(EMITS))
+    grouped = groups > 1 and nodes > 1
+    policy = draw(st.sampled_from(["auto", "global", "hierarchical"] if grouped
+                                  else ["auto", "global"]))
+    previous = draw(st.sampled_from(PREVIOUS))
+    dead: list[int] = []
+    # dead GPUs: eplb's own files only (the CLI refuses them for the engines' files)
+    if (emit in ("json", "pt") and policy != "hierarchical" and gpus > 1
+            and draw(st.integers(0, 2)) == 0):
+        most = gpus - -(-experts // slots)  # keep a live slot for every expert
+        if most >= 1:
+            dead = sorted(rng.choice(gpus, int(rng.integers(1, most + 1)), replace=False).tolist())
+    speed = None
+    if previous == "none" and policy != "hierarchical" and draw(st.integers(0, 2)) == 0:
+        speed = [round(float(s), 3) for s in rng.uniform(0.5, 2.0, gpus)]
+    budget = None
+    if previous != "none" and draw(st.booleans()):
+        budget = int(rng.integers(0, layers * replicas + 1))
+    return {"nodes": nodes, "gpus": gpus, "slots": slots, "replicas": replicas,
+            "groups": groups, "experts": experts, "layers": layers, "counts": counts,
+            "loads_format": draw(st.sampled_from(TRACE_EMITS)), "emit": emit,
+            "policy": policy, "previous": previous, "dead": dead, "speed": speed,
+            "budget": budget, "seed": draw(st.integers(0, 1000)), "rng": rng}
+
+
+def old_placement(call: dict, w: torch.Tensor) -> eplb.Placement:
+    """The placement in force, of the drawn origin (every expert held: a file's contract)."""
+    args = (call["replicas"], call["gpus"], call["nodes"], call["groups"])
+    topo = eplb.Topology(*args)
+    origin, layers, experts = call["previous"], call["layers"], call["experts"]
+    initial = torch.arange(call["replicas"]).remainder(experts).repeat(layers, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if origin == "eplb":
+            return eplb.plan(w, *args, policy=call["policy"])
+        if origin == "eplb-global":
+            return eplb.plan(w, *args, policy="global")
+        if origin == "greedy":
+            return plan_greedy(w, *args)
+        if origin == "shuffled":  # vLLM's initial map, its slots shuffled (stacked replicas)
+            order = torch.from_numpy(call["rng"].permutation(call["replicas"]))
+            return eplb.Placement.from_phy2log(initial[:, order], experts, topo)
+        if origin == "revived":  # planned while the last GPU was dead
+            live = torch.ones(call["gpus"], dtype=torch.bool)
+            live[-1] = (call["gpus"] - 1) * call["slots"] < experts
+            return eplb.plan(w, call["replicas"], call["gpus"], active_gpus=live)
+    return eplb.Placement.from_phy2log(initial, experts, topo)  # vLLM's initial map
+
+
+def read_back(call: dict, path, policy: str | None = None) -> eplb.Placement:
+    """``path`` read for the call's cluster; ``policy`` for a file that records none
+    (SGLang's: read as global, which a hierarchical plan's unavoidable stacking fails)."""
+    return read_placement(path, num_gpus=call["gpus"], num_nodes=call["nodes"],
+                          num_groups=call["groups"], num_experts=call["experts"],
+                          policy=policy)
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(call=cli_calls())
+def test_eplb_plan_writes_a_placement_that_keeps_the_contract(tmp_path_factory, capsys, call):
+    folder = tmp_path_factory.mktemp("cli")
+    counts = torch.from_numpy(call["counts"]).to(torch.int64)
+    fmt = call["loads_format"]
+    loads = write_loads(LoadTrace(counts), folder / f"loads{LOADS_SUFFIX[fmt]}", fmt)
+    out = folder / f"out{SUFFIX[call['emit']]}"
+    argv = ["plan", loads, "-o", out, "-r", call["replicas"], "-g", call["gpus"],
+            "--nodes", call["nodes"], "--groups", call["groups"], "--policy", call["policy"],
+            "--seed", call["seed"]]
+    if call["emit"] == "sglang" and fmt in ("npy", "vllm-history"):
+        argv += ["--first-layer", 0]  # SGLang's file needs the model layers these lack
+    w = counts.sum(0).to(torch.float64)
+    kwargs: dict = {"seed": call["seed"]}
+    live = None
+    if call["dead"]:
+        argv += ["--dead-gpus", ",".join(map(str, call["dead"]))]
+        live = torch.ones(call["gpus"], dtype=torch.bool)
+        live[call["dead"]] = False
+        kwargs["active_gpus"] = live
+    if call["speed"] is not None:
+        argv += ["--gpu-speed", ",".join(map(str, call["speed"]))]
+        kwargs["gpu_speed"] = torch.tensor(call["speed"], dtype=torch.float64)
+    old = None
+    if call["previous"] != "none":
+        old = old_placement(call, w)
+        emit = "json" if bool((old.phy2log < 0).any()) else call["emit"]  # dead GPUs: eplb's
+        written = write_placement(old, folder / f"old{SUFFIX[emit]}", emit)
+        argv += ["--previous", written]
+        old = read_back(call, written)
+        kwargs["previous"] = old
+    if call["budget"] is not None:
+        argv += ["--max-moves", call["budget"]]
+        kwargs["max_moves"] = call["budget"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    assert "Traceback" not in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = eplb.plan(w, call["replicas"], call["gpus"], call["nodes"], call["groups"],
+                         policy=call["policy"], **kwargs)
+    p = read_back(call, out, want.policy if call["emit"] == "sglang" else None)
+    p.validate()
+    assert_contract(p)
+    if live is not None:
+        dead_slots = (~live).repeat_interleave(call["slots"])
+        assert bool((p.phy2log[:, dead_slots] == -1).all()), "a dead GPU holds an expert"
+    assert p.policy == want.policy
+    # the file holds the placement eplb.plan makes from the same loads and options
+    assert torch.equal(p.phy2log, want.phy2log), (call["emit"], call["previous"])
+    if old is not None and call["budget"] is not None and call["previous"] == "eplb" \
+            and live is None:
+        # eplb's own map for this cluster needs no forced move: the budget holds
+        assert int(p.moved_slots(old.phy2log).sum()) <= call["budget"]
+
+
+@pytest.mark.parametrize("emit", EMITS)
+def test_eplb_plan_reads_its_own_output_back_as_the_placement_in_force(tmp_path, capsys, emit):
+    """The file ``eplb plan`` writes is a valid ``--previous``: re-planned on the same loads
+    with no budget, every slot stays (eplb's own plan is kept where nothing pays)."""
+    counts = torch.from_numpy(np.random.default_rng(1).integers(0, 200, (2, 3, 8)))
+    loads = write_loads(LoadTrace(counts), tmp_path / "loads.npz", "npz")
+    first, second = tmp_path / f"a{SUFFIX[emit]}", tmp_path / f"b{SUFFIX[emit]}"
+    cluster = ["-r", "12", "-g", "4"]
+    assert main(["plan", str(loads), "-o", str(first), *cluster]) == 0
+    assert main(["plan", str(loads), "-o", str(second), *cluster, "--previous", str(first)]) == 0
+    capsys.readouterr()
+    a = read_placement(first, num_gpus=4, num_experts=8)
+    b = read_placement(second, num_gpus=4, num_experts=8)
+    assert_contract(b)
+    assert int(b.moved_slots(a.phy2log).sum()) == 0
