@@ -13,6 +13,8 @@ nearest planners). Here one draw combines them, so the combinations are checked 
   with stacked replicas, with empty live slots, with GPUs that died or came back, nearest
   and locality plans, a ``Placement`` for another GPU count), budgets as an int, a list,
   a tensor or an array, ``skip_threshold``;
+- incremental plans that re-plan and relabel (nearest dispatch on several nodes with the
+  locality or hierarchical policy, or dead GPUs), from old maps of every origin;
 - the forced device path (``eplb.core.device_path.FORCE``), which CPU-only machines
   otherwise never run on random shapes.
 
@@ -327,6 +329,63 @@ def test_incremental_plans_from_old_maps_of_every_origin_keep_every_promise(orig
                                             c["live"])
         before, after = old_p.layer_balancedness(w), p.layer_balancedness(w)
     assert bool((after >= before - 1e-9).all()), (before.tolist(), after.tolist())
+
+
+# ------------------------------------- nearest dispatch on several nodes: re-plan, relabel
+RELABELLED = ("locality", "hierarchical", "global-dead")
+
+
+@st.composite
+def relabelled_calls(draw, path: str):
+    """A call from a map in force that eplb answers by re-planning whole and relabelling
+    onto the old GPUs: nearest dispatch on several nodes with the locality or hierarchical
+    policy, or the global policy with dead GPUs (the incremental strategy above draws only
+    global and even-split hierarchical calls)."""
+    c = draw(clusters(max_slots=4, min_nodes=2, grouped=path == "hierarchical",
+                      dead=path == "global-dead"))
+    if path == "global-dead" and c["live"] is None:
+        live = torch.ones(c["gpus"], dtype=torch.bool)
+        live[int(c["rng"].integers(c["gpus"]))] = False
+        if int(live.sum()) * c["slots"] >= c["experts"]:
+            c["live"] = live
+    policy = "global" if path == "global-dead" else path
+    kwargs = {"policy": policy, "dispatch": "nearest", "active_gpus": c["live"],
+              "seed": draw(st.integers(0, 2**31 - 1))}
+    rng = c["rng"]
+    if path == "locality" and draw(st.booleans()):
+        kwargs["slack"] = draw(st.sampled_from([0.0, 0.03, 0.5]))
+    if path == "locality" and draw(st.booleans()):
+        kwargs["routing"] = routing_trace(rng, c["layers"], c["experts"])
+    w0 = torch.from_numpy(np.exp(rng.normal(0, 1.0, (c["layers"], c["experts"]))) * 100)
+    origin = draw(st.sampled_from([o for o in ORIGINS if o != "other-gpu-count"]))
+    old = old_map(origin, c, w0, "hierarchical" if path == "hierarchical" else "global")
+    drifted = w0 * torch.from_numpy(np.exp(rng.normal(0, draw(st.floats(0, 1.5)), w0.shape)))
+    if draw(st.integers(0, 4)) == 0:
+        drifted[0] = 0  # an idle layer
+    weight = drifted.round().to(draw(st.sampled_from([torch.float64, torch.int32])))
+    return c, weight, old, origin, kwargs
+
+
+@pytest.mark.parametrize("path", RELABELLED)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_relabelled_plans_from_old_maps_of_every_origin_keep_the_contract(path, data):
+    c, weight, old, origin, kwargs = data.draw(relabelled_calls(path))
+    event(f"from {origin}" + (", no GPU dead" if c["live"] is None else ""))
+    args = (weight, c["replicas"], c["gpus"], c["nodes"], c["groups"])
+    try:
+        p = plan_quietly(*args, previous=old, **kwargs)
+    except ValueError as exc:  # a shape the locality policy refuses, and says so
+        assert path == "locality" and "locality policy is impossible" in str(exc), exc
+        event("refused")
+        return
+    assert p.policy == kwargs["policy"]
+    check(p, c, plan_quietly(*args, previous=old, **kwargs))
+    if path == "global-dead" and c["live"] is None:
+        return  # no GPU could die (no spare slot): the global call takes a budget
+    # a move budget cannot be kept on this path: refused, in its keyword's name
+    with pytest.raises(ValueError, match="max_moves with dispatch='nearest'"):
+        plan_quietly(*args, previous=old, max_moves=c["replicas"], **kwargs)
 
 
 # ------------------------------------------------------------- the forced device path
