@@ -1,7 +1,9 @@
 """Property tests of ``eplb plan`` (the placement-writing command), run in-process: loads
 files in every format eplb writes, every output emit, and the CLI's ways in of the old
 map and the cluster (``--previous`` files of several origins, ``--nodes/--groups``,
-``--policy``, ``--dead-gpus``, ``--gpu-speed``, ``--max-moves``).
+``--policy``, ``--dead-gpus``, ``--gpu-speed``, ``--max-moves``), and SGLang's nearest
+dispatch (``--dispatch nearest`` with ``--fair``, ``--policy locality`` with ``--slack``
+and ``--routing``).
 
 The other property modules drive the Python API; here the command must write a file that
 reads back as a placement that passes the whole contract, leaves dead GPUs empty, and is
@@ -16,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_contract
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import eplb
@@ -79,6 +81,11 @@ def old_placement(call: dict, w: torch.Tensor) -> eplb.Placement:
     initial = torch.arange(call["replicas"]).remainder(experts).repeat(layers, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        if origin == "eplb" and call["policy"] == "locality":
+            try:
+                return eplb.plan(w, *args, policy="locality", dispatch="nearest")
+            except ValueError:  # a shape the locality policy refuses
+                return eplb.plan(w, *args, policy="global")
         if origin == "eplb":
             return eplb.plan(w, *args, policy=call["policy"])
         if origin == "eplb-global":
@@ -179,3 +186,99 @@ def test_eplb_plan_reads_its_own_output_back_as_the_placement_in_force(tmp_path,
     b = read_placement(second, num_gpus=4, num_experts=8)
     assert_contract(b)
     assert int(b.moved_slots(a.phy2log).sum()) == 0
+
+
+@st.composite
+def nearest_calls(draw):
+    """``cli_calls`` for SGLang's nearest dispatch: ``--dispatch nearest`` with ``--fair``
+    (global policy), ``--policy locality`` with ``--slack`` and a ``--routing`` file, or
+    the hierarchical policy; dead GPUs under the global policy."""
+    call = draw(cli_calls())
+    call["speed"] = None
+    if call["nodes"] == 1 or (call["policy"] == "auto" and call["groups"] > 1):
+        call["policy"] = "global"  # (auto would resolve to hierarchical, which warns)
+    if call["nodes"] > 1 and draw(st.integers(0, 2)) == 0:
+        call["policy"] = "locality"
+    if call["policy"] != "global":
+        call["dead"] = []
+    fairs = ["auto"]
+    if call["policy"] in ("global", "auto"):
+        fairs += ["expect"] if call["previous"] != "none" else ["expect", "avoid"]
+        if call["nodes"] == 1 and not call["dead"]:
+            fairs.append("divide")
+    call["fair"] = draw(st.sampled_from(fairs))
+    if call["policy"] in ("global", "auto") and call["nodes"] > 1 and call["dead"]:
+        call["budget"] = None  # re-planned and relabelled: no budget (refused)
+    if call["policy"] in ("locality", "hierarchical"):
+        call["budget"] = None
+    call["slack"] = draw(st.sampled_from([None, 0.0, 0.03, 0.5])) \
+        if call["policy"] == "locality" else None
+    call["routing"] = call["policy"] == "locality" and draw(st.booleans())
+    return call
+
+
+@settings(max_examples=30, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(call=nearest_calls())
+def test_eplb_plan_for_nearest_dispatch_writes_a_placement_that_keeps_the_contract(
+        tmp_path_factory, capsys, call):
+    folder = tmp_path_factory.mktemp("cli")
+    counts = torch.from_numpy(call["counts"]).to(torch.int64)
+    loads = write_loads(LoadTrace(counts), folder / "loads.npz", "npz")
+    out = folder / f"out{SUFFIX[call['emit']]}"
+    argv = ["plan", loads, "-o", out, "-r", call["replicas"], "-g", call["gpus"],
+            "--nodes", call["nodes"], "--groups", call["groups"], "--policy", call["policy"],
+            "--seed", call["seed"], "--dispatch", "nearest", "--fair", call["fair"]]
+    w = counts.sum(0).to(torch.float64)
+    kwargs: dict = {"seed": call["seed"], "dispatch": "nearest", "fair": call["fair"]}
+    live = None
+    if call["dead"]:
+        argv += ["--dead-gpus", ",".join(map(str, call["dead"]))]
+        live = torch.ones(call["gpus"], dtype=torch.bool)
+        live[call["dead"]] = False
+        kwargs["active_gpus"] = live
+    if call["slack"] is not None:
+        argv += ["--slack", call["slack"]]
+        kwargs["slack"] = call["slack"]
+    if call["routing"]:
+        rng, k = call["rng"], min(2, call["experts"])
+        ids = np.array([[rng.choice(call["experts"], k, replace=False)
+                         for _ in range(call["layers"])] for _ in range(16)], dtype=np.int64)
+        np.save(folder / "routing.npy", ids)
+        argv += ["--routing", folder / "routing.npy"]
+        kwargs["routing"] = torch.from_numpy(ids)
+    old = None
+    if call["previous"] != "none":
+        old = old_placement(call, w)
+        emit = "json" if bool((old.phy2log < 0).any()) else call["emit"]
+        written = write_placement(old, folder / f"old{SUFFIX[emit]}", emit)
+        argv += ["--previous", written]
+        kwargs["previous"] = old = read_back(call, written)
+    if call["budget"] is not None:
+        argv += ["--max-moves", call["budget"]]
+        kwargs["max_moves"] = call["budget"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main([str(a) for a in argv])
+    _, err = capsys.readouterr()
+    assert "Traceback" not in err
+    if code != 0 and call["policy"] == "locality" and "locality policy is impossible" in err:
+        event("locality refused")
+        return  # a shape the locality policy refuses, in one line
+    event(f"{call['policy']}, fair {call['fair']}, previous {call['previous'] != 'none'}")
+    assert code == 0, err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = eplb.plan(w, call["replicas"], call["gpus"], call["nodes"], call["groups"],
+                         policy=call["policy"], **kwargs)
+    p = read_back(call, out, want.policy if call["emit"] == "sglang" else None)
+    p.validate()
+    assert_contract(p)
+    if live is not None:
+        dead_slots = (~live).repeat_interleave(call["slots"])
+        assert bool((p.phy2log[:, dead_slots] == -1).all()), "a dead GPU holds an expert"
+    assert p.policy == want.policy
+    start_up_file = (call["emit"] == "sglang" and call["nodes"] == 1 and call["fair"] == "auto"
+                     and old is None)
+    if not start_up_file:  # (that one: per layer the even split or fair avoid, said so)
+        assert torch.equal(p.phy2log, want.phy2log), (call["emit"], call["previous"])
