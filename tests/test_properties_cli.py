@@ -1,9 +1,9 @@
 """Property tests of ``eplb plan`` (the placement-writing command), run in-process: loads
-files in every format eplb writes, every output emit, and the CLI's ways in of the old
-map and the cluster (``--previous`` files of several origins, ``--nodes/--groups``,
-``--policy``, ``--dead-gpus``, ``--gpu-speed``, ``--max-moves``), and SGLang's nearest
-dispatch (``--dispatch nearest`` with ``--fair``, ``--policy locality`` with ``--slack``
-and ``--routing``).
+files in every format eplb writes (and CSV, plain JSON, safetensors), every output emit,
+and the CLI's ways in of the old map and the cluster (``--previous`` files of several
+origins, ``--nodes/--groups``, ``--policy``, ``--dead-gpus``, ``--gpu-speed``,
+``--max-moves``), and SGLang's nearest dispatch (``--dispatch nearest`` with ``--fair``,
+``--policy locality`` with ``--slack`` and ``--routing``).
 
 The other property modules drive the Python API; here the command must write a file that
 reads back as a placement that passes the whole contract, leaves dead GPUs empty, and is
@@ -12,6 +12,7 @@ the placement ``eplb.plan`` makes from the same loads and options.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -29,6 +30,9 @@ from eplb.formats import EMITS, TRACE_EMITS, LoadTrace, read_placement, write_lo
 SUFFIX = {"json": ".json", "pt": ".pt", "sglang": ".sglang.json", "trtllm": ".yaml"}
 LOADS_SUFFIX = {"pt": ".pt", "npz": ".npz", "npy": ".npy", "vllm-history": ".json",
                 "sglang": ".sglang.json"}
+#: loads formats eplb reads but does not write: a CSV table [L, E] (the steps summed), a
+#: plain JSON array [T, L, E], a safetensors file of one array
+HAND_WRITTEN = ("csv", "json", "safetensors")
 PREVIOUS = ("none", "eplb", "eplb-global", "vllm-initial", "greedy", "shuffled", "revived")
 
 
@@ -68,9 +72,30 @@ def cli_calls(draw):
         budget = int(rng.integers(0, layers * replicas + 1))
     return {"nodes": nodes, "gpus": gpus, "slots": slots, "replicas": replicas,
             "groups": groups, "experts": experts, "layers": layers, "counts": counts,
-            "loads_format": draw(st.sampled_from(TRACE_EMITS)), "emit": emit,
+            "loads_format": draw(st.sampled_from((*TRACE_EMITS, *HAND_WRITTEN))), "emit": emit,
             "policy": policy, "previous": previous, "dead": dead, "speed": speed,
             "budget": budget, "seed": draw(st.integers(0, 1000)), "rng": rng}
+
+
+def loads_file(counts: torch.Tensor, fmt: str, folder) -> object:
+    """``counts [T, L, E]`` written as a loads file of format ``fmt``."""
+    if fmt == "csv" and counts[0].numel() == 1:
+        fmt = "json"  # a one-number CSV is refused as no table (a mistake more likely)
+    if fmt == "csv":
+        path = folder / "loads.csv"
+        np.savetxt(path, counts.sum(0).numpy(), delimiter=",", fmt="%d")
+        return path
+    if fmt == "json":
+        path = folder / "loads.json"
+        path.write_text(json.dumps(counts.tolist()))
+        return path
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        path = folder / "loads.safetensors"
+        save_file({"counts": counts.contiguous()}, str(path))
+        return path
+    return write_loads(LoadTrace(counts), folder / f"loads{LOADS_SUFFIX[fmt]}", fmt)
 
 
 def old_placement(call: dict, w: torch.Tensor) -> eplb.Placement:
@@ -117,12 +142,12 @@ def test_eplb_plan_writes_a_placement_that_keeps_the_contract(tmp_path_factory, 
     folder = tmp_path_factory.mktemp("cli")
     counts = torch.from_numpy(call["counts"]).to(torch.int64)
     fmt = call["loads_format"]
-    loads = write_loads(LoadTrace(counts), folder / f"loads{LOADS_SUFFIX[fmt]}", fmt)
+    loads = loads_file(counts, fmt, folder)
     out = folder / f"out{SUFFIX[call['emit']]}"
     argv = ["plan", loads, "-o", out, "-r", call["replicas"], "-g", call["gpus"],
             "--nodes", call["nodes"], "--groups", call["groups"], "--policy", call["policy"],
             "--seed", call["seed"]]
-    if call["emit"] == "sglang" and fmt in ("npy", "vllm-history"):
+    if call["emit"] == "sglang" and fmt in ("npy", "vllm-history", *HAND_WRITTEN):
         argv += ["--first-layer", 0]  # SGLang's file needs the model layers these lack
     w = counts.sum(0).to(torch.float64)
     kwargs: dict = {"seed": call["seed"]}
