@@ -735,7 +735,28 @@ def test_the_nearest_switch_never_serves_worse_and_never_fails_sglangs_call(sgla
     (torch.ones(1, 2, 8, dtype=torch.complex64), TypeError, "real counts"),
     (torch.tensor(3.0), ValueError, r"got shape \(\)"),
     ([[1, 2, 3, 4]], TypeError, "got list"),
+    # torch's own errors from the step sum before ("Tensor.item() cannot be called on
+    # meta tensors", "Could not run 'aten::aminmax'"); eplb.plan names them
+    (torch.ones(1, 2, 8, device="meta"), TypeError, "tokens_per_expert is a meta tensor"),
+    (torch.ones(2, 8, device="meta"), TypeError, "tokens_per_expert is a meta tensor"),
 ])
 def test_counts_that_are_no_loads_are_refused(tokens, error, message):
     with pytest.raises(error, match=message):
         plugin.eplb_rebalance(tokens, 16, 4, None, 1, False)
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor")
+def test_quantized_counts_are_refused():
+    tokens = torch.quantize_per_tensor(torch.ones(1, 2, 8), 1.0, 0, torch.quint8)
+    with pytest.raises(TypeError, match="got a quantized tensor"):
+        plugin.eplb_rebalance(tokens, 16, 4, None, 1, False)
+
+
+def test_sparse_step_counts_are_planned_as_their_dense_copy():
+    # sparse [L, E] counts were planned (as eplb.plan reads them), sparse [T, L, E] ones
+    # raised torch's NotImplementedError from the step sum
+    tokens = torch.randint(0, 100, (3, 4, 16), generator=torch.Generator().manual_seed(0))
+    tokens[:, :, :5] = 0
+    expected = plugin.eplb_rebalance(tokens, 24, 3, None, 1, False)[0]
+    assert torch.equal(plugin.eplb_rebalance(tokens.to_sparse(), 24, 3, None, 1, False)[0],
+                       expected)

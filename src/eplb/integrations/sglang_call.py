@@ -135,8 +135,7 @@ def eplb_rebalance(
     check_options(options, "options", PLANNER_OPTIONS)
     dispatch = options.pop("dispatch", "auto")
     incremental = options.pop("incremental", True)
-    check_step_counts(tokens_per_expert)
-    weight = tokens_per_expert.detach()
+    weight = check_step_counts(tokens_per_expert).detach()
     if weight.dim() == 3:
         weight = sum_steps(weight)
     weight = weight.to("cpu")

@@ -5,20 +5,29 @@ from __future__ import annotations
 
 import torch
 
-from eplb.core.inputs import check_loads, refuse_overflowed_sum
+from eplb.core.inputs import check_loads, refuse_overflowed_sum, refuse_without_values
 
 __all__ = ["check_step_counts", "sum_steps"]
 
 
-def check_step_counts(counts: object) -> None:
-    """eplb.plan's checks that the cast and step sum below would skip (attacker pass: a
-    complex tensor lost its imaginary part to the int64 cast, a 0-d one an IndexError)."""
+def check_step_counts(counts: object) -> torch.Tensor:
+    """``counts`` as a dense tensor, after eplb.plan's checks that the cast and step sum
+    below would skip (attacker pass: a complex tensor lost its imaginary part to the int64
+    cast, a 0-d one an IndexError; a meta, quantized or nested tensor raised torch's own
+    error from the sum, and sparse ``[T, L, E]`` counts one that eplb.plan's sparse
+    ``[L, E]`` loads do not)."""
     shape = "a torch.Tensor [T, L, E] or [L, E]"
     if not isinstance(counts, torch.Tensor) or counts.is_complex():
         got = counts.dtype if isinstance(counts, torch.Tensor) else type(counts).__name__
         raise TypeError(f"tokens_per_expert must be {shape} of real counts; got {got}")
+    if counts.is_quantized or counts.is_nested:
+        kind = "quantized" if counts.is_quantized else "nested"
+        raise TypeError(f"tokens_per_expert must be {shape} of real counts; got a {kind} "
+                        "tensor")
+    refuse_without_values(counts, "tokens_per_expert")
     if counts.dim() not in (2, 3):
         raise ValueError(f"tokens_per_expert must be {shape}; got shape {tuple(counts.shape)}")
+    return counts.to_dense() if counts.layout != torch.strided else counts
 
 
 def sum_steps(counts: torch.Tensor) -> torch.Tensor:
