@@ -537,6 +537,29 @@ def test_an_old_map_that_is_not_integer_ids_is_refused():
         plugin.eplb_rebalance(tokens, 24, 3, None, 1, False, old_phy2log=old.float() + 0.9)
 
 
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda old: old.numpy(), "old_phy2log must be a torch.Tensor"),  # an AttributeError
+    (lambda old: old.to("meta"), "old_phy2log is a meta tensor"),  # torch's own errors
+    (lambda old: old[:, :8].to("meta"), "old_phy2log is a meta tensor"),  # (not read at all)
+])
+def test_an_old_map_that_is_no_tensor_with_values_is_refused_by_name(make, message):
+    tokens = torch.randint(0, 100, (3, 4, 16), generator=torch.Generator().manual_seed(0))
+    old = plugin.eplb_rebalance(tokens, 24, 3, None, 1, False)[0]
+    with pytest.raises(TypeError, match=message):
+        plugin.eplb_rebalance(tokens, 24, 3, None, 1, False, old_phy2log=make(old))
+
+
+def test_a_sparse_old_map_is_read_as_its_dense_copy():
+    # as the vLLM policy reads it (torch's NotImplementedError from 'aten::ge' before)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 100, (3, 4, 16), generator=generator)
+    old = plugin.eplb_rebalance(torch.randint(0, 100, (3, 4, 16), generator=generator),
+                                24, 3, None, 1, False)[0]
+    expected = plugin.eplb_rebalance(tokens, 24, 3, None, 1, False, old_phy2log=old)[0]
+    got = plugin.eplb_rebalance(tokens, 24, 3, None, 1, False, old_phy2log=old.to_sparse())[0]
+    assert torch.equal(got, expected)
+
+
 def test_step_counts_are_checked_before_they_are_summed():
     # SGLang's [T, L, E] counts are summed over T: a negative count of one step vanished
     # into a positive sum, and counts whose sum passes int64's range wrapped to negative

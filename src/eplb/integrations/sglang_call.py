@@ -20,7 +20,7 @@ import torch
 
 from eplb.api import rebalance_experts
 from eplb.core.dispatch_plan import nearest_size_problem, nearest_work
-from eplb.core.inputs import engine_old_map, require_integer_ids
+from eplb.core.inputs import engine_old_map, refuse_without_values, require_integer_ids
 from eplb.core.topology import Topology, positive_int
 from eplb.integrations.agreement import check_timeout_option
 from eplb.integrations.sglang_counts import check_step_counts, sum_steps
@@ -190,6 +190,7 @@ def eplb_rebalance(
         policy = _policy(asked, dispatch, hierarchical, topology, weight.shape[-1])
     old = None
     if incremental and old_phy2log is not None:
+        old_phy2log = _engine_map(old_phy2log)
         require_integer_ids(old_phy2log, "old_phy2log")
         old = (engine_old_map(old_phy2log, weight.shape[1])
                if tuple(old_phy2log.shape) == (weight.shape[0], num_physical_experts)
@@ -217,6 +218,18 @@ def eplb_rebalance(
         num_nodes = 1
     return rebalance_experts(weight, num_physical_experts, groups, num_nodes, num_gpus,
                              policy=policy, old_phy2log=old, **options)
+
+
+def _engine_map(old_phy2log: object) -> torch.Tensor:
+    """The map in force as SGLang passes it (a tensor ``[L, R]``), dense; ``TypeError``
+    naming ``old_phy2log`` for anything else (an array raised an ``AttributeError``, a
+    meta or sparse tensor torch's own error: the vLLM policy names them and reads sparse
+    maps dense)."""
+    if not isinstance(old_phy2log, torch.Tensor):
+        raise TypeError(f"old_phy2log must be a torch.Tensor [L, R], as SGLang passes it; "
+                        f"got {type(old_phy2log).__name__}")
+    refuse_without_values(old_phy2log, "old_phy2log")
+    return old_phy2log.to_dense() if old_phy2log.layout != torch.strided else old_phy2log
 
 
 def _policy(asked: str | None, dispatch: str, hierarchical: bool, topology: Topology,
