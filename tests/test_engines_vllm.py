@@ -149,6 +149,18 @@ def test_the_policy_refuses_complex_loads_by_name():
         plugin.EplbPolicy.rebalance_experts(torch.ones(2, 8, dtype=torch.complex64), 16, 1, 1, 4)
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor", "ignore:The PyTorch API of nested")
+def test_the_policy_refuses_quantized_and_nested_loads_by_name():
+    # torch's own NotImplementedError ('aten::aminmax.out' on 'QuantizedCPU') and
+    # "NestedTensorImpl doesn't support sizes" before, raised after a fallback attempt;
+    # eplb.plan names both
+    weight = torch.ones(2, 8)
+    for loads, kind in ((torch.quantize_per_tensor(weight, 1.0, 0, torch.quint8), "quantized"),
+                        (torch.nested.nested_tensor(list(weight)), "nested")):
+        with pytest.raises(TypeError, match=f"weight is a {kind} tensor"):
+            plugin.EplbPolicy.rebalance_experts(loads, 16, 1, 1, 4)
+
+
 def test_complex_loads_raise_even_with_vllms_policy_to_fall_back_on(vllm, caplog):
     """A caller's mistake, the same on every rank (attacker pass: with vLLM importable it
     fell back to vLLM's policy, which planned on the complex loads, with an ERROR line)."""

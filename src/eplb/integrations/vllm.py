@@ -177,6 +177,9 @@ class EplbPolicy:
         # reported to the other ranks, which then agree: an error raised before the
         # agreement (e.g. a MemoryError moving the loads) left this rank one round behind
         # the others, whose next rebalance then met this one's previous (new-user pass)
+        if weight.is_quantized or weight.is_nested:  # (torch's own errors, after a fallback)
+            raise TypeError(f"weight is a {'quantized' if weight.is_quantized else 'nested'} "
+                            "tensor; expected [layers, experts] loads of a real dtype")
         refuse_without_values(weight, "weight")
         refuse_without_values(old_global_expert_indices, "old_global_expert_indices")
         if weight.dim() != 2:
