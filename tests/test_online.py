@@ -643,3 +643,31 @@ def test_the_first_steps_check_adds_no_warning_of_its_own() -> None:
         reb.record(torch.ones(2, 3, 18))
     said = [w for w in caught if "planning globally" in str(w.message)]
     assert len(said) == 1, [str(w.message) for w in caught]
+
+
+def test_options_the_caller_changes_in_place_later_do_not_reach_the_rebalances() -> None:
+    """The option values are the ones checked at construction: a live mask marked dead in
+    place later failed every rebalance under policy="hierarchical" (the construction's
+    check had passed), a zero speed written into gpu_speed failed them too, and a
+    per-layer budget changed in place changed the plans (review pass)."""
+    weight = torch.randint(1, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    live = torch.ones(8, dtype=torch.bool)
+    reb = Rebalancer(32, 8, 2, 2, window=1, interval=1, policy="hierarchical", active_gpus=live)
+    first = reb.record(weight)
+    live[3] = False
+    assert reb.record(weight * 2) is None  # the same plan: every GPU still live
+    assert reb.placement.active_gpus is None and torch.equal(reb.placement.phy2log, first.phy2log)
+
+    speed = torch.ones(8)
+    reb = Rebalancer(32, 8, window=1, interval=1, gpu_speed=speed)
+    speed[0] = 0.0
+    assert torch.equal(reb.record(weight).phy2log, plan(weight, 32, 8).phy2log)
+
+    budget = torch.tensor([4, 4])
+    reb = Rebalancer(32, 8, window=1, interval=1, incremental=True, max_moves=budget)
+    listed = Rebalancer(32, 8, window=1, interval=1, incremental=True, max_moves=[4, 4])
+    budget[:] = 0
+    for rebalancer in (reb, listed):
+        rebalancer.record(weight)
+        rebalancer.record(weight.roll(3, dims=1))
+    assert reb.events[1].moved_slots.tolist() == listed.events[1].moved_slots.tolist() != [0, 0]

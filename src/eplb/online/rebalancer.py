@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from eplb.core.device_path import caller_settings_off
@@ -131,6 +132,11 @@ class Rebalancer:
         self.estimator = make_estimator(estimator)
         self.planner_name = planner if isinstance(planner, str) else getattr(
             planner, "__name__", "callable")
+        # the option values as given now, checked now: the caller's tensors, arrays and
+        # lists are copied (a live mask or speeds changed in place later reached every
+        # rebalance unchecked: a GPU marked dead under policy="hierarchical" failed each one)
+        active_gpus, max_moves = _snapshot(active_gpus), _snapshot(max_moves)
+        plan_options = {name: _snapshot(value) for name, value in plan_options.items()}
         # what builds the planner, kept so that a copy or an unpickled rebalancer can
         # rebuild it (a built-in planner is a closure, which pickle cannot save)
         self._planner_args = (planner, dict(
@@ -385,3 +391,15 @@ class Rebalancer:
         self.events.append(RebalanceEvent(self.steps, seconds, moved, changed, per_gpu))
         self._placement = new
         return new if changed else None
+
+
+def _snapshot(value: Any) -> Any:
+    """``value`` with the tensors and arrays in it copied (lists and tuples of them too),
+    so that the caller changing its own later cannot change an option that was checked."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if type(value) in (list, tuple):
+        return type(value)(_snapshot(item) for item in value)
+    return value
