@@ -671,3 +671,17 @@ def test_options_the_caller_changes_in_place_later_do_not_reach_the_rebalances()
         rebalancer.record(weight)
         rebalancer.record(weight.roll(3, dims=1))
     assert reb.events[1].moved_slots.tolist() == listed.events[1].moved_slots.tolist() != [0, 0]
+
+
+def test_a_window_given_as_a_tensor_sizes_the_ring_as_its_int() -> None:
+    """The window and interval are read as ints (0-d tensors and NumPy ints too), but the
+    ring's size was taken from the raw argument: a 0-d tensor window became the capacity
+    and the write position, so the caller changing it in place broke the next record
+    with an IndexError (review pass)."""
+    window = torch.tensor(3)
+    reb = Rebalancer(32, 8, window=window, interval=2)
+    assert type(reb.capacity) is int and reb.capacity == 3
+    reb.record(torch.ones(2, 2, 16))
+    window.fill_(5)
+    reb.record(torch.ones(3, 2, 16))
+    assert reb.history.shape == (3, 2, 16) and reb.steps == 5

@@ -154,7 +154,8 @@ class Rebalancer:
         # a user's callable always sees the placement in force; built-ins only when incremental
         self._user_planner = callable(planner)
         self._pass_previous = incremental or self._user_planner
-        self.capacity = max(window, self.estimator.lookback(window))
+        # (the checked ints: the raw window, a 0-d tensor say, became the ring's size)
+        self.capacity = max(self.window, self.estimator.lookback(self.window))
         if initial is not None and not isinstance(initial, Placement):
             raise TypeError(f"initial must be an eplb.Placement (the placement in force) or "
                             f"None, got {type(initial).__name__}")
