@@ -685,3 +685,17 @@ def test_a_window_given_as_a_tensor_sizes_the_ring_as_its_int() -> None:
     window.fill_(5)
     reb.record(torch.ones(3, 2, 16))
     assert reb.history.shape == (3, 2, 16) and reb.steps == 5
+
+
+def test_a_multi_window_estimate_plans_the_locality_policy_with_its_routing() -> None:
+    """Candidates stacked as [C·L, E] for one planner call did not match the routing's
+    [T, L, k] layers: the first rebalance failed ("routing must have shape [tokens, 8
+    layers, top-k]") after the first step's check had passed (review pass)."""
+    generator = torch.Generator().manual_seed(0)
+    routing = torch.stack([torch.randperm(16, generator=generator)[:2]
+                           for _ in range(100)]).view(50, 2, 2)
+    steps = torch.randint(0, 100, (8, 2, 16), generator=generator)
+    options = dict(window=8, interval=8, policy="locality", dispatch="nearest", routing=routing)
+    multi = Rebalancer(32, 8, 2, estimator="multi:4", **options).record(steps)
+    assert multi.policy == "locality"
+    multi.validate()

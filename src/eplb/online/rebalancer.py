@@ -154,6 +154,11 @@ class Rebalancer:
         # a user's callable always sees the placement in force; built-ins only when incremental
         self._user_planner = callable(planner)
         self._pass_previous = incremental or self._user_planner
+        # the candidates of a multi-window estimate are planned in one call, stacked as
+        # [C·L, E], where the options hold nothing per layer: routing [T, L, k] does (its
+        # layers then failed the first rebalance, "routing must have shape [tokens, C·L
+        # layers, top-k]", after the first step's check had passed)
+        self._batch = not self._user_planner and plan_options.get("routing") is None
         # (the checked ints: the raw window, a 0-d tensor say, became the ring's size)
         self.capacity = max(self.window, self.estimator.lookback(self.window))
         if initial is not None and not isinstance(initial, Placement):
@@ -363,7 +368,7 @@ class Rebalancer:
         with caller_settings_off():  # as eplb.plan: autocast off, the CPU default device
             new = plan_estimate(estimate, self.planner,
                                 previous if self._pass_previous else None, keep=previous,
-                                batch=not self._user_planner,
+                                batch=self._batch,
                                 total_budget=self._total_budget, realised=self._realised)
         seconds = time.perf_counter() - start
         # (plan_estimate checked that it is a Placement of the estimate's layers)
