@@ -188,12 +188,12 @@ def test_numpy_option_values_work_on_several_ranks_as_on_one(vllm, monkeypatch):
 
     from eplb.integrations.agreement import PlanAgreement
 
-    options = {"seed": np.int64(3), "drift": np.float32(0.1)}
+    options = {"seed": np.int64(3), "drift": np.float32(0.1), "max_moves": np.int64(4)}
     monkeypatch.setattr(plugin, "_agreement_for", lambda options: PlanAgreement(
         torch.distributed.HashStore(), 0, 1, "t", 5))
     weight = torch.randint(0, 50, (2, 8))
     got = plugin.vllm_policy_class(options).rebalance_experts(weight, 16, 1, 1, 4)
-    assert torch.equal(got, plugin.vllm_policy_class({"seed": 3, "drift": 0.1})
+    assert torch.equal(got, plugin.vllm_policy_class({"seed": 3, "drift": 0.1, "max_moves": 4})
                        .rebalance_experts(weight, 16, 1, 1, 4))
 
 

@@ -13,6 +13,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from eplb.core.inputs import (
@@ -68,8 +69,10 @@ def check_engine_budget(options: Mapping[str, Any], source: str) -> None:
     if isinstance(budget, list):
         raise ValueError(f"{source}: max_moves must be one int (slots in total over all "
                          "layers) here; per-layer lists are for the Python API")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
-                               or budget < 0):
+    # (a NumPy integer too, as eplb.plan and every other option here take NumPy scalars:
+    # EplbPolicy.options set by a script refused max_moves=np.int64(64) alone)
+    if budget is not None and (isinstance(budget, bool)
+                               or not isinstance(budget, int | np.integer) or budget < 0):
         raise ValueError(f"{source}: max_moves must be a non-negative int (slots in total "
                          f"over all layers) or null, got {budget!r}")
 
