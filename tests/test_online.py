@@ -699,3 +699,11 @@ def test_a_multi_window_estimate_plans_the_locality_policy_with_its_routing() ->
     multi = Rebalancer(32, 8, 2, estimator="multi:4", **options).record(steps)
     assert multi.policy == "locality"
     multi.validate()
+
+
+@pytest.mark.parametrize("planner", ["eplb", "greedy", "none"])
+def test_make_planner_names_a_topology_that_is_no_topology(planner: str) -> None:
+    # (an AttributeError "'tuple' object has no attribute 'grouped'" before, where
+    # trivial_placement names it)
+    with pytest.raises(TypeError, match=r"topology must be an eplb\.Topology, got tuple"):
+        make_planner(planner, (R, P))

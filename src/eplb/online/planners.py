@@ -141,6 +141,8 @@ def make_planner(
     options of the built-in planners (``max_moves``, ``skip_threshold``, ``active_gpus``,
     ``plan_options``) cannot reach it and are refused.
     """
+    if not isinstance(topology, Topology):  # (an AttributeError from deep inside before)
+        raise TypeError(f"topology must be an eplb.Topology, got {type(topology).__name__}")
     if callable(planner):
         _check_planner_signature(planner)
         if not isinstance(incremental, bool):
