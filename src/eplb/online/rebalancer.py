@@ -76,7 +76,8 @@ class Rebalancer:
         skip_threshold: with ``incremental``, leave a layer untouched when re-planning it
             would raise its expected next-window balancedness by less than this (a
             fraction in [0, 1); default ``None``: no threshold); see :func:`eplb.plan`.
-        active_gpus: ``[P]`` bool of live GPUs (``"eplb"`` planner only).
+        active_gpus: ``[P]`` bool of live GPUs (``"eplb"``, and ``"none"``: the static
+            layout over the live GPUs; ``"greedy"`` refuses it).
         initial: the placement in force before the first rebalance (default ``None``:
             ``placement`` is ``None`` until then).
         plan_options: extra keyword arguments for the planner (e.g. ``policy``, ``seed``).
