@@ -197,6 +197,25 @@ def test_numpy_option_values_work_on_several_ranks_as_on_one(vllm, monkeypatch):
                        .rebalance_experts(weight, 16, 1, 1, 4))
 
 
+def test_numpy_agreement_timeouts_are_taken_as_the_planner_options_are():
+    # (np.int64 was refused, "agree_timeout_s must be a number of seconds", beside NumPy
+    # planner options that the same check takes)
+    import numpy as np
+
+    class Policy(plugin.EplbPolicy):
+        pass
+
+    Policy.options = {"agree_timeout_s": np.int64(0), "seed": np.int64(1)}
+
+    weight = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(Policy.rebalance_experts(weight, 16, 1, 1, 4),
+                       eplb.plan(weight, 16, 4, seed=1).phy2log)
+    for bad in (np.float64("nan"), np.int64(-1), np.bool_(True), torch.tensor([1.0])):
+        Policy.options = {"agree_timeout_s": bad}
+        with pytest.raises(ValueError, match="agree_timeout_s must be a number of seconds"):
+            Policy.rebalance_experts(weight, 16, 1, 1, 4)
+
+
 def test_register_without_vllm_is_a_noop(monkeypatch):
     monkeypatch.setenv(plugin.ENV_VAR, "eplb")
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:

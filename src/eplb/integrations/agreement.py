@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from eplb.core.messages import integer_runs
+from eplb.core.topology import real_number
 
 __all__ = ["DEFAULT_TIMEOUT_S", "AgreementError", "Outcome", "PlanAgreement",
            "agree_and_log", "check_timeout_option", "plan_digest"]
@@ -66,12 +67,13 @@ def check_timeout_option(options: dict[str, Any], source: str) -> float:
     :data:`DEFAULT_TIMEOUT_S`; 0 turns the agreement off) as a float; ``ValueError``
     naming ``source`` (where the options came from) for anything else."""
     timeout = options.get("agree_timeout_s", DEFAULT_TIMEOUT_S)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (
-        0 <= timeout <= MAX_TIMEOUT_S
-    ):
+    # (NumPy scalars too, as every planner option of EplbPolicy.options: np.int64(60)
+    # was refused there)
+    seconds = real_number(timeout)
+    if seconds is None or not 0 <= seconds <= MAX_TIMEOUT_S:
         raise ValueError(f"{source}: agree_timeout_s must be a number of seconds in "
                          f"[0, {MAX_TIMEOUT_S:g}], got {timeout!r}")
-    return float(timeout)
+    return seconds
 
 
 class AgreementError(RuntimeError):
