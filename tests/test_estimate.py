@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eplb import Placement, Topology
+from eplb.online import Rebalancer
 from eplb.online.estimate import (
     ESTIMATORS,
     AdaptiveAverage,
@@ -312,3 +313,17 @@ def test_unsigned_counts_estimate_as_their_values(dtype: type, spec: str) -> Non
 def test_unsigned_counts_beyond_int64_are_read() -> None:
     counts = np.full((2, 1, 3), np.iinfo(np.uint64).max, dtype=np.uint64)
     assert WindowSum().estimate(counts).weight.tolist() == [[2.0**65] * 3]
+
+
+def test_window_sums_stay_exact_above_65536_tokens_per_expert_and_step():
+    # many ranks' passes summed: 100,000-200,000 tokens per expert and step; a float32
+    # block of 256 such steps passes 2**24 and rounded (off by 3 here)
+    generator = torch.Generator().manual_seed(0)
+    steps = torch.randint(100_000, 200_000, (300, 2, 3), generator=generator)
+    exact = steps.sum(0).to(torch.float64)
+    assert torch.equal(WindowSum()(steps), exact)
+    assert torch.equal(WindowSum()(steps.to(torch.float32)), exact)
+    rebalancer = Rebalancer(num_replicas=6, num_gpus=2, window=300, interval=300)
+    for step in steps:
+        rebalancer.record(step)
+    assert torch.equal(rebalancer.estimate().weight, exact)
