@@ -1245,3 +1245,38 @@ def test_a_ctrl_c_inside_a_cpp_writer_is_reported_as_an_interrupt(capsys, tmp_pa
     code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", 3,
                        "-o", tmp_path / "h.pt", "-q")
     assert code == 1 and "RuntimeError: disk on fire" in err
+
+
+def test_a_sigterm_while_a_report_is_written_cleans_up(capsys, tmp_path, trace_file,
+                                                       monkeypatch) -> None:
+    """Attacker pass: SIGTERM (``kill``, ``timeout``) ended the process on the spot and left
+    the report's hidden staging folder ``.eplb-report-*.tmp`` beside the output. Now it
+    stops like a Ctrl-C: clean-ups run, one line, exit 143. The writer gets a real
+    SIGTERM here, and one that torch's C++ writer turns into its own error."""
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("SIGTERM is not the system's default here: a real one cannot be sent safely")
+    from eplb.tools import report as report_mod
+
+    def terminated_write(*args, **kwargs):
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (it would end pytest too)
+            raise AssertionError("a SIGTERM here would end the process without clean-up")
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler runs here
+        raise AssertionError("no SIGTERM arrived")
+
+    def terminated_cpp_write(*args, **kwargs):
+        try:
+            terminated_write()
+        except BaseException:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected "
+                               "pos 832 vs 726") from None
+
+    out = tmp_path / "reports" / "sim"
+    out.parent.mkdir()
+    for writer in (terminated_write, terminated_cpp_write):
+        monkeypatch.setattr(report_mod, "atomic_write", writer)
+        code, _, err = run(capsys, "simulate", trace_file, "--window", "10", "--interval", "10",
+                           "-r", "16", "-g", "8", "--report", out)
+        assert code == 143 and err.strip().splitlines()[-1] == "eplb: terminated", err
+        assert list(out.parent.iterdir()) == []  # no report, no hidden staging folder
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

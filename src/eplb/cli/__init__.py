@@ -1,7 +1,8 @@
 """The ``eplb`` command: plan, evaluate, benchmark, simulate and demo expert placement.
 
 Exit codes: 0 success, 2 a usage or input mistake (bad option, missing or malformed file,
-impossible topology, existing output without ``--force``), 1 a failure while running.
+impossible topology, existing output without ``--force``), 1 a failure while running,
+130 after a Ctrl-C and 143 after a SIGTERM (both stop the run with its clean-ups).
 Errors print one ``eplb: error: ...`` line; ``--debug`` shows the traceback first (the
 exit code is the same).
 """
@@ -142,30 +143,48 @@ def _printable_stdout() -> Iterator[None]:
             stream.reconfigure(errors=errors)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a job scheduler), raised like a Ctrl-C so that every
+    clean-up runs: Python's default for SIGTERM ends the process on the spot, which left
+    a report's hidden staging folder ``.eplb-report-*.tmp`` (and, where a file system
+    lacks ``O_TMPFILE``, a hidden temporary file) beside the output (attacker pass)."""
+
+
 @contextlib.contextmanager
 def interrupts_seen() -> Iterator[list[int]]:
-    """A list that gets an entry when SIGINT arrives inside the block; the handler in force
-    before (Python's own raises KeyboardInterrupt) still runs, and is back afterwards. A
-    Ctrl-C inside torch's C++ file writer comes out as a RuntimeError ("enforce fail ...
-    unexpected pos"): with this the command can still report it as an interrupt (attacker
-    pass). Off the main thread, or where SIGINT is ignored or not Python's to handle, the
-    list stays empty."""
+    """A list that gets the signal's number when SIGINT or SIGTERM arrives inside the
+    block. For SIGINT the handler in force before (Python's own raises
+    KeyboardInterrupt) still runs; SIGTERM, where it has the system's default (end the
+    process at once), raises :class:`Terminated` instead, so the command cleans up before
+    it exits. The handlers in force before are back afterwards. A signal inside torch's
+    C++ file writer comes out as a RuntimeError ("enforce fail ... unexpected pos"): with
+    this the command can still report it as an interrupt (attacker pass). Off the main
+    thread, or where a signal is ignored or not Python's to handle, it is left alone."""
     seen: list[int] = []
-    previous = (signal.getsignal(signal.SIGINT)
-                if threading.current_thread() is threading.main_thread() else None)
-    if not callable(previous):  # SIG_IGN, SIG_DFL, a C handler, or not the main thread
+    if threading.current_thread() is not threading.main_thread():
         yield seen
         return
+    restore: dict[int, typing.Any] = {}
+    previous = signal.getsignal(signal.SIGINT)
+    if callable(previous):  # not SIG_IGN, SIG_DFL or a C handler
+        def on_interrupt(signum: int, frame: object, previous: typing.Any = previous) -> None:
+            seen.append(signum)
+            previous(signum, frame)
 
-    def handler(signum: int, frame: object) -> None:
-        seen.append(signum)
-        previous(signum, frame)
+        restore[signal.SIGINT] = previous
+        signal.signal(signal.SIGINT, on_interrupt)
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        def on_terminate(signum: int, frame: object) -> None:
+            seen.append(signum)
+            raise Terminated
 
-    signal.signal(signal.SIGINT, handler)
+        restore[signal.SIGTERM] = signal.SIG_DFL
+        signal.signal(signal.SIGTERM, on_terminate)
     try:
         yield seen
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, handler in restore.items():
+            signal.signal(number, handler)
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -177,9 +196,8 @@ def _main(args: argparse.Namespace) -> int:
             return _run(args.func, args)
     except CliError as exc:
         return _fail(args, str(exc), exc.code)
-    except KeyboardInterrupt:
-        print("eplb: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _interrupted(isinstance(exc, Terminated))
     except BrokenPipeError:  # e.g. `eplb ... --json | head`: the reader left; stop quietly
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -200,15 +218,23 @@ def _main(args: argparse.Namespace) -> int:
         where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
         return _fail(args, f"{_one_line(exc.strerror or str(exc))}{where}", EXIT_USAGE)
     except Exception as exc:  # a failure while running, not the user's input
-        if interrupts:  # a Ctrl-C that a C++ writer turned into its own error
+        if interrupts:  # a Ctrl-C or SIGTERM that a C++ writer turned into its own error
             if args.debug:
                 traceback.print_exc()
-            print("eplb: interrupted", file=sys.stderr)
-            return 130
+            return _interrupted(interrupts[-1] == signal.SIGTERM)
         return _fail_running(args, exc)
 
 
 _BAD_NAME = {errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def _interrupted(terminated: bool) -> int:
+    """Say the command was stopped; the shell's code for the signal (128 + its number)."""
+    if terminated:
+        print("eplb: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print("eplb: interrupted", file=sys.stderr)
+    return 130
 
 
 def _fail_running(args: argparse.Namespace, exc: BaseException) -> int:
