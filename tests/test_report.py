@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import html
 import os
 import subprocess
@@ -180,6 +181,28 @@ def test_a_new_report_folder_appears_whole(tmp_path: Path, monkeypatch) -> None:
     written = _sample_report().write(out)
     assert {p.name for p in written} <= {p.name for p in out.iterdir()}
     assert (out / "report.md").exists()
+
+
+def test_a_full_disk_names_the_report_folder_not_the_hidden_one(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Attacker pass: a full disk while a new report folder was written said "cannot write
+    .eplb-report-1a2b3c4d.tmp/report.md: No space left on device", a hidden folder that
+    is gone when the user reads it. Now the folder asked for is named."""
+    out = tmp_path / "r"
+
+    write = report_mod.atomic_write
+
+    def full(path, *args, **kwargs):  # the report's disk is full (the pictures are drawn
+        if Path(path).parent.parent == tmp_path:  # in another folder, on another disk)
+            raise OSError(errno.ENOSPC, f"cannot write {path}: No space left on device")
+        write(path, *args, **kwargs)
+
+    monkeypatch.setattr(report_mod, "atomic_write", full)
+    with pytest.raises(OSError) as err:
+        _sample_report().write(out)
+    assert err.value.errno == errno.ENOSPC
+    assert ".eplb-report" not in str(err.value) and f"cannot write {out}{os.sep}" in str(err.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_report_staging_edge_cases(tmp_path: Path, monkeypatch) -> None:

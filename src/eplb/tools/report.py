@@ -457,7 +457,10 @@ class Report:
             raise type(exc)(exc.errno, f"cannot write the report folder {directory}: "
                                        f"{exc.strerror}") from None
         try:
-            written = self._write_files(staging, force=False)
+            try:
+                written = self._write_files(staging, force=False)
+            except OSError as exc:  # (a full disk): the folder asked for, not the hidden one
+                raise _naming(exc, staging, directory) from None
             try:
                 # (an empty folder another run made meanwhile is replaced: nothing is lost)
                 os.rename(staging, directory)
@@ -555,3 +558,16 @@ class Report:
                            f"<figcaption>{esc(caption)}</figcaption></figure>")
         out.append("</body></html>")
         return "\n".join(out)
+
+
+def _naming(exc: OSError, staging: Path, directory: Path) -> OSError:
+    """``exc`` with the hidden staging folder's name (which is gone by the time the user
+    reads the message) replaced by the report folder asked for."""
+    def renamed(text: object) -> object:
+        return text.replace(str(staging), str(directory)) if isinstance(text, str) else text
+
+    if exc.errno is None:
+        return type(exc)(renamed(str(exc)))
+    if exc.filename is None:
+        return type(exc)(exc.errno, renamed(exc.strerror))
+    return type(exc)(exc.errno, renamed(exc.strerror), renamed(exc.filename))
