@@ -828,6 +828,43 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(
     assert err.strip() == f"eplb: error: cannot write {out}: permission denied in '{locked}'"
 
 
+@pytest.mark.parametrize("command", ["plan", "generate", "demo"])
+def test_a_read_only_file_system_is_named_as_one(capsys, tmp_path, loads, monkeypatch,
+                                                 command) -> None:
+    """Attacker pass (a tmpfs mounted read-only): the early check said "permission denied",
+    which sends the user to chmod a folder whose mode is fine; the mount is the cause."""
+    import eplb.cli.bench as bench
+    import eplb.cli.commands as commands
+    import eplb.cli.sim as sim
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the work ran before the output folder was checked")
+
+    monkeypatch.setattr(commands, "read_trace", no_work)
+    monkeypatch.setattr(sim, "generate_trace", no_work)
+    monkeypatch.setattr(bench, "generated_trace", no_work)
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    real_access, real_statvfs = os.access, os.statvfs
+
+    class ReadOnly:
+        f_flag = os.ST_RDONLY
+
+    monkeypatch.setattr(os, "access", lambda path, mode: (
+        False if Path(path) == mounted else real_access(path, mode)))
+    monkeypatch.setattr(os, "statvfs", lambda path: (
+        ReadOnly() if Path(path) == mounted else real_statvfs(path)))
+    out = mounted / {"plan": "p.json", "generate": "t.pt", "demo": "report"}[command]
+    argv = {"plan": ["plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(out)],
+            "generate": ["generate", "--steps", "2", "-o", str(out), "-q"],
+            "demo": ["demo", "--quick", "--out", str(out)]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"{mounted}' is on a read-only file system" if command != "demo" else
+                        f"{mounted} is on a read-only file system"), err
+    assert "permission denied" not in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("command", ["plan", "generate"])
 @pytest.mark.parametrize("name", ["-", ""])
 def test_dash_or_nothing_as_output_is_refused_not_a_file(capsys, tmp_path, loads, monkeypatch,

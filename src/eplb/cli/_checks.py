@@ -9,7 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
-from eplb.cli._common import CliError, cli_words
+from eplb.cli._common import CliError, cli_words, unwritable_reason
 from eplb.core.dispatch_plan import NEAREST_TIMES, nearest_size_problem
 from eplb.core.planner import check_plan_size
 from eplb.core.topology import Topology
@@ -52,7 +52,10 @@ def check_output(path: str | Path, force: bool) -> Path:
         what = "is not a directory" if path.parent.exists() else "does not exist"
         raise CliError(f"directory {str(path.parent)!r} for the output {what}")
     if not os.access(path.parent, os.W_OK | os.X_OK):  # fail before the work, not after
-        raise CliError(f"cannot write {path}: permission denied in {str(path.parent)!r}")
+        reason = unwritable_reason(path.parent)
+        if reason == ": permission denied":
+            raise CliError(f"cannot write {path}: permission denied in {str(path.parent)!r}")
+        raise CliError(f"cannot write {path}: {str(path.parent)!r}{reason}")
     return path
 
 

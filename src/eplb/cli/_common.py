@@ -214,6 +214,17 @@ def summed_note(trace: LoadTrace) -> str:
     return f" ({steps} steps summed)" if steps > 1 else ""
 
 
+def unwritable_reason(folder: Path) -> str:
+    """Why ``folder``, which ``os.access`` says this user cannot write, takes no new file:
+    ``" is on a read-only file system"`` where it is mounted so (no ``chmod`` helps, and
+    "permission denied" sent users to the folder's mode), else ``": permission denied"``."""
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        read_only = False
+    return " is on a read-only file system" if read_only else ": permission denied"
+
+
 def prepare_report(directory: str | None, force: bool, title: str,
                    flag: str = "--report") -> Report | None:
     """A :class:`Report` for ``--report DIR`` (``None`` without one; ``flag``: the option
@@ -231,8 +242,8 @@ def prepare_report(directory: str | None, force: bool, title: str,
     if os.path.lexists(existing) and not existing.is_dir():
         raise CliError(f"report folder {directory}: {existing} exists and is not a directory")
     if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-        raise CliError(f"cannot write the report into {directory}: {existing}: permission "
-                       "denied")
+        raise CliError(f"cannot write the report into {directory}: {existing}"
+                       f"{unwritable_reason(existing)}")
     if Path(directory).is_dir():  # fail before the work, not after
         for name in report.planned_files():
             path = Path(directory) / name
