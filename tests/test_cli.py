@@ -1247,22 +1247,30 @@ def test_a_ctrl_c_inside_a_cpp_writer_is_reported_as_an_interrupt(capsys, tmp_pa
     assert code == 1 and "RuntimeError: disk on fire" in err
 
 
+@pytest.mark.parametrize(("sent_name", "code_said"), [
+    ("SIGTERM", (143, "eplb: terminated")),
+    pytest.param("SIGHUP", (129, "eplb: hung up"), marks=pytest.mark.skipif(
+        not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system"))])
 def test_a_sigterm_while_a_report_is_written_cleans_up(capsys, tmp_path, trace_file,
-                                                       monkeypatch) -> None:
-    """Attacker pass: SIGTERM (``kill``, ``timeout``) ended the process on the spot and left
-    the report's hidden staging folder ``.eplb-report-*.tmp`` beside the output. Now it
-    stops like a Ctrl-C: clean-ups run, one line, exit 143. The writer gets a real
-    SIGTERM here, and one that torch's C++ writer turns into its own error."""
-    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        pytest.skip("SIGTERM is not the system's default here: a real one cannot be sent safely")
+                                                       monkeypatch, sent_name,
+                                                       code_said) -> None:
+    """Attacker pass: SIGTERM (``kill``, ``timeout``) and SIGHUP (the terminal closed)
+    ended the process on the spot and left the report's hidden staging folder
+    ``.eplb-report-*.tmp`` beside the output. Now they stop it like a Ctrl-C: clean-ups
+    run, one line, exit 128 + the signal. The writer gets a real signal here, and one
+    that torch's C++ writer turns into its own error."""
+    sent = getattr(signal, sent_name)
+    if signal.getsignal(sent) != signal.SIG_DFL:
+        pytest.skip(f"{sent_name} is not the system's default here: a real one cannot be "
+                    "sent safely")
     from eplb.tools import report as report_mod
 
     def terminated_write(*args, **kwargs):
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (it would end pytest too)
-            raise AssertionError("a SIGTERM here would end the process without clean-up")
-        os.kill(os.getpid(), signal.SIGTERM)
+        if signal.getsignal(sent) == signal.SIG_DFL:  # (it would end pytest too)
+            raise AssertionError(f"a {sent_name} here would end the process without clean-up")
+        os.kill(os.getpid(), sent)
         time.sleep(1)  # the handler runs here
-        raise AssertionError("no SIGTERM arrived")
+        raise AssertionError(f"no {sent_name} arrived")
 
     def terminated_cpp_write(*args, **kwargs):
         try:
@@ -1277,6 +1285,6 @@ def test_a_sigterm_while_a_report_is_written_cleans_up(capsys, tmp_path, trace_f
         monkeypatch.setattr(report_mod, "atomic_write", writer)
         code, _, err = run(capsys, "simulate", trace_file, "--window", "10", "--interval", "10",
                            "-r", "16", "-g", "8", "--report", out)
-        assert code == 143 and err.strip().splitlines()[-1] == "eplb: terminated", err
+        assert (code, err.strip().splitlines()[-1]) == code_said, err
         assert list(out.parent.iterdir()) == []  # no report, no hidden staging folder
-        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(sent) == signal.SIG_DFL

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 2 a usage or input mistake (bad option, missing or malformed file,
 impossible topology, existing output without ``--force``), 1 a failure while running,
-130 after a Ctrl-C and 143 after a SIGTERM (both stop the run with its clean-ups).
+130 after a Ctrl-C, 143 after a SIGTERM and 129 after a SIGHUP (each stops the run with
+its clean-ups).
 Errors print one ``eplb: error: ...`` line; ``--debug`` shows the traceback first (the
 exit code is the same).
 """
@@ -143,23 +144,35 @@ def _printable_stdout() -> Iterator[None]:
             stream.reconfigure(errors=errors)
 
 
+#: the signals whose default ends the process outright, which the CLI turns into
+#: :class:`Terminated` (SIGHUP: not on Windows)
+_ENDING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP")
+                        if hasattr(signal, name))
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, ``timeout``, a job scheduler), raised like a Ctrl-C so that every
     clean-up runs: Python's default for SIGTERM ends the process on the spot, which left
     a report's hidden staging folder ``.eplb-report-*.tmp`` (and, where a file system
-    lacks ``O_TMPFILE``, a hidden temporary file) beside the output (attacker pass)."""
+    lacks ``O_TMPFILE``, a hidden temporary file) beside the output (attacker pass). SIGHUP
+    (the terminal closed) alike. ``signum``: the signal's number."""
+
+    def __init__(self, signum: int = signal.SIGTERM) -> None:
+        super().__init__()
+        self.signum = signum
 
 
 @contextlib.contextmanager
 def interrupts_seen() -> Iterator[list[int]]:
-    """A list that gets the signal's number when SIGINT or SIGTERM arrives inside the
-    block. For SIGINT the handler in force before (Python's own raises
-    KeyboardInterrupt) still runs; SIGTERM, where it has the system's default (end the
-    process at once), raises :class:`Terminated` instead, so the command cleans up before
-    it exits. The handlers in force before are back afterwards. A signal inside torch's
-    C++ file writer comes out as a RuntimeError ("enforce fail ... unexpected pos"): with
-    this the command can still report it as an interrupt (attacker pass). Off the main
-    thread, or where a signal is ignored or not Python's to handle, it is left alone."""
+    """A list that gets the signal's number when SIGINT, SIGTERM or SIGHUP arrives inside
+    the block. For SIGINT the handler in force before (Python's own raises
+    KeyboardInterrupt) still runs; SIGTERM and SIGHUP, where they have the system's
+    default (end the process at once), raise :class:`Terminated` instead, so the command
+    cleans up before it exits. The handlers in force before are back afterwards. A
+    signal inside torch's C++ file writer comes out as a RuntimeError ("enforce fail ...
+    unexpected pos"): with this the command can still report it as an interrupt (attacker
+    pass). Off the main thread, or where a signal is ignored or not Python's to handle, it
+    is left alone."""
     seen: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield seen
@@ -173,13 +186,15 @@ def interrupts_seen() -> Iterator[list[int]]:
 
         restore[signal.SIGINT] = previous
         signal.signal(signal.SIGINT, on_interrupt)
-    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        def on_terminate(signum: int, frame: object) -> None:
-            seen.append(signum)
-            raise Terminated
 
-        restore[signal.SIGTERM] = signal.SIG_DFL
-        signal.signal(signal.SIGTERM, on_terminate)
+    def on_terminate(signum: int, frame: object) -> None:
+        seen.append(signum)
+        raise Terminated(signum)
+
+    for number in _ENDING_SIGNALS:  # (a SIG_IGN, from nohup, is left alone)
+        if signal.getsignal(number) == signal.SIG_DFL:
+            restore[number] = signal.SIG_DFL
+            signal.signal(number, on_terminate)
     try:
         yield seen
     finally:
@@ -197,7 +212,7 @@ def _main(args: argparse.Namespace) -> int:
     except CliError as exc:
         return _fail(args, str(exc), exc.code)
     except KeyboardInterrupt as exc:
-        return _interrupted(isinstance(exc, Terminated))
+        return _interrupted(exc.signum if isinstance(exc, Terminated) else signal.SIGINT)
     except BrokenPipeError:  # e.g. `eplb ... --json | head`: the reader left; stop quietly
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -221,20 +236,18 @@ def _main(args: argparse.Namespace) -> int:
         if interrupts:  # a Ctrl-C or SIGTERM that a C++ writer turned into its own error
             if args.debug:
                 traceback.print_exc()
-            return _interrupted(interrupts[-1] == signal.SIGTERM)
+            return _interrupted(interrupts[-1])
         return _fail_running(args, exc)
 
 
 _BAD_NAME = {errno.ENAMETOOLONG, errno.ELOOP}
 
 
-def _interrupted(terminated: bool) -> int:
-    """Say the command was stopped; the shell's code for the signal (128 + its number)."""
-    if terminated:
-        print("eplb: terminated", file=sys.stderr)
-        return 128 + signal.SIGTERM
-    print("eplb: interrupted", file=sys.stderr)
-    return 130
+def _interrupted(signum: int) -> int:
+    """Say the command was stopped by ``signum``; the shell's code for it (128 + its number)."""
+    what = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated"}.get(signum, "hung up")
+    print(f"eplb: {what}", file=sys.stderr)
+    return 128 + signum
 
 
 def _fail_running(args: argparse.Namespace, exc: BaseException) -> int:
