@@ -31,6 +31,7 @@ same planner, so none pays for another's memory use).
     python benchmarks/bench_shapes.py --gap           # what the S=3 gap is made of
     python benchmarks/bench_shapes.py --steps-sweep   # S=3-4 polish steps, generated loads
     python benchmarks/bench_shapes.py --portfolio     # what the S>=5 replica portfolio buys
+    python benchmarks/bench_shapes.py --hall-sweep    # S=2 count search's Hall receivers
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ import eplb
 from eplb.core.bounds import balancedness_ceiling
 from eplb.core.placement import slot_gpu_loads
 from eplb.core.replication import replica_counts
-from eplb.core.small_slots import best_two_slot_max_load
+from eplb.core.small_slots import (
+    HALL_RECEIVER_FROM,
+    best_two_slot_max_load,
+    plan_two_slots,
+)
 from eplb.tools.generator import generate_loads
 
 REAL_FILES = ("prefill_in4096", "decode_in1000out1000", "prefill_in1024", "decode_in2000out100")
@@ -171,6 +176,45 @@ def steps_sweep(repeats: int) -> None:
             if name != "default":
                 cells.append(name)
             cells += [f"{ratio:.4f}", f"{1e3 * statistics.median(times[name]):.1f}"]
+        print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def hall_sweep(repeats: int) -> None:
+    """What the S = 2 count search's Hall receivers buy: every S = 2 shape on *generated*
+    loads (seeds 10-13 of every model, so not the table's inputs), with none, one and two
+    (``plan_two_slots(hall_receivers=...)``; the default takes one where R − E >= 64).
+    Balancedness over the four inputs' layers, the layers whose max GPU load one receiver
+    lowers / raises against none, median time on the first input."""
+    variants = (0, 1, 2)
+    print("| shape | R − E | default | " + " | ".join(f"{h}: balancedness | ms" for h in variants)
+          + " | layers better / worse with 1 |")
+    print("|---|---|---|" + "---|---|" * len(variants) + "---|")
+    for key, slots, gpus in SHAPES:
+        if slots != 2:
+            continue
+        model = MODELS[key]
+        replicas = slots * gpus
+        loads = [generate_loads(model.preset, seed=seed, num_layers=model.layers,
+                                num_experts=model.experts) for seed in range(10, 14)]
+        times: dict[int, list[float]] = {h: [] for h in variants}
+        for _ in range(repeats):
+            for h in variants:
+                plan_two_slots(loads[0], replicas, hall_receivers=h)  # untimed, as the table
+                begin = time.perf_counter()
+                plan_two_slots(loads[0], replicas, hall_receivers=h)
+                times[h].append(time.perf_counter() - begin)
+        peaks: dict[int, torch.Tensor] = {}
+        cells = [f"{model.layers}×{model.experts} S=2 P={gpus}", str(replicas - model.experts),
+                 str(int(replicas - model.experts >= HALL_RECEIVER_FROM))]
+        for h in variants:
+            plans = [plan_two_slots(w, replicas, hall_receivers=h).long() for w in loads]
+            gpu = torch.cat([slot_gpu_loads(w, p, gpus) for w, p in zip(loads, plans, strict=True)])
+            peaks[h] = gpu.amax(1)
+            ratio = float(gpu.mean(1).sum() / peaks[h].sum())
+            cells += [f"{ratio:.4f}", f"{1e3 * statistics.median(times[h]):.1f}"]
+        better = int((peaks[1] < peaks[0] * (1 - 1e-9)).sum())
+        worse = int((peaks[1] > peaks[0] * (1 + 1e-9)).sum())
+        cells.append(f"{better} / {worse} of {len(peaks[0])}")
         print("| " + " | ".join(cells) + " |", flush=True)
 
 
@@ -367,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
         help="only the packing-start comparison (S >= 3) on generated loads",
     )
     parser.add_argument(
+        "--hall-sweep", action="store_true",
+        help="only what the S=2 count search's Hall receivers buy, on generated loads",
+    )
+    parser.add_argument(
         "--portfolio", action="store_true",
         help="only what the replica portfolio buys at S >= 5, by the layer's coarseness",
     )
@@ -377,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.candidates_sweep:
         candidates_sweep(args.repeats)
+        return 0
+    if args.hall_sweep:
+        hall_sweep(args.repeats)
         return 0
     if args.gap:
         gap_analysis()
