@@ -13,11 +13,14 @@ whose files are absent is skipped, visibly), each read as a user would, with
 
 Per model and shape (``R`` slots on ``P`` GPUs, one node; the first shape of each with
 no spare slot, ``R = E``, as vLLM runs without redundant experts): eplb's default plan and
-DeepSeek's greedy (``eplb.core.plan_greedy``), planned on each window and scored on it
+DeepSeek's greedy as vLLM 0.33 ships it (``DefaultEplbPolicy.rebalance_experts(w, R, 1, 1,
+P, None)``, the released wheel's code: ``scripts/fetch_engines.py``), planned on each
+window and scored on it
 (**in sample**, with the ceiling: Σ mean / Σ lower bound, which no plan exceeds) and on
 the next window of the list (**across windows**, out of sample: a plan made on one
 domain serving another, the harder case these data allow), with the placement no
-rebalancing gives (``slot i → expert i % E``) beside it; and the median planning time.
+rebalancing gives (``slot i → expert i % E``) beside it; and the median planning time
+(the greedy's: its call alone, as vLLM makes it).
 
     python benchmarks/bench_real_models.py [--repeats N]
 """
@@ -27,14 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from _harness import REAL_DATA, REAL_DATA_HINT, markdown_table, median_ms, start
+from engines import FETCH_HINT, engine_root, vllm_sources
 
 import eplb
-from eplb.core import plan_greedy
 from eplb.core.bounds import balancedness_ceiling
 from eplb.formats import read_loads
 
@@ -93,11 +97,16 @@ def span(values: list[float]) -> str:
     return f"{min(values):.4f}–{max(values):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls (default 5)")
-    args = parser.parse_args(argv)
-    print(start("bench_real_models"))
+def measure(greedy_policy, repeats: int) -> list[list[object]]:
+    """The table's rows; ``greedy_policy``: vLLM's ``DefaultEplbPolicy`` class."""
+
+    def greedy_call(w: torch.Tensor, replicas: int, gpus: int) -> torch.Tensor:
+        return greedy_policy.rebalance_experts(w, replicas, 1, 1, gpus, None)
+
+    def plan_greedy(w: torch.Tensor, replicas: int, gpus: int) -> eplb.Placement:
+        return eplb.Placement.from_phy2log(greedy_call(w, replicas, gpus), w.shape[1],
+                                           eplb.Topology(replicas, gpus))
+
     rows = []
     for model, (path, read) in MODELS.items():
         if not path.exists():
@@ -125,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                 scores["next none"].append(none.balancedness(following))
             weight = loads[0]
             ms_ours = median_ms(lambda w=weight, r=replicas, g=gpus: eplb.plan(w, r, g),
-                                args.repeats)
-            ms_greedy = median_ms(lambda w=weight, r=replicas, g=gpus: plan_greedy(w, r, g),
-                                  args.repeats)
+                                repeats)
+            ms_greedy = median_ms(lambda w=weight, r=replicas, g=gpus: greedy_call(w, r, g),
+                                  repeats)
             mean = statistics.mean
             rows.append([
                 model, f"{loads[0].shape[0]}×{experts}", f"R={replicas} P={gpus} "
@@ -137,6 +146,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{mean(scores['next greedy']):.4f}", f"{mean(scores['next none']):.4f}",
                 f"{ms_ours:.1f}", f"{ms_greedy:.1f}"])
         print(f"{model}: windows {', '.join(names)}")
+    return rows
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (default 5)")
+    args = parser.parse_args(argv)
+    root = engine_root("vllm")
+    if root is None:
+        sys.exit(f"vLLM 0.33.0 (the greedy): {FETCH_HINT}")
+    print(start("bench_real_models"))
+    with vllm_sources(root) as vllm:
+        rows = measure(vllm.DefaultEplbPolicy, args.repeats)
     print()
     print(markdown_table(
         ["model", "layers × experts", "shape", "windows", "ceiling", "eplb in sample",
