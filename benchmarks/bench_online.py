@@ -6,7 +6,10 @@ Sections (all by default):
   vLLM's cadence (window 1000, interval 3000; R=288, P=32). From-scratch re-planning vs
   incremental planning under a range of move budgets: slots moved per rebalance, the
   balancedness of the traffic that follows each plan, and the planner's own time. The
-  rows form the Pareto curve of moves vs balancedness.
+  rows form the Pareto curve of moves vs balancedness. The greedy runs as vLLM 0.33 ships
+  it (``DefaultEplbPolicy``, the released wheel's code: ``scripts/fetch_engines.py``) on
+  vLLM's call, which hands it the map in force (it keeps an expert that stays on its GPU
+  in its slot); without the wheel its row is skipped, visibly.
 - ``dead``: 1, 2 and 4 of 32 GPUs dead on the real DeepSeek-V3 loads: balancedness over
   the live GPUs against the ceiling for the live set; every expert still served. Which
   GPUs fail shifts the figure a little: ``--dead-draws`` random sets per workload (the
@@ -26,6 +29,7 @@ import time
 import torch
 from _harness import DEEPSEEK_DIR as REAL
 from _harness import REAL_DATA_HINT, start
+from engines import FETCH_HINT, engine_root, vllm_sources
 
 import eplb
 from eplb.core.bounds import balancedness_ceiling
@@ -54,9 +58,13 @@ def section_incremental(args: argparse.Namespace) -> None:
     )
     print("|---|---|---|---|---|---|---|")
     runs = [
-        ("greedy (reference), from scratch", dict(planner="greedy")),
+        ("greedy (vLLM 0.33's code and call), from scratch", dict(planner="greedy")),
         ("eplb, from scratch", dict(planner="eplb")),
     ]
+    root = engine_root("vllm")
+    if root is None:
+        print(f"SKIPPED the greedy's row: vLLM 0.33.0 {FETCH_HINT}\n")
+        runs = runs[1:]
     for frac in (0.0, 0.02, 0.05, 0.10, 0.15, 0.25):
         budget = int(frac * slots_total)
         runs.append(
@@ -70,27 +78,51 @@ def section_incremental(args: argparse.Namespace) -> None:
     # has been rebalancing for a while would
     initial = eplb.plan(trace.counts[:1000].sum(0), R, P)
     scratch = None
-    for label, kwargs in runs:
-        result = simulate(
-            trace,
-            num_replicas=R,
-            num_gpus=P,
-            cadence="vllm",
-            oracle=False,
-            initial=initial,
-            **kwargs,
-        )
-        s = result.summary()
-        bal = s["window_balancedness"]
-        if label == "eplb, from scratch":
-            scratch = bal
-        budget = kwargs.get("max_moves")
-        rel = "" if scratch is None else f"{100 * (bal - scratch) / scratch:+.2f}%"
-        print(
-            f"| {label} | {'–' if budget is None else budget} | "
-            f"{s['moved_slots_per_rebalance']:.0f} | {100 * s['moved_fraction']:.1f}% | "
-            f"{bal:.4f} | {rel} | {s['plan_ms_median']:.0f} |"
-        )
+    with vllm_sources(root) if root else _no_engine() as vllm:
+        for label, kwargs in runs:
+            if kwargs["planner"] == "greedy":
+                kwargs = dict(kwargs, planner=vllm_greedy(vllm.DefaultEplbPolicy))
+            result = simulate(
+                trace,
+                num_replicas=R,
+                num_gpus=P,
+                cadence="vllm",
+                oracle=False,
+                initial=initial,
+                **kwargs,
+            )
+            s = result.summary()
+            bal = s["window_balancedness"]
+            if label == "eplb, from scratch":
+                scratch = bal
+            budget = kwargs.get("max_moves")
+            rel = "" if scratch is None else f"{100 * (bal - scratch) / scratch:+.2f}%"
+            print(
+                f"| {label} | {'–' if budget is None else budget} | "
+                f"{s['moved_slots_per_rebalance']:.0f} | {100 * s['moved_fraction']:.1f}% | "
+                f"{bal:.4f} | {rel} | {s['plan_ms_median']:.0f} |"
+            )
+
+
+def vllm_greedy(policy):
+    """A simulator planner: vLLM's ``policy.rebalance_experts`` as vLLM calls it (the
+    loads, R, groups, nodes, GPUs and the map in force), as a Placement."""
+    topology = eplb.Topology(R, P)
+
+    def planner(weight: torch.Tensor, previous: eplb.Placement | None) -> eplb.Placement:
+        old = None if previous is None else previous.phy2log
+        phy2log = policy.rebalance_experts(weight, R, 1, 1, P, old)
+        return eplb.Placement.from_phy2log(phy2log, weight.shape[1], topology)
+
+    return planner
+
+
+class _no_engine:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 def section_dead(args: argparse.Namespace) -> None:
