@@ -14,6 +14,10 @@ Data:
    A step is ``--tokens-per-step`` consecutive tokens (default 4), so a window is 400 tokens;
    each of the 4 tasks is one trace (~2050 steps, ~20 windows), at R=80, P=16.
 
+Planners: eplb, and DeepSeek's greedy as vLLM 0.33 ships it (``DefaultEplbPolicy``, the
+released wheel's code: ``scripts/fetch_engines.py``; the script exits naming it when it is
+absent), called as vLLM calls it, with the map in force.
+
 Usage:
     .venv/bin/python benchmarks/bench_next_window.py [--steps 2000] [--seeds 1]
         [--skip-synthetic] [--skip-real] [--json out.json]
@@ -33,7 +37,9 @@ import torch
 from _harness import ESFT_FILE as ESFT
 from _harness import add_output_options, refuse_existing_outputs, write_output
 from _harness import start as header
+from engines import FETCH_HINT, engine_root, vllm_sources
 
+import eplb
 from eplb.tools.simulate import simulate
 
 ESTIMATORS = ["sum", "ema:50", "ema:100", "ema:200", "robust:0.5", "robust:1", "multi:4",
@@ -73,13 +79,30 @@ def synthetic_traces(steps: int, seeds: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def run(traces: dict[str, torch.Tensor], topo: dict[str, int], planners: list[str]) -> list[dict]:
+def vllm_greedy(policy, num_replicas: int, num_gpus: int):
+    """A simulator planner: vLLM's ``policy.rebalance_experts`` as vLLM calls it (the
+    loads, R, groups, nodes, GPUs and the map in force), as a Placement."""
+    topology = eplb.Topology(num_replicas, num_gpus)
+
+    def planner(weight: torch.Tensor, previous: eplb.Placement | None) -> eplb.Placement:
+        old = None if previous is None else previous.phy2log
+        phy2log = policy.rebalance_experts(weight, num_replicas, 1, 1, num_gpus, old)
+        return eplb.Placement.from_phy2log(phy2log, weight.shape[1], topology)
+
+    return planner
+
+
+def run(traces: dict[str, torch.Tensor], topo: dict[str, int], planners: list[str],
+        greedy_policy) -> list[dict]:
+    """``greedy_policy``: vLLM's ``DefaultEplbPolicy`` class, planner ``"greedy"``."""
     rows = []
     for name, counts in traces.items():
         for planner in planners:
             oracle = None
+            chosen = (vllm_greedy(greedy_policy, topo["num_replicas"], topo["num_gpus"])
+                      if planner == "greedy" else planner)
             for spec in ESTIMATORS:
-                res = simulate(counts, planner, cadence="adrs", estimator=spec,
+                res = simulate(counts, chosen, cadence="adrs", estimator=spec,
                                oracle=oracle is None, **topo)
                 s = res.summary()
                 if oracle is None:
@@ -143,25 +166,39 @@ def main() -> None:
     add_output_options(parser, "json")
     args = parser.parse_args()
     refuse_existing_outputs(args)
+    planners = args.planners.split(",")
+    root = engine_root("vllm")
+    if root is None and "greedy" in planners:
+        sys.exit(f"vLLM 0.33.0 (the greedy): {FETCH_HINT}")
     print(header("bench_next_window"))
     start = time.perf_counter()
-    planners = args.planners.split(",")
     out = {}
-    if not args.skip_real:
-        real = esft_traces(args.tokens_per_step)
-        if real:
-            out["esft (R=80, P=16)"] = run(real, {"num_replicas": 80, "num_gpus": 16}, planners)
-    if not args.skip_synthetic:
-        synth = synthetic_traces(args.steps, args.seeds)
-        if synth:
-            out["deepseek-v3 synthetic (R=288, P=32)"] = run(
-                synth, {"num_replicas": 288, "num_gpus": 32}, planners)
+    with vllm_sources(root) if root else _no_engine() as vllm:
+        greedy = vllm.DefaultEplbPolicy if vllm else None
+        if not args.skip_real:
+            real = esft_traces(args.tokens_per_step)
+            if real:
+                out["esft (R=80, P=16)"] = run(real, {"num_replicas": 80, "num_gpus": 16},
+                                               planners, greedy)
+        if not args.skip_synthetic:
+            synth = synthetic_traces(args.steps, args.seeds)
+            if synth:
+                out["deepseek-v3 synthetic (R=288, P=32)"] = run(
+                    synth, {"num_replicas": 288, "num_gpus": 32}, planners, greedy)
     for data, rows in out.items():
         print()
         print(table(rows, data))
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
     if args.json:
         write_output(args.json, json.dumps(out, indent=1), args.force)
+
+
+class _no_engine:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 if __name__ == "__main__":
