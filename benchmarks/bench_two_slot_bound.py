@@ -262,7 +262,7 @@ def _reaches(w: np.ndarray, target: float, num_gpus: int, time_limit: float
 def exact_optimum(w: np.ndarray, num_gpus: int, upper: float, time_limit: float
                   ) -> float | None:
     """The optimum max load over counts for one layer ``w [E]`` (anti-affinity ignored),
-    to a relative ``1e-9``, or ``None`` where HiGHS runs out of ``time_limit`` seconds on
+    to a relative ``1e-9``, or ``None`` where CP-SAT runs out of ``time_limit`` seconds on
     a step. ``upper``: a reachable max load. Each step asks for counts below the best
     pairing found so far and re-scores what it gets exactly (:func:`pair_max`); the
     last step proves that nothing is below."""
@@ -337,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", type=int, default=2, help="load inputs per shape")
     parser.add_argument("--only", action="append", help="keep shapes whose label has this")
     parser.add_argument("--time-limit", type=float, default=10.0,
-                        help="seconds HiGHS may spend on one step of the exact optimum")
+                        help="seconds CP-SAT may spend on one step of the exact optimum")
     parser.add_argument("--no-lp", action="store_true", help="skip the LP bound")
     parser.add_argument("--iterations", type=int, action="append",
                         help="also plan with this many count-search iterations (repeatable)")
