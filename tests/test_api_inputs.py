@@ -135,6 +135,38 @@ def test_fake_and_meta_masks_speeds_sources_and_maps_are_refused_by_name():
                   skip_threshold=torch.tensor(0.01, device="meta"))
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor", "ignore:The PyTorch API of nested")
+def test_nested_and_quantized_maps_masks_and_speeds_are_refused_by_name():
+    # a map in force of either kind raised torch's internal errors ("NestedTensorImpl
+    # doesn't support sizes", "isSignedType not supported for quantized types") from
+    # eplb.plan, Placement and both engine plugins, whose loads were refused by name
+    # (review pass)
+    from eplb.integrations.sglang import eplb_rebalance
+    from eplb.integrations.vllm import EplbPolicy
+
+    real = eplb.plan(W, 96, 16).phy2log
+    maps = {"nested": torch.nested.nested_tensor(list(real)),
+            "quantized": torch.quantize_per_tensor(real.float(), 1.0, 0, torch.qint32)}
+    for kind, old in maps.items():
+        with pytest.raises(TypeError, match=f"previous must be a dense tensor with data, "
+                                            f"got a {kind}"):
+            eplb.plan(W, 96, 16, previous=old)
+        with pytest.raises(TypeError, match=f"got a {kind}"):
+            eplb.rebalance_experts(W, 96, 1, 1, 16, old_phy2log=old)
+        with pytest.raises(TypeError, match=f"phy2log is a {kind} tensor"):
+            Placement.from_phy2log(old, 64, eplb.Topology(96, 16))
+        with pytest.raises(TypeError, match=f"old_global_expert_indices is a {kind} tensor"):
+            EplbPolicy.rebalance_experts(W, 96, 1, 1, 16, old)
+        with pytest.raises(TypeError, match=f"old_phy2log is a {kind} tensor"):
+            eplb_rebalance(W, 96, 6, None, 1, False, old_phy2log=old)
+    ones = torch.ones(16)
+    for kind, value in (("nested", torch.nested.nested_tensor([ones])),
+                        ("quantized", torch.quantize_per_tensor(ones, 1.0, 0, torch.qint32))):
+        for name in ("active_gpus", "gpu_speed"):
+            with pytest.raises(TypeError, match=f"{name} is a {kind} tensor"):
+                eplb.plan(W, 96, 16, **{name: value})
+
+
 def test_a_node_far_colder_than_its_layer_plans_validly():
     # a hierarchical node of a layer whose other nodes are 1e300 times hotter held
     # subnormal loads after the layer's scaling: Hamilton's counts came out 5 replicas

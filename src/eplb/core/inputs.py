@@ -138,10 +138,14 @@ def refuse_without_values(value: object, name: str) -> None:
     """``TypeError`` naming ``name`` when ``value`` is a tensor with no values to read (a
     meta or fake tensor, :func:`without_values`), before any conversion reads it (they
     raised torch's own errors from deep inside: ``Cannot copy out of meta tensor``,
-    ``DataDependentOutputException``)."""
+    ``DataDependentOutputException``). A nested or quantized tensor (no id map, mask or
+    speeds is one) too: a map in force of either raised torch's internal errors (review)."""
     kind = without_values(value) if isinstance(value, torch.Tensor) else None
     if kind:
         raise TypeError(f"{name} is a {kind} tensor: it has a shape but no values")
+    if isinstance(value, torch.Tensor) and (value.is_nested or value.is_quantized):
+        raise TypeError(f"{name} is a {'nested' if value.is_nested else 'quantized'} "
+                        "tensor; expected a plain dense one")
 
 
 def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
@@ -499,7 +503,8 @@ def as_old_map(value: object, shape: tuple[int, int], num_experts: int,
             raise TypeError(
                 f"previous must be a Placement or a phy2log tensor [L, R]: {exc}"
             ) from None
-    kind = without_values(old)
+    kind = without_values(old) or ("nested" if old.is_nested else "quantized"
+                                    if old.is_quantized else None)
     if kind or old.layout != torch.strided:
         raise TypeError(f"previous must be a dense tensor with data, got a "
                         f"{kind or old.layout} tensor")
