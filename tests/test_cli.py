@@ -230,7 +230,10 @@ def test_plan_dead_gpus_take_ranges(capsys, tmp_path) -> None:
     assert bool((per_gpu[:, [0, 2, 3, 7]] >= 0).all())
     for spec, words in (("6-4", "runs down; write 4-6"), ("0-99999999999", "outside 0..7"),
                         ("2,1-3", "GPU 2 twice"), ("1,,2", "empty item"),
-                        ("3-", "integers"), ("0-7", "every GPU dead")):
+                        ("3-", "integers"), ("0-7", "every GPU dead"),
+                        # an en dash, as word processors and chat apps write ranges: it
+                        # was told "must be a comma-separated list of integers"
+                        ("1,4\u20136", "'4\u20136' is neither a GPU id nor a range like 8-15")):
         code, _, err = run(capsys, "plan", loads, "-r", 32, "-g", 8, "--dead-gpus", spec,
                            "-o", tmp_path / "refused.json")
         assert code == 2, spec

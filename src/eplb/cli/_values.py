@@ -117,8 +117,11 @@ def _gpu_ids(text: str, num_gpus: int) -> list[int]:
             raise CliError(f"--dead-gpus {text!r} has an empty item: give comma-separated "
                            "ids or ranges like 3,8-15")
         match = _ID_RANGE.fullmatch(item)
-        first, last = ((int(match[1]), int(match[2])) if match
-                       else (parse_int_list(item, "--dead-gpus")[0],) * 2)
+        try:
+            first, last = (int(match[1]), int(match[2])) if match else (integer(item),) * 2
+        except ValueError:  # ('8–15' with an en dash was told "a list of integers")
+            raise CliError(f"--dead-gpus: {item!r} is neither a GPU id nor a range like "
+                           "8-15 (integers in ASCII digits, joined by '-')") from None
         if first > last:
             raise CliError(f"--dead-gpus: range {item} runs down; write {last}-{first}")
         outside = first if not 0 <= first < num_gpus else last if last >= num_gpus else None
