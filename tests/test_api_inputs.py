@@ -259,6 +259,9 @@ def test_numpy_and_tensor_scalars_work_as_knobs():
             assert _same(again(**{knob: same}), want)
         with pytest.raises(ValueError, match=knob):
             again(**{knob: True})
+        # an int past float's range raised OverflowError (review pass)
+        with pytest.raises(ValueError, match=knob):
+            again(**{knob: 10**400})
     budget = again(max_moves=5)
     for same in (np.int64(5), torch.tensor(5), np.array(5)):
         assert _same(again(max_moves=same), budget)

@@ -210,7 +210,8 @@ def test_numpy_agreement_timeouts_are_taken_as_the_planner_options_are():
     weight = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
     assert torch.equal(Policy.rebalance_experts(weight, 16, 1, 1, 4),
                        eplb.plan(weight, 16, 4, seed=1).phy2log)
-    for bad in (np.float64("nan"), np.int64(-1), np.bool_(True), torch.tensor([1.0])):
+    # (10**400, as a JSON option may hold: OverflowError since NumPy numbers were taken)
+    for bad in (np.float64("nan"), np.int64(-1), np.bool_(True), torch.tensor([1.0]), 10**400):
         Policy.options = {"agree_timeout_s": bad}
         with pytest.raises(ValueError, match="agree_timeout_s must be a number of seconds"):
             Policy.rebalance_experts(weight, 16, 1, 1, 4)

@@ -16,6 +16,7 @@ Glossary (used throughout eplb):
 
 from __future__ import annotations
 
+import math
 import numbers
 import operator
 import reprlib  # a wrong value may be a huge list: quote it short
@@ -62,7 +63,10 @@ def real_number(value: object) -> float | None:
     if isinstance(value, bool) or "bool" in kind or "complex" in kind:
         return None
     if isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range: as large, for the range checks
+            return math.inf if value > 0 else -math.inf  # (they raised OverflowError)
     if tuple(getattr(value, "shape", (None,))) == () and ("int" in kind or "float" in kind):
         try:  # a 0-d NumPy array or tensor (a meta tensor has no value to read)
             return float(value)
