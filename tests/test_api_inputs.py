@@ -387,6 +387,10 @@ def test_routing_and_previous_of_the_wrong_kind_are_named():
         eplb.plan(w, 16, 4, previous=torch.empty(2, 16, dtype=torch.long, device="meta"))
     p = eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", slack=np.float32(0.1))
     p.validate()
+    # an int past float's range raised OverflowError (review pass)
+    for bad in (10**400, -1, float("inf"), True, torch.tensor([0.1])):
+        with pytest.raises(ValueError, match="slack must be a finite number >= 0"):
+            eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", slack=bad)
 
 
 def test_options_that_would_be_ignored_are_refused():

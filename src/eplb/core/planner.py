@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
 import warnings
 
 import torch
@@ -42,7 +41,7 @@ from eplb.core.placement import Placement, slot_gpu_loads, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
 from eplb.core.policies.global_policy import plan_for_nearest
 from eplb.core.request import DEFAULT_SLACK, PlanRequest
-from eplb.core.topology import Topology, check_total_slots, is_name
+from eplb.core.topology import Topology, check_total_slots, is_name, real_number
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,14 +77,11 @@ def resolve_options(
 
 def as_slack(slack: object) -> float:
     """``slack`` as a finite float >= 0 (Python, NumPy and 0-d tensor numbers), else
-    ``ValueError``."""
-    if isinstance(slack, torch.Tensor) and slack.dim() == 0 and slack.is_floating_point():
-        slack = float(slack)
-    if isinstance(slack, bool) or not isinstance(slack, numbers.Real) or not (
-        math.isfinite(float(slack)) and float(slack) >= 0
-    ):
+    ``ValueError``. (``float(10**400)`` raised OverflowError here: real_number reads it.)"""
+    number = real_number(slack)
+    if number is None or not (math.isfinite(number) and number >= 0):
         raise ValueError(f"slack must be a finite number >= 0, got {slack!r}")
-    return float(slack)
+    return number
 
 
 def check_dispatch_options(
