@@ -351,3 +351,23 @@ def test_moved_slots_per_gpu_takes_a_bool_only() -> None:
     for bad in ("no", 1, None):
         with pytest.raises(TypeError, match="per_gpu must be True or False"):
             b.moved_slots(a, per_gpu=bad)
+
+
+def test_a_placement_keeps_its_map_when_the_callers_changes_in_place():
+    # from_phy2log kept an int64 contiguous map (an engine's live one, or a NumPy array)
+    # as its own phy2log, so the caller's later in-place rearrangement rewrote the record
+    # under its log2phy and logcnt (and a Rebalancer's initial placement); review pass
+    from eplb.online import Rebalancer
+
+    topology = Topology(16, 4)
+    for live in ((torch.arange(16) % 8).repeat(2, 1), np.tile(np.arange(16) % 8, (2, 1))):
+        placement = Placement.from_phy2log(live, 8, topology)
+        rebalancer = Rebalancer(16, 4, window=2, interval=2, incremental=True,
+                                initial=Placement.from_phy2log(live, 8, topology))
+        live[0, :2] = 7  # the engine rearranges its map in place
+        assert_contract(placement.validate())
+        assert int(placement.phy2log[0, 0]) == 0
+        assert int(rebalancer.placement.phy2log[0, 0]) == 0
+        for _ in range(2):
+            rebalancer.record(torch.ones(2, 8))
+        assert_contract(rebalancer.placement.validate())

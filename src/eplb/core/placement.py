@@ -225,8 +225,9 @@ class Placement:
         refuse_without_values(phy2log, "phy2log")
         phy2log = torch.as_tensor(native_array(phy2log))
         require_integer_ids(phy2log, "phy2log")  # a cast would truncate 0.7 to expert 0
-        # contiguous: engines view and copy the map (a transposed one broke ``.view``)
-        phy2log = phy2log.to(torch.int64).contiguous()
+        # contiguous: engines view and copy the map (a transposed one broke ``.view``); a
+        # copy: an engine's live int64 map, changed in place later, changed this record
+        phy2log = phy2log.to(torch.int64, copy=True, memory_format=torch.contiguous_format)
         if phy2log.dim() == 1:
             phy2log = phy2log[None]
         if active_gpus is not None:
