@@ -371,3 +371,16 @@ def test_a_placement_keeps_its_map_when_the_callers_changes_in_place():
         for _ in range(2):
             rebalancer.record(torch.ones(2, 8))
         assert_contract(rebalancer.placement.validate())
+
+
+def test_a_placement_keeps_its_live_mask_when_the_callers_changes_in_place():
+    # eplb.plan and from_phy2log kept the caller's bool mask as the record's active_gpus,
+    # so marking another GPU dead in the same tensor later made the plan invalid ("slot 0
+    # is filled but its GPU 0 is dead"); review pass
+    live = torch.tensor([True, True, True, False])
+    planned = eplb.plan(torch.rand(2, 8), 16, 4, active_gpus=live)
+    rebuilt = Placement.from_phy2log(planned.phy2log, 8, Topology(16, 4), active_gpus=live)
+    live[0], live[3] = False, True
+    for placement in (planned, rebuilt):
+        assert placement.active_gpus.tolist() == [True, True, True, False]
+        assert_contract(placement.validate())

@@ -386,7 +386,7 @@ def as_live_mask(active_gpus: object, num_gpus: int, device: torch.device) -> to
         )
     if not bool(tensor.any()):
         raise ValueError("active_gpus marks every GPU dead; at least one must be live")
-    return tensor
+    return tensor.clone()  # a copy: the caller's mask, changed in place, changed the plan's
 
 
 def as_gpu_speed(
