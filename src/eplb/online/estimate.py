@@ -122,7 +122,7 @@ def sum_steps(counts: torch.Tensor, block: int = 256) -> torch.Tensor:
     block's float32 sum of integer counts is exact while it stays below 2**24, so where
     a step holds more than ``2**24 / block`` tokens for one expert (about 65,000 at the
     default, reachable when many ranks' passes are summed) the blocks are shortened to
-    keep it exact (one step per block at 2**23 or more).
+    keep it exact (one step per block above 2**23).
     """
     if counts.dtype == torch.float64:
         return counts.sum(0)
