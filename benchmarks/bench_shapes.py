@@ -182,7 +182,8 @@ def steps_sweep(repeats: int) -> None:
 def hall_sweep(repeats: int) -> None:
     """What the S = 2 count search's Hall receivers buy: every S = 2 shape on *generated*
     loads (seeds 10-13 of every model, so not the table's inputs), with none, one and two
-    (``plan_two_slots(hall_receivers=...)``; the default takes one where R − E >= 64).
+    (``plan_two_slots(hall_receivers=...)``; the default takes one where R − E >= 64 and
+    R >= 2E).
     Balancedness over the four inputs' layers, the layers whose max GPU load one receiver
     lowers / raises against none, median time on the first input."""
     variants = (0, 1, 2)
@@ -205,7 +206,7 @@ def hall_sweep(repeats: int) -> None:
                 times[h].append(time.perf_counter() - begin)
         peaks: dict[int, torch.Tensor] = {}
         cells = [f"{model.layers}×{model.experts} S=2 P={gpus}", str(replicas - model.experts),
-                 str(int(replicas - model.experts >= HALL_RECEIVER_FROM))]
+                 str(int(replicas - model.experts >= max(HALL_RECEIVER_FROM, model.experts)))]
         for h in variants:
             plans = [plan_two_slots(w, replicas, hall_receivers=h).long() for w in loads]
             gpu = torch.cat([slot_gpu_loads(w, p, gpus) for w, p in zip(loads, plans, strict=True)])

@@ -185,7 +185,8 @@ def test_two_slot_search_grows_the_expert_halls_condition_points_at():
                                        hall_receivers=1)
     assert f[0] < stalled[0] * (1 - 1e-3)
     assert f[0] == pytest.approx(pair_max(weight, counts)[0][0])
-    # the planner takes it where asked (by default only from 64 extra replicas on)
+    # the planner takes it where asked (by default only from 64 extra replicas on, and
+    # where they are at least half the slots)
     torch_weight = torch.tensor([[47.0, 512.0, 93.0, 349.0]], dtype=torch.float64)
     with_hall = plan_two_slots(torch_weight, 6, hall_receivers=1)
     placement = Placement.from_phy2log(with_hall, 4, Topology(6, 3))

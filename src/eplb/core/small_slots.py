@@ -63,8 +63,11 @@ DEFAULT_TWO_SLOT_DONORS = 4
 #: count-search iterations (each applies at most one move per row; rows stop when stuck)
 DEFAULT_TWO_SLOT_ITERATIONS = 12
 #: extra replicas ``R − E`` from which the count search also grows the expert Hall's
-#: condition points at (see :func:`_hall_receivers`); below it the call's time is near
-#: the engines' own planners', whose loops grow with ``R − E``
+#: condition points at (see :func:`_hall_receivers`), where they are also at least half
+#: the slots (``R >= 2E``). It costs 8–46 % more search time (more rows keep improving);
+#: the engines' own planners loop once per extra replica, so only there is their time
+#: far enough above eplb's to pay for it (BENCHMARKS §12, "Forty-eighth session": with it
+#: 61×384 on 256 GPUs, R − E = 128 of 512 slots, took 1.15× `deepseek_vec`'s time)
 HALL_RECEIVER_FROM = 64
 
 
@@ -396,10 +399,11 @@ def plan_two_slots(
     Counts: the allocation of ``rules`` (see :func:`eplb.replication.replica_counts`)
     with the smallest pairing max per row, improved by :func:`search_two_slot_counts`
     (``iterations``: default :func:`two_slot_iterations`; ``hall_receivers``: default
-    one where ``R − E >= HALL_RECEIVER_FROM``, else none). Pieces are paired largest with
-    smallest, then the legal-swap repair settles the rare pair holding two replicas of
-    the expert whose run straddles the median (rows where some expert has more replicas
-    than GPUs are dealt round-robin instead, as everywhere in eplb).
+    one where ``R − E >= HALL_RECEIVER_FROM`` and ``R >= 2E``, else none). Pieces are
+    paired largest with smallest, then the legal-swap repair settles the rare pair
+    holding two replicas of the expert whose run straddles the median (rows where some
+    expert has more replicas than GPUs are dealt round-robin instead, as everywhere in
+    eplb).
     """
     num_gpus = num_replicas // 2
     w = _uniform_zero_rows(weight.detach().to(torch.float64).cpu().numpy())
@@ -408,9 +412,10 @@ def plan_two_slots(
     if iterations is None:
         iterations = two_slot_iterations(num_experts, num_replicas)
     if hall_receivers is None:
-        # one more receiver costs half again the search's time: taken where the engines'
-        # planners, which loop over the extra replicas, are slow enough to leave room
-        hall_receivers = int(num_replicas - num_experts >= HALL_RECEIVER_FROM)
+        # one more receiver costs up to half again the search's time: taken where the
+        # engines' planners, which loop over the extra replicas, are slow enough to pay
+        extra = num_replicas - num_experts
+        hall_receivers = int(extra >= HALL_RECEIVER_FROM and extra >= num_experts)
     if num_replicas == num_experts:
         counts = np.ones_like(w, dtype=np.int64)
     else:
