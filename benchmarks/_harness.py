@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import eplb
 from eplb.formats._files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -144,3 +145,18 @@ def write_output(path: str | Path, text: str, force: bool) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda handle: handle.write(text), "w", force=force)
+
+
+def vllm_planner(policy, num_replicas: int, num_gpus: int
+                 ) -> Callable[[torch.Tensor, eplb.Placement | None], eplb.Placement]:
+    """A simulator planner: vLLM's ``policy.rebalance_experts`` (e.g. its released
+    ``DefaultEplbPolicy``) as vLLM calls it, with the loads, R, groups, nodes, GPUs and
+    the map in force, as a Placement (one node, one group)."""
+    topology = eplb.Topology(num_replicas, num_gpus)
+
+    def planner(weight: torch.Tensor, previous: eplb.Placement | None) -> eplb.Placement:
+        old = None if previous is None else previous.phy2log
+        phy2log = policy.rebalance_experts(weight, num_replicas, 1, 1, num_gpus, old)
+        return eplb.Placement.from_phy2log(phy2log, weight.shape[1], topology)
+
+    return planner

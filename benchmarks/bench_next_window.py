@@ -35,11 +35,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from _harness import ESFT_FILE as ESFT
-from _harness import add_output_options, refuse_existing_outputs, write_output
+from _harness import add_output_options, refuse_existing_outputs, vllm_planner, write_output
 from _harness import start as header
 from engines import FETCH_HINT, engine_root, vllm_sources
 
-import eplb
 from eplb.tools.simulate import simulate
 
 ESTIMATORS = ["sum", "ema:50", "ema:100", "ema:200", "robust:0.5", "robust:1", "multi:4",
@@ -79,19 +78,6 @@ def synthetic_traces(steps: int, seeds: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def vllm_greedy(policy, num_replicas: int, num_gpus: int):
-    """A simulator planner: vLLM's ``policy.rebalance_experts`` as vLLM calls it (the
-    loads, R, groups, nodes, GPUs and the map in force), as a Placement."""
-    topology = eplb.Topology(num_replicas, num_gpus)
-
-    def planner(weight: torch.Tensor, previous: eplb.Placement | None) -> eplb.Placement:
-        old = None if previous is None else previous.phy2log
-        phy2log = policy.rebalance_experts(weight, num_replicas, 1, 1, num_gpus, old)
-        return eplb.Placement.from_phy2log(phy2log, weight.shape[1], topology)
-
-    return planner
-
-
 def run(traces: dict[str, torch.Tensor], topo: dict[str, int], planners: list[str],
         greedy_policy) -> list[dict]:
     """``greedy_policy``: vLLM's ``DefaultEplbPolicy`` class, planner ``"greedy"``."""
@@ -99,7 +85,7 @@ def run(traces: dict[str, torch.Tensor], topo: dict[str, int], planners: list[st
     for name, counts in traces.items():
         for planner in planners:
             oracle = None
-            chosen = (vllm_greedy(greedy_policy, topo["num_replicas"], topo["num_gpus"])
+            chosen = (vllm_planner(greedy_policy, topo["num_replicas"], topo["num_gpus"])
                       if planner == "greedy" else planner)
             for spec in ESTIMATORS:
                 res = simulate(counts, chosen, cadence="adrs", estimator=spec,

@@ -28,7 +28,7 @@ import time
 
 import torch
 from _harness import DEEPSEEK_DIR as REAL
-from _harness import REAL_DATA_HINT, start
+from _harness import REAL_DATA_HINT, start, vllm_planner
 from engines import FETCH_HINT, engine_root, vllm_sources
 
 import eplb
@@ -81,7 +81,7 @@ def section_incremental(args: argparse.Namespace) -> None:
     with vllm_sources(root) if root else _no_engine() as vllm:
         for label, kwargs in runs:
             if kwargs["planner"] == "greedy":
-                kwargs = dict(kwargs, planner=vllm_greedy(vllm.DefaultEplbPolicy))
+                kwargs = dict(kwargs, planner=vllm_planner(vllm.DefaultEplbPolicy, R, P))
             result = simulate(
                 trace,
                 num_replicas=R,
@@ -104,17 +104,6 @@ def section_incremental(args: argparse.Namespace) -> None:
             )
 
 
-def vllm_greedy(policy):
-    """A simulator planner: vLLM's ``policy.rebalance_experts`` as vLLM calls it (the
-    loads, R, groups, nodes, GPUs and the map in force), as a Placement."""
-    topology = eplb.Topology(R, P)
-
-    def planner(weight: torch.Tensor, previous: eplb.Placement | None) -> eplb.Placement:
-        old = None if previous is None else previous.phy2log
-        phy2log = policy.rebalance_experts(weight, R, 1, 1, P, old)
-        return eplb.Placement.from_phy2log(phy2log, weight.shape[1], topology)
-
-    return planner
 
 
 class _no_engine:

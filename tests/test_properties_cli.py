@@ -135,6 +135,25 @@ def read_back(call: dict, path, policy: str | None = None) -> eplb.Placement:
                           policy=policy)
 
 
+def written_and_planned(call: dict, out, w: torch.Tensor, kwargs: dict,
+                        live: torch.Tensor | None) -> tuple[eplb.Placement, eplb.Placement]:
+    """``(the placement the CLI wrote to out, eplb.plan's from the same loads and
+    options)``, the written one checked against the contract: valid, dead GPUs empty,
+    the same policy."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = eplb.plan(w, call["replicas"], call["gpus"], call["nodes"], call["groups"],
+                         policy=call["policy"], **kwargs)
+    p = read_back(call, out, want.policy if call["emit"] == "sglang" else None)
+    p.validate()
+    assert_contract(p)
+    if live is not None:
+        dead_slots = (~live).repeat_interleave(call["slots"])
+        assert bool((p.phy2log[:, dead_slots] == -1).all()), "a dead GPU holds an expert"
+    assert p.policy == want.policy
+    return p, want
+
+
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(call=cli_calls())
@@ -177,17 +196,7 @@ def test_eplb_plan_writes_a_placement_that_keeps_the_contract(tmp_path_factory, 
     _, err = capsys.readouterr()
     assert code == 0, err
     assert "Traceback" not in err
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = eplb.plan(w, call["replicas"], call["gpus"], call["nodes"], call["groups"],
-                         policy=call["policy"], **kwargs)
-    p = read_back(call, out, want.policy if call["emit"] == "sglang" else None)
-    p.validate()
-    assert_contract(p)
-    if live is not None:
-        dead_slots = (~live).repeat_interleave(call["slots"])
-        assert bool((p.phy2log[:, dead_slots] == -1).all()), "a dead GPU holds an expert"
-    assert p.policy == want.policy
+    p, want = written_and_planned(call, out, w, kwargs, live)
     # the file holds the placement eplb.plan makes from the same loads and options
     assert torch.equal(p.phy2log, want.phy2log), (call["emit"], call["previous"])
     if old is not None and call["budget"] is not None and call["previous"] == "eplb" \
@@ -292,17 +301,7 @@ def test_eplb_plan_for_nearest_dispatch_writes_a_placement_that_keeps_the_contra
         return  # a shape the locality policy refuses, in one line
     event(f"{call['policy']}, fair {call['fair']}, previous {call['previous'] != 'none'}")
     assert code == 0, err
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = eplb.plan(w, call["replicas"], call["gpus"], call["nodes"], call["groups"],
-                         policy=call["policy"], **kwargs)
-    p = read_back(call, out, want.policy if call["emit"] == "sglang" else None)
-    p.validate()
-    assert_contract(p)
-    if live is not None:
-        dead_slots = (~live).repeat_interleave(call["slots"])
-        assert bool((p.phy2log[:, dead_slots] == -1).all()), "a dead GPU holds an expert"
-    assert p.policy == want.policy
+    p, want = written_and_planned(call, out, w, kwargs, live)
     start_up_file = (call["emit"] == "sglang" and call["nodes"] == 1 and call["fair"] == "auto"
                      and old is None)
     if not start_up_file:  # (that one: per layer the even split or fair avoid, said so)
