@@ -135,6 +135,18 @@ def read_back(call: dict, path, policy: str | None = None) -> eplb.Placement:
                           policy=policy)
 
 
+def add_dead_gpus(call: dict, argv: list, kwargs: dict) -> torch.Tensor | None:
+    """The call's dead GPUs as the CLI takes them (``argv``) and as eplb.plan does
+    (``kwargs``); returns the live mask, ``None`` where every GPU is live."""
+    if not call["dead"]:
+        return None
+    argv += ["--dead-gpus", ",".join(map(str, call["dead"]))]
+    live = torch.ones(call["gpus"], dtype=torch.bool)
+    live[call["dead"]] = False
+    kwargs["active_gpus"] = live
+    return live
+
+
 def written_and_planned(call: dict, out, w: torch.Tensor, kwargs: dict,
                         live: torch.Tensor | None) -> tuple[eplb.Placement, eplb.Placement]:
     """``(the placement the CLI wrote to out, eplb.plan's from the same loads and
@@ -170,12 +182,7 @@ def test_eplb_plan_writes_a_placement_that_keeps_the_contract(tmp_path_factory, 
         argv += ["--first-layer", 0]  # SGLang's file needs the model layers these lack
     w = counts.sum(0).to(torch.float64)
     kwargs: dict = {"seed": call["seed"]}
-    live = None
-    if call["dead"]:
-        argv += ["--dead-gpus", ",".join(map(str, call["dead"]))]
-        live = torch.ones(call["gpus"], dtype=torch.bool)
-        live[call["dead"]] = False
-        kwargs["active_gpus"] = live
+    live = add_dead_gpus(call, argv, kwargs)
     if call["speed"] is not None:
         argv += ["--gpu-speed", ",".join(map(str, call["speed"]))]
         kwargs["gpu_speed"] = torch.tensor(call["speed"], dtype=torch.float64)
@@ -265,12 +272,7 @@ def test_eplb_plan_for_nearest_dispatch_writes_a_placement_that_keeps_the_contra
             "--seed", call["seed"], "--dispatch", "nearest", "--fair", call["fair"]]
     w = counts.sum(0).to(torch.float64)
     kwargs: dict = {"seed": call["seed"], "dispatch": "nearest", "fair": call["fair"]}
-    live = None
-    if call["dead"]:
-        argv += ["--dead-gpus", ",".join(map(str, call["dead"]))]
-        live = torch.ones(call["gpus"], dtype=torch.bool)
-        live[call["dead"]] = False
-        kwargs["active_gpus"] = live
+    live = add_dead_gpus(call, argv, kwargs)
     if call["slack"] is not None:
         argv += ["--slack", call["slack"]]
         kwargs["slack"] = call["slack"]
