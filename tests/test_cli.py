@@ -753,6 +753,18 @@ def test_simulate_json_and_report(capsys, tmp_path, trace_file) -> None:
     runs = json.loads(out)["runs"]
     assert [r["summary"]["planner"] for r in runs] == ["eplb", "none", "greedy"]
     assert (report / "simulation_over_time.png").exists()
+    # the report holds the terminal's table: what a rebalance moves and copies too (it had
+    # balancedness and rebalances only)
+    text = (report / "report.md").read_text()
+    assert "| planner | window bal | step bal | oracle | rebalances | moved/rebal | GB/rebal |" \
+        in text
+    greedy = runs[2]["summary"]
+    row = next(line for line in text.splitlines() if line.startswith("| reference greedy"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"{greedy['window_balancedness']:.4f}"
+    assert cells[5] == f"{greedy['moved_slots_per_rebalance']:.0f}"
+    assert cells[6] == f"{greedy['moved_gb_per_rebalance']:.2f}"
+    assert "moved/rebal: slots whose expert changed per rebalance" in text
 
 
 def test_simulate_scores_every_planner_as_the_dispatch_named(capsys, trace_file) -> None:

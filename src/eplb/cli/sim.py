@@ -220,7 +220,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     written: list[Path] = []
     if report is not None:
-        _simulation_report(report, args, results, trace)
+        _simulation_report(report, args, results, trace, (replicas, gpus, expert_bytes))
         written = report.write(args.report, force=args.force)
     if args.json:
         print_json({"trace": str(args.trace), "layers_left_out": left_out,
@@ -229,27 +229,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     "report": [str(p) for p in written]})
         return 0
     cad = results[0].cadence
-    headers = ["planner", "window bal", "step bal", "oracle", "rebalances", "moved/rebal",
-               "GB/rebal", "GB/GPU", "plan ms"]
-    rows = []
-    for r in results:
-        s = r.summary()
-        label = PLANNER_LABEL.get(r.planner, r.planner)
-        if r.incremental:
-            label += " (incremental)"
-        if s.get("estimator") not in (None, "sum"):  # the window sum is the default
-            label += f", {s['estimator']}"
-        rows.append([label, s["window_balancedness"], s["step_balancedness"],
-                     s["oracle_balancedness"], s["rebalances"],
-                     None if s["moved_slots_per_rebalance"] is None
-                     else f"{s['moved_slots_per_rebalance']:.0f}",
-                     # two decimals as GB/GPU: a total must not read below its part
-                     None if s["moved_gb_per_rebalance"] is None
-                     else f"{s['moved_gb_per_rebalance']:.2f}",
-                     # every GPU copies at once: the busiest sets the stall
-                     None if s["busiest_gpu_gb_per_rebalance"] is None
-                     else f"{s['busiest_gpu_gb_per_rebalance']:.2f}",
-                     None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
     cluster = cluster_note(args.nodes, args.groups)
     print_table(
         f"{args.trace}{all_zero_rows_note(len(left_out))}: {counted(trace.num_steps, 'step')}, "
@@ -258,22 +237,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"; plan on {counted(cad.window, 'step')} every "
         f"{cad.interval}, scored in windows of {cad.scoring}"
         + ("" if args.dispatch == "even" else " as SGLang's nearest dispatch serves them"),
-        headers, rows)
+        SUMMARY_HEADERS, _summary_rows(results))
     # the short headers need their meaning: which figure counts, and what 'moved' counts
-    print("window bal / step bal: mean balancedness (Σ mean / Σ max GPU load, 1.0 is "
-          "perfect)\n  of the scoring windows / of single steps, from the first rebalance on;\n"
-          "oracle: the same planner given the scored window itself, a fresh plan even with "
-          "--incremental\n  (foresight, not a bound);\n"
-          "moved/rebal: slots whose expert changed per rebalance, of "
-          f"{trace.num_layers * replicas} ({trace.num_layers} layers × {replicas} slots);\n"
-          f"GB/rebal, GB/GPU: the expert weights they copy, in all and into the busiest "
-          f"of the {gpus} GPUs\n  (every GPU copies at once: the busiest sets the stall), at "
-          f"{expert_bytes:,} bytes per expert"
-          + ("" if args.expert_bytes is not None
-             else " (DeepSeek-V3 in FP8; --expert-bytes for another model)"
-             if trace.num_experts == 256
-             else f" (DeepSeek-V3's 256 experts in FP8, but this trace has "
-                  f"{trace.num_experts}: give --expert-bytes for your model)"))
+    print(_column_notes(args, trace, replicas, gpus, expert_bytes))
     if args.max_moves is not None:
         for r in results:
             per = r.moved_slots.sum(1).tolist()
@@ -293,8 +259,61 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 
+#: the columns of simulate's table, on the terminal and in its report
+SUMMARY_HEADERS = ["planner", "window bal", "step bal", "oracle", "rebalances", "moved/rebal",
+                   "GB/rebal", "GB/GPU", "plan ms"]
+
+
+def _summary_rows(results: list[SimulationResult]) -> list[list[object]]:
+    """One row of :data:`SUMMARY_HEADERS` per run (balancedness as floats, the rest as
+    text, ``None`` where a figure does not apply)."""
+    rows: list[list[object]] = []
+    for r in results:
+        s = r.summary()
+        label = PLANNER_LABEL.get(r.planner, r.planner)
+        if r.incremental:
+            label += " (incremental)"
+        if s.get("estimator") not in (None, "sum"):  # the window sum is the default
+            label += f", {s['estimator']}"
+        rows.append([label, s["window_balancedness"], s["step_balancedness"],
+                     s["oracle_balancedness"], s["rebalances"],
+                     None if s["moved_slots_per_rebalance"] is None
+                     else f"{s['moved_slots_per_rebalance']:.0f}",
+                     # two decimals as GB/GPU: a total must not read below its part
+                     None if s["moved_gb_per_rebalance"] is None
+                     else f"{s['moved_gb_per_rebalance']:.2f}",
+                     # every GPU copies at once: the busiest sets the stall
+                     None if s["busiest_gpu_gb_per_rebalance"] is None
+                     else f"{s['busiest_gpu_gb_per_rebalance']:.2f}",
+                     None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
+    return rows
+
+
+def _column_notes(args: argparse.Namespace, trace: LoadTrace, replicas: int, gpus: int,
+                  expert_bytes: int) -> str:
+    """What each of :data:`SUMMARY_HEADERS` counts (printed under the table, and in the
+    report)."""
+    return ("window bal / step bal: mean balancedness (Σ mean / Σ max GPU load, 1.0 is "
+            "perfect)\n  of the scoring windows / of single steps, from the first rebalance on;\n"
+            "oracle: the same planner given the scored window itself, a fresh plan even with "
+            "--incremental\n  (foresight, not a bound);\n"
+            "moved/rebal: slots whose expert changed per rebalance, of "
+            f"{trace.num_layers * replicas} ({trace.num_layers} layers × {replicas} slots);\n"
+            f"GB/rebal, GB/GPU: the expert weights they copy, in all and into the busiest "
+            f"of the {gpus} GPUs\n  (every GPU copies at once: the busiest sets the stall), at "
+            f"{expert_bytes:,} bytes per expert"
+            + ("" if args.expert_bytes is not None
+               else " (DeepSeek-V3 in FP8; --expert-bytes for another model)"
+               if trace.num_experts == 256
+               else f" (DeepSeek-V3's 256 experts in FP8, but this trace has "
+                    f"{trace.num_experts}: give --expert-bytes for your model)"))
+
+
 def _simulation_report(report: Report, args: argparse.Namespace,
-                       results: list[SimulationResult], trace: LoadTrace) -> None:
+                       results: list[SimulationResult], trace: LoadTrace,
+                       cluster: tuple[int, int, int]) -> None:
+    """The report of a simulation; ``cluster``: ``(slots, GPUs, bytes per expert)``."""
+    replicas, gpus, expert_bytes = cluster
 
     cad = results[0].cadence
     report.text(
@@ -304,18 +323,13 @@ def _simulation_report(report: Report, args: argparse.Namespace,
         "with the placement in force. 'oracle' plans on the scored window itself (what "
         "foresight would buy this planner, not a bound)."
     )
-    rows = []
-    averages: dict[str, float | None] = {}
-    for r in results:
-        s = r.summary()
-        label = PLANNER_LABEL.get(r.planner, r.planner)
-        averages[label] = s["window_balancedness"]
-        rows.append([label,
-                     f"{s['window_balancedness']:.4f}" if s["window_balancedness"] else "n/a",
-                     f"{s['oracle_balancedness']:.4f}" if s["oracle_balancedness"] else "n/a",
-                     s["rebalances"]])
-    report.table(["planner", "mean window balancedness after the first rebalance", "oracle",
-                  "rebalances"], rows)
+    averages = {PLANNER_LABEL.get(r.planner, r.planner): r.summary()["window_balancedness"]
+                for r in results}
+    # the terminal's table and its notes: the moves and bytes a rebalance costs too
+    report.table(SUMMARY_HEADERS, [[f"{c:.4f}" if isinstance(c, float) else "n/a" if c is None
+                                     else c for c in row] for row in _summary_rows(results)])
+    report.text(_column_notes(args, trace, replicas, gpus, expert_bytes).replace("\n  ", " ")
+                .replace("\n", " "))
     # windows without a token read 1 but take no MoE time: gaps in the picture, as they
     # are left out of the means
     series = {PLANNER_LABEL.get(r.planner, r.planner):
