@@ -97,14 +97,17 @@ def polish_host(
         u = loads.argmax(1)  # the first of equal maxima, as torch's max
         load_u = loads[row, u]
         column_u = first_column + u
-        top_load = load.reshape(slots, stride)[:, column_u]  # [S, n]
-        top_expert = expert_columns[:, column_u]
+        # np.take, not ``[:, column_u]``: that indexing returns Fortran-ordered columns, and
+        # every broadcast below then ran in a strided order, several times slower (the
+        # same values: a gather rounds nothing)
+        top_load = np.take(load.reshape(slots, stride), column_u, axis=1)  # [S, n]
+        top_expert = np.take(expert_columns, column_u, axis=1)
         # after swapping δ = w_i − w_j the pair's larger load is (L_u + L_v)/2 + |δ − gap/2|
         mid = loads + load_u[:, None]
         mid *= 0.5  # [n, P]
         target = (top_load - load_u)[:, :, None] + mid  # w_i − gap/2: [S, n, P]
-        their_load = load if whole else load[:, open_rows]  # [S, n, P]
-        their_expert = expert if whole else expert[:, open_rows]
+        their_load = load if whole else np.take(load, open_rows, axis=1)  # [S, n, P]
+        their_expert = expert if whole else np.take(expert, open_rows, axis=1)
         # u's item i may not go to a GPU v holding its expert, nor v's item j come to u
         # (this also rules out v = u). Illegal pairs get an infinite distance through
         # their operands, target_i = +inf or w_j = −inf (never inf − inf: no NaN), so
