@@ -546,3 +546,14 @@ def test_an_sglang_file_from_bare_rows_says_which_model_layers_it_covers(capsys,
     assert code == 0 and "(sglang, 61 model layers)" in out
     code, _, err = run(capsys, "plan", rows, "-r", 32, "-g", 8, "-o", tmp_path / "q.sglang.json")
     assert code == 2 and "0 where every layer is MoE, as in Qwen3" in err
+
+
+def test_plan_from_a_placement_of_another_grouping_warns_once(capsys, tmp_path, loads) -> None:
+    """Found by a new-user pass: a hierarchical plan from a global placement printed "previous
+    placement was planned for 1 node(s)..." twice, the second time from the plan of the
+    forced moves alone that tells them apart."""
+    old = tmp_path / "global.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(old))[0] == 0
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes", "2",
+                       "--groups", "4", "--previous", str(old), "-o", str(tmp_path / "h.json"))
+    assert code == 0 and err.count("previous placement was planned for 1 node(s)") == 1, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -80,7 +81,11 @@ def split_moves(forced_plan: Callable[[], Placement] | None, previous: Placement
         return MoveSplit(torch.zeros(moved.shape[0], dtype=torch.int64), int(moved.sum()), 0,
                          0.0)
     try:
-        forced, seconds = timed(forced_plan)
+        # the same call as the plan's, budget aside: its warnings were given once already
+        # (new-user pass: "previous placement was planned for 1 node(s)..." printed twice)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            forced, seconds = timed(forced_plan)
     except ValueError:
         return None
     in_forced = (moved & (forced.phy2log.to(old.device) != old)).sum(1)  # [L]
