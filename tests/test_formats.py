@@ -566,6 +566,23 @@ def test_a_key_that_names_no_array_is_refused_by_name(tmp_path, key):
         read_loads(path, key=key)
 
 
+def test_several_count_arrays_without_a_key_name_the_way_to_read_them_all(tmp_path):
+    """Found by a new-user pass: gpt-oss-20b's think and answer frequencies (two count
+    arrays of one shape) were refused with "choose one", though --key A,B reads both as
+    steps, as a file of several top-k arrays already said."""
+    shape = (3, 2, 4)
+    np.savez(tmp_path / "freq.npz", think=np.ones(shape), answer=np.ones(shape))
+    json_path = tmp_path / "freq.json"
+    json_path.write_text(json.dumps({"think": np.ones(shape).tolist(),
+                                     "answer": np.ones(shape).tolist()}))
+    for path in (tmp_path / "freq.npz", json_path):
+        with pytest.raises(FormatError, match=r"choose one .*or several of one shape to read "
+                                              r"them one after another as steps \(CLI: --key "
+                                              r"A,B\)"):
+            read_loads(path)
+        assert read_loads(path, key=["think", "answer"]).counts.shape == (6, 2, 4)
+
+
 def test_layer_ids_override_and_trace_helpers(tmp_path):
     c = counts_tle()
     c[:, 0] = 0

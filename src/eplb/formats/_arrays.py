@@ -95,7 +95,8 @@ def pick_array(
                 path,
                 f"holds {len(names)} arrays ({_listing(names)}); expected one [L, E] or "
                 f"[T, L, E] array: choose one with key= (CLI: --key NAME, nested names "
-                f"joined by '{SEPARATOR}')",
+                f"joined by '{SEPARATOR}'), or several of one shape to read them one after "
+                f"another as steps (CLI: --key A,B)",
             )
         key = names[0]
     # the arrays are found by their keys, not by splitting the name: a key may hold the
@@ -154,6 +155,6 @@ def pick_flat(arrays: dict[str, Any], path: Path, key: str | None) -> tuple[str,
     raise FormatError(
         path,
         f"holds {len(arrays)} arrays {shown(sorted(arrays))}; expected one [L, E] or "
-        "[T, L, E] "
-        "array: choose one with key= (CLI: --key NAME)",
+        "[T, L, E] array: choose one with key= (CLI: --key NAME), or several of one shape "
+        "to read them one after another as steps (CLI: --key A,B)",
     )
