@@ -145,6 +145,10 @@ def test_sglang_output_on_one_node_names_the_dispatch_rule(capsys, tmp_path, loa
     assert code == 0 and "static serves this file" not in err, err
     code, _, err = run(capsys, *base[:-2], "-o", str(tmp_path / "c.json"))  # not for SGLang
     assert code == 0 and "static serves this file" not in err, err
+    # from the map in force the plan is not one for the ranks' draws, nearest or not
+    code, _, err = run(capsys, *base, "--previous", str(tmp_path / "a.sglang.json"),
+                       "-o", str(tmp_path / "d.sglang.json"))
+    assert code == 0 and "static serves this file" not in err, err
 
 
 def test_dead_gpus_name_the_live_topology_for_an_engine_and_refuse_repeats(capsys, tmp_path,

@@ -364,10 +364,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         after_loads = realised_gpu_loads(scale_free(weight), placement.phy2log, args.gpus,
                                          args.nodes, active_gpus=placement.active_gpus)
     _, after, after_worst = load_balance(after_loads, live, speed)
-    if drawn is not None and args.dispatch != "nearest" and drawn < after - 0.01:
+    if (drawn is not None and args.dispatch != "nearest" and previous is None
+            and drawn < after - 0.01):
         # one node (several: warned above): the ranks' own fair draws serve an even-split
         # file well below its even-split figure, which alone led (new-user pass: 0.8805
-        # beside 0.9996 on the real prefill_in4096 at 32 GPUs, and no word of what to do)
+        # beside 0.9996 on the real prefill_in4096 at 32 GPUs, and no word of what to do).
+        # Not with --previous: a plan from it is not made for those draws (0.8905 with
+        # --dispatch nearest against 0.8918 without, on the real prefill_in2048)
         warn(f"SGLang's --ep-dispatch-algorithm static serves this file at {drawn:.4f} (each "
              f"rank's own fair draw, eplb's model), not {after:.4f}: for static dispatch plan "
              "with --dispatch nearest; this plan is for an even split (SGLang's dynamic "
