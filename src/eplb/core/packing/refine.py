@@ -25,7 +25,6 @@ from functools import lru_cache
 import torch
 
 from eplb.core.ordering import argsort_rows
-from eplb.core.packing.pairs_host import pairs_host
 from eplb.core.packing.polish import MAX_MASKED_SEARCH, host_polish_applies, polish_host
 from eplb.core.packing.state import (
     EXPERT,
@@ -97,7 +96,6 @@ def refine(
     mode: str = "pairs",
     tol: float = 1e-6,
     track: Tracking | None = None,
-    host: bool | None = None,
 ) -> torch.Tensor:
     """Swap refinement (see the module docstring) of ``state [2, S, rows, P]`` (loads and
     expert ids, :mod:`eplb.core.packing.state`). Returns the refined state.
@@ -106,28 +104,19 @@ def refine(
     ``track.gpu`` is permuted along (and updated in place of the object's field). A swap
     is legal only if neither GPU already holds a replica of the expert it receives, so an
     anti-affine state stays anti-affine. ``tol`` is the least Σ load² improvement that
-    counts, relative to a mean replica load of 1. A small CPU state without ``track`` is
-    searched in NumPy (:mod:`.pairs_host`, the same swaps; the polish likewise); ``host``
-    forces one version or the other (the tests compare them).
+    counts, relative to a mean replica load of 1.
     """
     if mode == "none" or steps == 0:
         return state
     if mode == "max":
         if track is not None and track.speed is not None:
             raise ValueError("refine='max' does not support GPU speeds")
-        return _refine_max(state, steps, track, host)
+        return _refine_max(state, steps, track)
     _, slots, rows, num_gpus = state.shape
     half = num_gpus // 2
     if half == 0:
         return state
     pairings = _pairings(num_gpus, min(steps, 2 * half), state.device)
-    if host is None:
-        # small states of few GPUs: a step there is mostly torch's per-call cost (measured
-        # per 8 steps, one thread: 0.48 against 1.5 ms at [6, 3, 4], 1.05 against 1.9 ms
-        # at [9, 10, 32]; at 64 and 96 GPUs NumPy's gathers made it 1.2× slower)
-        host = num_gpus <= _TORCH_SORT_MAX_GPUS and host_polish_applies(state)
-    if host and track is None:  # the same swaps, in NumPy
-        return pairs_host(state, steps, pairings, tol, num_gpus <= _TORCH_SORT_MAX_GPUS)
     speed = None if track is None else track.speed
     origin = None if track is None else track.origin
     spent = None if origin is None else _moves(state[EXPERT], origin)
