@@ -33,6 +33,7 @@ from engines import FETCH_HINT, engine_root, vllm_sources
 
 import eplb
 from eplb.core.bounds import balancedness_ceiling
+from eplb.online import trivial_placement
 from eplb.tools.generator import generate_trace
 from eplb.tools.simulate import simulate
 
@@ -44,8 +45,10 @@ def section_incremental(args: argparse.Namespace) -> None:
     trace = generate_trace("deepseek-v3", steps=steps, seed=seed)
     slots_total = trace.num_layers * R
     print(
-        f"\n## Incremental rebalancing: generated deepseek-v3 drift trace, {steps} steps, "
-        f"vLLM cadence (window 1000, interval 3000), R={R}, P={P}\n"
+        f"\n## Incremental rebalancing: generated deepseek-v3 drift trace, {steps} steps "
+        f"(seed {seed}), vLLM cadence (window 1000, interval 3000), R={R}, P={P}, from "
+        + ("a plan of the first 1000 steps" if args.start == "plan"
+           else "vLLM's initial map (slot i holds expert i % E)") + "\n"
     )
     print(
         "Balancedness is measured on the traffic after each plan took over (the next "
@@ -74,9 +77,11 @@ def section_incremental(args: argparse.Namespace) -> None:
             )
         )
     runs.append(("eplb incremental, no budget", dict(planner="eplb", incremental=True)))
-    # every run starts from the same good plan of the first 1000 steps, as a deployment that
-    # has been rebalancing for a while would
-    initial = eplb.plan(trace.counts[:1000].sum(0), R, P)
+    # every run starts from the same map: by default a good plan of the first 1000 steps,
+    # as a deployment that has been rebalancing for a while would; --start vllm: the map
+    # vLLM starts from (slot i holds expert i % E), as a fresh deployment would
+    initial = (eplb.plan(trace.counts[:1000].sum(0), R, P) if args.start == "plan"
+               else trivial_placement(trace.num_experts, trace.num_layers, eplb.Topology(R, P)))
     scratch = None
     with vllm_sources(root) if root else _no_engine() as vllm:
         for label, kwargs in runs:
@@ -185,6 +190,9 @@ def main() -> None:
     parser.add_argument("sections", nargs="*", help=f"some of {list(SECTIONS)} (default: all)")
     parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", choices=("plan", "vllm"), default="plan",
+                        help="incremental: the map every run starts from (default: eplb's "
+                             "plan of the first 1000 steps; vllm: vLLM's initial map)")
     parser.add_argument("--dead-draws", type=int, default=1,
                         help="sets of dead GPUs per workload (default 1; with one GPU dead, "
                              "32 or more try every GPU)")
