@@ -188,6 +188,27 @@ def test_replanning_the_same_weight_moves_little(policy, nodes, groups):
     assert new.balancedness(W0) >= old.balancedness(W0) - 1e-9
 
 
+def test_the_engines_static_map_is_replaced_by_a_fresh_plan_without_a_budget():
+    """vLLM's first call passes its static map (slot i holds expert i % E). No planner
+    made it, and a ladder from it kept a packing later rebalances never undid (0.005 to
+    0.012 below vLLM's greedy on every later window of a generated trace): without a
+    budget every layer still holding it gets the fresh plan, relabelled onto its GPUs.
+    Layers already planned keep the usual choice; a budget keeps its cap."""
+    static = torch.arange(R).remainder(E).repeat(L, 1)
+    fresh = eplb.plan(W1, R, P)
+    new = eplb.plan(W1, R, P, previous=static)
+    assert_contract(new)
+    # relabelled onto the old GPUs: the same GPU loads, in another GPU order
+    assert torch.allclose(new.gpu_loads(W1).sort(1).values, fresh.gpu_loads(W1).sort(1).values)
+    mixed = static.clone()
+    mixed[0] = old_plan("global", 1, 1).phy2log[0]  # one layer planned before
+    again = eplb.plan(W1, R, P, previous=mixed)
+    assert torch.equal(again.phy2log[1:], new.phy2log[1:])
+    budgeted = eplb.plan(W1, R, P, previous=static, max_moves=R)
+    assert int(budgeted.moved_slots(eplb.Placement.from_phy2log(static, E, eplb.Topology(R, P)))
+               .sum()) <= R
+
+
 def test_previous_as_placement_tensor_or_old_phy2log_agree():
     old = old_plan("global", 1, 1)
     a = eplb.plan(W1, R, P, previous=old, max_moves=12)
@@ -613,7 +634,10 @@ def test_group_share_spreads_groups_that_drift_together():
     layers, experts, groups, gpus, replicas = 4, 64, 8, 8, 80
     g = torch.Generator().manual_seed(0)
     weight = torch.exp(torch.randn(layers, experts, generator=g, dtype=torch.float64))
+    # vLLM's initial map with two slots swapped per layer: as crowded by group, but no
+    # longer the static map itself, which is replaced by a fresh plan whatever the score
     old = initial_map(layers, replicas, experts)
+    old[:, [0, 9]] = old[:, [9, 0]]
     plans = {share: eplb.plan(weight, replicas, gpus, 1, groups, previous=old,
                               group_share=share) for share in (0.0, 0.09, 0.9)}
     for p in plans.values():

@@ -382,10 +382,18 @@ def plan_incremental(
         # ends short of a fresh plan in most layers (at 2–3 slots on synthetic loads the
         # next window fell 0.009–0.011 below a fresh plan's): every layer is offered one
         coarse = topo.slots_per_gpu <= COARSE_SLOTS
-        need = gaining | (transfers > layer_quota) | far | coarse
+        # a layer still holding the engines' static map (slot i holds expert i % E) was
+        # never planned: nothing in it is worth keeping, and a ladder from it keeps a
+        # packing that later rebalances never undo (vLLM's first call on a generated
+        # trace: 0.005-0.012 below vLLM's greedy on every later window; BENCHMARKS.md §4)
+        static = ((base == np.arange(topo.num_replicas) % weight.shape[1]).all(1)
+                  if max_moves is None and skip_threshold is None
+                  else np.zeros(request.num_layers, bool))
+        need = gaining | (transfers > layer_quota) | far | coarse | static
         if need.any():
             extra = fresh_candidates(request, base, np.nonzero(need)[0])
             extra_peak, extra_now = score(_live_only(extra, live_gpus, topo))
+            peak[:, static] = np.inf  # only the fresh plans are left there
             candidates = np.concatenate([candidates, extra])
             peak = np.concatenate([peak, np.where(need[None], extra_peak, np.inf)])
             now = np.concatenate([now, extra_now])
