@@ -22,7 +22,8 @@ almost every slot. Here the new plan starts from the placement in force:
    onto the old GPUs (:mod:`eplb.online.align`) for the layers whose ladder still gains
    a move price at its end, whose replica counts are further from Jefferson's than one
    ladder step (the transfers spend the ladder's reach), or whose ladder ends further
-   from balance in sample than the drift's own excess (an old packing it cannot undo).
+   from balance in sample than the drift's own excess (an old packing it cannot undo);
+   without a budget, a layer still holding the engines' static map takes it outright.
    Hierarchical: a *warm regroup* for the layers whose best group→node assignment
    differs from the one in force: only the groups that change node move, then the node
    ladder refines (:func:`eplb.online.hierarchy.candidates`); and a fresh hierarchical
