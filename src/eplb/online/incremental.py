@@ -385,8 +385,8 @@ def plan_incremental(
         coarse = topo.slots_per_gpu <= COARSE_SLOTS
         # a layer still holding the engines' static map (slot i holds expert i % E) was
         # never planned: nothing in it is worth keeping, and a ladder from it keeps a
-        # packing that later rebalances never undo (vLLM's first call on a generated
-        # trace: 0.005-0.012 below vLLM's greedy on every later window; BENCHMARKS.md §4)
+        # packing that later rebalances never undo (from vLLM's first call on generated
+        # traces: 0.002-0.012 below vLLM's greedy on the next windows; BENCHMARKS.md §4)
         static = ((base == np.arange(topo.num_replicas) % weight.shape[1]).all(1)
                   if max_moves is None and skip_threshold is None
                   else np.zeros(request.num_layers, bool))
