@@ -64,7 +64,7 @@ DEFAULT_TWO_SLOT_DONORS = 4
 DEFAULT_TWO_SLOT_ITERATIONS = 12
 #: extra replicas ``R − E`` from which the count search also grows the expert Hall's
 #: condition points at (see :func:`_hall_receivers`), where they are also at least half
-#: the slots (``R >= 2E``). It costs 8–46 % more search time (more rows keep improving);
+#: the slots (``R >= 2E``). It costs 15–57 % more time (more rows keep improving);
 #: the engines' own planners loop once per extra replica, so only there is their time
 #: far enough above eplb's to pay for it (BENCHMARKS §12, "Forty-eighth session": with it
 #: 61×384 on 256 GPUs, R − E = 128 of 512 slots, took 1.15× `deepseek_vec`'s time)
