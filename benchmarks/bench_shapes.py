@@ -56,9 +56,9 @@ from eplb.core.bounds import balancedness_ceiling
 from eplb.core.placement import slot_gpu_loads
 from eplb.core.replication import replica_counts
 from eplb.core.small_slots import (
-    HALL_RECEIVER_FROM,
     best_two_slot_max_load,
     plan_two_slots,
+    two_slot_hall_receivers,
 )
 from eplb.tools.generator import generate_loads
 
@@ -206,7 +206,7 @@ def hall_sweep(repeats: int) -> None:
                 times[h].append(time.perf_counter() - begin)
         peaks: dict[int, torch.Tensor] = {}
         cells = [f"{model.layers}×{model.experts} S=2 P={gpus}", str(replicas - model.experts),
-                 str(int(replicas - model.experts >= max(HALL_RECEIVER_FROM, model.experts)))]
+                 str(two_slot_hall_receivers(model.experts, replicas))]
         for h in variants:
             plans = [plan_two_slots(w, replicas, hall_receivers=h).long() for w in loads]
             gpu = torch.cat([slot_gpu_loads(w, p, gpus) for w, p in zip(loads, plans, strict=True)])

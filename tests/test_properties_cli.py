@@ -135,6 +135,14 @@ def read_back(call: dict, path, policy: str | None = None) -> eplb.Placement:
                           policy=policy)
 
 
+def run_quietly(capsys, argv: list) -> tuple[int, str]:
+    """``(exit code, stderr)`` of the CLI run with ``argv``, warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = main([str(a) for a in argv])
+    return code, capsys.readouterr()[1]
+
+
 def add_dead_gpus(call: dict, argv: list, kwargs: dict) -> torch.Tensor | None:
     """The call's dead GPUs as the CLI takes them (``argv``) and as eplb.plan does
     (``kwargs``); returns the live mask, ``None`` where every GPU is live."""
@@ -197,10 +205,7 @@ def test_eplb_plan_writes_a_placement_that_keeps_the_contract(tmp_path_factory, 
     if call["budget"] is not None:
         argv += ["--max-moves", call["budget"]]
         kwargs["max_moves"] = call["budget"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        code = main([str(a) for a in argv])
-    _, err = capsys.readouterr()
+    code, err = run_quietly(capsys, argv)
     assert code == 0, err
     assert "Traceback" not in err
     p, want = written_and_planned(call, out, w, kwargs, live)
@@ -293,10 +298,7 @@ def test_eplb_plan_for_nearest_dispatch_writes_a_placement_that_keeps_the_contra
     if call["budget"] is not None:
         argv += ["--max-moves", call["budget"]]
         kwargs["max_moves"] = call["budget"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        code = main([str(a) for a in argv])
-    _, err = capsys.readouterr()
+    code, err = run_quietly(capsys, argv)
     assert "Traceback" not in err
     if code != 0 and call["policy"] == "locality" and "locality policy is impossible" in err:
         event("locality refused")

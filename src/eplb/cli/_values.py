@@ -90,19 +90,6 @@ def speed_spec(text: str) -> str:
     return text
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    """``"3, 17"`` -> ``[3, 17]``. An empty item (``3,``, ``3,,17``) is refused: a number
-    left out by a slip, most likely, and which one is not for eplb to guess."""
-    items = text.replace(" ", "").split(",")
-    if "" in items:
-        raise CliError(f"{what} {text!r} has an empty item: give comma-separated integers "
-                       "like 3,17")
-    try:
-        return [integer(x) for x in items]
-    except ValueError:
-        raise CliError(f"{what} must be a comma-separated list of integers, got {text!r}") from None
-
-
 _ID_RANGE = re.compile(r"([0-9]+)-([0-9]+)")  # ASCII digits, as integer() takes them
 
 

@@ -258,7 +258,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-
 #: the columns of simulate's table, on the terminal and in its report
 SUMMARY_HEADERS = ["planner", "window bal", "step bal", "oracle", "rebalances", "moved/rebal",
                    "GB/rebal", "GB/GPU", "plan ms"]

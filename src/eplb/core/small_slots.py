@@ -48,6 +48,7 @@ __all__ = [
     "plan_one_slot",
     "plan_two_slots",
     "search_two_slot_counts",
+    "two_slot_hall_receivers",
     "two_slot_iterations",
 ]
 
@@ -386,6 +387,15 @@ def two_slot_iterations(num_experts: int, num_replicas: int) -> int:
     return min(48, max(4, (num_replicas - num_experts) // 24))
 
 
+def two_slot_hall_receivers(num_experts: int, num_replicas: int) -> int:
+    """Automatic Hall receivers for ``S = 2`` (see :data:`HALL_RECEIVER_FROM`): one where
+    the extra replicas ``R − E`` number at least that many and at least half the slots,
+    else none. The receiver costs 15–57 % more search time; the engines' planners loop
+    once per extra replica, so only there is their time far enough above eplb's."""
+    extra = num_replicas - num_experts
+    return int(extra >= HALL_RECEIVER_FROM and extra >= num_experts)
+
+
 def plan_two_slots(
     weight: torch.Tensor,
     num_replicas: int,
@@ -399,7 +409,7 @@ def plan_two_slots(
     Counts: the allocation of ``rules`` (see :func:`eplb.replication.replica_counts`)
     with the smallest pairing max per row, improved by :func:`search_two_slot_counts`
     (``iterations``: default :func:`two_slot_iterations`; ``hall_receivers``: default
-    one where ``R − E >= HALL_RECEIVER_FROM`` and ``R >= 2E``, else none). Pieces are
+    :func:`two_slot_hall_receivers`). Pieces are
     paired largest with smallest, then the legal-swap repair settles the rare pair
     holding two replicas of the expert whose run straddles the median (rows where some
     expert has more replicas than GPUs are dealt round-robin instead, as everywhere in
@@ -412,10 +422,7 @@ def plan_two_slots(
     if iterations is None:
         iterations = two_slot_iterations(num_experts, num_replicas)
     if hall_receivers is None:
-        # one more receiver costs up to half again the search's time: taken where the
-        # engines' planners, which loop over the extra replicas, are slow enough to pay
-        extra = num_replicas - num_experts
-        hall_receivers = int(extra >= HALL_RECEIVER_FROM and extra >= num_experts)
+        hall_receivers = two_slot_hall_receivers(num_experts, num_replicas)
     if num_replicas == num_experts:
         counts = np.ones_like(w, dtype=np.int64)
     else:

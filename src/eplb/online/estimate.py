@@ -119,19 +119,18 @@ def sum_steps(counts: torch.Tensor, block: int = 256) -> torch.Tensor:
 
     Float32 input is summed in float32 blocks of ``block`` steps and the blocks in
     float64: converting a whole window to float64 first costs ~30x more on a CPU. A
-    block's float32 sum of integer counts is exact while it stays below 2**24, so where
-    a step holds more than ``2**24 / block`` tokens for one expert (about 65,000 at the
-    default, reachable when many ranks' passes are summed) the blocks are shortened to
-    keep it exact (one step per block above 2**23).
+    block's float32 sum of (non-negative) integer counts is exact while it stays below
+    2**24; a block whose sum reaches it (about 65,000 tokens per expert and step at the
+    default, reachable when many ranks' passes are summed) is summed again in float64.
     """
     if counts.dtype == torch.float64:
         return counts.sum(0)
-    if counts.numel() and counts.shape[0] > 1:
-        largest = float(counts.abs().amax())
-        block = max(1, min(block, int(2**24 // max(largest, 1.0))))
     total = torch.zeros(counts.shape[1:], dtype=torch.float64, device=counts.device)
     for start in range(0, counts.shape[0], block):
-        total += counts[start:start + block].sum(0)
+        part = counts[start:start + block].sum(0)
+        if part.numel() and float(part.amax()) >= 2**24:  # it may have rounded
+            part = counts[start:start + block].to(torch.float64).sum(0)
+        total += part
     return total
 
 
