@@ -280,3 +280,14 @@ def test_the_agreement_uses_vllms_ep_group_fields(vllm_root):
                 if isinstance(t, ast.Attribute)}
     assert {"ranks", "rank_in_group", "world_size", "unique_name"} <= assigned | {
         n.name for n in coordinator.body if isinstance(n, ast.FunctionDef)}
+
+
+@pytest.mark.parametrize("options", ['{"seed": 1}', "[" * 100_000])
+def test_deeply_nested_options_under_both_names_are_refused_by_name(options):
+    """Both options names set, the old one nested 10**5 deep: Python's JSON decoder raised
+    ``RecursionError`` while the two were compared, so ``register`` logged only "maximum
+    recursion depth exceeded", naming no setting (attacker pass)."""
+    env = {plugin.OPTIONS_ENV_VAR: options, plugin.LEGACY_OPTIONS_ENV_VAR: "[" * 100_000}
+    said = "disagree" if options.startswith("{") else "nests too deeply"
+    with pytest.raises(ValueError, match=said):
+        plugin.options_from_env(env)

@@ -523,7 +523,7 @@ def _meaning(name: str, raw: str) -> Any:
         return text
     try:
         return json.loads(text) if text else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # (deep nesting: refused later, under its name)
         return text
 
 
