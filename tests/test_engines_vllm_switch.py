@@ -291,3 +291,16 @@ def test_deeply_nested_options_under_both_names_are_refused_by_name(options):
     said = "disagree" if options.startswith("{") else "nests too deeply"
     with pytest.raises(ValueError, match=said):
         plugin.options_from_env(env)
+
+
+def test_disagreeing_options_names_are_quoted_short():
+    """A long value under the old options name made the disagreement message (logged by
+    every vLLM process where register() runs) quote all of it: 100,000 characters for a
+    pasted file (attacker pass). Long values are quoted as the options' own errors quote
+    them: their first 200 characters and their length."""
+    env = {plugin.OPTIONS_ENV_VAR: '{"seed": 1}', plugin.LEGACY_OPTIONS_ENV_VAR: "x" * 100_000}
+    with pytest.raises(ValueError, match=r"disagree") as raised:
+        plugin.options_from_env(env)
+    message = str(raised.value)
+    assert len(message) < 400
+    assert "(100000 characters)" in message and '{"seed": 1}' in message

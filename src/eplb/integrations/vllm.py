@@ -79,6 +79,7 @@ from eplb.online.settings import (
     check_engine_budget,
     check_option_values,
     options_from_json,
+    quoted_setting,
 )
 
 __all__ = [
@@ -536,7 +537,8 @@ def _setting(environ: Any, name: str, legacy: str) -> tuple[str, str]:
     """
     new, old = environ.get(name), environ.get(legacy)
     if new is not None and old is not None and _meaning(name, new) != _meaning(legacy, old):
-        raise ValueError(f"{name}={new!r} and {legacy}={old!r} disagree; set only {name}")
+        raise ValueError(f"{name}={quoted_setting(new)} and {legacy}={quoted_setting(old)} "
+                         f"disagree; set only {name}")
     if new is not None:
         return name, new
     if old is not None:

@@ -44,8 +44,7 @@ def options_from_json(name: str, raw: str) -> dict[str, Any]:
     raw = raw.strip()
     if not raw:
         return {}
-    # (a setting is quoted whole only while short: 10**5 brackets filled a screen)
-    quoted = repr(raw) if len(raw) <= 200 else f"{raw[:200]!r}... ({len(raw)} characters)"
+    quoted = quoted_setting(raw)
     try:
         options = json.loads(raw, object_pairs_hook=unique_keys)
     except RepeatedKeyError as exc:
@@ -57,6 +56,12 @@ def options_from_json(name: str, raw: str) -> dict[str, Any]:
     if not isinstance(options, dict):
         raise ValueError(f"{name} must be a JSON object, got {quoted}")
     return options
+
+
+def quoted_setting(raw: str) -> str:
+    """``raw`` (a setting's text) for a message: whole while short, else its first 200
+    characters and its length (10**5 brackets filled a screen)."""
+    return repr(raw) if len(raw) <= 200 else f"{raw[:200]!r}... ({len(raw)} characters)"
 
 
 def check_engine_budget(options: Mapping[str, Any], source: str) -> None:
