@@ -66,21 +66,28 @@ from eplb.core.inputs import (
     refuse_without_values,
     require_integer_ids,
 )
-from eplb.core.topology import Topology, is_name
+from eplb.core.topology import Topology
 from eplb.integrations.agreement import (
     DEFAULT_TIMEOUT_S,
     AgreementError,
     PlanAgreement,
     agree_and_log,
-    check_timeout_option,
 )
-from eplb.online.settings import (
-    INCREMENTAL_OPTIONS,
-    check_engine_budget,
-    check_option_values,
-    options_from_json,
-    quoted_setting,
+from eplb.integrations.vllm_settings import (
+    ENV_VAR,
+    LEGACY_ENV_VAR,
+    LEGACY_OPTIONS_ENV_VAR,
+    OPTIONS_ENV_VAR,
+    PLANNER_OPTIONS,
+    PLUGIN_OPTIONS,
+    SWITCH_OFF,
+    SWITCH_REGISTER,
+    SWITCH_REPLACE,
+    check_options,
+    options_from_env,
+    setting,
 )
+from eplb.online.settings import INCREMENTAL_OPTIONS
 
 __all__ = [
     "ENV_VAR",
@@ -102,25 +109,10 @@ __all__ = [
 LOGGER_NAME = "vllm.plugins.eplb"
 logger = logging.getLogger(LOGGER_NAME)
 
-ENV_VAR = "VLLM_EPLB_POLICY"
-OPTIONS_ENV_VAR = "VLLM_EPLB_OPTIONS"
-LEGACY_ENV_VAR = "EPLB_VLLM_POLICY"  # not copied to Ray nodes by default
-LEGACY_OPTIONS_ENV_VAR = "EPLB_VLLM_OPTIONS"
 POLICY_NAME = "eplb"
-PLANNER_OPTIONS = frozenset(
-    {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold",
-     "move_price", "drift", "group_share"}
-)
-#: options the plugin itself consumes (not passed to the planner)
-PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
-#: the planner's policies for vLLM's even split ('locality' plans for SGLang's rule)
-VLLM_POLICIES = ("auto", "global", "hierarchical")
 DEFAULT_AGREE_TIMEOUT_S = DEFAULT_TIMEOUT_S
-_OFF = frozenset({"", "0", "off", "false", "no", "none"})
 #: option sets EplbPolicy.rebalance_experts has checked (a set's repr)
 _CHECKED_OPTIONS: set[str] = set()
-_REPLACE_DEFAULT = frozenset({"eplb", "1", "on", "true", "yes", "default"})
-_REGISTER_ONLY = frozenset({"register", "add"})
 
 
 class EplbPolicy:
@@ -172,7 +164,7 @@ class EplbPolicy:
         # call with an ERROR line only); once per distinct set
         key = repr(sorted(options.items(), key=lambda item: str(item[0])))
         if key not in _CHECKED_OPTIONS:
-            _check_options(options, source=f"{cls.__name__}.options")
+            check_options(options, source=f"{cls.__name__}.options")
             _CHECKED_OPTIONS.add(key)
         # the caller's mistakes (the same on every rank) raise; what fails from here on is
         # reported to the other ranks, which then agree: an error raised before the
@@ -476,7 +468,7 @@ def vllm_policy_class(options: dict[str, Any] | None = None) -> type:
     from vllm.distributed.eplb.policy import AbstractEplbPolicy
 
     options = dict(options or {})
-    _check_options(options, source="options")
+    check_options(options, source="options")
     key = (AbstractEplbPolicy, json.dumps(options, sort_keys=True, default=str))
     cls = _CLASS_CACHE.get(key)
     if cls is None:
@@ -487,72 +479,6 @@ def vllm_policy_class(options: dict[str, Any] | None = None) -> type:
         )
         _CLASS_CACHE[key] = cls
     return cls
-
-
-def _check_options(options: dict[str, Any], source: str) -> None:
-    allowed = PLANNER_OPTIONS | PLUGIN_OPTIONS
-    unknown = sorted(set(options) - allowed)
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown option(s) {unknown}; allowed: {sorted(allowed)}"
-        )
-    check_timeout_option(options, source)
-    # before the planner's own check, whose list names 'locality' too
-    if "policy" in options and not is_name(options["policy"], VLLM_POLICIES):
-        why = (" ('locality' plans for SGLang's nearest dispatch; vLLM splits tokens evenly)"
-               if options["policy"] == "locality" else "")
-        raise ValueError(f"{source}: policy must be one of {', '.join(VLLM_POLICIES)} for "
-                         f"vLLM, got {options['policy']!r}{why}")
-    # (a per-layer list would fail at each rebalance, on every EP rank, and fall back to
-    # vLLM's policy every time)
-    check_engine_budget(options, source)
-    try:  # the values too: a bad one must fail at start-up, not at the first rebalance
-        check_option_values({k: v for k, v in options.items() if k in PLANNER_OPTIONS})
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"{source}: {exc}") from None
-
-
-def _meaning(name: str, raw: str) -> Any:
-    """What setting ``name`` holding ``raw`` asks for: the switch's mode, the options'
-    JSON value; the text itself where it means nothing (refused later, under its name)."""
-    text = raw.strip()
-    if name in (ENV_VAR, LEGACY_ENV_VAR):
-        mode = text.lower()
-        for kind in (_OFF, _REPLACE_DEFAULT, _REGISTER_ONLY):
-            if mode in kind:
-                return kind
-        return text
-    try:
-        return json.loads(text) if text else {}
-    except (ValueError, RecursionError):  # (deep nesting: refused later, under its name)
-        return text
-
-
-def _setting(environ: Any, name: str, legacy: str) -> tuple[str, str]:
-    """``(variable name, value)`` of a setting given under its name or its legacy name.
-
-    Raises ``ValueError`` when both are set and ask for different things (``eplb`` and
-    ``1``, or the same JSON spaced differently, are one request: a cluster migrating
-    to the new name may set both).
-    """
-    new, old = environ.get(name), environ.get(legacy)
-    if new is not None and old is not None and _meaning(name, new) != _meaning(legacy, old):
-        raise ValueError(f"{name}={quoted_setting(new)} and {legacy}={quoted_setting(old)} "
-                         f"disagree; set only {name}")
-    if new is not None:
-        return name, new
-    if old is not None:
-        return legacy, old
-    return name, ""
-
-
-def options_from_env(environ: dict[str, str] | None = None) -> dict[str, Any]:
-    """Options from ``$VLLM_EPLB_OPTIONS`` (or ``$EPLB_VLLM_OPTIONS``), ``{}`` when unset."""
-    env = os.environ if environ is None else environ
-    name, raw = _setting(env, OPTIONS_ENV_VAR, LEGACY_OPTIONS_ENV_VAR)
-    options = options_from_json(name, raw)
-    _check_options(options, source=name)
-    return options
 
 
 def _declare_env_vars() -> None:
@@ -577,11 +503,11 @@ def register() -> bool:
     """
     try:
         _declare_env_vars()
-        name, raw = _setting(os.environ, ENV_VAR, LEGACY_ENV_VAR)
+        name, raw = setting(os.environ, ENV_VAR, LEGACY_ENV_VAR)
         mode = raw.strip().lower()
-        if mode in _OFF:
+        if mode in SWITCH_OFF:
             return False
-        if mode not in _REPLACE_DEFAULT | _REGISTER_ONLY:
+        if mode not in SWITCH_REPLACE | SWITCH_REGISTER:
             logger.warning(
                 "eplb: ignoring %s=%r; use 'eplb' (replace vLLM's default policy), "
                 "'register' (add policy 'eplb' only) or unset it", name, raw,
@@ -596,18 +522,18 @@ def register() -> bool:
             return False
         cls = vllm_policy_class(options)
         vllm_policy.EPLB_POLICIES[POLICY_NAME] = cls
-        if mode in _REPLACE_DEFAULT:
+        if mode in SWITCH_REPLACE:
             vllm_policy.EPLB_POLICIES["default"] = cls
         logger.info(
             "eplb %s active: vLLM EPLB policy %s (%s=%s; options %s)",
             __version__,
-            "'default' and 'eplb' run eplb" if mode in _REPLACE_DEFAULT else "'eplb' added",
+            "'default' and 'eplb' run eplb" if mode in SWITCH_REPLACE else "'eplb' added",
             name, raw.strip(), json.dumps(options, sort_keys=True),
         )
         if name == LEGACY_ENV_VAR:
             logger.warning("eplb: %s is the old switch name; Ray does not copy it to other "
                            "nodes. Use %s.", LEGACY_ENV_VAR, ENV_VAR)
-        options_name, options_raw = _setting(os.environ, OPTIONS_ENV_VAR, LEGACY_OPTIONS_ENV_VAR)
+        options_name, options_raw = setting(os.environ, OPTIONS_ENV_VAR, LEGACY_OPTIONS_ENV_VAR)
         if options_name == LEGACY_OPTIONS_ENV_VAR and options_raw.strip():
             # with the new switch the plugin reaches every Ray node but these options do
             # not: ranks there would plan with other options, every rebalance repaired
