@@ -12,7 +12,7 @@ import torch
 from eplb.cli._checks import existing_file
 from eplb.cli._common import CliError, info
 from eplb.cli._inputs import warn
-from eplb.core.inputs import require_distinct_topk
+from eplb.core.expert_ids import require_distinct_topk
 from eplb.core.placement import Placement
 from eplb.core.rank_draws import (
     plan_for_start_up_file,

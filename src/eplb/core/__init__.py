@@ -2,8 +2,8 @@
 
 Layers inside, bottom to top (each imports only those before it;
 ``tests/test_architecture.py`` holds the same list): ``messages`` (message text; it
-imports nothing) → ``topology`` → ``inputs`` → ``placement`` → ``trace`` → ``options`` →
-``request`` → ``ordering`` → ``device_path`` → ``replication`` → ``count_bounds`` →
+imports nothing) → ``topology`` → ``inputs`` → ``expert_ids`` → ``placement`` → ``trace`` →
+``options`` → ``request`` → ``ordering`` → ``device_path`` → ``replication`` → ``count_bounds`` →
 ``tiny_counts`` → ``packing/`` → ``small_slots`` → ``bounds`` → ``dispatch`` → ``node_labels`` →
 ``node_repair`` → ``dispatch_plan`` → ``rank_draws`` → ``locality`` → ``policies/`` → ``planner`` →
 ``baselines``.

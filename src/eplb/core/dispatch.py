@@ -51,13 +51,8 @@ import numbers
 
 import torch
 
-from eplb.core.inputs import (
-    as_gpu_speed,
-    as_live_mask,
-    as_weight,
-    require_distinct_topk,
-    require_integer_ids,
-)
+from eplb.core.expert_ids import require_distinct_topk, require_integer_ids
+from eplb.core.inputs import as_gpu_speed, as_live_mask, as_weight
 from eplb.core.placement import ratio_or_one
 from eplb.core.topology import is_name, positive_int
 

@@ -433,99 +433,6 @@ def as_gpu_speed(
     return tensor
 
 
-def as_routing(
-    routing: object, num_layers: int | None, num_experts: int | None
-) -> torch.Tensor:
-    """``[T, L, k]`` int64 top-k expert ids of recorded tokens, each in ``[0, E)``
-    (``None``: the layer or expert count is not known yet and not checked)."""
-    if isinstance(routing, torch.Tensor):
-        tensor = routing
-    else:
-        refuse_byte_strings(routing, "routing")
-        try:
-            tensor = torch.as_tensor(native_array(np.asarray(routing)))
-        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
-            raise TypeError(f"routing must be integer top-k ids [T, L, k] (a tensor or "
-                            f"array), got {type(routing).__name__}: {exc}") from None
-    if tensor.is_meta or tensor.layout != torch.strided:
-        raise TypeError(f"routing must be a dense tensor with data, got a "
-                        f"{'meta' if tensor.is_meta else tensor.layout} tensor")
-    require_integer_ids(tensor, "routing")
-    layers_ok = num_layers is None or (tensor.dim() == 3 and tensor.shape[1] == num_layers)
-    if tensor.dim() != 3 or not layers_ok or 0 in tensor.shape:
-        layers = "L" if num_layers is None else num_layers
-        raise ValueError(
-            f"routing must have shape [tokens, {layers} layers, top-k]; got "
-            f"{tuple(tensor.shape)}"
-        )
-    tensor = tensor.detach().cpu().to(torch.int64)
-    lo, hi = (int(x) for x in torch.aminmax(tensor))
-    if lo < 0 or (num_experts is not None and hi >= num_experts):
-        raise ValueError(f"routing holds expert ids in [{lo}, {hi}], outside [0, {num_experts})")
-    return tensor
-
-
-def require_distinct_topk(ids: torch.Tensor, name: str) -> None:
-    """``ValueError`` naming the first token of ``ids [T, L, k]`` whose top-k row names
-    an expert twice: a router's top-k never does, and the co-selection and traffic
-    figures would count that expert twice."""
-    if ids.shape[2] < 2:
-        return
-    ordered = ids.sort(2).values
-    twice = (ordered[..., 1:] == ordered[..., :-1]).any(2)  # [T, L]
-    if bool(twice.any()):
-        token, layer = (int(x) for x in twice.nonzero()[0])
-        raise ValueError(f"{name}: token {token} names an expert twice in layer {layer} "
-                         f"(top-k {ids[token, layer].tolist()}); a top-k row holds distinct "
-                         "experts")
-
-
-def require_integer_ids(tensor: torch.Tensor, name: str) -> None:
-    """``TypeError`` naming ``name`` unless ``tensor`` (any shape) holds integer expert ids (not
-    floating, complex or boolean values, which a cast would silently turn into ids)."""
-    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
-        raise TypeError(f"{name} must hold integer expert ids, got {tensor.dtype}")
-
-
-def as_old_map(value: object, shape: tuple[int, int], num_experts: int,
-               shape_hint: str = "") -> torch.Tensor:
-    """A placement in force given as a raw phy2log (a one-layer ``[R]`` read as ``[1, R]``),
-    checked as ``eplb.plan(previous=)`` and ``Placement.moved_slots`` both need it: a dense
-    ``shape`` of integer expert ids in ``[-1, num_experts)``; ``TypeError`` or
-    ``ValueError`` naming what is wrong (``shape_hint`` ends the shape message). Returns it
-    as a host int64 tensor."""
-    old = value
-    if not isinstance(old, torch.Tensor):
-        refuse_byte_strings(old, "previous")
-        try:
-            old = torch.as_tensor(native_array(np.asarray(old)))
-        except (TypeError, ValueError) as exc:
-            raise TypeError(
-                f"previous must be a Placement or a phy2log tensor [L, R]: {exc}"
-            ) from None
-    kind = without_values(old) or ("nested" if old.is_nested else "quantized"
-                                    if old.is_quantized else None)
-    if kind or old.layout != torch.strided:
-        raise TypeError(f"previous must be a dense tensor with data, got a "
-                        f"{kind or old.layout} tensor")
-    given_shape = tuple(old.shape)  # as the caller passed it, for the message
-    if old.dim() == 1:
-        old = old[None]
-    if tuple(old.shape) != tuple(shape):
-        raise ValueError(f"previous placement has shape {given_shape}, expected [{shape[0]}, "
-                         f"{shape[1]}] (layers, slots){shape_hint}")
-    require_integer_ids(old, "previous phy2log")
-    if not old.dtype.is_signed:  # unsigned ids: compare before int64 could wrap them to -1
-        ids = old.detach().cpu().numpy()
-        if ids.size and int(ids.max()) >= num_experts:
-            raise ValueError(f"previous placement holds expert ids outside [-1, "
-                             f"{num_experts})")
-    old = old.detach().cpu().to(torch.int64)
-    if bool(((old < -1) | (old >= num_experts)).any()):
-        raise ValueError(f"previous placement holds expert ids outside [-1, {num_experts})")
-    return old
-
-
 def refuse_overflowed_sum(total: torch.Tensor, parts: torch.Tensor, what: str,
                           steps: int) -> torch.Tensor:
     """``total``, a sum of ``steps`` finite-checked ``parts``, or ``ValueError`` where finite
@@ -537,19 +444,6 @@ def refuse_overflowed_sum(total: torch.Tensor, parts: torch.Tensor, what: str,
                          f"{str(total.dtype).removeprefix('torch.')} (largest entry "
                          f"{float(parts.max()):.3g}); scale them down")
     return total
-
-
-def engine_old_map(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """An engine's placement in force ``ids [L, R]`` (integer, checked) as an int64 host
-    map for ``previous=``: an entry outside ``[0, num_experts)`` (vLLM marks the slots of
-    GPUs it is adding with -1) is an empty slot, -1, which the forced moves fill.
-
-    Per entry, so a layer's plan does not depend on another layer's map: the engine
-    plugins used to plan every layer from scratch when any entry of any layer was -1
-    (attacker pass: layers 1 and 2 then moved 18 and 21 of 24 slots instead of 12 and 10
-    for a -1 in layer 0)."""
-    ids = ids.detach().to("cpu", torch.int64)
-    return torch.where((ids >= 0) & (ids < num_experts), ids, -1)
 
 
 def uniform_where_empty(weight: torch.Tensor, empty: torch.Tensor | None = None) -> torch.Tensor:

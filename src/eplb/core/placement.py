@@ -21,14 +21,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from eplb.core.expert_ids import as_old_map, require_integer_ids
 from eplb.core.inputs import (
     as_gpu_speed,
     as_live_mask,
-    as_old_map,
     as_weight,
     native_array,
     refuse_without_values,
-    require_integer_ids,
     scale_free,
     scale_rows_to_unit,
 )

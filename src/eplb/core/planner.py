@@ -25,14 +25,13 @@ import torch
 
 from eplb.core.dispatch import check_dispatch
 from eplb.core.dispatch_plan import FAIR_MODES, NEAREST_TIMES, nearest_size_problem
+from eplb.core.expert_ids import as_routing, require_distinct_topk
 from eplb.core.inputs import (
     as_gpu_speed,
     as_live_mask,
-    as_routing,
     as_seed,
     as_weight,
     planning_rows,
-    require_distinct_topk,
 )
 from eplb.core.options import LADDER_GAP, SECOND_LOOK_GAP, PackingOptions, PlanOptions
 from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment

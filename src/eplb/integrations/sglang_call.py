@@ -20,7 +20,8 @@ import torch
 
 from eplb.api import rebalance_experts
 from eplb.core.dispatch_plan import nearest_size_problem, nearest_work
-from eplb.core.inputs import engine_old_map, refuse_without_values, require_integer_ids
+from eplb.core.expert_ids import engine_old_map, require_integer_ids
+from eplb.core.inputs import refuse_without_values
 from eplb.core.topology import Topology, positive_int
 from eplb.integrations.agreement import check_timeout_option
 from eplb.integrations.sglang_counts import check_step_counts, sum_steps

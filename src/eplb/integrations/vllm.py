@@ -60,12 +60,8 @@ import torch
 
 from eplb._version import __version__
 from eplb.api import rebalance_experts
-from eplb.core.inputs import (
-    check_loads,
-    engine_old_map,
-    refuse_without_values,
-    require_integer_ids,
-)
+from eplb.core.expert_ids import engine_old_map, require_integer_ids
+from eplb.core.inputs import check_loads, refuse_without_values
 from eplb.core.topology import Topology
 from eplb.integrations.agreement import (
     DEFAULT_TIMEOUT_S,

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from eplb.core.inputs import as_old_map
+from eplb.core.expert_ids import as_old_map
 from eplb.core.placement import Placement
 from eplb.core.planner import fresh_phy2log
 from eplb.core.policies import HierarchicalPolicy

@@ -18,7 +18,8 @@ import torch
 
 from eplb.core.baselines import plan_greedy
 from eplb.core.device_path import plans_on_host, to_host
-from eplb.core.inputs import as_live_mask, as_routing
+from eplb.core.expert_ids import as_routing
+from eplb.core.inputs import as_live_mask
 from eplb.core.options import with_incremental
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh

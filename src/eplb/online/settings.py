@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from eplb.core.expert_ids import as_routing
 from eplb.core.inputs import (
     RepeatedKeyError,
     as_gpu_speed,
     as_live_mask,
-    as_routing,
     as_seed,
     unique_keys,
 )
