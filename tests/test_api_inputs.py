@@ -135,6 +135,30 @@ def test_fake_and_meta_masks_speeds_sources_and_maps_are_refused_by_name():
                   skip_threshold=torch.tensor(0.01, device="meta"))
 
 
+def test_sparse_masks_speeds_and_sources_are_refused_by_name():
+    # sparse loads are densified, but a sparse live mask, speed or token-source vector
+    # raised torch's own "Could not run 'aten::all' ... 'SparseCPU' backend" (review pass)
+    live = torch.ones(16, dtype=torch.bool)
+    live[3] = False
+    speed = torch.tensor([1.0] * 8 + [2.0] * 8)
+    for layout, to_layout in (("sparse_coo", torch.Tensor.to_sparse),
+                              ("sparse_csr", lambda t: t[None].to_sparse_csr())):
+        with pytest.raises(TypeError, match=rf"active_gpus is a torch\.{layout} tensor; "
+                                            "expected a dense one"):
+            eplb.plan(W, 96, 16, active_gpus=to_layout(live))
+        with pytest.raises(TypeError, match=rf"gpu_speed is a torch\.{layout} tensor"):
+            eplb.plan(W, 96, 16, gpu_speed=to_layout(speed))
+    placement = eplb.plan(W, 96, 16)
+    with pytest.raises(TypeError, match=r"gpu_speed is a torch\.sparse_coo tensor"):
+        placement.balancedness(W, gpu_speed=speed.to_sparse())
+    with pytest.raises(TypeError, match=r"active_gpus is a torch\.sparse_coo tensor"):
+        Placement.from_phy2log(placement.phy2log, 64, placement.topology,
+                               active_gpus=live.to_sparse())
+    with pytest.raises(TypeError, match=r"source is a torch\.sparse_coo tensor"):
+        eplb.plan(W, 96, 16, 2, policy="global", dispatch="nearest",
+                  source=torch.ones(16).to_sparse())
+
+
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor", "ignore:The PyTorch API of nested")
 def test_nested_and_quantized_maps_masks_and_speeds_are_refused_by_name():
     # a map in force of either kind raised torch's internal errors ("NestedTensorImpl

@@ -148,6 +148,16 @@ def refuse_without_values(value: object, name: str) -> None:
                         "tensor; expected a plain dense one")
 
 
+def refuse_sparse(value: object, name: str) -> None:
+    """``TypeError`` naming ``name`` when ``value`` is a sparse tensor. Loads are densified
+    (:func:`_real_tensor`), but a mask or per-GPU vector ``[P]`` has no zeros to leave out,
+    and torch's ops on a sparse one failed deep inside with its own text ("Could not run
+    'aten::all' with arguments from the 'SparseCPU' backend")."""
+    if isinstance(value, torch.Tensor) and value.layout != torch.strided:
+        raise TypeError(f"{name} is a {value.layout} tensor; expected a dense one "
+                        "(.to_dense() gives it)")
+
+
 def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
     """``value`` as a dense real (or integer) tensor on its own device; bools become int64."""
     if isinstance(value, torch.Tensor):
@@ -370,6 +380,7 @@ def as_live_mask(active_gpus: object, num_gpus: int, device: torch.device) -> to
     """
     refuse_byte_strings(active_gpus, "active_gpus")  # as every other input: raw bytes
     refuse_without_values(active_gpus, "active_gpus")
+    refuse_sparse(active_gpus, "active_gpus")
     try:
         tensor = torch.as_tensor(native_array(active_gpus), device=device)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -401,6 +412,7 @@ def as_gpu_speed(
     e.g. token sources: >= 0 and not all zero)."""
     refuse_byte_strings(gpu_speed, name)
     refuse_without_values(gpu_speed, name)
+    refuse_sparse(gpu_speed, name)
     try:
         if isinstance(gpu_speed, torch.Tensor):
             tensor = gpu_speed.to(device)
