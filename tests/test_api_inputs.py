@@ -154,6 +154,8 @@ def test_sparse_masks_speeds_and_sources_are_refused_by_name():
     with pytest.raises(TypeError, match=r"active_gpus is a torch\.sparse_coo tensor"):
         Placement.from_phy2log(placement.phy2log, 64, placement.topology,
                                active_gpus=live.to_sparse())
+    with pytest.raises(TypeError, match=r"phy2log is a torch\.sparse_coo tensor"):
+        Placement.from_phy2log(placement.phy2log.to_sparse(), 64, placement.topology)
     with pytest.raises(TypeError, match=r"source is a torch\.sparse_coo tensor"):
         eplb.plan(W, 96, 16, 2, policy="global", dispatch="nearest",
                   source=torch.ones(16).to_sparse())

@@ -148,11 +148,13 @@ def refuse_without_values(value: object, name: str) -> None:
                         "tensor; expected a plain dense one")
 
 
-def refuse_sparse(value: object, name: str) -> None:
-    """``TypeError`` naming ``name`` when ``value`` is a sparse tensor. Loads are densified
-    (:func:`_real_tensor`), but a mask or per-GPU vector ``[P]`` has no zeros to leave out,
-    and torch's ops on a sparse one failed deep inside with its own text ("Could not run
-    'aten::all' with arguments from the 'SparseCPU' backend")."""
+def refuse_non_dense(value: object, name: str) -> None:
+    """:func:`refuse_without_values`, and ``TypeError`` naming ``name`` for a sparse
+    tensor too. Loads are densified (:func:`_real_tensor`), but a mask or per-GPU vector
+    ``[P]`` or an id map ``[L, R]`` has no zeros to leave out, and torch's ops on a sparse
+    one failed deep inside with its own text ("Could not run 'aten::all' with arguments
+    from the 'SparseCPU' backend")."""
+    refuse_without_values(value, name)
     if isinstance(value, torch.Tensor) and value.layout != torch.strided:
         raise TypeError(f"{name} is a {value.layout} tensor; expected a dense one "
                         "(.to_dense() gives it)")
@@ -379,8 +381,7 @@ def as_live_mask(active_gpus: object, num_gpus: int, device: torch.device) -> to
     be GPU ids or a 0/1 mask), so it is refused with a message saying how to build a mask.
     """
     refuse_byte_strings(active_gpus, "active_gpus")  # as every other input: raw bytes
-    refuse_without_values(active_gpus, "active_gpus")
-    refuse_sparse(active_gpus, "active_gpus")
+    refuse_non_dense(active_gpus, "active_gpus")
     try:
         tensor = torch.as_tensor(native_array(active_gpus), device=device)
     except (TypeError, ValueError, RuntimeError) as exc:
@@ -411,8 +412,7 @@ def as_gpu_speed(
     """``[P]`` float64 per-GPU values (speeds: each finite and > 0; with ``allow_zero``,
     e.g. token sources: >= 0 and not all zero)."""
     refuse_byte_strings(gpu_speed, name)
-    refuse_without_values(gpu_speed, name)
-    refuse_sparse(gpu_speed, name)
+    refuse_non_dense(gpu_speed, name)
     try:
         if isinstance(gpu_speed, torch.Tensor):
             tensor = gpu_speed.to(device)

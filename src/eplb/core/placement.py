@@ -27,7 +27,7 @@ from eplb.core.inputs import (
     as_live_mask,
     as_weight,
     native_array,
-    refuse_without_values,
+    refuse_non_dense,
     scale_free,
     scale_rows_to_unit,
 )
@@ -221,7 +221,7 @@ class Placement:
                              f"(at most 2**31 - 1 experts)")
         if phy2log is None:
             raise TypeError("phy2log must be a [L, R] tensor of expert ids, got None")
-        refuse_without_values(phy2log, "phy2log")
+        refuse_non_dense(phy2log, "phy2log")  # sparse: torch's "COO only supports ..."
         phy2log = torch.as_tensor(native_array(phy2log))
         require_integer_ids(phy2log, "phy2log")  # a cast would truncate 0.7 to expert 0
         # contiguous: engines view and copy the map (a transposed one broke ``.view``); a
