@@ -6,6 +6,7 @@ with small stand-ins for exactly those names, in a temporary folder.
 
 from __future__ import annotations
 
+import importlib
 import re
 import textwrap
 from pathlib import Path
@@ -20,6 +21,18 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+
+
+def test_readme_imports_only_public_names() -> None:
+    """A name the README tells users to import is in its package's ``__all__``: the rest is
+    internal and may change (it quoted ``from eplb.core.rank_draws import
+    plan_for_start_up_file``, a module no ``__all__`` lists; review pass)."""
+    text = " ".join(README.read_text(encoding="utf-8").split())
+    quoted = re.findall(r"from (eplb[\w.]*) import ([\w]+(?:, [\w]+)*)", text)
+    assert len(quoted) >= 5
+    private = [f"{module}.{name}" for module, names in quoted for name in names.split(", ")
+               if name not in getattr(importlib.import_module(module), "__all__", ())]
+    assert not private, f"the README imports names outside the public API: {private}"
 
 
 def test_readme_python_blocks_run_in_order(tmp_path, monkeypatch) -> None:

@@ -23,6 +23,7 @@ from eplb.core.options import IncrementalOptions, PackingOptions, PlanOptions
 from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import make_request, plan_fresh
 from eplb.core.policies import POLICIES, PlacementPolicy, resolve_policy
+from eplb.core.rank_draws import plan_for_start_up_file
 from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
 from eplb.core.trace import LoadTrace
@@ -43,6 +44,7 @@ __all__ = [
     "layer_lower_bound",
     "make_request",
     "placement_scores",
+    "plan_for_start_up_file",
     "plan_fresh",
     "plan_greedy",
     "realised_gpu_loads",
