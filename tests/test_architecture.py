@@ -78,6 +78,14 @@ def _resolve(name: str) -> str | None:
     return name or None
 
 
+def test_every_module_has_a_named_layer() -> None:
+    """Only the package ``__init__`` sits in the top layer, ``"eplb"``: a new top-level
+    module (``eplb/utils.py``) fell into it by prefix and could import the CLI unflagged."""
+    top = len(LAYERS) - 1
+    unplaced = [m for m in MODULES if m != "eplb" and _layer(m) == top]
+    assert not unplaced, f"place these modules in LAYERS and ARCHITECTURE.md: {unplaced}"
+
+
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_imports_point_down(module: str) -> None:
     own = _layer(module)
