@@ -274,7 +274,8 @@ def _nearest_share(
     gpu_of_slot = slot // slots_per_gpu
     node_of_slot = gpu_of_slot // gpus_per_node
 
-    def first_and_count(unit_of_slot: torch.Tensor, units: int):
+    def first_and_count(unit_of_slot: torch.Tensor, units: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """Whether each slot is its expert's first on its unit ``[L, R]``, and the
         replicas per (layer, unit, expert) ``[L, units, width]``."""
         cnt, first, index = _tally(expert, unit_of_slot, units, width)

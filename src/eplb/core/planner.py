@@ -152,7 +152,8 @@ def make_request(
     stacklevel: int = 4,
 ) -> PlanRequest:
     """Check every planning argument and build the :class:`PlanRequest` (see
-    :func:`eplb.plan` for the arguments). Raises ``TypeError``/``ValueError`` naming the
+    :func:`eplb.plan` for the arguments: ``weight [L, E]`` or ``[E]``, ``active_gpus`` and
+    ``gpu_speed`` ``[P]``). Raises ``TypeError``/``ValueError`` naming the
     problem; ``stacklevel`` points policy warnings at the user's call."""
     w, _ = as_weight(weight)  # float64 whatever the input's dtype (exact)
     topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)

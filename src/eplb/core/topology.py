@@ -163,6 +163,7 @@ class Topology:
         return problems
 
     def as_dict(self) -> dict[str, int]:
+        """The four sizes by their ``eplb.plan`` argument names (as placement files record them)."""
         return {
             "num_replicas": self.num_replicas,
             "num_gpus": self.num_gpus,

@@ -8,6 +8,8 @@ short dependent loops, torch for the batched refinement.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -139,8 +141,10 @@ def _transfers_by_table(
     if width == 0:
         return donor, receiver, count
 
-    def units(amount: np.ndarray, key_of) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Flat ``(row, expert, rank in row)`` of ``amount [B, E]`` units, best first."""
+    def units(amount: np.ndarray, key_of: Callable[..., np.ndarray]
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Flat ``(row, expert, rank in row)`` of ``amount [B, E]`` units, best first by
+        ``key_of(row, expert, j)`` (``j``: the unit's index within its expert)."""
         row, expert = np.nonzero(amount > 0)
         reps = amount[row, expert]
         row, expert = np.repeat(row, reps), np.repeat(expert, reps)
