@@ -93,6 +93,18 @@ def test_sizes_and_ids_of_the_wrong_kind_are_refused(case):
         remote_nodes_per_token(phy2log, ids, 8, 4, 2, sources=torch.full((20,), 1.7))
 
 
+def test_sparse_maps_and_ids_are_refused_by_name(case):
+    # torch's "Could not run 'aten::min' with arguments from the 'SparseCPU' backend"
+    # (review pass); the planner refuses a sparse map in force alike
+    w, phy2log, ids = case
+    with pytest.raises(TypeError, match=r"phy2log is a torch\.sparse_coo tensor"):
+        realised_gpu_loads(w, phy2log.to_sparse(), 4, 2)
+    with pytest.raises(TypeError, match=r"phy2log is a torch\.sparse_coo tensor"):
+        remote_nodes_per_token(phy2log.to_sparse(), ids, 8, 4, 2)
+    with pytest.raises(TypeError, match=r"ids is a torch\.sparse_coo tensor"):
+        remote_nodes_per_token(phy2log, ids.to_sparse(), 8, 4, 2)
+
+
 def test_an_incremental_nearest_plan_refuses_a_source_it_would_ignore(case):
     # its candidates are built and scored with tokens arising evenly: the plan came out
     # the same whatever source was given, with or without a budget

@@ -52,7 +52,7 @@ import numbers
 import torch
 
 from eplb.core.expert_ids import require_distinct_topk, require_integer_ids
-from eplb.core.inputs import as_gpu_speed, as_live_mask, as_weight
+from eplb.core.inputs import as_gpu_speed, as_live_mask, as_weight, refuse_non_dense
 from eplb.core.placement import ratio_or_one
 from eplb.core.topology import is_name, positive_int
 
@@ -69,6 +69,7 @@ def check_dispatch(dispatch: str) -> str:
 def _check_shape(phy2log: torch.Tensor, num_gpus: int, num_nodes: int) -> tuple[int, int]:
     if not isinstance(phy2log, torch.Tensor) or phy2log.dim() != 2:
         raise ValueError("phy2log must be an integer tensor [L, R]")
+    refuse_non_dense(phy2log, "phy2log")  # sparse: torch's "Could not run 'aten::min'"
     require_integer_ids(phy2log, "phy2log")
     if phy2log.numel() == 0:
         raise ValueError(f"phy2log is empty (shape {tuple(phy2log.shape)})")
@@ -391,6 +392,7 @@ def _check_ids(ids: torch.Tensor, num_layers: int, num_experts: int) -> torch.Te
     if ids is None or not hasattr(ids, "__len__"):
         raise TypeError(f"ids must be integer top-k ids [T, {num_layers}, k] (a tensor or "
                         f"array), got {type(ids).__name__}")
+    refuse_non_dense(ids, "ids")
     ids = torch.as_tensor(ids)
     require_integer_ids(ids, "ids")
     if ids.dim() != 3 or ids.shape[1] != num_layers:
