@@ -162,6 +162,22 @@ def test_sparse_masks_speeds_and_sources_are_refused_by_name():
 
 
 @pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor", "ignore:The PyTorch API of nested")
+def test_sparse_nested_and_quantized_move_budgets_are_refused_by_name():
+    # torch's own errors: "can't convert Sparse layout tensor to numpy", "NestedTensorImpl
+    # doesn't support sizes", "Got unsupported ScalarType QInt32" (review pass)
+    previous = eplb.plan(W, 96, 16)
+    budgets = {r"torch\.sparse_coo": torch.tensor([3, 0] * 4).to_sparse(),
+               "nested": torch.nested.nested_tensor([torch.tensor([3] * 8)]),
+               "quantized": torch.quantize_per_tensor(torch.full((8,), 3.0), 1.0, 0,
+                                                      torch.qint32)}
+    for kind, budget in budgets.items():
+        with pytest.raises(ValueError, match=f"max_moves is a {kind} tensor; give an int"):
+            eplb.plan(W, 96, 16, previous=previous, max_moves=budget)
+        with pytest.raises(ValueError, match=f"max_moves is a {kind} tensor"):
+            Rebalancer(96, 16, incremental=True, max_moves=budget)
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor", "ignore:The PyTorch API of nested")
 def test_nested_and_quantized_maps_masks_and_speeds_are_refused_by_name():
     # a map in force of either kind raised torch's internal errors ("NestedTensorImpl
     # doesn't support sizes", "isSignedType not supported for quantized types") from

@@ -204,6 +204,13 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
         if kind:
             raise ValueError(f"max_moves is a {kind} tensor, which holds no values; got "
                              f"{given!r}")
+        # torch's own errors else: "can't convert Sparse layout tensor to numpy",
+        # "NestedTensorImpl doesn't support sizes", "unsupported ScalarType QInt32"
+        kind = ("nested" if max_moves.is_nested else "quantized" if max_moves.is_quantized
+                else None if max_moves.layout == torch.strided else str(max_moves.layout))
+        if kind:
+            raise ValueError(f"max_moves is a {kind} tensor; give an int, one int per layer "
+                             "or a plain dense tensor of them")
         max_moves = max_moves.detach().cpu().numpy()
     if isinstance(max_moves, (list, tuple)):
         if any(isinstance(v, bool | np.bool_) for v in max_moves):
