@@ -178,6 +178,23 @@ def test_the_group_limited_sampler_refuses_knobs_that_break_it():
                        sample_group_limited(w, 6))
 
 
+def test_the_group_limited_sampler_reads_loads_as_the_planner_does():
+    # a sparse weight raised torch's "Could not run 'aten::ne.Scalar' ... 'SparseCPU'
+    # backend"; a NaN was refused without saying where (review pass)
+    from eplb.tools import sample_group_limited
+
+    w = torch.rand(2, 32, generator=torch.Generator().manual_seed(0)) * 100 + 1
+    dense = sample_group_limited(w, 16, seed=3)
+    assert torch.equal(sample_group_limited(w.to_sparse(), 16, seed=3), dense)
+    assert torch.equal(sample_group_limited(w.numpy(), 16, seed=3), dense)
+    bad = w.clone()
+    bad[1, 5] = float("nan")
+    with pytest.raises(ValueError, match="layer 1, expert 5"):
+        sample_group_limited(bad, 16)
+    with pytest.raises(ValueError, match=r"loads \[L, E\]; got one layer \[32\]"):
+        sample_group_limited(w[0], 16)
+
+
 def test_the_group_limited_sampler_names_the_layers_without_load():
     """A real SGLang dump has all-zero rows for DeepSeek-V3's dense layers 0..2: the
     refusal named no layer and said nothing of what to pass instead."""

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from eplb.core.inputs import as_seed
+from eplb.core.inputs import as_seed, as_weight
 from eplb.core.messages import integer_runs
 from eplb.core.topology import non_negative_int, positive_int
 from eplb.tools.generator.model import MAX_TRACE_BYTES
@@ -116,9 +116,12 @@ class Router:
 
 def _check(weight: torch.Tensor, top_k: int, num_groups: int, topk_groups: int,
            group_top: int) -> torch.Tensor:
-    w = torch.as_tensor(weight, dtype=torch.float64)
-    if w.dim() != 2 or not bool(w.isfinite().all()) or bool((w < 0).any()):
-        raise ValueError("weight must be finite non-negative loads [L, E]")
+    # checked as eplb.plan checks loads: a sparse weight failed inside torch ("Could not
+    # run 'aten::ne.Scalar' ... 'SparseCPU' backend"), a NaN was not located
+    w, one_layer = as_weight(weight)
+    if one_layer:
+        raise ValueError("weight must be finite non-negative loads [L, E]; got one layer "
+                         f"[{w.shape[1]}] (weight[None] makes it [1, E])")
     num_experts = w.shape[1]
     if num_groups < 1 or num_experts % num_groups:
         raise ValueError(f"{num_experts} experts do not split into {num_groups} groups")
