@@ -148,6 +148,36 @@ def test_eplb_imports_at_module_level(module: str) -> None:
     assert not lazy, f"{module} imports eplb modules inside functions: {lazy}"
 
 
+def _dynamic_eplb_imports(path: Path) -> list[tuple[str, int]]:
+    """``(named module, line)`` for every ``importlib.import_module`` / ``__import__`` call
+    whose name is text (or an f-string's text up to its first field) naming eplb."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and node.args):
+            continue
+        func = node.func
+        called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+        if called not in ("import_module", "__import__"):
+            continue
+        arg = node.args[0]
+        if isinstance(arg, ast.JoinedStr):
+            arg = arg.values[0] if arg.values else arg
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            out.append((arg.value.rstrip("."), node.lineno))
+    # (a name held in a variable is an engine's module: sglang.py checks SGLang's hook)
+    return [(name, line) for name, line in out if name == "eplb" or name.startswith("eplb.")]
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_dynamic_eplb_imports_stay_in_their_package(module: str) -> None:
+    """An ``importlib`` import is invisible to the checks above: the CLI's lazy commands
+    (``eplb.cli.<command>``) may import their own package's modules, nothing else."""
+    package = module if MODULES[module].name == "__init__.py" else module.rpartition(".")[0]
+    outside = [f"line {line}: {name}" for name, line in _dynamic_eplb_imports(MODULES[module])
+               if not (name == package or name.startswith(package + "."))]
+    assert not outside, f"{module} imports eplb modules by name outside its package: {outside}"
+
+
 #: eplb.core's own layers, bottom to top, as core/__init__.py states them
 CORE_ORDER = (
     "messages",
