@@ -42,6 +42,10 @@ DRAW_STRIDE = 1 << 16
 #: (rank, expert) draws of one call, over all its draws, beyond which fewer draws are
 #: taken (at least 2): 1024 GPUs of one node took 7.6 s a call with 8 (attacker pass)
 MAX_DRAWN = 1 << 25
+#: (rank, expert) pairs drawn at once: a call draws its layers a few at a time, as one
+#: call over every layer held a dozen arrays of that many entries (200 layers × 1024
+#: experts on 1024 GPUs of one node: 18.5 GB, for eplb plan's SGLang file; attacker pass)
+CHUNK_CELLS = 1 << 22
 
 
 def rank_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
@@ -53,9 +57,43 @@ def rank_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
     The draws depend on the expert, the rank and ``seed`` only, not on the placement nor
     on the other layers: two placements are compared on the same draws, a layer's
     figure is its own, and the same on every machine (a counter-based generator; the
-    loads are sums of ``w / P`` shares in a fixed order)."""
+    loads are sums of ``w / P`` shares in a fixed order). The layers are drawn a few at
+    a time (:data:`CHUNK_CELLS`), which changes no number."""
     w = weight.detach().cpu().to(torch.float64).numpy()
     ids = phy2log.detach().cpu().numpy().astype(np.int64)
+    cells = _drawn_cells(w, ids, num_gpus)
+    draws = min(draws, max(2, MAX_DRAWN // max(int(cells.sum()), 1)))
+    peaks = np.zeros(len(ids))
+    first = 0
+    while first < len(ids):
+        # whole layers up to CHUNK_CELLS cells, at least one
+        last = first + max(1, int(np.searchsorted(np.cumsum(cells[first:]), CHUNK_CELLS,
+                                                  side="right")))
+        peaks[first:last] = _rank_draw_sums(w[first:last], ids[first:last], num_gpus,
+                                            draws, seed)
+        first = last
+    return peaks / draws
+
+
+def _drawn_cells(w: np.ndarray, ids: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[L]``: the (expert, rank) pairs of each layer that draw (a loaded expert with a
+    replica, a rank holding none of it) of ``w [L, E]`` placed by ``ids [L, R]``."""
+    layers, num_slots = ids.shape
+    num_experts = w.shape[1]
+    filled = ids >= 0
+    key = (np.arange(layers)[:, None] * num_experts + ids)[filled]
+    gpu = np.broadcast_to(np.arange(num_slots) // (num_slots // num_gpus), ids.shape)[filled]
+    holders = np.bincount(np.unique(key * num_gpus + gpu) // num_gpus,
+                          minlength=layers * num_experts)
+    count = np.bincount(key, minlength=layers * num_experts)
+    drawing = (count > 0) & (w.reshape(-1) > 0)
+    return np.where(drawing, num_gpus - holders, 0).reshape(layers, num_experts).sum(1)
+
+
+def _rank_draw_sums(w: np.ndarray, ids: np.ndarray, num_gpus: int, draws: int,
+                    seed: int) -> np.ndarray:
+    """``[L]`` :func:`rank_draw_peaks` of ``w [L, E]`` (float64) and ``ids [L, R]``, summed
+    over the ``draws`` samples, not yet averaged."""
     layers, num_slots = ids.shape
     num_experts = w.shape[1]
     slots = num_slots // num_gpus
@@ -76,7 +114,6 @@ def rank_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
     cell, rank = np.nonzero(~holds & (count > 0)[:, None] & (share > 0)[:, None])
     layer, expert = np.divmod(cell, num_experts)
     peaks = np.zeros(layers)
-    draws = min(draws, max(2, MAX_DRAWN // max(len(cell), 1)))
     for draw in range(draws):
         # a draw is a function of (seed, draw, expert, rank) alone: a layer's peaks do not
         # depend on the other layers of the call, nor on where it sits among them
@@ -86,7 +123,7 @@ def rank_draw_peaks(weight: torch.Tensor, phy2log: torch.Tensor, num_gpus: int,
         loads = base + np.bincount(layer * num_gpus + gpu, weights=share[cell],
                                    minlength=layers * num_gpus).reshape(layers, num_gpus)
         peaks += loads.max(1)
-    return peaks / draws
+    return peaks
 
 
 def split_draw_shares(phy2log: torch.Tensor, num_experts: int, num_gpus: int,
