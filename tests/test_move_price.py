@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import replan_drifted
+import torch
+from helpers import assert_contract, generated_drift, replan_drifted
 
+import eplb
 from eplb.core.options import IncrementalOptions
 from eplb.online import score
 
@@ -65,3 +67,44 @@ def test_one_slot_per_gpu_moves_only_replica_counts(num_nodes: int, num_groups: 
                 >= old.layer_balancedness(drifted) - 1e-12).all()
     if replicas == 64:  # every expert once: nothing can move at all
         assert not bool(moved.any())
+
+
+def test_the_ladder_reaches_as_far_in_price_at_every_slot_count() -> None:
+    """Left to choose, the warm-start steps keep the ladder's reach (``(steps + 1) ·
+    quota`` of a layer's slots) at the price 4 steps reach at 9 slots per GPU: more steps
+    between 4 and 8 slots per GPU, where a slot's move costs less, and 4 elsewhere (at 3
+    or fewer every layer is offered a fresh plan; nearest dispatch prices its own way).
+    A ``steps`` the caller sets is kept."""
+    options = IncrementalOptions()
+    assert [options.steps_for(s) for s in range(1, 19)] == (
+        [4, 4, 4, 11, 8, 7, 6, 5] + [4] * 10)
+    for slots in range(4, 9):  # at least the 9-slot reach's price, less than one step more
+        reach = options.steps_for(slots) + 1
+        assert reach * slots >= 5 * 9 > (reach - 1) * slots
+    assert options.steps_for(5, "nearest") == 4
+    assert IncrementalOptions(steps=2).steps_for(5) == 2
+    assert IncrementalOptions(steps=0).steps_for(5) == 0
+
+
+def test_plans_at_five_slots_per_gpu_take_the_longer_ladder() -> None:
+    """At 5 slots per GPU a plan from the map in force runs 8 steps unless told otherwise
+    (the same plan as ``steps=8``), and with 4 it reaches less far: fewer slots move in
+    some layer (global and hierarchical, on drifted generated loads)."""
+    replicas, gpus = 80, 16
+    shorter = 0
+    for nodes, groups in ((1, 1), (2, 4)):
+        for seed in range(2):
+            weight, drifted = generated_drift(seed, 0.3)
+            old = eplb.plan(weight, replicas, gpus, nodes, groups)
+            new = eplb.plan(drifted, replicas, gpus, nodes, groups, previous=old)
+            assert_contract(new)
+            eight = eplb.plan(drifted, replicas, gpus, nodes, groups, previous=old,
+                              options=eplb.PlanOptions(incremental=IncrementalOptions(steps=8)))
+            assert torch.equal(new.phy2log, eight.phy2log)
+            four = eplb.plan(drifted, replicas, gpus, nodes, groups, previous=old,
+                             options=eplb.PlanOptions(incremental=IncrementalOptions(steps=4)))
+            assert_contract(four)
+            moved = (new.phy2log != old.phy2log).sum(1)
+            moved_four = (four.phy2log != old.phy2log).sum(1)
+            shorter += int((moved_four < moved).sum())
+    assert shorter > 0

@@ -113,6 +113,10 @@ PRICE_SLOTS_PER_GPU = 9
 #: default quota reach every slot 12 times over, and took 0.26 s and 170 MB more than the
 #: default's 4 at DeepSeek-V3's shape
 MAX_INCREMENTAL_STEPS = 256
+#: the warm-start steps at :data:`PRICE_SLOTS_PER_GPU` slots per GPU and above (and at
+#: :data:`COARSE_SLOTS` or fewer, and under nearest dispatch), where ``steps`` is left to
+#: choose itself (:meth:`IncrementalOptions.steps_for`)
+DEFAULT_INCREMENTAL_STEPS = 4
 #: the most divisor shifts a replication portfolio accepts: each is an allocation counted,
 #: compared with the others and perhaps packed (10**4 shifts took 24 s and 5.3 GB on a
 #: 3×16 plan; attacker pass); the default has 5
@@ -304,8 +308,9 @@ class IncrementalOptions:
         steps: warm-start refinement steps: candidates reach about
             ``(steps + 1) · quota`` of the slots beyond the replica transfers. Each step
             is one pass of the swap search over every layer, the largest cost of an
-            incremental plan. The defaults (4 steps of 3/64) reach as far as the former 6
-            of 1/32 in two steps fewer; chosen on synthetic DeepSeek-V3 loads
+            incremental plan. ``None`` (default): :meth:`steps_for` the slots per GPU.
+            4 steps of 3/64 at 9 slots per GPU reach as far as the former 6 of 1/32 in
+            two steps fewer; chosen on synthetic DeepSeek-V3 loads
             (``benchmarks/bench_incremental_settings.py``), not on the real files the
             benchmarks report: 0.7–0.8× the time, next-window balancedness +0.0012,
             slots moved 19.0 → 19.5 % (global, both at move_price 0.005; BENCHMARKS.md
@@ -316,7 +321,7 @@ class IncrementalOptions:
     group_share: float = 0.09
     move_price: float = 0.01
     quota: float = 3 / 64
-    steps: int = 4
+    steps: int | None = None
 
     def layer_price(self, slots_per_gpu: int) -> float:
         """What moving all of a layer's slots costs in expected balancedness at
@@ -331,6 +336,30 @@ class IncrementalOptions:
                 or slots_per_gpu < 1:
             raise ValueError(f"slots_per_gpu must be an int >= 1, got {slots_per_gpu!r}")
         return self.move_price * (int(slots_per_gpu) / PRICE_SLOTS_PER_GPU)
+
+    def steps_for(self, slots_per_gpu: int, dispatch: str = "even") -> int:
+        """The warm-start steps of a plan at ``slots_per_gpu`` slots per GPU: ``steps``
+        where set, else :data:`DEFAULT_INCREMENTAL_STEPS` (4), but between
+        :data:`COARSE_SLOTS` and :data:`PRICE_SLOTS_PER_GPU` slots per GPU under the
+        even split enough steps that the ladder reaches as far *in price*
+        (:meth:`layer_price`) as 4 steps do at 9: ``ceil(5 · 9 / S) − 1``, 11 at 4 slots
+        per GPU, 8 at 5, 5 at 8.
+
+        Why: the price of moving a slot falls with the slots per GPU, so more moves pay
+        there, and a ladder of 4 steps ran out before they did. At 320 slots on 64 GPUs
+        on vLLM's call the hierarchical plans took the ladder's last rung in 40–47 of 58
+        layers, and on the next window they were 0.0024 below vLLM's policy, which
+        re-plans every slot; with 8 steps 0.0011 above it (BENCHMARKS.md §3). At 3 slots
+        or fewer every layer is offered a fresh plan instead (12 steps there were no
+        better), and nearest dispatch prices its candidates by its own rule.
+        """
+        if self.steps is not None:
+            return self.steps
+        slots = int(slots_per_gpu)
+        if dispatch != "even" or not COARSE_SLOTS < slots < PRICE_SLOTS_PER_GPU:
+            return DEFAULT_INCREMENTAL_STEPS
+        reach = (DEFAULT_INCREMENTAL_STEPS + 1) * PRICE_SLOTS_PER_GPU
+        return max(DEFAULT_INCREMENTAL_STEPS, math.ceil(reach / slots) - 1)
 
     def __post_init__(self) -> None:
         for name in ("drift", "group_share", "move_price", "quota"):
@@ -351,6 +380,8 @@ class IncrementalOptions:
             raise ValueError(f"move_price must be a number in [0, 1), got {self.move_price!r}")
         if not (isinstance(self.quota, (int, float)) and 0 < self.quota <= 1):
             raise ValueError(f"quota must be a fraction in (0, 1], got {self.quota!r}")
+        if self.steps is None:
+            return
         object.__setattr__(self, "steps", int_at_least("steps", self.steps, 0))
         if self.steps > MAX_INCREMENTAL_STEPS:
             raise ValueError(f"steps must be at most {MAX_INCREMENTAL_STEPS}, got {self.steps} "

@@ -119,7 +119,8 @@ def _refine_rows(
     """
     topo = request.topology
     packing = request.options.packing
-    steps = request.options.incremental.steps
+    steps = request.options.incremental.steps_for(request.topology.slots_per_gpu,
+                                                  request.dispatch)
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     num_live = int(request.live.sum())
     live_base = base if request.active_gpus is None else base[:, live_slot]
@@ -292,7 +293,8 @@ def plan_incremental(
     # ladder was taken in 3 layers of 232 on vLLM's first call (BENCHMARKS.md §3)
     layer_quota = np.where(replanned, 0, quota)
     # under a budget below the ladder's reach, a fine ladder too
-    small = fine_layers(max_moves, quota * options.steps, request.num_layers)
+    steps = options.steps_for(topo.slots_per_gpu, request.dispatch)
+    small = fine_layers(max_moves, quota * steps, request.num_layers)
     fine_quota = None if small is None else np.where(small & ~replanned, FINE_QUOTA, 0)
     if fine_quota is not None and not fine_quota.any():
         fine_quota = None
@@ -346,7 +348,7 @@ def plan_incremental(
         # the ladder's first rung is not scored where the rule below compares later ones:
         # it was picked in 2 of 1392 steady layer plans, and dropping it left the next
         # window and the moves unchanged (BENCHMARKS.md §3)
-        drop_first_rung = options.steps - back >= 2
+        drop_first_rung = steps - back >= 2
         candidates, transfers, known, fine = _refine_rows(
             weight, base, request, layer_quota, max_moves is not None,
             drop_first_rung=max_moves is None and drop_first_rung, fine_quota=fine_quota)
@@ -484,7 +486,13 @@ def _plan_nearest(
     topo = request.topology
     if skip_threshold is not None:
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")
-    even = dataclasses.replace(request, dispatch="even", fair="auto", source=None)
+    # the even split's ladders below keep the nearest rule's steps (IncrementalOptions.
+    # steps_for: more steps at 4-8 slots per GPU were measured under the even split only)
+    steps = request.options.incremental.steps_for(topo.slots_per_gpu, request.dispatch)
+    options = dataclasses.replace(request.options, incremental=dataclasses.replace(
+        request.options.incremental, steps=steps))
+    even = dataclasses.replace(request, dispatch="even", fair="auto", source=None,
+                               options=options)
     if not takes_budget(request.dispatch, topo.num_nodes, request.policy,
                         request.active_gpus is not None):
         if max_moves is not None:
