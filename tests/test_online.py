@@ -278,6 +278,24 @@ def test_rebalancer_refuses_what_its_cluster_cannot_plan_at_construction(
         Rebalancer(*cluster, window=2, interval=2, **option)
 
 
+def test_rebalancer_takes_skip_threshold_under_nearest_dispatch_on_one_node() -> None:
+    # eplb.plan honours skip_threshold under dispatch="nearest" on one node (the even
+    # split's planner takes it); the Rebalancer refused it at construction (attacker pass)
+    torch.manual_seed(0)
+    first = torch.randint(1, 100, (3, 16)).float()
+    later = first * torch.exp(torch.randn(3, 16))
+    rb = Rebalancer(24, 8, window=1, interval=1, incremental=True, skip_threshold=0.5,
+                    dispatch="nearest")
+    rb.record(first)
+    rb.record(later)
+    expected = plan(later, 24, 8, dispatch="nearest", skip_threshold=0.5,
+                    previous=plan(first, 24, 8, dispatch="nearest"))
+    assert torch.equal(rb.placement.phy2log, expected.phy2log)
+    with pytest.raises(ValueError, match="skip_threshold is not supported"):
+        Rebalancer(24, 8, incremental=True, skip_threshold=0.5, dispatch="nearest",
+                   fair="divide")  # as eplb.plan refuses it there
+
+
 def test_rebalancer_leaves_what_depends_on_the_experts_to_the_first_plan() -> None:
     # 7 experts do not split into 2 groups: known only from the counts
     rb = Rebalancer(16, 4, 2, 2, window=1, interval=1, policy="hierarchical")

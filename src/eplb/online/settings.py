@@ -105,7 +105,12 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
                                       options.get("routing") is not None,
                                       options.get("slack") is not None)
     nearest = dispatch == "nearest"
-    if nearest and options.get("skip_threshold") is not None:
+    # where eplb.plan refuses it: on several nodes, or under fair="divide" (elsewhere on
+    # one node the even split's planner takes it; the Rebalancer refused it there too,
+    # where eplb.plan honours it: attacker pass)
+    if nearest and options.get("skip_threshold") is not None and (
+            topology is None or topology.num_nodes > 1
+            or is_name(options.get("fair", "auto"), ("divide",))):
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")
     if nearest and options.get("gpu_speed") is not None:
         raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
