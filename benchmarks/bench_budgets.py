@@ -96,8 +96,10 @@ def budgets_section() -> None:
         weight = w1.numpy()
         share = weight.sum(1) / weight.sum(1).mean()
         # the default ladder's reach (its swap steps times its quota) a layer: below it a
-        # fine ladder is searched too, whatever the budget
-        line = max(2, round(options.quota * replicas)) * options.steps * w1.shape[0]
+        # fine ladder is searched too, whatever the budget (the steps follow the slots
+        # per GPU, IncrementalOptions.steps_for, as the planner's)
+        steps = options.steps_for(replicas // gpus)
+        line = max(2, round(options.quota * replicas)) * steps * w1.shape[0]
         spent, balance, moved = {}, {}, {}
         for budget in BUDGETS:
             plan = eplb.plan(w1, replicas, gpus, nodes, groups, previous=old, max_moves=budget)
