@@ -209,6 +209,21 @@ def test_nested_and_quantized_maps_masks_and_speeds_are_refused_by_name():
                 eplb.plan(W, 96, 16, **{name: value})
 
 
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor", "ignore:The PyTorch API of nested")
+def test_nested_and_quantized_routing_traces_are_refused_by_name():
+    # a nested trace raised torch's "Internal error: NestedTensorImpl doesn't support
+    # sizes" from the shape check, a quantized one a shape error for the right shape
+    w = torch.rand(2, 8)
+    ids = torch.stack([torch.randperm(8)[:2] for _ in range(10)]).reshape(5, 2, 2)
+    traces = {"nested": torch.nested.nested_tensor(list(ids)),
+              "quantized": torch.quantize_per_tensor(ids.float(), 1.0, 0, torch.qint32)}
+    for kind, routing in traces.items():
+        with pytest.raises(TypeError, match=f"routing must be a dense tensor with data, "
+                                            f"got a {kind} tensor"):
+            eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", routing=routing)
+    eplb.plan(w, 16, 4, 2, 2, policy="locality", dispatch="nearest", routing=ids).validate()
+
+
 def test_a_node_far_colder_than_its_layer_plans_validly():
     # a hierarchical node of a layer whose other nodes are 1e300 times hotter held
     # subnormal loads after the layer's scaling: Hamilton's counts came out 5 replicas

@@ -27,9 +27,13 @@ def as_routing(
         except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
             raise TypeError(f"routing must be integer top-k ids [T, L, k] (a tensor or "
                             f"array), got {type(routing).__name__}: {exc}") from None
-    if tensor.is_meta or tensor.layout != torch.strided:
+    # (a nested or quantized one too, as previous= is: a nested trace raised torch's
+    # "NestedTensorImpl doesn't support sizes" from the shape check below)
+    kind = without_values(tensor) or ("nested" if tensor.is_nested else "quantized"
+                                      if tensor.is_quantized else None)
+    if kind or tensor.layout != torch.strided:
         raise TypeError(f"routing must be a dense tensor with data, got a "
-                        f"{'meta' if tensor.is_meta else tensor.layout} tensor")
+                        f"{kind or tensor.layout} tensor")
     require_integer_ids(tensor, "routing")
     layers_ok = num_layers is None or (tensor.dim() == 3 and tensor.shape[1] == num_layers)
     if tensor.dim() != 3 or not layers_ok or 0 in tensor.shape:
