@@ -86,6 +86,22 @@ def test_the_ladder_reaches_as_far_in_price_at_every_slot_count() -> None:
     assert IncrementalOptions(steps=0).steps_for(5) == 0
 
 
+@pytest.mark.parametrize("slots", [0, -3, "5", 5.9, True, None])
+def test_steps_for_refuses_what_layer_price_refuses(slots: object) -> None:
+    # int() read "5" as 5 and 5.9 as 5, and 0 or -3 slots fell to the default steps
+    with pytest.raises(ValueError, match="slots_per_gpu must be an int >= 1"):
+        IncrementalOptions().steps_for(slots)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="slots_per_gpu must be an int >= 1"):
+        IncrementalOptions(steps=6).steps_for(slots)  # type: ignore[arg-type]
+
+
+def test_steps_for_refuses_an_unknown_dispatch() -> None:
+    # a misspelt rule fell silently to the default steps
+    with pytest.raises(ValueError, match="dispatch must be 'even' or 'nearest', got 'Even'"):
+        IncrementalOptions().steps_for(5, "Even")
+    assert IncrementalOptions().steps_for(np.int64(5), "even") == 8
+
+
 def test_plans_at_five_slots_per_gpu_take_the_longer_ladder() -> None:
     """At 5 slots per GPU a plan from the map in force runs 8 steps unless told otherwise
     (the same plan as ``steps=8``), and with 4 it reaches less far: fewer slots move in

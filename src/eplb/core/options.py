@@ -256,6 +256,14 @@ class PackingOptions:
         return cls(pair_steps=pair, max_steps=refine_steps - pair, **kwargs)  # type: ignore[arg-type]
 
 
+def _slots_per_gpu(slots_per_gpu: object) -> int:
+    """``slots_per_gpu`` as an int, else ``ValueError`` naming it (an integer >= 1)."""
+    if not isinstance(slots_per_gpu, numbers.Integral) or isinstance(slots_per_gpu, bool) \
+            or slots_per_gpu < 1:
+        raise ValueError(f"slots_per_gpu must be an int >= 1, got {slots_per_gpu!r}")
+    return int(slots_per_gpu)
+
+
 @dataclass(frozen=True)
 class IncrementalOptions:
     """How incremental planning (``previous=``) decides what to move.
@@ -332,10 +340,7 @@ class IncrementalOptions:
         each GPU, at 9 slots 9. (With dead GPUs the fraction is still of all the layer's
         slots, the dead GPUs' empty ones included, so moving every live slot costs
         ``(P − k) / P`` of this price with ``k`` of ``P`` GPUs dead.)"""
-        if not isinstance(slots_per_gpu, numbers.Integral) or isinstance(slots_per_gpu, bool) \
-                or slots_per_gpu < 1:
-            raise ValueError(f"slots_per_gpu must be an int >= 1, got {slots_per_gpu!r}")
-        return self.move_price * (int(slots_per_gpu) / PRICE_SLOTS_PER_GPU)
+        return self.move_price * (_slots_per_gpu(slots_per_gpu) / PRICE_SLOTS_PER_GPU)
 
     def steps_for(self, slots_per_gpu: int, dispatch: str = "even") -> int:
         """The warm-start steps of a plan at ``slots_per_gpu`` slots per GPU: ``steps``
@@ -353,9 +358,13 @@ class IncrementalOptions:
         or fewer every layer is offered a fresh plan instead (12 steps there were no
         better), and nearest dispatch prices its candidates by its own rule.
         """
+        # checked as layer_price checks them: int() read "5" as 5 and 5.9 as 5, and a
+        # misspelt dispatch, or 0 slots, fell silently to the default steps
+        slots = _slots_per_gpu(slots_per_gpu)
+        if not is_name(dispatch, ("even", "nearest")):  # core/dispatch.py's rules
+            raise ValueError(f"dispatch must be 'even' or 'nearest', got {dispatch!r}")
         if self.steps is not None:
             return self.steps
-        slots = int(slots_per_gpu)
         if dispatch != "even" or not COARSE_SLOTS < slots < PRICE_SLOTS_PER_GPU:
             return DEFAULT_INCREMENTAL_STEPS
         reach = (DEFAULT_INCREMENTAL_STEPS + 1) * PRICE_SLOTS_PER_GPU
