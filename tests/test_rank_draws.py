@@ -4,12 +4,13 @@ choice for the experts it holds no replica of (``eplb.core.rank_draws``)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eplb
-from eplb.core import realised_gpu_loads
+from eplb.core import plan_for_start_up_file, realised_gpu_loads
 from eplb.core.rank_draws import choose_for_rank_draws, rank_draw_peaks
 
 
@@ -34,6 +35,29 @@ def test_one_replica_each_draws_nothing_either() -> None:
     phy2log = torch.arange(8).repeat(2, 1)
     assert np.allclose(rank_draw_peaks(w, phy2log, 4),
                        realised_gpu_loads(w, phy2log, 4, 1).amax(1).numpy(), rtol=1e-12)
+
+
+def test_the_start_up_file_plan_reads_its_loads_as_eplb_plan_does() -> None:
+    """``eplb.core.plan_for_start_up_file`` (public since the README imports it) read its
+    loads unchecked: an array raised AttributeError ('detach'), one layer ``[E]``
+    IndexError, loads of another shape NumPy's broadcast error, and NaN or negative loads
+    gave a balancedness of 1.0000 (review pass)."""
+    w = _loads(3, 16, 4)
+
+    def start_up_file(loads: object, given: object) -> tuple:
+        return plan_for_start_up_file(
+            lambda fair: eplb.plan(loads, 24, 8, dispatch="nearest", fair=fair), given)
+
+    placement, _, drawn = start_up_file(w, w)
+    for same in (w.numpy(), w.tolist()):
+        again, _, again_drawn = start_up_file(same, same)
+        assert torch.equal(again.phy2log, placement.phy2log) and again_drawn == drawn
+    assert start_up_file(w[0], w[0])[0].num_layers == 1
+    with pytest.raises(ValueError, match=r"weight is \[2, 16\], but the plans place 3 "
+                                         "layers of 16 experts"):
+        start_up_file(w, w[:2])
+    with pytest.raises(ValueError, match=r"weight\[0, 0\] \(layer 0, expert 0\) is nan"):
+        start_up_file(w, w * float("nan"))
 
 
 def test_draws_raise_the_peak_above_the_expectation_and_are_reproducible() -> None:

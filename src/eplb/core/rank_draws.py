@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from eplb.core.device_path import caller_settings_off
+from eplb.core.inputs import as_weight
 from eplb.core.placement import Placement
 
 #: draws per layer: the spread of a layer's sampled peak is about 0.3 % of the mean at
@@ -279,8 +280,21 @@ def plan_for_start_up_file(plan: Callable[[str], Placement], weight: torch.Tenso
     even split, and ``"avoid"``, the hot experts on every GPU) per layer, whichever
     serves the ranks' own draws better (:func:`choose_for_rank_draws`). Returns the
     validated placement, a line saying how many layers took ``"avoid"`` and the
-    balancedness the draws give it, and that balancedness."""
+    balancedness the draws give it, and that balancedness.
+
+    ``weight`` is read as :func:`eplb.plan` reads loads (an array, a list, one layer
+    ``[E]``), and must be the loads the plans are of: ``ValueError`` otherwise."""
+    # (exported from eplb.core: an array raised AttributeError "no attribute 'detach'",
+    # one layer IndexError, loads of another shape NumPy's broadcast error, and NaN or
+    # negative loads gave a balancedness of 1.0000; review pass), with the caller's
+    # settings off as below (a float32 subnormal load flushed in the copy read as 0)
+    with caller_settings_off():
+        weight, _ = as_weight(weight)
     even, avoid = plan("expect"), plan("avoid")
+    if tuple(weight.shape) != (even.num_layers, even.num_experts):
+        raise ValueError(f"weight is [{weight.shape[0]}, {weight.shape[1]}], but the plans "
+                         f"place {even.num_layers} layers of {even.num_experts} experts: give "
+                         "the loads plan(fair) plans")
     topo = even.topology
     # (as eplb.plan, whatever the caller's settings: with subnormals flushed, loads of
     # 1e-310 read as 0 and the choice between the two plans changed; determinism pass)
