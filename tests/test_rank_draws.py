@@ -117,3 +117,20 @@ def test_the_draws_of_many_layers_are_made_a_few_layers_at_a_time(monkeypatch) -
         tracemalloc.stop()
     assert np.array_equal(chunked, whole)  # (2.1 million cells: 150 MB at once before)
     assert peak < 40 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_a_load_that_shares_nothing_takes_no_draws_from_the_budget(monkeypatch) -> None:
+    """The draws per call shrink with the cells drawn (MAX_DRAWN); the count of them
+    taken before the draws counted a load whose rank share ``w / P`` rounds to 0 (5e-324
+    on 4 GPUs), which draws nothing: the figure differed from the same loads with a 0
+    there, where before the chunking it was the same (review pass)."""
+    import eplb.core.rank_draws as rank_draws
+
+    w = _loads(2, 8, 6).to(torch.float64)
+    phy2log = torch.cat([torch.arange(8), torch.arange(8).roll(1)]).repeat(2, 1)
+    # 2 replicas of each expert on 2 of 4 GPUs: 30 cells draw (32 with the tiny load
+    # counted), so 3 draws (2 with it)
+    monkeypatch.setattr(rank_draws, "MAX_DRAWN", 93)
+    tiny, zero = w.clone(), w.clone()
+    tiny[0, 0], zero[0, 0] = 5e-324, 0.0
+    assert np.array_equal(rank_draw_peaks(tiny, phy2log, 4), rank_draw_peaks(zero, phy2log, 4))

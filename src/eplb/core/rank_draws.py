@@ -87,7 +87,9 @@ def _drawn_cells(w: np.ndarray, ids: np.ndarray, num_gpus: int) -> np.ndarray:
     holders = np.bincount(np.unique(key * num_gpus + gpu) // num_gpus,
                           minlength=layers * num_experts)
     count = np.bincount(key, minlength=layers * num_experts)
-    drawing = (count > 0) & (w.reshape(-1) > 0)
+    # a rank's share, as the draws test it: a load whose w / P rounds to 0 (5e-324 on
+    # 2 GPUs) draws nothing, but counted here it cut the draws of a large call
+    drawing = (count > 0) & ((w / num_gpus).reshape(-1) > 0)
     return np.where(drawing, num_gpus - holders, 0).reshape(layers, num_experts).sum(1)
 
 
