@@ -327,3 +327,19 @@ def test_window_sums_stay_exact_above_65536_tokens_per_expert_and_step():
     for step in steps:
         rebalancer.record(step)
     assert torch.equal(rebalancer.estimate().weight, exact)
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor", "ignore:The PyTorch API of nested")
+def test_nested_and_quantized_scenarios_are_refused_by_name() -> None:
+    # a nested tensor of scenarios raised torch's "Internal error: NestedTensorImpl
+    # doesn't support sizes" from expected_max and select_per_layer (review pass)
+    a = _placement([[0, 1, 2, 3]], 4, Topology(4, 2))
+    b = _placement([[0, 2, 1, 3]], 4, Topology(4, 2))
+    scenarios = torch.rand(3, 1, 4)
+    for kind, bad in (("nested", torch.nested.nested_tensor(list(scenarios))),
+                      ("quantized", torch.quantize_per_tensor(scenarios, 0.1, 0, torch.qint32))):
+        with pytest.raises(TypeError, match=f"scenarios is a {kind} tensor"):
+            expected_max(a, bad)
+        with pytest.raises(TypeError, match=f"scenarios is a {kind} tensor"):
+            select_per_layer([a, b], bad)
+    select_per_layer([a, b], scenarios).validate()

@@ -45,7 +45,13 @@ from typing import ClassVar
 import torch
 
 from eplb.core.dispatch import realised_gpu_loads
-from eplb.core.inputs import as_counts, as_gpu_speed, as_weight, scale_free
+from eplb.core.inputs import (
+    as_counts,
+    as_gpu_speed,
+    as_weight,
+    refuse_without_values,
+    scale_free,
+)
 from eplb.core.placement import Placement, ideal_and_peak, ratio_or_one
 from eplb.core.topology import int_at_least, is_name, real_number
 from eplb.core.trace import LoadTrace
@@ -437,6 +443,9 @@ def expected_max(
     _check_reduce(reduce)
     if not is_name(dispatch, ("even", "nearest")):
         raise ValueError(f"dispatch must be 'even' or 'nearest', got {dispatch!r}")
+    # (iterated below: a nested tensor raised torch's "NestedTensorImpl doesn't support
+    # sizes"; review pass)
+    refuse_without_values(scenarios, "scenarios")
     if len(scenarios) == 0:
         raise ValueError("expected_max needs at least one scenario ([K, L, E] with K >= 1)")
     live = placement.live_gpus()
