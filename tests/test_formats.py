@@ -657,6 +657,15 @@ def test_load_trace_validates():
     assert LoadTrace(torch.ones(1, 2, 3, dtype=torch.int32)).counts.dtype == torch.float64
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested")
+def test_load_trace_refuses_a_nested_tensor_by_name():
+    # a nested tensor of [E] rows is 2-D: the shape message read its shape and raised
+    # torch's "Internal error: NestedTensorImpl doesn't support sizes" (review pass)
+    for steps in ([torch.ones(3), torch.ones(3)], [torch.ones(2, 3), torch.ones(2, 3)]):
+        with pytest.raises(TypeError, match=r"LoadTrace\.counts is a nested tensor"):
+            LoadTrace(torch.nested.nested_tensor(steps))
+
+
 def test_missing_safetensors_names_the_extra(tmp_path, monkeypatch):
     folder = write_trtllm(tmp_path / "stats", counts_tle())
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from eplb.core.inputs import as_counts, refuse_overflowed_sum
+from eplb.core.inputs import as_counts, refuse_overflowed_sum, refuse_without_values
 from eplb.core.messages import integer_runs
 
 #: model layer ids lie below this: models have about a hundred layers, and an SGLang file
@@ -70,6 +70,9 @@ class LoadTrace:
 
     def __post_init__(self) -> None:
         if getattr(self.counts, "ndim", 3) != 3:
+            # (a nested tensor has no shape to quote: torch's "NestedTensorImpl doesn't
+            # support sizes" from the message below; review pass)
+            refuse_without_values(self.counts, "LoadTrace.counts")
             raise ValueError(
                 f"LoadTrace.counts must have shape [steps, layers, experts]; got "
                 f"{tuple(self.counts.shape)}"
