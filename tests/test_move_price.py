@@ -124,3 +124,22 @@ def test_plans_at_five_slots_per_gpu_take_the_longer_ladder() -> None:
             moved_four = (four.phy2log != old.phy2log).sum(1)
             shorter += int((moved_four < moved).sum())
     assert shorter > 0
+
+
+@pytest.mark.parametrize("num_nodes", [1, 2])
+def test_nearest_dispatch_keeps_four_steps_at_five_slots_per_gpu(num_nodes: int) -> None:
+    """Under nearest dispatch the ladder keeps 4 steps at 5 slots per GPU, the even-split
+    ladders its planner runs inside included (``_plan_nearest`` pins them: the even split
+    alone would take 8 there). Without that pin the 2-node plans of seeds 1 and 2
+    differed from ``steps=4``'s."""
+    replicas, gpus = 40, 8
+    four = eplb.PlanOptions(incremental=IncrementalOptions(steps=4))
+    for seed in (1, 2):
+        weight, drifted = generated_drift(seed, 0.3, experts=32)
+        old = eplb.plan(weight, replicas, gpus, num_nodes, policy="global", dispatch="nearest")
+        kw = {"policy": "global", "dispatch": "nearest", "previous": old}
+        new = eplb.plan(drifted, replicas, gpus, num_nodes, **kw)
+        assert_contract(new)
+        assert torch.equal(new.phy2log,
+                           eplb.plan(drifted, replicas, gpus, num_nodes, options=four,
+                                     **kw).phy2log)
