@@ -143,3 +143,29 @@ def test_nearest_dispatch_keeps_four_steps_at_five_slots_per_gpu(num_nodes: int)
         assert torch.equal(new.phy2log,
                            eplb.plan(drifted, replicas, gpus, num_nodes, options=four,
                                      **kw).phy2log)
+
+
+def test_the_fine_ladders_line_stays_at_the_default_reach(monkeypatch) -> None:
+    """Budgets below the ladder's reach also get a fine ladder. Where the steps choose
+    themselves, that line stays at the reach of 4 steps (where it was measured) however
+    many steps the slots per GPU give the ladder; a ``steps`` the caller sets draws it at
+    its own reach, as before."""
+    from eplb.online import incremental
+
+    reaches = []
+    real = incremental.fine_layers
+
+    def spy(max_moves, reach, layers):
+        reaches.append(reach)
+        return real(max_moves, reach, layers)
+
+    monkeypatch.setattr(incremental, "fine_layers", spy)
+    replicas, gpus = 80, 16  # 5 slots per GPU: 8 steps
+    weight, drifted = generated_drift(0, 0.3)
+    old = eplb.plan(weight, replicas, gpus)
+    quota = max(2, round(IncrementalOptions().quota * replicas))
+    assert_contract(eplb.plan(drifted, replicas, gpus, previous=old, max_moves=40))
+    assert reaches[-1] == quota * 4
+    eight = eplb.PlanOptions(incremental=IncrementalOptions(steps=8))
+    eplb.plan(drifted, replicas, gpus, previous=old, max_moves=40, options=eight)
+    assert reaches[-1] == quota * 8

@@ -63,7 +63,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from eplb.core.options import COARSE_SLOTS
+from eplb.core.options import COARSE_SLOTS, DEFAULT_INCREMENTAL_STEPS
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
@@ -292,9 +292,13 @@ def plan_incremental(
     # a layer re-planned from scratch by the forced moves is searched already: its
     # ladder was taken in 3 layers of 232 on vLLM's first call (BENCHMARKS.md §3)
     layer_quota = np.where(replanned, 0, quota)
-    # under a budget below the ladder's reach, a fine ladder too
+    # under a budget below the ladder's reach, a fine ladder too: the reach of the steps
+    # the caller set, else of the default 4 (where the line was measured: more steps at
+    # 4-8 slots per GPU moved it to half the slots at 4, and a 20 % budget took 2.2x the
+    # time hierarchical; BENCHMARKS.md §3 "Forty-ninth session")
     steps = options.steps_for(topo.slots_per_gpu, request.dispatch)
-    small = fine_layers(max_moves, quota * steps, request.num_layers)
+    line = DEFAULT_INCREMENTAL_STEPS if options.steps is None else options.steps
+    small = fine_layers(max_moves, quota * line, request.num_layers)
     fine_quota = None if small is None else np.where(small & ~replanned, FINE_QUOTA, 0)
     if fine_quota is not None and not fine_quota.any():
         fine_quota = None
