@@ -304,3 +304,16 @@ def test_disagreeing_options_names_are_quoted_short():
     message = str(raised.value)
     assert len(message) < 400
     assert "(100000 characters)" in message and '{"seed": 1}' in message
+
+
+def test_an_unknown_switch_value_is_quoted_short(monkeypatch, caplog):
+    """A switch value that means nothing is ignored with a warning every vLLM process
+    logs: a long one is quoted by its first 200 characters and its length, as the
+    options' values are (it was quoted whole)."""
+    monkeypatch.setenv(plugin.ENV_VAR, "x" * 100_000)
+    monkeypatch.delenv(plugin.LEGACY_ENV_VAR, raising=False)
+    with caplog.at_level(logging.WARNING, logger=plugin.LOGGER_NAME):
+        assert plugin.register() is False
+    warning = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(warning) == 1
+    assert "(100000 characters)" in warning[0] and len(warning[0]) < 600

@@ -83,7 +83,7 @@ from eplb.integrations.vllm_settings import (
     options_from_env,
     setting,
 )
-from eplb.online.settings import INCREMENTAL_OPTIONS
+from eplb.online.settings import INCREMENTAL_OPTIONS, quoted_setting
 
 __all__ = [
     "ENV_VAR",
@@ -505,8 +505,8 @@ def register() -> bool:
             return False
         if mode not in SWITCH_REPLACE | SWITCH_REGISTER:
             logger.warning(
-                "eplb: ignoring %s=%r; use 'eplb' (replace vLLM's default policy), "
-                "'register' (add policy 'eplb' only) or unset it", name, raw,
+                "eplb: ignoring %s=%s; use 'eplb' (replace vLLM's default policy), "
+                "'register' (add policy 'eplb' only) or unset it", name, quoted_setting(raw),
             )
             return False
         options = options_from_env()
