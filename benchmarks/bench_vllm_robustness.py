@@ -20,7 +20,8 @@ conditions, each a scenario:
   of the same request shape (4 such pairs), each × exp(0.15·Z);
 - ``S=2`` / ``S=3``: 288 slots on 144 or 96 GPUs (2 or 3 slots per GPU); S = 2 also at
   drift 0.05 and 0.3, S = 3 at 0.05; ``S=4``: 288 slots on 72 GPUs (one GB200 NVL72
-  rack); ``S=5``: 320 slots on 64 GPUs; ``S=17``: 272 slots
+  rack); ``S=5``: 320 slots on 64 GPUs; ``S=6`` and ``S=8``: 288 slots on 48 and 36
+  GPUs; ``S=17``: 272 slots
   on 16 GPUs, also at drift 0.3 (the move price follows the slots per GPU, so these
   shapes price a move otherwise than the headline's 9);
 - ``qwen3`` / ``kimi``: synthetic loads of other models' shapes (eplb's generator), 94×128
@@ -150,6 +151,8 @@ def scenarios(files: int, steps: int) -> list[tuple[str, int, int, list, Callabl
         ("S=3 (P=96), drift 0.05", 288, 96, both, drifting(0.05)),
         ("S=4 (P=72)", 288, 72, both, drifting(0.15)),
         ("S=5 (P=64)", 320, 64, both, drifting(0.15)),
+        ("S=6 (P=48)", 288, 48, both, drifting(0.15)),
+        ("S=8 (P=36)", 288, 36, both, drifting(0.15)),
         ("S=17 (P=16)", 272, 16, both, drifting(0.15)),
         ("S=17 (P=16), drift 0.3", 272, 16, both, drifting(0.3)),
         ("qwen3-like 94×128 (synthetic)", 160, 32, [GLOBAL], synthetic("qwen3-235b", 200)),
