@@ -58,6 +58,17 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+def forbid_work(monkeypatch, checked: str, *targets: tuple[object, str]) -> None:
+    """Make each ``(module, name)`` raise if called: the work a command does only after
+    ``checked`` (its output or report folder) has been checked."""
+
+    def no_work(*args, **kwargs):
+        raise AssertionError(f"the work ran before {checked} was checked")
+
+    for module, name in targets:
+        monkeypatch.setattr(module, name, no_work)
+
+
 def plan(capsys, loads: Path, out: Path, *extra: str) -> tuple[int, str]:
     code = main(["plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(out), *extra])
     return code, capsys.readouterr().err
@@ -517,11 +528,8 @@ def test_a_report_folder_that_cannot_be_made_is_refused_before_the_work(
     import eplb.cli.bench
     import eplb.cli.sim
 
-    def no_work(*args, **kwargs):
-        raise AssertionError("the work ran before --report was checked")
-
-    monkeypatch.setattr(eplb.cli.sim, "simulate", no_work)
-    monkeypatch.setattr(eplb.cli.bench, "compare", no_work)
+    forbid_work(monkeypatch, "--report", (eplb.cli.sim, "simulate"),
+                (eplb.cli.bench, "compare"))
     trace = tmp_path / "trace.pt"
     torch.save(torch.rand(40, 4, 16) * 100, trace)
     (tmp_path / "file").write_text("not a folder")
@@ -777,12 +785,8 @@ def test_a_report_folder_that_cannot_be_written_is_refused_before_the_work(
     import eplb.cli.bench as bench
     import eplb.cli.sim as sim
 
-    def no_work(*args, **kwargs):
-        raise AssertionError("the work ran before the report folder was checked")
-
-    monkeypatch.setattr(bench, "compare", no_work)
-    monkeypatch.setattr(bench, "generated_trace", no_work)
-    monkeypatch.setattr(sim, "run_simulation", no_work)
+    forbid_work(monkeypatch, "the report folder", (bench, "compare"),
+                (bench, "generated_trace"), (sim, "run_simulation"))
     trace = tmp_path / "trace.pt"
     torch.save(torch.rand(40, 4, 16) * 100, trace)
     folder = {"a file": trace, "under a file": trace / "report",
@@ -810,11 +814,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_work(
     import eplb.cli.commands as commands
     import eplb.cli.sim as sim
 
-    def no_work(*args, **kwargs):
-        raise AssertionError("the work ran before the output folder was checked")
-
-    monkeypatch.setattr(commands, "read_trace", no_work)
-    monkeypatch.setattr(sim, "generate_trace", no_work)
+    forbid_work(monkeypatch, "the output folder", (commands, "read_trace"),
+                (sim, "generate_trace"))
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
@@ -837,12 +838,8 @@ def test_a_read_only_file_system_is_named_as_one(capsys, tmp_path, loads, monkey
     import eplb.cli.commands as commands
     import eplb.cli.sim as sim
 
-    def no_work(*args, **kwargs):
-        raise AssertionError("the work ran before the output folder was checked")
-
-    monkeypatch.setattr(commands, "read_trace", no_work)
-    monkeypatch.setattr(sim, "generate_trace", no_work)
-    monkeypatch.setattr(bench, "generated_trace", no_work)
+    forbid_work(monkeypatch, "the output folder", (commands, "read_trace"),
+                (sim, "generate_trace"), (bench, "generated_trace"))
     mounted = tmp_path / "mounted"
     mounted.mkdir()
     real_access, real_statvfs = os.access, os.statvfs
