@@ -114,8 +114,8 @@ PRICE_SLOTS_PER_GPU = 9
 #: default's 4 at DeepSeek-V3's shape
 MAX_INCREMENTAL_STEPS = 256
 #: the warm-start steps at :data:`PRICE_SLOTS_PER_GPU` slots per GPU and above (and at
-#: :data:`COARSE_SLOTS` or fewer, and under nearest dispatch), where ``steps`` is left to
-#: choose itself (:meth:`IncrementalOptions.steps_for`)
+#: :data:`COARSE_SLOTS` or fewer), where ``steps`` is left to choose itself
+#: (:meth:`IncrementalOptions.steps_for`)
 DEFAULT_INCREMENTAL_STEPS = 4
 #: the most divisor shifts a replication portfolio accepts: each is an allocation counted,
 #: compared with the others and perhaps packed (10**4 shifts took 24 s and 5.3 GB on a
@@ -342,30 +342,31 @@ class IncrementalOptions:
         ``(P − k) / P`` of this price with ``k`` of ``P`` GPUs dead.)"""
         return self.move_price * (_slots_per_gpu(slots_per_gpu) / PRICE_SLOTS_PER_GPU)
 
-    def steps_for(self, slots_per_gpu: int, dispatch: str = "even") -> int:
+    def steps_for(self, slots_per_gpu: int) -> int:
         """The warm-start steps of a plan at ``slots_per_gpu`` slots per GPU: ``steps``
         where set, else :data:`DEFAULT_INCREMENTAL_STEPS` (4), but between
-        :data:`COARSE_SLOTS` and :data:`PRICE_SLOTS_PER_GPU` slots per GPU under the
-        even split enough steps that the ladder reaches as far *in price*
-        (:meth:`layer_price`) as 4 steps do at 9: ``ceil(5 · 9 / S) − 1``, 11 at 4 slots
-        per GPU, 8 at 5, 5 at 8.
+        :data:`COARSE_SLOTS` and :data:`PRICE_SLOTS_PER_GPU` slots per GPU enough steps
+        that the ladder reaches as far *in price* (:meth:`layer_price`) as 4 steps do at
+        9: ``ceil(5 · 9 / S) − 1``, 11 at 4 slots per GPU, 8 at 5, 5 at 8 (under nearest
+        dispatch too, but for SGLang's runtime table on one node, which keeps 4).
 
         Why: the price of moving a slot falls with the slots per GPU, so more moves pay
         there, and a ladder of 4 steps ran out before they did. At 320 slots on 64 GPUs
         on vLLM's call the hierarchical plans took the ladder's last rung in 40–47 of 58
         layers, and on the next window they were 0.0024 below vLLM's policy, which
-        re-plans every slot; with 8 steps 0.0011 above it (BENCHMARKS.md §3). At 3 slots
-        or fewer every layer is offered a fresh plan instead (12 steps there were no
-        better), and nearest dispatch prices its candidates by its own rule.
+        re-plans every slot; with 8 steps 0.0011 above it (BENCHMARKS.md §3). Under
+        nearest dispatch on several nodes (real DeepSeek-V3 loads at 4, 5, 6 and 8 slots
+        per GPU) the next window was level (−0.0003 to +0.0012) and 16–22 % fewer slots
+        moved at 4–6 slots: the short ladder ran out there too and its layers took a
+        fresh plan (BENCHMARKS.md §3, "Fiftieth session"). At 3 slots or fewer every
+        layer is offered a fresh plan instead (12 steps there were no better).
         """
-        # checked as layer_price checks them: int() read "5" as 5 and 5.9 as 5, and a
-        # misspelt dispatch, or 0 slots, fell silently to the default steps
+        # checked as layer_price checks them: int() read "5" as 5 and 5.9 as 5, and 0
+        # slots fell silently to the default steps
         slots = _slots_per_gpu(slots_per_gpu)
-        if not is_name(dispatch, ("even", "nearest")):  # core/dispatch.py's rules
-            raise ValueError(f"dispatch must be 'even' or 'nearest', got {dispatch!r}")
         if self.steps is not None:
             return self.steps
-        if dispatch != "even" or not COARSE_SLOTS < slots < PRICE_SLOTS_PER_GPU:
+        if not COARSE_SLOTS < slots < PRICE_SLOTS_PER_GPU:
             return DEFAULT_INCREMENTAL_STEPS
         reach = (DEFAULT_INCREMENTAL_STEPS + 1) * PRICE_SLOTS_PER_GPU
         return max(DEFAULT_INCREMENTAL_STEPS, math.ceil(reach / slots) - 1)

@@ -100,7 +100,7 @@ def _host_weight(request: PlanRequest) -> np.ndarray:
 def _refine_rows(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
     budgeted: bool, drop_first_rung: bool = False, fine_quota: np.ndarray | None = None,
-    target: np.ndarray | None = None,
+    target: np.ndarray | None = None, steps: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray | None]:
     """``[C, L, R]`` warm-start candidates of global layers ``base`` (candidate 0 is
     ``base``) with a per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``),
@@ -115,12 +115,13 @@ def _refine_rows(
     same batched call (rows are independent: the same candidates as a call of its own,
     at about the fixed cost of one); its candidates but the first (``base``) are the last
     item returned, ``None`` without it. ``target [L, E]``: the counts the replica
-    transfers go toward instead of Jefferson's (not with ``fine_quota``).
+    transfers go toward instead of Jefferson's (not with ``fine_quota``). ``steps``: the
+    ladder's swap steps (``None``: :meth:`~eplb.core.options.IncrementalOptions.steps_for`).
     """
     topo = request.topology
     packing = request.options.packing
-    steps = request.options.incremental.steps_for(request.topology.slots_per_gpu,
-                                                  request.dispatch)
+    if steps is None:
+        steps = request.options.incremental.steps_for(request.topology.slots_per_gpu)
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     num_live = int(request.live.sum())
     live_base = base if request.active_gpus is None else base[:, live_slot]
@@ -296,7 +297,7 @@ def plan_incremental(
     # the caller set, else of the default 4 (where the line was measured: more steps at
     # 4-8 slots per GPU moved it to half the slots at 4, and a 20 % budget took 2.2x the
     # time hierarchical; BENCHMARKS.md §3 "Forty-ninth session")
-    steps = options.steps_for(topo.slots_per_gpu, request.dispatch)
+    steps = options.steps_for(topo.slots_per_gpu)
     line = DEFAULT_INCREMENTAL_STEPS if options.steps is None else options.steps
     small = fine_layers(max_moves, quota * line, request.num_layers)
     fine_quota = None if small is None else np.where(small & ~replanned, FINE_QUOTA, 0)
@@ -490,13 +491,7 @@ def _plan_nearest(
     topo = request.topology
     if skip_threshold is not None:
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")
-    # the even split's ladders below keep the nearest rule's steps (IncrementalOptions.
-    # steps_for: more steps at 4-8 slots per GPU were measured under the even split only)
-    steps = request.options.incremental.steps_for(topo.slots_per_gpu, request.dispatch)
-    options = dataclasses.replace(request.options, incremental=dataclasses.replace(
-        request.options.incremental, steps=steps))
-    even = dataclasses.replace(request, dispatch="even", fair="auto", source=None,
-                               options=options)
+    even = dataclasses.replace(request, dispatch="even", fair="auto", source=None)
     if not takes_budget(request.dispatch, topo.num_nodes, request.policy,
                         request.active_gpus is not None):
         if max_moves is not None:
@@ -575,10 +570,15 @@ def _plan_nearest(
     if topo.num_nodes == 1:  # SGLang's runtime table: the ladder's rungs scored under it
         quota = max(2, round(request.options.incremental.quota * topo.num_replicas))
         layer_quota = np.where(replanned, 0, quota)
+        # 4 steps unless set, with which the rules offering the fresh plan were set (5 at
+        # R = E on 8 GPUs ended 0.010 short of it in sample: BENCHMARKS.md §3, "Fiftieth")
+        table_steps = request.options.incremental.steps
+        table_steps = DEFAULT_INCREMENTAL_STEPS if table_steps is None else table_steps
 
         def rungs(target: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
             ladder, transfers, _, _ = _refine_rows(weight, base_map, request, layer_quota,
-                                                   budget is not None, target=target)
+                                                   budget is not None, target=target,
+                                                   steps=table_steps)
             return ladder, transfers > layer_quota
 
         out = plan_table_incremental(host, base, budget, rungs, warm_even)
