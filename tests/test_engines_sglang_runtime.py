@@ -318,6 +318,18 @@ def test_switch_off_keeps_sglangs_algorithm(sglang_root, monkeypatch):
         assert sg.algorithms.rebalance_experts is original
 
 
+def test_an_unknown_switch_value_is_quoted_short(monkeypatch, caplog):
+    """A switch value that means nothing is ignored with a warning every SGLang process
+    logs: a long one is quoted by its first 200 characters and its length, as vLLM's
+    plugin quotes its switch (it was quoted whole)."""
+    monkeypatch.setenv(plugin.ENV_VAR, "x" * 100_000)
+    with caplog.at_level(logging.WARNING, logger=plugin.logger.name):
+        assert plugin.register() is False
+    warning = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
+    assert len(warning) == 1
+    assert "(100000 characters)" in warning[0] and len(warning[0]) < 400
+
+
 def test_elastic_algorithm_stays_sglangs(switch):
     algorithm = types.SimpleNamespace(name="elasticity_aware_hierarchical")
     seen = []

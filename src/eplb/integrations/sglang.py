@@ -72,6 +72,7 @@ from eplb.integrations.sglang_call import (
     checked_options,
     eplb_rebalance,
 )
+from eplb.online.settings import quoted_setting
 
 __all__ = [
     "AUTO_NEAREST_MAX_WORK",
@@ -276,8 +277,9 @@ def register() -> bool:
         if mode in _OFF:
             return False
         if mode not in _ON:
-            logger.warning("eplb: ignoring %s=%r; use 'eplb' or unset it", ENV_VAR,
-                           os.environ.get(ENV_VAR))
+            # quoted short, as vLLM's plugin quotes its switch: every process logs it
+            logger.warning("eplb: ignoring %s=%s; use 'eplb' or unset it", ENV_VAR,
+                           quoted_setting(os.environ.get(ENV_VAR, "")))
             return False
         options_from_env()  # refuse bad options now, not at the first rebalance
         problem = _sglang_problem()
