@@ -419,6 +419,25 @@ def test_launcher_refuses_what_would_not_work(monkeypatch, capsys, env, args, me
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options", [
+    {"agree_timeout_s": "x" * 100_000}, {"policy": "x" * 100_000},
+    {"max_moves": "x" * 100_000}, {"drift": "x" * 100_000}, {"move_price": [1] * 50_000},
+    {"skip_threshold": "x" * 100_000}, {"group_share": "x" * 100_000}, {"x" * 100_000: 1},
+    {"dispatch": "x" * 100_000}, {"incremental": "x" * 100_000},
+])
+def test_launcher_quotes_a_bad_option_value_short(monkeypatch, capsys, options):
+    """A bad value in SGLANG_EPLB_OPTIONS is refused in one short line, as the switch's
+    and num_candidates' are (most were quoted whole: 100 kB on the terminal, and in every
+    SGLang process's log where the plugin refuses them)."""
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, json.dumps(options))
+    monkeypatch.setattr("runpy.run_module", lambda *a, **k: pytest.fail("server started"))
+    assert plugin.main(["--enable-eplb"]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 400 and plugin.OPTIONS_ENV_VAR in err
+    assert next(iter(options))[:10] in err  # the option is named
+
+
 @pytest.mark.parametrize("allowed", [" ", ",", " , ", "eplb", " eplb ", "other,,eplb", "other"])
 def test_launcher_reads_sglangs_plugin_allow_list_as_sglang_does(sglang_root, monkeypatch,
                                                                   allowed):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import importlib
 import io
+import json
 import logging
 import os
 import sys
@@ -317,3 +318,24 @@ def test_an_unknown_switch_value_is_quoted_short(monkeypatch, caplog):
     warning = [r.getMessage() for r in caplog.records if "ignoring" in r.getMessage()]
     assert len(warning) == 1
     assert "(100000 characters)" in warning[0] and len(warning[0]) < 600
+
+
+@pytest.mark.parametrize("options", [
+    {"agree_timeout_s": "x" * 100_000}, {"policy": "x" * 100_000},
+    {"max_moves": "x" * 100_000}, {"drift": "x" * 100_000}, {"move_price": [1] * 50_000},
+    {"skip_threshold": "x" * 100_000}, {"group_share": "x" * 100_000}, {"x" * 100_000: 1},
+])
+def test_a_bad_option_value_is_quoted_short(monkeypatch, caplog, options):
+    """A bad options value leaves the plugin unregistered with a warning every vLLM process
+    logs: a long value is quoted short, as the switch's and num_candidates' are (most were
+    quoted whole: a 100 kB line in each process's log)."""
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, json.dumps(options))
+    for name in (plugin.LEGACY_ENV_VAR, plugin.LEGACY_OPTIONS_ENV_VAR):
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level(logging.WARNING, logger=plugin.LOGGER_NAME):
+        assert plugin.register() is False
+    warning = [r.getMessage() for r in caplog.records if "not registered" in r.getMessage()]
+    assert len(warning) == 1
+    assert len(warning[0]) < 400 and plugin.OPTIONS_ENV_VAR in warning[0]
+    assert next(iter(options))[:10] in warning[0]  # the option is named

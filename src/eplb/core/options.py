@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -377,19 +378,20 @@ class IncrementalOptions:
             # record stays hashable and prints plainly); bools and strings do not
             value = getattr(self, name)
             if isinstance(value, bool):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+                raise ValueError(f"{name} must be a number, got {reprlib.repr(value)}")
             number = real_number(value)
             if number is not None:
                 object.__setattr__(self, name, number)
         if not (isinstance(self.drift, (int, float)) and 0 <= self.drift <= 2):
-            raise ValueError(f"drift must be a number in [0, 2], got {self.drift!r}")
+            raise ValueError(f"drift must be a number in [0, 2], got {reprlib.repr(self.drift)}")
         if not (isinstance(self.group_share, (int, float)) and 0 <= self.group_share <= 1):
             raise ValueError(f"group_share must be a fraction in [0, 1], got "
-                             f"{self.group_share!r}")
+                             f"{reprlib.repr(self.group_share)}")
         if not (isinstance(self.move_price, (int, float)) and 0 <= self.move_price < 1):
-            raise ValueError(f"move_price must be a number in [0, 1), got {self.move_price!r}")
+            raise ValueError(f"move_price must be a number in [0, 1), got "
+                             f"{reprlib.repr(self.move_price)}")
         if not (isinstance(self.quota, (int, float)) and 0 < self.quota <= 1):
-            raise ValueError(f"quota must be a fraction in (0, 1], got {self.quota!r}")
+            raise ValueError(f"quota must be a fraction in (0, 1], got {reprlib.repr(self.quota)}")
         if self.steps is None:
             return
         object.__setattr__(self, "steps", int_at_least("steps", self.steps, 0))

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import reprlib
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -72,7 +73,7 @@ def check_timeout_option(options: dict[str, Any], source: str) -> float:
     seconds = real_number(timeout)
     if seconds is None or not 0 <= seconds <= MAX_TIMEOUT_S:
         raise ValueError(f"{source}: agree_timeout_s must be a number of seconds in "
-                         f"[0, {MAX_TIMEOUT_S:g}], got {timeout!r}")
+                         f"[0, {MAX_TIMEOUT_S:g}], got {reprlib.repr(timeout)}")
     return seconds
 
 

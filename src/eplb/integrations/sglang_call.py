@@ -14,6 +14,7 @@ rebalance builds (:mod:`eplb.core.rank_draws`). Otherwise tokens split evenly.
 from __future__ import annotations
 
 import logging
+import reprlib
 from typing import Any
 
 import torch
@@ -71,10 +72,11 @@ def check_options(options: dict[str, Any], source: str, allowed: frozenset[str])
     ``options`` argument of :func:`eplb_rebalance`)."""
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"{source}: unknown option(s) {unknown}; allowed: {sorted(allowed)}")
+        raise ValueError(f"{source}: unknown option(s) {reprlib.repr(unknown)}; allowed: "
+                         f"{sorted(allowed)}")
     if options.get("dispatch", "auto") not in DISPATCH_CHOICES:
         raise ValueError(f"{source}: dispatch must be one of {DISPATCH_CHOICES}, got "
-                         f"{options['dispatch']!r}")
+                         f"{reprlib.repr(options['dispatch'])}")
     if options.get("policy") == "locality":
         raise ValueError(f"{source}: policy 'locality' is not served through SGLang's "
                          "rebalancing hook yet: use 'auto', 'global' or 'hierarchical', or "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 from typing import Any
 
 from eplb.core.topology import is_name
@@ -64,7 +65,7 @@ def check_options(options: dict[str, Any], source: str) -> None:
     unknown = sorted(set(options) - allowed)
     if unknown:
         raise ValueError(
-            f"{source}: unknown option(s) {unknown}; allowed: {sorted(allowed)}"
+            f"{source}: unknown option(s) {reprlib.repr(unknown)}; allowed: {sorted(allowed)}"
         )
     check_timeout_option(options, source)
     # before the planner's own check, whose list names 'locality' too
@@ -72,7 +73,7 @@ def check_options(options: dict[str, Any], source: str) -> None:
         why = (" ('locality' plans for SGLang's nearest dispatch; vLLM splits tokens evenly)"
                if options["policy"] == "locality" else "")
         raise ValueError(f"{source}: policy must be one of {', '.join(VLLM_POLICIES)} for "
-                         f"vLLM, got {options['policy']!r}{why}")
+                         f"vLLM, got {reprlib.repr(options['policy'])}{why}")
     # (a per-layer list would fail at each rebalance, on every EP rank, and fall back to
     # vLLM's policy every time)
     check_engine_budget(options, source)

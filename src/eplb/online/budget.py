@@ -186,7 +186,7 @@ def as_threshold(skip_threshold: object) -> float | None:
         # a rise in balancedness (at most 1): from 1 on it skipped every layer without a
         # word; 2 meant for "2 %" switched rebalancing off (new-user pass)
         raise ValueError(f"skip_threshold must be a fraction in [0, 1) (a rise in "
-                         f"balancedness: 0.01 is 1 %), got {skip_threshold!r}"
+                         f"balancedness: 0.01 is 1 %), got {reprlib.repr(skip_threshold)}"
                          + ("; max_moves=0 keeps the map in force but for forced moves"
                             if isinstance(value, float | int | np.number)
                             and not isinstance(value, bool) and value >= 1 else ""))

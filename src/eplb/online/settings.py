@@ -10,6 +10,7 @@ depend on the loads' shape (the rest is checked by :func:`eplb.plan` as usual).
 from __future__ import annotations
 
 import json
+import reprlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -79,7 +80,7 @@ def check_engine_budget(options: Mapping[str, Any], source: str) -> None:
     if budget is not None and (isinstance(budget, bool)
                                or not isinstance(budget, int | np.integer) or budget < 0):
         raise ValueError(f"{source}: max_moves must be a non-negative int (slots in total "
-                         f"over all layers) or null, got {budget!r}")
+                         f"over all layers) or null, got {reprlib.repr(budget)}")
 
 
 def check_option_values(options: Mapping[str, Any], topology: Topology | None = None) -> None:
@@ -90,7 +91,8 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
     naming the option."""
     policy = options.get("policy", "auto")
     if not is_name(policy, POLICY_NAMES):
-        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+        raise ValueError(f"unknown policy {reprlib.repr(policy)}; choose one of "
+                         f"{', '.join(POLICY_NAMES)}")
     as_seed(options.get("seed", 0))
     resolve_options(options.get("options"), options.get("num_candidates"),
                     options.get("refine_steps"))
@@ -98,7 +100,8 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
     knobs = {k: options[k] for k in SCORE_OPTIONS if options.get(k) is not None}
     IncrementalOptions(**knobs)
     if not isinstance(options.get("incremental", True), bool):
-        raise ValueError(f"incremental must be true or false, got {options['incremental']!r}")
+        raise ValueError(f"incremental must be true or false, got "
+                         f"{reprlib.repr(options['incremental'])}")
     dispatch = check_dispatch_options(options.get("dispatch", "even"), policy,
                                       options.get("fair", "auto"),
                                       options.get("source") is not None,
