@@ -187,6 +187,22 @@ def test_documented_sglang_flags_exist(sglang_root):
         assert f"    {field}:" in text  # becomes --{field.replace('_', '-')}
 
 
+def test_each_recorder_dump_clears_what_it_wrote(sglang_root):
+    """README (SGLang, Recording): a dump holds the steps since the previous one, so every
+    dump is planned on. SGLang's ``dump_record`` resets the recorder after writing (the
+    README said a dump wrote the whole buffer, and advised planning on the newest dump
+    only, which dropped the steps of the earlier ones)."""
+    source = (sglang_root / "sglang/srt/eplb/expert_distribution.py").read_text()
+    dump_records = [node for node in ast.walk(ast.parse(source))
+                    if isinstance(node, ast.FunctionDef) and node.name == "dump_record"]
+    resets = [node for node in dump_records
+              if any(isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                     and call.func.attr == "_reset" for call in ast.walk(node))]
+    assert len(resets) == 1  # the real recorder's (the other one refuses to dump)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "then clears the recorder" in readme and "newest dump only" not in readme
+
+
 @pytest.mark.parametrize("options", [{}, {"policy": "auto"}, {"policy": "hierarchical"}])
 def test_a_policy_option_on_a_shape_hierarchy_cannot_take_logs_without_a_python_warning(
         options, caplog):
