@@ -187,7 +187,7 @@ class Placement:
         log2phy: ``[L, E, maxcnt]`` each expert's slot ids ascending, ``-1`` padded.
         logcnt: ``[L, E]`` replicas per expert.
         topology: the cluster shape the placement was planned for.
-        policy: ``"global"`` or ``"hierarchical"`` (hierarchical adds a locality rule).
+        policy: ``"global"``, ``"hierarchical"`` (adds a locality rule) or ``"locality"``.
         active_gpus: ``[P]`` bool, ``None`` when every GPU is live.
     """
 
