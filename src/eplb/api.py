@@ -80,7 +80,9 @@ def plan(
         max_moves: with ``previous``, most slots allowed to change: an int (in total,
             shared among layers by their predicted gain) or one int per layer. Moves the
             new call makes unavoidable are made outside the budget: re-homing replicas of
-            dead GPUs, and un-stacking replicas the contract no longer allows.
+            dead GPUs, filling the slots of GPUs live again (or passed as ``-1``),
+            un-stacking replicas the contract no longer allows, and, under the
+            hierarchical policy, re-planning layers whose groups straddle nodes.
         skip_threshold: with ``previous``, leave a layer untouched when re-planning it
             would raise its expected next-window balancedness by less than this.
         move_price: with ``previous``: the expected balancedness a layer must gain to
