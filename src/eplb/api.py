@@ -69,9 +69,10 @@ def plan(
             slots and there are at most as many GPUs as polish steps, e.g. 16).
         refine_steps: most swap-refinement steps in total, a third of them all-pairs L2
             steps (default: 8 heaviest-GPU polish steps, ``max(4, P/2)`` for problems of
-            fewer GPUs, after 2 all-pairs steps where ``P/2`` exceeds the polish steps:
-            10 steps for the DeepSeek-V3 shape, 4 for its 8-GPU nodes); both stop early
-            when converged.
+            fewer GPUs, after 2 all-pairs steps per doubling of ``P/2`` over the polish
+            steps: 10 steps for the DeepSeek-V3 shape, 4 for its 8-GPU nodes, 14 at
+            P = 128; where a GPU has at most 4 slots both counts double, see
+            :class:`~eplb.core.options.PackingOptions`); both stop early when converged.
         options: full :class:`PlanOptions` (replication portfolio, packing search).
         active_gpus: ``[P]`` bool; dead GPUs' slots get ``-1`` and hold nothing.
         gpu_speed: ``[P]`` relative speeds; the plan minimises the max of load / speed.
