@@ -2,7 +2,7 @@
 
 Runs the released ``sglang/srt/eplb/expert_location.py`` (fetched by
 ``scripts/fetch_engines.py``; loaded with the stubs of
-:func:`eplb.integrations._engines.sglang_sources`) with ``ep_dispatch_algorithm="static"``
+:func:`tests.engines.sglang_sources`) with ``ep_dispatch_algorithm="static"``
 and an all-to-all backend (``"deepep"``). SGLang 0.5.23 builds a static table only then:
 ``arg_groups/parallel_hook.py::handle_eplb_and_dispatch`` picks ``"static"`` when an a2a
 backend is set and ``"dynamic"`` (a token-row round robin over *all* replicas, i.e. an

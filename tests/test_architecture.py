@@ -7,6 +7,8 @@ cannot hide inside a function) and checked against the layer order.
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -217,3 +219,30 @@ def test_modules_stay_readable() -> None:
     """Files under ~600 lines: a module that grows past that holds more than one idea."""
     long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 620}
     assert not long, f"split these modules: {long}"
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``dotted`` (``eplb.x.y``) names a module, or a name inside one."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(target, name):
+                return False
+            target = getattr(target, name)
+        return True
+    return False
+
+
+def test_docstring_references_name_modules_that_exist() -> None:
+    """Every ``:func:`` / ``:mod:`` / ... reference to an ``eplb.`` name in the sources
+    resolves: modules moved into ``eplb.core`` left references such as
+    ``eplb.replication.replica_counts`` and ``eplb.packing._bldm_gpus`` behind."""
+    reference = re.compile(r":(?:func|class|mod|data|meth|attr|exc):`~?(eplb(?:\.\w+)+)`")
+    stale = [f"{module}: {name}" for module, path in MODULES.items()
+             for name in sorted(set(reference.findall(path.read_text())))
+             if not _resolves(name)]
+    assert not stale, f"docstrings name what does not exist: {stale}"

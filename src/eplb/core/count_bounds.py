@@ -1,6 +1,6 @@
 """A lower bound on the max GPU load of any packing of *given* replica counts.
 
-The ceiling (:mod:`eplb.bounds`) bounds every placement by ``max(W / P, T_rep)``. With few
+The ceiling (:mod:`eplb.core.bounds`) bounds every placement by ``max(W / P, T_rep)``. With few
 slots per GPU it is loose: the GPU holding a large replica must also hold ``S − 1``
 others. For items sorted heaviest first ``x_1 >= ... >= x_R`` (``R = S·P``) and any
 ``k <= P``:
@@ -30,9 +30,9 @@ __all__ = ["bound_is_mean", "packing_bound", "rank_allocations"]
 def packing_bound(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
     """``[rows]`` lower bound on the max GPU load of packing ``item_load [rows, R]``.
 
-    ``item_load`` is sorted heaviest first per row (as :func:`eplb.replication.
-    expand_replicas` returns it); ``R`` is a multiple of ``num_gpus``. Cost: a few
-    vectorized passes over ``[rows, R]``.
+    ``item_load`` is sorted heaviest first per row (as
+    :func:`eplb.core.replication.expand_replicas` returns it); ``R`` is a multiple of
+    ``num_gpus``. Cost: a few vectorized passes over ``[rows, R]``.
     """
     num_items = item_load.shape[1]
     slots = num_items // num_gpus

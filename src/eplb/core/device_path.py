@@ -10,8 +10,9 @@ dominate large CUDA problems:
 - :func:`expand_replicas_torch`: counts → replica items sorted heaviest first
   (one stable sort, one ``repeat_interleave`` with a known output size, so no host sync);
 - :func:`bldm_gpus_torch`: the balanced largest-differencing construction, step for step
-  the algorithm of :func:`eplb.packing._bldm_gpus` (same packed ``value << 16 | position``
-  sort keys, same tie rules), so on one device both give the same GPU for every item.
+  the algorithm of :func:`eplb.core.packing.construct._bldm_gpus` (same packed
+  ``value << 16 | position`` sort keys, same tie rules), so on one device both give the
+  same GPU for every item.
 
 Design: **one implementation per step, chosen by device and size**. The NumPy versions stay
 the CPU path (faster there, measured); the torch versions are the device path for problems
@@ -19,7 +20,7 @@ of at least :data:`DEVICE_PATH_MIN_ITEMS` items (below that a few host copies co
 the extra kernel launches). They are plain torch, so the CPU test-suite checks them
 against the NumPy versions bit for bit; no CPU test needs a GPU. The anti-affinity
 pre-pass of the host construction (``_whole_runs`` / ``_settle_clashes``, NumPy) is not
-ported: on the device path every row goes through :func:`eplb.packing.repair_conflicts`
+ported: on the device path every row goes through :func:`eplb.core.packing.repair.repair_conflicts`
 (torch), which the host path uses for the rare rows its pre-pass leaves.
 
 **Measured on an H200 (2026-12-04), device input is planned on the CPU by default**
@@ -148,7 +149,7 @@ def expand_replicas_torch(
     weight: torch.Tensor, counts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Counts → items, on the tensors' device; same contract and order as
-    :func:`eplb.replication.expand_replicas`.
+    :func:`eplb.core.replication.expand_replicas`.
 
     Args:
         weight: ``[rows, E]`` expert loads.
@@ -173,7 +174,7 @@ def bldm_gpus_torch(load: torch.Tensor, num_gpus: int) -> torch.Tensor:
     """``[rows, R]`` GPU of every item under balanced largest differencing, in torch.
 
     ``load [rows, R]`` is non-negative float32, every row heaviest first, ``S = R / P``
-    rounds of ``P``. The same algorithm as :func:`eplb.packing._bldm_gpus`: partial
+    rounds of ``P``. The same algorithm as :func:`eplb.core.packing.construct._bldm_gpus`: partial
     solutions are kept sorted ascending; the two with the largest spread merge (heaviest
     subset of one with the lightest of the other) and re-sort by exact packed keys; the
     sort orders are replayed backwards to find every item's GPU. ``S − 1`` merges and

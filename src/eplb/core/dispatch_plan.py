@@ -227,7 +227,7 @@ def plan_rows_capped(
     node_size: int = 0,
     divide: bool = False,
 ) -> torch.Tensor:
-    """``plan_rows`` of :mod:`eplb.policies` with replica counts capped at ``cap``.
+    """``plan_rows`` of :mod:`eplb.core.policies.base` with replica counts capped at ``cap``.
 
     ``coverage_nodes > 0`` uses :func:`coverage_counts` for that many nodes instead;
     ``divide`` :func:`divisor_counts` of ``num_gpus``;

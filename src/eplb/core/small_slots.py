@@ -406,7 +406,7 @@ def plan_two_slots(
 ) -> torch.Tensor:
     """Plan for ``S = 2``: ``weight [rows, E]`` → ``phy2log [rows, R]``.
 
-    Counts: the allocation of ``rules`` (see :func:`eplb.replication.replica_counts`)
+    Counts: the allocation of ``rules`` (see :func:`eplb.core.replication.replica_counts`)
     with the smallest pairing max per row, improved by :func:`search_two_slot_counts`
     (``iterations``: default :func:`two_slot_iterations`; ``hall_receivers``: default
     :func:`two_slot_hall_receivers`). Pieces are
