@@ -1,7 +1,7 @@
 """Dispatch models (even, SGLang's nearest), dispatch-aware planning, locality, token sampling.
 
 The nearest model is checked against SGLang 0.5.23's real
-``compute_logical_to_rank_dispatch_physical_map`` (``eplb.tools.sglang_dispatch``) where
+``compute_logical_to_rank_dispatch_physical_map`` (``tests/sglang_dispatch.py``) where
 the wheel is fetched; those tests skip visibly otherwise.
 """
 

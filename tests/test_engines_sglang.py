@@ -3,7 +3,7 @@
 The tests import the real ``sglang/srt/eplb/expert_location.py`` of the sglang==0.5.23
 wheel fetched by ``scripts/fetch_engines.py`` and run the very function SGLang runs at
 start-up for ``--init-expert-location`` (``compute_initial_expert_location_metadata``)
-on files eplb wrote. ``eplb.integrations._engines.sglang_sources`` documents the stub
+on files eplb wrote. ``sglang_sources`` in ``tests/engines.py`` documents the stub
 modules (runtime settings, model loader, elastic EP off). DeepSeek-V3's
 ``get_model_config_for_expert_location`` is executed from the real
 ``sglang/srt/models/deepseek_v2.py``. Without the cache the tests skip visibly.

@@ -2,9 +2,10 @@
 
 The cache tests import the real files of the vllm==0.33.0 and 0.34.0 wheels fetched by
 ``scripts/fetch_engines.py`` (``vllm/distributed/eplb/policy/*.py``, ``vllm/plugins``,
-``compute_logical_maps`` from ``eplb_state.py``); ``eplb.integrations._engines.vllm_sources``
-documents the few stub modules it puts in ``sys.modules`` for the package shells whose
-real ``__init__`` would start the engine. Without the cache those tests skip visibly.
+``compute_logical_maps`` from ``eplb_state.py``); ``vllm_sources`` in
+``tests/engines.py`` documents the few stub modules it puts in ``sys.modules`` for the
+package shells whose real ``__init__`` would start the engine. Without the cache those
+tests skip visibly.
 """
 
 from __future__ import annotations

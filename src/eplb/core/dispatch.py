@@ -29,7 +29,7 @@ replica serves a token. Two rules are modelled, both vectorized over layers:
   planning path all ranks share one stream, so each replica gets the floor or ceiling of
   its share of the remaining ranks (exact whenever ``c_e`` divides them); on the
   ``--init-expert-location`` map path every rank draws from its own point of the stream
-  and the realised split can stray far (``eplb.tools.sglang_dispatch``). SGLang's
+  and the realised split can stray far (``eplb.core.rank_draws`` models it). SGLang's
   ``dynamic`` dispatch with an all-to-all backend applies the same tiers 1-3 and draws
   the fair choice per token, so this expectation is its mean load. Tests run SGLang's
   real function and check tiers 1-3 slot for slot and the fair tier's counts; planners
