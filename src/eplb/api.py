@@ -112,7 +112,7 @@ def plan(
             of theirs needs the engine's random fair choice; on one node fresh plans
             only) or ``"expect"`` (best in expectation; on one node the even split). For
             an SGLang start-up file on one node see
-            :func:`eplb.core.rank_draws.plan_for_start_up_file`.
+            :func:`eplb.core.plan_for_start_up_file`.
         source: under ``"nearest"``: ``[P]`` where tokens arise (default: evenly); not
             with ``previous`` where every GPU is live (those plans assume even sources).
         routing: for ``policy="locality"``: ``[T, L, k]`` top-k expert ids of recorded
