@@ -23,8 +23,9 @@ The launcher sets the switch for you and starts SGLang's own server::
 
 (every node of a multi-node deployment runs it, as it would run ``sglang.launch_server``).
 ``SGLANG_EPLB_OPTIONS`` holds planner options as JSON (:data:`PLANNER_OPTIONS`). Under
-SGLang's static dispatch (an all-to-all backend such as DeepEP) on several nodes the plan
-is made for its nearest-replica rule (see :func:`eplb_rebalance`, option ``dispatch``).
+SGLang's static dispatch (an all-to-all backend such as DeepEP) the plan is made for its
+nearest-replica rule, on one node for the table its runtime rebalance builds (see
+:func:`eplb_rebalance`, option ``dispatch``).
 SGLang's ``--use-ray`` scheduler actors do not run ``load_plugins`` in 0.5.23, so that
 mode keeps SGLang's own algorithm. Nor does SGLang's weight-cache daemon, which builds the
 start-up layout of an ``--init-expert-location`` holding logical counts and loads the
