@@ -393,10 +393,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
              "  eplb generate --preset qwen3-235b --steps 200 -o trace.json --format load_history\n"
              "  eplb generate --list\n\n"
              "The output format follows --format, else the extension (.pt -> a [T, L, E] tensor\n"
-             "dict with the model layer ids, .npz -> the same as numpy arrays, .json -> vLLM/ADRS\n"
-             "load_history). --format sglang (or a name ending .sglang.json) writes SGLang's\n"
-             "{\"logical_count\": [T][L][E]} JSON, a row per model layer as SGLang does (dense\n"
-             "layers all zero).")
+             "dict with the model layer ids, .npz -> the same as numpy arrays, .npy -> the bare\n"
+             "array (no layer ids), .json -> vLLM/ADRS load_history). --format sglang (or a name\n"
+             "ending .sglang.json) writes SGLang's {\"logical_count\": [T][L][E]} JSON, a row per\n"
+             "model layer as SGLang does (dense layers all zero).")
     p.add_argument("--preset", default="deepseek-v3",
                    help="model preset (see --list; default deepseek-v3)")
     p.add_argument("--steps", type=integer, default=1000, metavar="T", help="steps (default 1000)")
