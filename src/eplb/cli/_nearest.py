@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 
 from eplb.cli._checks import existing_file
-from eplb.cli._common import CliError, info
+from eplb.cli._common import CliError, info, timed
 from eplb.cli._inputs import warn
 from eplb.core.expert_ids import require_distinct_topk
 from eplb.core.placement import Placement
@@ -57,24 +57,27 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
 
 def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict,
                  plan: Callable[..., Placement], weight: torch.Tensor
-                 ) -> tuple[Placement, float | None]:
-    """The plan ``plan(**options)`` makes, said where one node makes it special, and the
-    balancedness each rank's own draw gives it where it is planned for them. For an
-    SGLang start-up file on one node under the global policy (``--fair`` left at auto, no
-    ``--previous``): per layer the even split or ``fair="avoid"``, whichever every rank's
-    own fair draw serves better (the API's ``"auto"`` cannot know a plan is for such a
-    file, where the even split realised 0.883-0.955: BENCHMARKS.md §14)."""
+                 ) -> tuple[Placement, float | None, float]:
+    """The plan ``plan(**options)`` makes, said where one node makes it special, the
+    balancedness each rank's own draw gives it where it is planned for them, and the
+    seconds the planning took. For an SGLang start-up file on one node under the global
+    policy (``--fair`` left at auto, no ``--previous``): per layer the even split or
+    ``fair="avoid"``, whichever every rank's own fair draw serves better (the API's
+    ``"auto"`` cannot know a plan is for such a file, where the even split realised
+    0.883-0.955: BENCHMARKS.md §14). Elsewhere the figures for the table and the warning
+    are scored after the plan and not timed with it (they were: an even-split SGLang file
+    on one node of 32 GPUs reported 0.53 s "planned in" for a 27 ms plan)."""
     one_node = options.get("dispatch") == "nearest" and args.nodes <= 1
     if one_node and emit == "sglang" and args.fair == "auto" and not args.previous and (
             policy == "global"):
         info("--dispatch nearest on one node, for an SGLang start-up file: per layer the even "
              "split or --fair avoid, as the ranks' own fair draws serve them (BENCHMARKS.md "
              "§14)")
-        placement, said, drawn = plan_for_start_up_file(
-            lambda fair: plan(**{**options, "fair": fair}), weight)
+        (placement, said, drawn), seconds = timed(lambda: plan_for_start_up_file(
+            lambda fair: plan(**{**options, "fair": fair}), weight))
         info(said)
-        return placement, drawn
-    placement = plan(**options)
+        return placement, drawn, seconds
+    placement, seconds = timed(lambda: plan(**options))
     drawn = None
     if emit == "sglang" and args.nodes <= 1:
         # what SGLang's start-up file realises where every rank draws for itself (new-user
@@ -107,7 +110,7 @@ def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict
                         else "") + ")")
     # (a plan for an even split, SGLang's dynamic dispatch, gets the figure in plan's
     # table only: a warning on every such file would be noise without DeepEP)
-    return placement, drawn
+    return placement, drawn, seconds
 
 
 def read_routing_flag(args: argparse.Namespace) -> torch.Tensor | None:

@@ -23,7 +23,6 @@ from eplb.cli._common import (
     print_table,
     static_gpu_loads,
     summed_note,
-    timed,
 )
 from eplb.cli._inputs import (
     cli_policy,
@@ -320,10 +319,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
              "--policy global (0.75-0.89 against 0.997 on real DeepSeek-V3 loads, "
              "BENCHMARKS.md §14): pass --policy global for balance, or --policy hierarchical "
              "to keep the groups together")
-    (placement, drawn), seconds = timed(lambda: plan_nearest(
+    placement, drawn, seconds = plan_nearest(
         args, policy, emit, options, lambda **kw: plan(
             weight, args.replicas, args.gpus, args.nodes, args.groups, policy=policy,
-            seed=args.seed, **kw), weight))
+            seed=args.seed, **kw), weight)
     placement.validate()
     # one node, nearest, every GPU live: what SGLang's runtime rebalancing table serves
     runtime = (split_draw_balancedness(weight, placement.phy2log, args.gpus)
