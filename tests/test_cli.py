@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from eplb.cli import main, sim
+from eplb.formats import read_loads, write_loads
 
 COMMANDS = ["demo", "plan", "eval", "bench", "simulate", "generate"]
 L, E, R, P = 4, 16, 20, 4
@@ -1203,6 +1204,24 @@ def test_generate_writes_sglangs_format_to_a_name_ending_sglang_json(capsys, tmp
                        str(path), "-q")
     assert code == 0, err
     assert "logical_count" in json.loads(path.read_text())
+
+
+def test_generate_refuses_a_name_ending_sglang_pt(capsys, tmp_path) -> None:
+    # plan -o x.sglang.pt writes SGLang's file; generate wrote eplb's own .pt trace to
+    # such a name, which SGLang's --init-expert-location refused at start-up
+    # (integrations pass). It is refused, naming the two names that work; --format pt
+    # still writes eplb's trace there when asked
+    path = tmp_path / "t.sglang.pt"
+    code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "3", "-o",
+                       str(path), "-q")
+    assert code == 2 and "t.sglang.json (SGLang reads it), or t.pt" in err, err
+    assert not path.exists()
+    code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "3", "-o",
+                       str(path), "-q", "--format", "pt")
+    assert code == 0, err
+    with pytest.raises(ValueError, match=r"u\.sglang\.json"):
+        write_loads(read_loads(path), tmp_path / "u.sglang.pt")
+    assert not (tmp_path / "u.sglang.pt").exists()
 
 
 def test_a_report_file_name_held_by_a_folder_is_named_as_such(capsys, tmp_path) -> None:

@@ -397,7 +397,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
              "dict with the model layer ids, .npz -> the same as numpy arrays, .npy -> the bare\n"
              "array (no layer ids), .json -> vLLM/ADRS load_history). --format sglang (or a name\n"
              "ending .sglang.json) writes SGLang's {\"logical_count\": [T][L][E]} JSON, a row per\n"
-             "model layer as SGLang does (dense layers all zero).")
+             "model layer as SGLang does (dense layers all zero); a *.sglang.pt name is\n"
+             "refused (SGLang's layout is written as JSON).")
     p.add_argument("--preset", default="deepseek-v3",
                    help="model preset (see --list; default deepseek-v3)")
     p.add_argument("--steps", type=integer, default=1000, metavar="T", help="steps (default 1000)")

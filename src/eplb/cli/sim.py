@@ -26,7 +26,7 @@ from eplb.cli._inputs import all_zero_rows_note, cli_policy, read_trace, warn
 from eplb.core import LoadTrace
 from eplb.core.messages import counted
 from eplb.formats import write_loads
-from eplb.formats.trace_writer import FORMAT_BY_SUFFIX, SUFFIX_BY_FORMAT
+from eplb.formats.trace_writer import FORMAT_BY_SUFFIX, SUFFIX_BY_FORMAT, sglang_pt_refusal
 from eplb.tools.generator import PRESETS, check_trace_size, generate_trace, resolve_shape
 from eplb.tools.report import Report, plot_balancedness_over_time
 from eplb.tools.simulate import (
@@ -367,6 +367,8 @@ def trace_format(path: Path, fmt: str | None) -> str:
     # *.sglang.json: SGLang's, as plan -o names its SGLang output
     implied = ("sglang" if path.name.lower().endswith(".sglang.json")
                else FORMAT_BY_SUFFIX.get(suffix))
+    if fmt is None and path.name.lower().endswith(".sglang.pt"):
+        raise CliError(sglang_pt_refusal(path))
     if fmt is not None:
         fmt = TRACE_FORMAT_ALIASES.get(fmt, fmt)
         want = SUFFIX_BY_FORMAT.get(fmt)

@@ -37,6 +37,8 @@ def format_for(path: Path, format: str | None) -> str:
                          f"name the file {path.stem}.pt (or .npz)")
     implied = ("sglang" if path.name.lower().endswith(".sglang.json") else
                FORMAT_BY_SUFFIX.get(suffix))
+    if format is None and path.name.lower().endswith(".sglang.pt"):
+        raise ValueError(sglang_pt_refusal(path))
     if format is None:
         return implied or "pt"
     want = SUFFIX_BY_FORMAT.get(format, suffix)
@@ -45,6 +47,17 @@ def format_for(path: Path, format: str | None) -> str:
                          f"{path.name!r} says {suffix}: name it {path.stem}{want}, "
                          f"or leave format out to write {implied}")
     return format
+
+
+def sglang_pt_refusal(path: Path) -> str:
+    """Why a trace is not written to ``*.sglang.pt`` by its name alone: ``eplb plan`` reads
+    that name as SGLang's output, and SGLang's ``--init-expert-location`` as its own file,
+    but a trace written there was eplb's own ``.pt``, which SGLang refused at start-up
+    (integrations pass); SGLang's trace layout is written as JSON."""
+    stem = path.name[: -len(".sglang.pt")]
+    return (f"{path.name!r} names an SGLang file, and SGLang's trace layout is written as "
+            f"JSON: name it {stem}.sglang.json (SGLang reads it), or {stem}.pt for eplb's "
+            f"own trace")
 
 
 def write_loads(
@@ -62,6 +75,7 @@ def write_loads(
     recorder does: a row for every model layer ``0..M-1`` (``M`` = the largest id + 1), all
     zero for layers the trace lacks (dense ones), since ``read_loads`` takes an SGLang
     dump's row index as its model layer.
+    A ``*.sglang.pt`` name without ``format`` is refused (:func:`sglang_pt_refusal`).
     Integer-valued counts are stored as integers: int32 where they fit (half the size of
     int64: a 6000-step DeepSeek-V3 trace is 0.36 GB, not 0.71), else int64. Refuses to
     overwrite unless ``force``.
