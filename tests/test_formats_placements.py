@@ -584,3 +584,25 @@ def test_plan_on_a_load_trace_says_what_to_pass():
     with pytest.raises(TypeError, match=r"got a LoadTrace.*trace\.total\(\).*weight=trace"):
         eplb.plan(trace, 16, 8)
     assert eplb.plan(trace.total(), 16, 8).phy2log.shape == (2, 16)
+
+
+def test_trtllm_files_are_the_same_with_or_without_libyaml(tmp_path, monkeypatch):
+    """TensorRT-LLM files are written and read through libyaml where PyYAML has it (a
+    200-layer, 2,048-slot file took 18 s to read in pure Python). The text written, and the
+    placement read back, are the same as PyYAML's pure-Python emitter and parser give, so a
+    file does not depend on how PyYAML was built."""
+    placement, _ = make_placement(3, 5, 16, 4, 6)
+    fast = write_placement(placement, tmp_path / "fast.yaml").read_text()
+    # a layer given twice: keys in one mapping (the top level's repeated key)
+    (tmp_path / "twice.yaml").write_text(fast.replace("\n  1: ", "\n  0: ", 1))
+    refusals = []
+    for libyaml in (True, False):
+        if not libyaml:
+            monkeypatch.delattr(yaml, "CSafeDumper", raising=False)
+            monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+            assert write_placement(placement, tmp_path / "slow.yaml").read_text() == fast
+        assert torch.equal(read_placement(tmp_path / "fast.yaml").phy2log, placement.phy2log)
+        with pytest.raises(FormatError, match="gives key '0' twice in one YAML object") as info:
+            read_placement(tmp_path / "twice.yaml")
+        refusals.append(str(info.value))
+    assert refusals[0] == refusals[1]

