@@ -6,8 +6,14 @@ with ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss``). Targets: <= 30 s and pe
 memory <= 3x the file size. The naive ``json.load`` + ``torch.tensor`` route (what the
 ADRS evaluator does) is measured once for comparison.
 
+With ``--trtllm`` it instead times writing and reading a TensorRT-LLM YAML placement
+(``write_placement`` / ``read_placement``) at a few shapes, through libyaml (eplb's
+default where PyYAML has it) and through PyYAML's pure-Python emitter and parser (the
+``CSafeDumper`` / ``CSafeLoader`` names hidden), medians of ``--repeats``, one thread.
+
 Usage:
     .venv/bin/python benchmarks/bench_formats.py [--mb 200] [--repeats 3] [--keep FILE]
+    .venv/bin/python benchmarks/bench_formats.py --trtllm [--repeats 3]
 """
 
 from __future__ import annotations
@@ -105,13 +111,66 @@ def run_child(code: str) -> tuple[float, int, int]:
     return float(seconds), int(steps), int(kib)
 
 
+def trtllm_yaml(repeats: int) -> None:
+    """The ``--trtllm`` table (module docstring)."""
+    import time
+
+    import torch
+    import yaml
+
+    from eplb.core import Placement, Topology
+    from eplb.formats import read_placement, write_placement
+
+    torch.set_num_threads(1)
+    hidden = {name: getattr(yaml, name) for name in ("CSafeDumper", "CSafeLoader")
+              if hasattr(yaml, name)}
+    print("| layers × slots (GPUs) | libyaml: write, read (s) | pure Python: write, read (s) "
+          "| same text |\n|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for layers, slots, gpus in ((58, 288, 32), (200, 2048, 256)):
+            # every expert once, then the hot ones again: a valid global placement
+            experts = slots // 2
+            gen = torch.Generator().manual_seed(0)
+            phy2log = torch.stack([torch.cat([torch.randperm(experts, generator=gen),
+                                              torch.randperm(experts, generator=gen)])
+                                   for _ in range(layers)])
+            placement = Placement.from_phy2log(phy2log, experts, Topology(slots, gpus))
+            cells, texts = [], []
+            for fast in (True, False):
+                for name in hidden:
+                    if fast:
+                        setattr(yaml, name, hidden[name])
+                    else:
+                        delattr(yaml, name)
+                path = Path(tmp) / f"lb_{fast}.yaml"
+                writes, reads = [], []
+                for _ in range(repeats):
+                    began = time.perf_counter()
+                    write_placement(placement, path, force=True)
+                    writes.append(time.perf_counter() - began)
+                    began = time.perf_counter()
+                    read_placement(path)
+                    reads.append(time.perf_counter() - began)
+                texts.append(path.read_text())
+                cells.append(f"{statistics.median(writes):.2f}, {statistics.median(reads):.2f}")
+            for name, value in hidden.items():
+                setattr(yaml, name, value)
+            print(f"| {layers} × {slots} ({gpus}) | {cells[0]} | {cells[1]} | "
+                  f"{texts[0] == texts[1]} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=float, default=200.0, help="file size to generate (MB)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, default=None, help="write the file here and keep it")
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--trtllm", action="store_true",
+                        help="only the TensorRT-LLM YAML write/read times (see the docstring)")
     args = parser.parse_args()
+    if args.trtllm:
+        trtllm_yaml(args.repeats)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or Path(tmp) / "load_history.json"

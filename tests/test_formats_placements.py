@@ -595,13 +595,20 @@ def test_trtllm_files_are_the_same_with_or_without_libyaml(tmp_path, monkeypatch
     fast = write_placement(placement, tmp_path / "fast.yaml").read_text()
     # a layer given twice: keys in one mapping (the top level's repeated key)
     (tmp_path / "twice.yaml").write_text(fast.replace("\n  1: ", "\n  0: ", 1))
-    refusals = []
-    for libyaml in (True, False):
+    refusals, loaders, real_load = [], [], yaml.load
+
+    def spy(text, Loader):
+        loaders.append(Loader.__mro__[1].__name__)
+        return real_load(text, Loader=Loader)
+
+    monkeypatch.setattr(yaml, "load", spy)
+    for libyaml in (hasattr(yaml, "CSafeLoader"), False):
         if not libyaml:
             monkeypatch.delattr(yaml, "CSafeDumper", raising=False)
             monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
             assert write_placement(placement, tmp_path / "slow.yaml").read_text() == fast
         assert torch.equal(read_placement(tmp_path / "fast.yaml").phy2log, placement.phy2log)
+        assert loaders[-1] == ("CSafeLoader" if libyaml else "SafeLoader")
         with pytest.raises(FormatError, match="gives key '0' twice in one YAML object") as info:
             read_placement(tmp_path / "twice.yaml")
         refusals.append(str(info.value))

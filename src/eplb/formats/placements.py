@@ -362,15 +362,14 @@ def _read_eplb(path: Path, doc: dict[str, Any], kind: str, policy: str | None):
 
 
 @functools.cache
-def _unique_key_loader() -> type:
-    """PyYAML's safe loader, refusing a mapping that gives one key twice
-    (:class:`eplb.core.inputs.RepeatedKeyError`): like JSON, YAML keeps the last silently,
-    so a layer listed twice in ``initial_global_assignments`` took its second map."""
+def _unique_key_loader(safe_loader: type) -> type:
+    """``safe_loader`` (PyYAML's safe loader, or libyaml's) refusing a mapping that gives one
+    key twice (:class:`eplb.core.inputs.RepeatedKeyError`): like JSON, YAML keeps the last
+    silently, so a layer listed twice in ``initial_global_assignments`` took its second
+    map."""
     import yaml
 
-    # libyaml's parser where PyYAML was built with it (the same documents, the constructor
-    # is Python's either way): a 200-layer, 2,048-slot file took 18 s to read, now 3 s
-    class UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    class UniqueKeyLoader(safe_loader):
         def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
             if isinstance(node, yaml.MappingNode):
                 seen = set()
@@ -398,7 +397,11 @@ def _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy
     except UnicodeDecodeError as exc:
         raise FormatError(path, f"is not UTF-8 text: {exc}") from None
     try:
-        doc = yaml.load(text, Loader=_unique_key_loader())  # a safe loader's subclass
+        # libyaml's parser where PyYAML was built with it (the same documents: the
+        # constructor is Python's either way): a 200-layer, 2,048-slot file took 14.6 s to
+        # read, now 3.9 (benchmarks/bench_formats.py --trtllm)
+        safe_loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        doc = yaml.load(text, Loader=_unique_key_loader(safe_loader))
     except RepeatedKeyError as exc:
         raise FormatError(path, repeated_key(exc.key, "YAML")) from None
     except yaml.YAMLError as exc:
