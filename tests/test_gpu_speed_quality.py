@@ -98,3 +98,20 @@ def test_close_speeds_plan_no_slower_than_equal_gpus(experts, gpus):
         equal = eplb.plan(w, 3 * gpus, gpus)
         assert fast.balancedness(w, gpu_speed=speed) >= equal.balancedness(
             w, gpu_speed=speed) - 1e-9
+
+
+@pytest.mark.parametrize("scale", [2.0**-1000, 1e-100, 1e-45, 1e45, 1e100, 1e300])
+def test_only_the_ratios_of_the_speeds_matter(scale):
+    # the swap search keeps the speeds in float32: beyond its range (1e45 became inf, 1e-45
+    # a subnormal, 1e-100 zero) every GPU's time was inf or nan and the speeds were lost
+    # (0.3 against 0.9 on the same ratios, attacker pass); speeds are planned relative to
+    # the fastest live GPU's, scaled by a power of two, so within float32's range the plan
+    # is the one of the speeds as given, bit for bit
+    w = lognormal(3, 16, 1.0, seed=5)
+    speed = torch.tensor([1.0, 2.0, 3.0, 0.5] * 2, dtype=torch.float64)
+    live = torch.tensor([True] * 7 + [False])
+    for active in (None, live):
+        p = eplb.plan(w, 24, 8, gpu_speed=speed, active_gpus=active)
+        q = eplb.plan(w, 24, 8, gpu_speed=speed * scale, active_gpus=active)
+        assert_contract(q)
+        assert torch.equal(q.phy2log, p.phy2log)

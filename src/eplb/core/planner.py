@@ -181,6 +181,8 @@ def make_request(
     speed = None if gpu_speed is None else as_gpu_speed(gpu_speed, topology.num_gpus, w.device)
     if speed is not None:
         speed = planning_speeds(speed, live)
+    if speed is not None:
+        speed = relative_speeds(speed, live)
     dispatch = check_dispatch_options(dispatch, policy, fair, source is not None,
                                       routing is not None, slack is not None)
     if dispatch == "nearest" and speed is not None:
@@ -320,6 +322,18 @@ def planning_speeds(speed: torch.Tensor, live: torch.Tensor | None) -> torch.Ten
                          "for: it would set every layer's time whatever it holds; plan "
                          "without it (active_gpus / --dead-gpus)")
     return speed
+
+
+def relative_speeds(speed: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
+    """``speed [P]`` scaled by the power of two that puts the fastest live GPU's in
+    ``[0.5, 1)``; dead GPUs' speeds (not read) become 1. Only the ratios matter, and the
+    swap search keeps speeds in float32: speeds beyond its range (1e45, 1e-100) became inf
+    or zero there and planned as if lost (0.3 against 0.9; attacker pass). A power of two
+    is exact, so speeds within that range plan as given, bit for bit."""
+    live_speed = speed if live is None else speed[live]
+    _, exponent = torch.frexp(live_speed.max())
+    scaled = torch.ldexp(speed, -exponent)
+    return scaled if live is None else torch.where(live, scaled, torch.ones_like(scaled))
 
 
 def _plan_live(request: PlanRequest) -> torch.Tensor:
