@@ -502,6 +502,29 @@ def test_incremental_rebalancer_refuses_gpu_speeds_it_would_drop() -> None:
     assert torch.equal(rb.placement.phy2log, fresh.phy2log)
 
 
+@pytest.mark.parametrize(("cluster", "option"), [
+    ((16, 4, 1, 1), {"incremental": True, "gpu_speed": [2.0] * 4}),
+    ((16, 4, 1, 1), {"incremental": True, "gpu_speed": [2.0, 9.0, 2.0, 2.0],
+                     "active_gpus": _DEAD}),
+    ((16, 4, 2, 2), {"policy": "hierarchical", "gpu_speed": [1.5] * 4}),
+    ((16, 4, 2, 1), {"dispatch": "nearest", "gpu_speed": [1, 1, 1, 1]}),
+])
+def test_rebalancer_plans_equal_live_speeds_as_eplb_plan_does(cluster, option) -> None:
+    # eplb.plan plans equal speeds of the live GPUs as equal GPUs (previous=, the
+    # hierarchical policy and nearest dispatch open); the Rebalancer refused any
+    # gpu_speed there at construction, hierarchical ones as "GPU speeds differ"
+    # (attacker pass)
+    weight = torch.arange(1.0, 17.0).view(2, 8)
+    rb = Rebalancer(*cluster, window=1, interval=1, **option)
+    rb.record(weight)
+    rb.record(weight.flip(1))
+    extra = {k: v for k, v in option.items() if k != "incremental"}
+    first = plan(weight, *cluster, **extra)
+    expected = plan(weight.flip(1), *cluster, **extra,
+                    **({"previous": first} if option.get("incremental") else {}))
+    assert torch.equal(rb.placement.phy2log, expected.phy2log)
+
+
 def test_multi_window_choice_scores_plans_as_the_engine_realises_them() -> None:
     # a multi-window estimate picks per layer among plans made for the GPU speeds, and
     # the placement in force: scored as equal GPUs, the speed-aware plans (which load

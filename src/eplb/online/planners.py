@@ -34,7 +34,7 @@ from eplb.core.topology import (
 from eplb.online.budget import check_budget
 from eplb.online.estimate import Estimate, expected_max, interchangeable, select_per_layer
 from eplb.online.incremental import plan_incremental, refuse_unscored, takes_budget
-from eplb.online.settings import SCORE_OPTIONS, check_option_values
+from eplb.online.settings import SCORE_OPTIONS, check_option_values, speeds_differ
 
 #: a planner: ``(weight [L, E], the placement in force or None) -> Placement``
 PlannerFn = Callable[[torch.Tensor, "Placement | None"], Placement]
@@ -188,7 +188,8 @@ def make_planner(
             # and they were taken and changed nothing)
             raise ValueError(f"{', '.join(scored)}: only for incremental plans, which score "
                              "moves from the placement in force; pass incremental=True")
-        if incremental and plan_options.get("gpu_speed") is not None:
+        differ = speeds_differ(plan_options.get("gpu_speed"), active_gpus, topo)
+        if incremental and differ:
             # plan_incremental plans for equal GPUs: from the second rebalance on the
             # speeds were dropped without a word, and the plans undid the fresh one's
             # speed-aware packing (eplb.plan refuses gpu_speed with previous= alike)
@@ -203,7 +204,7 @@ def make_planner(
         # several threads at once, left an "ignore" filter behind; attacker pass)
         concrete = resolve_policy(plan_options.get("policy", "auto"), topo, None,
                                   has_dead_gpus=dead, quiet=True,
-                                  has_speeds=plan_options.get("gpu_speed") is not None)
+                                  has_speeds=differ)
         if plan_options.get("dispatch") == "nearest" and concrete != "global" and (
             plan_options.get("fair", "auto") != "auto" or plan_options.get("source") is not None
         ):
@@ -257,8 +258,7 @@ def make_planner(
             # steps on
             _enough_slots(topo, num_experts, active_gpus)
             resolve_policy(plan_options.get("policy", "auto"), topo, num_experts,
-                           has_dead_gpus=dead, quiet=True,
-                           has_speeds=plan_options.get("gpu_speed") is not None)
+                           has_dead_gpus=dead, quiet=True, has_speeds=differ)
             if plan_options.get("routing") is not None:
                 as_routing(plan_options["routing"], num_layers, num_experts)
 

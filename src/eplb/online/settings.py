@@ -26,7 +26,7 @@ from eplb.core.inputs import (
     unique_keys,
 )
 from eplb.core.options import IncrementalOptions
-from eplb.core.planner import as_slack, check_dispatch_options, resolve_options
+from eplb.core.planner import as_slack, check_dispatch_options, equal_speeds, resolve_options
 from eplb.core.policies import POLICY_NAMES, resolve_policy
 from eplb.core.topology import Topology, is_name
 from eplb.online.budget import check_budget
@@ -115,7 +115,7 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
             topology is None or topology.num_nodes > 1
             or is_name(options.get("fair", "auto"), ("divide",))):
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")
-    if nearest and options.get("gpu_speed") is not None:
+    if nearest and options.get("gpu_speed") is not None and topology is None:
         raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
     if options.get("slack") is not None:
         as_slack(options["slack"])
@@ -123,16 +123,30 @@ def check_option_values(options: Mapping[str, Any], topology: Topology | None = 
         as_routing(options["routing"], None, None)
     if topology is None:
         return
+    differ = speeds_differ(options.get("gpu_speed"), options.get("active_gpus"), topology)
+    if nearest and differ:
+        raise ValueError("gpu_speed cannot be combined with dispatch='nearest'")
     cpu = torch.device("cpu")
     dead = False
     if options.get("active_gpus") is not None:
         dead = not bool(as_live_mask(options["active_gpus"], topology.num_gpus, cpu).all())
-    if options.get("gpu_speed") is not None:
-        as_gpu_speed(options["gpu_speed"], topology.num_gpus, cpu)
     if options.get("source") is not None:
         as_gpu_speed(options["source"], topology.num_gpus, cpu, name="source", allow_zero=True)
     if is_name(policy, ("hierarchical", "locality")):
         # a forced policy the cluster, its dead GPUs or its speeds rule out (what the
         # experts decide waits for the loads)
-        resolve_policy(policy, topology, None, has_dead_gpus=dead,
-                       has_speeds=options.get("gpu_speed") is not None)
+        resolve_policy(policy, topology, None, has_dead_gpus=dead, has_speeds=differ)
+
+
+def speeds_differ(gpu_speed: object, active_gpus: object, topology: Topology) -> bool:
+    """Whether ``gpu_speed [P]`` (checked here; ``None``: no speeds) differs between the
+    GPUs ``active_gpus [P]`` keeps live. Equal live speeds plan as equal GPUs in
+    :func:`eplb.plan` (``previous=``, the hierarchical policy and nearest dispatch stay
+    open), so the checks made before any loads take them alike: a Rebalancer refused them
+    there, hierarchical ones as "GPU speeds differ" (attacker pass)."""
+    if gpu_speed is None:
+        return False
+    cpu = torch.device("cpu")
+    speed = as_gpu_speed(gpu_speed, topology.num_gpus, cpu)
+    live = None if active_gpus is None else as_live_mask(active_gpus, topology.num_gpus, cpu)
+    return not equal_speeds(speed, live)
