@@ -384,3 +384,19 @@ def test_a_placement_keeps_its_live_mask_when_the_callers_changes_in_place():
     for placement in (planned, rebuilt):
         assert placement.active_gpus.tolist() == [True, True, True, False]
         assert_contract(placement.validate())
+
+
+def test_scores_in_time_take_speeds_of_any_scale() -> None:
+    # only the speeds' ratios matter (eplb.plan plans 1e-300 and 1 alike), but a GPU's
+    # time was load / speed as given: 1e10 tokens over speeds near 1e-300 overflowed, and
+    # balancedness and placement_scores read nan (attacker pass)
+    from eplb.core import placement_scores
+
+    w = torch.rand(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    speed = torch.tensor([1.0, 2.0, 1.0, 3.0], dtype=torch.float64)
+    p = eplb.plan(w, 16, 4, gpu_speed=speed)
+    expected = p.balancedness(w, gpu_speed=speed)
+    for loads, speeds in ((w * 2.0**40, speed * 2.0**-1000), (w, speed * 2.0**-1070),
+                          (w * 2.0**-40, speed * 2.0**1000)):
+        assert p.balancedness(loads, gpu_speed=speeds) == expected
+        assert placement_scores(p, loads, gpu_speed=speeds)["balancedness"] == expected

@@ -148,16 +148,16 @@ def ratio_or_one(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Te
 def ideal_and_peak(
     gpu_loads: torch.Tensor, live: torch.Tensor | None = None, speed: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ideal [..., L], peak [..., L])`` time of per-GPU loads ``[..., L, P]`` over the
-    ``live [P]`` GPUs: the mean and the max load, or with ``speed [P]`` the total load over
-    the live GPUs' total speed and the max of load / speed (float64)."""
+    """``(ideal [..., L], peak [..., L])`` float64 time of per-GPU loads ``[..., L, P]`` on
+    the ``live [P]`` GPUs: the mean and max load, or with ``speed [P]`` (times a power of two:
+    exact; 1e-300 overflowed) the load over the total speed and the max of load / speed."""
     loads = gpu_loads.to(torch.float64)
     if live is not None:
         loads = loads[..., live]
         speed = None if speed is None else speed[live]
     if speed is None:
         return loads.mean(-1), loads.max(-1).values
-    speed = speed.to(device=loads.device, dtype=torch.float64)
+    speed = scale_rows_to_unit(speed.to(device=loads.device, dtype=torch.float64)[None])[0][0]
     return loads.sum(-1) / speed.sum(), (loads / speed).max(-1).values
 
 
