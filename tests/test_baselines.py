@@ -219,6 +219,10 @@ def test_all_zero_loads_are_valid():
         ({"num_replicas": 10, "num_gpus": 4}, "multiple of num_gpus"),
         ({"num_replicas": 8, "num_gpus": 4, "num_nodes": 3}, "num_nodes"),
         ({"num_replicas": 8, "num_gpus": 2, "policy": "best"}, "policy"),
+        # DeepSeek's greedy has no locality policy: its global plan came back labelled
+        # "locality" (attacker pass)
+        ({"num_replicas": 8, "num_gpus": 2, "num_nodes": 2, "num_groups": 2,
+          "policy": "locality"}, "locality"),
         ({"num_replicas": 8, "num_gpus": 2, "num_nodes": 2, "num_groups": 3,
           "policy": "hierarchical"}, "num_groups"),
         ({"num_replicas": 8, "num_gpus": 2, "num_groups": 3}, "multiple of num_groups"),

@@ -75,6 +75,10 @@ def resolve_policy(
     """
     if not is_name(policy, POLICY_NAMES):
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICY_NAMES)}")
+    if policy == "locality" and rule == "deepseek":
+        # the greedy has no such plan: its global one came back labelled "locality"
+        raise ValueError("DeepSeek's greedy has no locality policy; choose 'auto', 'global' "
+                         "or 'hierarchical' (eplb.plan plans policy='locality')")
     if policy == "locality":
         problems = _locality_problems(topology, num_experts, has_dead_gpus, has_speeds)
         if problems:
