@@ -134,3 +134,30 @@ def test_a_load_that_shares_nothing_takes_no_draws_from_the_budget(monkeypatch) 
     tiny, zero = w.clone(), w.clone()
     tiny[0, 0], zero[0, 0] = 5e-324, 0.0
     assert np.array_equal(rank_draw_peaks(tiny, phy2log, 4), rank_draw_peaks(zero, phy2log, 4))
+
+
+def test_a_draws_numbers_are_made_once_per_expert_and_rank(monkeypatch) -> None:
+    """A draw's numbers are a function of (seed, draw, expert, rank) alone, but were made
+    for every (layer, expert, rank) cell: eplb plan's SGLang file for 200 layers × 1024
+    experts on 1024 GPUs made each number 200 times over, a third of the draws' time
+    (helper pass). Where a chunk's layers draw more cells than there are (expert, rank)
+    pairs, each pair's number is now made once per draw, with the same figures."""
+    import eplb.core.rank_draws as rank_draws
+
+    layers, experts, gpus = 6, 32, 16
+    w = _loads(layers, experts, 7)
+    # 2 replicas of each expert on 2 GPUs: 14 of 16 ranks draw, 448 cells a layer
+    phy2log = (torch.arange(2 * experts) % experts).repeat(layers, 1)
+    alone = [rank_draw_peaks(w[layer:layer + 1], phy2log[layer:layer + 1], gpus)[0]
+             for layer in range(layers)]
+    made: list[int] = []
+    real_uniform = rank_draws._uniform
+
+    def counted(seed, draw, expert, rank, num_experts, num_gpus):
+        made.append(np.broadcast(expert, rank).size)
+        return real_uniform(seed, draw, expert, rank, num_experts, num_gpus)
+
+    monkeypatch.setattr(rank_draws, "_uniform", counted)
+    whole = rank_draw_peaks(w, phy2log, gpus)
+    assert np.array_equal(whole, np.array(alone))
+    assert made == [experts * gpus] * rank_draws.DRAWS  # (6 × 448 a draw before)

@@ -116,14 +116,26 @@ def _rank_draw_sums(w: np.ndarray, ids: np.ndarray, num_gpus: int, draws: int,
     # (layer, expert, rank) sending its tokens elsewhere, by a draw
     cell, rank = np.nonzero(~holds & (count > 0)[:, None] & (share > 0)[:, None])
     layer, expert = np.divmod(cell, num_experts)
+    # what every draw reads of a cell, gathered once: its run's start among the sorted
+    # slots, its replicas, its rank's share and its layer's first (layer, GPU) bin
+    run_start, replicas, cell_share = start[cell], count[cell], share[cell]
+    layer_bin = layer * num_gpus
+    gpu_of_sorted = gpu_of_slot[order % num_slots]
+    # where the chunk's layers draw more cells than there are (expert, rank) pairs, each
+    # pair's number is made once per draw and looked up, not made again in every layer
+    pair = expert * num_gpus + rank if num_experts * num_gpus < len(cell) else None
     peaks = np.zeros(layers)
     for draw in range(draws):
         # a draw is a function of (seed, draw, expert, rank) alone: a layer's peaks do not
         # depend on the other layers of the call, nor on where it sits among them
-        pick = start[cell] + (_uniform(seed, draw, expert, rank, num_experts, num_gpus)
-                              * count[cell]).astype(np.int64)
-        gpu = gpu_of_slot[order[pick] % num_slots]
-        loads = base + np.bincount(layer * num_gpus + gpu, weights=share[cell],
+        if pair is None:
+            uniform = _uniform(seed, draw, expert, rank, num_experts, num_gpus)
+        else:
+            uniform = _uniform(seed, draw, np.arange(num_experts)[:, None],
+                               np.arange(num_gpus)[None, :], num_experts,
+                               num_gpus).reshape(-1)[pair]
+        gpu = gpu_of_sorted[run_start + (uniform * replicas).astype(np.int64)]
+        loads = base + np.bincount(layer_bin + gpu, weights=cell_share,
                                    minlength=layers * num_gpus).reshape(layers, num_gpus)
         peaks += loads.max(1)
     return peaks
