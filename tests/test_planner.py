@@ -788,6 +788,30 @@ def test_eight_experts_get_counts_that_move_several_replicas_at_once(replicas, g
     assert (ours >= greedy - 0.005).all()
 
 
+def test_rows_of_eight_experts_rank_their_count_vectors_a_few_rows_at_a_time(monkeypatch):
+    # helper pass: the count vectors of every row of at most 8 experts were ranked at
+    # once, ~280 KB a row: 200 layers × 1024 experts on 128 nodes of 8 GPUs with 256
+    # groups (8 experts a node) took over 8 GB. They are now ranked VECTORS_AT_ONCE
+    # vectors at a time (1,107 a row at 8 experts), with the same plans
+    import eplb.core.tiny_counts as tiny_counts
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.exp(torch.randn(12, 8, generator=g, dtype=torch.float64) * 0.6)
+    whole = eplb.plan(w, 24, 4)
+    ranked: list[int] = []
+    real_peaks = tiny_counts.greedy_peaks
+
+    def counted(load, expert, num_gpus):
+        ranked.append(len(load))
+        return real_peaks(load, expert, num_gpus)
+
+    monkeypatch.setattr(tiny_counts, "greedy_peaks", counted)
+    monkeypatch.setattr(tiny_counts, "VECTORS_AT_ONCE", 2 * 1107)  # 2 rows at a time
+    chunked = eplb.plan(w, 24, 4)
+    assert torch.equal(chunked.phy2log, whole.phy2log)
+    assert len(ranked) > 2 and max(ranked) <= 2 * 1107
+
+
 @pytest.mark.parametrize(("experts", "gpus"), [(256, 8), (384, 8), (384, 6)])
 def test_a_few_hot_experts_with_one_spare_slot_a_gpu_are_not_below_the_greedy(experts, gpus):
     # quality attacker pass: R = E + P, three experts 20x the rest, on GPUs of 17-65
