@@ -84,6 +84,35 @@ def test_adrs_protocol_plans_on_window_i_and_scores_on_i_plus_1() -> None:
     assert summary["window_balancedness"] == pytest.approx(mean)
 
 
+def test_the_oracle_plans_a_long_replay_a_bounded_number_of_windows_at_a_time(
+        monkeypatch) -> None:
+    """Helper pass: the oracle planned every scoring window in one call, windows × L
+    layers: 2,400 DeepSeek-V3 steps at interval 1 replayed for 40 s, then failed with
+    "139200 layers × 288 slots is beyond what eplb plans". It now plans at most
+    ORACLE_SLOTS_PER_CALL slots a call, with the same figures."""
+    import sys
+
+    simulate_module = sys.modules[simulate.__module__]  # (eplb.tools.simulate: the function)
+    counts = _trace(60)
+    whole = simulate(counts, "eplb", num_replicas=R, num_gpus=P, cadence=Cadence(5, 5))
+    planned_rows: list[int] = []
+    real_make_planner = simulate_module.make_planner
+
+    def counting_make_planner(*args, **kwargs):
+        planner = real_make_planner(*args, **kwargs)
+
+        def counted(weight, previous):
+            planned_rows.append(len(weight))
+            return planner(weight, previous)
+        return counted
+
+    monkeypatch.setattr(simulate_module, "make_planner", counting_make_planner)
+    monkeypatch.setattr(simulate_module, "ORACLE_SLOTS_PER_CALL", 2 * L * R)  # 2 windows
+    chunked = simulate(counts, "eplb", num_replicas=R, num_gpus=P, cadence=Cadence(5, 5))
+    assert torch.equal(chunked.oracle_balancedness, whole.oracle_balancedness)
+    assert len(whole.oracle_balancedness) == 12 and max(planned_rows) == 2 * L
+
+
 def test_step_scoring_matches_placement_balancedness() -> None:
     counts = _trace(30)
     placement = Recorder(Topology(R, P))(counts.sum(0), None)

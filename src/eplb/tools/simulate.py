@@ -61,6 +61,11 @@ DEEPSEEK_V3_EXPERT_BYTES = 3 * 7168 * 2048 * 1
 #: bytes moved are int64, slots moved × this (attacker pass: 1e17 overflowed them into
 #: wrong and negative figures)
 MAX_EXPERT_BYTES = 1 << 40
+#: the most slots (windows × layers × R) the oracle plans in one call of a built-in
+#: planner: every window in one call passed the planner's own limit on a long replay
+#: (2,400 DeepSeek-V3 steps at interval 1 replayed for 40 s, then failed with "139200
+#: layers × 288 slots is beyond what eplb plans"), and held that many slots' state at once
+ORACLE_SLOTS_PER_CALL = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -269,19 +274,26 @@ def _oracle(
     planner: PlannerFn,
     builtin: bool,
     realised: Realised = EVEN,
+    num_slots: int = 1,
 ) -> torch.Tensor:
     """``[n]`` balancedness of ``planner(window_counts[i])`` on ``window_counts[i] [L, E]``
-    (realised as ``realised`` says)."""
+    (realised as ``realised`` says); ``num_slots``: the planner's R."""
     num_windows, num_layers, num_experts = window_counts.shape
     if num_windows == 0:
         return torch.zeros(0, dtype=torch.float64)
     if builtin:
-        # built-in planners treat layers independently: plan every window in one call
-        flat = window_counts.reshape(-1, num_experts)
-        stacked = planner(flat, None)
-        loads = scored_loads(stacked, flat, realised).view(num_windows, num_layers, -1)
-        return loads_balancedness(loads, stacked.live_gpus(),
-                             realised.speed(stacked.topology.num_gpus))
+        # built-in planners treat layers independently: plan many windows in one call, as
+        # many as ORACLE_SLOTS_PER_CALL holds (at least one)
+        per_call = max(1, ORACLE_SLOTS_PER_CALL // (num_layers * num_slots))
+        parts = []
+        for first in range(0, num_windows, per_call):
+            part = window_counts[first:first + per_call]
+            flat = part.reshape(-1, num_experts)
+            stacked = planner(flat, None)
+            loads = scored_loads(stacked, flat, realised).view(len(part), num_layers, -1)
+            parts.append(loads_balancedness(loads, stacked.live_gpus(),
+                                            realised.speed(stacked.topology.num_gpus)))
+        return torch.cat(parts)
     out = []
     for w in window_counts:
         plan = planner(w, None)
@@ -452,7 +464,7 @@ def simulate(
         fresh_options = {k: v for k, v in plan_options.items() if k not in SCORE_OPTIONS}
         plan_fn = make_planner(planner, topo, active_gpus=active_gpus, **fresh_options)
         oracle_bal = _oracle(wsum, plan_fn, builtin=isinstance(planner, str),
-                             realised=realised)
+                             realised=realised, num_slots=topo.num_replicas)
     name = planner if isinstance(planner, str) else getattr(planner, "__name__", "callable")
     return SimulationResult(
         planner=name,
