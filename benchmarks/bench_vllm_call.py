@@ -9,7 +9,8 @@ The first rebalance passes vLLM's initial map (slot i → expert i % E). This sc
 replays that call on drifting real DeepSeek-V3 loads, for both planners in one process:
 vLLM's default through vLLM's released code, eplb through its plugin class as vLLM's
 plugin loader registers it (``VLLM_EPLB_POLICY=eplb``), with eplb's default options
-(and, as more eplb rows, an explicit ``max_moves`` of 20 % of the slots, and a fresh plan
+(and, as more eplb rows, an explicit ``max_moves`` of 20 % of the slots, or the shares
+``--budgets`` names, and a fresh plan
 through the same plugin with the map in force withheld: what incremental planning costs
 over planning from scratch). Newer vLLM
 trees carry a layer-batched variant of the default (``BatchedEplbPolicy``), not in the
@@ -42,7 +43,6 @@ import os
 import statistics
 import sys
 import time
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -201,7 +201,16 @@ def main(argv=None) -> int:
     parser.add_argument("--move-prices", default="", metavar="X[,X...]",
                         help="extra eplb rows with these move_price options (the trade-off "
                              "between slots moved and next-window balance; default 0.01)")
+    parser.add_argument("--budgets", default="0.2", metavar="F[,F...]",
+                        help="eplb rows with an explicit max_moves of these shares of all "
+                             "slots (default 0.2; '' for none)")
     args = parser.parse_args(argv)
+    try:
+        budget_shares = [float(share) for share in args.budgets.split(",") if share]
+    except ValueError:
+        parser.error(f"--budgets takes shares of the slots, e.g. 0.1,0.2; got {args.budgets!r}")
+    if any(not 0 <= share <= 1 for share in budget_shares):
+        parser.error(f"--budgets shares must lie in [0, 1]; got {args.budgets!r}")
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be at least 1")
     if args.gpus < 1 or R % args.gpus:
@@ -229,9 +238,6 @@ def main(argv=None) -> int:
         if not issubclass(ours, plugin.EplbPolicy):
             sys.exit("the eplb plugin did not register through vLLM's plugin loader")
 
-        class Budget20(ours):  # eplb with an explicit budget of 20 % of all slots
-            options: ClassVar[dict] = {"max_moves": int(0.2 * R * 58)}
-
         class Fresh(ours):  # eplb through the same plugin, the map in force withheld
             @classmethod
             def rebalance_experts(cls, weight, replicas, groups, nodes, ranks, old=None):
@@ -256,8 +262,11 @@ def main(argv=None) -> int:
         planners = {vllm_default: vllm.DefaultEplbPolicy,
                     "DeepSeek greedy, layer-batched": BatchedGreedy,
                     f"{vllm_default}, packing batched": BatchedPacking,
-                    "eplb (defaults)": ours, "eplb, max_moves 20 %": Budget20,
-                    "eplb, fresh plan (map withheld)": Fresh}
+                    "eplb (defaults)": ours}
+        for share in budget_shares:  # eplb with an explicit budget: a share of all slots
+            planners[f"eplb, max_moves {100 * share:g} %"] = type(
+                f"Budget{share}", (ours,), {"options": {"max_moves": int(share * R * 58)}})
+        planners["eplb, fresh plan (map withheld)"] = Fresh
         for price in filter(None, args.move_prices.split(",")):
             priced = type(f"Price{price}", (ours,), {"options": {"move_price": float(price)}})
             planners[f"eplb, move_price {price}"] = priced
