@@ -19,13 +19,12 @@ import argparse
 import importlib.util
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from _harness import DEEPSEEK_DIR as DATA
-from _harness import start
+from _harness import REAL_DATA_HINT, start
 
 from eplb import Placement, Topology
 from eplb.core.baselines import plan_greedy
@@ -64,9 +63,9 @@ def main() -> int:
     args = parser.parse_args()
     print(start("bench_baseline"))
     files = sorted(DATA.glob("*.json")) if DATA.is_dir() else []
-    if not files:
-        print(f"real loads not found under {DATA}; nothing to measure", file=sys.stderr)
-        return 1
+    if not files:  # the data are never in the repository: skip visibly, as every script does
+        print(f"SKIPPED: real DeepSeek-V3 loads not found at {DATA} {REAL_DATA_HINT}")
+        return 0
     original = _load_original(args.original) if args.original else None
 
     header = ("| workload | global | hierarchical | global ms | hier ms | GPUs holding an "
