@@ -56,12 +56,17 @@ def main(argv=None) -> int:
     parser.add_argument("--real", action="store_true",
                         help="the real DeepSeek-V3 files instead of synthetic loads")
     args = parser.parse_args(argv)
+    if args.steps < 2:  # rebalance 1 is reported apart; the steady medians need one more
+        parser.error(f"--steps must be at least 2 (got {args.steps}): rebalance 1, from "
+                     "vLLM's initial map, is reported apart from the steady state 2..T")
     print(start("bench_incremental_settings"))
     variants = [json.loads(text) for text in args.variants.split(";") if text.strip()]
     options = [PlanOptions(incremental=IncrementalOptions(**v)) for v in variants]
     names = [json.dumps(v) if v else "defaults" for v in variants]
     if args.real:
         loads = list(deepseek_loads(torch.int64).values())[: args.files]
+        if not loads:  # deepseek_loads has printed SKIPPED
+            return 0
         seed = 0
     else:
         loads = [generate_loads("deepseek-v3", seed=100 + k).round().to(torch.int64)
