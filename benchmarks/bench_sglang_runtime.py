@@ -147,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             w, g, old, {"dispatch": "even"}),
         "eplb (default)": lambda w, g, old: eplb_hook(w, g, old, {}),
     }
+    loads = list(deepseek_loads().items())[: args.files]
+    if not loads:  # deepseek_loads has printed SKIPPED: no table of empty cells after it
+        return 0
     records: dict[tuple[int, str, str], list[float]] = {}
-    for k, (name, weight) in enumerate(list(deepseek_loads().items())[: args.files]):
+    for k, (name, weight) in enumerate(loads):
         windows = drift_chain(weight, args.steps + 1, args.drift, k)
         for gpus in GPUS:
             for label, planner in planners.items():
