@@ -148,6 +148,34 @@ def test_force_warns_where_the_group_cannot_be_kept(capsys, tmp_path, loads, mon
     assert read_placement(out).phy2log.shape == (L, R)
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="a file of another owner needs root to make")
+def test_a_root_that_cannot_give_files_away_warns_of_the_owner_and_keeps_the_group(
+        capsys, tmp_path, loads, monkeypatch):
+    # root without CAP_CHOWN (a container; a user namespace that does not map the owner)
+    # replacing another user's file: the warning blamed the group, naming the gid the
+    # new file kept, and the group was not even tried on its own (attacker pass)
+    out = tmp_path / "placement.json"
+    out.write_text("old")
+    os.chown(out, 65534, 65534)  # nobody, nogroup
+    os.chmod(out, 0o640)
+    real_fchown = os.fchown
+
+    def group_only(fd, uid, gid):  # the group may change, the owner may not
+        if uid != -1:
+            raise PermissionError(1, "Operation not permitted")
+        real_fchown(fd, uid, gid)
+
+    monkeypatch.setattr(os, "fchown", group_only)
+    code, err = plan(capsys, loads, out, "--force")
+    assert code == 0, err
+    assert "cannot keep its owner (uid 65534)" in err, err
+    assert "cannot keep its group" not in err, err
+    info = os.stat(out)
+    assert (info.st_uid, info.st_gid, mode(out)) == (0, 65534, 0o640)
+    assert read_placement(out).phy2log.shape == (L, R)
+
+
 def test_existing_output_is_refused_without_force(capsys, tmp_path, loads) -> None:
     out = tmp_path / "placement.json"
     out.write_text("precious")

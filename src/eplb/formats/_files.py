@@ -393,19 +393,30 @@ def _named(exc: OSError, path: Path) -> OSError:
 def _keep_owner(fd: int, path: Path, uid: int, gid: int, mode: int | None) -> None:
     """Give the open file ``fd`` (about to replace ``path``) the replaced file's group, and
     its owner when running as root; a warning where the group cannot be kept (the writer
-    is not in it). Through the descriptor, before the file has a name: a name could be
-    swapped for a link to another file between two calls (attacker pass). The permission
-    bits are set again after, as a change of owner may clear some."""
+    is not in it), or the owner (a root that may not give files away). Through the
+    descriptor, before the file has a name: a name could be swapped for a link to another
+    file between two calls (attacker pass). The permission bits are set again after, as a
+    change of owner may clear some."""
     now = os.fstat(fd)
-    owner = uid if os.geteuid() == 0 else -1
-    if (owner == -1 or owner == now.st_uid) and gid == now.st_gid:
+    owner = uid if os.geteuid() == 0 and uid != now.st_uid else -1
+    if owner == -1 and gid == now.st_gid:
         return
     try:
         os.fchown(fd, owner, gid)
     except OSError:
-        warnings.warn(f"eplb: the file replacing {path} cannot keep its group (gid {gid}): "
-                      f"the writer is not in that group; the new file's group is gid "
-                      f"{now.st_gid}", UserWarning, stacklevel=4)
+        if owner == -1:
+            warnings.warn(f"eplb: the file replacing {path} cannot keep its group (gid "
+                          f"{gid}): the writer is not in that group; the new file's group "
+                          f"is gid {now.st_gid}", UserWarning, stacklevel=4)
+            return
+        # root without CAP_CHOWN (a container, a user namespace that does not map the
+        # owner): the owner is what cannot be kept, not the group, which may still be
+        # (the warning used to blame the group, even one the file kept; attacker pass)
+        warnings.warn(f"eplb: the file replacing {path} cannot keep its owner (uid {uid}): "
+                      f"this root may not give files away; the new file's owner is uid "
+                      f"{now.st_uid}", UserWarning, stacklevel=4)
+        if gid != now.st_gid:  # the group alone, as any user may where a member of it
+            _keep_owner(fd, path, now.st_uid, gid, mode)
         return
     if mode is not None:
         os.fchmod(fd, mode)
