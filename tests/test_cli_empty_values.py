@@ -113,3 +113,18 @@ def test_a_json_true_is_no_gpu_speed(tmp_path, capsys, loads, entry):
     code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--gpu-speed", speeds, "-o", out)
     assert code == 2 and f"--gpu-speed file {speeds}: {entry} is not a number" in err
     assert not out.exists()
+
+
+def test_a_huge_gpu_speed_file_is_refused_before_it_is_read(tmp_path, capsys, loads):
+    # (attacker pass: a sparse 50 GB file was read whole: "MemoryError: unknown error",
+    # exit 1, or an out-of-memory kill where the memory was there to try)
+    speeds = tmp_path / "speeds.txt"
+    speeds.write_text(",".join(["1"] * 16))
+    with open(speeds, "r+b") as handle:
+        handle.truncate(50 << 30)  # sparse: no disk taken
+    out = tmp_path / "p.json"
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--gpu-speed", speeds,
+                       "-o", out)
+    assert code == 2, err
+    assert "--gpu-speed file" in err and "one number per GPU" in err
+    assert not out.exists()

@@ -136,6 +136,12 @@ def active_gpus_from(dead: str | None, num_gpus: int) -> torch.Tensor | None:
     return mask
 
 
+#: the largest ``--gpu-speed`` file read: room for a long number (a float64's 24 digits,
+#: blanks, a comma) per GPU and a few lines of JSON or notes around them
+_SPEED_FILE_BYTES_PER_GPU = 64
+_SPEED_FILE_SLACK_BYTES = 1 << 16
+
+
 def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
     """``--gpu-speed``: a comma list (``1,1,0.5,...``) or a file (JSON list or plain numbers)."""
     if not spec:
@@ -146,6 +152,13 @@ def gpu_speed_from(spec: str | None, num_gpus: int) -> torch.Tensor | None:
         if path.is_dir():  # (folders pass that check: load statistics may be one)
             raise CliError(f"--gpu-speed {spec}: a folder; expected {num_gpus} comma-separated "
                            "numbers or a file of them")
+        # a list of P numbers is small: a huge (e.g. sparse) file was read whole and ended
+        # in "MemoryError: unknown error", or an out-of-memory kill (attacker pass)
+        most = _SPEED_FILE_BYTES_PER_GPU * num_gpus + _SPEED_FILE_SLACK_BYTES
+        if path.stat().st_size > most:
+            raise CliError(f"--gpu-speed file {path} holds {path.stat().st_size} bytes, more "
+                           f"than a list of {num_gpus} numbers needs (at most {most}); give "
+                           "a text file of one number per GPU")
         try:
             text = path.read_text(encoding="utf-8-sig")  # (a Windows editor's BOM)
         except UnicodeDecodeError:
