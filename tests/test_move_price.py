@@ -143,6 +143,25 @@ def test_nearest_dispatch_on_several_nodes_takes_the_longer_ladder_too() -> None
     assert differ > 0
 
 
+def test_nearest_dispatch_on_one_node_keeps_four_steps_under_a_budget() -> None:
+    """On one node a budgeted plan under nearest dispatch keeps 4 steps in the even
+    split's plan it also offers (``warm_even``), not only in the runtime table's ladder:
+    the longer ladder there made plans of budgets of 150 and 400 slots differ from
+    ``steps=4``'s at 5 slots per GPU."""
+    replicas, gpus = 40, 8
+    four = eplb.PlanOptions(incremental=IncrementalOptions(steps=4))
+    for seed in (1, 2):
+        weight, drifted = generated_drift(seed, 0.3, experts=32)
+        old = eplb.plan(weight, replicas, gpus, 1, policy="global", dispatch="nearest")
+        for budget in (150, 400):
+            kw = {"policy": "global", "dispatch": "nearest", "previous": old,
+                  "max_moves": budget}
+            new = eplb.plan(drifted, replicas, gpus, 1, **kw)
+            assert_contract(new)
+            assert torch.equal(new.phy2log, eplb.plan(drifted, replicas, gpus, 1,
+                                                      options=four, **kw).phy2log)
+
+
 def test_the_fine_ladders_line_stays_at_the_default_reach(monkeypatch) -> None:
     """Budgets below the ladder's reach also get a fine ladder. Where the steps choose
     themselves, that line stays at the reach of 4 steps (where it was measured) however

@@ -63,7 +63,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from eplb.core.options import COARSE_SLOTS, DEFAULT_INCREMENTAL_STEPS
+from eplb.core.options import COARSE_SLOTS, DEFAULT_INCREMENTAL_STEPS, with_incremental
 from eplb.core.placement import Placement, validate_planned
 from eplb.core.planner import fresh_phy2log
 from eplb.core.request import PlanRequest
@@ -100,7 +100,7 @@ def _host_weight(request: PlanRequest) -> np.ndarray:
 def _refine_rows(
     weight: np.ndarray, base: np.ndarray, request: PlanRequest, quota: np.ndarray,
     budgeted: bool, drop_first_rung: bool = False, fine_quota: np.ndarray | None = None,
-    target: np.ndarray | None = None, steps: int | None = None,
+    target: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray | None]:
     """``[C, L, R]`` warm-start candidates of global layers ``base`` (candidate 0 is
     ``base``) with a per-step quota of ``quota [L]`` slots (0: the layer keeps ``base``),
@@ -115,13 +115,11 @@ def _refine_rows(
     same batched call (rows are independent: the same candidates as a call of its own,
     at about the fixed cost of one); its candidates but the first (``base``) are the last
     item returned, ``None`` without it. ``target [L, E]``: the counts the replica
-    transfers go toward instead of Jefferson's (not with ``fine_quota``). ``steps``: the
-    ladder's swap steps (``None``: :meth:`~eplb.core.options.IncrementalOptions.steps_for`).
+    transfers go toward instead of Jefferson's (not with ``fine_quota``).
     """
     topo = request.topology
     packing = request.options.packing
-    if steps is None:
-        steps = request.options.incremental.steps_for(request.topology.slots_per_gpu)
+    steps = request.options.incremental.steps_for(request.topology.slots_per_gpu)
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     num_live = int(request.live.sum())
     live_base = base if request.active_gpus is None else base[:, live_slot]
@@ -491,7 +489,14 @@ def _plan_nearest(
     topo = request.topology
     if skip_threshold is not None:
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")
-    even = dataclasses.replace(request, dispatch="even", fair="auto", source=None)
+    # one node: 4 steps unless set, for SGLang's runtime-table ladder and the even split's
+    # plan offered under a budget alike, as the fresh-plan rules were set (5 at R = E on 8
+    # GPUs ended 0.010 short of it: BENCHMARKS.md §3 "Fiftieth"); several: steps_for's
+    table_steps = request.options.incremental.steps
+    table_steps = DEFAULT_INCREMENTAL_STEPS if table_steps is None else table_steps
+    even = dataclasses.replace(request, dispatch="even", fair="auto", source=None, options=(
+        request.options if topo.num_nodes > 1 else with_incremental(request.options,
+                                                                     steps=table_steps)))
     if not takes_budget(request.dispatch, topo.num_nodes, request.policy,
                         request.active_gpus is not None):
         if max_moves is not None:
@@ -570,15 +575,10 @@ def _plan_nearest(
     if topo.num_nodes == 1:  # SGLang's runtime table: the ladder's rungs scored under it
         quota = max(2, round(request.options.incremental.quota * topo.num_replicas))
         layer_quota = np.where(replanned, 0, quota)
-        # 4 steps unless set, with which the rules offering the fresh plan were set (5 at
-        # R = E on 8 GPUs ended 0.010 short of it in sample: BENCHMARKS.md §3, "Fiftieth")
-        table_steps = request.options.incremental.steps
-        table_steps = DEFAULT_INCREMENTAL_STEPS if table_steps is None else table_steps
 
         def rungs(target: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-            ladder, transfers, _, _ = _refine_rows(weight, base_map, request, layer_quota,
-                                                   budget is not None, target=target,
-                                                   steps=table_steps)
+            ladder, transfers, _, _ = _refine_rows(weight, base_map, even, layer_quota,
+                                                   budget is not None, target=target)
             return ladder, transfers > layer_quota
 
         out = plan_table_incremental(host, base, budget, rungs, warm_even)
