@@ -613,3 +613,19 @@ def test_trtllm_files_are_the_same_with_or_without_libyaml(tmp_path, monkeypatch
             read_placement(tmp_path / "twice.yaml")
         refusals.append(str(info.value))
     assert refusals[0] == refusals[1]
+
+
+@pytest.mark.parametrize("text, named", [
+    ("initial_global_assignments:\n\t0: [0, 1]\n", "found character '\\t'"),
+    ("x: &a [0, 1]\ny: &a [1, 0]\ninitial_global_assignments: {0: *a}\n",
+     "found duplicate anchor 'a'"),
+])
+def test_malformed_yaml_is_named_as_pure_python_yaml_names_it(tmp_path, text, named):
+    """A YAML file libyaml refuses is refused with PyYAML's own message, which names the
+    character or anchor and quotes the line; libyaml's said "found character that cannot
+    start any token" for a tab."""
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(FormatError, match="malformed YAML") as info:
+        read_placement(tmp_path / "bad.yaml")
+    assert named in str(info.value)
+    assert "^" in str(info.value)  # the line quoted, the place marked

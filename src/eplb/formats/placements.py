@@ -401,7 +401,15 @@ def _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy
         # constructor is Python's either way): a 200-layer, 2,048-slot file took 14.6 s to
         # read, now 3.9 (benchmarks/bench_formats.py --trtllm)
         safe_loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        doc = yaml.load(text, Loader=_unique_key_loader(safe_loader))
+        try:
+            doc = yaml.load(text, Loader=_unique_key_loader(safe_loader))
+        except yaml.YAMLError:
+            if safe_loader is yaml.SafeLoader:
+                raise
+            # a refused file is parsed again by PyYAML's own parser, for its message:
+            # libyaml's names no character and quotes no line ("found character that
+            # cannot start any token" for a tab, "found duplicate anchor" without its name)
+            doc = yaml.load(text, Loader=_unique_key_loader(yaml.SafeLoader))
     except RepeatedKeyError as exc:
         raise FormatError(path, repeated_key(exc.key, "YAML")) from None
     except yaml.YAMLError as exc:
