@@ -1224,6 +1224,21 @@ def test_generate_refuses_a_name_ending_sglang_pt(capsys, tmp_path) -> None:
     assert not (tmp_path / "u.sglang.pt").exists()
 
 
+def test_a_format_contradicting_a_sglang_pt_name_is_told_to_ask_for_pt(capsys,
+                                                                       tmp_path) -> None:
+    # the refusal of --format sglang into t.SGLANG.PT said "drop --format to write pt",
+    # and without --format that name is refused (above): it says how pt is asked for
+    path = tmp_path / "t.SGLANG.PT"
+    code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "3", "-o",
+                       str(path), "-q", "--format", "sglang")
+    assert code == 2 and "name it t.SGLANG.json, or pass --format pt to write pt" in err, err
+    assert run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "3", "-o",
+               str(tmp_path / "t.pt"), "-q")[0] == 0
+    with pytest.raises(ValueError, match="or give format 'pt' to write pt"):
+        write_loads(read_loads(tmp_path / "t.pt"), path, "sglang")
+    assert not path.exists()
+
+
 def test_a_report_file_name_held_by_a_folder_is_named_as_such(capsys, tmp_path) -> None:
     # the first answer was "already exists; pass --force", and --force then said "is a
     # directory" (attacker pass): a folder cannot be replaced, so that is said first

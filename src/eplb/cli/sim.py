@@ -373,8 +373,11 @@ def trace_format(path: Path, fmt: str | None) -> str:
         fmt = TRACE_FORMAT_ALIASES.get(fmt, fmt)
         want = SUFFIX_BY_FORMAT.get(fmt)
         if want is not None and implied is not None and suffix != want:
+            # (without --format a *.sglang.pt name is refused: pt is asked for there)
+            instead = ("pass --format pt" if path.name.lower().endswith(".sglang.pt")
+                       else "drop --format")
             raise CliError(f"--format {fmt} writes a {want} file, but the name {path.name!r} "
-                           f"says {suffix}: name it {path.stem}{want}, or drop --format to "
+                           f"says {suffix}: name it {path.stem}{want}, or {instead} to "
                            f"write {implied}")
         return fmt
     fmt = implied

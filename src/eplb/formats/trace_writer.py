@@ -43,9 +43,12 @@ def format_for(path: Path, format: str | None) -> str:
         return implied or "pt"
     want = SUFFIX_BY_FORMAT.get(format, suffix)
     if implied is not None and want != suffix:
+        # (without format a *.sglang.pt name is refused: pt is asked for by name there)
+        instead = ("give format 'pt'" if path.name.lower().endswith(".sglang.pt")
+                   else "leave format out")
         raise ValueError(f"format {format!r} writes a {want} file, but the name "
                          f"{path.name!r} says {suffix}: name it {path.stem}{want}, "
-                         f"or leave format out to write {implied}")
+                         f"or {instead} to write {implied}")
     return format
 
 
