@@ -357,7 +357,7 @@ class IncrementalOptions:
         layers, and on the next window they were 0.0024 below vLLM's policy, which
         re-plans every slot; with 8 steps 0.0011 above it (BENCHMARKS.md §3). Under
         nearest dispatch on several nodes (real DeepSeek-V3 loads at 4, 5, 6 and 8 slots
-        per GPU) the next window was level (−0.0003 to +0.0012) and 16–22 % fewer slots
+        per GPU) the next window was level (−0.0003 to +0.0012) and 16–22 points fewer slots
         moved at 4–6 slots: the short ladder ran out there too and its layers took a
         fresh plan (BENCHMARKS.md §3, "Fiftieth session"). At 3 slots or fewer every
         layer is offered a fresh plan instead (12 steps there were no better).
