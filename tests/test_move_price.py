@@ -81,6 +81,10 @@ def test_the_ladder_reaches_as_far_in_price_at_every_slot_count() -> None:
         reach = options.steps_for(slots) + 1
         assert reach * slots >= 5 * 9 > (reach - 1) * slots
     assert options.steps_for(np.int64(5)) == 8
+    # nearest dispatch: the same on several nodes, 4 on one (SGLang's runtime table)
+    assert options.steps_for(5, "nearest", 2) == 8
+    assert options.steps_for(5, "nearest", 1) == options.steps_for(5, "nearest") == 4
+    assert IncrementalOptions(steps=6).steps_for(5, "nearest") == 6
     assert IncrementalOptions(steps=2).steps_for(5) == 2
     assert IncrementalOptions(steps=0).steps_for(5) == 0
 
@@ -92,6 +96,14 @@ def test_steps_for_refuses_what_layer_price_refuses(slots: object) -> None:
         IncrementalOptions().steps_for(slots)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="slots_per_gpu must be an int >= 1"):
         IncrementalOptions(steps=6).steps_for(slots)  # type: ignore[arg-type]
+
+
+def test_steps_for_refuses_an_unknown_dispatch_or_node_count() -> None:
+    # a misspelt rule, or a node count of 0, fell silently to some steps
+    with pytest.raises(ValueError, match="dispatch must be 'even' or 'nearest', got 'Even'"):
+        IncrementalOptions().steps_for(5, "Even")
+    with pytest.raises(ValueError, match="num_nodes must be an integer >= 1"):
+        IncrementalOptions().steps_for(5, "nearest", 0)
 
 
 def test_plans_at_five_slots_per_gpu_take_the_longer_ladder() -> None:
@@ -143,23 +155,32 @@ def test_nearest_dispatch_on_several_nodes_takes_the_longer_ladder_too() -> None
     assert differ > 0
 
 
-def test_nearest_dispatch_on_one_node_keeps_four_steps_under_a_budget() -> None:
-    """On one node a budgeted plan under nearest dispatch keeps 4 steps in the even
-    split's plan it also offers (``warm_even``), not only in the runtime table's ladder:
-    the longer ladder there made plans of budgets of 150 and 400 slots differ from
-    ``steps=4``'s at 5 slots per GPU."""
+def test_nearest_dispatch_on_one_node_keeps_four_steps_on_every_path() -> None:
+    """On one node every plan under nearest dispatch keeps 4 steps
+    (``IncrementalOptions.steps_for(S, "nearest", 1)``): the runtime table's ladder, the
+    even split's plan a budget also offers (``warm_even``; with the longer ladder budgets
+    of 150 and 400 slots planned differently from ``steps=4`` at 5 slots per GPU, review
+    pass), and the paths beside the table: a dead GPU, ``fair="expect"``, a skip
+    threshold (each took the longer ladder after its first version, review pass)."""
     replicas, gpus = 40, 8
     four = eplb.PlanOptions(incremental=IncrementalOptions(steps=4))
+    eight = eplb.PlanOptions(incremental=IncrementalOptions(steps=8))
+    dead = torch.ones(gpus, dtype=torch.bool)
+    dead[3] = False
+    differ = 0
     for seed in (1, 2):
         weight, drifted = generated_drift(seed, 0.3, experts=32)
         old = eplb.plan(weight, replicas, gpus, 1, policy="global", dispatch="nearest")
-        for budget in (150, 400):
-            kw = {"policy": "global", "dispatch": "nearest", "previous": old,
-                  "max_moves": budget}
+        for extra in ({"max_moves": 150}, {"max_moves": 400}, {"active_gpus": dead},
+                      {"fair": "expect"}, {"skip_threshold": 0.001}):
+            kw = {"policy": "global", "dispatch": "nearest", "previous": old, **extra}
             new = eplb.plan(drifted, replicas, gpus, 1, **kw)
             assert_contract(new)
             assert torch.equal(new.phy2log, eplb.plan(drifted, replicas, gpus, 1,
-                                                      options=four, **kw).phy2log)
+                                                      options=four, **kw).phy2log), extra
+            differ += not torch.equal(new.phy2log, eplb.plan(
+                drifted, replicas, gpus, 1, options=eight, **kw).phy2log)
+    assert differ > 0
 
 
 def test_the_fine_ladders_line_stays_at_the_default_reach(monkeypatch) -> None:

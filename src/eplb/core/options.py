@@ -343,13 +343,14 @@ class IncrementalOptions:
         ``(P − k) / P`` of this price with ``k`` of ``P`` GPUs dead.)"""
         return self.move_price * (_slots_per_gpu(slots_per_gpu) / PRICE_SLOTS_PER_GPU)
 
-    def steps_for(self, slots_per_gpu: int) -> int:
+    def steps_for(self, slots_per_gpu: int, dispatch: str = "even", num_nodes: int = 1) -> int:
         """The warm-start steps of a plan at ``slots_per_gpu`` slots per GPU: ``steps``
         where set, else :data:`DEFAULT_INCREMENTAL_STEPS` (4), but between
         :data:`COARSE_SLOTS` and :data:`PRICE_SLOTS_PER_GPU` slots per GPU enough steps
         that the ladder reaches as far *in price* (:meth:`layer_price`) as 4 steps do at
-        9: ``ceil(5 · 9 / S) − 1``, 11 at 4 slots per GPU, 8 at 5, 5 at 8 (under nearest
-        dispatch too, but for SGLang's runtime table on one node, which keeps 4).
+        9: ``ceil(5 · 9 / S) − 1``, 11 at 4 slots per GPU, 8 at 5, 5 at 8; under nearest
+        ``dispatch`` on one node (``num_nodes``: SGLang's runtime table, and the plans
+        made beside it there) 4.
 
         Why: the price of moving a slot falls with the slots per GPU, so more moves pay
         there, and a ladder of 4 steps ran out before they did. At 320 slots on 64 GPUs
@@ -357,17 +358,23 @@ class IncrementalOptions:
         layers, and on the next window they were 0.0024 below vLLM's policy, which
         re-plans every slot; with 8 steps 0.0011 above it (BENCHMARKS.md §3). Under
         nearest dispatch on several nodes (real DeepSeek-V3 loads at 4, 5, 6 and 8 slots
-        per GPU) the next window was level (−0.0003 to +0.0012) and 16–22 points fewer slots
-        moved at 4–6 slots: the short ladder ran out there too and its layers took a
-        fresh plan (BENCHMARKS.md §3, "Fiftieth session"). At 3 slots or fewer every
+        per GPU) the next window was level (−0.0003 to +0.0012) and 16–22 percentage
+        points fewer slots moved at 4–6 slots: the short ladder ran out there too and its
+        layers took a fresh plan. On one node the table's rules that offer a fresh plan
+        were set with 4 steps, and with 5 a layer at R = E on 8 GPUs ended 0.010 short of
+        it in sample (BENCHMARKS.md §3, "Fiftieth session"). At 3 slots or fewer every
         layer is offered a fresh plan instead (12 steps there were no better).
         """
-        # checked as layer_price checks them: int() read "5" as 5 and 5.9 as 5, and 0
-        # slots fell silently to the default steps
+        # checked as layer_price checks them: int() read "5" as 5 and 5.9 as 5, and a
+        # misspelt dispatch, or 0 slots, fell silently to the default steps
         slots = _slots_per_gpu(slots_per_gpu)
+        if not is_name(dispatch, ("even", "nearest")):  # core/dispatch.py's rules
+            raise ValueError(f"dispatch must be 'even' or 'nearest', got {dispatch!r}")
+        nodes = int_at_least("num_nodes", num_nodes, 1)
         if self.steps is not None:
             return self.steps
-        if not COARSE_SLOTS < slots < PRICE_SLOTS_PER_GPU:
+        if not COARSE_SLOTS < slots < PRICE_SLOTS_PER_GPU or (
+                dispatch == "nearest" and nodes == 1):
             return DEFAULT_INCREMENTAL_STEPS
         reach = (DEFAULT_INCREMENTAL_STEPS + 1) * PRICE_SLOTS_PER_GPU
         return max(DEFAULT_INCREMENTAL_STEPS, math.ceil(reach / slots) - 1)

@@ -173,7 +173,8 @@ def node_ladder(
     # every start is spread where it need not stack (``spread``): a base row is a node
     # of a layer the forced moves spread, a regroup's row was spread by fill_arrivals;
     # an expert with more replicas than the node's GPUs is checked by warm_ladder
-    steps = options.incremental.steps_for(topo.slots_per_gpu)
+    steps = options.incremental.steps_for(topo.slots_per_gpu, request.dispatch,
+                                          topo.num_nodes)
     searched, _, counts = ladder.warm_ladder(node_weight[unique], node_start[unique], per_gpu,
                                             row_quota[moving[first]], steps, options.packing,
                                             budgeted, spread=True, fine=row_fine)

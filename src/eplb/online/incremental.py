@@ -119,7 +119,8 @@ def _refine_rows(
     """
     topo = request.topology
     packing = request.options.packing
-    steps = request.options.incremental.steps_for(request.topology.slots_per_gpu)
+    steps = request.options.incremental.steps_for(topo.slots_per_gpu, request.dispatch,
+                                                  topo.num_nodes)
     live_slot = request.live.cpu().numpy().repeat(topo.slots_per_gpu)
     num_live = int(request.live.sum())
     live_base = base if request.active_gpus is None else base[:, live_slot]
@@ -295,7 +296,7 @@ def plan_incremental(
     # the caller set, else of the default 4 (where the line was measured: more steps at
     # 4-8 slots per GPU moved it to half the slots at 4, and a 20 % budget took 2.2x the
     # time hierarchical; BENCHMARKS.md §3 "Forty-ninth session")
-    steps = options.steps_for(topo.slots_per_gpu)
+    steps = options.steps_for(topo.slots_per_gpu, request.dispatch, topo.num_nodes)
     line = DEFAULT_INCREMENTAL_STEPS if options.steps is None else options.steps
     small = fine_layers(max_moves, quota * line, request.num_layers)
     fine_quota = None if small is None else np.where(small & ~replanned, FINE_QUOTA, 0)
@@ -489,14 +490,13 @@ def _plan_nearest(
     topo = request.topology
     if skip_threshold is not None:
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")
-    # one node: 4 steps unless set, for SGLang's runtime-table ladder and the even split's
-    # plan offered under a budget alike, as the fresh-plan rules were set (5 at R = E on 8
-    # GPUs ended 0.010 short of it: BENCHMARKS.md §3 "Fiftieth"); several: steps_for's
-    table_steps = request.options.incremental.steps
-    table_steps = DEFAULT_INCREMENTAL_STEPS if table_steps is None else table_steps
+    # the even split's planner inside keeps nearest dispatch's steps (IncrementalOptions.
+    # steps_for: 4 on one node, for the table's ladder and the budget's even-split offer)
+    steps = request.options.incremental.steps_for(topo.slots_per_gpu, "nearest",
+                                                  topo.num_nodes)
     even = dataclasses.replace(request, dispatch="even", fair="auto", source=None, options=(
         request.options if topo.num_nodes > 1 else with_incremental(request.options,
-                                                                     steps=table_steps)))
+                                                                     steps=steps)))
     if not takes_budget(request.dispatch, topo.num_nodes, request.policy,
                         request.active_gpus is not None):
         if max_moves is not None:
