@@ -390,7 +390,8 @@ def _named(exc: OSError, path: Path) -> OSError:
     return type(exc)(exc.errno, f"cannot write {path}: {exc.strerror}")
 
 
-def _keep_owner(fd: int, path: Path, uid: int, gid: int, mode: int | None) -> None:
+def _keep_owner(fd: int, path: Path, uid: int, gid: int, mode: int | None,
+                _depth: int = 0) -> None:
     """Give the open file ``fd`` (about to replace ``path``) the replaced file's group, and
     its owner when running as root; a warning where the group cannot be kept (the writer
     is not in it), or the owner (a root that may not give files away). Through the
@@ -407,7 +408,7 @@ def _keep_owner(fd: int, path: Path, uid: int, gid: int, mode: int | None) -> No
         if owner == -1:
             warnings.warn(f"eplb: the file replacing {path} cannot keep its group (gid "
                           f"{gid}): the writer is not in that group; the new file's group "
-                          f"is gid {now.st_gid}", UserWarning, stacklevel=4)
+                          f"is gid {now.st_gid}", UserWarning, stacklevel=4 + _depth)
             return
         # root without CAP_CHOWN (a container, a user namespace that does not map the
         # owner): the owner is what cannot be kept, not the group, which may still be
@@ -416,7 +417,7 @@ def _keep_owner(fd: int, path: Path, uid: int, gid: int, mode: int | None) -> No
                       f"this root may not give files away; the new file's owner is uid "
                       f"{now.st_uid}", UserWarning, stacklevel=4)
         if gid != now.st_gid:  # the group alone, as any user may where a member of it
-            _keep_owner(fd, path, now.st_uid, gid, mode)
+            _keep_owner(fd, path, now.st_uid, gid, mode, _depth=1)  # (the caller's frame)
         return
     if mode is not None:
         os.fchmod(fd, mode)

@@ -397,9 +397,10 @@ def _read_trtllm_yaml(path, num_gpus, num_nodes, num_groups, num_experts, policy
     except UnicodeDecodeError as exc:
         raise FormatError(path, f"is not UTF-8 text: {exc}") from None
     try:
-        # libyaml's parser where PyYAML was built with it (the same documents: the
-        # constructor is Python's either way): a 200-layer, 2,048-slot file took 14.6 s to
-        # read, now 3.9 (benchmarks/bench_formats.py --trtllm)
+        # libyaml's parser where PyYAML was built with it (the same documents but for a
+        # tab inside [...] or {...}, which libyaml accepts; the constructor is Python's
+        # either way): a 200-layer, 2,048-slot file took 13.6 s to read, now 3.2
+        # (benchmarks/bench_formats.py --trtllm, BENCHMARKS.md §7)
         safe_loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
         try:
             doc = yaml.load(text, Loader=_unique_key_loader(safe_loader))
