@@ -25,8 +25,8 @@ pay under nearest dispatch, against 4 steps: per shape ``R:P:N`` (global policy,
 GPU live), on each real workload and two drift seeds, the old map is the nearest plan
 of the real loads, the re-plan is made on window 1 (drift 0.15) with 4 steps and with
 the automatic ones (``steps`` set explicitly), and both are scored on window 2 by the
-nearest rule; paired differences, their standard error, the share of slots moved and the
-ratio of median times.
+nearest rule (and on window 1, in sample); paired differences, their standard error, the
+share of slots moved and the ratio of median times.
 
     python benchmarks/bench_nearest_incremental.py [--files 6] [--drifts 0.05,0.15]
         [--budgets 100,1000,3340]
@@ -70,6 +70,7 @@ def steps_rule(loads: list[torch.Tensor], shapes: str, drift: float = 0.15) -> N
         slots = replicas // gpus
         auto = IncrementalOptions().steps_for(slots)
         next_gain, moved, times = [], {4: [], auto: []}, {4: [], auto: []}
+        inside, after_window = {4: [], auto: []}, {4: [], auto: []}
         for index, weight in enumerate(loads):
             for seed in (101, 202):
                 gen = torch.Generator().manual_seed(seed + index)
@@ -88,9 +89,15 @@ def steps_rule(loads: list[torch.Tensor], shapes: str, drift: float = 0.15) -> N
                     times[steps].append(time.perf_counter() - began)
                     moved[steps].append(float((new != old).float().mean()))
                     nxt[steps] = balancedness(realised_gpu_loads(after, new, gpus, nodes))
+                    inside[steps].append(balancedness(realised_gpu_loads(now, new, gpus,
+                                                                         nodes)))
+                    after_window[steps].append(nxt[steps])
                 next_gain.append(nxt[auto] - nxt[4])
         error = statistics.stdev(next_gain) / len(next_gain) ** 0.5
         rows.append([f"{replicas}:{gpus}:{nodes}", slots, auto,
+                     f"{statistics.mean(inside[4]):.4f} → {statistics.mean(inside[auto]):.4f}",
+                     f"{statistics.mean(after_window[4]):.4f} → "
+                     f"{statistics.mean(after_window[auto]):.4f}",
                      f"{statistics.mean(next_gain):+.4f} ± {error:.4f}",
                      f"{sum(gain > 0 for gain in next_gain)} / {len(next_gain)}",
                      f"{100 * statistics.mean(moved[4]):.1f} %",
@@ -99,6 +106,7 @@ def steps_rule(loads: list[torch.Tensor], shapes: str, drift: float = 0.15) -> N
     print(f"\n{len(loads)} real workloads × 2 drift seeds (drift {drift}), global policy, "
           "nearest dispatch; automatic steps against 4\n")
     print(markdown_table(["R:P:N", "slots per GPU", "automatic steps",
+                          "in sample: 4 steps → automatic", "next window: 4 steps → automatic",
                           "next window: automatic − 4 steps (± s.e.)", "better with automatic",
                           "slots moved, 4 steps", "slots moved, automatic",
                           "time: automatic ÷ 4 steps"], rows))
