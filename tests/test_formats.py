@@ -796,6 +796,16 @@ def test_write_loads_takes_the_format_its_name_implies(tmp_path):
     assert not (tmp_path / "t.safetensors").exists() and not (tmp_path / "u.npz").exists()
 
 
+def test_write_loads_refuses_a_csv_name_it_would_fill_with_a_torch_archive(tmp_path):
+    # no format here writes CSV: a .csv name (found by the round-trip property tests) got
+    # eplb's .pt, a zip archive that pandas or a spreadsheet opening it by name cannot read
+    trace = LoadTrace(counts_tle().double(), [3, 5, 7])
+    for fmt in (None, "pt", "npz"):
+        with pytest.raises(ValueError, match=r"no CSV: name the file loads\.pt \(or \.npz\)"):
+            write_loads(trace, tmp_path / "loads.CSV", format=fmt)
+    assert not (tmp_path / "loads.CSV").exists()
+
+
 def test_write_loads_sglang_streams_the_rows_of_layers_the_trace_lacks(tmp_path):
     """A row per model layer up to the largest id: a trace of two layers, one of them
     layer 2000, is 2001 rows (zeros between), written step by step rather than as a

@@ -23,18 +23,21 @@ SUFFIX_BY_FORMAT = {"pt": ".pt", "npz": ".npz", "npy": ".npy", "vllm-history": "
                     "sglang": ".json"}
 #: the format a name's suffix implies (``*.sglang.json``: SGLang's, see :func:`format_for`)
 FORMAT_BY_SUFFIX = {".pt": "pt", ".json": "vllm-history", ".npz": "npz", ".npy": "npy"}
+#: suffixes of load formats ``read_loads`` reads that no format here writes, by their names
+UNWRITTEN_SUFFIXES = {".safetensors": "safetensors", ".csv": "CSV"}
 
 
 def format_for(path: Path, format: str | None) -> str:
     """The format to write: ``format``, else the one the name implies (``*.sglang.json``
     SGLang's, ``.json`` vLLM's history, ``.npz``, ``.npy``, else ``pt``). A name whose
-    known suffix contradicts ``format``, or a ``.safetensors`` name (no format here writes
-    one), is refused: other tools open the file by its name (third attacker pass: a
-    ``.safetensors`` name held a torch file that ``read_loads`` then refused)."""
+    known suffix contradicts ``format``, or a ``.safetensors`` or ``.csv`` name (no format
+    here writes one), is refused: other tools open the file by its name (third attacker
+    pass: a ``.safetensors`` name held a torch file that ``read_loads`` then refused; a
+    ``.csv`` name held a torch zip archive, which pandas or a spreadsheet cannot open)."""
     suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        raise ValueError(f"write_loads writes {', '.join(TRACE_EMITS)} files, no safetensors: "
-                         f"name the file {path.stem}.pt (or .npz)")
+    if suffix in UNWRITTEN_SUFFIXES:
+        raise ValueError(f"write_loads writes {', '.join(TRACE_EMITS)} files, no "
+                         f"{UNWRITTEN_SUFFIXES[suffix]}: name the file {path.stem}.pt (or .npz)")
     implied = ("sglang" if path.name.lower().endswith(".sglang.json") else
                FORMAT_BY_SUFFIX.get(suffix))
     if format is None and path.name.lower().endswith(".sglang.pt"):
