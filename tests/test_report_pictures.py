@@ -183,6 +183,24 @@ def test_generate_checks_the_format_before_the_work(capsys, tmp_path) -> None:
     assert Path(tmp_path / "h.json").read_text().startswith('{"load_history"')
 
 
+def test_generate_refuses_an_unwritable_name_before_the_work(capsys, tmp_path,
+                                                            monkeypatch) -> None:
+    # write_loads refuses .safetensors and .csv names whatever the format; the CLI's check
+    # "before the work" missed them, and a long trace was generated, then refused
+    import eplb.cli.sim as sim
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the trace was generated before its name was refused")
+
+    monkeypatch.setattr(sim, "generate_trace", no_work)
+    for name, kind in (("t.safetensors", "safetensors"), ("t.csv", "CSV")):
+        code = main(["generate", "--preset", "deepseek-v3", "--steps", "20000", "-q",
+                     "--format", "pt", "-o", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        assert code == 2 and f"no {kind}: name the file t.pt" in err, err
+        assert not (tmp_path / name).exists()
+
+
 def test_report_picture_name_taken_by_a_folder_is_named_before_any_file_changes(
         capsys, tmp_path) -> None:
     # `--report DIR --force` where a picture's name is a folder: the error named a hidden

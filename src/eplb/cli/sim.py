@@ -26,7 +26,12 @@ from eplb.cli._inputs import all_zero_rows_note, cli_policy, read_trace, warn
 from eplb.core import LoadTrace
 from eplb.core.messages import counted
 from eplb.formats import write_loads
-from eplb.formats.trace_writer import FORMAT_BY_SUFFIX, SUFFIX_BY_FORMAT, sglang_pt_refusal
+from eplb.formats.trace_writer import (
+    FORMAT_BY_SUFFIX,
+    SUFFIX_BY_FORMAT,
+    format_for,
+    sglang_pt_refusal,
+)
 from eplb.tools.generator import PRESETS, check_trace_size, generate_trace, resolve_shape
 from eplb.tools.report import Report, plot_balancedness_over_time
 from eplb.tools.simulate import (
@@ -379,11 +384,15 @@ def trace_format(path: Path, fmt: str | None) -> str:
             raise CliError(f"--format {fmt} writes a {want} file, but the name {path.name!r} "
                            f"says {suffix}: name it {path.stem}{want}, or {instead} to "
                            f"write {implied}")
-        return fmt
-    fmt = implied
+    else:
+        fmt = implied
     if fmt is None:
         raise CliError(f"cannot tell the trace format from {path.name!r}; use .pt, .json, "
                        ".npz or .npy, or pass --format")
+    try:  # the library's own refusals (a .safetensors or .csv name), before the work too:
+        format_for(path, fmt)  # they came after a long trace was generated
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     return fmt
 
 
