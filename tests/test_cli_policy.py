@@ -82,6 +82,33 @@ def test_eval_scores_a_group_spreading_plan_as_global_and_says_so(capsys, tmp_pa
     assert code == 2 and "is not hierarchical" in err and "Traceback" not in err
 
 
+
+def test_eval_keeps_a_hierarchical_sglang_file_of_moe_rows_hierarchical(capsys, tmp_path,
+                                                                         loads) -> None:
+    """A hierarchical plan of the MoE rows, written for SGLang with a row per model layer:
+    the dense rows eplb adds hold SGLang's trivial map (``slot s -> expert s % E``), which
+    spreads every group over the nodes. Scored on an SGLang dump (those rows all zero) it
+    was called "not hierarchical" because of layer 0, and scored against the global
+    ceiling (new-user pass): rows without load do not decide the policy."""
+    w = torch.from_numpy(np.load(loads))
+    placement = eplb.plan(w, R, P, N, G)
+    assert placement.policy == "hierarchical"
+    path = write_placement(placement, tmp_path / "moe.sglang.json", "sglang",
+                           layer_ids=[3, 4, 5], num_model_layers=3 + L)
+    dump = tmp_path / "dump.json"  # an SGLang dump: dense rows 0..2 all zero
+    dump.write_text(json.dumps({"logical_count": [[0] * E] * 3 + w.tolist()}))
+    code, out, err = run(capsys, "eval", "--placement", str(path), str(dump), "-g", str(P),
+                         "--nodes", str(N), "--groups", str(G), "--json", "--summary")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["policy"] == "hierarchical"
+    hier = balancedness_ceiling(w, R, P, N, G, policy="hierarchical")
+    assert result["balancedness_ceiling"] == pytest.approx(hier)
+    assert "does not hold the expert groups" not in err
+    code, _, err = run(capsys, "eval", "--placement", str(path), str(dump), "-g", str(P),
+                       "--nodes", str(N), "--groups", str(G), "--policy", "hierarchical")
+    assert code == 0, err
+
 @pytest.mark.parametrize("command", ["plan", "eval"])
 def test_groups_that_do_not_divide_over_nodes_warn(capsys, tmp_path, loads, command) -> None:
     w = torch.from_numpy(np.load(loads))

@@ -4,6 +4,7 @@ are :mod:`eplb.cli.commands`', shared with ``eplb plan``)."""
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
@@ -47,13 +48,16 @@ from eplb.formats import read_placement_meta
 from eplb.formats.placements import name_model_layers
 
 
-def _eval_policy(placement: Placement, meta: dict, args: argparse.Namespace) -> Placement:
+def _eval_policy(placement: Placement, meta: dict, args: argparse.Namespace,
+                 loaded: torch.Tensor) -> Placement:
     """The placement to score, with the policy it satisfies.
 
     eplb's files record their policy. Engine files (SGLang JSON, foreign YAML) do not:
     ``--policy auto`` resolves the cluster's policy as ``eplb plan`` would and, when that
     is hierarchical, keeps it if the placement really holds every expert group on one
     node (then the hierarchical ceiling is the right yardstick), else scores it as global.
+    ``loaded [L]`` (bool) marks the placement's rows whose loads carry tokens: only those
+    are checked, as rows without load score alike under either policy.
     """
 
     if meta.get("policy") is not None:
@@ -65,13 +69,20 @@ def _eval_policy(placement: Placement, meta: dict, args: argparse.Namespace) -> 
         return placement
     hier = Placement.from_phy2log(placement.phy2log, placement.num_experts, topo, "hierarchical",
                                   placement.active_gpus)
+    # an SGLang file's rows for layers the planned loads lacked (a dump's dense layers)
+    # hold SGLang's trivial map, which spreads every group over the nodes whatever the
+    # plan of the MoE rows (new-user pass: such a file was "not hierarchical" by layer 0)
+    rows = (loaded.nonzero()[:, 0].tolist() if bool(loaded.any())
+            else list(range(placement.num_layers)))
     try:
-        hier.validate(anti_affinity=False)
+        select_rows(hier, rows).validate(anti_affinity=False)
     except PlacementError as exc:
+        # the message counts the rows checked: name the placement's own
+        why = re.sub(r"\blayer (\d+)", lambda m: f"layer {rows[int(m.group(1))]}", str(exc))
         if args.policy == "hierarchical":
-            raise CliError(f"{args.placement} is not hierarchical: {exc}") from None
+            raise CliError(f"{args.placement} is not hierarchical: {why}") from None
         warn(f"{args.placement} does not hold the expert groups as the hierarchical policy "
-             f"does ({str(exc).removeprefix('hierarchical locality: ')}), so it is scored as a "
+             f"does ({why.removeprefix('hierarchical locality: ')}), so it is scored as a "
              "global placement (against the global ceiling)")
         return placement
     return hier
@@ -137,7 +148,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     compared = _previous_rows(args, placement, trace, weight, keep)
     # the policy of the rows scored: an SGLang file's dense layers hold SGLang's trivial
     # map, which spreads every group over the nodes whatever the plan of the MoE rows
-    placement = _eval_policy(placement, meta, args)
+    paired = weight if keep is None else weight[keep]  # the loads of placement's rows
+    placement = _eval_policy(placement, meta, args, paired.any(1))
     layer_ids = row_layer_ids(trace, args.first_layer, args.loads)
     if keep is not None:
         weight, layer_ids = weight[keep], [layer_ids[i] for i in keep]
