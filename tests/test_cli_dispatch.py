@@ -106,6 +106,17 @@ def test_nearest_only_options_need_the_nearest_dispatch(tmp_path, capsys, loads,
     assert "--dispatch nearest" in err and "Traceback" not in err
 
 
+def test_slack_alone_names_every_flag_it_needs(tmp_path, capsys, loads):
+    """New-user pass: ``--slack`` alone said "add --dispatch nearest"; done, it said "add
+    --policy locality". One message names both, and doing what it says plans."""
+    path, _ = loads
+    base = ["plan", path, "-r", 96, "-g", 16, "--nodes", 4, "--groups", 8, "--slack", 0.1,
+            "-o", tmp_path / "x.json"]
+    code, _, err = run(capsys, *base)
+    assert code == 2 and "add --policy locality --dispatch nearest" in err, err
+    code, _, err = run(capsys, *base, "--policy", "locality", "--dispatch", "nearest")
+    assert code == 0, err
+
 @pytest.mark.parametrize("dispatch", ["even", "nearest"])
 def test_a_routing_key_without_a_routing_file_is_refused(tmp_path, capsys, loads, dispatch):
     # (new-user pass: with the even split it was ignored without a word)

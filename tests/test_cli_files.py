@@ -217,7 +217,7 @@ def test_force_never_replaces_devices_or_fifos(capsys, tmp_path, loads) -> None:
     (("--dispatch", "nearest", "--nodes", "2", "--gpu-speed", "1,2,1,2"), "cannot be combined"),
     (("--max-moves", "3"), "--max-moves needs --previous"),
     (("--nodes", "3"), "multiple of --nodes"),
-    (("--slack", "0.1"), "add --dispatch nearest"),
+    (("--slack", "0.1"), "add --policy locality --dispatch nearest"),
 ])
 def test_a_bad_flag_is_reported_before_an_existing_output(capsys, tmp_path, loads, flags,
                                                           said) -> None:

@@ -494,14 +494,17 @@ def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
     nearest_only = {"--fair": args.fair != "auto", "--slack": args.slack is not None,
                     "--routing": args.routing is not None,
                     "--policy locality": args.policy == "locality"}
+    if args.slack is not None and args.policy != "locality":
+        # checked first: told to add --dispatch nearest alone, the user was then told to
+        # add --policy locality (new-user pass)
+        also = "" if args.dispatch == "nearest" else " --dispatch nearest"
+        raise CliError(f"--slack is the locality policy's knob: add --policy locality{also}")
     if args.dispatch != "nearest":
         given = [flag for flag, on in nearest_only.items() if on]
         if given:
             raise CliError(f"{', '.join(given)} {'describe' if len(given) > 1 else 'describes'} "
                            "SGLang's nearest dispatch: add --dispatch nearest")
         return
-    if args.slack is not None and args.policy != "locality":
-        raise CliError("--slack is the locality policy's knob: add --policy locality")
     if args.gpu_speed:
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest")
 
