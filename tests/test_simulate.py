@@ -136,6 +136,21 @@ def test_windows_spanning_a_plan_switch_are_scored_exactly() -> None:
     assert res.window_balancedness[0].item() == pytest.approx(want, rel=1e-6)
 
 
+
+def test_a_trace_too_short_for_a_scoring_window_after_the_first_rebalance_is_refused() -> None:
+    """Scoring windows start at multiples of their length: rebalancing every 20 steps and
+    scoring windows of 100 (cadence "adrs" with its interval overridden) first scores at
+    step 100. 192 steps passed the length check (20 + 100) and came back with no window
+    scored (window_balancedness None, new-user pass); now the check counts that start."""
+    counts = _trace(192)
+    with pytest.raises(ValueError, match=r"starts at step 100, so the simulation needs at "
+                                         r"least 200 steps"):
+        simulate(counts, "eplb", num_replicas=R, num_gpus=P, cadence="adrs", window=20,
+                 interval=20, oracle=False)
+    res = simulate(_trace(200), "eplb", num_replicas=R, num_gpus=P, cadence="adrs",
+                   window=20, interval=20, oracle=False)
+    assert res.planned.tolist() == [False, True]
+
 def _exact_planner(topo: Topology):
     """Optimal for 4 experts on 2 GPUs x 2 slots: try all three pairings per layer."""
     pairings = [[0, 1, 2, 3], [0, 2, 1, 3], [0, 3, 1, 2]]

@@ -402,12 +402,18 @@ def simulate(
         initial=initial, **plan_options,
     )
 
-    if num_steps < cad.interval + cad.scoring:
-        # fewer steps would score nothing after the first rebalance: every figure empty
-        raise ValueError(f"trace has {num_steps} steps; the first rebalance is at step "
-                         f"{cad.interval} and a scoring window is {cad.scoring} steps, so the "
-                         f"simulation needs at least {cad.interval + cad.scoring} steps")
     score = cad.scoring
+    # scoring windows start at multiples of their length: the first one scored starts at
+    # or after the first rebalance (interval 20 and windows of 100: at step 100, so 192
+    # steps scored nothing and every figure came back empty, without a word)
+    first_scored = -(-cad.interval // score) * score
+    if num_steps < first_scored + score:
+        # fewer steps would score nothing after the first rebalance: every figure empty
+        where = ("" if first_scored == cad.interval else
+                 f", the first scoring window after it starts at step {first_scored}")
+        raise ValueError(f"trace has {num_steps} steps; the first rebalance is at step "
+                         f"{cad.interval} and a scoring window is {score} steps{where}, so "
+                         f"the simulation needs at least {first_scored + score} steps")
     speed = realised.speed(num_gpus)
     chunk = steps_per_chunk(num_layers, num_gpus)
     scored, dtype = scoring_counts(counts)  # (the planners take the counts as they are)
