@@ -187,6 +187,22 @@ def test_dispatch_helpers_check_their_inputs():
         remote_nodes_per_token(phy2log, torch.zeros(0, 1, 2, dtype=torch.long), 8, 4, 2)
 
 
+
+def test_eval_routing_on_one_node_names_routing_not_the_dispatch(tmp_path, capsys, loads,
+                                                                  routing):
+    """New-user pass: ``eval --dispatch nearest --routing`` on a one-node plan said
+    "--dispatch nearest needs several nodes", though without --routing the same command
+    scores the rule on one node. The message names --routing, and dropping it runs."""
+    path, _ = loads
+    out = tmp_path / "one.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "-o", out)[0] == 0
+    base = ["eval", "--placement", out, path, "--dispatch", "nearest", "--summary"]
+    code, _, err = run(capsys, *base, "--routing", routing)
+    assert code == 2 and "--routing counts remote nodes per token" in err, err
+    assert "drop --routing" in err and "Traceback" not in err
+    code, _, err = run(capsys, *base)
+    assert code == 0, err
+
 def test_eval_refuses_what_plan_refuses(tmp_path, capsys, loads, routing):
     path, _ = loads
     out = tmp_path / "p.json"

@@ -382,9 +382,12 @@ def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torc
     placement has), or the placement's."""
     topo = placement.topology
     if topo.num_nodes <= 1:
-        raise CliError(f"--dispatch nearest needs several nodes, and {args.placement} is for "
-                       "one: eplb files record their cluster, --nodes N (N > 1) applies to "
-                       "engine files")
+        # reached with --routing only: on one node eval scores the rule without it (new-user
+        # pass: "--dispatch nearest needs several nodes" contradicted the runs that did)
+        raise CliError(f"--routing counts remote nodes per token, which needs several nodes, "
+                       f"and {args.placement} is for one: drop --routing to score the nearest "
+                       "rule on one node (eplb files record their cluster, --nodes N (N > 1) "
+                       "applies to engine files)")
     active = placement.active_gpus
     # (for ratios only: scaled as scaled_gpu_loads scales, so huge loads sum finitely)
     loads = realised_gpu_loads(scale_free(weight), placement.phy2log, topo.num_gpus,
