@@ -26,6 +26,10 @@ planner's call (one thread; SGLang's algorithm as released, eplb through its hoo
 eplb's model of the table (``eplb.core.rank_draws.split_draw_balancedness``) is printed
 beside it.
 
+With ``--budgets 0.05,0.2,1`` it adds eplb's hook with the option ``max_moves``: that
+share of the slots (in total over the layers) on every call from a map in force; a share
+of 1 is a budget above what pays, whose plan should move no layer more than the default's.
+
 With ``--other-models`` it instead plans fresh on the other real models' counts
 (gpt-oss-20b, OLMoE, Mixtral, Qwen3-30B-A3B, DeepSeek-V2-Lite: two windows each, at the
 one-node shapes of ``bench_real_models.py``) and scores by SGLang's runtime table the
@@ -33,6 +37,7 @@ even split (``eplb.plan(w, R, P)``), ``dispatch="nearest"`` (``fair="auto"``: wh
 hook plans) and ``fair="divide"``.
 
     python benchmarks/bench_sglang_runtime.py [--files 4] [--steps 3] [--drift 0.15]
+        [--budgets 0.05,0.2,1]
     python benchmarks/bench_sglang_runtime.py --other-models
 """
 
@@ -130,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=4, help="real workloads (of 12)")
     parser.add_argument("--steps", type=int, default=3, help="rebalances after the first")
     parser.add_argument("--drift", type=float, default=0.15)
+    parser.add_argument("--budgets", default="",
+                        help="shares of the slots to add max_moves rows for, e.g. 0.05,0.2,1")
     parser.add_argument("--other-models", action="store_true",
                         help="fresh plans on the other real models' counts instead")
     args = parser.parse_args(argv)
@@ -147,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
             w, g, old, {"dispatch": "even"}),
         "eplb (default)": lambda w, g, old: eplb_hook(w, g, old, {}),
     }
+    for share in (float(b) for b in args.budgets.split(",") if b):
+        def budgeted(w: torch.Tensor, g: int, old: torch.Tensor | None,
+                     share: float = share) -> torch.Tensor:
+            # (the first call has no map in force: no budget to keep)
+            total = round(share * w.shape[0] * R)
+            return eplb_hook(w, g, old, {} if old is None else {"max_moves": total})
+        planners[f"eplb, max_moves {share:g} of the slots"] = budgeted
     loads = list(deepseek_loads().items())[: args.files]
     if not loads:  # deepseek_loads has printed SKIPPED: no table of empty cells after it
         return 0

@@ -138,12 +138,12 @@ class PlanFromTheMapInForce(RuleBasedStateMachine):
             elif budget is not None:
                 assert int(moved.sum()) <= budget, (
                     f"{int(moved.sum())} slots moved over a budget of {budget}")
-            if budget is not None and "policy" in kwargs and c["dispatch"] == "even":
-                # "never more slots in a layer than the plan without a budget" (README). Not
-                # asserted under nearest dispatch: on one node a budget also offers the even
-                # split's own plan within it, which the plan without one does not, and a
-                # layer may move there that the plan without a budget keeps (2 GPUs, 4 slots
-                # each, 6 experts: budget 2 moved [2, 0] slots, no budget [0, 2])
+            if budget is not None and "policy" in kwargs:
+                # "never more slots in a layer than the plan without a budget" (README),
+                # under either rule (found here: on one node under nearest dispatch a
+                # budget also offers the even split's own plan within it, and 2 GPUs, 4
+                # slots each, 6 experts moved [2, 0] slots under a budget of 2 where no
+                # budget moved [0, 2])
                 free = self._plan({k: v for k, v in kwargs.items() if k != "max_moves"})
                 unlimited = free.moved_slots(self.previous)
                 assert bool((moved <= unlimited).all()), (

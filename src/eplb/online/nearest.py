@@ -134,21 +134,7 @@ def plan_table_incremental(
     if max_moves is None:
         balance = _balance(request, ladder)  # (scored once: the values, the bound rule)
         values = paying_values(request, ladder, balance=balance)
-        # (the global ladder's rule: its last step still gains; here a quarter of the
-        # move price, as the values are net of the moves: at R = E, 8 GPUs, a last step
-        # gaining 0.003-0.009 ended 0.004-0.009 of the next window short of the fresh
-        # plan, attacker pass; with no swap step, IncrementalOptions(steps=0), the fresh
-        # plan is the only move offered)
-        gaining = (values[-1] - values[-2] > request.options.incremental.move_price / 4
-                   if len(values) > 1 else torch.ones_like(values[0], dtype=torch.bool))
-        # or, as the global ladder's rules too: at <= 3 slots per GPU, or where its end
-        # is further from the layer's bound in sample than the drift's own excess (an
-        # old packing its swaps cannot undo: at R = E, 8 GPUs, it ended 0.01-0.02 of the
-        # next window short of the fresh plan, moves paid; attacker pass)
-        need = (torch.from_numpy(far).to(values.device) | gaining
-                | _short_of_bound(request, ladder[-1], balance[0][-1], balance[1][-1]
-                                  ).to(values.device)
-                | (topology.slots_per_gpu <= COARSE_SLOTS))
+        need = _fresh_needed(request, ladder, far, values, balance)
         if not bool(need.any()):  # (most steady calls: no fresh plan to make or score)
             return ladder[values.argmax(0), layers]
         fresh = _fresh_where(request, base, need.cpu())
@@ -162,15 +148,60 @@ def plan_table_incremental(
         offers.append(warm_even(base, max_moves).cpu()[None])
     candidates = torch.cat(offers)
     cost = (candidates != base[None]).sum(2)
+    balance = _balance(request, candidates)
+    # the plan without a budget, chosen among the same candidates (its own: the ladder
+    # but the transfer-only rungs 1-3 that a budget adds (warm_ladder), and the fresh plan
+    # where it makes one; a candidate's value depends on it and the map in force only):
+    # a budget buys no candidate that moves a layer more slots than that plan does, as
+    # the README promises under either rule (the stateful sequence tests: warm_even,
+    # offered under a budget only, moved a layer 4 slots under a budget of 100 where no
+    # budget moved 2; a budget of 10**6 moved more slots than none in 20 of 60 random
+    # one-node cases)
+    value = paying_values(request, candidates, balance=balance)  # [C, L]
+    own = np.ones(ladder.shape[0], bool)
+    own[1:4] = False
+    own = torch.from_numpy(np.append(own, True))  # [C]: + the fresh plan (+ not warm_even)
+    own = torch.cat([own, torch.zeros(len(candidates) - len(own), dtype=torch.bool)])
+    need = _fresh_needed(request, ladder[own[:len(ladder)]], far, value[own][:-1],
+                         (balance[0][own][:-1], balance[1][own][:-1]))
+    plain = value[own]
+    plain[-1] = torch.where(need, plain[-1], -torch.inf)
+    most = cost[own][plain.argmax(0).cpu(), layers]  # [L] slots the plan without a budget moves
+    within = cost <= most[None]  # [C, L]
     if isinstance(max_moves, int):
-        values = paying_values(request, candidates, by_time=True).cpu().numpy()
+        values = paying_values(request, candidates, by_time=True, balance=balance).cpu().numpy()
+        values[~within.cpu().numpy()] = -np.inf
         if request.idle is not None:  # (as _within_total: no load, nothing to buy)
             values[1:, request.idle.cpu().numpy()] = -np.inf
         pick = torch.from_numpy(spend_budget(values, cost.numpy(), max_moves))
         return candidates[pick, layers]
-    affordable = cost <= max_moves[None].cpu()
-    pick = torch.where(affordable, paying_values(request, candidates).cpu(), -torch.inf).argmax(0)
+    affordable = (cost <= max_moves[None].cpu()) & within
+    pick = torch.where(affordable, value.cpu(), -torch.inf).argmax(0)
     return candidates[pick, layers]
+
+
+def _fresh_needed(request: PlanRequest, ladder: torch.Tensor, far: np.ndarray,
+                  values: torch.Tensor, balance: tuple[torch.Tensor, torch.Tensor]
+                  ) -> torch.Tensor:
+    """``[L]`` the layers where the plan without a budget offers the fresh plan beside
+    the ladder ``ladder [K, L, R]`` (``values [K, L]`` its :func:`paying_values`,
+    ``balance`` its :func:`expected_balance`; ``far [L]`` counts further from the target
+    than a step's quota): where the ladder may not reach it."""
+    # (the global ladder's rule: its last step still gains; here a quarter of the
+    # move price, as the values are net of the moves: at R = E, 8 GPUs, a last step
+    # gaining 0.003-0.009 ended 0.004-0.009 of the next window short of the fresh
+    # plan, attacker pass; with no swap step, IncrementalOptions(steps=0), the fresh
+    # plan is the only move offered)
+    gaining = (values[-1] - values[-2] > request.options.incremental.move_price / 4
+               if len(values) > 1 else torch.ones_like(values[0], dtype=torch.bool))
+    # or, as the global ladder's rules too: at <= 3 slots per GPU, or where its end
+    # is further from the layer's bound in sample than the drift's own excess (an
+    # old packing its swaps cannot undo: at R = E, 8 GPUs, it ended 0.01-0.02 of the
+    # next window short of the fresh plan, moves paid; attacker pass)
+    return (torch.from_numpy(far).to(values.device) | gaining
+            | _short_of_bound(request, ladder[-1], balance[0][-1], balance[1][-1]
+                              ).to(values.device)
+            | (request.topology.slots_per_gpu <= COARSE_SLOTS))
 
 
 def _balance(request: PlanRequest, candidates: torch.Tensor
