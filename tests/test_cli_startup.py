@@ -36,6 +36,38 @@ def test_import_eplb_loads_no_torch_and_every_public_name_resolves() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
+def test_threads_that_first_use_different_public_names_all_get_them() -> None:
+    # an engine's threads may each be the first to touch eplb.plan, eplb.Placement, ...:
+    # each name imported its own module, and the threads' module locks crossed: an
+    # ImportError from a half-made module or importlib's _DeadlockError. Five rounds, each
+    # with the eplb modules dropped (torch stays loaded, so a round is quick)
+    done = _python("""
+        import sys, threading
+        failures = []
+        for _ in range(5):
+            for name in [m for m in sys.modules if m == "eplb" or m.startswith("eplb.")]:
+                del sys.modules[name]
+            import eplb
+            names = [*eplb.__all__, "api", "core", "online"]
+            barrier = threading.Barrier(len(names))
+
+            def first_use(name):
+                barrier.wait()
+                try:
+                    getattr(eplb, name)
+                except Exception as error:
+                    failures.append(f"{name}: {error!r}")
+
+            threads = [threading.Thread(target=first_use, args=(name,)) for name in names]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        print(failures[:3] or "ok")
+    """)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
+
+
 def test_the_lazy_package_answers_like_an_eager_one() -> None:
     assert set(eplb.__all__) <= set(dir(eplb))
     assert eplb.plan.__module__ == "eplb.api"

@@ -57,6 +57,12 @@ _LOADED_WITH_THE_API = ("api", "core", "online")
 def __getattr__(name: str) -> Any:
     """A public name (or one of :data:`_LOADED_WITH_THE_API`), imported on first use;
     later uses find it in the module's namespace."""
+    if name in _HOME or name in _LOADED_WITH_THE_API:
+        # first the whole API, as the eager ``import eplb`` loaded it: one import, so
+        # threads that first use different names wait on its lock. Each importing its own
+        # module took that module's lock before its package's, and the locks crossed: an
+        # ImportError from a half-made module, or importlib's _DeadlockError (attacker pass)
+        importlib.import_module(f"{__name__}.api")
     if name in _HOME:
         value = getattr(importlib.import_module(_HOME[name]), name)
         globals()[name] = value
