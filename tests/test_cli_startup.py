@@ -5,6 +5,7 @@ code, depending on when the Ctrl-C came)."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,8 +17,12 @@ import eplb
 
 
 def _python(code: str) -> subprocess.CompletedProcess[str]:
+    # SIGINT as a terminal gives it: a test run in the background (a shell without job
+    # control) ignores SIGINT, its children inherit that, and eplb rightly leaves an
+    # ignored SIGINT alone, so the Ctrl-C tests below saw the command run on (exit 0)
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, check=False, timeout=120)
+                          text=True, check=False, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_import_eplb_loads_no_torch_and_every_public_name_resolves() -> None:
