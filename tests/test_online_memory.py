@@ -92,3 +92,26 @@ def test_a_pickled_rebalancer_keeps_its_events() -> None:
     twin = pickle.loads(pickle.dumps(rebalancer))
     assert [repr(e) for e in twin.events] == [repr(e) for e in rebalancer.events]
     assert len(twin.events) == 3
+
+
+class _DataclassPickle:
+    """Loads as a pickled RebalanceEvent dataclass did: a bare instance of the class, then
+    its field dict as the state (pickle refuses copyreg.__newobj__ for another class)."""
+
+    def __init__(self, **fields: object) -> None:
+        self.fields = fields
+
+    def __reduce_ex__(self, protocol: object) -> tuple:
+        return (object.__new__, (RebalanceEvent,), self.fields)
+
+
+def test_an_event_pickled_when_it_was_a_dataclass_loads() -> None:
+    # a Rebalancer pickled by an eplb before the integer counts holds such events
+    saved = pickle.dumps(_DataclassPickle(
+        step=12, plan_seconds=0.5, moved_slots=torch.tensor([3, 0, 1]), changed=True,
+        moved_per_gpu=torch.tensor([2, 2])))
+    event = pickle.loads(saved)
+    assert repr(event) == repr(_event())
+    assert event.moved_per_gpu.tolist() == [2, 2]
+    with pytest.raises(dataclasses.FrozenInstanceError, match="read-only"):
+        event.step = 3

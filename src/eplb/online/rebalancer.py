@@ -89,6 +89,12 @@ class RebalanceEvent:
         return (RebalanceEvent, (self.step, self.plan_seconds, self._moved_slots, self.changed,
                                  self._moved_per_gpu))
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # an event pickled when RebalanceEvent was a dataclass (a Rebalancer saved by an
+        # eplb before the integer counts): its __dict__ of fields, tensors included, which
+        # pickle could not set on an instance without a __dict__ (AttributeError)
+        RebalanceEvent.__init__(self, **state)
+
     def __repr__(self) -> str:
         per_gpu = None if self._moved_per_gpu is None else list(self._moved_per_gpu)
         return (f"RebalanceEvent(step={self.step}, plan_seconds={self.plan_seconds!r}, "
