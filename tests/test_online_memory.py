@@ -42,17 +42,19 @@ def test_eight_hundred_rebalances_keep_the_memory_flat() -> None:
         seen = {}
         for step in range(801):
             rebalancer.record(steps[step % len(steps)])
-            if step in (300, 800):
+            if step in (500, 800):  # (after the allocator's warm-up: see below)
                 seen[step] = resident_mb()
         assert len(rebalancer.events) == 801
-        print(seen[800] - seen[300])
+        print(seen[800] - seen[500])
     """)
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc/self/statm")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=False, timeout=300)
     assert done.returncode == 0, done.stderr
-    # measured: +30 MB over these 500 rebalances with tensors in the events, about +1 MB without
+    # measured over these 300 rebalances: +20 to +34 MB with tensors in the events, 0 to +3 MB
+    # without. The resident memory still climbs by some 8 MB up to about rebalance 500
+    # without them, so a window from 300 read +5 to +8.2 MB and failed now and then
     assert float(done.stdout) < 8, f"resident memory grew {float(done.stdout):.1f} MB"
 
 
