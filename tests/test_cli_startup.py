@@ -1,7 +1,8 @@
-"""The ``eplb`` command's start-up: ``import eplb`` is light, and a Ctrl-C while the
-command imports torch ends with one line and exit code 130 (attacker pass: a traceback,
-a ``RecursionError`` from a half-imported NumPy, or an abort inside torch's pybind11
-code, depending on when the Ctrl-C came)."""
+"""The ``eplb`` command's start-up: a Ctrl-C while it imports torch, NumPy and SciPy ends
+with one line and exit code 130 (attacker pass: a traceback, a ``RecursionError`` from a
+half-imported NumPy, or an abort inside torch's pybind11 code, depending on when the
+Ctrl-C came), and ``import eplb`` stays eager, so threads that first import eplb's
+modules at once never cross their import locks (a lazy package did: attacker pass)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from importlib.metadata import entry_points
 
 import pytest
 
-import eplb
-
 
 def _python(code: str) -> subprocess.CompletedProcess[str]:
     # SIGINT as a terminal gives it: a test run in the background (a shell without job
@@ -25,45 +24,36 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
-def test_import_eplb_loads_no_torch_and_every_public_name_resolves() -> None:
+def test_threads_that_first_import_different_eplb_modules_all_get_them() -> None:
+    # after a bare `import eplb` (the README's), with the package lazy, six threads
+    # importing eplb.online, eplb.core.placement, eplb.formats, ... and reaching
+    # eplb.plan at once got importlib's _DeadlockError, "cannot import name ... from
+    # partially initialized module" or KeyError('eplb.core') in 9 of 12 fresh processes;
+    # the eager package has loaded them in the one thread's import. (Threads whose very
+    # first eplb import is at once race in CPython's module locks either way: README)
     done = _python("""
-        import sys
-        import eplb
-        assert "torch" not in sys.modules, "import eplb loaded torch"
-        names = [getattr(eplb, name) for name in eplb.__all__]
-        assert "torch" in sys.modules
-        from eplb import Placement, plan
-        assert plan is eplb.plan and Placement is eplb.Placement
-        # a bare `import eplb` has always reached these (README examples use eplb.core)
-        assert eplb.core.plan_greedy and eplb.online.Rebalancer and eplb.api.plan
-        print("ok")
-    """)
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
-
-
-def test_threads_that_first_use_different_public_names_all_get_them() -> None:
-    # an engine's threads may each be the first to touch eplb.plan, eplb.Placement, ...:
-    # each name imported its own module, and the threads' module locks crossed: an
-    # ImportError from a half-made module or importlib's _DeadlockError. Five rounds, each
-    # with the eplb modules dropped (torch stays loaded, so a round is quick)
-    done = _python("""
-        import sys, threading
+        import importlib, sys, threading
         failures = []
-        for _ in range(5):
+        for _ in range(10):
             for name in [m for m in sys.modules if m == "eplb" or m.startswith("eplb.")]:
                 del sys.modules[name]
             import eplb
-            names = [*eplb.__all__, "api", "core", "online"]
-            barrier = threading.Barrier(len(names))
+            uses = [lambda: importlib.import_module("eplb.online"),
+                    lambda: importlib.import_module("eplb.core.placement"),
+                    lambda: importlib.import_module("eplb.formats"),
+                    lambda: importlib.import_module("eplb.core.options"),
+                    lambda: importlib.import_module("eplb").plan,
+                    lambda: importlib.import_module("eplb").Placement]
+            barrier = threading.Barrier(len(uses))
 
-            def first_use(name):
+            def first_use(use):
                 barrier.wait()
                 try:
-                    getattr(eplb, name)
+                    use()
                 except Exception as error:
-                    failures.append(f"{name}: {error!r}")
+                    failures.append(repr(error))
 
-            threads = [threading.Thread(target=first_use, args=(name,)) for name in names]
+            threads = [threading.Thread(target=first_use, args=(use,)) for use in uses]
             for thread in threads:
                 thread.start()
             for thread in threads:
@@ -73,26 +63,19 @@ def test_threads_that_first_use_different_public_names_all_get_them() -> None:
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stdout + done.stderr
 
 
-def test_the_lazy_package_answers_like_an_eager_one() -> None:
-    assert set(eplb.__all__) <= set(dir(eplb))
-    assert eplb.plan.__module__ == "eplb.api"
-    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        eplb.no_such_name  # noqa: B018
-    # formats and tools were never loaded by `import eplb` (README: import them first)
-    assert "formats" not in eplb._LOADED_WITH_THE_API
-
-
 def test_the_console_script_is_the_start_up_that_takes_a_ctrl_c() -> None:
     (script,) = entry_points(group="console_scripts", name="eplb")
-    assert script.value == "eplb.__main__:main"
+    assert script.value == "_eplb_command:main"
 
 
-@pytest.mark.parametrize("module", ["torch", "numpy._core.multiarray", "scipy.optimize"])
+@pytest.mark.parametrize("module", ["torch", "numpy._core.multiarray", "scipy.optimize",
+                                    "eplb.cli._parser"])
 def test_a_ctrl_c_during_the_start_up_imports_ends_with_one_line(module: str) -> None:
-    # the SIGINT arrives while `module` is being imported by `python -m eplb`: a finder
-    # at the front of sys.meta_path sends it the first time the module is looked up
+    # the SIGINT arrives while `module` is being imported by the console script's main:
+    # a finder at the front of sys.meta_path sends it the first time the module is looked
+    # up (before the fix: a KeyboardInterrupt traceback, exit -2)
     done = _python(f"""
-        import os, runpy, signal, sys
+        import os, signal, sys
 
         class Interrupt:
             sent = False
@@ -105,9 +88,19 @@ def test_a_ctrl_c_during_the_start_up_imports_ends_with_one_line(module: str) ->
 
         sys.meta_path.insert(0, Interrupt())
         sys.argv = ["eplb", "--version"]
-        runpy.run_module("eplb", run_name="__main__", alter_sys=True)
-        print("the command ran on")
+        import _eplb_command
+        sys.exit(_eplb_command.main())
     """)
     assert done.returncode == 130, done.stderr
     assert done.stderr == "eplb: interrupted\n"
-    assert done.stdout == ""
+    assert done.stdout == ""  # the command did not run on: no version printed
+
+
+def test_the_console_script_runs_the_command() -> None:
+    done = _python("""
+        import sys
+        sys.argv = ["eplb", "--version"]
+        import _eplb_command
+        sys.exit(_eplb_command.main())
+    """)
+    assert done.returncode == 0 and done.stdout.startswith("eplb "), done.stderr
