@@ -23,7 +23,9 @@ in a fixed order, one torch thread:
   ``bench_incremental_settings.py``; they caught a bug the real files did not).
 - ``nearest``: plans for the nearest-replica dispatch, fresh then from the map in force,
   and the GPU loads that dispatch realises (with and without token sources);
-  ``nearest-dead-gpu``: the same plans with GPU 7 dead.
+  ``nearest-dead-gpu``: the same plans with GPU 7 dead; ``nearest-one-node``: one node
+  (SGLang's runtime table) of 8 and 32 GPUs, fresh, then from the map in force without a
+  move budget, with totals of 200 and 10**6 slots and with 6 slots per layer.
 - ``shapes``: every ``bench_shapes.py`` shape on 3 inputs (``rebalance_experts``,
   ``eplb.plan`` with its ``log2phy``, and a one-layer call), one hash per shape.
 - ``variants``: gpt-oss-like shapes with a dead GPU, GPU speeds, groups on nodes, the
@@ -183,6 +185,23 @@ def nearest() -> Iterator[tuple[str, Digest]]:
             dead.add(eplb.plan(drifted, replicas, gpus, nodes, groups, previous=first,
                                **options).phy2log)
     yield "nearest-dead-gpu", dead
+    # one node, SGLang's runtime table: fresh, then from the map in force without a
+    # budget, with small and ample totals and with a per-layer cap (the budgeted path
+    # offers the even split's own plan within the budget too)
+    table = Digest()
+    for i, weight in enumerate(loads[:3]):
+        for gpus in (8, 32):
+            first = eplb.plan(weight, 288, gpus, dispatch="nearest")
+            table.add(first.phy2log)
+            gen = torch.Generator().manual_seed(200 + i)
+            drifted = torch.round(
+                weight * torch.exp(0.15 * torch.randn(weight.shape, generator=gen,
+                                                      dtype=torch.float64)))
+            layers = weight.shape[0]
+            for budget in (None, 200, 10**6, [6] * layers):
+                table.add(eplb.plan(drifted, 288, gpus, dispatch="nearest", previous=first,
+                                    max_moves=budget).phy2log)
+    yield "nearest-one-node", table
 
 
 def shapes() -> Iterator[tuple[str, Digest]]:
