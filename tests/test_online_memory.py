@@ -117,3 +117,9 @@ def test_an_event_pickled_when_it_was_a_dataclass_loads() -> None:
     assert event.moved_per_gpu.tolist() == [2, 2]
     with pytest.raises(dataclasses.FrozenInstanceError, match="read-only"):
         event.step = 3
+
+
+def test_an_event_keeps_integers_whatever_tensor_it_is_given() -> None:
+    event = RebalanceEvent(1, 0.1, torch.tensor([1.0, 2.0]), True, torch.tensor([True, False]))
+    assert "moved_slots=[1, 2]" in repr(event) and "moved_per_gpu=[1, 0]" in repr(event)
+    assert event.moved_slots.tolist() == [1, 2] and event.moved_per_gpu.tolist() == [1, 0]

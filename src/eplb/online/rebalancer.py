@@ -103,9 +103,10 @@ class RebalanceEvent:
 
 
 def _integers(counts: torch.Tensor | Sequence[int]) -> tuple[int, ...]:
-    """``counts`` (a 1-D tensor or a sequence) as a tuple of Python integers."""
+    """``counts`` (a 1-D tensor or a sequence) as a tuple of Python integers (a float or
+    bool tensor too: its repr showed ``[1.5]`` where ``moved_slots`` read 1)."""
     if isinstance(counts, torch.Tensor):
-        return tuple(counts.detach().reshape(-1).tolist())
+        counts = counts.detach().reshape(-1).tolist()
     return tuple(int(count) for count in counts)
 
 
