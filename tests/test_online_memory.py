@@ -123,3 +123,19 @@ def test_an_event_keeps_integers_whatever_tensor_it_is_given() -> None:
     event = RebalanceEvent(1, 0.1, torch.tensor([1.0, 2.0]), True, torch.tensor([True, False]))
     assert "moved_slots=[1, 2]" in repr(event) and "moved_per_gpu=[1, 0]" in repr(event)
     assert event.moved_slots.tolist() == [1, 2] and event.moved_per_gpu.tolist() == [1, 0]
+
+
+def test_events_read_host_tensors_under_a_meta_default_device() -> None:
+    # the first event's zero counts were made on the caller's default device ("meta": no
+    # numbers to keep, and reading them failed); the counts are host numbers
+    rng = np.random.default_rng(2)
+    rebalancer = Rebalancer(20, 4, window=2, interval=2)
+    device = torch.get_default_device()
+    torch.set_default_device("meta")
+    try:
+        for _ in range(4):
+            rebalancer.record(torch.from_numpy(rng.poisson(5.0, (2, 16))).to("cpu"))
+        moved = [event.moved_slots for event in rebalancer.events]
+    finally:
+        torch.set_default_device(device)
+    assert [m.device.type for m in moved] == ["cpu", "cpu"] and moved[0].tolist() == [0, 0]

@@ -50,8 +50,8 @@ class RebalanceEvent:
     ``moved_slots`` / ``moved_per_gpu`` returns a new int64 tensor of them: two small
     tensors kept for every rebalance sat in the C heap between the plans' large
     temporaries, which could then not reuse the space around them, so a process's
-    memory grew by about 50 KB a rebalance (58 × 256 on 32 GPUs: 283 → 535 MB over
-    5,000 rebalances of ``interval=1``, where it stays at 313 MB with integers;
+    memory grew by about 50 KB a rebalance (58 × 256 on 32 GPUs: 283 → 462 MB over
+    3,000 rebalances of ``interval=1``, where it reaches 321 MB with integers;
     ``benchmarks/bench_rebalancer_memory.py``).
     """
 
@@ -69,14 +69,15 @@ class RebalanceEvent:
     @property
     def moved_slots(self) -> torch.Tensor:
         """``[L]`` int64: the slots of each layer whose expert changed."""
-        return torch.tensor(self._moved_slots, dtype=torch.int64)
+        # (on the host whatever the caller's default device: the counts are host numbers)
+        return torch.tensor(self._moved_slots, dtype=torch.int64, device="cpu")
 
     @property
     def moved_per_gpu(self) -> torch.Tensor | None:
         """``[P]`` int64: the changed slots on each GPU over every layer (``None``: not
         recorded)."""
         return (None if self._moved_per_gpu is None
-                else torch.tensor(self._moved_per_gpu, dtype=torch.int64))
+                else torch.tensor(self._moved_per_gpu, dtype=torch.int64, device="cpu"))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise FrozenInstanceError(f"cannot assign to field {name!r}: a RebalanceEvent is read-only")
@@ -442,15 +443,15 @@ class Rebalancer:
                 raise PlacementError(f"the planner returned a placement that breaks the "
                                      f"contract: {exc}") from None
         if previous is None:
-            moved = torch.zeros(new.num_layers, dtype=torch.int64)
-            per_gpu = torch.zeros(new.topology.num_gpus, dtype=torch.int64)
+            moved, per_gpu = [0] * new.num_layers, [0] * new.topology.num_gpus
             changed = True
         else:
-            moved = new.moved_slots(previous).cpu()
-            per_gpu = new.moved_slots(previous, per_gpu=True).cpu()
-            # emptying a dead GPU's slots moves no weights but changes the map in force
-            changed = bool(moved.any()) or not torch.equal(
-                new.phy2log, previous.phy2log.to(new.phy2log.device))
+            with caller_settings_off():  # (a "meta" default device: no numbers to read)
+                moved = new.moved_slots(previous).cpu()
+                per_gpu = new.moved_slots(previous, per_gpu=True).cpu()
+                # emptying a dead GPU's slots moves no weights but changes the map in force
+                changed = bool(moved.any()) or not torch.equal(
+                    new.phy2log, previous.phy2log.to(new.phy2log.device))
         self.events.append(RebalanceEvent(self.steps, seconds, moved, changed, per_gpu))
         self._placement = new
         return new if changed else None
