@@ -39,6 +39,9 @@ def main() -> int:
     # ignored SIGINT, as under ``nohup``, nor a handler a host program installed)
     watch = (threading.current_thread() is threading.main_thread()
              and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    # a Ctrl-C noted by an earlier call in this process (a host program that runs the
+    # command twice) is not this call's: kept, it ended this call with 130 as well
+    _interrupts.clear()
     if watch:
         signal.signal(signal.SIGINT, _on_interrupt)
     try:

@@ -104,3 +104,31 @@ def test_the_console_script_runs_the_command() -> None:
         sys.exit(_eplb_command.main())
     """)
     assert done.returncode == 0 and done.stdout.startswith("eplb "), done.stderr
+
+
+def test_a_ctrl_c_during_one_start_up_does_not_end_the_next_call_in_the_process() -> None:
+    # a host program that calls main() again after a Ctrl-C ended its first call: the
+    # second call printed "eplb: interrupted" and returned 130 without any Ctrl-C of
+    # its own (the first one's was still noted)
+    done = _python("""
+        import os, signal, sys
+
+        class Interrupt:
+            sent = False
+
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch" and not Interrupt.sent:
+                    Interrupt.sent = True
+                    os.kill(os.getpid(), signal.SIGINT)
+                return None
+
+        sys.meta_path.insert(0, Interrupt())
+        sys.argv = ["eplb", "--version"]
+        import _eplb_command
+        print(_eplb_command.main(), _eplb_command.main())
+    """)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "eplb: interrupted\n"
+    # the second call printed the version (before the returned codes are printed)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("eplb ") and lines[1:] == ["130 0"], done.stdout
