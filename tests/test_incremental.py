@@ -177,6 +177,29 @@ def test_skip_threshold_only_touches_layers_that_gain_enough():
     assert int(moved.sum()) > 0  # the drift leaves layers worth fixing
 
 
+def test_a_budget_moves_no_layer_that_the_skip_threshold_leaves_alone_without_one():
+    # README: a budget never moves more slots in a layer than the plan without one. With
+    # a skip threshold that plan left this layer alone (its choice gained 0.050 < 0.052),
+    # but a budget also offers the transfer-only rungs, and one of them (3 slots, gaining
+    # 0.053) cleared the threshold: 3 slots moved under a budget of 10**6 or 5 (nearest
+    # dispatch on one node under a skip threshold plans with the even split's planner)
+    w0 = torch.tensor([[172.0, 63, 45, 1677, 231, 1005, 155, 909, 686, 209, 30, 54, 143, 270,
+                        204]])
+    w1 = torch.tensor([[260.0, 57, 49, 2068, 237, 1268, 168, 1722, 613, 282, 26, 55, 96, 197,
+                        258]])
+    options = eplb.PlanOptions(incremental=eplb.IncrementalOptions(steps=2))
+    old = eplb.plan(w0, 32, 8, dispatch="nearest", options=options)
+
+    def moved(max_moves):
+        new = eplb.plan(w1, 32, 8, dispatch="nearest", options=options, previous=old,
+                        skip_threshold=0.052, max_moves=max_moves)
+        assert_contract(new)
+        return new.moved_slots(old).tolist()
+
+    assert moved(None) == [0]
+    assert moved(10**6) == moved([10**6]) == moved(5) == [0]
+
+
 @pytest.mark.parametrize(("policy", "nodes", "groups"), TOPOLOGIES)
 def test_replanning_the_same_weight_moves_little(policy, nodes, groups):
     """Moves that only pay in-sample are not made: a fresh plan re-planned on its own

@@ -169,6 +169,28 @@ def load_shares(load: np.ndarray) -> np.ndarray:
     return load * (len(load) / max(math.fsum(load), 1e-300))
 
 
+def paying_candidates(value: np.ndarray, cost: np.ndarray, usual: np.ndarray | None,
+                      balance: np.ndarray, skip_threshold: float | None) -> np.ndarray:
+    """``[C, L]`` the candidates a budget may buy: candidate 0, and those of a higher
+    ``value`` than it that move no more slots than the choice of the rule without a
+    budget (the best value among the ``usual [C]`` candidates, that rule's own, or
+    candidate 0 where it gains the balancedness ``balance [C, L]`` less than
+    ``skip_threshold``): a budget is never a reason for more moves in a layer (attacker
+    pass: an ample budget moved a layer 90 slots where no budget moved 6)."""
+    layers = value.shape[1]
+    own = value if usual is None else np.where(usual[:, None], value, -np.inf)
+    unbudgeted = np.argmax(own, 0)
+    if skip_threshold is not None:
+        # that rule skips the layer: a transfer-only candidate, which only a budget
+        # offers, could still clear the threshold and move it (attacker pass: 3 slots
+        # in a layer that the call without a budget left alone)
+        gain = balance[unbudgeted, np.arange(layers)] - balance[0]
+        unbudgeted = np.where(gain < skip_threshold, 0, unbudgeted)
+    pays = (value > value[:1]) & (cost <= cost[unbudgeted, np.arange(layers)][None])
+    pays[0] = True
+    return pays
+
+
 def as_threshold(skip_threshold: object) -> float | None:
     """``skip_threshold`` as a float in [0, 1) (Python, NumPy and 0-d tensor numbers, as
     the other knobs take them) or ``None``; else ``ValueError``."""

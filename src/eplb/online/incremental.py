@@ -77,6 +77,7 @@ from eplb.online.budget import (
     fine_layers,
     layer_loads,
     load_shares,
+    paying_candidates,
     spend_budget,
 )
 from eplb.online.forced import (
@@ -199,7 +200,7 @@ def _choose(
         # rule without a budget, moving no more slots than that rule's choice: a budget
         # is never a reason for more moves in a layer
         share = load_shares(layer_load)
-        pays = _paying(value, cost, usual)
+        pays = paying_candidates(value, cost, usual, balance, skip_threshold)
         with np.errstate(invalid="ignore"):
             saved = -share[None] * peak - price * cost / slots
         pick = spend_budget(np.where(pays, saved, -np.inf), cost, int(max_moves))
@@ -210,26 +211,13 @@ def _choose(
                 f"max_moves must be a non-negative int (slots in total) or {layers} "
                 f"non-negative ints (slots per layer); got {reprlib.repr(max_moves)}"
             )
-        affordable = (cost <= budget[None]) & _paying(value, cost, usual)
+        affordable = (cost <= budget[None]) & paying_candidates(value, cost, usual, balance,
+                                                                skip_threshold)
         pick = np.argmax(np.where(affordable, value, -np.inf), 0)
     if skip_threshold is not None:
         gain = balance[pick, np.arange(layers)] - balance[0]
         pick = np.where(gain < skip_threshold, 0, pick)
     return pick
-
-
-def _paying(value: np.ndarray, cost: np.ndarray, usual: np.ndarray | None) -> np.ndarray:
-    """``[C, L]`` the candidates a budget may buy: candidate 0, and those of a higher
-    ``value`` than it that move no more slots than the choice of the rule without a
-    budget (the best value among the ``usual [C]`` candidates, that rule's own): a
-    budget is never a reason for more moves in a layer (attacker pass: an ample budget
-    moved a layer 90 slots where no budget moved 6)."""
-    layers = value.shape[1]
-    own = value if usual is None else np.where(usual[:, None], value, -np.inf)
-    unbudgeted = np.argmax(own, 0)
-    pays = (value > value[:1]) & (cost <= cost[unbudgeted, np.arange(layers)][None])
-    pays[0] = True
-    return pays
 
 
 def plan_incremental(
