@@ -200,6 +200,24 @@ def test_a_budget_moves_no_layer_that_the_skip_threshold_leaves_alone_without_on
     assert moved(10**6) == moved([10**6]) == moved(5) == [0]
 
 
+def test_a_budget_offers_a_fresh_plan_where_the_plan_without_one_does_at_one_step():
+    # the rule that offers a fresh plan (a ladder still gaining over its last rungs, or
+    # ending far from balance) read the last candidates scored; under a budget at 0-1
+    # swap steps those were the transfer-only rungs, which the plan without a budget
+    # lacks, so the two offered different fresh plans: here a budget of 10**6 moved 4
+    # slots at steps=1 where no budget moved 3 (README: never more slots in a layer)
+    w0 = torch.tensor([[55.0, 659, 63, 126, 17, 1665, 90, 64]])
+    w1 = torch.tensor([[45.0, 1040, 53, 65, 11, 1303, 179, 33]])
+    options = eplb.PlanOptions(incremental=eplb.IncrementalOptions(steps=1))
+    old = eplb.plan(w0, 16, 4, options=options)
+    free = eplb.plan(w1, 16, 4, options=options, previous=old)
+    for max_moves in (10**6, [10**6]):
+        new = eplb.plan(w1, 16, 4, options=options, previous=old, max_moves=max_moves)
+        assert_contract(new)
+        moved, unlimited = new.moved_slots(old), free.moved_slots(old)
+        assert bool((moved <= unlimited).all()), (max_moves, moved, unlimited)
+
+
 @pytest.mark.parametrize(("policy", "nodes", "groups"), TOPOLOGIES)
 def test_replanning_the_same_weight_moves_little(policy, nodes, groups):
     """Moves that only pay in-sample are not made: a fresh plan re-planned on its own

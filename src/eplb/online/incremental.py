@@ -370,9 +370,14 @@ def plan_incremental(
         #   overstates what a fresh plan gains: in steady state the fresh plans it asked
         #   for were taken in 1 layer of 36, at a fresh plan's fixed cost per call
         #   (BENCHMARKS.md §3)
-        balance = 1.0 / peak
+        # (on the rule without a budget's own rungs: at 0-1 swap steps a budget's
+        # transfer-only rungs stood in their place here, offering fresh plans that rule
+        # lacks, and it let a budget move more slots in a layer; attacker pass)
+        rungs = np.nonzero(usual)[0]
+        balance = 1.0 / peak[rungs]
         gaining = balance[-1] - balance[max(0, len(balance) - 1 - back)] > options.move_price
-        far = far_from_bound(peak[-1], now[-1], 1.0, options.move_price)  # the ladder's end
+        end = rungs[-1]  # the ladder's end
+        far = far_from_bound(peak[end], now[end], 1.0, options.move_price)
         # with at most 3 slots per GPU the swap search has little room and the ladder
         # ends short of a fresh plan in most layers (at 2–3 slots on synthetic loads the
         # next window fell 0.009–0.011 below a fresh plan's): every layer is offered one
