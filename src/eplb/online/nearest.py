@@ -122,7 +122,8 @@ def plan_table_incremental(
     split's incremental plan within it, is offered too: toward divided counts a few
     slots buy little, and on real DeepSeek-V3 loads the table served the even split's
     plan better at every budget tried (attacker pass: 8 GPUs, 2 slots per layer, 0.8771
-    against 0.9045 under eplb's model of the table)."""
+    against 0.9045 under eplb's model of the table); the fresh plan only where the plan
+    without a budget makes it, and no layer moves more slots than in that plan."""
     weight, topology = request.weight, request.topology
     gpus = topology.num_gpus
     # (more slots than a replica of every expert on every GPU: nothing to divide)
