@@ -800,8 +800,9 @@ def test_write_loads_refuses_a_csv_name_it_would_fill_with_a_torch_archive(tmp_p
     # no format here writes CSV: a .csv name (found by the round-trip property tests) got
     # eplb's .pt, a zip archive that pandas or a spreadsheet opening it by name cannot read
     trace = LoadTrace(counts_tle().double(), [3, 5, 7])
-    for fmt in (None, "pt", "npz"):
-        with pytest.raises(ValueError, match=r"no CSV: name the file loads\.pt \(or \.npz\)"):
+    for fmt, name in ((None, r"loads\.pt \(or \.npz\)"), ("pt", r"loads\.pt$"),
+                      ("npz", r"loads\.npz$"), ("sglang", r"loads\.sglang\.json$")):
+        with pytest.raises(ValueError, match=rf"no CSV: name the file {name}"):
             write_loads(trace, tmp_path / "loads.CSV", format=fmt)
     assert not (tmp_path / "loads.CSV").exists()
 

@@ -36,8 +36,12 @@ def format_for(path: Path, format: str | None) -> str:
     ``.csv`` name held a torch zip archive, which pandas or a spreadsheet cannot open)."""
     suffix = path.suffix.lower()
     if suffix in UNWRITTEN_SUFFIXES:
-        raise ValueError(f"write_loads writes {', '.join(TRACE_EMITS)} files, no "
-                         f"{UNWRITTEN_SUFFIXES[suffix]}: name the file {path.stem}.pt (or .npz)")
+        # the name for the format asked for, if any (``eplb generate --format npz -o t.csv``
+        # was told to write t.pt; and the message names no function: the CLI shows it too)
+        want = (".sglang.json" if format == "sglang" else SUFFIX_BY_FORMAT.get(format or ""))
+        name = f"{path.stem}{want}" if want else f"{path.stem}.pt (or .npz)"
+        raise ValueError(f"load traces are written as {', '.join(TRACE_EMITS)} files, no "
+                         f"{UNWRITTEN_SUFFIXES[suffix]}: name the file {name}")
     implied = ("sglang" if path.name.lower().endswith(".sglang.json") else
                FORMAT_BY_SUFFIX.get(suffix))
     if format is None and path.name.lower().endswith(".sglang.pt"):
