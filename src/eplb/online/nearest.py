@@ -153,14 +153,9 @@ def plan_table_incremental(
     need = _fresh_needed(request, ladder[own], far, value[own],
                          (balance[0][own], balance[1][own]))
     # the fresh plan only where that plan offers it (elsewhere the ladder reaches, and the
-    # fresh plan was a third of a budgeted call's time: 65 ms on 32 GPUs), and the even
-    # split's own plan within the budget: toward divided counts a few slots buy little
-    offers = [_fresh_where(request, base, need.cpu())]
-    if warm_even is not None:
-        offers.append(warm_even(base, max_moves).cpu())
-    more = _balance(request, torch.stack([base, *offers]))  # (a candidate scores alone)
-    balance = tuple(torch.cat([b, m[1:]]) for b, m in zip(balance, more, strict=True))
-    candidates = torch.cat([ladder, torch.stack(offers)])
+    # fresh plan was a third of a budgeted call's time: 65 ms on 32 GPUs)
+    fresh = _fresh_where(request, base, need.cpu())
+    candidates, balance = _with(request, base, ladder, balance, fresh)
     cost = (candidates != base[None]).sum(2)
     value = paying_values(request, candidates, balance=balance)  # [C, L]
     # a budget buys no candidate that moves a layer more slots than the plan without a
@@ -168,10 +163,28 @@ def plan_table_incremental(
     # tests: warm_even, offered under a budget only, moved a layer 4 slots under a budget
     # of 100 where no budget moved 2; a budget of 10**6 moved more slots than none in 20
     # of 60 random one-node cases)
-    plain = torch.where(torch.cat([own, torch.ones(1, dtype=torch.bool)])[:, None],
-                        value[:len(ladder) + 1], -torch.inf)
+    plain = torch.where(torch.cat([own, torch.ones(1, dtype=torch.bool)])[:, None], value,
+                        -torch.inf)
     plain[-1] = torch.where(need, plain[-1], -torch.inf)
-    most = cost[plain.argmax(0).cpu(), layers]  # [L] slots the plan without a budget moves
+    unbudgeted = plain.argmax(0).cpu()  # [L] that plan's choice: first on ties, as there
+    most = cost[unbudgeted, layers]  # [L] slots the plan without a budget moves
+    spent = most.clone()
+    if request.idle is not None:  # (rows without load keep the map in force)
+        spent[request.idle.cpu()] = 0
+    if (int(spent.sum()) <= max_moves if isinstance(max_moves, int)
+            else bool((most <= max_moves.cpu()).all())):
+        # a cap that does not bind changes nothing: the plan without a budget (a total
+        # spent by MoE time among the budget's own candidates planned otherwise: 0.8911
+        # against its 0.8920 on the next window at 32 GPUs, BENCHMARKS.md §14), and no
+        # even-split plan to make
+        return candidates[unbudgeted, layers]
+    if warm_even is not None:
+        # the even split's own plan within the budget: toward divided counts a few slots
+        # buy little
+        candidates, balance = _with(request, base, candidates, balance,
+                                    warm_even(base, max_moves).cpu())
+        cost = (candidates != base[None]).sum(2)
+        value = paying_values(request, candidates, balance=balance)
     within = cost <= most[None]  # [C, L]
     if isinstance(max_moves, int):
         values = paying_values(request, candidates, by_time=True, balance=balance).cpu().numpy()
@@ -182,7 +195,20 @@ def plan_table_incremental(
         return candidates[pick, layers]
     affordable = (cost <= max_moves[None].cpu()) & within
     pick = torch.where(affordable, value.cpu(), -torch.inf).argmax(0)
+    # a layer whose cap does not bind takes the plan without a budget's choice
+    pick = torch.where(most <= max_moves.cpu(), unbudgeted, pick)
     return candidates[pick, layers]
+
+
+def _with(request: PlanRequest, base: torch.Tensor, candidates: torch.Tensor,
+          balance: tuple[torch.Tensor, torch.Tensor], offer: torch.Tensor
+          ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """``candidates [C, L, R]`` with ``offer [L, R]`` after them, and their
+    :func:`expected_balance` ``balance`` with the offer's (a candidate scores alone, the
+    same numbers as scored with the others)."""
+    more = _balance(request, torch.stack([base, offer]))
+    return (torch.cat([candidates, offer[None]]),
+            tuple(torch.cat([b, m[1:]]) for b, m in zip(balance, more, strict=True)))
 
 
 def _fresh_needed(request: PlanRequest, ladder: torch.Tensor, far: np.ndarray,
@@ -399,5 +425,8 @@ def _split_balance(weight: torch.Tensor, candidates: torch.Tensor, num_gpus: int
     square = torch.stack([m[1] for m in moments], 1).reshape(draws * count, layers, num_gpus)
     expected, _ = peak_of(load, square.numpy(), weight.sum(1).numpy(), drift)
     expected = (1.0 / expected).reshape(draws, count, layers).mean(0)
-    peak = load.amax(2).view(draws, count, layers).mean(0)
+    # (NumPy's mean over the draws, as the expected balance's: torch's mean(0) of the
+    # same numbers differed by an ulp with the number of candidates scored at once, and
+    # a budget that does not bind then chose otherwise than the plan without one)
+    peak = torch.from_numpy(load.amax(2).view(draws, count, layers).numpy().mean(0))
     return torch.from_numpy(expected).to(device), peak.to(device)
