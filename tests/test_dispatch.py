@@ -795,6 +795,22 @@ def test_nearest_replans_that_score_no_moves_refuse_the_move_knobs(policy):
     assert torch.equal(priced.phy2log, old.phy2log)  # nothing pays at that price
 
 
+def _one_node_drift(seed: int) -> tuple[int, int, torch.Tensor, Placement, Placement]:
+    """A random small one-node case under nearest dispatch: ``(replicas, gpus, loads of
+    the next window [4, E], the map in force, its plan from that map without a budget)``
+    (2-8 GPUs, 2-5 slots each, the loads drifted by ``exp(0.3·Z)``)."""
+    rng = np.random.default_rng(seed)
+    gpus, slots = int(rng.integers(2, 9)), int(rng.integers(2, 6))
+    replicas = gpus * slots
+    experts = int(rng.integers(max(2, replicas // 3), replicas + 1))
+    w0 = torch.from_numpy(np.rint(rng.lognormal(0, 1.2, (4, experts)) * 100) + 1)
+    w1 = torch.from_numpy(np.rint(w0.numpy() * np.exp(0.3 * rng.standard_normal(
+        (4, experts)))) + 1)
+    old = eplb.plan(w0, replicas, gpus, dispatch="nearest")
+    return replicas, gpus, w1, old, eplb.plan(w1, replicas, gpus, dispatch="nearest",
+                                              previous=old)
+
+
 @pytest.mark.parametrize("budget", ["total", "per layer"])
 def test_a_budget_above_what_pays_moves_no_layer_more_than_no_budget_on_one_node(budget):
     # README: a budget "never [moves] more slots in a layer than the plan without a
@@ -805,15 +821,7 @@ def test_a_budget_above_what_pays_moves_no_layer_more_than_no_budget_on_one_node
     # [0, 0, 5, 4]); the layers' moves are now capped at the plan without a budget's
     failures = []
     for seed in range(12):
-        rng = np.random.default_rng(seed)
-        gpus, slots = int(rng.integers(2, 9)), int(rng.integers(2, 6))
-        replicas = gpus * slots
-        experts = int(rng.integers(max(2, replicas // 3), replicas + 1))
-        w0 = torch.from_numpy(np.rint(rng.lognormal(0, 1.2, (4, experts)) * 100) + 1)
-        w1 = torch.from_numpy(np.rint(w0.numpy() * np.exp(0.3 * rng.standard_normal(
-            (4, experts)))) + 1)
-        old = eplb.plan(w0, replicas, gpus, dispatch="nearest")
-        free = eplb.plan(w1, replicas, gpus, dispatch="nearest", previous=old)
+        replicas, gpus, w1, old, free = _one_node_drift(seed)
         ample = 10**6 if budget == "total" else [10**6] * 4
         capped = eplb.plan(w1, replicas, gpus, dispatch="nearest", previous=old,
                            max_moves=ample)
@@ -830,15 +838,7 @@ def test_a_budget_that_does_not_bind_gives_the_plan_without_a_budget_on_one_node
     # that differed by an ulp with the number of candidates scored at once chose otherwise
     # in near-ties (seed 74: 4 slots of one layer, the same number moved)
     for seed in [*range(10), 74]:
-        rng = np.random.default_rng(seed)
-        gpus, slots = int(rng.integers(2, 9)), int(rng.integers(2, 6))
-        replicas = gpus * slots
-        experts = int(rng.integers(max(2, replicas // 3), replicas + 1))
-        w0 = torch.from_numpy(np.rint(rng.lognormal(0, 1.2, (4, experts)) * 100) + 1)
-        w1 = torch.from_numpy(np.rint(w0.numpy() * np.exp(0.3 * rng.standard_normal(
-            (4, experts)))) + 1)
-        old = eplb.plan(w0, replicas, gpus, dispatch="nearest")
-        free = eplb.plan(w1, replicas, gpus, dispatch="nearest", previous=old)
+        replicas, gpus, w1, old, free = _one_node_drift(seed)
         for ample in (10**6, [10**6] * 4):
             capped = eplb.plan(w1, replicas, gpus, dispatch="nearest", previous=old,
                                max_moves=ample)
