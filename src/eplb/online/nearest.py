@@ -123,7 +123,8 @@ def plan_table_incremental(
     slots buy little, and on real DeepSeek-V3 loads the table served the even split's
     plan better at every budget tried (attacker pass: 8 GPUs, 2 slots per layer, 0.8771
     against 0.9045 under eplb's model of the table); the fresh plan only where the plan
-    without a budget makes it, and no layer moves more slots than in that plan."""
+    without a budget makes it, and no layer moves more slots than in that plan. A budget
+    that does not bind returns that plan itself, before the even split's is made."""
     weight, topology = request.weight, request.topology
     gpus = topology.num_gpus
     # (more slots than a replica of every expert on every GPU: nothing to divide)
