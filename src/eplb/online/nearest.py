@@ -133,41 +133,20 @@ def plan_table_incremental(
     ladder, far = rungs(target)
     ladder = torch.from_numpy(ladder)
     layers = torch.arange(base.shape[0])
-    if max_moves is None:
-        balance = _balance(request, ladder)  # (scored once: the values, the bound rule)
-        values = paying_values(request, ladder, balance=balance)
-        need = _fresh_needed(request, ladder, far, values, balance)
-        if not bool(need.any()):  # (most steady calls: no fresh plan to make or score)
-            return ladder[values.argmax(0), layers]
-        fresh = _fresh_where(request, base, need.cpu())
-        # a candidate's value depends on it and the map in force only: scored apart
-        fresh_value = paying_values(request, torch.stack([base, fresh]))[1]
-        values = torch.cat([values, torch.where(need, fresh_value, -torch.inf)[None]])
-        pick = values.argmax(0)  # first on ties: the map in force
-        return torch.cat([ladder, fresh[None]])[pick, layers]
-    # the plan without a budget's own candidates: the ladder but the transfer-only rungs
-    # 1-3 that a budget adds (warm_ladder), and the fresh plan where it makes one
-    balance = _balance(request, ladder)
-    value = paying_values(request, ladder, balance=balance)  # [K, L]
+    # the plan without a budget: with a budget, from its own rungs (not the transfer-only
+    # rungs 1-3 a budget adds: warm_ladder), so that the two choose alike
     own = torch.ones(ladder.shape[0], dtype=torch.bool)
-    own[1:4] = False
-    need = _fresh_needed(request, ladder[own], far, value[own],
-                         (balance[0][own], balance[1][own]))
-    # the fresh plan only where that plan offers it (elsewhere the ladder reaches, and the
-    # fresh plan was a third of a budgeted call's time: 65 ms on 32 GPUs)
-    fresh = _fresh_where(request, base, need.cpu())
-    candidates, balance = _with(request, base, ladder, balance, fresh)
+    if max_moves is not None:
+        own[1:4] = False
+    candidates, balance, unbudgeted = _plan_without_budget(request, base, ladder, far, own)
+    if max_moves is None:
+        return candidates[unbudgeted, layers]
     cost = (candidates != base[None]).sum(2)
-    value = paying_values(request, candidates, balance=balance)  # [C, L]
     # a budget buys no candidate that moves a layer more slots than the plan without a
     # budget does, as the README promises under either rule (the stateful sequence
     # tests: warm_even, offered under a budget only, moved a layer 4 slots under a budget
     # of 100 where no budget moved 2; a budget of 10**6 moved more slots than none in 20
     # of 60 random one-node cases)
-    plain = torch.where(torch.cat([own, torch.ones(1, dtype=torch.bool)])[:, None], value,
-                        -torch.inf)
-    plain[-1] = torch.where(need, plain[-1], -torch.inf)
-    unbudgeted = plain.argmax(0).cpu()  # [L] that plan's choice: first on ties, as there
     most = cost[unbudgeted, layers]  # [L] slots the plan without a budget moves
     spent = most.clone()
     if request.idle is not None:  # (rows without load keep the map in force)
@@ -182,10 +161,10 @@ def plan_table_incremental(
     if warm_even is not None:
         # the even split's own plan within the budget: toward divided counts a few slots
         # buy little
-        candidates, balance = _with(request, base, candidates, balance,
+        candidates, balance = _with(request, candidates, balance,
                                     warm_even(base, max_moves).cpu())
         cost = (candidates != base[None]).sum(2)
-        value = paying_values(request, candidates, balance=balance)
+    value = paying_values(request, candidates, balance=balance)  # [C, L]
     within = cost <= most[None]  # [C, L]
     if isinstance(max_moves, int):
         values = paying_values(request, candidates, by_time=True, balance=balance).cpu().numpy()
@@ -201,15 +180,41 @@ def plan_table_incremental(
     return candidates[pick, layers]
 
 
-def _with(request: PlanRequest, base: torch.Tensor, candidates: torch.Tensor,
+def _with(request: PlanRequest, candidates: torch.Tensor,
           balance: tuple[torch.Tensor, torch.Tensor], offer: torch.Tensor
           ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """``candidates [C, L, R]`` with ``offer [L, R]`` after them, and their
     :func:`expected_balance` ``balance`` with the offer's (a candidate scores alone, the
-    same numbers as scored with the others)."""
-    more = _balance(request, torch.stack([base, offer]))
+    same numbers as scored with the others: the means over the draws are NumPy's)."""
+    more = _balance(request, offer[None])
     return (torch.cat([candidates, offer[None]]),
-            tuple(torch.cat([b, m[1:]]) for b, m in zip(balance, more, strict=True)))
+            tuple(torch.cat([b, m]) for b, m in zip(balance, more, strict=True)))
+
+
+def _plan_without_budget(request: PlanRequest, base: torch.Tensor, ladder: torch.Tensor,
+                         far: np.ndarray, own: torch.Tensor
+                         ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor],
+                                    torch.Tensor]:
+    """The plan without a budget from ``ladder [K, L, R]`` (``base`` first): per layer the
+    best paying of the rungs ``own [K]`` marks, and of the fresh plan relabelled onto
+    ``base`` where the ladder may not reach (:func:`_fresh_needed`; ``far [L]`` as
+    ``rungs`` returns it). Returns ``(candidates [C, L, R], their expected_balance,
+    pick [L])``: the ladder, then the fresh plan where one was made (``C = K + 1``;
+    ``base`` in the other layers), and each layer's choice among them (first on ties:
+    the map in force)."""
+    balance = _balance(request, ladder)  # (scored once: the values, the bound rule)
+    value = paying_values(request, ladder, balance=balance)  # [K, L]
+    need = _fresh_needed(request, ladder[own], far, value[own],
+                         (balance[0][own], balance[1][own]))
+    value = torch.where(own[:, None].to(value.device), value, -torch.inf)
+    if not bool(need.any()):  # (most steady calls: no fresh plan to make or score)
+        return ladder, balance, value.argmax(0).cpu()
+    candidates, balance = _with(request, ladder, balance,
+                                _fresh_where(request, base, need.cpu()))
+    fresh_value = paying_values(request, candidates[[0, -1]],
+                                balance=tuple(b[[0, -1]] for b in balance))[1]
+    value = torch.cat([value, torch.where(need, fresh_value, -torch.inf)[None]])
+    return candidates, balance, value.argmax(0).cpu()
 
 
 def _fresh_needed(request: PlanRequest, ladder: torch.Tensor, far: np.ndarray,
