@@ -21,38 +21,34 @@ import signal
 import sys
 import threading
 
-_interrupts: list[int] = []
-
-
-def _on_interrupt(signum: int, frame: object) -> None:
-    """Note the first SIGINT and let the imports run on (an interrupt raised inside them
-    can leave a library half-imported, or abort the process); a second one raises, as
-    Python's own handler does, for a user who will not wait."""
-    _interrupts.append(signum)
-    if len(_interrupts) > 1:
-        raise KeyboardInterrupt
-
 
 def main() -> int:
     """Run the ``eplb`` command with ``sys.argv[1:]``; return its exit code."""
+    interrupts: list[int] = []  # this call's own (a host program may run it twice)
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        # note the first SIGINT and let the imports run on (an interrupt raised inside
+        # them can leave a library half-imported, or abort the process); a second one
+        # raises, as Python's own handler does, for a user who will not wait
+        interrupts.append(signum)
+        if len(interrupts) > 1:
+            raise KeyboardInterrupt
+
     # only the main thread may set a handler, and only Python's own is replaced (not an
     # ignored SIGINT, as under ``nohup``, nor a handler a host program installed)
     watch = (threading.current_thread() is threading.main_thread()
              and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-    # a Ctrl-C noted by an earlier call in this process (a host program that runs the
-    # command twice) is not this call's: kept, it ended this call with 130 as well
-    _interrupts.clear()
     if watch:
-        signal.signal(signal.SIGINT, _on_interrupt)
+        signal.signal(signal.SIGINT, on_interrupt)
     try:
         from eplb.cli import main as run_command
     except BaseException:
-        if not _interrupts:
+        if not interrupts:
             raise
     finally:
         if watch:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-    if _interrupts:
+    if interrupts:
         print("eplb: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     return run_command()
