@@ -15,11 +15,20 @@ and exit code 130. A second Ctrl-C raises at once, as Python's own handler does.
 different eplb modules at once cross their import locks (``_DeadlockError``, half-made
 modules; attacker pass). ``python -m eplb`` imports the package before its
 ``__main__``, so only this script takes the Ctrl-C.
+
+A runtime dependency missing from the environment (torch is not pulled in by every
+install route: its CPU and CUDA builds come from different indexes) ends with one line
+naming it and how to install it, exit code 1, not an ``ImportError`` traceback.
 """
 
 import signal
 import sys
 import threading
+
+#: the runtime dependencies (``pyproject.toml``) that ``import eplb`` loads, by module,
+#: with the distribution to install for each (PyYAML and rich load only where a command
+#: needs them, and a missing one ends that command with its one-line error)
+RUNTIME_DEPENDENCIES = {"torch": "torch", "numpy": "numpy", "scipy": "scipy"}
 
 
 def main() -> int:
@@ -42,6 +51,16 @@ def main() -> int:
         signal.signal(signal.SIGINT, on_interrupt)
     try:
         from eplb.cli import main as run_command
+    except ModuleNotFoundError as error:
+        # only a dependency missing as a whole: a broken install (a submodule of one
+        # missing) keeps its traceback, which says more than a line could
+        if interrupts or error.name not in RUNTIME_DEPENDENCIES:
+            raise
+        package = RUNTIME_DEPENDENCIES[error.name]
+        print(f"eplb: the Python package {package!r}, which eplb needs, is not installed "
+              f"for {sys.executable}; install it, e.g. pip install {package} (the README's "
+              f"set-up commands pin torch's CPU build)", file=sys.stderr)
+        return 1
     except BaseException:
         if not interrupts:
             raise

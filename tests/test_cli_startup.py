@@ -96,6 +96,42 @@ def test_a_ctrl_c_during_the_start_up_imports_ends_with_one_line(module: str) ->
     assert done.stdout == ""  # the command did not run on: no version printed
 
 
+@pytest.mark.parametrize("module, package", [("torch", "torch"), ("scipy", "scipy")])
+def test_a_missing_dependency_is_named_in_one_line(module: str, package: str) -> None:
+    # a finder at the front of sys.meta_path answers for `module` as Python does where
+    # the package is not installed (before: a ModuleNotFoundError traceback)
+    done = _python(f"""
+        import sys
+
+        class Missing:
+            def find_spec(self, name, path=None, target=None):
+                if name == {module!r}:
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+                return None
+
+        sys.meta_path.insert(0, Missing())
+        sys.argv = ["eplb", "--version"]
+        import _eplb_command
+        sys.exit(_eplb_command.main())
+    """)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith(f"eplb: the Python package {package!r}, which eplb needs, "
+                                  "is not installed"), done.stderr
+    assert f"pip install {package}" in done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+def test_a_missing_submodule_of_eplb_keeps_its_traceback() -> None:
+    done = _python("""
+        import sys
+        sys.modules["eplb.cli._parser"] = None
+        sys.argv = ["eplb", "--version"]
+        import _eplb_command
+        sys.exit(_eplb_command.main())
+    """)
+    assert done.returncode == 1 and "ModuleNotFoundError" in done.stderr, done.stderr
+
+
 def test_the_console_script_runs_the_command() -> None:
     done = _python("""
         import sys
