@@ -53,7 +53,7 @@ from engines import FETCH_HINT, engine_root, vllm_sources
 
 import eplb
 from eplb.core.bounds import balancedness_ceiling
-from eplb.core.placement import slot_gpu_loads
+from eplb.core.map_tables import slot_gpu_loads
 from eplb.core.replication import replica_counts
 from eplb.core.small_slots import (
     best_two_slot_max_load,

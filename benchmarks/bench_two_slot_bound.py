@@ -60,7 +60,7 @@ from bench_shapes import MODELS, SHAPES, model_loads
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 import eplb
-from eplb.core.placement import slot_gpu_loads
+from eplb.core.map_tables import slot_gpu_loads
 from eplb.core.replication import replica_counts
 from eplb.core.small_slots import (
     _expert_at,

@@ -183,7 +183,8 @@ def test_dynamic_eplb_imports_stay_in_their_package(module: str) -> None:
 #: eplb.core's own layers, bottom to top, as core/__init__.py states them
 CORE_ORDER = (
     "messages",
-    "topology", "inputs", "expert_ids", "placement", "trace", "options", "request", "ordering",
+    "topology", "inputs", "expert_ids", "map_tables", "placement", "trace", "options", "request",
+    "ordering",
     "device_path", "replication", "count_bounds", "tiny_counts", "packing", "small_slots",
     "bounds",
     "dispatch", "node_labels", "node_repair", "dispatch_plan", "rank_draws", "locality", "policies",

@@ -13,11 +13,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from eplb.core.map_tables import build_log2phy
 from eplb.core.options import AUTO_MAX_STEPS, AUTO_PAIR_STEPS, PackingOptions
 from eplb.core.packing.construct import _settle_clashes, _split_clashes, _whole_runs, construct
 from eplb.core.packing.repair import repair_conflicts
 from eplb.core.packing.state import EXPERT, LOAD, make_items
-from eplb.core.placement import build_log2phy
 from eplb.core.replication import expand_replicas, replica_counts
 
 

@@ -309,7 +309,7 @@ def test_assert_contract_itself_catches_violations():
 def test_log2phy_of_long_rows_matches_a_plain_inversion(experts):
     # rows of 128+ slots and at most 256 expert ids (255 with a dead GPU's -1) take the
     # 8-bit radix sort in build_log2phy; the others the packed sort
-    from eplb.core.placement import build_log2phy
+    from eplb.core.map_tables import build_log2phy
 
     rng = np.random.default_rng(experts)
     phy2log = torch.from_numpy(rng.integers(0, experts, (6, 320)))

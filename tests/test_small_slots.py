@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import eplb
 from eplb import Placement, Topology
-from eplb.core.placement import slot_gpu_loads
+from eplb.core.map_tables import slot_gpu_loads
 from eplb.core.replication import replica_counts
 from eplb.core.small_slots import (
     best_two_slot_max_load,

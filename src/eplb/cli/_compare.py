@@ -10,8 +10,8 @@ from eplb.api import plan
 from eplb.cli._common import Ceiling, ceiling, static_gpu_loads, timed
 from eplb.cli._inputs import cli_policy
 from eplb.core import plan_greedy
+from eplb.core.map_tables import load_balance
 from eplb.core.messages import counted
-from eplb.core.placement import load_balance
 from eplb.tools.report import Report, plot_gpu_heatmaps, plot_layer_balancedness
 
 NONE, GREEDY, EPLB = "no rebalancing", "reference greedy", "eplb"

@@ -41,8 +41,9 @@ from eplb.cli._nearest import dispatch_options, plan_nearest
 from eplb.cli._values import active_gpus_from, gpu_speed_from
 from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import scale_free
+from eplb.core.map_tables import load_balance
 from eplb.core.messages import counted, integer_runs
-from eplb.core.placement import Placement, load_balance
+from eplb.core.placement import Placement
 from eplb.core.planner import equal_speeds, planning_speeds
 from eplb.core.rank_draws import split_draw_balancedness
 from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace

@@ -39,8 +39,9 @@ from eplb.cli.commands import (
 )
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
 from eplb.core.inputs import scale_free
+from eplb.core.map_tables import load_balance
 from eplb.core.messages import counted
-from eplb.core.placement import Placement, PlacementError, load_balance
+from eplb.core.placement import Placement, PlacementError
 from eplb.core.planner import MAX_SPEED_RATIO, equal_speeds, planning_speeds
 from eplb.core.rank_draws import rank_draw_balancedness, split_draw_balancedness
 from eplb.core.trace import LoadTrace

@@ -34,7 +34,8 @@ from eplb.core.inputs import (
     scale_free,
     scale_rows_to_unit,
 )
-from eplb.core.placement import Placement, load_balance, ratio_or_one
+from eplb.core.map_tables import load_balance, ratio_or_one
+from eplb.core.placement import Placement
 from eplb.core.replication import replica_bound
 from eplb.core.topology import Topology, is_name
 
@@ -389,7 +390,7 @@ def placement_scores(
     Returns ``balancedness`` and ``ceiling`` (floats), ``layer_balancedness`` and
     ``layer_ceiling`` (lists of ``L`` floats), for the placement's own topology, policy
     and live GPUs. With ``gpu_speed [P]`` (as planned with ``eplb.plan(..., gpu_speed=)``)
-    the balancedness is in time (:func:`eplb.core.placement.load_balance`) and the
+    the balancedness is in time (:func:`eplb.core.map_tables.load_balance`) and the
     ceiling ``None`` (the bounds here are for equal GPUs). Raises ``ValueError`` when
     ``weight`` does not match the placement, ``TypeError`` when ``placement`` is no
     :class:`~eplb.core.placement.Placement` (e.g. a bare phy2log tensor).

@@ -53,7 +53,7 @@ import torch
 
 from eplb.core.expert_ids import require_distinct_topk, require_integer_ids
 from eplb.core.inputs import as_gpu_speed, as_live_mask, as_weight, refuse_non_dense
-from eplb.core.placement import ratio_or_one
+from eplb.core.map_tables import ratio_or_one
 from eplb.core.topology import is_name, positive_int
 
 DISPATCH_RULES = ("even", "nearest")

@@ -51,11 +51,11 @@ import numpy as np
 import torch
 
 from eplb.core.dispatch import realised_gpu_loads
+from eplb.core.map_tables import expert_counts
 from eplb.core.node_labels import spread_over_nodes
 from eplb.core.node_repair import gather_together, polish_realised, repair_node_pairs
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, max_load, pack, to_slots
-from eplb.core.placement import expert_counts
 from eplb.core.replication import (
     cap_counts,
     expand_replicas,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from eplb.core.placement import expert_counts
+from eplb.core.map_tables import expert_counts
 
 
 def node_conflicts(

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from eplb.core.dispatch import realised_slot_loads
-from eplb.core.placement import expert_counts
+from eplb.core.map_tables import expert_counts
 
 
 def _tally(phy2log: torch.Tensor, unit_of_slot: torch.Tensor, units: int, num_experts: int

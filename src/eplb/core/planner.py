@@ -33,10 +33,11 @@ from eplb.core.inputs import (
     as_weight,
     planning_rows,
 )
+from eplb.core.map_tables import slot_gpu_loads
 from eplb.core.options import LADDER_GAP, SECOND_LOOK_GAP, PackingOptions, PlanOptions
 from eplb.core.packing import MAX_SWAPS_PER_ROW, refine_assignment
 from eplb.core.packing.speed_start import keep_faster, speed_greedy
-from eplb.core.placement import Placement, slot_gpu_loads, validate_planned
+from eplb.core.placement import Placement, validate_planned
 from eplb.core.policies import POLICIES, plan_rows, resolve_policy
 from eplb.core.policies.global_policy import plan_for_nearest
 from eplb.core.request import DEFAULT_SLACK, PlanRequest

@@ -63,7 +63,7 @@ from typing import Any
 import torch
 
 from eplb._version import __version__
-from eplb.core.placement import build_log2phy
+from eplb.core.map_tables import build_log2phy
 from eplb.integrations.agreement import PlanAgreement, agree_and_log, check_timeout_option
 from eplb.integrations.sglang_call import (
     AUTO_NEAREST_MAX_WORK,

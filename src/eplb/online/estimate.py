@@ -52,7 +52,8 @@ from eplb.core.inputs import (
     refuse_without_values,
     scale_free,
 )
-from eplb.core.placement import Placement, ideal_and_peak, ratio_or_one
+from eplb.core.map_tables import ideal_and_peak, ratio_or_one
+from eplb.core.placement import Placement
 from eplb.core.topology import int_at_least, is_name, real_number
 from eplb.core.trace import LoadTrace
 

@@ -21,7 +21,7 @@ from types import ModuleType
 
 import torch
 
-from eplb.core.placement import ratio_or_one
+from eplb.core.map_tables import ratio_or_one
 from eplb.formats._files import atomic_write
 
 #: eplb is on no package index, so ``pip install 'eplb[plot]'`` would fail there (or fetch

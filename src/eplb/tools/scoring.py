@@ -23,7 +23,8 @@ import torch
 from eplb.core.device_path import caller_settings_off
 from eplb.core.dispatch import realised_slot_loads
 from eplb.core.inputs import as_gpu_speed, scale_free
-from eplb.core.placement import Placement, ideal_and_peak
+from eplb.core.map_tables import ideal_and_peak
+from eplb.core.placement import Placement
 from eplb.core.rank_draws import split_draw_shares, split_draw_slot_loads
 from eplb.core.topology import positive_int
 from eplb.online.estimate import as_history

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from eplb.core.count_bounds import packing_bound
+from eplb.core.map_tables import expert_counts
 from eplb.core.options import PackingOptions
 from eplb.core.ordering import argsort_rows
 from eplb.core.packing.construct import construct, construct_with_suspects
@@ -24,7 +25,6 @@ from eplb.core.packing.greedy import greedy_look
 from eplb.core.packing.refine import Tracking, refine
 from eplb.core.packing.repair import repair_conflicts
 from eplb.core.packing.state import EXPERT, LOAD, gpu_loads, make_items, max_load, to_slots
-from eplb.core.placement import expert_counts
 
 __all__ = [
     "PackingOptions",

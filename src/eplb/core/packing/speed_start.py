@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from eplb.core.map_tables import expert_counts, slot_gpu_loads
 from eplb.core.ordering import descending_order
-from eplb.core.placement import expert_counts, slot_gpu_loads
 
 
 def speed_greedy(

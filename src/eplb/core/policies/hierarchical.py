@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from eplb.core.bounds import assignment_node_bounds, enumerated_node_bounds
+from eplb.core.map_tables import slot_gpu_loads
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, pack, to_slots
-from eplb.core.placement import slot_gpu_loads
 from eplb.core.policies.base import PlacementPolicy, plan_rows
 from eplb.core.request import PlanRequest
 from eplb.core.topology import Topology
