@@ -20,7 +20,8 @@ from eplb.core.options import PlanOptions, with_incremental
 from eplb.core.placement import Placement
 from eplb.core.planner import make_request, plan_fresh
 from eplb.core.trace import LoadTrace
-from eplb.online.incremental import plan_incremental, refuse_unscored
+from eplb.online.budget import refuse_unscored
+from eplb.online.incremental import plan_incremental
 
 
 def plan(

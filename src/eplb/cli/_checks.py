@@ -16,7 +16,7 @@ from eplb.core.topology import Topology
 from eplb.formats._files import only_regular_files_are_replaced, output_file
 from eplb.formats.detect import folder_load_files
 from eplb.formats.errors import FormatError
-from eplb.online.incremental import takes_budget
+from eplb.online.budget import takes_budget
 
 
 def existing_file(path: str | Path, what: str) -> Path:
@@ -108,7 +108,7 @@ def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = Fals
     """Under ``--dispatch nearest`` (plan and simulate alike): on several nodes
     ``--max-moves`` budgets the global policy with every GPU live, and ``--move-price``
     prices the global policy's moves (the others re-plan and relabel onto the old GPUs:
-    :func:`eplb.online.incremental.takes_budget`); refuse each elsewhere by flag, before
+    :func:`eplb.online.budget.takes_budget`); refuse each elsewhere by flag, before
     the API refuses it in its keywords. One node budgets and prices every plan."""
     if (getattr(args, "max_moves", None) is not None
             and not takes_budget("nearest", args.nodes, policy, dead)):

@@ -49,7 +49,7 @@ from eplb.core.rank_draws import split_draw_balancedness
 from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace
 from eplb.formats import read_placement_meta, write_placement
 from eplb.formats.placement_writer import dead_gpus_message
-from eplb.online.incremental import takes_budget
+from eplb.online.budget import takes_budget
 
 MAX_FIRST_LAYER = MAX_MODEL_LAYERS - 1  # SGLang files get a row for each layer below
 

@@ -79,6 +79,7 @@ from eplb.online.budget import (
     load_shares,
     paying_candidates,
     spend_budget,
+    takes_budget,
 )
 from eplb.online.forced import (
     Offered,
@@ -582,26 +583,6 @@ def _plan_nearest(
     placement = Placement.from_phy2log(out.to(request.weight.device), request.num_experts,
                                        topo, request.policy, request.active_gpus)
     return validate_planned(placement)
-
-
-def takes_budget(dispatch: str, num_nodes: int, policy: str, dead_gpus: bool) -> bool:
-    """Whether incremental planning takes a move budget (``max_moves``): everywhere but
-    under nearest dispatch on several nodes with the locality policy or dead GPUs, which
-    re-plan whole and relabel onto the old GPUs (:func:`_plan_nearest`); the CLI asks it
-    too, before telling forced moves from the others."""
-    return not (dispatch == "nearest" and num_nodes > 1 and (policy != "global" or dead_gpus))
-
-
-def refuse_unscored(names: list[str], dispatch: str, num_nodes: int, policy: str) -> None:
-    """Refuse the move-scoring options ``names`` (``move_price``, ``drift``,
-    ``group_share`` the caller set) where the plan from a map in force scores no moves:
-    nearest dispatch on several nodes with a policy other than global re-plans and
-    relabels onto the old GPUs (:func:`takes_budget`), so they were taken and changed
-    nothing (attacker pass). ``eplb.plan`` and the ``Rebalancer`` ask it alike."""
-    if names and not takes_budget(dispatch, num_nodes, policy, False):
-        raise ValueError(f"{', '.join(names)}: with dispatch='nearest' the {policy} policy "
-                         "re-plans and relabels onto the old GPUs, scoring no moves; leave "
-                         "them out, or pass policy='global'")
 
 
 def _live_only(candidates: np.ndarray, live_gpus: np.ndarray, topo: Topology) -> np.ndarray:

@@ -31,9 +31,9 @@ from eplb.core.topology import (
     non_negative_int,
     positive_int,
 )
-from eplb.online.budget import check_budget
+from eplb.online.budget import check_budget, refuse_unscored, takes_budget
 from eplb.online.estimate import Estimate, expected_max, interchangeable, select_per_layer
-from eplb.online.incremental import plan_incremental, refuse_unscored, takes_budget
+from eplb.online.incremental import plan_incremental
 from eplb.online.settings import SCORE_OPTIONS, check_option_values, speeds_differ
 
 #: a planner: ``(weight [L, E], the placement in force or None) -> Placement``
