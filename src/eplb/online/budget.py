@@ -3,7 +3,8 @@ over all layers, for the most value (:func:`spend_budget`); which layers also ge
 fine ladder a small budget buys from (:func:`fine_layers`); and the layers' loads a total
 is weighed by (:func:`layer_loads`, :func:`load_shares`: a layer's MoE time is its load
 times its peak over the mean). The budget knobs are checked here too
-(:func:`check_budget`, :func:`as_threshold`), before any planning.
+(:func:`check_budget`, :func:`as_threshold`), before any planning, and so is which calls
+take a budget at all (:func:`takes_budget`, :func:`refuse_unscored`).
 
 Used by incremental planning under both dispatch rules (:mod:`eplb.online.incremental`,
 :mod:`eplb.online.nearest`): every layer offers a few candidates, each with the slots it
