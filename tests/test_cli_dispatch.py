@@ -75,6 +75,44 @@ def test_locality_plan_and_eval_with_a_routing_trace(tmp_path, capsys, loads, ro
     assert 0 < result["balancedness_after"] <= 1
 
 
+def test_a_locality_plan_shows_the_remote_nodes_eval_counts(tmp_path, capsys, loads, routing):
+    """New-user pass: ``plan --policy locality --routing`` showed only the balance, not the
+    cross-node traffic the policy trades it for; it now shows what ``eval --routing``
+    counts, for the plan and for the map in force (``--previous``)."""
+    path, _ = loads
+    base = ["-r", 96, "-g", 16, "--nodes", 4, "--groups", 8, "--policy", "locality",
+            "--dispatch", "nearest", "--routing", routing]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    code, stdout, err = run(capsys, "plan", path, *base, "--slack", 0.05, "-o", first)
+    assert code == 0, err
+    code, evaluated, err = run(capsys, "eval", "--placement", first, path, "--dispatch",
+                               "nearest", "--routing", routing, "--json")
+    assert code == 0, err
+    remote = json.loads(evaluated)["remote_nodes_per_token"]
+    assert f"remote nodes per token (--routing trace): {remote:.4f}\n" in stdout
+    code, stdout, err = run(capsys, "plan", path, *base, "--slack", 0.01, "--previous", first,
+                            "-o", second, "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["remote_nodes_per_token_in_force"] == pytest.approx(remote)
+    code, evaluated, err = run(capsys, "eval", "--placement", second, path, "--dispatch",
+                               "nearest", "--routing", routing, "--json")
+    assert code == 0, err
+    assert summary["remote_nodes_per_token"] == pytest.approx(
+        json.loads(evaluated)["remote_nodes_per_token"])
+
+
+def test_a_plan_without_routing_reports_no_remote_nodes(tmp_path, capsys, loads):
+    path, _ = loads
+    code, stdout, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                            "--policy", "global", "--dispatch", "nearest",
+                            "-o", tmp_path / "p.json", "--json")
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["remote_nodes_per_token"] is None
+    assert summary["remote_nodes_per_token_in_force"] is None
+
+
 def test_eval_scores_a_plan_under_the_rule_its_file_records(tmp_path, capsys, loads):
     """New-user pass: eval scored a nearest plan under the even split unless given
     --dispatch nearest again; eplb's file records the rule, and a flag still overrides."""

@@ -12,6 +12,7 @@ import torch
 from eplb.cli._checks import existing_file
 from eplb.cli._common import CliError, info, timed
 from eplb.cli._inputs import warn
+from eplb.core.dispatch import remote_nodes_per_token
 from eplb.core.expert_ids import require_distinct_topk
 from eplb.core.placement import Placement
 from eplb.core.rank_draws import (
@@ -138,3 +139,16 @@ def distinct_rows(routing: torch.Tensor, args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from None
 
 
+def remote_nodes(options: dict, placement: Placement | None) -> float | None:
+    """Remote nodes per token (the mean over layers) of ``placement`` on the ``--routing``
+    trace that ``options`` (:func:`dispatch_options`) hold, as ``eval --routing`` counts
+    them: the traffic side of the locality policy's trade, which the plan's summary shows
+    beside its balance (new-user pass: ``plan --policy locality --routing`` showed only the
+    balance). ``None`` without a routing trace or a placement."""
+    routing = options.get("routing")
+    if routing is None or placement is None:
+        return None
+    topo = placement.topology
+    return float(remote_nodes_per_token(placement.phy2log, routing, placement.num_experts,
+                                        topo.num_gpus, topo.num_nodes,
+                                        active_gpus=placement.active_gpus).mean())

@@ -37,7 +37,7 @@ from eplb.cli._inputs import (
 )
 from eplb.cli._moves import may_force, split_moves, warn_forced_moves
 from eplb.cli._mtp import warn_dropped_mtp, with_mtp_layers
-from eplb.cli._nearest import dispatch_options, plan_nearest
+from eplb.cli._nearest import dispatch_options, plan_nearest, remote_nodes
 from eplb.cli._values import active_gpus_from, gpu_speed_from
 from eplb.core.dispatch import realised_gpu_loads
 from eplb.core.inputs import scale_free
@@ -396,6 +396,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     runtime_in_force = (split_draw_balancedness(weight, previous.phy2log, args.gpus)
                         if runtime is not None and previous is not None
                         and previous.active_gpus is None else None)
+    # --routing (the locality policy): the traffic it trades, of the plan and the map in force
+    remote, remote_in_force = remote_nodes(options, placement), remote_nodes(options, previous)
     summary = {
         "output": str(out),
         "emit": emit,
@@ -422,6 +424,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         "worst_max_over_mean_before": before_worst,
         "worst_max_over_mean_after": after_worst,
         "worst_max_over_mean_in_force": in_force_worst,  # --previous, as its table row
+        "remote_nodes_per_token": remote,  # --routing: eval --routing's figure
+        "remote_nodes_per_token_in_force": remote_in_force,
         "dead_gpus": dead_gpu_ids(active),
         "moved_slots_total": None if moved is None else int(moved.sum()),
         "moved_slots_max_layer": None if moved is None else int(moved.max()),
@@ -458,6 +462,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{cluster_note(args.nodes, args.groups)} ({policy}{dead_note(active)})",
         ["placement", "balancedness", "worst max/mean"], rows,
     )
+    if remote is not None:
+        print(f"remote nodes per token (--routing trace): {remote:.4f}"
+              + ("" if remote_in_force is None else f" (in force: {remote_in_force:.4f})"))
     if moved is not None:
         parts = "" if split is None else split.parts()
         print(f"moved {counted(int(moved.sum()), 'slot')} in total{parts}, at most "
