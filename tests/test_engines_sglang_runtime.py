@@ -387,6 +387,27 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
     assert "plans with eplb" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", [["--eplb-algorithm", "elasticity_aware"],
+                                  ["--eplb-algorithm=elasticity_aware_hierarchical"]])
+def test_launcher_says_an_elastic_algorithm_stays_sglangs(monkeypatch, capsys, flag):
+    """Attacker pass: with SGLang's elasticity-aware algorithm the launcher said "plans with
+    eplb", though the hook leaves that algorithm to SGLang."""
+    monkeypatch.delenv(plugin.ENV_VAR, raising=False)
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    monkeypatch.delenv(plugin.OPTIONS_ENV_VAR, raising=False)
+    monkeypatch.setattr("runpy.run_module", lambda *a, **k: None)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    shell = types.ModuleType("sglang")
+    shell.__spec__ = importlib.machinery.ModuleSpec("sglang", None)
+    monkeypatch.setitem(sys.modules, "sglang", shell)
+    monkeypatch.setattr(plugin, "_sglang_problem", lambda: None)
+    assert plugin.main(["--model-path", "m", "--enable-eplb", *flag]) == 0
+    err = capsys.readouterr().err
+    assert "stays SGLang's own" in err and "plans with eplb" not in err
+    assert plugin.main(["--model-path", "m", "--enable-eplb", "--eplb-algorithm", "deepseek"]) == 0
+    assert "plans with eplb" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("env", "args", "message"), [
     ({"SGLANG_PLUGINS": "other"}, ["--enable-eplb"], "does not name 'eplb'"),
     ({}, ["--eplb-options", "[1]", "--enable-eplb"], "must be a JSON object"),
@@ -400,6 +421,9 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
     ({}, ['--eplb-options={"max_moves": -1}', "--enable-eplb"], "--eplb-options: max_moves"),
     ({}, ["--enable-eplb", "--eplb-options", "{}"], "--eplb-options must come first"),
     ({}, ["--eplb-options", "{}", '--eplb-options={"seed": 1}'], "must come first, once"),
+    # an empty value is no JSON object (it planned with the defaults; attacker pass)
+    ({}, ["--eplb-options=", "--enable-eplb"], "needs a JSON object"),
+    ({}, ["--eplb-options", " ", "--enable-eplb"], "got an empty value"),
     # Python's JSON decoder recurses per level: a traceback before (attacker pass), and
     # the whole setting quoted in the message
     ({}, ["--eplb-options", "[" * 100_000], "nests too deeply to be options"),

@@ -369,6 +369,18 @@ Without the launcher: SGLANG_EPLB_POLICY=eplb python -m sglang.launch_server ...
 Not covered: --use-ray (its scheduler actors do not load SGLang's plugins)."""
 
 
+def _elastic_algorithm(args: list[str]) -> str | None:
+    """The ``--eplb-algorithm`` value among SGLang's arguments ``args`` where it names one
+    of SGLang's elasticity-aware algorithms, which :func:`_hook` leaves to SGLang."""
+    for at, arg in enumerate(args):
+        value = (arg.partition("=")[2] if arg.startswith("--eplb-algorithm=")
+                 else args[at + 1] if arg == "--eplb-algorithm" and at + 1 < len(args)
+                 else None)
+        if value is not None and value.startswith("elasticity_aware"):
+            return value
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m eplb.integrations.sglang [--eplb-options JSON] <launch_server args>``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -379,8 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[0].startswith("--eplb-options="):
         args = ["--eplb-options", args[0].partition("=")[2], *args[1:]]
     if args[0] == "--eplb-options":
-        if len(args) < 2:
-            print("eplb: --eplb-options needs a JSON object", file=sys.stderr)
+        if len(args) < 2 or not args[1].strip():
+            # (an empty value read as no options: "--eplb-options=" planned with the
+            # defaults, and said so, though the user meant to give some; attacker pass)
+            print("eplb: --eplb-options needs a JSON object, e.g. '{\"max_moves\": 2000}'"
+                  + ("" if len(args) < 2 else "; got an empty value"), file=sys.stderr)
             return 2
         os.environ[OPTIONS_ENV_VAR] = args[1]  # SGLang's processes read it from there
         source = "--eplb-options"
@@ -407,8 +422,14 @@ def main(argv: list[str] | None = None) -> int:
         print("eplb: note: without --enable-eplb SGLang never rebalances at runtime",
               file=sys.stderr)
     os.environ[ENV_VAR] = "eplb"  # inherited by every process SGLang starts
-    print(f"eplb {__version__}: SGLang's EPLB rebalancing plans with eplb "
-          f"(options {json.dumps(options, sort_keys=True)})", file=sys.stderr)
+    elastic = _elastic_algorithm(args)
+    if elastic is not None:  # the hook leaves these to SGLang (_hook)
+        print(f"eplb {__version__}: --eplb-algorithm {elastic} stays SGLang's own (its "
+              "elastic EP reads the active ranks from SGLang's state): eplb plans none of "
+              "SGLang's rebalances; drop the flag for eplb's plans", file=sys.stderr)
+    else:
+        print(f"eplb {__version__}: SGLang's EPLB rebalancing plans with eplb "
+              f"(options {json.dumps(options, sort_keys=True)})", file=sys.stderr)
     import runpy
 
     sys.argv = ["sglang.launch_server", *args]
