@@ -24,6 +24,7 @@ from eplb.cli._common import (
     static_gpu_loads,
     summed_note,
 )
+from eplb.cli._engine_files import check_engine_output, engine_rows, warn_idle_engine_rows
 from eplb.cli._inputs import (
     cli_policy,
     infer_emit,
@@ -111,35 +112,6 @@ def row_layer_ids(trace: LoadTrace, first_layer: int | None, loads: str) -> list
     return ids
 
 
-def _sglang_layers(trace: LoadTrace, layer_ids: list[int], args: argparse.Namespace,
-                   loads: str) -> int:
-    """The model's layer count for an SGLang file (one row per model layer), or an error."""
-    if args.num_model_layers is not None:
-        if args.num_model_layers <= max(layer_ids):
-            raise CliError(
-                f"--num-model-layers {args.num_model_layers} is too small: the rows are model "
-                f"layers {integer_runs(layer_ids)}"
-            )
-        if (not trace.meta.get("model_layer_ids") and args.first_layer is None
-                and args.num_model_layers != len(layer_ids)):
-            raise CliError(
-                f"{loads} holds {len(layer_ids)} rows for a model of {args.num_model_layers} "
-                "layers; say which model layer the first row is with --first-layer K (3 for "
-                "DeepSeek-V3's MoE layers)"
-            )
-        return args.num_model_layers
-    if trace.meta.get("model_layer_ids") or args.first_layer is not None:
-        return max(layer_ids) + 1
-    raise CliError(
-        f"SGLang needs a row for every model layer, but {loads} holds {len(layer_ids)} rows "
-        "without model layer ids; say which model layer the first row is with --first-layer "
-        "K (3 for DeepSeek-V3's MoE layers, 0 where every layer is MoE, as in Qwen3; the "
-        "file then covers the model up to its last row), and give the model's layer count "
-        "with --num-model-layers N (61 for DeepSeek-V3) where it has layers after the last "
-        "row"
-    )
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
     # the inputs first: a missing loads file is the mistake to hear about, not an output
     # that a --force would have cleared before the run then failed anyway
@@ -167,18 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     refuse_input_as_output(out, [*(("the loads file", path) for path in args.loads),
                                  ("--gpu-speed", args.gpu_speed), ("--routing", args.routing)])
     emit = infer_emit(args.emit, out)
-    if emit == "sglang" and out.suffix not in (".json", ".pt"):  # SGLang's test is case-sensitive
-        raise CliError(f"SGLang reads --init-expert-location from a .json or .pt file (lower "
-                       f"case); name OUT *.json or *.pt (*.sglang.json or *.sglang.pt imply "
-                       f"--emit sglang), not {out.name!r}")
-    if args.num_model_layers is not None and emit != "sglang":
-        raise CliError("--num-model-layers applies to SGLang output only")
-    if args.mtp_layers and emit != "trtllm":
-        # (SGLang 0.5.23 gives its draft layers no expert placement: is_draft in
-        # ExpertLocationDispatchInfo.init_new)
-        raise CliError("--mtp-layers applies to TensorRT-LLM output only: TensorRT-LLM looks "
-                       "its multi-token-prediction layers up in the file, SGLang places no "
-                       "draft layer's experts")
+    check_engine_output(args, emit, out)
     loads = " ".join(args.loads)
     trace = read_trace(args.loads, args)
     weight = trace.total()
@@ -204,41 +165,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise CliError(f"--mtp-layers must be in 0..{MAX_MODEL_LAYERS - 1 - last_layer} "
                        f"(model layers after the last row, {last_layer}, up to "
                        f"{MAX_MODEL_LAYERS - 1}), got {args.mtp_layers}")
-    model_layers = _sglang_layers(trace, layer_ids, args, loads) if emit == "sglang" else None
-    if model_layers is not None and model_layers <= MAX_MODEL_LAYERS:  # larger: refused below
-        # rows the loads lack get SGLang's trivial map; before the first row that is the
-        # dense layers (DeepSeek-V3's 0..2), after it MoE layers as likely (OLMoE's
-        # published counts name layers 0, 7 and 15 of 16)
-        unplanned = sorted(set(range(min(layer_ids), model_layers)) - set(layer_ids))
-        if unplanned:
-            warn(f"{loads} has no loads for model layers {integer_runs(unplanned)} (its rows "
-                 f"are layers {integer_runs(sorted(layer_ids))}); the SGLang file gives them the "
-                 "trivial map (slot s -> expert s % E), which balances nothing where they "
-                 "are MoE layers: plan on loads of every MoE layer")
-    gaps = sorted(set(range(min(layer_ids), max(layer_ids) + 1)) - set(layer_ids))
-    if emit == "trtllm" and gaps:
-        # TensorRT-LLM looks every MoE layer up in initial_global_assignments and raises
-        # KeyError at start-up for one it lacks (OLMoE's published counts name layers 0, 7
-        # and 15 of 16); models that interleave dense layers lack them rightly
-        warn(f"{loads} has no loads for model layers {integer_runs(gaps)} (its rows are "
-             f"layers {integer_runs(sorted(layer_ids))}), so the TensorRT-LLM file has no "
-             "assignments for them: TensorRT-LLM raises KeyError at start-up for any of them "
-             "that is a MoE layer; plan on loads of every MoE layer")
-    if emit == "trtllm" and not trace.meta.get("model_layer_ids") and args.first_layer is None:
-        warn(f"{loads} does not name its model layers, so the TensorRT-LLM keys are rows "
-             f"{layer_ids[0]}..{layer_ids[-1]}; pass --first-layer K when the first row is "
-             "model layer K (3 for DeepSeek-V3)")
-
-    if emit == "sglang" and args.nodes > 1 and args.dispatch != "nearest":
-        warn("SGLang's --ep-dispatch-algorithm static (with DeepEP) sends a token to the "
-             "nearest replica, not evenly over replicas: for it, plan with --dispatch nearest "
-             "(--policy global or locality); this plan is for an even split (SGLang's "
-             "dynamic dispatch)")
-    if emit == "trtllm" and args.dispatch == "nearest":
-        # moeComputeRouteKernel deals an expert's tokens round-robin over its replicas
-        warn("TensorRT-LLM splits an expert's tokens round-robin over its replicas, not to "
-             "the nearest one: this plan is for SGLang's nearest dispatch; for TensorRT-LLM "
-             "plan with the default --dispatch even")
+    model_layers = engine_rows(args, emit, trace, layer_ids, loads)
     options: dict = {}
     if active is not None:
         options["active_gpus"] = active
@@ -294,15 +221,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             warn(f"{args.previous} was planned for unequal GPU speeds; this plan is for "
                  "equal GPUs (--previous plans for equal GPUs: plan without --previous, "
                  "with --gpu-speed, for a fresh plan in time)")
-    if emit == "trtllm" and trace.meta.get("model_layer_ids"):
-        totals = weight.sum(1).tolist()
-        idle = [layer for layer, total in zip(layer_ids, totals, strict=True) if total <= 0]
-        if idle:
-            # SGLang dumps carry a row for every model layer; the dense ones are all zero.
-            # Their keys are written as planned (an even placement); say so, not guess
-            warn(f"{loads}: layers {integer_runs(idle)} saw no tokens (the dense layers of an "
-                 "SGLang dump?); the TensorRT-LLM YAML has keys for them too, delete those "
-                 "if your model's MoE layers start later")
+    warn_idle_engine_rows(emit, trace, weight, layer_ids, loads)
     options.update(dispatch_options(args, trace.num_layers, num_experts, kept_rows))
     if args.max_moves is not None:  # (with --previous: _refuse_flag_mistakes)
         options["max_moves"] = args.max_moves
