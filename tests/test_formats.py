@@ -897,6 +897,20 @@ def test_a_csv_table_after_comment_lines_is_read(tmp_path):
         read_loads(prose)
 
 
+def test_a_commented_csv_of_long_rows_is_read(tmp_path):
+    # numpy's savetxt(..., delimiter=",", header=...) writes "# header" over rows of
+    # "%.18e" cells: a DeepSeek-V3 row of 256 is 6.4 kB, longer than the head the format
+    # detection reads, which then saw one cut-off row and called the file "unrecognised
+    # content" (new-user pass); a one-layer table after a comment was refused alike
+    counts = np.arange(2 * 256, dtype=np.float64).reshape(2, 256) * 1000.0
+    path = tmp_path / "w.csv"
+    np.savetxt(path, counts, delimiter=",", header="routed tokens, one row per layer")
+    assert np.array_equal(read_loads(path).counts[0].numpy(), counts)
+    one = tmp_path / "one.csv"
+    one.write_text("# layer 3\n1,2,3\n")
+    assert read_loads(one).counts.tolist() == [[[1, 2, 3]]]
+
+
 @pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
 def test_wide_unsigned_torch_tensors_read_as_numpy_ones_are(tmp_path, dtype):
     # torch implements few operations on them: a .pt of uint64 top-k ids failed with

@@ -169,12 +169,18 @@ def sniff_container(path: str | PathLike[str]) -> str:
 
 def _commented_csv(lines: list[str]) -> bool:
     """A CSV load table after ``#`` comment lines (the CSV reader skips them): its first
-    other line is a row of cells and the next one a row of numbers (so a Markdown title
-    over a sentence with a comma is still no CSV)."""
+    other line is a row of numbers, or a row of cells over a row of numbers (so a
+    Markdown title over a sentence with a comma is still no CSV)."""
     rows = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    numbers = r"^[\d.eE+\-\s,]*\d[\d.eE+\-\s,]*$"
+    if rows and "," in rows[0] and re.match(numbers, rows[0]) is not None:
+        # a headerless table: its first row alone says so, which matters where one row
+        # is longer than the head read here (numpy's savetxt writes 6.4 kB for 256
+        # experts) or the table has one layer
+        return True
     return (len(rows) >= 2 and "," in rows[0]
             and re.match(r"^[\w\s.\-+,\"']*$", rows[0]) is not None
-            and re.match(r"^[\d.eE+\-\s,]*\d[\d.eE+\-\s,]*$", rows[1]) is not None)
+            and re.match(numbers, rows[1]) is not None)
 
 
 def _looks_like_yaml(lines: list[str]) -> bool:
