@@ -135,3 +135,22 @@ def test_a_per_step_trace_is_told_to_sum_its_steps(call):
     LoadTrace's .counts) was refused as '3 dimensions' without saying what to pass."""
     with pytest.raises(ValueError, match=r"3 dimensions.*steps summed.*\.sum\(0\)"):
         call(W[None].repeat(3, 1, 1))
+
+
+def test_a_file_name_for_loads_or_the_map_in_force_names_the_reader(placement, tmp_path):
+    # new-user pass: eplb.plan("stats.json", ...) said only "got str", and
+    # previous="placement.json" ended in NumPy's list of the dtypes torch converts;
+    # the CLI takes files, the API takes what eplb.formats reads from them
+    path = tmp_path / "placement.json"
+    for name in (str(path), path):
+        with pytest.raises(TypeError, match=r"got (str|PosixPath|WindowsPath); a file is read "
+                                            r"with eplb\.formats\.read_loads\(path\)"):
+            eplb.plan(name, 16, 4)
+        with pytest.raises(TypeError, match=r"eplb\.formats\.read_loads\(path\)"):
+            simulate(name, "eplb", num_replicas=16, num_gpus=4, cadence="adrs")
+        with pytest.raises(TypeError, match=r"previous must be a Placement or a phy2log tensor "
+                                            r"\[L, R\], got a \w+ \('.*placement\.json'\); .*"
+                                            r"eplb\.formats\.read_placement\(path\)"):
+            eplb.plan(W, 16, 4, 2, previous=name)
+        with pytest.raises(TypeError, match=r"eplb\.formats\.read_placement\(path\)"):
+            placement.moved_slots(name)

@@ -7,6 +7,8 @@ raise ``TypeError`` or ``ValueError`` naming what is wrong, as those do.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -79,6 +81,12 @@ def as_old_map(value: object, shape: tuple[int, int], num_experts: int,
     ``ValueError`` naming what is wrong (``shape_hint`` ends the shape message). Returns it
     as a host int64 tensor."""
     old = value
+    if isinstance(old, (str, os.PathLike)):
+        # NumPy would read the name as a 0-d text array, and the message named its dtypes
+        raise TypeError(f"previous must be a Placement or a phy2log tensor [L, R], got a "
+                        f"{type(old).__name__} ({str(old)!r}); to plan from a placement "
+                        "file, read it first: eplb.formats.read_placement(path) (an SGLang "
+                        "file also needs num_gpus=)")
     if not isinstance(old, torch.Tensor):
         refuse_byte_strings(old, "previous")
         try:

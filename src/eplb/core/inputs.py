@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -201,7 +202,11 @@ def _real_tensor(value: object, name: str, what: str) -> torch.Tensor:
         if text:
             raise TypeError(f"{what_list}: it holds text ({raw.dtype})")
     else:
-        raise TypeError(f"{name} must be {what}; got {type(value).__name__}")
+        # a file name is a likely slip (the CLI takes files): say which reader takes it
+        hint = ("; a file is read with eplb.formats.read_loads(path), which returns a "
+                "LoadTrace (its .total() is the [L, E] sum of its steps)"
+                if isinstance(value, (str, os.PathLike)) else "")
+        raise TypeError(f"{name} must be {what}; got {type(value).__name__}{hint}")
     refuse_without_values(tensor, name)
     if tensor.layout != torch.strided:
         # sparse loads are legal input; the planner works on dense [L, E] rows
