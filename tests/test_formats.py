@@ -910,6 +910,14 @@ def test_a_commented_csv_of_long_rows_is_read(tmp_path):
     one.write_text("# layer 3\n1,2,3\n")
     assert read_loads(one).counts.tolist() == [[[1, 2, 3]]]
 
+    # comments longer than that head leave no row to judge by: a .csv name gets the hint
+    long = tmp_path / "long.csv"
+    np.savetxt(long, counts, delimiter=",", header="\n".join(["a long comment line" * 10] * 30))
+    with pytest.raises(FormatError, match=r"if it is CSV, say so with format='csv' "
+                                          r"\(CLI: --format csv\)"):
+        read_loads(long)
+    assert np.array_equal(read_loads(long, format="csv").counts[0].numpy(), counts)
+
 
 @pytest.mark.parametrize("dtype", [torch.uint16, torch.uint32, torch.uint64])
 def test_wide_unsigned_torch_tensors_read_as_numpy_ones_are(tmp_path, dtype):

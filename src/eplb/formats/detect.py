@@ -412,16 +412,19 @@ def detect_format(path: str | PathLike[str]) -> str:
         with open(path, "rb") as handle:
             first = handle.read(200).decode("utf-8", "replace").strip().splitlines()
         found = f" (text starting {first[0][:60]!r})" if first else " (blank text)"
+    csv_hint = "; if it is CSV, say so with format='csv' (CLI: --format csv)"
     raise FormatError(
         path,
         f"unrecognised content{found}: expected load statistics (SGLang .pt/.json dump, "
         "TensorRT-LLM statistics folder, vLLM load_history JSON, top-k routing trace, or a "
         "plain [L, E] / [T, L, E] tensor in .pt/.npy/.npz/.safetensors/.json/.csv)"
-        + ("; if it is CSV, say so with format='csv' (CLI: --format csv)"
-           if kind == "text" and "," in found else
+        + (csv_hint if kind == "text" and "," in found else
            # (new-user pass: a table of "1;2;3" rows was not told what is wrong with it)
            "; CSV cells are separated by commas"
-           if kind == "text" and any(c in found for c in ";\t") else ""),
+           if kind == "text" and any(c in found for c in ";\t") else
+           # a .csv name whose first line is a comment, of a block longer than the head
+           # the detection reads (new-user pass: no hint was given there)
+           csv_hint if kind == "text" and path.suffix.lower() == ".csv" else ""),
     )
 
 
