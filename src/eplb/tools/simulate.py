@@ -64,8 +64,12 @@ MAX_EXPERT_BYTES = 1 << 40
 #: the most slots (windows × layers × R) the oracle plans in one call of a built-in
 #: planner: every window in one call passed the planner's own limit on a long replay
 #: (2,400 DeepSeek-V3 steps at interval 1 replayed for 40 s, then failed with "139200
-#: layers × 288 slots is beyond what eplb plans"), and held that many slots' state at once
-ORACLE_SLOTS_PER_CALL = 1 << 22
+#: layers × 288 slots is beyond what eplb plans"), and a call holds its slots' state at
+#: once (~200 bytes a slot in eplb's planner, ~70 in "none"'s maps and their scoring):
+#: at 2**22, 251 DeepSeek-V3 windows a call, `eplb simulate` of 600 steps at interval 1
+#: peaked at 1.7 GB RSS (0.4 GB without the oracle); at 2**18, 15 windows, 0.49 GB and
+#: no slower (eplb's planner plans ~3,000 layers a second from a few hundred a call up)
+ORACLE_SLOTS_PER_CALL = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -270,36 +274,42 @@ def _mean(values: torch.Tensor) -> float | None:
 
 
 def _oracle(
-    window_counts: torch.Tensor,
+    counts: torch.Tensor,
+    score: int,
     planner: PlannerFn,
     builtin: bool,
     realised: Realised = EVEN,
     num_slots: int = 1,
 ) -> torch.Tensor:
-    """``[n]`` balancedness of ``planner(window_counts[i])`` on ``window_counts[i] [L, E]``
-    (realised as ``realised`` says); ``num_slots``: the planner's R."""
-    num_windows, num_layers, num_experts = window_counts.shape
+    """``[n]`` balancedness of ``planner(w_i)`` on ``w_i [L, E]``, the sum of the ``i``-th
+    ``score`` steps of ``counts [T, L, E]`` (``n = T // score``), realised as ``realised``
+    says; ``num_slots``: the planner's R."""
+    num_layers, num_experts = counts.shape[1:]
+    num_windows = counts.shape[0] // score
     if num_windows == 0:
         return torch.zeros(0, dtype=torch.float64)
-    if builtin:
-        # built-in planners treat layers independently: plan many windows in one call, as
-        # many as ORACLE_SLOTS_PER_CALL holds (at least one)
-        per_call = max(1, ORACLE_SLOTS_PER_CALL // (num_layers * num_slots))
-        parts = []
-        for first in range(0, num_windows, per_call):
-            part = window_counts[first:first + per_call]
-            flat = part.reshape(-1, num_experts)
-            stacked = planner(flat, None)
-            loads = scored_loads(stacked, flat, realised).view(len(part), num_layers, -1)
-            parts.append(loads_balancedness(loads, stacked.live_gpus(),
-                                            realised.speed(stacked.topology.num_gpus)))
-        return torch.cat(parts)
-    out = []
-    for w in window_counts:
-        plan = planner(w, None)
-        out.append(loads_balancedness(scored_loads(plan, w, realised), plan.live_gpus(),
-                                 realised.speed(plan.topology.num_gpus)))
-    return torch.stack(out).to(torch.float64)
+    # built-in planners treat layers independently: plan many windows in one call, as
+    # many as ORACLE_SLOTS_PER_CALL holds (at least one); a callable, one window a call.
+    # The windows are summed a call's worth at a time: summed all at once they were a
+    # second copy of the trace at interval 1 ([T, L, E], 35 MB per 600 DeepSeek-V3 steps)
+    per_call = max(1, ORACLE_SLOTS_PER_CALL // (num_layers * num_slots)) if builtin else 1
+    parts = []
+    for first in range(0, num_windows, per_call):
+        count = min(per_call, num_windows - first)
+        part = counts[first * score:(first + count) * score].view(
+            count, score, num_layers, num_experts).sum(1)
+        if not builtin:
+            plan = planner(part[0], None)
+            parts.append(loads_balancedness(scored_loads(plan, part[0], realised),
+                                            plan.live_gpus(),
+                                            realised.speed(plan.topology.num_gpus))[None])
+            continue
+        flat = part.reshape(-1, num_experts)
+        stacked = planner(flat, None)
+        loads = scored_loads(stacked, flat, realised).view(count, num_layers, -1)
+        parts.append(loads_balancedness(loads, stacked.live_gpus(),
+                                        realised.speed(stacked.topology.num_gpus)))
+    return torch.cat(parts).to(torch.float64)
 
 
 def simulate(
@@ -463,13 +473,11 @@ def simulate(
     idle = ~counts.flatten(1).any(1).cpu()  # counts are >= 0: no token at all
     oracle_bal = None
     if oracle:
-        wsum = counts[: num_windows * score].view(num_windows, score, num_layers,
-                                                  num_experts).sum(1)
         # the oracle plans each window fresh: the knobs that score moves from a map in
         # force have nothing to score there (make_planner refuses them without incremental)
         fresh_options = {k: v for k, v in plan_options.items() if k not in SCORE_OPTIONS}
         plan_fn = make_planner(planner, topo, active_gpus=active_gpus, **fresh_options)
-        oracle_bal = _oracle(wsum, plan_fn, builtin=isinstance(planner, str),
+        oracle_bal = _oracle(counts, score, plan_fn, builtin=isinstance(planner, str),
                              realised=realised, num_slots=topo.num_replicas)
     name = planner if isinstance(planner, str) else getattr(planner, "__name__", "callable")
     return SimulationResult(
