@@ -53,6 +53,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import threading
 from typing import Any, ClassVar
 
@@ -69,6 +70,7 @@ from eplb.integrations.agreement import (
     PlanAgreement,
     agree_and_log,
 )
+from eplb.integrations.vllm_check import main as check_main
 from eplb.integrations.vllm_settings import (
     ENV_VAR,
     LEGACY_ENV_VAR,
@@ -540,3 +542,7 @@ def register() -> bool:
     except Exception as exc:  # a plugin must never take vLLM down
         logger.warning("eplb: vLLM plugin not registered: %s", exc)
         return False
+
+
+if __name__ == "__main__":  # python -m eplb.integrations.vllm: the set-up check
+    sys.exit(check_main())

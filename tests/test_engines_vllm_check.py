@@ -1,0 +1,91 @@
+"""``python -m eplb.integrations.vllm``: the set-up check runs vLLM's own plugin loader.
+
+vLLM's real plugin loader (``vllm.plugins.load_general_plugins``) and EPLB policy registry
+come from the fetched wheel (0.33.0 and 0.34.0, ``scripts/fetch_engines.py``), as in
+``test_engines_vllm_switch.py``; the loader finds eplb through the installed package's
+``vllm.general_plugins`` entry point, as it does in a vLLM process.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+from test_engines_vllm_switch import SWITCHES, real_vllm
+
+from eplb.integrations import vllm as plugin
+from eplb.integrations import vllm_check
+
+
+@pytest.fixture
+def vllm(vllm_root, monkeypatch):
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    with real_vllm(vllm_root) as ns:
+        yield ns
+
+
+def _check() -> tuple[bool, list[str]]:
+    said: list[str] = []
+    return vllm_check.check(said.append), said
+
+
+def test_the_check_passes_where_vllms_loader_installs_eplb(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, '{"max_moves": 64}')
+    ready, said = _check()
+    assert ready, said
+    assert not [line for line in said if line.startswith("problem")], said
+    assert said[-1].startswith("ok: vLLM") and "installed eplb as EPLB policy 'default'" in said[-1]
+    assert 'VLLM_EPLB_OPTIONS {"max_moves": 64}' in "\n".join(said)
+    # what the check saw is what vLLM's registry holds
+    assert vllm.policy.EPLB_POLICIES["default"].__module__ == "eplb.integrations.vllm"
+
+
+def test_register_mode_is_checked_under_the_eplb_name(vllm, monkeypatch):
+    monkeypatch.setenv(plugin.ENV_VAR, "register")
+    ready, said = _check()
+    assert ready, said
+    assert "policy 'eplb'" in said[-1]
+    assert vllm.policy.EPLB_POLICIES["default"].__module__ != "eplb.integrations.vllm"
+
+
+@pytest.mark.parametrize(("env", "problem"), [
+    ({}, "VLLM_EPLB_POLICY is not set"),
+    ({plugin.ENV_VAR: "maybe"}, "is not a switch value"),
+    ({plugin.ENV_VAR: "eplb", "VLLM_PLUGINS": "other"}, "does not name 'eplb'"),
+    ({plugin.ENV_VAR: "eplb", plugin.OPTIONS_ENV_VAR: '{"bogus": 1}'}, "unknown option"),
+    ({plugin.LEGACY_ENV_VAR: "eplb"}, "old switch name"),
+    ({plugin.ENV_VAR: "eplb", plugin.LEGACY_OPTIONS_ENV_VAR: '{"max_moves": 1}'},
+     "old options name"),
+])
+def test_each_problem_is_named_and_fails_the_check(vllm, monkeypatch, env, problem):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ready, said = _check()
+    assert not ready
+    assert any(line.startswith("problem") and problem in line for line in said), said
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None,
+                    reason="vLLM is installed in this environment")
+def test_without_vllm_the_command_says_so_and_exits_1(monkeypatch):
+    for name in SWITCHES:
+        monkeypatch.delenv(name, raising=False)
+    done = subprocess.run([sys.executable, "-m", "eplb.integrations.vllm"],
+                          capture_output=True, text=True,
+                          env={**os.environ, plugin.ENV_VAR: "eplb"})
+    assert done.returncode == 1, done.stderr
+    assert "problem: vLLM is not installed" in done.stdout
+    assert "ok: VLLM_EPLB_POLICY=eplb" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(("argv", "code"), [(["--help"], 0), (["--bogus"], 2)])
+def test_help_and_stray_arguments(argv, code, capsys):
+    assert vllm_check.main(argv) == code
+    out, err = capsys.readouterr()
+    assert ("VLLM_PLUGINS" in out) if code == 0 else ("unexpected arguments" in err)
