@@ -82,6 +82,28 @@ def test_eval_scores_a_group_spreading_plan_as_global_and_says_so(capsys, tmp_pa
     assert code == 2 and "is not hierarchical" in err and "Traceback" not in err
 
 
+def test_eval_under_the_nearest_rule_scores_a_group_spreading_plan_as_global_quietly(
+        capsys, tmp_path, loads) -> None:
+    """New-user pass: plans for SGLang's nearest rule spread groups on purpose, and eval's
+    own --help example for such a file warned that it "does not hold the expert groups"."""
+    w = torch.from_numpy(np.load(loads))
+    placement = eplb.plan(w, R, P, N, G, policy="global", dispatch="nearest")
+    path = write_placement(placement, tmp_path / "near.sglang.json", "sglang")
+    code, out, err = run(capsys, "eval", "--placement", str(path), str(loads), "-g", str(P),
+                         "--nodes", str(N), "--groups", str(G), "--dispatch", "nearest",
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["policy"] == "global"
+    assert warnings_in(err) == []
+    # a hierarchical plan scored under the rule keeps its hierarchical yardstick
+    hier = write_placement(eplb.plan(w, R, P, N, G), tmp_path / "h.sglang.json", "sglang")
+    code, out, err = run(capsys, "eval", "--placement", str(hier), str(loads), "-g", str(P),
+                         "--nodes", str(N), "--groups", str(G), "--dispatch", "nearest",
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["policy"] == "hierarchical"
+
+
 
 def test_eval_keeps_a_hierarchical_sglang_file_of_moe_rows_hierarchical(capsys, tmp_path,
                                                                          loads) -> None:

@@ -82,6 +82,11 @@ def _eval_policy(placement: Placement, meta: dict, args: argparse.Namespace,
         why = re.sub(r"\blayer (\d+)", lambda m: f"layer {rows[int(m.group(1))]}", str(exc))
         if args.policy == "hierarchical":
             raise CliError(f"{args.placement} is not hierarchical: {why}") from None
+        if args.dispatch == "nearest":
+            # plans for SGLang's nearest rule are global or locality ones, which spread
+            # groups on purpose: scored as global without a word (new-user pass: eval's own
+            # --help example for such a file warned as if something were wrong)
+            return placement
         warn(f"{args.placement} does not hold the expert groups as the hierarchical policy "
              f"does ({why.removeprefix('hierarchical locality: ')}), so it is scored as a "
              "global placement (against the global ceiling)")
