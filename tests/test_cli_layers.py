@@ -561,3 +561,21 @@ def test_plan_from_a_placement_of_another_grouping_warns_once(capsys, tmp_path, 
     code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes", "2",
                        "--groups", "4", "--previous", str(old), "-o", str(tmp_path / "h.json"))
     assert code == 0 and err.count("previous placement was planned for 1 node(s)") == 1, err
+
+
+def test_more_bare_rows_than_model_layers_plan_in_eplbs_format_only(capsys, tmp_path) -> None:
+    """A file of 4,097 rows without layer ids was refused for an ``--mtp-layers`` no one
+    passed ("must be in 0..-1 ..., got 0"), though eplb's own files take it; an engine file,
+    whose keys are model layers 0..4095, is refused in those words, before the planning
+    (a TensorRT-LLM YAML failed only after it; attacker pass)."""
+    loads = tmp_path / "rows.npy"
+    np.save(loads, np.arange(1, 4097 * 2 + 1, dtype=np.float32).reshape(4097, 2))
+    out = tmp_path / "p.json"
+    code, _, err = run(capsys, "plan", str(loads), "-r", "2", "-g", "2", "-o", str(out))
+    assert code == 0 and "mtp" not in err, err
+    assert json.loads(out.read_text())["num_layers"] == 4097
+    for name in ("p.yaml", "p.sglang.json"):
+        code, _, err = run(capsys, "plan", str(loads), "-r", "2", "-g", "2", "-o",
+                           str(tmp_path / name))
+        assert code == 2 and "4097 rows" in err and "model layers 0..4095" in err, err
+        assert "mtp" not in err and not (tmp_path / name).exists()

@@ -13,6 +13,7 @@ from eplb.cli._common import CliError, cli_words, unwritable_reason
 from eplb.core.dispatch_plan import NEAREST_TIMES, nearest_size_problem
 from eplb.core.planner import check_plan_size
 from eplb.core.topology import Topology
+from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats._files import only_regular_files_are_replaced, output_file
 from eplb.formats.detect import folder_load_files
 from eplb.formats.errors import FormatError
@@ -91,6 +92,17 @@ def refuse_input_as_output(out: Path, inputs: list[tuple[str, str | None]]) -> N
                 raise CliError(f"-o {out} is {what}: writing the placement there would "
                                "replace it (even --force does not); choose another output "
                                "name")
+
+
+
+def refuse_rows_past_model_layers(layer_ids: list[int], emit: str, loads: str) -> None:
+    """Engine files key rows by model layer (0..4095): a file of more bare rows than that,
+    which eplb's own files take, is refused before the planning (it failed only after it,
+    or on the --mtp-layers 0 no one passed: attacker pass)."""
+    if max(layer_ids) >= MAX_MODEL_LAYERS and emit in ("sglang", "trtllm"):
+        raise CliError(f"{loads} has {len(layer_ids)} rows, one per model layer, but an "
+                       f"engine file names model layers 0..{MAX_MODEL_LAYERS - 1} only: write "
+                       "eplb's own format (-o NAME.json or .pt), or check the rows are layers")
 
 
 def check_cluster_flags(*, gpus: int | None, nodes: int | None,

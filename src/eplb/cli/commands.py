@@ -14,6 +14,7 @@ from eplb.cli._checks import (
     check_topology,
     existing_file,
     refuse_input_as_output,
+    refuse_rows_past_model_layers,
 )
 from eplb.cli._common import (
     CliError,
@@ -161,7 +162,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     # the model layer the --mtp-layers follow: the loads' last, even where --previous
     # leaves out an idle last row (the MTP layer took that row's id)
     last_layer = max(layer_ids)
-    if not 0 <= args.mtp_layers <= MAX_MODEL_LAYERS - 1 - last_layer:
+    refuse_rows_past_model_layers(layer_ids, emit, loads)
+    if args.mtp_layers and not 0 <= args.mtp_layers <= MAX_MODEL_LAYERS - 1 - last_layer:
         raise CliError(f"--mtp-layers must be in 0..{MAX_MODEL_LAYERS - 1 - last_layer} "
                        f"(model layers after the last row, {last_layer}, up to "
                        f"{MAX_MODEL_LAYERS - 1}), got {args.mtp_layers}")
