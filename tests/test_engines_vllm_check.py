@@ -89,3 +89,14 @@ def test_help_and_stray_arguments(argv, code, capsys):
     assert vllm_check.main(argv) == code
     out, err = capsys.readouterr()
     assert ("VLLM_PLUGINS" in out) if code == 0 else ("unexpected arguments" in err)
+
+
+def test_switch_names_that_disagree_are_a_problem_not_a_traceback(vllm, monkeypatch):
+    # register() refuses them (the plugin does nothing); the check raised the ValueError
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv(plugin.LEGACY_ENV_VAR, "off")
+    ready, said = _check()
+    assert not ready
+    assert any(line.startswith("problem") and "disagree" in line for line in said), said
+    assert said[-1].startswith("problem: vLLM"), said  # vLLM's loader still ran
+    assert vllm.policy.EPLB_POLICIES["default"].__module__ != "eplb.integrations.vllm"

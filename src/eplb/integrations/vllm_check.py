@@ -72,9 +72,16 @@ def check(say: Callable[[str], Any] = print) -> bool:
         say(f"problem: VLLM_PLUGINS={allowed!r} does not name 'eplb', so vLLM loads no eplb: "
             "add it, or unset VLLM_PLUGINS")
         ready = False
-    name, raw = setting(os.environ, ENV_VAR, LEGACY_ENV_VAR)
-    mode = raw.strip().lower()
-    if mode in SWITCH_OFF:
+    raw: str | None
+    try:
+        name, raw = setting(os.environ, ENV_VAR, LEGACY_ENV_VAR)
+    except ValueError as exc:  # both names, asking for different things: register() refuses
+        say(f"problem: {exc} (the plugin then does nothing)")
+        name, raw, ready = ENV_VAR, None, False
+    mode = (raw or "").strip().lower()
+    if raw is None:
+        pass  # (said above)
+    elif mode in SWITCH_OFF:
         say(f"problem: {ENV_VAR} is not set, so vLLM keeps its own policy: export "
             f"{ENV_VAR}=eplb")
         ready = False
