@@ -12,6 +12,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from typing import Literal
 
 import pytest
 from test_engines_vllm_switch import SWITCHES, real_vllm
@@ -45,12 +46,25 @@ def test_the_check_passes_where_vllms_loader_installs_eplb(vllm, monkeypatch):
     assert vllm.policy.EPLB_POLICIES["default"].__module__ == "eplb.integrations.vllm"
 
 
-def test_register_mode_is_checked_under_the_eplb_name(vllm, monkeypatch):
+def test_register_mode_fails_where_vllms_config_cannot_choose_eplb(vllm, monkeypatch):
+    # vLLM 0.33/0.34: EPLBPolicyOption = Literal["default"], so 'eplb' is registered but
+    # no --eplb-config can choose it and vLLM's own policy plans (the check said ok, exit 0)
+    monkeypatch.setenv(plugin.ENV_VAR, "register")
+    ready, said = _check()
+    assert vllm.policy.EPLB_POLICIES["eplb"].__module__ == "eplb.integrations.vllm"
+    assert vllm.policy.EPLB_POLICIES["default"].__module__ != "eplb.integrations.vllm"
+    assert not ready, said
+    assert said[-1].startswith("problem") and "accepts policy only 'default'" in said[-1]
+    assert "VLLM_EPLB_POLICY=eplb" in said[-1]
+
+
+def test_register_mode_passes_where_vllms_config_accepts_eplb(vllm, monkeypatch):
+    monkeypatch.setattr(sys.modules["vllm.config.parallel"], "EPLBPolicyOption",
+                        Literal["default", "eplb"])
     monkeypatch.setenv(plugin.ENV_VAR, "register")
     ready, said = _check()
     assert ready, said
     assert "policy 'eplb'" in said[-1]
-    assert vllm.policy.EPLB_POLICIES["default"].__module__ != "eplb.integrations.vllm"
 
 
 @pytest.mark.parametrize(("env", "problem"), [

@@ -14,8 +14,9 @@ variables) vLLM will run with, this goes through what vLLM does at start-up:
    vLLM's EPLB policy registry holds under ``"default"``.
 
 It prints one line per step and exits 0 where vLLM's default EPLB policy is eplb's (or,
-with ``VLLM_EPLB_POLICY=register``, where policy ``"eplb"`` is), 1 where it is not,
-naming what to change. It checks this process only: run it on every node (Ray copies the
+with ``VLLM_EPLB_POLICY=register``, where policy ``"eplb"`` is and vLLM's
+``--eplb-config`` accepts that name: 0.33 and 0.34 do not), 1 where it is not, naming
+what to change. It checks this process only: run it on every node (Ray copies the
 ``VLLM_*`` variables to its workers, not the older ``EPLB_VLLM_*`` names).
 """
 
@@ -27,6 +28,7 @@ import importlib.util
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -138,6 +140,15 @@ def _through_vllm(mode: str, say: Callable[[str], Any]) -> bool:
     name = "eplb" if mode in SWITCH_REGISTER else "default"
     chosen = registry.get(name)
     if chosen is not None and getattr(chosen, "__module__", "") == PLUGIN_MODULE:
+        accepted = _config_policies()
+        if name != "default" and accepted is not None and name not in accepted:
+            # vLLM 0.33/0.34: EPLBPolicyOption = Literal["default"], so no config can
+            # choose 'eplb' and vLLM's own policy plans (the check said "ok", exit 0)
+            say(f"problem: vLLM {version}: its plugin loader added eplb as EPLB policy "
+                f"{name!r}, but its --eplb-config accepts policy only "
+                f"{', '.join(map(repr, accepted))}, so vLLM's own policy plans: set "
+                f"{ENV_VAR}=eplb (replaces 'default')")
+            return False
         say(f"ok: vLLM {version}: its plugin loader installed eplb as EPLB policy "
             f"{name!r}, so eplb plans the rebalances of a vLLM started like this")
         return True
@@ -146,6 +157,17 @@ def _through_vllm(mode: str, say: Callable[[str], Any]) -> bool:
         f"{held}, not eplb's (see the problems above, or vLLM's log for the plugin's "
         "warning)")
     return False
+
+
+def _config_policies() -> tuple[str, ...] | None:
+    """The policy names vLLM's ``--eplb-config`` accepts (``EPLBPolicyOption``), or
+    ``None`` where this vLLM does not say."""
+    try:
+        option = importlib.import_module("vllm.config.parallel").EPLBPolicyOption
+    except Exception:  # another layout: the registry's verdict stands alone
+        return None
+    names = typing.get_args(option)
+    return names if names and all(isinstance(n, str) for n in names) else None
 
 
 def main(argv: list[str] | None = None) -> int:
