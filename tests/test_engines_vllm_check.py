@@ -114,3 +114,13 @@ def test_switch_names_that_disagree_are_a_problem_not_a_traceback(vllm, monkeypa
     assert any(line.startswith("problem") and "disagree" in line for line in said), said
     assert said[-1].startswith("problem: vLLM"), said  # vLLM's loader still ran
     assert vllm.policy.EPLB_POLICIES["default"].__module__ != "eplb.integrations.vllm"
+
+
+def test_vllm_plugins_with_spaces_is_named_as_such(vllm, monkeypatch):
+    # vLLM splits VLLM_PLUGINS on commas without stripping: ' eplb' loads nothing
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv("VLLM_PLUGINS", "other, eplb")
+    ready, said = _check()
+    assert not ready
+    assert vllm.policy.EPLB_POLICIES["default"].__module__ != "eplb.integrations.vllm"
+    assert any("without spaces" in line and "remove the spaces" in line for line in said), said

@@ -71,8 +71,11 @@ def check(say: Callable[[str], Any] = print) -> bool:
         say(f"ok: vLLM plugin entry point eplb = {ENTRY_POINT}")
     allowed = os.environ.get("VLLM_PLUGINS")
     if allowed is not None and "eplb" not in allowed.split(","):
-        say(f"problem: VLLM_PLUGINS={allowed!r} does not name 'eplb', so vLLM loads no eplb: "
-            "add it, or unset VLLM_PLUGINS")
+        # vLLM splits it on commas and matches the names exactly, spaces included
+        spaced = "eplb" in (n.strip() for n in allowed.split(","))
+        say(f"problem: VLLM_PLUGINS={allowed!r} does not name 'eplb'"
+            f"{' without spaces (vLLM keeps them)' if spaced else ''}, so vLLM loads no "
+            f"eplb: {'remove the spaces' if spaced else 'add it'}, or unset VLLM_PLUGINS")
         ready = False
     raw: str | None
     try:
