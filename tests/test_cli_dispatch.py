@@ -113,6 +113,29 @@ def test_a_plan_without_routing_reports_no_remote_nodes(tmp_path, capsys, loads)
     assert summary["remote_nodes_per_token_in_force"] is None
 
 
+def test_the_remote_nodes_in_force_are_counted_on_the_plans_nodes(tmp_path, capsys, loads,
+                                                                    routing):
+    """Attacker pass: a map in force recorded for 2 nodes, taken by a 4-node plan as its
+    slots hold it (warned; its balance scored on 4 nodes), had its remote nodes counted on
+    its own 2 nodes: 0.77 beside the plan's 1.32, where on this cluster it reaches 1.68."""
+    path, _ = loads
+    old = tmp_path / "two_nodes.json"
+    code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 2, "--groups", 8,
+                       "--policy", "global", "-o", old)
+    assert code == 0, err
+    code, stdout, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                            "--groups", 8, "--policy", "locality", "--dispatch", "nearest",
+                            "--routing", routing, "--previous", old, "-o",
+                            tmp_path / "p.json", "--json")
+    assert code == 0, err
+    assert "planned for 2 node(s)" in err
+    ids = torch.from_numpy(np.load(routing)["task_topk_ids"]).long()
+    on_this_cluster = float(remote_nodes_per_token(read_placement(old).phy2log, ids, 64, 16,
+                                                   4).mean())
+    assert json.loads(stdout)["remote_nodes_per_token_in_force"] == pytest.approx(
+        on_this_cluster)
+
+
 def test_eval_scores_a_plan_under_the_rule_its_file_records(tmp_path, capsys, loads):
     """New-user pass: eval scored a nearest plan under the even split unless given
     --dispatch nearest again; eplb's file records the rule, and a flag still overrides."""

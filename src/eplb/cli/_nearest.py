@@ -139,16 +139,21 @@ def distinct_rows(routing: torch.Tensor, args: argparse.Namespace) -> None:
         raise CliError(str(exc)) from None
 
 
-def remote_nodes(options: dict, placement: Placement | None) -> float | None:
+def remote_nodes(options: dict, placement: Placement | None,
+                 num_nodes: int | None = None) -> float | None:
     """Remote nodes per token (the mean over layers) of ``placement`` on the ``--routing``
     trace that ``options`` (:func:`dispatch_options`) hold, as ``eval --routing`` counts
     them: the traffic side of the locality policy's trade, which the plan's summary shows
     beside its balance (new-user pass: ``plan --policy locality --routing`` showed only the
-    balance). ``None`` without a routing trace or a placement."""
+    balance). ``num_nodes``: the cluster's (the plan's), where ``placement`` is a map in
+    force recorded for another node count (plan warns, and takes its map as the slots hold
+    it: its balance is scored on the plan's nodes, and so is its traffic). ``None`` without
+    a routing trace or a placement."""
     routing = options.get("routing")
     if routing is None or placement is None:
         return None
     topo = placement.topology
+    nodes = topo.num_nodes if num_nodes is None else num_nodes
     return float(remote_nodes_per_token(placement.phy2log, routing, placement.num_experts,
-                                        topo.num_gpus, topo.num_nodes,
+                                        topo.num_gpus, nodes,
                                         active_gpus=placement.active_gpus).mean())

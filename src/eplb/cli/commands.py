@@ -318,7 +318,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         if runtime is not None and previous is not None
                         and previous.active_gpus is None else None)
     # --routing (the locality policy): the traffic it trades, of the plan and the map in force
-    remote, remote_in_force = remote_nodes(options, placement), remote_nodes(options, previous)
+    remote = remote_nodes(options, placement)
+    remote_in_force = remote_nodes(options, previous, args.nodes)  # (on this plan's nodes)
     summary = {
         "output": str(out),
         "emit": emit,
