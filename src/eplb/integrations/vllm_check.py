@@ -99,9 +99,9 @@ def check(say: Callable[[str], Any] = print) -> bool:
                 else "adds EPLB policy 'eplb' (choose it in vLLM's --eplb-config)")
         say(f"ok: {name}={raw.strip()} {what}")
     if name == LEGACY_ENV_VAR:
-        say(f"problem: {LEGACY_ENV_VAR} is the old switch name, which Ray does not copy to "
+        # it works in this process (the exit code says so); only Ray's other nodes miss it
+        say(f"warning: {LEGACY_ENV_VAR} is the old switch name, which Ray does not copy to "
             f"other nodes: use {ENV_VAR}")
-        ready = False
     try:
         options = options_from_env()
     except ValueError as exc:
@@ -112,9 +112,9 @@ def check(say: Callable[[str], Any] = print) -> bool:
         say(f"ok: {options_name} {json.dumps(options, sort_keys=True, default=str)}"
             if options else "ok: no options (the defaults)")
         if options and options_name == LEGACY_OPTIONS_ENV_VAR:
-            say(f"problem: {LEGACY_OPTIONS_ENV_VAR} is the old options name, which Ray does "
-                f"not copy to other nodes: use {OPTIONS_ENV_VAR}")
-            ready = False
+            say(f"warning: {LEGACY_OPTIONS_ENV_VAR} is the old options name, which Ray does "
+                f"not copy to other nodes, whose ranks would plan without these options: use "
+                f"{OPTIONS_ENV_VAR}")
     return _through_vllm(mode, say) and ready
 
 
