@@ -121,6 +121,32 @@ def test_a_missing_dependency_is_named_in_one_line(module: str, package: str) ->
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
+def test_a_dependency_a_command_imports_late_is_named_with_its_install(tmp_path) -> None:
+    # PyYAML is imported only to write or read YAML (attacker pass: a missing one ended in
+    # "eplb: error: ModuleNotFoundError: No module named 'yaml'", with no install hint)
+    loads = tmp_path / "loads.json"
+    loads.write_text("[[1, 2, 3, 4], [4, 3, 2, 1]]")
+    done = _python(f"""
+        import sys
+
+        class Missing:
+            def find_spec(self, name, path=None, target=None):
+                if name == "yaml":
+                    raise ModuleNotFoundError("No module named 'yaml'", name=name)
+                return None
+
+        sys.meta_path.insert(0, Missing())
+        sys.argv = ["eplb", "plan", {str(loads)!r}, "-r", "8", "-g", "2",
+                    "-o", {str(tmp_path / "lb.yaml")!r}]
+        import _eplb_command
+        sys.exit(_eplb_command.main())
+    """)
+    assert done.returncode == 2, done.stderr
+    assert "the Python package 'pyyaml', which eplb needs here, is not installed" in done.stderr
+    assert "pip install pyyaml" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "lb.yaml").exists()
+
+
 def test_a_missing_submodule_of_eplb_keeps_its_traceback() -> None:
     done = _python("""
         import sys

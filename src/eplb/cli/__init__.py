@@ -226,6 +226,15 @@ def _main(args: argparse.Namespace) -> int:
         return _fail(args, cli_words(str(exc)), EXIT_USAGE)
     except MissingPackage as exc:  # an optional package the input needs: set-up to fix
         return _fail(args, str(exc), EXIT_USAGE)
+    except ModuleNotFoundError as exc:
+        package = _LAZY_DEPENDENCIES.get(exc.name or "")
+        if package is None:
+            return _fail_running(args, exc)
+        # a dependency imported only where a command needs it, missing from a broken
+        # environment (attacker pass: "ModuleNotFoundError: No module named 'yaml'")
+        return _fail(args, f"the Python package {package!r}, which eplb needs here, is not "
+                           f"installed for {sys.executable}: pip install {package}",
+                     EXIT_USAGE)
     except OSError as exc:
         if exc.errno not in _BAD_NAME:  # a full disk, an I/O error: a failure while running
             return _fail_running(args, exc)
@@ -241,6 +250,10 @@ def _main(args: argparse.Namespace) -> int:
 
 
 _BAD_NAME = {errno.ENAMETOOLONG, errno.ELOOP}
+#: runtime dependencies (``pyproject.toml``) imported only where a command needs them, by
+#: module, with the distribution to install (the console script names the ones every
+#: command imports, ``src/_eplb_command.py``)
+_LAZY_DEPENDENCIES = {"yaml": "pyyaml", "rich": "rich"}
 
 
 def _interrupted(signum: int) -> int:
