@@ -6,13 +6,14 @@ data location) are in ``helpers.py``.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
 from engines import ENGINES, FETCH_HINT, VLLM_RELEASES, engine_root
-from helpers import MISSING_REAL, REAL_DATA
+from helpers import MISSING_REAL, REAL_DATA, run, small_loads_file
 from hypothesis import settings
 
 # planner calls are cheap but the CI machine is shared: no per-example deadline. The
@@ -56,3 +57,21 @@ def vllm_root(request: pytest.FixtureRequest) -> Path:
 def sglang_root() -> Path:
     """Extracted SGLang 0.5.23 EPLB sources (``scripts/fetch_engines.py``), else skip."""
     return _engine("sglang")
+
+
+@pytest.fixture
+def loads(tmp_path: Path) -> Path:
+    """The CLI tests' small skewed loads file (``helpers.small_loads_file``)."""
+    return small_loads_file(tmp_path)
+
+
+@pytest.fixture
+def trace_file(capsys, tmp_path) -> Path:
+    """A 40-step Mixtral trace that ``eplb generate`` wrote (the CLI's generate and
+    simulate tests)."""
+    path = tmp_path / "trace.pt"
+    code, out, _ = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "40", "-o",
+                       str(path), "--json")
+    assert code == 0, out
+    assert json.loads(out)["steps"] == 40
+    return path

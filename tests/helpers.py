@@ -18,6 +18,7 @@ import torch
 
 import eplb
 from eplb import Placement
+from eplb.cli import main
 from eplb.tools.generator import generate_loads
 
 #: Real expert-load data (read-only, never copied into the repository): ``$EPLB_REAL_DATA``
@@ -31,6 +32,9 @@ DEEPSEEK_DIR = REAL_DATA / "sglang_deepseek_ep_statistics"
 DEEPSEEK_FILES = sorted(DEEPSEEK_DIR.glob("*.json")) if DEEPSEEK_DIR.is_dir() else []
 MISSING_REAL = (f"real expert-load data not found at {REAL_DATA} (read-only, not in the "
                 "repository; set EPLB_REAL_DATA to its folder)")
+#: The CLI tests' small problem (``test_cli.py`` and the ``test_cli_*`` files): ``L`` layers
+#: of ``E`` experts (``small_loads_file``), planned onto ``R`` slots on ``P`` GPUs.
+L, E, R, P = 4, 16, 20, 4
 
 
 def read_pyproject() -> dict:
@@ -199,3 +203,19 @@ def run_ranks(commands: list[list[str]], env: dict[str, str], reports: list[Path
         report["log"] = log
         out.append(report)
     return out
+
+
+def small_loads_file(tmp_path: Path) -> Path:
+    """A small skewed ``[L, E]`` loads file (.npy)."""
+    gen = np.random.default_rng(0)
+    w = np.exp(gen.normal(0, 1, size=(L, E))) * 100
+    path = tmp_path / "loads.npy"
+    np.save(path, w)
+    return path
+
+
+def run(capsys, *argv: object) -> tuple[int, str, str]:
+    """``eplb`` with ``argv`` (paths and numbers as text): ``(exit code, stdout, stderr)``."""
+    code = main([str(arg) for arg in argv])
+    out, err = capsys.readouterr()
+    return code, out, err

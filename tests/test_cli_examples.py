@@ -9,8 +9,8 @@ TensorRT-LLM statistics folder, a top-k routing ``.npz``, a trace, placements).
 To keep the suite fast, three things are changed, and only these: ``--steps`` of
 ``eplb generate`` is cut to 12; ``eplb bench`` with files gets ``--no-builtin --repeats
 1``; ``eplb demo`` and ``eplb bench`` without files (each tens of seconds) are only parsed
-here, their runs are covered by ``tests/test_cli.py``. Absolute ``/tmp/`` paths are
-rewritten into the example's folder.
+here, their runs are covered by ``tests/test_cli.py`` (demo) and ``tests/test_cli_eval.py``
+(bench). Absolute ``/tmp/`` paths are rewritten into the example's folder.
 """
 
 from __future__ import annotations

@@ -10,12 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_cli import E, L, P, R, run, small_loads_file
-
-
-@pytest.fixture
-def loads(tmp_path):
-    return small_loads_file(tmp_path)
+from helpers import E, L, P, R, run, small_loads_file
 
 
 def test_eval_first_layer_scores_moe_rows_of_an_sglang_file(capsys, tmp_path, loads) -> None:

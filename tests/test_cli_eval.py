@@ -1,0 +1,123 @@
+"""``eplb eval`` and ``eplb bench``: scoring a placement, and the planners, on a loads file;
+in-process through ``eplb.cli.main`` as in ``test_cli.py``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import E, L, P, R, run
+from test_cli import assert_one_line_error
+
+# ------------------------------------------------------------------------ eval
+
+
+def _plan(capsys, tmp_path: Path, loads: Path) -> Path:
+    out_file = tmp_path / "p.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(out_file))[0] == 0
+    return out_file
+
+
+def test_eval_reports_per_layer_and_summary(capsys, tmp_path, loads) -> None:
+    placement = _plan(capsys, tmp_path, loads)
+    code, out, _ = run(capsys, "eval", "--placement", str(placement), str(loads))
+    assert code == 0
+    assert "per layer" in out and "this placement (after)" in out
+    code, out, _ = run(capsys, "eval", "--placement", str(placement), str(loads), "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert len(result["layers"]) == L
+    w = torch.from_numpy(np.load(loads))
+    from eplb.formats import read_placement
+
+    expected = read_placement(placement).balancedness(w)
+    assert result["balancedness_after"] == pytest.approx(expected)
+    for row in result["layers"]:
+        assert row["max_over_mean_after"] == pytest.approx(1 / row["balancedness_after"])
+
+
+def test_eval_says_a_placement_stacks_replicas_and_scores_it(capsys, tmp_path) -> None:
+    # attacker pass: an eplb JSON file with two replicas of an expert on one GPU was
+    # scored without a word (engines' maps may stack, so it is a warning, not an error)
+    from eplb.core import plan_greedy
+    from eplb.formats import write_placement
+
+    weight = torch.tensor([[91.0, 35, 10, 78, 27, 50, 1, 4]])
+    stacked = plan_greedy(weight, 12, 4)  # GPU 3 holds two of expert 0's three replicas
+    assert stacked.phy2log[0, 9:].tolist() == [0, 0, 5]
+    path = tmp_path / "stacked.json"
+    write_placement(stacked, path)
+    loads = tmp_path / "w.npy"
+    np.save(loads, weight.numpy())
+    code, out, err = run(capsys, "eval", "--placement", path, loads, "--json")
+    assert code == 0
+    assert "breaks eplb's anti-affinity (layer 0 GPU" in err and "scored as it is" in err
+    assert json.loads(out)["balancedness_after"] == pytest.approx(
+        float(stacked.balancedness(weight)))
+
+
+def test_eval_shape_mismatch(capsys, tmp_path, loads) -> None:
+    placement = _plan(capsys, tmp_path, loads)
+    other = tmp_path / "other.npy"
+    np.save(other, np.ones((L + 1, E)))
+    code, _, err = run(capsys, "eval", "--placement", str(placement), str(other))
+    assert code == 2
+    assert_one_line_error(err)
+
+
+def test_eval_missing_placement(capsys, tmp_path, loads) -> None:
+    code, _, err = run(capsys, "eval", "--placement", str(tmp_path / "x.json"), str(loads))
+    assert code == 2
+    assert_one_line_error(err)
+
+
+def test_eval_nearest_on_one_node_scores_the_even_split(capsys, loads: Path,
+                                                        tmp_path: Path) -> None:
+    # as plan does: on one node every replica is on the token's node
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", loads, "-r", R, "-g", P, "-o", out)[0] == 0
+    code, even, _ = run(capsys, "eval", "--placement", out, loads, "--summary", "--json")
+    assert code == 0
+    code, near, err = run(capsys, "eval", "--placement", out, loads, "--summary", "--json",
+                          "--dispatch", "nearest")
+    assert code == 0 and "one node" in err
+    assert json.loads(near)["balancedness_after"] == json.loads(even)["balancedness_after"]
+
+
+# ------------------------------------------------------------------------ bench
+
+
+def test_bench_on_a_file_with_report(capsys, tmp_path, loads) -> None:
+    report = tmp_path / "rep"
+    code, out, _ = run(capsys, "bench", str(loads), "--no-builtin", "-r", str(R), "-g", str(P),
+                       "--repeats", "1", "--json", "--report", str(report))
+    assert code == 0
+    result = json.loads(out)
+    (scenario,) = result["scenarios"]
+    names = [r["planner"] for r in scenario["results"]]
+    assert names == ["no rebalancing", "reference greedy", "eplb"]
+    for r in scenario["results"]:
+        assert 0 < r["balancedness"] <= 1
+    assert (report / "report.md").exists() and (report / "report.html").exists()
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert pngs == ["s0_heatmap.png", "s0_layers.png"]
+    # a second run refuses to overwrite the report
+    code, _, err = run(capsys, "bench", str(loads), "--no-builtin", "-r", str(R), "-g", str(P),
+                       "--report", str(report))
+    assert code == 2
+    assert_one_line_error(err)
+
+
+def test_bench_table_output(capsys, loads) -> None:
+    code, out, _ = run(capsys, "bench", str(loads), "--no-builtin", "--repeats", "1")
+    assert code == 0
+    assert "reference greedy" in out and "ceiling" in out
+
+
+def test_bench_nothing_to_do(capsys) -> None:
+    code, _, err = run(capsys, "bench", "--no-builtin")
+    assert code == 2
+    assert_one_line_error(err)
