@@ -75,3 +75,12 @@ def trace_file(capsys, tmp_path) -> Path:
     assert code == 0, out
     assert json.loads(out)["steps"] == 40
     return path
+
+
+@pytest.fixture
+def umask():
+    """Set the process umask for one test, restoring it after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield lambda mask: os.umask(mask)
+    os.umask(old)
