@@ -1,5 +1,6 @@
 """Incremental rebalancing: what ``previous=``, ``max_moves=`` and ``skip_threshold=``
-refuse, with errors that name what is wrong (the planning itself: test_incremental.py)."""
+refuse, with errors that name what is wrong (the planning itself: test_incremental.py and
+the test_incremental_*.py files it names)."""
 
 from __future__ import annotations
 

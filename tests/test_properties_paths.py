@@ -2,7 +2,7 @@
 for fresh and incremental plans (thirteenth-session property audit).
 
 The other property modules draw one path at a time (``test_planner_properties``: fresh
-plans by policy; ``test_incremental``: old maps of six origins; ``test_dispatch``: the
+plans by policy; ``test_incremental_properties``: old maps of six origins; ``test_dispatch``: the
 nearest planners). Here one draw combines them, so the combinations are checked too:
 
 - fresh: policy ``auto``/``global``/``hierarchical``/``locality``, dispatch
