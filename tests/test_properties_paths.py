@@ -2,8 +2,9 @@
 for fresh and incremental plans (thirteenth-session property audit).
 
 The other property modules draw one path at a time (``test_planner_properties``: fresh
-plans by policy; ``test_incremental_properties``: old maps of six origins; ``test_dispatch``: the
-nearest planners). Here one draw combines them, so the combinations are checked too:
+plans by policy; ``test_incremental_properties``: old maps of six origins;
+``test_dispatch_planning``: the nearest planners). Here one draw combines them, so the
+combinations are checked too:
 
 - fresh: policy ``auto``/``global``/``hierarchical``/``locality``, dispatch
   ``even``/``nearest`` with ``fair``, ``source``, ``slack`` and a routing trace, dead GPUs,
