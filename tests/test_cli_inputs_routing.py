@@ -1,0 +1,239 @@
+"""Top-k routing files handed to the ``eplb`` command: several arrays and ``--key``, token
+traces cut into steps, expert counts read off the ids, messages that name the flag, and
+real multi-array routing files (ESFT, Qwen3, from ``../shared/data/real`` when present).
+
+Runs through ``test_cli_inputs.py``'s ``run`` (a thread timeout), as its hostile files do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_cli_inputs import REAL, E, assert_user_error, plan_args, run
+
+from eplb.formats import FormatError, read_loads
+
+
+# ------------------------------------------------------------- top-k routing files
+def _two_tasks(tmp: Path) -> Path:
+    gen = torch.Generator().manual_seed(0)
+    # distinct ids per top-k row, as a router's (a repeated one is refused)
+    a = torch.rand(300, 3, E, generator=gen).argsort(2)[..., :2]
+    b = torch.rand(200, 3, E, generator=gen).argsort(2)[..., :2]
+    path = tmp / "routing.npz"
+    np.savez(path, law_topk_ids=a.numpy().astype(np.int8), code_topk_ids=b.numpy().astype(
+        np.int8), law_seq_lens=np.array([100, 200], dtype=np.int32))
+    return path
+
+
+def test_several_topk_arrays_need_key_never_a_silent_mix(capsys, tmp_path) -> None:
+    path = _two_tasks(tmp_path)
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "2 top-k id arrays", "--key")
+    assert "CLI: --key" in err
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "law_topk_ids", "--json"))
+    assert code == 0, err
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "nope", "--force"))
+    assert_user_error(code, err, "no array 'nope'", "--key")
+
+
+def test_key_with_several_arrays_reads_them_one_after_another(tmp_path) -> None:
+    path = _two_tasks(tmp_path)
+    both = read_loads(path, key=["law_topk_ids", "code_topk_ids"], tokens_per_step=100)
+    assert both.num_steps == 3 + 2
+    assert [s["name"] for s in both.meta["segments"]] == ["law_topk_ids", "code_topk_ids"]
+    # one array named twice would be read twice (attacker pass), as a file given twice is
+    with pytest.raises(ValueError, match="names 'law_topk_ids' twice"):
+        read_loads(path, key=["law_topk_ids", "law_topk_ids"], tokens_per_step=100)
+
+
+def test_key_with_several_count_arrays_reads_them_one_after_another(capsys, tmp_path) -> None:
+    # plain count arrays too (new-user pass: mixing OLMoE's domains, or gpt-oss's think and
+    # answer counts, was refused): one after another as steps, of one shape and layers
+    rng = np.random.default_rng(3)
+    path = tmp_path / "domains.npz"
+    np.savez(path, arxiv=rng.random((3, E)) * 100, c4=rng.random((2, 3, E)) * 100,
+             other=rng.random((3, E + 1)))
+    both = read_loads(path, key=["arxiv", "c4"])
+    assert both.num_steps == 3 and [s["steps"] for s in both.meta["segments"]] == [1, 2]
+    assert torch.allclose(both.total(), read_loads(path, key="arxiv").total()
+                          + read_loads(path, key="c4").total())
+    with pytest.raises(FormatError, match=r"array 'other' has \[layers, experts\] = "
+                                          r"\(3, 17\), but 'arxiv' has \(3, 16\)"):
+        read_loads(path, key=["arxiv", "other"])
+    records = tmp_path / "counts.json"
+    records.write_text(json.dumps({"a": {"layers": [0, 7, 15], "counts": [[1] * E] * 3},
+                                   "b": {"layers": [0, 7, 16], "counts": [[2] * E] * 3},
+                                   "plain": [[3] * E] * 3}))
+    with pytest.raises(FormatError, match="array 'b' names model layers 0, 7, 16, but 'a' "
+                                          "names 0, 7, 15"):
+        read_loads(records, key=["a", "b"])
+    # an array naming no layers takes the others' (as files given together do)
+    assert read_loads(records, key=["plain", "a"]).layer_ids == [0, 7, 15]
+    # count arrays in a file detected as top-k ids by another array's name: refused, not
+    # read as ids (third attacker pass); the format says how to read them
+    mixed = tmp_path / "mixed.npz"
+    np.savez(mixed, arxiv=np.ones((3, E), np.int64), law_topk_ids=np.zeros((5, 3, 2), np.int64))
+    with pytest.raises(FormatError, match=r"key .* names 'arxiv', not named so: give the format"):
+        read_loads(mixed, key="arxiv")
+    assert read_loads(mixed, key="arxiv", format="npz").counts.shape == (1, 3, E)
+    code, out, err = run(capsys, *plan_args(path, tmp_path, "--key", "arxiv,c4"))
+    assert code == 0, err
+    assert "3 steps summed" in out
+    # eval's and bench's headers name the arrays they scored (new-user pass: two domains
+    # of one file read alike)
+    code, out, err = run(capsys, "eval", "--placement", str(tmp_path / "out.json"), str(path),
+                         "--key", "c4")
+    assert code == 0, err
+    assert f"on {path} [key c4]" in out
+    code, out, err = run(capsys, "bench", str(path), "--key", "arxiv", "--no-builtin", "-r", "20",
+                         "-g", "4")
+    assert code == 0, err
+    assert f"{path.name} [key arxiv]: " in out
+
+
+def test_simulate_cuts_a_token_trace_into_steps(capsys, tmp_path) -> None:
+    path = _two_tasks(tmp_path)
+    code, out, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
+                         "--tokens-per-step", "25", "--window", "2", "-r", "20", "-g", "4",
+                         "--json")
+    assert code == 0, err
+    runs = json.loads(out)["runs"]
+    assert runs[0]["summary"]["steps"] == 12  # 300 tokens / 25 per step
+    code, _, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
+                       "--tokens-per-step", "0", "--window", "2", "-r", "20", "-g", "4")
+    assert_user_error(code, err, "--tokens-per-step")
+
+
+def test_simulate_names_the_short_last_step_of_a_cut_token_trace(capsys, tmp_path) -> None:
+    # new-user pass: 8327 tokens cut into 256s made 33 steps, the last of 135, without a word
+    path = _two_tasks(tmp_path)  # 300 law tokens
+    code, _, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
+                       "--tokens-per-step", "40", "--window", "2", "-r", "20", "-g", "4")
+    assert code == 0, err
+    assert "note: 1 of 8 steps holds fewer than --tokens-per-step 40 tokens (step 7: 20;" in err
+    code, _, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
+                       "--tokens-per-step", "25", "--window", "2", "-r", "20", "-g", "4")
+    assert code == 0 and "note:" not in err  # 300 = 12 × 25: every step whole
+
+
+def test_a_mistyped_key_suggests_the_names_it_resembles(capsys, tmp_path) -> None:
+    path = _two_tasks(tmp_path)
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "law"))
+    assert_user_error(code, err, "no array 'law'", "did you mean 'law_topk_ids'")
+    nested = tmp_path / "nested.json"
+    nested.write_text(json.dumps({"mistral": {"counts": {"arxiv": [[1.0] * E] * 3}}}))
+    code, _, err = run(capsys, *plan_args(nested, tmp_path, "--key",
+                                          "mixtral/counts/arxiv", "--force"))
+    assert_user_error(code, err, "did you mean 'mistral/counts/arxiv'")
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "nope", "--force"))
+    assert "did you mean" not in err
+
+
+def test_a_json_object_of_numbered_keys_is_named_no_array(capsys, tmp_path) -> None:
+    path = tmp_path / "scores.json"
+    path.write_text(json.dumps({"scores": {"1": {"0": 0.5, "1": 0.25}}}))
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "holds no array of numbers")
+
+
+def test_simulate_on_an_uncut_token_trace_points_at_tokens_per_step(capsys, tmp_path) -> None:
+    path = _two_tasks(tmp_path)
+    code, _, err = run(capsys, "simulate", str(path), "--key", "law_topk_ids",
+                       "--window", "2", "-r", "20", "-g", "4")
+    assert_user_error(code, err, "has 1 step;", "--tokens-per-step N", "300 tokens")
+
+
+def test_tokens_per_step_on_counts_is_refused_naming_the_flag(capsys, tmp_path) -> None:
+    path = tmp_path / "counts.npy"
+    np.save(path, np.ones((3, E)))
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--tokens-per-step", "8"))
+    assert_user_error(code, err, "--tokens-per-step", "top-k")
+
+
+def test_all_padding_ids_ask_for_num_experts_by_flag(capsys, tmp_path) -> None:
+    path = tmp_path / "pad.npz"
+    np.savez(path, x_topk_ids=np.full((4, 2, 2), -1, dtype=np.int64))
+    code, _, err = run(capsys, *plan_args(path, tmp_path))
+    assert_user_error(code, err, "--num-experts")
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--num-experts", "16"))
+    assert code == 0, err
+
+
+def test_an_expert_count_read_off_the_ids_is_said_once(capsys, tmp_path) -> None:
+    # a top-k trace does not record the expert count: the largest id + 1 is a guess, and
+    # a short trace that never routes to the last expert plans one expert too few
+    # (new-user pass: SGLang then failed on the file with a ZeroDivisionError)
+    path = tmp_path / "short.npz"
+    np.savez(path, x_topk_ids=np.array([[[0, 5], [1, 6]], [[2, 6], [3, 4]]]))
+    code, out, err = run(capsys, *plan_args(path, tmp_path))
+    assert code == 0, err
+    assert err.count("warning") == 1 and "the expert count, 7, is the largest expert id" in err
+    assert "--num-experts" in err and "2 layers × 7 experts" in out
+    code, out, err = run(capsys, *plan_args(path, tmp_path, "--num-experts", "8", "--force"))
+    assert code == 0 and "expert count" not in err and "2 layers × 8 experts" in out
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "--placement", "{p}", "{loads}"], "--gpus"),  # an SGLang file without -g
+    (["plan", "{loads}", "-r", "24", "-g", "4", "--dead-gpus", "1", "-o", "{out}.sglang.json",
+      "--num-model-layers", "2"], "--emit json"),
+])
+def test_messages_name_the_flag_not_a_python_keyword(capsys, tmp_path, argv, flag) -> None:
+    loads = tmp_path / "loads.npy"
+    np.save(loads, np.ones((2, E)) + np.arange(E))
+    sglang = tmp_path / "p.sglang.json"
+    code, _, err = run(capsys, *plan_args(loads, tmp_path, "-o", str(sglang), "--force",
+                                          "--num-model-layers", "2"))
+    assert code == 0, err
+    argv = [a.format(p=sglang, loads=loads, out=tmp_path / "x") for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert_user_error(code, err, flag)
+
+
+def test_real_multi_array_routing_files(capsys, tmp_path) -> None:
+    esft = REAL / "esft_deepseek_v2_lite_routing" / "esft_topk_ids.npz"
+    qwen = REAL / "qwen3_30b_a3b_sharegpt_prefill_vllm" / "qwen3_30b_sharegpt_prefill_topk_ids.npz"
+    if not (esft.is_file() and qwen.is_file()):
+        pytest.skip(f"real routing files not found under {REAL}"
+                    " (set EPLB_REAL_DATA to the real-data folder)")
+    code, _, err = run(capsys, "plan", str(esft), "-r", "80", "-g", "16", "-o",
+                       str(tmp_path / "e.json"))
+    assert_user_error(code, err, "4 top-k id arrays", "intent_topk_ids", "--key")
+    code, _, err = run(capsys, "plan", str(esft), "--key", "law_topk_ids", "-r", "80", "-g",
+                       "16", "-o", str(tmp_path / "e.json"))
+    assert code == 0, err
+    code, _, err = run(capsys, "plan", str(qwen), "-r", "160", "-g", "16", "-o",
+                       str(tmp_path / "q.json"))
+    assert_user_error(code, err, "3 top-k id arrays", "--key")
+    law = read_loads(esft, key="law_topk_ids", tokens_per_step=1024)
+    assert law.num_steps == 9 and law.counts.sum() == 8327 * 26 * 6
+
+
+def test_key_on_a_single_array_format_is_refused(capsys, tmp_path) -> None:
+    path = tmp_path / "dump.json"
+    path.write_text(json.dumps({"logical_count": [[1, 2, 3, 4] * 4] * 2}))
+    code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "foo"))
+    assert_user_error(code, err, "--key", "'sglang'")
+
+
+def test_key_on_one_plain_json_array_is_refused(capsys, tmp_path) -> None:
+    path = tmp_path / "w.json"
+    path.write_text(json.dumps([[1, 2, 3, 4]] * 2))
+    code, _, err = run(capsys, "plan", str(path), "--key", "x", "-r", "4", "-g", "2", "-o",
+                       str(tmp_path / "o.json"))
+    assert_user_error(code, err, "w.json", "picks nothing")
+
+
+def test_key_on_a_one_record_json_file_is_counts_or_nothing(capsys, tmp_path) -> None:
+    # found by a review pass: --key layers planned the ids as loads
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps({"counts": [[1, 2, 3, 4], [4, 3, 2, 1]], "layers": [3, 7]}))
+    assert read_loads(path, key="counts").layer_ids == [3, 7]
+    code, _, err = run(capsys, "plan", str(path), "--key", "layers", "-r", "4", "-g", "2",
+                       "-o", str(tmp_path / "o.json"))
+    assert_user_error(code, err, "one count record", "picks nothing")
