@@ -67,6 +67,13 @@ def test_launcher_says_an_elastic_algorithm_stays_sglangs(monkeypatch, capsys, f
     assert "stays SGLang's own" in err and "plans with eplb" not in err
     assert plugin.main(["--model-path", "m", "--enable-eplb", "--eplb-algorithm", "deepseek"]) == 0
     assert "plans with eplb" in capsys.readouterr().err
+    # given twice, the last counts, as SGLang's argparse takes it (attacker pass)
+    assert plugin.main(["--model-path", "m", "--enable-eplb", *flag,
+                        "--eplb-algorithm", "deepseek"]) == 0
+    assert "plans with eplb" in capsys.readouterr().err
+    assert plugin.main(["--model-path", "m", "--enable-eplb", "--eplb-algorithm=deepseek",
+                        *flag]) == 0
+    assert "stays SGLang's own" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("env", "args", "message"), [

@@ -371,14 +371,15 @@ Not covered: --use-ray (its scheduler actors do not load SGLang's plugins)."""
 
 def _elastic_algorithm(args: list[str]) -> str | None:
     """The ``--eplb-algorithm`` value among SGLang's arguments ``args`` where it names one
-    of SGLang's elasticity-aware algorithms, which :func:`_hook` leaves to SGLang."""
+    of SGLang's elasticity-aware algorithms, which :func:`_hook` leaves to SGLang. Given
+    twice, the last counts, as argparse takes it (attacker pass: the first was read)."""
+    chosen = None
     for at, arg in enumerate(args):
-        value = (arg.partition("=")[2] if arg.startswith("--eplb-algorithm=")
-                 else args[at + 1] if arg == "--eplb-algorithm" and at + 1 < len(args)
-                 else None)
-        if value is not None and value.startswith("elasticity_aware"):
-            return value
-    return None
+        if arg.startswith("--eplb-algorithm="):
+            chosen = arg.partition("=")[2]
+        elif arg == "--eplb-algorithm" and at + 1 < len(args):
+            chosen = args[at + 1]
+    return chosen if chosen is not None and chosen.startswith("elasticity_aware") else None
 
 
 def main(argv: list[str] | None = None) -> int:
