@@ -15,7 +15,7 @@ import sys
 from typing import Literal
 
 import pytest
-from test_engines_vllm_switch import SWITCHES, real_vllm
+from test_engines_vllm_switch import SWITCHES, switched_off_vllm
 
 from eplb.integrations import vllm as plugin
 from eplb.integrations import vllm_check
@@ -23,9 +23,7 @@ from eplb.integrations import vllm_check
 
 @pytest.fixture
 def vllm(vllm_root, monkeypatch):
-    for name in SWITCHES:
-        monkeypatch.delenv(name, raising=False)
-    with real_vllm(vllm_root) as ns:
+    with switched_off_vllm(vllm_root, monkeypatch) as ns:
         yield ns
 
 

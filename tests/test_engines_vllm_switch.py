@@ -96,11 +96,19 @@ def _validate_environ(path: Path):
     return lambda hard_fail: namespace["validate_environ"](None, hard_fail)
 
 
-@pytest.fixture
-def vllm(vllm_root, monkeypatch):
+@contextmanager
+def switched_off_vllm(root: Path, monkeypatch: pytest.MonkeyPatch
+                      ) -> Iterator[types.SimpleNamespace]:
+    """:func:`real_vllm` with none of eplb's switch or options variables set."""
     for name in SWITCHES:
         monkeypatch.delenv(name, raising=False)
-    with real_vllm(vllm_root) as ns:
+    with real_vllm(root) as ns:
+        yield ns
+
+
+@pytest.fixture
+def vllm(vllm_root, monkeypatch):
+    with switched_off_vllm(vllm_root, monkeypatch) as ns:
         yield ns
 
 
