@@ -52,15 +52,18 @@ def main() -> int:
     try:
         from eplb.cli import main as run_command
     except ModuleNotFoundError as error:
-        # only a dependency missing as a whole: a broken install (a submodule of one
-        # missing) keeps its traceback, which says more than a line could
-        if interrupts or error.name not in RUNTIME_DEPENDENCIES:
-            raise
-        package = RUNTIME_DEPENDENCIES[error.name]
-        print(f"eplb: the Python package {package!r}, which eplb needs, is not installed "
-              f"for {sys.executable}; install it, e.g. pip install {package} (the README's "
-              f"set-up commands pin torch's CPU build)", file=sys.stderr)
-        return 1
+        # after a Ctrl-C the interrupt is what to say (below): a raise here would skip the
+        # next clause, which only catches what the try block raised
+        if not interrupts:
+            # only a dependency missing as a whole: a broken install (a submodule of one
+            # missing) keeps its traceback, which says more than a line could
+            if error.name not in RUNTIME_DEPENDENCIES:
+                raise
+            package = RUNTIME_DEPENDENCIES[error.name]
+            print(f"eplb: the Python package {package!r}, which eplb needs, is not installed "
+                  f"for {sys.executable}; install it, e.g. pip install {package} (the "
+                  f"README's set-up commands pin torch's CPU build)", file=sys.stderr)
+            return 1
     except BaseException:
         if not interrupts:
             raise

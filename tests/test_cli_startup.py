@@ -121,6 +121,30 @@ def test_a_missing_dependency_is_named_in_one_line(module: str, package: str) ->
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 
+@pytest.mark.parametrize("module", ["torch", "eplb.cli._parser"])
+def test_a_ctrl_c_wins_over_a_module_missing_at_start_up(module: str) -> None:
+    # a Ctrl-C noted while the imports ran, then a module missing: the user asked to stop,
+    # so one "interrupted" line, as for any other import failure after a Ctrl-C (the
+    # missing-dependency branch re-raised it: a ModuleNotFoundError traceback, exit 1)
+    done = _python(f"""
+        import os, signal, sys
+
+        class InterruptedAndMissing:
+            def find_spec(self, name, path=None, target=None):
+                if name == {module!r}:
+                    os.kill(os.getpid(), signal.SIGINT)
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+                return None
+
+        sys.meta_path.insert(0, InterruptedAndMissing())
+        sys.argv = ["eplb", "--version"]
+        import _eplb_command
+        sys.exit(_eplb_command.main())
+    """)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr == "eplb: interrupted\n"
+
+
 def test_a_dependency_a_command_imports_late_is_named_with_its_install(tmp_path) -> None:
     # PyYAML is imported only to write or read YAML (attacker pass: a missing one ended in
     # "eplb: error: ModuleNotFoundError: No module named 'yaml'", with no install hint)
