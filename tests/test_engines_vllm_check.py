@@ -128,6 +128,20 @@ def test_switch_names_that_disagree_are_a_problem_not_a_traceback(vllm, monkeypa
     assert vllm.policy.EPLB_POLICIES["default"].__module__ != "eplb.integrations.vllm"
 
 
+@pytest.mark.parametrize(("name", "value"), [(plugin.ENV_VAR, "off"),
+                                           (plugin.ENV_VAR, "0"),
+                                           (plugin.LEGACY_ENV_VAR, "false")])
+def test_a_switch_set_off_is_named_as_set_not_as_missing(vllm, monkeypatch, name, value):
+    # the check said "VLLM_EPLB_POLICY is not set" for VLLM_EPLB_POLICY=off, and for the
+    # old name set off: the user who set it looked for a variable that was there
+    monkeypatch.setenv(name, value)
+    ready, said = _check()
+    assert not ready
+    (line,) = [line for line in said if line.startswith("problem") and name in line]
+    assert f"{name}={value!r}" in line and "turns the plugin off" in line, said
+    assert "not set" not in line and f"{plugin.ENV_VAR}=eplb" in line, said
+
+
 def test_vllm_plugins_with_spaces_is_named_as_such(vllm, monkeypatch):
     # vLLM splits VLLM_PLUGINS on commas without stripping: ' eplb' loads nothing
     monkeypatch.setenv(plugin.ENV_VAR, "eplb")

@@ -87,8 +87,9 @@ def check(say: Callable[[str], Any] = print) -> bool:
     if raw is None:
         pass  # (said above)
     elif mode in SWITCH_OFF:
-        say(f"problem: {ENV_VAR} is not set, so vLLM keeps its own policy: export "
-            f"{ENV_VAR}=eplb")
+        # a value that means off is named as set (it said "not set" for =off)
+        which = f"{name}={raw!r} turns the plugin off" if mode else f"{ENV_VAR} is not set"
+        say(f"problem: {which}, so vLLM keeps its own policy: export {ENV_VAR}=eplb")
         ready = False
     elif mode not in SWITCH_REPLACE | SWITCH_REGISTER:
         say(f"problem: {name}={raw!r} is not a switch value: use 'eplb' (replace vLLM's "
