@@ -6,7 +6,9 @@ case, each in its own process (one thread), and reports the process's peak resid
 memory (``getrusage``'s ``ru_maxrss`` of the finished child) and its wall time. The
 cases: a rebalance after every step (``--interval 1``, the most planning and the most
 oracle windows per step) with eplb's planner and with none, and vLLM's cadence
-(``--interval 100``); 288 slots on 32 GPUs, scoring windows of 100 steps.
+(``--interval 100``); 288 slots on 32 GPUs, each plan made on the last 100 steps
+(``--window 100``) and scored on windows of ``--interval`` steps, so at ``--interval 1``
+the oracle plans a window per step.
 
     python benchmarks/bench_simulate_memory.py
     python benchmarks/bench_simulate_memory.py --steps 1200
@@ -60,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=600, help="trace steps (default 600)")
     args = parser.parse_args(argv)
     if args.steps < 200:
-        parser.error("--steps must be at least 200 (two scoring windows of 100 steps)")
+        # (--interval 100: the first rebalance at step 100, then a scoring window of 100)
+        parser.error("--steps must be at least 200 (the --interval 100 case scores from "
+                     "step 100 on, in windows of 100 steps)")
     print(start("bench_simulate_memory"))
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                         "-r", "288", "-g", "32", "--threads", "1", "--json"))
             rows.append([label, f"{mb:,.0f}", f"{seconds:.1f}", began])
     print(f"{args.steps} steps of a generated DeepSeek-V3 trace, 288 slots on 32 GPUs, "
-          "windows of 100 steps:\n")
+          "each plan made on the last 100 steps:\n")
     print(markdown_table(["eplb simulate", "peak resident MB", "seconds", "started"], rows))
     return 0
 
