@@ -94,7 +94,6 @@ def refuse_input_as_output(out: Path, inputs: list[tuple[str, str | None]]) -> N
                                "name")
 
 
-
 def refuse_rows_past_model_layers(layer_ids: list[int], emit: str, loads: str) -> None:
     """Engine files key rows by model layer (0..4095): a file of more bare rows than that,
     which eplb's own files take, is refused before the planning (it failed only after it,
