@@ -62,7 +62,7 @@ def test_register_mode_passes_where_vllms_config_accepts_eplb(vllm, monkeypatch)
     monkeypatch.setenv(plugin.ENV_VAR, "register")
     ready, said = _check()
     assert ready, said
-    assert "policy 'eplb'" in said[-1]
+    assert "policy 'eplb'" in said[-1] and "where vLLM's --eplb-config chooses" in said[-1]
 
 
 @pytest.mark.parametrize(("env", "problem"), [

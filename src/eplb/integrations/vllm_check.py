@@ -84,8 +84,8 @@ def check(say: Callable[[str], Any] = print) -> bool:
         say(f"problem: {exc} (the plugin then does nothing)")
         name, raw, ready = ENV_VAR, None, False
     mode = (raw or "").strip().lower()
-    if raw is None:
-        pass  # (said above)
+    if raw is None:  # the two names disagree: said above
+        mode = ""
     elif mode in SWITCH_OFF:
         # a value that means off is named as set (it said "not set" for =off)
         which = f"{name}={raw!r} turns the plugin off" if mode else f"{ENV_VAR} is not set"
@@ -153,8 +153,10 @@ def _through_vllm(mode: str, say: Callable[[str], Any]) -> bool:
                 f"{', '.join(map(repr, accepted))}, so vLLM's own policy plans: set "
                 f"{ENV_VAR}=eplb (replaces 'default')")
             return False
+        plans = ("eplb plans the rebalances of a vLLM started like this" if name == "default"
+                 else "eplb plans where vLLM's --eplb-config chooses policy 'eplb'")
         say(f"ok: vLLM {version}: its plugin loader installed eplb as EPLB policy "
-            f"{name!r}, so eplb plans the rebalances of a vLLM started like this")
+            f"{name!r}, so {plans}")
         return True
     held = "nothing" if chosen is None else getattr(chosen, "__qualname__", repr(chosen))
     say(f"problem: vLLM {version}: after its plugin loader, EPLB policy {name!r} is "
