@@ -24,6 +24,25 @@ def _python(code: str) -> subprocess.CompletedProcess[str]:
                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
+def _console_script(argv: list[str], missing: str | None = None,
+                    interrupt: bool = False) -> subprocess.CompletedProcess[str]:
+    """The console script's ``main()`` run on ``argv`` in a fresh process, where importing
+    the module ``missing`` fails as it does where its package is not installed (a finder
+    at the front of ``sys.meta_path`` answers for it), after a Ctrl-C with ``interrupt``."""
+    lines = ["import os, signal, sys"]
+    if missing is not None:
+        lines += ["class Missing:",
+                  "    def find_spec(self, name, path=None, target=None):",
+                  f"        if name == {missing!r}:",
+                  "            os.kill(os.getpid(), signal.SIGINT)" if interrupt else "",
+                  "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)",
+                  "        return None",
+                  "sys.meta_path.insert(0, Missing())"]
+    lines += [f"sys.argv = {['eplb', *argv]!r}", "import _eplb_command",
+              "sys.exit(_eplb_command.main())"]
+    return _python("\n".join(line for line in lines if line))
+
+
 def test_threads_that_first_import_different_eplb_modules_all_get_them() -> None:
     # after a bare `import eplb` (the README's), with the package lazy, six threads
     # importing eplb.online, eplb.core.placement, eplb.formats, ... and reaching
@@ -98,22 +117,9 @@ def test_a_ctrl_c_during_the_start_up_imports_ends_with_one_line(module: str) ->
 
 @pytest.mark.parametrize("module, package", [("torch", "torch"), ("scipy", "scipy")])
 def test_a_missing_dependency_is_named_in_one_line(module: str, package: str) -> None:
-    # a finder at the front of sys.meta_path answers for `module` as Python does where
-    # the package is not installed (before: a ModuleNotFoundError traceback)
-    done = _python(f"""
-        import sys
-
-        class Missing:
-            def find_spec(self, name, path=None, target=None):
-                if name == {module!r}:
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-                return None
-
-        sys.meta_path.insert(0, Missing())
-        sys.argv = ["eplb", "--version"]
-        import _eplb_command
-        sys.exit(_eplb_command.main())
-    """)
+    # as Python answers where the package is not installed (before: a ModuleNotFoundError
+    # traceback)
+    done = _console_script(["--version"], missing=module)
     assert done.returncode == 1, done.stderr
     assert done.stderr.startswith(f"eplb: the Python package {package!r}, which eplb needs, "
                                   "is not installed"), done.stderr
@@ -126,21 +132,7 @@ def test_a_ctrl_c_wins_over_a_module_missing_at_start_up(module: str) -> None:
     # a Ctrl-C noted while the imports ran, then a module missing: the user asked to stop,
     # so one "interrupted" line, as for any other import failure after a Ctrl-C (the
     # missing-dependency branch re-raised it: a ModuleNotFoundError traceback, exit 1)
-    done = _python(f"""
-        import os, signal, sys
-
-        class InterruptedAndMissing:
-            def find_spec(self, name, path=None, target=None):
-                if name == {module!r}:
-                    os.kill(os.getpid(), signal.SIGINT)
-                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
-                return None
-
-        sys.meta_path.insert(0, InterruptedAndMissing())
-        sys.argv = ["eplb", "--version"]
-        import _eplb_command
-        sys.exit(_eplb_command.main())
-    """)
+    done = _console_script(["--version"], missing=module, interrupt=True)
     assert done.returncode == 130, done.stderr
     assert done.stderr == "eplb: interrupted\n"
 
@@ -150,21 +142,8 @@ def test_a_dependency_a_command_imports_late_is_named_with_its_install(tmp_path)
     # "eplb: error: ModuleNotFoundError: No module named 'yaml'", with no install hint)
     loads = tmp_path / "loads.json"
     loads.write_text("[[1, 2, 3, 4], [4, 3, 2, 1]]")
-    done = _python(f"""
-        import sys
-
-        class Missing:
-            def find_spec(self, name, path=None, target=None):
-                if name == "yaml":
-                    raise ModuleNotFoundError("No module named 'yaml'", name=name)
-                return None
-
-        sys.meta_path.insert(0, Missing())
-        sys.argv = ["eplb", "plan", {str(loads)!r}, "-r", "8", "-g", "2",
-                    "-o", {str(tmp_path / "lb.yaml")!r}]
-        import _eplb_command
-        sys.exit(_eplb_command.main())
-    """)
+    done = _console_script(["plan", str(loads), "-r", "8", "-g", "2",
+                            "-o", str(tmp_path / "lb.yaml")], missing="yaml")
     assert done.returncode == 2, done.stderr
     assert "the Python package 'pyyaml', which eplb needs here, is not installed" in done.stderr
     assert "pip install pyyaml" in done.stderr and "Traceback" not in done.stderr
