@@ -1,11 +1,15 @@
-"""A candidate lower bound for S >= 3 slots per GPU, checked by brute force, on real loads.
+"""The companion bound at S >= 3 slots per GPU: a reference loop, checked by brute force and
+against the library's vectorised version, and the ceiling it gives on real loads.
 
-The ceiling (``eplb.core.bounds``) bounds every placement by ``max(W / P, T_rep)``. At few
-slots per GPU that can be loose: the GPU holding the largest piece ``x_1`` (an expert's
+The ceiling (``eplb.core.bounds``) bounded every placement by ``max(W / P, T_rep)`` until
+the fifty-third session, when the library took up this bound
+(``eplb.core.companion_bound``, vectorised). At few slots per GPU the older bound can be
+loose: the GPU holding the largest piece ``x_1`` (an expert's
 load over its replica count) holds ``S − 1`` other pieces, at least the ``S − 1``
 lightest of all. So for replica counts ``c`` every placement has max load ``>= x_1(c) +
 σ_{S−1}(c)``, and a bound for every placement is the minimum over counts (the
-*companion bound*; not used by the library, a lead for issue 14's S = 3 shapes):
+*companion bound*; this file's loop is the reference the library's version is checked
+against):
 
 - ``x_1(c)`` is some ``w_e / k``: take it as the cap ``τ`` on every piece. The fewest
   replicas under that cap are ``b_e = ceil(w_e / τ)``; the ``R − Σ b`` left over can only
@@ -16,28 +20,37 @@ lightest of all. So for replica counts ``c`` every placement has max load ``>= x
   pieces each weigh at least the mean of the two lightest).
 - Only caps from ``T_rep`` up to the first candidate's value can win.
 
-``--check N`` compares it with the exact optimum over every count vector and every
-packing (replicas of one expert may share a GPU) on ``N`` tiny random instances
-(``S`` = 3–4, ``P`` = 2–3); ``--real`` scores eplb's plans of the real DeepSeek-V3 files at
-288 slots on 96 and 72 GPUs against the ceiling with and without it (a Python loop per
+``--check N`` compares the reference and the library's ceiling bound with the exact optimum
+over every count vector and every packing (replicas of one expert may share a GPU) on
+``N`` tiny random instances (``S`` = 3–4, ``P`` = 2–3); ``--real`` scores eplb's plans of
+the real DeepSeek-V3 files at 288 slots on 96 and 72 GPUs against the older ceiling and
+the library's, and checks that the library's bound is the reference's (a Python loop per
 layer: about 2 s a file).
 
     python benchmarks/bench_companion_bound.py --check 400
     python benchmarks/bench_companion_bound.py --real
+    python benchmarks/bench_companion_bound.py --time
+
+``--time``: the median time of one ``balancedness_ceiling`` call (what ``eplb plan`` and
+``eplb eval`` print) at six shapes, one thread.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
+import time
 
 import numpy as np
 import torch
 from _harness import REAL_DATA_HINT, deepseek_loads, markdown_table, start
 
 import eplb
-from eplb.core.bounds import layer_lower_bound
+from eplb.core.bounds import balancedness_ceiling, layer_lower_bound
+from eplb.core.replication import max_replica_load
+from eplb.tools.generator import generate_loads
 
 
 def _base_counts(w: np.ndarray, cap: float) -> np.ndarray:
@@ -129,15 +142,28 @@ def check(instances: int) -> None:
         if rng.random() < 0.3:
             w = np.round(w)  # ties
         bound, optimum = companion_bound(w, replicas, gpus), brute_force_optimum(w, replicas, gpus)
-        if bound > optimum * (1 + 1e-9):
-            sys.exit(f"the bound exceeds the optimum: w={w.tolist()}, R={replicas}, "
-                     f"P={gpus}: {bound} > {optimum}")
-        old = float(layer_lower_bound(torch.from_numpy(w)[None], replicas, gpus)[0])
+        library = float(layer_lower_bound(torch.from_numpy(w)[None], replicas, gpus)[0])
+        if max(bound, library) > optimum * (1 + 1e-9):
+            sys.exit(f"a bound exceeds the optimum: w={w.tolist()}, R={replicas}, "
+                     f"P={gpus}: reference {bound}, library {library} > {optimum}")
+        reference = max(bound, _older_bound(w[None], replicas, gpus)[0])
+        if experts < replicas and abs(library - reference) > 1e-9 * optimum:  # R = E: packing bound
+            sys.exit(f"the library's bound is not the reference's: w={w.tolist()}, "
+                     f"R={replicas}, P={gpus}: {library} vs {bound}")
+        old = float(_older_bound(w[None], replicas, gpus)[0])
         raised += bound > old * (1 + 1e-12)
         worst_ratio = max(worst_ratio, bound / optimum)
         rows += 1
     print(f"{rows} instances: never above the optimum (largest bound / optimum "
-          f"{worst_ratio:.6f}); above the library's bound on {raised}")
+          f"{worst_ratio:.6f}), the library's bound equal to the reference's; above "
+          f"max(W / P, T_rep) on {raised}")
+
+
+def _older_bound(w: np.ndarray, num_replicas: int, num_gpus: int) -> np.ndarray:
+    """``[L]`` the ceiling's bound before the fifty-third session, ``max(W / P, T_rep)``,
+    of ``w [L, E]``."""
+    t_rep = max_replica_load(torch.from_numpy(np.asarray(w, dtype=np.float64)), num_replicas)
+    return np.maximum(np.asarray(w).sum(1) / num_gpus, t_rep.numpy())
 
 
 def real() -> None:
@@ -149,17 +175,49 @@ def real() -> None:
     for gpus in (96, 72):
         for name, w in loads.items():
             mean = w.sum(1).numpy() / gpus
-            old = layer_lower_bound(w, 288, gpus).numpy()
+            old = _older_bound(w.numpy(), 288, gpus)
             new = np.maximum(old, [companion_bound(row, 288, gpus) if row.sum() > 0 else 0.0
                                    for row in w.numpy()])
+            library = layer_lower_bound(w, 288, gpus).numpy()
+            if not np.allclose(library, new, rtol=1e-9, atol=0):
+                sys.exit(f"{name} at P={gpus}: the library's bound is not the reference's")
             peak = eplb.plan(w, 288, gpus).gpu_loads(w).numpy().max(1)
             balance = mean.sum() / peak.sum()
             before, after = mean.sum() / old.sum(), mean.sum() / new.sum()
             rows.append([f"P={gpus} (S={288 // gpus})", name, f"{balance:.5f}",
                          f"{before:.5f}", f"{after:.5f}", f"{balance / before:.4f}",
                          f"{balance / after:.4f}", int((new > old * (1 + 1e-12)).sum())])
-    print(markdown_table(["shape", "file", "eplb", "ceiling", "with the companion bound",
-                          "eplb / ceiling", "eplb / new ceiling", "layers raised"], rows))
+    print(markdown_table(["shape", "file", "eplb", "older ceiling", "with the companion bound",
+                          "eplb / older ceiling", "eplb / ceiling", "layers raised"], rows))
+    print("The library's bound equals the reference's on every layer (relative 1e-9).")
+
+
+def timing(repeats: int = 7) -> None:
+    loads = deepseek_loads(torch.float64)
+    real = loads.get("prefill_in4096")
+    kind = "real prefill_in4096" if real is not None else "generated"
+    dsv3 = real if real is not None else generate_loads("deepseek-v3", seed=0, num_layers=58,
+                                                                num_experts=256)
+    cases = [
+        (f"58×256 S=9 P=32 ({kind})", dsv3, 288, 32),
+        (f"58×256 S=3 P=96 ({kind})", dsv3, 288, 96),
+        (f"58×256 S=2 P=144 ({kind})", dsv3, 288, 144),
+        ("61×384 S=3 P=256 (generated)",
+         generate_loads("kimi-k2", seed=0, num_layers=61, num_experts=384), 768, 256),
+        ("36×32 S=3 P=16 (generated)",
+         generate_loads("gpt-oss-120b", seed=0, num_layers=36, num_experts=32), 48, 16),
+        ("4×1024 S=4 P=1024 (generated)",
+         generate_loads("kimi-k2", seed=0, num_layers=4, num_experts=1024), 4096, 1024),
+    ]
+    rows = []
+    for name, w, replicas, gpus in cases:
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            balancedness_ceiling(w, replicas, gpus)
+            times.append(time.perf_counter() - started)
+        rows.append([name, f"{statistics.median(times) * 1e3:.2f}"])
+    print(markdown_table(["shape", "balancedness_ceiling ms (median)"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,14 +226,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="brute-force check on N tiny random instances")
     parser.add_argument("--real", action="store_true",
                         help="the ceiling with and without it on the real DeepSeek-V3 files")
+    parser.add_argument("--time", action="store_true",
+                        help="the time of one balancedness_ceiling call at six shapes")
     args = parser.parse_args(argv)
-    if not args.check and not args.real:
-        parser.error("give --check N and/or --real")
+    if not args.check and not args.real and not args.time:
+        parser.error("give --check N, --real and/or --time")
     print(start("bench_companion_bound"))
     if args.check:
         check(args.check)
     if args.real:
         real()
+    if args.time:
+        timing()
     return 0
 
 

@@ -7,6 +7,7 @@ them are in ``conftest.py``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -219,3 +220,25 @@ def run(capsys, *argv: object) -> tuple[int, str, str]:
     code = main([str(arg) for arg in argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def best_packing(x: list[float], gpus: int) -> float:
+    """Smallest max GPU load over every partition of ``x`` into ``gpus`` groups of equal size."""
+    slots = len(x) // gpus
+    best = float("inf")
+
+    def fill(left: list[int], peak: float) -> None:
+        nonlocal best
+        if peak >= best:
+            return
+        if not left:
+            best = peak
+            return
+        first, rest = left[0], left[1:]
+        for others in itertools.combinations(range(len(rest)), slots - 1):
+            group = [first] + [rest[i] for i in others]
+            remaining = [v for i, v in enumerate(rest) if i not in others]
+            fill(remaining, max(peak, sum(x[g] for g in group)))
+
+    fill(list(range(len(x))), 0.0)
+    return best

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import best_packing
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -244,22 +245,6 @@ def test_bound_below_every_placement(problem):
             assert (p.layer_balancedness(w) <= per_layer * (1 + REL) + 1e-12).all()
 
 
-def _best_packing_brute(row: list[float], gpus: int) -> float:
-    """The smallest max GPU load of packing one item per expert, ``len(row) / gpus`` per
-    GPU, over every partition (itertools)."""
-    slots = len(row) // gpus
-
-    def best(left: tuple[int, ...]) -> float:
-        if not left:
-            return 0.0
-        first, rest = left[0], left[1:]
-        return min(max(row[first] + sum(row[i] for i in others),
-                       best(tuple(i for i in rest if i not in others)))
-                   for others in itertools.combinations(rest, slots - 1))
-
-    return best(tuple(range(len(row))))
-
-
 @settings(max_examples=40, deadline=None)
 @given(st.sampled_from([(2, 2), (2, 3), (2, 4), (3, 2), (4, 2), (3, 3)]),
        st.floats(0.0, 3.0), st.integers(0, 2**31 - 1), st.booleans())
@@ -275,7 +260,7 @@ def test_bound_without_spare_slots_is_below_the_best_packing(shape, sigma, seed,
     bound = layer_lower_bound(w, experts, gpus)
     peak = eplb.plan(w, experts, gpus).gpu_loads(w).amax(1)
     for layer, row in enumerate(w.tolist()):
-        best = _best_packing_brute(row, gpus)
+        best = best_packing(row, gpus)
         assert float(bound[layer]) <= best * (1 + REL) + 1e-12
         assert float(bound[layer]) <= float(peak[layer]) * (1 + REL) + 1e-12
         if slots <= 2:  # exact there: one expert a GPU, or the optimal pairing

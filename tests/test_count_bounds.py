@@ -3,39 +3,16 @@ best packing, found by brute force over every way to fill P GPUs with S items ea
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
+from helpers import best_packing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eplb.core.count_bounds import bound_is_mean, packing_bound, rank_allocations
 from eplb.core.options import PlanOptions
 from eplb.core.replication import expand_replicas, replica_counts
-
-
-def best_packing(x: list[float], gpus: int) -> float:
-    """Smallest max GPU load over every partition of ``x`` into ``gpus`` groups of equal size."""
-    slots = len(x) // gpus
-    best = float("inf")
-
-    def fill(left: list[int], peak: float) -> None:
-        nonlocal best
-        if peak >= best:
-            return
-        if not left:
-            best = peak
-            return
-        first, rest = left[0], left[1:]
-        for others in itertools.combinations(range(len(rest)), slots - 1):
-            group = [first] + [rest[i] for i in others]
-            remaining = [v for i, v in enumerate(rest) if i not in others]
-            fill(remaining, max(peak, sum(x[g] for g in group)))
-
-    fill(list(range(len(x))), 0.0)
-    return best
 
 
 @given(

@@ -1,0 +1,130 @@
+"""The companion bound (eplb.core.companion_bound) in the ceiling: never above the best
+placement over every replica allocation and every packing (brute force on tiny shapes),
+above the older bound where the lightest pieces must share the largest one's GPU, and
+cheap at a thousand experts on a thousand GPUs."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import numpy as np
+import pytest
+import torch
+from helpers import DEEPSEEK_FILES, MISSING_REAL, best_packing
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eplb
+from eplb.core import balancedness_ceiling, companion_bound, layer_lower_bound
+from eplb.core.replication import max_replica_load
+from eplb.formats import read_loads
+
+REL = 1e-9
+
+
+def best_placement(w: list[float], replicas: int, gpus: int) -> float:
+    """The smallest max GPU load over every allocation (``c_e >= 1``, ``Σ c = R``) and
+    every packing of its pieces, replicas of one expert free to share a GPU."""
+    best = float("inf")
+    extra = replicas - len(w)
+    for split in itertools.product(range(extra + 1), repeat=len(w)):
+        if sum(split) != extra:
+            continue
+        pieces = [wi / (1 + s) for wi, s in zip(w, split, strict=True) for _ in range(1 + s)]
+        if max(pieces) < best:
+            best = min(best, best_packing(pieces, gpus))
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from([(2, 2), (2, 3), (3, 3), (2, 4), (3, 2)]), st.integers(1, 4),
+       st.floats(0.0, 2.0), st.integers(0, 2**31 - 1), st.booleans())
+def test_the_bound_never_passes_the_best_placement(shape, spare, sigma, seed, whole):
+    gpus, slots = shape
+    replicas = gpus * slots
+    experts = max(1, replicas - spare)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.exp(torch.randn(2, experts, generator=g, dtype=torch.float64) * sigma) * 10
+    if whole:
+        w = torch.round(w)  # ties and zeros
+    bound = layer_lower_bound(w, replicas, gpus)
+    peak = eplb.plan(w, replicas, gpus).gpu_loads(w).amax(1)
+    for layer, row in enumerate(w.tolist()):
+        assert float(bound[layer]) <= best_placement(row, replicas, gpus) * (1 + REL) + 1e-12
+        assert float(bound[layer]) <= float(peak[layer]) * (1 + REL) + 1e-12
+
+
+def test_the_relaxed_path_for_many_spares_stays_a_bound(monkeypatch):
+    """Past the split table's size σ_2 is bounded by twice the lightest piece: forced here
+    on tiny shapes, it stays below the best placement and at or below the exact path."""
+    g = torch.Generator().manual_seed(3)
+    cases = [(gpus, slots, spare) for gpus in (2, 3) for slots in (2, 3, 4) for spare in (1, 3)
+             if gpus * slots <= 10]
+    exact = {case: layer_lower_bound(_loads(case, g), case[0] * case[1], case[0])
+             for case in cases}
+    monkeypatch.setattr(companion_bound, "_SPLIT_TABLE_LIMIT", 0)
+    g = torch.Generator().manual_seed(3)
+    for case in cases:
+        gpus, slots, _spare = case
+        w = _loads(case, g)
+        relaxed = layer_lower_bound(w, gpus * slots, gpus)
+        assert (relaxed <= exact[case] * (1 + REL)).all()
+        for layer, row in enumerate(w.tolist()):
+            best = best_placement(row, gpus * slots, gpus)
+            assert float(relaxed[layer]) <= best * (1 + REL) + 1e-12
+
+
+def _loads(case: tuple[int, int, int], g: torch.Generator) -> torch.Tensor:
+    gpus, slots, spare = case
+    return torch.exp(torch.randn(3, max(1, gpus * slots - spare), generator=g,
+                                 dtype=torch.float64)) * 10
+
+
+def test_the_lightest_pieces_raise_the_ceiling_to_the_optimum():
+    """8 experts in 9 slots on 3 GPUs: the older bound is ``max(W / P, T_rep) = 32``, but
+    the GPU of the largest piece (29 or more) also holds two of the others, at least 3 + 4:
+    the bound is 36, which the best placement reaches."""
+    w = torch.tensor([[34.0, 5.0, 29.0, 10.0, 3.0, 6.0, 5.0, 4.0]], dtype=torch.float64)
+    assert max(float(max_replica_load(w, 9)[0]), float(w.sum()) / 3) == 32.0
+    assert best_placement(w[0].tolist(), 9, 3) == 36.0
+    assert float(layer_lower_bound(w, 9, 3)[0]) == pytest.approx(36.0, rel=1e-11)
+    assert balancedness_ceiling(w, 9, 3) == pytest.approx(32.0 / 36.0, rel=1e-11)
+
+
+def test_zero_rows_and_one_slot_a_gpu_keep_the_older_bound():
+    w = torch.tensor([[0.0] * 6, [5.0, 0.0, 0.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    bound = layer_lower_bound(w, 9, 3)
+    assert float(bound[0]) == 0.0
+    assert float(bound[1]) <= best_placement(w[1].tolist(), 9, 3) * (1 + REL)
+    ones = torch.rand(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(layer_lower_bound(ones, 16, 16), max_replica_load(ones, 16))
+
+
+def test_a_thousand_experts_on_a_thousand_gpus_is_quick():
+    """4 slots a GPU, 3,072 spare slots: the split table would be 3 M entries a cap, so
+    the bound takes the relaxed lightest-pair path; it stays a bound."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.exp(torch.randn(4, 1024, generator=g, dtype=torch.float64) * 1.5)
+    started = time.perf_counter()
+    bound = layer_lower_bound(w, 4096, 1024)
+    assert time.perf_counter() - started < 20  # a generous budget for a loaded machine
+    peak = eplb.plan(w, 4096, 1024).gpu_loads(w).amax(1)
+    assert (bound <= peak * (1 + REL)).all()
+    assert (bound >= torch.maximum(w.sum(1) / 1024, max_replica_load(w, 4096))).all()
+
+
+@pytest.mark.skipif(not DEEPSEEK_FILES, reason=MISSING_REAL)
+def test_real_prefill_ceiling_at_three_slots_a_gpu():
+    """The real prefill_in4096 loads at 288 slots on 96 GPUs: the ceiling falls from 0.9966
+    (``max(W / P, T_rep)``) to 0.9931, and eplb's plan stays under it."""
+    path = next(p for p in DEEPSEEK_FILES if p.stem == "prefill_in4096")
+    w = read_loads(path).total().to(torch.float64)
+    w = w[w.sum(1) > 0]
+    older = float((w.sum(1) / 96).sum() / torch.maximum(w.sum(1) / 96,
+                                                        max_replica_load(w, 288)).sum())
+    ceiling = balancedness_ceiling(w, 288, 96)
+    assert older == pytest.approx(0.99662, abs=5e-5)
+    assert ceiling == pytest.approx(0.99313, abs=5e-5)
+    assert eplb.plan(w, 288, 96).balancedness(w) <= ceiling * (1 + REL)
+    assert np.isfinite(ceiling)
