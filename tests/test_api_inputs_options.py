@@ -10,6 +10,7 @@ that file's tests, in the order they did there.
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -33,6 +34,23 @@ def test_rebalance_experts_takes_previous_as_plan_calls_it():
                                                    old_phy2log=old.phy2log)[0])
     with pytest.raises(TypeError, match="once"):
         eplb.rebalance_experts(weight, 32, 1, 1, 8, previous=old, old_phy2log=old.phy2log)
+
+
+def test_rebalance_experts_errors_name_old_phy2log_as_the_caller_did():
+    """Errors about the map in force name the argument the caller used: ``old_phy2log``
+    in rebalance_experts, ``previous`` in plan (they all said "previous" before)."""
+    weight = torch.arange(16, dtype=torch.float32).view(2, 8) + 1
+    cases = [(torch.zeros(2, 5, dtype=torch.int64), ValueError, "has shape (2, 5)"),
+             (torch.full((2, 10), 9), ValueError, "holds expert ids outside"),
+             ("placement.json", TypeError, "must be a Placement or a phy2log"),
+             (torch.rand(2, 10), TypeError, "must hold integer expert ids")]
+    for old, kind, what in cases:
+        with pytest.raises(kind, match=r"^old_phy2log " + re.escape(what)):
+            eplb.rebalance_experts(weight, 10, 1, 1, 2, old_phy2log=old)
+        with pytest.raises(kind, match=r"^previous (placement |phy2log )?" + re.escape(what)):
+            eplb.rebalance_experts(weight, 10, 1, 1, 2, previous=old)
+        with pytest.raises(kind, match=r"^previous (placement |phy2log )?" + re.escape(what)):
+            eplb.plan(weight, 10, 2, previous=old)
 
 
 def test_absurd_slots_per_gpu_are_refused_before_planning():

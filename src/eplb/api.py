@@ -273,6 +273,23 @@ _PLAN_KEYWORDS = frozenset(name for name, parameter in inspect.signature(plan).p
                            if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+#: how plan's errors about ``previous=`` begin; rebalance_experts names it old_phy2log
+_PREVIOUS_SUBJECTS = ("previous placement", "previous phy2log", "previous")
+
+
+def _as_old_phy2log_error(exc: Exception) -> Exception | None:
+    """``exc`` (a plain ``TypeError``/``ValueError`` of :func:`plan` about its
+    ``previous=``) reworded for :func:`rebalance_experts`, whose caller passed
+    ``old_phy2log=``; ``None`` for any other error."""
+    if type(exc) not in (TypeError, ValueError):
+        return None
+    text = str(exc)
+    for subject in _PREVIOUS_SUBJECTS:
+        if text.startswith(subject + " "):
+            return type(exc)("old_phy2log" + text[len(subject):])
+    return None
+
+
 def rebalance_experts(
     weight: torch.Tensor,
     num_replicas: int,
@@ -302,6 +319,7 @@ def rebalance_experts(
     if unknown:  # (plan's own TypeError named plan, a function the caller never called)
         raise TypeError(f"rebalance_experts() got an unexpected keyword argument "
                         f"{unknown[0]!r}; it takes eplb.plan's keywords")
+    named_old = old_phy2log is not None  # errors about it then name it so
     if "previous" in kwargs:
         if old_phy2log is not None:
             raise TypeError("rebalance_experts: give the placement in force once, as "
@@ -311,6 +329,11 @@ def rebalance_experts(
     try:
         placement = plan(weight, num_replicas, num_gpus, num_nodes, num_groups, policy=policy,
                          seed=seed, previous=old_phy2log, **kwargs)
+    except (TypeError, ValueError) as exc:
+        renamed = _as_old_phy2log_error(exc) if named_old else None
+        if renamed is None:
+            raise
+        raise renamed from None
     finally:
         _DROP_IN.reset(token)
     phy2log, log2phy, logcnt = placement.as_tuple()
