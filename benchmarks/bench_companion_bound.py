@@ -32,7 +32,7 @@ layer: about 2 s a file).
     python benchmarks/bench_companion_bound.py --time
 
 ``--time``: the median time of one ``balancedness_ceiling`` call (what ``eplb plan`` and
-``eplb eval`` print) at six shapes, one thread.
+``eplb eval`` print) at eight shapes, one thread.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import torch
 from _harness import REAL_DATA_HINT, deepseek_loads, markdown_table, start
 
 import eplb
-from eplb.core.bounds import balancedness_ceiling, layer_lower_bound
+from eplb.core.bounds import balancedness_ceiling, enumerated_node_bounds, layer_lower_bound
 from eplb.core.replication import max_replica_load
 from eplb.tools.generator import generate_loads
 
@@ -190,6 +190,34 @@ def real() -> None:
     print(markdown_table(["shape", "file", "eplb", "older ceiling", "with the companion bound",
                           "eplb / older ceiling", "eplb / ceiling", "layers raised"], rows))
     print("The library's bound equals the reference's on every layer (relative 1e-9).")
+    hierarchical(loads)
+
+
+def hierarchical(loads: dict[str, torch.Tensor]) -> None:
+    """Worst file's eplb / ceiling for hierarchical plans (4 nodes, 8 groups), the ceiling
+    with and without the companion bound in every node's bound (the library's own
+    ``max(W_n / (P/N), T_rep(n))`` per node, as before the fifty-third session)."""
+    rows = []
+    for replicas, gpus in ((288, 32), (320, 64), (288, 96), (384, 128)):
+        worst_before, worst_after, raised = (1.0, ""), (1.0, ""), 0
+        for name, w in loads.items():
+            mean = float(w.sum()) / gpus
+            # 8 groups on 4 nodes: 105 assignments, always enumerated
+            _, per_node = enumerated_node_bounds(w, replicas, gpus, 4, 8)
+            older = np.maximum(_older_bound(w.numpy(), replicas, gpus),
+                               per_node.amax(2).amin(1).numpy())
+            new = layer_lower_bound(w, replicas, gpus, 4, 8, "hierarchical").numpy()
+            balance = eplb.plan(w, replicas, gpus, 4, 8, policy="hierarchical").balancedness(w)
+            before, after = balance / (mean / older.sum()), balance / (mean / new.sum())
+            worst_before = min(worst_before, (before, name))
+            worst_after = min(worst_after, (after, name))
+            raised += int((new > older * (1 + 1e-12)).sum())
+        rows.append([f"R={replicas} P={gpus} (S={replicas // gpus})",
+                     f"{worst_before[0]:.4f} ({worst_before[1]})",
+                     f"{worst_after[0]:.4f} ({worst_after[1]})", raised])
+    print("\nHierarchical (4 nodes, 8 groups), worst of the 12 files:\n")
+    print(markdown_table(["shape", "eplb / older ceiling", "eplb / ceiling",
+                          "layers raised (all files)"], rows))
 
 
 def timing(repeats: int = 7) -> None:
@@ -200,6 +228,8 @@ def timing(repeats: int = 7) -> None:
                                                                 num_experts=256)
     cases = [
         (f"58×256 S=9 P=32 ({kind})", dsv3, 288, 32),
+        (f"58×256 S=9 P=32 hierarchical N=4 G=8 ({kind})", dsv3, 288, 32, 4, 8),
+        (f"58×256 S=3 P=96 hierarchical N=4 G=8 ({kind})", dsv3, 288, 96, 4, 8),
         (f"58×256 S=3 P=96 ({kind})", dsv3, 288, 96),
         (f"58×256 S=2 P=144 ({kind})", dsv3, 288, 144),
         ("61×384 S=3 P=256 (generated)",
@@ -210,11 +240,11 @@ def timing(repeats: int = 7) -> None:
          generate_loads("kimi-k2", seed=0, num_layers=4, num_experts=1024), 4096, 1024),
     ]
     rows = []
-    for name, w, replicas, gpus in cases:
+    for name, w, *shape in cases:
         times = []
         for _ in range(repeats):
             started = time.perf_counter()
-            balancedness_ceiling(w, replicas, gpus)
+            balancedness_ceiling(w, *shape)
             times.append(time.perf_counter() - started)
         rows.append([name, f"{statistics.median(times) * 1e3:.2f}"])
     print(markdown_table(["shape", "balancedness_ceiling ms (median)"], rows))
@@ -227,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", action="store_true",
                         help="the ceiling with and without it on the real DeepSeek-V3 files")
     parser.add_argument("--time", action="store_true",
-                        help="the time of one balancedness_ceiling call at six shapes")
+                        help="the time of one balancedness_ceiling call at eight shapes")
     args = parser.parse_args(argv)
     if not args.check and not args.real and not args.time:
         parser.error("give --check N, --real and/or --time")

@@ -55,6 +55,34 @@ def test_the_bound_never_passes_the_best_placement(shape, spare, sigma, seed, wh
         assert float(bound[layer]) <= float(peak[layer]) * (1 + REL) + 1e-12
 
 
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([(4, 2, 3, 8), (4, 2, 3, 4), (4, 2, 2, 4), (2, 2, 3, 6)]),
+       st.floats(0.0, 2.0), st.integers(0, 2**31 - 1))
+def test_the_hierarchical_bound_never_passes_the_best_placement(shape, sigma, seed):
+    """Groups kept on their node: every node's bound takes the companion bound too, and
+    the layer's stays under the best over group→node assignments of the worst node's
+    best placement (brute force)."""
+    gpus, nodes, slots, experts = shape
+    groups = 4 if experts % 4 == 0 else 2
+    g = torch.Generator().manual_seed(seed)
+    w = torch.exp(torch.randn(2, experts, generator=g, dtype=torch.float64) * sigma) * 10
+    replicas = gpus * slots
+    bound = layer_lower_bound(w, replicas, gpus, nodes, groups, "hierarchical")
+    peak = eplb.plan(w, replicas, gpus, nodes, groups, policy="hierarchical").gpu_loads(w)
+    per_group = experts // groups
+    for layer, row in enumerate(w.tolist()):
+        best = float("inf")
+        for first in itertools.combinations(range(1, groups), groups // nodes - 1):
+            node_groups = [(0, *first), tuple(x for x in range(1, groups) if x not in first)]
+            worst = max(best_placement([row[grp * per_group + i] for grp in members
+                                        for i in range(per_group)],
+                                       replicas // nodes, gpus // nodes)
+                        for members in node_groups)
+            best = min(best, worst)
+        assert float(bound[layer]) <= best * (1 + REL) + 1e-12
+        assert float(bound[layer]) <= float(peak[layer].max()) * (1 + REL) + 1e-12
+
+
 def test_the_relaxed_path_for_many_spares_stays_a_bound(monkeypatch):
     """Past the split table's size σ_2 is bounded by twice the lightest piece: forced here
     on tiny shapes, it stays below the best placement and at or below the exact path."""

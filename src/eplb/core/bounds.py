@@ -11,10 +11,10 @@ slots and ``S >= 2``, the GPU holding the largest piece holds the lightest piece
 :func:`eplb.core.companion_bound.companion_bound` joins the max.
 
 Hierarchical policy: a group's replicas stay on its node, so for a given group→node
-assignment every node ``n`` needs ``max(W_n / (P/N), T_rep(n))`` and the layer needs the
-worst node. Minimising over assignments gives the exact hierarchical bound; it is
-enumerated when the number of assignments is small (8 groups on 4 nodes: 105) and
-relaxed otherwise.
+assignment every node ``n`` needs ``max(W_n / (P/N), T_rep(n))`` (and, in the ceiling,
+the node's companion or cardinality bound) and the layer needs the worst node. Minimising
+over assignments gives the hierarchical bound; it is enumerated when the number of
+assignments is small (8 groups on 4 nodes: 105) and relaxed otherwise.
 
 The balancedness ceiling is ``Σ_l mean_l / Σ_l LB_l`` (1.0 = no placement can do better
 than perfect balance).
@@ -118,23 +118,24 @@ def _partition_tables(
 
 def enumerated_node_bounds(
     weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,
-    forced_counts: bool = False,
+    ceiling: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Bounds of every enumerated assignment, from the cached tables.
 
     Returns ``(partitions [A, G], per_node [L, A, N])`` with ``per_node`` the bound
     ``max(W_n / (P/N), T_rep(n))`` of every node, or ``None`` when the assignments are
-    too many to enumerate. ``partitions`` is shared: do not modify it. ``forced_counts``
-    (slots = experts, each node's counts forced): the ceiling's node bounds also count
-    that a GPU holds exactly ``S`` experts; the planner's choice of assignment does not
-    (its plans stay as they were measured).
+    too many to enumerate. ``partitions`` is shared: do not modify it. ``ceiling``: the
+    ceiling's node bounds also count that a GPU holds exactly ``S`` items: with slots =
+    experts (each node's counts forced) the cardinality bound, with spare slots and ``S >=
+    2`` the companion bound; the planner's choice of assignment does not (its plans stay
+    as they were measured).
     """
     tables = _partition_tables(num_groups, num_nodes)
     if tables is None:
         return None
     partitions, members, block_of = (t.to(weight.device) for t in tables)
     per_block = _block_bounds(weight, members, num_replicas, num_gpus, num_nodes, num_groups,
-                              forced_counts)
+                              ceiling)
     per_node = per_block.index_select(1, block_of.view(-1))
     return partitions, per_node.view(weight.shape[0], *block_of.shape)
 
@@ -154,19 +155,23 @@ def _block_bounds(
     num_gpus: int,
     num_nodes: int,
     num_groups: int,
-    forced_counts: bool = False,
+    ceiling: bool = False,
 ) -> torch.Tensor:
     """``[L, B]`` bound of a node holding the groups ``members [B, G/N]``; with
-    ``forced_counts`` (slots = experts) also :func:`_forced_counts_bound` of it."""
+    ``ceiling`` also :func:`_forced_counts_bound` of it where slots = experts, else
+    :func:`~eplb.core.companion_bound.companion_bound`."""
     num_layers, num_experts = weight.shape
     group_w = weight.view(num_layers, num_groups, num_experts // num_groups)
     block_w = group_w.index_select(1, members.view(-1))  # [L, B·G/N, E/G]
     block_w = block_w.view(num_layers * members.shape[0], -1)
     node_gpus = num_gpus // num_nodes
     mean = block_w.sum(1) / node_gpus
-    bound = replica_bound(block_w, num_replicas // num_nodes, mean)
-    if forced_counts:
+    node_slots = num_replicas // num_nodes
+    bound = replica_bound(block_w, node_slots, mean)
+    if ceiling and node_slots == block_w.shape[1]:
         bound = torch.maximum(bound, _forced_counts_bound(block_w, node_gpus))
+    elif ceiling:
+        bound = companion_bound(block_w, node_slots, node_gpus, bound)
     return bound.view(num_layers, -1)
 
 
@@ -333,7 +338,7 @@ def _lower_bound(w: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: i
     if policy != "hierarchical":
         return global_bound
     enumerated = enumerated_node_bounds(w, num_replicas, num_gpus, num_nodes, num_groups,
-                                        forced_counts=num_replicas == w.shape[1])
+                                        ceiling=True)
     if enumerated is None:
         return torch.maximum(
             global_bound, _relaxed_hierarchical_bound(w, num_gpus, num_nodes, num_groups)
