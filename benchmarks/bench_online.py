@@ -14,8 +14,13 @@ Sections (all by default):
   the live GPUs against the ceiling for the live set; every expert still served. Which
   GPUs fail shifts the figure a little: ``--dead-draws`` random sets per workload (the
   worst is reported; with one GPU dead, at most every GPU once).
+- ``same``: re-planning the very loads the map in force was planned from, on each real
+  DeepSeek-V3 file as ``eplb plan d.json -r 288 -g 32 -o a.json`` and then the same with
+  ``--previous a.json`` read it (all 61 rows, the 3 all-zero ones too): the slots the
+  second plan moves, out of 61 × 288, and both plans' balancedness. Not part of the
+  default run.
 
-Usage: ``python benchmarks/bench_online.py [incremental dead] [--steps N] [--seed S]
+Usage: ``python benchmarks/bench_online.py [incremental dead same] [--steps N] [--seed S]
 [--dead-draws K]``
 """
 
@@ -182,12 +187,32 @@ def section_dead(args: argparse.Namespace) -> None:
         )
 
 
-SECTIONS = {"incremental": section_incremental, "dead": section_dead}
+def section_same(args: argparse.Namespace) -> None:
+    if not REAL.is_dir():
+        print(f"\nSKIPPED same-loads section: real data not found at {REAL} {REAL_DATA_HINT}")
+        return
+    print(f"\n## Re-planning the loads the map in force was planned from (R={R}, P={P}, "
+          "global)\n")
+    print("| workload | slots moved | of | most in one layer | fresh | from the fresh plan |")
+    print("|---|---|---|---|---|---|")
+    for path in sorted(REAL.glob("*.json")):
+        # every row, as `eplb plan d.json` reads the file (the dense rows are all zero)
+        w = torch.tensor(json.loads(path.read_text())["logical_count"], dtype=torch.float64)
+        fresh = eplb.plan(w, R, P)
+        again = eplb.plan(w, R, P, previous=fresh)
+        moved = again.moved_slots(fresh)  # [L]
+        print(f"| {path.stem} | {int(moved.sum())} | {moved.numel() * R} | {int(moved.max())} "
+              f"| {fresh.balancedness(w):.4f} | {again.balancedness(w):.4f} |")
+
+
+SECTIONS = {"incremental": section_incremental, "dead": section_dead, "same": section_same}
+DEFAULT_SECTIONS = ("incremental", "dead")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sections", nargs="*", help=f"some of {list(SECTIONS)} (default: all)")
+    parser.add_argument("sections", nargs="*",
+                        help=f"some of {list(SECTIONS)} (default: {' '.join(DEFAULT_SECTIONS)})")
     parser.add_argument("--steps", type=int, default=12000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", choices=("plan", "vllm"), default="plan",
@@ -198,7 +223,7 @@ def main() -> None:
                              "32 or more try every GPU)")
     args = parser.parse_args()
     print(start("bench_online"))
-    for name in args.sections or SECTIONS:
+    for name in args.sections or DEFAULT_SECTIONS:
         SECTIONS[name](args)
 
 
