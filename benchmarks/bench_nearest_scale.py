@@ -16,9 +16,13 @@ and independently, so the time is about linear in them).
 ``--policy locality`` times the balance-vs-traffic policy instead (8 groups, so at most 8
 nodes: ``--nodes 8``), and ``--real`` takes the real DeepSeek-V3 file
 ``decode_in1800out100`` (its first ``--layers`` MoE layers) instead of generated loads.
+``--experts E`` generates DeepSeek-V3-like loads of ``E`` experts instead
+(``generate_trace("deepseek-v3", steps=200, seed=0, num_experts=E,
+num_layers=--layers)``), and ``--groups G`` names ``G`` expert groups instead of 8:
+the locality policy's searches grow with the nodes and experts too.
 
     python benchmarks/bench_nearest_scale.py [--layers 8] [--shapes 64:9,128:9,...]
-        [--policy global|locality] [--nodes N] [--real]
+        [--policy global|locality] [--nodes N] [--real | --experts E] [--groups G]
 """
 
 from __future__ import annotations
@@ -50,7 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="nodes (default: 8 GPUs a node)")
     parser.add_argument("--real", action="store_true",
                         help="the real decode_in1800out100 file instead of generated loads")
+    parser.add_argument("--experts", type=int, default=None,
+                        help="generated loads of this many experts (default: DeepSeek-V3's 256)")
+    parser.add_argument("--groups", type=int, default=8, help="expert groups (default 8)")
     args = parser.parse_args(argv)
+    if args.real and args.experts is not None:
+        parser.error("--real and --experts exclude each other: the real file has 256 experts")
     torch.set_num_threads(1)
     print(start("bench_nearest_scale"))
     if args.real:
@@ -59,6 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"SKIPPED: real DeepSeek-V3 loads not found at {path} (set EPLB_REAL_DATA)")
             return 0
         loads = torch.tensor(json.loads(path.read_text())["logical_count"])[3:]
+    elif args.experts is not None:
+        loads = generate_trace("deepseek-v3", steps=200, seed=0, num_experts=args.experts,
+                               num_layers=args.layers).counts.sum(0)
     else:
         loads = generate_trace("deepseek-v3", steps=200, seed=0).counts.sum(0)
     weight = loads[:args.layers].double()
@@ -74,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.simplefilter("ignore")  # (no warning is expected; none is shown)
             begin = time.thread_time()
             try:
-                eplb.plan(weight, replicas, gpus, args.nodes or gpus // 8, 8,
+                eplb.plan(weight, replicas, gpus, args.nodes or gpus // 8, args.groups,
                           policy=args.policy, dispatch="nearest")
             except ValueError:  # beyond the size eplb plans for
                 rows.append([*shape, "refused", "–"])
@@ -83,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([*shape, f"{seconds:.2f}", f"{seconds * 58 / args.layers:.1f}"])
     where = f"{args.nodes} nodes" if args.nodes else "8 GPUs a node"
     print(f"\n{args.policy.capitalize()} plans for the nearest dispatch of {args.layers} "
-          f"{'real' if args.real else 'generated'} DeepSeek-V3 layers ({where}, 8 groups)\n")
+          f"{'real' if args.real else 'generated'} DeepSeek-V3 layers of {weight.shape[1]} "
+          f"experts ({where}, {args.groups} groups)\n")
     print(markdown_table(["shape", "P·R²/E", "SGLang hook's auto plans for it",
                           f"s for {args.layers} layers", "s for 58 layers (scaled)"], rows))
     return 0
