@@ -5,7 +5,11 @@
   placement in force on a drifted window, as SGLang's runtime rebalance calls it, also
   with a total move budget), on 256 GPUs (32 nodes) and on 512;
 - ``eplb.tools.routing.sample_group_limited``: fitting the router to the loads, at
-  DeepSeek-V3's size (1024 tokens).
+  DeepSeek-V3's size (1024 tokens);
+- with ``--relabel`` instead (minutes, not in the default run): planning from a
+  placement in force on thousands of GPUs, where the relabelling's assignment problems
+  (layers × GPUs³) reach the ``2**41`` limit: 58 layers on 3,300 GPUs and 32 on 4,096,
+  one slot each, from a plan of the same loads drifted ×exp(0.15·Z) (seed 0).
 
 Each case runs in a fresh interpreter (one torch thread) so that its peak resident memory
 (``ru_maxrss``) is its own; the time is the median of ``--repeats`` calls after one
@@ -13,6 +17,7 @@ warm-up call. Loads: the real DeepSeek-V3 dump ``prefill_in4096`` where present 
 generated DeepSeek-V3-like loads), generated loads for the large shape.
 
     python benchmarks/bench_costs.py [--repeats 3] [--skip-large]
+    python benchmarks/bench_costs.py --relabel [--repeats 1]
 """
 
 from __future__ import annotations
@@ -37,10 +42,16 @@ CASES = {
     "nearest-512": "eplb.plan(w, 4096, 512, 64, 64, policy='global', dispatch='nearest')",
     "sample-group-limited": "sample_group_limited(w, 1024)",
 }
+#: ``--relabel``: one slot per GPU, so R = P; the work is layers × P³ (2**41 at most)
+RELABEL_CASES = {
+    "relabel-3300": "eplb.plan(w2, 3300, 3300, previous=p0)",
+    "relabel-4096": "eplb.plan(w2, 4096, 4096, previous=p0)",
+}
 SHAPES = {"nearest-deepseek": (58, 256), "nearest-deepseek-previous": (58, 256),
           "nearest-deepseek-budget": (58, 256), "nearest-256": (58, 256),
           "nearest-512": (1, 2048),
-          "sample-group-limited": (58, 256)}
+          "sample-group-limited": (58, 256), "relabel-3300": (58, 256),
+          "relabel-4096": (32, 256)}
 
 WORKER = """
 import json, resource, statistics, sys, time
@@ -52,11 +63,16 @@ from eplb.tools.routing import sample_group_limited
 layers, experts, real, repeats = {layers}, {experts}, {real!r}, {repeats}
 if real:
     counts = json.load(open(real))["logical_count"]
-    w = torch.tensor(counts, dtype=torch.float64)[3:]
+    w = torch.tensor(counts, dtype=torch.float64)[3:][:layers]
 else:
     w = generate_loads("deepseek-v3", seed=0, num_layers=layers, num_experts=experts)
 if "previous" in {name!r} or "budget" in {name!r}:  # the map in force, a drifted window
     p0 = eplb.plan(w, 288, 32, 4, 8, policy="global", dispatch="nearest")
+    drift = torch.exp(0.15 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
+    w2 = (w * drift).round()
+if {name!r}.startswith("relabel"):  # the map in force: a plan of the loads before a drift
+    gpus = int({name!r}.split("-")[1])
+    p0 = eplb.plan(w, gpus, gpus)
     drift = torch.exp(0.15 * torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
     w2 = (w * drift).round()
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -76,7 +92,8 @@ def run_case(name: str, repeats: int) -> dict:
     real = DEEPSEEK_DIR / "prefill_in4096.json"
     use_real = experts == 256 and real.is_file()
     code = WORKER.format(layers=layers, experts=experts, repeats=repeats, name=name,
-                         real=str(real) if use_real else "", call=CASES[name])
+                         real=str(real) if use_real else "",
+                         call={**CASES, **RELABEL_CASES}[name])
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -89,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-large", action="store_true",
                         help="leave out the 256- and 512-GPU cases")
+    parser.add_argument("--relabel", action="store_true",
+                        help="only the relabelling cases at the 2**41 limit (3,300 and 4,096 "
+                             "GPUs; minutes)")
     args = parser.parse_args(argv)
     print(start("bench_costs"))
     rows = []
-    for name in CASES:
+    for name in RELABEL_CASES if args.relabel else CASES:
         if args.skip_large and name in ("nearest-256", "nearest-512"):
             continue
         result = run_case(name, args.repeats)
