@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -156,3 +157,31 @@ def test_real_prefill_ceiling_at_three_slots_a_gpu():
     assert ceiling == pytest.approx(0.99313, abs=5e-5)
     assert eplb.plan(w, 288, 96).balancedness(w) <= ceiling * (1 + REL)
     assert np.isfinite(ceiling)
+
+
+def test_many_caps_take_bounded_memory():
+    """A dominant expert in ~R − E replicas beside near-equal light ones: every row has
+    hundreds of caps between ``T_rep`` and the value at it. They were evaluated as one
+    ``[caps, E]`` table, growing with the layers (3.6 GB at 4,096 experts on 50 layers);
+    in chunks the peak stays as at a few layers, and the bound is unchanged."""
+    experts, heavy = 1024, 1001
+    replicas = heavy + experts - 1
+
+    def peak(layers: int) -> tuple[int, torch.Tensor]:
+        w = torch.full((layers, experts), 0.99, dtype=torch.float64)
+        w[:, 0] = float(heavy)
+        tracemalloc.start()
+        try:
+            bound = layer_lower_bound(w, replicas, replicas // 2)
+            return tracemalloc.get_traced_memory()[1], bound
+        finally:
+            tracemalloc.stop()
+
+    few, few_bound = peak(10)
+    many, many_bound = peak(120)
+    assert many < 1.3 * few
+    assert torch.equal(many_bound, few_bound[:1].expand(120))
+    w = torch.full((1, experts), 0.99, dtype=torch.float64)
+    w[:, 0] = float(heavy)
+    mean = float(w.sum()) / (replicas // 2)
+    assert float(many_bound[0]) == pytest.approx(mean, rel=1e-12)  # the caps bring it down

@@ -66,32 +66,55 @@ def companion_bound(weight: torch.Tensor, num_replicas: int, num_gpus: int,
     # only rows whose value at T_rep tops the floor can raise it
     rows = np.nonzero(value > out.numpy())[0]
     if rows.size:
-        value[rows] = _lower_by_other_caps(w[rows], t_rep[rows], value[rows], num_replicas,
-                                           slots)
+        value[rows] = _lower_by_other_caps(w[rows], t_rep[rows], value[rows],
+                                           out.numpy()[rows], num_replicas, slots)
     bound = torch.from_numpy(value * _ROUND_DOWN).to(out.device)
     return torch.maximum(out, bound)
 
 
 def _lower_by_other_caps(w: np.ndarray, t_rep: np.ndarray, value: np.ndarray,
-                         num_replicas: int, slots: int) -> np.ndarray:
+                         floor: np.ndarray, num_replicas: int, slots: int) -> np.ndarray:
     """``[N]`` ``value`` (the bound at ``T_rep``) lowered by every other cap that can win:
     some ``w_e / k`` strictly between ``T_rep`` and
     the value, i.e. ``w_e / value < k < w_e / T_rep``, listed per expert (a dense table
     of quotients ``[N, E, R − E + 1]`` is gigabytes at a thousand experts on a thousand
-    GPUs). ``w [N, E]`` ascending."""
+    GPUs). ``w [N, E]`` ascending; ``floor [N]`` the bound already known.
+
+    A row has at most ``R − E`` such caps, but each is evaluated over its whole row: all
+    at once, ``[caps, E]`` took 3.6 GB and 81 s at 4,096 experts in 8,096 slots on 50
+    layers (attacker pass). So the caps go in chunks of at most :data:`_CHUNK_ELEMENTS`
+    loads, lowest (relative to ``T_rep``) first, equal ones once, and a cap is skipped
+    once it cannot change the result: at or above its row's value so far (the bound at a
+    cap is at least the cap), or its row already at or below ``floor`` (the bound is then
+    ``floor``)."""
     num_experts = w.shape[1]
     with np.errstate(divide="ignore", invalid="ignore"):
         low = np.floor(w / value[:, None]) + 1
         high = np.minimum(np.ceil(w / t_rep[:, None]) - 1, num_replicas - num_experts + 1)
     count = np.maximum(high - low + 1, 0).astype(np.int64)  # [N, E]
     value = value.copy()
-    if count.any():
-        rows, experts = np.nonzero(count)
-        per = count[rows, experts]
-        k = np.repeat(low[rows, experts] - np.cumsum(per) + per, per) + np.arange(per.sum())
-        rows = np.repeat(rows, per)
-        caps = w[rows, np.repeat(experts, per)] / k
-        np.minimum.at(value, rows, _value_at(w[rows], caps, num_replicas, slots))
+    if not count.any():
+        return value
+    rows, experts = np.nonzero(count)
+    per = count[rows, experts]
+    k = np.repeat(low[rows, experts] - np.cumsum(per) + per, per) + np.arange(per.sum())
+    rows = np.repeat(rows, per)
+    caps = w[rows, np.repeat(experts, per)] / k
+    # equal caps (experts of equal load) give equal bounds: one each
+    order = np.lexsort((caps, rows))
+    rows, caps = rows[order], caps[order]
+    distinct = np.ones(len(caps), bool)
+    distinct[1:] = (rows[1:] != rows[:-1]) | (caps[1:] != caps[:-1])
+    rows, caps = rows[distinct], caps[distinct]
+    order = np.argsort(caps / t_rep[rows], kind="stable")
+    rows, caps = rows[order], caps[order]
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, num_experts))
+    for start in range(0, len(caps), chunk):
+        r, c = rows[start:start + chunk], caps[start:start + chunk]
+        live = (c < value[r]) & (value[r] > floor[r])
+        if live.any():
+            r, c = r[live], c[live]
+            np.minimum.at(value, r, _value_at(w[r], c, num_replicas, slots))
     return value
 
 
