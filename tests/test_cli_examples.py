@@ -102,6 +102,10 @@ def inputs(tmp_path_factory) -> Path:
            for k in ("law_topk_ids", "code_topk_ids")}
     for name in ("esft_topk_ids.npz", "routing.npz"):
         np.savez(d / name, **ids)
+    # the plan of the first half that the README's eval of the second half reads
+    assert main(["plan", str(d / "esft_topk_ids.npz"), "--key", "law_topk_ids",
+                 "--tokens-per-step", "256", "--step-range", ":50%", "-r", "80", "-g", "16",
+                 "--nodes", "2", "--dispatch", "nearest", "-o", str(d / "law.json")]) == 0
     (d / "dumps").mkdir()
     for i, stamp in enumerate(("1700000000.5", "1700000100.25")):
         dump = {"rank": 0, "logical_count": torch.from_numpy(_stats(3 + i))[None].to(torch.int32),

@@ -1,8 +1,8 @@
 """Reading options shared by the commands, and the CLI's view of policy resolution.
 
-- :func:`add_input_options` adds ``--format``, ``--key``, ``--tokens-per-step`` and
-  ``--num-experts`` to a command that reads loads; :func:`read_trace` reads one or
-  several files with them (several files are steps one after another).
+- :func:`add_input_options` adds ``--format``, ``--key``, ``--tokens-per-step``,
+  ``--num-experts`` and ``--step-range`` to a command that reads loads; :func:`read_trace`
+  reads one or several files with them (several files are steps one after another).
 - :func:`cli_policy` asks :func:`eplb.core.resolve_policy` what a policy means for the
   given cluster and reports, with the flags' names, when the user's ``--nodes`` /
   ``--groups`` cannot be honoured.
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -53,6 +54,11 @@ def add_input_options(p: argparse.ArgumentParser, what: str = "LOADS") -> None:
     g.add_argument("--num-experts", type=integer, default=None, metavar="E",
                    help="top-k routing traces and SGLang per-pass dumps: the number of experts "
                         "(default: the largest expert id + 1)")
+    g.add_argument("--step-range", default=None, metavar="START:STOP",
+                   help="use only these steps of the loads, as a Python slice of integers or "
+                        "percentages of the steps (after several files are joined and a "
+                        "top-k trace is cut by --tokens-per-step): e.g. plan on ':50%%' and "
+                        "eval on '50%%:' to score out of sample; '100:', ':-10', '0:1'")
 
 
 def require_loads_files(names: list[str]) -> None:
@@ -132,9 +138,36 @@ def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress
             key=None if keys is None else (keys[0] if len(keys) == 1 else keys),
             tokens_per_step=getattr(args, "tokens_per_step", None),
             num_experts=getattr(args, "num_experts", None)))
-    if len(traces) == 1:
-        return traces[0]
-    return _join_steps(names, traces)
+    trace = traces[0] if len(traces) == 1 else _join_steps(names, traces)
+    text = getattr(args, "step_range", None)
+    return trace if text is None else select_steps(trace, text)
+
+
+_STEP_BOUND = r"\s*(?:(-?\d+)|(\d+(?:\.\d+)?)%)?\s*"
+
+
+def select_steps(trace: LoadTrace, text: str) -> LoadTrace:
+    """``trace`` cut to the steps ``text`` names (``--step-range``): ``START:STOP``, each
+    bound an integer (negative counts from the end, as in Python) or a percentage of the
+    steps (rounded down), either one left out for the start or the end."""
+    match = re.fullmatch(_STEP_BOUND + ":" + _STEP_BOUND, text)
+    if match is None:
+        raise CliError(f"--step-range must be START:STOP, each an integer or a percentage "
+                       f"of the steps (e.g. ':50%', '50%:', '100:', ':-10'), got {text!r}")
+    steps = trace.num_steps
+    bounds = []
+    for whole, percent in (match.group(1, 2), match.group(3, 4)):
+        if percent is not None:
+            if float(percent) > 100:
+                raise CliError(f"--step-range {text!r}: a percentage must be at most 100%")
+            bounds.append(int(steps * float(percent) // 100))
+        else:
+            bounds.append(None if whole is None else int(whole))
+    kept = range(steps)[slice(*bounds)]
+    if not len(kept):
+        raise CliError(f"--step-range {text} keeps none of the {steps} step(s) of "
+                       f"{trace.source or 'the loads'}")
+    return replace(trace, counts=trace.counts[kept.start:kept.stop])
 
 
 def _join_steps(names: list[str], traces: list[LoadTrace]) -> LoadTrace:

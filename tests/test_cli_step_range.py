@@ -1,0 +1,117 @@
+"""``--step-range``: the commands that read loads use only some of their steps, so a trace
+can be planned on one part and scored on the rest from the command line (new-user pass:
+the trace had to be cut with NumPy first)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import E, L, P, R
+from test_cli_inputs import assert_user_error, run
+
+from eplb.core import LoadTrace
+from eplb.formats import write_loads
+
+STEPS = 10
+
+
+def _trace(tmp_path: Path) -> tuple[Path, torch.Tensor]:
+    """A ``[10, L, E]`` trace whose steps differ (skew moves from expert to expert)."""
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.rand(STEPS, L, E, generator=gen) * 5
+    for step in range(STEPS):
+        counts[step, :, step % E] += 100 * (step + 1)
+    counts = counts.round().to(torch.int64)
+    path = tmp_path / "trace.pt"
+    write_loads(LoadTrace(counts, list(range(L))), path)
+    return path, counts
+
+
+def _part(tmp_path: Path, counts: torch.Tensor, name: str) -> Path:
+    path = tmp_path / name
+    write_loads(LoadTrace(counts, list(range(L))), path)
+    return path
+
+
+def _phy2log(path: Path) -> list:
+    return json.loads(path.read_text())["phy2log"]
+
+
+@pytest.mark.parametrize(("text", "kept"), [(":50%", slice(0, 5)), ("50%:", slice(5, 10)),
+                                             ("2:7", slice(2, 7)), (":-3", slice(0, 7)),
+                                             ("33.3%:", slice(3, 10)), ("0:1", slice(0, 1))])
+def test_plan_of_a_range_is_the_plan_of_those_steps(capsys, tmp_path, text, kept):
+    path, counts = _trace(tmp_path)
+    cut = _part(tmp_path, counts[kept], "cut.pt")
+    args = ["-r", R, "-g", P]
+    code, out, err = run(capsys, "plan", str(path), f"--step-range={text}", *map(str, args),
+                         "-o", str(tmp_path / "a.json"))
+    assert code == 0, err
+    steps = kept.stop - kept.start
+    assert (f"({steps} steps summed)" in out) if steps > 1 else ("steps summed" not in out)
+    code, _, err = run(capsys, "plan", str(cut), *map(str, args), "-o", str(tmp_path / "b.json"))
+    assert code == 0, err
+    assert _phy2log(tmp_path / "a.json") == _phy2log(tmp_path / "b.json")
+
+
+def test_plan_on_one_half_and_eval_on_the_other(capsys, tmp_path):
+    path, counts = _trace(tmp_path)
+    plan = tmp_path / "first.json"
+    code, _, err = run(capsys, "plan", str(path), "--step-range", ":50%", "-r", str(R), "-g",
+                       str(P), "-o", str(plan))
+    assert code == 0, err
+    scores = {}
+    for text, file in (("50%:", path), (None, _part(tmp_path, counts[5:], "second.pt"))):
+        extra = [] if text is None else ["--step-range", text]
+        code, out, err = run(capsys, "eval", str(file), "--placement", str(plan), "--json",
+                             *extra)
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["steps_summed"] == 5
+        scores[text] = report["balancedness_after"]
+    assert scores["50%:"] == scores[None]
+    code, out, err = run(capsys, "eval", str(path), "--placement", str(plan), "--json")
+    assert json.loads(out)["balancedness_after"] != scores[None]  # the whole trace scores otherwise
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("x", "must be START:STOP"), ("1:2:3", "must be START:STOP"), ("::", "must be START:STOP"),
+    ("5:2", "keeps none of the 10 step(s)"), ("20:", "keeps none of the 10 step(s)"),
+    ("150%:", "at most 100%"), ("-1%:", "must be START:STOP")])
+def test_bad_ranges_are_named(capsys, tmp_path, text, words):
+    path, _ = _trace(tmp_path)
+    code, _, err = run(capsys, "plan", str(path), f"--step-range={text}", "-r", str(R), "-g",
+                       str(P), "-o", str(tmp_path / "out.json"))
+    assert_user_error(code, err, "--step-range", words)
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_a_topk_trace_is_cut_into_steps_first(capsys, tmp_path):
+    """With ``--tokens-per-step`` the range counts the cut steps (here 3 of 300 tokens)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.rand(900, L, E, generator=gen).argsort(2)[..., :2].numpy().astype(np.int8)
+    path = tmp_path / "routing.npz"
+    np.savez(path, topk_ids=ids)
+    code, out, err = run(capsys, "plan", str(path), "--tokens-per-step", "300",
+                         "--step-range", "1:", "-r", str(R), "-g", str(P),
+                         "-o", str(tmp_path / "out.json"))
+    assert code == 0, err
+    assert "(2 steps summed)" in out
+
+
+def test_simulate_and_bench_take_the_range(capsys, tmp_path):
+    path, _ = _trace(tmp_path)
+    code, out, err = run(capsys, "simulate", str(path), "--step-range", "2:", "--window", "2",
+                         "-r", str(R), "-g", str(P), "--json")
+    assert code == 0, err
+    whole = run(capsys, "simulate", str(path), "--window", "2", "-r", str(R), "-g", str(P),
+                "--json")
+    assert whole[0] == 0, whole[2]
+    assert json.loads(out) != json.loads(whole[1])
+    code, out, err = run(capsys, "bench", str(path), "--no-builtin", "--step-range", ":3",
+                         "-r", str(R), "-g", str(P), "--repeats", "1")
+    assert code == 0, err
