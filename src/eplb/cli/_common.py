@@ -22,7 +22,8 @@ from typing import TextIO
 
 import torch
 
-from eplb.core import LoadTrace, balancedness_ceiling, layer_ceiling
+from eplb.core import LoadTrace
+from eplb.core.bounds import ceilings
 from eplb.core.inputs import scale_free
 from eplb.formats._files import check_writable
 from eplb.tools.generator import PRESETS, generate_trace
@@ -158,10 +159,9 @@ def ceiling(weight: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: i
     with GPU speeds, where the bound does not apply)."""
     if speed:
         return Ceiling(None, None, "ceiling not computed with GPU speeds")
-    args = (weight, num_replicas, num_gpus, num_nodes, num_groups)
-    kwargs = {"policy": policy, "active_gpus": active}
-    per_layer = torch.as_tensor(layer_ceiling(*args, **kwargs), dtype=torch.float64)
-    return Ceiling(per_layer, float(balancedness_ceiling(*args, **kwargs)))
+    per_layer, overall = ceilings(weight, num_replicas, num_gpus, num_nodes, num_groups,
+                                  policy, active)
+    return Ceiling(torch.as_tensor(per_layer, dtype=torch.float64), float(overall))
 
 
 def timed(fn: Callable[[], object], repeats: int = 1) -> tuple[object, float]:

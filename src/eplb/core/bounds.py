@@ -346,6 +346,26 @@ def _lower_bound(w: torch.Tensor, num_replicas: int, num_gpus: int, num_nodes: i
     return torch.maximum(global_bound, enumerated[1].amax(2).amin(1))
 
 
+def ceilings(
+    weight: torch.Tensor,
+    num_replicas: int,
+    num_gpus: int,
+    num_nodes: int = 1,
+    num_groups: int = 1,
+    policy: str = "auto",
+    active_gpus: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """:func:`layer_ceiling` and :func:`balancedness_ceiling` from one bound computation
+    (the reports print both; the bound is the costly part): ``([L] per layer, overall)``."""
+    w = scale_free(as_weight(weight)[0])
+    bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
+    live = _num_live(num_gpus, active_gpus)
+    mean = w.to(torch.float64).sum(1) / live
+    total = float(bound.sum())
+    overall = float(w.to(torch.float64).sum() / live) / total if total > 0 else 1.0
+    return ratio_or_one(mean, bound), overall  # (1 where there is no bound)
+
+
 def layer_ceiling(
     weight: torch.Tensor,
     num_replicas: int,
@@ -356,11 +376,8 @@ def layer_ceiling(
     active_gpus: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[L]`` best possible per-layer balancedness: mean live-GPU load / lower bound."""
-    w = scale_free(as_weight(weight)[0])
-    bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
-    live = _num_live(num_gpus, active_gpus)
-    mean = w.to(torch.float64).sum(1) / live
-    return ratio_or_one(mean, bound)  # (1 where there is no bound)
+    return ceilings(weight, num_replicas, num_gpus, num_nodes, num_groups, policy,
+                    active_gpus)[0]
 
 
 def _auto_policy(policy: str, num_experts: int, num_replicas: int, num_gpus: int,
@@ -388,11 +405,8 @@ def balancedness_ceiling(
     """Σ_l mean_l / Σ_l LB_l: no placement's balancedness can exceed it (``policy`` as in
     :func:`layer_lower_bound`). ``weight [L, E]`` (or ``[E]``), ``active_gpus [P]`` the
     live GPUs (``None``: all)."""
-    w = scale_free(as_weight(weight)[0])
-    bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
-    live = _num_live(num_gpus, active_gpus)
-    total = float(bound.sum())
-    return float(w.to(torch.float64).sum() / live) / total if total > 0 else 1.0
+    return ceilings(weight, num_replicas, num_gpus, num_nodes, num_groups, policy,
+                    active_gpus)[1]
 
 
 def placement_scores(
@@ -430,9 +444,10 @@ def placement_scores(
         return {"balancedness": overall, "layer_balancedness": [float(x) for x in per_layer],
                 "ceiling": None, "layer_ceiling": None}
     args = (topo.num_replicas, topo.num_gpus, topo.num_nodes, topo.num_groups, placement.policy)
+    per_layer, overall = ceilings(w, *args, active)
     return {
         "balancedness": placement.balancedness(w),
         "layer_balancedness": [float(x) for x in placement.layer_balancedness(w)],
-        "ceiling": balancedness_ceiling(w, *args, active),
-        "layer_ceiling": [float(x) for x in layer_ceiling(w, *args, active)],
+        "ceiling": overall,
+        "layer_ceiling": [float(x) for x in per_layer],
     }
