@@ -115,3 +115,15 @@ def test_simulate_and_bench_take_the_range(capsys, tmp_path):
     code, out, err = run(capsys, "bench", str(path), "--no-builtin", "--step-range", ":3",
                          "-r", str(R), "-g", str(P), "--repeats", "1")
     assert code == 0, err
+
+
+def test_a_percentage_is_counted_exactly(capsys, tmp_path):
+    """18.4 % of 375 steps is 69 (``375 * 18.4`` is 6899.999... in floating point: 68 were
+    kept, and the other side began one step early; attacker pass)."""
+    counts = torch.ones(375, L, E, dtype=torch.int64)
+    path = _part(tmp_path, counts, "long.pt")
+    for text, steps in ((":18.4%", 69), ("18.4%:", 375 - 69)):
+        code, out, err = run(capsys, "plan", str(path), "--step-range", text, "-r", str(R),
+                             "-g", str(P), "-o", str(tmp_path / f"{steps}.json"))
+        assert code == 0, err
+        assert f"({steps} steps summed)" in out
