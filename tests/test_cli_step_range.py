@@ -127,3 +127,23 @@ def test_a_percentage_is_counted_exactly(capsys, tmp_path):
                              "-g", str(P), "-o", str(tmp_path / f"{steps}.json"))
         assert code == 0, err
         assert f"({steps} steps summed)" in out
+
+
+def test_simulate_notes_the_short_steps_of_the_range_only(capsys, tmp_path):
+    """A top-k trace of 1,000 tokens cut by 300: its last step (100 tokens) is short. In
+    ':2' there is none to note, in '2:' it is step 1 of 2 (the note named "step 3" of the
+    whole trace in both; attacker pass)."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.rand(1000, L, E, generator=gen).argsort(2)[..., :2].numpy().astype(np.int8)
+    path = tmp_path / "routing.npz"
+    np.savez(path, topk_ids=ids)
+    notes = {}
+    for text in (":2", "2:"):
+        code, out, err = run(capsys, "simulate", str(path), "--tokens-per-step", "300",
+                             "--step-range", text, "--window", "1", "-r", str(R),
+                             "-g", str(P))
+        assert code == 0, err
+        notes[text] = [line for line in (out + err).splitlines() if "fewer than" in line]
+    assert notes[":2"] == []
+    assert len(notes["2:"]) == 1 and "1 of 2 steps" in notes["2:"][0]
+    assert "(step 1: 100;" in notes["2:"][0]

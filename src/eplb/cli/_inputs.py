@@ -171,7 +171,23 @@ def select_steps(trace: LoadTrace, text: str) -> LoadTrace:
     if not len(kept):
         raise CliError(f"--step-range {text} keeps none of the {steps} step(s) of "
                        f"{trace.source or 'the loads'}")
-    return replace(trace, counts=trace.counts[kept.start:kept.stop])
+    counts = trace.counts[kept.start:kept.stop]
+    # the meta that holds one entry per step is cut alike: simulate's note on short top-k
+    # steps named steps outside the range, and numbered them in the whole trace (attacker
+    # pass: ':2' of 4 steps of 300 tokens noted "step 3: 100")
+    meta = dict(trace.meta)
+    for key in _PER_STEP_META:
+        value = meta.get(key)
+        if isinstance(value, list) and len(value) == steps:
+            meta[key] = value[kept.start:kept.stop]
+    if "empty_steps" in meta:
+        meta["empty_steps"] = int((counts.sum((1, 2)) == 0).sum())
+    return replace(trace, counts=counts, meta=meta)
+
+
+#: a trace's meta entries with one item per step (top-k tokens, generated regimes, TRT-LLM
+#: iteration ids)
+_PER_STEP_META = ("step_tokens", "regime", "iterations")
 
 
 def _join_steps(names: list[str], traces: list[LoadTrace]) -> LoadTrace:
