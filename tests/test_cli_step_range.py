@@ -147,3 +147,22 @@ def test_simulate_notes_the_short_steps_of_the_range_only(capsys, tmp_path):
     assert notes[":2"] == []
     assert len(notes["2:"]) == 1 and "1 of 2 steps" in notes["2:"][0]
     assert "(step 1: 100;" in notes["2:"][0]
+
+
+def test_a_negative_start_needs_no_equals_sign(capsys, tmp_path):
+    """``--step-range -3:`` is the last 3 steps, as ``--step-range=-3:`` (argparse took
+    the value for an option: "expected one argument"; attacker pass); a negative
+    percentage is still named as a bad range."""
+    path, counts = _trace(tmp_path)
+    code, out, err = run(capsys, "plan", str(path), "--step-range", "-3:", "-r", str(R),
+                         "-g", str(P), "-o", str(tmp_path / "a.json"))
+    assert code == 0, err
+    assert "(3 steps summed)" in out
+    cut = _part(tmp_path, counts[-3:], "cut.pt")
+    code, _, err = run(capsys, "plan", str(cut), "-r", str(R), "-g", str(P),
+                       "-o", str(tmp_path / "b.json"))
+    assert code == 0, err
+    assert _phy2log(tmp_path / "a.json") == _phy2log(tmp_path / "b.json")
+    code, _, err = run(capsys, "plan", str(path), "--step-range", "-5%:-1", "-r", str(R),
+                       "-g", str(P), "-o", str(tmp_path / "c.json"))
+    assert_user_error(code, err, "--step-range", "must be START:STOP", "'-5%:-1'")

@@ -75,6 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 #: options whose value is a comma-separated list of numbers
 _LIST_OPTIONS = ("--gpu-speed", "--dead-gpus")
 _NUMBER_LIST = re.compile(r"-([\d.]|inf|nan)", re.IGNORECASE)
+#: options whose value is a slice START:STOP, and such a value of a negative start
+#: (``--step-range -10:`` was "expected one argument", where ``:-10`` worked)
+_RANGE_OPTIONS = ("--step-range",)
+_NEGATIVE_START = re.compile(r"\s*-[\d.]*%?\s*:")
 #: a negative number argparse takes for an option: ``-inf``, ``-nan``, ``-1e5`` (it lets
 #: ``-1`` and ``-.5`` through by itself)
 _NEGATIVE_WORD = re.compile(r"-(inf(inity)?|nan|(\d+\.?\d*|\.\d+)e[+-]?\d+)", re.IGNORECASE)
@@ -93,12 +97,13 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
 def _glued_lists(argv: Sequence[str], flags: set[str] = frozenset()) -> list[str]:
     """``argv`` with an option's value that begins with a minus sign glued to it
     (``--gpu-speed -1,1`` → ``--gpu-speed=-1,1``, ``--move-price -inf`` →
-    ``--move-price=-inf``): argparse reads such a value as an option and answered
-    "expected one argument"; glued, eplb's own check names the value that is wrong
-    (attacker passes). Only a list option's value, or a whole negative number that
-    argparse would not take, is glued, and only to a long option that takes a value
-    (neither one of ``flags`` nor an abbreviation of one) and has no ``=``; nothing after
-    a bare ``--`` is touched. Nothing else changes: argparse refused these."""
+    ``--move-price=-inf``, ``--step-range -10:`` → ``--step-range=-10:``): argparse reads
+    such a value as an option and answered "expected one argument"; glued, eplb's own
+    check names the value that is wrong (attacker passes). Only a list option's value, a
+    range whose start is negative, or a whole negative number that argparse would not
+    take, is glued, and only to a long option that takes a value (neither one of
+    ``flags`` nor an abbreviation of one) and has no ``=``; nothing after a bare ``--`` is
+    touched. Nothing else changes: argparse refused these."""
     out: list[str] = []
     items = list(argv)
     k = 0
@@ -112,6 +117,7 @@ def _glued_lists(argv: Sequence[str], flags: set[str] = frozenset()) -> list[str
         takes_value = (item.startswith("--") and "=" not in item
                        and not any(flag.startswith(item) for flag in flags))
         if ((item in _LIST_OPTIONS and _NUMBER_LIST.match(value))
+                or (item in _RANGE_OPTIONS and _NEGATIVE_START.match(value))
                 or (takes_value and _NEGATIVE_WORD.fullmatch(value))):
             out.append(f"{item}={value}")
             k += 2
