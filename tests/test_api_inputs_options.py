@@ -53,6 +53,28 @@ def test_rebalance_experts_errors_name_old_phy2log_as_the_caller_did():
             eplb.plan(weight, 10, 2, previous=old)
 
 
+def test_rebalance_experts_names_old_phy2log_further_on_in_its_errors_too():
+    """Mentions after the subject name it too ("gpu_speed cannot be combined with previous",
+    "(plan without previous=)" still said previous), and a Placement's own fields are
+    "old_phy2log's" (not "old_phy2log placement's"); plan's wording is kept."""
+    weight = torch.arange(16, dtype=torch.float32).view(2, 8) + 1
+    fresh = eplb.plan(weight, 10, 2)
+    cases = [({"old_phy2log": fresh.phy2log, "gpu_speed": torch.tensor([1.0, 2.0])},
+              ValueError, "gpu_speed cannot be combined with old_phy2log (incremental"),
+             ({"old_phy2log": eplb.plan(weight, 12, 2)}, ValueError,
+              "old_phy2log is for 12 slots on 2 GPUs, this call for 10 on 2: its slots would "
+              "be read as other GPUs' (plan without old_phy2log=)"),
+             ({"old_phy2log": dataclasses.replace(fresh, topology=None)}, TypeError,
+              "old_phy2log's topology is a NoneType")]
+    for kwargs, kind, words in cases:
+        with pytest.raises(kind) as caught:
+            eplb.rebalance_experts(weight, 10, 1, 1, 2, **kwargs)
+        assert words in str(caught.value) and "previous" not in str(caught.value)
+        kwargs["previous"] = kwargs.pop("old_phy2log")
+        with pytest.raises(kind, match="previous"):
+            eplb.rebalance_experts(weight, 10, 1, 1, 2, **kwargs)
+
+
 def test_absurd_slots_per_gpu_are_refused_before_planning():
     with pytest.raises(ValueError, match="8192 slots per GPU on 8 GPUs"):
         eplb.plan(torch.rand(1, 64), 8 * 8192, 8)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import inspect
+import re
 import warnings
 from typing import Any
 
@@ -273,8 +274,16 @@ _PLAN_KEYWORDS = frozenset(name for name, parameter in inspect.signature(plan).p
                            if parameter.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
-#: how plan's errors about ``previous=`` begin; rebalance_experts names it old_phy2log
-_PREVIOUS_SUBJECTS = ("previous placement", "previous phy2log", "previous")
+#: plan's words for its ``previous=`` and rebalance_experts' for them: the subject an
+#: error begins with, and the mentions further on ("gpu_speed cannot be combined with
+#: previous", "... (plan without previous=)" still said "previous": attacker pass). The
+#: CLI's ``--previous`` is left as it is
+_PREVIOUS_WORDS = (
+    (re.compile(r"^previous placement's "), "old_phy2log's "),
+    (re.compile(r"^previous (placement |phy2log )?"), "old_phy2log "),
+    (re.compile(r"(?<![-\w])previous="), "old_phy2log="),
+    (re.compile(r"\b(with|without) previous\b(?![-=])"), r"\1 old_phy2log"),
+)
 
 
 def _as_old_phy2log_error(exc: Exception) -> Exception | None:
@@ -284,10 +293,9 @@ def _as_old_phy2log_error(exc: Exception) -> Exception | None:
     if type(exc) not in (TypeError, ValueError):
         return None
     text = str(exc)
-    for subject in _PREVIOUS_SUBJECTS:
-        if text.startswith(subject + " "):
-            return type(exc)("old_phy2log" + text[len(subject):])
-    return None
+    for pattern, words in _PREVIOUS_WORDS:
+        text = pattern.sub(words, text)
+    return None if text == str(exc) else type(exc)(text)
 
 
 def rebalance_experts(
