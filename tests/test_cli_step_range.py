@@ -166,3 +166,12 @@ def test_a_negative_start_needs_no_equals_sign(capsys, tmp_path):
     code, _, err = run(capsys, "plan", str(path), "--step-range", "-5%:-1", "-r", str(R),
                        "-g", str(P), "-o", str(tmp_path / "c.json"))
     assert_user_error(code, err, "--step-range", "must be START:STOP", "'-5%:-1'")
+
+
+def test_simulate_says_the_range_kept_too_few_steps(capsys, tmp_path):
+    """(attacker pass: it said the file had the steps the range kept)"""
+    path, _ = _trace(tmp_path)
+    code, _, err = run(capsys, "simulate", str(path), "--step-range", ":5", "--window", "3",
+                       "-r", str(R), "-g", str(P))
+    assert_user_error(code, err, "--step-range :5 keeps 5 steps of", "needs at least 6")
+    assert f"{path} has" not in err

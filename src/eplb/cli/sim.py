@@ -199,7 +199,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     needed = max(2 * args.window, interval + (score_window or interval))
     if trace.num_steps < needed:
         have = counted(trace.num_steps, "step")
-        raise CliError(f"{args.trace} has {have}; the simulation needs at "
+        where = (f"--step-range {args.step_range} keeps {have} of {args.trace}"
+                 if getattr(args, "step_range", None) is not None
+                 else f"{args.trace} has {have}")
+        raise CliError(f"{where}; the simulation needs at "
                        f"least {needed}: the first rebalance comes after --interval {interval} "
                        f"steps and is scored on the {score_window or interval} after it, and "
                        f"the steps must hold two windows (2 × --window {args.window})"
