@@ -76,6 +76,31 @@ def test_launcher_says_an_elastic_algorithm_stays_sglangs(monkeypatch, capsys, f
     assert "stays SGLang's own" in capsys.readouterr().err
 
 
+def test_launcher_says_when_locality_will_plan_globally(monkeypatch, capsys):
+    """The locality policy plans SGLang's nearest-replica dispatch on several nodes: without
+    ``--ep-dispatch-algorithm static`` and ``--nnodes`` above 1 every rebalance would log
+    why and plan globally, so the launcher says it once, up front."""
+    monkeypatch.delenv(plugin.ENV_VAR, raising=False)
+    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
+    monkeypatch.delenv(plugin.OPTIONS_ENV_VAR, raising=False)
+    monkeypatch.setattr("runpy.run_module", lambda *a, **k: None)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    shell = types.ModuleType("sglang")
+    shell.__spec__ = importlib.machinery.ModuleSpec("sglang", None)
+    monkeypatch.setitem(sys.modules, "sglang", shell)
+    monkeypatch.setattr(plugin, "_sglang_problem", lambda: None)
+    options = ["--eplb-options", '{"policy": "locality", "slack": 0.05}']
+    for flags, noted in ((["--nnodes", "2", "--ep-dispatch-algorithm", "static"], False),
+                         (["--nnodes=4", "--ep-dispatch-algorithm=static"], False),
+                         (["--nnodes", "2"], True),
+                         (["--ep-dispatch-algorithm", "static"], True),
+                         (["--nnodes", "two", "--ep-dispatch-algorithm", "static"], True)):
+        assert plugin.main([*options, "--model-path", "m", "--enable-eplb", *flags]) == 0
+        err = capsys.readouterr().err
+        assert ("every rebalance is planned globally" in err) is noted, (flags, err)
+        assert "plans with eplb" in err and '"policy": "locality"' in err
+
+
 @pytest.mark.parametrize(("env", "args", "message"), [
     ({"SGLANG_PLUGINS": "other"}, ["--enable-eplb"], "does not name 'eplb'"),
     ({}, ["--eplb-options", "[1]", "--enable-eplb"], "must be a JSON object"),

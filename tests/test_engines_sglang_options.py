@@ -41,7 +41,8 @@ def test_eplb_rebalance_refuses_impossible_calls(args, message):
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"foo": 1}, r"options: unknown option\(s\) \['foo'\]"),
-    ({"dispatch": "nearest", "policy": "locality"}, "policy 'locality' is not served"),
+    ({"dispatch": "even", "policy": "locality"}, "not for dispatch 'even'"),
+    ({"slack": 0.05}, "slack is the locality policy's knob"),
     ({"dispatch": "sideways"}, "options: dispatch must be one of"),
     ({"max_moves": -1}, "options: max_moves must be a non-negative int"),
 ])

@@ -268,6 +268,61 @@ def test_under_static_dispatch_eplb_plans_for_the_nearest_replica(sglang_root, s
     assert torch.equal(even, hierarchical)
 
 
+def test_the_locality_policy_plans_sglangs_runtime_rebalances(sglang_root, switch,
+                                                              monkeypatch, caplog):
+    """``{"policy": "locality"}`` under static dispatch on several nodes: SGLang's own
+    rebalance chain installs eplb's locality plan, and the next rebalance re-plans it from
+    the map in force (it was refused, so ``--enable-eplb`` gave back a locality start-up
+    file's cross-node savings at the first rebalance; new-user pass). Elsewhere it plans
+    globally and logs why."""
+    caplog.set_level(logging.INFO)
+    settings = make_settings(nnodes=4, ep_size=32, redundant=32)
+    settings.exec.moe.ep_dispatch_algorithm = "static"
+    settings.exec.moe.moe_a2a_backend = "deepep"
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *args, **kwargs: 0)
+    monkeypatch.setenv(plugin.OPTIONS_ENV_VAR, '{"policy": "locality", "slack": 0.05}')
+    counts = deepseek_counts()
+    total = counts.sum(0).long()
+    drifted = torch.stack([counts[1], counts[0] * 2])  # another window: the halves reweighed
+    in_force = []  # the map SGLang passes each call (its trivial map, then eplb's plan)
+    real = eplb.rebalance_experts
+
+    def spy(*args, **kwargs):
+        in_force.append(kwargs.get("old_phy2log"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sglang_call, "rebalance_experts", spy)
+    with sglang_runtime(sglang_root, settings) as sg:
+        sg.plugins.load_plugins()
+        model_config = types.SimpleNamespace(
+            hf_config=None, model_class=_model_class(61, 256, 8, sg.expert_location))
+        first = rebalance(sg, model_config, counts, 61).installed[0][0]
+        sg.expert_location.set_global_expert_location_metadata(first)
+        installed = [first.physical_to_logical_map.clone()]  # (SGLang updates it in place)
+        second = rebalance(sg, model_config, drifted, 61).installed[0][0]
+        installed.append(second.physical_to_logical_map.clone())
+    assert in_force[0] is None and torch.equal(in_force[1], installed[0])
+    previous = None
+    for got, window in zip(installed, (total, drifted.sum(0)), strict=True):
+        want = eplb.plan(window.long(), 288, 32, 4, 8, policy="locality", dispatch="nearest",
+                         slack=0.05, previous=previous)
+        assert want.policy == "locality"
+        assert torch.equal(got, want.phy2log)
+        previous = want
+    assert "cannot plan this rebalance" not in caplog.text
+    # SGLang's default dynamic dispatch: no nearest rule to plan for, so globally
+    settings.exec.moe.ep_dispatch_algorithm = "dynamic"
+    with sglang_runtime(sglang_root, settings) as sg:
+        sg.plugins.load_plugins()
+        model_config = types.SimpleNamespace(
+            hf_config=None, model_class=_model_class(61, 256, 8, sg.expert_location))
+        even = rebalance(sg, model_config, counts, 61).installed[0][0].physical_to_logical_map
+    # (from the map in force SGLang passes)
+    assert torch.equal(even, eplb.rebalance_experts(total, 288, 8, 4, 32, policy="global",
+                                                    old_phy2log=in_force[2])[0])
+    assert "policy 'locality' cannot plan this rebalance" in caplog.text
+
+
 @pytest.mark.parametrize("algorithm", ["auto", "deepseek_vec", "deepseek_hierarchical"])
 def test_models_without_expert_groups(sglang_root, switch, algorithm):
     """``num_groups`` is None (e.g. Qwen3 MoE): SGLang picks a global algorithm; eplb plans

@@ -369,16 +369,23 @@ Without the launcher: SGLANG_EPLB_POLICY=eplb python -m sglang.launch_server ...
 Not covered: --use-ray (its scheduler actors do not load SGLang's plugins)."""
 
 
-def _elastic_algorithm(args: list[str]) -> str | None:
-    """The ``--eplb-algorithm`` value among SGLang's arguments ``args`` where it names one
-    of SGLang's elasticity-aware algorithms, which :func:`_hook` leaves to SGLang. Given
-    twice, the last counts, as argparse takes it (attacker pass: the first was read)."""
+def _flag_value(args: list[str], flag: str) -> str | None:
+    """The value of ``flag`` among SGLang's arguments ``args`` (``None``: not given).
+    Given twice, the last counts, as argparse takes it (attacker pass: the first was
+    read)."""
     chosen = None
     for at, arg in enumerate(args):
-        if arg.startswith("--eplb-algorithm="):
+        if arg.startswith(flag + "="):
             chosen = arg.partition("=")[2]
-        elif arg == "--eplb-algorithm" and at + 1 < len(args):
+        elif arg == flag and at + 1 < len(args):
             chosen = args[at + 1]
+    return chosen
+
+
+def _elastic_algorithm(args: list[str]) -> str | None:
+    """The ``--eplb-algorithm`` value among SGLang's arguments ``args`` where it names one
+    of SGLang's elasticity-aware algorithms, which :func:`_hook` leaves to SGLang."""
+    chosen = _flag_value(args, "--eplb-algorithm")
     return chosen if chosen is not None and chosen.startswith("elasticity_aware") else None
 
 
@@ -422,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     if "--enable-eplb" not in args:
         print("eplb: note: without --enable-eplb SGLang never rebalances at runtime",
               file=sys.stderr)
+    nodes = (_flag_value(args, "--nnodes") or "1").strip()
+    if options.get("policy") == "locality" and (
+            _flag_value(args, "--ep-dispatch-algorithm") != "static"
+            or not (nodes.isdigit() and int(nodes) > 1)):  # (a bad value: SGLang's to refuse)
+        # (each rebalance would log why and plan globally: say it once, up front)
+        print("eplb: note: policy 'locality' plans for SGLang's nearest-replica dispatch "
+              "on several nodes (--ep-dispatch-algorithm static, --nnodes 2 or more); "
+              "without them every rebalance is planned globally", file=sys.stderr)
     os.environ[ENV_VAR] = "eplb"  # inherited by every process SGLang starts
     elastic = _elastic_algorithm(args)
     if elastic is not None:  # the hook leaves these to SGLang (_hook)

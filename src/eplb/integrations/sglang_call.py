@@ -23,6 +23,7 @@ from eplb.api import rebalance_experts
 from eplb.core.dispatch_plan import nearest_size_problem, nearest_work
 from eplb.core.expert_ids import engine_old_map, require_integer_ids
 from eplb.core.inputs import refuse_without_values
+from eplb.core.policies import locality_problems
 from eplb.core.topology import Topology, positive_int
 from eplb.integrations.agreement import check_timeout_option
 from eplb.integrations.sglang_counts import check_step_counts, sum_steps
@@ -37,7 +38,7 @@ logger = logging.getLogger("eplb.integrations.sglang")
 
 PLANNER_OPTIONS = frozenset(
     {"policy", "seed", "num_candidates", "refine_steps", "max_moves", "skip_threshold",
-     "move_price", "drift", "group_share", "incremental", "dispatch"}
+     "move_price", "drift", "group_share", "incremental", "dispatch", "slack"}
 )
 #: options the plugin itself consumes (not passed to the planner)
 PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
@@ -77,13 +78,15 @@ def check_options(options: dict[str, Any], source: str, allowed: frozenset[str])
     if options.get("dispatch", "auto") not in DISPATCH_CHOICES:
         raise ValueError(f"{source}: dispatch must be one of {DISPATCH_CHOICES}, got "
                          f"{reprlib.repr(options['dispatch'])}")
+    if options.get("policy") == "locality" and options.get("dispatch", "auto") == "even":
+        raise ValueError(f"{source}: policy 'locality' plans for SGLang's nearest-replica "
+                         "dispatch (--ep-dispatch-algorithm static on several nodes), not "
+                         "for dispatch 'even'")
+    values = {k: v for k, v in options.items() if k in PLANNER_OPTIONS and k != "dispatch"}
     if options.get("policy") == "locality":
-        raise ValueError(f"{source}: policy 'locality' is not served through SGLang's "
-                         "rebalancing hook yet: use 'auto', 'global' or 'hierarchical', or "
-                         "plan a locality placement with `eplb plan` for --init-expert-location")
+        values["dispatch"] = "nearest"  # (what it plans for: 'auto' resolves so per call)
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
-        check_option_values({k: v for k, v in options.items()
-                             if k in PLANNER_OPTIONS and k != "dispatch"})
+        check_option_values(values)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: {exc}") from None
 
@@ -180,6 +183,10 @@ def eplb_rebalance(
         num_nodes = 1
     topology = Topology(num_physical_experts, num_gpus, num_nodes, groups)
     asked = options.pop("policy", None)
+    if asked == "locality":
+        asked = _locality_or_global(dispatch, topology, weight.shape[-1])
+        if asked != "locality":
+            options.pop("slack", None)  # (the locality policy's knob: eplb.plan refuses it)
     policy = _policy(asked, dispatch, hierarchical, topology, weight.shape[-1])
     too_large = (nearest_size_problem(num_gpus, num_local_physical_experts,
                                      weight.shape[-1], weight.shape[0])
@@ -221,6 +228,23 @@ def eplb_rebalance(
         num_nodes = 1
     return rebalance_experts(weight, num_physical_experts, groups, num_nodes, num_gpus,
                              policy=policy, old_phy2log=old, **options)
+
+
+def _locality_or_global(dispatch: str, topology: Topology, num_experts: int) -> str:
+    """``"locality"`` where the locality policy can plan SGLang's call (its nearest-replica
+    dispatch on several nodes, a shape the policy takes), else ``"global"``, logged with
+    the reason: SGLang's rebalance has no fallback, so an impossible locality plan must
+    not fail it (the start-up placement stays the one to keep traffic local)."""
+    if dispatch != "nearest":
+        why = ["the call is planned for an even split (SGLang's dispatch is not 'static', "
+               "or the nearest plan was judged too large)"]
+    else:
+        why = locality_problems(topology, num_experts)
+    if not why:
+        return "locality"
+    logger.warning("eplb: policy 'locality' cannot plan this rebalance (%s); planning "
+                   "globally", "; ".join(why))
+    return "global"
 
 
 def _engine_map(old_phy2log: object) -> torch.Tensor:

@@ -29,6 +29,7 @@ __all__ = [
     "HierarchicalPolicy",
     "LocalityPolicy",
     "PlacementPolicy",
+    "locality_problems",
     "plan_rows",
     "resolve_policy",
 ]
@@ -80,7 +81,7 @@ def resolve_policy(
         raise ValueError("DeepSeek's greedy has no locality policy; choose 'auto', 'global' "
                          "or 'hierarchical' (eplb.plan plans policy='locality')")
     if policy == "locality":
-        problems = _locality_problems(topology, num_experts, has_dead_gpus, has_speeds)
+        problems = locality_problems(topology, num_experts, has_dead_gpus, has_speeds)
         if problems:
             raise ValueError("the locality policy is impossible: " + "; ".join(problems))
         return policy
@@ -130,9 +131,12 @@ def _locality_room(topology: Topology, num_experts: int) -> list[str]:
     return []
 
 
-def _locality_problems(
-    topology: Topology, num_experts: int | None, has_dead_gpus: bool, has_speeds: bool
+def locality_problems(
+    topology: Topology, num_experts: int | None, has_dead_gpus: bool = False,
+    has_speeds: bool = False,
 ) -> list[str]:
+    """Why the locality policy cannot plan ``topology`` (empty: it can): what
+    :func:`resolve_policy` raises for ``policy="locality"``, for callers that fall back."""
     nodes, groups = topology.num_nodes, topology.num_groups
     problems = []
     if nodes <= 1:
