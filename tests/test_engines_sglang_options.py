@@ -202,3 +202,26 @@ def test_the_nearest_switch_never_serves_worse_and_never_fails_sglangs_call(sgla
                                     options=options, old_phy2log=old,
                                     sglang_dispatch="static")[0]
         assert torch.equal(new, old), options
+
+
+@pytest.mark.parametrize(("args", "dispatch", "reason"), [
+    ((72, 8, 8, 2, True), "static", "num_gpus (9) is not a multiple of num_nodes (2)"),
+    ((80, 5, 8, 2, True), "dynamic", "SGLang's --ep-dispatch-algorithm is not 'static'"),
+    ((80, 5, 8, 1, True), "static", "it needs num_nodes > 1"),
+])
+def test_locality_where_it_cannot_plan_falls_back_to_global_with_the_reason(
+        args, dispatch, reason, caplog):
+    """SGLang's rebalance has no fallback: the locality policy on a call it cannot plan
+    plans globally (as the option ``policy: global`` would) and logs why."""
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.rand(4, 64, generator=gen) ** 3 * 1000).long()
+    got = plugin.eplb_rebalance(weight, *args, options={"policy": "locality", "slack": 0.05},
+                                sglang_dispatch=dispatch)[0]
+    want = plugin.eplb_rebalance(weight, *args, options={"policy": "global"},
+                                 sglang_dispatch=dispatch)[0]
+    assert torch.equal(got, want)
+    assert f"policy 'locality' cannot plan this rebalance ({reason}" in caplog.text
+    caplog.clear()
+    plugin.eplb_rebalance(weight, 80, 5, 8, 2, True, options={"policy": "locality"},
+                          sglang_dispatch="static")
+    assert "cannot plan" not in caplog.text

@@ -184,7 +184,7 @@ def eplb_rebalance(
     topology = Topology(num_physical_experts, num_gpus, num_nodes, groups)
     asked = options.pop("policy", None)
     if asked == "locality":
-        asked = _locality_or_global(dispatch, topology, weight.shape[-1])
+        asked = _locality_or_global(dispatch, sglang_dispatch, topology, weight.shape[-1])
         if asked != "locality":
             options.pop("slack", None)  # (the locality policy's knob: eplb.plan refuses it)
     policy = _policy(asked, dispatch, hierarchical, topology, weight.shape[-1])
@@ -230,16 +230,18 @@ def eplb_rebalance(
                              policy=policy, old_phy2log=old, **options)
 
 
-def _locality_or_global(dispatch: str, topology: Topology, num_experts: int) -> str:
+def _locality_or_global(dispatch: str, sglang_dispatch: str | None, topology: Topology,
+                        num_experts: int) -> str:
     """``"locality"`` where the locality policy can plan SGLang's call (its nearest-replica
     dispatch on several nodes, a shape the policy takes), else ``"global"``, logged with
     the reason: SGLang's rebalance has no fallback, so an impossible locality plan must
     not fail it (the start-up placement stays the one to keep traffic local)."""
-    if dispatch != "nearest":
-        why = ["the call is planned for an even split (SGLang's dispatch is not 'static', "
-               "or the nearest plan was judged too large)"]
-    else:
-        why = locality_problems(topology, num_experts)
+    why = locality_problems(topology, num_experts)
+    if not why and dispatch != "nearest":
+        why = ["SGLang's --ep-dispatch-algorithm is not 'static' (tokens are not sent to the "
+               "nearest replica)" if sglang_dispatch != "static" else
+               "the nearest-dispatch plan would stall this rebalance (set the option "
+               "dispatch to 'nearest' to plan for it anyway)"]
     if not why:
         return "locality"
     logger.warning("eplb: policy 'locality' cannot plan this rebalance (%s); planning "
