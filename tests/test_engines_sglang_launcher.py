@@ -89,15 +89,23 @@ def test_launcher_says_when_locality_will_plan_globally(monkeypatch, capsys):
     shell.__spec__ = importlib.machinery.ModuleSpec("sglang", None)
     monkeypatch.setitem(sys.modules, "sglang", shell)
     monkeypatch.setattr(plugin, "_sglang_problem", lambda: None)
-    options = ["--eplb-options", '{"policy": "locality", "slack": 0.05}']
-    for flags, noted in ((["--nnodes", "2", "--ep-dispatch-algorithm", "static"], False),
-                         (["--nnodes=4", "--ep-dispatch-algorithm=static"], False),
-                         (["--nnodes", "2"], True),
-                         (["--ep-dispatch-algorithm", "static"], True),
-                         (["--nnodes", "two", "--ep-dispatch-algorithm", "static"], True)):
-        assert plugin.main([*options, "--model-path", "m", "--enable-eplb", *flags]) == 0
+    locality = '{"policy": "locality", "slack": 0.05}'
+    # (the option dispatch 'nearest' plans for the nearest replica without SGLang's flag:
+    # eplb_rebalance plans the locality policy there, and the note said it would not)
+    nearest = '{"policy": "locality", "dispatch": "nearest"}'
+    for text, flags, noted in (
+            (locality, ["--nnodes", "2", "--ep-dispatch-algorithm", "static"], False),
+            (locality, ["--nnodes=4", "--ep-dispatch-algorithm=static"], False),
+            (locality, ["--nnodes", "2"], True),
+            (locality, ["--ep-dispatch-algorithm", "static"], True),
+            (locality, ["--nnodes", "two", "--ep-dispatch-algorithm", "static"], True),
+            (nearest, ["--nnodes", "2"], False),
+            (nearest, ["--nnodes", "2", "--ep-dispatch-algorithm", "dynamic"], False),
+            (nearest, ["--ep-dispatch-algorithm", "static"], True)):
+        assert plugin.main(["--eplb-options", text, "--model-path", "m", "--enable-eplb",
+                            *flags]) == 0
         err = capsys.readouterr().err
-        assert ("every rebalance is planned globally" in err) is noted, (flags, err)
+        assert ("every rebalance is planned globally" in err) is noted, (text, flags, err)
         assert "plans with eplb" in err and '"policy": "locality"' in err
 
 

@@ -430,8 +430,12 @@ def main(argv: list[str] | None = None) -> int:
         print("eplb: note: without --enable-eplb SGLang never rebalances at runtime",
               file=sys.stderr)
     nodes = (_flag_value(args, "--nnodes") or "1").strip()
+    # (the option dispatch 'nearest' plans for the nearest replica whatever SGLang's flag:
+    # the note said every rebalance would be planned globally; attacker pass)
+    nearest = (_flag_value(args, "--ep-dispatch-algorithm") == "static"
+               or options.get("dispatch") == "nearest")
     if options.get("policy") == "locality" and (
-            _flag_value(args, "--ep-dispatch-algorithm") != "static"
+            not nearest
             or not (nodes.isdigit() and int(nodes) > 1)):  # (a bad value: SGLang's to refuse)
         # (each rebalance would log why and plan globally: say it once, up front)
         print("eplb: note: policy 'locality' plans for SGLang's nearest-replica dispatch "
