@@ -225,3 +225,35 @@ def test_locality_where_it_cannot_plan_falls_back_to_global_with_the_reason(
     plugin.eplb_rebalance(weight, 80, 5, 8, 2, True, options={"policy": "locality"},
                           sglang_dispatch="static")
     assert "cannot plan" not in caplog.text
+
+
+def test_locality_with_a_skip_threshold_starts_and_drops_it_where_it_plans(caplog):
+    """``skip_threshold`` with the locality policy: dropped with a warning where the policy
+    plans SGLang's nearest dispatch (as with the option ``dispatch: nearest``), honoured
+    where the rebalance falls back to an even split's global plan. It was refused at
+    start-up as "not supported with dispatch='nearest'", a dispatch the user never set
+    (attacker pass); a bad value is still refused there."""
+    text = '{"policy": "locality", "skip_threshold": 0.5}'
+    options = plugin.checked_options(text, "--eplb-options")
+    with pytest.raises(ValueError, match=r"--eplb-options: .*skip_threshold"):
+        plugin.checked_options('{"policy": "locality", "skip_threshold": 2}', "--eplb-options")
+    gen = torch.Generator().manual_seed(0)
+    weight = (torch.rand(4, 64, generator=gen) ** 3 * 1000).long()
+    old = torch.arange(80).remainder(64).expand(4, 80).clone()
+    got = plugin.eplb_rebalance(weight, 80, 5, 8, 2, True, options=options, old_phy2log=old,
+                                sglang_dispatch="static")[0]
+    want = plugin.eplb_rebalance(weight, 80, 5, 8, 2, True, options={"policy": "locality"},
+                                 old_phy2log=old, sglang_dispatch="static")[0]
+    assert torch.equal(got, want)
+    assert "skip_threshold not applied" in caplog.text
+    # SGLang's dynamic dispatch: the global plan for an even split takes it (here a
+    # threshold no layer gains: the map in force stays)
+    got = plugin.eplb_rebalance(weight, 80, 5, 8, 2, True, options=options, old_phy2log=old,
+                                sglang_dispatch="dynamic")[0]
+    want = plugin.eplb_rebalance(weight, 80, 5, 8, 2, True,
+                                 options={"policy": "global", "skip_threshold": 0.5},
+                                 old_phy2log=old, sglang_dispatch="dynamic")[0]
+    assert torch.equal(got, want) and torch.equal(got, old)
+    moved = plugin.eplb_rebalance(weight, 80, 5, 8, 2, True, options={"policy": "locality"},
+                                  old_phy2log=old, sglang_dispatch="dynamic")[0]
+    assert not torch.equal(moved, old)

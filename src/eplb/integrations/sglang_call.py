@@ -83,10 +83,18 @@ def check_options(options: dict[str, Any], source: str, allowed: frozenset[str])
                          "dispatch (--ep-dispatch-algorithm static on several nodes), not "
                          "for dispatch 'even'")
     values = {k: v for k, v in options.items() if k in PLANNER_OPTIONS and k != "dispatch"}
+    checks = [values]
     if options.get("policy") == "locality":
         values["dispatch"] = "nearest"  # (what it plans for: 'auto' resolves so per call)
+        # skip_threshold: dropped with a warning where the locality policy plans (as under
+        # dispatch 'nearest'), honoured where a rebalance falls back to an even split's
+        # plan: its value alone is checked (attacker pass: it was refused as "not
+        # supported with dispatch='nearest'", a dispatch the user had not set)
+        if "skip_threshold" in values:
+            checks.append({"skip_threshold": values.pop("skip_threshold")})
     try:  # the values too: a bad one must fail at start-up, not at the first rebalance
-        check_option_values(values)
+        for checked in checks:
+            check_option_values(checked)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{source}: {exc}") from None
 
