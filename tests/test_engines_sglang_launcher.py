@@ -48,11 +48,9 @@ def test_launcher_sets_the_switch_and_runs_sglangs_server(monkeypatch, capsys):
     assert "plans with eplb" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", [["--eplb-algorithm", "elasticity_aware"],
-                                  ["--eplb-algorithm=elasticity_aware_hierarchical"]])
-def test_launcher_says_an_elastic_algorithm_stays_sglangs(monkeypatch, capsys, flag):
-    """Attacker pass: with SGLang's elasticity-aware algorithm the launcher said "plans with
-    eplb", though the hook leaves that algorithm to SGLang."""
+def _dry_launcher(monkeypatch) -> None:
+    """The launcher with no switch or options set, an SGLang shell that passes its checks,
+    and SGLang's server not started."""
     monkeypatch.delenv(plugin.ENV_VAR, raising=False)
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
     monkeypatch.delenv(plugin.OPTIONS_ENV_VAR, raising=False)
@@ -62,6 +60,14 @@ def test_launcher_says_an_elastic_algorithm_stays_sglangs(monkeypatch, capsys, f
     shell.__spec__ = importlib.machinery.ModuleSpec("sglang", None)
     monkeypatch.setitem(sys.modules, "sglang", shell)
     monkeypatch.setattr(plugin, "_sglang_problem", lambda: None)
+
+
+@pytest.mark.parametrize("flag", [["--eplb-algorithm", "elasticity_aware"],
+                                  ["--eplb-algorithm=elasticity_aware_hierarchical"]])
+def test_launcher_says_an_elastic_algorithm_stays_sglangs(monkeypatch, capsys, flag):
+    """Attacker pass: with SGLang's elasticity-aware algorithm the launcher said "plans with
+    eplb", though the hook leaves that algorithm to SGLang."""
+    _dry_launcher(monkeypatch)
     assert plugin.main(["--model-path", "m", "--enable-eplb", *flag]) == 0
     err = capsys.readouterr().err
     assert "stays SGLang's own" in err and "plans with eplb" not in err
@@ -80,15 +86,7 @@ def test_launcher_says_when_locality_will_plan_globally(monkeypatch, capsys):
     """The locality policy plans SGLang's nearest-replica dispatch on several nodes: without
     ``--ep-dispatch-algorithm static`` and ``--nnodes`` above 1 every rebalance would log
     why and plan globally, so the launcher says it once, up front."""
-    monkeypatch.delenv(plugin.ENV_VAR, raising=False)
-    monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
-    monkeypatch.delenv(plugin.OPTIONS_ENV_VAR, raising=False)
-    monkeypatch.setattr("runpy.run_module", lambda *a, **k: None)
-    monkeypatch.setattr(sys, "argv", list(sys.argv))
-    shell = types.ModuleType("sglang")
-    shell.__spec__ = importlib.machinery.ModuleSpec("sglang", None)
-    monkeypatch.setitem(sys.modules, "sglang", shell)
-    monkeypatch.setattr(plugin, "_sglang_problem", lambda: None)
+    _dry_launcher(monkeypatch)
     locality = '{"policy": "locality", "slack": 0.05}'
     # (the option dispatch 'nearest' plans for the nearest replica without SGLang's flag:
     # eplb_rebalance plans the locality policy there, and the note said it would not)

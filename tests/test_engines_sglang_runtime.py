@@ -167,6 +167,19 @@ def deepseek_counts() -> torch.Tensor:
     return torch.stack([counts // 2, counts - counts // 2])  # [T=2, 61, 256] as dumped
 
 
+def maps_in_force(monkeypatch) -> list:
+    """The list the hook's planner calls append the map in force they were given to."""
+    calls = []
+    real = eplb.rebalance_experts
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("old_phy2log"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sglang_call, "rebalance_experts", spy)
+    return calls
+
+
 @pytest.fixture
 def switch(monkeypatch):
     monkeypatch.delenv("SGLANG_PLUGINS", raising=False)
@@ -284,14 +297,7 @@ def test_the_locality_policy_plans_sglangs_runtime_rebalances(sglang_root, switc
     counts = deepseek_counts()
     total = counts.sum(0).long()
     drifted = torch.stack([counts[1], counts[0] * 2])  # another window: the halves reweighed
-    in_force = []  # the map SGLang passes each call (its trivial map, then eplb's plan)
-    real = eplb.rebalance_experts
-
-    def spy(*args, **kwargs):
-        in_force.append(kwargs.get("old_phy2log"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sglang_call, "rebalance_experts", spy)
+    in_force = maps_in_force(monkeypatch)  # (None, then eplb's plans)
     with sglang_runtime(sglang_root, settings) as sg:
         sg.plugins.load_plugins()
         model_config = types.SimpleNamespace(
@@ -343,14 +349,7 @@ def test_models_without_expert_groups(sglang_root, switch, algorithm):
 
 def test_the_next_rebalance_starts_from_the_placement_in_force(sglang_root, switch, monkeypatch):
     settings = make_settings(nnodes=1, ep_size=8, redundant=16)
-    calls = []
-    real = eplb.rebalance_experts
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("old_phy2log"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(sglang_call, "rebalance_experts", spy)
+    calls = maps_in_force(monkeypatch)
     with sglang_runtime(sglang_root, settings) as sg:
         sg.plugins.load_plugins()
         model_config = types.SimpleNamespace(
