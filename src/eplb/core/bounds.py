@@ -360,10 +360,10 @@ def ceilings(
     w = scale_free(as_weight(weight)[0])
     bound = layer_lower_bound(w, num_replicas, num_gpus, num_nodes, num_groups, policy, active_gpus)
     live = _num_live(num_gpus, active_gpus)
-    mean = w.to(torch.float64).sum(1) / live
+    w = w.to(torch.float64)
     total = float(bound.sum())
-    overall = float(w.to(torch.float64).sum() / live) / total if total > 0 else 1.0
-    return ratio_or_one(mean, bound), overall  # (1 where there is no bound)
+    overall = float(w.sum() / live) / total if total > 0 else 1.0
+    return ratio_or_one(w.sum(1) / live, bound), overall  # (1 where there is no bound)
 
 
 def layer_ceiling(

@@ -171,7 +171,7 @@ def _pack_chunk(
         if floor is not None:
             floor = floor[:rows]
     if slots == 3 and num_gpus > 1 and options.max_steps is None:  # (steps given: as given)
-        state = _three_slot_polish(state, floor)
+        state = _three_slot_polish(state, exact, floor)
     return greedy_look(exact, state, num_gpus)
 
 
@@ -230,10 +230,13 @@ def _items_bound(state: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(packing_bound(items, num_gpus)).to(state)
 
 
-def _three_slot_polish(state: torch.Tensor, floor: torch.Tensor | None) -> torch.Tensor:
+def _three_slot_polish(state: torch.Tensor, items: torch.Tensor,
+                       floor: torch.Tensor | None) -> torch.Tensor:
     """``state`` (3 slots a GPU) with the rows more than :data:`THREE_SLOT_POLISH_GAP`
-    above the cardinality bound of their own items (:func:`_items_bound`), and above
-    ``floor [rows]`` where given, polished :data:`THREE_SLOT_POLISH_STEPS` more steps.
+    above the cardinality bound of their own items ``items [2, rows, R]`` (heaviest first,
+    as :func:`pack` takes them, so no sort: :func:`_items_bound` of ``state`` is the same
+    bound), and above ``floor [rows]`` where given, polished
+    :data:`THREE_SLOT_POLISH_STEPS` more steps.
 
     At three slots a GPU the automatic steps leave rows whose items could pack at the
     mean 0.6-1.1 % above it (real DeepSeek-V3 ``prefill_in4096``, 288 slots on 96 GPUs:
@@ -244,7 +247,8 @@ def _three_slot_polish(state: torch.Tensor, floor: torch.Tensor | None) -> torch
     chosen start only, after the starts are compared, and only with the automatic polish
     steps (``PackingOptions.max_steps`` unset)."""
     peak = max_load(state)
-    far = peak > _items_bound(state) * (1 + THREE_SLOT_POLISH_GAP)
+    bound = packing_bound(items[LOAD].double().cpu().numpy(), state.shape[3])
+    far = peak > torch.from_numpy(bound).to(peak) * (1 + THREE_SLOT_POLISH_GAP)
     if floor is not None:
         far &= peak > floor * (1 + 1e-6)
     rows = far.nonzero()[:, 0]
