@@ -12,6 +12,8 @@ import torch
 from helpers import E, L, P, R, run
 from test_cli import assert_one_line_error
 
+import eplb
+
 # ------------------------------------------------------------------------ eval
 
 
@@ -121,3 +123,20 @@ def test_bench_nothing_to_do(capsys) -> None:
     code, _, err = run(capsys, "bench", "--no-builtin")
     assert code == 2
     assert_one_line_error(err)
+
+
+def test_eval_names_the_placements_own_shape_when_the_experts_differ(capsys, tmp_path) -> None:
+    """New-user pass: loads naming model layers 0, 7 and 15 (OLMoE's published counts, 64
+    experts) against a 16-layer placement of 8 experts said the placement "has 3 × 8": the
+    rows picked for the loads' layers, not the file's 16."""
+    from eplb.formats import write_placement
+
+    placement = tmp_path / "p.json"
+    write_placement(eplb.plan(torch.rand(16, 8) + 1, 16, 4), placement)
+    loads = tmp_path / "counts.json"
+    counts = (torch.rand(3, 64) * 100).round().tolist()
+    loads.write_text(json.dumps({"counts": counts, "layers": [0, 7, 15]}))
+    code, _, err = run(capsys, "eval", "--placement", placement, loads)
+    assert code == 2
+    assert_one_line_error(err)
+    assert "have 3 layers × 64 experts but the placement" in err and "has 16 × 8" in err

@@ -532,9 +532,12 @@ def rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace: 
                     else f" (it holds model layers {integer_runs(sorted(placement_ids))})")
             hint = (f"{held}; if the loads are its model layers K and on (e.g. the MoE layers "
                     "of an SGLang file), pass --first-layer K")
+        # the placement's own layer count, not that of the rows picked for the loads'
+        # layers (new-user pass: OLMoE's layers 0, 7 and 15 against a 61-layer
+        # DeepSeek-V3 file said "has 3 × 256", hiding that only the experts differ)
         raise CliError(
             f"{loads} have {rows} layers × {weight.shape[1]} experts but {what} has "
-            f"{placement.num_layers} × {placement.num_experts}{hint}"
+            f"{num_rows} × {placement.num_experts}{hint}"
         )
     return placement, keep
 
