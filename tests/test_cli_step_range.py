@@ -175,3 +175,27 @@ def test_simulate_says_the_range_kept_too_few_steps(capsys, tmp_path):
                        "-r", str(R), "-g", str(P))
     assert_user_error(code, err, "--step-range :5 keeps 5 steps of", "needs at least 6")
     assert f"{path} has" not in err
+
+
+@pytest.mark.parametrize("text", ["١٢:", "٥٠%:", ":３", "2:۵"])
+def test_other_scripts_digits_are_refused(capsys, tmp_path, text):
+    """ASCII digits only, as every other integer option (``-g ١٢`` is refused): Python's
+    ``int`` read '١٢:' as '12:', so the range kept steps nobody typed in ASCII."""
+    path, _ = _trace(tmp_path)
+    code, _, err = run(capsys, "plan", str(path), f"--step-range={text}", "-r", str(R), "-g",
+                       str(P), "-o", str(tmp_path / "out.json"))
+    assert_user_error(code, err, "--step-range", "ASCII digits", repr(text))
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_a_plus_sign_is_taken_as_by_the_integer_options(capsys, tmp_path):
+    """'+3:' is '3:' (Python's slice, and ``-g +4``, take the sign)."""
+    path, _ = _trace(tmp_path)
+    outs = []
+    for text in ("+3:", "3:"):
+        out = tmp_path / f"{text}.json"
+        code, _, err = run(capsys, "plan", str(path), f"--step-range={text}", "-r", str(R),
+                           "-g", str(P), "-o", str(out))
+        assert code == 0, err
+        outs.append(_phy2log(out))
+    assert outs[0] == outs[1]

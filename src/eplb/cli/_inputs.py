@@ -144,17 +144,22 @@ def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress
     return trace if text is None else select_steps(trace, text)
 
 
-_STEP_BOUND = r"\s*(?:(-?\d+)|(\d+(?:\.\d+)?)%)?\s*"
+#: one bound of ``--step-range``: an integer (signed as :func:`eplb.cli._values.integer`
+#: takes it) or a percentage, in ASCII digits: ``\d`` also matched other scripts' digits,
+#: which ``int`` and ``Fraction`` read, so '١٢:' kept steps 12 on where ``-g ١٢`` is refused
+#: (attacker pass)
+_STEP_BOUND = r"\s*(?:([+-]?[0-9]+)|([0-9]+(?:\.[0-9]+)?)%)?\s*"
 
 
 def select_steps(trace: LoadTrace, text: str) -> LoadTrace:
     """``trace`` cut to the steps ``text`` names (``--step-range``): ``START:STOP``, each
     bound an integer (negative counts from the end, as in Python) or a percentage of the
-    steps (rounded down), either one left out for the start or the end."""
+    steps (rounded down), in ASCII digits, either one left out for the start or the end."""
     match = re.fullmatch(_STEP_BOUND + ":" + _STEP_BOUND, text)
     if match is None:
         raise CliError(f"--step-range must be START:STOP, each an integer or a percentage "
-                       f"of the steps (e.g. ':50%', '50%:', '100:', ':-10'), got {text!r}")
+                       f"of the steps in ASCII digits (e.g. ':50%', '50%:', '100:', ':-10'), "
+                       f"got {text!r}")
     steps = trace.num_steps
     bounds = []
     for whole, percent in (match.group(1, 2), match.group(3, 4)):
