@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from helpers import E, L, P, R, run, small_loads_file
+from test_cli_inputs import assert_user_error
 
 
 def test_eval_first_layer_scores_moe_rows_of_an_sglang_file(capsys, tmp_path, loads) -> None:
@@ -298,7 +299,7 @@ def test_eval_refuses_flags_that_contradict_what_the_file_records(capsys, tmp_pa
 
 
 @pytest.mark.parametrize(("name", "said"), [
-    ("plan.npy", "'.npy' names no placement format"),
+    ("plan.out", "'.out' names no placement format"),
     ("plan", "no suffix"),
     ("sglang.json", "SGLang does not read"),
 ])
@@ -307,6 +308,21 @@ def test_an_output_name_of_no_placement_format_is_warned_about(capsys, tmp_path,
     code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o",
                        str(tmp_path / name))
     assert code == 0 and said in err and json.loads((tmp_path / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["plan.npy", "plan.NPZ", "plan.csv", "plan.json.gz",
+                                  "plan.safetensors", "plan.pth"])
+def test_an_output_name_of_another_format_is_refused(capsys, tmp_path, loads, name) -> None:
+    """JSON written under a NumPy/CSV/archive name misled whatever trusts the name (it was
+    written with a warning); refused before planning, as ``generate -o x.csv`` is, and
+    ``--emit`` still writes that name on purpose."""
+    out = tmp_path / name
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(out))
+    assert_user_error(code, err, f"'{name[name.rindex('.'):].lower()}' names", "--emit")
+    assert not out.exists()
+    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(out),
+                       "--emit", "json")
+    assert code == 0 and json.loads(out.read_text())
 
 
 def test_plans_of_loads_without_layer_ids_pair_with_their_loads_in_order(capsys,

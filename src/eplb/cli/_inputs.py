@@ -323,6 +323,13 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
     implied = emit_for(output)
     name = Path(Path(output).name.lower())
     suffix = name.suffix
+    if implied is None and suffix in _OTHER_FORMATS:
+        # JSON under a name that says NumPy, CSV or gzip misleads every reader that trusts
+        # the name (np.load fails on it), and a dumps folder reads it as loads
+        raise CliError(f"{Path(output).name}: '{suffix}' names {_OTHER_FORMATS[suffix]}, "
+                       f"which eplb does not write placements as; name OUT *.json, *.pt, "
+                       f"*.yaml or *.sglang.json (or pass --emit to write that format under "
+                       f"this name anyway)")
     if implied is None:
         what = f"'{suffix}' names no placement format" if suffix else "no suffix"
         warn(f"{Path(output).name}: {what}; writing eplb's JSON (name OUT *.json, *.pt, "
@@ -332,6 +339,18 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
         warn(f"{Path(output).name}: writing eplb's JSON, which SGLang does not read; name "
              "OUT *.sglang.json (or pass --emit sglang) for SGLang's --init-expert-location")
     return implied or "json"
+
+
+#: output suffixes that name a file format other than the placements eplb writes: ``plan -o
+#: x.npy`` wrote JSON with a warning (attacker pass), where ``generate -o x.csv`` is refused
+_OTHER_FORMATS = {
+    ".npy": "a NumPy array", ".npz": "NumPy arrays", ".csv": "CSV", ".tsv": "TSV",
+    ".safetensors": "safetensors", ".pth": "a torch.save file (eplb's is named *.pt)",
+    ".pkl": "a pickle", ".pickle": "a pickle", ".bin": "a binary file",
+    ".gz": "a gzip archive", ".bz2": "a bzip2 archive", ".xz": "an xz archive",
+    ".zst": "a zstd archive", ".zip": "a zip archive", ".tar": "a tar archive",
+    ".toml": "TOML",
+}
 
 
 def warn_if_no_load(weight: torch.Tensor, source: object) -> None:
