@@ -187,19 +187,16 @@ def test_many_caps_take_bounded_memory():
     assert float(many_bound[0]) == pytest.approx(mean, rel=1e-12)  # the caps bring it down
 
 
-def test_a_dominant_expert_among_thousands_is_bounded_in_well_under_a_second():
+def test_a_dominant_expert_among_thousands_keeps_its_value():
     """One expert of 10⁶ beside 4,095 of 1, in 12,288 slots on 4,096 GPUs: ``T_rep`` was
     read from a dense table of 4,096 experts × 8,193 quotients (0.6 s and 270 MB a row;
-    a minute for DeepSeek-V3's 58 layers, attacker pass); the ragged table gives the same
-    value."""
+    a minute for DeepSeek-V3's 58 layers, attacker pass); the ragged table must give the
+    same value (its speed is a benchmark's matter, not a timed test's)."""
     w = torch.ones(4, 4096, dtype=torch.float64)
     w[:, 7] = 1e6
-    start = time.perf_counter()
-    t_rep = max_replica_load(w, 12288)
-    seconds = time.perf_counter() - start
     # 8,193 replicas of the dominant expert leave 1e6 / 8,193 > 1 as the largest piece
-    assert torch.equal(t_rep, torch.full((4,), 1e6 / 8193, dtype=torch.float64))
-    assert seconds < 1.0, seconds
+    assert torch.equal(max_replica_load(w, 12288), torch.full((4,), 1e6 / 8193,
+                                                              dtype=torch.float64))
 
 
 def test_max_replica_load_of_loads_whose_sum_overflows():
