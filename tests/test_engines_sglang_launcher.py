@@ -94,7 +94,10 @@ def test_launcher_says_when_locality_will_plan_globally(monkeypatch, capsys):
     for text, flags, noted in (
             (locality, ["--nnodes", "2", "--ep-dispatch-algorithm", "static"], False),
             (locality, ["--nnodes=4", "--ep-dispatch-algorithm=static"], False),
-            (locality, ["--nnodes", "2"], True),
+            # SGLang sets static dispatch itself under --enable-eplb (its
+            # _handle_eplb_and_dispatch): no note without the flag (new-user pass)
+            (locality, ["--nnodes", "2"], False),
+            (locality, ["--nnodes", "2", "--ep-dispatch-algorithm", "dynamic"], True),
             (locality, ["--ep-dispatch-algorithm", "static"], True),
             (locality, ["--nnodes", "two", "--ep-dispatch-algorithm", "static"], True),
             (nearest, ["--nnodes", "2"], False),
@@ -105,6 +108,13 @@ def test_launcher_says_when_locality_will_plan_globally(monkeypatch, capsys):
         err = capsys.readouterr().err
         assert ("every rebalance is planned globally" in err) is noted, (text, flags, err)
         assert "plans with eplb" in err and '"policy": "locality"' in err
+    # without --enable-eplb SGLang defaults to static dispatch only for a start-up file
+    for flags, noted in ((["--nnodes", "2"], True),
+                         (["--nnodes", "2", "--init-expert-location", "p.pt"], False),
+                         (["--nnodes", "2", "--init-expert-location", "trivial"], True)):
+        assert plugin.main(["--eplb-options", locality, "--model-path", "m", *flags]) == 0
+        err = capsys.readouterr().err
+        assert ("every rebalance is planned globally" in err) is noted, (flags, err)
 
 
 @pytest.mark.parametrize(("env", "args", "message"), [

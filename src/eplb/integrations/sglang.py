@@ -382,6 +382,22 @@ def _flag_value(args: list[str], flag: str) -> str | None:
     return chosen
 
 
+def _launch_dispatch(args: list[str]) -> str | None:
+    """The ``--ep-dispatch-algorithm`` SGLang will run with arguments ``args``: the flag's
+    value, else ``static`` where SGLang's server arguments default it so (with
+    ``--enable-eplb``, or an ``--init-expert-location`` other than ``trivial``: its
+    ``_handle_eplb_and_dispatch``), else ``None``. The launcher's note read only the flag,
+    and told ``--enable-eplb`` users without it that locality would be planned globally
+    (new-user pass), while SGLang, and so the hook, ran static dispatch."""
+    chosen = _flag_value(args, "--ep-dispatch-algorithm")
+    if chosen is not None:
+        return chosen
+    location = _flag_value(args, "--init-expert-location")
+    if "--enable-eplb" in args or (location is not None and location != "trivial"):
+        return "static"
+    return None
+
+
 def _elastic_algorithm(args: list[str]) -> str | None:
     """The ``--eplb-algorithm`` value among SGLang's arguments ``args`` where it names one
     of SGLang's elasticity-aware algorithms, which :func:`_hook` leaves to SGLang."""
@@ -432,8 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     nodes = (_flag_value(args, "--nnodes") or "1").strip()
     # (the option dispatch 'nearest' plans for the nearest replica whatever SGLang's flag:
     # the note said every rebalance would be planned globally; attacker pass)
-    nearest = (_flag_value(args, "--ep-dispatch-algorithm") == "static"
-               or options.get("dispatch") == "nearest")
+    nearest = (_launch_dispatch(args) == "static" or options.get("dispatch") == "nearest")
     if options.get("policy") == "locality" and (
             not nearest
             or not (nodes.isdigit() and int(nodes) > 1)):  # (a bad value: SGLang's to refuse)
