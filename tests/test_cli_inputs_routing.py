@@ -121,6 +121,29 @@ def test_simulate_names_the_short_last_step_of_a_cut_token_trace(capsys, tmp_pat
     assert code == 0 and "note:" not in err  # 300 = 12 × 25: every step whole
 
 
+def test_several_token_traces_keep_every_file_s_step_tokens(capsys, tmp_path) -> None:
+    """Files joined as steps one after another keep each file's per-step token counts:
+    the first file's alone were kept, so the short last step of the second file went
+    unnoted, the note counted the first file's steps, and a --step-range into the
+    second file noted a step of the first."""
+    gen = torch.Generator().manual_seed(3)
+    files = []
+    for name, tokens in (("whole.npz", 600), ("short.npz", 700)):  # cut by 300: 2 and 3 steps
+        ids = torch.rand(tokens, 2, E, generator=gen).argsort(2)[..., :2]
+        files.append(tmp_path / name)
+        np.savez(files[-1], x_topk_ids=ids.numpy().astype(np.int8))
+    base = ["--tokens-per-step", "300", "--window", "1", "-r", "20", "-g", "4"]
+    code, _, err = run(capsys, "simulate", *map(str, files), *base)
+    assert code == 0, err
+    assert "note: 1 of 5 steps holds fewer than --tokens-per-step 300 tokens (step 4: 100;" \
+        in err
+    code, _, err = run(capsys, "simulate", *map(str, files[::-1]), *base, "--step-range", "3:")
+    assert code == 0 and "note:" not in err, err  # steps 3, 4: the whole file's
+    code, _, err = run(capsys, "simulate", *map(str, files), "--window", "2", "-r", "20",
+                       "-g", "4")
+    assert_user_error(code, err, "(it holds 1300 tokens)")
+
+
 def test_a_mistyped_key_suggests_the_names_it_resembles(capsys, tmp_path) -> None:
     path = _two_tasks(tmp_path)
     code, _, err = run(capsys, *plan_args(path, tmp_path, "--key", "law"))

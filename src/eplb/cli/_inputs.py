@@ -251,9 +251,43 @@ def _join_steps(names: list[str], traces: list[LoadTrace]) -> LoadTrace:
             trace = trace.select_layers(layers)
         joined.append(trace)
     first = joined[0]
-    meta = {**first.meta, "files": names, "model_layer_ids": bool(named)}
+    meta = {**first.meta, **_joined_step_meta(joined), "files": names,
+            "model_layer_ids": bool(named)}
     return LoadTrace(torch.cat([t.counts for t in joined]), layers,
                      ", ".join(names), first.format, meta)
+
+
+def _joined_step_meta(traces: list[LoadTrace]) -> dict:
+    """The meta of ``traces`` that describes their steps, for the steps one after another:
+    the per-step lists joined (or ``None`` where a file lacks one: the joined list would
+    be short, and step i of it another step), ``segments`` renumbered, ``empty_steps``
+    and ``num_experts_from_ids`` over every file, ``top_k`` only where the files agree.
+    (The first file's meta was kept: ``simulate`` on two top-k files noted the short
+    steps of the first file only, and said the trace held the first file's tokens.)"""
+    meta: dict = {}
+    for key in _PER_STEP_META:
+        lists = [t.meta.get(key) for t in traces]
+        if any(key in t.meta for t in traces):
+            meta[key] = ([item for value in lists for item in value]
+                         if all(isinstance(v, list) and len(v) == t.num_steps
+                                for v, t in zip(lists, traces, strict=True)) else None)
+    if any("segments" in t.meta for t in traces):
+        segments, offset = [], 0
+        for trace in traces:
+            for seg in trace.meta.get("segments") or []:
+                if isinstance(seg, dict) and isinstance(seg.get("first_step"), int):
+                    seg = {**seg, "first_step": seg["first_step"] + offset}
+                segments.append(seg)
+            offset += trace.num_steps
+        meta["segments"] = segments
+    if any("empty_steps" in t.meta for t in traces):
+        meta["empty_steps"] = sum(int((t.counts.sum((1, 2)) == 0).sum()) for t in traces)
+    if any("num_experts_from_ids" in t.meta for t in traces):
+        meta["num_experts_from_ids"] = any(t.meta.get("num_experts_from_ids") for t in traces)
+    if any("top_k" in t.meta for t in traces):
+        values = {t.meta.get("top_k") for t in traces}
+        meta["top_k"] = values.pop() if len(values) == 1 else None
+    return meta
 
 
 def _hierarchy_problems(num_experts: int, num_gpus: int, num_nodes: int, num_groups: int,
