@@ -199,3 +199,32 @@ def test_a_plus_sign_is_taken_as_by_the_integer_options(capsys, tmp_path):
         assert code == 0, err
         outs.append(_phy2log(out))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--step-range", "abc"], "must be START:STOP"), (["--step-range=200%:"], "at most 100%"),
+    (["--tokens-per-step", "0"], "--tokens-per-step must be >= 1"),
+    (["--num-experts", "0"], "--num-experts must be >= 1")])
+def test_a_bad_reading_option_is_named_before_an_existing_output(capsys, tmp_path, flags,
+                                                                 words):
+    """(new-user pass: ``plan --step-range abc -o x.json`` said only that x.json existed;
+    the real mistake came once the user had cleared it.) Before any reading, so the
+    output check still comes before the planning."""
+    path, _ = _trace(tmp_path)
+    out = tmp_path / "x.json"
+    out.write_text("{}")
+    code, _, err = run(capsys, "plan", str(path), *flags, "-r", str(R), "-g", str(P),
+                       "-o", str(out))
+    assert_user_error(code, err, words)
+    assert out.read_text() == "{}"
+    code, _, err = run(capsys, "plan", str(path), "--step-range", "20:", "-r", str(R),
+                       "-g", str(P), "-o", str(out))  # a range that needs the file: after
+    assert_user_error(code, err, "already exists")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("kept")
+    for argv in (["simulate", str(path), "--window", "2", "-r", str(R), "-g", str(P)],
+                 ["bench", str(path), "--no-builtin", "-r", str(R), "-g", str(P)]):
+        code, _, err = run(capsys, *argv, *flags, "--report", str(report))
+        assert_user_error(code, err, words)
+    assert (report / "report.md").read_text() == "kept"

@@ -119,15 +119,25 @@ def all_zero_rows_note(count: int) -> str:
     return f" ({count} all-zero row{'s' if count > 1 else ''} left out)" if count else ""
 
 
+def check_reading_options(args: argparse.Namespace) -> None:
+    """Refuse a reading option that is wrong whatever the files: a command calls it before
+    it reports an existing output (new-user pass: ``plan --step-range abc -o x.json`` said
+    only that x.json existed, and the real mistake came once the user had cleared it)."""
+    if getattr(args, "tokens_per_step", None) is not None and args.tokens_per_step < 1:
+        raise CliError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
+    if getattr(args, "num_experts", None) is not None and args.num_experts < 1:
+        raise CliError(f"--num-experts must be >= 1, got {args.num_experts}")
+    text = getattr(args, "step_range", None)
+    if text is not None:
+        _step_bounds(text)
+
+
 def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress: bool = False
                ) -> LoadTrace:
     """Read ``paths`` with the reading options in ``args``; several files are concatenated
     along their steps (they must agree on layers, experts and layer ids)."""
     names = [paths] if isinstance(paths, str) else list(paths)
-    if getattr(args, "tokens_per_step", None) is not None and args.tokens_per_step < 1:
-        raise CliError(f"--tokens-per-step must be >= 1, got {args.tokens_per_step}")
-    if getattr(args, "num_experts", None) is not None and args.num_experts < 1:
-        raise CliError(f"--num-experts must be >= 1, got {args.num_experts}")
+    check_reading_options(args)
     key = getattr(args, "key", None)
     keys = None if key is None else [k.strip() for k in key.split(",") if k.strip()]
     require_loads_files(names)
@@ -155,23 +165,11 @@ def select_steps(trace: LoadTrace, text: str) -> LoadTrace:
     """``trace`` cut to the steps ``text`` names (``--step-range``): ``START:STOP``, each
     bound an integer (negative counts from the end, as in Python) or a percentage of the
     steps (rounded down), in ASCII digits, either one left out for the start or the end."""
-    match = re.fullmatch(_STEP_BOUND + ":" + _STEP_BOUND, text)
-    if match is None:
-        raise CliError(f"--step-range must be START:STOP, each an integer or a percentage "
-                       f"of the steps in ASCII digits (e.g. ':50%', '50%:', '100:', ':-10'), "
-                       f"got {text!r}")
     steps = trace.num_steps
-    bounds = []
-    for whole, percent in (match.group(1, 2), match.group(3, 4)):
-        if percent is not None:
-            # exact, not float: 18.4 % of 375 steps is 69, and 375 * 18.4 is 6899.999... in
-            # binary floating point, so ':18.4%' kept 68 (attacker pass)
-            share = Fraction(percent)
-            if share > 100:
-                raise CliError(f"--step-range {text!r}: a percentage must be at most 100%")
-            bounds.append(int(steps * share // 100))
-        else:
-            bounds.append(None if whole is None else int(whole))
+    # exact, not float: 18.4 % of 375 steps is 69, and 375 * 18.4 is 6899.999... in
+    # binary floating point, so ':18.4%' kept 68 (attacker pass)
+    bounds = [int(steps * b // 100) if isinstance(b, Fraction) else b
+              for b in _step_bounds(text)]
     kept = range(steps)[slice(*bounds)]
     if not len(kept):
         raise CliError(f"--step-range {text} keeps none of the {steps} step(s) of "
@@ -188,6 +186,26 @@ def select_steps(trace: LoadTrace, text: str) -> LoadTrace:
     if "empty_steps" in meta:
         meta["empty_steps"] = int((counts.sum((1, 2)) == 0).sum())
     return replace(trace, counts=counts, meta=meta)
+
+
+def _step_bounds(text: str) -> list[int | Fraction | None]:
+    """``--step-range``'s START and STOP: an integer, a percentage (a :class:`Fraction`
+    of 100) or ``None`` (left out); a :class:`CliError` names a malformed range."""
+    match = re.fullmatch(_STEP_BOUND + ":" + _STEP_BOUND, text)
+    if match is None:
+        raise CliError(f"--step-range must be START:STOP, each an integer or a percentage "
+                       f"of the steps in ASCII digits (e.g. ':50%', '50%:', '100:', ':-10'), "
+                       f"got {text!r}")
+    bounds: list[int | Fraction | None] = []
+    for whole, percent in (match.group(1, 2), match.group(3, 4)):
+        if percent is not None:
+            share = Fraction(percent)
+            if share > 100:
+                raise CliError(f"--step-range {text!r}: a percentage must be at most 100%")
+            bounds.append(share)
+        else:
+            bounds.append(None if whole is None else int(whole))
+    return bounds
 
 
 #: a trace's meta entries with one item per step (top-k tokens, generated regimes, TRT-LLM

@@ -22,7 +22,7 @@ from eplb.cli._common import (
     say_written,
 )
 from eplb.cli._compare import HEADERS, Comparison, add_to_report, compare, describe
-from eplb.cli._inputs import all_zero_rows_note, read_trace
+from eplb.cli._inputs import all_zero_rows_note, check_reading_options, read_trace
 from eplb.cli.sim import replay_windows
 from eplb.core.inputs import as_seed
 from eplb.core.trace import LoadTrace
@@ -62,6 +62,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError(f"--repeats must be between 1 and {MAX_REPEATS}")
     if args.no_builtin and not args.loads:
         raise CliError("nothing to benchmark: give LOADS files or drop --no-builtin")
+    check_reading_options(args)  # before an existing report is named
     report = prepare_report(args.report, args.force, "eplb benchmark")
     jobs = [] if args.no_builtin else list(BUILTIN)
     jobs += list(args.loads)

@@ -27,6 +27,7 @@ from eplb.cli._common import (
 )
 from eplb.cli._engine_files import check_engine_output, engine_rows, warn_idle_engine_rows
 from eplb.cli._inputs import (
+    check_reading_options,
     cli_policy,
     infer_emit,
     placement_name,
@@ -415,6 +416,7 @@ def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
     output reported (new-user and attacker passes: "already exists; pass --force" came
     first, and the real mistake only once the user had cleared the output)."""
     check_topology(args.replicas, args.gpus, args.nodes, args.groups, 0)
+    check_reading_options(args)
     for flag, value in (("--max-moves", args.max_moves), ("--move-price", args.move_price)):
         if value is not None and not args.previous:
             raise CliError(f"{flag} needs --previous (the placement in service)")

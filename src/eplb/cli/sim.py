@@ -22,7 +22,13 @@ from eplb.cli._common import (
     progress,
     say_written,
 )
-from eplb.cli._inputs import all_zero_rows_note, cli_policy, read_trace, warn
+from eplb.cli._inputs import (
+    all_zero_rows_note,
+    check_reading_options,
+    cli_policy,
+    read_trace,
+    warn,
+)
 from eplb.core import LoadTrace
 from eplb.core.messages import counted
 from eplb.formats import write_loads
@@ -165,6 +171,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # (new-user pass: every model's moves were counted in DeepSeek-V3's bytes)
     expert_bytes = (DEEPSEEK_V3_EXPERT_BYTES if args.expert_bytes is None
                     else args.expert_bytes)
+    check_reading_options(args)  # before an existing report is named
     report = prepare_report(args.report, args.force, "eplb simulation")
     trace = read_trace(files, args)
     short = _short_steps(trace, args.tokens_per_step)
