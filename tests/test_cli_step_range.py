@@ -228,3 +228,22 @@ def test_a_bad_reading_option_is_named_before_an_existing_output(capsys, tmp_pat
         code, _, err = run(capsys, *argv, *flags, "--report", str(report))
         assert_user_error(code, err, words)
     assert (report / "report.md").read_text() == "kept"
+
+
+def test_bench_names_every_file_a_range_keeps_no_step_of_before_benchmarking(capsys,
+                                                                             tmp_path):
+    """bench takes each file as its own scenario and cuts each by the range: it stopped at
+    the first file the range kept nothing of, once the files before it were timed; now
+    every such file is named in one error, before any benchmarking."""
+    path, counts = _trace(tmp_path)
+    short = [_part(tmp_path, counts[:n], f"short{n}.pt") for n in (3, 2)]
+    code, out, err = run(capsys, "bench", str(path), str(short[0]), str(short[1]),
+                         "--no-builtin", "--step-range", "5:", "-r", str(R), "-g", str(P),
+                         "--repeats", "1")
+    assert_user_error(code, err, f"--step-range 5: keeps none of the steps of {short[0]} "
+                                 f"(3 steps), {short[1]} (2 steps)", "leave those files out")
+    assert out == ""  # no scenario printed before the error
+    code, out, err = run(capsys, "bench", str(path), str(short[0]), "--no-builtin",
+                         "--step-range", ":2", "-r", str(R), "-g", str(P), "--repeats", "1")
+    assert code == 0, err
+    assert "trace.pt" in out and "short3.pt" in out

@@ -161,6 +161,15 @@ def read_trace(paths: str | Sequence[str], args: argparse.Namespace, *, progress
 _STEP_BOUND = r"\s*(?:([+-]?[0-9]+)|([0-9]+(?:\.[0-9]+)?)%)?\s*"
 
 
+class EmptyStepRange(CliError):
+    """``--step-range`` keeps no step of the loads; ``steps``: how many they hold (bench
+    gathers these, one file at a time, into one error)."""
+
+    def __init__(self, message: str, steps: int) -> None:
+        super().__init__(message)
+        self.steps = steps
+
+
 def select_steps(trace: LoadTrace, text: str) -> LoadTrace:
     """``trace`` cut to the steps ``text`` names (``--step-range``): ``START:STOP``, each
     bound an integer (negative counts from the end, as in Python) or a percentage of the
@@ -172,8 +181,8 @@ def select_steps(trace: LoadTrace, text: str) -> LoadTrace:
               for b in _step_bounds(text)]
     kept = range(steps)[slice(*bounds)]
     if not len(kept):
-        raise CliError(f"--step-range {text} keeps none of the {steps} step(s) of "
-                       f"{trace.source or 'the loads'}")
+        raise EmptyStepRange(f"--step-range {text} keeps none of the {steps} step(s) of "
+                             f"{trace.source or 'the loads'}", steps)
     counts = trace.counts[kept.start:kept.stop]
     # the meta that holds one entry per step is cut alike: simulate's note on short top-k
     # steps named steps outside the range, and numbered them in the whole trace (attacker

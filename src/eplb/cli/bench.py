@@ -22,9 +22,15 @@ from eplb.cli._common import (
     say_written,
 )
 from eplb.cli._compare import HEADERS, Comparison, add_to_report, compare, describe
-from eplb.cli._inputs import all_zero_rows_note, check_reading_options, read_trace
+from eplb.cli._inputs import (
+    EmptyStepRange,
+    all_zero_rows_note,
+    check_reading_options,
+    read_trace,
+)
 from eplb.cli.sim import replay_windows
 from eplb.core.inputs import as_seed
+from eplb.core.messages import counted
 from eplb.core.trace import LoadTrace
 from eplb.tools.report import Report, plot_balancedness_over_time
 
@@ -57,6 +63,51 @@ BUILTIN = (
 BENCH_STEPS = 100
 
 
+@dataclass(frozen=True)
+class FileJob:
+    """A LOADS file read for ``eplb bench``: its summed loads ``weight [L', E]`` (rows of
+    no load left out), their model layers, and the cluster it is planned for."""
+
+    name: str
+    weight: torch.Tensor
+    layer_ids: list[int]
+    replicas: int
+    gpus: int
+
+
+def _file_jobs(args: argparse.Namespace) -> list[FileJob]:
+    """Each LOADS file read and checked, as its own scenario. ``--step-range`` applies to
+    each file apart: the files it keeps no step of are named together in one error (it
+    stopped at the first, after benchmarking the others before it)."""
+    jobs, empty = [], []
+    for job in args.loads:
+        try:
+            trace = read_trace(job, args)
+        except EmptyStepRange as exc:
+            empty.append(f"{job} ({counted(exc.steps, 'step')})")
+            continue
+        weight = trace.total()
+        keep = weight.sum(1) > 0  # dense layers (all zero) say nothing about balance
+        if not bool(keep.any()):
+            raise CliError(f"{job}: every layer's loads are zero (no token routed): "
+                           "nothing to benchmark")
+        weight = weight[keep]
+        ids = [i for i, k in zip(trace.layer_ids, keep.tolist(), strict=True) if k]
+        replicas, gpus = default_shape(weight.shape[1], args.gpus, args.replicas)
+        check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1],
+                       weight.shape[0])
+        # plan counts them (an even placement); say why the counts differ
+        name = (Path(job).name + key_note(getattr(args, "key", None))
+                + all_zero_rows_note(int((~keep).sum())))
+        jobs.append(FileJob(name, weight, ids, replicas, gpus))
+    if empty:
+        raise CliError(f"--step-range {args.step_range} keeps none of the steps of "
+                       f"{', '.join(empty)}: bench applies it to each LOADS file apart; give "
+                       f"a range that keeps steps of every file, or leave "
+                       f"{'that file' if len(empty) == 1 else 'those files'} out")
+    return jobs
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     if not 1 <= args.repeats <= MAX_REPEATS:  # 10**8 ran until killed (attacker pass)
         raise CliError(f"--repeats must be between 1 and {MAX_REPEATS}")
@@ -64,8 +115,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise CliError("nothing to benchmark: give LOADS files or drop --no-builtin")
     check_reading_options(args)  # before an existing report is named
     report = prepare_report(args.report, args.force, "eplb benchmark")
-    jobs = [] if args.no_builtin else list(BUILTIN)
-    jobs += list(args.loads)
+    jobs: list[Scenario | FileJob] = [] if args.no_builtin else list(BUILTIN)
+    # every file read and checked before any benchmarking: a mistake in the last file was
+    # found after the builtins and the other files had been timed
+    jobs += _file_jobs(args)
     comparisons: list[Comparison] = []
     with progress("benchmarking", len(jobs), enabled=not args.json) as advance:
         for job in jobs:
@@ -76,23 +129,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             policy=job.policy, seed=args.seed, repeats=args.repeats,
                             layer_ids=trace.layer_ids)
             else:
-                trace = read_trace(job, args)
-                weight = trace.total()
-                keep = weight.sum(1) > 0  # dense layers (all zero) say nothing about balance
-                if not bool(keep.any()):
-                    raise CliError(f"{job}: every layer's loads are zero (no token routed): "
-                                   "nothing to benchmark")
-                weight = weight[keep]
-                ids = [i for i, k in zip(trace.layer_ids, keep.tolist(), strict=True) if k]
-                replicas, gpus = default_shape(weight.shape[1], args.gpus, args.replicas)
-                check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1],
-                               weight.shape[0])
-                # plan counts them (an even placement); say why the counts differ
-                name = (Path(job).name + key_note(getattr(args, "key", None))
-                        + all_zero_rows_note(int((~keep).sum())))
-                c = compare(name, weight, replicas, gpus, args.nodes, args.groups,
-                            policy=args.policy, seed=args.seed, repeats=args.repeats,
-                            layer_ids=ids)
+                c = compare(job.name, job.weight, job.replicas, job.gpus, args.nodes,
+                            args.groups, policy=args.policy, seed=args.seed,
+                            repeats=args.repeats, layer_ids=job.layer_ids)
             comparisons.append(c)
             advance()
     written = []
