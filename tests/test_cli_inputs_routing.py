@@ -201,6 +201,21 @@ def test_an_expert_count_read_off_the_ids_is_said_once(capsys, tmp_path) -> None
     assert code == 0 and "expert count" not in err and "2 layers × 8 experts" in out
 
 
+def test_token_traces_whose_largest_ids_differ_are_told_of_num_experts(capsys, tmp_path):
+    # two traces of one model, one never routing to the last expert: their counts read
+    # off the ids differ, and the refusal said "the same model" with no word of the fix
+    first, second = tmp_path / "k1.npz", tmp_path / "k2.npz"
+    np.savez(first, x_topk_ids=np.array([[[0, 5], [1, 6]], [[2, 6], [3, 4]]]))
+    np.savez(second, x_topk_ids=np.array([[[0, 7], [1, 6]], [[2, 6], [3, 4]]]))
+    code, _, err = run(capsys, "plan", str(first), str(second), "-r", "16", "-g", "4",
+                       "-o", str(tmp_path / "kk.json"))
+    assert_user_error(code, err, "same model", "k1.npz: the expert count was read off",
+                      "--num-experts")
+    code, _, err = run(capsys, "plan", str(first), str(second), "-r", "16", "-g", "4",
+                       "-o", str(tmp_path / "kk.json"), "--num-experts", "8")
+    assert code == 0, err
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["eval", "--placement", "{p}", "{loads}"], "--gpus"),  # an SGLang file without -g
     (["plan", "{loads}", "-r", "24", "-g", "4", "--dead-gpus", "1", "-o", "{out}.sglang.json",

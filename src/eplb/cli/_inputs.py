@@ -236,10 +236,17 @@ def _join_steps(names: list[str], traces: list[LoadTrace]) -> LoadTrace:
     for name, trace in zip(names[1:], traces[1:], strict=True):
         if trace.num_experts != traces[0].num_experts or (
                 not named and trace.num_layers != traces[0].num_layers):
+            # (a top-k trace's count is its largest id + 1: two traces of one model whose
+            # hottest ids differ were refused with no word of the fix; CLI-bugs pass)
+            guessed = [n for n, t in ((names[0], traces[0]), (name, trace))
+                       if t.num_experts != max(traces[0].num_experts, trace.num_experts)
+                       and t.meta.get("num_experts_from_ids")]
+            hint = (f" ({', '.join(guessed)}: the expert count was read off the largest "
+                    "expert id; give the model's with --num-experts)" if guessed else "")
             raise CliError(
                 f"{name} holds {trace.num_layers} layers × {trace.num_experts} experts but "
                 f"{names[0]} holds {traces[0].num_layers} × {traces[0].num_experts}; several "
-                "LOADS files must describe the same model")
+                f"LOADS files must describe the same model{hint}")
     # ascending: bare rows are read lowest layer first, as a file of them alone is (an
     # attacker pass summed bare row 0 into layer 3 beside a file listing 3, 2, 1, 0)
     layers = sorted((named or traces)[0].layer_ids)
