@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eplb
-from eplb.core.replication import cap_counts, filler_counts, ladder_counts, replica_counts
+from eplb.core.count_fillers import filler_counts, ladder_counts
+from eplb.core.replication import cap_counts, replica_counts
 
 
 @st.composite

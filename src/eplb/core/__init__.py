@@ -4,8 +4,9 @@ Layers inside, bottom to top (each imports only those before it;
 ``tests/test_architecture.py`` holds the same list): ``messages`` (message text; it
 imports nothing) → ``topology`` → ``inputs`` → ``expert_ids`` → ``map_tables`` →
 ``placement`` → ``trace`` → ``options`` → ``request`` → ``ordering`` → ``device_path`` →
-``replication`` → ``count_bounds`` → ``companion_bound`` → ``tiny_counts`` → ``packing/``
-→ ``small_slots`` → ``bounds`` → ``dispatch`` → ``node_labels`` → ``node_repair`` →
+``replication`` → ``count_fillers`` → ``count_bounds`` → ``companion_bound`` →
+``tiny_counts`` → ``packing/`` → ``small_slots`` → ``bounds`` → ``dispatch`` →
+``node_labels`` → ``node_repair`` →
 ``dispatch_plan`` → ``rank_draws`` → ``locality`` → ``policies/`` → ``planner`` →
 ``baselines``.
 

@@ -53,7 +53,7 @@ FEW_SLOT_SHIFTS: tuple[float, ...] = (-0.85, -0.93, -0.98)
 #: rows of at most LADDER_MAX_GPUS GPUs (a hierarchical policy's node of 2-4 GPUs, or a
 #: small global problem) packed more than LADDER_GAP above their bound ``max(W / P,
 #: T_rep)`` also pack up to LADDER_RUNGS allocations that give some of Jefferson's extra
-#: replicas to the coldest experts instead (``replication.ladder_counts``,
+#: replicas to the coldest experts instead (``count_fillers.ladder_counts``,
 #: ``policies.base._filler_ladder``). There a GPU's mean load is a few experts' loads and
 #: the counts decide whether the replicas can add up to it: on 1,300 random hierarchical
 #: inputs with 2-4 GPUs per node the cases 0.01 or more below DeepSeek's greedy went from

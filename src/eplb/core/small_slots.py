@@ -28,12 +28,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from eplb.core.count_fillers import filler_counts
 from eplb.core.ordering import descending_order, top_indices
 from eplb.core.packing.repair import repair_conflicts
 from eplb.core.packing.state import to_slots
 from eplb.core.replication import (
     cap_counts,
-    filler_counts,
     replica_bound,
     replica_counts,
     replica_experts,

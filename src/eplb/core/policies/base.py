@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from eplb.core.count_bounds import bound_is_mean, packing_bound, rank_allocations
+from eplb.core.count_fillers import filler_counts, ladder_counts
 from eplb.core.inputs import uniform_where_empty
 from eplb.core.options import (
     FEW_SLOT_SHIFTS,
@@ -31,8 +32,6 @@ from eplb.core.packing import make_items, max_load, pack, to_slots
 from eplb.core.replication import (
     cap_counts,
     expand_replicas,
-    filler_counts,
-    ladder_counts,
     repeated_allocations,
     replica_bound,
     replica_counts,
