@@ -1,6 +1,7 @@
 """The count builders that keep the first k of Jefferson's extra replicas and give the
 rest to the coldest experts (``filler_counts`` for few slots per GPU, ``ladder_counts``
-for nodes of few GPUs), and the plan the documented few-slot case gets."""
+for nodes of few GPUs, ``layer_counts`` for a few experts filling whole layers of GPUs),
+and the plans the documented few-slot cases get."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eplb
-from eplb.core.count_fillers import filler_counts, ladder_counts
+from eplb.core import balancedness_ceiling
+from eplb.core.count_fillers import filler_counts, ladder_counts, layer_counts
 from eplb.core.replication import cap_counts, replica_counts
 
 
@@ -36,10 +38,10 @@ def test_every_rung_and_filler_keeps_the_slots_and_the_cap(case):
     w, replicas, gpus = case
     experts = w.shape[1]
     jefferson = cap_counts(w, replica_counts(w, replicas, (0.0,))[0], gpus)
-    filled = filler_counts(w, jefferson, gpus)
-    assert (filled.sum(1) == replicas).all() and (filled >= 1).all()
-    if gpus * experts >= replicas:
-        assert (filled <= gpus).all()
+    for filled in (filler_counts(w, jefferson, gpus), layer_counts(w, jefferson, gpus)):
+        assert (filled.sum(1) == replicas).all() and (filled >= 1).all()
+        if gpus * experts >= replicas:
+            assert (filled <= gpus).all()
     if replicas < gpus * experts:
         rungs = ladder_counts(w, replicas, gpus, 4)  # [K, rows, E]
         assert (rungs.sum(2) == replicas).all() and (rungs >= 1).all()
@@ -71,3 +73,24 @@ def test_ladder_counts_refuses_slots_its_counts_cannot_fill():
     for replicas, cap in ((6, 1), (8, 2), (3, 4)):
         with pytest.raises(ValueError, match="ladder_counts needs E <= R < cap"):
             ladder_counts(w, replicas, cap, 4)
+
+
+@pytest.mark.parametrize(("experts", "slots", "hot"), [(4096, 3, 4), (1024, 5, 5)])
+def test_a_few_dominant_experts_fill_whole_layers_of_gpus(experts, slots, hot):
+    # 4 experts carrying nearly all the load on 4,096 GPUs of 3 slots: Jefferson's 2,049
+    # replicas each are 8,196 pieces just below half a GPU's mean load, so four GPUs
+    # carried three (0.668); 2,048 each fill two layers exactly. 5 of 1,024 experts on
+    # 1,024 GPUs of 5 slots: 4,101 pieces, five GPUs carried five (0.801)
+    w = torch.ones(1, experts, dtype=torch.float64)
+    w[0, torch.linspace(7, experts - 1, hot).long()] = 1e6
+    replicas = slots * experts
+    jefferson = cap_counts(w, replica_counts(w, replicas, (0.0,))[0], experts)
+    layered = layer_counts(w, jefferson, experts)
+    assert int(layered.sum()) == replicas and (layered >= 1).all()
+    heavy = layered[0][w[0] > 1]
+    assert int(heavy.sum()) == (slots - 1) * experts and int(heavy.max() - heavy.min()) <= 1
+    planned = eplb.plan(w, replicas, experts)
+    assert_contract(planned)
+    balance = planned.balancedness(w)
+    assert balance > 0.999
+    assert float(balancedness_ceiling(w, replicas, experts)) >= balance - 1e-12

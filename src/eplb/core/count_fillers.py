@@ -1,7 +1,8 @@
 """Count builders that keep the first ``k`` of Jefferson's extra replicas and give the
 others to the coldest experts, which no divisor rule does (:mod:`eplb.core.replication`
 holds the rules): :func:`filler_counts` for few slots per GPU, :func:`ladder_counts` for
-rows of few GPUs. All work on a batch of rows at once, on the host.
+rows of few GPUs, :func:`layer_counts` (and its :func:`layer_bound`) for a few experts
+carrying most of a row's load. All work on a batch of rows at once, on the host.
 """
 
 from __future__ import annotations
@@ -139,3 +140,57 @@ def ladder_counts(weight: torch.Tensor, num_replicas: int, cap: int,
     hot = _first_steps((rows, num_experts), steps, keep)
     counts = _to_coldest(w, hot, num_extra - keep, np.full(rows, cap))
     return torch.from_numpy(counts).to(weight.device)
+
+
+def layer_counts(weight: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> torch.Tensor:
+    """``counts [rows, E]`` with the replicas above the mean replica load ``W / R`` (the
+    heavy ones) trimmed to a whole number of layers of GPUs, ``j·P``: the heavy experts
+    keep the first of their own Jefferson steps, the freed replicas go one each to the
+    coldest experts. Rows with fewer than ``2·P`` heavy replicas (one layer is
+    :func:`filler_counts`' to keep), or more heavy experts than the layers below them
+    hold, keep their counts.
+
+    ``j·P + 1`` replicas each above ``1 / (j + 1)`` of the mean GPU load put ``j + 1`` of
+    them on some GPU, above the mean, whatever the packing; :func:`filler_counts` keeps
+    that from happening at ``j = 1`` only. Four experts carrying nearly all the load on
+    4,096 GPUs of 3 slots got 2,049 replicas each from Jefferson's rule: 8,196 pieces just
+    below half the mean (so ``filler_counts`` keeps them) but above a third of it, so
+    four GPUs carried three (0.668 of the ideal balance); 2,048 each fill two layers of
+    GPUs exactly, and four idle experts twice the third (1.0). ``weight [rows, E]``;
+    ``counts`` every row summing to ``R``, a multiple of ``P`` (the packed allocation's).
+    """
+    rows, num_experts = counts.shape
+    w = weight.detach().to(torch.float64).cpu().numpy()
+    c = counts.detach().cpu().numpy().astype(np.int64)
+    total = c.sum(1, keepdims=True)
+    heavy = w / c > w.sum(1, keepdims=True) / total  # [rows, E] pieces above W / R
+    held = np.where(heavy, c, 0).sum(1)
+    extra = held - heavy.sum(1)  # the heavy experts' steps
+    keep = (held // num_gpus) * num_gpus - heavy.sum(1)
+    keep = np.where((held >= 2 * num_gpus) & (keep >= 0), keep, extra)
+    if (keep == extra).all():  # (no rows, too)
+        return counts
+    if (extra != extra[0]).any():  # the step table is laid out with as many per row
+        return torch.cat([layer_counts(weight[i : i + 1], counts[i : i + 1], num_gpus)
+                          for i in range(rows)])
+    # the heavy experts' own steps, in Jefferson's order: the first k keep the heaviest
+    # pieces as even as the rule makes them; the other experts keep every one of theirs
+    steps = _jefferson_order(w, np.where(heavy, c - 1, 0))
+    trimmed = _first_steps((rows, num_experts), steps, keep[None]) + np.where(heavy, 0, c - 1)
+    # as cap_counts: one replica per GPU at most where the slots fit that
+    cap = np.where(num_gpus * num_experts >= total[:, 0], num_gpus, total[:, 0])
+    out = _to_coldest(w, trimmed, (extra - keep)[None], cap)[0]
+    return torch.from_numpy(out).to(counts.device, counts.dtype)
+
+
+def layer_bound(item_load: np.ndarray, num_gpus: int) -> np.ndarray:
+    """``[rows]`` the pigeonhole bound of packing ``item_load [rows, R]`` (heaviest first)
+    on ``P`` GPUs of ``S = R / P`` slots: some GPU holds ``j + 1`` of the ``j·P + 1``
+    heaviest items and ``S − j − 1`` others, so carries at least ``(j + 1)·x[j·P] +
+    (S − j − 1)·x[R − 1]``, for every ``1 <= j < S``; and at least the mean."""
+    x = np.asarray(item_load, dtype=np.float64)
+    slots = x.shape[1] // num_gpus
+    out = x.sum(1) / num_gpus
+    for j in range(1, slots):
+        out = np.maximum(out, (j + 1) * x[:, j * num_gpus] + (slots - j - 1) * x[:, -1])
+    return out
