@@ -73,6 +73,7 @@ from eplb.integrations.sglang_call import (
     checked_options,
     eplb_rebalance,
 )
+from eplb.integrations.threads import check_threads_option, planning_threads
 from eplb.online.settings import quoted_setting
 
 __all__ = [
@@ -178,12 +179,16 @@ def _hook(original: Any, *args: Any, **kwargs: Any) -> Any:
     # after SGLang's all-reduce of the counts: there the ranks agree (module docstring)
     agreement = None if old is None else _world_agreement(timeout)
 
+    threads = check_threads_option(options, OPTIONS_ENV_VAR)
+
     def plan() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return eplb_rebalance(
-            tokens, call["num_physical_experts"], call["num_local_physical_experts"],
-            call["num_groups"], call["num_nodes"], hierarchical=name.endswith("_hierarchical"),
-            options=planner, old_phy2log=old, sglang_dispatch=sglang_dispatch,
-        )
+        with planning_threads(threads):
+            return eplb_rebalance(
+                tokens, call["num_physical_experts"], call["num_local_physical_experts"],
+                call["num_groups"], call["num_nodes"],
+                hierarchical=name.endswith("_hierarchical"), options=planner, old_phy2log=old,
+                sglang_dispatch=sglang_dispatch,
+            )
 
     if agreement is None:
         return plan()

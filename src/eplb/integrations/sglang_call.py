@@ -27,6 +27,7 @@ from eplb.core.policies import locality_problems
 from eplb.core.topology import Topology, positive_int
 from eplb.integrations.agreement import check_timeout_option
 from eplb.integrations.sglang_counts import check_step_counts, sum_steps
+from eplb.integrations.threads import check_threads_option
 from eplb.online.settings import (
     INCREMENTAL_OPTIONS,
     check_engine_budget,
@@ -41,7 +42,7 @@ PLANNER_OPTIONS = frozenset(
      "move_price", "drift", "group_share", "incremental", "dispatch", "slack"}
 )
 #: options the plugin itself consumes (not passed to the planner)
-PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
+PLUGIN_OPTIONS = frozenset({"agree_timeout_s", "threads"})
 #: the most :func:`~eplb.core.dispatch_plan.nearest_work` (``P · R² / E``, GPUs × all
 #: slots × replicas per expert) ``dispatch: auto`` plans SGLang's nearest dispatch for
 #: (see :func:`eplb_rebalance`): the plan's node relabelling grows about as P³ and with the
@@ -64,6 +65,7 @@ def checked_options(text: str, source: str) -> dict[str, Any]:
     check_engine_budget(options, source)
     check_options(options, source, PLANNER_OPTIONS | PLUGIN_OPTIONS)
     check_timeout_option(options, source)
+    check_threads_option(options, source)
     return options
 
 

@@ -70,6 +70,7 @@ from eplb.integrations.agreement import (
     PlanAgreement,
     agree_and_log,
 )
+from eplb.integrations.threads import check_threads_option, planning_threads
 from eplb.integrations.vllm_check import main as check_main
 from eplb.integrations.vllm_settings import (
     ENV_VAR,
@@ -242,8 +243,9 @@ def _plan_here(options: dict[str, Any], used: dict[str, torch.Tensor], num_repli
         planner = {k: v for k, v in planner.items() if k not in INCREMENTAL_OPTIONS}
     planner = _hierarchy_or_global(planner, weight.shape[1], num_replicas, num_groups,
                                    num_nodes, num_ranks)
-    phy2log, _, _ = rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_ranks,
-                                      old_phy2log=old, **planner)
+    with planning_threads(check_threads_option(options, "options")):
+        phy2log, _, _ = rebalance_experts(weight, num_replicas, num_groups, num_nodes,
+                                          num_ranks, old_phy2log=old, **planner)
     plan = phy2log.to(device="cpu", dtype=torch.int64).contiguous()
     _check_phy2log(plan, weight.shape, num_replicas)
     return plan

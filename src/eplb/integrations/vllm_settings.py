@@ -16,6 +16,7 @@ from typing import Any
 
 from eplb.core.topology import is_name
 from eplb.integrations.agreement import check_timeout_option
+from eplb.integrations.threads import check_threads_option
 from eplb.online.settings import (
     check_engine_budget,
     check_option_values,
@@ -48,7 +49,7 @@ PLANNER_OPTIONS = frozenset(
      "move_price", "drift", "group_share"}
 )
 #: options the plugin itself consumes (not passed to the planner)
-PLUGIN_OPTIONS = frozenset({"agree_timeout_s"})
+PLUGIN_OPTIONS = frozenset({"agree_timeout_s", "threads"})
 #: the planner's policies for vLLM's even split ('locality' plans for SGLang's rule)
 VLLM_POLICIES = ("auto", "global", "hierarchical")
 #: the switch's values, lower-cased and stripped: off, replace vLLM's default, add only
@@ -68,6 +69,7 @@ def check_options(options: dict[str, Any], source: str) -> None:
             f"{source}: unknown option(s) {reprlib.repr(unknown)}; allowed: {sorted(allowed)}"
         )
     check_timeout_option(options, source)
+    check_threads_option(options, source)
     # before the planner's own check, whose list names 'locality' too
     if "policy" in options and not is_name(options["policy"], VLLM_POLICIES):
         why = (" ('locality' plans for SGLang's nearest dispatch; vLLM splits tokens evenly)"
