@@ -24,6 +24,9 @@ import torch
 
 #: the plugins' default ``threads``
 DEFAULT_THREADS = 1
+#: the most ``threads`` taken: OpenMP starts that many threads at the plan's first
+#: parallel region, so a typo (1e6) would exhaust the host's threads mid-rebalance
+MAX_THREADS = 1024
 
 
 def check_threads_option(options: dict[str, Any], source: str) -> int | None:
@@ -34,9 +37,11 @@ def check_threads_option(options: dict[str, Any], source: str) -> int | None:
     if threads is None:
         return None
     # (NumPy integers too, as every option of the plugins; a bool is no count)
-    if isinstance(threads, bool) or not hasattr(threads, "__index__") or threads.__index__() < 1:
-        raise ValueError(f"{source}: threads must be a whole number of torch threads >= 1, "
-                         f"or null for the process's own setting; got {reprlib.repr(threads)}")
+    if (isinstance(threads, bool) or not hasattr(threads, "__index__")
+            or not 1 <= threads.__index__() <= MAX_THREADS):
+        raise ValueError(f"{source}: threads must be a whole number of torch threads in "
+                         f"[1, {MAX_THREADS}], or null for the process's own setting; got "
+                         f"{reprlib.repr(threads)}")
     return threads.__index__()
 
 
