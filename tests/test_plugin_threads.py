@@ -93,6 +93,15 @@ def test_another_thread_keeps_its_own_count_while_a_plan_runs(monkeypatch, two_t
         planner.join(10)
 
 
+@pytest.mark.parametrize("bad", [np.array([3]), np.array(3), torch.tensor(2), torch.tensor(True),
+                                 np.True_, np.float64(2.0)])
+def test_threads_set_on_the_class_as_an_array_or_tensor_is_refused_naming_it(bad):
+    """As the planner's int options are: a 1-element array raised a bare TypeError, and a
+    0-d array or tensor (a bool one too) passed."""
+    with pytest.raises(ValueError, match=r"Policy\.options: threads must be a whole number"):
+        _policy({"threads": bad}).rebalance_experts(torch.ones(2, 8), 16, 1, 1, 4)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, [1], 10**6, 2**70])
 def test_a_bad_threads_option_is_refused_naming_it(bad):
     with pytest.raises(ValueError, match="threads must be a whole number"):

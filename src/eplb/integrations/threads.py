@@ -16,6 +16,7 @@ engine's other threads keep theirs while a plan runs.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import reprlib
 from collections.abc import Iterator
 from typing import Any
@@ -36,13 +37,15 @@ def check_threads_option(options: dict[str, Any], source: str) -> int | None:
     threads = options.get("threads", DEFAULT_THREADS)
     if threads is None:
         return None
-    # (NumPy integers too, as every option of the plugins; a bool is no count)
-    if (isinstance(threads, bool) or not hasattr(threads, "__index__")
-            or not 1 <= threads.__index__() <= MAX_THREADS):
+    # (NumPy integers too, as every option of the plugins; a bool is no count; an array
+    # or tensor is none either, as for the planner's int options: one with __index__
+    # passed, a bool tensor as 1, and a 1-element array raised a TypeError naming no option)
+    if (isinstance(threads, bool) or not isinstance(threads, numbers.Integral)
+            or not 1 <= int(threads) <= MAX_THREADS):
         raise ValueError(f"{source}: threads must be a whole number of torch threads in "
                          f"[1, {MAX_THREADS}], or null for the process's own setting; got "
                          f"{reprlib.repr(threads)}")
-    return threads.__index__()
+    return int(threads)
 
 
 @contextlib.contextmanager
