@@ -3,16 +3,20 @@ thread its setting back: the vLLM policy and the SGLang hook, as the engines cal
 
 from __future__ import annotations
 
+import logging
 import threading
 import types
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 import eplb
 from eplb.integrations import sglang as sglang_plugin
 from eplb.integrations import vllm as vllm_plugin
+from eplb.integrations.agreement import PlanAgreement
 
 
 @pytest.fixture
@@ -124,3 +128,25 @@ def test_the_sglang_hook_plans_on_its_threads_and_restores_the_callers(
         num_groups=None, num_nodes=1, algorithm=types.SimpleNamespace(name="deepseek"))
     assert seen == [inside] and torch.get_num_threads() == 2
     assert torch.equal(phy2log, eplb.plan(counts.sum(0), 12, 4).phy2log)
+
+
+@pytest.mark.parametrize("threads", [[{}, {"threads": 1}], [{"threads": 1}, {"threads": None}],
+                                     [{"threads": 1}, {"threads": 2}]])
+def test_vllm_ranks_on_other_threads_agree_without_a_settings_warning(
+        monkeypatch, caplog, threads):
+    """Plans do not depend on the thread count, so ranks differing only there (or one
+    spelling the default) hold the same settings: no warning at every rebalance."""
+    store, local = dist.HashStore(), threading.local()
+    agreements = [PlanAgreement(store, r, 2, "eplb/threads", timeout_s=5) for r in range(2)]
+    monkeypatch.setattr(vllm_plugin, "_agreement_for", lambda options: agreements[local.rank])
+    classes = [_policy({"seed": 3, **options}) for options in threads]
+
+    def rank_call(rank: int, weight: torch.Tensor) -> torch.Tensor:
+        local.rank = rank
+        return classes[rank].rebalance_experts(weight, 24, 4, 1, 4)
+
+    weight = torch.randint(0, 1000, (3, 16), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING), ThreadPoolExecutor(2) as pool:
+        got = [f.result() for f in [pool.submit(rank_call, r, weight) for r in range(2)]]
+    assert torch.equal(got[0], got[1])
+    assert "different eplb settings" not in caplog.text, caplog.text

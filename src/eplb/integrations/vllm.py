@@ -449,7 +449,11 @@ def _ranks_key(ranks: list[int]) -> str:
 def _tag(options: dict[str, Any]) -> str:
     # (default=str: NumPy scalars the options check accepts raised TypeError here, on a
     # multi-rank run only: attacker pass)
-    return f"eplb {__version__} {json.dumps(options, sort_keys=True, default=str)}"
+    # without ``threads``: plans are bit-identical on any thread count (test_determinism),
+    # so ranks differing only there (or one spelling the default 1, one not) warned of
+    # "different eplb settings" at every rebalance; SGLang's tag leaves it out too
+    shown = {k: v for k, v in options.items() if k != "threads"}
+    return f"eplb {__version__} {json.dumps(shown, sort_keys=True, default=str)}"
 
 
 # -- registration ----------------------------------------------------------------------------
