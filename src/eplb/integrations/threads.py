@@ -9,8 +9,11 @@ one thread unless ``OMP_NUM_THREADS`` is set; SGLang's schedulers keep torch's d
 So the plugins plan on ``threads`` torch threads (default 1) and give the calling thread
 its own setting back afterwards; ``threads: null`` plans on whatever the process has.
 
-torch's CPU builds take the count per calling thread (OpenMP's ``nthreads-var``), so the
-engine's other threads keep theirs while a plan runs.
+torch's CPU builds take the count per calling thread (OpenMP's ``nthreads-var``): the
+engine's threads that have run torch work keep their counts while a plan runs. torch also
+keeps one process-wide count, the last one set, which a thread takes on its first torch
+work: a thread whose first torch work falls inside a plan starts on the plan's count and
+keeps it, and the plan leaves that process-wide count at the caller's own (attacker pass).
 """
 
 from __future__ import annotations
