@@ -21,10 +21,15 @@ GPUs, so its "runtime" column reads about 1.0 where the even split read 0.980-0.
 also with ``fair="avoid"`` (the hot experts on every GPU) and per layer whichever of the
 two the ranks' own draws serve better (``eplb.core.rank_draws``, the CLI's plan for an
 ``--init-expert-location`` file on one node; that model's figure is a column of its
-own), and on 4 nodes eplb's even-split global plan. Quality only; SGLang's table takes
+own), and on 4 nodes eplb's even-split global plan and its hierarchical one (8 groups,
+what vLLM's policy and SGLang's ``deepseek`` algorithm would give there). On one node
+the even-split plan is scored too, and every one-node plan by eplb's model of SGLang's
+runtime table as well (``eplb.core.rank_draws.split_draw_balancedness``: the ranks
+without a replica dealt over the replicas, the remainder drawn; what ``fair="auto"``
+chooses by), against the runtime table itself. Quality only; SGLang's table takes
 seconds per plan.
 
-    python benchmarks/bench_sglang_table.py [--files 2]
+    python benchmarks/bench_sglang_table.py [--files 2] [--clusters 8x1,32x1,32x4]
 """
 
 from __future__ import annotations
@@ -40,7 +45,11 @@ from sglang_dispatch import sglang_dispatch_tables
 import eplb
 from eplb.core import realised_gpu_loads
 from eplb.core.dispatch import table_gpu_loads
-from eplb.core.rank_draws import plan_for_start_up_file, rank_draw_balancedness
+from eplb.core.rank_draws import (
+    plan_for_start_up_file,
+    rank_draw_balancedness,
+    split_draw_balancedness,
+)
 
 R, E = 288, 256
 SHAPES = ((8, 1), (32, 1), (32, 4))  # (GPUs, nodes)
@@ -53,7 +62,18 @@ def balancedness(loads: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--files", type=int, default=2, help="real workloads (of 12)")
+    parser.add_argument("--clusters", default=",".join(f"{g}x{n}" for g, n in SHAPES),
+                        metavar="GxN[,GxN...]",
+                        help="the clusters to score, GPUs x nodes (default: all three)")
     args = parser.parse_args(argv)
+    try:
+        shapes = [tuple(int(part) for part in item.split("x"))
+                  for item in args.clusters.split(",") if item]
+    except ValueError:
+        shapes = []
+    if not shapes or any(shape not in SHAPES for shape in shapes):
+        parser.error(f"--clusters takes some of {','.join(f'{g}x{n}' for g, n in SHAPES)}; "
+                     f"got {args.clusters!r}")
     print(start("bench_sglang_table"))
     if engine_root("sglang") is None:
         sys.exit("SGLang 0.5.23 not fetched: run python scripts/fetch_engines.py")
@@ -62,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for name, weight in loads.items():
-        for gpus, nodes in SHAPES:
+        for gpus, nodes in shapes:
             plans = {"eplb, dispatch nearest": eplb.plan(weight, R, gpus, nodes, 8,
-                                                         policy="global", dispatch="nearest")}
-            if nodes > 1:
-                plans["eplb, even split"] = eplb.plan(weight, R, gpus, nodes, 8, policy="global")
+                                                         policy="global", dispatch="nearest"),
+                     "eplb, even split": eplb.plan(weight, R, gpus, nodes, 8, policy="global")}
+            if nodes > 1:  # the plan the engines' own hierarchical policies aim at
+                plans["eplb, hierarchical"] = eplb.plan(weight, R, gpus, nodes, 8,
+                                                        policy="hierarchical")
             else:  # the hot experts on every GPU: no token of theirs draws
                 plans["eplb, dispatch nearest, fair avoid"] = eplb.plan(
                     weight, R, gpus, nodes, 8, policy="global", dispatch="nearest", fair="avoid")
@@ -80,19 +102,26 @@ def main(argv: list[str] | None = None) -> int:
                 model = balancedness(realised_gpu_loads(weight, plan.phy2log, gpus, nodes))
                 drawn = ("–" if nodes > 1
                          else f"{rank_draw_balancedness(weight, plan.phy2log, gpus):.4f}")
+                runtime_model = (None if nodes > 1
+                                 else split_draw_balancedness(weight, plan.phy2log, gpus))
                 real = {path: balancedness(table_gpu_loads(
                             weight, sglang_dispatch_tables(plan.phy2log, E, gpus, nodes,
                                                            path=path), gpus, R))
                         for path in ("mapping", "eplb")}
                 rows.append([name, f"{gpus} GPUs, {nodes} node{'s' * (nodes > 1)}", label,
                              f"{model:.4f}", drawn, f"{real['mapping']:.4f}",
-                             f"{real['eplb']:.4f}", f"{real['mapping'] - model:+.4f}"])
+                             f"{real['eplb']:.4f}", f"{real['mapping'] - model:+.4f}",
+                             "–" if runtime_model is None else f"{runtime_model:.4f}",
+                             "–" if runtime_model is None
+                             else f"{real['eplb'] - runtime_model:+.4f}"])
                 print(f"  {name} {gpus}/{nodes} {label}: done", flush=True)
     print()
     print(markdown_table(["workload", "cluster", "plan", "eplb's model (expected)",
                           "eplb's model of each rank's draw (one node)",
                           "SGLang table: init file", "SGLang table: runtime",
-                          "init file − model"], rows))
+                          "init file − model",
+                          "eplb's model of the runtime table (one node)",
+                          "runtime − its model"], rows))
     return 0
 
 
