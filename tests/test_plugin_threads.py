@@ -130,12 +130,15 @@ def test_the_sglang_hook_plans_on_its_threads_and_restores_the_callers(
     assert torch.equal(phy2log, eplb.plan(counts.sum(0), 12, 4).phy2log)
 
 
-@pytest.mark.parametrize("threads", [[{}, {"threads": 1}], [{"threads": 1}, {"threads": None}],
-                                     [{"threads": 1}, {"threads": 2}]])
+@pytest.mark.parametrize("threads", [
+    [{}, {"threads": 1}], [{"threads": 1}, {"threads": None}], [{"threads": 1}, {"threads": 2}],
+    # the plugin's own wait, and a number spelt as NumPy's, are the same settings too
+    [{"agree_timeout_s": 5}, {"agree_timeout_s": 10}], [{"seed": np.int64(3)}, {"seed": 3}]])
 def test_vllm_ranks_on_other_threads_agree_without_a_settings_warning(
         monkeypatch, caplog, threads):
     """Plans do not depend on the thread count, so ranks differing only there (or one
-    spelling the default) hold the same settings: no warning at every rebalance."""
+    spelling the default, or in the plugin's own options) hold the same settings: no
+    warning at every rebalance."""
     store, local = dist.HashStore(), threading.local()
     agreements = [PlanAgreement(store, r, 2, "eplb/threads", timeout_s=5) for r in range(2)]
     monkeypatch.setattr(vllm_plugin, "_agreement_for", lambda options: agreements[local.rank])

@@ -57,6 +57,7 @@ import sys
 import threading
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from eplb._version import __version__
@@ -449,10 +450,13 @@ def _ranks_key(ranks: list[int]) -> str:
 def _tag(options: dict[str, Any]) -> str:
     # (default=str: NumPy scalars the options check accepts raised TypeError here, on a
     # multi-rank run only: attacker pass)
-    # without ``threads``: plans are bit-identical on any thread count (test_determinism),
-    # so ranks differing only there (or one spelling the default 1, one not) warned of
-    # "different eplb settings" at every rebalance; SGLang's tag leaves it out too
-    shown = {k: v for k, v in options.items() if k != "threads"}
+    # the planner options only, as SGLang's tag: ranks differing in the plugin's own
+    # (``threads``: plans are bit-identical on any thread count, test_determinism;
+    # ``agree_timeout_s``: how long to wait) or spelling a number as NumPy's (``default=str``
+    # read np.int64(1) as "1") hold the same settings, and warned of "different eplb
+    # settings" at every rebalance (attacker passes)
+    shown = {k: v.item() if isinstance(v, np.generic) else v
+             for k, v in options.items() if k in PLANNER_OPTIONS}
     return f"eplb {__version__} {json.dumps(shown, sort_keys=True, default=str)}"
 
 
