@@ -365,9 +365,10 @@ expert rebalancing (pass --enable-eplb to SGLang, or it never rebalances). Run i
 node, as you would run sglang.launch_server.
 
 options:
-  --eplb-options JSON  planner options, e.g. '{"max_moves": 2000}' (also read from
-                       $SGLANG_EPLB_OPTIONS); keys:
-                       """ + ", ".join(sorted(PLANNER_OPTIONS | PLUGIN_OPTIONS)) + """
+  --eplb-options JSON  eplb's options, e.g. '{"max_moves": 2000}' (also read from
+                       $SGLANG_EPLB_OPTIONS); planner keys:
+                       """ + ", ".join(sorted(PLANNER_OPTIONS)) + """;
+                       the plugin's own: """ + ", ".join(sorted(PLUGIN_OPTIONS)) + """
   -h, --help           show this message and exit
 
 Without the launcher: SGLANG_EPLB_POLICY=eplb python -m sglang.launch_server ...
