@@ -94,3 +94,21 @@ def test_a_few_dominant_experts_fill_whole_layers_of_gpus(experts, slots, hot):
     balance = planned.balancedness(w)
     assert balance > 0.999
     assert float(balancedness_ceiling(w, replicas, experts)) >= balance - 1e-12
+
+
+@pytest.mark.parametrize(("experts", "slots", "hot", "load"),
+                         [(4096, 3, 3, 1e3), (1024, 5, 3, 1e2)])
+def test_a_few_hot_experts_fill_one_layer_of_gpus(experts, slots, hot, load):
+    # 3 experts of 1,000 among 4,093 of load 1 on 4,096 GPUs of 3 slots: Jefferson's
+    # 1,368 + 1,367 + 1,367 replicas (pieces of 0.731, below half the mean 1.732) put two
+    # on six GPUs beside a cold half, and the divisor rule packed instead (1,251 each)
+    # left two cold halves beside every hot piece (0.962); 4,096 hot pieces, one on every
+    # GPU, reach 0.9995. 3 of 100 among 1,021 idle experts at 5 slots: 0.971 before
+    w = torch.ones(1, experts)
+    w[0, torch.linspace(3, experts - 1, hot).long()] = load
+    replicas = slots * experts
+    planned = eplb.plan(w, replicas, experts)
+    assert_contract(planned)
+    balance = planned.balancedness(w)
+    assert balance > 0.997
+    assert float(balancedness_ceiling(w, replicas, experts)) >= balance - 1e-12

@@ -146,9 +146,11 @@ def layer_counts(weight: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> t
     """``counts [rows, E]`` with the replicas above the mean replica load ``W / R`` (the
     heavy ones) trimmed to a whole number of layers of GPUs, ``j·P``: the heavy experts
     keep the first of their own Jefferson steps, the freed replicas go one each to the
-    coldest experts. Rows with fewer than ``2·P`` heavy replicas (one layer is
-    :func:`filler_counts`' to keep), or more heavy experts than the layers below them
-    hold, keep their counts.
+    coldest experts. Rows with at most ``P`` heavy replicas, or more heavy experts than
+    the layers below them hold, keep their counts; so do rows of ``P`` to ``2·P`` heavy
+    replicas where the heavy experts hold fewer than two each on average (many whole
+    experts, not a few split ones: on real DeepSeek-V3 node rows of 24 GPUs ~25 heavy
+    experts held ~33 replicas, and trimming them changed ordinary plans).
 
     ``j·P + 1`` replicas each above ``1 / (j + 1)`` of the mean GPU load put ``j + 1`` of
     them on some GPU, above the mean, whatever the packing; :func:`filler_counts` keeps
@@ -156,7 +158,14 @@ def layer_counts(weight: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> t
     4,096 GPUs of 3 slots got 2,049 replicas each from Jefferson's rule: 8,196 pieces just
     below half the mean (so ``filler_counts`` keeps them) but above a third of it, so
     four GPUs carried three (0.668 of the ideal balance); 2,048 each fill two layers of
-    GPUs exactly, and four idle experts twice the third (1.0). ``weight [rows, E]``;
+    GPUs exactly, and four idle experts twice the third (1.0). At ``j = 1``, two pieces
+    below half the mean (which :func:`filler_counts` keeps) and the smallest items
+    beside them can still exceed the mean: three experts of 1,000 among 4,093 of load 1
+    on 4,096 GPUs of 3 slots got 1,368 + 1,367 + 1,367 replicas (0.731; the cold ones
+    0.5; mean 1.732), so six GPUs held two and a cold half (0.882; the packed divisor
+    rule δ = −0.75's 1,251 each left 343 GPUs without one and two cold halves beside
+    every hot piece: 0.962); 4,096 hot pieces put one on every GPU (0.9995).
+    ``weight [rows, E]``;
     ``counts`` every row summing to ``R``, a multiple of ``P`` (the packed allocation's).
     """
     rows, num_experts = counts.shape
@@ -167,7 +176,10 @@ def layer_counts(weight: torch.Tensor, counts: torch.Tensor, num_gpus: int) -> t
     held = np.where(heavy, c, 0).sum(1)
     extra = held - heavy.sum(1)  # the heavy experts' steps
     keep = (held // num_gpus) * num_gpus - heavy.sum(1)
-    keep = np.where((held >= 2 * num_gpus) & (keep >= 0), keep, extra)
+    # one layer (P < held < 2P) only where the heavy experts are split, two replicas each
+    # on average: a few hot experts, not many whole ones (see the docstring)
+    layers = (held >= 2 * num_gpus) | ((held > num_gpus) & (held >= 2 * heavy.sum(1)))
+    keep = np.where(layers & (keep >= 0), keep, extra)
     if (keep == extra).all():  # (no rows, too)
         return counts
     if (extra != extra[0]).any():  # the step table is laid out with as many per row
