@@ -254,3 +254,14 @@ def test_a_map_with_unequal_group_shares_per_node_is_not_hierarchical(tmp_path, 
     code, _, err = run(capsys, "plan", loads, "-r", 16, "-g", 4, "--nodes", 2, "--groups", 6,
                        "--previous", placement, "--max-moves", 0, "-o", tmp_path / "new.json")
     assert code == 0 and "6 were forced moves" in err and "0 changed beyond them" in err
+
+
+@pytest.mark.parametrize(("name", "code_wanted"), [("x.npy", 2), ("x.txt", 0)])
+def test_output_name_hints_name_the_sglang_torch_file(tmp_path, capsys, loads, name,
+                                                      code_wanted):
+    """``plan -o x.npy`` (refused) and ``-o x.txt`` (JSON with a warning) listed the OUT
+    names that pick a format without ``*.sglang.pt``, the torch file SGLang reads
+    (new-user pass, an SGLang operator)."""
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", tmp_path / name)
+    assert code == code_wanted, err
+    assert "*.sglang.json or *.sglang.pt" in " ".join(err.split())
