@@ -265,3 +265,12 @@ def test_output_name_hints_name_the_sglang_torch_file(tmp_path, capsys, loads, n
     code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", tmp_path / name)
     assert code == code_wanted, err
     assert "*.sglang.json or *.sglang.pt" in " ".join(err.split())
+
+
+def test_plan_help_says_other_formats_names_are_refused(capsys):
+    """``plan --help`` said every name but TensorRT-LLM's, eplb's .pt and SGLang's gave
+    JSON ("anything else -> json"), where ``-o x.npy`` is refused (new-user pass)."""
+    assert main(["plan", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "anything else -> json. " not in text
+    assert "a name of another format (.npy, .npz, .csv, .pth, ...) is refused" in text
