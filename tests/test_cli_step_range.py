@@ -247,3 +247,17 @@ def test_bench_names_every_file_a_range_keeps_no_step_of_before_benchmarking(cap
                          "--step-range", ":2", "-r", str(R), "-g", str(P), "--repeats", "1")
     assert code == 0, err
     assert "trace.pt" in out and "short3.pt" in out
+
+
+def test_an_abbreviated_option_takes_a_negative_start_too(capsys, tmp_path):
+    """``--step-r -3:`` (argparse's abbreviation of --step-range) was "expected one
+    argument", where the full name took the value (new-user pass); so was
+    ``--gpu-sp -1,1`` beside ``--gpu-speed -1,1``, which eplb's own check now names."""
+    path, _ = _trace(tmp_path)
+    code, out, err = run(capsys, "plan", str(path), "--step-r", "-3:", "-r", str(R),
+                         "-g", str(P), "-o", str(tmp_path / "a.json"))
+    assert code == 0, err
+    assert "(3 steps summed)" in out
+    code, _, err = run(capsys, "plan", str(path), "--gpu-sp", "-1,1", "-r", str(R),
+                       "-g", str(P), "-o", str(tmp_path / "b.json"))
+    assert code == 2 and "expected one argument" not in err and "--gpu-speed" in err, err

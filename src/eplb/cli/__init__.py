@@ -94,6 +94,14 @@ def _flags(parser: argparse.ArgumentParser) -> set[str]:
     return found
 
 
+def _names(item: str, options: Sequence[str]) -> bool:
+    """``item`` is one of ``options`` or an abbreviation argparse reads as one: ``--step-r
+    -10:`` was "expected one argument" where ``--step-range -10:`` worked (new-user pass).
+    An abbreviation argparse finds ambiguous stays its error, glued or not."""
+    return (item.startswith("--") and len(item) > 2 and "=" not in item
+            and any(option.startswith(item) for option in options))
+
+
 def _glued_lists(argv: Sequence[str], flags: set[str] = frozenset()) -> list[str]:
     """``argv`` with an option's value that begins with a minus sign glued to it
     (``--gpu-speed -1,1`` → ``--gpu-speed=-1,1``, ``--move-price -inf`` →
@@ -116,8 +124,8 @@ def _glued_lists(argv: Sequence[str], flags: set[str] = frozenset()) -> list[str
         # (a flag's abbreviation, "--js" for --json, is left alone as the flag is)
         takes_value = (item.startswith("--") and "=" not in item
                        and not any(flag.startswith(item) for flag in flags))
-        if ((item in _LIST_OPTIONS and _NUMBER_LIST.match(value))
-                or (item in _RANGE_OPTIONS and _NEGATIVE_START.match(value))
+        if ((_names(item, _LIST_OPTIONS) and _NUMBER_LIST.match(value))
+                or (_names(item, _RANGE_OPTIONS) and _NEGATIVE_START.match(value))
                 or (takes_value and _NEGATIVE_WORD.fullmatch(value))):
             out.append(f"{item}={value}")
             k += 2
