@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import eplb
 from eplb.core import balancedness_ceiling
-from eplb.core.count_fillers import filler_counts, ladder_counts, layer_counts
+from eplb.core.count_fillers import filler_counts, hot_counts, ladder_counts, layer_counts
 from eplb.core.replication import cap_counts, replica_counts
 
 
@@ -48,6 +48,12 @@ def test_every_rung_and_filler_keeps_the_slots_and_the_cap(case):
         assert (rungs <= gpus).all()
         # the last rung keeps every one of Jefferson's steps: Jefferson's capped counts
         assert torch.equal(rungs[-1], jefferson)
+    tried, rows = hot_counts(w, jefferson, gpus)  # [n, E] for rows [n]
+    if len(rows):
+        assert (tried.sum(1) == replicas).all() and (tried >= 1).all()
+        assert (tried <= gpus).all()
+        hot = w[rows] > w[rows].sum(1, keepdim=True) / gpus
+        assert (torch.where(hot, tried, 0).sum(1) == gpus).all()
 
 
 def test_fillers_let_hot_experts_stay_whole():
@@ -106,6 +112,23 @@ def test_a_few_hot_experts_fill_one_layer_of_gpus(experts, slots, hot, load):
     # GPU, reach 0.9995. 3 of 100 among 1,021 idle experts at 5 slots: 0.971 before
     w = torch.ones(1, experts)
     w[0, torch.linspace(3, experts - 1, hot).long()] = load
+    replicas = slots * experts
+    planned = eplb.plan(w, replicas, experts)
+    assert_contract(planned)
+    balance = planned.balancedness(w)
+    assert balance > 0.997
+    assert float(balancedness_ceiling(w, replicas, experts)) >= balance - 1e-12
+
+
+@pytest.mark.parametrize(("experts", "slots", "hot"),
+                         [(4096, 3, (3,)), (1024, 3, (1, 200, 500, 900))])
+def test_hot_experts_get_one_replica_per_gpu(experts, slots, hot):
+    # one expert of 100 among 4,095 of load 1 on 4,096 GPUs of 3 slots: Jefferson's 201
+    # hot replicas left GPUs with a cold half and two thirds, 1.167 against a mean of
+    # 1.024 (0.878); 4,096 hot pieces, one per GPU, reach 0.9998. Four of 100 among 1,024
+    # experts: 0.950 before
+    w = torch.ones(1, experts)
+    w[0, list(hot)] = 100.0
     replicas = slots * experts
     planned = eplb.plan(w, replicas, experts)
     assert_contract(planned)

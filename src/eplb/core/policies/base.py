@@ -13,10 +13,17 @@ from abc import ABC, abstractmethod
 from dataclasses import replace
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from eplb.core.count_bounds import bound_is_mean, packing_bound, rank_allocations
-from eplb.core.count_fillers import filler_counts, ladder_counts, layer_bound, layer_counts
+from eplb.core.count_fillers import (
+    filler_counts,
+    hot_counts,
+    ladder_counts,
+    layer_bound,
+    layer_counts,
+)
 from eplb.core.inputs import uniform_where_empty
 from eplb.core.options import (
     FEW_SLOT_SHIFTS,
@@ -369,7 +376,8 @@ def _filler_look(
         state = _keep_lowest(state, peak, rows.index_select(0, new), sub.index_select(0, new),
                              torch.arange(len(new), device=weight.device),
                              tried.index_select(0, new), num_gpus, packing, generator)
-    return _layer_look(sub, rows, packed, num_gpus, state, packing, generator)
+    state = _layer_look(sub, rows, packed, num_gpus, state, packing, generator)
+    return _hot_look(sub, rows, packed, num_gpus, state, packing, generator)
 
 
 def _layer_look(
@@ -412,6 +420,48 @@ def _layer_look(
     return _keep_lowest(state, peak, rows.index_select(0, new), weight.index_select(0, new),
                         torch.arange(len(new), device=rows.device),
                         layered.index_select(0, new), num_gpus, packing, generator)
+
+
+def _hot_look(
+    weight: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, num_gpus: int,
+    state: torch.Tensor, packing: PackingOptions, generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``state [2, S, rows', P]`` with, in those of ``rows [n]`` (the rows
+    :func:`_filler_look` looks at again) whose experts above the mean GPU load hold fewer
+    than ``P`` of the packed counts ``packed [n, E]``, the packing of
+    :func:`hot_counts` (exactly ``P`` hot replicas) where it is lower.
+
+    A GPU without a hot piece must reach the mean from cold pieces alone: one expert of
+    100 among 4,095 of load 1 on 4,096 GPUs of 3 slots packed at 0.878 of the ideal
+    balance with Jefferson's 201 hot replicas (halves and thirds of cold experts on the
+    other GPUs), 0.9998 with 4,096. ``weight [n, E]`` the rows' loads.
+    """
+    tried, new = hot_counts(weight, packed, num_gpus)
+    if not len(new):
+        return state
+    # pack them only where their bound promises more than the other looks' gap below the
+    # packing now and below the packed counts' bound (the 4 node rows of 8 GPUs that
+    # plan_hashes tries otherwise packed no better): besides layer_bound's pigeonholes,
+    # the GPU holding the largest piece holds S − 1 more, each at least the smallest
+    w = weight.index_select(0, new).to(torch.float64).cpu().numpy()
+    num_replicas = int(packed[0].sum())
+    slots = num_replicas // num_gpus
+
+    def bound(counts: torch.Tensor) -> np.ndarray:
+        x = replica_items(w, counts.cpu().numpy())[0]  # [m, R], heaviest first
+        return np.maximum(layer_bound(x, num_gpus), x[:, 0] + (slots - 1) * x[:, -1])
+
+    before, after = bound(packed.index_select(0, new)), bound(tried)
+    peak = max_load(state)
+    now = (peak.index_select(0, rows.index_select(0, new)).double().cpu().numpy()
+           * w.sum(1) / num_replicas)
+    promise = torch.from_numpy((after < before) & (after * (1 + SECOND_LOOK_GAP) < now))
+    new, tried = new[promise.to(new.device)], tried[promise.to(tried.device)]
+    if not len(new):
+        return state
+    return _keep_lowest(state, peak, rows.index_select(0, new), weight.index_select(0, new),
+                        torch.arange(len(new), device=rows.device), tried, num_gpus,
+                        packing, generator)
 
 
 def _above_count_bound(
