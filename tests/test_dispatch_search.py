@@ -143,3 +143,22 @@ def test_with_attraction_the_search_makes_the_plain_formulations_swaps(seed):
     want = plain_kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
     got = _kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
     assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize(("nodes", "scale"), [(4, 1.0), (4, 2.0**21), (8, 2.0**21), (1, 1.0)])
+def test_the_full_search_never_takes_a_same_node_pair(nodes, scale):
+    # the full search scores a same-node pair +inf (no change) where the plain search
+    # scores 0; only rows whose best swap lowers the conflict move, so both take the same
+    # swaps: in float64 too (sums of 2**22 and more), and on one node, where nothing moves
+    gen = torch.Generator().manual_seed(nodes)
+    gpus, slots, layers, experts = 32, 6, 4, 40
+    weight = torch.exp(torch.randn(layers, experts, generator=gen, dtype=torch.float64))
+    phy2log = torch.stack([torch.multinomial(row / row.sum(), gpus * slots, replacement=True,
+                                             generator=gen) for row in weight])
+    conflict = node_conflicts(phy2log, gpus, experts) * scale
+    where = torch.stack([torch.randperm(gpus, generator=gen) for _ in range(layers)])
+    node_of_pos = torch.arange(gpus) // (gpus // nodes)
+    want = plain_kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
+    got = _kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[0] == where).all() if nodes == 1 else (got[0] != where).any()

@@ -220,13 +220,18 @@ def _kl_swaps(
         if 2 * width <= num_bins and not attracted:
             best, a, b = _best_conflicted_swap(m, own, y, twice, conflicted, width)
         else:
-            cross = m.gather(2, y[:, None, :].expand(-1, num_bins, -1))  # [n, a, b] M[a, y_b]
             # M[a, y_b] − M[a, y_a] + M[b, y_a] − M[b, y_b] − 2A[a, b]: counts, so exact in
-            # any order
-            half = cross.sub_(own[:, :, None])
-            gain = half.transpose(1, 2).add(half).sub_(twice)
-            gain.masked_fill_(y[:, :, None] == y[:, None, :], 0.0)  # same node: no change
-            best, flat = gain.flatten(1).min(1)
+            # any order. The [n, B, B] passes are most of a plan at 128 GPUs, so their
+            # number is kept low: the own-node difference is taken on the [n, B, N] table
+            # before the gather, and a same-node pair (no change) reads +inf there instead
+            # of a masked 0 afterwards. Only a row whose best gain is negative swaps, and
+            # there neither 0 nor +inf is the minimum, so it swaps the same first pair
+            off = (m - own[:, :, None]).scatter_(2, y[:, :, None], float("inf"))
+            half = off.gather(2, y[:, None, :].expand(-1, num_bins, -1))  # [n, a, b]
+            # half + halfᵀ, not halfᵀ + half: the sum comes out contiguous, so the flat
+            # view below is not one more copy
+            gain = half.add(half.transpose(1, 2)).sub_(twice)
+            best, flat = gain.reshape(len(gain), -1).min(1)
             a, b = flat // num_bins, flat % num_bins
         todo = best < -1e-9
         if not bool(todo.any()):
