@@ -362,6 +362,13 @@ def max_replica_load(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
         return torch.cat(
             [max_replica_load(weight[i : i + chunk], num_replicas) for i in range(0, rows, chunk)]
         )
+    most = int(steps.max(initial=1))
+    if hot.shape[1] * most <= 2 * width:
+        # even steps (the usual rows): the dense [K, most] table, a few calls fewer than
+        # the ragged one below; its quotients past an expert's steps all lie below the
+        # answer (the ragged table's argument), so the same value
+        c = torch.arange(1, most + 1, dtype=weight.dtype, device=weight.device)
+        return (hot[:, :, None] / c).view(rows, -1).topk(num_extra + 1, dim=-1).values[:, -1]
     # each expert's quotients w_e / c for c <= steps_e, side by side in its row (padded
     # with -inf): a ragged table of at most R + 4K per row, where a dense [K, max steps]
     # one was K·(R − E + 1) with one dominant expert (33 M quotients a row, 0.6 s, at 4,096
