@@ -10,6 +10,7 @@ one packed with randomised starts and swap refinement (:mod:`eplb.core.packing`)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import replace
 from typing import ClassVar
 
@@ -400,26 +401,9 @@ def _layer_look(
     """
     layered = layer_counts(weight, packed, num_gpus)
     new = (layered != packed).any(1).nonzero()[:, 0]
-    if not len(new):
-        return state
-    w = weight.index_select(0, new).to(torch.float64).cpu().numpy()
-    before = layer_bound(replica_items(w, packed.index_select(0, new).cpu().numpy())[0],
-                         num_gpus)
-    after = layer_bound(replica_items(w, layered.index_select(0, new).cpu().numpy())[0],
-                        num_gpus)
-    # the packing now, in load units (items are scaled to a mean replica load of 1)
-    num_replicas = int(packed[0].sum())  # every row's counts sum to R
-    peak = max_load(state)
-    now = (peak.index_select(0, rows.index_select(0, new)).double().cpu().numpy()
-           * w.sum(1) / num_replicas)
-    # (a bound that promises less than the other looks' gap is not worth a packing)
-    promise = (after < before) & (after * (1 + SECOND_LOOK_GAP) < now)
-    new = new[torch.from_numpy(promise).to(new.device)]
-    if not len(new):
-        return state
-    return _keep_lowest(state, peak, rows.index_select(0, new), weight.index_select(0, new),
-                        torch.arange(len(new), device=rows.device),
-                        layered.index_select(0, new), num_gpus, packing, generator)
+    return _pack_if_promising(weight, rows, packed, new, layered.index_select(0, new),
+                              num_gpus, state, packing, generator,
+                              lambda items: layer_bound(items, num_gpus))
 
 
 def _hot_look(
@@ -437,21 +421,33 @@ def _hot_look(
     other GPUs), 0.9998 with 4,096. ``weight [n, E]`` the rows' loads.
     """
     tried, new = hot_counts(weight, packed, num_gpus)
+    # besides layer_bound's pigeonholes, the GPU holding the largest piece holds S − 1
+    # more, each at least the smallest (the 4 node rows of 8 GPUs that plan_hashes tries
+    # otherwise packed no better)
+    slots = int(packed[0].sum()) // num_gpus
+    return _pack_if_promising(
+        weight, rows, packed, new, tried, num_gpus, state, packing, generator,
+        lambda items: np.maximum(layer_bound(items, num_gpus),
+                                 items[:, 0] + (slots - 1) * items[:, -1]))
+
+
+def _pack_if_promising(
+    weight: torch.Tensor, rows: torch.Tensor, packed: torch.Tensor, new: torch.Tensor,
+    tried: torch.Tensor, num_gpus: int, state: torch.Tensor, packing: PackingOptions,
+    generator: torch.Generator | None, bound: Callable[[np.ndarray], np.ndarray],
+) -> torch.Tensor:
+    """``state`` with rows ``rows[new]`` packed with counts ``tried [m, E]`` where that is
+    lower, packed only where ``bound`` (of a row's items ``[m, R]``, heaviest first, in
+    load units) is lower for ``tried`` than for the packed counts ``packed[new]`` and more
+    than :data:`SECOND_LOOK_GAP` below the row's packing now: a bound that promises less
+    than the other looks' gap is not worth a packing. ``weight [n, E]`` the rows' loads."""
     if not len(new):
         return state
-    # pack them only where their bound promises more than the other looks' gap below the
-    # packing now and below the packed counts' bound (the 4 node rows of 8 GPUs that
-    # plan_hashes tries otherwise packed no better): besides layer_bound's pigeonholes,
-    # the GPU holding the largest piece holds S − 1 more, each at least the smallest
     w = weight.index_select(0, new).to(torch.float64).cpu().numpy()
-    num_replicas = int(packed[0].sum())
-    slots = num_replicas // num_gpus
-
-    def bound(counts: torch.Tensor) -> np.ndarray:
-        x = replica_items(w, counts.cpu().numpy())[0]  # [m, R], heaviest first
-        return np.maximum(layer_bound(x, num_gpus), x[:, 0] + (slots - 1) * x[:, -1])
-
-    before, after = bound(packed.index_select(0, new)), bound(tried)
+    before = bound(replica_items(w, packed.index_select(0, new).cpu().numpy())[0])
+    after = bound(replica_items(w, tried.cpu().numpy())[0])
+    # the packing now, in load units (items are scaled to a mean replica load of 1)
+    num_replicas = int(packed[0].sum())  # every row's counts sum to R
     peak = max_load(state)
     now = (peak.index_select(0, rows.index_select(0, new)).double().cpu().numpy()
            * w.sum(1) / num_replicas)
