@@ -168,6 +168,17 @@ def test_a_negative_start_needs_no_equals_sign(capsys, tmp_path):
     assert_user_error(code, err, "--step-range", "must be START:STOP", "'-5%:-1'")
 
 
+@pytest.mark.parametrize("text", ["-10%", "-3", "-3%"])
+def test_a_negative_bound_without_a_colon_is_named(capsys, tmp_path, text):
+    """``--step-range -10%`` (no colon) was argparse's "expected one argument"; the range
+    check now names the value (fifty-fourth session's note)."""
+    path, _ = _trace(tmp_path)
+    code, _, err = run(capsys, "plan", str(path), "--step-range", text, "-r", str(R),
+                       "-g", str(P), "-o", str(tmp_path / "a.json"))
+    assert_user_error(code, err, "--step-range must be START:STOP", repr(text))
+    assert not (tmp_path / "a.json").exists()
+
+
 def test_simulate_says_the_range_kept_too_few_steps(capsys, tmp_path):
     """(attacker pass: it said the file had the steps the range kept)"""
     path, _ = _trace(tmp_path)

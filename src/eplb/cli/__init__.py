@@ -76,9 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 _LIST_OPTIONS = ("--gpu-speed", "--dead-gpus")
 _NUMBER_LIST = re.compile(r"-([\d.]|inf|nan)", re.IGNORECASE)
 #: options whose value is a slice START:STOP, and such a value of a negative start
-#: (``--step-range -10:`` was "expected one argument", where ``:-10`` worked)
+#: (``--step-range -10:`` was "expected one argument", where ``:-10`` worked), or a
+#: negative bound with no colon (``-10%``: glued, the range's own check names it)
 _RANGE_OPTIONS = ("--step-range",)
-_NEGATIVE_START = re.compile(r"\s*-[\d.]*%?\s*:")
+_NEGATIVE_START = re.compile(r"\s*-[\d.]*%?\s*(:|$)")
 #: a negative number argparse takes for an option: ``-inf``, ``-nan``, ``-1e5`` (it lets
 #: ``-1`` and ``-.5`` through by itself)
 _NEGATIVE_WORD = re.compile(r"-(inf(inity)?|nan|(\d+\.?\d*|\.\d+)e[+-]?\d+)", re.IGNORECASE)
