@@ -271,13 +271,15 @@ def test_plan_refuses_a_move_price_the_nearest_replan_does_not_score(capsys, tmp
                          str(tmp_path / "new.json"))
     assert code == 2 and out == ""
     assert err.strip() == ("eplb: error: --move-price under --dispatch nearest prices the "
-                           "global policy's moves; with the hierarchical policy eplb re-plans "
-                           "and relabels onto the old GPUs, scoring no moves: drop --move-price")
-    code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes",
-                       str(N), "--groups", str(G), "--policy", "global", "--dispatch",
-                       "nearest", "--previous", str(old), "--move-price", "0.5", "-o",
-                       str(tmp_path / "new.json"))
-    assert code == 0, err
+                           "global and locality policies' moves; with the hierarchical policy "
+                           "eplb re-plans and relabels onto the old GPUs, scoring no moves: "
+                           "drop --move-price")
+    for policy in ("global", "locality"):  # (the locality policy prices its moves too)
+        code, _, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes",
+                           str(N), "--groups", str(G), "--policy", policy, "--dispatch",
+                           "nearest", "--previous", str(old), "--move-price", "0.5", "-o",
+                           str(tmp_path / f"{policy}.json"))
+        assert code == 0, err
 
 
 @pytest.mark.parametrize("flag, value", [("--max-moves", "4"), ("--move-price", "0.5")])

@@ -254,12 +254,13 @@ def test_nearest_per_layer_budget_of_unsigned_ints(dtype):
     assert bool(((new.phy2log != old).sum(1) <= torch.tensor([1, 2, 3])).all())
 
 
-@pytest.mark.parametrize("policy", ["hierarchical", "locality"])
+@pytest.mark.parametrize("policy", ["hierarchical"])
 def test_nearest_replans_that_score_no_moves_refuse_the_move_knobs(policy):
-    """Under ``dispatch="nearest"`` on several nodes the hierarchical and locality policies
-    re-plan and relabel onto the old GPUs, scoring no move: ``move_price``, ``drift`` and
+    """Under ``dispatch="nearest"`` on several nodes the hierarchical policy re-plans and
+    relabels onto the old GPUs, scoring no move: ``move_price``, ``drift`` and
     ``group_share`` were taken there and changed nothing (as ``max_moves`` and
-    ``skip_threshold``, which are refused); the global policy still prices its moves."""
+    ``skip_threshold``, which are refused); the global policy still prices its moves (the
+    locality policy too: ``test_locality_incremental.py``)."""
     rng = np.random.default_rng(5)
     w = torch.from_numpy(np.exp(rng.normal(0, 1.0, (2, 16))) * 100)
     old = eplb.plan(w, 32, 4, 2, 4, policy="hierarchical")

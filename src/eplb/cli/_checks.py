@@ -17,7 +17,7 @@ from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats._files import only_regular_files_are_replaced, output_file
 from eplb.formats.detect import folder_load_files
 from eplb.formats.errors import FormatError
-from eplb.online.budget import takes_budget
+from eplb.online.budget import scores_moves, takes_budget
 
 
 def existing_file(path: str | Path, what: str) -> Path:
@@ -118,9 +118,10 @@ def check_cluster_flags(*, gpus: int | None, nodes: int | None,
 def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = False) -> None:
     """Under ``--dispatch nearest`` (plan and simulate alike): on several nodes
     ``--max-moves`` budgets the global policy with every GPU live, and ``--move-price``
-    prices the global policy's moves (the others re-plan and relabel onto the old GPUs:
-    :func:`eplb.online.budget.takes_budget`); refuse each elsewhere by flag, before
-    the API refuses it in its keywords. One node budgets and prices every plan."""
+    prices the global and locality policies' moves (the others re-plan and relabel onto
+    the old GPUs: :func:`eplb.online.budget.takes_budget`,
+    :func:`~eplb.online.budget.scores_moves`); refuse each elsewhere by flag, before the
+    API refuses it in its keywords. One node budgets and prices every plan."""
     if (getattr(args, "max_moves", None) is not None
             and not takes_budget("nearest", args.nodes, policy, dead)):
         where = f"the {policy} policy" if policy != "global" else "--dead-gpus"
@@ -130,10 +131,10 @@ def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = Fals
                        f"global policy with every GPU live; with {where} eplb re-plans and "
                        f"relabels onto the old GPUs (no budget): {fix}")
     if (getattr(args, "move_price", None) is not None
-            and not takes_budget("nearest", args.nodes, policy, False)):
-        raise CliError(f"--move-price under --dispatch nearest prices the global policy's "
-                       f"moves; with the {policy} policy eplb re-plans and relabels onto the "
-                       "old GPUs, scoring no moves: drop --move-price")
+            and not scores_moves("nearest", args.nodes, policy, False)):
+        raise CliError(f"--move-price under --dispatch nearest prices the global and "
+                       f"locality policies' moves; with the {policy} policy eplb re-plans "
+                       "and relabels onto the old GPUs, scoring no moves: drop --move-price")
 
 
 def check_nearest_flags(args: argparse.Namespace, policy: str, num_experts: int,

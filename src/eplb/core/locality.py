@@ -47,7 +47,8 @@ a large ``slack`` lets the traffic estimate alone decide, from the hierarchical 
 ``benchmarks/bench_dispatch.py`` measures the curve and both corners.
 
 Not yet handled here (design in the branch report): dead GPUs (per-node capacities and
-token shares) and incremental planning from a map in force (swaps charged as moves).
+token shares). Planning from a map in force: :mod:`eplb.online.locality` (the map kept,
+or re-packed inside its nodes, where the fresh plan does not pay).
 """
 
 from __future__ import annotations
@@ -102,26 +103,70 @@ def group_pair_surrogate(
     ``κ·freq_e·freq_f`` with ``κ`` making the pair mass ``top_k(top_k − 1)`` per token.
     Without groups every pair gets the ``κ`` rule.
     """
-    w = weight.to(torch.float64)
-    num_layers, num_experts = w.shape
-    freq = top_k * w / w.sum(1, keepdim=True).clamp(min=1e-300)
+    num_experts = weight.shape[1]
+    freq, q = group_frequencies(weight, num_groups, top_k, topk_groups)
     outer = freq[:, :, None] * freq[:, None, :]
-    group = torch.arange(num_experts, device=w.device) // (num_experts // num_groups)
+    group = torch.arange(num_experts, device=weight.device) // (num_experts // num_groups)
     same = group[:, None] == group[None, :]
-    if num_groups > 1:
-        per_group = top_k / (topk_groups or num_groups)
-        q = (freq.view(num_layers, num_groups, -1).sum(2) / per_group).clamp(1e-12, 1.0)
+    if q is not None:
         within = outer / q.repeat_interleave(num_experts // num_groups, 1)[:, :, None]
         within = torch.where(same, within, torch.zeros_like(within))
     else:
         within = torch.zeros_like(outer)
         same = torch.zeros_like(same)
-    eye = torch.eye(num_experts, dtype=torch.bool, device=w.device)
+    eye = torch.eye(num_experts, dtype=torch.bool, device=weight.device)
     within = within.masked_fill(eye, 0.0)
     across = outer.masked_fill(same | eye, 0.0)
     mass = top_k * (top_k - 1) - within.sum((1, 2))
     kappa = (mass.clamp(min=0) / across.sum((1, 2)).clamp(min=1e-300))[:, None, None]
     return freq, within + kappa * across
+
+
+def group_frequencies(
+    weight: torch.Tensor, num_groups: int, top_k: int, topk_groups: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(freq [L, E], q [L, G])`` of :func:`group_pair_surrogate`: every expert's
+    selection frequency and every group's probability of being picked (``None`` without
+    groups)."""
+    w = weight.to(torch.float64)
+    num_layers = w.shape[0]
+    freq = top_k * w / w.sum(1, keepdim=True).clamp(min=1e-300)
+    if num_groups <= 1:
+        return freq, None
+    per_group = top_k / (topk_groups or num_groups)
+    return freq, (freq.view(num_layers, num_groups, -1).sum(2) / per_group).clamp(1e-12, 1.0)
+
+
+def surrogate_pair_times(
+    weight: torch.Tensor, num_groups: int, top_k: int, topk_groups: int | None,
+    x: torch.Tensor,
+) -> torch.Tensor:
+    """``[L, E, K]``: :func:`group_pair_surrogate`'s pair matrix times ``x [L, E, K]``,
+    ``Σ_f pair[l, e, f] · x[l, f, k]``, from its factors: within a group ``pair_ef =
+    freq_e·freq_f / q_g``, across groups ``κ·freq_e·freq_f``, so the product needs group
+    sums of ``freq·x`` only (``L·E·K`` work where the matrix takes ``L·E²·K``; 0.07 s of
+    a DeepSeek-V3 re-plan went to building the matrix). Equal to the dense product up to
+    rounding."""
+    num_layers, num_experts, _ = x.shape
+    freq, q = group_frequencies(weight, num_groups, top_k, topk_groups)
+    fx = freq[:, :, None] * x  # [L, E, K]
+    total = fx.sum(1, keepdim=True)  # [L, 1, K]
+    total_freq = freq.sum(1)
+    if q is None:  # every pair by the κ rule
+        across_sum = total_freq**2 - (freq**2).sum(1)
+        kappa = top_k * (top_k - 1) / across_sum.clamp(min=1e-300)
+        return kappa[:, None, None] * freq[:, :, None] * (total - fx)
+    size = num_experts // num_groups
+    group_freq = freq.view(num_layers, num_groups, size).sum(2)  # [L, G]
+    inv_q = (1 / q).repeat_interleave(size, 1)  # [L, E]
+    within_sum = ((group_freq**2 - (freq**2).view(num_layers, num_groups, size).sum(2))
+                  / q).sum(1)
+    across_sum = total_freq**2 - (group_freq**2).sum(1)
+    kappa = ((top_k * (top_k - 1) - within_sum).clamp(min=0)
+             / across_sum.clamp(min=1e-300))[:, None, None]
+    in_group = fx.view(num_layers, num_groups, size, -1).sum(2).repeat_interleave(size, 1)
+    return (freq * inv_q)[:, :, None] * (in_group - fx) + kappa * freq[:, :, None] * (
+        total - in_group)
 
 
 def _partitions(num_groups: int, num_nodes: int) -> torch.Tensor | None:

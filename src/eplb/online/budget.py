@@ -263,19 +263,31 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
 
 def takes_budget(dispatch: str, num_nodes: int, policy: str, dead_gpus: bool) -> bool:
     """Whether incremental planning takes a move budget (``max_moves``): everywhere but
-    under nearest dispatch on several nodes with the locality policy or dead GPUs, which
-    re-plan whole and relabel onto the old GPUs (``eplb.online.incremental``); the CLI
-    asks it too, before telling forced moves from the others."""
+    under nearest dispatch on several nodes with a policy other than global or dead GPUs,
+    which re-plan whole and relabel onto the old GPUs (``eplb.online.incremental``; the
+    locality policy then keeps, per layer, what does not pay to move:
+    :mod:`eplb.online.locality`); the CLI asks it too, before telling forced moves from
+    the others."""
     return not (dispatch == "nearest" and num_nodes > 1 and (policy != "global" or dead_gpus))
+
+
+def scores_moves(dispatch: str, num_nodes: int, policy: str, dead_gpus: bool) -> bool:
+    """Whether incremental planning prices its moves (``move_price``, ``drift``): where
+    it takes a budget (:func:`takes_budget`), and under the locality policy with every
+    GPU live, which keeps the map in force where re-planning does not pay
+    (:mod:`eplb.online.locality`) but takes no budget."""
+    return (takes_budget(dispatch, num_nodes, policy, dead_gpus)
+            or (dispatch == "nearest" and policy == "locality" and not dead_gpus))
 
 
 def refuse_unscored(names: list[str], dispatch: str, num_nodes: int, policy: str) -> None:
     """Refuse the move-scoring options ``names`` (``move_price``, ``drift``,
     ``group_share`` the caller set) where the plan from a map in force scores no moves:
-    nearest dispatch on several nodes with a policy other than global re-plans and
-    relabels onto the old GPUs (:func:`takes_budget`), so they were taken and changed
-    nothing (attacker pass). ``eplb.plan`` and the ``Rebalancer`` ask it alike."""
-    if names and not takes_budget(dispatch, num_nodes, policy, False):
+    nearest dispatch on several nodes with the hierarchical policy re-plans and relabels
+    onto the old GPUs (:func:`scores_moves`), so they were taken and changed nothing
+    (attacker pass). ``eplb.plan`` and the ``Rebalancer`` ask it alike (the locality
+    policy refuses dead GPUs before)."""
+    if names and not scores_moves(dispatch, num_nodes, policy, False):
         raise ValueError(f"{', '.join(names)}: with dispatch='nearest' the {policy} policy "
                          "re-plans and relabels onto the old GPUs, scoring no moves; leave "
                          "them out, or pass policy='global'")

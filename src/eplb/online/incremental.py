@@ -90,6 +90,7 @@ from eplb.online.forced import (
     undo_forced_losses,
     within_limits,
 )
+from eplb.online.locality import plan_locality_incremental
 from eplb.online.nearest import choose_paying, plan_nearest_incremental, plan_table_incremental
 from eplb.online.score import exact_peak, expected_peak, far_from_bound, units_of
 
@@ -477,10 +478,11 @@ def _plan_nearest(
     The global policy with every GPU live has a budgeted planner (a total ``max_moves``
     goes where the moved slots pay the most, :mod:`eplb.online.nearest`). The locality
     policy and dead GPUs get a fresh dispatch-aware plan relabelled onto the old GPUs (no
-    budget); with dead GPUs under the global policy a layer takes it only where it pays
-    against the map in force made valid for the call
-    (:func:`eplb.online.nearest.choose_paying`), as every layer does with every GPU
-    live."""
+    budget). The locality policy then keeps, per layer, the map in force or re-packs
+    inside its nodes where that plan does not pay (:mod:`eplb.online.locality`); with dead
+    GPUs under the global policy a layer takes it only where it pays against the map in
+    force made valid for the call (:func:`eplb.online.nearest.choose_paying`), as every
+    layer does with every GPU live."""
     topo = request.topology
     if skip_threshold is not None:
         raise ValueError("skip_threshold is not supported with dispatch='nearest'")
@@ -514,6 +516,10 @@ def _plan_nearest(
             out[:, torch.from_numpy(slot)] = align_to_previous(
                 fresh[:, slot], torch.from_numpy(old[:, slot]), int(gpus.sum()),
                 topo.gpus_per_node if request.active_gpus is None else None)
+        if request.policy == "locality" and request.active_gpus is None:
+            # each layer keeps the map in force, re-packs inside its nodes, or takes the
+            # fresh plan, whichever pays (eplb.online.locality)
+            out = plan_locality_incremental(request, old, out)
         if request.policy == "global" and request.active_gpus is not None:
             # the relabelled fresh plan moves most slots of every layer: a layer whose map
             # in force (dead GPUs emptied, their experts re-homed) is served as well on

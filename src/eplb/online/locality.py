@@ -1,0 +1,147 @@
+"""Incremental planning under the locality policy (``policy="locality"``, SGLang's
+nearest dispatch on several nodes, every GPU live).
+
+A fresh locality plan re-decides every layer: which node holds each expert (the
+cross-node traffic) and how each node's replicas are packed on its GPUs (the balance).
+Relabelled onto the map in force it still moved 72–76 % of the slots per rebalance on
+real DeepSeek-V3 loads, where re-packing every node's own replicas, keeping which
+experts each node holds, served the next window as well (0.9404–0.9428 against
+0.9418–0.9435 at drift 0.05, BENCHMARKS.md §14 "Fifty-fifth session"): the traffic is
+in the node assignment, and between two windows it is the packing inside the nodes that
+goes stale. So the candidates of every layer are:
+
+- the map in force made valid for the call (:func:`eplb.online.forced.forced_base`);
+- the warm-start ladder inside every node (:func:`eplb.online.ladder.warm_ladder` on
+  node rows, swaps only: each node keeps its replicas, so a token's remote nodes do not
+  change); a node row's loads are its replicas' loads as the nearest rule realises
+  them;
+- the fresh locality plan relabelled onto the old GPUs.
+
+Each is valued as under the global policy (:func:`eplb.online.nearest.paying_values`:
+the balancedness gain, the smaller of in sample and expected on the next window, minus
+the move price × the share of slots moved). The fresh plan is also taken where it cuts
+the expected remote nodes per token (:func:`remote_nodes_by_node`) by more than the
+move price × the share of slots it moves, as a fraction of the map in force's: a map
+planned by another policy, or for other co-selection, gets the locality plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from eplb.core.dispatch import _prob_none, realised_slot_loads
+from eplb.core.locality import group_frequencies, pair_stats, surrogate_pair_times
+from eplb.core.request import PlanRequest
+from eplb.online.forced import forced_base
+from eplb.online.ladder import warm_ladder
+from eplb.online.moves import counts_of
+from eplb.online.nearest import paying_values
+
+
+def remote_nodes_by_node(
+    phy2log: torch.Tensor, freq: torch.Tensor,
+    pair_times: Callable[[torch.Tensor], torch.Tensor], num_gpus: int, num_nodes: int,
+) -> torch.Tensor:
+    """``[L]`` expected distinct remote nodes per token under the nearest rule, tokens
+    arising evenly on the GPUs, from selection frequencies ``freq [L, E]`` and pairwise
+    co-selection (``pair_times(x)``: the ``[L, E, E]`` matrix of pairs, zero diagonal,
+    times ``x [L, E, K]``; :func:`co_selection`); ``phy2log [L, R]`` fully placed.
+
+    The same estimate as :func:`eplb.core.dispatch.remote_nodes_from_coactivation` with
+    even sources, by source node rather than source GPU: a token is served on its own
+    node whenever the node holds the expert (on its own GPU or another), else by the
+    fair choice over all replicas, so every GPU of a node reaches the same remote nodes.
+    That makes the pair term ``N²`` columns wide instead of ``P·N`` (16 against 128 on
+    DeepSeek-V3's 32 GPUs in 4 nodes)."""
+    num_layers, num_slots = phy2log.shape
+    num_experts = freq.shape[1]
+    node_of_slot = torch.arange(num_slots) // (num_slots // num_nodes)
+    held = torch.zeros(num_layers, num_nodes * num_experts, dtype=torch.float64)
+    held.scatter_add_(1, node_of_slot[None] * num_experts + phy2log.long(),
+                      torch.ones(phy2log.shape, dtype=torch.float64))
+    held = held.view(num_layers, num_nodes, num_experts)  # replicas of e on node m
+    fair = held / held.sum(1, keepdim=True).clamp(min=1)  # the fair choice's node shares
+    here = (held > 0).to(torch.float64)  # [L, N, E]: the source node holds it
+    eye = torch.eye(num_nodes, dtype=torch.float64)
+    # hits[l, n, e, m]: a token of e from node n is served on node m
+    hits = (here[:, :, :, None] * eye[None, :, None, :]
+            + (1 - here)[:, :, :, None] * fair.transpose(1, 2)[:, None, :, :])
+    mean = torch.einsum("le,lnem->lnm", freq.to(torch.float64), hits)
+    flat = hits.permute(0, 2, 1, 3).reshape(num_layers, num_experts, -1)  # [L, E, N·N]
+    both = (flat * pair_times(flat)).sum(1).view(num_layers, num_nodes, num_nodes)
+    reach = 1 - _prob_none(mean, both)  # [L, N_source, N_served]
+    remote = reach.sum(2) - reach.diagonal(dim1=1, dim2=2)
+    return remote.mean(1)
+
+
+def co_selection(
+    request: PlanRequest,
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(freq [L, E], pair_times)`` as the locality policy plans with them
+    (:func:`remote_nodes_by_node`): from the request's routing trace, else the loads and
+    groups (:class:`eplb.core.policies.LocalityPolicy`'s surrogate, whose matrix is never
+    built: :func:`eplb.core.locality.surrogate_pair_times`)."""
+    topology = request.topology
+    weight = request.weight.detach().cpu().to(torch.float64)
+    weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
+    if request.routing is not None:
+        freq, pair = pair_stats(torch.as_tensor(request.routing).cpu(), request.num_experts)
+        return freq, lambda x: torch.bmm(pair.to(x.dtype), x)
+    groups = topology.num_groups
+    top_groups = max(1, groups // 2) if groups > 1 else None
+    freq, _ = group_frequencies(weight, groups, 8, top_groups)
+    return freq, lambda x: surrogate_pair_times(weight, groups, 8, top_groups, x)
+
+
+def plan_locality_incremental(
+    request: PlanRequest, old: np.ndarray, fresh: torch.Tensor
+) -> torch.Tensor:
+    """``[L, R]``: per layer the candidate that pays best (module docstring), from the map
+    in force ``old [L, R]`` and the fresh locality plan relabelled onto it
+    ``fresh [L, R]``, under ``request`` (locality policy, nearest dispatch, several
+    nodes, every GPU live)."""
+    topology = request.topology
+    nodes, per_gpu = topology.num_nodes, topology.gpus_per_node
+    layers, num_slots = old.shape
+    weight = request.weight.detach().cpu().to(torch.float64)
+    host = dataclasses.replace(request, weight=weight)
+    base = torch.from_numpy(forced_base(host, old, weight.numpy())[0])
+    candidates = [base[None]]
+    if per_gpu > 1:
+        # node rows: each node's slots with its replicas' realised loads, the layer's id
+        # space (a row's absent experts weigh nothing); an idle row weighs its replicas 1
+        rows, width = layers * nodes, num_slots // nodes
+        start = base.reshape(rows, width).numpy()
+        slot_load = realised_slot_loads(weight, base, topology.num_gpus, nodes, "nearest")
+        node_weight = np.zeros((rows, request.num_experts))
+        np.add.at(node_weight, (np.arange(rows)[:, None], start),
+                  slot_load.reshape(rows, width).numpy())
+        counts = counts_of(start, request.num_experts)
+        node_weight = np.where(node_weight.sum(1, keepdims=True) > 0, node_weight,
+                               (counts > 0).astype(np.float64))
+        options = request.options.incremental
+        quota = max(2, round(options.quota * width))
+        steps = options.steps_for(topology.slots_per_gpu, "nearest", nodes)
+        # swaps only: the transfers' target is the counts in force (no replica changes
+        # node, so no token's remote nodes change)
+        ladder, _, _ = warm_ladder(node_weight, start, per_gpu, np.full(rows, quota), steps,
+                                   request.options.packing, transfers_only=False,
+                                   spread=True, base_counts=counts, target=counts)
+        candidates.append(torch.from_numpy(ladder[1:]).reshape(-1, layers, num_slots))
+    candidates.append(fresh.cpu()[None])
+    stacked = torch.cat(candidates)  # [C, L, R]: base, the ladder's steps, fresh
+    value = paying_values(host, stacked)
+    # the fresh plan also where its traffic gain pays for its moves
+    freq, pair_times = co_selection(request)
+    remote = torch.stack([remote_nodes_by_node(phy, freq, pair_times, topology.num_gpus, nodes)
+                          for phy in (base, stacked[-1])])
+    share = (stacked[-1] != base).sum(1).to(torch.float64) / num_slots
+    price = request.options.incremental.layer_price(topology.slots_per_gpu)
+    cut = (remote[0] - remote[1]) / remote[0].clamp(min=1e-12)
+    value[-1] = torch.where(cut > price * share, torch.inf, value[-1])
+    pick = value.argmax(0)  # first on ties: the map in force
+    return stacked[pick, torch.arange(layers)]
