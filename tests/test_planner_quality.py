@@ -209,6 +209,31 @@ def test_rows_of_eight_experts_rank_their_count_vectors_a_few_rows_at_a_time(mon
     assert len(ranked) > 2 and max(ranked) <= 2 * 1107
 
 
+def test_eight_experts_on_thousands_of_gpus_skip_the_count_vectors(monkeypatch):
+    # attacker pass: one layer of 8 experts on 4,096 GPUs of 3 slots ranked 1,107 count
+    # vectors by the greedy's packing over 12,288 slots × 4,096 GPUs each (over 2 minutes);
+    # past TINY_MAX_WORK a row is not looked at, and the plan is still near the ideal
+    import eplb.core.tiny_counts as tiny_counts
+
+    assert tiny_counts.tiny_look_work(8, 3 * 4096, 4096) > tiny_counts.TINY_MAX_WORK
+    assert tiny_counts.tiny_look_work(8, 6 * 4, 4) <= tiny_counts.TINY_MAX_WORK  # Mixtral's
+    ranked: list[int] = []
+    real_peaks = tiny_counts.greedy_peaks
+
+    def counted(load, expert, num_gpus):
+        ranked.append(len(load))
+        return real_peaks(load, expert, num_gpus)
+
+    monkeypatch.setattr(tiny_counts, "greedy_peaks", counted)
+    w = torch.tensor([[0.64, 0.27, 0.04, 0.02, 0.81, 0.91, 0.61, 0.73]], dtype=torch.float64)
+    planned = eplb.plan(w, 3 * 4096, 4096)
+    assert_contract(planned)
+    assert not ranked
+    assert float(planned.balancedness(w)) > 0.999
+    eplb.plan(w, 24, 4)  # where the work is small, the vectors are ranked
+    assert ranked
+
+
 @pytest.mark.parametrize(("experts", "gpus"), [(256, 8), (384, 8), (384, 6)])
 def test_a_few_hot_experts_with_one_spare_slot_a_gpu_are_not_below_the_greedy(experts, gpus):
     # quality attacker pass: R = E + P, three experts 20x the rest, on GPUs of 17-65

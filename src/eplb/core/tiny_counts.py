@@ -30,6 +30,12 @@ TINY_PACKED = 8
 #: is cheap to search, and within 1 % of the bound (the other count looks' gap) the
 #: greedy still beat eplb by up to 0.5 % on Mixtral's counts
 TINY_GAP = 1e-4
+#: the most :func:`tiny_look_work` a row may take: the greedy packs every vector slot by
+#: slot over all GPUs, so a row costs vectors × R × P (8 experts on 4,096 GPUs of 3 slots:
+#: 5.6e10, over 2 minutes for one layer; attacker pass). At this cap a row takes about
+#: 0.1 s: with 8 experts 128 GPUs of 3 slots are looked at, of 5 not, which costs 6
+#: random layers 0.99958 → 0.99888 (the look took 0.56 s there)
+TINY_MAX_WORK = 1 << 26
 #: count vectors ranked at once: rows are ranked a few at a time (each on its own), as
 #: ranking every row at once held ~280 KB a row at 8 experts (200 layers on 128 nodes of
 #: 8 experts each: 25,600 rows, over 7 GB; helper pass)
@@ -42,6 +48,11 @@ def _moves(num_experts: int) -> np.ndarray:
     first (the counts themselves)."""
     steps = np.array(list(itertools.product((0, -1, 1), repeat=num_experts)), np.int64)
     return steps[steps.sum(1) == 0]
+
+
+def tiny_look_work(num_experts: int, num_replicas: int, num_gpus: int) -> int:
+    """The greedy's work to rank one row's count vectors: vectors × ``R`` × ``P``."""
+    return len(_moves(num_experts)) * num_replicas * num_gpus
 
 
 def neighbour_counts(counts: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:

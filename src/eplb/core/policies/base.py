@@ -47,7 +47,13 @@ from eplb.core.replication import (
 )
 from eplb.core.request import PlanRequest
 from eplb.core.small_slots import plan_one_slot, plan_two_slots
-from eplb.core.tiny_counts import TINY_EXPERTS, TINY_GAP, best_neighbours
+from eplb.core.tiny_counts import (
+    TINY_EXPERTS,
+    TINY_GAP,
+    TINY_MAX_WORK,
+    best_neighbours,
+    tiny_look_work,
+)
 
 
 def plan_rows(
@@ -220,8 +226,10 @@ def plan_rows(
         state = _filler_ladder(weight, num_replicas, num_gpus, state, packing, generator,
                                None if floor is None else floor[:rows])
     if (count_search and num_experts <= TINY_EXPERTS and num_gpus > 1
-            and num_experts < num_replicas < num_gpus * num_experts and len(rules) > 1):
-        # (every expert once: no other counts; a slot per expert on every GPU: no need)
+            and num_experts < num_replicas < num_gpus * num_experts and len(rules) > 1
+            and tiny_look_work(num_experts, num_replicas, num_gpus) <= TINY_MAX_WORK):
+        # (every expert once: no other counts; a slot per expert on every GPU: no need;
+        # a row whose greedy packings would take seconds: not looked at)
         state = _tiny_count_look(weight, num_replicas, num_gpus, rules, state, packing,
                                  generator, None if floor is None else floor[:rows])
     return to_slots(state)
