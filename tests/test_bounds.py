@@ -127,6 +127,17 @@ def test_max_replica_load_batched_rows():
     assert got.tolist() == pytest.approx(want, rel=1e-12)
 
 
+@pytest.mark.parametrize("replicas", [12, 12288])
+def test_max_replica_load_of_integer_loads(replicas):
+    # attacker pass: integer loads with one dominant expert took the ragged table, whose
+    # -inf padding cannot be an int64 (RuntimeError); both tables now divide in float64
+    w = torch.ones(1, 64 if replicas > 64 else 8, dtype=torch.int64)
+    w[0, 0] = 10**6
+    got = max_replica_load(w, replicas)
+    assert got.dtype == torch.float64
+    assert got.tolist() == pytest.approx([jefferson_brute(w[0].tolist(), replicas)], rel=1e-12)
+
+
 def hierarchical_bound_brute(w: list[float], replicas: int, gpus: int, nodes: int,
                              groups: int) -> float:
     """min over every group→node assignment (G/N groups per node) of the worst node's

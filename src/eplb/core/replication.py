@@ -352,6 +352,10 @@ def max_replica_load(weight: torch.Tensor, num_replicas: int) -> torch.Tensor:
     num_extra = num_replicas - num_experts
     if num_extra == 0:
         return weight.max(-1).values
+    if not weight.is_floating_point():
+        # quotients of integer loads in float64 (the ragged table's -inf padding cannot be
+        # an integer, and the dense one divided into the default float dtype)
+        weight = weight.to(torch.float64)
     hot = weight.topk(min(num_experts, num_extra + 1), dim=1).values  # [rows, K]
     # (float64 on the host: a float32 sum of huge loads reads inf, which would read as no share)
     total = weight.detach().cpu().to(torch.float64).sum(1, keepdim=True).numpy()
