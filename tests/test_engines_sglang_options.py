@@ -101,6 +101,28 @@ def test_options_the_nearest_planner_cannot_honour_are_dropped_not_fatal(caplog)
         eplb.rebalance_experts(weight[0], 80, 4, 1, 8, policy="global")[0])
 
 
+def test_the_locality_policy_at_runtime_prices_its_moves(caplog):
+    # the locality policy keeps the map in force where moving does not pay, so its
+    # move price and drift apply (they were dropped as unscored); a budget still is not
+    weight = torch.randint(1, 1000, (1, 6, 64))
+    locality = {"policy": "locality", "dispatch": "nearest"}
+    old = plugin.eplb_rebalance(weight, 80, 10, 4, 2, hierarchical=False, options=locality,
+                                sglang_dispatch="static")[0]
+    drifted = (weight * torch.exp(0.3 * torch.randn(weight.shape,
+                                                    generator=torch.Generator().manual_seed(1))))
+    with caplog.at_level(logging.WARNING):
+        dear = plugin.eplb_rebalance(drifted.round(), 80, 10, 4, 2, hierarchical=False,
+                                     old_phy2log=old, sglang_dispatch="static",
+                                     options={**locality, "move_price": 0.99, "drift": 0.1,
+                                              "max_moves": 10})[0]
+    assert "max_moves not applied" in caplog.text and "move_price" not in caplog.text
+    free = plugin.eplb_rebalance(drifted.round(), 80, 10, 4, 2, hierarchical=False,
+                                 old_phy2log=old, sglang_dispatch="static",
+                                 options={**locality, "move_price": 0.0, "drift": 0.1})[0]
+    assert int((dear != old).sum()) < int((free != old).sum())  # the price was applied
+    Placement.from_phy2log(free, 64, Topology(80, 8, 2, 4), "locality").validate()
+
+
 def test_auto_plans_for_an_even_split_where_the_nearest_plan_would_stall_sglang(
         monkeypatch, caplog):
     # the nearest plan's node relabelling grows about as P³ and with the replicas per

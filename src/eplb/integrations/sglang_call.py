@@ -28,6 +28,7 @@ from eplb.core.topology import Topology, positive_int
 from eplb.integrations.agreement import check_timeout_option
 from eplb.integrations.sglang_counts import check_step_counts, sum_steps
 from eplb.integrations.threads import check_threads_option
+from eplb.online.budget import scores_moves
 from eplb.online.settings import (
     INCREMENTAL_OPTIONS,
     check_engine_budget,
@@ -223,9 +224,11 @@ def eplb_rebalance(
         # (on one node a skip threshold gives the even split's planner: it takes one)
         dropped = [k for k in ("skip_threshold",) if k in options and num_nodes > 1]
         if policy != "global" and old is not None:
-            # nor does it score moves there: the move knobs would change nothing
+            # nor does it score moves there (but under the locality policy, which prices
+            # them: eplb.online.budget.scores_moves): the move knobs would change nothing
+            unscored = num_nodes > 1 and not scores_moves("nearest", num_nodes, policy, False)
             dropped += [k for k in ("max_moves", "move_price", "drift", "group_share")
-                        if k in options and (k == "max_moves" or num_nodes > 1)]
+                        if k in options and (k == "max_moves" or unscored)]
         for key in dropped:
             options.pop(key)
         if dropped:
