@@ -202,6 +202,21 @@ def nearest() -> Iterator[tuple[str, Digest]]:
                 table.add(eplb.plan(drifted, 288, gpus, dispatch="nearest", previous=first,
                                     max_moves=budget).phy2log)
     yield "nearest-one-node", table
+    # the locality policy: fresh, then from its own map and from a global plan's
+    locality = Digest()
+    for i, weight in enumerate(loads[:2]):
+        options = {"policy": "locality", "dispatch": "nearest"}
+        first = eplb.plan(weight, 288, 32, 4, 8, **options)
+        other = eplb.plan(weight, 288, 32, 4, 8, policy="global", dispatch="nearest")
+        locality.add(first.phy2log)
+        gen = torch.Generator().manual_seed(300 + i)
+        drifted = torch.round(
+            weight * torch.exp(0.15 * torch.randn(weight.shape, generator=gen,
+                                                  dtype=torch.float64)))
+        for previous in (first, other):
+            locality.add(eplb.plan(drifted, 288, 32, 4, 8, previous=previous,
+                                   **options).phy2log)
+    yield "nearest-locality", locality
 
 
 def shapes() -> Iterator[tuple[str, Digest]]:
