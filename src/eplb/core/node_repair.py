@@ -30,6 +30,26 @@ def _tally(phy2log: torch.Tensor, unit_of_slot: torch.Tensor, units: int, num_ex
     return cnt.view(num_layers, units, num_experts + 1)
 
 
+def _move_counts(
+    table: torch.Tensor, unit_of_slot: torch.Tensor, out: torch.Tensor, rows: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, num_experts: int,
+) -> None:
+    """Keep a :func:`_tally` table ``[L, units, E + 1]`` up to date (in place) after the
+    swaps ``out[rows, a] <-> out[rows, b]`` (``rows, a, b [k]``, ``out`` already swapped).
+
+    A swap moves two replicas, so four counts change: a rebuilt table (a ``[L, P, E+1]``
+    fill and scatter every step) was most of a repair at 128 GPUs. The counts are
+    integers, so the table is the one :func:`_tally` would build."""
+    width = num_experts + 1
+    moved = torch.where(out >= 0, out, num_experts)
+    e, f = moved[rows, b], moved[rows, a]  # e went from slot a to b, f from b to a
+    at_a, at_b = unit_of_slot[a] * width, unit_of_slot[b] * width
+    ones = torch.ones_like(e)
+    table.view(table.shape[0], -1).index_put_(
+        (rows.repeat(4), torch.cat([at_a + e, at_b + e, at_b + f, at_a + f])),
+        torch.cat([-ones, ones, -ones, ones]), accumulate=True)
+
+
 def repair_node_pairs(
     weight: torch.Tensor,
     phy2log: torch.Tensor,
@@ -70,15 +90,19 @@ def repair_node_pairs(
     out = phy2log.clone()
     done = torch.zeros(num_layers, dtype=torch.int64, device=phy2log.device)
     steps = None if max_swaps is None else max_swaps
+    # a swap keeps every expert's replica count (so its replicas' loads); the node and GPU
+    # tables are kept up to date swap by swap (_move_counts)
+    count = expert_counts(out, num_experts)
+    count = torch.cat([count, count.new_zeros(num_layers, 1)], 1)
+    per = w / count.clamp(min=1)
+    node_cnt = _tally(out, node_of_slot, num_nodes, num_experts)  # [L, N, E+1]
+    gpu_cnt = _tally(out, gpu_of_slot, num_gpus, num_experts)
+    node_index = node_of_slot[None] * (num_experts + 1)  # [1, R] a slot's row in node_cnt
     while steps is None or steps > 0:
         expert = torch.where(out >= 0, out, num_experts)
-        count = expert_counts(out, num_experts)
-        count = torch.cat([count, count.new_zeros(num_layers, 1)], 1)
-        node_cnt = _tally(out, node_of_slot, num_nodes, num_experts)  # [L, N, E+1]
-        gpu_cnt = _tally(out, gpu_of_slot, num_gpus, num_experts)
         c = count.gather(1, expert)  # [L, R]
-        here = node_cnt.gather(2, expert[:, None, :].expand(-1, num_nodes, -1))  # [L, N, R]
-        on_node = here.gather(1, node_of_slot[None, None].expand(num_layers, 1, -1))[:, 0]
+        # replicas of each slot's expert on the slot's node
+        on_node = node_cnt.view(num_layers, -1).gather(1, node_index + expert)
         # the later replica of a pair on one node is the one to move (an expert with more
         # replicas than nodes cannot be spread: kept together, it is left alone)
         bad = (c >= min_count) & (on_node >= 2) & (out >= 0)
@@ -100,10 +124,13 @@ def repair_node_pairs(
         if keep_together:  # nor would it move a replica of an expert kept together
             ok &= c <= num_nodes
         ok &= node_of_slot[None] != n[:, None]
-        apply = _swap_with_best_partner(out, w / count.clamp(min=1), expert, s, has, ok,
-                                        gpu_of_slot, num_gpus)
+        apply, partner = _swap_with_best_partner(out, per, expert, s, has, ok, gpu_of_slot,
+                                                 num_gpus)
         if not bool(apply.any()):
             break
+        r, a, b = rows[apply], s[apply], partner[apply]
+        _move_counts(node_cnt, node_of_slot, out, r, a, b, num_experts)
+        _move_counts(gpu_cnt, gpu_of_slot, out, r, a, b, num_experts)
         done += apply.to(torch.int64)
         if steps is not None:
             steps -= 1
@@ -141,12 +168,14 @@ def gather_together(
     out = phy2log.clone()
     pull = torch.cat([attract, attract.new_zeros(num_layers, 1)], 1)  # [L, E+1]
     done = torch.zeros(num_layers, dtype=torch.int64, device=phy2log.device)
+    # swaps keep the replica counts; the tables follow them (_move_counts)
+    count = torch.cat([expert_counts(out, num_experts), out.new_zeros(num_layers, 1)], 1)
+    per = w / count.clamp(min=1)
+    node_cnt = _tally(out, node_of_slot, num_nodes, num_experts)  # [L, N, E+1]
+    gpu_cnt = _tally(out, gpu_of_slot, num_gpus, num_experts)  # [L, P, E+1]
     # each swap sends one stray home for good (its partner is not kept together)
     for _ in range(num_slots):
         expert = torch.where(out >= 0, out, num_experts)
-        count = torch.cat([expert_counts(out, num_experts), out.new_zeros(num_layers, 1)], 1)
-        node_cnt = _tally(out, node_of_slot, num_nodes, num_experts)  # [L, N, E+1]
-        gpu_cnt = _tally(out, gpu_of_slot, num_gpus, num_experts)  # [L, P, E+1]
         home = node_cnt.argmax(1)  # [L, E+1]: first on ties, the lower node
         c = count.gather(1, expert)  # [L, R]
         one_node = pull.gather(1, expert) & (c <= per_node)
@@ -163,10 +192,13 @@ def gather_together(
         ok = (node_of_slot[None] == home[rows, e][:, None]) & (out >= 0) & (e_there == 0)
         ok &= (f_at_g == 0) & ~pull.gather(1, expert)
         ok &= (c < 3) | (c > num_nodes) | (f_at_n == 0)
-        apply = _swap_with_best_partner(out, w / count.clamp(min=1), expert, s, has, ok,
-                                        gpu_of_slot, num_gpus)
+        apply, partner = _swap_with_best_partner(out, per, expert, s, has, ok, gpu_of_slot,
+                                                 num_gpus)
         if not bool(apply.any()):
             break
+        r, a, b = rows[apply], s[apply], partner[apply]
+        _move_counts(node_cnt, node_of_slot, out, r, a, b, num_experts)
+        _move_counts(gpu_cnt, gpu_of_slot, out, r, a, b, num_experts)
         done += apply.to(torch.int64)
     return out, done
 
@@ -188,12 +220,13 @@ def _layout(
 def _swap_with_best_partner(
     out: torch.Tensor, per: torch.Tensor, expert: torch.Tensor, moving: torch.Tensor,
     has: torch.Tensor, ok: torch.Tensor, gpu_of_slot: torch.Tensor, num_gpus: int,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per layer with ``has [L]``, swap slot ``moving [L]`` of ``out [L, R]`` (in place)
     with the allowed partner (``ok [L, R]``) whose exchange keeps the two GPUs' larger
     even-split load smallest (``per [L, E+1]`` the load of one replica of each expert,
     the last column empty slots; ``expert [L, R]`` each slot's column). Near ties go to
-    the partner whose load is closest. Returns ``[L]`` bool: the layers that swapped."""
+    the partner whose load is closest. Returns ``(apply [L] bool, partner [L])``: the
+    layers that swapped, and the slot each swapped with (meaningful where ``apply``)."""
     num_layers = out.shape[0]
     rows = torch.arange(num_layers, device=out.device)
     load = per.gather(1, expert).view(num_layers, num_gpus, -1).sum(2)  # [L, P]
@@ -209,7 +242,7 @@ def _swap_with_best_partner(
     if bool(apply.any()):
         r, a, b = rows[apply], moving[apply], partner[apply]
         out[r, a], out[r, b] = out[r, b].clone(), out[r, a].clone()
-    return apply
+    return apply, partner
 
 
 def polish_realised(
@@ -246,19 +279,22 @@ def polish_realised(
     gpu_of_slot = slot // slots
     node_of_slot = gpu_of_slot // per_node
     dead_slot = ~live[gpu_of_slot]
+    # swaps keep the replica counts; the GPU table follows them (_move_counts)
+    single = (expert_counts(out, num_experts) == 1)
+    single = torch.cat([single, single.new_zeros(num_layers, 1)], 1)  # [L, E+1]
+    gpu_cnt = _tally(out, gpu_of_slot, num_gpus, num_experts)  # [L, P, E+1]
     for _ in range(2 * num_gpus if steps is None else steps):
         load = x.view(num_layers, num_gpus, slots).sum(2)
         load = torch.where(live, load, torch.full_like(load, -1.0))
         u = load.argmax(1)  # [L] heaviest live GPU
         expert = torch.where(out >= 0, out, num_experts)
-        single = (expert_counts(out, num_experts) == 1)
-        single = torch.cat([single, single.new_zeros(num_layers, 1)], 1).gather(1, expert)
-        gpu_cnt = _tally(out, gpu_of_slot, num_gpus, num_experts)  # [L, P, E+1]
+        single_slot = single.gather(1, expert)  # [L, R]
         mine = u[:, None] * slots + torch.arange(slots, device=device)  # [L, S] slots on u
         xi = x.gather(1, mine)  # [L, S]
         ei = expert.gather(1, mine)
         same_node = node_of_slot[None] == (u // per_node)[:, None]  # [L, R]
-        movable = same_node[:, None, :] | (single.gather(1, mine)[:, :, None] & single[:, None, :])
+        movable = same_node[:, None, :] | (single_slot.gather(1, mine)[:, :, None]
+                                           & single_slot[:, None, :])
         # anti-affinity: f must not be on u already, e must not be on f's GPU
         f_on_u = gpu_cnt[rows, u].gather(1, expert) > 0  # [L, R]
         e_on_v = gpu_cnt[rows[:, None], :, ei].gather(
@@ -279,4 +315,5 @@ def polish_realised(
         r, i, j = rows[apply], i[apply], j[apply]
         out[r, i], out[r, j] = out[r, j].clone(), out[r, i].clone()
         x[r, i], x[r, j] = x[r, j].clone(), x[r, i].clone()
+        _move_counts(gpu_cnt, gpu_of_slot, out, r, i, j, num_experts)
     return out
