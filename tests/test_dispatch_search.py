@@ -1,7 +1,8 @@
 """The nearest-dispatch plan's node relabelling search (``_kl_swaps``) makes the same
 swaps as its plain formulation: a fresh conflict-by-node product in float64 every step.
 It keeps that product up to date swap by swap and runs in float32 where every sum is an
-integer below 2**24 (about twice as fast at 256–512 GPUs); both must change no swap."""
+integer below 2**24 (about twice as fast at 256–512 GPUs), and scores the full search
+with one batched product where that is exact; none may change a swap."""
 
 from __future__ import annotations
 
@@ -162,3 +163,37 @@ def test_the_full_search_never_takes_a_same_node_pair(nodes, scale):
     got = _kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert (got[0] == where).all() if nodes == 1 else (got[0] != where).any()
+
+
+@pytest.mark.parametrize(("scale", "by_product", "precision"),
+                         [(1.0, True, "highest"), (1.0, True, "medium"), (64.0, False, "highest")])
+def test_the_product_search_makes_the_plain_formulations_swaps(
+        monkeypatch, scale, by_product, precision):
+    # the full search scores every pair with one batched product where each bin's row of
+    # |conflict| sums to at most 256 (exact even in bfloat16, which "medium" precision
+    # may use), the gather search elsewhere: the same swaps either way
+    import eplb.core.node_labels as node_labels
+
+    used = []
+    real = node_labels._best_swap_by_product
+    monkeypatch.setattr(node_labels, "_best_swap_by_product",
+                        lambda *args: used.append(1) or real(*args))
+    gen = torch.Generator().manual_seed(11)
+    gpus, nodes, slots, layers, experts = 32, 4, 6, 4, 40
+    weight = torch.exp(torch.randn(layers, experts, generator=gen, dtype=torch.float64))
+    phy2log = torch.stack([torch.multinomial(row / row.sum(), gpus * slots, replacement=True,
+                                             generator=gen) for row in weight])
+    conflict = node_conflicts(phy2log, gpus, experts) * scale
+    assert (float(conflict.abs().sum(2).max()) <= 256) == by_product
+    where = torch.stack([torch.randperm(gpus, generator=gen) for _ in range(layers)])
+    node_of_pos = torch.arange(gpus) // (gpus // nodes)
+    want = plain_kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        got = _kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert bool(used) == by_product
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert (got[0] != where).any()

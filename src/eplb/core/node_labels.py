@@ -198,6 +198,11 @@ def _kl_swaps(
     attracted = bool((conflict < 0).any())
     work = conflict.to(torch.float32) if small else conflict
     eye = torch.eye(num_nodes, dtype=work.dtype, device=conflict.device)
+    # the full search's gain as one batched product (below) where every number in it is
+    # an integer of at most 256 or a power of two: exact even where a caller lets float32
+    # products run in bfloat16 or TF32 (torch.set_float32_matmul_precision, the mkldnn
+    # and CUDA flags). |M[a, k] − M[a, y_a]| is at most bin a's row of |A|
+    product = small and float(conflict.abs().sum(2).amax()) <= _EXACT_PRODUCT
     # rows are independent and a row without an improving swap is done: each step searches
     # the rows still moving only (most converge within a few steps)
     active = torch.arange(rows, device=where.device)
@@ -219,6 +224,8 @@ def _kl_swaps(
             break
         if 2 * width <= num_bins and not attracted:
             best, a, b = _best_conflicted_swap(m, own, y, twice, conflicted, width)
+        elif product:
+            best, a, b = _best_swap_by_product(m, own, y, twice, eye)
         else:
             # M[a, y_b] − M[a, y_a] + M[b, y_a] − M[b, y_b] − 2A[a, b]: counts, so exact in
             # any order. The [n, B, B] passes are most of a plan at 128 GPUs, so their
@@ -255,6 +262,38 @@ def _kl_swaps(
     if attracted:  # attracted pairs left split over two nodes
         left += (conflict.clamp(max=0) * (same - 1)).sum((1, 2))
     return where, left / 2
+
+
+#: largest row sum of |conflict| for which :func:`_best_swap_by_product` runs: bfloat16
+#: holds the integers up to 256 exactly
+_EXACT_PRODUCT = 256.0
+#: a same-node pair's share of the product search's gain (a power of two: exact in
+#: bfloat16), so such a pair scores 2·2**20 − 2A[a, b] > 0 and never swaps
+_SAME_NODE = 2.0**20
+
+
+def _best_swap_by_product(
+    m: torch.Tensor, own: torch.Tensor, y: torch.Tensor, twice: torch.Tensor,
+    eye: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_kl_swaps`' full search, ``(gain [n], a [n], b [n])``: the first minimum in
+    row-major order of the ``[n, B, B]`` gain, the same pair as the gather search's where
+    the gain is negative. ``m [n, B, N]``, ``own [n, B]``, ``y [n, B]``, ``twice [n, B, B]``
+    as there, ``eye [N, N]``.
+
+    ``off[a, k] = M[a, k] − M[a, y_a]`` and the one-hot ``Y[b, k] = [y_b = k]`` give the
+    gain as ``[off | Y] · [Y | off]ᵀ − 2A``: ``off[a, y_b] + off[b, y_a] − 2A[a, b]``, one
+    batched product for the gather, the transposed add (a strided read of ``[n, B, B]``)
+    and the copy a gather search makes. Every product is a number times 0 or 1 and every
+    sum one of integers below 2**24, so the gain of a pair on two nodes is the gather
+    search's exactly; a same-node pair reads ``_SAME_NODE`` twice (+inf there), positive
+    either way, and only a row whose best gain is negative swaps."""
+    num_bins = y.shape[1]
+    off = (m - own[:, :, None]).scatter_(2, y[:, :, None], _SAME_NODE)
+    hot = eye[y]  # [n, B, N]
+    gain = torch.bmm(torch.cat([off, hot], 2), torch.cat([hot, off], 2).transpose(1, 2))
+    best, flat = gain.sub_(twice).reshape(len(gain), -1).min(1)
+    return best, flat // num_bins, flat % num_bins
 
 
 def _best_conflicted_swap(
