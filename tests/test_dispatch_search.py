@@ -197,3 +197,20 @@ def test_the_product_search_makes_the_plain_formulations_swaps(
     assert bool(used) == by_product
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert (got[0] != where).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_searchs_minimum_is_the_flat_minimums_first_place(dtype):
+    # the search takes each row's minimum in steps (row minima, the first row holding the
+    # least, its first such column); with many ties, and +inf, it must be the place a
+    # min over the flattened rows gives (the first in row-major order)
+    from eplb.core.node_labels import _first_min
+
+    gen = torch.Generator().manual_seed(3)
+    gain = torch.randint(-2, 3, (50, 12, 12), generator=gen).to(dtype)
+    gain[gain > 1] = float("inf")
+    gain[0] = float("inf")  # a row with nothing to gain
+    want_best, flat = gain.reshape(50, -1).min(1)
+    best, a, b = _first_min(gain)
+    assert torch.equal(best, want_best)
+    assert torch.equal(a, flat // 12) and torch.equal(b, flat % 12)

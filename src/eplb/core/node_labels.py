@@ -237,9 +237,7 @@ def _kl_swaps(
             half = off.gather(2, y[:, None, :].expand(-1, num_bins, -1))  # [n, a, b]
             # half + halfᵀ, not halfᵀ + half: the sum comes out contiguous, so the flat
             # view below is not one more copy
-            gain = half.add(half.transpose(1, 2)).sub_(twice)
-            best, flat = gain.reshape(len(gain), -1).min(1)
-            a, b = flat // num_bins, flat % num_bins
+            best, a, b = _first_min(half.add(half.transpose(1, 2)).sub_(twice))
         todo = best < -1e-9
         if not bool(todo.any()):
             break
@@ -288,12 +286,22 @@ def _best_swap_by_product(
     sum one of integers below 2**24, so the gain of a pair on two nodes is the gather
     search's exactly; a same-node pair reads ``_SAME_NODE`` twice (+inf there), positive
     either way, and only a row whose best gain is negative swaps."""
-    num_bins = y.shape[1]
     off = (m - own[:, :, None]).scatter_(2, y[:, :, None], _SAME_NODE)
     hot = eye[y]  # [n, B, N]
     gain = torch.bmm(torch.cat([off, hot], 2), torch.cat([hot, off], 2).transpose(1, 2))
-    best, flat = gain.sub_(twice).reshape(len(gain), -1).min(1)
-    return best, flat // num_bins, flat % num_bins
+    return _first_min(gain.sub_(twice))
+
+
+def _first_min(gain: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(best [n], a [n], b [n])``: the minimum of each ``gain [n, B, B]`` and its first
+    place in row-major order, as a min over the flattened rows gives it. Taken as each
+    row's minimum (amin, one vectorised pass), the first row ``a`` holding the least, and
+    the first ``b`` of that row equal to it: about 2.5x faster than the flat min, whose
+    index tracking is not vectorised (the search's largest pass after the gain itself)."""
+    rows = torch.arange(len(gain), device=gain.device)
+    best, a = gain.amin(2).min(1)  # first on ties: the lowest a
+    b = (gain[rows, a] == best[:, None]).to(torch.uint8).argmax(1)  # the lowest such b
+    return best, a, b
 
 
 def _best_conflicted_swap(
