@@ -185,6 +185,22 @@ def test_eight_experts_get_counts_that_move_several_replicas_at_once(replicas, g
     assert (ours >= greedy - 0.005).all()
 
 
+def _count_ranked_vectors(monkeypatch) -> list[int]:
+    """The number of count vectors each call of ``tiny_counts.greedy_peaks`` ranks, as the
+    planner calls it (appended per call)."""
+    import eplb.core.tiny_counts as tiny_counts
+
+    ranked: list[int] = []
+    real_peaks = tiny_counts.greedy_peaks
+
+    def counted(load, expert, num_gpus):
+        ranked.append(len(load))
+        return real_peaks(load, expert, num_gpus)
+
+    monkeypatch.setattr(tiny_counts, "greedy_peaks", counted)
+    return ranked
+
+
 def test_rows_of_eight_experts_rank_their_count_vectors_a_few_rows_at_a_time(monkeypatch):
     # helper pass: the count vectors of every row of at most 8 experts were ranked at
     # once, ~280 KB a row: 200 layers × 1024 experts on 128 nodes of 8 GPUs with 256
@@ -195,14 +211,7 @@ def test_rows_of_eight_experts_rank_their_count_vectors_a_few_rows_at_a_time(mon
     g = torch.Generator().manual_seed(7)
     w = torch.exp(torch.randn(12, 8, generator=g, dtype=torch.float64) * 0.6)
     whole = eplb.plan(w, 24, 4)
-    ranked: list[int] = []
-    real_peaks = tiny_counts.greedy_peaks
-
-    def counted(load, expert, num_gpus):
-        ranked.append(len(load))
-        return real_peaks(load, expert, num_gpus)
-
-    monkeypatch.setattr(tiny_counts, "greedy_peaks", counted)
+    ranked = _count_ranked_vectors(monkeypatch)
     monkeypatch.setattr(tiny_counts, "VECTORS_AT_ONCE", 2 * 1107)  # 2 rows at a time
     chunked = eplb.plan(w, 24, 4)
     assert torch.equal(chunked.phy2log, whole.phy2log)
@@ -217,14 +226,7 @@ def test_eight_experts_on_thousands_of_gpus_skip_the_count_vectors(monkeypatch):
 
     assert tiny_counts.tiny_look_work(8, 3 * 4096, 4096) > tiny_counts.TINY_MAX_WORK
     assert tiny_counts.tiny_look_work(8, 6 * 4, 4) <= tiny_counts.TINY_MAX_WORK  # Mixtral's
-    ranked: list[int] = []
-    real_peaks = tiny_counts.greedy_peaks
-
-    def counted(load, expert, num_gpus):
-        ranked.append(len(load))
-        return real_peaks(load, expert, num_gpus)
-
-    monkeypatch.setattr(tiny_counts, "greedy_peaks", counted)
+    ranked = _count_ranked_vectors(monkeypatch)
     w = torch.tensor([[0.64, 0.27, 0.04, 0.02, 0.81, 0.91, 0.61, 0.73]], dtype=torch.float64)
     planned = eplb.plan(w, 3 * 4096, 4096)
     assert_contract(planned)
