@@ -97,6 +97,23 @@ def test_a_map_of_another_origin_gets_the_locality_plan(origin):
         assert _remote(w1, new).mean() < _remote(w1, old).mean()
 
 
+def test_a_layer_without_load_keeps_the_map():
+    """An idle layer (all-zero loads, planned as uniform) moves nothing, as under the
+    other policies: its uniform surrogate's traffic took the fresh plan (47 of 64 slots
+    moved, attacker pass); a map with empty slots there is only made valid."""
+    w0 = _loads(0)
+    old = eplb.plan(w0, R, P, N, G, **KW).phy2log
+    w1 = _loads(1, 0.05)
+    w1[1] = 0
+    new = eplb.plan(w1, R, P, N, G, previous=old, **KW)
+    assert torch.equal(new.phy2log[1], old[1])
+    holed = old.clone()
+    holed[1, :3] = -1
+    again = eplb.plan(w1, R, P, N, G, previous=holed, **KW)
+    assert_contract(again)
+    assert torch.equal(again.phy2log[1, 3:], old[1, 3:])
+
+
 def test_a_higher_move_price_moves_no_more():
     w0, w1 = _loads(0), _loads(2, 0.15)
     old = eplb.plan(w0, R, P, N, G, **KW).phy2log

@@ -22,7 +22,8 @@ the balancedness gain, the smaller of in sample and expected on the next window,
 the move price × the share of slots moved). The fresh plan is also taken where it cuts
 the expected remote nodes per token (:func:`remote_nodes_by_node`) by more than the
 move price × the share of slots it moves, as a fraction of the map in force's: a map
-planned by another policy, or for other co-selection, gets the locality plan.
+planned by another policy, or for other co-selection, gets the locality plan. A layer
+without load (``request.idle``) keeps the map in force, as under the other policies.
 """
 
 from __future__ import annotations
@@ -144,4 +145,8 @@ def plan_locality_incremental(
     cut = (remote[0] - remote[1]) / remote[0].clamp(min=1e-12)
     value[-1] = torch.where(cut > price * share, torch.inf, value[-1])
     pick = value.argmax(0)  # first on ties: the map in force
+    if request.idle is not None:
+        # no load: nothing to gain (the layer was planned as uniform loads, whose
+        # surrogate traffic took the fresh plan: 47 of 64 slots moved in an idle layer)
+        pick[request.idle.cpu()] = 0
     return stacked[pick, torch.arange(layers)]
