@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import eplb
 from eplb.core.dispatch import coactivation, realised_gpu_loads, remote_nodes_from_coactivation
 from eplb.core.locality import group_pair_surrogate, pair_stats, surrogate_pair_times
+from eplb.online import Rebalancer
 from eplb.online.locality import remote_nodes_by_node
 
 R, P, N, G, E, L = 64, 16, 4, 8, 48, 4
@@ -120,6 +121,22 @@ def test_a_higher_move_price_moves_no_more():
     moved = [int((eplb.plan(w1, R, P, N, G, previous=old, move_price=price, **KW).phy2log
                   != old).sum()) for price in (0.0, 0.01, 0.05, 0.99)]
     assert moved == sorted(moved, reverse=True) and moved[0] > 0 and moved[-1] == 0, moved
+
+
+def test_group_share_is_refused_where_it_changes_nothing():
+    """The locality policy values its candidates under the nearest rule, each expert
+    drifting alone: ``group_share`` was taken and changed no plan (attacker pass); the
+    Rebalancer refuses it when made, as ``eplb.plan`` at the call."""
+    w0, w1 = _loads(0), _loads(1, 0.05)
+    old = eplb.plan(w0, R, P, N, G, **KW).phy2log
+    with pytest.raises(ValueError, match=r"^group_share: with dispatch='nearest' the "
+                                         r"locality policy values its moves"):
+        eplb.plan(w1, R, P, N, G, previous=old, group_share=0.5, **KW)
+    with pytest.raises(ValueError, match=r"^group_share: "):
+        Rebalancer(R, P, N, G, window=4, interval=4, incremental=True, group_share=0.5,
+                   **KW)
+    Rebalancer(R, P, N, G, window=4, interval=4, incremental=True, move_price=0.05,
+                    drift=0.1, **KW)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -98,6 +98,8 @@ def plan(
         group_share: with ``previous`` and ``num_groups > 1``: the share of that drift
             an expert has in common with its group (default 0.09, measured on the real
             DeepSeek-V3 loads; see :class:`~eplb.core.options.IncrementalOptions`).
+            Refused with ``dispatch="nearest"`` on several nodes but under the global
+            policy: the locality policy values its moves with each expert drifting alone.
         dispatch: how the engine splits an expert's tokens over its replicas:
             ``"even"`` (vLLM, the default) or ``"nearest"`` (SGLang with an all-to-all
             backend: same GPU, else same node, else a fixed fair choice). With

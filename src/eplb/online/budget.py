@@ -286,8 +286,19 @@ def refuse_unscored(names: list[str], dispatch: str, num_nodes: int, policy: str
     nearest dispatch on several nodes with the hierarchical policy re-plans and relabels
     onto the old GPUs (:func:`scores_moves`), so they were taken and changed nothing
     (attacker pass). ``eplb.plan`` and the ``Rebalancer`` ask it alike (the locality
-    policy refuses dead GPUs before)."""
+    policy refuses dead GPUs before).
+
+    ``group_share`` shapes the even-split planner's expected balance only (the global
+    policy's warm start there, :func:`takes_budget`): the locality policy's candidates
+    are valued under the nearest rule with each expert drifting alone
+    (:func:`eplb.online.nearest.paying_values`), so it was taken and changed nothing
+    there too (attacker pass)."""
     if names and not scores_moves(dispatch, num_nodes, policy, False):
         raise ValueError(f"{', '.join(names)}: with dispatch='nearest' the {policy} policy "
                          "re-plans and relabels onto the old GPUs, scoring no moves; leave "
                          "them out, or pass policy='global'")
+    if "group_share" in names and not takes_budget(dispatch, num_nodes, policy, False):
+        raise ValueError(f"group_share: with dispatch='nearest' the {policy} policy values "
+                         "its moves under the nearest rule, each expert drifting alone (no "
+                         "drift shared by a group); leave it out (move_price and drift "
+                         "apply), or pass policy='global'")
