@@ -267,6 +267,15 @@ def test_output_name_hints_name_the_sglang_torch_file(tmp_path, capsys, loads, n
     assert "*.sglang.json or *.sglang.pt" in " ".join(err.split())
 
 
+@pytest.mark.parametrize("name", [".npy", ".CSV"])
+def test_an_output_named_by_a_suffix_alone_is_refused_too(tmp_path, capsys, loads, name):
+    """``-o .npy`` wrote JSON to a hidden file '.npy' with a warning, where ``-o x.npy`` is
+    refused (Python reads '.npy' as a name without a suffix; attacker pass)."""
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", tmp_path / name)
+    assert code == 2 and f"'{name.lower()}' names" in err, err
+    assert not (tmp_path / name).exists()
+
+
 def test_plan_help_says_other_formats_names_are_refused(capsys):
     """``plan --help`` said every name but TensorRT-LLM's, eplb's .pt and SGLang's gave
     JSON ("anything else -> json"), where ``-o x.npy`` is refused (new-user pass)."""

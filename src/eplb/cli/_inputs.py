@@ -396,10 +396,13 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
     implied = emit_for(output)
     name = Path(Path(output).name.lower())
     suffix = name.suffix
-    if implied is None and suffix in _OTHER_FORMATS:
+    # a name that is a suffix alone ('.npy': Python reads it as a stem) names that format
+    # too: it wrote JSON to a hidden file '.npy' with a warning (attacker pass)
+    named = suffix or (str(name) if str(name).startswith(".") else "")
+    if implied is None and named in _OTHER_FORMATS:
         # JSON under a name that says NumPy, CSV or gzip misleads every reader that trusts
         # the name (np.load fails on it), and a dumps folder reads it as loads
-        raise CliError(f"{Path(output).name}: '{suffix}' names {_OTHER_FORMATS[suffix]}, "
+        raise CliError(f"{Path(output).name}: '{named}' names {_OTHER_FORMATS[named]}, "
                        f"which eplb does not write placements as; name OUT {_PLACEMENT_NAMES} "
                        f"(or pass --emit to write that format under this name anyway)")
     if implied is None:
