@@ -243,7 +243,8 @@ def test_forced_moves_are_told_apart_from_the_budgeted_ones(capsys, tmp_path) ->
 
 
 def test_no_move_split_where_the_planner_takes_no_budget(capsys, tmp_path) -> None:
-    """Nearest dispatch with the locality policy re-plans whole and relabels (no budget):
+    """Nearest dispatch with the locality policy takes no budget (each layer kept,
+    re-packed inside its nodes or re-planned as the move price prices it):
     the split is null whatever the map in force (attacker pass: 0 forced and every move
     'beyond' from a map that could force nothing, null from one that could)."""
     weight = np.exp(np.random.default_rng(8).normal(0, 1, (3, 32))) * 100

@@ -259,6 +259,24 @@ def test_simulate_refuses_a_nearest_budget_outside_global_by_flag(capsys, tmp_pa
     assert code == 0, err
 
 
+def test_plan_refuses_a_locality_budget_naming_what_it_does(capsys, tmp_path,
+                                                           loads) -> None:
+    """--max-moves with --policy locality under --dispatch nearest: refused in one line
+    that says what the policy does from --previous (keeps, re-packs inside nodes or
+    re-plans as --move-price prices it), not the hierarchical policy's "re-plans and
+    relabels", stale for it since the fifty-fifth session (new-user pass)."""
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "-o", str(old))[0] == 0
+    code, out, err = run(capsys, "plan", str(loads), "-r", str(R), "-g", str(P), "--nodes",
+                         str(N), "--groups", str(G), "--policy", "locality", "--dispatch",
+                         "nearest", "--previous", str(old), "--max-moves", "4", "-o",
+                         str(tmp_path / "p.json"))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("eplb: error: --max-moves under --dispatch nearest")
+    assert "relabels" not in err and "--move-price" in err and "keeps the map" in err
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_plan_refuses_a_move_price_the_nearest_replan_does_not_score(capsys, tmp_path,
                                                                       loads) -> None:
     """--move-price with --dispatch nearest and the hierarchical policy on several nodes:

@@ -139,6 +139,22 @@ def test_group_share_is_refused_where_it_changes_nothing():
                     drift=0.1, **KW)
 
 
+def test_max_moves_refusal_says_what_the_locality_policy_does():
+    """``max_moves`` is refused under the locality policy (no budget); the refusal said
+    eplb "re-plans and relabels onto the old GPUs", stale since the policy keeps, re-packs
+    or re-plans each layer as ``move_price`` prices it (new-user pass): it names the knob
+    that moves fewer slots."""
+    w0, w1 = _loads(0), _loads(1, 0.05)
+    old = eplb.plan(w0, R, P, N, G, **KW).phy2log
+    with pytest.raises(ValueError, match=r"^max_moves with dispatch='nearest'") as err:
+        eplb.plan(w1, R, P, N, G, previous=old, max_moves=4, **KW)
+    assert "relabels" not in str(err.value)
+    assert "keeps the map in force" in str(err.value) and "move_price" in str(err.value)
+    with pytest.raises(ValueError, match=r"^max_moves with dispatch='nearest'") as err:
+        Rebalancer(R, P, N, G, window=4, interval=4, incremental=True, max_moves=4, **KW)
+    assert "relabel" not in str(err.value) and "move_price" in str(err.value)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     origin=st.sampled_from(["locality", "global-nearest", "hierarchical", "vllm-initial",

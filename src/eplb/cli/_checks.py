@@ -127,9 +127,15 @@ def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = Fals
         where = f"the {policy} policy" if policy != "global" else "--dead-gpus"
         fix = "drop --max-moves" if policy == "global" else ("add --policy global, or drop "
                                                              "--max-moves")
+        # the locality policy keeps, re-packs or re-plans each layer as --move-price
+        # prices it (fifty-fifth session): "re-plans and relabels" is the others' rule
+        how = ("each layer keeps the map in force, re-packs it inside its nodes or takes "
+               "the fresh plan, as --move-price prices the moves (no budget): drop "
+               "--max-moves (a higher --move-price moves fewer slots), or add --policy global"
+               if policy == "locality" else
+               f"eplb re-plans and relabels onto the old GPUs (no budget): {fix}")
         raise CliError(f"--max-moves under --dispatch nearest on several nodes budgets the "
-                       f"global policy with every GPU live; with {where} eplb re-plans and "
-                       f"relabels onto the old GPUs (no budget): {fix}")
+                       f"global policy with every GPU live; with {where} {how}")
     if (getattr(args, "move_price", None) is not None
             and not scores_moves("nearest", args.nodes, policy, False)):
         raise CliError(f"--move-price under --dispatch nearest prices the global and "

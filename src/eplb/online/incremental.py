@@ -496,10 +496,13 @@ def _plan_nearest(
     if not takes_budget(request.dispatch, topo.num_nodes, request.policy,
                         request.active_gpus is not None):
         if max_moves is not None:
-            raise ValueError(
-                "max_moves with dispatch='nearest' is supported for the global policy with "
-                "every GPU live; here eplb re-plans and relabels onto the old GPUs"
-            )
+            how = ("the locality policy takes no budget: each layer keeps the map in force, "
+                   "re-packs it inside its nodes or takes the fresh plan, as move_price "
+                   "prices the moves (a higher move_price moves fewer slots)"  # not relabels
+                   if request.policy == "locality"
+                   else "here eplb re-plans and relabels onto the old GPUs")
+            raise ValueError("max_moves with dispatch='nearest' is supported for the global "
+                             f"policy with every GPU live; {how}")
         fresh = fresh_phy2log(request).cpu()
         live = request.live.cpu().numpy()
         out = fresh.clone()
