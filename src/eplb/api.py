@@ -86,15 +86,22 @@ def plan(
             dead GPUs, filling the slots of GPUs live again (or passed as ``-1``),
             un-stacking replicas the contract no longer allows, and, under the
             hierarchical policy, re-planning layers whose groups straddle nodes.
+            With ``dispatch="nearest"`` on several nodes refused but under the global
+            policy with every GPU live (the locality policy takes no budget: its moves
+            are priced by ``move_price``).
         skip_threshold: with ``previous``, leave a layer untouched when re-planning it
             would raise its expected next-window balancedness by less than this.
+            Refused with ``dispatch="nearest"`` on several nodes.
         move_price: with ``previous``: the expected balancedness a layer must gain to
             move all its slots at 9 slots per GPU, with or without ``max_moves``
             (default 0.01); at ``S`` slots per GPU the price is ``move_price × S / 9``,
             as the weights each GPU receives (see
             :class:`~eplb.core.options.IncrementalOptions`).
         drift: with ``previous``: the log-std of an expert's load change between two
-            rebalances that the next-window score assumes (default 0.2).
+            rebalances that the next-window score assumes (default 0.2). It and
+            ``move_price`` apply under the locality policy too; with
+            ``dispatch="nearest"`` on several nodes the hierarchical policy scores no
+            moves and refuses both.
         group_share: with ``previous`` and ``num_groups > 1``: the share of that drift
             an expert has in common with its group (default 0.09, measured on the real
             DeepSeek-V3 loads; see :class:`~eplb.core.options.IncrementalOptions`).
