@@ -498,9 +498,9 @@ def _plan_nearest(
         if max_moves is not None:
             how = ("the locality policy takes no budget: each layer keeps the map in force, "
                    "re-packs it inside its nodes or takes the fresh plan, as move_price "
-                   "prices the moves (a higher move_price moves fewer slots)"  # not relabels
-                   if request.policy == "locality"
-                   else "here eplb re-plans and relabels onto the old GPUs")
+                   "prices the moves (a higher move_price moves fewer slots)"
+                   if request.policy == "locality" else "here eplb re-plans and relabels "
+                   "onto the old GPUs")
             raise ValueError("max_moves with dispatch='nearest' is supported for the global "
                              f"policy with every GPU live; {how}")
         fresh = fresh_phy2log(request).cpu()
@@ -520,8 +520,7 @@ def _plan_nearest(
                 fresh[:, slot], torch.from_numpy(old[:, slot]), int(gpus.sum()),
                 topo.gpus_per_node if request.active_gpus is None else None)
         if request.policy == "locality" and request.active_gpus is None:
-            # each layer keeps the map in force, re-packs inside its nodes, or takes the
-            # fresh plan, whichever pays (eplb.online.locality)
+            # per layer the map, re-packed in its nodes, or this plan (eplb.online.locality)
             out = plan_locality_incremental(request, old, out)
         if request.policy == "global" and request.active_gpus is not None:
             # the relabelled fresh plan moves most slots of every layer: a layer whose map
