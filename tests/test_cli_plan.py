@@ -327,6 +327,35 @@ def test_eval_previous_scores_the_map_in_force_and_counts_what_moved(capsys, tmp
     assert code == 2 and "no.json" in err
 
 
+def test_eval_previous_counts_the_slots_that_cross_nodes(capsys, tmp_path):
+    """On several nodes eval --previous counts the moved slots whose expert is new to its
+    node (weights over the network; the others copy within a node): the README's locality
+    figures had no command that printed it (new-user pass). One node: no such count."""
+    rng = np.random.default_rng(9)
+    loads = tmp_path / "w.npy"
+    np.save(loads, np.exp(rng.normal(0, 1, (3, 32))) * 100)
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 8, "-o", old)[0] == 0
+    assert run(capsys, "plan", loads, "-r", 48, "-g", 8, "--nodes", 2, "--groups", 4,
+               "--dispatch", "nearest", "-o", new)[0] == 0
+    code, out, err = run(capsys, "eval", "--placement", new, "--previous", old, loads,
+                         "--json", "--summary")
+    assert code == 0, err
+    scored = json.loads(out)
+    before = np.array(json.loads(old.read_text())["phy2log"])
+    after = np.array(json.loads(new.read_text())["phy2log"])
+    node = np.arange(48) // 24
+    want = sum(int(after[layer, s] not in set(before[layer, node == node[s]]))
+               for layer in range(3) for s in range(48))
+    assert 0 < scored["moved_slots_across_nodes"] == want <= scored["moved_slots_total"]
+    code, out, _ = run(capsys, "eval", "--placement", new, "--previous", old, loads,
+                       "--summary")
+    assert f"({want} across nodes: an expert new to its node)" in out
+    code, out, _ = run(capsys, "eval", "--placement", old, "--previous", old, loads, "--json",
+                       "--summary")
+    assert "moved_slots_across_nodes" not in json.loads(out)
+
+
 def test_rows_of_maps_on_gpus_dead_now_say_they_are_scored_as_serving(capsys, tmp_path):
     """With --dead-gpus, no rebalancing and a map in force that holds slots on a dead GPU
     are scored as if it served, and their rows say so (new-user pass: the in-force row

@@ -300,8 +300,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
          ["ceiling (upper bound)", ceil.overall, ceil.worst]],
     )
     if in_force is not None:
-        print(f"moved from --previous: {counted(in_force['moved_slots_total'], 'slot')}, at "
-              f"most {in_force['moved_slots_max_layer']} in one layer; the busiest GPU "
+        across = in_force.get("moved_slots_across_nodes")
+        print(f"moved from --previous: {counted(in_force['moved_slots_total'], 'slot')}"
+              + (f" ({across} across nodes: an expert new to its node)"
+                 if across is not None else "")
+              + f", at most {in_force['moved_slots_max_layer']} in one layer; the busiest GPU "
               f"receives {counted(in_force['moved_slots_busiest_gpu'], 'expert')}' weights")
     if ceil.note and ceil.overall is None:
         info(f"({ceil.note})")
@@ -375,10 +378,29 @@ def _in_force(args: argparse.Namespace, previous: Placement, placement: Placemen
         loads = previous.scaled_gpu_loads(weight)
     _, balance, worst = load_balance(loads, previous.live_gpus().to(live.device) | live, speed)
     moved = placement.moved_slots(previous)
-    return {"previous": str(args.previous), "balancedness_in_force": balance,
-            "worst_max_over_mean_in_force": worst, "moved_slots_total": int(moved.sum()),
-            "moved_slots_max_layer": int(moved.max()),
-            "moved_slots_busiest_gpu": int(placement.moved_slots(previous, per_gpu=True).max())}
+    scores = {"previous": str(args.previous), "balancedness_in_force": balance,
+              "worst_max_over_mean_in_force": worst, "moved_slots_total": int(moved.sum()),
+              "moved_slots_max_layer": int(moved.max()),
+              "moved_slots_busiest_gpu": int(placement.moved_slots(previous,
+                                                                   per_gpu=True).max())}
+    if placement.topology.num_nodes > 1:
+        scores["moved_slots_across_nodes"] = _arrivals(previous, placement)
+    return scores
+
+
+def _arrivals(previous: Placement, placement: Placement) -> int:
+    """Slots of ``placement`` holding an expert their node did not hold in ``previous``:
+    the weights that cross the network (the other moved slots copy within a node)."""
+    nodes, num_experts = placement.topology.num_nodes, placement.num_experts
+    old, new = previous.phy2log.cpu(), placement.phy2log.cpu()
+    node = torch.arange(new.shape[1]) // (new.shape[1] // nodes)  # of every slot
+    # [L, N·(E + 1)]: which experts each node held (-1 slots read as the last column)
+    held = torch.zeros(new.shape[0], nodes * (num_experts + 1), dtype=torch.bool)
+    held.scatter_(1, node[None] * (num_experts + 1) + torch.where(old >= 0, old, num_experts),
+                  True)
+    came = ~held.gather(1, node[None] * (num_experts + 1)
+                        + torch.where(new >= 0, new, num_experts))
+    return int((came & (new >= 0)).sum())
 
 
 def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torch.Tensor,
