@@ -24,7 +24,9 @@ rebalance before, and is scored in sample (window k) and on the next window (k +
 - **ms**: CPU time of the call, median over the calls.
 
     python benchmarks/bench_locality_incremental.py [--files 12] [--steps 2]
-        [--drifts 0.05,0.15]
+        [--drifts 0.05,0.15] [--budget 0.1]
+
+``--budget`` adds the default with a total ``max_moves`` of that share of all slots.
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=12)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--drifts", default="0.05,0.15")
+    parser.add_argument("--budget", type=float, default=0.1,
+                        help="also a total max_moves of this share of the slots (0: none)")
     args = parser.parse_args()
     print(start("bench_locality_incremental"))
     loads = deepseek_loads(torch.int64)
@@ -80,10 +84,15 @@ def main() -> None:
         return
     names = sorted(loads)[: args.files]
     keep = incremental.plan_locality_incremental
-    variants = {"re-plan (before)": lambda request, old, out: out, "default": keep}
+    layers = next(iter(loads.values())).shape[0]  # 58 MoE rows
+    budget = {"max_moves": round(args.budget * R * layers)} if args.budget else {}
+    variants = {"re-plan (before)": (lambda request, old, out, *_: out, {}),
+                "default": (keep, {})}
+    if budget:
+        variants[f"max_moves {args.budget:.0%} of the slots"] = (keep, budget)
     rows = []
     for drift in (float(d) for d in args.drifts.split(",")):
-        for label, choose in variants.items():
+        for label, (choose, extra) in variants.items():
             incremental.plan_locality_incremental = choose
             cells: dict[str, list[float]] = {k: [] for k in (
                 "moved", "across", "bal_in", "bal_next", "rem_in", "rem_next", "ms")}
@@ -94,7 +103,7 @@ def main() -> None:
                     for k in range(1, args.steps + 1):
                         begin = time.process_time()
                         new = eplb.plan(windows[k].long(), R, P, N, G, previous=phy.clone(),
-                                        **KW).phy2log
+                                        **KW, **extra).phy2log
                         cells["ms"].append(1e3 * (time.process_time() - begin))
                         cells["moved"].append(float((new != phy).float().mean()))
                         cells["across"].append(across_nodes(phy, new))

@@ -439,7 +439,6 @@ def test_nearest_options_of_another_policy_are_refused_by_flag(tmp_path, capsys,
 
 @pytest.mark.parametrize(("extra", "said"), [
     (["--policy", "global", "--dead-gpus", "3"], "with --dead-gpus eplb re-plans"),
-    (["--policy", "locality"], "with the locality policy each layer keeps the map"),
 ])
 def test_a_move_budget_the_nearest_rule_cannot_keep_is_refused_by_flag(tmp_path, capsys, loads,
                                                                        extra, said):

@@ -243,18 +243,18 @@ def test_forced_moves_are_told_apart_from_the_budgeted_ones(capsys, tmp_path) ->
 
 
 def test_no_move_split_where_the_planner_takes_no_budget(capsys, tmp_path) -> None:
-    """Nearest dispatch with the locality policy takes no budget (each layer kept,
-    re-packed inside its nodes or re-planned as the move price prices it):
-    the split is null whatever the map in force (attacker pass: 0 forced and every move
-    'beyond' from a map that could force nothing, null from one that could)."""
+    """Nearest dispatch with the hierarchical policy on several nodes re-plans whole and
+    relabels (no budget): the split is null whatever the map in force (attacker pass: 0
+    forced and every move 'beyond' from a map that could force nothing, null from one
+    that could; the locality policy takes a budget since the fifty-fifth session)."""
     weight = np.exp(np.random.default_rng(8).normal(0, 1, (3, 32))) * 100
     loads = tmp_path / "w.npy"
     np.save(loads, weight)
     old = tmp_path / "old.json"
     assert run(capsys, "plan", loads, "-r", 48, "-g", 8, "-o", old)[0] == 0
     code, out, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--nodes", 2, "--groups", 4,
-                         "--policy", "locality", "--dispatch", "nearest", "--previous", old,
-                         "--json", "-o", tmp_path / "p.json")
+                         "--policy", "hierarchical", "--dispatch", "nearest", "--previous",
+                         old, "--json", "-o", tmp_path / "p.json")
     assert code == 0, err
     summary = json.loads(out)
     assert summary["moved_slots_total"] > 0

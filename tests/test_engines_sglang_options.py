@@ -103,8 +103,8 @@ def test_options_the_nearest_planner_cannot_honour_are_dropped_not_fatal(caplog)
 
 def test_the_locality_policy_at_runtime_prices_its_moves(caplog):
     # the locality policy keeps the map in force where moving does not pay, so its
-    # move price and drift apply (they were dropped as unscored); a budget still is not,
-    # nor a group's shared drift (eplb.plan refuses it there: it changed nothing)
+    # move price and drift apply (they were dropped as unscored), and a budget caps it;
+    # not a group's shared drift (eplb.plan refuses it there: it changed nothing)
     weight = torch.randint(1, 1000, (1, 6, 64))
     locality = {"policy": "locality", "dispatch": "nearest"}
     old = plugin.eplb_rebalance(weight, 80, 10, 4, 2, hierarchical=False, options=locality,
@@ -116,8 +116,9 @@ def test_the_locality_policy_at_runtime_prices_its_moves(caplog):
                                      old_phy2log=old, sglang_dispatch="static",
                                      options={**locality, "move_price": 0.99, "drift": 0.1,
                                               "max_moves": 10, "group_share": 0.5})[0]
-    assert "max_moves, group_share not applied" in caplog.text
-    assert "move_price" not in caplog.text
+    assert "eplb: group_share not applied" in caplog.text
+    assert "move_price" not in caplog.text and "max_moves" not in caplog.text
+    assert int((dear != old).sum()) <= 10
     free = plugin.eplb_rebalance(drifted.round(), 80, 10, 4, 2, hierarchical=False,
                                  old_phy2log=old, sglang_dispatch="static",
                                  options={**locality, "move_price": 0.0, "drift": 0.1})[0]

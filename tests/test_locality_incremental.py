@@ -139,20 +139,41 @@ def test_group_share_is_refused_where_it_changes_nothing():
                     drift=0.1, **KW)
 
 
-def test_max_moves_refusal_says_what_the_locality_policy_does():
-    """``max_moves`` is refused under the locality policy (no budget); the refusal said
-    eplb "re-plans and relabels onto the old GPUs", stale since the policy keeps, re-packs
-    or re-plans each layer as ``move_price`` prices it (new-user pass): it names the knob
-    that moves fewer slots."""
-    w0, w1 = _loads(0), _loads(1, 0.05)
+def test_a_move_budget_caps_the_plan_without_one():
+    """``max_moves`` under the locality policy: a total or per-layer cap on the slots
+    changed (the map in force is valid here, so nothing is forced), never a reason to
+    move a layer more than without a budget; 0 keeps the map; the Rebalancer takes it
+    too (it was refused: no budget)."""
+    w0, w1 = _loads(0), _loads(2, 0.15)
     old = eplb.plan(w0, R, P, N, G, **KW).phy2log
-    with pytest.raises(ValueError, match=r"^max_moves with dispatch='nearest'") as err:
-        eplb.plan(w1, R, P, N, G, previous=old, max_moves=4, **KW)
-    assert "relabels" not in str(err.value)
-    assert "keeps the map in force" in str(err.value) and "move_price" in str(err.value)
-    with pytest.raises(ValueError, match=r"^max_moves with dispatch='nearest'") as err:
-        Rebalancer(R, P, N, G, window=4, interval=4, incremental=True, max_moves=4, **KW)
-    assert "relabel" not in str(err.value) and "move_price" in str(err.value)
+    free = eplb.plan(w1, R, P, N, G, previous=old, **KW).phy2log
+    free_moved = (free != old).sum(1)
+    assert int(free_moved.sum()) > 8
+    for total in (0, 3, 8, int(free_moved.sum()), 10**6):
+        new = eplb.plan(w1, R, P, N, G, previous=old, max_moves=total, **KW)
+        assert_contract(new)
+        moved = (new.phy2log != old).sum(1)
+        assert int(moved.sum()) <= total and bool((moved <= free_moved).all()), total
+    assert torch.equal(eplb.plan(w1, R, P, N, G, previous=old, max_moves=0, **KW).phy2log, old)
+    caps = [2, 0, 5, 1]
+    capped = eplb.plan(w1, R, P, N, G, previous=old, max_moves=caps, **KW).phy2log
+    assert bool(((capped != old).sum(1) <= torch.tensor(caps)).all())
+    Rebalancer(R, P, N, G, window=4, interval=4, incremental=True, max_moves=4, **KW)
+
+
+def test_a_budget_takes_the_traffic_cuts_first():
+    """From a map planned by another policy the fresh locality plan pays on traffic in
+    every layer: a total that affords some of them buys those whole, largest cut per slot
+    first, rather than balance swaps elsewhere."""
+    w0, w1 = _loads(0), _loads(1, 0.05)
+    old = eplb.plan(w0, R, P, N, G, policy="global", dispatch="nearest").phy2log
+    free = eplb.plan(w1, R, P, N, G, previous=old, **KW).phy2log
+    per_layer = (free != old).sum(1)
+    budget = int(per_layer.min()) + 1  # one layer's fresh plan fits, not two
+    new = eplb.plan(w1, R, P, N, G, previous=old, max_moves=budget, **KW).phy2log
+    whole = [layer for layer in range(L) if torch.equal(new[layer], free[layer])
+             and per_layer[layer] > 0]
+    assert len(whole) == 1 and int((new != old).sum()) <= budget
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

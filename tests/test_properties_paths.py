@@ -384,6 +384,11 @@ def test_relabelled_plans_from_old_maps_of_every_origin_keep_the_contract(path, 
     check(p, c, plan_quietly(*args, previous=old, **kwargs))
     if path == "global-dead" and c["live"] is None:
         return  # no GPU could die (no spare slot): the global call takes a budget
+    if path == "locality":  # it takes a budget (fifty-fifth session), a valid plan within it
+        budget = data.draw(st.integers(0, c["replicas"]))
+        capped = plan_quietly(*args, previous=old, max_moves=budget, **kwargs)
+        check(capped, c, plan_quietly(*args, previous=old, max_moves=budget, **kwargs))
+        return
     # a move budget cannot be kept on this path: refused, in its keyword's name
     with pytest.raises(ValueError, match="max_moves with dispatch='nearest'"):
         plan_quietly(*args, previous=old, max_moves=c["replicas"], **kwargs)

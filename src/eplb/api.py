@@ -87,8 +87,8 @@ def plan(
             un-stacking replicas the contract no longer allows, and, under the
             hierarchical policy, re-planning layers whose groups straddle nodes.
             With ``dispatch="nearest"`` on several nodes refused but under the global
-            policy with every GPU live (the locality policy takes no budget: its moves
-            are priced by ``move_price``).
+            and locality policies with every GPU live (the locality policy spends it on
+            fewer remote nodes first: :mod:`eplb.online.locality`).
         skip_threshold: with ``previous``, leave a layer untouched when re-planning it
             would raise its expected next-window balancedness by less than this.
             Refused with ``dispatch="nearest"`` on several nodes.

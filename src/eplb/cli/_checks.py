@@ -117,25 +117,19 @@ def check_cluster_flags(*, gpus: int | None, nodes: int | None,
 
 def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = False) -> None:
     """Under ``--dispatch nearest`` (plan and simulate alike): on several nodes
-    ``--max-moves`` budgets the global policy with every GPU live, and ``--move-price``
-    prices the global and locality policies' moves (the others re-plan and relabel onto
-    the old GPUs: :func:`eplb.online.budget.takes_budget`,
-    :func:`~eplb.online.budget.scores_moves`); refuse each elsewhere by flag, before the
-    API refuses it in its keywords. One node budgets and prices every plan."""
+    ``--max-moves`` budgets and ``--move-price`` prices the global and locality policies'
+    moves with every GPU live (the others re-plan and relabel onto the old GPUs:
+    :func:`eplb.online.budget.takes_budget`, :func:`~eplb.online.budget.scores_moves`);
+    refuse each elsewhere by flag, before the API refuses it in its keywords. One node
+    budgets and prices every plan."""
     if (getattr(args, "max_moves", None) is not None
             and not takes_budget("nearest", args.nodes, policy, dead)):
         where = f"the {policy} policy" if policy != "global" else "--dead-gpus"
         fix = "drop --max-moves" if policy == "global" else ("add --policy global, or drop "
                                                              "--max-moves")
-        # the locality policy keeps, re-packs or re-plans each layer as --move-price
-        # prices it (fifty-fifth session): "re-plans and relabels" is the others' rule
-        how = ("each layer keeps the map in force, re-packs it inside its nodes or takes "
-               "the fresh plan, as --move-price prices the moves (no budget): drop "
-               "--max-moves (a higher --move-price moves fewer slots), or add --policy global"
-               if policy == "locality" else
-               f"eplb re-plans and relabels onto the old GPUs (no budget): {fix}")
         raise CliError(f"--max-moves under --dispatch nearest on several nodes budgets the "
-                       f"global policy with every GPU live; with {where} {how}")
+                       f"global and locality policies with every GPU live; with {where} "
+                       f"eplb re-plans and relabels onto the old GPUs (no budget): {fix}")
     if (getattr(args, "move_price", None) is not None
             and not scores_moves("nearest", args.nodes, policy, False)):
         raise CliError(f"--move-price under --dispatch nearest prices the global and "

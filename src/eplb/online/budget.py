@@ -263,21 +263,19 @@ def check_budget(max_moves: object, skip_threshold: object) -> int | np.ndarray 
 
 def takes_budget(dispatch: str, num_nodes: int, policy: str, dead_gpus: bool) -> bool:
     """Whether incremental planning takes a move budget (``max_moves``): everywhere but
-    under nearest dispatch on several nodes with a policy other than global or dead GPUs,
+    under nearest dispatch on several nodes with the hierarchical policy or dead GPUs,
     which re-plan whole and relabel onto the old GPUs (``eplb.online.incremental``; the
-    locality policy then keeps, per layer, what does not pay to move:
-    :mod:`eplb.online.locality`); the CLI asks it too, before telling forced moves from
-    the others."""
-    return not (dispatch == "nearest" and num_nodes > 1 and (policy != "global" or dead_gpus))
+    locality policy, which refuses dead GPUs, chooses per layer what pays to move within
+    the budget: :mod:`eplb.online.locality`); the CLI asks it too, before telling forced
+    moves from the others."""
+    return not (dispatch == "nearest" and num_nodes > 1
+                and (policy not in ("global", "locality") or dead_gpus))
 
 
 def scores_moves(dispatch: str, num_nodes: int, policy: str, dead_gpus: bool) -> bool:
     """Whether incremental planning prices its moves (``move_price``, ``drift``): where
-    it takes a budget (:func:`takes_budget`), and under the locality policy with every
-    GPU live, which keeps the map in force where re-planning does not pay
-    (:mod:`eplb.online.locality`) but takes no budget."""
-    return (takes_budget(dispatch, num_nodes, policy, dead_gpus)
-            or (dispatch == "nearest" and policy == "locality" and not dead_gpus))
+    it takes a budget (:func:`takes_budget`: the plans that choose what pays to move)."""
+    return takes_budget(dispatch, num_nodes, policy, dead_gpus)
 
 
 def refuse_unscored(names: list[str], dispatch: str, num_nodes: int, policy: str) -> None:
@@ -297,7 +295,8 @@ def refuse_unscored(names: list[str], dispatch: str, num_nodes: int, policy: str
         raise ValueError(f"{', '.join(names)}: with dispatch='nearest' the {policy} policy "
                          "re-plans and relabels onto the old GPUs, scoring no moves; leave "
                          "them out, or pass policy='global'")
-    if "group_share" in names and not takes_budget(dispatch, num_nodes, policy, False):
+    if ("group_share" in names and dispatch == "nearest" and num_nodes > 1
+            and policy == "locality"):
         raise ValueError(f"group_share: with dispatch='nearest' the {policy} policy values "
                          "its moves under the nearest rule, each expert drifting alone (no "
                          "drift shared by a group); leave it out (move_price and drift "

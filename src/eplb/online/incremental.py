@@ -493,16 +493,13 @@ def _plan_nearest(
     even = dataclasses.replace(request, dispatch="even", fair="auto", source=None, options=(
         request.options if topo.num_nodes > 1 else with_incremental(request.options,
                                                                      steps=steps)))
-    if not takes_budget(request.dispatch, topo.num_nodes, request.policy,
-                        request.active_gpus is not None):
-        if max_moves is not None:
-            how = ("the locality policy takes no budget: each layer keeps the map in force, "
-                   "re-packs it inside its nodes or takes the fresh plan, as move_price "
-                   "prices the moves (a higher move_price moves fewer slots)"
-                   if request.policy == "locality" else "here eplb re-plans and relabels "
-                   "onto the old GPUs")
+    locality = request.policy == "locality" and request.active_gpus is None
+    if locality or not takes_budget(request.dispatch, topo.num_nodes, request.policy,
+                                    request.active_gpus is not None):
+        if max_moves is not None and not locality:
             raise ValueError("max_moves with dispatch='nearest' is supported for the global "
-                             f"policy with every GPU live; {how}")
+                             "and locality policies with every GPU live; here eplb re-plans "
+                             "and relabels onto the old GPUs")
         fresh = fresh_phy2log(request).cpu()
         live = request.live.cpu().numpy()
         out = fresh.clone()
@@ -519,9 +516,8 @@ def _plan_nearest(
             out[:, torch.from_numpy(slot)] = align_to_previous(
                 fresh[:, slot], torch.from_numpy(old[:, slot]), int(gpus.sum()),
                 topo.gpus_per_node if request.active_gpus is None else None)
-        if request.policy == "locality" and request.active_gpus is None:
-            # per layer the map, re-packed in its nodes, or this plan (eplb.online.locality)
-            out = plan_locality_incremental(request, old, out)
+        if locality:  # per layer the map, re-packed in its nodes, or this plan
+            out = plan_locality_incremental(request, old, out, max_moves)
         if request.policy == "global" and request.active_gpus is not None:
             # the relabelled fresh plan moves most slots of every layer: a layer whose map
             # in force (dead GPUs emptied, their experts re-homed) is served as well on

@@ -217,13 +217,9 @@ def make_planner(
             takes_budget("nearest", topo.num_nodes, concrete, active_gpus is not None)
         ):
             # (as eplb.plan: on one node every plan takes the budget)
-            # (the locality policy keeps, re-packs or re-plans each layer as move_price
-            # prices it: "re-plan and relabel" is the other policies' rule)
-            how = ("the locality policy prices its moves with move_price, unbudgeted"
-                   if concrete == "locality" else "other plans re-plan and relabel, "
-                   "unbudgeted")
             raise ValueError("max_moves with dispatch='nearest' on several nodes needs the "
-                             f"global policy with every GPU live ({how})")
+                             "global or locality policy with every GPU live (other plans "
+                             "re-plan and relabel, unbudgeted)")
         if incremental:  # as eplb.plan refuses them where no move is scored
             refuse_unscored(scored, plan_options.get("dispatch") or "even", topo.num_nodes,
                             concrete)
