@@ -17,7 +17,7 @@ rebalance before, and is scored in sample (window k) and on the next window (k +
   realises them (``eplb.core.dispatch.realised_gpu_loads``);
 - **remote**: expected distinct remote nodes per token (the co-selection model the
   policy plans with, from the loads and the groups:
-  ``eplb.online.locality.remote_nodes_by_node``; a model estimate, not sampled tokens);
+  ``eplb.core.dispatch.remote_nodes_by_node``; a model estimate, not sampled tokens);
 - **moved**: the share of slots whose expert changes; **across nodes**: the share of
   slots that receive an expert their node did not hold (weights over the network, the
   rest are copies inside a node);
@@ -42,8 +42,8 @@ from bench_vllm_call import drift_chain
 import eplb
 import eplb.core.planner
 import eplb.online.incremental as incremental
-from eplb.core.dispatch import realised_gpu_loads
-from eplb.online.locality import co_selection, remote_nodes_by_node
+from eplb.core.dispatch import realised_gpu_loads, remote_nodes_by_node
+from eplb.online.locality import co_selection
 
 R, P, N, G = 288, 32, 4, 8
 KW = {"policy": "locality", "dispatch": "nearest", "slack": 0.03}
@@ -56,18 +56,7 @@ def score(weight: torch.Tensor, phy2log: torch.Tensor) -> tuple[float, float]:
     loads = realised_gpu_loads(w, phy2log, P, N, "nearest", check=False)
     bal = float(loads.mean(1).sum() / loads.amax(1).sum())
     freq, pair_times = co_selection(eplb.core.planner.make_request(w, R, P, N, G, **KW))
-    return bal, float(remote_nodes_by_node(phy2log, freq, pair_times, P, N).mean())
-
-
-def across_nodes(old: torch.Tensor, new: torch.Tensor) -> float:
-    """Share of slots receiving an expert their node did not hold in ``old``."""
-    layers, slots = old.shape
-    node = torch.arange(slots) // (slots // N)
-    experts = old.max().item() + 1
-    held = torch.zeros(layers, N * experts, dtype=torch.bool)
-    held.scatter_(1, node[None] * experts + old, True)
-    arrived = ~held.gather(1, node[None] * experts + new)
-    return float(arrived.float().mean())
+    return bal, float(remote_nodes_by_node(phy2log, freq, pair_times, N).mean())
 
 
 def main() -> None:
@@ -102,11 +91,13 @@ def main() -> None:
                     phy = eplb.plan(windows[0].long(), R, P, N, G, **KW).phy2log
                     for k in range(1, args.steps + 1):
                         begin = time.process_time()
-                        new = eplb.plan(windows[k].long(), R, P, N, G, previous=phy.clone(),
-                                        **KW, **extra).phy2log
+                        placed = eplb.plan(windows[k].long(), R, P, N, G, previous=phy.clone(),
+                                           **KW, **extra)
+                        new = placed.phy2log
                         cells["ms"].append(1e3 * (time.process_time() - begin))
                         cells["moved"].append(float((new != phy).float().mean()))
-                        cells["across"].append(across_nodes(phy, new))
+                        cells["across"].append(
+                            float(placed.moved_slots(phy, across_nodes=True).sum()) / new.numel())
                         bal_in, rem_in = score(windows[k], new)
                         bal_next, rem_next = score(windows[k + 1], new)
                         for key, value in (("bal_in", bal_in), ("bal_next", bal_next),

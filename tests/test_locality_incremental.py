@@ -14,10 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import eplb
-from eplb.core.dispatch import coactivation, realised_gpu_loads, remote_nodes_from_coactivation
+from eplb.core.dispatch import (
+    coactivation,
+    realised_gpu_loads,
+    remote_nodes_by_node,
+    remote_nodes_from_coactivation,
+)
 from eplb.core.locality import group_pair_surrogate, pair_stats, surrogate_pair_times
 from eplb.online import Rebalancer
-from eplb.online.locality import remote_nodes_by_node
 
 R, P, N, G, E, L = 64, 16, 4, 8, 48, 4
 KW = {"policy": "locality", "dispatch": "nearest"}
@@ -48,7 +52,7 @@ def _node_holdings(phy2log: torch.Tensor) -> torch.Tensor:
 
 def _remote(weight: torch.Tensor, phy2log: torch.Tensor) -> torch.Tensor:
     freq, pair = group_pair_surrogate(weight.double(), G, 8, G // 2)
-    return remote_nodes_by_node(phy2log, freq, lambda x: torch.bmm(pair, x), P, N)
+    return remote_nodes_by_node(phy2log, freq, lambda x: torch.bmm(pair, x), N)
 
 
 def test_the_same_loads_keep_the_map():
@@ -219,7 +223,7 @@ def test_remote_nodes_by_source_node_equal_the_per_gpu_estimate(seed):
     ids = torch.from_numpy(np.stack([np.stack([rng.choice(E, 4, replace=False)
                                                for _ in range(L)]) for _ in range(200)]))
     freq, pair = pair_stats(ids, E)
-    by_node = remote_nodes_by_node(phy2log, freq, lambda x: torch.bmm(pair, x), P, N)
+    by_node = remote_nodes_by_node(phy2log, freq, lambda x: torch.bmm(pair, x), N)
     per_gpu = remote_nodes_from_coactivation(phy2log, coactivation(ids, E), 200, P, N)
     assert torch.allclose(by_node, per_gpu, rtol=1e-10, atol=1e-12)
 

@@ -17,7 +17,7 @@ from eplb.core.trace import MAX_MODEL_LAYERS
 from eplb.formats._files import only_regular_files_are_replaced, output_file
 from eplb.formats.detect import folder_load_files
 from eplb.formats.errors import FormatError
-from eplb.online.budget import scores_moves, takes_budget
+from eplb.online.budget import takes_budget
 
 
 def existing_file(path: str | Path, what: str) -> Path:
@@ -119,7 +119,7 @@ def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = Fals
     """Under ``--dispatch nearest`` (plan and simulate alike): on several nodes
     ``--max-moves`` budgets and ``--move-price`` prices the global and locality policies'
     moves with every GPU live (the others re-plan and relabel onto the old GPUs:
-    :func:`eplb.online.budget.takes_budget`, :func:`~eplb.online.budget.scores_moves`);
+    :func:`eplb.online.budget.takes_budget`);
     refuse each elsewhere by flag, before the API refuses it in its keywords. One node
     budgets and prices every plan."""
     if (getattr(args, "max_moves", None) is not None
@@ -131,7 +131,7 @@ def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = Fals
                        f"global and locality policies with every GPU live; with {where} "
                        f"eplb re-plans and relabels onto the old GPUs (no budget): {fix}")
     if (getattr(args, "move_price", None) is not None
-            and not scores_moves("nearest", args.nodes, policy, False)):
+            and not takes_budget("nearest", args.nodes, policy, False)):
         raise CliError(f"--move-price under --dispatch nearest prices the global and "
                        f"locality policies' moves; with the {policy} policy eplb re-plans "
                        "and relabels onto the old GPUs, scoring no moves: drop --move-price")

@@ -384,23 +384,9 @@ def _in_force(args: argparse.Namespace, previous: Placement, placement: Placemen
               "moved_slots_busiest_gpu": int(placement.moved_slots(previous,
                                                                    per_gpu=True).max())}
     if placement.topology.num_nodes > 1:
-        scores["moved_slots_across_nodes"] = _arrivals(previous, placement)
+        scores["moved_slots_across_nodes"] = int(
+            placement.moved_slots(previous, across_nodes=True).sum())
     return scores
-
-
-def _arrivals(previous: Placement, placement: Placement) -> int:
-    """Slots of ``placement`` holding an expert their node did not hold in ``previous``:
-    the weights that cross the network (the other moved slots copy within a node)."""
-    nodes, num_experts = placement.topology.num_nodes, placement.num_experts
-    old, new = previous.phy2log.cpu(), placement.phy2log.cpu()
-    node = torch.arange(new.shape[1]) // (new.shape[1] // nodes)  # of every slot
-    # [L, N·(E + 1)]: which experts each node held (-1 slots read as the last column)
-    held = torch.zeros(new.shape[0], nodes * (num_experts + 1), dtype=torch.bool)
-    held.scatter_(1, node[None] * (num_experts + 1) + torch.where(old >= 0, old, num_experts),
-                  True)
-    came = ~held.gather(1, node[None] * (num_experts + 1)
-                        + torch.where(new >= 0, new, num_experts))
-    return int((came & (new >= 0)).sum())
 
 
 def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torch.Tensor,

@@ -122,6 +122,13 @@ def group_pair_surrogate(
     return freq, within + kappa * across
 
 
+def surrogate_routing(num_groups: int) -> tuple[int, int | None]:
+    """``(top_k, topk_groups)`` the surrogate assumes without a routing trace:
+    DeepSeek-V3's group-limited routing, 8 experts among half the groups (4 of 8), or
+    8 experts among all where the model has no groups."""
+    return 8, (max(1, num_groups // 2) if num_groups > 1 else None)
+
+
 def group_frequencies(
     weight: torch.Tensor, num_groups: int, top_k: int, topk_groups: int | None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

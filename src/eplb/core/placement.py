@@ -207,15 +207,18 @@ class Placement:
             gpu_speed, self.topology.num_gpus, self.phy2log.device)
         return load_balance(self.scaled_gpu_loads(weight), self.live_gpus(), speed)[1]
 
-    def moved_slots(self, previous: Placement | torch.Tensor, per_gpu: bool = False
-                    ) -> torch.Tensor:
+    def moved_slots(self, previous: Placement | torch.Tensor, per_gpu: bool = False,
+                    across_nodes: bool = False) -> torch.Tensor:
         """``[L]`` number of slots whose expert differs from ``previous`` (weights to move);
         ``per_gpu=True``: ``[P]`` of them on each GPU over every layer, what each GPU
-        receives (the busiest sets how long a rebalance stalls)."""
+        receives (the busiest sets how long a rebalance stalls); ``across_nodes=True``:
+        only those whose expert no slot of their node held in ``previous`` (weights over
+        the network; the others copy within a node)."""
         if previous is None:
             raise TypeError("previous must be a Placement or a [L, R] phy2log, got None")
-        if not isinstance(per_gpu, bool):  # ("no" is true)
-            raise TypeError(f"per_gpu must be True or False, got {per_gpu!r}")
+        for name, flag in (("per_gpu", per_gpu), ("across_nodes", across_nodes)):
+            if not isinstance(flag, bool):  # ("no" is true)
+                raise TypeError(f"{name} must be True or False, got {flag!r}")
         if isinstance(previous, Placement) and previous.topology.num_gpus != self.topology.num_gpus:
             # the same slot index is another GPU's slot there: nothing to compare
             raise ValueError(
@@ -229,6 +232,9 @@ class Placement:
             raise ValueError(f"previous phy2log has shape {tuple(old.shape)}, "
                              f"expected {tuple(self.phy2log.shape)}")
         moved = (self.phy2log != old) & (self.phy2log >= 0)
+        if across_nodes:
+            moved &= ~_held_on_node(old, self.phy2log, self.topology.num_nodes,
+                                    self.num_experts)
         if per_gpu:
             return moved.view(moved.shape[0], self.topology.num_gpus, -1).sum((0, 2))
         return moved.sum(1)
@@ -262,6 +268,19 @@ class Placement:
 
 def _fail(message: str) -> None:
     raise PlacementError(message)
+
+
+def _held_on_node(old: torch.Tensor, new: torch.Tensor, num_nodes: int, num_experts: int
+                  ) -> torch.Tensor:
+    """``[L, R]``: whether ``new``'s expert in each slot was held by some slot of the same
+    node in ``old`` (both ``[L, R]``; ``-1`` slots read as one more, never-new id)."""
+    layers, slots = new.shape
+    node = torch.arange(slots, device=new.device) // (slots // num_nodes)
+    width = num_experts + 1
+    held = torch.zeros(layers, num_nodes * width, dtype=torch.bool, device=new.device)
+    held.scatter_(1, (node[None] * width + torch.where(old >= 0, old, num_experts)).long(),
+                  True)
+    return held.gather(1, (node[None] * width + torch.where(new >= 0, new, num_experts)).long())
 
 
 def validate_planned(p: Placement) -> Placement:

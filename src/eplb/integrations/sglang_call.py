@@ -28,7 +28,7 @@ from eplb.core.topology import Topology, positive_int
 from eplb.integrations.agreement import check_timeout_option
 from eplb.integrations.sglang_counts import check_step_counts, sum_steps
 from eplb.integrations.threads import check_threads_option
-from eplb.online.budget import scores_moves
+from eplb.online.budget import takes_budget
 from eplb.online.settings import (
     INCREMENTAL_OPTIONS,
     check_engine_budget,
@@ -225,10 +225,10 @@ def eplb_rebalance(
         dropped = [k for k in ("skip_threshold",) if k in options and num_nodes > 1]
         if policy != "global" and old is not None:
             # nor does it score moves there (but under the locality policy, which prices
-            # them and takes a budget: eplb.online.budget.scores_moves): the move knobs
+            # them and takes a budget: eplb.online.budget.takes_budget): the move knobs
             # would change nothing (a group's shared drift: the locality policy values its
             # moves with each expert drifting alone, refuse_unscored)
-            unscored = num_nodes > 1 and not scores_moves("nearest", num_nodes, policy, False)
+            unscored = num_nodes > 1 and not takes_budget("nearest", num_nodes, policy, False)
             local = policy == "locality" and num_nodes > 1
             dropped += [k for k in ("max_moves", "move_price", "drift", "group_share")
                         if k in options and ((k == "max_moves" and not local) or unscored

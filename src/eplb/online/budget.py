@@ -272,17 +272,11 @@ def takes_budget(dispatch: str, num_nodes: int, policy: str, dead_gpus: bool) ->
                 and (policy not in ("global", "locality") or dead_gpus))
 
 
-def scores_moves(dispatch: str, num_nodes: int, policy: str, dead_gpus: bool) -> bool:
-    """Whether incremental planning prices its moves (``move_price``, ``drift``): where
-    it takes a budget (:func:`takes_budget`: the plans that choose what pays to move)."""
-    return takes_budget(dispatch, num_nodes, policy, dead_gpus)
-
-
 def refuse_unscored(names: list[str], dispatch: str, num_nodes: int, policy: str) -> None:
     """Refuse the move-scoring options ``names`` (``move_price``, ``drift``,
     ``group_share`` the caller set) where the plan from a map in force scores no moves:
     nearest dispatch on several nodes with the hierarchical policy re-plans and relabels
-    onto the old GPUs (:func:`scores_moves`), so they were taken and changed nothing
+    onto the old GPUs (:func:`takes_budget`), so they were taken and changed nothing
     (attacker pass). ``eplb.plan`` and the ``Rebalancer`` ask it alike (the locality
     policy refuses dead GPUs before).
 
@@ -291,7 +285,7 @@ def refuse_unscored(names: list[str], dispatch: str, num_nodes: int, policy: str
     are valued under the nearest rule with each expert drifting alone
     (:func:`eplb.online.nearest.paying_values`), so it was taken and changed nothing
     there too (attacker pass)."""
-    if names and not scores_moves(dispatch, num_nodes, policy, False):
+    if names and not takes_budget(dispatch, num_nodes, policy, False):
         raise ValueError(f"{', '.join(names)}: with dispatch='nearest' the {policy} policy "
                          "re-plans and relabels onto the old GPUs, scoring no moves; leave "
                          "them out, or pass policy='global'")

@@ -20,8 +20,8 @@ goes stale. So the candidates of every layer are:
 Each is valued as under the global policy (:func:`eplb.online.nearest.paying_values`:
 the balancedness gain, the smaller of in sample and expected on the next window, minus
 the move price × the share of slots moved). The fresh plan is also taken where it cuts
-the expected remote nodes per token (:func:`remote_nodes_by_node`) by more than the
-move price × the share of slots it moves, as a fraction of the map in force's: a map
+the expected remote nodes per token (:func:`eplb.core.dispatch.remote_nodes_by_node`) by
+more than the move price × the share of slots it moves, as a fraction of the map in force's: a map
 planned by another policy, or for other co-selection, gets the locality plan (within
 ``max_moves``, where given: traffic first, then balance, :func:`_within_budget`). That may
 cost balance on the window at hand (a global plan's layers re-planned so lost up to
@@ -38,8 +38,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from eplb.core.dispatch import _prob_none, realised_slot_loads
-from eplb.core.locality import group_frequencies, pair_stats, surrogate_pair_times
+from eplb.core.dispatch import realised_slot_loads, remote_nodes_by_node
+from eplb.core.locality import (
+    group_frequencies,
+    pair_stats,
+    surrogate_pair_times,
+    surrogate_routing,
+)
 from eplb.core.request import PlanRequest
 from eplb.online.budget import spend_budget
 from eplb.online.forced import forced_base
@@ -48,49 +53,13 @@ from eplb.online.moves import counts_of
 from eplb.online.nearest import expected_balance, paying_values
 
 
-def remote_nodes_by_node(
-    phy2log: torch.Tensor, freq: torch.Tensor,
-    pair_times: Callable[[torch.Tensor], torch.Tensor], num_gpus: int, num_nodes: int,
-) -> torch.Tensor:
-    """``[L]`` expected distinct remote nodes per token under the nearest rule, tokens
-    arising evenly on the GPUs, from selection frequencies ``freq [L, E]`` and pairwise
-    co-selection (``pair_times(x)``: the ``[L, E, E]`` matrix of pairs, zero diagonal,
-    times ``x [L, E, K]``; :func:`co_selection`); ``phy2log [L, R]`` fully placed.
-
-    The same estimate as :func:`eplb.core.dispatch.remote_nodes_from_coactivation` with
-    even sources, by source node rather than source GPU: a token is served on its own
-    node whenever the node holds the expert (on its own GPU or another), else by the
-    fair choice over all replicas, so every GPU of a node reaches the same remote nodes.
-    That makes the pair term ``N²`` columns wide instead of ``P·N`` (16 against 128 on
-    DeepSeek-V3's 32 GPUs in 4 nodes)."""
-    num_layers, num_slots = phy2log.shape
-    num_experts = freq.shape[1]
-    node_of_slot = torch.arange(num_slots) // (num_slots // num_nodes)
-    held = torch.zeros(num_layers, num_nodes * num_experts, dtype=torch.float64)
-    held.scatter_add_(1, node_of_slot[None] * num_experts + phy2log.long(),
-                      torch.ones(phy2log.shape, dtype=torch.float64))
-    held = held.view(num_layers, num_nodes, num_experts)  # replicas of e on node m
-    fair = held / held.sum(1, keepdim=True).clamp(min=1)  # the fair choice's node shares
-    here = (held > 0).to(torch.float64)  # [L, N, E]: the source node holds it
-    eye = torch.eye(num_nodes, dtype=torch.float64)
-    # hits[l, n, e, m]: a token of e from node n is served on node m
-    hits = (here[:, :, :, None] * eye[None, :, None, :]
-            + (1 - here)[:, :, :, None] * fair.transpose(1, 2)[:, None, :, :])
-    mean = torch.einsum("le,lnem->lnm", freq.to(torch.float64), hits)
-    flat = hits.permute(0, 2, 1, 3).reshape(num_layers, num_experts, -1)  # [L, E, N·N]
-    both = (flat * pair_times(flat)).sum(1).view(num_layers, num_nodes, num_nodes)
-    reach = 1 - _prob_none(mean, both)  # [L, N_source, N_served]
-    remote = reach.sum(2) - reach.diagonal(dim1=1, dim2=2)
-    return remote.mean(1)
-
-
 def co_selection(
     request: PlanRequest,
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
     """``(freq [L, E], pair_times)`` as the locality policy plans with them
-    (:func:`remote_nodes_by_node`): from the request's routing trace, else the loads and
-    groups (:class:`eplb.core.policies.LocalityPolicy`'s surrogate, whose matrix is never
-    built: :func:`eplb.core.locality.surrogate_pair_times`)."""
+    (:func:`eplb.core.dispatch.remote_nodes_by_node`): from the request's routing trace,
+    else the loads and groups (:class:`eplb.core.policies.LocalityPolicy`'s surrogate,
+    whose matrix is never built: :func:`eplb.core.locality.surrogate_pair_times`)."""
     topology = request.topology
     weight = request.weight.detach().cpu().to(torch.float64)
     weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
@@ -98,9 +67,9 @@ def co_selection(
         freq, pair = pair_stats(torch.as_tensor(request.routing).cpu(), request.num_experts)
         return freq, lambda x: torch.bmm(pair.to(x.dtype), x)
     groups = topology.num_groups
-    top_groups = max(1, groups // 2) if groups > 1 else None
-    freq, _ = group_frequencies(weight, groups, 8, top_groups)
-    return freq, lambda x: surrogate_pair_times(weight, groups, 8, top_groups, x)
+    top_k, top_groups = surrogate_routing(groups)
+    freq, _ = group_frequencies(weight, groups, top_k, top_groups)
+    return freq, lambda x: surrogate_pair_times(weight, groups, top_k, top_groups, x)
 
 
 def plan_locality_incremental(
@@ -147,7 +116,7 @@ def plan_locality_incremental(
     value = paying_values(host, stacked, balance=balance)
     # the fresh plan also where its traffic gain pays for its moves
     freq, pair_times = co_selection(request)
-    remote = torch.stack([remote_nodes_by_node(phy, freq, pair_times, topology.num_gpus, nodes)
+    remote = torch.stack([remote_nodes_by_node(phy, freq, pair_times, nodes)
                           for phy in (base, stacked[-1])])
     share = (stacked[-1] != base).sum(1).to(torch.float64) / num_slots
     price = request.options.incremental.layer_price(topology.slots_per_gpu)

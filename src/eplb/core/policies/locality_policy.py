@@ -7,7 +7,7 @@ import dataclasses
 
 import torch
 
-from eplb.core.locality import plan_locality, within_slack
+from eplb.core.locality import plan_locality, surrogate_routing, within_slack
 from eplb.core.policies.base import PlacementPolicy
 from eplb.core.policies.global_policy import GlobalPolicy, plan_for_nearest
 from eplb.core.request import PlanRequest
@@ -25,9 +25,10 @@ class LocalityPolicy(PlacementPolicy):
     def place(self, request: PlanRequest) -> torch.Tensor:
         topology = request.topology
         routing = request.routing
-        top_k = 8 if routing is None else int(routing.shape[2])
         # group-limited routing for the surrogate: half of the groups (DeepSeek-V3: 4 of 8)
-        topk_groups = max(1, topology.num_groups // 2) if topology.num_groups > 1 else None
+        top_k, topk_groups = surrogate_routing(topology.num_groups)
+        if routing is not None:
+            top_k = int(routing.shape[2])
         local = plan_locality(
             request.weight,
             topology,
