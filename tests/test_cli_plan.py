@@ -12,6 +12,9 @@ import torch
 from helpers import E, L, P, R, run, small_loads_file
 from test_cli import assert_one_line_error
 
+import eplb
+from eplb.formats import read_placement
+
 
 def test_plan_writes_a_valid_placement_and_prints_a_summary(capsys, tmp_path, loads) -> None:
     from eplb.formats import read_placement
@@ -286,6 +289,36 @@ def test_move_price_sets_the_trade_off_from_the_command_line(capsys, tmp_path) -
         code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--previous", old,
                            "--move-price", bad, "-o", tmp_path / "r.json")
         assert code == 2 and "--move-price: must be a number in [0, 1)" in err, (bad, err)
+
+
+def test_plan_drift_reaches_the_planner(capsys, tmp_path):
+    """--drift D: the API's ``drift`` (README: ``"drift": 0.05`` tells eplb the loads move
+    little, and the CLI had no way to say it): a larger drift values in-sample gains less
+    and moves fewer slots; it needs --previous and a number in [0, 2]."""
+    rng = np.random.default_rng(7)
+    weight = np.exp(rng.normal(0, 1, (6, 32))) * 100
+    loads, earlier = tmp_path / "w.npy", tmp_path / "e.npy"
+    np.save(loads, weight)
+    np.save(earlier, weight * np.exp(rng.normal(0, 0.3, (6, 32))))
+    old = tmp_path / "old.json"
+    assert run(capsys, "plan", earlier, "-r", 48, "-g", 8, "-o", old)[0] == 0
+    moved = {}
+    for drift in ("0", "2"):
+        code, out, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--previous", old,
+                             "--drift", drift, "--json", "-o", tmp_path / f"p{drift}.json")
+        assert code == 0, err
+        moved[drift] = json.loads(out)["moved_slots_total"]
+    in_force = read_placement(old)
+    expected = [int(eplb.plan(torch.from_numpy(weight), 48, 8, previous=in_force,
+                              drift=float(d)).moved_slots(in_force).sum()) for d in ("0", "2")]
+    assert [moved["0"], moved["2"]] == expected and moved["0"] > moved["2"], (moved, expected)
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--drift", "0.1", "-o",
+                       tmp_path / "q.json")
+    assert code == 2 and "--drift needs --previous" in err
+    for bad in ("-1", "nan", "inf", "x", "2.5"):
+        code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 8, "--previous", old,
+                           "--drift", bad, "-o", tmp_path / "r.json")
+        assert code == 2 and "--drift: must be a number in [0, 2]" in err, (bad, err)
 
 
 def test_eval_previous_scores_the_map_in_force_and_counts_what_moved(capsys, tmp_path):

@@ -296,7 +296,8 @@ def test_plan_refuses_a_move_price_the_nearest_replan_does_not_score(capsys, tmp
         assert code == 0, err
 
 
-@pytest.mark.parametrize("flag, value", [("--max-moves", "4"), ("--move-price", "0.5")])
+@pytest.mark.parametrize("flag, value", [("--max-moves", "4"), ("--move-price", "0.5"),
+                                         ("--drift", "0.05")])
 def test_plan_and_simulate_refuse_a_nearest_move_knob_in_the_same_words(capsys, tmp_path, loads,
                                                                         flag, value) -> None:
     """--max-moves and --move-price under --dispatch nearest with the hierarchical policy on

@@ -109,6 +109,22 @@ def test_simulate_move_price(capsys, trace_file) -> None:
     assert code == 2 and "move-price" in err
 
 
+def test_simulate_drift(capsys, trace_file) -> None:
+    # as plan --drift: the incremental planner's drift, refused without --incremental,
+    # with another planner, or outside [0, 2]
+    args = ("simulate", trace_file, "--window", 10, "-r", 16, "-g", 8, "--incremental",
+            "--json")
+    moved = [json.loads(run(capsys, *args, "--drift", drift)[1])["runs"][0]["summary"][
+        "moved_slots_per_rebalance"] for drift in ("0", "2")]
+    assert moved[1] < moved[0]
+    for extra, message in ((("--drift", "0.1"), "--drift needs --incremental"),
+                           (("--incremental", "--drift", "3"), "--drift: must be a number"),
+                           (("--planner", "greedy", "--drift", "0.1"), "need --planner eplb")):
+        code, _, err = run(capsys, "simulate", trace_file, "--window", 10, "-r", 16, "-g", 8,
+                           *extra)
+        assert code == 2 and message in err, (extra, err)
+
+
 def test_simulate_says_when_forced_moves_pass_the_budget(capsys, trace_file) -> None:
     # the first hierarchical rebalance re-plans the start's straddling groups whatever
     # --max-moves says; the table's mean hid it (new-user pass: 2914 per rebalance shown

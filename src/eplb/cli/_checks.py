@@ -130,11 +130,13 @@ def check_nearest_moves(args: argparse.Namespace, policy: str, dead: bool = Fals
         raise CliError(f"--max-moves under --dispatch nearest on several nodes budgets the "
                        f"global and locality policies with every GPU live; with {where} "
                        f"eplb re-plans and relabels onto the old GPUs (no budget): {fix}")
-    if (getattr(args, "move_price", None) is not None
-            and not takes_budget("nearest", args.nodes, policy, False)):
-        raise CliError(f"--move-price under --dispatch nearest prices the global and "
-                       f"locality policies' moves; with the {policy} policy eplb re-plans "
-                       "and relabels onto the old GPUs, scoring no moves: drop --move-price")
+    for flag, name, verb in (("--move-price", "move_price", "prices"),
+                             ("--drift", "drift", "values")):
+        if (getattr(args, name, None) is not None
+                and not takes_budget("nearest", args.nodes, policy, False)):
+            raise CliError(f"{flag} under --dispatch nearest {verb} the global and "
+                           f"locality policies' moves; with the {policy} policy eplb re-plans "
+                           f"and relabels onto the old GPUs, scoring no moves: drop {flag}")
 
 
 def check_nearest_flags(args: argparse.Namespace, policy: str, num_experts: int,

@@ -12,8 +12,22 @@ from collections.abc import Sequence
 from eplb._version import __version__
 from eplb.cli._common import EXIT_USAGE, FORCED_MOVES
 from eplb.cli._inputs import add_input_options
-from eplb.cli._values import count_type, integer, named_file, price_type, real, speed_spec
+from eplb.cli._values import (
+    count_type,
+    drift_type,
+    integer,
+    named_file,
+    price_type,
+    real,
+    speed_spec,
+)
 from eplb.tools.simulate import MAX_EXPERT_BYTES
+
+#: ``--drift``'s help, the same for plan and simulate
+DRIFT_HELP = ("how far each expert's load is expected to move by the next rebalance, as "
+              "the log-std D of a factor exp(D·N(0, 1)) (in [0, 2]); eplb values moves by "
+              "the balance they keep on such a next window: a larger D makes it move less "
+              "(default 0.2; real DeepSeek-V3 windows correlate at 0.9-0.99)")
 
 __all__ = ["build_parser"]
 
@@ -246,6 +260,8 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
                         "candidate move that gains (the candidates are warm-start steps, and "
                         "a fresh plan where those fall short; default 0.01, about where "
                         "moving a DeepSeek-V3 layer breaks even)")
+    o.add_argument("--drift", type=drift_type, default=None, metavar="D",
+                   help=f"with --previous: {DRIFT_HELP}")
     o.add_argument("--dead-gpus", metavar="LIST",
                    help="comma-separated failed GPU ids or ranges, e.g. 3,17 or 8-15")
     o.add_argument("--gpu-speed", type=speed_spec, metavar="FILE_OR_LIST",
@@ -373,6 +389,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--move-price", type=price_type, default=None, metavar="X",
                    help="with --incremental: the move price of eplb plan's --move-price "
                         "(default 0.01): higher moves fewer slots")
+    p.add_argument("--drift", type=drift_type, default=None, metavar="D",
+                   help=f"with --incremental: {DRIFT_HELP}")
     p.add_argument("--expert-bytes", type=_expert_bytes, default=None, metavar="N",
                    help="bytes of one expert's weights, for the weights moved per rebalance "
                         "(default 44040192: DeepSeek-V3 in FP8, 3 x 7168 x 2048; e.g. "

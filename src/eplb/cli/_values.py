@@ -70,6 +70,19 @@ def price_type(text: str) -> float:
     return value
 
 
+def drift_type(text: str) -> float:
+    """An argparse type: a number in [0, 2] (``--drift``, the log-std of one expert's load
+    change between rebalances that incremental planning values moves by; as the API's
+    ``drift`` takes it), refused by flag."""
+    try:
+        value = real(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 2:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 2], got {text!r}")
+    return value
+
+
 def named_file(text: str) -> str:
     """An argparse type for an option that names a file (``--previous``, ``--placement``,
     ``--routing``): an empty or blank value is refused by flag. ``--previous ""`` (an unset

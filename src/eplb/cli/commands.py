@@ -230,6 +230,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         options["max_moves"] = args.max_moves
     if args.move_price is not None:  # (with --previous: _refuse_flag_mistakes)
         options["move_price"] = args.move_price
+    if args.drift is not None:  # (with --previous: _refuse_flag_mistakes)
+        options["drift"] = args.drift
 
     dead = active is not None and not bool(active.all())
     policy = cli_policy(args.policy, args.replicas, args.gpus, args.nodes, args.groups,
@@ -417,7 +419,8 @@ def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
     first, and the real mistake only once the user had cleared the output)."""
     check_topology(args.replicas, args.gpus, args.nodes, args.groups, 0)
     check_reading_options(args)
-    for flag, value in (("--max-moves", args.max_moves), ("--move-price", args.move_price)):
+    for flag, value in (("--max-moves", args.max_moves), ("--move-price", args.move_price),
+                        ("--drift", args.drift)):
         if value is not None and not args.previous:
             raise CliError(f"{flag} needs --previous (the placement in service)")
     if args.routing_key is not None and args.routing is None:

@@ -66,6 +66,7 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
                    estimator: str | None = None, incremental: bool = False,
                    max_moves: int | None = None, policy: str = "auto", seed: int = 0,
                    oracle: bool = True, move_price: float | None = None,
+                   drift: float | None = None,
                    expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES,
                    dispatch: str = "even") -> SimulationResult:
     """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence; every
@@ -76,6 +77,8 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
         options = {"policy": policy, "seed": seed}
         if move_price is not None:
             options["move_price"] = move_price
+        if drift is not None:
+            options["drift"] = drift
         if dispatch != "even":
             options["dispatch"] = dispatch
     elif planner == "greedy" and policy != "auto":
@@ -151,10 +154,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                            f"i, score on window i + 1): --interval {args.interval} cannot apply "
                            f"with --window {args.window}; leave --interval out")
         interval = args.window  # plan on window i, score on window i + 1
-    if ((args.incremental or args.max_moves is not None or args.move_price is not None)
-            and args.planner != "eplb"):
-        raise CliError("--incremental, --max-moves and --move-price need --planner eplb")
-    for flag, value in (("--max-moves", args.max_moves), ("--move-price", args.move_price)):
+    if ((args.incremental or args.max_moves is not None or args.move_price is not None
+         or args.drift is not None) and args.planner != "eplb"):
+        raise CliError("--incremental, --max-moves, --move-price and --drift need --planner "
+                       "eplb")
+    for flag, value in (("--max-moves", args.max_moves), ("--move-price", args.move_price),
+                        ("--drift", args.drift)):
         if value is not None and not args.incremental:
             raise CliError(f"{flag} needs --incremental")
     if args.planner == "none":
@@ -230,7 +235,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 score_window=score_window, estimator=args.estimator if own else None,
                 incremental=args.incremental and own, max_moves=args.max_moves if own else None,
                 policy=policy, seed=args.seed, expert_bytes=expert_bytes,
-                move_price=args.move_price if own else None, dispatch=args.dispatch))
+                move_price=args.move_price if own else None,
+                drift=args.drift if own else None, dispatch=args.dispatch))
             advance()
 
     written: list[Path] = []
