@@ -319,3 +319,33 @@ def test_a_zero_replica_or_gpu_count_is_refused_not_defaulted(capsys, tmp_path: 
     code, _, err = run(capsys, command, trace, *extra, flag, 0)
     assert code == 2 and "must be >= 1, got 0" in err
     assert_one_line_error(err)
+
+
+def test_simulate_the_locality_policy_and_its_traffic(capsys, tmp_path) -> None:
+    # simulate had no --policy locality, and no view of cross-node traffic: under
+    # --dispatch nearest on several nodes the table has a remote/token column (modelled),
+    # and JSON its per-window figures
+    from eplb.tools.generator import generate_trace
+
+    trace = tmp_path / "trace.npy"  # [T, L, E]: two DeepSeek-V3-like layers
+    np.save(trace, generate_trace("deepseek-v3", 30, seed=0, num_layers=2).counts.numpy())
+    cluster = ("-r", 288, "-g", 32, "--nodes", 4, "--groups", 8, "--window", 10)
+    code, out, err = run(capsys, "simulate", trace, *cluster, "--policy", "locality",
+                         "--dispatch", "nearest", "--slack", "0.05", "--incremental",
+                         "--compare")
+    assert code == 0, err
+    assert "remote/token" in out and "modelled from the loads" in out
+    code, out, err = run(capsys, "simulate", trace, *cluster, "--policy", "locality",
+                         "--dispatch", "nearest", "--json")
+    assert code == 0, err
+    run_ = json.loads(out)["runs"][0]
+    assert run_["summary"]["remote_nodes_per_token"] > 0
+    assert len(run_["windows"]["remote_nodes"]) == len(run_["windows"]["start"])
+    code, out, _ = run(capsys, "simulate", trace, *cluster)  # even dispatch: no column
+    assert code == 0 and "remote/token" not in out
+    for extra, message in ((("--policy", "locality"), "add --dispatch nearest"),
+                           (("--slack", "0.05"), "--slack is the locality policy's knob"),
+                           (("--dispatch", "nearest", "--policy", "global", "--slack", "0.1"),
+                            "add --policy locality")):
+        code, out, err = run(capsys, "simulate", trace, *cluster, *extra)
+        assert code == 2 and out == "" and message in err, (extra, err)

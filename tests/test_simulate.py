@@ -483,3 +483,61 @@ def test_any_planner_is_scored_as_the_engine_dispatch_named() -> None:
                            match=r"own node first.*num_gpus \(16\) is not a multiple"):
             simulate(counts, "eplb" if options else "greedy", score_dispatch=scored,
                      **{**shape, "num_nodes": 3}, **options)
+
+
+def test_nearest_dispatch_on_several_nodes_models_the_cross_node_traffic() -> None:
+    """Under nearest dispatch on several nodes every window reports the modelled remote
+    nodes per token of the plans in force (token-weighted over the layers and over the
+    parts of a window two plans serve); even dispatch and one node report none."""
+    from eplb.tools.generator import generate_loads
+    from eplb.tools.scoring import modelled_remote_nodes
+
+    layers, experts, nodes, groups = 2, 16, 2, 4
+    topo = Topology(32, 8, nodes, groups)
+    counts = _trace(12, layers=layers, experts=experts)
+    fixed = eplb.plan(generate_loads("deepseek-v3", seed=3, num_layers=layers,
+                                     num_experts=experts), 32, 8, nodes, groups)
+
+    def planner(weight: torch.Tensor, previous: Placement | None) -> Placement:
+        return fixed
+
+    res = simulate(counts, planner, num_replicas=32, num_gpus=8, num_nodes=nodes,
+                   num_groups=groups, cadence=Cadence(4, 6, score_window=4), oracle=False,
+                   score_dispatch="nearest")
+    initial = trivial_placement(experts, layers, topo)
+
+    def part(placement: Placement, a: int, b: int) -> tuple[float, float]:
+        weight = counts[a:b].sum(0)
+        tokens = weight.sum(1)
+        remote = modelled_remote_nodes(placement.phy2log, weight, nodes, groups)
+        return float((tokens * remote).sum()), float(tokens.sum())
+
+    # window [4, 8): steps 4-5 under the initial map, 6-7 under the plan of step 6
+    (a_sum, a_tok), (b_sum, b_tok) = part(initial, 4, 6), part(fixed, 6, 8)
+    assert res.remote_nodes[1].item() == pytest.approx((a_sum + b_sum) / (a_tok + b_tok))
+    assert res.remote_nodes[2].item() == pytest.approx(part(fixed, 8, 12)[0] / part(fixed, 8,
+                                                                                     12)[1])
+    assert res.summary()["remote_nodes_per_token"] == pytest.approx(
+        float(res.remote_nodes[res.scored].mean()))
+    assert json.loads(json.dumps(res.to_dict()))["windows"]["remote_nodes"][2] == \
+        pytest.approx(res.remote_nodes[2].item())
+    for extra in ({"num_nodes": 1, "score_dispatch": "nearest"}, {"num_nodes": nodes}):
+        other = simulate(counts, "none", num_replicas=32, num_gpus=8, num_groups=groups,
+                         cadence=Cadence(4, 6, score_window=4), oracle=False, **extra)
+        assert other.remote_nodes is None and "remote_nodes_per_token" not in other.summary()
+
+
+def test_the_locality_policy_replays_with_fewer_remote_nodes() -> None:
+    """simulate(policy="locality"): its plans (from the map in force) reach fewer remote
+    nodes per token than the global plans for nearest dispatch, on a DeepSeek-V3-like
+    generated trace."""
+    from eplb.tools.generator import generate_trace
+
+    trace = generate_trace("deepseek-v3", 30, seed=0, num_layers=2)
+    remote = {}
+    for policy in ("global", "locality"):
+        res = simulate(trace, "eplb", num_replicas=288, num_gpus=32, num_nodes=4,
+                       num_groups=8, window=10, interval=10, policy=policy,
+                       dispatch="nearest", incremental=True, oracle=False)
+        remote[policy] = res.summary()["remote_nodes_per_token"]
+    assert remote["locality"] < remote["global"] - 0.1, remote

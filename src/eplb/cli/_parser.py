@@ -398,8 +398,12 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dispatch", choices=["even", "nearest"], default="even",
                    help="how the engine sends an expert's tokens to its replicas: even (vLLM; "
                         "default) or nearest (SGLang with DeepEP); eplb plans for it, and "
-                        "every planner is scored as that rule serves its plans")
-    _add_topology(p, required=False, replicas=None, gpus=None)
+                        "every planner is scored as that rule serves its plans; on several "
+                        "nodes the table also shows the modelled remote nodes per token")
+    p.add_argument("--slack", type=real, default=None, metavar="X",
+                   help="--policy locality: node load allowed above the mean node load "
+                        "(eplb plan's --slack, default 0.03)")
+    _add_topology(p, required=False, replicas=None, gpus=None, locality=True)
     p.add_argument("--report", metavar="DIR", help="write a report with pictures into DIR")
     p.add_argument("--force", action="store_true", help="overwrite existing report files")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -66,7 +66,7 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
                    estimator: str | None = None, incremental: bool = False,
                    max_moves: int | None = None, policy: str = "auto", seed: int = 0,
                    oracle: bool = True, move_price: float | None = None,
-                   drift: float | None = None,
+                   drift: float | None = None, slack: float | None = None,
                    expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES,
                    dispatch: str = "even") -> SimulationResult:
     """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence; every
@@ -79,10 +79,13 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
             options["move_price"] = move_price
         if drift is not None:
             options["drift"] = drift
+        if slack is not None:
+            options["slack"] = slack
         if dispatch != "even":
             options["dispatch"] = dispatch
-    elif planner == "greedy" and policy != "auto":
-        # a forced policy holds for the reference too (its "auto" is DeepSeek's own rule)
+    elif planner == "greedy" and policy not in ("auto", "locality"):
+        # a forced policy holds for the reference too (its "auto" is DeepSeek's own rule,
+        # which it keeps beside the locality policy: it has none)
         options = {"policy": policy}
     return simulate(
         trace, planner, num_replicas=replicas, num_gpus=gpus, num_nodes=nodes,
@@ -162,13 +165,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                         ("--drift", args.drift)):
         if value is not None and not args.incremental:
             raise CliError(f"{flag} needs --incremental")
+    if args.slack is not None and args.policy != "locality":
+        raise CliError("--slack is the locality policy's knob: add --policy locality"
+                       + ("" if args.dispatch == "nearest" else " --dispatch nearest"))
+    if args.policy == "locality" and args.dispatch != "nearest":
+        raise CliError("--policy locality plans for SGLang's nearest dispatch: add "
+                       "--dispatch nearest")
     if args.planner == "none":
         # as --incremental: a flag no run would use is refused, not dropped without a word
         # (the estimator is the chosen planner's alone, even with --compare; a policy
         # holds for the planners --compare adds)
         unused = [flag for flag, given in (
             ("--estimator", args.estimator is not None),
-            ("--policy", args.policy != "auto" and not args.compare)) if given]
+            ("--policy", args.policy != "auto" and not args.compare),
+            ("--slack", args.slack is not None and not args.compare)) if given]
         if unused:
             raise CliError(f"{' and '.join(unused)} shape{'s' if len(unused) == 1 else ''} "
                            "what a planner plans on, and --planner none never plans: give "
@@ -236,7 +246,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 incremental=args.incremental and own, max_moves=args.max_moves if own else None,
                 policy=policy, seed=args.seed, expert_bytes=expert_bytes,
                 move_price=args.move_price if own else None,
-                drift=args.drift if own else None, dispatch=args.dispatch))
+                drift=args.drift if own else None, slack=args.slack,
+                dispatch=args.dispatch))
             advance()
 
     written: list[Path] = []
@@ -258,7 +269,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"; plan on {counted(cad.window, 'step')} every "
         f"{cad.interval}, scored in windows of {cad.scoring}"
         + ("" if args.dispatch == "even" else " as SGLang's nearest dispatch serves them"),
-        SUMMARY_HEADERS, _summary_rows(results))
+        _summary_headers(results), _summary_rows(results))
     # the short headers need their meaning: which figure counts, and what 'moved' counts
     print(_column_notes(args, trace, replicas, gpus, expert_bytes))
     if args.max_moves is not None:
@@ -284,9 +295,17 @@ SUMMARY_HEADERS = ["planner", "window bal", "step bal", "oracle", "rebalances", 
                    "GB/rebal", "GB/GPU", "plan ms"]
 
 
+def _summary_headers(results: list[SimulationResult]) -> list[str]:
+    """:data:`SUMMARY_HEADERS`, and "remote/token" where the runs model cross-node
+    traffic (nearest dispatch on several nodes)."""
+    traffic = any(r.remote_nodes is not None for r in results)
+    return SUMMARY_HEADERS + (["remote/token"] if traffic else [])
+
+
 def _summary_rows(results: list[SimulationResult]) -> list[list[object]]:
-    """One row of :data:`SUMMARY_HEADERS` per run (balancedness as floats, the rest as
+    """One row of :func:`_summary_headers` per run (balancedness as floats, the rest as
     text, ``None`` where a figure does not apply)."""
+    traffic = any(r.remote_nodes is not None for r in results)
     rows: list[list[object]] = []
     for r in results:
         s = r.summary()
@@ -306,12 +325,15 @@ def _summary_rows(results: list[SimulationResult]) -> list[list[object]]:
                      None if s["busiest_gpu_gb_per_rebalance"] is None
                      else f"{s['busiest_gpu_gb_per_rebalance']:.2f}",
                      None if s["plan_ms_median"] is None else f"{s['plan_ms_median']:.1f}"])
+        if traffic:
+            remote = s.get("remote_nodes_per_token")
+            rows[-1].append(None if remote is None else f"{remote:.3f}")
     return rows
 
 
 def _column_notes(args: argparse.Namespace, trace: LoadTrace, replicas: int, gpus: int,
                   expert_bytes: int) -> str:
-    """What each of :data:`SUMMARY_HEADERS` counts (printed under the table, and in the
+    """What each of :func:`_summary_headers` counts (printed under the table, and in the
     report)."""
     return ("window bal / step bal: mean balancedness (Σ mean / Σ max GPU load, 1.0 is "
             "perfect)\n  of the scoring windows / of single steps, from the first rebalance on;\n"
@@ -326,7 +348,12 @@ def _column_notes(args: argparse.Namespace, trace: LoadTrace, replicas: int, gpu
                else " (DeepSeek-V3 in FP8; --expert-bytes for another model)"
                if trace.num_experts == 256
                else f" (DeepSeek-V3's 256 experts in FP8, but this trace has "
-                    f"{trace.num_experts}: give --expert-bytes for your model)"))
+                    f"{trace.num_experts}: give --expert-bytes for your model)")
+            + (";\nremote/token: distinct remote nodes a token's experts reach per MoE layer, "
+               "modelled from the loads\n  and the groups (DeepSeek-V3's routing: 8 experts "
+               "of half the groups), as the locality policy\n  plans with it (a model, not "
+               "counted tokens: eplb eval --routing counts a trace's own)"
+               if args.dispatch == "nearest" and args.nodes > 1 else ""))
 
 
 def _simulation_report(report: Report, args: argparse.Namespace,
@@ -346,7 +373,8 @@ def _simulation_report(report: Report, args: argparse.Namespace,
     averages = {PLANNER_LABEL.get(r.planner, r.planner): r.summary()["window_balancedness"]
                 for r in results}
     # the terminal's table and its notes: the moves and bytes a rebalance costs too
-    report.table(SUMMARY_HEADERS, [[f"{c:.4f}" if isinstance(c, float) else "n/a" if c is None
+    report.table(_summary_headers(results), [[f"{c:.4f}" if isinstance(c, float)
+                                              else "n/a" if c is None
                                      else c for c in row] for row in _summary_rows(results)])
     report.text(_column_notes(args, trace, replicas, gpus, expert_bytes).replace("\n  ", " ")
                 .replace("\n", " "))

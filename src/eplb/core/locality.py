@@ -56,6 +56,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -174,6 +175,22 @@ def surrogate_pair_times(
     in_group = fx.view(num_layers, num_groups, size, -1).sum(2).repeat_interleave(size, 1)
     return (freq * inv_q)[:, :, None] * (in_group - fx) + kappa * freq[:, :, None] * (
         total - in_group)
+
+
+def surrogate_co_selection(
+    weight: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """``(freq [L, E], pair_times)`` of the surrogate without a routing trace
+    (:func:`surrogate_routing`, :func:`surrogate_pair_times`), as
+    :func:`eplb.core.dispatch.remote_nodes_by_node` takes them, from loads ``weight
+    [L, E]`` (a layer without load counts as uniform) and the model's ``num_groups``:
+    what the locality policy plans with, and what a load trace's cross-node traffic is
+    modelled by (``eplb simulate``)."""
+    weight = weight.detach().cpu().to(torch.float64)
+    weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
+    top_k, top_groups = surrogate_routing(num_groups)
+    freq, _ = group_frequencies(weight, num_groups, top_k, top_groups)
+    return freq, lambda x: surrogate_pair_times(weight, num_groups, top_k, top_groups, x)
 
 
 def _partitions(num_groups: int, num_nodes: int) -> torch.Tensor | None:

@@ -39,12 +39,7 @@ import numpy as np
 import torch
 
 from eplb.core.dispatch import realised_slot_loads, remote_nodes_by_node
-from eplb.core.locality import (
-    group_frequencies,
-    pair_stats,
-    surrogate_pair_times,
-    surrogate_routing,
-)
+from eplb.core.locality import pair_stats, surrogate_co_selection
 from eplb.core.request import PlanRequest
 from eplb.online.budget import spend_budget
 from eplb.online.forced import forced_base
@@ -60,16 +55,10 @@ def co_selection(
     (:func:`eplb.core.dispatch.remote_nodes_by_node`): from the request's routing trace,
     else the loads and groups (:class:`eplb.core.policies.LocalityPolicy`'s surrogate,
     whose matrix is never built: :func:`eplb.core.locality.surrogate_pair_times`)."""
-    topology = request.topology
-    weight = request.weight.detach().cpu().to(torch.float64)
-    weight = torch.where(weight.sum(1, keepdim=True) > 0, weight, torch.ones_like(weight))
     if request.routing is not None:
         freq, pair = pair_stats(torch.as_tensor(request.routing).cpu(), request.num_experts)
         return freq, lambda x: torch.bmm(pair.to(x.dtype), x)
-    groups = topology.num_groups
-    top_k, top_groups = surrogate_routing(groups)
-    freq, _ = group_frequencies(weight, groups, top_k, top_groups)
-    return freq, lambda x: surrogate_pair_times(weight, groups, top_k, top_groups, x)
+    return surrogate_co_selection(request.weight, request.topology.num_groups)
 
 
 def plan_locality_incremental(

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 
 from eplb.core.device_path import caller_settings_off
-from eplb.core.dispatch import realised_slot_loads
+from eplb.core.dispatch import realised_slot_loads, remote_nodes_by_node
 from eplb.core.inputs import as_gpu_speed, scale_free
+from eplb.core.locality import surrogate_co_selection
 from eplb.core.map_tables import ideal_and_peak
 from eplb.core.placement import Placement
 from eplb.core.rank_draws import split_draw_shares, split_draw_slot_loads
@@ -238,3 +239,16 @@ def scored_loads(placement: Placement, weight: torch.Tensor, realised: Realised,
                                     realised.dispatch, realised.source,
                                     placement.active_gpus, check=False)
     return slots.view(slots.shape[0], topo.num_gpus, -1).sum(2)
+
+
+def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes: int,
+                          num_groups: int) -> torch.Tensor:
+    """``[L]`` expected distinct remote nodes a token's experts reach per MoE layer under
+    SGLang's nearest dispatch, for ``phy2log [L, R]`` (every slot placed) on loads
+    ``weight [L, E]``, tokens arising evenly over the nodes: the locality policy's model
+    (:func:`eplb.core.locality.surrogate_co_selection`, DeepSeek-V3's group-limited
+    routing of 8 experts, :func:`eplb.core.dispatch.remote_nodes_by_node`), from the loads
+    and the groups alone. A model, not counted tokens."""
+    freq, pair_times = surrogate_co_selection(weight, num_groups)
+    return remote_nodes_by_node(phy2log.cpu(), freq, pair_times, num_nodes)
+

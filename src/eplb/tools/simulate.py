@@ -13,6 +13,11 @@ step with the placement in force at that step:
   planner (not a bound on every planner; :mod:`eplb.core.bounds` gives that);
 - **per rebalance**: planning seconds, slots whose expert changed
   (:meth:`Placement.moved_slots`) and the bytes that moves (``expert_bytes`` per slot).
+- **cross-node traffic per window** (nearest dispatch on several nodes, every slot
+  placed): the expected distinct remote nodes a token's experts reach per MoE layer, as
+  the locality policy models them from the loads and the groups
+  (:func:`eplb.tools.scoring.modelled_remote_nodes`: a model of the routing, not counted
+  tokens; ``eplb eval --routing`` counts a trace's own tokens).
 
 Cadences (:data:`CADENCES`): ``"vllm"`` (window 1000, interval 3000), ``"sglang"``
 (1000 / 1000) and ``"adrs"`` (the ADRS benchmark: 100-step windows, plan on window ``i``,
@@ -49,6 +54,7 @@ from eplb.tools.scoring import (
     gpu_load_matrix,
     gpu_loads,
     loads_balancedness,
+    modelled_remote_nodes,
     scored_loads,
     scoring_counts,
     steps_per_chunk,
@@ -122,6 +128,9 @@ class SimulationResult:
         moved_slots: ``[k, L]`` slots whose expert changed at each rebalance.
         moved_per_gpu: ``[k, P]`` the same slots on each GPU (``None``: not recorded).
         expert_bytes: bytes of one expert's weights (for ``moved_bytes``).
+        remote_nodes: ``[n]`` modelled remote nodes per token of each window (module
+            docstring; NaN for a window without tokens), ``None`` where not modelled (even
+            dispatch, one node, or an empty slot in some plan).
         idle_steps: ``[T]`` bool, steps that route no token (``None``: none). Their
             balancedness reads 1, but they take no MoE time: the summary leaves them, and
             windows of idle steps alone, out of its means.
@@ -144,6 +153,7 @@ class SimulationResult:
     meta: Mapping[str, Any] = field(default_factory=dict)
     idle_steps: torch.Tensor | None = None
     moved_per_gpu: torch.Tensor | None = None
+    remote_nodes: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         # as LoadTrace's: the per-step tensors (and the idle mask) run to tens of kB for a
@@ -229,6 +239,8 @@ class SimulationResult:
             "plan_ms_median": (statistics.median(self.plan_seconds.tolist()) * 1e3
                                if self.plan_seconds.numel() else None),
         }
+        if self.remote_nodes is not None:
+            out["remote_nodes_per_token"] = _mean(self.remote_nodes[scored])
         if out["oracle_balancedness"] is not None and out["window_balancedness"] is not None:
             out["gap_to_oracle"] = out["oracle_balancedness"] - out["window_balancedness"]
         return out
@@ -248,6 +260,9 @@ class SimulationResult:
                 "oracle": (None if self.oracle_balancedness is None
                            else self.oracle_balancedness.tolist()),
                 "planned": self.planned.tolist(),
+                "remote_nodes": (None if self.remote_nodes is None
+                                 else [None if v != v else v  # NaN: no token
+                                       for v in self.remote_nodes.tolist()]),
             },
             "rebalances": {
                 "step": self.rebalance_steps.tolist(),
@@ -437,6 +452,11 @@ def simulate(
     start = 0
     placement = rebalancer.placement
     tables = 0  # the maps put in force by a rebalance so far: the runtime table's draw
+    # cross-node traffic, where the engine's dispatch makes it (module docstring):
+    # token-weighted sums per window, a window's share of each plan's tenure apart
+    traffic = realised.dispatch == "nearest" and topo.num_nodes > 1
+    remote_sum = torch.zeros(num_windows, dtype=torch.float64)
+    remote_tokens = torch.zeros(num_windows, dtype=torch.float64)
     for end in boundaries:
         if placement is None:  # a planner that returned nothing usable cannot happen here
             raise RuntimeError("no placement in force")
@@ -455,6 +475,9 @@ def simulate(
             keep = win < num_windows
             window_loads.index_add_(0, win[keep], loads[keep])
             window_live[win[keep]] |= live
+        traffic = traffic and bool((placement.phy2log >= 0).all())
+        if traffic:
+            _add_traffic(counts, start, end, score, placement, remote_sum, remote_tokens)
         if end < num_steps and planner != "none":  # "none" never rebalances
             before = len(rebalancer.events)
             rebalancer.record(counts[start:end])
@@ -501,4 +524,25 @@ def simulate(
         meta={"source": trace.source if isinstance(trace, LoadTrace) else None,
               "trace_steps": num_steps},
         idle_steps=idle,
+        remote_nodes=remote_sum / remote_tokens if traffic else None,
     )
+
+
+def _add_traffic(counts: torch.Tensor, start: int, end: int, score: int,
+                 placement: Placement, remote_sum: torch.Tensor,
+                 remote_tokens: torch.Tensor) -> None:
+    """Add to ``remote_sum [n]`` and ``remote_tokens [n]`` (in place) each scoring
+    window's part of the steps ``[start, end)`` of ``counts [T, L, E]``, served by
+    ``placement``: its modelled remote nodes per token, layer by layer, weighted by the
+    layer's selections in that part (a layer without any adds nothing)."""
+    topo = placement.topology
+    for window in range(start // score, min(-(-end // score), len(remote_sum))):
+        a, b = max(start, window * score), min(end, (window + 1) * score)
+        weight = counts[a:b].sum(0).to(torch.float64)  # [L, E]
+        tokens = weight.sum(1)  # [L]
+        if not bool((tokens > 0).any()):
+            continue
+        remote = modelled_remote_nodes(placement.phy2log, weight, topo.num_nodes,
+                                       topo.num_groups)
+        remote_sum[window] += float((tokens * remote).sum())
+        remote_tokens[window] += float(tokens.sum())
