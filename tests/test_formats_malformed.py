@@ -134,6 +134,12 @@ def _malformed_cases(tmp: Path) -> list[tuple[Path, str | None, str]]:
         1, "not the shape of an array")
     npy("version7.npy", b"{'descr': '<f8', 'fortran_order': False, 'shape': (1, 2), }\n", 7,
         "format version 0700")
+    # an unclosed bracket (tokenize.TokenError) and a 10,000-term sum (a RecursionError in
+    # NumPy's literal evaluation) escaped as internal errors, exit 1 (attacker pass)
+    npy("unclosed.npy", b"{'descr': '<f8', 'fortran_order': False, 'shape': (9, }\n", 1,
+        "not a valid .npy array header")
+    npy("deep_sum.npy", b"{'descr': '<f8', 'fortran_order': False, 'shape': (1, 2), 'x': 1"
+        + b"+1" * 10000 + b"}\n", 2, "not a valid .npy array header")
     add("long_header.npy", b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little") + b"{",
         None, "declares 4,294,967,295 bytes of header")
     np.savez(tmp / "float_topk.npz", x_topk_ids=np.zeros((2, 1, 2)))

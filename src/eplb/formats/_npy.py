@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import math
+import tokenize
 import zipfile
 from pathlib import Path
 from typing import IO
@@ -60,7 +61,10 @@ def _header(
         shape, _fortran, dtype = reader(bounded, max_header_size=_MAX_HEADER)
     except FormatError:
         raise
-    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as exc:
+    # NumPy tokenizes and literal-evaluates the header text: an unclosed bracket escaped as
+    # tokenize.TokenError and a long '1+1+...' chain as a RecursionError (attacker pass)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError, tokenize.TokenError,
+            RecursionError) as exc:
         raise FormatError(path, f"{name}: not a valid .npy array header: {exc}") from None
     # sizes NumPy can hold: a bool dimension (True) or one past int64 beside a zero one
     # (no bytes to check) escaped as a TypeError or OverflowError (attacker pass)
