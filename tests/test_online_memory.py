@@ -139,3 +139,37 @@ def test_events_read_host_tensors_under_a_meta_default_device() -> None:
     finally:
         torch.set_default_device(device)
     assert [m.device.type for m in moved] == ["cpu", "cpu"] and moved[0].tolist() == [0, 0]
+
+
+def test_a_replay_of_known_length_keeps_no_longer_ring_than_it() -> None:
+    """Attacker pass: ``eplb simulate --estimator multi:3:99999`` on a 60-step trace
+    allocated a ring of 999,990 steps (6.6 GB, 22 s; under a memory limit an internal
+    error); ``ema:10000`` on a 1,000-step DeepSeek-V3 trace 2.8 GiB. ``max_steps`` caps
+    the ring, the simulator passes its trace's length, and the estimates are the same."""
+    from eplb.tools import Cadence, simulate
+
+    rng = np.random.default_rng(0)
+    counts = torch.from_numpy(rng.poisson(20.0, (60, 4, 16))).double()
+    rebalancer = Rebalancer(32, 8, window=10, interval=10, estimator="multi:3:99999",
+                            max_steps=60)
+    assert rebalancer.capacity == 60
+    unbounded = Rebalancer(32, 8, window=10, interval=10, estimator="ema:20")
+    bounded = Rebalancer(32, 8, window=10, interval=10, estimator="ema:20", max_steps=59)
+    for a, b in ((0, 25), (25, 59)):
+        unbounded.record(counts[a:b])
+        bounded.record(counts[a:b])
+    assert torch.equal(unbounded.estimate().weight, bounded.estimate().weight)
+    assert torch.equal(unbounded.placement.phy2log, bounded.placement.phy2log)
+    with pytest.raises(ValueError, match="max_steps=59"):
+        bounded.record(counts[59])
+    assert bounded.steps == 59
+    with pytest.raises(ValueError, match="max_steps"):
+        Rebalancer(32, 8, max_steps=0)
+    restored = pickle.loads(pickle.dumps(bounded))
+    assert restored.max_steps == 59 and restored.capacity == 59
+
+    # the simulator's ring is its trace's length: a history that would have been 8 GiB
+    # and more (refused, "beyond 8 GiB") now runs
+    result = simulate(counts, "eplb", num_replicas=32, num_gpus=8, cadence=Cadence(10, 10),
+                      estimator="ema:100000000")
+    assert len(result.rebalance_steps) == 5

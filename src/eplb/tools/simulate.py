@@ -424,7 +424,7 @@ def simulate(
         num_replicas, num_gpus, topo.num_nodes, num_groups, window=cad.window,
         interval=cad.interval, estimator=est, planner=planner, incremental=incremental,
         max_moves=max_moves, skip_threshold=skip_threshold, active_gpus=active_gpus,
-        initial=initial, **plan_options,
+        initial=initial, max_steps=num_steps, **plan_options,
     )
 
     score = cad.scoring
