@@ -129,6 +129,12 @@ def test_generate_list_and_errors(capsys, tmp_path) -> None:
     code, _, err = run(capsys, "generate", "--preset", "nope", "-o", str(tmp_path / "t.pt"))
     assert code == 2
     assert_one_line_error(err)
+    # --list with a flag it never uses (an unknown preset among them) is refused by flag
+    code, out, err = run(capsys, "generate", "--list", "--preset", "x", "-o",
+                         str(tmp_path / "u.pt"))
+    assert code == 2 and out == "" and "drop --preset, -o" in err
+    assert_one_line_error(err)
+    assert not (tmp_path / "u.pt").exists()
 
 
 def test_generate_writes_sglangs_format_to_a_name_ending_sglang_json(capsys, tmp_path) -> None:

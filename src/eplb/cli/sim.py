@@ -477,6 +477,15 @@ def step_progress(description: str, total: int, enabled: bool
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if args.list:
+        # a flag the listing never uses is refused, not dropped without a word (attacker
+        # pass: --list --preset x listed the presets, silent on the unknown preset)
+        unused = [flag for flag, given in (
+            ("--preset", args.preset != "deepseek-v3"), ("--steps", args.steps != 1000),
+            ("--seed", args.seed != 0), ("-o", args.output is not None),
+            ("--format", args.format is not None), ("--force", args.force)) if given]
+        if unused:
+            raise CliError(f"--list lists the presets and generates nothing: drop "
+                           f"{', '.join(unused)}")
         rows = []
         for name, shape in PRESETS.items():
             rows.append([name, getattr(shape, "num_layers", "?"),
