@@ -5,6 +5,7 @@ The files eplb refuses to read: ``test_formats_placements_refused.py``."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,19 @@ def test_the_file_name_picks_the_format_unless_emit_does(tmp_path):
         write_placement(placement, tmp_path / "lb3.yaml", weight=torch.rand(2, 8))
 
 
+def test_a_name_of_another_format_is_refused_unless_emit_says(tmp_path):
+    """write_placement(p, "plan.npy") wrote eplb's JSON under a NumPy name without a word
+    (np.load then fails on it), where the CLI's -o plan.npy is refused (new-user pass).
+    Now the API refuses it too, naming the file, and emit= still writes it."""
+    placement, _ = make_placement(1, 2, 8, 4, 3)
+    for name in ("plan.npy", "plan.CSV", "plan.json.gz", ".npz"):
+        with pytest.raises(ValueError, match=rf"{re.escape(name)}: the name says .*emit="):
+            write_placement(placement, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    forced = write_placement(placement, tmp_path / "plan.npy", emit="json")
+    assert json.loads(forced.read_text())["format"] == "eplb.placement"
+
+
 def test_a_refusal_of_the_format_the_name_implies_says_the_name_chose_it(tmp_path):
     """A caller who passed no emit= learns that the file's name picked the format its
     arguments do not fit, and how to pick another: write_placement(p, "lb.yaml",
@@ -136,8 +150,8 @@ def test_a_refusal_of_the_format_the_name_implies_says_the_name_chose_it(tmp_pat
     placement, _ = make_placement(1, 2, 8, 4, 3)
     with pytest.raises(ValueError, match=r"'lb\.yaml' implies emit='trtllm'; pass emit="):
         write_placement(placement, tmp_path / "lb.yaml", gpu_speed=[1.0, 1.0, 1.0, 2.0])
-    with pytest.raises(ValueError, match=r"'x\.npz' implies emit='json'"):
-        write_placement(placement, tmp_path / "x.npz", num_model_layers=3)
+    with pytest.raises(ValueError, match=r"'x\.txt' implies emit='json'"):  # x.npz: refused
+        write_placement(placement, tmp_path / "x.txt", num_model_layers=3)
     dead = with_dead_gpu(placement, 1)
     with pytest.raises(ValueError, match=r"'x\.sglang\.json' implies emit='sglang'"):
         write_placement(dead, tmp_path / "x.sglang.json")

@@ -29,6 +29,7 @@ from eplb.core.messages import integer_runs
 from eplb.core.placement import groups_on_nodes
 from eplb.formats import FormatError, check_emit_fits_name, emit_for, read_loads
 from eplb.formats.detect import file_identity, folder_load_files
+from eplb.formats.placement_writer import PLACEMENT_NAMES, other_format_named
 
 
 def warn(message: str) -> None:
@@ -382,7 +383,7 @@ def cli_policy(policy: str, num_replicas: int, num_gpus: int, num_nodes: int, nu
 
 #: the OUT names that imply a placement format, as the hints list them (*.sglang.pt was
 #: left out, so an SGLang user refused '-o x.npy' was pointed at the JSON file alone)
-_PLACEMENT_NAMES = "*.json, *.pt, *.yaml, *.sglang.json or *.sglang.pt"
+_PLACEMENT_NAMES = PLACEMENT_NAMES
 
 
 def infer_emit(emit: str | None, output: str | Path) -> str:
@@ -399,10 +400,11 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
     # a name that is a suffix alone ('.npy': Python reads it as a stem) names that format
     # too: it wrote JSON to a hidden file '.npy' with a warning (attacker pass)
     named = suffix or (str(name) if str(name).startswith(".") else "")
-    if implied is None and named in _OTHER_FORMATS:
+    other = other_format_named(output)
+    if other is not None:
         # JSON under a name that says NumPy, CSV or gzip misleads every reader that trusts
         # the name (np.load fails on it), and a dumps folder reads it as loads
-        raise CliError(f"{Path(output).name}: '{named}' names {_OTHER_FORMATS[named]}, "
+        raise CliError(f"{Path(output).name}: '{named}' names {other}, "
                        f"which eplb does not write placements as; name OUT {_PLACEMENT_NAMES} "
                        f"(or pass --emit to write that format under this name anyway)")
     if implied is None:
@@ -414,18 +416,6 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
         warn(f"{Path(output).name}: writing eplb's JSON, which SGLang does not read; name "
              "OUT *.sglang.json (or pass --emit sglang) for SGLang's --init-expert-location")
     return implied or "json"
-
-
-#: output suffixes that name a file format other than the placements eplb writes: ``plan -o
-#: x.npy`` wrote JSON with a warning (attacker pass), where ``generate -o x.csv`` is refused
-_OTHER_FORMATS = {
-    ".npy": "a NumPy array", ".npz": "NumPy arrays", ".csv": "CSV", ".tsv": "TSV",
-    ".safetensors": "safetensors", ".pth": "a torch.save file (eplb's is named *.pt)",
-    ".pkl": "a pickle", ".pickle": "a pickle", ".bin": "a binary file",
-    ".gz": "a gzip archive", ".bz2": "a bzip2 archive", ".xz": "an xz archive",
-    ".zst": "a zstd archive", ".zip": "a zip archive", ".tar": "a tar archive",
-    ".toml": "TOML",
-}
 
 
 def warn_if_no_load(weight: torch.Tensor, source: object) -> None:

@@ -33,6 +33,31 @@ from eplb.formats.placements import PLACEMENT_FORMAT, PLACEMENT_FORMAT_VERSION
 EMITS: tuple[str, ...] = ("json", "pt", "sglang", "trtllm")
 #: The format a file name's suffix implies (``*.sglang.json``/``*.sglang.pt``: ``"sglang"``).
 EMIT_BY_SUFFIX = {".yaml": "trtllm", ".yml": "trtllm", ".pt": "pt", ".json": "json"}
+#: Suffixes that name a file format other than the placements eplb writes. Without
+#: ``emit=`` such a name is refused (the CLI's ``-o x.npy`` too): eplb's JSON under a name
+#: that says NumPy, CSV or gzip misleads every reader that trusts the name (``np.load``
+#: fails on it), and a dumps folder reads it as loads.
+OTHER_FORMATS = {
+    ".npy": "a NumPy array", ".npz": "NumPy arrays", ".csv": "CSV", ".tsv": "TSV",
+    ".safetensors": "safetensors", ".pth": "a torch.save file (eplb's is named *.pt)",
+    ".pkl": "a pickle", ".pickle": "a pickle", ".bin": "a binary file",
+    ".gz": "a gzip archive", ".bz2": "a bzip2 archive", ".xz": "an xz archive",
+    ".zst": "a zstd archive", ".zip": "a zip archive", ".tar": "a tar archive",
+    ".toml": "TOML",
+}
+#: The names a placement file may take for its format to follow from them.
+PLACEMENT_NAMES = "*.json, *.pt, *.yaml, *.sglang.json or *.sglang.pt"
+
+
+def other_format_named(path: str | PathLike[str]) -> str | None:
+    """What the name of ``path`` says it holds where that is a format eplb does not write
+    placements as (``plan.npy``: ``"a NumPy array"``), else ``None``. A name that is a
+    suffix alone (``.npy``, which Python reads as a stem) names that format too."""
+    if emit_for(path) is not None:
+        return None
+    name = Path(Path(path).name.lower())
+    named = name.suffix or (str(name) if str(name).startswith(".") else "")
+    return OTHER_FORMATS.get(named)
 
 
 def emit_for(path: str | PathLike[str]) -> str | None:
@@ -118,6 +143,14 @@ def write_placement(
     path = output_file(path)
     named_by = ""  # where the name chose the format, messages about it say so
     if emit is None:
+        other = other_format_named(path)
+        if other is not None:
+            # write_placement(p, "plan.npy") wrote eplb's JSON there without a word, where
+            # the CLI's -o plan.npy is refused (new-user pass)
+            raise ValueError(
+                f"{path.name}: the name says {other}, which eplb does not write placements "
+                f"as; name the file {PLACEMENT_NAMES}, or pass emit= to write that format "
+                "under this name anyway")
         emit = emit_for(path) or "json"
         named_by = f" ({path.name!r} implies emit={emit!r}; pass emit= for another format)"
     if not is_name(emit, EMITS):
