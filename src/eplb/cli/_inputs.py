@@ -381,11 +381,6 @@ def cli_policy(policy: str, num_replicas: int, num_gpus: int, num_nodes: int, nu
     return chosen
 
 
-#: the OUT names that imply a placement format, as the hints list them (*.sglang.pt was
-#: left out, so an SGLang user refused '-o x.npy' was pointed at the JSON file alone)
-_PLACEMENT_NAMES = PLACEMENT_NAMES
-
-
 def infer_emit(emit: str | None, output: str | Path) -> str:
     """``--emit`` or, when absent, the format implied by OUT's name (see ``eplb plan --help``)."""
     if emit:
@@ -405,12 +400,12 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
         # JSON under a name that says NumPy, CSV or gzip misleads every reader that trusts
         # the name (np.load fails on it), and a dumps folder reads it as loads
         raise CliError(f"{Path(output).name}: '{named}' names {other}, "
-                       f"which eplb does not write placements as; name OUT {_PLACEMENT_NAMES} "
+                       f"which eplb does not write placements as; name OUT {PLACEMENT_NAMES} "
                        f"(or pass --emit to write that format under this name anyway)")
     if implied is None:
         what = f"'{suffix}' names no placement format" if suffix else "no suffix"
         warn(f"{Path(output).name}: {what}; writing eplb's JSON (name OUT "
-             f"{_PLACEMENT_NAMES}, or pass --emit)")
+             f"{PLACEMENT_NAMES}, or pass --emit)")
     elif implied == "json" and name.stem.endswith("sglang"):
         # sglang.json, x-sglang.json: not the *.sglang.json SGLang's files are named
         warn(f"{Path(output).name}: writing eplb's JSON, which SGLang does not read; name "
