@@ -349,3 +349,26 @@ def test_simulate_the_locality_policy_and_its_traffic(capsys, tmp_path) -> None:
                             "add --policy locality")):
         code, out, err = run(capsys, "simulate", trace, *cluster, *extra)
         assert code == 2 and out == "" and message in err, (extra, err)
+
+
+def test_the_greedy_alone_refuses_the_locality_policy(capsys, tmp_path) -> None:
+    # the greedy has no locality policy: --planner greedy --policy locality [--slack X]
+    # replayed DeepSeek's own rule, the flags dropped without a word (attacker pass);
+    # with --compare the greedy stays the reference beside eplb's locality plans
+    trace = tmp_path / "trace.npy"
+    np.save(trace, np.random.default_rng(0).random((20, L, 16)) * 100)
+    cluster = ("-r", 20, "-g", 4, "--nodes", 2, "--groups", 4, "--window", 5,
+               "--dispatch", "nearest", "--policy", "locality")
+    for extra, named in (((), "--policy locality is eplb's"),
+                         (("--slack", "0.1"), "--policy locality and --slack are eplb's")):
+        code, out, err = run(capsys, "simulate", trace, *cluster, "--planner", "greedy",
+                             *extra)
+        assert code == 2 and out == "" and named in err, err
+        assert_one_line_error(err)
+    code, out, err = run(capsys, "simulate", trace, *cluster, "--planner", "none")
+    assert code == 2 and "give --planner eplb, or leave --policy out" in err
+    code, out, err = run(capsys, "simulate", trace, *cluster, "--planner", "greedy",
+                         "--compare", "--json")
+    assert code == 0, err
+    assert sorted(r["summary"]["planner"] for r in json.loads(out)["runs"]) == [
+        "eplb", "greedy", "none"]

@@ -182,7 +182,17 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         if unused:
             raise CliError(f"{' and '.join(unused)} shape{'s' if len(unused) == 1 else ''} "
                            "what a planner plans on, and --planner none never plans: give "
-                           f"--planner eplb (or greedy), or leave {' and '.join(unused)} out")
+                           "--planner eplb" + ("" if args.policy == "locality" else
+                                               " (or greedy)")
+                           + f", or leave {' and '.join(unused)} out")
+    if args.planner == "greedy" and args.policy == "locality" and not args.compare:
+        # the greedy has no locality policy: it ran DeepSeek's own rule, --policy and
+        # --slack dropped without a word (attacker pass); beside eplb (--compare) it is
+        # the reference as it stands
+        raise CliError("--policy locality" + (" and --slack are" if args.slack is not None
+                                              else " is") + " eplb's: the greedy reference "
+                       "has no locality policy (it keeps DeepSeek's own rule): give --planner "
+                       "eplb, or --compare to see both")
     # (new-user pass: every model's moves were counted in DeepSeek-V3's bytes)
     expert_bytes = (DEEPSEEK_V3_EXPERT_BYTES if args.expert_bytes is None
                     else args.expert_bytes)
