@@ -241,6 +241,11 @@ def scored_loads(placement: Placement, weight: torch.Tensor, realised: Realised,
     return slots.view(slots.shape[0], topo.num_gpus, -1).sum(2)
 
 
+#: the most ``L·N²·E`` entries of the traffic model's hit tensors computed at once
+#: (:func:`modelled_remote_nodes` goes a few layers at a time past it)
+MAX_TRAFFIC_CELLS = 1 << 22
+
+
 def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes: int,
                           num_groups: int) -> torch.Tensor:
     """``[L]`` expected distinct remote nodes a token's experts reach per MoE layer under
@@ -248,7 +253,25 @@ def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes
     ``weight [L, E]``, tokens arising evenly over the nodes: the locality policy's model
     (:func:`eplb.core.locality.surrogate_co_selection`, DeepSeek-V3's group-limited
     routing of 8 experts, :func:`eplb.core.dispatch.remote_nodes_by_node`), from the loads
-    and the groups alone. A model, not counted tokens."""
-    freq, pair_times = surrogate_co_selection(weight, num_groups)
-    return remote_nodes_by_node(phy2log.cpu(), freq, pair_times, num_nodes)
+    and the groups alone. A model, not counted tokens.
 
+    Each layer is taken over its largest load (the model is scale-free: loads of 1e300
+    summed to inf, every figure NaN, and loads of 1e-320 fell under the frequencies'
+    floor and read 0; attacker pass), and the layers go a few at a time: the model's hit
+    tensors hold ``L·N²·E`` floats (58 layers × 256 experts on 128 nodes: 2 GB each, out
+    of memory under 8 GB; attacker pass). ``ValueError`` where ``num_groups`` does not
+    divide the experts: no group-limited routing has such groups."""
+    num_layers, num_experts = weight.shape
+    if num_groups < 1 or num_experts % num_groups:
+        raise ValueError(f"num_groups ({num_groups}) must divide the {num_experts} experts "
+                         "for the group-limited routing the traffic is modelled with")
+    w = weight.detach().cpu().to(torch.float64)
+    peak = w.amax(1, keepdim=True)
+    w = torch.where(peak > 0, w / torch.where(peak > 0, peak, 1.0), 0.0)
+    phy2log = phy2log.cpu()
+    step = max(1, MAX_TRAFFIC_CELLS // (num_nodes * num_nodes * num_experts))
+    parts = []
+    for a in range(0, num_layers, step):
+        freq, pair_times = surrogate_co_selection(w[a:a + step], num_groups)
+        parts.append(remote_nodes_by_node(phy2log[a:a + step], freq, pair_times, num_nodes))
+    return torch.cat(parts)

@@ -17,7 +17,8 @@ step with the placement in force at that step:
   placed): the expected distinct remote nodes a token's experts reach per MoE layer, as
   the locality policy models them from the loads and the groups
   (:func:`eplb.tools.scoring.modelled_remote_nodes`: a model of the routing, not counted
-  tokens; ``eplb eval --routing`` counts a trace's own tokens).
+  tokens; ``eplb eval --routing`` counts a trace's own tokens; groups that do not divide
+  the experts are modelled as no groups).
 
 Cadences (:data:`CADENCES`): ``"vllm"`` (window 1000, interval 3000), ``"sglang"``
 (1000 / 1000) and ``"adrs"`` (the ADRS benchmark: 100-step windows, plan on window ``i``,
@@ -477,7 +478,8 @@ def simulate(
             window_live[win[keep]] |= live
         traffic = traffic and bool((placement.phy2log >= 0).all())
         if traffic:
-            _add_traffic(counts, start, end, score, placement, remote_sum, remote_tokens)
+            # (the scoring counts: scaled beyond 2**±900, so their window sums stay finite)
+            _add_traffic(scored, start, end, score, placement, remote_sum, remote_tokens)
         if end < num_steps and planner != "none":  # "none" never rebalances
             before = len(rebalancer.events)
             rebalancer.record(counts[start:end])
@@ -536,13 +538,16 @@ def _add_traffic(counts: torch.Tensor, start: int, end: int, score: int,
     ``placement``: its modelled remote nodes per token, layer by layer, weighted by the
     layer's selections in that part (a layer without any adds nothing)."""
     topo = placement.topology
+    # groups that do not divide the experts (the global policy plans around them) are no
+    # routing's: modelled as routing without groups (eplb simulate --groups 3 on 256
+    # experts stopped with an internal error; attacker pass)
+    groups = topo.num_groups if counts.shape[2] % topo.num_groups == 0 else 1
     for window in range(start // score, min(-(-end // score), len(remote_sum))):
         a, b = max(start, window * score), min(end, (window + 1) * score)
-        weight = counts[a:b].sum(0).to(torch.float64)  # [L, E]
+        weight = counts[a:b].sum(0, dtype=torch.float64)  # [L, E]
         tokens = weight.sum(1)  # [L]
         if not bool((tokens > 0).any()):
             continue
-        remote = modelled_remote_nodes(placement.phy2log, weight, topo.num_nodes,
-                                       topo.num_groups)
+        remote = modelled_remote_nodes(placement.phy2log, weight, topo.num_nodes, groups)
         remote_sum[window] += float((tokens * remote).sum())
         remote_tokens[window] += float(tokens.sum())
