@@ -590,3 +590,15 @@ def test_more_bare_rows_than_model_layers_plan_in_eplbs_format_only(capsys, tmp_
                            str(tmp_path / name))
         assert code == 2 and "4097 rows" in err and "model layers 0..4095" in err, err
         assert "mtp" not in err and not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("command", ["plan", "simulate"])
+def test_a_bad_slack_is_refused_by_its_flag(capsys, tmp_path, loads, command) -> None:
+    """--slack nan / inf / -1 / x: refused by flag at parsing, in plan and simulate alike
+    (the API's refusal named its keyword, ``slack``; attacker pass)."""
+    for bad in ("nan", "inf", "-1", "x", "１"):
+        code, out, err = run(capsys, command, str(loads), "-r", "24", "-g", "4", "--slack", bad,
+                             *(["--window", "1"] if command == "simulate" else
+                               ["-o", str(tmp_path / "p.json")]))
+        assert code == 2 and out == "" and "--slack: must be a finite number >= 0" in err, (
+            bad, err)

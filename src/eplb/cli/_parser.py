@@ -18,7 +18,7 @@ from eplb.cli._values import (
     integer,
     named_file,
     price_type,
-    real,
+    slack_type,
     speed_spec,
 )
 from eplb.tools.simulate import MAX_EXPERT_BYTES
@@ -118,7 +118,7 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
                             "5%% better (default; one node: per layer the even split or "
                             "divide, for SGLang's runtime table; for an SGLang file, per "
                             "layer the even split or avoid)")
-        g.add_argument("--slack", type=real, default=None, metavar="X",
+        g.add_argument("--slack", type=slack_type, default=None, metavar="X",
                        help="locality: node load allowed above the mean node load (default 0.03: "
                             "balancedness about 0.97, least cross-node traffic at that "
                             "balance; larger = less traffic, less balance)")
@@ -400,7 +400,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                         "default) or nearest (SGLang with DeepEP); eplb plans for it, and "
                         "every planner is scored as that rule serves its plans; on several "
                         "nodes the table also shows the modelled remote nodes per token")
-    p.add_argument("--slack", type=real, default=None, metavar="X",
+    p.add_argument("--slack", type=slack_type, default=None, metavar="X",
                    help="--policy locality: node load allowed above the mean node load "
                         "(eplb plan's --slack, default 0.03)")
     _add_topology(p, required=False, replicas=None, gpus=None, locality=True)

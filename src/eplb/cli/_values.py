@@ -83,6 +83,19 @@ def drift_type(text: str) -> float:
     return value
 
 
+def slack_type(text: str) -> float:
+    """An argparse type: a finite number >= 0 (``--slack``, the locality policy's node load
+    allowed above the mean; as the API's ``slack`` takes it), refused by flag: the API's
+    refusal named its keyword (attacker pass)."""
+    try:
+        value = real(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def named_file(text: str) -> str:
     """An argparse type for an option that names a file (``--previous``, ``--placement``,
     ``--routing``): an empty or blank value is refused by flag. ``--previous ""`` (an unset
