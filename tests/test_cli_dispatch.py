@@ -219,6 +219,22 @@ def test_a_bad_routing_file_is_one_clear_error(tmp_path, capsys, loads):
     assert "layers" in err and "Traceback" not in err
 
 
+def test_a_routing_trace_of_the_moe_rows_beside_a_dumps_dense_rows_says_what_to_do(
+        tmp_path, capsys, loads, routing):
+    # new-user pass: sample_group_limited refuses all-zero rows, so its trace has the MoE
+    # rows only, and beside an SGLang dump (dense rows all zero) plan named the counts only
+    _, w = loads
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"logical_count": torch.cat(
+        [torch.zeros(2, 64), w]).tolist()}))  # 2 dense rows, then the 4 MoE rows
+    code, _, err = run(capsys, "plan", dump, "-r", 96, "-g", 16, "--nodes", 4, "--groups",
+                       8, "--policy", "locality", "--dispatch", "nearest", "--routing",
+                       routing, "-o", tmp_path / "x.json")
+    assert code == 2 and "Traceback" not in err
+    assert "has 4 layers, the loads 6 (2 of them all-zero" in err
+    assert "MoE rows alone" in err
+
+
 def test_routing_mistakes_are_named(tmp_path, capsys, loads, routing):
     path, _ = loads
     out = tmp_path / "p.json"

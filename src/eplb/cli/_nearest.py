@@ -32,11 +32,12 @@ ONE_NODE_NEAREST = (
 
 
 def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
-                     rows: list[int] | None = None) -> dict:
+                     rows: list[int] | None = None, loaded_rows: int | None = None) -> dict:
     """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
     ``num_rows``: the loads file's rows (the routing trace's layers are those);
     ``num_experts``: the loads' experts (the trace's ids lie below);
-    ``rows``: the ones planned, where some were left out."""
+    ``rows``: the ones planned, where some were left out; ``loaded_rows``: how many of the
+    ``num_rows`` carry load (a trace of those alone gets a hint in the error)."""
     if args.dispatch != "nearest":  # (nearest-only flags: _refuse_flag_mistakes)
         return {}
     options = {"dispatch": "nearest", "fair": args.fair}
@@ -45,8 +46,15 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
     routing = read_routing_flag(args)
     if routing is not None:
         if routing.shape[1] != num_rows:
+            # new-user pass: a trace of the MoE rows (what sample_group_limited samples: it
+            # refuses all-zero rows) beside an SGLang dump's 61 rows had no way forward
+            hint = ("" if loaded_rows is None or routing.shape[1] != loaded_rows else
+                    f" ({num_rows - loaded_rows} of them all-zero, as an SGLang dump's dense "
+                    "layers: plan on loads of the MoE rows alone, which keep their layer "
+                    "ids in eplb's trace file (the README's write_loads example under "
+                    "TensorRT-LLM); an SGLang file still gets a row for every layer)")
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the loads "
-                           f"{num_rows}")
+                           f"{num_rows}{hint}")
         if int(routing.max()) >= num_experts:
             raise CliError(f"--routing {args.routing} names expert {int(routing.max())}, beyond "
                            f"the loads' {num_experts} experts (for a routing trace as LOADS, "
