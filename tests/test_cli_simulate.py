@@ -335,6 +335,14 @@ def test_simulate_the_locality_policy_and_its_traffic(capsys, tmp_path) -> None:
                          "--compare")
     assert code == 0, err
     assert "remote/token" in out and "modelled from the loads" in out
+    assert "reference greedy: DeepSeek's own rule" in out  # it has no locality policy
+    report = tmp_path / "report"
+    code, _, err = run(capsys, "simulate", trace, *cluster, "--policy", "locality",
+                       "--dispatch", "nearest", "--compare", "--report", report)
+    assert code == 0, err
+    pytest.importorskip("matplotlib")  # (the pictures are an extra)
+    assert (report / "simulation_traffic_over_time.png").is_file()
+    assert "simulation_traffic_over_time.png" in (report / "report.md").read_text()
     code, out, err = run(capsys, "simulate", trace, *cluster, "--policy", "locality",
                          "--dispatch", "nearest", "--json")
     assert code == 0, err

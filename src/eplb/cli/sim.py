@@ -363,7 +363,11 @@ def _column_notes(args: argparse.Namespace, trace: LoadTrace, replicas: int, gpu
                "modelled from the loads\n  and the groups (DeepSeek-V3's routing: 8 experts "
                "of half the groups), as the locality policy\n  plans with it (a model, not "
                "counted tokens: eplb eval --routing counts a trace's own)"
-               if args.dispatch == "nearest" and args.nodes > 1 else ""))
+               if args.dispatch == "nearest" and args.nodes > 1 else "")
+            # (new-user pass: under --policy locality the greedy row changed policy unsaid)
+            + (";\nreference greedy: DeepSeek's own rule (hierarchical where the groups "
+               "divide over the nodes), as it has\n  no locality policy"
+               if args.compare and args.policy == "locality" else ""))
 
 
 def _simulation_report(report: Report, args: argparse.Namespace,
@@ -410,6 +414,24 @@ def _simulation_report(report: Report, args: argparse.Namespace,
             xlabel=f"step (start of each {cad.scoring}-step scoring window)",
             title="Balancedness over time in the simulator"),
     )
+    traffic = {PLANNER_LABEL.get(r.planner, r.planner): r for r in results
+               if r.remote_nodes is not None}
+    if traffic:
+        report.figure(
+            "simulation_traffic_over_time.png",
+            "Remote nodes per token of each scoring window under the placement in force, "
+            "as the locality policy models them from the window's loads and groups (a "
+            "model, not counted tokens); grey lines mark rebalances. The legend's figures "
+            "are the table's remote/token.",
+            lambda path: plot_balancedness_over_time(
+                {label: r.remote_nodes.masked_fill(r.idle_windows, float("nan"))
+                 for label, r in traffic.items()}, path, x=xs, rebalance_at=rebal,
+                averages={label: r.summary()["remote_nodes_per_token"]
+                          for label, r in traffic.items()},
+                average_label="mean after the first rebalance",
+                xlabel=f"step (start of each {cad.scoring}-step scoring window)",
+                title="Cross-node traffic over time in the simulator", remote=True),
+        )
 
 
 # ------------------------------------------------------------------------ generate

@@ -333,8 +333,10 @@ def plot_balancedness_over_time(
     title: str = "Balancedness over time",
     averages: Mapping[str, float | None] | None = None,
     average_label: str = "average",
+    remote: bool = False,
 ) -> Path:
-    """Balancedness of each planner over simulated time.
+    """Balancedness of each planner over simulated time (``remote``: the series are
+    remote nodes per token instead, as ``simulate`` models them).
 
     Args:
         series: label -> ``[T]`` balancedness per scoring window.
@@ -367,9 +369,14 @@ def plot_balancedness_over_time(
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if remote:
+        ax.set_ylabel("remote nodes per token per MoE layer (modelled)")
+        ax.set_title(f"{title}\n(lower is better: fewer cross-node transfers per token)",
+                     fontsize=11)
+        return _save_with_legend(fig, ax, path, title=f"remote nodes, {average_label}")
     ax.set_ylabel("balancedness = mean / max GPU load")
     ax.set_ylim(top=1.005)
-    ax.grid(alpha=0.3)
     ax.set_title(f"{title}\n(higher is better; 1.0 = every GPU equally loaded)", fontsize=11)
     return _save_with_legend(fig, ax, path, title=f"balancedness, {average_label}")
 
