@@ -107,3 +107,64 @@ def test_the_traffic_is_scale_free(peak: float) -> None:
     assert scaled.summary()["remote_nodes_per_token"] == pytest.approx(
         plain.summary()["remote_nodes_per_token"], rel=1e-9)
     json.dumps(scaled.to_dict(), allow_nan=False)
+
+
+def _topk_ids(tokens: int, layers: int, experts: int, k: int, seed: int) -> torch.Tensor:
+    """``[tokens, L, k]`` distinct top-k ids per token, skewed toward low ids."""
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.arange(experts, 0, -1, dtype=torch.float64) ** 2
+    return torch.stack([torch.stack([torch.multinomial(weight, k, generator=g)
+                                     for _ in range(layers)]) for _ in range(tokens)])
+
+
+def test_a_replay_given_the_traces_own_ids_counts_its_traffic() -> None:
+    """simulate(routing=): every window's remote nodes counted from its tokens, as
+    eval --routing counts them (remote_nodes_per_token), not modelled."""
+    from eplb.core.dispatch import remote_nodes_per_token
+    from eplb.core.topology import Topology
+    from eplb.online import trivial_placement
+    from eplb.tools.simulate import Cadence, simulate
+
+    layers, experts, steps, per = 2, 16, 8, 12
+    ids = _topk_ids(steps * per, layers, experts, 3, seed=1)
+    routing = list(ids.split(per))
+    counts = torch.stack([torch.zeros(layers * experts).index_add_(
+        0, (step + torch.arange(layers)[None, :, None] * experts).reshape(-1),
+        torch.ones(step.numel())).view(layers, experts) for step in routing]).double()
+    # every expert once (the trivial map of 32 slots held all of them on both nodes)
+    cluster = {"num_replicas": 16, "num_gpus": 8, "num_nodes": 2, "num_groups": 4,
+               "cadence": Cadence(2, 2), "oracle": False, "score_dispatch": "nearest"}
+    res = simulate(counts, "none", routing=routing, **cluster)
+    trivial = trivial_placement(experts, layers, Topology(16, 8, 2, 4))
+    want = remote_nodes_per_token(trivial.phy2log, torch.cat(routing[2:4]), experts, 8, 2)
+    assert res.remote_counted and res.summary()["remote_nodes_counted"]
+    assert res.remote_nodes[1].item() == pytest.approx(float(want.mean()))
+    modelled = simulate(counts, "none", **cluster)
+    assert not modelled.remote_counted
+    assert not torch.allclose(modelled.remote_nodes, res.remote_nodes)
+    with pytest.raises(ValueError, match="nearest dispatch on several nodes only"):
+        simulate(counts, "none", routing=routing, **{**cluster, "score_dispatch": "even"})
+    with pytest.raises(ValueError, match="routing has 7 steps, the trace 8"):
+        simulate(counts, "none", routing=routing[1:], **cluster)
+    with pytest.raises(ValueError, match="routing step 0: its ids do not count"):
+        simulate(counts, "none", routing=[routing[1], *routing[1:]], **cluster)
+
+
+def test_simulate_counts_a_topk_files_traffic(capsys, tmp_path) -> None:
+    """eplb simulate on a top-k file under --dispatch nearest on several nodes counts the
+    remote nodes per token from the file's own tokens (the model assumed DeepSeek-V3's
+    routing whatever the file's), with --step-range too."""
+    ids = _topk_ids(96, 2, 16, 2, seed=2)
+    path = tmp_path / "t.npz"
+    np.savez(path, topk_ids=ids.numpy())
+    args = ("simulate", path, "--tokens-per-step", 8, "--window", 2, "-r", 16, "-g", 8,
+            "--nodes", 2, "--groups", 4, "--dispatch", "nearest", "--json")
+    code, out, err = run(capsys, *args)
+    assert code == 0, err
+    summary = json.loads(out)["runs"][0]["summary"]
+    assert summary["remote_nodes_counted"] is True
+    code, out, err = run(capsys, *args, "--step-range", "2:10")
+    assert code == 0, err
+    assert json.loads(out)["runs"][0]["summary"]["remote_nodes_counted"] is True
+    code, out, err = run(capsys, *args[:-1])
+    assert code == 0 and "counted from the trace's\n  own tokens" in out, out

@@ -171,16 +171,21 @@ class EmptyStepRange(CliError):
         self.steps = steps
 
 
+def kept_steps(steps: int, text: str) -> range:
+    """The steps of ``steps`` that ``--step-range text`` keeps (:func:`select_steps`)."""
+    # exact, not float: 18.4 % of 375 steps is 69, and 375 * 18.4 is 6899.999... in
+    # binary floating point, so ':18.4%' kept 68 (attacker pass)
+    bounds = [int(steps * b // 100) if isinstance(b, Fraction) else b
+              for b in _step_bounds(text)]
+    return range(steps)[slice(*bounds)]
+
+
 def select_steps(trace: LoadTrace, text: str) -> LoadTrace:
     """``trace`` cut to the steps ``text`` names (``--step-range``): ``START:STOP``, each
     bound an integer (negative counts from the end, as in Python) or a percentage of the
     steps (rounded down), in ASCII digits, either one left out for the start or the end."""
     steps = trace.num_steps
-    # exact, not float: 18.4 % of 375 steps is 69, and 375 * 18.4 is 6899.999... in
-    # binary floating point, so ':18.4%' kept 68 (attacker pass)
-    bounds = [int(steps * b // 100) if isinstance(b, Fraction) else b
-              for b in _step_bounds(text)]
-    kept = range(steps)[slice(*bounds)]
+    kept = kept_steps(steps, text)
     if not len(kept):
         raise EmptyStepRange(f"--step-range {text} keeps none of the {steps} step(s) of "
                              f"{trace.source or 'the loads'}", steps)

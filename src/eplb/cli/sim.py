@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from eplb.cli._checks import check_nearest_moves, check_output, check_topology, default_shape
 from eplb.cli._common import (
     FORCED_MOVES,
@@ -26,12 +28,13 @@ from eplb.cli._inputs import (
     all_zero_rows_note,
     check_reading_options,
     cli_policy,
+    kept_steps,
     read_trace,
     warn,
 )
 from eplb.core import LoadTrace
 from eplb.core.messages import counted
-from eplb.formats import write_loads
+from eplb.formats import read_routing_steps, write_loads
 from eplb.formats.trace_writer import (
     FORMAT_BY_SUFFIX,
     SUFFIX_BY_FORMAT,
@@ -40,6 +43,7 @@ from eplb.formats.trace_writer import (
 )
 from eplb.tools.generator import PRESETS, check_trace_size, generate_trace, resolve_shape
 from eplb.tools.report import Report, plot_balancedness_over_time
+from eplb.tools.scoring import step_routing
 from eplb.tools.simulate import (
     CADENCES,
     DEEPSEEK_V3_EXPERT_BYTES,
@@ -67,6 +71,7 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
                    max_moves: int | None = None, policy: str = "auto", seed: int = 0,
                    oracle: bool = True, move_price: float | None = None,
                    drift: float | None = None, slack: float | None = None,
+                   routing: list[torch.Tensor] | None = None,
                    expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES,
                    dispatch: str = "even") -> SimulationResult:
     """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence; every
@@ -93,7 +98,7 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
         # (only an absent --estimator means the window sum: '' is refused by name)
         estimator="sum" if estimator is None else estimator, incremental=incremental,
         max_moves=max_moves, oracle=oracle, expert_bytes=expert_bytes,
-        score_dispatch=dispatch, **options,
+        score_dispatch=dispatch, routing=routing, **options,
     )
 
 
@@ -119,6 +124,32 @@ def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
         scored = result.scored.nonzero()[:, 0].tolist()
     return {"window": window, "windows": num_windows, "replicas": replicas, "gpus": gpus,
             "policy": "global", "scored": scored, "series": series}
+
+
+def _trace_routing(files: list[str], args: argparse.Namespace, read: LoadTrace,
+                   trace: LoadTrace) -> list[torch.Tensor] | None:
+    """The top-k ids behind every step of ``trace`` (``read`` before its empty layers were
+    left out), to count the replay's cross-node traffic from rather than model it: where
+    it measures traffic (nearest dispatch on several nodes) of one top-k file. ``None``
+    elsewhere, and where the ids do not count to the steps (warned: the figure is then
+    modelled)."""
+    if (args.dispatch != "nearest" or args.nodes <= 1 or len(files) != 1
+            or read.format != "topk"):
+        return None
+    key = getattr(args, "key", None)
+    keys = None if key is None else [k.strip() for k in key.split(",") if k.strip()]
+    steps = read_routing_steps(files[0], keys, args.tokens_per_step)
+    if args.step_range is not None:
+        kept = kept_steps(len(steps), args.step_range)
+        steps = steps[kept.start:kept.stop]
+    layers = [read.layer_ids.index(lid) for lid in trace.layer_ids]
+    steps = [ids[:, layers] for ids in steps]
+    try:
+        return step_routing(steps, trace.counts, True)
+    except ValueError as exc:
+        warn(f"the remote nodes per token are modelled, not counted from the trace's tokens: "
+             f"{exc}")
+        return None
 
 
 def _short_steps(trace: LoadTrace, tokens_per_step: int | None) -> str:
@@ -206,10 +237,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # no experts: replayed, their even placement replaced the trivial one at the first
     # rebalance and counted as moved expert weights. As bench does, they are left out
     left_out = []
+    read = trace
     if bool(trace.counts.any()):  # an all-zero trace keeps its rows (warned of elsewhere)
         kept = trace.drop_empty_layers()
         left_out = [lid for lid in trace.layer_ids if lid not in set(kept.layer_ids)]
         trace = kept
+    routing = _trace_routing(files, args, read, trace)
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
                    trace.num_layers)
@@ -257,7 +290,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 policy=policy, seed=args.seed, expert_bytes=expert_bytes,
                 move_price=args.move_price if own else None,
                 drift=args.drift if own else None, slack=args.slack,
-                dispatch=args.dispatch))
+                dispatch=args.dispatch, routing=routing))
             advance()
 
     written: list[Path] = []
@@ -281,7 +314,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         + ("" if args.dispatch == "even" else " as SGLang's nearest dispatch serves them"),
         _summary_headers(results), _summary_rows(results))
     # the short headers need their meaning: which figure counts, and what 'moved' counts
-    print(_column_notes(args, trace, replicas, gpus, expert_bytes))
+    print(_column_notes(args, trace, replicas, gpus, expert_bytes,
+                        any(r.remote_counted for r in results)))
     if args.max_moves is not None:
         for r in results:
             per = r.moved_slots.sum(1).tolist()
@@ -342,7 +376,7 @@ def _summary_rows(results: list[SimulationResult]) -> list[list[object]]:
 
 
 def _column_notes(args: argparse.Namespace, trace: LoadTrace, replicas: int, gpus: int,
-                  expert_bytes: int) -> str:
+                  expert_bytes: int, counted: bool = False) -> str:
     """What each of :func:`_summary_headers` counts (printed under the table, and in the
     report)."""
     return ("window bal / step bal: mean balancedness (Σ mean / Σ max GPU load, 1.0 is "
@@ -360,9 +394,11 @@ def _column_notes(args: argparse.Namespace, trace: LoadTrace, replicas: int, gpu
                else f" (DeepSeek-V3's 256 experts in FP8, but this trace has "
                     f"{trace.num_experts}: give --expert-bytes for your model)")
             + (";\nremote/token: distinct remote nodes a token's experts reach per MoE layer, "
-               "modelled from the loads\n  and the groups (DeepSeek-V3's routing: 8 experts "
-               "of half the groups), as the locality policy\n  plans with it (a model, not "
-               "counted tokens: eplb eval --routing counts a trace's own)"
+               + ("counted from the trace's\n  own tokens under the nearest rule, as eplb "
+                  "eval --routing counts them" if counted else
+                  "modelled from the loads\n  and the groups (DeepSeek-V3's routing: 8 "
+                  "experts of half the groups), as the locality policy\n  plans with it (a "
+                  "model, not counted tokens: a top-k trace's own are counted)")
                if args.dispatch == "nearest" and args.nodes > 1 else "")
             # (new-user pass: under --policy locality the greedy row changed policy unsaid)
             + (";\nreference greedy: DeepSeek's own rule (hierarchical where the groups "
@@ -390,7 +426,8 @@ def _simulation_report(report: Report, args: argparse.Namespace,
     report.table(_summary_headers(results), [[f"{c:.4f}" if isinstance(c, float)
                                               else "n/a" if c is None
                                      else c for c in row] for row in _summary_rows(results)])
-    report.text(_column_notes(args, trace, replicas, gpus, expert_bytes).replace("\n  ", " ")
+    report.text(_column_notes(args, trace, replicas, gpus, expert_bytes,
+                              any(r.remote_counted for r in results)).replace("\n  ", " ")
                 .replace("\n", " "))
     # windows without a token read 1 but take no MoE time: gaps in the picture, as they
     # are left out of the means
@@ -419,10 +456,10 @@ def _simulation_report(report: Report, args: argparse.Namespace,
     if traffic:
         report.figure(
             "simulation_traffic_over_time.png",
-            "Remote nodes per token of each scoring window under the placement in force, "
-            "as the locality policy models them from the window's loads and groups (a "
-            "model, not counted tokens); grey lines mark rebalances. The legend's figures "
-            "are the table's remote/token.",
+            "Remote nodes per token of each scoring window under the placement in force "
+            "(counted from a top-k trace's own tokens, else modelled from the window's "
+            "loads and groups: the notes above say which); grey lines mark rebalances. The "
+            "legend's figures are the table's remote/token.",
             lambda path: plot_balancedness_over_time(
                 {label: r.remote_nodes.masked_fill(r.idle_windows, float("nan"))
                  for label, r in traffic.items()}, path, x=xs, rebalance_at=rebal,

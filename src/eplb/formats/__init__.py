@@ -19,7 +19,7 @@ from eplb.formats.placement_writer import (
     write_placement,
 )
 from eplb.formats.placements import read_placement, read_placement_meta
-from eplb.formats.readers import read_loads, read_routing
+from eplb.formats.readers import read_loads, read_routing, read_routing_steps
 from eplb.formats.trace_writer import TRACE_EMITS, write_loads
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "read_placement",
     "read_placement_meta",
     "read_routing",
+    "read_routing_steps",
     "write_loads",
     "write_placement",
 ]

@@ -42,7 +42,7 @@ from eplb.formats.detect import (
 )
 from eplb.formats.errors import FormatError, shown
 from eplb.formats.history import BOTH_LOAD_KEYS, read_vllm_history
-from eplb.formats.routing import topk_to_counts
+from eplb.formats.routing import topk_steps, topk_to_counts
 from eplb.formats.sglang_per_pass import read_sglang_per_pass
 from eplb.formats.trtllm_stats import read_trtllm_stats
 
@@ -478,6 +478,19 @@ def _read_plain(
 def _read_csv(path: Path) -> tuple[torch.Tensor, list[float] | None]:
     values, ids = read_csv_table(path)
     return as_counts_of(values, path, "the CSV table"), ids
+
+
+def read_routing_steps(
+    path: str | PathLike[str], key: str | Sequence[str] | None = None,
+    tokens_per_step: int | None = None,
+) -> list[torch.Tensor]:
+    """The ``[tokens, L, k]`` top-k ids of every step of the trace :func:`read_loads`
+    reads from the top-k file ``path`` with the same ``key`` and ``tokens_per_step``
+    (:func:`eplb.formats.routing.topk_steps`): the tokens behind each step's counts."""
+    path = Path(path)
+    require_regular_file(path)
+    keys = [key] if isinstance(key, str) else (list(key) if key is not None else None)
+    return topk_steps(_topk_segments(path, keys), tokens_per_step)
 
 
 def read_routing(

@@ -147,3 +147,20 @@ def topk_to_counts(
         "num_experts_from_ids": from_ids,  # the largest id + 1: the file does not say
     }
     return out, meta
+
+
+def topk_steps(
+    segments: list[tuple[str, torch.Tensor]], tokens_per_step: int | None = None
+) -> list[torch.Tensor]:
+    """The ids of every step :func:`topk_to_counts` counts, ``[tokens, L, k]`` each, in
+    order: each segment whole, or cut into windows of ``tokens_per_step`` consecutive
+    tokens (the last possibly shorter; an empty segment one empty step), so step ``t``'s
+    ids count to step ``t``'s counts."""
+    steps = []
+    for _, ids in segments:
+        tokens = ids.shape[0]
+        window = tokens if tokens_per_step is None else tokens_per_step
+        for w in range(max(-(-tokens // max(window, 1)), 1)):
+            steps.append(ids[w * window:(w + 1) * window])
+    return steps
+

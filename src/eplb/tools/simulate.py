@@ -17,8 +17,9 @@ step with the placement in force at that step:
   placed): the expected distinct remote nodes a token's experts reach per MoE layer, as
   the locality policy models them from the loads and the groups
   (:func:`eplb.tools.scoring.modelled_remote_nodes`: a model of the routing, not counted
-  tokens; ``eplb eval --routing`` counts a trace's own tokens; groups that do not divide
-  the experts are modelled as no groups).
+  tokens; groups that do not divide the experts are modelled as no groups), or, given
+  the trace's own top-k ids (``routing``), counted from its tokens as ``eplb eval
+  --routing`` counts them (:func:`eplb.core.dispatch.remote_nodes_per_token`).
 
 Cadences (:data:`CADENCES`): ``"vllm"`` (window 1000, interval 3000), ``"sglang"``
 (1000 / 1000) and ``"adrs"`` (the ADRS benchmark: 100-step windows, plan on window ``i``,
@@ -35,7 +36,7 @@ Per-step scoring is one batched matrix product per plan tenure (:mod:`eplb.tools
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,13 +52,14 @@ from eplb.online.settings import SCORE_OPTIONS
 from eplb.tools.scoring import (
     EVEN,
     Realised,
+    add_window_traffic,
     check_scoring_size,
     gpu_load_matrix,
     gpu_loads,
     loads_balancedness,
-    modelled_remote_nodes,
     scored_loads,
     scoring_counts,
+    step_routing,
     steps_per_chunk,
 )
 
@@ -129,9 +131,11 @@ class SimulationResult:
         moved_slots: ``[k, L]`` slots whose expert changed at each rebalance.
         moved_per_gpu: ``[k, P]`` the same slots on each GPU (``None``: not recorded).
         expert_bytes: bytes of one expert's weights (for ``moved_bytes``).
-        remote_nodes: ``[n]`` modelled remote nodes per token of each window (module
-            docstring; NaN for a window without tokens), ``None`` where not modelled (even
-            dispatch, one node, or an empty slot in some plan).
+        remote_nodes: ``[n]`` remote nodes per token of each window (module docstring;
+            NaN for a window without tokens), ``None`` where not measured (even dispatch,
+            one node, or an empty slot in some plan).
+        remote_counted: ``remote_nodes`` were counted from the trace's own tokens
+            (``routing``), not modelled from its loads.
         idle_steps: ``[T]`` bool, steps that route no token (``None``: none). Their
             balancedness reads 1, but they take no MoE time: the summary leaves them, and
             windows of idle steps alone, out of its means.
@@ -155,6 +159,7 @@ class SimulationResult:
     idle_steps: torch.Tensor | None = None
     moved_per_gpu: torch.Tensor | None = None
     remote_nodes: torch.Tensor | None = None
+    remote_counted: bool = False
 
     def __repr__(self) -> str:
         # as LoadTrace's: the per-step tensors (and the idle mask) run to tens of kB for a
@@ -242,6 +247,7 @@ class SimulationResult:
         }
         if self.remote_nodes is not None:
             out["remote_nodes_per_token"] = _mean(self.remote_nodes[scored])
+            out["remote_nodes_counted"] = self.remote_counted
         if out["oracle_balancedness"] is not None and out["window_balancedness"] is not None:
             out["gap_to_oracle"] = out["oracle_balancedness"] - out["window_balancedness"]
         return out
@@ -349,6 +355,7 @@ def simulate(
     oracle: bool = True,
     expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES,
     score_dispatch: str | None = None,
+    routing: Sequence[torch.Tensor] | None = None,
     **plan_options: Any,
 ) -> SimulationResult:
     """Replay ``trace`` under a rebalancing cadence and score it.
@@ -375,6 +382,10 @@ def simulate(
             every GPU live and no ``source``, ``"nearest"`` is scored by the table SGLang
             builds at a runtime rebalance, one draw of it per plan
             (:meth:`~eplb.tools.scoring.Realised.runtime_table`).
+        routing: the trace's own top-k ids, one ``[tokens, L, k]`` array per step (whose
+            ids count to that step's counts exactly; no padding), to count the remote
+            nodes per token from rather than model them (nearest dispatch on several
+            nodes only).
         plan_options: extra keyword arguments for the planner.
 
     Returns:
@@ -456,6 +467,7 @@ def simulate(
     # cross-node traffic, where the engine's dispatch makes it (module docstring):
     # token-weighted sums per window, a window's share of each plan's tenure apart
     traffic = realised.dispatch == "nearest" and topo.num_nodes > 1
+    steps_ids = None if routing is None else step_routing(routing, counts, traffic)
     remote_sum = torch.zeros(num_windows, dtype=torch.float64)
     remote_tokens = torch.zeros(num_windows, dtype=torch.float64)
     for end in boundaries:
@@ -479,7 +491,8 @@ def simulate(
         traffic = traffic and bool((placement.phy2log >= 0).all())
         if traffic:
             # (the scoring counts: scaled beyond 2**±900, so their window sums stay finite)
-            _add_traffic(scored, start, end, score, placement, remote_sum, remote_tokens)
+            add_window_traffic(scored, start, end, score, placement, remote_sum,
+                               remote_tokens, steps_ids)
         if end < num_steps and planner != "none":  # "none" never rebalances
             before = len(rebalancer.events)
             rebalancer.record(counts[start:end])
@@ -527,27 +540,6 @@ def simulate(
               "trace_steps": num_steps},
         idle_steps=idle,
         remote_nodes=remote_sum / remote_tokens if traffic else None,
+        remote_counted=traffic and steps_ids is not None,
     )
 
-
-def _add_traffic(counts: torch.Tensor, start: int, end: int, score: int,
-                 placement: Placement, remote_sum: torch.Tensor,
-                 remote_tokens: torch.Tensor) -> None:
-    """Add to ``remote_sum [n]`` and ``remote_tokens [n]`` (in place) each scoring
-    window's part of the steps ``[start, end)`` of ``counts [T, L, E]``, served by
-    ``placement``: its modelled remote nodes per token, layer by layer, weighted by the
-    layer's selections in that part (a layer without any adds nothing)."""
-    topo = placement.topology
-    # groups that do not divide the experts (the global policy plans around them) are no
-    # routing's: modelled as routing without groups (eplb simulate --groups 3 on 256
-    # experts stopped with an internal error; attacker pass)
-    groups = topo.num_groups if counts.shape[2] % topo.num_groups == 0 else 1
-    for window in range(start // score, min(-(-end // score), len(remote_sum))):
-        a, b = max(start, window * score), min(end, (window + 1) * score)
-        weight = counts[a:b].sum(0, dtype=torch.float64)  # [L, E]
-        tokens = weight.sum(1)  # [L]
-        if not bool((tokens > 0).any()):
-            continue
-        remote = modelled_remote_nodes(placement.phy2log, weight, topo.num_nodes, groups)
-        remote_sum[window] += float((tokens * remote).sum())
-        remote_tokens[window] += float(tokens.sum())
