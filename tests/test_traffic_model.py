@@ -150,6 +150,46 @@ def test_a_replay_given_the_traces_own_ids_counts_its_traffic() -> None:
         simulate(counts, "none", routing=[routing[1], *routing[1:]], **cluster)
 
 
+def test_a_replays_routing_is_checked_before_planning() -> None:
+    """simulate(routing=) refuses ids that are not plain integer top-k ids, by step, as
+    remote_nodes_per_token would: complex ids were cast with torch's warning, a sparse,
+    meta or None step met torch's internal errors, a str or dict read as steps, and a
+    top-k row naming an expert twice (the counts tallied from it) stopped mid-replay."""
+    from eplb.tools.simulate import Cadence, simulate
+
+    layers, experts, per = 2, 16, 12
+    routing = list(_topk_ids(8 * per, layers, experts, 3, seed=1).split(per))
+
+    def counted(steps: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.zeros(layers * experts).index_add_(
+            0, (step + torch.arange(layers)[None, :, None] * experts).reshape(-1),
+            torch.ones(step.numel())).view(layers, experts) for step in steps]).double()
+
+    counts = counted(routing)
+    cluster = {"num_replicas": 16, "num_gpus": 8, "num_nodes": 2, "cadence": Cadence(2, 2),
+               "oracle": False, "score_dispatch": "nearest"}
+    bad_steps = {
+        "complex64": [routing[0].to(torch.complex64), *routing[1:]],
+        "sparse": [routing[0].to_sparse(), *routing[1:]],
+        "meta tensor": [routing[0].to("meta"), *routing[1:]],
+        "NoneType": [None, *routing[1:]],
+    }
+    for words, steps in bad_steps.items():
+        with pytest.raises(TypeError, match=f"routing step 0.*{words}"):
+            simulate(counts, "none", routing=steps, **cluster)
+    for value in ("abcdefgh", dict(enumerate(routing))):
+        with pytest.raises(TypeError, match="routing must be a sequence"):
+            simulate(counts, "none", routing=value, **cluster)
+    twice = [step.clone() for step in routing]
+    twice[3][0, 1, 1] = twice[3][0, 1, 0]
+    with pytest.raises(ValueError, match="routing step 3: token 0 names an expert twice"):
+        simulate(counted(twice), "none", routing=twice, **cluster)
+    # numpy arrays and lists of lists are ids as tensors are
+    as_numpy = simulate(counts, "none", routing=[s.numpy() for s in routing], **cluster)
+    as_lists = simulate(counts, "none", routing=[s.tolist() for s in routing], **cluster)
+    assert as_numpy.remote_counted and torch.equal(as_numpy.remote_nodes, as_lists.remote_nodes)
+
+
 def test_simulate_counts_a_topk_files_traffic(capsys, tmp_path) -> None:
     """eplb simulate on a top-k file under --dispatch nearest on several nodes counts the
     remote nodes per token from the file's own tokens (the model assumed DeepSeek-V3's

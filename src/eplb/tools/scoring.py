@@ -26,7 +26,8 @@ from eplb.core.dispatch import (
     remote_nodes_by_node,
     remote_nodes_per_token,
 )
-from eplb.core.inputs import as_gpu_speed, scale_free
+from eplb.core.expert_ids import require_distinct_topk, require_integer_ids
+from eplb.core.inputs import as_gpu_speed, refuse_non_dense, scale_free
 from eplb.core.locality import surrogate_co_selection
 from eplb.core.map_tables import ideal_and_peak
 from eplb.core.placement import Placement
@@ -290,22 +291,35 @@ def step_routing(routing: Sequence[torch.Tensor], counts: torch.Tensor,
     if not traffic:
         raise ValueError("routing counts cross-node traffic, which the replay measures under "
                          "nearest dispatch on several nodes only")
-    if isinstance(routing, torch.Tensor) or not hasattr(routing, "__len__"):
+    if (isinstance(routing, (torch.Tensor, str, bytes, Mapping))
+            or not hasattr(routing, "__len__")):
         raise TypeError("routing must be a sequence of [tokens, L, k] top-k ids, one per step")
     num_steps, num_layers, num_experts = counts.shape
     if len(routing) != num_steps:
         raise ValueError(f"routing has {len(routing)} steps, the trace {num_steps}")
     out = []
     for step, ids in enumerate(routing):
-        ids = torch.as_tensor(ids)
-        if (ids.dim() != 3 or ids.shape[1] != num_layers or ids.is_floating_point()
-                or ids.dtype == torch.bool):
-            raise ValueError(f"routing step {step}: expected integer top-k ids [tokens, "
-                             f"{num_layers}, k], got {ids.dtype} {tuple(ids.shape)}")
-        ids = ids.to(torch.int64)
+        name = f"routing step {step}"
+        # the checks remote_nodes_per_token makes, here before any planning: complex ids
+        # were cast to ids with torch's warning, and a sparse, meta or None step met
+        # torch's internal errors (attacker pass)
+        refuse_non_dense(ids, name)
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, RuntimeError, ValueError) as exc:
+            raise TypeError(f"{name}: expected integer top-k ids [tokens, {num_layers}, k], "
+                            f"got {type(ids).__name__} ({exc})") from None
+        require_integer_ids(ids, name)
+        if ids.dim() != 3 or ids.shape[1] != num_layers:
+            raise ValueError(f"{name}: expected integer top-k ids [tokens, {num_layers}, k], "
+                             f"got {ids.dtype} {tuple(ids.shape)}")
+        ids = ids.cpu().to(torch.int64)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
-            raise ValueError(f"routing step {step}: ids must lie in [0, {num_experts}) (no "
-                             "padding)")
+            raise ValueError(f"{name}: ids must lie in [0, {num_experts}) (no padding)")
+        if ids.numel():
+            # (the count check below cannot catch it where the counts were tallied from
+            # the same ids: remote_nodes_per_token refused it mid-replay)
+            require_distinct_topk(ids, name)
         layer = torch.arange(num_layers)[None, :, None] * num_experts
         tally = torch.bincount((ids + layer).reshape(-1), minlength=num_layers * num_experts)
         if not torch.equal(tally.view(num_layers, num_experts).to(counts.dtype),
