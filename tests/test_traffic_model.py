@@ -208,3 +208,24 @@ def test_simulate_counts_a_topk_files_traffic(capsys, tmp_path) -> None:
     assert json.loads(out)["runs"][0]["summary"]["remote_nodes_counted"] is True
     code, out, err = run(capsys, *args[:-1])
     assert code == 0 and "counted from the trace's\n  own tokens" in out, out
+
+
+def test_simulate_counts_several_topk_files_traffic(capsys, tmp_path) -> None:
+    """Two top-k files count their tokens' traffic as one file of both does: they were
+    modelled (DeepSeek-V3's routing) while the notes said a top-k trace's own tokens are
+    counted."""
+    ids = _topk_ids(96, 2, 16, 2, seed=3)
+    np.savez(tmp_path / "both.npz", a_topk_ids=ids[:40].numpy(), b_topk_ids=ids[40:].numpy())
+    np.savez(tmp_path / "a.npz", topk_ids=ids[:40].numpy())
+    np.savez(tmp_path / "b.npz", topk_ids=ids[40:].numpy())
+    args = ("--tokens-per-step", 8, "--num-experts", 16, "--step-range", "1:-1", "--window", 2,
+            "-r", 16, "-g", 8, "--nodes", 2, "--dispatch", "nearest", "--json")
+    code, out, err = run(capsys, "simulate", tmp_path / "both.npz", "--key",
+                         "a_topk_ids,b_topk_ids", *args)
+    assert code == 0, err
+    one = json.loads(out)["runs"][0]["summary"]
+    code, out, err = run(capsys, "simulate", tmp_path / "a.npz", tmp_path / "b.npz", *args)
+    assert code == 0, err
+    two = json.loads(out)["runs"][0]["summary"]
+    assert one["remote_nodes_counted"] is True and two["remote_nodes_counted"] is True
+    assert two["remote_nodes_per_token"] == one["remote_nodes_per_token"]
