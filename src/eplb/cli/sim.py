@@ -28,13 +28,13 @@ from eplb.cli._inputs import (
     all_zero_rows_note,
     check_reading_options,
     cli_policy,
-    kept_steps,
     read_trace,
+    trace_routing,
     warn,
 )
 from eplb.core import LoadTrace
 from eplb.core.messages import counted
-from eplb.formats import detect_format, read_routing_steps, write_loads
+from eplb.formats import write_loads
 from eplb.formats.trace_writer import (
     FORMAT_BY_SUFFIX,
     SUFFIX_BY_FORMAT,
@@ -43,7 +43,6 @@ from eplb.formats.trace_writer import (
 )
 from eplb.tools.generator import PRESETS, check_trace_size, generate_trace, resolve_shape
 from eplb.tools.report import Report, plot_balancedness_over_time
-from eplb.tools.scoring import step_routing
 from eplb.tools.simulate import (
     CADENCES,
     DEEPSEEK_V3_EXPERT_BYTES,
@@ -124,35 +123,6 @@ def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
         scored = result.scored.nonzero()[:, 0].tolist()
     return {"window": window, "windows": num_windows, "replicas": replicas, "gpus": gpus,
             "policy": "global", "scored": scored, "series": series}
-
-
-def _trace_routing(files: list[str], args: argparse.Namespace, read: LoadTrace,
-                   trace: LoadTrace) -> list[torch.Tensor] | None:
-    """The top-k ids behind every step of ``trace`` (``read`` before its empty layers were
-    left out), to count the replay's cross-node traffic from rather than model it: where
-    it measures traffic (nearest dispatch on several nodes) of top-k files (several: their
-    steps one after another, as :func:`read_trace` joins them). ``None`` elsewhere, and
-    where the ids do not count to the steps (warned: the figure is then modelled)."""
-    if args.dispatch != "nearest" or args.nodes <= 1 or read.format != "topk":
-        return None
-    # every file top-k (a join takes its first file's format): two were modelled, the notes
-    # saying a top-k trace's are counted (attacker pass: 0.991 where one file counts 0.630)
-    if len(files) > 1 and any((args.format or detect_format(f)) != "topk" for f in files):
-        return None
-    key = getattr(args, "key", None)
-    keys = None if key is None else [k.strip() for k in key.split(",") if k.strip()]
-    steps = [ids for f in files for ids in read_routing_steps(f, keys, args.tokens_per_step)]
-    if args.step_range is not None:
-        kept = kept_steps(len(steps), args.step_range)
-        steps = steps[kept.start:kept.stop]
-    layers = [read.layer_ids.index(lid) for lid in trace.layer_ids]
-    steps = [ids[:, layers] for ids in steps]
-    try:
-        return step_routing(steps, trace.counts, True)
-    except ValueError as exc:
-        warn(f"the remote nodes per token are modelled, not counted from the trace's tokens: "
-             f"{exc}")
-        return None
 
 
 def _short_steps(trace: LoadTrace, tokens_per_step: int | None) -> str:
@@ -245,7 +215,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         kept = trace.drop_empty_layers()
         left_out = [lid for lid in trace.layer_ids if lid not in set(kept.layer_ids)]
         trace = kept
-    routing = _trace_routing(files, args, read, trace)
+    routing = trace_routing(files, args, read, trace)
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
                    trace.num_layers)
