@@ -380,3 +380,37 @@ def test_the_greedy_alone_refuses_the_locality_policy(capsys, tmp_path) -> None:
     assert code == 0, err
     assert sorted(r["summary"]["planner"] for r in json.loads(out)["runs"]) == [
         "eplb", "greedy", "none"]
+
+
+def test_simulate_starts_from_an_initial_placement_file(capsys, tmp_path) -> None:
+    # SGLang deployments start from --init-expert-location FILE and rebalance from there:
+    # --initial FILE replays that start (the replay always began at SGLang's trivial map),
+    # rows paired with the trace's layers as eval pairs them (--first-layer for a trace
+    # that does not name them); "none" then keeps that file, its oracle too
+    from eplb.tools.generator import generate_trace
+
+    trace = tmp_path / "trace.npy"  # [T, L, E]: two DeepSeek-V3-like layers
+    counts = generate_trace("deepseek-v3", 30, seed=0, num_layers=2).counts
+    np.save(trace, counts.numpy())
+    loads = tmp_path / "loads.npy"
+    np.save(loads, counts.sum(0).numpy())
+    start = tmp_path / "start.sglang.json"  # rows 0..2 of SGLang's file: layers 1, 2 loaded
+    cluster = ("-r", 288, "-g", 32, "--nodes", 4, "--groups", 8)
+    assert run(capsys, "plan", loads, *cluster, "--first-layer", 1, "--num-model-layers", 3,
+               "-o", start)[0] == 0
+    own = tmp_path / "start.json"  # eplb's own file records its cluster (SGLang's do not)
+    assert run(capsys, "plan", loads, *cluster, "-o", own)[0] == 0
+    replay = ("simulate", trace, *cluster, "--window", 10, "--planner", "none", "--json")
+    code, out, err = run(capsys, *replay, "--initial", start, "--first-layer", 1)
+    assert code == 0, err
+    windows = json.loads(out)["runs"][0]["windows"]
+    code, out, err = run(capsys, *replay)
+    trivial = json.loads(out)["runs"][0]["windows"]
+    assert min(windows["balancedness"]) > max(trivial["balancedness"])  # a plan, kept
+    assert windows["oracle"] == windows["balancedness"]  # no rebalancing's own foresight
+    for extra, message in (
+            (("--first-layer", 1), "--first-layer says which model layers"),
+            (("--initial", own, "-g", 16), "holds 288 slots on 32 GPUs"),
+            (("--initial", tmp_path / "missing.json"), "missing.json")):
+        code, out, err = run(capsys, *replay, *extra)
+        assert code == 2 and out == "" and message in err, (extra, err)

@@ -376,6 +376,14 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                         "defaults to 100, the ADRS benchmark's)")
     p.add_argument("--incremental", action="store_true",
                    help="rebalance incrementally from the placement in service")
+    p.add_argument("--initial", type=named_file, metavar="FILE",
+                   help="the placement in force before the first rebalance, e.g. the "
+                        "start-up file SGLang loads with --init-expert-location (default: "
+                        "SGLang's trivial map, slot i holding expert i %% E)")
+    p.add_argument("--first-layer", type=integer, default=None, metavar="K",
+                   help="with --initial: model layer of the trace's first row, for traces "
+                        "that do not name their layers (3 for DeepSeek-V3's MoE rows), as "
+                        "in eval")
     p.add_argument("--estimator", default=None, metavar="SPEC",
                    help="load estimator of the --planner run (not none): sum (default, what "
                         "the engines do), ema:H (half-life H steps), robust:Z[:N] (mean + Z "

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import torch
 
-from eplb.cli._checks import check_nearest_moves, check_output, check_topology, default_shape
+from eplb.cli._checks import (
+    check_nearest_moves,
+    check_output,
+    check_topology,
+    default_shape,
+    existing_file,
+)
 from eplb.cli._common import (
     FORCED_MOVES,
     CliError,
@@ -28,13 +34,15 @@ from eplb.cli._inputs import (
     all_zero_rows_note,
     check_reading_options,
     cli_policy,
+    placement_name,
     read_trace,
     trace_routing,
     warn,
 )
-from eplb.core import LoadTrace
+from eplb.cli.commands import rows_of_loads
+from eplb.core import LoadTrace, Placement
 from eplb.core.messages import counted
-from eplb.formats import write_loads
+from eplb.formats import read_placement_meta, write_loads
 from eplb.formats.trace_writer import (
     FORMAT_BY_SUFFIX,
     SUFFIX_BY_FORMAT,
@@ -71,6 +79,7 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
                    oracle: bool = True, move_price: float | None = None,
                    drift: float | None = None, slack: float | None = None,
                    routing: list[torch.Tensor] | None = None,
+                   initial: Placement | None = None,
                    expert_bytes: int = DEEPSEEK_V3_EXPERT_BYTES,
                    dispatch: str = "even") -> SimulationResult:
     """One :func:`eplb.tools.simulate.simulate` replay with a custom cadence; every
@@ -97,7 +106,7 @@ def run_simulation(trace: LoadTrace, planner: str, *, replicas: int, gpus: int, 
         # (only an absent --estimator means the window sum: '' is refused by name)
         estimator="sum" if estimator is None else estimator, incremental=incremental,
         max_moves=max_moves, oracle=oracle, expert_bytes=expert_bytes,
-        score_dispatch=dispatch, routing=routing, **options,
+        score_dispatch=dispatch, routing=routing, initial=initial, **options,
     )
 
 
@@ -123,6 +132,36 @@ def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
         scored = result.scored.nonzero()[:, 0].tolist()
     return {"window": window, "windows": num_windows, "replicas": replicas, "gpus": gpus,
             "policy": "global", "scored": scored, "series": series}
+
+
+def _initial_placement(args: argparse.Namespace, trace: LoadTrace, replicas: int,
+                       gpus: int) -> Placement | None:
+    """``--initial FILE``: the placement in force before the first rebalance (e.g. the
+    start-up file SGLang loads with ``--init-expert-location``), its rows those of the
+    trace's layers as ``eval`` pairs them; ``None`` without it (SGLang's trivial map)."""
+    if args.initial is None:
+        if args.first_layer is not None:
+            raise CliError("--first-layer says which model layers the trace's rows are, for "
+                           "--initial: add --initial FILE, or drop --first-layer")
+        return None
+    placement, meta = read_placement_meta(
+        existing_file(args.initial, "--initial placement"), num_gpus=gpus,
+        num_nodes=args.nodes, num_groups=args.groups)
+    topo = placement.topology
+    if (topo.num_replicas, topo.num_gpus) != (replicas, gpus):
+        raise CliError(f"--initial {args.initial} holds {topo.num_replicas} slots on "
+                       f"{topo.num_gpus} GPUs; the replay is of {replicas} on {gpus} "
+                       "(-r/-g)")
+    if placement.num_experts != trace.num_experts:
+        raise CliError(f"--initial {args.initial} places {placement.num_experts} experts, "
+                       f"the trace has {trace.num_experts}")
+    what, sglang = placement_name(meta, f"--initial {args.initial}")
+    placement, keep = rows_of_loads(placement, meta.get("layer_ids"), trace, trace.total(),
+                                    args.first_layer, what, f"trace {args.trace}", sglang)
+    if keep is not None or placement.num_layers != trace.num_layers:
+        raise CliError(f"--initial {args.initial} has {placement.num_layers} rows for the "
+                       f"trace's {trace.num_layers} layers")
+    return placement
 
 
 def _short_steps(trace: LoadTrace, tokens_per_step: int | None) -> str:
@@ -219,6 +258,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
                    trace.num_layers)
+    initial = _initial_placement(args, trace, replicas, gpus)
     # as plan and bench: --nodes/--groups that cannot be honoured warn once, by flag
     policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
                         trace.num_experts)
@@ -263,7 +303,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 policy=policy, seed=args.seed, expert_bytes=expert_bytes,
                 move_price=args.move_price if own else None,
                 drift=args.drift if own else None, slack=args.slack,
-                dispatch=args.dispatch, routing=routing))
+                dispatch=args.dispatch, routing=routing, initial=initial))
             advance()
 
     written: list[Path] = []

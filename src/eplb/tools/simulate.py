@@ -510,7 +510,12 @@ def simulate(
     planned = window_starts >= min(cad.interval, num_steps)
     idle = ~counts.flatten(1).any(1).cpu()  # counts are >= 0: no token at all
     oracle_bal = None
-    if oracle:
+    if oracle and planner == "none":
+        # no rebalancing is its own foresight: the placement in force, which an initial
+        # placement given sets (its oracle read SGLang's trivial map instead: 0.41 beside
+        # the replay's 0.49 of a start-up file)
+        oracle_bal = window_bal.clone()
+    elif oracle:
         # the oracle plans each window fresh: the knobs that score moves from a map in
         # force have nothing to score there (make_planner refuses them without incremental)
         fresh_options = {k: v for k, v in plan_options.items() if k not in SCORE_OPTIONS}
