@@ -157,7 +157,7 @@ def _initial_placement(args: argparse.Namespace, trace: LoadTrace, replicas: int
                        f"the trace has {trace.num_experts}")
     what, sglang = placement_name(meta, f"--initial {args.initial}")
     placement, keep = rows_of_loads(placement, meta.get("layer_ids"), trace, trace.total(),
-                                    args.first_layer, what, f"trace {args.trace}", sglang)
+                                    args.first_layer, what, f"the loads of {args.trace}", sglang)
     if keep is not None or placement.num_layers != trace.num_layers:
         raise CliError(f"--initial {args.initial} has {placement.num_layers} rows for the "
                        f"trace's {trace.num_layers} layers")
