@@ -105,7 +105,9 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
     g.add_argument("--routing", type=named_file, metavar="FILE",
                    help="a top-k routing trace [tokens, layers, k]: " + (
                        "co-selection statistics for --policy locality" if planning else
-                       "with --dispatch nearest, eval also reports remote nodes per token"))
+                       "with --dispatch nearest, eval also reports remote nodes per token, "
+                       "counted over all of FILE's tokens (--step-range and "
+                       "--tokens-per-step cut LOADS only)"))
     g.add_argument("--routing-key", metavar="NAME[,NAME...]",
                    help="which arrays of a multi-array --routing file to read")
     if planning:
