@@ -414,3 +414,36 @@ def test_simulate_starts_from_an_initial_placement_file(capsys, tmp_path) -> Non
             (("--initial", tmp_path / "missing.json"), "missing.json")):
         code, out, err = run(capsys, *replay, *extra)
         assert code == 2 and out == "" and message in err, (extra, err)
+
+
+def test_simulate_replays_an_initial_file_of_another_cluster(capsys, tmp_path) -> None:
+    # an eplb file records the nodes and groups it was planned for: replayed on others it
+    # met the rebalancer's "initial placement is for Topology(num_replicas=288, ...)";
+    # its map is one the replay's GPUs hold, so it is replayed there, with plan
+    # --previous's warning naming the flags of its own cluster
+    from eplb.tools.generator import generate_trace
+
+    trace = tmp_path / "trace.npy"
+    counts = generate_trace("deepseek-v3", 30, seed=0, num_layers=2).counts
+    np.save(trace, counts.numpy())
+    loads = tmp_path / "loads.npy"
+    np.save(loads, counts.sum(0).numpy())
+    own = tmp_path / "start.json"
+    assert run(capsys, "plan", loads, "-r", 288, "-g", 32, "--nodes", 4, "--groups", 8,
+               "-o", own)[0] == 0
+    replay = ("simulate", trace, "-r", 288, "-g", 32, "--window", 10, "--planner", "none",
+              "--json", "--initial", own)
+    code, out, err = run(capsys, *replay, "--nodes", 4, "--groups", 8)
+    assert code == 0 and "warning" not in err, err
+    on_its_own = json.loads(out)["runs"][0]["windows"]["balancedness"]
+    for cluster in ((), ("--nodes", 2), ("--nodes", 4, "--groups", 4)):
+        code, out, err = run(capsys, *replay, *cluster)
+        assert code == 0, err
+        assert "Topology(" not in err
+        assert "was planned for 4 node(s) and 8 group(s)" in err
+        assert "pass --nodes 4 --groups 8" in err
+        # (the even split scores GPUs, whatever the nodes: the same map, the same figures)
+        assert json.loads(out)["runs"][0]["windows"]["balancedness"] == on_its_own
+    code, out, err = run(capsys, "simulate", trace, "-r", 288, "-g", 32, "--window", 10,
+                         "--incremental", "--initial", own, "--json")
+    assert code == 0 and "was planned for 4 node(s)" in err, err

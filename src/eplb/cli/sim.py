@@ -16,7 +16,6 @@ from eplb.cli._checks import (
     check_output,
     check_topology,
     default_shape,
-    existing_file,
 )
 from eplb.cli._common import (
     FORCED_MOVES,
@@ -30,19 +29,18 @@ from eplb.cli._common import (
     progress,
     say_written,
 )
+from eplb.cli._initial import initial_placement
 from eplb.cli._inputs import (
     all_zero_rows_note,
     check_reading_options,
     cli_policy,
-    placement_name,
     read_trace,
     trace_routing,
     warn,
 )
-from eplb.cli.commands import rows_of_loads
 from eplb.core import LoadTrace, Placement
 from eplb.core.messages import counted
-from eplb.formats import read_placement_meta, write_loads
+from eplb.formats import write_loads
 from eplb.formats.trace_writer import (
     FORMAT_BY_SUFFIX,
     SUFFIX_BY_FORMAT,
@@ -132,36 +130,6 @@ def replay_windows(trace: LoadTrace, window: int, replicas: int, gpus: int, *,
         scored = result.scored.nonzero()[:, 0].tolist()
     return {"window": window, "windows": num_windows, "replicas": replicas, "gpus": gpus,
             "policy": "global", "scored": scored, "series": series}
-
-
-def _initial_placement(args: argparse.Namespace, trace: LoadTrace, replicas: int,
-                       gpus: int) -> Placement | None:
-    """``--initial FILE``: the placement in force before the first rebalance (e.g. the
-    start-up file SGLang loads with ``--init-expert-location``), its rows those of the
-    trace's layers as ``eval`` pairs them; ``None`` without it (SGLang's trivial map)."""
-    if args.initial is None:
-        if args.first_layer is not None:
-            raise CliError("--first-layer says which model layers the trace's rows are, for "
-                           "--initial: add --initial FILE, or drop --first-layer")
-        return None
-    placement, meta = read_placement_meta(
-        existing_file(args.initial, "--initial placement"), num_gpus=gpus,
-        num_nodes=args.nodes, num_groups=args.groups)
-    topo = placement.topology
-    if (topo.num_replicas, topo.num_gpus) != (replicas, gpus):
-        raise CliError(f"--initial {args.initial} holds {topo.num_replicas} slots on "
-                       f"{topo.num_gpus} GPUs; the replay is of {replicas} on {gpus} "
-                       "(-r/-g)")
-    if placement.num_experts != trace.num_experts:
-        raise CliError(f"--initial {args.initial} places {placement.num_experts} experts, "
-                       f"the trace has {trace.num_experts}")
-    what, sglang = placement_name(meta, f"--initial {args.initial}")
-    placement, keep = rows_of_loads(placement, meta.get("layer_ids"), trace, trace.total(),
-                                    args.first_layer, what, f"the loads of {args.trace}", sglang)
-    if keep is not None or placement.num_layers != trace.num_layers:
-        raise CliError(f"--initial {args.initial} has {placement.num_layers} rows for the "
-                       f"trace's {trace.num_layers} layers")
-    return placement
 
 
 def _short_steps(trace: LoadTrace, tokens_per_step: int | None) -> str:
@@ -258,7 +226,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     replicas, gpus = default_shape(trace.num_experts, args.gpus, args.replicas)
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
                    trace.num_layers)
-    initial = _initial_placement(args, trace, replicas, gpus)
+    initial = initial_placement(args, trace, replicas, gpus)
     # as plan and bench: --nodes/--groups that cannot be honoured warn once, by flag
     policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
                         trace.num_experts)
