@@ -447,3 +447,28 @@ def test_simulate_replays_an_initial_file_of_another_cluster(capsys, tmp_path) -
     code, out, err = run(capsys, "simulate", trace, "-r", 288, "-g", 32, "--window", 10,
                          "--incremental", "--initial", own, "--json")
     assert code == 0 and "was planned for 4 node(s)" in err, err
+
+
+def test_simulate_says_it_fills_the_dead_gpus_of_an_initial_file(capsys, tmp_path) -> None:
+    # an eplb file keeps dead GPUs (-1 slots); simulate plans for every GPU of -g, so the
+    # first rebalance filled them without a word (attacker pass): said, as plan --previous
+    # says it of GPUs it revives; no rebalancing keeps them empty and has nothing to say
+    from eplb.tools.generator import generate_trace
+
+    trace = tmp_path / "trace.npy"
+    counts = generate_trace("deepseek-v3", 30, seed=0, num_layers=2).counts
+    np.save(trace, counts.numpy())
+    loads = tmp_path / "loads.npy"
+    np.save(loads, counts.sum(0).numpy())
+    dead = tmp_path / "dead.json"
+    assert run(capsys, "plan", loads, "-r", 288, "-g", 32, "--dead-gpus", "3,17",
+               "-o", dead)[0] == 0
+    replay = ("simulate", trace, "-r", 288, "-g", 32, "--window", 10, "--json",
+              "--initial", dead)
+    said = "GPUs 3,17 hold nothing in --initial"
+    for extra, warned in ((), True), (("--planner", "none"), False), (
+            ("--planner", "none", "--compare"), True):
+        code, _, err = run(capsys, *replay, *extra)
+        assert code == 0, err
+        assert (said in err) == warned, (extra, err)
+        assert "plan for all 32 GPUs (-g)" in err or not warned

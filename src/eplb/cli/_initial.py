@@ -52,6 +52,16 @@ def initial_placement(args: argparse.Namespace, trace: LoadTrace, replicas: int,
             placement.phy2log, placement.num_experts,
             Topology(replicas, gpus, args.nodes, args.groups), "global",
             placement.active_gpus)
+    dead = (~placement.live_gpus().cpu()).nonzero()[:, 0].tolist()
+    if dead and (args.planner != "none" or args.compare):
+        # simulate plans for every GPU of -g (it has no --dead-gpus): the first rebalance
+        # filled the file's dead GPUs without a word, its moves counted into them
+        # (attacker pass); said, as plan --previous says GPUs it revives
+        many = len(dead) > 1
+        warn(f"GPU{'s' if many else ''} {','.join(map(str, dead))} hold"
+             f"{'' if many else 's'} nothing in --initial {args.initial} (dead there); the "
+             f"replay's rebalances plan for all {gpus} GPUs (-g), so they fill "
+             f"{'their' if many else 'its'} slots")
     what, sglang = placement_name(meta, f"--initial {args.initial}")
     placement, keep = rows_of_loads(placement, meta.get("layer_ids"), trace, trace.total(),
                                     args.first_layer, what, f"the loads of {args.trace}", sglang)
