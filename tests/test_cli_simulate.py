@@ -382,18 +382,24 @@ def test_the_greedy_alone_refuses_the_locality_policy(capsys, tmp_path) -> None:
         "eplb", "greedy", "none"]
 
 
+def _two_layer_files(tmp_path: Path) -> tuple[Path, Path]:
+    """``(trace.npy [T, L, E], loads.npy [L, E])``: 30 steps of two DeepSeek-V3-like layers
+    (generated), and their sum, in ``tmp_path``."""
+    from eplb.tools.generator import generate_trace
+
+    counts = generate_trace("deepseek-v3", 30, seed=0, num_layers=2).counts
+    trace, loads = tmp_path / "trace.npy", tmp_path / "loads.npy"
+    np.save(trace, counts.numpy())
+    np.save(loads, counts.sum(0).numpy())
+    return trace, loads
+
+
 def test_simulate_starts_from_an_initial_placement_file(capsys, tmp_path) -> None:
     # SGLang deployments start from --init-expert-location FILE and rebalance from there:
     # --initial FILE replays that start (the replay always began at SGLang's trivial map),
     # rows paired with the trace's layers as eval pairs them (--first-layer for a trace
     # that does not name them); "none" then keeps that file, its oracle too
-    from eplb.tools.generator import generate_trace
-
-    trace = tmp_path / "trace.npy"  # [T, L, E]: two DeepSeek-V3-like layers
-    counts = generate_trace("deepseek-v3", 30, seed=0, num_layers=2).counts
-    np.save(trace, counts.numpy())
-    loads = tmp_path / "loads.npy"
-    np.save(loads, counts.sum(0).numpy())
+    trace, loads = _two_layer_files(tmp_path)
     start = tmp_path / "start.sglang.json"  # rows 0..2 of SGLang's file: layers 1, 2 loaded
     cluster = ("-r", 288, "-g", 32, "--nodes", 4, "--groups", 8)
     assert run(capsys, "plan", loads, *cluster, "--first-layer", 1, "--num-model-layers", 3,
@@ -421,13 +427,7 @@ def test_simulate_replays_an_initial_file_of_another_cluster(capsys, tmp_path) -
     # met the rebalancer's "initial placement is for Topology(num_replicas=288, ...)";
     # its map is one the replay's GPUs hold, so it is replayed there, with plan
     # --previous's warning naming the flags of its own cluster
-    from eplb.tools.generator import generate_trace
-
-    trace = tmp_path / "trace.npy"
-    counts = generate_trace("deepseek-v3", 30, seed=0, num_layers=2).counts
-    np.save(trace, counts.numpy())
-    loads = tmp_path / "loads.npy"
-    np.save(loads, counts.sum(0).numpy())
+    trace, loads = _two_layer_files(tmp_path)
     own = tmp_path / "start.json"
     assert run(capsys, "plan", loads, "-r", 288, "-g", 32, "--nodes", 4, "--groups", 8,
                "-o", own)[0] == 0
@@ -453,13 +453,7 @@ def test_simulate_says_it_fills_the_dead_gpus_of_an_initial_file(capsys, tmp_pat
     # an eplb file keeps dead GPUs (-1 slots); simulate plans for every GPU of -g, so the
     # first rebalance filled them without a word (attacker pass): said, as plan --previous
     # says it of GPUs it revives; no rebalancing keeps them empty and has nothing to say
-    from eplb.tools.generator import generate_trace
-
-    trace = tmp_path / "trace.npy"
-    counts = generate_trace("deepseek-v3", 30, seed=0, num_layers=2).counts
-    np.save(trace, counts.numpy())
-    loads = tmp_path / "loads.npy"
-    np.save(loads, counts.sum(0).numpy())
+    trace, loads = _two_layer_files(tmp_path)
     dead = tmp_path / "dead.json"
     assert run(capsys, "plan", loads, "-r", 288, "-g", 32, "--dead-gpus", "3,17",
                "-o", dead)[0] == 0
