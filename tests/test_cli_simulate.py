@@ -466,3 +466,27 @@ def test_simulate_says_it_fills_the_dead_gpus_of_an_initial_file(capsys, tmp_pat
         assert code == 0, err
         assert (said in err) == warned, (extra, err)
         assert "plan for all 32 GPUs (-g)" in err or not warned
+
+
+def test_simulate_says_an_initial_file_stacks_replicas(capsys, tmp_path) -> None:
+    # eval says a map that stacks two replicas of an expert on one GPU breaks eplb's
+    # anti-affinity; simulate --initial replayed such a file without a word (attacker pass)
+    trace, loads = _two_layer_files(tmp_path)
+    start = tmp_path / "start.sglang.json"
+    cluster = ("-r", 288, "-g", 32)
+    assert run(capsys, "plan", loads, *cluster, "--first-layer", 1, "--num-model-layers", 3,
+               "-o", start)[0] == 0
+    replay = ("simulate", trace, *cluster, "--window", 10, "--planner", "none",
+              "--initial", start, "--first-layer", 1)
+    code, _, err = run(capsys, *replay)
+    assert code == 0 and "anti-affinity" not in err, err
+    data = json.loads(start.read_text())
+    row = data["physical_to_logical_map"][1]  # model layer 1; GPU 0 holds slots 0..8
+    # a replica on GPU 0 of an expert with another replica elsewhere, moved in beside it
+    mine, other = next((k, s) for k in range(9) for s in range(9, len(row))
+                       if row[s] == row[k])
+    spare = (mine + 1) % 9
+    row[spare], row[other] = row[other], row[spare]  # GPU 0 now holds that expert twice
+    start.write_text(json.dumps(data))
+    code, _, err = run(capsys, *replay)
+    assert code == 0 and "breaks eplb's anti-affinity" in err, err

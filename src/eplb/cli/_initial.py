@@ -10,7 +10,9 @@ from eplb.cli._common import CliError
 from eplb.cli._inputs import placement_name, warn
 from eplb.cli.commands import rows_of_loads
 from eplb.core import LoadTrace, Placement, Topology
+from eplb.core.placement import PlacementError
 from eplb.formats import read_placement_meta
+from eplb.formats.placements import name_model_layers
 
 
 def initial_placement(args: argparse.Namespace, trace: LoadTrace, replicas: int,
@@ -62,6 +64,15 @@ def initial_placement(args: argparse.Namespace, trace: LoadTrace, replicas: int,
              f"{'' if many else 's'} nothing in --initial {args.initial} (dead there); the "
              f"replay's rebalances plan for all {gpus} GPUs (-g), so they fill "
              f"{'their' if many else 'its'} slots")
+    try:
+        placement.validate()  # read with anti_affinity=False: engines' maps may stack
+    except PlacementError as exc:
+        # replayed as it is, but said, as eval says it (attacker pass: a stacked file was
+        # replayed without a word); an eplb rebalance from it spreads the stacked replicas
+        why = name_model_layers(str(exc).removeprefix("anti-affinity: "),
+                                meta.get("layer_ids"))
+        warn(f"--initial {args.initial} breaks eplb's anti-affinity ({why}); replayed as it "
+             "is until the first rebalance")
     what, sglang = placement_name(meta, f"--initial {args.initial}")
     placement, keep = rows_of_loads(placement, meta.get("layer_ids"), trace, trace.total(),
                                     args.first_layer, what, f"the loads of {args.trace}", sglang)
