@@ -7,12 +7,10 @@ import argparse
 
 from eplb.cli._checks import existing_file
 from eplb.cli._common import CliError
-from eplb.cli._inputs import placement_name, warn
+from eplb.cli._inputs import anti_affinity_breach, placement_name, revived_gpus, warn
 from eplb.cli.commands import rows_of_loads
 from eplb.core import LoadTrace, Placement, Topology
-from eplb.core.placement import PlacementError
 from eplb.formats import read_placement_meta
-from eplb.formats.placements import name_model_layers
 
 
 def initial_placement(args: argparse.Namespace, trace: LoadTrace, replicas: int,
@@ -54,7 +52,7 @@ def initial_placement(args: argparse.Namespace, trace: LoadTrace, replicas: int,
             placement.phy2log, placement.num_experts,
             Topology(replicas, gpus, args.nodes, args.groups), "global",
             placement.active_gpus)
-    dead = (~placement.live_gpus().cpu()).nonzero()[:, 0].tolist()
+    dead = revived_gpus(placement)
     if dead and (args.planner != "none" or args.compare):
         # simulate plans for every GPU of -g (it has no --dead-gpus): the first rebalance
         # filled the file's dead GPUs without a word, its moves counted into them
@@ -64,13 +62,10 @@ def initial_placement(args: argparse.Namespace, trace: LoadTrace, replicas: int,
              f"{'' if many else 's'} nothing in --initial {args.initial} (dead there); the "
              f"replay's rebalances plan for all {gpus} GPUs (-g), so they fill "
              f"{'their' if many else 'its'} slots")
-    try:
-        placement.validate()  # read with anti_affinity=False: engines' maps may stack
-    except PlacementError as exc:
+    why = anti_affinity_breach(placement, meta.get("layer_ids"))
+    if why is not None:
         # replayed as it is, but said, as eval says it (attacker pass: a stacked file was
         # replayed without a word); an eplb rebalance from it spreads the stacked replicas
-        why = name_model_layers(str(exc).removeprefix("anti-affinity: "),
-                                meta.get("layer_ids"))
         warn(f"--initial {args.initial} breaks eplb's anti-affinity ({why}); replayed as it "
              "is until the first rebalance")
     what, sglang = placement_name(meta, f"--initial {args.initial}")

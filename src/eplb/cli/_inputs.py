@@ -26,7 +26,7 @@ from eplb.cli._common import CliError
 from eplb.cli._values import integer
 from eplb.core import LoadTrace, Placement, Topology, resolve_policy
 from eplb.core.messages import integer_runs
-from eplb.core.placement import groups_on_nodes
+from eplb.core.placement import PlacementError, groups_on_nodes
 from eplb.formats import (
     FormatError,
     check_emit_fits_name,
@@ -37,6 +37,7 @@ from eplb.formats import (
 )
 from eplb.formats.detect import file_identity, folder_load_files
 from eplb.formats.placement_writer import PLACEMENT_NAMES, other_format_named
+from eplb.formats.placements import name_model_layers
 from eplb.tools.scoring import step_routing
 
 
@@ -453,14 +454,32 @@ def straddling_layers(previous: Placement, num_nodes: int, num_groups: int) -> l
     return np.nonzero((present.sum(2) > 1).any(1) | unequal)[0].tolist()
 
 
+def revived_gpus(placement: Placement, active: torch.Tensor | None = None) -> list[int]:
+    """The GPUs that hold nothing in ``placement`` (dead there) and are live now
+    (``active [P]``, ``None`` for all): a plan from it fills their slots."""
+    grid = placement.phy2log.cpu().view(placement.num_layers, placement.topology.num_gpus, -1)
+    empty = (grid < 0).all(2).all(0)  # [P]: dead in the placement
+    live = torch.ones_like(empty) if active is None else active.cpu().bool()
+    return (empty & live).nonzero()[:, 0].tolist()
+
+
+def anti_affinity_breach(placement: Placement, layer_ids: list[int] | None) -> str | None:
+    """Where a placement read from a file (read with ``anti_affinity=False``: engines'
+    maps may stack replicas) puts two replicas of an expert on one GPU, in model layers
+    (``layer_ids``: those its file records), else ``None``: eval and simulate --initial
+    use it as it is, and say so."""
+    try:
+        placement.validate()
+    except PlacementError as exc:
+        return name_model_layers(str(exc).removeprefix("anti-affinity: "), layer_ids)
+    return None
+
+
 def warn_revived(previous: Placement, active: torch.Tensor | None,
                  args: argparse.Namespace) -> None:
     """Say so when GPUs that hold nothing in ``--previous`` will be filled now (``active
     [P]``: the live GPUs, ``None`` for all)."""
-    grid = previous.phy2log.cpu().view(previous.num_layers, args.gpus, -1)
-    empty = (grid < 0).all(2).all(0)  # [P]: dead in the placement in force
-    live = torch.ones_like(empty) if active is None else active.cpu().bool()
-    revived = (empty & live).nonzero()[:, 0].tolist()
+    revived = revived_gpus(previous, active)
     if revived:
         ids = ",".join(map(str, revived))
         many = len(revived) > 1

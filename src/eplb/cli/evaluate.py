@@ -21,6 +21,7 @@ from eplb.cli._common import (
     summed_note,
 )
 from eplb.cli._inputs import (
+    anti_affinity_breach,
     cli_policy,
     placement_name,
     read_trace,
@@ -46,7 +47,6 @@ from eplb.core.planner import MAX_SPEED_RATIO, equal_speeds, planning_speeds
 from eplb.core.rank_draws import rank_draw_balancedness, split_draw_balancedness
 from eplb.core.trace import LoadTrace
 from eplb.formats import read_placement_meta
-from eplb.formats.placements import name_model_layers
 
 
 def _eval_policy(placement: Placement, meta: dict, args: argparse.Namespace,
@@ -120,13 +120,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         existing_file(args.placement, "placement file"), num_gpus=args.gpus,
         num_nodes=args.nodes or 1, num_groups=args.groups or 1)
     _check_recorded(meta, args, args.placement)
-    try:
-        placement.validate()  # read with anti_affinity=False: engines' maps may stack
-    except PlacementError as exc:
+    why = anti_affinity_breach(placement, meta.get("layer_ids"))
+    if why is not None:
         # scored as it is, but said (attacker pass: a stacked eplb JSON file was scored
         # without a word)
-        why = name_model_layers(str(exc).removeprefix("anti-affinity: "),
-                                meta.get("layer_ids"))
         warn(f"{args.placement} breaks eplb's anti-affinity ({why}); scored as it is: the "
              "engines accept such maps (DeepSeek's greedy makes them), eplb's plans never "
              "hold them")
