@@ -242,12 +242,44 @@ def test_routing_mistakes_are_named(tmp_path, capsys, loads, routing):
     code, _, err = run(capsys, "eval", "--placement", out, path, "--routing", routing)
     assert code == 2 and "add --dispatch nearest" in err
     ids = np.load(routing)["task_topk_ids"]
-    ids[0, 0, 0] = -1  # a padded token
     padded = tmp_path / "padded.npz"
-    np.savez(padded, task_topk_ids=ids)
+    np.savez(padded, task_topk_ids=np.full_like(ids[:5], -1))  # nothing but padding
     code, _, err = run(capsys, "eval", "--placement", out, path, "--dispatch", "nearest",
                        "--routing", padded)
-    assert code == 2 and "negative expert ids" in err and str(padded) in err
+    assert code == 2 and "names no expert: every id is padding" in err and str(padded) in err
+
+
+def test_padded_tokens_are_no_tokens_of_the_traffic(tmp_path, capsys, loads, routing) -> None:
+    """SGLang pads a batch's extra tokens with -1 ids: eval --routing, plan --routing and
+    the API count a trace with padded tokens as the trace without them (they were refused),
+    and a padded entry as no expert (a token [e, -1] as the top-1 token [e])."""
+    path, _ = loads
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "-o", out)[0] == 0
+    ids = np.load(routing)["task_topk_ids"]
+    padded = np.concatenate([ids[:7], np.full_like(ids[:9], -1), ids[7:]])
+    np.savez(tmp_path / "padded.npz", task_topk_ids=padded)
+    figures = []
+    for trace in (routing, tmp_path / "padded.npz"):
+        code, text, err = run(capsys, "eval", "--placement", out, path, "--dispatch",
+                              "nearest", "--routing", trace, "--json")
+        assert code == 0, err
+        figures.append(json.loads(text)["remote_nodes_per_token"])
+    assert figures[0] == pytest.approx(figures[1], rel=1e-12)
+    plans = []
+    for trace in (routing, tmp_path / "padded.npz"):
+        target = tmp_path / f"loc{len(plans)}.json"
+        code, _, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                           "--groups", 8, "--policy", "locality", "--dispatch", "nearest",
+                           "--routing", trace, "-o", target)
+        assert code == 0, err
+        plans.append(json.loads(target.read_text())["phy2log"])
+    assert plans[0] == plans[1]
+    phy2log = torch.tensor(json.loads(out.read_text())["phy2log"])
+    top1 = torch.from_numpy(ids[:, :, :1])
+    half = torch.cat([top1, torch.full_like(top1, -1)], 2)
+    assert torch.equal(remote_nodes_per_token(phy2log, half, 64, 16, 4),
+                       remote_nodes_per_token(phy2log, top1, 64, 16, 4))
 
 
 def test_dispatch_helpers_check_their_inputs():

@@ -230,7 +230,7 @@ def test_auto_half_lives_too_long_for_any_window_are_refused_up_front() -> None:
     ((32, 8, 2, 4, 16), {"policy": "locality", "dispatch": "nearest",
                          "routing": torch.arange(40).remainder(40).reshape(10, 1, 4)
                          .expand(10, 3, 4).contiguous()},
-     r"routing holds expert ids in \[0, 39\], outside \[0, 16\)"),
+     r"routing names expert 39, outside \[0, 16\)"),
 ])
 def test_counts_the_planner_cannot_plan_are_refused_at_the_first_step(shape, options,
                                                                       match) -> None:

@@ -210,6 +210,56 @@ def test_simulate_counts_a_topk_files_traffic(capsys, tmp_path) -> None:
     assert code == 0 and "counted from the trace's\n  own tokens" in out, out
 
 
+def test_padded_tokens_count_as_no_tokens() -> None:
+    """Rows of -1 (SGLang's padded tokens) anywhere in a trace change neither the remote
+    nodes per token, with or without source GPUs, nor the pair counts; a layer whose
+    tokens are padded there averages over its own tokens."""
+    from eplb.core.dispatch import coactivation, remote_nodes_per_token
+
+    ids = _topk_ids(40, 3, 16, 2, seed=5)
+    phy2log = _maps(3, 32, 16, seed=5)
+    where = torch.randperm(55, generator=torch.Generator().manual_seed(5))
+    padded = torch.cat([ids, torch.full((15, 3, 2), -1)])[where]
+    sources = torch.arange(55)[where] % 8
+    assert torch.equal(coactivation(padded, 16), coactivation(ids, 16))
+    assert torch.allclose(remote_nodes_per_token(phy2log, padded, 16, 8, 2),
+                          remote_nodes_per_token(phy2log, ids, 16, 8, 2), rtol=1e-12)
+    real = where < 40
+    assert torch.allclose(
+        remote_nodes_per_token(phy2log, padded, 16, 8, 2, sources=sources),
+        remote_nodes_per_token(phy2log, padded[real], 16, 8, 2, sources=sources[real]),
+        rtol=1e-12)
+    some = ids.clone()
+    some[:10, 1] = -1  # layer 1 padded for 10 tokens only
+    assert torch.allclose(remote_nodes_per_token(phy2log, some, 16, 8, 2)[1],
+                          remote_nodes_per_token(phy2log[1:2], ids[10:, 1:2], 16, 8, 2)[0],
+                          rtol=1e-12)
+    with pytest.raises(ValueError, match="every id is padding"):
+        remote_nodes_per_token(phy2log, torch.full((4, 3, 2), -1), 16, 8, 2)
+
+
+def test_simulate_counts_a_padded_topk_files_traffic(capsys, tmp_path) -> None:
+    """A top-k file whose batches SGLang padded with -1 ids counts its traffic as the file
+    without the padded tokens (it fell back to the model, with a warning): the padded
+    tokens sit at the end of every step, so the steps hold the same real tokens."""
+    ids = _topk_ids(96, 2, 16, 2, seed=4)
+    steps = ids.view(12, 8, 2, 2)  # 12 steps of 8 tokens
+    padded = torch.cat([steps, torch.full((12, 4, 2, 2), -1)], 1).reshape(-1, 2, 2)
+    np.savez(tmp_path / "plain.npz", topk_ids=ids.numpy())
+    np.savez(tmp_path / "padded.npz", topk_ids=padded.numpy())
+    args = ("--window", 2, "-r", 16, "-g", 8, "--nodes", 2, "--groups", 4, "--dispatch",
+            "nearest", "--json")
+    summaries = []
+    for name, per in (("plain.npz", 8), ("padded.npz", 12)):
+        code, out, err = run(capsys, "simulate", tmp_path / name, "--tokens-per-step", per,
+                             *args)
+        assert code == 0 and "modelled" not in err, err
+        summaries.append(json.loads(out)["runs"][0]["summary"])
+    assert summaries[1]["remote_nodes_counted"] is True
+    assert summaries[1]["remote_nodes_per_token"] == pytest.approx(
+        summaries[0]["remote_nodes_per_token"], rel=1e-12)
+
+
 def test_simulate_counts_several_topk_files_traffic(capsys, tmp_path) -> None:
     """Two top-k files count their tokens' traffic as one file of both does: they were
     modelled (DeepSeek-V3's routing) while the notes said a top-k trace's own tokens are

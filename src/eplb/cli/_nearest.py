@@ -133,9 +133,8 @@ def read_routing_flag(args: argparse.Namespace) -> torch.Tensor | None:
     if routing.numel() == 0:
         raise CliError(f"--routing {args.routing} holds no tokens (shape "
                        f"{tuple(routing.shape)}; a routing trace is [tokens, layers, k])")
-    if int(routing.min()) < 0:
-        raise CliError(f"--routing {args.routing} holds negative expert ids (-1 padding for "
-                       "tokens routed to fewer experts?); co-selection needs full top-k rows")
+    if int(routing.max()) < 0:  # (ids below 0 are padding: SGLang pads a batch with -1)
+        raise CliError(f"--routing {args.routing} names no expert: every id is padding (< 0)")
     return routing
 
 

@@ -52,7 +52,12 @@ from collections.abc import Callable
 
 import torch
 
-from eplb.core.expert_ids import require_distinct_topk, require_integer_ids
+from eplb.core.expert_ids import (
+    padding_mask,
+    require_distinct_topk,
+    require_ids_below,
+    require_integer_ids,
+)
 from eplb.core.inputs import as_gpu_speed, as_live_mask, as_weight, refuse_non_dense
 from eplb.core.map_tables import ratio_or_one
 from eplb.core.topology import is_name, positive_int
@@ -402,9 +407,7 @@ def _check_ids(ids: torch.Tensor, num_layers: int, num_experts: int) -> torch.Te
     ids = ids.to(torch.int64)
     if ids.shape[0] == 0 or ids.shape[2] == 0:
         raise ValueError(f"ids hold no tokens (shape {tuple(ids.shape)})")
-    if int(ids.max()) >= num_experts or int(ids.min()) < 0:
-        raise ValueError(f"ids must lie in [0, {num_experts}) (top-k ids padded with -1 are "
-                         f"not supported), got [{int(ids.min())}, {int(ids.max())}]")
+    require_ids_below(ids, num_experts, "ids")
     require_distinct_topk(ids, "ids")
     return ids
 
@@ -424,7 +427,9 @@ def remote_nodes_per_token(
     """``[L]`` expected distinct remote nodes a token reaches per MoE layer.
 
     Args:
-        phy2log: ``[L, R]`` placement; ids: ``[T, L, k]`` top-k expert ids per token.
+        phy2log: ``[L, R]`` placement; ids: ``[T, L, k]`` top-k expert ids per token, ids
+            below 0 padding (a padded entry reaches no node, and a layer's figure is over
+            the tokens with an expert there: SGLang pads a batch's extra tokens with -1).
         sources: ``[T]`` source GPU of every token; ``None`` averages every token over the
             source GPUs, weighted by :func:`source_distribution` (``source``,
             ``active_gpus``).
@@ -439,8 +444,13 @@ def remote_nodes_per_token(
     num_experts = positive_int("num_experts", num_experts)
     num_layers = phy2log.shape[0]
     ids = _check_ids(ids, num_layers, num_experts)
+    real = padding_mask(ids)  # None: no padding (the plain path)
     chosen = torch.zeros(num_layers, num_experts, dtype=torch.bool)
-    chosen.scatter_(1, ids.transpose(0, 1).reshape(num_layers, -1), True)
+    if real is None:
+        chosen.scatter_(1, ids.transpose(0, 1).reshape(num_layers, -1), True)
+    else:
+        layer_of = torch.arange(num_layers)[None, :, None].expand_as(ids)
+        chosen[layer_of[real], ids[real]] = True
     hits = node_hit_probs(phy2log, num_experts, num_gpus, num_nodes, dispatch)  # [L,P,E,N]
     _require_placed(chosen, phy2log, "is chosen by the trace")
     gpus_per_node = num_gpus // num_nodes
@@ -448,6 +458,9 @@ def remote_nodes_per_token(
     node_ids = torch.arange(num_nodes, device=phy2log.device)
     total = torch.zeros(num_layers, dtype=torch.float64, device=phy2log.device)
     num_tokens = ids.shape[0]
+    # a layer's tokens: those with an expert there (a row of padding is no token)
+    tokens = (torch.full((num_layers,), float(num_tokens), dtype=torch.float64) if real is None
+              else real.any(2).sum(0, dtype=torch.float64)).to(phy2log.device)
     if sources is not None:
         if not hasattr(sources, "__len__"):  # e.g. a Placement passed by mistake
             raise TypeError(f"sources must be the [T] source GPU ids of the tokens, got "
@@ -465,34 +478,51 @@ def remote_nodes_per_token(
         _require_empty_dead(phy2log, num_gpus, active_gpus)
     for start in range(0, num_tokens, chunk):
         part = ids[start:start + chunk].to(phy2log.device)  # [t, L, k]
+        # a padded entry reaches no node: its hit probabilities are zero
+        keep = None if real is None else real[start:start + chunk, :, :, None].to(part.device)
+        part = part.clamp(min=0)
         if sources is not None:
             gpu = sources[start:start + chunk]
             h = hits[layer, gpu[:, None, None], part]  # [t, L, k, N]
+            if keep is not None:
+                h = h * keep
             reach = 1 - (1 - h).prod(2)  # [t, L, N]
             remote = (reach * (node_ids != (gpu // gpus_per_node)[:, None])[:, None]).sum(2)
             total += remote.sum(0)
             continue
         for gpu in weights.nonzero()[:, 0].tolist():
             h = hits[layer, gpu, part]
+            if keep is not None:
+                h = h * keep
             reach = 1 - (1 - h).prod(2)
             remote = reach.sum(2) - reach[:, :, gpu // gpus_per_node]
             total += float(weights[gpu]) * remote.sum(0)
-    return total / max(num_tokens, 1)
+    return total / tokens.clamp(min=1)
 
 
 def coactivation(ids: torch.Tensor, num_experts: int, chunk: int = 2048) -> torch.Tensor:
     """``[L, E, E]`` float64 pair counts of a top-k trace ``ids [T, L, k]``: entry ``(e, f)``
-    counts tokens that chose both (the diagonal counts tokens that chose ``e``)."""
+    counts tokens that chose both (the diagonal counts tokens that chose ``e``); ids below 0
+    are padding, in no pair."""
     ids = torch.as_tensor(ids)
     if ids.dim() != 3:
         raise ValueError(f"ids must be [T, L, k], got {tuple(ids.shape)}")
     ids = _check_ids(ids, ids.shape[1], num_experts)
     num_tokens, num_layers, _ = ids.shape
     pairs = torch.zeros(num_layers, num_experts * num_experts, dtype=torch.float64)
+    real = padding_mask(ids)
     for start in range(0, num_tokens, chunk):
         part = ids[start:start + chunk].transpose(0, 1)  # [L, t, k]
+        if real is None:
+            flat = (part[:, :, :, None] * num_experts + part[:, :, None, :]).flatten(1)
+            pairs.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+            continue
+        # a pair with a padded entry is no pair: added as zero
+        keep = real[start:start + chunk].transpose(0, 1)
+        part = part.clamp(min=0)
         flat = (part[:, :, :, None] * num_experts + part[:, :, None, :]).flatten(1)
-        pairs.scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float64))
+        both = (keep[:, :, :, None] & keep[:, :, None, :]).flatten(1)
+        pairs.scatter_add_(1, flat, both.to(torch.float64))
     return pairs.view(num_layers, num_experts, num_experts)
 
 

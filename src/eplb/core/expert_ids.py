@@ -18,8 +18,9 @@ from eplb.core.inputs import native_array, refuse_byte_strings, without_values
 def as_routing(
     routing: object, num_layers: int | None, num_experts: int | None
 ) -> torch.Tensor:
-    """``[T, L, k]`` int64 top-k expert ids of recorded tokens, each in ``[0, E)``
-    (``None``: the layer or expert count is not known yet and not checked)."""
+    """``[T, L, k]`` int64 top-k expert ids of recorded tokens, each in ``[0, E)`` or
+    padding (``< 0``, :func:`require_ids_below`; ``None``: the layer or expert count is
+    not known yet and not checked)."""
     if isinstance(routing, torch.Tensor):
         tensor = routing
     else:
@@ -45,10 +46,31 @@ def as_routing(
             f"{tuple(tensor.shape)}"
         )
     tensor = tensor.detach().cpu().to(torch.int64)
-    lo, hi = (int(x) for x in torch.aminmax(tensor))
-    if lo < 0 or (num_experts is not None and hi >= num_experts):
-        raise ValueError(f"routing holds expert ids in [{lo}, {hi}], outside [0, {num_experts})")
+    require_ids_below(tensor, num_experts, "routing")
     return tensor
+
+
+def require_ids_below(ids: torch.Tensor, num_experts: int | None, name: str) -> None:
+    """``ValueError`` naming ``name`` unless the top-k ids ``ids [T, L, k]`` lie below
+    ``num_experts`` (``None``: not known, not checked) and name at least one expert.
+
+    Ids below 0 are padding, as the trace readers count them (:mod:`eplb.formats`): SGLang
+    sets the ids of the padded tokens of a batch to -1. A padded entry is no expert, and a
+    token whose row in a layer is all padding is no token of that layer.
+    """
+    hi = int(ids.max())
+    if hi < 0:
+        raise ValueError(f"{name} names no expert: every id is padding (< 0)")
+    if num_experts is not None and hi >= num_experts:
+        raise ValueError(f"{name} names expert {hi}, outside [0, {num_experts}) (ids below 0 "
+                         "are padding)")
+
+
+def padding_mask(ids: torch.Tensor) -> torch.Tensor | None:
+    """``[T, L, k]`` bool, the real entries of top-k ids (not padding, ``< 0``); ``None``
+    where every entry is real, so that callers keep their plain path there."""
+    real = ids >= 0
+    return None if bool(real.all()) else real
 
 
 def require_distinct_topk(ids: torch.Tensor, name: str) -> None:
@@ -58,7 +80,8 @@ def require_distinct_topk(ids: torch.Tensor, name: str) -> None:
     if ids.shape[2] < 2:
         return
     ordered = ids.sort(2).values
-    twice = (ordered[..., 1:] == ordered[..., :-1]).any(2)  # [T, L]
+    # padding (< 0) may repeat: SGLang pads a whole row with -1
+    twice = ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any(2)  # [T, L]
     if bool(twice.any()):
         token, layer = (int(x) for x in twice.nonzero()[0])
         raise ValueError(f"{name}: token {token} names an expert twice in layer {layer} "

@@ -63,6 +63,7 @@ import torch
 
 from eplb.core.dispatch import _prob_none, coactivation, realised_gpu_loads
 from eplb.core.dispatch_plan import _AUTO_TOLERANCE, coverage_counts
+from eplb.core.expert_ids import padding_mask
 from eplb.core.options import PlanOptions
 from eplb.core.packing import make_items, pack, to_slots
 from eplb.core.topology import Topology
@@ -82,11 +83,15 @@ _MIN_GAIN = 1e-5  # smallest swap gain taken, in remote nodes per token (~2 in t
 
 def pair_stats(ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(freq [L, E], pair [L, E, E])`` from top-k ids ``[T, L, k]``: the share of tokens
-    choosing ``e``, and of tokens choosing both ``e`` and ``f`` (zero diagonal)."""
+    choosing ``e``, and of tokens choosing both ``e`` and ``f`` (zero diagonal); a layer's
+    tokens are those with an expert there (ids below 0 are padding)."""
     counts = coactivation(ids, num_experts)
-    tokens = max(int(torch.as_tensor(ids).shape[0]), 1)
+    ids = torch.as_tensor(ids)
+    real = padding_mask(ids)
+    tokens = (max(int(ids.shape[0]), 1) if real is None
+              else real.any(2).sum(0, dtype=torch.float64).clamp(min=1)[:, None])
     freq = counts.diagonal(dim1=1, dim2=2) / tokens
-    pair = counts / tokens
+    pair = counts / (tokens if real is None else tokens[:, :, None])
     pair.diagonal(dim1=1, dim2=2).zero_()
     return freq, pair
 

@@ -314,14 +314,16 @@ def step_routing(routing: Sequence[torch.Tensor], counts: torch.Tensor,
             raise ValueError(f"{name}: expected integer top-k ids [tokens, {num_layers}, k], "
                              f"got {ids.dtype} {tuple(ids.shape)}")
         ids = ids.cpu().to(torch.int64)
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_experts):
-            raise ValueError(f"{name}: ids must lie in [0, {num_experts}) (no padding)")
+        if ids.numel() and int(ids.max()) >= num_experts:
+            raise ValueError(f"{name}: ids must lie below {num_experts} (ids below 0 are "
+                             "padding)")
         if ids.numel():
             # (the count check below cannot catch it where the counts were tallied from
             # the same ids: remote_nodes_per_token refused it mid-replay)
             require_distinct_topk(ids, name)
         layer = torch.arange(num_layers)[None, :, None] * num_experts
-        tally = torch.bincount((ids + layer).reshape(-1), minlength=num_layers * num_experts)
+        # padding (< 0) is counted nowhere, as the trace readers count it
+        tally = torch.bincount((ids + layer)[ids >= 0], minlength=num_layers * num_experts)
         if not torch.equal(tally.view(num_layers, num_experts).to(counts.dtype),
                            counts[step].cpu()):
             raise ValueError(f"routing step {step}: its ids do not count to the trace's "
