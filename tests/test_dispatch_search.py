@@ -199,6 +199,33 @@ def test_the_product_search_makes_the_plain_formulations_swaps(
     assert (got[0] != where).any()
 
 
+def test_the_search_is_exact_where_float32_products_round(monkeypatch):
+    # a caller's torch.set_float32_matmul_precision("medium") lets float32 products run in
+    # bfloat16 on CPUs that have it (TF32 on CUDA): 8 bits of mantissa. The search's table
+    # of each bin's conflict with every node was such a product, of counts far above 256
+    # here; emulated by a batched product that rounds its operands so, it must still make
+    # the plain search's swaps
+    real_bmm = torch.bmm
+
+    def bfloat16_bmm(a, b, *args, **kwargs):
+        if a.dtype == torch.float32:
+            a, b = a.to(torch.bfloat16).float(), b.to(torch.bfloat16).float()
+        return real_bmm(a, b, *args, **kwargs)
+
+    gen = torch.Generator().manual_seed(5)
+    gpus, nodes, slots, layers, experts = 32, 4, 6, 4, 40
+    weight = torch.exp(torch.randn(layers, experts, generator=gen, dtype=torch.float64))
+    phy2log = torch.stack([torch.multinomial(row / row.sum(), gpus * slots, replacement=True,
+                                             generator=gen) for row in weight])
+    conflict = node_conflicts(phy2log, gpus, experts) * 257.0  # odd: bfloat16 rounds it
+    where = torch.stack([torch.randperm(gpus, generator=gen) for _ in range(layers)])
+    node_of_pos = torch.arange(gpus) // (gpus // nodes)
+    want = plain_kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
+    monkeypatch.setattr(torch, "bmm", bfloat16_bmm)
+    got = _kl_swaps(conflict, where, node_of_pos, nodes, 2 * gpus)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_the_searchs_minimum_is_the_flat_minimums_first_place(dtype):
     # the search takes each row's minimum in steps (row minima, the first row holding the

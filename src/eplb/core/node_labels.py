@@ -209,8 +209,11 @@ def _kl_swaps(
     searched, twice = work, 2 * work  # the active rows' conflicts
     # [n, B, N] conflict of bin a with node n, kept up to date swap by swap: a fresh
     # product every step cost B²·N per row, most of a step with many nodes. The counts are
-    # integers, so the updates give the product's numbers exactly
-    m = torch.bmm(searched, eye[node_of_pos[where]])
+    # integers, so the updates give the sums' numbers exactly. Summed by scatter, not as
+    # a product with the one-hot nodes: a float32 product may run in bfloat16 or TF32
+    # (torch.set_float32_matmul_precision), which rounds counts above 256 or 2048
+    nodes_of_bins = node_of_pos[where][:, None, :].expand(-1, num_bins, -1)  # [n, a, b]
+    m = work.new_zeros((rows, num_bins, num_nodes)).scatter_add_(2, nodes_of_bins, searched)
     for _ in range(steps):
         y = node_of_pos[where[active]]  # [n, B] node of every bin
         own = m.gather(2, y[:, :, None])[..., 0]
