@@ -238,6 +238,38 @@ def test_padded_tokens_count_as_no_tokens() -> None:
         remote_nodes_per_token(phy2log, torch.full((4, 3, 2), -1), 16, 8, 2)
 
 
+def test_a_layer_padded_throughout_is_left_out_of_the_mean(capsys, tmp_path) -> None:
+    """eval --routing and plan --routing report the mean over the layers in which the
+    trace holds a token: a layer whose every row is -1 has no traffic to count (its 0 was
+    averaged in: 1.237 where the trace's 3 layers read 1.650)."""
+    from helpers import skewed_loads_json
+
+    from eplb.core.dispatch import remote_nodes_per_token
+
+    path, _ = skewed_loads_json(tmp_path, 4, 64, seed=3)
+    ids = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(t))[:4]
+                       .expand(4, 4) for t in range(200)])  # [200, 4, 4]
+    padded = ids.clone()
+    padded[:, 2] = -1
+    np.savez(tmp_path / "padded.npz", topk_ids=padded.numpy())
+    out = tmp_path / "p.json"
+    assert run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4, "-o", out)[0] == 0
+    phy2log = torch.tensor(json.loads(out.read_text())["phy2log"])
+    want = float(remote_nodes_per_token(phy2log, ids, 64, 16, 4)[[0, 1, 3]].mean())
+    code, text, err = run(capsys, "eval", "--placement", out, path, "--dispatch", "nearest",
+                          "--routing", tmp_path / "padded.npz", "--json")
+    assert code == 0, err
+    assert json.loads(text)["remote_nodes_per_token"] == pytest.approx(want, rel=1e-12)
+    code, text, err = run(capsys, "plan", path, "-r", 96, "-g", 16, "--nodes", 4,
+                          "--groups", 8, "--policy", "locality", "--dispatch", "nearest",
+                          "--routing", tmp_path / "padded.npz", "-o", tmp_path / "l.json",
+                          "--json")
+    assert code == 0, err
+    placed = torch.tensor(json.loads((tmp_path / "l.json").read_text())["phy2log"])
+    assert json.loads(text)["remote_nodes_per_token"] == pytest.approx(
+        float(remote_nodes_per_token(placed, ids, 64, 16, 4)[[0, 1, 3]].mean()), rel=1e-12)
+
+
 def test_simulate_counts_a_padded_topk_files_traffic(capsys, tmp_path) -> None:
     """A top-k file whose batches SGLang padded with -1 ids counts its traffic as the file
     without the padded tokens (it fell back to the model, with a warning): the padded

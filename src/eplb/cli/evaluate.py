@@ -28,7 +28,7 @@ from eplb.cli._inputs import (
     warn,
     warn_if_no_load,
 )
-from eplb.cli._nearest import distinct_rows, read_routing_flag
+from eplb.cli._nearest import distinct_rows, read_routing_flag, routed_layers_mean
 from eplb.cli._values import eval_gpu_speed
 from eplb.cli.commands import (
     as_serving,
@@ -419,5 +419,5 @@ def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torc
         distinct_rows(routing, args)
         remote = remote_nodes_per_token(placement.phy2log, routing, placement.num_experts,
                                         topo.num_gpus, topo.num_nodes, active_gpus=active)
-        out["remote_nodes_per_token"] = float(remote.mean())
+        out["remote_nodes_per_token"] = routed_layers_mean(remote, routing)
     return out
