@@ -52,12 +52,7 @@ from collections.abc import Callable
 
 import torch
 
-from eplb.core.expert_ids import (
-    padding_mask,
-    require_distinct_topk,
-    require_ids_below,
-    require_integer_ids,
-)
+from eplb.core.expert_ids import as_topk_ids, padding_mask, require_integer_ids
 from eplb.core.inputs import as_gpu_speed, as_live_mask, as_weight, refuse_non_dense
 from eplb.core.map_tables import ratio_or_one
 from eplb.core.topology import is_name, positive_int
@@ -394,24 +389,6 @@ def node_hit_probs(
     return hits.view(num_layers, num_gpus, num_experts + 1, num_nodes)[:, :, :num_experts]
 
 
-def _check_ids(ids: torch.Tensor, num_layers: int, num_experts: int) -> torch.Tensor:
-    if ids is None or not hasattr(ids, "__len__"):
-        raise TypeError(f"ids must be integer top-k ids [T, {num_layers}, k] (a tensor or "
-                        f"array), got {type(ids).__name__}")
-    refuse_non_dense(ids, "ids")
-    ids = torch.as_tensor(ids)
-    require_integer_ids(ids, "ids")
-    if ids.dim() != 3 or ids.shape[1] != num_layers:
-        raise ValueError(f"ids must be integer top-k ids [T, {num_layers}, k], "
-                         f"got {ids.dtype} {tuple(ids.shape)}")
-    ids = ids.to(torch.int64)
-    if ids.shape[0] == 0 or ids.shape[2] == 0:
-        raise ValueError(f"ids hold no tokens (shape {tuple(ids.shape)})")
-    require_ids_below(ids, num_experts, "ids")
-    require_distinct_topk(ids, "ids")
-    return ids
-
-
 def remote_nodes_per_token(
     phy2log: torch.Tensor,
     ids: torch.Tensor,
@@ -443,7 +420,7 @@ def remote_nodes_per_token(
     chunk = positive_int("chunk", chunk)
     num_experts = positive_int("num_experts", num_experts)
     num_layers = phy2log.shape[0]
-    ids = _check_ids(ids, num_layers, num_experts)
+    ids = as_topk_ids(ids, num_layers, num_experts)
     real = padding_mask(ids)  # None: no padding (the plain path)
     chosen = torch.zeros(num_layers, num_experts, dtype=torch.bool)
     if real is None:
@@ -516,7 +493,7 @@ def coactivation(ids: torch.Tensor, num_experts: int, chunk: int = 2048) -> torc
     ids = torch.as_tensor(ids)
     if ids.dim() != 3:
         raise ValueError(f"ids must be [T, L, k], got {tuple(ids.shape)}")
-    ids = _check_ids(ids, ids.shape[1], num_experts)
+    ids = as_topk_ids(ids, ids.shape[1], num_experts)
     real = padding_mask(ids)
     if real is not None:  # a token padded in every layer is in no pair: not looped over
         routed = real.any(2).any(1)  # [T]
@@ -564,7 +541,8 @@ def remote_nodes_from_coactivation(
     active_gpus: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[L]`` estimated distinct remote nodes per token from pair counts ``[L, E, E]``
-    (:func:`coactivation`) of ``num_tokens`` tokens, without a per-token trace.
+    (:func:`coactivation`) of ``num_tokens`` tokens, without a per-token trace (a trace's
+    tokens with an expert: padded ones are in no pair, and counting them lowers the figure).
 
     For every source GPU and node, the count ``X`` of a token's experts served there has
     exact mean and second factorial moment from single and pair counts; ``P(X ≥ 1)`` is

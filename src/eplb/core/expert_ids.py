@@ -12,7 +12,12 @@ import os
 import numpy as np
 import torch
 
-from eplb.core.inputs import native_array, refuse_byte_strings, without_values
+from eplb.core.inputs import (
+    native_array,
+    refuse_byte_strings,
+    refuse_non_dense,
+    without_values,
+)
 
 
 def as_routing(
@@ -48,6 +53,27 @@ def as_routing(
     tensor = tensor.detach().cpu().to(torch.int64)
     require_ids_below(tensor, num_experts, "routing")
     return tensor
+
+
+def as_topk_ids(ids: object, num_layers: int, num_experts: int) -> torch.Tensor:
+    """``[T, L, k]`` int64 top-k ids ``ids`` of a traffic count (``ids`` in the messages),
+    checked: dense integer ids, ``num_layers`` layers, some token, none at or above
+    ``num_experts`` (below 0: padding, :func:`require_ids_below`), distinct in a row."""
+    if ids is None or not hasattr(ids, "__len__"):
+        raise TypeError(f"ids must be integer top-k ids [T, {num_layers}, k] (a tensor or "
+                        f"array), got {type(ids).__name__}")
+    refuse_non_dense(ids, "ids")
+    ids = torch.as_tensor(ids)
+    require_integer_ids(ids, "ids")
+    if ids.dim() != 3 or ids.shape[1] != num_layers:
+        raise ValueError(f"ids must be integer top-k ids [T, {num_layers}, k], "
+                         f"got {ids.dtype} {tuple(ids.shape)}")
+    ids = ids.to(torch.int64)
+    if ids.shape[0] == 0 or ids.shape[2] == 0:
+        raise ValueError(f"ids hold no tokens (shape {tuple(ids.shape)})")
+    require_ids_below(ids, num_experts, "ids")
+    require_distinct_topk(ids, "ids")
+    return ids
 
 
 def require_ids_below(ids: torch.Tensor, num_experts: int | None, name: str) -> None:
