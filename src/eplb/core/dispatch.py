@@ -406,7 +406,8 @@ def remote_nodes_per_token(
     Args:
         phy2log: ``[L, R]`` placement; ids: ``[T, L, k]`` top-k expert ids per token, ids
             below 0 padding (a padded entry reaches no node, and a layer's figure is over
-            the tokens with an expert there: SGLang pads a batch's extra tokens with -1).
+            the tokens with an expert there: SGLang pads a batch's extra tokens with -1;
+            a layer without one reads 0, so leave it out of a mean over layers).
         sources: ``[T]`` source GPU of every token; ``None`` averages every token over the
             source GPUs, weighted by :func:`source_distribution` (``source``,
             ``active_gpus``).
