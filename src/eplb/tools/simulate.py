@@ -384,9 +384,8 @@ def simulate(
             (:meth:`~eplb.tools.scoring.Realised.runtime_table`).
         routing: the trace's own top-k ids, one ``[tokens, L, k]`` array per step (whose
             ids count to that step's counts exactly; ids below 0 are padding, counted
-            nowhere), to count the remote
-            nodes per token from rather than model them (nearest dispatch on several
-            nodes only).
+            nowhere), to count the remote nodes per token from rather than model them
+            (nearest dispatch on several nodes only).
         plan_options: extra keyword arguments for the planner.
 
     Returns:
