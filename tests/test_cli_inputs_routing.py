@@ -15,7 +15,8 @@ import pytest
 import torch
 from test_cli_inputs import REAL, E, assert_user_error, plan_args, run
 
-from eplb.formats import FormatError, read_loads
+from eplb.core import LoadTrace
+from eplb.formats import FormatError, read_loads, write_loads
 
 
 # ------------------------------------------------------------- top-k routing files
@@ -275,3 +276,33 @@ def test_key_on_a_one_record_json_file_is_counts_or_nothing(capsys, tmp_path) ->
     code, _, err = run(capsys, "plan", str(path), "--key", "layers", "-r", "4", "-g", "2",
                        "-o", str(tmp_path / "o.json"))
     assert_user_error(code, err, "one count record", "picks nothing")
+
+
+def test_eval_says_what_to_do_with_a_trace_of_a_dumps_moe_rows(capsys, tmp_path) -> None:
+    """A routing trace of the MoE layers beside an SGLang dump (dense rows all zero) and
+    an SGLang file of every row: eval names the dense rows and the way forward, as plan
+    does, and the MoE rows alone, in eplb's trace file, are then scored (new-user pass:
+    eval said "has 3 layers, the loads 5" and no more)."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.rand(200, 3, E, generator=gen).argsort(2)[..., :2]  # [tokens, 3 MoE, k]
+    counts = torch.zeros(5, E)
+    for layer in range(3):
+        counts[2 + layer] = torch.bincount(ids[:, layer].flatten(), minlength=E).float()
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"logical_count": counts.tolist()}))  # 2 dense rows first
+    trace = tmp_path / "trace.npz"
+    np.savez(trace, topk_ids=ids.numpy().astype(np.int32))
+    out = tmp_path / "p.sglang.json"
+    topo = ["-g", "4", "--nodes", "2", "--dispatch", "nearest"]
+    code, _, err = run(capsys, "plan", str(dump), "-r", "20", *topo, "-o", str(out))
+    assert code == 0, err
+    scored = ["eval", "--placement", str(out), "--routing", str(trace), *topo, "--json"]
+    code, _, err = run(capsys, *scored[:-1], str(dump))
+    assert_user_error(code, err, "has 3 layers, the loads 5 (2 of them all-zero",
+                      "score on loads of the MoE rows alone", "write_loads")
+    read = read_loads(dump)
+    moe = tmp_path / "moe.npz"
+    write_loads(LoadTrace(read.counts[:, 2:], read.layer_ids[2:]), moe)
+    code, text, err = run(capsys, *scored, str(moe))
+    assert code == 0, err
+    assert json.loads(text)["remote_nodes_per_token"] >= 0

@@ -48,11 +48,8 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
         if routing.shape[1] != num_rows:
             # new-user pass: a trace of the MoE rows (what sample_group_limited samples: it
             # refuses all-zero rows) beside an SGLang dump's 61 rows had no way forward
-            hint = ("" if loaded_rows is None or routing.shape[1] != loaded_rows else
-                    f" ({num_rows - loaded_rows} of them all-zero, as an SGLang dump's dense "
-                    "layers: plan on loads of the MoE rows alone, which keep their layer "
-                    "ids in eplb's trace file (the README's write_loads example under "
-                    "TensorRT-LLM); an SGLang file still gets a row for every layer)")
+            hint = dense_rows_hint(routing.shape[1], num_rows, loaded_rows,
+                                   "plan on", "an SGLang file still gets a row for every layer")
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the loads "
                            f"{num_rows}{hint}")
         if int(routing.max()) >= num_experts:
@@ -62,6 +59,18 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
         distinct_rows(routing, args)
         options["routing"] = routing if rows is None else routing[:, rows]
     return options
+
+
+def dense_rows_hint(routing_layers: int, num_rows: int, loaded_rows: int | None, verb: str,
+                    then: str) -> str:
+    """What to do where a routing trace has the layers of the loads' ``loaded_rows`` rows
+    with load, not all ``num_rows`` (an SGLang dump's dense rows are all zero), else "".
+    ``verb``: ``"plan on"`` or ``"score on"``; ``then``: what follows for the command."""
+    if loaded_rows is None or routing_layers != loaded_rows or loaded_rows == num_rows:
+        return ""
+    return (f" ({num_rows - loaded_rows} of them all-zero, as an SGLang dump's dense layers: "
+            f"{verb} loads of the MoE rows alone, which keep their layer ids in eplb's trace "
+            f"file (the README's write_loads example under TensorRT-LLM); {then})")
 
 
 def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict,

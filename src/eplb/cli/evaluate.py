@@ -28,7 +28,12 @@ from eplb.cli._inputs import (
     warn,
     warn_if_no_load,
 )
-from eplb.cli._nearest import distinct_rows, read_routing_flag, routed_layers_mean
+from eplb.cli._nearest import (
+    dense_rows_hint,
+    distinct_rows,
+    read_routing_flag,
+    routed_layers_mean,
+)
 from eplb.cli._values import eval_gpu_speed
 from eplb.cli.commands import (
     as_serving,
@@ -410,9 +415,14 @@ def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torc
         if keep is not None and routing.shape[1] == num_rows:
             routing = routing[:, keep]  # the loads' layers, paired as plan pairs them
         if routing.shape[1] != placement.num_layers:
+            # new-user pass: a trace of the MoE rows beside an SGLang dump and file (61
+            # rows, 3 dense) got the counts only, where plan says what to do
+            hint = ("" if keep else dense_rows_hint(
+                routing.shape[1], num_rows, int((weight.sum(1) > 0).sum()), "score on",
+                "eval pairs them with the placement's rows by layer"))
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the "
                            f"loads {num_rows}"
-                           + (f" (the placement {placement.num_layers})" if keep else ""))
+                           + (f" (the placement {placement.num_layers})" if keep else hint))
         if int(routing.max()) >= placement.num_experts:
             raise CliError(f"--routing {args.routing} names experts beyond the placement's "
                            f"{placement.num_experts}")
