@@ -50,6 +50,14 @@ def test_simulate_help_names_every_estimator_argument(capsys):
         assert form in text, form
 
 
+def test_simulate_help_says_a_topk_traces_remote_nodes_are_counted(capsys):
+    """simulate --help called the remote nodes per token "modelled" (new-user pass): on a
+    top-k trace they are counted from its own tokens, as its table's note says."""
+    assert main(["simulate", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "counted from a top-k trace's own tokens, else modelled" in text
+
+
 def test_replanning_a_hierarchical_file_without_its_cluster_warns(tmp_path, capsys, loads):
     """A YAML planned for 4 nodes and 8 groups, re-planned with --previous but without
     --nodes/--groups, turned global without a word."""

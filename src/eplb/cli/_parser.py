@@ -409,7 +409,8 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                    help="how the engine sends an expert's tokens to its replicas: even (vLLM; "
                         "default) or nearest (SGLang with DeepEP); eplb plans for it, and "
                         "every planner is scored as that rule serves its plans; on several "
-                        "nodes the table also shows the modelled remote nodes per token")
+                        "nodes the table also shows the remote nodes per token, counted from "
+                        "a top-k trace's own tokens, else modelled from the loads")
     p.add_argument("--slack", type=slack_type, default=None, metavar="X",
                    help="--policy locality: node load allowed above the mean node load "
                         "(eplb plan's --slack, default 0.03)")
