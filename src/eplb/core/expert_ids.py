@@ -55,24 +55,33 @@ def as_routing(
     return tensor
 
 
-def as_topk_ids(ids: object, num_layers: int, num_experts: int) -> torch.Tensor:
-    """``[T, L, k]`` int64 top-k ids ``ids`` of a traffic count (``ids`` in the messages),
-    checked: dense integer ids, ``num_layers`` layers, some token, none at or above
-    ``num_experts`` (below 0: padding, :func:`require_ids_below`), distinct in a row."""
+def as_topk_ids(ids: object, num_layers: int, num_experts: int, name: str = "ids",
+                any_tokens: bool = True) -> torch.Tensor:
+    """``[T, L, k]`` int64 top-k ids ``ids`` (``name`` in the messages), checked: dense
+    integer ids of ``num_layers`` layers, none at or above ``num_experts`` (below 0:
+    padding, :func:`require_ids_below`), distinct in a row; with ``any_tokens``, some token
+    with an expert (without: a replay step may hold no token, or padding only)."""
     if ids is None or not hasattr(ids, "__len__"):
-        raise TypeError(f"ids must be integer top-k ids [T, {num_layers}, k] (a tensor or "
+        raise TypeError(f"{name} must be integer top-k ids [T, {num_layers}, k] (a tensor or "
                         f"array), got {type(ids).__name__}")
-    refuse_non_dense(ids, "ids")
-    ids = torch.as_tensor(ids)
-    require_integer_ids(ids, "ids")
+    refuse_non_dense(ids, name)
+    try:
+        ids = torch.as_tensor(ids)
+    except (TypeError, RuntimeError, ValueError) as exc:  # e.g. ragged lists
+        raise TypeError(f"{name} must be integer top-k ids [T, {num_layers}, k], got "
+                        f"{type(ids).__name__} ({exc})") from None
+    require_integer_ids(ids, name)
     if ids.dim() != 3 or ids.shape[1] != num_layers:
-        raise ValueError(f"ids must be integer top-k ids [T, {num_layers}, k], "
+        raise ValueError(f"{name} must be integer top-k ids [T, {num_layers}, k], "
                          f"got {ids.dtype} {tuple(ids.shape)}")
     ids = ids.to(torch.int64)
-    if ids.shape[0] == 0 or ids.shape[2] == 0:
-        raise ValueError(f"ids hold no tokens (shape {tuple(ids.shape)})")
-    require_ids_below(ids, num_experts, "ids")
-    require_distinct_topk(ids, "ids")
+    if ids.numel() == 0:
+        if any_tokens:
+            raise ValueError(f"{name} hold no tokens (shape {tuple(ids.shape)})")
+        return ids
+    if any_tokens or int(ids.max()) >= 0:
+        require_ids_below(ids, num_experts, name)
+    require_distinct_topk(ids, name)
     return ids
 
 

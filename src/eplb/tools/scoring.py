@@ -26,8 +26,8 @@ from eplb.core.dispatch import (
     remote_nodes_by_node,
     remote_nodes_per_token,
 )
-from eplb.core.expert_ids import require_distinct_topk, require_integer_ids
-from eplb.core.inputs import as_gpu_speed, refuse_non_dense, scale_free
+from eplb.core.expert_ids import as_topk_ids
+from eplb.core.inputs import as_gpu_speed, scale_free
 from eplb.core.locality import surrogate_co_selection
 from eplb.core.map_tables import ideal_and_peak
 from eplb.core.placement import Placement
@@ -299,28 +299,13 @@ def step_routing(routing: Sequence[torch.Tensor], counts: torch.Tensor,
         raise ValueError(f"routing has {len(routing)} steps, the trace {num_steps}")
     out = []
     for step, ids in enumerate(routing):
-        name = f"routing step {step}"
         # the checks remote_nodes_per_token makes, here before any planning: complex ids
         # were cast to ids with torch's warning, and a sparse, meta or None step met
-        # torch's internal errors (attacker pass)
-        refuse_non_dense(ids, name)
-        try:
-            ids = torch.as_tensor(ids)
-        except (TypeError, RuntimeError, ValueError) as exc:
-            raise TypeError(f"{name}: expected integer top-k ids [tokens, {num_layers}, k], "
-                            f"got {type(ids).__name__} ({exc})") from None
-        require_integer_ids(ids, name)
-        if ids.dim() != 3 or ids.shape[1] != num_layers:
-            raise ValueError(f"{name}: expected integer top-k ids [tokens, {num_layers}, k], "
-                             f"got {ids.dtype} {tuple(ids.shape)}")
-        ids = ids.cpu().to(torch.int64)
-        if ids.numel() and int(ids.max()) >= num_experts:
-            raise ValueError(f"{name}: ids must lie below {num_experts} (ids below 0 are "
-                             "padding)")
-        if ids.numel():
-            # (the count check below cannot catch it where the counts were tallied from
-            # the same ids: remote_nodes_per_token refused it mid-replay)
-            require_distinct_topk(ids, name)
+        # torch's internal errors, a row naming an expert twice stopped mid-replay where
+        # the counts were tallied from the same ids (attacker pass). A step may hold no
+        # token, or padding only
+        ids = as_topk_ids(ids, num_layers, num_experts, f"routing step {step}",
+                          any_tokens=False).cpu()
         layer = torch.arange(num_layers)[None, :, None] * num_experts
         # padding (< 0) is counted nowhere, as the trace readers count it
         tally = torch.bincount((ids + layer)[ids >= 0], minlength=num_layers * num_experts)
