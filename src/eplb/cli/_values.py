@@ -58,42 +58,31 @@ def count_type(unit: str, least: int = 0, most: int | None = None) -> Callable[[
     return parse
 
 
-def price_type(text: str) -> float:
-    """An argparse type: a number in [0, 1) (``--move-price``, the balancedness a whole
-    layer's move must buy: as the API takes it), refused by flag."""
-    try:
-        value = real(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
+def real_type(accepts: Callable[[float], bool], within: str) -> Callable[[str], float]:
+    """An argparse type: a number (:func:`real`) that ``accepts`` takes, ``within`` saying
+    which in the message, refused by flag, not by the API's keyword (as :func:`count_type`
+    is for integers)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = real(text)
+        except ValueError:
+            value = float("nan")  # accepted by none of the ranges below
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"must be {within}, got {text!r}")
+        return value
+
+    return parse
 
 
-def drift_type(text: str) -> float:
-    """An argparse type: a number in [0, 2] (``--drift``, the log-std of one expert's load
-    change between rebalances that incremental planning values moves by; as the API's
-    ``drift`` takes it), refused by flag."""
-    try:
-        value = real(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 2:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 2], got {text!r}")
-    return value
-
-
-def slack_type(text: str) -> float:
-    """An argparse type: a finite number >= 0 (``--slack``, the locality policy's node load
-    allowed above the mean; as the API's ``slack`` takes it), refused by flag: the API's
-    refusal named its keyword (attacker pass)."""
-    try:
-        value = real(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
-    return value
+#: ``--move-price``: the balancedness a whole layer's move must buy, as the API takes it
+price_type = real_type(lambda value: 0 <= value < 1, "a number in [0, 1)")
+#: ``--drift``: the log-std of one expert's load change between rebalances that
+#: incremental planning values moves by, as the API's ``drift`` takes it
+drift_type = real_type(lambda value: 0 <= value <= 2, "a number in [0, 2]")
+#: ``--slack``: the locality policy's node load allowed above the mean, as the API's
+#: ``slack`` takes it (the API's refusal named its keyword: attacker pass)
+slack_type = real_type(lambda value: 0 <= value < float("inf"), "a finite number >= 0")
 
 
 def named_file(text: str) -> str:
