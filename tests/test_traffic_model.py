@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import run
 
+import eplb
 from eplb.core.dispatch import remote_nodes_by_node
 from eplb.core.locality import surrogate_co_selection
 from eplb.tools import scoring
@@ -342,3 +343,67 @@ def test_simulate_counts_several_topk_files_traffic(capsys, tmp_path) -> None:
     two = json.loads(out)["runs"][0]["summary"]
     assert one["remote_nodes_counted"] is True and two["remote_nodes_counted"] is True
     assert two["remote_nodes_per_token"] == one["remote_nodes_per_token"]
+
+
+def test_dead_gpus_by_source_node_equal_the_per_gpu_estimate() -> None:
+    """With dead GPUs (their slots -1, no token arising there) the by-node model weighs
+    each node by its live GPUs and equals the per-GPU estimate over the live sources."""
+    from eplb.core.dispatch import coactivation, remote_nodes_from_coactivation
+    from eplb.core.locality import pair_stats
+
+    layers, experts, gpus, nodes, tokens = 3, 16, 8, 2, 300
+    live = torch.ones(gpus, dtype=torch.bool)
+    live[[1, 2, 6]] = False  # node 0 keeps 2 live GPUs of 4, node 1 keeps 3
+    weight = torch.rand(layers, experts, generator=torch.Generator().manual_seed(3)) + 0.2
+    placement = eplb.plan(weight, 40, gpus, num_nodes=nodes, active_gpus=live)
+    assert bool((placement.phy2log.view(layers, gpus, -1)[:, ~live] == -1).all())
+    ids = _topk_ids(tokens, layers, experts, 4, seed=2)
+    freq, pair = pair_stats(ids, experts)
+    share = live.view(nodes, -1).sum(1).double() / live.sum()
+    by_node = remote_nodes_by_node(placement.phy2log, freq, lambda x: torch.bmm(pair, x),
+                                   nodes, share)
+    per_gpu = remote_nodes_from_coactivation(placement.phy2log, coactivation(ids, experts),
+                                             tokens, gpus, nodes, active_gpus=live)
+    assert torch.allclose(by_node, per_gpu, rtol=1e-10, atol=1e-12)
+    even = remote_nodes_by_node(placement.phy2log, freq, lambda x: torch.bmm(pair, x), nodes)
+    assert not torch.allclose(even, by_node)  # the node shares matter here
+    assert torch.equal(modelled_remote_nodes(placement.phy2log, weight, nodes, 1, live),
+                       modelled_remote_nodes(placement.phy2log, weight, nodes, 1,
+                                             placement.live_gpus()))
+    with pytest.raises(ValueError, match="active_gpus names 6 GPUs"):
+        modelled_remote_nodes(placement.phy2log, weight, nodes, 1, live[:6])
+
+
+def test_a_replay_with_dead_gpus_reports_its_traffic() -> None:
+    """A replay whose map in force has dead GPUs counts (routing=) and models its
+    cross-node traffic over the tokens of the live GPUs, as eval --routing does; it
+    reported none at all (the traffic was switched off at the first map with an empty
+    slot)."""
+    from eplb.core.dispatch import remote_nodes_per_token
+    from eplb.tools.simulate import Cadence, simulate
+
+    layers, experts, gpus, nodes, steps, per = 2, 16, 8, 2, 8, 12
+    live = torch.ones(gpus, dtype=torch.bool)
+    live[5] = False
+    ids = _topk_ids(steps * per, layers, experts, 3, seed=4)
+    routing = list(ids.split(per))
+    counts = torch.stack([torch.zeros(layers * experts).index_add_(
+        0, (step + torch.arange(layers)[None, :, None] * experts).reshape(-1),
+        torch.ones(step.numel())).view(layers, experts) for step in routing]).double()
+    initial = eplb.plan(counts.sum(0), 24, gpus, num_nodes=nodes, active_gpus=live)
+    cluster = {"num_replicas": 24, "num_gpus": gpus, "num_nodes": nodes,
+               "cadence": Cadence(2, 2), "oracle": False, "score_dispatch": "nearest"}
+    counted = simulate(counts, "none", initial=initial, routing=routing, **cluster)
+    want = remote_nodes_per_token(initial.phy2log, torch.cat(routing[2:4]), experts, gpus,
+                                  nodes, active_gpus=live)
+    assert counted.remote_counted
+    assert counted.remote_nodes[1].item() == pytest.approx(float(want.mean()))
+    modelled = simulate(counts, "none", initial=initial, **cluster)
+    window = counts[2:4].sum(0)
+    model = modelled_remote_nodes(initial.phy2log, window, nodes, 1, live)
+    expected = float((window.sum(1) * model).sum() / window.sum())
+    assert modelled.remote_nodes[1].item() == pytest.approx(expected, rel=1e-12)
+    # planned with the GPU dead throughout: every window reports its traffic
+    planned = simulate(counts, "eplb", active_gpus=live, routing=routing, **cluster)
+    assert bool(torch.isfinite(planned.remote_nodes).all())
+    assert 0 < planned.summary()["remote_nodes_per_token"] <= nodes - 1

@@ -566,11 +566,14 @@ def remote_nodes_from_coactivation(
 def remote_nodes_by_node(
     phy2log: torch.Tensor, freq: torch.Tensor,
     pair_times: Callable[[torch.Tensor], torch.Tensor], num_nodes: int,
+    node_share: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[L]`` :func:`remote_nodes_from_coactivation` under the nearest rule with tokens
     arising evenly, by source node rather than source GPU, from selection frequencies
     ``freq [L, E]`` and pairwise co-selection (``pair_times(x)``: the ``[L, E, E]`` pair
-    matrix, zero diagonal, times ``x [L, E, K]``); ``phy2log [L, R]`` fully placed.
+    matrix, zero diagonal, times ``x [L, E, K]``); ``phy2log [L, R]`` with every expert
+    placed, ``-1`` on dead GPUs' slots; ``node_share [N]``: the share of the tokens that
+    arise on each node (default even; with dead GPUs, the node's live GPUs' share).
 
     A token is served on its own node whenever the node holds the expert (on its own GPU
     or another), else by the fair choice over all replicas, so every GPU of a node reaches
@@ -580,8 +583,9 @@ def remote_nodes_by_node(
     num_experts = freq.shape[1]
     node_of_slot = torch.arange(num_slots) // (num_slots // num_nodes)
     held = torch.zeros(num_layers, num_nodes * num_experts, dtype=torch.float64)
-    held.scatter_add_(1, node_of_slot[None] * num_experts + phy2log.long(),
-                      torch.ones(phy2log.shape, dtype=torch.float64))
+    # an empty slot (a dead GPU's) holds no replica: added as zero
+    held.scatter_add_(1, node_of_slot[None] * num_experts + phy2log.long().clamp(min=0),
+                      (phy2log >= 0).to(torch.float64))
     held = held.view(num_layers, num_nodes, num_experts)  # replicas of e on node m
     fair = held / held.sum(1, keepdim=True).clamp(min=1)  # the fair choice's node shares
     here = (held > 0).to(torch.float64)  # [L, N, E]: the source node holds it
@@ -589,8 +593,8 @@ def remote_nodes_by_node(
     # hits[l, n, e, m]: a token of e from node n is served on node m
     hits = (here[:, :, :, None] * eye[None, :, None, :]
             + (1 - here)[:, :, :, None] * fair.transpose(1, 2)[:, None, :, :])
-    return _remote_nodes(hits, freq.to(torch.float64), pair_times,
-                         torch.arange(num_nodes)).mean(1)
+    remote = _remote_nodes(hits, freq.to(torch.float64), pair_times, torch.arange(num_nodes))
+    return remote.mean(1) if node_share is None else remote @ node_share.to(torch.float64)
 
 
 def _remote_nodes(hits: torch.Tensor, freq: torch.Tensor,

@@ -25,6 +25,7 @@ from eplb.core.dispatch import (
     realised_slot_loads,
     remote_nodes_by_node,
     remote_nodes_per_token,
+    source_distribution,
 )
 from eplb.core.expert_ids import as_topk_ids
 from eplb.core.inputs import as_gpu_speed, scale_free
@@ -252,10 +253,12 @@ MAX_TRAFFIC_CELLS = 1 << 22
 
 
 def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes: int,
-                          num_groups: int) -> torch.Tensor:
+                          num_groups: int, active_gpus: torch.Tensor | None = None
+                          ) -> torch.Tensor:
     """``[L]`` expected distinct remote nodes a token's experts reach per MoE layer under
-    SGLang's nearest dispatch, for ``phy2log [L, R]`` (every slot placed) on loads
-    ``weight [L, E]``, tokens arising evenly over the nodes: the locality policy's model
+    SGLang's nearest dispatch, for ``phy2log [L, R]`` (``-1`` on the slots of the GPUs
+    that ``active_gpus [P]`` marks dead) on loads ``weight [L, E]``, tokens arising evenly
+    over the live GPUs: the locality policy's model
     (:func:`eplb.core.locality.surrogate_co_selection`, DeepSeek-V3's group-limited
     routing of 8 experts, :func:`eplb.core.dispatch.remote_nodes_by_node`), from the loads
     and the groups alone. A model, not counted tokens.
@@ -274,12 +277,27 @@ def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes
     peak = w.amax(1, keepdim=True)
     w = torch.where(peak > 0, w / torch.where(peak > 0, peak, 1.0), 0.0)
     phy2log = phy2log.cpu()
+    # tokens arise on the live GPUs: a node's share is its live GPUs' (a replay with a dead
+    # GPU reported no traffic at all; every GPU of a node reaches the same remote nodes)
+    share = None if active_gpus is None else _node_share(active_gpus, phy2log.shape[1],
+                                                         num_nodes)
     step = max(1, MAX_TRAFFIC_CELLS // (num_nodes * num_nodes * num_experts))
     parts = []
     for a in range(0, num_layers, step):
         freq, pair_times = surrogate_co_selection(w[a:a + step], num_groups)
-        parts.append(remote_nodes_by_node(phy2log[a:a + step], freq, pair_times, num_nodes))
+        parts.append(remote_nodes_by_node(phy2log[a:a + step], freq, pair_times, num_nodes,
+                                          share))
     return torch.cat(parts)
+
+
+def _node_share(active_gpus: torch.Tensor, num_slots: int, num_nodes: int) -> torch.Tensor:
+    """``[N]`` share of the tokens arising on each node, tokens arising evenly over the GPUs
+    that ``active_gpus [P]`` (bool) keeps live."""
+    num_gpus = len(active_gpus)
+    if num_gpus < 1 or num_slots % num_gpus or num_gpus % num_nodes:
+        raise ValueError(f"active_gpus names {num_gpus} GPUs: they must split the {num_slots} "
+                         f"slots, and split over the {num_nodes} nodes")
+    return source_distribution(num_gpus, active_gpus).view(num_nodes, -1).sum(1)
 
 
 def step_routing(routing: Sequence[torch.Tensor], counts: torch.Tensor,
@@ -337,10 +355,13 @@ def add_window_traffic(counts: torch.Tensor, start: int, end: int, score: int,
         tokens = weight.sum(1)  # [L]
         if not bool((tokens > 0).any()):
             continue
+        live = placement.active_gpus
         if routing is None:
-            remote = modelled_remote_nodes(placement.phy2log, weight, topo.num_nodes, groups)
+            remote = modelled_remote_nodes(placement.phy2log, weight, topo.num_nodes, groups,
+                                           live)
         else:
             remote = remote_nodes_per_token(placement.phy2log.cpu(), torch.cat(routing[a:b]),
-                                            counts.shape[2], topo.num_gpus, topo.num_nodes)
+                                            counts.shape[2], topo.num_gpus, topo.num_nodes,
+                                            active_gpus=live)
         remote_sum[window] += float((tokens * remote).sum())
         remote_tokens[window] += float(tokens.sum())

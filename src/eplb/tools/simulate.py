@@ -13,8 +13,8 @@ step with the placement in force at that step:
   planner (not a bound on every planner; :mod:`eplb.core.bounds` gives that);
 - **per rebalance**: planning seconds, slots whose expert changed
   (:meth:`Placement.moved_slots`) and the bytes that moves (``expert_bytes`` per slot).
-- **cross-node traffic per window** (nearest dispatch on several nodes, every slot
-  placed): the expected distinct remote nodes a token's experts reach per MoE layer, as
+- **cross-node traffic per window** (nearest dispatch on several nodes; tokens arise on
+  the live GPUs): the expected distinct remote nodes a token's experts reach per MoE layer, as
   the locality policy models them from the loads and the groups
   (:func:`eplb.tools.scoring.modelled_remote_nodes`: a model of the routing, not counted
   tokens; groups that do not divide the experts are modelled as no groups), or, given
@@ -488,7 +488,6 @@ def simulate(
             keep = win < num_windows
             window_loads.index_add_(0, win[keep], loads[keep])
             window_live[win[keep]] |= live
-        traffic = traffic and bool((placement.phy2log >= 0).all())
         if traffic:
             # (the scoring counts: scaled beyond 2**±900, so their window sums stay finite)
             add_window_traffic(scored, start, end, score, placement, remote_sum,
