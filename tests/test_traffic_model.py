@@ -407,3 +407,37 @@ def test_a_replay_with_dead_gpus_reports_its_traffic() -> None:
     planned = simulate(counts, "eplb", active_gpus=live, routing=routing, **cluster)
     assert bool(torch.isfinite(planned.remote_nodes).all())
     assert 0 < planned.summary()["remote_nodes_per_token"] <= nodes - 1
+
+
+def test_the_model_refuses_a_map_that_does_not_fit_the_loads() -> None:
+    """A dead GPU's slots blanked to -1 without re-placing its experts: the model served
+    their tokens nowhere and read fewer remote nodes (the counted figure refuses such a
+    map); an id of -2 read as an empty slot (every figure about 0); ids beyond the
+    experts and a map of other layers met torch's internal errors (attacker pass)."""
+    layers, experts, gpus, nodes = 2, 16, 8, 2
+    weight = torch.rand(layers, experts, generator=torch.Generator().manual_seed(0)) + 0.1
+    full = eplb.plan(weight, 24, gpus, num_nodes=nodes).phy2log
+    live = torch.ones(gpus, dtype=torch.bool)
+    live[3] = False
+    blank = full.clone()
+    blank[:, 9:12] = -1  # GPU 3's slots
+    lost = sorted(set(range(experts)) - set(blank[0].tolist()))
+    assert lost  # it held the only replica of some expert
+    with pytest.raises(ValueError, match=f"expert {lost[0]} of layer 0 has load but phy2log "
+                                         "gives it no replica"):
+        modelled_remote_nodes(blank, weight, nodes, 1, live)
+    for wrong in (full.clone().fill_(-2), full.clone().fill_(experts)):
+        with pytest.raises(ValueError, match=r"expert ids outside \[-1, 16\)"):
+            modelled_remote_nodes(wrong, weight, nodes, 1)
+    with pytest.raises(ValueError, match=r"phy2log has shape \(1, 24\): expected \[2, R\]"):
+        modelled_remote_nodes(full[:1], weight, nodes, 1)
+    with pytest.raises(ValueError, match="R split over the 5 nodes"):
+        modelled_remote_nodes(full, weight, 5, 1)
+    with pytest.raises(TypeError, match="phy2log must hold integer expert ids"):
+        modelled_remote_nodes(full.double(), weight, nodes, 1)
+    with pytest.raises(TypeError, match="phy2log is a meta tensor"):
+        modelled_remote_nodes(full.to("meta"), weight, nodes, 1)
+    # an expert without load needs no replica
+    idle = weight.clone()
+    idle[:, lost] = 0
+    assert torch.isfinite(modelled_remote_nodes(blank, idle, nodes, 1, live)).all()

@@ -22,13 +22,14 @@ import torch
 
 from eplb.core.device_path import caller_settings_off
 from eplb.core.dispatch import (
+    _require_placed,
     realised_slot_loads,
     remote_nodes_by_node,
     remote_nodes_per_token,
     source_distribution,
 )
-from eplb.core.expert_ids import as_topk_ids
-from eplb.core.inputs import as_gpu_speed, scale_free
+from eplb.core.expert_ids import as_topk_ids, require_integer_ids
+from eplb.core.inputs import as_gpu_speed, refuse_non_dense, scale_free
 from eplb.core.locality import surrogate_co_selection
 from eplb.core.map_tables import ideal_and_peak
 from eplb.core.placement import Placement
@@ -268,7 +269,9 @@ def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes
     floor and read 0; attacker pass), and the layers go a few at a time: the model's hit
     tensors hold ``L·N²·E`` floats (58 layers × 256 experts on 128 nodes: 2 GB each, out
     of memory under 8 GB; attacker pass). ``ValueError`` where ``num_groups`` does not
-    divide the experts: no group-limited routing has such groups."""
+    divide the experts: no group-limited routing has such groups; or where ``phy2log``
+    does not fit the loads (its layers, ids in ``[-1, E)``, a replica of every loaded
+    expert)."""
     num_layers, num_experts = weight.shape
     if num_groups < 1 or num_experts % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the {num_experts} experts "
@@ -276,7 +279,11 @@ def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes
     w = weight.detach().cpu().to(torch.float64)
     peak = w.amax(1, keepdim=True)
     w = torch.where(peak > 0, w / torch.where(peak > 0, peak, 1.0), 0.0)
-    phy2log = phy2log.cpu()
+    phy2log = _model_map(phy2log, num_layers, num_experts, num_nodes)
+    # a loaded expert without a replica is served nowhere: the model dropped its tokens
+    # and read fewer remote nodes (a dead GPU's slots blanked to -1 without re-placing
+    # its experts; attacker pass)
+    _require_placed(w > 0, phy2log, "has load")
     # tokens arise on the live GPUs: a node's share is its live GPUs' (a replay with a dead
     # GPU reported no traffic at all; every GPU of a node reaches the same remote nodes)
     share = None if active_gpus is None else _node_share(active_gpus, phy2log.shape[1],
@@ -288,6 +295,28 @@ def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes
         parts.append(remote_nodes_by_node(phy2log[a:a + step], freq, pair_times, num_nodes,
                                           share))
     return torch.cat(parts)
+
+
+def _model_map(phy2log: torch.Tensor, num_layers: int, num_experts: int,
+               num_nodes: int) -> torch.Tensor:
+    """``phy2log [L, R]`` as a host int64 map, checked against the loads' ``L`` layers and
+    ``E`` experts and the ``num_nodes`` nodes: ``TypeError``/``ValueError`` naming what is
+    wrong (an id of -2 read as an empty slot, and the model's figure dropped to 0; ids
+    beyond E and a map of other layers met torch's internal errors; attacker pass)."""
+    refuse_non_dense(phy2log, "phy2log")
+    if not isinstance(phy2log, torch.Tensor) or phy2log.dim() != 2:
+        raise ValueError("phy2log must be an integer tensor [L, R]")
+    require_integer_ids(phy2log, "phy2log")
+    num_nodes = positive_int("num_nodes", num_nodes)
+    num_slots = phy2log.shape[1]
+    if phy2log.shape[0] != num_layers or num_slots == 0 or num_slots % num_nodes:
+        raise ValueError(f"phy2log has shape {tuple(phy2log.shape)}: expected [{num_layers}, "
+                         f"R] (the layers of the loads), R split over the {num_nodes} nodes")
+    phy2log = phy2log.detach().cpu().to(torch.int64)
+    if bool(((phy2log < -1) | (phy2log >= num_experts)).any()):
+        raise ValueError(f"phy2log holds expert ids outside [-1, {num_experts}) (-1 marks an "
+                         "empty slot, a dead GPU's)")
+    return phy2log
 
 
 def _node_share(active_gpus: torch.Tensor, num_slots: int, num_nodes: int) -> torch.Tensor:
