@@ -441,3 +441,31 @@ def test_the_model_refuses_a_map_that_does_not_fit_the_loads() -> None:
     idle = weight.clone()
     idle[:, lost] = 0
     assert torch.isfinite(modelled_remote_nodes(blank, idle, nodes, 1, live)).all()
+
+
+def test_the_models_live_mask_must_match_the_maps_empty_slots() -> None:
+    """active_gpus marking dead a GPU that holds experts, or left out (or keeping a GPU
+    live) beside a map whose slots there are -1, gave a figure silently: tokens arose on
+    GPUs that hold nothing, or none on GPUs that serve (the counted figure refuses the
+    first). Masks that are no [P] sequence met len()'s own message (attacker pass)."""
+    layers, experts, gpus, nodes = 2, 16, 8, 2
+    weight = torch.rand(layers, experts, generator=torch.Generator().manual_seed(0)) + 0.1
+    live = torch.ones(gpus, dtype=torch.bool)
+    live[3] = False
+    phy2log = eplb.plan(weight, 24, gpus, num_nodes=nodes, active_gpus=live).phy2log
+    want = modelled_remote_nodes(phy2log, weight, nodes, 1, live)
+    assert torch.equal(want, modelled_remote_nodes(phy2log, weight, nodes, 1, live.numpy()))
+    other = live.clone()
+    other[0], other[3] = False, True
+    with pytest.raises(ValueError, match=r"GPU 0 is dead \(active_gpus\) but phy2log places"):
+        modelled_remote_nodes(phy2log, weight, nodes, 1, other)
+    with pytest.raises(ValueError, match=r"empty \(-1\) slots, a dead GPU's, but active_gpus is "
+                                         "not given"):
+        modelled_remote_nodes(phy2log, weight, nodes, 1)
+    with pytest.raises(ValueError, match=r"GPU 4 \(of the 12 active_gpus names\) is live"):
+        modelled_remote_nodes(phy2log, weight, nodes, 1, torch.ones(12, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"got shape \(1, 8\)"):
+        modelled_remote_nodes(phy2log, weight, nodes, 1, live[None])
+    for mask in (3, torch.tensor(True), (x for x in live.tolist())):
+        with pytest.raises(TypeError, match=r"active_gpus must be a \[P\] boolean mask"):
+            modelled_remote_nodes(phy2log, weight, nodes, 1, mask)

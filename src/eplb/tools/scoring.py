@@ -22,6 +22,7 @@ import torch
 
 from eplb.core.device_path import caller_settings_off
 from eplb.core.dispatch import (
+    _require_empty_dead,
     _require_placed,
     realised_slot_loads,
     remote_nodes_by_node,
@@ -271,7 +272,7 @@ def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes
     of memory under 8 GB; attacker pass). ``ValueError`` where ``num_groups`` does not
     divide the experts: no group-limited routing has such groups; or where ``phy2log``
     does not fit the loads (its layers, ids in ``[-1, E)``, a replica of every loaded
-    expert)."""
+    expert) or its empty slots are not those of the GPUs ``active_gpus`` marks dead."""
     num_layers, num_experts = weight.shape
     if num_groups < 1 or num_experts % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the {num_experts} experts "
@@ -286,8 +287,7 @@ def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes
     _require_placed(w > 0, phy2log, "has load")
     # tokens arise on the live GPUs: a node's share is its live GPUs' (a replay with a dead
     # GPU reported no traffic at all; every GPU of a node reaches the same remote nodes)
-    share = None if active_gpus is None else _node_share(active_gpus, phy2log.shape[1],
-                                                         num_nodes)
+    share = _node_share(active_gpus, phy2log, num_nodes)
     step = max(1, MAX_TRAFFIC_CELLS // (num_nodes * num_nodes * num_experts))
     parts = []
     for a in range(0, num_layers, step):
@@ -319,14 +319,42 @@ def _model_map(phy2log: torch.Tensor, num_layers: int, num_experts: int,
     return phy2log
 
 
-def _node_share(active_gpus: torch.Tensor, num_slots: int, num_nodes: int) -> torch.Tensor:
+def _node_share(active_gpus: torch.Tensor | None, phy2log: torch.Tensor,
+                num_nodes: int) -> torch.Tensor | None:
     """``[N]`` share of the tokens arising on each node, tokens arising evenly over the GPUs
-    that ``active_gpus [P]`` (bool) keeps live."""
-    num_gpus = len(active_gpus)
+    that ``active_gpus [P]`` (bool) keeps live (``None``: every GPU live, even shares).
+
+    The dead GPUs must be those whose slots hold -1 in ``phy2log [L, R]`` (host int64), as
+    in a placement: a dead GPU that holds experts served tokens the live-GPU figure counts
+    from nowhere, and an empty slot on a live GPU (``active_gpus`` left out beside a map
+    with dead GPUs) made tokens arise on GPUs that hold nothing; both gave a figure
+    silently (the counted figure refuses the first; attacker pass)."""
+    num_slots = phy2log.shape[1]
+    if active_gpus is None:
+        if bool((phy2log < 0).any()):
+            raise ValueError("phy2log has empty (-1) slots, a dead GPU's, but active_gpus is "
+                             "not given: pass the [P] live mask (Placement.live_gpus())")
+        return None
+    shape = getattr(active_gpus, "shape", None)
+    if shape is not None and len(shape) > 1:  # len() of a [1, P] mask read it as 1 GPU
+        raise ValueError(f"active_gpus must be a [P] boolean mask, one entry per GPU; got "
+                         f"shape {tuple(shape)}")
+    try:
+        num_gpus = len(active_gpus)  # the mask's length: this model takes no num_gpus
+    except TypeError:  # an int, a 0-d tensor or array, a generator: len()'s own message
+        raise TypeError(f"active_gpus must be a [P] boolean mask, one entry per GPU (True = "
+                        f"live), got {type(active_gpus).__name__}") from None
     if num_gpus < 1 or num_slots % num_gpus or num_gpus % num_nodes:
         raise ValueError(f"active_gpus names {num_gpus} GPUs: they must split the {num_slots} "
                          f"slots, and split over the {num_nodes} nodes")
-    return source_distribution(num_gpus, active_gpus).view(num_nodes, -1).sum(1)
+    share = source_distribution(num_gpus, active_gpus)  # the mask checked (bool, [P])
+    _require_empty_dead(phy2log, num_gpus, active_gpus)
+    empty = (phy2log < 0).view(phy2log.shape[0], num_gpus, -1).any(2).any(0) & (share > 0)
+    if bool(empty.any()):
+        gpu = int(empty.nonzero()[0])
+        raise ValueError(f"GPU {gpu} (of the {num_gpus} active_gpus names) is live but phy2log "
+                         "leaves slots of it empty (-1): only dead GPUs' slots are empty")
+    return share.view(num_nodes, -1).sum(1)
 
 
 def step_routing(routing: Sequence[torch.Tensor], counts: torch.Tensor,
