@@ -469,3 +469,23 @@ def test_the_models_live_mask_must_match_the_maps_empty_slots() -> None:
     for mask in (3, torch.tensor(True), (x for x in live.tolist())):
         with pytest.raises(TypeError, match=r"active_gpus must be a \[P\] boolean mask"):
             modelled_remote_nodes(phy2log, weight, nodes, 1, mask)
+
+
+def test_the_by_node_model_checks_its_node_shares() -> None:
+    """node_share is any scale (taken over its sum, as token sources are): shares of
+    [2, 2] read 4 remote nodes of 2 nodes, a NaN share gave NaN, and a list or a share of
+    the wrong length met torch's internal errors (attacker pass)."""
+    layers, experts, nodes = 2, 8, 2
+    phy2log = _maps(layers, 16, experts, seed=1)
+    freq, pair_times = surrogate_co_selection(torch.rand(layers, experts) + 0.1, 1)
+    even = remote_nodes_by_node(phy2log, freq, pair_times, nodes)
+    for share in ([2.0, 2.0], torch.tensor([0.5, 0.5]), np.array([3, 3])):
+        assert torch.allclose(remote_nodes_by_node(phy2log, freq, pair_times, nodes, share),
+                              even, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"node_share must have shape \[2\] \(one per node\)"):
+        remote_nodes_by_node(phy2log, freq, pair_times, nodes, torch.ones(3))
+    for bad in ([float("nan"), 1.0], [-1.0, 2.0]):
+        with pytest.raises(ValueError, match=r"node_share\[0\] is .*must be finite and >= 0"):
+            remote_nodes_by_node(phy2log, freq, pair_times, nodes, bad)
+    with pytest.raises(ValueError, match="node_share is all zero"):
+        remote_nodes_by_node(phy2log, freq, pair_times, nodes, [0.0, 0.0])

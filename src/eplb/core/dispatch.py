@@ -50,6 +50,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from eplb.core.expert_ids import as_topk_ids, padding_mask, require_integer_ids
@@ -573,7 +574,8 @@ def remote_nodes_by_node(
     ``freq [L, E]`` and pairwise co-selection (``pair_times(x)``: the ``[L, E, E]`` pair
     matrix, zero diagonal, times ``x [L, E, K]``); ``phy2log [L, R]`` with every expert
     placed, ``-1`` on dead GPUs' slots; ``node_share [N]``: the share of the tokens that
-    arise on each node (default even; with dead GPUs, the node's live GPUs' share).
+    arise on each node (default even; with dead GPUs, the node's live GPUs' share), any
+    scale (taken over its sum), finite and >= 0.
 
     A token is served on its own node whenever the node holds the expert (on its own GPU
     or another), else by the fair choice over all replicas, so every GPU of a node reaches
@@ -581,6 +583,21 @@ def remote_nodes_by_node(
     against 128 on DeepSeek-V3's 32 GPUs in 4 nodes)."""
     num_layers, num_slots = phy2log.shape
     num_experts = freq.shape[1]
+    share = None
+    if node_share is not None:
+        # checked as token sources are (attacker pass: shares of [2, 2] read 4 remote nodes
+        # of 2 nodes, a NaN share NaN, a list or one of the wrong length torch's internal
+        # errors)
+        try:
+            shape = tuple(np.shape(node_share))
+        except ValueError:  # a ragged list: numpy's own message
+            shape = "ragged"
+        if shape != (num_nodes,):
+            raise ValueError(f"node_share must have shape [{num_nodes}] (one per node); got "
+                             f"{shape}")
+        share = as_gpu_speed(node_share, num_nodes, torch.device("cpu"), name="node_share",
+                             allow_zero=True)
+        share = share / share.sum()
     node_of_slot = torch.arange(num_slots) // (num_slots // num_nodes)
     held = torch.zeros(num_layers, num_nodes * num_experts, dtype=torch.float64)
     # an empty slot (a dead GPU's) holds no replica: added as zero
@@ -594,7 +611,7 @@ def remote_nodes_by_node(
     hits = (here[:, :, :, None] * eye[None, :, None, :]
             + (1 - here)[:, :, :, None] * fair.transpose(1, 2)[:, None, :, :])
     remote = _remote_nodes(hits, freq.to(torch.float64), pair_times, torch.arange(num_nodes))
-    return remote.mean(1) if node_share is None else remote @ node_share.to(torch.float64)
+    return remote.mean(1) if share is None else remote @ share
 
 
 def _remote_nodes(hits: torch.Tensor, freq: torch.Tensor,
