@@ -489,3 +489,13 @@ def test_the_by_node_model_checks_its_node_shares() -> None:
             remote_nodes_by_node(phy2log, freq, pair_times, nodes, bad)
     with pytest.raises(ValueError, match="node_share is all zero"):
         remote_nodes_by_node(phy2log, freq, pair_times, nodes, [0.0, 0.0])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, float("inf")])
+def test_the_model_refuses_loads_that_are_no_loads(bad: float) -> None:
+    """A NaN or negative load read as an idle layer (modelled as uniform) and gave a
+    figure silently (attacker pass): refused as every load input is."""
+    weight = torch.rand(2, 16, generator=torch.Generator().manual_seed(0)) + 0.1
+    weight[1, 5] = bad
+    with pytest.raises(ValueError, match=r"weight\[1, 5\] .* loads must be finite and >= 0"):
+        modelled_remote_nodes(_maps(2, 32, 16, seed=0), weight, 2, 1)

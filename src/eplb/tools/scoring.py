@@ -30,7 +30,7 @@ from eplb.core.dispatch import (
     source_distribution,
 )
 from eplb.core.expert_ids import as_topk_ids, require_integer_ids
-from eplb.core.inputs import as_gpu_speed, refuse_non_dense, scale_free
+from eplb.core.inputs import as_gpu_speed, as_weight, refuse_non_dense, scale_free
 from eplb.core.locality import surrogate_co_selection
 from eplb.core.map_tables import ideal_and_peak
 from eplb.core.placement import Placement
@@ -273,6 +273,9 @@ def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes
     divide the experts: no group-limited routing has such groups; or where ``phy2log``
     does not fit the loads (its layers, ids in ``[-1, E)``, a replica of every loaded
     expert) or its empty slots are not those of the GPUs ``active_gpus`` marks dead."""
+    # finite and >= 0, as every load input (attacker pass: a NaN or negative load read
+    # as an idle layer, modelled as uniform, and gave a figure silently)
+    weight = as_weight(weight)[0]
     num_layers, num_experts = weight.shape
     if num_groups < 1 or num_experts % num_groups:
         raise ValueError(f"num_groups ({num_groups}) must divide the {num_experts} experts "
