@@ -413,9 +413,11 @@ def as_gpu_speed(
     *,
     name: str = "gpu_speed",
     allow_zero: bool = False,
+    per: str = "GPU",
 ) -> torch.Tensor:
     """``[P]`` float64 per-GPU values (speeds: each finite and > 0; with ``allow_zero``,
-    e.g. token sources: >= 0 and not all zero)."""
+    e.g. token sources: >= 0 and not all zero); ``per``: what an entry is for, in the
+    messages (e.g. ``"node"`` for ``[N]`` node shares)."""
     refuse_byte_strings(gpu_speed, name)
     refuse_non_dense(gpu_speed, name)
     try:
@@ -432,7 +434,7 @@ def as_gpu_speed(
         raise TypeError(f"{name} must be a sequence of {num_gpus} numbers: {exc}") from None
     if tensor.shape != (num_gpus,):
         raise ValueError(
-            f"{name} must have shape [{num_gpus}] (one per GPU); got {tuple(tensor.shape)}"
+            f"{name} must have shape [{num_gpus}] (one per {per}); got {tuple(tensor.shape)}"
         )
     if tensor.is_complex() or tensor.dtype == torch.bool:
         raise TypeError(f"{name} has dtype {tensor.dtype}; expected real numbers")

@@ -22,11 +22,11 @@ import torch
 
 from eplb.core.device_path import caller_settings_off
 from eplb.core.dispatch import (
-    _require_empty_dead,
-    _require_placed,
     realised_slot_loads,
     remote_nodes_by_node,
     remote_nodes_per_token,
+    require_empty_dead,
+    require_placed,
     source_distribution,
 )
 from eplb.core.expert_ids import as_topk_ids, require_integer_ids
@@ -287,7 +287,7 @@ def modelled_remote_nodes(phy2log: torch.Tensor, weight: torch.Tensor, num_nodes
     # a loaded expert without a replica is served nowhere: the model dropped its tokens
     # and read fewer remote nodes (a dead GPU's slots blanked to -1 without re-placing
     # its experts; attacker pass)
-    _require_placed(w > 0, phy2log, "has load")
+    require_placed(w > 0, phy2log, "has load")
     # tokens arise on the live GPUs: a node's share is its live GPUs' (a replay with a dead
     # GPU reported no traffic at all; every GPU of a node reaches the same remote nodes)
     share = _node_share(active_gpus, phy2log, num_nodes)
@@ -351,7 +351,7 @@ def _node_share(active_gpus: torch.Tensor | None, phy2log: torch.Tensor,
         raise ValueError(f"active_gpus names {num_gpus} GPUs: they must split the {num_slots} "
                          f"slots, and split over the {num_nodes} nodes")
     share = source_distribution(num_gpus, active_gpus)  # the mask checked (bool, [P])
-    _require_empty_dead(phy2log, num_gpus, active_gpus)
+    require_empty_dead(phy2log, num_gpus, active_gpus)
     empty = (phy2log < 0).view(phy2log.shape[0], num_gpus, -1).any(2).any(0) & (share > 0)
     if bool(empty.any()):
         gpu = int(empty.nonzero()[0])
