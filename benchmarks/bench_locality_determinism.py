@@ -11,7 +11,11 @@ nodes, 8 groups) at slack 0 and 0.03, each in a fresh interpreter per capability
 before torch is imported, one torch thread), and reports the problems whose plan hash
 is not the same under all of them.
 
+``--incremental`` also plans each tiny problem's next window (every load × exp(0.2·Z),
+rounded) from its plan, as SGLang's runtime rebalance plans from the map in force.
+
     python benchmarks/bench_locality_determinism.py [--problems 5000] [--real 4]
+        [--incremental]
 
 Real DeepSeek-V3 loads: ``$EPLB_REAL_DATA`` (default ``../shared/data/real``).
 """
@@ -36,7 +40,7 @@ sys.path.pop(0)
 LAYERS, EXPERTS, SLOTS, GPUS, NODES, SLACK = 4, 16, 24, 8, 2, 0.03
 
 
-def worker(problems: int, real: int) -> dict[str, str]:
+def worker(problems: int, real: int, incremental: bool = False) -> dict[str, str]:
     """``{problem: sha256 of its phy2log}`` planned in this process, and ``{"input-" +
     problem: sha256 of its loads}`` (the parent checks that every capability planned the
     same inputs)."""
@@ -60,6 +64,17 @@ def worker(problems: int, real: int) -> dict[str, str]:
                          slack=SLACK)
         hashes[f"tiny-{seed}"] = hashlib.sha256(plan.phy2log.numpy().tobytes()).hexdigest()
         hashes[f"input-tiny-{seed}"] = hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+        if incremental:
+            # the next window, each expert × exp(0.2·N(0, 1)), planned from this plan as
+            # SGLang's runtime rebalance plans from the map in force
+            drifted = torch.from_numpy(np.round(
+                weight.numpy() * np.exp(0.2 * rng.standard_normal((LAYERS, EXPERTS)))))
+            step = eplb.plan(drifted, SLOTS, GPUS, NODES, policy="locality",
+                             dispatch="nearest", slack=SLACK, previous=plan)
+            hashes[f"tiny-{seed}-incremental"] = hashlib.sha256(
+                step.phy2log.numpy().tobytes()).hexdigest()
+            hashes[f"input-tiny-{seed}-incremental"] = hashlib.sha256(
+                drifted.numpy().tobytes()).hexdigest()
     for path in sorted(real_dir().glob("*.json"))[:real]:
         # [58, 256]: the MoE rows of the dump
         weight = torch.tensor(json.loads(path.read_text())["logical_count"],
@@ -79,12 +94,15 @@ def main() -> int:
     parser.add_argument("--real", type=int, default=0,
                         help="real DeepSeek-V3 files to plan too (of 12), at slack 0 and 0.03")
     parser.add_argument("--capabilities", default=",".join(supported_capabilities()))
+    parser.add_argument("--incremental", action="store_true",
+                        help="also plan each tiny problem's next window (drift 0.2) from its "
+                             "plan, as SGLang's runtime rebalance plans from the map in force")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.problems < 0 or args.real < 0:
         parser.error("--problems and --real must be at least 0")
     if args.worker:  # one capability, set by the parent before torch was imported
-        print(json.dumps(worker(args.problems, args.real)))
+        print(json.dumps(worker(args.problems, args.real, args.incremental)))
         return 0
     if args.real and not real_dir().is_dir():
         sys.exit(f"--real: no real loads at {real_dir()} (set EPLB_REAL_DATA)")
@@ -95,7 +113,7 @@ def main() -> int:
         env = dict(os.environ, ATEN_CPU_CAPABILITY=cap, OMP_NUM_THREADS="1")
         out = subprocess.run(
             [sys.executable, __file__, "--worker", "--problems", str(args.problems),
-             "--real", str(args.real)],
+             "--real", str(args.real), *(["--incremental"] if args.incremental else [])],
             env=env, capture_output=True, text=True, check=False)
         if out.returncode:
             sys.exit(f"worker failed under ATEN_CPU_CAPABILITY={cap}:\n{out.stderr}")
@@ -108,12 +126,17 @@ def main() -> int:
                  "kernels")
     names = [name for name in seen[caps[0]] if not name.startswith("input-")]
     differ = [name for name in names if len({seen[cap][name] for cap in caps}) > 1]
-    tiny = [name for name in differ if name.startswith("tiny-")]
-    print(f"{len(names)} problems x {len(caps)} capabilities {caps} in "
+    tiny = [name for name in differ if name.startswith("tiny-")
+            and not name.endswith("-incremental")]
+    steps = [name for name in differ if name.endswith("-incremental")]
+    print(f"{len(names)} plans x {len(caps)} capabilities {caps} in "
           f"{time.perf_counter() - start:.0f} s")
     print(f"tiny random problems ({LAYERS} layers x {EXPERTS} experts, {SLOTS} slots on "
           f"{GPUS} GPUs, {NODES} nodes, slack {SLACK}): {len(tiny)} of {args.problems} "
           "differ between capabilities")
+    if args.incremental:
+        print(f"their next windows planned from their plans (drift 0.2): {len(steps)} of "
+              f"{args.problems} differ between capabilities")
     real = [name for name in names if not name.startswith("tiny-")]
     if real:
         print(f"real DeepSeek-V3 plans: {len(set(real) & set(differ))} of {len(real)} differ")

@@ -250,9 +250,28 @@ def _sglang_cases() -> dict[str, Callable]:
             "sglang-nearest-few": few, "sglang-one-node-drift": one_node}
 
 
+def _locality_cases() -> dict[str, Callable]:
+    """The locality policy on problem 1680 of ``bench_locality_determinism.py`` (4 layers of
+    16 experts, 24 slots on 8 GPUs in 2 nodes): it planned otherwise under AVX2 than under
+    ATen's default kernels while its swap search summed in float32."""
+    import numpy as np
+    import torch
+
+    import eplb
+
+    def tiny_1680():
+        rng = np.random.default_rng(1680)
+        weight = torch.from_numpy(np.round(np.exp(rng.standard_normal((4, 16))) * 100))
+        return eplb.plan(weight, 24, 8, 2, policy="locality", dispatch="nearest",
+                         slack=0.03).phy2log
+
+    return {"locality-tiny-1680": tiny_1680}
+
+
 def all_cases() -> dict[str, Callable]:
     """Every case by name (real-* need the real loads)."""
-    return {**_real_cases(), **_synthetic_cases(), **_option_cases(), **_sglang_cases()}
+    return {**_real_cases(), **_synthetic_cases(), **_option_cases(), **_sglang_cases(),
+            **_locality_cases()}
 
 
 def main(argv: list[str] | None = None) -> int:

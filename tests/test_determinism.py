@@ -48,6 +48,7 @@ CASES = [
     "sglang-nearest-drift",  # SGLang's runtime call under static (nearest) dispatch
     "sglang-nearest-few",
     "sglang-one-node-drift",  # one node: the table SGLang's runtime rebalance builds
+    "locality-tiny-1680",  # the locality policy's swap search, once summed in float32
 ]
 # the real-load cases read ../shared/data/real (or $EPLB_REAL_DATA); without it they
 # hash as "missing" alike everywhere and the synthetic cases still count

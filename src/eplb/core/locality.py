@@ -70,7 +70,7 @@ from eplb.core.topology import Topology
 
 _PENALTY = 100.0  # weight of node-load violation (per unit of mean node load)
 _NODE_PAIR_STEPS, _NODE_MAX_STEPS = 4, 16  # packing search inside nodes (see _pack_nodes)
-#: ``L · (E + 1)²`` pair statistics at most (float32: 256 MiB each; the swap search holds
+#: ``L · (E + 1)²`` pair statistics at most (float64: 512 MiB each; the swap search holds
 #: a few arrays of that order). DeepSeek-V3: 58 · 257² = 3.8e6.
 MAX_PAIR_CELLS = 1 << 26
 #: the most GPUs × all slots (``P · R``) the locality policy plans for: its searches grow
@@ -309,17 +309,25 @@ def _swap_search(
     takes the next round of disjoint node pairs (circle method) and applies, per layer
     and pair, the best improving swap: pairs of one round touch different nodes, so their
     swaps change disjoint statistics and are applied together. A layer drops out once a
-    whole round of pairs finds nothing; the search runs in float32.
+    whole round of pairs finds nothing.
+
+    The search computes in float64 and rounds each swap's score to float32 before any
+    comparison: its sums over experts (BLAS, torch's reductions) add in an order, and
+    with fused multiply-adds, that depend on the instruction set, and so may ``exp`` and
+    ``log1p``'s last bits; float64's last bits rarely reach float32's. In float32 the
+    plans differed between ATen's default kernels and AVX2 on 1 of 5,000 tiny problems,
+    and on 1 of 5,000 of their next windows with the sums alone in float64
+    (``benchmarks/bench_locality_determinism.py``, BENCHMARKS.md §11).
     """
     num_layers, num_experts = node.shape
     pad = num_experts  # a sentinel expert with no load, no picks, never movable
-    f32 = torch.float32
-    zero_col = torch.zeros(num_layers, 1, dtype=f32)
-    load_x = torch.cat([load.to(f32), zero_col], 1)
-    freq_x = torch.cat([freq.to(f32), zero_col], 1)
+    dtype = torch.float64  # the search's; its scores are compared in float32 (docstring)
+    zero_col = torch.zeros(num_layers, 1, dtype=dtype)
+    load_x = torch.cat([load.to(dtype), zero_col], 1)
+    freq_x = torch.cat([freq.to(dtype), zero_col], 1)
     move_x = torch.cat([movable, torch.zeros(num_layers, 1, dtype=torch.bool)], 1)
-    pair_x = torch.nn.functional.pad(pair.to(f32), (0, 1, 0, 1))
-    bound, scale, fixed = bound.to(f32), scale.to(f32), fixed.to(f32)
+    pair_x = torch.nn.functional.pad(pair.to(dtype), (0, 1, 0, 1))
+    bound, scale, fixed = bound.to(dtype), scale.to(dtype), fixed.to(dtype)
     members = _members(node, num_nodes, pad)  # [L, N, K]
     width = members.shape[2]
     rounds = _round_robin(num_nodes)
@@ -342,7 +350,7 @@ def _swap_search(
         node_of = torch.full((rows, num_experts + 1), num_nodes, dtype=torch.int64)
         node_of.scatter_(1, mem.flatten(1), slot_node.expand(rows, -1))
         node_of[:, pad] = num_nodes
-        onehot = torch.nn.functional.one_hot(node_of, num_nodes + 1)[..., :num_nodes].to(f32)
+        onehot = torch.nn.functional.one_hot(node_of, num_nodes + 1)[..., :num_nodes].to(dtype)
         m = torch.bmm(px, onehot)  # [A, E+1, N] pair mass of e with node n's experts
         mu = torch.einsum("le,len->ln", fx, onehot)
         f2 = (m * onehot).sum(1)  # [A, N] ordered pairs inside each node
@@ -372,6 +380,7 @@ def _swap_search(
                 - (over[:, u_idx] + over[:, v_idx])[..., None, None])
         score = gain + viol * (_PENALTY / scale[live])[:, None, None, None]
         ok = at(move_x[live], a)[..., :, None] & at(move_x[live], c)[..., None, :]
+        score = score.to(torch.float32)  # the comparisons' precision (docstring)
         best, flat = score.masked_fill(~ok, float("inf")).flatten(2).min(2)  # [A, q]
         do = best < -_MIN_GAIN
         hit = do.any(1)
