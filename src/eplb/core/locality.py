@@ -70,8 +70,8 @@ from eplb.core.topology import Topology
 
 _PENALTY = 100.0  # weight of node-load violation (per unit of mean node load)
 _NODE_PAIR_STEPS, _NODE_MAX_STEPS = 4, 16  # packing search inside nodes (see _pack_nodes)
-#: ``L · (E + 1)²`` pair statistics at most (float64: 512 MiB each; the swap search holds
-#: a few arrays of that order). DeepSeek-V3: 58 · 257² = 3.8e6.
+#: ``L · (E + 1)²`` pair statistics at most (float32: 256 MiB each, float64 512; the swap
+#: search holds a few arrays of that order). DeepSeek-V3: 58 · 257² = 3.8e6.
 MAX_PAIR_CELLS = 1 << 26
 #: the most GPUs × all slots (``P · R``) the locality policy plans for: its searches grow
 #: about as P³ like the nearest plan's relabelling. 58 real DeepSeek-V3 layers on one core,
@@ -275,7 +275,11 @@ def _round_robin(num_nodes: int) -> list[list[tuple[int, int]]]:
 
 
 def _reach(mean: torch.Tensor, pair: torch.Tensor) -> torch.Tensor:
-    return 1 - _prob_none(mean, pair.clamp(min=0))
+    """``P(X >= 1)`` (:func:`_prob_none`), in float64 and rounded to the inputs' dtype:
+    ``exp``/``log1p`` differ in the last bits between torch's CPU kernels, and float64's
+    rarely reach float32's (:func:`_swap_search`)."""
+    wide = 1 - _prob_none(mean.to(torch.float64), pair.to(torch.float64).clamp(min=0))
+    return wide.to(mean.dtype)
 
 
 def _members(node: torch.Tensor, num_nodes: int, pad: int) -> torch.Tensor:
@@ -311,17 +315,18 @@ def _swap_search(
     swaps change disjoint statistics and are applied together. A layer drops out once a
     whole round of pairs finds nothing.
 
-    The search computes in float64 and rounds each swap's score to float32 before any
-    comparison: its sums over experts (BLAS, torch's reductions) add in an order, and
-    with fused multiply-adds, that depend on the instruction set, and so may ``exp`` and
-    ``log1p``'s last bits; float64's last bits rarely reach float32's. In float32 the
-    plans differed between ATen's default kernels and AVX2 on 1 of 5,000 tiny problems,
-    and on 1 of 5,000 of their next windows with the sums alone in float64
+    The search runs in float32, but what the instruction set may change is computed in
+    float64 and rounded to float32: its sums over experts (BLAS and torch's reductions
+    add in an order, and with fused multiply-adds, that depend on it) and ``exp`` and
+    ``log1p`` (:func:`_reach`); float64's last bits rarely reach float32's, and the
+    float32 element-wise steps round alike everywhere. All in float32, the plans
+    differed between ATen's default kernels and AVX2 on 1 of 5,000 tiny problems, and
+    on 1 of 5,000 of their next windows with the sums alone in float64
     (``benchmarks/bench_locality_determinism.py``, BENCHMARKS.md §11).
     """
     num_layers, num_experts = node.shape
     pad = num_experts  # a sentinel expert with no load, no picks, never movable
-    dtype = torch.float64  # the search's; its scores are compared in float32 (docstring)
+    dtype = torch.float32
     zero_col = torch.zeros(num_layers, 1, dtype=dtype)
     load_x = torch.cat([load.to(dtype), zero_col], 1)
     freq_x = torch.cat([freq.to(dtype), zero_col], 1)
@@ -351,10 +356,13 @@ def _swap_search(
         node_of.scatter_(1, mem.flatten(1), slot_node.expand(rows, -1))
         node_of[:, pad] = num_nodes
         onehot = torch.nn.functional.one_hot(node_of, num_nodes + 1)[..., :num_nodes].to(dtype)
-        m = torch.bmm(px, onehot)  # [A, E+1, N] pair mass of e with node n's experts
-        mu = torch.einsum("le,len->ln", fx, onehot)
-        f2 = (m * onehot).sum(1)  # [A, N] ordered pairs inside each node
-        nload = torch.einsum("le,len->ln", lx, onehot) + fixed[live, None]
+        # the sums over experts in float64, rounded (docstring)
+        f64, onehot64 = torch.float64, onehot.to(torch.float64)
+        m = torch.bmm(px.to(f64), onehot64)  # [A, E+1, N] pair mass of e with n's experts
+        mu = torch.einsum("le,len->ln", fx.to(f64), onehot64).to(dtype)
+        f2 = (m * onehot64).sum(1).to(dtype)  # [A, N] ordered pairs inside each node
+        m = m.to(dtype)
+        nload = torch.einsum("le,len->ln", lx.to(f64), onehot64).to(dtype) + fixed[live, None]
         bnd = bound[live]
         over = (nload - bnd[:, None]).clamp(min=0)
         reach = _reach(mu, f2)
@@ -380,7 +388,6 @@ def _swap_search(
                 - (over[:, u_idx] + over[:, v_idx])[..., None, None])
         score = gain + viol * (_PENALTY / scale[live])[:, None, None, None]
         ok = at(move_x[live], a)[..., :, None] & at(move_x[live], c)[..., None, :]
-        score = score.to(torch.float32)  # the comparisons' precision (docstring)
         best, flat = score.masked_fill(~ok, float("inf")).flatten(2).min(2)  # [A, q]
         do = best < -_MIN_GAIN
         hit = do.any(1)
