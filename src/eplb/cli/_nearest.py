@@ -14,6 +14,7 @@ from eplb.cli._common import CliError, info, timed
 from eplb.cli._inputs import warn
 from eplb.core.dispatch import remote_nodes_per_token
 from eplb.core.expert_ids import require_distinct_topk
+from eplb.core.messages import integer_runs
 from eplb.core.placement import Placement
 from eplb.core.rank_draws import (
     plan_for_start_up_file,
@@ -32,12 +33,14 @@ ONE_NODE_NEAREST = (
 
 
 def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
-                     rows: list[int] | None = None, loaded_rows: int | None = None) -> dict:
+                     rows: list[int] | None = None,
+                     loaded: torch.Tensor | None = None) -> dict:
     """``plan()`` keywords for ``--dispatch``, ``--fair``, ``--slack`` and ``--routing``.
-    ``num_rows``: the loads file's rows (the routing trace's layers are those);
+    ``num_rows``: the loads file's rows (the routing trace's layers are those, or those of
+    the rows that carry load: :func:`pad_dense_rows`);
     ``num_experts``: the loads' experts (the trace's ids lie below);
-    ``rows``: the ones planned, where some were left out; ``loaded_rows``: how many of the
-    ``num_rows`` carry load (a trace of those alone gets a hint in the error)."""
+    ``rows``: the ones planned, where some were left out; ``loaded``: ``[num_rows]`` bool,
+    the rows that carry load, where every row is planned."""
     if args.dispatch != "nearest":  # (nearest-only flags: _refuse_flag_mistakes)
         return {}
     options = {"dispatch": "nearest", "fair": args.fair}
@@ -45,13 +48,11 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
         options["slack"] = args.slack
     routing = read_routing_flag(args)
     if routing is not None:
+        if routing.shape[1] != num_rows and loaded is not None:
+            routing = pad_dense_rows(routing, loaded, args.routing)
         if routing.shape[1] != num_rows:
-            # new-user pass: a trace of the MoE rows (what sample_group_limited samples: it
-            # refuses all-zero rows) beside an SGLang dump's 61 rows had no way forward
-            hint = dense_rows_hint(routing.shape[1], num_rows, loaded_rows,
-                                   "plan on", "an SGLang file still gets a row for every layer")
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the loads "
-                           f"{num_rows}{hint}")
+                           f"{num_rows}")
         if int(routing.max()) >= num_experts:
             raise CliError(f"--routing {args.routing} names expert {int(routing.max())}, beyond "
                            f"the loads' {num_experts} experts (for a routing trace as LOADS, "
@@ -61,16 +62,30 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
     return options
 
 
-def dense_rows_hint(routing_layers: int, num_rows: int, loaded_rows: int | None, verb: str,
-                    then: str) -> str:
-    """What to do where a routing trace has the layers of the loads' ``loaded_rows`` rows
-    with load, not all ``num_rows`` (an SGLang dump's dense rows are all zero), else "".
-    ``verb``: ``"plan on"`` or ``"score on"``; ``then``: what follows for the command."""
-    if loaded_rows is None or routing_layers != loaded_rows or loaded_rows == num_rows:
-        return ""
-    return (f" ({num_rows - loaded_rows} of them all-zero, as an SGLang dump's dense layers: "
-            f"{verb} loads of the MoE rows alone, which keep their layer ids in eplb's trace "
-            f"file (the README's write_loads example under TensorRT-LLM); {then})")
+def pad_dense_rows(routing: torch.Tensor, loaded: torch.Tensor, name: str) -> torch.Tensor:
+    """``routing [T, n, k]`` laid over the loads' rows, where its ``n`` layers are as many
+    as the rows that carry load (``loaded [L]`` bool, ``n < L``) and the other rows are all
+    zero: an SGLang dump's dense layers, which a top-k trace of the MoE layers leaves out.
+    The trace's layers go to the loaded rows in order, the all-zero rows get padding
+    (``-1``: no token), and a note says so. Returns ``[T, L, k]``, or ``routing`` itself
+    where the counts differ (the caller then says what does not fit).
+
+    New-user passes: a 58-layer trace beside a DeepSeek-V3 dump's 61 rows could only be
+    used by writing the MoE rows out in Python first; with the padding every MoE row is
+    planned and counted as it is from those rows alone, and the files keep a row per
+    model layer."""
+    num_rows = loaded.shape[0]
+    rows = loaded.nonzero().flatten()
+    if not 0 < len(rows) == routing.shape[1] < num_rows:
+        return routing
+    full = routing.new_full((routing.shape[0], num_rows, routing.shape[2]), -1)
+    full[:, rows] = routing
+    dense = (~loaded).nonzero().flatten().tolist()
+    info(f"--routing {name}: its {len(rows)} layers are the loads' {len(rows)} rows that carry "
+         f"load (rows {integer_runs(rows.tolist())}), in order; the {len(dense)} all-zero "
+         f"row{'s' if len(dense) > 1 else ''} ({integer_runs(dense)}, as an SGLang dump's "
+         f"dense layers) get no tokens")
+    return full
 
 
 def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict,

@@ -103,7 +103,9 @@ def _add_dispatch(p: argparse.ArgumentParser, *, planning: bool) -> None:
                         else "nearest scores the loads as that rule realises them (default: "
                         "the rule an eplb .json/.pt file records, else even)"))
     g.add_argument("--routing", type=named_file, metavar="FILE",
-                   help="a top-k routing trace [tokens, layers, k]: " + (
+                   help="a top-k routing trace [tokens, layers, k], a layer for each "
+                        "row of LOADS or for each row with load (a dump's dense rows then get "
+                        "no tokens): " + (
                        "co-selection statistics for --policy locality" if planning else
                        "with --dispatch nearest, eval also reports remote nodes per token, "
                        "counted over all of FILE's tokens (--step-range and "

@@ -29,8 +29,8 @@ from eplb.cli._inputs import (
     warn_if_no_load,
 )
 from eplb.cli._nearest import (
-    dense_rows_hint,
     distinct_rows,
+    pad_dense_rows,
     read_routing_flag,
     routed_layers_mean,
 )
@@ -414,15 +414,14 @@ def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torc
     if routing is not None:
         if keep is not None and routing.shape[1] == num_rows:
             routing = routing[:, keep]  # the loads' layers, paired as plan pairs them
+        if keep is None and routing.shape[1] != num_rows:
+            # a trace of the MoE rows beside an SGLang dump and file (61 rows, 3 dense):
+            # its layers go to the rows with load, as plan pairs them
+            routing = pad_dense_rows(routing, weight.sum(1) > 0, args.routing)
         if routing.shape[1] != placement.num_layers:
-            # new-user pass: a trace of the MoE rows beside an SGLang dump and file (61
-            # rows, 3 dense) got the counts only, where plan says what to do
-            hint = ("" if keep else dense_rows_hint(
-                routing.shape[1], num_rows, int((weight.sum(1) > 0).sum()), "score on",
-                "eval pairs them with the placement's rows by layer"))
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the "
                            f"loads {num_rows}"
-                           + (f" (the placement {placement.num_layers})" if keep else hint))
+                           + (f" (the placement {placement.num_layers})" if keep else ""))
         if int(routing.max()) >= placement.num_experts:
             raise CliError(f"--routing {args.routing} names experts beyond the placement's "
                            f"{placement.num_experts}")
