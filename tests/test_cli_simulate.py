@@ -278,6 +278,35 @@ def test_simulate_adrs_protocol_defaults_the_window_and_plain_runs_ask_for_it(
     assert code == 2
     assert_one_line_error(err)
     assert "simulate needs --window W" in err and "--protocol adrs uses 100" in err
+    assert "--cadence vllm or sglang" in err
+
+
+def test_simulate_cadence_gives_an_engines_window_and_interval(capsys, tmp_path) -> None:
+    """--cadence vllm / sglang: the engine's default window and interval (vLLM's
+    --eplb-config window_size 1000, step_interval 3000; SGLang's
+    --eplb-rebalance-num-iterations 1000), each part overridable; with --protocol it is
+    refused (both name a cadence)."""
+    path = tmp_path / "trace.pt"
+    code, out, _ = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "7000",
+                       "-o", str(path), "--json")
+    assert code == 0, out
+    base = ["simulate", str(path), "-r", "16", "-g", "8", "--planner", "greedy", "--json"]
+    for cadence, window, interval, steps in (("vllm", 1000, 3000, [3000, 6000]),
+                                             ("sglang", 1000, 1000, [1000 * k for k in
+                                                                     range(1, 7)])):
+        code, out, err = run(capsys, *base, "--cadence", cadence)
+        assert code == 0, err
+        result = json.loads(out)["runs"][0]
+        assert result["cadence"]["window"] == window
+        assert result["cadence"]["interval"] == interval
+        assert result["rebalances"]["step"] == steps
+    code, out, err = run(capsys, *base, "--cadence", "vllm", "--interval", "2000")
+    assert code == 0, err
+    assert json.loads(out)["runs"][0]["rebalances"]["step"] == [2000, 4000, 6000]
+    code, _, err = run(capsys, *base, "--cadence", "sglang", "--protocol", "adrs")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "--cadence sglang and --protocol adrs each name a cadence" in err
 
 
 def test_simulate_refuses_planner_flags_with_planner_none(capsys, trace_file) -> None:

@@ -365,10 +365,15 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
                         "after another)")
     add_input_options(p, "TRACE")
     p.add_argument("--window", type=integer, default=None, metavar="W",
-                   help="steps per window (required, but with --protocol adrs: 100 by "
-                        "default)")
+                   help="steps per window (required, but with --cadence or --protocol adrs: "
+                        "theirs by default)")
     p.add_argument("--interval", type=integer, default=None, metavar="I",
-                   help="steps between rebalances (default: --window)")
+                   help="steps between rebalances (default: --cadence's, else --window)")
+    p.add_argument("--cadence", choices=["vllm", "sglang"], default=None,
+                   help="an engine's default cadence: vllm = window 1000, interval 3000 "
+                        "(--eplb-config window_size, step_interval), sglang = 1000 and 1000 "
+                        "(--eplb-rebalance-num-iterations); --window and --interval override "
+                        "its parts")
     p.add_argument("--planner", choices=["eplb", "greedy", "none"], default="eplb",
                    help="who rebalances: eplb, greedy (DeepSeek's reference) or none (no "
                         "rebalancing) (default eplb)")

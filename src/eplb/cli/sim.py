@@ -151,10 +151,18 @@ def _short_steps(trace: LoadTrace, tokens_per_step: int | None) -> str:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     files, args.trace = args.trace, " ".join(args.trace)  # several: steps, as in plan
+    if args.cadence is not None:
+        if args.protocol is not None:
+            raise CliError(f"--cadence {args.cadence} and --protocol {args.protocol} each name a "
+                           "cadence: give one")
+        engine = CADENCES[args.cadence]  # the engine's defaults, where not given
+        args.window = engine.window if args.window is None else args.window
+        args.interval = engine.interval if args.interval is None else args.interval
     if args.window is None:
         if args.protocol != "adrs":
-            raise CliError("simulate needs --window W (steps per window; --protocol adrs "
-                           f"uses {ADRS_WINDOW} when it is left out)")
+            raise CliError("simulate needs --window W (steps per window; --cadence vllm or "
+                           f"sglang gives the engine's, --protocol adrs uses {ADRS_WINDOW} "
+                           "when it is left out)")
         args.window = ADRS_WINDOW  # the ADRS benchmark's cadence
     if args.window < 1:
         raise CliError("--window must be >= 1")
