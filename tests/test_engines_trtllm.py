@@ -312,3 +312,19 @@ def test_an_mtp_file_from_loads_without_layer_ids_says_which_k_pairs_it(tmp_path
     assert "pass --first-layer K" in err
     assert cli_main(["eval", "--placement", str(old), str(tmp_path / "w.pt"), "-g", "4",
                      "--summary", "--first-layer", "0"]) == 0
+
+
+def test_a_yaml_from_rows_that_skip_layers_names_the_layers_after_the_last(tmp_path, capsys):
+    """New-user pass: Mixtral-8x7B's published counts name model layers 0, 7 and 15 of its
+    32; the warning named only 1..6 and 8..14 as missing from the YAML, though TensorRT-LLM
+    raises KeyError for 16..31 as well. The file cannot know the model's last layer, so the
+    warning says that any layer after the last row is missing too."""
+    counts = [[float(10 + 3 * row + expert) for expert in range(8)] for row in range(3)]
+    loads = tmp_path / "counts.json"
+    loads.write_text(json.dumps({"counts": counts, "layers": [0, 7, 15]}))
+    out = tmp_path / "lb.yaml"
+    assert cli_main(["plan", str(loads), "-r", "16", "-g", "8", "-o", str(out)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "model layers 1..6, 8..14" in err
+    assert "nor for any model layer after 15: TensorRT-LLM raises KeyError" in err
+    assert sorted(yaml.safe_load(out.read_text())["initial_global_assignments"]) == [0, 7, 15]

@@ -54,11 +54,15 @@ def engine_rows(args: argparse.Namespace, emit: str, trace: LoadTrace, layer_ids
     if emit == "trtllm" and gaps:
         # TensorRT-LLM looks every MoE layer up in initial_global_assignments and raises
         # KeyError at start-up for one it lacks (OLMoE's published counts name layers 0, 7
-        # and 15 of 16); models that interleave dense layers lack them rightly
+        # and 15 of 16); models that interleave dense layers lack them rightly. Rows that
+        # skip layers may well stop before the model's last (Mixtral's counts of the same
+        # file name 0, 7, 15 of 32 layers): that is said too (new-user pass)
+        last = max(layer_ids)
         warn(f"{loads} has no loads for model layers {integer_runs(gaps)} (its rows are "
              f"layers {integer_runs(sorted(layer_ids))}), so the TensorRT-LLM file has no "
-             "assignments for them: TensorRT-LLM raises KeyError at start-up for any of them "
-             "that is a MoE layer; plan on loads of every MoE layer")
+             f"assignments for them, nor for any model layer after {last}: TensorRT-LLM "
+             "raises KeyError at start-up for any of them that is a MoE layer; plan on loads "
+             "of every MoE layer")
     if emit == "trtllm" and not trace.meta.get("model_layer_ids") and args.first_layer is None:
         warn(f"{loads} does not name its model layers, so the TensorRT-LLM keys are rows "
              f"{layer_ids[0]}..{layer_ids[-1]}; pass --first-layer K when the first row is "
