@@ -163,3 +163,30 @@ def test_several_dumps_and_a_folder_of_stat_dumps(sglang, tmp_path, capsys) -> N
         assert code == 0, err
         placement = read_placement(out, num_gpus=GPUS)
         check_sglang_view(sglang_start(sglang, str(out)), placement, list(range(NUM_LAYERS)))
+
+
+def test_an_sglang_file_from_rows_that_skip_layers_says_to_give_the_layer_count(
+        tmp_path, capsys) -> None:
+    """New-user pass: Mixtral-8x7B's published counts name model layers 0, 7 and 15 of its
+    32, and the SGLang file was written with 16 rows, said as "16 model layers" only (SGLang
+    does not compare the rows with its model's layers). As for bare rows, the written line
+    now says to give --num-model-layers; a file of every layer up to its last stays as it
+    was."""
+    counts = [[float(10 + 3 * row + expert) for expert in range(8)] for row in range(3)]
+    sparse = tmp_path / "counts.json"
+    sparse.write_text(json.dumps({"counts": counts, "layers": [0, 7, 15]}))
+    assert main(["plan", str(sparse), "-r", "16", "-g", "8", "-o",
+                 str(tmp_path / "a.sglang.json")]) == 0
+    out = capsys.readouterr().out
+    assert ("(sglang, 16 model layers, 0..15: give --num-model-layers N where the model has "
+            "more)") in out
+    assert main(["plan", str(sparse), "-r", "16", "-g", "8", "--num-model-layers", "32", "-o",
+                 str(tmp_path / "b.sglang.json")]) == 0
+    assert "(sglang, 32 model layers)" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "b.sglang.json").read_text())["physical_to_logical_map"]
+    assert len(rows) == 32
+    whole = tmp_path / "whole.json"
+    whole.write_text(json.dumps({"counts": counts, "layers": [0, 1, 2]}))
+    assert main(["plan", str(whole), "-r", "16", "-g", "8", "-o",
+                 str(tmp_path / "c.sglang.json")]) == 0
+    assert "(sglang, 3 model layers)" in capsys.readouterr().out

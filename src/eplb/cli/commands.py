@@ -403,10 +403,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         mtp = range(last_layer + 1, last_layer + 1 + args.mtp_layers)
         written += (f", multi-token-prediction layer{'s' if len(mtp) > 1 else ''} "
                     f"{integer_runs(mtp)} spread evenly")
+    skips_layers = len(set(layer_ids)) <= max(layer_ids) - min(layer_ids)
     if (model_layers is not None and args.num_model_layers is None
-            and not trace.meta.get("model_layer_ids")):
-        # bare rows: the layers after the last row are the user's to say (SGLang does not
-        # compare the rows with its model's layers; new-user pass)
+            and (not trace.meta.get("model_layer_ids") or skips_layers)):
+        # bare rows, or rows that skip layers (Mixtral's published counts: 0, 7, 15 of 32):
+        # the layers after the last row are the user's to say (SGLang does not compare the
+        # rows with its model's layers; new-user passes)
         written += (f", 0..{model_layers - 1}: give --num-model-layers N where the model has "
                     "more")
     split_time = (f" (and {split.seconds * 1e3:.1f} ms for the forced moves alone, to tell "
