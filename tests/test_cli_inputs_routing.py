@@ -200,6 +200,23 @@ def test_an_expert_count_read_off_the_ids_is_said_once(capsys, tmp_path) -> None
     assert "--num-experts" in err and "2 layers × 7 experts" in out
     code, out, err = run(capsys, *plan_args(path, tmp_path, "--num-experts", "8", "--force"))
     assert code == 0 and "expert count" not in err and "2 layers × 8 experts" in out
+    # simulate and bench replay such a count too, and say so alike (new-user pass: they
+    # were silent); with --num-experts they are not
+    many = tmp_path / "many.npz"
+    ids = np.random.default_rng(0).integers(0, 7, (400, 2, 2))
+    ids[:, :, 1] = (ids[:, :, 0] + 1) % 7  # two distinct ids a token, never expert 7
+    np.savez(many, x_topk_ids=ids)
+    replay = ["simulate", str(many), "--tokens-per-step", "10", "--window", "5", "-r", "8",
+              "-g", "4", "--planner", "greedy", "--json"]
+    benched = ["bench", str(many), "--tokens-per-step", "10", "--no-builtin", "-r", "8",
+               "-g", "4", "--repeats", "1", "--json"]
+    for command in (replay, benched):
+        code, _, err = run(capsys, *command)
+        assert code == 0, err
+        assert err.count("the expert count") == 1
+        assert "the expert count" in err and ", 7, is the largest expert id" in err
+        code, _, err = run(capsys, *command, "--num-experts", "8")
+        assert code == 0 and "expert count" not in err, err
 
 
 def test_token_traces_whose_largest_ids_differ_are_told_of_num_experts(capsys, tmp_path):

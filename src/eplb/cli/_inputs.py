@@ -49,6 +49,19 @@ def warn(message: str) -> None:
     print(f"eplb: warning: {text}", file=sys.stderr)
 
 
+def warn_guessed_experts(trace: LoadTrace, what: str = "") -> None:
+    """Warn where the expert count was read off a top-k trace's largest id (the file does
+    not record it): plan, simulate and bench alike (new-user passes: 4 tokens of a
+    64-expert trace planned 63 experts, and SGLang then failed on the file; simulate and
+    bench replayed such a count without a word). ``what``: the file, where several are
+    read apart (bench)."""
+    if trace.meta.get("num_experts_from_ids"):
+        where = f" of {what}" if what else ""
+        warn(f"the expert count{where}, {trace.num_experts}, is the largest expert id in the "
+             f"top-k ids + 1 (the file does not record it): if the model has more experts, "
+             f"pass --num-experts, else the ones this trace never routes to get no slot")
+
+
 def add_input_options(p: argparse.ArgumentParser, what: str = "LOADS") -> None:
     """``--format``, ``--key``, ``--tokens-per-step``, ``--num-experts`` for reading ``what``."""
     g = p.add_argument_group("reading " + what)

@@ -27,6 +27,7 @@ from eplb.cli._inputs import (
     all_zero_rows_note,
     check_reading_options,
     read_trace,
+    warn_guessed_experts,
 )
 from eplb.cli.sim import replay_windows
 from eplb.core.inputs import as_seed
@@ -86,6 +87,7 @@ def _file_jobs(args: argparse.Namespace) -> list[FileJob]:
         except EmptyStepRange as exc:
             empty.append(f"{job} ({counted(exc.steps, 'step')})")
             continue
+        warn_guessed_experts(trace, job)
         weight = trace.total()
         keep = weight.sum(1) > 0  # dense layers (all zero) say nothing about balance
         if not bool(keep.any()):

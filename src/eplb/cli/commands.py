@@ -35,6 +35,7 @@ from eplb.cli._inputs import (
     refuse_forced_hierarchy,
     require_loads_files,
     warn,
+    warn_guessed_experts,
     warn_if_no_load,
     warn_revived,
 )
@@ -149,12 +150,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     num_layers, num_experts = weight.shape
     check_topology(args.replicas, args.gpus, args.nodes, args.groups, num_experts,
                    num_layers)
-    if trace.meta.get("num_experts_from_ids"):
-        # (new-user pass: 4 tokens of a 64-expert trace planned 63 experts, and SGLang then
-        # failed on the file with a ZeroDivisionError)
-        warn(f"the expert count, {num_experts}, is the largest expert id in the top-k ids + 1 "
-             f"(the file does not record it): if the model has more experts, pass "
-             f"--num-experts, else the ones this trace never routes to get no slot")
+    warn_guessed_experts(trace)
     if emit in ("sglang", "trtllm") and active is not None and not bool(active.all()):
         # refused before planning (and before any warning about the file it would be)
         raise CliError(dead_gpus_message(emit, (~active).nonzero().flatten().tolist(),

@@ -37,6 +37,7 @@ from eplb.cli._inputs import (
     read_trace,
     trace_routing,
     warn,
+    warn_guessed_experts,
 )
 from eplb.core import LoadTrace, Placement
 from eplb.core.messages import counted
@@ -218,6 +219,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_reading_options(args)  # before an existing report is named
     report = prepare_report(args.report, args.force, "eplb simulation")
     trace = read_trace(files, args)
+    warn_guessed_experts(trace)
     short = _short_steps(trace, args.tokens_per_step)
     if short and not args.json:
         info(short)
