@@ -11,8 +11,9 @@ import torch
 from helpers import skewed_loads_json
 from test_cli import run
 
+from eplb.core import LoadTrace
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
-from eplb.formats import read_placement
+from eplb.formats import read_placement, write_loads
 
 
 @pytest.fixture()
@@ -229,8 +230,8 @@ def test_a_routing_trace_of_the_moe_rows_pairs_with_a_dumps_loaded_rows(
     dump = tmp_path / "dump.json"
     dump.write_text(json.dumps({"logical_count": torch.cat(
         [torch.zeros(2, 64), w]).tolist()}))  # 2 dense rows, then the 4 MoE rows
-    moe = tmp_path / "moe.json"
-    moe.write_text(json.dumps({"logical_count": w.tolist()}))
+    moe = tmp_path / "moe.npz"
+    write_loads(LoadTrace(w[None], [2, 3, 4, 5]), moe)  # the MoE rows, with their layer ids
     topo = ["-r", 96, "-g", 16, "--nodes", 4, "--groups", 8, "--policy", "locality",
             "--dispatch", "nearest", "--routing", routing, "--json"]
     code, text, err = run(capsys, "plan", dump, *topo, "-o", tmp_path / "all.json")
@@ -244,6 +245,12 @@ def test_a_routing_trace_of_the_moe_rows_pairs_with_a_dumps_loaded_rows(
     assert whole["remote_nodes_per_token"] == alone["remote_nodes_per_token"]
     planned = read_placement(tmp_path / "all.json")
     assert torch.equal(planned.phy2log[2:], read_placement(tmp_path / "moe_only.json").phy2log)
+    # from a map in force of the MoE rows alone (--previous covers rows 2..5): the trace
+    # goes to those rows as well
+    code, _, err = run(capsys, "plan", dump, *topo, "--previous", tmp_path / "moe_only.json",
+                       "-o", tmp_path / "next.json")
+    assert code == 0, err
+    assert "its 4 layers are the loads' 4 rows that carry load" in err
     # a trace that fits neither every row nor the loaded ones is still refused
     short = tmp_path / "short.npz"
     np.savez(short, task_topk_ids=np.load(routing)["task_topk_ids"][:, :3])

@@ -40,7 +40,7 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
     the rows that carry load: :func:`pad_dense_rows`);
     ``num_experts``: the loads' experts (the trace's ids lie below);
     ``rows``: the ones planned, where some were left out; ``loaded``: ``[num_rows]`` bool,
-    the rows that carry load, where every row is planned."""
+    the rows that carry load."""
     if args.dispatch != "nearest":  # (nearest-only flags: _refuse_flag_mistakes)
         return {}
     options = {"dispatch": "nearest", "fair": args.fair}

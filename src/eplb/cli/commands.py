@@ -221,8 +221,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                  "equal GPUs (--previous plans for equal GPUs: plan without --previous, "
                  "with --gpu-speed, for a fresh plan in time)")
     warn_idle_engine_rows(emit, trace, weight, layer_ids, loads)
-    # the rows with load, where every row is planned (weight: the loads' rows, all of them)
-    loaded = None if args.routing is None or kept_rows is not None else weight.sum(1) > 0
+    # the loads' rows with load, all of them (weight may be the rows --previous covers)
+    loaded = None if args.routing is None else trace.total().sum(1) > 0
     options.update(dispatch_options(args, trace.num_layers, num_experts, kept_rows, loaded))
     if args.max_moves is not None:  # (with --previous: _refuse_flag_mistakes)
         options["max_moves"] = args.max_moves
