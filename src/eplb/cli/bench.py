@@ -87,7 +87,6 @@ def _file_jobs(args: argparse.Namespace) -> list[FileJob]:
         except EmptyStepRange as exc:
             empty.append(f"{job} ({counted(exc.steps, 'step')})")
             continue
-        warn_guessed_experts(trace, job)
         weight = trace.total()
         keep = weight.sum(1) > 0  # dense layers (all zero) say nothing about balance
         if not bool(keep.any()):
@@ -98,6 +97,7 @@ def _file_jobs(args: argparse.Namespace) -> list[FileJob]:
         replicas, gpus = default_shape(weight.shape[1], args.gpus, args.replicas)
         check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1],
                        weight.shape[0])
+        warn_guessed_experts(trace, job)  # (after the checks: a refusal stays one line)
         # plan counts them (an even placement); say why the counts differ
         name = (Path(job).name + key_note(getattr(args, "key", None))
                 + all_zero_rows_note(int((~keep).sum())))

@@ -219,7 +219,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_reading_options(args)  # before an existing report is named
     report = prepare_report(args.report, args.force, "eplb simulation")
     trace = read_trace(files, args)
-    warn_guessed_experts(trace)
     short = _short_steps(trace, args.tokens_per_step)
     if short and not args.json:
         info(short)
@@ -266,6 +265,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                           f"--tokens-per-step N cuts it (it holds "
                           f"{sum(trace.meta.get('step_tokens', ()))} tokens)"
                           if trace.format == "topk" and args.tokens_per_step is None else ""))
+    warn_guessed_experts(trace)  # (once the replay will run: a refusal stays one line)
     planners = [args.planner]
     if args.compare:
         planners += [p for p in ("none", "greedy", "eplb") if p != args.planner]
