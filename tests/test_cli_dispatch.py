@@ -11,9 +11,8 @@ import torch
 from helpers import skewed_loads_json
 from test_cli import run
 
-from eplb.core import LoadTrace
 from eplb.core.dispatch import realised_gpu_loads, remote_nodes_per_token
-from eplb.formats import read_placement, write_loads
+from eplb.formats import read_placement
 
 
 @pytest.fixture()
@@ -218,45 +217,6 @@ def test_a_bad_routing_file_is_one_clear_error(tmp_path, capsys, loads):
                        "-o", tmp_path / "x.json")
     assert code == 2
     assert "layers" in err and "Traceback" not in err
-
-
-def test_a_routing_trace_of_the_moe_rows_pairs_with_a_dumps_loaded_rows(
-        tmp_path, capsys, loads, routing):
-    # new-user passes: sample_group_limited refuses all-zero rows, so its trace has the MoE
-    # rows only; beside an SGLang dump (dense rows all zero) plan refused it, and the MoE
-    # rows had to be written out in Python first. Now its layers go to the rows with load,
-    # and those rows are planned as from the MoE rows alone
-    _, w = loads
-    dump = tmp_path / "dump.json"
-    dump.write_text(json.dumps({"logical_count": torch.cat(
-        [torch.zeros(2, 64), w]).tolist()}))  # 2 dense rows, then the 4 MoE rows
-    moe = tmp_path / "moe.npz"
-    write_loads(LoadTrace(w[None], [2, 3, 4, 5]), moe)  # the MoE rows, with their layer ids
-    topo = ["-r", 96, "-g", 16, "--nodes", 4, "--groups", 8, "--policy", "locality",
-            "--dispatch", "nearest", "--routing", routing, "--json"]
-    code, text, err = run(capsys, "plan", dump, *topo, "-o", tmp_path / "all.json")
-    assert code == 0, err
-    assert "its 4 layers are the loads' 4 rows that carry load (rows 2..5)" in err
-    assert "2 all-zero rows (0..1" in err
-    whole = json.loads(text)
-    code, text, err = run(capsys, "plan", moe, *topo, "-o", tmp_path / "moe_only.json")
-    assert code == 0, err
-    alone = json.loads(text)
-    assert whole["remote_nodes_per_token"] == alone["remote_nodes_per_token"]
-    planned = read_placement(tmp_path / "all.json")
-    assert torch.equal(planned.phy2log[2:], read_placement(tmp_path / "moe_only.json").phy2log)
-    # from a map in force of the MoE rows alone (--previous covers rows 2..5): the trace
-    # goes to those rows as well
-    code, _, err = run(capsys, "plan", dump, *topo, "--previous", tmp_path / "moe_only.json",
-                       "-o", tmp_path / "next.json")
-    assert code == 0, err
-    assert "its 4 layers are the loads' 4 rows that carry load" in err
-    # a trace that fits neither every row nor the loaded ones is still refused
-    short = tmp_path / "short.npz"
-    np.savez(short, task_topk_ids=np.load(routing)["task_topk_ids"][:, :3])
-    code, _, err = run(capsys, "plan", dump, *topo[:-2], short, "-o", tmp_path / "x.json")
-    assert code == 2 and "Traceback" not in err
-    assert "has 3 layers, the loads 6" in err
 
 
 def test_routing_mistakes_are_named(tmp_path, capsys, loads, routing):

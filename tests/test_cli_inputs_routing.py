@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import skewed_loads_json
 from test_cli_inputs import REAL, E, assert_user_error, plan_args, run
 
 from eplb.core import LoadTrace
-from eplb.formats import FormatError, read_loads, write_loads
+from eplb.formats import FormatError, read_loads, read_placement, write_loads
 
 
 # ------------------------------------------------------------- top-k routing files
@@ -324,3 +325,48 @@ def test_eval_pairs_a_trace_of_a_dumps_moe_rows_with_its_loaded_rows(capsys, tmp
     code, text, err = run(capsys, *scored, str(moe))
     assert code == 0, err
     assert json.loads(text)["remote_nodes_per_token"] == paired > 0
+
+
+def test_a_routing_trace_of_the_moe_rows_pairs_with_a_dumps_loaded_rows(tmp_path, capsys):
+    # new-user passes: sample_group_limited refuses all-zero rows, so its trace has the MoE
+    # rows only; beside an SGLang dump (dense rows all zero) plan refused it, and the MoE
+    # rows had to be written out in Python first. Now its layers go to the rows with load,
+    # and those rows are planned as from the MoE rows alone
+    _, w = skewed_loads_json(tmp_path, 4, 64, seed=3)
+    rng = np.random.default_rng(0)
+    p = (w / w.sum(1, keepdim=True)).numpy()
+    routing = tmp_path / "trace.npz"
+    np.savez(routing, task_topk_ids=np.stack([np.stack([
+        rng.choice(64, 4, replace=False, p=p[layer]) for layer in range(4)])
+        for _ in range(300)]).astype(np.int32))
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"logical_count": torch.cat(
+        [torch.zeros(2, 64), w]).tolist()}))  # 2 dense rows, then the 4 MoE rows
+    moe = tmp_path / "moe.npz"
+    write_loads(LoadTrace(w[None], [2, 3, 4, 5]), moe)  # the MoE rows, with their layer ids
+    topo = ["-r", "96", "-g", "16", "--nodes", "4", "--groups", "8", "--policy", "locality",
+            "--dispatch", "nearest", "--routing", str(routing), "--json"]
+    code, text, err = run(capsys, "plan", str(dump), *topo, "-o", str(tmp_path / "all.json"))
+    assert code == 0, err
+    assert "its 4 layers are the loads' 4 rows that carry load (rows 2..5)" in err
+    assert "2 all-zero rows (0..1" in err
+    whole = json.loads(text)
+    code, text, err = run(capsys, "plan", str(moe), *topo, "-o", str(tmp_path / "moe_only.json"))
+    assert code == 0, err
+    alone = json.loads(text)
+    assert whole["remote_nodes_per_token"] == alone["remote_nodes_per_token"]
+    planned = read_placement(tmp_path / "all.json")
+    assert torch.equal(planned.phy2log[2:], read_placement(tmp_path / "moe_only.json").phy2log)
+    # from a map in force of the MoE rows alone (--previous covers rows 2..5): the trace
+    # goes to those rows as well
+    code, _, err = run(capsys, "plan", str(dump), *topo, "--previous",
+                       str(tmp_path / "moe_only.json"), "-o", str(tmp_path / "next.json"))
+    assert code == 0, err
+    assert "its 4 layers are the loads' 4 rows that carry load" in err
+    # a trace that fits neither every row nor the loaded ones is still refused
+    short = tmp_path / "short.npz"
+    np.savez(short, task_topk_ids=np.load(routing)["task_topk_ids"][:, :3])
+    code, _, err = run(capsys, "plan", str(dump), *topo[:-2], str(short), "-o",
+                       str(tmp_path / "x.json"))
+    assert code == 2 and "Traceback" not in err
+    assert "has 3 layers, the loads 6" in err
