@@ -10,6 +10,7 @@ import torch
 from helpers import skewed_loads_json
 from test_cli import run
 
+import eplb.formats
 from eplb.cli import main
 
 
@@ -282,6 +283,41 @@ def test_an_output_named_by_a_suffix_alone_is_refused_too(tmp_path, capsys, load
     code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", tmp_path / name)
     assert code == 2 and f"'{name.lower()}' names" in err, err
     assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize("name, emit", [(".pt", "pt"), (".yaml", "trtllm"), (".json", "json"),
+                                        (".PT", "pt")])
+def test_an_output_named_by_a_suffix_alone_gets_that_format(tmp_path, capsys, loads, name,
+                                                            emit):
+    """``-o .pt`` wrote eplb's JSON into a hidden file named '.pt' ("no suffix"), which a
+    torch.load (SGLang's reader of that name) fails on, and ``-o .yaml`` JSON that
+    TensorRT-LLM cannot use: a name that is a suffix alone names that format, as ``x.pt``
+    does (attacker pass)."""
+    out = tmp_path / name
+    code, stdout, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", out)
+    assert code == 0 and "no suffix" not in err, err
+    assert f"({emit})" in stdout
+    assert eplb.formats.read_placement(out, num_gpus=16).num_experts == 32
+    head = out.read_bytes()[:2]
+    assert (head == b"PK") == (emit == "pt")  # a torch.save zip archive, else text
+    # and an --emit the name contradicts is refused as under 'x.pt', before anything is written
+    other = tmp_path / "b" / name
+    other.parent.mkdir()
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "-o", other,
+                       "--emit", "pt" if emit != "pt" else "json")
+    assert code == 2 and "a file named" in err, err
+    assert not other.exists()
+
+
+@pytest.mark.parametrize("name", [".pt", ".json"])
+def test_sglang_output_named_by_a_suffix_alone(tmp_path, capsys, loads, name):
+    """SGLang tests ``--init-expert-location`` with ``str.endswith('.pt')``, so it reads a
+    file named '.pt' with torch.load; eplb refused that name for ``--emit sglang``."""
+    out = tmp_path / name
+    code, _, err = run(capsys, "plan", loads, "-r", 48, "-g", 16, "--first-layer", 0,
+                       "-o", out, "--emit", "sglang")
+    assert code == 0, err
+    assert eplb.formats.read_placement(out, num_gpus=16).num_layers == 4
 
 
 def test_plan_help_says_other_formats_names_are_refused(capsys):

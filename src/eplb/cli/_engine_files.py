@@ -19,7 +19,8 @@ from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace
 def check_engine_output(args: argparse.Namespace, emit: str, out: Path) -> None:
     """Refuse the output name and flags the format ``emit`` cannot take, before any
     reading."""
-    if emit == "sglang" and out.suffix not in (".json", ".pt"):  # SGLang's test is case-sensitive
+    # SGLang tests the name with endswith (".pt" itself passes), case-sensitively
+    if emit == "sglang" and not out.name.endswith((".json", ".pt")):
         raise CliError(f"SGLang reads --init-expert-location from a .json or .pt file (lower "
                        f"case); name OUT *.json or *.pt (*.sglang.json or *.sglang.pt imply "
                        f"--emit sglang), not {out.name!r}")

@@ -35,6 +35,7 @@ from eplb.formats import (
     read_loads,
     read_routing_steps,
 )
+from eplb.formats._files import name_suffix
 from eplb.formats.detect import file_identity, folder_load_files
 from eplb.formats.placement_writer import PLACEMENT_NAMES, other_format_named
 from eplb.formats.placements import name_model_layers
@@ -418,15 +419,14 @@ def infer_emit(emit: str | None, output: str | Path) -> str:
         return emit
     implied = emit_for(output)
     name = Path(Path(output).name.lower())
-    suffix = name.suffix
     # a name that is a suffix alone ('.npy': Python reads it as a stem) names that format
     # too: it wrote JSON to a hidden file '.npy' with a warning (attacker pass)
-    named = suffix or (str(name) if str(name).startswith(".") else "")
+    suffix = name_suffix(output)
     other = other_format_named(output)
     if other is not None:
         # JSON under a name that says NumPy, CSV or gzip misleads every reader that trusts
         # the name (np.load fails on it), and a dumps folder reads it as loads
-        raise CliError(f"{Path(output).name}: '{named}' names {other}, "
+        raise CliError(f"{Path(output).name}: '{suffix}' names {other}, "
                        f"which eplb does not write placements as; name OUT {PLACEMENT_NAMES} "
                        f"(or pass --emit to write that format under this name anyway)")
     if implied is None:

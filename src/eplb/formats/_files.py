@@ -100,6 +100,18 @@ def _exists_message(path: Path) -> str:
     return f"{path} already exists; pass force=True (CLI: --force) to overwrite it"
 
 
+def name_suffix(path: str | os.PathLike[str]) -> str:
+    """The lower-case suffix of ``path``'s name, which names the file's format: the whole
+    name where it is a suffix alone (``.pt``, ``.yaml``), which ``Path`` reads as a stem
+    without a suffix (attacker pass: ``-o .pt`` wrote JSON into a hidden file named
+    ``.pt`` where ``-o x.pt`` writes a torch file; ``.sglang.json`` keeps ``.json``)."""
+    name = Path(os.fsdecode(os.fspath(path))).name.lower()
+    suffix = Path(name).suffix
+    if suffix or not name.startswith(".") or name in (".", ".."):
+        return suffix
+    return name
+
+
 def output_file(path: str | os.PathLike[str]) -> Path:
     """``path`` as a ``Path``, refusing a name that ends in a separator (``out/``): that
     names a folder, and ``Path`` would drop the slash and write a file named ``out`` (or,

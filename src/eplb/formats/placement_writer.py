@@ -26,7 +26,7 @@ from eplb.core.messages import integer_runs
 from eplb.core.placement import Placement
 from eplb.core.topology import is_name
 from eplb.core.trace import MAX_MODEL_LAYERS, LoadTrace, model_layer_ids
-from eplb.formats._files import atomic_write, check_writable, output_file
+from eplb.formats._files import atomic_write, check_writable, name_suffix, output_file
 from eplb.formats.placements import PLACEMENT_FORMAT, PLACEMENT_FORMAT_VERSION
 
 #: Placement formats ``write_placement`` can emit.
@@ -55,19 +55,18 @@ def other_format_named(path: str | PathLike[str]) -> str | None:
     suffix alone (``.npy``, which Python reads as a stem) names that format too."""
     if emit_for(path) is not None:
         return None
-    name = Path(Path(path).name.lower())
-    named = name.suffix or (str(name) if str(name).startswith(".") else "")
-    return OTHER_FORMATS.get(named)
+    return OTHER_FORMATS.get(name_suffix(path))
 
 
 def emit_for(path: str | PathLike[str]) -> str | None:
     """The placement format ``path``'s name implies, or ``None`` for a name that implies
     none: ``*.sglang.json``/``*.sglang.pt`` → ``"sglang"``, ``.yaml``/``.yml`` →
-    ``"trtllm"``, ``.pt`` → ``"pt"``, ``.json`` → ``"json"`` (case-insensitive)."""
+    ``"trtllm"``, ``.pt`` → ``"pt"``, ``.json`` → ``"json"`` (case-insensitive; a name
+    that is a suffix alone, ``.pt``, names that format too)."""
     name = Path(path).name.lower()
     if name.endswith((".sglang.json", ".sglang.pt")):
         return "sglang"
-    return EMIT_BY_SUFFIX.get(Path(name).suffix)
+    return EMIT_BY_SUFFIX.get(name_suffix(name))
 
 
 def dead_gpus_message(emit: str, dead: list[int], num_gpus: int, slots_per_gpu: int,
@@ -179,8 +178,9 @@ def write_placement(
     if emit == "sglang":
         num_rows = _sglang_num_rows(ids, num_model_layers)
         # SGLang's test is str.endswith, case-sensitive: it parses "init.JSON" as inline
-        # JSON text and fails at start-up on every rank
-        if path.suffix not in (".json", ".pt"):
+        # JSON text and fails at start-up on every rank (and reads a file named ".pt" itself
+        # with torch.load)
+        if not path.name.endswith((".json", ".pt")):
             raise ValueError(
                 f"SGLang reads --init-expert-location as JSON from a path ending .json and with "
                 f"torch.load from one ending .pt (lower case), and parses anything else as "
@@ -245,7 +245,7 @@ def check_emit_fits_name(emit: str, path: str | PathLike[str]) -> None:
     e.g. TensorRT-LLM's YAML (with eplb's topology comment) into ``lb.json``, which
     ``json.load`` then failed on (attacker pass), or a torch archive into ``plan.json``."""
     path = Path(path)
-    kind, fits = _PARSED_AS.get(path.suffix.lower(), ("", (emit,)))
+    kind, fits = _PARSED_AS.get(name_suffix(path), ("", (emit,)))
     if emit not in fits:
         raise ValueError(
             f"emit={emit!r} writes {_CONTENT[emit]}, but a file named {path.name!r} is read "
