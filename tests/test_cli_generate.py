@@ -11,6 +11,7 @@ import torch
 from helpers import run
 from test_cli import assert_one_line_error
 
+from eplb.core import LoadTrace
 from eplb.formats import read_loads, write_loads
 
 
@@ -45,6 +46,28 @@ def test_generate_refuses_a_format_the_name_contradicts(capsys, tmp_path, fmt, n
                        tmp_path / name, "-q", "--format", fmt)
     assert code == 2 and says in err and name in err
     assert not (tmp_path / name).exists()
+
+
+@pytest.mark.parametrize(("name", "fmt", "other"), [
+    (".pt", "pt", "npy"), (".json", "vllm-history", "pt"), (".npz", "npz", "pt"),
+    (".npy", "npy", "npz")])
+def test_a_name_that_is_a_suffix_alone_names_its_format(capsys, tmp_path, name, fmt,
+                                                        other) -> None:
+    """``--format pt -o .json`` wrote a torch archive into a file named '.json' (Python
+    reads '.json' as a stem without a suffix), and ``-o .pt`` alone said it could not
+    tell the format: such a name names its format, as ``t.json`` does (attacker pass)."""
+    path = tmp_path / name
+    code, _, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "2", "-o",
+                       path, "-q", "--format", other)
+    assert code == 2 and f"a .{other} file" in err and f"'{name}' says {name}" in err, err
+    assert not path.exists()
+    with pytest.raises(ValueError, match=f"says {name}"):  # the API alike
+        write_loads(LoadTrace(torch.ones(2, 4, 8)), path, format=other)
+    assert not path.exists()
+    code, out, err = run(capsys, "generate", "--preset", "mixtral-8x7b", "--steps", "2", "-o",
+                         path, "-q")
+    assert code == 0 and f"({fmt})" in out, (out, err)
+    assert tuple(read_loads(path).counts.shape) == (2, 32, 8)
 
 
 def test_generate_refusal_names_the_format_the_name_gives(capsys, tmp_path) -> None:

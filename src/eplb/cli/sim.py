@@ -42,6 +42,7 @@ from eplb.cli._inputs import (
 from eplb.core import LoadTrace, Placement
 from eplb.core.messages import counted
 from eplb.formats import write_loads
+from eplb.formats._files import name_suffix
 from eplb.formats.trace_writer import (
     FORMAT_BY_SUFFIX,
     SUFFIX_BY_FORMAT,
@@ -472,7 +473,8 @@ def trace_format(path: Path, fmt: str | None) -> str:
     (``*.sglang.json``: SGLang's, as ``plan -o`` reads that name).
     A ``--format`` whose container another known suffix of the name contradicts (JSON
     into ``t.npz``) is refused: other tools open the file by its name."""
-    suffix = path.suffix.lower()
+    suffix = name_suffix(path)  # ('.pt' alone names pt: it was "cannot tell the format")
+    stem = path.name[: len(path.name) - len(suffix)]
     # *.sglang.json: SGLang's, as plan -o names its SGLang output
     implied = ("sglang" if path.name.lower().endswith(".sglang.json")
                else FORMAT_BY_SUFFIX.get(suffix))
@@ -486,7 +488,7 @@ def trace_format(path: Path, fmt: str | None) -> str:
             instead = ("pass --format pt" if path.name.lower().endswith(".sglang.pt")
                        else "drop --format")
             raise CliError(f"--format {fmt} writes a {want} file, but the name {path.name!r} "
-                           f"says {suffix}: name it {path.stem}{want}, or {instead} to "
+                           f"says {suffix}: name it {stem}{want}, or {instead} to "
                            f"write {implied}")
     else:
         fmt = implied

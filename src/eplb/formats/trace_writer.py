@@ -14,7 +14,7 @@ import torch
 from eplb.core.messages import integer_runs
 from eplb.core.topology import is_name
 from eplb.core.trace import LoadTrace
-from eplb.formats._files import atomic_write, check_writable, output_file
+from eplb.formats._files import atomic_write, check_writable, name_suffix, output_file
 
 #: Formats ``write_loads`` can write (each is a ``read_loads`` format).
 TRACE_EMITS: tuple[str, ...] = ("pt", "npz", "npy", "vllm-history", "sglang")
@@ -34,12 +34,15 @@ def format_for(path: Path, format: str | None) -> str:
     here writes one), is refused: other tools open the file by its name (third attacker
     pass: a ``.safetensors`` name held a torch file that ``read_loads`` then refused; a
     ``.csv`` name held a torch zip archive, which pandas or a spreadsheet cannot open)."""
-    suffix = path.suffix.lower()
+    # a name that is a suffix alone ('.json') names that format too: format 'pt' wrote a
+    # torch archive into a file named '.json' (attacker pass)
+    suffix = name_suffix(path)
+    stem = path.name[: len(path.name) - len(suffix)]
     if suffix in UNWRITTEN_SUFFIXES:
         # the name for the format asked for, if any (``eplb generate --format npz -o t.csv``
         # was told to write t.pt; and the message names no function: the CLI shows it too)
         want = (".sglang.json" if format == "sglang" else SUFFIX_BY_FORMAT.get(format or ""))
-        name = f"{path.stem}{want}" if want else f"{path.stem}.pt (or .npz)"
+        name = f"{stem}{want}" if want else f"{stem}.pt (or .npz)"
         raise ValueError(f"load traces are written as {', '.join(TRACE_EMITS)} files, no "
                          f"{UNWRITTEN_SUFFIXES[suffix]}: name the file {name}")
     implied = ("sglang" if path.name.lower().endswith(".sglang.json") else
@@ -54,7 +57,7 @@ def format_for(path: Path, format: str | None) -> str:
         instead = ("give format 'pt'" if path.name.lower().endswith(".sglang.pt")
                    else "leave format out")
         raise ValueError(f"format {format!r} writes a {want} file, but the name "
-                         f"{path.name!r} says {suffix}: name it {path.stem}{want}, "
+                         f"{path.name!r} says {suffix}: name it {stem}{want}, "
                          f"or {instead} to write {implied}")
     return format
 
