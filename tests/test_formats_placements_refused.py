@@ -110,6 +110,21 @@ def test_trtllm_keys_that_are_not_one_layer_each_are_refused(tmp_path, keys, mes
     assert read_placement_meta(path, num_gpus=4)[1]["layer_ids"] == [3, 4]
 
 
+@pytest.mark.parametrize(("row", "message"), [
+    ("null", r"initial_global_assignments\[4\] is None, not a list of expert ids"),
+    ("7", r"initial_global_assignments\[4\] is 7, not a list of expert ids"),
+    ("[0, 1, 2]", "one length .a slot each.: layer 3 has 8 entries, layer 4 3"),
+])
+def test_a_trtllm_row_that_is_no_row_of_slots_is_named(tmp_path, row, message):
+    """A null row said 'rows must be lists of one length, found {-1}' (a length eplb made
+    up for it), and rows of two lengths named no layer (attacker pass)."""
+    path = tmp_path / "lb.yaml"
+    path.write_text("initial_global_assignments:\n  3: [0, 1, 2, 3, 0, 1, 2, 3]\n"
+                    f"  4: {row}\n")
+    with pytest.raises(FormatError, match=message):
+        read_placement(path, num_gpus=4)
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("num_experts", "abc", "num_experts must be an integer, got 'abc'"),
     ("num_experts", None, "num_experts must be an integer"),

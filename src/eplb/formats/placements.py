@@ -447,12 +447,17 @@ def _read_trtllm_doc(path, doc, text, num_gpus, num_nodes, num_groups, num_exper
     rows_by_id = dict(zip(checked, assignments.values(), strict=True))
     ids = sorted(checked)
     num_slots = doc.get("num_slots")
-    lengths = {len(v) if isinstance(v, list) else -1 for v in rows_by_id.values()}
-    if len(lengths) != 1 or -1 in lengths:
-        raise FormatError(
-            path, f"initial_global_assignments rows must be lists of one length, found {lengths}"
-        )
-    width = lengths.pop()
+    # each row named by its layer (a null row read "lists of one length, found {-1}")
+    for i in ids:
+        if not isinstance(rows_by_id[i], list):
+            raise FormatError(path, f"initial_global_assignments[{i}] is "
+                                    f"{shown(rows_by_id[i])}, not a list of expert ids")
+    width = len(rows_by_id[ids[0]])
+    for i in ids:
+        if len(rows_by_id[i]) != width:
+            raise FormatError(path, f"initial_global_assignments rows must have one length "
+                                    f"(a slot each): layer {ids[0]} has {width} entries, "
+                                    f"layer {i} {len(rows_by_id[i])}")
     if num_slots is not None and (type(num_slots) is not int or num_slots <= 0):
         # TensorRT-LLM's MoeLoadBalancerConfig types it int (YAML's 2.0 is a float)
         raise FormatError(path, f"num_slots must be a positive integer, got {shown(num_slots)}")
