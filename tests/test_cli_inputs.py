@@ -323,6 +323,19 @@ def test_finite_loads_that_overflow_when_summed_are_named_as_such(capsys, tmp_pa
                       "scale them down")
 
 
+def test_a_number_beyond_float64_is_not_called_inf_alone(capsys, tmp_path) -> None:
+    # a 5,000-digit count (CSV) or JSON's 1e400 reads as inf: the error said "is inf", a
+    # value the file does not hold (attacker pass); now it names the overflow as a cause
+    big = tmp_path / "big.csv"
+    big.write_text(",".join(["1"] * (E - 1) + ["9" * 5000]) + "\n")
+    huge = tmp_path / "huge.json"
+    huge.write_text("[[" + ", ".join(["1"] * (E - 1) + ["1e400"]) + "]]")
+    for path in (big, huge):
+        code, _, err = run(capsys, *plan_args(path, tmp_path))
+        assert_user_error(code, err, f"expert {E - 1}) is inf (infinite, or a number too "
+                          "large for a 64-bit float in the input)", "finite")
+
+
 def test_a_ragged_placement_names_its_rows(capsys, tmp_path) -> None:
     import eplb
     from eplb.formats import write_placement

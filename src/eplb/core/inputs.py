@@ -261,7 +261,12 @@ def check_loads(tensor: torch.Tensor, name: str) -> None:
         axes = _LOAD_AXES.get(len(bad))
         where = "" if axes is None else " (" + ", ".join(
             f"{axis} {i}" for axis, i in zip(axes, bad, strict=True)) + ")"
-        raise ValueError(f"{name}[{index}]{where} is {float(tensor[bad])}; loads must be "
+        value = float(tensor[bad])
+        # a number beyond float64's range reads as inf (a 5,000-digit count, JSON's 1e400):
+        # "is inf" alone named a value the file does not hold (attacker pass)
+        beyond = (" (infinite, or a number too large for a 64-bit float in the input)"
+                  if math.isinf(value) else "")
+        raise ValueError(f"{name}[{index}]{where} is {value}{beyond}; loads must be "
                          "finite and >= 0")
 
 
