@@ -304,3 +304,17 @@ def test_read_placement_refuses_a_gpu_count_that_is_no_integer(tmp_path, num_gpu
         with pytest.raises(ValueError, match="num_gpus must be a positive integer"):
             read_placement(path, num_gpus=num_gpus)
     assert read_placement(tmp_path / "p.json", num_gpus=np.int64(4)).topology.num_gpus == 4
+
+
+@pytest.mark.parametrize("table", [[], [[]], [[], []]])
+def test_an_empty_placement_table_is_called_empty(tmp_path, table):
+    # it read "must be integer [layers][slots]; found torch.float32 (0,)", a type mistake
+    # the file does not make (attacker pass)
+    own = tmp_path / "own.json"
+    write_placement(make_placement(0, 2, 8, 4, 3)[0], own)
+    for key, extra in (("physical_to_logical_map", {}),
+                       ("phy2log", json.loads(own.read_text()))):
+        path = tmp_path / f"{key}.json"
+        path.write_text(json.dumps({**extra, key: table}))
+        with pytest.raises(FormatError, match=re.escape(f"{key} is empty")):
+            read_placement(path, num_gpus=4)

@@ -218,7 +218,11 @@ def _int_rows(path: Path, value: Any, what: str) -> torch.Tensor:
         if detail:
             raise FormatError(path, f"{what} is not a rectangular [layers][slots] table: "
                                     f"{detail}")
-    if (rows.dim() != 2 or rows.numel() == 0 or rows.is_floating_point() or rows.is_complex()
+    if rows.numel() == 0:  # ("must be integer ...; found torch.float32 (0,)" read as a type
+        # mistake: attacker pass)
+        raise FormatError(path, f"{what} is empty ({tuple(rows.shape)}); expected a "
+                                "[layers][slots] table of expert ids")
+    if (rows.dim() != 2 or rows.is_floating_point() or rows.is_complex()
             or rows.dtype == torch.bool):  # complex: the cast to int64 drops its parts
         raise FormatError(
             path, f"{what} must be integer [layers][slots]; found {rows.dtype} {tuple(rows.shape)}"
