@@ -150,3 +150,15 @@ def test_vllm_plugins_with_spaces_is_named_as_such(vllm, monkeypatch):
     assert not ready
     assert vllm.policy.EPLB_POLICIES["default"].__module__ != "eplb.integrations.vllm"
     assert any("without spaces" in line and "remove the spaces" in line for line in said), said
+
+
+@pytest.mark.parametrize("name", [plugin.ENV_VAR, "VLLM_PLUGINS"])
+def test_a_huge_setting_is_quoted_shortened_as_register_quotes_it(vllm, monkeypatch, name):
+    # a 100,000-character switch or VLLM_PLUGINS was printed whole: one 100 KB line
+    # (register()'s warning already shortened it; attacker pass)
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setenv(name, "x" * 100_000)
+    ready, said = _check()
+    assert not ready
+    (line,) = [line for line in said if line.startswith("problem") and f"{name}=" in line]
+    assert len(line) < 600 and "(100000 characters)" in line, line[:300]

@@ -44,6 +44,7 @@ from eplb.integrations.vllm_settings import (
     options_from_env,
     setting,
 )
+from eplb.online.settings import quoted_setting
 
 #: the entry point vLLM's plugin loader runs (``pyproject.toml``)
 ENTRY_POINT = "eplb.integrations.vllm:register"
@@ -73,7 +74,9 @@ def check(say: Callable[[str], Any] = print) -> bool:
     if allowed is not None and "eplb" not in allowed.split(","):
         # vLLM splits it on commas and matches the names exactly, spaces included
         spaced = "eplb" in (n.strip() for n in allowed.split(","))
-        say(f"problem: VLLM_PLUGINS={allowed!r} does not name 'eplb'"
+        # (quoted_setting, as register()'s warning: a 100,000-character value was printed
+        # whole, one line of 100 KB; attacker pass)
+        say(f"problem: VLLM_PLUGINS={quoted_setting(allowed)} does not name 'eplb'"
             f"{' without spaces (vLLM keeps them)' if spaced else ''}, so vLLM loads no "
             f"eplb: {'remove the spaces' if spaced else 'add it'}, or unset VLLM_PLUGINS")
         ready = False
@@ -88,12 +91,13 @@ def check(say: Callable[[str], Any] = print) -> bool:
         mode = ""
     elif mode in SWITCH_OFF:
         # a value that means off is named as set (it said "not set" for =off)
-        which = f"{name}={raw!r} turns the plugin off" if mode else f"{ENV_VAR} is not set"
+        which = (f"{name}={quoted_setting(raw)} turns the plugin off" if mode
+                 else f"{ENV_VAR} is not set")
         say(f"problem: {which}, so vLLM keeps its own policy: export {ENV_VAR}=eplb")
         ready = False
     elif mode not in SWITCH_REPLACE | SWITCH_REGISTER:
-        say(f"problem: {name}={raw!r} is not a switch value: use 'eplb' (replace vLLM's "
-            "default policy) or 'register' (add policy 'eplb' only)")
+        say(f"problem: {name}={quoted_setting(raw)} is not a switch value: use 'eplb' "
+            "(replace vLLM's default policy) or 'register' (add policy 'eplb' only)")
         ready = False
     else:
         what = ("replaces vLLM's default EPLB policy" if mode in SWITCH_REPLACE
