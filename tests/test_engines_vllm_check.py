@@ -162,3 +162,13 @@ def test_a_huge_setting_is_quoted_shortened_as_register_quotes_it(vllm, monkeypa
     assert not ready
     (line,) = [line for line in said if line.startswith("problem") and f"{name}=" in line]
     assert len(line) < 600 and "(100000 characters)" in line, line[:300]
+
+
+def test_a_registry_that_is_no_dict_is_a_problem_not_a_traceback(vllm, monkeypatch):
+    # a vLLM whose EPLB_POLICIES is no mapping: the check's registry.get raised
+    # AttributeError out of `python -m eplb.integrations.vllm` (attacker pass)
+    monkeypatch.setenv(plugin.ENV_VAR, "eplb")
+    monkeypatch.setattr(vllm.policy, "EPLB_POLICIES", None)
+    ready, said = _check()
+    assert not ready
+    assert said[-1].startswith("problem: vLLM") and "EPLB_POLICIES is a NoneType" in said[-1]

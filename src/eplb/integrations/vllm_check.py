@@ -29,7 +29,7 @@ import json
 import os
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from eplb._version import __version__
@@ -144,6 +144,12 @@ def _through_vllm(mode: str, say: Callable[[str], Any]) -> bool:
     except Exception as exc:  # a broken or too old vLLM: say so, do not crash the check
         say(f"problem: vLLM {version} could not load its plugins or EPLB policies "
             f"({type(exc).__name__}: {exc}); eplb supports vLLM 0.33 and 0.34")
+        return False
+    if not isinstance(registry, Mapping):
+        # another vLLM's layout: register() writes into it inside its own try and logs why
+        # it failed; here a .get on it raised a traceback out of the check (attacker pass)
+        say(f"problem: vLLM {version}'s EPLB_POLICIES is a {type(registry).__name__}, not "
+            "the dict of policy classes eplb installs into; eplb supports vLLM 0.33 and 0.34")
         return False
     name = "eplb" if mode in SWITCH_REGISTER else "default"
     chosen = registry.get(name)
