@@ -130,7 +130,8 @@ def test_switch_names_that_disagree_are_a_problem_not_a_traceback(vllm, monkeypa
 
 @pytest.mark.parametrize(("name", "value"), [(plugin.ENV_VAR, "off"),
                                            (plugin.ENV_VAR, "0"),
-                                           (plugin.LEGACY_ENV_VAR, "false")])
+                                           (plugin.LEGACY_ENV_VAR, "false"),
+                                           (plugin.ENV_VAR, "   ")])  # blanks: set, off
 def test_a_switch_set_off_is_named_as_set_not_as_missing(vllm, monkeypatch, name, value):
     # the check said "VLLM_EPLB_POLICY is not set" for VLLM_EPLB_POLICY=off, and for the
     # old name set off: the user who set it looked for a variable that was there

@@ -91,7 +91,8 @@ def check(say: Callable[[str], Any] = print) -> bool:
         mode = ""
     elif mode in SWITCH_OFF:
         # a value that means off is named as set (it said "not set" for =off)
-        which = (f"{name}={quoted_setting(raw)} turns the plugin off" if mode
+        # (a value of blanks is set, and means off as an empty one: it said "not set")
+        which = (f"{name}={quoted_setting(raw)} turns the plugin off" if raw
                  else f"{ENV_VAR} is not set")
         say(f"problem: {which}, so vLLM keeps its own policy: export {ENV_VAR}=eplb")
         ready = False
