@@ -370,3 +370,39 @@ def test_a_routing_trace_of_the_moe_rows_pairs_with_a_dumps_loaded_rows(tmp_path
                        str(tmp_path / "x.json"))
     assert code == 2 and "Traceback" not in err
     assert "has 3 layers, the loads 6" in err
+
+
+def _dump_and_moe_trace(tmp_path: Path) -> tuple[Path, Path, np.ndarray]:
+    """``(dump, trace, ids)``: an SGLang dump of 2 all-zero dense rows and 3 MoE rows of
+    ``E`` experts, and a top-k trace of the 3 MoE rows (``ids [200, 3, 2]``)."""
+    ids = torch.rand(200, 3, E, generator=torch.Generator().manual_seed(2)).argsort(2)[..., :2]
+    counts = torch.zeros(5, E)
+    for layer in range(3):
+        counts[2 + layer] = torch.bincount(ids[:, layer].flatten(), minlength=E).float()
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"logical_count": counts.tolist()}))
+    trace = tmp_path / "trace.npz"
+    np.savez(trace, topk_ids=ids.numpy())
+    return dump, trace, ids.numpy()
+
+
+def test_a_refused_moe_rows_trace_is_one_line_with_no_pairing_note(capsys, tmp_path) -> None:
+    # attacker pass: the note on pairing a trace of the MoE rows with a dump's loaded rows
+    # came before the refusal of the plan's policy or of the trace itself (two lines)
+    dump, trace, ids = _dump_and_moe_trace(tmp_path)
+    topo = ["-g", "4", "--nodes", "2", "--groups", "4", "--dispatch", "nearest"]
+    beyond = tmp_path / "beyond.npz"
+    wide = ids.copy()
+    wide[0, 1, 0] = E  # an expert the loads do not have
+    np.savez(beyond, topk_ids=wide)
+    out = str(tmp_path / "p.json")
+    for extra, needle in ((["--policy", "global", "--routing", str(trace)], "this plan is global"),
+                          (["--policy", "locality", "--routing", str(beyond)], f"expert {E}")):
+        code, _, err = run(capsys, "plan", str(dump), "-r", "20", *topo, *extra, "-o", out)
+        assert_user_error(code, err, needle)
+    code, _, err = run(capsys, "plan", str(dump), "-r", "20", *topo, "--policy", "locality",
+                       "--routing", str(trace), "-o", out)
+    assert code == 0 and "its 3 layers are the loads' 3 rows that carry load" in err, err
+    code, _, err = run(capsys, "eval", "--placement", out, str(dump), *topo,
+                       "--routing", str(beyond))
+    assert_user_error(code, err, "beyond the placement's")

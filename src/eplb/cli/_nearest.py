@@ -48,8 +48,9 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
         options["slack"] = args.slack
     routing = read_routing_flag(args)
     if routing is not None:
+        note = None
         if routing.shape[1] != num_rows and loaded is not None:
-            routing = pad_dense_rows(routing, loaded, args.routing)
+            routing, note = pad_dense_rows(routing, loaded, args.routing)
         if routing.shape[1] != num_rows:
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the loads "
                            f"{num_rows}")
@@ -58,17 +59,22 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
                            f"the loads' {num_experts} experts (for a routing trace as LOADS, "
                            "give the model's count with --num-experts E)")
         distinct_rows(routing, args)
+        if note:  # once the trace is taken: a refusal stays one line (attacker pass)
+            info(note)
         options["routing"] = routing if rows is None else routing[:, rows]
     return options
 
 
-def pad_dense_rows(routing: torch.Tensor, loaded: torch.Tensor, name: str) -> torch.Tensor:
+def pad_dense_rows(routing: torch.Tensor, loaded: torch.Tensor, name: str
+                   ) -> tuple[torch.Tensor, str | None]:
     """``routing [T, n, k]`` laid over the loads' rows, where its ``n`` layers are as many
     as the rows that carry load (``loaded [L]`` bool, ``n < L``) and the other rows are all
     zero: an SGLang dump's dense layers, which a top-k trace of the MoE layers leaves out.
     The trace's layers go to the loaded rows in order, the all-zero rows get padding
-    (``-1``: no token), and a note says so. Returns ``[T, L, k]``, or ``routing`` itself
-    where the counts differ (the caller then says what does not fit).
+    (``-1``: no token). Returns ``[T, L, k]`` and the note that says so, or ``routing``
+    itself and ``None`` where the counts differ (the caller then says what does not fit).
+    The caller prints the note once its checks of the trace pass: before a refusal it made
+    the error two lines (attacker pass).
 
     New-user passes: a 58-layer trace beside a DeepSeek-V3 dump's 61 rows could only be
     used by writing the MoE rows out in Python first; with the padding every MoE row is
@@ -77,15 +83,14 @@ def pad_dense_rows(routing: torch.Tensor, loaded: torch.Tensor, name: str) -> to
     num_rows = loaded.shape[0]
     rows = loaded.nonzero().flatten()
     if not 0 < len(rows) == routing.shape[1] < num_rows:
-        return routing
+        return routing, None
     full = routing.new_full((routing.shape[0], num_rows, routing.shape[2]), -1)
     full[:, rows] = routing
     dense = (~loaded).nonzero().flatten().tolist()
-    info(f"--routing {name}: its {len(rows)} layers are the loads' {len(rows)} rows that carry "
-         f"load (rows {integer_runs(rows.tolist())}), in order; the {len(dense)} all-zero "
-         f"row{'s' if len(dense) > 1 else ''} ({integer_runs(dense)}, as an SGLang dump's "
-         f"dense layers) get no tokens")
-    return full
+    return full, (f"--routing {name}: its {len(rows)} layers are the loads' {len(rows)} rows "
+                  f"that carry load (rows {integer_runs(rows.tolist())}), in order; the "
+                  f"{len(dense)} all-zero row{'s' if len(dense) > 1 else ''} "
+                  f"({integer_runs(dense)}, as an SGLang dump's dense layers) get no tokens")
 
 
 def plan_nearest(args: argparse.Namespace, policy: str, emit: str, options: dict,

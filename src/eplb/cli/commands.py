@@ -221,9 +221,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
                  "equal GPUs (--previous plans for equal GPUs: plan without --previous, "
                  "with --gpu-speed, for a fresh plan in time)")
     warn_idle_engine_rows(emit, trace, weight, layer_ids, loads)
-    # the loads' rows with load, all of them (weight may be the rows --previous covers)
-    loaded = None if args.routing is None else trace.total().sum(1) > 0
-    options.update(dispatch_options(args, trace.num_layers, num_experts, kept_rows, loaded))
     if args.max_moves is not None:  # (with --previous: _refuse_flag_mistakes)
         options["max_moves"] = args.max_moves
     if args.move_price is not None:  # (with --previous: _refuse_flag_mistakes)
@@ -234,8 +231,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     dead = active is not None and not bool(active.all())
     policy = cli_policy(args.policy, args.replicas, args.gpus, args.nodes, args.groups,
                         num_experts, dead=dead, speeds=speed is not None)
-    if options.get("dispatch") == "nearest":  # refused by the API in its keywords' names
+    if args.dispatch == "nearest":  # refused by the API in its keywords' names
         check_nearest_flags(args, policy, num_experts, num_layers, dead)
+    # the loads' rows with load, all of them (weight may be the rows --previous covers);
+    # read after the flags' checks, so a note on the trace never comes before their refusal
+    loaded = None if args.routing is None else trace.total().sum(1) > 0
+    options.update(dispatch_options(args, trace.num_layers, num_experts, kept_rows, loaded))
     if options.get("dispatch") == "nearest" and args.policy == "auto" and policy == "hierarchical":
         warn("--policy auto plans hierarchically (groups on several nodes), which keeps each "
              "group on one node but balances far worse under --dispatch nearest than "

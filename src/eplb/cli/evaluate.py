@@ -412,12 +412,13 @@ def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torc
            "balancedness_even_split": placement.balancedness(weight)}
     routing = read_routing_flag(args)
     if routing is not None:
+        note = None
         if keep is not None and routing.shape[1] == num_rows:
             routing = routing[:, keep]  # the loads' layers, paired as plan pairs them
         if keep is None and routing.shape[1] != num_rows:
             # a trace of the MoE rows beside an SGLang dump and file (61 rows, 3 dense):
             # its layers go to the rows with load, as plan pairs them
-            routing = pad_dense_rows(routing, weight.sum(1) > 0, args.routing)
+            routing, note = pad_dense_rows(routing, weight.sum(1) > 0, args.routing)
         if routing.shape[1] != placement.num_layers:
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the "
                            f"loads {num_rows}"
@@ -426,6 +427,8 @@ def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torc
             raise CliError(f"--routing {args.routing} names experts beyond the placement's "
                            f"{placement.num_experts}")
         distinct_rows(routing, args)
+        if note:  # once the trace is taken: a refusal stays one line (attacker pass)
+            info(note)
         remote = remote_nodes_per_token(placement.phy2log, routing, placement.num_experts,
                                         topo.num_gpus, topo.num_nodes, active_gpus=active)
         out["remote_nodes_per_token"] = routed_layers_mean(remote, routing)
