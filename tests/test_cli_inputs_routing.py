@@ -406,3 +406,39 @@ def test_a_refused_moe_rows_trace_is_one_line_with_no_pairing_note(capsys, tmp_p
     code, _, err = run(capsys, "eval", "--placement", out, str(dump), *topo,
                        "--routing", str(beyond))
     assert_user_error(code, err, "beyond the placement's")
+
+
+def test_a_repeated_id_is_named_by_the_routing_file_s_own_layer(capsys, tmp_path) -> None:
+    # attacker pass: a trace of the MoE rows, padded to the dump's rows, named its repeated
+    # id by the padded index ("layer 3" for the file's layer 1); eval also cut a trace of
+    # every row to the placement's rows first
+    dump, trace, ids = _dump_and_moe_trace(tmp_path)
+    topo = ["-g", "4", "--nodes", "2", "--groups", "4", "--dispatch", "nearest"]
+    out = str(tmp_path / "p.json")
+    code, _, err = run(capsys, "plan", str(dump), "-r", "20", *topo, "--policy", "locality",
+                       "--routing", str(trace), "-o", out)
+    assert code == 0, err
+    twice = tmp_path / "twice.npz"
+    bad = ids.copy()
+    bad[0, 1, 1] = bad[0, 1, 0]
+    np.savez(twice, topk_ids=bad)
+    code, _, err = run(capsys, "plan", str(dump), "-r", "20", *topo, "--policy", "locality",
+                       "--routing", str(twice), "-o", out, "--force")
+    assert_user_error(code, err, "token 0 names an expert twice in layer 1 ")
+    code, _, err = run(capsys, "eval", "--placement", out, str(dump), *topo,
+                       "--routing", str(twice))
+    assert_user_error(code, err, "token 0 names an expert twice in layer 1 ")
+    # a trace of every row beside a placement of the MoE rows (eval's cut)
+    moe = tmp_path / "moe.json"
+    read = read_loads(dump)
+    moe_loads = tmp_path / "moe.npz"
+    write_loads(LoadTrace(read.counts[:, 2:], read.layer_ids[2:]), moe_loads)
+    code, _, err = run(capsys, "plan", str(moe_loads), "-r", "20", *topo, "-o", str(moe))
+    assert code == 0, err
+    every = tmp_path / "every.npz"
+    np.savez(every, topk_ids=np.concatenate([ids[:, :2], bad], 1))  # 5 layers; 3 repeats
+    code, _, err = run(capsys, "eval", "--placement", str(moe), str(dump), *topo,
+                       "--routing", str(every))
+    # (after the warning that rows 0..1 are left out, which rows_of_loads gives on reading)
+    assert code == 2 and "Traceback" not in err
+    assert "token 0 names an expert twice in layer 3 " in err.splitlines()[-1], err

@@ -48,7 +48,7 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
         options["slack"] = args.slack
     routing = read_routing_flag(args)
     if routing is not None:
-        note = None
+        note, read = None, routing
         if routing.shape[1] != num_rows and loaded is not None:
             routing, note = pad_dense_rows(routing, loaded, args.routing)
         if routing.shape[1] != num_rows:
@@ -58,7 +58,9 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
             raise CliError(f"--routing {args.routing} names expert {int(routing.max())}, beyond "
                            f"the loads' {num_experts} experts (for a routing trace as LOADS, "
                            "give the model's count with --num-experts E)")
-        distinct_rows(routing, args)
+        # on the trace as read: its message names a layer of the file, where the padded
+        # trace's index was the loads' row (attacker pass: "layer 8" for the file's 5)
+        distinct_rows(read, args)
         if note:  # once the trace is taken: a refusal stays one line (attacker pass)
             info(note)
         options["routing"] = routing if rows is None else routing[:, rows]

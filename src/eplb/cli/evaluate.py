@@ -412,7 +412,7 @@ def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torc
            "balancedness_even_split": placement.balancedness(weight)}
     routing = read_routing_flag(args)
     if routing is not None:
-        note = None
+        note, read = None, routing
         if keep is not None and routing.shape[1] == num_rows:
             routing = routing[:, keep]  # the loads' layers, paired as plan pairs them
         if keep is None and routing.shape[1] != num_rows:
@@ -426,7 +426,9 @@ def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torc
         if int(routing.max()) >= placement.num_experts:
             raise CliError(f"--routing {args.routing} names experts beyond the placement's "
                            f"{placement.num_experts}")
-        distinct_rows(routing, args)
+        # on the trace as read: its message names a layer of the file, where the cut or
+        # padded trace's index was the placement's row (attacker pass)
+        distinct_rows(read, args)
         if note:  # once the trace is taken: a refusal stays one line (attacker pass)
             info(note)
         remote = remote_nodes_per_token(placement.phy2log, routing, placement.num_experts,
