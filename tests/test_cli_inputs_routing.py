@@ -442,3 +442,25 @@ def test_a_repeated_id_is_named_by_the_routing_file_s_own_layer(capsys, tmp_path
     # (after the warning that rows 0..1 are left out, which rows_of_loads gives on reading)
     assert code == 2 and "Traceback" not in err
     assert "token 0 names an expert twice in layer 3 " in err.splitlines()[-1], err
+
+
+def test_a_trace_that_fits_no_rows_hears_how_many_carry_load(capsys, tmp_path) -> None:
+    # attacker pass: a MoE row idle in the steps --step-range keeps leaves fewer rows with
+    # load than the trace of the MoE rows has layers; the refusal read "has 3 layers, the
+    # loads 5" alone, where the rows with load say why
+    dump, trace, _ = _dump_and_moe_trace(tmp_path)
+    counts = read_loads(dump).counts.repeat(2, 1, 1)
+    counts[1, 3] = 0  # MoE row 3 idle in the second step
+    steps = tmp_path / "steps.npz"
+    write_loads(LoadTrace(counts, list(range(5))), steps)
+    topo = ["-g", "4", "--nodes", "2", "--groups", "4", "--dispatch", "nearest"]
+    out = str(tmp_path / "p.json")
+    code, _, err = run(capsys, "plan", str(steps), "-r", "20", *topo, "--policy", "locality",
+                       "--routing", str(trace), "-o", out)
+    assert code == 0, err  # both steps: the 3 MoE rows carry load
+    picked = ["--step-range", "1:2", "--routing", str(trace)]
+    code, _, err = run(capsys, "plan", str(steps), "-r", "20", *topo, "--policy", "locality",
+                       *picked, "-o", str(tmp_path / "q.json"))
+    assert_user_error(code, err, "has 3 layers, the loads 5, of which 2 carry load (rows 2, 4)")
+    code, _, err = run(capsys, "eval", "--placement", out, str(steps), *topo, *picked)
+    assert_user_error(code, err, "has 3 layers, the loads 5, of which 2 carry load (rows 2, 4)")

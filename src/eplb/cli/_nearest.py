@@ -53,7 +53,7 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
             routing, note = pad_dense_rows(routing, loaded, args.routing)
         if routing.shape[1] != num_rows:
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the loads "
-                           f"{num_rows}")
+                           f"{num_rows}{loaded_rows_hint(loaded)}")
         if int(routing.max()) >= num_experts:
             raise CliError(f"--routing {args.routing} names expert {int(routing.max())}, beyond "
                            f"the loads' {num_experts} experts (for a routing trace as LOADS, "
@@ -65,6 +65,19 @@ def dispatch_options(args: argparse.Namespace, num_rows: int, num_experts: int,
             info(note)
         options["routing"] = routing if rows is None else routing[:, rows]
     return options
+
+
+def loaded_rows_hint(loaded: torch.Tensor | None) -> str:
+    """What a refusal of a routing trace's layer count adds where some of the loads' rows
+    are all zero (``loaded [L]`` bool, the rows with load): how many carry load, and which,
+    since a trace of those alone is taken too (attacker pass: a MoE row idle in the steps
+    of --step-range left 57 of a dump's 61 rows with load, and a 58-layer trace of its MoE
+    rows read only "has 58 layers, the loads 61"). "" where every row carries load."""
+    if loaded is None or bool(loaded.all()):
+        return ""
+    rows = loaded.nonzero().flatten().tolist()
+    return (f", of which {len(rows)} carry load (rows {integer_runs(rows) or 'none'}): a "
+            "trace has a layer for each row, or for each row with load")
 
 
 def pad_dense_rows(routing: torch.Tensor, loaded: torch.Tensor, name: str

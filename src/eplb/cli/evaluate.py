@@ -30,6 +30,7 @@ from eplb.cli._inputs import (
 )
 from eplb.cli._nearest import (
     distinct_rows,
+    loaded_rows_hint,
     pad_dense_rows,
     read_routing_flag,
     routed_layers_mean,
@@ -422,7 +423,8 @@ def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torc
         if routing.shape[1] != placement.num_layers:
             raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the "
                            f"loads {num_rows}"
-                           + (f" (the placement {placement.num_layers})" if keep else ""))
+                           + (f" (the placement {placement.num_layers})" if keep else
+                              loaded_rows_hint(weight.sum(1) > 0)))
         if int(routing.max()) >= placement.num_experts:
             raise CliError(f"--routing {args.routing} names experts beyond the placement's "
                            f"{placement.num_experts}")
