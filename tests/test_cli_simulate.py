@@ -307,6 +307,13 @@ def test_simulate_cadence_gives_an_engines_window_and_interval(capsys, tmp_path)
     assert code == 2
     assert_one_line_error(err)
     assert "--cadence sglang and --protocol adrs each name a cadence" in err
+    # a trace too short for the cadence is refused in one line, before the warnings on the
+    # cluster and dispatch (attacker pass: the one-node warning came first)
+    code, _, err = run(capsys, "simulate", str(path), "-r", "16", "-g", "8", "--cadence",
+                       "vllm", "--step-range", ":5000", "--dispatch", "nearest")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "keeps 5000 steps" in err and "needs at least 6000" in err
 
 
 def test_simulate_refuses_planner_flags_with_planner_none(capsys, trace_file) -> None:

@@ -237,6 +237,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_topology(replicas, gpus, args.nodes, args.groups, trace.num_experts,
                    trace.num_layers)
     initial = initial_placement(args, trace, replicas, gpus)
+    # before the warnings on the cluster and dispatch: a refusal stays one line (attacker
+    # pass: --cadence vllm's 6000 steps refused a short trace after the one-node warning)
+    needed = max(2 * args.window, interval + (score_window or interval))
+    if trace.num_steps < needed:
+        have = counted(trace.num_steps, "step")
+        where = (f"--step-range {args.step_range} keeps {have} of {args.trace}"
+                 if getattr(args, "step_range", None) is not None
+                 else f"{args.trace} has {have}")
+        raise CliError(f"{where}; the simulation needs at "
+                       f"least {needed}: the first rebalance comes after --interval {interval} "
+                       f"steps and is scored on the {score_window or interval} after it, and "
+                       f"the steps must hold two windows (2 × --window {args.window})"
+                       + (f"; a top-k routing trace is one step per array unless "
+                          f"--tokens-per-step N cuts it (it holds "
+                          f"{sum(trace.meta.get('step_tokens', ()))} tokens)"
+                          if trace.format == "topk" and args.tokens_per_step is None else ""))
     # as plan and bench: --nodes/--groups that cannot be honoured warn once, by flag
     policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
                         trace.num_experts)
@@ -252,20 +268,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         warn("--policy auto plans hierarchically (groups on several nodes), which balances "
              "far worse under --dispatch nearest than --policy global: pass --policy global "
              "for balance, or --policy hierarchical to keep the groups together")
-    needed = max(2 * args.window, interval + (score_window or interval))
-    if trace.num_steps < needed:
-        have = counted(trace.num_steps, "step")
-        where = (f"--step-range {args.step_range} keeps {have} of {args.trace}"
-                 if getattr(args, "step_range", None) is not None
-                 else f"{args.trace} has {have}")
-        raise CliError(f"{where}; the simulation needs at "
-                       f"least {needed}: the first rebalance comes after --interval {interval} "
-                       f"steps and is scored on the {score_window or interval} after it, and "
-                       f"the steps must hold two windows (2 × --window {args.window})"
-                       + (f"; a top-k routing trace is one step per array unless "
-                          f"--tokens-per-step N cuts it (it holds "
-                          f"{sum(trace.meta.get('step_tokens', ()))} tokens)"
-                          if trace.format == "topk" and args.tokens_per_step is None else ""))
     warn_guessed_experts(trace)  # (once the replay will run: a refusal stays one line)
     planners = [args.planner]
     if args.compare:
