@@ -464,3 +464,35 @@ def test_a_trace_that_fits_no_rows_hears_how_many_carry_load(capsys, tmp_path) -
     assert_user_error(code, err, "has 3 layers, the loads 5, of which 2 carry load (rows 2, 4)")
     code, _, err = run(capsys, "eval", "--placement", out, str(steps), *topo, *picked)
     assert_user_error(code, err, "has 3 layers, the loads 5, of which 2 carry load (rows 2, 4)")
+
+
+def test_eval_pairs_a_moe_rows_trace_where_the_placement_covers_some_rows(tmp_path, capsys):
+    """A placement of rows 1..5 (one dense row and the 4 MoE rows) scored on a dump of 6
+    rows (2 dense) with a trace of the 4 MoE layers: eval pads the trace over the loaded
+    rows and cuts it to the placement's, as plan --previous does (a review pass found eval
+    refused it, "(the placement 5)"); the figure equals the trace padded by hand."""
+    _, w = skewed_loads_json(tmp_path, 4, 64, seed=3)
+    rng = np.random.default_rng(0)
+    p = (w / w.sum(1, keepdim=True)).numpy()
+    ids = np.stack([np.stack([rng.choice(64, 4, replace=False, p=p[layer])
+                              for layer in range(4)]) for _ in range(300)]).astype(np.int32)
+    routing, by_hand = tmp_path / "trace.npz", tmp_path / "trace5.npz"
+    np.savez(routing, task_topk_ids=ids)
+    np.savez(by_hand, task_topk_ids=np.concatenate([np.full((300, 1, 4), -1, np.int32), ids],
+                                                   axis=1))
+    dump = tmp_path / "dump.json"
+    dump.write_text(json.dumps({"logical_count": torch.cat([torch.zeros(2, 64), w]).tolist()}))
+    part = tmp_path / "part.npz"
+    write_loads(LoadTrace(torch.cat([torch.zeros(1, 64), w])[None], [1, 2, 3, 4, 5]), part)
+    placed = tmp_path / "part.json"
+    code, _, err = run(capsys, "plan", str(part), "-r", "96", "-g", "16", "--nodes", "4",
+                       "-o", str(placed))
+    assert code == 0, err
+    scored = ["eval", "--placement", str(placed), str(dump), "--dispatch", "nearest", "--json"]
+    figures = []
+    for trace in (routing, by_hand):
+        code, out, err = run(capsys, *scored, "--routing", str(trace))
+        assert code == 0, err
+        figures.append(json.loads(out)["remote_nodes_per_token"])
+    assert figures[0] == figures[1] > 0
+

@@ -196,7 +196,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       f"SGLang's runtime rebalancing table (one stream, eplb's model): "
                       f"{runtime:.4f}"))
     elif args.dispatch == "nearest":
-        nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep)
+        nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep,
+                                  trace.total().sum(1) > 0)
         after_loads = nearest.pop("gpu_loads")
     speed = eval_gpu_speed(args.gpu_speed, meta, topo.num_gpus, args.placement)
     if speed is not None and args.dispatch == "nearest":
@@ -393,10 +394,11 @@ def _in_force(args: argparse.Namespace, previous: Placement, placement: Placemen
 
 
 def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torch.Tensor,
-                    num_rows: int, keep: list[int] | None) -> dict:
+                    num_rows: int, keep: list[int] | None, loaded: torch.Tensor) -> dict:
     """Realised GPU loads under the nearest rule, and remote nodes per token. The routing
     trace has the loads file's ``num_rows`` layers, as in ``plan`` (``keep``: the rows the
-    placement has), or the placement's."""
+    placement has), those of its rows with load (``loaded [num_rows]`` bool), or the
+    placement's."""
     topo = placement.topology
     if topo.num_nodes <= 1:
         # reached with --routing only: on one node eval scores the rule without it (new-user
@@ -414,17 +416,18 @@ def _nearest_scores(args: argparse.Namespace, placement: Placement, weight: torc
     routing = read_routing_flag(args)
     if routing is not None:
         note, read = None, routing
+        if routing.shape[1] != num_rows:
+            # a trace of the MoE rows beside an SGLang dump (61 rows, 3 dense): its layers
+            # go to the rows with load, as plan pairs them (also where the placement covers
+            # some rows only: a review found plan --previous took it there and eval not)
+            routing, note = pad_dense_rows(routing, loaded, args.routing)
         if keep is not None and routing.shape[1] == num_rows:
             routing = routing[:, keep]  # the loads' layers, paired as plan pairs them
-        if keep is None and routing.shape[1] != num_rows:
-            # a trace of the MoE rows beside an SGLang dump and file (61 rows, 3 dense):
-            # its layers go to the rows with load, as plan pairs them
-            routing, note = pad_dense_rows(routing, weight.sum(1) > 0, args.routing)
         if routing.shape[1] != placement.num_layers:
-            raise CliError(f"--routing {args.routing} has {routing.shape[1]} layers, the "
+            raise CliError(f"--routing {args.routing} has {read.shape[1]} layers, the "
                            f"loads {num_rows}"
                            + (f" (the placement {placement.num_layers})" if keep else
-                              loaded_rows_hint(weight.sum(1) > 0)))
+                              loaded_rows_hint(loaded)))
         if int(routing.max()) >= placement.num_experts:
             raise CliError(f"--routing {args.routing} names experts beyond the placement's "
                            f"{placement.num_experts}")
