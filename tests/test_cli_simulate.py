@@ -303,6 +303,12 @@ def test_simulate_cadence_gives_an_engines_window_and_interval(capsys, tmp_path)
     code, out, err = run(capsys, *base, "--cadence", "vllm", "--interval", "2000")
     assert code == 0, err
     assert json.loads(out)["runs"][0]["rebalances"]["step"] == [2000, 4000, 6000]
+    # a trace too short names the cadence's parts, not flags the user never gave
+    code, _, err = run(capsys, *base[:1], str(path), "--step-range", ":5000", *base[2:],
+                       "--cadence", "vllm", "--window", "500")
+    assert code == 2
+    assert_one_line_error(err)
+    assert "after --cadence vllm's interval 3000 steps" in err and "2 × --window 500" in err
     code, _, err = run(capsys, *base, "--cadence", "sglang", "--protocol", "adrs")
     assert code == 2
     assert_one_line_error(err)
