@@ -453,8 +453,8 @@ def test_a_nearest_dispatch_plan_written_for_tensorrt_llm_warns(tmp_path, capsys
 @pytest.mark.parametrize(("extra", "said"), [
     (["--fair", "expect"], "--fair shapes the global policy's plan"),
     (["--fair", "avoid", "--policy", "locality"], "this plan is locality: add --policy global"),
-    (["--routing", "{routing}"], "this plan is hierarchical: add --policy locality"),
-    (["--routing", "{routing}", "--policy", "global"], "this plan is global"),
+    (["--routing", "{routing}"], "--policy auto plans without them: add --policy locality"),
+    (["--routing", "{routing}", "--policy", "global"], "--policy global plans without them"),
 ])
 def test_nearest_options_of_another_policy_are_refused_by_flag(tmp_path, capsys, loads,
                                                                routing, extra, said):

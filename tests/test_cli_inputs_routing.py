@@ -396,7 +396,8 @@ def test_a_refused_moe_rows_trace_is_one_line_with_no_pairing_note(capsys, tmp_p
     wide[0, 1, 0] = E  # an expert the loads do not have
     np.savez(beyond, topk_ids=wide)
     out = str(tmp_path / "p.json")
-    for extra, needle in ((["--policy", "global", "--routing", str(trace)], "this plan is global"),
+    for extra, needle in ((["--policy", "global", "--routing", str(trace)],
+                           "--policy global plans without them"),
                           (["--policy", "locality", "--routing", str(beyond)], f"expert {E}")):
         code, _, err = run(capsys, "plan", str(dump), "-r", "20", *topo, *extra, "-o", out)
         assert_user_error(code, err, needle)
@@ -496,3 +497,18 @@ def test_eval_pairs_a_moe_rows_trace_where_the_placement_covers_some_rows(tmp_pa
         figures.append(json.loads(out)["remote_nodes_per_token"])
     assert figures[0] == figures[1] > 0
 
+
+
+def test_routing_without_the_locality_policy_is_one_line_before_any_policy_warning(
+        tmp_path, capsys):
+    # with --dead-gpus the policy falls back (a warning) and --routing was refused after
+    # it: a two-line error (attacker pass); now the flag is refused before
+    path, _ = skewed_loads_json(tmp_path, 4, 64, seed=3)
+    trace = tmp_path / "trace.npz"
+    np.savez(trace, task_topk_ids=np.tile(np.arange(4, dtype=np.int32), (10, 4, 1)))
+    for extra in ([], ["--dead-gpus", "5"], ["--policy", "global"]):
+        code, _, err = run(capsys, "plan", str(path), "-r", "96", "-g", "16", "--nodes", "4",
+                           "--groups", "8", "--dispatch", "nearest", "--routing", str(trace),
+                           *extra, "-o", str(tmp_path / "x.json"))
+        assert_user_error(code, err, "--routing gives the locality policy its co-selection",
+                          "add --policy locality, or drop --routing")

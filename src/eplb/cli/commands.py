@@ -443,6 +443,12 @@ def _refuse_flag_mistakes(args: argparse.Namespace) -> None:
         return
     if args.gpu_speed:
         raise CliError("--gpu-speed cannot be combined with --dispatch nearest")
+    if args.routing is not None and args.policy != "locality":
+        # before the policy is worked out (auto is never locality): a warning on it came
+        # first, then this refusal, a two-line error (attacker pass, with --dead-gpus)
+        raise CliError(f"--routing gives the locality policy its co-selection statistics, "
+                       f"and --policy {args.policy} plans without them: add --policy "
+                       "locality, or drop --routing")
 
 
 def rows_of_loads(placement: Placement, placement_ids: list[int] | None, trace: LoadTrace,
