@@ -201,3 +201,20 @@ def test_a_format_contradicting_a_sglang_pt_name_is_told_to_ask_for_pt(capsys,
     with pytest.raises(ValueError, match="or give format 'pt' to write pt"):
         write_loads(read_loads(tmp_path / "t.pt"), path, "sglang")
     assert not path.exists()
+
+
+@pytest.mark.parametrize(("name", "fmt", "instead"), [
+    ("x.json.gz", None, "x.json"), ("x.gz", None, "x.pt"), ("x.json.gz", "pt", "x.pt"),
+    ("x.npz.xz", "npz", "x.npz"), (".gz", None, ".pt")])
+def test_a_compressed_archive_name_is_refused(capsys, tmp_path, name, fmt, instead) -> None:
+    # write_loads wrote a torch archive under a gzip name, which gunzip and every reader
+    # that trusts the name fail on (attacker pass); the CLI with --format did the same
+    with pytest.raises(ValueError, match=f"names a .* archive.*name the file {instead} "):
+        write_loads(LoadTrace(torch.ones(2, 3, 4)), tmp_path / name, format=fmt)
+    assert not (tmp_path / name).exists()
+    if fmt is not None:
+        code, _, err = run(capsys, "generate", "--steps", "3", "--format", fmt, "-o",
+                           str(tmp_path / name))
+        assert code == 2
+        assert_one_line_error(err)
+        assert f"name the file {instead} " in err

@@ -25,6 +25,9 @@ SUFFIX_BY_FORMAT = {"pt": ".pt", "npz": ".npz", "npy": ".npy", "vllm-history": "
 FORMAT_BY_SUFFIX = {".pt": "pt", ".json": "vllm-history", ".npz": "npz", ".npy": "npy"}
 #: suffixes of load formats ``read_loads`` reads that no format here writes, by their names
 UNWRITTEN_SUFFIXES = {".safetensors": "safetensors", ".csv": "CSV"}
+#: compressed-archive suffixes: no format here is written compressed (a torch archive
+#: under ``x.json.gz`` failed gunzip and every reader that trusts the name; attacker pass)
+ARCHIVE_SUFFIXES = {".gz": "gzip", ".bz2": "bzip2", ".xz": "xz", ".zst": "zstd"}
 
 
 def format_for(path: Path, format: str | None) -> str:
@@ -38,6 +41,13 @@ def format_for(path: Path, format: str | None) -> str:
     # torch archive into a file named '.json' (attacker pass)
     suffix = name_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)]
+    if suffix in ARCHIVE_SUFFIXES:
+        want = (".sglang.json" if format == "sglang" else SUFFIX_BY_FORMAT.get(format or ""))
+        base = stem[: len(stem) - len(Path(stem).suffix)] if want else stem
+        inner = f"{base}{want}" if want else (stem if Path(stem).suffix else f"{stem}.pt")
+        raise ValueError(f"{path.name!r} names a {ARCHIVE_SUFFIXES[suffix]} archive, and load "
+                         f"traces are written uncompressed: name the file {inner} (and "
+                         f"compress it afterwards if you need to)")
     if suffix in UNWRITTEN_SUFFIXES:
         # the name for the format asked for, if any (``eplb generate --format npz -o t.csv``
         # was told to write t.pt; and the message names no function: the CLI shows it too)
