@@ -100,6 +100,9 @@ def test_launcher_says_when_locality_will_plan_globally(monkeypatch, capsys):
             (locality, ["--nnodes", "2", "--ep-dispatch-algorithm", "dynamic"], True),
             (locality, ["--ep-dispatch-algorithm", "static"], True),
             (locality, ["--nnodes", "two", "--ep-dispatch-algorithm", "static"], True),
+            # a digit int() refuses (it raised a traceback; attacker pass), and one it reads
+            (locality, ["--nnodes", "\u00b2", "--ep-dispatch-algorithm", "static"], True),
+            (locality, ["--nnodes", "\uff14", "--ep-dispatch-algorithm", "static"], False),
             (nearest, ["--nnodes", "2"], False),
             (nearest, ["--nnodes", "2", "--ep-dispatch-algorithm", "dynamic"], False),
             (nearest, ["--ep-dispatch-algorithm", "static"], True)):

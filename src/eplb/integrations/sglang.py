@@ -457,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     nearest = (_launch_dispatch(args) == "static" or options.get("dispatch") == "nearest")
     if options.get("policy") == "locality" and (
             not nearest
-            or not (nodes.isdigit() and int(nodes) > 1)):  # (a bad value: SGLang's to refuse)
+            # (a bad value: SGLang's to refuse. isdecimal, not isdigit: a superscript '²'
+            # is a digit that int() refuses, a traceback here; attacker pass)
+            or not (nodes.isdecimal() and int(nodes) > 1)):
         # (each rebalance would log why and plan globally: say it once, up front)
         print("eplb: note: policy 'locality' plans for SGLang's nearest-replica dispatch "
               "on several nodes (--ep-dispatch-algorithm static, --nnodes 2 or more); "
