@@ -14,6 +14,7 @@ import sys
 import types
 
 import pytest
+import torch
 from test_engines_sglang_runtime import make_settings, sglang_runtime
 
 from eplb.integrations import sglang as plugin
@@ -82,7 +83,7 @@ def test_launcher_says_an_elastic_algorithm_stays_sglangs(monkeypatch, capsys, f
     assert "stays SGLang's own" in capsys.readouterr().err
 
 
-def test_launcher_says_when_locality_will_plan_globally(monkeypatch, capsys):
+def test_launcher_says_when_locality_will_plan_globally(monkeypatch, capsys, tmp_path):
     """The locality policy plans SGLang's nearest-replica dispatch on several nodes: without
     ``--ep-dispatch-algorithm static`` and ``--nnodes`` above 1 every rebalance would log
     why and plan globally, so the launcher says it once, up front."""
@@ -112,6 +113,9 @@ def test_launcher_says_when_locality_will_plan_globally(monkeypatch, capsys):
         assert ("every rebalance is planned globally" in err) is noted, (text, flags, err)
         assert "plans with eplb" in err and '"policy": "locality"' in err
     # without --enable-eplb SGLang defaults to static dispatch only for a start-up file
+    # (one SGLang reads: the launcher checks it)
+    monkeypatch.chdir(tmp_path)
+    torch.save({"physical_to_logical_map": torch.zeros(1, 8, dtype=torch.int64)}, "p.pt")
     for flags, noted in ((["--nnodes", "2"], True),
                          (["--nnodes", "2", "--init-expert-location", "p.pt"], False),
                          (["--nnodes", "2", "--init-expert-location", "trivial"], True)):
@@ -239,3 +243,40 @@ def test_launcher_as_a_user_runs_it(tmp_path):
 def test_sglang_option_values_fail_at_start_up(raw):
     with pytest.raises(ValueError, match=plugin.OPTIONS_ENV_VAR):
         plugin.options_from_env({plugin.OPTIONS_ENV_VAR: raw})
+
+
+def test_launcher_refuses_an_init_expert_location_sglang_cannot_start_from(
+        monkeypatch, capsys, tmp_path):
+    """``--init-expert-location`` is read as SGLang 0.5.23 reads it
+    (``compute_initial_expert_location_metadata``): a missing or unreadable file, eplb's
+    own plan file, or a map with other keys failed in every scheduler process after the
+    launcher said eplb plans (attacker pass). What SGLang takes still starts it."""
+    from eplb.cli import main as cli_main
+
+    _dry_launcher(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    counts = [[(7 * layer + 3 * e) % 11 + 1 for e in range(16)] for layer in range(3)]
+    (tmp_path / "dump.json").write_text(json.dumps({"logical_count": counts}))
+    plan = ["plan", "dump.json", "-r", "20", "-g", "4"]
+    assert cli_main([*plan, "-o", "own.json"]) == 0
+    for name in ("placement.sglang.json", "placement.sglang.pt"):
+        assert cli_main([*plan, "--emit", "sglang", "-o", name]) == 0
+    (tmp_path / "both.json").write_text(json.dumps(
+        {"physical_to_logical_map": [[0]], "logical_count": counts}))
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "list.json").write_text("[1]")
+    capsys.readouterr()
+    for value, message in (("missing.json", "no such file"),
+                           ("own.json", "(eplb's own plan file)"),
+                           ("both.json", "got also ['logical_count']"),
+                           ("bad.json", "SGLang cannot read it"),
+                           ("list.json", "got list"),
+                           ("dump.json/x.pt", "SGLang cannot read it")):
+        assert plugin.main(["--model-path", "m", "--init-expert-location", value]) == 2, value
+        err = capsys.readouterr().err
+        assert err.startswith(f"eplb: --init-expert-location {value}: ") and message in err
+        assert len(err.splitlines()) == 1, err
+    for value in ("placement.sglang.json", "placement.sglang.pt", "dump.json", "trivial",
+                  json.dumps({"logical_count": counts})):  # (inline JSON: SGLang's to read)
+        assert plugin.main(["--model-path", "m", f"--init-expert-location={value}"]) == 0
+        assert "plans with eplb" in capsys.readouterr().err

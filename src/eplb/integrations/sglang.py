@@ -56,6 +56,7 @@ import importlib.util
 import json
 import logging
 import os
+import reprlib
 import sys
 import threading
 from typing import Any
@@ -411,6 +412,44 @@ def _elastic_algorithm(args: list[str]) -> str | None:
     return chosen if chosen is not None and chosen.startswith("elasticity_aware") else None
 
 
+def _location_problem(value: str) -> str | None:
+    """Why SGLang 0.5.23 would refuse ``--init-expert-location value`` in every scheduler
+    process after the launcher said eplb plans, or None. Read as its
+    ``compute_initial_expert_location_metadata`` reads it: ``trivial``; a path ending
+    ``.pt`` (``torch.load``) or ``.json``; else inline JSON (left to SGLang). The file must
+    hold ``logical_count`` (planned at start-up through eplb's hook), or
+    ``physical_to_logical_map`` and no other key (SGLang passes the keys to
+    ``init_by_mapping``). eplb's own plan file (``eplb plan -o x.json``) was passed on and
+    failed there with SGLang's ``NotImplementedError`` (attacker pass)."""
+    if value == "trivial" or not value.endswith((".pt", ".json")):
+        return None
+    hint = "write one with `eplb plan ... --emit sglang -o placement.sglang.json`"
+    try:
+        if value.endswith(".pt"):
+            data = torch.load(value, weights_only=True, map_location="cpu")
+        else:
+            with open(value, encoding="utf-8") as handle:
+                data = json.load(handle)
+    except FileNotFoundError:
+        return f"--init-expert-location {value}: no such file"
+    except Exception as exc:  # what SGLang's own read would raise, said in one line
+        first = (str(exc).splitlines() or [""])[0][:200]
+        return f"--init-expert-location {value}: SGLang cannot read it ({first})"
+    keys = sorted(map(str, data)) if isinstance(data, dict) else None
+    if keys is None or not ("logical_count" in keys or "physical_to_logical_map" in keys):
+        got = f"keys {reprlib.repr(keys)}" if keys is not None else type(data).__name__
+        own = " (eplb's own plan file)" if keys is not None and "phy2log" in keys else ""
+        return (f"--init-expert-location {value}: SGLang reads a dict with "
+                f"'physical_to_logical_map' or 'logical_count', got {got}{own}; {hint}")
+    # (a map wins over counts there: a file with both fails as one with any other key)
+    if "physical_to_logical_map" in keys and keys != ["physical_to_logical_map"]:
+        extra = [k for k in keys if k != "physical_to_logical_map"]
+        return (f"--init-expert-location {value}: SGLang passes every key to its "
+                f"init_by_mapping, which takes 'physical_to_logical_map' alone; got also "
+                f"{reprlib.repr(extra)}; {hint}")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m eplb.integrations.sglang [--eplb-options JSON] <launch_server args>``."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -444,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
         print("eplb: SGLang is not installed in this Python environment (pip install "
               "sglang, or run this with the Python that serves SGLang)", file=sys.stderr)
         return 2
-    problem = _plugin_declared() or _sglang_problem()
+    location = _flag_value(args, "--init-expert-location")
+    problem = (_plugin_declared() or _sglang_problem()
+               or (None if location is None else _location_problem(location)))
     if problem is not None:
         print(f"eplb: {problem}", file=sys.stderr)
         return 2
