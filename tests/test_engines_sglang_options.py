@@ -60,6 +60,8 @@ def test_eplb_rebalance_checks_its_options_as_the_environment_is_checked(options
 @pytest.mark.parametrize(("replicas", "local", "groups", "nodes", "reason"), [
     (27, 3, 4, 2, "num_gpus (9) is not a multiple of num_nodes (2)"),
     (24, 3, 6, 2, "num_experts (16) is not a multiple of num_groups (6)"),
+    # a model without expert groups: SGLang passes None (it read "num_groups=1")
+    (24, 3, None, 2, "no expert groups (num_groups None or 1), num_nodes=2"),
 ])
 @pytest.mark.parametrize("dispatch", [None, "static"])
 def test_hierarchical_asks_on_shapes_it_cannot_take_are_planned_globally(

@@ -297,8 +297,12 @@ def _policy(asked: str | None, dispatch: str, hierarchical: bool, topology: Topo
         policy = "global"
     if policy == "hierarchical":
         nodes, groups = topology.num_nodes, topology.num_groups
+        # (SGLang passes num_groups=None for a model without expert groups, read as one
+        # group: "num_groups=1" named a value SGLang never passed; attacker pass)
+        grouping = ("no expert groups (num_groups None or 1)" if groups <= 1
+                    else f"num_groups={groups}")
         problems = ([] if topology.grouped and nodes > 1 else
-                    [f"num_groups={groups}, num_nodes={nodes}"])
+                    [f"{grouping}, num_nodes={nodes}"])
         problems = problems or topology.hierarchy_problems(num_experts)
         if problems:
             who = "SGLang asked" if asked is None else f"policy {asked!r} asks"
