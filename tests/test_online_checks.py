@@ -231,6 +231,10 @@ def test_auto_half_lives_too_long_for_any_window_are_refused_up_front() -> None:
                          "routing": torch.arange(40).remainder(40).reshape(10, 1, 4)
                          .expand(10, 3, 4).contiguous()},
      r"routing names expert 39, outside \[0, 16\)"),
+    # a per-layer budget of another length: without an initial placement it failed at the
+    # second rebalance, 2 x interval steps on, and at every one after it (attacker pass)
+    ((16, 4, 1, 1, 8), {"incremental": True, "max_moves": [1, 1]},
+     r"max_moves per layer needs one int per layer, 3; got 2"),
 ])
 def test_counts_the_planner_cannot_plan_are_refused_at_the_first_step(shape, options,
                                                                       match) -> None:

@@ -14,6 +14,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from eplb.core.baselines import plan_greedy
@@ -261,6 +262,12 @@ def make_planner(
                            has_dead_gpus=dead, quiet=True, has_speeds=differ)
             if plan_options.get("routing") is not None:
                 as_routing(plan_options["routing"], num_layers, num_experts)
+            if isinstance(max_moves, np.ndarray) and max_moves.shape != (num_layers,):
+                # a per-layer budget of another length failed only at the first plan from
+                # a placement in force: the second rebalance without ``initial``, 2 x
+                # interval steps on, and every one after it (attacker pass)
+                raise ValueError(f"max_moves per layer needs one int per layer, {num_layers}; "
+                                 f"got {max_moves.size}")
 
         eplb_planner.check_shape = check_shape  # type: ignore[attr-defined]
         return eplb_planner
