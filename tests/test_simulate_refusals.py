@@ -141,3 +141,26 @@ def test_step_balancedness_names_a_bad_chunk(chunk) -> None:
     placement = eplb.plan(torch.rand(L, E) + 0.1, R, P)
     with pytest.raises(ValueError, match="chunk"):
         step_balancedness(_trace(4), placement, chunk=chunk)
+
+
+def test_numpy_and_tensor_integers_are_taken_for_the_cadence_and_expert_bytes() -> None:
+    """Found by an attacker pass: ``window=np.int64(20)`` (or a 0-d tensor) was refused as
+    "cadence window must be a positive integer", and ``expert_bytes=np.int64(...)`` alike,
+    where the Rebalancer under the replay takes them; the replay is the same as with ints."""
+    np = pytest.importorskip("numpy")
+    plain = simulate(_trace(200), "eplb", num_replicas=R, num_gpus=P, cadence="adrs",
+                     window=20, interval=20, expert_bytes=1000, oracle=False)
+    numeric = simulate(_trace(200), "eplb", num_replicas=R, num_gpus=P, cadence="adrs",
+                       window=np.int64(20), interval=torch.tensor(20),
+                       score_window=np.int32(100), expert_bytes=np.int64(1000), oracle=False)
+    assert numeric.cadence == plain.cadence == Cadence(20, 20, 100)
+    assert type(numeric.cadence.window) is int and type(numeric.expert_bytes) is int
+    assert torch.equal(numeric.window_balancedness, plain.window_balancedness)
+    assert numeric.moved_bytes.tolist() == plain.moved_bytes.tolist()
+    # what is no positive integer is still refused, by name
+    for bad in (np.float64(20.0), np.int64(0), torch.tensor(True)):
+        with pytest.raises(ValueError, match="cadence window must be a positive integer"):
+            Cadence(bad, 20)
+    with pytest.raises(ValueError, match=r"expert_bytes must be an integer in 1\.\."):
+        simulate(_trace(200), "eplb", num_replicas=R, num_gpus=P, cadence="adrs",
+                 expert_bytes=np.float64(1000.0))

@@ -44,7 +44,7 @@ import torch
 
 from eplb.core.placement import Placement
 from eplb.core.planner import as_planned
-from eplb.core.topology import Topology
+from eplb.core.topology import Topology, positive_int
 from eplb.core.trace import LoadTrace
 from eplb.online import PlannerFn, Rebalancer, make_planner, trivial_placement
 from eplb.online.estimate import Estimator, as_history, make_estimator
@@ -95,8 +95,14 @@ class Cadence:
             value = getattr(self, name)
             if value is None and name == "score_window":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"cadence {name} must be a positive integer, got {value!r}")
+            # NumPy and 0-d tensor integers too, as the Rebalancer takes them, stored as
+            # int (np.int64(100) was refused as "must be a positive integer": attacker pass)
+            try:
+                number = positive_int(name, value)
+            except ValueError:
+                raise ValueError(f"cadence {name} must be a positive integer, "
+                                 f"got {value!r}") from None
+            object.__setattr__(self, name, number)
 
     @property
     def scoring(self) -> int:
@@ -403,9 +409,15 @@ def simulate(
         base.interval if interval is None else interval,
         base.score_window if score_window is None else score_window,
     )
-    # (an expert of no bytes would report every rebalance as free: refused as a slip)
-    if (isinstance(expert_bytes, bool) or not isinstance(expert_bytes, int)
-            or not 1 <= expert_bytes <= MAX_EXPERT_BYTES):
+    # (an expert of no bytes would report every rebalance as free: refused as a slip;
+    # NumPy and 0-d tensor integers are integers, taken as Python ints)
+    try:
+        expert_bytes = positive_int("expert_bytes", expert_bytes)
+    except ValueError:
+        expert_bytes_ok = False
+    else:
+        expert_bytes_ok = expert_bytes <= MAX_EXPERT_BYTES
+    if not expert_bytes_ok:
         raise ValueError(f"expert_bytes must be an integer in 1..{MAX_EXPERT_BYTES} (1 TiB), "
                          f"got {expert_bytes!r}")
     if not isinstance(oracle, bool):  # "no" would be true
