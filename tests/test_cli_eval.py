@@ -140,3 +140,37 @@ def test_eval_names_the_placements_own_shape_when_the_experts_differ(capsys, tmp
     assert code == 2
     assert_one_line_error(err)
     assert "have 3 layers × 64 experts but the placement" in err and "has 16 × 8" in err
+
+
+def test_bench_checks_every_files_policy_before_benchmarking_and_names_it(
+        capsys, tmp_path, monkeypatch) -> None:
+    """Attacker pass: files of two models in one call, --groups dividing the experts of
+    the first only. --policy hierarchical was refused only once the first file (and the
+    builtins) had been timed, naming no file; the auto fallback's warning came mid-run,
+    naming none either. Now each is found while the files are read, and named."""
+    import eplb.cli.bench as bench
+
+    gen = np.random.default_rng(3)
+    first, second = tmp_path / "sixteen.npy", tmp_path / "twentyfour.npy"
+    np.save(first, gen.integers(1, 100, (3, 16)))
+    np.save(second, gen.integers(1, 100, (3, 24)))
+    timed = []
+    real = bench.compare
+    monkeypatch.setattr(bench, "compare", lambda name, *a, **k: timed.append(name)
+                        or real(name, *a, **k))
+    cluster = ["-g", "4", "--nodes", "2", "--groups", "16", "--repeats", "1"]
+    code, _, err = run(capsys, "bench", "--no-builtin", first, second, *cluster,
+                       "--policy", "hierarchical")
+    assert code == 2
+    assert_one_line_error(err)
+    assert f"{second}: --policy hierarchical is impossible" in err
+    assert timed == []  # nothing benchmarked before the refusal
+    code, out, err = run(capsys, "bench", "--no-builtin", first, second, *cluster, "--json")
+    assert code == 0, err
+    assert [s["policy"] for s in json.loads(out)["scenarios"]] == ["hierarchical", "global"]
+    assert err.startswith(f"eplb: warning: {second}: planning globally")
+    # a slot count one file's experts cannot fill names that file
+    code, _, err = run(capsys, "bench", "--no-builtin", first, second, "-r", "20", "-g", "4")
+    assert code == 2
+    assert_one_line_error(err)
+    assert f"{second}: --replicas (20) must be >= the number of experts (24)" in err

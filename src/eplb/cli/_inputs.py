@@ -384,11 +384,13 @@ def refuse_forced_hierarchy(policy: str, dead: bool, speeds: bool) -> None:
 
 
 def cli_policy(policy: str, num_replicas: int, num_gpus: int, num_nodes: int, num_groups: int,
-               num_experts: int, *, dead: bool = False, speeds: bool = False) -> str:
+               num_experts: int, *, dead: bool = False, speeds: bool = False,
+               where: str = "") -> str:
     """The concrete policy ``eplb.plan`` will use, from :func:`eplb.core.resolve_policy`.
 
     ``"hierarchical"`` that cannot apply is a :class:`CliError`; ``"auto"`` that falls back
-    to global although the user asked for several nodes and groups prints a warning.
+    to global although the user asked for several nodes and groups prints a warning,
+    ``where`` before its text (e.g. ``"x.npy: "``, where one call reads several models).
     """
     try:
         topology = Topology(num_replicas, num_gpus, num_nodes, num_groups)
@@ -404,7 +406,7 @@ def cli_policy(policy: str, num_replicas: int, num_gpus: int, num_nodes: int, nu
         raise CliError("--policy hierarchical is impossible: " + "; ".join(problems)) \
             from None
     if policy == "auto" and chosen == "global" and num_nodes > 1 and num_groups > 1:
-        warn("planning globally, because hierarchical placement is impossible: "
+        warn(f"{where}planning globally, because hierarchical placement is impossible: "
              + "; ".join(problems or ["see --policy"]))
     return chosen
 

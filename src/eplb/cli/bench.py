@@ -26,6 +26,7 @@ from eplb.cli._inputs import (
     EmptyStepRange,
     all_zero_rows_note,
     check_reading_options,
+    cli_policy,
     read_trace,
     warn_guessed_experts,
 )
@@ -67,13 +68,15 @@ BENCH_STEPS = 100
 @dataclass(frozen=True)
 class FileJob:
     """A LOADS file read for ``eplb bench``: its summed loads ``weight [L', E]`` (rows of
-    no load left out), their model layers, and the cluster it is planned for."""
+    no load left out), their model layers, the cluster it is planned for and the policy
+    ``--policy`` resolves to there."""
 
     name: str
     weight: torch.Tensor
     layer_ids: list[int]
     replicas: int
     gpus: int
+    policy: str
 
 
 def _file_jobs(args: argparse.Namespace) -> list[FileJob]:
@@ -95,13 +98,22 @@ def _file_jobs(args: argparse.Namespace) -> list[FileJob]:
         weight = weight[keep]
         ids = [i for i, k in zip(trace.layer_ids, keep.tolist(), strict=True) if k]
         replicas, gpus = default_shape(weight.shape[1], args.gpus, args.replicas)
-        check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1],
-                       weight.shape[0])
+        try:
+            check_topology(replicas, gpus, args.nodes, args.groups, weight.shape[1],
+                           weight.shape[0])
+            # the policy too, before any benchmarking (attacker pass: a file whose experts
+            # --groups does not divide stopped --policy hierarchical only once the builtins
+            # and the files before it were timed, and the auto fallback's warning came
+            # mid-run); each named, as files of several models may share one call
+            policy = cli_policy(args.policy, replicas, gpus, args.nodes, args.groups,
+                                weight.shape[1], where=f"{job}: ")
+        except CliError as exc:
+            raise CliError(f"{job}: {exc}") from None
         warn_guessed_experts(trace, job)  # (after the checks: a refusal stays one line)
         # plan counts them (an even placement); say why the counts differ
         name = (Path(job).name + key_note(getattr(args, "key", None))
                 + all_zero_rows_note(int((~keep).sum())))
-        jobs.append(FileJob(name, weight, ids, replicas, gpus))
+        jobs.append(FileJob(name, weight, ids, replicas, gpus, policy))
     if empty:
         raise CliError(f"--step-range {args.step_range} keeps none of the steps of "
                        f"{', '.join(empty)}: bench applies it to each LOADS file apart; give "
@@ -132,7 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                             layer_ids=trace.layer_ids)
             else:
                 c = compare(job.name, job.weight, job.replicas, job.gpus, args.nodes,
-                            args.groups, policy=args.policy, seed=args.seed,
+                            args.groups, policy=job.policy, seed=args.seed,
                             repeats=args.repeats, layer_ids=job.layer_ids)
             comparisons.append(c)
             advance()
