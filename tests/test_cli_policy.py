@@ -341,3 +341,33 @@ def test_a_nearest_move_budget_on_one_node_is_taken(capsys, tmp_path, extra) -> 
         code, _, err = run(capsys, "simulate", str(trace), "--window", "2", *cluster,
                            "--incremental", "--max-moves", "3", "--json")
         assert code == 0, err
+
+
+def test_eval_previous_of_another_node_count_warns_once_its_inputs_are_checked(
+        capsys, tmp_path, loads) -> None:
+    """Attacker pass: ``eval --previous`` of an eplb file planned for one node, beside a
+    plan for 4 nodes and 8 groups, was scored and its moves counted without a word, where
+    ``plan --previous`` warns. The warning comes once every input is checked, so a refusal
+    stays one line."""
+    w = torch.from_numpy(np.load(loads))
+    now, old = tmp_path / "now.json", tmp_path / "old.json"
+    write_placement(eplb.plan(w, R, P, N, G), now)
+    previous = eplb.plan(w * torch.linspace(2, 0.5, E), R, P)
+    write_placement(previous, old)
+    code, out, err = run(capsys, "eval", "--placement", str(now), "--previous", str(old),
+                         str(loads), "--json", "--summary")
+    assert code == 0, err
+    (warned,) = warnings_in(err)
+    assert f"--previous {old} was planned for 1 node and 1 group" in warned
+    assert f"{now} for {N} and {G}" in warned
+    moved = eplb.formats.read_placement(now).moved_slots(previous)
+    assert json.loads(out)["moved_slots_total"] == int(moved.sum())
+    # the same file as --placement's cluster: nothing to say
+    code, _, err = run(capsys, "eval", "--placement", str(old), "--previous", str(old),
+                       str(loads), "--json")
+    assert code == 0 and warnings_in(err) == [], err
+    # a mistake found later is the one line
+    code, out, err = run(capsys, "eval", "--placement", str(now), "--previous", str(old),
+                         str(loads), "--gpu-speed", "1,2")
+    assert code == 2 and out == ""
+    assert err.startswith("eplb: error: --gpu-speed") and len(err.splitlines()) == 1, err

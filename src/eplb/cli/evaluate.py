@@ -225,7 +225,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # overall worst is (1 / the layer's balancedness; 1.0 for a layer without load)
     in_force = None
     if compared is not None:
-        in_force = _in_force(args, *compared, speed)
+        old_map, now_map, both_loads, other = compared
+        if other is not None:
+            warn(other)
+        in_force = _in_force(args, old_map, now_map, both_loads, speed)
     ratio_b = (1 / before_layer).tolist()
     ratio_a = (1 / after_layer).tolist()
     per_layer = [
@@ -325,12 +328,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _previous_rows(args: argparse.Namespace, placement: Placement, trace: LoadTrace,
                    weight: torch.Tensor, keep: list[int] | None
-                   ) -> tuple[Placement, Placement, torch.Tensor] | None:
-    """``(previous, placement, loads)`` for ``--previous`` (``None`` without it): both
-    placements' rows for the rows of ``weight [T, E]`` (the loads as read) that both
-    cover, and those rows. ``--previous`` is read and paired with the loads as
-    ``--placement`` is (``keep``: the loads rows ``placement`` was paired with, ``None``:
-    all). The two must be on one cluster; rows only one of them covers must carry no
+                   ) -> tuple[Placement, Placement, torch.Tensor, str | None] | None:
+    """``(previous, placement, loads, note)`` for ``--previous`` (``None`` without it):
+    both placements' rows for the rows of ``weight [T, E]`` (the loads as read) that both
+    cover, those rows, and a warning to give once every input is checked (``None``: none;
+    a file recording other nodes or groups than ``placement``'s). ``--previous`` is read
+    and paired with the loads as ``--placement`` is (``keep``: the loads rows
+    ``placement`` was paired with, ``None``: all). The two must be on one cluster (the
+    same slots and GPUs); rows only one of them covers must carry no
     load (an SGLang file's dense rows beside eplb's file of the MoE rows: attacker pass),
     or a slot of one is not the other's."""
     if args.previous is None:
@@ -350,6 +355,16 @@ def _previous_rows(args: argparse.Namespace, placement: Placement, trace: LoadTr
     if previous.num_experts != placement.num_experts:
         raise CliError(f"--previous {args.previous} places {previous.num_experts} experts, "
                        f"{args.placement} {placement.num_experts}")
+    other = None
+    if meta.get("topology") and (old.num_nodes, old.num_groups) != (topo.num_nodes,
+                                                                    topo.num_groups):
+        # plan --previous says so; eval took such a file without a word (attacker pass):
+        # its in-force score and the moves across nodes are on --placement's nodes
+        # (said once every input is checked: a refusal stays one line)
+        other = (f"--previous {args.previous} was planned for "
+                 f"{counted(old.num_nodes, 'node')} and {counted(old.num_groups, 'group')}, "
+                 f"{args.placement} for {topo.num_nodes} and {topo.num_groups}: its map is "
+                 f"scored and compared as the slots hold it, on {args.placement}'s cluster")
     _, sglang = placement_name(meta, f"--previous {args.previous}")
     previous, kept = rows_of_loads(previous, meta.get("layer_ids"), trace, weight,
                                    args.first_layer, f"--previous {args.previous}",
@@ -365,7 +380,7 @@ def _previous_rows(args: argparse.Namespace, placement: Placement, trace: LoadTr
                        "compare placements of the same layers")
     at_ours, at_theirs = {r: i for i, r in enumerate(ours)}, {r: i for i, r in enumerate(theirs)}
     return (select_rows(previous, [at_theirs[r] for r in common]),
-            select_rows(placement, [at_ours[r] for r in common]), weight[common])
+            select_rows(placement, [at_ours[r] for r in common]), weight[common], other)
 
 
 def _in_force(args: argparse.Namespace, previous: Placement, placement: Placement,
