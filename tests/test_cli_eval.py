@@ -174,3 +174,30 @@ def test_bench_checks_every_files_policy_before_benchmarking_and_names_it(
     assert code == 2
     assert_one_line_error(err)
     assert f"{second}: --replicas (20) must be >= the number of experts (24)" in err
+
+
+def test_eval_refusals_stay_one_line_whatever_it_would_have_warned(capsys, tmp_path,
+                                                                    loads) -> None:
+    """Attacker pass: eval warned as it went, so a stacked map's anti-affinity warning
+    came before the error of a missing loads file, and the one-node nearest rule's
+    warning before ``--gpu-speed cannot be combined with --dispatch nearest``. Warnings
+    are now held until every input is checked; a placement scored gets them as before."""
+    from eplb.formats import write_placement
+
+    stacked = tmp_path / "stacked.json"
+    phy2log = torch.arange(R).remainder(E).repeat(L, 1)
+    phy2log[:, 1] = 0  # GPU 0 holds expert 0 twice
+    phy2log[:, E] = 1  # (every expert kept)
+    write_placement(eplb.Placement.from_phy2log(phy2log, E, eplb.Topology(R, P)), stacked)
+    ours = _plan(capsys, tmp_path, loads)
+    speeds = ",".join(["1"] * (P - 1) + ["2"])
+    for argv in (["--placement", stacked, tmp_path / "missing.npy"],
+                 ["--placement", stacked, loads, "--gpu-speed", "1,2"],
+                 ["--placement", ours, loads, "--dispatch", "nearest", "--gpu-speed", speeds]):
+        code, out, err = run(capsys, "eval", *argv)
+        assert code == 2 and out == ""
+        assert_one_line_error(err)
+        assert "warning" not in err, err
+    code, out, err = run(capsys, "eval", "--placement", stacked, loads, "--summary")
+    assert code == 0, err
+    assert err.startswith("eplb: warning: ") and "anti-affinity" in err

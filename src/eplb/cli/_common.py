@@ -9,6 +9,7 @@ Exit codes: 0 success; 2 a mistake the user can fix in the command line or its i
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import statistics
@@ -98,6 +99,30 @@ def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[obje
 def print_json(payload: object) -> None:
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+@contextmanager
+def messages_held() -> Iterator[Callable[[], None]]:
+    """Hold what a command writes to stderr (warnings, notes) until it calls the
+    ``release`` this yields, once every input is checked: a :class:`CliError` before then
+    drops them, so a refusal stays the one ``eplb: error:`` line; anything else (a failure,
+    a Ctrl-C, the command's end) lets them out first."""
+    real, held = sys.stderr, io.StringIO()
+
+    def release() -> None:
+        if sys.stderr is held:
+            sys.stderr = real
+            real.write(held.getvalue())
+
+    sys.stderr = held
+    try:
+        yield release
+    except CliError:
+        if sys.stderr is held:
+            sys.stderr = real  # the lines held are dropped: the error says what is wrong
+        raise
+    finally:
+        release()
 
 
 def info(message: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -15,6 +16,7 @@ from eplb.cli._common import (
     cluster_note,
     info,
     key_note,
+    messages_held,
     print_json,
     print_table,
     static_gpu_loads,
@@ -119,7 +121,15 @@ def _check_recorded(meta: dict, args: argparse.Namespace, what: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    # warnings held until every input is checked (attacker pass: a stacked map's, or the
+    # one-node nearest rule's, warning came before the error of a missing loads file or a
+    # --gpu-speed of the wrong length)
+    with messages_held() as release:
+        return _eval(args, release)
 
+
+def _eval(args: argparse.Namespace, release: Callable[[], None]) -> int:
+    """``eplb eval``; ``release()`` lets out the warnings held, once the inputs are checked."""
     files, args.loads = args.loads, " ".join(args.loads)  # several: steps, as in plan
     check_cluster_flags(gpus=args.gpus, nodes=args.nodes, groups=args.groups)
     placement, meta = read_placement_meta(
@@ -215,6 +225,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise CliError(f"{source}: a live GPU is more than {MAX_SPEED_RATIO:.0e} times "
                            "slower than the fastest, beyond what eplb plans and scores for: "
                            "give relative speeds within that ratio") from None
+    release()  # every input checked
     # no rebalancing, scored as the placement is (in time where GPU speeds are given)
     before_layer, before, before_worst = load_balance(static_gpu_loads(weight, topo.num_gpus),
                                                       None, speed)
