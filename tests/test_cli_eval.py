@@ -201,3 +201,20 @@ def test_eval_refusals_stay_one_line_whatever_it_would_have_warned(capsys, tmp_p
     code, out, err = run(capsys, "eval", "--placement", stacked, loads, "--summary")
     assert code == 0, err
     assert err.startswith("eplb: warning: ") and "anti-affinity" in err
+
+
+def test_bench_warns_of_a_file_only_once_every_file_is_checked(capsys, tmp_path) -> None:
+    """Attacker pass: the first file's warning (the policy falling back to global) came
+    before the error of the second file (too few slots for its experts)."""
+    gen = np.random.default_rng(3)
+    first, second = tmp_path / "twentyfour.npy", tmp_path / "thirtytwo.npy"
+    np.save(first, gen.integers(1, 100, (3, 24)))
+    np.save(second, gen.integers(1, 100, (3, 32)))
+    cluster = ["-r", "28", "-g", "4", "--nodes", "2", "--groups", "16", "--repeats", "1"]
+    code, out, err = run(capsys, "bench", "--no-builtin", first, second, *cluster)
+    assert code == 2 and out == ""
+    assert_one_line_error(err)
+    assert f"{second}: --replicas (28)" in err and "warning" not in err
+    code, out, err = run(capsys, "bench", "--no-builtin", first, *cluster, "--json")
+    assert code == 0 and json.loads(out)["scenarios"][0]["policy"] == "global"
+    assert err.startswith(f"eplb: warning: {first}: planning globally"), err
