@@ -146,6 +146,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     loads = " ".join(args.loads)
     trace = read_trace(args.loads, args)
     weight = trace.total()
+    loaded = weight.sum(1) > 0  # [L] the loads' rows with load (weight may be cut to keep)
     warn_if_no_load(weight, loads)
     num_layers, num_experts = weight.shape
     check_topology(args.replicas, args.gpus, args.nodes, args.groups, num_experts,
@@ -233,9 +234,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         num_experts, dead=dead, speeds=speed is not None)
     if args.dispatch == "nearest":  # refused by the API in its keywords' names
         check_nearest_flags(args, policy, num_experts, num_layers, dead)
-    # the loads' rows with load, all of them (weight may be the rows --previous covers);
     # read after the flags' checks, so a note on the trace never comes before their refusal
-    loaded = None if args.routing is None else trace.total().sum(1) > 0
     options.update(dispatch_options(args, trace.num_layers, num_experts, kept_rows, loaded))
     if options.get("dispatch") == "nearest" and args.policy == "auto" and policy == "hierarchical":
         warn("--policy auto plans hierarchically (groups on several nodes), which keeps each "

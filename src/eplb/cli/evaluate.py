@@ -154,6 +154,7 @@ def _eval(args: argparse.Namespace, release: Callable[[], None]) -> int:
                        "add --dispatch nearest (and --nodes N)")
     trace = read_trace(files, args)
     weight = trace.total()
+    loaded = weight.sum(1) > 0  # [L] the loads' rows with load (weight may be cut to keep)
     warn_if_no_load(weight, args.loads)
     what, sglang = placement_name(meta, f"the placement {args.placement}")
     if sglang and not dispatch_given and args.nodes > 1:
@@ -206,8 +207,7 @@ def _eval(args: argparse.Namespace, release: Callable[[], None]) -> int:
                       f"SGLang's runtime rebalancing table (one stream, eplb's model): "
                       f"{runtime:.4f}"))
     elif args.dispatch == "nearest":
-        nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep,
-                                  trace.total().sum(1) > 0)
+        nearest = _nearest_scores(args, placement, weight, trace.num_layers, keep, loaded)
         after_loads = nearest.pop("gpu_loads")
     speed = eval_gpu_speed(args.gpu_speed, meta, topo.num_gpus, args.placement)
     if speed is not None and args.dispatch == "nearest":
@@ -236,10 +236,7 @@ def _eval(args: argparse.Namespace, release: Callable[[], None]) -> int:
     # overall worst is (1 / the layer's balancedness; 1.0 for a layer without load)
     in_force = None
     if compared is not None:
-        old_map, now_map, both_loads, other = compared
-        if other is not None:
-            warn(other)
-        in_force = _in_force(args, old_map, now_map, both_loads, speed)
+        in_force = _in_force(args, *compared, speed)
     ratio_b = (1 / before_layer).tolist()
     ratio_a = (1 / after_layer).tolist()
     per_layer = [
@@ -339,16 +336,16 @@ def _eval(args: argparse.Namespace, release: Callable[[], None]) -> int:
 
 def _previous_rows(args: argparse.Namespace, placement: Placement, trace: LoadTrace,
                    weight: torch.Tensor, keep: list[int] | None
-                   ) -> tuple[Placement, Placement, torch.Tensor, str | None] | None:
-    """``(previous, placement, loads, note)`` for ``--previous`` (``None`` without it):
-    both placements' rows for the rows of ``weight [T, E]`` (the loads as read) that both
-    cover, those rows, and a warning to give once every input is checked (``None``: none;
-    a file recording other nodes or groups than ``placement``'s). ``--previous`` is read
-    and paired with the loads as ``--placement`` is (``keep``: the loads rows
+                   ) -> tuple[Placement, Placement, torch.Tensor] | None:
+    """``(previous, placement, loads)`` for ``--previous`` (``None`` without it): both
+    placements' rows for the rows of ``weight [T, E]`` (the loads as read) that both
+    cover, and those rows; a file recording other nodes or groups than ``placement``'s is
+    warned of (held, as every eval warning, until the inputs are checked). ``--previous``
+    is read and paired with the loads as ``--placement`` is (``keep``: the loads rows
     ``placement`` was paired with, ``None``: all). The two must be on one cluster (the
-    same slots and GPUs); rows only one of them covers must carry no
-    load (an SGLang file's dense rows beside eplb's file of the MoE rows: attacker pass),
-    or a slot of one is not the other's."""
+    same slots and GPUs); rows only one of them covers must carry no load (an SGLang
+    file's dense rows beside eplb's file of the MoE rows: attacker pass), or a slot of one
+    is not the other's."""
     if args.previous is None:
         return None
     topo = placement.topology
@@ -366,16 +363,14 @@ def _previous_rows(args: argparse.Namespace, placement: Placement, trace: LoadTr
     if previous.num_experts != placement.num_experts:
         raise CliError(f"--previous {args.previous} places {previous.num_experts} experts, "
                        f"{args.placement} {placement.num_experts}")
-    other = None
     if meta.get("topology") and (old.num_nodes, old.num_groups) != (topo.num_nodes,
                                                                     topo.num_groups):
         # plan --previous says so; eval took such a file without a word (attacker pass):
         # its in-force score and the moves across nodes are on --placement's nodes
-        # (said once every input is checked: a refusal stays one line)
-        other = (f"--previous {args.previous} was planned for "
-                 f"{counted(old.num_nodes, 'node')} and {counted(old.num_groups, 'group')}, "
-                 f"{args.placement} for {topo.num_nodes} and {topo.num_groups}: its map is "
-                 f"scored and compared as the slots hold it, on {args.placement}'s cluster")
+        warn(f"--previous {args.previous} was planned for "
+             f"{counted(old.num_nodes, 'node')} and {counted(old.num_groups, 'group')}, "
+             f"{args.placement} for {topo.num_nodes} and {topo.num_groups}: its map is "
+             f"scored and compared as the slots hold it, on {args.placement}'s cluster")
     _, sglang = placement_name(meta, f"--previous {args.previous}")
     previous, kept = rows_of_loads(previous, meta.get("layer_ids"), trace, weight,
                                    args.first_layer, f"--previous {args.previous}",
@@ -391,7 +386,7 @@ def _previous_rows(args: argparse.Namespace, placement: Placement, trace: LoadTr
                        "compare placements of the same layers")
     at_ours, at_theirs = {r: i for i, r in enumerate(ours)}, {r: i for i, r in enumerate(theirs)}
     return (select_rows(previous, [at_theirs[r] for r in common]),
-            select_rows(placement, [at_ours[r] for r in common]), weight[common], other)
+            select_rows(placement, [at_ours[r] for r in common]), weight[common])
 
 
 def _in_force(args: argparse.Namespace, previous: Placement, placement: Placement,

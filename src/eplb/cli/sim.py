@@ -153,6 +153,7 @@ def _short_steps(trace: LoadTrace, tokens_per_step: int | None) -> str:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     files, args.trace = args.trace, " ".join(args.trace)  # several: steps, as in plan
+    window_name, interval_name = "--window", "--interval"  # (or --cadence's, below)
     if args.cadence is not None:
         if args.protocol is not None:
             raise CliError(f"--cadence {args.cadence} and --protocol {args.protocol} each name a "
@@ -160,10 +161,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         engine = CADENCES[args.cadence]  # the engine's defaults, where not given
         # the flags a message may name are the cadence's where not given (attacker pass:
         # "--interval 3000" named a flag the user never passed)
-        args.window_name = ("--window" if args.window is not None
-                            else f"--cadence {args.cadence}'s window")
-        args.interval_name = ("--interval" if args.interval is not None
-                              else f"--cadence {args.cadence}'s interval")
+        if args.window is None:
+            window_name = f"--cadence {args.cadence}'s window"
+        if args.interval is None:
+            interval_name = f"--cadence {args.cadence}'s interval"
         args.window = engine.window if args.window is None else args.window
         args.interval = engine.interval if args.interval is None else args.interval
     if args.window is None:
@@ -253,10 +254,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                  else f"{args.trace} has {have}")
         raise CliError(f"{where}; the simulation needs at "
                        f"least {needed}: the first rebalance comes after "
-                       f"{getattr(args, 'interval_name', '--interval')} {interval} "
+                       f"{interval_name} {interval} "
                        f"steps and is scored on the {score_window or interval} after it, and "
                        f"the steps must hold two windows (2 × "
-                       f"{getattr(args, 'window_name', '--window')} {args.window})"
+                       f"{window_name} {args.window})"
                        + (f"; a top-k routing trace is one step per array unless "
                           f"--tokens-per-step N cuts it (it holds "
                           f"{sum(trace.meta.get('step_tokens', ()))} tokens)"

@@ -41,18 +41,18 @@ def format_for(path: Path, format: str | None) -> str:
     # torch archive into a file named '.json' (attacker pass)
     suffix = name_suffix(path)
     stem = path.name[: len(path.name) - len(suffix)]
+    # the suffix of the format asked for, if any, for the names the refusals suggest
+    asked = (".sglang.json" if format == "sglang" else SUFFIX_BY_FORMAT.get(format or ""))
     if suffix in ARCHIVE_SUFFIXES:
-        want = (".sglang.json" if format == "sglang" else SUFFIX_BY_FORMAT.get(format or ""))
-        base = stem[: len(stem) - len(Path(stem).suffix)] if want else stem
-        inner = f"{base}{want}" if want else (stem if Path(stem).suffix else f"{stem}.pt")
+        base = stem[: len(stem) - len(Path(stem).suffix)] if asked else stem
+        inner = f"{base}{asked}" if asked else (stem if Path(stem).suffix else f"{stem}.pt")
         raise ValueError(f"{path.name!r} names a {ARCHIVE_SUFFIXES[suffix]} archive, and load "
                          f"traces are written uncompressed: name the file {inner} (and "
                          f"compress it afterwards if you need to)")
     if suffix in UNWRITTEN_SUFFIXES:
         # the name for the format asked for, if any (``eplb generate --format npz -o t.csv``
         # was told to write t.pt; and the message names no function: the CLI shows it too)
-        want = (".sglang.json" if format == "sglang" else SUFFIX_BY_FORMAT.get(format or ""))
-        name = f"{stem}{want}" if want else f"{stem}.pt (or .npz)"
+        name = f"{stem}{asked}" if asked else f"{stem}.pt (or .npz)"
         raise ValueError(f"load traces are written as {', '.join(TRACE_EMITS)} files, no "
                          f"{UNWRITTEN_SUFFIXES[suffix]}: name the file {name}")
     implied = ("sglang" if path.name.lower().endswith(".sglang.json") else
